@@ -1,0 +1,110 @@
+"""The one exception tree of batchspec. Every known failure is a ``BatchspecError``.
+
+Each class carries the process exit code the CLI uses for it (DESIGN.md, "Exit codes"), so
+the CLI never maps exceptions to codes by hand and users never see a traceback for a known
+failure::
+
+    BatchspecError (1)
+     ├── UsageError (64)            bad flags or arguments
+     ├── ManifestError (1)          a manifest or project file is invalid
+     ├── InputError (1)             a batch input file is invalid
+     ├── ProviderError (1)          a provider answered with an error or could not be reached
+     ├── StateError (1)             the state store is unusable or inconsistent
+     │    └── StateLockedError (3)  another run holds the lock
+     ├── BudgetError (1)            a step would exceed a budget; nothing was spent
+     ├── ConsentError (1)           spending needs --yes (or a terminal to ask on)
+     ├── DegradedError (4)          apply --wait ended with a resource Degraded
+     └── WaitTimeoutError (5)       apply --wait reached its timeout before convergence
+
+Messages say what was wrong, where (file:line when there is one) and what to do. They never
+contain an API key: provider errors are built from the provider's response, not our request.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BatchspecError(Exception):
+    """Base of every known failure; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: extra lines (e.g. one per problem found) shown under the message
+        self.details: list[str] = list(details or [])
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(BatchspecError):
+    exit_code = 64
+
+
+class ManifestError(BatchspecError):
+    """A manifest or project file failed to load or validate."""
+
+
+class InputError(BatchspecError):
+    """A batch input (JSONL) failed validation; ``details`` holds one line per problem."""
+
+
+class ProviderError(BatchspecError):
+    """A provider call failed. Carries what the provider said, never what we sent."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retryable = retryable
+
+
+class StateError(BatchspecError):
+    """The state store cannot be used as asked."""
+
+
+class StateLockedError(StateError):
+    exit_code = 3
+
+
+class BudgetError(BatchspecError):
+    """A step would exceed a budget; it was refused before anything was uploaded."""
+
+
+class ConsentError(BatchspecError):
+    """Creating batches costs money and needs consent (``--yes`` or an answer on a terminal)."""
+
+
+class DegradedError(BatchspecError):
+    exit_code = 4
+
+
+class WaitTimeoutError(BatchspecError):
+    exit_code = 5
+
+
+__all__ = [
+    "BatchspecError",
+    "BudgetError",
+    "ConsentError",
+    "DegradedError",
+    "InputError",
+    "ManifestError",
+    "ProviderError",
+    "StateError",
+    "StateLockedError",
+    "UsageError",
+    "WaitTimeoutError",
+]

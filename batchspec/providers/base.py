@@ -1,0 +1,196 @@
+"""The provider protocol: upload a file, create/get/list/cancel a batch, download a file.
+
+Every provider family (OpenAI-compatible, Azure, Anthropic, the in-process local engine)
+implements ``Provider`` and returns these frozen dataclasses, parsed leniently: unknown
+fields are ignored, nulls are tolerated, statuses are normalised to lower case and an
+unrecognised status is kept as it came (``BatchStatus.is_terminal`` is then False, so the
+reconciler keeps polling rather than guessing). Ids are opaque strings of any length.
+
+Failures raise ``batchspec.errors.ProviderError`` carrying the provider's status, message,
+code and request id, never our API key. A missing object raises ``RemoteNotFound``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from batchspec.errors import ProviderError
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+KNOWN_STATUSES = frozenset(
+    {"validating", "in_progress", "finalizing", "cancelling"} | TERMINAL_STATUSES
+)
+
+
+class RemoteNotFound(ProviderError):
+    """The provider answered 404 for a file or batch id."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    id: str
+    bytes: int | None = None
+    filename: str | None = None
+    purpose: str | None = None
+    created_at: int | None = None
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class BatchValidationError:
+    """One entry of a batch's ``errors.data`` (validation failures); ``line`` is 1-based."""
+
+    code: str | None
+    message: str | None
+    line: int | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoteBatch:
+    id: str
+    status: str  # normalised lower case; see KNOWN_STATUSES
+    endpoint: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completion_window: str | None = None
+    request_counts: RequestCounts | None = None
+    usage: Usage | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    errors: tuple[BatchValidationError, ...] = ()
+    created_at: int | None = None
+    expires_at: int | None = None
+    completed_at: int | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What the reconciler needs from a place where batches run."""
+
+    name: str
+
+    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+        """Upload a batch input file, streamed from disk."""
+        ...
+
+    def get_file(self, file_id: str) -> RemoteFile:
+        """Raise ``RemoteNotFound`` when the provider no longer has it."""
+        ...
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+    ) -> RemoteBatch: ...
+
+    def get_batch(self, batch_id: str) -> RemoteBatch: ...
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every batch the provider lists, newest first, following pagination lazily."""
+        ...
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch: ...
+
+    def download_file(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to ``dest``; return the number of bytes written."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
+    """Parse an OpenAI-shaped batch object leniently (Azure and LiteLLM variants included)."""
+    counts = data.get("request_counts")
+    usage = data.get("usage")
+    errors = data.get("errors") or {}
+    error_rows = errors.get("data") if isinstance(errors, Mapping) else None
+    return RemoteBatch(
+        id=str(data["id"]),
+        status=str(data.get("status") or "unknown").lower(),
+        endpoint=data.get("endpoint"),
+        input_file_id=data.get("input_file_id"),
+        output_file_id=data.get("output_file_id") or None,
+        error_file_id=data.get("error_file_id") or None,
+        completion_window=data.get("completion_window"),
+        request_counts=RequestCounts(
+            total=int(counts.get("total") or 0),
+            completed=int(counts.get("completed") or 0),
+            failed=int(counts.get("failed") or 0),
+        )
+        if isinstance(counts, Mapping)
+        else None,
+        usage=Usage(
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            total_tokens=int(usage.get("total_tokens") or 0),
+        )
+        if isinstance(usage, Mapping)
+        else None,
+        metadata={str(k): str(v) for k, v in (data.get("metadata") or {}).items()},
+        errors=tuple(
+            BatchValidationError(
+                code=row.get("code"),
+                message=row.get("message"),
+                line=row.get("line"),
+                param=row.get("param"),
+            )
+            for row in (error_rows or [])
+            if isinstance(row, Mapping)
+        ),
+        created_at=_epoch(data.get("created_at")),
+        expires_at=_epoch(data.get("expires_at")),
+        completed_at=_epoch(data.get("completed_at")),
+    )
+
+
+def parse_file(data: Mapping[str, Any]) -> RemoteFile:
+    return RemoteFile(
+        id=str(data["id"]),
+        bytes=data.get("bytes"),
+        filename=data.get("filename"),
+        purpose=data.get("purpose"),
+        created_at=_epoch(data.get("created_at")),
+        expires_at=_epoch(data.get("expires_at")),
+    )
+
+
+def _epoch(value: Any) -> int | None:
+    """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value)
+    if text.isdigit():
+        return int(text)
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
