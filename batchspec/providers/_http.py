@@ -1,0 +1,442 @@
+"""HTTP plumbing shared by the OpenAI-compatible providers: retries, backoff, error envelopes.
+
+What this module promises:
+
+- A request is retried after a transport error or timeout and after HTTP 408, 409, 429 and
+  every status >= 500, at most ``RetryPolicy.max_retries`` times. It is never retried after
+  a 429 whose code is ``insufficient_quota`` (waiting does not buy quota), nor when the
+  server answers ``x-should-retry: false``; ``x-should-retry: true`` forces a retry.
+- The wait before a retry honours ``retry-after-ms``, then ``Retry-After`` (seconds or an
+  HTTP date), capped at ``RetryPolicy.max_retry_after``; without them it backs off
+  exponentially from 0.5 s to 8 s with up to 25 % jitter, as the official SDK does.
+- Requests that are not idempotent (creating a batch) can ask not to be retried when the
+  outcome is *ambiguous* (the server may have acted: 5xx other than 503, a read timeout, a
+  dropped connection); they get ``AmbiguousOutcome`` and decide themselves, so a retry
+  never pays for a batch twice.
+- Every failure becomes a ``ProviderError`` (``RemoteNotFound`` for a 404) built from the
+  *response*: the status, the provider's message, its code, the request id and a hint of
+  what to do. The API key lives only in a request header and is never formatted into a
+  message; as a second line of defence every secret the client knows, and anything shaped
+  like an ``sk-`` key, is redacted from messages built here.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from batchspec.errors import ProviderError
+from batchspec.providers.base import RemoteNotFound
+
+#: statuses worth a retry (the official SDK's list); 429 ``insufficient_quota`` is excluded
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+#: 5xx statuses after which the server has not acted on the request
+_UNAMBIGUOUS_5XX = frozenset({503})
+#: transport errors raised before the request could reach the server
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: transport errors worth a retry; others (bad scheme, local protocol misuse) are not
+_RETRYABLE_TRANSPORT_ERRORS = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+)
+#: key-shaped tokens (OpenAI echoes a masked key in its 401 message)
+_KEY_PATTERN = re.compile(r"\b(sk|rk)-[A-Za-z0-9_*\-.]{6,}")
+_MAX_MESSAGE_CHARS = 500
+_DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class AmbiguousOutcome(ProviderError):
+    """A non-idempotent request failed in a way that may have reached the server and acted."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait between attempts of one request."""
+
+    max_retries: int = 5
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+
+    def backoff(self, retries_done: int, rand: Callable[[], float] = random.random) -> float:
+        """Exponential delay before retry number ``retries_done + 1``, minus up to 25 % jitter."""
+        base = min(self.initial_delay * 2.0**retries_done, self.max_delay)
+        return base * (1.0 - 0.25 * rand())
+
+    def delay_for(
+        self,
+        response: httpx.Response | None,
+        retries_done: int,
+        *,
+        rand: Callable[[], float] = random.random,
+        now: Callable[[], float] = time.time,
+    ) -> float:
+        """The server's requested delay (capped) if it gave one, else the backoff."""
+        if response is not None:
+            asked = retry_after_seconds(response.headers, now=now)
+            if asked is not None:
+                return min(asked, self.max_retry_after)
+        return self.backoff(retries_done, rand)
+
+
+def retry_after_seconds(
+    headers: httpx.Headers, *, now: Callable[[], float] = time.time
+) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, then ``Retry-After``."""
+    millis = _as_float(headers.get("retry-after-ms"))
+    if millis is not None:
+        return max(millis / 1000.0, 0.0)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _as_float(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(when.timestamp() - now(), 0.0)
+
+
+def _as_float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if number == number and number != float("inf") else None
+
+
+@dataclass(frozen=True)
+class ErrorEnvelope:
+    """What a provider said in its error body, as far as it could be read."""
+
+    message: str | None
+    code: str | None
+    type: str | None
+
+
+def parse_error_envelope(response: httpx.Response) -> ErrorEnvelope:
+    """Read ``{"error": {message, type, param, code}}`` and the usual variants leniently."""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        text = response.text.strip() if response.content else ""
+        return ErrorEnvelope(message=text or None, code=None, type=None)
+    if not isinstance(body, Mapping):
+        return ErrorEnvelope(message=str(body), code=None, type=None)
+    error = body.get("error") or body
+    if isinstance(error, str):  # {"error": "text"}
+        return ErrorEnvelope(message=error, code=_text(body.get("code")), type=None)
+    if not isinstance(error, Mapping):
+        return ErrorEnvelope(message=str(error), code=None, type=None)
+    message = error.get("message") or error.get("detail") or body.get("detail")
+    return ErrorEnvelope(
+        message=message if isinstance(message, str) else _text(message),
+        code=_text(error.get("code")),
+        type=_text(error.get("type")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def should_retry(response: httpx.Response, envelope: ErrorEnvelope | None = None) -> bool:
+    """Whether a failed response is worth another attempt (see the module docstring)."""
+    header = response.headers.get("x-should-retry", "").strip().lower()
+    if header == "false":
+        return False
+    envelope = envelope or parse_error_envelope(response)
+    if response.status_code == 429 and envelope.code == "insufficient_quota":
+        return False
+    if header == "true":
+        return True
+    return response.status_code in RETRYABLE_STATUSES or response.status_code >= 500
+
+
+def is_ambiguous_status(status: int) -> bool:
+    """Whether a server that answered ``status`` may nevertheless have acted on the request."""
+    return status >= 500 and status not in _UNAMBIGUOUS_5XX
+
+
+@dataclass(frozen=True)
+class ErrorContext:
+    """Who we were talking to, for messages: never holds a key, only its variable's name."""
+
+    provider: str
+    base_url: str
+    api_key_env: str | None
+    key_sent: bool
+    secrets: tuple[str, ...] = ()
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return _KEY_PATTERN.sub(r"\1-[redacted]", text)
+
+
+def error_from_response(
+    response: httpx.Response, *, operation: str, context: ErrorContext
+) -> ProviderError:
+    """Turn a non-2xx response into a ``ProviderError`` with the provider's own words."""
+    envelope = parse_error_envelope(response)
+    status = response.status_code
+    said = _shorten(envelope.message) or response.reason_phrase or "no message"
+    facts = [f"code {envelope.code}" if envelope.code else "", _request_id_text(response)]
+    facts_text = ", ".join(f for f in facts if f)
+    message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
+    if facts_text:
+        message += f" ({facts_text})"
+    message += f". {_hint(status, envelope, context)}"
+    error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
+    return error_class(
+        context.redact(message),
+        status=status,
+        code=envelope.code,
+        request_id=response.headers.get("x-request-id"),
+        retryable=should_retry(response, envelope),
+    )
+
+
+def _is_not_found(status: int, envelope: ErrorEnvelope) -> bool:
+    # LiteLLM relays an upstream 404 with the status in ``code`` ("404")
+    return status == 404 or (status < 500 and envelope.code == "404")
+
+
+def _request_id_text(response: httpx.Response) -> str:
+    request_id = response.headers.get("x-request-id")
+    return f"request id {request_id}" if request_id else ""
+
+
+def _shorten(text: str | None) -> str | None:
+    if not text:
+        return None
+    text = " ".join(text.split())
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return text
+
+
+def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext) -> str:
+    """One sentence saying what to do about ``status``; names variables, never values."""
+    variable = f"${context.api_key_env}" if context.api_key_env else "the provider's key variable"
+    if status == 401:
+        if not context.key_sent:
+            return f"No API key was sent: set {variable}."
+        return f"Check the API key in {variable}."
+    if status == 403:
+        return f"The key in {variable} is not allowed to do this; check its permissions."
+    if status == 404:
+        return (
+            "The id is unknown to the provider (expired or deleted), or the base URL "
+            f"{context.base_url} is not an OpenAI-compatible API root."
+        )
+    if status == 429 and envelope.code == "insufficient_quota":
+        return "The account has no quota left; check its plan and billing. Not retried."
+    if status == 429:
+        return "Rate limited; retries were exhausted, try again later."
+    if status in (400, 422):
+        return "The provider rejected the request; the message above says why."
+    if status == 409:
+        return "The object is in a conflicting state; try again later."
+    if status == 413:
+        return "The file is too large for the provider; split the input into smaller shards."
+    if status >= 500:
+        return "The provider failed on its side; try again later."
+    return "See the provider's message."
+
+
+def error_from_transport(
+    exc: httpx.HTTPError, *, operation: str, context: ErrorContext, retryable: bool
+) -> ProviderError:
+    """Describe a transport failure by its type and text (httpx puts no headers in either)."""
+    detail = str(exc) or "no detail"
+    if isinstance(exc, httpx.TimeoutException):
+        what = "timed out"
+    elif isinstance(exc, _NOT_SENT_ERRORS):
+        what = "could not connect"
+    else:
+        what = "lost the connection"
+    message = (
+        f"{context.provider}: {operation} failed: {what} to {context.base_url} "
+        f"({type(exc).__name__}: {detail}). Check that the server is up and the base URL "
+        "is right; batchspec retried with backoff."
+        if retryable
+        else f"{context.provider}: {operation} failed talking to {context.base_url} "
+        f"({type(exc).__name__}: {detail})."
+    )
+    return ProviderError(context.redact(message), retryable=retryable)
+
+
+def display_url(url: str) -> str:
+    """``url`` without user info or query, safe to show in a message."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "<invalid URL>"
+    return str(parsed.copy_with(username=None, password=None, query=None))
+
+
+class RetryingClient:
+    """An ``httpx.Client`` wrapper that retries by ``RetryPolicy`` and raises ``ProviderError``.
+
+    Paths are joined onto ``base_url`` verbatim (callers quote ids). The client is closed by
+    ``close()`` only if this object created it.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        client: httpx.Client,
+        owns_client: bool,
+        context: ErrorContext,
+        headers: Mapping[str, str],
+        policy: RetryPolicy,
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._client = client
+        self._owns_client = owns_client
+        self._context = context
+        self._headers = dict(headers)
+        self._policy = policy
+        self._sleep = sleep
+        self._rand = rand
+
+    @property
+    def context(self) -> ErrorContext:
+        return self._context
+
+    def __repr__(self) -> str:
+        return f"RetryingClient({self._context.base_url!r})"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        retry_ambiguous: bool = True,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send until a 2xx arrives (body read), or raise the last failure as ProviderError."""
+        return self._send(
+            method, path, operation, retry_ambiguous, headers, stream=False, kwargs=kwargs
+        )
+
+    def download(
+        self, path: str, dest: Path, *, operation: str, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Stream a GET body to ``dest`` atomically (``<dest>.part`` then rename); return bytes.
+
+        A connection lost mid-body restarts the download, at most ``max_retries`` times.
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        for retries_done in range(self._policy.max_retries + 1):
+            response = self._send("GET", path, operation, True, headers, stream=True, kwargs={})
+            try:
+                written = _write_body(response, partial)
+            except _RETRYABLE_TRANSPORT_ERRORS as exc:
+                partial.unlink(missing_ok=True)
+                if retries_done >= self._policy.max_retries:
+                    raise error_from_transport(
+                        exc, operation=operation, context=self._context, retryable=True
+                    ) from exc
+                self._sleep(self._policy.backoff(retries_done, self._rand))
+                continue
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            finally:
+                response.close()
+            os.replace(partial, dest)
+            return written
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        retry_ambiguous: bool,
+        headers: Mapping[str, str] | None,
+        *,
+        stream: bool,
+        kwargs: Mapping[str, Any],
+    ) -> httpx.Response:
+        url = self._base_url + path
+        merged = {**self._headers, **(headers or {})}
+        for retries_done in range(self._policy.max_retries + 1):
+            last = retries_done >= self._policy.max_retries
+            try:
+                request = self._client.build_request(method, url, headers=merged, **kwargs)
+                response = self._client.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
+                error = error_from_transport(
+                    exc, operation=operation, context=self._context, retryable=retryable
+                )
+                if retryable and not retry_ambiguous and not isinstance(exc, _NOT_SENT_ERRORS):
+                    raise _as_ambiguous(error) from exc
+                if not retryable or last:
+                    raise error from exc
+                self._sleep(self._policy.backoff(retries_done, self._rand))
+                continue
+            if response.is_success:
+                return response
+            if stream:
+                response.read()
+                response.close()
+            error = error_from_response(response, operation=operation, context=self._context)
+            if error.retryable and not retry_ambiguous and is_ambiguous_status(error.status or 0):
+                raise _as_ambiguous(error)
+            if not error.retryable or last:
+                raise error
+            self._sleep(self._policy.delay_for(response, retries_done, rand=self._rand))
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
+    return AmbiguousOutcome(
+        str(error),
+        status=error.status,
+        code=error.code,
+        request_id=error.request_id,
+        retryable=error.retryable,
+    )
+
+
+def _write_body(response: httpx.Response, partial: Path) -> int:
+    written = 0
+    with open(partial, "wb") as out:
+        for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
+            out.write(chunk)
+            written += len(chunk)
+        out.flush()
+        # the caller keeps this file as the only copy of a paid-for result: make it durable
+        os.fsync(out.fileno())
+    return written

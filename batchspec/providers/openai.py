@@ -1,0 +1,275 @@
+"""The OpenAI-compatible provider: OpenAI, a LiteLLM proxy, Groq, and ``batchspec serve``.
+
+Speaks the Files and Batches API under one base URL (``https://api.openai.com/v1``):
+``/files``, ``/files/{id}``, ``/files/{id}/content``, ``/batches``, ``/batches/{id}`` and
+``/batches/{id}/cancel``. Uploads and downloads are streamed, so memory stays flat whatever
+the file size (httpx reads a file object in 64 KiB chunks). Ids are opaque strings of any
+length (LiteLLM wraps them in base64) and are percent-quoted into paths.
+
+Retries, backoff and error messages come from ``_http``. Creating a batch is the one call
+that costs money, so it is never blindly re-sent after an ambiguous failure: the provider
+first looks for a batch it may already have created (same input file, endpoint and
+metadata, created since the first attempt) and returns that one instead.
+
+The API key is kept in a request header only; ``repr`` and every error leave it out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from batchspec import __version__
+from batchspec.errors import ProviderError
+from batchspec.providers._http import (
+    AmbiguousOutcome,
+    ErrorContext,
+    RetryingClient,
+    RetryPolicy,
+    display_url,
+)
+from batchspec.providers.base import RemoteBatch, RemoteFile, parse_batch, parse_file
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: how far back (seconds) a batch may have been created to count as ours after an
+#: ambiguous create; generous because the server's clock is not ours
+_CREATE_CLOCK_SKEW = 300
+#: pages of the batch list searched for a batch an ambiguous create may have made
+_CREATE_LOOKUP_PAGES = 2
+_MAX_PAGE_SIZE = 100
+
+
+class OpenAIProvider:
+    """A ``providers.base.Provider`` for any OpenAI-compatible Files + Batches API."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        extra_headers: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        auth_header: str = "Authorization",
+        api_key_env: str | None = "OPENAI_API_KEY",
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        _check_base_url(name, base_url)
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self._policy = RetryPolicy(max_retries=max_retries)
+        self._sleep = sleep
+        self._rand = rand
+        owns_client = client is None
+        if client is None:
+            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+        context = ErrorContext(
+            provider=name,
+            base_url=display_url(self.base_url),
+            api_key_env=api_key_env,
+            key_sent=bool(api_key),
+            secrets=(api_key,) if api_key else (),
+        )
+        self._http = RetryingClient(
+            base_url=self.base_url,
+            client=client,
+            owns_client=owns_client,
+            context=context,
+            headers=_default_headers(api_key, auth_header, extra_headers),
+            policy=self._policy,
+            sleep=sleep,
+            rand=rand,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(name={self.name!r}, base_url={display_url(self.base_url)!r})"
+
+    def __enter__(self) -> OpenAIProvider:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- files ---------------------------------------------------------------------------
+
+    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+        """Upload ``path`` as multipart, streamed from disk (never read whole into memory).
+
+        ``filename`` gets a ``.jsonl`` suffix if it lacks one: LiteLLM refuses other names.
+        """
+        if not filename.endswith(".jsonl"):
+            filename += ".jsonl"
+        with open(path, "rb") as handle:
+            # httpx seeks the handle back to 0 for every attempt, so retries resend it whole
+            response = self._http.request(
+                "POST",
+                "/files",
+                operation=f"upload of {path.name}",
+                data={"purpose": purpose},
+                files={"file": (filename, handle, "application/jsonl")},
+            )
+        return parse_file(_json_object(response, "upload file", self.name))
+
+    def get_file(self, file_id: str) -> RemoteFile:
+        response = self._http.request(
+            "GET", f"/files/{_quote(file_id)}", operation=f"get file {file_id}"
+        )
+        return parse_file(_json_object(response, "get file", self.name))
+
+    def download_file(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to ``dest`` (via ``<dest>.part``); return bytes written."""
+        return self._http.download(
+            f"/files/{_quote(file_id)}/content",
+            dest,
+            operation=f"download of file {file_id}",
+            headers={"Accept": "application/binary"},
+        )
+
+    # -- batches -------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+    ) -> RemoteBatch:
+        """Create a batch; after an ambiguous failure adopt the batch it made, if any."""
+        payload = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": completion_window,
+            "metadata": dict(metadata),
+        }
+        first_sent = time.time()
+        for retries_done in range(self._policy.max_retries + 1):
+            try:
+                response = self._http.request(
+                    "POST",
+                    "/batches",
+                    operation="create batch",
+                    json=payload,
+                    retry_ambiguous=False,
+                )
+            except AmbiguousOutcome:
+                made = self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW)
+                if made is not None:
+                    return made
+                if retries_done >= self._policy.max_retries:
+                    raise
+                self._sleep(self._policy.backoff(retries_done, self._rand))
+                continue
+            return parse_batch(_json_object(response, "create batch", self.name))
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def get_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "GET", f"/batches/{_quote(batch_id)}", operation=f"get batch {batch_id}"
+        )
+        return parse_batch(_json_object(response, "get batch", self.name))
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every listed batch, newest first; the next page is fetched only when needed."""
+        limit = max(1, min(page_size, _MAX_PAGE_SIZE))
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": limit}
+            if after is not None:
+                params["after"] = after
+            response = self._http.request(
+                "GET", "/batches", operation="list batches", params=params
+            )
+            page = _json_object(response, "list batches", self.name)
+            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            yield from (parse_batch(row) for row in rows)
+            next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
+            # a server that repeats its cursor would loop forever: stop instead
+            if not page.get("has_more") or not rows or not next_after or next_after == after:
+                return
+            after = str(next_after)
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "POST", f"/batches/{_quote(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+        )
+        return parse_batch(_json_object(response, "cancel batch", self.name))
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _find_batch_made_by(
+        self, payload: Mapping[str, Any], *, since: float
+    ) -> RemoteBatch | None:
+        """The newest batch matching an ambiguous create's payload, created after ``since``."""
+        wanted_metadata = payload["metadata"]
+        recent = itertools.islice(
+            self.list_batches(page_size=_MAX_PAGE_SIZE), _CREATE_LOOKUP_PAGES * _MAX_PAGE_SIZE
+        )
+        for batch in recent:
+            if (
+                (batch.created_at is None or batch.created_at >= since)
+                and batch.input_file_id == payload["input_file_id"]
+                and batch.endpoint in (None, payload["endpoint"])
+                and all(batch.metadata.get(k) == v for k, v in wanted_metadata.items())
+            ):
+                return batch
+        return None
+
+
+def _check_base_url(name: str, base_url: str) -> None:
+    try:
+        scheme = httpx.URL(base_url).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise ProviderError(
+            f"provider {name!r}: base URL {display_url(base_url)!r} must start with http:// "
+            "or https:// (set baseUrl in batchspec.yaml or OPENAI_BASE_URL)."
+        )
+
+
+def _default_headers(
+    api_key: str | None, auth_header: str, extra_headers: Mapping[str, str] | None
+) -> dict[str, str]:
+    headers = {"User-Agent": f"batchspec/{__version__}", "Accept": "application/json"}
+    headers.update(extra_headers or {})
+    if api_key:
+        bearer = auth_header.lower() == "authorization"
+        headers[auth_header] = f"Bearer {api_key}" if bearer else api_key
+    return headers
+
+
+def _quote(object_id: str) -> str:
+    # ids are opaque (LiteLLM: base64 with '/', '+', '='): quote everything but unreserved
+    return quote(object_id, safe="")
+
+
+def _json_object(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
+    """The response body as a JSON object with an ``id`` where one is expected."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
+        request_id = response.headers.get("x-request-id")
+        raise ProviderError(
+            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
+            "not the expected JSON object; is the base URL an OpenAI-compatible API root?",
+            status=response.status_code,
+            request_id=request_id,
+        )
+    return body
