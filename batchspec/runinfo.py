@@ -1,0 +1,164 @@
+"""Who, where and from which commit a run was started: the provenance stored with each run.
+
+``collect_run_info`` gathers the user, host, pid, the git commit/branch/dirty state of the
+working directory and the CI system and run URL, so that ``batchspec history`` can answer
+"who spent this, from which commit, in which CI job".
+
+Promises:
+
+* It reads only the well-known variables listed in ``USER_VARIABLES`` and ``CI_VARIABLES``
+  from the ``env`` mapping it is given, never anything else. An API key in the environment
+  can therefore never reach the state store through here.
+* It never raises for a missing git, a folder outside a repository, a slow git or an unknown
+  user: each such field is ``None``. Every git call has a short timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import batchspec
+
+#: the variables getpass.getuser() consults, in its order
+USER_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME")
+
+#: every CI variable this module may read; nothing outside this tuple and USER_VARIABLES
+CI_VARIABLES = (
+    "GITHUB_ACTIONS",
+    "GITHUB_SERVER_URL",
+    "GITHUB_REPOSITORY",
+    "GITHUB_RUN_ID",
+    "GITLAB_CI",
+    "CI_JOB_URL",
+    "CIRCLECI",
+    "CIRCLE_BUILD_URL",
+    "BUILDKITE",
+    "BUILDKITE_BUILD_URL",
+    "JENKINS_URL",
+    "BUILD_URL",
+    "CI",
+)
+
+GIT_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Provenance of one run; ``None`` means unknown (no git, not a repository, not in CI)."""
+
+    user: str | None
+    host: str
+    pid: int
+    git_commit: str | None
+    git_branch: str | None
+    git_dirty: bool | None
+    ci_system: str | None
+    ci_run_url: str | None
+    version: str
+
+
+@dataclass(frozen=True)
+class GitInfo:
+    commit: str | None
+    branch: str | None
+    dirty: bool | None
+
+
+def collect_run_info(cwd: Path | None = None, env: Mapping[str, str] = os.environ) -> RunInfo:
+    """Collect the provenance of the current process, for git in ``cwd`` (default: the cwd).
+
+    Only the variables named in ``USER_VARIABLES`` and ``CI_VARIABLES`` are read from ``env``.
+    """
+    git = git_info(cwd or Path.cwd())
+    ci_system, ci_run_url = ci_info(env)
+    return RunInfo(
+        user=current_user(env),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        git_commit=git.commit,
+        git_branch=git.branch,
+        git_dirty=git.dirty,
+        ci_system=ci_system,
+        ci_run_url=ci_run_url,
+        version=batchspec.__version__,
+    )
+
+
+def current_user(env: Mapping[str, str]) -> str | None:
+    """The login name, looked up like ``getpass.getuser`` but in ``env``, then the passwd db."""
+    for name in USER_VARIABLES:
+        if env.get(name):
+            return env[name]
+    try:
+        import pwd  # not on Windows
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return None
+
+
+def _is_set(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def ci_info(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(ci_system, ci_run_url) from the well-known variables of common CI systems."""
+    if _is_set(env, "GITHUB_ACTIONS"):
+        server = env.get("GITHUB_SERVER_URL") or "https://github.com"
+        repo, run_id = env.get("GITHUB_REPOSITORY"), env.get("GITHUB_RUN_ID")
+        url = f"{server.rstrip('/')}/{repo}/actions/runs/{run_id}" if repo and run_id else None
+        return "github-actions", url
+    if _is_set(env, "GITLAB_CI"):
+        return "gitlab-ci", env.get("CI_JOB_URL") or None
+    if _is_set(env, "CIRCLECI"):
+        return "circleci", env.get("CIRCLE_BUILD_URL") or None
+    if _is_set(env, "BUILDKITE"):
+        return "buildkite", env.get("BUILDKITE_BUILD_URL") or None
+    if env.get("JENKINS_URL"):
+        return "jenkins", env.get("BUILD_URL") or None
+    if _is_set(env, "CI"):
+        return "ci", None
+    return None, None
+
+
+def git_info(cwd: Path) -> GitInfo:
+    """Commit, branch (None when detached) and dirtiness of tracked files in ``cwd``'s repo."""
+    commit = _git(cwd, "rev-parse", "--verify", "-q", "HEAD")
+    inside = commit is not None or _git(cwd, "rev-parse", "--git-dir") is not None
+    if not inside:
+        return GitInfo(None, None, None)
+    branch = _git(cwd, "symbolic-ref", "--short", "-q", "HEAD")
+    # Untracked files are ignored on purpose: results and state folders would otherwise make
+    # every run look dirty; what matters is whether committed manifests were edited.
+    status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    return GitInfo(commit=commit, branch=branch, dirty=None if status is None else status != "")
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """Stdout of a git command, stripped, or None if git is missing, fails or is too slow."""
+    # GIT_OPTIONAL_LOCKS=0 keeps `git status` from taking index.lock, so a concurrent git
+    # command in the same repository never fails because batchspec was looking.
+    child_env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip()
+
+
+__all__ = ["CI_VARIABLES", "USER_VARIABLES", "GitInfo", "RunInfo", "collect_run_info"]

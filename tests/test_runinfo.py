@@ -1,0 +1,199 @@
+"""Tests for batchspec.runinfo: git provenance, CI detection, and what it refuses to read."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+import batchspec
+from batchspec.runinfo import CI_VARIABLES, USER_VARIABLES, collect_run_info
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "init.defaultBranch=trunk", *args],
+        cwd=repo,
+        env={**os.environ, **GIT_ENV},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    path = tmp_path / "repo"
+    path.mkdir()
+    git(path, "init", "-q")
+    (path / "batch.yaml").write_text("kind: Batch\n")
+    git(path, "add", "batch.yaml")
+    git(path, "commit", "-q", "-m", "first")
+    return path
+
+
+def test_git_commit_and_branch_detected_in_a_clean_repo(repo: Path) -> None:
+    """Inside a repository the commit is HEAD's sha, the branch its name, and dirty False."""
+    info = collect_run_info(repo, env={})
+    assert info.git_commit == git(repo, "rev-parse", "HEAD")
+    assert info.git_branch == "trunk"
+    assert info.git_dirty is False
+
+
+def test_edited_tracked_file_makes_the_tree_dirty(repo: Path) -> None:
+    """A modified tracked file sets git_dirty; an untracked file alone does not."""
+    (repo / "results.jsonl").write_text("{}\n")
+    assert collect_run_info(repo, env={}).git_dirty is False
+    (repo / "batch.yaml").write_text("kind: Batch\nspec: {}\n")
+    assert collect_run_info(repo, env={}).git_dirty is True
+
+
+def test_detached_head_has_commit_but_no_branch(repo: Path) -> None:
+    """A detached HEAD (usual in CI) still reports the commit; the branch is None."""
+    sha = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "--detach", sha)
+    info = collect_run_info(repo, env={})
+    assert (info.git_commit, info.git_branch) == (sha, None)
+
+
+def test_subdirectory_of_a_repo_reports_the_repo(repo: Path) -> None:
+    """Running from a folder below the repository root still finds the commit."""
+    sub = repo / "manifests"
+    sub.mkdir()
+    assert collect_run_info(sub, env={}).git_commit == git(repo, "rev-parse", "HEAD")
+
+
+def test_outside_a_repo_git_fields_are_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that is not in a git repository gives None for commit, branch and dirty."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    info = collect_run_info(plain, env={})
+    assert (info.git_commit, info.git_branch, info.git_dirty) == (None, None, None)
+
+
+def test_without_git_on_path_git_fields_are_none(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no git executable at all, collection still succeeds with None git fields."""
+    monkeypatch.setenv("PATH", str(repo / "no-such-bin"))
+    info = collect_run_info(repo, env={})
+    assert (info.git_commit, info.git_branch, info.git_dirty) == (None, None, None)
+
+
+def test_process_fields_describe_this_process(tmp_path: Path) -> None:
+    """host, pid and version come from this process and the installed package."""
+    info = collect_run_info(tmp_path, env={"USER": "alice"})
+    assert info.host == socket.gethostname()
+    assert info.pid == os.getpid()
+    assert info.version == batchspec.__version__
+    assert info.user == "alice"
+
+
+def test_user_variables_are_consulted_in_getpass_order(tmp_path: Path) -> None:
+    """LOGNAME wins over USER, as in getpass.getuser."""
+    assert collect_run_info(tmp_path, env={"USER": "bob", "LOGNAME": "carol"}).user == "carol"
+
+
+@pytest.mark.parametrize(
+    ("env", "system", "url"),
+    [
+        pytest.param(
+            {
+                "GITHUB_ACTIONS": "true",
+                "GITHUB_SERVER_URL": "https://github.example.com",
+                "GITHUB_REPOSITORY": "acme/triage",
+                "GITHUB_RUN_ID": "987654",
+                "CI": "true",
+            },
+            "github-actions",
+            "https://github.example.com/acme/triage/actions/runs/987654",
+            id="github",
+        ),
+        pytest.param(
+            {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "acme/t"},
+            "github-actions",
+            None,
+            id="github-without-run-id",
+        ),
+        pytest.param(
+            {"GITLAB_CI": "true", "CI_JOB_URL": "https://gitlab.example/acme/-/jobs/7"},
+            "gitlab-ci",
+            "https://gitlab.example/acme/-/jobs/7",
+            id="gitlab",
+        ),
+        pytest.param(
+            {"CIRCLECI": "true", "CIRCLE_BUILD_URL": "https://circleci.com/gh/acme/t/12"},
+            "circleci",
+            "https://circleci.com/gh/acme/t/12",
+            id="circleci",
+        ),
+        pytest.param(
+            {"BUILDKITE": "true", "BUILDKITE_BUILD_URL": "https://buildkite.com/acme/t/builds/3"},
+            "buildkite",
+            "https://buildkite.com/acme/t/builds/3",
+            id="buildkite",
+        ),
+        pytest.param(
+            {"JENKINS_URL": "https://jenkins.acme/", "BUILD_URL": "https://jenkins.acme/job/t/4/"},
+            "jenkins",
+            "https://jenkins.acme/job/t/4/",
+            id="jenkins",
+        ),
+        pytest.param({"CI": "true"}, "ci", None, id="generic-ci"),
+        pytest.param({"CI": "false"}, None, None, id="ci-false"),
+        pytest.param({"GITHUB_ACTIONS": "false"}, None, None, id="github-false"),
+        pytest.param({}, None, None, id="no-ci"),
+    ],
+)
+def test_ci_variables_are_mapped(
+    tmp_path: Path, env: Mapping[str, str], system: str | None, url: str | None
+) -> None:
+    """Each well-known CI system is recognised and its run URL built from its variables."""
+    info = collect_run_info(tmp_path, env=env)
+    assert (info.ci_system, info.ci_run_url) == (system, url)
+
+
+class RecordingEnv(dict[str, str]):
+    """A mapping that remembers every key looked up in it."""
+
+    def __init__(self, data: Mapping[str, str]) -> None:
+        super().__init__(data)
+        self.seen: set[str] = set()
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(str(key))
+        return super().__contains__(key)
+
+
+def test_only_well_known_variables_are_read(tmp_path: Path) -> None:
+    """collect_run_info never looks up a variable outside the documented allow-list."""
+    env = RecordingEnv({"OPENAI_API_KEY": "sk-sentinel", "GITHUB_ACTIONS": "true"})
+    info = collect_run_info(tmp_path, env=env)
+    assert "GITHUB_ACTIONS" in env.seen  # the recorder works
+    assert env.seen <= set(CI_VARIABLES) | set(USER_VARIABLES)
+    assert "OPENAI_API_KEY" not in env.seen
+    assert "sk-sentinel" not in repr(info)
