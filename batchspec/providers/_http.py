@@ -50,7 +50,7 @@ _RETRYABLE_TRANSPORT_ERRORS = (
     httpx.RemoteProtocolError,
 )
 #: key-shaped tokens (OpenAI echoes a masked key in its 401 message)
-_KEY_PATTERN = re.compile(r"\b(sk|rk)-[A-Za-z0-9_*\-.]{6,}")
+_KEY_PATTERN = re.compile(r"\b(sk|rk)-[A-Za-z0-9_*\-]{6,}")
 _MAX_MESSAGE_CHARS = 500
 _DOWNLOAD_CHUNK = 1024 * 1024
 
