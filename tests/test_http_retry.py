@@ -439,6 +439,18 @@ def test_failed_download_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_undecodable_download_is_a_provider_error(tmp_path: Path) -> None:
+    """A body that cannot be decoded (bad gzip) fails as ProviderError, leaving no file."""
+    bad = httpx.Response(
+        200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip"}
+    )
+    provider, sleeps = make_provider(Script(bad))
+    with pytest.raises(ProviderError, match="DecodingError"):
+        provider.download_file("file-out", tmp_path / "results.jsonl")
+    assert list(tmp_path.iterdir()) == []
+    assert sleeps == []
+
+
 class _ConsumingTransport(httpx.BaseTransport):
     """Reads each request body chunk by chunk without keeping it, like a socket would."""
 

@@ -364,6 +364,11 @@ class RetryingClient:
                     ) from exc
                 self._sleep(self._policy.backoff(retries_done, self._rand))
                 continue
+            except httpx.HTTPError as exc:  # e.g. a body that fails to decode
+                partial.unlink(missing_ok=True)
+                raise error_from_transport(
+                    exc, operation=operation, context=self._context, retryable=False
+                ) from exc
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
