@@ -1,0 +1,477 @@
+"""Tests for batchspec.state: the SQLite state store and its append-only audit log."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import stat
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from batchspec.errors import StateError
+from batchspec.runinfo import RunInfo, collect_run_info
+from batchspec.state import LockRow, StateStore, parse_timestamp, utc_timestamp
+
+INFO = RunInfo(
+    user="alice",
+    host="build-1",
+    pid=4242,
+    git_commit="0123abc",
+    git_branch="main",
+    git_dirty=True,
+    ci_system="github-actions",
+    ci_run_url="https://github.com/acme/t/actions/runs/1",
+    version="0.1.0",
+)
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "batchspec.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[StateStore]:
+    with StateStore.open(db_path) as s:
+        yield s
+
+
+def make_generation(store: StateStore, name: str = "triage", spec_hash: str = "h1") -> int:
+    store.upsert_resource(name, provider="local", manifest="m.yaml", labels={}, run_id=None)
+    gen = store.create_generation(
+        name,
+        spec_hash=spec_hash,
+        spec={"model": "m"},
+        input_sha256="in-sha",
+        requests=10,
+        input_bytes=1000,
+        output_path="results/out.jsonl",
+        errors_path="results/err.jsonl",
+        run_id=None,
+    )
+    return gen.id
+
+
+def intent(store: StateStore, generation_id: int, key: str = "k-1", attempt: int = 1):
+    return store.record_batch_intent(
+        generation_id,
+        shard=0,
+        attempt=attempt,
+        provider="local",
+        key=key,
+        input_sha256="in-sha",
+        requests=10,
+        reason="first attempt",
+    )
+
+
+# -- opening ------------------------------------------------------------------------------------
+
+
+def test_database_and_wal_siblings_are_owner_only(db_path: Path) -> None:
+    """Even with umask 0 the database and its -wal/-shm files are created mode 0600."""
+    old = os.umask(0)
+    try:
+        with StateStore.open(db_path) as s:
+            s.record_event(None, "probe")
+            modes = {
+                p.name: stat.S_IMODE(p.stat().st_mode)
+                for p in db_path.parent.iterdir()
+                if p.name.startswith(db_path.name)
+            }
+    finally:
+        os.umask(old)
+    assert set(modes) >= {"batchspec.db", "batchspec.db-wal", "batchspec.db-shm"}
+    assert set(modes.values()) == {0o600}
+
+
+def test_existing_database_mode_is_left_alone(db_path: Path) -> None:
+    """Opening an existing database does not change the mode its owner chose."""
+    StateStore.open(db_path).close()
+    os.chmod(db_path, 0o640)
+    StateStore.open(db_path).close()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
+
+
+def test_wal_foreign_keys_and_busy_timeout_are_on(store: StateStore) -> None:
+    """The connection uses WAL, enforces foreign keys and waits 30 s on a busy database."""
+    pragma = lambda name: store.db.execute(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
+    assert pragma("journal_mode") == "wal"
+    assert pragma("foreign_keys") == 1
+    assert pragma("busy_timeout") == 30000
+
+
+def test_migrations_are_named_recorded_and_applied_once(db_path: Path) -> None:
+    """m001_initial is recorded once in _sqlite_migrations however often the DB is opened."""
+    for _ in range(3):
+        with StateStore.open(db_path) as s:
+            assert s.applied_migrations() == ["m001_initial"]
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT migration_set, name FROM _sqlite_migrations").fetchall()
+    assert rows == [("batchspec", "m001_initial")]
+
+
+def test_database_from_a_newer_batchspec_is_refused(db_path: Path) -> None:
+    """An unknown applied migration means a newer schema: open fails with a clear StateError."""
+    StateStore.open(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+            "VALUES ('batchspec', 'm999_future', 'x')"
+        )
+    with pytest.raises(StateError, match="newer batchspec.*m999_future"):
+        StateStore.open(db_path)
+
+
+def test_a_file_that_is_not_sqlite_is_a_state_error(db_path: Path) -> None:
+    """Pointing at a non-database file gives a StateError naming the path, not a traceback."""
+    db_path.parent.mkdir(parents=True)
+    db_path.write_text("name: not a database\n" * 200)
+    with pytest.raises(StateError, match=re.escape(str(db_path))):
+        StateStore.open(db_path)
+
+
+# -- transactions ---------------------------------------------------------------------------------
+
+
+def test_atomic_rolls_back_every_write_on_an_exception(store: StateStore) -> None:
+    """An exception inside atomic() undoes runs, resources, generations and events alike."""
+    serial = store.serial()
+    with pytest.raises(RuntimeError), store.atomic():
+        run_id = store.start_run("apply", {}, INFO)
+        make_generation(store)
+        store.record_event(run_id, "create", resource="triage")
+        raise RuntimeError("crash mid-step")
+    assert store.runs() == []
+    assert store.list_resources(include_forgotten=True) == []
+    assert store.events() == []
+    assert store.serial() == serial
+
+
+def test_failed_write_inside_atomic_leaves_the_outer_transaction_usable(store: StateStore) -> None:
+    """A write method that fails inside atomic() rolls back only itself (it is a savepoint)."""
+    with store.atomic():
+        store.upsert_resource("kept", provider="local", manifest="m.yaml", labels={}, run_id=None)
+        with pytest.raises(StateError, match="not recorded"):
+            store.create_generation(
+                "missing",
+                spec_hash="h",
+                spec={},
+                input_sha256="s",
+                requests=1,
+                input_bytes=1,
+                output_path=None,
+                errors_path=None,
+                run_id=None,
+            )
+    assert [r.name for r in store.list_resources()] == ["kept"]
+
+
+def test_atomic_holds_the_write_lock_against_other_connections(db_path: Path) -> None:
+    """While one store is inside atomic(), another connection cannot write (BEGIN IMMEDIATE)."""
+    with StateStore.open(db_path) as first, StateStore.open(db_path) as second:
+        second.db.execute("PRAGMA busy_timeout = 50")
+        with first.atomic():
+            first.serial()  # only a read: the write lock is taken at BEGIN, not at first write
+            with pytest.raises(StateError, match="busy"):
+                second.record_event(None, "blocked")
+            first.record_event(None, "holding")
+        second.record_event(None, "after")
+        assert [e.action for e in first.events()] == ["holding", "after"]
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+def test_events_cannot_be_updated_or_deleted(store: StateStore) -> None:
+    """Triggers make UPDATE and DELETE on events fail, so the audit log is append-only."""
+    event_id = store.record_event(None, "create", detail={"n": 1})
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("UPDATE events SET action = 'x' WHERE id = ?", (event_id,))
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store.db.execute("DELETE FROM events")
+    assert [(e.id, e.action, e.detail) for e in store.events()] == [(event_id, "create", {"n": 1})]
+
+
+def test_events_filter_and_limit_keep_chronological_order(store: StateStore) -> None:
+    """events() filters by run and resource; limit keeps the latest N, oldest first."""
+    run_a = store.start_run("apply", {}, INFO)
+    run_b = store.start_run("apply", {}, INFO)
+    for i in range(5):
+        store.record_event(run_a if i % 2 else run_b, f"step-{i}", resource=f"r{i % 2}")
+    assert [e.action for e in store.events(run_id=run_a)] == ["step-1", "step-3"]
+    assert [e.action for e in store.events(resource="r0")] == ["step-0", "step-2", "step-4"]
+    assert [e.action for e in store.events(limit=2)] == ["step-3", "step-4"]
+    assert all(TIMESTAMP.match(e.at) for e in store.events())
+
+
+def test_event_ids_never_reused(db_path: Path) -> None:
+    """Event ids only grow (AUTOINCREMENT), across reopenings."""
+    with StateStore.open(db_path) as s:
+        first = s.record_event(None, "a")
+    with StateStore.open(db_path) as s:
+        assert s.record_event(None, "b") == first + 1
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+
+def test_run_round_trip_with_provenance(store: StateStore) -> None:
+    """A run keeps its command, JSON args, provenance, end time and exit code."""
+    run_id = store.start_run("apply", {"paths": ["a", "b"], "wait": True}, INFO)
+    running = store.get_run(run_id)
+    assert (running.ended_at, running.exit_code) == (None, None)
+    store.finish_run(run_id, 4)
+    run = store.get_run(run_id)
+    assert run.args == {"paths": ["a", "b"], "wait": True}
+    assert (run.user, run.host, run.pid) == ("alice", "build-1", 4242)
+    assert (run.git_commit, run.git_branch, run.git_dirty) == ("0123abc", "main", True)
+    assert (run.ci_system, run.ci_run_url) == (INFO.ci_system, INFO.ci_run_url)
+    assert run.exit_code == 4 and TIMESTAMP.match(run.ended_at or "")
+    assert parse_timestamp(run.ended_at or "") >= parse_timestamp(run.started_at)
+
+
+def test_finish_unknown_run_is_a_state_error(store: StateStore) -> None:
+    """finish_run on an id that was never started raises StateError."""
+    with pytest.raises(StateError, match="run 99"):
+        store.finish_run(99, 0)
+
+
+def test_runs_are_newest_first_and_filter_by_resource(store: StateStore) -> None:
+    """runs() lists newest first; with resource, only runs that recorded events for it."""
+    ids = [store.start_run(f"cmd-{i}", {}, INFO) for i in range(4)]
+    store.record_event(ids[1], "create", resource="triage")
+    store.record_event(ids[3], "poll", resource="triage")
+    store.record_event(ids[2], "poll", resource="other")
+    assert [r.id for r in store.runs()] == ids[::-1]
+    assert [r.id for r in store.runs(limit=2)] == [ids[3], ids[2]]
+    assert [r.id for r in store.runs(resource="triage")] == [ids[3], ids[1]]
+
+
+# -- resources and generations --------------------------------------------------------------------
+
+
+def test_upsert_resource_updates_and_unforgets(store: StateStore) -> None:
+    """upsert_resource creates, updates and un-forgets; first_seen_run stays the first."""
+    run1 = store.start_run("apply", {}, INFO)
+    run2 = store.start_run("apply", {}, INFO)
+    store.upsert_resource("a", provider="local", manifest="a.yaml", labels={"t": "x"}, run_id=run1)
+    store.forget_resource("a")
+    assert store.list_resources() == []
+    assert store.get_resource("a").forgotten  # type: ignore[union-attr]
+    row = store.upsert_resource(
+        "a", provider="openai", manifest="b.yaml", labels={"t": "y"}, run_id=run2
+    )
+    assert (row.provider, row.manifest, row.labels) == ("openai", "b.yaml", {"t": "y"})
+    assert (row.first_seen_run, row.forgotten_at) == (run1, None)
+    assert [r.name for r in store.list_resources()] == ["a"]
+
+
+def test_create_generation_is_idempotent_per_spec_hash(store: StateStore) -> None:
+    """The same (resource, spec_hash) returns the existing generation and writes nothing."""
+    first = make_generation(store)
+    serial = store.serial()
+    again = store.create_generation(
+        "triage",
+        spec_hash="h1",
+        spec={"different": True},
+        input_sha256="other",
+        requests=1,
+        input_bytes=1,
+        output_path=None,
+        errors_path=None,
+        run_id=None,
+    )
+    assert again.id == first and again.spec == {"model": "m"} and again.status == "pending"
+    assert store.serial() == serial
+    second = make_generation(store, spec_hash="h2")
+    assert [g.id for g in store.generations("triage")] == [first, second]
+    assert store.find_generation("triage", "h2").id == second  # type: ignore[union-attr]
+    assert store.find_generation("triage", "nope") is None
+
+
+def test_set_current_generation_checks_ownership(store: StateStore) -> None:
+    """A resource may point only at one of its own generations."""
+    mine = make_generation(store, "a")
+    theirs = make_generation(store, "b")
+    assert store.set_current_generation("a", mine).current_generation_id == mine
+    with pytest.raises(StateError, match="does not belong"):
+        store.set_current_generation("a", theirs)
+    assert store.get_resource("a").current_generation_id == mine  # type: ignore[union-attr]
+
+
+def test_update_generation_whitelists_and_stamps_completion(store: StateStore) -> None:
+    """update_generation sets known columns, validates status, stamps completed_at once."""
+    gen_id = make_generation(store)
+    gen = store.update_generation(gen_id, status="complete", succeeded=9, failed=1)
+    assert (gen.status, gen.succeeded, gen.failed) == ("complete", 9, 1)
+    assert TIMESTAMP.match(gen.completed_at or "")
+    with pytest.raises(TypeError, match="spec_hash"):
+        store.update_generation(gen_id, spec_hash="forged")
+    with pytest.raises(ValueError, match="status"):
+        store.update_generation(gen_id, status="done")
+    assert store.update_generation(gen_id, status="degraded").completed_at == gen.completed_at
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+
+def test_intent_then_remote_id_then_terminal(store: StateStore) -> None:
+    """An intent is pending until bound to a remote id, in flight until terminal."""
+    gen_id = make_generation(store)
+    row = intent(store, gen_id)
+    assert row.is_intent and row.status == "pending"
+    assert [b.id for b in store.pending_intents()] == [row.id]
+    assert store.in_flight_batches() == []
+
+    bound = store.update_batch(row.id, remote_id="batch_abc", status="validating")
+    assert bound.submitted_at is not None and not bound.is_intent
+    assert store.pending_intents() == []
+    assert [b.remote_id for b in store.in_flight_batches()] == ["batch_abc"]
+
+    done = store.update_batch(row.id, status="completed", total=10, completed=10, failed=0)
+    assert done.is_terminal and TIMESTAMP.match(done.terminal_at or "")
+    assert store.in_flight_batches() == []
+    assert store.batch_by_key("k-1") == done
+    assert store.batch_by_remote_id("local", "batch_abc") == done
+    assert store.batches(gen_id, status="completed") == [done]
+
+
+def test_recorded_remote_id_is_never_rebound(store: StateStore) -> None:
+    """Once a batch is bound to a remote id, binding it to another raises StateError."""
+    row = intent(store, make_generation(store))
+    store.update_batch(row.id, remote_id="batch_1")
+    with pytest.raises(StateError, match="already bound"):
+        store.update_batch(row.id, remote_id="batch_2")
+    assert store.get_batch(row.id).remote_id == "batch_1"
+
+
+def test_record_batch_intent_is_idempotent_on_key(store: StateStore) -> None:
+    """Recording the same key twice returns the first row; a key reused elsewhere is refused."""
+    gen_id = make_generation(store)
+    first = intent(store, gen_id)
+    serial = store.serial()
+    assert intent(store, gen_id) == first
+    assert store.serial() == serial
+    with pytest.raises(StateError, match="already recorded"):
+        intent(store, gen_id, attempt=2)  # same key, other attempt
+    with pytest.raises(StateError, match="attempt 1"):
+        intent(store, gen_id, key="k-other")  # same slot, other key
+    assert len(store.batches()) == 1
+
+
+def test_cancelled_intent_is_no_longer_pending(store: StateStore) -> None:
+    """An intent abandoned with a terminal status drops out of pending_intents()."""
+    row = intent(store, make_generation(store))
+    store.update_batch(row.id, status="cancelled")
+    assert store.pending_intents() == [] and store.in_flight_batches() == []
+
+
+def test_update_batch_whitelist_and_noop(store: StateStore) -> None:
+    """update_batch refuses unknown columns and writes nothing when nothing changed."""
+    row = intent(store, make_generation(store))
+    with pytest.raises(TypeError, match="key"):
+        store.update_batch(row.id, key="other")
+    serial = store.serial()
+    assert store.update_batch(row.id, status="pending", requests=10) == row
+    assert store.serial() == serial
+
+
+def test_json_columns_round_trip(store: StateStore) -> None:
+    """args, labels, spec, provider_errors and detail come back as the same Python values."""
+    spec = {"model": "gpt", "metadata": {"ünï": "cödé"}, "retry": {"maxAttempts": 3}, "n": [1, 2]}
+    errors = [{"code": "invalid", "line": 3, "message": None}]
+    run_id = store.start_run("plan", {"select": ["a"], "json": True}, INFO)
+    store.upsert_resource("a", provider="p", manifest="m", labels={"team": "s"}, run_id=run_id)
+    gen = store.create_generation(
+        "a",
+        spec_hash="h",
+        spec=spec,
+        input_sha256="s",
+        requests=1,
+        input_bytes=1,
+        output_path=None,
+        errors_path=None,
+        run_id=run_id,
+    )
+    batch = intent(store, gen.id)
+    store.update_batch(batch.id, provider_errors=errors)
+    store.record_event(run_id, "x", detail={"nested": {"list": [None, True, 1.5]}})
+    assert store.get_run(run_id).args == {"select": ["a"], "json": True}
+    assert store.get_resource("a").labels == {"team": "s"}  # type: ignore[union-attr]
+    assert store.get_generation(gen.id).spec == spec
+    assert store.get_batch(batch.id).provider_errors == errors
+    assert store.events()[0].detail == {"nested": {"list": [None, True, 1.5]}}
+
+
+# -- serial ---------------------------------------------------------------------------------------
+
+
+def test_serial_tracks_recorded_state_only(store: StateStore) -> None:
+    """serial() moves on resource/generation/batch/file changes, not on runs, events or lock."""
+    values = [store.serial()]
+    run_id = store.start_run("plan", {}, INFO)
+    store.record_event(run_id, "plan")
+    store.write_lock_row(LockRow("h", "host", 1, "apply", None, "t", "t"))
+    assert store.serial() == values[-1]
+    for step in (
+        lambda: make_generation(store),
+        lambda: intent(store, 1),
+        lambda: store.update_batch(1, remote_id="b"),
+        lambda: store.record_file("local", "sha", "file_1", 10, None),
+        lambda: store.forget_file("local", "sha"),
+        lambda: store.forget_resource("triage"),
+    ):
+        step()
+        assert store.serial() > values[-1]
+        values.append(store.serial())
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_files_are_recorded_per_provider_and_expire(store: StateStore) -> None:
+    """record_file keys by (provider, sha256), converts epoch expiry, and can be forgotten."""
+    future = int((datetime.now(timezone.utc) + timedelta(days=1)).timestamp())
+    row = store.record_file("openai", "abc", "file-1", 123, future)
+    assert TIMESTAMP.match(row.expires_at or "") and not row.is_expired()
+    assert row.is_expired(now=datetime.now(timezone.utc) + timedelta(days=2))
+    assert store.get_file("local", "abc") is None
+    replaced = store.record_file("openai", "abc", "file-2", 123, None)
+    assert (replaced.remote_id, replaced.expires_at) == ("file-2", None)
+    store.forget_file("openai", "abc")
+    assert store.get_file("openai", "abc") is None
+
+
+def test_timestamps_are_utc_with_z() -> None:
+    """utc_timestamp writes UTC with a Z and parse_timestamp reads it back."""
+    moment = datetime(2024, 5, 1, 14, 30, 5, 123000, tzinfo=timezone(timedelta(hours=2)))
+    text = utc_timestamp(moment)
+    assert text == "2024-05-01T12:30:05.123Z"
+    assert parse_timestamp(text) == moment
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def test_api_key_in_environment_never_reaches_the_database(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sentinel API key in the environment appears nowhere in the database files."""
+    sentinel = "sk-SENTINEL-9f8e7d6c5b4a"
+    monkeypatch.setenv("OPENAI_API_KEY", sentinel)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", sentinel)
+    monkeypatch.setenv("CI", "true")
+    with StateStore.open(db_path) as s:
+        run_id = s.start_run("apply", {"paths": ["examples"]}, collect_run_info(db_path.parent))
+        s.record_event(run_id, "create", resource="a")
+        s.finish_run(run_id, 0)
+        assert s.get_run(run_id).ci_system == "ci"  # the environment was really read
+        raw = b"".join(p.read_bytes() for p in db_path.parent.iterdir())
+    raw += b"".join(p.read_bytes() for p in db_path.parent.iterdir())  # after checkpoint
+    assert sentinel.encode() not in raw
