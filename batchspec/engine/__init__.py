@@ -1,0 +1,33 @@
+"""The local batch engine: an OpenAI-compatible Files + Batches API over any upstream.
+
+``Engine`` (``core.py``) is the API, usable in-process; ``create_app`` (``app.py``) serves it
+over HTTP and ``serve`` (``server.py``) runs that under uvicorn (``batchspec serve``).
+Storage is ``store.py``, execution ``worker.py``, upstreams (an OpenAI-compatible URL, the
+offline builtin stand-in, fault injection) ``upstreams.py``.
+"""
+
+from __future__ import annotations
+
+from batchspec.engine.core import Engine
+from batchspec.engine.errors import EngineError
+from batchspec.engine.upstreams import (
+    BuiltinUpstream,
+    Faults,
+    FaultyUpstream,
+    HttpUpstream,
+    Upstream,
+    UpstreamResponse,
+    make_upstream,
+)
+
+__all__ = [
+    "BuiltinUpstream",
+    "Engine",
+    "EngineError",
+    "Faults",
+    "FaultyUpstream",
+    "HttpUpstream",
+    "Upstream",
+    "UpstreamResponse",
+    "make_upstream",
+]

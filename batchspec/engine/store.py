@@ -1,0 +1,581 @@
+"""The engine's storage: file contents on disk, content-addressed, and metadata in SQLite.
+
+Layout under the data folder::
+
+    engine.db                  SQLite (WAL): files, batches, results, migrations
+    files/ab/abcdef…           one blob per distinct content, named by its sha256
+    tmp/                       uploads and result files while they are being written
+    engine.lock                held (flock) by the one engine process using the folder
+
+Invariants:
+
+- A blob is written to ``tmp/``, hashed while it streams, and renamed into ``files/`` only when
+  complete, so a blob path always holds complete content whose sha256 is its name.
+- ``results`` holds one row per finished request line (``PRIMARY KEY (batch_id, line)``); a
+  row is inserted in the same transaction that adds its counts and usage to the batch, so a
+  batch's ``request_counts`` always equal its rows, and a line with a row is never run again.
+- Every change of a batch's status is one guarded ``UPDATE … WHERE status IN (…)``, so two
+  threads (the HTTP app cancelling, the worker finishing) cannot both move it.
+- Writes are serialised by one lock per store; readers use their own connection per thread.
+  Commits do not fsync (``synchronous=NORMAL``): a process crash loses nothing committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from batchspec.engine.errors import EngineError
+from batchspec.errors import StateLockedError
+
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+_ACTIVE_SQL = "('validating', 'in_progress', 'finalizing', 'cancelling')"
+TERMINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+
+CHUNK = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs
+
+
+class BlobWriter:
+    """Streams content to a temporary file, hashing and counting it, under a size cap."""
+
+    def __init__(self, blobs: BlobStore, max_bytes: int | None) -> None:
+        self._blobs = blobs
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.tmp_path = blobs.tmp_dir / f"part-{uuid.uuid4().hex}"
+        self._fh: BinaryIO | None = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/discard
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._max_bytes is not None and self.size > self._max_bytes:
+            self.discard()
+            raise EngineError(
+                413,
+                f"File is too large: the limit is {self._max_bytes} bytes.",
+                param="file",
+                code="file_too_large",
+            )
+        self._hash.update(chunk)
+        assert self._fh is not None
+        self._fh.write(chunk)
+
+    def copy_from(self, source: BinaryIO) -> None:
+        while chunk := source.read(CHUNK):
+            self.write(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> str:
+        """Move the content into its content-addressed place; return its sha256."""
+        assert self._fh is not None, "blob already committed or discarded"
+        self._fh.close()
+        self._fh = None
+        digest = self.sha256
+        target = self._blobs.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp_path, target)
+        return digest
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self.discard()
+
+
+class BlobStore:
+    """Content-addressed files under ``root/files``; temporary files under ``root/tmp``."""
+
+    def __init__(self, root: Path) -> None:
+        self.files_dir = root / "files"
+        self.tmp_dir = root / "tmp"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.files_dir / sha256[:2] / sha256
+
+    def writer(self, max_bytes: int | None = None) -> BlobWriter:
+        return BlobWriter(self, max_bytes)
+
+    def remove(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(sha256).unlink()
+
+    def clean_tmp(self) -> None:
+        """Drop leftovers of writes a crashed process did not finish."""
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits first, which would break the migration's transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def m001_initial(db: sqlite3.Connection) -> None:
+    _run_script(
+        db,
+        """
+        CREATE TABLE files (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL,
+            bytes INTEGER NOT NULL,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER
+        );
+        CREATE INDEX files_sha256 ON files(sha256);
+        CREATE TABLE batches (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            input_file_id TEXT NOT NULL,
+            input_sha256 TEXT NOT NULL,
+            completion_window TEXT NOT NULL,
+            metadata TEXT,
+            output_expires_after TEXT,
+            idempotency_key TEXT NOT NULL,
+            model TEXT,
+            errors TEXT,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            created_at INTEGER NOT NULL,
+            in_progress_at INTEGER,
+            expires_at INTEGER,
+            finalizing_at INTEGER,
+            completed_at INTEGER,
+            failed_at INTEGER,
+            expired_at INTEGER,
+            cancelling_at INTEGER,
+            cancelled_at INTEGER,
+            deadline REAL NOT NULL,
+            total INTEGER NOT NULL DEFAULT 0,
+            completed INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            total_tokens INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX batches_status ON batches(status);
+        CREATE INDEX batches_idempotency_key ON batches(idempotency_key);
+        CREATE TABLE results (
+            batch_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (batch_id, line)
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token usage of one response, in the Batch API's vocabulary."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LineResult:
+    """One finished request line, ready to persist: ``record`` is its output/error file line."""
+
+    batch_id: str
+    line: int
+    custom_id: str
+    ok: bool
+    record: bytes
+    tokens: Tokens
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where a finished result file's content is and how it is described."""
+
+    sha256: str
+    size: int
+    filename: str
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Store:
+    """SQLite metadata plus blobs for one data folder. Thread-safe; see the module invariants."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(data_dir)
+        self.db_path = data_dir / "engine.db"
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._connections: list[sqlite3.Connection] = []
+        self._migrate()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._write_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, serialised with every other writer of this store."""
+        with self._write_lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._write_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at INTEGER)"
+            )
+            applied = {row[0] for row in db.execute("SELECT name FROM migrations")}
+            for migration in MIGRATIONS:
+                if migration.__name__ not in applied:
+                    migration(db)
+                    db.execute(
+                        "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
+                        (migration.__name__, now()),
+                    )
+
+    # -- files -------------------------------------------------------------------------------
+
+    def insert_file(
+        self,
+        *,
+        sha256: str,
+        size: int,
+        filename: str,
+        purpose: str,
+        expires_at: int | None,
+        db: sqlite3.Connection | None = None,
+    ) -> sqlite3.Row:
+        file_id = new_id("file-")
+        values = (file_id, sha256, size, filename, purpose, now(), expires_at)
+        sql = (
+            "INSERT INTO files (id, sha256, bytes, filename, purpose, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
+        if db is not None:
+            db.execute(sql, values)
+        else:
+            with self.write() as wdb:
+                wdb.execute(sql, values)
+        row = (db or self.db).execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return row
+
+    def get_file(self, file_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+
+    def list_files(
+        self, *, purpose: str | None, limit: int, after_seq: int | None, ascending: bool
+    ) -> list[sqlite3.Row]:
+        clauses, params = [], []
+        if purpose is not None:
+            clauses.append("purpose = ?")
+            params.append(purpose)
+        if after_seq is not None:
+            clauses.append("seq > ?" if ascending else "seq < ?")
+            params.append(after_seq)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "ASC" if ascending else "DESC"
+        sql = f"SELECT * FROM files {where} ORDER BY seq {order} LIMIT ?"
+        return self.db.execute(sql, (*params, limit)).fetchall()
+
+    def delete_file(self, file_id: str) -> bool:
+        """Forget a file; drop its blob when nothing (file or unfinished batch) still uses it."""
+        with self.write() as db:
+            row = db.execute("SELECT sha256 FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            self._drop_blob_if_unused(db, row["sha256"])
+        return True
+
+    def _drop_blob_if_unused(self, db: sqlite3.Connection, sha256: str) -> None:
+        in_use = db.execute(
+            "SELECT 1 FROM files WHERE sha256 = ? UNION ALL "
+            f"SELECT 1 FROM batches WHERE input_sha256 = ? AND status IN {_ACTIVE_SQL}",
+            (sha256, sha256),
+        ).fetchone()
+        if in_use is None:
+            self.blobs.remove(sha256)
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def insert_batch(self, db: sqlite3.Connection, values: dict[str, Any]) -> None:
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        db.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", tuple(values.values()))
+
+    def get_batch(self, batch_id: str, db: sqlite3.Connection | None = None) -> sqlite3.Row | None:
+        return (db or self.db).execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+
+    def find_repeated_create(
+        self, db: sqlite3.Connection, idempotency_key: str, since: int
+    ) -> sqlite3.Row | None:
+        """The newest batch with this key that is unfinished or was created since ``since``."""
+        return db.execute(
+            "SELECT * FROM batches WHERE idempotency_key = ?"
+            f" AND (status IN {_ACTIVE_SQL} OR created_at >= ?)"
+            " ORDER BY seq DESC LIMIT 1",
+            (idempotency_key, since),
+        ).fetchone()
+
+    def list_batches(self, *, limit: int, after_seq: int | None) -> list[sqlite3.Row]:
+        if after_seq is None:
+            return self.db.execute(
+                "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return self.db.execute(
+            "SELECT * FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (after_seq, limit)
+        ).fetchall()
+
+    def seq_of(self, table: str, object_id: str) -> int | None:
+        assert table in ("files", "batches")
+        row = self.db.execute(f"SELECT seq FROM {table} WHERE id = ?", (object_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def active_batches(self) -> list[sqlite3.Row]:
+        return self.db.execute(
+            f"SELECT * FROM batches WHERE status IN {_ACTIVE_SQL} ORDER BY seq"
+        ).fetchall()
+
+    def move_batch(
+        self, batch_id: str, *, from_statuses: Sequence[str], to_status: str, **columns: Any
+    ) -> bool:
+        """Change a batch's status if it is in one of ``from_statuses``; True if it moved."""
+        sets = ", ".join(f"{name} = ?" for name in ("status", *columns))
+        marks = ", ".join("?" for _ in from_statuses)
+        with self.write() as db:
+            cur = db.execute(
+                f"UPDATE batches SET {sets} WHERE id = ? AND status IN ({marks})",
+                (to_status, *columns.values(), batch_id, *from_statuses),
+            )
+            return cur.rowcount == 1
+
+    # -- results -----------------------------------------------------------------------------
+
+    def record_results(self, results: Iterable[LineResult]) -> int:
+        """Persist finished lines and add them to their batches' counts; return rows added."""
+        added = 0
+        with self.write() as db:
+            for result in results:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO results (batch_id, line, custom_id, ok, record)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (result.batch_id, result.line, result.custom_id, int(result.ok), result.record),
+                )
+                if cur.rowcount != 1:
+                    continue  # already recorded: never count a line twice
+                added += 1
+                tokens = result.tokens
+                db.execute(
+                    "UPDATE batches SET completed = completed + ?, failed = failed + ?,"
+                    " input_tokens = input_tokens + ?, cached_tokens = cached_tokens + ?,"
+                    " output_tokens = output_tokens + ?, reasoning_tokens = reasoning_tokens + ?,"
+                    " total_tokens = total_tokens + ? WHERE id = ?",
+                    (
+                        int(result.ok),
+                        int(not result.ok),
+                        tokens.input_tokens,
+                        tokens.cached_tokens,
+                        tokens.output_tokens,
+                        tokens.reasoning_tokens,
+                        tokens.total_tokens,
+                        result.batch_id,
+                    ),
+                )
+        return added
+
+    def finished_lines(self, batch_id: str) -> set[int]:
+        rows = self.db.execute("SELECT line FROM results WHERE batch_id = ?", (batch_id,))
+        return {int(row[0]) for row in rows}
+
+    def iter_records(self, batch_id: str, *, ok: bool) -> Iterator[tuple[int, bytes]]:
+        """``(line, record)`` of a batch's finished lines, in input order."""
+        # A dedicated connection: the caller writes blobs while this cursor is open.
+        conn = self._connect()
+        try:
+            yield from conn.execute(
+                "SELECT line, record FROM results WHERE batch_id = ? AND ok = ? ORDER BY line",
+                (batch_id, int(ok)),
+            )
+        finally:
+            conn.close()
+
+    def finish_batch(
+        self,
+        batch_id: str,
+        *,
+        from_statuses: Sequence[str],
+        to_status: str,
+        output: StoredFile | None,
+        error: StoredFile | None,
+        unfinished: int,
+        timestamps: dict[str, int],
+    ) -> bool:
+        """Register the result files and move the batch to its terminal status, atomically."""
+        with self.write() as db:
+            row = self.get_batch(batch_id, db)
+            if row is None or row["status"] not in from_statuses:
+                return False
+            ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
+            for key, stored in (("output_file_id", output), ("error_file_id", error)):
+                if stored is not None:
+                    ids[key] = self.insert_file(
+                        sha256=stored.sha256,
+                        size=stored.size,
+                        filename=stored.filename,
+                        purpose="batch_output",
+                        expires_at=None,
+                        db=db,
+                    )["id"]
+            columns = {**ids, **timestamps}
+            sets = ", ".join(f"{name} = ?" for name in columns)
+            db.execute(
+                f"UPDATE batches SET status = ?, failed = failed + ?, {sets} WHERE id = ?",
+                (to_status, unfinished, *columns.values(), batch_id),
+            )
+            if db.execute("SELECT 1 FROM files WHERE id = ?", (row["input_file_id"],)).fetchone():
+                return True
+            self._drop_blob_if_unused(db, row["input_sha256"])
+        return True
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, as OpenAI writes it (one line, no spaces)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class EngineLock:
+    """An exclusive lock on a data folder, so two processes never run the same batches."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "engine.lock"
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, trust the user
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the engine's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StateLockedError(
+                f"The engine data folder {self.path.parent} is in use by {holder}. "
+                "Stop that engine (or `batchspec serve`) first, or use another --data-dir."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "BlobStore",
+    "BlobWriter",
+    "EngineLock",
+    "LineResult",
+    "Store",
+    "StoredFile",
+    "Tokens",
+    "dumps",
+    "new_id",
+    "now",
+]

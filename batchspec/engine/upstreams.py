@@ -1,0 +1,553 @@
+"""Upstreams: where the engine sends each request line of a batch.
+
+- ``HttpUpstream``: any OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, LM Studio, a
+  LiteLLM proxy, OpenAI itself). A line's ``url`` and ``body`` are forwarded as they are, over
+  one shared ``httpx.AsyncClient``; the API key comes from an environment variable and is
+  never logged or put in an error.
+- ``BuiltinUpstream``: a deterministic **offline stand-in, not a model**. It answers chat,
+  completions and responses with a reply derived from the prompt (prefixed ``[builtin
+  stand-in]``) and realistic ``usage`` (about 4 characters per token), embeddings with a unit
+  vector derived from the input's sha256, and moderations with "not flagged". It exists so
+  batchspec runs end to end on a machine with no account and no network.
+- ``FaultyUpstream``: wraps another upstream and injects 500s, 429s and timeouts for tests,
+  decided by a seeded hash of ``custom_id`` and attempt, so every run is reproducible.
+- ``standin_app``: the stand-in served over HTTP (a separate upstream server for tests and the
+  benchmark), counting the calls it receives.
+
+Base URLs: with a base URL ending in ``/v1`` (the OpenAI convention, e.g.
+``http://localhost:11434/v1``) a line's ``/v1/chat/completions`` goes to
+``<base>/chat/completions``; otherwise to ``<base>/v1/chat/completions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from batchspec.errors import BatchspecError, UsageError
+
+SUPPORTED_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+)
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    """What an upstream answered: status, parsed JSON body (or text), request id, Retry-After."""
+
+    status_code: int
+    body: Any
+    request_id: str | None = None
+    retry_after: float | None = None  # seconds the upstream asked us to wait
+
+
+class UpstreamUnreachable(Exception):
+    """The upstream could not be reached (connection refused, reset, DNS, protocol error)."""
+
+
+class Upstream(Protocol):
+    """Sends one request line; the engine adds timeouts and retries around ``send``."""
+
+    description: str
+
+    async def send(
+        self, url: str, body: Any, *, custom_id: str, attempt: int
+    ) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms`` or ``retry-after`` (seconds) as seconds; None if absent or a date."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP date: rare for APIs; fall back to our own backoff
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Any OpenAI-compatible server
+
+
+class HttpUpstream:
+    """Forwards lines to an OpenAI-compatible base URL over one shared connection pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(
+                f"Upstream {base_url!r} is not an http(s) URL; "
+                "use e.g. http://localhost:11434/v1 or 'builtin'."
+            )
+        # Never show credentials embedded in the URL.
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        self._base = base_url.rstrip("/")
+        self._strip_v1 = self._base.endswith("/v1")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._max_connections = max_connections
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def _client_for_this_loop(self) -> httpx.AsyncClient:
+        # Created lazily: an AsyncClient belongs to the event loop that first uses it.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=None,  # the engine enforces its per-request timeout itself
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_connections,
+                ),
+                transport=self._transport,
+            )
+        return self._client
+
+    def target(self, url: str) -> str:
+        path = url if url.startswith("/") else f"/{url}"
+        if self._strip_v1 and path.startswith("/v1/"):
+            path = path[3:]
+        return self._base + path
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        client = self._client_for_this_loop()
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            response = await client.post(
+                self.target(url), content=content, headers={"Content-Type": "application/json"}
+            )
+        except httpx.TimeoutException as err:
+            raise TimeoutError(str(err)) from err
+        except httpx.TransportError as err:
+            raise UpstreamUnreachable(f"{type(err).__name__}: {err}") from err
+        try:
+            parsed: Any = response.json()
+        except ValueError:
+            parsed = response.text
+        return UpstreamResponse(
+            status_code=response.status_code,
+            body=parsed,
+            request_id=response.headers.get("x-request-id"),
+            retry_after=retry_after_seconds(response.headers),
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The builtin offline stand-in
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token, OpenAI's rule of thumb; at least one for non-empty."""
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message content: a string, or a list of parts with ``text``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_text_of(part) for part in content)
+    if isinstance(content, Mapping):
+        for key in ("text", "content", "input_text"):
+            if key in content:
+                return _text_of(content[key])
+    return ""
+
+
+def _stable_id(prefix: str, body: Any) -> str:
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{prefix}{digest[:24]}"
+
+
+def _api_error(status: int, message: str, *, param: str | None = None) -> UpstreamResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return UpstreamResponse(status_code=status, body=body)
+
+
+def _reply(prompt: str, max_tokens: Any) -> tuple[str, str]:
+    """The stand-in's reply to a prompt, and its finish reason."""
+    words = prompt.split()
+    preview = " ".join(words[:12])
+    text = f"[builtin stand-in] {len(words)} words received; they begin: {preview}"
+    if isinstance(max_tokens, int) and max_tokens > 0 and estimate_tokens(text) > max_tokens:
+        return text[: max_tokens * 4], "length"
+    return text, "stop"
+
+
+def _unit_vector(text: str, dimensions: int) -> list[float]:
+    raw = b""
+    counter = 0
+    while len(raw) < dimensions * 4:
+        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    values = [
+        (word / 0xFFFFFFFF) * 2 - 1
+        for word in struct.unpack(f"<{dimensions}I", raw[: dimensions * 4])
+    ]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 8) for v in values]
+
+
+MODERATION_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+
+
+class BuiltinUpstream:
+    """The offline stand-in (not a model): deterministic, OpenAI-shaped answers.
+
+    ``latency`` delays every answer (seconds), so tests can cancel or expire a running batch.
+    ``calls`` counts the calls per ``custom_id``, for in-process tests.
+    """
+
+    description = "builtin (offline stand-in, not a model)"
+
+    def __init__(self, *, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.calls: Counter[str] = Counter()
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        self.calls[custom_id] += 1
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        return answer(url, body)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def answer(url: str, body: Any) -> UpstreamResponse:
+    """The stand-in's answer to one request (pure, apart from ``created`` timestamps)."""
+    path = url[3:] if url.startswith("/v1/") else url
+    handler = _HANDLERS.get(path)
+    if handler is None:
+        return _api_error(404, f"The builtin stand-in does not serve {url}.")
+    if not isinstance(body, Mapping):
+        return _api_error(400, "The request body must be a JSON object.")
+    if path != "/moderations" and not isinstance(body.get("model"), str):
+        return _api_error(400, "You must provide a model parameter.", param="model")
+    return UpstreamResponse(
+        status_code=200, body=handler(body), request_id=_stable_id("req_", body)
+    )
+
+
+def _chat(body: Mapping[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    texts = [_text_of(m.get("content")) for m in messages if isinstance(m, Mapping)]
+    prompt_tokens = sum(estimate_tokens(t) + 3 for t in texts) + 3
+    last_user = next(
+        (
+            _text_of(m.get("content"))
+            for m in reversed(messages)
+            if isinstance(m, Mapping) and m.get("role") == "user"
+        ),
+        texts[-1] if texts else "",
+    )
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    text, finish = _reply(last_user, limit)
+    completion_tokens = estimate_tokens(text)
+    return {
+        "id": _stable_id("chatcmpl-", body),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": _chat_usage(prompt_tokens, completion_tokens),
+        "system_fingerprint": "builtin-stand-in",
+    }
+
+
+def _chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _completions(body: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = _text_of(body.get("prompt", ""))
+    text, finish = _reply(prompt, body.get("max_tokens"))
+    prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(text)
+    return {
+        "id": _stable_id("cmpl-", body),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _responses(body: Mapping[str, Any]) -> dict[str, Any]:
+    raw_input = body.get("input", "")
+    prompt = (
+        _text_of(raw_input)
+        if not isinstance(raw_input, list)
+        else " ".join(
+            _text_of(item.get("content", item)) if isinstance(item, Mapping) else _text_of(item)
+            for item in raw_input
+        )
+    )
+    text, finish = _reply(prompt, body.get("max_output_tokens"))
+    input_tokens, output_tokens = estimate_tokens(prompt), estimate_tokens(text)
+    return {
+        "id": _stable_id("resp_", body),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed" if finish == "stop" else "incomplete",
+        "model": body["model"],
+        "output": [
+            {
+                "type": "message",
+                "id": _stable_id("msg_", body),
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }
+
+
+def _embeddings(body: Mapping[str, Any]) -> dict[str, Any]:
+    raw = body.get("input", "")
+    inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+    dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
+    base64_format = body.get("encoding_format") == "base64"
+    data = []
+    tokens = 0
+    for index, item in enumerate(inputs):
+        text = item if isinstance(item, str) else json.dumps(item)
+        tokens += len(item) if isinstance(item, list) else estimate_tokens(text)
+        vector: Any = _unit_vector(text, max(1, dimensions))
+        if base64_format:
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def _moderations(body: Mapping[str, Any]) -> dict[str, Any]:
+    raw = body.get("input", "")
+    inputs = raw if isinstance(raw, list) else [raw]
+    result = {
+        "flagged": False,
+        "categories": dict.fromkeys(MODERATION_CATEGORIES, False),
+        "category_scores": dict.fromkeys(MODERATION_CATEGORIES, 0.0),
+    }
+    return {
+        "id": _stable_id("modr-", body),
+        "model": body.get("model") or "omni-moderation-latest",
+        "results": [dict(result) for _ in inputs],
+    }
+
+
+_HANDLERS = {
+    "/chat/completions": _chat,
+    "/completions": _completions,
+    "/responses": _responses,
+    "/embeddings": _embeddings,
+    "/moderations": _moderations,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (tests)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Which faults to inject; fractions are of (custom_id, attempt) pairs, drawn by hash.
+
+    ``sticky`` draws by ``custom_id`` alone, so a faulty line fails on every attempt;
+    ``fail_first`` makes the first N attempts of every line answer 500, so retries succeed.
+    """
+
+    error_500: float = 0.0
+    error_429: float = 0.0
+    timeout: float = 0.0
+    fail_first: int = 0
+    sticky: bool = False
+    seed: int = 0
+    retry_after: float | None = 0.0  # sent with 429s (seconds); None sends no header
+
+
+class FaultyUpstream:
+    """Injects ``Faults`` in front of another upstream; ``calls`` counts sends per custom_id."""
+
+    def __init__(self, inner: Upstream, faults: Faults) -> None:
+        self.inner = inner
+        self.faults = faults
+        self.description = f"{inner.description} with injected faults"
+        self.calls: Counter[str] = Counter()
+
+    def draw(self, custom_id: str, attempt: int) -> float:
+        key = f"{self.faults.seed}:{custom_id}" + ("" if self.faults.sticky else f":{attempt}")
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        self.calls[custom_id] += 1
+        faults = self.faults
+        if attempt < faults.fail_first:
+            return _api_error(500, f"Injected fault: attempt {attempt + 1} fails.")
+        u = self.draw(custom_id, attempt)
+        if u < faults.error_500:
+            return _api_error(500, "Injected fault: server error.")
+        if u < faults.error_500 + faults.error_429:
+            response = _api_error(429, "Injected fault: rate limit reached.")
+            return UpstreamResponse(429, response.body, retry_after=faults.retry_after)
+        if u < faults.error_500 + faults.error_429 + faults.timeout:
+            await asyncio.sleep(3600)  # the engine's per-request timeout cancels this
+        return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from a CLI/config string
+
+
+def make_upstream(
+    spec: str,
+    *,
+    api_key_env: str | None = None,
+    latency: float = 0.0,
+    faults: Faults | None = None,
+    max_connections: int = 64,
+) -> Upstream:
+    """``builtin`` or an http(s) base URL, with the API key read from ``api_key_env``."""
+    upstream: Upstream
+    if spec == "builtin":
+        upstream = BuiltinUpstream(latency=latency)
+    elif spec.startswith(("http://", "https://")):
+        api_key = None
+        if api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise BatchspecError(
+                    f"The upstream API key variable {api_key_env} is not set or empty. "
+                    f"Export it (export {api_key_env}=...) or drop --upstream-api-key-env."
+                )
+        upstream = HttpUpstream(spec, api_key=api_key, max_connections=max_connections)
+    else:
+        raise UsageError(
+            f"Unknown upstream {spec!r}: use 'builtin' or an OpenAI-compatible base URL "
+            "such as http://localhost:8000/v1."
+        )
+    if faults is not None:
+        upstream = FaultyUpstream(upstream, faults)
+    return upstream
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in over HTTP (a separate upstream server for tests and benchmarks)
+
+
+def standin_app(*, latency: float = 0.0) -> Any:
+    """A Starlette app answering like ``BuiltinUpstream`` on ``/v1/...``.
+
+    ``app.state.calls`` counts requests per sha256 of the request body, so a test can check
+    that no request line reached the upstream twice.
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    calls: Counter[str] = Counter()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        raw = await request.body()
+        calls[hashlib.sha256(raw).hexdigest()] += 1
+        if latency > 0:
+            await asyncio.sleep(latency)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            result = _api_error(400, "The request body is not valid JSON.")
+        else:
+            result = answer(request.url.path, body)
+        headers = {"x-request-id": result.request_id} if result.request_id else None
+        return JSONResponse(result.body, status_code=result.status_code, headers=headers)
+
+    app = Starlette(routes=[Route("/v1/{path:path}", endpoint, methods=["POST"])])
+    app.state.calls = calls
+    return app

@@ -1,0 +1,532 @@
+"""The executor: runs every unfinished batch's request lines against the upstream.
+
+The worker owns one thread with its own asyncio event loop, so it runs the same way inside
+``batchspec serve`` (next to uvicorn's loop, which stays responsive) and in-process under the
+``local`` provider. Each active batch gets one driver task::
+
+    validating ──validate──▶ in_progress ──run lines──▶ finalizing ──write files──▶ completed
+         │                       │  (deadline passed)                 ▲
+         └───────────────────────┴──────▶ expired  (unfinished lines: batch_expired)
+    cancel (HTTP/API) ─▶ cancelling ─▶ cancelled   (unfinished lines: batch_cancelled)
+
+Invariants:
+
+- At most ``concurrency`` requests are in flight across all batches (one semaphore).
+- A finished line is buffered and committed within ``commit_interval`` (or when
+  ``commit_batch`` lines are waiting) together with its batch's counts; a line with a stored
+  result is skipped when a batch resumes, so after a clean stop no line is sent twice. After a
+  crash, only lines that were in flight or finished within the last commit interval are sent
+  again (the upstream gives no way to ask whether it saw a request).
+- A clean stop (``stop``) sends no new lines, lets in-flight ones finish for up to
+  ``drain_timeout`` seconds, commits, and leaves batches ``in_progress`` to resume.
+- Retries: 408, 429 and 5xx answers, timeouts and connection failures are retried up to
+  ``max_attempts`` in all, after ``Retry-After`` when the upstream sent one, else exponential
+  backoff with jitter; both are capped at ``retry_max_delay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import logging
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from batchspec.engine.store import TERMINAL_STATUSES, LineResult, Store, StoredFile, Tokens, now
+from batchspec.engine.upstreams import Upstream, UpstreamResponse, UpstreamUnreachable
+from batchspec.inputs import DEFAULT_MAX_LINE_BYTES, iter_requests, scan_batch_input
+
+try:  # the optional `fast` extra
+    import orjson
+
+    def _loads(raw: bytes) -> Any:
+        return orjson.loads(raw)
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value)
+
+except ImportError:  # pragma: no cover - exercised only without the extra
+    import json
+
+    def _loads(raw: bytes) -> Any:
+        return json.loads(raw)
+
+    def _dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+log = logging.getLogger("batchspec.engine")
+
+T = TypeVar("T")
+RETRYABLE_STATUSES = frozenset({408, 429})
+MAX_REQUESTS_PER_BATCH = 50_000
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How the worker executes; every duration is in seconds."""
+
+    concurrency: int = 8
+    request_timeout: float = 60.0
+    max_attempts: int = 5
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    poll_interval: float = 0.5
+    commit_interval: float = 0.05
+    commit_batch: int = 500
+    drain_timeout: float = 30.0
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_requests: int = MAX_REQUESTS_PER_BATCH
+
+
+class BatchControl:
+    """Why a batch's driver should stop (cancelled, expired, shutdown) and its in-flight tasks."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def stop(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if reason != "shutdown":  # a clean stop drains; cancel and expiry do not wait
+            for task in list(self.tasks):
+                task.cancel()
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
+
+
+def request_record_id(batch_id: str, line: int) -> str:
+    """A stable ``batch_req_…`` id, so a resumed batch writes the same lines."""
+    return "batch_req_" + hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:32]
+
+
+def tokens_of(body: Any) -> Tokens:
+    """A response body's token usage (chat, completions, embeddings or responses shape)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return Tokens()
+
+    def count(value: Any) -> int:
+        return value if isinstance(value, int) and value > 0 else 0
+
+    def detail(*keys: str, field: str) -> int:
+        for key in keys:
+            if isinstance(usage.get(key), dict):
+                return count(usage[key].get(field))
+        return 0
+
+    input_tokens = count(usage.get("input_tokens", usage.get("prompt_tokens")))
+    output_tokens = count(usage.get("output_tokens", usage.get("completion_tokens")))
+    return Tokens(
+        input_tokens=input_tokens,
+        cached_tokens=detail(
+            "input_tokens_details", "prompt_tokens_details", field="cached_tokens"
+        ),
+        output_tokens=output_tokens,
+        reasoning_tokens=detail(
+            "output_tokens_details", "completion_tokens_details", field="reasoning_tokens"
+        ),
+        total_tokens=count(usage.get("total_tokens")) or input_tokens + output_tokens,
+    )
+
+
+class Worker:
+    """Executes batches on a thread of its own; ``start``, ``wake`` and ``stop`` are thread-safe."""
+
+    def __init__(self, store: Store, upstream: Upstream, settings: WorkerSettings) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.settings = settings
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._shutdown: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._controls: dict[str, BatchControl] = {}
+        self._pending: list[LineResult] = []
+
+    # -- thread-safe control ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="batchspec-engine-worker", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+
+    def wake(self) -> None:
+        """Look at the batches now rather than at the next poll (a create or cancel happened)."""
+        loop, event = self._loop, self._wake
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has just closed
+                loop.call_soon_threadsafe(event.set)
+
+    def stop(self) -> None:
+        """Stop cleanly: drain in-flight requests, commit, leave unfinished batches to resume."""
+        thread, loop, shutdown = self._thread, self._loop, self._shutdown
+        if thread is None:
+            return
+        if loop is not None and shutdown is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(shutdown.set)
+        thread.join()
+        self._thread = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._main(ready))
+        except Exception:  # pragma: no cover - a bug; keep the process alive and say so
+            log.exception("the engine worker stopped unexpectedly")
+        finally:
+            ready.set()
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._shutdown = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        ready.set()
+        flusher = asyncio.create_task(self._flush_periodically())
+        try:
+            while not self._shutdown.is_set():
+                self._tick()
+                await self._sleep_until_woken()
+        finally:
+            await self._drain()
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self._flush_now()
+            await self.upstream.aclose()
+            self._loop = None
+
+    async def _sleep_until_woken(self) -> None:
+        assert self._wake is not None and self._shutdown is not None
+        waiters = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._shutdown.wait()),
+        ]
+        await asyncio.wait(
+            waiters, timeout=self.settings.poll_interval, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in waiters:
+            waiter.cancel()
+        self._wake.clear()
+
+    async def _drain(self) -> None:
+        for control in self._controls.values():
+            control.stop("shutdown")
+        drivers = list(self._drivers.values())
+        if drivers:
+            _, still_running = await asyncio.wait(drivers, timeout=self.settings.drain_timeout)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*drivers, return_exceptions=True)
+
+    def _tick(self) -> None:
+        """Give every active batch a driver and tell drivers of cancels and passed deadlines."""
+        wall = time.time()
+        for row in self.store.active_batches():
+            batch_id = row["id"]
+            control = self._controls.get(batch_id)
+            if control is None:
+                control = self._controls[batch_id] = BatchControl()
+                task = asyncio.create_task(self._drive(batch_id, control))
+                self._drivers[batch_id] = task
+                task.add_done_callback(lambda _t, b=batch_id: self._forget(b))
+            if row["status"] == "cancelling":
+                control.stop("cancelled")
+            elif row["status"] in ("validating", "in_progress") and wall >= row["deadline"]:
+                control.stop("expired")
+
+    def _forget(self, batch_id: str) -> None:
+        self._drivers.pop(batch_id, None)
+        self._controls.pop(batch_id, None)
+        if self._wake is not None:
+            self._wake.set()  # look again: the batch may need another step
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    async def _drive(self, batch_id: str, control: BatchControl) -> None:
+        try:
+            row = self.store.get_batch(batch_id)
+            if row is not None and row["status"] == "validating" and control.reason is None:
+                await asyncio.to_thread(
+                    self._validate, batch_id, row["input_sha256"], row["endpoint"]
+                )
+                row = self.store.get_batch(batch_id)
+            if row is not None and row["status"] == "in_progress" and control.reason is None:
+                await self._run_lines(batch_id, row["input_sha256"], control)
+            if control.reason == "shutdown":
+                return
+            self._flush_now()
+            await asyncio.to_thread(self._finalize, batch_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch %s: step failed; it is retried at the next poll", batch_id)
+            await asyncio.sleep(self.settings.poll_interval)
+
+    def _validate(self, batch_id: str, input_sha256: str, endpoint: str) -> None:
+        report = scan_batch_input(
+            self.store.blobs.path(input_sha256),
+            endpoint=endpoint,
+            max_line_bytes=self.settings.max_line_bytes,
+            max_requests=self.settings.max_requests,
+        )
+        if not report.ok:
+            errors = [
+                {"code": p.code, "message": p.message, "param": None, "line": p.line}
+                for p in report.problems
+            ]
+            self.store.move_batch(
+                batch_id,
+                from_statuses=("validating",),
+                to_status="failed",
+                failed_at=now(),
+                errors=_dumps(errors).decode(),
+            )
+            return
+        self.store.move_batch(
+            batch_id,
+            from_statuses=("validating",),
+            to_status="in_progress",
+            in_progress_at=now(),
+            total=report.requests,
+            model=report.models[0] if len(report.models) == 1 else None,
+        )
+
+    async def _run_lines(self, batch_id: str, input_sha256: str, control: BatchControl) -> None:
+        assert self._slots is not None
+        done = await asyncio.to_thread(self.store.finished_lines, batch_id)
+        path = self.store.blobs.path(input_sha256)
+        slots = self._slots
+        for request in iter_requests(path, max_line_bytes=self.settings.max_line_bytes):
+            if request.line in done:
+                continue
+            await slots.acquire()
+            if control.reason is not None:
+                slots.release()
+                break
+            task = asyncio.create_task(
+                self._execute(batch_id, request.line, request.custom_id, request.raw)
+            )
+            control.tasks.add(task)
+            # Runs even when the task is cancelled before it starts (its finally would not).
+            task.add_done_callback(lambda t: (slots.release(), control.tasks.discard(t)))
+        if control.tasks:
+            await asyncio.wait(set(control.tasks))
+
+    async def _execute(self, batch_id: str, line: int, custom_id: str, raw: bytes) -> None:
+        record, ok, tokens = await self._call_with_retries(batch_id, line, custom_id, raw)
+        self._pending.append(LineResult(batch_id, line, custom_id, ok, record, tokens))
+        if len(self._pending) >= self.settings.commit_batch:
+            self._flush_now()
+
+    async def _call_with_retries(
+        self, batch_id: str, line: int, custom_id: str, raw: bytes
+    ) -> tuple[bytes, bool, Tokens]:
+        settings = self.settings
+        request = _loads(raw)
+        url, body = request.get("url"), request.get("body")
+        record_id = request_record_id(batch_id, line)
+        failure: UpstreamResponse | tuple[str, str] = ("request_failed", "not attempted")
+        for attempt in range(settings.max_attempts):
+            delay = self._backoff(attempt)
+            try:
+                response = await _within(
+                    self.upstream.send(url, body, custom_id=custom_id, attempt=attempt),
+                    settings.request_timeout,
+                )
+            except (asyncio.TimeoutError, TimeoutError):
+                failure = (
+                    "request_timeout",
+                    f"The upstream did not answer within {settings.request_timeout:g} s "
+                    f"({attempt + 1} attempt(s)).",
+                )
+            except UpstreamUnreachable as err:
+                failure = ("upstream_unreachable", f"The upstream could not be reached: {err}")
+            else:
+                if response.status_code < 300:
+                    return (
+                        self._response_record(record_id, custom_id, response),
+                        True,
+                        tokens_of(response.body),
+                    )
+                failure = response
+                if not (response.status_code in RETRYABLE_STATUSES or response.status_code >= 500):
+                    break
+                if response.retry_after is not None:
+                    delay = min(response.retry_after, settings.retry_max_delay)
+            if attempt + 1 < settings.max_attempts:
+                await asyncio.sleep(delay)
+        if isinstance(failure, UpstreamResponse):
+            record = self._response_record(record_id, custom_id, failure)
+            return record, False, tokens_of(failure.body)
+        code, message = failure
+        return _error_record(record_id, custom_id, code, message), False, Tokens()
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.settings.retry_max_delay, self.settings.retry_base_delay * 2**attempt)
+        return ceiling * random.uniform(0.5, 1.0)
+
+    @staticmethod
+    def _response_record(record_id: str, custom_id: str, response: UpstreamResponse) -> bytes:
+        return _dumps(
+            {
+                "id": record_id,
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": response.status_code,
+                    "request_id": response.request_id or f"req_{uuid.uuid4().hex}",
+                    "body": response.body,
+                },
+                "error": None,
+            }
+        )
+
+    # -- persistence -------------------------------------------------------------------------
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval)
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        try:
+            self.store.record_results(rows)
+        except Exception:
+            self._pending = rows + self._pending  # keep them; the next flush tries again
+            log.exception("could not commit %d results; retrying", len(rows))
+
+    def _finalize(self, batch_id: str) -> None:
+        finalize_batch(self.store, batch_id, max_line_bytes=self.settings.max_line_bytes)
+
+
+def _error_record(record_id: str, custom_id: str, code: str, message: str) -> bytes:
+    return _dumps(
+        {
+            "id": record_id,
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    )
+
+
+_UNFINISHED_MESSAGES = {
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+    "batch_expired": "This request could not be executed before the completion window expired.",
+}
+
+
+def finalize_batch(store: Store, batch_id: str, *, max_line_bytes: int) -> None:
+    """Write a batch's output and error files and move it to its terminal status.
+
+    Decides from the stored status and deadline: ``cancelling`` → cancelled; lines left when
+    the deadline passed → expired; every line finished → completed (via ``finalizing``).
+    Unfinished lines go to the error file with ``batch_cancelled`` / ``batch_expired``.
+    Safe to repeat after a crash: nothing is visible until the one final transaction.
+    """
+    row = store.get_batch(batch_id)
+    if row is None or row["status"] in TERMINAL_STATUSES:
+        return
+    status = row["status"]
+    if status == "validating":  # never validated: nothing ran, nothing to write
+        if time.time() < row["deadline"]:
+            return
+        store.finish_batch(
+            batch_id,
+            from_statuses=("validating",),
+            to_status="expired",
+            output=None,
+            error=None,
+            unfinished=0,
+            timestamps={"expired_at": now()},
+        )
+        return
+    unfinished = row["total"] - (row["completed"] + row["failed"])
+    if status == "cancelling":
+        terminal, code, stamp = "cancelled", "batch_cancelled", "cancelled_at"
+    elif unfinished > 0 and time.time() >= row["deadline"]:
+        terminal, code, stamp = "expired", "batch_expired", "expired_at"
+    elif unfinished > 0:
+        return  # the run stopped early (e.g. a shutdown); the next start resumes it
+    else:
+        terminal, code, stamp = "completed", None, "completed_at"
+        store.move_batch(
+            batch_id, from_statuses=("in_progress",), to_status="finalizing", finalizing_at=now()
+        )
+    from_statuses = {
+        "cancelled": ("cancelling",),
+        "expired": ("in_progress",),
+        "completed": ("finalizing",),
+    }[terminal]
+    output = _write_result_file(
+        store, store.iter_records(batch_id, ok=True), f"{batch_id}_output.jsonl"
+    )
+    errors: Iterator[tuple[int, bytes]] = store.iter_records(batch_id, ok=False)
+    if code is not None:
+        errors = heapq.merge(
+            errors,
+            _unfinished_records(store, batch_id, row["input_sha256"], code, max_line_bytes),
+        )
+    error = _write_result_file(store, errors, f"{batch_id}_error.jsonl")
+    store.finish_batch(
+        batch_id,
+        from_statuses=from_statuses,
+        to_status=terminal,
+        output=output,
+        error=error,
+        unfinished=max(unfinished, 0),
+        timestamps={stamp: now()},
+    )
+
+
+def _unfinished_records(
+    store: Store, batch_id: str, input_sha256: str, code: str, max_line_bytes: int
+) -> Iterator[tuple[int, bytes]]:
+    done = store.finished_lines(batch_id)
+    path = store.blobs.path(input_sha256)
+    for request in iter_requests(path, max_line_bytes=max_line_bytes):
+        if request.line not in done:
+            record_id = request_record_id(batch_id, request.line)
+            message = _UNFINISHED_MESSAGES[code]
+            yield request.line, _error_record(record_id, request.custom_id, code, message)
+
+
+def _write_result_file(
+    store: Store, records: Iterator[tuple[int, bytes]], filename: str
+) -> StoredFile | None:
+    """Stream records (in line order) into a blob; None when there were none."""
+    with store.blobs.writer() as writer:
+        for _, record in records:
+            writer.write(record + b"\n")
+        if writer.size == 0:
+            writer.discard()
+            return None
+        return StoredFile(sha256=writer.commit(), size=writer.size, filename=filename)
