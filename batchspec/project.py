@@ -14,9 +14,10 @@ Promises:
   ``OPENAI_BASE_URL`` or https://api.openai.com/v1, key from ``OPENAI_API_KEY``) and ``local``
   (type local, data in ``state/local``, the built-in offline upstream). Declaring either name
   replaces the built-in.
-- ``ProviderConfig.options`` holds the type's options with snake_case keys, the schema's
-  defaults filled in, and ``data_dir`` an absolute ``Path``. API keys are never read here:
-  only the *name* of the environment variable is kept.
+- ``ProviderConfig.options`` holds the type's options with their YAML (camelCase) keys, as
+  the provider schema names them, with the schema's defaults filled in; a local provider's
+  ``dataDir`` is an absolute path (a string). API keys are never read here: only the *name*
+  of the environment variable is kept.
 - Every problem in the file is reported at once (``InvalidManifestError``), each with
   ``file:line:column`` and its JSON pointer.
 """
@@ -24,7 +25,6 @@ Promises:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,13 +216,13 @@ def _provider_config(root: Path, name: str, data: Mapping[str, Any]) -> Provider
         base_url = DEFAULT_ANTHROPIC_BASE_URL
     options = {**_option_defaults(kind), **(data.get("options") or {})}
     if "dataDir" in options:
-        options["dataDir"] = root / options["dataDir"]
+        options["dataDir"] = str(root / options["dataDir"])
     return ProviderConfig(
         name=name,
         type=kind,
         base_url=base_url.rstrip("/") if base_url else None,
         api_key_env=data.get("apiKeyEnv", DEFAULT_API_KEY_ENV[kind]),
-        options={snake_case(key): value for key, value in options.items()},
+        options=options,
     )
 
 
@@ -246,11 +246,6 @@ def _default_provider_problems(doc: YamlDocument) -> list[Problem]:
     tail = f"did you mean '{hint}'?" if hint else f"known: {', '.join(sorted(known))}"
     message = f"unknown provider '{name}' ({tail})"
     return [Problem.at(doc.location(pointer), pointer, "unknown-provider", message)]
-
-
-def snake_case(name: str) -> str:
-    """``maxRequestsPerBatch`` -> ``max_requests_per_batch``."""
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
 
 
 def _first(value: Any, fallback: Any) -> Any:
