@@ -524,6 +524,11 @@ class StateStore:
     def close(self) -> None:
         self.db.close()
 
+    @property
+    def in_transaction(self) -> bool:
+        """True inside ``atomic()`` (SQLite's write lock is held)."""
+        return self.db.conn.in_transaction
+
     def __enter__(self) -> StateStore:
         return self
 

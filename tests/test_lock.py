@@ -1,0 +1,357 @@
+"""Tests for batchspec.lock: one writer at a time, across connections and processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from batchspec.errors import StateError, StateLockedError
+from batchspec.lock import LockHolder, acquire_lock, current_lock, force_unlock
+from batchspec.runinfo import RunInfo
+from batchspec.state import StateStore, utc_timestamp
+
+HOST = socket.gethostname()
+
+
+def run_info(pid: int | None = None, host: str = HOST) -> RunInfo:
+    return RunInfo(
+        user="alice",
+        host=host,
+        pid=os.getpid() if pid is None else pid,
+        git_commit=None,
+        git_branch=None,
+        git_dirty=None,
+        ci_system="github-actions",
+        ci_run_url="https://ci.example/runs/77",
+        version="0.1.0",
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "batchspec.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[StateStore]:
+    with StateStore.open(db_path) as s:
+        yield s
+
+
+@pytest.fixture
+def other(db_path: Path, store: StateStore) -> Iterator[StateStore]:
+    """A second, independent connection to the same database."""
+    with StateStore.open(db_path) as s:
+        yield s
+
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def foreign_holder(pid: int, host: str = HOST, heartbeat: str | None = None) -> LockHolder:
+    now = utc_timestamp()
+    return LockHolder(
+        holder_id="0123456789ab",
+        host=host,
+        pid=pid,
+        command="apply",
+        ci_run_url=None,
+        since=now,
+        heartbeat=heartbeat or now,
+        user="bob",
+    )
+
+
+def test_free_lock_is_taken_and_released(store: StateStore) -> None:
+    """acquire_lock on a free lock records the holder; release frees it."""
+    handle = acquire_lock(store, command="apply", info=run_info())
+    holder = current_lock(store)
+    assert holder is not None and holder.holder_id == handle.holder_id
+    assert (holder.host, holder.pid, holder.command) == (HOST, os.getpid(), "apply")
+    assert holder.ci_run_url == "https://ci.example/runs/77" and handle.warning is None
+    handle.release()
+    handle.release()  # idempotent
+    assert current_lock(store) is None
+
+
+def test_second_connection_is_refused_with_exit_code_3(
+    store: StateStore, other: StateStore
+) -> None:
+    """With timeout 0 a second acquire raises StateLockedError (exit 3) naming the holder."""
+    with (
+        acquire_lock(store, command="apply", info=run_info()) as handle,
+        pytest.raises(StateLockedError) as caught,
+    ):
+        acquire_lock(other, command="cancel", info=run_info())
+    err = caught.value
+    assert err.exit_code == 3
+    holder = handle.holder
+    for part in (holder.holder_id, HOST, f"pid {os.getpid()}", "'apply'", holder.since):
+        assert part in err.message
+    assert "https://ci.example/runs/77" in err.message
+    assert f"batchspec unlock {holder.holder_id}" in err.message
+
+
+def test_waiting_acquire_gets_the_lock_when_it_is_released(
+    store: StateStore, other: StateStore
+) -> None:
+    """A waiting acquire succeeds as soon as the first holder releases during the wait."""
+    first = acquire_lock(store, command="apply", info=run_info())
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 3:
+            first.release()
+
+    second = acquire_lock(
+        other, command="apply", info=run_info(), timeout=60, poll_interval=0.5, sleep=sleep
+    )
+    assert naps == [0.5, 0.5, 0.5]
+    assert current_lock(other).holder_id == second.holder_id  # type: ignore[union-attr]
+
+
+def test_waiting_acquire_gives_up_at_the_timeout(store: StateStore, other: StateStore) -> None:
+    """A holder that stays raises StateLockedError once the timeout has been spent polling."""
+    now = [0.0]
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        now[0] += seconds
+
+    with (
+        acquire_lock(store, command="apply", info=run_info()),
+        pytest.raises(StateLockedError, match="after waiting 1 s"),
+    ):
+        acquire_lock(
+            other,
+            command="apply",
+            info=run_info(),
+            timeout=1.0,
+            poll_interval=0.3,
+            clock=lambda: now[0],
+            sleep=sleep,
+        )
+    assert naps == pytest.approx([0.3, 0.3, 0.3, 0.1])
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from batchspec.lock import acquire_lock
+    from batchspec.runinfo import collect_run_info
+    from batchspec.state import StateStore
+
+    store = StateStore.open(Path(sys.argv[1]))
+    handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
+    print(handle.holder_id, flush=True)
+    sys.stdin.readline()  # hold the lock until the test says so
+    handle.release()
+    """
+)
+
+
+def start_holder(db_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """A child process that holds the lock until a line arrives on its stdin."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+def test_lock_held_by_another_process_is_refused_then_acquired(
+    db_path: Path, store: StateStore
+) -> None:
+    """A real second process holds the lock: refused at once, acquired after it releases."""
+    child, holder_id = start_holder(db_path)
+    assert child.stdin is not None
+    try:
+        with pytest.raises(StateLockedError, match=f"pid {child.pid}") as caught:
+            acquire_lock(store, command="apply", info=run_info())
+        assert holder_id in caught.value.message
+        naps: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            if not naps:
+                child.stdin.write("release\n")  # type: ignore[union-attr]
+                child.stdin.flush()  # type: ignore[union-attr]
+            naps.append(seconds)
+            time.sleep(seconds)
+
+        handle = acquire_lock(
+            store, command="apply", info=run_info(), timeout=30, poll_interval=0.05, sleep=sleep
+        )
+        assert naps, "the lock was free without waiting"
+        assert handle.warning is None  # released by its holder, not taken over
+        assert child.wait(timeout=10) == 0
+        handle.release()
+    finally:
+        child.kill()
+        child.wait()
+
+
+RACER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from batchspec.errors import StateLockedError
+    from batchspec.lock import acquire_lock
+    from batchspec.runinfo import collect_run_info
+    from batchspec.state import StateStore
+
+    store = StateStore.open(Path(sys.argv[1]))
+    info = collect_run_info(env={})
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        handle = acquire_lock(store, command="apply", info=info)
+    except StateLockedError:
+        print("locked", flush=True)
+    else:
+        print("took", flush=True)
+        sys.stdin.readline()
+        handle.release()
+    """
+)
+
+
+def test_racing_processes_take_the_lock_exactly_once(db_path: Path, store: StateStore) -> None:
+    """Four processes acquiring at the same moment: one takes it, three get StateLockedError."""
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(db_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        assert [r.stdout.readline().strip() for r in racers] == ["ready"] * 4  # type: ignore[union-attr]
+        for r in racers:
+            r.stdin.write("go\n")  # type: ignore[union-attr]
+            r.stdin.flush()  # type: ignore[union-attr]
+        outcomes = sorted(r.stdout.readline().strip() for r in racers)  # type: ignore[union-attr]
+        assert outcomes == ["locked", "locked", "locked", "took"]
+        for r in racers:
+            r.stdin.close()  # type: ignore[union-attr]
+            assert r.wait(timeout=10) == 0
+        assert current_lock(store) is None
+    finally:
+        for r in racers:
+            r.kill()
+            r.wait()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(store: StateStore) -> None:
+    """A holder whose pid no longer exists on this host is replaced, with a warning and event."""
+    pid = dead_pid()
+    store.write_lock_row(foreign_holder(pid))
+    handle = acquire_lock(store, command="apply", info=run_info())
+    assert handle.warning is not None
+    assert f"dead process {pid} on host {HOST}" in handle.warning
+    assert "0123456789ab" in handle.warning
+    assert current_lock(store).holder_id == handle.holder_id  # type: ignore[union-attr]
+    [event] = store.events()
+    assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
+
+
+def test_lock_on_another_host_is_never_taken_over(store: StateStore) -> None:
+    """A holder on another host is not taken over even if its pid is free here."""
+    store.write_lock_row(foreign_holder(dead_pid(), host="elsewhere.example"))
+    with pytest.raises(StateLockedError, match="elsewhere.example") as caught:
+        acquire_lock(store, command="apply", info=run_info())
+    assert "possibly stale" not in caught.value.message
+    assert current_lock(store).holder_id == "0123456789ab"  # type: ignore[union-attr]
+
+
+def test_old_heartbeat_is_reported_as_possibly_stale(store: StateStore) -> None:
+    """A holder whose heartbeat is older than stale_after is named possibly stale."""
+    old = utc_timestamp(datetime.now(timezone.utc) - timedelta(minutes=45))
+    store.write_lock_row(foreign_holder(1, host="elsewhere.example", heartbeat=old))
+    with pytest.raises(StateLockedError, match="45 minutes old: it is possibly stale"):
+        acquire_lock(store, command="apply", info=run_info())
+
+
+def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: StateStore) -> None:
+    """force_unlock needs the holder's id; a wrong id names the real holder and keeps the lock."""
+    with pytest.raises(StateError, match="no lock is held"):
+        force_unlock(store, "nobody")
+    handle = acquire_lock(store, command="apply", info=run_info())
+    with pytest.raises(StateError, match=f"held by {handle.holder_id}"):
+        force_unlock(other, "wrong-id")
+    assert current_lock(other) is not None
+    released = force_unlock(other, handle.holder_id)
+    assert released == handle.holder
+    assert current_lock(store) is None
+    assert [e.action for e in store.events()] == ["lock.force_unlock"]
+
+
+def test_old_handle_cannot_disturb_the_next_holder(store: StateStore, other: StateStore) -> None:
+    """After unlock and a new holder, the old handle's heartbeat fails and release is a no-op."""
+    old = acquire_lock(store, command="apply", info=run_info())
+    force_unlock(other, old.holder_id)
+    new = acquire_lock(other, command="apply", info=run_info())
+    with pytest.raises(StateError, match="no longer holds the state lock"):
+        old.heartbeat()
+    old.release()
+    assert current_lock(store).holder_id == new.holder_id  # type: ignore[union-attr]
+
+
+def test_lock_is_released_when_the_block_raises(store: StateStore) -> None:
+    """Leaving the handle's with-block by an exception still releases the lock."""
+    with pytest.raises(RuntimeError), acquire_lock(store, command="apply", info=run_info()):
+        raise RuntimeError("apply failed")
+    assert current_lock(store) is None
+
+
+def test_heartbeat_refreshes_the_timestamp(store: StateStore) -> None:
+    """heartbeat() moves the recorded heartbeat forward and keeps since unchanged."""
+    with acquire_lock(store, command="apply", info=run_info()) as handle:
+        stale = utc_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
+        store.write_lock_row(replace(handle.holder, heartbeat=stale))
+        handle.heartbeat()
+        holder = current_lock(store)
+        assert holder is not None and holder.heartbeat > stale
+        assert holder.since == handle.holder.since
+
+
+def test_heartbeat_thread_refreshes_until_release(store: StateStore) -> None:
+    """start_heartbeat() keeps refreshing from a daemon thread and stops at release."""
+    handle = acquire_lock(store, command="apply", info=run_info())
+    stale = utc_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
+    store.write_lock_row(replace(handle.holder, heartbeat=stale))
+    handle.start_heartbeat(interval=0.02)
+    deadline = time.monotonic() + 5
+    while current_lock(store).heartbeat == stale and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    assert current_lock(store).heartbeat > stale  # type: ignore[union-attr]
+    handle.release()
+    assert handle.heartbeat_error is None
+    assert current_lock(store) is None
+
+
+def test_acquire_inside_a_transaction_is_refused(store: StateStore) -> None:
+    """Waiting for the lock inside atomic() would deadlock, so it is refused outright."""
+    with store.atomic(), pytest.raises(RuntimeError, match="atomic"):
+        acquire_lock(store, command="apply", info=run_info())
