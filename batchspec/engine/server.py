@@ -1,0 +1,199 @@
+"""Run the engine's HTTP API under uvicorn: ``batchspec serve``, and servers in threads for tests.
+
+``serve`` opens the engine on a data folder, starts its worker, binds the socket, announces
+the URL through a callback (the library never prints) and serves until Ctrl-C or SIGTERM;
+then it stops accepting requests, drains in-flight upstream calls, commits and frees the data
+folder, so the next ``serve`` resumes unfinished batches without re-running finished lines.
+
+Safety: binding anything but a loopback address without an API key is refused, since the
+server would spend the upstream's money for anyone who can reach it. The key is read from the
+environment variable named by ``api_key_env`` and never logged.
+
+``start_in_thread`` runs any ASGI app under uvicorn on a thread, on a socket bound before it
+starts (port 0 picks a free port, with no race), for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from batchspec.engine.app import create_app
+from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
+from batchspec.engine.upstreams import Faults, make_upstream
+from batchspec.errors import BatchspecError
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``batchspec serve`` can be told; durations in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("state/local")
+    upstream: str = "builtin"
+    api_key_env: str | None = None
+    upstream_api_key_env: str | None = None
+    concurrency: int = 8
+    request_timeout: float = 60.0
+    max_attempts: int = 5
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    completion_window_seconds: float | None = None
+    poll_interval: float = 0.5
+    upstream_latency: float = 0.0
+    faults: Faults | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(env_name: str | None) -> str | None:
+    """The server's API key from ``env_name``; a clear error when the variable is unset."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise BatchspecError(
+            f"--api-key-env names {env_name}, but that environment variable is not set or "
+            f"empty. Export it first (export {env_name}=...)."
+        )
+    return key
+
+
+def open_engine(options: ServeOptions) -> Engine:
+    """The engine ``serve`` runs: upstream built from the options, not yet started."""
+    upstream = make_upstream(
+        options.upstream,
+        api_key_env=options.upstream_api_key_env,
+        latency=options.upstream_latency,
+        faults=options.faults,
+        max_connections=max(2 * options.concurrency, 16),
+    )
+    return Engine(
+        options.data_dir,
+        upstream,
+        concurrency=options.concurrency,
+        request_timeout=options.request_timeout,
+        max_attempts=options.max_attempts,
+        completion_window_seconds=options.completion_window_seconds,
+        max_upload_bytes=options.max_upload_bytes,
+        poll_interval=options.poll_interval,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as err:
+        raise BatchspecError(
+            f"Cannot listen on {host}:{port} ({err.strerror or err}). "
+            "Pick another --port, or stop what is using it."
+        ) from None
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def serve(options: ServeOptions, *, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve the engine until interrupted; ``on_listening(url)`` is called once bound."""
+    api_key = read_api_key(options.api_key_env)
+    if api_key is None and not is_loopback(options.host):
+        raise BatchspecError(
+            f"Refusing to listen on {options.host} without an API key: anyone who can reach "
+            "it could spend your upstream. Use --api-key-env NAME, or --host 127.0.0.1."
+        )
+    engine = open_engine(options)
+    try:
+        engine.start()
+        sock = bind_socket(options.host, options.port)
+        server = uvicorn.Server(_uvicorn_config(create_app(engine, api_key=api_key)))
+        if on_listening is not None:
+            on_listening(_url(options.host, sock))
+        with _sigterm_ends_cleanly():
+            server.run(sockets=[sock])
+    finally:
+        engine.close()
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_ends_cleanly() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it; make SIGTERM end ``serve`` normally."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _uvicorn_config(app: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+
+
+@dataclass
+class BackgroundServer:
+    """An ASGI app served by uvicorn on a thread; ``stop()`` shuts it down gracefully."""
+
+    base_url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> BackgroundServer:
+    """Serve ``app`` on ``host:port`` (0: a free port) from a daemon thread; wait until up."""
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(_uvicorn_config(app))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the background uvicorn server did not start")
+        time.sleep(0.01)
+    return BackgroundServer(base_url=_url(host, sock), server=server, thread=thread)
