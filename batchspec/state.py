@@ -15,6 +15,8 @@ Storage format (``state/batchspec.db`` by default; schema in ``m001_initial`` be
   by adopting the remote batch that carries the key (DESIGN.md, invariant 1).
 * ``events``: the append-only audit log; triggers make UPDATE and DELETE on it fail.
 * ``lock``: at most one row, the run holding the writer lock (see ``batchspec.lock``).
+* ``requests``: the request ledger, one row per request of a generation (written and read
+  by ``batchspec.ledger``; created here so that all schema lives in one migration list).
 * ``state_serial``: one counter, bumped by triggers on every change to resources,
   generations, batches and files: the recorded state a plan is computed from.
 
@@ -419,6 +421,38 @@ def m001_initial(db: Database) -> None:
     db.executescript(_M001_SQL + "\n".join(_serial_triggers(t) for t in _SERIAL_TABLES))
 
 
+_M002_SQL = """
+CREATE TABLE requests (
+    generation_id INTEGER NOT NULL REFERENCES generations(id),
+    custom_id TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'retryable', 'ok', 'failed')),
+    category TEXT,
+    blob TEXT,
+    offset INTEGER,
+    length INTEGER,
+    attempt INTEGER,
+    sent_attempt INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (generation_id, custom_id)
+) WITHOUT ROWID;
+CREATE INDEX requests_line ON requests(generation_id, line);
+CREATE INDEX requests_shard ON requests(generation_id, shard, state);
+"""
+
+
+@_migration
+def m002_request_ledger(db: Database) -> None:
+    """The request ledger (batchspec.ledger): one row per request of a generation.
+
+    No serial triggers here: ledger rows change only together with a batch or generation
+    row, which bumps the serial, and a trigger per row would slow 50,000-row inserts.
+    """
+    db.executescript(_M002_SQL)
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
@@ -455,6 +489,7 @@ _BATCH_FIELDS = frozenset(
         "submitted_at",
         "terminal_at",
         "collected_at",
+        "updated_at",
     }
 )
 _GENERATION_DONE = frozenset({"complete", "degraded"})
@@ -883,8 +918,10 @@ class StateStore:
     def update_batch(self, batch_id: int, **fields: Any) -> BatchRow:
         """Change whitelisted columns of a batch; no write if nothing changed.
 
-        Stamps ``updated_at``; setting ``remote_id`` stamps ``submitted_at`` and a terminal
-        ``status`` stamps ``terminal_at`` unless given. A recorded remote_id never changes.
+        Stamps ``updated_at`` (or writes the one given) when something else changed: a poll
+        that only brings a new ``updated_at`` writes nothing. Setting ``remote_id`` stamps
+        ``submitted_at`` and a terminal ``status`` stamps ``terminal_at`` unless given or
+        already set. A recorded remote_id never changes.
         """
         _check_fields("update_batch", fields, _BATCH_FIELDS)
         with self.atomic():
@@ -900,9 +937,9 @@ class StateStore:
                 fields.setdefault("submitted_at", now)
             if fields.get("status") in BATCH_TERMINAL_STATUSES and old.terminal_at is None:
                 fields.setdefault("terminal_at", now)
-            changed = _changed(old, fields)
+            changed = _changed(old, {k: v for k, v in fields.items() if k != "updated_at"})
             if changed:
-                changed["updated_at"] = now
+                changed["updated_at"] = fields.get("updated_at") or now
                 if "provider_errors" in changed:
                     errors = changed["provider_errors"]
                     changed["provider_errors"] = None if errors is None else _dumps(errors)
@@ -1094,6 +1131,7 @@ __all__ = [
     "RunRow",
     "StateStore",
     "m001_initial",
+    "m002_request_ledger",
     "parse_timestamp",
     "utc_timestamp",
 ]

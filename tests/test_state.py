@@ -11,10 +11,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlite_utils import Database
 
 from batchspec.errors import StateError
 from batchspec.runinfo import RunInfo, collect_run_info
-from batchspec.state import LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.state import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
 
 INFO = RunInfo(
     user="alice",
@@ -106,14 +107,30 @@ def test_wal_foreign_keys_and_busy_timeout_are_on(store: StateStore) -> None:
     assert pragma("busy_timeout") == 30000
 
 
+MIGRATION_NAMES = ["m001_initial", "m002_request_ledger"]
+
+
 def test_migrations_are_named_recorded_and_applied_once(db_path: Path) -> None:
-    """m001_initial is recorded once in _sqlite_migrations however often the DB is opened."""
+    """Each named migration is recorded once in _sqlite_migrations however often we open."""
     for _ in range(3):
         with StateStore.open(db_path) as s:
-            assert s.applied_migrations() == ["m001_initial"]
+            assert s.applied_migrations() == MIGRATION_NAMES
     with sqlite3.connect(db_path) as conn:
         rows = conn.execute("SELECT migration_set, name FROM _sqlite_migrations").fetchall()
-    assert rows == [("batchspec", "m001_initial")]
+    assert rows == [("batchspec", name) for name in MIGRATION_NAMES]
+
+
+def test_older_database_is_upgraded_in_place(db_path: Path) -> None:
+    """A database left at m001_initial gets the later migrations on open, keeping its rows."""
+    db_path.parent.mkdir(parents=True)
+    with Database(db_path) as old:
+        MIGRATIONS.apply(old, stop_before="m002_request_ledger")
+        old.execute("INSERT INTO events (at, action, detail) VALUES ('t', 'old', '{}')")
+        assert "requests" not in old.table_names()
+    with StateStore.open(db_path) as s:
+        assert s.applied_migrations() == MIGRATION_NAMES
+        assert "requests" in s.db.table_names()
+        assert [e.action for e in s.events()] == ["old"]
 
 
 def test_database_from_a_newer_batchspec_is_refused(db_path: Path) -> None:
@@ -379,7 +396,10 @@ def test_update_batch_whitelist_and_noop(store: StateStore) -> None:
         store.update_batch(row.id, key="other")
     serial = store.serial()
     assert store.update_batch(row.id, status="pending", requests=10) == row
+    assert store.update_batch(row.id, status="pending", updated_at="2999-01-01T00:00:00Z") == row
     assert store.serial() == serial
+    moved = store.update_batch(row.id, status="validating", updated_at="2999-01-01T00:00:00Z")
+    assert (moved.status, moved.updated_at) == ("validating", "2999-01-01T00:00:00Z")
 
 
 def test_json_columns_round_trip(store: StateStore) -> None:
