@@ -28,13 +28,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
 
 from batchspec.errors import ManifestError
+
+if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it is slow to load)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 # Longest value quoted verbatim in a message; longer ones are cut with an ellipsis.
@@ -346,6 +348,8 @@ def load_schema(name: str) -> Mapping[str, Any]:
 
 @cache
 def schema_validator(name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(load_schema(name))
 
 
