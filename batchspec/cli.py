@@ -77,6 +77,96 @@ def cli() -> None:
     """
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="BATCHSPEC_SERVE_HOST",
+              help="Address to listen on; anything but loopback needs --api-key-env.")
+@click.option("--port", default=8000, show_default=True, type=int, envvar="BATCHSPEC_SERVE_PORT",
+              help="Port to listen on (0: any free port).")
+@click.option("--data-dir", default="state/local", show_default=True, type=click.Path(),
+              envvar="BATCHSPEC_ENGINE_DIR", help="Where the engine keeps files and batches.")
+@click.option("--upstream", default="builtin", show_default=True, envvar="BATCHSPEC_UPSTREAM",
+              help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
+              "'builtin' (an offline stand-in, not a model).")
+@click.option("--api-key-env", default=None, metavar="NAME",
+              help="Require 'Authorization: Bearer <key>' with the key in this env var.")
+@click.option("--upstream-api-key-env", default=None, metavar="NAME",
+              help="Env var holding the API key sent to the upstream.")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Requests in flight to the upstream at once.")
+@click.option("--request-timeout", default=60.0, show_default=True, type=float,
+              help="Seconds one upstream request may take.")
+@click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Attempts per request line on 429/5xx/timeouts.")
+@click.option("--max-upload-bytes", default=512 * 1024 * 1024, show_default=True,
+              type=click.IntRange(min=1), help="Largest accepted upload (413 beyond).")
+@click.option("--completion-window-seconds", type=float, default=None, hidden=True,
+              help="Real expiry deadline (tests); the wire value stays 24h.")
+@click.option("--poll-interval", type=float, default=0.5, hidden=True)
+@click.option("--upstream-latency", type=float, default=0.0, hidden=True,
+              help="Delay every builtin answer by this many seconds (tests).")
+@click.option("--fault-500", type=float, default=0.0, hidden=True)
+@click.option("--fault-429", type=float, default=0.0, hidden=True)
+@click.option("--fault-timeout", type=float, default=0.0, hidden=True)
+@click.option("--fault-seed", type=int, default=0, hidden=True)
+def serve(**opts: Any) -> None:
+    """Serve the local batch engine as an OpenAI-compatible Files + Batches API.
+
+    Runs until Ctrl-C; unfinished batches resume at the next start.
+    """
+    from batchspec.engine.server import serve_from_cli_options
+
+    serve_from_cli_options(
+        opts,
+        on_listening=lambda url, upstream: click.echo(
+            f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
+        ),
+    )
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+def init(directory: str) -> None:
+    """Create a workspace in DIRECTORY (default: here) that validates and runs as is.
+
+    Writes batchspec.yaml (the local provider, with an OpenAI example commented out), one
+    manifest, a three-request data file and state/.gitignore. Refuses to overwrite any
+    existing file, and then writes nothing.
+    """
+    from batchspec.scaffold import scaffold_workspace  # imported on use: keeps startup fast
+    from batchspec.yamldoc import display_path
+
+    result = scaffold_workspace(directory)
+    for path in result.created:
+        click.echo(f"created {display_path(path)}")
+    click.echo(f"\nNext: {result.next_command}")
+
+
+@cli.command()
+@paths_argument
+@json_option
+def validate(paths: tuple[str, ...], as_json: bool) -> None:
+    """Check manifests and batch inputs; change nothing.
+
+    PATHS are manifest files, folders or glob patterns (default: the current folder). Exits 0
+    when all is valid, else 1 listing every problem as file:line:column. With --json, stdout
+    holds only JSON, on failure too.
+    """
+    from batchspec import render  # imported on use: keeps startup fast
+    from batchspec.validate import problems_of, validate_workspace
+
+    try:
+        report = validate_workspace(paths)
+    except BatchspecError as err:
+        if not as_json:
+            raise
+        emit_json(render.problems_json(problems_of(err)))
+        click.get_current_context().exit(err.exit_code)
+    if as_json:
+        emit_json(render.validation_json(report))
+    else:
+        click.echo(render.validation_text(report))
+
+
 def report_error(err: BatchspecError) -> None:
     click.echo(f"Error: {err.message}", err=True)
     for line in err.details:

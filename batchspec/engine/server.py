@@ -116,8 +116,11 @@ def _url(host: str, sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve(options: ServeOptions, *, on_listening: Callable[[str], None] | None = None) -> None:
-    """Serve the engine until interrupted; ``on_listening(url)`` is called once bound."""
+def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | None = None) -> None:
+    """Serve the engine until interrupted; ``on_listening(url, upstream)`` is called once bound.
+
+    ``upstream`` is the upstream's description (credentials never included).
+    """
     api_key = read_api_key(options.api_key_env)
     if api_key is None and not is_loopback(options.host):
         raise BatchspecError(
@@ -130,7 +133,7 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str], None] | None =
         sock = bind_socket(options.host, options.port)
         server = uvicorn.Server(_uvicorn_config(create_app(engine, api_key=api_key)))
         if on_listening is not None:
-            on_listening(_url(options.host, sock))
+            on_listening(_url(options.host, sock), engine.upstream.description)
         with _sigterm_ends_cleanly():
             server.run(sockets=[sock])
     finally:
@@ -197,3 +200,34 @@ def start_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Back
             raise RuntimeError("the background uvicorn server did not start")
         time.sleep(0.01)
     return BackgroundServer(base_url=_url(host, sock), server=server, thread=thread)
+
+
+def serve_from_cli_options(
+    opts: dict[str, Any], *, on_listening: Callable[[str, str], None] | None = None
+) -> None:
+    """``batchspec serve``: turn its options into ``ServeOptions`` and ``serve``."""
+    faults = None
+    if opts["fault_500"] or opts["fault_429"] or opts["fault_timeout"]:
+        faults = Faults(
+            error_500=opts["fault_500"],
+            error_429=opts["fault_429"],
+            timeout=opts["fault_timeout"],
+            seed=opts["fault_seed"],
+        )
+    options = ServeOptions(
+        host=opts["host"],
+        port=opts["port"],
+        data_dir=Path(opts["data_dir"]),
+        upstream=opts["upstream"],
+        api_key_env=opts["api_key_env"],
+        upstream_api_key_env=opts["upstream_api_key_env"],
+        concurrency=opts["concurrency"],
+        request_timeout=opts["request_timeout"],
+        max_attempts=opts["max_attempts"],
+        max_upload_bytes=opts["max_upload_bytes"],
+        completion_window_seconds=opts["completion_window_seconds"],
+        poll_interval=opts["poll_interval"],
+        upstream_latency=opts["upstream_latency"],
+        faults=faults,
+    )
+    serve(options, on_listening=on_listening)
