@@ -29,10 +29,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from types import TracebackType
 
-from batchspec.errors import StateError, StateLockedError
-from batchspec.runinfo import RunInfo
+from batchspec.errors import BatchspecError, StateError, StateLockedError
+from batchspec.project import load_project
+from batchspec.runinfo import RunInfo, collect_run_info
 from batchspec.state import LockRow, StateStore, parse_timestamp, utc_timestamp
 
 #: the lock row's holder; the same class as ``batchspec.state.LockRow``
@@ -153,10 +155,12 @@ def acquire_lock(
     stale_after: timedelta = STALE_AFTER,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    run_id: int | None = None,
 ) -> LockHandle:
     """Take the state lock for ``command``, waiting up to ``timeout`` seconds for a live holder.
 
-    Raises ``StateLockedError`` (exit 3) if it is still held when the time is up.
+    Raises ``StateLockedError`` (exit 3) if it is still held when the time is up. ``run_id``
+    only labels the ``lock.takeover`` event, if there is one.
     Must not be called inside ``store.atomic()``: waiting there would keep SQLite's write
     lock and stop the holder from ever releasing.
     """
@@ -164,7 +168,7 @@ def acquire_lock(
         raise RuntimeError("acquire_lock() must not be called inside StateStore.atomic()")
     deadline = clock() + max(timeout, 0.0)
     while True:
-        handle, holder = _try_take(store, command, info)
+        handle, holder = _try_take(store, command, info, run_id)
         if handle is not None:
             return handle
         assert holder is not None
@@ -175,7 +179,7 @@ def acquire_lock(
 
 
 def _try_take(
-    store: StateStore, command: str, info: RunInfo
+    store: StateStore, command: str, info: RunInfo, run_id: int | None
 ) -> tuple[LockHandle | None, LockHolder | None]:
     """One check-and-take under SQLite's write lock: (handle, None) or (None, live holder)."""
     now = utc_timestamp()
@@ -198,7 +202,7 @@ def _try_take(
             return None, current
         store.write_lock_row(mine)
         store.record_event(
-            None,
+            run_id,
             "lock.takeover",
             detail={"previous": _holder_detail(current), "holder_id": mine.holder_id},
         )
@@ -209,7 +213,7 @@ def _try_take(
     return LockHandle(store, mine, warning), None
 
 
-def force_unlock(store: StateStore, holder_id: str) -> LockHolder:
+def force_unlock(store: StateStore, holder_id: str, *, run_id: int | None = None) -> LockHolder:
     """Release the lock held by ``holder_id`` (``batchspec unlock ID``); returns that holder."""
     with store.atomic():
         current = store.lock_row()
@@ -222,8 +226,37 @@ def force_unlock(store: StateStore, holder_id: str) -> LockHolder:
                 f"batchspec unlock {current.holder_id}"
             )
         store.delete_lock_row(holder_id)
-        store.record_event(None, "lock.force_unlock", detail=_holder_detail(current))
+        store.record_event(run_id, "lock.force_unlock", detail=_holder_detail(current))
     return current
+
+
+def unlock_state(
+    holder_id: str, *, state_path: Path | None = None, start: Path | None = None
+) -> LockHolder:
+    """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
+
+    The state database is ``state_path``, or the project's found from ``start`` (default:
+    the current folder). A missing database is an error, never created just to be unlocked.
+    """
+    if state_path is None:
+        project = load_project(start)
+        state_path, root = project.state_path, project.root
+    else:
+        root = start or Path.cwd()
+    if not state_path.is_file():
+        raise StateError(
+            f"no state database at {state_path}; nothing to unlock (pass --state PATH or run "
+            "from the workspace)"
+        )
+    with StateStore.open(state_path) as store:
+        run_id = store.start_run("unlock", {"holder_id": holder_id}, collect_run_info(root))
+        try:
+            holder = force_unlock(store, holder_id, run_id=run_id)
+        except BatchspecError as err:
+            store.finish_run(run_id, err.exit_code)
+            raise
+        store.finish_run(run_id, 0)
+    return holder
 
 
 def current_lock(store: StateStore) -> LockHolder | None:
@@ -288,4 +321,5 @@ __all__ = [
     "describe_holder",
     "force_unlock",
     "pid_is_alive",
+    "unlock_state",
 ]

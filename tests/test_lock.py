@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from batchspec.errors import StateError, StateLockedError
-from batchspec.lock import LockHolder, acquire_lock, current_lock, force_unlock
+from batchspec.lock import LockHolder, acquire_lock, current_lock, force_unlock, unlock_state
 from batchspec.runinfo import RunInfo
 from batchspec.state import StateStore, utc_timestamp
 
@@ -355,3 +355,25 @@ def test_acquire_inside_a_transaction_is_refused(store: StateStore) -> None:
     """Waiting for the lock inside atomic() would deadlock, so it is refused outright."""
     with store.atomic(), pytest.raises(RuntimeError, match="atomic"):
         acquire_lock(store, command="apply", info=run_info())
+
+
+def test_unlock_state_finds_the_project_database_and_records_a_run(
+    tmp_path: Path, db_path: Path, store: StateStore
+) -> None:
+    """unlock_state resolves the workspace's state DB, releases, and records an unlock run."""
+    assert db_path == tmp_path / "state" / "batchspec.db"  # the default project layout
+    handle = acquire_lock(store, command="apply", info=run_info())
+    released = unlock_state(handle.holder_id, start=tmp_path)
+    assert released.holder_id == handle.holder_id and current_lock(store) is None
+    [run] = store.runs()
+    assert (run.command, run.args, run.exit_code) == ("unlock", {"holder_id": handle.holder_id}, 0)
+    [event] = store.events(run_id=run.id)
+    assert event.action == "lock.force_unlock" and event.detail["pid"] == os.getpid()
+
+
+def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:
+    """Unlocking where there is no state database fails and leaves no file behind."""
+    missing = tmp_path / "nowhere" / "batchspec.db"
+    with pytest.raises(StateError, match="no state database"):
+        unlock_state("abc", state_path=missing)
+    assert not missing.parent.exists()
