@@ -167,6 +167,23 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
         click.echo(render.validation_text(report))
 
 
+@cli.command()
+@click.argument("holder_id", metavar="ID")
+@state_option
+def unlock(holder_id: str, state_path: str | None) -> None:
+    """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
+
+    Only for a run that is gone: ID must match the current holder, or nothing is released.
+    A run that loses its lock stops at its next step. Recorded in history as an unlock run.
+    """
+    from pathlib import Path
+
+    from batchspec.lock import describe_holder, unlock_state
+
+    holder = unlock_state(holder_id, state_path=Path(state_path) if state_path else None)
+    click.echo(f"released the lock of {describe_holder(holder)}")
+
+
 def report_error(err: BatchspecError) -> None:
     click.echo(f"Error: {err.message}", err=True)
     for line in err.details:
