@@ -511,7 +511,10 @@ class StateStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _create_private_file(path)
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS)
+            # isolation_level=None: no implicit transactions, so a write outside atomic() (say
+            # a raw executemany) commits at once instead of leaving a transaction open that
+            # a later atomic() would join as a savepoint and never commit.
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         except OSError as err:
             raise StateError(
                 f"cannot create the state database {path}: {err.strerror or err}; "

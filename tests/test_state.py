@@ -202,6 +202,16 @@ def test_atomic_holds_the_write_lock_against_other_connections(db_path: Path) ->
         assert [e.action for e in first.events()] == ["holding", "after"]
 
 
+def test_raw_write_outside_atomic_is_committed_at_once(db_path: Path) -> None:
+    """A raw statement outside atomic() commits by itself and leaves no transaction open."""
+    with StateStore.open(db_path) as first, StateStore.open(db_path) as second:
+        first.db.conn.executemany(
+            "INSERT INTO events (at, action) VALUES (?, ?)", [("t", "a"), ("t", "b")]
+        )
+        assert not first.in_transaction
+        assert [e.action for e in second.events()] == ["a", "b"]
+
+
 # -- events ---------------------------------------------------------------------------------------
 
 
