@@ -16,10 +16,12 @@ Lines
 
 Blank lines
     A line that is empty or holds only spaces, tabs and CR (JSON whitespace) is blank: it is
-    hashed like every other byte but is not a request and is never sent (shards are written
-    from ``iter_requests``, which skips blank lines). Every other line is a request line and
-    counts toward ``InputReport.requests`` whether it is valid or not. Form feeds and other
-    control bytes do not make a line blank (they make it invalid JSON).
+    hashed like every other byte but is not a request. ``iter_requests`` skips it, so shards
+    rebuilt from request lines never carry one; ``InputReport.blank_lines`` counts them so a
+    caller that uploads the file as it is can tell whether blank lines would go along.
+    Every other line is a request line and counts toward ``InputReport.requests`` whether
+    it is valid or not. Form feeds and other control bytes do not make a line blank (they
+    make it invalid JSON).
 
 Rules, each with its stable ``code`` (OpenAI's name where it has one)
     ``empty_file``          file-level: no request lines (zero bytes, or only blank lines).
@@ -84,7 +86,7 @@ from batchspec.errors import InputError
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
-except ImportError:  # pragma: no cover - exercised by the subprocess test without orjson
+except ImportError:  # tests hide orjson in a subprocess to cover this path
     orjson = None  # type: ignore[assignment]
 
 MAX_SHOWN = 20
@@ -121,6 +123,7 @@ class InputReport:
     models: tuple[str, ...]
     problems: tuple[InputProblem, ...]
     problem_count: int
+    blank_lines: int = 0  # blank lines (skipped, not requests), see the module docstring
 
     @property
     def ok(self) -> bool:
@@ -476,7 +479,7 @@ def scan_batch_input(
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url)
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
-    requests = 0
+    requests = blank_lines = 0
     try:
         with open(path, "rb") as f:
             for lineno, line in _iter_lines(f, max_line_bytes, sha.update):
@@ -489,6 +492,7 @@ def scan_batch_input(
                     )
                     continue
                 if _is_blank(line):
+                    blank_lines += 1
                     continue
                 requests += 1
                 try:
@@ -513,6 +517,7 @@ def scan_batch_input(
         models=tuple(checker.models),
         problems=tuple(shown),
         problem_count=checker.count + len(file_level),
+        blank_lines=blank_lines,
     )
 
 

@@ -502,6 +502,7 @@ def test_blank_lines_keep_physical_line_numbers(tmp_path: Path) -> None:
     data = jsonl(req("a"), b"", b"  \r", req("b", method="GET"))
     report = scan_batch_input(write(tmp_path, data))
     assert report.requests == 2
+    assert report.blank_lines == 2
     assert found(report) == [(4, "invalid_method")]
 
 
