@@ -279,6 +279,9 @@ def answer(url: str, body: Any) -> UpstreamResponse:
         return _api_error(400, "The request body must be a JSON object.")
     if path != "/moderations" and not isinstance(body.get("model"), str):
         return _api_error(400, "You must provide a model parameter.", param="model")
+    required = _REQUIRED.get(path)
+    if required is not None and body.get(required) in (None, "", []):
+        return _api_error(400, f"'{required}' is a required property.", param=required)
     return UpstreamResponse(
         status_code=200, body=handler(body), request_id=_stable_id("req_", body)
     )
@@ -418,6 +421,9 @@ def _moderations(body: Mapping[str, Any]) -> dict[str, Any]:
         "results": [dict(result) for _ in inputs],
     }
 
+
+#: The field each endpoint cannot do without (OpenAI answers 400 without it).
+_REQUIRED = {"/chat/completions": "messages", "/embeddings": "input", "/moderations": "input"}
 
 _HANDLERS = {
     "/chat/completions": _chat,

@@ -1,0 +1,150 @@
+"""The ``local`` provider: the embedded batch engine, driven in-process.
+
+Implements ``base.Provider`` by calling ``batchspec.engine.Engine`` directly (no HTTP), and
+parses its OpenAI-shaped dicts with the same lenient ``parse_batch`` / ``parse_file`` as the
+OpenAI-compatible provider, so the reconciler cannot tell the two apart.
+
+The engine is opened on first use (building the provider does no I/O) and its worker runs
+on a background thread only while this provider is open: a batch progresses while a process
+holding it runs, and resumes where it stopped at the next open. ``close()`` stops the worker
+cleanly (in-flight requests finish, results are committed). One process at a time may hold
+a data folder; a second (or a running ``batchspec serve`` on it) raises ``StateLockedError``.
+
+Engine refusals become ``ProviderError`` with the engine's status and code; 404 becomes
+``RemoteNotFound``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from batchspec.engine import Engine, EngineError, make_upstream
+from batchspec.errors import ProviderError
+from batchspec.providers.base import (
+    RemoteBatch,
+    RemoteFile,
+    RemoteNotFound,
+    parse_batch,
+    parse_file,
+)
+
+T = TypeVar("T")
+
+
+class LocalProvider:
+    """A ``Provider`` over the in-process engine storing its data in ``data_dir``."""
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path,
+        *,
+        upstream: str = "builtin",
+        upstream_api_key_env: str | None = None,
+        concurrency: int = 8,
+        **engine_kwargs: Any,
+    ) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self._upstream_spec = upstream
+        self._upstream_api_key_env = upstream_api_key_env
+        self._concurrency = concurrency
+        self._engine_kwargs = engine_kwargs
+        self._engine: Engine | None = None
+
+    def __repr__(self) -> str:
+        return f"LocalProvider({self.name!r}, data_dir={str(self.data_dir)!r})"
+
+    def __enter__(self) -> LocalProvider:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine, opened and started on first use."""
+        if self._engine is None:
+            upstream = make_upstream(
+                self._upstream_spec,
+                api_key_env=self._upstream_api_key_env,
+                max_connections=max(2 * self._concurrency, 16),
+            )
+            self._engine = Engine(
+                self.data_dir, upstream, concurrency=self._concurrency, **self._engine_kwargs
+            ).start()
+        return self._engine
+
+    # -- Provider ----------------------------------------------------------------------------
+
+    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+        return parse_file(self._call(self.engine.create_file, Path(path), filename, purpose))
+
+    def get_file(self, file_id: str) -> RemoteFile:
+        return parse_file(self._call(self.engine.get_file, file_id))
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+    ) -> RemoteBatch:
+        created = self._call(
+            self.engine.create_batch, input_file_id, endpoint, completion_window, dict(metadata)
+        )
+        return parse_batch(created)
+
+    def get_batch(self, batch_id: str) -> RemoteBatch:
+        return parse_batch(self._call(self.engine.get_batch, batch_id))
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        after: str | None = None
+        while True:
+            page = self._call(self.engine.list_batches, after, min(max(page_size, 1), 100))
+            for item in page["data"]:
+                yield parse_batch(item)
+            if not page["has_more"] or not page["data"]:
+                return
+            after = page["last_id"]
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        return parse_batch(self._call(self.engine.cancel_batch, batch_id))
+
+    def download_file(self, file_id: str, dest: Path) -> int:
+        source = self._call(self.engine.file_content_path, file_id)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        shutil.copyfile(source, partial)
+        os.replace(partial, dest)
+        return dest.stat().st_size
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def _call(self, method: Callable[..., T], *args: Any) -> T:
+        try:
+            return method(*args)
+        except EngineError as err:
+            raise provider_error(self.name, err) from None
+
+
+def provider_error(name: str, err: EngineError) -> ProviderError:
+    """The ``ProviderError`` (``RemoteNotFound`` for 404) an engine refusal becomes."""
+    kind = RemoteNotFound if err.status == 404 else ProviderError
+    return kind(
+        f"local provider {name!r}: {err.message}",
+        status=err.status,
+        code=err.code,
+        retryable=err.status == 429 or err.status >= 500,
+    )
