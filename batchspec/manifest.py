@@ -523,7 +523,8 @@ def _shared_outputs(resources: list[tuple[Resource, YamlDocument]]) -> list[Prob
     for res, doc in resources:
         for key, path in (("output", res.output_path), ("errors", res.errors_path)):
             other = writers.setdefault(path, res)
-            if other is not res:
+            # Same name: the duplicate-name problem already says it, and better.
+            if other is not res and other.name != res.name:
                 message = (
                     f"{key} file {display_path(path)} is also written by resource "
                     f"'{other.name}' ({other.source})"

@@ -1,0 +1,243 @@
+"""batchspec.project: finding batchspec.yaml, its defaults, providers, and its problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchspec.errors import ManifestError
+from batchspec.project import (
+    DEFAULT_MANIFEST_GLOBS,
+    Budget,
+    find_project_file,
+    load_project,
+)
+from batchspec.yamldoc import InvalidManifestError
+
+HEADER = "apiVersion: batchspec/v1\nkind: Project\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[tuple[int | None, int | None, str, str, str]]:
+    with pytest.raises(InvalidManifestError) as caught:
+        load_project(path)
+    return [(p.line, p.column, p.pointer, p.code, p.message) for p in caught.value.problems]
+
+
+def test_without_a_project_file_defaults_are_rooted_at_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No batchspec.yaml: state in <root>/state, default globs, the two built-in providers."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    project = load_project(tmp_path)
+    assert project.file is None
+    assert project.root == tmp_path.resolve()
+    assert project.state_path == tmp_path.resolve() / "state" / "batchspec.db"
+    assert project.manifest_globs == DEFAULT_MANIFEST_GLOBS
+    assert sorted(project.providers) == ["local", "openai"]
+    openai = project.providers["openai"]
+    assert (openai.type, openai.base_url, openai.api_key_env) == (
+        "openai",
+        "https://api.openai.com/v1",
+        "OPENAI_API_KEY",
+    )
+    local = project.providers["local"]
+    assert local.type == "local" and local.api_key_env is None
+    assert local.options["upstream"] == "builtin"
+    assert Path(local.options["dataDir"]) == tmp_path.resolve() / "state" / "local"
+
+
+def test_builtin_openai_takes_its_base_url_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPENAI_BASE_URL points the built-in openai provider elsewhere (e.g. a proxy)."""
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:4000/v1/")
+    assert load_project(tmp_path).providers["openai"].base_url == "http://127.0.0.1:4000/v1"
+
+
+def test_discovery_walks_up_from_a_folder_or_a_file(tmp_path: Path) -> None:
+    """Like git: the nearest batchspec.yaml in the start folder or above it wins."""
+    file = write(tmp_path / "batchspec.yaml", HEADER)
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    manifest = write(nested / "m.yaml", "")
+    assert find_project_file(nested) == file
+    assert load_project(nested).file == file.resolve()
+    assert load_project(manifest).root == tmp_path.resolve()
+
+
+def test_the_nearest_project_file_wins(tmp_path: Path) -> None:
+    """A nested workspace is its own project, not its parent's."""
+    write(tmp_path / "batchspec.yaml", HEADER)
+    inner = write(tmp_path / "inner" / "batchspec.yaml", HEADER)
+    assert load_project(tmp_path / "inner").file == inner.resolve()
+
+
+def test_relative_paths_resolve_against_the_project_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state.path and a local dataDir do not depend on the working directory."""
+    write(
+        tmp_path / "ws" / "batchspec.yaml",
+        HEADER + "state: {path: .db/state.sqlite}\n"
+        "providers:\n  engine:\n    type: local\n    options: {dataDir: engine-data}\n",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    project = load_project(tmp_path / "ws")
+    root = (tmp_path / "ws").resolve()
+    assert project.state_path == root / ".db" / "state.sqlite"
+    assert Path(project.providers["engine"].options["dataDir"]) == root / "engine-data"
+
+
+def test_declared_providers_get_type_defaults(tmp_path: Path) -> None:
+    """Omitted apiKeyEnv, baseUrl and options take the defaults of the provider's type."""
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + "providers:\n"
+        "  claude: {type: anthropic}\n"
+        "  az: {type: azure, baseUrl: 'https://x.openai.azure.com/openai/v1/'}\n"
+        "  groq: {type: openai, baseUrl: 'https://api.groq.com/openai/v1', apiKeyEnv: GROQ_KEY,"
+        " options: {maxInFlightBatches: 2}}\n",
+    )
+    providers = load_project(tmp_path).providers
+    assert sorted(providers) == ["az", "claude", "groq", "local", "openai"]
+    claude = providers["claude"]
+    assert (claude.base_url, claude.api_key_env) == (
+        "https://api.anthropic.com",
+        "ANTHROPIC_API_KEY",
+    )
+    assert claude.options == {"anthropicVersion": "2023-06-01"}
+    az = providers["az"]
+    assert (az.base_url, az.api_key_env) == (
+        "https://x.openai.azure.com/openai/v1",
+        "AZURE_OPENAI_API_KEY",
+    )
+    assert az.options == {"apiStyle": "v1"}
+    groq = providers["groq"]
+    assert (groq.api_key_env, groq.options) == ("GROQ_KEY", {"maxInFlightBatches": 2})
+
+
+def test_declaring_a_builtin_name_replaces_it(tmp_path: Path) -> None:
+    """`openai:` in providers overrides the built-in openai provider."""
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + "providers:\n  openai: {type: openai, baseUrl: 'http://127.0.0.1:9/v1', "
+        "apiKeyEnv: MY_KEY}\n",
+    )
+    openai = load_project(tmp_path).providers["openai"]
+    assert (openai.base_url, openai.api_key_env) == ("http://127.0.0.1:9/v1", "MY_KEY")
+
+
+def test_defaults_are_read(tmp_path: Path) -> None:
+    """defaults.provider and defaults.budget reach the Project."""
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + "manifests: [jobs/*.yaml]\n"
+        "defaults: {provider: local, budget: {maxRequests: 1000}}\n",
+    )
+    project = load_project(tmp_path)
+    assert project.manifest_globs == ("jobs/*.yaml",)
+    assert project.default_provider == "local"
+    assert project.default_budget == Budget(max_requests=1000, max_input_tokens=None)
+
+
+def test_budget_overlay_falls_back_field_by_field() -> None:
+    """A resource budget keeps its own fields and takes the rest from the default."""
+    own = Budget(max_requests=10)
+    assert own.overlay(Budget(max_requests=99, max_input_tokens=500)) == Budget(10, 500)
+    assert own.overlay(None) == own
+
+
+def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
+    """Project.provider() explains which providers exist when a name is unknown."""
+    with pytest.raises(ManifestError, match="unknown provider 'nope' \\(known: local, openai\\)"):
+        load_project(tmp_path).provider("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            HEADER + "stat: {path: x.db}\n",
+            (3, 1, "/stat", "unknown-key", "unknown key 'stat' (did you mean 'state'?)"),
+            id="unknown-key",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gpt:\n    type: openia\n",
+            (5, 11, "/providers/gpt/type", "invalid-value", "did you mean 'openai'?"),
+            id="bad-type",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gpt:\n    type: openai\n    apiKeyEnv: sk-live-123\n",
+            (6, 16, "/providers/gpt/apiKeyEnv", "invalid-value", "environment variable"),
+            id="key-instead-of-variable-name",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gpt:\n    type: openai\n    options: {apiStyle: v1}\n",
+            (6, 15, "/providers/gpt/options/apiStyle", "unknown-key", "allowed here: organization"),
+            id="option-of-another-type",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  az:\n    type: azure\n",
+            (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
+            id="azure-needs-base-url",
+        ),
+        pytest.param(
+            HEADER + "defaults: {provider: opena}\n",
+            (3, 22, "/defaults/provider", "unknown-provider", "did you mean 'openai'?"),
+            id="unknown-default-provider",
+        ),
+        pytest.param(
+            "apiVersion: batchspec/v1\nkind: Batch\n",
+            (2, 7, "/kind", "invalid-value", "expected 'Project', got 'Batch'"),
+            id="wrong-kind",
+        ),
+        pytest.param(
+            HEADER + "---\n" + HEADER,
+            (4, 1, "", "extra-document", "one document"),
+            id="two-documents",
+        ),
+        pytest.param(
+            HEADER + "state: {path: [x}\n",
+            (3, 17, "", "yaml-syntax", "YAML syntax error"),
+            id="yaml-syntax",
+        ),
+        pytest.param(
+            "kind: Project\n",
+            (1, 1, "", "missing-key", "missing required key 'apiVersion'"),
+            id="missing-api-version",
+        ),
+    ],
+)
+def test_bad_project_files_are_located(
+    tmp_path: Path, text: str, expected: tuple[int, int, str, str, str]
+) -> None:
+    """Each problem in batchspec.yaml names its line, column and JSON pointer."""
+    write(tmp_path / "batchspec.yaml", text)
+    [(line, column, pointer, code, message)] = problems_of(tmp_path)
+    assert (line, column, pointer, code) == expected[:4]
+    assert expected[4] in message
+
+
+def test_every_problem_of_a_project_file_is_reported(tmp_path: Path) -> None:
+    """Validation does not stop at the first problem; the error lists one line each."""
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + "stat: {}\nproviders:\n  x: {type: nope}\ndefaults: {provider: y}\n",
+    )
+    with pytest.raises(InvalidManifestError) as caught:
+        load_project(tmp_path)
+    err = caught.value
+    assert [p.code for p in err.problems] == ["unknown-key", "invalid-value", "unknown-provider"]
+    assert "3 problems in the project file" in err.message
+    assert err.details[0].endswith(
+        "batchspec.yaml:3:1: /stat: unknown key 'stat' (did you mean 'state'?)"
+    )
