@@ -349,9 +349,12 @@ def _load_document(
     if problems:
         return None, problems
     problems = schema_problems(doc, "batch")
-    if problems:
+    # The checks beyond the schema run wherever their fields are well-typed, so one run
+    # reports a missing input file next to a misspelt key.
+    checked = _check_spec(doc, project, hash_input, problems)
+    if problems or checked is None:
         return None, problems
-    return _resource(doc, project, hash_input)
+    return _resource(doc, project, checked), []
 
 
 def _shape_problems(doc: YamlDocument) -> list[Problem]:
@@ -375,48 +378,83 @@ def _shape_problems(doc: YamlDocument) -> list[Problem]:
     return []
 
 
-def _resource(
-    doc: YamlDocument, project: Project, hash_input: Callable[[Path], str]
-) -> tuple[Resource | None, list[Problem]]:
-    data = doc.data
-    metadata, spec = data["metadata"], data["spec"]
-    name = metadata["name"]
+@dataclass(frozen=True)
+class _Checked:
+    """What the checks beyond the schema resolved for one document."""
+
+    provider: str
+    input_path: Path
+    input_sha256: str
+    output_path: Path
+    errors_path: Path
+
+
+def _check_spec(
+    doc: YamlDocument,
+    project: Project,
+    hash_input: Callable[[Path], str],
+    problems: list[Problem],
+) -> _Checked | None:
+    spec = doc.data.get("spec")
+    if not isinstance(spec, Mapping):
+        return None
     folder = doc.file.parent.resolve()
-    problems: list[Problem] = []
     provider = _provider(doc, spec, project, problems)
-    input_path = _input_path(spec["input"], folder)
-    input_sha256 = _input_hash(doc, input_path, hash_input, problems)
-    output_path = (folder / spec.get("output", f"results/{name}.jsonl")).resolve()
-    errors_path = (folder / spec.get("errors", f"results/{name}.errors.jsonl")).resolve()
+    raw_input = spec.get("input")
+    input_path = _input_path(raw_input, folder) if isinstance(raw_input, str) else None
+    input_sha256 = _input_hash(doc, input_path, hash_input, problems) if input_path else None
+    outputs = _output_paths(doc, spec, folder, input_path, problems)
+    if provider is None or input_path is None or input_sha256 is None or outputs is None:
+        return None
+    return _Checked(provider, input_path, input_sha256, *outputs)
+
+
+def _output_paths(
+    doc: YamlDocument,
+    spec: Mapping[str, Any],
+    folder: Path,
+    input_path: Path | None,
+    problems: list[Problem],
+) -> tuple[Path, Path] | None:
+    """Where results and errors go (defaults from the name); neither may be the input."""
+    name = _resource_name(doc)
+    output = spec.get("output", f"results/{name}.jsonl")
+    errors = spec.get("errors", f"results/{name}.errors.jsonl")
+    if name is None or not isinstance(output, str) or not isinstance(errors, str):
+        return None  # the schema has reported it
+    output_path = (folder / output).resolve()
+    errors_path = (folder / errors).resolve()
     for key, path in (("output", output_path), ("errors", errors_path)):
         if path == input_path:
             pointer = f"/spec/{key}"
-            message = (
-                f"{key} file is the input file {display_path(input_path)}: it would be overwritten"
-            )
+            message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
         message = "output and errors are the same file"
         problems.append(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
-    if problems or provider is None or input_sha256 is None:
-        return None, problems
+    return output_path, errors_path
+
+
+def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:
+    """The Resource of a document that passed every check."""
+    metadata, spec = doc.data["metadata"], doc.data["spec"]
     common = {
-        "name": name,
-        "provider": provider,
+        "name": metadata["name"],
+        "provider": checked.provider,
         "endpoint": spec["endpoint"],
         "completion_window": spec.get("completionWindow", DEFAULT_COMPLETION_WINDOW),
         "model": spec.get("model"),
         "metadata": dict(spec.get("metadata", {})),
-        "input_sha256": input_sha256,
+        "input_sha256": checked.input_sha256,
     }
-    resource = Resource(
+    return Resource(
         **common,
         labels=dict(metadata.get("labels", {})),
-        input_path=input_path,
-        output_path=output_path,
-        errors_path=errors_path,
+        input_path=checked.input_path,
+        output_path=checked.output_path,
+        errors_path=checked.errors_path,
         retry=_retry(spec.get("retry", {})),
         limits=_limits(spec.get("limits", {})),
         budget=_budget(spec.get("budget"), project.default_budget),
@@ -424,13 +462,14 @@ def _resource(
         source=doc.start,
         spec_hash=spec_hash(semantic_spec(**common)),
     )
-    return resource, []
 
 
 def _provider(
     doc: YamlDocument, spec: Mapping[str, Any], project: Project, problems: list[Problem]
 ) -> str | None:
     name = spec.get("provider") or project.default_provider
+    if name is not None and not isinstance(name, str):
+        return None  # the schema has reported it
     if name is None:
         message = "missing required key 'provider' (or set `defaults.provider` in batchspec.yaml)"
         problems.append(Problem.at(doc.location("/spec"), "/spec", "missing-key", message))
@@ -495,13 +534,17 @@ def _budget(data: Mapping[str, Any] | None, default: Budget | None) -> Budget | 
 # Across documents
 
 
-def _name_of(doc: YamlDocument) -> list[tuple[str, SourceLocation]]:
+def _resource_name(doc: YamlDocument) -> str | None:
+    """``metadata.name`` of a Batch document, if it is a string."""
     data = doc.data if isinstance(doc.data, Mapping) else {}
     metadata = data.get("metadata")
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
-    if data.get("kind") != "Batch" or not isinstance(name, str):
-        return []
-    return [(name, doc.location("/metadata/name"))]
+    return name if data.get("kind") == "Batch" and isinstance(name, str) else None
+
+
+def _name_of(doc: YamlDocument) -> list[tuple[str, SourceLocation]]:
+    name = _resource_name(doc)
+    return [] if name is None else [(name, doc.location("/metadata/name"))]
 
 
 def _duplicate_names(names: list[tuple[str, SourceLocation]]) -> list[Problem]:

@@ -1,0 +1,272 @@
+"""`batchspec validate`: summary on success, every problem on failure, JSON only with --json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchspec.cli import cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "examples" / "quickstart"
+PROJECT = "apiVersion: batchspec/v1\nkind: Project\n"
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the real entry point (which maps errors to exit codes); return code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out = capsys.readouterr()
+    code = exited.value.code
+    return (code if isinstance(code, int) else 1), out.out, out.err
+
+
+def request(custom_id: str, url: str = "/v1/chat/completions", model: str = "gpt-4o-mini") -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def manifest(name: str, data: str, *, provider: str = "local", model: str = "gpt-4o-mini") -> str:
+    return (
+        f"apiVersion: batchspec/v1\nkind: Batch\nmetadata:\n  name: {name}\nspec:\n"
+        f"  provider: {provider}\n  endpoint: /v1/chat/completions\n  input: {data}\n"
+        f"  model: {model}\n"
+    )
+
+
+def workspace(root: Path, files: dict[str, str], project: str = PROJECT) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "batchspec.yaml").write_text(project, encoding="utf-8")
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text, encoding="utf-8")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_quickstart_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped example passes, with a short summary naming each resource."""
+    code, out, err = run_main(["validate", str(QUICKSTART)], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "2 resources valid:"
+    assert lines[1].startswith("  doc-embeddings (10 requests, ")
+    assert lines[2].startswith("  ticket-triage (12 requests, ")
+    assert "local /v1/chat/completions gpt-4o-mini" in lines[2]
+
+
+def test_quickstart_json_reports_counts_and_hashes(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json prints one JSON document with each input's request count, size and sha256."""
+    code, out, _ = run_main(["validate", str(QUICKSTART), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["valid"] is True and report["problems"] == []
+    tickets = QUICKSTART / "data" / "tickets.jsonl"
+    [triage] = [r for r in report["resources"] if r["name"] == "ticket-triage"]
+    assert triage["requests"] == 12
+    assert triage["bytes"] == tickets.stat().st_size
+    assert triage["sha256"] == hashlib.sha256(tickets.read_bytes()).hexdigest()
+    assert triage["models"] == ["gpt-4o-mini"]
+    assert report["project"] == str(QUICKSTART / "batchspec.yaml")
+
+
+def test_validate_defaults_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without PATHS, the current folder is the workspace."""
+    ws = tmp_path / "ws"
+    shutil.copytree(QUICKSTART, ws)
+    monkeypatch.chdir(ws / "manifests")  # the project is found by walking up
+    code, out, _ = run_main(["validate"], capsys)
+    assert code == 0 and out.startswith("2 resources valid:")
+
+
+def test_validate_changes_nothing_on_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No state database, no results folder, no file touched."""
+    ws = tmp_path / "ws"
+    shutil.copytree(QUICKSTART, ws)
+    before = snapshot(ws)
+    assert run_main(["validate", str(ws)], capsys)[0] == 0
+    assert snapshot(ws) == before
+
+
+def test_manifest_problems_exit_1_listing_each_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every manifest problem is printed as file:line:column: pointer: message; no traceback."""
+    ws = workspace(
+        tmp_path / "ws",
+        {
+            "a.yaml": manifest("a", "a.jsonl").replace("/v1/chat/completions", "/v1/chat"),
+            "b.yaml": manifest("b", "missing.jsonl") + "  completionWindw: 24h\n",
+        },
+    )
+    (ws / "a.jsonl").write_text(request("1") + "\n", encoding="utf-8")
+    code, out, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1 and out == ""
+    assert "Traceback" not in err
+    assert err.startswith("Error: 3 problems in the workspace; nothing was changed.")
+    a, b = ws.resolve() / "a.yaml", ws.resolve() / "b.yaml"
+    assert f"{a}:7:13: /spec/endpoint: '/v1/chat' is not one of" in err
+    assert f"{b}:8:10: /spec/input: input file not found" in err
+    assert f"{b}:10:3: /spec/completionWindw: unknown key 'completionWindw'" in err
+
+
+def test_input_problems_of_all_resources_are_reported_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad lines in two inputs: one run lists both, each as file:line: message."""
+    ws = workspace(
+        tmp_path / "ws",
+        {
+            "a.yaml": manifest("a", "a.jsonl"),
+            "b.yaml": manifest("b", "b.jsonl"),
+            "a.jsonl": request("1") + "\nnot json\n",
+            "b.jsonl": request("1") + "\n" + request("1") + "\n",
+        },
+    )
+    code, out, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1 and out == ""
+    assert "Traceback" not in err
+    assert err.startswith("Error: 2 problems in batch inputs")
+    assert f"{ws.resolve() / 'a.jsonl'}:2: " in err
+    assert f"{ws.resolve() / 'b.jsonl'}:2: " in err and "line 1" in err
+
+
+def test_input_is_checked_against_the_manifest_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line whose model differs from spec.model is a problem at that line."""
+    ws = workspace(
+        tmp_path / "ws",
+        {"a.yaml": manifest("a", "a.jsonl", model="gpt-4o"), "a.jsonl": request("1") + "\n"},
+    )
+    code, _, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1
+    assert f"{ws.resolve() / 'a.jsonl'}:1: " in err and "gpt-4o" in err
+
+
+def test_anthropic_providers_enforce_its_custom_id_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """custom_id must match ^[a-zA-Z0-9_-]{1,64}$ when the provider is anthropic."""
+    files = {
+        "a.yaml": manifest("a", "a.jsonl", provider="claude"),
+        "a.jsonl": request("q.1") + "\n",
+    }
+    anthropic = PROJECT + "providers:\n  claude: {type: anthropic}\n"
+    code, _, err = run_main(["validate", str(workspace(tmp_path / "x", files, anthropic))], capsys)
+    assert code == 1 and "a.jsonl:1: " in err
+    openai = PROJECT + "providers:\n  claude: {type: openai}\n"
+    code, _, _ = run_main(["validate", str(workspace(tmp_path / "y", files, openai))], capsys)
+    assert code == 0
+
+
+def test_json_failure_prints_only_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --json, a failure is still one JSON document on stdout, exit 1."""
+    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("Bad_Name", "a.jsonl")})
+    (ws / "a.jsonl").write_text(request("1") + "\n", encoding="utf-8")
+    code, out, _ = run_main(["validate", str(ws), "--json"], capsys)
+    assert code == 1
+    report = json.loads(out)
+    assert report["valid"] is False
+    [problem] = report["problems"]
+    assert problem == {
+        "file": str(ws.resolve() / "a.yaml"),
+        "line": 4,
+        "column": 9,
+        "pointer": "/metadata/name",
+        "code": "invalid-value",
+        "message": problem["message"],
+    }
+    assert "'Bad_Name' does not match" in problem["message"]
+
+
+def test_json_failure_for_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Input problems in JSON carry the input file, the line and the scanner's code."""
+    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("a", "a.jsonl"), "a.jsonl": "[1]\n"})
+    code, out, _ = run_main(["validate", str(ws), "--json"], capsys)
+    assert code == 1
+    [problem] = json.loads(out)["problems"]
+    assert (problem["file"], problem["line"], problem["column"], problem["pointer"]) == (
+        str(ws.resolve() / "a.jsonl"),
+        1,
+        None,
+        "",
+    )
+    assert problem["code"] == "not_an_object"
+
+
+def test_bad_project_file_fails_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Problems in batchspec.yaml are reported like manifest problems."""
+    ws = workspace(tmp_path / "ws", {}, project=PROJECT + "providers:\n  x: {type: vertex}\n")
+    code, _, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1
+    assert (
+        f"{ws.resolve() / 'batchspec.yaml'}:4:13: /providers/x/type: 'vertex' is not one of" in err
+    )
+
+
+def test_missing_path_is_a_problem_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path that does not exist exits 1 with its name."""
+    code, _, err = run_main(["validate", str(tmp_path / "nope")], capsys)
+    assert code == 1
+    assert f"{tmp_path / 'nope'}: no such file or folder" in err
+    assert "Traceback" not in err
+
+
+def test_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad flag is a usage error: exit 64 (not click's 2), a hint, no traceback."""
+    code, out, err = run_main(["validate", "--no-such-flag"], capsys)
+    assert code == 64 and out == ""
+    assert "No such option" in err and "Traceback" not in err
+
+
+def test_empty_workspace_is_valid_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A workspace without manifests has nothing wrong; the message says nothing was found."""
+    ws = workspace(tmp_path / "ws", {})
+    code, out, _ = run_main(["validate", str(ws)], capsys)
+    assert code == 0 and out.startswith("No resources found under ")
+
+
+def test_through_click_runner(tmp_path: Path) -> None:
+    """The click command itself (as CliRunner sees it) succeeds and fails with exit 0 and 1."""
+    runner = CliRunner()
+    result = runner.invoke(cli, ["validate", str(QUICKSTART), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["valid"] is True
+    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("a", "nope.jsonl")})
+    result = runner.invoke(cli, ["validate", str(ws), "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.output)["problems"][0]["code"] == "missing-input"
+
+
+def test_relative_paths_in_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files below the working directory are named relative to it, as an editor would."""
+    ws = workspace(tmp_path / "ws", {"jobs/a.yaml": manifest("a", "nope.jsonl")})
+    monkeypatch.chdir(ws)
+    code, _, err = run_main(["validate"], capsys)
+    assert code == 1
+    assert (
+        f"\n  jobs{os.sep}a.yaml:8:10: /spec/input: input file not found: jobs{os.sep}nope.jsonl"
+        in err
+    )
