@@ -28,28 +28,41 @@ USAGE_EXIT_CODE = 64
 
 def json_option(f: F) -> F:
     return click.option(
-        "--json", "as_json", is_flag=True, envvar="BATCHSPEC_JSON",
+        "--json",
+        "as_json",
+        is_flag=True,
+        envvar="BATCHSPEC_JSON",
         help="Write machine-readable JSON to stdout (and nothing else).",
     )(f)
 
 
 def state_option(f: F) -> F:
     return click.option(
-        "--state", "state_path", type=click.Path(dir_okay=False), envvar="BATCHSPEC_STATE",
+        "--state",
+        "state_path",
+        type=click.Path(dir_okay=False),
+        envvar="BATCHSPEC_STATE",
         help="State database (default: the project's, or state/batchspec.db).",
     )(f)
 
 
 def select_option(f: F) -> F:
     return click.option(
-        "--select", "-s", "select", multiple=True, envvar="BATCHSPEC_SELECT",
+        "--select",
+        "-s",
+        "select",
+        multiple=True,
+        envvar="BATCHSPEC_SELECT",
         help="Only these resources (repeatable).",
     )(f)
 
 
 def lock_timeout_option(f: F) -> F:
     return click.option(
-        "--lock-timeout", type=float, default=0.0, show_default=True,
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        show_default=True,
         envvar="BATCHSPEC_LOCK_TIMEOUT",
         help="Seconds to wait for another run's lock before exiting 3.",
     )(f)
@@ -78,32 +91,92 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="BATCHSPEC_SERVE_HOST",
-              help="Address to listen on; anything but loopback needs --api-key-env.")
-@click.option("--port", default=8000, show_default=True, type=int, envvar="BATCHSPEC_SERVE_PORT",
-              help="Port to listen on (0: any free port).")
-@click.option("--data-dir", default="state/local", show_default=True, type=click.Path(),
-              envvar="BATCHSPEC_ENGINE_DIR", help="Where the engine keeps files and batches.")
-@click.option("--upstream", default="builtin", show_default=True, envvar="BATCHSPEC_UPSTREAM",
-              help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
-              "'builtin' (an offline stand-in, not a model).")
-@click.option("--api-key-env", default=None, metavar="NAME",
-              help="Require 'Authorization: Bearer <key>' with the key in this env var.")
-@click.option("--upstream-api-key-env", default=None, metavar="NAME",
-              help="Env var holding the API key sent to the upstream.")
-@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Requests in flight to the upstream at once.")
-@click.option("--request-timeout", default=60.0, show_default=True, type=float,
-              help="Seconds one upstream request may take.")
-@click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Attempts per request line on 429/5xx/timeouts.")
-@click.option("--max-upload-bytes", default=512 * 1024 * 1024, show_default=True,
-              type=click.IntRange(min=1), help="Largest accepted upload (413 beyond).")
-@click.option("--completion-window-seconds", type=float, default=None, hidden=True,
-              help="Real expiry deadline (tests); the wire value stays 24h.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="BATCHSPEC_SERVE_HOST",
+    help="Address to listen on; anything but loopback needs --api-key-env.",
+)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=int,
+    envvar="BATCHSPEC_SERVE_PORT",
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--data-dir",
+    default="state/local",
+    show_default=True,
+    type=click.Path(),
+    envvar="BATCHSPEC_ENGINE_DIR",
+    help="Where the engine keeps files and batches.",
+)
+@click.option(
+    "--upstream",
+    default="builtin",
+    show_default=True,
+    envvar="BATCHSPEC_UPSTREAM",
+    help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
+    "'builtin' (an offline stand-in, not a model).",
+)
+@click.option(
+    "--api-key-env",
+    default=None,
+    metavar="NAME",
+    help="Require 'Authorization: Bearer <key>' with the key in this env var.",
+)
+@click.option(
+    "--upstream-api-key-env",
+    default=None,
+    metavar="NAME",
+    help="Env var holding the API key sent to the upstream.",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests in flight to the upstream at once.",
+)
+@click.option(
+    "--request-timeout",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Seconds one upstream request may take.",
+)
+@click.option(
+    "--max-attempts",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Attempts per request line on 429/5xx/timeouts.",
+)
+@click.option(
+    "--max-upload-bytes",
+    default=512 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest accepted upload (413 beyond).",
+)
+@click.option(
+    "--completion-window-seconds",
+    type=float,
+    default=None,
+    hidden=True,
+    help="Real expiry deadline (tests); the wire value stays 24h.",
+)
 @click.option("--poll-interval", type=float, default=0.5, hidden=True)
-@click.option("--upstream-latency", type=float, default=0.0, hidden=True,
-              help="Delay every builtin answer by this many seconds (tests).")
+@click.option(
+    "--upstream-latency",
+    type=float,
+    default=0.0,
+    hidden=True,
+    help="Delay every builtin answer by this many seconds (tests).",
+)
 @click.option("--fault-500", type=float, default=0.0, hidden=True)
 @click.option("--fault-429", type=float, default=0.0, hidden=True)
 @click.option("--fault-timeout", type=float, default=0.0, hidden=True)
@@ -165,6 +238,192 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
         emit_json(render.validation_json(report))
     else:
         click.echo(render.validation_text(report))
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
+)
+def plan(
+    paths: tuple[str, ...], select: tuple[str, ...], as_json: bool, detailed_exitcode: bool
+) -> int:
+    """Show what apply would do, resource by resource. Contacts no provider.
+
+    Validates every selected input first; a bad input fails here, as it would in apply.
+    """
+    from batchspec import render
+    from batchspec.apply import plan_workspace
+
+    result = plan_workspace(paths, select=select)
+    if as_json:
+        emit_json(render.plan_result_json(result))
+    else:
+        click.echo(render.plan_text(result.plan))
+    return 2 if detailed_exitcode and result.plan.has_changes else 0
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+@lock_timeout_option
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    envvar="BATCHSPEC_YES",
+    help="Approve creating batches without asking (needed when there is no terminal).",
+)
+@click.option(
+    "--wait", is_flag=True, help="Keep polling until every resource is in sync or Degraded."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --wait: give up after this many seconds (exit 5).",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=30.0,
+    show_default=True,
+    help="Longest pause between polls; polling starts at 0.5 s and backs off.",
+)
+@click.option(
+    "--allow-replace",
+    is_flag=True,
+    help="Cancel a changed resource's in-flight batches and submit the new spec.",
+)
+def apply(
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    as_json: bool,
+    lock_timeout: float,
+    yes: bool,
+    wait: bool,
+    timeout: float | None,
+    poll_interval: float,
+    allow_replace: bool,
+) -> int:
+    """Make the results on disk match the manifests: upload, create, poll, collect, retry.
+
+    One pass takes the next safe step for each resource; with --wait it loops until done.
+    Exit codes: 0 in sync (or submitted), 3 locked, 4 Degraded, 5 --timeout reached.
+    """
+    from batchspec import render
+    from batchspec.apply import ApplyOptions, apply_workspace
+
+    def show(progress: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(progress.to_json(), default=str))
+        elif progress.plan is not None:
+            click.echo(render.plan_text(progress.plan) + "\n")
+        elif (text := render.progress_text(progress)) is not None:
+            click.echo(text)
+
+    def confirm(plan: Any) -> bool:
+        return click.confirm("Submit these batches?", default=False, err=True)
+
+    options = ApplyOptions(
+        select=select,
+        yes=yes,
+        wait=wait,
+        timeout=timeout,
+        poll_interval=poll_interval,
+        lock_timeout=lock_timeout,
+        allow_replace=allow_replace,
+    )
+    interactive = sys.stdin.isatty() and not as_json
+    result = apply_workspace(paths, options, confirm=confirm if interactive else None, report=show)
+    if as_json:
+        click.echo(json.dumps({"event": "result", **render.apply_json(result)}, default=str))
+    else:
+        click.echo(render.apply_text(result))
+    return result.exit_code
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+def status(paths: tuple[str, ...], select: tuple[str, ...], as_json: bool) -> None:
+    """Show each resource's sync and health, its batches and where its results are.
+
+    Reads the state only: no lock, no network.
+    """
+    from batchspec import render
+    from batchspec.status import workspace_status
+
+    statuses = workspace_status(paths, select=select)
+    if as_json:
+        emit_json({"resources": [s.to_json() for s in statuses]})
+    else:
+        click.echo(render.status_text(statuses))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option(
+    "--project",
+    "project_dir",
+    type=click.Path(),
+    default=None,
+    help="Workspace folder (default: found from the current folder).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many runs, newest first.",
+)
+@json_option
+def history(name: str | None, project_dir: str | None, limit: int, as_json: bool) -> None:
+    """Show recorded runs (who, where, git commit, exit code) and each run's events.
+
+    With NAME, only the runs that touched that resource.
+    """
+    from batchspec import render
+    from batchspec.history import read_history
+
+    entries = read_history([project_dir] if project_dir else [], resource=name, limit=limit)
+    if as_json:
+        emit_json({"runs": [e.to_json() for e in entries]})
+    else:
+        click.echo(render.history_text(entries))
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@click.option("--errors", "show_errors", is_flag=True, help="Print the errors file instead.")
+def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
+    """Print the merged results of NAME (JSONL, in input order) to stdout."""
+    from batchspec.results import result_file
+
+    path = result_file(paths, name, errors=show_errors)
+    stdout = click.get_binary_stream("stdout")
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            stdout.write(chunk)
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@lock_timeout_option
+def cancel(name: str, paths: tuple[str, ...], lock_timeout: float) -> None:
+    """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
+    from batchspec.apply import cancel_resource
+
+    n = cancel_resource(paths, name, lock_timeout=lock_timeout)
+    click.echo(f"cancelled {n} batch(es) of {name}")
 
 
 @cli.command()

@@ -7,12 +7,18 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec.yamldoc import Problem, display_path
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
+    from batchspec.apply import ApplyResult, PlanResult
+    from batchspec.history import HistoryEntry
+    from batchspec.plan import Plan
+    from batchspec.reconcile import Progress
+    from batchspec.status import ResourceStatus
     from batchspec.validate import ValidatedResource, ValidationReport
 
 _UNITS = ("bytes", "KB", "MB", "GB", "TB")
@@ -94,3 +100,137 @@ def problem_json(problem: Problem) -> dict[str, Any]:
         "code": problem.code,
         "message": problem.message,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# plan, apply progress, status, history
+
+
+_SYMBOLS = {
+    "create": "+",
+    "replace": "-/+",
+    "refresh": "~",
+    "collect": "<",
+    "retry": "+",
+    "restore": "<",
+    "none": "=",
+    "orphaned": "?",
+    "prune": "-",
+}
+
+
+def plan_text(plan: Plan) -> str:
+    """A Terraform-style plan: one line per resource, then a summary line."""
+    lines = []
+    for action in plan.actions:
+        line = f"  {_SYMBOLS[action.kind.value]:>3} {action.resource}: {action.kind.value} ({action.reason})"
+        if action.spends:
+            line += (
+                f": {_plural(action.requests, 'request')}, "
+                f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
+            )
+        lines.append(line)
+    if not plan.actions:
+        lines.append("  no resources selected")
+    return "\n".join(lines + ["", plan_summary(plan)])
+
+
+def plan_summary(plan: Plan) -> str:
+    if not plan.has_changes:
+        return "No changes: every resource is in sync."
+    counts = plan.counts()
+    parts = [
+        f"{counts[k]} to {k}"
+        for k in ("create", "replace", "retry", "refresh", "collect", "restore", "prune")
+        if counts.get(k)
+    ]
+    text = "Plan: " + ", ".join(parts) + "."
+    spending = plan.spending
+    if spending:
+        requests = sum(a.requests for a in spending)
+        tokens = sum(a.estimated_input_tokens for a in spending)
+        text += f" {_plural(requests, 'request')} to submit (~{tokens:,} input tokens)."
+    return text
+
+
+def plan_result_json(result: PlanResult) -> dict[str, Any]:
+    return {
+        "serial": result.serial,
+        "spec_hashes": dict(result.spec_hashes),
+        **result.plan.to_json(),
+    }
+
+
+def progress_text(progress: Progress) -> str | None:
+    if progress.event == "plan":
+        return None
+    prefix = f"[{progress.resource}] " if progress.resource else ""
+    return f"{prefix}{progress.message}"
+
+
+def apply_text(result: ApplyResult) -> str:
+    headline = {
+        "converged": "Apply complete: every selected resource is in sync.",
+        "in_progress": "Apply submitted: batches are in flight. Run `batchspec apply` again (or with --wait) to collect.",
+        "degraded": "Apply finished with resources Degraded (attempts exhausted).",
+        "timeout": "Apply stopped at --timeout before every resource was in sync.",
+    }[result.outcome]
+    return "\n".join([headline, *status_lines(result.statuses)])
+
+
+def apply_json(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run_id,
+        "outcome": result.outcome,
+        "exit_code": result.exit_code,
+        "plan": result.plan.to_json(),
+        "resources": [s.to_json() for s in result.statuses],
+    }
+
+
+def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
+    lines = []
+    for s in statuses:
+        counts = f"{s.succeeded}/{s.requests} succeeded" + (
+            f", {s.failed} failed" if s.failed else ""
+        )
+        lines.append(f"  {s.name}: {s.sync}, {s.health} — {counts}")
+        if s.action != "none":
+            lines.append(f"      next: {s.action} ({s.reason})")
+        if s.health in ("Healthy", "Degraded") and s.output:
+            lines.append(f"      results: {display_path(Path(s.output))}")
+            if s.failed and s.errors:
+                lines.append(f"      errors:  {display_path(Path(s.errors))}")
+        for b in s.batches:
+            done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
+            lines.append(
+                f"      shard {b.shard + 1} attempt {b.attempt}: {b.remote_id or '(intent)'} {b.status}{done}"
+            )
+    return lines
+
+
+def status_text(statuses: Sequence[ResourceStatus]) -> str:
+    if not statuses:
+        return "No resources."
+    return "\n".join(status_lines(statuses))
+
+
+def history_text(entries: Sequence[HistoryEntry]) -> str:
+    if not entries:
+        return "No runs recorded."
+    lines = []
+    for entry in entries:
+        run = entry.run
+        git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
+        ci = f" ({run.ci_system})" if run.ci_system else ""
+        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
+        lines.append(
+            f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
+        )
+        for event in entry.events:
+            target = f" [{event.resource}]" if event.resource else ""
+            detail = ", ".join(
+                f"{k}={v}" for k, v in event.detail.items() if not isinstance(v, (dict, list))
+            )
+            lines.append(f"    {event.at}  {event.action}{target}  {detail}")
+    return "\n".join(lines)

@@ -1,0 +1,362 @@
+"""The use cases that read or change state: ``plan``, ``apply``, ``cancel``.
+
+Each one loads the workspace, opens the state store, records a *run* (command, arguments,
+who, where, which git commit) and, when it writes, holds the lock for its whole duration.
+Bad input fails here, before any provider is contacted: every selected resource's input is
+validated first, and nothing is uploaded unless all of them pass (DESIGN invariant 5).
+
+``apply`` needs consent to spend: a plan that creates batches on a paid provider runs only
+with ``yes=True`` or when ``confirm(plan)`` (the CLI asks on a terminal) says so. The local
+engine costs nothing and needs no consent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchspec.errors import BatchspecError, ConsentError, ManifestError
+from batchspec.inputs import InputReport, require_valid_input
+from batchspec.ledger import RequestLedger
+from batchspec.lock import acquire_lock
+from batchspec.manifest import Resource, Workspace, load_workspace
+from batchspec.plan import Action, ActionKind, Plan, make_plan
+from batchspec.providers.base import Provider
+from batchspec.providers.registry import build_provider
+from batchspec.reconcile import Progress, Reconciler, Reporter, desired_resource
+from batchspec.recorded import load_recorded, observe_disk
+from batchspec.runinfo import collect_run_info
+from batchspec.sharding import ShardLimits
+from batchspec.state import StateStore
+from batchspec.status import ResourceStatus, resource_statuses
+
+ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
+FIRST_POLL_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    select: tuple[str, ...] = ()
+    yes: bool = False
+    wait: bool = False
+    timeout: float | None = None
+    poll_interval: float = 30.0  # the longest pause between polls; polling starts faster
+    lock_timeout: float = 0.0
+    allow_replace: bool = False
+    prune: bool = False
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    run_id: int
+    plan: Plan
+    statuses: tuple[ResourceStatus, ...]
+    outcome: str  # converged | in_progress | degraded | timeout
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    serial: int
+    spec_hashes: Mapping[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_workspace(
+    paths: Sequence[str], *, select: Sequence[str] = (), prune: bool = False
+) -> PlanResult:
+    """``batchspec plan``: what apply would do, with no network and no lock."""
+    ws = load_workspace(paths)
+    resources = select_resources(ws, select)
+    facts = validate_inputs(ws, resources)
+    with (
+        StateStore.open(ws.project.state_path) as store,
+        recorded_run(store, ws, "plan", {"paths": list(paths), "select": list(select)}),
+    ):
+        plan = compute_plan(store, resources, facts, prune=prune, include_orphans=not select)
+        return PlanResult(
+            plan=plan, serial=store.serial(), spec_hashes={r.name: r.spec_hash for r in resources}
+        )
+
+
+def apply_workspace(
+    paths: Sequence[str],
+    options: ApplyOptions,
+    *,
+    confirm: Callable[[Plan], bool] | None = None,
+    report: Reporter = lambda progress: None,
+    env: Mapping[str, str] = os.environ,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> ApplyResult:
+    """``batchspec apply``: converge the selected resources, or take one step each."""
+    ws = load_workspace(paths)
+    resources = select_resources(ws, options.select)
+    facts = validate_inputs(ws, resources)
+    args = {
+        "paths": list(paths),
+        "select": list(options.select),
+        "wait": options.wait,
+        "yes": options.yes,
+    }
+    with (
+        StateStore.open(ws.project.state_path) as store,
+        recorded_run(store, ws, "apply", args) as run,
+    ):
+        info = collect_run_info(ws.project.root, env)
+        with acquire_lock(store, command="apply", info=info, timeout=options.lock_timeout) as lock:
+            if lock.warning:
+                report(Progress("warning", None, lock.warning))
+            plan = compute_plan(
+                store, resources, facts, prune=options.prune, include_orphans=not options.select
+            )
+            report(Progress("plan", None, "plan computed", plan=plan))
+            require_consent(plan, ws, options, confirm)
+            with ProviderPool(ws, env) as providers:
+                rec = Reconciler(
+                    ws.project,
+                    store,
+                    run.id,
+                    providers.get,
+                    report,
+                    allow_replace=options.allow_replace,
+                    limits_for=lambda r: shard_limits(ws, r),
+                )
+                outcome = converge(
+                    rec, resources, facts, options, lock.heartbeat, report, sleep, clock
+                )
+            statuses = tuple(resource_statuses(store, resources, facts))
+        result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome))
+        run.exit_code = result.exit_code
+        return result
+
+
+def cancel_resource(
+    paths: Sequence[str],
+    name: str,
+    *,
+    lock_timeout: float = 0.0,
+    report: Reporter = lambda p: None,
+    env: Mapping[str, str] = os.environ,
+) -> int:
+    """``batchspec cancel NAME``: cancel a resource's in-flight batches; return how many."""
+    ws = load_workspace(paths)
+    with (
+        StateStore.open(ws.project.state_path) as store,
+        recorded_run(store, ws, "cancel", {"name": name}) as run,
+    ):
+        if store.get_resource(name) is None:
+            raise ManifestError(
+                f"no resource named {name!r} is recorded in {ws.project.state_path}"
+            )
+        info = collect_run_info(ws.project.root, env)
+        with (
+            acquire_lock(store, command="cancel", info=info, timeout=lock_timeout),
+            ProviderPool(ws, env) as providers,
+        ):
+            rec = Reconciler(ws.project, store, run.id, providers.get, report)
+            n = rec.cancel(name)
+        run.exit_code = 0
+        return n
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def converge(
+    rec: Reconciler,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    options: ApplyOptions,
+    heartbeat: Callable[[], None],
+    report: Reporter,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> str:
+    """Advance every resource; with ``wait``, keep polling (backing off) until none waits."""
+    deadline = None if options.timeout is None else clock() + options.timeout
+    interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
+    while True:
+        waiting = [r for r in resources if rec.advance(r, facts[r.name]).waiting]
+        heartbeat()
+        if not waiting or not options.wait:
+            break
+        if deadline is not None and clock() + interval > deadline:
+            return "timeout"
+        report(
+            Progress(
+                "wait",
+                None,
+                f"waiting {interval:.1f}s for {len(waiting)} resource(s)",
+                {"resources": [r.name for r in waiting]},
+            )
+        )
+        sleep(interval)
+        interval = min(interval * 1.5, options.poll_interval)
+    plan = compute_plan(rec.store, resources, facts, include_orphans=False)
+    if any(a.kind is not ActionKind.NONE for a in plan.actions):
+        return "in_progress"
+    gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
+    if any(g is not None and g.status == "degraded" for g in gens):
+        return "degraded"
+    return "converged"
+
+
+def _exit_code(outcome: str) -> int:
+    return {"converged": 0, "in_progress": 0, "degraded": 4, "timeout": 5}[outcome]
+
+
+def compute_plan(
+    store: StateStore,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    *,
+    prune: bool = False,
+    include_orphans: bool = True,
+) -> Plan:
+    recorded = load_recorded(store, RequestLedger(store.db))
+    disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
+    desired = [desired_resource(r, facts[r.name]) for r in resources]
+    return make_plan(desired, recorded, disk, prune=prune, include_orphans=include_orphans)
+
+
+def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
+    if not select:
+        return list(ws.resources)
+    by_name = {r.name: r for r in ws.resources}
+    unknown = [s for s in select if s not in by_name]
+    if unknown:
+        known = ", ".join(sorted(by_name)) or "none"
+        raise ManifestError(
+            f"no resource named {', '.join(map(repr, unknown))} in the manifests (known: {known})"
+        )
+    return [by_name[s] for s in dict.fromkeys(select)]
+
+
+def validate_inputs(ws: Workspace, resources: Sequence[Resource]) -> dict[str, InputReport]:
+    """Validate every selected input before anything else happens; fail listing them all."""
+    facts: dict[str, InputReport] = {}
+    failures: list[BatchspecError] = []
+    for res in resources:
+        kind = (
+            ws.project.providers[res.provider].type
+            if res.provider in ws.project.providers
+            else None
+        )
+        try:
+            facts[res.name] = require_valid_input(
+                res.input_path,
+                endpoint=res.endpoint,
+                model=res.model,
+                custom_id_pattern=ANTHROPIC_CUSTOM_ID if kind == "anthropic" else None,
+                allow_unversioned_url=kind == "azure",
+            )
+        except BatchspecError as err:
+            failures.append(err)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise type(failures[0])(
+            f"{len(failures)} batch inputs are invalid; nothing was uploaded",
+            details=[line for err in failures for line in [err.message, *err.details]],
+        )
+    return facts
+
+
+def require_consent(
+    plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
+) -> None:
+    paid = [a for a in plan.spending if not _is_free(ws, a)]
+    if not paid or options.yes:
+        return
+    if confirm is None:
+        raise ConsentError(
+            f"this apply would submit {sum(a.requests for a in paid)} request(s) in new batches "
+            f"({', '.join(sorted({a.resource for a in paid}))}) and there is no terminal to ask on",
+            details=["re-run with --yes to approve spending"],
+        )
+    if not confirm(plan):
+        raise ConsentError("apply cancelled: nothing was submitted")
+
+
+def _is_free(ws: Workspace, action: Action) -> bool:
+    provider = ws.project.providers.get(action.provider or "")
+    return provider is not None and provider.type == "local"
+
+
+def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
+    """Manifest ``limits`` over the provider's options over the provider type's defaults."""
+    provider = ws.project.providers.get(res.provider)
+    options = provider.options if provider else {}
+    default_requests = 100_000 if provider is not None and provider.type == "azure" else 50_000
+    base = ShardLimits(
+        max_requests=int(options.get("maxRequestsPerBatch") or default_requests),
+        max_bytes=int(options.get("maxBytesPerBatch") or 200 * 1024 * 1024),
+    )
+    lim = res.limits
+    return ShardLimits(
+        max_requests=lim.max_requests_per_batch or base.max_requests,
+        max_bytes=lim.max_bytes_per_batch or base.max_bytes,
+        max_embedding_inputs=lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
+    )
+
+
+class ProviderPool:
+    """Builds each provider on first use (so a missing key only matters when it is needed)."""
+
+    def __init__(self, ws: Workspace, env: Mapping[str, str]) -> None:
+        self.ws = ws
+        self.env = env
+        self.built: dict[str, Provider] = {}
+
+    def get(self, name: str) -> Provider:
+        if name not in self.built:
+            config = self.ws.project.providers.get(name)
+            if config is None:
+                raise ManifestError(
+                    f"provider {name!r} is not defined in {self.ws.project.file or 'batchspec.yaml'}"
+                )
+            self.built[name] = build_provider(
+                config, project_root=self.ws.project.root, env=self.env
+            )
+        return self.built[name]
+
+    def __enter__(self) -> ProviderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for provider in self.built.values():
+            provider.close()
+
+
+@dataclass
+class RunHandle:
+    id: int
+    exit_code: int = 1
+
+
+@contextmanager
+def recorded_run(
+    store: StateStore, ws: Workspace, command: str, args: Mapping[str, Any]
+) -> Iterator[RunHandle]:
+    """Record a run around a use case; its exit code is the failure's when one escapes."""
+    run = RunHandle(store.start_run(command, args, collect_run_info(ws.project.root)))
+    try:
+        yield run
+        if command == "plan":
+            run.exit_code = 0
+    except BatchspecError as err:
+        run.exit_code = err.exit_code
+        store.record_event(
+            run.id, "error", detail={"error": type(err).__name__, "message": err.message}
+        )
+        raise
+    finally:
+        store.finish_run(run.id, run.exit_code)

@@ -1,0 +1,182 @@
+"""The request ledger: one row per request of a generation, in the state database.
+
+It is what makes retries exact and results deterministic:
+
+* A row is written for every request when a generation is first submitted: its
+  ``custom_id``, input ``line``, ``shard`` and size. ``state`` starts ``pending``.
+* Collecting a batch file updates the rows it answers: ``ok``, ``retryable`` (with the
+  category the retry policy matched) or ``failed``, and *where* the line lives: the sha256
+  of the stored blob plus byte offset and length. An ``ok`` row is never overwritten.
+* A retry attempt carries exactly the rows of its shard that are still ``pending`` or
+  ``retryable`` (``sent_attempt`` records the attempt that last carried each row, so a
+  provider's line numbers for attempt k map back to input lines).
+* Results are written by walking the rows ``ORDER BY line``: input order, one line per
+  ``custom_id``, streamed, whatever the size of the job.
+
+The table is created by the state store's migrations (``requests``); this module only
+reads and writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from batchspec.outcomes import Outcome
+
+UNRESOLVED = ("pending", "retryable")
+_CHUNK = 5_000
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    custom_id: str
+    line: int
+    shard: int
+    state: str
+    category: str | None
+    blob: str | None
+    offset: int | None
+    length: int | None
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    shard: int
+    unresolved: int
+    unresolved_bytes: int
+
+
+@dataclass(frozen=True)
+class CollectedLine:
+    custom_id: str
+    offset: int
+    length: int
+    outcome: Outcome
+
+
+class RequestLedger:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def has_requests(self, generation_id: int) -> bool:
+        row = self.db.execute(
+            "select 1 from requests where generation_id = ? limit 1", [generation_id]
+        ).fetchone()
+        return row is not None
+
+    def record_requests(self, generation_id: int, rows: Iterable[tuple[str, int, int, int]]) -> int:
+        """Insert ``(custom_id, line, shard, bytes)`` rows as pending; return how many."""
+        sql = (
+            "insert or ignore into requests "
+            "(generation_id, custom_id, line, shard, bytes, state, sent_attempt) "
+            "values (?, ?, ?, ?, ?, 'pending', 1)"
+        )
+        total = 0
+        chunk: list[tuple[int, str, int, int, int]] = []
+        for custom_id, line, shard, nbytes in rows:
+            chunk.append((generation_id, custom_id, line, shard, nbytes))
+            if len(chunk) >= _CHUNK:
+                self.db.conn.executemany(sql, chunk)
+                total += len(chunk)
+                chunk.clear()
+        if chunk:
+            self.db.conn.executemany(sql, chunk)
+            total += len(chunk)
+        return total
+
+    def record_outcomes(
+        self, generation_id: int, attempt: int, blob: str, lines: Iterable[CollectedLine]
+    ) -> int:
+        """Record what a collected file says; an ``ok`` row is final. Returns rows changed."""
+        sql = (
+            "update requests set state = ?, category = ?, blob = ?, offset = ?, length = ?, "
+            "attempt = ? where generation_id = ? and custom_id = ? and state != 'ok'"
+        )
+        changed = 0
+        chunk: list[tuple[object, ...]] = []
+        for item in lines:
+            chunk.append(
+                (
+                    item.outcome.state,
+                    item.outcome.category,
+                    blob,
+                    item.offset,
+                    item.length,
+                    attempt,
+                    generation_id,
+                    item.custom_id,
+                )
+            )
+            if len(chunk) >= _CHUNK:
+                changed += self._run(sql, chunk)
+        if chunk:
+            changed += self._run(sql, chunk)
+        return changed
+
+    def _run(self, sql: str, chunk: list[tuple[object, ...]]) -> int:
+        cursor = self.db.conn.executemany(sql, chunk)
+        chunk.clear()
+        return cursor.rowcount
+
+    def mark_sent(self, generation_id: int, shard: int, attempt: int) -> int:
+        """Record that ``attempt`` carries every unresolved request of ``shard``."""
+        cursor = self.db.execute(
+            "update requests set sent_attempt = ? where generation_id = ? and shard = ? "
+            "and state in ('pending', 'retryable')",
+            [attempt, generation_id, shard],
+        )
+        return cursor.rowcount
+
+    def fail_attempt(self, generation_id: int, shard: int, attempt: int, code: str) -> int:
+        """A batch failed as a whole (e.g. invalid input): its requests fail finally."""
+        cursor = self.db.execute(
+            "update requests set state = 'failed', category = ? where generation_id = ? "
+            "and shard = ? and sent_attempt = ? and state in ('pending', 'retryable')",
+            [code, generation_id, shard, attempt],
+        )
+        return cursor.rowcount
+
+    def lines_of_attempt(self, generation_id: int, shard: int, attempt: int) -> list[int]:
+        """Input lines carried by an attempt, in the order its batch file holds them."""
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and shard = ? "
+            "and sent_attempt = ? order by line",
+            [generation_id, shard, attempt],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def unresolved_lines(self, generation_id: int, shard: int) -> set[int]:
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and shard = ? "
+            "and state in ('pending', 'retryable')",
+            [generation_id, shard],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def shard_counts(self, generation_id: int) -> list[ShardCounts]:
+        rows = self.db.execute(
+            "select shard, sum(state in ('pending', 'retryable')), "
+            "sum(case when state in ('pending', 'retryable') then bytes else 0 end) "
+            "from requests where generation_id = ? group by shard order by shard",
+            [generation_id],
+        ).fetchall()
+        return [ShardCounts(r[0], r[1] or 0, r[2] or 0) for r in rows]
+
+    def state_counts(self, generation_id: int) -> dict[str, int]:
+        rows = self.db.execute(
+            "select state, count(*) from requests where generation_id = ? group by state",
+            [generation_id],
+        ).fetchall()
+        return {state: n for state, n in rows}
+
+    def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
+        cursor = self.db.conn.execute(
+            "select custom_id, line, shard, state, category, blob, offset, length "
+            "from requests where generation_id = ? order by line",
+            [generation_id],
+        )
+        for row in cursor:
+            yield LedgerRow(*row)

@@ -1,0 +1,811 @@
+"""The reconciler: take the next safe step for each resource, recording every step first.
+
+``Reconciler.advance(resource)`` re-plans the resource from fresh state and acts, repeating
+until the resource has to wait for the provider (``refresh`` of a running batch), is in sync,
+or is stuck. The money-touching steps follow DESIGN.md's invariants:
+
+* **Intent first.** A batch row (remote id NULL) and an ``intent`` event are committed before
+  any upload; the row is marked ``creating`` before the create call. A run that dies between
+  the create and recording its remote id leaves a ``creating`` row, and the next run *adopts*
+  the remote batch carrying the same metadata key instead of creating another.
+* **Deterministic keys.** Every batch carries ``batchspec_resource``, ``batchspec_spec``,
+  ``batchspec_shard`` and ``batchspec_attempt`` in its metadata, next to the user's.
+* **Files once per provider.** Uploads are deduplicated by sha256 per provider; a recorded
+  file id the provider no longer has is uploaded again.
+* **Collect to the store first.** Output and error files go into the blob store before they
+  are read; result files are written from there, in input order.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from batchspec.blobstore import BlobStore
+from batchspec.collect import download_to_store, read_result_lines
+from batchspec.errors import BatchspecError
+from batchspec.inputs import InputReport, iter_requests
+from batchspec.ledger import RequestLedger
+from batchspec.manifest import Project, Resource
+from batchspec.plan import (
+    Action,
+    ActionKind,
+    DesiredResource,
+    Plan,
+    RecordedResource,
+    plan_resource,
+)
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.recorded import observe_disk, recorded_generation
+from batchspec.results import write_results_in_input_order
+from batchspec.sharding import ShardLimits, assign_shards, fits_one_shard
+from batchspec.state import BatchRow, GenerationRow, StateStore
+
+METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
+# How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
+ADOPTION_CLOCK_SLACK = 3600
+MAX_STEPS_PER_PASS = 12
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One thing apply did or saw, for the CLI to render (text, NDJSON or a progress bar)."""
+
+    event: str
+    resource: str | None
+    message: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None  # set on the "plan" event
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"event": self.event, "resource": self.resource, "message": self.message, **self.data}
+        if self.plan is not None:
+            out["plan"] = self.plan.to_json()
+        return out
+
+
+Reporter = Callable[[Progress], None]
+ProviderFactory = Callable[[str], Provider]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    action: Action
+    waiting: bool  # the resource waits on the provider (in flight) or on consent
+
+
+class Reconciler:
+    def __init__(
+        self,
+        project: Project,
+        store: StateStore,
+        run_id: int,
+        provider_for: ProviderFactory,
+        report: Reporter,
+        *,
+        allow_replace: bool = False,
+        limits_for: Callable[[Resource], ShardLimits] | None = None,
+    ) -> None:
+        self.project = project
+        self.store = store
+        self.run_id = run_id
+        self.provider_for = provider_for
+        self.report = report
+        self.allow_replace = allow_replace
+        self.limits_for = limits_for or (lambda res: ShardLimits())
+        self.ledger = RequestLedger(store.db)
+        self.blobs = BlobStore(project.state_path.parent / "store")
+        self.shard_dir = project.state_path.parent / "shards"
+
+    # -----------------------------------------------------------------------------------------
+    # planning from fresh state
+
+    def plan_one(self, res: Resource, facts: InputReport) -> Action:
+        desired = desired_resource(res, facts)
+        recorded = self._recorded(res.name)
+        disk = observe_disk(
+            [(res.name, res.output_path, res.errors_path)], {res.name: recorded} if recorded else {}
+        )
+        return plan_resource(desired, recorded, disk.get(res.name))
+
+    def _recorded(self, name: str) -> RecordedResource | None:
+        row = self.store.get_resource(name)
+        if row is None or row.forgotten_at is not None:
+            return None
+        gens = tuple(
+            recorded_generation(self.store, self.ledger, g) for g in self.store.generations(name)
+        )
+        return RecordedResource(name=name, provider=row.provider, generations=gens)
+
+    # -----------------------------------------------------------------------------------------
+    # one pass for one resource
+
+    def advance(self, res: Resource, facts: InputReport) -> StepResult:
+        """Act on ``res`` until it must wait, is in sync, or is stuck."""
+        action = self.plan_one(res, facts)
+        for _ in range(MAX_STEPS_PER_PASS):
+            kind = action.kind
+            if kind is ActionKind.NONE:
+                return StepResult(action, waiting=False)
+            if kind is ActionKind.REPLACE and not self.allow_replace:
+                self.report(
+                    Progress(
+                        "skip",
+                        res.name,
+                        f"not replacing: {action.reason}; re-run with --allow-replace",
+                    )
+                )
+                return StepResult(action, waiting=False)
+            handler = {
+                ActionKind.CREATE: self.create,
+                ActionKind.REPLACE: self.replace,
+                ActionKind.REFRESH: self.refresh,
+                ActionKind.COLLECT: self.collect,
+                ActionKind.RETRY: self.retry,
+                ActionKind.RESTORE: self.restore,
+            }[kind]
+            handler(res, facts, action)
+            following = self.plan_one(res, facts)
+            if following.kind is ActionKind.REFRESH and kind in (
+                ActionKind.REFRESH,
+                ActionKind.CREATE,
+                ActionKind.RETRY,
+                ActionKind.REPLACE,
+            ):
+                return StepResult(following, waiting=True)
+            action = following
+        return StepResult(action, waiting=True)
+
+    # -----------------------------------------------------------------------------------------
+    # create / replace / retry: everything that spends
+
+    def create(self, res: Resource, facts: InputReport, action: Action) -> None:
+        gen = self._ensure_generation(res, facts)
+        if not self.ledger.has_requests(gen.id):
+            self._record_shards(res, facts, gen)
+        for batch in self.store.batches(gen.id):
+            if batch.remote_id is None:
+                self._submit(res, gen, batch)
+
+    def replace(self, res: Resource, facts: InputReport, action: Action) -> None:
+        for gen in self.store.generations(res.name):
+            if gen.spec_hash != res.spec_hash and gen.status in ("pending", "in_progress"):
+                self._cancel_generation(
+                    res.name, gen, status="superseded", reason="replaced by a new spec"
+                )
+        self.create(res, facts, action)
+
+    def retry(self, res: Resource, facts: InputReport, action: Action) -> None:
+        gen = self._generation(res)
+        latest = self._latest_attempts(gen.id)
+        for counts in self.ledger.shard_counts(gen.id):
+            attempt = latest.get(counts.shard, 0)
+            if counts.unresolved and attempt < res.retry.max_attempts:
+                batch = self._record_intent(
+                    res,
+                    gen,
+                    shard=counts.shard,
+                    attempt=attempt + 1,
+                    requests=counts.unresolved,
+                    reason=f"retry {counts.unresolved} unresolved request(s) of attempt {attempt}",
+                )
+                self._submit(res, gen, batch)
+
+    def _ensure_generation(self, res: Resource, facts: InputReport) -> GenerationRow:
+        with self.store.atomic():
+            self.store.upsert_resource(
+                res.name,
+                provider=res.provider,
+                manifest=self._relative(res.source.file),
+                labels=dict(res.labels),
+                run_id=self.run_id,
+            )
+            existing = self.store.find_generation(res.name, res.spec_hash)
+            gen = self.store.create_generation(
+                res.name,
+                spec_hash=res.spec_hash,
+                spec=res.semantic_spec(),
+                input_sha256=facts.sha256,
+                requests=facts.requests,
+                input_bytes=facts.bytes,
+                output_path=self._relative(res.output_path),
+                errors_path=self._relative(res.errors_path),
+                run_id=self.run_id,
+            )
+            self.store.set_current_generation(res.name, gen.id)
+            if existing is None:
+                self.store.record_event(
+                    self.run_id,
+                    "generation",
+                    resource=res.name,
+                    generation_id=gen.id,
+                    detail={"spec_hash": res.spec_hash, "requests": facts.requests},
+                )
+        return gen
+
+    def _record_shards(self, res: Resource, facts: InputReport, gen: GenerationRow) -> None:
+        """Assign every request to a shard, write shard files if the input must be split,
+        and record one attempt-1 intent per shard: all in one transaction."""
+        limits = self.limits_for(res)
+        # A file with blank lines is rewritten rather than uploaded as it is: providers differ
+        # on whether they accept them.
+        single = facts.blank_lines == 0 and fits_one_shard(
+            facts.requests, facts.bytes, limits, endpoint=res.endpoint
+        )
+        writers = ShardWriters(self.shard_dir, enabled=not single)
+        per_shard: dict[int, int] = {}
+
+        def rows() -> Iterator[tuple[str, int, int, int]]:
+            for shard, req in assign_shards(
+                iter_requests(res.input_path), limits, endpoint=res.endpoint
+            ):
+                per_shard[shard] = per_shard.get(shard, 0) + 1
+                writers.write(shard, req.raw)
+                yield req.custom_id, req.line, shard, len(req.raw) + 1
+
+        with self.store.atomic():
+            self.ledger.record_requests(gen.id, rows())
+            shard_files = writers.finish()
+            for shard, n in sorted(per_shard.items()):
+                self._record_intent(
+                    res,
+                    gen,
+                    shard=shard,
+                    attempt=1,
+                    requests=n,
+                    input_sha256=shard_files.get(shard, facts.sha256),
+                    reason="initial submission"
+                    if len(per_shard) == 1
+                    else f"initial submission, shard {shard + 1} of {len(per_shard)}",
+                )
+        if len(per_shard) > 1:
+            self.report(
+                Progress(
+                    "shard",
+                    res.name,
+                    f"split {facts.requests} requests into {len(per_shard)} shards",
+                    {"shards": len(per_shard)},
+                )
+            )
+
+    def _record_intent(
+        self,
+        res: Resource,
+        gen: GenerationRow,
+        *,
+        shard: int,
+        attempt: int,
+        requests: int,
+        reason: str,
+        input_sha256: str | None = None,
+    ) -> BatchRow:
+        key = batch_key(res.name, res.spec_hash, shard, attempt)
+        with self.store.atomic():
+            existing = self.store.batch_by_key(key)
+            if existing is not None:
+                return existing
+            if input_sha256 is None:
+                input_sha256 = self._write_retry_file(res, gen, shard)
+            batch = self.store.record_batch_intent(
+                gen.id,
+                shard=shard,
+                attempt=attempt,
+                provider=res.provider,
+                key=key,
+                input_sha256=input_sha256,
+                requests=requests,
+                reason=reason,
+            )
+            self.ledger.mark_sent(gen.id, shard, attempt)
+            self.store.update_generation(gen.id, status="in_progress")
+            self.store.record_event(
+                self.run_id,
+                "intent",
+                resource=res.name,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail={
+                    "shard": shard,
+                    "attempt": attempt,
+                    "requests": requests,
+                    "reason": reason,
+                    "key": key,
+                },
+            )
+        return batch
+
+    def _write_retry_file(self, res: Resource, gen: GenerationRow, shard: int) -> str:
+        wanted = self.ledger.unresolved_lines(gen.id, shard)
+        writers = ShardWriters(self.shard_dir, enabled=True)
+        for req in iter_requests(res.input_path):
+            if req.line in wanted:
+                writers.write(0, req.raw)
+        return writers.finish()[0]
+
+    def _submit(self, res: Resource, gen: GenerationRow, batch: BatchRow) -> None:
+        provider = self.provider_for(res.provider)
+        if batch.status == "creating":
+            adopted = self._find_remote(provider, res, batch)
+            if adopted is not None:
+                self._record_remote(res, batch, adopted, event="adopt")
+                return
+        path = self._batch_file(res, gen, batch)
+        file_id = self._ensure_uploaded(provider, res, batch, path)
+        with self.store.atomic():
+            batch = self.store.update_batch(batch.id, input_file_id=file_id, status="creating")
+            self.store.record_event(
+                self.run_id,
+                "create-intent",
+                resource=res.name,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail={"input_file_id": file_id, "key": batch.key},
+            )
+        remote = provider.create_batch(
+            input_file_id=file_id,
+            endpoint=res.endpoint,
+            completion_window=res.completion_window,
+            metadata=batch_metadata(res, batch),
+        )
+        self._record_remote(res, batch, remote, event="create")
+
+    def _find_remote(
+        self, provider: Provider, res: Resource, batch: BatchRow
+    ) -> RemoteBatch | None:
+        """Page the provider's batches (newest first) for the one carrying this intent's key."""
+        wanted = batch_metadata_keys(res.name, res.spec_hash, batch.shard, batch.attempt)
+        since = _epoch(batch.created_at) - ADOPTION_CLOCK_SLACK
+        for remote in provider.list_batches():
+            if all(remote.metadata.get(k) == v for k, v in wanted.items()):
+                return remote
+            if remote.created_at is not None and remote.created_at < since:
+                break
+        return None
+
+    def _record_remote(
+        self, res: Resource, batch: BatchRow, remote: RemoteBatch, *, event: str
+    ) -> None:
+        with self.store.atomic():
+            self.store.update_batch(
+                batch.id, remote_id=remote.id, submitted_at=_now(), **batch_fields(remote)
+            )
+            self.store.record_event(
+                self.run_id,
+                event,
+                resource=res.name,
+                generation_id=batch.generation_id,
+                batch_id=batch.id,
+                detail={
+                    "remote_id": remote.id,
+                    "status": remote.status,
+                    "shard": batch.shard,
+                    "attempt": batch.attempt,
+                },
+            )
+        verb = "adopted" if event == "adopt" else "created"
+        self.report(
+            Progress(
+                event,
+                res.name,
+                f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, {batch.requests} requests)",
+                {"remote_id": remote.id},
+            )
+        )
+
+    def _batch_file(self, res: Resource, gen: GenerationRow, batch: BatchRow) -> Path:
+        stored = self.shard_dir / f"{batch.input_sha256}.jsonl"
+        if stored.is_file():
+            return stored
+        if batch.input_sha256 == gen.input_sha256:
+            return res.input_path
+        raise BatchspecError(
+            f"the batch file for {res.name} shard {batch.shard + 1} attempt {batch.attempt} "
+            f"(sha256 {batch.input_sha256[:12]}) is missing from {self.shard_dir}",
+        )
+
+    def _ensure_uploaded(
+        self, provider: Provider, res: Resource, batch: BatchRow, path: Path
+    ) -> str:
+        known = self.store.get_file(provider.name, batch.input_sha256)
+        if known is not None:
+            try:
+                provider.get_file(known.remote_id)
+                return known.remote_id
+            except RemoteNotFound:
+                self.store.forget_file(provider.name, batch.input_sha256)
+        self.store.record_event(
+            self.run_id,
+            "upload-intent",
+            resource=res.name,
+            batch_id=batch.id,
+            detail={"sha256": batch.input_sha256, "bytes": path.stat().st_size},
+        )
+        self.report(
+            Progress("upload", res.name, f"uploading {path.name} ({_size(path.stat().st_size)})")
+        )
+        remote = provider.upload_file(
+            path, filename=f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
+        )
+        with self.store.atomic():
+            self.store.record_file(
+                provider.name,
+                batch.input_sha256,
+                remote.id,
+                remote.bytes or path.stat().st_size,
+                remote.expires_at,
+            )
+            self.store.record_event(
+                self.run_id,
+                "upload",
+                resource=res.name,
+                batch_id=batch.id,
+                detail={"sha256": batch.input_sha256, "file_id": remote.id},
+            )
+        return remote.id
+
+    # -----------------------------------------------------------------------------------------
+    # refresh / collect
+
+    def refresh(self, res: Resource, facts: InputReport, action: Action) -> None:
+        gen = self._generation(res)
+        provider = self.provider_for(res.provider)
+        for batch in self.store.batches(gen.id):
+            if batch.remote_id is None or batch.status in _TERMINAL:
+                continue
+            remote = provider.get_batch(batch.remote_id)
+            with self.store.atomic():
+                self.store.update_batch(batch.id, **batch_fields(remote))
+                if remote.status != batch.status:
+                    self.store.record_event(
+                        self.run_id,
+                        "poll",
+                        resource=res.name,
+                        generation_id=gen.id,
+                        batch_id=batch.id,
+                        detail={
+                            "status": remote.status,
+                            "from": batch.status,
+                            **_counts_json(remote),
+                        },
+                    )
+            self.report(
+                Progress(
+                    "poll",
+                    res.name,
+                    _poll_message(batch, remote),
+                    {"remote_id": remote.id, "status": remote.status, **_counts_json(remote)},
+                )
+            )
+
+    def collect(self, res: Resource, facts: InputReport, action: Action) -> None:
+        gen = self._generation(res)
+        provider = self.provider_for(res.provider)
+        pending = [
+            b
+            for b in self.store.batches(gen.id)
+            if b.remote_id and b.status in _TERMINAL and b.collected_at is None
+        ]
+        for batch in pending:
+            self._collect_batch(res, gen, batch, provider)
+        if not pending:
+            self._finish_generation(res, gen)
+
+    def _collect_batch(
+        self, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
+    ) -> None:
+        user_cancelled = gen.status == "cancelled"
+        retry_on = tuple(c for c in res.retry.on if not (c == "cancelled" and user_cancelled)) or ()
+        shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
+        for column, file_id in (
+            ("output_sha256", batch.output_file_id),
+            ("errors_sha256", batch.error_file_id),
+        ):
+            if file_id:
+                shas[column] = download_to_store(provider, file_id, self.blobs)
+        changed = 0
+        with self.store.atomic():
+            for sha in shas.values():
+                if sha:
+                    changed += self.ledger.record_outcomes(
+                        gen.id,
+                        batch.attempt,
+                        sha,
+                        read_result_lines(self.blobs.path(sha), retry_on=retry_on),
+                    )
+            detail: dict[str, Any] = {
+                "status": batch.status,
+                "answered": changed,
+                **{k: v for k, v in shas.items() if v},
+            }
+            if batch.status == "failed":
+                detail["errors"] = self._fail_batch(res, gen, batch)
+            self.store.update_batch(batch.id, collected_at=_now(), **shas)
+            self.store.record_event(
+                self.run_id,
+                "collect",
+                resource=res.name,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail=detail,
+            )
+        self.report(
+            Progress(
+                "collect",
+                res.name,
+                f"collected batch {batch.remote_id} ({batch.status}): {changed} answers",
+                {"remote_id": batch.remote_id},
+            )
+        )
+
+    def _fail_batch(
+        self, res: Resource, gen: GenerationRow, batch: BatchRow
+    ) -> list[dict[str, Any]]:
+        """A batch the provider rejected as a whole: map its line numbers back to the input."""
+        errors = batch.provider_errors or []
+        lines = self.ledger.lines_of_attempt(gen.id, batch.shard, batch.attempt)
+        as_is = batch.input_sha256 == gen.input_sha256
+        mapped = []
+        for err in errors:
+            line = err.get("line")
+            if isinstance(line, int) and not as_is and 1 <= line <= len(lines):
+                line = lines[line - 1]
+            mapped.append({**err, "input_line": line})
+        code = next((e.get("code") for e in errors if e.get("code")), None) or "batch_failed"
+        self.ledger.fail_attempt(gen.id, batch.shard, batch.attempt, code)
+        return mapped
+
+    def _finish_generation(self, res: Resource, gen: GenerationRow) -> None:
+        """Everything is collected and no retry is left: write the result files."""
+        written = write_results_in_input_order(
+            self.ledger, gen.id, self.blobs, res.output_path, res.errors_path
+        )
+        degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
+        status = (
+            gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
+        )
+        with self.store.atomic():
+            usage = self._usage(gen.id)
+            self.store.update_generation(
+                gen.id,
+                status=status,
+                succeeded=written.succeeded,
+                failed=written.failed,
+                output_sha256=written.output_sha256,
+                errors_sha256=written.errors_sha256,
+                completed_at=_now(),
+            )
+            self.store.record_event(
+                self.run_id,
+                "results",
+                resource=res.name,
+                generation_id=gen.id,
+                detail={
+                    "status": status,
+                    "succeeded": written.succeeded,
+                    "failed": written.failed,
+                    "unresolved": written.unresolved,
+                    "output": self._relative(res.output_path),
+                    "errors": self._relative(res.errors_path),
+                    **usage,
+                },
+            )
+        self.report(
+            Progress(
+                "results",
+                res.name,
+                f"wrote {written.succeeded} results to {self._relative(res.output_path)}"
+                + (
+                    f", {written.failed} errors to {self._relative(res.errors_path)}"
+                    if written.failed
+                    else ""
+                ),
+                {"status": status, "succeeded": written.succeeded, "failed": written.failed},
+            )
+        )
+
+    def restore(self, res: Resource, facts: InputReport, action: Action) -> None:
+        gen = self._generation(res)
+        written = write_results_in_input_order(
+            self.ledger, gen.id, self.blobs, res.output_path, res.errors_path
+        )
+        self.store.record_event(
+            self.run_id,
+            "restore",
+            resource=res.name,
+            generation_id=gen.id,
+            detail={"reason": action.reason, "output_sha256": written.output_sha256},
+        )
+        self.report(
+            Progress(
+                "restore",
+                res.name,
+                f"restored {self._relative(res.output_path)} from the state store ({action.reason})",
+            )
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # cancel
+
+    def cancel(self, name: str) -> int:
+        """Cancel the in-flight batches of a resource's active generations; return how many."""
+        cancelled = 0
+        for gen in self.store.generations(name):
+            if gen.status in ("pending", "in_progress"):
+                cancelled += self._cancel_generation(
+                    name, gen, status="cancelled", reason="cancelled by a user"
+                )
+        return cancelled
+
+    def _cancel_generation(self, name: str, gen: GenerationRow, *, status: str, reason: str) -> int:
+        row = self.store.get_resource(name)
+        provider = self.provider_for(row.provider if row else "")
+        n = 0
+        for batch in self.store.batches(gen.id):
+            if batch.remote_id and batch.status not in _TERMINAL and batch.status != "cancelling":
+                remote = provider.cancel_batch(batch.remote_id)
+                self.store.update_batch(batch.id, **batch_fields(remote))
+                n += 1
+        with self.store.atomic():
+            self.store.update_generation(gen.id, status=status)
+            self.store.record_event(
+                self.run_id,
+                "cancel",
+                resource=name,
+                generation_id=gen.id,
+                detail={"reason": reason, "batches": n},
+            )
+        self.report(Progress("cancel", name, f"{reason}: {n} batch(es) cancelled"))
+        return n
+
+    # -----------------------------------------------------------------------------------------
+
+    def _generation(self, res: Resource) -> GenerationRow:
+        gen = self.store.find_generation(res.name, res.spec_hash)
+        if gen is None:  # the planner only routes here when it exists
+            raise BatchspecError(f"no generation recorded for {res.name} {res.spec_hash[:12]}")
+        return gen
+
+    def _latest_attempts(self, generation_id: int) -> dict[int, int]:
+        latest: dict[int, int] = {}
+        for b in self.store.batches(generation_id):
+            latest[b.shard] = max(latest.get(b.shard, 0), b.attempt)
+        return latest
+
+    def _usage(self, generation_id: int) -> dict[str, int]:
+        totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        for b in self.store.batches(generation_id):
+            for key in totals:
+                totals[key] += getattr(b, key) or 0
+        return totals
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.project.root.resolve()))
+        except ValueError:
+            return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+class ShardWriters:
+    """Writes shard files into the shard folder, each named by the sha256 of its content."""
+
+    def __init__(self, folder: Path, *, enabled: bool) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self._open: dict[int, tuple[BinaryIO, Any, Path]] = {}
+
+    def write(self, shard: int, raw: bytes) -> None:
+        if not self.enabled:
+            return
+        entry = self._open.get(shard)
+        if entry is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
+            entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
+        line = raw + b"\n"
+        entry[0].write(line)
+        entry[1].update(line)
+
+    def finish(self) -> dict[int, str]:
+        shas = {}
+        for shard, (handle, digest, tmp) in self._open.items():
+            handle.close()
+            shas[shard] = digest.hexdigest()
+            os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
+        self._open.clear()
+        return shas
+
+
+def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:
+    return DesiredResource(
+        name=res.name,
+        provider=res.provider,
+        spec_hash=res.spec_hash,
+        requests=facts.requests,
+        input_bytes=facts.bytes,
+        max_attempts=res.retry.max_attempts,
+        suspend=res.suspend,
+    )
+
+
+def batch_key(resource: str, spec_hash: str, shard: int, attempt: int) -> str:
+    return f"{resource}/{spec_hash}/{shard}/{attempt}"
+
+
+def batch_metadata_keys(resource: str, spec_hash: str, shard: int, attempt: int) -> dict[str, str]:
+    return dict(zip(METADATA_KEYS, (resource, spec_hash, str(shard), str(attempt)), strict=True))
+
+
+def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
+    """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
+    return {
+        **res.metadata,
+        **batch_metadata_keys(res.name, res.spec_hash, batch.shard, batch.attempt),
+    }
+
+
+def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
+    counts = remote.request_counts
+    usage = remote.usage
+    fields: dict[str, Any] = {
+        "status": remote.status,
+        "output_file_id": remote.output_file_id,
+        "error_file_id": remote.error_file_id,
+    }
+    if counts is not None:
+        fields.update(total=counts.total, completed=counts.completed, failed=counts.failed)
+    if usage is not None:
+        fields.update(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+        )
+    if remote.errors:
+        fields["provider_errors"] = [
+            {"code": e.code, "message": e.message, "line": e.line, "param": e.param}
+            for e in remote.errors
+        ]
+    if remote.is_terminal:
+        fields["terminal_at"] = _now()
+    return fields
+
+
+def _counts_json(remote: RemoteBatch) -> dict[str, int]:
+    c = remote.request_counts
+    return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}
+
+
+def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
+    c = remote.request_counts
+    counts = f" {c.completed + c.failed}/{c.total}" if c and c.total else ""
+    return f"batch {remote.id} {remote.status}{counts}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _epoch(iso: str | None) -> int:
+    if not iso:
+        return 0
+    return calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
