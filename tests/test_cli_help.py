@@ -1,0 +1,66 @@
+"""Every command documents itself: non-empty help, and `--help` exits 0 (new commands too)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from batchspec import __version__
+from batchspec.cli import cli, main
+
+COMMANDS = sorted(cli.commands)
+
+
+def test_there_are_commands() -> None:
+    """The parametrised tests below are not vacuous: the core commands are registered."""
+    assert {"init", "validate"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_has_help_text(name: str) -> None:
+    """Each command has a docstring-derived help text and a one-line summary."""
+    command = cli.commands[name]
+    assert (command.help or "").strip(), f"{name} has no help text"
+    assert command.get_short_help_str().strip()
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help_exits_0(name: str) -> None:
+    """`batchspec NAME --help` prints usage and exits 0."""
+    result = CliRunner().invoke(cli, [name, "--help"], prog_name="batchspec")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: batchspec {name}")
+    assert (cli.commands[name].help or "").split("\n")[0][:30] in result.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help_through_main_exits_0(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real entry point exits 0 for --help too (not a usage error)."""
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--help"])
+    assert exited.value.code == 0
+    assert f"Usage: batchspec {name}" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command() -> None:
+    """`batchspec --help` names every command."""
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert f"  {name} " in result.output
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`batchspec --version` prints the installed version and exits 0."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"batchspec, version {__version__}"
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command exits 64 without a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main(["no-such-command"])
+    assert exited.value.code == 64
+    assert "Traceback" not in capsys.readouterr().err
