@@ -197,7 +197,7 @@ def error_from_response(
     """Turn a non-2xx response into a ``ProviderError`` with the provider's own words."""
     envelope = parse_error_envelope(response)
     status = response.status_code
-    said = _shorten(envelope.message) or response.reason_phrase or "no message"
+    said = (_shorten(envelope.message) or response.reason_phrase or "no message").rstrip(".")
     facts = [f"code {envelope.code}" if envelope.code else "", _request_id_text(response)]
     facts_text = ", ".join(f for f in facts if f)
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
