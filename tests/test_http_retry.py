@@ -590,3 +590,24 @@ def test_base_url_must_be_http() -> None:
     """A base URL without http(s) fails at construction with a clear message."""
     with pytest.raises(ProviderError, match="must start with http"):
         OpenAIProvider("p", base_url="api.openai.com/v1", api_key="k")
+
+
+def test_a_key_of_any_shape_is_redacted_when_echoed() -> None:
+    """A key that does not look like sk-… (Azure style) is still redacted if a server echoes it."""
+    key = "AZURE0SENTINEL0abcdef0123456789"
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        return error_response(400, f"header was {request.headers['api-key']}")
+
+    provider = OpenAIProvider(
+        "az",
+        base_url=BASE_URL,
+        api_key=key,
+        auth_header="api-key",
+        transport=httpx.MockTransport(echo),
+        api_key_env="AZURE_OPENAI_API_KEY",
+    )
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert key not in str(caught.value)
+    assert "header was [redacted]" in str(caught.value)
