@@ -235,10 +235,14 @@ def find_manifest_files(
     for target in targets:
         path = Path(target)
         other = find_project_file(_start_of(target))
-        if other is not None and other != project.file:
+        if not path.exists() and not _is_glob(target):
+            problems.append(
+                Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
+            )
+        elif other is not None and other != project.file:
             message = (
                 f"{target} belongs to the workspace of {display_path(other)}, not to that of "
-                f"{_project_name(project)}; validate each workspace on its own"
+                f"{_project_name(project)}; give one workspace per run"
             )
             problems.append(Problem(None, None, None, "", "other-workspace", message))
         elif path.is_dir():
@@ -253,10 +257,6 @@ def find_manifest_files(
                     Problem(None, None, None, "", "not-found", f"{target}: no files match")
                 )
             files.update(dict.fromkeys(matches))
-        else:
-            problems.append(
-                Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
-            )
     return list(files), problems
 
 
