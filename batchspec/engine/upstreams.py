@@ -2,8 +2,8 @@
 
 - ``HttpUpstream``: any OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, LM Studio, a
   LiteLLM proxy, OpenAI itself). A line's ``url`` and ``body`` are forwarded as they are, over
-  one shared ``httpx.AsyncClient``; the API key comes from an environment variable and is
-  never logged or put in an error.
+  one keep-alive connection pool (``http11.py``); the API key comes from an environment
+  variable and is never logged or put in an error.
 - ``BuiltinUpstream``: a deterministic **offline stand-in, not a model**. It answers chat,
   completions and responses with a reply derived from the prompt (prefixed ``[builtin
   stand-in]``) and realistic ``usage`` (about 4 characters per token), embeddings with a unit
@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
+from batchspec.engine.http11 import ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 
 SUPPORTED_ENDPOINTS = (
@@ -96,7 +95,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 class HttpUpstream:
-    """Forwards lines to an OpenAI-compatible base URL over one shared connection pool."""
+    """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool."""
 
     def __init__(
         self,
@@ -104,61 +103,43 @@ class HttpUpstream:
         *,
         api_key: str | None = None,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(
                 f"Upstream {base_url!r} is not an http(s) URL; "
                 "use e.g. http://localhost:11434/v1 or 'builtin'."
             )
         # Never show credentials embedded in the URL.
-        netloc = parts.hostname or ""
+        netloc = parts.hostname
         if parts.port:
             netloc += f":{parts.port}"
         self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-        self._base = base_url.rstrip("/")
-        self._strip_v1 = self._base.endswith("/v1")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._max_connections = max_connections
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-
-    def _client_for_this_loop(self) -> httpx.AsyncClient:
-        # Created lazily: an AsyncClient belongs to the event loop that first uses it.
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=None,  # the engine enforces its per-request timeout itself
-                limits=httpx.Limits(
-                    max_connections=self._max_connections,
-                    max_keepalive_connections=self._max_connections,
-                ),
-                transport=self._transport,
-            )
-        return self._client
+        self._path = parts.path.rstrip("/")
+        self._strip_v1 = self._path.endswith("/v1")
+        self._pool = Http11Pool(
+            base_url,
+            max_connections=max_connections,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+        )
 
     def target(self, url: str) -> str:
+        """The request target (path) a line's ``url`` is sent to."""
         path = url if url.startswith("/") else f"/{url}"
         if self._strip_v1 and path.startswith("/v1/"):
             path = path[3:]
-        return self._base + path
+        return self._path + path
 
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
-        client = self._client_for_this_loop()
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            response = await client.post(
-                self.target(url), content=content, headers={"Content-Type": "application/json"}
-            )
-        except httpx.TimeoutException as err:
-            raise TimeoutError(str(err)) from err
-        except httpx.TransportError as err:
-            raise UpstreamUnreachable(f"{type(err).__name__}: {err}") from err
+            response = await self._pool.post(self.target(url), content)
+        except ConnectionFailed as err:
+            raise UpstreamUnreachable(str(err)) from err
         try:
-            parsed: Any = response.json()
+            parsed: Any = json.loads(response.body)
         except ValueError:
-            parsed = response.text
+            parsed = response.body.decode("utf-8", "replace")
         return UpstreamResponse(
             status_code=response.status_code,
             body=parsed,
@@ -167,9 +148,7 @@ class HttpUpstream:
         )
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._pool.aclose()
 
 
 # ---------------------------------------------------------------------------------------------
