@@ -19,20 +19,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchspec.errors import BatchspecError, ConsentError, ManifestError
-from batchspec.inputs import InputReport, require_valid_input
+from batchspec.budget import check_budget
+from batchspec.errors import BatchspecError, ConsentError, InputError, ManifestError
+from batchspec.inputcache import InputCache
+from batchspec.inputs import InputReport, problem_lines
 from batchspec.ledger import RequestLedger
 from batchspec.lock import acquire_lock
-from batchspec.manifest import Resource, Workspace, load_workspace
+from batchspec.manifest import Resource, Workspace, load_workspace, project_for
 from batchspec.plan import Action, ActionKind, Plan, make_plan
 from batchspec.providers.base import Provider
 from batchspec.providers.registry import build_provider
 from batchspec.reconcile import Progress, Reconciler, Reporter, desired_resource
-from batchspec.recorded import load_recorded, observe_disk
+from batchspec.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
 from batchspec.runinfo import collect_run_info
 from batchspec.sharding import ShardLimits
 from batchspec.state import StateStore
 from batchspec.status import ResourceStatus, resource_statuses
+from batchspec.yamldoc import display_path
 
 ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
 FIRST_POLL_INTERVAL = 0.5
@@ -69,6 +72,14 @@ class PlanResult:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def open_workspace(paths: Sequence[str]) -> Iterator[tuple[Workspace, InputCache]]:
+    """Load manifests, hashing inputs through the cache beside the state database."""
+    project = project_for(paths)
+    with InputCache(project.state_path.parent / "input-cache.db") as cache:
+        yield load_workspace(paths, hash_input=cache.sha256), cache
+
+
 def plan_workspace(
     paths: Sequence[str], *, select: Sequence[str] = (), prune: bool = False
 ) -> PlanResult:
@@ -80,7 +91,14 @@ def plan_workspace(
         StateStore.open(ws.project.state_path) as store,
         recorded_run(store, ws, "plan", {"paths": list(paths), "select": list(select)}),
     ):
-        plan = compute_plan(store, resources, facts, prune=prune, include_orphans=not select)
+        plan = compute_plan(
+            store,
+            resources,
+            facts,
+            prune=prune,
+            include_orphans=not select,
+            backoff=requeue_backoff(ws),
+        )
         return PlanResult(
             plan=plan, serial=store.serial(), spec_hashes={r.name: r.spec_hash for r in resources}
         )
@@ -97,9 +115,9 @@ def apply_workspace(
     clock: Callable[[], float] = time.monotonic,
 ) -> ApplyResult:
     """``batchspec apply``: converge the selected resources, or take one step each."""
-    ws = load_workspace(paths)
-    resources = select_resources(ws, options.select)
-    facts = validate_inputs(ws, resources)
+    with open_workspace(paths) as (ws, cache):
+        resources = select_resources(ws, options.select)
+        facts = validate_inputs(ws, resources, cache)
     args = {
         "paths": list(paths),
         "select": list(options.select),
@@ -115,9 +133,15 @@ def apply_workspace(
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
             plan = compute_plan(
-                store, resources, facts, prune=options.prune, include_orphans=not options.select
+                store,
+                resources,
+                facts,
+                prune=options.prune,
+                include_orphans=not options.select,
+                backoff=requeue_backoff(ws),
             )
             report(Progress("plan", None, "plan computed", plan=plan))
+            require_within_budget(plan, resources, facts, store)
             require_consent(plan, ws, options, confirm)
             with ProviderPool(ws, env) as providers:
                 rec = Reconciler(
@@ -128,6 +152,8 @@ def apply_workspace(
                     report,
                     allow_replace=options.allow_replace,
                     limits_for=lambda r: shard_limits(ws, r),
+                    max_in_flight=lambda name: provider_option(ws, name, "maxInFlightBatches"),
+                    requeue_backoff=requeue_backoff(ws),
                 )
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
@@ -200,7 +226,9 @@ def converge(
         )
         sleep(interval)
         interval = min(interval * 1.5, options.poll_interval)
-    plan = compute_plan(rec.store, resources, facts, include_orphans=False)
+    plan = compute_plan(
+        rec.store, resources, facts, include_orphans=False, backoff=rec.requeue_backoff
+    )
     if any(a.kind is not ActionKind.NONE for a in plan.actions):
         return "in_progress"
     gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
@@ -220,11 +248,14 @@ def compute_plan(
     *,
     prune: bool = False,
     include_orphans: bool = True,
+    backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> Plan:
-    recorded = load_recorded(store, RequestLedger(store.db))
+    recorded = load_recorded(store, RequestLedger(store.db), requeue_backoff=backoff)
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [desired_resource(r, facts[r.name]) for r in resources]
-    return make_plan(desired, recorded, disk, prune=prune, include_orphans=include_orphans)
+    return make_plan(
+        desired, recorded, disk, prune=prune, include_orphans=include_orphans, now=time.time()
+    )
 
 
 def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
@@ -240,7 +271,9 @@ def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
     return [by_name[s] for s in dict.fromkeys(select)]
 
 
-def validate_inputs(ws: Workspace, resources: Sequence[Resource]) -> dict[str, InputReport]:
+def validate_inputs(
+    ws: Workspace, resources: Sequence[Resource], cache: InputCache
+) -> dict[str, InputReport]:
     """Validate every selected input before anything else happens; fail listing them all."""
     facts: dict[str, InputReport] = {}
     failures: list[BatchspecError] = []
@@ -251,7 +284,7 @@ def validate_inputs(ws: Workspace, resources: Sequence[Resource]) -> dict[str, I
             else None
         )
         try:
-            facts[res.name] = require_valid_input(
+            report = cache.facts_for(
                 res.input_path,
                 endpoint=res.endpoint,
                 model=res.model,
@@ -260,6 +293,16 @@ def validate_inputs(ws: Workspace, resources: Sequence[Resource]) -> dict[str, I
             )
         except BatchspecError as err:
             failures.append(err)
+            continue
+        if report.ok:
+            facts[res.name] = report
+        else:
+            failures.append(
+                InputError(
+                    f"{display_path(res.input_path)}: {report.problem_count} problem(s) in the input of {res.name}",
+                    details=problem_lines(report),
+                )
+            )
     if len(failures) == 1:
         raise failures[0]
     if failures:
@@ -284,6 +327,36 @@ def require_consent(
         )
     if not confirm(plan):
         raise ConsentError("apply cancelled: nothing was submitted")
+
+
+def require_within_budget(
+    plan: Plan, resources: Sequence[Resource], facts: Mapping[str, InputReport], store: StateStore
+) -> None:
+    """Refuse, before anything is uploaded, a plan whose spending would exceed a budget."""
+    by_name = {r.name: r for r in resources}
+    for action in plan.spending:
+        res = by_name[action.resource]
+        submitted = 0
+        if action.generation_id is not None:
+            submitted = sum(
+                b.requests for b in store.batches(action.generation_id) if b.remote_id is not None
+            )
+        check_budget(res, facts[res.name], submitted=submitted, new=action.requests)
+
+
+def provider_option(ws: Workspace, name: str, key: str) -> Any:
+    config = ws.project.providers.get(name)
+    return config.options.get(key) if config is not None else None
+
+
+def requeue_backoff(ws: Workspace) -> float:
+    """The project's requeue backoff (the smallest any provider sets), else the default."""
+    values = [
+        float(p.options["requeueBackoffSeconds"])
+        for p in ws.project.providers.values()
+        if p.options.get("requeueBackoffSeconds") is not None
+    ]
+    return min(values) if values else DEFAULT_REQUEUE_BACKOFF
 
 
 def _is_free(ws: Workspace, action: Action) -> bool:

@@ -124,6 +124,7 @@ class InputReport:
     problems: tuple[InputProblem, ...]
     problem_count: int
     blank_lines: int = 0  # blank lines (skipped, not requests), see the module docstring
+    urls: tuple[str, ...] = ()  # distinct request urls, in first-seen order
 
     @property
     def ok(self) -> bool:
@@ -323,6 +324,7 @@ class _Checker:
         self.first_line_of_id: dict[str, int] = {}
         self.models: dict[str, int] = {}  # model -> first line; insertion order = first seen
         self.first_url: tuple[str, str, int] | None = None  # (url, key, line)
+        self.urls: dict[str, None] = {}  # distinct urls seen, first-seen order
         self.shown: list[InputProblem] = []
         self.count = 0
 
@@ -402,6 +404,8 @@ class _Checker:
                 self.problem(line, "invalid_url", f"url must be a string, not a {_json_type(url)}")
             return None
         key = self._url_key(url)
+        if url not in self.urls:
+            self.urls[url] = None
         if self.endpoint_key is not None:
             if key != self.endpoint_key:
                 self.problem(
@@ -518,6 +522,7 @@ def scan_batch_input(
         problems=tuple(shown),
         problem_count=checker.count + len(file_level),
         blank_lines=blank_lines,
+        urls=tuple(checker.urls),
     )
 
 

@@ -222,6 +222,12 @@ def load_workspace(
     return Workspace(project, tuple(res for res, _ in resources), tuple(files))
 
 
+def project_for(paths: Sequence[str | Path] = ()) -> Project:
+    """The project ``load_workspace(paths)`` would use (found from the first path)."""
+    targets = [str(p) for p in paths] or ["."]
+    return load_project(_start_of(targets[0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding manifest files
 

@@ -98,12 +98,13 @@ class RecordedBatch:
 
 @dataclass(frozen=True)
 class ShardProgress:
-    """Where one shard stands: its latest attempt and what is still unresolved."""
+    """Where one shard stands: attempts used, what is unresolved, when it may go again."""
 
     shard: int
-    latest_attempt: int
+    attempts_used: int  # attempts that count against retry.maxAttempts (requeues do not)
     unresolved: int  # requests neither succeeded nor finally failed
     unresolved_bytes: int = 0
+    not_before: float | None = None  # epoch seconds: a requeued shard waits until then
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,14 @@ def make_plan(
     *,
     prune: bool = False,
     include_orphans: bool = True,
+    now: float | None = None,
 ) -> Plan:
-    """Decide the next step for every desired resource, and report recorded orphans."""
+    """Decide the next step for every desired resource, and report recorded orphans.
+
+    ``now`` (epoch seconds) decides whether a requeued shard's backoff is over; None: it is.
+    """
     desired = list(desired)
-    actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name)) for d in desired]
+    actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
     if include_orphans:
         wanted = {d.name for d in desired}
         for name in sorted(set(recorded) - wanted):
@@ -229,7 +234,10 @@ def make_plan(
 
 
 def plan_resource(
-    want: DesiredResource, have: RecordedResource | None, disk: DiskFacts | None
+    want: DesiredResource,
+    have: RecordedResource | None,
+    disk: DiskFacts | None,
+    now: float | None = None,
 ) -> Action:
     """The decision table of the module docstring, for one resource."""
 
@@ -260,18 +268,22 @@ def plan_resource(
     if want.suspend:
         return act(ActionKind.NONE, "suspended in the manifest")
     gen = have.generation_for(want.spec_hash) if have else None
+    others_active = [
+        g
+        for g in (have.generations if have else ())
+        if g.spec_hash != want.spec_hash and g.status in ACTIVE_GENERATION_STATUSES
+    ]
+    if others_active:  # a newer or older spec is still running: switching needs consent
+        # a revived generation that was superseded goes again; one still active does not
+        requests = want.requests if gen is None or gen.status == "superseded" else 0
+        return spend(
+            ActionKind.REPLACE,
+            f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight",
+            gen,
+            requests,
+            want.input_bytes if requests else 0,
+        )
     if gen is None:
-        active = [
-            g for g in (have.generations if have else ()) if g.status in ACTIVE_GENERATION_STATUSES
-        ]
-        if active:
-            return spend(
-                ActionKind.REPLACE,
-                f"spec changed while generation {active[0].spec_hash[:12]} is still in flight",
-                None,
-                want.requests,
-                want.input_bytes,
-            )
         why = "new resource" if have is None else "spec or input changed"
         return spend(ActionKind.CREATE, why, None, want.requests, want.input_bytes)
     if gen.status == "cancelled":
@@ -282,10 +294,16 @@ def plan_resource(
     intents = [b for b in gen.batches if b.remote_id is None]
     if intents:
         n = sum(b.requests for b in intents)
+        unsure = sum(b.status == "creating" for b in intents)
+        why = f"{len(intents) - unsure} batch(es) queued for submission"
+        if unsure:
+            why = (
+                f"{unsure} batch create(s) not confirmed by the provider "
+                "(adopts the remote batch if it exists)"
+            )
         return spend(
             ActionKind.CREATE,
-            f"{len(intents)} recorded batch intent(s) not yet confirmed by the provider "
-            "(adopts the remote batch if it exists)",
+            why,
             gen,
             n,
             _bytes_share(want, n),
@@ -304,11 +322,19 @@ def plan_resource(
     uncollected = [b for b in gen.batches if b.awaiting_collect]
     if uncollected:
         return act(ActionKind.COLLECT, f"{len(uncollected)} finished batch(es) to download", gen)
-    retryable = [s for s in gen.shards if s.unresolved and s.latest_attempt < want.max_attempts]
+    retryable = [s for s in gen.shards if s.unresolved and s.attempts_used < want.max_attempts]
     if retryable and gen.status not in FINISHED_GENERATION_STATUSES:
-        n = sum(s.unresolved for s in retryable)
-        nbytes = sum(s.unresolved_bytes for s in retryable)
-        attempt = max(s.latest_attempt for s in retryable) + 1
+        ready = [s for s in retryable if s.not_before is None or now is None or now >= s.not_before]
+        if not ready:
+            wait = min(s.not_before or 0 for s in retryable) - (now or 0)
+            return act(
+                ActionKind.REFRESH,
+                f"requeued after the provider's token_limit_exceeded; resubmitting in {wait:.0f}s",
+                gen,
+            )
+        n = sum(s.unresolved for s in ready)
+        nbytes = sum(s.unresolved_bytes for s in ready)
+        attempt = max(s.attempts_used for s in ready) + 1
         return spend(
             ActionKind.RETRY,
             f"{n} unresolved request(s); attempt {attempt} of {want.max_attempts}",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.blobstore import BlobStore
+from batchspec.budget import check_budget
 from batchspec.collect import download_to_store, read_result_lines
 from batchspec.errors import BatchspecError
 from batchspec.inputs import InputReport, iter_requests
@@ -43,7 +44,12 @@ from batchspec.plan import (
     plan_resource,
 )
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
-from batchspec.recorded import observe_disk, recorded_generation
+from batchspec.recorded import (
+    DEFAULT_REQUEUE_BACKOFF,
+    is_requeued,
+    observe_disk,
+    recorded_generation,
+)
 from batchspec.results import write_results_in_input_order
 from batchspec.sharding import ShardLimits, assign_shards, fits_one_shard
 from batchspec.state import BatchRow, GenerationRow, StateStore
@@ -92,6 +98,9 @@ class Reconciler:
         *,
         allow_replace: bool = False,
         limits_for: Callable[[Resource], ShardLimits] | None = None,
+        max_in_flight: Callable[[str], int | None] = lambda provider: None,
+        requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.project = project
         self.store = store
@@ -100,6 +109,9 @@ class Reconciler:
         self.report = report
         self.allow_replace = allow_replace
         self.limits_for = limits_for or (lambda res: ShardLimits())
+        self.max_in_flight = max_in_flight
+        self.requeue_backoff = requeue_backoff
+        self.clock = clock
         self.ledger = RequestLedger(store.db)
         self.blobs = BlobStore(project.state_path.parent / "store")
         self.shard_dir = project.state_path.parent / "shards"
@@ -113,14 +125,15 @@ class Reconciler:
         disk = observe_disk(
             [(res.name, res.output_path, res.errors_path)], {res.name: recorded} if recorded else {}
         )
-        return plan_resource(desired, recorded, disk.get(res.name))
+        return plan_resource(desired, recorded, disk.get(res.name), self.clock())
 
     def _recorded(self, name: str) -> RecordedResource | None:
         row = self.store.get_resource(name)
         if row is None or row.forgotten_at is not None:
             return None
         gens = tuple(
-            recorded_generation(self.store, self.ledger, g) for g in self.store.generations(name)
+            recorded_generation(self.store, self.ledger, g, requeue_backoff=self.requeue_backoff)
+            for g in self.store.generations(name)
         )
         return RecordedResource(name=name, provider=row.provider, generations=gens)
 
@@ -135,13 +148,8 @@ class Reconciler:
             if kind is ActionKind.NONE:
                 return StepResult(action, waiting=False)
             if kind is ActionKind.REPLACE and not self.allow_replace:
-                self.report(
-                    Progress(
-                        "skip",
-                        res.name,
-                        f"not replacing: {action.reason}; re-run with --allow-replace",
-                    )
-                )
+                message = f"not replacing: {action.reason}; re-run with --allow-replace"
+                self.report(Progress("skip", res.name, message))
                 return StepResult(action, waiting=False)
             handler = {
                 ActionKind.CREATE: self.create,
@@ -151,52 +159,90 @@ class Reconciler:
                 ActionKind.RETRY: self.retry,
                 ActionKind.RESTORE: self.restore,
             }[kind]
-            handler(res, facts, action)
+            progressed = handler(res, facts, action)
             following = self.plan_one(res, facts)
-            if following.kind is ActionKind.REFRESH and kind in (
-                ActionKind.REFRESH,
-                ActionKind.CREATE,
-                ActionKind.RETRY,
-                ActionKind.REPLACE,
+            if not progressed or (
+                following.kind is ActionKind.REFRESH and kind is not ActionKind.COLLECT
             ):
                 return StepResult(following, waiting=True)
             action = following
         return StepResult(action, waiting=True)
 
     # -----------------------------------------------------------------------------------------
-    # create / replace / retry: everything that spends
+    # create / replace / retry: everything that spends. Each returns False when a batch had
+    # to stay queued (the provider's maxInFlightBatches is reached).
 
-    def create(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def create(self, res: Resource, facts: InputReport, action: Action) -> bool:
+        gen = self.store.find_generation(res.name, res.spec_hash)
+        if gen is None:
+            check_budget(res, facts, submitted=0, new=facts.requests)
         gen = self._ensure_generation(res, facts)
         if not self.ledger.has_requests(gen.id):
             self._record_shards(res, facts, gen)
-        for batch in self.store.batches(gen.id):
-            if batch.remote_id is None:
-                self._submit(res, gen, batch)
+        return self._submit_queued(res, gen)
 
-    def replace(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def replace(self, res: Resource, facts: InputReport, action: Action) -> bool:
         for gen in self.store.generations(res.name):
             if gen.spec_hash != res.spec_hash and gen.status in ("pending", "in_progress"):
                 self._cancel_generation(
                     res.name, gen, status="superseded", reason="replaced by a new spec"
                 )
-        self.create(res, facts, action)
+        return self.create(res, facts, action)
 
-    def retry(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def retry(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
+        rec = recorded_generation(
+            self.store, self.ledger, gen, requeue_backoff=self.requeue_backoff
+        )
+        now = self.clock()
+        ready = [
+            s
+            for s in rec.shards
+            if s.unresolved
+            and s.attempts_used < res.retry.max_attempts
+            and (s.not_before is None or now >= s.not_before)
+        ]
+        submitted = sum(b.requests for b in self.store.batches(gen.id) if not is_requeued(b))
+        check_budget(res, facts, submitted=submitted, new=sum(s.unresolved for s in ready))
         latest = self._latest_attempts(gen.id)
-        for counts in self.ledger.shard_counts(gen.id):
-            attempt = latest.get(counts.shard, 0)
-            if counts.unresolved and attempt < res.retry.max_attempts:
-                batch = self._record_intent(
-                    res,
-                    gen,
-                    shard=counts.shard,
-                    attempt=attempt + 1,
-                    requests=counts.unresolved,
-                    reason=f"retry {counts.unresolved} unresolved request(s) of attempt {attempt}",
-                )
+        for shard in ready:
+            attempt = latest.get(shard.shard, 0) + 1
+            self._record_intent(
+                res,
+                gen,
+                shard=shard.shard,
+                attempt=attempt,
+                requests=shard.unresolved,
+                reason=f"retry {shard.unresolved} unresolved request(s) "
+                f"(attempt {shard.attempts_used + 1} of {res.retry.max_attempts})",
+            )
+        return self._submit_queued(res, gen)
+
+    def _submit_queued(self, res: Resource, gen: GenerationRow) -> bool:
+        """Submit every intent of the generation that has no remote batch yet, capacity allowing."""
+        for batch in self.store.batches(gen.id):
+            if batch.remote_id is None and batch.status in ("pending", "creating"):
+                if not self._has_capacity(res, batch):
+                    return False
                 self._submit(res, gen, batch)
+        return True
+
+    def _has_capacity(self, res: Resource, batch: BatchRow) -> bool:
+        limit = self.max_in_flight(res.provider)
+        if limit is None or batch.status == "creating":  # an unsure create is resolved first
+            return True
+        in_flight = sum(1 for b in self.store.in_flight_batches() if b.provider == res.provider)
+        if in_flight < limit:
+            return True
+        self.report(
+            Progress(
+                "queued",
+                res.name,
+                f"shard {batch.shard + 1} attempt {batch.attempt} waits: {in_flight} batch(es) "
+                f"in flight on {res.provider} (maxInFlightBatches {limit})",
+            )
+        )
+        return False
 
     def _ensure_generation(self, res: Resource, facts: InputReport) -> GenerationRow:
         with self.store.atomic():
@@ -453,7 +499,7 @@ class Reconciler:
     # -----------------------------------------------------------------------------------------
     # refresh / collect
 
-    def refresh(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def refresh(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
         provider = self.provider_for(res.provider)
         for batch in self.store.batches(gen.id):
@@ -483,8 +529,9 @@ class Reconciler:
                     {"remote_id": remote.id, "status": remote.status, **_counts_json(remote)},
                 )
             )
+        return True
 
-    def collect(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def collect(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
         provider = self.provider_for(res.provider)
         pending = [
@@ -496,6 +543,7 @@ class Reconciler:
             self._collect_batch(res, gen, batch, provider)
         if not pending:
             self._finish_generation(res, gen)
+        return True
 
     def _collect_batch(
         self, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
@@ -524,7 +572,9 @@ class Reconciler:
                 "answered": changed,
                 **{k: v for k, v in shas.items() if v},
             }
-            if batch.status == "failed":
+            if batch.status == "failed" and is_requeued(batch):
+                detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
+            elif batch.status == "failed":
                 detail["errors"] = self._fail_batch(res, gen, batch)
             self.store.update_batch(batch.id, collected_at=_now(), **shas)
             self.store.record_event(
@@ -610,7 +660,7 @@ class Reconciler:
             )
         )
 
-    def restore(self, res: Resource, facts: InputReport, action: Action) -> None:
+    def restore(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
         written = write_results_in_input_order(
             self.ledger, gen.id, self.blobs, res.output_path, res.errors_path
@@ -630,8 +680,9 @@ class Reconciler:
             )
         )
 
-    # -----------------------------------------------------------------------------------------
-    # cancel
+        # -----------------------------------------------------------------------------------------
+        # cancel
+        return True
 
     def cancel(self, name: str) -> int:
         """Cancel the in-flight batches of a resource's active generations; return how many."""

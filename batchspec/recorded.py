@@ -20,14 +20,23 @@ from batchspec.plan import (
     RecordedResource,
     ShardProgress,
 )
-from batchspec.state import BatchRow, GenerationRow, StateStore
+from batchspec.state import BatchRow, GenerationRow, StateStore, parse_timestamp
+
+TOKEN_LIMIT_CODE = "token_limit_exceeded"
+DEFAULT_REQUEUE_BACKOFF = 60.0  # seconds before the first resubmission; doubles, capped
+MAX_REQUEUE_BACKOFF = 3600.0
 
 
-def load_recorded(store: StateStore, ledger: RequestLedger) -> dict[str, RecordedResource]:
+def load_recorded(
+    store: StateStore, ledger: RequestLedger, *, requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF
+) -> dict[str, RecordedResource]:
     """Every resource the state tracks (forgotten ones excluded)."""
     recorded = {}
     for res in store.list_resources():
-        gens = tuple(recorded_generation(store, ledger, g) for g in store.generations(res.name))
+        gens = tuple(
+            recorded_generation(store, ledger, g, requeue_backoff=requeue_backoff)
+            for g in store.generations(res.name)
+        )
         recorded[res.name] = RecordedResource(
             name=res.name, provider=res.provider, generations=gens
         )
@@ -35,20 +44,22 @@ def load_recorded(store: StateStore, ledger: RequestLedger) -> dict[str, Recorde
 
 
 def recorded_generation(
-    store: StateStore, ledger: RequestLedger, gen: GenerationRow
+    store: StateStore,
+    ledger: RequestLedger,
+    gen: GenerationRow,
+    *,
+    requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> RecordedGeneration:
     batches = store.batches(gen.id)
-    latest: dict[int, int] = {}
-    for b in batches:
-        latest[b.shard] = max(latest.get(b.shard, 0), b.attempt)
-    shards = ()
+    shards: tuple[ShardProgress, ...] = ()
     if gen.status not in FINISHED_GENERATION_STATUSES:
         shards = tuple(
             ShardProgress(
                 shard=c.shard,
-                latest_attempt=latest.get(c.shard, 0),
+                attempts_used=sum(1 for b in batches if b.shard == c.shard and not is_requeued(b)),
                 unresolved=c.unresolved,
                 unresolved_bytes=c.unresolved_bytes,
+                not_before=_not_before([b for b in batches if b.shard == c.shard], requeue_backoff),
             )
             for c in ledger.shard_counts(gen.id)
         )
@@ -64,6 +75,25 @@ def recorded_generation(
         batches=tuple(recorded_batch(b) for b in batches),
         shards=shards,
     )
+
+
+def is_requeued(b: BatchRow) -> bool:
+    """A batch the provider refused for the organisation's enqueued-token limit: it does not
+    use up an attempt, and its requests go again after a backoff."""
+    return b.status == "failed" and any(
+        isinstance(e, dict) and e.get("code") == TOKEN_LIMIT_CODE for e in (b.provider_errors or [])
+    )
+
+
+def _not_before(shard_batches: list[BatchRow], base: float) -> float | None:
+    if not shard_batches:
+        return None
+    latest = max(shard_batches, key=lambda b: b.attempt)
+    if not is_requeued(latest) or not latest.terminal_at:
+        return None
+    requeues = sum(1 for b in shard_batches if is_requeued(b))
+    delay = min(base * 2 ** (requeues - 1), MAX_REQUEUE_BACKOFF)
+    return parse_timestamp(latest.terminal_at).timestamp() + delay
 
 
 def recorded_batch(b: BatchRow) -> RecordedBatch:

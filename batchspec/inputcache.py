@@ -1,0 +1,137 @@
+"""Remember what a scan of an unchanged input file found, so ``plan`` need not re-read it.
+
+An entry is keyed by the file's absolute path and the scan's options, and is valid only while
+the file's size, mtime, ctime and inode are what they were when it was scanned (any write
+changes at least one of them). Only clean reports are kept: a file with problems is always
+re-scanned, so its problems are reported in full every time.
+
+One read of a new input does both jobs of the loader and the validator: the loader's content
+hash comes from a *generic* scan (no endpoint or model given), and when that scan shows one
+url equal to the manifest's endpoint and one model equal to the manifest's model, the stricter
+scan would find nothing more, so it is not run (``facts_for``). The cache is a small SQLite
+file beside the state database; deleting it only costs a re-read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from batchspec.inputs import InputReport, scan_batch_input
+
+_SCHEMA = """
+create table if not exists scans (
+    path text not null, options text not null,
+    size integer, mtime_ns integer, ctime_ns integer, inode integer,
+    report text not null,
+    primary key (path, options)
+)
+"""
+
+
+class InputCache:
+    def __init__(self, db_path: Path | None) -> None:
+        self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
+        self.conn: sqlite3.Connection | None = None
+        if db_path is not None:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            if not db_path.exists():
+                os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self.conn = sqlite3.connect(db_path, isolation_level=None)
+            self.conn.execute("pragma journal_mode=wal")
+            self.conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def __enter__(self) -> InputCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sha256(self, path: Path) -> str:
+        """The content hash, from a generic scan (cached): the loader's ``hash_input``."""
+        return self.scan(path).sha256
+
+    def scan(self, path: Path, **options: Any) -> InputReport:
+        key = (str(Path(path).resolve()), json.dumps(options, sort_keys=True))
+        stamp = _stamp(path)
+        hit = self.memory.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        report = self._load(key, stamp)
+        if report is None:
+            report = scan_batch_input(path, **options)
+            if report.ok:
+                self._store(key, stamp, report)
+        self.memory[key] = (stamp, report)
+        return report
+
+    def facts_for(
+        self,
+        path: Path,
+        *,
+        endpoint: str,
+        model: str | None,
+        custom_id_pattern: str | None = None,
+        allow_unversioned_url: bool = False,
+    ) -> InputReport:
+        """The scan with the manifest's rules, reusing the generic scan when it settles it."""
+        generic = self.scan(path)
+        url_key = _versioned if allow_unversioned_url else (lambda u: u)
+        if (
+            generic.ok
+            and custom_id_pattern is None
+            and endpoint != "/v1/moderations"
+            and tuple(url_key(u) for u in generic.urls) == (url_key(endpoint),)
+            and (model is None or generic.models == (model,))
+        ):
+            return generic
+        return self.scan(
+            path,
+            endpoint=endpoint,
+            model=model,
+            custom_id_pattern=custom_id_pattern,
+            allow_unversioned_url=allow_unversioned_url,
+        )
+
+    def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:
+        if self.conn is None:
+            return None
+        row = self.conn.execute(
+            "select size, mtime_ns, ctime_ns, inode, report from scans where path = ? and options = ?",
+            key,
+        ).fetchone()
+        if row is None or tuple(row[:4]) != stamp:
+            return None
+        data = json.loads(row[4])
+        return InputReport(
+            **{**data, "models": tuple(data["models"]), "urls": tuple(data["urls"]), "problems": ()}
+        )
+
+    def _store(self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport) -> None:
+        if self.conn is None:
+            return
+        data = asdict(report)
+        try:
+            self.conn.execute(
+                "insert or replace into scans values (?, ?, ?, ?, ?, ?, ?)",
+                (*key, *stamp, json.dumps(data)),
+            )
+        except sqlite3.OperationalError:  # a busy or read-only cache only costs a re-read
+            pass
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _versioned(url: str) -> str:
+    return url if url.startswith("/v1/") else "/v1" + url
