@@ -1,0 +1,287 @@
+"""The engine in-process: storage, lifecycle, validation, idempotency, resume and locking."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from servers import FAST_ENGINE_OPTIONS, jsonl_bytes, read_jsonl, request_lines, wait_for
+
+from batchspec.engine import BuiltinUpstream, Engine, EngineError, Faults, FaultyUpstream
+from batchspec.engine.store import Store
+from batchspec.errors import StateLockedError
+
+CHAT = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def open_engine(data_dir: Path, upstream=None, **options) -> Engine:
+    return Engine(data_dir, upstream or BuiltinUpstream(), **{**FAST_ENGINE_OPTIONS, **options})
+
+
+def run_to_end(engine: Engine, batch_id: str, timeout: float = 10.0) -> dict:
+    return wait_for(
+        lambda: (b := engine.get_batch(batch_id))["status"] in TERMINAL and b, timeout=timeout
+    )
+
+
+def new_batch(engine: Engine, lines: list, **metadata: str) -> dict:
+    file = engine.create_file(jsonl_bytes(lines), "input.jsonl", "batch")
+    return engine.create_batch(file["id"], CHAT, "24h", metadata or None)
+
+
+def test_files_are_content_addressed_and_deduplicated(tmp_path):
+    """Two uploads of the same bytes are two files sharing one blob named by its sha256."""
+    with open_engine(tmp_path) as engine:
+        content = jsonl_bytes(request_lines(3))
+        a = engine.create_file(content, "a.jsonl", "batch")
+        b = engine.create_file(content, "b.jsonl", "batch")
+        assert a["id"] != b["id"]
+        path = engine.file_content_path(a["id"])
+        assert path == engine.file_content_path(b["id"])
+        assert path.read_bytes() == content
+        import hashlib
+
+        assert path.name == hashlib.sha256(content).hexdigest()
+        engine.delete_file(a["id"])
+        assert path.exists()  # b still uses it
+        engine.delete_file(b["id"])
+        assert not path.exists()
+
+
+def test_file_object_has_openai_required_fields_and_expiry(tmp_path):
+    """A FileObject carries id, object, bytes, created_at, filename, purpose, status, expiry."""
+    with open_engine(tmp_path) as engine:
+        batch_file = engine.create_file(b"{}\n", "in.jsonl", "batch")
+        other = engine.create_file(b"{}", "x.json", "user_data", expires_after_seconds=3600)
+    for key in ("id", "object", "bytes", "created_at", "filename", "purpose", "status"):
+        assert batch_file[key] is not None, key
+    assert batch_file["expires_at"] - batch_file["created_at"] == 30 * 24 * 3600
+    assert other["expires_at"] - other["created_at"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        pytest.param({"endpoint": "/v1/nope"}, 400, "endpoint", id="unknown-endpoint"),
+        pytest.param({"endpoint": "/v1/videos"}, 422, "endpoint", id="unsupported-endpoint"),
+        pytest.param({"completion_window": "1h"}, 400, "completion_window", id="window"),
+        pytest.param(
+            {"metadata": {str(i): "v" for i in range(17)}}, 400, "metadata", id="17-pairs"
+        ),
+        pytest.param({"metadata": {"k": 1}}, 400, "metadata", id="non-string-value"),
+        pytest.param({"metadata": {"k" * 65: "v"}}, 400, "metadata", id="long-key"),
+        pytest.param({"input_file_id": "file-unknown"}, 404, "id", id="unknown-file"),
+        pytest.param(
+            {"output_expires_after": {"anchor": "created_at", "seconds": 5}},
+            400,
+            "output_expires_after",
+            id="expiry-too-short",
+        ),
+    ],
+)
+def test_create_batch_refuses_bad_requests(tmp_path, kwargs, status, param):
+    """Bad create requests are refused with the right status and param, storing nothing."""
+    with open_engine(tmp_path) as engine:
+        file = engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+        args = {"input_file_id": file["id"], "endpoint": CHAT, "completion_window": "24h"}
+        with pytest.raises(EngineError) as err:
+            engine.create_batch(**{**args, **kwargs})
+        assert (err.value.status, err.value.param) == (status, param)
+        assert engine.list_batches()["data"] == []
+
+
+def test_batch_input_must_have_purpose_batch(tmp_path):
+    """A file uploaded for another purpose cannot be a batch input (400)."""
+    with open_engine(tmp_path) as engine:
+        file = engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "user_data")
+        with pytest.raises(EngineError) as err:
+            engine.create_batch(file["id"], CHAT)
+        assert err.value.status == 400 and err.value.param == "input_file_id"
+
+
+def test_repeated_create_is_idempotent_only_within_the_window(tmp_path):
+    """Same create within the window → same batch; after it (and terminal) → a new batch."""
+    with open_engine(tmp_path, idempotency_window=0.0) as engine:
+        first = new_batch(engine, request_lines(1), run="a")
+        file_id = first["input_file_id"]
+        assert engine.create_batch(file_id, CHAT, "24h", {"run": "a"})["id"] == first["id"]
+        run_to_end(engine, first["id"])
+        time.sleep(1.05)  # created_at has one-second resolution
+        again = engine.create_batch(file_id, CHAT, "24h", {"run": "a"})
+        assert again["id"] != first["id"]
+
+
+def test_list_cursor_must_name_a_known_object(tmp_path):
+    """An unknown `after` cursor is a 400, limits outside 1..100 too."""
+    with open_engine(tmp_path) as engine:
+        with pytest.raises(EngineError) as err:
+            engine.list_batches(after="batch_nope")
+        assert err.value.status == 400 and err.value.param == "after"
+        with pytest.raises(EngineError):
+            engine.list_batches(limit=0)
+        with pytest.raises(EngineError):
+            engine.list_files(order="sideways")
+
+
+def test_request_counts_grow_while_the_batch_runs(tmp_path):
+    """request_counts are updated during the run, not only at the end."""
+    with open_engine(tmp_path, BuiltinUpstream(latency=0.03), concurrency=2) as engine:
+        batch = new_batch(engine, request_lines(20))
+        seen = set()
+
+        def partly_done() -> bool:
+            b = engine.get_batch(batch["id"])
+            seen.add(b["request_counts"]["completed"])
+            return b["status"] == "in_progress" and 0 < b["request_counts"]["completed"] < 20
+
+        wait_for(partly_done)
+        done = run_to_end(engine, batch["id"])
+    assert done["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+    assert len(seen) >= 2
+
+
+def test_output_lines_are_in_input_order_with_stable_ids(tmp_path):
+    """Output lines follow input order; their batch_req ids are stable per batch and line."""
+    lines = request_lines(15)
+    with open_engine(tmp_path, concurrency=4) as engine:
+        done = run_to_end(engine, new_batch(engine, lines)["id"])
+        output = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+    assert [r["custom_id"] for r in output] == [line["custom_id"] for line in lines]
+    from batchspec.engine.worker import request_record_id
+
+    assert [r["id"] for r in output] == [request_record_id(done["id"], i + 1) for i in range(15)]
+
+
+def test_closing_mid_batch_and_reopening_resumes_without_resending(tmp_path):
+    """close() drains and commits; a new engine on the same folder sends only the rest."""
+    first_upstream = FaultyUpstream(BuiltinUpstream(latency=0.03), Faults())
+    engine = open_engine(tmp_path, first_upstream, concurrency=2).start()
+    batch = new_batch(engine, request_lines(24))
+    wait_for(lambda: engine.get_batch(batch["id"])["request_counts"]["completed"] >= 4)
+    engine.close()
+    stopped = Store(tmp_path)
+    try:
+        row = stopped.get_batch(batch["id"])
+        assert row["status"] == "in_progress"
+        finished = stopped.finished_lines(batch["id"])
+    finally:
+        stopped.close()
+    assert len(finished) == row["completed"] == sum(first_upstream.calls.values())
+
+    second_upstream = FaultyUpstream(BuiltinUpstream(), Faults())
+    with open_engine(tmp_path, second_upstream) as engine:
+        done = run_to_end(engine, batch["id"])
+    assert done["request_counts"]["completed"] == 24
+    assert set(first_upstream.calls).isdisjoint(second_upstream.calls)
+    assert sum(second_upstream.calls.values()) == 24 - len(finished)
+
+
+def test_a_second_engine_on_the_same_folder_is_refused(tmp_path):
+    """One engine per data folder: a second one raises StateLockedError naming the folder."""
+    with open_engine(tmp_path):
+        with pytest.raises(StateLockedError) as err:
+            open_engine(tmp_path)
+        assert str(tmp_path) in str(err.value)
+    open_engine(tmp_path).close()  # free again once the first is closed
+
+
+def test_cancel_is_refused_on_a_finished_batch_and_repeatable_on_a_cancelled_one(tmp_path):
+    """Cancel: 409 on completed; repeating it on a cancelled batch returns it unchanged."""
+    with open_engine(tmp_path, BuiltinUpstream(latency=0.05), concurrency=1) as engine:
+        finished = run_to_end(engine, new_batch(engine, request_lines(1), n="1")["id"])
+        with pytest.raises(EngineError) as err:
+            engine.cancel_batch(finished["id"])
+        assert err.value.status == 409
+        running = new_batch(engine, request_lines(10), n="2")
+        assert engine.cancel_batch(running["id"])["status"] == "cancelling"
+        done = run_to_end(engine, running["id"])
+        assert done["status"] == "cancelled"
+        assert engine.cancel_batch(running["id"])["status"] == "cancelled"
+        with pytest.raises(EngineError) as missing:
+            engine.cancel_batch("batch_missing")
+        assert missing.value.status == 404
+
+
+def test_a_batch_expiring_before_validation_ends_expired_without_files(tmp_path):
+    """A batch whose window passed before it ever ran is expired with no output or errors."""
+    engine = open_engine(tmp_path, completion_window_seconds=0.0)
+    batch = new_batch(engine, request_lines(3))  # the worker is not started yet
+    engine.start()
+    try:
+        done = run_to_end(engine, batch["id"])
+    finally:
+        engine.close()
+    assert done["status"] == "expired"
+    assert done["output_file_id"] is None and done["error_file_id"] is None
+
+
+def test_unreachable_upstream_becomes_error_lines(tmp_path):
+    """A refused connection is retried, then recorded as error code upstream_unreachable."""
+    import socket
+
+    from batchspec.engine import HttpUpstream
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    upstream = HttpUpstream(f"http://127.0.0.1:{port}/v1")
+    with open_engine(tmp_path, upstream, max_attempts=2) as engine:
+        done = run_to_end(engine, new_batch(engine, request_lines(2))["id"])
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+    assert done["status"] == "completed" and done["output_file_id"] is None
+    assert {r["error"]["code"] for r in errors} == {"upstream_unreachable"}
+
+
+def test_results_are_persisted_with_counts_in_one_transaction(tmp_path):
+    """Recording the same line twice counts it once (a resumed line can never double-count)."""
+    from batchspec.engine.store import LineResult, Tokens
+
+    with open_engine(tmp_path) as engine:
+        batch = new_batch(engine, request_lines(1))
+        run_to_end(engine, batch["id"])
+        store = engine.store
+        before = store.get_batch(batch["id"])["completed"]
+        again = LineResult(batch["id"], 1, "req-0", True, b"{}", Tokens(input_tokens=5))
+        assert store.record_results([again]) == 0
+        assert store.get_batch(batch["id"])["completed"] == before
+
+
+def test_database_uses_wal_and_named_migrations(tmp_path):
+    """The engine database is WAL with its migrations recorded by name."""
+    open_engine(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "engine.db")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        names = [r[0] for r in db.execute("SELECT name FROM migrations")]
+    finally:
+        db.close()
+    assert names == ["m001_initial"]
+
+
+def test_usage_is_summed_from_response_bodies(tmp_path):
+    """Batch usage is the sum of the bodies' usage (prompt → input, completion → output)."""
+    with open_engine(tmp_path) as engine:
+        done = run_to_end(engine, new_batch(engine, request_lines(5))["id"])
+        output = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+    prompt = sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in output)
+    completion = sum(r["response"]["body"]["usage"]["completion_tokens"] for r in output)
+    assert done["usage"]["input_tokens"] == prompt
+    assert done["usage"]["output_tokens"] == completion
+    assert done["usage"]["total_tokens"] == prompt + completion
+
+
+def test_invalid_input_errors_carry_code_message_line_and_param(tmp_path):
+    """errors.data entries have code, message, line and a null param (OpenAI's shape)."""
+    lines = [json.dumps(line) for line in request_lines(2)] + ['{"custom_id": 3}']
+    with open_engine(tmp_path) as engine:
+        file = engine.create_file("\n".join(lines).encode(), "in.jsonl", "batch")
+        done = run_to_end(engine, engine.create_batch(file["id"], CHAT)["id"])
+    assert done["status"] == "failed"
+    assert done["errors"]["object"] == "list"
+    entry = done["errors"]["data"][0]
+    assert set(entry) == {"code", "message", "line", "param"}
+    assert entry["line"] == 3 and entry["param"] is None and entry["message"]
