@@ -84,9 +84,9 @@ def plan_workspace(
     paths: Sequence[str], *, select: Sequence[str] = (), prune: bool = False
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
-    ws = load_workspace(paths)
-    resources = select_resources(ws, select)
-    facts = validate_inputs(ws, resources)
+    with open_workspace(paths) as (ws, cache):
+        resources = select_resources(ws, select)
+        facts = validate_inputs(ws, resources, cache)
     with (
         StateStore.open(ws.project.state_path) as store,
         recorded_run(store, ws, "plan", {"paths": list(paths), "select": list(select)}),
