@@ -1,0 +1,540 @@
+"""The planner as a pure function: (desired, recorded, disk) -> one action per resource.
+
+Every row of ``plan.py``'s decision table is a case below, built from plain dataclasses: no
+state store, no files, no network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from batchspec.plan import (
+    Action,
+    ActionKind,
+    DesiredResource,
+    DiskFacts,
+    Plan,
+    RecordedBatch,
+    RecordedGeneration,
+    RecordedResource,
+    ShardProgress,
+    estimate_input_tokens,
+    make_plan,
+    plan_resource,
+)
+
+NEW, OLD = "b" * 64, "a" * 64
+OUT, ERR = "1" * 64, "2" * 64
+
+
+def want(**kw: object) -> DesiredResource:
+    base = DesiredResource(
+        name="triage",
+        provider="openai",
+        spec_hash=NEW,
+        requests=10,
+        input_bytes=400,
+        max_attempts=3,
+    )
+    return replace(base, **kw)
+
+
+def batch(**kw: object) -> RecordedBatch:
+    base = RecordedBatch(
+        id=1,
+        shard=0,
+        attempt=1,
+        remote_id="batch_1",
+        status="completed",
+        collected=True,
+        requests=10,
+    )
+    return replace(base, **kw)
+
+
+def gen(**kw: object) -> RecordedGeneration:
+    base = RecordedGeneration(
+        id=7,
+        spec_hash=NEW,
+        status="complete",
+        requests=10,
+        succeeded=10,
+        output_sha256=OUT,
+        errors_sha256=ERR,
+        batches=(batch(),),
+    )
+    return replace(base, **kw)
+
+
+def have(*generations: RecordedGeneration) -> RecordedResource:
+    return RecordedResource(name="triage", provider="openai", generations=generations)
+
+
+IN_SYNC_DISK = DiskFacts(OUT, ERR)
+IN_FLIGHT = gen(status="in_progress", batches=(batch(status="in_progress", collected=False),))
+
+# (desired, recorded, disk) -> (kind, fragment of the reason, requests to submit, tokens)
+CASES = [
+    pytest.param(
+        want(),
+        None,
+        None,
+        (ActionKind.CREATE, "new resource", 10, 100),
+        id="new-resource-creates",
+    ),
+    pytest.param(
+        want(),
+        have(replace(IN_FLIGHT, id=3, spec_hash=OLD)),
+        None,
+        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        id="spec-changed-older-in-flight-replaces",
+    ),
+    pytest.param(
+        want(),
+        have(gen(id=3, spec_hash=OLD, status="pending", batches=())),
+        None,
+        (ActionKind.REPLACE, "still in flight", 10, 100),
+        id="spec-changed-older-pending-replaces",
+    ),
+    pytest.param(
+        want(),
+        have(gen(id=3, spec_hash=OLD)),
+        None,
+        (ActionKind.CREATE, "spec or input changed", 10, 100),
+        id="spec-changed-older-complete-creates",
+    ),
+    pytest.param(
+        want(),
+        have(gen(id=3, spec_hash=OLD, status="degraded")),
+        None,
+        (ActionKind.CREATE, "spec or input changed", 10, 100),
+        id="spec-changed-older-degraded-creates",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(id=3, status="superseded", batches=(batch(status="cancelled"),)),
+            replace(IN_FLIGHT, id=4, spec_hash=OLD),
+        ),
+        None,
+        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        id="spec-reverted-while-newer-in-flight-replaces",
+    ),
+    pytest.param(
+        want(),
+        have(gen(id=3, spec_hash=OLD, status="cancelled")),
+        None,
+        (ActionKind.CREATE, "spec or input changed", 10, 100),
+        id="spec-changed-older-cancelled-creates",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                batches=(
+                    batch(id=1, remote_id=None, status="intent", collected=False, requests=4),
+                    batch(id=2, shard=1, status="in_progress", collected=False, requests=6),
+                ),
+            )
+        ),
+        None,
+        (ActionKind.CREATE, "1 batch(es) queued for submission", 4, 40),
+        id="intent-without-remote-id-creates-to-adopt",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                batches=(batch(remote_id=None, status="creating", collected=False),),
+            )
+        ),
+        None,
+        (ActionKind.CREATE, "1 batch create(s) not confirmed by the provider (adopts", 10, 100),
+        id="creating-intent-creates-to-adopt",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="pending", batches=())),
+        None,
+        (ActionKind.CREATE, "nothing submitted yet", 10, 100),
+        id="generation-without-batches-creates",
+    ),
+    pytest.param(
+        want(),
+        have(IN_FLIGHT),
+        None,
+        (ActionKind.REFRESH, "1 batch(es) in flight", 0, 0),
+        id="in-flight-refreshes",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                batches=(
+                    batch(id=1, status="completed", collected=False),
+                    batch(id=2, shard=1, status="finalizing", collected=False),
+                ),
+            )
+        ),
+        None,
+        (ActionKind.REFRESH, "1 batch(es) in flight", 0, 0),
+        id="in-flight-before-collect",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="in_progress", batches=(batch(status="expired", collected=False),))),
+        None,
+        (ActionKind.COLLECT, "1 finished batch(es) to download", 0, 0),
+        id="terminal-uncollected-collects",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                shards=(
+                    ShardProgress(shard=0, attempts_used=1, unresolved=3, unresolved_bytes=120),
+                ),
+            )
+        ),
+        None,
+        (ActionKind.RETRY, "3 unresolved request(s); attempt 2 of 3", 3, 30),
+        id="unresolved-with-attempts-left-retries",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                shards=(
+                    ShardProgress(shard=0, attempts_used=3, unresolved=2, unresolved_bytes=80),
+                    ShardProgress(shard=1, attempts_used=1, unresolved=5, unresolved_bytes=200),
+                ),
+            )
+        ),
+        None,
+        (ActionKind.RETRY, "5 unresolved request(s); attempt 2 of 3", 5, 50),
+        id="retry-counts-only-shards-with-attempts-left",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                shards=(ShardProgress(shard=0, attempts_used=3, unresolved=3),),
+            )
+        ),
+        None,
+        (ActionKind.COLLECT, "all requests resolved; results to write", 0, 0),
+        id="attempts-exhausted-collects-results",
+    ),
+    pytest.param(
+        want(max_attempts=1),
+        have(
+            gen(
+                status="in_progress",
+                shards=(ShardProgress(shard=0, attempts_used=1, unresolved=3),),
+            )
+        ),
+        None,
+        (ActionKind.COLLECT, "results to write", 0, 0),
+        id="max-attempts-one-never-retries",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="degraded", succeeded=7, failed=3)),
+        IN_SYNC_DISK,
+        (ActionKind.NONE, "in sync: 7 succeeded, 3 failed (degraded: attempts exhausted)", 0, 0),
+        id="attempts-exhausted-degraded-is-none",
+    ),
+    pytest.param(
+        want(),
+        have(gen()),
+        DiskFacts(None, ERR),
+        (ActionKind.RESTORE, "output file is missing", 0, 0),
+        id="complete-output-missing-restores",
+    ),
+    pytest.param(
+        want(),
+        have(gen()),
+        DiskFacts("f" * 64, ERR),
+        (ActionKind.RESTORE, "output file differs from the recorded results", 0, 0),
+        id="complete-output-edited-restores",
+    ),
+    pytest.param(
+        want(),
+        have(gen()),
+        DiskFacts(OUT, None),
+        (ActionKind.RESTORE, "errors file is missing", 0, 0),
+        id="complete-errors-missing-restores",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="degraded", failed=2)),
+        DiskFacts(None, "f" * 64),
+        (
+            ActionKind.RESTORE,
+            "output file is missing; errors file differs from the recorded results",
+            0,
+            0,
+        ),
+        id="degraded-both-files-drifted-restores",
+    ),
+    pytest.param(
+        want(),
+        have(gen()),
+        IN_SYNC_DISK,
+        (ActionKind.NONE, "in sync: 10 succeeded", 0, 0),
+        id="in-sync-is-none",
+    ),
+    pytest.param(
+        want(),
+        have(gen(output_sha256=None, errors_sha256=None)),
+        DiskFacts(None, None),
+        (ActionKind.NONE, "in sync", 0, 0),
+        id="nothing-recorded-on-disk-is-not-drift",
+    ),
+    pytest.param(
+        want(suspend=True),
+        None,
+        None,
+        (ActionKind.NONE, "suspended in the manifest", 0, 0),
+        id="suspended-new-resource-is-none",
+    ),
+    pytest.param(
+        want(suspend=True),
+        have(IN_FLIGHT),
+        DiskFacts(None, None),
+        (ActionKind.NONE, "suspended in the manifest", 0, 0),
+        id="suspended-in-flight-is-none",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="cancelled", batches=(batch(status="cancelled", collected=False),))),
+        None,
+        (ActionKind.NONE, "cancelled by a user", 0, 0),
+        id="cancelled-is-none",
+    ),
+]
+
+
+@pytest.mark.parametrize(("desired", "recorded", "disk", "expected"), CASES)
+def test_decision_table(
+    desired: DesiredResource,
+    recorded: RecordedResource | None,
+    disk: DiskFacts | None,
+    expected: tuple[ActionKind, str, int, int],
+) -> None:
+    """Each recorded situation leads to one action, with its reason and what it would submit."""
+    kind, reason, requests, tokens = expected
+    action = plan_resource(desired, recorded, disk)
+    assert action.kind is kind
+    assert reason in action.reason
+    assert (action.requests, action.estimated_input_tokens) == (requests, tokens)
+    assert action.resource == desired.name and action.spec_hash == desired.spec_hash
+    assert action.spends == (kind in (ActionKind.CREATE, ActionKind.REPLACE, ActionKind.RETRY))
+
+
+REQUEUED = have(
+    gen(
+        status="in_progress",
+        shards=(
+            ShardProgress(
+                shard=0, attempts_used=1, unresolved=4, unresolved_bytes=160, not_before=1000.0
+            ),
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("now", "kind", "reason"),
+    [
+        pytest.param(940.0, ActionKind.REFRESH, "resubmitting in 60s", id="backoff-not-over"),
+        pytest.param(1000.0, ActionKind.RETRY, "attempt 2 of 3", id="backoff-over"),
+        pytest.param(None, ActionKind.RETRY, "attempt 2 of 3", id="no-clock-means-ready"),
+    ],
+)
+def test_a_requeued_shard_waits_for_its_not_before(
+    now: float | None, kind: ActionKind, reason: str
+) -> None:
+    """A shard requeued with a backoff is retried only once ``now`` reaches its not_before."""
+    action = plan_resource(want(), REQUEUED, None, now)
+    assert action.kind is kind
+    assert reason in action.reason
+    assert action.requests == (4 if kind is ActionKind.RETRY else 0)
+
+
+def test_actions_name_the_generation_they_act_on() -> None:
+    """Refresh/collect/restore carry the generation id; a brand-new create carries none."""
+    assert plan_resource(want(), have(IN_FLIGHT), None).generation_id == 7
+    assert plan_resource(want(), have(gen()), DiskFacts(None, ERR)).generation_id == 7
+    assert plan_resource(want(), None, None).generation_id is None
+    changed = have(gen(id=3, spec_hash=OLD))
+    assert plan_resource(want(), changed, None).generation_id is None
+
+
+def test_the_generation_for_the_current_spec_is_chosen_among_many() -> None:
+    """Old finished generations do not matter: the one for the current spec hash decides."""
+    recorded = have(gen(id=3, spec_hash=OLD, status="complete"), replace(IN_FLIGHT, id=8))
+    action = plan_resource(want(), recorded, None)
+    assert (action.kind, action.generation_id) == (ActionKind.REFRESH, 8)
+
+
+def test_another_generation_still_in_flight_is_replaced_even_when_ours_runs_too() -> None:
+    """Two generations in flight (a reverted spec): the other one must be cancelled first."""
+    recorded = have(gen(id=3, spec_hash=OLD, status="in_progress"), replace(IN_FLIGHT, id=8))
+    action = plan_resource(want(), recorded, None)
+    assert (action.kind, action.generation_id, action.requests) == (ActionKind.REPLACE, 8, 0)
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "tokens"),
+    [
+        pytest.param(0, 0, id="empty"),
+        pytest.param(1, 1, id="rounds-up"),
+        pytest.param(4, 1, id="exact"),
+        pytest.param(5, 2, id="one-over"),
+    ],
+)
+def test_token_estimate_is_bytes_over_four_rounded_up(nbytes: int, tokens: int) -> None:
+    """The provider-neutral estimate: about four bytes of JSON per token, never rounded down."""
+    assert estimate_input_tokens(nbytes) == tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# make_plan: orphans, pruning and the plan as a whole
+
+
+def orphan(name: str, status: str = "complete") -> RecordedResource:
+    return RecordedResource(name=name, provider="openai", generations=(gen(status=status),))
+
+
+def test_orphans_are_reported_sorted_after_the_desired_resources() -> None:
+    """A recorded resource without a manifest is `orphaned`, with what is still in flight."""
+    recorded = {"zeta": orphan("zeta", "in_progress"), "alpha": orphan("alpha")}
+    plan = make_plan([want()], recorded, {})
+    assert [(a.resource, a.kind) for a in plan.actions] == [
+        ("triage", ActionKind.CREATE),
+        ("alpha", ActionKind.ORPHANED),
+        ("zeta", ActionKind.ORPHANED),
+    ]
+    assert "nothing in flight" in plan.actions[1].reason
+    assert "batches still in flight" in plan.actions[2].reason
+    assert "apply --prune" in plan.actions[1].reason
+
+
+def test_prune_turns_orphans_into_prune_actions() -> None:
+    """With prune, an orphan becomes `prune` (cancel and forget), which is a change."""
+    plan = make_plan([], {"old": orphan("old")}, {}, prune=True)
+    assert [(a.resource, a.kind) for a in plan.actions] == [("old", ActionKind.PRUNE)]
+    assert "cancel and forget" in plan.actions[0].reason
+    assert plan.has_changes
+
+
+def test_orphans_can_be_left_out() -> None:
+    """A --select plan does not report the rest of the state as orphans."""
+    plan = make_plan([want()], {"old": orphan("old")}, {}, include_orphans=False)
+    assert [a.resource for a in plan.actions] == ["triage"]
+
+
+def test_a_desired_resource_is_never_an_orphan() -> None:
+    """A recorded resource that is still in the manifests is planned, not orphaned."""
+    plan = make_plan([want()], {"triage": have(gen())}, {"triage": IN_SYNC_DISK})
+    assert [(a.resource, a.kind) for a in plan.actions] == [("triage", ActionKind.NONE)]
+
+
+def test_make_plan_uses_the_disk_facts_of_each_resource() -> None:
+    """Disk facts are matched by name: one resource's drift does not leak to another."""
+    other = replace(want(), name="other")
+    recorded = {"triage": have(gen()), "other": replace(have(gen()), name="other")}
+    disk = {"triage": IN_SYNC_DISK, "other": DiskFacts(None, ERR)}
+    plan = make_plan([want(), other], recorded, disk)
+    assert [a.kind for a in plan.actions] == [ActionKind.NONE, ActionKind.RESTORE]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "changes"),
+    [
+        pytest.param([], False, id="empty"),
+        pytest.param([ActionKind.NONE], False, id="none"),
+        pytest.param([ActionKind.ORPHANED], False, id="orphan-alone"),
+        pytest.param([ActionKind.NONE, ActionKind.ORPHANED], False, id="none-and-orphan"),
+        pytest.param([ActionKind.NONE, ActionKind.REFRESH], True, id="refresh"),
+        pytest.param([ActionKind.COLLECT], True, id="collect"),
+        pytest.param([ActionKind.RESTORE], True, id="restore"),
+        pytest.param([ActionKind.PRUNE], True, id="prune"),
+        pytest.param([ActionKind.ORPHANED, ActionKind.CREATE], True, id="create"),
+    ],
+)
+def test_has_changes(kinds: list[ActionKind], changes: bool) -> None:
+    """Anything but `none` and a left-alone orphan is a change (plan --detailed-exitcode 2)."""
+    plan = Plan(tuple(Action(f"r{i}", kind, "why") for i, kind in enumerate(kinds)))
+    assert plan.has_changes is changes
+
+
+def test_to_json_shape() -> None:
+    """The JSON plan: changes, summary counts, totals over spending actions only, one entry
+    per action with every field."""
+    recorded = {
+        "triage": have(replace(IN_FLIGHT, spec_hash=OLD)),
+        "sync": replace(have(gen()), name="sync"),
+        "gone": orphan("gone"),
+    }
+    desired = [
+        want(),
+        want(name="fresh", requests=4, input_bytes=41),
+        want(name="sync"),
+    ]
+    plan = make_plan(desired, recorded, {"sync": IN_SYNC_DISK})
+    doc = plan.to_json()
+    assert json.loads(json.dumps(doc)) == doc  # JSON-able as it is
+    assert list(doc) == [
+        "changes",
+        "summary",
+        "requests_to_submit",
+        "estimated_input_tokens",
+        "actions",
+    ]
+    assert doc["changes"] is True
+    assert doc["summary"] == {"replace": 1, "create": 1, "none": 1, "orphaned": 1}
+    assert doc["requests_to_submit"] == 10 + 4
+    assert doc["estimated_input_tokens"] == 100 + 11
+    first = doc["actions"][0]
+    assert first == {
+        "resource": "triage",
+        "action": "replace",
+        "reason": first["reason"],
+        "provider": "openai",
+        "spec_hash": NEW,
+        "generation_id": None,
+        "requests": 10,
+        "estimated_input_tokens": 100,
+    }
+    assert [a["action"] for a in doc["actions"]] == ["replace", "create", "none", "orphaned"]
+    assert doc["actions"][3]["spec_hash"] is None
+
+
+def test_refresh_and_collect_do_not_count_as_spending() -> None:
+    """Only create, replace and retry spend; a plan of refreshes submits nothing."""
+    plan = make_plan([want()], {"triage": have(IN_FLIGHT)}, {})
+    assert plan.spending == ()
+    assert plan.to_json()["requests_to_submit"] == 0
+    assert plan.action_for("triage").kind is ActionKind.REFRESH
+    assert plan.action_for("missing") is None
+
+
+def test_planning_is_deterministic_and_leaves_its_inputs_alone() -> None:
+    """Same inputs, same plan (pure): the planner neither mutates nor depends on call order."""
+    recorded = {"triage": have(IN_FLIGHT), "gone": orphan("gone")}
+    before = repr(recorded)
+    first = make_plan([want()], recorded, {})
+    second = make_plan([want()], recorded, {})
+    assert first == second
+    assert repr(recorded) == before
