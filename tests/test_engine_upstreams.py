@@ -1,0 +1,242 @@
+"""Upstreams: the builtin stand-in's answers, fault injection, and the HTTP client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
+from batchspec.engine.server import start_in_thread
+from batchspec.engine.upstreams import answer, retry_after_seconds
+from batchspec.errors import BatchspecError, UsageError
+
+
+def test_chat_answer_is_openai_shaped_deterministic_and_marked_as_stand_in():
+    """Chat answers have id/object/created/model/choices/usage and depend only on the body."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "one two three four"}]}
+    first, second = answer("/v1/chat/completions", body), answer("/v1/chat/completions", body)
+    assert first.status_code == 200
+    assert first.body["id"] == second.body["id"]
+    assert first.body["choices"] == second.body["choices"]
+    assert first.body["object"] == "chat.completion" and first.body["model"] == "m"
+    message = first.body["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert message["content"].startswith("[builtin stand-in]")
+    assert "one two three four" in message["content"]
+    usage = first.body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_chat_honours_max_tokens_with_finish_reason_length():
+    """A tight max_tokens truncates the reply and reports finish_reason 'length'."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    choice = answer("/v1/chat/completions", body).body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert len(choice["message"]["content"]) <= 8
+
+
+@pytest.mark.parametrize("dimensions", [16, 5])
+def test_embeddings_are_deterministic_unit_vectors(dimensions):
+    """Each input gets a unit vector of the asked dimensions, the same for the same text."""
+    body = {"model": "e", "input": ["alpha", "beta", "alpha"], "dimensions": dimensions}
+    if dimensions == 16:
+        del body["dimensions"]  # the default
+    data = answer("/v1/embeddings", body).body["data"]
+    vectors = [item["embedding"] for item in data]
+    assert [item["index"] for item in data] == [0, 1, 2]
+    assert all(len(v) == dimensions for v in vectors)
+    assert all(math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-6) for v in vectors)
+    assert vectors[0] == vectors[2] != vectors[1]
+
+
+def test_responses_moderations_and_completions_shapes():
+    """Responses, moderations and completions answer in their OpenAI shapes."""
+    response = answer("/v1/responses", {"model": "m", "input": "hello there"}).body
+    assert response["object"] == "response" and response["status"] == "completed"
+    assert response["output"][0]["content"][0]["type"] == "output_text"
+    assert response["usage"]["input_tokens"] > 0
+    moderation = answer("/v1/moderations", {"input": ["a", "b"]}).body
+    assert [r["flagged"] for r in moderation["results"]] == [False, False]
+    completion = answer("/v1/completions", {"model": "m", "prompt": "Once"}).body
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "status"),
+    [
+        pytest.param("/v1/chat/completions", {"messages": []}, 400, id="no-model"),
+        pytest.param("/v1/chat/completions", {"model": "m"}, 400, id="no-messages"),
+        pytest.param("/v1/images/generations", {"model": "m"}, 404, id="unknown-url"),
+        pytest.param("/v1/embeddings", ["not", "an", "object"], 400, id="not-an-object"),
+    ],
+)
+def test_stand_in_refuses_what_openai_refuses(url, body, status):
+    """Bad bodies get OpenAI's error envelope with a 4xx status."""
+    result = answer(url, body)
+    assert result.status_code == status
+    assert set(result.body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_faults_are_reproducible_and_near_their_fractions():
+    """Fault draws depend only on seed, custom_id and attempt; fractions hold on average."""
+    faults = Faults(error_500=0.2, error_429=0.1, seed=11)
+    a, b = FaultyUpstream(BuiltinUpstream(), faults), FaultyUpstream(BuiltinUpstream(), faults)
+    draws = [a.draw(f"id-{i}", 0) for i in range(2000)]
+    assert draws == [b.draw(f"id-{i}", 0) for i in range(2000)]
+    assert 0.17 < sum(d < 0.2 for d in draws) / 2000 < 0.23
+    assert a.draw("x", 0) != a.draw("x", 1)
+    sticky = FaultyUpstream(BuiltinUpstream(), Faults(sticky=True))
+    assert sticky.draw("x", 0) == sticky.draw("x", 5)
+
+
+def test_fault_kinds_answer_500_429_with_retry_after_and_hang():
+    """Each fault kind produces its answer: 500, 429 with retry_after, or no answer at all."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def send(faults: Faults, attempt: int = 0):
+        upstream = FaultyUpstream(BuiltinUpstream(), faults)
+        return await asyncio.wait_for(
+            upstream.send("/v1/chat/completions", chat, custom_id="c", attempt=attempt), 0.2
+        )
+
+    assert asyncio.run(send(Faults(error_500=1.0))).status_code == 500
+    limited = asyncio.run(send(Faults(error_429=1.0, retry_after=1.5)))
+    assert (limited.status_code, limited.retry_after) == (429, 1.5)
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(send(Faults(timeout=1.0)))
+    assert asyncio.run(send(Faults(fail_first=2), attempt=1)).status_code == 500
+    assert asyncio.run(send(Faults(fail_first=2), attempt=2)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        pytest.param({"retry-after": "3"}, 3.0, id="seconds"),
+        pytest.param({"retry-after-ms": "250", "retry-after": "9"}, 0.25, id="ms-wins"),
+        pytest.param({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None, id="http-date"),
+        pytest.param({}, None, id="absent"),
+    ],
+)
+def test_retry_after_parsing(headers, seconds):
+    """retry-after-ms beats retry-after; dates and absence give None (use our backoff)."""
+    assert retry_after_seconds(headers) == seconds
+
+
+@pytest.mark.parametrize(
+    ("base", "url", "target"),
+    [
+        pytest.param("http://h:1/v1", "/v1/chat/completions", "/v1/chat/completions", id="v1"),
+        pytest.param("http://h:1", "/v1/embeddings", "/v1/embeddings", id="bare"),
+        pytest.param("http://h:1/proxy/v1/", "/v1/responses", "/proxy/v1/responses", id="prefix"),
+    ],
+)
+def test_http_upstream_maps_line_urls_onto_the_base_url(base, url, target):
+    """A base URL ending in /v1 takes /v1/x as /x; others get the full /v1/x appended."""
+    assert HttpUpstream(base).target(url) == target
+
+
+def test_http_upstream_description_hides_credentials():
+    """user:password in the upstream URL never shows in its description."""
+    upstream = HttpUpstream("http://user:secret@127.0.0.1:8000/v1")
+    assert "secret" not in upstream.description
+    assert upstream.description == "http://127.0.0.1:8000/v1"
+
+
+def test_make_upstream_needs_its_key_variable(monkeypatch):
+    """An upstream key variable that is unset fails clearly; bad specs are usage errors."""
+    monkeypatch.delenv("BATCHSPEC_TEST_UPSTREAM_KEY", raising=False)
+    with pytest.raises(BatchspecError, match="BATCHSPEC_TEST_UPSTREAM_KEY"):
+        make_upstream("http://127.0.0.1:1/v1", api_key_env="BATCHSPEC_TEST_UPSTREAM_KEY")
+    with pytest.raises(UsageError):
+        make_upstream("ftp://example")
+    assert isinstance(make_upstream("builtin"), BuiltinUpstream)
+
+
+def _echo_app() -> Starlette:
+    async def chat(request):
+        seen = {
+            "auth": request.headers.get("authorization"),
+            "body": json.loads(await request.body()),
+        }
+        if request.query_params.get("chunked") or seen["body"].get("chunked"):
+
+            async def pieces():
+                text = json.dumps(seen)
+                for i in range(0, len(text), 7):
+                    yield text[i : i + 7].encode()
+
+            return StreamingResponse(pieces(), media_type="application/json")
+        return JSONResponse(seen, headers={"x-request-id": "req_echo", "retry-after": "2"})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_http_upstream_round_trip_with_key_chunked_bodies_and_keep_alive():
+    """Requests carry the bearer key; plain and chunked answers parse; connections are reused."""
+    server = start_in_thread(_echo_app())
+    try:
+
+        async def run():
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="sk-up", max_connections=2)
+            try:
+                plain = await upstream.send(
+                    "/v1/chat/completions", {"n": 1}, custom_id="a", attempt=0
+                )
+                chunked = await upstream.send(
+                    "/v1/chat/completions", {"chunked": True}, custom_id="b", attempt=0
+                )
+                many = await asyncio.gather(
+                    *(
+                        upstream.send("/v1/chat/completions", {"n": i}, custom_id=str(i), attempt=0)
+                        for i in range(20)
+                    )
+                )
+                return plain, chunked, many, len(upstream._pool._idle)
+            finally:
+                await upstream.aclose()
+
+        plain, chunked, many, idle = asyncio.run(run())
+    finally:
+        server.stop()
+    assert plain.status_code == 200 and plain.body["auth"] == "Bearer sk-up"
+    assert (plain.request_id, plain.retry_after) == ("req_echo", 2.0)
+    assert chunked.body["body"] == {"chunked": True}
+    assert [r.body["body"]["n"] for r in many] == list(range(20))
+    assert idle <= 2
+
+
+def test_http_pool_retries_a_stale_keep_alive_connection_once():
+    """When the server silently closed an idle connection, the request goes out once, fresh."""
+    received: list[bytes] = []
+
+    async def one_request_per_connection(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received.append(await reader.readexactly(length))
+        body = b'{"ok": true}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()  # no "Connection: close": the client believes it may reuse it
+
+    async def run():
+        server = await asyncio.start_server(one_request_per_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}/v1", max_connections=1)
+        try:
+            first = await upstream.send("/v1/chat/completions", {"n": 1}, custom_id="a", attempt=0)
+            await asyncio.sleep(0.05)  # let the close reach the client
+            second = await upstream.send("/v1/chat/completions", {"n": 2}, custom_id="b", attempt=0)
+        finally:
+            await upstream.aclose()
+            server.close()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first.body == second.body == {"ok": True}
+    assert [json.loads(b)["n"] for b in received] == [1, 2]
