@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchspec.engine import Engine, EngineError, make_upstream
+from batchspec.engine import Engine, EngineError, Upstream, make_upstream
 from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     RemoteBatch,
@@ -36,14 +36,18 @@ T = TypeVar("T")
 
 
 class LocalProvider:
-    """A ``Provider`` over the in-process engine storing its data in ``data_dir``."""
+    """A ``Provider`` over the in-process engine storing its data in ``data_dir``.
+
+    ``upstream`` is ``"builtin"``, an OpenAI-compatible base URL (key from
+    ``upstream_api_key_env``) or an ``Upstream`` object; ``engine_kwargs`` go to ``Engine``.
+    """
 
     def __init__(
         self,
         name: str,
         data_dir: Path,
         *,
-        upstream: str = "builtin",
+        upstream: str | Upstream = "builtin",
         upstream_api_key_env: str | None = None,
         concurrency: int = 8,
         **engine_kwargs: Any,
@@ -69,10 +73,14 @@ class LocalProvider:
     def engine(self) -> Engine:
         """The running engine, opened and started on first use."""
         if self._engine is None:
-            upstream = make_upstream(
-                self._upstream_spec,
-                api_key_env=self._upstream_api_key_env,
-                max_connections=max(2 * self._concurrency, 16),
+            upstream = (
+                make_upstream(
+                    self._upstream_spec,
+                    api_key_env=self._upstream_api_key_env,
+                    max_connections=max(2 * self._concurrency, 16),
+                )
+                if isinstance(self._upstream_spec, str)
+                else self._upstream_spec
             )
             self._engine = Engine(
                 self.data_dir, upstream, concurrency=self._concurrency, **self._engine_kwargs

@@ -1,0 +1,112 @@
+"""The `local` provider: the engine in-process, through the Provider protocol."""
+
+from __future__ import annotations
+
+import pytest
+from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
+
+from batchspec.engine import BuiltinUpstream
+from batchspec.errors import ProviderError, StateLockedError
+from batchspec.providers.base import Provider, RemoteNotFound
+from batchspec.providers.local import LocalProvider
+
+FAST = {"poll_interval": 0.02, "commit_interval": 0.01, "retry_base_delay": 0.001}
+
+
+def test_local_provider_satisfies_the_protocol_and_runs_a_batch(tmp_path):
+    """upload → create → get until completed → download, all through Provider methods."""
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(jsonl_bytes(request_lines(6)))
+    with LocalProvider("local", tmp_path / "engine", **FAST) as provider:
+        assert isinstance(provider, Provider)
+        uploaded = provider.upload_file(input_path, filename="input.jsonl")
+        assert provider.get_file(uploaded.id).bytes == input_path.stat().st_size
+        batch = provider.create_batch(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"batchspec-key": "k1"},
+        )
+        assert batch.status == "validating" and batch.metadata == {"batchspec-key": "k1"}
+        done = wait_for(lambda: (b := provider.get_batch(batch.id)).is_terminal and b)
+        assert done.status == "completed"
+        assert done.request_counts.completed == 6
+        assert done.usage.total_tokens > 0
+        written = provider.download_file(done.output_file_id, tmp_path / "out" / "output.jsonl")
+        output = read_jsonl((tmp_path / "out" / "output.jsonl").read_text())
+    assert written == (tmp_path / "out" / "output.jsonl").stat().st_size
+    assert len(output) == 6
+
+
+def test_local_provider_lists_all_batches_across_pages(tmp_path):
+    """list_batches follows pagination lazily, newest first."""
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(jsonl_bytes(request_lines(1)))
+    with LocalProvider("local", tmp_path / "engine", **FAST) as provider:
+        file_id = provider.upload_file(input_path, filename="input.jsonl").id
+        ids = [
+            provider.create_batch(
+                input_file_id=file_id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"n": str(i)},
+            ).id
+            for i in range(5)
+        ]
+        assert [b.id for b in provider.list_batches(page_size=2)] == ids[::-1]
+
+
+def test_local_provider_maps_engine_errors(tmp_path):
+    """404 → RemoteNotFound, other refusals → ProviderError with the engine's status."""
+    with LocalProvider("local", tmp_path / "engine", **FAST) as provider:
+        with pytest.raises(RemoteNotFound) as missing:
+            provider.get_batch("batch_nope")
+        assert missing.value.status == 404
+        with pytest.raises(RemoteNotFound):
+            provider.download_file("file-nope", tmp_path / "x")
+        with pytest.raises(ProviderError) as bad:
+            provider.create_batch(
+                input_file_id="file-nope",
+                endpoint="/v1/nope",
+                completion_window="24h",
+                metadata={},
+            )
+        assert bad.value.status == 400 and "local" in str(bad.value)
+
+
+def test_local_provider_cancel_and_resume_after_close(tmp_path):
+    """A batch left running at close() resumes at the next open; cancel works in-process."""
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(jsonl_bytes(request_lines(10)))
+    provider = LocalProvider("local", tmp_path / "engine", concurrency=1, **FAST)
+    file_id = provider.upload_file(input_path, filename="input.jsonl").id
+    kept = provider.create_batch(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"n": "kept"},
+    )  # fmt: skip
+    provider.close()  # closed before (or while) the batch runs: it must wait, not be lost
+    slow = BuiltinUpstream(latency=0.05)
+    with LocalProvider("local", tmp_path / "engine", upstream=slow, **FAST) as again:
+        done = wait_for(lambda: (b := again.get_batch(kept.id)).is_terminal and b)
+        assert done.status == "completed"
+        other = again.create_batch(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"n": "cancelled"},
+        )  # fmt: skip
+        assert again.cancel_batch(other.id).status == "cancelling"
+        ended = wait_for(lambda: (b := again.get_batch(other.id)).is_terminal and b)
+        assert ended.status == "cancelled"
+        assert ended.request_counts.completed < 10
+
+
+def test_local_provider_opens_lazily_and_refuses_a_busy_folder(tmp_path):
+    """Building the provider does no I/O; using a folder another engine holds fails clearly."""
+    lazy = LocalProvider("local", tmp_path / "never")
+    lazy.close()
+    assert not (tmp_path / "never").exists()
+    with LocalProvider("a", tmp_path / "engine", **FAST) as first:
+        assert list(first.list_batches()) == []  # opens the engine
+        with pytest.raises(StateLockedError):
+            _ = LocalProvider("b", tmp_path / "engine").engine
+    with LocalProvider("c", tmp_path / "engine", **FAST) as third:  # free again
+        assert list(third.list_batches()) == []
