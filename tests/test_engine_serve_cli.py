@@ -1,0 +1,104 @@
+"""`batchspec serve`: the real command in a subprocess, its safety refusals, and clean stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from servers import jsonl_bytes, request_lines, wait_for, wait_for_batch
+
+from batchspec.cli import main
+
+KEY_VAR = "BATCHSPEC_TEST_SERVE_KEY"
+SECRET = "sk-serve-secret-123"
+
+
+def start_serve(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, KEY_VAR: SECRET}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0", "--data-dir", str(data_dir),
+         "--api-key-env", KEY_VAR, "--poll-interval", "0.02", *extra],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    match = re.fullmatch(
+        r"serving on (http://127\.0\.0\.1:\d+) \(data: (.+), upstream: (.+)\)\n", line
+    )
+    if match is None:
+        proc.kill()
+        pytest.fail(f"unexpected first line: {line!r}")
+    assert match.group(2) == str(data_dir)
+    assert match.group(3).startswith("builtin")
+    return proc, match.group(1)
+
+
+def terminate(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_serve_runs_until_sigterm_and_resumes_on_the_next_start(tmp_path):
+    """The real command serves the SDK, stops cleanly on SIGTERM and resumes the batch later."""
+    data_dir = tmp_path / "engine"
+    proc, url = start_serve(data_dir, "--upstream-latency", "0.05", "--concurrency", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(12))), purpose="batch"
+        ).id
+        batch = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).files.list()
+    finally:
+        stderr = terminate(proc)
+    assert SECRET not in stderr
+
+    proc, url = start_serve(data_dir)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
+        done = wait_for_batch(client, batch.id)
+    finally:
+        terminate(proc)
+    assert done.status == "completed"
+    assert done.request_counts.completed == 12
+
+
+def test_serve_refuses_a_public_host_without_a_key(tmp_path, capsys):
+    """Binding a non-loopback address without --api-key-env exits 1 with a clear message."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path / "d")])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "Refusing to listen on 0.0.0.0 without an API key" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_serve_needs_its_key_variable_set(tmp_path, capsys, monkeypatch):
+    """--api-key-env naming an unset variable exits 1 and names the variable."""
+    monkeypatch.delenv(KEY_VAR, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--api-key-env", KEY_VAR, "--data-dir", str(tmp_path)])
+    assert exited.value.code == 1
+    assert KEY_VAR in capsys.readouterr().err
+
+
+def test_serve_refuses_a_data_folder_in_use(tmp_path, capsys):
+    """A second serve on a folder a running engine holds exits 3 (state locked)."""
+    from batchspec.engine import Engine
+
+    with Engine(tmp_path), pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--data-dir", str(tmp_path)])
+    assert exited.value.code == 3
+    assert "in use" in capsys.readouterr().err
