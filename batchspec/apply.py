@@ -336,6 +336,8 @@ def require_within_budget(
     by_name = {r.name: r for r in resources}
     for action in plan.spending:
         res = by_name[action.resource]
+        if action.kind is not ActionKind.RETRY and store.generations(res.name):
+            continue  # unchanged requests may reuse results: checked exactly before upload
         submitted = 0
         if action.generation_id is not None:
             submitted = sum(

@@ -67,25 +67,61 @@ class RequestLedger:
         ).fetchone()
         return row is not None
 
-    def record_requests(self, generation_id: int, rows: Iterable[tuple[str, int, int, int]]) -> int:
-        """Insert ``(custom_id, line, shard, bytes)`` rows as pending; return how many."""
+    def record_requests(
+        self, generation_id: int, rows: Iterable[tuple[str, int, int, int, str]]
+    ) -> int:
+        """Insert ``(custom_id, line, shard, bytes, request_sha)`` rows as pending."""
         sql = (
-            "insert or ignore into requests "
-            "(generation_id, custom_id, line, shard, bytes, state, sent_attempt) "
-            "values (?, ?, ?, ?, ?, 'pending', 1)"
+            "insert or ignore into requests (generation_id, custom_id, line, shard, bytes, "
+            "request_sha, state, sent_attempt) values (?, ?, ?, ?, ?, ?, 'pending', 1)"
         )
         total = 0
-        chunk: list[tuple[int, str, int, int, int]] = []
-        for custom_id, line, shard, nbytes in rows:
-            chunk.append((generation_id, custom_id, line, shard, nbytes))
+        chunk: list[tuple[object, ...]] = []
+        for custom_id, line, shard, nbytes, request_sha in rows:
+            chunk.append((generation_id, custom_id, line, shard, nbytes, request_sha))
             if len(chunk) >= _CHUNK:
-                self.db.conn.executemany(sql, chunk)
                 total += len(chunk)
-                chunk.clear()
+                self._run(sql, chunk)
         if chunk:
-            self.db.conn.executemany(sql, chunk)
             total += len(chunk)
+            self._run(sql, chunk)
         return total
+
+    def carry_over(self, generation_id: int, previous: Iterable[int]) -> int:
+        """Mark requests that an earlier generation already answered with the very same
+        request line as ``ok``, pointing at that answer. Returns how many were carried."""
+        ids = list(previous)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        cursor = self.db.execute(
+            "update requests set state = 'ok', category = null, blob = p.blob, "
+            "offset = p.offset, length = p.length, attempt = 0, sent_attempt = 0 "
+            "from (select custom_id, request_sha, blob, offset, length from requests "
+            f"where generation_id in ({marks}) and state = 'ok' and request_sha is not null) p "
+            "where requests.generation_id = ? and requests.custom_id = p.custom_id "
+            "and requests.request_sha = p.request_sha",
+            [*ids, generation_id],
+        )
+        return cursor.rowcount
+
+    def resolved_lines(self, generation_id: int) -> set[int]:
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and state = 'ok'",
+            [generation_id],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def assign_shards(self, generation_id: int, rows: Iterable[tuple[int, int]]) -> None:
+        """Set the shard of requests given as ``(shard, line)``."""
+        sql = "update requests set shard = ? where generation_id = ? and line = ?"
+        chunk: list[tuple[object, ...]] = []
+        for shard, line in rows:
+            chunk.append((shard, generation_id, line))
+            if len(chunk) >= _CHUNK:
+                self._run(sql, chunk)
+        if chunk:
+            self._run(sql, chunk)
 
     def record_outcomes(
         self, generation_id: int, attempt: int, blob: str, lines: Iterable[CollectedLine]

@@ -284,7 +284,11 @@ def plan_resource(
             want.input_bytes if requests else 0,
         )
     if gen is None:
-        why = "new resource" if have is None else "spec or input changed"
+        why = (
+            "new resource"
+            if have is None
+            else "spec or input changed; unchanged requests keep their recorded results"
+        )
         return spend(ActionKind.CREATE, why, None, want.requests, want.input_bytes)
     if gen.status == "cancelled":
         return act(
@@ -307,6 +311,10 @@ def plan_resource(
             gen,
             n,
             _bytes_share(want, n),
+        )
+    if not gen.batches and gen.shards and not any(s.unresolved for s in gen.shards):
+        return act(
+            ActionKind.COLLECT, "every request keeps a recorded result; results to write", gen
         )
     if not gen.batches and gen.status in ACTIVE_GENERATION_STATUSES:
         return spend(

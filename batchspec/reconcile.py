@@ -32,7 +32,7 @@ from batchspec.blobstore import BlobStore
 from batchspec.budget import check_budget
 from batchspec.collect import download_to_store, read_result_lines
 from batchspec.errors import BatchspecError
-from batchspec.inputs import InputReport, iter_requests
+from batchspec.inputs import InputReport, RequestLine, iter_requests
 from batchspec.ledger import RequestLedger
 from batchspec.manifest import Project, Resource
 from batchspec.plan import (
@@ -173,9 +173,6 @@ class Reconciler:
     # to stay queued (the provider's maxInFlightBatches is reached).
 
     def create(self, res: Resource, facts: InputReport, action: Action) -> bool:
-        gen = self.store.find_generation(res.name, res.spec_hash)
-        if gen is None:
-            check_budget(res, facts, submitted=0, new=facts.requests)
         gen = self._ensure_generation(res, facts)
         if not self.ledger.has_requests(gen.id):
             self._record_shards(res, facts, gen)
@@ -277,28 +274,35 @@ class Reconciler:
         return gen
 
     def _record_shards(self, res: Resource, facts: InputReport, gen: GenerationRow) -> None:
-        """Assign every request to a shard, write shard files if the input must be split,
-        and record one attempt-1 intent per shard: all in one transaction."""
+        """Record every request in the ledger, keep the answers an earlier generation has for
+        unchanged requests, split the rest into shards (writing shard files when the input
+        cannot go as it is) and record one attempt-1 intent per shard: one transaction."""
         limits = self.limits_for(res)
-        # A file with blank lines is rewritten rather than uploaded as it is: providers differ
-        # on whether they accept them.
-        single = facts.blank_lines == 0 and fits_one_shard(
-            facts.requests, facts.bytes, limits, endpoint=res.endpoint
-        )
-        writers = ShardWriters(self.shard_dir, enabled=not single)
-        per_shard: dict[int, int] = {}
-
-        def rows() -> Iterator[tuple[str, int, int, int]]:
-            for shard, req in assign_shards(
-                iter_requests(res.input_path), limits, endpoint=res.endpoint
-            ):
-                per_shard[shard] = per_shard.get(shard, 0) + 1
-                writers.write(shard, req.raw)
-                yield req.custom_id, req.line, shard, len(req.raw) + 1
-
+        previous = [g.id for g in self.store.generations(res.name) if g.id != gen.id]
         with self.store.atomic():
-            self.ledger.record_requests(gen.id, rows())
+            carried = 0
+            if previous:
+                self.ledger.record_requests(gen.id, _ledger_rows(res.input_path))
+                carried = self.ledger.carry_over(gen.id, previous)
+            todo = iter_requests(res.input_path)
+            if carried:
+                done = self.ledger.resolved_lines(gen.id)
+                todo = (req for req in todo if req.line not in done)
+            # A file with blank lines is rewritten rather than uploaded as it is: providers
+            # differ on whether they accept them.
+            as_is = not carried and facts.blank_lines == 0
+            single = as_is and fits_one_shard(
+                facts.requests, facts.bytes, limits, endpoint=res.endpoint
+            )
+            writers = ShardWriters(self.shard_dir, enabled=not single)
+            per_shard: dict[int, int] = {}
+            assigned = _shard_and_write(todo, limits, res.endpoint, writers, per_shard)
+            if previous:
+                self.ledger.assign_shards(gen.id, ((s, req.line) for s, req in assigned))
+            else:
+                self.ledger.record_requests(gen.id, _with_fingerprints(assigned))
             shard_files = writers.finish()
+            check_budget(res, facts, submitted=0, new=sum(per_shard.values()))
             for shard, n in sorted(per_shard.items()):
                 self._record_intent(
                     res,
@@ -311,12 +315,22 @@ class Reconciler:
                     if len(per_shard) == 1
                     else f"initial submission, shard {shard + 1} of {len(per_shard)}",
                 )
+        if carried:
+            self.report(
+                Progress(
+                    "reuse",
+                    res.name,
+                    f"{carried} unchanged request(s) keep their recorded results; "
+                    f"{sum(per_shard.values())} to submit",
+                    {"reused": carried},
+                )
+            )
         if len(per_shard) > 1:
             self.report(
                 Progress(
                     "shard",
                     res.name,
-                    f"split {facts.requests} requests into {len(per_shard)} shards",
+                    f"split {sum(per_shard.values())} requests into {len(per_shard)} shards",
                     {"shards": len(per_shard)},
                 )
             )
@@ -777,6 +791,35 @@ class ShardWriters:
             os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
         self._open.clear()
         return shas
+
+
+def _ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
+    for req in iter_requests(path):
+        yield req.custom_id, req.line, 0, len(req.raw) + 1, _fingerprint(req.raw)
+
+
+def _shard_and_write(
+    requests: Iterator[RequestLine],
+    limits: ShardLimits,
+    endpoint: str,
+    writers: ShardWriters,
+    per_shard: dict[int, int],
+) -> Iterator[tuple[int, RequestLine]]:
+    for shard, req in assign_shards(requests, limits, endpoint=endpoint):
+        per_shard[shard] = per_shard.get(shard, 0) + 1
+        writers.write(shard, req.raw)
+        yield shard, req
+
+
+def _with_fingerprints(
+    assigned: Iterator[tuple[int, RequestLine]],
+) -> Iterator[tuple[str, int, int, int, str]]:
+    for shard, req in assigned:
+        yield req.custom_id, req.line, shard, len(req.raw) + 1, _fingerprint(req.raw)
+
+
+def _fingerprint(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:

@@ -453,6 +453,17 @@ def m002_request_ledger(db: Database) -> None:
     db.executescript(_M002_SQL)
 
 
+
+@_migration
+def m003_request_fingerprints(db: Database) -> None:
+    """``requests.request_sha``: the sha256 of each request line, so a new generation can
+    keep the results of requests that did not change (row-level incremental apply)."""
+    db.executescript(
+        "ALTER TABLE requests ADD COLUMN request_sha TEXT;"
+        "CREATE INDEX requests_fingerprint ON requests(custom_id, request_sha);"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
@@ -1135,6 +1146,7 @@ __all__ = [
     "StateStore",
     "m001_initial",
     "m002_request_ledger",
+    "m003_request_fingerprints",
     "parse_timestamp",
     "utc_timestamp",
 ]
