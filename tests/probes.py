@@ -47,6 +47,7 @@ def route_of(method: str, path: str) -> str:
 class Hold:
     seconds: float
     after: bool  # hold the answer (the engine has acted) rather than the request
+    drop: bool = False  # after the hold, answer 503 without the engine ever seeing it
     reached: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
 
@@ -66,9 +67,15 @@ class RequestProbe:
         self.holds: dict[str, Hold] = {}
         self._lock = threading.Lock()
 
-    def hold(self, route: str, seconds: float, *, after: bool = False) -> threading.Event:
-        """Hold the next requests to ``route``; the event is set when one is being held."""
-        hold = Hold(seconds, after)
+    def hold(
+        self, route: str, seconds: float, *, after: bool = False, drop: bool = False
+    ) -> threading.Event:
+        """Hold the next requests to ``route``; the event is set when one is being held.
+
+        ``after``: the engine acts at once, its answer is held. ``drop``: the request is held,
+        then refused with a 503 the engine never saw (a create that never arrived).
+        """
+        hold = Hold(seconds, after, drop)
         self.holds[route] = hold
         return hold.reached
 
@@ -92,6 +99,10 @@ class RequestProbe:
         hold = self.holds.get(route)
         if hold is None:
             await self.app(scope, receive, send)
+        elif hold.drop:
+            await hold.wait()
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
         elif not hold.after:
             await hold.wait()
             await self.app(scope, receive, send)
