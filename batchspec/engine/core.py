@@ -37,6 +37,7 @@ from batchspec.engine.objects import batch_object, deleted_file_object, file_obj
 from batchspec.engine.store import BlobWriter, EngineLock, Store, dumps, new_id, now
 from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS, BuiltinUpstream, Upstream
 from batchspec.engine.worker import Worker, WorkerSettings
+from batchspec.inputs import DEFAULT_MAX_LINE_BYTES
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 WIRE_COMPLETION_WINDOW = "24h"
@@ -68,6 +69,8 @@ class Engine:
         idempotency_window: float = 60.0,
         commit_interval: float = 0.05,
         drain_timeout: float = 30.0,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        token_limit_refusals: int = 0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -92,6 +95,8 @@ class Engine:
                 poll_interval=poll_interval,
                 commit_interval=commit_interval,
                 drain_timeout=drain_timeout,
+                max_line_bytes=max_line_bytes,
+                token_limit_refusals=token_limit_refusals,
             ),
         )
         self._closed = False

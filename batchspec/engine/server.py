@@ -34,6 +34,7 @@ from batchspec.engine.app import create_app
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
 from batchspec.engine.upstreams import Faults, make_upstream
 from batchspec.errors import BatchspecError
+from batchspec.inputs import DEFAULT_MAX_LINE_BYTES
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ServeOptions:
     poll_interval: float = 0.5
     upstream_latency: float = 0.0
     faults: Faults | None = None
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    token_limit_refusals: int = 0  # fault injection: see WorkerSettings
 
 
 def is_loopback(host: str) -> bool:
@@ -96,6 +99,8 @@ def open_engine(options: ServeOptions) -> Engine:
         completion_window_seconds=options.completion_window_seconds,
         max_upload_bytes=options.max_upload_bytes,
         poll_interval=options.poll_interval,
+        max_line_bytes=options.max_line_bytes,
+        token_limit_refusals=options.token_limit_refusals,
     )
 
 
@@ -229,5 +234,7 @@ def serve_from_cli_options(
         poll_interval=opts["poll_interval"],
         upstream_latency=opts["upstream_latency"],
         faults=faults,
+        max_line_bytes=opts["max_line_bytes"],
+        token_limit_refusals=opts["fault_token_limit"],
     )
     serve(options, on_listening=on_listening)

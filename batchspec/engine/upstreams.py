@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from batchspec.engine import jsonfast
 from batchspec.engine.http11 import ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 
@@ -131,14 +132,13 @@ class HttpUpstream:
         return self._path + path
 
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            response = await self._pool.post(self.target(url), content)
+            response = await self._pool.post(self.target(url), jsonfast.dumps(body))
         except ConnectionFailed as err:
             raise UpstreamUnreachable(str(err)) from err
         try:
-            parsed: Any = json.loads(response.body)
-        except ValueError:
+            parsed: Any = jsonfast.loads(response.body)
+        except ValueError:  # orjson.JSONDecodeError is a ValueError too
             parsed = response.body.decode("utf-8", "replace")
         return UpstreamResponse(
             status_code=response.status_code,
@@ -419,8 +419,10 @@ _HANDLERS = {
 
 @dataclass(frozen=True)
 class Faults:
-    """Which faults to inject; fractions are of (custom_id, attempt) pairs, drawn by hash.
+    """Which faults to inject; fractions are of (custom_id, n-th send) pairs, drawn by hash.
 
+    The n-th send of a ``custom_id`` through this upstream draws afresh, so a line that a
+    client resubmits in a later batch may succeed, as with a real transient fault.
     ``sticky`` draws by ``custom_id`` alone, so a faulty line fails on every attempt;
     ``fail_first`` makes the first N attempts of every line answer 500, so retries succeed.
     """
@@ -448,11 +450,12 @@ class FaultyUpstream:
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        sends = self.calls[custom_id]  # earlier sends of this line, in any batch
         self.calls[custom_id] += 1
         faults = self.faults
         if attempt < faults.fail_first:
             return _api_error(500, f"Injected fault: attempt {attempt + 1} fails.")
-        u = self.draw(custom_id, attempt)
+        u = self.draw(custom_id, sends)
         if u < faults.error_500:
             return _api_error(500, "Injected fault: server error.")
         if u < faults.error_500 + faults.error_429:

@@ -40,28 +40,11 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from batchspec.engine.jsonfast import dumps as _dumps
+from batchspec.engine.jsonfast import loads as _loads
 from batchspec.engine.store import TERMINAL_STATUSES, LineResult, Store, StoredFile, Tokens, now
 from batchspec.engine.upstreams import Upstream, UpstreamResponse, UpstreamUnreachable
 from batchspec.inputs import DEFAULT_MAX_LINE_BYTES, iter_requests, scan_batch_input
-
-try:  # the optional `fast` extra
-    import orjson
-
-    def _loads(raw: bytes) -> Any:
-        return orjson.loads(raw)
-
-    def _dumps(value: Any) -> bytes:
-        return orjson.dumps(value)
-
-except ImportError:  # pragma: no cover - exercised only without the extra
-    import json
-
-    def _loads(raw: bytes) -> Any:
-        return json.loads(raw)
-
-    def _dumps(value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
 
 log = logging.getLogger("batchspec.engine")
 
@@ -85,6 +68,9 @@ class WorkerSettings:
     drain_timeout: float = 30.0
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_requests: int = MAX_REQUESTS_PER_BATCH
+    # Fault injection (tests): the first N batches validated fail with token_limit_exceeded,
+    # as OpenAI refuses a batch over the organisation's enqueued-token limit.
+    token_limit_refusals: int = 0
 
 
 class BatchControl:
@@ -160,6 +146,7 @@ class Worker:
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._controls: dict[str, BatchControl] = {}
         self._pending: list[LineResult] = []
+        self._token_limit_refusals = settings.token_limit_refusals
 
     # -- thread-safe control ---------------------------------------------------------------
 
@@ -210,7 +197,10 @@ class Worker:
         flusher = asyncio.create_task(self._flush_periodically())
         try:
             while not self._shutdown.is_set():
-                self._tick()
+                try:
+                    self._tick()
+                except Exception:  # e.g. the database is briefly unreadable: try again
+                    log.exception("the engine worker could not look at its batches")
                 await self._sleep_until_woken()
         finally:
             await self._drain()
@@ -272,9 +262,13 @@ class Worker:
         try:
             row = self.store.get_batch(batch_id)
             if row is not None and row["status"] == "validating" and control.reason is None:
-                await asyncio.to_thread(
-                    self._validate, batch_id, row["input_sha256"], row["endpoint"]
-                )
+                if self._token_limit_refusals > 0:  # decided here, on the loop: no race
+                    self._token_limit_refusals -= 1
+                    await asyncio.to_thread(self._refuse_over_token_limit, batch_id)
+                else:
+                    await asyncio.to_thread(
+                        self._validate, batch_id, row["input_sha256"], row["endpoint"]
+                    )
                 row = self.store.get_batch(batch_id)
             if row is not None and row["status"] == "in_progress" and control.reason is None:
                 await self._run_lines(batch_id, row["input_sha256"], control)
@@ -315,6 +309,22 @@ class Worker:
             in_progress_at=now(),
             total=report.requests,
             model=report.models[0] if len(report.models) == 1 else None,
+        )
+
+    def _refuse_over_token_limit(self, batch_id: str) -> None:
+        error = {
+            "code": "token_limit_exceeded",
+            "message": "Enqueued token limit reached in organization org-local (injected "
+            "fault). Please try again once some in_progress batches have been completed.",
+            "param": None,
+            "line": None,
+        }
+        self.store.move_batch(
+            batch_id,
+            from_statuses=("validating",),
+            to_status="failed",
+            failed_at=now(),
+            errors=_dumps([error]).decode(),
         )
 
     async def _run_lines(self, batch_id: str, input_sha256: str, control: BatchControl) -> None:
