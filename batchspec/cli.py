@@ -181,6 +181,20 @@ def cli() -> None:
 @click.option("--fault-429", type=float, default=0.0, hidden=True)
 @click.option("--fault-timeout", type=float, default=0.0, hidden=True)
 @click.option("--fault-seed", type=int, default=0, hidden=True)
+@click.option(
+    "--fault-token-limit",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="Fail the first N batches' validation with token_limit_exceeded (tests).",
+)
+@click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=1),
+    default=10 * 1024 * 1024,
+    hidden=True,
+    help="Longest request line a batch may hold; validation fails beyond it (tests).",
+)
 def serve(**opts: Any) -> None:
     """Serve the local batch engine as an OpenAI-compatible Files + Batches API.
 
