@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,13 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     make_workspace,
     openai_provider,
     run_cli,
 )
 
-from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
 
 FAST = ["--poll-interval", "0.05"]
 
@@ -55,9 +59,10 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def served(root: Path, srv: Any, *resources: ResourceSpec) -> Workspace:
+    """A workspace whose provider `srv` (type openai) is ``srv`` (a server, or a /v1 URL)."""
     return make_workspace(
         root,
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        providers={"srv": openai_provider(getattr(srv, "v1", srv), KEY_ENV)},
         resources=resources or (ResourceSpec("triage", count=4),),
     )
 
@@ -305,3 +310,235 @@ def test_the_local_provider_needs_no_consent(
     code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
     assert code == 0, err
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+# ---------------------------------------------------------------------------------------------
+# apply --wait exit codes: 0 converged, 4 degraded, 5 timeout
+
+
+def test_wait_exits_4_when_attempts_are_exhausted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against `batchspec serve --fault-500 1.0`, every request fails; with one attempt the
+    resource ends Degraded: exit 4, every request in the errors file, nothing in output."""
+    proc = start_serve_process(tmp_path / "engine", "--fault-500", "1.0", "--max-attempts", "1")
+    try:
+        spec = {"retry": {"maxAttempts": 1}}
+        ws = served(tmp_path / "ws", proc, ResourceSpec("triage", count=3, spec=spec))
+        code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+        assert code == 4, err
+        assert "Degraded" in out
+        assert ws.outputs("triage") == []
+        assert [r["custom_id"] for r in ws.errors("triage")] == ws.input_ids("triage")
+        assert {r["response"]["status_code"] for r in ws.errors("triage")} == {500}
+        with ws.store() as store:
+            [gen] = store.generations("triage")
+            [run] = store.runs()
+        assert (gen.status, gen.failed, run.exit_code) == ("degraded", 3, 4)
+        assert len(proc.client().batches.list().data) == 1  # no retry with maxAttempts 1
+    finally:
+        proc.stop()
+
+
+class FailFirstSight:
+    """An upstream that answers 500 the first time it sees each of ``ids``, then delegates."""
+
+    description = "fails first sight"
+
+    def __init__(self, inner: Any, ids: set[str]) -> None:
+        self.inner, self.ids, self.seen = inner, ids, set()
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> Any:
+        if custom_id in self.ids and custom_id not in self.seen:
+            self.seen.add(custom_id)
+            return UpstreamResponse(
+                500, {"error": {"message": "first sight", "type": "server_error"}}
+            )
+        return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_wait_retries_failed_requests_before_giving_up(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests the upstream fails with 500 the first time it sees them are resubmitted in
+    attempt 2 (only those) and then succeed: exit 0 and two batches on the server."""
+    srv = server(upstream=FailFirstSight(BuiltinUpstream(), {"req-0", "req-2"}), max_attempts=1)
+    spec = {"retry": {"maxAttempts": 2}}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3, spec=spec))
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    assert srv.probe.counts["POST /batches"] == 2
+    with ws.store() as store:
+        first, second = store.batches()
+    assert (first.attempt, first.requests, second.attempt, second.requests) == (1, 3, 2, 2)
+
+
+def test_wait_exits_5_at_its_timeout(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a slow upstream, --timeout ends the wait with exit 5; the batch stays recorded
+    in flight for a later apply."""
+    srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    started = time.monotonic()
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--wait", "--yes", "--timeout", "0.6", *FAST], capsys
+    )
+    assert code == 5, err
+    assert time.monotonic() - started < 4
+    assert "--timeout" in out
+    with ws.store() as store:
+        [batch] = store.batches()
+        [run] = store.runs()
+    assert batch.remote_id is not None and batch.status not in ("completed", "failed")
+    assert run.exit_code == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer at a time
+
+
+def wait_for_lock(ws: Workspace, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ws.state_path.exists():
+            with ws.store() as store:
+                holder = store.lock_row()
+            if holder is not None:
+                return holder
+        time.sleep(0.02)
+    raise AssertionError("no run took the lock")
+
+
+def test_a_second_apply_exits_3_naming_the_holder_or_waits(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While one apply holds the lock, another exits 3 naming it (--lock-timeout 0); with a
+    --lock-timeout long enough it waits, then succeeds without creating anything."""
+    srv = server(upstream=BuiltinUpstream(latency=0.6))
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    first = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        holder = wait_for_lock(ws)
+        assert holder.pid == first.pid
+
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--lock-timeout", "0"], capsys)
+        assert code == 3
+        assert holder.holder_id in err and str(first.pid) in err
+        assert "batchspec unlock" in err
+
+        code, out, err = run_cli(
+            ["apply", str(ws.root), "--wait", "--yes", "--lock-timeout", "30", *FAST], capsys
+        )
+        assert code == 0, err
+        assert first.wait(timeout=20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+    assert "No changes" in out
+    assert srv.probe.counts["POST /batches"] == 1
+    with ws.store() as store:
+        assert [r.exit_code for r in store.runs()] == [0, 3, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the API key never leaks
+
+
+def leaks(text: str | bytes) -> bool:
+    """The sentinel key, whole or by its distinctive middle, in some text."""
+    data = text.encode() if isinstance(text, str) else text
+    return any(part in data for part in (SENTINEL_KEY.encode(), b"7f3a9c1e5b2d4f60"))
+
+
+def test_the_api_key_never_reaches_state_history_status_or_output(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sentinel key (used successfully, then rejected with 401 by a server expecting
+    another key) appears in no byte of the state files, history/status JSON, apply output
+    or error message."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    seen: list[str] = []
+    for argv in (
+        ["apply", str(ws.root), "--wait", "--yes", *FAST],
+        ["apply", str(ws.root), "--wait", "--yes", "--json", *FAST],
+        ["plan", str(ws.root), "--json"],
+        ["status", str(ws.root), "--json"],
+    ):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 0, err
+        seen += [out, err]
+
+    wrong = server(api_key="sk-the-server-wants-another-key")
+    ws2 = served(tmp_path / "ws2", wrong, ResourceSpec("triage", count=2))
+    code, out, err = run_cli(["apply", str(ws2.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 1
+    assert "401" in err or "API key" in err or "invalid_api_key" in err
+    assert KEY_ENV in err  # says which variable to fix, not its value
+    seen += [out, err]
+    for root in (ws.root, ws2.root):
+        code, out, err = run_cli(["history", "--project", str(root), "--json"], capsys)
+        assert code == 0
+        seen += [out, err]
+    assert '"error"' in seen[-2]  # ws2's history holds the recorded 401
+
+    for text in seen:
+        assert not leaks(text)
+    for w in (ws, ws2):
+        state_files = [p for p in w.state_path.parent.rglob("*") if p.is_file()]
+        assert w.state_path in state_files  # the database, its -wal/-shm and the store
+        for path in state_files:
+            assert not leaks(path.read_bytes()), path
+
+
+def echoing_app() -> Any:
+    """A hostile server that echoes the Authorization header back in its 401 message."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def refuse(request: Request) -> JSONResponse:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        body = {
+            "error": {"message": f"Incorrect API key provided: {key}.", "code": "invalid_api_key"}
+        }
+        return JSONResponse(body, status_code=401)
+
+    path = "/{path:path}"
+    return Starlette(routes=[Route(path, refuse, methods=["GET", "POST"])])
+
+
+def test_a_key_echoed_by_the_server_is_redacted_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even when a server puts the key into its error message, the error shown and the
+    error event recorded in the state leave it out."""
+    from batchspec.engine.server import start_in_thread
+
+    echo = start_in_thread(echoing_app())
+    try:
+        ws = served(tmp_path / "ws", f"{echo.base_url}/v1")
+        code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    finally:
+        echo.stop()
+    assert code == 1
+    assert "Incorrect API key provided" in err
+    assert not leaks(out) and not leaks(err)
+    code, history, _ = run_cli(["history", "--project", str(ws.root), "--json"], capsys)
+    assert "Incorrect API key provided" in history
+    assert not leaks(history)
+    for path in ws.state_path.parent.rglob("*"):
+        if path.is_file():
+            assert not leaks(path.read_bytes()), path
