@@ -107,7 +107,7 @@ def test_wal_foreign_keys_and_busy_timeout_are_on(store: StateStore) -> None:
     assert pragma("busy_timeout") == 30000
 
 
-MIGRATION_NAMES = ["m001_initial", "m002_request_ledger"]
+MIGRATION_NAMES = ["m001_initial", "m002_request_ledger", "m003_request_fingerprints"]
 
 
 def test_migrations_are_named_recorded_and_applied_once(db_path: Path) -> None:
