@@ -1,0 +1,204 @@
+"""`batchspec apply` end to end on the embedded engine (a project provider of `type: local`).
+
+No server and no network: the local provider drives the engine in this process, with its
+data under the workspace's `state/local`. The engine is opened afterwards (not started) to
+count what was uploaded and created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from servers import request_lines
+from workspaces import (
+    ResourceSpec,
+    Workspace,
+    json_lines,
+    local_provider,
+    make_workspace,
+    run_cli,
+)
+
+from batchspec.apply import ApplyOptions, apply_workspace
+from batchspec.engine import Engine
+from batchspec.reconcile import Progress
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--poll-interval", "0.05"]
+
+
+def local_ws(root: Path, *resources: ResourceSpec) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=resources or (ResourceSpec("triage", count=4, provider="here"),),
+    )
+
+
+@contextmanager
+def engine_of(ws: Workspace) -> Iterator[Engine]:
+    """The workspace's engine, opened (not started) once the apply has closed it."""
+    engine = Engine(ws.root / "state" / "local")
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def counts(ws: Workspace) -> tuple[int, int]:
+    """(files, batches) the engine holds."""
+    with engine_of(ws) as engine:
+        return len(engine.list_files()["data"]), len(engine.list_batches(None, 100)["data"])
+
+
+def test_apply_wait_on_the_local_engine_writes_results_in_input_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Results and errors come back in input order, one line per custom_id, the failing
+    request in errors; the recorded sha256 is the files' own."""
+    ws = local_ws(tmp_path / "ws")
+    lines = request_lines(5)
+    ids = ["echo", "delta", "alpha", "charlie", "bravo"]
+    for line, cid in zip(lines, ids, strict=True):
+        line["custom_id"] = cid
+    lines[2]["body"]["messages"] = []  # rejected by the stand-in: a final 400
+    ws.write_input("triage", lines)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ["echo", "delta", "charlie", "bravo"]
+    assert [r["custom_id"] for r in ws.errors("triage")] == ["alpha"]
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+    assert gen.output_sha256 == hashlib.sha256(ws.output_path("triage").read_bytes()).hexdigest()
+    assert gen.errors_sha256 == hashlib.sha256(ws.errors_path("triage").read_bytes()).hexdigest()
+    assert (gen.status, gen.succeeded, gen.failed) == ("complete", 4, 1)
+    assert "wrote 4 results to results/triage.jsonl" in out
+
+
+def test_a_second_local_apply_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Idempotency on the embedded engine: the second apply uploads and creates nothing."""
+    ws = local_ws(
+        tmp_path / "ws",
+        ResourceSpec("one", count=2, provider="here"),
+        ResourceSpec("two", count=3, provider="here"),
+    )
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    files, batches = counts(ws)
+    assert batches == 2
+
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert "No changes" in out
+    assert counts(ws) == (files, batches)
+
+
+def test_a_submitted_local_batch_resumes_and_is_collected_later(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --wait, apply submits and exits; the next apply picks up the same batch."""
+    ws = local_ws(tmp_path / "ws")
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        [batch] = store.batches()
+    assert batch.remote_id is not None
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    assert counts(ws)[1] == 1
+    with ws.store() as store:
+        assert [b.remote_id for b in store.batches()] == [batch.remote_id]
+
+
+def test_apply_workspace_reports_progress_and_returns_statuses(tmp_path: Path) -> None:
+    """The library use case: the plan comes first, then create ... results, and the result
+    says converged with every resource Synced and Healthy."""
+    ws = local_ws(tmp_path / "ws")
+    seen: list[Progress] = []
+
+    result = apply_workspace(
+        [str(ws.root)], ApplyOptions(wait=True, poll_interval=0.05), report=seen.append
+    )
+
+    assert (result.outcome, result.exit_code) == ("converged", 0)
+    events = [p.event for p in seen]
+    assert events[0] == "plan" and seen[0].plan is not None
+    assert events.index("create") < events.index("collect") < events.index("results")
+    assert [a.kind.value for a in result.plan.actions] == ["create"]
+    [status] = result.statuses
+    assert (status.name, status.sync, status.health) == ("triage", "Synced", "Healthy")
+    assert (status.requests, status.succeeded) == (4, 4)
+
+
+def test_apply_json_streams_one_json_document_per_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json: stdout is NDJSON only, progress events and then one `result` document."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, _ = run_cli(["apply", str(ws.root), "--wait", "--json", *FAST], capsys)
+    assert code == 0
+    docs = json_lines(out)
+    assert docs[0]["event"] == "plan" and docs[0]["plan"]["summary"] == {"create": 1}
+    final = docs[-1]
+    assert final["event"] == "result"
+    assert (final["outcome"], final["exit_code"]) == ("converged", 0)
+    assert final["resources"][0]["sync"] == "Synced"
+    assert {"create", "collect", "results"} <= {d["event"] for d in docs}
+
+
+def test_a_bad_input_fails_before_anything_is_spent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One invalid input among two: exit 1 naming file and line, no batch anywhere, no
+    engine started, no result written."""
+    ws = local_ws(
+        tmp_path / "ws",
+        ResourceSpec("good", count=2, provider="here"),
+        ResourceSpec("bad", count=2, provider="here"),
+    )
+    with ws.input_path("bad").open("a") as f:
+        f.write('{"custom_id": "broken", "method": "POST"\n')
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 1
+    assert "bad.jsonl" in err and ":3" in err
+    assert not (ws.root / "state" / "local").exists()
+    assert not ws.output_path("good").exists()
+    if ws.state_path.exists():
+        with ws.store() as store:
+            assert store.batches() == []
+
+
+def test_the_quickstart_converges_offline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's first command: the shipped example applies with --wait and exits 0,
+    every resource Synced with one output line per input line."""
+    root = tmp_path / "quickstart"
+    shutil.copytree(REPO / "examples" / "quickstart", root)
+    code, _, err = run_cli(["apply", str(root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    code, out, _ = run_cli(["status", str(root), "--json"], capsys)
+    statuses = json.loads(out)["resources"]
+    assert {s["name"]: (s["sync"], s["health"]) for s in statuses} == {
+        "doc-embeddings": ("Synced", "Healthy"),
+        "ticket-triage": ("Synced", "Healthy"),
+    }
+    for s in statuses:
+        inputs = root / "data" / f"{'docs' if 'doc' in s['name'] else 'tickets'}.jsonl"
+        n = sum(1 for line in inputs.read_text().splitlines() if line.strip())
+        assert len(Path(s["output"]).read_text().splitlines()) == n == s["requests"]

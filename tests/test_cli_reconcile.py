@@ -1,0 +1,344 @@
+"""The reconcile commands' faces: plan, status, history, results and cancel; exit codes.
+
+Workspaces use the embedded engine (free, offline), except `cancel`, which needs a batch
+that stays in flight: that one runs against the engine's API with a slow upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from probes import ProbedServer, start_probed_server
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    git_commit_all,
+    local_provider,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+from batchspec.engine.upstreams import BuiltinUpstream
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def local_ws(root: Path, *names: str) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(n, count=3, provider="here") for n in names or ("triage",)],
+    )
+
+
+@pytest.fixture
+def applied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Workspace:
+    """A git-tracked workspace of two resources, applied to convergence once."""
+    ws = local_ws(tmp_path / "ws", "alpha", "beta")
+    git_commit_all(ws.root)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--detailed-exitcode: 2 while something is pending, 0 once in sync; plain plan exits
+    0 either way and shows a Terraform-style line per resource and a summary."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 2
+    assert "+ triage: create (new resource): 3 requests" in out
+    assert "Plan: 1 to create. 3 requests to submit" in out
+    assert run_cli(["plan", str(ws.root)], capsys)[0] == 0
+
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 0
+    assert "= triage: none (in sync: 3 succeeded)" in out
+    assert "No changes" in out
+
+
+def test_plan_contacts_no_provider_and_spends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plan of a new resource on an unreachable paid provider succeeds and records no batch."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider("http://127.0.0.1:9/v1", "UNSET_VARIABLE_XYZ")},
+        resources=[ResourceSpec("triage")],
+    )
+    code, _, err = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 2, err
+    with ws.store() as store:
+        assert store.batches() == []
+        assert [r.command for r in store.runs()] == ["plan"]
+
+
+def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """plan --json: only JSON on stdout, with serial, spec hashes and one entry per action."""
+    ws = local_ws(tmp_path / "ws", "alpha", "beta")
+    code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert set(doc) == {
+        "serial",
+        "spec_hashes",
+        "changes",
+        "summary",
+        "requests_to_submit",
+        "estimated_input_tokens",
+        "actions",
+    }
+    assert doc["changes"] is True
+    assert doc["summary"] == {"create": 2}
+    assert doc["requests_to_submit"] == 6
+    assert sorted(doc["spec_hashes"]) == ["alpha", "beta"]
+    assert all(len(h) == 64 for h in doc["spec_hashes"].values())
+    assert [(a["resource"], a["action"]) for a in doc["actions"]] == [
+        ("alpha", "create"),
+        ("beta", "create"),
+    ]
+    assert doc["actions"][0]["spec_hash"] == doc["spec_hashes"]["alpha"]
+
+
+def test_plan_reports_an_orphan_without_counting_it_as_a_change(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest removed after apply: its resource is `orphaned`, and that alone is no
+    change (exit 0 with --detailed-exitcode)."""
+    applied.manifest_path("beta").unlink()
+    code, out, _ = run_cli(["plan", str(applied.root), "--detailed-exitcode", "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert [(a["resource"], a["action"]) for a in doc["actions"]] == [
+        ("alpha", "none"),
+        ("beta", "orphaned"),
+    ]
+    assert doc["changes"] is False
+
+
+def test_an_unknown_select_name_exits_1_naming_the_known_ones(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--select of a name no manifest defines fails with exit 1, for plan and apply alike."""
+    for command in ("plan", "apply", "status"):
+        code, out, err = run_cli([command, str(applied.root), "--select", "gamma"], capsys)
+        assert code == 1, command
+        assert "'gamma'" in err and "alpha, beta" in err
+
+
+def test_select_limits_plan_and_apply_to_the_named_resources(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --select touches only the selected resource; the other stays to be created."""
+    ws = local_ws(tmp_path / "ws", "alpha", "beta")
+    code, _, err = run_cli(["apply", str(ws.root), "--select", "beta", "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert ws.output_path("beta").exists() and not ws.output_path("alpha").exists()
+    code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert {a["resource"]: a["action"] for a in json.loads(out)["actions"]} == {
+        "alpha": "create",
+        "beta": "none",
+    }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["plan", "--no-such-flag"], id="unknown-flag"),
+        pytest.param(["apply", "--timeout", "-1"], id="negative-timeout"),
+        pytest.param(["apply", "--poll-interval", "zero"], id="not-a-number"),
+        pytest.param(["results"], id="missing-name"),
+        pytest.param(["history", "--limit", "0"], id="limit-below-one"),
+    ],
+)
+def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad flags or arguments are usage errors: exit 64 with a message on stderr."""
+    code, out, err = run_cli(argv, capsys)
+    assert code == 64
+    assert out == "" and "Error" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# status, history, results
+
+
+def test_status_json_before_and_after_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status --json: OutOfSync/Missing before anything ran; Synced/Healthy with batch
+    counts and result paths after."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert code == 0
+    [before] = json.loads(out)["resources"]
+    assert (before["sync"], before["health"], before["action"]) == (
+        "OutOfSync",
+        "Missing",
+        "create",
+    )
+    assert before["batches"] == []
+
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [after] = json.loads(out)["resources"]
+    assert (after["sync"], after["health"], after["action"]) == ("Synced", "Healthy", "none")
+    assert (after["requests"], after["succeeded"], after["failed"]) == (3, 3, 0)
+    assert after["output"] == str(ws.output_path("triage"))
+    [batch] = after["batches"]
+    assert (batch["shard"], batch["attempt"], batch["status"]) == (0, 1, "completed")
+    assert (batch["total"], batch["completed"], batch["failed"]) == (3, 3, 0)
+    assert batch["remote_id"]
+
+    code, text, _ = run_cli(["status", str(ws.root)], capsys)
+    assert "triage: Synced, Healthy" in text and batch["remote_id"] in text
+
+
+def test_history_json_has_runs_with_git_provenance_and_events(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """history --json: newest run first, with user, host, git commit/branch and the events
+    of the run; NAME keeps only runs and events of that resource; --limit caps runs."""
+    head = git_commit_all_head(applied.root)
+    run_cli(["plan", str(applied.root)], capsys)
+    code, out, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
+    assert code == 0
+    runs = json.loads(out)["runs"]
+    assert [r["run"]["command"] for r in runs] == ["plan", "apply"]
+    apply_run = runs[1]["run"]
+    assert apply_run["git_commit"] == head
+    assert apply_run["git_branch"] == "main"
+    assert apply_run["exit_code"] == 0 and apply_run["user"] and apply_run["host"]
+    actions = [e["action"] for e in runs[1]["events"]]
+    assert {"generation", "intent", "upload", "create", "collect", "results"} <= set(actions)
+    assert {e["resource"] for e in runs[1]["events"]} >= {"alpha", "beta"}
+
+    code, out, _ = run_cli(["history", "alpha", "--project", str(applied.root), "--json"], capsys)
+    only = json.loads(out)["runs"]
+    assert [r["run"]["command"] for r in only] == ["apply"]
+    assert {e["resource"] for e in only[0]["events"]} <= {"alpha", None}
+
+    code, out, _ = run_cli(
+        ["history", "--project", str(applied.root), "--json", "--limit", "1"], capsys
+    )
+    assert len(json.loads(out)["runs"]) == 1
+
+    code, text, _ = run_cli(["history", "--project", str(applied.root)], capsys)
+    assert f"@{head[:10]}" in text and "apply  exit 0" in text
+
+
+def git_commit_all_head(root: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_results_prints_the_merged_file_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """results NAME prints the output file byte for byte; --errors the errors file."""
+    ws = local_ws(tmp_path / "ws")
+    lines = [json.loads(x) for x in ws.input_path("triage").read_text().splitlines()]
+    lines[1]["body"]["messages"] = []
+    ws.write_input("triage", lines)
+    assert run_cli(["results", "triage", str(ws.root)], capsys)[0] == 1  # nothing yet
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+
+    code, out, _ = run_cli(["results", "triage", str(ws.root)], capsys)
+    assert code == 0
+    assert out == ws.output_path("triage").read_text()
+    assert [json.loads(x)["custom_id"] for x in out.splitlines()] == ["req-0", "req-2"]
+    code, out, _ = run_cli(["results", "triage", str(ws.root), "--errors"], capsys)
+    assert code == 0
+    assert [json.loads(x)["custom_id"] for x in out.splitlines()] == ["req-1"]
+
+    code, _, err = run_cli(["results", "nope", str(ws.root)], capsys)
+    assert code == 1 and "'nope'" in err
+
+
+def test_results_before_apply_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """results of a resource never applied: exit 1, the file is missing, run apply."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
+    assert code == 1 and out == ""
+    assert "does not exist yet" in err and "batchspec apply" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# cancel
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ProbedServer]:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = start_probed_server(
+        tmp_path / "engine",
+        upstream=BuiltinUpstream(latency=2.0),
+        api_key=SENTINEL_KEY,
+        drain_timeout=0.1,
+    )
+    yield srv
+    srv.stop()
+
+
+def test_cancel_stops_in_flight_batches_and_records_it(
+    tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel NAME cancels the remote batch, records a cancel event, marks the generation
+    cancelled; the plan then leaves it alone (Suspended) instead of retrying."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert "cancelled 1 batch(es) of triage" in out
+    assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
+    [remote] = slow_server.client().batches.list().data
+    assert remote.status in ("cancelling", "cancelled")
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        events = store.events(resource="triage")
+        runs = store.runs()
+    assert gen.status == "cancelled"
+    assert [e.detail for e in events if e.action == "cancel"] == [
+        {"reason": "cancelled by a user", "batches": 1}
+    ]
+    assert runs[0].command == "cancel" and runs[0].exit_code == 0
+
+    code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = json.loads(out)["actions"]
+    assert action["action"] == "none" and "cancelled by a user" in action["reason"]
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert json.loads(out)["resources"][0]["health"] == "Suspended"
+    assert slow_server.probe.counts["POST /batches"] == 1
+
+
+def test_cancel_of_an_unknown_resource_exits_1(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel of a name the state never recorded fails with exit 1 and changes nothing."""
+    code, out, err = run_cli(["cancel", "gamma", str(applied.root)], capsys)
+    assert code == 1
+    assert "'gamma'" in err
+    with applied.store() as store:
+        assert [e for e in store.events() if e.action == "cancel"] == []
