@@ -105,6 +105,31 @@ def start_upstream(latency: float) -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
+async def _raw_client_rate(upstream_url: str, concurrency: int, requests: int) -> float:
+    """The upstream's ceiling: a bare asyncio keep-alive client, no engine in between."""
+    port = int(upstream_url.rsplit(":", 1)[1].split("/")[0])
+    body = b'{"model":"bench-model","messages":[]}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    remaining = [requests]
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = re.search(rb"content-length: (\d+)", head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return requests / (time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine process
 
@@ -214,8 +239,8 @@ def main() -> None:
         f"{args.requests:,} chat requests, upstream latency {args.latency * 1000:.0f} ms, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
-    print(f"{'concurrency':>11} {'max req/s':>10} {'end-to-end':>11} {'execution':>10} "
-          f"{'ratio':>6} {'overhead/req':>13}")  # fmt: skip
+    print(f"{'concurrency':>11} {'max req/s':>10} {'raw client':>11} {'end-to-end':>11} "
+          f"{'execution':>10} {'ratio':>6} {'overhead/req':>13}")  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as tmp:
             input_path = Path(tmp) / "bench.jsonl"
@@ -228,17 +253,24 @@ def main() -> None:
                     rates = run_once(base_url, input_path)
                 finally:
                     stop(engine)
+                raw = asyncio.run(
+                    _raw_client_rate(upstream_url, concurrency, min(args.requests, 3000))
+                )
                 maximum = concurrency / args.latency
                 overhead_ms = (concurrency / rates["execution"] - args.latency) * 1000
                 print(
-                    f"{concurrency:>11} {maximum:>10,.0f} {rates['end_to_end']:>11,.0f} "
+                    f"{concurrency:>11} {maximum:>10,.0f} {raw:>11,.0f} "
+                    f"{rates['end_to_end']:>11,.0f} "
                     f"{rates['execution']:>10,.0f} {rates['execution'] / maximum:>6.2f} "
                     f"{overhead_ms:>10.2f} ms"
                 )
     finally:
         stop(upstream)
-    print("end-to-end: create → completed (validation, execution, output files);")
-    print("execution: first to last finished request; ratio = execution / max.")
+    print("max: concurrency / latency; raw client: a bare asyncio client against the same")
+    print("upstream (its real ceiling: timer granularity and loopback add ~1 ms per request);")
+    print("end-to-end: create -> completed (validation, execution, output files);")
+    print("execution: first to last finished request; ratio = execution / max;")
+    print("overhead/req = concurrency / execution - latency.")
 
 
 if __name__ == "__main__":
