@@ -52,7 +52,7 @@ from batchspec.recorded import (
 )
 from batchspec.results import write_results_in_input_order
 from batchspec.sharding import ShardLimits, assign_shards, fits_one_shard
-from batchspec.state import BatchRow, GenerationRow, StateStore
+from batchspec.state import BatchRow, GenerationRow, StateStore, utc_timestamp
 
 METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
@@ -888,7 +888,8 @@ def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # milliseconds: a requeue backoff of a few seconds is measured from terminal_at
+    return utc_timestamp()
 
 
 def _epoch(iso: str | None) -> int:
