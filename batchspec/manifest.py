@@ -20,11 +20,26 @@ Paths
     absolute, resolved paths. Defaults: ``<manifest folder>/results/<name>.jsonl`` and
     ``<manifest folder>/results/<name>.errors.jsonl``.
 
+Requests from data
+    ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
+    rendered through the templates (``batchspec.templates``) into a content-addressed batch
+    JSONL file under ``<state folder>/rendered/``, the one write a load may make (a cache).
+    ``Resource.input_path`` is that rendered file, so everything downstream treats it like a
+    file input, and ``Resource.input_source`` is the rows file (None for a path input).
+    Template and row problems are reported with everything else, located in the manifest
+    (syntax) or the rows file (rows).
+
+Renames
+    ``metadata.moved: {from: old-name}`` says the resource used to be called ``old-name``;
+    ``Resource.moved_from`` carries it (``batchspec.moves`` renames the recorded state).
+    A resource may not move from its own name, from a name another manifest still declares,
+    or from a name another resource also moves from.
+
 Checks beyond the schema
     ``spec.provider`` (or the project's ``defaults.provider``) names a declared or built-in
-    provider; the input exists and is a file; a resource name is used once in the workspace
-    (the problem names both places); no two resources write the same output or errors file,
-    and no resource writes over its own input.
+    provider; the input (or the rows file) exists and is a file; a resource name is used once
+    in the workspace (the problem names both places); no two resources write the same output
+    or errors file, and no resource writes over its own input (or its rows file).
 
 Spec hash
     ``Resource.spec_hash`` is the hex sha256 of the canonical JSON of
@@ -34,11 +49,15 @@ Spec hash
          "completion_window": ..., "model": ... or null, "metadata": {... sorted},
          "input_sha256": <hex sha256 of the input file's bytes>}
 
+    For a rows input, ``input_sha256`` is the hash of the rendered file: a changed row or
+    template is a new spec hash, an edit that renders the same requests is not.
+
     Canonical JSON is ``json.dumps(..., sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` encoded as UTF-8. Defaults are applied first (an omitted
     ``completionWindow`` hashes as ``"24h"``; an omitted ``provider`` as the project's default).
     Deliberately *not* part of the hash, so changing them never resubmits anything: labels and
-    annotations, ``output``/``errors`` paths, ``retry``, ``limits``, ``budget``, ``suspend``,
+    annotations, ``moved``, ``output``/``errors`` paths, ``retry``, ``limits``, ``budget``,
+    ``suspend``,
     the manifest's own path or name, key order, how the input path is spelled (the file is
     identified by its content), the machine and the time. The same spec on any machine hashes
     the same.
@@ -67,6 +86,7 @@ from batchspec.project import (
     find_project_file,
     load_project,
 )
+from batchspec.templates import RenderedInput, compile_request_template, render_rows, rows_format
 from batchspec.yamldoc import (
     InvalidManifestError,
     Problem,
@@ -79,6 +99,8 @@ from batchspec.yamldoc import (
 )
 
 API_VERSION = "batchspec/v1"
+#: below the state folder: the render cache of rows inputs (``batchspec.templates``)
+RENDERED_FOLDER = "rendered"
 DEFAULT_COMPLETION_WINDOW = "24h"
 DEFAULT_MAX_ATTEMPTS = 3
 RETRYABLE_FAILURES: tuple[str, ...] = (
@@ -142,6 +164,10 @@ class Resource:
     source: SourceLocation  # where the document starts
     input_sha256: str
     spec_hash: str
+    #: the rows file of a rows input (``input_path`` is then its rendered JSONL); else None
+    input_source: Path | None = None
+    #: ``metadata.moved.from``: the name this resource was recorded under before, if any
+    moved_from: str | None = None
 
     def semantic_spec(self) -> dict[str, Any]:
         """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
@@ -216,6 +242,7 @@ def load_workspace(
             if resource is not None:
                 resources.append((resource, doc))
     problems.extend(_duplicate_names(names))
+    problems.extend(_conflicting_moves(resources))
     problems.extend(_shared_outputs(resources))
     if problems:
         raise InvalidManifestError(problems)
@@ -393,6 +420,7 @@ class _Checked:
     input_sha256: str
     output_path: Path
     errors_path: Path
+    input_source: Path | None = None
 
 
 def _check_spec(
@@ -407,12 +435,19 @@ def _check_spec(
     folder = doc.file.parent.resolve()
     provider = _provider(doc, spec, project, problems)
     raw_input = spec.get("input")
-    input_path = _input_path(raw_input, folder) if isinstance(raw_input, str) else None
-    input_sha256 = _input_hash(doc, input_path, hash_input, problems) if input_path else None
-    outputs = _output_paths(doc, spec, folder, input_path, problems)
+    input_path = input_sha256 = input_source = None
+    if isinstance(raw_input, str):
+        input_path = _input_path(raw_input, folder)
+        input_sha256 = _input_hash(doc, input_path, hash_input, problems)
+    elif isinstance(raw_input, Mapping):
+        rendered = _rendered_input(doc, spec, raw_input, project, problems)
+        if rendered is not None:
+            input_path, input_sha256 = rendered.path, rendered.sha256
+            input_source = rendered.rows_path
+    outputs = _output_paths(doc, spec, folder, input_source or input_path, problems)
     if provider is None or input_path is None or input_sha256 is None or outputs is None:
         return None
-    return _Checked(provider, input_path, input_sha256, *outputs)
+    return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
 
 
 def _output_paths(
@@ -467,6 +502,8 @@ def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resourc
         suspend=bool(spec.get("suspend", False)),
         source=doc.start,
         spec_hash=spec_hash(semantic_spec(**common)),
+        input_source=checked.input_source,
+        moved_from=(metadata.get("moved") or {}).get("from"),
     )
 
 
@@ -489,6 +526,62 @@ def _provider(
     message = f"unknown provider '{name}' ({tail})"
     problems.append(Problem.at(doc.location(pointer), pointer, "unknown-provider", message))
     return None
+
+
+def _rendered_input(
+    doc: YamlDocument,
+    spec: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    project: Project,
+    problems: list[Problem],
+) -> RenderedInput | None:
+    """Render a rows input (``{rows, id, body}``) into the state folder's render cache."""
+    pointer = "/spec/input"
+    rows, body, id_template = raw.get("rows"), raw.get("body"), raw.get("id")
+    endpoint, model = spec.get("endpoint"), spec.get("model")
+    if not (
+        isinstance(rows, str)
+        and rows
+        and isinstance(body, Mapping)
+        and isinstance(endpoint, str)
+        and (id_template is None or isinstance(id_template, str))
+        and (model is None or isinstance(model, str))
+    ):
+        return None  # the schema has reported it
+    found: list[Problem] = []
+    rows_path = _input_path(rows, doc.file.parent.resolve())
+    rows_pointer = f"{pointer}/rows"
+    if not rows_path.is_file():
+        what = "not found" if not rows_path.exists() else "not a file"
+        message = f"rows file {what}: {display_path(rows_path)}"
+        found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "missing-input", message))
+    elif rows_format(rows_path) is None:
+        message = (
+            f"rows file {display_path(rows_path)} must end in .csv (with a header row), "
+            ".jsonl or .ndjson (one JSON object a line)"
+        )
+        found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "rows-format", message))
+    if "model" not in body and model is None and endpoint != "/v1/moderations":
+        body_pointer = f"{pointer}/body"
+        message = "the request body has no `model`: add one to the body or set spec.model"
+        found.append(Problem.at(doc.location(body_pointer), body_pointer, "missing-model", message))
+    template, syntax = compile_request_template(
+        body=body,
+        id_template=id_template,
+        endpoint=endpoint,
+        model=model,
+        pointer=pointer,
+        locate=doc.location,
+    )
+    found.extend(syntax)
+    rendered = None
+    if template is not None and not found:
+        rendered, row_problems = render_rows(
+            template, rows_path, project.state_path.parent / RENDERED_FOLDER
+        )
+        found.extend(row_problems)
+    problems.extend(found)
+    return rendered
 
 
 def _input_path(value: Any, folder: Path) -> Path:
@@ -562,6 +655,34 @@ def _duplicate_names(names: list[tuple[str, SourceLocation]]) -> list[Problem]:
             problems.append(Problem.at(loc, "/metadata/name", "duplicate-name", message))
         else:
             first[name] = loc
+    return problems
+
+
+def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[Problem]:
+    """A move must name a recorded name nobody else claims: not its own, not a live one."""
+    declared = {res.name: res for res, _ in resources}
+    movers: dict[str, Resource] = {}
+    problems = []
+    pointer = "/metadata/moved/from"
+    for res, doc in resources:
+        old = res.moved_from
+        if old is None:
+            continue
+        message = None
+        if old == res.name:
+            message = f"'{res.name}' cannot move from its own name; remove `moved`"
+        elif old in declared:
+            message = (
+                f"'{res.name}' moves from '{old}', but '{old}' is still declared at "
+                f"{declared[old].source}; rename or remove that resource first"
+            )
+        elif movers.setdefault(old, res) is not res:
+            message = (
+                f"'{res.name}' and '{movers[old].name}' ({movers[old].source}) both move "
+                f"from '{old}'; only one resource can take over its history"
+            )
+        if message:
+            problems.append(Problem.at(doc.location(pointer), pointer, "invalid-move", message))
     return problems
 
 

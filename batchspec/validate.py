@@ -4,7 +4,8 @@
 scans each resource's input once (``batchspec.inputs.scan_batch_input``) with the resource's
 endpoint and model, Anthropic's ``custom_id`` rule for ``anthropic`` providers and Azure's
 unversioned line URLs for ``azure`` ones. It reads files and writes nothing: no state, no
-network, no output files.
+network, no output files (loading a rows input renders it into the render cache under the
+state folder, which is only a cache).
 
 Failures carry every problem at once, each a ``Problem`` (file, line, column, pointer, code,
 message), so the CLI can print them or render them as JSON:
@@ -12,11 +13,14 @@ message), so the CLI can print them or render them as JSON:
 - manifest and project problems: ``InvalidManifestError`` (a ``ManifestError``);
 - input problems of *all* resources together: ``InvalidInputError`` (an ``InputError``),
   each as ``input-file:line: message``; per file, the first ``inputs.MAX_SHOWN`` are listed
-  and one more line counts the rest.
+  and one more line counts the rest. A problem in the rendered file of a rows input is
+  reported at the rows file instead (rendered line N is row N), as ``rows-file:line: row N:
+  message``, so it points at data the user can edit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,12 @@ from pathlib import Path
 from batchspec.errors import BatchspecError, InputError
 from batchspec.inputs import InputReport, scan_batch_input
 from batchspec.manifest import Resource, Workspace, load_workspace
+from batchspec.templates import row_lines
 from batchspec.yamldoc import Problem, SourceLocation
 
 ANTHROPIC_CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+# "line N" in a problem about a rendered file means row N of the rows file.
+_RENDERED_LINE = re.compile(r"\bline (\d+)")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ValidatedResource:
     bytes: int
     sha256: str
     models: tuple[str, ...]
+    input_source: Path | None = None  # the rows file of a rows input (input_path is rendered)
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ def validate_workspace(paths: Sequence[str | Path] = ()) -> ValidationReport:
             problems.append(Problem(res.input_path, None, None, "", "unreadable", err.message))
             counted[res.input_path] = 1
             continue
-        problems.extend(input_problems(report, res.input_path))
+        problems.extend(resource_input_problems(report, res))
         counted[res.input_path] = max(counted.get(res.input_path, 0), report.problem_count)
         resources.append(_validated(res, report))
     if problems:
@@ -110,6 +118,24 @@ def input_problems(report: InputReport, path: Path) -> list[Problem]:
     if hidden:
         problems.append(Problem(path, None, None, "", "more-problems", f"... and {hidden} more"))
     return problems
+
+
+def resource_input_problems(report: InputReport, res: Resource) -> list[Problem]:
+    """``input_problems`` for a resource; a rows input's are located in its rows file."""
+    problems = input_problems(report, res.input_path)
+    if res.input_source is None:
+        return problems
+    lines = row_lines(res.input_source, [p.line for p in problems if p.line is not None])
+    return [_at_row(p, res.input_source, lines) for p in problems]
+
+
+def _at_row(problem: Problem, rows_path: Path, lines: dict[int, int]) -> Problem:
+    """A problem of rendered line N, moved to row N of the rows file."""
+    message = _RENDERED_LINE.sub(r"row \1", problem.message)
+    if problem.line is None:
+        return Problem(rows_path, None, None, "", problem.code, f"rendered requests: {message}")
+    line = lines.get(problem.line)
+    return Problem(rows_path, line, None, "", problem.code, f"row {problem.line}: {message}")
 
 
 def problems_of(err: BatchspecError) -> tuple[Problem, ...]:
@@ -149,6 +175,7 @@ def _validated(res: Resource, report: InputReport) -> ValidatedResource:
         bytes=report.bytes,
         sha256=report.sha256,
         models=report.models,
+        input_source=res.input_source,
     )
 
 
