@@ -187,6 +187,9 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(serve_engine):
     with pytest.raises(openai.APIStatusError) as err:
         client.files.create(file=("big.jsonl", big), purpose="batch")
     assert err.value.status_code == 413
+    with pytest.raises(openai.APIStatusError) as early:  # refused by Content-Length, unread
+        client.files.create(file=("huge.jsonl", b"x" * 3_000_000), purpose="batch")
+    assert early.value.status_code == 413
     assert client.files.list().data == []
     assert list((server.engine.data_dir / "tmp").iterdir()) == []
 
