@@ -603,7 +603,8 @@ class Reconciler:
             Progress(
                 "collect",
                 res.name,
-                f"collected batch {batch.remote_id} ({batch.status}): {changed} answers",
+                f"collected batch {batch.remote_id} ({batch.status}): {changed} answers"
+                + _rejection_text(detail.get("errors")),
                 {"remote_id": batch.remote_id},
             )
         )
@@ -879,6 +880,19 @@ def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
 def _counts_json(remote: RemoteBatch) -> dict[str, int]:
     c = remote.request_counts
     return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}
+
+
+def _rejection_text(errors: list[dict[str, Any]] | None) -> str:
+    """Why the provider rejected a whole batch, located at the input's lines (first five)."""
+    if not errors:
+        return ""
+    shown = [
+        (f"input line {e['input_line']}: " if e.get("input_line") else "")
+        + f"{e.get('message') or 'rejected'} ({e.get('code') or 'no code'})"
+        for e in errors[:5]
+    ]
+    more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "; the provider rejected it: " + "; ".join(shown) + more
 
 
 def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
