@@ -1,0 +1,281 @@
+"""Partial failure end to end: `batchspec apply --wait` against `batchspec serve` with faults.
+
+Each test starts a real `batchspec serve` process with hidden fault flags and asserts on what
+the *server* received (input files of every attempt, read back with the official openai
+SDK), on the merged files and on the state's record. The engine's own per-line retries are
+off (``--max-attempts 1``) so injected upstream failures land in the batch's error file,
+where batchspec has to find and resubmit them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_faults import (
+    apply_wait,
+    error_code,
+    in_input_order,
+    received_batches,
+    serve_processes,
+    served_workspace,
+)
+from servers import request_lines
+from workspaces import KEY_ENV, ResourceSpec, run_cli
+
+from batchspec.ledger import RequestLedger
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    yield from serve_processes(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-checked")
+
+
+def test_upstream_500s_are_retried_with_exactly_the_failed_ids(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """10% upstream 500s: every attempt k+1 the server received holds exactly the custom_ids
+    that attempt k's error file failed with 500, in input order; the job converges with one
+    result per request in input order and an empty errors file."""
+    srv = serve("--fault-500", "0.1", "--fault-seed", "5", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("triage", count=200, spec={"retry": {"maxAttempts": 6}})
+    )
+    ids = ws.input_ids("triage")
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    batches = received_batches(srv.client())
+    assert [b.attempt for b in batches] == list(range(1, len(batches) + 1))
+    assert all(b.shard == 0 for b in batches)
+    first = batches[0]
+    assert first.input_ids == ids
+    assert 5 <= len(first.error_ids) <= 40  # ~10% of 200 failed: the retries had work to do
+    assert len(batches) >= 2
+    for done, retry in zip(batches, batches[1:], strict=False):
+        assert {error_code(e) for e in done.errors} == {"http_500"}
+        assert retry.input_ids == in_input_order(done.error_ids, ids)
+        assert sorted(done.output_ids + done.error_ids) == sorted(done.input_ids)
+    assert batches[-1].errors == []
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ids
+    assert ws.errors("triage") == []
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        assert (gen.status, gen.succeeded, gen.failed) == ("complete", 200, 0)
+        intents = [e.detail for e in store.events(resource="triage") if e.action == "intent"]
+    assert [i["requests"] for i in intents] == [len(b.input_ids) for b in batches]
+    assert all("retry" in i["reason"] for i in intents[1:])
+
+
+def test_an_expired_batch_keeps_its_partial_results_and_retries_the_rest(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch that expires mid-run: the lines it finished are collected (not sent again) and
+    only its batch_expired lines go in the next attempt; the final output is complete."""
+    srv = serve(
+        "--completion-window-seconds",
+        "1.5",
+        "--upstream-latency",
+        "0.1",
+        "--concurrency",
+        "2",
+    )
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("slow", count=50, spec={"retry": {"maxAttempts": 6}})
+    )
+    ids = ws.input_ids("slow")
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    batches = received_batches(srv.client())
+    first = batches[0]
+    assert first.status == "expired"
+    assert 0 < len(first.output_ids) < 50  # partial output ...
+    assert {error_code(e) for e in first.errors} == {"batch_expired"}  # ... and the rest expired
+    assert batches[1].input_ids == in_input_order(first.error_ids, ids)
+    sent = [cid for b in batches for cid in b.input_ids]
+    answered = [cid for b in batches for cid in b.output_ids]
+    assert sorted(answered) == sorted(ids)  # every request answered exactly once
+    assert len(sent) - len(ids) == sum(len(b.error_ids) for b in batches[:-1])
+    assert batches[-1].status == "completed" and batches[-1].errors == []
+    assert [r["custom_id"] for r in ws.outputs("slow")] == ids
+    assert ws.errors("slow") == []
+
+
+def test_all_failed_ends_degraded_never_success(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request 500s and maxAttempts is 2: two attempts, then Degraded: apply --wait exits
+    4, the errors file holds every request in input order, status shows Degraded, and a
+    re-run is still Degraded (exit 4) without submitting anything more."""
+    srv = serve("--fault-500", "1.0", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("doomed", count=6, spec={"retry": {"maxAttempts": 2}})
+    )
+    ids = ws.input_ids("doomed")
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 4, out + err
+    batches = received_batches(srv.client())
+    assert [(b.attempt, b.status, len(b.input_ids)) for b in batches] == [
+        (1, "completed", 6),
+        (2, "completed", 6),
+    ]
+    assert all(b.output_ids == [] for b in batches)
+    assert ws.outputs("doomed") == []
+    assert [r["custom_id"] for r in ws.errors("doomed")] == ids
+    assert {error_code(r) for r in ws.errors("doomed")} == {"http_500"}
+    with ws.store() as store:
+        [gen] = store.generations("doomed")
+        assert (gen.status, gen.succeeded, gen.failed) == ("degraded", 0, 6)
+
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["health"] == "Degraded"
+    assert status["succeeded"] == 0
+
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 4, out + err
+    assert len(received_batches(srv.client())) == 2
+
+
+def test_a_partly_failed_job_with_attempts_exhausted_is_degraded(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """60% 500s and one retry leave some requests failed twice: what succeeded is written in
+    input order, the rest is in errors, and the resource is Degraded with exit 4, not Healthy."""
+    srv = serve("--fault-500", "0.6", "--fault-seed", "3", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("flaky", count=30, spec={"retry": {"maxAttempts": 2}})
+    )
+    ids = ws.input_ids("flaky")
+
+    code, out, err = apply_wait(ws, capsys)
+
+    batches = received_batches(srv.client())
+    still_failing = batches[-1].error_ids
+    assert len(batches) == 2 and still_failing  # 0.6 * 0.6 of 30: some fail twice
+    assert code == 4, out + err
+    outputs = [r["custom_id"] for r in ws.outputs("flaky")]
+    errors = [r["custom_id"] for r in ws.errors("flaky")]
+    assert errors == in_input_order(still_failing, ids)
+    assert outputs == [cid for cid in ids if cid not in set(still_failing)]
+    with ws.store() as store:
+        [gen] = store.generations("flaky")
+    assert gen.status == "degraded"
+
+
+def test_non_retryable_failures_are_final_and_not_resubmitted(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 400 (the upstream rejects an empty messages list) goes to errors at once: no second
+    attempt is created for it, and the resource is Healthy (exit 0)."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("mixed", count=1))
+    lines = request_lines(5, prefix="m")
+    lines[2]["body"]["messages"] = []
+    ws.write_input("mixed", lines)
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    [batch] = received_batches(srv.client())
+    assert batch.error_ids == ["m-2"]
+    assert [r["custom_id"] for r in ws.errors("mixed")] == ["m-2"]
+    assert ws.errors("mixed")[0]["response"]["status_code"] == 400
+    assert [r["custom_id"] for r in ws.outputs("mixed")] == ["m-0", "m-1", "m-3", "m-4"]
+
+
+def test_token_limit_exceeded_is_requeued_without_using_an_attempt(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server refuses the first two batches with token_limit_exceeded: with maxAttempts 1
+    the shard is still resubmitted (a requeue is not an attempt), each time only after the
+    backoff (doubling), and the job converges."""
+    srv = serve("--fault-token-limit", "2")
+    ws = served_workspace(
+        tmp_path / "ws",
+        srv,
+        ResourceSpec("queued", count=4, spec={"retry": {"maxAttempts": 1}}),
+        requeueBackoffSeconds=0.5,
+    )
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    batches = received_batches(srv.client())
+    assert [b.status for b in batches] == ["failed", "failed", "completed"]
+    for refused in batches[:2]:
+        assert [e.code for e in refused.raw.errors.data] == ["token_limit_exceeded"]
+    assert all(b.input_ids == ws.input_ids("queued") for b in batches)
+    assert [r["custom_id"] for r in ws.outputs("queued")] == ws.input_ids("queued")
+    with ws.store() as store:
+        rows = store.batches()
+        events = list(store.events(resource="queued"))
+    # the wait before each resubmission, measured from when apply saw the refusal
+    seen_failed = [
+        e.at for e in events if e.action == "poll" and e.detail.get("status") == "failed"
+    ]
+    created = [e.at for e in events if e.action == "create"]
+    assert len(seen_failed) == 2 and len(created) == 3
+    waits = [_seconds(c) - _seconds(f) for f, c in zip(seen_failed, created[1:], strict=True)]
+    assert waits[0] >= 0.5 - 0.05 and waits[1] >= 1.0 - 0.05, waits
+    assert [r.attempt for r in rows] == [1, 2, 3]
+
+
+def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server rejects shard 2's file (one line too long, at line 7 of that shard = input
+    line 17): that shard's requests fail finally (no retry), the provider's line number is
+    reported mapped back to the input, and the other shards' results are written."""
+    srv = serve("--max-line-bytes", "400")
+    spec = {"limits": {"maxRequestsPerBatch": 10}, "retry": {"maxAttempts": 3}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("big", count=25, spec=spec))
+    lines = request_lines(25, prefix="v")
+    lines[16]["body"]["messages"][0]["content"] = "x" * 500
+    ws.write_input("big", lines)
+    ids = ws.input_ids("big")
+
+    code, out, err = apply_wait(ws, capsys)
+
+    batches = received_batches(srv.client())
+    assert [(b.shard, b.attempt, b.status) for b in batches] == [
+        (0, 1, "completed"),
+        (1, 1, "failed"),
+        (2, 1, "completed"),
+    ]
+    [problem] = batches[1].raw.errors.data
+    assert problem.line == 7
+    assert code == 0, out + err
+    assert [r["custom_id"] for r in ws.errors("big")] == ids[10:20]
+    assert [r["custom_id"] for r in ws.outputs("big")] == ids[:10] + ids[20:]
+    with ws.store() as store:
+        [collect] = [
+            e.detail
+            for e in store.events(resource="big")
+            if e.action == "collect" and e.detail.get("status") == "failed"
+        ]
+        [gen] = store.generations("big")
+        states = RequestLedger(store.db).state_counts(gen.id)
+    assert collect["errors"][0]["line"] == 7
+    assert collect["errors"][0]["input_line"] == 17
+    assert states == {"ok": 15, "failed": 10}
+    assert "input line 17: the line is longer than 400 bytes" in out  # the user is told
+
+
+def _seconds(timestamp: str) -> float:
+    from batchspec.state import parse_timestamp
+
+    return parse_timestamp(timestamp).timestamp()
