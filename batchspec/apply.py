@@ -26,6 +26,7 @@ from batchspec.inputs import InputReport, problem_lines
 from batchspec.ledger import RequestLedger
 from batchspec.lock import acquire_lock
 from batchspec.manifest import Resource, Workspace, load_workspace, project_for
+from batchspec.moves import apply_moves, moved_view, note_moves
 from batchspec.plan import Action, ActionKind, Plan, make_plan
 from batchspec.providers.base import Provider
 from batchspec.providers.registry import build_provider
@@ -143,6 +144,7 @@ def apply_workspace(
             report(Progress("plan", None, "plan computed", plan=plan))
             require_within_budget(plan, resources, facts, store)
             require_consent(plan, ws, options, confirm)
+            apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with ProviderPool(ws, env) as providers:
                 rec = Reconciler(
                     ws.project,
@@ -251,11 +253,13 @@ def compute_plan(
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> Plan:
     recorded = load_recorded(store, RequestLedger(store.db), requeue_backoff=backoff)
+    recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [desired_resource(r, facts[r.name]) for r in resources]
-    return make_plan(
+    plan = make_plan(
         desired, recorded, disk, prune=prune, include_orphans=include_orphans, now=time.time()
     )
+    return note_moves(plan, moved)
 
 
 def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:

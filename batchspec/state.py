@@ -453,7 +453,6 @@ def m002_request_ledger(db: Database) -> None:
     db.executescript(_M002_SQL)
 
 
-
 @_migration
 def m003_request_fingerprints(db: Database) -> None:
     """``requests.request_sha``: the sha256 of each request line, so a new generation can
@@ -801,6 +800,44 @@ class StateStore:
                     (now, now, name),
                 )
             return self._resource(name)
+
+    def rename_resource(
+        self,
+        old: str,
+        new: str,
+        *,
+        respecs: Mapping[int, tuple[str, Mapping[str, Any]]] | None = None,
+    ) -> ResourceRow:
+        """Move resource ``old``'s record to the name ``new``, in one transaction.
+
+        The resource row takes the new name (keeping its first-seen run and current
+        generation) and its generations follow; ``respecs`` maps a generation id to its new
+        ``(spec_hash, spec)``, since the spec hash covers the name (see ``batchspec.moves``).
+        Batches, the request ledger and results hang off generation ids and are untouched.
+        Events are append-only history and keep the old name. ``StateError`` if ``old`` is
+        not recorded or ``new`` is (forgotten or not).
+        """
+        with self.atomic():
+            self._resource(old)
+            if self.get_resource(new) is not None:
+                raise StateError(f"cannot rename {old!r} to {new!r}: {new!r} is recorded already")
+            # generations.resource references resources.name: insert the new row first, move
+            # the generations, then drop the old row.
+            self.db.execute(
+                "INSERT INTO resources (name, provider, manifest, labels, current_generation_id, "
+                "first_seen_run, updated_at, forgotten_at) SELECT ?, provider, manifest, labels, "
+                "current_generation_id, first_seen_run, ?, forgotten_at FROM resources "
+                "WHERE name = ?",
+                (new, utc_timestamp(), old),
+            )
+            self.db.execute("UPDATE generations SET resource = ? WHERE resource = ?", (new, old))
+            for generation_id, (spec_hash, spec) in (respecs or {}).items():
+                self.db.execute(
+                    "UPDATE generations SET spec_hash = ?, spec = ? WHERE id = ? AND resource = ?",
+                    (spec_hash, _dumps(dict(spec)), generation_id, new),
+                )
+            self.db.execute("DELETE FROM resources WHERE name = ?", (old,))
+            return self._resource(new)
 
     # -- generations ----------------------------------------------------------------------------
 

@@ -1,0 +1,364 @@
+"""`metadata.moved: {from: old-name}`: renaming a resource keeps its state and resubmits nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+
+from batchspec.errors import ManifestError, StateError
+from batchspec.manifest import InvalidManifestError, load_workspace
+from batchspec.moves import apply_moves, former_names
+from batchspec.runinfo import collect_run_info
+from batchspec.state import StateStore
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def local_workspace(root: Path, *names: str, **spec: Any) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(n, count=3, provider="here", spec=spec) for n in names],
+    )
+
+
+def rename(ws: Workspace, old: str, new: str, *, moved: bool = True, **spec: Any) -> None:
+    """Rewrite ``old``'s manifest under the name ``new`` (with ``moved`` unless told not)."""
+    path = ws.manifest_path(old)
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["name"] = new
+    if moved:
+        doc["metadata"]["moved"] = {"from": old}
+    doc["spec"].update(spec)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def default_outputs(ws: Workspace, name: str) -> None:
+    """Drop the explicit output/errors paths: results go to the name's default path."""
+    path = ws.manifest_path(name)
+    doc = yaml.safe_load(path.read_text())
+    del doc["spec"]["output"], doc["spec"]["errors"]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def apply(ws: Workspace, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    code, out, err = run_cli(["apply", str(ws.root), *extra, *FAST], capsys)
+    assert code == 0, err
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remote_ids(ws: Workspace) -> list[str | None]:
+    with ws.store() as store:
+        return [b.remote_id for b in store.batches()]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_a_pure_rename_resubmits_nothing_and_keeps_results_and_history(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply as old-name, rename with moved, apply: no new batch, same results, the move in
+    history under both names, and the new name owns the old generation."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    before = remote_ids(ws)
+    output = ws.output_path("old-name")
+    result_sha = sha256(output)
+    rename(ws, "old-name", "new-name")
+
+    apply(ws, capsys, "--wait")
+
+    assert remote_ids(ws) == before
+    assert sha256(output) == result_sha
+    with ws.store() as store:
+        assert store.get_resource("old-name") is None
+        [gen] = store.generations("new-name")
+        [res] = load_workspace([ws.root]).resources
+        assert gen.spec_hash == res.spec_hash
+        assert gen.spec["name"] == "new-name"
+        assert [e.detail for e in store.events(resource="new-name") if e.action == "move"] == [
+            {"from": "old-name", "to": "new-name", "generations": 1}
+        ]
+        assert [e.action for e in store.events(resource="old-name")][-1] == "move"
+        assert former_names(store, "new-name") == ["old-name"]
+    code, out, _ = run_cli(["history", "new-name", "--project", str(ws.root)], capsys)
+    assert code == 0
+    assert "move [new-name]  from=old-name" in out
+
+
+def test_plan_shows_the_move_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only plan shows 'moved from' and no change, and leaves the old name recorded."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name")
+    with ws.store() as store:
+        serial = store.serial()
+
+    code, out, err = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+
+    assert code == 0, err
+    assert "moved from old-name; in sync" in out
+    assert "orphan" not in out
+    with ws.store() as store:
+        assert store.serial() == serial
+        assert store.get_resource("old-name") is not None
+        assert store.get_resource("new-name") is None
+
+
+def test_a_saved_plan_with_a_move_applies_as_planned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan --out` then `apply FILE`: the plan saw the move, so it is not stale, and the
+    move happens without a new batch."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    before = remote_ids(ws)
+    rename(ws, "old-name", "new-name")
+    saved = tmp_path / "plan.json"
+    code, _, err = run_cli(["plan", str(ws.root), "--out", str(saved)], capsys)
+    assert code == 0, err
+
+    code, out, err = run_cli(["apply", str(saved), *FAST], capsys)
+
+    assert code == 0, err
+    assert "moved from old-name" in out
+    assert remote_ids(ws) == before
+    with ws.store() as store:
+        assert store.get_resource("old-name") is None
+
+
+def test_a_rename_to_a_default_output_path_restores_the_results_without_resubmitting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With default result paths the file moves with the name: restored from the state store."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    default_outputs(ws, "old-name")
+    apply(ws, capsys, "--wait")
+    old_output = ws.manifest_path("old-name").parent / "results" / "old-name.jsonl"
+    before = remote_ids(ws)
+    rename(ws, "old-name", "new-name")
+
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "moved from old-name; output file is missing" in out
+    apply(ws, capsys, "--wait")
+
+    new_output = old_output.parent / "new-name.jsonl"
+    assert new_output.read_bytes() == old_output.read_bytes()
+    assert remote_ids(ws) == before
+
+
+def test_a_batch_in_flight_is_collected_under_the_new_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Submitted as old-name, renamed while in flight: polled and collected, never resent."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys)  # submits and returns: the batch is in flight
+    before = remote_ids(ws)
+    assert before and all(before)
+    rename(ws, "old-name", "new-name")
+
+    apply(ws, capsys, "--wait")
+
+    assert remote_ids(ws) == before
+    assert [r["custom_id"] for r in ws.outputs("old-name")] == ws.input_ids("old-name")
+    with ws.store() as store:
+        [gen] = store.generations("new-name")
+        assert gen.status == "complete"
+
+
+def test_leaving_moved_in_place_is_harmless(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the move, further applies with `moved` still there change nothing."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name")
+    apply(ws, capsys, "--wait")
+    with ws.store() as store:
+        moves = len([e for e in store.events() if e.action == "move"])
+    code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 0 and "moved from" not in out
+    apply(ws, capsys, "--wait")
+    with ws.store() as store:
+        assert len([e for e in store.events() if e.action == "move"]) == moves
+
+
+def test_a_rename_with_a_spec_change_is_a_new_generation_of_the_new_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Renaming while changing the spec moves the history and submits the new spec once."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name", metadata={"team": "support"})
+
+    apply(ws, capsys, "--wait")
+
+    with ws.store() as store:
+        gens = store.generations("new-name")
+        assert len(gens) == 2
+        assert [g.spec["name"] for g in gens] == ["new-name", "new-name"]
+        assert store.get_resource("old-name") is None
+
+
+def test_a_forgotten_old_name_is_not_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Forgetting is deliberate: a move from a forgotten name starts the new name afresh."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    with ws.store() as store:
+        store.forget_resource("old-name")
+    rename(ws, "old-name", "new-name")
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "create (new resource)" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_a_move_onto_a_recorded_name_is_refused_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both names recorded (something already runs as new-name): plan and apply fail naming
+    both and what to do, and the state is untouched."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    with ws.store() as store:
+        store.upsert_resource("new-name", provider="here", manifest="m", labels={}, run_id=None)
+        serial = store.serial()
+    rename(ws, "old-name", "new-name")
+    for command in ("plan", "apply"):
+        code, _, err = run_cli([command, str(ws.root)], capsys)
+        assert code == 1
+        assert "both names are recorded" in err and "batchspec forget old-name" in err
+    with ws.store() as store:
+        assert store.serial() == serial
+        assert store.get_resource("old-name") is not None
+
+
+def test_a_move_with_an_unconfirmed_create_is_refused(tmp_path: Path) -> None:
+    """A batch create of the old name not confirmed by the provider blocks the move (its
+    adoption key names the old resource), and nothing is renamed."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    [old] = load_workspace([ws.root]).resources
+    with ws.store() as store:
+        run = store.start_run("apply", {}, collect_run_info(ws.root))
+        store.upsert_resource("old-name", provider="here", manifest="m", labels={}, run_id=run)
+        gen = store.create_generation(
+            "old-name",
+            spec_hash=old.spec_hash,
+            spec=old.semantic_spec(),
+            input_sha256=old.input_sha256,
+            requests=3,
+            input_bytes=1,
+            output_path=None,
+            errors_path=None,
+            run_id=run,
+        )
+        batch = store.record_batch_intent(
+            gen.id,
+            shard=0,
+            attempt=1,
+            provider="here",
+            key="old-name/x/0/1",
+            input_sha256=old.input_sha256,
+            requests=3,
+            reason="test",
+        )
+        store.update_batch(batch.id, status="creating")
+    rename(ws, "old-name", "new-name")
+    [new] = load_workspace([ws.root]).resources
+    with ws.store() as store, pytest.raises(ManifestError, match="not confirmed by the provider"):
+        apply_moves(store, [new], run)
+    with ws.store() as store:
+        assert store.get_resource("old-name") is not None
+        assert store.get_resource("new-name") is None
+
+
+@pytest.mark.parametrize(
+    ("moves", "message"),
+    [
+        pytest.param({"a": "a"}, "'a' cannot move from its own name", id="itself"),
+        pytest.param({"a": "b"}, "'a' moves from 'b', but 'b' is still declared", id="declared"),
+        pytest.param({"a": "x", "b": "x"}, "both move from 'x'", id="twice"),
+    ],
+)
+def test_the_loader_refuses_impossible_moves(
+    tmp_path: Path, moves: dict[str, str], message: str
+) -> None:
+    """Moves from the resource's own name, from a live name, or twice from one name."""
+    ws = local_workspace(tmp_path / "ws", "a", "b")
+    for name, old in moves.items():
+        path = ws.manifest_path(name)
+        doc = yaml.safe_load(path.read_text())
+        doc["metadata"]["moved"] = {"from": old}
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([ws.root])
+    [problem] = caught.value.problems
+    assert problem.pointer == "/metadata/moved/from"
+    assert message in problem.message
+
+
+def test_moved_is_not_part_of_the_spec_hash(tmp_path: Path) -> None:
+    """Adding `moved` (same name) leaves the spec hash as it was; Resource.moved_from is set."""
+    ws = local_workspace(tmp_path / "ws", "a")
+    [before] = load_workspace([ws.root]).resources
+    path = ws.manifest_path("a")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["moved"] = {"from": "old-a"}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    [after] = load_workspace([ws.root]).resources
+    assert after.moved_from == "old-a" and before.moved_from is None
+    assert after.spec_hash == before.spec_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# StateStore.rename_resource
+
+
+def test_rename_resource_moves_generations_and_keeps_events(tmp_path: Path) -> None:
+    """The row and its generations take the new name in one step; events keep the old one;
+    a recorded new name is refused."""
+    with StateStore.open(tmp_path / "s.db") as store:
+        run = store.start_run("apply", {}, collect_run_info(tmp_path))
+        store.upsert_resource("a", provider="p", manifest="m", labels={"k": "v"}, run_id=run)
+        gen = store.create_generation(
+            "a",
+            spec_hash="h1",
+            spec={"name": "a"},
+            input_sha256="i",
+            requests=1,
+            input_bytes=1,
+            output_path=None,
+            errors_path=None,
+            run_id=run,
+        )
+        store.set_current_generation("a", gen.id)
+        store.record_event(run, "generation", resource="a", generation_id=gen.id)
+        store.upsert_resource("c", provider="p", manifest="m", labels={}, run_id=run)
+
+        row = store.rename_resource("a", "b", respecs={gen.id: ("h2", {"name": "b"})})
+
+        assert (row.name, row.labels, row.current_generation_id) == ("b", {"k": "v"}, gen.id)
+        assert store.get_resource("a") is None
+        [moved] = store.generations("b")
+        assert (moved.id, moved.spec_hash, moved.spec) == (gen.id, "h2", {"name": "b"})
+        assert [e.action for e in store.events(resource="a")] == ["generation"]
+        with pytest.raises(StateError, match="recorded already"):
+            store.rename_resource("b", "c")
+        assert store.get_resource("b") is not None
