@@ -344,19 +344,19 @@ def test_cancel_mid_run_keeps_finished_and_cancels_the_rest(serve_engine):
 def test_expiry_keeps_partial_output_and_expires_the_rest(serve_engine):
     """When the (shortened) window passes, the batch is expired with partial output."""
     server = serve_engine(
-        upstream=BuiltinUpstream(latency=0.05), concurrency=2, completion_window_seconds=0.6
+        upstream=BuiltinUpstream(latency=0.05), concurrency=2, completion_window_seconds=0.8
     )
     client = server.client()
-    lines = request_lines(60)
+    lines = request_lines(80)
     batch = create(client, upload(client, lines))
     assert batch.completion_window == "24h"
     done = wait_for_batch(client, batch.id)
     assert done.status == "expired" and done.expired_at is not None
     output = read_jsonl(client.files.content(done.output_file_id).text)
     errors = read_jsonl(client.files.content(done.error_file_id).text)
-    assert 0 < len(output) < 60
+    assert 0 < len(output) < 80
     assert {r["error"]["code"] for r in errors} == {"batch_expired"}
-    assert len(output) + len(errors) == 60
+    assert len(output) + len(errors) == 80
 
 
 def test_restart_mid_batch_resumes_without_repeating_a_line(tmp_path, standin_upstream):
@@ -367,14 +367,14 @@ def test_restart_mid_batch_resumes_without_repeating_a_line(tmp_path, standin_up
     first = start_server(data_dir, upstream=HttpUpstream(upstream.v1), concurrency=2)
     try:
         client = first.client()
-        lines = request_lines(30)
+        lines = request_lines(40)
         batch = create(client, upload(client, lines))
         wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 6)
     finally:
         first.stop()
     assert first.engine.store  # closed engine keeps its data on disk
     sent_before_restart = sum(upstream.calls.values())
-    assert sent_before_restart < 30
+    assert sent_before_restart < 40
 
     second = start_server(data_dir, upstream=HttpUpstream(upstream.v1), concurrency=4)
     try:
@@ -389,7 +389,7 @@ def test_restart_mid_batch_resumes_without_repeating_a_line(tmp_path, standin_up
     finally:
         second.stop()
     assert done.status == "completed"
-    assert done.request_counts.completed == 30
+    assert done.request_counts.completed == 40
     assert sorted(r["custom_id"] for r in output) == sorted(line["custom_id"] for line in lines)
-    assert len(upstream.calls) == 30
+    assert len(upstream.calls) == 40
     assert max(upstream.calls.values()) == 1
