@@ -359,7 +359,7 @@ def test_many_row_problems_are_capped_and_counted(
         ),
         pytest.param(
             {"rows": "../data/t.txt", "body": chat_body()},
-            "manifests/triage.yaml:9:11: /spec/input/rows: '../data/t.txt' does not match",
+            "manifests/triage.yaml:9:11: /spec/input/rows: rows file data/t.txt must end in .csv",
             id="extension",
         ),
         pytest.param(

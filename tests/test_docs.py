@@ -1,0 +1,134 @@
+"""docs/: generated references match their sources, and the hand-written pages cover the basics."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from batchspec import errors
+from batchspec.cli import cli
+from batchspec.yamldoc import load_schema
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+REGENERATE = "python scripts/gen_docs.py"
+
+
+def load_generator() -> ModuleType:
+    """scripts/gen_docs.py, imported by path (it is a docs tool, not part of the package)."""
+    path = REPO / "scripts" / "gen_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_docs", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gen_docs"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gen_docs() -> ModuleType:
+    return load_generator()
+
+
+def test_generated_pages_are_up_to_date(gen_docs: ModuleType) -> None:
+    """Regenerating manifest, project and CLI references gives exactly the committed files."""
+    stale = [str(p.relative_to(REPO)) for p in gen_docs.stale_pages()]
+    assert not stale, f"out of date: {', '.join(stale)}; run `{REGENERATE}` and commit the result"
+
+
+def test_generation_ignores_the_terminal_width(
+    gen_docs: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Help is formatted at a fixed width, so the CLI reference is the same on any terminal."""
+    first = gen_docs.generate()
+    monkeypatch.setenv("COLUMNS", "43")
+    assert gen_docs.generate() == first
+
+
+def test_every_command_is_in_the_cli_reference() -> None:
+    """Each command registered on the CLI (new ones included) has its section."""
+    text = (DOCS / "cli-reference.md").read_text(encoding="utf-8")
+    missing = [
+        name
+        for name, command in cli.commands.items()
+        if not command.hidden and f"\n## batchspec {name}\n" not in text
+    ]
+    assert not missing, f"not in docs/cli-reference.md: {missing}; run `{REGENERATE}`"
+
+
+def properties(schema: Any) -> Iterator[str]:
+    """Every property name anywhere in a schema."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "properties":
+                yield from value
+            yield from properties(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from properties(item)
+
+
+@pytest.mark.parametrize(
+    ("schema", "page"),
+    [("batch", "manifest-reference.md"), ("project", "project-reference.md")],
+)
+def test_every_schema_property_has_a_row(schema: str, page: str) -> None:
+    """The references list every property of their schema, each as a table row."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    missing = sorted({p for p in properties(load_schema(schema)) if f"| `{p}` |" not in text})
+    assert not missing
+
+
+def test_the_exit_code_table_names_every_error_and_its_code() -> None:
+    """docs/exit-codes.md has a row for every exit code an error can have, naming the classes
+    of batchspec.errors that use it."""
+    rows = {}
+    for line in (DOCS / "exit-codes.md").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\| (\d+) \|", line)
+        if match:
+            rows[int(match.group(1))] = line
+    for cls in _subclasses(errors.BatchspecError):
+        assert cls.exit_code in rows, cls.__name__
+        if cls.__module__ == errors.__name__:  # the tree itself; others refine its classes
+            assert f"`{cls.__name__}`" in rows[cls.exit_code], cls.__name__
+    assert {0, 1, 2, 3, 4, 5, 64} <= set(rows)
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_concepts_define_the_vocabulary() -> None:
+    """concepts.md defines each word of the design's vocabulary and explains the model."""
+    text = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    words = ["Workspace", "Manifest", "Resource", "Spec hash", "Generation", "Shard"]
+    words += ["Attempt", "Provider", "Run", "Event"]
+    assert [w for w in words if f"**{w}.**" not in text] == []
+    for heading in ("## The reconcile model", "## Sync and health"):
+        assert heading in text
+
+
+def test_the_faq_answers_cost_expiry_and_retries() -> None:
+    """faq.md has its three sections."""
+    text = (DOCS / "faq.md").read_text(encoding="utf-8")
+    assert [h for h in ("## Cost", "## Expiry", "## Retries") if h not in text] == []
+
+
+def test_links_between_pages_resolve() -> None:
+    """Every relative link in docs/ points at a file that exists."""
+    broken = []
+    for page in DOCS.glob("*.md"):
+        prose = re.sub(r"`[^`\n]*`", "", page.read_text(encoding="utf-8"))  # not code spans
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", prose):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
