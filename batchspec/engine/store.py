@@ -439,7 +439,7 @@ class Store:
 
     def record_results(self, results: Iterable[LineResult]) -> int:
         """Persist finished lines and add them to their batches' counts; return rows added."""
-        added = 0
+        added: dict[str, list[int]] = {}  # batch id -> summed counts and tokens
         with self.write() as db:
             for result in results:
                 cur = db.execute(
@@ -449,13 +449,9 @@ class Store:
                 )
                 if cur.rowcount != 1:
                     continue  # already recorded: never count a line twice
-                added += 1
                 tokens = result.tokens
-                db.execute(
-                    "UPDATE batches SET completed = completed + ?, failed = failed + ?,"
-                    " input_tokens = input_tokens + ?, cached_tokens = cached_tokens + ?,"
-                    " output_tokens = output_tokens + ?, reasoning_tokens = reasoning_tokens + ?,"
-                    " total_tokens = total_tokens + ? WHERE id = ?",
+                sums = added.setdefault(result.batch_id, [0] * 7)
+                for index, value in enumerate(
                     (
                         int(result.ok),
                         int(not result.ok),
@@ -464,10 +460,18 @@ class Store:
                         tokens.output_tokens,
                         tokens.reasoning_tokens,
                         tokens.total_tokens,
-                        result.batch_id,
-                    ),
+                    )
+                ):
+                    sums[index] += value
+            for batch_id, sums in added.items():
+                db.execute(
+                    "UPDATE batches SET completed = completed + ?, failed = failed + ?,"
+                    " input_tokens = input_tokens + ?, cached_tokens = cached_tokens + ?,"
+                    " output_tokens = output_tokens + ?, reasoning_tokens = reasoning_tokens + ?,"
+                    " total_tokens = total_tokens + ? WHERE id = ?",
+                    (*sums, batch_id),
                 )
-        return added
+        return sum(sums[0] + sums[1] for sums in added.values())
 
     def finished_lines(self, batch_id: str) -> set[int]:
         rows = self.db.execute("SELECT line FROM results WHERE batch_id = ?", (batch_id,))

@@ -12,8 +12,8 @@ The worker owns one thread with its own asyncio event loop, so it runs the same 
 Invariants:
 
 - At most ``concurrency`` requests are in flight across all batches (one semaphore).
-- A finished line is buffered and committed within ``commit_interval`` (or when
-  ``commit_batch`` lines are waiting) together with its batch's counts; a line with a stored
+- A finished line is buffered and committed within ``commit_interval`` (on a thread, so
+  the event loop keeps serving responses) together with its batch's counts; a line with a stored
   result is skipped when a batch resumes, so after a clean stop no line is sent twice. After a
   crash, only lines that were in flight or finished within the last commit interval are sent
   again (the upstream gives no way to ask whether it saw a request).
@@ -64,7 +64,6 @@ class WorkerSettings:
     retry_max_delay: float = 30.0
     poll_interval: float = 0.5
     commit_interval: float = 0.05
-    commit_batch: int = 500
     drain_timeout: float = 30.0
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_requests: int = MAX_REQUESTS_PER_BATCH
@@ -146,6 +145,7 @@ class Worker:
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._controls: dict[str, BatchControl] = {}
         self._pending: list[LineResult] = []
+        self._flush_lock: asyncio.Lock | None = None
         self._token_limit_refusals = settings.token_limit_refusals
 
     # -- thread-safe control ---------------------------------------------------------------
@@ -193,6 +193,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._flush_lock = asyncio.Lock()
         ready.set()
         flusher = asyncio.create_task(self._flush_periodically())
         try:
@@ -204,10 +205,11 @@ class Worker:
                 await self._sleep_until_woken()
         finally:
             await self._drain()
-            flusher.cancel()
+            async with self._flush_lock:  # never cancel the flusher in the middle of a commit
+                flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-            self._flush_now()
+            await self._flush()
             await self.upstream.aclose()
             self._loop = None
 
@@ -274,7 +276,7 @@ class Worker:
                 await self._run_lines(batch_id, row["input_sha256"], control)
             if control.reason == "shutdown":
                 return
-            self._flush_now()
+            await self._flush()  # every result of this batch is stored before it finalizes
             await asyncio.to_thread(self._finalize, batch_id)
         except asyncio.CancelledError:
             raise
@@ -351,8 +353,6 @@ class Worker:
     async def _execute(self, batch_id: str, line: int, custom_id: str, raw: bytes) -> None:
         record, ok, tokens = await self._call_with_retries(batch_id, line, custom_id, raw)
         self._pending.append(LineResult(batch_id, line, custom_id, ok, record, tokens))
-        if len(self._pending) >= self.settings.commit_batch:
-            self._flush_now()
 
     async def _call_with_retries(
         self, batch_id: str, line: int, custom_id: str, raw: bytes
@@ -421,17 +421,20 @@ class Worker:
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.commit_interval)
-            self._flush_now()
+            await self._flush()
 
-    def _flush_now(self) -> None:
-        if not self._pending:
-            return
-        rows, self._pending = self._pending, []
-        try:
-            self.store.record_results(rows)
-        except Exception:
-            self._pending = rows + self._pending  # keep them; the next flush tries again
-            log.exception("could not commit %d results; retrying", len(rows))
+    async def _flush(self) -> None:
+        """Commit the buffered results; one flush at a time, so a finalize after it sees all."""
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            rows, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self.store.record_results, rows)
+            except Exception:
+                self._pending = rows + self._pending  # keep them; the next flush tries again
+                log.exception("could not commit %d results; retrying", len(rows))
 
     def _finalize(self, batch_id: str) -> None:
         finalize_batch(self.store, batch_id, max_line_bytes=self.settings.max_line_bytes)
