@@ -24,15 +24,18 @@ from batchspec.errors import BatchspecError, ConsentError, InputError, ManifestE
 from batchspec.inputcache import InputCache
 from batchspec.inputs import InputReport, problem_lines
 from batchspec.ledger import RequestLedger
+from batchspec.lifecycle import prune_orphans
 from batchspec.lock import acquire_lock
 from batchspec.manifest import Resource, Workspace, load_workspace, project_for
 from batchspec.moves import apply_moves, moved_view, note_moves
 from batchspec.plan import Action, ActionKind, Plan, make_plan
+from batchspec.planfile import SavedPlan, state_lineage
 from batchspec.providers.base import Provider
 from batchspec.providers.registry import build_provider
 from batchspec.reconcile import Progress, Reconciler, Reporter, desired_resource
 from batchspec.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
 from batchspec.runinfo import collect_run_info
+from batchspec.selection import select_from_workspace
 from batchspec.sharding import ShardLimits
 from batchspec.state import StateStore
 from batchspec.status import ResourceStatus, resource_statuses
@@ -68,6 +71,11 @@ class PlanResult:
     plan: Plan
     serial: int
     spec_hashes: Mapping[str, str] = field(default_factory=dict)
+    # what a saved plan (batchspec.planfile) records besides the plan itself
+    lineage: str | None = None
+    paths: tuple[str, ...] = ()
+    selection: tuple[str, ...] = ()
+    prune: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +109,13 @@ def plan_workspace(
             backoff=requeue_backoff(ws),
         )
         return PlanResult(
-            plan=plan, serial=store.serial(), spec_hashes={r.name: r.spec_hash for r in resources}
+            plan=plan,
+            serial=store.serial(),
+            spec_hashes={r.name: r.spec_hash for r in resources},
+            lineage=state_lineage(store),
+            paths=tuple(paths),
+            selection=tuple(select),
+            prune=prune,
         )
 
 
@@ -114,8 +128,13 @@ def apply_workspace(
     env: Mapping[str, str] = os.environ,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    saved: SavedPlan | None = None,
 ) -> ApplyResult:
-    """``batchspec apply``: converge the selected resources, or take one step each."""
+    """``batchspec apply``: converge the selected resources, or take one step each.
+
+    With ``saved`` (``apply plan.json``), refuse unless the saved plan is still current, and
+    spend only as it says (see batchspec.planfile).
+    """
     with open_workspace(paths) as (ws, cache):
         resources = select_resources(ws, options.select)
         facts = validate_inputs(ws, resources, cache)
@@ -124,6 +143,8 @@ def apply_workspace(
         "select": list(options.select),
         "wait": options.wait,
         "yes": options.yes,
+        **({"plan_file": str(saved.source)} if saved is not None else {}),
+        **({"prune": True} if options.prune else {}),
     }
     with (
         StateStore.open(ws.project.state_path) as store,
@@ -141,6 +162,8 @@ def apply_workspace(
                 include_orphans=not options.select,
                 backoff=requeue_backoff(ws),
             )
+            if saved is not None:
+                saved.require_current(store, resources, plan)
             report(Progress("plan", None, "plan computed", plan=plan))
             require_within_budget(plan, resources, facts, store)
             require_consent(plan, ws, options, confirm)
@@ -156,7 +179,9 @@ def apply_workspace(
                     limits_for=lambda r: shard_limits(ws, r),
                     max_in_flight=lambda name: provider_option(ws, name, "maxInFlightBatches"),
                     requeue_backoff=requeue_backoff(ws),
+                    may_spend=saved.may_spend if saved is not None else None,
                 )
+                prune_orphans(rec, plan)
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
@@ -263,16 +288,8 @@ def compute_plan(
 
 
 def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
-    if not select:
-        return list(ws.resources)
-    by_name = {r.name: r for r in ws.resources}
-    unknown = [s for s in select if s not in by_name]
-    if unknown:
-        known = ", ".join(sorted(by_name)) or "none"
-        raise ManifestError(
-            f"no resource named {', '.join(map(repr, unknown))} in the manifests (known: {known})"
-        )
-    return [by_name[s] for s in dict.fromkeys(select)]
+    """``--select`` NAME / KEY=VALUE / state:modified, as a union (see batchspec.selection)."""
+    return select_from_workspace(ws, select, requeue_backoff=requeue_backoff(ws))
 
 
 def validate_inputs(
@@ -303,7 +320,8 @@ def validate_inputs(
         else:
             failures.append(
                 InputError(
-                    f"{display_path(res.input_path)}: {report.problem_count} problem(s) in the input of {res.name}",
+                    f"{display_path(res.input_path)}: {report.problem_count} problem(s) "
+                    f"in the input of {res.name}",
                     details=problem_lines(report),
                 )
             )
@@ -399,9 +417,8 @@ class ProviderPool:
         if name not in self.built:
             config = self.ws.project.providers.get(name)
             if config is None:
-                raise ManifestError(
-                    f"provider {name!r} is not defined in {self.ws.project.file or 'batchspec.yaml'}"
-                )
+                where = self.ws.project.file or "batchspec.yaml"
+                raise ManifestError(f"provider {name!r} is not defined in {where}")
             self.built[name] = build_provider(
                 config, project_root=self.ws.project.root, env=self.env
             )

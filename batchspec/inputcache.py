@@ -14,6 +14,7 @@ file beside the state database; deleting it only costs a re-read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -105,7 +106,8 @@ class InputCache:
         if self.conn is None:
             return None
         row = self.conn.execute(
-            "select size, mtime_ns, ctime_ns, inode, report from scans where path = ? and options = ?",
+            "select size, mtime_ns, ctime_ns, inode, report from scans "
+            "where path = ? and options = ?",
             key,
         ).fetchone()
         if row is None or tuple(row[:4]) != stamp:
@@ -119,13 +121,11 @@ class InputCache:
         if self.conn is None:
             return
         data = asdict(report)
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):  # a busy cache costs a re-read
             self.conn.execute(
                 "insert or replace into scans values (?, ?, ?, ?, ?, ?, ?)",
                 (*key, *stamp, json.dumps(data)),
             )
-        except sqlite3.OperationalError:  # a busy or read-only cache only costs a re-read
-            pass
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

@@ -101,6 +101,7 @@ class Reconciler:
         max_in_flight: Callable[[str], int | None] = lambda provider: None,
         requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
         clock: Callable[[], float] = time.time,
+        may_spend: Callable[[Action], bool] | None = None,
     ) -> None:
         self.project = project
         self.store = store
@@ -112,6 +113,8 @@ class Reconciler:
         self.max_in_flight = max_in_flight
         self.requeue_backoff = requeue_backoff
         self.clock = clock
+        # a saved plan (batchspec.planfile) limits spending to what it shows; None: no limit
+        self.may_spend = may_spend
         self.ledger = RequestLedger(store.db)
         self.blobs = BlobStore(project.state_path.parent / "store")
         self.shard_dir = project.state_path.parent / "shards"
@@ -149,6 +152,13 @@ class Reconciler:
                 return StepResult(action, waiting=False)
             if kind is ActionKind.REPLACE and not self.allow_replace:
                 message = f"not replacing: {action.reason}; re-run with --allow-replace"
+                self.report(Progress("skip", res.name, message))
+                return StepResult(action, waiting=False)
+            if action.spends and self.may_spend is not None and not self.may_spend(action):
+                message = (
+                    f"not in the saved plan: {kind.value} ({action.reason}); "
+                    "run `batchspec plan` again to review it"
+                )
                 self.report(Progress("skip", res.name, message))
                 return StepResult(action, waiting=False)
             handler = {
@@ -454,7 +464,8 @@ class Reconciler:
             Progress(
                 event,
                 res.name,
-                f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, {batch.requests} requests)",
+                f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
+                f"{batch.requests} requests)",
                 {"remote_id": remote.id},
             )
         )
@@ -570,6 +581,15 @@ class Reconciler:
             ("errors_sha256", batch.error_file_id),
         ):
             if file_id:
+                kind = "output" if column == "output_sha256" else "errors"
+                self.report(
+                    Progress(
+                        "download",
+                        res.name,
+                        f"downloading the {kind} file of batch {batch.remote_id}",
+                        {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
+                    )
+                )
                 shas[column] = download_to_store(provider, file_id, self.blobs)
         changed = 0
         with self.store.atomic():
@@ -691,7 +711,8 @@ class Reconciler:
             Progress(
                 "restore",
                 res.name,
-                f"restored {self._relative(res.output_path)} from the state store ({action.reason})",
+                f"restored {self._relative(res.output_path)} from the state store "
+                f"({action.reason})",
             )
         )
 
@@ -699,14 +720,12 @@ class Reconciler:
         # cancel
         return True
 
-    def cancel(self, name: str) -> int:
+    def cancel(self, name: str, *, reason: str = "cancelled by a user") -> int:
         """Cancel the in-flight batches of a resource's active generations; return how many."""
         cancelled = 0
         for gen in self.store.generations(name):
             if gen.status in ("pending", "in_progress"):
-                cancelled += self._cancel_generation(
-                    name, gen, status="cancelled", reason="cancelled by a user"
-                )
+                cancelled += self._cancel_generation(name, gen, status="cancelled", reason=reason)
         return cancelled
 
     def _cancel_generation(self, name: str, gen: GenerationRow, *, status: str, reason: str) -> int:

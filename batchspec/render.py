@@ -11,11 +11,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchspec import __version__
 from batchspec.yamldoc import Problem, display_path
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.apply import ApplyResult, PlanResult
+    from batchspec.errors import BatchspecError
     from batchspec.history import HistoryEntry
+    from batchspec.lifecycle import ForgetResult, ImportResult
     from batchspec.plan import Plan
     from batchspec.reconcile import Progress
     from batchspec.status import ResourceStatus
@@ -123,7 +126,8 @@ def plan_text(plan: Plan) -> str:
     """A Terraform-style plan: one line per resource, then a summary line."""
     lines = []
     for action in plan.actions:
-        line = f"  {_SYMBOLS[action.kind.value]:>3} {action.resource}: {action.kind.value} ({action.reason})"
+        symbol = _SYMBOLS[action.kind.value]
+        line = f"  {symbol:>3} {action.resource}: {action.kind.value} ({action.reason})"
         if action.spends:
             line += (
                 f": {_plural(action.requests, 'request')}, "
@@ -161,6 +165,56 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
     }
 
 
+PLAN_MARKDOWN_MARKER = "<!-- batchspec-plan -->"
+
+
+def plan_markdown(result: PlanResult) -> str:
+    """A plan for a pull-request comment: summary, a table, and collapsible details.
+
+    The first line is an HTML comment (``PLAN_MARKDOWN_MARKER``) so a CI job can find and
+    update its earlier comment instead of adding one per push.
+    """
+    plan = result.plan
+    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    if plan.actions:
+        lines += [
+            "| resource | action | reason | requests | est. tokens |",
+            "|:--|:--|:--|--:|--:|",
+        ]
+        for a in plan.actions:
+            requests = f"{a.requests:,}" if a.spends else ""
+            tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
+            symbol = _SYMBOLS[a.kind.value]
+            lines.append(
+                f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
+                f"| {requests} | {tokens} |"
+            )
+    else:
+        lines.append("_No resources selected._")
+    lines += ["", "<details><summary>Details</summary>", ""]
+    selection = ", ".join(f"`{s}`" for s in result.selection) or "all resources"
+    lines += [
+        f"- selection: {selection}" + (" (with `--prune`)" if result.prune else ""),
+        f"- state serial: {result.serial}",
+        f"- batchspec {__version__}",
+        "",
+    ]
+    if plan.actions:
+        lines += ["| resource | provider | spec hash | generation |", "|:--|:--|:--|--:|"]
+        for a in plan.actions:
+            spec = f"`{a.spec_hash[:12]}`" if a.spec_hash else ""
+            generation = "" if a.generation_id is None else str(a.generation_id)
+            lines.append(f"| `{a.resource}` | {a.provider or ''} | {spec} | {generation} |")
+        lines.append("")
+    lines.append("</details>")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """Text that stays inside one markdown table cell and renders no HTML."""
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def progress_text(progress: Progress) -> str | None:
     if progress.event == "plan":
         return None
@@ -171,7 +225,8 @@ def progress_text(progress: Progress) -> str | None:
 def apply_text(result: ApplyResult) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
-        "in_progress": "Apply submitted: batches are in flight. Run `batchspec apply` again (or with --wait) to collect.",
+        "in_progress": "Apply submitted: batches are in flight. "
+        "Run `batchspec apply` again (or with --wait) to collect.",
         "degraded": "Apply finished with resources Degraded (attempts exhausted).",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
     }[result.outcome]
@@ -186,6 +241,42 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
         "plan": result.plan.to_json(),
         "resources": [s.to_json() for s in result.statuses],
     }
+
+
+def error_event_json(err: BatchspecError) -> dict[str, Any]:
+    """The last NDJSON line of an ``apply --json`` that failed."""
+    return {
+        "event": "error",
+        "error": type(err).__name__,
+        "message": err.message,
+        "details": list(err.details),
+        "exit_code": err.exit_code,
+    }
+
+
+def import_text(result: ImportResult) -> str:
+    verified = "input verified by sha256" if result.verified else "input NOT verified (--force)"
+    return (
+        f"imported batch {result.remote_id} ({result.status}, "
+        f"{_plural(result.requests, 'request')}) as {result.name} "
+        f"generation {result.generation_id}; {verified}.\n"
+        "Next: `batchspec apply` polls and collects it."
+    )
+
+
+def forget_text(result: ForgetResult) -> str:
+    lines = [f"{result.name} is no longer tracked; its result files were left as they are."]
+    if result.left_running:
+        lines.append(
+            f"{len(result.left_running)} batch(es) keep running at the provider "
+            f"(not cancelled): {', '.join(result.left_running)}"
+        )
+    if result.in_manifests:
+        lines.append(
+            f"Its manifest is still there: the next apply starts {result.name} as a new "
+            "resource. Remove the manifest to stop it for good."
+        )
+    return "\n".join(lines)
 
 
 def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
@@ -203,8 +294,9 @@ def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
                 lines.append(f"      errors:  {display_path(Path(s.errors))}")
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
+            remote = b.remote_id or "(intent)"
             lines.append(
-                f"      shard {b.shard + 1} attempt {b.attempt}: {b.remote_id or '(intent)'} {b.status}{done}"
+                f"      shard {b.shard + 1} attempt {b.attempt}: {remote} {b.status}{done}"
             )
     return lines
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from batchspec.inputs import InputReport
 from batchspec.ledger import RequestLedger
 from batchspec.manifest import Resource, load_workspace
-from batchspec.plan import ActionKind, make_plan
+from batchspec.plan import Action, ActionKind, DesiredResource, make_plan
 from batchspec.reconcile import desired_resource
 from batchspec.recorded import load_recorded, observe_disk
 from batchspec.state import GenerationRow, StateStore
@@ -86,8 +86,8 @@ def resource_statuses(
 
 
 def _status(
-    store: StateStore, name: str, action, res: Resource | None, gen: GenerationRow | None
-) -> ResourceStatus:  # noqa: ANN001
+    store: StateStore, name: str, action: Action, res: Resource | None, gen: GenerationRow | None
+) -> ResourceStatus:
     if action.kind is ActionKind.ORPHANED:
         sync, health = "Orphaned", "Unknown"
     else:
@@ -119,10 +119,8 @@ def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
         yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
 
 
-def _unscanned(res: Resource):  # noqa: ANN202
+def _unscanned(res: Resource) -> DesiredResource:
     """Status without reading inputs: request counts come from the recorded generation."""
-    from batchspec.plan import DesiredResource
-
     return DesiredResource(
         name=res.name,
         provider=res.provider,
