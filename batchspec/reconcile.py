@@ -230,6 +230,9 @@ class Reconciler:
         for batch in self.store.batches(gen.id):
             if batch.remote_id is None and batch.status in ("pending", "creating"):
                 if not self._has_capacity(res, batch):
+                    # capacity frees only when a batch in flight is seen finished: poll ours,
+                    # or a resource whose plan is create (queued intents) would wait forever
+                    self.refresh(res)
                     return False
                 self._submit(res, gen, batch)
         return True
@@ -524,7 +527,9 @@ class Reconciler:
     # -----------------------------------------------------------------------------------------
     # refresh / collect
 
-    def refresh(self, res: Resource, facts: InputReport, action: Action) -> bool:
+    def refresh(
+        self, res: Resource, facts: InputReport | None = None, action: Action | None = None
+    ) -> bool:
         gen = self._generation(res)
         provider = self.provider_for(res.provider)
         for batch in self.store.batches(gen.id):
