@@ -26,6 +26,8 @@ from workspaces import KEY_ENV, ResourceSpec, Workspace, make_workspace, openai_
 
 #: apply flags that keep waiting tests fast (polls back off from 0.5 s to at most this)
 FAST_POLL = ("--poll-interval", "0.05")
+#: a hung convergence fails the test (exit 5) instead of hanging the suite
+WAIT_LIMIT = ("--timeout", "90")
 
 
 def serve_processes(tmp_path: Path) -> Iterator[Any]:
@@ -57,7 +59,9 @@ def apply_wait(
     ws: Workspace, capsys: pytest.CaptureFixture[str], *extra: str
 ) -> tuple[int, str, str]:
     """``batchspec apply ROOT --wait --yes`` with fast polling; (exit code, stdout, stderr)."""
-    return run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST_POLL, *extra], capsys)
+    return run_cli(
+        ["apply", str(ws.root), "--wait", "--yes", *FAST_POLL, *WAIT_LIMIT, *extra], capsys
+    )
 
 
 def custom_ids(data: bytes) -> list[str]:
