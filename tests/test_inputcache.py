@@ -1,0 +1,178 @@
+"""The input cache: `plan` on unchanged inputs does not read them again, and any change is seen.
+
+"Not read" is observed from outside the process: the kernel's inotify reports every open of
+the input file, whoever does it. (Making the file unreadable would prove nothing when tests
+run as root, and timing would be flaky.) An edit that keeps the size and puts the old mtime
+back must still be noticed: the cache key also holds the ctime and the inode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import sqlite3
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+
+IN_ACCESS = 0x001
+IN_OPEN = 0x020
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (+ name)
+
+
+class OpenWatch:
+    """inotify on one file: ``opened()`` says whether it was opened since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if not hasattr(libc, "inotify_init1"):
+            pytest.skip("inotify is Linux-only")
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            pytest.skip("inotify is not available here")
+        if libc.inotify_add_watch(self.fd, os.fsencode(path), IN_OPEN | IN_ACCESS) < 0:
+            os.close(self.fd)
+            pytest.skip("cannot watch the input file with inotify")
+
+    def opened(self) -> bool:
+        masks = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset < len(data):
+                _, mask, _, name_len = _EVENT.unpack_from(data, offset)
+                masks.append(mask)
+                offset += _EVENT.size + name_len
+        return any(mask & (IN_OPEN | IN_ACCESS) for mask in masks)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("cached", count=50, provider="here")],
+    )
+
+
+@pytest.fixture
+def watch(workspace: Workspace) -> Iterator[OpenWatch]:
+    w = OpenWatch(workspace.input_path("cached"))
+    yield w
+    w.close()
+
+
+def plan_json(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def spec_hash(plan: dict[str, object]) -> str:
+    [action] = plan["actions"]  # type: ignore[index]
+    return action["spec_hash"]  # type: ignore[index]
+
+
+def cache_rows(ws: Workspace) -> list[tuple[object, ...]]:
+    db = ws.state_path.parent / "input-cache.db"
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select path, size, mtime_ns, ctime_ns, inode from scans").fetchall()
+
+
+def rewrite_keeping_size_and_mtime(path: Path, old: bytes, new: bytes) -> None:
+    assert len(old) == len(new)
+    before = path.stat()
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    with path.open("r+b") as f:  # in place: same inode
+        f.write(data.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+def test_a_warm_plan_does_not_open_the_input(
+    workspace: Workspace, watch: OpenWatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first plan reads the input (seen by inotify) and caches its scan keyed by size,
+    mtime, ctime and inode; a second plan on the unchanged file never opens it and plans
+    the same."""
+    first = plan_json(workspace, capsys)
+    assert watch.opened()
+    st = workspace.input_path("cached").stat()
+    [row] = cache_rows(workspace)
+    assert row[1:] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    second = plan_json(workspace, capsys)
+
+    assert not watch.opened()
+    assert second["actions"] == first["actions"]
+
+
+def test_an_edit_with_the_same_size_and_mtime_is_seen(
+    workspace: Workspace, watch: OpenWatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Changing a request in place without changing the file's size, then restoring its
+    mtime, still invalidates the cache: plan reads the file again and the spec hash moves."""
+    before = spec_hash(plan_json(workspace, capsys))
+    path = workspace.input_path("cached")
+    rewrite_keeping_size_and_mtime(path, b"item 17.", b"item 71.")
+    watch.opened()  # forget our own write
+
+    after = plan_json(workspace, capsys)
+
+    assert watch.opened()
+    assert spec_hash(after) != before
+    [row] = cache_rows(workspace)
+    assert row[3] == path.stat().st_ctime_ns
+    plan_json(workspace, capsys)
+    assert not watch.opened()  # warm again
+
+
+def test_a_touch_rereads_but_keeps_the_spec_hash(
+    workspace: Workspace, watch: OpenWatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new mtime with the same content is re-read (the cache cannot know it is the same)
+    and gives the same spec hash: the hash is of the content, never of the file's times."""
+    before = spec_hash(plan_json(workspace, capsys))
+    path = workspace.input_path("cached")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    watch.opened()
+
+    after = plan_json(workspace, capsys)
+
+    assert watch.opened()
+    assert spec_hash(after) == before
+
+
+def test_an_invalid_input_is_never_cached(
+    workspace: Workspace, watch: OpenWatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file with problems is scanned again on every plan, so its problems are reported in
+    full each time, and nothing is stored for it."""
+    path = workspace.input_path("cached")
+    path.write_bytes(path.read_bytes() + b"{not json\n")
+    watch.opened()
+
+    for _ in range(2):
+        code, out, err = run_cli(["plan", str(workspace.root)], capsys)
+        assert code == 1
+        assert ":51" in err  # the bad line, located
+        assert watch.opened()
+    assert cache_rows(workspace) == []
