@@ -53,7 +53,9 @@ def select_option(f: F) -> F:
         "select",
         multiple=True,
         envvar="BATCHSPEC_SELECT",
-        help="Only these resources (repeatable).",
+        metavar="SELECTOR",
+        help="Only these resources: NAME, KEY=VALUE (a label) or state:modified "
+        "(repeatable; a resource matching any is selected).",
     )(f)
 
 
@@ -254,28 +256,70 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
         click.echo(render.validation_text(report))
 
 
+def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.endswith(".json"):
+        raise click.BadParameter("the file name must end in .json", ctx=ctx, param=param)
+    return value
+
+
 @cli.command()
 @paths_argument
 @select_option
 @json_option
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "markdown"]),
+    default=None,
+    help="text (default), json (as --json), or markdown: a pull-request comment.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False),
+    callback=_plan_file_path,
+    default=None,
+    metavar="FILE.json",
+    help="Also save the plan to FILE.json; `batchspec apply FILE.json` applies exactly it.",
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Plan what `apply --prune` does: orphaned resources become prune (cancel, forget).",
+)
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
     help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
 )
 def plan(
-    paths: tuple[str, ...], select: tuple[str, ...], as_json: bool, detailed_exitcode: bool
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    as_json: bool,
+    output_format: str | None,
+    out_path: str | None,
+    prune: bool,
+    detailed_exitcode: bool,
 ) -> int:
     """Show what apply would do, resource by resource. Contacts no provider.
 
     Validates every selected input first; a bad input fails here, as it would in apply.
+    Resources recorded in the state whose manifests are gone are shown as orphaned.
     """
     from batchspec import render
     from batchspec.apply import plan_workspace
+    from batchspec.planfile import write_plan_file
 
-    result = plan_workspace(paths, select=select)
-    if as_json:
+    if as_json and output_format not in (None, "json"):
+        raise click.UsageError(f"--json and --format {output_format} contradict each other")
+    result = plan_workspace(paths, select=select, prune=prune)
+    if out_path:
+        write_plan_file(out_path, result)
+        click.echo(f"Saved the plan to {out_path}: `batchspec apply {out_path}`", err=True)
+    if as_json or output_format == "json":
         emit_json(render.plan_result_json(result))
+    elif output_format == "markdown":
+        click.echo(render.plan_markdown(result), nl=False)
     else:
         click.echo(render.plan_text(result.plan))
     return 2 if detailed_exitcode and result.plan.has_changes else 0
@@ -314,6 +358,11 @@ def plan(
     is_flag=True,
     help="Cancel a changed resource's in-flight batches and submit the new spec.",
 )
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Cancel the batches of resources whose manifests are gone, and forget them.",
+)
 def apply(
     paths: tuple[str, ...],
     select: tuple[str, ...],
@@ -324,22 +373,39 @@ def apply(
     timeout: float | None,
     poll_interval: float,
     allow_replace: bool,
+    prune: bool,
 ) -> int:
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
     One pass takes the next safe step for each resource; with --wait it loops until done.
     Exit codes: 0 in sync (or submitted), 3 locked, 4 Degraded, 5 --timeout reached.
+
+    A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
+    plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
+    manifests changed since. With --json, stdout is NDJSON: one object per line per event,
+    then a final {"event": "result"} (or {"event": "error"}) object.
     """
+    import shutil
+
     from batchspec import render
     from batchspec.apply import ApplyOptions, apply_workspace
+    from batchspec.planfile import apply_saved_plan, is_plan_path
+    from batchspec.progress import ProgressView
+
+    saved = [p for p in paths if is_plan_path(p)]
+    if len(saved) > 1:
+        raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
+    view = ProgressView(
+        live=not as_json and sys.stdout.isatty(), width=shutil.get_terminal_size().columns
+    )
 
     def show(progress: Any) -> None:
         if as_json:
             click.echo(json.dumps(progress.to_json(), default=str))
         elif progress.plan is not None:
             click.echo(render.plan_text(progress.plan) + "\n")
-        elif (text := render.progress_text(progress)) is not None:
-            click.echo(text)
+        elif text := view.render(progress):
+            click.echo(text, nl=False)
 
     def confirm(plan: Any) -> bool:
         return click.confirm("Submit these batches?", default=False, err=True)
@@ -352,9 +418,23 @@ def apply(
         poll_interval=poll_interval,
         lock_timeout=lock_timeout,
         allow_replace=allow_replace,
+        prune=prune,
     )
     interactive = sys.stdin.isatty() and not as_json
-    result = apply_workspace(paths, options, confirm=confirm if interactive else None, report=show)
+    try:
+        if saved:
+            manifests = [p for p in paths if p != saved[0]]
+            result = apply_saved_plan(saved[0], manifests, options, report=show)
+        else:
+            result = apply_workspace(
+                paths, options, confirm=confirm if interactive else None, report=show
+            )
+    except BatchspecError as err:
+        click.echo(view.finish(), nl=False)
+        if as_json:
+            click.echo(json.dumps(render.error_event_json(err)))
+        raise
+    click.echo(view.finish(), nl=False)
     if as_json:
         click.echo(json.dumps({"event": "result", **render.apply_json(result)}, default=str))
     else:
@@ -438,6 +518,63 @@ def cancel(name: str, paths: tuple[str, ...], lock_timeout: float) -> None:
 
     n = cancel_resource(paths, name, lock_timeout=lock_timeout)
     click.echo(f"cancelled {n} batch(es) of {name}")
+
+
+@cli.command("import")
+@click.argument("name")
+@click.argument("batch_id")
+@paths_argument
+@lock_timeout_option
+@json_option
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Import even if the provider cannot give back the batch's input file to verify it "
+    "(an input file that differs is refused anyway).",
+)
+def import_(
+    name: str,
+    batch_id: str,
+    paths: tuple[str, ...],
+    lock_timeout: float,
+    as_json: bool,
+    force: bool,
+) -> None:
+    """Adopt BATCH_ID, a batch created outside batchspec, as NAME's current generation.
+
+    NAME's input must fit one batch. The batch's input file is downloaded and its sha256
+    compared with NAME's input first. Creates nothing remotely; the next `batchspec apply`
+    polls and collects the batch. Recorded in history as an import.
+    """
+    from batchspec import render
+    from batchspec.lifecycle import import_batch
+
+    result = import_batch(paths, name, batch_id, force=force, lock_timeout=lock_timeout)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render.import_text(result))
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@lock_timeout_option
+@json_option
+def forget(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool) -> None:
+    """Stop tracking NAME without contacting the provider.
+
+    Its batches keep running and its result files stay on disk; its history is kept. If
+    NAME's manifest is still there, the next apply starts it as a new resource.
+    """
+    from batchspec import render
+    from batchspec.lifecycle import forget_resource
+
+    result = forget_resource(paths, name, lock_timeout=lock_timeout)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render.forget_text(result))
 
 
 @cli.command()

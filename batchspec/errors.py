@@ -13,6 +13,7 @@ failure::
      │    └── StateLockedError (3)  another run holds the lock
      ├── BudgetError (1)            a step would exceed a budget; nothing was spent
      ├── ConsentError (1)           spending needs --yes (or a terminal to ask on)
+     ├── StalePlanError (1)         a saved plan no longer matches the state or manifests
      ├── DegradedError (4)          apply --wait ended with a resource Degraded
      └── WaitTimeoutError (5)       apply --wait reached its timeout before convergence
 
@@ -87,6 +88,11 @@ class ConsentError(BatchspecError):
     """Creating batches costs money and needs consent (``--yes`` or an answer on a terminal)."""
 
 
+class StalePlanError(BatchspecError):
+    """A saved plan (``plan --out``) no longer matches the state or the manifests; the apply
+    that was given it did nothing."""
+
+
 class DegradedError(BatchspecError):
     exit_code = 4
 
@@ -103,6 +109,7 @@ __all__ = [
     "InputError",
     "ManifestError",
     "ProviderError",
+    "StalePlanError",
     "StateError",
     "StateLockedError",
     "UsageError",

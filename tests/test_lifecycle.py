@@ -1,0 +1,363 @@
+"""`batchspec import`, `batchspec forget`, `apply --prune` and `suspend: true`.
+
+Everything runs against the engine's OpenAI API over loopback behind a `RequestProbe`, so
+"does not touch the provider" is counted at the server. Batches made "outside batchspec"
+are made with the official openai SDK.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from probes import ProbedServer, start_probed_server
+from servers import jsonl_bytes, request_lines, wait_for, wait_for_batch
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+from batchspec.engine import BuiltinUpstream
+
+FAST = ["--poll-interval", "0.05"]
+SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
+    started: list[ProbedServer] = []
+
+    def start(**options: Any) -> ProbedServer:
+        srv = start_probed_server(
+            tmp_path / f"engine{len(started)}", api_key=SENTINEL_KEY, **options
+        )
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def served(root: Path, srv: ProbedServer, *resources: ResourceSpec) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=resources or (ResourceSpec("triage", count=3),),
+    )
+
+
+def remote_batch(srv: ProbedServer, content: bytes) -> tuple[str, str]:
+    """Upload ``content`` and create a chat batch from it with the SDK: (batch id, file id)."""
+    client = srv.client()
+    uploaded = client.files.create(file=("input.jsonl", content), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    return batch.id, uploaded.id
+
+
+def ledger(ws: Workspace, name: str) -> list[tuple[Any, ...]]:
+    with ws.store() as store:
+        [gen] = [g for g in store.generations(name)]
+        return [
+            tuple(r)
+            for r in store.db.execute(
+                "select custom_id, line, shard, bytes, request_sha, state from requests "
+                "where generation_id = ? order by line",
+                [gen.id],
+            ).fetchall()
+        ]
+
+
+def set_spec(ws: Workspace, name: str, **spec: Any) -> None:
+    path = ws.manifest_path(name)
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"].update(spec)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+def test_import_adopts_a_remote_batch_and_apply_collects_it(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch made with the SDK from the resource's very input is imported (verified by
+    sha256): generation, shard-0 attempt-1 batch row, ledger rows as the reconciler writes
+    them, an import event. apply then collects it and creates nothing itself."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    batch_id, file_id = remote_batch(srv, ws.input_path("triage").read_bytes())
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["remote_id"], result["requests"], result["verified"]) == (batch_id, 3, True)
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        [batch] = store.batches(gen.id)
+        events = [e for e in store.events(resource="triage") if e.action == "import"]
+        assert store.get_resource("triage").current_generation_id == gen.id
+    assert gen.status == "in_progress"
+    assert (batch.remote_id, batch.shard, batch.attempt, batch.requests) == (batch_id, 0, 1, 3)
+    assert batch.input_file_id == file_id
+    assert events[0].detail["verified"] is True
+    assert srv.probe.counts["GET /files/{id}/content"] == 1
+
+    wait_for_batch(srv.client(), batch_id)
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    assert srv.probe.counts["POST /batches"] == 1  # the SDK's; batchspec created none
+    assert srv.probe.counts["POST /files"] == 1
+
+    # The ledger rows match what the reconciler records for the same input by itself.
+    other = served(tmp_path / "other", srv)
+    other.input_path("triage").write_bytes(ws.input_path("triage").read_bytes())
+    assert run_cli(["apply", str(other.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    assert ledger(ws, "triage") == ledger(other, "triage")
+
+
+@pytest.mark.parametrize(
+    ("lines", "needle"),
+    [
+        pytest.param(request_lines(3, prefix="other"), "made from a different input", id="content"),
+        pytest.param(request_lines(2), "holds 2 requests", id="count"),
+    ],
+)
+def test_import_refuses_a_batch_of_another_input_even_with_force(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    lines: list[dict[str, Any]],
+    needle: str,
+) -> None:
+    """A remote batch whose input is not the resource's is refused; nothing is recorded."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    batch_id, _ = remote_batch(srv, jsonl_bytes(lines))
+    wait_for(lambda: srv.client().batches.retrieve(batch_id).request_counts.total)
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root), "--force"], capsys)
+
+    assert code == 1
+    assert needle in err
+    assert "nothing was imported" in err
+    with ws.store() as store:
+        assert store.list_resources() == []
+
+
+def test_import_of_an_unverifiable_batch_needs_force(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When the provider cannot give the input file back, import refuses without --force
+    and records an unverified import with it."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    batch_id, file_id = remote_batch(srv, ws.input_path("triage").read_bytes())
+    wait_for_batch(srv.client(), batch_id)
+    srv.client().files.delete(file_id)
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
+    assert code == 1
+    assert "could not be downloaded" in err
+    assert "--force" in err
+    with ws.store() as store:
+        assert store.list_resources() == []
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root), "--force"], capsys)
+    assert code == 0, err
+    assert "NOT verified" in out
+    with ws.store() as store:
+        [event] = [e for e in store.events(resource="triage") if e.action == "import"]
+    assert event.detail["verified"] is False
+
+
+def test_import_refuses_an_input_of_several_shards(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An input the limits split into shards cannot be one imported batch."""
+    srv = server()
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3, spec=spec))
+    batch_id, _ = remote_batch(srv, ws.input_path("triage").read_bytes())
+    before = dict(srv.probe.counts)
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
+
+    assert code == 1
+    assert "split into 2 shards" in err
+    assert dict(srv.probe.counts) == before  # refused before any provider call
+
+
+def test_import_refuses_what_is_already_tracked(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Importing twice, or into a resource apply already submitted, is refused."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage"), ResourceSpec("other"))
+    batch_id, _ = remote_batch(srv, ws.input_path("triage").read_bytes())
+    assert run_cli(["import", "triage", batch_id, str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
+    assert code == 1
+    assert f"batch {batch_id} is already tracked (resource triage" in err
+
+    assert run_cli(["apply", str(ws.root), "-s", "other", "--yes"], capsys)[0] == 0
+    second, _ = remote_batch(srv, ws.input_path("other").read_bytes())
+    code, out, err = run_cli(["import", "other", second, str(ws.root)], capsys)
+    assert code == 1
+    assert "other already has generation" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# forget
+
+
+def test_forget_stops_tracking_without_touching_the_provider(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """forget on an in-flight resource sends nothing to the provider, names the batch left
+    running, records a forget event; status and plan then see no recorded resource."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with ws.store() as store:
+        [batch] = store.batches()
+    before = dict(srv.probe.counts)
+
+    code, out, err = run_cli(["forget", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert dict(srv.probe.counts) == before
+    assert batch.remote_id in out
+    assert "keep running at the provider" in out
+    assert "the next apply starts triage as a new resource" in out
+    with ws.store() as store:
+        assert store.get_resource("triage").forgotten_at is not None
+        assert store.list_resources() == []
+        [event] = [e for e in store.events(resource="triage") if e.action == "forget"]
+    assert event.detail["left_running"] == [batch.remote_id]
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert json.loads(out)["actions"][0]["reason"] == "new resource"
+
+
+def test_forget_keeps_the_result_files(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Forgetting a finished resource leaves its results and errors files as they are."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    results = ws.output_path("triage").read_bytes()
+
+    code, out, err = run_cli(["forget", "triage", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    assert json.loads(out) == {
+        "name": "triage",
+        "run_id": json.loads(out)["run_id"],
+        "left_running": [],
+        "in_manifests": True,
+    }
+    assert ws.output_path("triage").read_bytes() == results
+
+
+def test_forget_of_an_untracked_resource_fails(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """forget NAME for a name the state does not track exits 1 and says so."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    code, out, err = run_cli(["forget", "nobody", str(ws.root)], capsys)
+    assert code == 1
+    assert "no resource named 'nobody' is tracked" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+def test_orphans_are_shown_and_left_alone_until_apply_prune(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resource whose manifest is gone is `orphaned` in plan (no change for
+    --detailed-exitcode) and untouched by apply; `plan --prune` shows prune and `apply
+    --prune` cancels its in-flight batch at the provider and forgets it."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1), ResourceSpec("gone"))
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    ws.manifest_path("gone").unlink()
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    actions = {a["resource"]: a["action"] for a in json.loads(out)["actions"]}
+    assert actions == {"keep": "create", "gone": "orphaned"}
+    code, out, err = run_cli(["plan", str(ws.root), "-s", "keep", "--prune", "--json"], capsys)
+    assert [a["resource"] for a in json.loads(out)["actions"]] == ["keep"]
+    code, out, err = run_cli(["plan", str(ws.root), "--prune"], capsys)
+    assert "gone: prune" in out
+
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert store.get_resource("gone").forgotten_at is None
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 0, err
+    assert "[gone] pruned" in out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["keep"]
+        assert [e.action for e in store.events(resource="gone")][-2:] == ["cancel", "prune"]
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert "gone" not in {a["resource"] for a in json.loads(out)["actions"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# suspend
+
+
+def test_a_suspended_resource_keeps_its_batches_in_flight_untouched(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """suspend: true makes apply neither poll nor cancel the resource's in-flight batch, and
+    status reports it Suspended; unsuspending resumes polling."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    set_spec(ws, "triage", suspend=True)
+    before = dict(srv.probe.counts)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert dict(srv.probe.counts) == before  # no poll, no cancel, nothing
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert (status["health"], status["generation_status"]) == ("Suspended", "in_progress")
+    assert status["batches"][0]["status"] not in ("cancelled", "cancelling")
+    code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert "triage: Synced, Suspended" in out
+
+    set_spec(ws, "triage", suspend=False)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert srv.probe.counts["GET /batches/{id}"] == before.get("GET /batches/{id}", 0) + 1

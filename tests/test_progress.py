@@ -1,0 +1,266 @@
+"""Apply's progress: the pure view (live status line / plain lines), NDJSON with --json,
+plain lines without a terminal, and the live line on a real pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from probes import ProbedServer, start_probed_server
+from servers import request_lines
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    batchspec_cmd,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+from batchspec.engine import BuiltinUpstream
+from batchspec.progress import CLEAR_LINE, ProgressView, progress_bar
+from batchspec.reconcile import Progress
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def poll(done: int, total: int, status: str = "in_progress", remote: str = "b1") -> Progress:
+    return Progress(
+        "poll",
+        "triage",
+        f"batch {remote} {status} {done}/{total}",
+        {"remote_id": remote, "status": status, "total": total, "completed": done, "failed": 0},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the pure view
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "bar"),
+    [
+        pytest.param(0, 10, "[" + "." * 20 + "]", id="none"),
+        pytest.param(5, 10, "[" + "#" * 10 + "." * 10 + "]", id="half"),
+        pytest.param(10, 10, "[" + "#" * 20 + "]", id="all"),
+        pytest.param(1, 3, "[" + "#" * 6 + "." * 14 + "]", id="rounds-down"),
+        pytest.param(3, 0, "[" + "." * 20 + "]", id="no-total"),
+        pytest.param(12, 10, "[" + "#" * 20 + "]", id="capped"),
+    ],
+)
+def test_progress_bar_fills_in_proportion(done: int, total: int, bar: str) -> None:
+    """The bar has a fixed width and fills done/total of it, never more."""
+    assert progress_bar(done, total) == bar
+
+
+def test_plain_view_writes_lines_only_when_something_changed() -> None:
+    """Without a terminal: no control characters; a poll repeating the last status and
+    counts and a wait for the same resources print nothing."""
+    view = ProgressView(live=False)
+    wait = Progress("wait", None, "waiting 0.5s for 1 resource(s)", {"resources": ["triage"]})
+    events = [
+        Progress("upload", "triage", "uploading in.jsonl (1.0 KB)"),
+        Progress("create", "triage", "created batch b1"),
+        poll(0, 4),
+        wait,
+        poll(0, 4),
+        wait,
+        poll(2, 4),
+        poll(4, 4, "completed"),
+        Progress("download", "triage", "downloading the output file of batch b1"),
+    ]
+    text = "".join(view.render(e) for e in events) + view.finish()
+    assert "\r" not in text and "\x1b" not in text
+    assert text.splitlines() == [
+        "[triage] uploading in.jsonl (1.0 KB)",
+        "[triage] created batch b1",
+        "[triage] batch b1 in_progress 0/4",
+        "waiting 0.5s for 1 resource(s)",
+        "[triage] batch b1 in_progress 2/4",
+        "[triage] batch b1 completed 4/4",
+        "[triage] downloading the output file of batch b1",
+    ]
+
+
+def test_live_view_rewrites_one_status_line_and_prints_milestones_above_it() -> None:
+    """On a terminal a poll is a rewritten status line with bar and counts; a milestone
+    clears it and stands on its own line; finish() clears a status line left over."""
+    view = ProgressView(live=True, width=100)
+    assert view.finish() == ""
+    status = view.render(poll(1, 4))
+    assert status == CLEAR_LINE + f"[triage] batch b1 in_progress {progress_bar(1, 4)} 1/4 (25%)"
+    wait = view.render(
+        Progress("wait", None, "waiting 0.5s for 1 resource(s)", {"resources": ["triage"]})
+    )
+    assert wait == CLEAR_LINE + "waiting 0.5s for 1 resource(s): triage 1/4"
+    assert view.render(Progress("upload", "x", "uploading f")) == CLEAR_LINE + "[x] uploading f ..."
+    assert view.render(Progress("create", "x", "created batch b2")) == (
+        CLEAR_LINE + "[x] created batch b2\n"
+    )
+    assert view.render(Progress("create", "x", "created batch b3")) == "[x] created batch b3\n"
+    assert view.render(poll(4, 4, "completed")) == "[triage] batch b1 completed 4/4\n"
+    view.render(poll(0, 9, remote="b9"))
+    assert view.finish() == CLEAR_LINE
+    assert view.finish() == ""
+
+
+def test_live_status_line_never_wraps() -> None:
+    """A status line longer than the terminal is cut to width - 1 characters."""
+    view = ProgressView(live=True, width=40)
+    line = view.render(Progress("upload", "a-very-long-resource-name", "uploading " + "x" * 80))
+    assert line.startswith(CLEAR_LINE)
+    assert len(line) - len(CLEAR_LINE) == 39
+    assert line.endswith("...")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI over loopback
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
+    started: list[ProbedServer] = []
+
+    def start(**options: Any) -> ProbedServer:
+        srv = start_probed_server(
+            tmp_path / f"engine{len(started)}", api_key=SENTINEL_KEY, **options
+        )
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def served(root: Path, srv: ProbedServer, count: int = 4) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=count)],
+    )
+
+
+def slow_server(server: Callable[..., ProbedServer]) -> ProbedServer:
+    """One request at a time, 0.1 s each: polls see the counts grow."""
+    return server(upstream=BuiltinUpstream(latency=0.1), concurrency=1)
+
+
+def test_apply_json_is_ndjson_ending_in_a_result(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stdout line of `apply --json --wait` is one JSON object with an event; polls
+    carry request counts, downloads their file; the last line is the result."""
+    srv = slow_server(server)
+    ws = served(tmp_path / "ws", srv)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert all(isinstance(e, dict) and "event" in e for e in events)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan"
+    for step in ("upload", "create", "poll", "download", "collect", "results"):
+        assert step in kinds, kinds
+    assert kinds[-1] == "result" and kinds.count("result") == 1
+    assert events[-1]["outcome"] == "converged" and events[-1]["exit_code"] == 0
+    polls = [e for e in events if e["event"] == "poll"]
+    assert all({"remote_id", "status", "total", "completed", "failed"} <= set(e) for e in polls)
+    assert polls[-1]["completed"] == 4
+    [download] = [e for e in events if e["event"] == "download"]
+    assert download["file"] == "output"
+
+
+def test_apply_json_failure_ends_in_an_error_object(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing `apply --json` still prints only JSON lines, the last an error event with
+    the exit code; the message also goes to stderr."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    bad = request_lines(2)
+    bad[1]["custom_id"] = bad[0]["custom_id"]  # duplicate custom_id: invalid input
+    ws.write_input("triage", bad)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 1
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "error"
+    assert events[-1]["exit_code"] == 1
+    assert events[-1]["error"] == "InputError"
+    assert events[-1]["message"] in err
+    assert srv.probe.counts == {}
+
+
+def test_apply_without_a_terminal_writes_plain_lines(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Captured (not a TTY): no carriage returns or escapes, and no two identical lines in
+    a row however many polls were made."""
+    srv = slow_server(server)
+    ws = served(tmp_path / "ws", srv)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert "\r" not in out and "\x1b" not in out
+    lines = out.splitlines()
+    assert all(a != b for a, b in zip(lines, lines[1:], strict=False) if a.strip())
+    assert any(line.startswith("[triage] batch ") and "/4" in line for line in lines)
+    assert srv.probe.counts["GET /batches/{id}"] > len(
+        [line for line in lines if line.startswith("[triage] batch ")]
+    )
+
+
+def test_apply_on_a_terminal_shows_a_live_status_line(
+    tmp_path: Path, server: Callable[..., ProbedServer]
+) -> None:
+    """With stdout on a pseudo-terminal, apply rewrites a status line in place (carriage
+    return + erase) showing a bar and request counts; stopped by --timeout mid-batch, its
+    closing summary starts on a clean line, not glued to the status line."""
+    srv = slow_server(server)
+    ws = served(tmp_path / "ws", srv, count=20)  # 2 s of work: still running at the timeout
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", "--wait", "--timeout", "1", *FAST),
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=30) == 5, proc.stderr.read() if proc.stderr else ""
+    screen = b"".join(chunks).decode()
+
+    assert CLEAR_LINE in screen
+    statuses = [part for part in screen.split(CLEAR_LINE) if "in_progress [" in part]
+    assert statuses, screen
+    assert any("/20 (" in s and "#" in s for s in statuses), statuses
+    before_summary = screen[: screen.index("Apply stopped at --timeout")]
+    assert before_summary.endswith(("\n", CLEAR_LINE))  # not glued to a status line

@@ -1,0 +1,157 @@
+"""`--select`: NAME, KEY=VALUE labels and state:modified, as a union, for plan/apply/status.
+
+Workspaces use the embedded engine (`type: local`): no server, real SQLite state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+
+from batchspec.errors import ManifestError, UsageError
+from batchspec.manifest import load_workspace
+from batchspec.selection import (
+    Selector,
+    modified_resources,
+    parse_selector,
+    select_resources,
+)
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def labelled_ws(root: Path, labels: dict[str, dict[str, str]]) -> Workspace:
+    """One local-engine resource per entry of ``labels`` (name -> its labels)."""
+    ws = make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(name, count=2, provider="here") for name in labels],
+    )
+    for name, lab in labels.items():
+        path = ws.manifest_path(name)
+        doc = yaml.safe_load(path.read_text())
+        doc["metadata"]["labels"] = lab
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return ws
+
+
+LABELS = {
+    "alpha": {"team": "support", "tier": "gold"},
+    "bravo": {"team": "search"},
+    "charlie": {"team": "support"},
+}
+
+
+def never() -> frozenset[str]:
+    raise AssertionError("state:modified was not asked for; the state must not be read")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("triage", Selector("name", "triage"), id="name"),
+        pytest.param("team=support", Selector("label", "team", "support"), id="label"),
+        pytest.param(
+            "app.io/part=a=b", Selector("label", "app.io/part", "a=b"), id="label-eq-in-value"
+        ),
+        pytest.param("team=", Selector("label", "team", ""), id="label-empty-value"),
+        pytest.param("state:modified", Selector("state", "modified"), id="state"),
+    ],
+)
+def test_selectors_parse(text: str, expected: Selector) -> None:
+    """Each accepted form parses to its kind, key and value."""
+    assert parse_selector(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        pytest.param("state:changed", "unknown state selector", id="unknown-state"),
+        pytest.param("=x", "needs a key", id="no-key"),
+        pytest.param("Not A Name", "is not a selector", id="bad-name"),
+    ],
+)
+def test_malformed_selectors_are_usage_errors(text: str, needle: str) -> None:
+    """A selector that is none of the forms exits 64 and says which forms exist."""
+    with pytest.raises(UsageError) as caught:
+        parse_selector(text)
+    assert needle in caught.value.message
+
+
+def test_selection_is_a_union_in_manifest_order(tmp_path: Path) -> None:
+    """Several selectors select what any of them matches, once, in the manifests' order."""
+    ws = load_workspace([str(labelled_ws(tmp_path / "ws", LABELS).root)])
+    picked = select_resources(ws.resources, ["charlie", "tier=gold", "alpha"], modified=never)
+    assert [r.name for r in picked] == ["alpha", "charlie"]
+    picked = select_resources(ws.resources, ["team=support", "bravo"], modified=never)
+    assert [r.name for r in picked] == ["alpha", "bravo", "charlie"]
+    assert select_resources(ws.resources, ["team=nobody"], modified=never) == []
+    assert [r.name for r in select_resources(ws.resources, [], modified=never)] == [
+        "alpha",
+        "bravo",
+        "charlie",
+    ]
+
+
+def test_an_unknown_name_is_an_error_listing_the_known_ones(tmp_path: Path) -> None:
+    """A typo in a name never silently selects nothing."""
+    ws = load_workspace([str(labelled_ws(tmp_path / "ws", LABELS).root)])
+    with pytest.raises(ManifestError) as caught:
+        select_resources(ws.resources, ["alpah", "team=x"], modified=never)
+    assert "no resource named 'alpah'" in caught.value.message
+    assert "known: alpha, bravo, charlie" in caught.value.message
+
+
+def test_state_modified_without_state_is_everything_and_creates_no_database(
+    tmp_path: Path,
+) -> None:
+    """Nothing recorded yet: every resource would be created, and no state file appears."""
+    ws = load_workspace([str(labelled_ws(tmp_path / "ws", LABELS).root)])
+    assert modified_resources(ws) == {"alpha", "bravo", "charlie"}
+    assert not ws.project.state_path.exists()
+
+
+def test_state_modified_follows_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After alpha converges, state:modified is everything else; a deleted result file (a
+    restore) and a suspended resource count as modified / not modified as the plan says."""
+    wsdir = labelled_ws(tmp_path / "ws", LABELS)
+    root = str(wsdir.root)
+    assert run_cli(["apply", root, "-s", "alpha", "--wait", *FAST], capsys)[0] == 0
+
+    code, out, err = run_cli(["plan", root, "-s", "state:modified", "--json"], capsys)
+    assert code == 0, err
+    assert [a["resource"] for a in json.loads(out)["actions"]] == ["bravo", "charlie"]
+
+    wsdir.output_path("alpha").unlink()
+    suspend_path = wsdir.manifest_path("bravo")
+    doc = yaml.safe_load(suspend_path.read_text())
+    doc["spec"]["suspend"] = True
+    suspend_path.write_text(yaml.safe_dump(doc))
+
+    code, out, err = run_cli(["plan", root, "-s", "state:modified", "--json"], capsys)
+    actions = {a["resource"]: a["action"] for a in json.loads(out)["actions"]}
+    assert actions == {"alpha": "restore", "charlie": "create"}
+
+
+def test_select_works_for_apply_and_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply -s team=support touches only the support resources; status -s shows them."""
+    ws = labelled_ws(tmp_path / "ws", LABELS)
+    root = str(ws.root)
+
+    code, out, err = run_cli(["apply", root, "-s", "team=support", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["alpha", "charlie"]
+    code, out, err = run_cli(["status", root, "-s", "team=support", "--json"], capsys)
+    assert [r["name"] for r in json.loads(out)["resources"]] == ["alpha", "charlie"]
+    code, out, err = run_cli(["status", root, "-s", "state:modified", "--json"], capsys)
+    assert [r["name"] for r in json.loads(out)["resources"]] == ["bravo"]
