@@ -466,9 +466,20 @@ def test_the_api_key_never_reaches_state_history_status_or_output(
 ) -> None:
     """The sentinel key (used successfully, then rejected with 401 by a server expecting
     another key) appears in no byte of the state files, history/status JSON, apply output
-    or error message."""
+    or error message. A connection is kept open meanwhile so the -wal file stays to be read."""
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    wrong = server(api_key="sk-the-server-wants-another-key")
+    ws2 = served(tmp_path / "ws2", wrong, ResourceSpec("triage", count=2))
+    with ws.store(), ws2.store():
+        seen = run_all_and_scan(ws, ws2, capsys)
+    for text in seen:
+        assert not leaks(text)
+
+
+def run_all_and_scan(
+    ws: Workspace, ws2: Workspace, capsys: pytest.CaptureFixture[str]
+) -> list[str]:
     seen: list[str] = []
     for argv in (
         ["apply", str(ws.root), "--wait", "--yes", *FAST],
@@ -480,8 +491,6 @@ def test_the_api_key_never_reaches_state_history_status_or_output(
         assert code == 0, err
         seen += [out, err]
 
-    wrong = server(api_key="sk-the-server-wants-another-key")
-    ws2 = served(tmp_path / "ws2", wrong, ResourceSpec("triage", count=2))
     code, out, err = run_cli(["apply", str(ws2.root), "--wait", "--yes", *FAST], capsys)
     assert code == 1
     assert "401" in err or "API key" in err or "invalid_api_key" in err
@@ -493,13 +502,13 @@ def test_the_api_key_never_reaches_state_history_status_or_output(
         seen += [out, err]
     assert '"error"' in seen[-2]  # ws2's history holds the recorded 401
 
-    for text in seen:
-        assert not leaks(text)
     for w in (ws, ws2):
         state_files = [p for p in w.state_path.parent.rglob("*") if p.is_file()]
-        assert w.state_path in state_files  # the database, its -wal/-shm and the store
-        for path in state_files:
+        wal = w.state_path.with_name(w.state_path.name + "-wal")
+        assert w.state_path in state_files and wal in state_files and wal.stat().st_size
+        for path in state_files:  # the database, its -wal and -shm, the blob store
             assert not leaks(path.read_bytes()), path
+    return seen
 
 
 def echoing_app() -> Any:
