@@ -39,6 +39,7 @@ from batchspec.selection import select_from_workspace
 from batchspec.sharding import ShardLimits
 from batchspec.state import StateStore
 from batchspec.status import ResourceStatus, resource_statuses
+from batchspec.validate import rows_problem_lines
 from batchspec.yamldoc import display_path
 
 ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -320,9 +321,11 @@ def validate_inputs(
         else:
             failures.append(
                 InputError(
-                    f"{display_path(res.input_path)}: {report.problem_count} problem(s) "
-                    f"in the input of {res.name}",
-                    details=problem_lines(report),
+                    f"{display_path(res.input_source or res.input_path)}: "
+                    f"{report.problem_count} problem(s) in the input of {res.name}",
+                    details=rows_problem_lines(report, res)
+                    if res.input_source
+                    else problem_lines(report),
                 )
             )
     if len(failures) == 1:

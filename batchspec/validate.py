@@ -129,6 +129,11 @@ def resource_input_problems(report: InputReport, res: Resource) -> list[Problem]
     return [_at_row(p, res.input_source, lines) for p in problems]
 
 
+def rows_problem_lines(report: InputReport, res: Resource) -> list[str]:
+    """``resource_input_problems`` as text lines (``rows-file:line: row N: message``)."""
+    return [str(p) for p in resource_input_problems(report, res)]
+
+
 def _at_row(problem: Problem, rows_path: Path, lines: dict[int, int]) -> Problem:
     """A problem of rendered line N, moved to row N of the rows file."""
     message = _RENDERED_LINE.sub(r"row \1", problem.message)

@@ -429,6 +429,21 @@ def test_validate_maps_a_rendered_line_problem_back_to_the_rows_file(
     assert all("model" in p for p in shown)
 
 
+def test_plan_locates_rendered_input_problems_in_the_rows_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plan (and apply) validate inputs too: their message names the rows file and row."""
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path, "t.csv", "k,m\n1,m-1\n2,m-2\n")
+    body = {"model": "{{ m }}", "messages": [{"role": "user", "content": "x"}]}
+    write_manifest(tmp_path, {"rows": "../data/t.csv", "id": "{{ k }}", "body": body}, model="m-1")
+    code, _, err = run_cli(["plan", str(tmp_path)], capsys)
+    assert code == 1
+    assert "data/t.csv: 1 problem(s) in the input of triage" in err
+    assert "data/t.csv:3: row 2: body.model 'm-2' differs from the manifest's model" in err
+    assert "rendered" not in err
+
+
 def test_validate_cli_reports_row_problems_with_file_and_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
