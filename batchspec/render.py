@@ -273,8 +273,9 @@ def forget_text(result: ForgetResult) -> str:
         )
     if result.in_manifests:
         lines.append(
-            f"Its manifest is still there: the next apply starts {result.name} as a new "
-            "resource. Remove the manifest to stop it for good."
+            f"Its manifest is still there: the next apply tracks {result.name} again, "
+            "resuming what is recorded for its current spec (no batch is created twice). "
+            "Remove the manifest to stop tracking it for good."
         )
     return "\n".join(lines)
 

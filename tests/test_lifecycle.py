@@ -250,7 +250,7 @@ def test_forget_stops_tracking_without_touching_the_provider(
     assert dict(srv.probe.counts) == before
     assert batch.remote_id in out
     assert "keep running at the provider" in out
-    assert "the next apply starts triage as a new resource" in out
+    assert "the next apply tracks triage again" in out
     with ws.store() as store:
         assert store.get_resource("triage").forgotten_at is not None
         assert store.list_resources() == []
