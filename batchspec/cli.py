@@ -395,6 +395,8 @@ def apply(
     saved = [p for p in paths if is_plan_path(p)]
     if len(saved) > 1:
         raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
+    if prune and select:  # orphans have no manifest, so no selector can pick them
+        raise click.UsageError("--prune acts on resources --select cannot select; drop --select")
     view = ProgressView(
         live=not as_json and sys.stdout.isatty(), width=shutil.get_terminal_size().columns
     )

@@ -314,6 +314,8 @@ def test_orphans_are_shown_and_left_alone_until_apply_prune(
     assert [a["resource"] for a in json.loads(out)["actions"]] == ["keep"]
     code, out, err = run_cli(["plan", str(ws.root), "--prune"], capsys)
     assert "gone: prune" in out
+    code, out, err = run_cli(["apply", str(ws.root), "-s", "keep", "--prune"], capsys)
+    assert code == 64
 
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
