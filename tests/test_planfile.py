@@ -434,3 +434,28 @@ def test_a_saved_plan_records_the_selection_and_reuses_it(
     with ws.store() as store:
         assert [r.name for r in store.list_resources()] == ["a"]
     wait_for(lambda: srv.batch_count() == 1)
+
+
+def test_a_saved_replace_plan_is_its_own_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plan showing `replace` (the input changed while a batch is in flight) is applied
+    from its file without --allow-replace: the old batch is cancelled, the new one created."""
+    srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    ws.write_input("triage", request_lines(4))
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert "re-run with --allow-replace" in out  # without a saved plan, consent is needed
+    assert srv.probe.counts["POST /batches"] == 1
+    plan_path = tmp_path / "plan.json"
+    run_cli(["plan", str(ws.root), "--out", str(plan_path)], capsys)
+    assert [a["action"] for a in json.loads(plan_path.read_text())["plan"]["actions"]] == [
+        "replace"
+    ]
+
+    code, out, err = run_cli(["apply", str(plan_path)], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+    assert srv.probe.counts["POST /batches"] == 2
