@@ -126,6 +126,7 @@ class RecordedResource:
     name: str
     provider: str
     generations: tuple[RecordedGeneration, ...] = ()
+    forgotten: bool = False  # `batchspec forget`: not tracked; apply tracks it again
 
     def generation_for(self, spec_hash: str) -> RecordedGeneration | None:
         return next((g for g in self.generations if g.spec_hash == spec_hash), None)
@@ -228,7 +229,7 @@ def make_plan(
     actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
     if include_orphans:
         wanted = {d.name for d in desired}
-        for name in sorted(set(recorded) - wanted):
+        for name in sorted(n for n in set(recorded) - wanted if not recorded[n].forgotten):
             actions.append(_orphan_action(recorded[name], prune))
     return Plan(tuple(actions))
 

@@ -132,19 +132,25 @@ class Reconciler:
 
     def _recorded(self, name: str) -> RecordedResource | None:
         row = self.store.get_resource(name)
-        if row is None or row.forgotten_at is not None:
+        if row is None:
             return None
         gens = tuple(
             recorded_generation(self.store, self.ledger, g, requeue_backoff=self.requeue_backoff)
             for g in self.store.generations(name)
         )
-        return RecordedResource(name=name, provider=row.provider, generations=gens)
+        return RecordedResource(
+            name=name,
+            provider=row.provider,
+            generations=gens,
+            forgotten=row.forgotten_at is not None,
+        )
 
     # -----------------------------------------------------------------------------------------
     # one pass for one resource
 
     def advance(self, res: Resource, facts: InputReport) -> StepResult:
         """Act on ``res`` until it must wait, is in sync, or is stuck."""
+        self._track_again_if_forgotten(res)
         action = self.plan_one(res, facts)
         for _ in range(MAX_STEPS_PER_PASS):
             kind = action.kind
@@ -253,6 +259,23 @@ class Reconciler:
             )
         )
         return False
+
+    def _track_again_if_forgotten(self, res: Resource) -> None:
+        """A forgotten resource whose manifest is still here is tracked again by apply; its
+        recorded generations are reused, so nothing is submitted twice."""
+        row = self.store.get_resource(res.name)
+        if row is None or row.forgotten_at is None:
+            return
+        with self.store.atomic():
+            self.store.upsert_resource(
+                res.name,
+                provider=res.provider,
+                manifest=self._relative(res.source.file),
+                labels=dict(res.labels),
+                run_id=self.run_id,
+            )
+            self.store.record_event(self.run_id, "track", resource=res.name, detail={})
+        self.report(Progress("track", res.name, "tracked again (it was forgotten)"))
 
     def _ensure_generation(self, res: Resource, facts: InputReport) -> GenerationRow:
         with self.store.atomic():

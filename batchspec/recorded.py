@@ -30,15 +30,18 @@ MAX_REQUEUE_BACKOFF = 3600.0
 def load_recorded(
     store: StateStore, ledger: RequestLedger, *, requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF
 ) -> dict[str, RecordedResource]:
-    """Every resource the state tracks (forgotten ones excluded)."""
+    """Every resource the state has recorded; forgotten ones are flagged (never orphans)."""
     recorded = {}
-    for res in store.list_resources():
+    for res in store.list_resources(include_forgotten=True):
         gens = tuple(
             recorded_generation(store, ledger, g, requeue_backoff=requeue_backoff)
             for g in store.generations(res.name)
         )
         recorded[res.name] = RecordedResource(
-            name=res.name, provider=res.provider, generations=gens
+            name=res.name,
+            provider=res.provider,
+            generations=gens,
+            forgotten=res.forgotten_at is not None,
         )
     return recorded
 

@@ -88,8 +88,11 @@ def resource_statuses(
 def _status(
     store: StateStore, name: str, action: Action, res: Resource | None, gen: GenerationRow | None
 ) -> ResourceStatus:
+    row = store.get_resource(name)
     if action.kind is ActionKind.ORPHANED:
         sync, health = "Orphaned", "Unknown"
+    elif row is not None and row.forgotten_at is not None:
+        sync, health = "OutOfSync", "Missing"  # `forget`: the next apply tracks it again
     else:
         sync = "Synced" if action.kind is ActionKind.NONE else "OutOfSync"
         if res is not None and res.suspend:

@@ -236,7 +236,8 @@ def test_forget_stops_tracking_without_touching_the_provider(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """forget on an in-flight resource sends nothing to the provider, names the batch left
-    running, records a forget event; status and plan then see no recorded resource."""
+    running, records a forget event; plan then shows what apply would really do (pick the
+    recorded generation up again: refresh, nothing to submit)."""
     srv = server(**SLOW)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
@@ -257,7 +258,8 @@ def test_forget_stops_tracking_without_touching_the_provider(
         [event] = [e for e in store.events(resource="triage") if e.action == "forget"]
     assert event.detail["left_running"] == [batch.remote_id]
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
-    assert json.loads(out)["actions"][0]["reason"] == "new resource"
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["requests"]) == ("refresh", 0)
 
 
 def test_forget_keeps_the_result_files(
@@ -363,3 +365,23 @@ def test_a_suspended_resource_keeps_its_batches_in_flight_untouched(
     set_spec(ws, "triage", suspend=False)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     assert srv.probe.counts["GET /batches/{id}"] == before.get("GET /batches/{id}", 0) + 1
+
+
+def test_apply_tracks_a_forgotten_resource_again_without_resubmitting(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After forget, apply with the manifest still present un-forgets the resource, records a
+    track event and collects the batch already running: no second create at the provider."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert run_cli(["forget", "triage", str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 1
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    with ws.store() as store:
+        assert store.get_resource("triage").forgotten_at is None
+        assert [e.action for e in store.events(resource="triage")].count("track") == 1
