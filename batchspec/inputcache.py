@@ -82,6 +82,7 @@ class InputCache:
         model: str | None,
         custom_id_pattern: str | None = None,
         allow_unversioned_url: bool = False,
+        dialect: str = "openai",
     ) -> InputReport:
         """The scan with the manifest's rules, reusing the generic scan when it settles it."""
         generic = self.scan(path)
@@ -89,6 +90,7 @@ class InputCache:
         if (
             generic.ok
             and custom_id_pattern is None
+            and dialect == "openai"
             and endpoint != "/v1/moderations"
             and tuple(url_key(u) for u in generic.urls) == (url_key(endpoint),)
             and (model is None or generic.models == (model,))
@@ -100,6 +102,8 @@ class InputCache:
             model=model,
             custom_id_pattern=custom_id_pattern,
             allow_unversioned_url=allow_unversioned_url,
+            # only when set: the cache keys of OpenAI-dialect scans stay what they were
+            **({"dialect": dialect} if dialect != "openai" else {}),
         )
 
     def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:

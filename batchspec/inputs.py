@@ -61,6 +61,15 @@ Rules, each with its stable ``code`` (OpenAI's name where it has one)
     first, since they are decided at the end and would otherwise hide behind line problems)
     and counts them all in ``problem_count``.
 
+Anthropic (``dialect="anthropic"``, for ``anthropic`` providers)
+    A line may also be Anthropic's own ``{"custom_id", "params"}``: then ``method``, ``url``
+    and ``body`` are not asked for, and the model rules apply to ``params.model``. Every line
+    is further checked by ``batchspec.providers.anthropic_lines.line_problems``: Messages
+    parameters need ``max_tokens`` and ``messages`` (``missing_max_tokens``,
+    ``missing_messages``, ``invalid_params``), an OpenAI chat line must be convertible
+    (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
+    (``unsupported_endpoint``). Pass ``custom_id_pattern`` for Anthropic's id rule as well.
+
 Endpoint matching
     ``url`` must equal ``endpoint`` exactly, as OpenAI requires: ``"/chat/completions"`` does
     not match ``"/v1/chat/completions"``. Azure's older line format used the unversioned form;
@@ -83,6 +92,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from batchspec.errors import InputError
+from batchspec.providers import anthropic_lines
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
@@ -313,7 +323,9 @@ class _Checker:
         model: str | None,
         custom_id_pattern: str | None,
         allow_unversioned_url: bool,
+        dialect: str = "openai",
     ) -> None:
+        self.anthropic = dialect == "anthropic"
         self.normalize_url: Callable[[str], str] | None = (
             _versioned if allow_unversioned_url else None
         )
@@ -343,6 +355,9 @@ class _Checker:
             )
             return
         self.check_custom_id(line, obj.get("custom_id"))
+        if self.anthropic and anthropic_lines.is_native(obj):
+            self.check_native_anthropic(line, obj)
+            return
         method = obj.get("method", _MISSING)
         if method != "POST":
             self.check_method(line, method)
@@ -354,6 +369,25 @@ class _Checker:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
         else:
             self.problem(line, "invalid_body", f"body must be an object, not a {_json_type(body)}")
+        if self.anthropic:
+            for code, message in anthropic_lines.line_problems(obj):
+                self.problem(line, code, message)
+
+    def check_native_anthropic(self, line: int, obj: dict[str, Any]) -> None:
+        """Anthropic's own ``{custom_id, params}`` line (see the module docstring)."""
+        messages = anthropic_lines.MESSAGES_ENDPOINT
+        if self.endpoint_key is not None and self.endpoint_key != messages:
+            self.problem(
+                line,
+                "url_mismatch",
+                f"an Anthropic {{custom_id, params}} line needs the endpoint {messages!r}, "
+                f"not {self.endpoint!r}",
+            )
+        params = obj.get("params")
+        if type(params) is dict:
+            self.check_model(line, params.get("model"), messages)
+        for code, message in anthropic_lines.line_problems(obj):
+            self.problem(line, code, message)
 
     def check_custom_id(self, line: int, custom_id: Any) -> None:
         if type(custom_id) is not str:
@@ -474,13 +508,14 @@ def scan_batch_input(
     max_requests: int | None = None,
     custom_id_pattern: str | None = None,
     allow_unversioned_url: bool = False,
+    dialect: str = "openai",
 ) -> InputReport:
     """Read ``path`` once and report every problem (see the module docstring for the rules).
 
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
-    checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url)
+    checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
     requests = blank_lines = 0
@@ -553,6 +588,7 @@ def require_valid_input(
     max_requests: int | None = None,
     custom_id_pattern: str | None = None,
     allow_unversioned_url: bool = False,
+    dialect: str = "openai",
 ) -> InputReport:
     """Scan ``path`` and return the report, or raise ``InputError`` listing its problems."""
     report = scan_batch_input(
@@ -563,6 +599,7 @@ def require_valid_input(
         max_requests=max_requests,
         custom_id_pattern=custom_id_pattern,
         allow_unversioned_url=allow_unversioned_url,
+        dialect=dialect,
     )
     if report.ok:
         return report

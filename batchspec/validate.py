@@ -2,7 +2,8 @@
 
 ``validate_workspace(paths)`` loads the workspace (``batchspec.manifest.load_workspace``) and
 scans each resource's input once (``batchspec.inputs.scan_batch_input``) with the resource's
-endpoint and model, Anthropic's ``custom_id`` rule for ``anthropic`` providers and Azure's
+endpoint and model, Anthropic's ``custom_id`` rule and line forms (and what cannot be
+converted for it) for ``anthropic`` providers and Azure's
 unversioned line URLs for ``azure`` ones. It reads files and writes nothing: no state, no
 network, no output files (loading a rows input renders it into the render cache under the
 state folder, which is only a cache).
@@ -161,6 +162,7 @@ def _scan(
         "model": res.model,
         "custom_id_pattern": ANTHROPIC_CUSTOM_ID_PATTERN if kind == "anthropic" else None,
         "allow_unversioned_url": kind == "azure",
+        "dialect": "anthropic" if kind == "anthropic" else "openai",
     }
     key = (res.input_path, *options.values())
     if key not in scans:  # two resources over one file with the same rules: scan it once

@@ -10,6 +10,8 @@ import pytest
 
 from batchspec.errors import ProviderError
 from batchspec.project import ProviderConfig
+from batchspec.providers.anthropic import AnthropicProvider
+from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.local import LocalProvider
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.providers.registry import build_provider
@@ -102,11 +104,38 @@ def test_local_provider_default_data_dir(tmp_path: Path) -> None:
     provider.close()
 
 
-@pytest.mark.parametrize("type_", ["azure", "anthropic"])
-def test_later_provider_types_say_not_supported_yet(tmp_path: Path, type_: str) -> None:
-    """azure and anthropic are declared in the schema but not built yet: a clear error."""
-    with pytest.raises(ProviderError, match=f"provider type {type_} is not supported yet"):
-        build_provider(config(type_), project_root=tmp_path, env={})
+def test_azure_provider_uses_the_resource_endpoint_and_api_key_variable(tmp_path: Path) -> None:
+    """azure: the v1 root below the resource endpoint, key from $AZURE_OPENAI_API_KEY."""
+    cfg = config("azure", base_url="https://res.openai.azure.com")
+    provider = build_provider(cfg, project_root=tmp_path, env={"AZURE_OPENAI_API_KEY": "k"})
+    assert isinstance(provider, AzureOpenAIProvider)
+    assert provider.base_url == "https://res.openai.azure.com/openai/v1"
+    provider.close()
+
+
+def test_azure_provider_without_base_url_is_an_error(tmp_path: Path) -> None:
+    """azure needs its resource endpoint; the message says where to set it."""
+    with pytest.raises(ProviderError, match="needs baseUrl"):
+        build_provider(config("azure"), project_root=tmp_path, env={"AZURE_OPENAI_API_KEY": "k"})
+
+
+def test_anthropic_provider_stages_below_the_project(tmp_path: Path) -> None:
+    """anthropic: Anthropic's API root by default, data in state/anthropic/<name>."""
+    env = {"ANTHROPIC_API_KEY": "k"}
+    provider = build_provider(config("anthropic", name="claude"), project_root=tmp_path, env=env)
+    assert isinstance(provider, AnthropicProvider)
+    assert provider.base_url == "https://api.anthropic.com"
+    assert provider.data_dir == tmp_path / "state" / "anthropic" / "claude"
+    provider.close()
+
+
+def test_litellm_model_option_is_sent_as_a_header(tmp_path: Path) -> None:
+    """openai with litellmModel sends x-litellm-model (LiteLLM's model-routed mode)."""
+    cfg = config("openai", options={"litellmModel": "local-batch"})
+    provider = build_provider(cfg, project_root=tmp_path, env={"OPENAI_API_KEY": "k"})
+    assert isinstance(provider, OpenAIProvider)
+    assert provider._http._headers["x-litellm-model"] == "local-batch"
+    provider.close()
 
 
 def test_unknown_type_is_an_error(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def test_budget_is_defined_identically_in_both_schemas() -> None:
 
 
 def test_endpoint_enum_lists_the_batch_api_endpoints() -> None:
-    """The endpoints are exactly those the OpenAI Batch API accepts."""
+    """The endpoints are exactly those the OpenAI Batch API accepts, plus Anthropic's Messages."""
     endpoint = load_schema("batch")["properties"]["spec"]["properties"]["endpoint"]
     assert endpoint["enum"] == [
         "/v1/responses",
@@ -120,6 +120,7 @@ def test_endpoint_enum_lists_the_batch_api_endpoints() -> None:
         "/v1/images/generations",
         "/v1/images/edits",
         "/v1/videos",
+        "/v1/messages",
     ]
 
 

@@ -4,6 +4,10 @@ API keys come from environment variables only (their *names* are configured, nev
 values); a missing variable fails with a message naming it. Building a provider does no
 network I/O, so the reconciler can build providers lazily, only for resources that need one.
 The local engine's module is imported only when a ``local`` provider is built.
+
+Types: ``openai`` (any OpenAI-compatible API; ``litellmModel`` sends LiteLLM's
+``x-litellm-model`` header for its model-routed mode), ``azure`` (Azure OpenAI),
+``anthropic`` (Message Batches) and ``local`` (the embedded engine).
 """
 
 from __future__ import annotations
@@ -14,14 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec.errors import ProviderError
+from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.base import Provider
 from batchspec.providers.openai import DEFAULT_BASE_URL, OpenAIProvider
 
 if TYPE_CHECKING:
     from batchspec.project import ProviderConfig
 
-DEFAULT_API_KEY_ENV = {"openai": "OPENAI_API_KEY"}
-NOT_YET_SUPPORTED = frozenset({"azure", "anthropic"})
+DEFAULT_API_KEY_ENV = {
+    "openai": "OPENAI_API_KEY",
+    "azure": "AZURE_OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+}
+#: where an anthropic provider stages inputs and journals its creates, below the project
+DEFAULT_ANTHROPIC_DATA_DIR = "state/anthropic"
 
 
 def build_provider(
@@ -30,13 +40,12 @@ def build_provider(
     """The provider ``config`` describes, ready to use; raises ``ProviderError`` if it cannot be."""
     if config.type == "openai":
         return build_openai_provider(config, env=env)
+    if config.type == "azure":
+        return build_azure_provider(config, env=env)
+    if config.type == "anthropic":
+        return build_anthropic_provider(config, project_root=project_root, env=env)
     if config.type == "local":
         return build_local_provider(config, project_root=project_root)
-    if config.type in NOT_YET_SUPPORTED:
-        raise ProviderError(
-            f"provider {config.name!r}: provider type {config.type} is not supported yet; "
-            "use an `openai` or `local` provider for now."
-        )
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
         "expected one of openai, azure, anthropic, local."
@@ -55,6 +64,10 @@ def build_openai_provider(
         headers["OpenAI-Organization"] = str(options["organization"])
     if options.get("project"):
         headers["OpenAI-Project"] = str(options["project"])
+    if options.get("litellmModel"):
+        # LiteLLM's model-routed mode: the proxy picks the deployment by this model name and
+        # answers with ids that wrap the upstream's (opaque to us, as every id is)
+        headers["x-litellm-model"] = str(options["litellmModel"])
     return OpenAIProvider(
         config.name,
         base_url=base_url,
@@ -63,6 +76,51 @@ def build_openai_provider(
         extra_headers=headers,
         timeout=float(options.get("timeout", 60.0)),
     )
+
+
+def build_azure_provider(
+    config: ProviderConfig, *, env: Mapping[str, str] = os.environ
+) -> AzureOpenAIProvider:
+    """Azure OpenAI: ``baseUrl`` is the resource endpoint; ``apiStyle`` picks the paths."""
+    options: Mapping[str, Any] = config.options or {}
+    if not config.base_url:
+        raise ProviderError(
+            f"provider {config.name!r}: an azure provider needs baseUrl, the resource endpoint "
+            "(e.g. https://NAME.openai.azure.com), in batchspec.yaml."
+        )
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["azure"]
+    return AzureOpenAIProvider(
+        config.name,
+        endpoint=config.base_url,
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        api_style=str(options.get("apiStyle", "v1")),
+        api_version=options.get("apiVersion"),
+        timeout=float(options.get("timeout", 60.0)),
+    )
+
+
+def build_anthropic_provider(
+    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+) -> Provider:
+    """Anthropic Message Batches; inputs are staged (and creates journaled) in ``dataDir``."""
+    from batchspec.providers.anthropic import DEFAULT_BASE_URL as ANTHROPIC_BASE_URL
+    from batchspec.providers.anthropic import AnthropicProvider
+
+    options: Mapping[str, Any] = config.options or {}
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["anthropic"]
+    data_dir = project_root / str(options.get("dataDir", DEFAULT_ANTHROPIC_DATA_DIR))
+    provider: Provider = AnthropicProvider(
+        config.name,
+        base_url=config.base_url or ANTHROPIC_BASE_URL,
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        data_dir=data_dir / config.name,
+        anthropic_version=str(options.get("anthropicVersion", "2023-06-01")),
+        default_max_tokens=options.get("defaultMaxTokens"),
+        timeout=float(options.get("timeout", 60.0)),
+    )
+    return provider
 
 
 def build_local_provider(config: ProviderConfig, *, project_root: Path) -> Provider:

@@ -1,0 +1,560 @@
+"""The ``anthropic`` provider: Anthropic's Message Batches behind the ``Provider`` protocol.
+
+Message Batches differ from OpenAI's Batch API in three ways this module absorbs:
+
+**Inline requests.** There is no file upload: ``upload_file`` *stages* the input locally
+(``anthropic_journal.Staging``; the file id is ``staged-<sha256>``, nothing is sent) and
+``create_batch`` reads it back, turns every line into ``{"custom_id", "params"}``
+(``anthropic_lines.to_request``: Anthropic lines as they are, OpenAI chat lines converted)
+and POSTs them as one JSON body to ``/v1/messages/batches``, streamed from a temporary file
+(so memory stays flat) with its exact ``Content-Length``. A body over 256 MB or over 100,000
+requests is refused before sending; ``apply`` shards ``anthropic`` inputs at 100,000
+requests and 200 MB of lines, which stays under both.
+
+**States and results.** ``processing_status`` maps to our statuses: ``in_progress`` ->
+in_progress, ``canceling`` -> cancelling, ``ended`` -> ``cancelled`` if a cancel was
+initiated, else ``expired`` if any request expired, else ``completed`` (with every request
+errored it is still ``completed``: the reconciler then finds no success and reports the
+resource Degraded). ``request_counts``: total = all five counts, completed = succeeded,
+failed = errored + canceled + expired. An ended batch has two pseudo files,
+``results:succeeded:<id>`` (output) and ``results:failed:<id>`` (errors); ``download_file``
+fetches the JSONL at ``/v1/messages/batches/<id>/results`` and writes the lines of that part
+in our output/error line format (``anthropic_lines.result_line``).
+
+**No metadata, so adoption is by journal.** The reconciler finds its batches after a crash by
+their metadata keys. Anthropic keeps none, so the provider journals every create locally
+(``anthropic_journal.Journal``: metadata, request count, digest of the custom_ids, time)
+*before* sending it and records the batch id from the answer; ``get_batch`` and
+``list_batches`` report the journaled metadata with each batch, so the reconciler adopts as
+usual. When an answer was lost (a crash, a timeout, a 5xx after Anthropic may have acted),
+the next create with the same metadata first looks for the batch it may have made: batches
+listed since that create was sent, not claimed by another journal row, with the same
+request count. An *ended* candidate is verified by comparing the custom_ids in its results
+with the ones sent; a match is adopted. An in-progress candidate cannot be verified (its
+requests cannot be read back), so the provider refuses to create another and raises a
+``ProviderError`` naming it: re-running after it ends settles it (adopted if its
+custom_ids match, ignored if not). It never blindly pays twice. A batch made outside
+batchspec is not journaled: ``batchspec import --force`` adopts it (there is no input file
+to verify it against).
+
+Headers: ``x-api-key`` and ``anthropic-version``. Retries, backoff and error messages come
+from ``_http`` (Anthropic's ``{"type": "error", "error": {type, message}}`` envelope is read
+there; 529 ``overloaded_error`` is retried like any 5xx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from batchspec import __version__
+from batchspec.errors import ProviderError
+from batchspec.inputs import iter_requests
+from batchspec.providers import anthropic_lines
+from batchspec.providers._http import (
+    AmbiguousOutcome,
+    ErrorContext,
+    RetryingClient,
+    RetryPolicy,
+    display_url,
+)
+from batchspec.providers.anthropic_journal import (
+    Journal,
+    JournalEntry,
+    Staging,
+    ids_digest,
+    metadata_key,
+)
+from batchspec.providers.base import (
+    RemoteBatch,
+    RemoteFile,
+    RemoteNotFound,
+    RequestCounts,
+    _epoch,
+)
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_VERSION = "2023-06-01"
+MAX_REQUESTS = 100_000
+MAX_BODY_BYTES = 256 * 1024 * 1024
+BATCHES = "/v1/messages/batches"
+RESULTS_PREFIX = "results:"
+#: how far before a lost create's journal time a batch may be dated and still be its own
+_CLOCK_SKEW = 300
+_MAX_PAGE_SIZE = 1000
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A create's JSON body, written to ``path``: ``{"requests": [...]}``."""
+
+    path: Path
+    size: int
+    requests: int
+    ids_sha256: str
+
+
+class _FileContent:
+    """Request content read from a file, afresh on every iteration (so retries resend it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+
+
+class AnthropicProvider:
+    """A ``providers.base.Provider`` for Anthropic Message Batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None,
+        data_dir: Path,
+        api_key_env: str | None = "ANTHROPIC_API_KEY",
+        anthropic_version: str = DEFAULT_VERSION,
+        default_max_tokens: int | None = None,
+        client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if httpx.URL(base_url).scheme not in ("http", "https"):
+            raise ProviderError(
+                f"provider {name!r}: base URL {display_url(base_url)!r} must start with "
+                "http:// or https:// (set baseUrl in batchspec.yaml)."
+            )
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.data_dir = Path(data_dir)
+        self.default_max_tokens = default_max_tokens or anthropic_lines.DEFAULT_MAX_TOKENS
+        self._policy = RetryPolicy(max_retries=max_retries)
+        self._sleep = sleep
+        self._rand = rand
+        self._clock = clock
+        owns_client = client is None
+        if client is None:
+            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+        headers = {
+            "User-Agent": f"batchspec/{__version__}",
+            "Accept": "application/json",
+            "anthropic-version": anthropic_version,
+        }
+        if api_key:
+            headers["x-api-key"] = api_key
+        self._http = RetryingClient(
+            base_url=self.base_url,
+            client=client,
+            owns_client=owns_client,
+            context=ErrorContext(
+                provider=name,
+                base_url=display_url(self.base_url),
+                api_key_env=api_key_env,
+                key_sent=bool(api_key),
+                secrets=(api_key,) if api_key else (),
+            ),
+            headers=headers,
+            policy=self._policy,
+            sleep=sleep,
+            rand=rand,
+        )
+        self._staging = Staging(self.data_dir)
+        self._journal_db: Journal | None = None  # opened on first use: building does no I/O
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider(name={self.name!r}, base_url={display_url(self.base_url)!r})"
+
+    def __enter__(self) -> AnthropicProvider:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def _journal(self) -> Journal:
+        if self._journal_db is None:
+            self._journal_db = Journal(self.data_dir)
+        return self._journal_db
+
+    # -- files: staged locally -------------------------------------------------------------
+
+    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+        """Stage ``path`` (nothing is sent: Message Batches take their requests inline)."""
+        staged = self._staging.stage(path)
+        return RemoteFile(
+            id=staged.id,
+            bytes=staged.size,
+            filename=filename,
+            purpose=purpose,
+            created_at=staged.created_at,
+        )
+
+    def get_file(self, file_id: str) -> RemoteFile:
+        try:
+            staged = self._staging.get(file_id)
+        except FileNotFoundError:
+            raise RemoteNotFound(
+                f"{self.name}: file {file_id} is not staged (any more); it is staged again "
+                "on the next upload.",
+                status=404,
+            ) from None
+        return RemoteFile(id=staged.id, bytes=staged.size, created_at=staged.created_at)
+
+    def download_file(self, file_id: str, dest: Path) -> int:
+        """A staged input (copied), or one part of a batch's results in our line format."""
+        if file_id.startswith(RESULTS_PREFIX):
+            part, _, batch_id = file_id[len(RESULTS_PREFIX) :].partition(":")
+            if part not in ("succeeded", "failed") or not batch_id:
+                raise RemoteNotFound(f"{self.name}: no such results file {file_id}", status=404)
+            return self._download_results(batch_id, part == "succeeded", dest)
+        source = self.get_file(file_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._staging.path(source.id), dest)
+        return dest.stat().st_size
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+    ) -> RemoteBatch:
+        """Create a Message Batch from a staged input, never a second one for the same metadata.
+
+        ``completion_window`` is Anthropic's fixed 24 h whatever is asked.
+        """
+        staged = self.get_file(input_file_id)
+        key = metadata_key(metadata)
+        earlier = self._journal.get(key)
+        if earlier is not None:
+            found = self._recorded(earlier) if earlier.remote_id else self._made_by_lost(earlier)
+            if found is not None:
+                self._staging.remove(staged.id)
+                return found
+        body = self._write_body(self._staging.path(staged.id))
+        try:
+            entry = JournalEntry(
+                key=key,
+                metadata=dict(metadata),
+                endpoint=endpoint,
+                file_id=staged.id,
+                requests=body.requests,
+                ids_sha256=body.ids_sha256,
+                started_at=self._clock(),
+            )
+            self._journal.begin(entry)
+            created = self._send_create(body, entry)
+        finally:
+            body.path.unlink(missing_ok=True)
+        self._staging.remove(staged.id)
+        return created
+
+    def get_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "GET", f"{BATCHES}/{_quote(batch_id)}", operation=f"get batch {batch_id}"
+        )
+        return self._parse(self._json(response, "get batch"))
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every listed batch, newest first (Anthropic's order), fetched page by page."""
+        limit = max(1, min(page_size, _MAX_PAGE_SIZE))
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": limit}
+            if after is not None:
+                params["after_id"] = after
+            response = self._http.request("GET", BATCHES, operation="list batches", params=params)
+            page = self._json(response, "list batches")
+            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            journal = self._journal.by_remote_id()
+            for row in rows:
+                yield self._parse(row, journal)
+            next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
+            if not page.get("has_more") or not rows or not next_after or next_after == after:
+                return
+            after = str(next_after)
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "POST", f"{BATCHES}/{_quote(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+        )
+        return self._parse(self._json(response, "cancel batch"))
+
+    def close(self) -> None:
+        self._http.close()
+        if self._journal_db is not None:
+            self._journal_db.close()
+            self._journal_db = None
+
+    # -- create internals ------------------------------------------------------------------
+
+    def _write_body(self, staged: Path) -> _Body:
+        """Convert the staged lines into the create's JSON body, in a temporary file."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.data_dir, prefix="create-", suffix=".json")
+        path = Path(name)
+        ids: list[str] = []
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(b'{"requests":[')
+                for request in iter_requests(staged):
+                    line = json.loads(request.raw)
+                    converted = anthropic_lines.to_request(
+                        line, default_max_tokens=self.default_max_tokens
+                    )
+                    out.write((b"," if ids else b"") + _dumps(converted))
+                    ids.append(request.custom_id)
+                out.write(b"]}")
+            size = path.stat().st_size
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if not ids or len(ids) > MAX_REQUESTS or size > MAX_BODY_BYTES:
+            path.unlink(missing_ok=True)
+            raise ProviderError(
+                f"{self.name}: a Message Batch holds 1 to {MAX_REQUESTS:,} requests in at most "
+                f"{MAX_BODY_BYTES // (1024 * 1024)} MB; this one would hold {len(ids):,} "
+                f"requests in {size:,} bytes. Lower maxRequestsPerBatch / maxBytesPerBatch "
+                f"of provider {self.name!r} in batchspec.yaml so that shards fit."
+            )
+        return _Body(path, size, len(ids), ids_digest(ids))
+
+    def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
+        headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
+        for retries_done in range(self._policy.max_retries + 1):
+            try:
+                response = self._http.request(
+                    "POST",
+                    BATCHES,
+                    operation="create batch",
+                    content=_FileContent(body.path),
+                    headers=headers,
+                    retry_ambiguous=False,
+                )
+            except AmbiguousOutcome:
+                made = self._made_by_lost(entry)
+                if made is not None:
+                    return made
+                if retries_done >= self._policy.max_retries:
+                    raise
+                self._sleep(self._policy.backoff(retries_done, self._rand))
+                continue
+            data = self._json(response, "create batch")
+            self._journal.confirm(entry.key, str(data["id"]))
+            return self._parse(data)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _recorded(self, entry: JournalEntry) -> RemoteBatch | None:
+        """The batch a confirmed journal row names; None when Anthropic no longer has it."""
+        assert entry.remote_id is not None
+        try:
+            return self.get_batch(entry.remote_id)
+        except RemoteNotFound:
+            self._journal.forget(entry.key)
+            return None
+
+    def _made_by_lost(self, entry: JournalEntry) -> RemoteBatch | None:
+        """The batch a create whose answer was lost made, None if it made none; or refuse.
+
+        See the module docstring: candidates are unclaimed batches listed since the create
+        was sent with its request count; an ended one is verified by its custom_ids.
+        """
+        since = entry.started_at - _CLOCK_SKEW
+        claimed = self._journal.by_remote_id()
+        unsure: list[RemoteBatch] = []
+        for batch in self.list_batches(page_size=100):
+            if batch.created_at is not None and batch.created_at < since:
+                break
+            counts = batch.request_counts
+            if batch.id in claimed or counts is None or counts.total != entry.requests:
+                continue
+            if not batch.is_terminal:
+                unsure.append(batch)
+            elif self._result_ids_digest(batch.id) == entry.ids_sha256:
+                self._journal.confirm(entry.key, batch.id)
+                return self.get_batch(batch.id)
+        if not unsure:
+            return None
+        raise ProviderError(_unsure_message(self.name, entry, unsure), retryable=False)
+
+    def _result_ids_digest(self, batch_id: str) -> str:
+        ids: set[str] = set()
+        with tempfile.TemporaryDirectory(dir=self._ensure_dir()) as tmp:
+            raw = Path(tmp) / "results.jsonl"
+            self._fetch_results(batch_id, raw)
+            for record in _jsonl(raw):
+                if isinstance(record.get("custom_id"), str):
+                    ids.add(record["custom_id"])
+        return ids_digest(ids)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _download_results(self, batch_id: str, succeeded: bool, dest: Path) -> int:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        with tempfile.TemporaryDirectory(dir=self._ensure_dir()) as tmp:
+            raw = Path(tmp) / "results.jsonl"
+            self._fetch_results(batch_id, raw)
+            written = 0
+            try:
+                with open(partial, "wb") as out:
+                    for record in _jsonl(raw):
+                        if anthropic_lines.is_success(record) != succeeded:
+                            continue
+                        line = _dumps(anthropic_lines.result_line(batch_id, record)) + b"\n"
+                        out.write(line)
+                        written += len(line)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        os.replace(partial, dest)
+        return written
+
+    def _fetch_results(self, batch_id: str, dest: Path) -> int:
+        return self._http.download(
+            f"{BATCHES}/{_quote(batch_id)}/results",
+            dest,
+            operation=f"download of the results of batch {batch_id}",
+            headers={"Accept": "application/binary"},
+        )
+
+    def _ensure_dir(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def _json(self, response: httpx.Response, operation: str) -> Mapping[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
+            raise ProviderError(
+                f"{self.name}: {operation} answered HTTP {response.status_code} with a body "
+                "that is not the expected JSON object; is the base URL Anthropic's API root "
+                f"({DEFAULT_BASE_URL})?",
+                status=response.status_code,
+            )
+        return body
+
+    def _parse(
+        self, data: Mapping[str, Any], journal: Mapping[str, JournalEntry] | None = None
+    ) -> RemoteBatch:
+        entry = (journal if journal is not None else self._journal.by_remote_id()).get(
+            str(data["id"])
+        )
+        return parse_message_batch(data, entry)
+
+
+def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> RemoteBatch:
+    """A MessageBatch as a ``RemoteBatch`` (see the module docstring for the mapping)."""
+    batch_id = str(data["id"])
+    raw = data.get("request_counts")
+    counts = {
+        kind: int((raw or {}).get(kind) or 0) if isinstance(raw, Mapping) else 0
+        for kind in ("processing", "succeeded", "errored", "canceled", "expired")
+    }
+    unsuccessful = counts["errored"] + counts["canceled"] + counts["expired"]
+    processing = str(data.get("processing_status") or "unknown").lower()
+    ended = processing == "ended"
+    if processing == "canceling":
+        status = "cancelling"
+    elif ended and data.get("cancel_initiated_at"):
+        status = "cancelled"
+    elif ended:
+        status = "expired" if counts["expired"] else "completed"
+    else:
+        status = processing  # in_progress, or kept as it came (then never terminal)
+    return RemoteBatch(
+        id=batch_id,
+        status=status,
+        endpoint=entry.endpoint if entry else None,
+        input_file_id=entry.file_id if entry else None,
+        output_file_id=results_file_id("succeeded", batch_id)
+        if ended and counts["succeeded"]
+        else None,
+        error_file_id=results_file_id("failed", batch_id) if ended and unsuccessful else None,
+        completion_window="24h",
+        request_counts=RequestCounts(
+            total=sum(counts.values()), completed=counts["succeeded"], failed=unsuccessful
+        )
+        if isinstance(raw, Mapping)
+        else None,
+        usage=None,  # Message Batches report no usage; the results carry it per message
+        metadata=dict(entry.metadata) if entry else {},
+        created_at=_epoch(data.get("created_at")),
+        expires_at=_epoch(data.get("expires_at")),
+        completed_at=_epoch(data.get("ended_at")),
+    )
+
+
+def results_file_id(part: str, batch_id: str) -> str:
+    return f"{RESULTS_PREFIX}{part}:{batch_id}"
+
+
+def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch]) -> str:
+    meta = entry.metadata
+    what = (
+        f"{meta.get('batchspec_resource')} shard {int(meta.get('batchspec_shard', 0)) + 1} "
+        f"attempt {meta.get('batchspec_attempt')}"
+        if "batchspec_resource" in meta
+        else "this batch"
+    )
+    sent = datetime.fromtimestamp(entry.started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    shown = ", ".join(f"{b.id} ({b.status})" for b in unsure[:5])
+    return (
+        f"{provider}: the create of {what} sent at {sent} lost its answer, and Anthropic "
+        f"batches carry no metadata to recognise it by. {shown} holds the same number of "
+        f"requests ({entry.requests}) but cannot be checked until it has ended. Nothing "
+        "was created, so nothing is paid twice: re-run `batchspec apply` once it has ended "
+        "(it is adopted if its custom_ids match, ignored if not), or cancel it on Anthropic's "
+        "side if it is not yours."
+    )
+
+
+def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue  # unparseable: its request stays unresolved and is retried
+            if isinstance(record, dict):
+                yield record
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _quote(object_id: str) -> str:
+    return quote(object_id, safe="")
