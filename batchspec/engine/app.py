@@ -12,10 +12,15 @@ Routes (each also without the ``/v1`` prefix, as LiteLLM and some clients send t
     GET    /v1/batches/{id}
     POST   /v1/batches/{id}/cancel
 
+The same views answer on Azure's paths (``/openai/v1/...`` and ``/openai/...?api-version=``,
+``azure_routes.py``), and Anthropic's Message Batches dialect is served under
+``/v1/messages/batches`` (``anthropic_routes.py``, errors in Anthropic's envelope).
+
 Every error is OpenAI's envelope ``{"error": {message, type, param, code}}``: 400 bad request,
 401 missing or wrong key, 404 unknown id or route, 405, 409 not cancellable, 413 upload over
 the cap, 422 endpoint the engine cannot run. With an API key, every request needs
-``Authorization: Bearer <key>`` (or Azure's ``api-key: <key>``); the key is never logged.
+``Authorization: Bearer <key>`` (or Azure's ``api-key: <key>``, or Anthropic's
+``x-api-key: <key>``); the key is never logged.
 Engine calls that touch SQLite run in the thread pool, so the event loop stays responsive.
 """
 
@@ -34,8 +39,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchspec.engine.anthropic_routes import anthropic_routes
+from batchspec.engine.azure_routes import azure_routes
 from batchspec.engine.core import Engine
 from batchspec.engine.errors import EngineError, bad_request
+from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.uploads import read_upload
 
 #: Bytes of multipart framing allowed on top of the file cap before a Content-Length is refused.
@@ -60,6 +68,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
                 f"{prefix}/batches/{{batch_id:str}}/cancel", views.cancel_batch, methods=["POST"]
             ),
         ]
+    routes += azure_routes(views)
+    routes += anthropic_routes(engine)
     app = Starlette(
         routes=routes,
         exception_handlers={EngineError: _engine_error, HTTPException: _http_error},
@@ -247,10 +257,14 @@ class _RequestIdAndAuth:
             await send(message)
 
         if self._key is not None and not self._authorised(scope):
-            response = error_response(
-                401,
-                "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
-                code="invalid_api_key",
+            response = (
+                JSONResponse(error_body(401, "invalid x-api-key"), status_code=401)
+                if scope["path"].startswith("/v1/messages")
+                else error_response(
+                    401,
+                    "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
             )
             await response(scope, receive, send_with_id)
             return
@@ -261,7 +275,7 @@ class _RequestIdAndAuth:
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 candidate = value[7:].strip()
-            elif name == b"api-key":
+            elif name in (b"api-key", b"x-api-key"):
                 candidate = value.strip()
             else:
                 continue

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.engine.errors import EngineError, bad_request, not_found
+from batchspec.engine.messages_upstream import MessagesUpstream
 from batchspec.engine.objects import batch_object, deleted_file_object, file_object, list_object
 from batchspec.engine.store import BlobWriter, EngineLock, Store, dumps, new_id, now
 from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS, BuiltinUpstream, Upstream
@@ -85,7 +86,7 @@ class Engine:
         self.idempotency_window = idempotency_window
         self.worker = Worker(
             self.store,
-            self.upstream,
+            MessagesUpstream(self.upstream),  # also runs /v1/messages lines (Anthropic)
             WorkerSettings(
                 concurrency=concurrency,
                 request_timeout=request_timeout,

@@ -45,6 +45,7 @@ SUPPORTED_ENDPOINTS = (
     "/v1/embeddings",
     "/v1/responses",
     "/v1/moderations",
+    "/v1/messages",  # Anthropic Messages, run as chat completions (messages_upstream.py)
 )
 
 
