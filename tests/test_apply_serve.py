@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -382,14 +383,14 @@ def test_wait_exits_5_at_its_timeout(
 ) -> None:
     """With a slow upstream, --timeout ends the wait with exit 5; the batch stays recorded
     in flight for a later apply."""
-    srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
+    srv = server(upstream=BuiltinUpstream(latency=30.0), drain_timeout=0.1)
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
     started = time.monotonic()
     code, out, err = run_cli(
         ["apply", str(ws.root), "--wait", "--yes", "--timeout", "0.6", *FAST], capsys
     )
     assert code == 5, err
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 10  # far from the 30 s the batch needs
     assert "--timeout" in out
     with ws.store() as store:
         [batch] = store.batches()
@@ -418,16 +419,19 @@ def test_a_second_apply_exits_3_naming_the_holder_or_waits(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """While one apply holds the lock, another exits 3 naming it (--lock-timeout 0); with a
-    --lock-timeout long enough it waits, then succeeds without creating anything."""
-    srv = server(upstream=BuiltinUpstream(latency=0.6))
+    --lock-timeout long enough it waits for the holder to finish, then succeeds without
+    creating anything. The holder is kept busy by holding its first poll at the server."""
+    srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    polling = srv.probe.hold("GET /batches/{id}", 30)
     first = subprocess.Popen(
         batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
         env={**os.environ, KEY_ENV: SENTINEL_KEY},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
+        assert polling.wait(20), "the first apply never polled"
         holder = wait_for_lock(ws)
         assert holder.pid == first.pid
 
@@ -436,12 +440,16 @@ def test_a_second_apply_exits_3_naming_the_holder_or_waits(
         assert holder.holder_id in err and str(first.pid) in err
         assert "batchspec unlock" in err
 
+        threading.Timer(0.5, srv.probe.release, ["GET /batches/{id}"]).start()
+        started = time.monotonic()
         code, out, err = run_cli(
             ["apply", str(ws.root), "--wait", "--yes", "--lock-timeout", "30", *FAST], capsys
         )
         assert code == 0, err
+        assert time.monotonic() - started >= 0.4  # it waited for the holder
         assert first.wait(timeout=20) == 0
     finally:
+        srv.probe.release_all()
         if first.poll() is None:
             first.kill()
         first.wait()

@@ -218,7 +218,7 @@ def test_killed_right_after_its_batch_appears_on_batchspec_serve(
     """Real timing against a `batchspec serve` process with a slow upstream: kill apply as
     soon as its batch is listed; the re-run ends with that one batch and complete results,
     either adopted or already recorded."""
-    srv = serve_process("--upstream-latency", "0.2")
+    srv = serve_process("--upstream-latency", "0.5")
     ws = served(tmp_path / "ws", srv, count=3)
     client = srv.client()
     proc = start_apply(ws, "--wait", *FAST)
