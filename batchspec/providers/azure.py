@@ -13,7 +13,8 @@ handling) with Azure's differences, and nothing else:
   (``/chat/completions``); it is sent that way, and every endpoint read back is put in the
   manifests' form (``/v1/chat/completions``), so comparisons (adoption, import) hold.
 - **Parsing.** ``base.parse_batch`` is already lenient where Azure's previews differ:
-  capitalised statuses (``Validating``), ISO-8601 timestamps and ``request_counts: null``.
+  capitalised statuses (``Validating``), ISO-8601 timestamps and ``request_counts: null``;
+  here a CamelCase status (``InProgress``) is also read as ``in_progress``.
 - **No 24-hour expiry.** Azure keeps working on a batch past 24 h; batchspec never assumes a
   batch expires at ``created_at + 24h``: it trusts the status and ``expires_at`` it is given.
 
@@ -31,13 +32,15 @@ from typing import Any
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import RemoteBatch
+from batchspec.providers.base import KNOWN_STATUSES, RemoteBatch
 from batchspec.providers.openai import OpenAIProvider
 
 API_STYLES = ("v1", "legacy")
 #: the api-version used with ``apiStyle: legacy`` when none is configured
 DEFAULT_LEGACY_API_VERSION = "2024-10-21"
 _ROOT_SUFFIXES = ("/openai/v1", "/openai")
+#: known statuses by their letters alone: "inprogress" (from "InProgress") -> "in_progress"
+_STATUS_BY_LETTERS = {status.replace("_", ""): status for status in KNOWN_STATUSES}
 
 
 def azure_root(endpoint: str, *, api_style: str = "v1") -> str:
@@ -144,4 +147,7 @@ class AzureOpenAIProvider(OpenAIProvider):
 
 
 def _in_manifest_form(batch: RemoteBatch) -> RemoteBatch:
-    return dataclasses.replace(batch, endpoint=manifest_endpoint(batch.endpoint))
+    status = batch.status
+    if status not in KNOWN_STATUSES:
+        status = _STATUS_BY_LETTERS.get(status.replace("_", "").replace("-", ""), status)
+    return dataclasses.replace(batch, endpoint=manifest_endpoint(batch.endpoint), status=status)
