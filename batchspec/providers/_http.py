@@ -236,6 +236,12 @@ def _shorten(text: str | None) -> str | None:
 def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext) -> str:
     """One sentence saying what to do about ``status``; names variables, never values."""
     variable = f"${context.api_key_env}" if context.api_key_env else "the provider's key variable"
+    if "no_db_connection" in (envelope.type, envelope.code):
+        # a LiteLLM proxy without a database says this (HTTP 400) to a key it does not know
+        return (
+            "A LiteLLM proxy without a database answers so to a key it does not know: "
+            f"check the API key in {variable} (the proxy's master key or a virtual key)."
+        )
     if status == 401:
         if not context.key_sent:
             return f"No API key was sent: set {variable}."
