@@ -190,9 +190,11 @@ class Reconciler:
 
     def create(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._ensure_generation(res, facts)
-        if not self.ledger.has_requests(gen.id):
+        if not self.store.batches(gen.id) and not self.ledger.has_requests(gen.id):
             self._record_shards(res, facts, gen)
-        return self._submit_queued(res, gen)
+        submitted = self._submit_queued(res, gen)
+        self._ensure_ledger(res, gen)
+        return submitted
 
     def replace(self, res: Resource, facts: InputReport, action: Action) -> bool:
         for gen in self.store.generations(res.name):
@@ -204,6 +206,7 @@ class Reconciler:
 
     def retry(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
+        self._ensure_ledger(res, gen)
         rec = recorded_generation(
             self.store, self.ledger, gen, requeue_backoff=self.requeue_backoff
         )
@@ -330,6 +333,20 @@ class Reconciler:
             single = as_is and fits_one_shard(
                 facts.requests, facts.bytes, limits, endpoint=res.endpoint
             )
+            if single and not previous:
+                # The batch file is the input itself: only the intent must precede the create.
+                # The ledger is written while the provider works (``_ensure_ledger``).
+                check_budget(res, facts, submitted=0, new=facts.requests)
+                self._record_intent(
+                    res,
+                    gen,
+                    shard=0,
+                    attempt=1,
+                    requests=facts.requests,
+                    input_sha256=facts.sha256,
+                    reason="initial submission",
+                )
+                return
             writers = ShardWriters(self.shard_dir, enabled=not single)
             per_shard: dict[int, int] = {}
             assigned = _shard_and_write(todo, limits, res.endpoint, writers, per_shard)
@@ -370,6 +387,17 @@ class Reconciler:
                     {"shards": len(per_shard)},
                 )
             )
+
+    def _ensure_ledger(self, res: Resource, gen: GenerationRow) -> None:
+        """Write the ledger of a generation submitted as one as-is shard, if not yet written.
+
+        It is derived from the input alone (every request in shard 0, carried by attempt 1),
+        so a run that died before writing it loses nothing: the next one writes it here.
+        """
+        if self.ledger.has_requests(gen.id):
+            return
+        with self.store.atomic():
+            self.ledger.record_requests(gen.id, _ledger_rows(res.input_path))
 
     def _record_intent(
         self,
@@ -554,6 +582,7 @@ class Reconciler:
         self, res: Resource, facts: InputReport | None = None, action: Action | None = None
     ) -> bool:
         gen = self._generation(res)
+        self._ensure_ledger(res, gen)
         provider = self.provider_for(res.provider)
         for batch in self.store.batches(gen.id):
             if batch.remote_id is None or batch.status in _TERMINAL:
@@ -586,6 +615,7 @@ class Reconciler:
 
     def collect(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)
+        self._ensure_ledger(res, gen)
         provider = self.provider_for(res.provider)
         pending = [
             b
