@@ -126,30 +126,43 @@ class RequestLedger:
     def record_outcomes(
         self, generation_id: int, attempt: int, blob: str, lines: Iterable[CollectedLine]
     ) -> int:
-        """Record what a collected file says; an ``ok`` row is final. Returns rows changed."""
-        sql = (
-            "update requests set state = ?, category = ?, blob = ?, offset = ?, length = ?, "
-            "attempt = ? where generation_id = ? and custom_id = ? and state != 'ok'"
+        """Record what a collected file says; an ``ok`` row is final. Returns rows changed.
+
+        The lines go to a temporary table first and are applied with one joined UPDATE:
+        several times faster than one UPDATE per line on a 50,000-line file. A custom_id
+        answered twice in one file keeps its first answer.
+        """
+        conn = self.db.conn
+        conn.execute(
+            "create temp table if not exists collected (custom_id text primary key, "
+            "state text, category text, offset integer, length integer) without rowid"
         )
-        changed = 0
+        conn.execute("delete from collected")
+        sql = "insert or ignore into collected values (?, ?, ?, ?, ?)"
         chunk: list[tuple[object, ...]] = []
         for item in lines:
             chunk.append(
                 (
+                    item.custom_id,
                     item.outcome.state,
                     item.outcome.category,
-                    blob,
                     item.offset,
                     item.length,
-                    attempt,
-                    generation_id,
-                    item.custom_id,
                 )
             )
             if len(chunk) >= _CHUNK:
-                changed += self._run(sql, chunk)
+                self._run(sql, chunk)
         if chunk:
-            changed += self._run(sql, chunk)
+            self._run(sql, chunk)
+        cursor = conn.execute(
+            "update requests set state = c.state, category = c.category, blob = ?, "
+            "offset = c.offset, length = c.length, attempt = ? from collected c "
+            "where requests.generation_id = ? and requests.custom_id = c.custom_id "
+            "and requests.state != 'ok'",
+            [blob, attempt, generation_id],
+        )
+        changed = cursor.rowcount
+        conn.execute("delete from collected")
         return changed
 
     def _run(self, sql: str, chunk: list[tuple[object, ...]]) -> int:
