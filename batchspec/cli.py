@@ -504,10 +504,11 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
     from batchspec.results import result_file
 
     path = result_file(paths, name, errors=show_errors)
-    stdout = click.get_binary_stream("stdout")
+    stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
     with path.open("rb") as f:
         while chunk := f.read(1 << 16):
             stdout.write(chunk)
+    stdout.flush()
 
 
 @cli.command()
