@@ -270,25 +270,22 @@ class Reconciler:
         if row is None or row.forgotten_at is None:
             return
         with self.store.atomic():
-            self.store.upsert_resource(
-                res.name,
-                provider=res.provider,
-                manifest=self._relative(res.source.file),
-                labels=dict(res.labels),
-                run_id=self.run_id,
-            )
+            self._upsert_resource(res)
             self.store.record_event(self.run_id, "track", resource=res.name, detail={})
         self.report(Progress("track", res.name, "tracked again (it was forgotten)"))
 
+    def _upsert_resource(self, res: Resource) -> None:
+        self.store.upsert_resource(
+            res.name,
+            provider=res.provider,
+            manifest=self._relative(res.source.file),
+            labels=dict(res.labels),
+            run_id=self.run_id,
+        )
+
     def _ensure_generation(self, res: Resource, facts: InputReport) -> GenerationRow:
         with self.store.atomic():
-            self.store.upsert_resource(
-                res.name,
-                provider=res.provider,
-                manifest=self._relative(res.source.file),
-                labels=dict(res.labels),
-                run_id=self.run_id,
-            )
+            self._upsert_resource(res)
             existing = self.store.find_generation(res.name, res.spec_hash)
             gen = self.store.create_generation(
                 res.name,
