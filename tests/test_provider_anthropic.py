@@ -37,6 +37,7 @@ from batchspec.providers.base import Provider, RemoteBatch
 
 CREATE = "POST /messages/batches"
 CHAT = "/v1/chat/completions"
+FAST = ["--poll-interval", "0.05"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,9 +609,7 @@ def test_apply_end_to_end_with_an_anthropic_provider(
         lines[3] = {"custom_id": "bad", "params": refused}
     ws.write_input("t", lines)
 
-    code, _, err = run_cli(
-        ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"], capsys
-    )
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
 
     assert code == 0, err
     outputs = ws.outputs("t")
@@ -637,9 +636,7 @@ def test_apply_retries_an_overloaded_request_in_a_second_batch(
     ws = anthropic_workspace(tmp_path / "ws", srv.base_url, ResourceSpec("t", 4, "claude"))
     ws.write_input("t", request_lines(4))
 
-    code, _, err = run_cli(
-        ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"], capsys
-    )
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
 
     assert code == 0, err
     assert [r["custom_id"] for r in ws.outputs("t")] == ws.input_ids("t")
@@ -649,3 +646,31 @@ def test_apply_retries_an_overloaded_request_in_a_second_batch(
     requests = read_jsonl(srv.engine.file_content_path(second["input_file_id"]).read_text())
     assert [r["custom_id"] for r in requests] == ["req-2"]
     assert requests[0]["url"] == "/v1/messages"
+
+
+def test_import_adopts_a_batch_made_outside_batchspec_with_force(
+    server: Callable[..., ProbedServer],
+    tmp_path: Path,
+    api_key: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Message Batch created elsewhere has no input file to verify: `import` refuses it
+    unless --force; forced, the next apply collects it without creating anything."""
+    srv = server()
+    spec = {"endpoint": "/v1/messages", "model": "claude-x"}
+    ws = anthropic_workspace(tmp_path / "ws", srv.base_url, ResourceSpec("t", 3, "claude", spec))
+    ws.write_input("t", native_lines(3))
+    made = httpx.post(
+        f"{srv.base_url}/v1/messages/batches",
+        headers={"x-api-key": SENTINEL_KEY, "anthropic-version": "2023-06-01"},
+        json={"requests": native_lines(3)},
+    ).json()
+
+    code, out, err = run_cli(["import", "t", made["id"], str(ws.root)], capsys)
+    assert code == 1 and "--force" in out + err
+    assert run_cli(["import", "t", made["id"], str(ws.root), "--force"], capsys)[0] == 0
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("t")] == ["m-0", "m-1", "m-2"]
+    assert srv.probe.counts[CREATE] == 1  # the outside create only
