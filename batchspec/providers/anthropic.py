@@ -60,7 +60,7 @@ from urllib.parse import quote
 import httpx
 
 from batchspec import __version__
-from batchspec.errors import ProviderError
+from batchspec.errors import InputError, ProviderError
 from batchspec.inputs import iter_requests
 from batchspec.providers import anthropic_lines
 from batchspec.providers._http import (
@@ -140,7 +140,11 @@ class AnthropicProvider:
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if httpx.URL(base_url).scheme not in ("http", "https"):
+        try:
+            scheme = httpx.URL(base_url).scheme
+        except httpx.InvalidURL:
+            scheme = ""
+        if scheme not in ("http", "https"):
             raise ProviderError(
                 f"provider {name!r}: base URL {display_url(base_url)!r} must start with "
                 "http:// or https:// (set baseUrl in batchspec.yaml)."
@@ -322,10 +326,7 @@ class AnthropicProvider:
             with os.fdopen(fd, "wb") as out:
                 out.write(b'{"requests":[')
                 for request in iter_requests(staged):
-                    line = json.loads(request.raw)
-                    converted = anthropic_lines.to_request(
-                        line, default_max_tokens=self.default_max_tokens
-                    )
+                    converted = self._request(staged, request.line, request.raw)
                     out.write((b"," if ids else b"") + _dumps(converted))
                     ids.append(request.custom_id)
                 out.write(b"]}")
@@ -342,6 +343,18 @@ class AnthropicProvider:
                 f"of provider {self.name!r} in batchspec.yaml so that shards fit."
             )
         return _Body(path, size, len(ids), ids_digest(ids))
+
+    def _request(self, staged: Path, line: int, raw: bytes) -> dict[str, Any]:
+        try:
+            return anthropic_lines.to_request(
+                json.loads(raw), default_max_tokens=self.default_max_tokens
+            )
+        except (anthropic_lines.Unmappable, KeyError, TypeError, ValueError) as err:
+            # validate/apply check every line first; reaching this means an unchecked input
+            raise InputError(
+                f"{staged}:{line}: this line cannot be sent to Anthropic ({err}); "
+                "run `batchspec validate` on the workspace"
+            ) from None
 
     def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
