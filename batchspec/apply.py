@@ -403,10 +403,14 @@ def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
         max_bytes=int(options.get("maxBytesPerBatch") or 200 * 1024 * 1024),
     )
     lim = res.limits
+    # a manifest may lower the provider's limits, never raise them: the provider would refuse
     return ShardLimits(
-        max_requests=lim.max_requests_per_batch or base.max_requests,
-        max_bytes=lim.max_bytes_per_batch or base.max_bytes,
-        max_embedding_inputs=lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
+        max_requests=min(lim.max_requests_per_batch or base.max_requests, base.max_requests),
+        max_bytes=min(lim.max_bytes_per_batch or base.max_bytes, base.max_bytes),
+        max_embedding_inputs=min(
+            lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
+            base.max_embedding_inputs,
+        ),
     )
 
 
