@@ -17,15 +17,19 @@ from typing import Any
 import pytest
 from serve_faults import (
     apply_wait,
+    custom_ids,
     error_code,
     in_input_order,
     received_batches,
     serve_processes,
     served_workspace,
 )
-from servers import request_lines
-from workspaces import KEY_ENV, ResourceSpec, run_cli
+from servers import FAST_ENGINE_OPTIONS, request_lines, wait_for
+from workspaces import KEY_ENV, ResourceSpec, make_workspace, openai_provider, run_cli
 
+from batchspec.engine import BuiltinUpstream, Engine
+from batchspec.engine.app import create_app
+from batchspec.engine.server import start_in_thread
 from batchspec.ledger import RequestLedger
 
 
@@ -279,3 +283,107 @@ def _seconds(timestamp: str) -> float:
     from batchspec.state import parse_timestamp
 
     return parse_timestamp(timestamp).timestamp()
+
+
+def test_a_batch_cancelled_by_someone_else_is_retried(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch cancelled on the provider by someone else (not `batchspec cancel`): its
+    finished lines are kept, only its batch_cancelled lines go in the next attempt, and the
+    job converges."""
+    srv = serve("--upstream-latency", "0.1", "--concurrency", "1")
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("cut", count=12))
+    ids = ws.input_ids("cut")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    client = srv.client()
+    [batch] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 3)
+    client.batches.cancel(batch.id)
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    first, second = received_batches(client)
+    assert first.status == "cancelled"
+    assert 3 <= len(first.output_ids) < 12
+    assert {error_code(e) for e in first.errors} == {"batch_cancelled"}
+    assert second.input_ids == in_input_order(first.error_ids, ids)
+    assert [r["custom_id"] for r in ws.outputs("cut")] == ids
+
+
+class DropFromDownloads:
+    """ASGI middleware: file downloads leave out the lines of these custom_ids, once each, as
+    a provider that loses lines would. Everything else passes through untouched."""
+
+    def __init__(self, app: Any, drop: set[str]) -> None:
+        self.app = app
+        self.drop = set(drop)
+        self.dropped: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/content"):
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def buffered(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            kept = [line for line in bytes(body).splitlines(keepends=True) if self._keep(line)]
+            data = b"".join(kept)
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(data)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+
+        await self.app(scope, receive, buffered)
+
+    def _keep(self, line: bytes) -> bool:
+        try:
+            cid = json.loads(line).get("custom_id")
+        except ValueError:
+            return True
+        if cid in self.drop:
+            self.drop.discard(cid)
+            self.dropped.append(cid)
+            return False
+        return True
+
+
+def test_requests_missing_from_both_files_are_resubmitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider whose files lose two lines: those requests are in neither the output nor
+    the error file, so they count as unresolved and exactly they are sent again."""
+    engine = Engine(tmp_path / "engine", BuiltinUpstream(), **FAST_ENGINE_OPTIONS).start()
+    app = DropFromDownloads(create_app(engine), {"req-2", "req-5"})
+    background = start_in_thread(app)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(f"{background.base_url}/v1", KEY_ENV)},
+            resources=[ResourceSpec("lossy", count=8)],
+        )
+
+        code, out, err = apply_wait(ws, capsys)
+
+        assert code == 0, out + err
+        assert app.dropped == ["req-2", "req-5"]
+        batches = sorted(
+            engine.list_batches(None, 100)["data"],
+            key=lambda b: int(b["metadata"]["batchspec_attempt"]),
+        )
+        assert len(batches) == 2
+        retry_file = engine.file_content_path(batches[1]["input_file_id"]).read_bytes()
+        assert custom_ids(retry_file) == ["req-2", "req-5"]
+        assert [r["custom_id"] for r in ws.outputs("lossy")] == ws.input_ids("lossy")
+        assert ws.errors("lossy") == []
+    finally:
+        background.stop()
+        engine.close()

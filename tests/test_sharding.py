@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 from serve_faults import apply_wait, received_batches, serve_processes, served_workspace
 from servers import request_lines
-from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
+from workspaces import (
+    KEY_ENV,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    run_cli,
+    write_manifest,
+)
 
 from batchspec.inputs import RequestLine
 from batchspec.sharding import ShardLimits, assign_shards, embedding_inputs
@@ -260,3 +267,55 @@ def test_embedding_inputs_limit_end_to_end(
     outputs = ws.outputs("vectors")
     assert [r["custom_id"] for r in outputs] == list(inputs)
     assert [len(r["response"]["body"]["data"]) for r in outputs] == sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the limits come from
+
+
+@pytest.mark.parametrize(
+    ("provider", "manifest_limits", "expected"),
+    [
+        pytest.param({"type": "openai"}, {}, (50_000, 200 * 1024 * 1024, 50_000), id="openai"),
+        pytest.param({"type": "azure"}, {}, (100_000, 200 * 1024 * 1024, 50_000), id="azure"),
+        pytest.param(
+            {"type": "openai", "options": {"maxRequestsPerBatch": 1_000, "maxBytesPerBatch": 9}},
+            {},
+            (1_000, 9, 50_000),
+            id="provider-options",
+        ),
+        pytest.param(
+            {"type": "openai", "options": {"maxRequestsPerBatch": 1_000}},
+            {"maxRequestsPerBatch": 10, "maxEmbeddingInputsPerBatch": 7},
+            (10, 200 * 1024 * 1024, 7),
+            id="manifest-lowers",
+        ),
+        pytest.param(
+            {"type": "openai", "options": {"maxRequestsPerBatch": 1_000}},
+            {"maxRequestsPerBatch": 5_000, "maxBytesPerBatch": 300 * 1024 * 1024},
+            (1_000, 200 * 1024 * 1024, 50_000),
+            id="manifest-cannot-raise",
+        ),
+    ],
+)
+def test_shard_limits_from_provider_type_options_and_manifest(
+    tmp_path: Path, provider: dict[str, Any], manifest_limits: dict[str, int], expected: Any
+) -> None:
+    """The provider type's defaults, lowered by the provider's options, lowered further by
+    the manifest's `limits`; a manifest never raises a provider's limit (the provider would
+    reject the batch)."""
+    from batchspec.apply import shard_limits
+    from batchspec.manifest import load_workspace
+
+    config = {"baseUrl": "http://127.0.0.1:9/v1", "apiKeyEnv": KEY_ENV, **provider}
+    spec = {"limits": manifest_limits} if manifest_limits else {}
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"p": config},
+        resources=[ResourceSpec("r", count=1, provider="p", spec=spec)],
+    )
+    loaded = load_workspace([str(ws.root)])
+
+    limits = shard_limits(loaded, loaded.resources[0])
+
+    assert (limits.max_requests, limits.max_bytes, limits.max_embedding_inputs) == expected
