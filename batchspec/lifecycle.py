@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchspec.batches import batch_fields, batch_key
 from batchspec.blobstore import sha256_file
 from batchspec.errors import ManifestError, ProviderError, StateError
 from batchspec.inputs import InputReport, iter_requests
@@ -38,7 +39,7 @@ from batchspec.lock import acquire_lock
 from batchspec.manifest import Resource, Workspace, load_workspace
 from batchspec.plan import ActionKind, Plan
 from batchspec.providers.base import Provider, RemoteBatch
-from batchspec.reconcile import Progress, Reconciler, batch_fields, batch_key
+from batchspec.reconcile import Progress, Reconciler
 from batchspec.runinfo import collect_run_info
 from batchspec.sharding import assign_shards, fits_one_shard
 from batchspec.state import GenerationRow, StateStore

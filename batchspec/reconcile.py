@@ -19,20 +19,24 @@ or is stuck. The money-touching steps follow DESIGN.md's invariants:
 from __future__ import annotations
 
 import calendar
-import hashlib
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from batchspec.batches import (
+    batch_fields,
+    batch_key,
+    batch_metadata,
+    batch_metadata_keys,
+    counts_json,
+)
 from batchspec.blobstore import BlobStore
 from batchspec.budget import check_budget
 from batchspec.collect import download_to_store, read_result_lines
 from batchspec.errors import BatchspecError
-from batchspec.inputs import InputReport, RequestLine, iter_requests
+from batchspec.inputs import InputReport, iter_requests
 from batchspec.ledger import RequestLedger
 from batchspec.manifest import Project, Resource
 from batchspec.plan import (
@@ -51,10 +55,16 @@ from batchspec.recorded import (
     recorded_generation,
 )
 from batchspec.results import write_results_in_input_order
-from batchspec.sharding import ShardLimits, assign_shards, fits_one_shard
+from batchspec.sharding import (
+    ShardLimits,
+    ShardWriters,
+    fits_one_shard,
+    ledger_rows,
+    shard_and_write,
+    with_fingerprints,
+)
 from batchspec.state import BatchRow, GenerationRow, StateStore, utc_timestamp
 
-METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
 ADOPTION_CLOCK_SLACK = 3600
 MAX_STEPS_PER_PASS = 12
@@ -318,7 +328,7 @@ class Reconciler:
         with self.store.atomic():
             carried = 0
             if previous:
-                self.ledger.record_requests(gen.id, _ledger_rows(res.input_path))
+                self.ledger.record_requests(gen.id, ledger_rows(res.input_path))
                 carried = self.ledger.carry_over(gen.id, previous)
             todo = iter_requests(res.input_path)
             if carried:
@@ -346,11 +356,11 @@ class Reconciler:
                 return
             writers = ShardWriters(self.shard_dir, enabled=not single)
             per_shard: dict[int, int] = {}
-            assigned = _shard_and_write(todo, limits, res.endpoint, writers, per_shard)
+            assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard)
             if previous:
                 self.ledger.assign_shards(gen.id, ((s, req.line) for s, req in assigned))
             else:
-                self.ledger.record_requests(gen.id, _with_fingerprints(assigned))
+                self.ledger.record_requests(gen.id, with_fingerprints(assigned))
             shard_files = writers.finish()
             check_budget(res, facts, submitted=0, new=sum(per_shard.values()))
             for shard, n in sorted(per_shard.items()):
@@ -394,7 +404,7 @@ class Reconciler:
         if self.ledger.has_requests(gen.id):
             return
         with self.store.atomic():
-            self.ledger.record_requests(gen.id, _ledger_rows(res.input_path))
+            self.ledger.record_requests(gen.id, ledger_rows(res.input_path))
 
     def _record_intent(
         self,
@@ -597,7 +607,7 @@ class Reconciler:
                         detail={
                             "status": remote.status,
                             "from": batch.status,
-                            **_counts_json(remote),
+                            **counts_json(remote),
                         },
                     )
             self.report(
@@ -605,7 +615,7 @@ class Reconciler:
                     "poll",
                     res.name,
                     _poll_message(batch, remote),
-                    {"remote_id": remote.id, "status": remote.status, **_counts_json(remote)},
+                    {"remote_id": remote.id, "status": remote.status, **counts_json(remote)},
                 )
             )
         return True
@@ -838,65 +848,6 @@ class Reconciler:
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
-class ShardWriters:
-    """Writes shard files into the shard folder, each named by the sha256 of its content."""
-
-    def __init__(self, folder: Path, *, enabled: bool) -> None:
-        self.folder = folder
-        self.enabled = enabled
-        self._open: dict[int, tuple[BinaryIO, Any, Path]] = {}
-
-    def write(self, shard: int, raw: bytes) -> None:
-        if not self.enabled:
-            return
-        entry = self._open.get(shard)
-        if entry is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
-            entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
-        line = raw + b"\n"
-        entry[0].write(line)
-        entry[1].update(line)
-
-    def finish(self) -> dict[int, str]:
-        shas = {}
-        for shard, (handle, digest, tmp) in self._open.items():
-            handle.close()
-            shas[shard] = digest.hexdigest()
-            os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
-        self._open.clear()
-        return shas
-
-
-def _ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
-    for req in iter_requests(path):
-        yield req.custom_id, req.line, 0, len(req.raw) + 1, _fingerprint(req.raw)
-
-
-def _shard_and_write(
-    requests: Iterator[RequestLine],
-    limits: ShardLimits,
-    endpoint: str,
-    writers: ShardWriters,
-    per_shard: dict[int, int],
-) -> Iterator[tuple[int, RequestLine]]:
-    for shard, req in assign_shards(requests, limits, endpoint=endpoint):
-        per_shard[shard] = per_shard.get(shard, 0) + 1
-        writers.write(shard, req.raw)
-        yield shard, req
-
-
-def _with_fingerprints(
-    assigned: Iterator[tuple[int, RequestLine]],
-) -> Iterator[tuple[str, int, int, int, str]]:
-    for shard, req in assigned:
-        yield req.custom_id, req.line, shard, len(req.raw) + 1, _fingerprint(req.raw)
-
-
-def _fingerprint(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:
     return DesiredResource(
         name=res.name,
@@ -907,53 +858,6 @@ def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:
         max_attempts=res.retry.max_attempts,
         suspend=res.suspend,
     )
-
-
-def batch_key(resource: str, spec_hash: str, shard: int, attempt: int) -> str:
-    return f"{resource}/{spec_hash}/{shard}/{attempt}"
-
-
-def batch_metadata_keys(resource: str, spec_hash: str, shard: int, attempt: int) -> dict[str, str]:
-    return dict(zip(METADATA_KEYS, (resource, spec_hash, str(shard), str(attempt)), strict=True))
-
-
-def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
-    """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
-    return {
-        **res.metadata,
-        **batch_metadata_keys(res.name, res.spec_hash, batch.shard, batch.attempt),
-    }
-
-
-def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
-    counts = remote.request_counts
-    usage = remote.usage
-    fields: dict[str, Any] = {
-        "status": remote.status,
-        "output_file_id": remote.output_file_id,
-        "error_file_id": remote.error_file_id,
-    }
-    if counts is not None:
-        fields.update(total=counts.total, completed=counts.completed, failed=counts.failed)
-    if usage is not None:
-        fields.update(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            total_tokens=usage.total_tokens,
-        )
-    if remote.errors:
-        fields["provider_errors"] = [
-            {"code": e.code, "message": e.message, "line": e.line, "param": e.param}
-            for e in remote.errors
-        ]
-    if remote.is_terminal:
-        fields["terminal_at"] = _now()
-    return fields
-
-
-def _counts_json(remote: RemoteBatch) -> dict[str, int]:
-    c = remote.request_counts
-    return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}
 
 
 def _rejection_text(errors: list[dict[str, Any]] | None) -> str:

@@ -9,11 +9,16 @@ Everything streams: a request is looked at once and never held.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from batchspec.inputs import RequestLine
+from batchspec.inputs import RequestLine, iter_requests
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
@@ -58,3 +63,66 @@ def embedding_inputs(raw: bytes) -> int:
     if isinstance(value, list) and value and not isinstance(value[0], int):
         return len(value)
     return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard files and the ledger rows that go with them
+
+
+class ShardWriters:
+    """Writes shard files into the shard folder, each named by the sha256 of its content."""
+
+    def __init__(self, folder: Path, *, enabled: bool) -> None:
+        self.folder = folder
+        self.enabled = enabled
+        self._open: dict[int, tuple[BinaryIO, Any, Path]] = {}
+
+    def write(self, shard: int, raw: bytes) -> None:
+        if not self.enabled:
+            return
+        entry = self._open.get(shard)
+        if entry is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
+            entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
+        line = raw + b"\n"
+        entry[0].write(line)
+        entry[1].update(line)
+
+    def finish(self) -> dict[int, str]:
+        shas = {}
+        for shard, (handle, digest, tmp) in self._open.items():
+            handle.close()
+            shas[shard] = digest.hexdigest()
+            os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
+        self._open.clear()
+        return shas
+
+
+def ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
+    for req in iter_requests(path):
+        yield req.custom_id, req.line, 0, len(req.raw) + 1, fingerprint(req.raw)
+
+
+def shard_and_write(
+    requests: Iterator[RequestLine],
+    limits: ShardLimits,
+    endpoint: str,
+    writers: ShardWriters,
+    per_shard: dict[int, int],
+) -> Iterator[tuple[int, RequestLine]]:
+    for shard, req in assign_shards(requests, limits, endpoint=endpoint):
+        per_shard[shard] = per_shard.get(shard, 0) + 1
+        writers.write(shard, req.raw)
+        yield shard, req
+
+
+def with_fingerprints(
+    assigned: Iterator[tuple[int, RequestLine]],
+) -> Iterator[tuple[str, int, int, int, str]]:
+    for shard, req in assigned:
+        yield req.custom_id, req.line, shard, len(req.raw) + 1, fingerprint(req.raw)
+
+
+def fingerprint(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
