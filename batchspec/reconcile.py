@@ -64,6 +64,7 @@ from batchspec.sharding import (
     with_fingerprints,
 )
 from batchspec.state import BatchRow, GenerationRow, StateStore, utc_timestamp
+from batchspec.yamldoc import display_path
 
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
 ADOPTION_CLOCK_SLACK = 3600
@@ -559,12 +560,10 @@ class Reconciler:
             batch_id=batch.id,
             detail={"sha256": batch.input_sha256, "bytes": path.stat().st_size},
         )
-        self.report(
-            Progress("upload", res.name, f"uploading {path.name} ({_size(path.stat().st_size)})")
-        )
-        remote = provider.upload_file(
-            path, filename=f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
-        )
+        filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
+        size = path.stat().st_size
+        self.report(Progress("upload", res.name, f"uploading {filename} ({_size(size)})"))
+        remote = provider.upload_file(path, filename=filename)
         with self.store.atomic():
             self.store.record_file(
                 provider.name,
@@ -750,9 +749,9 @@ class Reconciler:
             Progress(
                 "results",
                 res.name,
-                f"wrote {written.succeeded} results to {self._relative(res.output_path)}"
+                f"wrote {written.succeeded} results to {display_path(res.output_path)}"
                 + (
-                    f", {written.failed} errors to {self._relative(res.errors_path)}"
+                    f", {written.failed} errors to {display_path(res.errors_path)}"
                     if written.failed
                     else ""
                 ),
@@ -776,8 +775,7 @@ class Reconciler:
             Progress(
                 "restore",
                 res.name,
-                f"restored {self._relative(res.output_path)} from the state store "
-                f"({action.reason})",
+                f"restored {display_path(res.output_path)} from the state store ({action.reason})",
             )
         )
 

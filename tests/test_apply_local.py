@@ -28,6 +28,7 @@ from workspaces import (
 from batchspec.apply import ApplyOptions, apply_workspace
 from batchspec.engine import Engine
 from batchspec.reconcile import Progress
+from batchspec.yamldoc import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--poll-interval", "0.05"]
@@ -80,7 +81,7 @@ def test_apply_wait_on_the_local_engine_writes_results_in_input_order(
     assert gen.output_sha256 == hashlib.sha256(ws.output_path("triage").read_bytes()).hexdigest()
     assert gen.errors_sha256 == hashlib.sha256(ws.errors_path("triage").read_bytes()).hexdigest()
     assert (gen.status, gen.succeeded, gen.failed) == ("complete", 4, 1)
-    assert "wrote 4 results to results/triage.jsonl" in out
+    assert f"wrote 4 results to {display_path(ws.output_path('triage'))}" in out
 
 
 def test_a_second_local_apply_creates_nothing(
