@@ -550,6 +550,15 @@ def test_sentinel_key_never_appears_in_errors(handler: Handler) -> None:
         assert "$OPENAI_API_KEY" in str(error)
 
 
+def test_error_context_repr_leaves_the_key_out() -> None:
+    """The error context keeps the key only to redact it: its repr never shows it."""
+    provider, _ = make_provider(lambda r: error_response(500))
+    context = provider._http.context
+    assert context.secrets == (SENTINEL_KEY,)
+    assert SENTINEL_KEY not in repr(context)
+    assert SENTINEL_KEY not in repr(provider._http)
+
+
 def test_the_key_is_sent_as_a_bearer_header() -> None:
     """The key goes in the Authorization header, and nowhere in the URL or body."""
     script = Script(httpx.Response(200, json=batch_json()))

@@ -28,7 +28,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,13 +176,17 @@ def is_ambiguous_status(status: int) -> bool:
 
 @dataclass(frozen=True)
 class ErrorContext:
-    """Who we were talking to, for messages: never holds a key, only its variable's name."""
+    """Who we were talking to, for messages: names the key's variable, never shows the key.
+
+    ``secrets`` holds the key itself, only to redact it from messages; it is left out of
+    ``repr`` so that a logged or printed context cannot leak it.
+    """
 
     provider: str
     base_url: str
     api_key_env: str | None
     key_sent: bool
-    secrets: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
