@@ -39,12 +39,7 @@ class InputCache:
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            if not db_path.exists():
-                os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self.conn = sqlite3.connect(db_path, isolation_level=None)
-            self.conn.execute("pragma journal_mode=wal")
-            self.conn.execute(_SCHEMA)
+            self.conn = _open_db(db_path)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -109,27 +104,56 @@ class InputCache:
     def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:
         if self.conn is None:
             return None
-        row = self.conn.execute(
-            "select size, mtime_ns, ctime_ns, inode, report from scans "
-            "where path = ? and options = ?",
-            key,
-        ).fetchone()
+        try:
+            row = self.conn.execute(
+                "select size, mtime_ns, ctime_ns, inode, report from scans "
+                "where path = ? and options = ?",
+                key,
+            ).fetchone()
+        except sqlite3.Error:  # a damaged cache costs a re-read, never the run
+            return None
         if row is None or tuple(row[:4]) != stamp:
             return None
-        data = json.loads(row[4])
-        return InputReport(
-            **{**data, "models": tuple(data["models"]), "urls": tuple(data["urls"]), "problems": ()}
-        )
+        try:
+            data = json.loads(row[4])
+            return InputReport(
+                **{
+                    **data,
+                    "models": tuple(data["models"]),
+                    "urls": tuple(data["urls"]),
+                    "problems": (),
+                }
+            )
+        except (ValueError, TypeError, KeyError):  # written by another version: scan again
+            return None
 
     def _store(self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport) -> None:
         if self.conn is None:
             return
         data = asdict(report)
-        with contextlib.suppress(sqlite3.OperationalError):  # a busy cache costs a re-read
+        with contextlib.suppress(sqlite3.Error):  # a busy or damaged cache costs a re-read
             self.conn.execute(
                 "insert or replace into scans values (?, ?, ?, ?, ?, ?, ?)",
                 (*key, *stamp, json.dumps(data)),
             )
+
+
+def _open_db(db_path: Path) -> sqlite3.Connection | None:
+    """The cache database, or None when it cannot be used (read-only folder, damaged file):
+    the cache only saves re-reads, so the run goes on without it."""
+    conn = None
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        if not db_path.exists():
+            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        conn.execute("pragma journal_mode=wal")
+        conn.execute(_SCHEMA)
+    except (OSError, sqlite3.Error):
+        if conn is not None:
+            conn.close()
+        return None
+    return conn
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
+from batchspec.inputcache import InputCache
+from batchspec.inputs import scan_batch_input
+
 IN_ACCESS = 0x001
 IN_OPEN = 0x020
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (+ name)
@@ -176,3 +179,51 @@ def test_an_invalid_input_is_never_cached(
         assert ":51" in err  # the bad line, located
         assert watch.opened()
     assert cache_rows(workspace) == []
+
+
+def one_request_input(tmp_path: Path) -> Path:
+    path = tmp_path / "in.jsonl"
+    line = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    path.write_text(json.dumps(line) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["garbage-file", "folder-is-a-file"])
+def test_an_unusable_cache_database_only_costs_a_reread(tmp_path: Path, damage: str) -> None:
+    """A cache file that is not SQLite, or a cache folder that cannot be made, never fails the
+    run: the scan is done as if there were no cache."""
+    source = one_request_input(tmp_path)
+    if damage == "garbage-file":
+        db = tmp_path / "state" / "input-cache.db"
+        db.parent.mkdir()
+        db.write_bytes(b"not a database " * 1000)
+    else:
+        (tmp_path / "state").write_text("a file where the state folder should be")
+        db = tmp_path / "state" / "input-cache.db"
+
+    with InputCache(db) as cache:
+        report = cache.scan(source)
+
+    assert report.ok and report.requests == 1
+    assert report.sha256 == scan_batch_input(source).sha256
+
+
+def test_an_entry_from_another_version_is_scanned_again(tmp_path: Path) -> None:
+    """A cached report that no longer fits ``InputReport`` (written by another version) is
+    ignored and the file is scanned again, instead of failing every plan."""
+    source = one_request_input(tmp_path)
+    db = tmp_path / "input-cache.db"
+    with InputCache(db) as cache:
+        expected = cache.scan(source)
+    with sqlite3.connect(db) as conn:
+        conn.execute("update scans set report = ?", (json.dumps({"sha256": "stale"}),))
+
+    with InputCache(db) as cache:
+        again = cache.scan(source)
+
+    assert again == expected
