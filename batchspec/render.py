@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.history import HistoryEntry
     from batchspec.lifecycle import ForgetResult, ImportResult
     from batchspec.plan import Plan
-    from batchspec.reconcile import Progress
     from batchspec.status import ResourceStatus
     from batchspec.validate import ValidatedResource, ValidationReport
 
@@ -213,13 +212,6 @@ def plan_markdown(result: PlanResult) -> str:
 def _md_cell(text: str) -> str:
     """Text that stays inside one markdown table cell and renders no HTML."""
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def progress_text(progress: Progress) -> str | None:
-    if progress.event == "plan":
-        return None
-    prefix = f"[{progress.resource}] " if progress.resource else ""
-    return f"{prefix}{progress.message}"
 
 
 def apply_text(result: ApplyResult) -> str:
