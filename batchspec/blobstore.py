@@ -49,16 +49,6 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def put_file(self, source: Path) -> str:
-        """Copy a local file into the store (streamed) and return its sha256."""
-
-        def copy(tmp: Path) -> None:
-            with source.open("rb") as src, tmp.open("wb") as dst:
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-
-        return self.put_from(copy)
-
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
