@@ -26,7 +26,6 @@ import sqlite_utils
 
 from batchspec.outcomes import Outcome
 
-UNRESOLVED = ("pending", "retryable")
 _CHUNK = 5_000
 
 
