@@ -22,10 +22,9 @@ Each writes only while holding the state lock and records what it did in the eve
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,7 @@ from batchspec.plan import ActionKind, Plan
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.reconcile import Progress, Reconciler
 from batchspec.runinfo import collect_run_info
-from batchspec.sharding import assign_shards, fits_one_shard
+from batchspec.sharding import assign_shards, fits_one_shard, ledger_rows
 from batchspec.state import GenerationRow, StateStore
 
 if TYPE_CHECKING:
@@ -307,13 +306,6 @@ def record_import(
             },
         )
     return store.get_generation(gen.id)
-
-
-def ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
-    """``(custom_id, line, shard 0, bytes, request sha256)`` per request, as the reconciler
-    records them (the sha256 of the raw line lets a later generation reuse the answers)."""
-    for req in iter_requests(path):
-        yield req.custom_id, req.line, 0, len(req.raw) + 1, hashlib.sha256(req.raw).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class ShardWriters:
 
 
 def ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
+    """``(custom_id, line, shard 0, bytes, fingerprint)`` per request of an input that goes as
+    one shard (the fingerprint of the raw line lets a later generation reuse the answers)."""
     for req in iter_requests(path):
         yield req.custom_id, req.line, 0, len(req.raw) + 1, fingerprint(req.raw)
 
