@@ -528,7 +528,7 @@ class StateStore:
         except OSError as err:
             raise StateError(
                 f"cannot create the state database {path}: {err.strerror or err}; "
-                "check that the folder is writable or pass --state"
+                "check that the folder is writable, or set state.path in batchspec.yaml"
             ) from err
         store = cls(Database(conn), path)
         try:
@@ -548,7 +548,7 @@ class StateStore:
         except sqlite3.DatabaseError as err:
             raise StateError(
                 f"{self.path} is not a usable batchspec state database ({err}); "
-                "point --state at another file or move this one away"
+                "move it away, or set state.path in batchspec.yaml to another file"
             ) from err
         if str(mode).lower() != "wal":
             raise StateError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
