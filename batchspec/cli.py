@@ -619,6 +619,10 @@ def main(argv: list[str] | None = None) -> None:
     except BatchspecError as err:
         report_error(err)
         sys.exit(err.exit_code)
+    except OSError as err:  # disk full, permission denied, a file where a folder should be
+        where = f": {err.filename}" if err.filename else ""
+        click.echo(f"Error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
