@@ -8,6 +8,7 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -622,6 +623,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:  # disk full, permission denied, a file where a folder should be
         where = f": {err.filename}" if err.filename else ""
         click.echo(f"Error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
+    except sqlite3.Error as err:  # a database failed under us: disk full, I/O error
+        click.echo(
+            f"Error: a database operation failed ({err}); check the free space and the "
+            "permissions of the state folder, then run the command again",
+            err=True,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)

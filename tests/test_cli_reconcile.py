@@ -7,6 +7,7 @@ that stays in flight: that one runs against the engine's API with a slow upstrea
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     git_commit_all,
     local_provider,
     make_workspace,
@@ -291,6 +293,27 @@ def test_a_results_file_that_cannot_be_written_exits_1_without_a_traceback(
 
     assert code == 1
     assert err.startswith("Error: File exists: ") and str(ws.root / "results") in err
+
+
+def test_a_full_disk_exits_1_without_a_traceback(tmp_path: Path) -> None:
+    """With writes capped at 64 KB (as on a full disk), apply fails in the state database or
+    a file write; either way it exits 1 with an error line, not a traceback."""
+    ws = local_ws(tmp_path / "ws")
+
+    def cap_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        batchspec_cmd("apply", str(ws.root), "--wait", *FAST),
+        capture_output=True,
+        text=True,
+        preexec_fn=cap_file_size,
+        timeout=60,
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("Error: ")
 
 
 # ---------------------------------------------------------------------------------------------
