@@ -135,7 +135,7 @@ def planned_changes(
     """The pure part of ``modified_resources``: plan without reading inputs."""
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     plan = make_plan(
-        [_desired_without_input(r) for r in resources],
+        [desired_without_input(r) for r in resources],
         recorded,
         disk,
         include_orphans=False,
@@ -144,8 +144,12 @@ def planned_changes(
     return frozenset(a.resource for a in plan.actions if a.kind is not ActionKind.NONE)
 
 
-def _desired_without_input(res: Resource) -> DesiredResource:
-    # Request counts only size a spending action's estimate; they never change its kind.
+def desired_without_input(res: Resource) -> DesiredResource:
+    """The desired state of ``res`` without reading its input (request counts are 0).
+
+    Request counts only size a spending action's estimate; they never change its kind, so
+    this is enough to tell sync and what apply would do next (``status``, ``--select``).
+    """
     return DesiredResource(
         name=res.name,
         provider=res.provider,

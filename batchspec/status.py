@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 from batchspec.inputs import InputReport
 from batchspec.ledger import RequestLedger
 from batchspec.manifest import Resource, load_workspace
-from batchspec.plan import Action, ActionKind, DesiredResource, make_plan
+from batchspec.plan import Action, ActionKind, make_plan
 from batchspec.reconcile import desired_resource
 from batchspec.recorded import load_recorded, observe_disk
+from batchspec.selection import desired_without_input
 from batchspec.state import GenerationRow, StateStore
 
 _HEALTH = {
@@ -72,7 +73,9 @@ def resource_statuses(
     recorded = load_recorded(store, RequestLedger(store.db))
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [
-        desired_resource(r, facts[r.name]) if facts and r.name in facts else _unscanned(r)
+        desired_resource(r, facts[r.name])
+        if facts and r.name in facts
+        else desired_without_input(r)
         for r in resources
     ]
     plan = make_plan(desired, recorded, disk, include_orphans=include_orphans)
@@ -120,19 +123,6 @@ def _status(
 def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
     for b in store.batches(gen.id):
         yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
-
-
-def _unscanned(res: Resource) -> DesiredResource:
-    """Status without reading inputs: request counts come from the recorded generation."""
-    return DesiredResource(
-        name=res.name,
-        provider=res.provider,
-        spec_hash=res.spec_hash,
-        requests=0,
-        input_bytes=0,
-        max_attempts=res.retry.max_attempts,
-        suspend=res.suspend,
-    )
 
 
 def workspace_status(paths: Sequence[str], *, select: Sequence[str] = ()) -> list[ResourceStatus]:
