@@ -21,6 +21,7 @@ from batchspec.errors import BatchspecError
 F = TypeVar("F", bound=Callable[..., Any])
 
 USAGE_EXIT_CODE = 64
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,7 +609,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
     try:
         rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("Interrupted.", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
@@ -633,5 +637,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(rv if isinstance(rv, int) else 0)

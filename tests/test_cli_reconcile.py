@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +380,28 @@ def test_cancel_of_an_unknown_resource_exits_1(
     assert "'gamma'" in err
     with applied.store() as store:
         assert [e for e in store.events() if e.action == "cancel"] == []
+
+
+def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedServer) -> None:
+    """Ctrl-C while apply --wait polls a batch in flight: "Interrupted." and exit 130, as
+    docs/exit-codes.md says, with no traceback."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # interrupt once it polls, i.e. after the create
+        if line.startswith("waiting"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("Interrupted.") and "Traceback" not in err
