@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it i
     from jsonschema.exceptions import ValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+#: keys whose value names the variable holding an API key (never quoted: it may be the key)
+_KEY_VARIABLE_SUFFIXES = ("/apiKeyEnv", "/upstreamApiKeyEnv")
 # Longest value quoted verbatim in a message; longer ones are cut with an ellipsis.
 _QUOTE_LIMIT = 60
 
@@ -467,6 +469,12 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         if pointer == "/kind" and value == "Project":
             tail = " (a Project document belongs in the project file batchspec.yaml)"
         return f"expected {quote(expected)}, got {quote(value)}{tail}"
+    if kind == "pattern" and pointer.endswith(_KEY_VARIABLE_SUFFIXES):
+        # the usual mistake is the key itself in place of its variable's name: never echo it
+        return (
+            f"is not an environment variable name (it must match {expected}); give the name "
+            "of the variable that holds the API key, never the key itself (value not shown)"
+        )
     if kind == "pattern":
         return f"{quote(value)} does not match {expected}{_why(error.schema)}"
     if kind == "maxLength":

@@ -227,6 +227,24 @@ def test_bad_project_files_are_located(
     assert expected[4] in message
 
 
+@pytest.mark.parametrize("key", ["apiKeyEnv", "options: {upstreamApiKeyEnv"])
+def test_a_key_given_as_its_variable_name_is_never_echoed(tmp_path: Path, key: str) -> None:
+    """An API key written where its variable's name belongs is refused without quoting it:
+    the message (shown in CI logs) says what is wrong and where, not the value."""
+    secret = "sk-proj-Abc123Def456Ghi789"
+    close = "}" if key.startswith("options") else ""
+    kind = "local" if close else "openai"
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + f"providers:\n  p:\n    type: {kind}\n    {key}: {secret}{close}\n",
+    )
+    with pytest.raises(InvalidManifestError) as caught:
+        load_project(tmp_path)
+    text = "\n".join([caught.value.message, *caught.value.details])
+    assert "environment variable name" in text and "batchspec.yaml:6:" in text
+    assert secret not in text and secret[:10] not in text
+
+
 def test_every_problem_of_a_project_file_is_reported(tmp_path: Path) -> None:
     """Validation does not stop at the first problem; the error lists one line each."""
     write(
