@@ -778,10 +778,10 @@ class Reconciler:
                 f"restored {display_path(res.output_path)} from the state store ({action.reason})",
             )
         )
-
-        # -----------------------------------------------------------------------------------------
-        # cancel
         return True
+
+    # -----------------------------------------------------------------------------------------
+    # cancel
 
     def cancel(self, name: str, *, reason: str = "cancelled by a user") -> int:
         """Cancel the in-flight batches of a resource's active generations; return how many."""
