@@ -27,6 +27,7 @@ from batchspec.ledger import RequestLedger
 from batchspec.lifecycle import prune_orphans
 from batchspec.lock import acquire_lock
 from batchspec.manifest import Resource, Workspace, load_workspace, project_for
+from batchspec.manifestcache import ManifestCache
 from batchspec.moves import apply_moves, moved_view, note_moves
 from batchspec.plan import Action, ActionKind, Plan, make_plan
 from batchspec.planfile import SavedPlan, state_lineage
@@ -38,7 +39,6 @@ from batchspec.selection import select_from_workspace
 from batchspec.sharding import ShardLimits
 from batchspec.state import StateStore
 from batchspec.status import ResourceStatus, resource_statuses
-from batchspec.validate import rows_problem_lines
 from batchspec.yamldoc import display_path
 
 ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -83,10 +83,13 @@ class PlanResult:
 
 @contextmanager
 def open_workspace(paths: Sequence[str]) -> Iterator[tuple[Workspace, InputCache]]:
-    """Load manifests, hashing inputs through the cache beside the state database."""
+    """Load manifests through the caches beside the state database (inputs and manifests)."""
     project = project_for(paths)
-    with InputCache(project.state_path.parent / "input-cache.db") as cache:
-        yield load_workspace(paths, hash_input=cache.sha256), cache
+    cache_db = project.state_path.parent / "input-cache.db"
+    with InputCache(cache_db) as cache:
+        with ManifestCache(cache_db, project) as manifests:
+            ws = load_workspace(paths, hash_input=cache.sha256, manifest_cache=manifests)
+        yield ws, cache
 
 
 def plan_workspace(
@@ -319,6 +322,9 @@ def validate_inputs(
         if report.ok:
             facts[res.name] = report
         else:
+            # imported here: it brings in the templates and Jinja2, which `plan` rarely needs
+            from batchspec.validate import rows_problem_lines
+
             failures.append(
                 InputError(
                     f"{display_path(res.input_source or res.input_path)}: "

@@ -73,7 +73,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchspec import inputs
 from batchspec.errors import BatchspecError
@@ -86,7 +86,6 @@ from batchspec.project import (
     find_project_file,
     load_project,
 )
-from batchspec.templates import RenderedInput, compile_request_template, render_rows, rows_format
 from batchspec.yamldoc import (
     InvalidManifestError,
     Problem,
@@ -97,6 +96,10 @@ from batchspec.yamldoc import (
     schema_problems,
     suggest,
 )
+
+if TYPE_CHECKING:
+    from batchspec.manifestcache import ManifestCache
+    from batchspec.templates import RenderedInput
 
 API_VERSION = "batchspec/v1"
 #: below the state folder: the render cache of rows inputs (``batchspec.templates``)
@@ -221,26 +224,39 @@ def load_workspace(
     paths: Sequence[str | Path] = (),
     *,
     hash_input: Callable[[Path], str] = inputs.file_sha256,
+    manifest_cache: ManifestCache | None = None,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
     ``hash_input`` computes an input file's content hash (injectable so a caller that reads
-    the inputs anyway can avoid reading them twice).
+    the inputs anyway can avoid reading them twice). ``manifest_cache`` recalls files that
+    were read clean before and are unchanged, so they are not parsed and schema-checked
+    again (``batchspec.manifestcache``); every other check still runs on them.
     """
     targets = [str(p) for p in paths] or ["."]
     project = load_project(_start_of(targets[0]))
     files, problems = find_manifest_files(targets, project)
     resources: list[tuple[Resource, YamlDocument]] = []
     names: list[tuple[str, SourceLocation]] = []
+    resolve = _PathResolver()
     for file in files:
-        documents, file_problems = read_yaml_documents(file)
+        recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        documents, file_problems = (
+            (recalled, []) if recalled is not None else read_yaml_documents(file)
+        )
         problems.extend(file_problems)
+        clean = not file_problems
         for doc in documents:
-            resource, doc_problems = _load_document(doc, project, hash_input)
+            resource, doc_problems = _load_document(
+                doc, project, hash_input, resolve, validated=recalled is not None
+            )
             problems.extend(doc_problems)
             names.extend(_name_of(doc))
             if resource is not None:
                 resources.append((resource, doc))
+            clean = clean and resource is not None
+        if manifest_cache is not None and recalled is None and clean:
+            manifest_cache.remember(file, documents)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
     problems.extend(_shared_outputs(resources))
@@ -376,15 +392,24 @@ def _start_of(target: str) -> Path:
 
 
 def _load_document(
-    doc: YamlDocument, project: Project, hash_input: Callable[[Path], str]
+    doc: YamlDocument,
+    project: Project,
+    hash_input: Callable[[Path], str],
+    resolve: _PathResolver,
+    *,
+    validated: bool = False,
 ) -> tuple[Resource | None, list[Problem]]:
-    problems = _shape_problems(doc)
-    if problems:
-        return None, problems
-    problems = schema_problems(doc, "batch")
+    """``validated``: the document is known to pass the shape and schema checks (recalled
+    from the manifest cache, which holds only documents that did), so they are skipped."""
+    problems: list[Problem] = []
+    if not validated:
+        problems = _shape_problems(doc)
+        if problems:
+            return None, problems
+        problems = schema_problems(doc, "batch")
     # The checks beyond the schema run wherever their fields are well-typed, so one run
     # reports a missing input file next to a misspelt key.
-    checked = _check_spec(doc, project, hash_input, problems)
+    checked = _check_spec(doc, project, hash_input, resolve, problems)
     if problems or checked is None:
         return None, problems
     return _resource(doc, project, checked), []
@@ -427,24 +452,25 @@ def _check_spec(
     doc: YamlDocument,
     project: Project,
     hash_input: Callable[[Path], str],
+    resolve: _PathResolver,
     problems: list[Problem],
 ) -> _Checked | None:
     spec = doc.data.get("spec")
     if not isinstance(spec, Mapping):
         return None
-    folder = doc.file.parent.resolve()
+    folder = resolve.folder(doc.file.parent)
     provider = _provider(doc, spec, project, problems)
     raw_input = spec.get("input")
     input_path = input_sha256 = input_source = None
     if isinstance(raw_input, str):
-        input_path = _input_path(raw_input, folder)
+        input_path = resolve(folder, raw_input)
         input_sha256 = _input_hash(doc, input_path, hash_input, problems)
     elif isinstance(raw_input, Mapping):
-        rendered = _rendered_input(doc, spec, raw_input, project, problems)
+        rendered = _rendered_input(doc, spec, raw_input, project, folder, problems)
         if rendered is not None:
             input_path, input_sha256 = rendered.path, rendered.sha256
             input_source = rendered.rows_path
-    outputs = _output_paths(doc, spec, folder, input_source or input_path, problems)
+    outputs = _output_paths(doc, spec, folder, resolve, input_source or input_path, problems)
     if provider is None or input_path is None or input_sha256 is None or outputs is None:
         return None
     return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
@@ -454,6 +480,7 @@ def _output_paths(
     doc: YamlDocument,
     spec: Mapping[str, Any],
     folder: Path,
+    resolve: _PathResolver,
     input_path: Path | None,
     problems: list[Problem],
 ) -> tuple[Path, Path] | None:
@@ -463,8 +490,8 @@ def _output_paths(
     errors = spec.get("errors", f"results/{name}.errors.jsonl")
     if name is None or not isinstance(output, str) or not isinstance(errors, str):
         return None  # the schema has reported it
-    output_path = (folder / output).resolve()
-    errors_path = (folder / errors).resolve()
+    output_path = resolve(folder, output)
+    errors_path = resolve(folder, errors)
     for key, path in (("output", output_path), ("errors", errors_path)):
         if path == input_path:
             pointer = f"/spec/{key}"
@@ -533,9 +560,14 @@ def _rendered_input(
     spec: Mapping[str, Any],
     raw: Mapping[str, Any],
     project: Project,
+    folder: Path,
     problems: list[Problem],
 ) -> RenderedInput | None:
     """Render a rows input (``{rows, id, body}``) into the state folder's render cache."""
+    # Imported here: Jinja2 costs about 30 ms to import, a tenth of loading a warm workspace
+    # of 1,000 manifests, and only rows inputs need it.
+    from batchspec.templates import compile_request_template, render_rows, rows_format
+
     pointer = "/spec/input"
     rows, body, id_template = raw.get("rows"), raw.get("body"), raw.get("id")
     endpoint, model = spec.get("endpoint"), spec.get("model")
@@ -549,7 +581,7 @@ def _rendered_input(
     ):
         return None  # the schema has reported it
     found: list[Problem] = []
-    rows_path = _input_path(rows, doc.file.parent.resolve())
+    rows_path = _input_path(rows, folder)
     rows_pointer = f"{pointer}/rows"
     if not rows_path.is_file():
         what = "not found" if not rows_path.exists() else "not a file"
@@ -587,6 +619,37 @@ def _rendered_input(
 def _input_path(value: Any, folder: Path) -> Path:
     """The input file a manifest's ``spec.input`` names (a path, relative to the manifest)."""
     return (folder / str(value)).resolve()
+
+
+class _PathResolver:
+    """``(folder / relative).resolve()`` for one load, resolving each folder's symlinks once.
+
+    Resolving is most of a manifest's path work, and manifests name files in a few shared
+    folders (``../data``, ``results``). ``realpath(head/name)`` is ``realpath(head)/name``
+    unless ``name`` is itself a symlink (then the whole path is resolved), so the answer is
+    exactly ``Path.resolve()``'s. Folders are remembered for one load only: links may change
+    between loads.
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def folder(self, path: Path) -> Path:
+        return Path(self._realpath(str(path)))
+
+    def __call__(self, folder: Path, relative: str) -> Path:
+        joined = os.path.join(folder, relative)
+        head, name = os.path.split(joined)
+        if name in ("", ".", "..") or os.name != "posix":  # (the argument holds for POSIX)
+            return Path(joined).resolve()
+        candidate = os.path.join(self._realpath(head), name)
+        return Path(joined).resolve() if os.path.islink(candidate) else Path(candidate)
+
+    def _realpath(self, path: str) -> str:
+        resolved = self._folders.get(path)
+        if resolved is None:
+            resolved = self._folders[path] = str(Path(path).resolve())
+        return resolved
 
 
 def _input_hash(
