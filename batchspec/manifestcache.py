@@ -155,7 +155,8 @@ class ManifestCache:
     def _flush(self, conn: sqlite3.Connection) -> None:
         if not self._pending:
             return
-        with conn:
+        conn.execute("begin immediate")  # one transaction: one sync, not one per file
+        try:
             conn.executemany(
                 "insert or replace into manifests values (?, ?, ?, ?, ?, ?, ?)", self._pending
             )
@@ -167,6 +168,10 @@ class ManifestCache:
                 if not os.path.exists(path)
             ]
             conn.executemany("delete from manifests where path = ?", gone)
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
         self._pending.clear()
 
 
@@ -174,7 +179,7 @@ def _connect(db_path: Path) -> sqlite3.Connection:
     db_path.parent.mkdir(parents=True, exist_ok=True)
     if not db_path.exists():
         os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=1.0)
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=0.5)
     try:
         conn.execute("pragma journal_mode=wal")
         conn.execute(_SCHEMA)

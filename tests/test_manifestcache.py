@@ -418,6 +418,26 @@ def test_an_unusable_cache_database_only_costs_a_reread(root: Path) -> None:
     assert ws.resources == load_workspace([root]).resources
 
 
+def test_a_busy_cache_database_only_costs_a_reread(root: Path) -> None:
+    """When another process holds the cache's write lock, the load still succeeds; what it
+    could not store is read again next time, and stored once the lock is gone."""
+    cached_load(root)  # creates the database
+    with sqlite3.connect(cache_db(root)) as conn:
+        conn.execute("delete from manifests")
+    blocker = sqlite3.connect(cache_db(root), isolation_level=None)
+    blocker.execute("begin immediate")
+    try:
+        ws, _ = cached_load(root)
+    finally:
+        blocker.execute("rollback")
+        blocker.close()
+
+    assert ws.resources == load_workspace([root]).resources
+    assert stored_paths(root) == []
+    assert cached_load(root)[1] == 0
+    assert cached_load(root)[1] == 3
+
+
 def test_plan_recalls_unchanged_manifests_and_sees_an_edit(
     root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
