@@ -183,6 +183,7 @@ def apply_workspace(
                     max_in_flight=lambda name: provider_option(ws, name, "maxInFlightBatches"),
                     requeue_backoff=requeue_backoff(ws),
                     may_spend=saved.may_spend if saved is not None else None,
+                    still_holds_lock=lock.heartbeat,
                 )
                 prune_orphans(rec, plan)
                 outcome = converge(
@@ -470,6 +471,15 @@ def recorded_run(
         run.exit_code = err.exit_code
         store.record_event(
             run.id, "error", detail={"error": type(err).__name__, "message": err.message}
+        )
+        raise
+    except KeyboardInterrupt:
+        run.exit_code = 130
+        store.record_event(run.id, "interrupted", detail={})
+        raise
+    except Exception as err:  # an unexpected failure is still recorded, then re-raised
+        store.record_event(
+            run.id, "error", detail={"error": type(err).__name__, "message": str(err)}
         )
         raise
     finally:

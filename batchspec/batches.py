@@ -12,26 +12,26 @@ from __future__ import annotations
 from typing import Any
 
 from batchspec.manifest import Resource
-from batchspec.providers.base import RemoteBatch
+from batchspec.providers.base import METADATA_KEYS, RemoteBatch
 from batchspec.state import BatchRow, utc_timestamp
-
-METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
 
 
 def batch_key(resource: str, spec_hash: str, shard: int, attempt: int) -> str:
     return f"{resource}/{spec_hash}/{shard}/{attempt}"
 
 
-def batch_metadata_keys(resource: str, spec_hash: str, shard: int, attempt: int) -> dict[str, str]:
-    return dict(zip(METADATA_KEYS, (resource, spec_hash, str(shard), str(attempt)), strict=True))
+def metadata_for_key(key: str) -> dict[str, str]:
+    """The four metadata pairs carried by the remote batch of the state row with this key.
+
+    Taken from the recorded key, not recomputed from the manifest, so an intent recorded
+    under an earlier name or spec is still recognised at the provider.
+    """
+    return dict(zip(METADATA_KEYS, key.split("/"), strict=True))
 
 
 def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
     """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
-    return {
-        **res.metadata,
-        **batch_metadata_keys(res.name, res.spec_hash, batch.shard, batch.attempt),
-    }
+    return {**res.metadata, **metadata_for_key(batch.key)}
 
 
 def batch_fields(remote: RemoteBatch) -> dict[str, Any]:

@@ -296,7 +296,7 @@ def plan_resource(
             ActionKind.NONE, "cancelled by a user; change the spec or `forget` it to run again", gen
         )
 
-    intents = [b for b in gen.batches if b.remote_id is None]
+    intents = [b for b in gen.batches if b.remote_id is None and b.status not in TERMINAL_STATUSES]
     if intents:
         n = sum(b.requests for b in intents)
         unsure = sum(b.status == "creating" for b in intents)

@@ -29,8 +29,8 @@ from batchspec.batches import (
     batch_fields,
     batch_key,
     batch_metadata,
-    batch_metadata_keys,
     counts_json,
+    metadata_for_key,
 )
 from batchspec.blobstore import BlobStore
 from batchspec.budget import check_budget
@@ -113,8 +113,12 @@ class Reconciler:
         requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
         clock: Callable[[], float] = time.time,
         may_spend: Callable[[Action], bool] | None = None,
+        still_holds_lock: Callable[[], None] = lambda: None,
     ) -> None:
         self.project = project
+        # raises StateLockedError/StateError when this run no longer holds the lock; called
+        # right before every create, so a run whose lock was released stops spending at once
+        self.still_holds_lock = still_holds_lock
         self.store = store
         self.run_id = run_id
         self.provider_for = provider_for
@@ -464,7 +468,7 @@ class Reconciler:
     def _submit(self, res: Resource, gen: GenerationRow, batch: BatchRow) -> None:
         provider = self.provider_for(res.provider)
         if batch.status == "creating":
-            adopted = self._find_remote(provider, res, batch)
+            adopted = self._find_remote(provider, batch)
             if adopted is not None:
                 self._record_remote(res, batch, adopted, event="adopt")
                 return
@@ -480,6 +484,7 @@ class Reconciler:
                 batch_id=batch.id,
                 detail={"input_file_id": file_id, "key": batch.key},
             )
+        self.still_holds_lock()
         remote = provider.create_batch(
             input_file_id=file_id,
             endpoint=res.endpoint,
@@ -488,11 +493,9 @@ class Reconciler:
         )
         self._record_remote(res, batch, remote, event="create")
 
-    def _find_remote(
-        self, provider: Provider, res: Resource, batch: BatchRow
-    ) -> RemoteBatch | None:
+    def _find_remote(self, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
         """Page the provider's batches (newest first) for the one carrying this intent's key."""
-        wanted = batch_metadata_keys(res.name, res.spec_hash, batch.shard, batch.attempt)
+        wanted = metadata_for_key(batch.key)
         since = _epoch(batch.created_at) - ADOPTION_CLOCK_SLACK
         for remote in provider.list_batches():
             if all(remote.metadata.get(k) == v for k, v in wanted.items()):
@@ -500,6 +503,21 @@ class Reconciler:
             if remote.created_at is not None and remote.created_at < since:
                 break
         return None
+
+    def _bind_adopted(self, name: str, batch: BatchRow, remote: RemoteBatch) -> BatchRow:
+        with self.store.atomic():
+            bound = self.store.update_batch(
+                batch.id, remote_id=remote.id, submitted_at=_now(), **batch_fields(remote)
+            )
+            self.store.record_event(
+                self.run_id,
+                "adopt",
+                resource=name,
+                generation_id=batch.generation_id,
+                batch_id=batch.id,
+                detail={"remote_id": remote.id, "status": remote.status},
+            )
+        return bound
 
     def _record_remote(
         self, res: Resource, batch: BatchRow, remote: RemoteBatch, *, event: str
@@ -796,7 +814,16 @@ class Reconciler:
         provider = self.provider_for(row.provider if row else "")
         n = 0
         for batch in self.store.batches(gen.id):
-            if batch.remote_id and batch.status not in _TERMINAL and batch.status != "cancelling":
+            if batch.remote_id is None and batch.status == "creating":
+                # the create may have landed: find it (it is paid for) and cancel it too
+                remote = self._find_remote(provider, batch)
+                if remote is not None:
+                    batch = self._bind_adopted(name, batch, remote)
+            if batch.remote_id is None:
+                if batch.status not in _TERMINAL:  # an intent never submitted: abandon it
+                    self.store.update_batch(batch.id, status="cancelled")
+                continue
+            if batch.status not in _TERMINAL and batch.status != "cancelling":
                 remote = provider.cancel_batch(batch.remote_id)
                 self.store.update_batch(batch.id, **batch_fields(remote))
                 n += 1

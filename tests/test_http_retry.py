@@ -378,6 +378,31 @@ def test_ambiguous_create_resends_when_nothing_was_made() -> None:
     assert len(sleeps) == 1
 
 
+KEYED = {
+    "batchspec_resource": "triage",
+    "batchspec_spec": "ab" * 32,
+    "batchspec_shard": "0",
+    "batchspec_attempt": "1",
+}
+
+
+def test_ambiguous_keyed_create_is_found_by_its_key_even_with_a_rewritten_file_id() -> None:
+    """A create carrying batchspec's key is recognised by the key alone: a proxy that lists
+    rewritten file ids, or a server clock behind ours, must not cause a second create."""
+    made = batch_json("batch_made", metadata=KEYED, created_at=1)
+    made["input_file_id"] = "file-rewritten-by-a-proxy"
+    script = Script(error_response(500), _list(made))
+    provider, _ = make_provider(script)
+    created = provider.create_batch(
+        input_file_id="file-1",
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=KEYED,
+    )
+    assert created.id == "batch_made"
+    assert [r.method for r in script.requests] == ["POST", "GET"]
+
+
 def test_unambiguous_create_failures_are_retried_directly() -> None:
     """A 429 or 503 on create means nothing was made: it is re-sent without a lookup."""
     script = Script(

@@ -385,3 +385,60 @@ def test_apply_tracks_a_forgotten_resource_again_without_resubmitting(
     with ws.store() as store:
         assert store.get_resource("triage").forgotten_at is None
         assert [e.action for e in store.events(resource="triage")].count("track") == 1
+
+
+def _lose_the_create_answer(ws: Workspace) -> None:
+    """Put the state where a run that died after its create reached the provider left it:
+    the batch row is ``creating`` and has no remote id (the answer was never recorded)."""
+    with ws.store() as store:
+        store.db.execute("update batches set remote_id = null, status = 'creating'")
+
+
+def test_cancel_finds_and_cancels_a_batch_whose_create_was_never_confirmed(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel adopts the remote batch of an unconfirmed create (by its metadata key) and
+    cancels it: a batch that is paid for is never left running unseen."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [remote] = srv.client().batches.list().data
+    _lose_the_create_answer(ws)
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert srv.client().batches.retrieve(remote.id).status in ("cancelling", "cancelled")
+    with ws.store() as store:
+        [batch] = store.batches()
+        assert batch.remote_id == remote.id
+        assert "adopt" in [e.action for e in store.events(resource="triage")]
+
+
+def test_cancel_abandons_an_intent_that_never_reached_the_provider(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An intent whose create never landed is marked cancelled, and no later apply submits it."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with ws.store() as store:  # a second, never-sent intent beside the real batch
+        [gen] = store.generations("triage")
+        store.record_batch_intent(
+            gen.id,
+            shard=1,
+            attempt=1,
+            provider="srv",
+            key=f"triage/{gen.spec_hash}/1/1",
+            input_sha256=gen.input_sha256,
+            requests=1,
+            reason="test",
+        )
+    creates = srv.probe.counts["POST /batches"]
+
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+
+    assert srv.probe.counts["POST /batches"] == creates
+    with ws.store() as store:
+        assert {b.status for b in store.batches() if b.remote_id is None} == {"cancelled"}

@@ -35,7 +35,13 @@ from batchspec.providers._http import (
     RetryPolicy,
     display_url,
 )
-from batchspec.providers.base import RemoteBatch, RemoteFile, parse_batch, parse_file
+from batchspec.providers.base import (
+    METADATA_KEYS,
+    RemoteBatch,
+    RemoteFile,
+    parse_batch,
+    parse_file,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: how far back (seconds) a batch may have been created to count as ours after an
@@ -214,17 +220,24 @@ class OpenAIProvider:
     def _find_batch_made_by(
         self, payload: Mapping[str, Any], *, since: float
     ) -> RemoteBatch | None:
-        """The newest batch matching an ambiguous create's payload, created after ``since``."""
+        """The newest batch matching an ambiguous create's payload, created after ``since``.
+
+        A create carrying batchspec's key (``METADATA_KEYS``) is matched on its metadata
+        alone: the key names one attempt, and a proxy may list rewritten file ids or a
+        server clock may differ from ours. Other creates must match file, endpoint and time.
+        """
         wanted_metadata = payload["metadata"]
+        keyed = all(k in wanted_metadata for k in METADATA_KEYS)
         recent = itertools.islice(
             self.list_batches(page_size=_MAX_PAGE_SIZE), _CREATE_LOOKUP_PAGES * _MAX_PAGE_SIZE
         )
         for batch in recent:
-            if (
+            if not all(batch.metadata.get(k) == v for k, v in wanted_metadata.items()):
+                continue
+            if keyed or (
                 (batch.created_at is None or batch.created_at >= since)
                 and batch.input_file_id == payload["input_file_id"]
                 and batch.endpoint in (None, payload["endpoint"])
-                and all(batch.metadata.get(k) == v for k, v in wanted_metadata.items())
             ):
                 return batch
         return None
