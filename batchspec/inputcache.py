@@ -2,7 +2,9 @@
 
 An entry is keyed by the file's absolute path and the scan's options, and is valid only while
 the file's size, mtime, ctime and inode are what they were when it was scanned (any write
-changes at least one of them). Only clean reports are kept: a file with problems is always
+changes at least one of them) and the file was already older than ``RACY_WINDOW_S`` when it
+was scanned: a file written in the same timestamp tick as its scan could change again without
+changing its stamp. Only clean reports are kept: a file with problems is always
 re-scanned, so its problems are reported in full every time.
 
 One read of a new input does both jobs of the loader and the validator: the loader's content
@@ -18,6 +20,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,13 @@ create table if not exists scans (
 """
 
 
+#: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
+RACY_WINDOW_S = 2.0
+
+
 class InputCache:
-    def __init__(self, db_path: Path | None) -> None:
+    def __init__(self, db_path: Path | None, *, racy_window: float = RACY_WINDOW_S) -> None:
+        self.racy_window = racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
@@ -57,6 +65,7 @@ class InputCache:
 
     def scan(self, path: Path, **options: Any) -> InputReport:
         key = (str(Path(path).resolve()), json.dumps(options, sort_keys=True))
+        seen_ns = time.time_ns()
         stamp = _stamp(path)
         hit = self.memory.get(key)
         if hit is not None and hit[0] == stamp:
@@ -64,7 +73,10 @@ class InputCache:
         report = self._load(key, stamp)
         if report is None:
             report = scan_batch_input(path, **options)
-            if report.ok:
+            # a file changed within the racy window could be rewritten within the same
+            # timestamp tick, keeping its stamp: it is remembered only once it is older
+            racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
+            if report.ok and not racy:
                 self._store(key, stamp, report)
         self.memory[key] = (stamp, report)
         return report
