@@ -394,6 +394,8 @@ def apply(
     from batchspec.planfile import apply_saved_plan, is_plan_path
     from batchspec.progress import ProgressView
 
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout only applies with --wait")
     saved = [p for p in paths if is_plan_path(p)]
     if len(saved) > 1:
         raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
@@ -517,12 +519,16 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
 @click.argument("name")
 @paths_argument
 @lock_timeout_option
-def cancel(name: str, paths: tuple[str, ...], lock_timeout: float) -> None:
+@json_option
+def cancel(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool) -> None:
     """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
     from batchspec.apply import cancel_resource
 
     n = cancel_resource(paths, name, lock_timeout=lock_timeout)
-    click.echo(f"cancelled {n} batch(es) of {name}")
+    if as_json:
+        emit_json({"resource": name, "cancelled_batches": n})
+    else:
+        click.echo(f"cancelled {n} batch(es) of {name}")
 
 
 @cli.command("import")

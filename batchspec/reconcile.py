@@ -54,6 +54,7 @@ from batchspec.recorded import (
     observe_disk,
     recorded_generation,
 )
+from batchspec.render import format_size
 from batchspec.results import write_results_in_input_order
 from batchspec.sharding import (
     ShardLimits,
@@ -580,7 +581,7 @@ class Reconciler:
         )
         filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
         size = path.stat().st_size
-        self.report(Progress("upload", res.name, f"uploading {filename} ({_size(size)})"))
+        self.report(Progress("upload", res.name, f"uploading {filename} ({format_size(size)})"))
         remote = provider.upload_file(path, filename=filename)
         with self.store.atomic():
             self.store.record_file(
@@ -913,11 +914,3 @@ def _epoch(iso: str | None) -> int:
     if not iso:
         return 0
     return calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from batchspec.inputs import InputReport
 from batchspec.ledger import RequestLedger
@@ -131,5 +134,16 @@ def workspace_status(paths: Sequence[str], *, select: Sequence[str] = ()) -> lis
 
     ws = load_workspace(paths)
     resources = select_resources(ws, select)
-    with StateStore.open(ws.project.state_path) as store:
+    with _read_only_store(ws.project.state_path) as store:
         return resource_statuses(store, resources, include_orphans=not select)
+
+
+@contextmanager
+def _read_only_store(path: Path) -> Iterator[StateStore]:
+    """The state store if there is one; else an empty throwaway one (status creates nothing)."""
+    if path.exists():
+        with StateStore.open(path) as store:
+            yield store
+        return
+    with tempfile.TemporaryDirectory() as empty, StateStore.open(Path(empty) / "none.db") as store:
+        yield store

@@ -405,3 +405,26 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
 
     assert proc.returncode == 130, err
     assert err.strip().endswith("Interrupted.") and "Traceback" not in err
+
+
+def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """apply --timeout does nothing without --wait, so asking for it is refused (exit 64)."""
+    code, _, err = run_cli(["apply", "--timeout", "5"], capsys)
+    assert code == 64
+    assert "--timeout only applies with --wait" in err
+
+
+def test_status_on_a_fresh_workspace_creates_no_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status is read-only: on a workspace never applied it reports Missing and writes nothing."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("fresh", provider="here")],
+    )
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    [status] = json.loads(out)["resources"]
+    assert (status["sync"], status["health"]) == ("OutOfSync", "Missing")
+    assert not ws.state_path.exists()
