@@ -55,6 +55,7 @@ class ApplyOptions:
     lock_timeout: float = 0.0
     allow_replace: bool = False
     prune: bool = False
+    state_path: str | None = None  # --state: overrides the project's state.path
 
 
 @dataclass(frozen=True)
@@ -82,21 +83,32 @@ class PlanResult:
 
 
 @contextmanager
-def open_workspace(paths: Sequence[str]) -> Iterator[tuple[Workspace, InputCache]]:
+def open_workspace(
+    paths: Sequence[str], state_path: str | None = None
+) -> Iterator[tuple[Workspace, InputCache]]:
     """Load manifests through the caches beside the state database (inputs and manifests)."""
-    project = project_for(paths)
+    project = project_for(paths, state_path=state_path)
     cache_db = project.state_path.parent / "input-cache.db"
     with InputCache(cache_db) as cache:
         with ManifestCache(cache_db, project) as manifests:
-            ws = load_workspace(paths, hash_input=cache.sha256, manifest_cache=manifests)
+            ws = load_workspace(
+                paths,
+                hash_input=cache.sha256,
+                manifest_cache=manifests,
+                state_path=state_path,
+            )
         yield ws, cache
 
 
 def plan_workspace(
-    paths: Sequence[str], *, select: Sequence[str] = (), prune: bool = False
+    paths: Sequence[str],
+    *,
+    select: Sequence[str] = (),
+    prune: bool = False,
+    state_path: str | None = None,
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
-    with open_workspace(paths) as (ws, cache):
+    with open_workspace(paths, state_path) as (ws, cache):
         resources = select_resources(ws, select)
         facts = validate_inputs(ws, resources, cache)
     with (
@@ -138,7 +150,7 @@ def apply_workspace(
     With ``saved`` (``apply plan.json``), refuse unless the saved plan is still current, and
     spend only as it says (see batchspec.planfile).
     """
-    with open_workspace(paths) as (ws, cache):
+    with open_workspace(paths, options.state_path) as (ws, cache):
         resources = select_resources(ws, options.select)
         facts = validate_inputs(ws, resources, cache)
     args = {
@@ -202,9 +214,10 @@ def cancel_resource(
     lock_timeout: float = 0.0,
     report: Reporter = lambda p: None,
     env: Mapping[str, str] = os.environ,
+    state_path: str | None = None,
 ) -> int:
     """``batchspec cancel NAME``: cancel a resource's in-flight batches; return how many."""
-    ws = load_workspace(paths)
+    ws = load_workspace(paths, state_path=state_path)
     with (
         StateStore.open(ws.project.state_path) as store,
         recorded_run(store, ws, "cancel", {"name": name}) as run,

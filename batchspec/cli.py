@@ -294,6 +294,7 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     is_flag=True,
     help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
 )
+@state_option
 def plan(
     paths: tuple[str, ...],
     select: tuple[str, ...],
@@ -302,6 +303,7 @@ def plan(
     out_path: str | None,
     prune: bool,
     detailed_exitcode: bool,
+    state_path: str | None,
 ) -> int:
     """Show what apply would do, resource by resource. Contacts no provider.
 
@@ -314,7 +316,7 @@ def plan(
 
     if as_json and output_format not in (None, "json"):
         raise click.UsageError(f"--json and --format {output_format} contradict each other")
-    result = plan_workspace(paths, select=select, prune=prune)
+    result = plan_workspace(paths, select=select, prune=prune, state_path=state_path)
     if out_path:
         write_plan_file(out_path, result)
         click.echo(f"Saved the plan to {out_path}: `batchspec apply {out_path}`", err=True)
@@ -365,6 +367,7 @@ def plan(
     is_flag=True,
     help="Cancel the batches of resources whose manifests are gone, and forget them.",
 )
+@state_option
 def apply(
     paths: tuple[str, ...],
     select: tuple[str, ...],
@@ -376,6 +379,7 @@ def apply(
     poll_interval: float,
     allow_replace: bool,
     prune: bool,
+    state_path: str | None,
 ) -> int:
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
@@ -425,6 +429,7 @@ def apply(
         lock_timeout=lock_timeout,
         allow_replace=allow_replace,
         prune=prune,
+        state_path=state_path,
     )
     interactive = sys.stdin.isatty() and not as_json
     try:
@@ -452,7 +457,10 @@ def apply(
 @paths_argument
 @select_option
 @json_option
-def status(paths: tuple[str, ...], select: tuple[str, ...], as_json: bool) -> None:
+@state_option
+def status(
+    paths: tuple[str, ...], select: tuple[str, ...], as_json: bool, state_path: str | None
+) -> None:
     """Show each resource's sync and health, its batches and where its results are.
 
     Reads the state only: no lock, no network.
@@ -460,7 +468,7 @@ def status(paths: tuple[str, ...], select: tuple[str, ...], as_json: bool) -> No
     from batchspec import render
     from batchspec.status import workspace_status
 
-    statuses = workspace_status(paths, select=select)
+    statuses = workspace_status(paths, select=select, state_path=state_path)
     if as_json:
         emit_json({"resources": [s.to_json() for s in statuses]})
     else:
@@ -484,7 +492,10 @@ def status(paths: tuple[str, ...], select: tuple[str, ...], as_json: bool) -> No
     help="How many runs, newest first.",
 )
 @json_option
-def history(name: str | None, project_dir: str | None, limit: int, as_json: bool) -> None:
+@state_option
+def history(
+    name: str | None, project_dir: str | None, limit: int, as_json: bool, state_path: str | None
+) -> None:
     """Show recorded runs (who, where, git commit, exit code) and each run's events.
 
     With NAME, only the runs that touched that resource.
@@ -492,7 +503,9 @@ def history(name: str | None, project_dir: str | None, limit: int, as_json: bool
     from batchspec import render
     from batchspec.history import read_history
 
-    entries = read_history([project_dir] if project_dir else [], resource=name, limit=limit)
+    entries = read_history(
+        [project_dir] if project_dir else [], resource=name, limit=limit, state_path=state_path
+    )
     if as_json:
         emit_json({"runs": [e.to_json() for e in entries]})
     else:
@@ -520,11 +533,14 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
 @paths_argument
 @lock_timeout_option
 @json_option
-def cancel(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool) -> None:
+@state_option
+def cancel(
+    name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
+) -> None:
     """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
     from batchspec.apply import cancel_resource
 
-    n = cancel_resource(paths, name, lock_timeout=lock_timeout)
+    n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
     if as_json:
         emit_json({"resource": name, "cancelled_batches": n})
     else:
@@ -543,6 +559,7 @@ def cancel(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool
     help="Import even if the provider cannot give back the batch's input file to verify it "
     "(an input file that differs is refused anyway).",
 )
+@state_option
 def import_(
     name: str,
     batch_id: str,
@@ -550,6 +567,7 @@ def import_(
     lock_timeout: float,
     as_json: bool,
     force: bool,
+    state_path: str | None,
 ) -> None:
     """Adopt BATCH_ID, a batch created outside batchspec, as NAME's current generation.
 
@@ -560,7 +578,9 @@ def import_(
     from batchspec import render
     from batchspec.lifecycle import import_batch
 
-    result = import_batch(paths, name, batch_id, force=force, lock_timeout=lock_timeout)
+    result = import_batch(
+        paths, name, batch_id, force=force, lock_timeout=lock_timeout, state_path=state_path
+    )
     if as_json:
         emit_json(result.to_json())
     else:
@@ -572,7 +592,10 @@ def import_(
 @paths_argument
 @lock_timeout_option
 @json_option
-def forget(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool) -> None:
+@state_option
+def forget(
+    name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
+) -> None:
     """Stop tracking NAME without contacting the provider.
 
     Its batches keep running and its result files stay on disk; its history is kept. If
@@ -581,7 +604,7 @@ def forget(name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool
     from batchspec import render
     from batchspec.lifecycle import forget_resource
 
-    result = forget_resource(paths, name, lock_timeout=lock_timeout)
+    result = forget_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
     if as_json:
         emit_json(result.to_json())
     else:

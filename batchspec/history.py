@@ -20,10 +20,14 @@ class HistoryEntry:
 
 
 def read_history(
-    paths: Sequence[str], *, resource: str | None = None, limit: int = 20
+    paths: Sequence[str],
+    *,
+    resource: str | None = None,
+    limit: int = 20,
+    state_path: str | None = None,
 ) -> list[HistoryEntry]:
     """Newest runs first; with ``resource``, only runs that touched it and only its events."""
-    project = load_project(paths[0] if paths else None)
+    project = load_project(paths[0] if paths else None, state_path=state_path)
     if not project.state_path.exists():
         return []
     with StateStore.open(project.state_path) as store:

@@ -86,6 +86,7 @@ def import_batch(
     force: bool = False,
     lock_timeout: float = 0.0,
     env: Mapping[str, str] = os.environ,
+    state_path: str | None = None,
 ) -> ImportResult:
     """``batchspec import NAME BATCH_ID``: adopt a remote batch as NAME's current generation."""
     # apply imports this module (for prune_orphans); its helpers are needed only here
@@ -97,7 +98,7 @@ def import_batch(
         validate_inputs,
     )
 
-    with open_workspace(paths) as (ws, cache):
+    with open_workspace(paths, state_path) as (ws, cache):
         res = resource_named(ws, name)
         facts = validate_inputs(ws, [res], cache)[name]
     require_one_shard(res, facts, shard_limits(ws, res))
@@ -318,11 +319,12 @@ def forget_resource(
     *,
     lock_timeout: float = 0.0,
     env: Mapping[str, str] = os.environ,
+    state_path: str | None = None,
 ) -> ForgetResult:
     """``batchspec forget NAME``: stop tracking NAME; the provider is not contacted."""
     from batchspec.apply import recorded_run  # apply imports this module
 
-    ws = load_workspace(paths)
+    ws = load_workspace(paths, state_path=state_path)
     with (
         StateStore.open(ws.project.state_path) as store,
         recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,

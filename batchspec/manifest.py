@@ -225,6 +225,7 @@ def load_workspace(
     *,
     hash_input: Callable[[Path], str] = inputs.file_sha256,
     manifest_cache: ManifestCache | None = None,
+    state_path: str | Path | None = None,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
@@ -234,7 +235,7 @@ def load_workspace(
     again (``batchspec.manifestcache``); every other check still runs on them.
     """
     targets = [str(p) for p in paths] or ["."]
-    project = load_project(_start_of(targets[0]))
+    project = load_project(_start_of(targets[0]), state_path=state_path)
     files, problems = find_manifest_files(targets, project)
     resources: list[tuple[Resource, YamlDocument]] = []
     names: list[tuple[str, SourceLocation]] = []
@@ -265,10 +266,12 @@ def load_workspace(
     return Workspace(project, tuple(res for res, _ in resources), tuple(files))
 
 
-def project_for(paths: Sequence[str | Path] = ()) -> Project:
+def project_for(
+    paths: Sequence[str | Path] = (), *, state_path: str | Path | None = None
+) -> Project:
     """The project ``load_workspace(paths)`` would use (found from the first path)."""
     targets = [str(p) for p in paths] or ["."]
-    return load_project(_start_of(targets[0]))
+    return load_project(_start_of(targets[0]), state_path=state_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ Promises:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,8 +121,20 @@ def find_project_file(start: str | Path | None = None) -> Path | None:
     return None
 
 
-def load_project(start: str | Path | None = None) -> Project:
-    """The project governing ``start`` (a folder or file; default: the working directory)."""
+def load_project(
+    start: str | Path | None = None, *, state_path: str | Path | None = None
+) -> Project:
+    """The project governing ``start`` (a folder or file; default: the working directory).
+
+    ``state_path`` (the CLI's ``--state`` / ``BATCHSPEC_STATE``) overrides ``state.path``.
+    """
+    project = _load_project(start)
+    if state_path is None:
+        return project
+    return dataclasses.replace(project, state_path=Path(state_path).resolve())
+
+
+def _load_project(start: str | Path | None) -> Project:
     file = find_project_file(start)
     if file is None:
         return default_project(_start_folder(start))

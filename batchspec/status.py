@@ -128,11 +128,13 @@ def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
         yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
 
 
-def workspace_status(paths: Sequence[str], *, select: Sequence[str] = ()) -> list[ResourceStatus]:
+def workspace_status(
+    paths: Sequence[str], *, select: Sequence[str] = (), state_path: str | None = None
+) -> list[ResourceStatus]:
     """``batchspec status``: read-only; takes no lock and contacts no provider."""
     from batchspec.apply import select_resources
 
-    ws = load_workspace(paths)
+    ws = load_workspace(paths, state_path=state_path)
     resources = select_resources(ws, select)
     with _read_only_store(ws.project.state_path) as store:
         return resource_statuses(store, resources, include_orphans=not select)

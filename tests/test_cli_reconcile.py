@@ -428,3 +428,40 @@ def test_status_on_a_fresh_workspace_creates_no_state(
     [status] = json.loads(out)["resources"]
     assert (status["sync"], status["health"]) == ("OutOfSync", "Missing")
     assert not ws.state_path.exists()
+
+
+def test_state_option_and_variable_move_the_state_for_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--state (or BATCHSPEC_STATE) replaces the project's state.path for apply, plan, status
+    and history alike; the default state file is never created."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("moved-state", provider="here")],
+    )
+    elsewhere = tmp_path / "elsewhere" / "custom.db"
+    code, _, err = run_cli(
+        [
+            "apply",
+            str(ws.root),
+            "--yes",
+            "--wait",
+            "--poll-interval",
+            "0.05",
+            "--state",
+            str(elsewhere),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert elsewhere.is_file()
+    assert not ws.state_path.exists()
+
+    monkeypatch.setenv("BATCHSPEC_STATE", str(elsewhere))
+    assert run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)[0] == 0
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert json.loads(out)["resources"][0]["health"] == "Healthy"
+    code, out, _ = run_cli(["history", "--project", str(ws.root), "--json"], capsys)
+    assert [r["run"]["command"] for r in json.loads(out)["runs"]][-1] == "apply"
+    assert not ws.state_path.exists()
