@@ -227,11 +227,20 @@ def test_bad_project_files_are_located(
     assert expected[4] in message
 
 
-@pytest.mark.parametrize("key", ["apiKeyEnv", "options: {upstreamApiKeyEnv"])
-def test_a_key_given_as_its_variable_name_is_never_echoed(tmp_path: Path, key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        pytest.param("apiKeyEnv", "sk-proj-Abc123Def456Ghi789", id="openai-key"),
+        pytest.param("options: {upstreamApiKeyEnv", "sk-proj-Abc123Def456Ghi789", id="upstream"),
+        # an Azure key is 32 hex characters: it can look like a variable name
+        pytest.param("apiKeyEnv", "f3a9c1e5b2d4f60a8e7c3b1d9f2a6e4b", id="azure-hex-key"),
+    ],
+)
+def test_a_key_given_as_its_variable_name_is_never_echoed(
+    tmp_path: Path, key: str, secret: str
+) -> None:
     """An API key written where its variable's name belongs is refused without quoting it:
     the message (shown in CI logs) says what is wrong and where, not the value."""
-    secret = "sk-proj-Abc123Def456Ghi789"
     close = "}" if key.startswith("options") else ""
     kind = "local" if close else "openai"
     write(
