@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -301,6 +302,43 @@ def display_url(url: str) -> str:
     except httpx.InvalidURL:
         return "<invalid URL>"
     return str(parsed.copy_with(username=None, password=None, query=None))
+
+
+def require_http_url(provider: str, base_url: str, *, where: str) -> None:
+    """Refuse a base URL that is not http(s), saying ``where`` it is set."""
+    try:
+        scheme = httpx.URL(base_url).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise ProviderError(
+            f"provider {provider!r}: base URL {display_url(base_url)!r} must start with "
+            f"http:// or https:// (set {where})."
+        )
+
+
+def quote_id(object_id: str) -> str:
+    """An opaque id (LiteLLM: base64 with '/', '+', '=') quoted whole for a URL path."""
+    return quote(object_id, safe="")
+
+
+def json_object(
+    response: httpx.Response, operation: str, provider: str, *, api_root: str
+) -> Mapping[str, Any]:
+    """The response body as a JSON object (with an ``id`` unless listing), else a clear error
+    asking whether the base URL is ``api_root``."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
+        raise ProviderError(
+            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
+            f"not the expected JSON object; is the base URL {api_root}?",
+            status=response.status_code,
+            request_id=response.headers.get("x-request-id"),
+        )
+    return body
 
 
 class RetryingClient:

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
@@ -69,6 +68,9 @@ from batchspec.providers._http import (
     RetryingClient,
     RetryPolicy,
     display_url,
+    json_object,
+    quote_id,
+    require_http_url,
 )
 from batchspec.providers.anthropic_journal import (
     Journal,
@@ -140,15 +142,7 @@ class AnthropicProvider:
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        try:
-            scheme = httpx.URL(base_url).scheme
-        except httpx.InvalidURL:
-            scheme = ""
-        if scheme not in ("http", "https"):
-            raise ProviderError(
-                f"provider {name!r}: base URL {display_url(base_url)!r} must start with "
-                "http:// or https:// (set baseUrl in batchspec.yaml)."
-            )
+        require_http_url(name, base_url, where="baseUrl in batchspec.yaml")
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.data_dir = Path(data_dir)
@@ -279,7 +273,7 @@ class AnthropicProvider:
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(
-            "GET", f"{BATCHES}/{_quote(batch_id)}", operation=f"get batch {batch_id}"
+            "GET", f"{BATCHES}/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
         return self._parse(self._json(response, "get batch"))
 
@@ -304,7 +298,7 @@ class AnthropicProvider:
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(
-            "POST", f"{BATCHES}/{_quote(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+            "POST", f"{BATCHES}/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
         )
         return self._parse(self._json(response, "cancel batch"))
 
@@ -451,7 +445,7 @@ class AnthropicProvider:
 
     def _fetch_results(self, batch_id: str, dest: Path) -> int:
         return self._http.download(
-            f"{BATCHES}/{_quote(batch_id)}/results",
+            f"{BATCHES}/{quote_id(batch_id)}/results",
             dest,
             operation=f"download of the results of batch {batch_id}",
             headers={"Accept": "application/binary"},
@@ -464,18 +458,9 @@ class AnthropicProvider:
     # -- parsing ---------------------------------------------------------------------------
 
     def _json(self, response: httpx.Response, operation: str) -> Mapping[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
-            raise ProviderError(
-                f"{self.name}: {operation} answered HTTP {response.status_code} with a body "
-                "that is not the expected JSON object; is the base URL Anthropic's API root "
-                f"({DEFAULT_BASE_URL})?",
-                status=response.status_code,
-            )
-        return body
+        return json_object(
+            response, operation, self.name, api_root=f"Anthropic's API root ({DEFAULT_BASE_URL})"
+        )
 
     def _parse(
         self, data: Mapping[str, Any], journal: Mapping[str, JournalEntry] | None = None
@@ -567,7 +552,3 @@ def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _quote(object_id: str) -> str:
-    return quote(object_id, safe="")

@@ -22,18 +22,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from batchspec import __version__
-from batchspec.errors import ProviderError
 from batchspec.providers._http import (
     AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
     RetryPolicy,
     display_url,
+    json_object,
+    quote_id,
+    require_http_url,
 )
 from batchspec.providers.base import (
     METADATA_KEYS,
@@ -44,6 +45,8 @@ from batchspec.providers.base import (
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: what a base URL must be (said when a body is not the JSON expected)
+_API_ROOT = "an OpenAI-compatible API root"
 #: how far back (seconds) a batch may have been created to count as ours after an
 #: ambiguous create; generous because the server's clock is not ours
 _CREATE_CLOCK_SKEW = 300
@@ -71,7 +74,7 @@ class OpenAIProvider:
         api_key_env: str | None = "OPENAI_API_KEY",
         rand: Callable[[], float] = random.random,
     ) -> None:
-        _check_base_url(name, base_url)
+        require_http_url(name, base_url, where="baseUrl in batchspec.yaml or OPENAI_BASE_URL")
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._policy = RetryPolicy(max_retries=max_retries)
@@ -125,18 +128,18 @@ class OpenAIProvider:
                 data={"purpose": purpose},
                 files={"file": (filename, handle, "application/jsonl")},
             )
-        return parse_file(_json_object(response, "upload file", self.name))
+        return parse_file(json_object(response, "upload file", self.name, api_root=_API_ROOT))
 
     def get_file(self, file_id: str) -> RemoteFile:
         response = self._http.request(
-            "GET", f"/files/{_quote(file_id)}", operation=f"get file {file_id}"
+            "GET", f"/files/{quote_id(file_id)}", operation=f"get file {file_id}"
         )
-        return parse_file(_json_object(response, "get file", self.name))
+        return parse_file(json_object(response, "get file", self.name, api_root=_API_ROOT))
 
     def download_file(self, file_id: str, dest: Path) -> int:
         """Stream a file's content to ``dest`` (via ``<dest>.part``); return bytes written."""
         return self._http.download(
-            f"/files/{_quote(file_id)}/content",
+            f"/files/{quote_id(file_id)}/content",
             dest,
             operation=f"download of file {file_id}",
             headers={"Accept": "application/binary"},
@@ -177,14 +180,14 @@ class OpenAIProvider:
                     raise
                 self._sleep(self._policy.backoff(retries_done, self._rand))
                 continue
-            return parse_batch(_json_object(response, "create batch", self.name))
+            return parse_batch(json_object(response, "create batch", self.name, api_root=_API_ROOT))
         raise AssertionError("unreachable: the loop returns or raises")
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(
-            "GET", f"/batches/{_quote(batch_id)}", operation=f"get batch {batch_id}"
+            "GET", f"/batches/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
-        return parse_batch(_json_object(response, "get batch", self.name))
+        return parse_batch(json_object(response, "get batch", self.name, api_root=_API_ROOT))
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
         """Every listed batch, newest first; the next page is fetched only when needed."""
@@ -197,7 +200,7 @@ class OpenAIProvider:
             response = self._http.request(
                 "GET", "/batches", operation="list batches", params=params
             )
-            page = _json_object(response, "list batches", self.name)
+            page = json_object(response, "list batches", self.name, api_root=_API_ROOT)
             rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
             yield from (parse_batch(row) for row in rows)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
@@ -208,9 +211,9 @@ class OpenAIProvider:
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(
-            "POST", f"/batches/{_quote(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+            "POST", f"/batches/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
         )
-        return parse_batch(_json_object(response, "cancel batch", self.name))
+        return parse_batch(json_object(response, "cancel batch", self.name, api_root=_API_ROOT))
 
     def close(self) -> None:
         self._http.close()
@@ -243,18 +246,6 @@ class OpenAIProvider:
         return None
 
 
-def _check_base_url(name: str, base_url: str) -> None:
-    try:
-        scheme = httpx.URL(base_url).scheme
-    except httpx.InvalidURL:
-        scheme = ""
-    if scheme not in ("http", "https"):
-        raise ProviderError(
-            f"provider {name!r}: base URL {display_url(base_url)!r} must start with http:// "
-            "or https:// (set baseUrl in batchspec.yaml or OPENAI_BASE_URL)."
-        )
-
-
 def _default_headers(
     api_key: str | None, auth_header: str, extra_headers: Mapping[str, str] | None
 ) -> dict[str, str]:
@@ -264,25 +255,3 @@ def _default_headers(
         bearer = auth_header.lower() == "authorization"
         headers[auth_header] = f"Bearer {api_key}" if bearer else api_key
     return headers
-
-
-def _quote(object_id: str) -> str:
-    # ids are opaque (LiteLLM: base64 with '/', '+', '='): quote everything but unreserved
-    return quote(object_id, safe="")
-
-
-def _json_object(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
-    """The response body as a JSON object with an ``id`` where one is expected."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
-        request_id = response.headers.get("x-request-id")
-        raise ProviderError(
-            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
-            "not the expected JSON object; is the base URL an OpenAI-compatible API root?",
-            status=response.status_code,
-            request_id=request_id,
-        )
-    return body
