@@ -5,6 +5,9 @@
   data under this test's ``tmp_path``; every server is stopped at teardown.
 - ``standin_upstream(latency=0.0) -> servers.StandinUpstream``: the stand-in over HTTP, with
   ``.calls`` counting requests per body.
+- ``server(**options) -> probes.ProbedServer``: the engine's app behind a request probe
+  (counts and holds routes), requiring ``workspaces.SENTINEL_KEY`` unless ``api_key=`` says
+  otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from probes import ProbedServer, start_probed_server
 from servers import EngineServer, StandinUpstream, start_server, start_standin_upstream
+from workspaces import SENTINEL_KEY
 
 
 @pytest.fixture
@@ -43,3 +48,20 @@ def standin_upstream() -> Iterator[Callable[..., StandinUpstream]]:
     yield start
     for upstream in started:
         upstream.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
+    """Start probed engine servers (requiring the sentinel key unless told otherwise), each
+    on its own data folder; every one is stopped at teardown."""
+    started: list[ProbedServer] = []
+
+    def start(**options: Any) -> ProbedServer:
+        options.setdefault("api_key", SENTINEL_KEY)
+        srv = start_probed_server(tmp_path / f"engine{len(started)}", **options)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()

@@ -8,18 +8,19 @@ the server saw them; one runs a real `batchspec serve --api-key-env` process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from probes import ProbedServer, start_probed_server, start_serve_process
+from probes import ProbedServer, start_serve_process
 from servers import request_lines
 from workspaces import (
     KEY_ENV,
@@ -28,29 +29,13 @@ from workspaces import (
     Workspace,
     batchspec_cmd,
     make_workspace,
-    openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
 
 FAST = ["--poll-interval", "0.05"]
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    """Start probed engine servers (sentinel key required by default); stopped at teardown."""
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        options.setdefault("api_key", SENTINEL_KEY)
-        srv = start_probed_server(tmp_path / f"engine{len(started)}", **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -59,13 +44,7 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     return SENTINEL_KEY
 
 
-def served(root: Path, srv: Any, *resources: ResourceSpec) -> Workspace:
-    """A workspace whose provider `srv` (type openai) is ``srv`` (a server, or a /v1 URL)."""
-    return make_workspace(
-        root,
-        providers={"srv": openai_provider(getattr(srv, "v1", srv), KEY_ENV)},
-        resources=resources or (ResourceSpec("triage", count=4),),
-    )
+served = functools.partial(served, count=4)  # this file's jobs are 4 requests
 
 
 def sha256(path: Path) -> str:

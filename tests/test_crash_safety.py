@@ -11,25 +11,23 @@ what proves the client did not create twice.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from probes import ProbedServer, ServeProcess, start_probed_server, start_serve_process
+from probes import ProbedServer, ServeProcess, start_serve_process
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
-    ResourceSpec,
     Workspace,
     batchspec_cmd,
-    make_workspace,
-    openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -38,32 +36,12 @@ FAST = ["--poll-interval", "0.05"]
 HOLD = 30.0  # seconds a route is held at most (released earlier by the test)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        options.setdefault("api_key", SENTINEL_KEY)
-        srv = start_probed_server(tmp_path / f"engine{len(started)}", **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
 
 
-def served(root: Path, srv: Any, count: int = 4) -> Workspace:
-    return make_workspace(
-        root,
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("triage", count=count)],
-    )
+served = functools.partial(served, count=4)  # this file's jobs are 4 requests
 
 
 def start_apply(ws: Workspace, *args: str) -> subprocess.Popen[bytes]:

@@ -8,22 +8,21 @@ are made with the official openai SDK.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from probes import ProbedServer, start_probed_server
+from probes import ProbedServer
 from servers import jsonl_bytes, request_lines, wait_for, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
-    make_workspace,
-    openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine import BuiltinUpstream
@@ -32,33 +31,9 @@ FAST = ["--poll-interval", "0.05"]
 SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        srv = start_probed_server(
-            tmp_path / f"engine{len(started)}", api_key=SENTINEL_KEY, **options
-        )
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-
-
-def served(root: Path, srv: ProbedServer, *resources: ResourceSpec) -> Workspace:
-    return make_workspace(
-        root,
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=resources or (ResourceSpec("triage", count=3),),
-    )
 
 
 def remote_batch(srv: ProbedServer, content: bytes) -> tuple[str, str]:

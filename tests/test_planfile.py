@@ -9,21 +9,20 @@ saw no request and the state serial did not move.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from probes import ProbedServer, start_probed_server
+from probes import ProbedServer
 from servers import request_lines, wait_for
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
-    make_workspace,
-    openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec import __version__
@@ -227,33 +226,9 @@ def test_markdown_plan_without_changes_says_so() -> None:
 # end to end over loopback
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        srv = start_probed_server(
-            tmp_path / f"engine{len(started)}", api_key=SENTINEL_KEY, **options
-        )
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-
-
-def served(root: Path, srv: ProbedServer, *resources: ResourceSpec) -> Workspace:
-    return make_workspace(
-        root,
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=resources or (ResourceSpec("triage", count=3),),
-    )
 
 
 def serial(ws: Workspace) -> int:

@@ -4,26 +4,23 @@ plain lines without a terminal, and the live line on a real pseudo-terminal.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from probes import ProbedServer, start_probed_server
+from probes import ProbedServer
 from servers import request_lines
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
-    ResourceSpec,
-    Workspace,
     batchspec_cmd,
-    make_workspace,
-    openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine import BuiltinUpstream
@@ -126,33 +123,12 @@ def test_live_status_line_never_wraps() -> None:
 # the CLI over loopback
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        srv = start_probed_server(
-            tmp_path / f"engine{len(started)}", api_key=SENTINEL_KEY, **options
-        )
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
 
 
-def served(root: Path, srv: ProbedServer, count: int = 4) -> Workspace:
-    return make_workspace(
-        root,
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("triage", count=count)],
-    )
+served = functools.partial(served, count=4)  # this file's jobs are 4 requests
 
 
 def slow_server(server: Callable[..., ProbedServer]) -> ProbedServer:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from probes import ProbedServer, start_probed_server
+from probes import ProbedServer
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli
 
@@ -282,22 +282,6 @@ class ScriptedUpstream:
 
     async def aclose(self) -> None:
         return None
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
-    """Probed engine servers requiring the sentinel key; stopped at teardown."""
-    started: list[ProbedServer] = []
-
-    def start(**options: Any) -> ProbedServer:
-        options.setdefault("api_key", SENTINEL_KEY)
-        srv = start_probed_server(tmp_path / f"engine{len(started)}", **options)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
 
 
 def provider_for(srv: ProbedServer, data_dir: Path, **kwargs: Any) -> AnthropicProvider:

@@ -128,6 +128,17 @@ def make_workspace(
     return ws
 
 
+def served(root: Path, srv: Any, *resources: ResourceSpec, count: int = 3) -> Workspace:
+    """A workspace whose one provider ``srv`` (type openai, key in ``KEY_ENV``) points at
+    ``srv``: a server with a ``.v1`` URL, or the URL itself. Without ``resources``, one
+    resource ``triage`` of ``count`` requests."""
+    return make_workspace(
+        root,
+        providers={"srv": openai_provider(getattr(srv, "v1", srv), KEY_ENV)},
+        resources=resources or (ResourceSpec("triage", count=count),),
+    )
+
+
 def write_manifest(ws: Workspace, res: ResourceSpec) -> None:
     spec = {
         "provider": res.provider,
