@@ -266,18 +266,30 @@ class Reconciler:
         limit = self.max_in_flight(res.provider)
         if limit is None or batch.status == "creating":  # an unsure create is resolved first
             return True
-        in_flight = sum(1 for b in self.store.in_flight_batches() if b.provider == res.provider)
-        if in_flight < limit:
+        in_flight = self._in_flight_on(res.provider)
+        if len(in_flight) >= limit:
+            # The capacity may be held by resources this run was not asked about (--select):
+            # poll those, so that their finishing frees it (they are collected when applied).
+            provider = self.provider_for(res.provider)
+            for other in in_flight:
+                owner = self.store.get_generation(other.generation_id).resource
+                if owner != res.name:
+                    self._poll(owner, other, provider)
+            in_flight = self._in_flight_on(res.provider)
+        if len(in_flight) < limit:
             return True
         self.report(
             Progress(
                 "queued",
                 res.name,
-                f"shard {batch.shard + 1} attempt {batch.attempt} waits: {in_flight} batch(es) "
-                f"in flight on {res.provider} (maxInFlightBatches {limit})",
+                f"shard {batch.shard + 1} attempt {batch.attempt} waits: {len(in_flight)} "
+                f"batch(es) in flight on {res.provider} (maxInFlightBatches {limit})",
             )
         )
         return False
+
+    def _in_flight_on(self, provider: str) -> list[BatchRow]:
+        return [b for b in self.store.in_flight_batches() if b.provider == provider]
 
     def _track_again_if_forgotten(self, res: Resource) -> None:
         """A forgotten resource whose manifest is still here is tracked again by apply; its
@@ -612,22 +624,7 @@ class Reconciler:
         for batch in self.store.batches(gen.id):
             if batch.remote_id is None or batch.status in _TERMINAL:
                 continue
-            remote = provider.get_batch(batch.remote_id)
-            with self.store.atomic():
-                self.store.update_batch(batch.id, **batch_fields(remote))
-                if remote.status != batch.status:
-                    self.store.record_event(
-                        self.run_id,
-                        "poll",
-                        resource=res.name,
-                        generation_id=gen.id,
-                        batch_id=batch.id,
-                        detail={
-                            "status": remote.status,
-                            "from": batch.status,
-                            **counts_json(remote),
-                        },
-                    )
+            remote = self._poll(res.name, batch, provider)
             self.report(
                 Progress(
                     "poll",
@@ -637,6 +634,23 @@ class Reconciler:
                 )
             )
         return True
+
+    def _poll(self, name: str, batch: BatchRow, provider: Provider) -> RemoteBatch:
+        """Ask the provider where a batch stands and record it (an event when it moved)."""
+        assert batch.remote_id is not None
+        remote = provider.get_batch(batch.remote_id)
+        with self.store.atomic():
+            self.store.update_batch(batch.id, **batch_fields(remote))
+            if remote.status != batch.status:
+                self.store.record_event(
+                    self.run_id,
+                    "poll",
+                    resource=name,
+                    generation_id=batch.generation_id,
+                    batch_id=batch.id,
+                    detail={"status": remote.status, "from": batch.status, **counts_json(remote)},
+                )
+        return remote
 
     def collect(self, res: Resource, facts: InputReport, action: Action) -> bool:
         gen = self._generation(res)

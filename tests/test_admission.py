@@ -156,3 +156,28 @@ def test_without_wait_the_rest_stays_queued_for_a_later_apply(
     assert code == 0, out + err
     assert [b.status for b in received_batches(srv.client())] == ["completed"] * 3
     assert [r["custom_id"] for r in ws.outputs("later")] == ws.input_ids("later")
+
+
+def test_capacity_held_by_an_unselected_resource_is_freed_by_polling_it(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --select, a resource queued behind another resource's batch (not selected) still
+    gets its turn: apply polls the batch holding the capacity until it finishes."""
+    srv = serve(*SLOW)
+    ws = served_workspace(
+        tmp_path / "ws",
+        srv,
+        ResourceSpec("a", count=4, prefix="a"),
+        ResourceSpec("b", count=4, prefix="b"),
+        maxInFlightBatches=1,
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--select", "a"], capsys)
+    assert code == 0, out + err  # a's batch is in flight now, holding the only slot
+
+    code, out, err = apply_wait(ws, capsys, "--select", "b", "--timeout", "60")
+
+    assert code == 0, out + err
+    assert [r["custom_id"] for r in ws.outputs("b")] == ws.input_ids("b")
+    with ws.store() as store:
+        [a_batch] = [b for b in store.batches() if b.key.startswith("a/")]
+        assert a_batch.status == "completed"  # polled by the run that applied only b
