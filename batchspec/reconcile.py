@@ -18,7 +18,6 @@ or is stuck. The money-touching steps follow DESIGN.md's invariants:
 
 from __future__ import annotations
 
-import calendar
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ from batchspec.sharding import (
     shard_and_write,
     with_fingerprints,
 )
-from batchspec.state import BatchRow, GenerationRow, StateStore, utc_timestamp
+from batchspec.state import BatchRow, GenerationRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.yamldoc import display_path
 
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
@@ -509,7 +508,7 @@ class Reconciler:
     def _find_remote(self, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
         """Page the provider's batches (newest first) for the one carrying this intent's key."""
         wanted = metadata_for_key(batch.key)
-        since = _epoch(batch.created_at) - ADOPTION_CLOCK_SLACK
+        since = parse_timestamp(batch.created_at).timestamp() - ADOPTION_CLOCK_SLACK
         for remote in provider.list_batches():
             if all(remote.metadata.get(k) == v for k, v in wanted.items()):
                 return remote
@@ -922,9 +921,3 @@ def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
 def _now() -> str:
     # milliseconds: a requeue backoff of a few seconds is measured from terminal_at
     return utc_timestamp()
-
-
-def _epoch(iso: str | None) -> int:
-    if not iso:
-        return 0
-    return calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
