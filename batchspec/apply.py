@@ -184,6 +184,10 @@ def apply_workspace(
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with ProviderPool(ws, env) as providers:
+                # build every provider the plan spends on first: a missing API key fails
+                # here, before anything is recorded for it
+                for action in plan.spending:
+                    providers.get(action.provider or "")
                 rec = Reconciler(
                     ws.project,
                     store,
@@ -345,7 +349,7 @@ def validate_inputs(
                     f"{report.problem_count} problem(s) in the input of {res.name}",
                     details=rows_problem_lines(report, res)
                     if res.input_source
-                    else problem_lines(report),
+                    else problem_lines(report, shown_path=display_path(res.input_path)),
                 )
             )
     if len(failures) == 1:

@@ -609,12 +609,12 @@ def require_valid_input(
     )
 
 
-def problem_lines(report: InputReport) -> list[str]:
-    """One ``path:line: message`` line per shown problem, then ``... and N more`` if any."""
+def problem_lines(report: InputReport, *, shown_path: str | None = None) -> list[str]:
+    """One ``path:line: message`` line per shown problem, then ``... and N more`` if any;
+    ``shown_path`` replaces the report's path (e.g. relative to the working directory)."""
+    path = shown_path or report.path
     lines = [
-        f"{report.path}:{p.line}: {p.message}"
-        if p.line is not None
-        else f"{report.path}: {p.message}"
+        f"{path}:{p.line}: {p.message}" if p.line is not None else f"{path}: {p.message}"
         for p in report.problems
     ]
     hidden = report.problem_count - len(report.problems)

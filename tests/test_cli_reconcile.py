@@ -465,3 +465,22 @@ def test_state_option_and_variable_move_the_state_for_every_command(
     code, out, _ = run_cli(["history", "--project", str(ws.root), "--json"], capsys)
     assert [r["run"]["command"] for r in json.loads(out)["runs"]][-1] == "apply"
     assert not ws.state_path.exists()
+
+
+def test_a_missing_api_key_fails_before_anything_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apply on a paid provider whose key variable is unset names the variable and records
+    no generation or intent: the next plan is still a plain create."""
+    monkeypatch.delenv("BATCHSPEC_TEST_UNSET_KEY", raising=False)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"paid": {"type": "openai", "apiKeyEnv": "BATCHSPEC_TEST_UNSET_KEY"}},
+        resources=[ResourceSpec("nokey", provider="paid")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1
+    assert "set BATCHSPEC_TEST_UNSET_KEY in the environment" in err
+    with ws.store() as store:
+        assert store.generations("nokey") == []
+        assert store.batches() == []
