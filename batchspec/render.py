@@ -7,6 +7,7 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -315,7 +316,17 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         for event in entry.events:
             target = f" [{event.resource}]" if event.resource else ""
             detail = ", ".join(
-                f"{k}={v}" for k, v in event.detail.items() if not isinstance(v, (dict, list))
+                f"{k}={_short_hashes(str(v))}"
+                for k, v in event.detail.items()
+                if not isinstance(v, (dict, list))
             )
             lines.append(f"    {event.at}  {event.action}{target}  {detail}")
     return "\n".join(lines)
+
+
+_SHA256 = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+def _short_hashes(text: str) -> str:
+    """sha256 values cut to 12 characters for people (``--json`` keeps them whole)."""
+    return _SHA256.sub(lambda m: m.group()[:12], text)
