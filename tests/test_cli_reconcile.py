@@ -7,6 +7,7 @@ that stays in flight: that one runs against the engine's API with a slow upstrea
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -484,3 +485,14 @@ def test_a_missing_api_key_fails_before_anything_is_recorded(
     with ws.store() as store:
         assert store.generations("nokey") == []
         assert store.batches() == []
+
+
+def test_history_text_shortens_hashes_that_json_keeps_whole(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """People see 12-character hashes in history; --json carries the full sha256 values."""
+    sha = re.compile(r"\b[0-9a-f]{64}\b")
+    _, text, _ = run_cli(["history", "--project", str(applied.root)], capsys)
+    _, as_json, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
+    assert "spec_hash=" in text and not sha.search(text)
+    assert sha.search(as_json)
