@@ -49,7 +49,7 @@ import yaml
 
 from batchspec import __version__
 from batchspec.project import Project
-from batchspec.yamldoc import SCHEMA_DIR, YamlDocument, _Position
+from batchspec.yamldoc import SCHEMA_DIR, NodePosition, YamlDocument
 
 #: a file changed this recently is not stored (see the module docstring)
 RACY_WINDOW_S = 2.0
@@ -265,7 +265,7 @@ def decode_documents(file: Path, text: str) -> list[YamlDocument]:
     ]
 
 
-class _Positions(Mapping[str, _Position]):
+class _Positions(Mapping[str, NodePosition]):
     """A recalled document's value positions, built on demand.
 
     A clean document is asked for two or three locations (its start, its name) out of a
@@ -275,9 +275,9 @@ class _Positions(Mapping[str, _Position]):
     def __init__(self, raw: dict[str, list[Any]]) -> None:
         self._raw = raw
 
-    def __getitem__(self, pointer: str) -> _Position:
+    def __getitem__(self, pointer: str) -> NodePosition:
         line, column, is_scalar = self._raw[pointer]
-        return _Position(_mark(line, column), is_scalar)
+        return NodePosition(_mark(line, column), is_scalar)
 
     def __contains__(self, pointer: object) -> bool:
         return pointer in self._raw

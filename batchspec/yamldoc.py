@@ -168,7 +168,7 @@ if getattr(yaml, "__with_libyaml__", False):
 
 
 @dataclass(frozen=True)
-class _Position:
+class NodePosition:
     mark: yaml.Mark
     is_scalar: bool
 
@@ -180,7 +180,7 @@ class YamlDocument:
     file: Path
     index: int  # 0-based position of the document in its file
     data: Any
-    values: Mapping[str, _Position] = field(repr=False)  # pointer -> value node
+    values: Mapping[str, NodePosition] = field(repr=False)  # pointer -> value node
     keys: Mapping[str, yaml.Mark] = field(repr=False)  # pointer -> the key naming that value
 
     @property
@@ -219,13 +219,13 @@ class _Builder:
     def __init__(self, loader: _Loader, file: Path) -> None:
         self.loader = loader
         self.file = file
-        self.values: dict[str, _Position] = {}
+        self.values: dict[str, NodePosition] = {}
         self.keys: dict[str, yaml.Mark] = {}
         self.problems: list[Problem] = []
         self._open: set[int] = set()  # ids of nodes being built, to catch recursive aliases
 
     def build(self, node: yaml.Node, pointer: str = "") -> Any:
-        self.values[pointer] = _Position(node.start_mark, isinstance(node, yaml.ScalarNode))
+        self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node)
         if id(node) in self._open:

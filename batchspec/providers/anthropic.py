@@ -84,7 +84,7 @@ from batchspec.providers.base import (
     RemoteFile,
     RemoteNotFound,
     RequestCounts,
-    _epoch,
+    epoch_seconds,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -507,9 +507,9 @@ def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> 
         else None,
         usage=None,  # Message Batches report no usage; the results carry it per message
         metadata=dict(entry.metadata) if entry else {},
-        created_at=_epoch(data.get("created_at")),
-        expires_at=_epoch(data.get("expires_at")),
-        completed_at=_epoch(data.get("ended_at")),
+        created_at=epoch_seconds(data.get("created_at")),
+        expires_at=epoch_seconds(data.get("expires_at")),
+        completed_at=epoch_seconds(data.get("ended_at")),
     )
 
 

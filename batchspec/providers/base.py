@@ -165,9 +165,9 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
             for row in (error_rows or [])
             if isinstance(row, Mapping)
         ),
-        created_at=_epoch(data.get("created_at")),
-        expires_at=_epoch(data.get("expires_at")),
-        completed_at=_epoch(data.get("completed_at")),
+        created_at=epoch_seconds(data.get("created_at")),
+        expires_at=epoch_seconds(data.get("expires_at")),
+        completed_at=epoch_seconds(data.get("completed_at")),
     )
 
 
@@ -177,12 +177,12 @@ def parse_file(data: Mapping[str, Any]) -> RemoteFile:
         bytes=data.get("bytes"),
         filename=data.get("filename"),
         purpose=data.get("purpose"),
-        created_at=_epoch(data.get("created_at")),
-        expires_at=_epoch(data.get("expires_at")),
+        created_at=epoch_seconds(data.get("created_at")),
+        expires_at=epoch_seconds(data.get("expires_at")),
     )
 
 
-def _epoch(value: Any) -> int | None:
+def epoch_seconds(value: Any) -> int | None:
     """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews)."""
     if value is None or value == "":
         return None
