@@ -22,13 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from batchspec.providers.base import TERMINAL_STATUSES
+
 if TYPE_CHECKING:
     from batchspec.reconcile import Progress
 
 CLEAR_LINE = "\r\x1b[K"  # back to column 0, erase to the end of the line
 BAR_WIDTH = 20
 STATUS_EVENTS = frozenset({"poll", "upload", "download", "wait"})
-_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
 def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -92,7 +93,7 @@ class ProgressView:
         self._polls[key] = seen
         if not self.live:
             return self._line(_prefixed(progress, progress.message)) if changed else ""
-        if status in _TERMINAL:  # a finished batch is a milestone: keep it on screen
+        if status in TERMINAL_STATUSES:  # a finished batch is a milestone: keep it on screen
             return self._line(_prefixed(progress, progress.message)) if changed else ""
         text = f"batch {data.get('remote_id', '?')} {status}"
         if counts:

@@ -46,7 +46,7 @@ from batchspec.plan import (
     RecordedResource,
     plan_resource,
 )
-from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.base import TERMINAL_STATUSES, Provider, RemoteBatch, RemoteNotFound
 from batchspec.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
     is_requeued,
@@ -621,7 +621,7 @@ class Reconciler:
         self._ensure_ledger(res, gen)
         provider = self.provider_for(res.provider)
         for batch in self.store.batches(gen.id):
-            if batch.remote_id is None or batch.status in _TERMINAL:
+            if batch.remote_id is None or batch.status in TERMINAL_STATUSES:
                 continue
             remote = self._poll(res.name, batch, provider)
             self.report(
@@ -658,7 +658,7 @@ class Reconciler:
         pending = [
             b
             for b in self.store.batches(gen.id)
-            if b.remote_id and b.status in _TERMINAL and b.collected_at is None
+            if b.remote_id and b.status in TERMINAL_STATUSES and b.collected_at is None
         ]
         for batch in pending:
             self._collect_batch(res, gen, batch, provider)
@@ -834,10 +834,10 @@ class Reconciler:
                 if remote is not None:
                     batch = self._bind_adopted(name, batch, remote)
             if batch.remote_id is None:
-                if batch.status not in _TERMINAL:  # an intent never submitted: abandon it
+                if batch.status not in TERMINAL_STATUSES:  # an intent never submitted: abandon it
                     self.store.update_batch(batch.id, status="cancelled")
                 continue
-            if batch.status not in _TERMINAL and batch.status != "cancelling":
+            if batch.status not in TERMINAL_STATUSES and batch.status != "cancelling":
                 remote = provider.cancel_batch(batch.remote_id)
                 self.store.update_batch(batch.id, **batch_fields(remote))
                 n += 1
@@ -882,9 +882,6 @@ class Reconciler:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
 def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:
