@@ -1,6 +1,6 @@
 """``python -m batchspec`` runs the CLI."""
 
-from batchspec.cli import main
+from batchspec.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,8 @@ this harness are not counted):
   plan-1000-*  ``batchspec plan`` on a second workspace of 1,000 manifests with 3 requests
                each (local provider), cold (no state, no cache) and warm: the median of
                ``--warm-runs`` runs after it (a manifest changed less than 2 s before a run
-               reads is not cached by it, see batchspec.manifestcache, so the first warm run
+               reads is not cached by it, see batchspec.workspace.manifestcache, so the first
+               warm run
                right after generating the workspace may still read some)
 
 "x bare" is a command's wall time over the bare loop's. Targets (issue 5): apply's peak RSS

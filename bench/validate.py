@@ -8,7 +8,7 @@ the peak RSS (from ``os.wait4``) belongs to that measurement alone:
   bare-orjson   the same loop with ``orjson.loads``
   cli           ``batchspec validate <workspace> --json`` on a tiny workspace over the file
   cli-json      the same with orjson hidden (a plain install, without the ``fast`` extra)
-  scan          ``python -c`` calling ``batchspec.inputs.scan_batch_input`` directly
+  scan          ``python -c`` calling ``batchspec.wire.inputs.scan_batch_input`` directly
   scan-json     the same with orjson hidden, so the standard-library backend runs
 
 Times are wall-clock for the whole child process (interpreter start-up included, which is
@@ -53,7 +53,7 @@ BARE_ORJSON = BARE_JSON.replace(
 
 SCAN = """
 import sys
-from batchspec.inputs import JSON_BACKEND, scan_batch_input
+from batchspec.wire.inputs import JSON_BACKEND, scan_batch_input
 r = scan_batch_input(sys.argv[1], endpoint=sys.argv[2], model=sys.argv[3])
 assert r.ok, r.problems
 print(r.sha256, r.requests, JSON_BACKEND)
@@ -62,7 +62,7 @@ print(r.sha256, r.requests, JSON_BACKEND)
 # A None entry in sys.modules makes `import orjson` raise ImportError.
 HIDE_ORJSON = "import sys\nsys.modules['orjson'] = None\n"
 SCAN_JSON = HIDE_ORJSON + SCAN
-CLI_JSON = HIDE_ORJSON + "from batchspec.cli import main\nmain(sys.argv[1:])\n"
+CLI_JSON = HIDE_ORJSON + "from batchspec.cli.main import main\nmain(sys.argv[1:])\n"
 
 # Vocabulary for the message text: mostly ASCII, plus accents, CJK, Cyrillic, an emoji and
 # characters JSON must escape (quote, backslash, tab, newline), as real tickets have.

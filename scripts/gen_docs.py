@@ -6,7 +6,7 @@
 * ``docs/manifest-reference.md`` from ``schemas/batch.schema.json``;
 * ``docs/project-reference.md`` from ``schemas/project.schema.json``;
 * ``docs/cli-reference.md`` from each command's ``--help`` (every command registered on
-  ``batchspec.cli.cli``, so a new command appears on the next run), plus the environment
+  ``batchspec.cli.main.cli``, so a new command appears on the next run), plus the environment
   variable each option reads.
 
 Every property of a schema is listed with its type, whether it is required, its default and
@@ -328,7 +328,7 @@ def _context(command: click.Command, name: str, parent: click.Context | None) ->
 
 def visible_commands() -> list[tuple[str, click.Command]]:
     """Every command of the CLI that ``--help`` lists, by name."""
-    from batchspec.cli import cli
+    from batchspec.cli.main import cli
 
     root = _context(cli, "batchspec", None)
     commands = []
@@ -340,7 +340,7 @@ def visible_commands() -> list[tuple[str, click.Command]]:
 
 
 def cli_reference() -> str:
-    from batchspec.cli import cli
+    from batchspec.cli.main import cli
 
     root = _context(cli, "batchspec", None)
     lines = [

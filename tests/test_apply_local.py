@@ -25,10 +25,10 @@ from workspaces import (
     run_cli,
 )
 
-from batchspec.apply import ApplyOptions, apply_workspace
+from batchspec.core.apply import ApplyOptions, apply_workspace
+from batchspec.core.reconcile import Progress
 from batchspec.engine import Engine
-from batchspec.reconcile import Progress
-from batchspec.yamldoc import display_path
+from batchspec.workspace.yamldoc import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--poll-interval", "0.05"]

@@ -16,7 +16,7 @@ import yaml
 from serve_faults import apply_wait, received_batches, serve_processes, served_workspace
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
-from batchspec.plan import estimate_input_tokens
+from batchspec.core.plan import estimate_input_tokens
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from probes import ProbedServer, start_probed_server
 from servers import wait_for
 from workspaces import SENTINEL_KEY, ResourceSpec, make_workspace, openai_provider, run_cli
 
-from batchspec.render import PLAN_MARKDOWN_MARKER
+from batchspec.cli.render import PLAN_MARKDOWN_MARKER
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
 SHELL_OPERATORS = {">", ">>", "<", "|", "||", "&&", ";", "&", "2>", "2>&1"}

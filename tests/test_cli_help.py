@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchspec import __version__
-from batchspec.cli import cli, main
+from batchspec.cli.main import cli, main
 
 COMMANDS = sorted(cli.commands)
 

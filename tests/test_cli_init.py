@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batchspec.cli import cli, main
-from batchspec.scaffold import scaffold_files
+from batchspec.cli.main import cli, main
+from batchspec.workspace.scaffold import scaffold_files
 
 EXPECTED = [
     "batchspec.yaml",

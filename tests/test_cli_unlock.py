@@ -1,4 +1,4 @@
-"""Tests for `batchspec unlock ID`: the CLI face of batchspec.lock.unlock_state."""
+"""Tests for `batchspec unlock ID`: the CLI face of batchspec.core.lifecycle.unlock_state."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from batchspec.cli import main
-from batchspec.lock import acquire_lock, current_lock
-from batchspec.runinfo import RunInfo
-from batchspec.state import StateStore
+from batchspec.cli.main import main
+from batchspec.state.lock import acquire_lock, current_lock
+from batchspec.state.runinfo import RunInfo
+from batchspec.state.store import StateStore
 
 INFO = RunInfo("alice", socket.gethostname(), os.getpid(), None, None, None, None, None, "0")
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from batchspec import errors
-from batchspec.cli import cli
-from batchspec.yamldoc import load_schema
+from batchspec.cli.main import cli
+from batchspec.workspace.yamldoc import load_schema
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -13,7 +13,7 @@ import openai
 import pytest
 from servers import jsonl_bytes, request_lines, wait_for, wait_for_batch
 
-from batchspec.cli import main
+from batchspec.cli.main import main
 
 KEY_VAR = "BATCHSPEC_TEST_SERVE_KEY"
 SECRET = "sk-serve-secret-123"

@@ -14,8 +14,8 @@ from servers import EngineServer
 from workspaces import Workspace, run_cli
 
 from batchspec.engine import HttpUpstream
-from batchspec.project import load_project
 from batchspec.providers.registry import build_provider
+from batchspec.workspace.project import load_project
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "providers"
 #: folder -> the provider types its project declares

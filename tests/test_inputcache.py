@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
-from batchspec.inputcache import RACY_WINDOW_S, InputCache
-from batchspec.inputs import scan_batch_input
+from batchspec.wire.inputs import scan_batch_input
+from batchspec.workspace.inputcache import RACY_WINDOW_S, InputCache
 
 IN_ACCESS = 0x001
 IN_OPEN = 0x020

@@ -1,4 +1,4 @@
-"""Tests for batchspec.inputs: the streaming validator of OpenAI batch JSONL input."""
+"""Tests for batchspec.wire.inputs: the streaming validator of OpenAI batch JSONL input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from batchspec.errors import InputError
-from batchspec.inputs import (
+from batchspec.wire.inputs import (
     MAX_SHOWN,
     READ_CHUNK_BYTES,
     InputReport,
@@ -770,7 +770,7 @@ PARITY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     sys.modules["orjson"] = None  # hide orjson: the standard-library backend must run
-    from batchspec.inputs import JSON_BACKEND, scan_batch_input
+    from batchspec.wire.inputs import JSON_BACKEND, scan_batch_input
     assert JSON_BACKEND == "json", JSON_BACKEND
     out = {}
     for path in sys.argv[1:]:

@@ -1,4 +1,4 @@
-"""Tests for batchspec.lock: one writer at a time, across connections and processes."""
+"""Tests for batchspec.state.lock: one writer at a time, across connections and processes."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from batchspec.core.lifecycle import unlock_state
 from batchspec.errors import StateError, StateLockedError
-from batchspec.lock import LockHolder, acquire_lock, current_lock, force_unlock, unlock_state
-from batchspec.runinfo import RunInfo
-from batchspec.state import StateStore, utc_timestamp
+from batchspec.state.lock import LockHolder, acquire_lock, current_lock, force_unlock
+from batchspec.state.runinfo import RunInfo
+from batchspec.state.store import StateStore, utc_timestamp
 
 HOST = socket.gethostname()
 
@@ -154,9 +155,9 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from batchspec.lock import acquire_lock
-    from batchspec.runinfo import collect_run_info
-    from batchspec.state import StateStore
+    from batchspec.state.lock import acquire_lock
+    from batchspec.state.runinfo import collect_run_info
+    from batchspec.state.store import StateStore
 
     store = StateStore.open(Path(sys.argv[1]))
     handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
@@ -215,9 +216,9 @@ RACER = textwrap.dedent(
     import sys
     from pathlib import Path
     from batchspec.errors import StateLockedError
-    from batchspec.lock import acquire_lock
-    from batchspec.runinfo import collect_run_info
-    from batchspec.state import StateStore
+    from batchspec.state.lock import acquire_lock
+    from batchspec.state.runinfo import collect_run_info
+    from batchspec.state.store import StateStore
 
     store = StateStore.open(Path(sys.argv[1]))
     info = collect_run_info(env={})

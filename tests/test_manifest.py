@@ -1,4 +1,4 @@
-"""batchspec.manifest: loading manifests, located problems, Resource normalisation, spec hash."""
+"""batchspec.workspace.manifest: loading manifests, located problems, normalisation, spec hash."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchspec.errors import ManifestError
-from batchspec.manifest import (
+from batchspec.workspace.manifest import (
     RETRYABLE_FAILURES,
     Budget,
     Limits,
@@ -19,7 +19,7 @@ from batchspec.manifest import (
     load_workspace,
     spec_hash,
 )
-from batchspec.yamldoc import InvalidManifestError, Problem
+from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
 PROJECT = "apiVersion: batchspec/v1\nkind: Project\n"
 REQUEST = {

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from workspaces import run_cli
 
-from batchspec.manifest import Workspace, load_workspace, project_for
-from batchspec.manifestcache import RACY_WINDOW_S, ManifestCache, encode_documents
-from batchspec.yamldoc import InvalidManifestError, display_path, read_yaml_documents
+from batchspec.workspace.manifest import Workspace, load_workspace, project_for
+from batchspec.workspace.manifestcache import RACY_WINDOW_S, ManifestCache, encode_documents
+from batchspec.workspace.yamldoc import InvalidManifestError, display_path, read_yaml_documents
 
 PROJECT = """\
 apiVersion: batchspec/v1

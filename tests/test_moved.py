@@ -10,11 +10,11 @@ import pytest
 import yaml
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
+from batchspec.core.moves import apply_moves, former_names
 from batchspec.errors import ManifestError, StateError
-from batchspec.manifest import InvalidManifestError, load_workspace
-from batchspec.moves import apply_moves, former_names
-from batchspec.runinfo import collect_run_info
-from batchspec.state import StateStore
+from batchspec.state.runinfo import collect_run_info
+from batchspec.state.store import StateStore
+from batchspec.workspace.manifest import InvalidManifestError, load_workspace
 
 FAST = ["--poll-interval", "0.05"]
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from batchspec.plan import (
+from batchspec.core.plan import (
     Action,
     ActionKind,
     DesiredResource,

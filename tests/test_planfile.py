@@ -26,19 +26,19 @@ from workspaces import (
 )
 
 from batchspec import __version__
-from batchspec.apply import PlanResult
-from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream
-from batchspec.errors import UsageError
-from batchspec.plan import Action, ActionKind, Plan
-from batchspec.planfile import (
+from batchspec.cli.render import PLAN_MARKDOWN_MARKER, plan_markdown
+from batchspec.core.plan import Action, ActionKind, Plan
+from batchspec.core.planfile import (
     PLAN_FILE_KIND,
     SCHEMA_VERSION,
+    PlanResult,
     load_plan_file,
     saved_plan_from_json,
     saved_plan_of,
     stale_reasons,
 )
-from batchspec.render import PLAN_MARKDOWN_MARKER, plan_markdown
+from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream
+from batchspec.errors import UsageError
 
 FAST = ["--poll-interval", "0.05"]
 HASH_A = "a" * 64

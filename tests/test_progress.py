@@ -23,9 +23,9 @@ from workspaces import (
     served,
 )
 
+from batchspec.cli.progress import CLEAR_LINE, ProgressView, progress_bar
+from batchspec.core.reconcile import Progress
 from batchspec.engine import BuiltinUpstream
-from batchspec.progress import CLEAR_LINE, ProgressView, progress_bar
-from batchspec.reconcile import Progress
 
 FAST = ["--poll-interval", "0.05"]
 

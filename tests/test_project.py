@@ -1,4 +1,4 @@
-"""batchspec.project: finding batchspec.yaml, its defaults, providers, and its problems."""
+"""batchspec.workspace.project: finding batchspec.yaml, its defaults, providers, its problems."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from batchspec.errors import ManifestError
-from batchspec.project import (
+from batchspec.workspace.project import (
     DEFAULT_MANIFEST_GLOBS,
     Budget,
     find_project_file,
     load_project,
 )
-from batchspec.yamldoc import InvalidManifestError
+from batchspec.workspace.yamldoc import InvalidManifestError
 
 HEADER = "apiVersion: batchspec/v1\nkind: Project\n"
 

@@ -19,21 +19,21 @@ from probes import ProbedServer
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli
 
-from batchspec.apply import shard_limits
+from batchspec.core.session import shard_limits
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
 from batchspec.errors import ProviderError
-from batchspec.manifest import load_workspace
-from batchspec.outcomes import classify_result_line
 from batchspec.providers.anthropic import AnthropicProvider
-from batchspec.providers.anthropic_lines import (
+from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.wire.anthropic_lines import (
     Unmappable,
     chat_to_params,
     line_problems,
     result_line,
     to_request,
 )
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.wire.outcomes import classify_result_line
+from batchspec.workspace.manifest import load_workspace
 
 CREATE = "POST /messages/batches"
 CHAT = "/v1/chat/completions"

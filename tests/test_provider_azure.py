@@ -25,7 +25,8 @@ from batchspec.engine.azure_routes import AzureFlavour
 from batchspec.engine.server import BackgroundServer, start_in_thread
 from batchspec.errors import ProviderError
 from batchspec.providers.azure import AzureOpenAIProvider, azure_root
-from batchspec.providers.base import KNOWN_STATUSES, Provider, RemoteBatch
+from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.wire.batch_status import KNOWN_STATUSES
 
 CHAT = "/v1/chat/completions"
 

@@ -12,10 +12,10 @@ from servers import EngineServer, jsonl_bytes, read_jsonl, request_lines, wait_f
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream
 from batchspec.errors import ProviderError
-from batchspec.project import ProviderConfig
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.providers.registry import build_provider
+from batchspec.workspace.project import ProviderConfig
 
 CHAT = "/v1/chat/completions"
 SENTINEL_KEY = "sk-SENTINEL-openai-provider-0123456789abcdef"

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from batchspec.errors import ProviderError
-from batchspec.project import ProviderConfig
 from batchspec.providers.anthropic import AnthropicProvider
 from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.local import LocalProvider
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.providers.registry import build_provider
+from batchspec.workspace.project import ProviderConfig
 
 
 def config(

@@ -30,7 +30,7 @@ from workspaces import KEY_ENV, ResourceSpec, make_workspace, openai_provider, r
 from batchspec.engine import BuiltinUpstream, Engine
 from batchspec.engine.app import create_app
 from batchspec.engine.server import start_in_thread
-from batchspec.ledger import RequestLedger
+from batchspec.state.ledger import RequestLedger
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
 
 
 def _seconds(timestamp: str) -> float:
-    from batchspec.state import parse_timestamp
+    from batchspec.state.store import parse_timestamp
 
     return parse_timestamp(timestamp).timestamp()
 

@@ -1,4 +1,4 @@
-"""Tests for batchspec.runinfo: git provenance, CI detection, and what it refuses to read."""
+"""Tests for batchspec.state.runinfo: git provenance, CI detection, and what it refuses to read."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import batchspec
-from batchspec.runinfo import CI_VARIABLES, USER_VARIABLES, collect_run_info
+from batchspec.state.runinfo import CI_VARIABLES, USER_VARIABLES, collect_run_info
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from batchspec import manifest, project
-from batchspec.yamldoc import SCHEMA_DIR, load_schema
+from batchspec.workspace import manifest, project
+from batchspec.workspace.yamldoc import SCHEMA_DIR, load_schema
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = ("batch", "project")

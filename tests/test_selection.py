@@ -12,14 +12,14 @@ import pytest
 import yaml
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
-from batchspec.errors import ManifestError, UsageError
-from batchspec.manifest import load_workspace
-from batchspec.selection import (
+from batchspec.core.selection import (
     Selector,
     modified_resources,
     parse_selector,
     select_resources,
 )
+from batchspec.errors import ManifestError, UsageError
+from batchspec.workspace.manifest import load_workspace
 
 FAST = ["--poll-interval", "0.05"]
 

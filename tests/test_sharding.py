@@ -1,6 +1,6 @@
 """Sharding: splitting a generation's requests into batches that fit the provider's limits.
 
-The pure part (``batchspec.sharding.assign_shards``) is checked on in-memory request lines;
+The pure part (``batchspec.core.sharding.assign_shards``) is checked on in-memory request lines;
 the rest end to end: `batchspec apply --wait` against a `batchspec serve` process, asserting
 on the shard files in the state folder, the files and batch metadata the server received,
 and the merged output. (The 120,000-request run is in ``test_scale_e2e.py``.)
@@ -27,8 +27,8 @@ from workspaces import (
     write_manifest,
 )
 
-from batchspec.inputs import RequestLine
-from batchspec.sharding import ShardLimits, assign_shards, embedding_inputs
+from batchspec.core.sharding import ShardLimits, assign_shards, embedding_inputs
+from batchspec.wire.inputs import RequestLine
 
 
 @pytest.fixture
@@ -304,8 +304,8 @@ def test_shard_limits_from_provider_type_options_and_manifest(
     """The provider type's defaults, lowered by the provider's options, lowered further by
     the manifest's `limits`; a manifest never raises a provider's limit (the provider would
     reject the batch)."""
-    from batchspec.apply import shard_limits
-    from batchspec.manifest import load_workspace
+    from batchspec.core.session import shard_limits
+    from batchspec.workspace.manifest import load_workspace
 
     config = {"baseUrl": "http://127.0.0.1:9/v1", "apiKeyEnv": KEY_ENV, **provider}
     spec = {"limits": manifest_limits} if manifest_limits else {}

@@ -1,4 +1,4 @@
-"""Tests for batchspec.state: the SQLite state store and its append-only audit log."""
+"""Tests for batchspec.state.store: the SQLite state store and its append-only audit log."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from sqlite_utils import Database
 
 from batchspec.errors import StateError
-from batchspec.runinfo import RunInfo, collect_run_info
-from batchspec.state import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.state.runinfo import RunInfo, collect_run_info
+from batchspec.state.store import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
 
 INFO = RunInfo(
     user="alice",

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from workspaces import run_cli
 
-from batchspec.manifest import InvalidManifestError, Resource, load_workspace
-from batchspec.templates import compile_request_template, render_rows
-from batchspec.validate import InvalidInputError, validate_workspace
-from batchspec.yamldoc import SourceLocation
+from batchspec.core.validate import InvalidInputError, validate_workspace
+from batchspec.workspace.manifest import InvalidManifestError, Resource, load_workspace
+from batchspec.workspace.templates import compile_request_template, render_rows
+from batchspec.workspace.yamldoc import SourceLocation
 
 CHAT = "/v1/chat/completions"
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from servers import request_lines
 
-from batchspec.state import StateStore
+from batchspec.state.store import StateStore
 
 PROJECT_HEADER = {"apiVersion": "batchspec/v1", "kind": "Project"}
 
@@ -180,7 +180,7 @@ def git_commit_all(root: Path, message: str = "workspace") -> str:
 
 def run_cli(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """The real entry point in this process; returns exit code, stdout and stderr."""
-    from batchspec.cli import main
+    from batchspec.cli.main import main
 
     capsys.readouterr()  # drop anything printed before
     with pytest.raises(SystemExit) as exited:

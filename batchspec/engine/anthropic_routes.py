@@ -50,8 +50,8 @@ from batchspec.engine.core import Engine
 from batchspec.engine.errors import EngineError
 from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.objects import batch_object
-from batchspec.inputs import iter_requests
-from batchspec.providers.anthropic_lines import CUSTOM_ID_PATTERN, MESSAGES_ENDPOINT
+from batchspec.wire.anthropic_lines import CUSTOM_ID_PATTERN, MESSAGES_ENDPOINT
+from batchspec.wire.inputs import iter_requests
 
 PREFIX = "/v1/messages/batches"
 ID_PREFIX = "msgbatch_"

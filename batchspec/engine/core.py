@@ -38,7 +38,7 @@ from batchspec.engine.objects import batch_object, deleted_file_object, file_obj
 from batchspec.engine.store import BlobWriter, EngineLock, Store, dumps, new_id, now
 from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS, BuiltinUpstream, Upstream
 from batchspec.engine.worker import Worker, WorkerSettings
-from batchspec.inputs import DEFAULT_MAX_LINE_BYTES
+from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 WIRE_COMPLETION_WINDOW = "24h"

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchspec.engine.upstreams import Upstream, UpstreamResponse
-from batchspec.providers.anthropic_lines import STATUS_ERROR_TYPE
+from batchspec.wire.anthropic_lines import STATUS_ERROR_TYPE
 
 MESSAGES_PATHS = ("/v1/messages", "/messages")
 CHAT_URL = "/v1/chat/completions"

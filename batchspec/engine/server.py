@@ -34,7 +34,7 @@ from batchspec.engine.app import create_app
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
 from batchspec.engine.upstreams import Faults, make_upstream
 from batchspec.errors import BatchspecError
-from batchspec.inputs import DEFAULT_MAX_LINE_BYTES
+from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
 
 
 @dataclass(frozen=True)

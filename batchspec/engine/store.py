@@ -37,10 +37,9 @@ from typing import Any, BinaryIO
 
 from batchspec.engine.errors import EngineError
 from batchspec.errors import StateLockedError
+from batchspec.wire.batch_status import ACTIVE_STATUSES
 
-ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-_ACTIVE_SQL = "('validating', 'in_progress', 'finalizing', 'cancelling')"
-TERMINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 
 CHUNK = 1024 * 1024
 
@@ -570,8 +569,6 @@ class EngineLock:
 
 
 __all__ = [
-    "ACTIVE_STATUSES",
-    "TERMINAL_STATUSES",
     "BlobStore",
     "BlobWriter",
     "EngineLock",

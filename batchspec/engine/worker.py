@@ -42,9 +42,10 @@ from typing import Any, TypeVar
 
 from batchspec.engine.jsonfast import dumps as _dumps
 from batchspec.engine.jsonfast import loads as _loads
-from batchspec.engine.store import TERMINAL_STATUSES, LineResult, Store, StoredFile, Tokens, now
+from batchspec.engine.store import LineResult, Store, StoredFile, Tokens, now
 from batchspec.engine.upstreams import Upstream, UpstreamResponse, UpstreamUnreachable
-from batchspec.inputs import DEFAULT_MAX_LINE_BYTES, iter_requests, scan_batch_input
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, iter_requests, scan_batch_input
 
 log = logging.getLogger("batchspec.engine")
 

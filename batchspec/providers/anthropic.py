@@ -60,8 +60,6 @@ import httpx
 
 from batchspec import __version__
 from batchspec.errors import InputError, ProviderError
-from batchspec.inputs import iter_requests
-from batchspec.providers import anthropic_lines
 from batchspec.providers._http import (
     AmbiguousOutcome,
     ErrorContext,
@@ -86,6 +84,8 @@ from batchspec.providers.base import (
     RequestCounts,
     epoch_seconds,
 )
+from batchspec.wire import anthropic_lines
+from batchspec.wire.inputs import iter_requests
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"

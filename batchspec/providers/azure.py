@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import KNOWN_STATUSES, RemoteBatch
+from batchspec.providers.base import RemoteBatch
 from batchspec.providers.openai import OpenAIProvider
+from batchspec.wire.batch_status import KNOWN_STATUSES
 
 API_STYLES = ("v1", "legacy")
 #: the api-version used with ``apiStyle: legacy`` when none is configured

@@ -18,14 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from batchspec.errors import ProviderError
+from batchspec.wire.batch_status import TERMINAL_STATUSES
 
 #: the metadata pairs that make a remote batch batchspec's own: together, one attempt's key
 METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
-
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-KNOWN_STATUSES = frozenset(
-    {"validating", "in_progress", "finalizing", "cancelling"} | TERMINAL_STATUSES
-)
 
 
 class RemoteNotFound(ProviderError):

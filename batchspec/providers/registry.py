@@ -23,7 +23,7 @@ from batchspec.providers.base import Provider
 from batchspec.providers.openai import DEFAULT_BASE_URL, OpenAIProvider
 
 if TYPE_CHECKING:
-    from batchspec.project import ProviderConfig
+    from batchspec.workspace.project import ProviderConfig
 
 DEFAULT_API_KEY_ENV = {
     "openai": "OPENAI_API_KEY",

@@ -1,0 +1,673 @@
+"""The command line: each command parses options, calls one library function, renders.
+
+Business logic lives in the library modules; this file only turns arguments into calls and
+results into text or JSON. Known failures are ``BatchspecError``s and exit with their own
+code and a one-paragraph message on stderr, never a traceback. Usage errors exit 64.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from batchspec import __version__
+from batchspec.errors import BatchspecError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+USAGE_EXIT_CODE = 64
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options: defined once, each with an environment variable.
+
+
+def json_option(f: F) -> F:
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        envvar="BATCHSPEC_JSON",
+        help="Write machine-readable JSON to stdout (and nothing else).",
+    )(f)
+
+
+def state_option(f: F) -> F:
+    return click.option(
+        "--state",
+        "state_path",
+        type=click.Path(dir_okay=False),
+        envvar="BATCHSPEC_STATE",
+        help="State database (default: the project's, or state/batchspec.db).",
+    )(f)
+
+
+def select_option(f: F) -> F:
+    return click.option(
+        "--select",
+        "-s",
+        "select",
+        multiple=True,
+        envvar="BATCHSPEC_SELECT",
+        metavar="SELECTOR",
+        help="Only these resources: NAME, KEY=VALUE (a label) or state:modified "
+        "(repeatable; a resource matching any is selected).",
+    )(f)
+
+
+def lock_timeout_option(f: F) -> F:
+    return click.option(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        show_default=True,
+        envvar="BATCHSPEC_LOCK_TIMEOUT",
+        help="Seconds to wait for another run's lock before exiting 3.",
+    )(f)
+
+
+def paths_argument(f: F) -> F:
+    return click.argument("paths", nargs=-1, type=click.Path())(f)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="batchspec")
+def cli() -> None:
+    """Run LLM batch jobs the GitOps way.
+
+    Commit YAML manifests that say which requests to run where; `batchspec apply` uploads,
+    creates, polls, collects and retries batches until the results on disk match, recording
+    every step in a SQLite state store that doubles as an audit log.
+    """
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="BATCHSPEC_SERVE_HOST",
+    help="Address to listen on; anything but loopback needs --api-key-env.",
+)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=int,
+    envvar="BATCHSPEC_SERVE_PORT",
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--data-dir",
+    default="state/local",
+    show_default=True,
+    type=click.Path(),
+    envvar="BATCHSPEC_ENGINE_DIR",
+    help="Where the engine keeps files and batches.",
+)
+@click.option(
+    "--upstream",
+    default="builtin",
+    show_default=True,
+    envvar="BATCHSPEC_UPSTREAM",
+    help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
+    "'builtin' (an offline stand-in, not a model).",
+)
+@click.option(
+    "--api-key-env",
+    default=None,
+    metavar="NAME",
+    help="Require 'Authorization: Bearer <key>' with the key in this env var.",
+)
+@click.option(
+    "--upstream-api-key-env",
+    default=None,
+    metavar="NAME",
+    help="Env var holding the API key sent to the upstream.",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests in flight to the upstream at once.",
+)
+@click.option(
+    "--request-timeout",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Seconds one upstream request may take.",
+)
+@click.option(
+    "--max-attempts",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Attempts per request line on 429/5xx/timeouts.",
+)
+@click.option(
+    "--max-upload-bytes",
+    default=512 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest accepted upload (413 beyond).",
+)
+@click.option(
+    "--completion-window-seconds",
+    type=float,
+    default=None,
+    hidden=True,
+    help="Real expiry deadline (tests); the wire value stays 24h.",
+)
+@click.option("--poll-interval", type=float, default=0.5, hidden=True)
+@click.option(
+    "--upstream-latency",
+    type=float,
+    default=0.0,
+    hidden=True,
+    help="Delay every builtin answer by this many seconds (tests).",
+)
+@click.option("--fault-500", type=float, default=0.0, hidden=True)
+@click.option("--fault-429", type=float, default=0.0, hidden=True)
+@click.option("--fault-timeout", type=float, default=0.0, hidden=True)
+@click.option("--fault-seed", type=int, default=0, hidden=True)
+@click.option(
+    "--fault-token-limit",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="Fail the first N batches' validation with token_limit_exceeded (tests).",
+)
+@click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=1),
+    default=10 * 1024 * 1024,
+    hidden=True,
+    help="Longest request line a batch may hold; validation fails beyond it (tests).",
+)
+def serve(**opts: Any) -> None:
+    """Serve the local batch engine as an OpenAI-compatible Files + Batches API.
+
+    Runs until Ctrl-C; unfinished batches resume at the next start.
+    """
+    from batchspec.engine.server import serve_from_cli_options
+
+    serve_from_cli_options(
+        opts,
+        on_listening=lambda url, upstream: click.echo(
+            f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
+        ),
+    )
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+def init(directory: str) -> None:
+    """Create a workspace in DIRECTORY (default: here) that validates and runs as is.
+
+    Writes batchspec.yaml (the local provider, with an OpenAI example commented out), one
+    manifest, a three-request data file and state/.gitignore. Refuses to overwrite any
+    existing file, and then writes nothing.
+    """
+    from batchspec.workspace.scaffold import (
+        scaffold_workspace,  # imported on use: keeps startup fast
+    )
+    from batchspec.workspace.yamldoc import display_path
+
+    result = scaffold_workspace(directory)
+    for path in result.created:
+        click.echo(f"created {display_path(path)}")
+    click.echo(f"\nNext: {result.next_command}")
+
+
+@cli.command()
+@paths_argument
+@json_option
+def validate(paths: tuple[str, ...], as_json: bool) -> None:
+    """Check manifests and batch inputs; change nothing.
+
+    PATHS are manifest files, folders or glob patterns (default: the current folder). Exits 0
+    when all is valid, else 1 listing every problem as file:line:column. With --json, stdout
+    holds only JSON, on failure too.
+    """
+    from batchspec.cli import render  # imported on use: keeps startup fast
+    from batchspec.core.validate import problems_of, validate_workspace
+
+    try:
+        report = validate_workspace(paths)
+    except BatchspecError as err:
+        if not as_json:
+            raise
+        emit_json(render.problems_json(problems_of(err)))
+        click.get_current_context().exit(err.exit_code)
+    if as_json:
+        emit_json(render.validation_json(report))
+    else:
+        click.echo(render.validation_text(report))
+
+
+def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.endswith(".json"):
+        raise click.BadParameter("the file name must end in .json", ctx=ctx, param=param)
+    return value
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "markdown"]),
+    default=None,
+    help="text (default), json (as --json), or markdown: a pull-request comment.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False),
+    callback=_plan_file_path,
+    default=None,
+    metavar="FILE.json",
+    help="Also save the plan to FILE.json; `batchspec apply FILE.json` applies exactly it.",
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Plan what `apply --prune` does: orphaned resources become prune (cancel, forget).",
+)
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
+)
+@state_option
+def plan(
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    as_json: bool,
+    output_format: str | None,
+    out_path: str | None,
+    prune: bool,
+    detailed_exitcode: bool,
+    state_path: str | None,
+) -> int:
+    """Show what apply would do, resource by resource. Contacts no provider.
+
+    Validates every selected input first; a bad input fails here, as it would in apply.
+    Resources recorded in the state whose manifests are gone are shown as orphaned.
+    """
+    from batchspec.cli import render
+    from batchspec.core.apply import plan_workspace
+    from batchspec.core.planfile import write_plan_file
+
+    if as_json and output_format not in (None, "json"):
+        raise click.UsageError(f"--json and --format {output_format} contradict each other")
+    result = plan_workspace(paths, select=select, prune=prune, state_path=state_path)
+    if out_path:
+        write_plan_file(out_path, result)
+        click.echo(f"Saved the plan to {out_path}: `batchspec apply {out_path}`", err=True)
+    if as_json or output_format == "json":
+        emit_json(render.plan_result_json(result))
+    elif output_format == "markdown":
+        click.echo(render.plan_markdown(result), nl=False)
+    else:
+        click.echo(render.plan_text(result.plan))
+    return 2 if detailed_exitcode and result.plan.has_changes else 0
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+@lock_timeout_option
+@click.option(
+    "--yes",
+    "-y",
+    is_flag=True,
+    envvar="BATCHSPEC_YES",
+    help="Approve creating batches without asking (needed when there is no terminal).",
+)
+@click.option(
+    "--wait", is_flag=True, help="Keep polling until every resource is in sync or Degraded."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --wait: give up after this many seconds (exit 5).",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=30.0,
+    show_default=True,
+    help="Longest pause between polls; polling starts at 0.5 s and backs off.",
+)
+@click.option(
+    "--allow-replace",
+    is_flag=True,
+    help="Cancel a changed resource's in-flight batches and submit the new spec.",
+)
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Cancel the batches of resources whose manifests are gone, and forget them.",
+)
+@state_option
+def apply(
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    as_json: bool,
+    lock_timeout: float,
+    yes: bool,
+    wait: bool,
+    timeout: float | None,
+    poll_interval: float,
+    allow_replace: bool,
+    prune: bool,
+    state_path: str | None,
+) -> int:
+    """Make the results on disk match the manifests: upload, create, poll, collect, retry.
+
+    One pass takes the next safe step for each resource; with --wait it loops until done.
+    Exit codes: 0 in sync (or submitted), 3 locked, 4 Degraded, 5 --timeout reached.
+
+    A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
+    plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
+    manifests changed since. With --json, stdout is NDJSON: one object per line per event,
+    then a final {"event": "result"} (or {"event": "error"}) object.
+    """
+    import shutil
+
+    from batchspec.cli import render
+    from batchspec.cli.progress import ProgressView
+    from batchspec.core.apply import ApplyOptions, apply_saved_plan, apply_workspace
+    from batchspec.core.planfile import is_plan_path
+
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout only applies with --wait")
+    saved = [p for p in paths if is_plan_path(p)]
+    if len(saved) > 1:
+        raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
+    if prune and select:  # orphans have no manifest, so no selector can pick them
+        raise click.UsageError("--prune acts on resources --select cannot select; drop --select")
+    view = ProgressView(
+        live=not as_json and sys.stdout.isatty(), width=shutil.get_terminal_size().columns
+    )
+
+    def show(progress: Any) -> None:
+        if as_json:
+            click.echo(json.dumps(progress.to_json(), default=str))
+        elif progress.plan is not None:
+            click.echo(render.plan_text(progress.plan) + "\n")
+        elif text := view.render(progress):
+            click.echo(text, nl=False)
+
+    def confirm(plan: Any) -> bool:
+        return click.confirm("Submit these batches?", default=False, err=True)
+
+    options = ApplyOptions(
+        select=select,
+        yes=yes,
+        wait=wait,
+        timeout=timeout,
+        poll_interval=poll_interval,
+        lock_timeout=lock_timeout,
+        allow_replace=allow_replace,
+        prune=prune,
+        state_path=state_path,
+    )
+    interactive = sys.stdin.isatty() and not as_json
+    try:
+        if saved:
+            manifests = [p for p in paths if p != saved[0]]
+            result = apply_saved_plan(saved[0], manifests, options, report=show)
+        else:
+            result = apply_workspace(
+                paths, options, confirm=confirm if interactive else None, report=show
+            )
+    except BatchspecError as err:
+        click.echo(view.finish(), nl=False)
+        if as_json:
+            click.echo(json.dumps(render.error_event_json(err)))
+        raise
+    click.echo(view.finish(), nl=False)
+    if as_json:
+        click.echo(json.dumps({"event": "result", **render.apply_json(result)}, default=str))
+    else:
+        click.echo(render.apply_text(result))
+    return result.exit_code
+
+
+@cli.command()
+@paths_argument
+@select_option
+@json_option
+@state_option
+def status(
+    paths: tuple[str, ...], select: tuple[str, ...], as_json: bool, state_path: str | None
+) -> None:
+    """Show each resource's sync and health, its batches and where its results are.
+
+    Reads the state only: no lock, no network.
+    """
+    from batchspec.cli import render
+    from batchspec.core.status import workspace_status
+
+    statuses = workspace_status(paths, select=select, state_path=state_path)
+    if as_json:
+        emit_json({"resources": [s.to_json() for s in statuses]})
+    else:
+        click.echo(render.status_text(statuses))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option(
+    "--project",
+    "project_dir",
+    type=click.Path(),
+    default=None,
+    help="Workspace folder (default: found from the current folder).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many runs, newest first.",
+)
+@json_option
+@state_option
+def history(
+    name: str | None, project_dir: str | None, limit: int, as_json: bool, state_path: str | None
+) -> None:
+    """Show recorded runs (who, where, git commit, exit code) and each run's events.
+
+    With NAME, only the runs that touched that resource.
+    """
+    from batchspec.cli import render
+    from batchspec.core.history import read_history
+
+    entries = read_history(
+        [project_dir] if project_dir else [], resource=name, limit=limit, state_path=state_path
+    )
+    if as_json:
+        emit_json({"runs": [e.to_json() for e in entries]})
+    else:
+        click.echo(render.history_text(entries))
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@click.option("--errors", "show_errors", is_flag=True, help="Print the errors file instead.")
+def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
+    """Print the merged results of NAME (JSONL, in input order) to stdout."""
+    from batchspec.core.results import result_file
+
+    path = result_file(paths, name, errors=show_errors)
+    stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            stdout.write(chunk)
+    stdout.flush()
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@lock_timeout_option
+@json_option
+@state_option
+def cancel(
+    name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
+) -> None:
+    """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
+    from batchspec.core.apply import cancel_resource
+
+    n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
+    if as_json:
+        emit_json({"resource": name, "cancelled_batches": n})
+    else:
+        click.echo(f"cancelled {n} batch(es) of {name}")
+
+
+@cli.command("import")
+@click.argument("name")
+@click.argument("batch_id")
+@paths_argument
+@lock_timeout_option
+@json_option
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Import even if the provider cannot give back the batch's input file to verify it "
+    "(an input file that differs is refused anyway).",
+)
+@state_option
+def import_(
+    name: str,
+    batch_id: str,
+    paths: tuple[str, ...],
+    lock_timeout: float,
+    as_json: bool,
+    force: bool,
+    state_path: str | None,
+) -> None:
+    """Adopt BATCH_ID, a batch created outside batchspec, as NAME's current generation.
+
+    NAME's input must fit one batch. The batch's input file is downloaded and its sha256
+    compared with NAME's input first. Creates nothing remotely; the next `batchspec apply`
+    polls and collects the batch. Recorded in history as an import.
+    """
+    from batchspec.cli import render
+    from batchspec.core.lifecycle import import_batch
+
+    result = import_batch(
+        paths, name, batch_id, force=force, lock_timeout=lock_timeout, state_path=state_path
+    )
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render.import_text(result))
+
+
+@cli.command()
+@click.argument("name")
+@paths_argument
+@lock_timeout_option
+@json_option
+@state_option
+def forget(
+    name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
+) -> None:
+    """Stop tracking NAME without contacting the provider.
+
+    Its batches keep running and its result files stay on disk; its history is kept. If
+    NAME's manifest is still there, the next apply starts it as a new resource.
+    """
+    from batchspec.cli import render
+    from batchspec.core.lifecycle import forget_resource
+
+    result = forget_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render.forget_text(result))
+
+
+@cli.command()
+@click.argument("holder_id", metavar="ID")
+@state_option
+def unlock(holder_id: str, state_path: str | None) -> None:
+    """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
+
+    Only for a run that is gone: ID must match the current holder, or nothing is released.
+    A run that loses its lock stops at its next step. Recorded in history as an unlock run.
+    """
+    from pathlib import Path
+
+    from batchspec.core.lifecycle import unlock_state
+    from batchspec.state.lock import describe_holder
+
+    holder = unlock_state(holder_id, state_path=Path(state_path) if state_path else None)
+    click.echo(f"released the lock of {describe_holder(holder)}")
+
+
+def report_error(err: BatchspecError) -> None:
+    click.echo(f"Error: {err.message}", err=True)
+    for line in err.details:
+        click.echo(f"  {line}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
+    try:
+        rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
+    except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("Interrupted.", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
+        err.show()
+        sys.exit(USAGE_EXIT_CODE)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except BatchspecError as err:
+        report_error(err)
+        sys.exit(err.exit_code)
+    except OSError as err:  # disk full, permission denied, a file where a folder should be
+        where = f": {err.filename}" if err.filename else ""
+        click.echo(f"Error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
+    except sqlite3.Error as err:  # a database failed under us: disk full, I/O error
+        click.echo(
+            f"Error: a database operation failed ({err}); check the free space and the "
+            "permissions of the state folder, then run the command again",
+            err=True,
+        )
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,322 @@
+"""Turning library results into text for people and JSON for machines.
+
+Pure functions from frozen results to ``str`` or JSON-able ``dict``; no printing, no click.
+Paths are shown relative to the working directory when they lie below it, as in messages.
+Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchspec import __version__
+from batchspec.core.reporting import format_size
+from batchspec.workspace.yamldoc import Problem, display_path
+
+if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
+    from batchspec.core.apply import ApplyResult
+    from batchspec.core.history import HistoryEntry
+    from batchspec.core.lifecycle import ForgetResult, ImportResult
+    from batchspec.core.plan import Plan
+    from batchspec.core.planfile import PlanResult
+    from batchspec.core.status import ResourceStatus
+    from batchspec.core.validate import ValidatedResource, ValidationReport
+    from batchspec.errors import BatchspecError
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def validation_text(report: ValidationReport) -> str:
+    """``2 resources valid:`` then one line per resource with its request count and size."""
+    if not report.resources:
+        return f"No resources found under {display_path(report.root)}."
+    lines = [f"{_plural(len(report.resources), 'resource')} valid:"]
+    for res in report.resources:
+        model = f" {res.model}" if res.model else ""
+        lines.append(
+            f"  {res.name} ({_plural(res.requests, 'request')}, {format_size(res.bytes)}): "
+            f"{res.provider} {res.endpoint}{model}"
+        )
+    return "\n".join(lines)
+
+
+def validation_json(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "valid": report.valid,
+        "root": str(report.root),
+        "project": str(report.project_file) if report.project_file else None,
+        "manifests": [display_path(p) for p in report.manifest_files],
+        "resources": [_resource_json(res) for res in report.resources],
+        "problems": [problem_json(p) for p in report.problems],
+    }
+
+
+def _resource_json(res: ValidatedResource) -> dict[str, Any]:
+    return {
+        "name": res.name,
+        "source": {
+            "file": display_path(res.source.file),
+            "line": res.source.line,
+            "column": res.source.column,
+        },
+        "provider": res.provider,
+        "endpoint": res.endpoint,
+        "model": res.model,
+        "input": display_path(res.input_path),
+        "requests": res.requests,
+        "bytes": res.bytes,
+        "sha256": res.sha256,
+        "models": list(res.models),
+    }
+
+
+def problems_json(problems: Iterable[Problem]) -> dict[str, Any]:
+    """The ``--json`` document of a failed validation."""
+    return {"valid": False, "problems": [problem_json(p) for p in problems]}
+
+
+def problem_json(problem: Problem) -> dict[str, Any]:
+    return {
+        "file": display_path(problem.file) if problem.file else None,
+        "line": problem.line,
+        "column": problem.column,
+        "pointer": problem.pointer,
+        "code": problem.code,
+        "message": problem.message,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# plan, apply progress, status, history
+
+
+_SYMBOLS = {
+    "create": "+",
+    "replace": "-/+",
+    "refresh": "~",
+    "collect": "<",
+    "retry": "+",
+    "restore": "<",
+    "none": "=",
+    "orphaned": "?",
+    "prune": "-",
+}
+
+
+def plan_text(plan: Plan) -> str:
+    """A Terraform-style plan: one line per resource, then a summary line."""
+    lines = []
+    for action in plan.actions:
+        symbol = _SYMBOLS[action.kind.value]
+        line = f"  {symbol:>3} {action.resource}: {action.kind.value} ({action.reason})"
+        if action.spends:
+            line += (
+                f": {_plural(action.requests, 'request')}, "
+                f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
+            )
+        lines.append(line)
+    if not plan.actions:
+        lines.append("  no resources selected")
+    return "\n".join(lines + ["", plan_summary(plan)])
+
+
+def plan_summary(plan: Plan) -> str:
+    if not plan.has_changes:
+        return "No changes: every resource is in sync."
+    counts = plan.counts()
+    parts = [
+        f"{counts[k]} to {k}"
+        for k in ("create", "replace", "retry", "refresh", "collect", "restore", "prune")
+        if counts.get(k)
+    ]
+    text = "Plan: " + ", ".join(parts) + "."
+    spending = plan.spending
+    if spending:
+        requests = sum(a.requests for a in spending)
+        tokens = sum(a.estimated_input_tokens for a in spending)
+        text += f" {_plural(requests, 'request')} to submit (~{tokens:,} input tokens)."
+    return text
+
+
+def plan_result_json(result: PlanResult) -> dict[str, Any]:
+    return {
+        "serial": result.serial,
+        "spec_hashes": dict(result.spec_hashes),
+        **result.plan.to_json(),
+    }
+
+
+PLAN_MARKDOWN_MARKER = "<!-- batchspec-plan -->"
+
+
+def plan_markdown(result: PlanResult) -> str:
+    """A plan for a pull-request comment: summary, a table, and collapsible details.
+
+    The first line is an HTML comment (``PLAN_MARKDOWN_MARKER``) so a CI job can find and
+    update its earlier comment instead of adding one per push.
+    """
+    plan = result.plan
+    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    if plan.actions:
+        lines += [
+            "| resource | action | reason | requests | est. tokens |",
+            "|:--|:--|:--|--:|--:|",
+        ]
+        for a in plan.actions:
+            requests = f"{a.requests:,}" if a.spends else ""
+            tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
+            symbol = _SYMBOLS[a.kind.value]
+            lines.append(
+                f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
+                f"| {requests} | {tokens} |"
+            )
+    else:
+        lines.append("_No resources selected._")
+    lines += ["", "<details><summary>Details</summary>", ""]
+    selection = ", ".join(f"`{s}`" for s in result.selection) or "all resources"
+    lines += [
+        f"- selection: {selection}" + (" (with `--prune`)" if result.prune else ""),
+        f"- state serial: {result.serial}",
+        f"- batchspec {__version__}",
+        "",
+    ]
+    if plan.actions:
+        lines += ["| resource | provider | spec hash | generation |", "|:--|:--|:--|--:|"]
+        for a in plan.actions:
+            spec = f"`{a.spec_hash[:12]}`" if a.spec_hash else ""
+            generation = "" if a.generation_id is None else str(a.generation_id)
+            lines.append(f"| `{a.resource}` | {a.provider or ''} | {spec} | {generation} |")
+        lines.append("")
+    lines.append("</details>")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """Text that stays inside one markdown table cell and renders no HTML."""
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def apply_text(result: ApplyResult) -> str:
+    headline = {
+        "converged": "Apply complete: every selected resource is in sync.",
+        "in_progress": "Apply submitted: batches are in flight. "
+        "Run `batchspec apply` again (or with --wait) to collect.",
+        "degraded": "Apply finished with resources Degraded (attempts exhausted).",
+        "timeout": "Apply stopped at --timeout before every resource was in sync.",
+    }[result.outcome]
+    return "\n".join([headline, *status_lines(result.statuses)])
+
+
+def apply_json(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run_id,
+        "outcome": result.outcome,
+        "exit_code": result.exit_code,
+        "plan": result.plan.to_json(),
+        "resources": [s.to_json() for s in result.statuses],
+    }
+
+
+def error_event_json(err: BatchspecError) -> dict[str, Any]:
+    """The last NDJSON line of an ``apply --json`` that failed."""
+    return {
+        "event": "error",
+        "error": type(err).__name__,
+        "message": err.message,
+        "details": list(err.details),
+        "exit_code": err.exit_code,
+    }
+
+
+def import_text(result: ImportResult) -> str:
+    verified = "input verified by sha256" if result.verified else "input NOT verified (--force)"
+    return (
+        f"imported batch {result.remote_id} ({result.status}, "
+        f"{_plural(result.requests, 'request')}) as {result.name} "
+        f"generation {result.generation_id}; {verified}.\n"
+        "Next: `batchspec apply` polls and collects it."
+    )
+
+
+def forget_text(result: ForgetResult) -> str:
+    lines = [f"{result.name} is no longer tracked; its result files were left as they are."]
+    if result.left_running:
+        lines.append(
+            f"{len(result.left_running)} batch(es) keep running at the provider "
+            f"(not cancelled): {', '.join(result.left_running)}"
+        )
+    if result.in_manifests:
+        lines.append(
+            f"Its manifest is still there: the next apply tracks {result.name} again, "
+            "resuming what is recorded for its current spec (no batch is created twice). "
+            "Remove the manifest to stop tracking it for good."
+        )
+    return "\n".join(lines)
+
+
+def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
+    lines = []
+    for s in statuses:
+        counts = f"{s.succeeded}/{s.requests} succeeded" + (
+            f", {s.failed} failed" if s.failed else ""
+        )
+        lines.append(f"  {s.name}: {s.sync}, {s.health} — {counts}")
+        if s.action != "none":
+            lines.append(f"      next: {s.action} ({s.reason})")
+        if s.health in ("Healthy", "Degraded") and s.output:
+            lines.append(f"      results: {display_path(Path(s.output))}")
+            if s.failed and s.errors:
+                lines.append(f"      errors:  {display_path(Path(s.errors))}")
+        for b in s.batches:
+            done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
+            remote = b.remote_id or "(intent)"
+            lines.append(
+                f"      shard {b.shard + 1} attempt {b.attempt}: {remote} {b.status}{done}"
+            )
+    return lines
+
+
+def status_text(statuses: Sequence[ResourceStatus]) -> str:
+    if not statuses:
+        return "No resources."
+    return "\n".join(status_lines(statuses))
+
+
+def history_text(entries: Sequence[HistoryEntry]) -> str:
+    if not entries:
+        return "No runs recorded."
+    lines = []
+    for entry in entries:
+        run = entry.run
+        git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
+        ci = f" ({run.ci_system})" if run.ci_system else ""
+        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
+        lines.append(
+            f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
+        )
+        for event in entry.events:
+            target = f" [{event.resource}]" if event.resource else ""
+            detail = ", ".join(
+                f"{k}={_short_hashes(str(v))}"
+                for k, v in event.detail.items()
+                if not isinstance(v, (dict, list))
+            )
+            lines.append(f"    {event.at}  {event.action}{target}  {detail}")
+    return "\n".join(lines)
+
+
+_SHA256 = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+def _short_hashes(text: str) -> str:
+    """sha256 values cut to 12 characters for people (``--json`` keeps them whole)."""
+    return _SHA256.sub(lambda m: m.group()[:12], text)

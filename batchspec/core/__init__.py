@@ -1,0 +1,1 @@
+"""Use cases and the pure plan: plan, reconcile steps, sharding, budgets, moves, saved plans."""

@@ -1,0 +1,65 @@
+"""How batchspec's batches look at a provider, and what their state rows record of them.
+
+Every remote batch carries a deterministic key in its metadata (``batchspec_resource``,
+``batchspec_spec``, ``batchspec_shard``, ``batchspec_attempt``) next to the user's own pairs,
+so a run that died between its create and recording the answer finds the batch again and
+adopts it instead of paying for it twice. ``batch_fields`` turns what a provider reports of a
+batch into the columns of its state row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchspec.providers.base import METADATA_KEYS, RemoteBatch
+from batchspec.state.store import BatchRow, utc_timestamp
+from batchspec.workspace.manifest import Resource
+
+
+def batch_key(resource: str, spec_hash: str, shard: int, attempt: int) -> str:
+    return f"{resource}/{spec_hash}/{shard}/{attempt}"
+
+
+def metadata_for_key(key: str) -> dict[str, str]:
+    """The four metadata pairs carried by the remote batch of the state row with this key.
+
+    Taken from the recorded key, not recomputed from the manifest, so an intent recorded
+    under an earlier name or spec is still recognised at the provider.
+    """
+    return dict(zip(METADATA_KEYS, key.split("/"), strict=True))
+
+
+def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
+    """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
+    return {**res.metadata, **metadata_for_key(batch.key)}
+
+
+def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
+    counts = remote.request_counts
+    usage = remote.usage
+    fields: dict[str, Any] = {
+        "status": remote.status,
+        "output_file_id": remote.output_file_id,
+        "error_file_id": remote.error_file_id,
+    }
+    if counts is not None:
+        fields.update(total=counts.total, completed=counts.completed, failed=counts.failed)
+    if usage is not None:
+        fields.update(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+        )
+    if remote.errors:
+        fields["provider_errors"] = [
+            {"code": e.code, "message": e.message, "line": e.line, "param": e.param}
+            for e in remote.errors
+        ]
+    if remote.is_terminal:
+        fields["terminal_at"] = utc_timestamp()
+    return fields
+
+
+def counts_json(remote: RemoteBatch) -> dict[str, int]:
+    c = remote.request_counts
+    return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}

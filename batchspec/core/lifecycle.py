@@ -1,0 +1,419 @@
+"""Resource lifecycle outside the reconcile loop: ``import``, ``forget`` and ``apply --prune``.
+
+* ``import_batch`` adopts a batch that was created outside batchspec (by hand, by a script)
+  as the current generation of a manifest's resource: a generation for the current spec, a
+  ledger row per request, and one batch row (shard 0, attempt 1) bound to the remote id, all
+  in one transaction, recorded as an ``import`` event. The next ``apply`` polls and collects
+  it like any batch it created itself. It is refused, changing nothing, when the input does
+  not fit one shard (one remote batch cannot hold it), when the resource already has a
+  generation for this spec or one still in flight, when the remote batch is tracked already,
+  or when the remote batch's input cannot be shown to be the resource's input: its input file
+  is downloaded and its sha256 compared; a provider that cannot give the file back needs
+  ``force``, and a file that differs is refused even then (its answers would not fit the
+  requests).
+* ``forget_resource`` stops tracking a resource without contacting the provider: its batches
+  keep running (the result says which) and its result files stay on disk. A manifest that is
+  still there makes the next ``apply`` treat the resource as new.
+* ``prune_orphans`` is ``apply --prune``: each resource the plan marks ``prune`` (recorded,
+  manifest gone) has its in-flight batches cancelled and is then forgotten.
+
+Each writes only while holding the state lock and records what it did in the events log.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchspec.core.batches import batch_fields, batch_key
+from batchspec.core.plan import ActionKind, Plan
+from batchspec.core.reconcile import Reconciler
+from batchspec.core.reporting import Progress
+from batchspec.core.session import (
+    ProviderPool,
+    open_workspace,
+    recorded_run,
+    shard_limits,
+    validate_inputs,
+)
+from batchspec.core.sharding import assign_shards, fits_one_shard, ledger_rows
+from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
+from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.state.ledger import RequestLedger
+from batchspec.state.lock import LockHolder, acquire_lock, force_unlock
+from batchspec.state.runinfo import collect_run_info
+from batchspec.state.store import GenerationRow, StateStore
+from batchspec.storage.blobstore import sha256_file
+from batchspec.wire.inputs import InputReport, iter_requests
+from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.project import load_project
+
+if TYPE_CHECKING:
+    from batchspec.core.sharding import ShardLimits
+
+ACTIVE = ("pending", "in_progress")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    name: str
+    run_id: int
+    remote_id: str
+    status: str  # the remote batch's status when it was imported
+    generation_id: int
+    requests: int
+    verified: bool  # the remote input file's sha256 equals the resource's input
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    name: str
+    run_id: int
+    left_running: tuple[str, ...]  # remote ids of batches still in flight at the provider
+    in_manifests: bool  # the manifest is still there: the next apply starts it afresh
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "left_running": list(self.left_running)}
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+def import_batch(
+    paths: Sequence[str],
+    name: str,
+    batch_id: str,
+    *,
+    force: bool = False,
+    lock_timeout: float = 0.0,
+    env: Mapping[str, str] = os.environ,
+    state_path: str | None = None,
+) -> ImportResult:
+    """``batchspec import NAME BATCH_ID``: adopt a remote batch as NAME's current generation."""
+    with open_workspace(paths, state_path) as (ws, cache):
+        res = resource_named(ws, name)
+        facts = validate_inputs(ws, [res], cache)[name]
+    require_one_shard(res, facts, shard_limits(ws, res))
+    args = {"paths": list(paths), "name": name, "batch_id": batch_id, "force": force}
+    with (
+        StateStore.open(ws.project.state_path) as store,
+        recorded_run(store, ws, "import", args) as run,
+    ):
+        info = collect_run_info(ws.project.root, env)
+        with (
+            acquire_lock(store, command="import", info=info, timeout=lock_timeout),
+            ProviderPool(ws, env) as providers,
+        ):
+            require_not_tracked(store, res, batch_id)
+            provider = providers.get(res.provider)
+            remote = provider.get_batch(batch_id)
+            require_same_requests(res, facts, remote)
+            verified = verify_remote_input(
+                provider, remote, facts, ws.project.state_path.parent, force=force
+            )
+            gen = record_import(store, run.id, ws, res, facts, remote, verified=verified)
+        run.exit_code = 0
+        return ImportResult(
+            name=name,
+            run_id=run.id,
+            remote_id=remote.id,
+            status=remote.status,
+            generation_id=gen.id,
+            requests=facts.requests,
+            verified=verified,
+        )
+
+
+def resource_named(ws: Workspace, name: str) -> Resource:
+    for res in ws.resources:
+        if res.name == name:
+            return res
+    known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
+    raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
+
+
+def require_one_shard(res: Resource, facts: InputReport, limits: ShardLimits) -> None:
+    """An imported batch is shard 0, attempt 1: the whole input must fit one remote batch."""
+    if fits_one_shard(facts.requests, facts.bytes, limits, endpoint=res.endpoint):
+        return
+    shards = 1 + max(
+        (s for s, _ in assign_shards(iter_requests(res.input_path), limits, endpoint=res.endpoint)),
+        default=0,
+    )
+    if shards > 1:
+        raise ManifestError(
+            f"cannot import into {res.name}: its input ({facts.requests} requests) is split "
+            f"into {shards} shards by the provider's limits, and one remote batch is one shard",
+            details=["let `batchspec apply` submit it instead"],
+        )
+
+
+def require_not_tracked(store: StateStore, res: Resource, batch_id: str) -> None:
+    known = store.batch_by_remote_id(res.provider, batch_id)
+    if known is not None:
+        owner = store.get_generation(known.generation_id).resource
+        raise StateError(
+            f"batch {batch_id} is already tracked (resource {owner}, shard {known.shard + 1}, "
+            f"attempt {known.attempt}); nothing was imported"
+        )
+    existing = store.find_generation(res.name, res.spec_hash)
+    if existing is not None:
+        raise StateError(
+            f"{res.name} already has generation {existing.id} for its current spec "
+            f"({existing.status}); nothing was imported",
+            details=["`batchspec status` shows its batches"],
+        )
+    active = [g for g in store.generations(res.name) if g.status in ACTIVE]
+    if active:
+        raise StateError(
+            f"{res.name} has generation {active[0].id} still in flight; nothing was imported",
+            details=[f"cancel it first (`batchspec cancel {res.name}`), or wait for it"],
+        )
+
+
+def require_same_requests(res: Resource, facts: InputReport, remote: RemoteBatch) -> None:
+    """Refuse a remote batch that visibly is not this resource's: endpoint or request count."""
+    if remote.endpoint and remote.endpoint != res.endpoint:
+        raise ManifestError(
+            f"batch {remote.id} runs {remote.endpoint}, but {res.name} "
+            f"({res.source.file}:{res.source.line}) asks for {res.endpoint}; nothing was imported"
+        )
+    total = remote.request_counts.total if remote.request_counts else 0
+    if total and total != facts.requests:
+        raise ManifestError(
+            f"batch {remote.id} holds {total} requests, but the input of {res.name} "
+            f"({res.input_path}) has {facts.requests}; nothing was imported"
+        )
+
+
+def verify_remote_input(
+    provider: Provider,
+    remote: RemoteBatch,
+    facts: InputReport,
+    scratch: Path,
+    *,
+    force: bool,
+) -> bool:
+    """True when the remote input file is byte-for-byte the resource's input.
+
+    A file that differs is refused whatever ``force`` says; a file the provider cannot give
+    back (none recorded, expired, not downloadable) is refused unless ``force``.
+    """
+    why = "the provider reports no input file for it"
+    if remote.input_file_id:
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="import-") as tmp:
+            dest = Path(tmp) / "input.jsonl"
+            try:
+                provider.download_file(remote.input_file_id, dest)
+            except ProviderError as err:
+                why = f"its input file {remote.input_file_id} could not be downloaded ({err})"
+            else:
+                sha = sha256_file(dest)
+                if sha == facts.sha256:
+                    return True
+                raise ManifestError(
+                    f"batch {remote.id} was made from a different input than {facts.path}: "
+                    f"its input file {remote.input_file_id} has sha256 {sha[:12]}, the "
+                    f"resource's input {facts.sha256[:12]}; nothing was imported"
+                )
+    if force:
+        return False
+    raise ManifestError(
+        f"cannot verify that batch {remote.id} ran {facts.path}: {why}; nothing was imported",
+        details=["re-run with --force to import it unverified"],
+    )
+
+
+def record_import(
+    store: StateStore,
+    run_id: int,
+    ws: Workspace,
+    res: Resource,
+    facts: InputReport,
+    remote: RemoteBatch,
+    *,
+    verified: bool,
+) -> GenerationRow:
+    """Generation, ledger, batch row bound to the remote id and the events: one transaction."""
+    ledger = RequestLedger(store.db)
+    with store.atomic():
+        store.upsert_resource(
+            res.name,
+            provider=res.provider,
+            manifest=_relative(ws, res.source.file),
+            labels=dict(res.labels),
+            run_id=run_id,
+        )
+        gen = store.create_generation(
+            res.name,
+            spec_hash=res.spec_hash,
+            spec=res.semantic_spec(),
+            input_sha256=facts.sha256,
+            requests=facts.requests,
+            input_bytes=facts.bytes,
+            output_path=_relative(ws, res.output_path),
+            errors_path=_relative(ws, res.errors_path),
+            run_id=run_id,
+        )
+        store.set_current_generation(res.name, gen.id)
+        store.record_event(
+            run_id,
+            "generation",
+            resource=res.name,
+            generation_id=gen.id,
+            detail={"spec_hash": res.spec_hash, "requests": facts.requests},
+        )
+        ledger.record_requests(gen.id, ledger_rows(res.input_path))
+        batch = store.record_batch_intent(
+            gen.id,
+            shard=0,
+            attempt=1,
+            provider=res.provider,
+            key=batch_key(res.name, res.spec_hash, 0, 1),
+            input_sha256=facts.sha256,
+            requests=facts.requests,
+            reason=f"imported remote batch {remote.id}",
+        )
+        ledger.mark_sent(gen.id, 0, 1)
+        store.update_batch(
+            batch.id,
+            remote_id=remote.id,
+            input_file_id=remote.input_file_id,
+            **batch_fields(remote),
+        )
+        store.update_generation(gen.id, status="in_progress")
+        if verified and remote.input_file_id:
+            store.record_file(res.provider, facts.sha256, remote.input_file_id, facts.bytes, None)
+        store.record_event(
+            run_id,
+            "import",
+            resource=res.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "remote_id": remote.id,
+                "status": remote.status,
+                "input_file_id": remote.input_file_id,
+                "verified": verified,
+            },
+        )
+    return store.get_generation(gen.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# forget
+
+
+def forget_resource(
+    paths: Sequence[str],
+    name: str,
+    *,
+    lock_timeout: float = 0.0,
+    env: Mapping[str, str] = os.environ,
+    state_path: str | None = None,
+) -> ForgetResult:
+    """``batchspec forget NAME``: stop tracking NAME; the provider is not contacted."""
+    ws = load_workspace(paths, state_path=state_path)
+    with (
+        StateStore.open(ws.project.state_path) as store,
+        recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
+    ):
+        info = collect_run_info(ws.project.root, env)
+        with acquire_lock(store, command="forget", info=info, timeout=lock_timeout):
+            row = store.get_resource(name)
+            if row is None or row.forgotten_at is not None:
+                raise StateError(
+                    f"no resource named {name!r} is tracked in {ws.project.state_path}",
+                    details=["`batchspec status` lists the tracked resources"],
+                )
+            running = tuple(
+                b.remote_id
+                for g in store.generations(name)
+                for b in store.batches(g.id)
+                if b.remote_id and not b.is_terminal
+            )
+            in_manifests = any(r.name == name for r in ws.resources)
+            with store.atomic():
+                store.forget_resource(name)
+                store.record_event(
+                    run.id,
+                    "forget",
+                    resource=name,
+                    detail={"left_running": list(running), "manifest": in_manifests},
+                )
+        run.exit_code = 0
+        return ForgetResult(name, run.id, running, in_manifests)
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
+    """Cancel and forget every resource ``plan`` marks ``prune``; return their names."""
+    pruned = []
+    for action in plan.actions:
+        if action.kind is not ActionKind.PRUNE:
+            continue
+        name = action.resource
+        cancelled = rec.cancel(name, reason="pruned: its manifest is gone")
+        with rec.store.atomic():
+            rec.store.forget_resource(name)
+            rec.store.record_event(
+                rec.run_id, "prune", resource=name, detail={"cancelled_batches": cancelled}
+            )
+        rec.report(
+            Progress(
+                "prune",
+                name,
+                f"pruned: manifest gone, {cancelled} batch(es) cancelled, no longer tracked",
+                {"cancelled_batches": cancelled},
+            )
+        )
+        pruned.append(name)
+    return tuple(pruned)
+
+
+def _relative(ws: Workspace, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ws.project.root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def unlock_state(
+    holder_id: str, *, state_path: Path | None = None, start: Path | None = None
+) -> LockHolder:
+    """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
+
+    The state database is ``state_path``, or the project's found from ``start`` (default:
+    the current folder). A missing database is an error, never created just to be unlocked.
+    """
+    if state_path is None:
+        project = load_project(start)
+        state_path, root = project.state_path, project.root
+    else:
+        root = start or Path.cwd()
+    if not state_path.is_file():
+        raise StateError(
+            f"no state database at {state_path}; nothing to unlock (pass --state PATH or run "
+            "from the workspace)"
+        )
+    with StateStore.open(state_path) as store:
+        run_id = store.start_run("unlock", {"holder_id": holder_id}, collect_run_info(root))
+        try:
+            holder = force_unlock(store, holder_id, run_id=run_id)
+        except BatchspecError as err:
+            store.finish_run(run_id, err.exit_code)
+            raise
+        store.finish_run(run_id, 0)
+    return holder

@@ -1,0 +1,196 @@
+"""Renames: ``metadata.moved: {from: old-name}`` hands a recorded resource to a new name.
+
+State is keyed by resource name, and the spec hash covers the name, so without this a renamed
+manifest would look like a new resource (and pay again) while the old one turned orphaned.
+A move keeps everything instead:
+
+* ``apply_moves`` (``apply``, under the lock, before the reconciler acts) renames the old
+  resource's record (``StateStore.rename_resource``): the resource row and its generations
+  take the new name, and every generation's recorded spec is rewritten with the new name and
+  re-hashed (``manifest.spec_hash``). A generation whose spec differed only by the name now
+  has exactly the new resource's spec hash, so a pure rename is in sync: no new generation,
+  no new batch, the recorded results kept (result files at a new default path are restored
+  from the state store, without network). A rename together with a real spec change is a new
+  generation, as any spec change is. Batches, the request ledger and downloaded results hang
+  off generation ids and are untouched; in-flight batches are polled and collected under the
+  new name. Events are append-only: earlier ones keep the old name, and a ``move`` event is
+  recorded under each of the two names.
+* ``moved_view`` is what ``plan`` uses (a plan never writes): the recorded view with the old
+  name's record shown under the new name, re-hashed the same way, and ``note_moves`` puts
+  "moved from X" in front of the action's reason.
+
+When a move applies: the old name is recorded and not forgotten, and the new name is not
+recorded. Once done (the old name is gone), or when the old name was never recorded or was
+forgotten, a ``moved`` entry does nothing, so it may stay in the manifest. Refused (a
+``ManifestError``, nothing changed): both names recorded (a resource already runs under the
+new name: ``forget`` one of them, or drop ``moved``), and a move while a batch create of the
+old name is unconfirmed (the remote batch carries the old name in its adoption key: run
+``apply`` once more under the old name first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from batchspec.core.plan import Plan, RecordedResource
+from batchspec.core.reporting import Progress, Reporter
+from batchspec.errors import ManifestError
+from batchspec.state.store import StateStore
+from batchspec.workspace.manifest import Resource, spec_hash
+
+MOVE_EVENT = "move"
+
+
+@dataclass(frozen=True)
+class Move:
+    """One rename: ``old`` -> ``new``, carrying ``generations`` recorded generations."""
+
+    old: str
+    new: str
+    generations: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.old, "to": self.new, "generations": self.generations}
+
+
+def pending_moves(store: StateStore, resources: Iterable[Resource]) -> list[tuple[Resource, str]]:
+    """``(resource, old name)`` for every move that would apply now; raises on a conflict."""
+    moves = []
+    for res in resources:
+        old = res.moved_from
+        if old is None:
+            continue
+        old_row = store.get_resource(old)
+        if old_row is None or old_row.forgotten:
+            continue  # never recorded, forgotten, or moved already
+        if store.get_resource(res.name) is not None:
+            raise ManifestError(
+                f"{res.source}: '{res.name}' moves from '{old}', but both names are recorded "
+                "in the state",
+                details=[
+                    f"keep the history of one of them: `batchspec forget {old}` (drops the old "
+                    f"one) or `batchspec forget {res.name}` and apply again (takes the old one "
+                    "over); or remove `moved` from the manifest"
+                ],
+            )
+        moves.append((res, old))
+    return moves
+
+
+def respecs(store: StateStore, old: str, new: str) -> dict[int, tuple[str, dict[str, Any]]]:
+    """For each generation of ``old``: its spec with the name ``new``, and that spec's hash."""
+    out = {}
+    for gen in store.generations(old):
+        spec = dict(gen.spec)
+        if spec.get("name") != old:
+            continue  # not a spec this version wrote: leave it as history
+        spec["name"] = new
+        out[gen.id] = (spec_hash(spec), spec)
+    return out
+
+
+def apply_moves(
+    store: StateStore,
+    resources: Sequence[Resource],
+    run_id: int,
+    report: Reporter = lambda progress: None,
+) -> tuple[Move, ...]:
+    """Rename the recorded state of every resource that moved (see the module docstring)."""
+    done = []
+    for res, old in pending_moves(store, resources):
+        _refuse_unconfirmed_creates(store, res, old)
+        with store.atomic():
+            changes = respecs(store, old, res.name)
+            store.rename_resource(old, res.name, respecs=changes)
+            move = Move(old, res.name, len(store.generations(res.name)))
+            for name in (old, res.name):
+                store.record_event(run_id, MOVE_EVENT, resource=name, detail=move.to_json())
+        done.append(move)
+        message = f"moved from {old} ({move.generations} generation(s) kept)"
+        report(Progress(MOVE_EVENT, res.name, message, move.to_json()))
+    return tuple(done)
+
+
+def _refuse_unconfirmed_creates(store: StateStore, res: Resource, old: str) -> None:
+    for gen in store.generations(old):
+        unsure = [
+            b for b in store.batches(gen.id) if b.remote_id is None and b.status == "creating"
+        ]
+        if unsure:
+            raise ManifestError(
+                f"{res.source}: cannot move '{old}' to '{res.name}' yet: {len(unsure)} batch "
+                f"create(s) of '{old}' are not confirmed by the provider, and the remote batch "
+                f"is found again by a key that names '{old}'",
+                details=[
+                    f"run `batchspec apply` once with the manifest still named '{old}' (without "
+                    "`moved`), then rename it again"
+                ],
+            )
+
+
+def moved_view(
+    store: StateStore,
+    recorded: Mapping[str, RecordedResource],
+    resources: Iterable[Resource],
+) -> tuple[dict[str, RecordedResource], dict[str, str]]:
+    """The recorded view as it will be after the pending moves, and ``{new: old}``. No writes."""
+    view = dict(recorded)
+    moved: dict[str, str] = {}
+    for res, old in pending_moves(store, resources):
+        rec = view.pop(old, None)
+        if rec is None:
+            continue
+        hashes = {gid: new_hash for gid, (new_hash, _) in respecs(store, old, res.name).items()}
+        generations = tuple(
+            replace(g, spec_hash=hashes.get(g.id, g.spec_hash)) for g in rec.generations
+        )
+        view[res.name] = replace(rec, name=res.name, generations=generations)
+        moved[res.name] = old
+    return view, moved
+
+
+def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
+    """``plan`` with "moved from X; " in front of the reason of each moved resource."""
+    if not moved:
+        return plan
+    return replace(
+        plan,
+        actions=tuple(
+            replace(a, reason=f"moved from {moved[a.resource]}; {a.reason}")
+            if a.resource in moved
+            else a
+            for a in plan.actions
+        ),
+    )
+
+
+def former_names(store: StateStore, name: str) -> list[str]:
+    """The names ``name`` was recorded under before, most recent first (from move events)."""
+    names: list[str] = []
+    current = name
+    while True:
+        moves = [
+            e
+            for e in store.events(resource=current)
+            if e.action == MOVE_EVENT and e.detail.get("to") == current
+        ]
+        if not moves:
+            return names
+        previous = moves[-1].detail.get("from")
+        if not isinstance(previous, str) or previous in names or previous == name:
+            return names
+        names.append(previous)
+        current = previous
+
+
+__all__ = [
+    "MOVE_EVENT",
+    "Move",
+    "apply_moves",
+    "former_names",
+    "moved_view",
+    "note_moves",
+    "pending_moves",
+]

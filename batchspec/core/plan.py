@@ -1,0 +1,409 @@
+"""The planner: a pure function of what the manifests want and what the state has recorded.
+
+``make_plan(desired, recorded, disk)`` does no I/O: the caller loads manifests
+(``manifest.load_workspace``), the recorded view (``recorded.load_recorded``) and the hashes
+of result files on disk (``recorded.observe_disk``), and this module decides the next safe
+step for every resource. That keeps the decision table in one place, cheap to test.
+
+Decision table, first match wins, for a resource in the manifests:
+
+=====================================================  =========  ================================
+recorded state                                         action     spends money
+=====================================================  =========  ================================
+``suspend: true``                                      none       no  (health Suspended)
+no generation for the spec hash, an older one active   replace    yes (needs --allow-replace)
+no generation for the spec hash                        create     yes
+generation cancelled by a user                         none       no  (health Suspended)
+a batch intent with no remote id (a crashed run)       create     yes (adopts the remote batch
+                                                                      if it exists: never twice)
+generation recorded but nothing submitted              create     yes
+batches in flight                                      refresh    no
+a terminal batch whose files are not downloaded        collect    no
+unresolved requests and attempts left                  retry      yes
+everything resolved, result files not yet written      collect    no
+result files missing or edited on disk                 restore    no  (no network)
+otherwise                                              none       no
+=====================================================  =========  ================================
+
+A resource recorded in the state but absent from the manifests is ``orphaned`` (with
+``--prune``: ``prune``, which cancels its in-flight batches and forgets it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+
+
+class ActionKind(str, Enum):
+    CREATE = "create"
+    REPLACE = "replace"
+    REFRESH = "refresh"
+    COLLECT = "collect"
+    RETRY = "retry"
+    RESTORE = "restore"
+    NONE = "none"
+    ORPHANED = "orphaned"
+    PRUNE = "prune"
+
+
+SPENDING_KINDS = frozenset({ActionKind.CREATE, ActionKind.REPLACE, ActionKind.RETRY})
+
+# Generation statuses that mean "still being worked on" (an older one of these blocks a
+# silent switch to a new spec: that is a replace).
+ACTIVE_GENERATION_STATUSES = frozenset({"pending", "in_progress"})
+FINISHED_GENERATION_STATUSES = frozenset({"complete", "degraded"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class DesiredResource:
+    """What the planner needs of a manifest's resource (see ``manifest.Resource``)."""
+
+    name: str
+    provider: str
+    spec_hash: str
+    requests: int
+    input_bytes: int
+    max_attempts: int
+    suspend: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedBatch:
+    id: int
+    shard: int
+    attempt: int
+    remote_id: str | None
+    status: str
+    collected: bool
+    requests: int
+
+    @property
+    def in_flight(self) -> bool:
+        return self.remote_id is not None and self.status not in TERMINAL_STATUSES
+
+    @property
+    def awaiting_collect(self) -> bool:
+        return (
+            self.remote_id is not None and self.status in TERMINAL_STATUSES and not self.collected
+        )
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """Where one shard stands: attempts used, what is unresolved, when it may go again."""
+
+    shard: int
+    attempts_used: int  # attempts that count against retry.maxAttempts (requeues do not)
+    unresolved: int  # requests neither succeeded nor finally failed
+    unresolved_bytes: int = 0
+    not_before: float | None = None  # epoch seconds: a requeued shard waits until then
+
+
+@dataclass(frozen=True)
+class RecordedGeneration:
+    id: int
+    spec_hash: str
+    status: str
+    requests: int
+    succeeded: int = 0
+    failed: int = 0
+    output_sha256: str | None = None
+    errors_sha256: str | None = None
+    batches: tuple[RecordedBatch, ...] = ()
+    shards: tuple[ShardProgress, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordedResource:
+    name: str
+    provider: str
+    generations: tuple[RecordedGeneration, ...] = ()
+    forgotten: bool = False  # `batchspec forget`: not tracked; apply tracks it again
+
+    def generation_for(self, spec_hash: str) -> RecordedGeneration | None:
+        return next((g for g in self.generations if g.spec_hash == spec_hash), None)
+
+
+@dataclass(frozen=True)
+class DiskFacts:
+    """sha256 of the result files as they are on disk now (None: missing)."""
+
+    output_sha256: str | None
+    errors_sha256: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+@dataclass(frozen=True)
+class Action:
+    resource: str
+    kind: ActionKind
+    reason: str
+    provider: str | None = None
+    spec_hash: str | None = None
+    generation_id: int | None = None
+    requests: int = 0  # requests this action would submit (create / replace / retry)
+    estimated_input_tokens: int = 0
+
+    @property
+    def spends(self) -> bool:
+        return self.kind in SPENDING_KINDS
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "resource": self.resource,
+            "action": self.kind.value,
+            "reason": self.reason,
+            "provider": self.provider,
+            "spec_hash": self.spec_hash,
+            "generation_id": self.generation_id,
+            "requests": self.requests,
+            "estimated_input_tokens": self.estimated_input_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = field(default_factory=tuple)
+
+    @property
+    def has_changes(self) -> bool:
+        """True when apply would do something (an orphan left alone is not a change)."""
+        return any(a.kind not in (ActionKind.NONE, ActionKind.ORPHANED) for a in self.actions)
+
+    @property
+    def spending(self) -> tuple[Action, ...]:
+        return tuple(a for a in self.actions if a.spends)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for action in self.actions:
+            counts[action.kind.value] = counts.get(action.kind.value, 0) + 1
+        return counts
+
+    def action_for(self, name: str) -> Action | None:
+        return next((a for a in self.actions if a.resource == name), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "changes": self.has_changes,
+            "summary": self.counts(),
+            "requests_to_submit": sum(a.requests for a in self.spending),
+            "estimated_input_tokens": sum(a.estimated_input_tokens for a in self.spending),
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def estimate_input_tokens(input_bytes: int) -> int:
+    """A rough, provider-neutral estimate: about four bytes of JSON per token."""
+    return (input_bytes + 3) // 4
+
+
+def make_plan(
+    desired: Iterable[DesiredResource],
+    recorded: Mapping[str, RecordedResource],
+    disk: Mapping[str, DiskFacts],
+    *,
+    prune: bool = False,
+    include_orphans: bool = True,
+    now: float | None = None,
+) -> Plan:
+    """Decide the next step for every desired resource, and report recorded orphans.
+
+    ``now`` (epoch seconds) decides whether a requeued shard's backoff is over; None: it is.
+    """
+    desired = list(desired)
+    actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
+    if include_orphans:
+        wanted = {d.name for d in desired}
+        for name in sorted(n for n in set(recorded) - wanted if not recorded[n].forgotten):
+            actions.append(_orphan_action(recorded[name], prune))
+    return Plan(tuple(actions))
+
+
+def plan_resource(
+    want: DesiredResource,
+    have: RecordedResource | None,
+    disk: DiskFacts | None,
+    now: float | None = None,
+) -> Action:
+    """The decision table of the module docstring, for one resource."""
+
+    def act(
+        kind: ActionKind, reason: str, gen: RecordedGeneration | None = None, **kw: int
+    ) -> Action:
+        return Action(
+            resource=want.name,
+            kind=kind,
+            reason=reason,
+            provider=want.provider,
+            spec_hash=want.spec_hash,
+            generation_id=gen.id if gen else None,
+            **kw,
+        )
+
+    def spend(
+        kind: ActionKind, reason: str, gen: RecordedGeneration | None, requests: int, nbytes: int
+    ) -> Action:
+        return act(
+            kind,
+            reason,
+            gen,
+            requests=requests,
+            estimated_input_tokens=estimate_input_tokens(nbytes),
+        )
+
+    if want.suspend:
+        return act(ActionKind.NONE, "suspended in the manifest")
+    gen = have.generation_for(want.spec_hash) if have else None
+    others_active = [
+        g
+        for g in (have.generations if have else ())
+        if g.spec_hash != want.spec_hash and g.status in ACTIVE_GENERATION_STATUSES
+    ]
+    if others_active:  # a newer or older spec is still running: switching needs consent
+        # a revived generation that was superseded goes again; one still active does not
+        requests = want.requests if gen is None or gen.status == "superseded" else 0
+        return spend(
+            ActionKind.REPLACE,
+            f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight",
+            gen,
+            requests,
+            want.input_bytes if requests else 0,
+        )
+    if gen is None:
+        why = (
+            "new resource"
+            if have is None
+            else "spec or input changed; unchanged requests keep their recorded results"
+        )
+        return spend(ActionKind.CREATE, why, None, want.requests, want.input_bytes)
+    if gen.status == "cancelled":
+        return act(
+            ActionKind.NONE, "cancelled by a user; change the spec or `forget` it to run again", gen
+        )
+
+    intents = [b for b in gen.batches if b.remote_id is None and b.status not in TERMINAL_STATUSES]
+    if intents:
+        n = sum(b.requests for b in intents)
+        unsure = sum(b.status == "creating" for b in intents)
+        why = f"{len(intents) - unsure} batch(es) queued for submission"
+        if unsure:
+            why = (
+                f"{unsure} batch create(s) not confirmed by the provider "
+                "(adopts the remote batch if it exists)"
+            )
+        return spend(
+            ActionKind.CREATE,
+            why,
+            gen,
+            n,
+            _bytes_share(want, n),
+        )
+    if not gen.batches and gen.shards and not any(s.unresolved for s in gen.shards):
+        return act(
+            ActionKind.COLLECT, "every request keeps a recorded result; results to write", gen
+        )
+    if not gen.batches and gen.status in ACTIVE_GENERATION_STATUSES:
+        return spend(
+            ActionKind.CREATE,
+            "generation recorded but nothing submitted yet",
+            gen,
+            want.requests,
+            want.input_bytes,
+        )
+    in_flight = [b for b in gen.batches if b.in_flight]
+    if in_flight:
+        return act(ActionKind.REFRESH, f"{len(in_flight)} batch(es) in flight", gen)
+    uncollected = [b for b in gen.batches if b.awaiting_collect]
+    if uncollected:
+        return act(ActionKind.COLLECT, f"{len(uncollected)} finished batch(es) to download", gen)
+    retryable = [s for s in gen.shards if s.unresolved and s.attempts_used < want.max_attempts]
+    if retryable and gen.status not in FINISHED_GENERATION_STATUSES:
+        ready = [s for s in retryable if s.not_before is None or now is None or now >= s.not_before]
+        if not ready:
+            wait = min(s.not_before or 0 for s in retryable) - (now or 0)
+            return act(
+                ActionKind.REFRESH,
+                f"requeued after the provider's token_limit_exceeded; resubmitting in {wait:.0f}s",
+                gen,
+            )
+        n = sum(s.unresolved for s in ready)
+        nbytes = sum(s.unresolved_bytes for s in ready)
+        attempt = max(s.attempts_used for s in ready) + 1
+        return spend(
+            ActionKind.RETRY,
+            f"{n} unresolved request(s); attempt {attempt} of {want.max_attempts}",
+            gen,
+            n,
+            nbytes,
+        )
+    if gen.status not in FINISHED_GENERATION_STATUSES:
+        return act(ActionKind.COLLECT, "all requests resolved; results to write", gen)
+    drift = _disk_drift(gen, disk)
+    if drift:
+        return act(ActionKind.RESTORE, drift, gen)
+    return act(ActionKind.NONE, _in_sync_reason(gen), gen)
+
+
+def _bytes_share(want: DesiredResource, requests: int) -> int:
+    if not want.requests:
+        return 0
+    return want.input_bytes * requests // want.requests
+
+
+def _disk_drift(gen: RecordedGeneration, disk: DiskFacts | None) -> str | None:
+    if disk is None:
+        return None
+    problems = []
+    for label, recorded_sha, on_disk in (
+        ("output", gen.output_sha256, disk.output_sha256),
+        ("errors", gen.errors_sha256, disk.errors_sha256),
+    ):
+        if recorded_sha is None:
+            continue
+        if on_disk is None:
+            problems.append(f"{label} file is missing")
+        elif on_disk != recorded_sha:
+            problems.append(f"{label} file differs from the recorded results")
+    return "; ".join(problems) or None
+
+
+def _in_sync_reason(gen: RecordedGeneration) -> str:
+    text = f"in sync: {gen.succeeded} succeeded"
+    if gen.failed:
+        text += f", {gen.failed} failed"
+    if gen.status == "degraded":
+        text += " (degraded: attempts exhausted)"
+    return text
+
+
+def _orphan_action(rec: RecordedResource, prune: bool) -> Action:
+    active = any(g.status in ACTIVE_GENERATION_STATUSES for g in rec.generations)
+    detail = "batches still in flight" if active else "nothing in flight"
+    if prune:
+        return Action(
+            resource=rec.name,
+            kind=ActionKind.PRUNE,
+            provider=rec.provider,
+            reason=f"manifest is gone ({detail}): cancel and forget",
+        )
+    return Action(
+        resource=rec.name,
+        kind=ActionKind.ORPHANED,
+        provider=rec.provider,
+        reason=f"manifest is gone ({detail}); `apply --prune` cancels and forgets it",
+    )

@@ -1,0 +1,124 @@
+"""Write a generation's ``output`` and ``errors`` files in input order, from the ledger.
+
+One line per ``custom_id``, in the order of the input, so result files diff cleanly in git
+(DESIGN invariant 4). A succeeded request's line is the provider's output line, byte for byte;
+a failed one's is the provider's error line; a request that never got an answer (missing from
+every file after the last attempt) gets a line written by batchspec with error code
+``batchspec_unresolved``. Files are written through a temporary file and a rename, and only
+from the blob store: restoring them needs no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from batchspec.errors import ManifestError, StateError
+from batchspec.state.ledger import LedgerRow, RequestLedger
+from batchspec.storage.blobstore import BlobStore, write_atomically
+from batchspec.workspace.manifest import load_workspace
+from batchspec.workspace.yamldoc import display_path
+
+UNRESOLVED_CODE = "batchspec_unresolved"
+
+
+@dataclass(frozen=True)
+class WrittenResults:
+    output_sha256: str
+    errors_sha256: str
+    succeeded: int
+    failed: int
+    unresolved: int  # included in ``failed``: requests no attempt answered finally
+
+
+def write_results_in_input_order(
+    ledger: RequestLedger,
+    generation_id: int,
+    blobs: BlobStore,
+    output_path: Path,
+    errors_path: Path,
+) -> WrittenResults:
+    counts = {"ok": 0, "failed": 0, "unresolved": 0}
+    digests = {"out": hashlib.sha256(), "err": hashlib.sha256()}
+
+    def write_both(out_tmp: Path) -> None:
+        def write_errors(err_tmp: Path) -> None:
+            with out_tmp.open("wb") as out, err_tmp.open("wb") as err, _BlobReader(blobs) as reader:
+                for row in ledger.in_input_order(generation_id):
+                    line = _line_for(row, reader)
+                    if row.state == "ok":
+                        counts["ok"] += 1
+                        target, digest = out, digests["out"]
+                    else:
+                        counts["failed"] += 1
+                        counts["unresolved"] += row.state != "failed"
+                        target, digest = err, digests["err"]
+                    target.write(line)
+                    digest.update(line)
+
+        write_atomically(errors_path, write_errors)
+
+    write_atomically(output_path, write_both)
+    return WrittenResults(
+        output_sha256=digests["out"].hexdigest(),
+        errors_sha256=digests["err"].hexdigest(),
+        succeeded=counts["ok"],
+        failed=counts["failed"],
+        unresolved=counts["unresolved"],
+    )
+
+
+def _line_for(row: LedgerRow, reader: _BlobReader) -> bytes:
+    if row.blob is not None and row.offset is not None and row.length is not None:
+        return reader.read(row.blob, row.offset, row.length) + b"\n"
+    if row.state == "failed":  # the whole batch failed (e.g. its input was rejected)
+        error = {"code": row.category, "message": "the batch carrying this request failed"}
+    else:
+        error = {
+            "code": UNRESOLVED_CODE,
+            "message": "no result from the provider after the last attempt",
+        }
+    record = {"id": None, "custom_id": row.custom_id, "response": None, "error": error}
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+class _BlobReader:
+    """Random access into stored blobs, keeping each one open once."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+        self.files: dict[str, BinaryIO] = {}
+
+    def read(self, sha: str, offset: int, length: int) -> bytes:
+        f = self.files.get(sha)
+        if f is None:
+            f = self.files[sha] = self.blobs.path(sha).open("rb")
+        f.seek(offset)
+        return f.read(length)
+
+    def __enter__(self) -> _BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def result_file(paths: Sequence[str], name: str, *, errors: bool = False) -> Path:
+    """The merged results (or errors) file of a resource, for ``batchspec results``."""
+    ws = load_workspace(paths)
+    res = next((r for r in ws.resources if r.name == name), None)
+    if res is None:
+        known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
+        raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
+    path = res.errors_path if errors else res.output_path
+    if not path.is_file():
+        raise StateError(
+            f"{display_path(path)} does not exist yet",
+            details=["run `batchspec apply` to collect the results, or to restore the file"],
+        )
+    return path

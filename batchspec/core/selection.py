@@ -1,0 +1,161 @@
+"""Which resources a command acts on: the ``--select`` selectors and their union.
+
+Selectors (repeatable; a resource is selected when *any* selector matches it, as in dbt):
+
+* ``NAME``: the resource whose ``metadata.name`` is NAME. An unknown name is an error, so a
+  typo never silently selects nothing.
+* ``KEY=VALUE``: every resource whose ``metadata.labels`` maps KEY to VALUE (may match none).
+* ``state:modified``: every resource whose planned action is not ``none``: apply would do
+  something for it (create, replace, refresh, collect, retry or restore).
+
+Promises:
+
+* No selector selects every resource; the result always keeps the manifests' order.
+* ``state:modified`` is decided from the manifests and the recorded state alone: the inputs
+  are not read (their content hash is already part of each spec hash, and the request counts
+  they would give do not change which action is planned). A missing state database means
+  nothing is recorded yet; it is not created.
+* A malformed selector is a ``UsageError`` (exit 64) naming the forms that are accepted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
+
+from batchspec.core.plan import ActionKind, DesiredResource, RecordedResource, make_plan
+from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
+from batchspec.errors import ManifestError, UsageError
+from batchspec.state.ledger import RequestLedger
+from batchspec.state.store import StateStore
+from batchspec.workspace.manifest import Resource, Workspace
+
+STATE_MODIFIED = "modified"
+STATE_SELECTORS = (STATE_MODIFIED,)
+SELECTOR_FORMS = "NAME, KEY=VALUE (a label) or state:modified"
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One parsed ``--select`` value."""
+
+    kind: str  # "name" | "label" | "state"
+    key: str  # the name, the label key, or the state (e.g. "modified")
+    value: str | None = None  # the label value
+
+    def matches(self, res: Resource, modified: Set[str]) -> bool:
+        if self.kind == "name":
+            return res.name == self.key
+        if self.kind == "label":
+            return res.labels.get(self.key) == self.value
+        return res.name in modified
+
+
+def parse_selector(text: str) -> Selector:
+    """``"triage"``, ``"team=support"`` or ``"state:modified"`` as a ``Selector``."""
+    raw = text.strip()
+    if raw.startswith("state:"):
+        state = raw.removeprefix("state:")
+        if state not in STATE_SELECTORS:
+            raise UsageError(
+                f"--select {text!r}: unknown state selector "
+                f"(known: {', '.join('state:' + s for s in STATE_SELECTORS)})"
+            )
+        return Selector("state", state)
+    if "=" in raw:
+        key, value = raw.split("=", 1)
+        if not key.strip():
+            raise UsageError(f"--select {text!r}: a label selector needs a key (KEY=VALUE)")
+        return Selector("label", key.strip(), value.strip())
+    if not _NAME.match(raw):
+        raise UsageError(f"--select {text!r} is not a selector; use {SELECTOR_FORMS}")
+    return Selector("name", raw)
+
+
+def select_resources(
+    resources: Sequence[Resource],
+    selectors: Sequence[str],
+    *,
+    modified: Callable[[], Set[str]] = frozenset,
+) -> list[Resource]:
+    """The union of what ``selectors`` match, in the manifests' order (all when none given).
+
+    ``modified`` returns the names ``state:modified`` stands for; it is only called when such
+    a selector is present (it reads the state).
+    """
+    if not selectors:
+        return list(resources)
+    parsed = [parse_selector(s) for s in selectors]
+    known = {r.name for r in resources}
+    unknown = [s.key for s in parsed if s.kind == "name" and s.key not in known]
+    if unknown:
+        listing = ", ".join(sorted(known)) or "none"
+        raise ManifestError(
+            f"no resource named {', '.join(map(repr, dict.fromkeys(unknown)))} in the "
+            f"manifests (known: {listing})"
+        )
+    changed = modified() if any(s.kind == "state" for s in parsed) else frozenset()
+    return [r for r in resources if any(s.matches(r, changed) for s in parsed)]
+
+
+def select_from_workspace(
+    ws: Workspace,
+    selectors: Sequence[str],
+    *,
+    requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
+) -> list[Resource]:
+    """``select_resources`` over a workspace, reading its state only for ``state:modified``."""
+    return select_resources(
+        ws.resources,
+        selectors,
+        modified=lambda: modified_resources(ws, requeue_backoff=requeue_backoff),
+    )
+
+
+def modified_resources(
+    ws: Workspace, *, requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF
+) -> frozenset[str]:
+    """Names of the workspace's resources whose planned action is not ``none``."""
+    recorded: dict[str, RecordedResource] = {}
+    if ws.project.state_path.exists():
+        with StateStore.open(ws.project.state_path) as store:
+            recorded = load_recorded(
+                store, RequestLedger(store.db), requeue_backoff=requeue_backoff
+            )
+    return planned_changes(ws.resources, recorded, now=time.time())
+
+
+def planned_changes(
+    resources: Sequence[Resource], recorded: dict[str, RecordedResource], *, now: float
+) -> frozenset[str]:
+    """The pure part of ``modified_resources``: plan without reading inputs."""
+    disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
+    plan = make_plan(
+        [desired_without_input(r) for r in resources],
+        recorded,
+        disk,
+        include_orphans=False,
+        now=now,
+    )
+    return frozenset(a.resource for a in plan.actions if a.kind is not ActionKind.NONE)
+
+
+def desired_without_input(res: Resource) -> DesiredResource:
+    """The desired state of ``res`` without reading its input (request counts are 0).
+
+    Request counts only size a spending action's estimate; they never change its kind, so
+    this is enough to tell sync and what apply would do next (``status``, ``--select``).
+    """
+    return DesiredResource(
+        name=res.name,
+        provider=res.provider,
+        spec_hash=res.spec_hash,
+        requests=0,
+        input_bytes=0,
+        max_attempts=res.retry.max_attempts,
+        suspend=res.suspend,
+    )

@@ -1,0 +1,203 @@
+"""A workspace opened for one run: manifests through the caches, validated inputs, providers
+built on first use, and the run recorded in the state store around the use case.
+
+Every use case (plan, apply, cancel, import, forget) starts here, so they open, validate and
+record in one way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
+from batchspec.core.selection import select_from_workspace
+from batchspec.core.sharding import ShardLimits
+from batchspec.errors import BatchspecError, InputError, ManifestError
+from batchspec.providers.base import Provider
+from batchspec.state.runinfo import collect_run_info
+from batchspec.state.store import StateStore
+from batchspec.wire.inputs import InputReport, problem_lines
+from batchspec.workspace.inputcache import InputCache
+from batchspec.workspace.manifest import Resource, Workspace, load_workspace, project_for
+from batchspec.workspace.manifestcache import ManifestCache
+from batchspec.workspace.yamldoc import display_path
+
+ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+@contextmanager
+def open_workspace(
+    paths: Sequence[str], state_path: str | None = None
+) -> Iterator[tuple[Workspace, InputCache]]:
+    """Load manifests through the caches beside the state database (inputs and manifests)."""
+    project = project_for(paths, state_path=state_path)
+    cache_db = project.state_path.parent / "input-cache.db"
+    with InputCache(cache_db) as cache:
+        with ManifestCache(cache_db, project) as manifests:
+            ws = load_workspace(
+                paths,
+                hash_input=cache.sha256,
+                manifest_cache=manifests,
+                state_path=state_path,
+            )
+        yield ws, cache
+
+
+def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
+    """``--select`` NAME / KEY=VALUE / state:modified, as a union (see batchspec.core.selection)."""
+    return select_from_workspace(ws, select, requeue_backoff=requeue_backoff(ws))
+
+
+def validate_inputs(
+    ws: Workspace, resources: Sequence[Resource], cache: InputCache
+) -> dict[str, InputReport]:
+    """Validate every selected input before anything else happens; fail listing them all."""
+    facts: dict[str, InputReport] = {}
+    failures: list[BatchspecError] = []
+    for res in resources:
+        kind = (
+            ws.project.providers[res.provider].type
+            if res.provider in ws.project.providers
+            else None
+        )
+        try:
+            report = cache.facts_for(
+                res.input_path,
+                endpoint=res.endpoint,
+                model=res.model,
+                custom_id_pattern=ANTHROPIC_CUSTOM_ID if kind == "anthropic" else None,
+                allow_unversioned_url=kind == "azure",
+                dialect="anthropic" if kind == "anthropic" else "openai",
+            )
+        except BatchspecError as err:
+            failures.append(err)
+            continue
+        if report.ok:
+            facts[res.name] = report
+        else:
+            # imported here: it brings in the templates and Jinja2, which `plan` rarely needs
+            from batchspec.core.validate import rows_problem_lines
+
+            failures.append(
+                InputError(
+                    f"{display_path(res.input_source or res.input_path)}: "
+                    f"{report.problem_count} problem(s) in the input of {res.name}",
+                    details=rows_problem_lines(report, res)
+                    if res.input_source
+                    else problem_lines(report, shown_path=display_path(res.input_path)),
+                )
+            )
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise type(failures[0])(
+            f"{len(failures)} batch inputs are invalid; nothing was uploaded",
+            details=[line for err in failures for line in [err.message, *err.details]],
+        )
+    return facts
+
+
+def provider_option(ws: Workspace, name: str, key: str) -> Any:
+    config = ws.project.providers.get(name)
+    return config.options.get(key) if config is not None else None
+
+
+def requeue_backoff(ws: Workspace) -> float:
+    """The project's requeue backoff (the smallest any provider sets), else the default."""
+    values = [
+        float(p.options["requeueBackoffSeconds"])
+        for p in ws.project.providers.values()
+        if p.options.get("requeueBackoffSeconds") is not None
+    ]
+    return min(values) if values else DEFAULT_REQUEUE_BACKOFF
+
+
+def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
+    """Manifest ``limits`` over the provider's options over the provider type's defaults."""
+    provider = ws.project.providers.get(res.provider)
+    options = provider.options if provider else {}
+    # Azure takes 100,000 requests per file; Anthropic 100,000 inline requests per batch
+    wide = provider is not None and provider.type in ("azure", "anthropic")
+    default_requests = 100_000 if wide else 50_000
+    base = ShardLimits(
+        max_requests=int(options.get("maxRequestsPerBatch") or default_requests),
+        max_bytes=int(options.get("maxBytesPerBatch") or 200 * 1024 * 1024),
+    )
+    lim = res.limits
+    # a manifest may lower the provider's limits, never raise them: the provider would refuse
+    return ShardLimits(
+        max_requests=min(lim.max_requests_per_batch or base.max_requests, base.max_requests),
+        max_bytes=min(lim.max_bytes_per_batch or base.max_bytes, base.max_bytes),
+        max_embedding_inputs=min(
+            lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
+            base.max_embedding_inputs,
+        ),
+    )
+
+
+class ProviderPool:
+    """Builds each provider on first use (so a missing key only matters when it is needed)."""
+
+    def __init__(self, ws: Workspace, env: Mapping[str, str]) -> None:
+        self.ws = ws
+        self.env = env
+        self.built: dict[str, Provider] = {}
+
+    def get(self, name: str) -> Provider:
+        if name not in self.built:
+            config = self.ws.project.providers.get(name)
+            if config is None:
+                where = self.ws.project.file or "batchspec.yaml"
+                raise ManifestError(f"provider {name!r} is not defined in {where}")
+            # imported here: it loads httpx (and rich), ~0.15 s that `plan` never needs
+            from batchspec.providers.registry import build_provider
+
+            self.built[name] = build_provider(
+                config, project_root=self.ws.project.root, env=self.env
+            )
+        return self.built[name]
+
+    def __enter__(self) -> ProviderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for provider in self.built.values():
+            provider.close()
+
+
+@dataclass
+class RunHandle:
+    id: int
+    exit_code: int = 1
+
+
+@contextmanager
+def recorded_run(
+    store: StateStore, ws: Workspace, command: str, args: Mapping[str, Any]
+) -> Iterator[RunHandle]:
+    """Record a run around a use case; its exit code is the failure's when one escapes."""
+    run = RunHandle(store.start_run(command, args, collect_run_info(ws.project.root)))
+    try:
+        yield run
+        if command == "plan":
+            run.exit_code = 0
+    except BatchspecError as err:
+        run.exit_code = err.exit_code
+        store.record_event(
+            run.id, "error", detail={"error": type(err).__name__, "message": err.message}
+        )
+        raise
+    except KeyboardInterrupt:
+        run.exit_code = 130
+        store.record_event(run.id, "interrupted", detail={})
+        raise
+    except Exception as err:  # an unexpected failure is still recorded, then re-raised
+        store.record_event(
+            run.id, "error", detail={"error": type(err).__name__, "message": str(err)}
+        )
+        raise
+    finally:
+        store.finish_run(run.id, run.exit_code)

@@ -1,0 +1,1 @@
+"""The state store and audit log: runs, events, resources, generations, batches, ledger, lock."""

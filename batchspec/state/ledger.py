@@ -1,0 +1,230 @@
+"""The request ledger: one row per request of a generation, in the state database.
+
+It is what makes retries exact and results deterministic:
+
+* A row is written for every request when a generation is first submitted: its
+  ``custom_id``, input ``line``, ``shard`` and size. ``state`` starts ``pending``.
+* Collecting a batch file updates the rows it answers: ``ok``, ``retryable`` (with the
+  category the retry policy matched) or ``failed``, and *where* the line lives: the sha256
+  of the stored blob plus byte offset and length. An ``ok`` row is never overwritten.
+* A retry attempt carries exactly the rows of its shard that are still ``pending`` or
+  ``retryable`` (``sent_attempt`` records the attempt that last carried each row, so a
+  provider's line numbers for attempt k map back to input lines).
+* Results are written by walking the rows ``ORDER BY line``: input order, one line per
+  ``custom_id``, streamed, whatever the size of the job.
+
+The table is created by the state store's migrations (``requests``); this module only
+reads and writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from batchspec.wire.outcomes import Outcome
+
+_CHUNK = 5_000
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    custom_id: str
+    line: int
+    shard: int
+    state: str
+    category: str | None
+    blob: str | None
+    offset: int | None
+    length: int | None
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    shard: int
+    unresolved: int
+    unresolved_bytes: int
+
+
+@dataclass(frozen=True)
+class CollectedLine:
+    custom_id: str
+    offset: int
+    length: int
+    outcome: Outcome
+
+
+class RequestLedger:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def has_requests(self, generation_id: int) -> bool:
+        row = self.db.execute(
+            "select 1 from requests where generation_id = ? limit 1", [generation_id]
+        ).fetchone()
+        return row is not None
+
+    def record_requests(
+        self, generation_id: int, rows: Iterable[tuple[str, int, int, int, str]]
+    ) -> int:
+        """Insert ``(custom_id, line, shard, bytes, request_sha)`` rows as pending."""
+        sql = (
+            "insert or ignore into requests (generation_id, custom_id, line, shard, bytes, "
+            "request_sha, state, sent_attempt) values (?, ?, ?, ?, ?, ?, 'pending', 1)"
+        )
+        total = 0
+        chunk: list[tuple[object, ...]] = []
+        for custom_id, line, shard, nbytes, request_sha in rows:
+            chunk.append((generation_id, custom_id, line, shard, nbytes, request_sha))
+            if len(chunk) >= _CHUNK:
+                total += len(chunk)
+                self._run(sql, chunk)
+        if chunk:
+            total += len(chunk)
+            self._run(sql, chunk)
+        return total
+
+    def carry_over(self, generation_id: int, previous: Iterable[int]) -> int:
+        """Mark requests that an earlier generation already answered with the very same
+        request line as ``ok``, pointing at that answer. Returns how many were carried."""
+        ids = list(previous)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        cursor = self.db.execute(
+            "update requests set state = 'ok', category = null, blob = p.blob, "
+            "offset = p.offset, length = p.length, attempt = 0, sent_attempt = 0 "
+            "from (select custom_id, request_sha, blob, offset, length from requests "
+            f"where generation_id in ({marks}) and state = 'ok' and request_sha is not null) p "
+            "where requests.generation_id = ? and requests.custom_id = p.custom_id "
+            "and requests.request_sha = p.request_sha",
+            [*ids, generation_id],
+        )
+        return cursor.rowcount
+
+    def resolved_lines(self, generation_id: int) -> set[int]:
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and state = 'ok'",
+            [generation_id],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def assign_shards(self, generation_id: int, rows: Iterable[tuple[int, int]]) -> None:
+        """Set the shard of requests given as ``(shard, line)``."""
+        sql = "update requests set shard = ? where generation_id = ? and line = ?"
+        chunk: list[tuple[object, ...]] = []
+        for shard, line in rows:
+            chunk.append((shard, generation_id, line))
+            if len(chunk) >= _CHUNK:
+                self._run(sql, chunk)
+        if chunk:
+            self._run(sql, chunk)
+
+    def record_outcomes(
+        self, generation_id: int, attempt: int, blob: str, lines: Iterable[CollectedLine]
+    ) -> int:
+        """Record what a collected file says; an ``ok`` row is final. Returns rows changed.
+
+        The lines go to a temporary table first and are applied with one joined UPDATE:
+        several times faster than one UPDATE per line on a 50,000-line file. A custom_id
+        answered twice in one file keeps its first answer.
+        """
+        conn = self.db.conn
+        conn.execute(
+            "create temp table if not exists collected (custom_id text primary key, "
+            "state text, category text, offset integer, length integer) without rowid"
+        )
+        conn.execute("delete from collected")
+        sql = "insert or ignore into collected values (?, ?, ?, ?, ?)"
+        chunk: list[tuple[object, ...]] = []
+        for item in lines:
+            chunk.append(
+                (
+                    item.custom_id,
+                    item.outcome.state,
+                    item.outcome.category,
+                    item.offset,
+                    item.length,
+                )
+            )
+            if len(chunk) >= _CHUNK:
+                self._run(sql, chunk)
+        if chunk:
+            self._run(sql, chunk)
+        cursor = conn.execute(
+            "update requests set state = c.state, category = c.category, blob = ?, "
+            "offset = c.offset, length = c.length, attempt = ? from collected c "
+            "where requests.generation_id = ? and requests.custom_id = c.custom_id "
+            "and requests.state != 'ok'",
+            [blob, attempt, generation_id],
+        )
+        changed = cursor.rowcount
+        conn.execute("delete from collected")
+        return changed
+
+    def _run(self, sql: str, chunk: list[tuple[object, ...]]) -> int:
+        cursor = self.db.conn.executemany(sql, chunk)
+        chunk.clear()
+        return cursor.rowcount
+
+    def mark_sent(self, generation_id: int, shard: int, attempt: int) -> int:
+        """Record that ``attempt`` carries every unresolved request of ``shard``."""
+        cursor = self.db.execute(
+            "update requests set sent_attempt = ? where generation_id = ? and shard = ? "
+            "and state in ('pending', 'retryable')",
+            [attempt, generation_id, shard],
+        )
+        return cursor.rowcount
+
+    def fail_attempt(self, generation_id: int, shard: int, attempt: int, code: str) -> int:
+        """A batch failed as a whole (e.g. invalid input): its requests fail finally."""
+        cursor = self.db.execute(
+            "update requests set state = 'failed', category = ? where generation_id = ? "
+            "and shard = ? and sent_attempt = ? and state in ('pending', 'retryable')",
+            [code, generation_id, shard, attempt],
+        )
+        return cursor.rowcount
+
+    def lines_of_attempt(self, generation_id: int, shard: int, attempt: int) -> list[int]:
+        """Input lines carried by an attempt, in the order its batch file holds them."""
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and shard = ? "
+            "and sent_attempt = ? order by line",
+            [generation_id, shard, attempt],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def unresolved_lines(self, generation_id: int, shard: int) -> set[int]:
+        rows = self.db.execute(
+            "select line from requests where generation_id = ? and shard = ? "
+            "and state in ('pending', 'retryable')",
+            [generation_id, shard],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def shard_counts(self, generation_id: int) -> list[ShardCounts]:
+        rows = self.db.execute(
+            "select shard, sum(state in ('pending', 'retryable')), "
+            "sum(case when state in ('pending', 'retryable') then bytes else 0 end) "
+            "from requests where generation_id = ? group by shard order by shard",
+            [generation_id],
+        ).fetchall()
+        return [ShardCounts(r[0], r[1] or 0, r[2] or 0) for r in rows]
+
+    def state_counts(self, generation_id: int) -> dict[str, int]:
+        rows = self.db.execute(
+            "select state, count(*) from requests where generation_id = ? group by state",
+            [generation_id],
+        ).fetchall()
+        return {state: n for state, n in rows}
+
+    def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
+        cursor = self.db.conn.execute(
+            "select custom_id, line, shard, state, category, blob, offset, length "
+            "from requests where generation_id = ? order by line",
+            [generation_id],
+        )
+        for row in cursor:
+            yield LedgerRow(*row)

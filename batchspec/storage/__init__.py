@@ -1,0 +1,1 @@
+"""Mechanisms on disk that several layers share: content-addressed blobs, versioned migrations."""

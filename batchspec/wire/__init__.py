@@ -1,0 +1,1 @@
+"""Formats both sides of a Batch API share: request lines, result lines, dialect mappings."""

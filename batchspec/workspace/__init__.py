@@ -1,0 +1,1 @@
+"""The workspace on disk: project file, manifests, YAML positions, templates, caches."""

@@ -1,0 +1,177 @@
+"""Remember what a scan of an unchanged input file found, so ``plan`` need not re-read it.
+
+An entry is keyed by the file's absolute path and the scan's options, and is valid only while
+the file's size, mtime, ctime and inode are what they were when it was scanned (any write
+changes at least one of them) and the file was already older than ``RACY_WINDOW_S`` when it
+was scanned: a file written in the same timestamp tick as its scan could change again without
+changing its stamp. Only clean reports are kept: a file with problems is always
+re-scanned, so its problems are reported in full every time.
+
+One read of a new input does both jobs of the loader and the validator: the loader's content
+hash comes from a *generic* scan (no endpoint or model given), and when that scan shows one
+url equal to the manifest's endpoint and one model equal to the manifest's model, the stricter
+scan would find nothing more, so it is not run (``facts_for``). The cache is a small SQLite
+file beside the state database; deleting it only costs a re-read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from batchspec.wire.inputs import InputReport, scan_batch_input
+
+_SCHEMA = """
+create table if not exists scans (
+    path text not null, options text not null,
+    size integer, mtime_ns integer, ctime_ns integer, inode integer,
+    report text not null,
+    primary key (path, options)
+)
+"""
+
+
+#: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
+RACY_WINDOW_S = 2.0
+
+
+class InputCache:
+    def __init__(self, db_path: Path | None, *, racy_window: float = RACY_WINDOW_S) -> None:
+        self.racy_window = racy_window
+        self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
+        self.conn: sqlite3.Connection | None = None
+        if db_path is not None:
+            self.conn = _open_db(db_path)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def __enter__(self) -> InputCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sha256(self, path: Path) -> str:
+        """The content hash, from a generic scan (cached): the loader's ``hash_input``."""
+        return self.scan(path).sha256
+
+    def scan(self, path: Path, **options: Any) -> InputReport:
+        key = (str(Path(path).resolve()), json.dumps(options, sort_keys=True))
+        seen_ns = time.time_ns()
+        stamp = _stamp(path)
+        hit = self.memory.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        report = self._load(key, stamp)
+        if report is None:
+            report = scan_batch_input(path, **options)
+            # a file changed within the racy window could be rewritten within the same
+            # timestamp tick, keeping its stamp: it is remembered only once it is older
+            racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
+            if report.ok and not racy:
+                self._store(key, stamp, report)
+        self.memory[key] = (stamp, report)
+        return report
+
+    def facts_for(
+        self,
+        path: Path,
+        *,
+        endpoint: str,
+        model: str | None,
+        custom_id_pattern: str | None = None,
+        allow_unversioned_url: bool = False,
+        dialect: str = "openai",
+    ) -> InputReport:
+        """The scan with the manifest's rules, reusing the generic scan when it settles it."""
+        generic = self.scan(path)
+        url_key = _versioned if allow_unversioned_url else (lambda u: u)
+        if (
+            generic.ok
+            and custom_id_pattern is None
+            and dialect == "openai"
+            and endpoint != "/v1/moderations"
+            and tuple(url_key(u) for u in generic.urls) == (url_key(endpoint),)
+            and (model is None or generic.models == (model,))
+        ):
+            return generic
+        return self.scan(
+            path,
+            endpoint=endpoint,
+            model=model,
+            custom_id_pattern=custom_id_pattern,
+            allow_unversioned_url=allow_unversioned_url,
+            # only when set: the cache keys of OpenAI-dialect scans stay what they were
+            **({"dialect": dialect} if dialect != "openai" else {}),
+        )
+
+    def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:
+        if self.conn is None:
+            return None
+        try:
+            row = self.conn.execute(
+                "select size, mtime_ns, ctime_ns, inode, report from scans "
+                "where path = ? and options = ?",
+                key,
+            ).fetchone()
+        except sqlite3.Error:  # a damaged cache costs a re-read, never the run
+            return None
+        if row is None or tuple(row[:4]) != stamp:
+            return None
+        try:
+            data = json.loads(row[4])
+            return InputReport(
+                **{
+                    **data,
+                    "models": tuple(data["models"]),
+                    "urls": tuple(data["urls"]),
+                    "problems": (),
+                }
+            )
+        except (ValueError, TypeError, KeyError):  # written by another version: scan again
+            return None
+
+    def _store(self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport) -> None:
+        if self.conn is None:
+            return
+        data = asdict(report)
+        with contextlib.suppress(sqlite3.Error):  # a busy or damaged cache costs a re-read
+            self.conn.execute(
+                "insert or replace into scans values (?, ?, ?, ?, ?, ?, ?)",
+                (*key, *stamp, json.dumps(data)),
+            )
+
+
+def _open_db(db_path: Path) -> sqlite3.Connection | None:
+    """The cache database, or None when it cannot be used (read-only folder, damaged file):
+    the cache only saves re-reads, so the run goes on without it."""
+    conn = None
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        if not db_path.exists():
+            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        conn.execute("pragma journal_mode=wal")
+        conn.execute(_SCHEMA)
+    except (OSError, sqlite3.Error):
+        if conn is not None:
+            conn.close()
+        return None
+    return conn
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _versioned(url: str) -> str:
+    return url if url.startswith("/v1/") else "/v1" + url

@@ -1,0 +1,772 @@
+"""Manifests: find them, validate them, normalise each ``kind: Batch`` document to a ``Resource``.
+
+``load_workspace(paths)`` takes files, folders and glob patterns (default: the working
+directory), finds the project (``batchspec.workspace.project.load_project``, from the first path),
+reads every manifest and returns a ``Workspace``, or raises ``InvalidManifestError`` (a
+``ManifestError``) listing *every* problem, one line each, as ``file:line:column: pointer:
+message``. It reads manifests and hashes input files; it writes nothing.
+
+Finding manifests
+    A file is loaded as given; a folder yields the files below it that match the project's
+    ``manifests`` globs (default ``**/*.yaml``, ``**/*.yml``), which are relative to the project
+    root, so ``validate .`` and ``validate manifests/`` agree; any other argument is a glob
+    pattern, relative to the working directory. Never loaded as manifests: files named
+    ``batchspec.yaml`` (project files), anything under the state folder, hidden files and
+    folders, and folders that hold their own ``batchspec.yaml`` (another workspace). Every
+    document of a manifest must be ``kind: Batch``; empty documents are ignored.
+
+Paths
+    ``input``, ``output`` and ``errors`` are relative to the manifest's folder and become
+    absolute, resolved paths. Defaults: ``<manifest folder>/results/<name>.jsonl`` and
+    ``<manifest folder>/results/<name>.errors.jsonl``.
+
+Requests from data
+    ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
+    rendered through the templates (``batchspec.workspace.templates``) into a content-addressed
+    batch JSONL file under ``<state folder>/rendered/``, the one write a load may make (a cache).
+    ``Resource.input_path`` is that rendered file, so everything downstream treats it like a
+    file input, and ``Resource.input_source`` is the rows file (None for a path input).
+    Template and row problems are reported with everything else, located in the manifest
+    (syntax) or the rows file (rows).
+
+Renames
+    ``metadata.moved: {from: old-name}`` says the resource used to be called ``old-name``;
+    ``Resource.moved_from`` carries it (``batchspec.core.moves`` renames the recorded state).
+    A resource may not move from its own name, from a name another manifest still declares,
+    or from a name another resource also moves from.
+
+Checks beyond the schema
+    ``spec.provider`` (or the project's ``defaults.provider``) names a declared or built-in
+    provider; the input (or the rows file) exists and is a file; a resource name is used once
+    in the workspace (the problem names both places); no two resources write the same output
+    or errors file, and no resource writes over its own input (or its rows file).
+
+Spec hash
+    ``Resource.spec_hash`` is the hex sha256 of the canonical JSON of
+    ``Resource.semantic_spec()``::
+
+        {"apiVersion": "batchspec/v1", "name": ..., "provider": ..., "endpoint": ...,
+         "completion_window": ..., "model": ... or null, "metadata": {... sorted},
+         "input_sha256": <hex sha256 of the input file's bytes>}
+
+    For a rows input, ``input_sha256`` is the hash of the rendered file: a changed row or
+    template is a new spec hash, an edit that renders the same requests is not.
+
+    Canonical JSON is ``json.dumps(..., sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` encoded as UTF-8. Defaults are applied first (an omitted
+    ``completionWindow`` hashes as ``"24h"``; an omitted ``provider`` as the project's default).
+    Deliberately *not* part of the hash, so changing them never resubmits anything: labels and
+    annotations, ``moved``, ``output``/``errors`` paths, ``retry``, ``limits``, ``budget``,
+    ``suspend``,
+    the manifest's own path or name, key order, how the input path is spelled (the file is
+    identified by its content), the machine and the time. The same spec on any machine hashes
+    the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchspec.errors import BatchspecError
+from batchspec.wire import inputs
+from batchspec.workspace.project import (
+    PROJECT_FILE_NAME,
+    Budget,
+    Project,
+    ProviderConfig,
+    budget_from,
+    find_project_file,
+    load_project,
+)
+from batchspec.workspace.yamldoc import (
+    InvalidManifestError,
+    Problem,
+    SourceLocation,
+    YamlDocument,
+    display_path,
+    read_yaml_documents,
+    schema_problems,
+    suggest,
+)
+
+if TYPE_CHECKING:
+    from batchspec.workspace.manifestcache import ManifestCache
+    from batchspec.workspace.templates import RenderedInput
+
+API_VERSION = "batchspec/v1"
+#: below the state folder: the render cache of rows inputs (``batchspec.workspace.templates``)
+RENDERED_FOLDER = "rendered"
+DEFAULT_COMPLETION_WINDOW = "24h"
+DEFAULT_MAX_ATTEMPTS = 3
+RETRYABLE_FAILURES: tuple[str, ...] = (
+    "server_error",
+    "rate_limit",
+    "timeout",
+    "expired",
+    "cancelled",
+)
+
+__all__ = [
+    "Budget",
+    "InvalidManifestError",
+    "Limits",
+    "Problem",
+    "Project",
+    "ProviderConfig",
+    "Resource",
+    "RetryPolicy",
+    "SourceLocation",
+    "Workspace",
+    "load_project",
+    "load_workspace",
+    "spec_hash",
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    on: tuple[str, ...] = RETRYABLE_FAILURES
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per remote batch (shard) limits from the manifest; ``None`` means the provider's."""
+
+    max_requests_per_batch: int | None = None
+    max_bytes_per_batch: int | None = None
+    max_embedding_inputs_per_batch: int | None = None
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One ``kind: Batch`` document, normalised. Mappings are plain dicts: treat as read-only."""
+
+    name: str
+    labels: Mapping[str, str]
+    provider: str
+    endpoint: str
+    completion_window: str
+    input_path: Path
+    model: str | None
+    metadata: Mapping[str, str]
+    output_path: Path
+    errors_path: Path
+    retry: RetryPolicy
+    limits: Limits
+    budget: Budget | None  # the manifest's, falling back field by field to the project's
+    suspend: bool
+    source: SourceLocation  # where the document starts
+    input_sha256: str
+    spec_hash: str
+    #: the rows file of a rows input (``input_path`` is then its rendered JSONL); else None
+    input_source: Path | None = None
+    #: ``metadata.moved.from``: the name this resource was recorded under before, if any
+    moved_from: str | None = None
+
+    def semantic_spec(self) -> dict[str, Any]:
+        """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
+        return semantic_spec(
+            name=self.name,
+            provider=self.provider,
+            endpoint=self.endpoint,
+            completion_window=self.completion_window,
+            model=self.model,
+            metadata=self.metadata,
+            input_sha256=self.input_sha256,
+        )
+
+
+@dataclass(frozen=True)
+class Workspace:
+    project: Project
+    resources: tuple[Resource, ...]
+    manifest_files: tuple[Path, ...] = ()
+
+
+def semantic_spec(
+    *,
+    name: str,
+    provider: str,
+    endpoint: str,
+    completion_window: str,
+    model: str | None,
+    metadata: Mapping[str, str],
+    input_sha256: str,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "name": name,
+        "provider": provider,
+        "endpoint": endpoint,
+        "completion_window": completion_window,
+        "model": model,
+        "metadata": dict(sorted(metadata.items())),
+        "input_sha256": input_sha256,
+    }
+
+
+def spec_hash(semantic: Mapping[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of ``semantic`` (see module docstring)."""
+    canonical = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def load_workspace(
+    paths: Sequence[str | Path] = (),
+    *,
+    hash_input: Callable[[Path], str] = inputs.file_sha256,
+    manifest_cache: ManifestCache | None = None,
+    state_path: str | Path | None = None,
+) -> Workspace:
+    """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
+
+    ``hash_input`` computes an input file's content hash (injectable so a caller that reads
+    the inputs anyway can avoid reading them twice). ``manifest_cache`` recalls files that
+    were read clean before and are unchanged, so they are not parsed and schema-checked
+    again (``batchspec.workspace.manifestcache``); every other check still runs on them.
+    """
+    targets = [str(p) for p in paths] or ["."]
+    project = load_project(_start_of(targets[0]), state_path=state_path)
+    files, problems = find_manifest_files(targets, project)
+    resources: list[tuple[Resource, YamlDocument]] = []
+    names: list[tuple[str, SourceLocation]] = []
+    resolve = _PathResolver()
+    for file in files:
+        recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        documents, file_problems = (
+            (recalled, []) if recalled is not None else read_yaml_documents(file)
+        )
+        problems.extend(file_problems)
+        clean = not file_problems
+        for doc in documents:
+            resource, doc_problems = _load_document(
+                doc, project, hash_input, resolve, validated=recalled is not None
+            )
+            problems.extend(doc_problems)
+            names.extend(_name_of(doc))
+            if resource is not None:
+                resources.append((resource, doc))
+            clean = clean and resource is not None
+        if manifest_cache is not None and recalled is None and clean:
+            manifest_cache.remember(file, documents)
+    problems.extend(_duplicate_names(names))
+    problems.extend(_conflicting_moves(resources))
+    problems.extend(_shared_outputs(resources))
+    if problems:
+        raise InvalidManifestError(problems)
+    return Workspace(project, tuple(res for res, _ in resources), tuple(files))
+
+
+def project_for(
+    paths: Sequence[str | Path] = (), *, state_path: str | Path | None = None
+) -> Project:
+    """The project ``load_workspace(paths)`` would use (found from the first path)."""
+    targets = [str(p) for p in paths] or ["."]
+    return load_project(_start_of(targets[0]), state_path=state_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding manifest files
+
+
+def find_manifest_files(
+    targets: Sequence[str], project: Project
+) -> tuple[list[Path], list[Problem]]:
+    """Manifest files for ``targets`` (files, folders, globs), in order, each once."""
+    files: dict[Path, None] = {}
+    problems: list[Problem] = []
+    for target in targets:
+        path = Path(target)
+        other = find_project_file(_start_of(target))
+        if not path.exists() and not _is_glob(target):
+            problems.append(
+                Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
+            )
+        elif other is not None and other != project.file:
+            message = (
+                f"{target} belongs to the workspace of {display_path(other)}, not to that of "
+                f"{_project_name(project)}; give one workspace per run"
+            )
+            problems.append(Problem(None, None, None, "", "other-workspace", message))
+        elif path.is_dir():
+            files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
+        elif path.is_file():
+            if path.name != PROJECT_FILE_NAME:
+                files[path.resolve()] = None
+        elif _is_glob(target):
+            matches = _expand_glob(target)
+            if not matches:
+                problems.append(
+                    Problem(None, None, None, "", "not-found", f"{target}: no files match")
+                )
+            files.update(dict.fromkeys(matches))
+    return list(files), problems
+
+
+def _project_name(project: Project) -> str:
+    return (
+        display_path(project.file)
+        if project.file
+        else f"{display_path(project.root)} (no project file)"
+    )
+
+
+def _scan_folder(folder: Path, project: Project) -> Iterator[Path]:
+    """Files below ``folder`` matching the project's globs, pruning what is never a manifest."""
+    base = project.root if folder.is_relative_to(project.root) else folder
+    patterns = [_glob_regex(glob) for glob in project.manifest_globs]
+    skipped = {project.root / "state", project.state_path.parent} - {project.root}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".")
+            and here / d not in skipped
+            and not (here / d / PROJECT_FILE_NAME).is_file()  # another workspace
+        )
+        for name in filenames:
+            if name.startswith(".") or name == PROJECT_FILE_NAME:
+                continue
+            relative = (here / name).relative_to(base).as_posix()
+            if any(p.fullmatch(relative) for p in patterns):
+                found.append(here / name)
+    return iter(sorted(found))
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex for a glob where ``*`` stays within a folder and ``**/`` spans any number."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _is_glob(target: str) -> bool:
+    return any(ch in target for ch in "*?[")
+
+
+def _expand_glob(target: str) -> list[Path]:
+    return [
+        Path(m).resolve()
+        for m in sorted(glob.glob(target, recursive=True))
+        if Path(m).is_file() and Path(m).name != PROJECT_FILE_NAME
+    ]
+
+
+def _start_of(target: str) -> Path:
+    """Where to look for the project of a path or glob: the glob's fixed leading folders."""
+    if not _is_glob(target):
+        return Path(target)
+    fixed = []
+    for part in Path(target).parts:
+        if _is_glob(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+# ---------------------------------------------------------------------------------------------
+# One document
+
+
+def _load_document(
+    doc: YamlDocument,
+    project: Project,
+    hash_input: Callable[[Path], str],
+    resolve: _PathResolver,
+    *,
+    validated: bool = False,
+) -> tuple[Resource | None, list[Problem]]:
+    """``validated``: the document is known to pass the shape and schema checks (recalled
+    from the manifest cache, which holds only documents that did), so they are skipped."""
+    problems: list[Problem] = []
+    if not validated:
+        problems = _shape_problems(doc)
+        if problems:
+            return None, problems
+        problems = schema_problems(doc, "batch")
+    # The checks beyond the schema run wherever their fields are well-typed, so one run
+    # reports a missing input file next to a misspelt key.
+    checked = _check_spec(doc, project, hash_input, resolve, problems)
+    if problems or checked is None:
+        return None, problems
+    return _resource(doc, project, checked), []
+
+
+def _shape_problems(doc: YamlDocument) -> list[Problem]:
+    """A document that is not a Batch at all gets one clear problem instead of dozens."""
+    data = doc.data
+    if not isinstance(data, Mapping):
+        message = "a manifest document must be a mapping starting with `apiVersion: batchspec/v1`"
+        return [Problem.at(doc.start, "", "not-a-mapping", message)]
+    kind = data.get("kind")
+    if kind is None and data.get("apiVersion") != API_VERSION:
+        message = (
+            "not a batchspec manifest (no `kind: Batch`); if this file is not a manifest, "
+            "narrow `manifests:` in batchspec.yaml or pass the manifest files explicitly"
+        )
+        return [Problem.at(doc.start, "", "unknown-kind", message)]
+    if isinstance(kind, str) and kind != "Batch":
+        message = f"unknown kind '{kind}': manifests hold `kind: Batch` documents only"
+        if kind == "Project":
+            message += f" (a Project document belongs in the project file {PROJECT_FILE_NAME})"
+        return [Problem.at(doc.location("/kind"), "/kind", "unknown-kind", message)]
+    return []
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the checks beyond the schema resolved for one document."""
+
+    provider: str
+    input_path: Path
+    input_sha256: str
+    output_path: Path
+    errors_path: Path
+    input_source: Path | None = None
+
+
+def _check_spec(
+    doc: YamlDocument,
+    project: Project,
+    hash_input: Callable[[Path], str],
+    resolve: _PathResolver,
+    problems: list[Problem],
+) -> _Checked | None:
+    spec = doc.data.get("spec")
+    if not isinstance(spec, Mapping):
+        return None
+    folder = resolve.folder(doc.file.parent)
+    provider = _provider(doc, spec, project, problems)
+    raw_input = spec.get("input")
+    input_path = input_sha256 = input_source = None
+    if isinstance(raw_input, str):
+        input_path = resolve(folder, raw_input)
+        input_sha256 = _input_hash(doc, input_path, hash_input, problems)
+    elif isinstance(raw_input, Mapping):
+        rendered = _rendered_input(doc, spec, raw_input, project, folder, problems)
+        if rendered is not None:
+            input_path, input_sha256 = rendered.path, rendered.sha256
+            input_source = rendered.rows_path
+    outputs = _output_paths(doc, spec, folder, resolve, input_source or input_path, problems)
+    if provider is None or input_path is None or input_sha256 is None or outputs is None:
+        return None
+    return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
+
+
+def _output_paths(
+    doc: YamlDocument,
+    spec: Mapping[str, Any],
+    folder: Path,
+    resolve: _PathResolver,
+    input_path: Path | None,
+    problems: list[Problem],
+) -> tuple[Path, Path] | None:
+    """Where results and errors go (defaults from the name); neither may be the input."""
+    name = _resource_name(doc)
+    output = spec.get("output", f"results/{name}.jsonl")
+    errors = spec.get("errors", f"results/{name}.errors.jsonl")
+    if name is None or not isinstance(output, str) or not isinstance(errors, str):
+        return None  # the schema has reported it
+    output_path = resolve(folder, output)
+    errors_path = resolve(folder, errors)
+    for key, path in (("output", output_path), ("errors", errors_path)):
+        if path == input_path:
+            pointer = f"/spec/{key}"
+            message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
+            problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
+    if output_path == errors_path:
+        message = "output and errors are the same file"
+        problems.append(
+            Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
+        )
+    return output_path, errors_path
+
+
+def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:
+    """The Resource of a document that passed every check."""
+    metadata, spec = doc.data["metadata"], doc.data["spec"]
+    common = {
+        "name": metadata["name"],
+        "provider": checked.provider,
+        "endpoint": spec["endpoint"],
+        "completion_window": spec.get("completionWindow", DEFAULT_COMPLETION_WINDOW),
+        "model": spec.get("model"),
+        "metadata": dict(spec.get("metadata", {})),
+        "input_sha256": checked.input_sha256,
+    }
+    return Resource(
+        **common,
+        labels=dict(metadata.get("labels", {})),
+        input_path=checked.input_path,
+        output_path=checked.output_path,
+        errors_path=checked.errors_path,
+        retry=_retry(spec.get("retry", {})),
+        limits=_limits(spec.get("limits", {})),
+        budget=_budget(spec.get("budget"), project.default_budget),
+        suspend=bool(spec.get("suspend", False)),
+        source=doc.start,
+        spec_hash=spec_hash(semantic_spec(**common)),
+        input_source=checked.input_source,
+        moved_from=(metadata.get("moved") or {}).get("from"),
+    )
+
+
+def _provider(
+    doc: YamlDocument, spec: Mapping[str, Any], project: Project, problems: list[Problem]
+) -> str | None:
+    name = spec.get("provider") or project.default_provider
+    if name is not None and not isinstance(name, str):
+        return None  # the schema has reported it
+    if name is None:
+        message = "missing required key 'provider' (or set `defaults.provider` in batchspec.yaml)"
+        problems.append(Problem.at(doc.location("/spec"), "/spec", "missing-key", message))
+        return None
+    if name in project.providers:
+        return name
+    pointer = "/spec/provider" if "provider" in spec else "/spec"
+    hint = suggest(name, project.providers)
+    known = ", ".join(sorted(project.providers))
+    tail = f"did you mean '{hint}'?" if hint else f"known: {known}; declare it in batchspec.yaml"
+    message = f"unknown provider '{name}' ({tail})"
+    problems.append(Problem.at(doc.location(pointer), pointer, "unknown-provider", message))
+    return None
+
+
+def _rendered_input(
+    doc: YamlDocument,
+    spec: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    project: Project,
+    folder: Path,
+    problems: list[Problem],
+) -> RenderedInput | None:
+    """Render a rows input (``{rows, id, body}``) into the state folder's render cache."""
+    # Imported here: Jinja2 costs about 30 ms to import, a tenth of loading a warm workspace
+    # of 1,000 manifests, and only rows inputs need it.
+    from batchspec.workspace.templates import compile_request_template, render_rows, rows_format
+
+    pointer = "/spec/input"
+    rows, body, id_template = raw.get("rows"), raw.get("body"), raw.get("id")
+    endpoint, model = spec.get("endpoint"), spec.get("model")
+    if not (
+        isinstance(rows, str)
+        and rows
+        and isinstance(body, Mapping)
+        and isinstance(endpoint, str)
+        and (id_template is None or isinstance(id_template, str))
+        and (model is None or isinstance(model, str))
+    ):
+        return None  # the schema has reported it
+    found: list[Problem] = []
+    rows_path = _input_path(rows, folder)
+    rows_pointer = f"{pointer}/rows"
+    if not rows_path.is_file():
+        what = "not found" if not rows_path.exists() else "not a file"
+        message = f"rows file {what}: {display_path(rows_path)}"
+        found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "missing-input", message))
+    elif rows_format(rows_path) is None:
+        message = (
+            f"rows file {display_path(rows_path)} must end in .csv (with a header row), "
+            ".jsonl or .ndjson (one JSON object a line)"
+        )
+        found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "rows-format", message))
+    if "model" not in body and model is None and endpoint != "/v1/moderations":
+        body_pointer = f"{pointer}/body"
+        message = "the request body has no `model`: add one to the body or set spec.model"
+        found.append(Problem.at(doc.location(body_pointer), body_pointer, "missing-model", message))
+    template, syntax = compile_request_template(
+        body=body,
+        id_template=id_template,
+        endpoint=endpoint,
+        model=model,
+        pointer=pointer,
+        locate=doc.location,
+    )
+    found.extend(syntax)
+    rendered = None
+    if template is not None and not found:
+        rendered, row_problems = render_rows(
+            template, rows_path, project.state_path.parent / RENDERED_FOLDER
+        )
+        found.extend(row_problems)
+    problems.extend(found)
+    return rendered
+
+
+def _input_path(value: Any, folder: Path) -> Path:
+    """The input file a manifest's ``spec.input`` names (a path, relative to the manifest)."""
+    return (folder / str(value)).resolve()
+
+
+class _PathResolver:
+    """``(folder / relative).resolve()`` for one load, resolving each folder's symlinks once.
+
+    Resolving is most of a manifest's path work, and manifests name files in a few shared
+    folders (``../data``, ``results``). ``realpath(head/name)`` is ``realpath(head)/name``
+    unless ``name`` is itself a symlink (then the whole path is resolved), so the answer is
+    exactly ``Path.resolve()``'s. Folders are remembered for one load only: links may change
+    between loads.
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def folder(self, path: Path) -> Path:
+        return Path(self._realpath(str(path)))
+
+    def __call__(self, folder: Path, relative: str) -> Path:
+        joined = os.path.join(folder, relative)
+        head, name = os.path.split(joined)
+        if name in ("", ".", "..") or os.name != "posix":  # (the argument holds for POSIX)
+            return Path(joined).resolve()
+        candidate = os.path.join(self._realpath(head), name)
+        return Path(joined).resolve() if os.path.islink(candidate) else Path(candidate)
+
+    def _realpath(self, path: str) -> str:
+        resolved = self._folders.get(path)
+        if resolved is None:
+            resolved = self._folders[path] = str(Path(path).resolve())
+        return resolved
+
+
+def _input_hash(
+    doc: YamlDocument, path: Path, hash_input: Callable[[Path], str], problems: list[Problem]
+) -> str | None:
+    pointer = "/spec/input"
+    if not path.exists():
+        reason = f"input file not found: {display_path(path)}"
+    elif not path.is_file():
+        reason = f"input is not a file: {display_path(path)}"
+    else:
+        try:
+            return hash_input(path)
+        except (OSError, BatchspecError) as err:
+            reason = (
+                f"cannot read input {display_path(path)}: {getattr(err, 'strerror', None) or err}"
+            )
+    problems.append(Problem.at(doc.location(pointer), pointer, "missing-input", reason))
+    return None
+
+
+def _retry(data: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=data.get("maxAttempts", DEFAULT_MAX_ATTEMPTS),
+        on=tuple(data.get("on", RETRYABLE_FAILURES)),
+    )
+
+
+def _limits(data: Mapping[str, Any]) -> Limits:
+    return Limits(
+        max_requests_per_batch=data.get("maxRequestsPerBatch"),
+        max_bytes_per_batch=data.get("maxBytesPerBatch"),
+        max_embedding_inputs_per_batch=data.get("maxEmbeddingInputsPerBatch"),
+    )
+
+
+def _budget(data: Mapping[str, Any] | None, default: Budget | None) -> Budget | None:
+    if data is None:
+        return default
+    return budget_from(data).overlay(default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Across documents
+
+
+def _resource_name(doc: YamlDocument) -> str | None:
+    """``metadata.name`` of a Batch document, if it is a string."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    metadata = data.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return name if data.get("kind") == "Batch" and isinstance(name, str) else None
+
+
+def _name_of(doc: YamlDocument) -> list[tuple[str, SourceLocation]]:
+    name = _resource_name(doc)
+    return [] if name is None else [(name, doc.location("/metadata/name"))]
+
+
+def _duplicate_names(names: list[tuple[str, SourceLocation]]) -> list[Problem]:
+    first: dict[str, SourceLocation] = {}
+    problems = []
+    for name, loc in names:
+        if name in first:
+            message = f"resource name '{name}' is used twice: at {first[name]} and at {loc}"
+            problems.append(Problem.at(loc, "/metadata/name", "duplicate-name", message))
+        else:
+            first[name] = loc
+    return problems
+
+
+def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[Problem]:
+    """A move must name a recorded name nobody else claims: not its own, not a live one."""
+    declared = {res.name: res for res, _ in resources}
+    movers: dict[str, Resource] = {}
+    problems = []
+    pointer = "/metadata/moved/from"
+    for res, doc in resources:
+        old = res.moved_from
+        if old is None:
+            continue
+        message = None
+        if old == res.name:
+            message = f"'{res.name}' cannot move from its own name; remove `moved`"
+        elif old in declared:
+            message = (
+                f"'{res.name}' moves from '{old}', but '{old}' is still declared at "
+                f"{declared[old].source}; rename or remove that resource first"
+            )
+        elif movers.setdefault(old, res) is not res:
+            message = (
+                f"'{res.name}' and '{movers[old].name}' ({movers[old].source}) both move "
+                f"from '{old}'; only one resource can take over its history"
+            )
+        if message:
+            problems.append(Problem.at(doc.location(pointer), pointer, "invalid-move", message))
+    return problems
+
+
+def _shared_outputs(resources: list[tuple[Resource, YamlDocument]]) -> list[Problem]:
+    """Two resources writing one file would overwrite each other's results."""
+    writers: dict[Path, Resource] = {}
+    problems = []
+    for res, doc in resources:
+        for key, path in (("output", res.output_path), ("errors", res.errors_path)):
+            other = writers.setdefault(path, res)
+            # Same name: the duplicate-name problem already says it, and better.
+            if other is not res and other.name != res.name:
+                message = (
+                    f"{key} file {display_path(path)} is also written by resource "
+                    f"'{other.name}' ({other.source})"
+                )
+                pointer = f"/spec/{key}"
+                problems.append(
+                    Problem.at(doc.location(pointer), pointer, "path-conflict", message)
+                )
+    return problems

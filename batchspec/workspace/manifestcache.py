@@ -1,0 +1,314 @@
+"""Remember manifest files that parsed and passed the schema, so ``plan`` need not redo it.
+
+Parsing YAML with positions and applying the JSON Schema are most of what loading a small
+manifest costs, and both are functions of the file's bytes alone. This cache keeps, per
+manifest file, what ``read_yaml_documents`` returned for it (each document's plain data and
+where each node starts), and ``load_workspace`` skips the reading, the shape check and the
+schema check for a file it recalls.
+
+What is *not* cached, so it runs on every load, from the recalled documents, with the same
+code: everything that depends on something besides the file's bytes. That is the provider
+check (the project), resolving ``input``/``output``/``errors`` (symlinks may change), the
+input's existence and content hash (through the input cache, which is keyed by the input's
+own stat), rows rendering, and the checks across files (names, moves, shared outputs). A
+recalled file therefore yields the same ``Resource`` objects and the same problems, with the
+same ``file:line:column``, as a fresh read.
+
+Invariants:
+
+- Only clean files are stored: the file read without problems and every document in it
+  became a ``Resource``. A file with any problem is read and checked in full every time.
+- An entry is keyed by the file's absolute path and holds the file's (size, mtime_ns,
+  ctime_ns, inode) as seen *before* it was read; it is used only while all four are unchanged
+  (any write changes the ctime, even one that restores the size and mtime) and while the
+  ``fingerprint`` is unchanged: batchspec's version, the bytes of the schemas and of the
+  modules that read and check a document, the PyYAML and jsonschema versions, and the
+  project file's stamp.
+- Racily clean files are not stored: a file changed within ``racy_window`` seconds of being
+  stat'ed could be rewritten within the same timestamp tick without changing its stamp
+  (filesystem clocks tick from nanoseconds to 2 s), so it is read in full until it is older.
+- The cache is a table in ``<state folder>/input-cache.db`` (beside the input cache's);
+  deleting it only costs a re-read. A busy or broken cache never fails a load: it is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchspec import __version__
+from batchspec.workspace.project import Project
+from batchspec.workspace.yamldoc import SCHEMA_DIR, NodePosition, YamlDocument
+
+#: a file changed this recently is not stored (see the module docstring)
+RACY_WINDOW_S = 2.0
+#: the modules whose code decides what a clean document is (their bytes go in the fingerprint)
+_CHECKING_MODULES = ("yamldoc.py", "manifest.py", "manifestcache.py")
+
+_SCHEMA = """
+create table if not exists manifests (
+    path text primary key,
+    size integer, mtime_ns integer, ctime_ns integer, inode integer,
+    fingerprint text not null,
+    documents text not null
+)
+"""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    stamp: tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
+    at_ns: int  # the wall clock just before the stat
+
+
+class ManifestCache:
+    """Clean manifest files by path and stamp; ``recall`` then ``remember`` on a miss.
+
+    Entries to store are kept in memory and written in one transaction on ``close``.
+    """
+
+    def __init__(
+        self, db_path: Path | None, project: Project, *, racy_window: float = RACY_WINDOW_S
+    ) -> None:
+        self.project = project
+        self.racy_window_ns = int(racy_window * 1e9)
+        self.recalled = 0  # files answered from the cache by this instance
+        self._fingerprint: str | None = None
+        self._seen: dict[Path, _Seen] = {}
+        self._pending: list[tuple[Any, ...]] = []
+        self.conn: sqlite3.Connection | None = None
+        if db_path is not None:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self.conn = _connect(db_path)
+
+    def __enter__(self) -> ManifestCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        with contextlib.suppress(sqlite3.Error):  # a busy cache costs a re-read next time
+            self._flush(self.conn)
+        self.conn.close()
+        self.conn = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = cache_fingerprint(self.project)
+        return self._fingerprint
+
+    def recall(self, file: Path) -> list[YamlDocument] | None:
+        """``file``'s documents if it is stored and unchanged; else None (then read it)."""
+        at_ns = time.time_ns()
+        try:
+            stamp = _stamp(file)
+        except OSError:
+            return None  # the reader reports why it cannot read the file
+        self._seen[file] = _Seen(stamp, at_ns)
+        if self.conn is None:
+            return None
+        try:
+            row = self.conn.execute(
+                "select size, mtime_ns, ctime_ns, inode, fingerprint, documents "
+                "from manifests where path = ?",
+                (str(file),),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        if row is None or tuple(row[:4]) != stamp or row[4] != self.fingerprint:
+            return None
+        try:
+            documents = decode_documents(file, row[5])
+        except (ValueError, KeyError, TypeError):
+            return None  # a damaged entry costs a re-read
+        del self._seen[file]  # nothing to remember for it
+        self.recalled += 1
+        return documents
+
+    def remember(self, file: Path, documents: list[YamlDocument]) -> None:
+        """Store a clean file's documents, read after a ``recall`` of it missed."""
+        seen = self._seen.pop(file, None)
+        if seen is None or self.conn is None:
+            return
+        size, mtime_ns, ctime_ns, _ = seen.stamp
+        if max(mtime_ns, ctime_ns) > seen.at_ns - self.racy_window_ns:
+            return  # racily clean: a same-tick rewrite would keep this stamp
+        encoded = encode_documents(documents)
+        if encoded is not None:
+            self._pending.append((str(file), *seen.stamp, self.fingerprint, encoded))
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        if not self._pending:
+            return
+        conn.execute("begin immediate")  # one transaction: one sync, not one per file
+        try:
+            conn.executemany(
+                "insert or replace into manifests values (?, ?, ?, ?, ?, ?, ?)", self._pending
+            )
+            # Entries of an older fingerprint or of deleted files are never used again.
+            conn.execute("delete from manifests where fingerprint != ?", (self.fingerprint,))
+            gone = [
+                (path,)
+                for (path,) in conn.execute("select path from manifests")
+                if not os.path.exists(path)
+            ]
+            conn.executemany("delete from manifests where path = ?", gone)
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
+        self._pending.clear()
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    if not db_path.exists():
+        os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=0.5)
+    try:
+        conn.execute("pragma journal_mode=wal")
+        conn.execute(_SCHEMA)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def cache_fingerprint(project: Project) -> str:
+    """What every entry depends on besides its own file (see the module docstring)."""
+    sha = hashlib.sha256()
+    parts: list[str] = [__version__, yaml.__version__, str(yaml.__with_libyaml__)]
+    try:
+        parts.append(version("jsonschema"))
+    except PackageNotFoundError:
+        parts.append("jsonschema?")
+    if project.file is not None:
+        try:
+            parts.append(repr(_stamp(project.file)))
+        except OSError:
+            parts.append("project?")
+    sha.update(json.dumps(parts).encode())
+    here = Path(__file__).resolve().parent
+    for path in [
+        *sorted(SCHEMA_DIR.glob("*.json")),
+        *(here / name for name in _CHECKING_MODULES),
+    ]:
+        sha.update(path.name.encode() + b"\0")
+        with contextlib.suppress(OSError):
+            sha.update(path.read_bytes())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents as JSON
+#
+#   [{"index": 0, "data": {...},
+#     "values": {pointer: [line, column, is_scalar], ...},   # 0-based, as in yaml.Mark
+#     "keys": {pointer: [line, column], ...}}, ...]
+
+
+def encode_documents(documents: list[YamlDocument]) -> str | None:
+    """The JSON text of ``documents``, or None when their data does not survive JSON exactly."""
+    payload = [
+        {
+            "index": doc.index,
+            "data": doc.data,
+            "values": {
+                pointer: [pos.mark.line, pos.mark.column, pos.is_scalar]
+                for pointer, pos in doc.values.items()
+            },
+            "keys": {pointer: [mark.line, mark.column] for pointer, mark in doc.keys.items()},
+        }
+        for doc in documents
+    ]
+    try:
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None  # e.g. !!binary bytes, an explicit !!timestamp, NaN
+    # A list and a tuple both become a JSON array; only data that comes back equal is kept.
+    if [doc["data"] for doc in json.loads(text)] != [doc.data for doc in documents]:
+        return None
+    return text
+
+
+def decode_documents(file: Path, text: str) -> list[YamlDocument]:
+    return [
+        YamlDocument(
+            file,
+            doc["index"],
+            doc["data"],
+            _Positions(doc["values"]),
+            _KeyMarks(doc["keys"]),
+        )
+        for doc in json.loads(text)
+    ]
+
+
+class _Positions(Mapping[str, NodePosition]):
+    """A recalled document's value positions, built on demand.
+
+    A clean document is asked for two or three locations (its start, its name) out of a
+    dozen or more nodes, so building every mark up front would be most of a recall's cost.
+    """
+
+    def __init__(self, raw: dict[str, list[Any]]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, pointer: str) -> NodePosition:
+        line, column, is_scalar = self._raw[pointer]
+        return NodePosition(_mark(line, column), is_scalar)
+
+    def __contains__(self, pointer: object) -> bool:
+        return pointer in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+class _KeyMarks(Mapping[str, yaml.Mark]):
+    """A recalled document's key marks, built on demand (see ``_Positions``)."""
+
+    def __init__(self, raw: dict[str, list[int]]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, pointer: str) -> yaml.Mark:
+        line, column = self._raw[pointer]
+        return _mark(line, column)
+
+    def __contains__(self, pointer: object) -> bool:
+        return pointer in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def _mark(line: int, column: int) -> yaml.Mark:
+    # Only line and column are ever read from a mark (YamlDocument.location).
+    return yaml.Mark("<cached>", 0, line, column, None, None)

@@ -1,0 +1,265 @@
+"""The project file ``batchspec.yaml``: finding it, validating it, and its defaults.
+
+A workspace is the folder holding ``batchspec.yaml``. ``load_project(start)`` looks for the
+file in ``start`` (a folder, or a file's folder) and then in each parent, like git looks for
+``.git``. Without one, the defaults apply, rooted at ``start``: state at
+``<root>/state/batchspec.db``, manifests ``**/*.yaml`` and ``**/*.yml``, and the built-in
+providers only.
+
+Promises:
+
+- Relative paths in the project file (``state.path``, a local provider's ``dataDir``) resolve
+  against the project file's folder, whatever the working directory.
+- Two providers exist without declaration: ``openai`` (type openai, base URL from
+  ``OPENAI_BASE_URL`` or https://api.openai.com/v1, key from ``OPENAI_API_KEY``) and ``local``
+  (type local, data in ``state/local``, the built-in offline upstream). Declaring either name
+  replaces the built-in.
+- ``ProviderConfig.options`` holds the type's options with their YAML (camelCase) keys, as
+  the provider schema names them, with the schema's defaults filled in; a local provider's
+  ``dataDir`` is an absolute path (a string). API keys are never read here: only the *name*
+  of the environment variable is kept.
+- Every problem in the file is reported at once (``InvalidManifestError``), each with
+  ``file:line:column`` and its JSON pointer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchspec.errors import ManifestError
+from batchspec.workspace.yamldoc import (
+    Problem,
+    YamlDocument,
+    display_path,
+    load_schema,
+    pointer_join,
+    raise_if_problems,
+    read_yaml_documents,
+    schema_problems,
+    suggest,
+)
+
+PROJECT_FILE_NAME = "batchspec.yaml"
+DEFAULT_STATE_PATH = "state/batchspec.db"
+DEFAULT_MANIFEST_GLOBS: tuple[str, ...] = ("**/*.yaml", "**/*.yml")
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+BUILTIN_PROVIDER_NAMES = ("local", "openai")
+# Which environment variable holds the key when a provider does not name one.
+DEFAULT_API_KEY_ENV: Mapping[str, str | None] = {
+    "openai": "OPENAI_API_KEY",
+    "azure": "AZURE_OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "local": None,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Spending limits per generation; ``None`` means no limit."""
+
+    max_requests: int | None = None
+    max_input_tokens: int | None = None
+
+    def overlay(self, fallback: Budget | None) -> Budget:
+        """This budget, with fields it leaves unset taken from ``fallback``."""
+        if fallback is None:
+            return self
+        return Budget(
+            max_requests=_first(self.max_requests, fallback.max_requests),
+            max_input_tokens=_first(self.max_input_tokens, fallback.max_input_tokens),
+        )
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """A provider as declared (or built in). ``api_key_env`` names a variable, never a key."""
+
+    name: str
+    type: str
+    base_url: str | None
+    api_key_env: str | None
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Project:
+    """A workspace's settings. ``file`` is None when no ``batchspec.yaml`` was found."""
+
+    root: Path
+    file: Path | None
+    state_path: Path
+    manifest_globs: tuple[str, ...]
+    providers: Mapping[str, ProviderConfig]
+    default_provider: str | None
+    default_budget: Budget | None
+
+    def provider(self, name: str) -> ProviderConfig:
+        """The provider called ``name``; ``ManifestError`` naming the known ones if none is."""
+        try:
+            return self.providers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.providers))
+            raise ManifestError(
+                f"unknown provider '{name}' (known: {known}); declare it under `providers:` "
+                "in batchspec.yaml"
+            ) from None
+
+
+def find_project_file(start: str | Path | None = None) -> Path | None:
+    """The nearest ``batchspec.yaml`` in ``start``'s folder or above it, if any."""
+    folder = _start_folder(start)
+    for candidate in (folder, *folder.parents):
+        path = candidate / PROJECT_FILE_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def load_project(
+    start: str | Path | None = None, *, state_path: str | Path | None = None
+) -> Project:
+    """The project governing ``start`` (a folder or file; default: the working directory).
+
+    ``state_path`` (the CLI's ``--state`` / ``BATCHSPEC_STATE``) overrides ``state.path``.
+    """
+    project = _load_project(start)
+    if state_path is None:
+        return project
+    return dataclasses.replace(project, state_path=Path(state_path).resolve())
+
+
+def _load_project(start: str | Path | None) -> Project:
+    file = find_project_file(start)
+    if file is None:
+        return default_project(_start_folder(start))
+    documents, problems = read_yaml_documents(file)
+    for extra in documents[1:]:
+        problems.append(
+            Problem.at(extra.start, "", "extra-document", "the project file holds one document")
+        )
+    data: Mapping[str, Any] = {}
+    if documents:
+        doc = documents[0]
+        problems.extend(_document_problems(doc))
+        problems.extend(_default_provider_problems(doc))
+        if isinstance(doc.data, Mapping):
+            data = doc.data
+    raise_if_problems(problems, what=f"the project file {display_path(file)}")
+    return _project_from(file, data)
+
+
+def default_project(root: Path) -> Project:
+    """The settings of a workspace without a project file, rooted at ``root``."""
+    root = root.resolve()
+    return Project(
+        root=root,
+        file=None,
+        state_path=root / DEFAULT_STATE_PATH,
+        manifest_globs=DEFAULT_MANIFEST_GLOBS,
+        providers=builtin_providers(root),
+        default_provider=None,
+        default_budget=None,
+    )
+
+
+def builtin_providers(root: Path) -> dict[str, ProviderConfig]:
+    """The providers every workspace has without declaring them."""
+    return {
+        "local": _provider_config(root, "local", {"type": "local"}),
+        "openai": _provider_config(root, "openai", {"type": "openai"}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _start_folder(start: str | Path | None) -> Path:
+    path = Path(start) if start is not None else Path.cwd()
+    path = path.resolve()
+    # A file's folder is the start; so is the folder of a file that does not exist yet.
+    looks_like_file = path.is_file() or (not path.exists() and bool(path.suffix))
+    return path.parent if looks_like_file else path
+
+
+def _document_problems(doc: YamlDocument) -> list[Problem]:
+    if not isinstance(doc.data, Mapping):
+        message = (
+            "the project file must be a mapping with `apiVersion: batchspec/v1`, `kind: Project`"
+        )
+        return [Problem.at(doc.start, "", "not-a-mapping", message)]
+    return schema_problems(doc, "project")
+
+
+def _project_from(file: Path, data: Mapping[str, Any]) -> Project:
+    root = file.parent.resolve()
+    state = data.get("state") or {}
+    defaults = data.get("defaults") or {}
+    providers = builtin_providers(root)
+    for name, declared in (data.get("providers") or {}).items():
+        providers[name] = _provider_config(root, name, declared)
+    budget = defaults.get("budget")
+    return Project(
+        root=root,
+        file=file.resolve(),
+        state_path=root / state.get("path", DEFAULT_STATE_PATH),
+        manifest_globs=tuple(data.get("manifests") or DEFAULT_MANIFEST_GLOBS),
+        providers=providers,
+        default_provider=defaults.get("provider"),
+        default_budget=budget_from(budget) if budget is not None else None,
+    )
+
+
+def budget_from(data: Mapping[str, Any]) -> Budget:
+    """A ``Budget`` from its (already validated) YAML mapping."""
+    return Budget(max_requests=data.get("maxRequests"), max_input_tokens=data.get("maxInputTokens"))
+
+
+def _provider_config(root: Path, name: str, data: Mapping[str, Any]) -> ProviderConfig:
+    kind = data["type"]
+    base_url = data.get("baseUrl")
+    if base_url is None and kind == "openai":
+        base_url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL
+    elif base_url is None and kind == "anthropic":
+        base_url = DEFAULT_ANTHROPIC_BASE_URL
+    options = {**_option_defaults(kind), **(data.get("options") or {})}
+    if "dataDir" in options:
+        options["dataDir"] = str(root / options["dataDir"])
+    return ProviderConfig(
+        name=name,
+        type=kind,
+        base_url=base_url.rstrip("/") if base_url else None,
+        api_key_env=data.get("apiKeyEnv", DEFAULT_API_KEY_ENV[kind]),
+        options=options,
+    )
+
+
+def _option_defaults(kind: str) -> dict[str, Any]:
+    """The ``default`` of each option of a provider type, read from the schema itself."""
+    options = load_schema("project")["$defs"][f"{kind}Options"]["properties"]
+    return {key: prop["default"] for key, prop in options.items() if "default" in prop}
+
+
+def _default_provider_problems(doc: YamlDocument) -> list[Problem]:
+    """``defaults.provider`` must name a declared or built-in provider."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    defaults = data.get("defaults")
+    name = defaults.get("provider") if isinstance(defaults, Mapping) else None
+    declared = data.get("providers")
+    known = set(BUILTIN_PROVIDER_NAMES) | set(declared if isinstance(declared, Mapping) else ())
+    if not isinstance(name, str) or name in known:
+        return []
+    pointer = pointer_join(pointer_join("", "defaults"), "provider")
+    hint = suggest(name, sorted(known))
+    tail = f"did you mean '{hint}'?" if hint else f"known: {', '.join(sorted(known))}"
+    message = f"unknown provider '{name}' ({tail})"
+    return [Problem.at(doc.location(pointer), pointer, "unknown-provider", message)]
+
+
+def _first(value: Any, fallback: Any) -> Any:
+    return value if value is not None else fallback

@@ -1,0 +1,571 @@
+"""Requests from data: render a rows file through the manifest's templates into batch JSONL.
+
+A manifest's ``spec.input`` may be an object instead of a path::
+
+    input:
+      rows: data/tickets.csv            # .csv (header row) or .jsonl/.ndjson (one object a line)
+      id: "ticket-{{ ticket_id }}"      # optional; default "row-{{ row_number }}": row-1, ...
+      body:                             # the request body; every string leaf is a template
+        model: gpt-4o-mini
+        messages: [{role: user, content: "Classify: {{ text }}"}]
+
+``compile_request_template`` turns the ``id`` and ``body`` into one compiled template (syntax
+errors come back as problems at the manifest's ``file:line:column`` of the leaf), and
+``render_rows`` streams the rows file through it, one row at a time, into an OpenAI batch
+JSONL file. The rest of batchspec never sees rows or templates: a rendered input is an
+ordinary input file, validated, hashed, sharded and merged like any other.
+
+Rendering
+    Jinja2 in a sandbox (``SandboxedEnvironment``) with ``StrictUndefined`` and autoescape
+    off. A template sees the row's fields as variables, ``row`` (all fields, for names that are
+    not identifiers: ``{{ row["ticket id"] }}``) and ``row_number`` (1-based); a field named
+    ``row`` or ``row_number`` wins over the built-in. CSV values are strings; JSONL values keep
+    their JSON type, and ``{{ }}`` prints null as an empty string, booleans as ``true``/``false``
+    and objects and arrays as compact JSON. Strings that hold no ``{{``, ``{%`` or ``{#`` are
+    copied as they are; so are non-string leaves (numbers, booleans, null) and mapping keys.
+    A trailing newline in a leaf is kept. When the body has no ``model`` and the manifest sets
+    ``spec.model``, that model is added to every body.
+
+Output
+    One line per row, in row order, so rendered line N is row N: ``{"body": ..., "custom_id":
+    ..., "method": "POST", "url": <spec.endpoint>}`` as canonical JSON (sorted keys, no
+    spaces, UTF-8). The file is written to a temporary name beside its destination and moved
+    to ``<folder>/<sha256>.jsonl`` when complete, so it is content-addressed and never seen half
+    written; an existing file of that name is reused. ``<folder>/keys/<key>`` remembers which
+    rendered file a (templates, rows content, renderer version) triple produced, so unchanged
+    data is not rendered again: a load reads the rows file once to hash it. Everything under
+    the folder is a cache: deleting it only costs a re-render.
+
+Problems (``yamldoc.Problem``, never raised)
+    Template syntax: at the manifest leaf. Rows: at ``rows-file:line``, naming the row (CSV:
+    the line where the record starts; JSONL: the physical line) and, for a missing field, the
+    field, the fields the row has and the template leaf that used it. Structural problems of
+    the rows file (a CSV row with too many or too few fields, a JSONL line that is not a JSON
+    object), an empty ``custom_id`` and a ``custom_id`` two rows share are reported the same
+    way. The first ``MAX_SHOWN`` are listed and one more line counts the rest. Memory is one
+    row plus the set of ``custom_id``s seen (needed to name a duplicate's first row).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import jinja2
+from jinja2 import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from batchspec.wire.inputs import MAX_SHOWN
+from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path, pointer_join
+
+DEFAULT_ID_TEMPLATE = "row-{{ row_number }}"
+ROWS_FORMATS: Mapping[str, str] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: Bumped when the rendered output for the same templates and rows would change.
+RENDER_VERSION = 1
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+_UNDEFINED_NAME = re.compile(r"^'([^']*)' is undefined$|has no attribute '([^']*)'$")
+
+Locate = Callable[[str], SourceLocation]
+Context = Mapping[str, Any]
+
+
+def _finalize(value: Any) -> Any:
+    """How ``{{ value }}`` prints JSON values: no Python reprs in prompts."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return value
+
+
+_ENV = SandboxedEnvironment(
+    undefined=StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,  # a YAML block scalar's final newline is part of the value
+    finalize=_finalize,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling
+
+
+class _LeafError(Exception):
+    """A template leaf failed for one row; carries the leaf's pointer and the cause."""
+
+    def __init__(self, pointer: str, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.pointer = pointer
+        self.cause = cause
+
+
+Renderer = Callable[[Context], Any]
+
+
+@dataclass(frozen=True)
+class RequestTemplate:
+    """The compiled ``id`` and ``body`` of a rows input; ``key`` identifies the definition."""
+
+    endpoint: str
+    render_id: Renderer
+    render_body: Renderer
+    leaves: Mapping[str, SourceLocation]  # pointer of every templated leaf -> where it is
+    key: str
+
+    def request(self, context: Context) -> tuple[str, Any]:
+        """``(custom_id, body)`` for one row; raises ``_LeafError`` naming the failing leaf."""
+        return str(self.render_id(context)), self.render_body(context)
+
+
+def compile_request_template(
+    *,
+    body: Mapping[str, Any],
+    id_template: str | None,
+    endpoint: str,
+    model: str | None,
+    pointer: str,
+    locate: Locate,
+) -> tuple[RequestTemplate | None, list[Problem]]:
+    """Compile every templated leaf of ``body`` and the id; syntax errors are problems.
+
+    ``pointer`` is the JSON pointer of the ``input`` object in the manifest and ``locate``
+    maps a pointer to its place in the manifest file.
+    """
+    if model is not None and "model" not in body:
+        body = {"model": model, **body}
+    problems: list[Problem] = []
+    leaves: dict[str, SourceLocation] = {}
+    id_pointer = pointer_join(pointer, "id")
+    render_id = _compile(
+        id_template if id_template is not None else DEFAULT_ID_TEMPLATE,
+        id_pointer,
+        locate,
+        problems,
+        leaves,
+    )
+    render_body = _compile(body, pointer_join(pointer, "body"), locate, problems, leaves)
+    if problems:
+        return None, problems
+    definition = {"id": id_template, "body": body, "endpoint": endpoint}
+    key = _sha256_text(_canonical(definition))
+    return RequestTemplate(endpoint, render_id, render_body, leaves, key), []
+
+
+def _compile(
+    node: Any,
+    pointer: str,
+    locate: Locate,
+    problems: list[Problem],
+    leaves: dict[str, SourceLocation],
+) -> Renderer:
+    """A function of the row context that rebuilds ``node`` with its templates rendered."""
+    if isinstance(node, Mapping):
+        items = [
+            (k, _compile(v, pointer_join(pointer, k), locate, problems, leaves))
+            for k, v in node.items()
+        ]
+        return lambda ctx: {k: render(ctx) for k, render in items}
+    if isinstance(node, list):
+        parts = [
+            _compile(v, pointer_join(pointer, i), locate, problems, leaves)
+            for i, v in enumerate(node)
+        ]
+        return lambda ctx: [render(ctx) for render in parts]
+    if not isinstance(node, str) or not any(m in node for m in _TEMPLATE_MARKERS):
+        return lambda ctx: node
+    where = locate(pointer)
+    try:
+        template = _ENV.from_string(node)
+    except jinja2.TemplateSyntaxError as err:
+        message = f"template syntax error: {err.message}"
+        if node.count("\n") and err.lineno:
+            message += f" (line {err.lineno} of the template)"
+        problems.append(Problem.at(where, pointer, "template-syntax", message))
+        return lambda ctx: node
+    leaves[pointer] = where
+
+    def render(ctx: Context) -> str:
+        try:
+            return template.render(ctx)
+        except Exception as err:  # a template is user code: any failure is the row's problem
+            raise _LeafError(pointer, err) from None
+
+    return render
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int  # 1-based, data rows only
+    line: int  # where the row starts in the rows file (1-based physical line)
+    fields: Mapping[str, Any]
+
+
+class _RowProblem(Exception):
+    """A row that cannot be read (bad JSON, wrong field count); reading goes on after it."""
+
+    def __init__(self, line: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.code = code
+        self.message = message
+
+
+def rows_format(path: Path) -> str | None:
+    """``csv`` or ``jsonl`` by the file's extension; None when it is neither."""
+    return ROWS_FORMATS.get(path.suffix.lower())
+
+
+def iter_rows(path: Path) -> Iterator[Row | _RowProblem]:
+    """Every row of a rows file in order, or a problem in its place. Streams; never holds all."""
+    if rows_format(path) == "csv":
+        return _csv_rows(path)
+    return _jsonl_rows(path)
+
+
+class _CountingLines:
+    """Feeds a file to ``csv.reader`` and remembers where each record starts."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f = f
+        self.count = 0
+        self.first: int | None = None  # first line of the record being read
+
+    def __iter__(self) -> _CountingLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        self.count += 1
+        if self.first is None:
+            self.first = self.count
+        return line
+
+
+def _csv_rows(path: Path) -> Iterator[Row | _RowProblem]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = _CountingLines(f)
+        reader = csv.reader(lines)
+        header: list[str] | None = None
+        number = 0
+        while True:
+            lines.first = None
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, UnicodeDecodeError) as err:
+                yield _RowProblem(
+                    lines.first or lines.count, "invalid-csv", f"not valid CSV: {err}"
+                )
+                return
+            start = lines.first or lines.count
+            if not record:  # a blank line
+                continue
+            if header is None:
+                header = record
+                duplicate = _first_duplicate(header)
+                if duplicate is not None:
+                    message = f"the header names column {duplicate!r} twice"
+                    yield _RowProblem(start, "invalid-header", message)
+                    return
+                continue
+            number += 1
+            if len(record) != len(header):
+                message = (
+                    f"row {number} has {len(record)} field(s) but the header has {len(header)}"
+                )
+                yield _RowProblem(start, "field-count", message)
+                continue
+            yield Row(number, start, dict(zip(header, record, strict=True)))
+
+
+def _first_duplicate(names: list[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row | _RowProblem]:
+    with open(path, "rb") as f:
+        number = 0
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            number += 1
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield _RowProblem(lineno, "invalid-utf8", f"row {number} is not valid UTF-8")
+                continue
+            except ValueError as err:
+                message = f"row {number} is not valid JSON: {err}"
+                yield _RowProblem(lineno, "invalid-json", message)
+                continue
+            if not isinstance(value, dict):
+                kind = type(value).__name__.replace("dict", "object").replace("list", "array")
+                message = f"row {number} is a JSON {kind}, not an object"
+                yield _RowProblem(lineno, "not-an-object", message)
+                continue
+            yield Row(number, lineno, value)
+
+
+def row_lines(path: Path, numbers: Iterable[int]) -> dict[int, int]:
+    """Where each of the rows ``numbers`` starts in the rows file (rendered line N is row N)."""
+    wanted = set(numbers)
+    found: dict[int, int] = {}
+    if not wanted:
+        return found
+    for row in iter_rows(path):
+        if isinstance(row, Row) and row.number in wanted:
+            found[row.number] = row.line
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def row_context(row: Row) -> dict[str, Any]:
+    """The variables a template sees for ``row`` (see the module docstring)."""
+    return {"row": row.fields, "row_number": row.number, **row.fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass(frozen=True)
+class RenderedInput:
+    """A rendered batch input: ``path`` is ``<folder>/<sha256>.jsonl``."""
+
+    path: Path
+    sha256: str
+    rows_path: Path
+
+
+def render_rows(
+    template: RequestTemplate, rows_path: Path, folder: Path
+) -> tuple[RenderedInput | None, list[Problem]]:
+    """Render every row of ``rows_path`` into ``folder`` (reusing an earlier render).
+
+    Returns the rendered input, or None and the problems found (nothing is left behind).
+    """
+    try:
+        rows_sha256 = _file_sha256(rows_path)
+    except OSError as err:
+        reason = f"cannot read rows file {display_path(rows_path)}: {err.strerror or err}"
+        return None, [Problem(rows_path, None, None, "", "unreadable", reason)]
+    key = _sha256_text(
+        _canonical(
+            {
+                "renderer": RENDER_VERSION,
+                "jinja2": jinja2.__version__,
+                "template": template.key,
+                "format": rows_format(rows_path),
+                "rows": rows_sha256,
+            }
+        )
+    )
+    cached = _cached_render(folder, key)
+    if cached is not None:
+        return RenderedInput(folder / f"{cached}.jsonl", cached, rows_path), []
+    tmp: Path | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as out:
+            sha256, problems = _write_requests(template, rows_path, out)
+        if problems:
+            return None, problems
+        final = folder / f"{sha256}.jsonl"
+        os.replace(tmp, final)  # same content, same name: replacing an existing copy is harmless
+        _remember(folder, key, sha256)
+        return RenderedInput(final, sha256, rows_path), []
+    except OSError as err:
+        reason = (
+            f"cannot write the rendered input under {display_path(folder)}: {err.strerror or err}"
+        )
+        return None, [Problem(rows_path, None, None, "", "unwritable", reason)]
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+class _Collector:
+    """Keeps the first ``MAX_SHOWN`` problems and counts them all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shown: list[Problem] = []
+        self.count = 0
+        self.first_hidden_line: int | None = None
+
+    def add(self, line: int | None, code: str, message: str) -> None:
+        self.count += 1
+        if len(self.shown) < MAX_SHOWN:
+            self.shown.append(Problem(self.path, line, None, "", code, message))
+        elif self.first_hidden_line is None:
+            self.first_hidden_line = line
+
+    def problems(self) -> list[Problem]:
+        hidden = self.count - len(self.shown)
+        if not hidden:
+            return self.shown
+        # Located at the first row not shown, so that sorting problems by place keeps it last.
+        message = f"... and {hidden} more problems from here on"
+        more = Problem(self.path, self.first_hidden_line, None, "", "more-problems", message)
+        return [*self.shown, more]
+
+
+def _write_requests(
+    template: RequestTemplate, rows_path: Path, out: IO[bytes]
+) -> tuple[str, list[Problem]]:
+    """Stream the rendered requests into ``out``; return their sha256 and any problems."""
+    sha = hashlib.sha256()
+    found = _Collector(rows_path)
+    seen: dict[str, tuple[int, int]] = {}  # custom_id -> (row, line) that used it first
+    rows = 0
+    try:
+        for row in iter_rows(rows_path):
+            if isinstance(row, _RowProblem):
+                found.add(row.line, row.code, row.message)
+                continue
+            rows += 1
+            try:
+                custom_id, body = template.request(row_context(row))
+            except _LeafError as err:
+                found.add(row.line, *_leaf_problem(err, row, template))
+                continue
+            if not custom_id:
+                found.add(
+                    row.line,
+                    "empty-custom-id",
+                    f"row {row.number}: the id template rendered an empty custom_id",
+                )
+                continue
+            first = seen.setdefault(custom_id, (row.number, row.line))
+            if first[0] != row.number:
+                message = (
+                    f"row {row.number}: duplicate custom_id {custom_id!r} "
+                    f"(first used by row {first[0]}, line {first[1]})"
+                )
+                found.add(row.line, "duplicate_custom_id", message)
+                continue
+            if found.count:
+                continue  # the file will not be used: only keep looking for problems
+            line = (
+                _canonical(
+                    {
+                        "custom_id": custom_id,
+                        "method": "POST",
+                        "url": template.endpoint,
+                        "body": body,
+                    }
+                ).encode("utf-8")
+                + b"\n"
+            )
+            sha.update(line)
+            out.write(line)
+    except (OSError, UnicodeDecodeError) as err:
+        found.add(None, "unreadable", f"cannot read the rows file: {err}")
+    if rows == 0 and not found.count:
+        found.add(None, "no-rows", "the rows file has no rows")
+    return sha.hexdigest(), found.problems()
+
+
+def _leaf_problem(err: _LeafError, row: Row, template: RequestTemplate) -> tuple[str, str]:
+    """``(code, message)`` for a template that failed on ``row``."""
+    where = f"{template.leaves.get(err.pointer, '')} {err.pointer}".strip()
+    cause = err.cause
+    if isinstance(cause, jinja2.UndefinedError):
+        match = _UNDEFINED_NAME.search(str(cause))
+        field = next((g for g in match.groups() if g is not None), None) if match else None
+        if field is not None:
+            names = ", ".join(map(str, row.fields)) or "no fields"
+            message = (
+                f"row {row.number} has no field {field!r} (the row has: {names}); "
+                f"used by the template at {where}"
+            )
+            return "missing-field", message
+    reason = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+    return "template-error", f"row {row.number}: the template at {where} failed: {reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The render cache
+
+
+def _cached_render(folder: Path, key: str) -> str | None:
+    try:
+        sha256 = (folder / "keys" / key).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if re.fullmatch(r"[0-9a-f]{64}", sha256) and (folder / f"{sha256}.jsonl").is_file():
+        return sha256
+    return None
+
+
+def _remember(folder: Path, key: str, sha256: str) -> None:
+    keys = folder / "keys"
+    tmp: str | None = None
+    try:
+        keys.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=keys, suffix=".part")
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(sha256 + "\n")
+        os.replace(tmp, keys / key)
+        tmp = None
+    except OSError:
+        pass  # the cache only saves a re-render next time
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+__all__ = [
+    "DEFAULT_ID_TEMPLATE",
+    "ROWS_FORMATS",
+    "RenderedInput",
+    "RequestTemplate",
+    "Row",
+    "compile_request_template",
+    "iter_rows",
+    "render_rows",
+    "row_context",
+    "row_lines",
+    "rows_format",
+]

@@ -1,0 +1,538 @@
+"""YAML documents that remember where every node came from, checked against our JSON Schemas.
+
+Both the project file and the manifests are read here, so that every problem, whatever finds
+it, names ``file:line:column`` and the JSON pointer of the offending node, e.g.::
+
+    manifests/triage.yaml:7:13: /spec/endpoint: '/v1/chat' is not one of ... (did you mean ...?)
+
+Promises:
+
+- Every problem in a file is reported, not just the first: the schema is applied with
+  ``iter_errors`` and each error becomes one ``Problem``; nothing stops at the first one.
+- Lines and columns are 1-based. A problem about a scalar points at the value; a problem about
+  a mapping or list (too many entries, a missing key) points at the key that holds it, which is
+  where a reader looks; an unknown or invalid key points at the key itself.
+- The YAML dialect is YAML 1.2-like where 1.1 surprises people: only ``true``/``false`` are
+  booleans (so ``on:`` is the string "on", not True) and dates stay strings. Duplicate keys
+  and non-string keys are problems, never silently merged. Merge keys (``<<``) and anchors work.
+- Reading a file never raises for bad content: syntax errors, bad UTF-8 and unreadable files
+  come back as problems, so the caller can report them with everything else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from batchspec.errors import ManifestError
+
+if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it is slow to load)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+#: keys whose value names the variable holding an API key (never quoted: it may be the key)
+_KEY_VARIABLE_SUFFIXES = ("/apiKeyEnv", "/upstreamApiKeyEnv")
+# Longest value quoted verbatim in a message; longer ones are cut with an ellipsis.
+_QUOTE_LIMIT = 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations and problems
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """A 1-based position in a file."""
+
+    file: Path
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{display_path(self.file)}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, with where it is (when known) and a stable ``code`` for machines.
+
+    ``pointer`` is the JSON pointer of the offending node inside its document ("" for the
+    whole document or the whole file).
+    """
+
+    file: Path | None
+    line: int | None
+    column: int | None
+    pointer: str
+    code: str
+    message: str
+
+    @classmethod
+    def at(cls, loc: SourceLocation | None, pointer: str, code: str, message: str) -> Problem:
+        if loc is None:
+            return cls(None, None, None, pointer, code, message)
+        return cls(loc.file, loc.line, loc.column, pointer, code, message)
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = display_path(self.file)
+            if self.line is not None:
+                where += f":{self.line}"
+                if self.column is not None:
+                    where += f":{self.column}"
+            where += ": "
+        pointer = f"{self.pointer}: " if self.pointer else ""
+        return f"{where}{pointer}{self.message}"
+
+    def sort_key(self) -> tuple[str, int, int, str]:
+        return (str(self.file or ""), self.line or 0, self.column or 0, self.pointer)
+
+
+class InvalidManifestError(ManifestError):
+    """Manifests or the project file have problems; ``problems`` holds every one of them."""
+
+    def __init__(self, problems: Sequence[Problem], *, what: str = "the workspace") -> None:
+        ordered = sorted(dict.fromkeys(problems), key=Problem.sort_key)
+        count = len(ordered)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(
+            f"{count} {noun} in {what}; nothing was changed. Fix them and run "
+            "`batchspec validate` again.",
+            details=[str(p) for p in ordered],
+        )
+        self.problems: tuple[Problem, ...] = tuple(ordered)
+
+
+def raise_if_problems(problems: Sequence[Problem], *, what: str = "the workspace") -> None:
+    if problems:
+        raise InvalidManifestError(problems, what=what)
+
+
+def pointer_join(pointer: str, token: str | int) -> str:
+    """Append one RFC 6901 reference token (escaping ``~`` and ``/``)."""
+    text = str(token).replace("~", "~0").replace("/", "~1")
+    return f"{pointer}/{text}"
+
+
+def pointer_parent(pointer: str) -> str:
+    return pointer.rsplit("/", 1)[0] if pointer else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading YAML with positions
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and no implicit timestamps (see module docstring)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+# libyaml (when PyYAML has it) parses several times faster: 1,000 manifests load in about
+# half the time. PyYAML's own parser words syntax errors better, so a file libyaml rejects
+# is read again with it; that happens only for a broken file.
+_FastLoader: type[Any] = _Loader
+if getattr(yaml, "__with_libyaml__", False):
+
+    class _CLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
+        """``_Loader``'s rules (the same resolvers), parsed by libyaml."""
+
+    _CLoader.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+    _FastLoader = _CLoader
+
+
+@dataclass(frozen=True)
+class NodePosition:
+    mark: yaml.Mark
+    is_scalar: bool
+
+
+@dataclass(frozen=True)
+class YamlDocument:
+    """One YAML document as plain data (string keys only) plus where each node starts."""
+
+    file: Path
+    index: int  # 0-based position of the document in its file
+    data: Any
+    values: Mapping[str, NodePosition] = field(repr=False)  # pointer -> value node
+    keys: Mapping[str, yaml.Mark] = field(repr=False)  # pointer -> the key naming that value
+
+    @property
+    def start(self) -> SourceLocation:
+        return self.location("")
+
+    def location(self, pointer: str) -> SourceLocation:
+        """Where to point for a problem about the node at ``pointer`` (see module docstring).
+
+        Falls back to the nearest ancestor that exists, so a pointer to a missing key lands on
+        the mapping that lacks it.
+        """
+        while True:
+            position = self.values.get(pointer)
+            if position is not None:
+                mark = position.mark
+                if not position.is_scalar and pointer in self.keys:
+                    mark = self.keys[pointer]
+                return self._loc(mark)
+            if not pointer:
+                return SourceLocation(self.file, 1, 1)
+            pointer = pointer_parent(pointer)
+
+    def key_location(self, pointer: str) -> SourceLocation:
+        """Where the key naming ``pointer`` is written (the value's location if it has no key)."""
+        mark = self.keys.get(pointer)
+        return self._loc(mark) if mark is not None else self.location(pointer)
+
+    def _loc(self, mark: yaml.Mark) -> SourceLocation:
+        return SourceLocation(self.file, mark.line + 1, mark.column + 1)
+
+
+class _Builder:
+    """Turns one composed node tree into plain data, recording positions and key problems."""
+
+    def __init__(self, loader: _Loader, file: Path) -> None:
+        self.loader = loader
+        self.file = file
+        self.values: dict[str, NodePosition] = {}
+        self.keys: dict[str, yaml.Mark] = {}
+        self.problems: list[Problem] = []
+        self._open: set[int] = set()  # ids of nodes being built, to catch recursive aliases
+
+    def build(self, node: yaml.Node, pointer: str = "") -> Any:
+        self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
+        if isinstance(node, yaml.ScalarNode):
+            return self.loader.construct_object(node)
+        if id(node) in self._open:
+            self._problem(node.start_mark, pointer, "recursive-alias", "an alias refers to itself")
+            return None
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [
+                    self.build(item, pointer_join(pointer, i)) for i, item in enumerate(node.value)
+                ]
+            return self._mapping(node, pointer)
+        finally:
+            self._open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, pointer: str) -> dict[str, Any]:
+        self._check_duplicates(node, pointer)
+        self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = self._key(key_node, pointer)
+            if key is None:
+                continue
+            child = pointer_join(pointer, key)
+            self.keys[child] = key_node.start_mark  # later keys win, as in the data
+            result[key] = self.build(value_node, child)
+        return result
+
+    def _key(self, key_node: yaml.Node, pointer: str) -> str | None:
+        if not isinstance(key_node, yaml.ScalarNode):
+            self._problem(key_node.start_mark, pointer, "invalid-key", "keys must be plain strings")
+            return None
+        key = self.loader.construct_object(key_node)
+        if isinstance(key, str):
+            return key
+        text = key_node.value
+        self._problem(
+            key_node.start_mark,
+            pointer_join(pointer, text),
+            "invalid-key",
+            f"key {text} is not a string: quote it ('{text}')",
+        )
+        return text
+
+    def _check_duplicates(self, node: yaml.MappingNode, pointer: str) -> None:
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            # A merge key may be repeated, and merged keys may be overridden: that is YAML.
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue
+            first = seen.setdefault(key_node.value, key_node.start_mark)
+            if first is not key_node.start_mark:
+                self._problem(
+                    key_node.start_mark,
+                    pointer_join(pointer, key_node.value),
+                    "duplicate-key",
+                    f"duplicate key '{key_node.value}' (first defined at line {first.line + 1})",
+                )
+
+    def _problem(self, mark: yaml.Mark, pointer: str, code: str, message: str) -> None:
+        loc = SourceLocation(self.file, mark.line + 1, mark.column + 1)
+        self.problems.append(Problem.at(loc, pointer, code, message))
+
+
+def read_yaml_documents(path: Path) -> tuple[list[YamlDocument], list[Problem]]:
+    """Every document of a YAML file, with the problems met while reading it.
+
+    Empty documents (a stray ``---``) are dropped. Documents before a syntax error are kept,
+    so their problems are reported too.
+    """
+    text, problems = _read_text(path)
+    if text is None:
+        return [], problems
+    documents, found = _read_documents(path, text, _FastLoader)
+    if _FastLoader is not _Loader and any(p.code == "yaml-syntax" for p in found):
+        documents, found = _read_documents(path, text, _Loader)
+    return documents, problems + found
+
+
+def _read_documents(
+    path: Path, text: str, loader_class: type[Any]
+) -> tuple[list[YamlDocument], list[Problem]]:
+    problems: list[Problem] = []
+    documents: list[YamlDocument] = []
+    loader = loader_class(text)
+    try:
+        index = 0
+        while loader.check_node():
+            node = loader.get_node()
+            builder = _Builder(loader, path)
+            data = builder.build(node)
+            problems.extend(builder.problems)
+            if data is not None:
+                documents.append(YamlDocument(path, index, data, builder.values, builder.keys))
+            index += 1
+    except yaml.MarkedYAMLError as err:
+        problems.append(_syntax_problem(path, err))
+    except yaml.YAMLError as err:  # unmarked: rare (e.g. a reader error without position)
+        problems.append(Problem.at(SourceLocation(path, 1, 1), "", "yaml-syntax", str(err)))
+    finally:
+        loader.dispose()
+    return documents, problems
+
+
+def _read_text(path: Path) -> tuple[str | None, list[Problem]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        return None, [Problem(path, None, None, "", "unreadable", f"cannot read file: {reason}")]
+    try:
+        return raw.decode("utf-8-sig"), []
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        message = f"not UTF-8: byte 0x{raw[err.start]:02x} cannot be decoded"
+        return None, [Problem(path, line, column, "", "encoding", message)]
+
+
+def _syntax_problem(path: Path, err: yaml.MarkedYAMLError) -> Problem:
+    mark = err.problem_mark or err.context_mark
+    reason = err.problem or "invalid YAML"
+    if err.context:
+        reason = f"{reason} ({err.context}"
+        if err.context_mark is not None and err.context_mark is not mark:
+            reason += f" at line {err.context_mark.line + 1}"
+        reason += ")"
+    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    return Problem(path, line, column, "", "yaml-syntax", f"YAML syntax error: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation with readable, located messages
+
+
+@cache
+def load_schema(name: str) -> Mapping[str, Any]:
+    """A schema from ``schemas/`` by short name (``batch`` or ``project``)."""
+    with (SCHEMA_DIR / f"{name}.schema.json").open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@cache
+def schema_validator(name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load_schema(name))
+
+
+def schema_problems(doc: YamlDocument, schema: str) -> list[Problem]:
+    """Every way ``doc`` breaks the schema, each located and explained."""
+    problems: list[Problem] = []
+    for error in schema_validator(schema).iter_errors(doc.data):
+        problems.extend(_explain(doc, error))
+    return problems
+
+
+def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
+    pointer = "".join(pointer_join("", token) for token in error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties":
+        yield from _unknown_keys(doc, error, pointer)
+    elif kind == "required":
+        yield from _missing_keys(doc, error, pointer)
+    elif "propertyNames" in error.relative_schema_path:
+        child = pointer_join(pointer, error.instance)
+        message = _key_message(error, pointer)
+        yield Problem.at(doc.key_location(child), child, "invalid-key", message)
+    else:
+        code = "wrong-type" if kind == "type" else "invalid-value"
+        yield Problem.at(doc.location(pointer), pointer, code, _value_message(error, pointer))
+
+
+def _unknown_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:
+    allowed = list(error.schema.get("properties", {}))
+    for key in error.instance:
+        if key in allowed:
+            continue
+        child = pointer_join(pointer, key)
+        hint = suggest(key, allowed)
+        if hint:
+            message = f"unknown key '{key}' (did you mean '{hint}'?)"
+        elif allowed:
+            message = f"unknown key '{key}' (allowed here: {', '.join(allowed)})"
+        else:
+            message = f"unknown key '{key}'"
+        yield Problem.at(doc.key_location(child), child, "unknown-key", message)
+
+
+def _missing_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:
+    # jsonschema reports one error per missing key but names it only in prose, so recompute
+    # the set; duplicates are removed when the problems are collected.
+    for key in error.validator_value:
+        if isinstance(error.instance, Mapping) and key not in error.instance:
+            message = f"missing required key '{key}'"
+            yield Problem.at(doc.location(pointer), pointer, "missing-key", message)
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def quote(value: Any) -> str:
+    """A short JSON rendering of ``value`` for messages."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, str):
+        text = "'" + value + "'"
+    if len(text) > _QUOTE_LIMIT:
+        text = text[: _QUOTE_LIMIT - 1] + "…"
+    return text
+
+
+def _value_message(error: ValidationError, pointer: str) -> str:
+    kind, expected, value = error.validator, error.validator_value, error.instance
+    if kind == "type":
+        wanted = " or ".join(expected) if isinstance(expected, list) else expected
+        message = f"expected {wanted}, got {json_type(value)}"
+        if not isinstance(value, (Mapping, list)):
+            message += f" {quote(value)}"
+        if wanted == "string" and not isinstance(value, (Mapping, list)):
+            message += " (quote it to make it a string)"
+        return message
+    if kind == "enum":
+        options = ", ".join(quote(o) for o in expected)
+        hint = suggest(value, [o for o in expected if isinstance(o, str)])
+        tail = f" (did you mean '{hint}'?)" if hint else ""
+        return f"{quote(value)} is not one of {options}{tail}"
+    if kind == "const":
+        tail = ""
+        if pointer == "/kind" and value == "Project":
+            tail = " (a Project document belongs in the project file batchspec.yaml)"
+        return f"expected {quote(expected)}, got {quote(value)}{tail}"
+    if kind == "pattern" and pointer.endswith(_KEY_VARIABLE_SUFFIXES):
+        # the usual mistake is the key itself in place of its variable's name: never echo it
+        return (
+            f"is not an environment variable name (it must match {expected}); give the name "
+            "of the variable that holds the API key, never the key itself (value not shown)"
+        )
+    if kind == "pattern":
+        return f"{quote(value)} does not match {expected}{_why(error.schema)}"
+    if kind == "maxLength":
+        return f"{quote(value)} is {len(value)} characters long, at most {expected} allowed"
+    if kind == "minLength":
+        return "must not be empty"
+    if kind == "maxProperties":
+        tail = ""
+        if pointer == "/spec/metadata":
+            tail = " (providers allow 16 metadata pairs and batchspec adds 4 of its own)"
+        return f"has {len(value)} entries, at most {expected} allowed{tail}"
+    return error.message
+
+
+def _key_message(error: ValidationError, pointer: str) -> str:
+    key, kind, expected = error.instance, error.validator, error.validator_value
+    if kind == "not":
+        return (
+            f"key '{key}' is reserved: keys starting with 'batchspec_' are added by batchspec "
+            "itself (batchspec_resource, batchspec_spec, batchspec_shard, batchspec_attempt)"
+        )
+    if kind == "maxLength":
+        return f"key {quote(key)} is {len(key)} characters long, at most {expected} allowed"
+    if kind == "minLength":
+        return "keys must not be empty"
+    if kind == "pattern":
+        return f"key {quote(key)} does not match {expected}{_why(error.schema)}"
+    return f"key {quote(key)}: {error.message}"
+
+
+def _why(schema: Mapping[str, Any]) -> str:
+    """The first sentence of a schema's description, as a hint after a pattern mismatch."""
+    description = schema.get("description")
+    if not isinstance(description, str):
+        return ""
+    sentence = description.split(". ")[0].rstrip(".")
+    return f" ({sentence})"
+
+
+def suggest(word: Any, candidates: Iterable[str]) -> str | None:
+    """The candidate ``word`` most likely meant, if any is close (for "did you mean").
+
+    Spelling variants (``completion_window``, ``CompletionWindow``) match exactly; otherwise
+    difflib picks the closest, or a candidate that extends what was typed (``/v1/chat``).
+    """
+    if not isinstance(word, str) or not word:
+        return None
+    options = list(candidates)
+
+    def norm(text: str) -> str:
+        return re.sub(r"[-_\s]", "", text).lower()
+
+    for option in options:
+        if norm(option) == norm(word):
+            return option
+    lowered = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    if close:
+        return lowered[close[0]]
+    extending = [option for option in options if option.lower().startswith(word.lower())]
+    return extending[0] if len(extending) == 1 else None
