@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchspec.core.collect import read_result_lines
+from batchspec.core.reconcile.collect import read_result_lines
 
 OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": null}'
 

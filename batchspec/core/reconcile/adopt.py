@@ -1,0 +1,79 @@
+"""Bind a remote batch to its recorded intent: find it by key (adoption), record its id.
+
+A run that dies between the create call and recording the remote id leaves a ``creating``
+row. ``find_remote`` pages the provider's batches (newest first, back to the intent's time
+less ``ADOPTION_CLOCK_SLACK``) for the one whose metadata carries the intent's key, so the next
+run (or a cancel) adopts that batch, which is paid for, instead of creating another.
+"""
+
+from __future__ import annotations
+
+from batchspec.core.batches import batch_fields, metadata_for_key
+from batchspec.core.reconcile.context import RunContext, now
+from batchspec.core.reporting import Progress
+from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.state.store import BatchRow, parse_timestamp
+from batchspec.workspace.manifest import Resource
+
+# How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
+ADOPTION_CLOCK_SLACK = 3600
+
+
+def find_remote(ctx: RunContext, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
+    """Page the provider's batches (newest first) for the one carrying this intent's key."""
+    wanted = metadata_for_key(batch.key)
+    since = parse_timestamp(batch.created_at).timestamp() - ADOPTION_CLOCK_SLACK
+    for remote in provider.list_batches():
+        if all(remote.metadata.get(k) == v for k, v in wanted.items()):
+            return remote
+        if remote.created_at is not None and remote.created_at < since:
+            break
+    return None
+
+
+def bind_adopted(ctx: RunContext, name: str, batch: BatchRow, remote: RemoteBatch) -> BatchRow:
+    with ctx.store.atomic():
+        bound = ctx.store.update_batch(
+            batch.id, remote_id=remote.id, submitted_at=now(), **batch_fields(remote)
+        )
+        ctx.store.record_event(
+            ctx.run_id,
+            "adopt",
+            resource=name,
+            generation_id=batch.generation_id,
+            batch_id=batch.id,
+            detail={"remote_id": remote.id, "status": remote.status},
+        )
+    return bound
+
+
+def record_remote(
+    ctx: RunContext, res: Resource, batch: BatchRow, remote: RemoteBatch, *, event: str
+) -> None:
+    with ctx.store.atomic():
+        ctx.store.update_batch(
+            batch.id, remote_id=remote.id, submitted_at=now(), **batch_fields(remote)
+        )
+        ctx.store.record_event(
+            ctx.run_id,
+            event,
+            resource=res.name,
+            generation_id=batch.generation_id,
+            batch_id=batch.id,
+            detail={
+                "remote_id": remote.id,
+                "status": remote.status,
+                "shard": batch.shard,
+                "attempt": batch.attempt,
+            },
+        )
+    verb = "adopted" if event == "adopt" else "created"
+    ctx.report(
+        Progress(
+            event,
+            res.name,
+            f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
+            f"{batch.requests} requests)",
+            {"remote_id": remote.id},
+        )
+    )

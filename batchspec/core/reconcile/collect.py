@@ -1,0 +1,235 @@
+"""Collect a finished batch: download its files into the blob store, then read them.
+
+The download lands in the content-addressed store *first* (never lose a result); only then
+are its lines parsed, classified (``outcomes``) and recorded in the ledger with their byte
+offsets, in one transaction with the batch's ``collect`` event, so the result files can be
+rebuilt from the store at any time. A batch the provider rejected as a whole has its line
+numbers mapped back to the input. When every batch is collected and no retry is left, the
+result files are written from the store, in input order, and the generation is finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from batchspec.core.plan import Action
+from batchspec.core.reconcile.context import RunContext, now
+from batchspec.core.recorded import is_requeued
+from batchspec.core.reporting import Progress
+from batchspec.core.results import write_results_in_input_order
+from batchspec.providers.base import Provider
+from batchspec.state.ledger import CollectedLine
+from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.storage.blobstore import BlobStore
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.wire.inputs import InputReport
+from batchspec.wire.outcomes import RETRY_CATEGORIES, classify_result_line
+from batchspec.workspace.manifest import Resource
+from batchspec.workspace.yamldoc import display_path
+
+try:  # the optional ``fast`` extra: parsing result lines is most of a large collect's time
+    from orjson import loads as _fast_loads
+except ImportError:
+    _fast_loads = json.loads
+
+
+def _loads(body: bytes) -> Any:
+    """orjson when installed; the standard library decides what orjson refuses (NaN, lone
+    surrogates), so a line is never skipped, and its request retried, for orjson's sake."""
+    try:
+        return _fast_loads(body)
+    except ValueError:
+        return json.loads(body)
+
+
+def download_to_store(provider: Provider, file_id: str, blobs: BlobStore) -> str:
+    """Stream a provider file into the store; return its sha256."""
+    return blobs.put_from(lambda tmp: provider.download_file(file_id, tmp))
+
+
+def read_result_lines(
+    path: Path, *, retry_on: tuple[str, ...] = RETRY_CATEGORIES
+) -> Iterator[CollectedLine]:
+    """Each parseable line of a result file with its byte span and classification.
+
+    Lines that are not JSON objects with a ``custom_id`` are skipped: they cannot be joined to
+    a request, and the request they would answer stays unresolved (and so is retried).
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for raw in f:
+            start, size = offset, len(raw)
+            offset += size
+            body = raw.rstrip(b"\r\n")
+            if not body.strip():
+                continue
+            try:
+                record = _loads(body)
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+                continue
+            yield CollectedLine(
+                custom_id=record["custom_id"],
+                offset=start,
+                length=len(body),
+                outcome=classify_result_line(record, retry_on=retry_on),
+            )
+
+
+def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    gen = ctx.generation(res)
+    ctx.ensure_ledger(res, gen)
+    provider = ctx.provider_for(res.provider)
+    pending = [
+        b
+        for b in ctx.store.batches(gen.id)
+        if b.remote_id and b.status in TERMINAL_STATUSES and b.collected_at is None
+    ]
+    for batch in pending:
+        _collect_batch(ctx, res, gen, batch, provider)
+    if not pending:
+        _finish_generation(ctx, res, gen)
+    return True
+
+
+def _collect_batch(
+    ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
+) -> None:
+    user_cancelled = gen.status == "cancelled"
+    retry_on = tuple(c for c in res.retry.on if not (c == "cancelled" and user_cancelled)) or ()
+    shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
+    for column, file_id in (
+        ("output_sha256", batch.output_file_id),
+        ("errors_sha256", batch.error_file_id),
+    ):
+        if file_id:
+            kind = "output" if column == "output_sha256" else "errors"
+            ctx.report(
+                Progress(
+                    "download",
+                    res.name,
+                    f"downloading the {kind} file of batch {batch.remote_id}",
+                    {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
+                )
+            )
+            shas[column] = download_to_store(provider, file_id, ctx.blobs)
+    changed = 0
+    with ctx.store.atomic():
+        for sha in shas.values():
+            if sha:
+                changed += ctx.ledger.record_outcomes(
+                    gen.id,
+                    batch.attempt,
+                    sha,
+                    read_result_lines(ctx.blobs.path(sha), retry_on=retry_on),
+                )
+        detail: dict[str, Any] = {
+            "status": batch.status,
+            "answered": changed,
+            **{k: v for k, v in shas.items() if v},
+        }
+        if batch.status == "failed" and is_requeued(batch):
+            detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
+        elif batch.status == "failed":
+            detail["errors"] = _fail_batch(ctx, res, gen, batch)
+        ctx.store.update_batch(batch.id, collected_at=now(), **shas)
+        ctx.store.record_event(
+            ctx.run_id,
+            "collect",
+            resource=res.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail=detail,
+        )
+    ctx.report(
+        Progress(
+            "collect",
+            res.name,
+            f"collected batch {batch.remote_id} ({batch.status}): {changed} answers"
+            + _rejection_text(detail.get("errors")),
+            {"remote_id": batch.remote_id},
+        )
+    )
+
+
+def _fail_batch(
+    ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow
+) -> list[dict[str, Any]]:
+    """A batch the provider rejected as a whole: map its line numbers back to the input."""
+    errors = batch.provider_errors or []
+    lines = ctx.ledger.lines_of_attempt(gen.id, batch.shard, batch.attempt)
+    as_is = batch.input_sha256 == gen.input_sha256
+    mapped = []
+    for err in errors:
+        line = err.get("line")
+        if isinstance(line, int) and not as_is and 1 <= line <= len(lines):
+            line = lines[line - 1]
+        mapped.append({**err, "input_line": line})
+    code = next((e.get("code") for e in errors if e.get("code")), None) or "batch_failed"
+    ctx.ledger.fail_attempt(gen.id, batch.shard, batch.attempt, code)
+    return mapped
+
+
+def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
+    """Everything is collected and no retry is left: write the result files."""
+    written = write_results_in_input_order(
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
+    )
+    degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
+    status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
+    with ctx.store.atomic():
+        usage = ctx.usage(gen.id)
+        ctx.store.update_generation(
+            gen.id,
+            status=status,
+            succeeded=written.succeeded,
+            failed=written.failed,
+            output_sha256=written.output_sha256,
+            errors_sha256=written.errors_sha256,
+            completed_at=now(),
+        )
+        ctx.store.record_event(
+            ctx.run_id,
+            "results",
+            resource=res.name,
+            generation_id=gen.id,
+            detail={
+                "status": status,
+                "succeeded": written.succeeded,
+                "failed": written.failed,
+                "unresolved": written.unresolved,
+                "output": ctx.relative(res.output_path),
+                "errors": ctx.relative(res.errors_path),
+                **usage,
+            },
+        )
+    ctx.report(
+        Progress(
+            "results",
+            res.name,
+            f"wrote {written.succeeded} results to {display_path(res.output_path)}"
+            + (
+                f", {written.failed} errors to {display_path(res.errors_path)}"
+                if written.failed
+                else ""
+            ),
+            {"status": status, "succeeded": written.succeeded, "failed": written.failed},
+        )
+    )
+
+
+def _rejection_text(errors: list[dict[str, Any]] | None) -> str:
+    """Why the provider rejected a whole batch, located at the input's lines (first five)."""
+    if not errors:
+        return ""
+    shown = [
+        (f"input line {e['input_line']}: " if e.get("input_line") else "")
+        + f"{e.get('message') or 'rejected'} ({e.get('code') or 'no code'})"
+        for e in errors[:5]
+    ]
+    more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "; the provider rejected it: " + "; ".join(shown) + more

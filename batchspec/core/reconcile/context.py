@@ -1,0 +1,102 @@
+"""The run context every reconcile step shares: the project, the state, the run and its limits.
+
+A ``RunContext`` is built once per run by ``Reconciler``; every step (``submit``, ``poll``,
+``collect``, ``retry``, ``restore``, ``cancel``) is a function of it and the resource at hand.
+It promises one source of each thing a step needs: one state store and request ledger, one
+blob store for collected files, one provider factory, and ``still_holds_lock``, the run's lock
+check that the submit step calls right before every create so a run whose lock was released
+stops spending at once. It makes no decision itself (the plan and the steps do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchspec.core.reporting import Reporter
+from batchspec.core.sharding import ShardLimits, ledger_rows
+from batchspec.errors import BatchspecError
+from batchspec.providers.base import Provider
+from batchspec.state.ledger import RequestLedger
+from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
+from batchspec.storage.blobstore import BlobStore
+from batchspec.workspace.manifest import Project, Resource
+
+ProviderFactory = Callable[[str], Provider]
+
+
+@dataclass
+class RunContext:
+    """What every step of one run reads and writes through."""
+
+    project: Project
+    store: StateStore
+    run_id: int
+    provider_for: ProviderFactory
+    report: Reporter
+    limits_for: Callable[[Resource], ShardLimits]
+    max_in_flight: Callable[[str], int | None]
+    requeue_backoff: float
+    clock: Callable[[], float]
+    # raises StateLockedError/StateError when this run no longer holds the lock; called
+    # right before every create, so a run whose lock was released stops spending at once
+    still_holds_lock: Callable[[], None]
+    ledger: RequestLedger = field(init=False)
+    blobs: BlobStore = field(init=False)
+    shard_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = RequestLedger(self.store.db)
+        self.blobs = BlobStore(self.project.state_path.parent / "store")
+        self.shard_dir = self.project.state_path.parent / "shards"
+
+    def generation(self, res: Resource) -> GenerationRow:
+        gen = self.store.find_generation(res.name, res.spec_hash)
+        if gen is None:  # the planner only routes here when it exists
+            raise BatchspecError(f"no generation recorded for {res.name} {res.spec_hash[:12]}")
+        return gen
+
+    def upsert_resource(self, res: Resource) -> None:
+        self.store.upsert_resource(
+            res.name,
+            provider=res.provider,
+            manifest=self.relative(res.source.file),
+            labels=dict(res.labels),
+            run_id=self.run_id,
+        )
+
+    def ensure_ledger(self, res: Resource, gen: GenerationRow) -> None:
+        """Write the ledger of a generation submitted as one as-is shard, if not yet written.
+
+        It is derived from the input alone (every request in shard 0, carried by attempt 1),
+        so a run that died before writing it loses nothing: the next one writes it here.
+        """
+        if self.ledger.has_requests(gen.id):
+            return
+        with self.store.atomic():
+            self.ledger.record_requests(gen.id, ledger_rows(res.input_path))
+
+    def latest_attempts(self, generation_id: int) -> dict[int, int]:
+        latest: dict[int, int] = {}
+        for b in self.store.batches(generation_id):
+            latest[b.shard] = max(latest.get(b.shard, 0), b.attempt)
+        return latest
+
+    def usage(self, generation_id: int) -> dict[str, int]:
+        totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        for b in self.store.batches(generation_id):
+            for key in totals:
+                totals[key] += getattr(b, key) or 0
+        return totals
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.project.root.resolve()))
+        except ValueError:
+            return str(path)
+
+
+def now() -> str:
+    # milliseconds: a requeue backoff of a few seconds is measured from terminal_at
+    return utc_timestamp()

@@ -1,0 +1,187 @@
+"""Record what will be spent before anything is spent: the generation, its ledger, its intents.
+
+Every function here only writes the state store (and shard files on disk); none calls a
+provider. It promises the *intent first* invariant: a batch row (remote id NULL, keyed by
+``batch_key``: resource, spec, shard, attempt) and an ``intent`` event are committed, with the
+budget checked, before the submit step uploads or creates anything. Recording an intent whose
+key exists already returns the existing row, so a re-run never doubles a batch.
+"""
+
+from __future__ import annotations
+
+from batchspec.core.batches import batch_key
+from batchspec.core.budget import check_budget
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reporting import Progress
+from batchspec.core.sharding import (
+    ShardWriters,
+    fits_one_shard,
+    ledger_rows,
+    shard_and_write,
+    with_fingerprints,
+)
+from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.wire.inputs import InputReport, iter_requests
+from batchspec.workspace.manifest import Resource
+
+
+def ensure_generation(ctx: RunContext, res: Resource, facts: InputReport) -> GenerationRow:
+    with ctx.store.atomic():
+        ctx.upsert_resource(res)
+        existing = ctx.store.find_generation(res.name, res.spec_hash)
+        gen = ctx.store.create_generation(
+            res.name,
+            spec_hash=res.spec_hash,
+            spec=res.semantic_spec(),
+            input_sha256=facts.sha256,
+            requests=facts.requests,
+            input_bytes=facts.bytes,
+            output_path=ctx.relative(res.output_path),
+            errors_path=ctx.relative(res.errors_path),
+            run_id=ctx.run_id,
+        )
+        ctx.store.set_current_generation(res.name, gen.id)
+        if existing is None:
+            ctx.store.record_event(
+                ctx.run_id,
+                "generation",
+                resource=res.name,
+                generation_id=gen.id,
+                detail={"spec_hash": res.spec_hash, "requests": facts.requests},
+            )
+    return gen
+
+
+def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: GenerationRow) -> None:
+    """Record every request in the ledger, keep the answers an earlier generation has for
+    unchanged requests, split the rest into shards (writing shard files when the input
+    cannot go as it is) and record one attempt-1 intent per shard: one transaction."""
+    limits = ctx.limits_for(res)
+    previous = [g.id for g in ctx.store.generations(res.name) if g.id != gen.id]
+    with ctx.store.atomic():
+        carried = 0
+        if previous:
+            ctx.ledger.record_requests(gen.id, ledger_rows(res.input_path))
+            carried = ctx.ledger.carry_over(gen.id, previous)
+        todo = iter_requests(res.input_path)
+        if carried:
+            done = ctx.ledger.resolved_lines(gen.id)
+            todo = (req for req in todo if req.line not in done)
+        # A file with blank lines is rewritten rather than uploaded as it is: providers
+        # differ on whether they accept them.
+        as_is = not carried and facts.blank_lines == 0
+        single = as_is and fits_one_shard(
+            facts.requests, facts.bytes, limits, endpoint=res.endpoint
+        )
+        if single and not previous:
+            # The batch file is the input itself: only the intent must precede the create.
+            # The ledger is written while the provider works (``RunContext.ensure_ledger``).
+            check_budget(res, facts, submitted=0, new=facts.requests)
+            record_intent(
+                ctx,
+                res,
+                gen,
+                shard=0,
+                attempt=1,
+                requests=facts.requests,
+                input_sha256=facts.sha256,
+                reason="initial submission",
+            )
+            return
+        writers = ShardWriters(ctx.shard_dir, enabled=not single)
+        per_shard: dict[int, int] = {}
+        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard)
+        if previous:
+            ctx.ledger.assign_shards(gen.id, ((s, req.line) for s, req in assigned))
+        else:
+            ctx.ledger.record_requests(gen.id, with_fingerprints(assigned))
+        shard_files = writers.finish()
+        check_budget(res, facts, submitted=0, new=sum(per_shard.values()))
+        for shard, n in sorted(per_shard.items()):
+            record_intent(
+                ctx,
+                res,
+                gen,
+                shard=shard,
+                attempt=1,
+                requests=n,
+                input_sha256=shard_files.get(shard, facts.sha256),
+                reason="initial submission"
+                if len(per_shard) == 1
+                else f"initial submission, shard {shard + 1} of {len(per_shard)}",
+            )
+    if carried:
+        ctx.report(
+            Progress(
+                "reuse",
+                res.name,
+                f"{carried} unchanged request(s) keep their recorded results; "
+                f"{sum(per_shard.values())} to submit",
+                {"reused": carried},
+            )
+        )
+    if len(per_shard) > 1:
+        ctx.report(
+            Progress(
+                "shard",
+                res.name,
+                f"split {sum(per_shard.values())} requests into {len(per_shard)} shards",
+                {"shards": len(per_shard)},
+            )
+        )
+
+
+def record_intent(
+    ctx: RunContext,
+    res: Resource,
+    gen: GenerationRow,
+    *,
+    shard: int,
+    attempt: int,
+    requests: int,
+    reason: str,
+    input_sha256: str | None = None,
+) -> BatchRow:
+    key = batch_key(res.name, res.spec_hash, shard, attempt)
+    with ctx.store.atomic():
+        existing = ctx.store.batch_by_key(key)
+        if existing is not None:
+            return existing
+        if input_sha256 is None:
+            input_sha256 = _write_retry_file(ctx, res, gen, shard)
+        batch = ctx.store.record_batch_intent(
+            gen.id,
+            shard=shard,
+            attempt=attempt,
+            provider=res.provider,
+            key=key,
+            input_sha256=input_sha256,
+            requests=requests,
+            reason=reason,
+        )
+        ctx.ledger.mark_sent(gen.id, shard, attempt)
+        ctx.store.update_generation(gen.id, status="in_progress")
+        ctx.store.record_event(
+            ctx.run_id,
+            "intent",
+            resource=res.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "shard": shard,
+                "attempt": attempt,
+                "requests": requests,
+                "reason": reason,
+                "key": key,
+            },
+        )
+    return batch
+
+
+def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard: int) -> str:
+    wanted = ctx.ledger.unresolved_lines(gen.id, shard)
+    writers = ShardWriters(ctx.shard_dir, enabled=True)
+    for req in iter_requests(res.input_path):
+        if req.line in wanted:
+            writers.write(0, req.raw)
+    return writers.finish()[0]

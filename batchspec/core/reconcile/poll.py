@@ -1,0 +1,63 @@
+"""Ask the provider where each in-flight batch stands and record it.
+
+Polling never spends: it reads a batch and stores its status and counts in one transaction,
+with a ``poll`` event only when the status moved. Capacity (``maxInFlightBatches``) frees only
+through here, so the submit step polls when it finds the provider full.
+"""
+
+from __future__ import annotations
+
+from batchspec.core.batches import batch_fields, counts_json
+from batchspec.core.plan import Action
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reporting import Progress
+from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.state.store import BatchRow
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.wire.inputs import InputReport
+from batchspec.workspace.manifest import Resource
+
+
+def refresh(
+    ctx: RunContext, res: Resource, facts: InputReport | None = None, action: Action | None = None
+) -> bool:
+    gen = ctx.generation(res)
+    ctx.ensure_ledger(res, gen)
+    provider = ctx.provider_for(res.provider)
+    for batch in ctx.store.batches(gen.id):
+        if batch.remote_id is None or batch.status in TERMINAL_STATUSES:
+            continue
+        remote = poll_batch(ctx, res.name, batch, provider)
+        ctx.report(
+            Progress(
+                "poll",
+                res.name,
+                _poll_message(batch, remote),
+                {"remote_id": remote.id, "status": remote.status, **counts_json(remote)},
+            )
+        )
+    return True
+
+
+def poll_batch(ctx: RunContext, name: str, batch: BatchRow, provider: Provider) -> RemoteBatch:
+    """Ask the provider where a batch stands and record it (an event when it moved)."""
+    assert batch.remote_id is not None
+    remote = provider.get_batch(batch.remote_id)
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, **batch_fields(remote))
+        if remote.status != batch.status:
+            ctx.store.record_event(
+                ctx.run_id,
+                "poll",
+                resource=name,
+                generation_id=batch.generation_id,
+                batch_id=batch.id,
+                detail={"status": remote.status, "from": batch.status, **counts_json(remote)},
+            )
+    return remote
+
+
+def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
+    c = remote.request_counts
+    counts = f" {c.completed + c.failed}/{c.total}" if c and c.total else ""
+    return f"batch {remote.id} {remote.status}{counts}"

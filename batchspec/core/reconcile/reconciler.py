@@ -1,0 +1,188 @@
+"""The reconciler: take the next safe step for each resource, recording every step first.
+
+``Reconciler.advance(resource)`` re-plans the resource from fresh state and dispatches to the
+step its plan names (``submit``, ``poll``, ``collect``, ``retry``, ``restore``), repeating until
+the resource has to wait for the provider (``refresh`` of a running batch), is in sync, or is
+stuck. It promises that no spending step runs unless allowed: a replace needs
+``allow_replace``, and with a saved plan (``may_spend``) nothing outside it is spent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
+from batchspec.core.reconcile.cancel import cancel as cancel_resource
+from batchspec.core.reconcile.collect import collect
+from batchspec.core.reconcile.context import ProviderFactory, RunContext
+from batchspec.core.reconcile.poll import refresh
+from batchspec.core.reconcile.restore import restore
+from batchspec.core.reconcile.retry import retry
+from batchspec.core.reconcile.submit import create, replace
+from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, observe_disk, recorded_generation
+from batchspec.core.reporting import Progress, Reporter
+from batchspec.core.sharding import ShardLimits
+from batchspec.state.store import StateStore
+from batchspec.wire.inputs import InputReport
+from batchspec.workspace.manifest import Project, Resource
+
+MAX_STEPS_PER_PASS = 12
+
+STEPS: dict[ActionKind, Callable[[RunContext, Resource, InputReport, Action], bool]] = {
+    ActionKind.CREATE: create,
+    ActionKind.REPLACE: replace,
+    ActionKind.REFRESH: refresh,
+    ActionKind.COLLECT: collect,
+    ActionKind.RETRY: retry,
+    ActionKind.RESTORE: restore,
+}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    action: Action
+    waiting: bool  # the resource waits on the provider (in flight) or on consent
+
+
+class Reconciler:
+    def __init__(
+        self,
+        project: Project,
+        store: StateStore,
+        run_id: int,
+        provider_for: ProviderFactory,
+        report: Reporter,
+        *,
+        allow_replace: bool = False,
+        limits_for: Callable[[Resource], ShardLimits] | None = None,
+        max_in_flight: Callable[[str], int | None] = lambda provider: None,
+        requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
+        clock: Callable[[], float] = time.time,
+        may_spend: Callable[[Action], bool] | None = None,
+        still_holds_lock: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.ctx = RunContext(
+            project=project,
+            store=store,
+            run_id=run_id,
+            provider_for=provider_for,
+            report=report,
+            limits_for=limits_for or (lambda res: ShardLimits()),
+            max_in_flight=max_in_flight,
+            requeue_backoff=requeue_backoff,
+            clock=clock,
+            still_holds_lock=still_holds_lock,
+        )
+        self.allow_replace = allow_replace
+        # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit
+        self.may_spend = may_spend
+
+    @property
+    def store(self) -> StateStore:
+        return self.ctx.store
+
+    @property
+    def run_id(self) -> int:
+        return self.ctx.run_id
+
+    @property
+    def report(self) -> Reporter:
+        return self.ctx.report
+
+    @property
+    def requeue_backoff(self) -> float:
+        return self.ctx.requeue_backoff
+
+    # -----------------------------------------------------------------------------------------
+    # planning from fresh state
+
+    def plan_one(self, res: Resource, facts: InputReport) -> Action:
+        desired = desired_resource(res, facts)
+        recorded = self._recorded(res.name)
+        disk = observe_disk(
+            [(res.name, res.output_path, res.errors_path)], {res.name: recorded} if recorded else {}
+        )
+        return plan_resource(desired, recorded, disk.get(res.name), self.ctx.clock())
+
+    def _recorded(self, name: str) -> RecordedResource | None:
+        row = self.store.get_resource(name)
+        if row is None:
+            return None
+        gens = tuple(
+            recorded_generation(
+                self.store, self.ctx.ledger, g, requeue_backoff=self.requeue_backoff
+            )
+            for g in self.store.generations(name)
+        )
+        return RecordedResource(
+            name=name,
+            provider=row.provider,
+            generations=gens,
+            forgotten=row.forgotten_at is not None,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # one pass for one resource
+
+    def advance(self, res: Resource, facts: InputReport) -> StepResult:
+        """Act on ``res`` until it must wait, is in sync, or is stuck."""
+        self._track_again_if_forgotten(res)
+        action = self.plan_one(res, facts)
+        for _ in range(MAX_STEPS_PER_PASS):
+            kind = action.kind
+            if kind is ActionKind.NONE:
+                return StepResult(action, waiting=False)
+            if kind is ActionKind.REPLACE and not self.allow_replace:
+                message = f"not replacing: {action.reason}; re-run with --allow-replace"
+                self.report(Progress("skip", res.name, message))
+                return StepResult(action, waiting=False)
+            if action.spends and self.may_spend is not None and not self.may_spend(action):
+                message = (
+                    f"not in the saved plan: {kind.value} ({action.reason}); "
+                    "run `batchspec plan` again to review it"
+                )
+                self.report(Progress("skip", res.name, message))
+                return StepResult(action, waiting=False)
+            progressed = STEPS[kind](self.ctx, res, facts, action)
+            following = self.plan_one(res, facts)
+            if not progressed or (
+                following.kind is ActionKind.REFRESH and kind is not ActionKind.COLLECT
+            ):
+                return StepResult(following, waiting=True)
+            action = following
+        return StepResult(action, waiting=True)
+
+    def _track_again_if_forgotten(self, res: Resource) -> None:
+        """A forgotten resource whose manifest is still here is tracked again by apply; its
+        recorded generations are reused, so nothing is submitted twice."""
+        row = self.store.get_resource(res.name)
+        if row is None or row.forgotten_at is None:
+            return
+        with self.store.atomic():
+            self.ctx.upsert_resource(res)
+            self.store.record_event(self.run_id, "track", resource=res.name, detail={})
+        self.report(Progress("track", res.name, "tracked again (it was forgotten)"))
+
+    # -----------------------------------------------------------------------------------------
+    # cancel
+
+    def cancel(self, name: str, *, reason: str = "cancelled by a user") -> int:
+        """Cancel the in-flight batches of a resource's active generations; return how many."""
+        return cancel_resource(self.ctx, name, reason=reason)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def desired_resource(res: Resource, facts: InputReport) -> DesiredResource:
+    return DesiredResource(
+        name=res.name,
+        provider=res.provider,
+        spec_hash=res.spec_hash,
+        requests=facts.requests,
+        input_bytes=facts.bytes,
+        max_attempts=res.retry.max_attempts,
+        suspend=res.suspend,
+    )

@@ -1,0 +1,48 @@
+"""Retry the unresolved requests of a generation: one new attempt per shard that may retry.
+
+A shard is retried while it has unresolved requests, attempts left (``retry.maxAttempts``) and
+its requeue backoff has passed. The budget is checked against everything already submitted
+plus the new requests, and each attempt is recorded as an intent before the submit step
+spends on it (with its own key: resource, spec, shard, attempt).
+"""
+
+from __future__ import annotations
+
+from batchspec.core.budget import check_budget
+from batchspec.core.plan import Action
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.intent import record_intent
+from batchspec.core.reconcile.submit import submit_queued
+from batchspec.core.recorded import is_requeued, recorded_generation
+from batchspec.wire.inputs import InputReport
+from batchspec.workspace.manifest import Resource
+
+
+def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    gen = ctx.generation(res)
+    ctx.ensure_ledger(res, gen)
+    rec = recorded_generation(ctx.store, ctx.ledger, gen, requeue_backoff=ctx.requeue_backoff)
+    now = ctx.clock()
+    ready = [
+        s
+        for s in rec.shards
+        if s.unresolved
+        and s.attempts_used < res.retry.max_attempts
+        and (s.not_before is None or now >= s.not_before)
+    ]
+    submitted = sum(b.requests for b in ctx.store.batches(gen.id) if not is_requeued(b))
+    check_budget(res, facts, submitted=submitted, new=sum(s.unresolved for s in ready))
+    latest = ctx.latest_attempts(gen.id)
+    for shard in ready:
+        attempt = latest.get(shard.shard, 0) + 1
+        record_intent(
+            ctx,
+            res,
+            gen,
+            shard=shard.shard,
+            attempt=attempt,
+            requests=shard.unresolved,
+            reason=f"retry {shard.unresolved} unresolved request(s) "
+            f"(attempt {shard.attempts_used + 1} of {res.retry.max_attempts})",
+        )
+    return submit_queued(ctx, res, gen)

@@ -1,0 +1,171 @@
+"""Submit recorded intents: upload the batch file once, re-check the lock, create the batch.
+
+``create`` (and ``replace``, which first supersedes the older spec's generations) records the
+generation and its intents (``intent``), then submits every intent that has no remote batch
+yet, as the provider's ``maxInFlightBatches`` allows. Per batch it promises, in order: an
+unsure create (``creating``) is adopted by key if the provider has it, never created twice;
+the file is uploaded at most once per provider and sha256 (``upload-intent`` recorded first;
+a file the provider lost is uploaded again); the row is marked ``creating`` with a
+``create-intent`` event; the run's lock is re-checked; only then is the batch created, with
+its deterministic key in the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchspec.core.batches import batch_metadata
+from batchspec.core.plan import Action
+from batchspec.core.reconcile.adopt import find_remote, record_remote
+from batchspec.core.reconcile.cancel import cancel_generation
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.intent import ensure_generation, record_shards
+from batchspec.core.reconcile.poll import poll_batch, refresh
+from batchspec.core.reporting import Progress, format_size
+from batchspec.errors import BatchspecError
+from batchspec.providers.base import Provider, RemoteNotFound
+from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.wire.inputs import InputReport
+from batchspec.workspace.manifest import Resource
+
+
+def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    gen = ensure_generation(ctx, res, facts)
+    if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
+        record_shards(ctx, res, facts, gen)
+    submitted = submit_queued(ctx, res, gen)
+    ctx.ensure_ledger(res, gen)
+    return submitted
+
+
+def replace(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    for gen in ctx.store.generations(res.name):
+        if gen.spec_hash != res.spec_hash and gen.status in ("pending", "in_progress"):
+            cancel_generation(
+                ctx, res.name, gen, status="superseded", reason="replaced by a new spec"
+            )
+    return create(ctx, res, facts, action)
+
+
+def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
+    """Submit every intent of the generation that has no remote batch yet, capacity allowing."""
+    for batch in ctx.store.batches(gen.id):
+        if batch.remote_id is None and batch.status in ("pending", "creating"):
+            if not _has_capacity(ctx, res, batch):
+                # capacity frees only when a batch in flight is seen finished: poll ours,
+                # or a resource whose plan is create (queued intents) would wait forever
+                refresh(ctx, res)
+                return False
+            _submit_batch(ctx, res, gen, batch)
+    return True
+
+
+def _has_capacity(ctx: RunContext, res: Resource, batch: BatchRow) -> bool:
+    limit = ctx.max_in_flight(res.provider)
+    if limit is None or batch.status == "creating":  # an unsure create is resolved first
+        return True
+    in_flight = _in_flight_on(ctx, res.provider)
+    if len(in_flight) >= limit:
+        # The capacity may be held by resources this run was not asked about (--select):
+        # poll those, so that their finishing frees it (they are collected when applied).
+        provider = ctx.provider_for(res.provider)
+        for other in in_flight:
+            owner = ctx.store.get_generation(other.generation_id).resource
+            if owner != res.name:
+                poll_batch(ctx, owner, other, provider)
+        in_flight = _in_flight_on(ctx, res.provider)
+    if len(in_flight) < limit:
+        return True
+    ctx.report(
+        Progress(
+            "queued",
+            res.name,
+            f"shard {batch.shard + 1} attempt {batch.attempt} waits: {len(in_flight)} "
+            f"batch(es) in flight on {res.provider} (maxInFlightBatches {limit})",
+        )
+    )
+    return False
+
+
+def _in_flight_on(ctx: RunContext, provider: str) -> list[BatchRow]:
+    return [b for b in ctx.store.in_flight_batches() if b.provider == provider]
+
+
+def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> None:
+    provider = ctx.provider_for(res.provider)
+    if batch.status == "creating":
+        adopted = find_remote(ctx, provider, batch)
+        if adopted is not None:
+            record_remote(ctx, res, batch, adopted, event="adopt")
+            return
+    path = _batch_file(ctx, res, gen, batch)
+    file_id = _ensure_uploaded(ctx, provider, res, batch, path)
+    with ctx.store.atomic():
+        batch = ctx.store.update_batch(batch.id, input_file_id=file_id, status="creating")
+        ctx.store.record_event(
+            ctx.run_id,
+            "create-intent",
+            resource=res.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={"input_file_id": file_id, "key": batch.key},
+        )
+    ctx.still_holds_lock()
+    remote = provider.create_batch(
+        input_file_id=file_id,
+        endpoint=res.endpoint,
+        completion_window=res.completion_window,
+        metadata=batch_metadata(res, batch),
+    )
+    record_remote(ctx, res, batch, remote, event="create")
+
+
+def _batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> Path:
+    stored = ctx.shard_dir / f"{batch.input_sha256}.jsonl"
+    if stored.is_file():
+        return stored
+    if batch.input_sha256 == gen.input_sha256:
+        return res.input_path
+    raise BatchspecError(
+        f"the batch file for {res.name} shard {batch.shard + 1} attempt {batch.attempt} "
+        f"(sha256 {batch.input_sha256[:12]}) is missing from {ctx.shard_dir}",
+    )
+
+
+def _ensure_uploaded(
+    ctx: RunContext, provider: Provider, res: Resource, batch: BatchRow, path: Path
+) -> str:
+    known = ctx.store.get_file(provider.name, batch.input_sha256)
+    if known is not None:
+        try:
+            provider.get_file(known.remote_id)
+            return known.remote_id
+        except RemoteNotFound:
+            ctx.store.forget_file(provider.name, batch.input_sha256)
+    ctx.store.record_event(
+        ctx.run_id,
+        "upload-intent",
+        resource=res.name,
+        batch_id=batch.id,
+        detail={"sha256": batch.input_sha256, "bytes": path.stat().st_size},
+    )
+    filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
+    size = path.stat().st_size
+    ctx.report(Progress("upload", res.name, f"uploading {filename} ({format_size(size)})"))
+    remote = provider.upload_file(path, filename=filename)
+    with ctx.store.atomic():
+        ctx.store.record_file(
+            provider.name,
+            batch.input_sha256,
+            remote.id,
+            remote.bytes or path.stat().st_size,
+            remote.expires_at,
+        )
+        ctx.store.record_event(
+            ctx.run_id,
+            "upload",
+            resource=res.name,
+            batch_id=batch.id,
+            detail={"sha256": batch.input_sha256, "file_id": remote.id},
+        )
+    return remote.id
