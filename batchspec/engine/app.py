@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchspec.engine.anthropic_routes import anthropic_routes
 from batchspec.engine.azure_routes import azure_routes
 from batchspec.engine.core import Engine
-from batchspec.engine.errors import EngineError, bad_request
+from batchspec.engine.errors import EngineError, bad_request, file_too_large
 from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.uploads import read_upload
 
@@ -114,12 +114,7 @@ class _Views:
             and length.isdigit()
             and int(length) > self.engine.max_upload_bytes + MULTIPART_SLACK
         ):
-            raise EngineError(
-                413,
-                f"File is too large: the limit is {self.engine.max_upload_bytes} bytes.",
-                param="file",
-                code="file_too_large",
-            )
+            raise file_too_large(self.engine.max_upload_bytes)
         upload = await read_upload(
             request.headers.get("content-type", ""), request.stream(), self.engine.open_upload
         )
