@@ -40,6 +40,7 @@ from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS, BuiltinUpstream, Ups
 from batchspec.engine.worker import Worker, WorkerSettings
 from batchspec.storage.blobstore import BlobWriter
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
+from batchspec.wire.retry import upstream_policy
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 WIRE_COMPLETION_WINDOW = "24h"
@@ -91,9 +92,11 @@ class Engine:
             WorkerSettings(
                 concurrency=concurrency,
                 request_timeout=request_timeout,
-                max_attempts=max_attempts,
-                retry_base_delay=retry_base_delay,
-                retry_max_delay=retry_max_delay,
+                retry=upstream_policy(
+                    max_attempts=max_attempts,
+                    initial_delay=retry_base_delay,
+                    max_delay=retry_max_delay,
+                ),
                 poll_interval=poll_interval,
                 commit_interval=commit_interval,
                 drain_timeout=drain_timeout,
