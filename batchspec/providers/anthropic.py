@@ -89,8 +89,8 @@ from batchspec.wire.retry import client_policy
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
-MAX_REQUESTS = 100_000
-MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_REQUESTS = anthropic_lines.MAX_BATCH_REQUESTS
+MAX_BODY_BYTES = anthropic_lines.MAX_BATCH_BODY_BYTES
 BATCHES = "/v1/messages/batches"
 RESULTS_PREFIX = "results:"
 #: how far before a lost create's journal time a batch may be dated and still be its own
