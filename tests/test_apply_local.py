@@ -203,3 +203,33 @@ def test_the_quickstart_converges_offline(
         inputs = root / "data" / f"{'docs' if 'doc' in s['name'] else 'tickets'}.jsonl"
         n = sum(1 for line in inputs.read_text().splitlines() if line.strip())
         assert len(Path(s["output"]).read_text().splitlines()) == n == s["requests"]
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
+def test_results_follow_the_umask_and_stored_answers_stay_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], umask: int
+) -> None:
+    """results/ files get 0666 & ~umask like any file the user makes; the result store
+    (state/store) and the engine's data (state/local) are 0600 files in 0700 folders."""
+    import os
+    import stat
+
+    def modes(folder: Path) -> tuple[set[int], set[int]]:
+        found = [folder, *folder.rglob("*")]
+        dirs = {stat.S_IMODE(p.stat().st_mode) for p in found if p.is_dir()}
+        files = {stat.S_IMODE(p.stat().st_mode) for p in found if p.is_file()}
+        return dirs, files
+
+    old = os.umask(umask)
+    try:
+        ws = local_ws(tmp_path / "ws")
+        code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(ws.output_path("triage").stat().st_mode) == 0o666 & ~umask
+    store_dirs, store_files = modes(ws.root / "state" / "store")
+    assert (store_dirs, store_files) == ({0o700}, {0o600})
+    assert len(list((ws.root / "state" / "store").rglob("*"))) > 2  # blobs were stored
+    engine_dirs, engine_files = modes(ws.root / "state" / "local")
+    assert (engine_dirs, engine_files) == ({0o700}, {0o600})

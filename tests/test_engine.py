@@ -285,3 +285,56 @@ def test_invalid_input_errors_carry_code_message_line_and_param(tmp_path):
     entry = done["errors"]["data"][0]
     assert set(entry) == {"code", "message", "line", "param"}
     assert entry["line"] == 3 and entry["param"] is None and entry["message"]
+
+
+def test_a_data_folder_laid_out_by_earlier_releases_is_read_as_it_is(tmp_path):
+    """Blobs at files/<sha[:2]>/<sha> (the layout every release wrote) stay readable; tmp/
+    leftovers of a crashed write are dropped at open."""
+    import hashlib
+
+    Engine(tmp_path, BuiltinUpstream()).close()  # the schema only
+    content = jsonl_bytes(request_lines(2))
+    sha = hashlib.sha256(content).hexdigest()
+    (tmp_path / "files" / sha[:2]).mkdir(parents=True)
+    (tmp_path / "files" / sha[:2] / sha).write_bytes(content)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    (tmp_path / "tmp" / "part-leftover").write_bytes(b"half")
+    with sqlite3.connect(tmp_path / "engine.db") as db:
+        db.execute(
+            "INSERT INTO files (id, sha256, bytes, filename, purpose, created_at)"
+            " VALUES ('file-old', ?, ?, 'old.jsonl', 'batch', 0)",
+            (sha, len(content)),
+        )
+    with open_engine(tmp_path) as engine:
+        assert engine.file_content_path("file-old").read_bytes() == content
+        assert not (tmp_path / "tmp" / "part-leftover").exists()
+        batch = run_to_end(engine, engine.create_batch("file-old", CHAT, "24h")["id"])
+        assert batch["request_counts"]["completed"] == 2
+        output = engine.file_content_path(batch["output_file_id"])
+    assert output.parent.parent == tmp_path / "files"
+    assert output.name == hashlib.sha256(output.read_bytes()).hexdigest()
+    assert output.parent.name == output.name[:2]
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
+def test_the_data_folder_database_and_blobs_are_private_whatever_the_umask(tmp_path, umask):
+    """A new engine data folder is 0700 (and its subfolders), engine.db and every blob 0600:
+    they hold full requests and answers."""
+    import os
+    import stat
+
+    data = tmp_path / "engine-data"
+    old = os.umask(umask)
+    try:
+        with open_engine(data) as engine:
+            batch = run_to_end(engine, new_batch(engine, request_lines(2))["id"])
+            assert batch["status"] == "completed"
+    finally:
+        os.umask(old)
+    mode = {p: stat.S_IMODE(p.stat().st_mode) for p in [data, *data.rglob("*")]}
+    folders = {p.relative_to(tmp_path).as_posix(): m for p, m in mode.items() if p.is_dir()}
+    files = {p.relative_to(tmp_path).as_posix(): m for p, m in mode.items() if p.is_file()}
+    assert set(folders.values()) == {0o700}, folders
+    assert set(files.values()) == {0o600}, files
+    assert "engine-data/engine.db" in files
+    assert sum("/files/" in name for name in files) >= 2  # input and output blobs

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
 from batchspec.engine.server import start_in_thread
-from batchspec.engine.upstreams import answer, retry_after_seconds
+from batchspec.engine.upstreams import answer
 from batchspec.errors import BatchspecError, UsageError
 
 
@@ -112,20 +112,6 @@ def test_fault_kinds_answer_500_429_with_retry_after_and_hang():
         asyncio.run(send(Faults(timeout=1.0)))
     assert asyncio.run(send(Faults(fail_first=2), attempt=1)).status_code == 500
     assert asyncio.run(send(Faults(fail_first=2), attempt=2)).status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("headers", "seconds"),
-    [
-        pytest.param({"retry-after": "3"}, 3.0, id="seconds"),
-        pytest.param({"retry-after-ms": "250", "retry-after": "9"}, 0.25, id="ms-wins"),
-        pytest.param({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None, id="http-date"),
-        pytest.param({}, None, id="absent"),
-    ],
-)
-def test_retry_after_parsing(headers, seconds):
-    """retry-after-ms beats retry-after; dates and absence give None (use our backoff)."""
-    assert retry_after_seconds(headers) == seconds
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from batchspec.errors import ProviderError
-from batchspec.providers._http import RetryPolicy, retry_after_seconds
 from batchspec.providers.base import RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
+from batchspec.wire.retry import CLIENT_POLICY
 
 SENTINEL_KEY = "sk-SENTINEL-4f1b2c3d9e8a7b6c5d4e3f2a1b0c9d8e"
 BASE_URL = "http://provider.test/v1"
@@ -117,20 +117,6 @@ def test_retry_after_http_date_is_honoured() -> None:
     assert 17.0 <= sleeps[0] <= 20.0
 
 
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        pytest.param({"retry-after": "garbage"}, None, id="unparseable"),
-        pytest.param({"retry-after": "-4"}, 0.0, id="negative-is-now"),
-        pytest.param({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0, id="past-date"),
-        pytest.param({}, None, id="absent"),
-    ],
-)
-def test_retry_after_parsing_edge_cases(headers: dict[str, str], expected: float | None) -> None:
-    """Unreadable Retry-After values fall back to backoff; past ones mean 'now'."""
-    assert retry_after_seconds(httpx.Headers(headers)) == expected
-
-
 def test_unparseable_retry_after_falls_back_to_backoff() -> None:
     """A Retry-After that cannot be read leads to the normal exponential backoff."""
     script = Script(error_response(429, retry_after="soon"), httpx.Response(200, json=batch_json()))
@@ -169,7 +155,7 @@ def test_backoff_is_exponential_with_bounded_jitter() -> None:
 
 def test_backoff_extremes_of_the_jitter() -> None:
     """The jitter factor spans exactly [0.75, 1] of the exponential base."""
-    policy = RetryPolicy()
+    policy = CLIENT_POLICY
     assert [policy.backoff(n, rand=lambda: 0.0) for n in range(6)] == [0.5, 1, 2, 4, 8, 8]
     assert policy.backoff(2, rand=lambda: 1.0) == pytest.approx(1.5)
 

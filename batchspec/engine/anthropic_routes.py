@@ -28,8 +28,10 @@ Timestamps are RFC 3339 strings; ``expires_at`` is the engine's deadline.
 
 Requests are checked when the batch is created, as Anthropic does: 1 to 100,000 requests,
 unique ``custom_id`` matching ``^[a-zA-Z0-9_-]{1,64}$``, ``params`` with ``model``,
-``max_tokens`` and ``messages``; a body over 256 MB is refused (413). Errors use Anthropic's
-envelope ``{"type": "error", "error": {"type", "message"}}``.
+``max_tokens`` and ``messages``; a body over 256 MB (Anthropic's documented limit) is refused
+with 413 as soon as it passes the cap, and one that is not JSON (nested too deep included)
+with 400 (``bodies.py``). Errors use Anthropic's envelope
+``{"type": "error", "error": {"type", "message"}}``.
 """
 
 from __future__ import annotations
@@ -46,18 +48,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from batchspec.engine.bodies import read_json
 from batchspec.engine.core import Engine
 from batchspec.engine.errors import EngineError
 from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.objects import batch_object
-from batchspec.wire.anthropic_lines import CUSTOM_ID_PATTERN, MESSAGES_ENDPOINT
+from batchspec.wire.anthropic_lines import (
+    CUSTOM_ID_PATTERN,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_REQUESTS,
+    MESSAGES_ENDPOINT,
+)
 from batchspec.wire.inputs import iter_requests
 
 PREFIX = "/v1/messages/batches"
 ID_PREFIX = "msgbatch_"
 ENGINE_PREFIX = "batch_"
-MAX_REQUESTS = 100_000
-MAX_BODY_BYTES = 256 * 1024 * 1024
 #: metadata key holding the number of requests (the engine counts them only once validated)
 REQUESTS_KEY = "message_batch_requests"
 _ID_RULE = re.compile(CUSTOM_ID_PATTERN)
@@ -120,13 +126,9 @@ class MessageBatches:
     # -- views -----------------------------------------------------------------------------
 
     async def create_view(self, request: Request) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise AnthropicError(413, "Request exceeds the maximum size of 256 MB.")
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise AnthropicError(400, "The request body is not valid JSON.") from None
+        body = await read_json(
+            request, MAX_BATCH_BODY_BYTES, not_json="The request body is not valid JSON."
+        )
         batch = await run_in_threadpool(self.create, body)
         return JSONResponse(self.render(batch, _base(request)))
 
@@ -334,8 +336,8 @@ def check_requests(body: Any) -> list[Mapping[str, Any]]:
     requests = body.get("requests") if isinstance(body, Mapping) else None
     if not isinstance(requests, list) or not requests:
         raise AnthropicError(400, "requests: a non-empty list of requests is required.")
-    if len(requests) > MAX_REQUESTS:
-        raise AnthropicError(400, f"requests: at most {MAX_REQUESTS:,} requests per batch.")
+    if len(requests) > MAX_BATCH_REQUESTS:
+        raise AnthropicError(400, f"requests: at most {MAX_BATCH_REQUESTS:,} requests per batch.")
     seen: set[str] = set()
     for index, item in enumerate(requests):
         where = f"requests.{index}"

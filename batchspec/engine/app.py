@@ -27,7 +27,6 @@ Engine calls that touch SQLite run in the thread pool, so the event loop stays r
 from __future__ import annotations
 
 import hmac
-import json
 import uuid
 from typing import Any
 
@@ -41,8 +40,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchspec.engine.anthropic_routes import anthropic_routes
 from batchspec.engine.azure_routes import azure_routes
+from batchspec.engine.bodies import read_create_body
 from batchspec.engine.core import Engine
-from batchspec.engine.errors import EngineError, bad_request
+from batchspec.engine.errors import EngineError, bad_request, file_too_large
 from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.uploads import read_upload
 
@@ -114,12 +114,7 @@ class _Views:
             and length.isdigit()
             and int(length) > self.engine.max_upload_bytes + MULTIPART_SLACK
         ):
-            raise EngineError(
-                413,
-                f"File is too large: the limit is {self.engine.max_upload_bytes} bytes.",
-                param="file",
-                code="file_too_large",
-            )
+            raise file_too_large(self.engine.max_upload_bytes)
         upload = await read_upload(
             request.headers.get("content-type", ""), request.stream(), self.engine.open_upload
         )
@@ -169,7 +164,10 @@ class _Views:
         return FileResponse(path, media_type="application/octet-stream")
 
     async def create_batch(self, request: Request) -> Response:
-        body = await _json_body(request)
+        return await self.create_batch_from(await read_create_body(request))
+
+    async def create_batch_from(self, body: dict[str, Any]) -> Response:
+        """The create view once its body is read (Azure's paths rewrite it first)."""
         created = await run_in_threadpool(
             self.engine.create_batch,
             body.get("input_file_id"),
@@ -200,20 +198,6 @@ class _Views:
         )
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw else None
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise bad_request(
-            "We could not parse the JSON body of your request: send a JSON object "
-            "with input_file_id, endpoint and completion_window."
-        )
-    return body
-
-
 def _int_param(value: str | None, name: str, default: int) -> int:
     if value is None or value == "":
         return default
@@ -239,7 +223,12 @@ def _expires_after_seconds(fields: dict[str, str]) -> int | None:
 
 
 class _RequestIdAndAuth:
-    """Pure ASGI middleware: an ``x-request-id`` on every answer, and the API key check."""
+    """Pure ASGI middleware: an ``x-request-id`` on every answer, and the API key check.
+
+    An answer sent before the request body was read to its end (a refused key, a body over
+    its cap) says ``Connection: close``, so the server drops the connection rather than read
+    and discard the rest of a body that may be gigabytes long.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -250,10 +239,21 @@ class _RequestIdAndAuth:
             await self.app(scope, receive, send)
             return
         request_id = f"req_{uuid.uuid4().hex}".encode()
+        body_read = not _has_body(scope)
+
+        async def receive_tracked() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id)]
+                if not body_read:
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
             await send(message)
 
         if self._key is not None and not self._authorised(scope):
@@ -266,9 +266,9 @@ class _RequestIdAndAuth:
                     code="invalid_api_key",
                 )
             )
-            await response(scope, receive, send_with_id)
+            await response(scope, receive_tracked, send_with_id)
             return
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive_tracked, send_with_id)
 
     def _authorised(self, scope: Scope) -> bool:
         assert self._key is not None
@@ -282,3 +282,13 @@ class _RequestIdAndAuth:
             if hmac.compare_digest(candidate, self._key):
                 return True
         return False
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (chunked, or a non-zero Content-Length)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+    return False

@@ -29,6 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchspec.engine.bodies import read_create_body
+
 View = Callable[[Request], Any]
 _TIMESTAMPS = (
     "created_at",
@@ -60,7 +62,7 @@ def azure_routes(views: Any) -> list[Route]:
             route("/files/{file_id:str}", views.get_file, "GET"),
             route("/files/{file_id:str}", views.delete_file, "DELETE"),
             route("/files/{file_id:str}/content", views.file_content, "GET"),
-            route("/batches", _with_versioned_endpoint(views.create_batch), "POST"),
+            route("/batches", _with_versioned_endpoint(views.create_batch_from), "POST"),
             route("/batches", views.list_batches, "GET"),
             route("/batches/{batch_id:str}", views.get_batch, "GET"),
             route("/batches/{batch_id:str}/cancel", views.cancel_batch, "POST"),
@@ -89,24 +91,19 @@ def _requiring_api_version(view: View) -> View:
     return handler
 
 
-def _with_versioned_endpoint(view: View) -> View:
+def _with_versioned_endpoint(create_from: Callable[[dict[str, Any]], Any]) -> View:
     """The create view, fed a body whose unversioned ``endpoint`` gained its ``/v1``."""
 
     async def handler(request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        endpoint = body.get("endpoint") if isinstance(body, dict) else None
-        unversioned = isinstance(endpoint, str) and not endpoint.startswith("/v1/")
-        if unversioned and endpoint.startswith("/"):
-            raw = json.dumps({**body, "endpoint": "/v1" + endpoint}).encode()
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        response: Response = await view(Request(request.scope, receive))
+        body = await read_create_body(request)
+        endpoint = body.get("endpoint")
+        if (
+            isinstance(endpoint, str)
+            and endpoint.startswith("/")
+            and not endpoint.startswith("/v1/")
+        ):
+            body = {**body, "endpoint": "/v1" + endpoint}
+        response: Response = await create_from(body)
         return response
 
     return handler

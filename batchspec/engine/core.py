@@ -32,13 +32,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from batchspec.engine.errors import EngineError, bad_request, not_found
+from batchspec.engine.errors import EngineError, bad_request, file_too_large, not_found
 from batchspec.engine.messages_upstream import MessagesUpstream
 from batchspec.engine.objects import batch_object, deleted_file_object, file_object, list_object
-from batchspec.engine.store import BlobWriter, EngineLock, Store, dumps, new_id, now
+from batchspec.engine.store import EngineLock, Store, dumps, new_id, now
 from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS, BuiltinUpstream, Upstream
 from batchspec.engine.worker import Worker, WorkerSettings
+from batchspec.storage.blobstore import BlobWriter
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
+from batchspec.wire.retry import upstream_policy
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 WIRE_COMPLETION_WINDOW = "24h"
@@ -90,9 +92,11 @@ class Engine:
             WorkerSettings(
                 concurrency=concurrency,
                 request_timeout=request_timeout,
-                max_attempts=max_attempts,
-                retry_base_delay=retry_base_delay,
-                retry_max_delay=retry_max_delay,
+                retry=upstream_policy(
+                    max_attempts=max_attempts,
+                    initial_delay=retry_base_delay,
+                    max_delay=retry_max_delay,
+                ),
                 poll_interval=poll_interval,
                 commit_interval=commit_interval,
                 drain_timeout=drain_timeout,
@@ -130,7 +134,7 @@ class Engine:
 
     def open_upload(self) -> BlobWriter:
         """A writer for streaming an upload to disk under ``max_upload_bytes`` (413 past it)."""
-        return self.store.blobs.writer(self.max_upload_bytes)
+        return self.store.blobs.writer(self.max_upload_bytes, too_large=file_too_large)
 
     def create_file(
         self,

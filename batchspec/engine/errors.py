@@ -48,5 +48,12 @@ def not_found(kind: str, object_id: str) -> EngineError:
     return EngineError(404, f"No such {kind}: '{object_id}'.", param="id", code=None)
 
 
+def file_too_large(limit: int) -> EngineError:
+    """The 413 OpenAI answers for an upload over the size cap."""
+    return EngineError(
+        413, f"File is too large: the limit is {limit} bytes.", param="file", code="file_too_large"
+    )
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> EngineError:
     return EngineError(400, message, param=param, code=code)

@@ -9,8 +9,13 @@ Layout under the data folder::
 
 Invariants:
 
-- A blob is written to ``tmp/``, hashed while it streams, and renamed into ``files/`` only when
-  complete, so a blob path always holds complete content whose sha256 is its name.
+- Blobs are kept by the one blob store (``batchspec.storage.blobstore``) rooted at ``files/``
+  with its writes in progress in ``tmp/``: a blob is hashed while it streams and renamed into
+  ``files/`` only when complete, so a blob path always holds complete content whose sha256 is
+  its name.
+- The folder, the database (and its -wal/-shm), the lock file and every blob hold full
+  requests and answers: they are created private (0700 folders, 0600 files), whatever the
+  umask; a folder or database that exists keeps the mode its owner gave it.
 - ``results`` holds one row per finished request line (``PRIMARY KEY (batch_id, line)``); a
   row is inserted in the same transaction that adds its counts and usage to the batch, so a
   batch's ``request_counts`` always equal its rows, and a line with a row is never run again.
@@ -23,7 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -33,104 +37,18 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from batchspec.engine.errors import EngineError
 from batchspec.errors import StateLockedError
+from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.private import (
+    create_private_file,
+    ensure_private_dir,
+    restrict_sqlite_siblings,
+)
 from batchspec.wire.batch_status import ACTIVE_STATUSES
 
 _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
-
-CHUNK = 1024 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Blobs
-
-
-class BlobWriter:
-    """Streams content to a temporary file, hashing and counting it, under a size cap."""
-
-    def __init__(self, blobs: BlobStore, max_bytes: int | None) -> None:
-        self._blobs = blobs
-        self._max_bytes = max_bytes
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self.tmp_path = blobs.tmp_dir / f"part-{uuid.uuid4().hex}"
-        self._fh: BinaryIO | None = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/discard
-
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self._max_bytes is not None and self.size > self._max_bytes:
-            self.discard()
-            raise EngineError(
-                413,
-                f"File is too large: the limit is {self._max_bytes} bytes.",
-                param="file",
-                code="file_too_large",
-            )
-        self._hash.update(chunk)
-        assert self._fh is not None
-        self._fh.write(chunk)
-
-    def copy_from(self, source: BinaryIO) -> None:
-        while chunk := source.read(CHUNK):
-            self.write(chunk)
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    def commit(self) -> str:
-        """Move the content into its content-addressed place; return its sha256."""
-        assert self._fh is not None, "blob already committed or discarded"
-        self._fh.close()
-        self._fh = None
-        digest = self.sha256
-        target = self._blobs.path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp_path, target)
-        return digest
-
-    def discard(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
-
-    def __enter__(self) -> BlobWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
-            self.discard()
-
-
-class BlobStore:
-    """Content-addressed files under ``root/files``; temporary files under ``root/tmp``."""
-
-    def __init__(self, root: Path) -> None:
-        self.files_dir = root / "files"
-        self.tmp_dir = root / "tmp"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha256: str) -> Path:
-        return self.files_dir / sha256[:2] / sha256
-
-    def writer(self, max_bytes: int | None = None) -> BlobWriter:
-        return BlobWriter(self, max_bytes)
-
-    def remove(self, sha256: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(sha256).unlink()
-
-    def clean_tmp(self) -> None:
-        """Drop leftovers of writes a crashed process did not finish."""
-        for leftover in self.tmp_dir.iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,13 +173,15 @@ class Store:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(data_dir)
+        ensure_private_dir(data_dir)
+        self.blobs = BlobStore(data_dir / "files", tmp_dir=data_dir / "tmp")
         self.db_path = data_dir / "engine.db"
+        create_private_file(self.db_path)
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._connections: list[sqlite3.Connection] = []
         self._migrate()
+        restrict_sqlite_siblings(self.db_path)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -544,7 +464,8 @@ class EngineLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks, trust the user
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.path.parent)
+        create_private_file(self.path)
         fh = open(self.path, "a+")  # noqa: SIM115 - held open for the engine's lifetime
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -569,8 +490,6 @@ class EngineLock:
 
 
 __all__ = [
-    "BlobStore",
-    "BlobWriter",
     "EngineLock",
     "LineResult",
     "Store",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from batchspec.engine.errors import bad_request
-from batchspec.engine.store import BlobWriter
+from batchspec.storage.blobstore import BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32

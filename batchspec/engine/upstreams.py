@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 from batchspec.engine import jsonfast
 from batchspec.engine.http11 import ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
+from batchspec.wire.retry import retry_after_seconds
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -73,23 +74,6 @@ class Upstream(Protocol):
     ) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """``retry-after-ms`` or ``retry-after`` (seconds) as seconds; None if absent or a date."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None  # an HTTP date: rare for APIs; fall back to our own backoff
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ Invariants:
   again (the upstream gives no way to ask whether it saw a request).
 - A clean stop (``stop``) sends no new lines, lets in-flight ones finish for up to
   ``drain_timeout`` seconds, commits, and leaves batches ``in_progress`` to resume.
-- Retries: 408, 429 and 5xx answers, timeouts and connection failures are retried up to
+- Retries follow ``WorkerSettings.retry`` (``batchspec.wire.retry``, ``UPSTREAM_POLICY`` by
+  default): 408, 429 and 5xx answers, timeouts and connection failures are retried up to
   ``max_attempts`` in all, after ``Retry-After`` when the upstream sent one, else exponential
-  backoff with jitter; both are capped at ``retry_max_delay``.
+  backoff with jitter; both are capped at the policy's ``max_delay``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import contextlib
 import hashlib
 import heapq
 import logging
-import random
 import sys
 import threading
 import time
@@ -46,11 +46,11 @@ from batchspec.engine.store import LineResult, Store, StoredFile, Tokens, now
 from batchspec.engine.upstreams import Upstream, UpstreamResponse, UpstreamUnreachable
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, iter_requests, scan_batch_input
+from batchspec.wire.retry import UPSTREAM_POLICY, RetryPolicy
 
 log = logging.getLogger("batchspec.engine")
 
 T = TypeVar("T")
-RETRYABLE_STATUSES = frozenset({408, 429})
 MAX_REQUESTS_PER_BATCH = 50_000
 
 
@@ -60,9 +60,7 @@ class WorkerSettings:
 
     concurrency: int = 8
     request_timeout: float = 60.0
-    max_attempts: int = 5
-    retry_base_delay: float = 0.5
-    retry_max_delay: float = 30.0
+    retry: RetryPolicy = UPSTREAM_POLICY
     poll_interval: float = 0.5
     commit_interval: float = 0.05
     drain_timeout: float = 30.0
@@ -363,8 +361,9 @@ class Worker:
         url, body = request.get("url"), request.get("body")
         record_id = request_record_id(batch_id, line)
         failure: UpstreamResponse | tuple[str, str] = ("request_failed", "not attempted")
-        for attempt in range(settings.max_attempts):
-            delay = self._backoff(attempt)
+        policy = settings.retry
+        for attempt in range(policy.max_attempts):
+            retry_after: float | None = None
             try:
                 response = await _within(
                     self.upstream.send(url, body, custom_id=custom_id, attempt=attempt),
@@ -386,21 +385,17 @@ class Worker:
                         tokens_of(response.body),
                     )
                 failure = response
-                if not (response.status_code in RETRYABLE_STATUSES or response.status_code >= 500):
+                if not policy.retries_status(response.status_code):
                     break
-                if response.retry_after is not None:
-                    delay = min(response.retry_after, settings.retry_max_delay)
-            if attempt + 1 < settings.max_attempts:
-                await asyncio.sleep(delay)
+                retry_after = response.retry_after
+            if not policy.can_retry(attempt):
+                break
+            await asyncio.sleep(policy.delay(attempt, retry_after))
         if isinstance(failure, UpstreamResponse):
             record = self._response_record(record_id, custom_id, failure)
             return record, False, tokens_of(failure.body)
         code, message = failure
         return _error_record(record_id, custom_id, code, message), False, Tokens()
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.settings.retry_max_delay, self.settings.retry_base_delay * 2**attempt)
-        return ceiling * random.uniform(0.5, 1.0)
 
     @staticmethod
     def _response_record(record_id: str, custom_id: str, response: UpstreamResponse) -> bytes:

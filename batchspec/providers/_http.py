@@ -2,13 +2,14 @@
 
 What this module promises:
 
-- A request is retried after a transport error or timeout and after HTTP 408, 409, 429 and
-  every status >= 500, at most ``RetryPolicy.max_retries`` times. It is never retried after
+- Retries follow one ``RetryPolicy`` (``batchspec.wire.retry``; by default ``CLIENT_POLICY``,
+  the official SDK's rules): a request is retried after a transport error or timeout and
+  after HTTP 408, 409, 429 and every status >= 500, at most ``max_retries`` times; never after
   a 429 whose code is ``insufficient_quota`` (waiting does not buy quota), nor when the
   server answers ``x-should-retry: false``; ``x-should-retry: true`` forces a retry.
 - The wait before a retry honours ``retry-after-ms``, then ``Retry-After`` (seconds or an
-  HTTP date), capped at ``RetryPolicy.max_retry_after``; without them it backs off
-  exponentially from 0.5 s to 8 s with up to 25 % jitter, as the official SDK does.
+  HTTP date), capped at 60 s; without them it backs off exponentially from 0.5 s to 8 s with
+  up to 25 % jitter.
 - Requests that are not idempotent (creating a batch) can ask not to be retried when the
   outcome is *ambiguous* (the server may have acted: 5xx other than 503, a read timeout, a
   dropped connection); they get ``AmbiguousOutcome`` and decide themselves, so a retry
@@ -22,7 +23,6 @@ What this module promises:
 
 from __future__ import annotations
 
-import email.utils
 import os
 import random
 import re
@@ -37,9 +37,13 @@ import httpx
 
 from batchspec.errors import ProviderError
 from batchspec.providers.base import RemoteNotFound
+from batchspec.wire.retry import (
+    CLIENT_POLICY,
+    RetryPolicy,
+    retry_after_seconds,
+    should_retry_header,
+)
 
-#: statuses worth a retry (the official SDK's list); 429 ``insufficient_quota`` is excluded
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503})
 #: transport errors raised before the request could reach the server
@@ -58,68 +62,6 @@ _DOWNLOAD_CHUNK = 1024 * 1024
 
 class AmbiguousOutcome(ProviderError):
     """A non-idempotent request failed in a way that may have reached the server and acted."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to wait between attempts of one request."""
-
-    max_retries: int = 5
-    initial_delay: float = 0.5
-    max_delay: float = 8.0
-    max_retry_after: float = 60.0
-
-    def backoff(self, retries_done: int, rand: Callable[[], float] = random.random) -> float:
-        """Exponential delay before retry number ``retries_done + 1``, minus up to 25 % jitter."""
-        base = min(self.initial_delay * 2.0**retries_done, self.max_delay)
-        return base * (1.0 - 0.25 * rand())
-
-    def delay_for(
-        self,
-        response: httpx.Response | None,
-        retries_done: int,
-        *,
-        rand: Callable[[], float] = random.random,
-        now: Callable[[], float] = time.time,
-    ) -> float:
-        """The server's requested delay (capped) if it gave one, else the backoff."""
-        if response is not None:
-            asked = retry_after_seconds(response.headers, now=now)
-            if asked is not None:
-                return min(asked, self.max_retry_after)
-        return self.backoff(retries_done, rand)
-
-
-def retry_after_seconds(
-    headers: httpx.Headers, *, now: Callable[[], float] = time.time
-) -> float | None:
-    """Seconds the server asked us to wait: ``retry-after-ms``, then ``Retry-After``."""
-    millis = _as_float(headers.get("retry-after-ms"))
-    if millis is not None:
-        return max(millis / 1000.0, 0.0)
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    seconds = _as_float(value)
-    if seconds is not None:
-        return max(seconds, 0.0)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(when.timestamp() - now(), 0.0)
-
-
-def _as_float(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if number == number and number != float("inf") else None
 
 
 @dataclass(frozen=True)
@@ -157,17 +99,18 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def should_retry(response: httpx.Response, envelope: ErrorEnvelope | None = None) -> bool:
-    """Whether a failed response is worth another attempt (see the module docstring)."""
-    header = response.headers.get("x-should-retry", "").strip().lower()
-    if header == "false":
-        return False
+def should_retry(
+    response: httpx.Response,
+    envelope: ErrorEnvelope | None = None,
+    policy: RetryPolicy = CLIENT_POLICY,
+) -> bool:
+    """Whether a failed response is worth another attempt under ``policy``."""
     envelope = envelope or parse_error_envelope(response)
-    if response.status_code == 429 and envelope.code == "insufficient_quota":
-        return False
-    if header == "true":
-        return True
-    return response.status_code in RETRYABLE_STATUSES or response.status_code >= 500
+    return policy.retries_status(
+        response.status_code,
+        code=envelope.code,
+        should_retry=should_retry_header(response.headers),
+    )
 
 
 def is_ambiguous_status(status: int) -> bool:
@@ -197,7 +140,11 @@ class ErrorContext:
 
 
 def error_from_response(
-    response: httpx.Response, *, operation: str, context: ErrorContext
+    response: httpx.Response,
+    *,
+    operation: str,
+    context: ErrorContext,
+    policy: RetryPolicy = CLIENT_POLICY,
 ) -> ProviderError:
     """Turn a non-2xx response into a ``ProviderError`` with the provider's own words."""
     envelope = parse_error_envelope(response)
@@ -215,7 +162,7 @@ def error_from_response(
         status=status,
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
-        retryable=should_retry(response, envelope),
+        retryable=should_retry(response, envelope, policy),
     )
 
 
@@ -400,17 +347,17 @@ class RetryingClient:
         """
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
-        for retries_done in range(self._policy.max_retries + 1):
+        for retries_done in range(self._policy.max_attempts):
             response = self._send("GET", path, operation, True, headers, stream=True, kwargs={})
             try:
                 written = _write_body(response, partial)
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
-                if retries_done >= self._policy.max_retries:
+                if not self._policy.can_retry(retries_done):
                     raise error_from_transport(
                         exc, operation=operation, context=self._context, retryable=True
                     ) from exc
-                self._sleep(self._policy.backoff(retries_done, self._rand))
+                self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
             except httpx.HTTPError as exc:  # e.g. a body that fails to decode
                 partial.unlink(missing_ok=True)
@@ -443,8 +390,8 @@ class RetryingClient:
     ) -> httpx.Response:
         url = self._base_url + path
         merged = {**self._headers, **(headers or {})}
-        for retries_done in range(self._policy.max_retries + 1):
-            last = retries_done >= self._policy.max_retries
+        for retries_done in range(self._policy.max_attempts):
+            last = not self._policy.can_retry(retries_done)
             try:
                 request = self._client.build_request(method, url, headers=merged, **kwargs)
                 response = self._client.send(request, stream=stream)
@@ -457,19 +404,22 @@ class RetryingClient:
                     raise _as_ambiguous(error) from exc
                 if not retryable or last:
                     raise error from exc
-                self._sleep(self._policy.backoff(retries_done, self._rand))
+                self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
             if response.is_success:
                 return response
             if stream:
                 response.read()
                 response.close()
-            error = error_from_response(response, operation=operation, context=self._context)
+            error = error_from_response(
+                response, operation=operation, context=self._context, policy=self._policy
+            )
             if error.retryable and not retry_ambiguous and is_ambiguous_status(error.status or 0):
                 raise _as_ambiguous(error)
             if not error.retryable or last:
                 raise error
-            self._sleep(self._policy.delay_for(response, retries_done, rand=self._rand))
+            retry_after = retry_after_seconds(response.headers)
+            self._sleep(self._policy.delay(retries_done, retry_after, rand=self._rand))
         raise AssertionError("unreachable: the loop returns or raises")
 
 

@@ -64,7 +64,6 @@ from batchspec.providers._http import (
     AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
-    RetryPolicy,
     display_url,
     json_object,
     quote_id,
@@ -86,11 +85,12 @@ from batchspec.providers.base import (
 )
 from batchspec.wire import anthropic_lines
 from batchspec.wire.inputs import iter_requests
+from batchspec.wire.retry import client_policy
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
-MAX_REQUESTS = 100_000
-MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_REQUESTS = anthropic_lines.MAX_BATCH_REQUESTS
+MAX_BODY_BYTES = anthropic_lines.MAX_BATCH_BODY_BYTES
 BATCHES = "/v1/messages/batches"
 RESULTS_PREFIX = "results:"
 #: how far before a lost create's journal time a batch may be dated and still be its own
@@ -147,7 +147,7 @@ class AnthropicProvider:
         self.base_url = base_url.rstrip("/")
         self.data_dir = Path(data_dir)
         self.default_max_tokens = default_max_tokens or anthropic_lines.DEFAULT_MAX_TOKENS
-        self._policy = RetryPolicy(max_retries=max_retries)
+        self._policy = client_policy(max_retries)
         self._sleep = sleep
         self._rand = rand
         self._clock = clock
@@ -352,7 +352,7 @@ class AnthropicProvider:
 
     def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
-        for retries_done in range(self._policy.max_retries + 1):
+        for retries_done in range(self._policy.max_attempts):
             try:
                 response = self._http.request(
                     "POST",
@@ -366,9 +366,9 @@ class AnthropicProvider:
                 made = self._made_by_lost(entry)
                 if made is not None:
                     return made
-                if retries_done >= self._policy.max_retries:
+                if not self._policy.can_retry(retries_done):
                     raise
-                self._sleep(self._policy.backoff(retries_done, self._rand))
+                self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
             data = self._json(response, "create batch")
             self._journal.confirm(entry.key, str(data["id"]))

@@ -30,7 +30,6 @@ from batchspec.providers._http import (
     AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
-    RetryPolicy,
     display_url,
     json_object,
     quote_id,
@@ -43,6 +42,7 @@ from batchspec.providers.base import (
     parse_batch,
     parse_file,
 )
+from batchspec.wire.retry import client_policy
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: what a base URL must be (said when a body is not the JSON expected)
@@ -77,7 +77,7 @@ class OpenAIProvider:
         require_http_url(name, base_url, where="baseUrl in batchspec.yaml or OPENAI_BASE_URL")
         self.name = name
         self.base_url = base_url.rstrip("/")
-        self._policy = RetryPolicy(max_retries=max_retries)
+        self._policy = client_policy(max_retries)
         self._sleep = sleep
         self._rand = rand
         owns_client = client is None
@@ -163,7 +163,7 @@ class OpenAIProvider:
             "metadata": dict(metadata),
         }
         first_sent = time.time()
-        for retries_done in range(self._policy.max_retries + 1):
+        for retries_done in range(self._policy.max_attempts):
             try:
                 response = self._http.request(
                     "POST",
@@ -176,9 +176,9 @@ class OpenAIProvider:
                 made = self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW)
                 if made is not None:
                     return made
-                if retries_done >= self._policy.max_retries:
+                if not self._policy.can_retry(retries_done):
                     raise
-                self._sleep(self._policy.backoff(retries_done, self._rand))
+                self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
             return parse_batch(json_object(response, "create batch", self.name, api_root=_API_ROOT))
         raise AssertionError("unreachable: the loop returns or raises")

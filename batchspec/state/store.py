@@ -37,7 +37,6 @@ Promises:
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -51,10 +50,10 @@ from sqlite_utils.migrations import Migrations
 
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
+from batchspec.storage.private import create_private_file, restrict_sqlite_siblings
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
 BUSY_TIMEOUT_SECONDS = 30.0
-DB_FILE_MODE = 0o600
 MIGRATION_SET = "batchspec"
 
 GENERATION_STATUSES = frozenset(
@@ -520,7 +519,7 @@ class StateStore:
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _create_private_file(path)
+            create_private_file(path)
             # isolation_level=None: no implicit transactions, so a write outside atomic() (say
             # a raw executemany) commits at once instead of leaving a transaction open that
             # a later atomic() would join as a savepoint and never commit.
@@ -537,7 +536,7 @@ class StateStore:
         except BaseException:
             conn.close()
             raise
-        _restrict_siblings(path)
+        restrict_sqlite_siblings(path)
         return store
 
     def _configure(self) -> None:
@@ -1143,29 +1142,6 @@ def _check_fields(method: str, fields: Mapping[str, Any], allowed: frozenset[str
 
 def _changed(old: object, fields: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if getattr(old, name) != value}
-
-
-def _create_private_file(path: Path) -> None:
-    """Create ``path`` mode 0600 before SQLite does, so it is never readable by others."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, DB_FILE_MODE)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, DB_FILE_MODE)  # os.open's mode is filtered by the umask; be exact
-    finally:
-        os.close(fd)
-
-
-def _restrict_siblings(path: Path) -> None:
-    """Keep the -wal and -shm files as private as the database (SQLite copies its mode)."""
-    for suffix in ("-wal", "-shm", "-journal"):
-        sibling = path.with_name(path.name + suffix)
-        try:
-            if sibling.stat().st_mode & 0o077:
-                os.chmod(sibling, DB_FILE_MODE)
-        except (FileNotFoundError, PermissionError):
-            continue
 
 
 __all__ = [

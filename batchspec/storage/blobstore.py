@@ -1,26 +1,63 @@
-"""A content-addressed store of downloaded result files, under the state folder.
+"""The one content-addressed blob store: the state's result store and the engine's files.
 
-Invariant 2 of DESIGN.md ("never lose a result"): every output and error file is written
-here, named by its sha256, *before* anything else is done with it, so the result files in
-the workspace can be rewritten from here at any time, even after the provider has expired
-its copy. Blobs are immutable; writing one that exists is a no-op. Layout:
-``<root>/<sha[:2]>/<sha>``; partial downloads live in ``<root>/tmp/`` until hashed.
+A blob is immutable content named by its sha256. Both sides of batchspec keep blobs here:
+
+- the state's result store (``state/store/``): invariant 2 of DESIGN.md ("never lose a
+  result"): every downloaded output and error file is written here *before* anything else is
+  done with it, so the result files in the workspace can be rewritten from here at any time;
+- the local engine's files (``<data>/files/``): uploads, request files and result files.
+
+Layout (unchanged since the first release of either side, so existing folders stay readable)::
+
+    <root>/<sha[:2]>/<sha>     one blob per distinct content
+    <tmp>/                     writes in progress (``<root>/tmp`` unless told otherwise)
+
+Promises:
+
+- A blob path always holds complete content whose sha256 is its name: content is written to
+  ``<tmp>/``, hashed while it streams, and renamed into place only when complete. Filing a
+  blob that exists already leaves the existing one alone.
+- Blobs hold full requests and answers, so they are private whatever the umask: files 0600,
+  the folders the store creates 0700 (see ``private.py``).
+- ``BlobWriter`` can cap a write (``max_bytes``): the moment the content passes the cap it
+  drops what it wrote and raises ``BlobTooLargeError`` (or the caller's own error).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+from batchspec.errors import BatchspecError
+from batchspec.storage.private import (
+    PRIVATE_FILE_MODE,
+    create_private_file,
+    ensure_private_dir,
+    open_new_file,
+)
 
 CHUNK = 1 << 20
 
 
+class BlobTooLargeError(BatchspecError):
+    """A capped blob write passed its cap; ``limit`` is the cap in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The content is too large: the limit is {limit} bytes.")
+        self.limit = limit
+
+
 class BlobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    """Content-addressed files under ``root``; writes in progress under ``tmp_dir``."""
+
+    def __init__(self, root: Path, *, tmp_dir: Path | None = None) -> None:
+        self.root = Path(root)
+        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else self.root / "tmp"
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -28,26 +65,125 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def writer(
+        self,
+        max_bytes: int | None = None,
+        *,
+        too_large: Callable[[int], Exception] = BlobTooLargeError,
+    ) -> BlobWriter:
+        """A streaming write (``write``/``copy_from``, then ``commit`` or ``discard``).
+
+        Past ``max_bytes`` the write is dropped and ``too_large(max_bytes)`` raised (callers
+        pass their own error, e.g. the engine's HTTP 413).
+        """
+        return BlobWriter(self, max_bytes, too_large)
+
     def put_from(self, write: Callable[[Path], object]) -> str:
         """Let ``write(tmp_path)`` produce a file, then file it under its sha256."""
-        tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-        os.close(fd)
-        tmp = Path(name)
+        tmp = self._new_tmp_path()
         try:
+            create_private_file(tmp)
             write(tmp)
+            os.chmod(tmp, PRIVATE_FILE_MODE)  # in case ``write`` replaced the file
             sha = sha256_file(tmp)
-            dest = self.path(sha)
-            if dest.exists():
-                tmp.unlink()
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, dest)
+            self._file(tmp, sha)
             return sha
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def remove(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(sha256).unlink()
+
+    def clean_tmp(self) -> None:
+        """Drop leftovers of writes a crashed process did not finish (call with no writer open)."""
+        if not self.tmp_dir.is_dir():
+            return
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _new_tmp_path(self) -> Path:
+        ensure_private_dir(self.root)
+        ensure_private_dir(self.tmp_dir)
+        return self.tmp_dir / f"part-{uuid.uuid4().hex}"
+
+    def _file(self, tmp: Path, sha256: str) -> None:
+        """Move a complete temporary file to its content-addressed place."""
+        dest = self.path(sha256)
+        if dest.exists():
+            tmp.unlink()
+            return
+        ensure_private_dir(dest.parent)
+        os.replace(tmp, dest)
+
+
+class BlobWriter:
+    """Streams content to a temporary file, hashing and counting it, under an optional cap."""
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        max_bytes: int | None,
+        too_large: Callable[[int], Exception] = BlobTooLargeError,
+    ) -> None:
+        self._blobs = blobs
+        self._max_bytes = max_bytes
+        self._too_large = too_large
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.tmp_path = blobs._new_tmp_path()
+        self._fh: BinaryIO | None = open_new_file(self.tmp_path, PRIVATE_FILE_MODE)
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._max_bytes is not None and self.size > self._max_bytes:
+            self.discard()
+            raise self._too_large(self._max_bytes)
+        self._hash.update(chunk)
+        assert self._fh is not None, "blob already committed or discarded"
+        self._fh.write(chunk)
+
+    def copy_from(self, source: BinaryIO) -> None:
+        while chunk := source.read(CHUNK):
+            self.write(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> str:
+        """Move the content into its content-addressed place; return its sha256."""
+        assert self._fh is not None, "blob already committed or discarded"
+        self._fh.close()
+        self._fh = None
+        digest = self.sha256
+        try:
+            self._blobs._file(self.tmp_path, digest)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        return digest
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self.discard()
 
 
 def sha256_file(path: Path) -> str:
@@ -59,14 +195,27 @@ def sha256_file(path: Path) -> str:
 
 
 def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
-    """Write ``dest`` through a temporary sibling and a rename, so readers never see half."""
+    """Write ``dest`` through a temporary sibling and a rename, so readers never see half.
+
+    The file is the user's (a result file in the workspace): it gets the mode any new file of
+    theirs gets, ``0666 & ~umask``, applied by the kernel when the temporary file is created.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+__all__ = [
+    "CHUNK",
+    "BlobStore",
+    "BlobTooLargeError",
+    "BlobWriter",
+    "sha256_file",
+    "write_atomically",
+]

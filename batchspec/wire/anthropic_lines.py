@@ -64,6 +64,9 @@ CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MESSAGES_ENDPOINT = "/v1/messages"
 CHAT_ENDPOINT = "/v1/chat/completions"
 DEFAULT_MAX_TOKENS = 4096
+#: Message Batches limits (Anthropic's documentation): requests per batch, bytes per create body
+MAX_BATCH_REQUESTS = 100_000
+MAX_BATCH_BODY_BYTES = 256 * 1024 * 1024
 
 #: HTTP status for each Anthropic error type (their documented statuses)
 ERROR_STATUS = {

@@ -1,0 +1,88 @@
+"""The one blob store (storage.blobstore) and the private-file helpers (storage.private)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchspec.storage.blobstore import BlobStore, BlobTooLargeError, write_atomically
+
+
+@pytest.fixture(params=[0o000, 0o022], ids=["umask-000", "umask-022"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_put_from_files_content_under_its_sha256_privately(tmp_path: Path, umask: int) -> None:
+    """A blob filed by put_from (the result store's download path) is 0600 in 0700 folders,
+    even when the writer replaced the temporary file with one of its own."""
+    blobs = BlobStore(tmp_path / "store")
+
+    def download(tmp: Path) -> None:  # as RetryingClient.download does: write, then rename
+        partial = tmp.with_name(tmp.name + ".part")
+        partial.write_bytes(b"answer\n")
+        os.replace(partial, tmp)
+
+    sha = blobs.put_from(download)
+    assert sha == hashlib.sha256(b"answer\n").hexdigest()
+    assert blobs.path(sha) == tmp_path / "store" / sha[:2] / sha
+    assert blobs.path(sha).read_bytes() == b"answer\n"
+    assert mode(blobs.path(sha)) == 0o600
+    assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
+
+
+def test_a_streamed_write_is_hashed_counted_and_deduplicated(tmp_path: Path) -> None:
+    """The streaming writer names the blob by its sha256, counts its size, and filing the same
+    content twice keeps one blob and leaves no temporary file."""
+    blobs = BlobStore(tmp_path / "files", tmp_dir=tmp_path / "tmp")
+    shas = []
+    for _ in range(2):
+        with blobs.writer() as writer:
+            writer.write(b"abc")
+            writer.write(b"def")
+            shas.append(writer.commit())
+        assert writer.size == 6
+    assert shas[0] == shas[1] == hashlib.sha256(b"abcdef").hexdigest()
+    assert blobs.size(shas[0]) == 6
+    assert list((tmp_path / "tmp").iterdir()) == []
+    blobs.remove(shas[0])
+    assert not blobs.has(shas[0])
+
+
+def test_a_capped_write_stops_at_the_cap_and_leaves_nothing(tmp_path: Path) -> None:
+    """Passing max_bytes raises (the default error or the caller's) and drops the partial file."""
+    blobs = BlobStore(tmp_path / "files", tmp_dir=tmp_path / "tmp")
+    writer = blobs.writer(max_bytes=4)
+    writer.write(b"1234")
+    with pytest.raises(BlobTooLargeError) as caught:
+        writer.write(b"5")
+    assert caught.value.limit == 4
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    class Refused(Exception):
+        pass
+
+    with pytest.raises(Refused):
+        blobs.writer(max_bytes=1, too_large=lambda limit: Refused(limit)).write(b"12")
+
+
+def test_write_atomically_gives_the_user_s_file_the_umask_mode(tmp_path: Path, umask: int) -> None:
+    """A result file in the workspace is 0666 & ~umask, like any file the user creates."""
+    dest = tmp_path / "results" / "out.jsonl"
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"x\n"))
+    assert dest.read_bytes() == b"x\n"
+    assert mode(dest) == 0o666 & ~umask
+    assert [p.name for p in dest.parent.iterdir()] == ["out.jsonl"]
