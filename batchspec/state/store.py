@@ -24,7 +24,8 @@ Promises:
 
 * The database file is created mode 0600 (and its WAL siblings kept 0600), in WAL mode, with
   foreign keys on and a 30 s busy timeout. Migrations are named (``m001_initial``, ...),
-  recorded in ``_sqlite_migrations`` and applied once, under a write lock.
+  recorded in ``_sqlite_migrations`` and applied once, in one transaction under the write
+  lock, by the one runner, ``batchspec.storage.migrations``.
 * Every public write method is one transaction; inside ``atomic()`` it joins the caller's.
   The outermost transaction starts with BEGIN IMMEDIATE, so read-then-write sequences never
   fail half way with SQLITE_BUSY, and two processes never both pass a check (the lock relies
@@ -39,7 +40,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,10 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
+from batchspec.storage.migrations import Migrations, run_script
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -272,12 +273,6 @@ def _lock_row(d: Mapping[str, Any]) -> LockRow:
 # Migrations. Never edit one that has shipped: add m002_..., m003_... instead.
 
 MIGRATIONS = Migrations(MIGRATION_SET)
-_KNOWN_MIGRATIONS: list[str] = []
-
-
-def _migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
-    _KNOWN_MIGRATIONS.append(fn.__name__)
-    return MIGRATIONS()(fn)
 
 
 _SERIAL_TABLES = ("resources", "generations", "batches", "files")
@@ -415,10 +410,10 @@ def _serial_triggers(table: str) -> str:
     )
 
 
-@_migration
-def m001_initial(db: Database) -> None:
+@MIGRATIONS
+def m001_initial(conn: sqlite3.Connection) -> None:
     """Runs, resources, generations, files, batches, the append-only events, the lock."""
-    db.executescript(_M001_SQL + "\n".join(_serial_triggers(t) for t in _SERIAL_TABLES))
+    run_script(conn, _M001_SQL + "\n".join(_serial_triggers(t) for t in _SERIAL_TABLES))
 
 
 _M002_SQL = """
@@ -443,23 +438,24 @@ CREATE INDEX requests_shard ON requests(generation_id, shard, state);
 """
 
 
-@_migration
-def m002_request_ledger(db: Database) -> None:
+@MIGRATIONS
+def m002_request_ledger(conn: sqlite3.Connection) -> None:
     """The request ledger (batchspec.state.ledger): one row per request of a generation.
 
     No serial triggers here: ledger rows change only together with a batch or generation
     row, which bumps the serial, and a trigger per row would slow 50,000-row inserts.
     """
-    db.executescript(_M002_SQL)
+    run_script(conn, _M002_SQL)
 
 
-@_migration
-def m003_request_fingerprints(db: Database) -> None:
+@MIGRATIONS
+def m003_request_fingerprints(conn: sqlite3.Connection) -> None:
     """``requests.request_sha``: the sha256 of each request line, so a new generation can
     keep the results of requests that did not change (row-level incremental apply)."""
-    db.executescript(
+    run_script(
+        conn,
         "ALTER TABLE requests ADD COLUMN request_sha TEXT;"
-        "CREATE INDEX requests_fingerprint ON requests(custom_id, request_sha);"
+        "CREATE INDEX requests_fingerprint ON requests(custom_id, request_sha);",
     )
 
 
@@ -554,20 +550,13 @@ class StateStore:
             raise StateError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
 
     def _migrate(self) -> None:
-        unknown = [m.name for m in MIGRATIONS.applied(self.db) if m.name not in _KNOWN_MIGRATIONS]
-        if unknown:
-            raise StateError(
-                f"{self.path} was written by a newer batchspec (unknown migrations: "
-                f"{', '.join(unknown)}); upgrade batchspec to use it"
-            )
-        if not MIGRATIONS.pending(self.db):
-            return  # the cheap path: an up-to-date database takes no write lock
-        with self.atomic():  # BEGIN IMMEDIATE: concurrent openers migrate one at a time
-            MIGRATIONS.apply(self.db)
+        # an up-to-date database is only read; otherwise one BEGIN IMMEDIATE transaction, so
+        # concurrent openers migrate one at a time (batchspec.storage.migrations)
+        MIGRATIONS.apply(self.db.conn)
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations applied to this database, in order."""
-        return [m.name for m in MIGRATIONS.applied(self.db)]
+        return MIGRATIONS.applied(self.db.conn)
 
     def close(self) -> None:
         self.db.close()
