@@ -58,7 +58,6 @@ from batchspec.core.sharding import (
 )
 from batchspec.errors import BatchspecError
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
-from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import (
     BatchRow,
     GenerationRow,
@@ -118,7 +117,7 @@ class Reconciler:
         self.clock = clock
         # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit
         self.may_spend = may_spend
-        self.ledger = RequestLedger(store.db)
+        self.ledger = store.ledger()
         self.blobs = BlobStore(project.state_path.parent / "store")
         self.shard_dir = project.state_path.parent / "shards"
 
