@@ -22,6 +22,7 @@ from batchspec.state.records import (
     check_fields,
     dump_json,
     epoch_or_iso,
+    known_columns,
     last_row_id,
     load_json,
     parse_timestamp,
@@ -93,7 +94,9 @@ class BatchRow:
 
 
 def _batch_row(d: Mapping[str, Any]) -> BatchRow:
-    return BatchRow(**{**d, "provider_errors": load_json(d["provider_errors"])})
+    return BatchRow(
+        **{**known_columns(BatchRow, d), "provider_errors": load_json(d["provider_errors"])}
+    )
 
 
 _BATCH_FIELDS = frozenset(
@@ -259,7 +262,7 @@ class BatchesAndFiles(StateConnection):
 
     def get_file(self, provider: str, sha256: str) -> FileRow | None:
         row = self._one("SELECT * FROM files WHERE provider = ? AND sha256 = ?", (provider, sha256))
-        return None if row is None else FileRow(**row)
+        return None if row is None else FileRow(**known_columns(FileRow, row))
 
     def record_file(
         self,

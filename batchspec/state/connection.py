@@ -8,6 +8,9 @@ This is the only module that knows how the SQLite file is opened: a second backe
 
 Promises:
 
+* Only a missing file starts a fresh store, built beside the path and linked in whole. An
+  empty, truncated or foreign file is refused (``StateError``, pointing at a backup), never
+  taken for an empty state: that would submit, and pay for, everything again.
 * The database file is created mode 0600 (and its WAL siblings kept 0600), in WAL mode, with
   foreign keys on and a 30 s busy timeout; the schema is migrated on open
   (``batchspec.state.schema``).
@@ -21,6 +24,7 @@ Promises:
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -49,11 +53,18 @@ class StateConnection:
 
     @classmethod
     def open(cls: type[_Conn], path: Path) -> _Conn:
-        """Open (creating if needed, mode 0600) and migrate the state database at ``path``."""
+        """Open and migrate the state database at ``path``; a missing file starts a fresh one.
+
+        Anything else at ``path`` that is not a batchspec state database (empty, not SQLite,
+        damaged, another application's) is refused with a ``StateError``, never taken for
+        an empty state: that would submit, and pay for, everything again.
+        """
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _create_private_file(path)
+            if not path.exists():
+                _create_fresh(path)
+            _check_header(path)
             # isolation_level=None: no implicit transactions, so a write outside atomic() (say
             # a raw executemany) commits at once instead of leaving a transaction open that
             # a later atomic() would join as a savepoint and never commit.
@@ -65,6 +76,7 @@ class StateConnection:
             ) from err
         store = cls(Database(conn), path)
         try:
+            store._check_history()
             store._configure()
             store._migrate()
         except BaseException:
@@ -73,16 +85,31 @@ class StateConnection:
         _restrict_siblings(path)
         return store
 
+    def _check_history(self) -> None:
+        """Refuse, by reading only, a database that batchspec's migrations never touched."""
+        conn = self.db.conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            if MIGRATIONS.applied(conn):
+                return
+            tables = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+                )
+            ]
+        except sqlite3.DatabaseError as err:
+            raise _not_a_state(self.path, f"damaged or truncated ({err})") from err
+        found = f"it has: {', '.join(tables[:8])}" if tables else "it has no tables"
+        raise _not_a_state(self.path, f"an SQLite database without batchspec's tables ({found})")
+
     def _configure(self) -> None:
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             self.db.execute("PRAGMA foreign_keys = ON")
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.DatabaseError as err:
-            raise StateError(
-                f"{self.path} is not a usable batchspec state database ({err}); "
-                "move it away, or set state.path in batchspec.yaml to another file"
-            ) from err
+            raise _not_a_state(self.path, f"damaged or truncated ({err})") from err
         if str(mode).lower() != "wal":
             raise StateError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
 
@@ -166,6 +193,58 @@ class StateConnection:
         self.db.execute(
             f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
         )
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _not_a_state(path: Path, what: str) -> StateError:
+    return StateError(
+        f"{path} is {what}, so it is not a batchspec state database. batchspec will not start "
+        "a fresh state in its place: the state is the record of which batches were submitted "
+        "and paid for, and without it everything would be submitted, and paid for, again. If "
+        "this file should hold the state, restore it from a backup; if batchspec is looking "
+        "at the wrong file, set state.path in batchspec.yaml (or --state, BATCHSPEC_STATE). "
+        "Delete the file only if nothing was ever applied with it."
+    )
+
+
+def _check_header(path: Path) -> None:
+    """Refuse an empty file, or one that is not SQLite, before SQLite sees it."""
+    with open(path, "rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if not header:
+        raise _not_a_state(path, "empty (0 bytes)")
+    if header != SQLITE_HEADER:
+        raise _not_a_state(path, "not an SQLite database (it does not start with SQLite's header)")
+
+
+def _create_fresh(path: Path) -> None:
+    """Build a new, migrated database beside ``path`` and link it into place whole.
+
+    So the path never holds a half-made (say empty) database that a crash could leave behind
+    or a concurrent opener could find and refuse. The link never replaces a file: if another
+    process got there first, its database is the one both use.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    _create_private_file(tmp)
+    try:
+        conn = sqlite3.connect(tmp, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            MIGRATIONS.apply(conn)
+        finally:
+            conn.close()  # the last connection: checkpoints the WAL into the file
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
 
 
 def _create_private_file(path: Path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchspec.state.connection import StateConnection
+from batchspec.state.records import known_columns
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class LockRow:
 
 
 def _lock_row(d: Mapping[str, Any]) -> LockRow:
-    return LockRow(**{k: v for k, v in d.items() if k != "id"})
+    return LockRow(**known_columns(LockRow, d))
 
 
 class LockRows(StateConnection):

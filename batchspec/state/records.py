@@ -8,6 +8,8 @@ strings.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sqlite3
 from collections.abc import Mapping
@@ -33,6 +35,21 @@ def epoch_or_iso(value: int | float | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return utc_timestamp(datetime.fromtimestamp(value, timezone.utc))
+
+
+def known_columns(row_class: type, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of ``row`` that ``row_class`` (a dataclass) has fields for.
+
+    A column this version does not know (added by hand, or by a tool) is ignored, not a
+    TypeError on every read; a newer schema is caught by its migrations, not here.
+    """
+    names = _field_names(row_class)
+    return {name: value for name, value in row.items() if name in names}
+
+
+@functools.cache
+def _field_names(row_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(row_class))
 
 
 def dump_json(value: Any) -> str:

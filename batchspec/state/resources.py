@@ -17,6 +17,7 @@ from batchspec.state.records import (
     changed_fields,
     check_fields,
     dump_json,
+    known_columns,
     last_row_id,
     load_json,
     utc_timestamp,
@@ -65,11 +66,11 @@ class GenerationRow:
 
 
 def _resource_row(d: Mapping[str, Any]) -> ResourceRow:
-    return ResourceRow(**{**d, "labels": load_json(d["labels"])})
+    return ResourceRow(**{**known_columns(ResourceRow, d), "labels": load_json(d["labels"])})
 
 
 def _generation_row(d: Mapping[str, Any]) -> GenerationRow:
-    return GenerationRow(**{**d, "spec": load_json(d["spec"])})
+    return GenerationRow(**{**known_columns(GenerationRow, d), "spec": load_json(d["spec"])})
 
 
 _GENERATION_FIELDS = frozenset(

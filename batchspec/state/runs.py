@@ -12,7 +12,14 @@ from typing import Any
 
 from batchspec.errors import StateError
 from batchspec.state.connection import StateConnection
-from batchspec.state.records import dump_json, last_row_id, load_json, utc_timestamp, where_clause
+from batchspec.state.records import (
+    dump_json,
+    known_columns,
+    last_row_id,
+    load_json,
+    utc_timestamp,
+    where_clause,
+)
 from batchspec.state.runinfo import RunInfo
 
 
@@ -50,12 +57,16 @@ class EventRow:
 def _run_row(d: Mapping[str, Any]) -> RunRow:
     dirty = d["git_dirty"]
     return RunRow(
-        **{**d, "args": load_json(d["args"]), "git_dirty": None if dirty is None else bool(dirty)}
+        **{
+            **known_columns(RunRow, d),
+            "args": load_json(d["args"]),
+            "git_dirty": None if dirty is None else bool(dirty),
+        }
     )
 
 
 def _event_row(d: Mapping[str, Any]) -> EventRow:
-    return EventRow(**{**d, "detail": load_json(d["detail"]) or {}})
+    return EventRow(**{**known_columns(EventRow, d), "detail": load_json(d["detail"]) or {}})
 
 
 class RunsAndEvents(StateConnection):

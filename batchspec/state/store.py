@@ -30,6 +30,9 @@ Promises:
   The outermost transaction starts with BEGIN IMMEDIATE, so read-then-write sequences never
   fail half way with SQLITE_BUSY, and two processes never both pass a check (the lock relies
   on this).
+* Only a missing file starts a fresh store. An empty, truncated or foreign file at the path
+  is refused with a StateError that points at a backup, never taken for an empty state
+  (that would submit, and pay for, everything again). Columns we do not know are ignored.
 * Timestamps are ISO-8601 UTC strings ending in 'Z' (``utc_timestamp``).
 * Nothing here takes, reads or stores an API key or the environment.
 * A ``StateStore`` is one connection: use it from one thread only.
