@@ -256,7 +256,12 @@ def test_database_uses_wal_and_named_migrations(tmp_path):
     db = sqlite3.connect(tmp_path / "engine.db")
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        names = [r[0] for r in db.execute("SELECT name FROM migrations")]
+        names = [
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM _sqlite_migrations WHERE migration_set = 'engine'"
+            )
+        ]
     finally:
         db.close()
     assert names == ["m001_initial"]

@@ -123,8 +123,8 @@ def test_migrations_are_named_recorded_and_applied_once(db_path: Path) -> None:
 def test_older_database_is_upgraded_in_place(db_path: Path) -> None:
     """A database left at m001_initial gets the later migrations on open, keeping its rows."""
     db_path.parent.mkdir(parents=True)
-    with Database(db_path) as old:
-        MIGRATIONS.apply(old, stop_before="m002_request_ledger")
+    with Database(sqlite3.connect(db_path, isolation_level=None)) as old:
+        MIGRATIONS.apply(old.conn, stop_before="m002_request_ledger")
         old.execute("INSERT INTO events (at, action, detail) VALUES ('t', 'old', '{}')")
         assert "requests" not in old.table_names()
     with StateStore.open(db_path) as s:

@@ -39,7 +39,6 @@ from batchspec.core.session import (
 )
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import ConsentError, ManifestError, UsageError
-from batchspec.state.ledger import RequestLedger
 from batchspec.state.lock import acquire_lock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
@@ -272,7 +271,7 @@ def compute_plan(
     include_orphans: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> Plan:
-    recorded = load_recorded(store, RequestLedger(store.db), requeue_backoff=backoff)
+    recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [desired_resource(r, facts[r.name]) for r in resources]

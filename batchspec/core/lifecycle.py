@@ -43,7 +43,6 @@ from batchspec.core.session import (
 from batchspec.core.sharding import assign_shards, fits_one_shard, ledger_rows
 from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
 from batchspec.providers.base import Provider, RemoteBatch
-from batchspec.state.ledger import RequestLedger
 from batchspec.state.lock import LockHolder, acquire_lock, force_unlock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import GenerationRow, StateStore
@@ -244,7 +243,7 @@ def record_import(
     verified: bool,
 ) -> GenerationRow:
     """Generation, ledger, batch row bound to the remote id and the events: one transaction."""
-    ledger = RequestLedger(store.db)
+    ledger = store.ledger()
     with store.atomic():
         store.upsert_resource(
             res.name,

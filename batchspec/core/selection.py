@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from batchspec.core.plan import ActionKind, DesiredResource, RecordedResource, make_plan
 from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
 from batchspec.errors import ManifestError, UsageError
-from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import StateStore
 from batchspec.workspace.manifest import Resource, Workspace
 
@@ -123,9 +122,7 @@ def modified_resources(
     recorded: dict[str, RecordedResource] = {}
     if ws.project.state_path.exists():
         with StateStore.open(ws.project.state_path) as store:
-            recorded = load_recorded(
-                store, RequestLedger(store.db), requeue_backoff=requeue_backoff
-            )
+            recorded = load_recorded(store, store.ledger(), requeue_backoff=requeue_backoff)
     return planned_changes(ws.resources, recorded, now=time.time())
 
 

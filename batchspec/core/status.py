@@ -20,7 +20,6 @@ from batchspec.core.reconcile import desired_resource
 from batchspec.core.recorded import load_recorded, observe_disk
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
-from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, load_workspace
@@ -74,7 +73,7 @@ def resource_statuses(
     *,
     include_orphans: bool = False,
 ) -> list[ResourceStatus]:
-    recorded = load_recorded(store, RequestLedger(store.db))
+    recorded = load_recorded(store, store.ledger())
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [
         desired_resource(r, facts[r.name])

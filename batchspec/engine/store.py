@@ -2,7 +2,8 @@
 
 Layout under the data folder::
 
-    engine.db                  SQLite (WAL): files, batches, results, migrations
+    engine.db                  SQLite (WAL): files, batches, results; schema by
+                               batchspec.storage.migrations (set "engine")
     files/ab/abcdef…           one blob per distinct content, named by its sha256
     tmp/                       uploads and result files while they are being written
     engine.lock                held (flock) by the one engine process using the folder
@@ -34,13 +35,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchspec.errors import StateLockedError
 from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.migrations import Migrations, run_script, table_exists
 from batchspec.storage.private import (
     create_private_file,
     ensure_private_dir,
@@ -55,15 +57,21 @@ _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 # SQLite
 
 
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    # Not executescript(): it commits first, which would break the migration's transaction.
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
+def _adopt_legacy_history(db: sqlite3.Connection) -> list[str]:
+    """Engine databases made before the shared runner kept their own ``migrations`` table."""
+    if not table_exists(db, "migrations"):
+        return []
+    names = [row[0] for row in db.execute("SELECT name FROM migrations ORDER BY rowid")]
+    db.execute("DROP TABLE migrations")
+    return names
 
 
+MIGRATIONS = Migrations("engine", adopt=_adopt_legacy_history)
+
+
+@MIGRATIONS
 def m001_initial(db: sqlite3.Connection) -> None:
-    _run_script(
+    run_script(
         db,
         """
         CREATE TABLE files (
@@ -123,9 +131,6 @@ def m001_initial(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID;
         """,
     )
-
-
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial]
 
 
 @dataclass(frozen=True)
@@ -225,18 +230,8 @@ class Store:
         self._local = threading.local()
 
     def _migrate(self) -> None:
-        with self.write() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at INTEGER)"
-            )
-            applied = {row[0] for row in db.execute("SELECT name FROM migrations")}
-            for migration in MIGRATIONS:
-                if migration.__name__ not in applied:
-                    migration(db)
-                    db.execute(
-                        "INSERT INTO migrations (name, applied_at) VALUES (?, ?)",
-                        (migration.__name__, now()),
-                    )
+        with self._write_lock:
+            MIGRATIONS.apply(self.db)
 
     # -- files -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ so it travels with it)::
 
     files/<sha256>.jsonl    an input as "uploaded": a copy, named by its content's sha256
     journal.db              SQLite: one row per create, keyed by the batch's metadata
+                            (schema by batchspec.storage.migrations, set "anthropic-journal")
 
 Invariants:
 
@@ -31,11 +32,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchspec.storage.migrations import Migrations, table_exists
+
 STAGED_PREFIX = "staged-"
 _CHUNK = 1024 * 1024
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS creates (
+
+def _adopt_legacy_journal(db: sqlite3.Connection) -> list[str]:
+    """Journals made before the shared runner have the ``creates`` table and no history."""
+    return ["m001_initial"] if table_exists(db, "creates") else []
+
+
+MIGRATIONS = Migrations("anthropic-journal", adopt=_adopt_legacy_journal)
+MIGRATIONS.script(
+    "m001_initial",
+    """
+CREATE TABLE creates (
     key TEXT PRIMARY KEY,
     metadata TEXT NOT NULL,
     endpoint TEXT NOT NULL,
@@ -45,7 +57,8 @@ CREATE TABLE IF NOT EXISTS creates (
     started_at REAL NOT NULL,
     remote_id TEXT UNIQUE
 )
-"""
+""",
+)
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ class Journal:
         self._db = sqlite3.connect(root / "journal.db", isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute(_SCHEMA)
+        MIGRATIONS.apply(self._db)
 
     def close(self) -> None:
         self._db.close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from batchspec.state.connection import StateConnection
 from batchspec.wire.outcomes import Outcome
 
 _CHUNK = 5_000
@@ -228,3 +229,11 @@ class RequestLedger:
         )
         for row in cursor:
             yield LedgerRow(*row)
+
+
+class LedgerAccess(StateConnection):
+    """The store's door to its request ledger, so callers never hold the connection."""
+
+    def ledger(self) -> RequestLedger:
+        """The request ledger in this store's database (same connection and transactions)."""
+        return RequestLedger(self.db)

@@ -47,7 +47,7 @@ class RunContext:
     shard_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ledger = RequestLedger(self.store.db)
+        self.ledger = self.store.ledger()
         self.blobs = BlobStore(self.project.state_path.parent / "store")
         self.shard_dir = self.project.state_path.parent / "shards"
 

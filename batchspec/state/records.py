@@ -1,0 +1,83 @@
+"""What every record module of the state store shares: timestamps, JSON columns, SQL helpers.
+
+Timestamps are ISO-8601 UTC strings ending in 'Z' (``utc_timestamp``); JSON columns are
+written with sorted keys, so the same data always gives the same bytes. The SQL helpers build
+``WHERE`` clauses and ``UPDATE`` sets from whitelisted column names only, never from callers'
+strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sqlite3
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """``moment`` (default: now) as ISO-8601 UTC with millisecond precision and a 'Z'."""
+    moment = moment or datetime.now(timezone.utc)
+    if moment.tzinfo is None:
+        raise ValueError("utc_timestamp needs an aware datetime")
+    text = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """The aware datetime of a timestamp written by ``utc_timestamp``."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def epoch_or_iso(value: int | float | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return utc_timestamp(datetime.fromtimestamp(value, timezone.utc))
+
+
+def known_columns(row_class: type, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of ``row`` that ``row_class`` (a dataclass) has fields for.
+
+    A column this version does not know (added by hand, or by a tool) is ignored, not a
+    TypeError on every read; a newer schema is caught by its migrations, not here.
+    """
+    names = _field_names(row_class)
+    return {name: value for name, value in row.items() if name in names}
+
+
+@functools.cache
+def _field_names(row_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(row_class))
+
+
+def dump_json(value: Any) -> str:
+    # sort_keys: the same data always gives the same bytes, so the audit log diffs cleanly
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def last_row_id(cur: sqlite3.Cursor) -> int:
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def where_clause(**filters: Any) -> tuple[str, list[Any]]:
+    used = {name: value for name, value in filters.items() if value is not None}
+    if not used:
+        return "", []
+    return "WHERE " + " AND ".join(f"{name} = ?" for name in used), list(used.values())
+
+
+def check_fields(method: str, fields: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise TypeError(f"{method}() cannot set {', '.join(unknown)}")
+
+
+def changed_fields(old: object, fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if getattr(old, name) != value}

@@ -1,0 +1,166 @@
+"""The runs and events records: who ran what (``runs``) and the append-only audit log (``events``).
+
+A run is one command that read or changed state, with its provenance (``RunInfo``). Events are
+never updated or deleted: the schema's triggers refuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batchspec.errors import StateError
+from batchspec.state.connection import StateConnection
+from batchspec.state.records import (
+    dump_json,
+    known_columns,
+    last_row_id,
+    load_json,
+    utc_timestamp,
+    where_clause,
+)
+from batchspec.state.runinfo import RunInfo
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    command: str
+    args: dict[str, Any]
+    started_at: str
+    ended_at: str | None
+    exit_code: int | None
+    user: str | None
+    host: str | None
+    pid: int | None
+    git_commit: str | None
+    git_branch: str | None
+    git_dirty: bool | None
+    ci_system: str | None
+    ci_run_url: str | None
+    version: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    run_id: int | None
+    at: str
+    resource: str | None
+    generation_id: int | None
+    batch_id: int | None
+    action: str
+    detail: dict[str, Any]
+
+
+def _run_row(d: Mapping[str, Any]) -> RunRow:
+    dirty = d["git_dirty"]
+    return RunRow(
+        **{
+            **known_columns(RunRow, d),
+            "args": load_json(d["args"]),
+            "git_dirty": None if dirty is None else bool(dirty),
+        }
+    )
+
+
+def _event_row(d: Mapping[str, Any]) -> EventRow:
+    return EventRow(**{**known_columns(EventRow, d), "detail": load_json(d["detail"]) or {}})
+
+
+class RunsAndEvents(StateConnection):
+    """Record runs and append events; read them back."""
+
+    # -- runs and events ------------------------------------------------------------------------
+
+    def start_run(self, command: str, args: Mapping[str, Any], info: RunInfo) -> int:
+        """Record the start of a run; returns its id."""
+        dirty = None if info.git_dirty is None else int(info.git_dirty)
+        with self.atomic():
+            cur = self.db.execute(
+                "INSERT INTO runs (command, args, started_at, user, host, pid, git_commit, "
+                "git_branch, git_dirty, ci_system, ci_run_url, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    command,
+                    dump_json(dict(args)),
+                    utc_timestamp(),
+                    info.user,
+                    info.host,
+                    info.pid,
+                    info.git_commit,
+                    info.git_branch,
+                    dirty,
+                    info.ci_system,
+                    info.ci_run_url,
+                    info.version,
+                ),
+            )
+            return last_row_id(cur)
+
+    def finish_run(self, run_id: int, exit_code: int) -> None:
+        """Record the end of a run and its exit code."""
+        with self.atomic():
+            cur = self.db.execute(
+                "UPDATE runs SET ended_at = ?, exit_code = ? WHERE id = ?",
+                (utc_timestamp(), exit_code, run_id),
+            )
+            if cur.rowcount != 1:
+                raise StateError(f"run {run_id} is not recorded in {self.path}")
+
+    def get_run(self, run_id: int) -> RunRow:
+        row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise StateError(f"run {run_id} is not recorded in {self.path}")
+        return _run_row(row)
+
+    def runs(self, *, resource: str | None = None, limit: int = 20) -> list[RunRow]:
+        """Runs, newest first; with ``resource``, only runs that recorded events for it."""
+        if resource is None:
+            rows = self._all("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._all(
+                "SELECT * FROM runs WHERE id IN (SELECT run_id FROM events WHERE resource = ?) "
+                "ORDER BY id DESC LIMIT ?",
+                (resource, limit),
+            )
+        return [_run_row(r) for r in rows]
+
+    def record_event(
+        self,
+        run_id: int | None,
+        action: str,
+        *,
+        resource: str | None = None,
+        generation_id: int | None = None,
+        batch_id: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append one event to the audit log; returns its id."""
+        with self.atomic():
+            cur = self.db.execute(
+                "INSERT INTO events (run_id, at, resource, generation_id, batch_id, action, "
+                "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    utc_timestamp(),
+                    resource,
+                    generation_id,
+                    batch_id,
+                    action,
+                    dump_json(dict(detail or {})),
+                ),
+            )
+            return last_row_id(cur)
+
+    def events(
+        self, *, run_id: int | None = None, resource: str | None = None, limit: int | None = None
+    ) -> list[EventRow]:
+        """Events in the order they happened; with ``limit``, the most recent ``limit``."""
+        where, params = where_clause(run_id=run_id, resource=resource)
+        sql = f"SELECT * FROM events {where} ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_event_row(r) for r in reversed(self._all(sql, params))]

@@ -1,0 +1,249 @@
+"""What sits at the state path: only a missing file starts fresh; anything else not ours is refused.
+
+An empty, truncated or foreign file taken for a fresh state would make ``apply`` submit (and
+pay for) everything again. These tests put each such file where the state belongs and check
+that the store and the CLI refuse it with a StateError that points at a backup, leave the
+file as it was, and spend nothing. A database with a column we do not know is read as usual.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+
+from batchspec.engine import Engine
+from batchspec.errors import StateError
+from batchspec.state import connection
+from batchspec.state.runinfo import RunInfo
+from batchspec.state.store import StateStore
+from batchspec.storage.migrations import Migrations
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def real_state_bytes(tmp_path: Path) -> bytes:
+    path = tmp_path / "real" / "batchspec.db"
+    with StateStore.open(path) as store:
+        store.record_event(None, "probe")
+    return path.read_bytes()
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(random.Random(7).randbytes(8192))
+
+
+def other_apps_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        db.execute("INSERT INTO notes (body) VALUES ('keep me')")
+    db.close()
+
+
+def other_sqlite_utils_app(path: Path) -> None:
+    """Another app that tracks its migrations the way we do, under its own set name."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE _sqlite_migrations (id INTEGER PRIMARY KEY, migration_set TEXT, "
+            "name TEXT, applied_at TEXT)"
+        )
+        db.execute("INSERT INTO _sqlite_migrations VALUES (1, 'llm', 'm001_initial', 'x')")
+    db.close()
+
+
+def empty_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 1")  # a valid database with no tables at all
+    db.close()
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(real_state_bytes(path.parent.parent)[:100])
+
+
+HOSTILE: list[object] = [
+    pytest.param(empty, "empty", id="zero-bytes"),
+    pytest.param(random_bytes, "not an SQLite database", id="random-bytes"),
+    pytest.param(other_apps_sqlite, "without batchspec's tables.*notes", id="other-app"),
+    pytest.param(other_sqlite_utils_app, "without batchspec's tables", id="other-migrations"),
+    pytest.param(empty_sqlite, "without batchspec's tables", id="empty-sqlite"),
+    pytest.param(truncated, "damaged or truncated", id="truncated"),
+]
+
+
+def put(tmp_path: Path, make: Callable[[Path], None]) -> Path:
+    path = tmp_path / "state" / "batchspec.db"
+    path.parent.mkdir(parents=True)
+    make(path)
+    return path
+
+
+@pytest.mark.parametrize(("make", "says"), HOSTILE)
+def test_store_refuses_what_is_not_a_batchspec_state(
+    tmp_path: Path, make: Callable[[Path], None], says: str
+) -> None:
+    """Opening refuses the file with a StateError that names it, points at a backup, and
+    leaves its bytes as they were (no schema written into someone else's database)."""
+    path = put(tmp_path, make)
+    before = path.read_bytes()
+    with pytest.raises(StateError, match=says) as refused:
+        StateStore.open(path)
+    message = str(refused.value)
+    assert str(path) in message
+    assert "restore it from a backup" in message
+    assert "paid" in message  # says what starting fresh would cost
+    assert path.read_bytes() == before
+
+
+def test_a_missing_file_starts_a_fresh_store(tmp_path: Path) -> None:
+    """Only a missing file is a fresh state: it appears migrated, mode 0600, and opens again."""
+    path = tmp_path / "state" / "batchspec.db"
+    with StateStore.open(path) as store:
+        assert store.applied_migrations()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with StateStore.open(path) as store:
+        assert store.events() == []
+    leftovers = [p.name for p in path.parent.iterdir() if not p.name.startswith(path.name)]
+    assert leftovers == []
+
+
+def test_a_fresh_store_that_fails_to_build_leaves_nothing_at_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh store is built beside the path and linked in whole: a failure while building
+    it leaves no (empty) file behind that the next run would have to refuse."""
+    path = tmp_path / "state" / "batchspec.db"
+    failing = Migrations("batchspec")
+
+    @failing
+    def m001_initial(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY)")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(connection, "MIGRATIONS", failing)
+    with pytest.raises(StateError, match="No space left"):
+        StateStore.open(path)
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.undo()
+    with StateStore.open(path) as store:
+        assert store.applied_migrations()
+
+
+# -- an extra column ---------------------------------------------------------------------------
+
+
+EXTRA_COLUMN_TABLES = ["runs", "resources", "generations", "batches", "events", "files", "lock"]
+
+
+def test_unknown_columns_are_ignored_when_reading_rows(tmp_path: Path) -> None:
+    """A column added to each of our tables (by hand, or a tool) does not break any read."""
+    path = tmp_path / "batchspec.db"
+    with StateStore.open(path) as store:
+        run_id = store.start_run("apply", {}, _info())
+        store.upsert_resource("triage", provider="p", manifest="m.yaml", labels={}, run_id=run_id)
+        gen = store.create_generation(
+            "triage",
+            spec_hash="h",
+            spec={},
+            input_sha256="s",
+            requests=1,
+            input_bytes=1,
+            output_path=None,
+            errors_path=None,
+            run_id=run_id,
+        )
+        batch = store.record_batch_intent(
+            gen.id,
+            shard=0,
+            attempt=1,
+            provider="p",
+            key="k",
+            input_sha256="s",
+            requests=1,
+            reason=None,
+        )
+        store.record_file("p", "s", "file-1", 1, None)
+        store.record_event(run_id, "create", resource="triage")
+    with sqlite3.connect(path) as db:
+        for table in EXTRA_COLUMN_TABLES:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN note TEXT DEFAULT 'x'")
+    db.close()
+    with StateStore.open(path) as store:
+        assert store.get_run(run_id).command == "apply"
+        assert store.get_resource("triage") is not None
+        assert store.get_generation(gen.id).spec_hash == "h"
+        assert store.update_batch(batch.id, status="in_progress").status == "in_progress"
+        assert store.get_file("p", "s") is not None
+        assert [e.action for e in store.events()] == ["create"]
+
+
+def _info() -> RunInfo:
+    return RunInfo("alice", "host-1", 1, None, None, None, None, None, "0.1.0")
+
+
+# -- through the CLI -----------------------------------------------------------------------------
+
+
+def local_ws(root: Path) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("triage", count=3, provider="here"),),
+    )
+
+
+def engine_counts(ws: Workspace) -> tuple[int, int]:
+    """(files, batches) the workspace's local engine holds."""
+    folder = ws.root / "state" / "local"
+    if not folder.exists():
+        return 0, 0
+    engine = Engine(folder)
+    try:
+        return len(engine.list_files()["data"]), len(engine.list_batches(None, 100)["data"])
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("make", "says"), HOSTILE)
+def test_apply_refuses_a_state_file_that_is_not_ours_and_spends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None], says: str
+) -> None:
+    """`apply` on a hostile state file exits 1 with the refusal on stderr (no traceback),
+    uploads and creates nothing, and leaves the file as it was."""
+    ws = local_ws(tmp_path / "ws")
+    ws.state_path.parent.mkdir(parents=True)
+    make(ws.state_path)
+    before = ws.state_path.read_bytes()
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 1, (out, err)
+    assert "restore it from a backup" in err
+    assert "Traceback" not in err
+    assert engine_counts(ws) == (0, 0)
+    assert ws.state_path.read_bytes() == before
+
+
+def test_apply_and_status_work_on_a_state_with_an_extra_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state whose tables gained a column we do not know still applies and reports."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)[0] == 0
+    with sqlite3.connect(ws.state_path) as db:
+        for table in EXTRA_COLUMN_TABLES:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN note TEXT")
+    db.close()
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, (out, err)
+    code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0, (out, err)
+    assert "triage" in out
+    assert engine_counts(ws)[1] == 1  # the second apply created no batch
