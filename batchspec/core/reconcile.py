@@ -546,7 +546,12 @@ class Reconciler:
                 res.name,
                 f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
                 f"{batch.requests} requests)",
-                {"remote_id": remote.id},
+                {
+                    "remote_id": remote.id,
+                    "shard": batch.shard + 1,
+                    "attempt": batch.attempt,
+                    "requests": batch.requests,
+                },
             )
         )
 
@@ -580,7 +585,14 @@ class Reconciler:
         )
         filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
         size = path.stat().st_size
-        self.report(Progress("upload", res.name, f"uploading {filename} ({format_size(size)})"))
+        self.report(
+            Progress(
+                "upload",
+                res.name,
+                f"uploading {filename} ({format_size(size)})",
+                {"file": filename, "bytes": size},
+            )
+        )
         remote = provider.upload_file(path, filename=filename)
         with self.store.atomic():
             self.store.record_file(
@@ -617,7 +629,13 @@ class Reconciler:
                     "poll",
                     res.name,
                     _poll_message(batch, remote),
-                    {"remote_id": remote.id, "status": remote.status, **counts_json(remote)},
+                    {
+                        "remote_id": remote.id,
+                        "status": remote.status,
+                        **counts_json(remote),
+                        "shard": batch.shard + 1,
+                        "attempt": batch.attempt,
+                    },
                 )
             )
         return True
