@@ -201,7 +201,7 @@ def resource_line(
     failed = sum(b.failed for b in counted)
     statuses = {b.status for b in batches}
 
-    parts = [_mark(bar, now, style, ascii_only), style.bold(bar.name.ljust(name_width))]
+    parts = [_mark(bar, now, style, ascii_only) + " " + style.bold(bar.name.ljust(name_width))]
     if counted and not statuses <= {"validating", "created", "adopted", "submitted"}:
         colour = "green" if bar.outcome == "done" else "red" if bar.outcome else "cyan"
         parts.append(style.paint(bar_cells(answered, total, ascii_only=ascii_only), colour))
@@ -257,23 +257,18 @@ def format_duration(seconds: float) -> str:
 def fit(text: str, width: int) -> str:
     """``text`` cut to ``width`` visible characters (escape sequences do not count)."""
     out, visible, i = [], 0, 0
-    cut = False
-    while i < len(text):
+    while i < len(text) and visible < width:
         if text[i] == "\x1b":
             end = text.find("m", i)
             end = len(text) - 1 if end < 0 else end
             out.append(text[i : end + 1])
             i = end + 1
             continue
-        if visible >= width:
-            cut = True
-            i += 1
-            continue
         out.append(text[i])
         visible += 1
         i += 1
-    if cut and out:
-        out.append("\x1b[0m" if "\x1b[" in text else "")
+    if text[i:] and "\x1b[" in text:  # cut short (or only codes left): close any colour open
+        out.append("\x1b[0m")
     return "".join(out)
 
 
@@ -299,7 +294,7 @@ class LiveBars:
         prefix = f"[{progress.resource}] " if progress.resource else ""
         colour = "yellow" if progress.event in ("warning", "skip", "queued") else None
         line = prefix + (self.style.paint(progress.message, colour) if colour else progress.message)
-        return self._erase() + fit(line, max(self.width - 1, 20)) + "\n" + self._draw(now)
+        return self._erase() + line + "\n" + self._draw(now)  # above the bars: it may wrap
 
     def redraw(self, now: float) -> str:
         """The bars drawn again at ``now`` (spinners turn, ETAs count down)."""
