@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pty
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +15,6 @@ from servers import request_lines
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
-    batchspec_cmd,
     run_cli,
     served,
 )
@@ -202,41 +198,3 @@ def test_apply_without_a_terminal_writes_plain_lines(
     assert srv.probe.counts["GET /batches/{id}"] > len(
         [line for line in lines if line.startswith("[triage] batch ")]
     )
-
-
-def test_apply_on_a_terminal_shows_a_live_status_line(
-    tmp_path: Path, server: Callable[..., ProbedServer]
-) -> None:
-    """With stdout on a pseudo-terminal, apply rewrites a status line in place (carriage
-    return + erase) showing a bar and request counts; stopped by --timeout mid-batch, its
-    closing summary starts on a clean line, not glued to the status line."""
-    srv = slow_server(server)
-    ws = served(tmp_path / "ws", srv, count=20)  # 2 s of work: still running at the timeout
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes", "--wait", "--timeout", "1", *FAST),
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    assert proc.wait(timeout=30) == 5, proc.stderr.read() if proc.stderr else ""
-    screen = b"".join(chunks).decode()
-
-    assert CLEAR_LINE in screen
-    statuses = [part for part in screen.split(CLEAR_LINE) if "in_progress [" in part]
-    assert statuses, screen
-    assert any("/20 (" in s and "#" in s for s in statuses), statuses
-    before_summary = screen[: screen.index("Apply stopped at --timeout")]
-    assert before_summary.endswith(("\n", CLEAR_LINE))  # not glued to a status line

@@ -38,6 +38,13 @@ def json_option(f: F) -> F:
     )(f)
 
 
+def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of resource names (imported on use: keeps startup fast)."""
+    from batchspec.cli.completion import complete_resource_names
+
+    return complete_resource_names(ctx, param, incomplete)
+
+
 def state_option(f: F) -> F:
     return click.option(
         "--state",
@@ -56,6 +63,7 @@ def select_option(f: F) -> F:
         multiple=True,
         envvar="BATCHSPEC_SELECT",
         metavar="SELECTOR",
+        shell_complete=complete_names,
         help="Only these resources: NAME, KEY=VALUE (a label) or state:modified "
         "(repeatable; a resource matching any is selected).",
     )(f)
@@ -72,6 +80,31 @@ def lock_timeout_option(f: F) -> F:
     )(f)
 
 
+def no_color_option(f: F) -> F:
+    """``--no-color``: also honoured through ``NO_COLOR`` and ``TERM=dumb`` (cli/colour.py)."""
+    return click.option(
+        "--no-color",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember_no_color,
+        help="No colour, even on a terminal (also: NO_COLOR=1, TERM=dumb).",
+    )(f)
+
+
+def _remember_no_color(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["batchspec.no_color"] = True
+
+
+def stdout_style() -> Any:
+    """The colours for stdout: none unless a terminal, and none if anybody said so."""
+    from batchspec.cli.colour import style_for
+
+    ctx = click.get_current_context(silent=True)
+    no_color = bool(ctx and ctx.meta.get("batchspec.no_color"))
+    return style_for(sys.stdout, no_color=no_color)
+
+
 def paths_argument(f: F) -> F:
     return click.argument("paths", nargs=-1, type=click.Path())(f)
 
@@ -80,11 +113,41 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+def output_option(f: F) -> F:
+    return click.option(
+        "--output",
+        "-o",
+        "output",
+        type=click.Choice(["text", "json", "yaml"]),
+        default=None,
+        envvar="BATCHSPEC_OUTPUT",
+        help="text (default), json (as --json) or yaml: the JSON document as YAML.",
+    )(f)
+
+
+def output_format(as_json: bool, output: str | None) -> str:
+    """``text``, ``json`` or ``yaml`` from ``--json`` and ``--output`` (which must agree)."""
+    if as_json and output not in (None, "json"):
+        raise click.UsageError(f"--json and --output {output} contradict each other")
+    return "json" if as_json else output or "text"
+
+
+def emit_document(data: Any, fmt: str) -> None:
+    """``data`` (a JSON document) as indented JSON, or as the same document in YAML."""
+    if fmt == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False))
+    else:
+        emit_json(data)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="batchspec")
+@no_color_option
 def cli() -> None:
     """Run LLM batch jobs the GitOps way.
 
@@ -296,6 +359,7 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     is_flag=True,
     help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
 )
+@no_color_option
 @state_option
 def plan(
     paths: tuple[str, ...],
@@ -327,7 +391,7 @@ def plan(
     elif output_format == "markdown":
         click.echo(render.plan_markdown(result), nl=False)
     else:
-        click.echo(render.plan_text(result.plan))
+        click.echo(render.plan_text(result.plan, stdout_style()))
     return 2 if detailed_exitcode and result.plan.has_changes else 0
 
 
@@ -369,6 +433,15 @@ def plan(
     is_flag=True,
     help="Cancel the batches of resources whose manifests are gone, and forget them.",
 )
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    envvar="BATCHSPEC_QUIET",
+    help="No plan, progress or summary (errors still go to stderr; the exit code tells). "
+    "With --json: only the final result object.",
+)
+@no_color_option
 @state_option
 def apply(
     paths: tuple[str, ...],
@@ -381,6 +454,7 @@ def apply(
     poll_interval: float,
     allow_replace: bool,
     prune: bool,
+    quiet: bool,
     state_path: str | None,
 ) -> int:
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
@@ -392,11 +466,13 @@ def apply(
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
     manifests changed since. With --json, stdout is NDJSON: one object per line per event,
     then a final {"event": "result"} (or {"event": "error"}) object.
-    """
-    import shutil
 
+    On a terminal it shows one live bar per resource (requests answered of total, failures,
+    shards, attempt, ETA), collapsed to the summary at the end; piped, in CI (CI set) or
+    with TERM=dumb it writes plain lines instead.
+    """
     from batchspec.cli import render
-    from batchspec.cli.progress import ProgressView
+    from batchspec.cli.applyview import ApplyOutput
     from batchspec.core.apply import ApplyOptions, apply_saved_plan, apply_workspace
     from batchspec.core.planfile import is_plan_path
 
@@ -407,17 +483,8 @@ def apply(
         raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
     if prune and select:  # orphans have no manifest, so no selector can pick them
         raise click.UsageError("--prune acts on resources --select cannot select; drop --select")
-    view = ProgressView(
-        live=not as_json and sys.stdout.isatty(), width=shutil.get_terminal_size().columns
-    )
-
-    def show(progress: Any) -> None:
-        if as_json:
-            click.echo(json.dumps(progress.to_json(), default=str))
-        elif progress.plan is not None:
-            click.echo(render.plan_text(progress.plan) + "\n")
-        elif text := view.render(progress):
-            click.echo(text, nl=False)
+    style = stdout_style()
+    view = ApplyOutput.for_stream(sys.stdout, as_json=as_json, quiet=quiet, style=style)
 
     def confirm(plan: Any) -> bool:
         return click.confirm("Submit these batches?", default=False, err=True)
@@ -437,21 +504,22 @@ def apply(
     try:
         if saved:
             manifests = [p for p in paths if p != saved[0]]
-            result = apply_saved_plan(saved[0], manifests, options, report=show)
+            result = apply_saved_plan(saved[0], manifests, options, report=view.show)
         else:
             result = apply_workspace(
-                paths, options, confirm=confirm if interactive else None, report=show
+                paths, options, confirm=confirm if interactive else None, report=view.show
             )
     except BatchspecError as err:
-        click.echo(view.finish(), nl=False)
+        view.close()  # the bars go before the error object (or the message on stderr)
         if as_json:
             click.echo(json.dumps(render.error_event_json(err)))
         raise
-    click.echo(view.finish(), nl=False)
+    finally:
+        view.close()
     if as_json:
         click.echo(json.dumps({"event": "result", **render.apply_json(result)}, default=str))
-    else:
-        click.echo(render.apply_text(result))
+    elif not quiet:
+        click.echo(render.apply_text(result, style))
     return result.exit_code
 
 
@@ -459,9 +527,15 @@ def apply(
 @paths_argument
 @select_option
 @json_option
+@output_option
+@no_color_option
 @state_option
 def status(
-    paths: tuple[str, ...], select: tuple[str, ...], as_json: bool, state_path: str | None
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    as_json: bool,
+    output: str | None,
+    state_path: str | None,
 ) -> None:
     """Show each resource's sync and health, its batches and where its results are.
 
@@ -470,11 +544,68 @@ def status(
     from batchspec.cli import render
     from batchspec.core.status import workspace_status
 
+    fmt = output_format(as_json, output)
     statuses = workspace_status(paths, select=select, state_path=state_path)
-    if as_json:
-        emit_json({"resources": [s.to_json() for s in statuses]})
+    if fmt != "text":
+        emit_document({"resources": [s.to_json() for s in statuses]}, fmt)
     else:
-        click.echo(render.status_text(statuses))
+        click.echo(render.status_text(statuses, stdout_style()))
+
+
+@cli.command()
+@click.argument("name", shell_complete=complete_names)
+@paths_argument
+@json_option
+@output_option
+@click.option(
+    "--events",
+    "last_events",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many of its last events to show.",
+)
+@no_color_option
+@state_option
+def show(
+    name: str,
+    paths: tuple[str, ...],
+    as_json: bool,
+    output: str | None,
+    last_events: int,
+    state_path: str | None,
+) -> None:
+    """Everything about one resource: manifest, spec hash, sync and health, generations and
+    their batches (ids, status, counts, attempts, timestamps), usage, result files and the
+    batches they came from, and its last events.
+
+    Reads the manifests and the state only: no lock, no network. A resource whose manifest
+    is gone is described from the state.
+    """
+    from batchspec.cli.show import show_text
+    from batchspec.core.show import describe_resource
+
+    fmt = output_format(as_json, output)
+    detail = describe_resource(paths, name, state_path=state_path, events=last_events)
+    if fmt != "text":
+        emit_document(detail.to_json(), fmt)
+    else:
+        click.echo(show_text(detail, stdout_style()))
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the script that completes batchspec commands, options and resource names.
+
+    \b
+    bash:  eval "$(batchspec completion bash)"     (in ~/.bashrc)
+    zsh:   eval "$(batchspec completion zsh)"      (in ~/.zshrc)
+    fish:  batchspec completion fish > ~/.config/fish/completions/batchspec.fish
+    """
+    from batchspec.cli.completion import completion_script
+
+    click.echo(completion_script(cli, shell))
 
 
 @cli.command()
@@ -515,7 +646,7 @@ def history(
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @paths_argument
 @click.option("--errors", "show_errors", is_flag=True, help="Print the errors file instead.")
 def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
@@ -531,7 +662,7 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @paths_argument
 @lock_timeout_option
 @json_option
@@ -590,7 +721,7 @@ def import_(
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @paths_argument
 @lock_timeout_option
 @json_option
@@ -631,8 +762,11 @@ def unlock(holder_id: str, state_path: str | None) -> None:
     click.echo(f"released the lock of {describe_holder(holder)}")
 
 
-def report_error(err: BatchspecError) -> None:
-    click.echo(f"Error: {err.message}", err=True)
+def report_error(err: BatchspecError, *, no_color: bool = False) -> None:
+    from batchspec.cli.colour import style_for
+
+    label = style_for(sys.stderr, no_color=no_color).error("Error:")
+    click.echo(f"{label} {err.message}", err=True)
     for line in err.details:
         click.echo(f"  {line}", err=True)
 
@@ -654,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except BatchspecError as err:
-        report_error(err)
+        report_error(err, no_color="--no-color" in (sys.argv[1:] if argv is None else argv))
         sys.exit(err.exit_code)
     except OSError as err:  # disk full, permission denied, a file where a folder should be
         where = f": {err.filename}" if err.filename else ""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec import __version__
+from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
 from batchspec.workspace.yamldoc import Problem, display_path
 
@@ -112,12 +113,16 @@ _SYMBOLS = {
 }
 
 
-def plan_text(plan: Plan) -> str:
-    """A Terraform-style plan: one line per resource, then a summary line."""
+def plan_text(plan: Plan, style: Style = PLAIN) -> str:
+    """A Terraform-style plan: one line per resource, then a summary line.
+
+    With an enabled ``style`` the symbol and action are in the action's colour."""
     lines = []
     for action in plan.actions:
-        symbol = _SYMBOLS[action.kind.value]
-        line = f"  {symbol:>3} {action.resource}: {action.kind.value} ({action.reason})"
+        kind = action.kind.value
+        symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
+        name, verb = style.bold(action.resource), style.action(kind, kind)
+        line = f"  {symbol} {name}: {verb} ({action.reason})"
         if action.spends:
             line += (
                 f": {_plural(action.requests, 'request')}, "
@@ -126,7 +131,7 @@ def plan_text(plan: Plan) -> str:
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    return "\n".join(lines + ["", plan_summary(plan)])
+    return "\n".join(lines + ["", style.bold(plan_summary(plan))])
 
 
 def plan_summary(plan: Plan) -> str:
@@ -205,7 +210,7 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def apply_text(result: ApplyResult) -> str:
+def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
         "in_progress": "Apply submitted: batches are in flight. "
@@ -213,7 +218,7 @@ def apply_text(result: ApplyResult) -> str:
         "degraded": "Apply finished with resources Degraded (attempts exhausted).",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
     }[result.outcome]
-    return "\n".join([headline, *status_lines(result.statuses)])
+    return "\n".join([style.bold(headline), *status_lines(result.statuses, style)])
 
 
 def apply_json(result: ApplyResult) -> dict[str, Any]:
@@ -263,13 +268,14 @@ def forget_text(result: ForgetResult) -> str:
     return "\n".join(lines)
 
 
-def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
+def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> list[str]:
     lines = []
     for s in statuses:
         counts = f"{s.succeeded}/{s.requests} succeeded" + (
-            f", {s.failed} failed" if s.failed else ""
+            style.paint(f", {s.failed} failed", "red") if s.failed else ""
         )
-        lines.append(f"  {s.name}: {s.sync}, {s.health} — {counts}")
+        sync, health = style.state(s.sync), style.state(s.health)
+        lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
             lines.append(f"      next: {s.action} ({s.reason})")
         if s.health in ("Healthy", "Degraded") and s.output:
@@ -285,10 +291,10 @@ def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
     return lines
 
 
-def status_text(statuses: Sequence[ResourceStatus]) -> str:
+def status_text(statuses: Sequence[ResourceStatus], style: Style = PLAIN) -> str:
     if not statuses:
         return "No resources."
-    return "\n".join(status_lines(statuses))
+    return "\n".join(status_lines(statuses, style))
 
 
 def history_text(entries: Sequence[HistoryEntry]) -> str:

@@ -74,6 +74,11 @@ def record_remote(
             res.name,
             f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
             f"{batch.requests} requests)",
-            {"remote_id": remote.id},
+            {
+                "remote_id": remote.id,
+                "shard": batch.shard + 1,
+                "attempt": batch.attempt,
+                "requests": batch.requests,
+            },
         )
     )

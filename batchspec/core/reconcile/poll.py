@@ -33,7 +33,13 @@ def refresh(
                 "poll",
                 res.name,
                 _poll_message(batch, remote),
-                {"remote_id": remote.id, "status": remote.status, **counts_json(remote)},
+                {
+                    "remote_id": remote.id,
+                    "status": remote.status,
+                    **counts_json(remote),
+                    "shard": batch.shard + 1,
+                    "attempt": batch.attempt,
+                },
             )
         )
     return True

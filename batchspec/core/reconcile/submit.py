@@ -151,7 +151,14 @@ def _ensure_uploaded(
     )
     filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
     size = path.stat().st_size
-    ctx.report(Progress("upload", res.name, f"uploading {filename} ({format_size(size)})"))
+    ctx.report(
+        Progress(
+            "upload",
+            res.name,
+            f"uploading {filename} ({format_size(size)})",
+            {"file": filename, "bytes": size},
+        )
+    )
     remote = provider.upload_file(path, filename=filename)
     with ctx.store.atomic():
         ctx.store.record_file(

@@ -1,0 +1,140 @@
+"""Where apply's progress goes: live bars, plain lines, NDJSON, or nowhere (``--quiet``).
+
+``ApplyOutput.for_stdout(...)`` picks the mode once, from the flags and from stdout itself:
+
+* ``--json``: one JSON object per event (NDJSON), as before; with ``--quiet`` none of them
+  (the final result object is still written by the command).
+* ``--quiet``: nothing while it works; the command prints no summary either.
+* **live** (stdout is a terminal, ``TERM`` is not ``dumb`` and ``CI`` is not set): the plan,
+  then one bar per resource redrawn in place (``batchspec.cli.bars``), turned by a small
+  ticker thread so spinners and ETAs move between polls; ``close()`` erases the bars.
+* **plain** (a pipe, a file, a CI log): ``batchspec.cli.progress.ProgressView`` lines, with
+  no control characters at all.
+
+The rendering is in ``bars``/``progress``; this module only does the writing, under one lock
+shared with the ticker, so two writers never interleave a frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
+
+from batchspec.cli.bars import LiveBars
+from batchspec.cli.colour import PLAIN, Style
+from batchspec.cli.progress import ProgressView
+
+if TYPE_CHECKING:
+    from batchspec.core.reporting import Progress
+
+TICK_SECONDS = 0.1
+
+
+def live_terminal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is a terminal a person watches (not a dumb one, not CI's)."""
+    env = os.environ if env is None else env
+    if env.get("TERM") == "dumb" or env.get("CI", "").lower() not in ("", "0", "false"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+@dataclass
+class ApplyOutput:
+    mode: str  # "json", "quiet", "live" or "plain"
+    write: Callable[[str], None]
+    style: Style = PLAIN
+    width: int = 80
+    ascii_only: bool = False
+    clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _bars: LiveBars | None = None
+    _plain: ProgressView = field(default_factory=lambda: ProgressView(live=False))
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _ticker: threading.Thread | None = None
+
+    @classmethod
+    def for_stream(cls, stream: TextIO, *, as_json: bool, quiet: bool, style: Style) -> ApplyOutput:
+        if as_json:
+            mode = "quiet-json" if quiet else "json"
+        elif quiet:
+            mode = "quiet"
+        else:
+            mode = "live" if live_terminal(stream) else "plain"
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        return cls(
+            mode=mode,
+            write=_writer(stream),
+            style=style if mode == "live" else PLAIN,
+            width=shutil.get_terminal_size().columns,
+            ascii_only=not encoding.startswith("utf"),
+        )
+
+    def show(self, progress: Progress) -> None:
+        """Writes what ``progress`` means in this mode."""
+        if self.mode == "json":
+            self._emit(json.dumps(progress.to_json(), default=str) + "\n")
+        elif self.mode in ("quiet", "quiet-json"):
+            return
+        elif progress.plan is not None:
+            from batchspec.cli.render import plan_text
+
+            self._emit(plan_text(progress.plan, self.style) + "\n\n")
+        elif self.mode == "plain":
+            self._emit(self._plain.render(progress))
+        else:
+            bars = self._live()
+            with self._lock:
+                self.write(bars.render(progress, self.clock()))
+
+    def close(self) -> None:
+        """Stops the ticker and erases the bars (call once, before the summary)."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+        if self._bars is not None:
+            with self._lock:
+                self.write(self._bars.finish())
+
+    def __enter__(self) -> ApplyOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -----------------------------------------------------------------------------------------
+
+    def _emit(self, text: str) -> None:
+        if text:
+            with self._lock:
+                self.write(text)
+
+    def _live(self) -> LiveBars:
+        if self._bars is None:
+            self._bars = LiveBars(width=self.width, style=self.style, ascii_only=self.ascii_only)
+            self._ticker = threading.Thread(target=self._tick, name="batchspec-bars", daemon=True)
+            self._ticker.start()
+        return self._bars
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            with self._lock:
+                assert self._bars is not None
+                if frame := self._bars.redraw(self.clock()):
+                    self.write(frame)
+
+
+def _writer(stream: TextIO) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        if text:
+            stream.write(text)
+            stream.flush()
+
+    return write

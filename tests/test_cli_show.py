@@ -1,0 +1,203 @@
+"""`batchspec show`, `completion`, and one output convention (--json, -o yaml, --quiet)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.shell_completion import BashComplete
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+
+from batchspec.cli.main import cli
+
+SHOW_FIELDS = {
+    "name", "manifest", "labels", "provider", "endpoint", "model", "input", "spec_hash", "sync",
+    "health", "action", "reason", "tracked", "usage", "generations", "results", "events",
+}  # fmt: skip
+BATCH_FIELDS = {
+    "shard", "attempt", "remote_id", "status", "requests", "total", "completed", "failed",
+    "input_file_id", "output_file_id", "error_file_id", "reason", "usage", "created_at",
+    "submitted_at", "terminal_at", "collected_at",
+}  # fmt: skip
+
+
+SHOW_TRIAGE = """\
+triage: Synced, Healthy
+  manifest:  manifests/triage.yaml:1:1
+  provider:  srv
+  endpoint:  /v1/chat/completions
+  model:     test-model
+  input:     data/triage.jsonl
+  spec hash: <hash>
+  next:      nothing to do
+  usage:     39 input + 57 output = 96 tokens
+
+Results
+  output: results/triage.jsonl sha256 <hash> from <batch>
+  errors: results/triage.errors.jsonl sha256 <hash>
+
+Generations
+  generation 2 (current): complete, 3/3 succeeded; spec <hash>; created <time>, completed <time>
+    usage: 39 input + 57 output = 96 tokens
+    shard 1 attempt 1: <batch> completed 3/3 [initial submission] @ <time>
+      files: in <file>, out <file>
+
+Last events
+  <time>  run 1   poll          completed=3, failed=0, from=validating, status=completed, total=3
+  <time>  run 1   collect       answered=3, output_sha256=<hash>, status=completed
+  <time>  run 1   results       errors=results/triage.errors.jsonl, failed=0, input_tokens=39, \
+output=results/triage.jsonl, output_tokens=57, status=complete, succeeded=3, total_tokens=96, \
+unresolved=0
+"""
+
+
+@pytest.fixture
+def applied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Workspace:
+    """A local-engine workspace with `triage` (3 requests) and `other`, applied to the end."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": local_provider()},
+        resources=[ResourceSpec("triage"), ResourceSpec("other", count=2)],
+    )
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"], capsys
+    )
+    assert code == 0, err
+    return ws
+
+
+def normalised(text: str) -> str:
+    """Ids, hashes and timestamps replaced, so the page can be compared as a snapshot."""
+    text = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "<time>", text)
+    text = re.sub(r"(batch|file)[-_][0-9a-zA-Z]+", r"<\1>", text)
+    return re.sub(r"\b[0-9a-f]{12}\b", "<hash>", text)
+
+
+def test_show_text_snapshot(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page: header with sync/health, fields, results with their source batches, the
+    generation and its batch, the last events (here: the last 3)."""
+    monkeypatch.chdir(applied.root)
+    code, out, err = run_cli(["show", "triage", "--events", "3"], capsys)
+    assert code == 0, err
+    assert normalised(out) == SHOW_TRIAGE
+    assert "\x1b" not in out  # captured: not a terminal, so no colour
+
+
+def test_show_json_and_yaml_are_one_documented_document(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json has exactly the documented fields, hashes whole; -o yaml is the same document."""
+    _, out, _ = run_cli(["show", "triage", str(applied.root), "--json"], capsys)
+    doc = json.loads(out)
+    assert set(doc) == SHOW_FIELDS
+    [gen] = doc["generations"]
+    [batch] = gen["batches"]
+    assert set(batch) == BATCH_FIELDS
+    assert len(doc["spec_hash"]) == 64 and gen["current"] and gen["succeeded"] == 3
+    assert doc["results"][0]["from_batches"] == [batch["remote_id"]]
+    assert doc["usage"]["total_tokens"] > 0
+    _, out_yaml, _ = run_cli(["show", "triage", str(applied.root), "-o", "yaml"], capsys)
+    assert yaml.safe_load(out_yaml) == doc
+
+
+def test_show_describes_an_orphan_from_the_state(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its manifest removed, a resource is still shown from the state, as Orphaned."""
+    applied.manifest_path("other").unlink()
+    code, out, err = run_cli(["show", "other", str(applied.root), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["sync"] == "Orphaned" and doc["manifest"] and doc["results"] == []
+    assert doc["generations"][0]["succeeded"] == 2
+
+
+def test_show_an_unknown_name_lists_the_known_ones(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo fails with exit 1 and names what exists; no traceback."""
+    code, out, err = run_cli(["show", "triag", str(applied.root)], capsys)
+    assert code == 1 and out == ""
+    assert "no resource named 'triag'" in err and "other, triage" in err
+
+
+def test_status_yaml_is_the_json_document(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status -o yaml carries the --json document; --json with -o yaml is a usage error."""
+    _, as_json, _ = run_cli(["status", str(applied.root), "--json"], capsys)
+    _, as_yaml, _ = run_cli(["status", str(applied.root), "--output", "yaml"], capsys)
+    assert yaml.safe_load(as_yaml) == json.loads(as_json)
+    code, _, err = run_cli(["status", str(applied.root), "--json", "-o", "yaml"], capsys)
+    assert code == 64 and "contradict" in err
+
+
+def test_apply_quiet_prints_nothing_and_exits_by_its_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quiet: no plan, no progress, no summary; --quiet --json: only the result object."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)
+    assert code == 0 and out == "", err
+    code, out, _ = run_cli(
+        ["apply", str(ws.root), "--yes", "--quiet", "--json", "--wait", "--poll-interval", "0.05"],
+        capsys,
+    )
+    [line] = out.splitlines()
+    assert code == 0 and json.loads(line)["event"] == "result"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_prints_a_script_for_each_shell(
+    shell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The script calls batchspec back with _BATCHSPEC_COMPLETE set for that shell."""
+    code, out, _ = run_cli(["completion", shell], capsys)
+    assert code == 0
+    assert "_BATCHSPEC_COMPLETE" in out and f"{shell}_complete" in out
+
+
+def test_completion_of_an_unknown_shell_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only bash, zsh and fish."""
+    code, _, err = run_cli(["completion", "tcsh"], capsys)
+    assert code == 64 and "tcsh" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "incomplete"),
+    [
+        pytest.param(["show"], "", id="show"),
+        pytest.param(["results"], "", id="results"),
+        pytest.param(["cancel"], "", id="cancel"),
+        pytest.param(["forget"], "", id="forget"),
+        pytest.param(["status", "--select"], "", id="--select"),
+        pytest.param(["plan", "-s"], "", id="-s"),
+    ],
+)
+def test_resource_names_complete(
+    applied: Workspace, monkeypatch: pytest.MonkeyPatch, args: list[str], incomplete: str
+) -> None:
+    """Resource names complete where a NAME or a selector goes, from the workspace here."""
+    monkeypatch.chdir(applied.root)
+    complete = BashComplete(cli, {}, "batchspec", "_BATCHSPEC_COMPLETE")
+    assert [c.value for c in complete.get_completions(args, incomplete)] == ["other", "triage"]
+    assert [c.value for c in complete.get_completions(args, "tr")] == ["triage"]
+
+
+def test_name_completion_in_a_broken_workspace_completes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest that does not load completes nothing (no traceback into the shell)."""
+    (tmp_path / "bad.yaml").write_text("kind: Batch\nmetadata: [\n")
+    monkeypatch.chdir(tmp_path)
+    complete = BashComplete(cli, {}, "batchspec", "_BATCHSPEC_COMPLETE")
+    assert complete.get_completions(["show"], "") == []

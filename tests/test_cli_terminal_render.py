@@ -1,0 +1,230 @@
+"""The terminal's renderers, pure: bars from Progress events, the colour switch, coloured plans.
+
+No terminal here: every frame is a string. tests/test_cli_terminal.py drives a real one.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from batchspec.cli.bars import (
+    UP_AND_ERASE,
+    Board,
+    LiveBars,
+    advance,
+    bar_cells,
+    board_lines,
+    fit,
+    format_duration,
+)
+from batchspec.cli.colour import ANSI, PLAIN, colour_wanted
+from batchspec.cli.render import plan_text, status_text
+from batchspec.core.plan import Action, ActionKind, Plan
+from batchspec.core.reporting import Progress
+from batchspec.core.status import ResourceStatus
+
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def poll(
+    done: int,
+    total: int,
+    *,
+    status: str = "in_progress",
+    remote: str = "b1",
+    resource: str = "triage",
+    failed: int = 0,
+    shard: int = 1,
+    attempt: int = 1,
+) -> Progress:
+    data = {
+        "remote_id": remote,
+        "status": status,
+        "total": total,
+        "completed": done - failed,
+        "failed": failed,
+        "shard": shard,
+        "attempt": attempt,
+    }
+    return Progress("poll", resource, f"batch {remote} {status}", data)
+
+
+def board_of(*events: tuple[float, Progress]) -> Board:
+    board = Board()
+    for now, event in events:
+        board = advance(board, event, now)
+    return board
+
+
+# ---------------------------------------------------------------------------------------------
+# bars
+
+
+def test_a_bar_shows_counts_percent_failures_and_an_eta_from_the_rate_seen() -> None:
+    """Requests answered/total and percent; failed in its own words; ETA = left / rate since
+    the first counts (4 in 2 s: 2/s, 8 left: 0:04)."""
+    board = board_of((10.0, poll(4, 16)), (12.0, poll(8, 16, failed=1)))
+    [line] = board_lines(board, now=12.0, width=120)
+    assert line == (
+        "⠋ triage  " + bar_cells(8, 16) + "  8/16  50%  1 failed  ETA 0:04  in_progress"
+    )
+
+
+def test_shards_are_summed_and_a_retry_replaces_its_shards_first_attempt() -> None:
+    """Two shards are one bar over both; attempt 2 of shard 1 (only what is left) replaces
+    attempt 1 of it in the sums, and the line says which attempt it is on."""
+    board = board_of(
+        (0.0, poll(10, 10, status="completed", remote="a", shard=1)),
+        (0.0, poll(5, 10, remote="b", shard=2)),
+        (1.0, poll(1, 3, remote="c", shard=1, attempt=2)),
+    )
+    [line] = board_lines(board, now=1.0, width=120)
+    assert "6/13" in line and "2 shards" in line and "attempt 2" in line
+
+
+def test_validating_shows_a_spinner_and_no_bar() -> None:
+    """While the provider validates there are no counts to draw: a spinner and the word."""
+    board = board_of(
+        (0.0, Progress("create", "triage", "created", {"remote_id": "b1", "requests": 5})),
+        (0.1, poll(0, 5, status="validating")),
+    )
+    frames = {board_lines(board, now=t / 10)[0][0] for t in range(10)}
+    assert len(frames) == 10  # the spinner turns with the clock
+    [line] = board_lines(board, now=0.0)
+    assert line.endswith("validating") and "━" not in line and "0/5" not in line
+
+
+def test_upload_shows_the_file_size_until_the_batch_exists() -> None:
+    """An upload in progress: a spinner and the size of the file being uploaded."""
+    board = board_of(
+        (0.0, Progress("upload", "big", "uploading", {"file": "x.jsonl", "bytes": 4_300_000}))
+    )
+    assert board_lines(board, now=0.0) == ["⠋ big  uploading (4.3 MB)"]
+
+
+def test_done_and_degraded_resources_get_a_mark_instead_of_a_spinner() -> None:
+    """Results written: ✓ and no ETA; written Degraded: ✗."""
+    board = board_of(
+        (0.0, poll(3, 3, status="completed", resource="a")),
+        (0.0, Progress("results", "a", "wrote", {"status": "complete"})),
+        (0.0, poll(3, 3, status="completed", resource="b", failed=3)),
+        (0.0, Progress("results", "b", "wrote", {"status": "degraded"})),
+    )
+    a, b = board_lines(board, now=5.0)
+    assert a.startswith("✓ a") and a.endswith("done") and "ETA" not in a
+    assert b.startswith("✗ b") and b.endswith("degraded") and "3 failed" in b
+
+
+def test_bars_never_wrap_even_with_colour() -> None:
+    """Each line is cut to width - 1 visible characters; escape codes do not count."""
+    board = board_of((0.0, poll(1, 9, resource="a-rather-long-resource-name")))
+    for style in (PLAIN, ANSI):
+        [line] = board_lines(board, now=0.0, width=30, style=style)
+        assert len(SGR.sub("", line)) == 29
+
+
+def test_live_screen_prints_milestones_above_the_bars_and_erases_them_at_the_end() -> None:
+    """A milestone erases the bars, stands on its own line, and the bars come back below
+    it; finish() erases them so the summary takes their place."""
+    screen = LiveBars(width=100)
+    first = screen.render(poll(1, 4), now=0.0)
+    assert first == board_lines(screen.board, now=0.0, width=100)[0] + "\n"
+    second = screen.render(Progress("collect", "triage", "collected batch b1"), now=0.0)
+    assert second.startswith(UP_AND_ERASE.format(n=1) + "[triage] collected batch b1\n")
+    assert second.count("\n") == 2
+    assert screen.finish() == UP_AND_ERASE.format(n=1)
+    assert screen.finish() == ""
+
+
+def test_ascii_terminals_get_ascii_bars() -> None:
+    """A terminal whose encoding is not UTF-8 gets # and . instead of box drawing."""
+    board = board_of((0.0, poll(2, 4)))
+    [line] = board_lines(board, now=0.0, ascii_only=True)
+    assert line.isascii() and "[############............]" in line
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(4.4, "0:04"), (75.2, "1:15"), (3600 * 2 + 300, "2h05m")],
+)
+def test_durations_read_like_a_clock(seconds: float, text: str) -> None:
+    """ETAs: m:ss below an hour, then hours and minutes."""
+    assert format_duration(seconds) == text
+
+
+def test_fit_keeps_escapes_and_closes_them_when_cutting() -> None:
+    """Cutting coloured text keeps its codes and resets, so no colour leaks past the line."""
+    text = ANSI.paint("abcdef", "red")
+    assert fit(text, 3) == "\x1b[31mabc\x1b[0m"
+    assert fit("abc", 3) == "abc"
+
+
+# ---------------------------------------------------------------------------------------------
+# colour
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "env", "flag", "wanted"),
+    [
+        pytest.param(Tty(), {"TERM": "xterm"}, False, True, id="terminal"),
+        pytest.param(io.StringIO(), {"TERM": "xterm"}, False, False, id="pipe"),
+        pytest.param(Tty(), {"NO_COLOR": "1"}, False, False, id="NO_COLOR"),
+        pytest.param(Tty(), {"NO_COLOR": ""}, False, True, id="NO_COLOR-empty"),
+        pytest.param(Tty(), {"TERM": "dumb"}, False, False, id="TERM=dumb"),
+        pytest.param(Tty(), {}, True, False, id="--no-color"),
+    ],
+)
+def test_colour_only_on_a_terminal_nobody_asked_to_keep_plain(
+    stream: io.StringIO, env: dict[str, str], flag: bool, wanted: bool
+) -> None:
+    """Colour needs a terminal, no --no-color, NO_COLOR unset or empty, TERM not dumb."""
+    assert colour_wanted(stream, no_color=flag, env=env) is wanted
+
+
+PLAN = Plan(
+    (
+        Action("new", ActionKind.CREATE, "new resource", "p", requests=3, estimated_input_tokens=9),
+        Action("busy", ActionKind.REFRESH, "1 batch(es) in flight", "p"),
+        Action("changed", ActionKind.REPLACE, "spec changed", "p", requests=2),
+        Action("gone", ActionKind.PRUNE, "manifest removed", "p"),
+        Action("done", ActionKind.NONE, "in sync", "p"),
+    )
+)
+
+
+def test_plan_colours_snapshot() -> None:
+    """+ green, ~ yellow, -/+ magenta, - red, = dim; names bold; the summary bold."""
+    assert plan_text(PLAN, ANSI).splitlines() == [
+        "  \x1b[32m  +\x1b[0m \x1b[1mnew\x1b[0m: \x1b[32mcreate\x1b[0m (new resource): "
+        "3 requests, ~9 input tokens on p",
+        "  \x1b[33m  ~\x1b[0m \x1b[1mbusy\x1b[0m: \x1b[33mrefresh\x1b[0m (1 batch(es) in flight)",
+        "  \x1b[35m-/+\x1b[0m \x1b[1mchanged\x1b[0m: \x1b[35mreplace\x1b[0m (spec changed): "
+        "2 requests, ~0 input tokens on p",
+        "  \x1b[31m  -\x1b[0m \x1b[1mgone\x1b[0m: \x1b[31mprune\x1b[0m (manifest removed)",
+        "  \x1b[2m  =\x1b[0m \x1b[1mdone\x1b[0m: \x1b[2mnone\x1b[0m (in sync)",
+        "",
+        "\x1b[1mPlan: 1 to create, 1 to replace, 1 to refresh, 1 to prune. "
+        "5 requests to submit (~9 input tokens).\x1b[0m",
+    ]
+
+
+def test_plain_style_is_the_uncoloured_text_exactly() -> None:
+    """Without colour the plan and status are byte for byte the text with the codes removed."""
+    assert plan_text(PLAN, PLAIN) == SGR.sub("", plan_text(PLAN, ANSI))
+    assert "\x1b" not in plan_text(PLAN)
+    statuses = [
+        ResourceStatus(
+            "a", "OutOfSync", "Degraded", "retry", "r", "p", None, None, 4, 1, 3, None, None
+        )
+    ]
+    coloured = status_text(statuses, ANSI)
+    assert "\x1b[33mOutOfSync\x1b[0m" in coloured and "\x1b[31mDegraded\x1b[0m" in coloured
+    assert status_text(statuses) == SGR.sub("", coloured)
