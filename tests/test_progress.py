@@ -19,7 +19,7 @@ from workspaces import (
     served,
 )
 
-from batchspec.cli.progress import CLEAR_LINE, ProgressView, progress_bar
+from batchspec.cli.progress import ProgressView
 from batchspec.core.reconcile import Progress
 from batchspec.engine import BuiltinUpstream
 
@@ -39,26 +39,10 @@ def poll(done: int, total: int, status: str = "in_progress", remote: str = "b1")
 # the pure view
 
 
-@pytest.mark.parametrize(
-    ("done", "total", "bar"),
-    [
-        pytest.param(0, 10, "[" + "." * 20 + "]", id="none"),
-        pytest.param(5, 10, "[" + "#" * 10 + "." * 10 + "]", id="half"),
-        pytest.param(10, 10, "[" + "#" * 20 + "]", id="all"),
-        pytest.param(1, 3, "[" + "#" * 6 + "." * 14 + "]", id="rounds-down"),
-        pytest.param(3, 0, "[" + "." * 20 + "]", id="no-total"),
-        pytest.param(12, 10, "[" + "#" * 20 + "]", id="capped"),
-    ],
-)
-def test_progress_bar_fills_in_proportion(done: int, total: int, bar: str) -> None:
-    """The bar has a fixed width and fills done/total of it, never more."""
-    assert progress_bar(done, total) == bar
-
-
 def test_plain_view_writes_lines_only_when_something_changed() -> None:
     """Without a terminal: no control characters; a poll repeating the last status and
     counts and a wait for the same resources print nothing."""
-    view = ProgressView(live=False)
+    view = ProgressView()
     wait = Progress("wait", None, "waiting 0.5s for 1 resource(s)", {"resources": ["triage"]})
     events = [
         Progress("upload", "triage", "uploading in.jsonl (1.0 KB)"),
@@ -71,7 +55,7 @@ def test_plain_view_writes_lines_only_when_something_changed() -> None:
         poll(4, 4, "completed"),
         Progress("download", "triage", "downloading the output file of batch b1"),
     ]
-    text = "".join(view.render(e) for e in events) + view.finish()
+    text = "".join(view.render(e) for e in events)
     assert "\r" not in text and "\x1b" not in text
     assert text.splitlines() == [
         "[triage] uploading in.jsonl (1.0 KB)",
@@ -82,37 +66,6 @@ def test_plain_view_writes_lines_only_when_something_changed() -> None:
         "[triage] batch b1 completed 4/4",
         "[triage] downloading the output file of batch b1",
     ]
-
-
-def test_live_view_rewrites_one_status_line_and_prints_milestones_above_it() -> None:
-    """On a terminal a poll is a rewritten status line with bar and counts; a milestone
-    clears it and stands on its own line; finish() clears a status line left over."""
-    view = ProgressView(live=True, width=100)
-    assert view.finish() == ""
-    status = view.render(poll(1, 4))
-    assert status == CLEAR_LINE + f"[triage] batch b1 in_progress {progress_bar(1, 4)} 1/4 (25%)"
-    wait = view.render(
-        Progress("wait", None, "waiting 0.5s for 1 resource(s)", {"resources": ["triage"]})
-    )
-    assert wait == CLEAR_LINE + "waiting 0.5s for 1 resource(s): triage 1/4"
-    assert view.render(Progress("upload", "x", "uploading f")) == CLEAR_LINE + "[x] uploading f ..."
-    assert view.render(Progress("create", "x", "created batch b2")) == (
-        CLEAR_LINE + "[x] created batch b2\n"
-    )
-    assert view.render(Progress("create", "x", "created batch b3")) == "[x] created batch b3\n"
-    assert view.render(poll(4, 4, "completed")) == "[triage] batch b1 completed 4/4\n"
-    view.render(poll(0, 9, remote="b9"))
-    assert view.finish() == CLEAR_LINE
-    assert view.finish() == ""
-
-
-def test_live_status_line_never_wraps() -> None:
-    """A status line longer than the terminal is cut to width - 1 characters."""
-    view = ProgressView(live=True, width=40)
-    line = view.render(Progress("upload", "a-very-long-resource-name", "uploading " + "x" * 80))
-    assert line.startswith(CLEAR_LINE)
-    assert len(line) - len(CLEAR_LINE) == 39
-    assert line.endswith("...")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class ApplyOutput:
     clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bars: LiveBars | None = None
-    _plain: ProgressView = field(default_factory=lambda: ProgressView(live=False))
+    _plain: ProgressView = field(default_factory=lambda: ProgressView())
     _stop: threading.Event = field(default_factory=threading.Event)
     _ticker: threading.Thread | None = None
 
