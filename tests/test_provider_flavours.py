@@ -324,3 +324,25 @@ def test_litellm_provider_goes_on_every_call(served: EngineServer, tmp_path: Pat
     upload, create = recorder.seen[0], recorder.seen[1]
     assert b'name="custom_llm_provider"\r\n\r\nazure' in upload["body"]
     assert json.loads(create["body"])["custom_llm_provider"] == "azure"
+
+
+def test_together_custom_id_over_64_chars_is_refused_at_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Together takes custom_ids of at most 64 characters: a longer one fails validate with
+    its file:line, before anything is uploaded (an openai provider takes the same file)."""
+    lines = request_lines(2)
+    lines[1]["custom_id"] = "x" * 65
+    for flavour, expected in (("together", 1), ("openai", 0)):
+        ws = make_workspace(
+            tmp_path / flavour,
+            providers={"srv": {"type": flavour, "baseUrl": "http://127.0.0.1:9/v1"}},
+            resources=[ResourceSpec("long-ids", 2)],
+        )
+        ws.write_input("long-ids", lines)
+
+        code, out, err = run_cli(["validate", str(ws.root)], capsys)
+
+        assert code == expected, out + err
+        if expected:
+            assert "long-ids.jsonl:2" in err and "custom_id" in err

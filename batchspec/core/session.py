@@ -69,7 +69,7 @@ def validate_inputs(
                 res.input_path,
                 endpoint=res.endpoint,
                 model=res.model,
-                custom_id_pattern=ANTHROPIC_CUSTOM_ID if kind == "anthropic" else None,
+                custom_id_pattern=flavour_of(kind).custom_id_pattern,
                 allow_unversioned_url=kind == "azure",
                 dialect="anthropic" if kind == "anthropic" else "openai",
             )

@@ -27,6 +27,7 @@ class Flavour:
     max_requests: int
     max_bytes: int
     windows: tuple[str, str] = ("24h", "24h")  # shortest and longest completion window
+    custom_id_pattern: str | None = None  # checked at validate time, before any upload
 
 
 FLAVOURS: dict[str, Flavour] = {
@@ -34,7 +35,14 @@ FLAVOURS: dict[str, Flavour] = {
     for flavour in (
         Flavour("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", 50_000, 200 * MB),
         Flavour("azure", None, "AZURE_OPENAI_API_KEY", 100_000, 200 * MB),
-        Flavour("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", 100_000, 200 * MB),
+        Flavour(
+            "anthropic",
+            "https://api.anthropic.com",
+            "ANTHROPIC_API_KEY",
+            100_000,
+            200 * MB,
+            custom_id_pattern=r"^[a-zA-Z0-9_-]{1,64}$",
+        ),
         Flavour(
             "groq",
             "https://api.groq.com/openai/v1",
@@ -43,7 +51,14 @@ FLAVOURS: dict[str, Flavour] = {
             200 * MB,
             windows=("24h", "7d"),
         ),
-        Flavour("together", "https://api.together.ai/v1", "TOGETHER_API_KEY", 50_000, 100 * MB),
+        Flavour(
+            "together",
+            "https://api.together.ai/v1",
+            "TOGETHER_API_KEY",
+            50_000,
+            100 * MB,
+            custom_id_pattern=r"^.{1,64}$",
+        ),
         Flavour("local", None, None, 50_000, 200 * MB),
     )
 }
