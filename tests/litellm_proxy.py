@@ -6,7 +6,8 @@ config (one model-list entry per ``models`` name -> OpenAI-compatible ``/v1`` ba
 ``litellm --config cfg.yaml --host 127.0.0.1 --port P`` as a subprocess with the recipe's
 environment (no price-map download, a master key that is not ``sk-1234``) and waits for
 ``GET /health/liveliness``. The proxy's log is kept in ``workdir/litellm.log`` and its tail
-is shown when it fails to start.
+is shown when it fails to start. ``run_litellm_proxy(workdir, config)`` does the same with a
+whole config of the test's own (e.g. ``files_settings`` for several providers).
 
 ``litellm_unavailable()`` says why the proxy cannot run here (not installed), or None.
 
@@ -85,7 +86,7 @@ def free_port() -> int:
 
 
 def write_config(path: Path, *, models: dict[str, str], files_base: str, upstream_key: str) -> None:
-    config = {
+    config: dict[str, Any] = {
         "model_list": [
             {
                 "model_name": name,
@@ -112,6 +113,19 @@ def start_litellm_proxy(
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "litellm.yaml"
     write_config(config, models=models, files_base=files_base, upstream_key=upstream_key)
+    return _run(workdir, config)
+
+
+def run_litellm_proxy(workdir: Path, config: dict[str, Any]) -> LiteLLMProxy:
+    """Run the proxy with ``config`` (a master key from the environment is added)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "litellm.yaml"
+    settings = {**config.get("general_settings", {}), "master_key": "os.environ/LITELLM_MASTER_KEY"}
+    path.write_text(yaml.safe_dump({**config, "general_settings": settings}, sort_keys=False))
+    return _run(workdir, path)
+
+
+def _run(workdir: Path, config: Path) -> LiteLLMProxy:
     port = free_port()
     env = {
         **os.environ,

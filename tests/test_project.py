@@ -186,6 +186,34 @@ def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
             id="option-of-another-type",
         ),
         pytest.param(
+            HEADER
+            + "providers:\n  gw:\n    type: openai\n    options: {litellmProvider: vertex}\n",
+            (
+                6,
+                32,
+                "/providers/gw/options/litellmProvider",
+                "invalid-value",
+                "'vertex' is not one of 'openai', 'azure', 'vertex_ai'",
+            ),
+            id="unknown-litellm-provider",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gw:\n    type: openai\n    options: {litellmProvider: Azure}\n",
+            (
+                6,
+                32,
+                "/providers/gw/options/litellmProvider",
+                "invalid-value",
+                "(did you mean 'azure'?)",
+            ),
+            id="litellm-provider-did-you-mean",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  tg:\n    type: togther\n",
+            (5, 11, "/providers/tg/type", "invalid-value", "did you mean 'together'?"),
+            id="together-did-you-mean",
+        ),
+        pytest.param(
             HEADER + "providers:\n  az:\n    type: azure\n",
             (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
             id="azure-needs-base-url",

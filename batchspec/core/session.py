@@ -17,6 +17,7 @@ from batchspec.core.selection import select_from_workspace
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import BatchspecError, InputError, ManifestError
 from batchspec.providers.base import Provider
+from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines
@@ -68,7 +69,7 @@ def validate_inputs(
                 res.input_path,
                 endpoint=res.endpoint,
                 model=res.model,
-                custom_id_pattern=ANTHROPIC_CUSTOM_ID if kind == "anthropic" else None,
+                custom_id_pattern=flavour_of(kind).custom_id_pattern,
                 allow_unversioned_url=kind == "azure",
                 dialect="anthropic" if kind == "anthropic" else "openai",
             )
@@ -119,12 +120,11 @@ def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
     """Manifest ``limits`` over the provider's options over the provider type's defaults."""
     provider = ws.project.providers.get(res.provider)
     options = provider.options if provider else {}
-    # Azure takes 100,000 requests per file; Anthropic 100,000 inline requests per batch
-    wide = provider is not None and provider.type in ("azure", "anthropic")
-    default_requests = 100_000 if wide else 50_000
+    # each type's own limits (Azure 100,000 requests, Together 100 MB, ...): providers.flavours
+    flavour = flavour_of(provider.type if provider is not None else None)
     base = ShardLimits(
-        max_requests=int(options.get("maxRequestsPerBatch") or default_requests),
-        max_bytes=int(options.get("maxBytesPerBatch") or 200 * 1024 * 1024),
+        max_requests=int(options.get("maxRequestsPerBatch") or flavour.max_requests),
+        max_bytes=int(options.get("maxBytesPerBatch") or flavour.max_bytes),
     )
     lim = res.limits
     # a manifest may lower the provider's limits, never raise them: the provider would refuse

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError, InputError
+from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import InputReport, scan_batch_input
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.templates import row_lines
@@ -161,7 +162,7 @@ def _scan(
     options = {
         "endpoint": res.endpoint,
         "model": res.model,
-        "custom_id_pattern": ANTHROPIC_CUSTOM_ID_PATTERN if kind == "anthropic" else None,
+        "custom_id_pattern": flavour_of(kind).custom_id_pattern,  # Anthropic's, Together's
         "allow_unversioned_url": kind == "azure",
         "dialect": "anthropic" if kind == "anthropic" else "openai",
     }

@@ -13,8 +13,10 @@ Routes (each also without the ``/v1`` prefix, as LiteLLM and some clients send t
     POST   /v1/batches/{id}/cancel
 
 The same views answer on Azure's paths (``/openai/v1/...`` and ``/openai/...?api-version=``,
-``azure_routes.py``), and Anthropic's Message Batches dialect is served under
-``/v1/messages/batches`` (``anthropic_routes.py``, errors in Anthropic's envelope).
+``azure_routes.py``) and on Groq's (``/groq/openai/v1/...``, ``groq_routes.py``); Together's
+dialect is served under ``/together/v1/...`` (``together_routes.py``), and Anthropic's
+Message Batches dialect under ``/v1/messages/batches`` (``anthropic_routes.py``, errors in
+Anthropic's envelope).
 
 Every error is OpenAI's envelope ``{"error": {message, type, param, code}}``: 400 bad request,
 401 missing or wrong key, 404 unknown id or route, 405, 409 not cancellable, 413 upload over
@@ -43,7 +45,9 @@ from batchspec.engine.azure_routes import azure_routes
 from batchspec.engine.bodies import read_create_body
 from batchspec.engine.core import Engine
 from batchspec.engine.errors import EngineError, bad_request, file_too_large
+from batchspec.engine.groq_routes import groq_routes
 from batchspec.engine.messages_upstream import error_body
+from batchspec.engine.together_routes import UPLOAD_PREFIX, together_routes
 from batchspec.engine.uploads import read_upload
 
 #: Bytes of multipart framing allowed on top of the file cap before a Content-Length is refused.
@@ -69,6 +73,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
             ),
         ]
     routes += azure_routes(views)
+    routes += groq_routes(views, engine, read_create_body)
+    routes += together_routes(engine, read_create_body)
     routes += anthropic_routes(engine)
     app = Starlette(
         routes=routes,
@@ -256,7 +262,9 @@ class _RequestIdAndAuth:
                 message["headers"] = headers
             await send(message)
 
-        if self._key is not None and not self._authorised(scope):
+        # a presigned upload URL (Together's dialect) carries its own secret token, no key
+        presigned = scope["path"].startswith(UPLOAD_PREFIX)
+        if self._key is not None and not presigned and not self._authorised(scope):
             response = (
                 JSONResponse(error_body(401, "invalid x-api-key"), status_code=401)
                 if scope["path"].startswith("/v1/messages")

@@ -9,8 +9,10 @@ batches to resume at the next ``start()``.
 
 Choices where OpenAI is silent or unhelpful for a local engine:
 
-- The wire ``completion_window`` is always ``"24h"``; ``completion_window_seconds`` (a
-  setting) shortens the real deadline so tests can expire a batch in seconds.
+- The wire ``completion_window`` is ``"24h"``, unless a dialect's route accepts more
+  (Groq's ``24h`` to ``7d``: ``GROQ_WINDOWS``), the deadline then being that long;
+  ``completion_window_seconds`` (a setting) shortens the real deadline so tests can expire
+  a batch in seconds.
 - A create repeated with the same input file, endpoint, window, metadata and output expiry
   returns the existing batch while it is unfinished or younger than ``idempotency_window``
   seconds (a retrying proxy sends POST twice). Use distinct metadata to run a file twice.
@@ -28,7 +30,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,6 +53,8 @@ FILE_PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "
 #: Endpoints OpenAI's Batch API accepts that this engine cannot run (422, not 400).
 UNSUPPORTED_OPENAI_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/videos")
 MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 30 * DAY
+#: Groq's completion windows, "24h" to "7d", in hours or days
+GROQ_WINDOWS = frozenset({f"{h}h" for h in range(24, 169)} | {f"{d}d" for d in range(1, 8)})
 
 
 class Engine:
@@ -169,8 +173,10 @@ class Engine:
         purpose: str,
         *,
         expires_after_seconds: int | None = None,
+        file_id: str | None = None,
     ) -> dict[str, Any]:
-        """Finish an upload written through ``open_upload`` and record it as a file."""
+        """Finish an upload written through ``open_upload`` and record it as a file (with
+        ``file_id`` when a dialect announced the id before the bytes came: Together's)."""
         try:
             _check_purpose(purpose)
             expires_at = _file_expiry(purpose, expires_after_seconds)
@@ -184,6 +190,7 @@ class Engine:
             filename=filename or "upload.jsonl",
             purpose=purpose,
             expires_at=expires_at,
+            file_id=file_id,
         )
         return file_object(row)
 
@@ -241,9 +248,11 @@ class Engine:
         completion_window: str = WIRE_COMPLETION_WINDOW,
         metadata: Mapping[str, str] | None = None,
         output_expires_after: Mapping[str, Any] | None = None,
+        *,
+        windows: Collection[str] = (WIRE_COMPLETION_WINDOW,),
     ) -> dict[str, Any]:
         """Create a batch (status ``validating``), or return the one a repeated create made."""
-        _check_batch_request(input_file_id, endpoint, completion_window, metadata)
+        _check_batch_request(input_file_id, endpoint, completion_window, metadata, windows)
         _check_expires_after(output_expires_after, param="output_expires_after")
         input_file = self._file_row(input_file_id)
         if input_file["purpose"] != "batch":
@@ -258,7 +267,9 @@ class Engine:
         created_at = now()
         wall = time.time()
         window = self.completion_window_seconds
-        deadline = wall + (window if window is not None else DAY)
+        if window is None:
+            window = _window_seconds(completion_window)
+        deadline = wall + window
         with self.store.write() as db:
             since = created_at - math.ceil(self.idempotency_window)
             existing = self.store.find_repeated_create(db, key, since)
@@ -280,7 +291,7 @@ class Engine:
                     else None,
                     "idempotency_key": key,
                     "created_at": created_at,
-                    "expires_at": created_at + DAY if window is None else math.ceil(deadline),
+                    "expires_at": math.ceil(created_at + window),
                     "deadline": deadline,
                 },
             )
@@ -362,7 +373,11 @@ def _check_expires_after(value: Mapping[str, Any] | None, *, param: str) -> None
 
 
 def _check_batch_request(
-    input_file_id: Any, endpoint: Any, completion_window: Any, metadata: Any
+    input_file_id: Any,
+    endpoint: Any,
+    completion_window: Any,
+    metadata: Any,
+    windows: Collection[str] = (WIRE_COMPLETION_WINDOW,),
 ) -> None:
     if not isinstance(input_file_id, str) or not input_file_id:
         raise bad_request("input_file_id is required (a string).", param="input_file_id")
@@ -380,12 +395,18 @@ def _check_batch_request(
             f"Invalid endpoint {endpoint!r}: use one of {', '.join(SUPPORTED_ENDPOINTS)}.",
             param="endpoint",
         )
-    if completion_window != WIRE_COMPLETION_WINDOW:
+    if completion_window not in windows:
+        accepted = "only '24h' is" if len(windows) == 1 else "'24h' to '7d' are"
         raise bad_request(
-            f"Invalid completion_window {completion_window!r}: only '24h' is supported.",
+            f"Invalid completion_window {completion_window!r}: {accepted} supported.",
             param="completion_window",
         )
     _check_metadata(metadata)
+
+
+def _window_seconds(window: str) -> float:
+    """Seconds of an accepted window: ``"24h"`` -> 86400, ``"7d"`` -> 604800."""
+    return int(window[:-1]) * (DAY if window.endswith("d") else 3600)
 
 
 def _check_metadata(metadata: Any) -> None:

@@ -244,8 +244,9 @@ class Store:
         purpose: str,
         expires_at: int | None,
         db: sqlite3.Connection | None = None,
+        file_id: str | None = None,
     ) -> sqlite3.Row:
-        file_id = new_id("file-")
+        file_id = file_id or new_id("file-")
         values = (file_id, sha256, size, filename, purpose, now(), expires_at)
         sql = (
             "INSERT INTO files (id, sha256, bytes, filename, purpose, created_at, expires_at)"

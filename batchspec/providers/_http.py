@@ -331,11 +331,20 @@ class RetryingClient:
         operation: str,
         retry_ambiguous: bool = True,
         headers: Mapping[str, str] | None = None,
+        ok_statuses: frozenset[int] = frozenset(),
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send until a 2xx arrives (body read), or raise the last failure as ProviderError."""
+        """Send until a 2xx (or one of ``ok_statuses``, e.g. a redirect to follow by hand)
+        arrives (body read), or raise the last failure as ProviderError."""
         return self._send(
-            method, path, operation, retry_ambiguous, headers, stream=False, kwargs=kwargs
+            method,
+            path,
+            operation,
+            retry_ambiguous,
+            headers,
+            stream=False,
+            kwargs=kwargs,
+            ok_statuses=ok_statuses,
         )
 
     def download(
@@ -387,6 +396,7 @@ class RetryingClient:
         *,
         stream: bool,
         kwargs: Mapping[str, Any],
+        ok_statuses: frozenset[int] = frozenset(),
     ) -> httpx.Response:
         url = self._base_url + path
         merged = {**self._headers, **(headers or {})}
@@ -406,7 +416,7 @@ class RetryingClient:
                     raise error from exc
                 self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
-            if response.is_success:
+            if response.is_success or response.status_code in ok_statuses:
                 return response
             if stream:
                 response.read()

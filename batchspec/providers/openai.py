@@ -11,6 +11,12 @@ that costs money, so it is never blindly re-sent after an ambiguous failure: the
 first looks for a batch it may already have created (same input file, endpoint and
 metadata, created since the first attempt) and returns that one instead.
 
+A LiteLLM proxy picks the provider behind it by ``custom_llm_provider``. With
+``litellm_provider`` set, it is sent where LiteLLM 1.108.7 reads it on each route: the
+``custom-llm-provider`` header on every call (read by upload, create, retrieve, list, cancel
+and file content alike), plus the ``custom_llm_provider`` form field of an upload and body
+field of a create, the places LiteLLM documents for those two.
+
 The API key is kept in a request header only; ``repr`` and every error leave it out.
 """
 
@@ -53,6 +59,8 @@ _CREATE_CLOCK_SKEW = 300
 #: pages of the batch list searched for a batch an ambiguous create may have made
 _CREATE_LOOKUP_PAGES = 2
 _MAX_PAGE_SIZE = 100
+#: the header a LiteLLM proxy reads ``custom_llm_provider`` from on every files/batches route
+LITELLM_PROVIDER_HEADER = "custom-llm-provider"
 
 
 class OpenAIProvider:
@@ -73,10 +81,14 @@ class OpenAIProvider:
         auth_header: str = "Authorization",
         api_key_env: str | None = "OPENAI_API_KEY",
         rand: Callable[[], float] = random.random,
+        litellm_provider: str | None = None,
     ) -> None:
         require_http_url(name, base_url, where="baseUrl in batchspec.yaml or OPENAI_BASE_URL")
         self.name = name
         self.base_url = base_url.rstrip("/")
+        self.litellm_provider = litellm_provider
+        if litellm_provider:
+            extra_headers = {**(extra_headers or {}), LITELLM_PROVIDER_HEADER: litellm_provider}
         self._policy = client_policy(max_retries)
         self._sleep = sleep
         self._rand = rand
@@ -125,7 +137,7 @@ class OpenAIProvider:
                 "POST",
                 "/files",
                 operation=f"upload of {path.name}",
-                data={"purpose": purpose},
+                data=self._routed({"purpose": purpose}),
                 files={"file": (filename, handle, "application/jsonl")},
             )
         return parse_file(json_object(response, "upload file", self.name, api_root=_API_ROOT))
@@ -156,12 +168,14 @@ class OpenAIProvider:
         metadata: Mapping[str, str],
     ) -> RemoteBatch:
         """Create a batch; after an ambiguous failure adopt the batch it made, if any."""
-        payload = {
-            "input_file_id": input_file_id,
-            "endpoint": endpoint,
-            "completion_window": completion_window,
-            "metadata": dict(metadata),
-        }
+        payload = self._routed(
+            {
+                "input_file_id": input_file_id,
+                "endpoint": endpoint,
+                "completion_window": completion_window,
+                "metadata": dict(metadata),
+            }
+        )
         first_sent = time.time()
         for retries_done in range(self._policy.max_attempts):
             try:
@@ -219,6 +233,12 @@ class OpenAIProvider:
         self._http.close()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _routed(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` plus ``custom_llm_provider`` when a LiteLLM provider is configured."""
+        if self.litellm_provider:
+            fields["custom_llm_provider"] = self.litellm_provider
+        return fields
 
     def _find_batch_made_by(
         self, payload: Mapping[str, Any], *, since: float

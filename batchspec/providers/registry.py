@@ -6,8 +6,10 @@ network I/O, so the reconciler can build providers lazily, only for resources th
 The local engine's module is imported only when a ``local`` provider is built.
 
 Types: ``openai`` (any OpenAI-compatible API; ``litellmModel`` sends LiteLLM's
-``x-litellm-model`` header for its model-routed mode), ``azure`` (Azure OpenAI),
-``anthropic`` (Message Batches) and ``local`` (the embedded engine).
+``x-litellm-model`` header for its model-routed mode, ``litellmProvider`` its
+``custom_llm_provider``), ``azure`` (Azure OpenAI), ``groq`` and ``together`` (their
+OpenAI-like batch APIs, defaults in ``flavours.FLAVOURS``), ``anthropic`` (Message Batches)
+and ``local`` (the embedded engine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec.errors import ProviderError
 from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.base import Provider
+from batchspec.providers.flavours import FLAVOURS
 from batchspec.providers.openai import DEFAULT_BASE_URL, OpenAIProvider
 
 if TYPE_CHECKING:
@@ -29,9 +32,13 @@ DEFAULT_API_KEY_ENV = {
     "openai": "OPENAI_API_KEY",
     "azure": "AZURE_OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "together": "TOGETHER_API_KEY",
 }
 #: where an anthropic provider stages inputs and journals its creates, below the project
 DEFAULT_ANTHROPIC_DATA_DIR = "state/anthropic"
+#: where a together provider journals its creates (its batches carry no metadata)
+DEFAULT_TOGETHER_DATA_DIR = "state/together"
 
 
 def build_provider(
@@ -44,11 +51,15 @@ def build_provider(
         return build_azure_provider(config, env=env)
     if config.type == "anthropic":
         return build_anthropic_provider(config, project_root=project_root, env=env)
+    if config.type == "groq":
+        return build_groq_provider(config, env=env)
+    if config.type == "together":
+        return build_together_provider(config, project_root=project_root, env=env)
     if config.type == "local":
         return build_local_provider(config, project_root=project_root)
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
-        "expected one of openai, azure, anthropic, local."
+        "expected one of openai, azure, groq, together, anthropic, local."
     )
 
 
@@ -75,6 +86,8 @@ def build_openai_provider(
         api_key_env=key_env,
         extra_headers=headers,
         timeout=float(options.get("timeout", 60.0)),
+        # LiteLLM's custom_llm_provider: which provider behind the proxy takes every call
+        litellm_provider=options.get("litellmProvider"),
     )
 
 
@@ -98,6 +111,41 @@ def build_azure_provider(
         api_version=options.get("apiVersion"),
         timeout=float(options.get("timeout", 60.0)),
     )
+
+
+def build_groq_provider(
+    config: ProviderConfig, *, env: Mapping[str, str] = os.environ
+) -> OpenAIProvider:
+    """Groq: OpenAI's API under ``https://api.groq.com/openai/v1``, windows ``24h`` to ``7d``."""
+    options: Mapping[str, Any] = config.options or {}
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["groq"]
+    return OpenAIProvider(
+        config.name,
+        base_url=config.base_url or str(FLAVOURS["groq"].base_url),
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        timeout=float(options.get("timeout", 60.0)),
+    )
+
+
+def build_together_provider(
+    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+) -> Provider:
+    """Together: creates are journaled in ``dataDir`` (its batches carry no metadata)."""
+    from batchspec.providers.together import TogetherProvider
+
+    options: Mapping[str, Any] = config.options or {}
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["together"]
+    data_dir = project_root / str(options.get("dataDir", DEFAULT_TOGETHER_DATA_DIR))
+    provider: Provider = TogetherProvider(
+        config.name,
+        base_url=config.base_url or str(FLAVOURS["together"].base_url),
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        data_dir=data_dir / config.name,
+        timeout=float(options.get("timeout", 60.0)),
+    )
+    return provider
 
 
 def build_anthropic_provider(

@@ -55,6 +55,8 @@ DEFAULT_API_KEY_ENV: Mapping[str, str | None] = {
     "openai": "OPENAI_API_KEY",
     "azure": "AZURE_OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "together": "TOGETHER_API_KEY",
     "local": None,
 }
 

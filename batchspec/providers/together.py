@@ -1,0 +1,333 @@
+"""Together's Batch API (``type: together``): OpenAI-like, with Together's differences.
+
+It is ``OpenAIProvider`` (same retries, error messages, downloads, ``get_file``) except:
+
+- **Upload in three steps.** ``POST /files`` with form fields ``purpose=batch-api``,
+  ``file_name``, ``file_type=jsonl`` and the sha256 ``checksum`` answers 302 with a
+  ``Location`` (a presigned URL) and ``X-Together-File-Id``; the bytes are PUT there, with
+  no API key (the URL may be another host's: our key never leaves for it); then
+  ``POST /files/{id}/preprocess`` returns the file. A 409 names a file already uploaded with
+  that content, which is used as it is.
+- **Lines.** Together's lines are ``{"custom_id", "body"}``: the input is converted while it
+  is staged (``method``/``url`` dropped; the batch's endpoint says where lines go), streamed
+  line by line, so memory stays flat.
+- **Answers.** A create answers ``{"job": {...}, "warning"}``; a list is a bare array (no
+  paging); statuses are upper case and timestamps ISO-8601 (``parse_batch`` reads both);
+  ``job_deadline`` is the expiry; ``error`` (a string) becomes the batch's one error.
+- **No metadata.** Together's batches carry none, so the provider journals its creates in
+  ``<dataDir>/journal.db`` (the journal the ``anthropic`` provider keeps, keyed by batchspec's
+  metadata): the row is written *before* the create is sent and confirmed with the batch id.
+  Batches are listed with their journaled metadata, so a re-run adopts them. A create whose
+  answer was lost leaves its row unconfirmed; the next create for the same key first looks for
+  a batch made from the same input file since then and not claimed by another row, and adopts
+  it rather than paying twice. Keep ``state/`` whole between runs: without the journal a
+  Together batch cannot be recognised as batchspec's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from batchspec import __version__
+from batchspec.errors import ProviderError
+from batchspec.providers._http import AmbiguousOutcome, RetryingClient, quote_id
+from batchspec.providers.anthropic_journal import Journal, JournalEntry, metadata_key
+from batchspec.providers.base import (
+    BatchValidationError,
+    RemoteBatch,
+    RemoteFile,
+    RemoteNotFound,
+    parse_batch,
+    parse_file,
+)
+from batchspec.providers.openai import OpenAIProvider
+
+TOGETHER_PURPOSE = "batch-api"
+#: how far back (seconds) a listed batch may have been created to be a lost create's
+_CLOCK_SKEW = 300
+_CHUNK = 64 * 1024
+
+
+class TogetherProvider(OpenAIProvider):
+    """A ``providers.base.Provider`` for Together's Batch API (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None,
+        data_dir: Path,
+        api_key_env: str | None = "TOGETHER_API_KEY",
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            name,
+            base_url=base_url,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            transport=transport,
+            timeout=timeout,
+            **kwargs,
+        )
+        self.data_dir = data_dir
+        self._journal = Journal(data_dir)
+        # the presigned upload URL gets the bytes and a user agent, never our key
+        self._presigned = RetryingClient(
+            base_url="",
+            client=httpx.Client(transport=transport, timeout=httpx.Timeout(timeout)),
+            owns_client=True,
+            context=self._http.context,
+            headers={"User-Agent": f"batchspec/{__version__}"},
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
+
+    def __repr__(self) -> str:
+        return f"TogetherProvider(name={self.name!r}, base_url={self.base_url!r})"
+
+    # -- files ---------------------------------------------------------------------------
+
+    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+        """Stage ``path`` as Together lines, then announce, PUT and preprocess it."""
+        if not filename.endswith(".jsonl"):
+            filename += ".jsonl"
+        staged, checksum, size = self._stage_together_lines(path)
+        try:
+            fields = {
+                "purpose": TOGETHER_PURPOSE,
+                "file_name": filename,
+                "file_type": "jsonl",
+                "checksum": checksum,
+            }
+            announced = self._http.request(
+                "POST",
+                "/files",
+                operation=f"upload of {path.name}",
+                files={key: (None, value) for key, value in fields.items()},
+                ok_statuses=frozenset({302, 409}),
+            )
+            if announced.status_code == 409:  # this content is there already
+                return self.get_file(str(_json(announced, "upload", self.name).get("file_id")))
+            location = announced.headers.get("location")
+            file_id = announced.headers.get("x-together-file-id")
+            if announced.status_code != 302 or not location or not file_id:
+                raise ProviderError(
+                    f"{self.name}: upload of {path.name}: expected a 302 with Location and "
+                    f"X-Together-File-Id, got HTTP {announced.status_code}; is the base URL "
+                    "Together's API root (https://api.together.ai/v1)?"
+                )
+            self._presigned.request(
+                "PUT",
+                location,
+                operation=f"upload of {path.name} (bytes)",
+                content=_FileBody(staged),
+                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            )
+            done = self._http.request(
+                "POST", f"/files/{quote_id(file_id)}/preprocess", operation=f"upload of {path.name}"
+            )
+            return parse_file(_json(done, "upload", self.name))
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _stage_together_lines(self, path: Path) -> tuple[Path, str, int]:
+        """``path`` as ``{"custom_id", "body"}`` lines in a staging file: (path, sha256, size)."""
+        folder = self.data_dir / "staging"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".jsonl")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as lines:
+                for raw in lines:
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    together = {"custom_id": line["custom_id"], "body": line["body"]}
+                    data = (json.dumps(together, ensure_ascii=False) + "\n").encode()
+                    digest.update(data)
+                    out.write(data)
+                    size += len(data)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name), digest.hexdigest(), size
+
+    # -- batches -------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+    ) -> RemoteBatch:
+        """Create a batch, journaled first; a create the journal knows is adopted, not re-sent."""
+        key = metadata_key(metadata)
+        entry = self._journal.get(key)
+        if entry is not None and entry.remote_id is not None:
+            try:
+                return self.get_batch(entry.remote_id)
+            except RemoteNotFound:
+                self._journal.forget(key)
+                entry = None
+        elif entry is not None:
+            lost = self._unclaimed_batch_of(entry)
+            if lost is not None:
+                return lost
+        entry = JournalEntry(
+            key=key,
+            metadata=dict(metadata),
+            endpoint=endpoint,
+            file_id=input_file_id,
+            requests=0,
+            ids_sha256="",
+            started_at=entry.started_at if entry is not None else time.time(),
+        )
+        self._journal.begin(entry)
+        payload = {
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+        }
+        for retries_done in range(self._policy.max_attempts):
+            try:
+                response = self._http.request(
+                    "POST",
+                    "/batches",
+                    operation="create batch",
+                    json=payload,
+                    retry_ambiguous=False,
+                )
+            except AmbiguousOutcome:
+                lost = self._unclaimed_batch_of(entry)
+                if lost is not None:
+                    return lost
+                if not self._policy.can_retry(retries_done):
+                    raise
+                self._sleep(self._policy.delay(retries_done, rand=self._rand))
+                continue
+            body = _json(response, "create batch", self.name)
+            job = body.get("job") if isinstance(body.get("job"), Mapping) else body
+            created = _parse_job(job, metadata)
+            self._journal.confirm(key, created.id)
+            return created
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def get_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "GET", f"/batches/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
+        )
+        return self._with_journal(_parse_job(_json(response, "get batch", self.name), {}))
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every batch Together lists (one page: it does not page), newest first."""
+        known = self._journal.by_remote_id()
+        for batch in self._listed():
+            entry = known.get(batch.id)
+            yield dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        response = self._http.request(
+            "POST", f"/batches/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+        )
+        return self._with_journal(_parse_job(_json(response, "cancel batch", self.name), {}))
+
+    def close(self) -> None:
+        super().close()
+        self._presigned.close()
+        self._journal.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _listed(self) -> list[RemoteBatch]:
+        response = self._http.request("GET", "/batches", operation="list batches")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        rows = body.get("data") if isinstance(body, Mapping) else body
+        if not isinstance(rows, list):
+            raise ProviderError(
+                f"{self.name}: list batches answered with a body that is not a JSON array; "
+                "is the base URL Together's API root (https://api.together.ai/v1)?"
+            )
+        batches = [_parse_job(row, {}) for row in rows if isinstance(row, Mapping) and "id" in row]
+        return sorted(batches, key=lambda b: b.created_at or 0, reverse=True)
+
+    def _unclaimed_batch_of(self, entry: JournalEntry) -> RemoteBatch | None:
+        """The newest listed batch a lost create of ``entry`` made, confirmed as its own."""
+        claimed = self._journal.by_remote_id()
+        for batch in self._listed():
+            if (
+                batch.id not in claimed
+                and batch.input_file_id == entry.file_id
+                and batch.endpoint in (None, entry.endpoint)
+                and (batch.created_at is None or batch.created_at >= entry.started_at - _CLOCK_SKEW)
+            ):
+                self._journal.confirm(entry.key, batch.id)
+                return dataclasses.replace(batch, metadata=entry.metadata)
+        return None
+
+    def _with_journal(self, batch: RemoteBatch) -> RemoteBatch:
+        entry = self._journal.by_remote_id().get(batch.id)
+        return dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
+
+
+class _FileBody:
+    """A request body read from ``path`` afresh on every iteration, so a retry resends it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+
+
+def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, Mapping):
+        raise ProviderError(
+            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
+            "not a JSON object; is the base URL Together's API root (https://api.together.ai/v1)?",
+            status=response.status_code,
+        )
+    return body
+
+
+def _parse_job(job: Mapping[str, Any], metadata: Mapping[str, str]) -> RemoteBatch:
+    """A Together BatchJob as a ``RemoteBatch`` (see the module docstring)."""
+    if "id" not in job:
+        raise ProviderError("Together answered a batch without an id.")
+    batch = parse_batch(
+        {
+            **job,
+            "expires_at": job.get("job_deadline"),
+            "metadata": None,
+            "errors": None,
+            "request_counts": None,
+            "usage": None,
+        }
+    )
+    error = job.get("error")
+    errors = (BatchValidationError(code=None, message=str(error)),) if error else ()
+    return dataclasses.replace(batch, metadata=dict(metadata), errors=errors)
