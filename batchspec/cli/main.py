@@ -615,19 +615,28 @@ def forget(
 
 @cli.command()
 @click.argument("holder_id", metavar="ID")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Release it even though its heartbeat is fresh (the run may still be spending).",
+)
 @state_option
-def unlock(holder_id: str, state_path: str | None) -> None:
+def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
 
     Only for a run that is gone: ID must match the current holder, or nothing is released.
-    A run that loses its lock stops at its next step. Recorded in history as an unlock run.
+    A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
+    be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
+    step. Recorded in history as an unlock run.
     """
     from pathlib import Path
 
     from batchspec.core.lifecycle import unlock_state
     from batchspec.state.lock import describe_holder
 
-    holder = unlock_state(holder_id, state_path=Path(state_path) if state_path else None)
+    holder = unlock_state(
+        holder_id, state_path=Path(state_path) if state_path else None, force=force
+    )
     click.echo(f"released the lock of {describe_holder(holder)}")
 
 

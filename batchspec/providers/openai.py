@@ -9,7 +9,10 @@ length (LiteLLM wraps them in base64) and are percent-quoted into paths.
 Retries, backoff and error messages come from ``_http``. Creating a batch is the one call
 that costs money, so it is never blindly re-sent after an ambiguous failure: the provider
 first looks for a batch it may already have created (same input file, endpoint and
-metadata, created since the first attempt) and returns that one instead.
+metadata, created since the first attempt) and returns that one instead. A create carrying
+batchspec's key (``METADATA_KEYS``) that is not found is never re-sent here: it raises
+``AmbiguousOutcome``, and the reconciler keeps looking it up for a bounded window (the
+create may still be in transit) before it creates again.
 
 The API key is kept in a request header only; ``repr`` and every error leave it out.
 """
@@ -163,6 +166,7 @@ class OpenAIProvider:
             "metadata": dict(metadata),
         }
         first_sent = time.time()
+        keyed = all(k in metadata for k in METADATA_KEYS)
         for retries_done in range(self._policy.max_retries + 1):
             try:
                 response = self._http.request(
@@ -176,7 +180,10 @@ class OpenAIProvider:
                 made = self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW)
                 if made is not None:
                     return made
-                if retries_done >= self._policy.max_retries:
+                # a keyed create may still be in transit (a gateway holding it past our
+                # timeout): never re-send it here; the reconciler looks it up for a bounded
+                # window before it creates again
+                if keyed or retries_done >= self._policy.max_retries:
                     raise
                 self._sleep(self._policy.backoff(retries_done, self._rand))
                 continue
