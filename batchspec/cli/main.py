@@ -539,7 +539,11 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
 def cancel(
     name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
 ) -> None:
-    """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
+    """Cancel NAME's in-flight batches. Recorded in history.
+
+    Answers that finished before the cancel took effect are kept: the next apply polls the
+    cancelling batches to their end, collects what finished and writes it.
+    """
     from batchspec.core.apply import cancel_resource
 
     n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
