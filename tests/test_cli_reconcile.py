@@ -339,7 +339,7 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """cancel NAME cancels the remote batch, records a cancel event, marks the generation
-    cancelled; the plan then leaves it alone (Suspended) instead of retrying."""
+    cancelled; the plan then only polls it to keep what finished (Suspended), never retries."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
@@ -366,7 +366,8 @@ def test_cancel_stops_in_flight_batches_and_records_it(
 
     code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
     [action] = json.loads(out)["actions"]
-    assert action["action"] == "none" and "cancelled by a user" in action["reason"]
+    assert action["action"] == "refresh" and "cancelled by a user" in action["reason"]
+    assert action["requests"] == 0
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     assert json.loads(out)["resources"][0]["health"] == "Suspended"
     assert slow_server.probe.counts["POST /batches"] == 1

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from batchspec.cli.main import main
-from batchspec.state.lock import acquire_lock, current_lock
+from batchspec.state.lock import STALE_AFTER, acquire_lock, current_lock
 from batchspec.state.runinfo import RunInfo
-from batchspec.state.store import StateStore
+from batchspec.state.store import StateStore, utc_timestamp
 
 INFO = RunInfo("alice", socket.gethostname(), os.getpid(), None, None, None, None, None, "0")
 
@@ -27,17 +31,59 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_unlock_releases_the_named_holder(
     db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`unlock ID` with the holder's id exits 0, says whose lock it released, frees it."""
+    """`unlock ID` of a holder whose process is gone exits 0, says whose lock it released,
+    frees it, even though its heartbeat is fresh."""
     monkeypatch.setenv("BATCHSPEC_STATE", str(db_path))
     with StateStore.open(db_path) as store:
-        handle = acquire_lock(store, command="apply", info=INFO)
+        gone = replace(INFO, pid=dead_pid())
+        handle = acquire_lock(store, command="apply", info=gone)
         assert run(["unlock", handle.holder_id]) == 0
         assert current_lock(store) is None
     out = capsys.readouterr().out
     assert f"released the lock of {handle.holder_id} (alice@" in out
+
+
+def test_unlock_of_a_live_holder_is_refused_without_force(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A holder that is alive with a fresh heartbeat (it may be mid-create) is not released:
+    exit 3, the lock stays and the message says how to force it; --force releases it."""
+    with StateStore.open(db_path) as store:
+        handle = acquire_lock(store, command="apply", info=INFO)
+        assert run(["unlock", handle.holder_id, "--state", str(db_path)]) == 3
+        assert current_lock(store) == handle.holder
+        err = capsys.readouterr().err
+        assert "may still be running" in err and "Traceback" not in err
+        assert f"batchspec unlock {handle.holder_id} --force" in err
+        assert run(["unlock", handle.holder_id, "--force", "--state", str(db_path)]) == 0
+        assert current_lock(store) is None
+        [*_, event] = store.events()
+    assert event.action == "lock.force_unlock" and event.detail["forced"] is True
+
+
+def test_unlock_of_a_holder_elsewhere_needs_a_stale_heartbeat(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A holder on another host (we cannot see its process) is released without --force
+    only once its heartbeat is older than the lock's stale threshold."""
+    with StateStore.open(db_path) as store:
+        remote = replace(INFO, host="ci-runner-7.example")
+        handle = acquire_lock(store, command="apply", info=remote)
+        assert run(["unlock", handle.holder_id, "--state", str(db_path)]) == 3
+        stale = datetime.now(timezone.utc) - STALE_AFTER - timedelta(seconds=5)
+        store.write_lock_row(replace(handle.holder, heartbeat=utc_timestamp(stale)))
+        assert run(["unlock", handle.holder_id, "--state", str(db_path)]) == 0
+        assert current_lock(store) is None
 
 
 def test_unlock_with_a_wrong_id_exits_1_naming_the_holder(

@@ -24,8 +24,11 @@ from probes import ProbedServer, ServeProcess, start_serve_process
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
+    ResourceSpec,
     Workspace,
     batchspec_cmd,
+    make_workspace,
+    openai_provider,
     run_cli,
     served,
 )
@@ -133,9 +136,14 @@ def test_killed_before_the_create_arrived_creates_exactly_once(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """SIGKILL while the create was on its way but never reached the engine: the `creating`
-    intent finds nothing to adopt, so the re-run creates one batch, reusing the upload."""
+    intent finds nothing to adopt; the re-run waits out the create's confirm window (it
+    might still arrive), then creates one batch, reusing the upload."""
     srv = server()
-    ws = served(tmp_path / "ws", srv)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV, createConfirmSeconds=1)},
+        resources=(ResourceSpec("triage", count=4),),
+    )
     creating = srv.probe.hold("POST /batches", HOLD, drop=True)
     proc = start_apply(ws)
     assert creating.wait(20), "the create never left the client"
@@ -147,8 +155,9 @@ def test_killed_before_the_create_arrived_creates_exactly_once(
     assert (intent.remote_id, intent.status) == (None, "creating")
     assert srv.batch_count() == 0
 
-    rerun_converges(ws, capsys)
+    out = rerun_converges(ws, capsys)
 
+    assert "waiting to confirm an earlier create" in out
     assert srv.batch_count() == 1
     assert srv.probe.counts["POST /batches"] == 2  # the dropped one and the real one
     assert srv.probe.counts["POST /files"] == 1  # the recorded file id was reused

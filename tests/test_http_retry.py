@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.wire.retry import CLIENT_POLICY
 
@@ -387,6 +387,23 @@ def test_ambiguous_keyed_create_is_found_by_its_key_even_with_a_rewritten_file_i
     )
     assert created.id == "batch_made"
     assert [r.method for r in script.requests] == ["POST", "GET"]
+
+
+def test_ambiguous_keyed_create_not_found_is_never_re_sent() -> None:
+    """A keyed create that timed out and is not listed may still be in transit: the provider
+    raises AmbiguousOutcome (the reconciler looks it up through its window) and sends no
+    second create."""
+    script = Script(httpx.ReadTimeout("timed out"), _list())
+    provider, sleeps = make_provider(script)
+    with pytest.raises(AmbiguousOutcome):
+        provider.create_batch(
+            input_file_id="file-1",
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=KEYED,
+        )
+    assert [r.method for r in script.requests] == ["POST", "GET"]
+    assert sleeps == []
 
 
 def test_unambiguous_create_failures_are_retried_directly() -> None:

@@ -302,7 +302,7 @@ def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: S
     with pytest.raises(StateError, match=f"held by {handle.holder_id}"):
         force_unlock(other, "wrong-id")
     assert current_lock(other) is not None
-    released = force_unlock(other, handle.holder_id)
+    released = force_unlock(other, handle.holder_id, force=True)
     assert released == handle.holder
     assert current_lock(store) is None
     assert [e.action for e in store.events()] == ["lock.force_unlock"]
@@ -311,7 +311,7 @@ def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: S
 def test_old_handle_cannot_disturb_the_next_holder(store: StateStore, other: StateStore) -> None:
     """After unlock and a new holder, the old handle's heartbeat fails and release is a no-op."""
     old = acquire_lock(store, command="apply", info=run_info())
-    force_unlock(other, old.holder_id)
+    force_unlock(other, old.holder_id, force=True)
     new = acquire_lock(other, command="apply", info=run_info())
     with pytest.raises(StateError, match="no longer holds the state lock"):
         old.heartbeat()
@@ -363,13 +363,13 @@ def test_unlock_state_finds_the_project_database_and_records_a_run(
 ) -> None:
     """unlock_state resolves the workspace's state DB, releases, and records an unlock run."""
     assert db_path == tmp_path / "state" / "batchspec.db"  # the default project layout
-    handle = acquire_lock(store, command="apply", info=run_info())
+    handle = acquire_lock(store, command="apply", info=run_info(pid=dead_pid()))
     released = unlock_state(handle.holder_id, start=tmp_path)
     assert released.holder_id == handle.holder_id and current_lock(store) is None
     [run] = store.runs()
     assert (run.command, run.args, run.exit_code) == ("unlock", {"holder_id": handle.holder_id}, 0)
     [event] = store.events(run_id=run.id)
-    assert event.action == "lock.force_unlock" and event.detail["pid"] == os.getpid()
+    assert event.action == "lock.force_unlock" and event.detail["pid"] == handle.holder.pid
 
 
 def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:

@@ -316,10 +316,31 @@ CASES = [
     ),
     pytest.param(
         want(),
+        have(gen(status="cancelled", batches=(batch(status="cancelling", collected=False),))),
+        None,
+        (ActionKind.REFRESH, "cancelled by a user; waiting for it to stop", 0, 0),
+        id="cancelling-is-polled-to-its-end",
+    ),
+    pytest.param(
+        want(),
         have(gen(status="cancelled", batches=(batch(status="cancelled", collected=False),))),
         None,
+        (ActionKind.COLLECT, "cancelled by a user; keeping what finished", 0, 0),
+        id="cancelled-keeps-what-finished",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="cancelled", output_sha256=None, batches=(batch(status="cancelled"),))),
+        None,
+        (ActionKind.COLLECT, "cancelled by a user; keeping what finished", 0, 0),
+        id="cancelled-collected-writes-its-results",
+    ),
+    pytest.param(
+        want(),
+        have(gen(status="cancelled", batches=(batch(status="cancelled"),))),
+        None,
         (ActionKind.NONE, "cancelled by a user", 0, 0),
-        id="cancelled-is-none",
+        id="cancelled-with-results-written-is-none",
     ),
 ]
 

@@ -98,37 +98,6 @@ def test_completion_windows_per_dialect(
     assert answer.status_code == status, answer.text
 
 
-def test_together_sdk_round_trip(served: EngineServer, tmp_path: Path) -> None:
-    """together SDK: three-step upload (its own checks on), create -> {job}, retrieve until
-    COMPLETED, bare-array list, output content, cancel of a finished job answers the job."""
-    import together
-
-    client = together.Together(
-        base_url=f"{served.base_url}/together", api_key=API_KEY, max_retries=0
-    )
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(jsonl_bytes(together_lines(3)))
-    uploaded = client.files.upload(file=path, purpose="batch-api")
-    assert uploaded.purpose == "batch-api" and uploaded.bytes == path.stat().st_size
-
-    created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions")
-    assert created.job is not None and created.job.status == "VALIDATING"
-    assert created.job.input_file_id == uploaded.id
-
-    done = wait_for(
-        lambda: (j := client.batches.retrieve(created.job.id)).status == "COMPLETED" and j
-    )
-    assert done.progress == 100.0 and done.created_at is not None
-    assert created.job.id in [job.id for job in client.batches.list()]
-    output = client.files.content(done.output_file_id).read().decode()
-    assert sorted(json.loads(x)["custom_id"] for x in output.splitlines()) == [
-        "req-0",
-        "req-1",
-        "req-2",
-    ]
-    assert client.batches.cancel(done.id).status == "COMPLETED"
-
-
 def test_together_presigned_upload_needs_no_key_but_its_token(served: EngineServer) -> None:
     """The PUT URL is a capability: a made-up token is refused even though no key is needed."""
     import httpx

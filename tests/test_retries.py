@@ -143,6 +143,10 @@ def test_all_failed_ends_degraded_never_success(
     with ws.store() as store:
         [gen] = store.generations("doomed")
         assert (gen.status, gen.succeeded, gen.failed) == ("degraded", 0, 6)
+        [event] = [e for e in store.events(resource="doomed") if e.action == "results"]
+    assert event.detail["degraded"] == (
+        "6 request(s) unresolved after 2 attempt(s): attempts exhausted (retry.maxAttempts 2)"
+    )
 
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     [status] = json.loads(out)["resources"]
@@ -199,6 +203,30 @@ def test_non_retryable_failures_are_final_and_not_resubmitted(
     assert [r["custom_id"] for r in ws.errors("mixed")] == ["m-2"]
     assert ws.errors("mixed")[0]["response"]["status_code"] == 400
     assert [r["custom_id"] for r in ws.outputs("mixed")] == ["m-0", "m-1", "m-3", "m-4"]
+
+
+def test_a_job_failed_for_good_without_a_retry_says_not_retryable(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request answered 400 (not retryable): one attempt, Degraded, and the results
+    message and event name the code as "not retryable", never "attempts exhausted"."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("bad", count=1))
+    lines = request_lines(3, prefix="b")
+    for line in lines:
+        line["body"]["messages"] = []
+    ws.write_input("bad", lines)
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 4, out + err
+    assert len(received_batches(srv.client())) == 1
+    with ws.store() as store:
+        [event] = [e for e in store.events(resource="bad") if e.action == "results"]
+    assert event.detail["degraded"].startswith("not retryable: ")
+    assert "(3)" in event.detail["degraded"]
+    assert f"degraded: {event.detail['degraded']}" in out
+    assert "attempts exhausted" not in event.detail["degraded"]
 
 
 def test_token_limit_exceeded_is_requeued_without_using_an_attempt(

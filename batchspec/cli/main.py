@@ -670,7 +670,11 @@ def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
 def cancel(
     name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
 ) -> None:
-    """Cancel NAME's in-flight batches (finished results are kept). Recorded in history."""
+    """Cancel NAME's in-flight batches. Recorded in history.
+
+    Answers that finished before the cancel took effect are kept: the next apply polls the
+    cancelling batches to their end, collects what finished and writes it.
+    """
     from batchspec.core.apply import cancel_resource
 
     n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
@@ -746,19 +750,28 @@ def forget(
 
 @cli.command()
 @click.argument("holder_id", metavar="ID")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Release it even though its heartbeat is fresh (the run may still be spending).",
+)
 @state_option
-def unlock(holder_id: str, state_path: str | None) -> None:
+def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
 
     Only for a run that is gone: ID must match the current holder, or nothing is released.
-    A run that loses its lock stops at its next step. Recorded in history as an unlock run.
+    A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
+    be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
+    step. Recorded in history as an unlock run.
     """
     from pathlib import Path
 
     from batchspec.core.lifecycle import unlock_state
     from batchspec.state.lock import describe_holder
 
-    holder = unlock_state(holder_id, state_path=Path(state_path) if state_path else None)
+    holder = unlock_state(
+        holder_id, state_path=Path(state_path) if state_path else None, force=force
+    )
     click.echo(f"released the lock of {describe_holder(holder)}")
 
 

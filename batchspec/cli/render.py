@@ -215,7 +215,8 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "converged": "Apply complete: every selected resource is in sync.",
         "in_progress": "Apply submitted: batches are in flight. "
         "Run `batchspec apply` again (or with --wait) to collect.",
-        "degraded": "Apply finished with resources Degraded (attempts exhausted).",
+        "degraded": "Apply finished with resources Degraded: some requests failed for good "
+        "(not retryable, or out of attempts); the errors files hold them.",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
     }[result.outcome]
     return "\n".join([style.bold(headline), *status_lines(result.statuses, style)])

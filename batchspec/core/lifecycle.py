@@ -390,12 +390,17 @@ def _relative(ws: Workspace, path: Path) -> str:
 
 
 def unlock_state(
-    holder_id: str, *, state_path: Path | None = None, start: Path | None = None
+    holder_id: str,
+    *,
+    state_path: Path | None = None,
+    start: Path | None = None,
+    force: bool = False,
 ) -> LockHolder:
     """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
 
     The state database is ``state_path``, or the project's found from ``start`` (default:
     the current folder). A missing database is an error, never created just to be unlocked.
+    A holder that may still be running (fresh heartbeat) is released only with ``force``.
     """
     if state_path is None:
         project = load_project(start)
@@ -408,9 +413,10 @@ def unlock_state(
             "from the workspace)"
         )
     with StateStore.open(state_path) as store:
-        run_id = store.start_run("unlock", {"holder_id": holder_id}, collect_run_info(root))
+        args = {"holder_id": holder_id, **({"force": True} if force else {})}
+        run_id = store.start_run("unlock", args, collect_run_info(root))
         try:
-            holder = force_unlock(store, holder_id, run_id=run_id)
+            holder = force_unlock(store, holder_id, run_id=run_id, force=force)
         except BatchspecError as err:
             store.finish_run(run_id, err.exit_code)
             raise

@@ -13,7 +13,9 @@ recorded state                                         action     spends money
 ``suspend: true``                                      none       no  (health Suspended)
 no generation for the spec hash, an older one active   replace    yes (needs --allow-replace)
 no generation for the spec hash                        create     yes
-generation cancelled by a user                         none       no  (health Suspended)
+generation cancelled by a user                         refresh /  no  (polls it to its end,
+                                                       collect,       collects and writes what
+                                                       else none      finished; Suspended)
 a batch intent with no remote id (a crashed run)       create     yes (adopts the remote batch
                                                                       if it exists: never twice)
 generation recorded but nothing submitted              create     yes
@@ -291,7 +293,13 @@ def plan_resource(
             else "spec or input changed; unchanged requests keep their recorded results"
         )
         return spend(ActionKind.CREATE, why, None, want.requests, want.input_bytes)
-    if gen.status == "cancelled":
+    if gen.status == "cancelled":  # keep what finished before the cancel took effect
+        if any(b.in_flight for b in gen.batches):
+            return act(ActionKind.REFRESH, "cancelled by a user; waiting for it to stop", gen)
+        if any(b.awaiting_collect for b in gen.batches) or (
+            gen.output_sha256 is None and any(b.collected for b in gen.batches)
+        ):
+            return act(ActionKind.COLLECT, "cancelled by a user; keeping what finished", gen)
         return act(
             ActionKind.NONE, "cancelled by a user; change the spec or `forget` it to run again", gen
         )

@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,
@@ -58,10 +58,6 @@ _RETRYABLE_TRANSPORT_ERRORS = (
 _KEY_PATTERN = re.compile(r"\b(sk|rk)-[A-Za-z0-9_*\-]{6,}")
 _MAX_MESSAGE_CHARS = 500
 _DOWNLOAD_CHUNK = 1024 * 1024
-
-
-class AmbiguousOutcome(ProviderError):
-    """A non-idempotent request failed in a way that may have reached the server and acted."""
 
 
 @dataclass(frozen=True)

@@ -351,29 +351,27 @@ class AnthropicProvider:
             ) from None
 
     def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
+        """Send the create once (``_http`` retries what surely did not reach Anthropic)."""
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    BATCHES,
-                    operation="create batch",
-                    content=_FileContent(body.path),
-                    headers=headers,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                made = self._made_by_lost(entry)
-                if made is not None:
-                    return made
-                if not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
-            data = self._json(response, "create batch")
-            self._journal.confirm(entry.key, str(data["id"]))
-            return self._parse(data)
-        raise AssertionError("unreachable: the loop returns or raises")
+        try:
+            response = self._http.request(
+                "POST",
+                BATCHES,
+                operation="create batch",
+                content=_FileContent(body.path),
+                headers=headers,
+                retry_ambiguous=False,
+            )
+        except AmbiguousOutcome:
+            made = self._made_by_lost(entry)
+            if made is not None:
+                return made
+            # it may still be in transit: never re-sent here (the journal keeps it
+            # unconfirmed; the reconciler waits its bounded window before creating again)
+            raise
+        data = self._json(response, "create batch")
+        self._journal.confirm(entry.key, str(data["id"]))
+        return self._parse(data)
 
     def _recorded(self, entry: JournalEntry) -> RemoteBatch | None:
         """The batch a confirmed journal row names; None when Anthropic no longer has it."""

@@ -28,6 +28,14 @@ class RemoteNotFound(ProviderError):
     """The provider answered 404 for a file or batch id."""
 
 
+class AmbiguousOutcome(ProviderError):
+    """A non-idempotent request failed in a way that may have reached the server and acted.
+
+    For a create carrying batchspec's key the batch may exist (or still appear, from a
+    gateway that holds the request): the caller must look it up before creating again.
+    """
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     id: str

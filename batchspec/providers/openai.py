@@ -9,7 +9,10 @@ length (LiteLLM wraps them in base64) and are percent-quoted into paths.
 Retries, backoff and error messages come from ``_http``. Creating a batch is the one call
 that costs money, so it is never blindly re-sent after an ambiguous failure: the provider
 first looks for a batch it may already have created (same input file, endpoint and
-metadata, created since the first attempt) and returns that one instead.
+metadata, created since the first attempt) and returns that one instead. A create carrying
+batchspec's key (``METADATA_KEYS``) that is not found is never re-sent here: it raises
+``AmbiguousOutcome``, and the reconciler keeps looking it up for a bounded window (the
+create may still be in transit) before it creates again.
 
 A LiteLLM proxy picks the provider behind it by ``custom_llm_provider``. With
 ``litellm_provider`` set, it is sent where LiteLLM 1.108.7 reads it on each route: the
@@ -177,6 +180,7 @@ class OpenAIProvider:
             }
         )
         first_sent = time.time()
+        keyed = all(k in metadata for k in METADATA_KEYS)
         for retries_done in range(self._policy.max_attempts):
             try:
                 response = self._http.request(
@@ -190,7 +194,10 @@ class OpenAIProvider:
                 made = self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW)
                 if made is not None:
                     return made
-                if not self._policy.can_retry(retries_done):
+                # a keyed create may still be in transit (a gateway holding it past our
+                # timeout): never re-send it here; the reconciler looks it up for a bounded
+                # window before it creates again
+                if keyed or not self._policy.can_retry(retries_done):
                     raise
                 self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue

@@ -39,6 +39,25 @@ DEFAULT_API_KEY_ENV = {
 DEFAULT_ANTHROPIC_DATA_DIR = "state/anthropic"
 #: where a together provider journals its creates (its batches carry no metadata)
 DEFAULT_TOGETHER_DATA_DIR = "state/together"
+#: the HTTP timeout of one API call when a provider sets none
+DEFAULT_TIMEOUT = 60.0
+#: how much longer than the timeout a create may stay in transit (a gateway holding it)
+CREATE_CONFIRM_MARGIN = 60.0
+
+
+def create_confirm_seconds(config: ProviderConfig) -> float:
+    """How long a create whose answer was lost counts as possibly made (``createConfirmSeconds``).
+
+    Until then the reconciler only looks the batch up by its key and never creates again.
+    Default: the provider's ``timeout`` plus ``CREATE_CONFIRM_MARGIN``; 0 for the local engine,
+    whose creates are in-process and never in transit.
+    """
+    options: Mapping[str, Any] = config.options or {}
+    if options.get("createConfirmSeconds") is not None:
+        return float(options["createConfirmSeconds"])
+    if config.type == "local":
+        return 0.0
+    return float(options.get("timeout", DEFAULT_TIMEOUT)) + CREATE_CONFIRM_MARGIN
 
 
 def build_provider(
@@ -85,7 +104,7 @@ def build_openai_provider(
         api_key=_api_key(config.name, key_env, env),
         api_key_env=key_env,
         extra_headers=headers,
-        timeout=float(options.get("timeout", 60.0)),
+        timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
         # LiteLLM's custom_llm_provider: which provider behind the proxy takes every call
         litellm_provider=options.get("litellmProvider"),
     )
@@ -109,7 +128,7 @@ def build_azure_provider(
         api_key_env=key_env,
         api_style=str(options.get("apiStyle", "v1")),
         api_version=options.get("apiVersion"),
-        timeout=float(options.get("timeout", 60.0)),
+        timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
     )
 
 
@@ -166,7 +185,7 @@ def build_anthropic_provider(
         data_dir=data_dir / config.name,
         anthropic_version=str(options.get("anthropicVersion", "2023-06-01")),
         default_max_tokens=options.get("defaultMaxTokens"),
-        timeout=float(options.get("timeout", 60.0)),
+        timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
     )
     return provider
 

@@ -221,6 +221,15 @@ class RequestLedger:
         ).fetchall()
         return {state: n for state, n in rows}
 
+    def failure_codes(self, generation_id: int) -> dict[str, int]:
+        """How many requests finally failed, per code (their category), most frequent first."""
+        rows = self.db.execute(
+            "select coalesce(category, 'unknown'), count(*) from requests "
+            "where generation_id = ? and state = 'failed' group by 1 order by 2 desc, 1",
+            [generation_id],
+        ).fetchall()
+        return {code: n for code, n in rows}
+
     def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
         cursor = self.db.conn.execute(
             "select custom_id, line, shard, state, category, blob, offset, length "

@@ -16,6 +16,10 @@ Rules:
   cannot see whether it is alive.
 * A handle releases only its own lock: after ``batchspec unlock`` and a new holder, a late
   ``release()`` of the old handle leaves the new holder's lock alone.
+* ``batchspec unlock ID`` (``force_unlock``) refuses a holder that may be alive: its heartbeat
+  is younger than ``stale_after`` and it is not a process known to be gone on this host.
+  Releasing a live run lets a second one spend beside it (a create of the first may still
+  be in transit), so that needs ``force``.
 
 The holder refreshes ``heartbeat`` with ``LockHandle.heartbeat()`` (which fails once the lock
 was lost) or a daemon thread started by ``LockHandle.start_heartbeat()``.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -211,8 +216,19 @@ def _try_take(
     return LockHandle(store, mine, warning), None
 
 
-def force_unlock(store: StateStore, holder_id: str, *, run_id: int | None = None) -> LockHolder:
-    """Release the lock held by ``holder_id`` (``batchspec unlock ID``); returns that holder."""
+def force_unlock(
+    store: StateStore,
+    holder_id: str,
+    *,
+    run_id: int | None = None,
+    force: bool = False,
+    stale_after: timedelta = STALE_AFTER,
+) -> LockHolder:
+    """Release the lock held by ``holder_id`` (``batchspec unlock ID``); returns that holder.
+
+    A holder that may be alive (fresh heartbeat, not a dead process on this host) is released
+    only with ``force``; otherwise ``StateLockedError`` (exit 3) says so and changes nothing.
+    """
     with store.atomic():
         current = store.lock_row()
         if current is None:
@@ -223,9 +239,36 @@ def force_unlock(store: StateStore, holder_id: str, *, run_id: int | None = None
                 f"{holder_id!r}; nothing was released. To release it: "
                 f"batchspec unlock {current.holder_id}"
             )
+        if not force:
+            _refuse_if_alive(current, stale_after)
         store.delete_lock_row(holder_id)
-        store.record_event(run_id, "lock.force_unlock", detail=_holder_detail(current))
+        store.record_event(
+            run_id, "lock.force_unlock", detail={**_holder_detail(current), "forced": force}
+        )
     return current
+
+
+def _refuse_if_alive(holder: LockHolder, stale_after: timedelta) -> None:
+    if holder.host == socket.gethostname() and not pid_is_alive(holder.pid):
+        return  # its process is gone: nothing can still be spending under this lock
+    age = _heartbeat_age(holder)
+    if age is None or age >= stale_after:
+        return
+    raise StateLockedError(
+        f"not unlocking: {describe_holder(holder)} may still be running (its last heartbeat "
+        f"was {int(age.total_seconds())} s ago, under the {_minutes(stale_after)} after which "
+        "a run counts as possibly stale); releasing a live run lets a second one spend beside "
+        "it, and a create it sent may still be in transit",
+        details=[
+            "wait for that run to finish, or stop it",
+            f"if you are sure it is gone: batchspec unlock {holder.holder_id} --force",
+        ],
+    )
+
+
+def _minutes(span: timedelta) -> str:
+    minutes = span.total_seconds() / 60
+    return f"{minutes:g} minutes" if minutes != 1 else "1 minute"
 
 
 def current_lock(store: StateStore) -> LockHolder | None:

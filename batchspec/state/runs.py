@@ -164,3 +164,11 @@ class RunsAndEvents(StateConnection):
             sql += " LIMIT ?"
             params.append(limit)
         return [_event_row(r) for r in reversed(self._all(sql, params))]
+
+    def last_batch_event(self, batch_id: int, action: str) -> EventRow | None:
+        """The most recent ``action`` event recorded for one batch, if any."""
+        row = self._one(
+            "SELECT * FROM events WHERE batch_id = ? AND action = ? ORDER BY id DESC LIMIT 1",
+            (batch_id, action),
+        )
+        return None if row is None else _event_row(row)

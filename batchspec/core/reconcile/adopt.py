@@ -4,6 +4,13 @@ A run that dies between the create call and recording the remote id leaves a ``c
 row. ``find_remote`` pages the provider's batches (newest first, back to the intent's time
 less ``ADOPTION_CLOCK_SLACK``) for the one whose metadata carries the intent's key, so the next
 run (or a cancel) adopts that batch, which is paid for, instead of creating another.
+
+A create whose answer was lost (a timeout, a reset, a run killed mid-create) may still be in
+transit: a gateway can hold it past our timeout and deliver it later. So not finding it is
+no proof that it was never made. Such a key counts as *possibly created* until
+``confirm_deadline`` (the last ``create-intent`` of the batch plus the provider's
+``createConfirmSeconds``, longer than its timeout); until then it is only looked up, never
+created again (``look_up_until`` backs off between lookups through ``RunContext.sleep``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from batchspec.workspace.manifest import Resource
 
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
 ADOPTION_CLOCK_SLACK = 3600
+# Pauses (seconds) between lookups of a create whose answer was lost: doubling up to the max.
+CONFIRM_FIRST_DELAY = 0.5
+CONFIRM_MAX_DELAY = 10.0
 
 
 def find_remote(ctx: RunContext, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
@@ -29,6 +39,32 @@ def find_remote(ctx: RunContext, provider: Provider, batch: BatchRow) -> RemoteB
         if remote.created_at is not None and remote.created_at < since:
             break
     return None
+
+
+def confirm_deadline(ctx: RunContext, provider: str, batch: BatchRow) -> float:
+    """Epoch seconds until which the batch's last create counts as possibly made."""
+    sent = ctx.store.last_batch_event(batch.id, "create-intent")
+    stamp = sent.at if sent is not None else batch.updated_at
+    return parse_timestamp(stamp).timestamp() + ctx.create_confirm_window(provider)
+
+
+def look_up_until(
+    ctx: RunContext, provider: Provider, batch: BatchRow, *, until: float
+) -> RemoteBatch | None:
+    """Look the batch's key up, backing off, until it is found or ``until`` has passed.
+
+    The last lookup happens at or after ``until``. Between lookups the run's lock is
+    re-checked (which refreshes its heartbeat), so a run that lost its lock stops here.
+    """
+    delay = CONFIRM_FIRST_DELAY
+    while True:
+        remote = find_remote(ctx, provider, batch)
+        left = until - ctx.clock()
+        if remote is not None or left <= 0:
+            return remote
+        ctx.still_holds_lock()
+        ctx.sleep(min(delay, left))
+        delay = min(delay * 2, CONFIRM_MAX_DELAY)
 
 
 def bind_adopted(ctx: RunContext, name: str, batch: BatchRow, remote: RemoteBatch) -> BatchRow:

@@ -181,6 +181,7 @@ def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
     )
     degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
+    why = _why_degraded(ctx, res, gen, written.unresolved) if status == "degraded" else None
     with ctx.store.atomic():
         usage = ctx.usage(gen.id)
         ctx.store.update_generation(
@@ -205,6 +206,7 @@ def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
                 "output": ctx.relative(res.output_path),
                 "errors": ctx.relative(res.errors_path),
                 **usage,
+                **({"degraded": why} if why else {}),
             },
         )
     ctx.report(
@@ -216,10 +218,29 @@ def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
                 f", {written.failed} errors to {display_path(res.errors_path)}"
                 if written.failed
                 else ""
-            ),
+            )
+            + (f"; degraded: {why}" if why else ""),
             {"status": status, "succeeded": written.succeeded, "failed": written.failed},
         )
     )
+
+
+def _why_degraded(ctx: RunContext, res: Resource, gen: GenerationRow, unresolved: int) -> str:
+    """Why a generation ends Degraded, truthfully: which codes were final (never retried
+    because they are not retryable), and whether retryable ones used up their attempts."""
+    reasons = []
+    codes = ctx.ledger.failure_codes(gen.id)
+    if codes:
+        shown = ", ".join(f"{code} ({n})" for code, n in list(codes.items())[:3])
+        more = f" and {len(codes) - 3} more code(s)" if len(codes) > 3 else ""
+        reasons.append(f"not retryable: {shown}{more}")
+    if unresolved:
+        attempts = max(ctx.latest_attempts(gen.id).values(), default=0)
+        reasons.append(
+            f"{unresolved} request(s) unresolved after {attempts} attempt(s): attempts "
+            f"exhausted (retry.maxAttempts {res.retry.max_attempts})"
+        )
+    return "; ".join(reasons) or "no request succeeded"
 
 
 def _rejection_text(errors: list[dict[str, Any]] | None) -> str:

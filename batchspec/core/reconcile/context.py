@@ -10,6 +10,7 @@ stops spending at once. It makes no decision itself (the plan and the steps do).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class RunContext:
     # raises StateLockedError/StateError when this run no longer holds the lock; called
     # right before every create, so a run whose lock was released stops spending at once
     still_holds_lock: Callable[[], None]
+    # waits between lookups of a create whose answer was lost (injectable: tests run fast)
+    sleep: Callable[[float], None] = time.sleep
     ledger: RequestLedger = field(init=False)
     blobs: BlobStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -89,6 +92,13 @@ class RunContext:
             for key in totals:
                 totals[key] += getattr(b, key) or 0
         return totals
+
+    def create_confirm_window(self, provider: str) -> float:
+        """Seconds a create whose answer was lost counts as possibly made on ``provider``."""
+        from batchspec.providers.registry import create_confirm_seconds  # httpx: on use
+
+        config = self.project.providers.get(provider)
+        return create_confirm_seconds(config) if config is not None else 0.0
 
     def relative(self, path: Path) -> str:
         try:

@@ -62,6 +62,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         may_spend: Callable[[Action], bool] | None = None,
         still_holds_lock: Callable[[], None] = lambda: None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -74,6 +75,7 @@ class Reconciler:
             requeue_backoff=requeue_backoff,
             clock=clock,
             still_holds_lock=still_holds_lock,
+            sleep=sleep,
         )
         self.allow_replace = allow_replace
         # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit

@@ -3,11 +3,15 @@
 ``create`` (and ``replace``, which first supersedes the older spec's generations) records the
 generation and its intents (``intent``), then submits every intent that has no remote batch
 yet, as the provider's ``maxInFlightBatches`` allows. Per batch it promises, in order: an
-unsure create (``creating``) is adopted by key if the provider has it, never created twice;
-the file is uploaded at most once per provider and sha256 (``upload-intent`` recorded first;
-a file the provider lost is uploaded again); the row is marked ``creating`` with a
-``create-intent`` event; the run's lock is re-checked; only then is the batch created, with
-its deterministic key in the metadata.
+unsure create (``creating``) is adopted by key if the provider has it, and is never created
+again while it may still be in transit (``adopt.confirm_deadline``: the step reports
+"waiting to confirm an earlier create" instead); the file is uploaded at most once per
+provider and sha256 (``upload-intent`` recorded first; a file the provider lost is uploaded
+again); the row is marked ``creating`` with a ``create-intent`` event; the run's lock is
+re-checked; only then is the batch created, with its deterministic key in the metadata. A
+create that fails ambiguously (``AmbiguousOutcome``: a timeout, a reset) is recorded as
+``create-unconfirmed`` and looked up, backing off, until its window ends; it is adopted if it
+appears, and otherwise left ``creating`` for a later pass.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ from pathlib import Path
 
 from batchspec.core.batches import batch_metadata
 from batchspec.core.plan import Action
-from batchspec.core.reconcile.adopt import find_remote, record_remote
+from batchspec.core.reconcile.adopt import (
+    confirm_deadline,
+    find_remote,
+    look_up_until,
+    record_remote,
+)
 from batchspec.core.reconcile.cancel import cancel_generation
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import Provider, RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome, Provider, RemoteNotFound
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
@@ -48,7 +57,11 @@ def replace(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
 
 
 def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
-    """Submit every intent of the generation that has no remote batch yet, capacity allowing."""
+    """Submit every intent of the generation that has no remote batch yet, capacity allowing.
+
+    False when one must wait: for capacity, or to confirm an earlier create.
+    """
+    all_bound = True
     for batch in ctx.store.batches(gen.id):
         if batch.remote_id is None and batch.status in ("pending", "creating"):
             if not _has_capacity(ctx, res, batch):
@@ -56,8 +69,8 @@ def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
                 # or a resource whose plan is create (queued intents) would wait forever
                 refresh(ctx, res)
                 return False
-            _submit_batch(ctx, res, gen, batch)
-    return True
+            all_bound = _submit_batch(ctx, res, gen, batch) and all_bound
+    return all_bound
 
 
 def _has_capacity(ctx: RunContext, res: Resource, batch: BatchRow) -> bool:
@@ -91,13 +104,18 @@ def _in_flight_on(ctx: RunContext, provider: str) -> list[BatchRow]:
     return [b for b in ctx.store.in_flight_batches() if b.provider == provider]
 
 
-def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> None:
+def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> bool:
+    """Bind the intent to a remote batch (adopted or created); False: not yet, it waits."""
     provider = ctx.provider_for(res.provider)
     if batch.status == "creating":
         adopted = find_remote(ctx, provider, batch)
         if adopted is not None:
             record_remote(ctx, res, batch, adopted, event="adopt")
-            return
+            return True
+        until = confirm_deadline(ctx, res.provider, batch)
+        if ctx.clock() < until:
+            _report_unconfirmed(ctx, res, batch, until)
+            return False
     path = _batch_file(ctx, res, gen, batch)
     file_id = _ensure_uploaded(ctx, provider, res, batch, path)
     with ctx.store.atomic():
@@ -111,13 +129,63 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
             detail={"input_file_id": file_id, "key": batch.key},
         )
     ctx.still_holds_lock()
-    remote = provider.create_batch(
-        input_file_id=file_id,
-        endpoint=res.endpoint,
-        completion_window=res.completion_window,
-        metadata=batch_metadata(res, batch),
-    )
+    try:
+        remote = provider.create_batch(
+            input_file_id=file_id,
+            endpoint=res.endpoint,
+            completion_window=res.completion_window,
+            metadata=batch_metadata(res, batch),
+        )
+    except AmbiguousOutcome as err:
+        return _confirm_ambiguous_create(ctx, res, provider, batch, err)
     record_remote(ctx, res, batch, remote, event="create")
+    return True
+
+
+def _confirm_ambiguous_create(
+    ctx: RunContext, res: Resource, provider: Provider, batch: BatchRow, err: AmbiguousOutcome
+) -> bool:
+    """The create may have been made, or may still arrive: look it up through its window."""
+    ctx.store.record_event(
+        ctx.run_id,
+        "create-unconfirmed",
+        resource=res.name,
+        generation_id=batch.generation_id,
+        batch_id=batch.id,
+        detail={"key": batch.key, "error": str(err)},
+    )
+    until = confirm_deadline(ctx, res.provider, batch)
+    ctx.report(
+        Progress(
+            "confirm",
+            res.name,
+            f"the create of shard {batch.shard + 1} attempt {batch.attempt} got no clear answer "
+            f"({err}); looking it up for up to {max(until - ctx.clock(), 0):.0f}s before any "
+            "new create",
+        )
+    )
+    remote = look_up_until(ctx, provider, batch, until=until)
+    if remote is None:
+        _report_unconfirmed(ctx, res, batch, until)
+        return False
+    record_remote(ctx, res, batch, remote, event="adopt")
+    return True
+
+
+def _report_unconfirmed(ctx: RunContext, res: Resource, batch: BatchRow, until: float) -> None:
+    left = until - ctx.clock()
+    what = f"shard {batch.shard + 1} attempt {batch.attempt}"
+    if left > 0:
+        message = (
+            f"waiting to confirm an earlier create of {what}: no batch with its key is listed "
+            f"yet, and it may still arrive for {left:.0f}s more; nothing is created until then"
+        )
+    else:
+        message = (
+            f"an earlier create of {what} was not confirmed: no batch with its key appeared "
+            "within its window; it is created again on the next pass"
+        )
+    ctx.report(Progress("waiting", res.name, message, {"key": batch.key}))
 
 
 def _batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> Path:

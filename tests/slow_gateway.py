@@ -1,0 +1,113 @@
+"""Test helper: a slow gateway on loopback that holds creates in transit, then delivers them.
+
+``start_slow_gateway(upstream, hold={"POST /v1/batches": 3.0})`` serves a threaded
+``http.server`` proxy on 127.0.0.1 in front of ``upstream`` (e.g. a ``batchspec serve``
+process). Every request is forwarded as it came; a request whose ``"METHOD /path"`` is in
+``hold`` is first read whole, then kept for that many seconds, then forwarded *even if the
+client has given up or died meanwhile*: what a gateway or load balancer with a long upstream
+timeout does to a request the client timed out on. ``received`` counts requests as they
+arrive, ``forwarded`` as they reach the upstream, so a test can say how many creates reached
+the provider; ``arrived(route)`` is an event set when the first such request arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+@dataclass
+class SlowGateway:
+    """A running gateway; ``v1`` is its OpenAI API root."""
+
+    base_url: str
+    server: ThreadingHTTPServer
+    hold: dict[str, float]
+    received: Counter[str] = field(default_factory=Counter)
+    forwarded: Counter[str] = field(default_factory=Counter)
+    events: dict[str, threading.Event] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def arrived(self, route: str) -> threading.Event:
+        with self.lock:
+            return self.events.setdefault(route, threading.Event())
+
+    def wait_until_forwarded(self, route: str, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` requests to ``route`` have reached the upstream."""
+        deadline = time.monotonic() + timeout
+        while self.forwarded[route] < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{route} forwarded {self.forwarded[route]} < {count}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
+    """Serve the gateway on a free loopback port in a daemon thread; ``upstream`` has no /v1."""
+    client = httpx.Client(base_url=upstream.rstrip("/"), timeout=60.0)
+    gateway: SlowGateway
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _forward(self) -> None:
+            route = f"{self.command} {urlsplit(self.path).path}"
+            body = self._body()
+            with gateway.lock:
+                gateway.received[route] += 1
+                gateway.events.setdefault(route, threading.Event()).set()
+            if route in gateway.hold:
+                time.sleep(gateway.hold[route])
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            answer = client.request(self.command, self.path, headers=headers, content=body)
+            with gateway.lock:
+                gateway.forwarded[route] += 1
+            try:
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in _HOP_BY_HOP and key.lower() != "content-encoding":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(answer.content)
+            except OSError:  # the client gave up (timed out, or was killed): delivered anyway
+                pass
+            self.close_connection = True
+
+        do_GET = do_POST = do_DELETE = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    gateway = SlowGateway(f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold))
+    threading.Thread(target=server.serve_forever, name="slow-gateway", daemon=True).start()
+    return gateway
