@@ -250,7 +250,13 @@ CASES = [
         want(),
         have(gen(status="degraded", succeeded=7, failed=3)),
         IN_SYNC_DISK,
-        (ActionKind.NONE, "in sync: 7 succeeded, 3 failed (degraded: attempts exhausted)", 0, 0),
+        (
+            ActionKind.NONE,
+            "in sync: 7 succeeded, 3 failed "
+            "(degraded: failed finally; `batchspec apply --replace triage` runs it again)",
+            0,
+            0,
+        ),
         id="attempts-exhausted-degraded-is-none",
     ),
     pytest.param(
@@ -500,6 +506,7 @@ def test_to_json_shape() -> None:
         "summary",
         "requests_to_submit",
         "estimated_input_tokens",
+        "requests_reused",
         "actions",
     ]
     assert doc["changes"] is True
@@ -516,6 +523,7 @@ def test_to_json_shape() -> None:
         "generation_id": None,
         "requests": 10,
         "estimated_input_tokens": 100,
+        "reused": 0,
     }
     assert [a["action"] for a in doc["actions"]] == ["replace", "create", "none", "orphaned"]
     assert doc["actions"][3]["spec_hash"] is None
