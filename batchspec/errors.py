@@ -14,6 +14,7 @@ failure::
      ├── BudgetError (1)            a step would exceed a budget; nothing was spent
      ├── ConsentError (1)           spending needs --yes (or a terminal to ask on)
      ├── StalePlanError (1)         a saved plan no longer matches the state or manifests
+ ├── StaleResultsError (1)      a result file is not the current spec's finished results
      ├── DegradedError (4)          apply --wait ended with a resource Degraded
      └── WaitTimeoutError (5)       apply --wait reached its timeout before convergence
 
@@ -91,6 +92,10 @@ class ConsentError(BatchspecError):
 class StalePlanError(BatchspecError):
     """A saved plan (``plan --out``) no longer matches the state or the manifests; the apply
     that was given it did nothing."""
+
+
+class StaleResultsError(BatchspecError):
+    """A result file on disk is not what the manifest's current spec produced."""
 
 
 class DegradedError(BatchspecError):

@@ -218,7 +218,7 @@ def test_a_spec_change_makes_a_new_generation_and_keeps_the_old_one(
             if e.action == "generation"
         ]
     assert gens == [old.spec_hash, new.spec_hash]
-    code, out, _ = run_cli(["history", "triage", "--project", str(ws.root), "--json"], capsys)
+    code, out, _ = run_cli(["history", str(ws.root), "--resource", "triage", "--json"], capsys)
     events = [e for run in json.loads(out)["runs"] for e in run["events"]]
     assert {e["generation_id"] for e in events if e["action"] == "results"} == {old.id, new.id}
     assert srv.probe.counts["POST /batches"] == 2

@@ -13,8 +13,10 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from probes import ProbedServer, start_probed_server
 from workspaces import (
     KEY_ENV,
@@ -104,7 +106,10 @@ def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "summary",
         "requests_to_submit",
         "estimated_input_tokens",
+        "requests_reused",
         "actions",
+        "refusals",
+        "warnings",
     }
     assert doc["changes"] is True
     assert doc["summary"] == {"create": 2}
@@ -215,10 +220,11 @@ def test_history_json_has_runs_with_git_provenance_and_events(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """history --json: newest run first, with user, host, git commit/branch and the events
-    of the run; NAME keeps only runs and events of that resource; --limit caps runs."""
+    of the run; --resource NAME keeps only runs and events of that resource; --limit caps
+    runs."""
     head = git_commit_all_head(applied.root)
     run_cli(["plan", str(applied.root)], capsys)
-    code, out, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
+    code, out, _ = run_cli(["history", str(applied.root), "--json"], capsys)
     assert code == 0
     runs = json.loads(out)["runs"]
     assert [r["run"]["command"] for r in runs] == ["plan", "apply"]
@@ -230,17 +236,15 @@ def test_history_json_has_runs_with_git_provenance_and_events(
     assert {"generation", "intent", "upload", "create", "collect", "results"} <= set(actions)
     assert {e["resource"] for e in runs[1]["events"]} >= {"alpha", "beta"}
 
-    code, out, _ = run_cli(["history", "alpha", "--project", str(applied.root), "--json"], capsys)
+    code, out, _ = run_cli(["history", str(applied.root), "-r", "alpha", "--json"], capsys)
     only = json.loads(out)["runs"]
     assert [r["run"]["command"] for r in only] == ["apply"]
     assert {e["resource"] for e in only[0]["events"]} <= {"alpha", None}
 
-    code, out, _ = run_cli(
-        ["history", "--project", str(applied.root), "--json", "--limit", "1"], capsys
-    )
+    code, out, _ = run_cli(["history", str(applied.root), "--json", "--limit", "1"], capsys)
     assert len(json.loads(out)["runs"]) == 1
 
-    code, text, _ = run_cli(["history", "--project", str(applied.root)], capsys)
+    code, text, _ = run_cli(["history", str(applied.root)], capsys)
     assert f"@{head[:10]}" in text and "apply  exit 0" in text
 
 
@@ -497,3 +501,100 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
     _, as_json, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
     assert "spec_hash=" in text and not sha.search(text)
     assert sha.search(as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan says what apply will refuse; the same options everywhere
+
+
+def set_budget(ws: Workspace, name: str, **budget: int) -> None:
+    path = ws.manifest_path(name)
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["budget"] = budget
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_a_plan_over_budget_says_so_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plan apply's budget check would refuse is still shown, then says why on stderr and
+    exits 1 (with --detailed-exitcode too); the markdown comment says it as well."""
+    ws = local_ws(tmp_path / "ws")
+    set_budget(ws, "triage", maxRequests=2)
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1
+    assert "triage: create" in out
+    assert "over its budget (maxRequests 2)" in err
+    assert run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)[0] == 1
+    code, out, _ = run_cli(["plan", str(ws.root), "--format", "markdown"], capsys)
+    assert code == 1 and "Apply would refuse this plan" in out
+    code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1 and "maxRequests 2" in json.loads(out)["refusals"][0]
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1  # as the plan said
+
+
+def test_plan_warns_of_an_api_key_variable_that_is_unset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider the plan would spend on whose apiKeyEnv is unset is a warning on stderr
+    (no network needed); the plan itself still exits 0."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"paid": openai_provider("http://127.0.0.1:9/v1", KEY_ENV)},
+        resources=[ResourceSpec("triage", provider="paid")],
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0
+    assert f"Warning: provider 'paid' needs an API key, but {KEY_ENV} is not set" in err
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]
+
+
+def test_history_takes_paths_and_a_resource_option(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """history PATH reads that workspace (a folder is not a resource name); --resource NAME
+    filters; a NAME never recorded exits 1; the old positional NAME is a usage error
+    that says what to type."""
+    monkeypatch.chdir(applied.root.parent)
+    code, out, err = run_cli(["history", "ws", "--json"], capsys)
+    assert code == 0, err
+    assert [r["run"]["command"] for r in json.loads(out)["runs"]] == ["apply"]
+    code, out, _ = run_cli(["history", "ws", "--resource", "alpha", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["runs"]) == 1
+    code, _, err = run_cli(["history", "ws", "--resource", "nobody"], capsys)
+    assert code == 1 and "no resource named 'nobody'" in err
+    code, _, err = run_cli(["history", "alpha"], capsys)
+    assert code == 64 and "--resource alpha" in err
+
+
+def test_apply_json_events_carry_timestamps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every NDJSON line of apply --json, the final result included, has an "at" timestamp."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, _ = run_cli(["apply", str(ws.root), "--json", "--wait", *FAST], capsys)
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert docs[-1]["event"] == "result"
+    for doc in docs:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["at"]), doc
+
+
+def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], standin_upstream: Any
+) -> None:
+    """The local provider's batches advance only while batchspec runs: apply without --wait
+    that leaves one in flight says so in its last line."""
+    slow = standin_upstream(latency=1.0)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert "local provider" in last and "only while a batchspec command runs" in last

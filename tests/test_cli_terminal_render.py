@@ -204,10 +204,10 @@ def test_plan_colours_snapshot() -> None:
     """+ green, ~ yellow, -/+ magenta, - red, = dim; names bold; the summary bold."""
     assert plan_text(PLAN, ANSI).splitlines() == [
         "  \x1b[32m  +\x1b[0m \x1b[1mnew\x1b[0m: \x1b[32mcreate\x1b[0m (new resource): "
-        "3 requests, ~9 input tokens on p",
+        "3 requests to submit, ~9 input tokens on p",
         "  \x1b[33m  ~\x1b[0m \x1b[1mbusy\x1b[0m: \x1b[33mrefresh\x1b[0m (1 batch(es) in flight)",
         "  \x1b[35m-/+\x1b[0m \x1b[1mchanged\x1b[0m: \x1b[35mreplace\x1b[0m (spec changed): "
-        "2 requests, ~0 input tokens on p",
+        "2 requests to submit, ~0 input tokens on p",
         "  \x1b[31m  -\x1b[0m \x1b[1mgone\x1b[0m: \x1b[31mprune\x1b[0m (manifest removed)",
         "  \x1b[2m  =\x1b[0m \x1b[1mdone\x1b[0m: \x1b[2mnone\x1b[0m (in sync)",
         "",

@@ -237,13 +237,17 @@ def test_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
     assert "No such option" in err and "Traceback" not in err
 
 
-def test_empty_workspace_is_valid_and_says_so(
+def test_a_folder_with_no_resources_fails_and_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A workspace without manifests has nothing wrong; the message says nothing was found."""
+    """validate of a folder holding no resource exits 1 (a typo'd path or glob must not pass
+    CI silently), saying nothing was found; --json says valid: false."""
     ws = workspace(tmp_path / "ws", {})
-    code, out, _ = run_main(["validate", str(ws)], capsys)
-    assert code == 0 and out.startswith("No resources found under ")
+    code, out, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1 and out == ""
+    assert "no resources found under" in err
+    code, out, _ = run_main(["validate", str(ws), "--json"], capsys)
+    assert code == 1 and json.loads(out)["valid"] is False
 
 
 def test_through_click_runner(tmp_path: Path) -> None:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from servers import request_lines
-from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    local_provider,
+    make_workspace,
+    run_cli,
+    served,
+)
+
+from batchspec.engine.upstreams import BuiltinUpstream
+
+FAST = ["--poll-interval", "0.05"]
 
 
 @pytest.fixture
@@ -83,3 +98,49 @@ def test_a_request_whose_body_changed_under_the_same_id_is_not_reused(ws, capsys
     apply(ws, capsys)
 
     assert sorted(submitted_ids(ws)[-1]) == sorted(line["custom_id"] for line in lines)
+
+
+def test_plan_counts_exactly_what_apply_submits_with_reused_answers_apart(ws, capsys) -> None:
+    """After an edit and an addition, plan says 2 requests to submit and 5 reused (not 7 to
+    submit), and apply then submits exactly those 2."""
+    apply(ws, capsys)
+    lines = request_lines(6)
+    lines[2]["body"]["messages"][0]["content"] += " (edited)"
+    lines.append({**lines[0], "custom_id": "req-new"})
+    ws.write_input("triage", lines)
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    [action] = plan["actions"]
+    assert (action["requests"], action["reused"]) == (2, 5)
+    assert (plan["requests_to_submit"], plan["requests_reused"]) == (2, 5)
+    code, text, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "2 requests to submit" in text and "5 keep a recorded answer" in text
+
+    apply(ws, capsys)
+
+    assert len(submitted_ids(ws)[-1]) == action["requests"]
+
+
+def test_status_counts_answers_carried_over_from_an_earlier_generation(
+    tmp_path, server, capsys, monkeypatch
+) -> None:
+    """While a changed input's new generation is in flight, status counts the answers it
+    kept from the earlier generation as succeeded (3/4, not 0/4)."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    ws = served(tmp_path / "ws", server(), ResourceSpec("triage", count=3))
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    slow = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
+    project = yaml.safe_load((ws.root / "batchspec.yaml").read_text())
+    project["providers"]["srv"]["baseUrl"] = slow.v1  # not part of the spec
+    (ws.root / "batchspec.yaml").write_text(yaml.safe_dump(project))
+    ws.write_input("triage", request_lines(4))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+
+    [status] = json.loads(out)["resources"]
+    assert status["generation_status"] == "in_progress"
+    assert (status["succeeded"], status["requests"]) == (3, 4)
+    assert "3/4 succeeded" in run_cli(["status", str(ws.root)], capsys)[1]

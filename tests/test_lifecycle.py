@@ -291,11 +291,10 @@ def test_orphans_are_shown_and_left_alone_until_apply_prune(
     assert [a["resource"] for a in json.loads(out)["actions"]] == ["keep"]
     code, out, err = run_cli(["plan", str(ws.root), "--prune"], capsys)
     assert "gone: prune" in out
-    code, out, err = run_cli(["apply", str(ws.root), "-s", "keep", "--prune"], capsys)
-    assert code == 64
 
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "keep", "--prune"], capsys)[0] == 0
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0  # --select did not pick it
     with ws.store() as store:
         assert store.get_resource("gone").forgotten_at is None
 
@@ -417,3 +416,65 @@ def test_cancel_abandons_an_intent_that_never_reached_the_provider(
     assert srv.probe.counts["POST /batches"] == creates
     with ws.store() as store:
         assert {b.status for b in store.batches() if b.remote_id is None} == {"cancelled"}
+
+
+def test_prune_with_paths_never_cancels_resources_whose_manifests_exist(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune PATHS` treats as gone only what the whole workspace no longer
+    declares: a resource outside PATHS whose manifest is there is neither pruned nor
+    cancelled (nor shown as orphaned by plan)."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("hello"), ResourceSpec("other"))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    other = str(ws.manifest_path("other"))
+
+    code, out, _ = run_cli(["plan", other, "--prune", "--json"], capsys)
+    assert [a["resource"] for a in json.loads(out)["actions"]] == ["other"]
+    code, out, err = run_cli(["apply", other, "--prune", "--yes"], capsys)
+
+    assert code == 0, err
+    assert "prune" not in out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["hello", "other"]
+        assert not [e for e in store.events() if e.action in ("cancel", "prune")]
+
+
+def test_prune_with_select_prunes_only_the_selected_orphans(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune --select NAME` cancels and forgets that orphan only."""
+    srv = server(**SLOW)
+    specs = [ResourceSpec("keep", count=1), ResourceSpec("gone-a"), ResourceSpec("gone-b")]
+    ws = served(tmp_path / "ws", srv, *specs)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    ws.manifest_path("gone-a").unlink()
+    ws.manifest_path("gone-b").unlink()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune", "-s", "gone-a"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["gone-b", "keep"]
+        assert [e.resource for e in store.events() if e.action == "prune"] == ["gone-a"]
+
+
+def test_prune_on_a_paid_provider_needs_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cancelling a paid provider's batches by --prune needs --yes (or a terminal) as
+    creating does: without it apply exits 1 and cancels nothing."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1), ResourceSpec("gone"))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    ws.manifest_path("gone").unlink()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--prune"], capsys)
+
+    assert code == 1
+    assert "cancel and forget gone" in err and "--yes" in err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert store.get_resource("gone").forgotten_at is None

@@ -92,7 +92,7 @@ def test_a_pure_rename_resubmits_nothing_and_keeps_results_and_history(
         ]
         assert [e.action for e in store.events(resource="old-name")][-1] == "move"
         assert former_names(store, "new-name") == ["old-name"]
-    code, out, _ = run_cli(["history", "new-name", "--project", str(ws.root)], capsys)
+    code, out, _ = run_cli(["history", str(ws.root), "--resource", "new-name"], capsys)
     assert code == 0
     assert "move [new-name]  from=old-name" in out
 

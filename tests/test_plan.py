@@ -250,7 +250,13 @@ CASES = [
         want(),
         have(gen(status="degraded", succeeded=7, failed=3)),
         IN_SYNC_DISK,
-        (ActionKind.NONE, "in sync: 7 succeeded, 3 failed (degraded: attempts exhausted)", 0, 0),
+        (
+            ActionKind.NONE,
+            "in sync: 7 succeeded, 3 failed "
+            "(degraded: failed finally; `batchspec apply --replace triage` runs it again)",
+            0,
+            0,
+        ),
         id="attempts-exhausted-degraded-is-none",
     ),
     pytest.param(
@@ -521,6 +527,7 @@ def test_to_json_shape() -> None:
         "summary",
         "requests_to_submit",
         "estimated_input_tokens",
+        "requests_reused",
         "actions",
     ]
     assert doc["changes"] is True
@@ -537,6 +544,7 @@ def test_to_json_shape() -> None:
         "generation_id": None,
         "requests": 10,
         "estimated_input_tokens": 100,
+        "reused": 0,
     }
     assert [a["action"] for a in doc["actions"]] == ["replace", "create", "none", "orphaned"]
     assert doc["actions"][3]["spec_hash"] is None
@@ -559,3 +567,37 @@ def test_planning_is_deterministic_and_leaves_its_inputs_alone() -> None:
     second = make_plan([want()], recorded, {})
     assert first == second
     assert repr(recorded) == before
+
+
+def test_replace_asked_for_is_a_replace_that_keeps_reusable_answers() -> None:
+    """`--replace NAME` (a replacement hash with no generation) plans replace, submitting
+    only the requests with no reusable answer, and says it cancels what is in flight."""
+    action = plan_resource(
+        want(replace=True, reusable=4, reusable_bytes=160),
+        have(replace(IN_FLIGHT, spec_hash=OLD)),
+        None,
+    )
+    assert (action.kind, action.requests, action.reused) == (ActionKind.REPLACE, 6, 4)
+    assert action.estimated_input_tokens == estimate_input_tokens(400 - 160)
+    assert "--replace" in action.reason and "cancels generation" in action.reason
+
+
+def test_a_new_generation_counts_reused_answers_apart() -> None:
+    """A changed spec's create submits only what has no recorded answer."""
+    action = plan_resource(want(reusable=10, reusable_bytes=400), have(gen(spec_hash=OLD)), None)
+    assert (action.kind, action.requests, action.reused) == (ActionKind.CREATE, 0, 10)
+
+
+def test_orphans_are_only_what_the_whole_workspace_lost_and_what_is_selected() -> None:
+    """A recorded name declared elsewhere in the workspace is never an orphan; with a
+    selection, only the orphans it selects are planned (pruned)."""
+    recorded = {"a": orphan("a"), "b": orphan("b"), "c": orphan("c")}
+    plan = make_plan(
+        [],
+        recorded,
+        {},
+        prune=True,
+        elsewhere={"a"},
+        orphan_selected=lambda rec: rec.name == "b",
+    )
+    assert [(a.resource, a.kind) for a in plan.actions] == [("b", ActionKind.PRUNE)]

@@ -434,3 +434,38 @@ def test_a_saved_replace_plan_is_its_own_consent(
     assert code == 0, err
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     assert srv.probe.counts["POST /batches"] == 2
+
+
+def test_a_saved_plan_applies_from_another_folder_and_a_replace_plan_replaces(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan made inside the workspace (no PATHS) remembers its workspace folder: `apply
+    plan.json` from another folder applies it there. A `plan --replace` plan applied so
+    creates the replacement; the plan is refused for another workspace."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    plan_path = tmp_path / "plans" / "plan.json"
+    monkeypatch.chdir(ws.root)
+    assert run_cli(["plan", "--out", str(plan_path)], capsys)[0] == 0
+    assert json.loads(plan_path.read_text())["workspace"] == str(ws.root.resolve())
+    monkeypatch.chdir(tmp_path)
+
+    code, out, err = run_cli(["apply", str(plan_path), "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 1
+    assert (
+        run_cli(["plan", str(ws.root), "--replace", "triage", "--out", str(plan_path)], capsys)[0]
+        == 0
+    )
+    other = served(tmp_path / "other", srv)
+    code, _, err = run_cli(["apply", str(plan_path), str(other.root)], capsys)
+    assert code == 1 and "made for the workspace" in err
+    code, out, err = run_cli(["apply", str(plan_path), "--wait", *FAST], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        assert len(store.generations("triage")) == 2
+        assert [e.action for e in store.events(resource="triage")].count("replace") == 1

@@ -105,6 +105,23 @@ def stdout_style() -> Any:
     return style_for(sys.stdout, no_color=no_color)
 
 
+def replace_options(f: F) -> F:
+    f = click.option(
+        "--no-reuse",
+        "no_reuse",
+        is_flag=True,
+        help="With --replace: send every request again, keeping no recorded answer.",
+    )(f)
+    return click.option(
+        "--replace",
+        "replace",
+        multiple=True,
+        metavar="NAME",
+        help="Run NAME again as a new generation of the same spec (repeatable), keeping the "
+        "answers that succeeded unless --no-reuse; cancels what it has in flight.",
+    )(f)
+
+
 def paths_argument(f: F) -> F:
     return click.argument("paths", nargs=-1, type=click.Path())(f)
 
@@ -352,7 +369,8 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option(
     "--prune",
     is_flag=True,
-    help="Plan what `apply --prune` does: orphaned resources become prune (cancel, forget).",
+    help="Plan what `apply --prune` does: resources no manifest of the workspace declares "
+    "become prune (cancel, forget).",
 )
 @click.option(
     "--detailed-exitcode",
@@ -360,6 +378,7 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
 )
 @no_color_option
+@replace_options
 @state_option
 def plan(
     paths: tuple[str, ...],
@@ -369,12 +388,18 @@ def plan(
     out_path: str | None,
     prune: bool,
     detailed_exitcode: bool,
+    replace: tuple[str, ...],
+    no_reuse: bool,
     state_path: str | None,
 ) -> int:
     """Show what apply would do, resource by resource. Contacts no provider.
 
     Validates every selected input first; a bad input fails here, as it would in apply.
-    Resources recorded in the state whose manifests are gone are shown as orphaned.
+    Request and token counts are what apply would submit (answers kept from an earlier
+    generation are counted apart). A plan that a budget refuses is shown, then exits 1
+    (with --detailed-exitcode too); a provider whose API key variable is unset is a warning.
+    Resources recorded in the state whose manifests are gone from the whole workspace are
+    shown as orphaned.
     """
     from batchspec.cli import render
     from batchspec.core.apply import plan_workspace
@@ -382,7 +407,16 @@ def plan(
 
     if as_json and output_format not in (None, "json"):
         raise click.UsageError(f"--json and --format {output_format} contradict each other")
-    result = plan_workspace(paths, select=select, prune=prune, state_path=state_path)
+    if no_reuse and not replace:
+        raise click.UsageError("--no-reuse only applies with --replace NAME")
+    result = plan_workspace(
+        paths,
+        select=select,
+        prune=prune,
+        state_path=state_path,
+        replace=replace,
+        reuse=not no_reuse,
+    )
     if out_path:
         write_plan_file(out_path, result)
         click.echo(f"Saved the plan to {out_path}: `batchspec apply {out_path}`", err=True)
@@ -392,6 +426,10 @@ def plan(
         click.echo(render.plan_markdown(result), nl=False)
     else:
         click.echo(render.plan_text(result.plan, stdout_style()))
+    for note in render.plan_notes(result):
+        click.echo(note, err=True)
+    if result.refusals:
+        return 1
     return 2 if detailed_exitcode and result.plan.has_changes else 0
 
 
@@ -431,7 +469,8 @@ def plan(
 @click.option(
     "--prune",
     is_flag=True,
-    help="Cancel the batches of resources whose manifests are gone, and forget them.",
+    help="Cancel the batches of resources whose manifests are gone from the whole workspace, "
+    "and forget them (with --select: only the selected ones).",
 )
 @click.option(
     "--quiet",
@@ -442,6 +481,7 @@ def plan(
     "With --json: only the final result object.",
 )
 @no_color_option
+@replace_options
 @state_option
 def apply(
     paths: tuple[str, ...],
@@ -455,6 +495,8 @@ def apply(
     allow_replace: bool,
     prune: bool,
     quiet: bool,
+    replace: tuple[str, ...],
+    no_reuse: bool,
     state_path: str | None,
 ) -> int:
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
@@ -464,8 +506,10 @@ def apply(
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
-    manifests changed since. With --json, stdout is NDJSON: one object per line per event,
-    then a final {"event": "result"} (or {"event": "error"}) object.
+    manifests changed since. With --json, stdout is NDJSON: one object per line per event
+    (each with "at", a UTC timestamp), then a final {"event": "result"} (or
+    {"event": "error"}) object. Spending or cancelling on a paid provider asks first (or
+    needs --yes). The local provider's batches advance only while a batchspec command runs.
 
     On a terminal it shows one live bar per resource (requests answered of total, failures,
     shards, attempt, ETA), collapsed to the summary at the end; piped, in CI (CI set) or
@@ -481,13 +525,13 @@ def apply(
     saved = [p for p in paths if is_plan_path(p)]
     if len(saved) > 1:
         raise click.UsageError(f"give at most one saved plan, not {len(saved)}")
-    if prune and select:  # orphans have no manifest, so no selector can pick them
-        raise click.UsageError("--prune acts on resources --select cannot select; drop --select")
+    if no_reuse and not replace:
+        raise click.UsageError("--no-reuse only applies with --replace NAME")
     style = stdout_style()
     view = ApplyOutput.for_stream(sys.stdout, as_json=as_json, quiet=quiet, style=style)
 
     def confirm(plan: Any) -> bool:
-        return click.confirm("Submit these batches?", default=False, err=True)
+        return click.confirm("Apply this plan?", default=False, err=True)
 
     options = ApplyOptions(
         select=select,
@@ -499,6 +543,8 @@ def apply(
         allow_replace=allow_replace,
         prune=prune,
         state_path=state_path,
+        replace=replace,
+        reuse=not no_reuse,
     )
     interactive = sys.stdin.isatty() and not as_json
     try:
@@ -512,12 +558,13 @@ def apply(
     except BatchspecError as err:
         view.close()  # the bars go before the error object (or the message on stderr)
         if as_json:
-            click.echo(json.dumps(render.error_event_json(err)))
+            click.echo(json.dumps({**render.error_event_json(err), "at": _now()}))
         raise
     finally:
         view.close()
     if as_json:
-        click.echo(json.dumps({"event": "result", **render.apply_json(result)}, default=str))
+        doc = {"event": "result", "at": _now(), **render.apply_json(result)}
+        click.echo(json.dumps(doc, default=str))
     elif not quiet:
         click.echo(render.apply_text(result, style))
     return result.exit_code
@@ -609,14 +656,16 @@ def completion(shell: str) -> None:
 
 
 @cli.command()
-@click.argument("name", required=False)
+@paths_argument
 @click.option(
-    "--project",
-    "project_dir",
-    type=click.Path(),
+    "--resource",
+    "-r",
+    "resource",
     default=None,
-    help="Workspace folder (default: found from the current folder).",
+    metavar="NAME",
+    help="Only the runs that touched resource NAME, and only its events.",
 )
+@click.option("--project", "project_dir", type=click.Path(), default=None, hidden=True)
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -627,18 +676,32 @@ def completion(shell: str) -> None:
 @json_option
 @state_option
 def history(
-    name: str | None, project_dir: str | None, limit: int, as_json: bool, state_path: str | None
+    paths: tuple[str, ...],
+    resource: str | None,
+    project_dir: str | None,
+    limit: int,
+    as_json: bool,
+    state_path: str | None,
 ) -> None:
     """Show recorded runs (who, where, git commit, exit code) and each run's events.
 
-    With NAME, only the runs that touched that resource.
+    PATHS find the workspace as for every command (default: the current folder). With
+    --resource NAME, only the runs that touched NAME; a NAME never recorded exits 1.
     """
+    import re
+    from pathlib import Path
+
     from batchspec.cli import render
     from batchspec.core.history import read_history
 
-    entries = read_history(
-        [project_dir] if project_dir else [], resource=name, limit=limit, state_path=state_path
-    )
+    for path in paths:  # `history NAME` (before PATHS): say how to ask for it now
+        if not Path(path).exists() and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", path):
+            raise click.UsageError(
+                f"{path!r} is not a folder or file; history takes PATHS: for one resource's "
+                f"runs use `batchspec history --resource {path}`"
+            )
+    where = list(paths) or ([project_dir] if project_dir else [])
+    entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
     if as_json:
         emit_json({"runs": [e.to_json() for e in entries]})
     else:
@@ -646,18 +709,57 @@ def history(
 
 
 @cli.command()
-@click.argument("name", shell_complete=complete_names)
+@click.argument("name", required=False, shell_complete=complete_names)
 @paths_argument
+@select_option
 @click.option("--errors", "show_errors", is_flag=True, help="Print the errors file instead.")
-def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
-    """Print the merged results of NAME (JSONL, in input order) to stdout."""
-    from batchspec.core.results import result_file
+@click.option(
+    "--allow-stale",
+    is_flag=True,
+    help="Print results that are not the current spec's (an older generation's, a cancelled "
+    "or unfinished one's) instead of exiting 1; stderr says whose they are.",
+)
+@json_option
+@state_option
+def results(
+    name: str | None,
+    paths: tuple[str, ...],
+    select: tuple[str, ...],
+    show_errors: bool,
+    allow_stale: bool,
+    as_json: bool,
+    state_path: str | None,
+) -> None:
+    """Print the merged results of NAME (JSONL, in input order) to stdout.
 
-    path = result_file(paths, name, errors=show_errors)
+    `results NAME [PATHS]`, or `results --select SELECTOR [PATHS]` (then every argument is a
+    PATH) for several resources, one after another. Results that are not what the current
+    spec's finished generation wrote exit 1 unless --allow-stale. With --json, one JSON
+    document: per resource, the generation that wrote the file and its result lines.
+    """
+    from batchspec.core.result_view import copy_results, result_files, write_results_json
+
+    if select and name is not None:
+        paths, name = (name, *paths), None
+    if name is None and not select:
+        raise click.UsageError("give the resource NAME, or --select SELECTOR")
+    files = result_files(
+        paths,
+        select=(name,) if name else select,
+        errors=show_errors,
+        allow_stale=allow_stale,
+        state_path=state_path,
+    )
+    for f in files:
+        if not f.current:
+            click.echo(f"Warning: {f.stale_reason}", err=True)
+        elif f.note:
+            click.echo(f"Note: {f.note}", err=True)
     stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 16):
-            stdout.write(chunk)
+    if as_json:
+        write_results_json(files, stdout)
+    else:
+        copy_results(files, stdout)
     stdout.flush()
 
 
@@ -736,7 +838,8 @@ def forget(
     """Stop tracking NAME without contacting the provider.
 
     Its batches keep running and its result files stay on disk; its history is kept. If
-    NAME's manifest is still there, the next apply starts it as a new resource.
+    NAME's manifest is still there, the next apply tracks it again and resumes what is
+    recorded for it (nothing is paid twice); `apply --replace NAME` runs it afresh.
     """
     from batchspec.cli import render
     from batchspec.core.lifecycle import forget_resource
@@ -773,6 +876,12 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
         holder_id, state_path=Path(state_path) if state_path else None, force=force
     )
     click.echo(f"released the lock of {describe_holder(holder)}")
+
+
+def _now() -> str:
+    from batchspec.state.store import utc_timestamp
+
+    return utc_timestamp()
 
 
 def report_error(err: BatchspecError, *, no_color: bool = False) -> None:

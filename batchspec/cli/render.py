@@ -125,7 +125,7 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
         line = f"  {symbol} {name}: {verb} ({action.reason})"
         if action.spends:
             line += (
-                f": {_plural(action.requests, 'request')}, "
+                f": {_plural(action.requests, 'request')} to submit, "
                 f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
             )
         lines.append(line)
@@ -148,8 +148,15 @@ def plan_summary(plan: Plan) -> str:
     if spending:
         requests = sum(a.requests for a in spending)
         tokens = sum(a.estimated_input_tokens for a in spending)
-        text += f" {_plural(requests, 'request')} to submit (~{tokens:,} input tokens)."
+        text += f" {_plural(requests, 'request')} to submit (~{tokens:,} input tokens)"
+        reused = sum(a.reused for a in spending)
+        text += f"; {reused:,} keep a recorded answer." if reused else "."
     return text
+
+
+def plan_notes(result: PlanResult) -> list[str]:
+    """What apply would refuse (budgets) and may fail on (API keys), for stderr."""
+    return [f"Error: {r}" for r in result.refusals] + [f"Warning: {w}" for w in result.warnings]
 
 
 def plan_result_json(result: PlanResult) -> dict[str, Any]:
@@ -157,6 +164,8 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         "serial": result.serial,
         "spec_hashes": dict(result.spec_hashes),
         **result.plan.to_json(),
+        "refusals": list(result.refusals),
+        "warnings": list(result.warnings),
     }
 
 
@@ -171,6 +180,10 @@ def plan_markdown(result: PlanResult) -> str:
     """
     plan = result.plan
     lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    for refusal in result.refusals:
+        lines += [f"> **Apply would refuse this plan:** {_md_cell(refusal)}", ""]
+    for warning in result.warnings:
+        lines += [f"> **Warning:** {_md_cell(warning)}", ""]
     if plan.actions:
         lines += [
             "| resource | action | reason | requests | est. tokens |",
@@ -190,6 +203,12 @@ def plan_markdown(result: PlanResult) -> str:
     selection = ", ".join(f"`{s}`" for s in result.selection) or "all resources"
     lines += [
         f"- selection: {selection}" + (" (with `--prune`)" if result.prune else ""),
+        *(
+            [f"- replace: {', '.join(f'`{n}`' for n in result.replace)}"]
+            + ([] if result.reuse else ["  (`--no-reuse`: every request is sent again)"])
+            if result.replace
+            else []
+        ),
         f"- state serial: {result.serial}",
         f"- batchspec {__version__}",
         "",
@@ -219,7 +238,14 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "(not retryable, or out of attempts); the errors files hold them.",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
     }[result.outcome]
-    return "\n".join([style.bold(headline), *status_lines(result.statuses, style)])
+    lines = [style.bold(headline), *status_lines(result.statuses, style)]
+    if result.local_in_flight:
+        lines.append(
+            f"Note: {', '.join(result.local_in_flight)} run(s) on the local provider, whose "
+            "batches advance only while a batchspec command runs: nothing happens until "
+            "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
+        )
+    return "\n".join(lines)
 
 
 def apply_json(result: ApplyResult) -> dict[str, Any]:
@@ -263,7 +289,8 @@ def forget_text(result: ForgetResult) -> str:
     if result.in_manifests:
         lines.append(
             f"Its manifest is still there: the next apply tracks {result.name} again, "
-            "resuming what is recorded for its current spec (no batch is created twice). "
+            "resuming what is recorded for its current spec (no batch is created twice); "
+            f"`batchspec apply --replace {result.name}` runs it afresh instead. "
             "Remove the manifest to stop tracking it for good."
         )
     return "\n".join(lines)

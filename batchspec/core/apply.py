@@ -5,30 +5,59 @@ who, where, which git commit) and, when it writes, holds the lock for its whole 
 Bad input fails here, before any provider is contacted: every selected resource's input is
 validated first, and nothing is uploaded unless all of them pass (DESIGN invariant 5).
 
-``apply`` needs consent to spend: a plan that creates batches on a paid provider runs only
-with ``yes=True`` or when ``confirm(plan)`` (the CLI asks on a terminal) says so. The local
-engine costs nothing and needs no consent.
+``apply`` needs consent to spend or cancel: a plan that creates batches on a paid provider
+(create, replace, retry) or cancels them there (prune) runs only with ``yes=True`` or when
+``confirm(plan)`` (the CLI asks on a terminal) says so. The local engine costs nothing and
+needs no consent.
+
+``plan`` tells the truth about what ``apply`` will do (DESIGN invariant 6): its request and
+token counts leave out the answers a new generation reuses, it checks the budgets apply
+checks (``PlanResult.refusals``), and it warns of a provider it would spend on whose API key
+variable is unset (``PlanResult.warnings``). ``apply --replace NAME`` (and ``plan --replace``)
+runs a resource again as a new generation (see ``batchspec.core.replacements``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from batchspec.core.budget import check_budget
-from batchspec.core.lifecycle import prune_orphans
+from batchspec.core.lifecycle import prune_orphans, start_replacements
 from batchspec.core.moves import apply_moves, moved_view, note_moves
-from batchspec.core.plan import Action, ActionKind, Plan, make_plan
+from batchspec.core.plan import (
+    Action,
+    ActionKind,
+    DesiredResource,
+    Plan,
+    RecordedResource,
+    make_plan,
+)
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
-from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
+from batchspec.core.recorded import (
+    DEFAULT_REQUEUE_BACKOFF,
+    is_requeued,
+    load_recorded,
+    observe_disk,
+)
+from batchspec.core.replacements import (
+    effective_resources,
+    next_replacement,
+    reusable_answers,
+    reuses_answers,
+)
 from batchspec.core.reporting import Progress, Reporter
+from batchspec.core.selection import orphan_selector
 from batchspec.core.session import (
     ProviderPool,
+    missing_api_keys,
     open_workspace,
     provider_option,
     recorded_run,
@@ -36,12 +65,20 @@ from batchspec.core.session import (
     select_resources,
     shard_limits,
     validate_inputs,
+    workspace_names,
 )
 from batchspec.core.status import ResourceStatus, resource_statuses
-from batchspec.errors import ConsentError, ManifestError, UsageError
+from batchspec.errors import (
+    BatchspecError,
+    BudgetError,
+    ConsentError,
+    ManifestError,
+    UsageError,
+)
 from batchspec.state.lock import acquire_lock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
+from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 
@@ -59,6 +96,8 @@ class ApplyOptions:
     allow_replace: bool = False
     prune: bool = False
     state_path: str | None = None  # --state: overrides the project's state.path
+    replace: tuple[str, ...] = ()  # --replace NAME: a new generation of the same spec
+    reuse: bool = True  # with replace: keep answers that succeeded (--no-reuse: resend all)
 
 
 @dataclass(frozen=True)
@@ -68,6 +107,9 @@ class ApplyResult:
     statuses: tuple[ResourceStatus, ...]
     outcome: str  # converged | in_progress | degraded | timeout
     exit_code: int
+    # resources with batches in flight on a `local` provider: they advance only while a
+    # batchspec command runs (the engine lives in its process)
+    local_in_flight: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,23 +121,40 @@ def plan_workspace(
     select: Sequence[str] = (),
     prune: bool = False,
     state_path: str | None = None,
+    replace: Sequence[str] = (),
+    reuse: bool = True,
+    env: Mapping[str, str] = os.environ,
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
     with open_workspace(paths, state_path) as (ws, cache):
         resources = select_resources(ws, select)
+        require_replaceable(resources, replace)
         facts = validate_inputs(ws, resources, cache)
+    elsewhere, warnings = _names_elsewhere(ws, paths, prune=prune)
+    args = {
+        "paths": list(paths),
+        "select": list(select),
+        **({"replace": list(replace), "reuse": reuse} if replace else {}),
+    }
     with (
         StateStore.open(ws.project.state_path) as store,
-        recorded_run(store, ws, "plan", {"paths": list(paths), "select": list(select)}),
+        recorded_run(store, ws, "plan", args),
     ):
+        resources = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
             store,
             resources,
             facts,
             prune=prune,
-            include_orphans=not select,
+            elsewhere=elsewhere,
+            orphan_selected=orphan_selector(select),
+            include_orphans=elsewhere is not None,
+            replacing=frozenset(replace),
+            reuse=reuse,
             backoff=requeue_backoff(ws),
         )
+        refusals = budget_refusals(plan, resources, facts, store)
+        warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         return PlanResult(
             plan=plan,
             serial=store.serial(),
@@ -104,7 +163,30 @@ def plan_workspace(
             paths=tuple(paths),
             selection=tuple(select),
             prune=prune,
+            replace=tuple(replace),
+            reuse=reuse,
+            workspace=str(ws.project.root.resolve()),
+            warnings=tuple(warnings),
+            refusals=tuple(err.message for err in refusals),
         )
+
+
+def _names_elsewhere(
+    ws: Workspace, paths: Sequence[str], *, prune: bool
+) -> tuple[frozenset[str] | None, list[str]]:
+    """Names the whole workspace declares; None (orphans unknown) with a warning when a
+    manifest outside PATHS cannot be read, which ``--prune`` refuses: it would cancel
+    resources whose manifests may well be there."""
+    try:
+        return workspace_names(ws, paths), []
+    except BatchspecError as err:
+        if prune:
+            raise ManifestError(
+                "cannot tell which resources' manifests are gone: a manifest of the workspace "
+                f"outside the PATHS given cannot be read ({err.message}); nothing was pruned",
+                details=[*err.details, "fix it, or prune from a workspace that loads"],
+            ) from None
+        return None, [f"orphaned resources are not shown: {err.message}"]
 
 
 def apply_workspace(
@@ -125,7 +207,11 @@ def apply_workspace(
     """
     with open_workspace(paths, options.state_path) as (ws, cache):
         resources = select_resources(ws, options.select)
+        require_replaceable(resources, options.replace)
+        if saved is not None:
+            saved.require_workspace(ws.project.root)
         facts = validate_inputs(ws, resources, cache)
+    elsewhere, _ = _names_elsewhere(ws, paths, prune=options.prune)
     args = {
         "paths": list(paths),
         "select": list(options.select),
@@ -133,6 +219,7 @@ def apply_workspace(
         "yes": options.yes,
         **({"plan_file": str(saved.source)} if saved is not None else {}),
         **({"prune": True} if options.prune else {}),
+        **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
     with (
         StateStore.open(ws.project.state_path) as store,
@@ -142,12 +229,17 @@ def apply_workspace(
         with acquire_lock(store, command="apply", info=info, timeout=options.lock_timeout) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
+            resources = planned_resources(store, resources, options.replace, reuse=options.reuse)
             plan = compute_plan(
                 store,
                 resources,
                 facts,
                 prune=options.prune,
-                include_orphans=not options.select,
+                elsewhere=elsewhere,
+                orphan_selected=orphan_selector(options.select),
+                include_orphans=elsewhere is not None,
+                replacing=frozenset(options.replace),
+                reuse=options.reuse,
                 backoff=requeue_backoff(ws),
             )
             if saved is not None:
@@ -171,15 +263,22 @@ def apply_workspace(
                     limits_for=lambda r: shard_limits(ws, r),
                     max_in_flight=lambda name: provider_option(ws, name, "maxInFlightBatches"),
                     requeue_backoff=requeue_backoff(ws),
-                    may_spend=saved.may_spend if saved is not None else None,
+                    may_spend=_may_spend(saved, options.replace),
                     still_holds_lock=lock.heartbeat,
                 )
                 prune_orphans(rec, plan)
+                start_replacements(rec, plan, resources, facts, options.replace)
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
             statuses = tuple(resource_statuses(store, resources, facts))
-        result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome))
+        local = tuple(
+            s.name
+            for s in statuses
+            if _is_local(ws, s.provider)
+            and any(b.status not in TERMINAL_STATUSES for b in s.batches)
+        )
+        result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome), local)
         run.exit_code = result.exit_code
         return result
 
@@ -269,53 +368,153 @@ def compute_plan(
     *,
     prune: bool = False,
     include_orphans: bool = True,
+    elsewhere: AbstractSet[str] | None = frozenset(),
+    orphan_selected: Callable[[RecordedResource], bool] | None = None,
+    replacing: AbstractSet[str] = frozenset(),
+    reuse: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> Plan:
+    """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them)."""
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
-    desired = [desired_resource(r, facts[r.name]) for r in resources]
+    desired = [
+        desired_with_reuse(store, r, facts[r.name], replace=r.name in replacing, reuse=reuse)
+        for r in resources
+    ]
     plan = make_plan(
-        desired, recorded, disk, prune=prune, include_orphans=include_orphans, now=time.time()
+        desired,
+        recorded,
+        disk,
+        prune=prune,
+        include_orphans=include_orphans,
+        elsewhere=elsewhere or frozenset(),
+        orphan_selected=orphan_selected,
+        now=time.time(),
     )
     return note_moves(plan, moved)
+
+
+def planned_resources(
+    store: StateStore, resources: Sequence[Resource], replace: Sequence[str], *, reuse: bool
+) -> list[Resource]:
+    """``resources`` with their effective spec hashes, and the next replacement's for every
+    name in ``replace`` (see batchspec.core.replacements)."""
+    return [
+        next_replacement(store, r, reuse=reuse) if r.name in replace else r
+        for r in effective_resources(store, resources)
+    ]
+
+
+def desired_with_reuse(
+    store: StateStore, res: Resource, facts: InputReport, *, replace: bool, reuse: bool
+) -> DesiredResource:
+    """The planner's view of ``res``, with the answers a new generation of it would reuse:
+    counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger."""
+    want = dataclasses.replace(desired_resource(res, facts), replace=replace)
+    gen = store.find_generation(res.name, res.spec_hash)
+    if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
+        return want  # no ledger to record, or nothing to carry into it
+    if gen is None and replace and not reuse:
+        return want
+    count, nbytes = reusable_answers(store, res, exclude=(gen.id,) if gen else ())
+    return dataclasses.replace(want, reusable=count, reusable_bytes=nbytes)
+
+
+def require_replaceable(resources: Sequence[Resource], names: Sequence[str]) -> None:
+    """``--replace NAME``: NAME must be a selected resource that is not suspended."""
+    known = {r.name: r for r in resources}
+    for name in names:
+        res = known.get(name)
+        if res is None:
+            listing = ", ".join(sorted(known)) or "none"
+            raise ManifestError(
+                f"--replace {name}: no resource named {name!r} among the selected manifests "
+                f"(selected: {listing})"
+            )
+        if res.suspend:
+            raise UsageError(
+                f"--replace {name}: it is suspended in {res.source}; remove `suspend: true` "
+                "to run it again"
+            )
+
+
+def _may_spend(saved: SavedPlan | None, replace: Sequence[str]) -> Callable[[Action], bool] | None:
+    """A saved plan's spending limit; a replacement it planned is submitted as a create."""
+    if saved is None:
+        return None
+    return lambda a: saved.may_spend(a) or (a.resource in replace and a.kind is ActionKind.CREATE)
 
 
 def require_consent(
     plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
 ) -> None:
+    """Spending or cancelling on a paid provider needs --yes or a yes on the terminal."""
     paid = [a for a in plan.spending if not _is_free(ws, a)]
-    if not paid or options.yes:
+    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    if not (paid or pruned) or options.yes:
         return
     if confirm is None:
+        what = []
+        if paid:
+            what.append(
+                f"submit {sum(a.requests for a in paid)} request(s) in new batches "
+                f"({', '.join(sorted({a.resource for a in paid}))})"
+            )
+        if pruned:
+            what.append(
+                "cancel and forget "
+                f"{', '.join(sorted(a.resource for a in pruned))} on a paid provider"
+            )
         raise ConsentError(
-            f"this apply would submit {sum(a.requests for a in paid)} request(s) in new batches "
-            f"({', '.join(sorted({a.resource for a in paid}))}) and there is no terminal to ask on",
-            details=["re-run with --yes to approve spending"],
+            f"this apply would {' and '.join(what)}, and there is no terminal to ask on",
+            details=["run it again with --yes to approve"],
         )
     if not confirm(plan):
-        raise ConsentError("apply cancelled: nothing was submitted")
+        raise ConsentError("apply cancelled: nothing was submitted or cancelled")
 
 
 def require_within_budget(
     plan: Plan, resources: Sequence[Resource], facts: Mapping[str, InputReport], store: StateStore
 ) -> None:
     """Refuse, before anything is uploaded, a plan whose spending would exceed a budget."""
+    refusals = budget_refusals(plan, resources, facts, store)
+    if refusals:
+        first = refusals[0]
+        raise BudgetError(
+            first.message, details=[*first.details, *(e.message for e in refusals[1:])]
+        )
+
+
+def budget_refusals(
+    plan: Plan, resources: Sequence[Resource], facts: Mapping[str, InputReport], store: StateStore
+) -> list[BudgetError]:
+    """Every spending action that would take its generation over budget: the same check
+    apply makes before recording intents and retries, on the same counts."""
     by_name = {r.name: r for r in resources}
+    refusals = []
     for action in plan.spending:
         res = by_name[action.resource]
-        if action.kind is not ActionKind.RETRY and store.generations(res.name):
-            continue  # unchanged requests may reuse results: checked exactly before upload
         submitted = 0
         if action.generation_id is not None:
-            submitted = sum(
-                b.requests for b in store.batches(action.generation_id) if b.remote_id is not None
-            )
-        check_budget(res, facts[res.name], submitted=submitted, new=action.requests)
+            batches = store.batches(action.generation_id)
+            if action.kind is ActionKind.RETRY:  # as the retry step counts them
+                submitted = sum(b.requests for b in batches if not is_requeued(b))
+            else:
+                submitted = sum(b.requests for b in batches if b.remote_id is not None)
+        try:
+            check_budget(res, facts[res.name], submitted=submitted, new=action.requests)
+        except BudgetError as err:
+            refusals.append(err)
+    return refusals
 
 
 def _is_free(ws: Workspace, action: Action) -> bool:
-    provider = ws.project.providers.get(action.provider or "")
+    return _is_local(ws, action.provider)
+
+
+def _is_local(ws: Workspace, provider_name: str | None) -> bool:
+    provider = ws.project.providers.get(provider_name or "")
     return provider is not None and provider.type == "local"
 
 
@@ -330,12 +529,19 @@ def apply_saved_plan(
     The selection and ``prune`` come from the plan (giving them again is a usage error); the
     manifests are PATHS if given, else the paths the plan was made with.
     """
-    if options.select or options.prune:
+    if options.select or options.prune or options.replace:
         raise UsageError(
-            "a saved plan fixes the selection and --prune; give them to `batchspec plan` instead"
+            "a saved plan fixes the selection, --prune and --replace; give them to "
+            "`batchspec plan` instead"
         )
     saved = load_plan_file(plan_path)
     options = replace(
-        options, select=saved.selection, prune=saved.prune, yes=True, allow_replace=True
+        options,
+        select=saved.selection,
+        prune=saved.prune,
+        replace=saved.replace,
+        reuse=saved.reuse,
+        yes=True,
+        allow_replace=True,
     )
-    return apply_workspace(list(paths) or list(saved.paths), options, saved=saved, **kwargs)
+    return apply_workspace(list(paths) or saved.manifest_paths(), options, saved=saved, **kwargs)

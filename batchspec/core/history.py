@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from batchspec.errors import ManifestError
 from batchspec.state.store import EventRow, RunRow, StateStore
-from batchspec.workspace.project import load_project
+from batchspec.workspace.manifest import project_for
+from batchspec.workspace.yamldoc import display_path
 
 
 @dataclass(frozen=True)
@@ -26,11 +29,22 @@ def read_history(
     limit: int = 20,
     state_path: str | None = None,
 ) -> list[HistoryEntry]:
-    """Newest runs first; with ``resource``, only runs that touched it and only its events."""
-    project = load_project(paths[0] if paths else None, state_path=state_path)
+    """Newest runs first; with ``resource``, only runs that touched it and only its events.
+
+    ``paths`` locate the workspace as for every command (a folder, a manifest, a glob). A
+    ``resource`` the state has never recorded is an error (exit 1), not an empty history.
+    """
+    project = project_for(paths, state_path=state_path)
     if not project.state_path.exists():
+        if resource is not None:
+            raise ManifestError(_unknown(resource, project.state_path))
         return []
     with StateStore.open(project.state_path) as store:
+        if resource is not None and not _ever_recorded(store, resource):
+            raise ManifestError(
+                _unknown(resource, project.state_path),
+                details=["`batchspec status` lists the resources; history takes PATHS first"],
+            )
         entries = []
         for run in store.runs(resource=resource, limit=limit):
             events = [
@@ -40,3 +54,12 @@ def read_history(
             ]
             entries.append(HistoryEntry(run, tuple(events)))
         return entries
+
+
+def _ever_recorded(store: StateStore, name: str) -> bool:
+    """Tracked, forgotten, or named by an event (a pruned or moved-away resource)."""
+    return store.get_resource(name) is not None or bool(store.events(resource=name, limit=1))
+
+
+def _unknown(name: str, state_path: Path) -> str:
+    return f"no resource named {name!r} is recorded in {display_path(state_path)}"

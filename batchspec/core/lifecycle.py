@@ -13,9 +13,16 @@
   requests).
 * ``forget_resource`` stops tracking a resource without contacting the provider: its batches
   keep running (the result says which) and its result files stay on disk. A manifest that is
-  still there makes the next ``apply`` treat the resource as new.
+  still there makes the next ``apply`` track it again, resuming its recorded generations
+  (nothing is paid twice); ``apply --replace NAME`` runs it afresh.
 * ``prune_orphans`` is ``apply --prune``: each resource the plan marks ``prune`` (recorded,
-  manifest gone) has its in-flight batches cancelled and is then forgotten.
+  manifest gone from the whole workspace) has its in-flight batches cancelled and is then
+  forgotten.
+* ``start_replacements`` is ``apply --replace NAME``: the generations of NAME still in flight
+  are cancelled (superseded), and a new generation of the same spec is recorded under its
+  replacement hash (``batchspec.core.replacements``) with a ``replace`` event, in one
+  transaction; the reconcile loop then submits it as any new generation (reusing succeeded
+  answers unless ``--no-reuse``).
 
 Each writes only while holding the state lock and records what it did in the events log.
 """
@@ -31,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from batchspec.core.batches import batch_fields, batch_key
 from batchspec.core.plan import ActionKind, Plan
-from batchspec.core.reconcile import Reconciler
+from batchspec.core.reconcile import Reconciler, RunContext
+from batchspec.core.reconcile.cancel import cancel_generation
+from batchspec.core.replacements import (
+    current_replacement,
+    replacement_hash,
+    replacement_number,
+    replacement_spec,
+)
 from batchspec.core.reporting import Progress
 from batchspec.core.session import (
     ProviderPool,
@@ -382,7 +396,87 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
     return tuple(pruned)
 
 
-def _relative(ws: Workspace, path: Path) -> str:
+# ---------------------------------------------------------------------------------------------
+# replace
+
+
+def start_replacements(
+    rec: Reconciler,
+    plan: Plan,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    names: Sequence[str],
+) -> tuple[str, ...]:
+    """Record the replacement generation of every resource in ``names`` that ``plan`` replaces
+    (``resources`` carry the replacement's spec hash); return their names."""
+    by_name = {r.name: r for r in resources}
+    started = []
+    for action in plan.actions:
+        res = by_name.get(action.resource)
+        if action.kind is not ActionKind.REPLACE or action.resource not in names or res is None:
+            continue
+        if rec.store.find_generation(res.name, res.spec_hash) is None:
+            record_replacement(rec, res, facts[res.name])
+            started.append(res.name)
+    return tuple(started)
+
+
+def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> GenerationRow:
+    store = rec.store
+    previous = current_replacement(store, res)
+    number = replacement_number(previous) + 1
+    reuse = next(
+        (r for r in (True, False) if replacement_hash(res, number, reuse=r) == res.spec_hash),
+        None,
+    )
+    if reuse is None:  # the caller passes `next_replacement(...)`: anything else is a bug
+        raise StateError(f"{res.name}: {res.spec_hash[:12]} is not its next replacement")
+    superseded = []
+    for gen in store.generations(res.name):
+        if gen.status in ACTIVE:
+            cancel_generation(
+                rec.ctx, res.name, gen, status="superseded", reason="replaced (apply --replace)"
+            )
+            superseded.append(gen.id)
+    row = store.get_resource(res.name)
+    with store.atomic():
+        rec.ctx.upsert_resource(res)
+        gen = store.create_generation(
+            res.name,
+            spec_hash=res.spec_hash,
+            spec=replacement_spec(res, number, reuse=reuse),
+            input_sha256=facts.sha256,
+            requests=facts.requests,
+            input_bytes=facts.bytes,
+            output_path=_relative(rec.ctx, res.output_path),
+            errors_path=_relative(rec.ctx, res.errors_path),
+            run_id=rec.run_id,
+        )
+        store.set_current_generation(res.name, gen.id)
+        detail = {
+            "spec_hash": res.spec_hash,
+            "replacement": number,
+            "reuse": reuse,
+            "replaces": row.current_generation_id if row else None,
+            "superseded": superseded,
+            "requests": facts.requests,
+        }
+        store.record_event(
+            rec.run_id, "replace", resource=res.name, generation_id=gen.id, detail=detail
+        )
+    how = "keeping answers that succeeded" if reuse else "resending every request"
+    rec.report(
+        Progress(
+            "replace",
+            res.name,
+            f"replacement {number} recorded as generation {gen.id} ({how})",
+            {"generation_id": gen.id, "replacement": number, "reuse": reuse},
+        )
+    )
+    return gen
+
+
+def _relative(ws: Workspace | RunContext, path: Path) -> str:
     try:
         return str(path.resolve().relative_to(ws.project.root.resolve()))
     except ValueError:

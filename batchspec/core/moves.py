@@ -71,8 +71,7 @@ def pending_moves(store: StateStore, resources: Iterable[Resource]) -> list[tupl
                 "in the state",
                 details=[
                     f"keep the history of one of them: `batchspec forget {old}` (drops the old "
-                    f"one) or `batchspec forget {res.name}` and apply again (takes the old one "
-                    "over); or remove `moved` from the manifest"
+                    "one's record), or remove `moved` from the manifest"
                 ],
             )
         moves.append((res, old))

@@ -11,11 +11,14 @@ Decision table, first match wins, for a resource in the manifests:
 recorded state                                         action     spends money
 =====================================================  =========  ================================
 ``suspend: true``                                      none       no  (health Suspended)
+``--replace NAME`` asked for it                        replace    yes (consent as for a create;
+                                                                      cancels what is in flight)
 no generation for the spec hash, an older one active   replace    yes (needs --allow-replace)
 no generation for the spec hash                        create     yes
 generation cancelled by a user                         refresh /  no  (polls it to its end,
                                                        collect,       collects and writes what
-                                                       else none      finished; Suspended)
+                                                       else none      finished; Suspended;
+                                                                      ``apply --replace`` reruns)
 a batch intent with no remote id (a crashed run)       create     yes (adopts the remote batch
                                                                       if it exists: never twice)
 generation recorded but nothing submitted              create     yes
@@ -27,13 +30,21 @@ result files missing or edited on disk                 restore    no  (no networ
 otherwise                                              none       no
 =====================================================  =========  ================================
 
-A resource recorded in the state but absent from the manifests is ``orphaned`` (with
-``--prune``: ``prune``, which cancels its in-flight batches and forgets it).
+A create or replace that records a new generation reuses the answers earlier generations got
+for the very same request lines (``DesiredResource.reusable``, counted by the caller exactly as
+apply carries them over): its ``requests`` are only those it will submit, and ``reused`` says
+how many keep a recorded answer.
+
+A resource recorded in the state but absent from the *whole* workspace (every manifest the
+project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;
+with ``--prune`` it is ``prune``, which cancels its in-flight batches and forgets it. With a
+selection, only the orphans it selects (``orphan_selected``) are shown or pruned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -75,6 +86,11 @@ class DesiredResource:
     input_bytes: int
     max_attempts: int
     suspend: bool = False
+    # requests (and their bytes) whose very same line succeeded in an earlier generation: a
+    # new generation keeps those answers instead of submitting them again
+    reusable: int = 0
+    reusable_bytes: int = 0
+    replace: bool = False  # `--replace NAME`: spec_hash is a new replacement's (no generation)
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,7 @@ class RecordedResource:
     provider: str
     generations: tuple[RecordedGeneration, ...] = ()
     forgotten: bool = False  # `batchspec forget`: not tracked; apply tracks it again
+    labels: Mapping[str, str] = field(default_factory=dict)  # as last seen in its manifest
 
     def generation_for(self, spec_hash: str) -> RecordedGeneration | None:
         return next((g for g in self.generations if g.spec_hash == spec_hash), None)
@@ -156,6 +173,7 @@ class Action:
     generation_id: int | None = None
     requests: int = 0  # requests this action would submit (create / replace / retry)
     estimated_input_tokens: int = 0
+    reused: int = 0  # requests of a new generation that keep an earlier generation's answer
 
     @property
     def spends(self) -> bool:
@@ -171,6 +189,7 @@ class Action:
             "generation_id": self.generation_id,
             "requests": self.requests,
             "estimated_input_tokens": self.estimated_input_tokens,
+            "reused": self.reused,
         }
 
 
@@ -202,6 +221,7 @@ class Plan:
             "summary": self.counts(),
             "requests_to_submit": sum(a.requests for a in self.spending),
             "estimated_input_tokens": sum(a.estimated_input_tokens for a in self.spending),
+            "requests_reused": sum(a.reused for a in self.spending),
             "actions": [a.to_json() for a in self.actions],
         }
 
@@ -221,18 +241,24 @@ def make_plan(
     *,
     prune: bool = False,
     include_orphans: bool = True,
+    elsewhere: AbstractSet[str] = frozenset(),
+    orphan_selected: Callable[[RecordedResource], bool] | None = None,
     now: float | None = None,
 ) -> Plan:
     """Decide the next step for every desired resource, and report recorded orphans.
 
-    ``now`` (epoch seconds) decides whether a requeued shard's backoff is over; None: it is.
+    ``elsewhere``: names whose manifests exist in the workspace though they are not planned
+    (outside the PATHS given, or not selected): never orphans. ``orphan_selected``: with a
+    selection, which orphans it selects (None: all). ``now`` (epoch seconds) decides whether
+    a requeued shard's backoff is over; None: it is.
     """
     desired = list(desired)
     actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
     if include_orphans:
-        wanted = {d.name for d in desired}
-        for name in sorted(n for n in set(recorded) - wanted if not recorded[n].forgotten):
-            actions.append(_orphan_action(recorded[name], prune))
+        present = {d.name for d in desired} | set(elsewhere)
+        for name in sorted(n for n in set(recorded) - present if not recorded[n].forgotten):
+            if orphan_selected is None or orphan_selected(recorded[name]):
+                actions.append(_orphan_action(recorded[name], prune))
     return Plan(tuple(actions))
 
 
@@ -258,7 +284,12 @@ def plan_resource(
         )
 
     def spend(
-        kind: ActionKind, reason: str, gen: RecordedGeneration | None, requests: int, nbytes: int
+        kind: ActionKind,
+        reason: str,
+        gen: RecordedGeneration | None,
+        requests: int,
+        nbytes: int,
+        reused: int = 0,
     ) -> Action:
         return act(
             kind,
@@ -266,6 +297,21 @@ def plan_resource(
             gen,
             requests=requests,
             estimated_input_tokens=estimate_input_tokens(nbytes),
+            reused=reused,
+        )
+
+    def new_generation(kind: ActionKind, reason: str, gen: RecordedGeneration | None) -> Action:
+        """A generation whose ledger is still to be recorded: reusable answers are kept."""
+        reused = min(want.reusable, want.requests)
+        if reused:
+            reason += f"; {reused:,} request(s) keep a recorded answer"
+        return spend(
+            kind,
+            reason,
+            gen,
+            want.requests - reused,
+            max(want.input_bytes - want.reusable_bytes, 0) if reused else want.input_bytes,
+            reused,
         )
 
     if want.suspend:
@@ -276,32 +322,45 @@ def plan_resource(
         for g in (have.generations if have else ())
         if g.spec_hash != want.spec_hash and g.status in ACTIVE_GENERATION_STATUSES
     ]
+    if want.replace and gen is None:
+        why = "replacement asked for (--replace): a new generation of the same spec"
+        if others_active:
+            why += f"; cancels generation {others_active[0].spec_hash[:12]} still in flight"
+        return new_generation(ActionKind.REPLACE, why, None)
     if others_active:  # a newer or older spec is still running: switching needs consent
         # a revived generation that was superseded goes again; one still active does not
-        requests = want.requests if gen is None or gen.status == "superseded" else 0
+        why = f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight"
+        if gen is None:
+            return new_generation(ActionKind.REPLACE, why, None)
+        requests = want.requests if gen.status == "superseded" else 0
         return spend(
             ActionKind.REPLACE,
-            f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight",
+            why,
             gen,
             requests,
             want.input_bytes if requests else 0,
         )
     if gen is None:
-        why = (
-            "new resource"
-            if have is None
-            else "spec or input changed; unchanged requests keep their recorded results"
-        )
-        return spend(ActionKind.CREATE, why, None, want.requests, want.input_bytes)
+        why = "new resource" if have is None else "spec or input changed"
+        return new_generation(ActionKind.CREATE, why, None)
     if gen.status == "cancelled":  # keep what finished before the cancel took effect
+        rerun = f"; `batchspec apply --replace {want.name}` runs it again"
         if any(b.in_flight for b in gen.batches):
-            return act(ActionKind.REFRESH, "cancelled by a user; waiting for it to stop", gen)
+            return act(
+                ActionKind.REFRESH,
+                "cancelled by a user; waiting for it to stop" + rerun,
+                gen,
+            )
         if any(b.awaiting_collect for b in gen.batches) or (
             gen.output_sha256 is None and any(b.collected for b in gen.batches)
         ):
-            return act(ActionKind.COLLECT, "cancelled by a user; keeping what finished", gen)
+            return act(
+                ActionKind.COLLECT, "cancelled by a user; keeping what finished" + rerun, gen
+            )
         return act(
-            ActionKind.NONE, "cancelled by a user; change the spec or `forget` it to run again", gen
+            ActionKind.NONE,
+            f"cancelled by a user; `batchspec apply --replace {want.name}` runs it again",
+            gen,
         )
 
     intents = [b for b in gen.batches if b.remote_id is None and b.status not in TERMINAL_STATUSES]
@@ -326,13 +385,8 @@ def plan_resource(
             ActionKind.COLLECT, "every request keeps a recorded result; results to write", gen
         )
     if not gen.batches and gen.status in ACTIVE_GENERATION_STATUSES:
-        return spend(
-            ActionKind.CREATE,
-            "generation recorded but nothing submitted yet",
-            gen,
-            want.requests,
-            want.input_bytes,
-        )
+        why = "generation recorded but nothing submitted yet"
+        return new_generation(ActionKind.CREATE, why, gen)
     in_flight = [b for b in gen.batches if b.in_flight]
     if in_flight:
         return act(ActionKind.REFRESH, f"{len(in_flight)} batch(es) in flight", gen)
@@ -364,7 +418,7 @@ def plan_resource(
     drift = _disk_drift(gen, disk)
     if drift:
         return act(ActionKind.RESTORE, drift, gen)
-    return act(ActionKind.NONE, _in_sync_reason(gen), gen)
+    return act(ActionKind.NONE, _in_sync_reason(want.name, gen), gen)
 
 
 def _bytes_share(want: DesiredResource, requests: int) -> int:
@@ -390,12 +444,13 @@ def _disk_drift(gen: RecordedGeneration, disk: DiskFacts | None) -> str | None:
     return "; ".join(problems) or None
 
 
-def _in_sync_reason(gen: RecordedGeneration) -> str:
+def _in_sync_reason(name: str, gen: RecordedGeneration) -> str:
     text = f"in sync: {gen.succeeded} succeeded"
     if gen.failed:
         text += f", {gen.failed} failed"
     if gen.status == "degraded":
-        text += " (degraded: attempts exhausted)"
+        # attempts used up, or failures no retry helps: either way apply will not send them
+        text += f" (degraded: failed finally; `batchspec apply --replace {name}` runs it again)"
     return text
 
 

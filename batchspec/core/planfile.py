@@ -7,9 +7,11 @@ File format (JSON, UTF-8, ``schema_version`` 1)::
       "schema_version": 1,
       "batchspec_version": "0.1.0",
       "created_at": "2026-01-31T12:00:00Z",
-      "paths": ["."],                         # the manifest PATHS plan was given, as typed
+      "workspace": "/home/me/project",        # the workspace folder (its project file's)
+      "paths": ["."],                         # the PATHS plan was given, relative to it
       "selection": ["team=support"],          # the --select values ([]: everything)
       "prune": false,                         # plan --prune: orphans are to be pruned
+      "replace": ["triage"], "reuse": true,   # plan --replace NAME [--no-reuse]
       "state": {"serial": 17, "lineage": "3f5c..."},
       "resources": {"triage": "<spec hash>"}, # every selected resource and its spec hash
       "plan": {"changes": true, "summary": {...}, "actions": [...]}  # Plan.to_json()
@@ -19,6 +21,10 @@ File format (JSON, UTF-8, ``schema_version`` 1)::
 batches or files change. ``state.lineage`` identifies the state database itself (a hash of
 its first recorded run), so a plan made against one database is never applied to another
 whose serial happens to be the same.
+
+``apply plan.json`` with no PATHS loads the manifests from ``workspace`` + ``paths``, so it
+works from any folder; when that folder is gone (another checkout), PATHS as typed are tried
+from the working folder, and a workspace that is not the plan's is refused.
 
 A saved plan is *current* when, read under the apply's lock, the lineage and serial equal
 the state's, the selected resources and their spec hashes equal the manifests', and the plan
@@ -69,6 +75,12 @@ class PlanResult:
     paths: tuple[str, ...] = ()
     selection: tuple[str, ...] = ()
     prune: bool = False
+    replace: tuple[str, ...] = ()
+    reuse: bool = True
+    workspace: str | None = None  # the workspace folder, absolute
+    # what apply would refuse or may fail on, said ahead (budgets; an unset API key variable)
+    refusals: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,12 +94,36 @@ class SavedPlan:
     paths: tuple[str, ...] = ()
     selection: tuple[str, ...] = ()
     prune: bool = False
+    replace: tuple[str, ...] = ()
+    reuse: bool = True
+    workspace: str | None = None
     batchspec_version: str = __version__
     created_at: str = ""
     schema_version: int = SCHEMA_VERSION
     source: Path | None = field(default=None, compare=False)
 
     # -- applying --------------------------------------------------------------------------
+
+    def manifest_paths(self) -> list[str]:
+        """Where ``apply plan.json`` finds the manifests when given no PATHS."""
+        if self.workspace is None:  # a plan file from before workspaces were recorded
+            return list(self.paths)
+        root = Path(self.workspace)
+        if not root.is_dir():
+            return list(self.paths)  # another checkout: the PATHS, from here
+        return [str(root / p) for p in self.paths or (".",)]
+
+    def require_workspace(self, root: Path) -> None:
+        """Refuse a plan made for another workspace (compared when it is still there)."""
+        if self.workspace is None or not Path(self.workspace).is_dir():
+            return
+        if Path(self.workspace).resolve() != root.resolve():
+            where = self.source.name if self.source else "the saved plan"
+            raise StalePlanError(
+                f"{where} was made for the workspace {self.workspace}, not for {root}; "
+                "nothing was done",
+                details=["apply it without PATHS, or from that workspace"],
+            )
 
     def may_spend(self, action: Action) -> bool:
         """True when the plan lets ``action``'s resource spend this way (create/replace/retry)."""
@@ -123,9 +159,12 @@ class SavedPlan:
             "schema_version": self.schema_version,
             "batchspec_version": self.batchspec_version,
             "created_at": self.created_at,
+            "workspace": self.workspace,
             "paths": list(self.paths),
             "selection": list(self.selection),
             "prune": self.prune,
+            "replace": list(self.replace),
+            "reuse": self.reuse,
             "state": {"serial": self.serial, "lineage": self.lineage},
             "resources": dict(self.spec_hashes),
             "plan": self.plan.to_json(),
@@ -183,11 +222,28 @@ def saved_plan_of(result: PlanResult, *, now: float | None = None) -> SavedPlan:
         serial=result.serial,
         lineage=result.lineage,
         spec_hashes=dict(result.spec_hashes),
-        paths=tuple(result.paths),
+        paths=_relative_paths(result.paths, result.workspace),
         selection=tuple(result.selection),
         prune=result.prune,
+        replace=tuple(result.replace),
+        reuse=result.reuse,
+        workspace=result.workspace,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", moment),
     )
+
+
+def _relative_paths(paths: Sequence[str], workspace: str | None) -> tuple[str, ...]:
+    """PATHS relative to the workspace folder, so the plan applies from any folder."""
+    if workspace is None:
+        return tuple(paths)
+    root = Path(workspace)
+    out = []
+    for p in paths or (".",):
+        try:
+            out.append(str(Path(os.path.abspath(p)).relative_to(root)))
+        except ValueError:
+            out.append(os.path.abspath(p))
+    return tuple(out)
 
 
 def write_plan_file(path: str | Path, result: PlanResult) -> SavedPlan:
@@ -243,6 +299,9 @@ def saved_plan_from_json(data: Any, *, source: Path | None = None) -> SavedPlan:
             paths=tuple(str(p) for p in data.get("paths", ())),
             selection=tuple(str(s) for s in data.get("selection", ())),
             prune=bool(data.get("prune", False)),
+            replace=tuple(str(n) for n in data.get("replace", ())),
+            reuse=bool(data.get("reuse", True)),
+            workspace=str(data["workspace"]) if data.get("workspace") else None,
             batchspec_version=str(data.get("batchspec_version", "")),
             created_at=str(data.get("created_at", "")),
             source=source,
@@ -261,6 +320,7 @@ def _action(data: Mapping[str, Any]) -> Action:
         generation_id=data.get("generation_id"),
         requests=int(data.get("requests") or 0),
         estimated_input_tokens=int(data.get("estimated_input_tokens") or 0),
+        reused=int(data.get("reused") or 0),
     )
 
 

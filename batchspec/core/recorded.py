@@ -42,6 +42,7 @@ def load_recorded(
             provider=res.provider,
             generations=gens,
             forgotten=res.forgotten_at is not None,
+            labels=dict(res.labels or {}),
         )
     return recorded
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchspec.core.plan import Plan
+from batchspec.state.store import utc_timestamp
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,16 @@ class Progress:
     message: str
     data: Mapping[str, Any] = field(default_factory=dict)
     plan: Plan | None = None  # set on the "plan" event
+    at: str = field(default_factory=utc_timestamp)  # when it happened (UTC, as in history)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"event": self.event, "resource": self.resource, "message": self.message, **self.data}
+        out = {
+            "event": self.event,
+            "at": self.at,
+            "resource": self.resource,
+            "message": self.message,
+            **self.data,
+        }
         if self.plan is not None:
             out["plan"] = self.plan.to_json()
         return out

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from batchspec.errors import ManifestError, StateError
 from batchspec.state.ledger import LedgerRow, RequestLedger
 from batchspec.storage.blobstore import BlobStore, write_atomically
-from batchspec.workspace.manifest import load_workspace
-from batchspec.workspace.yamldoc import display_path
 
 UNRESOLVED_CODE = "batchspec_unresolved"
 
@@ -106,19 +102,3 @@ class _BlobReader:
     def __exit__(self, *exc: object) -> None:
         for f in self.files.values():
             f.close()
-
-
-def result_file(paths: Sequence[str], name: str, *, errors: bool = False) -> Path:
-    """The merged results (or errors) file of a resource, for ``batchspec results``."""
-    ws = load_workspace(paths)
-    res = next((r for r in ws.resources if r.name == name), None)
-    if res is None:
-        known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
-        raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
-    path = res.errors_path if errors else res.output_path
-    if not path.is_file():
-        raise StateError(
-            f"{display_path(path)} does not exist yet",
-            details=["run `batchspec apply` to collect the results, or to restore the file"],
-        )
-    return path

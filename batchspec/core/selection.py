@@ -8,6 +8,10 @@ Selectors (repeatable; a resource is selected when *any* selector matches it, as
 * ``state:modified``: every resource whose planned action is not ``none``: apply would do
   something for it (create, replace, refresh, collect, retry or restore).
 
+A resource recorded in the state whose manifest is gone (an orphan) is selected by its name,
+by the labels its manifest last had, and by ``state:modified`` (``orphan_selector``); so
+``apply --prune --select NAME`` prunes only that orphan.
+
 Promises:
 
 * No selector selects every resource; the result always keeps the manifests' order.
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import Any
 
 from batchspec.core.plan import ActionKind, DesiredResource, RecordedResource, make_plan
 from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
+from batchspec.core.replacements import effective_resources
 from batchspec.errors import ManifestError, UsageError
 from batchspec.state.store import StateStore
 from batchspec.workspace.manifest import Resource, Workspace
@@ -47,11 +53,14 @@ class Selector:
     value: str | None = None  # the label value
 
     def matches(self, res: Resource, modified: Set[str]) -> bool:
+        return self.matches_recorded(res.name, res.labels, modified)
+
+    def matches_recorded(self, name: str, labels: Mapping[str, Any], modified: Set[str]) -> bool:
         if self.kind == "name":
-            return res.name == self.key
+            return name == self.key
         if self.kind == "label":
-            return res.labels.get(self.key) == self.value
-        return res.name in modified
+            return labels.get(self.key) == self.value
+        return name in modified
 
 
 def parse_selector(text: str) -> Selector:
@@ -80,16 +89,18 @@ def select_resources(
     selectors: Sequence[str],
     *,
     modified: Callable[[], Set[str]] = frozenset,
+    also_known: Set[str] = frozenset(),
 ) -> list[Resource]:
     """The union of what ``selectors`` match, in the manifests' order (all when none given).
 
     ``modified`` returns the names ``state:modified`` stands for; it is only called when such
-    a selector is present (it reads the state).
+    a selector is present (it reads the state). A NAME in ``also_known`` (a recorded orphan)
+    is no error, though it selects no manifest.
     """
     if not selectors:
         return list(resources)
     parsed = [parse_selector(s) for s in selectors]
-    known = {r.name for r in resources}
+    known = {r.name for r in resources} | set(also_known)
     unknown = [s.key for s in parsed if s.kind == "name" and s.key not in known]
     if unknown:
         listing = ", ".join(sorted(known)) or "none"
@@ -107,12 +118,42 @@ def select_from_workspace(
     *,
     requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
 ) -> list[Resource]:
-    """``select_resources`` over a workspace, reading its state only for ``state:modified``."""
+    """``select_resources`` over a workspace, reading its state only for ``state:modified``
+    and for a NAME that is in no manifest (it may be a recorded orphan)."""
+    names = {r.name for r in ws.resources}
+    unknown = any(
+        sel.kind == "name" and sel.key not in names for sel in map(parse_selector, selectors)
+    )
     return select_resources(
         ws.resources,
         selectors,
         modified=lambda: modified_resources(ws, requeue_backoff=requeue_backoff),
+        also_known=recorded_names(ws) if unknown else frozenset(),
     )
+
+
+def recorded_names(ws: Workspace) -> frozenset[str]:
+    """Names the state tracks (not forgotten); none when there is no state yet."""
+    if not ws.project.state_path.exists():
+        return frozenset()
+    with StateStore.open(ws.project.state_path) as store:
+        return frozenset(r.name for r in store.list_resources())
+
+
+def orphan_selector(selectors: Sequence[str]) -> Callable[[RecordedResource], bool] | None:
+    """Which recorded orphans ``selectors`` select (None: no selection, every orphan)."""
+    if not selectors:
+        return None
+    parsed = [parse_selector(s) for s in selectors]
+    everything: Set[str] = _Everything()
+    return lambda rec: any(s.matches_recorded(rec.name, rec.labels, everything) for s in parsed)
+
+
+class _Everything(frozenset[str]):
+    """``state:modified`` for an orphan: its manifest is gone, which is a change."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 def modified_resources(
@@ -123,6 +164,8 @@ def modified_resources(
     if ws.project.state_path.exists():
         with StateStore.open(ws.project.state_path) as store:
             recorded = load_recorded(store, store.ledger(), requeue_backoff=requeue_backoff)
+            resources = effective_resources(store, ws.resources)
+            return planned_changes(resources, recorded, now=time.time())
     return planned_changes(ws.resources, recorded, now=time.time())
 
 

@@ -7,9 +7,10 @@ record in one way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
@@ -22,7 +23,13 @@ from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines
 from batchspec.workspace.inputcache import InputCache
-from batchspec.workspace.manifest import Resource, Workspace, load_workspace, project_for
+from batchspec.workspace.manifest import (
+    Resource,
+    Workspace,
+    load_workspace,
+    project_for,
+    workspace_resource_names,
+)
 from batchspec.workspace.manifestcache import ManifestCache
 from batchspec.workspace.yamldoc import display_path
 
@@ -45,6 +52,38 @@ def open_workspace(
                 state_path=state_path,
             )
         yield ws, cache
+
+
+def workspace_names(ws: Workspace, paths: Sequence[str]) -> frozenset[str]:
+    """Every resource name declared by the *whole* workspace (and every ``moved.from``).
+
+    A resource recorded in the state is orphaned only when no manifest of the whole
+    workspace declares it: PATHS and ``--select`` narrow what a command acts on, never what
+    counts as gone. Raises ``InvalidManifestError`` when a manifest outside PATHS cannot be
+    parsed.
+    """
+    loaded = {r.name for r in ws.resources} | {r.moved_from for r in ws.resources if r.moved_from}
+    root = ws.project.root.resolve()
+    if any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
+        return frozenset(loaded)  # the whole workspace is loaded already
+    cache_db = ws.project.state_path.parent / "input-cache.db"
+    with ManifestCache(cache_db, ws.project) as manifests:
+        return workspace_resource_names(ws.project, manifest_cache=manifests) | loaded
+
+
+def missing_api_keys(ws: Workspace, providers: Iterable[str], env: Mapping[str, str]) -> list[str]:
+    """A warning per provider that needs an API key whose variable is unset (no network)."""
+    warnings = []
+    for name in sorted(set(providers)):
+        config = ws.project.providers.get(name)
+        if config is None or config.type == "local" or not config.api_key_env:
+            continue
+        if not env.get(config.api_key_env, "").strip():
+            warnings.append(
+                f"provider {name!r} needs an API key, but {config.api_key_env} is not set "
+                "here: apply would fail before submitting anything"
+            )
+    return warnings
 
 
 def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:

@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batchspec.core.plan import Action, ActionKind, make_plan
+from batchspec.core.plan import FINISHED_GENERATION_STATUSES, Action, ActionKind, make_plan
 from batchspec.core.reconcile import desired_resource
 from batchspec.core.recorded import load_recorded, observe_disk
+from batchspec.core.replacements import effective_resources
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
 from batchspec.state.store import GenerationRow, StateStore
@@ -73,6 +74,7 @@ def resource_statuses(
     *,
     include_orphans: bool = False,
 ) -> list[ResourceStatus]:
+    resources = effective_resources(store, resources)  # a replacement is the current one
     recorded = load_recorded(store, store.ledger())
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
     desired = [
@@ -105,6 +107,7 @@ def _status(
             health = "Suspended"
         else:
             health = _HEALTH.get(gen.status, "Unknown") if gen else "Missing"
+    counts = answer_counts(store, gen)
     return ResourceStatus(
         name=name,
         sync=sync,
@@ -115,12 +118,24 @@ def _status(
         spec_hash=res.spec_hash if res else None,
         generation_status=gen.status if gen else None,
         requests=gen.requests if gen else 0,
-        succeeded=gen.succeeded if gen else 0,
-        failed=gen.failed if gen else 0,
+        succeeded=counts[0],
+        failed=counts[1],
         output=str(res.output_path) if res else None,
         errors=str(res.errors_path) if res else None,
         batches=tuple(_batches(store, gen)) if gen else (),
     )
+
+
+def answer_counts(store: StateStore, gen: GenerationRow | None) -> tuple[int, int]:
+    """``(succeeded, failed)`` of a generation: as written to its result files once finished;
+    before that, the answers its ledger holds, including those carried over from an earlier
+    generation (they are answers in hand, not requests to send)."""
+    if gen is None:
+        return 0, 0
+    if gen.status in FINISHED_GENERATION_STATUSES:
+        return gen.succeeded, gen.failed
+    states = store.ledger().state_counts(gen.id)
+    return max(states.get("ok", 0), gen.succeeded), max(states.get("failed", 0), gen.failed)
 
 
 def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
@@ -135,12 +150,12 @@ def workspace_status(
 
     ws = load_workspace(paths, state_path=state_path)
     resources = select_resources(ws, select)
-    with _read_only_store(ws.project.state_path) as store:
+    with read_only_store(ws.project.state_path) as store:
         return resource_statuses(store, resources, include_orphans=not select)
 
 
 @contextmanager
-def _read_only_store(path: Path) -> Iterator[StateStore]:
+def read_only_store(path: Path) -> Iterator[StateStore]:
     """The state store if there is one; else an empty throwaway one (status creates nothing)."""
     if path.exists():
         with StateStore.open(path) as store:

@@ -105,6 +105,20 @@ class RequestLedger:
         )
         return cursor.rowcount
 
+    def succeeded_fingerprints(self, generations: Iterable[int]) -> set[tuple[str, str]]:
+        """``(custom_id, request_sha)`` of every ``ok`` row of these generations: what
+        ``carry_over`` would keep for a new generation (the plan counts it ahead)."""
+        ids = list(generations)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"select custom_id, request_sha from requests where generation_id in ({marks}) "
+            "and state = 'ok' and request_sha is not null",
+            ids,
+        ).fetchall()
+        return {(r[0], r[1]) for r in rows}
+
     def resolved_lines(self, generation_id: int) -> set[int]:
         rows = self.db.execute(
             "select line from requests where generation_id = ? and state = 'ok'",

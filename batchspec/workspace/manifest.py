@@ -266,6 +266,38 @@ def load_workspace(
     return Workspace(project, tuple(res for res, _ in resources), tuple(files))
 
 
+def workspace_resource_names(
+    project: Project, *, manifest_cache: ManifestCache | None = None
+) -> frozenset[str]:
+    """Every resource name the project's manifests declare (and every ``moved.from`` name),
+    over the whole workspace: what is *not* orphaned, whatever PATHS a command was given.
+
+    Only names are read (inputs are not hashed). A manifest file that cannot be parsed raises
+    ``InvalidManifestError``: then nobody can tell which resources are gone.
+    """
+    files, problems = find_manifest_files([str(project.root)], project)
+    names: set[str] = set()
+    for file in files:
+        recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        documents, file_problems = (
+            (recalled, []) if recalled is not None else read_yaml_documents(file)
+        )
+        problems.extend(file_problems)
+        for doc in documents:
+            name = _resource_name(doc)
+            if name is None:
+                continue
+            names.add(name)
+            metadata = doc.data.get("metadata") if isinstance(doc.data, Mapping) else None
+            moved = metadata.get("moved") if isinstance(metadata, Mapping) else None
+            old = moved.get("from") if isinstance(moved, Mapping) else None
+            if isinstance(old, str):
+                names.add(old)
+    if problems:
+        raise InvalidManifestError(problems)
+    return frozenset(names)
+
+
 def project_for(
     paths: Sequence[str | Path] = (), *, state_path: str | Path | None = None
 ) -> Project:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from batchspec.core.batches import batch_key
 from batchspec.core.budget import check_budget
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.core.sharding import (
     ShardWriters,
@@ -58,6 +59,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     cannot go as it is) and record one attempt-1 intent per shard: one transaction."""
     limits = ctx.limits_for(res)
     previous = [g.id for g in ctx.store.generations(res.name) if g.id != gen.id]
+    if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
+        previous = []
     with ctx.store.atomic():
         carried = 0
         if previous:

@@ -1,0 +1,105 @@
+"""``apply --replace NAME``: run a resource again as a new generation of the same spec.
+
+A generation is keyed by its spec hash, and every batch's key (and the metadata the provider
+keeps) carries that hash, so running the same spec again needs a hash of its own. A
+replacement is the resource's semantic spec plus ``"replacement": {"number": N, "reuse": R}``
+and its hash is that spec's hash (``replacement_spec``). Numbers count up from 1 per spec;
+``reuse`` (``--replace``: true, ``--replace --no-reuse``: false) says whether the new
+generation keeps the answers that succeeded in earlier generations.
+
+Promises:
+
+* The *effective* spec hash of a resource (``effective_resources``) is the hash of its newest
+  replacement for the manifest's current spec, else the manifest's own: every use case maps
+  its resources through it, so plan, apply, status and results all see the replacement as the
+  current generation, and a run that dies after recording a replacement resumes it.
+* A replacement's batches carry its own hash in their keys, so adopting a batch by key after
+  a crash can never pick up a batch of the generation it replaces.
+* A changed manifest or input is a new spec with no replacement: the normal create applies.
+* Recording one is a ``replace`` event in the audit log (see ``core.lifecycle``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from batchspec.core.sharding import fingerprint
+from batchspec.state.store import GenerationRow, StateStore
+from batchspec.wire.inputs import iter_requests
+from batchspec.workspace.manifest import Resource, spec_hash
+
+REPLACEMENT_KEY = "replacement"
+
+
+def replacement_spec(res: Resource, number: int, *, reuse: bool) -> dict[str, Any]:
+    """The recorded spec of ``res``'s replacement ``number`` (its hash keys the generation)."""
+    return {**res.semantic_spec(), REPLACEMENT_KEY: {"number": number, "reuse": reuse}}
+
+
+def replacement_hash(res: Resource, number: int, *, reuse: bool) -> str:
+    return spec_hash(replacement_spec(res, number, reuse=reuse))
+
+
+def current_replacement(store: StateStore, res: Resource) -> GenerationRow | None:
+    """The newest recorded replacement of ``res``'s manifest spec, if any."""
+    found = None
+    number = 1
+    while True:
+        hashes = (replacement_hash(res, number, reuse=reuse) for reuse in (True, False))
+        hit = next((g for h in hashes if (g := store.find_generation(res.name, h))), None)
+        if hit is None:
+            return found
+        found, number = hit, number + 1
+
+
+def replacement_number(gen: GenerationRow | None) -> int:
+    """0 for an ordinary generation; N for replacement N."""
+    info = gen.spec.get(REPLACEMENT_KEY) if gen is not None else None
+    return int(info.get("number", 0)) if isinstance(info, dict) else 0
+
+
+def reuses_answers(gen: GenerationRow) -> bool:
+    """Whether a new generation keeps earlier generations' succeeded answers (all but
+    ``--replace --no-reuse`` replacements do)."""
+    info = gen.spec.get(REPLACEMENT_KEY)
+    return not isinstance(info, dict) or bool(info.get("reuse", True))
+
+
+def effective_resources(store: StateStore, resources: Iterable[Resource]) -> list[Resource]:
+    """``resources`` with each spec hash swapped for its newest replacement's (if any)."""
+    out = []
+    for res in resources:
+        gen = current_replacement(store, res)
+        out.append(res if gen is None else replace(res, spec_hash=gen.spec_hash))
+    return out
+
+
+def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resource:
+    """``res`` as its next replacement would be: the spec hash a ``--replace`` records."""
+    number = replacement_number(current_replacement(store, res)) + 1
+    return replace(res, spec_hash=replacement_hash(res, number, reuse=reuse))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new generation would reuse (the plan counts it exactly as apply carries it over)
+
+
+def reusable_answers(
+    store: StateStore, res: Resource, *, exclude: Sequence[int] = ()
+) -> tuple[int, int]:
+    """``(requests, bytes)`` of ``res``'s input whose very same line succeeded in an earlier
+    generation: what ``RequestLedger.carry_over`` keeps when a new generation is recorded."""
+    ids = [g.id for g in store.generations(res.name) if g.id not in exclude]
+    if not ids:
+        return 0, 0
+    answered = store.ledger().succeeded_fingerprints(ids)
+    if not answered:
+        return 0, 0
+    count = nbytes = 0
+    for req in iter_requests(res.input_path):
+        if (req.custom_id, fingerprint(req.raw)) in answered:
+            count += 1
+            nbytes += len(req.raw) + 1
+    return count, nbytes

@@ -1,0 +1,155 @@
+"""`apply --replace NAME`: run a resource again as a new generation of the same spec.
+
+Against a probed engine server (batches stay in flight with a slow upstream) where the
+provider's own counters prove what was created or cancelled, and against the embedded engine
+where a fast round trip is enough.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from probes import ProbedServer
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    local_provider,
+    make_workspace,
+    run_cli,
+    served,
+)
+
+from batchspec.engine.upstreams import BuiltinUpstream
+
+FAST = ["--poll-interval", "0.05"]
+SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
+CREATE = "POST /batches"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def local_ws(root: Path) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=3, provider="here")],
+    )
+
+
+def plan_json(ws: Workspace, capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    code, out, err = run_cli(["plan", str(ws.root), "--json", *args], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_after_cancel_the_advice_given_reruns_the_resource(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `cancel`, the plan's advice names `apply --replace NAME`; following it (with
+    consent) creates a new batch at the provider for a new generation, recorded as a
+    `replace` event, where forget + apply only resumed the cancelled generation."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "`batchspec apply --replace triage` runs it again" in out
+    assert "forget" not in out
+    creates = srv.probe.counts[CREATE]
+
+    plan = plan_json(ws, capsys, "--replace", "triage")
+    [action] = plan["actions"]
+    assert (action["action"], action["requests"]) == ("replace", 3)
+    code, _, err = run_cli(["apply", str(ws.root), "--replace", "triage"], capsys)
+    assert code == 1 and "--yes" in err  # consent as for a create: nothing sent
+    assert srv.probe.counts[CREATE] == creates
+
+    code, out, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CREATE] == creates + 1
+    with ws.store() as store:
+        old, new = store.generations("triage")
+        assert (old.status, new.status) == ("cancelled", "in_progress")
+        assert store.get_resource("triage").current_generation_id == new.id
+        [event] = [e for e in store.events(resource="triage") if e.action == "replace"]
+        assert event.generation_id == new.id and event.detail["replaces"] == old.id
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["generation_status"] == "in_progress" and status["health"] == "Progressing"
+    assert plan_json(ws, capsys)["actions"][0]["action"] == "refresh"  # the replacement stays
+
+
+def test_replace_cancels_what_is_in_flight_and_submits_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--replace on a resource in flight cancels its batch at the provider (superseded) and
+    creates the replacement's: the plan says so first."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [action] = plan_json(ws, capsys, "--replace", "triage")["actions"]
+    assert action["action"] == "replace" and "cancels generation" in action["reason"]
+
+    code, _, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+    assert srv.probe.counts[CREATE] == 2
+    with ws.store() as store:
+        assert [g.status for g in store.generations("triage")] == ["superseded", "in_progress"]
+
+
+def test_replace_reuses_succeeded_answers_unless_no_reuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--replace keeps the answers that succeeded (nothing to submit, results rewritten);
+    --replace --no-reuse sends every request again; plan counts each exactly."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+
+    plan = plan_json(ws, capsys, "--replace", "triage")
+    assert (plan["requests_to_submit"], plan["requests_reused"]) == (0, 3)
+    assert run_cli(["apply", str(ws.root), "--replace", "triage", "--wait", *FAST], capsys)[0] == 0
+    with ws.store() as store:
+        gens = store.generations("triage")
+        assert len(gens) == 2 and gens[1].status == "complete"
+        assert store.batches(gens[1].id) == []  # every answer kept: nothing submitted
+
+    plan = plan_json(ws, capsys, "--replace", "triage", "--no-reuse")
+    assert (plan["requests_to_submit"], plan["requests_reused"]) == (3, 0)
+    argv = ["apply", str(ws.root), "--replace", "triage", "--no-reuse", "--wait", *FAST]
+    assert run_cli(argv, capsys)[0] == 0
+    with ws.store() as store:
+        gens = store.generations("triage")
+        assert len(gens) == 3 and gens[2].status == "complete"
+        assert sum(b.requests for b in store.batches(gens[2].id)) == 3
+        [event] = [e for e in store.events(resource="triage") if e.action == "replace"][-1:]
+        assert event.detail["reuse"] is False
+    assert len(ws.outputs("triage")) == 3
+    assert plan_json(ws, capsys)["changes"] is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["--replace", "nobody"], id="unknown-name"),
+        pytest.param(["--no-reuse"], id="no-reuse-without-replace"),
+    ],
+)
+def test_replace_refuses_what_it_cannot_replace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """--replace of a name no manifest declares exits 1; --no-reuse alone is a usage error."""
+    ws = local_ws(tmp_path / "ws")
+    code, _, err = run_cli(["apply", str(ws.root), *argv], capsys)
+    assert code in (1, 64) and "Error" in err
+    assert not ws.state_path.exists() or "nobody" in err
