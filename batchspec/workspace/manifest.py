@@ -299,7 +299,8 @@ def find_manifest_files(
             problems.append(Problem(None, None, None, "", "other-workspace", message))
         elif path.is_dir():
             files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
-        elif path.is_file():
+        elif path.is_file() or (path.exists() and not _is_glob(target)):
+            # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
             if path.name != PROJECT_FILE_NAME:
                 files[path.resolve()] = None
         elif _is_glob(target):

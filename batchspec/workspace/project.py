@@ -116,7 +116,9 @@ def find_project_file(start: str | Path | None = None) -> Path | None:
     folder = _start_folder(start)
     for candidate in (folder, *folder.parents):
         path = candidate / PROJECT_FILE_NAME
-        if path.is_file():
+        # Anything but a folder by that name is the project file; the reader refuses one
+        # that is not a regular file (a FIFO, a link to a device) rather than reading it.
+        if path.is_file() or (os.path.lexists(path) and not path.is_dir()):
             return path
     return None
 
