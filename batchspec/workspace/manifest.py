@@ -17,8 +17,19 @@ Finding manifests
 
 Paths
     ``input``, ``output`` and ``errors`` are relative to the manifest's folder and become
-    absolute, resolved paths. Defaults: ``<manifest folder>/results/<name>.jsonl`` and
-    ``<manifest folder>/results/<name>.errors.jsonl``.
+    absolute, resolved paths (symlinks resolved). Defaults: ``<manifest folder>/results/
+    <name>.jsonl``; errors beside the output, ``<output without .jsonl>.errors.jsonl`` (so a
+    manifest that sets only ``output: results/x.jsonl`` writes ``results/x.errors.jsonl``).
+
+Confinement (DESIGN invariant 5: nothing a manifest names is written where it must not be)
+    ``output`` and ``errors`` must resolve inside the workspace root (the folder of
+    ``batchspec.yaml``) and never onto: the state folder (or the state file and its side
+    files, when the state lives in the root itself) or a local provider's ``dataDir``; the
+    project file; a manifest (a file loaded as one, or any path the project's ``manifests``
+    globs match); the input or rows file of any resource; or another resource's output or
+    errors file (the problem names both places). Each is a ``path-conflict`` problem at the
+    key, so validate, plan and apply refuse it alike. Inputs are only read, so they may live
+    anywhere, outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -38,8 +49,8 @@ Renames
 Checks beyond the schema
     ``spec.provider`` (or the project's ``defaults.provider``) names a declared or built-in
     provider; the input (or the rows file) exists and is a file; a resource name is used once
-    in the workspace (the problem names both places); no two resources write the same output
-    or errors file, and no resource writes over its own input (or its rows file).
+    in the workspace (the problem names both places); outputs and errors are confined (see
+    "Confinement").
 
 Spec hash
     ``Resource.spec_hash`` is the hex sha256 of the canonical JSON of
@@ -260,7 +271,7 @@ def load_workspace(
             manifest_cache.remember(file, documents)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
-    problems.extend(_shared_outputs(resources))
+    problems.extend(_written_over(resources, files))
     if problems:
         raise InvalidManifestError(problems)
     return Workspace(project, tuple(res for res, _ in resources), tuple(files))
@@ -474,7 +485,9 @@ def _check_spec(
         if rendered is not None:
             input_path, input_sha256 = rendered.path, rendered.sha256
             input_source = rendered.rows_path
-    outputs = _output_paths(doc, spec, folder, resolve, input_source or input_path, problems)
+    outputs = _output_paths(
+        doc, spec, folder, resolve, input_source or input_path, project, problems
+    )
     if provider is None or input_path is None or input_sha256 is None or outputs is None:
         return None
     return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
@@ -486,20 +499,24 @@ def _output_paths(
     folder: Path,
     resolve: _PathResolver,
     input_path: Path | None,
+    project: Project,
     problems: list[Problem],
 ) -> tuple[Path, Path] | None:
-    """Where results and errors go (defaults from the name); neither may be the input."""
+    """Where results and errors go (see "Paths" and "Confinement" in the module docstring)."""
     name = _resource_name(doc)
     output = spec.get("output", f"results/{name}.jsonl")
-    errors = spec.get("errors", f"results/{name}.errors.jsonl")
-    if name is None or not isinstance(output, str) or not isinstance(errors, str):
+    if name is None or not isinstance(output, str) or not isinstance(spec.get("errors", ""), str):
         return None  # the schema has reported it
     output_path = resolve(folder, output)
-    errors_path = resolve(folder, errors)
+    errors = spec.get("errors")
+    errors_path = resolve(folder, errors) if errors is not None else errors_beside(output_path)
     for key, path in (("output", output_path), ("errors", errors_path)):
+        pointer = f"/spec/{key}"
         if path == input_path:
-            pointer = f"/spec/{key}"
             message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
+        else:
+            message = _forbidden_target(path, key, project, doc.file)
+        if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
         message = "output and errors are the same file"
@@ -507,6 +524,61 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+def errors_beside(output_path: Path) -> Path:
+    """The default errors file: ``x.jsonl`` -> ``x.errors.jsonl`` in the output's folder."""
+    stem = (
+        output_path.name[: -len(".jsonl")] if output_path.suffix == ".jsonl" else output_path.name
+    )
+    return output_path.with_name(f"{stem}.errors.jsonl")
+
+
+def _forbidden_target(path: Path, key: str, project: Project, manifest: Path) -> str | None:
+    """Why ``path`` may not be written as a resource's ``key`` file, or None if it may."""
+    root = project.root
+    shown = display_path(path)
+    if not path.is_relative_to(root):
+        return (
+            f"{key} file {shown} is outside the workspace {display_path(root)} (the folder of "
+            f"{PROJECT_FILE_NAME}); results are written only inside it"
+        )
+    for folder, what in _protected_folders(project):
+        if path == folder or path.is_relative_to(folder):
+            return (
+                f"{key} file {shown} is inside {what} {display_path(folder)}: writing there "
+                "could destroy the record of what was paid for; write results elsewhere "
+                "(e.g. results/)"
+            )
+    state = project.state_path.resolve()
+    if path.parent == state.parent and path.name.startswith(state.name):
+        return f"{key} file {shown} is the state database {display_path(state)} (or its side file)"
+    if project.file is not None and path == project.file.resolve():
+        return f"{key} file {shown} is the project file: it would be overwritten"
+    if path == manifest.resolve():
+        return f"{key} file {shown} is this manifest: it would be overwritten"
+    relative = path.relative_to(root).as_posix()
+    if any(_glob_regex(pattern).fullmatch(relative) for pattern in project.manifest_globs):
+        globs = ", ".join(project.manifest_globs)
+        return (
+            f"{key} file {shown} matches the workspace's manifest globs ({globs}): it would "
+            "overwrite a manifest or be read as one; use a .jsonl name outside them"
+        )
+    return None
+
+
+def _protected_folders(project: Project) -> list[tuple[Path, str]]:
+    """Folders batchspec keeps its own data in: the state folder, local engines' data."""
+    root = project.root
+    found = [(project.state_path.resolve().parent, "the state folder")]
+    for provider in project.providers.values():
+        data_dir = provider.options.get("dataDir") if provider.type == "local" else None
+        if isinstance(data_dir, str):
+            found.append(
+                (Path(data_dir).resolve(), f"the data folder of provider '{provider.name}'")
+            )
+    # A state file in the root itself protects only itself (checked by name), not the root.
+    return [(folder, what) for folder, what in found if folder != root]
 
 
 def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:
@@ -753,21 +825,41 @@ def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[P
     return problems
 
 
-def _shared_outputs(resources: list[tuple[Resource, YamlDocument]]) -> list[Problem]:
-    """Two resources writing one file would overwrite each other's results."""
-    writers: dict[Path, Resource] = {}
+def _written_over(
+    resources: list[tuple[Resource, YamlDocument]], manifest_files: Sequence[Path]
+) -> list[Problem]:
+    """No resource writes another's input or rows file, a loaded manifest, or a file another
+    resource writes too (that problem names both places)."""
+    inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
+    for res, doc in resources:
+        if res.input_source is not None:
+            inputs.setdefault(res.input_source, (res, doc.location("/spec/input/rows")))
+        else:
+            inputs.setdefault(res.input_path, (res, doc.location("/spec/input")))
+    manifests = {file.resolve() for file in manifest_files}
+    writers: dict[Path, tuple[Resource, SourceLocation, str]] = {}
     problems = []
     for res, doc in resources:
         for key, path in (("output", res.output_path), ("errors", res.errors_path)):
-            other = writers.setdefault(path, res)
-            # Same name: the duplicate-name problem already says it, and better.
-            if other is not res and other.name != res.name:
+            pointer = f"/spec/{key}"
+            here = doc.location(pointer)
+            shown = display_path(path)
+            message = None
+            reader = inputs.get(path)
+            first = writers.setdefault(path, (res, here, key))
+            if reader is not None and reader[0] is not res:
                 message = (
-                    f"{key} file {display_path(path)} is also written by resource "
-                    f"'{other.name}' ({other.source})"
+                    f"{key} file {shown} is the input of resource '{reader[0].name}' "
+                    f"({reader[1]}): it would be overwritten"
                 )
-                pointer = f"/spec/{key}"
-                problems.append(
-                    Problem.at(doc.location(pointer), pointer, "path-conflict", message)
+            elif path in manifests:
+                message = f"{key} file {shown} is a manifest: it would be overwritten"
+            # Same name: the duplicate-name problem already says it, and better.
+            elif first[0] is not res and first[0].name != res.name:
+                message = (
+                    f"{key} file {shown} is written by two resources: '{first[0].name}' "
+                    f"(its {first[2]}, at {first[1]}) and '{res.name}' (its {key}, at {here})"
                 )
+            if message:
+                problems.append(Problem.at(here, pointer, "path-conflict", message))
     return problems
