@@ -447,7 +447,7 @@ def test_each_problem_names_file_line_column_and_pointer(
 ) -> None:
     """One bad manifest, one problem, at the offending node, with a helpful message."""
     ws = make_workspace(tmp_path / "ws", {"m.yaml": text})
-    [problem] = problems(ws)
+    [problem] = problems(ws, "m.yaml")  # named: a file that is not a manifest is reported
     assert problem.file == ws.resolve() / "m.yaml"
     assert (problem.line, problem.column, problem.pointer, problem.code) == where
     assert message in problem.message

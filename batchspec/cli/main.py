@@ -465,16 +465,18 @@ def status(
 ) -> None:
     """Show each resource's sync and health, its batches and where its results are.
 
-    Reads the state only: no lock, no network.
+    Reads the state only: no lock, no network. A broken manifest does not stop it: the
+    others are shown, with a warning on stderr.
     """
     from batchspec.cli import render
     from batchspec.core.status import workspace_status
 
-    statuses = workspace_status(paths, select=select, state_path=state_path)
+    report = workspace_status(paths, select=select, state_path=state_path)
+    warn_skipped(report.skipped)
     if as_json:
-        emit_json({"resources": [s.to_json() for s in statuses]})
+        emit_json({"resources": [s.to_json() for s in report.resources]})
     else:
-        click.echo(render.status_text(statuses))
+        click.echo(render.status_text(report.resources))
 
 
 @cli.command()
@@ -519,10 +521,15 @@ def history(
 @paths_argument
 @click.option("--errors", "show_errors", is_flag=True, help="Print the errors file instead.")
 def results(name: str, paths: tuple[str, ...], show_errors: bool) -> None:
-    """Print the merged results of NAME (JSONL, in input order) to stdout."""
+    """Print the merged results of NAME (JSONL, in input order) to stdout.
+
+    Only NAME's manifest must be valid; problems in others are a warning on stderr.
+    """
     from batchspec.core.results import result_file
 
-    path = result_file(paths, name, errors=show_errors)
+    found = result_file(paths, name, errors=show_errors)
+    warn_skipped(found.skipped)
+    path = found.path
     stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
     with path.open("rb") as f:
         while chunk := f.read(1 << 16):
@@ -629,6 +636,14 @@ def unlock(holder_id: str, state_path: str | None) -> None:
 
     holder = unlock_state(holder_id, state_path=Path(state_path) if state_path else None)
     click.echo(f"released the lock of {describe_holder(holder)}")
+
+
+def warn_skipped(problems: Any) -> None:
+    """A read command went on past broken manifests: say so on stderr (exit code unchanged)."""
+    if problems:
+        from batchspec.cli import render
+
+        click.echo(render.skipped_manifests_warning(problems), err=True)
 
 
 def report_error(err: BatchspecError) -> None:

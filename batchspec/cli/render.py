@@ -285,6 +285,24 @@ def status_lines(statuses: Iterable[ResourceStatus]) -> list[str]:
     return lines
 
 
+#: problems listed in a warning about skipped manifests; the rest are counted
+_WARNING_SHOWN = 5
+
+
+def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
+    """The stderr warning of a read command that went on past broken manifests."""
+    count = len(problems)
+    noun = "problem" if count == 1 else "problems"
+    lines = [
+        f"Warning: {count} {noun} in manifests not needed here; their resources are left out "
+        "(`batchspec validate` lists them all):"
+    ]
+    lines += [f"  {p}" for p in problems[:_WARNING_SHOWN]]
+    if count > _WARNING_SHOWN:
+        lines.append(f"  ... and {count - _WARNING_SHOWN} more")
+    return "\n".join(lines)
+
+
 def status_text(statuses: Sequence[ResourceStatus]) -> str:
     if not statuses:
         return "No resources."

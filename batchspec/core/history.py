@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchspec.state.store import EventRow, RunRow, StateStore
-from batchspec.workspace.project import load_project
+from batchspec.workspace.project import load_project, load_workspace_project
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,10 @@ def read_history(
     state_path: str | None = None,
 ) -> list[HistoryEntry]:
     """Newest runs first; with ``resource``, only runs that touched it and only its events."""
-    project = load_project(paths[0] if paths else None, state_path=state_path)
+    start = paths[0] if paths else None
+    # With --state, the database is named: no workspace is needed to read it.
+    load = load_project if state_path is not None else load_workspace_project
+    project = load(start, state_path=state_path)
     if not project.state_path.exists():
         return []
     with StateStore.open(project.state_path) as store:

@@ -21,7 +21,7 @@ from batchspec.errors import ManifestError, StateError
 from batchspec.state.ledger import LedgerRow, RequestLedger
 from batchspec.storage.blobstore import BlobStore, write_atomically
 from batchspec.workspace.manifest import load_workspace
-from batchspec.workspace.yamldoc import display_path
+from batchspec.workspace.yamldoc import InvalidManifestError, Problem, display_path
 
 UNRESOLVED_CODE = "batchspec_unresolved"
 
@@ -108,10 +108,26 @@ class _BlobReader:
             f.close()
 
 
-def result_file(paths: Sequence[str], name: str, *, errors: bool = False) -> Path:
-    """The merged results (or errors) file of a resource, for ``batchspec results``."""
-    ws = load_workspace(paths)
+@dataclass(frozen=True)
+class ResultFile:
+    """Where ``batchspec results NAME`` reads, and the manifest problems passed over."""
+
+    path: Path
+    #: problems of other manifests, which did not stop this read (shown as a warning)
+    skipped: tuple[Problem, ...] = ()
+
+
+def result_file(paths: Sequence[str], name: str, *, errors: bool = False) -> ResultFile:
+    """The merged results (or errors) file of a resource, for ``batchspec results``.
+
+    Only NAME's manifest must load: problems in other manifests come back in ``skipped``.
+    When NAME is not among the resources that loaded and some manifest has problems, those
+    problems are raised (NAME's manifest may be among them).
+    """
+    ws = load_workspace(paths, tolerate_broken=True)
     res = next((r for r in ws.resources if r.name == name), None)
+    if res is None and ws.problems:
+        raise InvalidManifestError(ws.problems)
     if res is None:
         known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
         raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
@@ -121,4 +137,4 @@ def result_file(paths: Sequence[str], name: str, *, errors: bool = False) -> Pat
             f"{display_path(path)} does not exist yet",
             details=["run `batchspec apply` to collect the results, or to restore the file"],
         )
-    return path
+    return ResultFile(path, ws.problems)

@@ -13,7 +13,11 @@ Finding manifests
     pattern, relative to the working directory. Never loaded as manifests: files named
     ``batchspec.yaml`` (project files), anything under the state folder, hidden files and
     folders, and folders that hold their own ``batchspec.yaml`` (another workspace). Every
-    document of a manifest must be ``kind: Batch``; empty documents are ignored.
+    document of a manifest must be ``kind: Batch``; empty documents are ignored. A YAML file
+    found by a folder scan or a glob that is plainly not a batchspec manifest (no document
+    with ``kind: Batch`` or a ``batchspec/`` apiVersion; see ``_not_batchspec``) is skipped;
+    named as a file, it is reported. Outside any workspace (no ``batchspec.yaml`` in the
+    first path's folder or above it) nothing is scanned: ``NotAWorkspaceError``.
 
 Paths
     ``input``, ``output`` and ``errors`` are relative to the manifest's folder and become
@@ -81,6 +85,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,18 +96,22 @@ from batchspec.wire import inputs
 from batchspec.workspace.project import (
     PROJECT_FILE_NAME,
     Budget,
+    NotAWorkspaceError,
     Project,
     ProviderConfig,
     budget_from,
     find_project_file,
     load_project,
+    load_workspace_project,
 )
 from batchspec.workspace.yamldoc import (
+    MAX_YAML_FILE_BYTES,
     InvalidManifestError,
     Problem,
     SourceLocation,
     YamlDocument,
     display_path,
+    read_bounded,
     read_yaml_documents,
     schema_problems,
     suggest,
@@ -201,6 +210,8 @@ class Workspace:
     project: Project
     resources: tuple[Resource, ...]
     manifest_files: tuple[Path, ...] = ()
+    #: with ``load_workspace(tolerate_broken=True)``: the problems of the documents left out
+    problems: tuple[Problem, ...] = ()
 
 
 def semantic_spec(
@@ -237,6 +248,7 @@ def load_workspace(
     hash_input: Callable[[Path], str] = inputs.file_sha256,
     manifest_cache: ManifestCache | None = None,
     state_path: str | Path | None = None,
+    tolerate_broken: bool = False,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
@@ -244,18 +256,33 @@ def load_workspace(
     the inputs anyway can avoid reading them twice). ``manifest_cache`` recalls files that
     were read clean before and are unchanged, so they are not parsed and schema-checked
     again (``batchspec.workspace.manifestcache``); every other check still runs on them.
+
+    ``tolerate_broken`` is for read-only commands (``status``, ``results``): problems inside
+    manifest files do not raise; the resources that loaded are returned and the problems
+    are in ``Workspace.problems``. A problem of the project file, a path that does not exist
+    or a path of another workspace still raises.
     """
     targets = [str(p) for p in paths] or ["."]
-    project = load_project(_start_of(targets[0]), state_path=state_path)
-    files, problems = find_manifest_files(targets, project)
+    try:
+        project = load_workspace_project(_start_of(targets[0]), state_path=state_path)
+    except NotAWorkspaceError:
+        missing = [t for t in targets if not _is_glob(t) and not Path(t).exists()]
+        if missing:  # the precise problem: a mistyped path, not a missing workspace
+            raise InvalidManifestError([_not_found(t) for t in missing]) from None
+        raise
+    files, problems, named = find_manifest_files(targets, project)
     resources: list[tuple[Resource, YamlDocument]] = []
     names: list[tuple[str, SourceLocation]] = []
     resolve = _PathResolver()
+    loaded: list[Path] = []
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
         documents, file_problems = (
             (recalled, []) if recalled is not None else read_yaml_documents(file)
         )
+        if file not in named and _not_batchspec(file, documents, file_problems):
+            continue  # found by a glob, and not ours (a CI workflow, a compose file): skipped
+        loaded.append(file)
         problems.extend(file_problems)
         clean = not file_problems
         for doc in documents:
@@ -271,10 +298,14 @@ def load_workspace(
             manifest_cache.remember(file, documents)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
-    problems.extend(_written_over(resources, files))
-    if problems:
+    problems.extend(_written_over(resources, loaded))
+    if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
         raise InvalidManifestError(problems)
-    return Workspace(project, tuple(res for res, _ in resources), tuple(files))
+    ordered = tuple(sorted(dict.fromkeys(problems), key=Problem.sort_key))
+    # A name declared twice has no one resource: neither is kept (the problem says why).
+    declared = Counter(name for name, _ in names)
+    kept = tuple(res for res, _ in resources if declared[res.name] == 1)
+    return Workspace(project, kept, tuple(loaded), ordered)
 
 
 def project_for(
@@ -282,7 +313,7 @@ def project_for(
 ) -> Project:
     """The project ``load_workspace(paths)`` would use (found from the first path)."""
     targets = [str(p) for p in paths] or ["."]
-    return load_project(_start_of(targets[0]), state_path=state_path)
+    return load_workspace_project(_start_of(targets[0]), state_path=state_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,17 +322,17 @@ def project_for(
 
 def find_manifest_files(
     targets: Sequence[str], project: Project
-) -> tuple[list[Path], list[Problem]]:
-    """Manifest files for ``targets`` (files, folders, globs), in order, each once."""
+) -> tuple[list[Path], list[Problem], set[Path]]:
+    """Manifest files for ``targets`` (files, folders, globs), in order, each once, and
+    which of them were named as files (the rest were found by a glob or a folder scan)."""
     files: dict[Path, None] = {}
+    named: set[Path] = set()
     problems: list[Problem] = []
     for target in targets:
         path = Path(target)
         other = find_project_file(_start_of(target))
         if not path.exists() and not _is_glob(target):
-            problems.append(
-                Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
-            )
+            problems.append(_not_found(target))
         elif other is not None and other != project.file:
             message = (
                 f"{target} belongs to the workspace of {display_path(other)}, not to that of "
@@ -314,6 +345,7 @@ def find_manifest_files(
             # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
             if path.name != PROJECT_FILE_NAME:
                 files[path.resolve()] = None
+                named.add(path.resolve())
         elif _is_glob(target):
             matches = _expand_glob(target)
             if not matches:
@@ -321,7 +353,48 @@ def find_manifest_files(
                     Problem(None, None, None, "", "not-found", f"{target}: no files match")
                 )
             files.update(dict.fromkeys(matches))
-    return list(files), problems
+    return list(files), problems, named
+
+
+_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
+#: problems that say a file is hostile or unreadable: reported wherever the file was found
+_ALWAYS_REPORTED = frozenset(
+    {"unreadable", "not-a-file", "too-large", "encoding", "alias-limit", "too-deep"}
+)
+
+
+def _not_batchspec(file: Path, documents: list[YamlDocument], problems: list[Problem]) -> bool:
+    """Whether a file found by a glob is plainly not a batchspec manifest (then it is skipped).
+
+    It is one when no document is a mapping with ``kind: Batch`` or a ``batchspec/``
+    ``apiVersion``; a file with a syntax error, when its text mentions neither. A file that
+    could not be read (a device, too large, not UTF-8, an alias bomb) is always reported.
+    """
+    if any(p.code in _ALWAYS_REPORTED for p in problems):
+        return False
+    if any(_is_batchspec_document(doc) for doc in documents):
+        return False
+    if not any(p.code == "yaml-syntax" for p in problems):
+        return True
+    try:
+        raw = read_bounded(file, MAX_YAML_FILE_BYTES)
+    except Exception:  # unreadable now: let the problems already found speak
+        return False
+    return b"batchspec" not in raw and _BATCH_KIND.search(raw) is None
+
+
+def _is_batchspec_document(doc: YamlDocument) -> bool:
+    data = doc.data
+    if not isinstance(data, Mapping):
+        return False
+    api_version = data.get("apiVersion")
+    return data.get("kind") == "Batch" or (
+        isinstance(api_version, str) and api_version.startswith("batchspec")
+    )
+
+
+def _not_found(target: str) -> Problem:
+    return Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
 
 
 def _project_name(project: Project) -> str:
