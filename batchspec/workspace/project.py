@@ -139,7 +139,7 @@ def load_workspace_project(
     a state folder there.
     """
     if find_project_file(start) is None:
-        folder = display_path(_start_folder(start))
+        folder = _start_folder(start)
         raise NotAWorkspaceError(
             f"not a batchspec workspace: no {PROJECT_FILE_NAME} in {folder} or any folder above it",
             details=[
