@@ -240,15 +240,16 @@ def init(directory: str) -> None:
 def validate(paths: tuple[str, ...], as_json: bool) -> None:
     """Check manifests and batch inputs; change nothing.
 
-    PATHS are manifest files, folders or glob patterns (default: the current folder). Exits 0
-    when all is valid, else 1 listing every problem as file:line:column. With --json, stdout
+    PATHS are manifest files, folders or glob patterns (default: the current folder), or
+    batch input files (.jsonl), each checked line by line without a manifest. Exits 0 when
+    all is valid, else 1 listing every problem as file:line:column. With --json, stdout
     holds only JSON, on failure too.
     """
     from batchspec.cli import render  # imported on use: keeps startup fast
-    from batchspec.core.validate import problems_of, validate_workspace
+    from batchspec.core.validate import problems_of, validate_paths
 
     try:
-        report = validate_workspace(paths)
+        report = validate_paths(paths)
     except BatchspecError as err:
         if not as_json:
             raise

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.status import ResourceStatus
-    from batchspec.core.validate import ValidatedResource, ValidationReport
+    from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
 
 
@@ -35,8 +35,12 @@ def _plural(count: int, noun: str) -> str:
 # validate
 
 
-def validation_text(report: ValidationReport) -> str:
+def validation_text(report: ValidationReport | InputFilesReport) -> str:
     """``2 resources valid:`` then one line per resource with its request count and size."""
+    from batchspec.core.validate import InputFilesReport
+
+    if isinstance(report, InputFilesReport):
+        return _input_files_text(report)
     if not report.resources:
         return f"No resources found under {display_path(report.root)}."
     lines = [f"{_plural(len(report.resources), 'resource')} valid:"]
@@ -49,7 +53,37 @@ def validation_text(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def validation_json(report: ValidationReport) -> dict[str, Any]:
+def _input_files_text(report: InputFilesReport) -> str:
+    lines = []
+    for scan in report.inputs:
+        models = ", ".join(scan.models) or "no model"
+        urls = ", ".join(scan.urls) or "no url"
+        lines.append(
+            f"{display_path(Path(scan.path))}: valid batch input "
+            f"({_plural(scan.requests, 'request')}, {format_size(scan.bytes)}): {urls} {models}"
+        )
+    return "\n".join(lines)
+
+
+def validation_json(report: ValidationReport | InputFilesReport) -> dict[str, Any]:
+    from batchspec.core.validate import InputFilesReport
+
+    if isinstance(report, InputFilesReport):
+        return {
+            "valid": True,
+            "inputs": [
+                {
+                    "file": display_path(Path(scan.path)),
+                    "requests": scan.requests,
+                    "bytes": scan.bytes,
+                    "sha256": scan.sha256,
+                    "models": list(scan.models),
+                    "urls": list(scan.urls),
+                }
+                for scan in report.inputs
+            ],
+            "problems": [],
+        }
     return {
         "valid": report.valid,
         "root": str(report.root),
