@@ -588,7 +588,7 @@ def _output_paths(
         if path == input_path:
             message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
         else:
-            message = _forbidden_target(path, key, project, doc.file)
+            message = resolve.confinement(project).forbidden(path, key, doc.file)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
@@ -607,51 +607,54 @@ def errors_beside(output_path: Path) -> Path:
     return output_path.with_name(f"{stem}.errors.jsonl")
 
 
-def _forbidden_target(path: Path, key: str, project: Project, manifest: Path) -> str | None:
-    """Why ``path`` may not be written as a resource's ``key`` file, or None if it may."""
-    root = project.root
-    shown = display_path(path)
-    if not path.is_relative_to(root):
-        return (
-            f"{key} file {shown} is outside the workspace {display_path(root)} (the folder of "
-            f"{PROJECT_FILE_NAME}); results are written only inside it"
-        )
-    for folder, what in _protected_folders(project):
-        if path == folder or path.is_relative_to(folder):
+class _Confinement:
+    """Where a workspace's resources may not write (see "Confinement"), resolved once a load."""
+
+    def __init__(self, project: Project) -> None:
+        self.root = project.root
+        self.project_file = project.file.resolve() if project.file is not None else None
+        self.state = project.state_path.resolve()
+        self.globs = project.manifest_globs
+        self.patterns = [_glob_regex(pattern) for pattern in project.manifest_globs]
+        found = [(self.state.parent, "the state folder")]
+        for provider in project.providers.values():
+            data_dir = provider.options.get("dataDir") if provider.type == "local" else None
+            if isinstance(data_dir, str):
+                what = f"the data folder of provider '{provider.name}'"
+                found.append((Path(data_dir).resolve(), what))
+        # A state file in the root itself protects only itself (checked by name), not the root.
+        self.folders = [(folder, what) for folder, what in found if folder != self.root]
+
+    def forbidden(self, path: Path, key: str, manifest: Path) -> str | None:
+        """Why ``path`` may not be written as a resource's ``key`` file, or None if it may."""
+        shown = display_path(path)
+        if not path.is_relative_to(self.root):
             return (
-                f"{key} file {shown} is inside {what} {display_path(folder)}: writing there "
-                "could destroy the record of what was paid for; write results elsewhere "
-                "(e.g. results/)"
+                f"{key} file {shown} is outside the workspace {display_path(self.root)} (the "
+                f"folder of {PROJECT_FILE_NAME}); results are written only inside it"
             )
-    state = project.state_path.resolve()
-    if path.parent == state.parent and path.name.startswith(state.name):
-        return f"{key} file {shown} is the state database {display_path(state)} (or its side file)"
-    if project.file is not None and path == project.file.resolve():
-        return f"{key} file {shown} is the project file: it would be overwritten"
-    if path == manifest.resolve():
-        return f"{key} file {shown} is this manifest: it would be overwritten"
-    relative = path.relative_to(root).as_posix()
-    if any(_glob_regex(pattern).fullmatch(relative) for pattern in project.manifest_globs):
-        globs = ", ".join(project.manifest_globs)
-        return (
-            f"{key} file {shown} matches the workspace's manifest globs ({globs}): it would "
-            "overwrite a manifest or be read as one; use a .jsonl name outside them"
-        )
-    return None
-
-
-def _protected_folders(project: Project) -> list[tuple[Path, str]]:
-    """Folders batchspec keeps its own data in: the state folder, local engines' data."""
-    root = project.root
-    found = [(project.state_path.resolve().parent, "the state folder")]
-    for provider in project.providers.values():
-        data_dir = provider.options.get("dataDir") if provider.type == "local" else None
-        if isinstance(data_dir, str):
-            found.append(
-                (Path(data_dir).resolve(), f"the data folder of provider '{provider.name}'")
+        for folder, what in self.folders:
+            if path.is_relative_to(folder):
+                return (
+                    f"{key} file {shown} is inside {what} {display_path(folder)}: writing there "
+                    "could destroy the record of what was paid for; write results elsewhere "
+                    "(e.g. results/)"
+                )
+        if path.parent == self.state.parent and path.name.startswith(self.state.name):
+            state = display_path(self.state)
+            return f"{key} file {shown} is the state database {state} (or one of its side files)"
+        if path == self.project_file:
+            return f"{key} file {shown} is the project file: it would be overwritten"
+        if path == manifest:  # (manifest files are resolved when found)
+            return f"{key} file {shown} is this manifest: it would be overwritten"
+        relative = path.relative_to(self.root).as_posix()
+        if any(pattern.fullmatch(relative) for pattern in self.patterns):
+            return (
+                f"{key} file {shown} matches the workspace's manifest globs "
+                f"({', '.join(self.globs)}): it would overwrite a manifest or be read as one; "
+                "use a .jsonl name outside them"
             )
-    # A state file in the root itself protects only itself (checked by name), not the root.
-    return [(folder, what) for folder, what in found if folder != root]
+        return None
 
 
 def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:
@@ -782,6 +785,13 @@ class _PathResolver:
 
     def __init__(self) -> None:
         self._folders: dict[str, str] = {}
+        self._confinement: _Confinement | None = None
+
+    def confinement(self, project: Project) -> _Confinement:
+        """The project's confinement rules, resolved once for this load."""
+        if self._confinement is None:
+            self._confinement = _Confinement(project)
+        return self._confinement
 
     def folder(self, path: Path) -> Path:
         return Path(self._realpath(str(path)))
