@@ -84,7 +84,8 @@ def test_results_take_select_state_and_json_like_every_read_command(
     ws = served(tmp_path / "ws", server(), ResourceSpec("alpha"), ResourceSpec("beta", count=2))
     moved = tmp_path / "elsewhere.db"
     argv = ["apply", str(ws.root), "--yes", "--wait", "--state", str(moved), *FAST]
-    assert run_cli(argv, capsys)[0] == 0
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
 
     code, out, err = run_cli(
         ["results", "--select", "alpha", "-s", "beta", str(ws.root), "--state", str(moved)],

@@ -274,3 +274,54 @@ def test_relative_paths_in_messages(
         f"\n  jobs{os.sep}a.yaml:8:10: /spec/input: input file not found: jobs{os.sep}nope.jsonl"
         in err
     )
+
+
+def test_a_jsonl_path_is_checked_as_a_batch_input_line_by_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate data.jsonl` scans it as a batch input: every problem with its line (#19)."""
+    monkeypatch.chdir(tmp_path)  # no workspace needed for a batch input file
+    lines = [request("a"), request("a"), "not json", request("b", model="other")]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = run_main(["validate", "data.jsonl"], capsys)
+    assert (code, out) == (1, "")
+    assert "data.jsonl:2: duplicate custom_id 'a' (first seen on line 1)" in err
+    assert "data.jsonl:3: invalid JSON" in err
+    assert "data.jsonl:4: " in err and "other" in err
+    assert "manifest" not in err  # never read as YAML
+    code, out, _ = run_main(["validate", "data.jsonl", "--json"], capsys)
+    assert code == 1
+    report = json.loads(out)
+    assert report["valid"] is False
+    assert [(p["line"], p["code"]) for p in report["problems"]] == [
+        (2, "duplicate_custom_id"),
+        (3, "invalid_json_line"),
+        (4, "model_mismatch"),
+    ]
+
+
+def test_a_valid_jsonl_path_reports_its_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid batch input exits 0 with its request count, url and model (text and JSON)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.jsonl").write_text(request("a") + "\n" + request("b") + "\n")
+    code, out, err = run_main(["validate", "ok.jsonl"], capsys)
+    assert (code, err) == (0, "")
+    assert out.startswith("ok.jsonl: valid batch input (2 requests, ")
+    assert "/v1/chat/completions gpt-4o-mini" in out
+    code, out, _ = run_main(["validate", "ok.jsonl", "--json"], capsys)
+    [scan] = json.loads(out)["inputs"]
+    assert (code, scan["requests"], scan["models"]) == (0, 2, ["gpt-4o-mini"])
+    data = (tmp_path / "ok.jsonl").read_bytes()
+    assert scan["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_mixing_batch_inputs_and_manifests_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate data.jsonl manifests/` is ambiguous: exit 64 saying so."""
+    (tmp_path / "ok.jsonl").write_text(request("a") + "\n")
+    code, _, err = run_main(["validate", str(tmp_path / "ok.jsonl"), str(QUICKSTART)], capsys)
+    assert code == 64
+    assert "either batch input files (.jsonl) or manifests" in err

@@ -363,6 +363,7 @@ def test_unlock_state_finds_the_project_database_and_records_a_run(
 ) -> None:
     """unlock_state resolves the workspace's state DB, releases, and records an unlock run."""
     assert db_path == tmp_path / "state" / "batchspec.db"  # the default project layout
+    (tmp_path / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
     handle = acquire_lock(store, command="apply", info=run_info(pid=dead_pid()))
     released = unlock_state(handle.holder_id, start=tmp_path)
     assert released.holder_id == handle.holder_id and current_lock(store) is None

@@ -447,7 +447,7 @@ def test_each_problem_names_file_line_column_and_pointer(
 ) -> None:
     """One bad manifest, one problem, at the offending node, with a helpful message."""
     ws = make_workspace(tmp_path / "ws", {"m.yaml": text})
-    [problem] = problems(ws)
+    [problem] = problems(ws, "m.yaml")  # named: a file that is not a manifest is reported
     assert problem.file == ws.resolve() / "m.yaml"
     assert (problem.line, problem.column, problem.pointer, problem.code) == where
     assert message in problem.message
@@ -502,8 +502,11 @@ def test_duplicate_resource_name_names_both_places(tmp_path: Path) -> None:
 
 
 def test_two_resources_writing_one_output_file_is_an_error(tmp_path: Path) -> None:
-    """Results would overwrite each other, so the second writer is refused."""
-    second = BASE.replace("name: triage", "name: other") + "  output: results/triage.jsonl\n"
+    """Results would overwrite each other: the second writer is refused, naming both places."""
+    second = (
+        BASE.replace("name: triage", "name: other")
+        + "  output: results/triage.jsonl\n  errors: results/other.errors.jsonl\n"
+    )
     ws = make_workspace(tmp_path / "ws", {"a.yaml": BASE, "b.yaml": second})
     [problem] = problems(ws)
     assert (problem.file.name, problem.line, problem.pointer, problem.code) == (
@@ -512,7 +515,9 @@ def test_two_resources_writing_one_output_file_is_an_error(tmp_path: Path) -> No
         "/spec/output",
         "path-conflict",
     )
-    assert "also written by resource 'triage'" in problem.message
+    assert "is written by two resources: 'triage' (its output, at " in problem.message
+    assert f"{ws / 'a.yaml'}:5:1" in problem.message  # a.yaml names no output: its spec
+    assert f"'other' (its output, at {ws / 'b.yaml'}:9:11)" in problem.message
 
 
 def test_bad_utf8_in_a_manifest_is_located(tmp_path: Path) -> None:

@@ -248,6 +248,65 @@ def test_rendering_streams_rows_without_holding_them(tmp_path: Path) -> None:
     assert peak < size // 4
 
 
+def _template(tmp_path: Path) -> Any:
+    template, problems = compile_request_template(
+        body=chat_body(),
+        id_template=None,
+        endpoint=CHAT,
+        model=None,
+        pointer="/spec/input",
+        locate=lambda pointer: SourceLocation(tmp_path / "m.yaml", 1, 1),
+    )
+    assert template is not None and not problems
+    return template
+
+
+def _render_peak(template: Any, rows: Path, folder: Path, **cap: int) -> tuple[Any, list[Any], int]:
+    """render_rows' result, problems, and the peak of Python allocations while it ran."""
+    tracemalloc.start()
+    try:
+        result, problems = render_rows(template, rows, folder, **cap)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, problems, peak
+
+
+@pytest.mark.parametrize(
+    ("name", "huge"),
+    [
+        pytest.param("rows.jsonl", json.dumps({"text": "x" * 8_000_000}) + "\n", id="jsonl"),
+        pytest.param("rows.csv", '"' + "x" * 8_000_000 + '"\n', id="csv"),
+    ],
+)
+def test_an_over_long_row_is_refused_while_streaming_never_read_whole(
+    tmp_path: Path, name: str, huge: str
+) -> None:
+    """An 8 MB row over a 64 KiB cap is row-too-large at its line; memory stays near the cap."""
+    header = "text\n" if name.endswith(".csv") else ""
+    good = "ok\n" if name.endswith(".csv") else json.dumps({"text": "ok"}) + "\n"
+    rows = write_rows(tmp_path, name, header + good + huge + good)
+    _, problems, peak = _render_peak(
+        _template(tmp_path), rows, tmp_path / "rendered", max_row_bytes=64 * 1024
+    )
+    [problem] = problems
+    assert (problem.code, problem.line) == ("row-too-large", 3 if header else 2)
+    assert "row 2 is longer than 65,536 bytes" in problem.message
+    assert peak < 4_000_000  # the row is 8 MB: it was never held (hashing reads 1 MiB)
+
+
+def test_a_row_over_the_default_cap_is_refused_by_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default cap (10 MiB, as a batch input line), a 12 MB row fails the load."""
+    monkeypatch.chdir(tmp_path)
+    text = json.dumps({"text": "x" * 12_000_000})
+    write_rows(tmp_path, "t.jsonl", json.dumps({"text": "a"}) + "\n" + text + "\n")
+    write_manifest(tmp_path, {"rows": "../data/t.jsonl", "body": chat_body()})
+    [problem] = problems_of(tmp_path)
+    assert problem.startswith("data/t.jsonl:2: row 2 is longer than 10,485,760 bytes")
+
+
 # ---------------------------------------------------------------------------------------------
 # Problems, located
 

@@ -320,15 +320,16 @@ def init(directory: str) -> None:
 def validate(paths: tuple[str, ...], as_json: bool) -> None:
     """Check manifests and batch inputs; change nothing.
 
-    PATHS are manifest files, folders or glob patterns (default: the current folder). Exits 0
-    when all is valid, else 1 listing every problem as file:line:column. With --json, stdout
+    PATHS are manifest files, folders or glob patterns (default: the current folder), or
+    batch input files (.jsonl), each checked line by line without a manifest. Exits 0 when
+    all is valid, else 1 listing every problem as file:line:column. With --json, stdout
     holds only JSON, on failure too.
     """
     from batchspec.cli import render  # imported on use: keeps startup fast
-    from batchspec.core.validate import problems_of, validate_workspace
+    from batchspec.core.validate import problems_of, validate_paths
 
     try:
-        report = validate_workspace(paths)
+        report = validate_paths(paths)
     except BatchspecError as err:
         if not as_json:
             raise
@@ -586,17 +587,19 @@ def status(
 ) -> None:
     """Show each resource's sync and health, its batches and where its results are.
 
-    Reads the state only: no lock, no network.
+    Reads the state only: no lock, no network. A broken manifest does not stop it: the
+    others are shown, with a warning on stderr.
     """
     from batchspec.cli import render
     from batchspec.core.status import workspace_status
 
     fmt = output_format(as_json, output)
-    statuses = workspace_status(paths, select=select, state_path=state_path)
+    report = workspace_status(paths, select=select, state_path=state_path)
+    warn_skipped(report.skipped)
     if fmt != "text":
-        emit_document({"resources": [s.to_json() for s in statuses]}, fmt)
+        emit_document({"resources": [s.to_json() for s in report.resources]}, fmt)
     else:
-        click.echo(render.status_text(statuses, stdout_style()))
+        click.echo(render.status_text(report.resources, stdout_style()))
 
 
 @cli.command()
@@ -743,13 +746,15 @@ def results(
         paths, name = (name, *paths), None
     if name is None and not select:
         raise click.UsageError("give the resource NAME, or --select SELECTOR")
-    files = result_files(
+    view = result_files(
         paths,
         select=(name,) if name else select,
         errors=show_errors,
         allow_stale=allow_stale,
         state_path=state_path,
     )
+    warn_skipped(view.skipped)
+    files = view.files
     for f in files:
         if not f.current:
             click.echo(f"Warning: {f.stale_reason}", err=True)
@@ -876,6 +881,14 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
         holder_id, state_path=Path(state_path) if state_path else None, force=force
     )
     click.echo(f"released the lock of {describe_holder(holder)}")
+
+
+def warn_skipped(problems: Any) -> None:
+    """A read command went on past broken manifests: say so on stderr (exit code unchanged)."""
+    if problems:
+        from batchspec.cli import render
+
+        click.echo(render.skipped_manifests_warning(problems), err=True)
 
 
 def _now() -> str:

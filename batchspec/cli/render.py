@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.status import ResourceStatus
-    from batchspec.core.validate import ValidatedResource, ValidationReport
+    from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
 
 
@@ -36,8 +36,12 @@ def _plural(count: int, noun: str) -> str:
 # validate
 
 
-def validation_text(report: ValidationReport) -> str:
+def validation_text(report: ValidationReport | InputFilesReport) -> str:
     """``2 resources valid:`` then one line per resource with its request count and size."""
+    from batchspec.core.validate import InputFilesReport
+
+    if isinstance(report, InputFilesReport):
+        return _input_files_text(report)
     if not report.resources:
         return f"No resources found under {display_path(report.root)}."
     lines = [f"{_plural(len(report.resources), 'resource')} valid:"]
@@ -50,7 +54,37 @@ def validation_text(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def validation_json(report: ValidationReport) -> dict[str, Any]:
+def _input_files_text(report: InputFilesReport) -> str:
+    lines = []
+    for scan in report.inputs:
+        models = ", ".join(scan.models) or "no model"
+        urls = ", ".join(scan.urls) or "no url"
+        lines.append(
+            f"{display_path(Path(scan.path))}: valid batch input "
+            f"({_plural(scan.requests, 'request')}, {format_size(scan.bytes)}): {urls} {models}"
+        )
+    return "\n".join(lines)
+
+
+def validation_json(report: ValidationReport | InputFilesReport) -> dict[str, Any]:
+    from batchspec.core.validate import InputFilesReport
+
+    if isinstance(report, InputFilesReport):
+        return {
+            "valid": True,
+            "inputs": [
+                {
+                    "file": display_path(Path(scan.path)),
+                    "requests": scan.requests,
+                    "bytes": scan.bytes,
+                    "sha256": scan.sha256,
+                    "models": list(scan.models),
+                    "urls": list(scan.urls),
+                }
+                for scan in report.inputs
+            ],
+            "problems": [],
+        }
     return {
         "valid": report.valid,
         "root": str(report.root),
@@ -317,6 +351,24 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
                 f"      shard {b.shard + 1} attempt {b.attempt}: {remote} {b.status}{done}"
             )
     return lines
+
+
+#: problems listed in a warning about skipped manifests; the rest are counted
+_WARNING_SHOWN = 5
+
+
+def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
+    """The stderr warning of a read command that went on past broken manifests."""
+    count = len(problems)
+    noun = "problem" if count == 1 else "problems"
+    lines = [
+        f"Warning: {count} {noun} in manifests not needed here; their resources are left out "
+        "(`batchspec validate` lists them all):"
+    ]
+    lines += [f"  {p}" for p in problems[:_WARNING_SHOWN]]
+    if count > _WARNING_SHOWN:
+        lines.append(f"  ... and {count - _WARNING_SHOWN} more")
+    return "\n".join(lines)
 
 
 def status_text(statuses: Sequence[ResourceStatus], style: Style = PLAIN) -> str:

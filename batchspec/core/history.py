@@ -10,6 +10,7 @@ from typing import Any
 from batchspec.errors import ManifestError
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
+from batchspec.workspace.project import load_project
 from batchspec.workspace.yamldoc import display_path
 
 
@@ -31,10 +32,14 @@ def read_history(
 ) -> list[HistoryEntry]:
     """Newest runs first; with ``resource``, only runs that touched it and only its events.
 
-    ``paths`` locate the workspace as for every command (a folder, a manifest, a glob). A
-    ``resource`` the state has never recorded is an error (exit 1), not an empty history.
+    ``paths`` locate the workspace as for every command (a folder, a manifest, a glob); with
+    ``state_path`` the database is named and no workspace is needed. A ``resource`` the state
+    has never recorded is an error (exit 1), not an empty history.
     """
-    project = project_for(paths, state_path=state_path)
+    if state_path is not None:
+        project = load_project(paths[0] if paths else None, state_path=state_path)
+    else:
+        project = project_for(paths)
     if not project.state_path.exists():
         if resource is not None:
             raise ManifestError(_unknown(resource, project.state_path))

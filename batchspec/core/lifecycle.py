@@ -63,7 +63,7 @@ from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.wire.inputs import InputReport, iter_requests
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
-from batchspec.workspace.project import load_project
+from batchspec.workspace.project import load_workspace_project
 
 if TYPE_CHECKING:
     from batchspec.core.sharding import ShardLimits
@@ -497,7 +497,7 @@ def unlock_state(
     A holder that may still be running (fresh heartbeat) is released only with ``force``.
     """
     if state_path is None:
-        project = load_project(start)
+        project = load_workspace_project(start)
         state_path, root = project.state_path, project.root
     else:
         root = start or Path.cwd()

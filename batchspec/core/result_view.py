@@ -20,12 +20,12 @@ from typing import Any, BinaryIO
 
 from batchspec.core.replacements import effective_resources
 from batchspec.core.session import select_resources
-from batchspec.core.status import read_only_store
+from batchspec.core.status import is_name_selector, read_only_store, require_loaded
 from batchspec.errors import ManifestError, StaleResultsError, StateError
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.workspace.manifest import Resource, load_workspace
-from batchspec.workspace.yamldoc import display_path
+from batchspec.workspace.yamldoc import Problem, display_path
 
 FINISHED = ("complete", "degraded")
 #: a user's cancel ends a generation too: what finished before it is that spec's final answer
@@ -58,6 +58,15 @@ class ResultsFile:
         }
 
 
+@dataclass(frozen=True)
+class ResultsView:
+    """The files ``batchspec results`` prints, and the manifest problems it passed over."""
+
+    files: list[ResultsFile]
+    #: problems of other manifests, which did not stop this read (shown as a warning)
+    skipped: tuple[Problem, ...] = ()
+
+
 def result_files(
     paths: Sequence[str],
     *,
@@ -65,12 +74,17 @@ def result_files(
     errors: bool = False,
     allow_stale: bool = False,
     state_path: str | None = None,
-) -> list[ResultsFile]:
+) -> ResultsView:
     """``batchspec results``: the selected resources' result files, each tied to the
     generation that wrote it. A file that is not the current spec's finished results (an
     older spec's, an unfinished generation's, edited on disk) is refused with
-    ``StaleResultsError`` unless ``allow_stale``; every refusal is listed at once."""
-    ws = load_workspace(paths, state_path=state_path)
+    ``StaleResultsError`` unless ``allow_stale``; every refusal is listed at once.
+
+    Only the selected resources' manifests must load: problems in others come back in
+    ``skipped``; a selected name that did not load raises them (its manifest may be broken).
+    """
+    ws = load_workspace(paths, state_path=state_path, tolerate_broken=True)
+    require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
     names = {r.name for r in ws.resources}
     gone = [s for s in select if "=" not in s and ":" not in s and s not in names]
@@ -97,7 +111,7 @@ def result_files(
                 "print stale results anyway",
             ],
         )
-    return found
+    return ResultsView(found, ws.problems)
 
 
 def _tie_to_generation(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from batchspec.core.plan import FINISHED_GENERATION_STATUSES, Action, ActionKind, make_plan
@@ -23,7 +23,8 @@ from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
-from batchspec.workspace.manifest import Resource, load_workspace
+from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
 _HEALTH = {
     "pending": "Progressing",
@@ -143,15 +144,54 @@ def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
         yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
 
 
+@dataclass(frozen=True)
+class StatusReport:
+    """``batchspec status``: each resource's status, and the manifest problems passed over."""
+
+    resources: tuple[ResourceStatus, ...]
+    #: problems of manifests that did not load; their resources are not (fully) shown
+    skipped: tuple[Problem, ...] = ()
+
+
 def workspace_status(
     paths: Sequence[str], *, select: Sequence[str] = (), state_path: str | None = None
-) -> list[ResourceStatus]:
-    """``batchspec status``: read-only; takes no lock and contacts no provider."""
+) -> StatusReport:
+    """``batchspec status``: read-only; takes no lock and contacts no provider.
 
-    ws = load_workspace(paths, state_path=state_path)
+    A broken manifest does not hide the rest: the resources that loaded are shown from the
+    state, and the problems come back in ``skipped`` (for a warning). A resource recorded in
+    the state but absent from the manifests that loaded is then ``Unknown``, not Orphaned:
+    its manifest may be one of the broken ones. Selecting a resource by a name that did not
+    load raises the problems (that resource is needed).
+    """
+    ws = load_workspace(paths, state_path=state_path, tolerate_broken=True)
+    if ws.problems:
+        require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
     with read_only_store(ws.project.state_path) as store:
-        return resource_statuses(store, resources, include_orphans=not select)
+        statuses = resource_statuses(store, resources, include_orphans=not select)
+    if ws.problems:
+        statuses = [_maybe_broken(s) for s in statuses]
+    return StatusReport(tuple(statuses), ws.problems)
+
+
+def is_name_selector(selector: str) -> bool:
+    """A selector that names one resource (not ``KEY=VALUE``, not ``state:...``)."""
+    return "=" not in selector and not selector.startswith("state:")
+
+
+def require_loaded(ws: Workspace, names: Sequence[str]) -> None:
+    """Raise the workspace's problems if any of ``names`` is not among the loaded resources."""
+    loaded = {r.name for r in ws.resources}
+    if ws.problems and any(name not in loaded for name in names):
+        raise InvalidManifestError(ws.problems)
+
+
+def _maybe_broken(status: ResourceStatus) -> ResourceStatus:
+    if status.sync != "Orphaned":
+        return status
+    reason = "not in the manifests that loaded: its manifest may be one with problems"
+    return replace(status, sync="Unknown", reason=reason)
 
 
 @contextmanager

@@ -1,5 +1,10 @@
 """The ``validate`` use-case: are the manifests and every batch input they name valid?
 
+``validate_paths(paths)`` is ``batchspec validate``: paths that are all batch input files
+(``.jsonl``) are checked as such (``validate_input_files``: each streamed once with the input
+scanner, every problem with its line; no workspace needed, nothing parsed as YAML);
+otherwise ``validate_workspace(paths)``. Mixing the two is a usage error.
+
 ``validate_workspace(paths)`` loads the workspace
 (``batchspec.workspace.manifest.load_workspace``) and
 scans each resource's input once (``batchspec.wire.inputs.scan_batch_input``) with the resource's
@@ -22,12 +27,14 @@ message), so the CLI can print them or render them as JSON:
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchspec.errors import BatchspecError, InputError, ManifestError
+from batchspec.errors import BatchspecError, InputError, ManifestError, UsageError
 from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import InputReport, scan_batch_input
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
@@ -67,6 +74,64 @@ class ValidationReport:
     @property
     def valid(self) -> bool:
         return not self.problems
+
+
+#: what ``batchspec validate`` treats as a batch input file rather than a manifest
+BATCH_INPUT_SUFFIXES = (".jsonl",)
+
+
+@dataclass(frozen=True)
+class InputFilesReport:
+    """``batchspec validate FILE.jsonl ...``: what the scan of each batch input found."""
+
+    inputs: tuple[InputReport, ...]
+
+
+def validate_paths(paths: Sequence[str | Path] = ()) -> ValidationReport | InputFilesReport:
+    """``batchspec validate``: batch input files, or a workspace's manifests and inputs."""
+    inputs = [p for p in paths if Path(p).suffix.lower() in BATCH_INPUT_SUFFIXES]
+    if not inputs:
+        return validate_workspace(paths)
+    if len(inputs) != len(paths):
+        raise UsageError(
+            "give either batch input files (.jsonl) or manifests, folders and globs, not both"
+        )
+    return validate_input_files(inputs)
+
+
+def validate_input_files(paths: Sequence[str | Path]) -> InputFilesReport:
+    """Scan each batch input file (streamed, never parsed as YAML); raise every problem.
+
+    With no manifest there is no endpoint or model to hold lines to: each file must use one
+    url and one model throughout (the first line's), as a batch requires.
+    """
+    reports: list[InputReport] = []
+    problems: list[Problem] = []
+    count = 0
+    for raw in paths:
+        path = Path(raw)
+        reason = _not_a_regular_file(path)
+        if reason is not None:
+            problems.append(Problem(path, None, None, "", "unreadable", reason))
+            count += 1
+            continue
+        report = scan_batch_input(path)
+        problems.extend(input_problems(report, path))
+        count += report.problem_count
+        reports.append(report)
+    if problems:
+        raise InvalidInputError(problems, count=count)
+    return InputFilesReport(tuple(reports))
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        return f"cannot read the batch input: {err.strerror or err}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file: refusing to read it as a batch input"
+    return None
 
 
 class InvalidInputError(InputError):

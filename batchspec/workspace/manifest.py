@@ -13,12 +13,27 @@ Finding manifests
     pattern, relative to the working directory. Never loaded as manifests: files named
     ``batchspec.yaml`` (project files), anything under the state folder, hidden files and
     folders, and folders that hold their own ``batchspec.yaml`` (another workspace). Every
-    document of a manifest must be ``kind: Batch``; empty documents are ignored.
+    document of a manifest must be ``kind: Batch``; empty documents are ignored. A YAML file
+    found by a folder scan or a glob that is plainly not a batchspec manifest (no document
+    with ``kind: Batch`` or a ``batchspec/`` apiVersion; see ``_not_batchspec``) is skipped;
+    named as a file, it is reported. Outside any workspace (no ``batchspec.yaml`` in the
+    first path's folder or above it) nothing is scanned: ``NotAWorkspaceError``.
 
 Paths
     ``input``, ``output`` and ``errors`` are relative to the manifest's folder and become
-    absolute, resolved paths. Defaults: ``<manifest folder>/results/<name>.jsonl`` and
-    ``<manifest folder>/results/<name>.errors.jsonl``.
+    absolute, resolved paths (symlinks resolved). Defaults: ``<manifest folder>/results/
+    <name>.jsonl``; errors beside the output, ``<output without .jsonl>.errors.jsonl`` (so a
+    manifest that sets only ``output: results/x.jsonl`` writes ``results/x.errors.jsonl``).
+
+Confinement (DESIGN invariant 5: nothing a manifest names is written where it must not be)
+    ``output`` and ``errors`` must resolve inside the workspace root (the folder of
+    ``batchspec.yaml``) and never onto: the state folder (or the state file and its side
+    files, when the state lives in the root itself) or a local provider's ``dataDir``; the
+    project file; a manifest (a file loaded as one, or any path the project's ``manifests``
+    globs match); the input or rows file of any resource; or another resource's output or
+    errors file (the problem names both places). Each is a ``path-conflict`` problem at the
+    key, so validate, plan and apply refuse it alike. Inputs are only read, so they may live
+    anywhere, outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -38,8 +53,8 @@ Renames
 Checks beyond the schema
     ``spec.provider`` (or the project's ``defaults.provider``) names a declared or built-in
     provider; the input (or the rows file) exists and is a file; a resource name is used once
-    in the workspace (the problem names both places); no two resources write the same output
-    or errors file, and no resource writes over its own input (or its rows file).
+    in the workspace (the problem names both places); outputs and errors are confined (see
+    "Confinement").
 
 Spec hash
     ``Resource.spec_hash`` is the hex sha256 of the canonical JSON of
@@ -70,6 +85,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +96,22 @@ from batchspec.wire import inputs
 from batchspec.workspace.project import (
     PROJECT_FILE_NAME,
     Budget,
+    NotAWorkspaceError,
     Project,
     ProviderConfig,
     budget_from,
     find_project_file,
     load_project,
+    load_workspace_project,
 )
 from batchspec.workspace.yamldoc import (
+    MAX_YAML_FILE_BYTES,
     InvalidManifestError,
     Problem,
     SourceLocation,
     YamlDocument,
     display_path,
+    read_bounded,
     read_yaml_documents,
     schema_problems,
     suggest,
@@ -190,6 +210,8 @@ class Workspace:
     project: Project
     resources: tuple[Resource, ...]
     manifest_files: tuple[Path, ...] = ()
+    #: with ``load_workspace(tolerate_broken=True)``: the problems of the documents left out
+    problems: tuple[Problem, ...] = ()
 
 
 def semantic_spec(
@@ -226,6 +248,7 @@ def load_workspace(
     hash_input: Callable[[Path], str] = inputs.file_sha256,
     manifest_cache: ManifestCache | None = None,
     state_path: str | Path | None = None,
+    tolerate_broken: bool = False,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
@@ -233,18 +256,33 @@ def load_workspace(
     the inputs anyway can avoid reading them twice). ``manifest_cache`` recalls files that
     were read clean before and are unchanged, so they are not parsed and schema-checked
     again (``batchspec.workspace.manifestcache``); every other check still runs on them.
+
+    ``tolerate_broken`` is for read-only commands (``status``, ``results``): problems inside
+    manifest files do not raise; the resources that loaded are returned and the problems
+    are in ``Workspace.problems``. A problem of the project file, a path that does not exist
+    or a path of another workspace still raises.
     """
     targets = [str(p) for p in paths] or ["."]
-    project = load_project(_start_of(targets[0]), state_path=state_path)
-    files, problems = find_manifest_files(targets, project)
+    try:
+        project = load_workspace_project(_start_of(targets[0]), state_path=state_path)
+    except NotAWorkspaceError:
+        missing = [t for t in targets if not _is_glob(t) and not Path(t).exists()]
+        if missing:  # the precise problem: a mistyped path, not a missing workspace
+            raise InvalidManifestError([_not_found(t) for t in missing]) from None
+        raise
+    files, problems, named = find_manifest_files(targets, project)
     resources: list[tuple[Resource, YamlDocument]] = []
     names: list[tuple[str, SourceLocation]] = []
     resolve = _PathResolver()
+    loaded: list[Path] = []
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
         documents, file_problems = (
             (recalled, []) if recalled is not None else read_yaml_documents(file)
         )
+        if file not in named and _not_batchspec(file, documents, file_problems):
+            continue  # found by a glob, and not ours (a CI workflow, a compose file): skipped
+        loaded.append(file)
         problems.extend(file_problems)
         clean = not file_problems
         for doc in documents:
@@ -260,10 +298,14 @@ def load_workspace(
             manifest_cache.remember(file, documents)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
-    problems.extend(_shared_outputs(resources))
-    if problems:
+    problems.extend(_written_over(resources, loaded))
+    if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
         raise InvalidManifestError(problems)
-    return Workspace(project, tuple(res for res, _ in resources), tuple(files))
+    ordered = tuple(sorted(dict.fromkeys(problems), key=Problem.sort_key))
+    # A name declared twice has no one resource: neither is kept (the problem says why).
+    declared = Counter(name for name, _ in names)
+    kept = tuple(res for res, _ in resources if declared[res.name] == 1)
+    return Workspace(project, kept, tuple(loaded), ordered)
 
 
 def workspace_resource_names(
@@ -275,7 +317,7 @@ def workspace_resource_names(
     Only names are read (inputs are not hashed). A manifest file that cannot be parsed raises
     ``InvalidManifestError``: then nobody can tell which resources are gone.
     """
-    files, problems = find_manifest_files([str(project.root)], project)
+    files, problems, _ = find_manifest_files([str(project.root)], project)
     names: set[str] = set()
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
@@ -303,7 +345,7 @@ def project_for(
 ) -> Project:
     """The project ``load_workspace(paths)`` would use (found from the first path)."""
     targets = [str(p) for p in paths] or ["."]
-    return load_project(_start_of(targets[0]), state_path=state_path)
+    return load_workspace_project(_start_of(targets[0]), state_path=state_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,17 +354,17 @@ def project_for(
 
 def find_manifest_files(
     targets: Sequence[str], project: Project
-) -> tuple[list[Path], list[Problem]]:
-    """Manifest files for ``targets`` (files, folders, globs), in order, each once."""
+) -> tuple[list[Path], list[Problem], set[Path]]:
+    """Manifest files for ``targets`` (files, folders, globs), in order, each once, and
+    which of them were named as files (the rest were found by a glob or a folder scan)."""
     files: dict[Path, None] = {}
+    named: set[Path] = set()
     problems: list[Problem] = []
     for target in targets:
         path = Path(target)
         other = find_project_file(_start_of(target))
         if not path.exists() and not _is_glob(target):
-            problems.append(
-                Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
-            )
+            problems.append(_not_found(target))
         elif other is not None and other != project.file:
             message = (
                 f"{target} belongs to the workspace of {display_path(other)}, not to that of "
@@ -331,9 +373,11 @@ def find_manifest_files(
             problems.append(Problem(None, None, None, "", "other-workspace", message))
         elif path.is_dir():
             files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
-        elif path.is_file():
+        elif path.is_file() or (path.exists() and not _is_glob(target)):
+            # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
             if path.name != PROJECT_FILE_NAME:
                 files[path.resolve()] = None
+                named.add(path.resolve())
         elif _is_glob(target):
             matches = _expand_glob(target)
             if not matches:
@@ -341,7 +385,48 @@ def find_manifest_files(
                     Problem(None, None, None, "", "not-found", f"{target}: no files match")
                 )
             files.update(dict.fromkeys(matches))
-    return list(files), problems
+    return list(files), problems, named
+
+
+_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
+#: problems that say a file is hostile or unreadable: reported wherever the file was found
+_ALWAYS_REPORTED = frozenset(
+    {"unreadable", "not-a-file", "too-large", "encoding", "alias-limit", "too-deep"}
+)
+
+
+def _not_batchspec(file: Path, documents: list[YamlDocument], problems: list[Problem]) -> bool:
+    """Whether a file found by a glob is plainly not a batchspec manifest (then it is skipped).
+
+    It is one when no document is a mapping with ``kind: Batch`` or a ``batchspec/``
+    ``apiVersion``; a file with a syntax error, when its text mentions neither. A file that
+    could not be read (a device, too large, not UTF-8, an alias bomb) is always reported.
+    """
+    if any(p.code in _ALWAYS_REPORTED for p in problems):
+        return False
+    if any(_is_batchspec_document(doc) for doc in documents):
+        return False
+    if not any(p.code == "yaml-syntax" for p in problems):
+        return True
+    try:
+        raw = read_bounded(file, MAX_YAML_FILE_BYTES)
+    except Exception:  # unreadable now: let the problems already found speak
+        return False
+    return b"batchspec" not in raw and _BATCH_KIND.search(raw) is None
+
+
+def _is_batchspec_document(doc: YamlDocument) -> bool:
+    data = doc.data
+    if not isinstance(data, Mapping):
+        return False
+    api_version = data.get("apiVersion")
+    return data.get("kind") == "Batch" or (
+        isinstance(api_version, str) and api_version.startswith("batchspec")
+    )
+
+
+def _not_found(target: str) -> Problem:
+    return Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
 
 
 def _project_name(project: Project) -> str:
@@ -505,7 +590,9 @@ def _check_spec(
         if rendered is not None:
             input_path, input_sha256 = rendered.path, rendered.sha256
             input_source = rendered.rows_path
-    outputs = _output_paths(doc, spec, folder, resolve, input_source or input_path, problems)
+    outputs = _output_paths(
+        doc, spec, folder, resolve, input_source or input_path, project, problems
+    )
     if provider is None or input_path is None or input_sha256 is None or outputs is None:
         return None
     return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
@@ -517,20 +604,24 @@ def _output_paths(
     folder: Path,
     resolve: _PathResolver,
     input_path: Path | None,
+    project: Project,
     problems: list[Problem],
 ) -> tuple[Path, Path] | None:
-    """Where results and errors go (defaults from the name); neither may be the input."""
+    """Where results and errors go (see "Paths" and "Confinement" in the module docstring)."""
     name = _resource_name(doc)
     output = spec.get("output", f"results/{name}.jsonl")
-    errors = spec.get("errors", f"results/{name}.errors.jsonl")
-    if name is None or not isinstance(output, str) or not isinstance(errors, str):
+    if name is None or not isinstance(output, str) or not isinstance(spec.get("errors", ""), str):
         return None  # the schema has reported it
     output_path = resolve(folder, output)
-    errors_path = resolve(folder, errors)
+    errors = spec.get("errors")
+    errors_path = resolve(folder, errors) if errors is not None else errors_beside(output_path)
     for key, path in (("output", output_path), ("errors", errors_path)):
+        pointer = f"/spec/{key}"
         if path == input_path:
-            pointer = f"/spec/{key}"
             message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
+        else:
+            message = resolve.confinement(project).forbidden(path, key, doc.file)
+        if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
         message = "output and errors are the same file"
@@ -538,6 +629,73 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+def errors_beside(output_path: Path) -> Path:
+    """The default errors file: ``x.jsonl`` -> ``x.errors.jsonl`` in the output's folder."""
+    stem = (
+        output_path.name[: -len(".jsonl")] if output_path.suffix == ".jsonl" else output_path.name
+    )
+    return output_path.with_name(f"{stem}.errors.jsonl")
+
+
+#: what the state keeps beside its database: result blobs, shard files, rendered rows, caches
+STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db")
+
+
+class _Confinement:
+    """Where a workspace's resources may not write (see "Confinement"), resolved once a load."""
+
+    def __init__(self, project: Project) -> None:
+        self.root = project.root
+        self.project_file = project.file.resolve() if project.file is not None else None
+        self.state = project.state_path.resolve()
+        self.globs = project.manifest_globs
+        self.patterns = [_glob_regex(pattern) for pattern in project.manifest_globs]
+        state_folder = self.state.parent
+        if self.root.is_relative_to(state_folder):
+            # the state beside or above the workspace (the root itself, --state ../x.db):
+            # protect what the state keeps next to its file, not every folder below it
+            found = [(state_folder / name, "the state folder's data") for name in STATE_DATA_NAMES]
+        else:
+            found = [(state_folder, "the state folder")]
+        for provider in project.providers.values():
+            data_dir = provider.options.get("dataDir") if provider.type == "local" else None
+            if isinstance(data_dir, str):
+                what = f"the data folder of provider '{provider.name}'"
+                found.append((Path(data_dir).resolve(), what))
+        self.folders = found
+
+    def forbidden(self, path: Path, key: str, manifest: Path) -> str | None:
+        """Why ``path`` may not be written as a resource's ``key`` file, or None if it may."""
+        shown = display_path(path)
+        if not path.is_relative_to(self.root):
+            return (
+                f"{key} file {shown} is outside the workspace {display_path(self.root)} (the "
+                f"folder of {PROJECT_FILE_NAME}); results are written only inside it"
+            )
+        for folder, what in self.folders:
+            if path.is_relative_to(folder):
+                return (
+                    f"{key} file {shown} is inside {what} {display_path(folder)}: writing there "
+                    "could destroy the record of what was paid for; write results elsewhere "
+                    "(e.g. results/)"
+                )
+        if path.parent == self.state.parent and path.name.startswith(self.state.name):
+            state = display_path(self.state)
+            return f"{key} file {shown} is the state database {state} (or one of its side files)"
+        if path == self.project_file:
+            return f"{key} file {shown} is the project file: it would be overwritten"
+        if path == manifest:  # (manifest files are resolved when found)
+            return f"{key} file {shown} is this manifest: it would be overwritten"
+        relative = path.relative_to(self.root).as_posix()
+        if any(pattern.fullmatch(relative) for pattern in self.patterns):
+            return (
+                f"{key} file {shown} matches the workspace's manifest globs "
+                f"({', '.join(self.globs)}): it would overwrite a manifest or be read as one; "
+                "use a .jsonl name outside them"
+            )
+        return None
 
 
 def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:
@@ -668,6 +826,13 @@ class _PathResolver:
 
     def __init__(self) -> None:
         self._folders: dict[str, str] = {}
+        self._confinement: _Confinement | None = None
+
+    def confinement(self, project: Project) -> _Confinement:
+        """The project's confinement rules, resolved once for this load."""
+        if self._confinement is None:
+            self._confinement = _Confinement(project)
+        return self._confinement
 
     def folder(self, path: Path) -> Path:
         return Path(self._realpath(str(path)))
@@ -784,21 +949,41 @@ def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[P
     return problems
 
 
-def _shared_outputs(resources: list[tuple[Resource, YamlDocument]]) -> list[Problem]:
-    """Two resources writing one file would overwrite each other's results."""
-    writers: dict[Path, Resource] = {}
+def _written_over(
+    resources: list[tuple[Resource, YamlDocument]], manifest_files: Sequence[Path]
+) -> list[Problem]:
+    """No resource writes another's input or rows file, a loaded manifest, or a file another
+    resource writes too (that problem names both places)."""
+    inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
+    for res, doc in resources:
+        if res.input_source is not None:
+            inputs.setdefault(res.input_source, (res, doc.location("/spec/input/rows")))
+        else:
+            inputs.setdefault(res.input_path, (res, doc.location("/spec/input")))
+    manifests = {file.resolve() for file in manifest_files}
+    writers: dict[Path, tuple[Resource, SourceLocation, str]] = {}
     problems = []
     for res, doc in resources:
         for key, path in (("output", res.output_path), ("errors", res.errors_path)):
-            other = writers.setdefault(path, res)
-            # Same name: the duplicate-name problem already says it, and better.
-            if other is not res and other.name != res.name:
+            pointer = f"/spec/{key}"
+            here = doc.location(pointer)
+            shown = display_path(path)
+            message = None
+            reader = inputs.get(path)
+            first = writers.setdefault(path, (res, here, key))
+            if reader is not None and reader[0] is not res:
                 message = (
-                    f"{key} file {display_path(path)} is also written by resource "
-                    f"'{other.name}' ({other.source})"
+                    f"{key} file {shown} is the input of resource '{reader[0].name}' "
+                    f"({reader[1]}): it would be overwritten"
                 )
-                pointer = f"/spec/{key}"
-                problems.append(
-                    Problem.at(doc.location(pointer), pointer, "path-conflict", message)
+            elif path in manifests:
+                message = f"{key} file {shown} is a manifest: it would be overwritten"
+            # Same name: the duplicate-name problem already says it, and better.
+            elif first[0] is not res and first[0].name != res.name:
+                message = (
+                    f"{key} file {shown} is written by two resources: '{first[0].name}' "
+                    f"(its {first[2]}, at {first[1]}) and '{res.name}' (its {key}, at {here})"
                 )
+            if message:
+                problems.append(Problem.at(here, pointer, "path-conflict", message))
     return problems

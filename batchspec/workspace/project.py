@@ -4,7 +4,9 @@ A workspace is the folder holding ``batchspec.yaml``. ``load_project(start)`` lo
 file in ``start`` (a folder, or a file's folder) and then in each parent, like git looks for
 ``.git``. Without one, the defaults apply, rooted at ``start``: state at
 ``<root>/state/batchspec.db``, manifests ``**/*.yaml`` and ``**/*.yml``, and the built-in
-providers only.
+providers only. Commands load the project with ``load_workspace_project``, which refuses to
+run outside a workspace (``NotAWorkspaceError``, saying how to start one) rather than
+treating whatever folder they run in as one.
 
 Promises:
 
@@ -118,9 +120,36 @@ def find_project_file(start: str | Path | None = None) -> Path | None:
     folder = _start_folder(start)
     for candidate in (folder, *folder.parents):
         path = candidate / PROJECT_FILE_NAME
-        if path.is_file():
+        # Anything but a folder by that name is the project file; the reader refuses one
+        # that is not a regular file (a FIFO, a link to a device) rather than reading it.
+        if path.is_file() or (os.path.lexists(path) and not path.is_dir()):
             return path
     return None
+
+
+class NotAWorkspaceError(ManifestError):
+    """No ``batchspec.yaml`` in the start folder or above it: not a batchspec workspace."""
+
+
+def load_workspace_project(
+    start: str | Path | None = None, *, state_path: str | Path | None = None
+) -> Project:
+    """``load_project`` for a command: outside any workspace, ``NotAWorkspaceError``.
+
+    Commands never fall back to the defaults rooted at an arbitrary folder: from ``/tmp`` that
+    would read every YAML file below it (other projects, virtualenvs) as manifests, and put
+    a state folder there.
+    """
+    if find_project_file(start) is None:
+        folder = _start_folder(start)
+        raise NotAWorkspaceError(
+            f"not a batchspec workspace: no {PROJECT_FILE_NAME} in {folder} or any folder above it",
+            details=[
+                "start one with `batchspec init` (here) or `batchspec init DIR`, then run "
+                "the command inside it, or give a path inside an existing workspace",
+            ],
+        )
+    return load_project(start, state_path=state_path)
 
 
 def load_project(

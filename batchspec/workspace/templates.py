@@ -43,7 +43,11 @@ Problems (``yamldoc.Problem``, never raised)
     the rows file (a CSV row with too many or too few fields, a JSONL line that is not a JSON
     object), an empty ``custom_id`` and a ``custom_id`` two rows share are reported the same
     way. The first ``MAX_SHOWN`` are listed and one more line counts the rest. Memory is one
-    row plus the set of ``custom_id``s seen (needed to name a duplicate's first row).
+    row plus the set of ``custom_id``s seen (needed to name a duplicate's first row): a row
+    longer than ``DEFAULT_MAX_ROW_BYTES`` (10 MiB, as a batch input's line) is a
+    ``row-too-large`` problem found while streaming, never read whole (JSONL: skipped, and
+    reading goes on; CSV: reading stops there, since a cut record may hide where the next
+    one starts).
 """
 
 from __future__ import annotations
@@ -63,10 +67,13 @@ import jinja2
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from batchspec.wire.inputs import MAX_SHOWN
+from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, MAX_SHOWN
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path, pointer_join
 
 DEFAULT_ID_TEMPLATE = "row-{{ row_number }}"
+#: The longest row read (bytes; for CSV, characters of one record): a longer one is a
+#: ``row-too-large`` problem, skipped as it streams by, as batch inputs cap a line.
+DEFAULT_MAX_ROW_BYTES = DEFAULT_MAX_LINE_BYTES
 ROWS_FORMATS: Mapping[str, str] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 #: Bumped when the rendered output for the same templates and rows would change.
 RENDER_VERSION = 1
@@ -229,43 +236,74 @@ def rows_format(path: Path) -> str | None:
     return ROWS_FORMATS.get(path.suffix.lower())
 
 
-def iter_rows(path: Path) -> Iterator[Row | _RowProblem]:
-    """Every row of a rows file in order, or a problem in its place. Streams; never holds all."""
+def iter_rows(
+    path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> Iterator[Row | _RowProblem]:
+    """Every row of a rows file in order, or a problem in its place. Streams; never holds all:
+    a row over ``max_row_bytes`` is reported and read past in bounded pieces."""
     if rows_format(path) == "csv":
-        return _csv_rows(path)
-    return _jsonl_rows(path)
+        return _csv_rows(path, max_row_bytes)
+    return _jsonl_rows(path, max_row_bytes)
+
+
+class _RecordTooLarge(Exception):
+    """The CSV record being read is longer than the cap (raised through ``csv.reader``)."""
 
 
 class _CountingLines:
-    """Feeds a file to ``csv.reader`` and remembers where each record starts."""
+    """Feeds a file to ``csv.reader``, remembers where each record starts, and caps a record.
 
-    def __init__(self, f: IO[str]) -> None:
+    Lines are read with ``readline(limit)``, so an over-long line is never read whole: once
+    the record passes ``max_chars`` characters, ``_RecordTooLarge`` stops the reader.
+    """
+
+    def __init__(self, f: IO[str], max_chars: int) -> None:
         self.f = f
+        self.max_chars = max_chars
         self.count = 0
         self.first: int | None = None  # first line of the record being read
+        self.record_chars = 0  # characters of the record being read so far
+
+    def start_record(self) -> None:
+        self.first = None
+        self.record_chars = 0
 
     def __iter__(self) -> _CountingLines:
         return self
 
     def __next__(self) -> str:
-        line = next(self.f)
+        line = self.f.readline(self.max_chars - self.record_chars + 1)
+        if not line:
+            raise StopIteration
         self.count += 1
         if self.first is None:
             self.first = self.count
+        self.record_chars += len(line)
+        if self.record_chars > self.max_chars:
+            raise _RecordTooLarge
         return line
 
 
-def _csv_rows(path: Path) -> Iterator[Row | _RowProblem]:
+def _csv_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]:
     with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = _CountingLines(f)
+        lines = _CountingLines(f, max_row_bytes)
         reader = csv.reader(lines)
         header: list[str] | None = None
         number = 0
         while True:
-            lines.first = None
+            lines.start_record()
             try:
                 record = next(reader)
             except StopIteration:
+                return
+            except _RecordTooLarge:
+                # Where the next record starts is unknown once a record is cut (it may be
+                # inside quotes), so reading stops here, as for any broken CSV.
+                message = (
+                    f"row {number + 1} is longer than {max_row_bytes:,} bytes (the limit of "
+                    "one row); split it or shorten it"
+                )
+                yield _RowProblem(lines.first or lines.count, "row-too-large", message)
                 return
             except (csv.Error, UnicodeDecodeError) as err:
                 yield _RowProblem(
@@ -302,10 +340,18 @@ def _first_duplicate(names: list[str]) -> str | None:
     return None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row | _RowProblem]:
+def _jsonl_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]:
     with open(path, "rb") as f:
         number = 0
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _bounded_lines(f, max_row_bytes):
+            if raw is None:  # skipped unread, as it streamed by
+                number += 1
+                message = (
+                    f"row {number} is longer than {max_row_bytes:,} bytes (the limit of one "
+                    "row); split it or shorten it"
+                )
+                yield _RowProblem(lineno, "row-too-large", message)
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
@@ -326,6 +372,21 @@ def _jsonl_rows(path: Path) -> Iterator[Row | _RowProblem]:
                 yield _RowProblem(lineno, "not-an-object", message)
                 continue
             yield Row(number, lineno, value)
+
+
+def _bounded_lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """``(line_number, line)`` for each physical line; ``line`` is None for one longer than
+    ``max_bytes`` (not counting its line ending), which is read past in 64 KiB pieces."""
+    lineno = 0
+    while line := f.readline(max_bytes + 2):  # + room for "\r\n"
+        lineno += 1
+        content = len(line) - (2 if line.endswith(b"\r\n") else line.endswith(b"\n"))
+        if content <= max_bytes:
+            yield lineno, line
+            continue
+        while not line.endswith(b"\n") and (line := f.readline(1 << 16)):
+            pass
+        yield lineno, None
 
 
 def row_lines(path: Path, numbers: Iterable[int]) -> dict[int, int]:
@@ -361,7 +422,11 @@ class RenderedInput:
 
 
 def render_rows(
-    template: RequestTemplate, rows_path: Path, folder: Path
+    template: RequestTemplate,
+    rows_path: Path,
+    folder: Path,
+    *,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> tuple[RenderedInput | None, list[Problem]]:
     """Render every row of ``rows_path`` into ``folder`` (reusing an earlier render).
 
@@ -392,7 +457,7 @@ def render_rows(
         fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
         tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as out:
-            sha256, problems = _write_requests(template, rows_path, out)
+            sha256, problems = _write_requests(template, rows_path, out, max_row_bytes)
         if problems:
             return None, problems
         final = folder / f"{sha256}.jsonl"
@@ -436,7 +501,7 @@ class _Collector:
 
 
 def _write_requests(
-    template: RequestTemplate, rows_path: Path, out: IO[bytes]
+    template: RequestTemplate, rows_path: Path, out: IO[bytes], max_row_bytes: int
 ) -> tuple[str, list[Problem]]:
     """Stream the rendered requests into ``out``; return their sha256 and any problems."""
     sha = hashlib.sha256()
@@ -444,7 +509,7 @@ def _write_requests(
     seen: dict[str, tuple[int, int]] = {}  # custom_id -> (row, line) that used it first
     rows = 0
     try:
-        for row in iter_rows(rows_path):
+        for row in iter_rows(rows_path, max_row_bytes):
             if isinstance(row, _RowProblem):
                 found.add(row.line, row.code, row.message)
                 continue

@@ -17,13 +17,21 @@ Promises:
   and non-string keys are problems, never silently merged. Merge keys (``<<``) and anchors work.
 - Reading a file never raises for bad content: syntax errors, bad UTF-8 and unreadable files
   come back as problems, so the caller can report them with everything else.
+- Reading is bounded. A file larger than ``MAX_YAML_FILE_BYTES`` is refused unread; a path
+  that is not a regular file once symlinks are resolved (a FIFO, a device such as
+  ``/dev/zero``, a socket) is refused after one ``stat``, never opened. Aliases cannot blow
+  up memory: nodes built through aliases count against ``MAX_ALIAS_NODES`` per document (as
+  does a mapping's size once its ``<<`` merge keys are flattened), and past it the document
+  is refused with a problem at the alias that crossed the limit ("billion laughs").
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -43,6 +51,11 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _KEY_VARIABLE_SUFFIXES = ("/apiKeyEnv", "/upstreamApiKeyEnv")
 # Longest value quoted verbatim in a message; longer ones are cut with an ellipsis.
 _QUOTE_LIMIT = 60
+#: The largest manifest or project file read (bytes); a larger one is refused unread.
+MAX_YAML_FILE_BYTES = 4 * 1024 * 1024
+#: Nodes one document may build through aliases (and entries merged in by ``<<``); a
+#: hand-written manifest reuses a few blocks, a "billion laughs" file needs billions.
+MAX_ALIAS_NODES = 100_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +226,26 @@ class YamlDocument:
         return SourceLocation(self.file, mark.line + 1, mark.column + 1)
 
 
+class _AliasBomb(Exception):
+    """More nodes built through aliases than ``MAX_ALIAS_NODES``; carries where it happened."""
+
+    def __init__(self, mark: yaml.Mark, pointer: str, message: str | None = None) -> None:
+        super().__init__(pointer)
+        self.mark = mark
+        self.pointer = pointer
+        self.message = message or (
+            f"aliases expand to more than {MAX_ALIAS_NODES:,} nodes; refusing the document "
+            "(repeat the content, or reuse fewer anchors)"
+        )
+
+
 class _Builder:
-    """Turns one composed node tree into plain data, recording positions and key problems."""
+    """Turns one composed node tree into plain data, recording positions and key problems.
+
+    The composer hands back the *same* node object for every alias of an anchor, so a node
+    met a second time is being built through an alias: each such build counts against
+    ``MAX_ALIAS_NODES``, as does each entry a ``<<`` merge key brings in.
+    """
 
     def __init__(self, loader: _Loader, file: Path) -> None:
         self.loader = loader
@@ -223,8 +254,32 @@ class _Builder:
         self.keys: dict[str, yaml.Mark] = {}
         self.problems: list[Problem] = []
         self._open: set[int] = set()  # ids of nodes being built, to catch recursive aliases
+        self._built: set[int] = set()  # ids of nodes built at least once
+        self._aliased = 0  # nodes built through aliases so far
+        self._merged: dict[int, int] = {}  # id of a mapping -> its entries once merged
 
-    def build(self, node: yaml.Node, pointer: str = "") -> Any:
+    def build_document(self, node: yaml.Node) -> Any:
+        """The document's data; None (with a problem) when its aliases expand too far."""
+        try:
+            return self.build(node)
+        except _AliasBomb as bomb:
+            self._problem(bomb.mark, bomb.pointer, "alias-limit", bomb.message)
+            return None
+        except RecursionError:
+            message = "the document nests too deeply to be read"
+            self._problem(node.start_mark, "", "too-deep", message)
+            return None
+
+    def _count_alias(self, node: yaml.Node, pointer: str, count: int = 1) -> None:
+        self._aliased += count
+        if self._aliased > MAX_ALIAS_NODES:
+            raise _AliasBomb(node.start_mark, pointer)
+
+    def build(self, node: yaml.Node, pointer: str = "", *, aliased: bool = False) -> Any:
+        aliased = aliased or id(node) in self._built
+        self._built.add(id(node))
+        if aliased:
+            self._count_alias(node, pointer)
         self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node)
@@ -235,14 +290,44 @@ class _Builder:
         try:
             if isinstance(node, yaml.SequenceNode):
                 return [
-                    self.build(item, pointer_join(pointer, i)) for i, item in enumerate(node.value)
+                    self.build(item, pointer_join(pointer, i), aliased=aliased)
+                    for i, item in enumerate(node.value)
                 ]
-            return self._mapping(node, pointer)
+            return self._mapping(node, pointer, aliased=aliased)
         finally:
             self._open.discard(id(node))
 
-    def _mapping(self, node: yaml.MappingNode, pointer: str) -> dict[str, Any]:
+    def _merged_size(self, node: yaml.MappingNode, pointer: str, seen: frozenset[int]) -> int:
+        """How many entries ``node`` holds once its ``<<`` merges are flattened (memoised).
+
+        Computed before ``flatten_mapping`` runs, because flattening nested merges copies
+        entries level by level: a chain of merges doubles the list at every level.
+        """
+        known = self._merged.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in seen:  # a merge that includes itself: PyYAML would recurse forever
+            message = "a `<<` merge key includes the mapping that holds it"
+            raise _AliasBomb(node.start_mark, pointer, message)
+        total = 0
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                total += 1
+                continue
+            subnodes = (
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            )
+            for sub in subnodes:
+                if isinstance(sub, yaml.MappingNode):
+                    total += self._merged_size(sub, pointer, seen | {id(node)})
+            if total > MAX_ALIAS_NODES:
+                raise _AliasBomb(key_node.start_mark, pointer)
+        self._merged[id(node)] = total
+        return total
+
+    def _mapping(self, node: yaml.MappingNode, pointer: str, *, aliased: bool) -> dict[str, Any]:
         self._check_duplicates(node, pointer)
+        self._merged_size(node, pointer, frozenset())  # refuses a merge chain that explodes
         self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -251,7 +336,7 @@ class _Builder:
                 continue
             child = pointer_join(pointer, key)
             self.keys[child] = key_node.start_mark  # later keys win, as in the data
-            result[key] = self.build(value_node, child)
+            result[key] = self.build(value_node, child, aliased=aliased)
         return result
 
     def _key(self, key_node: yaml.Node, pointer: str) -> str | None:
@@ -318,7 +403,7 @@ def _read_documents(
         while loader.check_node():
             node = loader.get_node()
             builder = _Builder(loader, path)
-            data = builder.build(node)
+            data = builder.build_document(node)
             problems.extend(builder.problems)
             if data is not None:
                 documents.append(YamlDocument(path, index, data, builder.values, builder.keys))
@@ -327,6 +412,9 @@ def _read_documents(
         problems.append(_syntax_problem(path, err))
     except yaml.YAMLError as err:  # unmarked: rare (e.g. a reader error without position)
         problems.append(Problem.at(SourceLocation(path, 1, 1), "", "yaml-syntax", str(err)))
+    except RecursionError:  # the composer recurses per nesting level: `[[[[...` thousands deep
+        message = "the YAML nests too deeply to be read"
+        problems.append(Problem.at(SourceLocation(path, 1, 1), "", "too-deep", message))
     finally:
         loader.dispose()
     return documents, problems
@@ -334,7 +422,9 @@ def _read_documents(
 
 def _read_text(path: Path) -> tuple[str | None, list[Problem]]:
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_YAML_FILE_BYTES)
+    except _Refused as refused:
+        return None, [Problem(path, None, None, "", refused.code, refused.message)]
     except OSError as err:
         reason = err.strerror or str(err)
         return None, [Problem(path, None, None, "", "unreadable", f"cannot read file: {reason}")]
@@ -345,6 +435,54 @@ def _read_text(path: Path) -> tuple[str | None, list[Problem]]:
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         message = f"not UTF-8: byte 0x{raw[err.start]:02x} cannot be decoded"
         return None, [Problem(path, line, column, "", "encoding", message)]
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; raises ``_Refused`` otherwise.
+
+    The resolved path is ``stat``-ed first: a FIFO or a device is refused without opening it
+    (opening a FIFO blocks until a writer comes; ``/dev/zero`` never ends). The file is then
+    opened non-blocking (in case it was swapped for a FIFO since) and read to at most
+    ``limit + 1`` bytes, so a file that grew meanwhile is refused too.
+    """
+    resolved = path.resolve()
+    info = os.stat(resolved)
+    if not stat.S_ISREG(info.st_mode):
+        kind = _file_kind(info.st_mode)
+        raise _Refused("not-a-file", f"not a regular file ({kind}): refusing to read it")
+    too_big = (
+        f"the file is larger than {limit:,} bytes: refusing to read it "
+        "(a manifest or project file is a few kB)"
+    )
+    if info.st_size > limit:
+        raise _Refused("too-large", too_big)
+    fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _Refused("not-a-file", "not a regular file: refusing to read it")
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise _Refused("too-large", too_big)
+    return raw
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a file"
 
 
 def _syntax_problem(path: Path, err: yaml.MarkedYAMLError) -> Problem:

@@ -1,0 +1,162 @@
+"""Which workspace a command works on (issue 10, #15, #16).
+
+Outside any workspace, commands say so and how to start one, and read nothing. YAML files that
+are not batchspec manifests are skipped when a glob finds them and reported when named. Read
+commands (`status`, `results`, `history`) work from the state when an unrelated manifest is
+broken: a warning on stderr, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+FAST = ["--poll-interval", "0.05"]
+
+
+def scattered_yaml(folder: Path) -> None:
+    """YAML that is not ours, the way /tmp holds other projects' files."""
+    for relative, text in {
+        "venv/lib/site-packages/pkg/config.yaml": "key: [unclosed\n",
+        "other-project/docker-compose.yml": "services: {web: {image: nginx}}\n",
+        "notes.yaml": "- a\n- b\n",
+    }.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["validate"], id="validate"),
+        pytest.param(["plan"], id="plan"),
+        pytest.param(["apply", "--yes"], id="apply"),
+        pytest.param(["status"], id="status"),
+        pytest.param(["history"], id="history"),
+        pytest.param(["results", "x"], id="results"),
+        pytest.param(["validate", "."], id="validate-dot"),
+    ],
+)
+def test_outside_a_workspace_a_command_says_so_and_reads_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    """No batchspec.yaml here or above: exit 1 pointing at `batchspec init`; no YAML is read."""
+    scattered_yaml(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1
+    assert "not a batchspec workspace: no batchspec.yaml in" in err
+    assert "batchspec init" in err
+    assert "config.yaml" not in err + out and "notes.yaml" not in err + out
+    assert not (tmp_path / "state").exists()  # nothing written either
+
+
+def test_a_yaml_file_that_is_not_a_manifest_is_skipped_when_found_and_reported_when_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Default globs find a compose file and a broken template: skipped; named: reported."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here")],
+    )
+    (ws.root / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
+    (ws.root / "compose.yaml").write_text("services: {web: {image: nginx}}\n")
+    (ws.root / "chart").mkdir()
+    (ws.root / "chart" / "values.yaml").write_text("image: {{ .Values.image }\n")
+    (ws.root / "manifests" / "a.yaml").write_text(
+        (ws.root / "manifests" / "a.yaml").read_text().replace("provider: here", "provider: local")
+    )
+    code, out, err = run_cli(["validate", str(ws.root)], capsys)
+    assert (code, err) == (0, "")
+    assert out.startswith("1 resource valid:")
+    code, _, err = run_cli(["validate", str(ws.root / "compose.yaml")], capsys)
+    assert code == 1
+    assert "compose.yaml:1:1: not a batchspec manifest" in err
+
+
+def test_a_broken_manifest_found_by_a_glob_is_still_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest with a syntax error (it says batchspec) is not mistaken for foreign YAML."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here")],
+    )
+    (ws.root / "manifests" / "b.yaml").write_text(
+        "apiVersion: batchspec/v1\nkind: Batch\nmetadata: {name: [b\n"
+    )
+    code, _, err = run_cli(["validate", str(ws.root)], capsys)
+    assert code == 1
+    assert "manifests/b.yaml:" in err and "YAML syntax error" in err
+
+
+@pytest.fixture
+def applied_with_a_broken_neighbour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A workspace with `a` applied and collected, then an unrelated manifest `b` broken."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    (ws.root / "manifests" / "b.yaml").write_text(
+        "apiVersion: batchspec/v1\nkind: Batch\nspec: [\n"
+    )
+    return ws.root
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["status"], id="status"),
+        pytest.param(["status", "--json"], id="status-json"),
+        pytest.param(["results", "a"], id="results"),
+        pytest.param(["history"], id="history"),
+    ],
+)
+def test_read_commands_work_past_an_unrelated_broken_manifest(
+    applied_with_a_broken_neighbour: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    """status, results and history exit 0 from the state, warning about b.yaml on stderr."""
+    root = applied_with_a_broken_neighbour
+    monkeypatch.chdir(root)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    if argv[0] == "history":
+        assert "apply" in out
+        return
+    assert "Warning: 1 problem in manifests not needed here" in err
+    assert "manifests/b.yaml:" in err
+    if argv == ["results", "a"]:
+        assert len(out.splitlines()) == 3  # a's three answers
+    elif "--json" in argv:
+        [a, b] = json.loads(out)["resources"]
+        assert (a["name"], a["sync"], a["health"]) == ("a", "Synced", "Healthy")
+        assert (b["name"], b["sync"]) == ("b", "Unknown")  # not Orphaned: it may be b.yaml
+    else:
+        assert "a: Synced, Healthy" in out
+
+
+def test_results_of_the_broken_resource_itself_report_its_problems(
+    applied_with_a_broken_neighbour: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`results b` needs b's manifest: its problem is the error (exit 1), not a guess."""
+    monkeypatch.chdir(applied_with_a_broken_neighbour)
+    code, out, err = run_cli(["results", "b"], capsys)
+    assert (code, out) == (1, "")
+    assert "manifests/b.yaml:" in err

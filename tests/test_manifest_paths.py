@@ -1,0 +1,171 @@
+"""Where a manifest may write: outputs and errors are confined to the workspace (issue 10, #4, #14).
+
+Nothing a manifest names is written outside the workspace, onto the state, onto a manifest,
+the project file or any resource's input, and no two resources write one file. Each refusal
+is a located problem, so validate, plan and apply refuse alike, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli, write_manifest
+
+from batchspec.workspace.manifest import load_workspace
+from batchspec.workspace.yamldoc import InvalidManifestError, Problem
+
+
+def two_resources(root: Path) -> Path:
+    """A workspace with manifests/a.yaml and manifests/b.yaml (inputs in data/), and a rows file."""
+    ws = make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    (root / "data" / "rows.csv").write_text("text\nhello\n", encoding="utf-8")
+    rows = {
+        "apiVersion": "batchspec/v1",
+        "kind": "Batch",
+        "metadata": {"name": "from-rows"},
+        "spec": {
+            "provider": "here",
+            "endpoint": "/v1/chat/completions",
+            "input": {"rows": "../data/rows.csv", "body": {"model": "m", "messages": []}},
+            "output": "../results/from-rows.jsonl",
+        },
+    }
+    (root / "manifests" / "rows.yaml").write_text(yaml.safe_dump(rows, sort_keys=False))
+    return ws.root
+
+
+def set_spec(root: Path, name: str, **spec: str) -> None:
+    path = root / "manifests" / f"{name}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"].update(spec)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def problems_of(root: Path) -> list[Problem]:
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([root])
+    return list(caught.value.problems)
+
+
+OUTSIDE = "__outside__"  # replaced by a path in tmp_path, outside the workspace
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        pytest.param("output", "../state/batchspec.db", "inside the state folder", id="state-db"),
+        pytest.param("errors", "../state/x.jsonl", "inside the state folder", id="state-folder"),
+        pytest.param("output", "../state/local/x.jsonl", "inside the state folder", id="engine"),
+        pytest.param("output", OUTSIDE, "is outside the workspace", id="absolute-outside"),
+        pytest.param("output", "../../../../x.jsonl", "is outside the workspace", id="dotdot"),
+        pytest.param("output", "../batchspec.yaml", "is the project file", id="project-file"),
+        pytest.param("output", "b.yaml", "matches the workspace's manifest globs", id="manifest"),
+        pytest.param("errors", "a.yaml", "is this manifest", id="own-manifest"),
+        pytest.param("output", "../data/b.jsonl", "is the input of resource 'b'", id="other-input"),
+        pytest.param(
+            "output", "../data/rows.csv", "is the input of resource 'from-rows'", id="rows"
+        ),
+        pytest.param(
+            "errors", "../results/b.jsonl", "is written by two resources: 'a'", id="other-output"
+        ),
+    ],
+)
+def test_an_output_that_would_overwrite_what_it_must_not_is_refused_at_its_line(
+    tmp_path: Path, key: str, value: str, expected: str
+) -> None:
+    """Each forbidden target is a path-conflict problem at the manifest's key, file:line."""
+    root = two_resources(tmp_path / "ws")
+    if value == OUTSIDE:
+        value = str(tmp_path / "elsewhere" / "x.jsonl")
+    set_spec(root, "a", **{key: value})
+    found = [p for p in problems_of(root) if p.code == "path-conflict"]
+    assert found, "no path-conflict problem"
+    mine = [p for p in found if expected in p.message]
+    assert mine, [str(p) for p in found]
+    problem = mine[0]
+    assert problem.file is not None and problem.line is not None
+    assert problem.file.name in ("a.yaml", "b.yaml")
+    assert problem.pointer in ("/spec/output", "/spec/errors")
+
+
+def test_a_symlinked_results_folder_pointing_outside_is_refused(tmp_path: Path) -> None:
+    """Symlinks are resolved: results/ linked to a folder outside the workspace is outside."""
+    root = two_resources(tmp_path / "ws")
+    (tmp_path / "elsewhere").mkdir()
+    (root / "results").symlink_to(tmp_path / "elsewhere")
+    found = problems_of(root)
+    assert {p.code for p in found} == {"path-conflict"}
+    assert all("is outside the workspace" in p.message for p in found)
+
+
+def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
+    """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["output"] = "../out/answers.jsonl"
+    del doc["spec"]["errors"]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    [res] = [r for r in load_workspace([root]).resources if r.name == "a"]
+    assert res.output_path == root.resolve() / "out" / "answers.jsonl"
+    assert res.errors_path == root.resolve() / "out" / "answers.errors.jsonl"
+
+
+def test_validate_refuses_an_output_onto_the_state_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batchspec validate` exits 1 naming manifests/a.yaml:LINE for output: ../state/..."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", output="../state/batchspec.db")
+    code, out, err = run_cli(["validate", str(root), "--json"], capsys)
+    assert code == 1
+    [problem] = json.loads(out)["problems"]
+    assert problem["file"].endswith("manifests/a.yaml")
+    text = (root / "manifests" / "a.yaml").read_text().splitlines()
+    line = next(i for i, t in enumerate(text, 1) if t.strip().startswith("output:"))
+    assert problem["line"] == line and problem["pointer"] == "/spec/output"
+
+
+def test_apply_refuses_an_output_onto_the_state_and_leaves_it_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a good apply, pointing an output at the state database changes nothing at all."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here")],
+    )
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"], capsys
+    )
+    assert code == 0, err
+    before = ws.state_bytes()
+    write_manifest(ws, ResourceSpec("a", provider="here", spec={"output": "../state/batchspec.db"}))
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes"], capsys)
+    assert code == 1
+    assert "manifests/a.yaml:" in err and "inside the state folder" in err
+    assert ws.state_bytes() == before
+
+
+def test_a_state_above_the_workspace_confines_only_its_own_data(tmp_path: Path) -> None:
+    """--state ../x.db puts the state folder above the root: outputs in the workspace stay
+    allowed, but the state's own data beside its file (store/, shards/, ...) is refused."""
+    root = two_resources(tmp_path / "ws")
+    state = str(tmp_path / "elsewhere.db")
+    ws = load_workspace([root], state_path=state)
+    assert {r.name for r in ws.resources} == {"a", "b", "from-rows"}
+    (tmp_path / "ws" / "store").mkdir()
+    set_spec(root, "a", output="../store/a.jsonl")  # root/store: not the state's
+    load_workspace([root], state_path=state)
+    state_in_root = str(root / "batchspec.db")
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([root], state_path=state_in_root)
+    [problem] = caught.value.problems
+    assert problem.code == "path-conflict" and "state folder's data" in problem.message
