@@ -254,6 +254,36 @@ CASES = [
         id="attempts-exhausted-degraded-is-none",
     ),
     pytest.param(
+        want(max_attempts=3),
+        have(
+            gen(
+                status="degraded",
+                succeeded=7,
+                failed=3,
+                shards=(
+                    ShardProgress(shard=0, attempts_used=2, unresolved=3, unresolved_bytes=120),
+                ),
+            )
+        ),
+        IN_SYNC_DISK,
+        (ActionKind.RETRY, "3 unresolved request(s); attempt 3 of 3", 3, 30),
+        id="degraded-with-max-attempts-raised-retries",
+    ),
+    pytest.param(
+        want(max_attempts=2),
+        have(
+            gen(
+                status="degraded",
+                succeeded=7,
+                failed=3,
+                shards=(ShardProgress(shard=0, attempts_used=2, unresolved=3),),
+            )
+        ),
+        IN_SYNC_DISK,
+        (ActionKind.NONE, "in sync: 7 succeeded, 3 failed (degraded: attempts exhausted)", 0, 0),
+        id="degraded-with-attempts-still-exhausted-is-none",
+    ),
+    pytest.param(
         want(),
         have(gen()),
         DiskFacts(None, ERR),
