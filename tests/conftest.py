@@ -21,6 +21,8 @@ from probes import ProbedServer, start_probed_server
 from servers import EngineServer, StandinUpstream, start_server, start_standin_upstream
 from workspaces import SENTINEL_KEY
 
+pytest_plugins = ["ci_skips"]  # with CI=true a skip is a failure (tests/ci_skips.py)
+
 
 @pytest.fixture
 def serve_engine(tmp_path: Path) -> Iterator[Callable[..., EngineServer]]:

@@ -390,18 +390,26 @@ def test_cancel_of_an_unknown_resource_exits_1(
 
 def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedServer) -> None:
     """Ctrl-C while apply --wait polls a batch in flight: "Interrupted." and exit 130, as
-    docs/exit-codes.md says, with no traceback."""
+    docs/exit-codes.md says, with no traceback (also when pytest runs with SIGINT ignored)."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
         resources=[ResourceSpec("triage", count=3)],
     )
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A test run started as `pytest &` from a script inherits an ignored SIGINT, and exec
+    # keeps an ignored signal ignored, so the child would never see the Ctrl-C. exec resets a
+    # *caught* signal to its default: catch SIGINT here while spawning (no preexec_fn, which is
+    # unsafe with the server's threads running).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stdout is not None
     for line in proc.stdout:  # interrupt once it polls, i.e. after the create
         if line.startswith("waiting"):

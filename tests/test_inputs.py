@@ -708,6 +708,18 @@ def test_require_valid_input_error_names_path_and_line(tmp_path: Path) -> None:
     assert err.details == [f"{path}:3: duplicate custom_id 'a' (first seen on line 1)"]
 
 
+def test_a_custom_id_used_three_times_names_its_first_line_each_time(tmp_path: Path) -> None:
+    """An id on lines 1, 3 and 4: both repeats point at line 1, where it was first seen, not
+    at the latest earlier use."""
+    path = write(tmp_path, jsonl(req("a"), req("b"), req("a"), req("a")))
+    with pytest.raises(InputError) as caught:
+        require_valid_input(path)
+    assert caught.value.details == [
+        f"{path}:3: duplicate custom_id 'a' (first seen on line 1)",
+        f"{path}:4: duplicate custom_id 'a' (first seen on line 1)",
+    ]
+
+
 def test_require_valid_input_lists_20_then_the_rest(tmp_path: Path) -> None:
     """Details show the first 20 problems and then '... and N more'."""
     path = write(tmp_path, jsonl(*(b"[]" for _ in range(23))))

@@ -101,6 +101,53 @@ CASES = [
     ),
     pytest.param(
         want(),
+        have(IN_FLIGHT, replace(IN_FLIGHT, id=3, spec_hash=OLD)),
+        None,
+        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 0, 0),
+        id="spec-reverted-to-one-still-running-replaces-submitting-nothing",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                batches=(),
+                shards=(ShardProgress(0, 1, 0), ShardProgress(1, 1, 0)),
+            )
+        ),
+        None,
+        (ActionKind.COLLECT, "every request keeps a recorded result", 0, 0),
+        id="nothing-submitted-every-request-recorded-collects",
+    ),
+    pytest.param(
+        want(),
+        have(
+            gen(
+                status="in_progress",
+                batches=(),
+                shards=(ShardProgress(0, 0, 0), ShardProgress(1, 0, 4)),
+            )
+        ),
+        None,
+        (ActionKind.CREATE, "generation recorded but nothing submitted", 10, 100),
+        id="nothing-submitted-some-requests-open-creates",
+    ),
+    pytest.param(
+        want(requests=0, input_bytes=0),
+        have(gen(status="in_progress", batches=(batch(remote_id=None, status="pending"),))),
+        None,
+        (ActionKind.CREATE, "1 batch(es) queued for submission", 10, 0),
+        id="queued-intent-of-an-empty-input-estimates-no-tokens",
+    ),
+    pytest.param(
+        want(),
+        have(gen(output_sha256=None)),
+        DiskFacts(None, None),
+        (ActionKind.RESTORE, "errors file is missing", 0, 0),
+        id="no-output-recorded-errors-missing-restores",
+    ),
+    pytest.param(
+        want(),
         have(gen(id=3, spec_hash=OLD)),
         None,
         (ActionKind.CREATE, "spec or input changed", 10, 100),
@@ -258,6 +305,42 @@ CASES = [
             0,
         ),
         id="attempts-exhausted-degraded-is-none",
+    ),
+    pytest.param(
+        want(max_attempts=3),
+        have(
+            gen(
+                status="degraded",
+                succeeded=7,
+                failed=3,
+                shards=(
+                    ShardProgress(shard=0, attempts_used=2, unresolved=3, unresolved_bytes=120),
+                ),
+            )
+        ),
+        IN_SYNC_DISK,
+        (ActionKind.RETRY, "3 unresolved request(s); attempt 3 of 3", 3, 30),
+        id="degraded-with-max-attempts-raised-retries",
+    ),
+    pytest.param(
+        want(max_attempts=2),
+        have(
+            gen(
+                status="degraded",
+                succeeded=7,
+                failed=3,
+                shards=(ShardProgress(shard=0, attempts_used=2, unresolved=3),),
+            )
+        ),
+        IN_SYNC_DISK,
+        (
+            ActionKind.NONE,
+            "in sync: 7 succeeded, 3 failed (degraded: failed finally; `batchspec apply --replace "
+            "triage` runs it again)",
+            0,
+            0,
+        ),
+        id="degraded-with-attempts-still-exhausted-is-none",
     ),
     pytest.param(
         want(),
@@ -445,7 +528,10 @@ def orphan(name: str, status: str = "complete") -> RecordedResource:
 
 def test_orphans_are_reported_sorted_after_the_desired_resources() -> None:
     """A recorded resource without a manifest is `orphaned`, with what is still in flight."""
-    recorded = {"zeta": orphan("zeta", "in_progress"), "alpha": orphan("alpha")}
+    zeta = RecordedResource(
+        "zeta", "openai", (gen(id=1, status="complete"), gen(id=2, status="in_progress"))
+    )
+    recorded = {"zeta": zeta, "alpha": orphan("alpha")}
     plan = make_plan([want()], recorded, {})
     assert [(a.resource, a.kind) for a in plan.actions] == [
         ("triage", ActionKind.CREATE),
@@ -453,7 +539,7 @@ def test_orphans_are_reported_sorted_after_the_desired_resources() -> None:
         ("zeta", ActionKind.ORPHANED),
     ]
     assert "nothing in flight" in plan.actions[1].reason
-    assert "batches still in flight" in plan.actions[2].reason
+    assert "batches still in flight" in plan.actions[2].reason  # one generation of two runs
     assert "apply --prune" in plan.actions[1].reason
 
 

@@ -25,7 +25,14 @@ from serve_faults import (
     served_workspace,
 )
 from servers import FAST_ENGINE_OPTIONS, request_lines, wait_for
-from workspaces import KEY_ENV, ResourceSpec, make_workspace, openai_provider, run_cli
+from workspaces import (
+    KEY_ENV,
+    ResourceSpec,
+    make_workspace,
+    openai_provider,
+    run_cli,
+    write_manifest,
+)
 
 from batchspec.engine import BuiltinUpstream, Engine
 from batchspec.engine.app import create_app
@@ -415,3 +422,38 @@ def test_requests_missing_from_both_files_are_resubmitted(
     finally:
         background.stop()
         engine.close()
+
+
+def test_a_degraded_resource_retries_again_when_max_attempts_is_raised(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """maxAttempts 1 leaves a job Degraded; raising retry.maxAttempts (not part of the spec
+    hash) makes plan say retry for exactly the failed requests, and apply resubmits only those
+    until the job converges: results rewritten whole, in input order, generation complete."""
+    srv = serve("--fault-500", "0.6", "--fault-seed", "3", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("flaky", count=30, spec={"retry": {"maxAttempts": 1}})
+    )
+    ids = ws.input_ids("flaky")
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 4, out + err
+    failed = [r["custom_id"] for r in ws.errors("flaky")]
+    assert failed and len(received_batches(srv.client())) == 1
+
+    write_manifest(ws, ResourceSpec("flaky", spec={"retry": {"maxAttempts": 8}}))
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["requests"]) == ("retry", len(failed)), out
+    assert "attempt 2 of 8" in action["reason"]
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    batches = received_batches(srv.client())
+    assert len(batches) >= 2
+    assert batches[1].input_ids == in_input_order(failed, ids)
+    assert [r["custom_id"] for r in ws.outputs("flaky")] == ids
+    assert ws.errors("flaky") == []
+    with ws.store() as store:
+        [gen] = store.generations("flaky")
+    assert (gen.status, gen.succeeded, gen.failed) == ("complete", 30, 0)

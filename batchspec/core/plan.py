@@ -24,7 +24,9 @@ a batch intent with no remote id (a crashed run)       create     yes (adopts th
 generation recorded but nothing submitted              create     yes
 batches in flight                                      refresh    no
 a terminal batch whose files are not downloaded        collect    no
-unresolved requests and attempts left                  retry      yes
+unresolved requests and attempts left                  retry      yes (also when Degraded: a
+                                                                      raised retry.maxAttempts
+                                                                      retries again)
 everything resolved, result files not yet written      collect    no
 result files missing or edited on disk                 restore    no  (no network)
 otherwise                                              none       no
@@ -393,8 +395,10 @@ def plan_resource(
     uncollected = [b for b in gen.batches if b.awaiting_collect]
     if uncollected:
         return act(ActionKind.COLLECT, f"{len(uncollected)} finished batch(es) to download", gen)
+    # No status guard: a Degraded generation whose retry.maxAttempts was raised has attempts
+    # left again and retries, like any other (``retry`` is not part of the spec hash).
     retryable = [s for s in gen.shards if s.unresolved and s.attempts_used < want.max_attempts]
-    if retryable and gen.status not in FINISHED_GENERATION_STATUSES:
+    if retryable:
         ready = [s for s in retryable if s.not_before is None or now is None or now >= s.not_before]
         if not ready:
             wait = min(s.not_before or 0 for s in retryable) - (now or 0)

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from batchspec.core.plan import (
-    FINISHED_GENERATION_STATUSES,
     DiskFacts,
     RecordedBatch,
     RecordedGeneration,
@@ -58,8 +57,10 @@ def recorded_generation(
     shards: tuple[ShardProgress, ...] = ()
     # While a batch is an intent, in flight or uncollected, the planner acts on it before it
     # looks at shards: skip the ledger scan (tens of ms per plan on a 50,000-request job).
+    # A complete generation has nothing unresolved; a degraded one is scanned, since a raised
+    # retry.maxAttempts gives its unresolved requests attempts again.
     busy = any(b.remote_id is None or b.collected_at is None for b in batches)
-    if gen.status not in FINISHED_GENERATION_STATUSES and not busy:
+    if gen.status != "complete" and not busy:
         shards = tuple(
             ShardProgress(
                 shard=c.shard,
