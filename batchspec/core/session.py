@@ -19,13 +19,11 @@ from batchspec.errors import BatchspecError, InputError, ManifestError
 from batchspec.providers.base import Provider
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
-from batchspec.wire.inputs import InputReport, problem_lines
+from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace, project_for
 from batchspec.workspace.manifestcache import ManifestCache
 from batchspec.workspace.yamldoc import display_path
-
-ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 @contextmanager
@@ -68,9 +66,7 @@ def validate_inputs(
                 res.input_path,
                 endpoint=res.endpoint,
                 model=res.model,
-                custom_id_pattern=ANTHROPIC_CUSTOM_ID if kind == "anthropic" else None,
-                allow_unversioned_url=kind == "azure",
-                dialect="anthropic" if kind == "anthropic" else "openai",
+                **rules_for_provider(kind),
             )
         except BatchspecError as err:
             failures.append(err)

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError, InputError
-from batchspec.wire.inputs import InputReport, scan_batch_input
+from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.templates import row_lines
 from batchspec.workspace.yamldoc import Problem, SourceLocation
 
-ANTHROPIC_CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 # "line N" in a problem about a rendered file means row N of the rows file.
 _RENDERED_LINE = re.compile(r"\bline (\d+)")
 
@@ -158,13 +157,7 @@ def _scan(
     res: Resource, workspace: Workspace, scans: dict[tuple[object, ...], InputReport]
 ) -> InputReport:
     kind = workspace.project.providers[res.provider].type
-    options = {
-        "endpoint": res.endpoint,
-        "model": res.model,
-        "custom_id_pattern": ANTHROPIC_CUSTOM_ID_PATTERN if kind == "anthropic" else None,
-        "allow_unversioned_url": kind == "azure",
-        "dialect": "anthropic" if kind == "anthropic" else "openai",
-    }
+    options = {"endpoint": res.endpoint, "model": res.model, **rules_for_provider(kind)}
     key = (res.input_path, *options.values())
     if key not in scans:  # two resources over one file with the same rules: scan it once
         scans[key] = scan_batch_input(res.input_path, **options)
