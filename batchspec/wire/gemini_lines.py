@@ -58,7 +58,8 @@ the ``gemini`` provider and the Gemini dialect of ``batchspec serve`` share them
 ``usageMetadata`` stays in it); an error (a ``google.rpc.Status``) -> the HTTP status of its
 gRPC code (``INVALID_ARGUMENT`` 400 is final, ``RESOURCE_EXHAUSTED`` 429, ``INTERNAL`` 500,
 ``UNAVAILABLE`` 503 and ``DEADLINE_EXCEEDED`` 504 are retried), ``CANCELLED`` ->
-``batch_cancelled``, an ``ErrorInfo`` with reason ``BATCH_EXPIRED`` -> ``batch_expired``. An
+``batch_cancelled``, a status whose ``details`` say ``BATCH_EXPIRED`` (a string, or an
+``ErrorInfo`` with that reason) -> ``batch_expired``. An
 unknown code counts as final (400): retrying what we cannot read could pay twice for nothing.
 """
 
@@ -124,10 +125,10 @@ HTTP_TO_GRPC = {
     503: 14,
     504: 4,
 }
-#: ``ErrorInfo.reason`` values the engine puts on requests a cancel or an expiry left unrun
+#: the ``details`` the engine puts on requests a cancel or an expiry left unrun (an
+#: ``ErrorInfo`` with this ``reason`` is read the same way)
 REASON_CANCELLED = "BATCH_CANCELLED"
 REASON_EXPIRED = "BATCH_EXPIRED"
-ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
 
 #: GenerateContentRequest fields (camelCase and snake_case)
 REQUEST_FIELDS = frozenset(
@@ -604,6 +605,8 @@ def _error_reason(status: Mapping[str, Any]) -> str | None:
     for detail in status.get("details") or []:
         if isinstance(detail, Mapping) and detail.get("reason"):
             return str(detail["reason"])
+        if detail in (REASON_CANCELLED, REASON_EXPIRED):
+            return str(detail)
     return None
 
 
@@ -612,7 +615,8 @@ def status_for_http(http: int, message: str, *, reason: str | None = None) -> di
     code = HTTP_TO_GRPC.get(http, 13 if http >= 500 else 3)
     status: dict[str, Any] = {"code": code, "message": message, "status": GRPC_CODES[code][1]}
     if reason is not None:
-        status["details"] = [{"@type": ERROR_INFO_TYPE, "reason": reason, "domain": "batchspec"}]
+        # a bare string, not an ErrorInfo object: the google-genai SDK types details as strings
+        status["details"] = [reason]
     return status
 
 

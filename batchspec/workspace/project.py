@@ -55,6 +55,7 @@ DEFAULT_API_KEY_ENV: Mapping[str, str | None] = {
     "openai": "OPENAI_API_KEY",
     "azure": "AZURE_OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
     "local": None,
 }
 
