@@ -31,8 +31,8 @@ The object is an Operation ``{name, metadata: GenerateContentBatch, done}``: ``s
 ``output.responsesFile`` (file input: ``files/results-<hex>``, generated from the engine's
 result files when read, lines ``{"key", "response"}`` / ``{"key", "error"}``). An error is a
 ``google.rpc.Status``: the gRPC code of the upstream's HTTP status; requests a cancel or an
-expiry left unrun are ``CANCELLED`` / ``DEADLINE_EXCEEDED`` with ``details`` ``["BATCH_CANCELLED"]`` /
-``["BATCH_EXPIRED"]`` (strings: the SDK types ``details`` so).
+expiry left unrun are ``CANCELLED`` / ``DEADLINE_EXCEEDED`` with ``details``
+``["BATCH_CANCELLED"]`` / ``["BATCH_EXPIRED"]`` (strings: the SDK types ``details`` so).
 
 Creates are checked as Gemini checks them: at least one request, each with non-empty
 ``contents``, unique keys; an inline create body over 20 MB (Gemini's limit) is refused
