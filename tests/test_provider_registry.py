@@ -140,5 +140,5 @@ def test_litellm_model_option_is_sent_as_a_header(tmp_path: Path) -> None:
 
 def test_unknown_type_is_an_error(tmp_path: Path) -> None:
     """An unknown type (the schema forbids it) still fails clearly rather than guessing."""
-    with pytest.raises(ProviderError, match="unknown provider type 'gemini'"):
-        build_provider(config("gemini"), project_root=tmp_path, env={})
+    with pytest.raises(ProviderError, match="unknown provider type 'vertex'"):
+        build_provider(config("vertex"), project_root=tmp_path, env={})

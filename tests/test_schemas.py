@@ -109,7 +109,8 @@ def test_budget_is_defined_identically_in_both_schemas() -> None:
 
 
 def test_endpoint_enum_lists_the_batch_api_endpoints() -> None:
-    """The endpoints are exactly those the OpenAI Batch API accepts, plus Anthropic's Messages."""
+    """The endpoints are exactly those the OpenAI Batch API accepts, plus Anthropic's Messages
+    and Gemini's generateContent."""
     endpoint = load_schema("batch")["properties"]["spec"]["properties"]["endpoint"]
     assert endpoint["enum"] == [
         "/v1/responses",
@@ -121,6 +122,7 @@ def test_endpoint_enum_lists_the_batch_api_endpoints() -> None:
         "/v1/images/edits",
         "/v1/videos",
         "/v1/messages",
+        "/v1beta/generateContent",
     ]
 
 

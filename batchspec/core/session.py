@@ -21,7 +21,7 @@ from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
-from batchspec.wire.inputs import InputReport, problem_lines
+from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import (
     Resource,
@@ -32,8 +32,6 @@ from batchspec.workspace.manifest import (
 )
 from batchspec.workspace.manifestcache import ManifestCache
 from batchspec.workspace.yamldoc import display_path
-
-ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 @contextmanager
@@ -108,9 +106,7 @@ def validate_inputs(
                 res.input_path,
                 endpoint=res.endpoint,
                 model=res.model,
-                custom_id_pattern=flavour_of(kind).custom_id_pattern,
-                allow_unversioned_url=kind == "azure",
-                dialect="anthropic" if kind == "anthropic" else "openai",
+                **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
             )
         except BatchspecError as err:
             failures.append(err)

@@ -36,12 +36,11 @@ from pathlib import Path
 
 from batchspec.errors import BatchspecError, InputError, ManifestError, UsageError
 from batchspec.providers.flavours import flavour_of
-from batchspec.wire.inputs import InputReport, scan_batch_input
+from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.templates import row_lines
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path
 
-ANTHROPIC_CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 # "line N" in a problem about a rendered file means row N of the rows file.
 _RENDERED_LINE = re.compile(r"\bline (\d+)")
 
@@ -236,9 +235,8 @@ def _scan(
     options = {
         "endpoint": res.endpoint,
         "model": res.model,
-        "custom_id_pattern": flavour_of(kind).custom_id_pattern,  # Anthropic's, Together's
-        "allow_unversioned_url": kind == "azure",
-        "dialect": "anthropic" if kind == "anthropic" else "openai",
+        # Anthropic's and Together's custom_id rules come with their flavour
+        **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
     }
     key = (res.input_path, *options.values())
     if key not in scans:  # two resources over one file with the same rules: scan it once

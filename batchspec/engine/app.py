@@ -14,15 +14,17 @@ Routes (each also without the ``/v1`` prefix, as LiteLLM and some clients send t
 
 The same views answer on Azure's paths (``/openai/v1/...`` and ``/openai/...?api-version=``,
 ``azure_routes.py``) and on Groq's (``/groq/openai/v1/...``, ``groq_routes.py``); Together's
-dialect is served under ``/together/v1/...`` (``together_routes.py``), and Anthropic's
-Message Batches dialect under ``/v1/messages/batches`` (``anthropic_routes.py``, errors in
-Anthropic's envelope).
+dialect is served under ``/together/v1/...`` (``together_routes.py``), Anthropic's Message
+Batches dialect under ``/v1/messages/batches`` (``anthropic_routes.py``, errors in
+Anthropic's envelope), and Gemini Batch Mode under ``/v1beta/...`` (``gemini_routes.py``,
+Google's envelope).
 
 Every error is OpenAI's envelope ``{"error": {message, type, param, code}}``: 400 bad request,
 401 missing or wrong key, 404 unknown id or route, 405, 409 not cancellable, 413 upload over
 the cap, 422 endpoint the engine cannot run. With an API key, every request needs
-``Authorization: Bearer <key>`` (or Azure's ``api-key: <key>``, or Anthropic's
-``x-api-key: <key>``); the key is never logged.
+``Authorization: Bearer <key>`` (or Azure's ``api-key: <key>``, Anthropic's
+``x-api-key: <key>``, Google's ``x-goog-api-key: <key>``; a Gemini upload session's URL is
+its own credential, as Google's is); the key is never logged.
 Engine calls that touch SQLite run in the thread pool, so the event loop stays responsive.
 """
 
@@ -45,6 +47,8 @@ from batchspec.engine.azure_routes import azure_routes
 from batchspec.engine.bodies import read_create_body
 from batchspec.engine.core import Engine
 from batchspec.engine.errors import EngineError, bad_request, file_too_large
+from batchspec.engine.gemini_routes import gemini_routes
+from batchspec.engine.gemini_upstream import error_body as google_error_body
 from batchspec.engine.groq_routes import groq_routes
 from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.together_routes import UPLOAD_PREFIX, together_routes
@@ -76,6 +80,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
     routes += groq_routes(views, engine, read_create_body)
     routes += together_routes(engine, read_create_body)
     routes += anthropic_routes(engine)
+    routes += gemini_routes(engine)
     app = Starlette(
         routes=routes,
         exception_handlers={EngineError: _engine_error, HTTPException: _http_error},
@@ -265,31 +270,42 @@ class _RequestIdAndAuth:
         # a presigned upload URL (Together's dialect) carries its own secret token, no key
         presigned = scope["path"].startswith(UPLOAD_PREFIX)
         if self._key is not None and not presigned and not self._authorised(scope):
-            response = (
-                JSONResponse(error_body(401, "invalid x-api-key"), status_code=401)
-                if scope["path"].startswith("/v1/messages")
-                else error_response(
-                    401,
-                    "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key",
-                )
-            )
+            response = _unauthorised(scope["path"])
             await response(scope, receive_tracked, send_with_id)
             return
         await self.app(scope, receive_tracked, send_with_id)
 
     def _authorised(self, scope: Scope) -> bool:
         assert self._key is not None
+        if scope["path"] == GEMINI_UPLOAD_PATH and b"upload_id=" in scope["query_string"]:
+            return True  # the session id is the credential; the route checks it
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 candidate = value[7:].strip()
-            elif name in (b"api-key", b"x-api-key"):
+            elif name in (b"api-key", b"x-api-key", b"x-goog-api-key"):
                 candidate = value.strip()
             else:
                 continue
             if hmac.compare_digest(candidate, self._key):
                 return True
         return False
+
+
+GEMINI_UPLOAD_PATH = "/upload/v1beta/files"
+
+
+def _unauthorised(path: str) -> JSONResponse:
+    """The 401 in the envelope of the API the path belongs to."""
+    if path.startswith("/v1/messages"):
+        return JSONResponse(error_body(401, "invalid x-api-key"), status_code=401)
+    if path.startswith(("/v1beta/", "/upload/v1beta/", "/download/v1beta/")):
+        message = "API key not valid. Please pass a valid API key (x-goog-api-key)."
+        return JSONResponse(google_error_body(401, message), status_code=401)
+    return error_response(
+        401,
+        "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+    )
 
 
 def _has_body(scope: Scope) -> bool:

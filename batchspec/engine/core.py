@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.engine.errors import EngineError, bad_request, file_too_large, not_found
+from batchspec.engine.gemini_upstream import GeminiUpstream
 from batchspec.engine.messages_upstream import MessagesUpstream
 from batchspec.engine.objects import batch_object, deleted_file_object, file_object, list_object
 from batchspec.engine.store import EngineLock, Store, dumps, new_id, now
@@ -92,7 +93,8 @@ class Engine:
         self.idempotency_window = idempotency_window
         self.worker = Worker(
             self.store,
-            MessagesUpstream(self.upstream),  # also runs /v1/messages lines (Anthropic)
+            # also runs /v1/messages (Anthropic) and /v1beta/generateContent (Gemini) lines
+            MessagesUpstream(GeminiUpstream(self.upstream)),
             WorkerSettings(
                 concurrency=concurrency,
                 request_timeout=request_timeout,

@@ -47,6 +47,7 @@ SUPPORTED_ENDPOINTS = (
     "/v1/responses",
     "/v1/moderations",
     "/v1/messages",  # Anthropic Messages, run as chat completions (messages_upstream.py)
+    "/v1beta/generateContent",  # Gemini, run as chat completions (gemini_upstream.py)
 )
 
 

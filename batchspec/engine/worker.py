@@ -103,7 +103,7 @@ def tokens_of(body: Any) -> Tokens:
     """A response body's token usage (chat, completions, embeddings or responses shape)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
-        return Tokens()
+        return _gemini_tokens(body)
 
     def count(value: Any) -> int:
         return value if isinstance(value, int) and value > 0 else 0
@@ -127,6 +127,18 @@ def tokens_of(body: Any) -> Tokens:
         ),
         total_tokens=count(usage.get("total_tokens")) or input_tokens + output_tokens,
     )
+
+
+def _gemini_tokens(body: Any) -> Tokens:
+    """A GenerateContentResponse's ``usageMetadata`` (Gemini lines), else none."""
+    usage = body.get("usageMetadata") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return Tokens()
+    prompt = usage.get("promptTokenCount")
+    output = usage.get("candidatesTokenCount")
+    prompt = prompt if isinstance(prompt, int) and prompt > 0 else 0
+    output = output if isinstance(output, int) and output > 0 else 0
+    return Tokens(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output)
 
 
 class Worker:

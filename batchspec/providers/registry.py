@@ -8,8 +8,8 @@ The local engine's module is imported only when a ``local`` provider is built.
 Types: ``openai`` (any OpenAI-compatible API; ``litellmModel`` sends LiteLLM's
 ``x-litellm-model`` header for its model-routed mode, ``litellmProvider`` its
 ``custom_llm_provider``), ``azure`` (Azure OpenAI), ``groq`` and ``together`` (their
-OpenAI-like batch APIs, defaults in ``flavours.FLAVOURS``), ``anthropic`` (Message Batches)
-and ``local`` (the embedded engine).
+OpenAI-like batch APIs, defaults in ``flavours.FLAVOURS``), ``anthropic`` (Message Batches),
+``gemini`` (Gemini Batch Mode) and ``local`` (the embedded engine).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ DEFAULT_API_KEY_ENV = {
     "anthropic": "ANTHROPIC_API_KEY",
     "groq": "GROQ_API_KEY",
     "together": "TOGETHER_API_KEY",
+    "gemini": "GEMINI_API_KEY",
 }
 #: where an anthropic provider stages inputs and journals its creates, below the project
 DEFAULT_ANTHROPIC_DATA_DIR = "state/anthropic"
@@ -74,11 +75,13 @@ def build_provider(
         return build_groq_provider(config, env=env)
     if config.type == "together":
         return build_together_provider(config, project_root=project_root, env=env)
+    if config.type == "gemini":
+        return build_gemini_provider(config, project_root=project_root, env=env)
     if config.type == "local":
         return build_local_provider(config, project_root=project_root)
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
-        "expected one of openai, azure, groq, together, anthropic, local."
+        "expected one of openai, azure, groq, together, anthropic, gemini, local."
     )
 
 
@@ -186,6 +189,29 @@ def build_anthropic_provider(
         anthropic_version=str(options.get("anthropicVersion", "2023-06-01")),
         default_max_tokens=options.get("defaultMaxTokens"),
         timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
+    )
+    return provider
+
+
+def build_gemini_provider(
+    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+) -> Provider:
+    """Gemini Batch Mode; inputs are staged in ``dataDir`` and sent inline or as a file."""
+    from batchspec.providers.gemini import DEFAULT_BASE_URL as GEMINI_BASE_URL
+    from batchspec.providers.gemini import DEFAULT_INLINE_MAX_BYTES, GeminiProvider
+
+    options: Mapping[str, Any] = config.options or {}
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["gemini"]
+    data_dir = project_root / str(options.get("dataDir", "state/gemini"))
+    provider: Provider = GeminiProvider(
+        config.name,
+        base_url=config.base_url or GEMINI_BASE_URL,
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        data_dir=data_dir / config.name,
+        api_version=str(options.get("apiVersion", "v1beta")),
+        inline_max_bytes=int(options.get("inlineMaxBytes", DEFAULT_INLINE_MAX_BYTES)),
+        timeout=float(options.get("timeout", 60.0)),
     )
     return provider
 

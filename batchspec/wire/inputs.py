@@ -70,6 +70,17 @@ Anthropic (``dialect="anthropic"``, for ``anthropic`` providers)
     (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
     (``unsupported_endpoint``). Pass ``custom_id_pattern`` for Anthropic's id rule as well.
 
+Gemini (``dialect="gemini"``, for ``gemini`` providers)
+    Every line is further checked by ``batchspec.wire.gemini_lines.line_problems``: a
+    ``/v1beta/generateContent`` body must be a GenerateContentRequest (``unknown_field``,
+    ``missing_contents``, ...), an OpenAI chat line must be convertible
+    (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
+    (``unsupported_endpoint``).
+
+Per provider type
+    ``rules_for_provider(type)`` gives the keyword arguments above that a provider type's
+    inputs are scanned with (``validate`` and ``apply`` both use it).
+
 Endpoint matching
     ``url`` must equal ``endpoint`` exactly, as OpenAI requires: ``"/chat/completions"`` does
     not match ``"/v1/chat/completions"``. Azure's older line format used the unversioned form;
@@ -92,7 +103,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from batchspec.errors import InputError
-from batchspec.wire import anthropic_lines
+from batchspec.wire import anthropic_lines, gemini_lines
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
@@ -326,6 +337,7 @@ class _Checker:
         dialect: str = "openai",
     ) -> None:
         self.anthropic = dialect == "anthropic"
+        self.gemini = dialect == "gemini"
         self.normalize_url: Callable[[str], str] | None = (
             _versioned if allow_unversioned_url else None
         )
@@ -371,6 +383,9 @@ class _Checker:
             self.problem(line, "invalid_body", f"body must be an object, not a {_json_type(body)}")
         if self.anthropic:
             for code, message in anthropic_lines.line_problems(obj):
+                self.problem(line, code, message)
+        elif self.gemini:
+            for code, message in gemini_lines.line_problems(obj):
                 self.problem(line, code, message)
 
     def check_native_anthropic(self, line: int, obj: dict[str, Any]) -> None:
@@ -579,6 +594,20 @@ def _file_level_problems(requests: int, max_requests: int | None) -> list[InputP
     return []
 
 
+def rules_for_provider(
+    provider_type: str | None, *, custom_id_pattern: str | None = None
+) -> dict[str, Any]:
+    """The ``scan_batch_input`` options a provider type's inputs are checked with
+    (``custom_id_pattern``: the provider's own rule; Anthropic's by default)."""
+    if custom_id_pattern is None and provider_type == "anthropic":
+        custom_id_pattern = anthropic_lines.CUSTOM_ID_PATTERN
+    return {
+        "custom_id_pattern": custom_id_pattern,
+        "allow_unversioned_url": provider_type == "azure",
+        "dialect": provider_type if provider_type in ("anthropic", "gemini") else "openai",
+    }
+
+
 def require_valid_input(
     path: str | os.PathLike[str],
     *,
@@ -677,5 +706,6 @@ __all__ = [
     "iter_requests",
     "problem_lines",
     "require_valid_input",
+    "rules_for_provider",
     "scan_batch_input",
 ]

@@ -59,6 +59,7 @@ DEFAULT_API_KEY_ENV: Mapping[str, str | None] = {
     "anthropic": "ANTHROPIC_API_KEY",
     "groq": "GROQ_API_KEY",
     "together": "TOGETHER_API_KEY",
+    "gemini": "GEMINI_API_KEY",
     "local": None,
 }
 
