@@ -8,6 +8,8 @@
 - ``server(**options) -> probes.ProbedServer``: the engine's app behind a request probe
   (counts and holds routes), requiring ``workspaces.SENTINEL_KEY`` unless ``api_key=`` says
   otherwise.
+- ``scripted -> scripted_server.ScriptedServer``: a programmable HTTP server that answers
+  from a script and records every request; one per test module, reset for each test.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
+from scripted_server import ScriptedServer
 from servers import EngineServer, StandinUpstream, start_server, start_standin_upstream
 from workspaces import SENTINEL_KEY
 
@@ -67,3 +70,18 @@ def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted_server_of_module() -> Iterator[ScriptedServer]:
+    srv = ScriptedServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def scripted(scripted_server_of_module: ScriptedServer) -> Iterator[ScriptedServer]:
+    """The module's scripted server with an empty script and no recorded requests."""
+    scripted_server_of_module.reset()
+    yield scripted_server_of_module
+    scripted_server_of_module.reset()

@@ -1,12 +1,13 @@
 """Test helpers: watch (and slow down) the engine's HTTP API, and run a real `batchspec serve`.
 
 ``start_probed_server(data_dir, api_key=..., **engine_options)`` serves the engine like
-``servers.start_server`` but behind a ``RequestProbe``: an ASGI wrapper that counts every
-request by route (``"POST /files"``, ``"POST /batches"``, ...) and can hold a route for a
-while, either *before* the engine sees the request or *after* the engine has answered but
-before the answer leaves. A held route sets a ``threading.Event``, so a test knows exactly
-when a client is stuck in that call, e.g. to SIGKILL it then. This is real timing on the
-server side; the client under test is not touched.
+``servers.start_server`` but behind a ``RequestProbe``: an ASGI wrapper that counts (and
+logs, in order) every request by route (``"POST /files"``, ``"POST /batches"``, ...) and can
+hold a route for a while, either *before* the engine sees the request or *after* the engine
+has answered but before the answer leaves (or replace that answer by an error status). A
+held route sets a ``threading.Event``, so a test knows exactly when a client is stuck in
+that call, e.g. to SIGKILL it then. This is real timing on the server side; the client
+under test is not touched.
 
 ``start_serve_process(data_dir, *args)`` runs ``batchspec serve --port 0`` as a separate
 process and reads the URL it announces.
@@ -48,6 +49,8 @@ class Hold:
     seconds: float
     after: bool  # hold the answer (the engine has acted) rather than the request
     drop: bool = False  # after the hold, answer 503 without the engine ever seeing it
+    times: int | None = None  # hold only this many requests, then let the route go
+    replace_status: int | None = None  # send this status instead of the engine's answer
     reached: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
 
@@ -64,18 +67,30 @@ class RequestProbe:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.counts: Counter[str] = Counter()
+        self.log: list[str] = []
         self.holds: dict[str, Hold] = {}
+        self._spent: list[Hold] = []
         self._lock = threading.Lock()
 
     def hold(
-        self, route: str, seconds: float, *, after: bool = False, drop: bool = False
+        self,
+        route: str,
+        seconds: float,
+        *,
+        after: bool = False,
+        drop: bool = False,
+        times: int | None = None,
+        replace_status: int | None = None,
     ) -> threading.Event:
         """Hold the next requests to ``route``; the event is set when one is being held.
 
         ``after``: the engine acts at once, its answer is held. ``drop``: the request is held,
         then refused with a 503 the engine never saw (a create that never arrived).
+        ``times``: only that many requests are held. ``replace_status`` (with ``after``): the
+        engine acts, then its answer is replaced by this status (a create that made a batch
+        but answered 500).
         """
-        hold = Hold(seconds, after, drop)
+        hold = Hold(seconds, after, drop, times, replace_status)
         self.holds[route] = hold
         return hold.reached
 
@@ -88,15 +103,26 @@ class RequestProbe:
     def release_all(self) -> None:
         for route in list(self.holds):
             self.release(route)
+        for hold in self._spent:
+            hold.released.set()
+
+    def _take_hold(self, route: str) -> Hold | None:
+        with self._lock:
+            self.counts[route] += 1
+            self.log.append(route)
+            hold = self.holds.get(route)
+            if hold is not None and hold.times is not None:
+                hold.times -= 1
+                if hold.times <= 0:
+                    self._spent.append(self.holds.pop(route))
+            return hold
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         route = route_of(scope["method"], scope["path"])
-        with self._lock:
-            self.counts[route] += 1
-        hold = self.holds.get(route)
+        hold = self._take_hold(route)
         if hold is None:
             await self.app(scope, receive, send)
         elif hold.drop:
@@ -111,7 +137,19 @@ class RequestProbe:
             async def held_send(message: Any) -> None:
                 if message["type"] == "http.response.start":
                     await hold.wait()
-                await send(message)
+                if hold.replace_status is None:
+                    await send(message)
+                elif message["type"] == "http.response.start":
+                    body = b'{"error": {"message": "replaced by the probe"}}'
+                    headers = [(b"content-type", b"application/json")]
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": hold.replace_status,
+                            "headers": headers,
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
 
             await self.app(scope, receive, held_send)
 

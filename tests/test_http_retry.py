@@ -1,38 +1,45 @@
 """Retry, backoff and error-message rules of the provider HTTP layer (providers._http).
 
-These are timing and sequence rules, so they run against ``httpx.MockTransport`` (httpx's
-transport-injection seam) with an injected ``sleep`` that records instead of waiting. The
-provider's behaviour against a real server is in test_provider_openai.py.
+Every test talks real HTTP over 127.0.0.1. Timing and sequence rules run against a
+``ScriptedServer`` (tests/scripted_server.py: one per module, answers scripted per request,
+every request recorded as the server received it), so a test asserts what reached the
+server: the auth header, a re-sent upload, how many creates. A refused connection is a port
+bound but not listening; a read timeout is an answer delayed past the client's timeout; a
+connection lost mid-body is a body cut short. Adoption after an ambiguous create runs
+against the real engine (``batchspec serve``'s app behind a ``RequestProbe``), which really
+makes the batch whose answer is then lost. Waits between attempts go to an injected
+``sleep`` that records instead of sleeping. No test here uses ``httpx.MockTransport``.
 """
 
 from __future__ import annotations
 
 import email.utils
-import json
+import itertools
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
+from probes import ProbedServer
+from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_port
+from servers import jsonl_bytes, request_lines
 
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
-from batchspec.wire.retry import CLIENT_POLICY
 
 SENTINEL_KEY = "sk-SENTINEL-4f1b2c3d9e8a7b6c5d4e3f2a1b0c9d8e"
-BASE_URL = "http://provider.test/v1"
-
-Handler = Callable[[httpx.Request], httpx.Response]
+CHAT = "/v1/chat/completions"
+CREATE = "POST /batches"
 
 
 def batch_json(batch_id: str = "batch_1", **fields: object) -> dict[str, object]:
     data: dict[str, object] = {
         "id": batch_id,
         "object": "batch",
-        "endpoint": "/v1/chat/completions",
+        "endpoint": CHAT,
         "input_file_id": "file-1",
         "completion_window": "24h",
         "status": "in_progress",
@@ -42,43 +49,39 @@ def batch_json(batch_id: str = "batch_1", **fields: object) -> dict[str, object]
     return data
 
 
-def error_response(
+def ok(batch_id: str = "batch_1", **fields: object) -> Answer:
+    return json_answer(200, batch_json(batch_id, **fields))
+
+
+def error_answer(
     status: int, message: str = "boom", code: str | None = None, **headers: str
-) -> httpx.Response:
+) -> Answer:
+    """An OpenAI error envelope; keyword names stand for headers (x_request_id)."""
     body = {"error": {"message": message, "type": "test_error", "param": None, "code": code}}
-    # keyword names stand for header names: x_request_id -> x-request-id
-    return httpx.Response(
-        status, json=body, headers={k.replace("_", "-"): v for k, v in headers.items()}
-    )
+    return json_answer(status, body, **headers)
 
 
-class Script:
-    """A transport handler that answers from a list, in order, and records every request."""
-
-    def __init__(self, *answers: httpx.Response | Exception) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+def listing(*batches: dict[str, object]) -> Answer:
+    return json_answer(200, {"object": "list", "data": list(batches), "has_more": False})
 
 
 def make_provider(
-    handler: Handler, *, max_retries: int = 5, rand: Callable[[], float] | None = None
+    srv: ScriptedServer,
+    *,
+    max_retries: int = 5,
+    rand: Callable[[], float] | None = None,
+    **options: object,
 ) -> tuple[OpenAIProvider, list[float]]:
     sleeps: list[float] = []
+    settings: dict[str, object] = {"api_key": SENTINEL_KEY, "timeout": 10.0, **options}
+    if rand is not None:
+        settings["rand"] = rand
     provider = OpenAIProvider(
         "testprov",
-        base_url=BASE_URL,
-        api_key=SENTINEL_KEY,
-        transport=httpx.MockTransport(handler),
+        base_url=srv.v1,
         max_retries=max_retries,
         sleep=sleeps.append,
-        **({"rand": rand} if rand is not None else {}),
+        **settings,  # type: ignore[arg-type]
     )
     return provider, sleeps
 
@@ -89,38 +92,38 @@ def make_provider(
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        pytest.param({"retry-after": "3"}, 3.0, id="seconds"),
-        pytest.param({"retry-after": "1.5"}, 1.5, id="fractional-seconds"),
-        pytest.param({"retry-after-ms": "250"}, 0.25, id="milliseconds"),
-        pytest.param({"retry-after-ms": "250", "retry-after": "9"}, 0.25, id="ms-wins"),
-        pytest.param({"retry-after": "3600"}, 60.0, id="capped-at-60s"),
+        pytest.param({"retry_after": "3"}, 3.0, id="seconds"),
+        pytest.param({"retry_after": "1.5"}, 1.5, id="fractional-seconds"),
+        pytest.param({"retry_after_ms": "250"}, 0.25, id="milliseconds"),
+        pytest.param({"retry_after_ms": "250", "retry_after": "9"}, 0.25, id="ms-wins"),
+        pytest.param({"retry_after": "3600"}, 60.0, id="capped-at-60s"),
     ],
 )
-def test_429_then_200_waits_what_the_server_asked(headers: dict[str, str], expected: float) -> None:
+def test_429_then_200_waits_what_the_server_asked(
+    scripted: ScriptedServer, headers: dict[str, str], expected: float
+) -> None:
     """A 429 is retried after the server's Retry-After / retry-after-ms, capped at 60 s."""
-    script = Script(
-        error_response(429, "slow down", **headers), httpx.Response(200, json=batch_json())
-    )
-    provider, sleeps = make_provider(script)
+    scripted.script(error_answer(429, "slow down", **headers), ok())
+    provider, sleeps = make_provider(scripted)
     assert provider.get_batch("batch_1").id == "batch_1"
     assert sleeps == [pytest.approx(expected)]
-    assert len(script.requests) == 2
+    assert scripted.methods() == ["GET", "GET"]
 
 
-def test_retry_after_http_date_is_honoured() -> None:
+def test_retry_after_http_date_is_honoured(scripted: ScriptedServer) -> None:
     """Retry-After given as an HTTP date waits until that moment."""
     when = email.utils.formatdate(time.time() + 20, usegmt=True)
-    script = Script(error_response(429, retry_after=when), httpx.Response(200, json=batch_json()))
-    provider, sleeps = make_provider(script)
+    scripted.script(error_answer(429, retry_after=when), ok())
+    provider, sleeps = make_provider(scripted)
     provider.get_batch("batch_1")
     assert len(sleeps) == 1
     assert 17.0 <= sleeps[0] <= 20.0
 
 
-def test_unparseable_retry_after_falls_back_to_backoff() -> None:
+def test_unparseable_retry_after_falls_back_to_backoff(scripted: ScriptedServer) -> None:
     """A Retry-After that cannot be read leads to the normal exponential backoff."""
-    script = Script(error_response(429, retry_after="soon"), httpx.Response(200, json=batch_json()))
-    provider, sleeps = make_provider(script, rand=lambda: 0.0)
+    scripted.script(error_answer(429, retry_after="soon"), ok())
+    provider, sleeps = make_provider(scripted, rand=lambda: 0.0)
     provider.get_batch("batch_1")
     assert sleeps == [0.5]
 
@@ -129,23 +132,19 @@ def test_unparseable_retry_after_falls_back_to_backoff() -> None:
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 409])
-def test_transient_statuses_are_retried(status: int) -> None:
+def test_transient_statuses_are_retried(scripted: ScriptedServer, status: int) -> None:
     """5xx, 408 and 409 are retried until a success arrives."""
-    script = Script(
-        error_response(status), error_response(status), httpx.Response(200, json=batch_json())
-    )
-    provider, sleeps = make_provider(script)
+    scripted.script(error_answer(status), error_answer(status), ok())
+    provider, sleeps = make_provider(scripted)
     assert provider.get_batch("batch_1").status == "in_progress"
-    assert len(script.requests) == 3
+    assert len(scripted.requests) == 3
     assert len(sleeps) == 2
 
 
-def test_backoff_is_exponential_with_bounded_jitter() -> None:
+def test_backoff_is_exponential_with_bounded_jitter(scripted: ScriptedServer) -> None:
     """Without Retry-After the waits double from 0.5 s to at most 8 s, minus at most 25 %."""
-    script = Script(
-        *[error_response(503) for _ in range(7)], httpx.Response(200, json=batch_json())
-    )
-    provider, sleeps = make_provider(script, max_retries=7)
+    scripted.script(*[error_answer(503) for _ in range(7)], ok())
+    provider, sleeps = make_provider(scripted, max_retries=7)
     provider.get_batch("batch_1")
     bases = [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     assert len(sleeps) == len(bases)
@@ -153,23 +152,18 @@ def test_backoff_is_exponential_with_bounded_jitter() -> None:
         assert 0.75 * base <= slept <= base
 
 
-def test_backoff_extremes_of_the_jitter() -> None:
-    """The jitter factor spans exactly [0.75, 1] of the exponential base."""
-    policy = CLIENT_POLICY
-    assert [policy.backoff(n, rand=lambda: 0.0) for n in range(6)] == [0.5, 1, 2, 4, 8, 8]
-    assert policy.backoff(2, rand=lambda: 1.0) == pytest.approx(1.5)
-
-
-def test_retries_exhausted_reports_status_message_and_request_id() -> None:
+def test_retries_exhausted_reports_status_message_and_request_id(
+    scripted: ScriptedServer,
+) -> None:
     """After max_retries the last failure is raised with the provider's words and request id."""
-    script = Script(
-        *[error_response(503, "engine overloaded", "overloaded", x_request_id="req_42")] * 4
+    scripted.script(
+        then=error_answer(503, "engine overloaded", "overloaded", x_request_id="req_42")
     )
-    provider, sleeps = make_provider(script, max_retries=3)
+    provider, sleeps = make_provider(scripted, max_retries=3)
     with pytest.raises(ProviderError) as caught:
         provider.get_batch("batch_1")
     error = caught.value
-    assert len(script.requests) == 4
+    assert len(scripted.requests) == 4
     assert len(sleeps) == 3
     assert error.status == 503
     assert error.code == "overloaded"
@@ -183,13 +177,13 @@ def test_retries_exhausted_reports_status_message_and_request_id() -> None:
 # -- not retried ---------------------------------------------------------------------------
 
 
-def test_insufficient_quota_is_not_retried() -> None:
+def test_insufficient_quota_is_not_retried(scripted: ScriptedServer) -> None:
     """A 429 with code insufficient_quota fails at once: waiting does not buy quota."""
-    script = Script(error_response(429, "You exceeded your quota", "insufficient_quota"))
-    provider, sleeps = make_provider(script)
+    scripted.script(then=error_answer(429, "You exceeded your quota", "insufficient_quota"))
+    provider, sleeps = make_provider(scripted)
     with pytest.raises(ProviderError) as caught:
         provider.get_batch("batch_1")
-    assert len(script.requests) == 1
+    assert len(scripted.requests) == 1
     assert sleeps == []
     assert caught.value.status == 429
     assert caught.value.code == "insufficient_quota"
@@ -197,24 +191,22 @@ def test_insufficient_quota_is_not_retried() -> None:
     assert "quota" in str(caught.value).lower()
 
 
-def test_x_should_retry_false_is_respected() -> None:
+def test_x_should_retry_false_is_respected(scripted: ScriptedServer) -> None:
     """x-should-retry: false stops retries even for a 500."""
-    script = Script(error_response(500, x_should_retry="false"))
-    provider, sleeps = make_provider(script)
+    scripted.script(then=error_answer(500, x_should_retry="false"))
+    provider, sleeps = make_provider(scripted)
     with pytest.raises(ProviderError):
         provider.get_batch("batch_1")
-    assert len(script.requests) == 1
+    assert len(scripted.requests) == 1
     assert sleeps == []
 
 
-def test_x_should_retry_true_forces_a_retry() -> None:
+def test_x_should_retry_true_forces_a_retry(scripted: ScriptedServer) -> None:
     """x-should-retry: true makes even a 400 worth another attempt."""
-    script = Script(
-        error_response(400, x_should_retry="true"), httpx.Response(200, json=batch_json())
-    )
-    provider, _ = make_provider(script)
+    scripted.script(error_answer(400, x_should_retry="true"), ok())
+    provider, _ = make_provider(scripted)
     provider.get_batch("batch_1")
-    assert len(script.requests) == 2
+    assert len(scripted.requests) == 2
 
 
 @pytest.mark.parametrize(
@@ -228,15 +220,19 @@ def test_x_should_retry_true_forces_a_retry() -> None:
     ],
 )
 def test_client_errors_are_not_retried_and_carry_the_providers_message(
-    status: int, message: str, error_class: type[ProviderError], hint: str
+    scripted: ScriptedServer,
+    status: int,
+    message: str,
+    error_class: type[ProviderError],
+    hint: str,
 ) -> None:
     """4xx answers fail at once with the provider's message and a hint of what to do."""
-    script = Script(error_response(status, message, "some_code", x_request_id="req_7"))
-    provider, sleeps = make_provider(script)
+    scripted.script(then=error_answer(status, message, "some_code", x_request_id="req_7"))
+    provider, sleeps = make_provider(scripted)
     with pytest.raises(error_class) as caught:
         provider.get_batch("batch_1")
     assert type(caught.value) is error_class
-    assert len(script.requests) == 1
+    assert len(scripted.requests) == 1
     assert sleeps == []
     text = str(caught.value)
     assert message in text
@@ -246,43 +242,45 @@ def test_client_errors_are_not_retried_and_carry_the_providers_message(
     assert caught.value.code == "some_code"
 
 
-def test_litellm_relayed_404_code_is_not_found() -> None:
+def test_litellm_relayed_404_code_is_not_found(scripted: ScriptedServer) -> None:
     """LiteLLM's relayed 404 (status 400, code "404") is read as not found."""
-    script = Script(error_response(400, "Error code: 404 - no such file", "404"))
-    provider, _ = make_provider(script)
+    scripted.script(error_answer(400, "Error code: 404 - no such file", "404"))
+    provider, _ = make_provider(scripted)
     with pytest.raises(RemoteNotFound):
         provider.get_file("file-x")
 
 
 @pytest.mark.parametrize(
-    ("response", "expected"),
+    ("answer", "expected"),
     [
         pytest.param(
-            httpx.Response(502, text="<html><body>Bad Gateway</body></html>"),
+            Answer(502, b"<html><body>Bad Gateway</body></html>", {"content-type": "text/html"}),
             "Bad Gateway",
             id="html",
         ),
-        pytest.param(httpx.Response(400, text="plain words"), "plain words", id="text"),
-        pytest.param(httpx.Response(400, content=b""), "Bad Request", id="empty-uses-reason"),
-        pytest.param(
-            httpx.Response(400, json={"detail": "from fastapi"}), "from fastapi", id="detail"
-        ),
-        pytest.param(httpx.Response(400, json={"error": "flat string"}), "flat string", id="flat"),
-        pytest.param(httpx.Response(400, json=["odd"]), "odd", id="json-list"),
+        pytest.param(Answer(400, b"plain words"), "plain words", id="text"),
+        pytest.param(Answer(400, b""), "Bad Request", id="empty-uses-reason"),
+        pytest.param(json_answer(400, {"detail": "from fastapi"}), "from fastapi", id="detail"),
+        pytest.param(json_answer(400, {"error": "flat string"}), "flat string", id="flat"),
+        pytest.param(json_answer(400, ["odd"]), "odd", id="json-list"),
     ],
 )
-def test_non_envelope_error_bodies_are_reported(response: httpx.Response, expected: str) -> None:
+def test_non_envelope_error_bodies_are_reported(
+    scripted: ScriptedServer, answer: Answer, expected: str
+) -> None:
     """Error bodies that are not the OpenAI envelope still make a readable message."""
-    provider, _ = make_provider(Script(*[response] * 6))
+    scripted.script(then=answer)
+    provider, _ = make_provider(scripted)
     with pytest.raises(ProviderError) as caught:
         provider.get_batch("batch_1")
     assert expected in str(caught.value)
-    assert caught.value.status == response.status_code
+    assert caught.value.status == answer.status
 
 
-def test_success_with_a_body_that_is_not_json_is_a_clear_error() -> None:
+def test_success_with_a_body_that_is_not_json_is_a_clear_error(scripted: ScriptedServer) -> None:
     """A 200 whose body is not a JSON object (wrong base URL) is reported, not a crash."""
-    provider, _ = make_provider(Script(httpx.Response(200, text="<html>welcome</html>")))
+    scripted.script(Answer(200, b"<html>welcome</html>", {"content-type": "text/html"}))
+    provider, _ = make_provider(scripted)
     with pytest.raises(ProviderError, match="not the expected JSON object"):
         provider.get_batch("batch_1")
 
@@ -292,76 +290,154 @@ def test_success_with_a_body_that_is_not_json_is_a_clear_error() -> None:
 
 def test_connect_errors_are_retried_then_reported_clearly() -> None:
     """A refused connection is retried with backoff, then named with the base URL."""
-    script = Script(*[httpx.ConnectError("[Errno 111] Connection refused")] * 3)
-    provider, sleeps = make_provider(script, max_retries=2)
-    with pytest.raises(ProviderError) as caught:
-        provider.get_batch("batch_1")
-    assert len(script.requests) == 3
+    with refused_port() as port:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        sleeps: list[float] = []
+        provider = OpenAIProvider(
+            "testprov", base_url=base_url, api_key=SENTINEL_KEY, max_retries=2, sleep=sleeps.append
+        )
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
     assert len(sleeps) == 2
     text = str(caught.value)
     assert "could not connect" in text
-    assert BASE_URL in text
+    assert base_url in text
     assert "Connection refused" in text
     assert caught.value.retryable is True
 
 
-def test_timeout_then_success() -> None:
-    """A read timeout on a GET is retried."""
-    script = Script(httpx.ReadTimeout("timed out"), httpx.Response(200, json=batch_json()))
-    provider, sleeps = make_provider(script)
-    provider.get_batch("batch_1")
+def test_timeout_then_success(scripted: ScriptedServer) -> None:
+    """A read timeout on a GET is retried (the server answered too late the first time)."""
+    scripted.script(replace(ok(), delay=5.0), ok())
+    provider, sleeps = make_provider(scripted, timeout=0.2)
+    assert provider.get_batch("batch_1").id == "batch_1"
     assert len(sleeps) == 1
+    assert scripted.methods() == ["GET", "GET"]
 
 
-def test_unsupported_protocol_is_not_retried() -> None:
-    """A transport error that cannot get better (bad scheme) is not retried."""
-    script = Script(httpx.UnsupportedProtocol("no such scheme"))
-    provider, sleeps = make_provider(script)
-    with pytest.raises(ProviderError):
+def test_a_transport_error_that_cannot_get_better_is_not_retried(
+    scripted: ScriptedServer,
+) -> None:
+    """A transport error that retrying cannot cure (a header value h11 refuses to send) fails
+    at once: no wait, and nothing reached the server."""
+    scripted.script(then=ok())
+    provider, sleeps = make_provider(scripted, extra_headers={"X-Team": "ops\nteam"})
+    with pytest.raises(ProviderError, match="LocalProtocolError") as caught:
         provider.get_batch("batch_1")
+    assert caught.value.retryable is False
     assert sleeps == []
+    assert scripted.requests == []
+
+
+def test_a_dropped_connection_on_a_get_is_retried(scripted: ScriptedServer) -> None:
+    """A server that hangs up without answering a GET is asked again."""
+    scripted.script(Answer(hang_up=True), ok())
+    provider, sleeps = make_provider(scripted)
+    assert provider.get_batch("batch_1").id == "batch_1"
+    assert len(sleeps) == 1
+    assert len(scripted.requests) == 2
 
 
 # -- creating a batch never pays twice -----------------------------------------------------
 
 
-def _create(provider: OpenAIProvider) -> str:
+#: a client timeout the probe's held answers outlast (the engine itself answers in ms)
+SHORT_TIMEOUT = 0.3
+
+
+def _provider(srv: ProbedServer, **options: object) -> OpenAIProvider:
+    settings: dict[str, object] = {"api_key": SENTINEL_KEY, "timeout": 10.0, **options}
+    return OpenAIProvider("served", base_url=srv.v1, **settings)  # type: ignore[arg-type]
+
+
+def _stage(provider: OpenAIProvider, tmp_path: Path, name: str) -> str:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(jsonl_bytes(request_lines(2, prefix=name)))
+    return provider.upload_file(path, filename=name).id
+
+
+def _create(provider: OpenAIProvider, file_id: str, attempt: str = "1") -> str:
     return provider.create_batch(
-        input_file_id="file-1",
-        endpoint="/v1/chat/completions",
+        input_file_id=file_id,
+        endpoint=CHAT,
         completion_window="24h",
-        metadata={"batchspec_resource": "triage", "batchspec_attempt": "1"},
+        metadata={"batchspec_resource": "triage", "batchspec_attempt": attempt},
     ).id
 
 
-def _list(*batches: dict[str, object]) -> httpx.Response:
-    return httpx.Response(200, json={"object": "list", "data": list(batches), "has_more": False})
+def _engine_batches(srv: ProbedServer) -> list[dict[str, object]]:
+    return list(srv.engine.list_batches(None, 100)["data"])
 
 
-def test_ambiguous_create_adopts_the_batch_the_server_made() -> None:
-    """A 500 on create is not re-sent when the batch it made is found in the list."""
-    made = batch_json(
-        "batch_made", metadata={"batchspec_resource": "triage", "batchspec_attempt": "1"}
-    )
-    other = batch_json("batch_other", metadata={"batchspec_resource": "other"})
-    script = Script(error_response(500), _list(other, made))
-    provider, _ = make_provider(script)
-    assert _create(provider) == "batch_made"
-    posts = [r for r in script.requests if r.method == "POST"]
-    assert len(posts) == 1
+@pytest.mark.parametrize(
+    "lost",
+    [
+        pytest.param({"replace_status": 500}, id="answered-500"),
+        pytest.param({"seconds": 5.0}, id="answer-held-past-the-timeout"),
+    ],
+)
+def test_ambiguous_create_adopts_the_batch_the_server_made(
+    server: Callable[..., ProbedServer], tmp_path: Path, lost: dict[str, object]
+) -> None:
+    """The engine makes the batch but its answer is lost (a 500, or too late): the create is
+    not sent again; the batch found in the list (not the other resource's) is returned."""
+    srv = server(api_key=SENTINEL_KEY)
+    with _provider(srv) as staging:
+        other = staging.create_batch(
+            input_file_id=_stage(staging, tmp_path, "other"),
+            endpoint=CHAT,
+            completion_window="24h",
+            metadata={"batchspec_resource": "other", "batchspec_attempt": "1"},
+        )
+        file_id = _stage(staging, tmp_path, "triage")
+    sleeps: list[float] = []
+    seconds = float(lost.pop("seconds", 0.0))  # type: ignore[arg-type]
+    srv.probe.hold(CREATE, seconds, after=True, times=1, **lost)  # type: ignore[arg-type]
+    with _provider(srv, timeout=SHORT_TIMEOUT, sleep=sleeps.append) as provider:
+        adopted = _create(provider, file_id)
+    srv.probe.release_all()
+    made = [b for b in _engine_batches(srv) if b["id"] != other.id]
+    assert [b["id"] for b in made] == [adopted]
+    assert srv.probe.counts[CREATE] == 2  # the other resource's and ours, each once
+    assert sleeps == []
 
 
-def test_ambiguous_create_resends_when_nothing_was_made() -> None:
-    """A read timeout on create is re-sent only after the list shows no such batch."""
-    script = Script(
-        httpx.ReadTimeout("timed out"),
-        _list(batch_json("batch_old", metadata={"batchspec_resource": "triage"}, created_at=1)),
-        httpx.Response(200, json=batch_json("batch_new")),
-    )
-    provider, sleeps = make_provider(script)
-    assert _create(provider) == "batch_new"
-    assert [r.method for r in script.requests] == ["POST", "GET", "POST"]
+def test_ambiguous_create_resends_when_nothing_was_made(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """A create that timed out before the engine saw it is re-sent only after the list shows
+    no such batch (an earlier attempt's batch of the same resource does not count)."""
+    srv = server(api_key=SENTINEL_KEY)
+    with _provider(srv) as staging:
+        file_id = _stage(staging, tmp_path, "triage")
+        earlier = _create(staging, file_id, attempt="0")
+    srv.probe.log.clear()
+    srv.probe.hold(CREATE, 5.0, drop=True, times=1)
+    sleeps: list[float] = []
+    with _provider(srv, timeout=SHORT_TIMEOUT, sleep=sleeps.append) as provider:
+        created = _create(provider, file_id)
+    srv.probe.release_all()
+    assert created != earlier
+    assert srv.probe.log == [CREATE, "GET /batches", CREATE]
+    assert sorted(str(b["id"]) for b in _engine_batches(srv)) == sorted([earlier, created])
     assert len(sleeps) == 1
+
+
+def test_ambiguous_create_without_a_match_and_no_retries_left_is_ambiguous(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """With no retry left, a create whose answer was lost and whose batch is not listed fails
+    as AmbiguousOutcome, and is not sent a second time."""
+    srv = server(api_key=SENTINEL_KEY)
+    with _provider(srv) as staging:
+        file_id = _stage(staging, tmp_path, "triage")
+    srv.probe.hold(CREATE, 5.0, drop=True, times=1)
+    provider = _provider(srv, timeout=SHORT_TIMEOUT, max_retries=0)
+    with provider, pytest.raises(AmbiguousOutcome):
+        _create(provider, file_id)
+    srv.probe.release_all()
+    assert srv.probe.counts[CREATE] == 1
+    assert _engine_batches(srv) == []
 
 
 KEYED = {
@@ -372,255 +448,247 @@ KEYED = {
 }
 
 
-def test_ambiguous_keyed_create_is_found_by_its_key_even_with_a_rewritten_file_id() -> None:
+def test_ambiguous_keyed_create_is_found_by_its_key_even_with_a_rewritten_file_id(
+    scripted: ScriptedServer,
+) -> None:
     """A create carrying batchspec's key is recognised by the key alone: a proxy that lists
-    rewritten file ids, or a server clock behind ours, must not cause a second create."""
+    rewritten file ids, or a server clock behind ours, must not cause a second create.
+    (A scripted server plays the proxy: the engine neither rewrites ids nor skews clocks.)"""
     made = batch_json("batch_made", metadata=KEYED, created_at=1)
     made["input_file_id"] = "file-rewritten-by-a-proxy"
-    script = Script(error_response(500), _list(made))
-    provider, _ = make_provider(script)
+    scripted.script(error_answer(500), listing(made))
+    provider, _ = make_provider(scripted)
     created = provider.create_batch(
-        input_file_id="file-1",
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        metadata=KEYED,
+        input_file_id="file-1", endpoint=CHAT, completion_window="24h", metadata=KEYED
     )
     assert created.id == "batch_made"
-    assert [r.method for r in script.requests] == ["POST", "GET"]
+    assert scripted.methods() == ["POST", "GET"]
 
 
-def test_ambiguous_keyed_create_not_found_is_never_re_sent() -> None:
+def test_ambiguous_keyed_create_not_found_is_never_re_sent(scripted: ScriptedServer) -> None:
     """A keyed create that timed out and is not listed may still be in transit: the provider
     raises AmbiguousOutcome (the reconciler looks it up through its window) and sends no
-    second create."""
-    script = Script(httpx.ReadTimeout("timed out"), _list())
-    provider, sleeps = make_provider(script)
+    second create, even with retries left."""
+    scripted.script(replace(ok(), delay=5.0), listing())
+    provider, sleeps = make_provider(scripted, timeout=0.2)
     with pytest.raises(AmbiguousOutcome):
         provider.create_batch(
-            input_file_id="file-1",
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            metadata=KEYED,
+            input_file_id="file-1", endpoint=CHAT, completion_window="24h", metadata=KEYED
         )
-    assert [r.method for r in script.requests] == ["POST", "GET"]
+    assert scripted.methods() == ["POST", "GET"]
     assert sleeps == []
 
 
-def test_unambiguous_create_failures_are_retried_directly() -> None:
-    """A 429 or 503 on create means nothing was made: it is re-sent without a lookup."""
-    script = Script(
-        error_response(429, retry_after="1"),
-        error_response(503),
-        httpx.Response(200, json=batch_json("batch_new")),
-    )
-    provider, _ = make_provider(script)
-    assert _create(provider) == "batch_new"
-    assert [r.method for r in script.requests] == ["POST", "POST", "POST"]
-    assert json.loads(script.requests[0].content)["metadata"]["batchspec_resource"] == "triage"
+def test_unambiguous_create_failures_are_retried_directly(scripted: ScriptedServer) -> None:
+    """A 429 or 503 on create means nothing was made: the same create is re-sent without a
+    lookup."""
+    scripted.script(error_answer(429, retry_after="1"), error_answer(503), ok("batch_new"))
+    provider, _ = make_provider(scripted)
+    assert _create(provider, "file-1") == "batch_new"
+    assert scripted.methods() == ["POST", "POST", "POST"]
+    bodies = [seen.json() for seen in scripted.requests]
+    assert bodies[0]["metadata"]["batchspec_resource"] == "triage"
+    assert bodies[0] == bodies[1] == bodies[2]
 
 
 # -- paths, pagination, streaming ----------------------------------------------------------
 
 
-def test_opaque_ids_are_quoted_into_paths() -> None:
+def test_opaque_ids_are_quoted_into_paths(scripted: ScriptedServer) -> None:
     """Ids with '/', '+' and '=' (LiteLLM base64) stay one path segment."""
-    script = Script(httpx.Response(200, json=batch_json("bGl0ZWxsbTo/+x==")))
-    provider, _ = make_provider(script)
+    scripted.script(ok("bGl0ZWxsbTo/+x=="))
+    provider, _ = make_provider(scripted)
     provider.get_batch("bGl0ZWxsbTo/+x==")
-    assert script.requests[0].url.raw_path == b"/v1/batches/bGl0ZWxsbTo%2F%2Bx%3D%3D"
+    assert scripted.requests[0].target == "/v1/batches/bGl0ZWxsbTo%2F%2Bx%3D%3D"
 
 
-def test_list_stops_when_a_server_repeats_its_cursor() -> None:
+def test_list_stops_when_a_server_repeats_its_cursor(scripted: ScriptedServer) -> None:
     """A server that returns the same last_id with has_more forever does not loop forever."""
     page = {"object": "list", "data": [batch_json("b1")], "last_id": "b1", "has_more": True}
-    provider, _ = make_provider(lambda request: httpx.Response(200, json=page))
-    assert [b.id for b in provider.list_batches(page_size=1)] == ["b1", "b1"]
+    scripted.script(then=json_answer(200, page))
+    provider, _ = make_provider(scripted)
+    listed = itertools.islice(provider.list_batches(page_size=1), 10)
+    assert [b.id for b in listed] == ["b1", "b1"]
+    assert len(scripted.requests) == 2
 
 
-class _BrokenStream(httpx.SyncByteStream):
-    def __iter__(self) -> Iterator[bytes]:
-        yield b"partial line\n"
-        raise httpx.ReadError("connection reset")
-
-
-def test_download_restarts_after_a_connection_lost_mid_body(tmp_path: Path) -> None:
+def test_download_restarts_after_a_connection_lost_mid_body(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
     """A download cut mid-body restarts, and only the complete content lands at dest."""
-    script = Script(
-        httpx.Response(200, stream=_BrokenStream()),
-        httpx.Response(200, content=b"line 1\nline 2\n"),
+    scripted.script(
+        Answer(200, b"partial line\nnever sent\n", cut_after=13),
+        Answer(200, b"line 1\nline 2\n"),
     )
-    provider, sleeps = make_provider(script)
+    provider, sleeps = make_provider(scripted)
     dest = tmp_path / "out" / "results.jsonl"
     assert provider.download_file("file-out", dest) == 14
     assert dest.read_bytes() == b"line 1\nline 2\n"
     assert list(dest.parent.iterdir()) == [dest]
     assert len(sleeps) == 1
-    assert script.requests[0].headers["accept"] == "application/binary"
+    assert scripted.requests[0].headers["accept"] == "application/binary"
+    assert (
+        scripted.requests[0].target == scripted.requests[1].target == "/v1/files/file-out/content"
+    )
 
 
-def test_failed_download_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_failed_download_leaves_nothing_behind(scripted: ScriptedServer, tmp_path: Path) -> None:
     """A download that fails leaves neither dest nor its .part file."""
-    provider, _ = make_provider(Script(error_response(404, "gone")))
+    scripted.script(error_answer(404, "gone"))
+    provider, _ = make_provider(scripted)
     dest = tmp_path / "results.jsonl"
     with pytest.raises(RemoteNotFound):
         provider.download_file("file-out", dest)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_undecodable_download_is_a_provider_error(tmp_path: Path) -> None:
+def test_undecodable_download_is_a_provider_error(scripted: ScriptedServer, tmp_path: Path) -> None:
     """A body that cannot be decoded (bad gzip) fails as ProviderError, leaving no file."""
-    bad = httpx.Response(
-        200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip"}
-    )
-    provider, sleeps = make_provider(Script(bad))
+    scripted.script(then=Answer(200, b"not gzip", {"content-encoding": "gzip"}))
+    provider, sleeps = make_provider(scripted)
     with pytest.raises(ProviderError, match="DecodingError"):
         provider.download_file("file-out", tmp_path / "results.jsonl")
     assert list(tmp_path.iterdir()) == []
     assert sleeps == []
+    assert len(scripted.requests) == 1
 
 
-class _ConsumingTransport(httpx.BaseTransport):
-    """Reads each request body chunk by chunk without keeping it, like a socket would."""
-
-    def __init__(self, first_status: int = 200) -> None:
-        self.statuses = [first_status, 200]
-        self.body_sizes: list[int] = []
-        self.largest_chunk = 0
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        size = 0
-        for chunk in request.stream:  # type: ignore[union-attr]
-            size += len(chunk)
-            self.largest_chunk = max(self.largest_chunk, len(chunk))
-        self.body_sizes.append(size)
-        status = self.statuses.pop(0)
-        if status != 200:
-            return error_response(status)
-        body = {
-            "id": "file-1",
-            "object": "file",
-            "bytes": size,
-            "created_at": 1,
-            "filename": "in.jsonl",
-            "purpose": "batch",
-        }
-        return httpx.Response(200, json=body)
+def _file_json(size: int) -> Answer:
+    body = {
+        "id": "file-1",
+        "object": "file",
+        "bytes": size,
+        "created_at": 1,
+        "filename": "in.jsonl",
+        "purpose": "batch",
+    }
+    return json_answer(200, body)
 
 
-def test_upload_streams_a_large_file_in_flat_memory(tmp_path: Path) -> None:
-    """A 64 MB upload is sent in small chunks; peak Python memory stays far below its size."""
+def test_upload_streams_a_large_file_in_flat_memory(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A 64 MB upload reaches the server whole while peak Python memory stays far below its
+    size (the file is streamed, never read whole)."""
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as handle:
         handle.truncate(64 * 1024 * 1024)
-    transport = _ConsumingTransport()
-    provider = OpenAIProvider("t", base_url=BASE_URL, api_key=SENTINEL_KEY, transport=transport)
+    scripted.script(_file_json(64 * 1024 * 1024))
+    provider, _ = make_provider(scripted)
     tracemalloc.start()
     try:
         provider.upload_file(big, filename="big.jsonl")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert transport.body_sizes[0] > 64 * 1024 * 1024
-    assert transport.largest_chunk <= 64 * 1024
+    assert scripted.requests[0].size > 64 * 1024 * 1024
     assert peak < 4 * 1024 * 1024
 
 
-def test_upload_retry_resends_the_whole_file(tmp_path: Path) -> None:
+def test_upload_retry_resends_the_whole_file(scripted: ScriptedServer, tmp_path: Path) -> None:
     """After a 503 the upload is re-sent from the first byte, and the name ends in .jsonl."""
     path = tmp_path / "input.jsonl"
-    path.write_bytes(b'{"custom_id": "a"}\n' * 1000)
-    transport = _ConsumingTransport(first_status=503)
-    provider = OpenAIProvider(
-        "t", base_url=BASE_URL, api_key=SENTINEL_KEY, transport=transport, sleep=lambda s: None
-    )
+    content = b'{"custom_id": "a"}\n' * 1000
+    path.write_bytes(content)
+    scripted.script(error_answer(503), _file_json(len(content)))
+    provider, sleeps = make_provider(scripted)
     assert provider.upload_file(path, filename="shard-0").id == "file-1"
-    assert len(transport.body_sizes) == 2
-    assert transport.body_sizes[0] == transport.body_sizes[1] > path.stat().st_size
+    first, second = scripted.requests
+    assert first.size == second.size > len(content)
+    for seen in (first, second):
+        assert content in seen.body
+        assert b'filename="shard-0.jsonl"' in seen.body
+    assert len(sleeps) == 1
 
 
 # -- the key never leaks -------------------------------------------------------------------
 
 
-def _echo_auth(request: httpx.Request) -> httpx.Response:
-    return error_response(401, f"bad key {request.headers['authorization']}", "invalid_api_key")
+def _echo_auth(seen: Seen) -> Answer:
+    return error_answer(401, f"bad key {seen.headers['authorization']}", "invalid_api_key")
 
 
-def _raise_with_key(request: httpx.Request) -> httpx.Response:
-    raise httpx.ConnectError(f"refused while sending {request.headers['authorization']}")
-
-
-def _masked_echo(request: httpx.Request) -> httpx.Response:
-    return error_response(
+def _masked_echo(seen: Seen) -> Answer:
+    return error_answer(
         401, f"Incorrect API key provided: {SENTINEL_KEY[:8]}****{SENTINEL_KEY[-4:]}"
     )
 
 
-@pytest.mark.parametrize(
-    "handler",
-    [
-        pytest.param(_echo_auth, id="server-echoes-header"),
-        pytest.param(_raise_with_key, id="transport-error-mentions-header"),
-        pytest.param(_masked_echo, id="server-echoes-masked-key"),
-        pytest.param(lambda r: error_response(500), id="plain-500"),
-        pytest.param(lambda r: httpx.Response(404, text="Not Found"), id="plain-404"),
-    ],
-)
-def test_sentinel_key_never_appears_in_errors(handler: Handler) -> None:
-    """The API key appears in no error message, str or repr, even if a server echoes it."""
-    provider, _ = make_provider(handler, max_retries=1)
-    with pytest.raises(ProviderError) as caught:
-        provider.get_batch("batch_1")
-    error = caught.value
+def _assert_key_absent(error: ProviderError, provider: OpenAIProvider) -> None:
     for text in (str(error), repr(error), error.message, repr(provider), *error.details):
         assert SENTINEL_KEY not in text
         assert SENTINEL_KEY[8:-4] not in text
-    if error.status == 401:
-        assert "$OPENAI_API_KEY" in str(error)
 
 
-def test_error_context_repr_leaves_the_key_out() -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(_echo_auth, id="server-echoes-header"),
+        pytest.param(_masked_echo, id="server-echoes-masked-key"),
+        pytest.param(error_answer(500), id="plain-500"),
+        pytest.param(Answer(404, b"Not Found"), id="plain-404"),
+    ],
+)
+def test_sentinel_key_never_appears_in_errors(
+    scripted: ScriptedServer, answer: Answer | Callable[[Seen], Answer]
+) -> None:
+    """The API key appears in no error message, str or repr, even if a server echoes it."""
+    scripted.script(then=answer)
+    provider, _ = make_provider(scripted, max_retries=1)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    _assert_key_absent(caught.value, provider)
+    if caught.value.status == 401:
+        assert "$OPENAI_API_KEY" in str(caught.value)
+
+
+def test_a_transport_error_that_quotes_the_key_is_redacted(scripted: ScriptedServer) -> None:
+    """A key with a stray newline makes httpx's own error quote the whole header; the message
+    still leaves the key out (and nothing reached the server)."""
+    provider, _ = make_provider(scripted, api_key=SENTINEL_KEY + "\n")
+    with pytest.raises(ProviderError, match="Illegal header value") as caught:
+        provider.get_batch("batch_1")
+    _assert_key_absent(caught.value, provider)
+    assert scripted.requests == []
+
+
+def test_error_context_repr_leaves_the_key_out(scripted: ScriptedServer) -> None:
     """The error context keeps the key only to redact it: its repr never shows it."""
-    provider, _ = make_provider(lambda r: error_response(500))
+    provider, _ = make_provider(scripted)
     context = provider._http.context
     assert context.secrets == (SENTINEL_KEY,)
     assert SENTINEL_KEY not in repr(context)
     assert SENTINEL_KEY not in repr(provider._http)
 
 
-def test_the_key_is_sent_as_a_bearer_header() -> None:
-    """The key goes in the Authorization header, and nowhere in the URL or body."""
-    script = Script(httpx.Response(200, json=batch_json()))
-    provider, _ = make_provider(script)
+def test_the_key_is_sent_as_a_bearer_header(scripted: ScriptedServer) -> None:
+    """The key reaches the server in the Authorization header, and nowhere in the URL or body."""
+    scripted.script(ok())
+    provider, _ = make_provider(scripted)
     provider.get_batch("batch_1")
-    request = script.requests[0]
-    assert request.headers["authorization"] == f"Bearer {SENTINEL_KEY}"
-    assert SENTINEL_KEY not in str(request.url)
+    [seen] = scripted.requests
+    assert seen.headers["authorization"] == f"Bearer {SENTINEL_KEY}"
+    assert SENTINEL_KEY not in seen.target
+    assert SENTINEL_KEY.encode() not in seen.body
 
 
-def test_a_custom_auth_header_carries_the_raw_key() -> None:
+def test_a_custom_auth_header_carries_the_raw_key(scripted: ScriptedServer) -> None:
     """auth_header='api-key' (Azure style) sends the key without 'Bearer'."""
-    script = Script(httpx.Response(200, json=batch_json()))
-    provider = OpenAIProvider(
-        "az",
-        base_url=BASE_URL,
-        api_key="k1",
-        auth_header="api-key",
-        transport=httpx.MockTransport(script),
-    )
+    scripted.script(ok())
+    provider, _ = make_provider(scripted, api_key="k1", auth_header="api-key")
     provider.get_batch("batch_1")
-    assert script.requests[0].headers["api-key"] == "k1"
-    assert "authorization" not in script.requests[0].headers
+    [seen] = scripted.requests
+    assert seen.headers["api-key"] == "k1"
+    assert "authorization" not in seen.headers
 
 
-def test_no_key_sends_no_auth_header_and_says_so_on_401() -> None:
+def test_no_key_sends_no_auth_header_and_says_so_on_401(scripted: ScriptedServer) -> None:
     """Without a key nothing is sent, and a 401 says to set the variable."""
-    script = Script(error_response(401, "missing key"))
-    provider = OpenAIProvider(
-        "p", base_url=BASE_URL, api_key=None, transport=httpx.MockTransport(script)
-    )
+    scripted.script(error_answer(401, "missing key"))
+    provider, _ = make_provider(scripted, api_key=None)
     with pytest.raises(ProviderError, match=r"No API key was sent: set \$OPENAI_API_KEY"):
         provider.get_batch("batch_1")
-    assert "authorization" not in script.requests[0].headers
+    assert "authorization" not in scripted.requests[0].headers
 
 
 def test_base_url_must_be_http() -> None:
@@ -629,20 +697,12 @@ def test_base_url_must_be_http() -> None:
         OpenAIProvider("p", base_url="api.openai.com/v1", api_key="k")
 
 
-def test_a_key_of_any_shape_is_redacted_when_echoed() -> None:
+def test_a_key_of_any_shape_is_redacted_when_echoed(scripted: ScriptedServer) -> None:
     """A key that does not look like sk-… (Azure style) is still redacted if a server echoes it."""
     key = "AZURE0SENTINEL0abcdef0123456789"
-
-    def echo(request: httpx.Request) -> httpx.Response:
-        return error_response(400, f"header was {request.headers['api-key']}")
-
-    provider = OpenAIProvider(
-        "az",
-        base_url=BASE_URL,
-        api_key=key,
-        auth_header="api-key",
-        transport=httpx.MockTransport(echo),
-        api_key_env="AZURE_OPENAI_API_KEY",
+    scripted.script(then=lambda seen: error_answer(400, f"header was {seen.headers['api-key']}"))
+    provider, _ = make_provider(
+        scripted, api_key=key, auth_header="api-key", api_key_env="AZURE_OPENAI_API_KEY"
     )
     with pytest.raises(ProviderError) as caught:
         provider.get_batch("batch_1")
