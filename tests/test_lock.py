@@ -1,4 +1,8 @@
-"""Tests for batchspec.state.lock: one writer at a time, across connections and processes."""
+"""Tests for batchspec.state.lock: one writer at a time, across connections and processes.
+
+``store`` and ``other`` are two connections to one state, once per backend (SQLite file,
+PostgreSQL database: ``state_location`` in tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -44,15 +48,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[StateStore]:
-    with StateStore.open(db_path) as s:
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as s:
         yield s
 
 
 @pytest.fixture
-def other(db_path: Path, store: StateStore) -> Iterator[StateStore]:
+def other(state_location: Path | str, store: StateStore) -> Iterator[StateStore]:
     """A second, independent connection to the same database."""
-    with StateStore.open(db_path) as s:
+    with StateStore.open(state_location) as s:
         yield s
 
 
@@ -159,7 +163,7 @@ CHILD = textwrap.dedent(
     from batchspec.state.runinfo import collect_run_info
     from batchspec.state.store import StateStore
 
-    store = StateStore.open(Path(sys.argv[1]))
+    store = StateStore.open(sys.argv[1])
     handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
     print(handle.holder_id, flush=True)
     sys.stdin.readline()  # hold the lock until the test says so
@@ -168,10 +172,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def start_holder(db_path: Path) -> tuple[subprocess.Popen[str], str]:
+def start_holder(location: Path | str) -> tuple[subprocess.Popen[str], str]:
     """A child process that holds the lock until a line arrives on its stdin."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(db_path)],
+        [sys.executable, "-c", CHILD, str(location)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -181,10 +185,10 @@ def start_holder(db_path: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_lock_held_by_another_process_is_refused_then_acquired(
-    db_path: Path, store: StateStore
+    state_location: Path | str, store: StateStore
 ) -> None:
     """A real second process holds the lock: refused at once, acquired after it releases."""
-    child, holder_id = start_holder(db_path)
+    child, holder_id = start_holder(state_location)
     assert child.stdin is not None
     try:
         with pytest.raises(StateLockedError, match=f"pid {child.pid}") as caught:
@@ -220,7 +224,7 @@ RACER = textwrap.dedent(
     from batchspec.state.runinfo import collect_run_info
     from batchspec.state.store import StateStore
 
-    store = StateStore.open(Path(sys.argv[1]))
+    store = StateStore.open(sys.argv[1])
     info = collect_run_info(env={})
     print("ready", flush=True)
     sys.stdin.readline()
@@ -236,11 +240,13 @@ RACER = textwrap.dedent(
 )
 
 
-def test_racing_processes_take_the_lock_exactly_once(db_path: Path, store: StateStore) -> None:
+def test_racing_processes_take_the_lock_exactly_once(
+    state_location: Path | str, store: StateStore
+) -> None:
     """Four processes acquiring at the same moment: one takes it, three get StateLockedError."""
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(db_path)],
+            [sys.executable, "-c", RACER, str(state_location)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -359,17 +365,19 @@ def test_acquire_inside_a_transaction_is_refused(store: StateStore) -> None:
 
 
 def test_unlock_state_finds_the_project_database_and_records_a_run(
-    tmp_path: Path, db_path: Path, store: StateStore
+    tmp_path: Path, db_path: Path
 ) -> None:
     """unlock_state resolves the workspace's state DB, releases, and records an unlock run."""
     assert db_path == tmp_path / "state" / "batchspec.db"  # the default project layout
-    handle = acquire_lock(store, command="apply", info=run_info())
-    released = unlock_state(handle.holder_id, start=tmp_path)
-    assert released.holder_id == handle.holder_id and current_lock(store) is None
-    [run] = store.runs()
-    assert (run.command, run.args, run.exit_code) == ("unlock", {"holder_id": handle.holder_id}, 0)
-    [event] = store.events(run_id=run.id)
-    assert event.action == "lock.force_unlock" and event.detail["pid"] == os.getpid()
+    with StateStore.open(db_path) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        released = unlock_state(handle.holder_id, start=tmp_path)
+        assert released.holder_id == handle.holder_id and current_lock(store) is None
+        [run] = store.runs()
+        args = {"holder_id": handle.holder_id}
+        assert (run.command, run.args, run.exit_code) == ("unlock", args, 0)
+        [event] = store.events(run_id=run.id)
+        assert event.action == "lock.force_unlock" and event.detail["pid"] == os.getpid()
 
 
 def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:

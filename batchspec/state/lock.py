@@ -86,7 +86,7 @@ class LockHandle:
             self._lost = True
             raise StateError(
                 f"this run no longer holds the state lock {self.holder_id} on "
-                f"{self._store.path} (it was released with `batchspec unlock` or taken over); "
+                f"{self._store.label} (it was released with `batchspec unlock` or taken over); "
                 "stopping before changing anything else"
             )
 
@@ -104,9 +104,9 @@ class LockHandle:
 
     def _beat_until_stopped(self, interval: float) -> None:
         # Its own connection: a shared one would slip heartbeats into the main thread's
-        # transactions (and sqlite3 connections are not for sharing across threads).
+        # transactions (and a connection is not for sharing across threads).
         try:
-            store = StateStore.open(self._store.path)
+            store = StateStore.open(self._store.location)
         except Exception as err:  # noqa: BLE001 - recorded for the owner to inspect
             self.heartbeat_error = err
             return
@@ -216,10 +216,10 @@ def force_unlock(store: StateStore, holder_id: str, *, run_id: int | None = None
     with store.atomic():
         current = store.lock_row()
         if current is None:
-            raise StateError(f"no lock is held on {store.path}; nothing to unlock")
+            raise StateError(f"no lock is held on {store.label}; nothing to unlock")
         if current.holder_id != holder_id:
             raise StateError(
-                f"the lock on {store.path} is held by {describe_holder(current)}, not by "
+                f"the lock on {store.label} is held by {describe_holder(current)}, not by "
                 f"{holder_id!r}; nothing was released. To release it: "
                 f"batchspec unlock {current.holder_id}"
             )
@@ -247,7 +247,7 @@ def _locked_message(
 ) -> str:
     waited = f"after waiting {timeout:g} s" if timeout > 0 else "(not waiting: --lock-timeout 0)"
     message = (
-        f"the state database {store.path} is locked by another run {waited}: "
+        f"the state database {store.label} is locked by another run {waited}: "
         f"{describe_holder(holder)}, last heartbeat {holder.heartbeat}."
     )
     age = _heartbeat_age(holder)
