@@ -85,7 +85,7 @@ def plan_workspace(
         resources = select_resources(ws, select)
         facts = validate_inputs(ws, resources, cache)
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", {"paths": list(paths), "select": list(select)}),
     ):
         plan = compute_plan(
@@ -135,7 +135,7 @@ def apply_workspace(
         **({"prune": True} if options.prune else {}),
     }
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "apply", args) as run,
     ):
         info = collect_run_info(ws.project.root, env)
@@ -196,12 +196,12 @@ def cancel_resource(
     """``batchspec cancel NAME``: cancel a resource's in-flight batches; return how many."""
     ws = load_workspace(paths, state_path=state_path)
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "cancel", {"name": name}) as run,
     ):
         if store.get_resource(name) is None:
             raise ManifestError(
-                f"no resource named {name!r} is recorded in {ws.project.state_path}"
+                f"no resource named {name!r} is recorded in {ws.project.state_label}"
             )
         info = collect_run_info(ws.project.root, env)
         with (

@@ -28,9 +28,9 @@ def read_history(
 ) -> list[HistoryEntry]:
     """Newest runs first; with ``resource``, only runs that touched it and only its events."""
     project = load_project(paths[0] if paths else None, state_path=state_path)
-    if not project.state_path.exists():
+    if not project.has_state():
         return []
-    with StateStore.open(project.state_path) as store:
+    with StateStore.open(project.state) as store:
         entries = []
         for run in store.runs(resource=resource, limit=limit):
             events = [

@@ -120,8 +120,8 @@ def modified_resources(
 ) -> frozenset[str]:
     """Names of the workspace's resources whose planned action is not ``none``."""
     recorded: dict[str, RecordedResource] = {}
-    if ws.project.state_path.exists():
-        with StateStore.open(ws.project.state_path) as store:
+    if ws.project.has_state():
+        with StateStore.open(ws.project.state) as store:
             recorded = load_recorded(store, store.ledger(), requeue_backoff=requeue_backoff)
     return planned_changes(ws.resources, recorded, now=time.time())
 

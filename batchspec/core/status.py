@@ -23,6 +23,7 @@ from batchspec.core.session import select_resources
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, load_workspace
+from batchspec.workspace.project import Project
 
 _HEALTH = {
     "pending": "Progressing",
@@ -135,15 +136,15 @@ def workspace_status(
 
     ws = load_workspace(paths, state_path=state_path)
     resources = select_resources(ws, select)
-    with _read_only_store(ws.project.state_path) as store:
+    with _read_only_store(ws.project) as store:
         return resource_statuses(store, resources, include_orphans=not select)
 
 
 @contextmanager
-def _read_only_store(path: Path) -> Iterator[StateStore]:
+def _read_only_store(project: Project) -> Iterator[StateStore]:
     """The state store if there is one; else an empty throwaway one (status creates nothing)."""
-    if path.exists():
-        with StateStore.open(path) as store:
+    if project.has_state():
+        with StateStore.open(project.state) as store:
             yield store
         return
     with tempfile.TemporaryDirectory() as empty, StateStore.open(Path(empty) / "none.db") as store:
