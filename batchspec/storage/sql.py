@@ -17,7 +17,9 @@ What the wrapper does, and promises:
   psycopg's ``%s`` (a literal ``%`` is doubled), never inside a quoted literal or identifier.
 * ``begin_writer()`` starts the outermost transaction so that writers are serialised exactly
   as SQLite's ``BEGIN IMMEDIATE`` does: on PostgreSQL ``BEGIN`` plus a transaction-scoped
-  advisory lock (``WRITER_LOCK_KEY``), waited for up to the busy timeout. Read-then-write
+  advisory lock (``advisory_key("writer")``), waited for up to the busy timeout. Advisory
+  locks are per database, so their keys are derived from the schema the state lives in: two
+  states in two schemas of one database never wait for each other. Read-then-write
   sequences therefore never interleave with another process's, on either database.
 * Driver failures become one ``StateError`` subclass each, with no password in the message:
   ``IntegrityError`` (a constraint or trigger refused a write), ``DatabaseBusyError`` (the
@@ -30,6 +32,7 @@ What the wrapper does, and promises:
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import sqlite3
 from abc import ABC, abstractmethod
@@ -40,8 +43,6 @@ from typing import Any, ClassVar, Protocol
 from batchspec.errors import StateError
 from batchspec.storage.database_url import redact_url, scrub
 
-#: the transaction-scoped advisory lock every PostgreSQL writer takes (BEGIN IMMEDIATE's twin)
-WRITER_LOCK_KEY = 0x6261_7463_6873_7063  # "batchspc"
 POSTGRES_EXTRA_HINT = "pip install 'batchspec[postgres]'"
 
 
@@ -286,7 +287,15 @@ class PostgresSql(Sql):
             ) from err
         db = cls(conn, url)
         db.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
+        db.schema = db.execute("SELECT coalesce(current_schema(), '')").fetchone()[0]
         return db
+
+    schema = ""
+
+    def advisory_key(self, purpose: str) -> int:
+        """A bigint advisory-lock key for ``purpose``, unique to this state's schema."""
+        digest = hashlib.sha256(f"batchspec\0{self.schema}\0{purpose}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with self._translated():
@@ -321,7 +330,7 @@ class PostgresSql(Sql):
     def begin_writer(self) -> None:
         self.execute("BEGIN")
         try:
-            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
+            self.execute("SELECT pg_advisory_xact_lock(?)", (self.advisory_key("writer"),))
         except BaseException:
             self.rollback()
             raise
@@ -386,7 +395,6 @@ def _connect_reason(err: BaseException, url: str) -> str:
 
 __all__ = [
     "POSTGRES_EXTRA_HINT",
-    "WRITER_LOCK_KEY",
     "Cursor",
     "DatabaseBusyError",
     "DatabaseError",
