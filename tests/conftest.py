@@ -10,15 +10,21 @@
   otherwise.
 - ``scripted -> scripted_server.ScriptedServer``: a programmable HTTP server that answers
   from a script and records every request; one per test module, reset for each test.
+- ``postgres_cluster`` (session): a throwaway PostgreSQL cluster (``postgres.Cluster``);
+  ``postgres_url``: an empty schema of its own on it; ``state_location``: parametrised over
+  both backends, an SQLite file's path or a PostgreSQL URL.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import Cluster, find_bin_dir, start_cluster
 from probes import ProbedServer, start_probed_server
 from scripted_server import ScriptedServer
 from servers import EngineServer, StandinUpstream, start_server, start_standin_upstream
@@ -85,3 +91,44 @@ def scripted(scripted_server_of_module: ScriptedServer) -> Iterator[ScriptedServ
     scripted_server_of_module.reset()
     yield scripted_server_of_module
     scripted_server_of_module.reset()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the session (tests/postgres.py).
+
+    Missing binaries or driver: a skip on a developer's machine, a failure with CI=true.
+    """
+    bin_dir = find_bin_dir()
+    missing = None
+    if bin_dir is None:
+        missing = "the PostgreSQL server binaries (apt-get install postgresql) are not installed"
+    elif importlib.util.find_spec("psycopg") is None:
+        missing = "psycopg is not installed (pip install -e '.[test]')"
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing}; with CI=true a missing PostgreSQL is a failure, not a skip")
+        pytest.skip(missing)
+    assert bin_dir is not None
+    cluster = start_cluster(bin_dir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Cluster) -> Iterator[str]:
+    """A URL to an empty schema of its own on the session's PostgreSQL cluster."""
+    url = postgres_cluster.new_schema()
+    yield url
+    postgres_cluster.drop_schema(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a state store lives, once per backend: an SQLite file, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "state" / "batchspec.db"
+    return str(request.getfixturevalue("postgres_url"))

@@ -1,4 +1,8 @@
-"""Tests for batchspec.state.lock: one writer at a time, across connections and processes."""
+"""Tests for batchspec.state.lock: one writer at a time, across connections and processes.
+
+``store`` and ``other`` are two connections to one state, once per backend (SQLite file,
+PostgreSQL database: ``state_location`` in tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -44,15 +48,22 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[StateStore]:
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as s:
+        yield s
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[StateStore]:
+    """An SQLite store: for rules only the lock row has (PostgreSQL knows liveness)."""
     with StateStore.open(db_path) as s:
         yield s
 
 
 @pytest.fixture
-def other(db_path: Path, store: StateStore) -> Iterator[StateStore]:
+def other(state_location: Path | str, store: StateStore) -> Iterator[StateStore]:
     """A second, independent connection to the same database."""
-    with StateStore.open(db_path) as s:
+    with StateStore.open(state_location) as s:
         yield s
 
 
@@ -159,8 +170,12 @@ CHILD = textwrap.dedent(
     from batchspec.state.runinfo import collect_run_info
     from batchspec.state.store import StateStore
 
-    store = StateStore.open(Path(sys.argv[1]))
-    handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
+    import dataclasses
+    store = StateStore.open(sys.argv[1])
+    info = collect_run_info(env={})
+    if len(sys.argv) > 2:  # pretend to run on another machine
+        info = dataclasses.replace(info, host=sys.argv[2])
+    handle = acquire_lock(store, command="apply", info=info)
     print(handle.holder_id, flush=True)
     sys.stdin.readline()  # hold the lock until the test says so
     handle.release()
@@ -168,10 +183,11 @@ CHILD = textwrap.dedent(
 )
 
 
-def start_holder(db_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """A child process that holds the lock until a line arrives on its stdin."""
+def start_holder(location: Path | str, *host: str) -> tuple[subprocess.Popen[str], str]:
+    """A child process that holds the lock until a line arrives on its stdin (``host``: the
+    host name it records, if not this one's)."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(db_path)],
+        [sys.executable, "-c", CHILD, str(location), *host],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -181,10 +197,10 @@ def start_holder(db_path: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_lock_held_by_another_process_is_refused_then_acquired(
-    db_path: Path, store: StateStore
+    state_location: Path | str, store: StateStore
 ) -> None:
     """A real second process holds the lock: refused at once, acquired after it releases."""
-    child, holder_id = start_holder(db_path)
+    child, holder_id = start_holder(state_location)
     assert child.stdin is not None
     try:
         with pytest.raises(StateLockedError, match=f"pid {child.pid}") as caught:
@@ -220,7 +236,7 @@ RACER = textwrap.dedent(
     from batchspec.state.runinfo import collect_run_info
     from batchspec.state.store import StateStore
 
-    store = StateStore.open(Path(sys.argv[1]))
+    store = StateStore.open(sys.argv[1])
     info = collect_run_info(env={})
     print("ready", flush=True)
     sys.stdin.readline()
@@ -236,11 +252,13 @@ RACER = textwrap.dedent(
 )
 
 
-def test_racing_processes_take_the_lock_exactly_once(db_path: Path, store: StateStore) -> None:
+def test_racing_processes_take_the_lock_exactly_once(
+    state_location: Path | str, store: StateStore
+) -> None:
     """Four processes acquiring at the same moment: one takes it, three get StateLockedError."""
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, str(db_path)],
+            [sys.executable, "-c", RACER, str(state_location)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -270,15 +288,18 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(store: StateStore) ->
     store.write_lock_row(foreign_holder(pid))
     handle = acquire_lock(store, command="apply", info=run_info())
     assert handle.warning is not None
-    assert f"dead process {pid} on host {HOST}" in handle.warning
+    # SQLite: "dead process PID on host H"; PostgreSQL: "session has ended: pid PID on host H"
+    assert f"{pid} on host {HOST}" in handle.warning
     assert "0123456789ab" in handle.warning
     assert current_lock(store).holder_id == handle.holder_id  # type: ignore[union-attr]
     [event] = store.events()
     assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
 
 
-def test_lock_on_another_host_is_never_taken_over(store: StateStore) -> None:
-    """A holder on another host is not taken over even if its pid is free here."""
+def test_lock_on_another_host_is_never_taken_over(sqlite_store: StateStore) -> None:
+    """A holder on another host is not taken over even if its pid is free here (SQLite:
+    the row cannot tell whether it is alive)."""
+    store = sqlite_store
     store.write_lock_row(foreign_holder(dead_pid(), host="elsewhere.example"))
     with pytest.raises(StateLockedError, match="elsewhere.example") as caught:
         acquire_lock(store, command="apply", info=run_info())
@@ -286,8 +307,9 @@ def test_lock_on_another_host_is_never_taken_over(store: StateStore) -> None:
     assert current_lock(store).holder_id == "0123456789ab"  # type: ignore[union-attr]
 
 
-def test_old_heartbeat_is_reported_as_possibly_stale(store: StateStore) -> None:
-    """A holder whose heartbeat is older than stale_after is named possibly stale."""
+def test_old_heartbeat_is_reported_as_possibly_stale(sqlite_store: StateStore) -> None:
+    """A holder whose heartbeat is older than stale_after is named possibly stale (SQLite)."""
+    store = sqlite_store
     old = utc_timestamp(datetime.now(timezone.utc) - timedelta(minutes=45))
     store.write_lock_row(foreign_holder(1, host="elsewhere.example", heartbeat=old))
     with pytest.raises(StateLockedError, match="45 minutes old: it is possibly stale"):
@@ -304,8 +326,8 @@ def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: S
     assert current_lock(other) is not None
     released = force_unlock(other, handle.holder_id, force=True)
     assert released == handle.holder
-    assert current_lock(store) is None
-    assert [e.action for e in store.events()] == ["lock.force_unlock"]
+    assert current_lock(other) is None
+    assert [e.action for e in other.events()] == ["lock.force_unlock"]
 
 
 def test_old_handle_cannot_disturb_the_next_holder(store: StateStore, other: StateStore) -> None:
@@ -316,7 +338,52 @@ def test_old_handle_cannot_disturb_the_next_holder(store: StateStore, other: Sta
     with pytest.raises(StateError, match="no longer holds the state lock"):
         old.heartbeat()
     old.release()
-    assert current_lock(store).holder_id == new.holder_id  # type: ignore[union-attr]
+    assert current_lock(other).holder_id == new.holder_id  # type: ignore[union-attr]
+
+
+def test_postgres_lock_row_without_a_live_session_is_taken_over_on_any_host(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL knows liveness: a row whose session lock is free is a dead run's, taken over
+    even from another host; status calls the lock free meanwhile."""
+    with StateStore.open(postgres_url) as store:
+        store.write_lock_row(foreign_holder(1, host="elsewhere.example"))
+        assert current_lock(store) is None
+        handle = acquire_lock(store, command="apply", info=run_info())
+        assert handle.warning is not None and "session has ended" in handle.warning
+        assert "elsewhere.example" in handle.warning
+        handle.release()
+
+
+def test_postgres_lock_of_a_killed_runner_dies_with_its_session(postgres_url: str) -> None:
+    """A runner on another machine killed with SIGKILL (no release, no unlock) frees its lock
+    at once: the next run takes it over, with the dead holder's details in the warning and
+    the event (the row alone could not tell that a process elsewhere is dead)."""
+    child, holder_id = start_holder(postgres_url, "runner-7.ci.example")
+    with StateStore.open(postgres_url) as store:
+        with pytest.raises(StateLockedError, match=holder_id):
+            acquire_lock(store, command="apply", info=run_info())
+        child.kill()
+        child.wait()
+        handle = acquire_lock(store, command="apply", info=run_info(), timeout=10)
+        assert handle.warning is not None and holder_id in handle.warning
+        [event] = store.events()
+        assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == child.pid
+        handle.release()
+
+
+def test_postgres_unlock_ends_a_live_holders_session(postgres_url: str) -> None:
+    """`unlock ID` on PostgreSQL ends the holder's session, so the lock is free at once and
+    the holder's next step fails instead of writing."""
+    with StateStore.open(postgres_url) as holder_store, StateStore.open(postgres_url) as other:
+        held = acquire_lock(holder_store, command="apply", info=run_info())
+        force_unlock(other, held.holder_id, force=True)  # its heartbeat is fresh: --force
+        with pytest.raises(StateError):
+            holder_store.record_event(None, "must not be written")
+        taken = acquire_lock(other, command="apply", info=run_info())
+        assert taken.warning is None
+        taken.release()
+        assert [e.action for e in other.events()] == ["lock.force_unlock"]
 
 
 def test_lock_is_released_when_the_block_raises(store: StateStore) -> None:
@@ -359,18 +426,20 @@ def test_acquire_inside_a_transaction_is_refused(store: StateStore) -> None:
 
 
 def test_unlock_state_finds_the_project_database_and_records_a_run(
-    tmp_path: Path, db_path: Path, store: StateStore
+    tmp_path: Path, db_path: Path
 ) -> None:
     """unlock_state resolves the workspace's state DB, releases, and records an unlock run."""
     assert db_path == tmp_path / "state" / "batchspec.db"  # the default project layout
     (tmp_path / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
-    handle = acquire_lock(store, command="apply", info=run_info(pid=dead_pid()))
-    released = unlock_state(handle.holder_id, start=tmp_path)
-    assert released.holder_id == handle.holder_id and current_lock(store) is None
-    [run] = store.runs()
-    assert (run.command, run.args, run.exit_code) == ("unlock", {"holder_id": handle.holder_id}, 0)
-    [event] = store.events(run_id=run.id)
-    assert event.action == "lock.force_unlock" and event.detail["pid"] == handle.holder.pid
+    with StateStore.open(db_path) as store:
+        handle = acquire_lock(store, command="apply", info=run_info(pid=dead_pid()))
+        released = unlock_state(handle.holder_id, start=tmp_path)
+        assert released.holder_id == handle.holder_id and current_lock(store) is None
+        [run] = store.runs()
+        args = {"holder_id": handle.holder_id}
+        assert (run.command, run.args, run.exit_code) == ("unlock", args, 0)
+        [event] = store.events(run_id=run.id)
+        assert event.action == "lock.force_unlock" and event.detail["pid"] == handle.holder.pid
 
 
 def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from batchspec.providers.anthropic_journal import Journal, JournalEntry
 from batchspec.state import store as state_store
 from batchspec.state.store import StateStore
 from batchspec.storage.migrations import Migrations, split_statements
+from batchspec.storage.sql import SqliteSql
 
 TRIGGER_SCRIPT = """
 CREATE TABLE items (id INTEGER PRIMARY KEY, note TEXT NOT NULL);
@@ -136,7 +137,7 @@ def test_state_database_tracked_by_sqlite_utils_is_recognised(tmp_path: Path) ->
         state_store.m002_request_ledger,
         state_store.m003_request_fingerprints,
     ):
-        old(name=fn.__name__)(lambda db, fn=fn: fn(db.conn))
+        old(name=fn.__name__)(lambda db, fn=fn: fn(SqliteSql(db.conn)))
     with Database(path) as db:
         old.apply(db)
         db.execute("INSERT INTO events (at, action, detail) VALUES ('t', 'old', '{}')")

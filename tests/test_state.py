@@ -1,4 +1,8 @@
-"""Tests for batchspec.state.store: the SQLite state store and its append-only audit log."""
+"""Tests for batchspec.state.store: the state store and its append-only audit log.
+
+Tests taking ``store`` or ``state_location`` run once per backend (an SQLite file, a PostgreSQL
+database: tests/conftest.py); those taking ``db_path`` pin what only the SQLite file has.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from sqlite_utils import Database
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.storage.sql import IntegrityError
 
 INFO = RunInfo(
     user="alice",
@@ -37,8 +42,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[StateStore]:
-    with StateStore.open(db_path) as s:
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as s:
         yield s
 
 
@@ -99,24 +104,32 @@ def test_existing_database_mode_is_left_alone(db_path: Path) -> None:
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
 
 
-def test_wal_foreign_keys_and_busy_timeout_are_on(store: StateStore) -> None:
+def test_wal_foreign_keys_and_busy_timeout_are_on(db_path: Path) -> None:
     """The connection uses WAL, enforces foreign keys and waits 30 s on a busy database."""
-    pragma = lambda name: store.db.execute(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
-    assert pragma("journal_mode") == "wal"
-    assert pragma("foreign_keys") == 1
-    assert pragma("busy_timeout") == 30000
+    with StateStore.open(db_path) as store:
+        pragma = lambda name: store.db.execute(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
+        assert pragma("journal_mode") == "wal"
+        assert pragma("foreign_keys") == 1
+        assert pragma("busy_timeout") == 30000
+
+
+def test_postgres_connection_waits_30_s_for_the_writer_lock(postgres_url: str) -> None:
+    """PostgreSQL's twin of the busy timeout: lock waits give up after 30 s."""
+    with StateStore.open(postgres_url) as store:
+        assert store.db.execute("SHOW lock_timeout").fetchone()[0] == "30s"
 
 
 MIGRATION_NAMES = ["m001_initial", "m002_request_ledger", "m003_request_fingerprints"]
 
 
-def test_migrations_are_named_recorded_and_applied_once(db_path: Path) -> None:
+def test_migrations_are_named_recorded_and_applied_once(state_location: Path | str) -> None:
     """Each named migration is recorded once in _sqlite_migrations however often we open."""
     for _ in range(3):
-        with StateStore.open(db_path) as s:
+        with StateStore.open(state_location) as s:
             assert s.applied_migrations() == MIGRATION_NAMES
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute("SELECT migration_set, name FROM _sqlite_migrations").fetchall()
+    with StateStore.open(state_location) as s:
+        sql = "SELECT migration_set, name FROM _sqlite_migrations ORDER BY id"
+        rows = [tuple(row) for row in s.db.execute(sql).fetchall()]
     assert rows == [("batchspec", name) for name in MIGRATION_NAMES]
 
 
@@ -133,16 +146,16 @@ def test_older_database_is_upgraded_in_place(db_path: Path) -> None:
         assert [e.action for e in s.events()] == ["old"]
 
 
-def test_database_from_a_newer_batchspec_is_refused(db_path: Path) -> None:
+def test_database_from_a_newer_batchspec_is_refused(state_location: Path | str) -> None:
     """An unknown applied migration means a newer schema: open fails with a clear StateError."""
-    StateStore.open(db_path).close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
+    with StateStore.open(state_location) as s:
+        s.db.execute(
             "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
             "VALUES ('batchspec', 'm999_future', 'x')"
         )
-    with pytest.raises(StateError, match="newer batchspec.*m999_future"):
-        StateStore.open(db_path)
+    with pytest.raises(StateError, match="newer batchspec.*m999_future") as caught:
+        StateStore.open(state_location)
+    assert "pw-" not in str(caught.value)  # the test cluster's password never shows
 
 
 def test_a_file_that_is_not_sqlite_is_a_state_error(db_path: Path) -> None:
@@ -189,10 +202,16 @@ def test_failed_write_inside_atomic_leaves_the_outer_transaction_usable(store: S
     assert [r.name for r in store.list_resources()] == ["kept"]
 
 
-def test_atomic_holds_the_write_lock_against_other_connections(db_path: Path) -> None:
-    """While one store is inside atomic(), another connection cannot write (BEGIN IMMEDIATE)."""
-    with StateStore.open(db_path) as first, StateStore.open(db_path) as second:
-        second.db.execute("PRAGMA busy_timeout = 50")
+def test_atomic_holds_the_write_lock_against_other_connections(
+    state_location: Path | str,
+) -> None:
+    """While one store is inside atomic(), another connection cannot write (BEGIN IMMEDIATE,
+    or PostgreSQL's advisory twin), and gets a StateError saying the database is busy."""
+    with StateStore.open(state_location) as first, StateStore.open(state_location) as second:
+        if second.dialect == "sqlite":
+            second.db.execute("PRAGMA busy_timeout = 50")
+        else:
+            second.db.execute("SET lock_timeout = 50")
         with first.atomic():
             first.serial()  # only a read: the write lock is taken at BEGIN, not at first write
             with pytest.raises(StateError, match="busy"):
@@ -202,10 +221,10 @@ def test_atomic_holds_the_write_lock_against_other_connections(db_path: Path) ->
         assert [e.action for e in first.events()] == ["holding", "after"]
 
 
-def test_raw_write_outside_atomic_is_committed_at_once(db_path: Path) -> None:
+def test_raw_write_outside_atomic_is_committed_at_once(state_location: Path | str) -> None:
     """A raw statement outside atomic() commits by itself and leaves no transaction open."""
-    with StateStore.open(db_path) as first, StateStore.open(db_path) as second:
-        first.db.conn.executemany(
+    with StateStore.open(state_location) as first, StateStore.open(state_location) as second:
+        first.db.executemany(
             "INSERT INTO events (at, action) VALUES (?, ?)", [("t", "a"), ("t", "b")]
         )
         assert not first.in_transaction
@@ -218,9 +237,9 @@ def test_raw_write_outside_atomic_is_committed_at_once(db_path: Path) -> None:
 def test_events_cannot_be_updated_or_deleted(store: StateStore) -> None:
     """Triggers make UPDATE and DELETE on events fail, so the audit log is append-only."""
     event_id = store.record_event(None, "create", detail={"n": 1})
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(IntegrityError, match="append-only"):
         store.db.execute("UPDATE events SET action = 'x' WHERE id = ?", (event_id,))
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(IntegrityError, match="append-only"):
         store.db.execute("DELETE FROM events")
     assert [(e.id, e.action, e.detail) for e in store.events()] == [(event_id, "create", {"n": 1})]
 
@@ -237,11 +256,11 @@ def test_events_filter_and_limit_keep_chronological_order(store: StateStore) -> 
     assert all(TIMESTAMP.match(e.at) for e in store.events())
 
 
-def test_event_ids_never_reused(db_path: Path) -> None:
-    """Event ids only grow (AUTOINCREMENT), across reopenings."""
-    with StateStore.open(db_path) as s:
+def test_event_ids_never_reused(state_location: Path | str) -> None:
+    """Event ids only grow (AUTOINCREMENT; an identity column), across reopenings."""
+    with StateStore.open(state_location) as s:
         first = s.record_event(None, "a")
-    with StateStore.open(db_path) as s:
+    with StateStore.open(state_location) as s:
         assert s.record_event(None, "b") == first + 1
 
 

@@ -49,9 +49,10 @@ def state_option(f: F) -> F:
     return click.option(
         "--state",
         "state_path",
-        type=click.Path(dir_okay=False),
+        metavar="PATH|URL",
         envvar="BATCHSPEC_STATE",
-        help="State database (default: the project's, or state/batchspec.db).",
+        help="State database: an SQLite file, or a postgresql:// URL (default: the project's "
+        "state, or state/batchspec.db).",
     )(f)
 
 
@@ -872,14 +873,10 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
     step. Recorded in history as an unlock run.
     """
-    from pathlib import Path
-
     from batchspec.core.lifecycle import unlock_state
     from batchspec.state.lock import describe_holder
 
-    holder = unlock_state(
-        holder_id, state_path=Path(state_path) if state_path else None, force=force
-    )
+    holder = unlock_state(holder_id, state_path=state_path, force=force)
     click.echo(f"released the lock of {describe_holder(holder)}")
 
 

@@ -137,7 +137,7 @@ def plan_workspace(
         **({"replace": list(replace), "reuse": reuse} if replace else {}),
     }
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", args),
     ):
         resources = planned_resources(store, resources, replace, reuse=reuse)
@@ -222,7 +222,7 @@ def apply_workspace(
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "apply", args) as run,
     ):
         info = collect_run_info(ws.project.root, env)
@@ -295,12 +295,12 @@ def cancel_resource(
     """``batchspec cancel NAME``: cancel a resource's in-flight batches; return how many."""
     ws = load_workspace(paths, state_path=state_path)
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "cancel", {"name": name}) as run,
     ):
         if store.get_resource(name) is None:
             raise ManifestError(
-                f"no resource named {name!r} is recorded in {ws.project.state_path}"
+                f"no resource named {name!r} is recorded in {ws.project.state_label}"
             )
         info = collect_run_info(ws.project.root, env)
         with (

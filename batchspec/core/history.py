@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from batchspec.errors import ManifestError
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
 from batchspec.workspace.project import load_project
-from batchspec.workspace.yamldoc import display_path
 
 
 @dataclass(frozen=True)
@@ -33,21 +31,21 @@ def read_history(
     """Newest runs first; with ``resource``, only runs that touched it and only its events.
 
     ``paths`` locate the workspace as for every command (a folder, a manifest, a glob); with
-    ``state_path`` the database is named and no workspace is needed. A ``resource`` the state
-    has never recorded is an error (exit 1), not an empty history.
+    ``state_path`` (a file or a URL) the store is named and no workspace is needed. A
+    ``resource`` the state has never recorded is an error (exit 1), not an empty history.
     """
     if state_path is not None:
         project = load_project(paths[0] if paths else None, state_path=state_path)
     else:
         project = project_for(paths)
-    if not project.state_path.exists():
+    if not project.has_state():
         if resource is not None:
-            raise ManifestError(_unknown(resource, project.state_path))
+            raise ManifestError(_unknown(resource, project.state_label))
         return []
-    with StateStore.open(project.state_path) as store:
+    with StateStore.open(project.state) as store:
         if resource is not None and not _ever_recorded(store, resource):
             raise ManifestError(
-                _unknown(resource, project.state_path),
+                _unknown(resource, project.state_label),
                 details=["`batchspec status` lists the resources; history takes PATHS first"],
             )
         entries = []
@@ -66,5 +64,5 @@ def _ever_recorded(store: StateStore, name: str) -> bool:
     return store.get_resource(name) is not None or bool(store.events(resource=name, limit=1))
 
 
-def _unknown(name: str, state_path: Path) -> str:
-    return f"no resource named {name!r} is recorded in {display_path(state_path)}"
+def _unknown(name: str, state_label: str) -> str:
+    return f"no resource named {name!r} is recorded in {state_label}"

@@ -63,7 +63,7 @@ from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.wire.inputs import InputReport, iter_requests
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
-from batchspec.workspace.project import load_workspace_project
+from batchspec.workspace.project import default_project, load_workspace_project, with_state
 
 if TYPE_CHECKING:
     from batchspec.core.sharding import ShardLimits
@@ -117,7 +117,7 @@ def import_batch(
     require_one_shard(res, facts, shard_limits(ws, res))
     args = {"paths": list(paths), "name": name, "batch_id": batch_id, "force": force}
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "import", args) as run,
     ):
         info = collect_run_info(ws.project.root, env)
@@ -337,7 +337,7 @@ def forget_resource(
     """``batchspec forget NAME``: stop tracking NAME; the provider is not contacted."""
     ws = load_workspace(paths, state_path=state_path)
     with (
-        StateStore.open(ws.project.state_path) as store,
+        StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
     ):
         info = collect_run_info(ws.project.root, env)
@@ -345,7 +345,7 @@ def forget_resource(
             row = store.get_resource(name)
             if row is None or row.forgotten_at is not None:
                 raise StateError(
-                    f"no resource named {name!r} is tracked in {ws.project.state_path}",
+                    f"no resource named {name!r} is tracked in {ws.project.state_label}",
                     details=["`batchspec status` lists the tracked resources"],
                 )
             running = tuple(
@@ -486,27 +486,28 @@ def _relative(ws: Workspace | RunContext, path: Path) -> str:
 def unlock_state(
     holder_id: str,
     *,
-    state_path: Path | None = None,
+    state_path: Path | str | None = None,
     start: Path | None = None,
     force: bool = False,
 ) -> LockHolder:
     """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
 
-    The state database is ``state_path``, or the project's found from ``start`` (default:
-    the current folder). A missing database is an error, never created just to be unlocked.
-    A holder that may still be running (fresh heartbeat) is released only with ``force``.
+    The state database is ``state_path`` (a file or a PostgreSQL URL), or the project's found
+    from ``start`` (default: the current folder). A missing SQLite file is an error, never
+    created just to be unlocked. A holder that may still be running (fresh heartbeat) is
+    released only with ``force``.
     """
     if state_path is None:
         project = load_workspace_project(start)
-        state_path, root = project.state_path, project.root
-    else:
-        root = start or Path.cwd()
-    if not state_path.is_file():
+    else:  # the state named outright: no project file is read
+        project = with_state(default_project(start or Path.cwd()), state_path)
+    root = project.root
+    if not project.has_state():
         raise StateError(
-            f"no state database at {state_path}; nothing to unlock (pass --state PATH or run "
-            "from the workspace)"
+            f"no state database at {project.state_label}; nothing to unlock (pass --state PATH "
+            "or run from the workspace)"
         )
-    with StateStore.open(state_path) as store:
+    with StateStore.open(project.state) as store:
         args = {"holder_id": holder_id, **({"force": True} if force else {})}
         run_id = store.start_run("unlock", args, collect_run_info(root))
         try:

@@ -92,7 +92,7 @@ def result_files(
         known = ", ".join(sorted(names)) or "none"
         raise ManifestError(f"no resource named {gone[0]!r} in the manifests (known: {known})")
     found = []
-    with read_only_store(ws.project.state_path) as store:
+    with read_only_store(ws.project) as store:
         for res in effective_resources(store, resources):
             path = res.errors_path if errors else res.output_path
             if not path.is_file():

@@ -134,9 +134,9 @@ def select_from_workspace(
 
 def recorded_names(ws: Workspace) -> frozenset[str]:
     """Names the state tracks (not forgotten); none when there is no state yet."""
-    if not ws.project.state_path.exists():
+    if not ws.project.has_state():
         return frozenset()
-    with StateStore.open(ws.project.state_path) as store:
+    with StateStore.open(ws.project.state) as store:
         return frozenset(r.name for r in store.list_resources())
 
 
@@ -161,8 +161,8 @@ def modified_resources(
 ) -> frozenset[str]:
     """Names of the workspace's resources whose planned action is not ``none``."""
     recorded: dict[str, RecordedResource] = {}
-    if ws.project.state_path.exists():
-        with StateStore.open(ws.project.state_path) as store:
+    if ws.project.has_state():
+        with StateStore.open(ws.project.state) as store:
             recorded = load_recorded(store, store.ledger(), requeue_backoff=requeue_backoff)
             resources = effective_resources(store, ws.resources)
             return planned_changes(resources, recorded, now=time.time())

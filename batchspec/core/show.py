@@ -129,12 +129,11 @@ def describe_resource(
     """``batchspec show NAME``: read-only; takes no lock and contacts no provider."""
     ws = load_workspace(paths, state_path=state_path)
     res = next((r for r in ws.resources if r.name == name), None)
-    path = ws.project.state_path
-    if not path.exists():
+    if not ws.project.has_state():
         if res is None:
             raise _unknown(name, [r.name for r in ws.resources])
         return _describe(None, res, name, events)
-    with StateStore.open(path) as store:
+    with StateStore.open(ws.project.state) as store:
         if res is None and store.get_resource(name) is None:
             recorded = [r.name for r in store.list_resources()]
             raise _unknown(name, [r.name for r in ws.resources] + recorded)
@@ -260,7 +259,7 @@ def resource_names(paths: Sequence[str] = (), *, state_path: str | None = None) 
     """Names in the manifests and, tracked or orphaned, in the state (for shell completion)."""
     ws = load_workspace(paths, state_path=state_path)
     names = {r.name for r in ws.resources}
-    if ws.project.state_path.exists():
-        with StateStore.open(ws.project.state_path) as store:
+    if ws.project.has_state():
+        with StateStore.open(ws.project.state) as store:
             names.update(r.name for r in store.list_resources())
     return sorted(names)

@@ -24,6 +24,7 @@ from batchspec.core.session import select_resources
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.project import Project
 from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
 _HEALTH = {
@@ -168,7 +169,7 @@ def workspace_status(
     if ws.problems:
         require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
-    with read_only_store(ws.project.state_path) as store:
+    with read_only_store(ws.project) as store:
         statuses = resource_statuses(store, resources, include_orphans=not select)
     if ws.problems:
         statuses = [_maybe_broken(s) for s in statuses]
@@ -195,10 +196,10 @@ def _maybe_broken(status: ResourceStatus) -> ResourceStatus:
 
 
 @contextmanager
-def read_only_store(path: Path) -> Iterator[StateStore]:
+def read_only_store(project: Project) -> Iterator[StateStore]:
     """The state store if there is one; else an empty throwaway one (status creates nothing)."""
-    if path.exists():
-        with StateStore.open(path) as store:
+    if project.has_state():
+        with StateStore.open(project.state) as store:
             yield store
         return
     with tempfile.TemporaryDirectory() as empty, StateStore.open(Path(empty) / "none.db") as store:

@@ -48,6 +48,7 @@ from batchspec.storage.private import (
     ensure_private_dir,
     restrict_sqlite_siblings,
 )
+from batchspec.storage.sql import Sql
 from batchspec.wire.batch_status import ACTIVE_STATUSES
 
 _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
@@ -57,7 +58,7 @@ _ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in ACTIVE_STATUSES) + ")"
 # SQLite
 
 
-def _adopt_legacy_history(db: sqlite3.Connection) -> list[str]:
+def _adopt_legacy_history(db: Sql) -> list[str]:
     """Engine databases made before the shared runner kept their own ``migrations`` table."""
     if not table_exists(db, "migrations"):
         return []
@@ -70,7 +71,7 @@ MIGRATIONS = Migrations("engine", adopt=_adopt_legacy_history)
 
 
 @MIGRATIONS
-def m001_initial(db: sqlite3.Connection) -> None:
+def m001_initial(db: Sql) -> None:
     run_script(
         db,
         """

@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.storage.migrations import Migrations, table_exists
+from batchspec.storage.sql import Sql
 
 STAGED_PREFIX = "staged-"
 _CHUNK = 1024 * 1024
 
 
-def _adopt_legacy_journal(db: sqlite3.Connection) -> list[str]:
+def _adopt_legacy_journal(db: Sql) -> list[str]:
     """Journals made before the shared runner have the ``creates`` table and no history."""
     return ["m001_initial"] if table_exists(db, "creates") else []
 

@@ -9,7 +9,6 @@ between create and record can be repaired by adopting the remote batch that carr
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,12 +22,13 @@ from batchspec.state.records import (
     dump_json,
     epoch_or_iso,
     known_columns,
-    last_row_id,
     load_json,
     parse_timestamp,
+    returned_id,
     utc_timestamp,
     where_clause,
 )
+from batchspec.storage.sql import IntegrityError
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
 #: a batch row's status before its remote create (remote statuses are stored as they came)
@@ -159,7 +159,7 @@ class BatchesAndFiles(StateConnection):
                 cur = self.db.execute(
                     "INSERT INTO batches (generation_id, shard, attempt, provider, key, "
                     "input_sha256, requests, status, reason, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     (
                         generation_id,
                         shard,
@@ -174,13 +174,13 @@ class BatchesAndFiles(StateConnection):
                         now,
                     ),
                 )
-            except sqlite3.IntegrityError as err:
+            except IntegrityError as err:
                 raise StateError(
                     f"cannot record batch intent for generation {generation_id} shard {shard} "
                     f"attempt {attempt}: {err} (another key holds that slot, or the "
                     "generation is not recorded)"
                 ) from err
-            return self.get_batch(last_row_id(cur))
+            return self.get_batch(returned_id(cur))
 
     def update_batch(self, batch_id: int, **fields: Any) -> BatchRow:
         """Change whitelisted columns of a batch; no write if nothing changed.
@@ -216,7 +216,7 @@ class BatchesAndFiles(StateConnection):
     def get_batch(self, batch_id: int) -> BatchRow:
         row = self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
         if row is None:
-            raise StateError(f"batch {batch_id} is not recorded in {self.path}")
+            raise StateError(f"batch {batch_id} is not recorded in {self.label}")
         return _batch_row(row)
 
     def batch_by_key(self, key: str) -> BatchRow | None:
@@ -275,8 +275,10 @@ class BatchesAndFiles(StateConnection):
         """Remember an uploaded file (replacing an older record); ``expires_at`` may be epoch s."""
         with self.atomic():
             self.db.execute(
-                "INSERT OR REPLACE INTO files (provider, sha256, remote_id, bytes, uploaded_at, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (provider, sha256, remote_id, bytes, uploaded_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, sha256) DO UPDATE SET "
+                "remote_id = excluded.remote_id, bytes = excluded.bytes, "
+                "uploaded_at = excluded.uploaded_at, expires_at = excluded.expires_at",
                 (provider, sha256, remote_id, bytes, utc_timestamp(), epoch_or_iso(expires_at)),
             )
             found = self.get_file(provider, sha256)

@@ -1,12 +1,18 @@
-"""The state store's connection: one SQLite database, opened safely, migrated, in transactions.
+"""The state store's connection: one database, opened safely, migrated, in transactions.
 
 Every record module (runs, resources, batches, the lock row, the ledger) subclasses
 ``StateConnection`` and writes its SQL through ``atomic()``, ``_one()``, ``_all()`` and
-``_update()``; ``batchspec.state.store.StateStore`` composes them into the one store object.
-This is the only module that knows how the SQLite file is opened: a second backend
-(PostgreSQL) provides the same few members.
+``_update()``, over ``self.db``, a ``batchspec.storage.sql.Sql`` of either dialect;
+``batchspec.state.store.StateStore`` composes them into the one store object. This is the only
+module that knows how a state database is opened:
 
-Promises:
+* a path (``state/batchspec.db``): an SQLite file;
+* a ``postgresql://`` URL: a PostgreSQL database, through psycopg 3 (the ``postgres`` extra).
+  An empty database is a fresh state; one holding tables of ours without our migration
+  history is refused, like a foreign SQLite file. The URL's password never appears in a
+  message (``label`` is the URL without it).
+
+Promises for SQLite:
 
 * Only a missing file starts a fresh store, built beside the path and linked in whole. An
   empty, truncated or foreign file is refused (``StateError``, pointing at a backup), never
@@ -19,6 +25,11 @@ Promises:
   fail half way with SQLITE_BUSY, and two processes never both pass a check (the lock relies
   on this).
 * A connection is used from one thread only.
+
+For PostgreSQL the same promises hold where they apply: every public write method is one
+transaction, and the outermost one takes the writer lock first (``Sql.begin_writer``: a
+transaction-scoped advisory lock, waited for up to the busy timeout), so read-then-write
+sequences are serialised exactly as under SQLite's BEGIN IMMEDIATE.
 """
 
 from __future__ import annotations
@@ -31,35 +42,90 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlite_utils import Database
-
 from batchspec.errors import StateError
 from batchspec.state.schema import MIGRATIONS
+from batchspec.storage.database_url import is_database_url, redact_url
 from batchspec.storage.private import create_private_file, restrict_sqlite_siblings
+from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
 
 BUSY_TIMEOUT_SECONDS = 30.0
 
 _Conn = TypeVar("_Conn", bound="StateConnection")
 
 
-class StateConnection:
-    """One connection to the state database. Open with ``StateStore.open(path)``."""
+#: what ``StateStore.open`` takes: an SQLite file's path, or a ``postgresql://`` URL
+StateLocation = Path | str
 
-    def __init__(self, db: Database, path: Path) -> None:
+#: tables of ours: a PostgreSQL database holding one of them without our history is refused
+_OUR_TABLES = frozenset(
+    {"runs", "resources", "generations", "files", "batches", "events", "lock", "requests"}
+)
+
+
+class StateConnection:
+    """One connection to the state database. Open with ``StateStore.open(path_or_url)``."""
+
+    def __init__(self, db: Sql, location: StateLocation) -> None:
         self.db = db
-        self.path = path
+        #: what the store was opened from (a Path, or the URL itself: do not print it)
+        self.location = location
+        #: where the state is, fit for messages: the file, or the URL without its password
+        self.label = str(location) if isinstance(location, Path) else redact_url(location)
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.db.dialect
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file (``StateError`` for a PostgreSQL state, which has none)."""
+        if not isinstance(self.location, Path):
+            raise StateError(f"the state {self.label} is a PostgreSQL database, not a file")
+        return self.location
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls: type[_Conn], path: Path) -> _Conn:
-        """Open and migrate the state database at ``path``; a missing file starts a fresh one.
+    def open(cls: type[_Conn], location: StateLocation) -> _Conn:
+        """Open and migrate the state database at ``location``: a path or a PostgreSQL URL.
 
-        Anything else at ``path`` that is not a batchspec state database (empty, not SQLite,
-        damaged, another application's) is refused with a ``StateError``, never taken for
-        an empty state: that would submit, and pay for, everything again.
+        A missing SQLite file (or an empty PostgreSQL database) starts a fresh state. Anything
+        else that is not a batchspec state database (empty, not SQLite, damaged, another
+        application's) is refused with a ``StateError``, never taken for an empty state: that
+        would submit, and pay for, everything again.
         """
-        path = Path(path)
+        if is_database_url(location):
+            assert isinstance(location, str)
+            return cls._open_postgres(location)
+        return cls._open_sqlite(Path(location))
+
+    @classmethod
+    def _open_postgres(cls: type[_Conn], url: str) -> _Conn:
+        db = PostgresSql.connect(url, busy_timeout=BUSY_TIMEOUT_SECONDS)
+        store = cls(db, url)
+        try:
+            store._check_postgres_history()
+            store._migrate()
+        except BaseException:
+            db.close()
+            raise
+        return store
+
+    def _check_postgres_history(self) -> None:
+        if MIGRATIONS.applied(self.db):
+            return
+        ours = sorted(_OUR_TABLES & set(self.db.table_names()))
+        if ours:
+            raise StateError(
+                f"the PostgreSQL database {self.label} has tables named like batchspec's "
+                f"({', '.join(ours)}) but no batchspec migration history, so it is not a "
+                "batchspec state; batchspec will not write into it. Point state.url at an "
+                "empty database (or a schema of its own: ?options=-csearch_path%3Dbatchspec)"
+            )
+
+    @classmethod
+    def _open_sqlite(cls: type[_Conn], path: Path) -> _Conn:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -74,7 +140,7 @@ class StateConnection:
                 f"cannot create the state database {path}: {err.strerror or err}; "
                 "check that the folder is writable, or set state.path in batchspec.yaml"
             ) from err
-        store = cls(Database(conn), path)
+        store = cls(SqliteSql(conn), path)
         try:
             store._check_history()
             store._configure()
@@ -87,6 +153,7 @@ class StateConnection:
 
     def _check_history(self) -> None:
         """Refuse, by reading only, a database that batchspec's migrations never touched."""
+        assert isinstance(self.db, SqliteSql)
         conn = self.db.conn
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
@@ -104,6 +171,7 @@ class StateConnection:
         raise _not_a_state(self.path, f"an SQLite database without batchspec's tables ({found})")
 
     def _configure(self) -> None:
+        """SQLite's connection settings: busy timeout, foreign keys, WAL."""
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -114,21 +182,21 @@ class StateConnection:
             raise StateError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
 
     def _migrate(self) -> None:
-        # an up-to-date database is only read; otherwise one BEGIN IMMEDIATE transaction, so
+        # an up-to-date database is only read; otherwise one writer's transaction, so
         # concurrent openers migrate one at a time (batchspec.storage.migrations)
-        MIGRATIONS.apply(self.db.conn)
+        MIGRATIONS.apply(self.db)
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations applied to this database, in order."""
-        return MIGRATIONS.applied(self.db.conn)
+        return MIGRATIONS.applied(self.db)
 
     def close(self) -> None:
         self.db.close()
 
     @property
     def in_transaction(self) -> bool:
-        """True inside ``atomic()`` (SQLite's write lock is held)."""
-        return self.db.conn.in_transaction
+        """True inside ``atomic()`` (the database's writer lock is held)."""
+        return self.db.in_transaction
 
     def __enter__(self: _Conn) -> _Conn:
         return self
@@ -142,39 +210,38 @@ class StateConnection:
     def atomic(self: _Conn) -> Iterator[_Conn]:
         """One transaction: everything inside commits together or not at all.
 
-        Nested calls become savepoints (``Database.atomic``). The outermost one starts with
-        BEGIN IMMEDIATE, taking SQLite's write lock up front (waiting up to the busy timeout).
+        Nested calls become savepoints. The outermost one takes the database's writer lock up
+        front (BEGIN IMMEDIATE, or PostgreSQL's advisory twin), waiting up to the busy timeout.
         """
-        conn = self.db.conn
-        if conn.in_transaction:
-            with self.db.atomic():
-                yield self
+        db = self.db
+        if db.in_transaction:
+            self._savepoints += 1
+            try:
+                with db.savepoint(f"atomic_{self._savepoints}"):
+                    yield self
+            finally:
+                self._savepoints -= 1
             return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as err:
-            raise StateError(
-                f"the state database {self.path} stayed busy for {BUSY_TIMEOUT_SECONDS:.0f} s "
-                f"({err}); another process is writing to it, try again"
-            ) from err
+        db.begin_writer()
         try:
             yield self
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            db.rollback()
             raise
         try:
-            conn.execute("COMMIT")
+            db.commit()
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            db.rollback()
             raise
 
+    _savepoints = 0
+
     def _one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        return next(iter(self.db.query(sql, params)), None)
+        rows = self.db.query(sql, params)
+        return rows[0] if rows else None
 
     def _all(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        return list(self.db.query(sql, params))
+        return self.db.query(sql, params)
 
     def serial(self) -> int:
         """A number that changes whenever resources, generations, batches or files change.
@@ -232,7 +299,7 @@ def _create_fresh(path: Path) -> None:
         conn = sqlite3.connect(tmp, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            MIGRATIONS.apply(conn)
+            MIGRATIONS.apply(SqliteSql(conn))
         finally:
             conn.close()  # the last connection: checkpoints the WAL into the file
         try:

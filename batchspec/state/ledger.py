@@ -14,7 +14,9 @@ It is what makes retries exact and results deterministic:
   ``custom_id``, streamed, whatever the size of the job.
 
 The table is created by the state store's migrations (``requests``); this module only
-reads and writes it.
+reads and writes it, in SQL both dialects accept (``batchspec.storage.sql``): ``"offset"`` is
+quoted (PostgreSQL reserves it), and rows are read in input order a page at a time, so even a
+PostgreSQL client cursor never holds a whole generation in memory.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import sqlite_utils
-
 from batchspec.state.connection import StateConnection
+from batchspec.storage.sql import Sql
 from batchspec.wire.outcomes import Outcome
 
 _CHUNK = 5_000
@@ -58,7 +59,7 @@ class CollectedLine:
 
 
 class RequestLedger:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Sql) -> None:
         self.db = db
 
     def has_requests(self, generation_id: int) -> bool:
@@ -72,8 +73,9 @@ class RequestLedger:
     ) -> int:
         """Insert ``(custom_id, line, shard, bytes, request_sha)`` rows as pending."""
         sql = (
-            "insert or ignore into requests (generation_id, custom_id, line, shard, bytes, "
-            "request_sha, state, sent_attempt) values (?, ?, ?, ?, ?, ?, 'pending', 1)"
+            "insert into requests (generation_id, custom_id, line, shard, bytes, "
+            "request_sha, state, sent_attempt) values (?, ?, ?, ?, ?, ?, 'pending', 1) "
+            "on conflict do nothing"
         )
         total = 0
         chunk: list[tuple[object, ...]] = []
@@ -96,8 +98,8 @@ class RequestLedger:
         marks = ",".join("?" * len(ids))
         cursor = self.db.execute(
             "update requests set state = 'ok', category = null, blob = p.blob, "
-            "offset = p.offset, length = p.length, attempt = 0, sent_attempt = 0 "
-            "from (select custom_id, request_sha, blob, offset, length from requests "
+            '"offset" = p."offset", length = p.length, attempt = 0, sent_attempt = 0 '
+            'from (select custom_id, request_sha, blob, "offset", length from requests '
             f"where generation_id in ({marks}) and state = 'ok' and request_sha is not null) p "
             "where requests.generation_id = ? and requests.custom_id = p.custom_id "
             "and requests.request_sha = p.request_sha",
@@ -146,13 +148,10 @@ class RequestLedger:
         several times faster than one UPDATE per line on a 50,000-line file. A custom_id
         answered twice in one file keeps its first answer.
         """
-        conn = self.db.conn
-        conn.execute(
-            "create temp table if not exists collected (custom_id text primary key, "
-            "state text, category text, offset integer, length integer) without rowid"
-        )
-        conn.execute("delete from collected")
-        sql = "insert or ignore into collected values (?, ?, ?, ?, ?)"
+        db = self.db
+        db.execute(_COLLECTED_TABLE[db.dialect])
+        db.execute("delete from collected")
+        sql = "insert into collected values (?, ?, ?, ?, ?) on conflict do nothing"
         chunk: list[tuple[object, ...]] = []
         for item in lines:
             chunk.append(
@@ -168,21 +167,21 @@ class RequestLedger:
                 self._run(sql, chunk)
         if chunk:
             self._run(sql, chunk)
-        cursor = conn.execute(
+        cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "
-            "offset = c.offset, length = c.length, attempt = ? from collected c "
+            '"offset" = c."offset", length = c.length, attempt = ? from collected c '
             "where requests.generation_id = ? and requests.custom_id = c.custom_id "
             "and requests.state != 'ok'",
             [blob, attempt, generation_id],
         )
         changed = cursor.rowcount
-        conn.execute("delete from collected")
+        db.execute("delete from collected")
         return changed
 
     def _run(self, sql: str, chunk: list[tuple[object, ...]]) -> int:
-        cursor = self.db.conn.executemany(sql, chunk)
+        changed = self.db.executemany(sql, chunk)
         chunk.clear()
-        return cursor.rowcount
+        return changed
 
     def mark_sent(self, generation_id: int, shard: int, attempt: int) -> int:
         """Record that ``attempt`` carries every unresolved request of ``shard``."""
@@ -221,19 +220,19 @@ class RequestLedger:
 
     def shard_counts(self, generation_id: int) -> list[ShardCounts]:
         rows = self.db.execute(
-            "select shard, sum(state in ('pending', 'retryable')), "
+            "select shard, sum(case when state in ('pending', 'retryable') then 1 else 0 end), "
             "sum(case when state in ('pending', 'retryable') then bytes else 0 end) "
             "from requests where generation_id = ? group by shard order by shard",
             [generation_id],
         ).fetchall()
-        return [ShardCounts(r[0], r[1] or 0, r[2] or 0) for r in rows]
+        return [ShardCounts(int(r[0]), int(r[1] or 0), int(r[2] or 0)) for r in rows]
 
     def state_counts(self, generation_id: int) -> dict[str, int]:
         rows = self.db.execute(
             "select state, count(*) from requests where generation_id = ? group by state",
             [generation_id],
         ).fetchall()
-        return {state: n for state, n in rows}
+        return {state: int(n) for state, n in rows}
 
     def failure_codes(self, generation_id: int) -> dict[str, int]:
         """How many requests finally failed, per code (their category), most frequent first."""
@@ -245,13 +244,27 @@ class RequestLedger:
         return {code: n for code, n in rows}
 
     def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
-        cursor = self.db.conn.execute(
-            "select custom_id, line, shard, state, category, blob, offset, length "
-            "from requests where generation_id = ? order by line",
-            [generation_id],
-        )
-        for row in cursor:
-            yield LedgerRow(*row)
+        """The generation's rows by input line, read ``_CHUNK`` at a time (keyset pages)."""
+        after = -1
+        while True:
+            rows = self.db.execute(
+                'select custom_id, line, shard, state, category, blob, "offset", length '
+                "from requests where generation_id = ? and line > ? order by line limit ?",
+                [generation_id, after, _CHUNK],
+            ).fetchall()
+            for row in rows:
+                yield LedgerRow(*row)
+            if len(rows) < _CHUNK:
+                return
+            after = rows[-1][1]
+
+
+_COLLECTED_TABLE = {
+    "sqlite": "create temp table if not exists collected (custom_id text primary key, "
+    'state text, category text, "offset" integer, length integer) without rowid',
+    "postgresql": "create temp table if not exists collected (custom_id text primary key, "
+    'state text, category text, "offset" bigint, length bigint)',
+}
 
 
 class LedgerAccess(StateConnection):

@@ -23,6 +23,14 @@ Rules:
 
 The holder refreshes ``heartbeat`` with ``LockHandle.heartbeat()`` (which fails once the lock
 was lost) or a daemon thread started by ``LockHandle.start_heartbeat()``.
+
+In PostgreSQL the row is paired with a session-level advisory lock (``_run_lock_key``) held by
+the store's connection for as long as the run holds the lock. The server drops it when that
+session ends, however the runner died (killed, out of memory, its machine gone), so liveness
+is known on every host: a row whose advisory lock is free belongs to a dead run and is taken
+over at once (``lock.takeover``), and a row whose advisory lock is held is a live run, never
+taken over, whatever its heartbeat says. The row keeps the holder's details for ``status``,
+the exit-3 message and ``batchspec unlock``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from types import TracebackType
 from batchspec.errors import StateError, StateLockedError
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.storage.sql import DatabaseError, DatabaseUnavailableError, PostgresSql
 
 #: the lock row's holder; the same class as ``batchspec.state.store.LockRow``
 LockHolder = LockRow
@@ -87,13 +96,19 @@ class LockHandle:
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat; raise StateError if this run no longer holds the lock."""
-        if self._lost or not self._store.touch_lock_row(self.holder_id, utc_timestamp()):
+        if self._lost or not self._touch():
             self._lost = True
             raise StateError(
                 f"this run no longer holds the state lock {self.holder_id} on "
-                f"{self._store.path} (it was released with `batchspec unlock` or taken over); "
+                f"{self._store.label} (it was released with `batchspec unlock` or taken over); "
                 "stopping before changing anything else"
             )
+
+    def _touch(self) -> bool:
+        try:
+            return self._store.touch_lock_row(self.holder_id, utc_timestamp())
+        except DatabaseUnavailableError:  # PostgreSQL: the session, and so the lock, is gone
+            return False
 
     def start_heartbeat(self, interval: float = HEARTBEAT_INTERVAL_SECONDS) -> None:
         """Refresh the heartbeat every ``interval`` seconds from a daemon thread until release."""
@@ -109,9 +124,9 @@ class LockHandle:
 
     def _beat_until_stopped(self, interval: float) -> None:
         # Its own connection: a shared one would slip heartbeats into the main thread's
-        # transactions (and sqlite3 connections are not for sharing across threads).
+        # transactions (and a connection is not for sharing across threads).
         try:
-            store = StateStore.open(self._store.path)
+            store = StateStore.open(self._store.location)
         except Exception as err:  # noqa: BLE001 - recorded for the owner to inspect
             self.heartbeat_error = err
             return
@@ -134,7 +149,11 @@ class LockHandle:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._store.delete_lock_row(self.holder_id)
+        try:
+            self._store.delete_lock_row(self.holder_id)
+            _release_session_lock(self._store)
+        except DatabaseUnavailableError:
+            pass  # PostgreSQL: the session ended, and the server released its lock with it
 
     def __enter__(self) -> LockHandle:
         return self
@@ -174,8 +193,16 @@ def acquire_lock(
         handle, holder = _try_take(store, command, info, run_id)
         if handle is not None:
             return handle
-        assert holder is not None
         remaining = deadline - clock()
+        if holder is None:  # PostgreSQL: a live session holds it but has not written its row
+            if remaining <= 0:
+                raise StateLockedError(
+                    f"the state database {store.label} is locked by another run that is "
+                    "starting, or whose lock was released with `batchspec unlock` and that "
+                    "stops at its next step; try again"
+                )
+            sleep(min(poll_interval, max(remaining, 0.01)))
+            continue
         if remaining <= 0:
             raise StateLockedError(_locked_message(store, holder, timeout, stale_after))
         sleep(min(poll_interval, remaining))
@@ -184,18 +211,10 @@ def acquire_lock(
 def _try_take(
     store: StateStore, command: str, info: RunInfo, run_id: int | None
 ) -> tuple[LockHandle | None, LockHolder | None]:
-    """One check-and-take under SQLite's write lock: (handle, None) or (None, live holder)."""
-    now = utc_timestamp()
-    mine = LockHolder(
-        holder_id=secrets.token_hex(6),
-        host=info.host,
-        pid=info.pid,
-        command=command,
-        ci_run_url=info.ci_run_url,
-        since=now,
-        heartbeat=now,
-        user=info.user,
-    )
+    """One check-and-take under the writer lock: (handle, None) or (None, live holder)."""
+    if store.dialect == "postgresql":
+        return _try_take_session_lock(store, command, info, run_id)
+    mine = _holder(command, info)
     with store.atomic():
         current = store.lock_row()
         if current is None:
@@ -216,6 +235,63 @@ def _try_take(
     return LockHandle(store, mine, warning), None
 
 
+def _try_take_session_lock(
+    store: StateStore, command: str, info: RunInfo, run_id: int | None
+) -> tuple[LockHandle | None, LockHolder | None]:
+    """PostgreSQL: the advisory lock decides; the row only describes its holder."""
+    key = _run_lock_key(store)
+    got = store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]
+    if not got:
+        return None, store.lock_row()  # None: the live holder has not written its row yet
+    mine = _holder(command, info)
+    try:
+        with store.atomic():
+            previous = store.lock_row()
+            store.write_lock_row(mine)
+            if previous is not None:
+                store.record_event(
+                    run_id,
+                    "lock.takeover",
+                    detail={"previous": _holder_detail(previous), "holder_id": mine.holder_id},
+                )
+    except BaseException:
+        _release_session_lock(store)
+        raise
+    if previous is None:
+        return LockHandle(store, mine), None
+    warning = (
+        f"took over the lock of a run whose database session has ended: pid {previous.pid} on "
+        f"host {previous.host} (holder {previous.holder_id}, command {previous.command!r}, "
+        f"held since {previous.since})"
+    )
+    return LockHandle(store, mine, warning), None
+
+
+def _holder(command: str, info: RunInfo) -> LockHolder:
+    now = utc_timestamp()
+    return LockHolder(
+        holder_id=secrets.token_hex(6),
+        host=info.host,
+        pid=info.pid,
+        command=command,
+        ci_run_url=info.ci_run_url,
+        since=now,
+        heartbeat=now,
+        user=info.user,
+    )
+
+
+def _run_lock_key(store: StateStore) -> int:
+    db = store.db
+    assert isinstance(db, PostgresSql)
+    return db.advisory_key("run-lock")
+
+
+def _release_session_lock(store: StateStore) -> None:
+    if store.dialect == "postgresql":
+        store.db.execute("SELECT pg_advisory_unlock(?)", (_run_lock_key(store),))
+
+
 def force_unlock(
     store: StateStore,
     holder_id: str,
@@ -232,10 +308,10 @@ def force_unlock(
     with store.atomic():
         current = store.lock_row()
         if current is None:
-            raise StateError(f"no lock is held on {store.path}; nothing to unlock")
+            raise StateError(f"no lock is held on {store.label}; nothing to unlock")
         if current.holder_id != holder_id:
             raise StateError(
-                f"the lock on {store.path} is held by {describe_holder(current)}, not by "
+                f"the lock on {store.label} is held by {describe_holder(current)}, not by "
                 f"{holder_id!r}; nothing was released. To release it: "
                 f"batchspec unlock {current.holder_id}"
             )
@@ -245,7 +321,31 @@ def force_unlock(
         store.record_event(
             run_id, "lock.force_unlock", detail={**_holder_detail(current), "forced": force}
         )
+    if store.dialect == "postgresql":
+        _end_holder_sessions(store)
     return current
+
+
+def _end_holder_sessions(store: StateStore) -> None:
+    """PostgreSQL: the lock is its holder's session, so releasing it ends that session.
+
+    The holder's next statement fails ("lost the connection"), so it stops before changing
+    anything else, as a run whose lock row was deleted does at its next heartbeat.
+    """
+    key = _run_lock_key(store)
+    try:
+        store.db.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 1 "
+            "AND pid <> pg_backend_pid()",
+            (key >> 32, key & 0xFFFFFFFF),
+        )
+    except DatabaseError as err:
+        raise StateError(
+            f"released the lock's record on {store.label}, but could not end the holder's "
+            f"database session ({err}); a role allowed to (pg_signal_backend) must end it, "
+            "or the holder must stop"
+        ) from err
 
 
 def _refuse_if_alive(holder: LockHolder, stale_after: timedelta) -> None:
@@ -272,8 +372,27 @@ def _minutes(span: timedelta) -> str:
 
 
 def current_lock(store: StateStore) -> LockHolder | None:
-    """The current holder of the lock, or None if it is free."""
-    return store.lock_row()
+    """The current holder of the lock, or None if it is free.
+
+    In PostgreSQL a row whose session lock nobody holds is a dead run's: the lock is free.
+    """
+    row = store.lock_row()
+    if row is not None and store.dialect == "postgresql" and not _session_lock_held(store):
+        return None
+    return row
+
+
+def _session_lock_held(store: StateStore) -> bool:
+    """Whether any session holds the run lock (a bigint key: classid high, objid low)."""
+    key = _run_lock_key(store)
+    high, low = key >> 32, key & 0xFFFFFFFF
+    row = store.db.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 1 "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (high, low),
+    ).fetchone()
+    return bool(row[0])
 
 
 def describe_holder(holder: LockHolder) -> str:
@@ -290,11 +409,12 @@ def _locked_message(
 ) -> str:
     waited = f"after waiting {timeout:g} s" if timeout > 0 else "(not waiting: --lock-timeout 0)"
     message = (
-        f"the state database {store.path} is locked by another run {waited}: "
+        f"the state database {store.label} is locked by another run {waited}: "
         f"{describe_holder(holder)}, last heartbeat {holder.heartbeat}."
     )
     age = _heartbeat_age(holder)
-    if age is not None and age > stale_after:
+    # in PostgreSQL the holder's session is alive by definition: never "possibly stale"
+    if age is not None and age > stale_after and store.dialect != "postgresql":
         message += (
             f" Its heartbeat is {int(age.total_seconds() // 60)} minutes old: it is possibly "
             "stale (a crashed run on another machine)."

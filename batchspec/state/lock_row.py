@@ -45,8 +45,11 @@ class LockRows(StateConnection):
         """Make ``holder`` the lock holder, replacing any other (policy: batchspec.state.lock)."""
         with self.atomic():
             self.db.execute(
-                "INSERT OR REPLACE INTO lock (id, holder_id, host, pid, command, ci_run_url, "
-                "since, heartbeat, user) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO lock (id, holder_id, host, pid, command, ci_run_url, since, "
+                'heartbeat, "user") VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE '
+                "SET holder_id = excluded.holder_id, host = excluded.host, pid = excluded.pid, "
+                "command = excluded.command, ci_run_url = excluded.ci_run_url, "
+                'since = excluded.since, heartbeat = excluded.heartbeat, "user" = excluded."user"',
                 (
                     holder.holder_id,
                     holder.host,

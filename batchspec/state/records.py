@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sqlite3
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
+
+from batchspec.storage.sql import Cursor
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -61,9 +62,11 @@ def load_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def last_row_id(cur: sqlite3.Cursor) -> int:
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+def returned_id(cur: Cursor) -> int:
+    """The id an ``INSERT ... RETURNING id`` gave back (both dialects)."""
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def where_clause(**filters: Any) -> tuple[str, list[Any]]:

@@ -18,8 +18,8 @@ from batchspec.state.records import (
     check_fields,
     dump_json,
     known_columns,
-    last_row_id,
     load_json,
+    returned_id,
     utc_timestamp,
 )
 
@@ -132,7 +132,7 @@ class ResourcesAndGenerations(StateConnection):
     def _resource(self, name: str) -> ResourceRow:
         row = self.get_resource(name)
         if row is None:
-            raise StateError(f"resource {name!r} is not recorded in {self.path}")
+            raise StateError(f"resource {name!r} is not recorded in {self.label}")
         return row
 
     def list_resources(self, include_forgotten: bool = False) -> list[ResourceRow]:
@@ -229,7 +229,7 @@ class ResourcesAndGenerations(StateConnection):
             cur = self.db.execute(
                 "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
                 "input_bytes, status, output_path, errors_path, created_run, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING id",
                 (
                     resource,
                     spec_hash,
@@ -243,12 +243,12 @@ class ResourcesAndGenerations(StateConnection):
                     utc_timestamp(),
                 ),
             )
-            return self.get_generation(last_row_id(cur))
+            return self.get_generation(returned_id(cur))
 
     def get_generation(self, generation_id: int) -> GenerationRow:
         row = self._one("SELECT * FROM generations WHERE id = ?", (generation_id,))
         if row is None:
-            raise StateError(f"generation {generation_id} is not recorded in {self.path}")
+            raise StateError(f"generation {generation_id} is not recorded in {self.label}")
         return _generation_row(row)
 
     def find_generation(self, resource: str, spec_hash: str) -> GenerationRow | None:

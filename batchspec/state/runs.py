@@ -15,8 +15,8 @@ from batchspec.state.connection import StateConnection
 from batchspec.state.records import (
     dump_json,
     known_columns,
-    last_row_id,
     load_json,
+    returned_id,
     utc_timestamp,
     where_clause,
 )
@@ -79,9 +79,9 @@ class RunsAndEvents(StateConnection):
         dirty = None if info.git_dirty is None else int(info.git_dirty)
         with self.atomic():
             cur = self.db.execute(
-                "INSERT INTO runs (command, args, started_at, user, host, pid, git_commit, "
+                'INSERT INTO runs (command, args, started_at, "user", host, pid, git_commit, '
                 "git_branch, git_dirty, ci_system, ci_run_url, version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     command,
                     dump_json(dict(args)),
@@ -97,7 +97,7 @@ class RunsAndEvents(StateConnection):
                     info.version,
                 ),
             )
-            return last_row_id(cur)
+            return returned_id(cur)
 
     def finish_run(self, run_id: int, exit_code: int) -> None:
         """Record the end of a run and its exit code."""
@@ -107,12 +107,12 @@ class RunsAndEvents(StateConnection):
                 (utc_timestamp(), exit_code, run_id),
             )
             if cur.rowcount != 1:
-                raise StateError(f"run {run_id} is not recorded in {self.path}")
+                raise StateError(f"run {run_id} is not recorded in {self.label}")
 
     def get_run(self, run_id: int) -> RunRow:
         row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
         if row is None:
-            raise StateError(f"run {run_id} is not recorded in {self.path}")
+            raise StateError(f"run {run_id} is not recorded in {self.label}")
         return _run_row(row)
 
     def runs(self, *, resource: str | None = None, limit: int = 20) -> list[RunRow]:
@@ -141,7 +141,7 @@ class RunsAndEvents(StateConnection):
         with self.atomic():
             cur = self.db.execute(
                 "INSERT INTO events (run_id, at, resource, generation_id, batch_id, action, "
-                "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "detail) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     run_id,
                     utc_timestamp(),
@@ -152,7 +152,7 @@ class RunsAndEvents(StateConnection):
                     dump_json(dict(detail or {})),
                 ),
             )
-            return last_row_id(cur)
+            return returned_id(cur)
 
     def events(
         self, *, run_id: int | None = None, resource: str | None = None, limit: int | None = None

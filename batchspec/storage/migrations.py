@@ -1,22 +1,28 @@
-"""Versioned, transactional schema migrations: one mechanism for every SQLite file of batchspec.
+"""Versioned, transactional schema migrations: one mechanism for every database of batchspec.
 
-Users: the state store (``batchspec.state``: ``state/batchspec.db``), the local engine
+Users: the state store (``batchspec.state``: ``state/batchspec.db``, or a PostgreSQL database
+through ``batchspec.storage.sql``), the local engine
 (``batchspec.engine``: ``engine.db``) and the Anthropic provider's create journal
 (``batchspec.providers``: ``journal.db``). Each declares one ``Migrations`` set: an ordered list
 of named migrations ``m001_initial``, ``m002_...``, each a function of the connection or an SQL
 script. A migration that has shipped is never edited: the next change is the next migration.
+The runner takes a raw ``sqlite3`` connection or a ``batchspec.storage.sql.Sql`` (either
+dialect) and hands each migration (and ``adopt`` hook) an ``Sql``; a migration for both
+dialects picks its DDL by ``db.dialect``.
 
 Storage format: applied migrations are rows of ``_sqlite_migrations`` (``id``,
 ``migration_set``, ``name``, ``applied_at``: the table sqlite-utils' ``Migrations`` writes), so
-state databases written before this module existed are recognised as they are. A set whose
+state databases written before this module existed are recognised as they are; PostgreSQL
+keeps the same table, so one history reads the same in both dialects. A set whose
 older code tracked its schema some other way names an ``adopt`` hook, which says on first
 contact which migrations such a database already has (and may drop the old bookkeeping).
 
 Promises:
 
-* All pending migrations and their records are applied in one transaction: ``BEGIN
-  IMMEDIATE`` (so concurrent openers migrate one at a time and the second finds nothing to
-  do), or a savepoint inside the caller's transaction. A failing migration leaves the
+* All pending migrations and their records are applied in one transaction that holds the
+  database's writer lock (``BEGIN IMMEDIATE``; on PostgreSQL its advisory twin), so concurrent
+  openers migrate one at a time and the second finds nothing to do; or a savepoint inside
+  the caller's transaction. PostgreSQL's DDL is transactional too. A failing migration leaves the
   database exactly as it was.
 * An SQL script is cut into statements by SQLite's own ``sqlite3.complete_statement``, so a
   trigger body (``BEGIN ...; ...; END``) or a ';' inside a string literal stays whole; never
@@ -36,13 +42,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from batchspec.errors import StateError
+from batchspec.storage.sql import DatabaseBusyError, Sql, as_sql, split_statements
 
 TABLE = "_sqlite_migrations"
 _NAME = re.compile(r"^m(\d{3,})_[a-z0-9_]+$")
 
-Step = Callable[[sqlite3.Connection], None]
+Step = Callable[[Sql], None]
 #: the names of migrations an older, pre-runner database already has (see ``Migrations``)
-Adopt = Callable[[sqlite3.Connection], list[str]]
+Adopt = Callable[[Sql], list[str]]
 
 
 @dataclass(frozen=True)
@@ -58,32 +65,9 @@ class Migration:
         return int(match.group(1))
 
 
-def split_statements(script: str) -> list[str]:
-    """The statements of ``script``, each whole: SQLite decides where one ends, not a ';'."""
-    statements: list[str] = []
-    current = ""
-    for piece in script.split(";"):
-        current += piece + ";"
-        if sqlite3.complete_statement(current):
-            if _has_sql(current):
-                statements.append(current.strip())
-            current = ""
-    # the loop appended one ';' too many after the last piece
-    rest = current[:-1]
-    if _has_sql(rest):
-        raise ValueError(f"incomplete SQL statement at the end of the script: {rest.strip()!r}")
-    return statements
-
-
-def _has_sql(text: str) -> bool:
-    lines = (line.split("--", 1)[0] for line in text.splitlines())
-    return bool("".join(lines).strip(" \t\r\n;"))
-
-
-def run_script(conn: sqlite3.Connection, script: str) -> None:
+def run_script(conn: sqlite3.Connection | Sql, script: str) -> None:
     """Execute every statement of ``script`` in the connection's current transaction."""
-    for statement in split_statements(script):
-        conn.execute(statement)
+    as_sql(conn).script(script)
 
 
 class Migrations:
@@ -112,7 +96,7 @@ class Migrations:
         """Register an SQL script as the next migration (statements split by ``run_script``)."""
         split_statements(sql)  # a script that cannot be cut up fails at import, not at open
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: Sql) -> None:
             run_script(conn, sql)
 
         migration = Migration(name, run)
@@ -134,123 +118,114 @@ class Migrations:
 
     # -- reading (no writes) ------------------------------------------------------------------
 
-    def applied(self, conn: sqlite3.Connection) -> list[str]:
+    def applied(self, conn: sqlite3.Connection | Sql) -> list[str]:
         """Names of the migrations recorded for this set, in the order they were applied."""
-        if not table_exists(conn, TABLE):
+        db = as_sql(conn)
+        if not db.table_exists(TABLE):
             return []
-        rows = conn.execute(
+        rows = db.execute(
             f"SELECT name FROM {TABLE} WHERE migration_set = ? ORDER BY id", (self.migration_set,)
-        )
+        ).fetchall()
         return [row[0] for row in rows]
 
-    def pending(self, conn: sqlite3.Connection) -> list[Migration]:
+    def pending(self, conn: sqlite3.Connection | Sql) -> list[Migration]:
         done = set(self.applied(conn))
         return [m for m in self._migrations if m.name not in done]
 
-    def unknown(self, conn: sqlite3.Connection) -> list[str]:
+    def unknown(self, conn: sqlite3.Connection | Sql) -> list[str]:
         """Recorded migrations this code does not have: the database is from a newer version."""
         known = set(self.names)
         return [name for name in self.applied(conn) if name not in known]
 
     # -- applying -----------------------------------------------------------------------------
 
-    def apply(self, conn: sqlite3.Connection, *, stop_before: str | None = None) -> list[str]:
+    def apply(self, conn: sqlite3.Connection | Sql, *, stop_before: str | None = None) -> list[str]:
         """Apply the pending migrations (up to ``stop_before``) in one transaction.
 
-        Returns the names applied. ``conn`` must be in autocommit mode (``isolation_level=None``)
-        so that the transaction is the one this method begins.
+        Returns the names applied. ``conn`` must be in autocommit mode (``isolation_level=None``
+        for sqlite3) so that the transaction is the one this method begins.
         """
         self._refuse_unknown(conn)
         if not self._needs_work(conn, stop_before):
             return []
         done: list[str] = []
-        with _transaction(conn):
-            _ensure_table(conn)
-            if not self.applied(conn) and self._adopt is not None:
-                for name in self._adopt(conn):
-                    self._record(conn, name)
-            self._refuse_unknown(conn)
-            for migration in self.pending(conn):  # read again: another opener may have won
+        db = as_sql(conn)
+        with _transaction(db):
+            _ensure_table(db)
+            if not self.applied(db) and self._adopt is not None:
+                for name in self._adopt(db):
+                    self._record(db, name)
+            self._refuse_unknown(db)
+            for migration in self.pending(db):  # read again: another opener may have won
                 if migration.name == stop_before:
                     break
-                migration.run(conn)
-                self._record(conn, migration.name)
+                migration.run(db)
+                self._record(db, migration.name)
                 done.append(migration.name)
         return done
 
-    def _needs_work(self, conn: sqlite3.Connection, stop_before: str | None) -> bool:
+    def _needs_work(self, conn: sqlite3.Connection | Sql, stop_before: str | None) -> bool:
         pending = self.pending(conn)
         return bool(pending) and pending[0].name != stop_before
 
-    def _refuse_unknown(self, conn: sqlite3.Connection) -> None:
+    def _refuse_unknown(self, conn: sqlite3.Connection | Sql) -> None:
         unknown = self.unknown(conn)
         if unknown:
             raise StateError(
-                f"{_database_file(conn)} was written by a newer batchspec (unknown migrations: "
+                f"{as_sql(conn).label} was written by a newer batchspec (unknown migrations: "
                 f"{', '.join(unknown)}); upgrade batchspec to use it"
             )
 
-    def _record(self, conn: sqlite3.Connection, name: str) -> None:
-        conn.execute(
+    def _record(self, conn: sqlite3.Connection | Sql, name: str) -> None:
+        as_sql(conn).execute(
             f"INSERT INTO {TABLE} (migration_set, name, applied_at) VALUES (?, ?, ?)",
             # the format sqlite-utils writes, so both read each other's rows
             (self.migration_set, name, str(datetime.now(timezone.utc))),
         )
 
 
-def _ensure_table(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        f"CREATE TABLE IF NOT EXISTS [{TABLE}] ([id] INTEGER PRIMARY KEY, "
-        "[migration_set] TEXT, [name] TEXT, [applied_at] TEXT)"
-    )
-    conn.execute(
-        f"CREATE UNIQUE INDEX IF NOT EXISTS [idx_{TABLE}_migration_set_name] "
-        f"ON [{TABLE}] ([migration_set], [name])"
+def _ensure_table(db: Sql) -> None:
+    if db.dialect == "postgresql":
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (id BIGINT GENERATED BY DEFAULT AS IDENTITY "
+            "PRIMARY KEY, migration_set TEXT, name TEXT, applied_at TEXT)"
+        )
+    else:
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS [{TABLE}] ([id] INTEGER PRIMARY KEY, "
+            "[migration_set] TEXT, [name] TEXT, [applied_at] TEXT)"
+        )
+    db.execute(
+        f"CREATE UNIQUE INDEX IF NOT EXISTS idx_{TABLE}_migration_set_name "
+        f"ON {TABLE} (migration_set, name)"
     )
 
 
-def table_exists(conn: sqlite3.Connection, name: str) -> bool:
+def table_exists(conn: sqlite3.Connection | Sql, name: str) -> bool:
     """True if the database has a table ``name`` (for ``adopt`` hooks)."""
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return row is not None
-
-
-def _database_file(conn: sqlite3.Connection) -> str:
-    for _seq, name, file in conn.execute("PRAGMA database_list"):
-        if name == "main":
-            return file or "the in-memory database"
-    return "the database"
+    return as_sql(conn).table_exists(name)
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or a savepoint when the caller has a transaction open."""
-    if conn.in_transaction:
-        conn.execute("SAVEPOINT migrations")
-        try:
+def _transaction(db: Sql) -> Iterator[None]:
+    """The writer's transaction (BEGIN IMMEDIATE or its twin), or a savepoint inside one."""
+    if db.in_transaction:
+        with db.savepoint("migrations"):
             yield
-        except BaseException:
-            conn.execute("ROLLBACK TO migrations")
-            conn.execute("RELEASE migrations")
-            raise
-        conn.execute("RELEASE migrations")
         return
     try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as err:
+        db.begin_writer()
+    except DatabaseBusyError as err:
         raise StateError(
-            f"{_database_file(conn)} stayed busy while migrating its schema ({err}); "
+            f"{db.label} stayed busy while migrating its schema ({err.__cause__ or err}); "
             "another process is writing to it, try again"
         ) from err
     try:
         yield
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        db.rollback()
         raise
-    conn.execute("COMMIT")
+    db.commit()
 
 
 __all__ = ["TABLE", "Migration", "Migrations", "run_script", "split_statements", "table_exists"]

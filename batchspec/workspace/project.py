@@ -12,6 +12,12 @@ Promises:
 
 - Relative paths in the project file (``state.path``, a local provider's ``dataDir``) resolve
   against the project file's folder, whatever the working directory.
+- The state lives in an SQLite file (``state.path``) or in a PostgreSQL database
+  (``state.url``, or ``state.urlEnv``: the name of the variable holding the URL; or a URL given
+  as ``--state`` / ``BATCHSPEC_STATE``). ``Project.state`` is what ``StateStore.open`` takes;
+  ``Project.state_label`` says where it is without the password. A URL with a password in the
+  project file is refused (it would be committed to git); the variable named by ``urlEnv`` is
+  read only when the state is opened. ``state_path``'s folder keeps the local caches.
 - Two providers exist without declaration: ``openai`` (type openai, base URL from
   ``OPENAI_BASE_URL`` or https://api.openai.com/v1, key from ``OPENAI_API_KEY``) and ``local``
   (type local, data in ``state/local``, the built-in offline upstream). Declaring either name
@@ -33,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchspec.errors import ManifestError
+from batchspec.errors import ManifestError, StateError
+from batchspec.storage.database_url import is_database_url, redact_url, url_password
 from batchspec.workspace.yamldoc import (
     Problem,
     YamlDocument,
@@ -98,11 +105,42 @@ class Project:
 
     root: Path
     file: Path | None
+    #: the SQLite state file; with a PostgreSQL state, its folder still holds local caches
     state_path: Path
     manifest_globs: tuple[str, ...]
     providers: Mapping[str, ProviderConfig]
     default_provider: str | None
     default_budget: Budget | None
+    #: a PostgreSQL URL (from the file, without a password, or from --state); never printed
+    state_url: str | None = dataclasses.field(default=None, repr=False)
+    #: the name of the environment variable that holds the PostgreSQL URL
+    state_url_env: str | None = None
+
+    @property
+    def state(self) -> Path | str:
+        """Where the state is, for ``StateStore.open``: the SQLite file or the PostgreSQL URL."""
+        if self.state_url is not None:
+            return self.state_url
+        if self.state_url_env is not None:
+            return _url_from_env(self.state_url_env)
+        return self.state_path
+
+    @property
+    def state_label(self) -> str:
+        """Where the state is, fit for messages: the file, or the URL without its password."""
+        if self.state_url is None and self.state_url_env is not None:
+            return f"the PostgreSQL database in ${self.state_url_env}"
+        state = self.state
+        return redact_url(state) if isinstance(state, str) else str(state)
+
+    @property
+    def shared_state(self) -> bool:
+        """True when the state is a database server (PostgreSQL), not a file here."""
+        return self.state_url is not None or self.state_url_env is not None
+
+    def has_state(self) -> bool:
+        """Whether a state exists to read: the SQLite file does, or the state is a server."""
+        return self.shared_state or self.state_path.exists()
 
     def provider(self, name: str) -> ProviderConfig:
         """The provider called ``name``; ``ManifestError`` naming the known ones if none is."""
@@ -158,12 +196,20 @@ def load_project(
 ) -> Project:
     """The project governing ``start`` (a folder or file; default: the working directory).
 
-    ``state_path`` (the CLI's ``--state`` / ``BATCHSPEC_STATE``) overrides ``state.path``.
+    ``state_path`` (the CLI's ``--state`` / ``BATCHSPEC_STATE``: a path, or a PostgreSQL URL)
+    overrides the project file's ``state``.
     """
     project = _load_project(start)
-    if state_path is None:
-        return project
-    return dataclasses.replace(project, state_path=Path(state_path).resolve())
+    return project if state_path is None else with_state(project, state_path)
+
+
+def with_state(project: Project, state_path: str | Path) -> Project:
+    """``project`` with its state moved to ``state_path``: an SQLite file, or a URL."""
+    if is_database_url(state_path):
+        return dataclasses.replace(project, state_url=str(state_path), state_url_env=None)
+    return dataclasses.replace(
+        project, state_path=Path(state_path).resolve(), state_url=None, state_url_env=None
+    )
 
 
 def _load_project(start: str | Path | None) -> Project:
@@ -180,6 +226,7 @@ def _load_project(start: str | Path | None) -> Project:
         doc = documents[0]
         problems.extend(_document_problems(doc))
         problems.extend(_default_provider_problems(doc))
+        problems.extend(_state_problems(doc))
         if isinstance(doc.data, Mapping):
             data = doc.data
     raise_if_problems(problems, what=f"the project file {display_path(file)}")
@@ -244,6 +291,8 @@ def _project_from(file: Path, data: Mapping[str, Any]) -> Project:
         providers=providers,
         default_provider=defaults.get("provider"),
         default_budget=budget_from(budget) if budget is not None else None,
+        state_url=state.get("url"),
+        state_url_env=state.get("urlEnv"),
     )
 
 
@@ -291,6 +340,48 @@ def _default_provider_problems(doc: YamlDocument) -> list[Problem]:
     tail = f"did you mean '{hint}'?" if hint else f"known: {', '.join(sorted(known))}"
     message = f"unknown provider '{name}' ({tail})"
     return [Problem.at(doc.location(pointer), pointer, "unknown-provider", message)]
+
+
+def _state_problems(doc: YamlDocument) -> list[Problem]:
+    """``state.url`` holds no password (the file is committed) and excludes ``urlEnv``."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    state = data.get("state")
+    if not isinstance(state, Mapping):
+        return []
+    url = state.get("url")
+    pointer = pointer_join(pointer_join("", "state"), "url")
+    problems = []
+    if url is not None and "urlEnv" in state:
+        message = "give the state's URL once: either `url` or `urlEnv`, not both"
+        problems.append(Problem.at(doc.location(pointer), pointer, "url-and-url-env", message))
+    if isinstance(url, str) and not is_database_url(url):
+        message = (  # the value is not shown: it may hold a password
+            "state.url must be a PostgreSQL URL (postgresql://USER@HOST:5432/DB); for an "
+            "SQLite file use state.path"
+        )
+        problems.append(Problem.at(doc.location(pointer), pointer, "not-a-database-url", message))
+    elif isinstance(url, str) and url_password(url) is not None:
+        message = (
+            f"state.url {redact_url(url)} contains a password, which must never be committed: "
+            "put the whole URL in an environment variable and name it with `urlEnv: "
+            "BATCHSPEC_STATE_URL`, or use PGPASSWORD or ~/.pgpass"
+        )
+        problems.append(Problem.at(doc.location(pointer), pointer, "password-in-url", message))
+    return problems
+
+
+def _url_from_env(name: str) -> str:
+    url = os.environ.get(name, "")
+    if not url:
+        raise StateError(
+            f"batchspec.yaml keeps the state in the PostgreSQL database named by state.urlEnv, "
+            f"but ${name} is not set; export {name}=postgresql://USER:PASSWORD@HOST:5432/DB"
+        )
+    if not is_database_url(url):
+        raise StateError(
+            f"${name} (state.urlEnv in batchspec.yaml) does not hold a postgresql:// URL"
+        )
+    return url
 
 
 def _first(value: Any, fallback: Any) -> Any:

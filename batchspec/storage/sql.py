@@ -1,0 +1,409 @@
+"""One SQL connection, two dialects: SQLite (``sqlite3``) and PostgreSQL (psycopg 3).
+
+The state store's record modules write one SQL text for both databases, in the subset the two
+share: ``?`` placeholders, ``INSERT ... ON CONFLICT ... DO UPDATE/NOTHING``, ``RETURNING id``,
+``UPDATE ... FROM``, ``CASE`` instead of summing booleans, and the two column names that
+PostgreSQL reserves quoted (``"user"``, ``"offset"``). Only the schema (DDL, triggers) is
+written per dialect, in ``batchspec.state.schema``; the migration history is one list for both.
+
+Why a thin wrapper over hand-written SQL and not SQLAlchemy Core: the SQL exists, is small and
+already reviewed for SQLite's locking; the differences that matter (triggers, identity
+columns, the writer lock) are DDL and transaction control, which Core does not abstract
+either; and the embedded default keeps its one small dependency instead of a large one.
+
+What the wrapper does, and promises:
+
+* ``execute``/``executemany``/``query`` take ``?`` placeholders; for PostgreSQL they become
+  psycopg's ``%s`` (a literal ``%`` is doubled), never inside a quoted literal or identifier.
+* ``begin_writer()`` starts the outermost transaction so that writers are serialised exactly
+  as SQLite's ``BEGIN IMMEDIATE`` does: on PostgreSQL ``BEGIN`` plus a transaction-scoped
+  advisory lock (``advisory_key("writer")``), waited for up to the busy timeout. Advisory
+  locks are per database, so their keys are derived from the schema the state lives in: two
+  states in two schemas of one database never wait for each other. Read-then-write
+  sequences therefore never interleave with another process's, on either database.
+* Driver failures become one ``StateError`` subclass each, with no password in the message:
+  ``IntegrityError`` (a constraint or trigger refused a write), ``DatabaseBusyError`` (the
+  writer lock stayed taken), ``DatabaseUnavailableError`` (the server refused or dropped the
+  connection; the server rolls back the open transaction, so nothing is half-written).
+  SQLite's other errors pass through as ``sqlite3.Error`` (disk full, I/O), as before.
+* A connection is used from one thread only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Protocol
+
+from batchspec.errors import StateError
+from batchspec.storage.database_url import redact_url, scrub
+
+POSTGRES_EXTRA_HINT = "pip install 'batchspec[postgres]'"
+
+
+class DatabaseError(StateError):
+    """The state database failed a statement (message names the database, never a password)."""
+
+
+class IntegrityError(DatabaseError):
+    """A constraint or trigger refused a write (e.g. the append-only audit log)."""
+
+
+class DatabaseBusyError(DatabaseError):
+    """Another process held the writer lock for longer than the busy timeout."""
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """The database server refused, dropped or never answered the connection."""
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Sql(ABC):
+    """One connection to one database, in one dialect (``"sqlite"`` or ``"postgresql"``)."""
+
+    dialect: ClassVar[str]
+    #: where the database is, fit for messages (a file path, or a URL without its password)
+    label: str
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    @abstractmethod
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run ``sql`` once per row; returns the rows changed in all."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """All rows of ``sql`` as dicts keyed by column name."""
+
+    @abstractmethod
+    def script(self, sql: str) -> None:
+        """Run a script of several statements (DDL) in the current transaction."""
+
+    @property
+    @abstractmethod
+    def in_transaction(self) -> bool: ...
+
+    @abstractmethod
+    def begin_writer(self) -> None:
+        """Begin the outermost transaction holding the database's one writer lock."""
+
+    @abstractmethod
+    def table_names(self) -> list[str]:
+        """Tables of the database (for PostgreSQL: on the search path), sorted."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.in_transaction:
+            self.execute("ROLLBACK")
+
+    def table_exists(self, name: str) -> bool:
+        return name in self.table_names()
+
+    @contextmanager
+    def savepoint(self, name: str = "nested") -> Iterator[None]:
+        """A nested transaction inside the current one: all of it, or none of it."""
+        self.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            if self.in_transaction:
+                self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        self.execute(f"RELEASE SAVEPOINT {name}")
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+
+class SqliteSql(Sql):
+    """An ``sqlite3`` connection in autocommit mode (``isolation_level=None``)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.label = _sqlite_file(conn)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.IntegrityError as err:
+            raise IntegrityError(f"{self.label}: {err}") from err
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        try:
+            return self.conn.executemany(sql, rows).rowcount
+        except sqlite3.IntegrityError as err:
+            raise IntegrityError(f"{self.label}: {err}") from err
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self.execute(sql, params)
+        names = [d[0] for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def script(self, sql: str) -> None:
+        # never executescript(): it commits whatever transaction is open
+        for statement in split_statements(sql):
+            self.execute(statement)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def begin_writer(self) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise DatabaseBusyError(
+                f"the state database {self.label} stayed busy ({err}); another process is "
+                "writing to it, try again"
+            ) from err
+
+    def table_names(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of ``script``, each whole: SQLite decides where one ends, not a ';'."""
+    statements: list[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if _has_sql(current):
+                statements.append(current.strip())
+            current = ""
+    # the loop appended one ';' too many after the last piece
+    rest = current[:-1]
+    if _has_sql(rest):
+        raise ValueError(f"incomplete SQL statement at the end of the script: {rest.strip()!r}")
+    return statements
+
+
+def _has_sql(text: str) -> bool:
+    lines = (line.split("--", 1)[0] for line in text.splitlines())
+    return bool("".join(lines).strip(" \t\r\n;"))
+
+
+def _sqlite_file(conn: sqlite3.Connection) -> str:
+    try:
+        for _seq, name, file in conn.execute("PRAGMA database_list"):
+            if name == "main":
+                return file or "the in-memory database"
+    except sqlite3.DatabaseError:
+        pass
+    return "the database"
+
+
+def as_sql(conn: sqlite3.Connection | Sql) -> Sql:
+    """``conn`` itself, or a raw ``sqlite3`` connection wrapped."""
+    return conn if isinstance(conn, Sql) else SqliteSql(conn)
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|\?|%")
+
+
+@functools.lru_cache(maxsize=512)
+def to_pyformat(sql: str) -> str:
+    """``sql`` with ``?`` placeholders as psycopg's ``%s`` and every literal ``%`` doubled."""
+
+    def swap(match: re.Match[str]) -> str:
+        token = match.group()
+        if token == "?":
+            return "%s"
+        return token.replace("%", "%%")
+
+    return _TOKEN.sub(swap, sql)
+
+
+class PostgresSql(Sql):
+    """A psycopg 3 connection in autocommit mode (transactions are begun explicitly)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, conn: Any, url: str) -> None:
+        self.conn = conn
+        self._url = url
+        self.label = redact_url(url)
+        import psycopg
+
+        self._psycopg = psycopg
+
+    @classmethod
+    def connect(cls, url: str, *, busy_timeout: float, connect_timeout: int = 10) -> PostgresSql:
+        """Connect to ``url``; one clear ``StateError`` (never the password) if we cannot."""
+        try:
+            import psycopg
+        except ImportError as err:
+            raise StateError(
+                f"the state is a PostgreSQL database ({redact_url(url)}), but PostgreSQL "
+                f"support is not installed: {POSTGRES_EXTRA_HINT}"
+            ) from err
+        try:
+            conn = psycopg.connect(
+                url,
+                autocommit=True,
+                connect_timeout=connect_timeout,
+                application_name="batchspec",
+            )
+        except psycopg.ProgrammingError as err:  # a malformed URL or option
+            raise StateError(
+                f"the state URL {redact_url(url)} is not valid: {_first_line(err, url)}"
+            ) from err
+        except psycopg.Error as err:
+            raise DatabaseUnavailableError(
+                f"cannot connect to the state database {redact_url(url)}: "
+                f"{_connect_reason(err, url)}"
+            ) from err
+        db = cls(conn, url)
+        db.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
+        db.schema = db.execute("SELECT coalesce(current_schema(), '')").fetchone()[0]
+        return db
+
+    schema = ""
+
+    def advisory_key(self, purpose: str) -> int:
+        """A bigint advisory-lock key for ``purpose``, unique to this state's schema."""
+        digest = hashlib.sha256(f"batchspec\0{self.schema}\0{purpose}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._translated():
+            if params:
+                return self.conn.execute(to_pyformat(sql), tuple(params))
+            return self.conn.execute(sql)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        with self._translated():
+            cur = self.conn.cursor()
+            cur.executemany(to_pyformat(sql), [tuple(r) for r in rows])
+            return cur.rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+
+        with self._translated():
+            cur = self.conn.cursor(row_factory=dict_row)
+            cur.execute(to_pyformat(sql) if params else sql, tuple(params) or None)
+            return list(cur.fetchall())
+
+    def script(self, sql: str) -> None:
+        # no parameters: psycopg sends the script as one simple query, so a trigger
+        # function's body ($$ ... ; ... $$) needs no splitting
+        self.execute(sql)
+
+    @property
+    def in_transaction(self) -> bool:
+        status = self.conn.info.transaction_status
+        return status in (status.INTRANS, status.INERROR)
+
+    def begin_writer(self) -> None:
+        self.execute("BEGIN")
+        try:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (self.advisory_key("writer"),))
+        except BaseException:
+            self.rollback()
+            raise
+
+    def table_names(self) -> list[str]:
+        rows = self.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = ANY (current_schemas(false)) ORDER BY table_name"
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        errors = self._psycopg.errors
+        try:
+            yield
+        except errors.IntegrityError as err:
+            raise IntegrityError(f"{self.label}: {_first_line(err, self._url)}") from err
+        except errors.RaiseException as err:  # a trigger's RAISE EXCEPTION
+            raise IntegrityError(f"{self.label}: {_first_line(err, self._url)}") from err
+        except errors.LockNotAvailable as err:
+            raise DatabaseBusyError(
+                f"the state database {self.label} stayed busy ({_first_line(err, self._url)}); "
+                "another process is writing to it, try again"
+            ) from err
+        except self._psycopg.OperationalError as err:
+            raise DatabaseUnavailableError(
+                f"lost the connection to the state database {self.label} "
+                f"({_first_line(err, self._url)}); the server rolled back the unfinished "
+                "transaction, so nothing is half-written: run the command again"
+            ) from err
+        except self._psycopg.Error as err:
+            raise DatabaseError(
+                f"the state database {self.label} refused a statement: "
+                f"{_first_line(err, self._url)}"
+            ) from err
+
+
+def _first_line(err: BaseException, url: str) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return scrub(lines[0] if lines else type(err).__name__, url)
+
+
+def _connect_reason(err: BaseException, url: str) -> str:
+    """libpq's reason, shortened to what the user can act on (never the password)."""
+    text = scrub(" ".join(str(err).split()), url)
+    if "password authentication failed" in text or "no password supplied" in text:
+        return "the server refused the user name or password (check the URL's credentials)"
+    match = re.search(r'database "([^"]+)" does not exist', text)
+    if match:
+        return f'the database "{match.group(1)}" does not exist on the server (create it first)'
+    if "Connection refused" in text:
+        return "the connection was refused (is the server running, on that host and port?)"
+    if "timeout expired" in text:
+        return "the server did not answer in time (check the host, port and firewall)"
+    # libpq prefixes each attempt with 'connection failed: connection to server at ...'
+    return text.rsplit("failed: ", 1)[-1]
+
+
+__all__ = [
+    "POSTGRES_EXTRA_HINT",
+    "Cursor",
+    "DatabaseBusyError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
+    "IntegrityError",
+    "PostgresSql",
+    "Sql",
+    "SqliteSql",
+    "as_sql",
+    "split_statements",
+    "to_pyformat",
+]

@@ -1,0 +1,198 @@
+"""A throwaway PostgreSQL cluster for the test session: Debian's binaries, a temporary folder.
+
+``start_cluster()`` runs ``initdb`` into a new temporary folder and starts ``postgres`` on
+127.0.0.1 at a free port (its unix socket in the same folder). PostgreSQL refuses to run as
+root, so under root the folder is handed to ``nobody`` and both run as that user
+(``runuser``). Password authentication over TCP (scram-sha-256) for the superuser
+``batchspec``, so the tests can also try a wrong password. ``Cluster.stop()`` stops the server
+and removes the folder. ``Cluster.new_database()`` creates an empty database and returns its
+URL (with the password: tests only).
+
+Settings favour speed over durability (``fsync=off``): the data is thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPERUSER = "batchspec"
+PASSWORD = "pw-" + secrets.token_hex(8)
+
+
+def find_bin_dir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/N/bin`` with ``initdb`` (Debian's layout), or PATH's."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name),
+    )
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    bin_dir: Path
+    base: Path
+    port: int
+    as_user: list[str] = field(default_factory=list)
+    _admin: object | None = None
+    _tests: object | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    def url(self, database: str = "postgres", password: str = PASSWORD) -> str:
+        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, *args],
+            cwd=self.base,
+            check=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def admin(self):  # type: ignore[no-untyped-def]
+        """An autocommit connection to the ``postgres`` database (for CREATE DATABASE)."""
+        import psycopg
+
+        if self._admin is None:
+            self._admin = psycopg.connect(self.url(), autocommit=True)
+        return self._admin
+
+    def new_schema(self) -> str:
+        """A new, empty schema in the ``tests`` database; a URL whose search path is it."""
+        name = "s_" + secrets.token_hex(6)
+        self.tests_db().execute(f"CREATE SCHEMA {name}")  # type: ignore[attr-defined]
+        return self.url("tests") + f"?options=-csearch_path%3D{name}"
+
+    def drop_schema(self, url: str) -> None:
+        name = url.rsplit("%3D", 1)[-1]
+        with contextlib.suppress(Exception):
+            self.tests_db().execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")  # type: ignore[attr-defined]
+
+    def tests_db(self):  # type: ignore[no-untyped-def]
+        """An autocommit connection to the ``tests`` database (made on first use)."""
+        import psycopg
+
+        if self._tests is None:
+            self.admin().execute("CREATE DATABASE tests")  # type: ignore[attr-defined]
+            self._tests = psycopg.connect(self.url("tests"), autocommit=True)
+        return self._tests
+
+    def new_database(self) -> str:
+        """A new, empty database; its URL."""
+        name = "t_" + secrets.token_hex(6)
+        self.admin().execute(f"CREATE DATABASE {name}")  # type: ignore[attr-defined]
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[-1]
+        with contextlib.suppress(Exception):
+            self.admin().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        for conn in (self._tests, self._admin):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_cluster(bin_dir: Path) -> Cluster:
+    """initdb into a temporary folder and start the server; stopped by ``Cluster.stop()``."""
+    base = Path(tempfile.mkdtemp(prefix="batchspec-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres will not run as root
+        shutil.chown(base, "nobody", "nogroup" if _group_exists("nogroup") else "nobody")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    cluster = Cluster(bin_dir=bin_dir, base=base, port=_free_port(), as_user=as_user)
+    pwfile = base / "pw"
+    pwfile.write_text(PASSWORD + "\n")
+    if as_user:
+        shutil.chown(pwfile, "nobody")
+    try:
+        cluster._run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(cluster.data),
+            "-U",
+            SUPERUSER,
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+        options = (
+            f"-p {cluster.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        cluster._run(
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(cluster.data),
+            "-o",
+            options,
+            "-l",
+            str(base / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+    except subprocess.CalledProcessError as err:
+        log = base / "server.log"
+        detail = (err.stdout or b"").decode(errors="replace")
+        if log.exists():
+            detail += log.read_text(errors="replace")
+        cluster.stop()
+        raise RuntimeError(f"could not start a PostgreSQL test cluster: {detail[-2000:]}") from err
+    _wait_ready(cluster)
+    return cluster
+
+
+def _wait_ready(cluster: Cluster, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", cluster.port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True

@@ -1,0 +1,239 @@
+"""The PostgreSQL state backend: choosing it, its faults, and apply end to end on a real server.
+
+The whole state suite (tests/test_state.py, tests/test_lock.py) already runs on both backends;
+this file pins what only a database server has: URLs in the project file and on the command
+line, passwords never shown, a missing driver, refused or lost connections, foreign tables,
+and `batchspec apply --wait` against `batchspec serve` with the state in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from postgres import PASSWORD, Cluster
+from probes import start_serve_process
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, batchspec_cmd, run_cli, served
+
+from batchspec.errors import StateError
+from batchspec.state.runinfo import RunInfo
+from batchspec.state.store import StateStore
+from batchspec.storage.database_url import is_database_url, redact_url, scrub
+from batchspec.storage.sql import DatabaseUnavailableError, IntegrityError, to_pyformat
+
+INFO = RunInfo("alice", "build-1", 1, None, None, None, None, None, "0.1.0")
+FAST = ["--poll-interval", "0.05"]
+
+
+@pytest.fixture(autouse=True)
+def project_file(tmp_path: Path) -> None:
+    """Every command here runs inside a workspace (a test may write its own project file)."""
+    (tmp_path / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
+
+
+def one_line_without_password(err: str) -> str:
+    """The error output is one line and never holds the test cluster's password."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert PASSWORD not in err
+    return lines[0]
+
+
+# -- URLs, without a server --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "password"),
+    [
+        pytest.param("postgresql://u:s3cret@h:5432/db", "postgresql://u:***@h:5432/db", "s3cret"),
+        pytest.param(
+            "postgres://h/db?password=s3cret&x=1", "postgres://h/db?password=***&x=1", "s3cret"
+        ),
+        pytest.param("postgresql://u@h/db", "postgresql://u@h/db", None),
+        pytest.param("postgresql://u:p%40ss@h/db", "postgresql://u:***@h/db", "p@ss"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url: str, shown: str, password: str | None) -> None:
+    """redact_url keeps user, host, database and options, and hides the password; scrub takes
+    it (raw or percent-encoded) out of any text, such as a driver's message."""
+    assert redact_url(url) == shown
+    if password is not None:
+        text = scrub(f"failed for {url}: password {password}, or {url.split('@')[0]}", url)
+        assert password not in text and "s3cret" not in text and "p%40ss" not in text
+
+
+def test_only_postgres_schemes_are_database_urls() -> None:
+    """A path (even one with a colon) stays a path; only postgres(ql):// is a URL."""
+    assert is_database_url("postgresql://h/db") and is_database_url("POSTGRES://h/db")
+    assert not is_database_url("state/batchspec.db")
+    assert not is_database_url("C:/state.db") and not is_database_url("sqlite:///x.db")
+
+
+def test_placeholders_are_translated_outside_literals_only() -> None:
+    """? becomes %s, a literal % is doubled, and a ? inside quotes is left alone."""
+    sql = "SELECT '?%' AS \"a?\" FROM t WHERE x = ? AND y LIKE '%z'"
+    assert to_pyformat(sql) == "SELECT '?%%' AS \"a?\" FROM t WHERE x = %s AND y LIKE '%%z'"
+
+
+def test_a_password_in_the_project_file_is_refused_and_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state.url with a password fails validation at its line, naming urlEnv, password hidden."""
+    (tmp_path / "batchspec.yaml").write_text(
+        "apiVersion: batchspec/v1\nkind: Project\nstate:\n  url: postgresql://ci:hunter2@db/x\n"
+    )
+    code, out, err = run_cli(["validate", str(tmp_path)], capsys)
+    assert code == 1
+    assert "batchspec.yaml:4:8" in err and "urlEnv" in err
+    assert "hunter2" not in out + err
+
+
+def test_url_env_that_is_not_set_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state.urlEnv naming an unset variable: exit 1, naming the variable to export."""
+    monkeypatch.delenv("BATCHSPEC_STATE_URL", raising=False)
+    (tmp_path / "batchspec.yaml").write_text(
+        "apiVersion: batchspec/v1\nkind: Project\nstate:\n  urlEnv: BATCHSPEC_STATE_URL\n"
+    )
+    code, _, err = run_cli(["status", str(tmp_path)], capsys)
+    assert code == 1
+    assert "BATCHSPEC_STATE_URL is not set" in one_line_without_password(err)
+
+
+def test_a_missing_driver_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without psycopg, a PostgreSQL state is one line naming the extra to install."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    url = "postgresql://ci:hunter2@127.0.0.1:1/x"
+    code, _, err = run_cli(["status", str(tmp_path), "--state", url], capsys)
+    assert code == 1
+    line = one_line_without_password(err)
+    assert "pip install 'batchspec[postgres]'" in line and "hunter2" not in line
+
+
+# -- faults against a real server ----------------------------------------------------------------
+
+
+def test_connection_faults_are_one_line_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_cluster: Cluster
+) -> None:
+    """Refused connection, wrong password, missing database, bad port: exit 1, one line each."""
+    cases = {
+        "refused": "postgresql://batchspec:" + PASSWORD + "@127.0.0.1:1/tests",
+        "refused the user name or password": postgres_cluster.url(password="wrong-" + PASSWORD),
+        'database "nope" does not exist': postgres_cluster.url("nope"),
+        "not valid": f"postgresql://batchspec:{PASSWORD}@127.0.0.1:{postgres_cluster.port}/x?bogus=1",
+    }
+    for expected, url in cases.items():
+        code, _, err = run_cli(["status", str(tmp_path), "--state", url], capsys)
+        assert code == 1, (expected, err)
+        assert expected in one_line_without_password(err), err
+    assert not (tmp_path / "state").exists()  # no SQLite file made in its place
+
+
+def test_a_newer_schema_is_refused_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    """A database recording an unknown migration: exit 1, 'newer batchspec', no password."""
+    with StateStore.open(postgres_url) as store:
+        store.db.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+            "VALUES ('batchspec', 'm999_future', 'x')"
+        )
+    code, _, err = run_cli(["status", str(tmp_path), "--state", postgres_url], capsys)
+    assert code == 1
+    assert "newer batchspec" in one_line_without_password(err)
+
+
+def test_a_database_with_foreign_tables_of_our_names_is_refused(postgres_url: str) -> None:
+    """Tables named like ours but no batchspec history: refused, nothing written."""
+    with StateStore.open(postgres_url) as store:
+        store.db.execute("DROP TABLE _sqlite_migrations")
+    with pytest.raises(StateError, match="no batchspec migration history"):
+        StateStore.open(postgres_url)
+
+
+def test_events_cannot_be_truncated(postgres_url: str) -> None:
+    """PostgreSQL's TRUNCATE skips row triggers, so events refuse it with a statement trigger."""
+    with StateStore.open(postgres_url) as store:
+        store.record_event(None, "kept")
+        with pytest.raises(IntegrityError, match="append-only: TRUNCATE"):
+            store.db.execute("TRUNCATE events")
+        assert [e.action for e in store.events()] == ["kept"]
+
+
+def test_a_connection_lost_mid_run_is_one_line_and_rolls_back(
+    postgres_url: str, postgres_cluster: Cluster
+) -> None:
+    """The server ending the session inside a transaction: a clear error, nothing written."""
+    with StateStore.open(postgres_url) as store:
+        pid = store.db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        lost = pytest.raises(DatabaseUnavailableError, match="lost the connection")
+        with lost as caught, store.atomic():
+            store.start_run("apply", {}, INFO)
+            postgres_cluster.tests_db().execute(f"SELECT pg_terminate_backend({pid})")
+            store.record_event(None, "after the server went away")
+    assert PASSWORD not in str(caught.value) and "\n" not in str(caught.value)
+    with StateStore.open(postgres_url) as store:
+        assert store.runs() == [] and store.events() == []
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+def test_apply_wait_against_serve_keeps_the_state_in_postgres(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """`batchspec apply --wait` (a real process) against `batchspec serve`, with the state in
+    PostgreSQL named by state.urlEnv: results complete, batches recorded in the database, no
+    SQLite file made; a second apply changes nothing and creates no batch."""
+    proc = start_serve_process(tmp_path / "engine", api_key=SENTINEL_KEY)
+    try:
+        ws = served(tmp_path / "ws", proc, ResourceSpec("triage", count=5))
+        project = yaml.safe_load((ws.root / "batchspec.yaml").read_text())
+        project["state"] = {"urlEnv": "BATCHSPEC_STATE_URL"}
+        (ws.root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+        env = {**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url}
+        run = lambda *args: subprocess.run(  # noqa: E731
+            batchspec_cmd(*args), env=env, capture_output=True, text=True, timeout=120
+        )
+        first = run("apply", str(ws.root), "--wait", "--yes", *FAST)
+        assert first.returncode == 0, first.stderr
+        assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+        assert not ws.state_path.exists()
+        with StateStore.open(postgres_url) as store:
+            [row] = store.batches()
+            assert (row.status, row.completed) == ("completed", 5)
+            assert [r.name for r in store.list_resources()] == ["triage"]
+        [batch] = proc.client().batches.list().data
+        assert batch.id == row.remote_id
+
+        again = run("apply", str(ws.root), "--wait", "--yes", *FAST)
+        assert again.returncode == 0, again.stderr
+        assert len(proc.client().batches.list().data) == 1
+        status = run("status", str(ws.root))
+        assert status.returncode == 0 and "triage" in status.stdout
+        for out in (first, again, status):
+            assert PASSWORD not in out.stdout + out.stderr
+    finally:
+        proc.stop()
+
+
+def test_state_url_on_the_command_line_overrides_the_project(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    """--state URL (or BATCHSPEC_STATE) opens PostgreSQL even where the project names a file."""
+    ws_root = tmp_path / "ws"
+    ws_root.mkdir()
+    with StateStore.open(postgres_url) as store:
+        store.upsert_resource("recorded", provider="p", manifest="m.yaml", labels={}, run_id=None)
+    code, out, err = run_cli(["status", str(ws_root), "--state", postgres_url], capsys)
+    assert code == 0, err
+    assert "recorded" in out
+    assert not (ws_root / "state").exists()
