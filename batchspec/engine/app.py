@@ -16,8 +16,9 @@ The same views answer on Azure's paths (``/openai/v1/...`` and ``/openai/...?api
 ``azure_routes.py``) and on Groq's (``/groq/openai/v1/...``, ``groq_routes.py``); Together's
 dialect is served under ``/together/v1/...`` (``together_routes.py``), Anthropic's Message
 Batches dialect under ``/v1/messages/batches`` (``anthropic_routes.py``, errors in
-Anthropic's envelope), and Gemini Batch Mode under ``/v1beta/...`` (``gemini_routes.py``,
-Google's envelope).
+Anthropic's envelope), Gemini Batch Mode under ``/v1beta/...`` (``gemini_routes.py``,
+Google's envelope), and Mistral's batch jobs under ``/v1/batch/jobs`` (``mistral_routes.py``,
+beside the shared ``/v1/files``).
 
 Every error is OpenAI's envelope ``{"error": {message, type, param, code}}``: 400 bad request,
 401 missing or wrong key, 404 unknown id or route, 405, 409 not cancellable, 413 upload over
@@ -51,6 +52,7 @@ from batchspec.engine.gemini_routes import gemini_routes
 from batchspec.engine.gemini_upstream import error_body as google_error_body
 from batchspec.engine.groq_routes import groq_routes
 from batchspec.engine.messages_upstream import error_body
+from batchspec.engine.mistral_routes import mistral_routes
 from batchspec.engine.together_routes import UPLOAD_PREFIX, together_routes
 from batchspec.engine.uploads import read_upload
 
@@ -81,6 +83,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
     routes += together_routes(engine, read_create_body)
     routes += anthropic_routes(engine)
     routes += gemini_routes(engine)
+    routes += mistral_routes(engine)
     app = Starlette(
         routes=routes,
         exception_handlers={EngineError: _engine_error, HTTPException: _http_error},

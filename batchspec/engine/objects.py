@@ -35,7 +35,17 @@ def file_object(row: sqlite3.Row) -> dict[str, Any]:
         "status": "processed",
         "expires_at": row["expires_at"],
         "status_details": None,
+        # Mistral's SDK shares /v1/files and requires these three (mistral_routes.py)
+        "sample_type": _sample_type(row),
+        "source": "mistral" if row["purpose"] == "batch_output" else "upload",
+        "deleted": False,
     }
+
+
+def _sample_type(row: sqlite3.Row) -> str:
+    if row["purpose"] != "batch_output":
+        return "batch_request" if row["purpose"] == "batch" else "instruct"
+    return "batch_error" if str(row["filename"]).endswith("_error.jsonl") else "batch_result"
 
 
 def batch_object(row: sqlite3.Row) -> dict[str, Any]:

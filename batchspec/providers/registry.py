@@ -9,7 +9,8 @@ Types: ``openai`` (any OpenAI-compatible API; ``litellmModel`` sends LiteLLM's
 ``x-litellm-model`` header for its model-routed mode, ``litellmProvider`` its
 ``custom_llm_provider``), ``azure`` (Azure OpenAI), ``groq`` and ``together`` (their
 OpenAI-like batch APIs, defaults in ``flavours.FLAVOURS``), ``anthropic`` (Message Batches),
-``gemini`` (Gemini Batch Mode) and ``local`` (the embedded engine).
+``gemini`` (Gemini Batch Mode), ``mistral`` (Mistral batch jobs) and ``local`` (the embedded
+engine).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DEFAULT_API_KEY_ENV = {
     "groq": "GROQ_API_KEY",
     "together": "TOGETHER_API_KEY",
     "gemini": "GEMINI_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
 }
 #: where an anthropic provider stages inputs and journals its creates, below the project
 DEFAULT_ANTHROPIC_DATA_DIR = "state/anthropic"
@@ -77,11 +79,13 @@ def build_provider(
         return build_together_provider(config, project_root=project_root, env=env)
     if config.type == "gemini":
         return build_gemini_provider(config, project_root=project_root, env=env)
+    if config.type == "mistral":
+        return build_mistral_provider(config, project_root=project_root, env=env)
     if config.type == "local":
         return build_local_provider(config, project_root=project_root)
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
-        "expected one of openai, azure, groq, together, anthropic, gemini, local."
+        "expected one of openai, azure, groq, together, anthropic, gemini, mistral, local."
     )
 
 
@@ -212,6 +216,27 @@ def build_gemini_provider(
         api_version=str(options.get("apiVersion", "v1beta")),
         inline_max_bytes=int(options.get("inlineMaxBytes", DEFAULT_INLINE_MAX_BYTES)),
         timeout=float(options.get("timeout", 60.0)),
+    )
+    return provider
+
+
+def build_mistral_provider(
+    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+) -> Provider:
+    """Mistral batch jobs; inputs are staged in ``dataDir``, converted and uploaded at create."""
+    from batchspec.providers.mistral import DEFAULT_BASE_URL as MISTRAL_BASE_URL
+    from batchspec.providers.mistral import MistralProvider
+
+    options: Mapping[str, Any] = config.options or {}
+    key_env = config.api_key_env or DEFAULT_API_KEY_ENV["mistral"]
+    data_dir = project_root / str(options.get("dataDir", "state/mistral"))
+    provider: Provider = MistralProvider(
+        config.name,
+        base_url=config.base_url or MISTRAL_BASE_URL,
+        api_key=_api_key(config.name, key_env, env),
+        api_key_env=key_env,
+        data_dir=data_dir / config.name,
+        timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
     )
     return provider
 

@@ -77,6 +77,11 @@ Gemini (``dialect="gemini"``, for ``gemini`` providers)
     (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
     (``unsupported_endpoint``).
 
+Mistral (``dialect="mistral"``, for ``mistral`` providers)
+    Every line needs ``body.model``, moderation lines included (the job names one model,
+    taken from the lines), and its ``url`` must be an endpoint Mistral batch jobs take
+    (``batchspec.wire.mistral_lines.line_problems``: ``unsupported_endpoint``).
+
 Per provider type
     ``rules_for_provider(type)`` gives the keyword arguments above that a provider type's
     inputs are scanned with (``validate`` and ``apply`` both use it).
@@ -103,7 +108,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from batchspec.errors import InputError
-from batchspec.wire import anthropic_lines, gemini_lines
+from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
@@ -338,6 +343,7 @@ class _Checker:
     ) -> None:
         self.anthropic = dialect == "anthropic"
         self.gemini = dialect == "gemini"
+        self.mistral = dialect == "mistral"
         self.normalize_url: Callable[[str], str] | None = (
             _versioned if allow_unversioned_url else None
         )
@@ -386,6 +392,9 @@ class _Checker:
                 self.problem(line, code, message)
         elif self.gemini:
             for code, message in gemini_lines.line_problems(obj):
+                self.problem(line, code, message)
+        elif self.mistral:
+            for code, message in mistral_lines.line_problems(obj):
                 self.problem(line, code, message)
 
     def check_native_anthropic(self, line: int, obj: dict[str, Any]) -> None:
@@ -477,9 +486,10 @@ class _Checker:
     def check_model(self, line: int, model: Any, url: str | None) -> None:
         if type(model) is not str or not model:
             if model is None:
-                if self.model is None and _moderation(url or self.endpoint):
+                if self.model is None and not self.mistral and _moderation(url or self.endpoint):
                     return
-                self.problem(line, "missing_model", "body.model is missing")
+                why = "; a Mistral batch job takes its model from the lines" if self.mistral else ""
+                self.problem(line, "missing_model", "body.model is missing" + why)
             else:
                 kind = "empty" if model == "" else f"a {_json_type(model)}"
                 self.problem(
@@ -604,7 +614,9 @@ def rules_for_provider(
     return {
         "custom_id_pattern": custom_id_pattern,
         "allow_unversioned_url": provider_type == "azure",
-        "dialect": provider_type if provider_type in ("anthropic", "gemini") else "openai",
+        "dialect": provider_type
+        if provider_type in ("anthropic", "gemini", "mistral")
+        else "openai",
     }
 
 

@@ -67,6 +67,7 @@ DEFAULT_API_KEY_ENV: Mapping[str, str | None] = {
     "groq": "GROQ_API_KEY",
     "together": "TOGETHER_API_KEY",
     "gemini": "GEMINI_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
     "local": None,
 }
 
