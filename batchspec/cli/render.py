@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.lifecycle import ForgetResult, ImportResult
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
+    from batchspec.core.spend import Usage
     from batchspec.core.status import ResourceStatus
     from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
@@ -340,6 +341,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
             lines.append(f"      next: {s.action} ({s.reason})")
+        if s.usage.tokens:
+            lines.append(f"      usage: {usage_text(s.usage)}")
         if s.health in ("Healthy", "Degraded") and s.output:
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:
@@ -377,6 +380,18 @@ def status_text(statuses: Sequence[ResourceStatus], style: Style = PLAIN) -> str
     return "\n".join(status_lines(statuses, style))
 
 
+def usage_text(u: Usage) -> str:
+    """``1,200 in + 300 out tokens, $0.0012`` (or ``unknown price``)."""
+    return f"{u.input_tokens:,} in + {u.output_tokens:,} out tokens, {dollars(u.cost_usd)}"
+
+
+def dollars(cost: float | None) -> str:
+    """A cost for people: ``unknown price`` when it is not known (never $0)."""
+    if cost is None:
+        return "unknown price"
+    return f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"
+
+
 def history_text(entries: Sequence[HistoryEntry]) -> str:
     if not entries:
         return "No runs recorded."
@@ -389,6 +404,8 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         lines.append(
             f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
         )
+        if entry.usage.tokens:
+            lines.append(f"    usage: {usage_text(entry.usage)}")
         for event in entry.events:
             target = f" [{event.resource}]" if event.resource else ""
             detail = ", ".join(

@@ -97,6 +97,8 @@ class ProviderConfig:
     base_url: str | None
     api_key_env: str | None
     options: Mapping[str, Any]
+    #: ``pricing:`` model (or ``"*"``) -> ``{"input", "output"}`` USD per million tokens
+    pricing: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,7 @@ def _provider_config(root: Path, name: str, data: Mapping[str, Any]) -> Provider
         base_url=base_url.rstrip("/") if base_url else None,
         api_key_env=data.get("apiKeyEnv", DEFAULT_API_KEY_ENV[kind]),
         options=options,
+        pricing=dict(data.get("pricing") or {}),
     )
 
 

@@ -1,0 +1,61 @@
+"""The token usage one result line reports, whatever dialect answered it.
+
+Every collected line is OpenAI-shaped (``{"custom_id", "response": {"status_code", "body"}}``,
+see ``batchspec.wire.anthropic_lines`` and ``gemini_lines``); its ``body`` is the provider's
+own answer, so the usage is read by shape, first match wins:
+
+=====================================  =========================================================
+``body.usage.prompt_tokens``           OpenAI chat/completions/embeddings, Azure, LiteLLM, Groq,
+                                       Together, the local engine: ``prompt_tokens`` in,
+                                       ``completion_tokens`` out (0 when absent: embeddings)
+``body.usage.input_tokens``            Anthropic messages (plus ``cache_creation_input_tokens``
+                                       and ``cache_read_input_tokens``: all are input) and the
+                                       OpenAI Responses API: ``input_tokens`` / ``output_tokens``
+``body.usageMetadata``                 Gemini: ``promptTokenCount`` in, ``candidatesTokenCount``
+                                       (+ ``thoughtsTokenCount``) out
+=====================================  =========================================================
+
+A line with none of these (an error, an unknown shape) reports no usage: ``None``, never 0.
+Cached input is counted as input at the full price: an upper bound, stated as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LineUsage:
+    input_tokens: int
+    output_tokens: int
+
+
+def usage_of_line(line: Mapping[str, Any]) -> LineUsage | None:
+    """The usage one parsed result line reports (see the module docstring), or ``None``."""
+    response = line.get("response")
+    body = response.get("body") if isinstance(response, Mapping) else None
+    if not isinstance(body, Mapping):
+        return None
+    usage = body.get("usage")
+    if isinstance(usage, Mapping):
+        if "prompt_tokens" in usage:
+            return LineUsage(
+                _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+            )
+        if "input_tokens" in usage:
+            inputs = sum(
+                _count(usage.get(k))
+                for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+            )
+            return LineUsage(inputs, _count(usage.get("output_tokens")))
+    meta = body.get("usageMetadata")
+    if isinstance(meta, Mapping):
+        out = _count(meta.get("candidatesTokenCount")) + _count(meta.get("thoughtsTokenCount"))
+        return LineUsage(_count(meta.get("promptTokenCount")), out)
+    return None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
