@@ -17,6 +17,11 @@ own answer, so the usage is read by shape, first match wins:
 
 A line with none of these (an error, an unknown shape) reports no usage: ``None``, never 0.
 Cached input is counted as input at the full price: an upper bound, stated as such.
+
+**Before** a batch runs, ``max_output_of_request`` bounds what one request line may answer:
+its ``max_completion_tokens``, ``max_tokens`` (OpenAI chat/completions, Anthropic
+``params``) or ``generationConfig.maxOutputTokens`` (Gemini); ``DEFAULT_MAX_OUTPUT_TOKENS``
+when it sets none; 0 for embeddings and moderations, which answer no tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +60,27 @@ def usage_of_line(line: Mapping[str, Any]) -> LineUsage | None:
         out = _count(meta.get("candidatesTokenCount")) + _count(meta.get("thoughtsTokenCount"))
         return LineUsage(_count(meta.get("promptTokenCount")), out)
     return None
+
+
+#: the output bound assumed for a request that sets no limit (Anthropic's defaultMaxTokens)
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+_NO_OUTPUT = ("/embeddings", "/moderations")
+
+
+def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
+    """The most output tokens one request may be charged for (see the module docstring)."""
+    if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
+        return 0
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if _count(body.get(key)):
+            return _count(body.get(key))
+    config = body.get("generationConfig") or body.get("generation_config")
+    if isinstance(config, Mapping):
+        for key in ("maxOutputTokens", "max_output_tokens"):
+            if _count(config.get(key)):
+                return _count(config.get(key))
+    return DEFAULT_MAX_OUTPUT_TOKENS
 
 
 def _count(value: Any) -> int:
