@@ -101,11 +101,9 @@ def check_budget(
         raise BudgetError(
             f"{res.name}: the price of {spend.model or 'its model (several or none named)'} "
             f"on provider {res.provider!r} is unknown, so its budget (maxCostUSD "
-            f"{budget.max_cost_usd:g}) cannot be checked; nothing was uploaded",
-            details=[
-                f"give the price under providers.{res.provider}.pricing in batchspec.yaml "
-                "(USD per million input/output tokens), or remove maxCostUSD"
-            ],
+            f"{budget.max_cost_usd:g}) cannot be checked (give it under providers."
+            f"{res.provider}.pricing in batchspec.yaml); nothing was uploaded",
+            details=["pricing takes USD per million input and output tokens, per model or '*'"],
         )
     if spend.cost_usd > budget.max_cost_usd:
         raise _refusal(
