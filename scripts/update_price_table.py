@@ -5,6 +5,13 @@ not a dependency of batchspec): ``python scripts/update_price_table.py``. It wri
 model's *standard* (non-batch) base-tier input and output price per million tokens for the
 providers batchspec runs on; batchspec applies the batch discount itself
 (``batchspec.core.spend``). Nothing here, nor in batchspec at run time, touches the network.
+
+Why a bundled table and not ``genai-prices`` at run time: checked with 0.2.3, it does work
+offline (its data is a bundled module; only ``UpdatePrices()``, never started, fetches; import
+and ``calc_price`` ran with no network namespace and a refusing ``socket.connect``), but it
+needs pydantic and a second HTTP client (``httpx2``), takes about 1.2 s to import on every
+``status``/``plan``, and bundles batch rates only for some models (older Claude models and
+embeddings fall back to the standard price), so batchspec would apply its own discount anyway.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer
-from workspaces import KEY_ENV, SENTINEL_KEY, run_cli, served
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli, served
 
 from batchspec.core.spend import Usage, price_for, price_table
 from batchspec.state.ledger import CollectedLine
@@ -285,3 +285,31 @@ def test_negative_price_override_is_refused(
         code, _, err = run_cli(["plan", str(ws.root)], capsys)
         assert code == 1
         assert "pricing" in err
+
+
+def test_anthropic_message_usage_is_recorded_and_priced(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through an `anthropic` provider (Message Batches over loopback), the usage of each
+    message answer is what status sums and prices."""
+    srv = server()
+    provider = {
+        "type": "anthropic",
+        "baseUrl": srv.base_url,
+        "apiKeyEnv": KEY_ENV,
+        "pricing": {"*": {"input": 3.0, "output": 15.0}},
+    }
+    ws = make_workspace(
+        tmp_path / "ws", providers={"claude": provider}, resources=[ResourceSpec("t", 3, "claude")]
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    usage = [line["response"]["body"]["usage"] for line in ws.outputs("t")]
+    inp = sum(u["input_tokens"] for u in usage)
+    out = sum(u["output_tokens"] for u in usage)
+    assert inp > 0 and out > 0
+
+    code, text, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(text)["resources"]
+    assert (status["usage"]["input_tokens"], status["usage"]["output_tokens"]) == (inp, out)
+    assert status["usage"]["cost_usd"] == pytest.approx((inp * 3.0 + out * 15.0) / 1_000_000)
