@@ -127,3 +127,128 @@ def test_a_retry_over_budget_is_refused_and_uploads_nothing(
     code, out, err = apply_wait(ws, capsys)  # a re-run is refused the same way
     assert code == 1 and "maxRequests 12" in err
     assert len(received_batches(client)) == 1
+
+
+# -- dollars -----------------------------------------------------------------------------------
+
+PRICING = {"*": {"input": 1.0, "output": 2.0}}  # USD per million tokens, as charged
+
+
+def set_pricing(ws: Workspace, pricing: dict[str, Any]) -> None:
+    path = ws.root / "batchspec.yaml"
+    project = yaml.safe_load(path.read_text())
+    project["providers"]["srv"]["pricing"] = pricing
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
+
+
+def upper_bound(ws: Workspace, name: str, requests: int, max_tokens: int = 4096) -> float:
+    tokens = estimate_input_tokens(ws.input_path(name).stat().st_size)
+    return (tokens * 1.0 + requests * max_tokens * 2.0) / 1_000_000
+
+
+def test_plan_refuses_a_dollar_budget_and_apply_uploads_nothing(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """10 requests without max_tokens (4096 output tokens each at most) priced $1/$2 per
+    million: an upper bound over maxCostUSD 0.05. plan says so and exits 1 (with
+    --detailed-exitcode too), its JSON shows the estimate, and apply uploads nothing."""
+    srv = serve()
+    spec = {"budget": {"maxCostUSD": 0.05}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("dear", count=10, spec=spec))
+    set_pricing(ws, PRICING)
+    bound = upper_bound(ws, "dear", 10)
+    assert bound > 0.05
+
+    code, out, err = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 1
+    assert "maxCostUSD 0.05" in err and "nothing was uploaded" in err
+    assert f"≤ ${bound:,.4f}" in out and "total:" in out
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1
+    doc = json.loads(out)
+    estimate = doc["estimates"]["dear"]
+    assert estimate["max_output_tokens"] == 10 * 4096
+    assert estimate["max_cost_usd"] == pytest.approx(bound)
+    assert doc["estimated_max_cost_usd"] == pytest.approx(bound)
+    assert any("maxCostUSD" in r for r in doc["refusals"])
+
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxCostUSD 0.05" in err
+    assert server_is_empty(srv.client())
+
+
+def test_a_dollar_budget_on_an_unknown_price_refuses(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model no table or override prices (here through a LiteLLM-routed provider, which is
+    never taken for self-hosted) cannot be checked against maxCostUSD: plan and apply refuse,
+    naming the model and where to give its price, and nothing is uploaded."""
+    srv = serve()
+    ws = served_workspace(
+        tmp_path / "ws",
+        srv,
+        ResourceSpec("unpriced", count=2, spec={"budget": {"maxCostUSD": 100}}),
+        litellmProvider="openai",
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1
+    assert "price of test-model" in err and "pricing" in err
+    assert "unknown price" in out
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "price of test-model" in err
+    assert server_is_empty(srv.client())
+
+
+def test_the_plan_bound_holds_for_what_apply_spends(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests that set max_tokens are bounded by it: the plan's dollar bound fits under
+    maxCostUSD, apply runs, and the cost recorded from the answers is within the bound."""
+    srv = serve()
+    ws = served_workspace(
+        tmp_path / "ws",
+        srv,
+        ResourceSpec("bounded", count=6, spec={"budget": {"maxCostUSD": 0.01}}),
+    )
+    lines = [json.loads(x) for x in ws.input_path("bounded").read_text().splitlines()]
+    for line in lines:
+        line["body"]["max_tokens"] = 16
+    ws.write_input("bounded", lines)
+    set_pricing(ws, PRICING)
+    bound = upper_bound(ws, "bounded", 6, max_tokens=16)
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 2 or code == 0, err
+    assert json.loads(out)["estimates"]["bounded"]["max_cost_usd"] == pytest.approx(bound)
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert 0 < status["usage"]["cost_usd"] <= bound
+
+
+def test_a_retry_over_the_dollar_budget_is_refused(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first attempt of 10 requests fits maxCostUSD; all fail with 500, and retrying the
+    10 would double the bound past it: the retry is refused (exit 1) and the server holds
+    one batch."""
+    srv = serve("--fault-500", "1.0", "--max-attempts", "1")
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("again", count=10))
+    set_pricing(ws, PRICING)
+    budget = round(upper_bound(ws, "again", 10) * 1.5, 4)
+    write_manifest(
+        ws,
+        ResourceSpec(
+            "again",
+            count=10,
+            spec={"budget": {"maxCostUSD": budget}, "retry": {"maxAttempts": 3}},
+        ),
+    )
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 1, out + err
+    assert f"maxCostUSD {budget:g}" in err
+    assert len(received_batches(srv.client())) == 1

@@ -110,6 +110,8 @@ def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "actions",
         "refusals",
         "warnings",
+        "estimates",
+        "estimated_max_cost_usd",
     }
     assert doc["changes"] is True
     assert doc["summary"] == {"create": 2}

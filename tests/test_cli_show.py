@@ -33,7 +33,7 @@ triage: Synced, Healthy
   input:     data/triage.jsonl
   spec hash: <hash>
   next:      nothing to do
-  usage:     39 input + 57 output = 96 tokens
+  usage:     39 input + 57 output = 96 tokens, $0.0000
 
 Results
   output: results/triage.jsonl sha256 <hash> from <batch>
@@ -41,16 +41,16 @@ Results
 
 Generations
   generation 2 (current): complete, 3/3 succeeded; spec <hash>; created <time>, completed <time>
-    usage: 39 input + 57 output = 96 tokens
+    usage: 39 input + 57 output = 96 tokens, $0.0000
     shard 1 attempt 1: <batch> completed 3/3 [initial submission] @ <time>
       files: in <file>, out <file>
 
 Last events
   <time>  run 1   poll          completed=3, failed=0, from=validating, status=completed, total=3
   <time>  run 1   collect       answered=3, output_sha256=<hash>, status=completed
-  <time>  run 1   results       errors=results/triage.errors.jsonl, failed=0, input_tokens=39, \
-output=results/triage.jsonl, output_tokens=57, status=complete, succeeded=3, total_tokens=96, \
-unresolved=0
+  <time>  run 1   results       cost_usd=0.0, errors=results/triage.errors.jsonl, failed=0, \
+input_tokens=39, output=results/triage.jsonl, output_tokens=57, status=complete, succeeded=3, \
+total_tokens=96, unresolved=0
 """
 
 

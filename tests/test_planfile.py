@@ -204,11 +204,11 @@ def test_markdown_plan_has_marker_summary_table_and_details() -> None:
     lines = md.splitlines()
     assert lines[0] == PLAN_MARKDOWN_MARKER
     assert "**Plan: 1 to create. 1,200 requests to submit (~12,000 input tokens).**" in lines
-    header = lines.index("| resource | action | reason | requests | est. tokens |")
+    header = lines.index("| resource | action | reason | requests | est. tokens | est. cost |")
     rows = lines[header + 2 : header + 5]
-    assert rows[0] == "| `triage` | `+` create | why | 1,200 | ~12,000 |"
-    assert rows[1] == "| `summaries` | `=` none | in sync: 3 succeeded |  |  |"
-    assert rows[2] == "| `gone` | `?` orphaned | manifest is gone \\| odd &lt;b&gt; |  |  |"
+    assert rows[0] == "| `triage` | `+` create | why | 1,200 | ~12,000 |  |"
+    assert rows[1] == "| `summaries` | `=` none | in sync: 3 succeeded |  |  |  |"
+    assert rows[2] == "| `gone` | `?` orphaned | manifest is gone \\| odd &lt;b&gt; |  |  |  |"
     assert "<details><summary>Details</summary>" in lines
     assert lines[-1] == "</details>"
     assert "- selection: `team=a`" in lines

@@ -119,7 +119,12 @@ def test_postgres_connection_waits_30_s_for_the_writer_lock(postgres_url: str) -
         assert store.db.execute("SHOW lock_timeout").fetchone()[0] == "30s"
 
 
-MIGRATION_NAMES = ["m001_initial", "m002_request_ledger", "m003_request_fingerprints"]
+MIGRATION_NAMES = [
+    "m001_initial",
+    "m002_request_ledger",
+    "m003_request_fingerprints",
+    "m004_request_usage",
+]
 
 
 def test_migrations_are_named_recorded_and_applied_once(state_location: Path | str) -> None:

@@ -427,7 +427,7 @@ def plan(
     elif output_format == "markdown":
         click.echo(render.plan_markdown(result), nl=False)
     else:
-        click.echo(render.plan_text(result.plan, stdout_style()))
+        click.echo(render.plan_text(result.plan, stdout_style()) + render.plan_costs(result))
     for note in render.plan_notes(result):
         click.echo(note, err=True)
     if result.refusals:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.lifecycle import ForgetResult, ImportResult
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
+    from batchspec.core.spend import Usage
     from batchspec.core.status import ResourceStatus
     from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
@@ -188,6 +189,30 @@ def plan_summary(plan: Plan) -> str:
     return text
 
 
+def plan_costs(result: PlanResult) -> str:
+    """The spend estimate under a text plan: per resource and in total, as upper bounds."""
+    estimates = result.estimates
+    if not estimates:
+        return ""
+    lines = ["", "Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
+    for name, e in estimates.items():
+        lines.append(
+            f"  {name}: ~{e.input_tokens:,} input + ≤ {e.max_output_tokens:,} output tokens, "
+            f"{_upper(e.cost_usd)}" + (f" ({e.price_source})" if e.price_source else "")
+        )
+    lines.append(f"  total: {_upper(_total_cost(result))}")
+    return "\n".join(lines)
+
+
+def _upper(cost: float | None) -> str:
+    return "unknown price" if cost is None else f"≤ {dollars(cost)}"
+
+
+def _total_cost(result: PlanResult) -> float | None:
+    costs = [e.cost_usd for e in result.estimates.values()]
+    return None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
+
+
 def plan_notes(result: PlanResult) -> list[str]:
     """What apply would refuse (budgets) and may fail on (API keys), for stderr."""
     return [f"Error: {r}" for r in result.refusals] + [f"Warning: {w}" for w in result.warnings]
@@ -200,6 +225,10 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         **result.plan.to_json(),
         "refusals": list(result.refusals),
         "warnings": list(result.warnings),
+        "estimates": {name: e.to_json() for name, e in result.estimates.items()},
+        "estimated_max_cost_usd": (
+            None if (cost := _total_cost(result)) is None else round(cost, 6)
+        ),
     }
 
 
@@ -214,22 +243,32 @@ def plan_markdown(result: PlanResult) -> str:
     """
     plan = result.plan
     lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    if result.estimates:
+        lines += [
+            f"Estimated spend: {_upper(_total_cost(result))} (input ~4 bytes/token; output at "
+            "each request's max_tokens, 4096 where unset; batch prices)",
+            "",
+        ]
     for refusal in result.refusals:
         lines += [f"> **Apply would refuse this plan:** {_md_cell(refusal)}", ""]
     for warning in result.warnings:
         lines += [f"> **Warning:** {_md_cell(warning)}", ""]
     if plan.actions:
         lines += [
-            "| resource | action | reason | requests | est. tokens |",
-            "|:--|:--|:--|--:|--:|",
+            "| resource | action | reason | requests | est. tokens | est. cost |",
+            "|:--|:--|:--|--:|--:|--:|",
         ]
         for a in plan.actions:
             requests = f"{a.requests:,}" if a.spends else ""
             tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
+            estimate = result.estimates.get(a.resource) if a.spends else None
+            if estimate is not None:
+                tokens += f" in, ≤ {estimate.max_output_tokens:,} out"
+            cost = _upper(estimate.cost_usd) if estimate is not None else ""
             symbol = _SYMBOLS[a.kind.value]
             lines.append(
                 f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
-                f"| {requests} | {tokens} |"
+                f"| {requests} | {tokens} | {cost} |"
             )
     else:
         lines.append("_No resources selected._")
@@ -340,6 +379,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
             lines.append(f"      next: {s.action} ({s.reason})")
+        if s.usage.tokens:
+            lines.append(f"      usage: {usage_text(s.usage)}")
         if s.health in ("Healthy", "Degraded") and s.output:
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:
@@ -377,6 +418,18 @@ def status_text(statuses: Sequence[ResourceStatus], style: Style = PLAIN) -> str
     return "\n".join(status_lines(statuses, style))
 
 
+def usage_text(u: Usage) -> str:
+    """``1,200 in + 300 out tokens, $0.0012`` (or ``unknown price``)."""
+    return f"{u.input_tokens:,} in + {u.output_tokens:,} out tokens, {dollars(u.cost_usd)}"
+
+
+def dollars(cost: float | None) -> str:
+    """A cost for people: ``unknown price`` when it is not known (never $0)."""
+    if cost is None:
+        return "unknown price"
+    return f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"
+
+
 def history_text(entries: Sequence[HistoryEntry]) -> str:
     if not entries:
         return "No runs recorded."
@@ -389,6 +442,8 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         lines.append(
             f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
         )
+        if entry.usage.tokens:
+            lines.append(f"    usage: {usage_text(entry.usage)}")
         for event in entry.events:
             target = f" [{event.resource}]" if event.resource else ""
             detail = ", ".join(

@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from batchspec.cli.colour import PLAIN, Style
+from batchspec.cli.render import dollars
 
 if TYPE_CHECKING:
     from batchspec.core.show import BatchDetail, GenerationDetail, ResourceDetail, Usage
@@ -101,7 +102,10 @@ def _fields(pairs: list[tuple[str, str | None]]) -> list[str]:
 def _usage(u: Usage) -> str:
     if not (u.input_tokens or u.output_tokens or u.total_tokens):
         return ""
-    return f"{u.input_tokens:,} input + {u.output_tokens:,} output = {u.total_tokens:,} tokens"
+    return (
+        f"{u.input_tokens:,} input + {u.output_tokens:,} output = {u.total_tokens:,} tokens, "
+        + dollars(u.cost_usd)
+    )
 
 
 def _short(value: str | None) -> str:

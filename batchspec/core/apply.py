@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchspec.core.budget import check_budget
+from batchspec.core.budget import Estimate, check_budget, estimate_spend
 from batchspec.core.lifecycle import prune_orphans, start_replacements
 from batchspec.core.moves import apply_moves, moved_view, note_moves
 from batchspec.core.plan import (
@@ -81,6 +81,7 @@ from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.project import ProviderConfig
 
 FIRST_POLL_INTERVAL = 0.5
 
@@ -153,8 +154,9 @@ def plan_workspace(
             reuse=reuse,
             backoff=requeue_backoff(ws),
         )
-        refusals = budget_refusals(plan, resources, facts, store)
+        refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
+        estimates = plan_estimates(plan, resources, facts, ws.project.providers)
         return PlanResult(
             plan=plan,
             serial=store.serial(),
@@ -168,6 +170,7 @@ def plan_workspace(
             workspace=str(ws.project.root.resolve()),
             warnings=tuple(warnings),
             refusals=tuple(err.message for err in refusals),
+            estimates=estimates,
         )
 
 
@@ -245,7 +248,7 @@ def apply_workspace(
             if saved is not None:
                 saved.require_current(store, resources, plan)
             report(Progress("plan", None, "plan computed", plan=plan))
-            require_within_budget(plan, resources, facts, store)
+            require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with ProviderPool(ws, env) as providers:
@@ -474,11 +477,37 @@ def require_consent(
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
 
 
+def plan_estimates(
+    plan: Plan,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    providers: Mapping[str, ProviderConfig],
+) -> dict[str, Estimate]:
+    """What each spending action may cost at most: its measured input tokens, its requests'
+    output limits, priced as ``core.spend`` prices (``None``: unknown price)."""
+    by_name = {r.name: r for r in resources}
+    return {
+        a.resource: estimate_spend(
+            by_name[a.resource],
+            facts[a.resource],
+            providers,
+            requests=a.requests,
+            input_tokens=a.estimated_input_tokens,
+        )
+        for a in plan.spending
+        if a.resource in by_name and a.resource in facts
+    }
+
+
 def require_within_budget(
-    plan: Plan, resources: Sequence[Resource], facts: Mapping[str, InputReport], store: StateStore
+    plan: Plan,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    store: StateStore,
+    providers: Mapping[str, ProviderConfig],
 ) -> None:
     """Refuse, before anything is uploaded, a plan whose spending would exceed a budget."""
-    refusals = budget_refusals(plan, resources, facts, store)
+    refusals = budget_refusals(plan, resources, facts, store, providers)
     if refusals:
         first = refusals[0]
         raise BudgetError(
@@ -487,7 +516,11 @@ def require_within_budget(
 
 
 def budget_refusals(
-    plan: Plan, resources: Sequence[Resource], facts: Mapping[str, InputReport], store: StateStore
+    plan: Plan,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    store: StateStore,
+    providers: Mapping[str, ProviderConfig],
 ) -> list[BudgetError]:
     """Every spending action that would take its generation over budget: the same check
     apply makes before recording intents and retries, on the same counts."""
@@ -503,7 +536,13 @@ def budget_refusals(
             else:
                 submitted = sum(b.requests for b in batches if b.remote_id is not None)
         try:
-            check_budget(res, facts[res.name], submitted=submitted, new=action.requests)
+            check_budget(
+                res,
+                facts[res.name],
+                submitted=submitted,
+                new=action.requests,
+                providers=providers,
+            )
         except BudgetError as err:
             refusals.append(err)
     return refusals

@@ -1,4 +1,9 @@
-"""The audit log, read back: runs (who, where, which git commit) and the events of each."""
+"""The audit log, read back: runs (who, where, which git commit) and the events of each.
+
+A run's ``usage`` sums the tokens and dollars of the generations it finished (its ``results``
+events record them when results are written); ``cost_usd`` is ``None`` when any of them had
+an unknown price.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchspec.core.spend import Usage
 from batchspec.errors import ManifestError
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
@@ -17,8 +23,27 @@ class HistoryEntry:
     run: RunRow
     events: tuple[EventRow, ...]
 
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for event in self.events:
+            d = event.detail
+            if event.action == "results" and "input_tokens" in d:
+                cost = d.get("cost_usd", None)  # recorded before costs were: unknown
+                total += Usage(
+                    int(d.get("input_tokens") or 0),
+                    int(d.get("output_tokens") or 0),
+                    int(d.get("total_tokens") or 0),
+                    float(cost) if isinstance(cost, int | float) else None,
+                )
+        return total
+
     def to_json(self) -> dict[str, Any]:
-        return {"run": asdict(self.run), "events": [asdict(e) for e in self.events]}
+        return {
+            "run": asdict(self.run),
+            "usage": asdict(self.usage),
+            "events": [asdict(e) for e in self.events],
+        }
 
 
 def read_history(

@@ -58,6 +58,7 @@ from batchspec.errors import StalePlanError, StateError, UsageError
 from batchspec.state.store import StateStore
 
 if TYPE_CHECKING:
+    from batchspec.core.budget import Estimate
     from batchspec.workspace.manifest import Resource
 
 PLAN_FILE_KIND = "batchspec/plan"
@@ -81,6 +82,8 @@ class PlanResult:
     # what apply would refuse or may fail on, said ahead (budgets; an unset API key variable)
     refusals: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: per spending resource: tokens and the dollar upper bound (``core.budget.Estimate``)
+    estimates: Mapping[str, Estimate] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

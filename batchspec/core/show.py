@@ -15,32 +15,20 @@ docs/json-output.md and only ever grow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from batchspec.core.spend import Price, Usage, generation_usage, price_for, priced_usage
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import ManifestError
 from batchspec.state.store import BatchRow, EventRow, GenerationRow, StateStore
 from batchspec.workspace.manifest import Resource, load_workspace
+from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import display_path
 
 LAST_EVENTS = 10
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    total_tokens: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.total_tokens + other.total_tokens,
-        )
 
 
 @dataclass(frozen=True)
@@ -114,7 +102,7 @@ class ResourceDetail:
     action: str
     reason: str
     tracked: bool  # recorded in the state and not forgotten
-    usage: Usage  # every generation's batches together
+    usage: Usage  # every generation together; cost_usd None: a price is unknown
     generations: tuple[GenerationDetail, ...]  # newest first
     results: tuple[ResultFile, ...]
     events: tuple[EventDetail, ...]  # the last ones, oldest first
@@ -132,12 +120,12 @@ def describe_resource(
     if not ws.project.has_state():
         if res is None:
             raise _unknown(name, [r.name for r in ws.resources])
-        return _describe(None, res, name, events)
+        return _describe(None, res, name, events, ws.project.providers)
     with StateStore.open(ws.project.state) as store:
         if res is None and store.get_resource(name) is None:
             recorded = [r.name for r in store.list_resources()]
             raise _unknown(name, [r.name for r in ws.resources] + recorded)
-        return _describe(store, res, name, events)
+        return _describe(store, res, name, events, ws.project.providers)
 
 
 def _unknown(name: str, known: Sequence[str]) -> ManifestError:
@@ -148,12 +136,16 @@ def _unknown(name: str, known: Sequence[str]) -> ManifestError:
 
 
 def _describe(
-    store: StateStore | None, res: Resource | None, name: str, events: int
+    store: StateStore | None,
+    res: Resource | None,
+    name: str,
+    events: int,
+    providers: Mapping[str, ProviderConfig],
 ) -> ResourceDetail:
     row = store.get_resource(name) if store else None
     status = _status_of(store, res, name)
     gens = sorted(store.generations(name), key=lambda g: g.id, reverse=True) if store else []
-    details = tuple(_generation(store, g, res) for g in gens) if store else ()
+    details = tuple(_generation(store, g, res, providers) for g in gens) if store else ()
     current = next((g for g in details if g.current), details[0] if details else None)
     usage = sum((g.usage for g in details), Usage())
     return ResourceDetail(
@@ -194,8 +186,16 @@ def _status_of(store: StateStore | None, res: Resource | None, name: str) -> Res
     )  # fmt: skip
 
 
-def _generation(store: StateStore, gen: GenerationRow, res: Resource | None) -> GenerationDetail:
-    batches = tuple(_batch(b) for b in store.batches(gen.id))
+def _generation(
+    store: StateStore,
+    gen: GenerationRow,
+    res: Resource | None,
+    providers: Mapping[str, ProviderConfig],
+) -> GenerationDetail:
+    price = price_for(
+        providers.get(str(gen.spec.get("provider"))), gen.spec.get("model") or gen.model
+    )
+    batches = tuple(_batch(b, price) for b in store.batches(gen.id))
     return GenerationDetail(
         id=gen.id,
         spec_hash=gen.spec_hash,
@@ -209,12 +209,12 @@ def _generation(store: StateStore, gen: GenerationRow, res: Resource | None) -> 
         errors_sha256=gen.errors_sha256,
         created_at=gen.created_at,
         completed_at=gen.completed_at,
-        usage=sum((b.usage for b in batches), Usage()),
+        usage=generation_usage(store, gen, providers),
         batches=batches,
     )
 
 
-def _batch(b: BatchRow) -> BatchDetail:
+def _batch(b: BatchRow, price: Price | None) -> BatchDetail:
     return BatchDetail(
         shard=b.shard + 1,
         attempt=b.attempt,
@@ -228,7 +228,7 @@ def _batch(b: BatchRow) -> BatchDetail:
         output_file_id=b.output_file_id,
         error_file_id=b.error_file_id,
         reason=b.reason,
-        usage=Usage(b.input_tokens or 0, b.output_tokens or 0, b.total_tokens or 0),
+        usage=priced_usage(price, b.input_tokens or 0, b.output_tokens or 0, b.total_tokens or 0),
         created_at=b.created_at,
         submitted_at=b.submitted_at,
         terminal_at=b.terminal_at,

@@ -21,10 +21,11 @@ from batchspec.core.recorded import load_recorded, observe_disk
 from batchspec.core.replacements import effective_resources
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
+from batchspec.core.spend import Usage, generation_usage
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
-from batchspec.workspace.project import Project
+from batchspec.workspace.project import Project, ProviderConfig
 from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
 _HEALTH = {
@@ -64,6 +65,8 @@ class ResourceStatus:
     output: str | None
     errors: str | None
     batches: tuple[BatchStatus, ...] = ()
+    #: tokens and dollars of the current generation's answers (cost_usd None: unknown price)
+    usage: Usage = Usage()
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -75,7 +78,9 @@ def resource_statuses(
     facts: Mapping[str, InputReport] | None = None,
     *,
     include_orphans: bool = False,
+    providers: Mapping[str, ProviderConfig] | None = None,
 ) -> list[ResourceStatus]:
+    """Each resource's status; ``providers`` (the project's) price its usage."""
     resources = effective_resources(store, resources)  # a replacement is the current one
     recorded = load_recorded(store, store.ledger())
     disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
@@ -91,7 +96,10 @@ def resource_statuses(
     for action in plan.actions:
         res = by_name.get(action.resource)
         gen = store.find_generation(res.name, res.spec_hash) if res else None
-        statuses.append(_status(store, action.resource, action, res, gen))
+        status = _status(store, action.resource, action, res, gen)
+        if gen is not None:
+            status = replace(status, usage=generation_usage(store, gen, providers or {}))
+        statuses.append(status)
     return statuses
 
 
@@ -170,7 +178,9 @@ def workspace_status(
         require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
     with read_only_store(ws.project) as store:
-        statuses = resource_statuses(store, resources, include_orphans=not select)
+        statuses = resource_statuses(
+            store, resources, include_orphans=not select, providers=ws.project.providers
+        )
     if ws.problems:
         statuses = [_maybe_broken(s) for s in statuses]
     return StatusReport(tuple(statuses), ws.problems)

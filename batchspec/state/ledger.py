@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from batchspec.state.connection import StateConnection
 from batchspec.storage.sql import Sql
 from batchspec.wire.outcomes import Outcome
+from batchspec.wire.usage import LineUsage
 
 _CHUNK = 5_000
 
@@ -56,6 +57,16 @@ class CollectedLine:
     offset: int
     length: int
     outcome: Outcome
+    usage: LineUsage | None = None
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Tokens the answers of a generation report, summed over the requests that report any."""
+
+    requests: int  # how many requests reported usage
+    input_tokens: int
+    output_tokens: int
 
 
 class RequestLedger:
@@ -151,9 +162,10 @@ class RequestLedger:
         db = self.db
         db.execute(_COLLECTED_TABLE[db.dialect])
         db.execute("delete from collected")
-        sql = "insert into collected values (?, ?, ?, ?, ?) on conflict do nothing"
+        sql = "insert into collected values (?, ?, ?, ?, ?, ?, ?) on conflict do nothing"
         chunk: list[tuple[object, ...]] = []
         for item in lines:
+            usage = item.usage
             chunk.append(
                 (
                     item.custom_id,
@@ -161,6 +173,8 @@ class RequestLedger:
                     item.outcome.category,
                     item.offset,
                     item.length,
+                    usage.input_tokens if usage else None,
+                    usage.output_tokens if usage else None,
                 )
             )
             if len(chunk) >= _CHUNK:
@@ -169,7 +183,8 @@ class RequestLedger:
             self._run(sql, chunk)
         cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "
-            '"offset" = c."offset", length = c.length, attempt = ? from collected c '
+            '"offset" = c."offset", length = c.length, attempt = ?, '
+            "input_tokens = c.input_tokens, output_tokens = c.output_tokens from collected c "
             "where requests.generation_id = ? and requests.custom_id = c.custom_id "
             "and requests.state != 'ok'",
             [blob, attempt, generation_id],
@@ -243,6 +258,16 @@ class RequestLedger:
         ).fetchall()
         return {code: n for code, n in rows}
 
+    def usage_totals(self, generation_id: int) -> UsageTotals:
+        """What this generation's answers reported (rows carried over from an earlier
+        generation have no usage here: that generation paid for them)."""
+        row = self.db.execute(
+            "select count(input_tokens), sum(input_tokens), sum(output_tokens) "
+            "from requests where generation_id = ? and input_tokens is not null",
+            [generation_id],
+        ).fetchone()
+        return UsageTotals(int(row[0] or 0), int(row[1] or 0), int(row[2] or 0))
+
     def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
         """The generation's rows by input line, read ``_CHUNK`` at a time (keyset pages)."""
         after = -1
@@ -261,9 +286,11 @@ class RequestLedger:
 
 _COLLECTED_TABLE = {
     "sqlite": "create temp table if not exists collected (custom_id text primary key, "
-    'state text, category text, "offset" integer, length integer) without rowid',
+    'state text, category text, "offset" integer, length integer, input_tokens integer, '
+    "output_tokens integer) without rowid",
     "postgresql": "create temp table if not exists collected (custom_id text primary key, "
-    'state text, category text, "offset" bigint, length bigint)',
+    'state text, category text, "offset" bigint, length bigint, input_tokens bigint, '
+    "output_tokens bigint)",
 }
 
 

@@ -63,6 +63,7 @@ class GenerationRow:
     created_run: int | None
     created_at: str
     completed_at: str | None
+    model: str | None = None  # the model its requests name (for pricing), once collected
 
 
 def _resource_row(d: Mapping[str, Any]) -> ResourceRow:
@@ -76,6 +77,7 @@ def _generation_row(d: Mapping[str, Any]) -> GenerationRow:
 _GENERATION_FIELDS = frozenset(
     {
         "status",
+        "model",
         "output_path",
         "errors_path",
         "output_sha256",

@@ -376,3 +376,23 @@ def m003_request_fingerprints(db: Sql) -> None:
         "ALTER TABLE requests ADD COLUMN request_sha TEXT;"
         "CREATE INDEX requests_fingerprint ON requests(custom_id, request_sha);"
     )
+
+
+_M004 = {
+    "sqlite": "ALTER TABLE requests ADD COLUMN input_tokens INTEGER;"
+    "ALTER TABLE requests ADD COLUMN output_tokens INTEGER;"
+    "ALTER TABLE generations ADD COLUMN model TEXT;",
+    "postgresql": "ALTER TABLE requests ADD COLUMN input_tokens BIGINT;"
+    "ALTER TABLE requests ADD COLUMN output_tokens BIGINT;"
+    "ALTER TABLE generations ADD COLUMN model TEXT;",
+}
+
+
+@MIGRATIONS
+def m004_request_usage(db: Sql) -> None:
+    """``requests.input_tokens`` / ``output_tokens``: the usage a collected answer reports
+    (``batchspec.wire.usage``), so tokens and dollars sum per generation, resource and run.
+    NULL when the answer reports none (or the row was carried over from an earlier generation,
+    which paid for it). ``generations.model``: the model its requests name, for pricing
+    when ``spec.model`` is not given."""
+    db.script(_M004[db.dialect])

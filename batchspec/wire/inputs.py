@@ -109,6 +109,7 @@ from typing import IO, Any
 
 from batchspec.errors import InputError
 from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
+from batchspec.wire.usage import max_output_of_request
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
@@ -151,6 +152,8 @@ class InputReport:
     problem_count: int
     blank_lines: int = 0  # blank lines (skipped, not requests), see the module docstring
     urls: tuple[str, ...] = ()  # distinct request urls, in first-seen order
+    #: the output tokens every request may answer at most, summed (``wire.usage``)
+    max_output_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -357,6 +360,7 @@ class _Checker:
         self.urls: dict[str, None] = {}  # distinct urls seen, first-seen order
         self.shown: list[InputProblem] = []
         self.count = 0
+        self.max_output_tokens = 0
 
     def problem(self, line: int, code: str, message: str) -> None:
         self.count += 1
@@ -383,6 +387,7 @@ class _Checker:
         body = obj.get("body")
         if type(body) is dict:
             self.check_model(line, body.get("model"), url)
+            self.max_output_tokens += max_output_of_request(url, body)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
         else:
@@ -410,6 +415,7 @@ class _Checker:
         params = obj.get("params")
         if type(params) is dict:
             self.check_model(line, params.get("model"), messages)
+            self.max_output_tokens += max_output_of_request(messages, params)
         for code, message in anthropic_lines.line_problems(obj):
             self.problem(line, code, message)
 
@@ -583,6 +589,7 @@ def scan_batch_input(
         problem_count=checker.count + len(file_level),
         blank_lines=blank_lines,
         urls=tuple(checker.urls),
+        max_output_tokens=checker.max_output_tokens,
     )
 
 

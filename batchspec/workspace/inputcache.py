@@ -133,6 +133,7 @@ class InputCache:
                     **data,
                     "models": tuple(data["models"]),
                     "urls": tuple(data["urls"]),
+                    "max_output_tokens": int(data["max_output_tokens"]),  # older: scan again
                     "problems": (),
                 }
             )

@@ -78,6 +78,7 @@ class Budget:
 
     max_requests: int | None = None
     max_input_tokens: int | None = None
+    max_cost_usd: float | None = None
 
     def overlay(self, fallback: Budget | None) -> Budget:
         """This budget, with fields it leaves unset taken from ``fallback``."""
@@ -86,6 +87,7 @@ class Budget:
         return Budget(
             max_requests=_first(self.max_requests, fallback.max_requests),
             max_input_tokens=_first(self.max_input_tokens, fallback.max_input_tokens),
+            max_cost_usd=_first(self.max_cost_usd, fallback.max_cost_usd),
         )
 
 
@@ -98,6 +100,8 @@ class ProviderConfig:
     base_url: str | None
     api_key_env: str | None
     options: Mapping[str, Any]
+    #: ``pricing:`` model (or ``"*"``) -> ``{"input", "output"}`` USD per million tokens
+    pricing: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,12 @@ def _project_from(file: Path, data: Mapping[str, Any]) -> Project:
 
 def budget_from(data: Mapping[str, Any]) -> Budget:
     """A ``Budget`` from its (already validated) YAML mapping."""
-    return Budget(max_requests=data.get("maxRequests"), max_input_tokens=data.get("maxInputTokens"))
+    cost = data.get("maxCostUSD")
+    return Budget(
+        max_requests=data.get("maxRequests"),
+        max_input_tokens=data.get("maxInputTokens"),
+        max_cost_usd=float(cost) if cost is not None else None,
+    )
 
 
 def _provider_config(root: Path, name: str, data: Mapping[str, Any]) -> ProviderConfig:
@@ -318,6 +327,7 @@ def _provider_config(root: Path, name: str, data: Mapping[str, Any]) -> Provider
         base_url=base_url.rstrip("/") if base_url else None,
         api_key_env=data.get("apiKeyEnv", DEFAULT_API_KEY_ENV[kind]),
         options=options,
+        pricing=dict(data.get("pricing") or {}),
     )
 
 

@@ -20,6 +20,7 @@ from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
+from batchspec.core.spend import generation_usage, usage_detail
 from batchspec.providers.base import Provider
 from batchspec.state.ledger import CollectedLine
 from batchspec.state.store import BatchRow, GenerationRow
@@ -27,6 +28,7 @@ from batchspec.storage.blobstore import BlobStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.outcomes import RETRY_CATEGORIES, classify_result_line
+from batchspec.wire.usage import usage_of_line
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.yamldoc import display_path
 
@@ -77,6 +79,7 @@ def read_result_lines(
                 offset=start,
                 length=len(body),
                 outcome=classify_result_line(record, retry_on=retry_on),
+                usage=usage_of_line(record),
             )
 
 
@@ -92,7 +95,8 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
     for batch in pending:
         _collect_batch(ctx, res, gen, batch, provider)
     if not pending:
-        _finish_generation(ctx, res, gen)
+        model = res.model or (facts.models[0] if len(facts.models) == 1 else None)
+        _finish_generation(ctx, res, gen, model)
     return True
 
 
@@ -174,7 +178,9 @@ def _fail_batch(
     return mapped
 
 
-def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
+def _finish_generation(
+    ctx: RunContext, res: Resource, gen: GenerationRow, model: str | None
+) -> None:
     """Everything is collected and no retry is left: write the result files."""
     written = write_results_in_input_order(
         ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
@@ -183,9 +189,9 @@ def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
     why = _why_degraded(ctx, res, gen, written.unresolved) if status == "degraded" else None
     with ctx.store.atomic():
-        usage = ctx.usage(gen.id)
-        ctx.store.update_generation(
+        finished = ctx.store.update_generation(
             gen.id,
+            model=model,
             status=status,
             succeeded=written.succeeded,
             failed=written.failed,
@@ -193,6 +199,7 @@ def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
             errors_sha256=written.errors_sha256,
             completed_at=now(),
         )
+        usage = usage_detail(generation_usage(ctx.store, finished, ctx.project.providers))
         ctx.store.record_event(
             ctx.run_id,
             "results",

@@ -86,13 +86,6 @@ class RunContext:
             latest[b.shard] = max(latest.get(b.shard, 0), b.attempt)
         return latest
 
-    def usage(self, generation_id: int) -> dict[str, int]:
-        totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-        for b in self.store.batches(generation_id):
-            for key in totals:
-                totals[key] += getattr(b, key) or 0
-        return totals
-
     def create_confirm_window(self, provider: str) -> float:
         """Seconds a create whose answer was lost counts as possibly made on ``provider``."""
         from batchspec.providers.registry import create_confirm_seconds  # httpx: on use

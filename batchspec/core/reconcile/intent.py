@@ -79,7 +79,9 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         if single and not previous:
             # The batch file is the input itself: only the intent must precede the create.
             # The ledger is written while the provider works (``RunContext.ensure_ledger``).
-            check_budget(res, facts, submitted=0, new=facts.requests)
+            check_budget(
+                res, facts, submitted=0, new=facts.requests, providers=ctx.project.providers
+            )
             record_intent(
                 ctx,
                 res,
@@ -99,7 +101,13 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         else:
             ctx.ledger.record_requests(gen.id, with_fingerprints(assigned))
         shard_files = writers.finish()
-        check_budget(res, facts, submitted=0, new=sum(per_shard.values()))
+        check_budget(
+            res,
+            facts,
+            submitted=0,
+            new=sum(per_shard.values()),
+            providers=ctx.project.providers,
+        )
         for shard, n in sorted(per_shard.items()):
             record_intent(
                 ctx,

@@ -31,7 +31,13 @@ def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) ->
         and (s.not_before is None or now >= s.not_before)
     ]
     submitted = sum(b.requests for b in ctx.store.batches(gen.id) if not is_requeued(b))
-    check_budget(res, facts, submitted=submitted, new=sum(s.unresolved for s in ready))
+    check_budget(
+        res,
+        facts,
+        submitted=submitted,
+        new=sum(s.unresolved for s in ready),
+        providers=ctx.project.providers,
+    )
     latest = ctx.latest_attempts(gen.id)
     for shard in ready:
         attempt = latest.get(shard.shard, 0) + 1

@@ -1,0 +1,87 @@
+"""The token usage one result line reports, whatever dialect answered it.
+
+Every collected line is OpenAI-shaped (``{"custom_id", "response": {"status_code", "body"}}``,
+see ``batchspec.wire.anthropic_lines`` and ``gemini_lines``); its ``body`` is the provider's
+own answer, so the usage is read by shape, first match wins:
+
+=====================================  =========================================================
+``body.usage.prompt_tokens``           OpenAI chat/completions/embeddings, Azure, LiteLLM, Groq,
+                                       Together, the local engine: ``prompt_tokens`` in,
+                                       ``completion_tokens`` out (0 when absent: embeddings)
+``body.usage.input_tokens``            Anthropic messages (plus ``cache_creation_input_tokens``
+                                       and ``cache_read_input_tokens``: all are input) and the
+                                       OpenAI Responses API: ``input_tokens`` / ``output_tokens``
+``body.usageMetadata``                 Gemini: ``promptTokenCount`` in, ``candidatesTokenCount``
+                                       (+ ``thoughtsTokenCount``) out
+=====================================  =========================================================
+
+A line with none of these (an error, an unknown shape) reports no usage: ``None``, never 0.
+Cached input is counted as input at the full price: an upper bound, stated as such.
+
+**Before** a batch runs, ``max_output_of_request`` bounds what one request line may answer:
+its ``max_completion_tokens``, ``max_tokens`` (OpenAI chat/completions, Anthropic
+``params``) or ``generationConfig.maxOutputTokens`` (Gemini); ``DEFAULT_MAX_OUTPUT_TOKENS``
+when it sets none; 0 for embeddings and moderations, which answer no tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LineUsage:
+    input_tokens: int
+    output_tokens: int
+
+
+def usage_of_line(line: Mapping[str, Any]) -> LineUsage | None:
+    """The usage one parsed result line reports (see the module docstring), or ``None``."""
+    response = line.get("response")
+    body = response.get("body") if isinstance(response, Mapping) else None
+    if not isinstance(body, Mapping):
+        return None
+    usage = body.get("usage")
+    if isinstance(usage, Mapping):
+        if "prompt_tokens" in usage:
+            return LineUsage(
+                _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+            )
+        if "input_tokens" in usage:
+            inputs = sum(
+                _count(usage.get(k))
+                for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+            )
+            return LineUsage(inputs, _count(usage.get("output_tokens")))
+    meta = body.get("usageMetadata")
+    if isinstance(meta, Mapping):
+        out = _count(meta.get("candidatesTokenCount")) + _count(meta.get("thoughtsTokenCount"))
+        return LineUsage(_count(meta.get("promptTokenCount")), out)
+    return None
+
+
+#: the output bound assumed for a request that sets no limit (Anthropic's defaultMaxTokens)
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+_NO_OUTPUT = ("/embeddings", "/moderations")
+
+
+def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
+    """The most output tokens one request may be charged for (see the module docstring)."""
+    if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
+        return 0
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if _count(body.get(key)):
+            return _count(body.get(key))
+    config = body.get("generationConfig") or body.get("generation_config")
+    if isinstance(config, Mapping):
+        for key in ("maxOutputTokens", "max_output_tokens"):
+            if _count(config.get(key)):
+                return _count(config.get(key))
+    return DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
