@@ -44,6 +44,7 @@ there; 529 ``overloaded_error`` is retried like any 5xx).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -61,9 +62,10 @@ import httpx
 from batchspec import __version__
 from batchspec.errors import InputError, ProviderError
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
+    FileBody,
     RetryingClient,
+    create_or_adopt,
     display_url,
     json_object,
     quote_id,
@@ -96,7 +98,6 @@ RESULTS_PREFIX = "results:"
 #: how far before a lost create's journal time a batch may be dated and still be its own
 _CLOCK_SKEW = 300
 _MAX_PAGE_SIZE = 1000
-_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,18 +108,6 @@ class _Body:
     size: int
     requests: int
     ids_sha256: str
-
-
-class _FileContent:
-    """Request content read from a file, afresh on every iteration (so retries resend it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
 
 
 class AnthropicProvider:
@@ -353,25 +342,30 @@ class AnthropicProvider:
     def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
         """Send the create once (``_http`` retries what surely did not reach Anthropic)."""
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
-        try:
+
+        def send() -> RemoteBatch:
             response = self._http.request(
                 "POST",
                 BATCHES,
                 operation="create batch",
-                content=_FileContent(body.path),
+                content=FileBody(body.path),
                 headers=headers,
                 retry_ambiguous=False,
             )
-        except AmbiguousOutcome:
-            made = self._made_by_lost(entry)
-            if made is not None:
-                return made
-            # it may still be in transit: never re-sent here (the journal keeps it
-            # unconfirmed; the reconciler waits its bounded window before creating again)
-            raise
-        data = self._json(response, "create batch")
-        self._journal.confirm(entry.key, str(data["id"]))
-        return self._parse(data)
+            data = self._json(response, "create batch")
+            self._journal.confirm(entry.key, str(data["id"]))
+            return self._parse(data)
+
+        # a lost create may still be in transit: never re-sent here (the journal keeps it
+        # unconfirmed; the reconciler waits its bounded window before creating again)
+        return create_or_adopt(
+            send,
+            functools.partial(self._made_by_lost, entry),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+            resend=False,
+        )
 
     def _recorded(self, entry: JournalEntry) -> RemoteBatch | None:
         """The batch a confirmed journal row names; None when Anthropic no longer has it."""

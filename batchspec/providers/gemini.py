@@ -58,10 +58,11 @@ import httpx
 from batchspec import __version__
 from batchspec.errors import InputError, ProviderError
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
+    create_or_adopt,
     display_url,
+    json_object,
     require_http_url,
 )
 from batchspec.providers.anthropic_journal import Staging
@@ -355,26 +356,25 @@ class GeminiProvider:
         body = _dumps(payload)
         path = f"{self._api}/models/{model}:batchGenerateContent"
         headers = {"Content-Type": "application/json"}
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    path,
-                    operation="create batch",
-                    content=body,
-                    headers=headers,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                made = self._find(display_name)
-                if made is not None:
-                    return made
-                if not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
+
+        def send() -> RemoteBatch:
+            response = self._http.request(
+                "POST",
+                path,
+                operation="create batch",
+                content=body,
+                headers=headers,
+                retry_ambiguous=False,
+            )
             return parse_operation(_json(response, "create batch", self.name))
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        return create_or_adopt(
+            send,
+            lambda: self._find(display_name),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
 
     def _find(self, display_name: str) -> RemoteBatch | None:
         """The batch a create whose answer was lost made, found by its display name."""
@@ -541,18 +541,13 @@ def _inline(lines: Path) -> Iterator[dict[str, Any]]:
 
 
 def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, Mapping) or (operation != "list batches" and "name" not in body):
-        raise ProviderError(
-            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
-            f"not the expected JSON object; is the base URL Gemini's API root "
-            f"({DEFAULT_BASE_URL})?",
-            status=response.status_code,
-        )
-    return body
+    return json_object(
+        response,
+        operation,
+        provider,
+        api_root=f"Gemini's API root ({DEFAULT_BASE_URL})",
+        required="name",
+    )
 
 
 def _epoch(value: Any) -> int | None:
