@@ -3,7 +3,7 @@
 Batch Mode differs from OpenAI's Batch API in ways this module absorbs:
 
 **Requests inline or in a file, by size.** ``upload_file`` *stages* the input locally
-(``anthropic_journal.Staging``; the file id is ``staged-<sha256>``, nothing is sent), because
+(``staging.StagedInputs``; the file id is ``staged-<sha256>``, nothing is sent), because
 the create names the model in its URL and decides between the two forms Gemini takes.
 ``create_batch`` converts every line to a GenerateContentRequest
 (``gemini_lines.to_request``: Gemini lines as they are, OpenAI chat lines converted) and
@@ -45,7 +45,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -65,17 +64,16 @@ from batchspec.providers._http import (
     json_object,
     require_http_url,
 )
-from batchspec.providers.anthropic_journal import Staging
 from batchspec.providers.base import (
     METADATA_KEYS,
     BatchValidationError,
     RemoteBatch,
-    RemoteFile,
     RemoteNotFound,
     RequestCounts,
     Usage,
     epoch_seconds,
 )
+from batchspec.providers.staging import StagedInputs, Staging, results_file_id
 from batchspec.wire import gemini_lines
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import iter_requests
@@ -86,7 +84,6 @@ DEFAULT_API_VERSION = "v1beta"
 #: inline requests up to this many bytes of JSON (Gemini's limit is 20 MB for the whole body)
 DEFAULT_INLINE_MAX_BYTES = 19 * 1024 * 1024
 MAX_FILE_BYTES = gemini_lines.MAX_FILE_BYTES
-RESULTS_PREFIX = "results:"
 DISPLAY_PREFIX = "batchspec"
 #: how many list pages a lost create's lookup reads before it gives up
 _LOOKUP_PAGES = 10
@@ -95,7 +92,7 @@ _UPLOAD_CHUNK = 8 * 1024 * 1024
 _FRACTION = re.compile(r"\.\d+")
 
 
-class GeminiProvider:
+class GeminiProvider(StagedInputs):
     """A ``providers.base.Provider`` for Gemini Batch Mode (see the module docstring)."""
 
     def __init__(
@@ -172,40 +169,6 @@ class GeminiProvider:
         return f"/{self.api_version}"
 
     # -- files: staged locally -------------------------------------------------------------
-
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
-        """Stage ``path`` (nothing is sent: the create decides between inline and a file)."""
-        staged = self._staging.stage(path)
-        return RemoteFile(
-            id=staged.id,
-            bytes=staged.size,
-            filename=filename,
-            purpose=purpose,
-            created_at=staged.created_at,
-        )
-
-    def get_file(self, file_id: str) -> RemoteFile:
-        try:
-            staged = self._staging.get(file_id)
-        except FileNotFoundError:
-            raise RemoteNotFound(
-                f"{self.name}: file {file_id} is not staged (any more); it is staged again "
-                "on the next upload.",
-                status=404,
-            ) from None
-        return RemoteFile(id=staged.id, bytes=staged.size, created_at=staged.created_at)
-
-    def download_file(self, file_id: str, dest: Path) -> int:
-        """A staged input (copied), or one part of a batch's results in our line format."""
-        if file_id.startswith(RESULTS_PREFIX):
-            part, _, name = file_id[len(RESULTS_PREFIX) :].partition(":")
-            if part not in ("succeeded", "failed") or not name:
-                raise RemoteNotFound(f"{self.name}: no such results file {file_id}", status=404)
-            return self._download_results(name, part == "succeeded", dest)
-        source = self.get_file(file_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._staging.path(source.id), dest)
-        return dest.stat().st_size
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -506,10 +469,6 @@ def parse_operation(data: Mapping[str, Any]) -> RemoteBatch:
         created_at=_epoch(meta.get("createTime")),
         completed_at=_epoch(meta.get("endTime")),
     )
-
-
-def results_file_id(part: str, name: str) -> str:
-    return f"{RESULTS_PREFIX}{part}:{name}"
 
 
 def _batch_fields(data: Mapping[str, Any]) -> Mapping[str, Any]:

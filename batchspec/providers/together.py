@@ -48,7 +48,6 @@ from batchspec.providers._http import (
     json_object,
     quote_id,
 )
-from batchspec.providers.anthropic_journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.base import (
     BatchValidationError,
     RemoteBatch,
@@ -57,6 +56,7 @@ from batchspec.providers.base import (
     parse_batch,
     parse_file,
 )
+from batchspec.providers.journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.openai import OpenAIProvider
 
 TOGETHER_PURPOSE = "batch-api"
