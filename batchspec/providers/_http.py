@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the OpenAI-compatible providers: retries, backoff, error envelopes.
+"""HTTP plumbing every HTTP provider shares: retries, backoff, error envelopes, creates.
 
 What this module promises:
 
@@ -19,6 +19,8 @@ What this module promises:
   what to do. The API key lives only in a request header and is never formatted into a
   message; as a second line of defence every secret the client knows, and anything shaped
   like an ``sk-`` key, is redacted from messages built here.
+- ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
+  the lost create made (each provider says how to find it) before it sends again, if ever.
 """
 
 from __future__ import annotations
