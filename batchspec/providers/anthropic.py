@@ -77,7 +77,7 @@ from batchspec.providers.base import (
     epoch_seconds,
 )
 from batchspec.providers.journal import Journal, JournalEntry, ids_digest, metadata_key
-from batchspec.providers.staging import StagedInputs, Staging, results_file_id
+from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
 from batchspec.wire import anthropic_lines
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.retry import client_policy
@@ -363,7 +363,7 @@ class AnthropicProvider(StagedInputs):
         with tempfile.TemporaryDirectory(dir=self._ensure_dir()) as tmp:
             raw = Path(tmp) / "results.jsonl"
             self._fetch_results(batch_id, raw)
-            for record in _jsonl(raw):
+            for record in read_records(raw):
                 if isinstance(record.get("custom_id"), str):
                     ids.add(record["custom_id"])
         return ids_digest(ids)
@@ -379,7 +379,7 @@ class AnthropicProvider(StagedInputs):
             written = 0
             try:
                 with open(partial, "wb") as out:
-                    for record in _jsonl(raw):
+                    for record in read_records(raw):
                         if anthropic_lines.is_success(record) != succeeded:
                             continue
                         line = _dumps(anthropic_lines.result_line(batch_id, record)) + b"\n"
@@ -481,19 +481,6 @@ def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch
         "(it is adopted if its custom_ids match, ignored if not), or cancel it on Anthropic's "
         "side if it is not yours."
     )
-
-
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue  # unparseable: its request stays unresolved and is retried
-            if isinstance(record, dict):
-                yield record
 
 
 def _dumps(value: Any) -> bytes:

@@ -73,7 +73,7 @@ from batchspec.providers.base import (
     Usage,
     epoch_seconds,
 )
-from batchspec.providers.staging import StagedInputs, Staging, results_file_id
+from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
 from batchspec.wire import gemini_lines
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import iter_requests
@@ -395,7 +395,7 @@ class GeminiProvider(StagedInputs):
             scratch,
             operation=f"download of the results file {responses_file}",
         )
-        yield from _jsonl(scratch)
+        yield from read_records(scratch)
 
     def _ensure_dir(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -495,7 +495,7 @@ def _batch_path(batch_id: str) -> str:
 
 
 def _inline(lines: Path) -> Iterator[dict[str, Any]]:
-    for record in _jsonl(lines):
+    for record in read_records(lines):
         yield {"request": record["request"], "metadata": {"key": record["key"]}}
 
 
@@ -519,19 +519,6 @@ def _int(value: Any) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue  # unparseable: its request stays unresolved and is retried
-            if isinstance(record, dict):
-                yield record
 
 
 def _dumps(value: Any) -> bytes:

@@ -10,18 +10,22 @@ A staged file is complete and its name is its content's sha256 (written to a tem
 name, hashed while copied, renamed into place); its file id is ``staged-<sha256>``. It is
 removed once its batch exists. ``StagedInputs`` is the ``upload_file`` / ``get_file`` /
 ``download_file`` part of the ``Provider`` protocol both providers share; results are
-offered as files ``results:<succeeded|failed>:<batch>``.
+offered as files ``results:<succeeded|failed>:<batch>``, and ``read_records`` reads the JSONL
+the providers download them through, leniently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from batchspec.providers.base import RemoteFile, RemoteNotFound
 
@@ -129,3 +133,18 @@ class StagedInputs:
 def results_file_id(part: str, batch: str) -> str:
     """The file id under which ``download_file`` offers one part of ``batch``'s results."""
     return f"{RESULTS_PREFIX}{part}:{batch}"
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSONL file, skipping blank and unparseable lines (a request whose
+    line cannot be read stays unresolved and is retried)."""
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
