@@ -12,7 +12,7 @@ from sqlite_utils.migrations import Migrations as SqliteUtilsMigrations
 
 from batchspec.engine.store import Store
 from batchspec.errors import StateError
-from batchspec.providers.anthropic_journal import Journal, JournalEntry
+from batchspec.providers.journal import Journal, JournalEntry
 from batchspec.state import store as state_store
 from batchspec.state.store import StateStore
 from batchspec.storage.migrations import Migrations, split_statements

@@ -3,7 +3,9 @@
 ``Engine`` (``core.py``) is the API, usable in-process; ``create_app`` (``app.py``) serves it
 over HTTP and ``serve`` (``server.py``) runs that under uvicorn (``batchspec serve``).
 Storage is ``store.py``, execution ``worker.py``, upstreams (an OpenAI-compatible URL, the
-offline builtin stand-in, fault injection) ``upstreams.py``.
+offline builtin stand-in, fault injection) ``upstreams.py``. The other dialects of
+``batchspec serve`` are ``*_routes.py`` (Anthropic, Gemini, Azure, Groq, Together), and
+``chat_bridge.py`` runs Anthropic and Gemini request lines on a chat-completions upstream.
 """
 
 from __future__ import annotations

@@ -27,16 +27,15 @@ its status, with Google's ``{"error": {code, message, status}}`` body.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from batchspec.engine.upstreams import Upstream, UpstreamResponse
+from batchspec.engine.chat_bridge import ChatBridge
+from batchspec.engine.upstreams import Upstream
 from batchspec.wire.gemini_lines import GENERATE_CONTENT_ENDPOINT, GRPC_CODES, HTTP_TO_GRPC
 
-CHAT_URL = "/v1/chat/completions"
 _REQUEST_KEYS = frozenset({"model", "contents", "systemInstruction", "generationConfig"})
 _REQUEST_KEYS_WITH_TOOLS = _REQUEST_KEYS | {"tools", "toolConfig"}
 #: generationConfig key -> chat key, where the value passes as it is
@@ -75,46 +74,24 @@ class UnsupportedGemini(ValueError):
     """A GenerateContentRequest the engine cannot run on a chat-completions upstream."""
 
 
-class GeminiUpstream:
+class GeminiUpstream(ChatBridge):
     """An ``Upstream`` that also runs ``/v1beta/generateContent`` lines (module docstring)."""
 
     def __init__(self, inner: Upstream) -> None:
-        self.inner = inner
-        self.description = inner.description
-
-    def __getattr__(self, name: str) -> Any:  # e.g. ``calls`` of the wrapped stand-in
-        return getattr(self.inner, name)
-
-    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
-        if url != GENERATE_CONTENT_ENDPOINT:
-            return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
-        try:
-            chat = request_to_chat(body)
-        except UnsupportedGemini as err:
-            return UpstreamResponse(400, error_body(400, str(err)))
-        answered = await self.inner.send(CHAT_URL, chat, custom_id=custom_id, attempt=attempt)
-        if answered.status_code < 300 and isinstance(answered.body, Mapping):
-            response = chat_to_response(answered.body, model=chat.get("model"))
-            return dataclasses.replace(answered, body=response)
-        return dataclasses.replace(
-            answered, body=error_body(answered.status_code, _error_text(answered.body))
+        super().__init__(
+            inner,
+            urls=(GENERATE_CONTENT_ENDPOINT,),
+            to_chat=request_to_chat,
+            from_chat=chat_to_response,
+            error_body=error_body,
+            unsupported=UnsupportedGemini,
         )
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """Google's error envelope for an HTTP status."""
     code = HTTP_TO_GRPC.get(status, 13 if status >= 500 else 3)
     return {"error": {"code": status, "message": message, "status": GRPC_CODES[code][1]}}
-
-
-def _error_text(body: Any) -> str:
-    error = body.get("error") if isinstance(body, Mapping) else None
-    if isinstance(error, Mapping) and error.get("message"):
-        return str(error["message"])
-    return body if isinstance(body, str) and body else "The upstream answered with an error."
 
 
 def camel_keys(value: Any) -> Any:

@@ -27,17 +27,16 @@ message}}`` body.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from batchspec.engine.upstreams import Upstream, UpstreamResponse
+from batchspec.engine.chat_bridge import ChatBridge
+from batchspec.engine.upstreams import Upstream
 from batchspec.wire.anthropic_lines import STATUS_ERROR_TYPE
 
 MESSAGES_PATHS = ("/v1/messages", "/messages")
-CHAT_URL = "/v1/chat/completions"
 
 _PASSED = ("max_tokens", "temperature", "top_p", "top_k")
 _HANDLED = frozenset(
@@ -65,33 +64,18 @@ class UnsupportedMessages(ValueError):
     """A Messages request the engine cannot run on a chat-completions upstream."""
 
 
-class MessagesUpstream:
+class MessagesUpstream(ChatBridge):
     """An ``Upstream`` that also runs ``/v1/messages`` lines (see the module docstring)."""
 
     def __init__(self, inner: Upstream) -> None:
-        self.inner = inner
-        self.description = inner.description
-
-    def __getattr__(self, name: str) -> Any:  # e.g. ``calls`` of the wrapped stand-in
-        return getattr(self.inner, name)
-
-    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
-        if url not in MESSAGES_PATHS:
-            return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
-        try:
-            chat = messages_to_chat(body)
-        except UnsupportedMessages as err:
-            return UpstreamResponse(400, error_body(400, str(err)))
-        answered = await self.inner.send(CHAT_URL, chat, custom_id=custom_id, attempt=attempt)
-        if answered.status_code < 300 and isinstance(answered.body, Mapping):
-            message = chat_to_message(answered.body, model=chat.get("model"))
-            return dataclasses.replace(answered, body=message)
-        return dataclasses.replace(
-            answered, body=error_body(answered.status_code, _error_text(answered.body))
+        super().__init__(
+            inner,
+            urls=MESSAGES_PATHS,
+            to_chat=messages_to_chat,
+            from_chat=chat_to_message,
+            error_body=error_body,
+            unsupported=UnsupportedMessages,
         )
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -99,13 +83,6 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     fallback = "api_error" if status >= 500 else "invalid_request_error"
     kind = STATUS_ERROR_TYPE.get(status) or fallback
     return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def _error_text(body: Any) -> str:
-    error = body.get("error") if isinstance(body, Mapping) else None
-    if isinstance(error, Mapping) and error.get("message"):
-        return str(error["message"])
-    return body if isinstance(body, str) and body else "The upstream answered with an error."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the OpenAI-compatible providers: retries, backoff, error envelopes.
+"""HTTP plumbing every HTTP provider shares: retries, backoff, error envelopes, creates.
 
 What this module promises:
 
@@ -19,6 +19,8 @@ What this module promises:
   what to do. The API key lives only in a request header and is never formatted into a
   message; as a second line of defence every secret the client knows, and anything shaped
   like an ``sk-`` key, is redacted from messages built here.
+- ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
+  the lost create made (each provider says how to find it) before it sends again, if ever.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from urllib.parse import quote
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome, RemoteBatch, RemoteNotFound
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,
@@ -266,15 +268,22 @@ def quote_id(object_id: str) -> str:
 
 
 def json_object(
-    response: httpx.Response, operation: str, provider: str, *, api_root: str
+    response: httpx.Response,
+    operation: str,
+    provider: str,
+    *,
+    api_root: str,
+    required: str | None = "id",
 ) -> Mapping[str, Any]:
-    """The response body as a JSON object (with an ``id`` unless listing), else a clear error
-    asking whether the base URL is ``api_root``."""
+    """The response body as a JSON object (with the key ``required`` unless listing), else a
+    clear error asking whether the base URL is ``api_root``."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if not isinstance(body, Mapping) or (operation != "list batches" and "id" not in body):
+    if not isinstance(body, Mapping) or (
+        required is not None and operation != "list batches" and required not in body
+    ):
         raise ProviderError(
             f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
             f"not the expected JSON object; is the base URL {api_root}?",
@@ -282,6 +291,48 @@ def json_object(
             request_id=response.headers.get("x-request-id"),
         )
     return body
+
+
+def create_or_adopt(
+    send: Callable[[], RemoteBatch],
+    made_by_lost: Callable[[], RemoteBatch | None],
+    *,
+    policy: RetryPolicy,
+    sleep: Callable[[float], None],
+    rand: Callable[[], float],
+    resend: bool = True,
+) -> RemoteBatch:
+    """Create a batch with ``send`` (its request made with ``retry_ambiguous=False``).
+
+    After an ``AmbiguousOutcome`` the batch the lost create made, if ``made_by_lost`` finds
+    one, is the answer; otherwise the create is sent again by ``policy`` when ``resend``, and
+    the ``AmbiguousOutcome`` is raised when not (the reconciler then waits its bounded window
+    before it creates again) or when the retries are spent.
+    """
+    for retries_done in range(policy.max_attempts):
+        try:
+            return send()
+        except AmbiguousOutcome:
+            made = made_by_lost()
+            if made is not None:
+                return made
+            if not resend or not policy.can_retry(retries_done):
+                raise
+            sleep(policy.delay(retries_done, rand=rand))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+class FileBody:
+    """A request body read from ``path`` afresh on every iteration, so a retry resends it."""
+
+    def __init__(self, path: Path, chunk: int = _DOWNLOAD_CHUNK) -> None:
+        self.path = path
+        self._chunk = chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as handle:
+            while chunk := handle.read(self._chunk):
+                yield chunk
 
 
 class RetryingClient:

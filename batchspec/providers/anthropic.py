@@ -3,7 +3,7 @@
 Message Batches differ from OpenAI's Batch API in three ways this module absorbs:
 
 **Inline requests.** There is no file upload: ``upload_file`` *stages* the input locally
-(``anthropic_journal.Staging``; the file id is ``staged-<sha256>``, nothing is sent) and
+(``staging.StagedInputs``; the file id is ``staged-<sha256>``, nothing is sent) and
 ``create_batch`` reads it back, turns every line into ``{"custom_id", "params"}``
 (``anthropic_lines.to_request``: Anthropic lines as they are, OpenAI chat lines converted)
 and POSTs them as one JSON body to ``/v1/messages/batches``, streamed from a temporary file
@@ -23,7 +23,7 @@ in our output/error line format (``anthropic_lines.result_line``).
 
 **No metadata, so adoption is by journal.** The reconciler finds its batches after a crash by
 their metadata keys. Anthropic keeps none, so the provider journals every create locally
-(``anthropic_journal.Journal``: metadata, request count, digest of the custom_ids, time)
+(``journal.Journal``: metadata, request count, digest of the custom_ids, time)
 *before* sending it and records the batch id from the answer; ``get_batch`` and
 ``list_batches`` report the journaled metadata with each batch, so the reconciler adopts as
 usual. When an answer was lost (a crash, a timeout, a 5xx after Anthropic may have acted),
@@ -44,10 +44,10 @@ there; 529 ``overloaded_error`` is retried like any 5xx).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -61,28 +61,23 @@ import httpx
 from batchspec import __version__
 from batchspec.errors import InputError, ProviderError
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
+    FileBody,
     RetryingClient,
+    create_or_adopt,
     display_url,
     json_object,
     quote_id,
     require_http_url,
 )
-from batchspec.providers.anthropic_journal import (
-    Journal,
-    JournalEntry,
-    Staging,
-    ids_digest,
-    metadata_key,
-)
 from batchspec.providers.base import (
     RemoteBatch,
-    RemoteFile,
     RemoteNotFound,
     RequestCounts,
     epoch_seconds,
 )
+from batchspec.providers.journal import Journal, JournalEntry, ids_digest, metadata_key
+from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
 from batchspec.wire import anthropic_lines
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.retry import client_policy
@@ -92,11 +87,9 @@ DEFAULT_VERSION = "2023-06-01"
 MAX_REQUESTS = anthropic_lines.MAX_BATCH_REQUESTS
 MAX_BODY_BYTES = anthropic_lines.MAX_BATCH_BODY_BYTES
 BATCHES = "/v1/messages/batches"
-RESULTS_PREFIX = "results:"
 #: how far before a lost create's journal time a batch may be dated and still be its own
 _CLOCK_SKEW = 300
 _MAX_PAGE_SIZE = 1000
-_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,19 +102,7 @@ class _Body:
     ids_sha256: str
 
 
-class _FileContent:
-    """Request content read from a file, afresh on every iteration (so retries resend it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
-
-
-class AnthropicProvider:
+class AnthropicProvider(StagedInputs):
     """A ``providers.base.Provider`` for Anthropic Message Batches (see the module docstring)."""
 
     def __init__(
@@ -196,40 +177,6 @@ class AnthropicProvider:
         return self._journal_db
 
     # -- files: staged locally -------------------------------------------------------------
-
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
-        """Stage ``path`` (nothing is sent: Message Batches take their requests inline)."""
-        staged = self._staging.stage(path)
-        return RemoteFile(
-            id=staged.id,
-            bytes=staged.size,
-            filename=filename,
-            purpose=purpose,
-            created_at=staged.created_at,
-        )
-
-    def get_file(self, file_id: str) -> RemoteFile:
-        try:
-            staged = self._staging.get(file_id)
-        except FileNotFoundError:
-            raise RemoteNotFound(
-                f"{self.name}: file {file_id} is not staged (any more); it is staged again "
-                "on the next upload.",
-                status=404,
-            ) from None
-        return RemoteFile(id=staged.id, bytes=staged.size, created_at=staged.created_at)
-
-    def download_file(self, file_id: str, dest: Path) -> int:
-        """A staged input (copied), or one part of a batch's results in our line format."""
-        if file_id.startswith(RESULTS_PREFIX):
-            part, _, batch_id = file_id[len(RESULTS_PREFIX) :].partition(":")
-            if part not in ("succeeded", "failed") or not batch_id:
-                raise RemoteNotFound(f"{self.name}: no such results file {file_id}", status=404)
-            return self._download_results(batch_id, part == "succeeded", dest)
-        source = self.get_file(file_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._staging.path(source.id), dest)
-        return dest.stat().st_size
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -353,25 +300,30 @@ class AnthropicProvider:
     def _send_create(self, body: _Body, entry: JournalEntry) -> RemoteBatch:
         """Send the create once (``_http`` retries what surely did not reach Anthropic)."""
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
-        try:
+
+        def send() -> RemoteBatch:
             response = self._http.request(
                 "POST",
                 BATCHES,
                 operation="create batch",
-                content=_FileContent(body.path),
+                content=FileBody(body.path),
                 headers=headers,
                 retry_ambiguous=False,
             )
-        except AmbiguousOutcome:
-            made = self._made_by_lost(entry)
-            if made is not None:
-                return made
-            # it may still be in transit: never re-sent here (the journal keeps it
-            # unconfirmed; the reconciler waits its bounded window before creating again)
-            raise
-        data = self._json(response, "create batch")
-        self._journal.confirm(entry.key, str(data["id"]))
-        return self._parse(data)
+            data = self._json(response, "create batch")
+            self._journal.confirm(entry.key, str(data["id"]))
+            return self._parse(data)
+
+        # a lost create may still be in transit: never re-sent here (the journal keeps it
+        # unconfirmed; the reconciler waits its bounded window before creating again)
+        return create_or_adopt(
+            send,
+            functools.partial(self._made_by_lost, entry),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+            resend=False,
+        )
 
     def _recorded(self, entry: JournalEntry) -> RemoteBatch | None:
         """The batch a confirmed journal row names; None when Anthropic no longer has it."""
@@ -411,7 +363,7 @@ class AnthropicProvider:
         with tempfile.TemporaryDirectory(dir=self._ensure_dir()) as tmp:
             raw = Path(tmp) / "results.jsonl"
             self._fetch_results(batch_id, raw)
-            for record in _jsonl(raw):
+            for record in read_records(raw):
                 if isinstance(record.get("custom_id"), str):
                     ids.add(record["custom_id"])
         return ids_digest(ids)
@@ -427,7 +379,7 @@ class AnthropicProvider:
             written = 0
             try:
                 with open(partial, "wb") as out:
-                    for record in _jsonl(raw):
+                    for record in read_records(raw):
                         if anthropic_lines.is_success(record) != succeeded:
                             continue
                         line = _dumps(anthropic_lines.result_line(batch_id, record)) + b"\n"
@@ -511,10 +463,6 @@ def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> 
     )
 
 
-def results_file_id(part: str, batch_id: str) -> str:
-    return f"{RESULTS_PREFIX}{part}:{batch_id}"
-
-
 def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch]) -> str:
     meta = entry.metadata
     what = (
@@ -533,19 +481,6 @@ def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch
         "(it is adopted if its custom_ids match, ignored if not), or cancel it on Anthropic's "
         "side if it is not yours."
     )
-
-
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue  # unparseable: its request stays unresolved and is retried
-            if isinstance(record, dict):
-                yield record
 
 
 def _dumps(value: Any) -> bytes:

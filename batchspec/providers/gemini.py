@@ -3,7 +3,7 @@
 Batch Mode differs from OpenAI's Batch API in ways this module absorbs:
 
 **Requests inline or in a file, by size.** ``upload_file`` *stages* the input locally
-(``anthropic_journal.Staging``; the file id is ``staged-<sha256>``, nothing is sent), because
+(``staging.StagedInputs``; the file id is ``staged-<sha256>``, nothing is sent), because
 the create names the model in its URL and decides between the two forms Gemini takes.
 ``create_batch`` converts every line to a GenerateContentRequest
 (``gemini_lines.to_request``: Gemini lines as they are, OpenAI chat lines converted) and
@@ -45,7 +45,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -58,23 +57,23 @@ import httpx
 from batchspec import __version__
 from batchspec.errors import InputError, ProviderError
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
+    create_or_adopt,
     display_url,
+    json_object,
     require_http_url,
 )
-from batchspec.providers.anthropic_journal import Staging
 from batchspec.providers.base import (
     METADATA_KEYS,
     BatchValidationError,
     RemoteBatch,
-    RemoteFile,
     RemoteNotFound,
     RequestCounts,
     Usage,
     epoch_seconds,
 )
+from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
 from batchspec.wire import gemini_lines
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import iter_requests
@@ -85,7 +84,6 @@ DEFAULT_API_VERSION = "v1beta"
 #: inline requests up to this many bytes of JSON (Gemini's limit is 20 MB for the whole body)
 DEFAULT_INLINE_MAX_BYTES = 19 * 1024 * 1024
 MAX_FILE_BYTES = gemini_lines.MAX_FILE_BYTES
-RESULTS_PREFIX = "results:"
 DISPLAY_PREFIX = "batchspec"
 #: how many list pages a lost create's lookup reads before it gives up
 _LOOKUP_PAGES = 10
@@ -94,7 +92,7 @@ _UPLOAD_CHUNK = 8 * 1024 * 1024
 _FRACTION = re.compile(r"\.\d+")
 
 
-class GeminiProvider:
+class GeminiProvider(StagedInputs):
     """A ``providers.base.Provider`` for Gemini Batch Mode (see the module docstring)."""
 
     def __init__(
@@ -171,40 +169,6 @@ class GeminiProvider:
         return f"/{self.api_version}"
 
     # -- files: staged locally -------------------------------------------------------------
-
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
-        """Stage ``path`` (nothing is sent: the create decides between inline and a file)."""
-        staged = self._staging.stage(path)
-        return RemoteFile(
-            id=staged.id,
-            bytes=staged.size,
-            filename=filename,
-            purpose=purpose,
-            created_at=staged.created_at,
-        )
-
-    def get_file(self, file_id: str) -> RemoteFile:
-        try:
-            staged = self._staging.get(file_id)
-        except FileNotFoundError:
-            raise RemoteNotFound(
-                f"{self.name}: file {file_id} is not staged (any more); it is staged again "
-                "on the next upload.",
-                status=404,
-            ) from None
-        return RemoteFile(id=staged.id, bytes=staged.size, created_at=staged.created_at)
-
-    def download_file(self, file_id: str, dest: Path) -> int:
-        """A staged input (copied), or one part of a batch's results in our line format."""
-        if file_id.startswith(RESULTS_PREFIX):
-            part, _, name = file_id[len(RESULTS_PREFIX) :].partition(":")
-            if part not in ("succeeded", "failed") or not name:
-                raise RemoteNotFound(f"{self.name}: no such results file {file_id}", status=404)
-            return self._download_results(name, part == "succeeded", dest)
-        source = self.get_file(file_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._staging.path(source.id), dest)
-        return dest.stat().st_size
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -355,26 +319,25 @@ class GeminiProvider:
         body = _dumps(payload)
         path = f"{self._api}/models/{model}:batchGenerateContent"
         headers = {"Content-Type": "application/json"}
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    path,
-                    operation="create batch",
-                    content=body,
-                    headers=headers,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                made = self._find(display_name)
-                if made is not None:
-                    return made
-                if not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
+
+        def send() -> RemoteBatch:
+            response = self._http.request(
+                "POST",
+                path,
+                operation="create batch",
+                content=body,
+                headers=headers,
+                retry_ambiguous=False,
+            )
             return parse_operation(_json(response, "create batch", self.name))
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        return create_or_adopt(
+            send,
+            lambda: self._find(display_name),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
 
     def _find(self, display_name: str) -> RemoteBatch | None:
         """The batch a create whose answer was lost made, found by its display name."""
@@ -432,7 +395,7 @@ class GeminiProvider:
             scratch,
             operation=f"download of the results file {responses_file}",
         )
-        yield from _jsonl(scratch)
+        yield from read_records(scratch)
 
     def _ensure_dir(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -508,10 +471,6 @@ def parse_operation(data: Mapping[str, Any]) -> RemoteBatch:
     )
 
 
-def results_file_id(part: str, name: str) -> str:
-    return f"{RESULTS_PREFIX}{part}:{name}"
-
-
 def _batch_fields(data: Mapping[str, Any]) -> Mapping[str, Any]:
     """The GenerateContentBatch of an Operation: its ``metadata`` (``response`` once done)."""
     meta = data.get("metadata")
@@ -536,23 +495,18 @@ def _batch_path(batch_id: str) -> str:
 
 
 def _inline(lines: Path) -> Iterator[dict[str, Any]]:
-    for record in _jsonl(lines):
+    for record in read_records(lines):
         yield {"request": record["request"], "metadata": {"key": record["key"]}}
 
 
 def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, Mapping) or (operation != "list batches" and "name" not in body):
-        raise ProviderError(
-            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
-            f"not the expected JSON object; is the base URL Gemini's API root "
-            f"({DEFAULT_BASE_URL})?",
-            status=response.status_code,
-        )
-    return body
+    return json_object(
+        response,
+        operation,
+        provider,
+        api_root=f"Gemini's API root ({DEFAULT_BASE_URL})",
+        required="name",
+    )
 
 
 def _epoch(value: Any) -> int | None:
@@ -565,19 +519,6 @@ def _int(value: Any) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as handle:
-        for raw in handle:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue  # unparseable: its request stays unresolved and is retried
-            if isinstance(record, dict):
-                yield record
 
 
 def _dumps(value: Any) -> bytes:

@@ -36,9 +36,9 @@ import httpx
 
 from batchspec import __version__
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
+    create_or_adopt,
     display_url,
     json_object,
     quote_id,
@@ -180,29 +180,24 @@ class OpenAIProvider:
             }
         )
         first_sent = time.time()
-        keyed = all(k in metadata for k in METADATA_KEYS)
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    "/batches",
-                    operation="create batch",
-                    json=payload,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                made = self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW)
-                if made is not None:
-                    return made
-                # a keyed create may still be in transit (a gateway holding it past our
-                # timeout): never re-send it here; the reconciler looks it up for a bounded
-                # window before it creates again
-                if keyed or not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
+
+        def send() -> RemoteBatch:
+            response = self._http.request(
+                "POST", "/batches", operation="create batch", json=payload, retry_ambiguous=False
+            )
             return parse_batch(json_object(response, "create batch", self.name, api_root=_API_ROOT))
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        # a keyed create may still be in transit (a gateway holding it past our timeout):
+        # never re-sent here; the reconciler looks it up for a bounded window before it
+        # creates again
+        return create_or_adopt(
+            send,
+            lambda: self._find_batch_made_by(payload, since=first_sent - _CREATE_CLOCK_SKEW),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+            resend=not all(k in metadata for k in METADATA_KEYS),
+        )
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(

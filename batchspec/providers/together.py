@@ -27,6 +27,7 @@ It is ``OpenAIProvider`` (same retries, error messages, downloads, ``get_file``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -40,8 +41,13 @@ import httpx
 
 from batchspec import __version__
 from batchspec.errors import ProviderError
-from batchspec.providers._http import AmbiguousOutcome, RetryingClient, quote_id
-from batchspec.providers.anthropic_journal import Journal, JournalEntry, metadata_key
+from batchspec.providers._http import (
+    FileBody,
+    RetryingClient,
+    create_or_adopt,
+    json_object,
+    quote_id,
+)
 from batchspec.providers.base import (
     BatchValidationError,
     RemoteBatch,
@@ -50,6 +56,7 @@ from batchspec.providers.base import (
     parse_batch,
     parse_file,
 )
+from batchspec.providers.journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.openai import OpenAIProvider
 
 TOGETHER_PURPOSE = "batch-api"
@@ -134,7 +141,7 @@ class TogetherProvider(OpenAIProvider):
                 "PUT",
                 location,
                 operation=f"upload of {path.name} (bytes)",
-                content=_FileBody(staged),
+                content=FileBody(staged, _CHUNK),
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
             )
             done = self._http.request(
@@ -204,29 +211,24 @@ class TogetherProvider(OpenAIProvider):
             "input_file_id": input_file_id,
             "completion_window": completion_window,
         }
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    "/batches",
-                    operation="create batch",
-                    json=payload,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                lost = self._unclaimed_batch_of(entry)
-                if lost is not None:
-                    return lost
-                if not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
+
+        def send() -> RemoteBatch:
+            response = self._http.request(
+                "POST", "/batches", operation="create batch", json=payload, retry_ambiguous=False
+            )
             body = _json(response, "create batch", self.name)
             job = body.get("job") if isinstance(body.get("job"), Mapping) else body
             created = _parse_job(job, metadata)
             self._journal.confirm(key, created.id)
             return created
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        return create_or_adopt(
+            send,
+            functools.partial(self._unclaimed_batch_of, entry),
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
         response = self._http.request(
@@ -288,30 +290,14 @@ class TogetherProvider(OpenAIProvider):
         return dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
 
 
-class _FileBody:
-    """A request body read from ``path`` afresh on every iteration, so a retry resends it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
-
-
 def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, Mapping):
-        raise ProviderError(
-            f"{provider}: {operation} answered HTTP {response.status_code} with a body that is "
-            "not a JSON object; is the base URL Together's API root (https://api.together.ai/v1)?",
-            status=response.status_code,
-        )
-    return body
+    return json_object(
+        response,
+        operation,
+        provider,
+        api_root="Together's API root (https://api.together.ai/v1)",
+        required=None,
+    )
 
 
 def _parse_job(job: Mapping[str, Any], metadata: Mapping[str, str]) -> RemoteBatch:

@@ -1,6 +1,7 @@
-"""The state store: what batchspec has done, recorded in one SQLite file that is also the audit log.
+"""The state store: what batchspec has done, in one database that is also the audit log.
 
-Storage format (``state/batchspec.db`` by default; schema in ``batchspec.state.schema``):
+Storage format (an SQLite file, ``state/batchspec.db`` by default, or a PostgreSQL database
+named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both dialects):
 
 * ``runs``: one row per command that read or changed state, with its provenance
   (``batchspec.state.runinfo.RunInfo``): user, host, pid, git commit/branch/dirty, CI run URL.
@@ -74,7 +75,7 @@ from batchspec.state.schema import (
 
 
 class StateStore(RunsAndEvents, ResourcesAndGenerations, BatchesAndFiles, LedgerAccess, LockRows):
-    """One connection to the state database. Open with ``StateStore.open(path)``."""
+    """One connection to the state database. Open with ``StateStore.open(path_or_url)``."""
 
 
 __all__ = [

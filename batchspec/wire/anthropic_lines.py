@@ -60,6 +60,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from batchspec.wire.chat_convert import Unmappable, no_extras, plain_text, short
+
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MESSAGES_ENDPOINT = "/v1/messages"
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -128,15 +130,6 @@ _WHY_NOT = {
     "response_format": "Anthropic has no response_format; ask for JSON in the prompt, use a "
     "tool, or write Anthropic lines (endpoint /v1/messages)",
 }
-
-
-class Unmappable(ValueError):
-    """An OpenAI chat request that Anthropic's Messages API cannot express."""
-
-    def __init__(self, message: str, code: str = "unmappable_parameter") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +209,7 @@ def chat_to_params(
         if allowed is not None and (value in allowed or _is_text_format(key, value)):
             continue
         why = _WHY_NOT.get(key, "it has no Anthropic equivalent")
-        raise Unmappable(f"body.{key} = {_short(value)} cannot be sent to Anthropic: {why}")
+        raise Unmappable(f"body.{key} = {short(value)} cannot be sent to Anthropic: {why}")
     params: dict[str, Any] = {"model": body.get("model")}
     system, messages = _messages(body.get("messages"))
     if system:
@@ -262,7 +255,7 @@ def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
                     f"{where} is a {role} message after the conversation started: Anthropic "
                     "takes one system prompt, before the messages"
                 )
-            system.append(_plain_text(message.get("content"), where))
+            system.append(plain_text(message.get("content"), where))
         elif role == "user":
             messages.append({"role": "user", "content": _user_content(message, where)})
         elif role == "assistant":
@@ -271,7 +264,7 @@ def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
             result = {
                 "type": "tool_result",
                 "tool_use_id": message.get("tool_call_id"),
-                "content": _plain_text(message.get("content"), where),
+                "content": plain_text(message.get("content"), where),
             }
             messages.append({"role": "user", "content": [result]})
         else:
@@ -281,24 +274,8 @@ def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
     return "\n\n".join(system), messages
 
 
-def _plain_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise Unmappable(f"{where}: a {kind!r} part cannot be mapped here, only text")
-            texts.append(str(part.get("text", "")))
-        return "\n".join(texts)
-    if content is None:
-        return ""
-    raise Unmappable(f"{where}.content must be a string or a list of parts")
-
-
 def _user_content(message: Mapping[str, Any], where: str) -> Any:
-    _no_extras(message, where, allowed=("role", "content"))
+    no_extras(message, where, allowed=("role", "content"), target="Anthropic")
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -330,9 +307,9 @@ def _user_part(part: Any, where: str) -> dict[str, Any]:
 
 
 def _assistant_content(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
-    _no_extras(message, where, allowed=("role", "content", "tool_calls"))
+    no_extras(message, where, allowed=("role", "content", "tool_calls"), target="Anthropic")
     blocks: list[dict[str, Any]] = []
-    text = _plain_text(message.get("content"), where)
+    text = plain_text(message.get("content"), where)
     if text:
         blocks.append({"type": "text", "text": text})
     for index, call in enumerate(message.get("tool_calls") or []):
@@ -352,12 +329,6 @@ def _assistant_content(message: Mapping[str, Any], where: str) -> list[dict[str,
     return blocks
 
 
-def _no_extras(message: Mapping[str, Any], where: str, *, allowed: tuple[str, ...]) -> None:
-    for key, value in message.items():
-        if key not in allowed and value is not None:
-            raise Unmappable(f"{where}.{key} has no Anthropic equivalent")
-
-
 def _tools(body: Mapping[str, Any], params: dict[str, Any]) -> None:
     tools = body.get("tools")
     if tools:
@@ -372,10 +343,10 @@ def _tools(body: Mapping[str, Any], params: dict[str, Any]) -> None:
         function = choice.get("function")
         name = function.get("name") if isinstance(function, Mapping) else None
         if choice.get("type") != "function" or not isinstance(name, str):
-            raise Unmappable(f"body.tool_choice = {_short(choice)} has no Anthropic equivalent")
+            raise Unmappable(f"body.tool_choice = {short(choice)} has no Anthropic equivalent")
         mapped = {"type": "tool", "name": name}
     elif choice is not None:
-        raise Unmappable(f"body.tool_choice = {_short(choice)} has no Anthropic equivalent")
+        raise Unmappable(f"body.tool_choice = {short(choice)} has no Anthropic equivalent")
     if body.get("parallel_tool_calls") is False:
         mapped = {**(mapped or {"type": "auto"}), "disable_parallel_tool_use": True}
     if mapped is not None:
@@ -391,11 +362,6 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
         mapped["description"] = function["description"]
     mapped["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
     return mapped
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:59] + "…"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from batchspec.wire.chat_convert import Unmappable, no_extras, plain_text, short
+
 #: the manifest endpoint of Gemini's own request lines (body = GenerateContentRequest)
 GENERATE_CONTENT_ENDPOINT = "/v1beta/generateContent"
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -218,15 +220,6 @@ _WHY_NOT = {
 }
 
 
-class Unmappable(ValueError):
-    """An OpenAI chat request that Gemini's GenerateContentRequest cannot express."""
-
-    def __init__(self, message: str, code: str = "unmappable_parameter") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 # ---------------------------------------------------------------------------------------------
 # Request lines
 
@@ -309,7 +302,7 @@ def chat_to_request(body: Mapping[str, Any]) -> dict[str, Any]:
         if allowed is not None and value in allowed:
             continue
         why = _WHY_NOT.get(key, "it has no Gemini equivalent")
-        raise Unmappable(f"body.{key} = {_short(value)} cannot be sent to Gemini: {why}")
+        raise Unmappable(f"body.{key} = {short(value)} cannot be sent to Gemini: {why}")
     request: dict[str, Any] = {}
     system, contents = _contents(body.get("messages"))
     request["contents"] = contents
@@ -362,7 +355,7 @@ def _response_format(value: Any) -> dict[str, Any]:
                 "has no strict mode (drop strict to send the schema as responseJsonSchema)"
             )
         return {"responseMimeType": "application/json", "responseJsonSchema": spec["schema"]}
-    raise Unmappable(f"body.response_format = {_short(value)} has no Gemini equivalent")
+    raise Unmappable(f"body.response_format = {short(value)} has no Gemini equivalent")
 
 
 def _contents(raw: Any) -> tuple[list[str], list[dict[str, Any]]]:
@@ -382,45 +375,29 @@ def _contents(raw: Any) -> tuple[list[str], list[dict[str, Any]]]:
                     f"{where} is a {role} message after the conversation started: Gemini "
                     "takes one system instruction, before the contents"
                 )
-            _no_extras(message, where, allowed=("role", "content"))
-            system.append(_plain_text(message.get("content"), where))
+            no_extras(message, where, allowed=("role", "content"), target="Gemini")
+            system.append(plain_text(message.get("content"), where))
         elif role == "user":
-            _no_extras(message, where, allowed=("role", "content"))
+            no_extras(message, where, allowed=("role", "content"), target="Gemini")
             contents.append({"role": "user", "parts": _user_parts(message, where)})
         elif role == "assistant":
-            _no_extras(message, where, allowed=("role", "content", "tool_calls"))
+            no_extras(message, where, allowed=("role", "content", "tool_calls"), target="Gemini")
             contents.append({"role": "model", "parts": _model_parts(message, where, call_names)})
         elif role == "tool":
-            _no_extras(message, where, allowed=("role", "content", "tool_call_id"))
+            no_extras(message, where, allowed=("role", "content", "tool_call_id"), target="Gemini")
             name = call_names.get(str(message.get("tool_call_id")))
             if name is None:
                 raise Unmappable(
                     f"{where} answers tool call {message.get('tool_call_id')!r}, which no "
                     "earlier assistant message made: Gemini names function answers by function"
                 )
-            answer = {"name": name, "response": {"content": _plain_text(message["content"], where)}}
+            answer = {"name": name, "response": {"content": plain_text(message["content"], where)}}
             contents.append({"role": "user", "parts": [{"functionResponse": answer}]})
         else:
             raise Unmappable(f"{where} has role {role!r}, which Gemini does not know")
     if not contents:
         raise Unmappable("body.messages holds only system messages: Gemini needs a user turn")
     return system, contents
-
-
-def _plain_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise Unmappable(f"{where}: a {kind!r} part cannot be mapped here, only text")
-            texts.append(str(part.get("text", "")))
-        return "\n".join(texts)
-    if content is None:
-        return ""
-    raise Unmappable(f"{where}.content must be a string or a list of parts")
 
 
 def _user_parts(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
@@ -452,7 +429,7 @@ def _model_parts(
     message: Mapping[str, Any], where: str, call_names: dict[str, str]
 ) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
-    text = _plain_text(message.get("content"), where)
+    text = plain_text(message.get("content"), where)
     if text:
         parts.append({"text": text})
     for index, call in enumerate(message.get("tool_calls") or []):
@@ -473,12 +450,6 @@ def _model_parts(
     return parts
 
 
-def _no_extras(message: Mapping[str, Any], where: str, *, allowed: tuple[str, ...]) -> None:
-    for key, value in message.items():
-        if key not in allowed and value is not None:
-            raise Unmappable(f"{where}.{key} has no Gemini equivalent")
-
-
 def _tools(body: Mapping[str, Any], request: dict[str, Any]) -> None:
     tools = body.get("tools")
     if tools:
@@ -494,10 +465,10 @@ def _tools(body: Mapping[str, Any], request: dict[str, Any]) -> None:
         function = choice.get("function")
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str):
-            raise Unmappable(f"body.tool_choice = {_short(choice)} names no function")
+            raise Unmappable(f"body.tool_choice = {short(choice)} names no function")
         config = {"mode": "ANY", "allowedFunctionNames": [name]}
     else:
-        raise Unmappable(f"body.tool_choice = {_short(choice)} has no Gemini equivalent")
+        raise Unmappable(f"body.tool_choice = {short(choice)} has no Gemini equivalent")
     request["toolConfig"] = {"functionCallingConfig": config}
 
 
@@ -511,11 +482,6 @@ def _declaration(tool: Any, where: str) -> dict[str, Any]:
     if function.get("parameters") is not None:
         declaration["parameters"] = function["parameters"]
     return declaration
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:59] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +531,7 @@ def result_line(batch_name: str, record: Mapping[str, Any]) -> dict[str, Any]:
         line["error"] = {
             "code": "gemini_unknown_result",
             "message": "Gemini answered this request with neither a response nor an error "
-            f"batchspec can read ({_short(dict(record))}); not retried.",
+            f"batchspec can read ({short(dict(record))}); not retried.",
         }
         return line
     reason = _error_reason(status)

@@ -7,17 +7,8 @@ reads every manifest and returns a ``Workspace``, or raises ``InvalidManifestErr
 message``. It reads manifests and hashes input files; it writes nothing.
 
 Finding manifests
-    A file is loaded as given; a folder yields the files below it that match the project's
-    ``manifests`` globs (default ``**/*.yaml``, ``**/*.yml``), which are relative to the project
-    root, so ``validate .`` and ``validate manifests/`` agree; any other argument is a glob
-    pattern, relative to the working directory. Never loaded as manifests: files named
-    ``batchspec.yaml`` (project files), anything under the state folder, hidden files and
-    folders, and folders that hold their own ``batchspec.yaml`` (another workspace). Every
-    document of a manifest must be ``kind: Batch``; empty documents are ignored. A YAML file
-    found by a folder scan or a glob that is plainly not a batchspec manifest (no document
-    with ``kind: Batch`` or a ``batchspec/`` apiVersion; see ``_not_batchspec``) is skipped;
-    named as a file, it is reported. Outside any workspace (no ``batchspec.yaml`` in the
-    first path's folder or above it) nothing is scanned: ``NotAWorkspaceError``.
+    See ``batchspec.workspace.discovery``: files, folders (by the project's ``manifests``
+    globs) and glob patterns, never outside the first path's workspace.
 
 Paths
     ``input``, ``output`` and ``errors`` are relative to the manifest's folder and become
@@ -80,19 +71,25 @@ Spec hash
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec.errors import BatchspecError
 from batchspec.wire import inputs
+from batchspec.workspace.discovery import (
+    find_manifest_files,
+    glob_regex,
+    is_glob,
+    not_batchspec,
+    not_found,
+    start_of,
+)
 from batchspec.workspace.project import (
     PROJECT_FILE_NAME,
     Budget,
@@ -100,18 +97,15 @@ from batchspec.workspace.project import (
     Project,
     ProviderConfig,
     budget_from,
-    find_project_file,
     load_project,
     load_workspace_project,
 )
 from batchspec.workspace.yamldoc import (
-    MAX_YAML_FILE_BYTES,
     InvalidManifestError,
     Problem,
     SourceLocation,
     YamlDocument,
     display_path,
-    read_bounded,
     read_yaml_documents,
     schema_problems,
     suggest,
@@ -264,11 +258,11 @@ def load_workspace(
     """
     targets = [str(p) for p in paths] or ["."]
     try:
-        project = load_workspace_project(_start_of(targets[0]), state_path=state_path)
+        project = load_workspace_project(start_of(targets[0]), state_path=state_path)
     except NotAWorkspaceError:
-        missing = [t for t in targets if not _is_glob(t) and not Path(t).exists()]
+        missing = [t for t in targets if not is_glob(t) and not Path(t).exists()]
         if missing:  # the precise problem: a mistyped path, not a missing workspace
-            raise InvalidManifestError([_not_found(t) for t in missing]) from None
+            raise InvalidManifestError([not_found(t) for t in missing]) from None
         raise
     files, problems, named = find_manifest_files(targets, project)
     resources: list[tuple[Resource, YamlDocument]] = []
@@ -280,7 +274,7 @@ def load_workspace(
         documents, file_problems = (
             (recalled, []) if recalled is not None else read_yaml_documents(file)
         )
-        if file not in named and _not_batchspec(file, documents, file_problems):
+        if file not in named and not_batchspec(file, documents, file_problems):
             continue  # found by a glob, and not ours (a CI workflow, a compose file): skipped
         loaded.append(file)
         problems.extend(file_problems)
@@ -345,166 +339,7 @@ def project_for(
 ) -> Project:
     """The project ``load_workspace(paths)`` would use (found from the first path)."""
     targets = [str(p) for p in paths] or ["."]
-    return load_workspace_project(_start_of(targets[0]), state_path=state_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding manifest files
-
-
-def find_manifest_files(
-    targets: Sequence[str], project: Project
-) -> tuple[list[Path], list[Problem], set[Path]]:
-    """Manifest files for ``targets`` (files, folders, globs), in order, each once, and
-    which of them were named as files (the rest were found by a glob or a folder scan)."""
-    files: dict[Path, None] = {}
-    named: set[Path] = set()
-    problems: list[Problem] = []
-    for target in targets:
-        path = Path(target)
-        other = find_project_file(_start_of(target))
-        if not path.exists() and not _is_glob(target):
-            problems.append(_not_found(target))
-        elif other is not None and other != project.file:
-            message = (
-                f"{target} belongs to the workspace of {display_path(other)}, not to that of "
-                f"{_project_name(project)}; give one workspace per run"
-            )
-            problems.append(Problem(None, None, None, "", "other-workspace", message))
-        elif path.is_dir():
-            files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
-        elif path.is_file() or (path.exists() and not _is_glob(target)):
-            # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
-            if path.name != PROJECT_FILE_NAME:
-                files[path.resolve()] = None
-                named.add(path.resolve())
-        elif _is_glob(target):
-            matches = _expand_glob(target)
-            if not matches:
-                problems.append(
-                    Problem(None, None, None, "", "not-found", f"{target}: no files match")
-                )
-            files.update(dict.fromkeys(matches))
-    return list(files), problems, named
-
-
-_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
-#: problems that say a file is hostile or unreadable: reported wherever the file was found
-_ALWAYS_REPORTED = frozenset(
-    {"unreadable", "not-a-file", "too-large", "encoding", "alias-limit", "too-deep"}
-)
-
-
-def _not_batchspec(file: Path, documents: list[YamlDocument], problems: list[Problem]) -> bool:
-    """Whether a file found by a glob is plainly not a batchspec manifest (then it is skipped).
-
-    It is one when no document is a mapping with ``kind: Batch`` or a ``batchspec/``
-    ``apiVersion``; a file with a syntax error, when its text mentions neither. A file that
-    could not be read (a device, too large, not UTF-8, an alias bomb) is always reported.
-    """
-    if any(p.code in _ALWAYS_REPORTED for p in problems):
-        return False
-    if any(_is_batchspec_document(doc) for doc in documents):
-        return False
-    if not any(p.code == "yaml-syntax" for p in problems):
-        return True
-    try:
-        raw = read_bounded(file, MAX_YAML_FILE_BYTES)
-    except Exception:  # unreadable now: let the problems already found speak
-        return False
-    return b"batchspec" not in raw and _BATCH_KIND.search(raw) is None
-
-
-def _is_batchspec_document(doc: YamlDocument) -> bool:
-    data = doc.data
-    if not isinstance(data, Mapping):
-        return False
-    api_version = data.get("apiVersion")
-    return data.get("kind") == "Batch" or (
-        isinstance(api_version, str) and api_version.startswith("batchspec")
-    )
-
-
-def _not_found(target: str) -> Problem:
-    return Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
-
-
-def _project_name(project: Project) -> str:
-    return (
-        display_path(project.file)
-        if project.file
-        else f"{display_path(project.root)} (no project file)"
-    )
-
-
-def _scan_folder(folder: Path, project: Project) -> Iterator[Path]:
-    """Files below ``folder`` matching the project's globs, pruning what is never a manifest."""
-    base = project.root if folder.is_relative_to(project.root) else folder
-    patterns = [_glob_regex(glob) for glob in project.manifest_globs]
-    skipped = {project.root / "state", project.state_path.parent} - {project.root}
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".")
-            and here / d not in skipped
-            and not (here / d / PROJECT_FILE_NAME).is_file()  # another workspace
-        )
-        for name in filenames:
-            if name.startswith(".") or name == PROJECT_FILE_NAME:
-                continue
-            relative = (here / name).relative_to(base).as_posix()
-            if any(p.fullmatch(relative) for p in patterns):
-                found.append(here / name)
-    return iter(sorted(found))
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """A regex for a glob where ``*`` stays within a folder and ``**/`` spans any number."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
-
-
-def _is_glob(target: str) -> bool:
-    return any(ch in target for ch in "*?[")
-
-
-def _expand_glob(target: str) -> list[Path]:
-    return [
-        Path(m).resolve()
-        for m in sorted(glob.glob(target, recursive=True))
-        if Path(m).is_file() and Path(m).name != PROJECT_FILE_NAME
-    ]
-
-
-def _start_of(target: str) -> Path:
-    """Where to look for the project of a path or glob: the glob's fixed leading folders."""
-    if not _is_glob(target):
-        return Path(target)
-    fixed = []
-    for part in Path(target).parts:
-        if _is_glob(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
+    return load_workspace_project(start_of(targets[0]), state_path=state_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +486,7 @@ class _Confinement:
         self.project_file = project.file.resolve() if project.file is not None else None
         self.state = project.state_path.resolve()
         self.globs = project.manifest_globs
-        self.patterns = [_glob_regex(pattern) for pattern in project.manifest_globs]
+        self.patterns = [glob_regex(pattern) for pattern in project.manifest_globs]
         state_folder = self.state.parent
         if self.root.is_relative_to(state_folder):
             # the state beside or above the workspace (the root itself, --state ../x.db):

@@ -1,42 +1,31 @@
-"""What an ``anthropic`` provider keeps on disk: staged inputs and a journal of its creates.
+"""A journal of batch creates for providers whose batches carry no metadata.
 
-Anthropic's Message Batches take their requests inline (no file upload) and carry no
-metadata, so the provider keeps locally what OpenAI would keep remotely. Layout under the
-provider's data folder (``state/anthropic/<provider>`` by default, beside the state store,
-so it travels with it)::
-
-    files/<sha256>.jsonl    an input as "uploaded": a copy, named by its content's sha256
-    journal.db              SQLite: one row per create, keyed by the batch's metadata
-                            (schema by batchspec.storage.migrations, set "anthropic-journal")
+Anthropic's Message Batches and Together's batches keep none of batchspec's metadata, so
+their providers keep locally what OpenAI keeps remotely: one SQLite row per create, keyed by
+the batch's metadata, in ``<dataDir>/journal.db`` (``state/<type>/<provider>`` by default,
+beside the state store, so it travels with it; schema by batchspec.storage.migrations, set
+"anthropic-journal", its name from when only Anthropic had one).
 
 Invariants:
 
-- A staged file is complete and its name is its content's sha256 (written to a temporary
-  name, hashed while copied, renamed into place). It is removed once its batch exists.
 - A journal row is committed *before* the create is sent (``remote_id`` NULL) and confirmed
   with the batch id as soon as the answer arrives. A row still unconfirmed means an earlier
-  create may or may not have reached Anthropic: ``AnthropicProvider`` resolves it before it
-  sends another (see ``batchspec.providers.anthropic``).
+  create may or may not have reached the provider: the provider resolves it before it sends
+  another (see ``batchspec.providers.anthropic`` and ``batchspec.providers.together``).
 - A remote id is claimed by at most one row (``UNIQUE``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.storage.migrations import Migrations, table_exists
 from batchspec.storage.sql import Sql
-
-STAGED_PREFIX = "staged-"
-_CHUNK = 1024 * 1024
 
 
 def _adopt_legacy_journal(db: Sql) -> list[str]:
@@ -63,14 +52,6 @@ CREATE TABLE creates (
 
 
 @dataclass(frozen=True)
-class StagedFile:
-    id: str
-    path: Path
-    size: int
-    created_at: int
-
-
-@dataclass(frozen=True)
 class JournalEntry:
     """One create: what was sent (count and custom_id digest) and, once known, the batch id."""
 
@@ -93,46 +74,6 @@ def metadata_key(metadata: Mapping[str, str]) -> str:
 def ids_digest(custom_ids: Iterator[str] | list[str] | set[str]) -> str:
     """A digest of a set of custom_ids, whatever their order."""
     return hashlib.sha256("\n".join(sorted(custom_ids)).encode()).hexdigest()
-
-
-class Staging:
-    """Content-addressed copies of inputs under ``root/files``."""
-
-    def __init__(self, root: Path) -> None:
-        self.folder = root / "files"
-
-    def stage(self, source: Path) -> StagedFile:
-        """Copy ``source`` in (hashing as it streams); an identical copy is reused."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        fd, tmp_name = tempfile.mkstemp(dir=self.folder, suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            file_id = STAGED_PREFIX + digest.hexdigest()
-            os.replace(tmp, self.path(file_id))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return self.get(file_id)
-
-    def path(self, file_id: str) -> Path:
-        return self.folder / f"{file_id.removeprefix(STAGED_PREFIX)}.jsonl"
-
-    def get(self, file_id: str) -> StagedFile:
-        """The staged file ``file_id``; ``FileNotFoundError`` if it is not (or no longer) here."""
-        if not file_id.startswith(STAGED_PREFIX) or "/" in file_id:
-            raise FileNotFoundError(file_id)
-        path = self.path(file_id)
-        stat = path.stat()
-        return StagedFile(file_id, path, stat.st_size, int(stat.st_mtime))
-
-    def remove(self, file_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(file_id).unlink()
 
 
 class Journal:

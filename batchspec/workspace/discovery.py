@@ -1,0 +1,186 @@
+"""Finding manifest files: the files, folders and glob patterns a command names.
+
+A file is loaded as given; a folder yields the files below it that match the project's
+``manifests`` globs (default ``**/*.yaml``, ``**/*.yml``), which are relative to the project
+root, so ``validate .`` and ``validate manifests/`` agree; any other argument is a glob
+pattern, relative to the working directory. Never loaded as manifests: files named
+``batchspec.yaml`` (project files), anything under the state folder, hidden files and
+folders, and folders that hold their own ``batchspec.yaml`` (another workspace). Every
+document of a manifest must be ``kind: Batch``; empty documents are ignored. A YAML file
+found by a folder scan or a glob that is plainly not a batchspec manifest (no document
+with ``kind: Batch`` or a ``batchspec/`` apiVersion; see ``not_batchspec``) is skipped;
+named as a file, it is reported. Outside any workspace (no ``batchspec.yaml`` in the
+first path's folder or above it) nothing is scanned: ``NotAWorkspaceError``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from batchspec.workspace.project import PROJECT_FILE_NAME, Project, find_project_file
+from batchspec.workspace.yamldoc import (
+    MAX_YAML_FILE_BYTES,
+    Problem,
+    YamlDocument,
+    display_path,
+    read_bounded,
+)
+
+
+def find_manifest_files(
+    targets: Sequence[str], project: Project
+) -> tuple[list[Path], list[Problem], set[Path]]:
+    """Manifest files for ``targets`` (files, folders, globs), in order, each once, and
+    which of them were named as files (the rest were found by a glob or a folder scan)."""
+    files: dict[Path, None] = {}
+    named: set[Path] = set()
+    problems: list[Problem] = []
+    for target in targets:
+        path = Path(target)
+        other = find_project_file(start_of(target))
+        if not path.exists() and not is_glob(target):
+            problems.append(not_found(target))
+        elif other is not None and other != project.file:
+            message = (
+                f"{target} belongs to the workspace of {display_path(other)}, not to that of "
+                f"{_project_name(project)}; give one workspace per run"
+            )
+            problems.append(Problem(None, None, None, "", "other-workspace", message))
+        elif path.is_dir():
+            files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
+        elif path.is_file() or (path.exists() and not is_glob(target)):
+            # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
+            if path.name != PROJECT_FILE_NAME:
+                files[path.resolve()] = None
+                named.add(path.resolve())
+        elif is_glob(target):
+            matches = _expand_glob(target)
+            if not matches:
+                problems.append(
+                    Problem(None, None, None, "", "not-found", f"{target}: no files match")
+                )
+            files.update(dict.fromkeys(matches))
+    return list(files), problems, named
+
+
+_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
+#: problems that say a file is hostile or unreadable: reported wherever the file was found
+_ALWAYS_REPORTED = frozenset(
+    {"unreadable", "not-a-file", "too-large", "encoding", "alias-limit", "too-deep"}
+)
+
+
+def not_batchspec(file: Path, documents: list[YamlDocument], problems: list[Problem]) -> bool:
+    """Whether a file found by a glob is plainly not a batchspec manifest (then it is skipped).
+
+    It is one when no document is a mapping with ``kind: Batch`` or a ``batchspec/``
+    ``apiVersion``; a file with a syntax error, when its text mentions neither. A file that
+    could not be read (a device, too large, not UTF-8, an alias bomb) is always reported.
+    """
+    if any(p.code in _ALWAYS_REPORTED for p in problems):
+        return False
+    if any(_is_batchspec_document(doc) for doc in documents):
+        return False
+    if not any(p.code == "yaml-syntax" for p in problems):
+        return True
+    try:
+        raw = read_bounded(file, MAX_YAML_FILE_BYTES)
+    except Exception:  # unreadable now: let the problems already found speak
+        return False
+    return b"batchspec" not in raw and _BATCH_KIND.search(raw) is None
+
+
+def _is_batchspec_document(doc: YamlDocument) -> bool:
+    data = doc.data
+    if not isinstance(data, Mapping):
+        return False
+    api_version = data.get("apiVersion")
+    return data.get("kind") == "Batch" or (
+        isinstance(api_version, str) and api_version.startswith("batchspec")
+    )
+
+
+def not_found(target: str) -> Problem:
+    return Problem(None, None, None, "", "not-found", f"{target}: no such file or folder")
+
+
+def _project_name(project: Project) -> str:
+    return (
+        display_path(project.file)
+        if project.file
+        else f"{display_path(project.root)} (no project file)"
+    )
+
+
+def _scan_folder(folder: Path, project: Project) -> Iterator[Path]:
+    """Files below ``folder`` matching the project's globs, pruning what is never a manifest."""
+    base = project.root if folder.is_relative_to(project.root) else folder
+    patterns = [glob_regex(glob) for glob in project.manifest_globs]
+    skipped = {project.root / "state", project.state_path.parent} - {project.root}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".")
+            and here / d not in skipped
+            and not (here / d / PROJECT_FILE_NAME).is_file()  # another workspace
+        )
+        for name in filenames:
+            if name.startswith(".") or name == PROJECT_FILE_NAME:
+                continue
+            relative = (here / name).relative_to(base).as_posix()
+            if any(p.fullmatch(relative) for p in patterns):
+                found.append(here / name)
+    return iter(sorted(found))
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex for a glob where ``*`` stays within a folder and ``**/`` spans any number."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def is_glob(target: str) -> bool:
+    return any(ch in target for ch in "*?[")
+
+
+def _expand_glob(target: str) -> list[Path]:
+    return [
+        Path(m).resolve()
+        for m in sorted(glob.glob(target, recursive=True))
+        if Path(m).is_file() and Path(m).name != PROJECT_FILE_NAME
+    ]
+
+
+def start_of(target: str) -> Path:
+    """Where to look for the project of a path or glob: the glob's fixed leading folders."""
+    if not is_glob(target):
+        return Path(target)
+    fixed = []
+    for part in Path(target).parts:
+        if is_glob(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
