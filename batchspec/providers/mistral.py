@@ -8,7 +8,7 @@ Batch API in ways this module absorbs:
 ``metadata`` and ``timeout_hours`` (our ``completion_window``: ``24h`` -> 24). The lines are
 Mistral's ``{"custom_id", "body"}`` with the model in the job, not the body
 (``mistral_lines.to_line``). Since the create needs the lines' model, ``upload_file``
-*stages* the input locally (``anthropic_journal.Staging``; the id is ``staged-<sha256>``,
+*stages* the input locally (``staging.Staging``; the id is ``staged-<sha256>``,
 nothing is sent) and ``create_batch`` converts it, uploads the converted file and creates
 the job from it. A crash between the two leaves an unused file at Mistral, never a job.
 
@@ -47,15 +47,14 @@ import httpx
 from batchspec import __version__
 from batchspec.errors import InputError
 from batchspec.providers._http import (
-    AmbiguousOutcome,
     ErrorContext,
     RetryingClient,
+    create_or_adopt,
     display_url,
     json_object,
     quote_id,
     require_http_url,
 )
-from batchspec.providers.anthropic_journal import Staging
 from batchspec.providers.base import (
     METADATA_KEYS,
     BatchValidationError,
@@ -65,6 +64,7 @@ from batchspec.providers.base import (
     RequestCounts,
     parse_file,
 )
+from batchspec.providers.staging import Staging
 from batchspec.wire import mistral_lines
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.retry import client_policy
@@ -286,27 +286,27 @@ class MistralProvider:
     def _send_create(self, payload: Mapping[str, Any]) -> RemoteBatch:
         metadata = payload["metadata"]
         keyed = all(metadata.get(k) for k in METADATA_KEYS)
-        for retries_done in range(self._policy.max_attempts):
-            try:
-                response = self._http.request(
-                    "POST",
-                    "/v1/batch/jobs",
-                    operation="create batch",
-                    json=payload,
-                    retry_ambiguous=False,
-                )
-            except AmbiguousOutcome:
-                made = self._find(payload) if keyed else None
-                if made is not None:
-                    return made
-                # a keyed create may still be in transit: the reconciler looks it up for a
-                # bounded window before it creates again; an unkeyed one cannot be told apart
-                if keyed or not self._policy.can_retry(retries_done):
-                    raise
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
-                continue
+
+        def send() -> RemoteBatch:
+            response = self._http.request(
+                "POST",
+                "/v1/batch/jobs",
+                operation="create batch",
+                json=payload,
+                retry_ambiguous=False,
+            )
             return parse_job(json_object(response, "create batch", self.name, api_root=_API_ROOT))
-        raise AssertionError("unreachable: the loop returns or raises")
+
+        # a keyed create may still be in transit: never re-sent here (the reconciler looks it
+        # up for a bounded window first); an unkeyed one cannot be told apart, so it is re-sent
+        return create_or_adopt(
+            send,
+            lambda: self._find(payload) if keyed else None,
+            policy=self._policy,
+            sleep=self._sleep,
+            rand=self._rand,
+            resend=not keyed,
+        )
 
     def _find(self, payload: Mapping[str, Any]) -> RemoteBatch | None:
         """The job a create whose answer was lost made, found by batchspec's key."""
