@@ -199,7 +199,8 @@ def apply_pass(root: Path, parallelism: int) -> float:
     else:
         env["PYTHONPATH"] = BASELINE_SRC[0]
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True)
+    # run from the workspace: from a source checkout, `python -m` would import that instead
+    done = subprocess.run(argv, env=env, capture_output=True, cwd=root)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"apply failed: {done.stderr.decode()[-2000:]}")
@@ -255,6 +256,7 @@ def main() -> None:
         "(e.g. `git archive main | tar -x -C /tmp/main`)",
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if args.baseline_src:
         BASELINE_SRC.append(args.baseline_src)
         args.parallelism = [0, *args.parallelism]

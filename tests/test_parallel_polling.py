@@ -194,3 +194,22 @@ def test_downloads_overlap_and_output_stays_in_resource_order(
     assert events == serial_events
     collected = [resource for kind, resource, _ in events if kind == "collect"]
     assert collected == [f"r{i:02d}" for i in range(20)]
+
+
+def test_a_failing_list_endpoint_falls_back_to_retrieving_each_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider whose list call fails (here a 400) is polled batch by batch, as before."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 3)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.hold(LIST, 0, after=True, replace_status=400)
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 1
+    assert srv.probe.counts[RETRIEVE] == 3
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == ["r00", "r01", "r02"]

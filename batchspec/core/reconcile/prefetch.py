@@ -15,8 +15,9 @@ It promises:
   ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
   at most one page more than that); a batch the listing did not show is retrieved by id.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
-  ``maxConcurrency`` to that provider. The in-process ``local`` engine is left to the serial
-  steps: it runs in this process and gains nothing from threads.
+  ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
+  workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
+  journal (Anthropic, Gemini, Together) are left to the serial steps.
 * **Files only for terminal batches**, and each file once per pass.
 """
 
@@ -39,6 +40,9 @@ DEFAULT_PARALLELISM = 16
 LIST_PAGE_SIZE = 100
 #: provider types whose list endpoint returns whole batch objects, paginated with ``after``
 LISTING_TYPES = frozenset({"openai", "azure"})
+#: provider types whose clients keep no state of their own between calls (no journal), so
+#: worker threads may share them; the others are left to the serial steps
+PREFETCH_TYPES = frozenset({"openai", "azure", "groq"})
 
 T = TypeVar("T")
 
@@ -111,10 +115,10 @@ def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[Bat
 
 
 def _prefetches(ctx: RunContext, provider: str) -> bool:
-    """Not the in-process engine; and the provider is built here, on the main thread (the
+    """An OpenAI-compatible client; and it is built here, on the main thread (the
     factory caches it, unguarded), or left to the step that raises why it cannot be."""
     config = ctx.project.providers.get(provider)
-    if config is None or config.type == "local":
+    if config is None or config.type not in PREFETCH_TYPES:
         return False
     try:
         ctx.provider_for(provider)
