@@ -6,8 +6,9 @@ logs, in order) every request by route (``"POST /files"``, ``"POST /batches"``, 
 hold a route for a while, either *before* the engine sees the request or *after* the engine
 has answered but before the answer leaves (or replace that answer by an error status). A
 held route sets a ``threading.Event``, so a test knows exactly when a client is stuck in
-that call, e.g. to SIGKILL it then. This is real timing on the server side; the client
-under test is not touched.
+that call, e.g. to SIGKILL it then. ``peak`` is the most requests it ever answered at once
+(calls that overlapped). This is real timing on the server side; the client under test is
+not touched.
 
 ``start_serve_process(data_dir, *args)`` runs ``batchspec serve --port 0`` as a separate
 process and reads the URL it announces.
@@ -71,6 +72,8 @@ class RequestProbe:
         self.holds: dict[str, Hold] = {}
         self._spent: list[Hold] = []
         self._lock = threading.Lock()
+        self.active = 0  # requests being answered now
+        self.peak = 0  # the most requests ever answered at once (calls that overlapped)
 
     def hold(
         self,
@@ -121,6 +124,16 @@ class RequestProbe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    async def _answer(self, scope: Any, receive: Any, send: Any) -> None:
         route = route_of(scope["method"], scope["path"])
         hold = self._take_hold(route)
         if hold is None:

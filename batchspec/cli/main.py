@@ -464,6 +464,15 @@ def plan(
     help="Longest pause between polls; polling starts at 0.5 s and backs off.",
 )
 @click.option(
+    "--parallelism",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    envvar="BATCHSPEC_PARALLELISM",
+    help="Provider calls (polls, downloads) in flight at once; a provider's "
+    "maxConcurrency option caps it for that provider.",
+)
+@click.option(
     "--allow-replace",
     is_flag=True,
     help="Cancel a changed resource's in-flight batches and submit the new spec.",
@@ -494,6 +503,7 @@ def apply(
     wait: bool,
     timeout: float | None,
     poll_interval: float,
+    parallelism: int,
     allow_replace: bool,
     prune: bool,
     quiet: bool,
@@ -541,6 +551,7 @@ def apply(
         wait=wait,
         timeout=timeout,
         poll_interval=poll_interval,
+        parallelism=parallelism,
         lock_timeout=lock_timeout,
         allow_replace=allow_replace,
         prune=prune,

@@ -41,6 +41,7 @@ from batchspec.core.plan import (
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
+from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
     is_requeued,
@@ -99,6 +100,7 @@ class ApplyOptions:
     state_path: str | None = None  # --state: overrides the project's state.path
     replace: tuple[str, ...] = ()  # --replace NAME: a new generation of the same spec
     reuse: bool = True  # with replace: keep answers that succeeded (--no-reuse: resend all)
+    parallelism: int = DEFAULT_PARALLELISM  # provider calls in flight at once (--parallelism)
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,8 @@ def apply_workspace(
                     requeue_backoff=requeue_backoff(ws),
                     may_spend=_may_spend(saved, options.replace),
                     still_holds_lock=lock.heartbeat,
+                    parallelism=options.parallelism,
+                    max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)
@@ -333,7 +337,7 @@ def converge(
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     while True:
-        waiting = [r for r in resources if rec.advance(r, facts[r.name]).waiting]
+        waiting = rec.advance_all(resources, facts)
         heartbeat()
         if not waiting or not options.wait:
             break

@@ -8,7 +8,10 @@ step; each step is a module of functions of the ``RunContext`` (``context``):
 * ``submit``: upload once per provider and sha256, re-check the lock, create; ``adopt``: find
   a batch whose create went unrecorded by its metadata key instead of creating another;
 * ``poll``, ``collect`` (download to the blob store first, then the ledger and result files),
-  ``retry``, ``restore`` and ``cancel``.
+  ``retry``, ``restore`` and ``cancel``;
+* ``prefetch``: before each pass (``Reconciler.advance_all``), the polls (list pages first) and
+  downloads the pass will make, side by side in a bounded pool; the steps above take them and
+  record them on the main thread, in resource order.
 
 The money-touching steps follow DESIGN.md's invariants:
 

@@ -120,7 +120,9 @@ def _collect_batch(
                     {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
                 )
             )
-            shas[column] = download_to_store(provider, file_id, ctx.blobs)
+            shas[column] = ctx.prefetched.take_file(batch.provider, file_id) or (
+                download_to_store(provider, file_id, ctx.blobs)
+            )
     changed = 0
     with ctx.store.atomic():
         for sha in shas.values():

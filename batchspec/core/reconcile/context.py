@@ -14,17 +14,42 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, ledger_rows
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import Provider
+from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
 from batchspec.workspace.manifest import Project, Resource
 
 ProviderFactory = Callable[[str], Provider]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prefetched:
+    """Provider reads one pass made ahead (``prefetch``), each taken once by the step that
+    would have made it: a poll by (provider, remote id), a file's sha256 in the blob store by
+    (provider, file id). A read that failed is kept as its exception and raised when taken."""
+
+    polls: dict[tuple[str, str], RemoteBatch | BaseException] = field(default_factory=dict)
+    files: dict[tuple[str, str], str | BaseException] = field(default_factory=dict)
+
+    def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
+        return _unwrap(self.polls.pop((provider, remote_id), None))
+
+    def take_file(self, provider: str, file_id: str) -> str | None:
+        return _unwrap(self.files.pop((provider, file_id), None))
+
+
+def _unwrap(found: T | BaseException | None) -> T | None:
+    if isinstance(found, BaseException):
+        raise found
+    return found
 
 
 @dataclass
@@ -45,6 +70,8 @@ class RunContext:
     still_holds_lock: Callable[[], None]
     # waits between lookups of a create whose answer was lost (injectable: tests run fast)
     sleep: Callable[[float], None] = time.sleep
+    # what this pass fetched ahead, in parallel (batchspec.core.reconcile.prefetch)
+    prefetched: Prefetched = field(default_factory=Prefetched)
     ledger: RequestLedger = field(init=False)
     blobs: BlobStore = field(init=False)
     shard_dir: Path = field(init=False)

@@ -48,7 +48,9 @@ def refresh(
 def poll_batch(ctx: RunContext, name: str, batch: BatchRow, provider: Provider) -> RemoteBatch:
     """Ask the provider where a batch stands and record it (an event when it moved)."""
     assert batch.remote_id is not None
-    remote = provider.get_batch(batch.remote_id)
+    remote = ctx.prefetched.take_poll(batch.provider, batch.remote_id) or provider.get_batch(
+        batch.remote_id
+    )
     with ctx.store.atomic():
         ctx.store.update_batch(batch.id, **batch_fields(remote))
         if remote.status != batch.status:

@@ -10,14 +10,15 @@ stuck. It promises that no spending step runs unless allowed: a replace needs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
-from batchspec.core.reconcile.context import ProviderFactory, RunContext
+from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
 from batchspec.core.reconcile.poll import refresh
+from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
 from batchspec.core.reconcile.restore import restore
 from batchspec.core.reconcile.retry import retry
 from batchspec.core.reconcile.submit import create, replace
@@ -63,6 +64,8 @@ class Reconciler:
         may_spend: Callable[[Action], bool] | None = None,
         still_holds_lock: Callable[[], None] = lambda: None,
         sleep: Callable[[float], None] = time.sleep,
+        parallelism: int = DEFAULT_PARALLELISM,
+        max_concurrency: Callable[[str], int | None] = lambda provider: None,
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -78,6 +81,9 @@ class Reconciler:
             sleep=sleep,
         )
         self.allow_replace = allow_replace
+        # provider reads of a pass run ahead in this many threads (maxConcurrency: per provider)
+        self.parallelism = parallelism
+        self.max_concurrency = max_concurrency
         # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit
         self.may_spend = may_spend
 
@@ -124,6 +130,21 @@ class Reconciler:
             generations=gens,
             forgotten=row.forgotten_at is not None,
         )
+
+    # -----------------------------------------------------------------------------------------
+    # one pass over many resources
+
+    def advance_all(
+        self, resources: Sequence[Resource], facts: Mapping[str, InputReport]
+    ) -> list[Resource]:
+        """One pass: fetch what the pass will read from providers ahead and side by side, then
+        advance each resource in order on this thread; return those still waiting."""
+        try:
+            with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
+                prefetch_pass(self.ctx, resources, calls)
+            return [r for r in resources if self.advance(r, facts[r.name]).waiting]
+        finally:
+            self.ctx.prefetched = Prefetched()
 
     # -----------------------------------------------------------------------------------------
     # one pass for one resource

@@ -1,0 +1,203 @@
+"""A pass's provider reads, done ahead and side by side: list-based polls and downloads.
+
+Before a pass advances its resources one by one, ``prefetch_pass`` asks the providers, in a
+bounded thread pool, what the serial steps are about to ask: where each in-flight batch
+stands, and the output and error files of each batch that is terminal and not yet collected.
+It promises:
+
+* **Reads only, nothing recorded.** Workers touch the network and the blob store (whose
+  writes are content-addressed and atomic), never the state store: the poll and collect steps
+  record what was fetched on the main thread, in resource order, exactly as a serial pass
+  would, so the audit log, the progress output and every invariant are unchanged. A fetch
+  that failed is kept as its exception and raised by the step that would have made the call.
+* **List, then retrieve.** Where a provider lists batches with their full objects (OpenAI,
+  Azure, LiteLLM, ``batchspec serve``), the in-flight batches of that provider are polled with
+  ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
+  at most one page more than that); a batch the listing did not show is retrieved by id.
+* **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
+  ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
+  workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
+  journal (Anthropic, Gemini, Together) are left to the serial steps.
+* **Files only for terminal batches**, and each file once per pass.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from batchspec.core.reconcile.collect import download_to_store
+from batchspec.core.reconcile.context import Prefetched, RunContext
+from batchspec.providers.base import RemoteBatch
+from batchspec.state.store import BatchRow
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.workspace.manifest import Resource
+
+DEFAULT_PARALLELISM = 16
+LIST_PAGE_SIZE = 100
+#: provider types whose list endpoint returns whole batch objects, paginated with ``after``
+LISTING_TYPES = frozenset({"openai", "azure"})
+#: provider types whose clients keep no state of their own between calls (no journal), so
+#: worker threads may share them; the others are left to the serial steps
+PREFETCH_TYPES = frozenset({"openai", "azure", "groq"})
+
+T = TypeVar("T")
+
+
+class BoundedCalls:
+    """A thread pool of ``parallelism`` workers with a cap on calls per provider."""
+
+    def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
+        self.parallelism = max(1, parallelism)
+        self._cap_for = cap_for
+        self._gates: dict[str, threading.Semaphore] = {}
+        self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
+
+    def submit(self, provider: str, call: Callable[[], T]) -> Future[T]:
+        gate = self._gate(provider)
+
+        def gated() -> T:
+            with gate:
+                return call()
+
+        return self._pool.submit(gated)
+
+    def _gate(self, provider: str) -> threading.Semaphore:
+        if provider not in self._gates:
+            cap = self._cap_for(provider)
+            width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
+            self._gates[provider] = threading.Semaphore(width)
+        return self._gates[provider]
+
+    def __enter__(self) -> BoundedCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: BoundedCalls) -> None:
+    """Fill ``ctx.prefetched`` for this pass: polls first, then the files they made due."""
+    ctx.prefetched = Prefetched()
+    rows = [b for b in _current_batches(ctx, resources) if b.remote_id is not None]
+    in_flight = [b for b in rows if b.status not in TERMINAL_STATUSES]
+    observed = _poll_all(ctx, in_flight, calls)
+    files: dict[tuple[str, str], None] = {}  # ordered and without repeats
+    for row in rows:
+        seen = observed.get(row.id)
+        if seen is not None:
+            if not seen.is_terminal:
+                continue
+            file_ids = (seen.output_file_id, seen.error_file_id)
+        elif row.status in TERMINAL_STATUSES and row.collected_at is None:
+            file_ids = (row.output_file_id, row.error_file_id)
+        else:
+            continue
+        files.update({(row.provider, f): None for f in file_ids if f})
+    downloads = {key: calls.submit(key[0], _downloader(ctx, key[0], key[1])) for key in files}
+    for key, future in downloads.items():
+        ctx.prefetched.files[key] = _outcome(future)
+
+
+def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
+    """The batches of each resource's current generation on a provider worth prefetching."""
+    rows = []
+    for res in resources:
+        if res.suspend:
+            continue
+        gen = ctx.store.find_generation(res.name, res.spec_hash)
+        if gen is not None:
+            rows.extend(b for b in ctx.store.batches(gen.id) if _prefetches(ctx, b.provider))
+    return rows
+
+
+def _prefetches(ctx: RunContext, provider: str) -> bool:
+    """An OpenAI-compatible client; and it is built here, on the main thread (the
+    factory caches it, unguarded), or left to the step that raises why it cannot be."""
+    config = ctx.project.providers.get(provider)
+    if config is None or config.type not in PREFETCH_TYPES:
+        return False
+    try:
+        ctx.provider_for(provider)
+    except Exception:  # noqa: BLE001 - the step that needs it raises this in order
+        return False
+    return True
+
+
+def _poll_all(
+    ctx: RunContext, in_flight: Sequence[BatchRow], calls: BoundedCalls
+) -> dict[int, RemoteBatch]:
+    """Poll every in-flight batch (list first where the provider lists); by batch row id."""
+    by_provider: dict[str, list[BatchRow]] = {}
+    for row in in_flight:
+        by_provider.setdefault(row.provider, []).append(row)
+    listings = {
+        name: calls.submit(name, _lister(ctx, name, {b.remote_id or "" for b in rows}))
+        for name, rows in by_provider.items()
+        if _lists(ctx, name) and len(rows) > 1
+    }
+    listed: dict[str, dict[str, RemoteBatch]] = {}
+    for name, future in listings.items():
+        try:
+            listed[name] = future.result()
+        except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
+            listed[name] = {}
+    retrieves: dict[int, Future[RemoteBatch]] = {}
+    observed: dict[int, RemoteBatch] = {}
+    for row in in_flight:
+        assert row.remote_id is not None
+        seen = listed.get(row.provider, {}).get(row.remote_id)
+        if seen is not None:
+            observed[row.id] = seen
+            ctx.prefetched.polls[(row.provider, row.remote_id)] = seen
+        else:
+            retrieves[row.id] = calls.submit(row.provider, _retriever(ctx, row))
+    for row in in_flight:
+        if row.id in retrieves:
+            result = _outcome(retrieves[row.id])
+            ctx.prefetched.polls[(row.provider, row.remote_id or "")] = result
+            if isinstance(result, RemoteBatch):
+                observed[row.id] = result
+    return observed
+
+
+def _lists(ctx: RunContext, provider: str) -> bool:
+    config = ctx.project.providers.get(provider)
+    return config is not None and config.type in LISTING_TYPES
+
+
+def _lister(ctx: RunContext, name: str, wanted: set[str]) -> Callable[[], dict[str, RemoteBatch]]:
+    def list_wanted() -> dict[str, RemoteBatch]:
+        max_pages = math.ceil(len(wanted) / LIST_PAGE_SIZE) + 1
+        found: dict[str, RemoteBatch] = {}
+        for index, batch in enumerate(
+            ctx.provider_for(name).list_batches(page_size=LIST_PAGE_SIZE)
+        ):
+            if batch.id in wanted:
+                found[batch.id] = batch
+                if len(found) == len(wanted):
+                    break
+            if index + 1 >= max_pages * LIST_PAGE_SIZE:
+                break  # the rest are older than a page past ours: retrieve what is missing
+        return found
+
+    return list_wanted
+
+
+def _retriever(ctx: RunContext, row: BatchRow) -> Callable[[], RemoteBatch]:
+    remote_id = row.remote_id or ""
+    return lambda: ctx.provider_for(row.provider).get_batch(remote_id)
+
+
+def _downloader(ctx: RunContext, provider: str, file_id: str) -> Callable[[], str]:
+    return lambda: download_to_store(ctx.provider_for(provider), file_id, ctx.blobs)
+
+
+def _outcome(future: Future[T]) -> T | BaseException:
+    try:
+        return future.result()
+    except Exception as err:  # noqa: BLE001 - raised again by the step that needs it
+        return err

@@ -1,0 +1,215 @@
+"""A pass's provider reads: list-based polling and bounded parallel calls (issue 13).
+
+Against the engine's OpenAI API on loopback behind a ``RequestProbe`` (tests/probes.py) that
+counts every request by route and records how many it answered at once. Batches are kept in
+flight by an upstream that answers nothing until the test opens its gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from probes import ProbedServer, start_probed_server
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    json_lines,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+from batchspec.core.reconcile import prefetch
+from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
+
+LIST = "GET /batches"
+RETRIEVE = "GET /batches/{id}"
+DOWNLOAD = "GET /files/{id}/content"
+
+
+class GatedUpstream:
+    """The built-in stand-in model, answering only once ``gate`` is set."""
+
+    description = "gated builtin"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.inner = BuiltinUpstream()
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Any:
+    started: list[ProbedServer] = []
+    upstreams: list[GatedUpstream] = []
+
+    def start(name: str = "engine") -> tuple[ProbedServer, GatedUpstream]:
+        upstream = GatedUpstream()
+        srv = start_probed_server(tmp_path / name, upstream=upstream, api_key=SENTINEL_KEY)
+        started.append(srv)
+        upstreams.append(upstream)
+        return srv, upstream
+
+    yield start
+    for upstream in upstreams:
+        upstream.gate.set()
+    for srv in started:
+        srv.stop()
+
+
+def fleet(root: Path, srv: ProbedServer, n: int, **options: Any) -> Workspace:
+    """``n`` one-request resources r00, r01, ... on provider ``srv``."""
+    return make_workspace(
+        root,
+        providers={"srv": openai_provider(srv.v1, KEY_ENV, **options)},
+        resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(n)],
+    )
+
+
+def wait_all_terminal(srv: ProbedServer, n: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = srv.engine.list_batches(None, 100)["data"]
+        if len(rows) >= n and all(r["status"] == "completed" for r in rows):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the engine did not finish its batches")
+
+
+def test_one_pass_polls_in_flight_batches_with_list_pages(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """N in-flight batches cost ceil(N/page) list calls per pass, no retrieve and no file."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12)
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 12
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 3
+    assert srv.probe.counts[RETRIEVE] == 0
+    assert srv.probe.counts[DOWNLOAD] == 0
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == [f"r{i:02d}" for i in range(12)]  # every one, in resource order
+
+
+def test_batches_the_listing_does_not_show_are_retrieved(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches pushed past the listed pages by newer ones are retrieved by id, and collected."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 2)
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 3)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    # six newer batches of someone else: ours are past the two pages a pass lists
+    other = make_workspace(
+        tmp_path / "other",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"o{i}", count=1, prefix="other") for i in range(6)],
+    )
+    assert run_cli(["apply", str(other.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_all_terminal(srv, 9)
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 3  # ceil(3/2) pages and one more, then no further
+    assert srv.probe.counts[RETRIEVE] == 3
+    assert srv.probe.counts[DOWNLOAD] == 3
+    assert all(ws.outputs(f"r{i:02d}") for i in range(3))
+
+
+_IDS = re.compile(r"\b(batch|file)[-_][A-Za-z0-9]+")
+
+
+def collecting_pass(
+    root: Path, gated: Any, capsys: pytest.CaptureFixture[str], name: str, **options: Any
+) -> tuple[int, list[tuple[str, str, str]]]:
+    """20 resources submitted, then answered; the pass that collects them all, its downloads
+    slowed down at the server: (most downloads answered at once, its NDJSON without ids)."""
+    srv, upstream = gated(name)
+    ws = fleet(root, srv, 20, **options)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_all_terminal(srv, 20)
+    srv.probe.hold(DOWNLOAD, 0.1)
+    srv.probe.peak = 0
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert all(len(ws.outputs(f"r{i:02d}")) == 1 for i in range(20))
+    events = [
+        (
+            e["event"],
+            e.get("resource") or "",
+            _IDS.sub("ID", (e.get("message") or "").replace(str(root), "WS")),
+        )
+        for e in json_lines(out)
+        if e.get("event") not in ("plan", "result")
+    ]
+    return srv.probe.peak, events
+
+
+def test_downloads_overlap_and_output_stays_in_resource_order(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pass's downloads run side by side (the server sees them overlap), while the NDJSON
+    events come out exactly as a one-at-a-time pass (maxConcurrency 1) writes them."""
+    peak, events = collecting_pass(tmp_path / "parallel", gated, capsys, "e1")
+    serial_peak, serial_events = collecting_pass(
+        tmp_path / "serial", gated, capsys, "e2", maxConcurrency=1
+    )
+
+    assert peak > 1
+    assert serial_peak == 1
+    assert events == serial_events
+    collected = [resource for kind, resource, _ in events if kind == "collect"]
+    assert collected == [f"r{i:02d}" for i in range(20)]
+
+
+def test_a_failing_list_endpoint_falls_back_to_retrieving_each_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider whose list call fails (here a 400) is polled batch by batch, as before."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 3)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.hold(LIST, 0, after=True, replace_status=400)
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 1
+    assert srv.probe.counts[RETRIEVE] == 3
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == ["r00", "r01", "r02"]
