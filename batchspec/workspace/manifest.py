@@ -91,7 +91,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, ManifestError
 from batchspec.wire import inputs
 from batchspec.workspace.project import (
     PROJECT_FILE_NAME,
@@ -147,6 +147,7 @@ __all__ = [
     "Workspace",
     "load_project",
     "load_workspace",
+    "refuse_unconfined_write",
     "spec_hash",
 ]
 
@@ -641,6 +642,20 @@ def errors_beside(output_path: Path) -> Path:
 
 #: what the state keeps beside its database: result blobs, shard files, rendered rows, caches
 STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db")
+
+
+def refuse_unconfined_write(project: Project, path: Path, key: str, manifest: Path) -> None:
+    """Check a result file's path again right before it is written, symlinks resolved *now*.
+
+    The load checked it, but a folder swapped for a symlink since (``results`` pointed into
+    ``state/``) would redirect the write onto the state database or out of the workspace.
+    """
+    message = _Confinement(project).forbidden(path.resolve(), key, manifest.resolve())
+    if message is not None:
+        raise ManifestError(
+            f"{display_path(manifest)}: {message}. A symlink changed since the manifests were "
+            "checked; nothing was written (the answers stay in the state store)."
+        )
 
 
 class _Confinement:

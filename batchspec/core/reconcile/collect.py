@@ -176,6 +176,7 @@ def _fail_batch(
 
 def _finish_generation(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
     """Everything is collected and no retry is left: write the result files."""
+    ctx.check_result_paths(res)
     written = write_results_in_input_order(
         ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
     )
