@@ -75,6 +75,8 @@ OUTSIDE = "__outside__"  # replaced by a path in tmp_path, outside the workspace
         pytest.param(
             "errors", "../results/b.jsonl", "is written by two resources: 'a'", id="other-output"
         ),
+        pytest.param("errors", "../.git/config", "version control folder .git", id="git"),
+        pytest.param("output", "../sub/.hg/hgrc", "version control folder .hg", id="hg"),
     ],
 )
 def test_an_output_that_would_overwrite_what_it_must_not_is_refused_at_its_line(
