@@ -642,14 +642,64 @@ def test_sentinel_key_never_appears_in_errors(
         assert "$OPENAI_API_KEY" in str(caught.value)
 
 
-def test_a_transport_error_that_quotes_the_key_is_redacted(scripted: ScriptedServer) -> None:
-    """A key with a stray newline makes httpx's own error quote the whole header; the message
-    still leaves the key out (and nothing reached the server)."""
+def test_a_key_with_a_stray_newline_is_refused_without_quoting_it(
+    scripted: ScriptedServer,
+) -> None:
+    """A key with a stray newline (httpx would quote the whole header in its error) is refused
+    naming the variable, the key left out, and nothing reaches the server."""
     provider, _ = make_provider(scripted, api_key=SENTINEL_KEY + "\n")
-    with pytest.raises(ProviderError, match="Illegal header value") as caught:
+    with pytest.raises(ProviderError, match=r"\$OPENAI_API_KEY contains a character") as caught:
         provider.get_batch("batch_1")
     _assert_key_absent(caught.value, provider)
     assert scripted.requests == []
+
+
+ODD_KEYS = [
+    pytest.param("sk-abc\x01SENTINELTAIL0123456789", "authorization", id="sk-control-mid"),
+    pytest.param("AZURE0SENT\x1bINELTAIL0123456789", "api-key", id="azure-escape-mid"),
+    pytest.param("AZURE0SENT\x7fINELTAIL0123456789", "api-key", id="azure-del"),
+    pytest.param("sk-abcé-SENTINELTAIL0123456789", "authorization", id="sk-non-ascii"),
+    pytest.param("AZURE0SENT\u2028INELTAIL0123456789", "api-key", id="unicode-line-sep"),
+]
+
+
+def _chain_texts(error: BaseException) -> list[str]:
+    """str and repr of ``error`` and of every exception it was raised from or during."""
+    texts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None:
+        texts += [str(seen), repr(seen), *(str(a) for a in seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return texts
+
+
+@pytest.mark.parametrize(("key", "header"), ODD_KEYS)
+def test_a_key_with_odd_characters_never_appears_in_any_error(
+    scripted: ScriptedServer, key: str, header: str
+) -> None:
+    """A key holding a control character or a non-ASCII letter is refused with a ProviderError
+    naming the variable; no part of the key is in it or in any exception it chains."""
+    provider, _ = make_provider(scripted, api_key=key, auth_header=header)
+    with pytest.raises(ProviderError, match="cannot be sent in an HTTP header") as caught:
+        provider.get_batch("batch_1")
+    for text in _chain_texts(caught.value):
+        assert "SENTINELTAIL" not in text and "INELTAIL" not in text
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize(("key", "header"), ODD_KEYS)
+def test_redaction_covers_the_escaped_forms_of_a_key(key: str, header: str) -> None:
+    """A key quoted escaped (repr of its text or of its bytes, as h11 quotes a header) is
+    redacted, not only its raw form."""
+    provider = OpenAIProvider("p", base_url="http://127.0.0.1:9/v1", api_key=key)
+    context = provider._http.context
+    for quoted in (
+        f"Illegal header value {('Bearer ' + key).encode('utf-8')!r}",
+        f"value {key!r}",
+        key.encode("unicode_escape").decode("ascii"),
+        key,
+    ):
+        assert "INELTAIL" not in context.redact(quoted), quoted
 
 
 def test_error_context_repr_leaves_the_key_out(scripted: ScriptedServer) -> None:

@@ -441,6 +441,27 @@ def test_prune_with_paths_never_cancels_resources_whose_manifests_exist(
         assert not [e for e in store.events() if e.action in ("cancel", "prune")]
 
 
+def test_prune_never_cancels_a_resource_whose_manifest_lost_its_header_lines(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest that lost its `apiVersion`/`kind` lines (metadata and spec still there) is
+    reported, not skipped as a foreign YAML file: `apply --prune` refuses instead of
+    cancelling its in-flight batches as if the manifest were gone."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("hello"), ResourceSpec("other"))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    path = ws.manifest_path("other")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(x for x in lines if not x.startswith(("apiVersion", "kind"))))
+
+    code, out, err = run_cli(["apply", str(ws.root), "--prune", "--yes"], capsys)
+
+    assert code != 0 and "other.yaml" in err, out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["hello", "other"]
+
+
 def test_prune_with_select_prunes_only_the_selected_orphans(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

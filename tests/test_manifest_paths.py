@@ -75,6 +75,8 @@ OUTSIDE = "__outside__"  # replaced by a path in tmp_path, outside the workspace
         pytest.param(
             "errors", "../results/b.jsonl", "is written by two resources: 'a'", id="other-output"
         ),
+        pytest.param("errors", "../.git/config", "version control folder .git", id="git"),
+        pytest.param("output", "../sub/.hg/hgrc", "version control folder .hg", id="hg"),
     ],
 )
 def test_an_output_that_would_overwrite_what_it_must_not_is_refused_at_its_line(
@@ -169,3 +171,39 @@ def test_a_state_above_the_workspace_confines_only_its_own_data(tmp_path: Path) 
         load_workspace([root], state_path=state_in_root)
     [problem] = caught.value.problems
     assert problem.code == "path-conflict" and "state folder's data" in problem.message
+
+
+def test_a_results_folder_symlinked_onto_the_state_after_the_load_is_refused_at_write(
+    tmp_path: Path,
+) -> None:
+    """A results folder swapped for a symlink into state/ after the manifests were checked
+    (here: once apply has created the batch) is refused when the files are written: the state
+    database, which an output named like it would replace, survives and still opens."""
+    from batchspec.core.apply import ApplyOptions, apply_workspace
+    from batchspec.core.reconcile import Progress
+    from batchspec.errors import BatchspecError
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here")],
+    )
+    spec = {"output": "../results/batchspec.db", "errors": "../results/a.errors.jsonl"}
+    write_manifest(ws, ResourceSpec("a", provider="here", spec=spec))
+    load_workspace([str(ws.root)])  # valid: results/ is an ordinary folder
+
+    def swap_in_a_link(progress: Progress) -> None:
+        results = ws.root / "results"
+        if progress.event == "create" and not results.is_symlink():
+            if results.is_dir():
+                results.rmdir()
+            results.symlink_to(ws.root / "state", target_is_directory=True)
+
+    with pytest.raises(BatchspecError, match="state folder"):
+        apply_workspace(
+            [str(ws.root)],
+            ApplyOptions(wait=True, poll_interval=0.05),
+            report=swap_in_a_link,
+        )
+    assert ws.state_path.read_bytes()[:16] == b"SQLite format 3\x00"
+    assert not (ws.root / "state" / "a.errors.jsonl").exists()

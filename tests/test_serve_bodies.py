@@ -138,3 +138,55 @@ def test_deeply_nested_json_is_a_400_in_anthropic_s_envelope(serve_engine) -> No
             "message": "The request body is not valid JSON.",
         },
     }
+
+
+GEMINI_START = {
+    "X-Goog-Upload-Protocol": "resumable",
+    "X-Goog-Upload-Command": "start",
+    "X-Goog-Upload-Header-Content-Length": "100",
+    "X-Goog-Upload-Header-Content-Type": "application/jsonl",
+}
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_abandoned_gemini_upload_sessions_do_not_pile_up_open_files(serve_engine) -> None:
+    """Starting resumable uploads and never finishing them keeps at most MAX_UPLOAD_SESSIONS
+    temporary files open, so a careless client cannot exhaust the server's descriptors."""
+    from batchspec.engine import gemini_routes
+
+    cap = getattr(gemini_routes, "MAX_UPLOAD_SESSIONS", 64)  # (absent before the cap existed)
+    server = serve_engine()
+    with httpx.Client(base_url=server.base_url, timeout=10.0) as client:
+        client.get("/v1/batches")  # warm the connection up
+        before = _open_fds()
+        for _ in range(cap + 200):
+            started = client.post(
+                "/upload/v1beta/files", json={"file": {"displayName": "x"}}, headers=GEMINI_START
+            )
+            assert started.status_code == 200, started.text
+    assert _open_fds() - before <= cap + 8
+
+
+def test_a_gemini_upload_chunk_with_a_bad_offset_is_a_400(serve_engine) -> None:
+    """A chunk whose X-Goog-Upload-Offset is not a number is 400 in Gemini's envelope, not a
+    plain-text 500."""
+    server = serve_engine()
+    with httpx.Client(timeout=10.0) as client:
+        started = client.post(
+            server.base_url + "/upload/v1beta/files",
+            json={"file": {"displayName": "x"}},
+            headers=GEMINI_START,
+        )
+        url = started.headers["x-goog-upload-url"]
+        answer = client.post(
+            url,
+            content=b"x",
+            headers={"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "abc"},
+        )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == 400

@@ -186,6 +186,38 @@ def test_unknown_columns_are_ignored_when_reading_rows(tmp_path: Path) -> None:
         assert [e.action for e in store.events()] == ["create"]
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        pytest.param(
+            "ALTER TABLE batches DROP COLUMN input_sha256", "batches.input_sha256", id="col"
+        ),
+        pytest.param(
+            "ALTER TABLE generations DROP COLUMN requests", "generations.requests", id="gen"
+        ),
+        pytest.param("DROP TABLE requests", "requests.", id="table"),
+    ],
+)
+def test_a_state_missing_a_column_or_table_is_refused_on_open(
+    tmp_path: Path, change: str, named: str
+) -> None:
+    """A state whose tables lost a column (or a table) is refused on open with a StateError
+    naming it, instead of a TypeError traceback mid-command; the file is left as it was."""
+    path = tmp_path / "batchspec.db"
+    with StateStore.open(path) as store:
+        run_id = store.start_run("apply", {}, _info())
+        store.upsert_resource("triage", provider="p", manifest="m.yaml", labels={}, run_id=run_id)
+    db = sqlite3.connect(path)
+    db.execute(change)
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StateError, match="missing columns or tables") as caught:
+        StateStore.open(path).close()
+    assert named in str(caught.value) and "backup" in str(caught.value)
+    assert path.read_bytes() == before
+
+
 def _info() -> RunInfo:
     return RunInfo("alice", "host-1", 1, None, None, None, None, None, "0.1.0")
 

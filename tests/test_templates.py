@@ -178,6 +178,50 @@ def test_the_sandbox_refuses_unsafe_attribute_access(
     assert "unsafe" in problem
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        pytest.param("{{ text * 30000000 }}", "would exceed", id="repeat-string"),
+        pytest.param("{{ [text] * 30000000 }}", "would exceed", id="repeat-list"),
+        pytest.param("{{ '%30000000s' % text }}", "passes 10,485,760", id="percent-width"),
+        pytest.param("{{ '%30000000s' | format(text) }}", "passes 10,485,760", id="format-filter"),
+        pytest.param("{{ '{:>30000000}'.format(text) }}", "passes 10,485,760", id="str-format"),
+        pytest.param("{{ text | center(30000000) }}", "padding function", id="center-filter"),
+        pytest.param("{{ text.ljust(30000000) }}", "padding function", id="ljust"),
+        pytest.param("{{ 7 ** 3000000 }}", "too large a number", id="power"),
+    ],
+)
+def test_a_template_cannot_build_a_huge_value_from_a_few_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, said: str
+) -> None:
+    """Repetition, padding and powers that would build far more than a row may hold are a
+    located row problem raised before the value is built (a pull request's manifest runs in
+    CI), while the same operators on small sizes still render."""
+    import tracemalloc
+
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path, "t.jsonl", '{"text": "a"}\n')
+    write_manifest(tmp_path, {"rows": "../data/t.jsonl", "body": chat_body(content)})
+    tracemalloc.start()
+    try:
+        [problem] = problems_of(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert problem.startswith("data/t.jsonl:1: row 1: the template at ")
+    assert said in problem
+    assert peak < 8_000_000
+
+
+def test_small_repetition_padding_and_powers_still_render(tmp_path: Path) -> None:
+    """The bounds leave ordinary uses alone: '*', '%', format, center and '**' on small sizes."""
+    write_rows(tmp_path, "t.jsonl", '{"text": "ab", "n": 123456789012}\n')
+    content = "{{ text * 2 }}|{{ '%4s' % text }}|{{ '{:>3}'.format(text) }}|{{ 2 ** 10 }}|{{ n }}"
+    write_manifest(tmp_path, {"rows": "../data/t.jsonl", "body": chat_body(content)})
+    [request] = rendered(load_one(tmp_path))
+    assert request["body"]["messages"][0]["content"] == "abab|  ab| ab|1024|123456789012"
+
+
 # ---------------------------------------------------------------------------------------------
 # Hashing and the render cache
 

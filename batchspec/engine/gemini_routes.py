@@ -441,6 +441,12 @@ def answer_of(record: Mapping[str, Any]) -> dict[str, Any]:
 # Files
 
 
+#: resumable uploads kept open at once: each holds an open temporary file, so a client that
+#: starts uploads and never finishes them must not exhaust the server's file descriptors;
+#: past this the oldest session is dropped (its next chunk gets 404, as after a restart)
+MAX_UPLOAD_SESSIONS = 64
+
+
 @dataclass
 class _Session:
     """One resumable upload in progress."""
@@ -470,7 +476,9 @@ class GeminiFiles:
         if session is None:
             raise GeminiError(404, "No such upload session (it finished or the server restarted).")
         command = {c.strip() for c in request.headers.get("x-goog-upload-command", "").split(",")}
-        offset = request.headers.get("x-goog-upload-offset", "")
+        offset = request.headers.get("x-goog-upload-offset", "").strip()
+        if offset and not offset.isdigit():
+            raise GeminiError(400, "X-Goog-Upload-Offset: the byte offset of this chunk.")
         limit = max(session.size - session.received, 0) + 1
         chunk = bytes(await read_capped(request, limit)) if "upload" in command else b""
         answer = await run_in_threadpool(
@@ -492,6 +500,7 @@ class GeminiFiles:
         file = camel_keys((body or {}).get("file")) if isinstance(body, Mapping) else None
         file = file if isinstance(file, Mapping) else {}
         upload_id = secrets.token_urlsafe(24)
+        self._forget_oldest_sessions(MAX_UPLOAD_SESSIONS - 1)
         self._sessions[upload_id] = _Session(
             writer=self.engine.open_upload(),
             size=size,
@@ -504,6 +513,16 @@ class GeminiFiles:
         return JSONResponse(
             {}, headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
         )
+
+    def _forget_oldest_sessions(self, keep: int) -> None:
+        """Drop the oldest sessions (finished, or abandoned with their file open) beyond
+        ``keep``, closing and deleting what an unfinished one had written."""
+        while len(self._sessions) > keep:
+            oldest = next(iter(self._sessions))
+            session = self._sessions.pop(oldest)
+            with session.lock:
+                if session.file is None:
+                    session.writer.discard()
 
     def _chunk(
         self, upload_id: str, session: _Session, offset: int, chunk: bytes, command: set[str]

@@ -132,9 +132,45 @@ class ErrorContext:
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            if secret:
-                text = text.replace(secret, "[redacted]")
+            for form in _quoted_forms(secret):
+                text = text.replace(form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
+
+
+def _quoted_forms(secret: str) -> list[str]:
+    """``secret`` as it may be quoted in an error: raw, and escaped as ``repr`` of its text or
+    of its bytes shows it (h11's "Illegal header value b'…'" escapes a control character),
+    longest first so a longer form is replaced before its parts."""
+    if not secret:
+        return []
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        secret.encode("unicode_escape").decode("ascii"),
+        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
+        repr(secret.encode("latin-1", "replace"))[2:-1],
+    }
+    return sorted(forms, key=len, reverse=True)
+
+
+def unsendable_header(headers: Mapping[str, str], context: ErrorContext) -> ProviderError | None:
+    """A clear error if a header carrying a secret holds a character HTTP cannot send (a
+    control character, a non-ASCII letter), else None; it names the variable, never the value.
+
+    httpx would otherwise fail with the whole header quoted in its message (``Illegal header
+    value b'Bearer …'``) or with a bare ``UnicodeEncodeError``."""
+    for value in headers.values():
+        if not any(secret and secret in value for secret in context.secrets):
+            continue
+        if all(ch == "\t" or " " <= ch <= "~" for ch in value):
+            continue
+        variable = f"${context.api_key_env}" if context.api_key_env else "the API key variable"
+        return ProviderError(
+            f"{context.provider}: the API key in {variable} contains a character that cannot "
+            "be sent in an HTTP header (a control character such as a newline, or a non-ASCII "
+            f"letter); nothing was sent. Set {variable} again to the key exactly as issued."
+        )
+    return None
 
 
 def error_from_response(
@@ -362,6 +398,7 @@ class RetryingClient:
         self._policy = policy
         self._sleep = sleep
         self._rand = rand
+        self._unsendable = unsendable_header(self._headers, context)
 
     @property
     def context(self) -> ErrorContext:
@@ -445,6 +482,8 @@ class RetryingClient:
         kwargs: Mapping[str, Any],
         ok_statuses: frozenset[int] = frozenset(),
     ) -> httpx.Response:
+        if self._unsendable is not None:
+            raise ProviderError(str(self._unsendable))
         url = self._base_url + path
         merged = {**self._headers, **(headers or {})}
         for retries_done in range(self._policy.max_attempts):

@@ -34,6 +34,7 @@ sequences are serialised exactly as under SQLite's BEGIN IMMEDIATE.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sqlite3
@@ -145,6 +146,7 @@ class StateConnection:
             store._check_history()
             store._configure()
             store._migrate()
+            store._check_columns()
         except BaseException:
             conn.close()
             raise
@@ -169,6 +171,21 @@ class StateConnection:
             raise _not_a_state(self.path, f"damaged or truncated ({err})") from err
         found = f"it has: {', '.join(tables[:8])}" if tables else "it has no tables"
         raise _not_a_state(self.path, f"an SQLite database without batchspec's tables ({found})")
+
+    def _check_columns(self) -> None:
+        """Refuse a state whose tables lack columns the migrations made (a column dropped by
+        hand, a damaged copy): reading it would fail mid-command, or misread what was paid."""
+        assert isinstance(self.db, SqliteSql)
+        missing = [
+            f"{table}.{column}"
+            for table, columns in _expected_columns().items()
+            for column in sorted(columns - _sqlite_columns(self.db.conn, table))
+        ]
+        if missing:
+            shown = ", ".join(missing[:6]) + (", …" if len(missing) > 6 else "")
+            raise _not_a_state(
+                self.path, f"a state database missing columns or tables batchspec needs ({shown})"
+            )
 
     def _configure(self) -> None:
         """SQLite's connection settings: busy timeout, foreign keys, WAL."""
@@ -263,6 +280,21 @@ class StateConnection:
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+@functools.cache
+def _expected_columns() -> dict[str, frozenset[str]]:
+    """Each of our tables' columns, as the migrations make them on a fresh database."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        MIGRATIONS.apply(SqliteSql(conn))
+        return {table: frozenset(_sqlite_columns(conn, table)) for table in _OUR_TABLES}
+    finally:
+        conn.close()
+
+
+def _sqlite_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _not_a_state(path: Path, what: str) -> StateError:

@@ -78,7 +78,8 @@ def not_batchspec(file: Path, documents: list[YamlDocument], problems: list[Prob
     """Whether a file found by a glob is plainly not a batchspec manifest (then it is skipped).
 
     It is one when no document is a mapping with ``kind: Batch`` or a ``batchspec/``
-    ``apiVersion``; a file with a syntax error, when its text mentions neither. A file that
+    ``apiVersion`` (or with ``metadata`` and ``spec`` but neither header key); a file with a
+    syntax error, when its text mentions neither. A file that
     could not be read (a device, too large, not UTF-8, an alias bomb) is always reported.
     """
     if any(p.code in _ALWAYS_REPORTED for p in problems):
@@ -99,6 +100,10 @@ def _is_batchspec_document(doc: YamlDocument) -> bool:
     if not isinstance(data, Mapping):
         return False
     api_version = data.get("apiVersion")
+    if "kind" not in data and "apiVersion" not in data:
+        # a Batch whose header lines were lost: skipping it would make `apply --prune`
+        # cancel its batches as if its manifest were gone; report the missing header instead
+        return isinstance(data.get("metadata"), Mapping) and isinstance(data.get("spec"), Mapping)
     return data.get("kind") == "Batch" or (
         isinstance(api_version, str) and api_version.startswith("batchspec")
     )

@@ -19,12 +19,14 @@ Paths
 Confinement (DESIGN invariant 5: nothing a manifest names is written where it must not be)
     ``output`` and ``errors`` must resolve inside the workspace root (the folder of
     ``batchspec.yaml``) and never onto: the state folder (or the state file and its side
-    files, when the state lives in the root itself) or a local provider's ``dataDir``; the
-    project file; a manifest (a file loaded as one, or any path the project's ``manifests``
-    globs match); the input or rows file of any resource; or another resource's output or
-    errors file (the problem names both places). Each is a ``path-conflict`` problem at the
-    key, so validate, plan and apply refuse it alike. Inputs are only read, so they may live
-    anywhere, outside the workspace too.
+    files, when the state lives in the root itself) or a local provider's ``dataDir``; a
+    version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
+    manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
+    input or rows file of any resource; or another resource's output or errors file (the
+    problem names both places). Each is a ``path-conflict`` problem at the key, so validate,
+    plan and apply refuse it alike; collect and restore check again right before writing,
+    symlinks resolved then (``refuse_unconfined_write``). Inputs are only read, so they may
+    live anywhere, outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -80,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, ManifestError
 from batchspec.wire import inputs
 from batchspec.workspace.discovery import (
     find_manifest_files,
@@ -141,6 +143,7 @@ __all__ = [
     "Workspace",
     "load_project",
     "load_workspace",
+    "refuse_unconfined_write",
     "spec_hash",
 ]
 
@@ -478,6 +481,24 @@ def errors_beside(output_path: Path) -> Path:
 STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db")
 
 
+def refuse_unconfined_write(project: Project, path: Path, key: str, manifest: Path) -> None:
+    """Check a result file's path again right before it is written, symlinks resolved *now*.
+
+    The load checked it, but a folder swapped for a symlink since (``results`` pointed into
+    ``state/``) would redirect the write onto the state database or out of the workspace.
+    """
+    message = _Confinement(project).forbidden(path.resolve(), key, manifest.resolve())
+    if message is not None:
+        raise ManifestError(
+            f"{display_path(manifest)}: {message}. A symlink changed since the manifests were "
+            "checked; nothing was written (the answers stay in the state store)."
+        )
+
+
+#: version control folders: a result written there would overwrite the repository itself
+_VCS = frozenset({".git", ".hg", ".svn", ".jj"})
+
+
 class _Confinement:
     """Where a workspace's resources may not write (see "Confinement"), resolved once a load."""
 
@@ -516,6 +537,12 @@ class _Confinement:
                     "could destroy the record of what was paid for; write results elsewhere "
                     "(e.g. results/)"
                 )
+        vcs = next((part for part in path.relative_to(self.root).parts if part in _VCS), None)
+        if vcs is not None:
+            return (
+                f"{key} file {shown} is inside the version control folder {vcs}: it would "
+                "overwrite the repository's own files; write results elsewhere (e.g. results/)"
+            )
         if path.parent == self.state.parent and path.name.startswith(self.state.name):
             state = display_path(self.state)
             return f"{key} file {shown} is the state database {state} (or one of its side files)"

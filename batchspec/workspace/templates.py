@@ -17,7 +17,10 @@ ordinary input file, validated, hashed, sharded and merged like any other.
 
 Rendering
     Jinja2 in a sandbox (``SandboxedEnvironment``) with ``StrictUndefined`` and autoescape
-    off. A template sees the row's fields as variables, ``row`` (all fields, for names that are
+    off, bounded so that a few bytes of template cannot build gigabytes: repetition (``*``),
+    padding (``%`` widths, ``format``, ``center``/``indent``/``ljust``...) past the row cap
+    and huge powers are refused as the row's problem before the value is built. A template
+    sees the row's fields as variables, ``row`` (all fields, for names that are
     not identifiers: ``{{ row["ticket id"] }}``) and ``row_number`` (1-based); a field named
     ``row`` or ``row_number`` wins over the built-in. CSV values are strings; JSONL values keep
     their JSON type, and ``{{ }}`` prints null as an empty string, booleans as ``true``/``false``
@@ -53,6 +56,7 @@ Problems (``yamldoc.Problem``, never raised)
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -65,7 +69,7 @@ from typing import IO, Any
 
 import jinja2
 from jinja2 import StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, MAX_SHOWN
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path, pointer_join
@@ -95,12 +99,112 @@ def _finalize(value: Any) -> Any:
     return value
 
 
-_ENV = SandboxedEnvironment(
+#: operators whose result a template can make arbitrarily large from a few bytes
+_GROWING_BINOPS = frozenset({"*", "**", "%"})
+#: the largest integer power a template may compute, in bits (str() stops at 4300 digits)
+_MAX_POWER_BITS = 16 * 1024
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """The sandbox, plus bounds on ``*``, ``**`` and ``%``: ``{{ text * 10**10 }}`` or
+    ``{{ '%999999999s' % x }}`` would otherwise build gigabytes for one row before the row's
+    size cap could see it (a manifest in a pull request runs in CI on ``plan``)."""
+
+    intercepted_binops = _GROWING_BINOPS
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_growth(operator, left, right, DEFAULT_MAX_ROW_BYTES)
+        return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and getattr(value, "__name__", None) in ("format", "format_map"):
+            _check_widths(owner, DEFAULT_MAX_ROW_BYTES)
+        return super().wrap_str_format(value)
+
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(__obj, "__name__", None)
+        if isinstance(getattr(__obj, "__self__", None), str):
+            if name in _PADDING_METHODS:
+                _check_args([*args, *kwargs.values()], DEFAULT_MAX_ROW_BYTES)
+            elif name in ("format", "format_map"):
+                _check_widths(__obj.__self__, DEFAULT_MAX_ROW_BYTES)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+#: str methods and filters whose numeric argument sets the size of what they build
+_PADDING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_PADDING_FILTERS = frozenset({"center", "indent", "wordwrap"})
+
+
+def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """Filter ``name`` refusing a width past the row cap (``center(999999999)``, or a
+    ``format`` string padding that far); any other filter as it is."""
+    if name not in _PADDING_FILTERS and name != "format":
+        return func
+
+    @functools.wraps(func)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        value_at = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+        if name == "format" and isinstance(args[value_at], str):
+            _check_widths(args[value_at], DEFAULT_MAX_ROW_BYTES)
+        elif name != "format":
+            _check_args([*args[value_at + 1 :], *kwargs.values()], DEFAULT_MAX_ROW_BYTES)
+        return func(*args, **kwargs)
+
+    return bounded
+
+
+def _check_growth(operator: str, left: Any, right: Any, limit: int) -> None:
+    """Raise SecurityError if ``left operator right`` would build more than ``limit``."""
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if (
+                isinstance(seq, (str, bytes, list, tuple))
+                and _is_int(times)
+                and len(seq) * times > limit
+            ):
+                raise SecurityError(
+                    f"repeating {len(seq):,} characters or items {times:,} times would "
+                    f"exceed {limit:,}, the most a row may hold"
+                )
+    elif operator == "**":
+        if (
+            _is_int(left)
+            and _is_int(right)
+            and right > 0
+            and abs(left) > 1
+            and left.bit_length() * right > _MAX_POWER_BITS
+        ):
+            raise SecurityError(f"{left} ** {right} is too large a number to compute")
+    elif operator == "%" and isinstance(left, str):
+        _check_widths(left, limit)
+
+
+def _check_widths(text: str, limit: int) -> None:
+    """Refuse a format string (``%`` or ``{}`` style) whose width or precision passes
+    ``limit``: ``'%999999999s'`` pads one value to a gigabyte."""
+    if any(int(n) > limit for n in re.findall(r"\d{7,}", text)):
+        raise SecurityError(f"a width or precision in {text[:40]!r} passes {limit:,} characters")
+
+
+def _check_args(args: Iterable[Any], limit: int) -> None:
+    """Refuse a padding call or filter given a size past ``limit`` (``center(999999999)``)."""
+    if any(_is_int(a) and a > limit for a in args):
+        raise SecurityError(f"a size over {limit:,} passed to a padding function")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_ENV = _BoundedSandbox(
     undefined=StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,  # a YAML block scalar's final newline is part of the value
     finalize=_finalize,
 )
+_ENV.filters = {name: _bounded_filter(name, f) for name, f in _ENV.filters.items()}
 
 
 # ---------------------------------------------------------------------------------------------

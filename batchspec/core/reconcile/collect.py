@@ -184,6 +184,7 @@ def _finish_generation(
     ctx: RunContext, res: Resource, gen: GenerationRow, model: str | None
 ) -> None:
     """Everything is collected and no retry is left: write the result files."""
+    ctx.check_result_paths(res)
     written = write_results_in_input_order(
         ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
     )

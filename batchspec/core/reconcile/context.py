@@ -23,7 +23,7 @@ from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
-from batchspec.workspace.manifest import Project, Resource
+from batchspec.workspace.manifest import Project, Resource, refuse_unconfined_write
 
 ProviderFactory = Callable[[str], Provider]
 
@@ -119,6 +119,12 @@ class RunContext:
 
         config = self.project.providers.get(provider)
         return create_confirm_seconds(config) if config is not None else 0.0
+
+    def check_result_paths(self, res: Resource) -> None:
+        """Refuse to write ``res``'s result files if a symlink now points them somewhere the
+        load would have refused (onto the state, out of the workspace)."""
+        for key, path in (("output", res.output_path), ("errors", res.errors_path)):
+            refuse_unconfined_write(self.project, path, key, res.source.file)
 
     def relative(self, path: Path) -> str:
         try:

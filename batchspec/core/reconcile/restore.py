@@ -17,6 +17,7 @@ from batchspec.workspace.yamldoc import display_path
 
 def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
     gen = ctx.generation(res)
+    ctx.check_result_paths(res)
     written = write_results_in_input_order(
         ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
     )
