@@ -61,9 +61,17 @@ class Elements(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.found: list[tuple[str, dict[str, str]]] = []
+        self.row: dict[str, str] | None = None  # the table row being read: its text goes in
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.found.append((tag, {k: v or "" for k, v in attrs}))
+        if tag == "tr":
+            self.row = self.found[-1][1]
+            self.row["text"] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self.row is not None:
+            self.row["text"] += data + " "
 
     def rows(self, cls: str) -> list[dict[str, str]]:
         return [a for t, a in self.found if t == "tr" and a.get("class") == cls]
@@ -158,6 +166,10 @@ def test_report_in_chromium_shows_the_figures_of_history_and_status(
         assert int(row["data-output-tokens"]) == usage["output_tokens"]
         assert float(row["data-cost-usd"]) == pytest.approx(usage["cost_usd"], abs=1e-6)
         assert row["data-git-commit"] == run["run"]["git_commit"]
+        shown_text = row["text"]  # what a person reads says the same
+        assert f"{usage['input_tokens']:,} in" in shown_text
+        assert f"${usage['cost_usd']:,.4f}" in shown_text
+        assert run["run"]["git_commit"][:10] in shown_text
         priced += usage["cost_usd"] > 0
     assert priced == 2  # both applies spent something, so the figures were really compared
 
@@ -170,6 +182,8 @@ def test_report_in_chromium_shows_the_figures_of_history_and_status(
         assert int(row["data-succeeded"]) == s["succeeded"]
         assert int(row["data-input-tokens"]) == s["usage"]["input_tokens"]
         assert float(row["data-cost-usd"]) == pytest.approx(s["usage"]["cost_usd"], abs=1e-6)
+        assert f"${s['usage']['cost_usd']:,.4f}" in row["text"]
+        assert f"{s['succeeded']:,} ok" in row["text"]
 
 
 def test_hostile_strings_stay_text_in_chromium(
