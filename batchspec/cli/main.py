@@ -656,6 +656,43 @@ def show(
 
 
 @cli.command()
+@paths_argument
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="report.html",
+    show_default=True,
+    help="Where to write the page; - for stdout.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="How many of the last runs to show.",
+)
+@state_option
+def report(paths: tuple[str, ...], output: str, runs: int, state_path: str | None) -> None:
+    """Write one self-contained HTML page: each resource's sync, health and progress, tokens
+    and dollars per resource and per run, and the audit trail with its git commits.
+
+    The page loads nothing from the network (inline CSS and SVG). Reads the manifests and the
+    state only: no lock, no network.
+    """
+    from batchspec.cli.report_html import report_html
+    from batchspec.core.report import workspace_report
+
+    data = workspace_report(paths, runs=runs, state_path=state_path)
+    warn_skipped(data.skipped)
+    with click.open_file(output, "w", encoding="utf-8") as f:
+        f.write(report_html(data))
+    if output != "-":
+        click.echo(f"Wrote {output} ({len(data.resources)} resources, {len(data.runs)} runs).")
+
+
+@cli.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the script that completes batchspec commands, options and resource names.

@@ -26,17 +26,25 @@ class HistoryEntry:
     @property
     def usage(self) -> Usage:
         total = Usage()
+        for usage in self.usage_by_resource().values():
+            total += usage
+        return total
+
+    def usage_by_resource(self) -> dict[str, Usage]:
+        """The run's usage split by the resource whose results it wrote, in event order."""
+        split: dict[str, Usage] = {}
         for event in self.events:
             d = event.detail
             if event.action == "results" and "input_tokens" in d:
                 cost = d.get("cost_usd", None)  # recorded before costs were: unknown
-                total += Usage(
+                key = event.resource or ""
+                split[key] = split.get(key, Usage()) + Usage(
                     int(d.get("input_tokens") or 0),
                     int(d.get("output_tokens") or 0),
                     int(d.get("total_tokens") or 0),
                     float(cost) if isinstance(cost, int | float) else None,
                 )
-        return total
+        return split
 
     def to_json(self) -> dict[str, Any]:
         return {
