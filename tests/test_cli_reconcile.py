@@ -208,9 +208,12 @@ def test_status_json_before_and_after_apply(
     assert (after["requests"], after["succeeded"], after["failed"]) == (3, 3, 0)
     assert after["output"] == str(ws.output_path("triage"))
     [batch] = after["batches"]
-    assert (batch["shard"], batch["attempt"], batch["status"]) == (0, 1, "completed")
+    assert (batch["shard"], batch["attempt"], batch["status"]) == (1, 1, "completed")
     assert (batch["total"], batch["completed"], batch["failed"]) == (3, 3, 0)
     assert batch["remote_id"]
+    code, out, _ = run_cli(["show", "triage", str(ws.root), "--json"], capsys)
+    [shown] = json.loads(out)["generations"][0]["batches"]
+    assert shown["shard"] == batch["shard"]  # one numbering (from 1) in every command
 
     code, text, _ = run_cli(["status", str(ws.root)], capsys)
     assert "triage: Synced, Healthy" in text and batch["remote_id"] in text

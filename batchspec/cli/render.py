@@ -348,7 +348,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
             remote = b.remote_id or "(intent)"
             lines.append(
-                f"      shard {b.shard + 1} attempt {b.attempt}: {remote} {b.status}{done}"
+                f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}"
             )
     return lines
 

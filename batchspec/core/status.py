@@ -39,7 +39,7 @@ _HEALTH = {
 
 @dataclass(frozen=True)
 class BatchStatus:
-    shard: int
+    shard: int  # 1-based, as people count (and as `show` and `apply --json` say it)
     attempt: int
     remote_id: str | None
     status: str
@@ -142,7 +142,9 @@ def answer_counts(store: StateStore, gen: GenerationRow | None) -> tuple[int, in
 
 def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
     for b in store.batches(gen.id):
-        yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
+        yield BatchStatus(
+            b.shard + 1, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed
+        )
 
 
 @dataclass(frozen=True)
