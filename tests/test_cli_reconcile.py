@@ -567,8 +567,8 @@ def test_history_takes_paths_and_a_resource_option(
     applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """history PATH reads that workspace (a folder is not a resource name); --resource NAME
-    filters; a NAME never recorded exits 1; the old positional NAME is a usage error
-    that says what to type."""
+    filters; a NAME never recorded exits 1 listing the known ones; the old positional NAME
+    is a usage error that says what to type."""
     monkeypatch.chdir(applied.root.parent)
     code, out, err = run_cli(["history", "ws", "--json"], capsys)
     assert code == 0, err
@@ -577,6 +577,7 @@ def test_history_takes_paths_and_a_resource_option(
     assert code == 0 and len(json.loads(out)["runs"]) == 1
     code, _, err = run_cli(["history", "ws", "--resource", "nobody"], capsys)
     assert code == 1 and "no resource named 'nobody'" in err
+    assert "(known: alpha, beta)" in err  # as `show` and `results` list them
     code, _, err = run_cli(["history", "alpha"], capsys)
     assert code == 64 and "--resource alpha" in err
 
