@@ -127,7 +127,7 @@ def test_plan_reports_an_orphan_without_counting_it_as_a_change(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A manifest removed after apply: its resource is `orphaned`, and that alone is no
-    change (exit 0 with --detailed-exitcode)."""
+    change (exit 0 with --detailed-exitcode), though the summary does not call it in sync."""
     applied.manifest_path("beta").unlink()
     code, out, _ = run_cli(["plan", str(applied.root), "--detailed-exitcode", "--json"], capsys)
     assert code == 0
@@ -137,6 +137,9 @@ def test_plan_reports_an_orphan_without_counting_it_as_a_change(
         ("beta", "orphaned"),
     ]
     assert doc["changes"] is False
+    code, out, _ = run_cli(["plan", str(applied.root)], capsys)
+    assert "every resource is in sync" not in out  # beta is not: its manifest is gone
+    assert "1 orphaned resource left alone (`apply --prune`" in out
 
 
 def test_an_unknown_select_name_exits_1_naming_the_known_ones(

@@ -169,9 +169,16 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
 
 
 def plan_summary(plan: Plan) -> str:
-    if not plan.has_changes:
-        return "No changes: every resource is in sync."
     counts = plan.counts()
+    if not plan.has_changes:
+        orphans = counts.get("orphaned", 0)
+        if not orphans:
+            return "No changes: every resource is in sync."
+        rest = "; every other resource is in sync." if counts.get("none") else "."
+        return (
+            f"No changes: {_plural(orphans, 'orphaned resource')} left alone "
+            f"(`apply --prune` cancels and forgets them){rest}"
+        )
     parts = [
         f"{counts[k]} to {k}"
         for k in ("create", "replace", "retry", "refresh", "collect", "restore", "prune")
@@ -347,9 +354,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
             remote = b.remote_id or "(intent)"
-            lines.append(
-                f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}"
-            )
+            lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
     return lines
 
 
