@@ -148,3 +148,12 @@ def test_the_project_reference_does_not_call_the_project_file_optional(
     page = (DOCS / "project-reference.md").read_text(encoding="utf-8")
     assert "is optional: without one" not in page
     assert "is required" in page
+
+
+def test_the_readme_names_every_exit_code_of_the_exit_code_page() -> None:
+    """README's one-paragraph list of exit codes leaves none of docs/exit-codes.md out."""
+    table = (DOCS / "exit-codes.md").read_text(encoding="utf-8")
+    codes = re.findall(r"^\| (\d+) \|", table, flags=re.MULTILINE)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("Exit codes:") :].split("\n\n")[0]
+    assert codes and [c for c in codes if not re.search(rf"\b{c} ", paragraph)] == []
