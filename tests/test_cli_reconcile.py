@@ -613,3 +613,17 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert "local provider" in last and "only while a batchspec command runs" in last
+
+
+def test_a_batch_of_one_request_is_not_called_1_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 'created batch' line counts in the singular for one request."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("one", count=1, provider="here")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert "(shard 1, attempt 1, 1 request)" in out
