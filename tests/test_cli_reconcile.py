@@ -360,7 +360,7 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
 
     assert code == 0, err
-    assert "cancelled 1 batch(es) of triage" in out
+    assert "cancelled 1 batch of triage" in out
     assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
     [remote] = slow_server.client().batches.list().data
     assert remote.status in ("cancelling", "cancelled")
@@ -381,6 +381,15 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     assert json.loads(out)["resources"][0]["health"] == "Suspended"
     assert slow_server.probe.counts["POST /batches"] == 1
+
+
+def test_cancel_of_a_finished_resource_says_there_is_nothing_to_cancel(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel of a resource with nothing in flight says so, not 'cancelled 0 batch(es)'."""
+    code, out, err = run_cli(["cancel", "alpha", str(applied.root)], capsys)
+    assert code == 0, err
+    assert out == "alpha has no batch in flight: nothing to cancel\n"
 
 
 def test_cancel_of_an_unknown_resource_exits_1(
