@@ -142,6 +142,21 @@ def test_plan_reports_an_orphan_without_counting_it_as_a_change(
     assert "1 orphaned resource left alone (`apply --prune`" in out
 
 
+def test_status_of_an_orphan_keeps_its_recorded_counts(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A removed manifest's resource is Orphaned in status, with the answers and batches the
+    state holds for it (3/3), not '0/0 succeeded'."""
+    applied.manifest_path("beta").unlink()
+    code, out, _ = run_cli(["status", str(applied.root), "--json"], capsys)
+    assert code == 0
+    beta = next(r for r in json.loads(out)["resources"] if r["name"] == "beta")
+    assert (beta["sync"], beta["requests"], beta["succeeded"]) == ("Orphaned", 3, 3)
+    assert [b["status"] for b in beta["batches"]] == ["completed"]
+    code, out, _ = run_cli(["status", str(applied.root)], capsys)
+    assert "beta: Orphaned, Unknown — 3/3 succeeded" in out
+
+
 def test_an_unknown_select_name_exits_1_naming_the_known_ones(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -90,9 +90,18 @@ def resource_statuses(
     statuses = []
     for action in plan.actions:
         res = by_name.get(action.resource)
-        gen = store.find_generation(res.name, res.spec_hash) if res else None
+        gen = store.find_generation(res.name, res.spec_hash) if res else _last(store, action)
         statuses.append(_status(store, action.resource, action, res, gen))
     return statuses
+
+
+def _last(store: StateStore, action: Action) -> GenerationRow | None:
+    """An orphan's (or a broken manifest's) current generation as recorded: its counts and
+    batches are still true, though no manifest says what the spec is now."""
+    row = store.get_resource(action.resource)
+    if row is None or row.current_generation_id is None:
+        return None
+    return store.get_generation(row.current_generation_id)
 
 
 def _status(
