@@ -367,7 +367,7 @@ def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
     count = len(problems)
     noun = "problem" if count == 1 else "problems"
     lines = [
-        f"Warning: {count} {noun} in manifests not needed here; their resources are left out "
+        f"Warning: {count} {noun} in manifests, passed over since this command only reads "
         "(`batchspec validate` lists them all):"
     ]
     lines += [f"  {p}" for p in problems[:_WARNING_SHOWN]]
