@@ -157,6 +157,22 @@ def test_status_of_an_orphan_keeps_its_recorded_counts(
     assert "beta: Orphaned, Unknown — 3/3 succeeded" in out
 
 
+def test_status_in_a_subfolder_does_not_call_the_other_manifests_gone(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status run in a folder of the workspace with no manifests (data/, say) shows no
+    orphans: alpha's and beta's manifests are elsewhere, not gone (plan agrees)."""
+    sub = applied.root / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    code, out, err = run_cli(["status", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["resources"] == []
+    applied.manifest_path("beta").unlink()
+    code, out, _ = run_cli(["status", "--json"], capsys)
+    assert [(r["name"], r["sync"]) for r in json.loads(out)["resources"]] == [("beta", "Orphaned")]
+
+
 def test_an_unknown_select_name_exits_1_naming_the_known_ones(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +24,12 @@ from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
-from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.manifest import (
+    Resource,
+    Workspace,
+    load_workspace,
+    workspace_resource_names,
+)
 from batchspec.workspace.project import Project
 from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
@@ -75,6 +81,7 @@ def resource_statuses(
     facts: Mapping[str, InputReport] | None = None,
     *,
     include_orphans: bool = False,
+    elsewhere: AbstractSet[str] = frozenset(),
 ) -> list[ResourceStatus]:
     resources = effective_resources(store, resources)  # a replacement is the current one
     recorded = load_recorded(store, store.ledger())
@@ -85,7 +92,7 @@ def resource_statuses(
         else desired_without_input(r)
         for r in resources
     ]
-    plan = make_plan(desired, recorded, disk, include_orphans=include_orphans)
+    plan = make_plan(desired, recorded, disk, include_orphans=include_orphans, elsewhere=elsewhere)
     by_name = {r.name: r for r in resources}
     statuses = []
     for action in plan.actions:
@@ -180,11 +187,26 @@ def workspace_status(
     if ws.problems:
         require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
+    elsewhere = None if select else _declared_elsewhere(ws, paths)
     with read_only_store(ws.project) as store:
-        statuses = resource_statuses(store, resources, include_orphans=not select)
-    if ws.problems:
+        statuses = resource_statuses(
+            store, resources, include_orphans=not select, elsewhere=elsewhere or frozenset()
+        )
+    if ws.problems or elsewhere is None:
         statuses = [_maybe_broken(s) for s in statuses]
     return StatusReport(tuple(statuses), ws.problems)
+
+
+def _declared_elsewhere(ws: Workspace, paths: Sequence[str]) -> frozenset[str] | None:
+    """Names declared by manifests outside PATHS (not orphans: their manifest is not gone);
+    None when one of those manifests cannot be read (then nobody can tell)."""
+    root = ws.project.root.resolve()
+    if any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
+        return frozenset()  # the whole workspace is loaded already
+    try:
+        return workspace_resource_names(ws.project)
+    except InvalidManifestError:
+        return None
 
 
 def is_name_selector(selector: str) -> bool:
