@@ -307,8 +307,10 @@ def manifest_reference() -> str:
 def project_reference() -> str:
     intro = (
         "The project file `batchspec.yaml` marks the workspace root (batchspec looks for it in"
-        " the working folder and its parents, like git) and is optional: without one, state"
-        " lives in `state/batchspec.db`, manifests are `**/*.yaml` and `**/*.yml`, and only the"
+        " the working folder and its parents, like git) and is required: run outside a workspace,"
+        " a command that reads manifests says so and points to `batchspec init`. With only"
+        " `apiVersion` and `kind`, state lives in `state/batchspec.db`, manifests are"
+        " `**/*.yaml` and `**/*.yml`, and only the"
         " built-in providers `openai` and `local` exist. Paths in it are relative to its folder."
         " API keys are never written here: `apiKeyEnv` names the environment variable."
     )

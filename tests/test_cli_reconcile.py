@@ -129,7 +129,7 @@ def test_plan_reports_an_orphan_without_counting_it_as_a_change(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A manifest removed after apply: its resource is `orphaned`, and that alone is no
-    change (exit 0 with --detailed-exitcode)."""
+    change (exit 0 with --detailed-exitcode), though the summary does not call it in sync."""
     applied.manifest_path("beta").unlink()
     code, out, _ = run_cli(["plan", str(applied.root), "--detailed-exitcode", "--json"], capsys)
     assert code == 0
@@ -139,6 +139,40 @@ def test_plan_reports_an_orphan_without_counting_it_as_a_change(
         ("beta", "orphaned"),
     ]
     assert doc["changes"] is False
+    code, out, _ = run_cli(["plan", str(applied.root)], capsys)
+    assert "every resource is in sync" not in out  # beta is not: its manifest is gone
+    assert "1 orphaned resource left alone (`apply --prune`" in out
+
+
+def test_status_of_an_orphan_keeps_its_recorded_counts(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A removed manifest's resource is Orphaned in status, with the answers and batches the
+    state holds for it (3/3), not '0/0 succeeded'."""
+    applied.manifest_path("beta").unlink()
+    code, out, _ = run_cli(["status", str(applied.root), "--json"], capsys)
+    assert code == 0
+    beta = next(r for r in json.loads(out)["resources"] if r["name"] == "beta")
+    assert (beta["sync"], beta["requests"], beta["succeeded"]) == ("Orphaned", 3, 3)
+    assert [b["status"] for b in beta["batches"]] == ["completed"]
+    code, out, _ = run_cli(["status", str(applied.root)], capsys)
+    assert "beta: Orphaned, Unknown — 3/3 succeeded" in out
+
+
+def test_status_in_a_subfolder_does_not_call_the_other_manifests_gone(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status run in a folder of the workspace with no manifests (data/, say) shows no
+    orphans: alpha's and beta's manifests are elsewhere, not gone (plan agrees)."""
+    sub = applied.root / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    code, out, err = run_cli(["status", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["resources"] == []
+    applied.manifest_path("beta").unlink()
+    code, out, _ = run_cli(["status", "--json"], capsys)
+    assert [(r["name"], r["sync"]) for r in json.loads(out)["resources"]] == [("beta", "Orphaned")]
 
 
 def test_an_unknown_select_name_exits_1_naming_the_known_ones(
@@ -210,9 +244,12 @@ def test_status_json_before_and_after_apply(
     assert (after["requests"], after["succeeded"], after["failed"]) == (3, 3, 0)
     assert after["output"] == str(ws.output_path("triage"))
     [batch] = after["batches"]
-    assert (batch["shard"], batch["attempt"], batch["status"]) == (0, 1, "completed")
+    assert (batch["shard"], batch["attempt"], batch["status"]) == (1, 1, "completed")
     assert (batch["total"], batch["completed"], batch["failed"]) == (3, 3, 0)
     assert batch["remote_id"]
+    code, out, _ = run_cli(["show", "triage", str(ws.root), "--json"], capsys)
+    [shown] = json.loads(out)["generations"][0]["batches"]
+    assert shown["shard"] == batch["shard"]  # one numbering (from 1) in every command
 
     code, text, _ = run_cli(["status", str(ws.root)], capsys)
     assert "triage: Synced, Healthy" in text and batch["remote_id"] in text
@@ -356,7 +393,7 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
 
     assert code == 0, err
-    assert "cancelled 1 batch(es) of triage" in out
+    assert "cancelled 1 batch of triage" in out
     assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
     [remote] = slow_server.client().batches.list().data
     assert remote.status in ("cancelling", "cancelled")
@@ -377,6 +414,15 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     assert json.loads(out)["resources"][0]["health"] == "Suspended"
     assert slow_server.probe.counts["POST /batches"] == 1
+
+
+def test_cancel_of_a_finished_resource_says_there_is_nothing_to_cancel(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel of a resource with nothing in flight says so, not 'cancelled 0 batch(es)'."""
+    code, out, err = run_cli(["cancel", "alpha", str(applied.root)], capsys)
+    assert code == 0, err
+    assert out == "alpha has no batch in flight: nothing to cancel\n"
 
 
 def test_cancel_of_an_unknown_resource_exits_1(
@@ -558,6 +604,11 @@ def test_plan_warns_of_an_api_key_variable_that_is_unset(
     code, out, err = run_cli(["plan", str(ws.root)], capsys)
     assert code == 0
     assert f"Warning: provider 'paid' needs an API key, but {KEY_ENV} is not set" in err
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1 and f"set {KEY_ENV} in the environment" in err
+    # apiKeyEnv names exactly KEY_ENV here: the error must not claim it names another one
+    assert "names a different variable" not in err
+    assert "providers.paid.apiKeyEnv" in err
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
     assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]
 
@@ -566,8 +617,8 @@ def test_history_takes_paths_and_a_resource_option(
     applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """history PATH reads that workspace (a folder is not a resource name); --resource NAME
-    filters; a NAME never recorded exits 1; the old positional NAME is a usage error
-    that says what to type."""
+    filters; a NAME never recorded exits 1 listing the known ones; the old positional NAME
+    is a usage error that says what to type."""
     monkeypatch.chdir(applied.root.parent)
     code, out, err = run_cli(["history", "ws", "--json"], capsys)
     assert code == 0, err
@@ -576,6 +627,7 @@ def test_history_takes_paths_and_a_resource_option(
     assert code == 0 and len(json.loads(out)["runs"]) == 1
     code, _, err = run_cli(["history", "ws", "--resource", "nobody"], capsys)
     assert code == 1 and "no resource named 'nobody'" in err
+    assert "(known: alpha, beta)" in err  # as `show` and `results` list them
     code, _, err = run_cli(["history", "alpha"], capsys)
     assert code == 64 and "--resource alpha" in err
 
@@ -608,3 +660,17 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert "local provider" in last and "only while a batchspec command runs" in last
+
+
+def test_a_batch_of_one_request_is_not_called_1_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 'created batch' line counts in the singular for one request."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("one", count=1, provider="here")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert "(shard 1, attempt 1, 1 request)" in out

@@ -101,3 +101,17 @@ def test_results_take_select_state_and_json_like_every_read_command(
     assert len(doc["results"]) == 2
     # without --state, the project's own (empty) state records no generation: stale
     assert run_cli(["results", "beta", str(ws.root)], capsys)[0] == 1
+
+
+def test_stale_message_counts_answers_as_status_does(
+    changed_and_cancelled: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal counts the current generation's answers as `status` does, the ones carried
+    over from generation 1 included (not 0/4 next to status's 3/4)."""
+    ws = changed_and_cancelled
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [st] = json.loads(out)["resources"]
+    assert st["succeeded"] == 3  # req-0..req-2 keep generation 1's answers
+    code, _, err = run_cli(["results", "triage", str(ws.root)], capsys)
+    assert code == 1
+    assert f"with {st['succeeded']}/{st['requests']} succeeded" in err

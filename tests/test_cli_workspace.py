@@ -138,7 +138,8 @@ def test_read_commands_work_past_an_unrelated_broken_manifest(
     if argv[0] == "history":
         assert "apply" in out
         return
-    assert "Warning: 1 problem in manifests not needed here" in err
+    # b is in status (Unknown), so the warning must not say it is "left out"
+    assert "Warning: 1 problem in manifests, passed over since this command only reads" in err
     assert "manifests/b.yaml:" in err
     if argv == ["results", "a"]:
         assert len(out.splitlines()) == 3  # a's three answers
@@ -160,3 +161,23 @@ def test_results_of_the_broken_resource_itself_report_its_problems(
     code, out, err = run_cli(["results", "b"], capsys)
     assert (code, out) == (1, "")
     assert "manifests/b.yaml:" in err
+
+
+def test_a_resource_name_given_as_a_path_says_to_use_select(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status triage` (or `results triage --select triage`, where every argument is a PATH)
+    names the mistake: triage is a resource, pick it with --select; a mere typo gets no hint."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    monkeypatch.chdir(ws.root)
+    for args in (["status", "triage"], ["results", "triage", "--select", "triage"]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 1
+        assert "triage: no such file or folder" in err
+        assert "triage is a resource name, not a path" in err and "--select triage" in err
+    code, _, err = run_cli(["status", "triagge"], capsys)
+    assert code == 1 and "resource name" not in err

@@ -132,3 +132,28 @@ def test_links_between_pages_resolve() -> None:
             if not (page.parent / target).exists():
                 broken.append(f"{page.name}: {target}")
     assert broken == []
+
+
+def test_the_project_reference_does_not_call_the_project_file_optional(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page says what commands do: a folder of manifests with no batchspec.yaml is not a
+    workspace (validate exits 1 pointing to init), so the file is not optional."""
+    from workspaces import run_cli
+
+    (tmp_path / "m.yaml").write_text("apiVersion: batchspec/v1\nkind: Batch\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["validate"], capsys)
+    assert code == 1 and "not a batchspec workspace" in err
+    page = (DOCS / "project-reference.md").read_text(encoding="utf-8")
+    assert "is optional: without one" not in page
+    assert "is required" in page
+
+
+def test_the_readme_names_every_exit_code_of_the_exit_code_page() -> None:
+    """README's one-paragraph list of exit codes leaves none of docs/exit-codes.md out."""
+    table = (DOCS / "exit-codes.md").read_text(encoding="utf-8")
+    codes = re.findall(r"^\| (\d+) \|", table, flags=re.MULTILINE)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("Exit codes:") :].split("\n\n")[0]
+    assert codes and [c for c in codes if not re.search(rf"\b{c} ", paragraph)] == []

@@ -258,6 +258,21 @@ def test_forget_keeps_the_result_files(
     assert ws.output_path("triage").read_bytes() == results
 
 
+def test_plan_after_forget_says_apply_tracks_it_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forgotten resource whose manifest is here: status says OutOfSync, and plan (and
+    status's reason) says why (apply tracks it again), not a bare "in sync"."""
+    ws = served(tmp_path / "ws", server())
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    assert run_cli(["forget", "triage", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and "forgotten: apply tracks it again" in out
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [st] = json.loads(out)["resources"]
+    assert st["sync"] == "OutOfSync" and "forgotten: apply tracks it again" in st["reason"]
+
+
 def test_forget_of_an_untracked_resource_fails(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -97,6 +97,19 @@ def test_a_pure_rename_resubmits_nothing_and_keeps_results_and_history(
     assert "move [new-name]  from=old-name" in out
 
 
+def test_show_of_the_old_name_points_to_the_new_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a rename, `show old-name` says where it went instead of 'no resource named'."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name")
+    apply(ws, capsys, "--wait")
+    code, _, err = run_cli(["show", "old-name", str(ws.root)], capsys)
+    assert code == 1
+    assert "it was renamed to 'new-name'" in err and "batchspec show new-name" in err
+
+
 def test_plan_shows_the_move_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

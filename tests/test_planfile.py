@@ -414,17 +414,21 @@ def test_a_saved_plan_records_the_selection_and_reuses_it(
 def test_a_saved_replace_plan_is_its_own_consent(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A plan showing `replace` (the input changed while a batch is in flight) is applied
-    from its file without --allow-replace: the old batch is cancelled, the new one created."""
+    """A plan showing `replace` (the input changed while a batch is in flight) warns that a
+    bare apply skips it, and a bare apply says it did not replace; the plan is applied from
+    its file without --allow-replace: the old batch is cancelled, the new one created."""
     srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     ws.write_input("triage", request_lines(4))
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
     assert "re-run with --allow-replace" in out  # without a saved plan, consent is needed
+    assert "Apply did not replace triage" in out  # not "batches are in flight: apply again"
+    assert "Apply submitted" not in out
     assert srv.probe.counts["POST /batches"] == 1
     plan_path = tmp_path / "plan.json"
-    run_cli(["plan", str(ws.root), "--out", str(plan_path)], capsys)
+    _, _, err = run_cli(["plan", str(ws.root), "--out", str(plan_path)], capsys)
+    assert "Warning: triage: spec changed" in err and "unless given --allow-replace" in err
     assert [a["action"] for a in json.loads(plan_path.read_text())["plan"]["actions"]] == [
         "replace"
     ]

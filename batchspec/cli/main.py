@@ -836,8 +836,10 @@ def cancel(
     n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
     if as_json:
         emit_json({"resource": name, "cancelled_batches": n})
+    elif n == 0:
+        click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
-        click.echo(f"cancelled {n} batch(es) of {name}")
+        click.echo(f"cancelled {n} batch{'' if n == 1 else 'es'} of {name}")
 
 
 @cli.command("import")

@@ -170,9 +170,16 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
 
 
 def plan_summary(plan: Plan) -> str:
-    if not plan.has_changes:
-        return "No changes: every resource is in sync."
     counts = plan.counts()
+    if not plan.has_changes:
+        orphans = counts.get("orphaned", 0)
+        if not orphans:
+            return "No changes: every resource is in sync."
+        rest = "; every other resource is in sync." if counts.get("none") else "."
+        return (
+            f"No changes: {_plural(orphans, 'orphaned resource')} left alone "
+            f"(`apply --prune` cancels and forgets them){rest}"
+        )
     parts = [
         f"{counts[k]} to {k}"
         for k in ("create", "replace", "retry", "refresh", "collect", "restore", "prune")
@@ -311,6 +318,12 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "(not retryable, or out of attempts); the errors files hold them.",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
     }[result.outcome]
+    refused = [s.name for s in result.statuses if s.action == "replace"]
+    if refused and result.outcome == "in_progress":  # apply again would refuse them again
+        headline = (
+            f"Apply did not replace {', '.join(refused)}: the spec changed while a generation "
+            "is in flight. Re-run with --allow-replace to cancel it and submit the new spec."
+        )
     lines = [style.bold(headline), *status_lines(result.statuses, style)]
     if result.local_in_flight:
         lines.append(
@@ -388,9 +401,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
             remote = b.remote_id or "(intent)"
-            lines.append(
-                f"      shard {b.shard + 1} attempt {b.attempt}: {remote} {b.status}{done}"
-            )
+            lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
     return lines
 
 
@@ -403,7 +414,7 @@ def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
     count = len(problems)
     noun = "problem" if count == 1 else "problems"
     lines = [
-        f"Warning: {count} {noun} in manifests not needed here; their resources are left out "
+        f"Warning: {count} {noun} in manifests, passed over since this command only reads "
         "(`batchspec validate` lists them all):"
     ]
     lines += [f"  {p}" for p in problems[:_WARNING_SHOWN]]

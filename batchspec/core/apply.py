@@ -158,6 +158,12 @@ def plan_workspace(
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
+        warnings += [
+            f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
+            "(which cancels the batches in flight), or apply this plan saved with --out"
+            for a in plan.actions
+            if a.kind is ActionKind.REPLACE and a.resource not in replace
+        ]
         estimates = plan_estimates(plan, resources, facts, ws.project.providers)
         return PlanResult(
             plan=plan,

@@ -77,8 +77,9 @@ def read_history(
         return []
     with StateStore.open(project.state) as store:
         if resource is not None and not _ever_recorded(store, resource):
+            known = ", ".join(sorted(r.name for r in store.list_resources())) or "none"
             raise ManifestError(
-                _unknown(resource, project.state_label),
+                f"{_unknown(resource, project.state_label)} (known: {known})",
                 details=["`batchspec status` lists the resources; history takes PATHS first"],
             )
         entries = []

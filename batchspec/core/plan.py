@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -255,13 +255,27 @@ def make_plan(
     a requeued shard's backoff is over; None: it is.
     """
     desired = list(desired)
-    actions = [plan_resource(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
+    actions = [_planned(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
     if include_orphans:
         present = {d.name for d in desired} | set(elsewhere)
         for name in sorted(n for n in set(recorded) - present if not recorded[n].forgotten):
             if orphan_selected is None or orphan_selected(recorded[name]):
                 actions.append(_orphan_action(recorded[name], prune))
     return Plan(tuple(actions))
+
+
+def _planned(
+    want: DesiredResource,
+    have: RecordedResource | None,
+    disk: DiskFacts | None,
+    now: float | None,
+) -> Action:
+    """``plan_resource``, and a forgotten resource that is otherwise in sync says so: apply
+    tracks it again (status shows it OutOfSync until then)."""
+    action = plan_resource(want, have, disk, now)
+    if have is not None and have.forgotten and action.kind is ActionKind.NONE:
+        return replace(action, reason=f"{action.reason}; forgotten: apply tracks it again")
+    return action
 
 
 def plan_resource(

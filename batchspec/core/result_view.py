@@ -20,7 +20,12 @@ from typing import Any, BinaryIO
 
 from batchspec.core.replacements import effective_resources
 from batchspec.core.session import select_resources
-from batchspec.core.status import is_name_selector, read_only_store, require_loaded
+from batchspec.core.status import (
+    answer_counts,
+    is_name_selector,
+    read_only_store,
+    require_loaded,
+)
 from batchspec.errors import ManifestError, StaleResultsError, StateError
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
@@ -142,9 +147,10 @@ def _tie_to_generation(
     if current is None:
         now = f"its current spec {res.spec_hash[:12]} has no generation yet"
     else:
+        succeeded = answer_counts(store, current)[0]  # as `status` counts them
         now = (
             f"its current spec {res.spec_hash[:12]} is generation {current.id}, "
-            f"{current.status} with {current.succeeded}/{current.requests} succeeded"
+            f"{current.status} with {succeeded}/{current.requests} succeeded"
         )
     if writer is None:
         why = (

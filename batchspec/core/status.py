@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,7 +25,12 @@ from batchspec.core.session import select_resources
 from batchspec.core.spend import Usage, generation_usage
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
-from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.manifest import (
+    Resource,
+    Workspace,
+    load_workspace,
+    workspace_resource_names,
+)
 from batchspec.workspace.project import Project, ProviderConfig
 from batchspec.workspace.yamldoc import InvalidManifestError, Problem
 
@@ -40,7 +46,7 @@ _HEALTH = {
 
 @dataclass(frozen=True)
 class BatchStatus:
-    shard: int
+    shard: int  # 1-based, as people count (and as `show` and `apply --json` say it)
     attempt: int
     remote_id: str | None
     status: str
@@ -79,6 +85,7 @@ def resource_statuses(
     *,
     include_orphans: bool = False,
     providers: Mapping[str, ProviderConfig] | None = None,
+    elsewhere: AbstractSet[str] = frozenset(),
 ) -> list[ResourceStatus]:
     """Each resource's status; ``providers`` (the project's) price its usage."""
     resources = effective_resources(store, resources)  # a replacement is the current one
@@ -90,17 +97,26 @@ def resource_statuses(
         else desired_without_input(r)
         for r in resources
     ]
-    plan = make_plan(desired, recorded, disk, include_orphans=include_orphans)
+    plan = make_plan(desired, recorded, disk, include_orphans=include_orphans, elsewhere=elsewhere)
     by_name = {r.name: r for r in resources}
     statuses = []
     for action in plan.actions:
         res = by_name.get(action.resource)
-        gen = store.find_generation(res.name, res.spec_hash) if res else None
+        gen = store.find_generation(res.name, res.spec_hash) if res else _last(store, action)
         status = _status(store, action.resource, action, res, gen)
         if gen is not None:
             status = replace(status, usage=generation_usage(store, gen, providers or {}))
         statuses.append(status)
     return statuses
+
+
+def _last(store: StateStore, action: Action) -> GenerationRow | None:
+    """An orphan's (or a broken manifest's) current generation as recorded: its counts and
+    batches are still true, though no manifest says what the spec is now."""
+    row = store.get_resource(action.resource)
+    if row is None or row.current_generation_id is None:
+        return None
+    return store.get_generation(row.current_generation_id)
 
 
 def _status(
@@ -150,7 +166,9 @@ def answer_counts(store: StateStore, gen: GenerationRow | None) -> tuple[int, in
 
 def _batches(store: StateStore, gen: GenerationRow) -> Iterable[BatchStatus]:
     for b in store.batches(gen.id):
-        yield BatchStatus(b.shard, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed)
+        yield BatchStatus(
+            b.shard + 1, b.attempt, b.remote_id, b.status, b.total, b.completed, b.failed
+        )
 
 
 @dataclass(frozen=True)
@@ -177,13 +195,30 @@ def workspace_status(
     if ws.problems:
         require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
+    elsewhere = None if select else _declared_elsewhere(ws, paths)
     with read_only_store(ws.project) as store:
         statuses = resource_statuses(
-            store, resources, include_orphans=not select, providers=ws.project.providers
+            store,
+            resources,
+            include_orphans=not select,
+            providers=ws.project.providers,
+            elsewhere=elsewhere or frozenset(),
         )
-    if ws.problems:
+    if ws.problems or elsewhere is None:
         statuses = [_maybe_broken(s) for s in statuses]
     return StatusReport(tuple(statuses), ws.problems)
+
+
+def _declared_elsewhere(ws: Workspace, paths: Sequence[str]) -> frozenset[str] | None:
+    """Names declared by manifests outside PATHS (not orphans: their manifest is not gone);
+    None when one of those manifests cannot be read (then nobody can tell)."""
+    root = ws.project.root.resolve()
+    if any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
+        return frozenset()  # the whole workspace is loaded already
+    try:
+        return workspace_resource_names(ws.project)
+    except InvalidManifestError:
+        return None
 
 
 def is_name_selector(selector: str) -> bool:

@@ -261,7 +261,7 @@ def _api_key(provider: str, variable: str, env: Mapping[str, str]) -> str:
     if not key.strip():
         raise ProviderError(
             f"provider {provider!r} needs an API key: set {variable} in the environment "
-            "(batchspec reads keys only from environment variables; `apiKeyEnv` in "
-            "batchspec.yaml names a different variable)."
+            "(batchspec reads keys only from environment variables; to read another one, "
+            f"name it in providers.{provider}.apiKeyEnv of batchspec.yaml)."
         )
     return key.strip()

@@ -297,7 +297,8 @@ def load_workspace(
     problems.extend(_conflicting_moves(resources))
     problems.extend(_written_over(resources, loaded))
     if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
-        raise InvalidManifestError(problems)
+        hints = _names_given_as_paths(targets, project, manifest_cache)
+        raise InvalidManifestError(problems, hints=hints)
     ordered = tuple(sorted(dict.fromkeys(problems), key=Problem.sort_key))
     # A name declared twice has no one resource: neither is kept (the problem says why).
     declared = Counter(name for name, _ in names)
@@ -335,6 +336,25 @@ def workspace_resource_names(
     if problems:
         raise InvalidManifestError(problems)
     return frozenset(names)
+
+
+def _names_given_as_paths(
+    targets: Sequence[str], project: Project, manifest_cache: ManifestCache | None
+) -> list[str]:
+    """A hint for each missing path that is a resource's name: PATHS are files, not names."""
+    missing = [t for t in targets if not is_glob(t) and not Path(t).exists()]
+    if not missing:
+        return []
+    try:
+        declared = workspace_resource_names(project, manifest_cache=manifest_cache)
+    except InvalidManifestError:  # a broken manifest: its own problem is reported anyway
+        return []
+    return [
+        f"{t} is a resource name, not a path: PATHS are manifest files, folders or globs; "
+        f"pick resources with --select {t}"
+        for t in missing
+        if t in declared
+    ]
 
 
 def project_for(

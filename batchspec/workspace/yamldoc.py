@@ -122,14 +122,20 @@ class Problem:
 class InvalidManifestError(ManifestError):
     """Manifests or the project file have problems; ``problems`` holds every one of them."""
 
-    def __init__(self, problems: Sequence[Problem], *, what: str = "the workspace") -> None:
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        *,
+        what: str = "the workspace",
+        hints: Sequence[str] = (),
+    ) -> None:
         ordered = sorted(dict.fromkeys(problems), key=Problem.sort_key)
         count = len(ordered)
         noun = "problem" if count == 1 else "problems"
         super().__init__(
             f"{count} {noun} in {what}; nothing was changed. Fix them and run "
             "`batchspec validate` again.",
-            details=[str(p) for p in ordered],
+            details=[*(str(p) for p in ordered), *hints],
         )
         self.problems: tuple[Problem, ...] = tuple(ordered)
 

@@ -109,7 +109,7 @@ def record_remote(
             event,
             res.name,
             f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
-            f"{batch.requests} requests)",
+            f"{batch.requests} request{'' if batch.requests == 1 else 's'})",
             {
                 "remote_id": remote.id,
                 "shard": batch.shard + 1,
