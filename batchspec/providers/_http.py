@@ -36,7 +36,8 @@ from urllib.parse import quote
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
+from batchspec.providers.base import RemoteNotFound
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,

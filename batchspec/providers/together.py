@@ -222,7 +222,7 @@ class TogetherProvider(OpenAIProvider):
                 self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
             body = _json(response, "create batch", self.name)
-            job = body.get("job") if isinstance(body.get("job"), Mapping) else body
+            job = body["job"] if isinstance(body.get("job"), Mapping) else body
             created = _parse_job(job, metadata)
             self._journal.confirm(key, created.id)
             return created

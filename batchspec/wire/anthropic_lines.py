@@ -103,7 +103,7 @@ _MAPPED_KEYS = frozenset(
     }
 )
 #: keys accepted when they ask for OpenAI's default (the value is then simply not sent)
-_DEFAULT_ONLY = {
+_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -405,7 +405,7 @@ def _short(value: Any) -> str:
 def result_line(batch_id: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Our output/error line for one line of Anthropic's results (see the module docstring)."""
     custom_id = raw.get("custom_id")
-    result = raw.get("result") if isinstance(raw.get("result"), Mapping) else {}
+    result: Mapping[str, Any] = raw["result"] if isinstance(raw.get("result"), Mapping) else {}
     kind = result.get("type")
     line: dict[str, Any] = {"id": request_id(batch_id, str(custom_id)), "custom_id": custom_id}
     if kind == "succeeded":

@@ -579,7 +579,8 @@ def result_line(batch_name: str, record: Mapping[str, Any]) -> dict[str, Any]:
             "message": message or "The request was not run: the batch ended first.",
         }
         return line
-    http, name = GRPC_CODES.get(code, (400, str(status.get("status") or "UNKNOWN_CODE")))
+    unknown = (400, str(status.get("status") or "UNKNOWN_CODE"))
+    http, name = GRPC_CODES.get(code, unknown) if code is not None else unknown
     if code is not None and code >= 100:  # an HTTP status already
         http, name = code, str(status.get("status") or f"HTTP_{code}")
     line["response"] = {
