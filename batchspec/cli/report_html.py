@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
 
@@ -242,7 +242,9 @@ _PALETTE = ("#4c78c8", "#e0803a", "#2e9d5b", "#b05cc4", "#d1453b", "#3aa6b9", "#
 Column = tuple[str, str, Sequence[tuple[str, float | None]]]
 
 
-def _columns(title: str, columns: Sequence[Column], colours: dict[str, str], unit: str) -> str:
+def _columns(
+    title: str, columns: Sequence[Column], colours: dict[str, str], unit: Callable[[float], str]
+) -> str:
     """Stacked vertical bars, oldest run on the left, one colour per resource."""
     if not columns:
         return f'<div><h2>{_e(title)}</h2><p class="small">No run used tokens yet.</p></div>'

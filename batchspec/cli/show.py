@@ -15,7 +15,8 @@ from batchspec.cli.colour import PLAIN, Style
 from batchspec.cli.render import dollars
 
 if TYPE_CHECKING:
-    from batchspec.core.show import BatchDetail, GenerationDetail, ResourceDetail, Usage
+    from batchspec.core.show import BatchDetail, GenerationDetail, ResourceDetail
+    from batchspec.core.spend import Usage
 
 HASH = 12
 

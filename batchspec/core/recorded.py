@@ -100,7 +100,7 @@ def _not_before(shard_batches: list[BatchRow], base: float) -> float | None:
     if not is_requeued(latest) or not latest.terminal_at:
         return None
     requeues = sum(1 for b in shard_batches if is_requeued(b))
-    delay = min(base * 2 ** (requeues - 1), MAX_REQUEUE_BACKOFF)
+    delay: float = min(base * 2 ** (requeues - 1), MAX_REQUEUE_BACKOFF)
     return parse_timestamp(latest.terminal_at).timestamp() + delay
 
 

@@ -101,7 +101,8 @@ class Usage:
 @cache
 def price_table() -> Mapping[str, Any]:
     """The bundled table (``scripts/update_price_table.py`` regenerates it)."""
-    return json.loads((Path(__file__).with_name("price_table.json")).read_text())
+    table: Mapping[str, Any] = json.loads(Path(__file__).with_name("price_table.json").read_text())
+    return table
 
 
 def price_for(provider: ProviderConfig | None, model: str | None) -> Price | None:
@@ -150,11 +151,13 @@ def _lookup(family: str, model: str) -> Mapping[str, float] | None:
     models: Mapping[str, Any] = price_table()["prices"].get(family, {})
     name = model.removeprefix("models/")  # Gemini's resource names
     if name in models:
-        return models[name]
+        found: Mapping[str, float] = models[name]
+        return found
     best: tuple[int, Mapping[str, float]] | None = None
     for model_id, entry in models.items():
         if name in entry.get("names", ()):
-            return entry
+            named: Mapping[str, float] = entry
+            return named
         for prefix in (*entry.get("prefixes", ()), model_id + "-"):
             if name.startswith(prefix) and (best is None or len(prefix) > best[0]):
                 best = (len(prefix), entry)

@@ -322,9 +322,9 @@ class MessageBatches:
         """Every request of a batch that failed validation, as errored."""
         errors = (batch.get("errors") or {}).get("data") or []
         why = "; ".join(str(e.get("message")) for e in errors[:3]) or "the batch was rejected"
-        blob = self.engine.store.blobs.path(
-            self.engine.store.get_batch(batch["id"])["input_sha256"]
-        )
+        row = self.engine.store.get_batch(batch["id"])
+        assert row is not None  # the caller has just read ``batch`` from the store
+        blob = self.engine.store.blobs.path(row["input_sha256"])
         for request in iter_requests(blob):
             error = {"type": "error", "error": {"type": "invalid_request_error", "message": why}}
             line = {"custom_id": request.custom_id, "result": {"type": "errored", "error": error}}
@@ -377,9 +377,9 @@ def result_of(record: Mapping[str, Any]) -> dict[str, Any]:
             kind = "canceled" if code == "batch_cancelled" else "expired"
             return {"custom_id": custom_id, "result": {"type": kind}}
         status = 504 if code == "request_timeout" else 500
-        body = error_body(status, str(error.get("message") or code))
+        body: Any = error_body(status, str(error.get("message") or code))
         return {"custom_id": custom_id, "result": {"type": "errored", "error": body}}
-    response = record.get("response") if isinstance(record.get("response"), Mapping) else {}
+    response = record["response"] if isinstance(record.get("response"), Mapping) else {}
     status = int(response.get("status_code") or 500)
     body = response.get("body")
     if 200 <= status < 300:

@@ -245,9 +245,9 @@ class Engine:
 
     def create_batch(
         self,
-        input_file_id: str,
-        endpoint: str,
-        completion_window: str = WIRE_COMPLETION_WINDOW,
+        input_file_id: Any,  # these three come from a request's JSON: checked below
+        endpoint: Any,
+        completion_window: Any = WIRE_COMPLETION_WINDOW,
         metadata: Mapping[str, str] | None = None,
         output_expires_after: Mapping[str, Any] | None = None,
         *,
@@ -298,6 +298,7 @@ class Engine:
                 },
             )
             row = self.store.get_batch(batch_id, db)
+        assert row is not None  # inserted in the transaction above
         self.worker.wake()
         return batch_object(row)
 

@@ -42,6 +42,7 @@ status}}``. Upload sessions live in memory: a restart forgets unfinished ones.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import secrets
@@ -330,11 +331,11 @@ class GeminiBatches:
                         record = json.loads(raw)
                         yield str(record.get("custom_id")), answer_of(record)
 
-    def _inlined(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _inlined(self, batch: Mapping[str, Any]) -> builtins.list[dict[str, Any]]:
         answers = dict(self.results(batch))
-        blob = self.engine.store.blobs.path(
-            self.engine.store.get_batch(batch["id"])["input_sha256"]
-        )
+        row = self.engine.store.get_batch(batch["id"])
+        assert row is not None  # the caller has just read ``batch`` from the store
+        blob = self.engine.store.blobs.path(row["input_sha256"])
         inlined = []
         for request in iter_requests(blob):
             line = json.loads(request.raw)
@@ -427,7 +428,7 @@ def answer_of(record: Mapping[str, Any]) -> dict[str, Any]:
         else:
             status = status_for_http(504 if code == "request_timeout" else 503, message)
         return {"error": status}
-    response = record.get("response") if isinstance(record.get("response"), Mapping) else {}
+    response = record["response"] if isinstance(record.get("response"), Mapping) else {}
     http = int(response.get("status_code") or 500)
     body = response.get("body")
     if 200 <= http < 300 and isinstance(body, Mapping):

@@ -276,12 +276,12 @@ def _tools_to_chat(tools: Any, tool_config: Any, chat: dict[str, Any]) -> None:
 
 def chat_to_response(completion: Mapping[str, Any], *, model: Any) -> dict[str, Any]:
     """A GenerateContentResponse for a chat completion (one candidate per choice)."""
-    choices = completion.get("choices") if isinstance(completion.get("choices"), list) else []
+    choices = completion["choices"] if isinstance(completion.get("choices"), list) else []
     candidates = []
     for index, choice in enumerate(choices):
         if not isinstance(choice, Mapping):
             continue
-        message = choice.get("message") if isinstance(choice.get("message"), Mapping) else {}
+        message = choice["message"] if isinstance(choice.get("message"), Mapping) else {}
         parts: list[dict[str, Any]] = []
         if message.get("content"):
             parts.append({"text": str(message["content"])})
@@ -299,7 +299,7 @@ def chat_to_response(completion: Mapping[str, Any], *, model: Any) -> dict[str, 
                 "index": choice.get("index", index),
             }
         )
-    usage = completion.get("usage") if isinstance(completion.get("usage"), Mapping) else {}
+    usage = completion["usage"] if isinstance(completion.get("usage"), Mapping) else {}
     prompt = int(usage.get("prompt_tokens") or 0)
     output = int(usage.get("completion_tokens") or 0)
     response: dict[str, Any] = {

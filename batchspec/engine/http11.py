@@ -61,9 +61,9 @@ class _Connection:
         state = self.state
         self.response_started = False
         self.writer.write(
-            state.send(h11.Request(method="POST", target=target, headers=headers))  # type: ignore[operator]
-            + state.send(h11.Data(data=body))  # type: ignore[operator]
-            + state.send(h11.EndOfMessage())  # type: ignore[operator]
+            state.send(h11.Request(method="POST", target=target, headers=headers))
+            + state.send(h11.Data(data=body))
+            + state.send(h11.EndOfMessage())
         )
         await self.writer.drain()
         status = 0

@@ -12,7 +12,7 @@ from typing import Any
 try:
     import orjson
 
-    def loads(raw: bytes | str) -> Any:
+    def loads(raw: bytes | bytearray | str) -> Any:
         return orjson.loads(raw)
 
     def dumps(value: Any) -> bytes:
@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     import json
 
-    def loads(raw: bytes | str) -> Any:
+    def loads(raw: bytes | bytearray | str) -> Any:
         return json.loads(raw)
 
     def dumps(value: Any) -> bytes:

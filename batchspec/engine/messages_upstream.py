@@ -223,9 +223,9 @@ def _tools_to_chat(params: Mapping[str, Any], chat: dict[str, Any]) -> None:
 
 def chat_to_message(completion: Mapping[str, Any], *, model: Any) -> dict[str, Any]:
     """A Messages-API ``message`` for a chat completion (its first choice)."""
-    choices = completion.get("choices") if isinstance(completion.get("choices"), list) else []
+    choices = completion["choices"] if isinstance(completion.get("choices"), list) else []
     choice = choices[0] if choices and isinstance(choices[0], Mapping) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), Mapping) else {}
+    message = choice["message"] if isinstance(choice.get("message"), Mapping) else {}
     content: list[dict[str, Any]] = []
     if message.get("content"):
         content.append({"type": "text", "text": str(message["content"])})
@@ -243,7 +243,7 @@ def chat_to_message(completion: Mapping[str, Any], *, model: Any) -> dict[str, A
                 "input": arguments,
             }
         )
-    usage = completion.get("usage") if isinstance(completion.get("usage"), Mapping) else {}
+    usage = completion["usage"] if isinstance(completion.get("usage"), Mapping) else {}
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else 0
     source = str(completion.get("id") or json.dumps(completion, sort_keys=True))

@@ -29,7 +29,7 @@ Mistral's body ``{"object": "error", "message", "type", "param", "code"}``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -282,7 +282,7 @@ class MistralJobs:
             yield self.render(self.engine.get_batch(row[0]))
 
     def _lines(
-        self, inputs: list[str], endpoint: str, model: str | None
+        self, inputs: Sequence[str], endpoint: str, model: str | None
     ) -> Iterator[dict[str, Any]]:
         """The engine's lines for every line of every input file, checked as Mistral does."""
         seen: set[str] = set()

@@ -258,16 +258,22 @@ class Store:
         else:
             with self.write() as wdb:
                 wdb.execute(sql, values)
-        row = (db or self.db).execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        row: sqlite3.Row = (
+            (db or self.db).execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        )
         return row
 
     def get_file(self, file_id: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM files WHERE id = ?", (file_id,)
+        ).fetchone()
+        return row
 
     def list_files(
         self, *, purpose: str | None, limit: int, after_seq: int | None, ascending: bool
     ) -> list[sqlite3.Row]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if purpose is not None:
             clauses.append("purpose = ?")
             params.append(purpose)
@@ -306,18 +312,22 @@ class Store:
         db.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", tuple(values.values()))
 
     def get_batch(self, batch_id: str, db: sqlite3.Connection | None = None) -> sqlite3.Row | None:
-        return (db or self.db).execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        row: sqlite3.Row | None = (
+            (db or self.db).execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        )
+        return row
 
     def find_repeated_create(
         self, db: sqlite3.Connection, idempotency_key: str, since: int
     ) -> sqlite3.Row | None:
         """The newest batch with this key that is unfinished or was created since ``since``."""
-        return db.execute(
+        row: sqlite3.Row | None = db.execute(
             "SELECT * FROM batches WHERE idempotency_key = ?"
             f" AND (status IN {_ACTIVE_SQL} OR created_at >= ?)"
             " ORDER BY seq DESC LIMIT 1",
             (idempotency_key, since),
         ).fetchone()
+        return row
 
     def list_batches(self, *, limit: int, after_seq: int | None) -> list[sqlite3.Row]:
         if after_seq is None:

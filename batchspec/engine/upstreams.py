@@ -253,7 +253,7 @@ def answer(url: str, body: Any) -> UpstreamResponse:
 
 
 def _chat(body: Mapping[str, Any]) -> dict[str, Any]:
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    messages = body["messages"] if isinstance(body.get("messages"), list) else []
     texts = [_text_of(m.get("content")) for m in messages if isinstance(m, Mapping)]
     prompt_tokens = sum(estimate_tokens(t) + 3 for t in texts) + 3
     last_user = next(
@@ -353,7 +353,7 @@ def _responses(body: Mapping[str, Any]) -> dict[str, Any]:
 def _embeddings(body: Mapping[str, Any]) -> dict[str, Any]:
     raw = body.get("input", "")
     inputs = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
-    dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
+    dimensions = body["dimensions"] if isinstance(body.get("dimensions"), int) else 16
     base64_format = body.get("encoding_format") == "base64"
     data = []
     tokens = 0

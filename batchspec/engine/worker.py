@@ -257,7 +257,11 @@ class Worker:
                 control = self._controls[batch_id] = BatchControl()
                 task = asyncio.create_task(self._drive(batch_id, control))
                 self._drivers[batch_id] = task
-                task.add_done_callback(lambda _t, b=batch_id: self._forget(b))
+
+                def forget(_t: asyncio.Task[None], b: str = batch_id) -> None:
+                    self._forget(b)
+
+                task.add_done_callback(forget)
             if row["status"] == "cancelling":
                 control.stop("cancelled")
             elif row["status"] in ("validating", "in_progress") and wall >= row["deadline"]:
@@ -356,8 +360,13 @@ class Worker:
                 self._execute(batch_id, request.line, request.custom_id, request.raw)
             )
             control.tasks.add(task)
+
             # Runs even when the task is cancelled before it starts (its finally would not).
-            task.add_done_callback(lambda t: (slots.release(), control.tasks.discard(t)))
+            def settled(t: asyncio.Task[None]) -> None:
+                slots.release()
+                control.tasks.discard(t)
+
+            task.add_done_callback(settled)
         if control.tasks:
             await asyncio.wait(set(control.tasks))
 

@@ -38,7 +38,8 @@ from urllib.parse import quote
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers.base import AmbiguousOutcome, RemoteBatch, RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
+from batchspec.providers.base import RemoteBatch, RemoteNotFound
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,

@@ -444,7 +444,7 @@ def parse_operation(data: Mapping[str, Any]) -> RemoteBatch:
         prompt, candidates, total = gemini_lines.usage_totals(responses)
         usage = Usage(input_tokens=prompt, output_tokens=candidates, total_tokens=total)
     error = data.get("error")
-    errors = ()
+    errors: tuple[BatchValidationError, ...] = ()
     if isinstance(error, Mapping):
         errors = (
             BatchValidationError(
@@ -483,7 +483,8 @@ def _batch_fields(data: Mapping[str, Any]) -> Mapping[str, Any]:
 def _output(data: Mapping[str, Any]) -> Mapping[str, Any]:
     for holder in (data.get("metadata"), data.get("response")):
         if isinstance(holder, Mapping) and isinstance(holder.get("output"), Mapping):
-            return holder["output"]
+            output: Mapping[str, Any] = holder["output"]
+            return output
     return {}
 
 

@@ -217,7 +217,7 @@ class TogetherProvider(OpenAIProvider):
                 "POST", "/batches", operation="create batch", json=payload, retry_ambiguous=False
             )
             body = _json(response, "create batch", self.name)
-            job = body.get("job") if isinstance(body.get("job"), Mapping) else body
+            job = body["job"] if isinstance(body.get("job"), Mapping) else body
             created = _parse_job(job, metadata)
             self._journal.confirm(key, created.id)
             return created

@@ -307,7 +307,8 @@ class PostgresSql(Sql):
         with self._translated():
             cur = self.conn.cursor()
             cur.executemany(to_pyformat(sql), [tuple(r) for r in rows])
-            return cur.rowcount
+            count: int = cur.rowcount
+            return count
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row

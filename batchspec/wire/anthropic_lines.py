@@ -60,7 +60,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from batchspec.wire.chat_convert import Unmappable, no_extras, plain_text, short
+from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
+from batchspec.wire.chat_convert import no_extras, plain_text, short
 
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MESSAGES_ENDPOINT = "/v1/messages"
@@ -105,7 +106,7 @@ _MAPPED_KEYS = frozenset(
     }
 )
 #: keys accepted when they ask for OpenAI's default (the value is then simply not sent)
-_DEFAULT_ONLY = {
+_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -371,7 +372,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
 def result_line(batch_id: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Our output/error line for one line of Anthropic's results (see the module docstring)."""
     custom_id = raw.get("custom_id")
-    result = raw.get("result") if isinstance(raw.get("result"), Mapping) else {}
+    result: Mapping[str, Any] = raw["result"] if isinstance(raw.get("result"), Mapping) else {}
     kind = result.get("type")
     line: dict[str, Any] = {"id": request_id(batch_id, str(custom_id)), "custom_id": custom_id}
     if kind == "succeeded":

@@ -71,7 +71,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from batchspec.wire.chat_convert import Unmappable, no_extras, plain_text, short
+from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
+from batchspec.wire.chat_convert import no_extras, plain_text, short
 
 #: the manifest endpoint of Gemini's own request lines (body = GenerateContentRequest)
 GENERATE_CONTENT_ENDPOINT = "/v1beta/generateContent"
@@ -545,7 +546,8 @@ def result_line(batch_name: str, record: Mapping[str, Any]) -> dict[str, Any]:
             "message": message or "The request was not run: the batch ended first.",
         }
         return line
-    http, name = GRPC_CODES.get(code, (400, str(status.get("status") or "UNKNOWN_CODE")))
+    unknown = (400, str(status.get("status") or "UNKNOWN_CODE"))
+    http, name = GRPC_CODES.get(code, unknown) if code is not None else unknown
     if code is not None and code >= 100:  # an HTTP status already
         http, name = code, str(status.get("status") or f"HTTP_{code}")
     line["response"] = {

@@ -476,7 +476,9 @@ def _output_paths(
     for key, path in (("output", output_path), ("errors", errors_path)):
         pointer = f"/spec/{key}"
         if path == input_path:
-            message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
+            message: str | None = (
+                f"{key} file is the input file {display_path(path)}: it would be overwritten"
+            )
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
         if message is not None:

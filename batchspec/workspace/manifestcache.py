@@ -311,4 +311,4 @@ class _KeyMarks(Mapping[str, yaml.Mark]):
 
 def _mark(line: int, column: int) -> yaml.Mark:
     # Only line and column are ever read from a mark (YamlDocument.location).
-    return yaml.Mark("<cached>", 0, line, column, None, None)
+    return yaml.Mark("<cached>", 0, line, column, None, 0)  # pointer unused without a buffer

@@ -69,7 +69,8 @@ from typing import IO, Any
 
 import jinja2
 from jinja2 import StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, MAX_SHOWN
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path, pointer_join

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
@@ -179,7 +179,7 @@ _Loader.add_implicit_resolver(
 _FastLoader: type[Any] = _Loader
 if getattr(yaml, "__with_libyaml__", False):
 
-    class _CLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
+    class _CLoader(yaml.CSafeLoader):
         """``_Loader``'s rules (the same resolvers), parsed by libyaml."""
 
     _CLoader.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
@@ -299,7 +299,8 @@ class _Builder:
                     self.build(item, pointer_join(pointer, i), aliased=aliased)
                     for i, item in enumerate(node.value)
                 ]
-            return self._mapping(node, pointer, aliased=aliased)
+            mapping = cast(yaml.MappingNode, node)  # neither scalar nor sequence
+            return self._mapping(mapping, pointer, aliased=aliased)
         finally:
             self._open.discard(id(node))
 
@@ -352,7 +353,7 @@ class _Builder:
         key = self.loader.construct_object(key_node)
         if isinstance(key, str):
             return key
-        text = key_node.value
+        text: str = key_node.value
         self._problem(
             key_node.start_mark,
             pointer_join(pointer, text),
@@ -511,7 +512,8 @@ def _syntax_problem(path: Path, err: yaml.MarkedYAMLError) -> Problem:
 def load_schema(name: str) -> Mapping[str, Any]:
     """A schema from ``schemas/`` by short name (``batch`` or ``project``)."""
     with (SCHEMA_DIR / f"{name}.schema.json").open(encoding="utf-8") as fh:
-        return json.load(fh)
+        schema: Mapping[str, Any] = json.load(fh)
+        return schema
 
 
 @cache
@@ -537,7 +539,7 @@ def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
     elif kind == "required":
         yield from _missing_keys(doc, error, pointer)
     elif "propertyNames" in error.relative_schema_path:
-        child = pointer_join(pointer, error.instance)
+        child = pointer_join(pointer, str(error.instance))  # a key: always a string
         message = _key_message(error, pointer)
         yield Problem.at(doc.key_location(child), child, "invalid-key", message)
     else:
@@ -546,8 +548,10 @@ def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
 
 
 def _unknown_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:
-    allowed = list(error.schema.get("properties", {}))
-    for key in error.instance:
+    schema = cast("Mapping[str, Any]", error.schema)  # set on every error iter_errors yields
+    allowed = list(schema.get("properties", {}))
+    instance: Any = error.instance
+    for key in instance:
         if key in allowed:
             continue
         child = pointer_join(pointer, key)
@@ -564,7 +568,8 @@ def _unknown_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> It
 def _missing_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:
     # jsonschema reports one error per missing key but names it only in prose, so recompute
     # the set; duplicates are removed when the problems are collected.
-    for key in error.validator_value:
+    required: Any = error.validator_value
+    for key in required:
         if isinstance(error.instance, Mapping) and key not in error.instance:
             message = f"missing required key '{key}'"
             yield Problem.at(doc.location(pointer), pointer, "missing-key", message)
@@ -594,7 +599,9 @@ def quote(value: Any) -> str:
 
 
 def _value_message(error: ValidationError, pointer: str) -> str:
-    kind, expected, value = error.validator, error.validator_value, error.instance
+    kind = error.validator
+    expected: Any = error.validator_value  # set on every error iter_errors yields
+    value: Any = error.instance
     if kind == "type":
         wanted = " or ".join(expected) if isinstance(expected, list) else expected
         message = f"expected {wanted}, got {json_type(value)}"
@@ -620,7 +627,8 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             "of the variable that holds the API key, never the key itself (value not shown)"
         )
     if kind == "pattern":
-        return f"{quote(value)} does not match {expected}{_why(error.schema)}"
+        why = _why(cast("Mapping[str, Any]", error.schema))
+        return f"{quote(value)} does not match {expected}{why}"
     if kind == "maxLength":
         return f"{quote(value)} is {len(value)} characters long, at most {expected} allowed"
     if kind == "minLength":
@@ -634,7 +642,8 @@ def _value_message(error: ValidationError, pointer: str) -> str:
 
 
 def _key_message(error: ValidationError, pointer: str) -> str:
-    key, kind, expected = error.instance, error.validator, error.validator_value
+    key: Any = error.instance  # set on every error iter_errors yields
+    kind, expected = error.validator, error.validator_value
     if kind == "not":
         return (
             f"key '{key}' is reserved: keys starting with 'batchspec_' are added by batchspec "
@@ -645,7 +654,8 @@ def _key_message(error: ValidationError, pointer: str) -> str:
     if kind == "minLength":
         return "keys must not be empty"
     if kind == "pattern":
-        return f"key {quote(key)} does not match {expected}{_why(error.schema)}"
+        why = _why(cast("Mapping[str, Any]", error.schema))
+        return f"key {quote(key)} does not match {expected}{why}"
     return f"key {quote(key)}: {error.message}"
 
 

@@ -35,7 +35,7 @@ from batchspec.workspace.yamldoc import display_path
 try:  # the optional ``fast`` extra: parsing result lines is most of a large collect's time
     from orjson import loads as _fast_loads
 except ImportError:
-    _fast_loads = json.loads
+    _fast_loads = json.loads  # type: ignore[assignment]  # accepts the same bytes
 
 
 def _loads(body: bytes) -> Any:

@@ -27,7 +27,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
@@ -104,7 +104,7 @@ def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: Bounded
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
     """The batches of each resource's current generation on a provider worth prefetching."""
-    rows = []
+    rows: list[BatchRow] = []
     for res in resources:
         if res.suspend:
             continue
@@ -196,7 +196,7 @@ def _downloader(ctx: RunContext, provider: str, file_id: str) -> Callable[[], st
     return lambda: download_to_store(ctx.provider_for(provider), file_id, ctx.blobs)
 
 
-def _outcome(future: Future[T]) -> T | BaseException:
+def _outcome(future: Future[Any]) -> Any:
     try:
         return future.result()
     except Exception as err:  # noqa: BLE001 - raised again by the step that needs it
