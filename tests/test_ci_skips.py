@@ -55,7 +55,8 @@ MODULE_SKIP = """
 
 
 def run_pytest(folder: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    # CI's own PYTEST_ADDOPTS (coverage with a floor) would fail the inner run on coverage
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
     if ci is not None:
         env["CI"] = ci
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
