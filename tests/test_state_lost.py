@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 from probes import ProbedServer
 from servers import request_lines
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli, served
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    run_cli,
+    served,
+)
 
 from batchspec.core.reconcile import adopt
 
@@ -201,3 +209,54 @@ def test_a_keyed_batch_within_the_window_is_adopted_even_pages_back(
     assert code == 0, err
     assert srv.probe.counts["POST /batches"] == creates_before
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def typed_workspace(root: Path, kind: str, base_url: str) -> Workspace:
+    provider = {"type": kind, "baseUrl": base_url, "apiKeyEnv": KEY_ENV}
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    return make_workspace(
+        root, providers={"p": provider}, resources=[ResourceSpec("triage", 4, "p", spec)]
+    )
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemini"])
+def test_mistral_and_gemini_batches_are_adopted_after_the_state_is_lost(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    """Mistral (key in the job's metadata) and Gemini (key in the display name) against serve:
+    apply --wait, delete state/, apply --wait: still one batch per shard, results identical."""
+    srv = server()
+    ws = typed_workspace(tmp_path / "ws", kind, srv.base_url)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    first = ws.output_path("triage").read_bytes()
+    assert srv.batch_count() == 2
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.batch_count() == 2
+    assert len(events(ws, "adopt")) == 2 and not events(ws, "create")
+    assert ws.output_path("triage").read_bytes() == first
+
+
+def test_anthropic_batches_are_not_recognised_after_the_state_is_lost(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What docs/state-backends.md says plainly: Anthropic batches carry no metadata and the
+    journal under state/ is gone, so the lookup finds nothing and a new batch is created."""
+    srv = server()
+    ws = typed_workspace(tmp_path / "ws", "anthropic", srv.base_url)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.batch_count() == 4
+    assert all(d["remote_id"] is None for d in events(ws, "lookup"))
