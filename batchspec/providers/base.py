@@ -130,6 +130,36 @@ class Provider(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class KeyLookup:
+    """What ``find_batch_by_key`` saw: the batch carrying the key (or None), and the cost."""
+
+    batch: RemoteBatch | None
+    listed: int  # batches read from the provider's list before the scan stopped
+    stopped_at_window: bool  # the scan ended at a batch older than ``since``
+
+
+def find_batch_by_key(
+    provider: Provider, metadata: Mapping[str, str], *, since: float, page_size: int = 100
+) -> KeyLookup:
+    """Page the provider's batches, newest first, for the one whose metadata holds ``metadata``.
+
+    Bounded: the scan stops at the first batch created before ``since`` (epoch seconds), which
+    is never matched, so the cost is the pages back to ``since``, not the account's history.
+    Every provider reports batchspec's key in ``RemoteBatch.metadata`` (OpenAI, Azure, LiteLLM,
+    serve and Mistral keep it remotely; Gemini in the display name; Anthropic and Together only
+    in their local journal, so after a lost state their batches are not recognised).
+    """
+    listed = 0
+    for remote in provider.list_batches(page_size=page_size):
+        listed += 1
+        if remote.created_at is not None and remote.created_at < since:
+            return KeyLookup(None, listed, True)
+        if all(remote.metadata.get(k) == v for k, v in metadata.items()):
+            return KeyLookup(remote, listed, False)
+    return KeyLookup(None, listed, False)
+
+
 def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
     """Parse an OpenAI-shaped batch object leniently (Azure and LiteLLM variants included)."""
     counts = data.get("request_counts")

@@ -1,5 +1,14 @@
 """Bind a remote batch to its recorded intent: find it by key (adoption), record its id.
 
+A state that was lost or is stale (deleted, restored from an old backup, a runner that never
+saw the first run) holds no trace of a batch that was made and paid for. So before the first
+create of every intent (a ``pending`` row: no create was ever recorded for it),
+``look_up_before_create`` asks the provider for a batch carrying the intent's key, created
+within the completion window plus ``ADOPTION_CLOCK_SLACK``, and the submit step adopts it
+instead of creating another. The scan stops at the first batch older than that (a bounded
+cost: the pages back to the window) and is recorded as a ``lookup`` event. A completed batch
+adopted this way is collected again: the provider still holds its output.
+
 A run that dies between the create call and recording the remote id leaves a ``creating``
 row. ``find_remote`` pages the provider's batches (newest first, back to the intent's time
 less ``ADOPTION_CLOCK_SLACK``) for the one whose metadata carries the intent's key, so the next
@@ -18,7 +27,7 @@ from __future__ import annotations
 from batchspec.core.batches import batch_fields, metadata_for_key
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.providers.base import KeyLookup, Provider, RemoteBatch, find_batch_by_key
 from batchspec.state.store import BatchRow, parse_timestamp
 from batchspec.workspace.manifest import Resource
 
@@ -27,18 +36,60 @@ ADOPTION_CLOCK_SLACK = 3600
 # Pauses (seconds) between lookups of a create whose answer was lost: doubling up to the max.
 CONFIRM_FIRST_DELAY = 0.5
 CONFIRM_MAX_DELAY = 10.0
+# Batches per list page asked for by the lookups (the providers cap it at their own maximum).
+LOOKUP_PAGE_SIZE = 100
 
 
 def find_remote(ctx: RunContext, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
     """Page the provider's batches (newest first) for the one carrying this intent's key."""
-    wanted = metadata_for_key(batch.key)
     since = parse_timestamp(batch.created_at).timestamp() - ADOPTION_CLOCK_SLACK
-    for remote in provider.list_batches():
-        if all(remote.metadata.get(k) == v for k, v in wanted.items()):
-            return remote
-        if remote.created_at is not None and remote.created_at < since:
-            break
-    return None
+    return find_batch_by_key(
+        provider, metadata_for_key(batch.key), since=since, page_size=LOOKUP_PAGE_SIZE
+    ).batch
+
+
+def look_up_before_create(
+    ctx: RunContext, res: Resource, provider: Provider, batch: BatchRow
+) -> RemoteBatch | None:
+    """The batch an earlier run (whose state is lost) made for this intent's key, if any.
+
+    Looks back over the completion window plus ``ADOPTION_CLOCK_SLACK``: a batch of this key
+    created earlier has expired by now (it is not adopted; the intent is sent anew). Records
+    the lookup, and what it cost, as a ``lookup`` event.
+    """
+    since = ctx.clock() - window_seconds(res.completion_window) - ADOPTION_CLOCK_SLACK
+    found = find_batch_by_key(
+        provider, metadata_for_key(batch.key), since=since, page_size=LOOKUP_PAGE_SIZE
+    )
+    _record_lookup(ctx, res, batch, found, since)
+    return found.batch
+
+
+def _record_lookup(
+    ctx: RunContext, res: Resource, batch: BatchRow, found: KeyLookup, since: float
+) -> None:
+    ctx.store.record_event(
+        ctx.run_id,
+        "lookup",
+        resource=res.name,
+        generation_id=batch.generation_id,
+        batch_id=batch.id,
+        detail={
+            "key": batch.key,
+            "remote_id": found.batch.id if found.batch is not None else None,
+            "listed": found.listed,
+            "stopped_at_window": found.stopped_at_window,
+            "since": int(since),
+        },
+    )
+
+
+def window_seconds(window: str) -> int:
+    """Seconds of a completion window (``"24h"``, ``"7d"``; the schema allows no other form)."""
+    digits, unit = window[:-1], window[-1:]
+    if not digits.isdigit() or unit not in ("h", "d"):
+        return 86400
+    return int(digits) * (86400 if unit == "d" else 3600)
 
 
 def confirm_deadline(ctx: RunContext, provider: str, batch: BatchRow) -> float:

@@ -5,7 +5,9 @@ generation and its intents (``intent``), then submits every intent that has no r
 yet, as the provider's ``maxInFlightBatches`` allows. Per batch it promises, in order: an
 unsure create (``creating``) is adopted by key if the provider has it, and is never created
 again while it may still be in transit (``adopt.confirm_deadline``: the step reports
-"waiting to confirm an earlier create" instead); the file is uploaded at most once per
+"waiting to confirm an earlier create" instead); an intent never sent from this state
+(``pending``) is first looked up by key too (``adopt.look_up_before_create``: the state may be
+lost or stale) and adopted if an earlier run made it; the file is uploaded at most once per
 provider and sha256 (``upload-intent`` recorded first; a file the provider lost is uploaded
 again); the row is marked ``creating`` with a ``create-intent`` event; the run's lock is
 re-checked; only then is the batch created, with its deterministic key in the metadata. A
@@ -23,6 +25,7 @@ from batchspec.core.plan import Action
 from batchspec.core.reconcile.adopt import (
     confirm_deadline,
     find_remote,
+    look_up_before_create,
     look_up_until,
     record_remote,
 )
@@ -116,6 +119,11 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
         if ctx.clock() < until:
             _report_unconfirmed(ctx, res, batch, until)
             return False
+    else:  # never sent from this state: an earlier run whose state is lost may have made it
+        adopted = look_up_before_create(ctx, res, provider, batch)
+        if adopted is not None:
+            record_remote(ctx, res, batch, adopted, event="adopt")
+            return True
     path = _batch_file(ctx, res, gen, batch)
     file_id = _ensure_uploaded(ctx, provider, res, batch, path)
     with ctx.store.atomic():

@@ -1,0 +1,262 @@
+"""Never pay twice when the state is lost: apply looks the key up before every first create.
+
+A workspace is applied against the engine over loopback (the app ``batchspec serve`` runs,
+behind a probe that counts requests), then its whole ``state/`` folder (database, result
+store, shard files) is deleted and apply runs again. The provider must end up holding exactly
+one batch per shard, the results must be complete and identical, and the lookup must stay
+bounded: a keyed batch older than the completion window (plus the margin) is not adopted, and
+the scan stops paging at it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from probes import ProbedServer
+from servers import request_lines
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    run_cli,
+    served,
+)
+
+from batchspec.core.reconcile import adopt
+
+FAST = ["--poll-interval", "0.05"]
+SHARDED = ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 2}})
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def lose_state(ws: Workspace) -> None:
+    shutil.rmtree(ws.root / "state")
+
+
+def keys_on_server(srv: ProbedServer) -> list[tuple[str, str]]:
+    """(shard, attempt) of every batch the server holds for resource triage."""
+    rows = srv.client().batches.list(limit=100).data
+    return sorted(
+        (b.metadata["batchspec_shard"], b.metadata["batchspec_attempt"])
+        for b in rows
+        if (b.metadata or {}).get("batchspec_resource") == "triage"
+    )
+
+
+def events(ws: Workspace, action: str) -> list[dict[str, Any]]:
+    with ws.store() as store:
+        return [e.detail for e in store.events(resource="triage") if e.action == action]
+
+
+def test_apply_wait_after_the_state_is_deleted_adopts_every_shard_and_restores_results(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --wait, delete state/, apply --wait again: no second create, one batch per shard
+    on the server, each adopted after a recorded lookup, results complete and identical."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    first = ws.output_path("triage").read_bytes()
+    creates = srv.probe.counts["POST /batches"]
+    assert creates == 3
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == creates
+    assert keys_on_server(srv) == [("0", "1"), ("1", "1"), ("2", "1")]
+    lookups = events(ws, "lookup")
+    assert len(lookups) == 3 and all(d["remote_id"] for d in lookups)
+    assert len(events(ws, "adopt")) == 3 and not events(ws, "create")
+    assert ws.output_path("triage").read_bytes() == first
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_apply_after_a_submit_only_run_lost_its_state_adopts_and_collects(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply without --wait (batches only submitted), delete state/, apply --wait: the batches
+    in flight are adopted, not created again, and their results are collected complete."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3
+    assert keys_on_server(srv) == [("0", "1"), ("1", "1"), ("2", "1")]
+    assert len(events(ws, "adopt")) == 3
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def spec_hash_of(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> str:
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code in (0, 2), err
+    [action] = json.loads(out)["actions"]
+    return str(action["spec_hash"])
+
+
+def create_aged_batch(
+    srv: ProbedServer, metadata: dict[str, str], age: int, data: str | None = None
+) -> str:
+    """A batch of ``data`` (else two other requests) created through the SDK, then dated
+    ``age`` seconds back in the engine."""
+    client = srv.client()
+    if data is None:
+        data = "".join(json.dumps(line) + "\n" for line in request_lines(2, prefix="old"))
+    upload = client.files.create(file=("old.jsonl", io.BytesIO(data.encode())), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=metadata,
+    )
+    with srv.engine.store.write() as db:
+        db.execute("UPDATE batches SET created_at = created_at - ? WHERE id = ?", (age, batch.id))
+    return str(batch.id)
+
+
+def test_a_keyed_batch_older_than_the_window_is_not_adopted_and_paging_stops(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch with the shard's whole key but created three days ago, behind four other old
+    batches, two per page: the lookup reads one page, stops at the first old batch, adopts
+    nothing, and apply creates one new batch."""
+    monkeypatch.setattr(adopt, "LOOKUP_PAGE_SIZE", 2)
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    spec = spec_hash_of(ws, capsys)
+    key = {
+        "batchspec_resource": "triage",
+        "batchspec_spec": spec,
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    three_days = 3 * 86400
+    stale = create_aged_batch(srv, key, three_days)
+    for n in range(4):
+        create_aged_batch(srv, {"project": f"old-{n}"}, three_days)
+    lists_before = srv.probe.counts["GET /batches"]
+    creates_before = srv.probe.counts["POST /batches"]
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["GET /batches"] - lists_before == 1
+    assert srv.probe.counts["POST /batches"] == creates_before + 1
+    [lookup] = events(ws, "lookup")
+    assert lookup["remote_id"] is None
+    assert (lookup["listed"], lookup["stopped_at_window"]) == (1, True)
+    [created] = events(ws, "create")
+    assert created["remote_id"] != stale
+
+
+def test_a_keyed_batch_within_the_window_is_adopted_even_pages_back(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch with the shard's whole key made an hour ago, behind four newer unrelated
+    batches (two per page): the lookup pages on to it and apply adopts it, creating none, and
+    collects its results."""
+    monkeypatch.setattr(adopt, "LOOKUP_PAGE_SIZE", 2)
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    spec = spec_hash_of(ws, capsys)
+    key = {
+        "batchspec_resource": "triage",
+        "batchspec_spec": spec,
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    own = create_aged_batch(srv, key, 3600, ws.input_path("triage").read_text())
+    for n in range(4):
+        create_aged_batch(srv, {"project": f"new-{n}"}, 0)
+    creates_before = srv.probe.counts["POST /batches"]
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == creates_before
+    [lookup] = events(ws, "lookup")
+    assert (lookup["remote_id"], lookup["listed"]) == (own, 5)
+    assert [d["remote_id"] for d in events(ws, "adopt")] == [own]
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == creates_before
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def typed_workspace(root: Path, kind: str, base_url: str) -> Workspace:
+    provider = {"type": kind, "baseUrl": base_url, "apiKeyEnv": KEY_ENV}
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    return make_workspace(
+        root, providers={"p": provider}, resources=[ResourceSpec("triage", 4, "p", spec)]
+    )
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemini"])
+def test_mistral_and_gemini_batches_are_adopted_after_the_state_is_lost(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    """Mistral (key in the job's metadata) and Gemini (key in the display name) against serve:
+    apply --wait, delete state/, apply --wait: still one batch per shard, results identical."""
+    srv = server()
+    ws = typed_workspace(tmp_path / "ws", kind, srv.base_url)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    first = ws.output_path("triage").read_bytes()
+    assert srv.batch_count() == 2
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.batch_count() == 2
+    assert len(events(ws, "adopt")) == 2 and not events(ws, "create")
+    assert ws.output_path("triage").read_bytes() == first
+
+
+def test_anthropic_batches_are_not_recognised_after_the_state_is_lost(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What docs/state-backends.md says plainly: Anthropic batches carry no metadata and the
+    journal under state/ is gone, so the lookup finds nothing and a new batch is created."""
+    srv = server()
+    ws = typed_workspace(tmp_path / "ws", "anthropic", srv.base_url)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.batch_count() == 4
+    assert all(d["remote_id"] is None for d in events(ws, "lookup"))
