@@ -13,8 +13,8 @@ so the CLI prints it and says on stderr whose results they are.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +25,7 @@ from batchspec.errors import ManifestError, StaleResultsError, StateError
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.workspace.manifest import Resource, load_workspace
+from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import Problem, display_path
 
 FINISHED = ("complete", "degraded")
@@ -44,6 +45,8 @@ class ResultsFile:
     current: bool  # the file is what the current spec's finished generation wrote
     stale_reason: str | None = None
     note: str | None = None  # current, but worth saying (the partial results of a cancel)
+    #: the resource (its input, output and errors paths), for an export
+    resource: Resource | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,8 @@ class ResultsView:
     files: list[ResultsFile]
     #: problems of other manifests, which did not stop this read (shown as a warning)
     skipped: tuple[Problem, ...] = ()
+    #: the project's providers (an export prices its rows with them)
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
 
 
 def result_files(
@@ -100,7 +105,8 @@ def result_files(
                     f"{display_path(path)} does not exist yet",
                     details=["run `batchspec apply` to collect the results, or to restore it"],
                 )
-            found.append(_tie_to_generation(store, res, path, errors=errors))
+            tied = _tie_to_generation(store, res, path, errors=errors)
+            found.append(replace(tied, resource=res))
     stale = [f for f in found if not f.current]
     if stale and not allow_stale:
         raise StaleResultsError(
@@ -111,7 +117,7 @@ def result_files(
                 "print stale results anyway",
             ],
         )
-    return ResultsView(found, ws.problems)
+    return ResultsView(found, ws.problems, ws.project.providers)
 
 
 def _tie_to_generation(
