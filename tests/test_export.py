@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from servers import request_lines
 from workspaces import (
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     local_provider,
     make_workspace,
     run_cli,
@@ -220,3 +224,85 @@ def test_join_on_a_rows_input_adds_each_rows_fields_in_order(
         ("t-7", "7", "printer on fire"),
         ("t-9", "9", "two\nlines"),
     ]
+
+
+def test_parquet_through_a_pipe_has_typed_columns_and_the_rows_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--format parquet written to a pipe (no tell()) reads back with pyarrow: rows in input
+    order, tokens as integers, cost as a float, a failed row's error, in row groups."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    ws = applied(tmp_path, capsys, with_failure(5))
+    argv = batchspec_cmd("results", "triage", str(ws.root), "--format", "parquet")
+    done = subprocess.run(argv, capture_output=True, check=False, env=_env())
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(io.BytesIO(done.stdout))
+    rows = table.to_pylist()
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(5)]
+    assert [r["status"] for r in rows][:2] == ["succeeded", "failed"]
+    assert str(table.schema.field("input_tokens").type) == "int64"
+    assert str(table.schema.field("cost_usd").type) == "double"
+    assert isinstance(rows[0]["cost_usd"], float) and rows[1]["error_message"]
+
+
+def test_parquet_row_groups_and_typed_flat_schema_and_embedding_vectors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parquet is written in row groups of PARQUET_ROW_GROUP rows; a flat schema's number
+    property is a double column (null where the answer did not parse); an embeddings
+    answer is a list of doubles."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from batchspec.core import export
+
+    monkeypatch.setattr(export, "PARQUET_ROW_GROUP", 2)
+    lines = request_lines(3)
+    for line in lines:
+        line["body"]["response_format"] = SCHEMA
+    ws = applied(tmp_path, capsys, lines)
+    answers = ['{"label": "bug", "score": 0.9}', "not json", '{"label": "ask", "score": 1}']
+    edited = []
+    for result, text in zip(ws.outputs("triage"), answers, strict=True):
+        result["response"]["body"]["choices"][0]["message"]["content"] = text
+        edited.append(json.dumps(result) + "\n")
+    ws.output_path("triage").write_text("".join(edited))
+    [res] = load_workspace([str(ws.root)]).resources
+    source = ExportSource(res, ws.output_path("triage"), ws.errors_path("triage"), None)
+    sink = io.BytesIO()
+    export.write_export(export.export_rows(source), export.layout_of(source, join=False),
+                        "parquet", sink)  # fmt: skip
+    parquet = pq.ParquetFile(io.BytesIO(sink.getvalue()))
+    assert parquet.metadata.num_row_groups == 2
+    table = parquet.read()
+    assert str(table.schema.field("parsed.score").type) == "double"
+    assert table.column("parsed.score").to_pylist() == [0.9, None, 1.0]
+    assert table.column("parse_error").to_pylist()[1].startswith("the answer is not JSON")
+
+    emb = make_workspace(tmp_path / "emb", providers={"srv": local_provider()}, resources=[])
+    emb.write_input("emb", request_lines(2, endpoint="/v1/embeddings"))
+    write_manifest(emb, ResourceSpec("emb", spec={"endpoint": "/v1/embeddings"}))
+    assert run_cli(["apply", str(emb.root), "--yes", "--wait"], capsys)[0] == 0
+    [res] = load_workspace([str(emb.root)]).resources
+    source = ExportSource(res, emb.output_path("emb"), emb.errors_path("emb"), None)
+    sink = io.BytesIO()
+    export.write_export(export.export_rows(source), export.layout_of(source, join=False),
+                        "parquet", sink)  # fmt: skip
+    table = pq.read_table(io.BytesIO(sink.getvalue()))
+    assert str(table.schema.field("answer").type) == "list<element: double>"
+    vector = emb.outputs("emb")[0]["response"]["body"]["data"][0]["embedding"]
+    assert table.column("answer").to_pylist()[0] == vector
+
+
+def test_parquet_without_pyarrow_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pyarrow installed, --format parquet exits 1 with one line naming the extra."""
+    ws = applied(tmp_path, capsys, request_lines(1))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    code, out, err = run_cli(["results", "triage", str(ws.root), "--format", "parquet"], capsys)
+    assert code == 1 and out == ""
+    assert "pip install 'batchspec[parquet]'" in err and "Traceback" not in err
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("BATCHSPEC_")}

@@ -92,14 +92,16 @@ class ExportSource:
 class Layout:
     """The columns of an export: the fixed ones, a flat schema's, the joined input's."""
 
-    flat: tuple[str, ...] = ()  # property names of a flat JSON schema (CSV/Parquet columns)
+    #: ``(name, JSON type)`` of a flat JSON schema's properties (CSV/Parquet columns)
+    flat: tuple[tuple[str, str], ...] = ()
     joined: tuple[str, ...] = ()  # joined column names
+    vector: bool = False  # the answer is an embedding (a list of floats in Parquet)
 
     def columns(self, fmt: str) -> list[str]:
         fixed = list(EXPORT_COLUMNS)
         if self.flat and fmt != "jsonl":
             at = fixed.index("parsed")
-            fixed[at : at + 1] = [f"parsed.{name}" for name in self.flat]
+            fixed[at : at + 1] = [f"parsed.{name}" for name, _ in self.flat]
         return [*fixed, *self.joined]
 
 
@@ -126,7 +128,8 @@ def layout_of(source: ExportSource, *, join: bool) -> Layout:
         else:
             row = next((r for r in iter_rows(rows_path) if isinstance(r, Row)), None)
             joined = tuple(f"input.{k}" for k in (row.fields if row else {}))
-    return Layout(flat, joined)
+    vector = source.resource.endpoint.rstrip("/").endswith("/embeddings")
+    return Layout(flat, joined, vector)
 
 
 def export_rows(source: ExportSource, *, join: bool = False) -> Iterator[dict[str, Any]]:
@@ -321,7 +324,8 @@ def _asks_json(body: Mapping[str, Any]) -> bool:
     return isinstance(config, Mapping) and config.get("responseMimeType") == "application/json"
 
 
-def _flat_properties(body: Mapping[str, Any]) -> tuple[str, ...]:
+def _flat_properties(body: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``(name, JSON type)`` of each property of a flat ``json_schema``; () when not flat."""
     fmt = body.get("response_format")
     schema = None
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
@@ -330,13 +334,16 @@ def _flat_properties(body: Mapping[str, Any]) -> tuple[str, ...]:
     props = schema.get("properties") if isinstance(schema, Mapping) else None
     if not isinstance(props, Mapping) or not props:
         return ()
-    for prop in props.values():
+    found = []
+    for name, prop in props.items():
         kind = prop.get("type") if isinstance(prop, Mapping) else None
-        kinds = kind if isinstance(kind, list) else [kind]
-        scalar = all(k in _SCALARS for k in kinds) or (isinstance(prop, Mapping) and "enum" in prop)
-        if not scalar:
+        kinds = [k for k in (kind if isinstance(kind, list) else [kind]) if k != "null"]
+        if isinstance(prop, Mapping) and "enum" in prop and not kinds:
+            kinds = ["string"]
+        if not kinds or not all(k in _SCALARS for k in kinds):
             return ()
-    return tuple(str(k) for k in props)
+        found.append((str(name), kinds[0] if len(kinds) == 1 else "string"))
+    return tuple(found)
 
 
 def _parse(answer: str) -> tuple[Any, str | None]:
@@ -365,7 +372,7 @@ def write_export(rows: Iterable[dict[str, Any]], layout: Layout, fmt: str, out: 
     """Write ``rows`` to ``out`` as ``fmt``; returns how many were written."""
     columns = layout.columns(fmt)
     if fmt == "parquet":
-        return _write_parquet(rows, columns, out)
+        return _write_parquet(rows, layout, columns, out)
     count = 0
     if fmt == "jsonl":
         for row in rows:
@@ -400,7 +407,9 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _write_parquet(rows: Iterable[dict[str, Any]], columns: list[str], out: IO[bytes]) -> int:
+def _write_parquet(
+    rows: Iterable[dict[str, Any]], layout: Layout, columns: list[str], out: IO[bytes]
+) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -408,16 +417,23 @@ def _write_parquet(rows: Iterable[dict[str, Any]], columns: list[str], out: IO[b
         raise ExportError(
             "--format parquet needs pyarrow: pip install 'batchspec[parquet]'"
         ) from None
-    numeric = {"input_tokens": pa.int64(), "output_tokens": pa.int64(), "cost_usd": pa.float64()}
-    schema = pa.schema([(c, numeric.get(c, pa.string())) for c in columns])
+    kinds = {"input_tokens": "integer", "output_tokens": "integer", "cost_usd": "number"}
+    kinds.update((f"parsed.{name}", kind) for name, kind in layout.flat)
+    if layout.vector:
+        kinds["answer"] = "vector"
+    arrow = {
+        "integer": pa.int64(),
+        "number": pa.float64(),
+        "boolean": pa.bool_(),
+        "vector": pa.list_(pa.float64()),
+    }
+    schema = pa.schema([(c, arrow.get(kinds.get(c, ""), pa.string())) for c in columns])
     count = 0
     with pq.ParquetWriter(out, schema) as writer:
         batch: list[list[Any]] = []
         for row in rows:
             values = _ordered(row, columns)
-            batch.append(
-                [v if c in numeric else _string(v) for c, v in zip(columns, values, strict=True)]
-            )
+            batch.append([_typed(v, kinds.get(c)) for c, v in zip(columns, values, strict=True)])
             count += 1
             if len(batch) >= PARQUET_ROW_GROUP:
                 writer.write_table(_table(pa, schema, batch))
@@ -427,17 +443,27 @@ def _write_parquet(rows: Iterable[dict[str, Any]], columns: list[str], out: IO[b
     return count
 
 
+def _typed(value: Any, kind: str | None) -> Any:
+    """``value`` as its Parquet column holds it; a value of another type is null there (a
+    model that answered a number as text): the row keeps its ``answer``."""
+    if value is None:
+        return None
+    if kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value if ok else None
+    if kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else None
+    if kind == "boolean":
+        return value if isinstance(value, bool) else None
+    if kind == "vector":
+        return value if isinstance(value, list) else None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _table(pa: Any, schema: Any, batch: list[list[Any]]) -> Any:
     arrays = {name: [r[i] for r in batch] for i, name in enumerate(schema.names)}
     return pa.Table.from_pydict(arrays, schema=schema)
-
-
-def _string(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
 
 
 def export_results(
