@@ -306,3 +306,81 @@ def test_parquet_without_pyarrow_says_so_in_one_line(
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("BATCHSPEC_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# spec.export: written by apply
+
+
+def test_apply_writes_spec_export_with_the_results_and_restores_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`spec.export` files are written by apply with the results, byte for byte what
+    `results --format` prints; a deleted export is planned as a restore (no network) and
+    written again by the next apply."""
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    ws.write_input("triage", with_failure())
+    exports = [{"path": "../exports/triage.csv"}, {"path": "../exports/t.jsonl", "join": True}]
+    write_manifest(ws, ResourceSpec("triage", spec={"export": exports}))
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    csv_path, jsonl_path = ws.root / "exports" / "triage.csv", ws.root / "exports" / "t.jsonl"
+    code, out, _ = run_cli(["results", "triage", str(ws.root), "--format", "csv"], capsys)
+    assert csv_path.read_text() == out
+    rows = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["succeeded", "failed", "succeeded"]
+    assert rows[0]["request"] == request_lines(3)[0]["body"]["messages"]
+
+    csv_path.unlink()
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "restore (export file " in out and "exports/triage.csv is missing" in out
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    assert (
+        csv_path.read_text()
+        == run_cli(["results", "triage", str(ws.root), "--format", "csv"], capsys)[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        pytest.param("../state/x.csv", "inside the state folder", id="state-folder"),
+        pytest.param("../state/batchspec.db", "inside the state folder", id="state-db"),
+        pytest.param("../data/triage.jsonl", "input", id="own-input"),
+        pytest.param("../results/triage.jsonl", "output", id="own-output"),
+        pytest.param("triage.yaml", "manifest", id="the-manifest"),
+        pytest.param("../batchspec.yaml", "project file", id="project-file"),
+        pytest.param("../../outside.csv", "outside the workspace", id="outside"),
+        pytest.param("../exports/t.txt", "set `format`", id="unknown-extension"),
+    ],
+)
+def test_an_export_path_that_would_overwrite_what_it_must_not_is_refused_before_upload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], path: str, says: str
+) -> None:
+    """spec.export is confined like output: into the state, onto an input, the resource's
+    output, a manifest, the project file or outside the workspace is a path-conflict at
+    /spec/export/0/path; apply exits 1 and creates no state."""
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    ws.write_input("triage", request_lines(1))
+    write_manifest(ws, ResourceSpec("triage", spec={"export": [{"path": path}]}))
+    before = ws.manifest_path("triage").read_bytes()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 1
+    assert "/spec/export/0/path" in err and says in err
+    assert not ws.state_path.exists() and ws.manifest_path("triage").read_bytes() == before
+
+
+def test_two_resources_exporting_to_one_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export file written by two resources (or onto another's output) is refused,
+    naming both places."""
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    for name in ("alpha", "beta"):
+        ws.write_input(name, request_lines(1))
+    write_manifest(ws, ResourceSpec("alpha", spec={"export": [{"path": "../exports/x.csv"}]}))
+    write_manifest(ws, ResourceSpec("beta", spec={"export": [{"path": "../results/alpha.jsonl"}]}))
+    code, _, err = run_cli(["validate", str(ws.root)], capsys)
+    assert code == 1 and "written by two resources" in err
+    assert "'alpha'" in err and "'beta'" in err

@@ -775,7 +775,7 @@ def results(
             click.echo(f"Note: {f.note}", err=True)
     stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
     if fmt is not None:
-        from batchspec.core.export import export_results
+        from batchspec.core.result_view import export_results
 
         export_results(files, view.providers, fmt, stdout, join=join)
     elif as_json:

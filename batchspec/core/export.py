@@ -34,6 +34,10 @@ Columns, in this order (``EXPORT_COLUMNS``):
 is row N), else the request's ``messages`` (or ``input``/``prompt``/``contents``) as
 ``request``.
 
+``spec.export`` (``write_exports``) writes the same datasets to files after apply has written
+and recorded the result files (collect and restore), each through a temporary file and a
+rename; a missing export file is a restore in the plan.
+
 Parquet needs the optional extra ``batchspec[parquet]`` (pyarrow); it is written in row
 groups of ``PARQUET_ROW_GROUP`` rows.
 """
@@ -43,17 +47,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from batchspec.core.result_view import ResultsFile
 from batchspec.core.spend import Price, price_for
 from batchspec.errors import BatchspecError, UsageError
+from batchspec.storage.blobstore import write_atomically
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.usage import usage_of_line
-from batchspec.workspace.manifest import Resource
+from batchspec.workspace.manifest import ExportTarget, Resource
 from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.templates import Row, iter_rows
 
@@ -466,21 +470,16 @@ def _table(pa: Any, schema: Any, batch: list[list[Any]]) -> Any:
     return pa.Table.from_pydict(arrays, schema=schema)
 
 
-def export_results(
-    files: Sequence[ResultsFile],
-    providers: Mapping[str, ProviderConfig],
-    fmt: str,
-    out: BinaryIO,
-    *,
-    join: bool = False,
-) -> int:
-    """``batchspec results NAME --format FMT``: the resource's rows, written to ``out``."""
-    if len(files) != 1:
-        names = ", ".join(f.name for f in files)
-        raise UsageError(f"--format exports one resource at a time; selected: {names}")
-    res = files[0].resource
-    if res is None:
-        raise ExportError(f"no resource behind {files[0].path}")
-    source = ExportSource(res, res.output_path, res.errors_path, providers.get(res.provider))
-    layout = layout_of(source, join=join)
-    return write_export(export_rows(source, join=join), layout, check_format(fmt), out)
+def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
+    """``spec.export``: write each dataset from the resource's result files (through a
+    temporary file and a rename), after apply has written them; returns the paths."""
+    source = ExportSource(res, res.output_path, res.errors_path, provider)
+    for target in res.exports:
+        write_atomically(target.path, lambda tmp, t=target: _export_to(source, t, tmp))
+    return [t.path for t in res.exports]
+
+
+def _export_to(source: ExportSource, target: ExportTarget, tmp: Path) -> None:
+    layout = layout_of(source, join=target.join)
+    with tmp.open("wb") as out:
+        write_export(export_rows(source, join=target.join), layout, target.format, out)

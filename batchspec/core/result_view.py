@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from batchspec.core import export
 from batchspec.core.replacements import effective_resources
 from batchspec.core.session import select_resources
 from batchspec.core.status import is_name_selector, read_only_store, require_loaded
-from batchspec.errors import ManifestError, StaleResultsError, StateError
+from batchspec.errors import ManifestError, StaleResultsError, StateError, UsageError
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.workspace.manifest import Resource, load_workspace
@@ -200,3 +201,26 @@ def write_results_json(files: Sequence[ResultsFile], out: BinaryIO) -> None:
                 first = False
         out.write(b"]}")
     out.write(b"]}\n")
+
+
+def export_results(
+    files: Sequence[ResultsFile],
+    providers: Mapping[str, ProviderConfig],
+    fmt: str,
+    out: BinaryIO,
+    *,
+    join: bool = False,
+) -> int:
+    """``batchspec results NAME --format FMT``: the resource's rows (``batchspec.core.export``)
+    written to ``out``; one resource at a time."""
+    if len(files) != 1:
+        names = ", ".join(f.name for f in files)
+        raise UsageError(f"--format exports one resource at a time; selected: {names}")
+    res = files[0].resource
+    if res is None:
+        raise StateError(f"no resource behind {files[0].path}")
+    source = export.ExportSource(res, res.output_path, res.errors_path, providers.get(res.provider))
+    layout = export.layout_of(source, join=join)
+    return export.write_export(
+        export.export_rows(source, join=join), layout, export.check_format(fmt), out
+    )
