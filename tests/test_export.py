@@ -384,3 +384,17 @@ def test_two_resources_exporting_to_one_file_is_refused(
     code, _, err = run_cli(["validate", str(ws.root)], capsys)
     assert code == 1 and "written by two resources" in err
     assert "'alpha'" in err and "'beta'" in err
+
+
+def test_a_result_file_edited_into_non_json_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output file edited by hand into a line that is not JSON: --format (with
+    --allow-stale) exits 1 naming file:line, without a traceback."""
+    ws = applied(tmp_path, capsys, request_lines(2))
+    lines = ws.output_path("triage").read_text().splitlines()
+    ws.output_path("triage").write_text(lines[0] + "\n{broken\n")
+    argv = ["results", "triage", str(ws.root), "--format", "csv", "--allow-stale"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "triage.jsonl:2: not a JSON result line" in err
+    assert "Traceback" not in err

@@ -60,6 +60,7 @@ from batchspec.wire.usage import usage_of_line
 from batchspec.workspace.manifest import ExportTarget, Resource
 from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.templates import Row, iter_rows
+from batchspec.workspace.yamldoc import display_path
 
 FORMATS = ("jsonl", "csv", "parquet")
 EXPORT_COLUMNS = (
@@ -194,6 +195,8 @@ class _Lines:
 
     def __init__(self, path: Path, status: str) -> None:
         self.f: BinaryIO | None = path.open("rb") if path.is_file() else None
+        self.path = path
+        self.lineno = 0
         self.head: dict[str, Any] | None = None
         self.status = status
         self._advance()
@@ -214,8 +217,15 @@ class _Lines:
             raw = self.f.readline()
             if not raw:
                 return
+            self.lineno += 1
             if raw.strip():
-                parsed = json.loads(raw)
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    raise ExportError(
+                        f"{display_path(self.path)}:{self.lineno}: not a JSON result line",
+                        details=["run `batchspec apply` to restore the result files"],
+                    ) from None
                 self.head = parsed if isinstance(parsed, dict) else {"custom_id": None}
                 return
 
