@@ -85,6 +85,9 @@ class SchemaDoc:
         prop = self.resolve(prop)
         if prop.get("properties"):
             yield from self.sections(path, prop)
+        items = prop.get("items")
+        if isinstance(items, Mapping) and self.resolve(items).get("properties"):
+            yield from self.sections(f"{path}[]", items)  # an array of objects: each item
         values = prop.get("additionalProperties")
         if isinstance(values, Mapping) and self.resolve(values).get("properties"):
             yield from self.sections(f"{path}.<name>", values)

@@ -771,6 +771,14 @@ def history(
     help="Print results that are not the current spec's (an older generation's, a cancelled "
     "or unfinished one's) instead of exiting 1; stderr says whose they are.",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "parquet"]),
+    help="One row per request (answer, parsed JSON, usage, cost, error) instead of the raw "
+    "result lines; parquet needs batchspec[parquet].",
+)
+@click.option("--join", is_flag=True, help="With --format: add the input row's fields.")
 @json_option
 @state_option
 def results(
@@ -779,6 +787,8 @@ def results(
     select: tuple[str, ...],
     show_errors: bool,
     allow_stale: bool,
+    fmt: str | None,
+    join: bool,
     as_json: bool,
     state_path: str | None,
 ) -> None:
@@ -795,6 +805,8 @@ def results(
         paths, name = (name, *paths), None
     if name is None and not select:
         raise click.UsageError("give the resource NAME, or --select SELECTOR")
+    if (join and not fmt) or (fmt and (as_json or show_errors)):
+        raise click.UsageError("--join needs --format; --format takes neither --json nor --errors")
     view = result_files(
         paths,
         select=(name,) if name else select,
@@ -810,7 +822,11 @@ def results(
         elif f.note:
             click.echo(f"Note: {f.note}", err=True)
     stdout = sys.stdout.buffer  # bytes as they are: result lines are not re-encoded
-    if as_json:
+    if fmt is not None:
+        from batchspec.core.result_view import export_results
+
+        export_results(files, view.providers, fmt, stdout, join=join)
+    elif as_json:
         write_results_json(files, stdout)
     else:
         copy_results(files, stdout)

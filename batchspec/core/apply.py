@@ -44,6 +44,7 @@ from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
+    export_paths,
     is_requeued,
     load_recorded,
     observe_disk,
@@ -390,7 +391,11 @@ def compute_plan(
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them)."""
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
-    disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
+    disk = observe_disk(
+        [(r.name, r.output_path, r.errors_path) for r in resources],
+        recorded,
+        export_paths(resources),
+    )
     desired = [
         desired_with_reuse(store, r, facts[r.name], replace=r.name in replacing, reuse=reuse)
         for r in resources

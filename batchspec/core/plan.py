@@ -28,7 +28,7 @@ unresolved requests and attempts left                  retry      yes (also when
                                                                       raised retry.maxAttempts
                                                                       retries again)
 everything resolved, result files not yet written      collect    no
-result files missing or edited on disk                 restore    no  (no network)
+result (or export) files missing or edited on disk     restore    no  (no network)
 otherwise                                              none       no
 =====================================================  =========  ================================
 
@@ -159,6 +159,7 @@ class DiskFacts:
 
     output_sha256: str | None
     errors_sha256: str | None
+    missing_exports: tuple[str, ...] = ()  # ``spec.export`` files not on disk (shown paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +460,7 @@ def _disk_drift(gen: RecordedGeneration, disk: DiskFacts | None) -> str | None:
             problems.append(f"{label} file is missing")
         elif on_disk != recorded_sha:
             problems.append(f"{label} file differs from the recorded results")
+    problems += [f"export file {shown} is missing" for shown in disk.missing_exports]
     return "; ".join(problems) or None
 
 

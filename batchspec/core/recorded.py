@@ -20,6 +20,8 @@ from batchspec.core.plan import (
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import BatchRow, GenerationRow, StateStore, parse_timestamp
 from batchspec.storage.blobstore import sha256_file
+from batchspec.workspace.manifest import Resource
+from batchspec.workspace.yamldoc import display_path
 
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
 DEFAULT_REQUEUE_BACKOFF = 60.0  # seconds before the first resubmission; doubles, capped
@@ -117,16 +119,25 @@ def recorded_batch(b: BatchRow) -> RecordedBatch:
 
 
 def observe_disk(
-    paths: Iterable[tuple[str, Path, Path]], recorded: Mapping[str, RecordedResource]
+    paths: Iterable[tuple[str, Path, Path]],
+    recorded: Mapping[str, RecordedResource],
+    exports: Mapping[str, Iterable[Path]] | None = None,
 ) -> dict[str, DiskFacts]:
-    """Hash result files on disk, only for resources whose results were written."""
+    """Hash result files on disk, only for resources whose results were written; note the
+    ``spec.export`` files (``exports``, by resource) that are missing."""
     facts = {}
     for name, output_path, errors_path in paths:
         rec = recorded.get(name)
         if rec is None or not any(g.output_sha256 for g in rec.generations):
             continue
-        facts[name] = DiskFacts(_sha_or_none(output_path), _sha_or_none(errors_path))
+        gone = [display_path(p) for p in (exports or {}).get(name, ()) if not p.is_file()]
+        facts[name] = DiskFacts(_sha_or_none(output_path), _sha_or_none(errors_path), tuple(gone))
     return facts
+
+
+def export_paths(resources: Iterable[Resource]) -> dict[str, list[Path]]:
+    """Each resource's ``spec.export`` files, for ``observe_disk``."""
+    return {r.name: [t.path for t in r.exports] for r in resources if r.exports}
 
 
 def _sha_or_none(path: Path) -> str | None:

@@ -13,11 +13,12 @@ so the CLI prints it and says on stderr whose results they are.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from batchspec.core import export
 from batchspec.core.replacements import effective_resources
 from batchspec.core.session import select_resources
 from batchspec.core.status import (
@@ -26,10 +27,11 @@ from batchspec.core.status import (
     read_only_store,
     require_loaded,
 )
-from batchspec.errors import ManifestError, StaleResultsError, StateError
+from batchspec.errors import ManifestError, StaleResultsError, StateError, UsageError
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.workspace.manifest import Resource, load_workspace
+from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import Problem, display_path
 
 FINISHED = ("complete", "degraded")
@@ -49,6 +51,8 @@ class ResultsFile:
     current: bool  # the file is what the current spec's finished generation wrote
     stale_reason: str | None = None
     note: str | None = None  # current, but worth saying (the partial results of a cancel)
+    #: the resource (its input, output and errors paths), for an export
+    resource: Resource | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +74,8 @@ class ResultsView:
     files: list[ResultsFile]
     #: problems of other manifests, which did not stop this read (shown as a warning)
     skipped: tuple[Problem, ...] = ()
+    #: the project's providers (an export prices its rows with them)
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
 
 
 def result_files(
@@ -105,7 +111,8 @@ def result_files(
                     f"{display_path(path)} does not exist yet",
                     details=["run `batchspec apply` to collect the results, or to restore it"],
                 )
-            found.append(_tie_to_generation(store, res, path, errors=errors))
+            tied = _tie_to_generation(store, res, path, errors=errors)
+            found.append(replace(tied, resource=res))
     stale = [f for f in found if not f.current]
     if stale and not allow_stale:
         raise StaleResultsError(
@@ -116,7 +123,7 @@ def result_files(
                 "print stale results anyway",
             ],
         )
-    return ResultsView(found, ws.problems)
+    return ResultsView(found, ws.problems, ws.project.providers)
 
 
 def _tie_to_generation(
@@ -200,3 +207,26 @@ def write_results_json(files: Sequence[ResultsFile], out: BinaryIO) -> None:
                 first = False
         out.write(b"]}")
     out.write(b"]}\n")
+
+
+def export_results(
+    files: Sequence[ResultsFile],
+    providers: Mapping[str, ProviderConfig],
+    fmt: str,
+    out: BinaryIO,
+    *,
+    join: bool = False,
+) -> int:
+    """``batchspec results NAME --format FMT``: the resource's rows (``batchspec.core.export``)
+    written to ``out``; one resource at a time."""
+    if len(files) != 1:
+        names = ", ".join(f.name for f in files)
+        raise UsageError(f"--format exports one resource at a time; selected: {names}")
+    res = files[0].resource
+    if res is None:
+        raise StateError(f"no resource behind {files[0].path}")
+    source = export.ExportSource(res, res.output_path, res.errors_path, providers.get(res.provider))
+    layout = export.layout_of(source, join=join)
+    return export.write_export(
+        export.export_rows(source, join=join), layout, export.check_format(fmt), out
+    )

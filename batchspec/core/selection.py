@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchspec.core.plan import ActionKind, DesiredResource, RecordedResource, make_plan
-from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, load_recorded, observe_disk
+from batchspec.core.recorded import (
+    DEFAULT_REQUEUE_BACKOFF,
+    export_paths,
+    load_recorded,
+    observe_disk,
+)
 from batchspec.core.replacements import effective_resources
 from batchspec.errors import ManifestError, UsageError
 from batchspec.state.store import StateStore
@@ -173,7 +178,11 @@ def planned_changes(
     resources: Sequence[Resource], recorded: dict[str, RecordedResource], *, now: float
 ) -> frozenset[str]:
     """The pure part of ``modified_resources``: plan without reading inputs."""
-    disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
+    disk = observe_disk(
+        [(r.name, r.output_path, r.errors_path) for r in resources],
+        recorded,
+        export_paths(resources),
+    )
     plan = make_plan(
         [desired_without_input(r) for r in resources],
         recorded,

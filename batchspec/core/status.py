@@ -18,7 +18,7 @@ from pathlib import Path
 
 from batchspec.core.plan import FINISHED_GENERATION_STATUSES, Action, ActionKind, make_plan
 from batchspec.core.reconcile import desired_resource
-from batchspec.core.recorded import load_recorded, observe_disk
+from batchspec.core.recorded import export_paths, load_recorded, observe_disk
 from batchspec.core.replacements import effective_resources
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
@@ -90,7 +90,11 @@ def resource_statuses(
     """Each resource's status; ``providers`` (the project's) price its usage."""
     resources = effective_resources(store, resources)  # a replacement is the current one
     recorded = load_recorded(store, store.ledger())
-    disk = observe_disk([(r.name, r.output_path, r.errors_path) for r in resources], recorded)
+    disk = observe_disk(
+        [(r.name, r.output_path, r.errors_path) for r in resources],
+        recorded,
+        export_paths(resources),
+    )
     desired = [
         desired_resource(r, facts[r.name])
         if facts and r.name in facts

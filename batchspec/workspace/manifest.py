@@ -23,10 +23,11 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
-    problem names both places). Each is a ``path-conflict`` problem at the key, so validate,
-    plan and apply refuse it alike; collect and restore check again right before writing,
-    symlinks resolved then (``refuse_unconfined_write``). Inputs are only read, so they may
-    live anywhere, outside the workspace too.
+    problem names both places). ``spec.export`` paths are confined the same way, and never
+    onto the resource's own input, output or errors file. Each is a ``path-conflict`` problem
+    at the key, so validate, plan and apply refuse it alike; collect and restore check again
+    right before writing, symlinks resolved then (``refuse_unconfined_write``). Inputs are
+    only read, so they may live anywhere, outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -74,6 +75,7 @@ Spec hash
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections import Counter
@@ -164,6 +166,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ExportTarget:
+    """One ``spec.export`` entry: a dataset apply writes from the results."""
+
+    path: Path
+    format: str  # jsonl, csv or parquet
+    join: bool = False
+
+
+EXPORT_SUFFIXES = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
 class Resource:
     """One ``kind: Batch`` document, normalised. Mappings are plain dicts: treat as read-only."""
 
@@ -188,6 +202,8 @@ class Resource:
     input_source: Path | None = None
     #: ``metadata.moved.from``: the name this resource was recorded under before, if any
     moved_from: str | None = None
+    #: ``spec.export``: datasets written with the results (not part of the spec hash)
+    exports: tuple[ExportTarget, ...] = ()
 
     def semantic_spec(self) -> dict[str, Any]:
         """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
@@ -424,6 +440,7 @@ class _Checked:
     output_path: Path
     errors_path: Path
     input_source: Path | None = None
+    exports: tuple[ExportTarget, ...] = ()
 
 
 def _check_spec(
@@ -451,9 +468,54 @@ def _check_spec(
     outputs = _output_paths(
         doc, spec, folder, resolve, input_source or input_path, project, problems
     )
+    taken = (input_source or input_path, *(outputs or ()))
+    exports = _export_targets(doc, spec, folder, resolve, taken, project, problems)
     if provider is None or input_path is None or input_sha256 is None or outputs is None:
         return None
-    return _Checked(provider, input_path, input_sha256, *outputs, input_source=input_source)
+    return _Checked(
+        provider, input_path, input_sha256, *outputs, input_source=input_source, exports=exports
+    )
+
+
+def _export_targets(
+    doc: YamlDocument,
+    spec: Mapping[str, Any],
+    folder: Path,
+    resolve: _PathResolver,
+    taken: tuple[Path | None, ...],
+    project: Project,
+    problems: list[Problem],
+) -> tuple[ExportTarget, ...]:
+    """``spec.export``, resolved and confined like ``output`` (see "Confinement"); ``taken``
+    is the resource's input, output and errors files, which no export may overwrite."""
+    targets: list[ExportTarget] = []
+    seen: set[Path] = set()
+    for i, entry in enumerate(spec.get("export") or []):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
+            continue  # the schema has reported it
+        pointer = f"/spec/export/{i}/path"
+        path = resolve(folder, entry["path"])
+        fmt = entry.get("format") or EXPORT_SUFFIXES.get(path.suffix.lower())
+        if path in taken or path in seen:
+            message: str | None = (
+                f"export file {display_path(path)} is this resource's input, output, errors "
+                "or another export file: it would be overwritten"
+            )
+        else:
+            message = resolve.confinement(project).forbidden(path, "export", doc.file)
+        if message is None and fmt is None:
+            message = (
+                f"export file {display_path(path)}: set `format` (jsonl, csv or parquet) or "
+                "use one of the extensions .jsonl, .csv, .parquet"
+            )
+        elif message is None and fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+            message = "a parquet export needs pyarrow: pip install 'batchspec[parquet]'"
+        if message is not None:
+            problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
+            continue
+        seen.add(path)
+        targets.append(ExportTarget(path, str(fmt), bool(entry.get("join", False))))
+    return tuple(targets)
 
 
 def _output_paths(
@@ -608,6 +670,7 @@ def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resourc
         spec_hash=spec_hash(semantic_spec(**common)),
         input_source=checked.input_source,
         moved_from=(metadata.get("moved") or {}).get("from"),
+        exports=checked.exports,
     )
 
 
@@ -848,8 +911,10 @@ def _written_over(
     writers: dict[Path, tuple[Resource, SourceLocation, str]] = {}
     problems = []
     for res, doc in resources:
-        for key, path in (("output", res.output_path), ("errors", res.errors_path)):
-            pointer = f"/spec/{key}"
+        written = [("output", res.output_path, "/spec/output")]
+        written.append(("errors", res.errors_path, "/spec/errors"))
+        written += [("export", t.path, f"/spec/export/{i}/path") for i, t in enumerate(res.exports)]
+        for key, path, pointer in written:
             here = doc.location(pointer)
             shown = display_path(path)
             message = None

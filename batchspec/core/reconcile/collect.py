@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from batchspec.core.export import write_exports
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.recorded import is_requeued
@@ -219,6 +220,8 @@ def _finish_generation(
                 **({"degraded": why} if why else {}),
             },
         )
+    # after the results are recorded: a failed export is retried by the next plan (restore)
+    exported = write_exports(res, ctx.project.providers.get(res.provider))
     ctx.report(
         Progress(
             "results",
@@ -229,7 +232,8 @@ def _finish_generation(
                 if written.failed
                 else ""
             )
-            + (f"; degraded: {why}" if why else ""),
+            + (f"; degraded: {why}" if why else "")
+            + "".join(f"; exported {display_path(p)}" for p in exported),
             {"status": status, "succeeded": written.succeeded, "failed": written.failed},
         )
     )

@@ -123,7 +123,8 @@ class RunContext:
     def check_result_paths(self, res: Resource) -> None:
         """Refuse to write ``res``'s result files if a symlink now points them somewhere the
         load would have refused (onto the state, out of the workspace)."""
-        for key, path in (("output", res.output_path), ("errors", res.errors_path)):
+        exports = [("export", target.path) for target in res.exports]
+        for key, path in (("output", res.output_path), ("errors", res.errors_path), *exports):
             refuse_unconfined_write(self.project, path, key, res.source.file)
 
     def relative(self, path: Path) -> str:

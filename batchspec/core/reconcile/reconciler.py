@@ -22,7 +22,12 @@ from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls,
 from batchspec.core.reconcile.restore import restore
 from batchspec.core.reconcile.retry import retry
 from batchspec.core.reconcile.submit import create, replace
-from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF, observe_disk, recorded_generation
+from batchspec.core.recorded import (
+    DEFAULT_REQUEUE_BACKOFF,
+    export_paths,
+    observe_disk,
+    recorded_generation,
+)
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
 from batchspec.state.store import StateStore
@@ -110,7 +115,9 @@ class Reconciler:
         desired = desired_resource(res, facts)
         recorded = self._recorded(res.name)
         disk = observe_disk(
-            [(res.name, res.output_path, res.errors_path)], {res.name: recorded} if recorded else {}
+            [(res.name, res.output_path, res.errors_path)],
+            {res.name: recorded} if recorded else {},
+            export_paths([res]),
         )
         return plan_resource(desired, recorded, disk.get(res.name), self.ctx.clock())
 

@@ -2,10 +2,13 @@
 
 Restoring never calls a provider: the answers are in the blob store and the ledger, and the
 files are written in input order exactly as collect wrote them, with a ``restore`` event.
+A missing ``spec.export`` file also plans a restore: the exports are written again from the
+restored files.
 """
 
 from __future__ import annotations
 
+from batchspec.core.export import write_exports
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reporting import Progress
@@ -28,6 +31,7 @@ def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
         generation_id=gen.id,
         detail={"reason": action.reason, "output_sha256": written.output_sha256},
     )
+    write_exports(res, ctx.project.providers.get(res.provider))
     ctx.report(
         Progress(
             "restore",
