@@ -225,11 +225,13 @@ def test_apply_over_serve_records_usage_and_cost_shown_by_status_history_show(
     tokens the answers reported and their cost under the provider's `pricing`."""
     ws = served(tmp_path / "ws", server(), count=4)
     set_pricing(ws.root, {"test-model": {"input": 2.0, "output": 10.0}})
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    code, summary, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
     assert code == 0, err
     inp, out = answered_usage(ws.root)
     assert inp > 0 and out > 0
     cost = (inp * 2.0 + out * 10.0) / 1_000_000
+    # apply's own summary prices with the project's providers too, as status does
+    assert f"{inp:,} in + {out:,} out tokens, $" in summary and "unknown price" not in summary
 
     code, text, err = run_cli(["status", str(ws.root), "--json"], capsys)
     assert code == 0, err

@@ -285,7 +285,9 @@ def apply_workspace(
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
-            statuses = tuple(resource_statuses(store, resources, facts))
+            statuses = tuple(
+                resource_statuses(store, resources, facts, providers=ws.project.providers)
+            )
         local = tuple(
             s.name
             for s in statuses
