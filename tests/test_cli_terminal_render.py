@@ -105,6 +105,24 @@ def test_upload_shows_the_file_size_until_the_batch_exists() -> None:
     assert board_lines(board, now=0.0) == ["⠋ big  uploading (4.3 MB)"]
 
 
+def test_upload_with_byte_progress_shows_a_byte_bar_until_the_batch_exists() -> None:
+    """Bytes sent during an upload: a bar of sent/size in MB; the created batch replaces it."""
+    data = {"file": "x.jsonl", "bytes": 4_300_000}
+    board = board_of(
+        (0.0, Progress("upload", "big", "uploading", data)),
+        (0.1, Progress("upload_progress", "big", "uploaded", {**data, "sent": 1_075_000})),
+    )
+    assert board_lines(board, now=0.0) == [
+        "⠋ big  ━━━━━━╺                   1.1/4.3 MB  25%  uploading"
+    ]
+    [ascii_line] = board_lines(board, now=0.0, ascii_only=True)
+    assert ascii_line == "| big  [######..................]  1.1/4.3 MB  25%  uploading"
+    done = advance(board, Progress("upload_progress", "big", "", {**data, "sent": 4_300_000}), 0.2)
+    assert board_lines(done, now=0.0)[0].endswith("4.3/4.3 MB 100%  uploading")
+    created = advance(done, Progress("create", "big", "", {"remote_id": "b1"}), 0.3)
+    assert board_lines(created, now=0.0) == ["⠋ big  created"]
+
+
 def test_done_and_degraded_resources_get_a_mark_instead_of_a_spinner() -> None:
     """Results written: ✓ and no ETA; written Degraded: ✗."""
     board = board_of(

@@ -41,11 +41,12 @@ def poll(done: int, total: int, status: str = "in_progress", remote: str = "b1")
 
 def test_plain_view_writes_lines_only_when_something_changed() -> None:
     """Without a terminal: no control characters; a poll repeating the last status and
-    counts and a wait for the same resources print nothing."""
+    counts, a wait for the same resources and an upload's byte counts print nothing."""
     view = ProgressView()
     wait = Progress("wait", None, "waiting 0.5s for 1 resource(s)", {"resources": ["triage"]})
     events = [
         Progress("upload", "triage", "uploading in.jsonl (1.0 KB)"),
+        Progress("upload_progress", "triage", "uploaded 512 bytes", {"sent": 512, "bytes": 1000}),
         Progress("create", "triage", "created batch b1"),
         poll(0, 4),
         wait,

@@ -48,6 +48,23 @@ def create(provider: OpenAIProvider, file_id: str, **metadata: str) -> RemoteBat
     )
 
 
+def test_upload_progress_hears_growing_byte_counts_ending_at_the_file_size(
+    serve_engine: ServeEngine, tmp_path: Path
+) -> None:
+    """A multi-MB upload over loopback reports its bytes sent, increasing, ending at the size."""
+    source = tmp_path / "big.jsonl"
+    source.write_bytes(jsonl_bytes(request_lines(30_000)))
+    size = source.stat().st_size
+    assert size > 4_000_000
+    seen: list[int] = []
+    with provider_for(serve_engine()) as provider:
+        uploaded = provider.upload_file(source, filename="big.jsonl", progress=seen.append)
+    assert uploaded.bytes == size
+    assert len(seen) >= 4 and seen[-1] == size
+    assert seen == sorted(set(seen))
+    assert all(b - a <= 1024 * 1024 + 65_536 for a, b in itertools.pairwise(seen))
+
+
 def test_provider_satisfies_the_protocol(serve_engine: ServeEngine) -> None:
     """OpenAIProvider is a providers.base.Provider."""
     with provider_for(serve_engine()) as provider:

@@ -7,7 +7,8 @@ Pure, in three parts, so every frame can be tested as a string without a termina
   and when their counts were first seen, for the ETA).
 * ``board_lines(board, now, ...) -> list[str]``: one line per resource, e.g.
   ``⠹ triage  ━━━━━━━━╸━━━━━━━━━━━  12/20  60%  1 failed  2 shards  attempt 2  ETA 0:04``;
-  a spinner and the provider's word while it is validating, uploading or creating; ✓ / ✗
+  a spinner and the provider's word while it is validating, uploading or creating (an upload
+  that reports its bytes gets a byte bar: ``1.2/4.3 MB  27%``); ✓ / ✗
   when the resource is done. Lines are cut to the terminal width so they never wrap.
 * ``LiveBars``: remembers how many lines of bars are on screen and returns the bytes that
   redraw them (cursor up, erase to the end of the screen, the new lines), with milestones
@@ -37,7 +38,7 @@ ASCII_SPINNER = "|/-\\"
 BAR_WIDTH = 24
 SPIN_PER_SECOND = 10
 #: events the bars show by themselves; every other event is a milestone line above them
-BAR_EVENTS = frozenset({"plan", "poll", "wait", "upload", "download"})
+BAR_EVENTS = frozenset({"plan", "poll", "wait", "upload", "upload_progress", "download"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ResourceBar:
     activity: str = "starting"  # what it does while no batch has counts: uploading, ...
     batches: tuple[BatchBar, ...] = ()
     outcome: str | None = None  # "done" (results written), "degraded", "cancelled"
+    upload: tuple[int, int] | None = None  # (bytes sent, file size) while uploading
 
     def current(self) -> tuple[BatchBar, ...]:
         """The latest attempt of each shard (a retry carries only what is left)."""
@@ -111,11 +113,15 @@ def advance(board: Board, progress: Progress, now: float) -> Board:
     data = progress.data
     event = progress.event
     if event == "upload":
-        bar = replace(bar, activity="uploading " + _upload_size(data))
+        bar = replace(bar, activity="uploading " + _upload_size(data), upload=None)
+    elif event == "upload_progress":
+        sent, size = data.get("sent"), data.get("bytes")
+        if isinstance(sent, int) and isinstance(size, int) and size > 0:
+            bar = replace(bar, activity="uploading", upload=(min(sent, size), size))
     elif event in ("create", "adopt") and "remote_id" in data:
         verb = "created" if event == "create" else "adopted"
         bar = _with_batch(bar, BatchBar(str(data["remote_id"]), status=verb), data, now)
-        bar = replace(bar, activity=verb)
+        bar = replace(bar, activity=verb, upload=None)
     elif event == "poll" and "remote_id" in data:
         old = next((b for b in bar.batches if b.remote_id == data["remote_id"]), None)
         fresh = old or BatchBar(str(data["remote_id"]))
@@ -155,6 +161,10 @@ def _with_batch(
         batch = replace(batch, attempt=data["attempt"])
     others = tuple(b for b in bar.batches if b.remote_id != batch.remote_id)
     return replace(bar, batches=(*others, batch))
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:,.1f}"
 
 
 def _int(value: object) -> int:
@@ -202,7 +212,11 @@ def resource_line(
     statuses = {b.status for b in batches}
 
     parts = [_mark(bar, now, style, ascii_only) + " " + style.bold(bar.name.ljust(name_width))]
-    if counted and not statuses <= {"validating", "created", "adopted", "submitted"}:
+    if bar.upload is not None and bar.outcome is None and not batches:
+        sent, size = bar.upload
+        parts.append(style.paint(bar_cells(sent, size, ascii_only=ascii_only), "cyan"))
+        parts.append(f"{_megabytes(sent)}/{_megabytes(size)} MB {sent * 100 // size:>3}%")
+    elif counted and not statuses <= {"validating", "created", "adopted", "submitted"}:
         colour = "green" if bar.outcome == "done" else "red" if bar.outcome else "cyan"
         parts.append(style.paint(bar_cells(answered, total, ascii_only=ascii_only), colour))
         parts.append(f"{answered:,}/{total:,} {answered * 100 // total:>3}%")

@@ -25,8 +25,8 @@ class ProgressView:
 
     def render(self, progress: Progress) -> str:
         """The text to write for ``progress`` ("" when it shows nothing)."""
-        if progress.event == "plan":  # the CLI prints the plan itself
-            return ""
+        if progress.event in ("plan", "upload_progress"):  # the plan is printed by the CLI;
+            return ""  # an upload's bytes are for the live bar, a log keeps "uploading ..."
         if progress.event == "poll":
             return self._poll(progress)
         if progress.event == "wait":

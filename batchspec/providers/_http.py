@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
@@ -370,6 +370,56 @@ class FileBody:
         with open(self.path, "rb") as handle:
             while chunk := handle.read(self._chunk):
                 yield chunk
+
+
+class ProgressReader:
+    """A binary file that tells ``progress`` how far into it reads have got, for a streamed
+    upload's byte bar: at most every ``every_bytes`` or ``every_seconds``, and always at the end.
+
+    httpx seeks it back to 0 for each attempt, so a retry reports from 0 again.
+    """
+
+    def __init__(
+        self,
+        handle: IO[bytes],
+        progress: Callable[[int], None],
+        *,
+        every_bytes: int = 1024 * 1024,
+        every_seconds: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._handle = handle
+        self._progress = progress
+        self._size = os.fstat(handle.fileno()).st_size
+        self._every_bytes = every_bytes
+        self._every_seconds = every_seconds
+        self._clock = clock
+        self._last: tuple[int, float] = (-1, clock())  # (bytes, when) last reported
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        sent, now = self._handle.tell(), self._clock()
+        last_sent, last_when = self._last
+        due = (
+            abs(sent - last_sent) >= self._every_bytes
+            or now - last_when >= self._every_seconds
+            or (sent >= self._size and sent != last_sent)
+        )
+        if due and sent != last_sent:
+            self._last = (sent, now)
+            self._progress(sent)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._handle.seek(offset, whence)
+        self._last = (-1, self._last[1]) if position == 0 else self._last
+        return position
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
 
 
 class RetryingClient:

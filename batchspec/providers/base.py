@@ -12,7 +12,7 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -92,14 +92,29 @@ class RemoteBatch:
         return self.status in TERMINAL_STATUSES
 
 
+#: called with the bytes of an upload sent so far (a retry starts again from 0)
+UploadProgress = Callable[[int], None]
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What the reconciler needs from a place where batches run."""
 
     name: str
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
-        """Upload a batch input file, streamed from disk."""
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
+        """Upload a batch input file, streamed from disk.
+
+        ``progress``, if given, hears the bytes sent so far as they go (a provider that only
+        stages the file locally may never call it).
+        """
         ...
 
     def get_file(self, file_id: str) -> RemoteFile:

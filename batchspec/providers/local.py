@@ -28,6 +28,7 @@ from batchspec.providers.base import (
     RemoteBatch,
     RemoteFile,
     RemoteNotFound,
+    UploadProgress,
     parse_batch,
     parse_file,
 )
@@ -89,7 +90,14 @@ class LocalProvider:
 
     # -- Provider ----------------------------------------------------------------------------
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
         return parse_file(self._call(self.engine.create_file, Path(path), filename, purpose))
 
     def get_file(self, file_id: str) -> RemoteFile:

@@ -62,6 +62,7 @@ from batchspec.providers.base import (
     RemoteFile,
     RemoteNotFound,
     RequestCounts,
+    UploadProgress,
     parse_file,
 )
 from batchspec.providers.staging import Staging
@@ -136,7 +137,14 @@ class MistralProvider:
 
     # -- files -----------------------------------------------------------------------------
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
         """Stage ``path`` (nothing is sent: the create converts and uploads it)."""
         staged = self._staging.stage(path)
         return RemoteFile(

@@ -30,13 +30,14 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 from batchspec import __version__
 from batchspec.providers._http import (
     ErrorContext,
+    ProgressReader,
     RetryingClient,
     create_or_adopt,
     display_url,
@@ -48,6 +49,7 @@ from batchspec.providers.base import (
     METADATA_KEYS,
     RemoteBatch,
     RemoteFile,
+    UploadProgress,
     parse_batch,
     parse_file,
 )
@@ -127,21 +129,32 @@ class OpenAIProvider:
 
     # -- files ---------------------------------------------------------------------------
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
         """Upload ``path`` as multipart, streamed from disk (never read whole into memory).
 
         ``filename`` gets a ``.jsonl`` suffix if it lacks one: LiteLLM refuses other names.
+        ``progress`` hears the bytes sent so far (``ProgressReader``).
         """
         if not filename.endswith(".jsonl"):
             filename += ".jsonl"
         with open(path, "rb") as handle:
             # httpx seeks the handle back to 0 for every attempt, so retries resend it whole
+            body: IO[bytes] | ProgressReader = (
+                handle if progress is None else ProgressReader(handle, progress)
+            )
             response = self._http.request(
                 "POST",
                 "/files",
                 operation=f"upload of {path.name}",
                 data=self._routed({"purpose": purpose}),
-                files={"file": (filename, handle, "application/jsonl")},
+                files={"file": (filename, body, "application/jsonl")},
             )
         return parse_file(json_object(response, "upload file", self.name, api_root=_API_ROOT))
 

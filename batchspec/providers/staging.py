@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchspec.providers.base import RemoteFile, RemoteNotFound
+from batchspec.providers.base import RemoteFile, RemoteNotFound, UploadProgress
 
 STAGED_PREFIX = "staged-"
 RESULTS_PREFIX = "results:"
@@ -92,7 +92,14 @@ class StagedInputs:
     name: str
     _staging: Staging
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
         """Stage ``path`` (nothing is sent: the create reads it back)."""
         staged = self._staging.stage(path)
         return RemoteFile(

@@ -53,6 +53,7 @@ from batchspec.providers.base import (
     RemoteBatch,
     RemoteFile,
     RemoteNotFound,
+    UploadProgress,
     parse_batch,
     parse_file,
 )
@@ -108,7 +109,14 @@ class TogetherProvider(OpenAIProvider):
 
     # -- files ---------------------------------------------------------------------------
 
-    def upload_file(self, path: Path, *, filename: str, purpose: str = "batch") -> RemoteFile:
+    def upload_file(
+        self,
+        path: Path,
+        *,
+        filename: str,
+        purpose: str = "batch",
+        progress: UploadProgress | None = None,
+    ) -> RemoteFile:
         """Stage ``path`` as Together lines, then announce, PUT and preprocess it."""
         if not filename.endswith(".jsonl"):
             filename += ".jsonl"

@@ -235,7 +235,18 @@ def _ensure_uploaded(
             {"file": filename, "bytes": size},
         )
     )
-    remote = provider.upload_file(path, filename=filename)
+
+    def sent(count: int) -> None:
+        ctx.report(
+            Progress(
+                "upload_progress",
+                res.name,
+                f"uploaded {format_size(count)} of {format_size(size)}",
+                {"file": filename, "bytes": size, "sent": count},
+            )
+        )
+
+    remote = provider.upload_file(path, filename=filename, progress=sent)
     with ctx.store.atomic():
         ctx.store.record_file(
             provider.name,
