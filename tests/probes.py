@@ -74,6 +74,8 @@ class RequestProbe:
         self._lock = threading.Lock()
         self.active = 0  # requests being answered now
         self.peak = 0  # the most requests ever answered at once (calls that overlapped)
+        #: (route, start, end) of every request answered, on the monotonic clock
+        self.spans: list[tuple[str, float, float]] = []
 
     def hold(
         self,
@@ -127,11 +129,14 @@ class RequestProbe:
         with self._lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
+        start = time.monotonic()
         try:
             await self._answer(scope, receive, send)
         finally:
             with self._lock:
                 self.active -= 1
+                route = route_of(scope["method"], scope["path"])
+                self.spans.append((route, start, time.monotonic()))
 
     async def _answer(self, scope: Any, receive: Any, send: Any) -> None:
         route = route_of(scope["method"], scope["path"])
