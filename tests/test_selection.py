@@ -89,7 +89,6 @@ def test_selection_is_a_union_in_manifest_order(tmp_path: Path) -> None:
     assert [r.name for r in picked] == ["alpha", "charlie"]
     picked = select_resources(ws.resources, ["team=support", "bravo"], modified=never)
     assert [r.name for r in picked] == ["alpha", "bravo", "charlie"]
-    assert select_resources(ws.resources, ["team=nobody"], modified=never) == []
     assert [r.name for r in select_resources(ws.resources, [], modified=never)] == [
         "alpha",
         "bravo",
@@ -104,6 +103,37 @@ def test_an_unknown_name_is_an_error_listing_the_known_ones(tmp_path: Path) -> N
         select_resources(ws.resources, ["alpah", "team=x"], modified=never)
     assert "no resource named 'alpah'" in caught.value.message
     assert "known: alpha, bravo, charlie" in caught.value.message
+
+
+def test_a_label_nothing_carries_is_an_error_listing_the_labels_in_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in a label (``tema=support``, ``team=suport``) never makes apply do nothing and
+    pass: it exits 1 naming the labels in use, and nothing is recorded."""
+    ws = labelled_ws(tmp_path / "ws", LABELS)
+    for typo in ("tema=support", "team=suport"):
+        code, out, err = run_cli(["apply", str(ws.root), "-s", typo, "-s", "alpha"], capsys)
+        assert code == 1, (out, err)
+        assert f"no resource has the label {typo}" in err
+        assert "labels in use: team=search, team=support, tier=gold" in err
+    assert not ws.state_path.exists()
+
+
+def test_a_label_only_an_orphan_carries_selects_it_for_prune(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A label whose manifests are all deleted still selects the recorded orphans, so
+    ``apply --prune -s team=search`` prunes bravo alone."""
+    ws = labelled_ws(tmp_path / "ws", LABELS)
+    root = str(ws.root)
+    assert run_cli(["apply", root, "--wait", *FAST], capsys)[0] == 0
+    ws.manifest_path("bravo").unlink()
+
+    code, out, err = run_cli(["apply", root, "--prune", "-s", "team=search", "--wait"], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["alpha", "charlie"]
 
 
 def test_state_modified_without_state_is_everything_and_creates_no_database(

@@ -4,7 +4,9 @@ Selectors (repeatable; a resource is selected when *any* selector matches it, as
 
 * ``NAME``: the resource whose ``metadata.name`` is NAME. An unknown name is an error, so a
   typo never silently selects nothing.
-* ``KEY=VALUE``: every resource whose ``metadata.labels`` maps KEY to VALUE (may match none).
+* ``KEY=VALUE``: every resource whose ``metadata.labels`` maps KEY to VALUE. One that matches
+  no manifest and no recorded orphan is an error naming the labels in use, for the same
+  reason: ``--select tema=infra`` must not make a CI apply do nothing and pass.
 * ``state:modified``: every resource whose planned action is not ``none``: apply would do
   something for it (create, replace, refresh, collect, retry or restore).
 
@@ -95,12 +97,14 @@ def select_resources(
     *,
     modified: Callable[[], Set[str]] = frozenset,
     also_known: Set[str] = frozenset(),
+    recorded_labels: Callable[[], Sequence[Mapping[str, Any]]] = tuple,
 ) -> list[Resource]:
     """The union of what ``selectors`` match, in the manifests' order (all when none given).
 
     ``modified`` returns the names ``state:modified`` stands for; it is only called when such
     a selector is present (it reads the state). A NAME in ``also_known`` (a recorded orphan)
-    is no error, though it selects no manifest.
+    is no error, though it selects no manifest; likewise a label that only recorded resources
+    carry (``recorded_labels``, read only when a label selector matches no manifest).
     """
     if not selectors:
         return list(resources)
@@ -113,8 +117,32 @@ def select_resources(
             f"no resource named {', '.join(map(repr, dict.fromkeys(unknown)))} in the "
             f"manifests (known: {listing})"
         )
+    _refuse_unmatched_labels(resources, parsed, recorded_labels)
     changed = modified() if any(s.kind == "state" for s in parsed) else frozenset()
     return [r for r in resources if any(s.matches(r, changed) for s in parsed)]
+
+
+def _refuse_unmatched_labels(
+    resources: Sequence[Resource],
+    parsed: Sequence[Selector],
+    recorded_labels: Callable[[], Sequence[Mapping[str, Any]]],
+) -> None:
+    """Raise when a KEY=VALUE selector matches no manifest and no recorded resource."""
+    labels = [dict(r.labels) for r in resources]
+    unmatched = [
+        s for s in parsed if s.kind == "label" and not any(m.get(s.key) == s.value for m in labels)
+    ]
+    if not unmatched:
+        return
+    labels += [dict(m) for m in recorded_labels()]
+    unmatched = [s for s in unmatched if not any(m.get(s.key) == s.value for m in labels)]
+    if not unmatched:
+        return
+    in_use = sorted({f"{k}={v}" for m in labels for k, v in m.items()})
+    raise ManifestError(
+        f"no resource has the label {', '.join(f'{s.key}={s.value}' for s in unmatched)} "
+        f"(labels in use: {', '.join(in_use) or 'none'})"
+    )
 
 
 def select_from_workspace(
@@ -134,6 +162,7 @@ def select_from_workspace(
         selectors,
         modified=lambda: modified_resources(ws, requeue_backoff=requeue_backoff),
         also_known=recorded_names(ws) if unknown else frozenset(),
+        recorded_labels=lambda: recorded_labels(ws),
     )
 
 
@@ -143,6 +172,14 @@ def recorded_names(ws: Workspace) -> frozenset[str]:
         return frozenset()
     with StateStore.open(ws.project.state) as store:
         return frozenset(r.name for r in store.list_resources())
+
+
+def recorded_labels(ws: Workspace) -> list[Mapping[str, Any]]:
+    """The labels of every resource the state tracks; none when there is no state yet."""
+    if not ws.project.has_state():
+        return []
+    with StateStore.open(ws.project.state) as store:
+        return [r.labels for r in store.list_resources()]
 
 
 def orphan_selector(selectors: Sequence[str]) -> Callable[[RecordedResource], bool] | None:
