@@ -415,13 +415,15 @@ def test_a_saved_replace_plan_is_its_own_consent(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A plan showing `replace` (the input changed while a batch is in flight) warns that a
-    bare apply skips it, and a bare apply says it did not replace; the plan is applied from
-    its file without --allow-replace: the old batch is cancelled, the new one created."""
+    bare apply skips it, says it did not replace and exits 1 (CI must not pass with the old
+    spec still running); the plan is applied from its file without --allow-replace: the old
+    batch is cancelled, the new one created."""
     srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     ws.write_input("triage", request_lines(4))
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1, (out, err)
     assert "re-run with --allow-replace" in out  # without a saved plan, consent is needed
     assert "Apply did not replace triage" in out  # not "batches are in flight: apply again"
     assert "Apply submitted" not in out

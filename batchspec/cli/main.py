@@ -514,7 +514,8 @@ def apply(
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
     One pass takes the next safe step for each resource; with --wait it loops until done.
-    Exit codes: 0 in sync (or submitted), 3 locked, 4 Degraded, 5 --timeout reached.
+    Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace
+    (or an error), 3 locked, 4 Degraded, 5 --timeout reached.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the

@@ -317,9 +317,10 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "degraded": "Apply finished with resources Degraded: some requests failed for good "
         "(not retryable, or out of attempts); the errors files hold them.",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
+        "replace_refused": "",
     }[result.outcome]
     refused = [s.name for s in result.statuses if s.action == "replace"]
-    if refused and result.outcome == "in_progress":  # apply again would refuse them again
+    if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = (
             f"Apply did not replace {', '.join(refused)}: the spec changed while a generation "
             "is in flight. Re-run with --allow-replace to cancel it and submit the new spec."

@@ -109,7 +109,7 @@ class ApplyResult:
     run_id: int
     plan: Plan
     statuses: tuple[ResourceStatus, ...]
-    outcome: str  # converged | in_progress | degraded | timeout
+    outcome: str  # converged | in_progress | replace_refused | degraded | timeout
     exit_code: int
     # resources with batches in flight on a `local` provider: they advance only while a
     # batchspec command runs (the engine lives in its process)
@@ -365,6 +365,8 @@ def converge(
     plan = compute_plan(
         rec.store, resources, facts, include_orphans=False, backoff=rec.requeue_backoff
     )
+    if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
+        return "replace_refused"  # exit 1: CI must not pass with the old spec still running
     if any(a.kind is not ActionKind.NONE for a in plan.actions):
         return "in_progress"
     gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
@@ -374,7 +376,8 @@ def converge(
 
 
 def _exit_code(outcome: str) -> int:
-    return {"converged": 0, "in_progress": 0, "degraded": 4, "timeout": 5}[outcome]
+    codes = {"converged": 0, "in_progress": 0, "replace_refused": 1, "degraded": 4, "timeout": 5}
+    return codes[outcome]
 
 
 def compute_plan(
