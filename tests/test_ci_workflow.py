@@ -1,11 +1,13 @@
-"""examples/ci/github-actions.yml: its shape, and its batchspec commands run for real.
+"""examples/ci/: both workflows' shape, and their batchspec commands run for real.
 
-The test reads the workflow, takes the `batchspec ...` lines of each job's `run:` scripts,
-and runs exactly those, in the order the events would trigger them (pull request, push to
-main, a scheduled run, the next pull request) against the engine's OpenAI API over loopback.
-Each job starts from a fresh copy of the repository plus the folders the workflow persists
-on its state branch (BATCHSPEC_PERSIST), so the test also proves those folders are enough.
-The job's `env` is applied, with `${{ secrets.X }}` standing for the key the server wants.
+The tests read a workflow, take the `batchspec ...` lines of each job's `run:` scripts, and
+run exactly those, in the order the events would trigger them (pull request, push to main, a
+scheduled run, the next pull request) against the engine's OpenAI API over loopback. Each
+job starts from a fresh copy of the repository: for github-actions-sqlite.yml plus the
+folders the workflow persists on its state branch (BATCHSPEC_PERSIST), so the test also
+proves those folders are enough; for github-actions.yml (state in PostgreSQL) plus nothing
+at all. The job's `env` is applied, with `${{ secrets.X }}` standing for the API key the
+server wants, or for the throwaway PostgreSQL database's URL.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from workspaces import SENTINEL_KEY, ResourceSpec, make_workspace, openai_provid
 
 from batchspec.cli.render import PLAN_MARKDOWN_MARKER
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ci"
+WORKFLOW = EXAMPLES / "github-actions.yml"  # the state in PostgreSQL
+WORKFLOW_SQLITE = EXAMPLES / "github-actions-sqlite.yml"  # SQLite carried on a git branch
+STATE_SECRET = "${{ secrets.BATCHSPEC_STATE_URL }}"
 SHELL_OPERATORS = {">", ">>", "<", "|", "||", "&&", ";", "&", "2>", "2>&1"}
 SECRET = re.compile(r"^\$\{\{\s*secrets\.\w+\s*\}\}$")
 
 
-def load_workflow() -> dict[str, Any]:
-    doc = yaml.safe_load(WORKFLOW.read_text())
+def load_workflow(path: Path = WORKFLOW_SQLITE) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
     doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as true
     return doc
 
@@ -62,9 +67,10 @@ def job_env(doc: dict[str, Any], job: dict[str, Any]) -> dict[str, str]:
 # the workflow's shape
 
 
-def test_workflow_triggers_and_jobs() -> None:
+@pytest.mark.parametrize("path", [WORKFLOW, WORKFLOW_SQLITE], ids=["postgresql", "sqlite"])
+def test_workflow_triggers_and_jobs(path: Path) -> None:
     """Plans on pull requests, applies on pushes to main and every 30 minutes."""
-    doc = load_workflow()
+    doc = load_workflow(path)
     on = doc["on"]
     assert "pull_request" in on
     assert on["push"]["branches"] == ["main"]
@@ -119,13 +125,20 @@ def server(tmp_path: Path) -> Iterator[ProbedServer]:
 class CiRunner:
     """Runs a job's batchspec commands as a fresh checkout with the persisted folders."""
 
-    def __init__(self, doc: dict[str, Any], repo: Path, tmp: Path) -> None:
+    def __init__(
+        self, doc: dict[str, Any], repo: Path, tmp: Path, secrets: dict[str, str] | None = None
+    ) -> None:
         self.doc = doc
         self.repo = repo
         self.branch = tmp / "state-branch"  # what the state branch holds between runs
         self.tmp = tmp
         self.runs = 0
-        self.persist = doc["env"]["BATCHSPEC_PERSIST"].split()
+        self.persist = doc["env"].get("BATCHSPEC_PERSIST", "").split()
+        self.secrets = secrets or {}  # "${{ secrets.X }}" -> value; any other: the API key
+        self.checkout = tmp
+
+    def secret(self, value: str) -> str:
+        return self.secrets.get(value, SENTINEL_KEY)
 
     def run_job(
         self,
@@ -137,14 +150,14 @@ class CiRunner:
     ) -> list[tuple[int, str, str]]:
         job = self.doc["jobs"][name]
         self.runs += 1
-        checkout = self.tmp / f"run{self.runs}"
+        checkout = self.checkout = self.tmp / f"run{self.runs}"
         shutil.copytree(self.repo, checkout)
         for folder in self.persist:  # restore
             if (self.branch / folder).is_dir():
                 shutil.copytree(self.branch / folder, checkout / folder, dirs_exist_ok=True)
         with monkeypatch.context() as env:
             for key, value in job_env(self.doc, job).items():
-                env.setenv(key, SENTINEL_KEY if SECRET.match(str(value)) else str(value))
+                env.setenv(key, self.secret(value) if SECRET.match(str(value)) else str(value))
             env.chdir(checkout)
             results = [run_cli(argv, capsys) for argv in batchspec_commands(job)]
         if save:
@@ -164,7 +177,7 @@ def test_the_workflow_commands_plan_apply_collect_and_settle(
     """pull request: plan exits 2 with a markdown plan; push to main: apply exits 0 having
     submitted; scheduled run: apply exits 0 having collected the results; next pull
     request: plan exits 0. Every apply prints NDJSON ending in a result."""
-    doc = load_workflow()
+    doc = load_workflow(WORKFLOW_SQLITE)
     key_env = next(k for k, v in job_env(doc, doc["jobs"]["apply"]).items() if SECRET.match(v))
     repo = make_workspace(
         tmp_path / "repo",
@@ -198,3 +211,80 @@ def test_the_workflow_commands_plan_apply_collect_and_settle(
     [(code, out, err)] = ci.run_job("plan", monkeypatch, capsys, save=False)
     assert code == 0, err
     assert "No changes" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# github-actions.yml: the state in PostgreSQL
+
+
+def test_postgres_workflow_needs_no_state_branch_and_no_serialising_group() -> None:
+    """Both jobs point BATCHSPEC_STATE at the state URL secret and install the postgres extra;
+    only apply gets the API key; apply pushes nothing and is not serialised by a concurrency
+    group (per-resource locks keep runs side by side safe) but waits for a held lock, and
+    refuses to run when the state secret is unset (batchspec would fall back to an empty
+    SQLite state on the runner and pay again)."""
+    doc = load_workflow(WORKFLOW)
+    plan, apply = doc["jobs"]["plan"], doc["jobs"]["apply"]
+    assert "BATCHSPEC_PERSIST" not in doc["env"]
+    assert "concurrency" not in apply
+    assert apply["permissions"] == {"contents": "read"}
+    assert job_env(doc, plan)["BATCHSPEC_STATE"].startswith(STATE_SECRET)
+    assert job_env(doc, apply)["BATCHSPEC_STATE"] == STATE_SECRET
+    assert int(job_env(doc, apply)["BATCHSPEC_LOCK_TIMEOUT"]) > 0
+    secrets_of = {
+        name: {k for k, v in job_env(doc, job).items() if SECRET.match(str(v))}
+        for name, job in doc["jobs"].items()
+    }
+    assert secrets_of == {
+        "plan": {"BATCHSPEC_STATE"},
+        "apply": {"OPENAI_API_KEY", "BATCHSPEC_STATE"},
+    }
+    for job in (plan, apply):
+        install = next(s for s in job["steps"] if s.get("name") == "Install batchspec")
+        assert "batchspec[postgres]" in install["run"]
+    assert not any("git push" in str(s.get("run", "")) for s in apply["steps"])
+    step = next(s for s in apply["steps"] if s.get("name") == "Apply")
+    guard, command = [ln for ln in step["run"].splitlines() if not ln.strip().startswith("#")]
+    assert guard.startswith(': "${BATCHSPEC_STATE:?')  # never apply against an empty state
+    assert command.startswith("batchspec apply")
+
+
+def test_postgres_workflow_commands_from_fresh_runners_never_pay_twice(
+    tmp_path: Path,
+    server: ProbedServer,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every job starts from a bare checkout (nothing carried between runs): the plan sees
+    the shared state, the scheduled apply on another runner collects the batch the push's
+    apply created (never a second create), and the next plan only restores results/."""
+    doc = load_workflow(WORKFLOW)
+    repo = make_workspace(
+        tmp_path / "repo",
+        providers={"openai": openai_provider(server.v1, "OPENAI_API_KEY")},
+        resources=[ResourceSpec("triage", count=3, provider="openai")],
+    ).root
+    ci = CiRunner(doc, repo, tmp_path, secrets={STATE_SECRET: postgres_url})
+    assert ci.persist == []
+
+    [(code, out, err)] = ci.run_job("plan", monkeypatch, capsys, save=False)
+    assert code == 2, err
+    assert "| `triage` | `+` create |" in out
+
+    [(code, out, err)] = ci.run_job("apply", monkeypatch, capsys, save=False)
+    assert code == 0, err
+    assert server.probe.counts["POST /batches"] == 1
+    assert not (ci.checkout / "state" / "batchspec.db").exists()  # the state is not on disk
+
+    wait_for(lambda: server.engine.list_batches(None, 10)["data"][0]["status"] == "completed")
+    [(code, out, err)] = ci.run_job("apply", monkeypatch, capsys, save=False)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["outcome"] == "converged"
+    assert server.probe.counts["POST /batches"] == 1  # collected on another runner
+    assert len((ci.checkout / "results" / "triage.jsonl").read_text().splitlines()) == 3
+
+    [(code, out, err)] = ci.run_job("plan", monkeypatch, capsys, save=False)
+    assert code == 2, err  # a fresh runner has no results/: it would restore them, not create
+    assert "**Plan: 1 to restore.**" in out
