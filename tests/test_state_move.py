@@ -37,9 +37,12 @@ def dump(location: Path | str) -> dict[str, list[tuple[Any, ...]]]:
     with StateStore.open(location) as store:
         return {
             table: sorted(
-                (tuple(row.values()) for row in store.db.query(
-                    f"SELECT {', '.join(repr_column(c) for c in columns[table])} FROM {table}"
-                )),
+                (
+                    tuple(row.values())
+                    for row in store.db.query(
+                        f"SELECT {', '.join(repr_column(c) for c in columns[table])} FROM {table}"
+                    )
+                ),
                 key=repr,
             )
             for table in ALL_TABLES
@@ -68,9 +71,13 @@ def one_line_without_password(err: str) -> str:
 def postgres_tables(url: str, cluster: Cluster) -> list[str]:
     """The tables in the URL's schema, read without batchspec (which would create some)."""
     schema = url.rsplit("search_path%3D", 1)[-1]
-    rows = cluster.tests_db().execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
-    ).fetchall()
+    rows = (
+        cluster.tests_db()
+        .execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+        )
+        .fetchall()
+    )
     return sorted(r[0] for r in rows)
 
 
@@ -132,18 +139,18 @@ def test_round_trip_through_postgres_keeps_every_row_and_the_state_usable(
     assert report["blobs"]["missing"] == [] and PASSWORD not in json.dumps(report)
     assert dump(postgres_url) == source
     assert file_hash(ws.state_path) == before  # nothing of the source changed
-    with StateStore.open(postgres_url) as store:
-        assert referenced_blobs(store.db) == referenced_blobs(StateStore.open(ws.state_path).db)
+    with StateStore.open(postgres_url) as store, ws.store() as original:
+        assert referenced_blobs(store.db) == referenced_blobs(original.db)
 
     back = tmp_path / "back" / "batchspec.db"
-    code, out, err = run_cli(["state", "migrate", "--state", postgres_url, "--to", str(back)], capsys)
+    argv = ["state", "migrate", "--state", postgres_url, "--to", str(back)]
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "Migrated the state" in out and f"state: {{path: {back}}}" in out
     assert dump(back) == source
-    copied = list((back.parent / "store").rglob("*"))  # the blobs went beside the new file
-    assert {p.name for p in copied if p.is_file()} >= set(
-        referenced_blobs(StateStore.open(back).db)
-    )
+    copied = {p.name for p in (back.parent / "store").rglob("*") if p.is_file()}
+    with StateStore.open(back) as store:  # the blobs went beside the new file
+        assert copied >= set(referenced_blobs(store.db)) != set()
 
     for where in (postgres_url, str(back)):
         assert cli_json(["status", "--state", where], capsys) == status
