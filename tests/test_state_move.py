@@ -318,7 +318,8 @@ def test_export_writes_one_sqlite_file_with_the_same_events(
     assert dump(out_file) == dump(applied.state_path)
 
     code, _, err = run_cli(["state", "export", str(out_file)], capsys)
-    assert code == 1 and "exists already" in one_line_without_password(err)
+    line = one_line_without_password(err)
+    assert code == 1 and "exists already" in line and "--force" in line
 
     cli_json(["state", "migrate", "--to", postgres_url], capsys)
     with StateStore.open(postgres_url) as store:

@@ -370,14 +370,22 @@ def import_text(result: ImportResult) -> str:
 def state_copy_text(copy: StateCopy, verb: str = "Copied") -> str:
     """The tables copied, with their row counts (checked equal in source and target)."""
     width = max(len(t.table) for t in copy.tables) + 2
-    lines = [f"{verb} the state {copy.source} to {copy.target}:"]
-    lines += [f"  {t.table:<{width}}{t.rows:>10,} rows" for t in copy.tables]
+    source, target = (_location(label) for label in (copy.source, copy.target))
+    lines = [f"{verb} the state {source} to {target}:"]
+    lines += [
+        f"  {t.table:<{width}}{t.rows:>10,} {'row' if t.rows == 1 else 'rows'}" for t in copy.tables
+    ]
     lines.append(f"  {'state_serial':<{width}}{copy.state_serial:>10,}")
     lines.append(
         "Checked: every table's rows and the state serial equal the source's; the source is "
         "unchanged."
     )
     return "\n".join(lines)
+
+
+def _location(label: str) -> str:
+    """A state's label: a URL (already without its password) as it is, a path shortened."""
+    return label if "://" in label else display_path(Path(label))
 
 
 def migrate_text(result: MigrateResult) -> str:

@@ -100,6 +100,8 @@ def export_state(
     target = Path(file).resolve()
     _refuse_same(project, target)
     _require_source(project)
+    if target.exists() and not force:
+        raise StateError(f"{target} exists already; pass --force to replace it")
     check_target(target, replace=force)
     with _open_source(project) as source:
         return copy_state(source.db, target, replace=force, journal_mode="DELETE")
