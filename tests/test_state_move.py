@@ -20,10 +20,11 @@ from postgres import PASSWORD, Cluster
 from probes import ServeProcess, start_serve_process
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli, served
 
+from batchspec.errors import StateError
 from batchspec.state.lock import acquire_lock
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore
-from batchspec.state.transfer import COPIED_TABLES, referenced_blobs, table_columns
+from batchspec.state.transfer import COPIED_TABLES, copy_state, referenced_blobs, table_columns
 
 FAST = ["--poll-interval", "0.05"]
 INFO = RunInfo("alice", "build-1", 1, None, None, None, None, None, "0.1.0")
@@ -342,3 +343,19 @@ def test_export_refuses_to_write_over_the_state_itself(
     assert code == 1
     assert "the state itself" in one_line_without_password(err)
     assert file_hash(applied.state_path) == before
+
+
+def test_copy_state_itself_refuses_a_non_empty_target_inside_its_transaction(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The early check aside, copy_state refuses a target that holds a row (one that filled
+    up after the check) inside its own transaction: nothing of the source is added to it."""
+    source_path = tmp_path / "state" / "batchspec.db"
+    with StateStore.open(source_path) as source:
+        source.upsert_resource("mine", provider="p", manifest="m.yaml", labels={}, run_id=None)
+        with StateStore.open(postgres_url) as target:
+            target.record_event(None, "theirs")
+        before = dump(postgres_url)
+        with pytest.raises(StateError, match="is not empty"):
+            copy_state(source.db, postgres_url)
+    assert dump(postgres_url) == before

@@ -278,10 +278,12 @@ def _copy_in_transaction(source: Sql, target: Sql, copy_blobs: BlobCopier | None
 
 
 def _refuse_non_empty(target: Sql) -> None:
+    present = set(target.table_names())  # an older schema may lack a table yet
     held = [
         f"{table} ({count})"
         for table in (*(t for t, _ in COPIED_TABLES), "lock")
-        if (count := target.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        if table in present
+        and (count := target.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     ]
     if held:
         raise StateError(
