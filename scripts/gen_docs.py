@@ -331,17 +331,25 @@ def _context(command: click.Command, name: str, parent: click.Context | None) ->
     return click.Context(command, info_name=name, parent=parent, **settings)
 
 
-def visible_commands() -> list[tuple[str, click.Command]]:
-    """Every command of the CLI that ``--help`` lists, by name."""
+def visible_commands() -> list[tuple[str, click.Command, click.Context]]:
+    """Every command of the CLI that ``--help`` lists, by its full name (``state migrate``),
+    with the context its help is rendered in; a group's commands follow the group."""
     from batchspec.cli.main import cli
 
-    root = _context(cli, "batchspec", None)
-    commands = []
-    for name in cli.list_commands(root):
-        command = cli.get_command(root, name)
-        if command is not None and not command.hidden:
-            commands.append((name, command))
-    return commands
+    found: list[tuple[str, click.Command, click.Context]] = []
+
+    def walk(group: click.Group, ctx: click.Context, prefix: str) -> None:
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            sub = _context(command, name, ctx)
+            found.append((prefix + name, command, sub))
+            if isinstance(command, click.Group):
+                walk(command, sub, f"{prefix}{name} ")
+
+    walk(cli, _context(cli, "batchspec", None), "")
+    return found
 
 
 def cli_reference() -> str:
@@ -361,8 +369,7 @@ def cli_reference() -> str:
         "```",
         "",
     ]
-    for name, command in visible_commands():
-        ctx = _context(command, name, root)
+    for name, command, ctx in visible_commands():
         lines += [f"## batchspec {name}", "", "```text", command.get_help(ctx), "```", ""]
         lines += _environment(command)
     return "\n".join(lines).rstrip("\n") + "\n"

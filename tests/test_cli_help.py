@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -9,6 +10,26 @@ from batchspec import __version__
 from batchspec.cli.main import cli, main
 
 COMMANDS = sorted(cli.commands)
+#: every command by its full name, a group's commands too (``state migrate``)
+ALL_COMMANDS = sorted(
+    [
+        *COMMANDS,
+        *(
+            f"{name} {sub}"
+            for name, group in cli.commands.items()
+            if isinstance(group, click.Group)
+            for sub in group.commands
+        ),
+    ]
+)
+
+
+def command_named(name: str) -> click.Command:
+    command: click.Command = cli
+    for part in name.split():
+        assert isinstance(command, click.Group)
+        command = command.commands[part]
+    return command
 
 
 def test_there_are_commands() -> None:
@@ -16,28 +37,33 @@ def test_there_are_commands() -> None:
     assert {"init", "validate"} <= set(COMMANDS)
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+def test_groups_have_their_commands() -> None:
+    """The group commands are listed too: `state migrate` and `state export` have help."""
+    assert {"state migrate", "state export"} <= set(ALL_COMMANDS)
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
 def test_command_has_help_text(name: str) -> None:
     """Each command has a docstring-derived help text and a one-line summary."""
-    command = cli.commands[name]
+    command = command_named(name)
     assert (command.help or "").strip(), f"{name} has no help text"
     assert command.get_short_help_str().strip()
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", ALL_COMMANDS)
 def test_command_help_exits_0(name: str) -> None:
     """`batchspec NAME --help` prints usage and exits 0."""
-    result = CliRunner().invoke(cli, [name, "--help"], prog_name="batchspec")
+    result = CliRunner().invoke(cli, [*name.split(), "--help"], prog_name="batchspec")
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Usage: batchspec {name}")
-    assert (cli.commands[name].help or "").split("\n")[0][:30] in result.output
+    assert (command_named(name).help or "").split("\n")[0][:30] in result.output
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", ALL_COMMANDS)
 def test_command_help_through_main_exits_0(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The real entry point exits 0 for --help too (not a usage error)."""
     with pytest.raises(SystemExit) as exited:
-        main([name, "--help"])
+        main([*name.split(), "--help"])
     assert exited.value.code == 0
     assert f"Usage: batchspec {name}" in capsys.readouterr().out
 

@@ -947,6 +947,66 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     click.echo(f"released the lock of {describe_holder(holder)}")
 
 
+@cli.group()
+def state() -> None:
+    """Move the state: to PostgreSQL and back, or into an SQLite file for audits."""
+
+
+@state.command("migrate")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    metavar="URL|PATH",
+    help="The new state: a postgresql:// URL of an empty database (or schema), or the path "
+    "of a new SQLite file.",
+)
+@lock_timeout_option
+@json_option
+@state_option
+def state_migrate(to: str, lock_timeout: float, as_json: bool, state_path: str | None) -> None:
+    """Copy the whole state into an empty PostgreSQL database or a new SQLite file.
+
+    Holds the state's run lock while it copies, in one transaction on the target (all or
+    nothing); then checks every table's rows, the state serial and the sha256 of every
+    result blob the state references, and prints the counts. A target that is not empty is
+    refused and nothing is written. The source is left as it was, and batchspec.yaml is not
+    edited: the output says how to point the project at the new state.
+    """
+    from batchspec.cli import render
+    from batchspec.core.state_move import migrate_state
+
+    result = migrate_state(to, state_path=state_path, lock_timeout=lock_timeout)
+    if result.lock_warning:
+        click.echo(f"Warning: {result.lock_warning}", err=True)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(render.migrate_text(result))
+
+
+@state.command("export")
+@click.argument("file", metavar="FILE.db", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace FILE.db if it exists.")
+@json_option
+@state_option
+def state_export(file: str, force: bool, as_json: bool, state_path: str | None) -> None:
+    """Write the state (SQLite or PostgreSQL) to FILE.db, a single SQLite file.
+
+    For audits, sqlite-utils and Datasette: every table, rows and ids as they are, read in
+    one snapshot (no lock taken), checked against the source. Refuses an existing FILE.db
+    unless --force; the file appears whole or not at all.
+    """
+    from batchspec.cli import render
+    from batchspec.core.state_move import export_state
+
+    copy = export_state(file, state_path=state_path, force=force)
+    if as_json:
+        emit_json(copy.to_json())
+    else:
+        click.echo(render.state_copy_text(copy, "Exported"))
+
+
 def warn_skipped(problems: Any) -> None:
     """A read command went on past broken manifests: say so on stderr (exit code unchanged)."""
     if problems:

@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.spend import Usage
+    from batchspec.core.state_move import MigrateResult
     from batchspec.core.status import ResourceStatus
     from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
+    from batchspec.state.transfer import StateCopy
 
 
 def _plural(count: int, noun: str) -> str:
@@ -364,6 +366,47 @@ def import_text(result: ImportResult) -> str:
         f"generation {result.generation_id}; {verified}.\n"
         "Next: `batchspec apply` polls and collects it."
     )
+
+
+def state_copy_text(copy: StateCopy, verb: str = "Copied") -> str:
+    """The tables copied, with their row counts (checked equal in source and target)."""
+    width = max(len(t.table) for t in copy.tables) + 2
+    source, target = (_location(label) for label in (copy.source, copy.target))
+    lines = [f"{verb} the state {source} to {target}:"]
+    lines += [
+        f"  {t.table:<{width}}{t.rows:>10,} {'row' if t.rows == 1 else 'rows'}" for t in copy.tables
+    ]
+    lines.append(f"  {'state_serial':<{width}}{copy.state_serial:>10,}")
+    lines.append(
+        "Checked: every table's rows and the state serial equal the source's; the source is "
+        "unchanged."
+    )
+    return "\n".join(lines)
+
+
+def _location(label: str) -> str:
+    """A state's label: a URL (already without its password) as it is, a path shortened."""
+    return label if "://" in label else display_path(Path(label))
+
+
+def migrate_text(result: MigrateResult) -> str:
+    blobs = result.copy.blobs
+    lines = [state_copy_text(result.copy, "Migrated")]
+    line = (
+        f"Result blobs: {blobs.verified:,} of {blobs.referenced:,} checked by sha256 "
+        f"({format_size(blobs.bytes)})"
+    )
+    if blobs.copied:
+        line += f", {blobs.copied:,} copied into the new state's store"
+    lines.append(line + ".")
+    if blobs.missing:
+        lines.append(
+            f"Warning: {len(blobs.missing):,} referenced blob(s) are not in this machine's "
+            "result store (collected on another runner?): "
+            + ", ".join(sha[:12] for sha in blobs.missing[:5])
+            + (", …" if len(blobs.missing) > 5 else "")
+        )
+    return "\n".join([*lines, "", *result.switch])
 
 
 def forget_text(result: ForgetResult) -> str:

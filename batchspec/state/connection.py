@@ -114,16 +114,7 @@ class StateConnection:
         return store
 
     def _check_postgres_history(self) -> None:
-        if MIGRATIONS.applied(self.db):
-            return
-        ours = sorted(_OUR_TABLES & set(self.db.table_names()))
-        if ours:
-            raise StateError(
-                f"the PostgreSQL database {self.label} has tables named like batchspec's "
-                f"({', '.join(ours)}) but no batchspec migration history, so it is not a "
-                "batchspec state; batchspec will not write into it. Point state.url at an "
-                "empty database (or a schema of its own: ?options=-csearch_path%3Dbatchspec)"
-            )
+        refuse_foreign_postgres(self.db)
 
     @classmethod
     def _open_sqlite(cls: type[_Conn], path: Path) -> _Conn:
@@ -276,6 +267,20 @@ class StateConnection:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         self.db.execute(
             f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
+        )
+
+
+def refuse_foreign_postgres(db: Sql) -> None:
+    """Refuse a PostgreSQL database holding tables named like ours but no migration history."""
+    if MIGRATIONS.applied(db):
+        return
+    ours = sorted(_OUR_TABLES & set(db.table_names()))
+    if ours:
+        raise StateError(
+            f"the PostgreSQL database {db.label} has tables named like batchspec's "
+            f"({', '.join(ours)}) but no batchspec migration history, so it is not a "
+            "batchspec state; batchspec will not write into it. Point state.url at an "
+            "empty database (or a schema of its own: ?options=-csearch_path%3Dbatchspec)"
         )
 
 

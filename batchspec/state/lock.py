@@ -40,7 +40,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
@@ -206,6 +207,61 @@ def acquire_lock(
         if remaining <= 0:
             raise StateLockedError(_locked_message(store, holder, timeout, stale_after))
         sleep(min(poll_interval, remaining))
+
+
+@contextmanager
+def hold_still(
+    store: StateStore,
+    *,
+    command: str,
+    info: RunInfo,
+    timeout: float = 0.0,
+    poll_interval: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[str | None]:
+    """Keep the state from changing while the block reads it (``batchspec state migrate``).
+
+    A run holding the lock is waited for as ``acquire_lock`` does (``timeout``, then
+    ``StateLockedError``, exit 3). Then:
+
+    * SQLite: the database's writer lock (BEGIN IMMEDIATE) is held for the whole block, and
+      the block reads inside that transaction, which is rolled back: nothing is written, so
+      the file stays byte for byte as it was. A run starting meanwhile waits for the writer
+      lock (the busy timeout), then stops with "stayed busy"; readers go on.
+    * PostgreSQL: the run lock itself (``acquire_lock``); its row is written and removed, so
+      the rows end as they were, and a run starting meanwhile exits 3 naming this one.
+
+    Yields a warning, or None. A dead holder's lock (SQLite) is left as it is, not taken over.
+    """
+    if store.dialect == "postgresql":
+        with acquire_lock(store, command=command, info=info, timeout=timeout) as handle:
+            yield handle.warning
+        return
+    if store.in_transaction:
+        raise RuntimeError("hold_still() must not be called inside StateStore.atomic()")
+    deadline = clock() + max(timeout, 0.0)
+    while True:
+        store.db.begin_writer()
+        holder = store.lock_row()
+        if holder is None or (holder.host == info.host and not pid_is_alive(holder.pid)):
+            break
+        store.db.rollback()
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise StateLockedError(_locked_message(store, holder, timeout, STALE_AFTER))
+        sleep(min(poll_interval, remaining))
+    try:
+        yield (
+            None
+            if holder is None
+            else (
+                f"the lock of dead process {holder.pid} on host {holder.host} (holder "
+                f"{holder.holder_id}) is left as it is in {store.label}"
+            )
+        )
+    finally:
+        store.db.rollback()
 
 
 def _try_take(
@@ -452,5 +508,6 @@ __all__ = [
     "current_lock",
     "describe_holder",
     "force_unlock",
+    "hold_still",
     "pid_is_alive",
 ]

@@ -145,7 +145,7 @@ class Migrations:
         Returns the names applied. ``conn`` must be in autocommit mode (``isolation_level=None``
         for sqlite3) so that the transaction is the one this method begins.
         """
-        self._refuse_unknown(conn)
+        self.refuse_unknown(conn)
         if not self._needs_work(conn, stop_before):
             return []
         done: list[str] = []
@@ -155,7 +155,7 @@ class Migrations:
             if not self.applied(db) and self._adopt is not None:
                 for name in self._adopt(db):
                     self._record(db, name)
-            self._refuse_unknown(db)
+            self.refuse_unknown(db)
             for migration in self.pending(db):  # read again: another opener may have won
                 if migration.name == stop_before:
                     break
@@ -168,7 +168,8 @@ class Migrations:
         pending = self.pending(conn)
         return bool(pending) and pending[0].name != stop_before
 
-    def _refuse_unknown(self, conn: sqlite3.Connection | Sql) -> None:
+    def refuse_unknown(self, conn: sqlite3.Connection | Sql) -> None:
+        """``StateError`` if the database records a migration this code does not know."""
         unknown = self.unknown(conn)
         if unknown:
             raise StateError(

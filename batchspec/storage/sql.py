@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import secrets
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -94,6 +95,13 @@ class Sql(ABC):
     @abstractmethod
     def script(self, sql: str) -> None:
         """Run a script of several statements (DDL) in the current transaction."""
+
+    @abstractmethod
+    def stream(self, sql: str, size: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``sql`` (no parameters), ``size`` at a time, never all in memory.
+
+        On PostgreSQL, inside a transaction, a server-side cursor holds the rest.
+        """
 
     @property
     @abstractmethod
@@ -167,6 +175,11 @@ class SqliteSql(Sql):
         # never executescript(): it commits whatever transaction is open
         for statement in split_statements(sql):
             self.execute(statement)
+
+    def stream(self, sql: str, size: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        cur = self.execute(sql)
+        while rows := cur.fetchmany(size):
+            yield rows
 
     @property
     def in_transaction(self) -> bool:
@@ -322,6 +335,19 @@ class PostgresSql(Sql):
         # no parameters: psycopg sends the script as one simple query, so a trigger
         # function's body ($$ ... ; ... $$) needs no splitting
         self.execute(sql)
+
+    def stream(self, sql: str, size: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        if not self.in_transaction:  # a named cursor needs a transaction to live in
+            rows = self.execute(sql).fetchall()
+            for start in range(0, len(rows), size):
+                yield [tuple(r) for r in rows[start : start + size]]
+            return
+        name = f"batchspec_stream_{secrets.token_hex(4)}"
+        with self._translated(), self.conn.cursor(name=name) as cur:
+            cur.itersize = size
+            cur.execute(sql)
+            while rows := cur.fetchmany(size):
+                yield [tuple(r) for r in rows]
 
     @property
     def in_transaction(self) -> bool:
