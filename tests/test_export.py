@@ -226,6 +226,67 @@ def test_join_on_a_rows_input_adds_each_rows_fields_in_order(
     ]
 
 
+def test_join_on_parquet_rows_adds_typed_fields_in_row_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --wait` on a Parquet rows input (three row groups), then --join: JSONL keeps
+    each field's type (int, null, list, object), CSV has them as text, and Parquet keeps the
+    rows file's int and double columns typed; every format in row order."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    rows = ws.root / "data" / "tickets.parquet"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "ticket_id": [9, 2, 5, 1, 7],
+            "text": ["printer on fire", "two\nlines", "ok", None, "last"],
+            "tags": [["hw"], [], None, ["a", "b"], ["x"]],
+            "meta": [{"p": 1}, {"p": 2}, {"p": 3}, {"p": 4}, {"p": 5}],
+            "score": [0.5, 1.5, None, 2.5, 3.0],
+        }
+    )
+    pq.write_table(table, rows, row_group_size=2)
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "{{ text }}"}]}
+    source = {"rows": "../data/tickets.parquet", "id": "t-{{ ticket_id }}", "body": body}
+
+    write_manifest(ws, ResourceSpec("triage", spec={"input": source}))
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    ids = ["t-9", "t-2", "t-5", "t-1", "t-7"]
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ids
+
+    argv = ["results", "triage", str(ws.root), "--join", "--format"]
+    code, out, err = run_cli([*argv, "jsonl"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["custom_id"] for r in lines] == ids
+    assert [r["status"] for r in lines] == ["succeeded"] * 5
+    fields = ("input.ticket_id", "input.text", "input.tags", "input.meta", "input.score")
+    assert [tuple(r[f] for f in fields) for r in lines] == [
+        tuple(row[f.removeprefix("input.")] for f in fields) for row in table.to_pylist()
+    ]
+
+    code, out, err = run_cli([*argv, "csv"], capsys)
+    assert code == 0, err
+    got = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["custom_id"], r["input.ticket_id"], r["input.tags"]) for r in got][:2] == [
+        ("t-9", "9", '["hw"]'),
+        ("t-2", "2", "[]"),
+    ]
+
+    done = subprocess.run(
+        batchspec_cmd(*argv[:-1], "--format", "parquet"), capture_output=True, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    exported = pq.read_table(io.BytesIO(done.stdout))
+    assert str(exported.schema.field("input.ticket_id").type) == "int64"
+    assert str(exported.schema.field("input.score").type) == "double"
+    assert exported.column("input.ticket_id").to_pylist() == [9, 2, 5, 1, 7]
+    assert exported.column("input.score").to_pylist() == [0.5, 1.5, None, 2.5, 3.0]
+    assert exported.column("input.tags").to_pylist()[0] == '["hw"]'
+
+
 def test_parquet_through_a_pipe_has_typed_columns_and_the_rows_in_order(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

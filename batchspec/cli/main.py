@@ -778,7 +778,12 @@ def history(
     help="One row per request (answer, parsed JSON, usage, cost, error) instead of the raw "
     "result lines; parquet needs batchspec[parquet].",
 )
-@click.option("--join", is_flag=True, help="With --format: add the input row's fields.")
+@click.option(
+    "--join",
+    is_flag=True,
+    help="With --format: add the input row's fields (input.NAME; CSV, JSONL or Parquet rows), "
+    "or each request's messages for a batch JSONL input.",
+)
 @json_option
 @state_option
 def results(
