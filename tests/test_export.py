@@ -133,6 +133,39 @@ def test_an_answer_asked_as_json_that_does_not_parse_is_kept_and_flagged(
     assert "parsed.label" in rows[0] and rows[0]["parsed.label"] == ""
 
 
+def test_an_unparsable_json_answer_is_kept_in_jsonl_parquet_and_spec_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same answer asked for as JSON that does not parse keeps its row, text and
+    parse_error in JSONL, in Parquet and in a `spec.export` file written by apply."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    lines = request_lines(3)
+    for line in lines:
+        line["body"]["response_format"] = SCHEMA
+    ws = applied(tmp_path, capsys, lines)
+    code, out, err = run_cli(["results", "triage", str(ws.root), "--format", "jsonl"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["custom_id"] for r in rows] == ["req-0", "req-1", "req-2"]
+    assert all(r["answer"].startswith("[builtin stand-in]") and r["parsed"] is None for r in rows)
+    assert all(r["parse_error"].startswith("the answer is not JSON") for r in rows)
+
+    argv = batchspec_cmd("results", "triage", str(ws.root), "--format", "parquet")
+    done = subprocess.run(argv, capture_output=True, check=False, env=_env())
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(io.BytesIO(done.stdout)).to_pylist()
+    assert [(r["custom_id"], r["answer"], r["parse_error"]) for r in table] == [
+        (r["custom_id"], r["answer"], r["parse_error"]) for r in rows
+    ]
+
+    export = {"path": "../results/triage.export.jsonl", "format": "jsonl"}
+    write_manifest(ws, ResourceSpec("triage", spec={"export": [export]}))
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    written = (ws.root / "results" / "triage.export.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == rows
+
+
 def test_json_answers_are_parsed_and_a_flat_schema_becomes_columns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -459,3 +492,29 @@ def test_a_result_file_edited_into_non_json_is_one_clear_error(
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and "triage.jsonl:2: not a JSON result line" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("export", "says"),
+    [
+        pytest.param(
+            {"path": "../results/t.jsonl", "format": "xml"}, "/spec/export/0/format", id="format"
+        ),
+        pytest.param({"path": "../results/t.xlsx"}, "/spec/export/0", id="extension"),
+        pytest.param({"path": "../results/t.csv", "join": "yes"}, "/spec/export/0/join", id="join"),
+    ],
+)
+def test_a_bad_spec_export_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], export: dict[str, Any], says: str
+) -> None:
+    """An unknown export format, a path whose extension names none (and no format), a
+    `join` that is not a boolean: validate and apply exit 1 at the manifest's key; apply
+    creates no state and writes no result."""
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    ws.write_input("triage", request_lines(1))
+    write_manifest(ws, ResourceSpec("triage", spec={"export": [export]}))
+    for argv in (["validate", str(ws.root)], ["apply", str(ws.root), "--yes", "--wait"]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1, out + err
+        assert "triage.yaml:" in err and says in err, err
+    assert not ws.state_path.exists() and not ws.output_path("triage").exists()
