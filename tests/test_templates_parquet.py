@@ -221,3 +221,30 @@ def test_plan_locates_rendered_input_problems_at_the_parquet_row(
     assert code == 1
     assert "data/t.parquet: row 3: body.model 'm-2' differs from the manifest's model" in err
     assert "rendered" not in err
+
+
+def test_an_over_long_parquet_row_is_refused_and_the_others_read(tmp_path: Path) -> None:
+    """A Parquet row over the row cap is row-too-large, named by its row number; reading
+    goes on (the rows after it are still checked) and nothing is rendered."""
+    path = write_parquet(tmp_path, {"text": ["short", "x" * 5000, "short", None]})
+    template, _ = compile_request_template(
+        body=chat_body("{{ text }}{{ nope }}"),
+        id_template=None,
+        endpoint=CHAT,
+        model=None,
+        pointer="/spec/input",
+        locate=lambda pointer: SourceLocation(tmp_path / "m.yaml", 1, 1),
+    )
+    assert template is not None
+    result, problems = render_rows(template, path, tmp_path / "rendered", max_row_bytes=1000)
+    assert result is None
+    shown = [str(p) for p in problems]
+    assert shown[1].endswith(
+        "t.parquet: row 2 is longer than 1,000 bytes (the limit of one row); split it or shorten it"
+    )
+    assert [p.split(": ", 1)[1][:20] for p in shown] == [
+        "row 1 has no field '",
+        "row 2 is longer than",
+        "row 3 has no field '",
+        "row 4 has no field '",
+    ]
