@@ -32,7 +32,7 @@ from workspaces import (
 )
 
 from batchspec.cli.report_html import report_html
-from batchspec.core.history import HistoryEntry
+from batchspec.core.history import CommitSpend, HistoryEntry
 from batchspec.core.report import WorkspaceReport
 from batchspec.core.spend import Usage
 from batchspec.core.status import ResourceStatus
@@ -133,7 +133,8 @@ def test_report_in_chromium_shows_the_figures_of_history_and_status(
 ) -> None:
     """Two applies (a second resource added in between, each run committed in git): the page
     opens in chromium with no console message, its script ran, each run's tokens, dollars and
-    git commit equal `history --json`, each resource's figures equal `status --json`."""
+    git commit equal `history --json`, each commit's equal `history --by commit --json`, each
+    resource's figures equal `status --json`."""
     ws = priced_workspace(tmp_path / "ws", server(), "triage")
     git_commit_all(ws.root, "first")
     code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
@@ -172,6 +173,18 @@ def test_report_in_chromium_shows_the_figures_of_history_and_status(
         assert run["run"]["git_commit"][:10] in shown_text
         priced += usage["cost_usd"] > 0
     assert priced == 2  # both applies spent something, so the figures were really compared
+
+    commits = cli_json(["history", str(ws.root), "--by", "commit", "--json"], capsys)["commits"]
+    shown_commits = dom.rows("commit")
+    assert len(commits) == 2  # the two commits each created a generation
+    assert [r["data-commit"] for r in shown_commits] == [c["commit"] for c in commits]
+    for row, c in zip(shown_commits, commits, strict=True):
+        assert row["data-dirty"] == str(c["dirty"]).lower()
+        assert int(row["data-generations"]) == c["generations"]
+        assert int(row["data-input-tokens"]) == c["usage"]["input_tokens"]
+        assert float(row["data-cost-usd"]) == pytest.approx(c["usage"]["cost_usd"], abs=1e-6)
+        assert c["commit"][:10] in row["text"]
+        assert f"${c['usage']['cost_usd']:,.4f}" in row["text"]
 
     statuses = cli_json(["status", str(ws.root), "--json"], capsys)["resources"]
     rows = {r["data-resource"]: r for r in dom.rows("resource")}
@@ -240,7 +253,12 @@ def fabricated(cost: float | None, text: str) -> WorkspaceReport:
         "message": text,
     }  # fmt: skip
     event = EventRow(1, 7, "2026-11-30T10:00:01.000Z", text, 1, None, "results", detail)
-    return WorkspaceReport((status,), (HistoryEntry(run, (event,)),), "2026-11-30T11:00:00.000Z")
+    commits = (
+        CommitSpend("a" * 40, True, (text,), (7,), 1, usage, {text: usage}, run.started_at),
+        CommitSpend(None, False, (), (7,), 1, usage, {text: usage}, run.started_at),
+    )
+    entries = (HistoryEntry(run, (event,)),)
+    return WorkspaceReport((status,), entries, "2026-11-30T11:00:00.000Z", (), commits)
 
 
 def test_every_user_string_is_escaped() -> None:
@@ -262,6 +280,18 @@ def test_an_unknown_price_is_shown_as_unknown_never_zero() -> None:
     dom = elements(html)
     assert dom.rows("resource")[0]["data-cost-usd"] == ""
     assert dom.rows("run")[0]["data-cost-usd"] == ""
+    assert [r["data-cost-usd"] for r in dom.rows("commit")] == ["", ""]
+
+
+def test_commit_groups_say_dirty_and_no_git_in_words() -> None:
+    """A commit group from a dirty tree reads "+ uncommitted changes", runs outside git
+    "no git commit"; their rows carry data-dirty and an empty data-commit."""
+    dom = elements(report_html(fabricated(0.25, "triage")))
+    dirty, no_git = dom.rows("commit")
+    assert (dirty["data-commit"], dirty["data-dirty"]) == ("a" * 40, "true")
+    assert "aaaaaaaaaa + uncommitted changes" in " ".join(dirty["text"].split())
+    assert (no_git["data-commit"], no_git["data-dirty"]) == ("", "false")
+    assert "no git commit" in no_git["text"] and "$0.2500" in no_git["text"]
 
 
 def test_report_to_stdout_and_without_state(

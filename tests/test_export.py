@@ -133,6 +133,39 @@ def test_an_answer_asked_as_json_that_does_not_parse_is_kept_and_flagged(
     assert "parsed.label" in rows[0] and rows[0]["parsed.label"] == ""
 
 
+def test_an_unparsable_json_answer_is_kept_in_jsonl_parquet_and_spec_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same answer asked for as JSON that does not parse keeps its row, text and
+    parse_error in JSONL, in Parquet and in a `spec.export` file written by apply."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    lines = request_lines(3)
+    for line in lines:
+        line["body"]["response_format"] = SCHEMA
+    ws = applied(tmp_path, capsys, lines)
+    code, out, err = run_cli(["results", "triage", str(ws.root), "--format", "jsonl"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["custom_id"] for r in rows] == ["req-0", "req-1", "req-2"]
+    assert all(r["answer"].startswith("[builtin stand-in]") and r["parsed"] is None for r in rows)
+    assert all(r["parse_error"].startswith("the answer is not JSON") for r in rows)
+
+    argv = batchspec_cmd("results", "triage", str(ws.root), "--format", "parquet")
+    done = subprocess.run(argv, capture_output=True, check=False, env=_env())
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(io.BytesIO(done.stdout)).to_pylist()
+    assert [(r["custom_id"], r["answer"], r["parse_error"]) for r in table] == [
+        (r["custom_id"], r["answer"], r["parse_error"]) for r in rows
+    ]
+
+    export = {"path": "../results/triage.export.jsonl", "format": "jsonl"}
+    write_manifest(ws, ResourceSpec("triage", spec={"export": [export]}))
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    written = (ws.root / "results" / "triage.export.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == rows
+
+
 def test_json_answers_are_parsed_and_a_flat_schema_becomes_columns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -224,6 +257,67 @@ def test_join_on_a_rows_input_adds_each_rows_fields_in_order(
         ("t-7", "7", "printer on fire"),
         ("t-9", "9", "two\nlines"),
     ]
+
+
+def test_join_on_parquet_rows_adds_typed_fields_in_row_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --wait` on a Parquet rows input (three row groups), then --join: JSONL keeps
+    each field's type (int, null, list, object), CSV has them as text, and Parquet keeps the
+    rows file's int and double columns typed; every format in row order."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    rows = ws.root / "data" / "tickets.parquet"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "ticket_id": [9, 2, 5, 1, 7],
+            "text": ["printer on fire", "two\nlines", "ok", None, "last"],
+            "tags": [["hw"], [], None, ["a", "b"], ["x"]],
+            "meta": [{"p": 1}, {"p": 2}, {"p": 3}, {"p": 4}, {"p": 5}],
+            "score": [0.5, 1.5, None, 2.5, 3.0],
+        }
+    )
+    pq.write_table(table, rows, row_group_size=2)
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "{{ text }}"}]}
+    source = {"rows": "../data/tickets.parquet", "id": "t-{{ ticket_id }}", "body": body}
+
+    write_manifest(ws, ResourceSpec("triage", spec={"input": source}))
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, err
+    ids = ["t-9", "t-2", "t-5", "t-1", "t-7"]
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ids
+
+    argv = ["results", "triage", str(ws.root), "--join", "--format"]
+    code, out, err = run_cli([*argv, "jsonl"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["custom_id"] for r in lines] == ids
+    assert [r["status"] for r in lines] == ["succeeded"] * 5
+    fields = ("input.ticket_id", "input.text", "input.tags", "input.meta", "input.score")
+    assert [tuple(r[f] for f in fields) for r in lines] == [
+        tuple(row[f.removeprefix("input.")] for f in fields) for row in table.to_pylist()
+    ]
+
+    code, out, err = run_cli([*argv, "csv"], capsys)
+    assert code == 0, err
+    got = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["custom_id"], r["input.ticket_id"], r["input.tags"]) for r in got][:2] == [
+        ("t-9", "9", '["hw"]'),
+        ("t-2", "2", "[]"),
+    ]
+
+    done = subprocess.run(
+        batchspec_cmd(*argv[:-1], "--format", "parquet"), capture_output=True, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    exported = pq.read_table(io.BytesIO(done.stdout))
+    assert str(exported.schema.field("input.ticket_id").type) == "int64"
+    assert str(exported.schema.field("input.score").type) == "double"
+    assert exported.column("input.ticket_id").to_pylist() == [9, 2, 5, 1, 7]
+    assert exported.column("input.score").to_pylist() == [0.5, 1.5, None, 2.5, 3.0]
+    assert exported.column("input.tags").to_pylist()[0] == '["hw"]'
 
 
 def test_parquet_through_a_pipe_has_typed_columns_and_the_rows_in_order(
@@ -398,3 +492,29 @@ def test_a_result_file_edited_into_non_json_is_one_clear_error(
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and "triage.jsonl:2: not a JSON result line" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("export", "says"),
+    [
+        pytest.param(
+            {"path": "../results/t.jsonl", "format": "xml"}, "/spec/export/0/format", id="format"
+        ),
+        pytest.param({"path": "../results/t.xlsx"}, "/spec/export/0", id="extension"),
+        pytest.param({"path": "../results/t.csv", "join": "yes"}, "/spec/export/0/join", id="join"),
+    ],
+)
+def test_a_bad_spec_export_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], export: dict[str, Any], says: str
+) -> None:
+    """An unknown export format, a path whose extension names none (and no format), a
+    `join` that is not a boolean: validate and apply exit 1 at the manifest's key; apply
+    creates no state and writes no result."""
+    ws = make_workspace(tmp_path / "ws", providers={"srv": local_provider()}, resources=[])
+    ws.write_input("triage", request_lines(1))
+    write_manifest(ws, ResourceSpec("triage", spec={"export": [export]}))
+    for argv in (["validate", str(ws.root)], ["apply", str(ws.root), "--yes", "--wait"]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1, out + err
+        assert "triage.yaml:" in err and says in err, err
+    assert not ws.state_path.exists() and not ws.output_path("triage").exists()

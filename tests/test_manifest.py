@@ -645,3 +645,19 @@ def test_hash_input_is_injectable(tmp_path: Path) -> None:
     [res] = load_workspace([ws], hash_input=fake_hash).resources
     assert seen == [ws.resolve() / "data.jsonl"]
     assert res.input_sha256 == "f" * 64
+
+
+def test_nan_and_infinity_are_refused_where_a_schema_bound_cannot_see_them(tmp_path: Path) -> None:
+    """`maxCostUSD: .nan` passes `exclusiveMinimum` (NaN compares false) and would never
+    refuse a spend; an infinity is no count either (nor valid JSON to send). Both are
+    problems at their file:line:column."""
+    text = BASE + "  budget:\n    maxCostUSD: .nan\n  metadata:\n    note: ok\n  limits:\n"
+    text += "    maxRequests: -.inf\n"
+    root = make_workspace(tmp_path, {"m.yaml": text})
+    with pytest.raises(InvalidManifestError) as caught:
+        load(root)
+    shown = [str(p) for p in caught.value.problems]
+    assert "m.yaml:10:17: /spec/budget/maxCostUSD: .nan is not a number batchspec accepts" in (
+        " ".join(shown)
+    )
+    assert any("/spec/limits/maxRequests: -.inf is not a number" in p for p in shown)

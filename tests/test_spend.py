@@ -280,13 +280,17 @@ def test_unknown_price_is_shown_as_unknown(
 def test_negative_price_override_is_refused(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A price override below zero or not a number is a project error (exit 1) naming it."""
-    ws = served(tmp_path / "ws", server(), count=1)
-    for bad in (-1, "cheap"):
+    """A price override below zero, not a number, NaN or infinite is a project error
+    (exit 1) at its file:line naming the key, for plan and for apply (nothing submitted)."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, count=1)
+    for bad in (-1, "cheap", float("nan"), float("inf")):
         set_pricing(ws.root, {"test-model": {"input": bad, "output": 1}})
-        code, _, err = run_cli(["plan", str(ws.root)], capsys)
-        assert code == 1
-        assert "pricing" in err
+        for argv in (["plan", str(ws.root)], ["apply", str(ws.root), "--yes"]):
+            code, _, err = run_cli(argv, capsys)
+            assert code == 1, (bad, err)
+            assert "batchspec.yaml:" in err and "/pricing/test-model/input: " in err, err
+    assert srv.batch_count() == 0
 
 
 def test_anthropic_message_usage_is_recorded_and_priced(

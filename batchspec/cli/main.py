@@ -724,7 +724,16 @@ def completion(shell: str) -> None:
     type=click.IntRange(min=1),
     default=20,
     show_default=True,
-    help="How many runs, newest first.",
+    help="How many runs (with --by commit: commits), newest first.",
+)
+@click.option(
+    "--by",
+    "group_by",
+    type=click.Choice(["run", "commit"]),
+    default="run",
+    show_default=True,
+    help="commit: tokens and dollars per git commit (of the run that created each "
+    "generation) instead of the runs.",
 )
 @json_option
 @state_option
@@ -733,6 +742,7 @@ def history(
     resource: str | None,
     project_dir: str | None,
     limit: int,
+    group_by: str,
     as_json: bool,
     state_path: str | None,
 ) -> None:
@@ -740,12 +750,16 @@ def history(
 
     PATHS find the workspace as for every command (default: the current folder). With
     --resource NAME, only the runs that touched NAME; a NAME never recorded exits 1.
+
+    With --by commit, the spend per git commit instead: each generation's tokens and dollars
+    go to the commit its creating run was on; runs from a tree with uncommitted changes, and
+    runs outside git, are groups of their own.
     """
     import re
     from pathlib import Path
 
     from batchspec.cli import render
-    from batchspec.core.history import read_history
+    from batchspec.core.history import read_history, spend_by_commit
 
     for path in paths:  # `history NAME` (before PATHS): say how to ask for it now
         if not Path(path).exists() and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", path):
@@ -754,6 +768,13 @@ def history(
                 f"runs use `batchspec history --resource {path}`"
             )
     where = list(paths) or ([project_dir] if project_dir else [])
+    if group_by == "commit":
+        commits = spend_by_commit(where, resource=resource, limit=limit, state_path=state_path)
+        if as_json:
+            emit_json({"commits": [c.to_json() for c in commits]})
+        else:
+            click.echo(render.commits_text(commits))
+        return
     entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
     if as_json:
         emit_json({"runs": [e.to_json() for e in entries]})
@@ -779,7 +800,12 @@ def history(
     help="One row per request (answer, parsed JSON, usage, cost, error) instead of the raw "
     "result lines; parquet needs batchspec[parquet].",
 )
-@click.option("--join", is_flag=True, help="With --format: add the input row's fields.")
+@click.option(
+    "--join",
+    is_flag=True,
+    help="With --format: add the input row's fields (input.NAME; CSV, JSONL or Parquet rows), "
+    "or each request's messages for a batch JSONL input.",
+)
 @json_option
 @state_option
 def results(

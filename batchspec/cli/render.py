@@ -19,7 +19,7 @@ from batchspec.workspace.yamldoc import Problem, display_path
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
-    from batchspec.core.history import HistoryEntry
+    from batchspec.core.history import CommitSpend, HistoryEntry
     from batchspec.core.lifecycle import ForgetResult, ImportResult
     from batchspec.core.plan import Plan
     from batchspec.core.planfile import PlanResult
@@ -507,6 +507,24 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
                 if not isinstance(v, (dict, list))
             )
             lines.append(f"    {event.at}  {event.action}{target}  {detail}")
+    return "\n".join(lines)
+
+
+def commits_text(commits: Sequence[CommitSpend]) -> str:
+    """``history --by commit``: one line per commit group, one more per resource."""
+    if not commits:
+        return "No results recorded yet: spend is counted when a generation's results are written."
+    lines = []
+    for c in commits:
+        branches = f" on {', '.join(c.branches)}" if c.branches else ""
+        runs = ", ".join(map(str, c.runs)) or "unknown"
+        noun = "generation" if c.generations == 1 else "generations"
+        lines.append(
+            f"{c.label}{branches}  {c.generations} {noun} (created by run {runs}): "
+            f"{usage_text(c.usage)}"
+        )
+        for name, usage in c.by_resource.items():
+            lines.append(f"    {name or '(no resource)'}: {usage_text(usage)}")
     return "\n".join(lines)
 
 

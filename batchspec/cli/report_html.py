@@ -5,7 +5,8 @@ Content-Security-Policy of ``default-src 'none'`` lets only that script, by its 
 every string that comes from a user (resource names, reasons, paths, git branches, hosts,
 event details) is escaped, and a CI link is a link only when it is http(s). Every figure is
 also in a ``data-*`` attribute in machine form (``data-cost-usd=""``: unknown price), so a
-test can hold the page to ``status --json`` and ``history --json``. An unknown price is shown
+test can hold the page to ``status --json``, ``history --json`` and ``history --by commit
+--json`` (rows ``tr.resource``, ``tr.run``, ``tr.commit``). An unknown price is shown
 as "unknown price", never $0.
 """
 
@@ -19,7 +20,7 @@ from html import escape
 from typing import Any
 
 from batchspec.cli.render import dollars
-from batchspec.core.history import HistoryEntry
+from batchspec.core.history import CommitSpend, HistoryEntry
 from batchspec.core.report import WorkspaceReport
 from batchspec.core.spend import Usage
 from batchspec.core.status import ResourceStatus
@@ -84,6 +85,7 @@ def report_html(report: WorkspaceReport) -> str:
             _cards(report),
             _resources_table(report.resources),
             _charts(report),
+            _commits(report.commits),
             _audit_trail(report.runs),
             "</main>",
         ]
@@ -342,6 +344,51 @@ def _charts(report: WorkspaceReport) -> str:
         + _columns("Tokens per run", per_run_tokens, colours, _short_tokens)
         + f'</div><p class="small">runs by resource: {resources}</p></section>'
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Spend per git commit
+
+
+def _commit_cell(c: CommitSpend) -> str:
+    if c.commit is None:
+        return f'<b>{_e(c.label)}</b><div class="small">runs outside a git repository</div>'
+    dirty = ' <span class="small">+ uncommitted changes</span>' if c.dirty else ""
+    branches = f'<div class="small">on {_e(", ".join(c.branches))}</div>' if c.branches else ""
+    return f'<code title="{_e(c.commit)}">{_e(c.commit[:10])}</code>{dirty}{branches}'
+
+
+def _commits(commits: Sequence[CommitSpend]) -> str:
+    title = "Spend per git commit"
+    if not commits:
+        return f'<section><h2>{title}</h2><p class="small">No results recorded yet.</p></section>'
+    rows = []
+    for c in commits:
+        u = c.usage
+        runs = ", ".join(map(str, c.runs))
+        resources = "<br>".join(
+            f"{_e(name)}: {_e(dollars(ru.cost_usd))}" for name, ru in c.by_resource.items()
+        )
+        rows.append(
+            f'<tr class="commit" data-commit="{_e(c.commit)}" '
+            f'data-dirty="{"true" if c.dirty else "false"}" data-generations="{c.generations}" '
+            f'data-runs="{_e(runs)}" {_usage_attrs(u)}>'
+            f"<td>{_commit_cell(c)}</td>"
+            f'<td class="num">{c.generations}</td><td class="small">{_e(runs)}</td>'
+            f'<td class="small">{resources}</td>'
+            f'<td class="num">{u.input_tokens:,} in<br>{u.output_tokens:,} out</td>'
+            f'<td class="num">{_e(dollars(u.cost_usd))}</td></tr>'
+        )
+    head = (
+        '<tr><th>git commit</th><th class="num">generations</th><th>created by runs</th>'
+        '<th>per resource</th><th class="num">tokens</th><th class="num">cost</th></tr>'
+    )
+    note = (
+        '<p class="small">each generation is charged to the commit of the run that created '
+        "it (not of the run that collected it); a tree with uncommitted changes, and runs "
+        "outside git, are groups of their own</p>"
+    )
+    return f"<section><h2>{title}</h2>{note}<table>{head}{''.join(rows)}</table></section>"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ Columns, in this order (``EXPORT_COLUMNS``):
 
 ``join=True`` appends the input: a rows input's fields as ``input.FIELD`` (the rendered line N
 is row N), else the request's ``messages`` (or ``input``/``prompt``/``contents``) as
-``request``.
+``request``. In Parquet, a joined field is a string column (JSON text for a list or an
+object) except the integer, floating, decimal and boolean columns of a Parquet rows file,
+which keep their type (int64, double, bool).
 
 ``spec.export`` (``write_exports``) writes the same datasets to files after apply has written
 and recorded the result files (collect and restore), each through a temporary file and a
@@ -59,7 +61,7 @@ from batchspec.wire.inputs import iter_requests
 from batchspec.wire.usage import usage_of_line
 from batchspec.workspace.manifest import ExportTarget, Resource
 from batchspec.workspace.project import ProviderConfig
-from batchspec.workspace.templates import Row, iter_rows
+from batchspec.workspace.templates import Row, iter_rows, rows_format
 from batchspec.workspace.yamldoc import display_path
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -101,6 +103,8 @@ class Layout:
     flat: tuple[tuple[str, str], ...] = ()
     joined: tuple[str, ...] = ()  # joined column names
     vector: bool = False  # the answer is an embedding (a list of floats in Parquet)
+    #: JSON type of joined columns known to be scalar (a Parquet rows file's typed columns)
+    joined_kinds: tuple[tuple[str, str], ...] = ()
 
     def columns(self, fmt: str) -> list[str]:
         fixed = list(EXPORT_COLUMNS)
@@ -126,15 +130,47 @@ def layout_of(source: ExportSource, *, join: bool) -> Layout:
     first = next(iter(_requests(source.resource.input_path)), None)
     flat = _flat_properties(first[1]) if first else ()
     joined: tuple[str, ...] = ()
+    kinds: tuple[tuple[str, str], ...] = ()
     if join:
         rows_path = source.resource.input_source
         if rows_path is None:
             joined = ("request",)
+        elif rows_format(rows_path) == "parquet":
+            kinds = _parquet_kinds(rows_path)
+            joined = tuple(name for name, _ in kinds)
+            kinds = tuple((name, kind) for name, kind in kinds if kind)
         else:
             row = next((r for r in iter_rows(rows_path) if isinstance(r, Row)), None)
             joined = tuple(f"input.{k}" for k in (row.fields if row else {}))
     vector = source.resource.endpoint.rstrip("/").endswith("/embeddings")
-    return Layout(flat, joined, vector)
+    return Layout(flat, joined, vector, kinds)
+
+
+def _parquet_kinds(path: Path) -> tuple[tuple[str, str], ...]:
+    """``(input.NAME, JSON type)`` of each column of a Parquet rows file, the type ``""``
+    where the column is not a scalar (written as JSON text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pyarrow.types as t
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ExportError(
+            f"cannot read the rows file {display_path(path)} to join it: {err}",
+            details=["run `batchspec validate` (or export without --join)"],
+        ) from None
+    found = []
+    for field in schema:
+        kind = ""
+        if t.is_integer(field.type):
+            kind = "integer"
+        elif t.is_floating(field.type) or t.is_decimal(field.type):
+            kind = "number"
+        elif t.is_boolean(field.type):
+            kind = "boolean"
+        found.append((f"input.{field.name}", kind))
+    return tuple(found)
 
 
 def export_rows(source: ExportSource, *, join: bool = False) -> Iterator[dict[str, Any]]:
@@ -434,6 +470,7 @@ def _write_parquet(
         ) from None
     kinds = {"input_tokens": "integer", "output_tokens": "integer", "cost_usd": "number"}
     kinds.update((f"parsed.{name}", kind) for name, kind in layout.flat)
+    kinds.update(layout.joined_kinds)
     if layout.vector:
         kinds["answer"] = "vector"
     arrow = {

@@ -3,19 +3,36 @@
 A run's ``usage`` sums the tokens and dollars of the generations it finished (its ``results``
 events record them when results are written); ``cost_usd`` is ``None`` when any of them had
 an unknown price.
+
+Spend per git commit (``spend_by_commit``) charges each generation to the commit of the run
+that *created* it (its ``created_run``: the apply that planned and submitted it), not to the
+run that happened to collect it: a scheduled ``apply`` on a later commit that collects a
+batch submitted from an earlier one does not make the later commit look expensive. A
+generation counts once, with the usage of its latest ``results`` event (each records the
+generation's running total, so a generation finished again after more retries is not counted
+twice). Groups, newest first (by the newest run in them):
+
+==================================  =========================================================
+the run's commit, clean tree        that commit
+the run's commit, ``git_dirty``     ``<commit> + uncommitted changes``: a group of its own,
+                                    since what ran is not what the commit holds
+no commit recorded                  ``no git commit``: a folder outside git, git missing, or
+                                    a repository with no commit yet
+==================================  =========================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchspec.core.spend import Usage
-from batchspec.errors import ManifestError
+from batchspec.errors import ManifestError, StateError
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
-from batchspec.workspace.project import load_project
+from batchspec.workspace.project import Project, load_project
 
 
 @dataclass(frozen=True)
@@ -34,16 +51,9 @@ class HistoryEntry:
         """The run's usage split by the resource whose results it wrote, in event order."""
         split: dict[str, Usage] = {}
         for event in self.events:
-            d = event.detail
-            if event.action == "results" and "input_tokens" in d:
-                cost = d.get("cost_usd", None)  # recorded before costs were: unknown
+            if event.action == "results" and "input_tokens" in event.detail:
                 key = event.resource or ""
-                split[key] = split.get(key, Usage()) + Usage(
-                    int(d.get("input_tokens") or 0),
-                    int(d.get("output_tokens") or 0),
-                    int(d.get("total_tokens") or 0),
-                    float(cost) if isinstance(cost, int | float) else None,
-                )
+                split[key] = split.get(key, Usage()) + _event_usage(event)
         return split
 
     def to_json(self) -> dict[str, Any]:
@@ -67,21 +77,14 @@ def read_history(
     ``state_path`` (a file or a URL) the store is named and no workspace is needed. A
     ``resource`` the state has never recorded is an error (exit 1), not an empty history.
     """
-    if state_path is not None:
-        project = load_project(paths[0] if paths else None, state_path=state_path)
-    else:
-        project = project_for(paths)
+    project = _project(paths, state_path)
     if not project.has_state():
         if resource is not None:
             raise ManifestError(_unknown(resource, project.state_label))
         return []
     with StateStore.open(project.state) as store:
-        if resource is not None and not _ever_recorded(store, resource):
-            known = ", ".join(sorted(r.name for r in store.list_resources())) or "none"
-            raise ManifestError(
-                f"{_unknown(resource, project.state_label)} (known: {known})",
-                details=["`batchspec status` lists the resources; history takes PATHS first"],
-            )
+        if resource is not None:
+            _check_recorded(store, resource, project.state_label)
         entries = []
         for run in store.runs(resource=resource, limit=limit):
             events = [
@@ -91,6 +94,153 @@ def read_history(
             ]
             entries.append(HistoryEntry(run, tuple(events)))
         return entries
+
+
+NO_GIT_LABEL = "no git commit"
+
+
+@dataclass(frozen=True)
+class CommitSpend:
+    """Tokens and dollars of the generations created from one git commit (see the module
+    docstring); ``commit`` None: runs with no git commit recorded."""
+
+    commit: str | None
+    dirty: bool  # created from a working tree with uncommitted changes to tracked files
+    branches: tuple[str, ...]  # the branches those runs were on, in order of first use
+    runs: tuple[int, ...]  # the runs that created the generations, newest first
+    generations: int
+    usage: Usage
+    by_resource: dict[str, Usage]
+    last_run_at: str  # when the newest of those runs started
+
+    @property
+    def label(self) -> str:
+        if self.commit is None:
+            return NO_GIT_LABEL
+        return f"{self.commit[:10]} + uncommitted changes" if self.dirty else self.commit[:10]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "commit": self.commit,
+            "dirty": self.dirty,
+            "label": self.label,
+            "branches": list(self.branches),
+            "runs": list(self.runs),
+            "generations": self.generations,
+            "last_run_at": self.last_run_at,
+            "usage": asdict(self.usage),
+            "resources": {name: asdict(u) for name, u in self.by_resource.items()},
+        }
+
+
+def spend_by_commit(
+    paths: Sequence[str],
+    *,
+    resource: str | None = None,
+    limit: int = 20,
+    state_path: str | None = None,
+) -> list[CommitSpend]:
+    """The ``limit`` newest commit groups and what their generations used (module docstring);
+    with ``resource``, only that resource's generations (a name never recorded exits 1)."""
+    project = _project(paths, state_path)
+    if not project.has_state():
+        if resource is not None:
+            raise ManifestError(_unknown(resource, project.state_label))
+        return []
+    with StateStore.open(project.state) as store:
+        if resource is not None:
+            _check_recorded(store, resource, project.state_label)
+        latest: dict[object, EventRow] = {}
+        for event in store.events(action="results", resource=resource):
+            if "input_tokens" in event.detail:
+                key = event.generation_id if event.generation_id is not None else ("e", event.id)
+                latest[key] = event  # in event order: the last one wins
+        runs: dict[int, RunRow | None] = {}
+        groups: dict[tuple[str | None, bool], list[tuple[RunRow | None, EventRow]]] = {}
+        for event in latest.values():
+            run = _creating_run(store, event, runs)
+            commit = run.git_commit if run is not None else None
+            dirty = bool(run.git_dirty) if run is not None and commit else False
+            groups.setdefault((commit, dirty), []).append((run, event))
+    spends = [_commit_spend(commit, dirty, members) for (commit, dirty), members in groups.items()]
+    spends.sort(key=lambda c: max(c.runs, default=0), reverse=True)
+    return spends[:limit]
+
+
+def _creating_run(
+    store: StateStore, event: EventRow, cache: dict[int, RunRow | None]
+) -> RunRow | None:
+    """The run that created the event's generation (else the run that recorded the event)."""
+    run_id = event.run_id
+    if event.generation_id is not None:
+        # a generation the event names but the state lost: charge the event's run
+        with contextlib.suppress(StateError):
+            run_id = store.get_generation(event.generation_id).created_run or run_id
+    if run_id is None:
+        return None
+    if run_id not in cache:
+        try:
+            cache[run_id] = store.get_run(run_id)
+        except StateError:
+            cache[run_id] = None
+    return cache[run_id]
+
+
+def _commit_spend(
+    commit: str | None, dirty: bool, members: list[tuple[RunRow | None, EventRow]]
+) -> CommitSpend:
+    total = Usage()
+    by_resource: dict[str, Usage] = {}
+    branches: dict[str, None] = {}
+    run_ids: set[int] = set()
+    last = ""
+    for run, event in sorted(members, key=lambda m: m[1].id):
+        usage = _event_usage(event)
+        total += usage
+        name = event.resource or ""
+        by_resource[name] = by_resource.get(name, Usage()) + usage
+        if run is not None:
+            run_ids.add(run.id)
+            last = max(last, run.started_at)
+            if run.git_branch:
+                branches.setdefault(run.git_branch)
+    return CommitSpend(
+        commit=commit,
+        dirty=dirty,
+        branches=tuple(branches),
+        runs=tuple(sorted(run_ids, reverse=True)),
+        generations=len(members),
+        usage=total,
+        by_resource=by_resource,
+        last_run_at=last,
+    )
+
+
+def _event_usage(event: EventRow) -> Usage:
+    """The tokens and dollars a ``results`` event recorded (an older one: unknown cost)."""
+    d = event.detail
+    cost = d.get("cost_usd", None)
+    return Usage(
+        int(d.get("input_tokens") or 0),
+        int(d.get("output_tokens") or 0),
+        int(d.get("total_tokens") or 0),
+        float(cost) if isinstance(cost, int | float) else None,
+    )
+
+
+def _project(paths: Sequence[str], state_path: str | None) -> Project:
+    if state_path is not None:
+        return load_project(paths[0] if paths else None, state_path=state_path)
+    return project_for(paths)
+
+
+def _check_recorded(store: StateStore, resource: str, state_label: str) -> None:
+    if not _ever_recorded(store, resource):
+        known = ", ".join(sorted(r.name for r in store.list_resources())) or "none"
+        raise ManifestError(
+            f"{_unknown(resource, state_label)} (known: {known})",
+            details=["`batchspec status` lists the resources; history takes PATHS first"],
+        )
 
 
 def _ever_recorded(store: StateStore, name: str) -> bool:

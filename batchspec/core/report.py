@@ -1,8 +1,9 @@
 """``batchspec report``: what one HTML page shows, gathered from the read-only library calls.
 
 A ``WorkspaceReport`` is the status of every resource (``workspace_status``: sync, health,
-progress, tokens and dollars of its current generation) and the last runs of the audit log
-(``read_history``: who, where, which git commit, tokens and dollars each run finished). It
+progress, tokens and dollars of its current generation), the last runs of the audit log
+(``read_history``: who, where, which git commit, tokens and dollars each run finished) and
+the spend per git commit (``spend_by_commit``, as ``history --by commit`` prints it). It
 reads the manifests and the state only: no lock, no network, nothing written. The figures are
 the very objects ``status --json`` and ``history --json`` print, so the page cannot disagree
 with them; rendering is the face's job (``batchspec.cli.report_html``).
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from batchspec.core.history import HistoryEntry, read_history
+from batchspec.core.history import CommitSpend, HistoryEntry, read_history, spend_by_commit
 from batchspec.core.spend import Usage
 from batchspec.core.status import ResourceStatus, workspace_status
 from batchspec.state.store import utc_timestamp
@@ -28,6 +29,8 @@ class WorkspaceReport:
     generated_at: str
     #: problems of manifests that did not load (their resources are shown from the state)
     skipped: tuple[Problem, ...] = ()
+    #: newest commit first, as ``history --by commit`` lists them
+    commits: tuple[CommitSpend, ...] = ()
 
     @property
     def usage(self) -> Usage:
@@ -41,7 +44,11 @@ class WorkspaceReport:
 def workspace_report(
     paths: Sequence[str], *, runs: int = 50, state_path: str | None = None
 ) -> WorkspaceReport:
-    """The status of every resource and the last ``runs`` runs of the workspace at ``paths``."""
+    """The status of every resource, the last ``runs`` runs and the spend of the last ``runs``
+    commits of the workspace at ``paths``."""
     status = workspace_status(paths, state_path=state_path)
     entries = read_history(paths, limit=runs, state_path=state_path)
-    return WorkspaceReport(status.resources, tuple(entries), utc_timestamp(), status.skipped)
+    commits = spend_by_commit(paths, limit=runs, state_path=state_path)
+    return WorkspaceReport(
+        status.resources, tuple(entries), utc_timestamp(), status.skipped, tuple(commits)
+    )

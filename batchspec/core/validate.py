@@ -210,7 +210,7 @@ def rows_problem_lines(report: InputReport, res: Resource) -> list[str]:
     return [str(p) for p in resource_input_problems(report, res)]
 
 
-def _at_row(problem: Problem, rows_path: Path, lines: dict[int, int]) -> Problem:
+def _at_row(problem: Problem, rows_path: Path, lines: dict[int, int | None]) -> Problem:
     """A problem of rendered line N, moved to row N of the rows file."""
     message = _RENDERED_LINE.sub(r"row \1", problem.message)
     if problem.line is None:

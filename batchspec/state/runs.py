@@ -155,10 +155,15 @@ class RunsAndEvents(StateConnection):
             return returned_id(cur)
 
     def events(
-        self, *, run_id: int | None = None, resource: str | None = None, limit: int | None = None
+        self,
+        *,
+        run_id: int | None = None,
+        resource: str | None = None,
+        action: str | None = None,
+        limit: int | None = None,
     ) -> list[EventRow]:
         """Events in the order they happened; with ``limit``, the most recent ``limit``."""
-        where, params = where_clause(run_id=run_id, resource=resource)
+        where, params = where_clause(run_id=run_id, resource=resource, action=action)
         sql = f"SELECT * FROM events {where} ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"

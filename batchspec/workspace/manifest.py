@@ -706,7 +706,13 @@ def _rendered_input(
     """Render a rows input (``{rows, id, body}``) into the state folder's render cache."""
     # Imported here: Jinja2 costs about 30 ms to import, a tenth of loading a warm workspace
     # of 1,000 manifests, and only rows inputs need it.
-    from batchspec.workspace.templates import compile_request_template, render_rows, rows_format
+    from batchspec.workspace.templates import (
+        PARQUET_EXTRA,
+        compile_request_template,
+        parquet_available,
+        render_rows,
+        rows_format,
+    )
 
     pointer = "/spec/input"
     rows, body, id_template = raw.get("rows"), raw.get("body"), raw.get("id")
@@ -730,9 +736,14 @@ def _rendered_input(
     elif rows_format(rows_path) is None:
         message = (
             f"rows file {display_path(rows_path)} must end in .csv (with a header row), "
-            ".jsonl or .ndjson (one JSON object a line)"
+            ".jsonl or .ndjson (one JSON object a line) or .parquet"
         )
         found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "rows-format", message))
+    elif rows_format(rows_path) == "parquet" and not parquet_available():
+        message = (
+            f"rows file {display_path(rows_path)} is Parquet, which needs pyarrow: {PARQUET_EXTRA}"
+        )
+        found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "missing-extra", message))
     if "model" not in body and model is None and endpoint != "/v1/moderations":
         body_pointer = f"{pointer}/body"
         message = "the request body has no `model`: add one to the body or set spec.model"

@@ -3,7 +3,8 @@
 A manifest's ``spec.input`` may be an object instead of a path::
 
     input:
-      rows: data/tickets.csv            # .csv (header row) or .jsonl/.ndjson (one object a line)
+      rows: data/tickets.csv            # .csv (header row), .jsonl/.ndjson (one object a
+                                        # line) or .parquet (needs the ``parquet`` extra)
       id: "ticket-{{ ticket_id }}"      # optional; default "row-{{ row_number }}": row-1, ...
       body:                             # the request body; every string leaf is a template
         model: gpt-4o-mini
@@ -23,7 +24,8 @@ Rendering
     sees the row's fields as variables, ``row`` (all fields, for names that are
     not identifiers: ``{{ row["ticket id"] }}``) and ``row_number`` (1-based); a field named
     ``row`` or ``row_number`` wins over the built-in. CSV values are strings; JSONL values keep
-    their JSON type, and ``{{ }}`` prints null as an empty string, booleans as ``true``/``false``
+    their JSON type; Parquet values keep theirs as JSON would hold them (``parquet_value``), and
+    ``{{ }}`` prints null as an empty string, booleans as ``true``/``false``
     and objects and arrays as compact JSON. Strings that hold no ``{{``, ``{%`` or ``{#`` are
     copied as they are; so are non-string leaves (numbers, booleans, null) and mapping keys.
     A trailing newline in a leaf is kept. When the body has no ``model`` and the manifest sets
@@ -39,12 +41,21 @@ Output
     data is not rendered again: a load reads the rows file once to hash it. Everything under
     the folder is a cache: deleting it only costs a re-render.
 
+Parquet
+    Read with pyarrow (the optional ``parquet`` extra: the manifest loader refuses a Parquet
+    rows file without it, before anything runs) in record batches of ``PARQUET_BATCH_ROWS``
+    rows, row group after row group, in file order: memory is one batch, never the file.
+    A Parquet file has no lines, so its problems carry no line: they name the file and the
+    row (``data/t.parquet: row 3 has no field ...``). A file that is not Parquet (whatever its
+    name), a truncated one, and one naming a column twice are one problem each.
+
 Problems (``yamldoc.Problem``, never raised)
     Template syntax: at the manifest leaf. Rows: at ``rows-file:line``, naming the row (CSV:
-    the line where the record starts; JSONL: the physical line) and, for a missing field, the
-    field, the fields the row has and the template leaf that used it. Structural problems of
-    the rows file (a CSV row with too many or too few fields, a JSONL line that is not a JSON
-    object), an empty ``custom_id`` and a ``custom_id`` two rows share are reported the same
+    the line where the record starts; JSONL: the physical line; Parquet: no line) and, for a
+    missing field, the field, the fields the row has and the template leaf that used it.
+    Structural problems of the rows file (a CSV row with too many or too few fields, a JSONL
+    line that is not a JSON object), an empty ``custom_id`` and a ``custom_id`` two rows share
+    are reported the same
     way. The first ``MAX_SHOWN`` are listed and one more line counts the rest. Memory is one
     row plus the set of ``custom_id``s seen (needed to name a duplicate's first row): a row
     longer than ``DEFAULT_MAX_ROW_BYTES`` (10 MiB, as a batch input's line) is a
@@ -55,10 +66,14 @@ Problems (``yamldoc.Problem``, never raised)
 
 from __future__ import annotations
 
+import base64
 import csv
+import datetime
+import decimal
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -79,7 +94,16 @@ DEFAULT_ID_TEMPLATE = "row-{{ row_number }}"
 #: The longest row read (bytes; for CSV, characters of one record): a longer one is a
 #: ``row-too-large`` problem, skipped as it streams by, as batch inputs cap a line.
 DEFAULT_MAX_ROW_BYTES = DEFAULT_MAX_LINE_BYTES
-ROWS_FORMATS: Mapping[str, str] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+ROWS_FORMATS: Mapping[str, str] = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
+#: rows of a Parquet file converted to Python at a time (one record batch)
+PARQUET_BATCH_ROWS = 1024
+#: what to install for Parquet rows files (the extra ``results --format parquet`` uses too)
+PARQUET_EXTRA = "pip install 'batchspec[parquet]'"
 #: Bumped when the rendered output for the same templates and rows would change.
 RENDER_VERSION = 1
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
@@ -322,14 +346,14 @@ def _compile(
 @dataclass(frozen=True)
 class Row:
     number: int  # 1-based, data rows only
-    line: int  # where the row starts in the rows file (1-based physical line)
+    line: int | None  # where the row starts in the rows file (1-based); None: Parquet
     fields: Mapping[str, Any]
 
 
 class _RowProblem(Exception):
     """A row that cannot be read (bad JSON, wrong field count); reading goes on after it."""
 
-    def __init__(self, line: int, code: str, message: str) -> None:
+    def __init__(self, line: int | None, code: str, message: str) -> None:
         super().__init__(message)
         self.line = line
         self.code = code
@@ -337,8 +361,17 @@ class _RowProblem(Exception):
 
 
 def rows_format(path: Path) -> str | None:
-    """``csv`` or ``jsonl`` by the file's extension; None when it is neither."""
+    """``csv``, ``jsonl`` or ``parquet`` by the file's extension; None when it is none of them."""
     return ROWS_FORMATS.get(path.suffix.lower())
+
+
+def parquet_available() -> bool:
+    """Whether pyarrow (the ``parquet`` extra) can be imported."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def iter_rows(
@@ -346,8 +379,11 @@ def iter_rows(
 ) -> Iterator[Row | _RowProblem]:
     """Every row of a rows file in order, or a problem in its place. Streams; never holds all:
     a row over ``max_row_bytes`` is reported and read past in bounded pieces."""
-    if rows_format(path) == "csv":
+    fmt = rows_format(path)
+    if fmt == "csv":
         return _csv_rows(path, max_row_bytes)
+    if fmt == "parquet":
+        return _parquet_rows(path, max_row_bytes)
     return _jsonl_rows(path, max_row_bytes)
 
 
@@ -479,6 +515,103 @@ def _jsonl_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]:
             yield Row(number, lineno, value)
 
 
+def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]:
+    """The rows of a Parquet file, one record batch in memory at a time, in file order."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        yield _RowProblem(None, "missing-extra", f"reading Parquet needs pyarrow: {PARQUET_EXTRA}")
+        return
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        yield _RowProblem(None, "invalid-parquet", f"not a readable Parquet file: {err}")
+        return
+    try:
+        duplicate = _first_duplicate(parquet.schema_arrow.names)
+        if duplicate is not None:
+            message = f"the file names column {duplicate!r} twice"
+            yield _RowProblem(None, "invalid-header", message)
+            return
+        number = 0
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, use_threads=False)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as err:
+                message = f"cannot read row {number + 1} or after it: {err}"
+                yield _RowProblem(None, "invalid-parquet", message)
+                return
+            for fields in _pylist(batch):
+                number += 1
+                values = {str(k): parquet_value(v) for k, v in fields.items()}
+                if _size(values) > max_row_bytes:
+                    message = (
+                        f"row {number} is longer than {max_row_bytes:,} bytes (the limit of one "
+                        "row); split it or shorten it"
+                    )
+                    yield _RowProblem(None, "row-too-large", message)
+                    continue
+                yield Row(number, None, values)
+    finally:
+        parquet.close()
+
+
+def _pylist(batch: Any) -> list[dict[str, Any]]:
+    """A record batch's rows as dicts; maps as dicts where pyarrow can (16+), else as the
+    ``(key, value)`` pairs ``parquet_value`` turns into one."""
+    try:
+        rows: list[dict[str, Any]] = batch.to_pylist(maps_as_pydicts="lossy")
+    except TypeError:
+        rows = batch.to_pylist()
+    return rows
+
+
+def parquet_value(value: Any) -> Any:
+    """One value of a Parquet row as JSON would hold it, for templates and ``results --join``.
+
+    Integers stay integers and floats floats (NaN and infinities become null: JSON has
+    neither); booleans, strings and null are as they are; decimals become numbers (an integer
+    when whole); dates, times and timestamps ISO 8601 text; durations seconds; binary base64
+    text; lists lists; structs and maps objects (keys as text).
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): parquet_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return {str(k): parquet_value(v) for k, v in value}  # a map: (key, value) pairs
+        return [parquet_value(v) for v in value]
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return str(value)
+
+
+def _size(value: Any) -> int:
+    """About how many bytes ``value`` takes as JSON: enough to enforce the row cap."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(len(k) + _size(v) + 4 for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_size(v) + 1 for v in value)
+    return 8
+
+
 def _bounded_lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """``(line_number, line)`` for each physical line; ``line`` is None for one longer than
     ``max_bytes`` (not counting its line ending), which is read past in 64 KiB pieces."""
@@ -494,10 +627,13 @@ def _bounded_lines(f: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | 
         yield lineno, None
 
 
-def row_lines(path: Path, numbers: Iterable[int]) -> dict[int, int]:
-    """Where each of the rows ``numbers`` starts in the rows file (rendered line N is row N)."""
+def row_lines(path: Path, numbers: Iterable[int]) -> dict[int, int | None]:
+    """Where each of the rows ``numbers`` starts in the rows file (rendered line N is row N);
+    None for a Parquet file, which has no lines."""
     wanted = set(numbers)
-    found: dict[int, int] = {}
+    found: dict[int, int | None] = {}
+    if rows_format(path) == "parquet":
+        return dict.fromkeys(wanted)
     if not wanted:
         return found
     for row in iter_rows(path):
@@ -611,7 +747,7 @@ def _write_requests(
     """Stream the rendered requests into ``out``; return their sha256 and any problems."""
     sha = hashlib.sha256()
     found = _Collector(rows_path)
-    seen: dict[str, tuple[int, int]] = {}  # custom_id -> (row, line) that used it first
+    seen: dict[str, tuple[int, int | None]] = {}  # custom_id -> (row, line) that used it first
     rows = 0
     try:
         for row in iter_rows(rows_path, max_row_bytes):
@@ -633,9 +769,10 @@ def _write_requests(
                 continue
             first = seen.setdefault(custom_id, (row.number, row.line))
             if first[0] != row.number:
+                line_of_first = "" if first[1] is None else f", line {first[1]}"
                 message = (
                     f"row {row.number}: duplicate custom_id {custom_id!r} "
-                    f"(first used by row {first[0]}, line {first[1]})"
+                    f"(first used by row {first[0]}{line_of_first})"
                 )
                 found.add(row.line, "duplicate_custom_id", message)
                 continue
@@ -674,6 +811,9 @@ def _leaf_problem(err: _LeafError, row: Row, template: RequestTemplate) -> tuple
                 f"row {row.number} has no field {field!r} (the row has: {names}); "
                 f"used by the template at {where}"
             )
+            odd = next((str(n) for n in row.fields if not str(n).isidentifier()), None)
+            if odd is not None:
+                message += f"; read a name that is not an identifier as {{{{ row[{odd!r}] }}}}"
             return "missing-field", message
     reason = getattr(cause, "message", None) or str(cause) or type(cause).__name__
     return "template-error", f"row {row.number}: the template at {where} failed: {reason}"
@@ -728,12 +868,15 @@ def _sha256_text(text: str) -> str:
 
 __all__ = [
     "DEFAULT_ID_TEMPLATE",
+    "PARQUET_EXTRA",
     "ROWS_FORMATS",
     "RenderedInput",
     "RequestTemplate",
     "Row",
     "compile_request_template",
     "iter_rows",
+    "parquet_available",
+    "parquet_value",
     "render_rows",
     "row_context",
     "row_lines",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import stat
@@ -524,11 +525,29 @@ def schema_validator(name: str) -> Draft202012Validator:
 
 
 def schema_problems(doc: YamlDocument, schema: str) -> list[Problem]:
-    """Every way ``doc`` breaks the schema, each located and explained."""
+    """Every way ``doc`` breaks the schema, each located and explained; and every
+    ``.nan``/``.inf`` in it, which no schema bound catches (NaN compares false with any
+    minimum) and no price, budget or request body can mean."""
     problems: list[Problem] = []
     for error in schema_validator(schema).iter_errors(doc.data):
         problems.extend(_explain(doc, error))
+    for pointer, value in _non_finite(doc.data, ""):
+        shown = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+        message = f"{shown} is not a number batchspec accepts: write a finite number"
+        problems.append(Problem.at(doc.location(pointer), pointer, "invalid-value", message))
     return problems
+
+
+def _non_finite(node: Any, pointer: str) -> Iterator[tuple[str, float]]:
+    """``(pointer, value)`` of each NaN or infinite float in ``node``, in document order."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield pointer, node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _non_finite(value, pointer_join(pointer, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, pointer_join(pointer, i))
 
 
 def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
