@@ -398,7 +398,7 @@ def m004_request_usage(db: Sql) -> None:
     db.script(_M004[db.dialect])
 
 
-_M005 = {
+_M006 = {
     "sqlite": """
 CREATE TABLE blobs (
     sha256 TEXT PRIMARY KEY,
@@ -431,9 +431,10 @@ CREATE TABLE blob_chunks (
 
 
 @MIGRATIONS
-def m005_blobs(db: Sql) -> None:
+def m006_blobs(db: Sql) -> None:
     """``blobs`` and ``blob_chunks``: the result store's remote tier when the state is shared
     (``batchspec.storage.remote_blobs.PostgresBlobs``): collected files and shard files, in
     chunks of 1 MiB, so every runner can restore results. An SQLite state has the tables too
-    (one schema for both) and leaves them empty: its blobs are in ``state/store/``."""
-    db.script(_M005[db.dialect])
+    (one schema for both) and leaves them empty: its blobs are in ``state/store/``. (Number 5
+    is the per-resource locks' migration, written alongside; the two are independent.)"""
+    db.script(_M006[db.dialect])

@@ -5,7 +5,7 @@ same content-addressed blobs where another machine finds them. Three kinds, chos
 project (``batchspec.core.reconcile.context.remote_blobs_for``):
 
 * ``PostgresBlobs``: the state's own PostgreSQL database (the default when the state is
-  PostgreSQL), over a connection of its own. Storage format (migration ``m005_blobs``)::
+  PostgreSQL), over a connection of its own. Storage format (migration ``m006_blobs``)::
 
       blobs(sha256 TEXT PRIMARY KEY, size BIGINT, chunks INTEGER, stored_at TEXT)
       blob_chunks(sha256 TEXT, seq INTEGER, data BYTEA, PRIMARY KEY (sha256, seq))
