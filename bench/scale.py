@@ -19,14 +19,24 @@ this harness are not counted):
                warm run
                right after generating the workspace may still read some)
 
-"x bare" is a command's wall time over the bare loop's. Targets (issue 5): apply's peak RSS
-at most 100 MB; plan over 1,000 manifests under 1 s when warm. Wall times include the
-interpreter's start-up, which is what a user waits for.
+With ``--state-url URL`` (or ``--postgres``: a throwaway cluster started with
+tests/postgres.py, as the suite does) the big workspace keeps its state in PostgreSQL, so
+apply also streams every shard and result file into the state's blob tables, and one more
+command is measured:
+
+  restore      ``batchspec apply WS2 --wait --yes`` in a fresh copy of the workspace (no
+               state/, no results/) with the server stopped: results/ rebuilt from the blobs
+               in PostgreSQL alone, checked byte for byte against apply's
+
+"x bare" is a command's wall time over the bare loop's. Targets (issue 5, issue 12): apply's
+and restore's peak RSS at most 100 MB; plan over 1,000 manifests under 1 s when warm. Wall
+times include the interpreter's start-up, which is what a user waits for.
 
 Run:  .venv/bin/python bench/scale.py                        # 250,000 requests, ~1 GB
       .venv/bin/python bench/scale.py --requests 20000       # a quick look
       .venv/bin/python bench/scale.py --skip-apply --keep /tmp/scale
       .venv/bin/python bench/scale.py --only manifests          # plan over 1,000 manifests
+      .venv/bin/python bench/scale.py --postgres --manifests 10  # the state in PostgreSQL
 
 Only loopback addresses are used; the server is stopped at the end.
 """
@@ -34,6 +44,7 @@ Only loopback addresses are used; the server is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -271,7 +282,17 @@ def main() -> int:
     )
     ap.add_argument("--warm-runs", type=int, default=5, help="warm plan runs (median reported)")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    ap.add_argument(
+        "--state-url", help="keep the big workspace's state in this (empty) PostgreSQL database"
+    )
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start a throwaway PostgreSQL cluster (tests/postgres.py) for --state-url",
+    )
     args = ap.parse_args()
+    if args.postgres and not args.state_url:
+        return with_throwaway_postgres(args)
 
     with tempfile.TemporaryDirectory(prefix="batchspec-scale-") as tmp:
         root = args.keep or Path(tmp)
@@ -279,6 +300,24 @@ def main() -> int:
         if args.only == "manifests":
             return report(bench_manifests(root, args), 0.0, args.manifests)
         return bench(root, args)
+
+
+def with_throwaway_postgres(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from postgres import find_bin_dir, start_cluster  # the suite's throwaway cluster
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise SystemExit("no PostgreSQL server binaries (apt-get install postgresql)")
+    cluster = start_cluster(bin_dir)
+    try:
+        args.state_url = cluster.new_database()
+        with tempfile.TemporaryDirectory(prefix="batchspec-scale-") as tmp:
+            root = args.keep or Path(tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            return bench(root, args)
+    finally:
+        cluster.stop()
 
 
 def bench(root: Path, args: argparse.Namespace) -> int:
@@ -292,20 +331,26 @@ def bench(root: Path, args: argparse.Namespace) -> int:
     print(f"input: {args.requests:,} requests, {size_mb:,.1f} MB; python {sys.version.split()[0]}")
     server = Server(root / "engine", args.concurrency)
     results: list[Measurement] = []
+    # the state's URL reaches the children only (BATCHSPEC_STATE), never the report
+    env = {"BENCH_API_KEY": "unused"} | (
+        {"BATCHSPEC_STATE": args.state_url} if args.state_url else {}
+    )
     try:
         ws = big_workspace(root, data, server.url + "/v1")
         run("warm-page-cache", [sys.executable, "-c", BARE, str(data)])
         results.append(run("bare", [sys.executable, "-c", BARE, str(data)]))
         results.append(run("validate", [*py, "validate", str(ws), "--json"]))
-        results.append(run("plan-cold", [*py, "plan", str(ws), "--json"]))
-        results.append(run("plan-warm", [*py, "plan", str(ws), "--json"]))
+        results.append(run("plan-cold", [*py, "plan", str(ws), "--json"], env=env))
+        results.append(run("plan-warm", [*py, "plan", str(ws), "--json"], env=env))
         if not args.skip_apply:
             apply_argv = [*py, "apply", str(ws), "--wait", "--yes", "--poll-interval", "1"]
-            applied = run("apply", apply_argv, env={"BENCH_API_KEY": "unused"})
+            applied = run("apply", apply_argv, env=env)
             results.append(applied)
             check_apply(applied, ws, args.requests)
     finally:
         server.stop()
+    if args.state_url and not args.skip_apply:
+        results.append(bench_restore(root, ws, env))
     results.extend(bench_manifests(root, args))
     return report(results, size_mb, args.manifests)
 
@@ -323,6 +368,28 @@ def bench_manifests(root: Path, args: argparse.Namespace) -> list[Measurement]:
     # the lower median: a run that happened, with its own CPU time and RSS
     median = sorted(warm, key=lambda m: m.seconds)[(len(warm) - 1) // 2]
     return [cold, median]
+
+
+def bench_restore(root: Path, ws: Path, env: dict[str, str]) -> Measurement:
+    """A fresh copy of the workspace, the server stopped: results/ from the state's blobs."""
+    fresh = root / "big-fresh-checkout"
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(ws, fresh, ignore=shutil.ignore_patterns("state", "results"))
+    py = [sys.executable, "-m", "batchspec"]
+    m = run("restore", [*py, "apply", str(fresh), "--wait", "--yes"], env=env)
+    for name in ("big.jsonl", "big.errors.jsonl"):
+        want, got = ws / "results" / name, fresh / "results" / name
+        if want.exists() and (not got.exists() or file_sha(want) != file_sha(got)):
+            print(f"restore FAILED: {got} differs from {want}")
+    return m
+
+
+def file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_apply(m: Measurement, ws: Path, requests: int) -> None:
@@ -353,13 +420,12 @@ def report(results: list[Measurement], size_mb: float, manifests: int) -> int:
         if m.returncode != 0:
             print(f"    stderr: {m.stderr.strip()[-500:]}")
     ok = True
-    applied = next((m for m in results if m.name == "apply"), None)
-    if applied is not None:
+    for applied in (m for m in results if m.name in ("apply", "restore")):
         met = applied.rss_mb <= TARGET_APPLY_RSS_MB and applied.returncode == 0
         ok &= met
         print(
-            f"\napply peak RSS {applied.rss_mb:.1f} MB (target <= {TARGET_APPLY_RSS_MB:.0f}): "
-            + ("met" if met else "MISSED")
+            f"\n{applied.name} peak RSS {applied.rss_mb:.1f} MB "
+            f"(target <= {TARGET_APPLY_RSS_MB:.0f}): " + ("met" if met else "MISSED")
         )
     warm = next(m for m in results if m.name == f"plan-{manifests}-warm")
     met = warm.seconds < TARGET_WARM_PLAN_1000_S and warm.returncode == 0

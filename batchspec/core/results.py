@@ -5,7 +5,8 @@ One line per ``custom_id``, in the order of the input, so result files diff clea
 a failed one's is the provider's error line; a request that never got an answer (missing from
 every file after the last attempt) gets a line written by batchspec with error code
 ``batchspec_unresolved``. Files are written through a temporary file and a rename, and only
-from the blob store: restoring them needs no network.
+from the result store: restoring them needs no provider (a blob this runner lacks comes from
+the state's shared tier, verified, before the first line is written out).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from batchspec.state.ledger import LedgerRow, RequestLedger
-from batchspec.storage.blobstore import BlobStore, write_atomically
+from batchspec.storage.blobstore import write_atomically
+from batchspec.storage.result_store import ResultStore
 
 UNRESOLVED_CODE = "batchspec_unresolved"
 
@@ -34,10 +36,12 @@ class WrittenResults:
 def write_results_in_input_order(
     ledger: RequestLedger,
     generation_id: int,
-    blobs: BlobStore,
+    blobs: ResultStore,
     output_path: Path,
     errors_path: Path,
 ) -> WrittenResults:
+    for sha in ledger.blobs_of(generation_id):  # fetched and verified before any writing
+        blobs.ensure_local(sha)
     counts = {"ok": 0, "failed": 0, "unresolved": 0}
     digests = {"out": hashlib.sha256(), "err": hashlib.sha256()}
 
@@ -85,14 +89,14 @@ def _line_for(row: LedgerRow, reader: _BlobReader) -> bytes:
 class _BlobReader:
     """Random access into stored blobs, keeping each one open once."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: ResultStore) -> None:
         self.blobs = blobs
         self.files: dict[str, BinaryIO] = {}
 
     def read(self, sha: str, offset: int, length: int) -> bytes:
         f = self.files.get(sha)
         if f is None:
-            f = self.files[sha] = self.blobs.path(sha).open("rb")
+            f = self.files[sha] = self.blobs.ensure_local(sha).open("rb")
         f.seek(offset)
         return f.read(length)
 

@@ -47,6 +47,7 @@ from batchspec.errors import StateError
 from batchspec.state.schema import MIGRATIONS
 from batchspec.storage.database_url import is_database_url, redact_url
 from batchspec.storage.private import create_private_file, restrict_sqlite_siblings
+from batchspec.storage.remote_blobs import PostgresBlobs, RemoteBlobs
 from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -77,6 +78,19 @@ class StateConnection:
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self.db.dialect
+
+    def shared_blobs(self) -> RemoteBlobs | None:
+        """The result store's remote tier this state keeps itself: a PostgreSQL state's
+        ``blobs`` tables (over a connection of their own, opened on first use and closed with
+        the store); None for an SQLite state, whose blobs stay in ``state/store/``."""
+        if self.db.dialect != "postgresql":
+            return None
+        if self._shared_blobs is None:
+            assert isinstance(self.location, str)
+            self._shared_blobs = PostgresBlobs(self.location, busy_timeout=BUSY_TIMEOUT_SECONDS)
+        return self._shared_blobs
+
+    _shared_blobs: PostgresBlobs | None = None
 
     @property
     def path(self) -> Path:
@@ -199,6 +213,8 @@ class StateConnection:
         return MIGRATIONS.applied(self.db)
 
     def close(self) -> None:
+        if self._shared_blobs is not None:
+            self._shared_blobs.close()
         self.db.close()
 
     @property

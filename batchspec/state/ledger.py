@@ -268,6 +268,15 @@ class RequestLedger:
         ).fetchone()
         return UsageTotals(int(row[0] or 0), int(row[1] or 0), int(row[2] or 0))
 
+    def blobs_of(self, generation_id: int) -> list[str]:
+        """The sha256 of every stored file the generation's answers are read from."""
+        rows = self.db.execute(
+            "select distinct blob from requests where generation_id = ? and blob is not null "
+            "order by blob",
+            [generation_id],
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
         """The generation's rows by input line, read ``_CHUNK`` at a time (keyset pages)."""
         after = -1

@@ -396,3 +396,45 @@ def m004_request_usage(db: Sql) -> None:
     which paid for it). ``generations.model``: the model its requests name, for pricing
     when ``spec.model`` is not given."""
     db.script(_M004[db.dialect])
+
+
+_M006 = {
+    "sqlite": """
+CREATE TABLE blobs (
+    sha256 TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    stored_at TEXT NOT NULL
+);
+CREATE TABLE blob_chunks (
+    sha256 TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (sha256, seq)
+) WITHOUT ROWID;
+""",
+    "postgresql": """
+CREATE TABLE blobs (
+    sha256 TEXT PRIMARY KEY,
+    size BIGINT NOT NULL,
+    chunks INTEGER NOT NULL,
+    stored_at TEXT NOT NULL
+);
+CREATE TABLE blob_chunks (
+    sha256 TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (sha256, seq)
+);
+""",
+}
+
+
+@MIGRATIONS
+def m006_blobs(db: Sql) -> None:
+    """``blobs`` and ``blob_chunks``: the result store's remote tier when the state is shared
+    (``batchspec.storage.remote_blobs.PostgresBlobs``): collected files and shard files, in
+    chunks of 1 MiB, so every runner can restore results. An SQLite state has the tables too
+    (one schema for both) and leaves them empty: its blobs are in ``state/store/``. (Number 5
+    is the per-resource locks' migration, written alongside; the two are independent.)"""
+    db.script(_M006[db.dialect])

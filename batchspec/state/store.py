@@ -18,6 +18,9 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
 * ``lock``: at most one row, the run holding the writer lock (see ``batchspec.state.lock``).
 * ``requests``: the request ledger, one row per request of a generation (written and read
   by ``batchspec.state.ledger``; created here so that all schema lives in one migration list).
+* ``blobs``, ``blob_chunks``: with a PostgreSQL state, the result store's remote tier:
+  collected files and shard files in chunks of 1 MiB (``batchspec.storage.remote_blobs``);
+  empty in an SQLite state, whose blobs are in ``state/store/``.
 * ``state_serial``: one counter, bumped by triggers on every change to resources,
   generations, batches and files: the recorded state a plan is computed from.
 

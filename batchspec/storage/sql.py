@@ -310,11 +310,13 @@ class PostgresSql(Sql):
         digest = hashlib.sha256(f"batchspec\0{self.schema}\0{purpose}".encode()).digest()
         return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+    def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Any:
+        """``binary``: results in PostgreSQL's binary format (a ``bytea`` comes as its bytes,
+        not as hex text twice their size)."""
         with self._translated():
             if params:
-                return self.conn.execute(to_pyformat(sql), tuple(params))
-            return self.conn.execute(sql)
+                return self.conn.execute(to_pyformat(sql), tuple(params), binary=binary)
+            return self.conn.execute(sql, binary=binary)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         with self._translated():

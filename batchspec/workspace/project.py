@@ -18,6 +18,8 @@ Promises:
   ``Project.state_label`` says where it is without the password. A URL with a password in the
   project file is refused (it would be committed to git); the variable named by ``urlEnv`` is
   read only when the state is opened. ``state_path``'s folder keeps the local caches.
+  ``state.blobs`` (a folder or an fsspec URL) shares the result store between runners; a
+  PostgreSQL state shares it in its own database when ``state.blobs`` is not given.
 - Two providers exist without declaration: ``openai`` (type openai, base URL from
   ``OPENAI_BASE_URL`` or https://api.openai.com/v1, key from ``OPENAI_API_KEY``) and ``local``
   (type local, data in ``state/local``, the built-in offline upstream). Declaring either name
@@ -120,6 +122,8 @@ class Project:
     state_url: str | None = dataclasses.field(default=None, repr=False)
     #: the name of the environment variable that holds the PostgreSQL URL
     state_url_env: str | None = None
+    #: ``state.blobs``: the result store's shared tier, a folder (absolute) or an fsspec URL
+    state_blobs: str | None = None
 
     @property
     def state(self) -> Path | str:
@@ -298,7 +302,15 @@ def _project_from(file: Path, data: Mapping[str, Any]) -> Project:
         default_budget=budget_from(budget) if budget is not None else None,
         state_url=state.get("url"),
         state_url_env=state.get("urlEnv"),
+        state_blobs=_blobs_location(root, state.get("blobs")),
     )
+
+
+def _blobs_location(root: Path, blobs: str | None) -> str | None:
+    """``state.blobs`` as given if it is a URL, else the folder resolved against ``root``."""
+    if blobs is None or "://" in blobs:
+        return blobs
+    return str(root / os.path.expanduser(blobs))
 
 
 def budget_from(data: Mapping[str, Any]) -> Budget:

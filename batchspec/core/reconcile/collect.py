@@ -25,7 +25,7 @@ from batchspec.core.spend import generation_usage, usage_detail
 from batchspec.providers.base import Provider
 from batchspec.state.ledger import CollectedLine
 from batchspec.state.store import BatchRow, GenerationRow
-from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.result_store import ResultStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.outcomes import RETRY_CATEGORIES, classify_result_line
@@ -48,8 +48,8 @@ def _loads(body: bytes) -> Any:
         return json.loads(body)
 
 
-def download_to_store(provider: Provider, file_id: str, blobs: BlobStore) -> str:
-    """Stream a provider file into the store; return its sha256."""
+def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> str:
+    """Stream a provider file into the result store (and its shared tier); its sha256."""
     return blobs.put_from(lambda tmp: provider.download_file(file_id, tmp))
 
 
@@ -132,7 +132,7 @@ def _collect_batch(
                     gen.id,
                     batch.attempt,
                     sha,
-                    read_result_lines(ctx.blobs.path(sha), retry_on=retry_on),
+                    read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on),
                 )
         detail: dict[str, Any] = {
             "status": batch.status,

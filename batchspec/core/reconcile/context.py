@@ -3,7 +3,8 @@
 A ``RunContext`` is built once per run by ``Reconciler``; every step (``submit``, ``poll``,
 ``collect``, ``retry``, ``restore``, ``cancel``) is a function of it and the resource at hand.
 It promises one source of each thing a step needs: one state store and request ledger, one
-blob store for collected files, one provider factory, and ``still_holds_lock``, the run's lock
+result store for collected files and shard files (local, with the shared tier when the state
+is shared: ``remote_blobs_for``), one provider factory, and ``still_holds_lock``, the run's lock
 check that the submit step calls right before every create so a run whose lock was released
 stops spending at once. It makes no decision itself (the plan and the steps do).
 """
@@ -23,6 +24,8 @@ from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
+from batchspec.storage.result_store import ResultStore
 from batchspec.workspace.manifest import Project, Resource, refuse_unconfined_write
 
 ProviderFactory = Callable[[str], Provider]
@@ -73,12 +76,15 @@ class RunContext:
     # what this pass fetched ahead, in parallel (batchspec.core.reconcile.prefetch)
     prefetched: Prefetched = field(default_factory=Prefetched)
     ledger: RequestLedger = field(init=False)
-    blobs: BlobStore = field(init=False)
+    blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
-        self.blobs = BlobStore(self.project.state_path.parent / "store")
+        self.blobs = ResultStore(
+            BlobStore(self.project.state_path.parent / "store"),
+            remote_blobs_for(self.project, self.store),
+        )
         self.shard_dir = self.project.state_path.parent / "shards"
 
     def generation(self, res: Resource) -> GenerationRow:
@@ -132,6 +138,14 @@ class RunContext:
             return str(path.resolve().relative_to(self.project.root.resolve()))
         except ValueError:
             return str(path)
+
+
+def remote_blobs_for(project: Project, store: StateStore) -> RemoteBlobs | None:
+    """The result store's shared tier: ``state.blobs`` if the project names one, else the
+    state's own (a PostgreSQL state's tables; an SQLite state has none)."""
+    if project.state_blobs is not None:
+        return open_blob_location(project.state_blobs)
+    return store.shared_blobs()
 
 
 def now() -> str:

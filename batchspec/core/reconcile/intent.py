@@ -1,13 +1,16 @@
 """Record what will be spent before anything is spent: the generation, its ledger, its intents.
 
-Every function here only writes the state store (and shard files on disk); none calls a
-provider. It promises the *intent first* invariant: a batch row (remote id NULL, keyed by
-``batch_key``: resource, spec, shard, attempt) and an ``intent`` event are committed, with the
-budget checked, before the submit step uploads or creates anything. Recording an intent whose
+Every function here only writes the state store (and shard files: on disk, and in the result
+store's shared tier when the state is shared); none calls a provider. It promises the
+*intent first* invariant: a batch row (remote id NULL, keyed by ``batch_key``: resource,
+spec, shard, attempt) and an ``intent`` event are committed, with the budget checked, before
+the submit step uploads or creates anything. Recording an intent whose
 key exists already returns the existing row, so a re-run never doubles a batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from batchspec.core.batches import batch_key
 from batchspec.core.budget import check_budget
@@ -101,6 +104,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         else:
             ctx.ledger.record_requests(gen.id, with_fingerprints(assigned))
         shard_files = writers.finish()
+        publish_shards(ctx, shard_files.values())
         check_budget(
             res,
             facts,
@@ -195,4 +199,13 @@ def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard:
     for req in iter_requests(res.input_path):
         if req.line in wanted:
             writers.write(0, req.raw)
-    return writers.finish()[0]
+    sha = writers.finish()[0]
+    publish_shards(ctx, [sha])
+    return sha
+
+
+def publish_shards(ctx: RunContext, shas: Iterable[str]) -> None:
+    """Put shard files in the result store's shared tier before their intents are recorded,
+    so a queued intent can be submitted by any runner of a shared state."""
+    for sha in shas:
+        ctx.blobs.publish(sha, ctx.shard_dir / f"{sha}.jsonl")

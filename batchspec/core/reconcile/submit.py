@@ -202,6 +202,8 @@ def _batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Batch
         return stored
     if batch.input_sha256 == gen.input_sha256:
         return res.input_path
+    if ctx.blobs.has(batch.input_sha256):  # written by another runner of a shared state
+        return ctx.blobs.ensure_local(batch.input_sha256)
     raise BatchspecError(
         f"the batch file for {res.name} shard {batch.shard + 1} attempt {batch.attempt} "
         f"(sha256 {batch.input_sha256[:12]}) is missing from {ctx.shard_dir}",

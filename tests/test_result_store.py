@@ -1,0 +1,267 @@
+"""The result store's shared tier: results and shard files reachable from every runner.
+
+A runner that never collected a result (a fresh checkout with an empty ``state/``) rebuilds
+``results/`` from a shared state with no provider call: from the PostgreSQL state's own blob
+tables, or from the folder ``state.blobs`` names. Damaged remote content is refused before a
+line is written; a blob found nowhere is one clear line; large blobs stream in chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from postgres import PASSWORD
+from probes import ServeProcess, start_serve_process
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
+
+from batchspec.state.store import StateStore
+from batchspec.storage.remote_blobs import (
+    CHUNK_BYTES,
+    BlobCorruptError,
+    BlobMissingError,
+    FolderBlobs,
+    PostgresBlobs,
+    open_blob_location,
+)
+
+FAST = ["--poll-interval", "0.05"]
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def runner(env: dict[str, str]) -> Run:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            batchspec_cmd(*args), env=env, capture_output=True, text=True, timeout=120
+        )
+
+    return run
+
+
+def set_state(ws: Workspace, state: dict[str, Any], **provider_options: Any) -> None:
+    project = yaml.safe_load((ws.root / "batchspec.yaml").read_text())
+    project["state"] = state
+    if provider_options:
+        project["providers"]["srv"]["options"] = provider_options
+    (ws.root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+
+
+def fresh_checkout(ws: Workspace, dest: Path) -> Workspace:
+    """What a clone of the repository holds: the project, manifests and inputs; no state/,
+    no results/."""
+    shutil.copytree(ws.root, dest, ignore=shutil.ignore_patterns("state", "results"))
+    return Workspace(dest)
+
+
+def result_bytes(ws: Workspace, name: str) -> tuple[bytes, bytes]:
+    return ws.output_path(name).read_bytes(), ws.errors_path(name).read_bytes()
+
+
+@pytest.fixture
+def serve_proc(tmp_path: Path) -> Any:
+    procs: list[ServeProcess] = []
+
+    def start() -> ServeProcess:
+        proc = start_serve_process(tmp_path / "engine", api_key=SENTINEL_KEY)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+# -- end to end: PostgreSQL ----------------------------------------------------------------------
+
+
+def test_a_fresh_checkout_submits_queued_shards_and_restores_results_from_postgres(
+    tmp_path: Path, postgres_url: str, serve_proc: Any
+) -> None:
+    """Runner A records 3 shards and submits one (maxInFlightBatches 1); runner B, a fresh
+    checkout on the same PostgreSQL state, submits the other two from the shared shard files
+    and collects; with `batchspec serve` stopped, runner C (another fresh checkout) rebuilds
+    results/ byte for byte, so from the state's blobs alone."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=12, spec=shards(4)))
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"}, maxInFlightBatches=1)
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
+
+    first = run("apply", str(a.root), "--yes", *FAST)
+    assert first.returncode == 0, first.stderr
+    with StateStore.open(postgres_url) as store:
+        batches = store.batches()
+        assert len(batches) == 3 and sum(b.remote_id is not None for b in batches) == 1
+        shard_shas = {b.input_sha256 for b in batches}
+        assert store.db.execute("SELECT count(*) FROM blobs").fetchone()[0] == 3
+
+    b = fresh_checkout(a, tmp_path / "b")
+    second = run("apply", str(b.root), "--wait", "--yes", *FAST)
+    assert second.returncode == 0, second.stderr
+    assert [r["custom_id"] for r in b.outputs("triage")] == b.input_ids("triage")
+    assert len(proc.client().batches.list().data) == 3
+    with StateStore.open(postgres_url) as store:
+        shared = set(PostgresBlobs(postgres_url).iter_hashes())
+        collected = {b.output_sha256 for b in store.batches()}
+    assert shard_shas | collected <= shared
+    proc.stop()
+
+    c = fresh_checkout(a, tmp_path / "c")
+    third = run("apply", str(c.root), "--wait", "--yes", *FAST)
+    assert third.returncode == 0, third.stderr
+    assert result_bytes(c, "triage") == result_bytes(b, "triage")
+    with StateStore.open(postgres_url) as store:
+        last_run = max(r.id for r in store.runs())
+        actions = [e.action for e in store.events() if e.run_id == last_run]
+    assert "restore" in actions and not {"create", "collect", "upload"} & set(actions)
+    assert PASSWORD not in first.stderr + second.stderr + third.stderr
+
+
+def shards(per_batch: int) -> dict[str, Any]:
+    return {"limits": {"maxRequestsPerBatch": per_batch}}
+
+
+def test_a_damaged_remote_chunk_is_refused_and_nothing_is_written(
+    tmp_path: Path, postgres_url: str, serve_proc: Any
+) -> None:
+    """A chunk altered in the database: the fresh checkout's restore stops with one clear line
+    (exit 1) naming the damaged blob; results/ gets no file, the local cache no blob."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"})
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
+    assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
+    proc.stop()
+    with StateStore.open(postgres_url) as store:
+        [batch] = store.batches()
+        assert batch.output_sha256 is not None
+        store.db.execute(
+            "UPDATE blob_chunks SET data = overlay(data placing '#'::bytea from 20) "
+            "WHERE sha256 = ? AND seq = 0",
+            (batch.output_sha256,),
+        )
+
+    b = fresh_checkout(a, tmp_path / "b")
+    broken = run("apply", str(b.root), "--wait", "--yes", *FAST)
+    assert broken.returncode == 1
+    lines = [line for line in broken.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "damaged" in lines[0], broken.stderr
+    assert batch.output_sha256[:12] in lines[0] and PASSWORD not in broken.stderr
+    assert not (b.root / "results").exists() or list((b.root / "results").iterdir()) == []
+    stored = [p for p in (b.root / "state" / "store").rglob("*") if p.is_file()]
+    assert stored == []
+
+
+# -- end to end: a shared folder ------------------------------------------------------------------
+
+
+def test_state_blobs_folder_lets_another_runner_restore_an_sqlite_state(
+    tmp_path: Path, serve_proc: Any
+) -> None:
+    """state.blobs: a folder (relative to the project file) holds what A collected; B, with a
+    copy of A's SQLite file but none of A's state/store/, restores identical results with the
+    server stopped."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
+    set_state(a, {"path": "state/batchspec.db", "blobs": "../shared-blobs"})
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY})
+    done = run("apply", str(a.root), "--wait", "--yes", *FAST)
+    assert done.returncode == 0, done.stderr
+    proc.stop()
+    assert list(FolderBlobs(tmp_path / "shared-blobs").iter_hashes())
+
+    b = fresh_checkout(a, tmp_path / "b")
+    b.state_path.parent.mkdir()
+    shutil.copyfile(a.state_path, b.state_path)
+    again = run("apply", str(b.root), "--wait", "--yes", *FAST)
+    assert again.returncode == 0, again.stderr
+    assert result_bytes(b, "triage") == result_bytes(a, "triage")
+
+
+def test_a_blob_found_nowhere_is_one_clear_line(tmp_path: Path, serve_proc: Any) -> None:
+    """An SQLite state whose state/store/ was deleted, with no shared tier: restoring is one
+    line naming the missing file and what to do (exit 1), not a traceback."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=3))
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY})
+    assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
+    proc.stop()
+    shutil.rmtree(a.root / "state" / "store")
+    shutil.rmtree(a.root / "results")
+    failed = run("apply", str(a.root), "--wait", "--yes", *FAST)
+    assert failed.returncode == 1
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "state.blobs" in lines[0], failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+# -- the tiers themselves --------------------------------------------------------------------------
+
+
+def test_a_large_blob_round_trips_through_postgres_in_chunks(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A 5.5 MB blob fed in odd-sized pieces is stored as 6 chunks of 1 MiB (the last
+    shorter) and read back chunk by chunk, never more than one chunk at a time."""
+    StateStore.open(postgres_url).close()  # the schema, with the blob tables
+    content = os.urandom(5 * CHUNK_BYTES + CHUNK_BYTES // 2)
+    sha = hashlib.sha256(content).hexdigest()
+    pieces = (content[i : i + 300_001] for i in range(0, len(content), 300_001))
+    blobs = PostgresBlobs(postgres_url)
+    try:
+        blobs.put(sha, pieces)
+        blobs.put(sha, [b"ignored: already there"])
+        assert blobs.size(sha) == len(content)
+        read = list(blobs.chunks(sha))
+        assert [len(c) for c in read] == [CHUNK_BYTES] * 5 + [CHUNK_BYTES // 2]
+        assert b"".join(read) == content
+        assert list(blobs.iter_hashes()) == [sha]
+    finally:
+        blobs.close()
+
+
+@pytest.mark.parametrize("tier", ["postgresql", "folder"])
+def test_content_that_does_not_match_its_name_is_refused_whole(
+    tier: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """put() with content whose sha256 is not the name: BlobCorruptError, and the tier holds
+    nothing of it afterwards; chunks() of an absent blob: BlobMissingError."""
+    if tier == "postgresql":
+        url = str(request.getfixturevalue("postgres_url"))
+        StateStore.open(url).close()
+        blobs: Any = PostgresBlobs(url)
+    else:
+        blobs = FolderBlobs(tmp_path / "shared")
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    try:
+        with pytest.raises(BlobCorruptError, match="damaged"):
+            blobs.put(wrong, [b"x" * (CHUNK_BYTES + 5)])
+        assert not blobs.has(wrong) and list(blobs.iter_hashes()) == []
+        with pytest.raises(BlobMissingError):
+            blobs.chunks(wrong)
+        if tier == "postgresql":
+            count = blobs._conn().execute("SELECT count(*) FROM blob_chunks").fetchone()[0]
+            assert count == 0
+    finally:
+        blobs.close()
+
+
+def test_an_fsspec_url_is_a_tier_like_a_folder() -> None:
+    """state.blobs as an fsspec URL (fsspec's memory://): put, has, size, chunks, iter_hashes;
+    damaged content is refused and leaves no object behind."""
+    blobs = open_blob_location("memory://batchspec-test/blobs")
+    content = b"line\n" * 300_000
+    sha = hashlib.sha256(content).hexdigest()
+    blobs.put(sha, [content[:7], content[7:]])
+    assert blobs.has(sha) and blobs.size(sha) == len(content)
+    assert b"".join(blobs.chunks(sha)) == content
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(BlobCorruptError):
+        blobs.put(wrong, [b"not other"])
+    assert list(blobs.iter_hashes()) == [sha]
