@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,29 @@ def test_copy_state_itself_refuses_a_non_empty_target_inside_its_transaction(
         with pytest.raises(StateError, match="is not empty"):
             copy_state(source.db, postgres_url)
     assert dump(postgres_url) == before
+
+
+def test_results_migrated_to_postgres_restore_on_a_fresh_runner_with_the_provider_gone(
+    tmp_path: Path,
+    applied: Workspace,
+    serve: ServeProcess,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The result blobs travel with the rows: after SQLite -> PostgreSQL, a fresh checkout
+    (no state/, no results/) pointed at the database rebuilds results/ byte for byte with the
+    provider stopped, so a team moving to a shared state loses nothing it collected."""
+    ws = applied
+    expected = {p.name: p.read_bytes() for p in (ws.root / "results").iterdir()}
+    report = cli_json(["state", "migrate", "--to", postgres_url], capsys)
+    assert report["blobs"]["copied"] == report["blobs"]["referenced"] > 0
+    serve.stop()
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(ws.root, fresh, ignore=shutil.ignore_patterns("state", "results"))
+    code, out, err = run_cli(
+        ["apply", str(fresh), "--wait", "--yes", "--state", postgres_url, *FAST], capsys
+    )
+
+    assert code == 0, (out, err)
+    assert {p.name: p.read_bytes() for p in (fresh / "results").iterdir()} == expected

@@ -18,7 +18,8 @@ The state to move is the project's (``state:`` in batchspec.yaml) or ``--state``
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from batchspec.state.store import StateStore
 from batchspec.state.transfer import StateCopy, check_target, copy_blobs, copy_state
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.database_url import is_database_url, redact_url
+from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.workspace.project import (
     Project,
     default_project,
@@ -38,6 +40,17 @@ from batchspec.workspace.project import (
     load_workspace_project,
     with_state,
 )
+
+
+@contextmanager
+def closing_tier(tier: RemoteBlobs | None) -> Iterator[None]:
+    """Close the ``state.blobs`` tier (if any) when the move is over."""
+    try:
+        yield
+    finally:
+        if tier is not None:
+            tier.close()
+
 
 #: the environment variable the advice names for a PostgreSQL URL
 URL_ENV_SUGGESTION = "BATCHSPEC_STATE_URL"
@@ -73,7 +86,8 @@ def migrate_state(
     target_local = BlobStore(target.parent / "store") if isinstance(target, Path) else local
     _require_source(project)
     check_target(target)  # before the lock: a refused target leaves the source untouched
-    with _open_source(project) as source:
+    shared = None if project.state_blobs is None else open_blob_location(project.state_blobs)
+    with _open_source(project) as source, closing_tier(shared):
         info = collect_run_info(project.root, env)
         with hold_still(
             source, command="state migrate", info=info, timeout=lock_timeout
@@ -82,7 +96,12 @@ def migrate_state(
                 source.db,
                 target,
                 copy_blobs=lambda src, dst: copy_blobs(
-                    src, dst, local=local, target_local=target_local
+                    src,
+                    dst,
+                    local=local,
+                    target_local=target_local,
+                    shared=shared,
+                    shards=project.state_path.parent / "shards",
                 ),
             )
     return MigrateResult(copied, _switch_advice(project, target), warning)

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,9 +51,16 @@ from typing import Any
 from batchspec.errors import StateError
 from batchspec.state.connection import BUSY_TIMEOUT_SECONDS, StateLocation, refuse_foreign_postgres
 from batchspec.state.schema import MIGRATIONS
-from batchspec.storage.blobstore import BlobStore, sha256_file
+from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.database_url import is_database_url
 from batchspec.storage.private import create_private_file
+from batchspec.storage.remote_blobs import (
+    RemoteBlobs,
+    file_chunks,
+    insert_blob,
+    stored_blob,
+    verified,
+)
 from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
 
 #: the tables copied, in an order that satisfies every foreign key, with their sort keys
@@ -410,7 +418,9 @@ def table_columns() -> dict[str, list[str]]:
 _BLOB_REFERENCES = (
     "SELECT output_sha256 FROM batches WHERE output_sha256 IS NOT NULL "
     "UNION SELECT errors_sha256 FROM batches WHERE errors_sha256 IS NOT NULL "
-    "UNION SELECT blob FROM requests WHERE blob IS NOT NULL"
+    "UNION SELECT blob FROM requests WHERE blob IS NOT NULL "
+    # the shard files of batches not collected yet: whoever runs next may (re)submit them
+    "UNION SELECT input_sha256 FROM batches WHERE output_sha256 IS NULL"
 )
 
 
@@ -420,41 +430,98 @@ def referenced_blobs(db: Sql) -> list[str]:
 
 
 def copy_blobs(
-    source: Sql, target: Sql, *, local: BlobStore, target_local: BlobStore | None = None
+    source: Sql,
+    target: Sql,
+    *,
+    local: BlobStore,
+    target_local: BlobStore | None = None,
+    shared: RemoteBlobs | None = None,
+    shards: Path | None = None,
 ) -> BlobReport:
     """Carry the state's result blobs along with its rows; the one place that does.
 
-    Today blobs live only in this machine's result store (``local``, ``state/store/``): every
-    blob the source references is read and its sha256 checked (a damaged one is a
-    ``StateError``: the move stops and nothing is kept); with ``target_local`` (an SQLite
-    target in another folder, whose store is beside it), each is also copied there. A blob
-    that is not here (collected on another runner) is reported as missing. ``target`` is the
-    target's connection, inside its transaction: a blob tier in the database writes there.
+    Every blob the source references is looked for, in order, in this machine's result
+    store (``local``, ``state/store/``) and shard files (``shards``, ``state/shards/``), in
+    the source's own database (a PostgreSQL state
+    keeps its blobs there) and in the project's ``state.blobs`` tier (``shared``), and its
+    sha256 is checked as it is read: a damaged one is a ``StateError``, the move stops and
+    nothing is kept. Where it goes:
+
+    * ``shared`` given: nowhere; the tier stays where it is and serves the target as well.
+    * a PostgreSQL target: into its ``blobs`` tables, on ``target`` inside the copy's
+      transaction, so the rows and the blobs land together or not at all.
+    * an SQLite target in another folder (``target_local``, the store beside it): there.
+
+    A blob found nowhere (collected on a runner whose store is gone) is reported as missing.
     """
-    del target  # no blob tier in the database yet
     shas = referenced_blobs(source)
-    verified, size, copied, missing = 0, 0, 0, []
-    elsewhere = target_local is not None and target_local.root.resolve() != local.root.resolve()
-    for sha in shas:
-        if not local.has(sha):
-            missing.append(sha)
-            continue
-        if sha256_file(local.path(sha)) != sha:
-            raise StateError(
-                f"the result blob {local.path(sha)} is damaged (its content no longer has the "
-                "sha256 it is named by); nothing was moved. Restore it from a backup, or "
-                "delete it and let `batchspec apply` collect it again"
-            )
-        verified += 1
-        size += local.size(sha)
-        if elsewhere and target_local is not None and not target_local.has(sha):
-            with local.path(sha).open("rb") as src, target_local.writer() as writer:
-                writer.copy_from(src)
-                if writer.commit() != sha:  # changed under us: the copy is not the blob
-                    target_local.remove(writer.sha256)
-                    raise StateError(f"the result blob {local.path(sha)} changed while copied")
-            copied += 1
-    return BlobReport(len(shas), verified, size, tuple(missing), copied)
+    verified_count, size, copied, missing = 0, 0, 0, []
+    into_db = shared is None and isinstance(target, PostgresSql)
+    into_folder = (
+        shared is None
+        and not into_db
+        and target_local is not None
+        and target_local.root.resolve() != local.root.resolve()
+    )
+    created = into_folder and target_local is not None and not target_local.root.exists()
+    try:
+        for sha in shas:
+            found = _blob_chunks(sha, source, local, shared, shards)
+            if found is None:
+                missing.append(sha)
+                continue
+            chunks, where = found
+            counted = _Counted(verified(sha, chunks, where))
+            if into_db and isinstance(target, PostgresSql) and stored_blob(target, sha, "") is None:
+                insert_blob(target, sha, counted)
+                copied += 1
+            elif into_folder and target_local is not None and not target_local.has(sha):
+                with target_local.writer() as writer:
+                    for chunk in counted:
+                        writer.write(chunk)
+                    writer.commit()
+                copied += 1
+            else:
+                for _ in counted:  # read through: the check is the point
+                    pass
+            verified_count += 1
+            size += counted.size
+    except BaseException:
+        if created and target_local is not None:  # a store made for this move goes with it
+            shutil.rmtree(target_local.root, ignore_errors=True)
+        raise
+    return BlobReport(len(shas), verified_count, size, tuple(missing), copied)
+
+
+class _Counted:
+    """Chunks passed through, their total size counted."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.size += len(chunk)
+            yield chunk
+
+
+def _blob_chunks(
+    sha: str, source: Sql, local: BlobStore, shared: RemoteBlobs | None, shards: Path | None
+) -> tuple[Iterator[bytes], str] | None:
+    """The blob's content (unverified) and where it was found, or None if nowhere."""
+    if local.has(sha):
+        return file_chunks(local.path(sha)), str(local.path(sha))
+    if shards is not None and (shards / f"{sha}.jsonl").is_file():
+        return file_chunks(shards / f"{sha}.jsonl"), str(shards / f"{sha}.jsonl")
+    if isinstance(source, PostgresSql):
+        label = "the source state's database"
+        stored = stored_blob(source, sha, label)
+        if stored is not None:
+            return stored, label
+    if shared is not None and shared.has(sha):
+        return shared.chunks(sha), shared.label
+    return None
 
 
 __all__ = [

@@ -119,6 +119,46 @@ class RemoteBlobs(ABC):
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
+def insert_blob(db: PostgresSql, sha256: str, chunks: Iterable[bytes]) -> None:
+    """Write a blob's chunks, then its ``blobs`` row, on ``db`` inside the caller's
+    transaction (``BlobCorruptError`` after the last chunk if the content is not ``sha256``)."""
+    size = seq = 0
+    for chunk in verified(sha256, _rechunk(chunks), "the content given"):
+        db.execute(
+            "INSERT INTO blob_chunks (sha256, seq, data) VALUES (?, ?, ?) "
+            "ON CONFLICT (sha256, seq) DO UPDATE SET data = excluded.data",
+            (sha256, seq, chunk),
+        )
+        size += len(chunk)
+        seq += 1
+    db.execute(
+        "INSERT INTO blobs (sha256, size, chunks, stored_at) VALUES (?, ?, ?, ?)",
+        (sha256, size, seq, _now()),
+    )
+
+
+def stored_blob(db: PostgresSql, sha256: str, label: str) -> Iterator[bytes] | None:
+    """A blob's chunks read one at a time from ``db`` (unverified), or None if it has no
+    ``blobs`` row there."""
+    found = db.execute("SELECT chunks FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
+    if found is None:
+        return None
+    return _read_chunks(db, sha256, int(found[0]), label)
+
+
+def _read_chunks(db: PostgresSql, sha256: str, count: int, label: str) -> Iterator[bytes]:
+    for seq in range(count):
+        row = db.execute(
+            "SELECT data FROM blob_chunks WHERE sha256 = ? AND seq = ?", (sha256, seq), binary=True
+        ).fetchone()
+        if row is None:
+            raise BlobCorruptError(
+                f"the blob {sha256[:12]} in {label} is damaged: chunk {seq} of {count} "
+                "is missing; it was not used"
+            )
+        yield bytes(row[0])
+
+
 class PostgresBlobs(RemoteBlobs):
     """Blobs in the state's PostgreSQL database, chunked, over a connection of their own.
 
@@ -158,26 +198,11 @@ class PostgresBlobs(RemoteBlobs):
                 db.execute("SET LOCAL lock_timeout = 0")
                 db.execute("SELECT pg_advisory_xact_lock(?)", (db.advisory_key("blob:" + sha256),))
                 if not self.has(sha256):
-                    self._insert(db, sha256, chunks)
+                    insert_blob(db, sha256, chunks)
             except BaseException:
                 db.rollback()
                 raise
             db.commit()
-
-    def _insert(self, db: PostgresSql, sha256: str, chunks: Iterable[bytes]) -> None:
-        size = seq = 0
-        for chunk in verified(sha256, _rechunk(chunks), "the content given"):
-            db.execute(
-                "INSERT INTO blob_chunks (sha256, seq, data) VALUES (?, ?, ?) "
-                "ON CONFLICT (sha256, seq) DO UPDATE SET data = excluded.data",
-                (sha256, seq, chunk),
-            )
-            size += len(chunk)
-            seq += 1
-        db.execute(
-            "INSERT INTO blobs (sha256, size, chunks, stored_at) VALUES (?, ?, ?, ?)",
-            (sha256, size, seq, _now()),
-        )
 
     def chunks(self, sha256: str) -> Iterator[bytes]:
         with self._lock:
