@@ -258,7 +258,8 @@ def test_postgres_workflow_commands_from_fresh_runners_never_pay_twice(
 ) -> None:
     """Every job starts from a bare checkout (nothing carried between runs): the plan sees
     the shared state, the scheduled apply on another runner collects the batch the push's
-    apply created (never a second create), and the next plan only restores results/."""
+    apply created (never a second create), the next plan only restores results/, and the
+    next apply restores them from the database's result store with no provider call."""
     doc = load_workflow(WORKFLOW)
     repo = make_workspace(
         tmp_path / "repo",
@@ -288,3 +289,9 @@ def test_postgres_workflow_commands_from_fresh_runners_never_pay_twice(
     [(code, out, err)] = ci.run_job("plan", monkeypatch, capsys, save=False)
     assert code == 2, err  # a fresh runner has no results/: it would restore them, not create
     assert "**Plan: 1 to restore.**" in out
+
+    calls = dict(server.probe.counts)
+    [(code, out, err)] = ci.run_job("apply", monkeypatch, capsys, save=False)  # next schedule
+    assert code == 0, err
+    assert len((ci.checkout / "results" / "triage.jsonl").read_text().splitlines()) == 3
+    assert server.probe.counts == calls  # restored from the database: no provider call
