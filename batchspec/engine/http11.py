@@ -11,17 +11,30 @@ Scope, on purpose: POST with a JSON body to one origin; keep-alive connections r
 a request that fails on a *reused* connection before any response byte arrived is retried
 once on a fresh connection (the server had closed the idle connection); ``Accept-Encoding:
 identity`` so no decompression is needed; TLS with the system's (or certifi's) CA bundle.
-Proxy environment variables are not consulted. A cancelled request (the engine's timeout)
-closes its connection instead of returning it to the pool.
+A cancelled request (the engine's timeout) closes its connection instead of returning it to
+the pool. A connection that cannot be opened raises ``ConnectFailed`` (nothing was sent, so
+a caller may safely send the request elsewhere); any later failure raises its parent
+``ConnectionFailed`` (the server may have seen the request).
+
+Proxies, read from the environment when the pool is built (as curl, httpx and urllib do):
+an ``http://`` origin goes through ``HTTP_PROXY`` (or ``http_proxy``) unless ``NO_PROXY``
+(``no_proxy``: comma-separated host suffixes, ``host:port``, or ``*``) names it; the request
+is sent to the proxy in absolute form (``POST http://host:port/path``), with
+``Proxy-Authorization: Basic`` when the proxy URL carries ``user:password``. ``HTTPS_PROXY``
+is not used: an ``https://`` origin is always reached directly (CONNECT tunnelling is not
+implemented).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 
@@ -37,6 +50,57 @@ class Http11Response:
 
 class ConnectionFailed(Exception):
     """The upstream could not be reached or broke the connection."""
+
+
+class ConnectFailed(ConnectionFailed):
+    """No connection could be opened (refused, unresolvable, unreachable): nothing was sent."""
+
+
+@dataclass(frozen=True)
+class HttpProxy:
+    """A forward proxy for plain-HTTP origins; ``authorization`` is a Proxy-Authorization value."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+
+def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy | None:
+    """The proxy ``HTTP_PROXY``/``NO_PROXY`` choose for ``url``; None: connect directly.
+
+    Only ``http://`` URLs are proxied (see the module docstring); ``environ`` defaults to the
+    process environment, read through ``urllib.request.getproxies_environment``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    if environ is None:
+        proxies = urllib.request.getproxies_environment()
+    else:
+        proxies = {
+            key[: -len("_proxy")].lower(): value
+            for key, value in environ.items()
+            if key.lower().endswith("_proxy") and value
+        }
+    proxy_url = proxies.get("http")
+    if not proxy_url:
+        return None
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    if urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    if "://" not in proxy_url:
+        proxy_url = f"http://{proxy_url}"
+    proxy = urlsplit(proxy_url)
+    if proxy.scheme != "http" or not proxy.hostname:
+        raise ValueError(
+            f"HTTP_PROXY must be an http:// URL (got scheme {proxy.scheme!r}); "
+            "proxies reached over TLS are not supported"
+        )
+    authorization = None
+    if proxy.username is not None:
+        pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return HttpProxy(proxy.hostname, proxy.port or 80, authorization)
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -103,14 +167,25 @@ class Http11Pool:
     """Keep-alive connections to the origin of ``base_url``; use from one event loop."""
 
     def __init__(
-        self, base_url: str, *, max_connections: int, headers: dict[str, str] | None = None
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        headers: dict[str, str] | None = None,
+        proxy: HttpProxy | None | bool = True,
     ) -> None:
+        """``proxy``: True reads the environment (``proxy_for``); None or False: direct."""
         parts = urlsplit(base_url)
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or (443 if self._tls else 80)
         default_port = (self._tls and self._port == 443) or (not self._tls and self._port == 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"
+        if proxy is True:
+            proxy = proxy_for(base_url)
+        self.proxy: HttpProxy | None = proxy or None
+        # through a proxy, the target is the absolute URL (RFC 9112 3.2.2)
+        self._target_prefix = f"http://{host_header}" if self.proxy is not None else ""
         self._headers = [
             ("Host", host_header),
             ("Accept", "application/json"),
@@ -119,6 +194,8 @@ class Http11Pool:
             ("User-Agent", "batchspec-engine"),
             *(headers or {}).items(),
         ]
+        if self.proxy is not None and self.proxy.authorization is not None:
+            self._headers.append(("Proxy-Authorization", self.proxy.authorization))
         self._max_connections = max_connections
         self._idle: list[_Connection] = []
         self._slots: asyncio.Semaphore | None = None
@@ -128,6 +205,7 @@ class Http11Pool:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_connections)
         headers = [*self._headers, ("Content-Length", str(len(body)))]
+        target = self._target_prefix + target
         async with self._slots:
             for _ in range(2):
                 reused = bool(self._idle)
@@ -155,17 +233,21 @@ class Http11Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open(self) -> _Connection:
+        host, port = self._host, self._port
+        if self.proxy is not None:
+            host, port = self.proxy.host, self.proxy.port
         try:
             reader, writer = await asyncio.open_connection(
-                self._host,
-                self._port,
+                host,
+                port,
                 ssl=self._ssl,
                 server_hostname=self._host if self._tls else None,
                 limit=READ_CHUNK * 4,
             )
         except OSError as err:
-            raise ConnectionFailed(
-                f"cannot connect to {self._host}:{self._port} ({err.strerror or err})"
+            via = " (the proxy from HTTP_PROXY)" if self.proxy is not None else ""
+            raise ConnectFailed(
+                f"cannot connect to {host}:{port}{via} ({err.strerror or err})"
             ) from err
         return _Connection(reader, writer)
 
