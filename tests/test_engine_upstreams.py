@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import os
+from urllib.parse import urlsplit
 
 import pytest
 from starlette.applications import Starlette
@@ -12,6 +15,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
+from batchspec.engine.http11 import proxy_for
 from batchspec.engine.server import start_in_thread
 from batchspec.engine.upstreams import answer
 from batchspec.errors import BatchspecError, UsageError
@@ -226,3 +230,118 @@ def test_http_pool_retries_a_stale_keep_alive_connection_once():
     first, second = asyncio.run(run())
     assert first.body == second.body == {"ok": True}
     assert [json.loads(b)["n"] for b in received] == [1, 2]
+
+
+class ForwardProxy:
+    """A loopback HTTP forward proxy: absolute-form requests in, origin-form requests out."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []  # (request target, Proxy-Authorization)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]
+                method, target, version = request_line.split(" ")
+                headers = dict(line.split(": ", 1) for line in header_lines)
+                lowered = {k.lower(): v for k, v in headers.items()}
+                body = await reader.readexactly(int(lowered.get("content-length", "0")))
+                self.seen.append((target, lowered.get("proxy-authorization")))
+                origin = urlsplit(target)
+                assert origin.scheme == "http", target  # absolute form, or this is no proxy
+                up_reader, up_writer = await asyncio.open_connection(origin.hostname, origin.port)
+                kept = "".join(
+                    f"{k}: {v}\r\n"
+                    for k, v in headers.items()
+                    if k.lower() not in ("proxy-authorization", "connection")
+                )
+                path = origin.path + (f"?{origin.query}" if origin.query else "")
+                up_writer.write(
+                    f"{method} {path} {version}\r\n{kept}Connection: close\r\n\r\n".encode() + body
+                )
+                answer = await up_reader.read()  # the origin closes after one answer
+                up_writer.close()
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.split(b"\r\n\r\n")[0].lower():
+                    return
+        finally:
+            writer.close()
+
+
+async def _through_proxy(upstream_url: str) -> tuple[object, ForwardProxy]:
+    proxy = ForwardProxy()
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    os.environ["HTTP_PROXY"] = f"http://user:pa%3Ass@127.0.0.1:{port}"
+    try:
+        upstream = HttpUpstream(upstream_url)
+        try:
+            answers = [
+                await upstream.send("/v1/chat/completions", {"n": i}, custom_id=str(i), attempt=0)
+                for i in range(3)
+            ]
+        finally:
+            await upstream.aclose()
+    finally:
+        server.close()
+    return answers, proxy
+
+
+def test_http_upstream_goes_through_http_proxy_with_its_credentials(monkeypatch):
+    """HTTP_PROXY carries every request, in absolute form, with Proxy-Authorization."""
+    server = start_in_thread(_echo_app())
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "")  # restored by monkeypatch after the test
+    try:
+        answers, proxy = asyncio.run(_through_proxy(f"{server.base_url}/v1"))
+    finally:
+        server.stop()
+    assert [a.body["body"]["n"] for a in answers] == [0, 1, 2]
+    expected_auth = "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    assert proxy.seen == [(f"{server.base_url}/v1/chat/completions", expected_auth)] * 3
+    assert all(a.body["auth"] is None for a in answers)  # the proxy's key stays with the proxy
+
+
+@pytest.mark.parametrize(
+    "no_proxy", [pytest.param("127.0.0.1", id="host"), pytest.param("*", id="star")]
+)
+def test_no_proxy_sends_requests_directly(monkeypatch, no_proxy):
+    """A host NO_PROXY names is reached directly: the proxy sees nothing."""
+    server = start_in_thread(_echo_app())
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    monkeypatch.setenv("HTTP_PROXY", "")
+    try:
+        answers, proxy = asyncio.run(_through_proxy(f"{server.base_url}/v1"))
+    finally:
+        server.stop()
+    assert [a.body["body"]["n"] for a in answers] == [0, 1, 2]
+    assert proxy.seen == []
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "proxied"),
+    [
+        pytest.param("http://gpu1:8000/v1", {"http_proxy": "http://p:3128"}, True, id="lower"),
+        pytest.param("http://gpu1:8000/v1", {"HTTP_PROXY": "p:3128"}, True, id="no-scheme"),
+        pytest.param("https://api.x/v1", {"HTTPS_PROXY": "http://p:3128"}, False, id="https"),
+        pytest.param(
+            "http://gpu1.lan:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "lan"},
+            False,
+            id="suffix",
+        ),
+        pytest.param("http://gpu1:8000/v1", {}, False, id="unset"),
+    ],
+)
+def test_proxy_for_reads_the_proxy_variables(url, environ, proxied):
+    """HTTP_PROXY (any case, scheme optional) applies to http:// only; NO_PROXY suffixes win."""
+    proxy = proxy_for(url, environ)
+    assert (proxy is not None) == proxied
+    if proxy is not None:
+        assert (proxy.host, proxy.port) == ("p", 3128)
