@@ -184,6 +184,19 @@ def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member():
     assert failing.calls["a"] == 1
 
 
+def test_failures_during_a_rest_do_not_lengthen_it():
+    """Requests that fail while their upstream already rests are one outage: one failure."""
+    failing = FaultyUpstream(BuiltinUpstream(), Faults(error_500=1.0))
+    rotation = BalancedUpstream([(failing, UpstreamTarget("x", rpm=6000))], backoff_initial=60)
+
+    async def run():
+        return [await rotation.send(CHAT, BODY, custom_id=f"f{i}", attempt=0) for i in range(5)]
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [500] * 5  # all down: tried anyway, as before
+    assert rotation.status()[0].failures == 1
+
+
 def test_a_hanging_member_times_out_and_is_probed_after_its_backoff():
     """No answer within the timeout rests the member; after the back-off it gets one probe."""
     slow = BuiltinUpstream(latency=30)

@@ -21,7 +21,8 @@
    counts the tokens the upstream reported.
 3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, no answer
    within the request timeout) is taken out of rotation for a back-off of ``backoff_initial``
-   seconds, doubling with each further failure up to ``backoff_max``. When its back-off has
+   seconds, doubling with each further failure up to ``backoff_max`` (failures of requests
+   sent before it was taken out are the same outage and do not lengthen it). When its back-off has
    passed, it gets one request (the *probe*) and no other until that one ends: an answer
    below 500 puts it back in rotation, a failure takes it out again for longer.
 4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
@@ -42,12 +43,13 @@ of every member (in flight, failures, in rotation) for logs and tests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from batchspec.engine import jsonfast
@@ -62,7 +64,9 @@ from batchspec.engine.upstreams import (
 )
 from batchspec.errors import UsageError
 
+log = logging.getLogger("batchspec.engine")
 Clock = Callable[[], float]
+T = TypeVar("T")
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
 _LIMIT_KEYS = ("rpm", "tpm")
@@ -329,8 +333,9 @@ class BalancedUpstream:
                 member.probing = False
         if response.status_code >= 500:
             self._failed(member)
-        else:
+        elif member.failures:
             member.failures = 0
+            log.info("upstream %s answers again: back in rotation", member.description)
         if member.tpm is not None:
             reported = reported_tokens(response.body)
             if reported is not None:
@@ -338,16 +343,25 @@ class BalancedUpstream:
         return response
 
     def _failed(self, member: _Member) -> None:
+        now = self._clock()
+        if member.failures and now < member.out_until:
+            return  # a request sent before it was taken out: the same outage, no longer rest
         member.failures += 1
         backoff = min(self.backoff_initial * 2.0 ** (member.failures - 1), self.backoff_max)
-        member.out_until = self._clock() + backoff
+        member.out_until = now + backoff
+        log.warning(
+            "upstream %s failed (%d in a row): out of rotation for %.1f s",
+            member.description,
+            member.failures,
+            backoff,
+        )
 
     async def aclose(self) -> None:
         for member in self._members:
             await member.upstream.aclose()
 
 
-async def _within(awaitable: Any, seconds: float) -> Any:
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
             return await awaitable

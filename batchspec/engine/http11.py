@@ -85,8 +85,7 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
     proxy_url = proxies.get("http")
     if not proxy_url:
         return None
-    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-    if urllib.request.proxy_bypass_environment(host, proxies):
+    if _bypassed(parts.hostname, parts.port, proxies.get("no", "")):
         return None
     if "://" not in proxy_url:
         proxy_url = f"http://{proxy_url}"
@@ -110,6 +109,23 @@ def _tls_context() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:  # pragma: no cover - certifi ships with httpx
         return ssl.create_default_context()
+
+
+def _bypassed(hostname: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names the host: ``*``, the host, ``host:port``, or a suffix."""
+    hostname = hostname.lower()
+    with_port = f"{hostname}:{port}" if port is not None else hostname
+    for entry in no_proxy.split(","):
+        name = entry.strip().lstrip(".").lower()
+        if name == "*":
+            return True
+        if name and (
+            name in (hostname, with_port)
+            or hostname.endswith(f".{name}")
+            or with_port.endswith(f".{name}")
+        ):
+            return True
+    return False
 
 
 class _Connection:

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from batchspec.engine import Engine, EngineError, Upstream, UpstreamTarget, make_upstreams
 from batchspec.errors import ProviderError
@@ -77,16 +77,15 @@ class LocalProvider:
         """The running engine, opened and started on first use."""
         if self._engine is None:
             spec = self._upstream_spec
-            upstream = (
-                make_upstreams(
+            if isinstance(spec, (str, list, tuple)):
+                upstream = make_upstreams(
                     [spec] if isinstance(spec, str) else spec,
                     api_key_env=self._upstream_api_key_env,
                     max_connections=max(2 * self._concurrency, 16),
                     request_timeout=float(self._engine_kwargs.get("request_timeout", 60.0)),
                 )
-                if isinstance(spec, (str, list, tuple))
-                else spec
-            )
+            else:
+                upstream = cast("Upstream", spec)
             self._engine = Engine(
                 self.data_dir, upstream, concurrency=self._concurrency, **self._engine_kwargs
             ).start()
