@@ -17,12 +17,13 @@ a caller may safely send the request elsewhere); any later failure raises its pa
 ``ConnectionFailed`` (the server may have seen the request).
 
 Proxies, read from the environment when the pool is built (as curl, httpx and urllib do):
-an ``http://`` origin goes through ``HTTP_PROXY`` (or ``http_proxy``) unless ``NO_PROXY``
-(``no_proxy``: comma-separated host suffixes, ``host:port``, or ``*``) names it; the request
-is sent to the proxy in absolute form (``POST http://host:port/path``), with
-``Proxy-Authorization: Basic`` when the proxy URL carries ``user:password``. ``HTTPS_PROXY``
-is not used: an ``https://`` origin is always reached directly (CONNECT tunnelling is not
-implemented).
+an ``http://`` origin goes through ``HTTP_PROXY`` (or ``http_proxy``), an ``https://`` one
+through ``HTTPS_PROXY`` (``https_proxy``), unless ``NO_PROXY`` (``no_proxy``: comma-separated
+host suffixes, ``host:port``, or ``*``) names it. The proxy itself is reached over plain HTTP
+(an ``http://`` proxy URL; ``user:password`` in it is sent as ``Proxy-Authorization:
+Basic``). Through it, a plain-HTTP request is sent in absolute form (``POST
+http://host:port/path``); an HTTPS origin is reached by a ``CONNECT host:port`` tunnel per
+connection, inside which TLS runs end to end with the origin (the proxy sees no request).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import socket
 import ssl
 import urllib.request
 from collections.abc import Mapping
@@ -58,7 +60,7 @@ class ConnectFailed(ConnectionFailed):
 
 @dataclass(frozen=True)
 class HttpProxy:
-    """A forward proxy for plain-HTTP origins; ``authorization`` is a Proxy-Authorization value."""
+    """A forward proxy reached over plain HTTP; ``authorization``: its Proxy-Authorization."""
 
     host: str
     port: int
@@ -66,13 +68,14 @@ class HttpProxy:
 
 
 def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy | None:
-    """The proxy ``HTTP_PROXY``/``NO_PROXY`` choose for ``url``; None: connect directly.
+    """The proxy ``HTTP(S)_PROXY``/``NO_PROXY`` choose for ``url``; None: connect directly.
 
-    Only ``http://`` URLs are proxied (see the module docstring); ``environ`` defaults to the
-    process environment, read through ``urllib.request.getproxies_environment``.
+    ``environ`` defaults to the process environment, read through
+    ``urllib.request.getproxies_environment`` (either case; ``HTTP_PROXY`` is ignored there
+    when ``REQUEST_METHOD`` says the process is a CGI script).
     """
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     if environ is None:
         proxies = urllib.request.getproxies_environment()
@@ -82,7 +85,7 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
             for key, value in environ.items()
             if key.lower().endswith("_proxy") and value
         }
-    proxy_url = proxies.get("http")
+    proxy_url = proxies.get(parts.scheme)
     if not proxy_url:
         return None
     if _bypassed(parts.hostname, parts.port, proxies.get("no", "")):
@@ -92,8 +95,8 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
     proxy = urlsplit(proxy_url)
     if proxy.scheme != "http" or not proxy.hostname:
         raise ValueError(
-            f"HTTP_PROXY must be an http:// URL (got scheme {proxy.scheme!r}); "
-            "proxies reached over TLS are not supported"
+            f"{parts.scheme.upper()}_PROXY must be an http:// URL (got scheme "
+            f"{proxy.scheme!r}); proxies reached over TLS are not supported"
         )
     authorization = None
     if proxy.username is not None:
@@ -189,8 +192,12 @@ class Http11Pool:
         max_connections: int,
         headers: dict[str, str] | None = None,
         proxy: HttpProxy | None | bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``proxy``: True reads the environment (``proxy_for``); None or False: direct."""
+        """``proxy``: True reads the environment (``proxy_for``); None or False: direct.
+
+        ``ssl_context`` replaces the default (system or certifi CAs) for https origins.
+        """
         parts = urlsplit(base_url)
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
@@ -200,8 +207,10 @@ class Http11Pool:
         if proxy is True:
             proxy = proxy_for(base_url)
         self.proxy: HttpProxy | None = proxy or None
-        # through a proxy, the target is the absolute URL (RFC 9112 3.2.2)
-        self._target_prefix = f"http://{host_header}" if self.proxy is not None else ""
+        self._tunnel = self.proxy is not None and self._tls  # CONNECT, then TLS inside
+        forwarded = self.proxy is not None and not self._tls
+        # through a forwarding proxy, the target is the absolute URL (RFC 9112 3.2.2)
+        self._target_prefix = f"http://{host_header}" if forwarded else ""
         self._headers = [
             ("Host", host_header),
             ("Accept", "application/json"),
@@ -210,12 +219,14 @@ class Http11Pool:
             ("User-Agent", "batchspec-engine"),
             *(headers or {}).items(),
         ]
-        if self.proxy is not None and self.proxy.authorization is not None:
+        if forwarded and self.proxy is not None and self.proxy.authorization is not None:
             self._headers.append(("Proxy-Authorization", self.proxy.authorization))
         self._max_connections = max_connections
         self._idle: list[_Connection] = []
         self._slots: asyncio.Semaphore | None = None
-        self._ssl: ssl.SSLContext | None = _tls_context() if self._tls else None
+        self._ssl: ssl.SSLContext | None = None
+        if self._tls:
+            self._ssl = ssl_context or _tls_context()
 
     async def post(self, target: str, body: bytes) -> Http11Response:
         if self._slots is None:
@@ -253,19 +264,71 @@ class Http11Pool:
         if self.proxy is not None:
             host, port = self.proxy.host, self.proxy.port
         try:
-            reader, writer = await asyncio.open_connection(
-                host,
-                port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._tls else None,
-                limit=READ_CHUNK * 4,
-            )
+            if self._tunnel:
+                sock = await self._connect_tunnel(host, port)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=self._ssl, server_hostname=self._host, limit=READ_CHUNK * 4
+                )
+            else:
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None,
+                    limit=READ_CHUNK * 4,
+                )
         except OSError as err:
-            via = " (the proxy from HTTP_PROXY)" if self.proxy is not None else ""
+            via = ""
+            if self.proxy is not None:
+                via = f" (the proxy from {'HTTPS' if self._tls else 'HTTP'}_PROXY)"
             raise ConnectFailed(
                 f"cannot connect to {host}:{port}{via} ({err.strerror or err})"
             ) from err
         return _Connection(reader, writer)
+
+    async def _connect_tunnel(self, proxy_host: str, proxy_port: int) -> socket.socket:
+        """A socket to the proxy on which ``CONNECT`` to the origin succeeded (TLS not begun).
+
+        Done on the bare socket so the TLS handshake can start on it afterwards (Python 3.10
+        streams cannot start TLS on an open connection); a 2xx answer to CONNECT has no body,
+        and the origin sends nothing before our TLS hello, so reading up to the blank line
+        never takes a byte of the tunnel.
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {proxy_host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+                break
+            except OSError as err:
+                sock.close()
+                error = err
+        else:
+            raise error
+        try:
+            authority = f"{self._host}:{self._port}"
+            auth = self.proxy.authorization if self.proxy is not None else None
+            head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            if auth is not None:
+                head += f"Proxy-Authorization: {auth}\r\n"
+            await loop.sock_sendall(sock, (head + "\r\n").encode("latin-1"))
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await loop.sock_recv(sock, 1)  # byte by byte: never past the head
+                if not chunk or len(answer) > 16 * 1024:
+                    raise OSError("the proxy closed the connection during CONNECT")
+                answer += chunk
+            status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = status_line.split(" ", 2)
+            if len(parts) < 2 or not parts[1].startswith("2"):
+                raise OSError(f"the proxy answered CONNECT {authority} with {status_line!r}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
