@@ -241,7 +241,7 @@ def test_waiting_for_a_rate_limit_does_not_count_against_the_request_timeout():
 def test_requests_are_spread_least_in_flight_first(tmp_path):
     """Both upstreams serve; the slow one never holds more than its share of in-flight slots."""
     fast = start_recording_upstream(latency=0.005)
-    slow = start_recording_upstream(latency=0.25)
+    slow = start_recording_upstream(latency=0.4)
     rotation = make_upstreams([fast.v1, slow.v1])
     server = start_server(tmp_path / "engine", upstream=rotation, concurrency=4)
     try:
@@ -310,8 +310,9 @@ def test_rpm_limit_is_honoured_at_the_upstream(tmp_path):
     assert done.status == "completed" and done.request_counts.completed == 10
     arrivals = sorted(upstream.arrivals)
     most = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
-    # 2 at once (one second's worth) + 2 a second, and 1 of slack for scheduling jitter
-    assert most <= 5, arrivals
+    # 2 at once (one second's worth) + 2 a second, and 2 of slack for loopback jitter;
+    # without the limit all 10 arrive within a fraction of a second
+    assert most <= 6, arrivals
 
 
 # -- batchspec serve --------------------------------------------------------------------------
