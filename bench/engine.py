@@ -14,7 +14,8 @@ The two-upstream case (scale-out, ``balancer.py``) starts two such upstreams tha
 at most ``--slots`` requests at once (more wait in a queue, like a model server's batch
 slots), so each one's theoretical capacity is slots ÷ latency; the engine gets both
 (``--upstream A --upstream B``) and twice as many requests in flight as all the slots, and
-the figure is its execution rate against the sum of both capacities (target: ≥ 0.9).
+the figure is its execution rate against the sum of both capacities (target: ≥ 0.9). A
+reference run follows: one upstream with all the slots, no rotation, same concurrency.
 
     .venv/bin/python bench/engine.py                      # concurrency 32 and 8, then two upstreams
     .venv/bin/python bench/engine.py --requests 2000 --concurrency 16 --case single
@@ -317,6 +318,20 @@ def two_upstreams_case(args: argparse.Namespace, tmp: Path, input_path: Path) ->
     print(
         f"end-to-end {rates['end_to_end']:,.0f} req/s, execution {rates['execution']:,.0f} "
         f"req/s = {ratio:.2f} x capacity ({verdict} the 0.9 target)"
+    )
+    # the same capacity in one upstream, no rotation: what the engine reaches on this machine
+    proc, url = start_upstream(args.latency, 2 * slots)
+    try:
+        engine, base_url = start_engine(tmp / "engine-one", [url], concurrency)
+        try:
+            reference = run_once(base_url, input_path)
+        finally:
+            stop(engine)
+    finally:
+        stop(proc)
+    print(
+        f"reference, one upstream of {2 * slots} slots (no rotation): execution "
+        f"{reference['execution']:,.0f} req/s = {reference['execution'] / capacity:.2f} x"
     )
 
 
