@@ -235,6 +235,22 @@ def test_waiting_for_a_rate_limit_does_not_count_against_the_request_timeout():
     assert [a.status_code for a in asyncio.run(run())] == [200] * 4
 
 
+def test_the_worker_leaves_the_timeout_to_the_rotation(tmp_path):
+    """In the engine, lines queued behind an rpm limit do not time out (one attempt, 0.3 s)."""
+    rotation = BalancedUpstream(
+        [(BuiltinUpstream(), UpstreamTarget("builtin", rpm=240))], request_timeout=0.3
+    )
+    server = start_server(
+        tmp_path / "engine", upstream=rotation, concurrency=8, request_timeout=0.3, max_attempts=1
+    )
+    try:
+        client, batch = _run_batch(server, 8)
+        done = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        server.stop()
+    assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+
+
 # -- the rotation in the engine, over loopback -----------------------------------------------
 
 
