@@ -167,3 +167,64 @@ def wait_for_batch(client: Any, batch_id: str, *, timeout: float = 15.0) -> Any:
 
 def read_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat upstreams that record when requests arrive and how many overlap (rotation tests)
+
+
+@dataclass
+class RecordingUpstream:
+    """A chat-completions stand-in on loopback that records arrivals and overlap."""
+
+    base_url: str
+    background: BackgroundServer
+    arrivals: list[float]  # time.monotonic() of each request's arrival
+    peak: list[int]  # [requests in flight now, most ever in flight at once]
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.peak[1]
+
+    def stop(self) -> None:
+        self.background.stop()
+
+
+def start_recording_upstream(*, latency: float = 0.0, port: int = 0) -> RecordingUpstream:
+    """``standin_app``'s answers after ``latency`` s, on ``port`` (0: a free one)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from batchspec.engine.upstreams import answer
+
+    arrivals: list[float] = []
+    peak = [0, 0]
+
+    async def endpoint(request: Request) -> JSONResponse:
+        arrivals.append(time.monotonic())
+        peak[0] += 1
+        peak[1] = max(peak)
+        try:
+            body = json.loads(await request.body())
+            if latency > 0:
+                await asyncio.sleep(latency)
+            result = answer(request.url.path, body)
+            return JSONResponse(result.body, status_code=result.status_code)
+        finally:
+            peak[0] -= 1
+
+    app = Starlette(routes=[Route("/v1/{path:path}", endpoint, methods=["POST"])])
+    background = start_in_thread(app, port=port)
+    return RecordingUpstream(background.base_url, background, arrivals, peak)

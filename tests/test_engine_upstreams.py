@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import os
+import ssl
+from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
+from batchspec.engine.http11 import Http11Pool, proxy_for
 from batchspec.engine.server import start_in_thread
-from batchspec.engine.upstreams import answer
+from batchspec.engine.upstreams import UpstreamNotConnected, answer
 from batchspec.errors import BatchspecError, UsageError
 
 
@@ -226,3 +232,223 @@ def test_http_pool_retries_a_stale_keep_alive_connection_once():
     first, second = asyncio.run(run())
     assert first.body == second.body == {"ok": True}
     assert [json.loads(b)["n"] for b in received] == [1, 2]
+
+
+class ForwardProxy:
+    """A loopback HTTP forward proxy: absolute-form requests in, origin-form requests out."""
+
+    def __init__(self, *, refuse_connect: bool = False) -> None:
+        self.seen: list[tuple[str, str | None]] = []  # (request target, Proxy-Authorization)
+        self.refuse_connect = refuse_connect
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]
+                method, target, version = request_line.split(" ")
+                headers = dict(line.split(": ", 1) for line in header_lines)
+                lowered = {k.lower(): v for k, v in headers.items()}
+                body = await reader.readexactly(int(lowered.get("content-length", "0")))
+                self.seen.append((target, lowered.get("proxy-authorization")))
+                if method == "CONNECT":
+                    await self.tunnel(target, reader, writer)
+                    return
+                origin = urlsplit(target)
+                assert origin.scheme == "http", target  # absolute form, or this is no proxy
+                up_reader, up_writer = await asyncio.open_connection(origin.hostname, origin.port)
+                kept = "".join(
+                    f"{k}: {v}\r\n"
+                    for k, v in headers.items()
+                    if k.lower() not in ("proxy-authorization", "connection")
+                )
+                path = origin.path + (f"?{origin.query}" if origin.query else "")
+                up_writer.write(
+                    f"{method} {path} {version}\r\n{kept}Connection: close\r\n\r\n".encode() + body
+                )
+                answer = await up_reader.read()  # the origin closes after one answer
+                up_writer.close()
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.split(b"\r\n\r\n")[0].lower():
+                    return
+        finally:
+            writer.close()
+
+    async def tunnel(
+        self, authority: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.refuse_connect:
+            writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            return
+        host, port = authority.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def _through_proxy(upstream_url: str) -> tuple[object, ForwardProxy]:
+    proxy = ForwardProxy()
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    os.environ["HTTP_PROXY"] = f"http://user:pa%3Ass@127.0.0.1:{port}"
+    try:
+        upstream = HttpUpstream(upstream_url)
+        try:
+            answers = [
+                await upstream.send("/v1/chat/completions", {"n": i}, custom_id=str(i), attempt=0)
+                for i in range(3)
+            ]
+        finally:
+            await upstream.aclose()
+    finally:
+        server.close()
+    return answers, proxy
+
+
+def test_http_upstream_goes_through_http_proxy_with_its_credentials(monkeypatch):
+    """HTTP_PROXY carries every request, in absolute form, with Proxy-Authorization."""
+    server = start_in_thread(_echo_app())
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "")  # restored by monkeypatch after the test
+    try:
+        answers, proxy = asyncio.run(_through_proxy(f"{server.base_url}/v1"))
+    finally:
+        server.stop()
+    assert [a.body["body"]["n"] for a in answers] == [0, 1, 2]
+    expected_auth = "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    assert proxy.seen == [(f"{server.base_url}/v1/chat/completions", expected_auth)] * 3
+    assert all(a.body["auth"] is None for a in answers)  # the proxy's key stays with the proxy
+
+
+@pytest.mark.parametrize(
+    "no_proxy", [pytest.param("127.0.0.1", id="host"), pytest.param("*", id="star")]
+)
+def test_no_proxy_sends_requests_directly(monkeypatch, no_proxy):
+    """A host NO_PROXY names is reached directly: the proxy sees nothing."""
+    server = start_in_thread(_echo_app())
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    monkeypatch.setenv("HTTP_PROXY", "")
+    try:
+        answers, proxy = asyncio.run(_through_proxy(f"{server.base_url}/v1"))
+    finally:
+        server.stop()
+    assert [a.body["body"]["n"] for a in answers] == [0, 1, 2]
+    assert proxy.seen == []
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "proxied"),
+    [
+        pytest.param("http://gpu1:8000/v1", {"http_proxy": "http://p:3128"}, True, id="lower"),
+        pytest.param("http://gpu1:8000/v1", {"HTTP_PROXY": "p:3128"}, True, id="no-scheme"),
+        pytest.param("https://api.x/v1", {"HTTPS_PROXY": "http://p:3128"}, True, id="https"),
+        pytest.param("https://api.x/v1", {"HTTP_PROXY": "http://p:3128"}, False, id="per-scheme"),
+        pytest.param(
+            "http://gpu1.lan:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "lan"},
+            False,
+            id="suffix",
+        ),
+        pytest.param("http://gpu1:8000/v1", {}, False, id="unset"),
+    ],
+)
+def test_proxy_for_reads_the_proxy_variables(url, environ, proxied):
+    """HTTP_PROXY/HTTPS_PROXY (any case, scheme optional) per URL scheme; NO_PROXY suffixes win."""
+    proxy = proxy_for(url, environ)
+    assert (proxy is not None) == proxied
+    if proxy is not None:
+        assert (proxy.host, proxy.port) == ("p", 3128)
+
+
+async def _tls_origin(ca: trustme.CA) -> asyncio.base_events.Server:
+    """A keep-alive HTTPS origin on 127.0.0.1 answering every POST with its body, echoed."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                answer = json.dumps({"echo": json.loads(body), "head": head.decode()}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer))
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+
+
+def test_https_upstream_goes_through_a_connect_tunnel(monkeypatch):
+    """HTTPS_PROXY: one CONNECT per connection with the proxy's credentials, TLS end to end."""
+    ca = trustme.CA()
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def run():
+        origin = await _tls_origin(ca)
+        proxy = ForwardProxy()
+        proxy_server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        proxy_port = proxy_server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://user:pw@127.0.0.1:{proxy_port}")
+        origin_port = origin.sockets[0].getsockname()[1]
+        pool = Http11Pool(
+            f"https://127.0.0.1:{origin_port}", max_connections=1, ssl_context=client_context
+        )
+        try:
+            answers = [await pool.post("/v1/chat/completions", b'{"n": %d}' % i) for i in range(3)]
+        finally:
+            await pool.aclose()
+            proxy_server.close()
+            origin.close()
+        return answers, proxy, origin_port
+
+    answers, proxy, origin_port = asyncio.run(run())
+    assert [json.loads(a.body)["echo"]["n"] for a in answers] == [0, 1, 2]
+    heads = [json.loads(a.body)["head"] for a in answers]
+    assert all(h.startswith("POST /v1/chat/completions HTTP/1.1") for h in heads)
+    assert not any("proxy-authorization" in h.lower() for h in heads)  # never to the origin
+    expected_auth = "Basic " + base64.b64encode(b"user:pw").decode()
+    assert proxy.seen == [(f"127.0.0.1:{origin_port}", expected_auth)]  # one tunnel, kept
+
+
+def test_a_refused_connect_means_the_request_was_never_sent(monkeypatch):
+    """A proxy refusing CONNECT is a connect failure: safe to send the request elsewhere."""
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def run():
+        proxy = ForwardProxy(refuse_connect=True)
+        proxy_server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        monkeypatch.setenv(
+            "HTTPS_PROXY", f"http://127.0.0.1:{proxy_server.sockets[0].getsockname()[1]}"
+        )
+        upstream = HttpUpstream("https://api.example.invalid/v1")
+        try:
+            with pytest.raises(UpstreamNotConnected, match="403"):
+                await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+        finally:
+            await upstream.aclose()
+            proxy_server.close()
+        return proxy
+
+    proxy = asyncio.run(run())
+    assert proxy.seen == [("api.example.invalid:443", None)]

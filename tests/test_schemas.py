@@ -159,6 +159,31 @@ def test_metadata_limits_leave_room_for_the_reserved_keys() -> None:
         pytest.param(
             {"type": "local", "options": {"upstream": "ollama"}}, False, id="local-bad-upstream"
         ),
+        pytest.param(
+            {
+                "type": "local",
+                "options": {
+                    "upstreams": ["http://a:1/v1", {"url": "http://b:1/v1", "rpm": 60, "tpm": 9}]
+                },
+            },
+            True,
+            id="local-upstreams",
+        ),
+        pytest.param(
+            {"type": "local", "options": {"upstream": "builtin", "upstreams": ["http://a:1"]}},
+            False,
+            id="local-upstream-and-upstreams",
+        ),
+        pytest.param(
+            {"type": "local", "options": {"upstreams": [{"url": "http://a:1", "rpm": 0}]}},
+            False,
+            id="local-upstreams-zero-rpm",
+        ),
+        pytest.param(
+            {"type": "local", "options": {"upstreams": ["http://a:1#rpm=5"]}},
+            False,
+            id="local-upstreams-limits-belong-in-an-object",
+        ),
         pytest.param({"type": "openai", "apiKeyEnv": "sk-abc123"}, False, id="key-instead-of-name"),
         pytest.param({"type": "vertex"}, False, id="unknown-type"),
     ],

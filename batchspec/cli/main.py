@@ -201,11 +201,14 @@ def cli() -> None:
 )
 @click.option(
     "--upstream",
-    default="builtin",
+    default=["builtin"],
     show_default=True,
+    multiple=True,
     envvar="BATCHSPEC_UPSTREAM",
     help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
-    "'builtin' (an offline stand-in, not a model).",
+    "'builtin' (an offline stand-in, not a model). Repeat it to spread requests over "
+    "several (least in flight first; a failing one rests until it answers again); "
+    "URL#rpm=N,tpm=N limits one. The env var takes several, space-separated.",
 )
 @click.option(
     "--api-key-env",

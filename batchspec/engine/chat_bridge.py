@@ -34,6 +34,7 @@ class ChatBridge:
     ) -> None:
         self.inner = inner
         self.description = inner.description
+        self.times_requests: bool = getattr(inner, "times_requests", False)
         self._urls = urls
         self._to_chat = to_chat
         self._from_chat = from_chat

@@ -11,17 +11,32 @@ Scope, on purpose: POST with a JSON body to one origin; keep-alive connections r
 a request that fails on a *reused* connection before any response byte arrived is retried
 once on a fresh connection (the server had closed the idle connection); ``Accept-Encoding:
 identity`` so no decompression is needed; TLS with the system's (or certifi's) CA bundle.
-Proxy environment variables are not consulted. A cancelled request (the engine's timeout)
-closes its connection instead of returning it to the pool.
+A cancelled request (the engine's timeout) closes its connection instead of returning it to
+the pool. A connection that cannot be opened raises ``ConnectFailed`` (nothing was sent, so
+a caller may safely send the request elsewhere); any later failure raises its parent
+``ConnectionFailed`` (the server may have seen the request).
+
+Proxies, read from the environment when the pool is built (as curl, httpx and urllib do):
+an ``http://`` origin goes through ``HTTP_PROXY`` (or ``http_proxy``), an ``https://`` one
+through ``HTTPS_PROXY`` (``https_proxy``), unless ``NO_PROXY`` (``no_proxy``: comma-separated
+host suffixes, ``host:port``, or ``*``) names it. The proxy itself is reached over plain HTTP
+(an ``http://`` proxy URL; ``user:password`` in it is sent as ``Proxy-Authorization:
+Basic``). Through it, a plain-HTTP request is sent in absolute form (``POST
+http://host:port/path``); an HTTPS origin is reached by a ``CONNECT host:port`` tunnel per
+connection, inside which TLS runs end to end with the origin (the proxy sees no request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import socket
 import ssl
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 
@@ -39,6 +54,57 @@ class ConnectionFailed(Exception):
     """The upstream could not be reached or broke the connection."""
 
 
+class ConnectFailed(ConnectionFailed):
+    """No connection could be opened (refused, unresolvable, unreachable): nothing was sent."""
+
+
+@dataclass(frozen=True)
+class HttpProxy:
+    """A forward proxy reached over plain HTTP; ``authorization``: its Proxy-Authorization."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+
+def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy | None:
+    """The proxy ``HTTP(S)_PROXY``/``NO_PROXY`` choose for ``url``; None: connect directly.
+
+    ``environ`` defaults to the process environment, read through
+    ``urllib.request.getproxies_environment`` (either case; ``HTTP_PROXY`` is ignored there
+    when ``REQUEST_METHOD`` says the process is a CGI script).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if environ is None:
+        proxies = urllib.request.getproxies_environment()
+    else:
+        proxies = {
+            key[: -len("_proxy")].lower(): value
+            for key, value in environ.items()
+            if key.lower().endswith("_proxy") and value
+        }
+    proxy_url = proxies.get(parts.scheme)
+    if not proxy_url:
+        return None
+    if _bypassed(parts.hostname, parts.port, proxies.get("no", "")):
+        return None
+    if "://" not in proxy_url:
+        proxy_url = f"http://{proxy_url}"
+    proxy = urlsplit(proxy_url)
+    if proxy.scheme != "http" or not proxy.hostname:
+        raise ValueError(
+            f"{parts.scheme.upper()}_PROXY must be an http:// URL (got scheme "
+            f"{proxy.scheme!r}); proxies reached over TLS are not supported"
+        )
+    authorization = None
+    if proxy.username is not None:
+        pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return HttpProxy(proxy.hostname, proxy.port or 80, authorization)
+
+
 def _tls_context() -> ssl.SSLContext:
     try:
         import certifi  # httpx's CA bundle, when installed
@@ -46,6 +112,23 @@ def _tls_context() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:  # pragma: no cover - certifi ships with httpx
         return ssl.create_default_context()
+
+
+def _bypassed(hostname: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names the host: ``*``, the host, ``host:port``, or a suffix."""
+    hostname = hostname.lower()
+    with_port = f"{hostname}:{port}" if port is not None else hostname
+    for entry in no_proxy.split(","):
+        name = entry.strip().lstrip(".").lower()
+        if name == "*":
+            return True
+        if name and (
+            name in (hostname, with_port)
+            or hostname.endswith(f".{name}")
+            or with_port.endswith(f".{name}")
+        ):
+            return True
+    return False
 
 
 class _Connection:
@@ -103,14 +186,31 @@ class Http11Pool:
     """Keep-alive connections to the origin of ``base_url``; use from one event loop."""
 
     def __init__(
-        self, base_url: str, *, max_connections: int, headers: dict[str, str] | None = None
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        headers: dict[str, str] | None = None,
+        proxy: HttpProxy | None | bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``proxy``: True reads the environment (``proxy_for``); None or False: direct.
+
+        ``ssl_context`` replaces the default (system or certifi CAs) for https origins.
+        """
         parts = urlsplit(base_url)
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or (443 if self._tls else 80)
         default_port = (self._tls and self._port == 443) or (not self._tls and self._port == 80)
         host_header = self._host if default_port else f"{self._host}:{self._port}"
+        if proxy is True:
+            proxy = proxy_for(base_url)
+        self.proxy: HttpProxy | None = proxy or None
+        self._tunnel = self.proxy is not None and self._tls  # CONNECT, then TLS inside
+        forwarded = self.proxy is not None and not self._tls
+        # through a forwarding proxy, the target is the absolute URL (RFC 9112 3.2.2)
+        self._target_prefix = f"http://{host_header}" if forwarded else ""
         self._headers = [
             ("Host", host_header),
             ("Accept", "application/json"),
@@ -119,15 +219,20 @@ class Http11Pool:
             ("User-Agent", "batchspec-engine"),
             *(headers or {}).items(),
         ]
+        if forwarded and self.proxy is not None and self.proxy.authorization is not None:
+            self._headers.append(("Proxy-Authorization", self.proxy.authorization))
         self._max_connections = max_connections
         self._idle: list[_Connection] = []
         self._slots: asyncio.Semaphore | None = None
-        self._ssl: ssl.SSLContext | None = _tls_context() if self._tls else None
+        self._ssl: ssl.SSLContext | None = None
+        if self._tls:
+            self._ssl = ssl_context or _tls_context()
 
     async def post(self, target: str, body: bytes) -> Http11Response:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._max_connections)
         headers = [*self._headers, ("Content-Length", str(len(body)))]
+        target = self._target_prefix + target
         async with self._slots:
             for _ in range(2):
                 reused = bool(self._idle)
@@ -155,19 +260,75 @@ class Http11Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open(self) -> _Connection:
+        host, port = self._host, self._port
+        if self.proxy is not None:
+            host, port = self.proxy.host, self.proxy.port
         try:
-            reader, writer = await asyncio.open_connection(
-                self._host,
-                self._port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._tls else None,
-                limit=READ_CHUNK * 4,
-            )
+            if self._tunnel:
+                sock = await self._connect_tunnel(host, port)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=self._ssl, server_hostname=self._host, limit=READ_CHUNK * 4
+                )
+            else:
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None,
+                    limit=READ_CHUNK * 4,
+                )
         except OSError as err:
-            raise ConnectionFailed(
-                f"cannot connect to {self._host}:{self._port} ({err.strerror or err})"
+            via = ""
+            if self.proxy is not None:
+                via = f" (the proxy from {'HTTPS' if self._tls else 'HTTP'}_PROXY)"
+            raise ConnectFailed(
+                f"cannot connect to {host}:{port}{via} ({err.strerror or err})"
             ) from err
         return _Connection(reader, writer)
+
+    async def _connect_tunnel(self, proxy_host: str, proxy_port: int) -> socket.socket:
+        """A socket to the proxy on which ``CONNECT`` to the origin succeeded (TLS not begun).
+
+        Done on the bare socket so the TLS handshake can start on it afterwards (Python 3.10
+        streams cannot start TLS on an open connection); a 2xx answer to CONNECT has no body,
+        and the origin sends nothing before our TLS hello, so reading up to the blank line
+        never takes a byte of the tunnel.
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {proxy_host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+                break
+            except OSError as err:
+                sock.close()
+                error = err
+        else:
+            raise error
+        try:
+            authority = f"{self._host}:{self._port}"
+            auth = self.proxy.authorization if self.proxy is not None else None
+            head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            if auth is not None:
+                head += f"Proxy-Authorization: {auth}\r\n"
+            await loop.sock_sendall(sock, (head + "\r\n").encode("latin-1"))
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await loop.sock_recv(sock, 1)  # byte by byte: never past the head
+                if not chunk or len(answer) > 16 * 1024:
+                    raise OSError("the proxy closed the connection during CONNECT")
+                answer += chunk
+            status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = status_line.split(" ", 2)
+            if len(parts) < 2 or not parts[1].startswith("2"):
+                raise OSError(f"the proxy answered CONNECT {authority} with {status_line!r}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -31,8 +31,9 @@ from typing import Any
 import uvicorn
 
 from batchspec.engine.app import create_app
+from batchspec.engine.balancer import make_upstreams
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
-from batchspec.engine.upstreams import Faults, make_upstream
+from batchspec.engine.upstreams import Faults
 from batchspec.errors import BatchspecError
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
 
@@ -44,7 +45,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path("state/local")
-    upstream: str = "builtin"
+    upstreams: tuple[str, ...] = ("builtin",)  # several: a rotation (balancer.py)
     api_key_env: str | None = None
     upstream_api_key_env: str | None = None
     concurrency: int = 8
@@ -83,12 +84,13 @@ def read_api_key(env_name: str | None) -> str | None:
 
 def open_engine(options: ServeOptions) -> Engine:
     """The engine ``serve`` runs: upstream built from the options, not yet started."""
-    upstream = make_upstream(
-        options.upstream,
+    upstream = make_upstreams(
+        options.upstreams,
         api_key_env=options.upstream_api_key_env,
         latency=options.upstream_latency,
         faults=options.faults,
         max_connections=max(2 * options.concurrency, 16),
+        request_timeout=options.request_timeout,
     )
     return Engine(
         options.data_dir,
@@ -223,7 +225,7 @@ def serve_from_cli_options(
         host=opts["host"],
         port=opts["port"],
         data_dir=Path(opts["data_dir"]),
-        upstream=opts["upstream"],
+        upstreams=tuple(opts["upstream"]),
         api_key_env=opts["api_key_env"],
         upstream_api_key_env=opts["upstream_api_key_env"],
         concurrency=opts["concurrency"],

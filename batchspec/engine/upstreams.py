@@ -2,8 +2,10 @@
 
 - ``HttpUpstream``: any OpenAI-compatible base URL (vLLM, Ollama, llama.cpp, LM Studio, a
   LiteLLM proxy, OpenAI itself). A line's ``url`` and ``body`` are forwarded as they are, over
-  one keep-alive connection pool (``http11.py``); the API key comes from an environment
-  variable and is never logged or put in an error.
+  one keep-alive connection pool (``http11.py``, which honours ``HTTP_PROXY``/``NO_PROXY``);
+  the API key comes from an environment variable and is never logged or put in an error.
+  Several of them behind one rotation (least in flight first, failing ones taken out, per
+  upstream rate limits) are ``balancer.BalancedUpstream``.
 - ``BuiltinUpstream``: a deterministic **offline stand-in, not a model**. It answers chat,
   completions and responses with a reply derived from the prompt (prefixed ``[builtin
   stand-in]``) and realistic ``usage`` (about 4 characters per token), embeddings with a unit
@@ -36,7 +38,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from batchspec.engine import jsonfast
-from batchspec.engine.http11 import ConnectionFailed, Http11Pool
+from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.retry import retry_after_seconds
 
@@ -65,8 +67,16 @@ class UpstreamUnreachable(Exception):
     """The upstream could not be reached (connection refused, reset, DNS, protocol error)."""
 
 
+class UpstreamNotConnected(UpstreamUnreachable):
+    """No connection could be opened, so the request was never sent (safe to send elsewhere)."""
+
+
 class Upstream(Protocol):
-    """Sends one request line; the engine adds timeouts and retries around ``send``."""
+    """Sends one request line; the engine adds timeouts and retries around ``send``.
+
+    An upstream whose ``times_requests`` attribute is true applies the request timeout itself
+    (raising ``TimeoutError``), and the worker then does not (``balancer.BalancedUpstream``).
+    """
 
     description: str
 
@@ -104,11 +114,14 @@ class HttpUpstream:
         self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         self._path = parts.path.rstrip("/")
         self._strip_v1 = self._path.endswith("/v1")
-        self._pool = Http11Pool(
-            base_url,
-            max_connections=max_connections,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-        )
+        try:
+            self._pool = Http11Pool(
+                base_url,
+                max_connections=max_connections,
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+            )
+        except ValueError as err:  # an unusable HTTP_PROXY
+            raise UsageError(f"Upstream {self.description}: {err}.") from None
 
     def target(self, url: str) -> str:
         """The request target (path) a line's ``url`` is sent to."""
@@ -120,6 +133,8 @@ class HttpUpstream:
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
         try:
             response = await self._pool.post(self.target(url), jsonfast.dumps(body))
+        except ConnectFailed as err:
+            raise UpstreamNotConnected(str(err)) from err
         except ConnectionFailed as err:
             raise UpstreamUnreachable(str(err)) from err
         try:

@@ -19,6 +19,8 @@ Invariants:
   again (the upstream gives no way to ask whether it saw a request).
 - A clean stop (``stop``) sends no new lines, lets in-flight ones finish for up to
   ``drain_timeout`` seconds, commits, and leaves batches ``in_progress`` to resume.
+- Each attempt is timed by ``request_timeout`` (by the upstream itself when it says
+  ``times_requests``: a rotation does not count its wait for a rate limit).
 - Retries follow ``WorkerSettings.retry`` (``batchspec.wire.retry``, ``UPSTREAM_POLICY`` by
   default): 408, 429 and 5xx answers, timeouts and connection failures are retried up to
   ``max_attempts`` in all, after ``Retry-After`` when the upstream sent one, else exponential
@@ -383,12 +385,14 @@ class Worker:
         record_id = request_record_id(batch_id, line)
         failure: UpstreamResponse | tuple[str, str] = ("request_failed", "not attempted")
         policy = settings.retry
+        # a rotation (balancer.py) times each send itself, after any wait for a rate limit
+        times_itself = getattr(self.upstream, "times_requests", False)
         for attempt in range(policy.max_attempts):
             retry_after: float | None = None
             try:
-                response = await _within(
-                    self.upstream.send(url, body, custom_id=custom_id, attempt=attempt),
-                    settings.request_timeout,
+                sending = self.upstream.send(url, body, custom_id=custom_id, attempt=attempt)
+                response = await (
+                    sending if times_itself else _within(sending, settings.request_timeout)
                 )
             except (asyncio.TimeoutError, TimeoutError):
                 failure = (

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from batchspec.engine import Engine, EngineError, Upstream, make_upstream
+from batchspec.engine import Engine, EngineError, Upstream, UpstreamTarget, make_upstreams
 from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     RemoteBatch,
@@ -40,7 +40,9 @@ class LocalProvider:
     """A ``Provider`` over the in-process engine storing its data in ``data_dir``.
 
     ``upstream`` is ``"builtin"``, an OpenAI-compatible base URL (key from
-    ``upstream_api_key_env``) or an ``Upstream`` object; ``engine_kwargs`` go to ``Engine``.
+    ``upstream_api_key_env``), a list of those (``URL`` strings, optionally ``URL#rpm=…``, or
+    ``UpstreamTarget``: a rotation, see ``batchspec.engine.balancer``) or an ``Upstream``
+    object; ``engine_kwargs`` go to ``Engine``.
     """
 
     def __init__(
@@ -48,7 +50,7 @@ class LocalProvider:
         name: str,
         data_dir: Path,
         *,
-        upstream: str | Upstream = "builtin",
+        upstream: str | Sequence[str | UpstreamTarget] | Upstream = "builtin",
         upstream_api_key_env: str | None = None,
         concurrency: int = 8,
         **engine_kwargs: Any,
@@ -74,15 +76,16 @@ class LocalProvider:
     def engine(self) -> Engine:
         """The running engine, opened and started on first use."""
         if self._engine is None:
-            upstream = (
-                make_upstream(
-                    self._upstream_spec,
+            spec = self._upstream_spec
+            if isinstance(spec, (str, list, tuple)):
+                upstream = make_upstreams(
+                    [spec] if isinstance(spec, str) else spec,
                     api_key_env=self._upstream_api_key_env,
                     max_connections=max(2 * self._concurrency, 16),
+                    request_timeout=float(self._engine_kwargs.get("request_timeout", 60.0)),
                 )
-                if isinstance(self._upstream_spec, str)
-                else self._upstream_spec
-            )
+            else:
+                upstream = cast("Upstream", spec)
             self._engine = Engine(
                 self.data_dir, upstream, concurrency=self._concurrency, **self._engine_kwargs
             ).start()

@@ -243,13 +243,22 @@ def build_mistral_provider(
 
 def build_local_provider(config: ProviderConfig, *, project_root: Path) -> Provider:
     """The embedded engine, in-process, with its data under the project (``state/local``)."""
+    from batchspec.engine import UpstreamTarget
     from batchspec.providers.local import LocalProvider  # the engine is heavy: import on use
 
     options: Mapping[str, Any] = config.options or {}
+    upstream: str | list[str | UpstreamTarget] = str(options.get("upstream", "builtin"))
+    if options.get("upstreams"):  # a rotation: URLs, or {url, rpm, tpm}
+        upstream = [
+            item
+            if isinstance(item, str)
+            else UpstreamTarget(str(item["url"]), rpm=item.get("rpm"), tpm=item.get("tpm"))
+            for item in options["upstreams"]
+        ]
     provider: Provider = LocalProvider(
         config.name,
         data_dir=project_root / str(options.get("dataDir", "state/local")),
-        upstream=str(options.get("upstream", "builtin")),
+        upstream=upstream,
         upstream_api_key_env=options.get("upstreamApiKeyEnv"),
         concurrency=int(options.get("concurrency", 4)),  # the project schema's default
     )

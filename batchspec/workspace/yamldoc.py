@@ -652,6 +652,9 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         return f"{quote(value)} is {len(value)} characters long, at most {expected} allowed"
     if kind == "minLength":
         return "must not be empty"
+    if kind == "not" and isinstance(expected, Mapping) and list(expected) == ["required"]:
+        keys = " and ".join(f"'{k}'" for k in expected["required"])
+        return f"{keys} exclude each other: keep one of them"
     if kind == "maxProperties":
         tail = ""
         if pointer == "/spec/metadata":

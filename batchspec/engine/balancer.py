@@ -1,0 +1,419 @@
+"""Several upstreams behind one: the engine's scale-out over a team's own model servers.
+
+``BalancedUpstream`` is an ``Upstream`` that sends each request to one of its members
+(``batchspec serve --upstream URL --upstream URL …``, or a ``local`` provider's
+``upstreams:``). The rules, in the order they are applied to each request:
+
+1. **Rotation.** A member is *in rotation* unless it failed and its back-off has not passed.
+   Among members in rotation whose rate limits admit the request now, the one with the
+   fewest requests in flight is chosen; ties go round robin (the member after the last one
+   chosen comes first).
+2. **Rate limits.** A member may have ``rpm`` (requests per minute) and ``tpm`` (tokens per
+   minute) limits, each a token bucket refilled continuously at ``limit / 60`` per second that
+   holds at most one second's worth (at least one request's cost): so any window of ``T``
+   seconds sees at most ``limit × T / 60`` plus that one second's worth. A request may start
+   when each bucket holds its cost (or is full), and takes its cost, possibly leaving the
+   bucket in debt that later requests wait out. When no member in rotation admits a request,
+   it waits for the first that will; that wait is not part of the request timeout.
+   The TPM cost is *estimated* before sending (the body's JSON length ÷ 4, plus its
+   ``max_tokens``/``max_completion_tokens``/``max_output_tokens``) and *settled* when the
+   answer reports ``usage`` (the difference is taken or given back), so over time the bucket
+   counts the tokens the upstream reported.
+3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, no answer
+   within the request timeout) is taken out of rotation for a back-off of ``backoff_initial``
+   seconds, doubling with each further failure up to ``backoff_max`` (failures of requests
+   sent before it was taken out are the same outage and do not lengthen it). When its back-off has
+   passed, it gets one request (the *probe*) and no other until that one ends: an answer
+   below 500 puts it back in rotation, a failure takes it out again for longer.
+4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
+   sent at once to the next member, each member at most once, without using an attempt: the
+   upstream never saw it. A request that failed after it was sent (reset, 5xx, timeout) is
+   not re-sent here: the failure goes back to the engine's worker, whose retry policy
+   (``wire/retry.py``: 5xx, 408, 429, timeouts and connection failures, with back-off)
+   decides, exactly as with one upstream; its next attempt goes to a member in rotation.
+5. **All out.** When every member is out of rotation, the one due back first is tried anyway
+   (then the others, as in 4), so with every server down a batch fails its lines after the
+   worker's attempts, as it does with one upstream, instead of waiting forever.
+
+The balancer applies the request timeout itself (``times_requests``), per send to a member,
+so time spent waiting for a rate limit never counts against it. ``status()`` is a snapshot
+of every member (in flight, failures, in rotation) for logs and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from batchspec.engine import jsonfast
+from batchspec.engine.upstreams import (
+    Faults,
+    FaultyUpstream,
+    Upstream,
+    UpstreamNotConnected,
+    UpstreamResponse,
+    UpstreamUnreachable,
+    make_upstream,
+)
+from batchspec.errors import UsageError
+
+log = logging.getLogger("batchspec.engine")
+Clock = Callable[[], float]
+T = TypeVar("T")
+DEFAULT_BACKOFF_INITIAL = 1.0
+DEFAULT_BACKOFF_MAX = 30.0
+_LIMIT_KEYS = ("rpm", "tpm")
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """One upstream of a rotation: ``builtin`` or a base URL, with optional rate limits."""
+
+    url: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+def parse_target(spec: str) -> UpstreamTarget:
+    """``URL`` or ``URL#rpm=600,tpm=90000`` (the CLI form) as an ``UpstreamTarget``.
+
+    The fragment of a URL is never sent to a server, so it can carry the limits.
+    """
+    base, _, fragment = spec.partition("#")
+    limits: dict[str, int] = {}
+    for key, value in parse_qsl(fragment.replace(",", "&"), keep_blank_values=True):
+        if key not in _LIMIT_KEYS:
+            raise UsageError(
+                f"Upstream {_shown(spec)!r}: unknown limit {key!r} after '#'; "
+                "use e.g. http://gpu1:8000/v1#rpm=600,tpm=90000."
+            )
+        try:
+            limits[key] = int(value)
+        except ValueError:
+            limits[key] = 0
+        if limits[key] < 1:
+            raise UsageError(
+                f"Upstream {_shown(spec)!r}: {key} must be a whole number of at least 1."
+            )
+    return UpstreamTarget(base, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
+
+
+def _shown(spec: str) -> str:
+    """A spec without any credentials in its URL."""
+    parts = urlsplit(spec)
+    if parts.hostname is None:
+        return spec
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+
+
+class RateBucket:
+    """A token bucket refilled at ``per_minute / 60`` a second, holding one second's worth.
+
+    ``wait(cost)`` is how long until a request of ``cost`` may start (0: now); ``take(cost)``
+    spends it, possibly into debt; ``give(amount)`` returns (or, negative, takes) tokens.
+    """
+
+    def __init__(self, per_minute: int, *, clock: Clock = time.monotonic) -> None:
+        if per_minute < 1:
+            raise ValueError("a rate limit must be at least 1 per minute")
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate, 1.0)
+        self._clock = clock
+        self._level = self.capacity
+        self._at = clock()
+
+    def level(self) -> float:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        return self._level
+
+    def wait(self, cost: float) -> float:
+        need = min(cost, self.capacity)
+        missing = need - self.level()
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def take(self, cost: float) -> None:
+        self._level = self.level() - cost
+
+    def give(self, amount: float) -> None:
+        self._level = min(self.capacity, self.level() + amount)
+
+
+def estimated_tokens(body: Any, body_bytes: int) -> int:
+    """A request's TPM cost before sending: its JSON length ÷ 4 plus its output-token cap."""
+    cap = 0
+    if isinstance(body, dict):
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = body.get(key)
+            if isinstance(value, int) and value > 0:
+                cap = value
+                break
+    return math.ceil(body_bytes / 4) + cap
+
+
+def reported_tokens(body: Any) -> int | None:
+    """``usage.total_tokens`` (or input + output) of an answer, None when it reports none."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and total >= 0:
+        return total
+    parts = [
+        usage.get(key)
+        for key in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+    ]
+    counted = [p for p in parts if isinstance(p, int) and p >= 0]
+    return sum(counted) if counted else None
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One member of a rotation as ``BalancedUpstream.status()`` sees it."""
+
+    description: str
+    in_flight: int
+    sent: int
+    failures: int  # consecutive failures; 0 when in rotation
+    in_rotation: bool
+
+
+class _Member:
+    def __init__(self, upstream: Upstream, target: UpstreamTarget | None, clock: Clock) -> None:
+        self.upstream = upstream
+        self.description = upstream.description
+        self.rpm = RateBucket(target.rpm, clock=clock) if target and target.rpm else None
+        self.tpm = RateBucket(target.tpm, clock=clock) if target and target.tpm else None
+        self.in_flight = 0
+        self.sent = 0
+        self.failures = 0
+        self.out_until = 0.0
+        self.probing = False
+
+    def available(self, now: float) -> bool:
+        """In rotation, or due for its probe (back-off passed, no probe in flight)."""
+        return self.failures == 0 or (now >= self.out_until and not self.probing)
+
+    def admission_wait(self, tokens: int) -> float:
+        waits = [0.0]
+        if self.rpm is not None:
+            waits.append(self.rpm.wait(1))
+        if self.tpm is not None:
+            waits.append(self.tpm.wait(tokens))
+        return max(waits)
+
+    def take(self, tokens: int) -> None:
+        if self.rpm is not None:
+            self.rpm.take(1)
+        if self.tpm is not None:
+            self.tpm.take(tokens)
+
+    def give_back(self, tokens: int) -> None:
+        if self.rpm is not None:
+            self.rpm.give(1)
+        if self.tpm is not None:
+            self.tpm.give(tokens)
+
+
+class BalancedUpstream:
+    """Members behind one ``Upstream`` (the rules are in the module docstring)."""
+
+    times_requests = True  # the worker leaves the request timeout to ``send``
+
+    def __init__(
+        self,
+        members: Sequence[Upstream | tuple[Upstream, UpstreamTarget]],
+        *,
+        request_timeout: float = 60.0,
+        backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if not members:
+            raise ValueError("a rotation needs at least one upstream")
+        self._clock = clock
+        self._members = [
+            _Member(m[0], m[1], clock) if isinstance(m, tuple) else _Member(m, None, clock)
+            for m in members
+        ]
+        self._counts_tokens = any(m.tpm is not None for m in self._members)
+        self._turn = 0
+        self.request_timeout = request_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.description = " + ".join(m.description for m in self._members)
+
+    def status(self) -> list[MemberStatus]:
+        now = self._clock()
+        return [
+            MemberStatus(m.description, m.in_flight, m.sent, m.failures, m.available(now))
+            for m in self._members
+        ]
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    def _choose(self, tried: set[int], tokens: int) -> tuple[int | None, float]:
+        """The member to send to now, or None and how long to wait (inf: every one tried)."""
+        now = self._clock()
+        count = len(self._members)
+        order = [(self._turn + k) % count for k in range(count)]
+        untried = [i for i in order if i not in tried]
+        if not untried:
+            return None, math.inf
+        ready = [i for i in untried if self._members[i].available(now)]
+        if not ready:  # every untried one is out: the one due back first, anyway
+            ready = [min(untried, key=lambda i: self._members[i].out_until)]
+        best: int | None = None
+        soonest = math.inf
+        for i in ready:  # in round-robin order, so the first of equals wins
+            wait = self._members[i].admission_wait(tokens)
+            if wait > 0:
+                soonest = min(soonest, wait)
+            elif best is None or self._members[i].in_flight < self._members[best].in_flight:
+                best = i
+        return best, soonest
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        tokens = 0
+        if self._counts_tokens:
+            tokens = estimated_tokens(body, len(jsonfast.dumps(body)))
+        tried: set[int] = set()
+        last_error: UpstreamUnreachable | None = None
+        while True:
+            index, wait = self._choose(tried, tokens)
+            if index is None:
+                if math.isinf(wait):
+                    assert last_error is not None
+                    raise last_error
+                await asyncio.sleep(wait)
+                continue
+            member = self._members[index]
+            self._turn = (index + 1) % len(self._members)
+            try:
+                return await self._send_to(member, url, body, custom_id, attempt, tokens)
+            except UpstreamNotConnected as err:  # never sent: the next member, same attempt
+                tried.add(index)
+                last_error = err
+
+    async def _send_to(
+        self, member: _Member, url: str, body: Any, custom_id: str, attempt: int, tokens: int
+    ) -> UpstreamResponse:
+        member.take(tokens)
+        member.in_flight += 1
+        member.sent += 1
+        probe = member.failures > 0
+        member.probing = member.probing or probe
+        try:
+            response = await _within(
+                member.upstream.send(url, body, custom_id=custom_id, attempt=attempt),
+                self.request_timeout,
+            )
+        except UpstreamNotConnected:
+            member.give_back(tokens)
+            member.sent -= 1
+            self._failed(member)
+            raise
+        except (UpstreamUnreachable, asyncio.TimeoutError, TimeoutError):
+            self._failed(member)
+            raise
+        finally:
+            member.in_flight -= 1
+            if probe:
+                member.probing = False
+        if response.status_code >= 500:
+            self._failed(member)
+        elif member.failures:
+            member.failures = 0
+            log.info("upstream %s answers again: back in rotation", member.description)
+        if member.tpm is not None:
+            reported = reported_tokens(response.body)
+            if reported is not None:
+                member.tpm.give(tokens - reported)
+        return response
+
+    def _failed(self, member: _Member) -> None:
+        now = self._clock()
+        if member.failures and now < member.out_until:
+            return  # a request sent before it was taken out: the same outage, no longer rest
+        member.failures += 1
+        backoff = min(self.backoff_initial * 2.0 ** (member.failures - 1), self.backoff_max)
+        member.out_until = now + backoff
+        log.warning(
+            "upstream %s failed (%d in a row): out of rotation for %.1f s",
+            member.description,
+            member.failures,
+            backoff,
+        )
+
+    async def aclose(self) -> None:
+        for member in self._members:
+            await member.upstream.aclose()
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
+
+
+def make_upstreams(
+    specs: Sequence[str | UpstreamTarget],
+    *,
+    api_key_env: str | None = None,
+    max_connections: int = 64,
+    request_timeout: float = 60.0,
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
+    backoff_max: float = DEFAULT_BACKOFF_MAX,
+    latency: float = 0.0,
+    faults: Faults | None = None,
+) -> Upstream:
+    """The upstream for one or more specs (``URL``, ``URL#rpm=…,tpm=…``, ``builtin``).
+
+    One spec without limits is exactly ``make_upstream(spec)``, as before rotations existed;
+    anything else is a ``BalancedUpstream`` (every member reads its key from ``api_key_env``;
+    ``latency`` delays a builtin member, ``faults`` are injected in front of the rotation).
+    """
+    targets = [parse_target(s) if isinstance(s, str) else s for s in specs]
+    if not targets:
+        raise UsageError("Name at least one upstream.")
+    if len(targets) == 1 and targets[0].rpm is None and targets[0].tpm is None:
+        return make_upstream(
+            targets[0].url,
+            api_key_env=api_key_env,
+            latency=latency,
+            faults=faults,
+            max_connections=max_connections,
+        )
+    seen: set[str] = set()
+    for target in targets:
+        if target.url in seen:
+            raise UsageError(f"Upstream {_shown(target.url)!r} is named twice.")
+        seen.add(target.url)
+    members = [
+        (
+            make_upstream(
+                t.url, api_key_env=api_key_env, latency=latency, max_connections=max_connections
+            ),
+            t,
+        )
+        for t in targets
+    ]
+    rotation = BalancedUpstream(
+        members,
+        request_timeout=request_timeout,
+        backoff_initial=backoff_initial,
+        backoff_max=backoff_max,
+    )
+    return rotation if faults is None else FaultyUpstream(rotation, faults)

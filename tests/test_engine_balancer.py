@@ -1,0 +1,396 @@
+"""A rotation of upstreams: spreading, failing over, probing back, rate limits, the CLI form."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from servers import (
+    jsonl_bytes,
+    read_jsonl,
+    request_lines,
+    start_recording_upstream,
+    start_server,
+    wait_for,
+    wait_for_batch,
+)
+
+from batchspec.engine import (
+    BalancedUpstream,
+    BuiltinUpstream,
+    Faults,
+    FaultyUpstream,
+    HttpUpstream,
+    UpstreamTarget,
+    make_upstreams,
+)
+from batchspec.engine.balancer import RateBucket, estimated_tokens, parse_target
+from batchspec.errors import UsageError
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run_batch(server, lines: int, *, prefix: str = "req", timeout: float = 60.0):
+    client = server.client()
+    file_id = client.files.create(
+        file=("in.jsonl", jsonl_bytes(request_lines(lines, prefix=prefix))), purpose="batch"
+    ).id
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    return client, batch
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- construction -----------------------------------------------------------------------------
+
+
+def test_one_upstream_without_limits_is_exactly_the_upstream_of_before():
+    """A single URL (or builtin) without limits builds the plain upstream, no rotation."""
+    assert type(make_upstreams(["http://127.0.0.1:1/v1"])) is HttpUpstream
+    assert type(make_upstreams(["builtin"])) is BuiltinUpstream
+    limited = make_upstreams(["http://127.0.0.1:1/v1#rpm=60"])
+    assert isinstance(limited, BalancedUpstream)
+    assert limited.description == "http://127.0.0.1:1/v1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [
+        pytest.param("http://h:1/v1", UpstreamTarget("http://h:1/v1"), id="plain"),
+        pytest.param(
+            "http://h:1/v1#rpm=600,tpm=90000",
+            UpstreamTarget("http://h:1/v1", rpm=600, tpm=90000),
+            id="both",
+        ),
+        pytest.param("builtin#tpm=5", UpstreamTarget("builtin", tpm=5), id="builtin"),
+    ],
+)
+def test_cli_form_carries_limits_in_the_fragment(spec, target):
+    """URL#rpm=N,tpm=N parses into the URL and its limits."""
+    assert parse_target(spec) == target
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param("http://u:secret@h:1/v1#rpm=0", id="zero"),
+        pytest.param("http://u:secret@h:1/v1#rpm=many", id="not-a-number"),
+        pytest.param("http://u:secret@h:1/v1#qps=3", id="unknown-key"),
+    ],
+)
+def test_bad_limits_are_usage_errors_that_hide_credentials(spec):
+    """A bad limit is a usage error naming the upstream without its password."""
+    with pytest.raises(UsageError) as raised:
+        parse_target(spec)
+    assert "secret" not in str(raised.value) and "h:1" in str(raised.value)
+
+
+def test_the_same_upstream_twice_is_refused():
+    """Naming one URL twice is a usage error (it would double its share and its limits)."""
+    with pytest.raises(UsageError, match="named twice"):
+        make_upstreams(["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1"])
+
+
+# -- token buckets (pure, on a fake clock) ---------------------------------------------------
+
+
+def test_rpm_bucket_allows_one_seconds_burst_then_the_rate():
+    """rpm=120: two at once, then one every half second; never more in any window."""
+    clock = FakeClock()
+    bucket = RateBucket(120, clock=clock)
+    starts = []
+    while len(starts) < 10:
+        wait = bucket.wait(1)
+        clock.now += wait
+        bucket.take(1)
+        starts.append(clock.now)
+    assert starts[:2] == [0.0, 0.0]
+    assert starts[2:] == pytest.approx([0.5 * k for k in range(1, 9)])
+
+
+def test_tpm_bucket_goes_into_debt_for_a_large_request_and_settles_with_usage():
+    """A request costlier than a second's worth may start on a full bucket; debt is waited out."""
+    clock = FakeClock()
+    bucket = RateBucket(600, clock=clock)  # 10 tokens a second, holds 10
+    assert bucket.wait(50) == 0.0  # more than the bucket holds: a full bucket lets it go
+    bucket.take(50)
+    assert bucket.wait(5) == pytest.approx(4.5)  # 40 in debt, then 5 more to gather
+    bucket.give(50 - 20)  # the answer reported 20 tokens, not the 50 estimated
+    assert bucket.wait(5) == pytest.approx(1.5)  # 10 in debt (10 held - 20 used), 5 more
+
+
+def test_tpm_estimate_is_json_length_over_four_plus_the_output_cap():
+    """The estimate before sending: body bytes / 4, plus max_tokens when given."""
+    assert estimated_tokens({"max_tokens": 100}, 40) == 110
+    assert estimated_tokens({"max_completion_tokens": 7}, 41) == 18
+    assert estimated_tokens({}, 8) == 2
+
+
+# -- the rotation, in-process ----------------------------------------------------------------
+
+
+def test_a_refused_connection_fails_over_at_once_and_rests_the_member():
+    """Nothing was sent to a refused upstream: the same attempt goes to the next one."""
+    dead = HttpUpstream(f"http://127.0.0.1:{_closed_port()}/v1")
+    alive = BuiltinUpstream()
+    rotation = BalancedUpstream([dead, alive], backoff_initial=60)
+
+    async def run():
+        answers = [await rotation.send(CHAT, BODY, custom_id=f"c{i}", attempt=0) for i in range(4)]
+        await rotation.aclose()
+        return answers
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * 4
+    assert sum(alive.calls.values()) == 4
+    dead_status, alive_status = rotation.status()
+    assert (dead_status.failures, dead_status.in_rotation) == (1, False)  # tried once only
+    assert alive_status.in_rotation
+
+
+def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member():
+    """A request the upstream may have processed is never re-sent by the rotation itself."""
+    failing = FaultyUpstream(BuiltinUpstream(), Faults(error_500=1.0))
+    other = BuiltinUpstream()
+    rotation = BalancedUpstream([failing, other], backoff_initial=60)
+
+    async def run():
+        first = await rotation.send(CHAT, BODY, custom_id="a", attempt=0)
+        second = await rotation.send(CHAT, BODY, custom_id="a", attempt=1)
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first.status_code == 500 and sum(other.calls.values()) == 1
+    assert second.status_code == 200  # the worker's retry went to the member in rotation
+    assert failing.calls["a"] == 1
+
+
+def test_failures_during_a_rest_do_not_lengthen_it():
+    """Requests that fail while their upstream already rests are one outage: one failure."""
+    failing = FaultyUpstream(BuiltinUpstream(), Faults(error_500=1.0))
+    rotation = BalancedUpstream([(failing, UpstreamTarget("x", rpm=6000))], backoff_initial=60)
+
+    async def run():
+        return [await rotation.send(CHAT, BODY, custom_id=f"f{i}", attempt=0) for i in range(5)]
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [500] * 5  # all down: tried anyway, as before
+    assert rotation.status()[0].failures == 1
+
+
+def test_a_hanging_member_times_out_and_is_probed_after_its_backoff():
+    """No answer within the timeout rests the member; after the back-off it gets one probe."""
+    slow = BuiltinUpstream(latency=30)
+    fast = BuiltinUpstream()
+    rotation = BalancedUpstream([slow, fast], request_timeout=0.2, backoff_initial=0.3)
+
+    async def run():
+        with pytest.raises(TimeoutError):
+            await rotation.send(CHAT, BODY, custom_id="a", attempt=0)
+        resting = rotation.status()[0]
+        await rotation.send(CHAT, BODY, custom_id="b", attempt=0)  # not to the resting one
+        await asyncio.sleep(0.35)
+        slow.latency = 0
+        await asyncio.gather(
+            *(rotation.send(CHAT, BODY, custom_id=f"c{i}", attempt=0) for i in range(6))
+        )
+        return resting
+
+    resting = asyncio.run(run())
+    assert (resting.failures, resting.in_rotation) == (1, False)
+    assert slow.calls["b"] == 0 and fast.calls["b"] == 1
+    assert sum(slow.calls[f"c{i}"] for i in range(6)) >= 1  # probed, answered, back
+    assert rotation.status()[0].in_rotation
+
+
+def test_waiting_for_a_rate_limit_does_not_count_against_the_request_timeout():
+    """rpm=120 delays the 4th request by ~1 s; with a 0.3 s timeout every request still succeeds."""
+    member = BuiltinUpstream()
+    rotation = BalancedUpstream([(member, UpstreamTarget("builtin", rpm=120))], request_timeout=0.3)
+
+    async def run():
+        return await asyncio.gather(
+            *(rotation.send(CHAT, BODY, custom_id=f"r{i}", attempt=0) for i in range(4))
+        )
+
+    assert [a.status_code for a in asyncio.run(run())] == [200] * 4
+
+
+def test_the_worker_leaves_the_timeout_to_the_rotation(tmp_path):
+    """In the engine, lines queued behind an rpm limit do not time out (one attempt, 0.3 s)."""
+    rotation = BalancedUpstream(
+        [(BuiltinUpstream(), UpstreamTarget("builtin", rpm=240))], request_timeout=0.3
+    )
+    server = start_server(
+        tmp_path / "engine", upstream=rotation, concurrency=8, request_timeout=0.3, max_attempts=1
+    )
+    try:
+        client, batch = _run_batch(server, 8)
+        done = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        server.stop()
+    assert (done.request_counts.completed, done.request_counts.failed) == (8, 0)
+
+
+# -- the rotation in the engine, over loopback -----------------------------------------------
+
+
+def test_requests_are_spread_least_in_flight_first(tmp_path):
+    """Both upstreams serve; the slow one never holds more than its share of in-flight slots."""
+    fast = start_recording_upstream(latency=0.005)
+    slow = start_recording_upstream(latency=0.4)
+    rotation = make_upstreams([fast.v1, slow.v1])
+    server = start_server(tmp_path / "engine", upstream=rotation, concurrency=4)
+    try:
+        client, batch = _run_batch(server, 60)
+        done = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        server.stop()
+        fast.stop()
+        slow.stop()
+    assert done.status == "completed" and done.request_counts.completed == 60
+    assert len(fast.arrivals) + len(slow.arrivals) == 60
+    assert slow.arrivals, "the slow upstream got no request"
+    # round robin would give each half and pile requests up on the slow one
+    assert len(fast.arrivals) > 2 * len(slow.arrivals)
+    assert slow.max_in_flight <= 2 and fast.max_in_flight <= 2
+
+
+def test_a_stopped_upstream_is_worked_around_then_probed_back(tmp_path):
+    """One upstream dies mid-batch: the batch completes on the other; restarted, it serves again."""
+    first = start_recording_upstream(latency=0.01)
+    second = start_recording_upstream(latency=0.01)
+    port = second.port
+    rotation = BalancedUpstream(
+        [HttpUpstream(first.v1), HttpUpstream(second.v1)],
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
+    server = start_server(tmp_path / "engine", upstream=rotation, concurrency=4)
+    try:
+        client, batch = _run_batch(server, 300)
+        wait_for(lambda: len(second.arrivals) >= 10)
+        second.stop()
+        done = wait_for_batch(client, batch.id, timeout=60)
+        assert done.status == "completed", done
+        assert (done.request_counts.completed, done.request_counts.failed) == (300, 0)
+        errors = client.files.content(done.error_file_id).text if done.error_file_id else ""
+        assert read_jsonl(errors) == []
+        assert rotation.status()[1].failures >= 1  # it was taken out of rotation
+        served_before = len(first.arrivals)
+
+        restarted = start_recording_upstream(latency=0.01, port=port)
+        try:
+            client, again = _run_batch(server, 60, prefix="again")
+            done_again = wait_for_batch(client, again.id, timeout=60)
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()
+        first.stop()
+    assert done_again.status == "completed" and done_again.request_counts.completed == 60
+    assert restarted.arrivals, "the restarted upstream was never probed back into rotation"
+    assert len(first.arrivals) > served_before
+
+
+def test_rpm_limit_is_honoured_at_the_upstream(tmp_path):
+    """rpm=120: the upstream never sees more than the burst plus the rate in any 1 s window."""
+    upstream = start_recording_upstream()
+    rotation = make_upstreams([f"{upstream.v1}#rpm=120"])
+    server = start_server(tmp_path / "engine", upstream=rotation, concurrency=8)
+    try:
+        client, batch = _run_batch(server, 10)
+        done = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        server.stop()
+        upstream.stop()
+    assert done.status == "completed" and done.request_counts.completed == 10
+    arrivals = sorted(upstream.arrivals)
+    most = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
+    # 2 at once (one second's worth) + 2 a second, and 2 of slack for loopback jitter;
+    # without the limit all 10 arrive within a fraction of a second
+    assert most <= 6, arrivals
+
+
+# -- batchspec serve --------------------------------------------------------------------------
+
+
+def test_serve_spreads_a_batch_over_two_upstreams(tmp_path):
+    """`batchspec serve --upstream A --upstream B` names both and sends requests to both."""
+    first = start_recording_upstream(latency=0.02)
+    second = start_recording_upstream(latency=0.02)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--poll-interval", "0.02",
+         "--upstream", first.v1, "--upstream", f"{second.v1}#rpm=6000", "--concurrency", "4"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.fullmatch(r"serving on (\S+) \(data: .+, upstream: (.+)\)\n", line)
+        assert match, line
+        assert match.group(2) == f"{first.v1} + {second.v1}"
+        import openai
+
+        client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(40))), purpose="batch"
+        ).id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        done = wait_for_batch(client, batch.id, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        first.stop()
+        second.stop()
+    assert done.status == "completed" and done.request_counts.completed == 40
+    assert first.arrivals and second.arrivals
+    assert len(first.arrivals) + len(second.arrivals) == 40
+
+
+def test_local_provider_reads_upstreams_with_limits_from_the_project(tmp_path):
+    """`upstreams:` in a local provider's options builds a rotation with per-upstream limits."""
+    from batchspec.providers.registry import build_local_provider
+    from batchspec.workspace.project import ProviderConfig
+
+    config = ProviderConfig(
+        name="gpus",
+        type="local",
+        base_url=None,
+        api_key_env=None,
+        options={
+            "upstreams": [
+                "builtin",
+                {"url": "http://127.0.0.1:1/v1", "rpm": 60, "tpm": 1000},
+            ]
+        },
+    )
+    provider = build_local_provider(config, project_root=tmp_path)
+    try:
+        rotation = provider.engine.upstream
+        assert isinstance(rotation, BalancedUpstream)
+        members = rotation._members
+        assert [m.rpm is not None for m in members] == [False, True]
+        assert members[1].tpm is not None and members[1].tpm.rate == pytest.approx(1000 / 60)
+    finally:
+        provider.close()
