@@ -321,7 +321,7 @@ def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: S
     with pytest.raises(StateError, match="no lock is held"):
         force_unlock(store, "nobody")
     handle = acquire_lock(store, command="apply", info=run_info())
-    with pytest.raises(StateError, match=f"held by {handle.holder_id}"):
+    with pytest.raises(StateError, match=f"held by: {handle.holder_id}"):
         force_unlock(other, "wrong-id")
     assert current_lock(other) is not None
     released = force_unlock(other, handle.holder_id, force=True)

@@ -600,7 +600,8 @@ def status(
     """Show each resource's sync and health, its batches and where its results are.
 
     Reads the state only: no lock, no network. A broken manifest does not stop it: the
-    others are shown, with a warning on stderr.
+    others are shown, with a warning on stderr. Locks held by running commands are listed
+    per resource, with their holder (id, user, host, pid, command, CI run, since).
     """
     from batchspec.cli import render
     from batchspec.core.status import workspace_status
@@ -609,9 +610,9 @@ def status(
     report = workspace_status(paths, select=select, state_path=state_path)
     warn_skipped(report.skipped)
     if fmt != "text":
-        emit_document({"resources": [s.to_json() for s in report.resources]}, fmt)
+        emit_document(report.to_json(), fmt)
     else:
-        click.echo(render.status_text(report.resources, stdout_style()))
+        click.echo(render.status_text(report.resources, stdout_style(), locks=report.locks))
 
 
 @cli.command()

@@ -396,3 +396,50 @@ def m004_request_usage(db: Sql) -> None:
     which paid for it). ``generations.model``: the model its requests name, for pricing
     when ``spec.model`` is not given."""
     db.script(_M004[db.dialect])
+
+
+_M005 = {
+    "sqlite": """
+CREATE TABLE resource_locks (
+    resource TEXT PRIMARY KEY,
+    holder_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    command TEXT NOT NULL,
+    ci_run_url TEXT,
+    since TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,
+    user TEXT
+);
+""",
+    "postgresql": """
+CREATE TABLE resource_locks (
+    resource TEXT PRIMARY KEY,
+    holder_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    command TEXT NOT NULL,
+    ci_run_url TEXT,
+    since TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,
+    "user" TEXT
+);
+""",
+}
+
+
+@MIGRATIONS
+def m005_resource_locks(db: Sql) -> None:
+    """``resource_locks``: one row per locked resource, naming its holder, instead of the one
+    ``lock`` row per state (``batchspec.state.lock``). The key ``*`` is the workspace-wide
+    lock, which conflicts with every resource's. A run that held the old lock while this
+    migration ran keeps it, as the workspace-wide lock (in PostgreSQL its session lock has
+    the same key as before)."""
+    db.script(
+        _M005[db.dialect]
+        + "CREATE INDEX resource_locks_holder ON resource_locks(holder_id);"
+        + "INSERT INTO resource_locks (resource, holder_id, host, pid, command, ci_run_url, "
+        + "since, heartbeat, \"user\") SELECT '*', holder_id, host, pid, command, ci_run_url, "
+        + 'since, heartbeat, "user" FROM lock;'
+        + "DROP TABLE lock;"
+    )
