@@ -21,7 +21,13 @@ import pytest
 
 from batchspec.core.lifecycle import unlock_state
 from batchspec.errors import StateError, StateLockedError
-from batchspec.state.lock import LockHolder, acquire_lock, current_lock, force_unlock
+from batchspec.state.lock import (
+    LockHolder,
+    acquire_lock,
+    current_lock,
+    force_unlock,
+    held_locks,
+)
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore, utc_timestamp
 
@@ -448,3 +454,79 @@ def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="no state database"):
         unlock_state("abc", state_path=missing)
     assert not missing.parent.exists()
+
+
+def test_runs_on_different_resources_hold_their_locks_side_by_side(
+    store: StateStore, other: StateStore
+) -> None:
+    """Locks on disjoint resources are both granted; status sees one lock per resource."""
+    with (
+        acquire_lock(store, command="apply", info=run_info(), resources=["a", "b"]) as first,
+        acquire_lock(other, command="apply", info=run_info(), resources=["c"]) as second,
+    ):
+        held = {lock.resource: lock.holder.holder_id for lock in held_locks(store)}
+        assert held == {"a": first.holder_id, "b": first.holder_id, "c": second.holder_id}
+        assert current_lock(store, "c") == second.holder
+    assert held_locks(store) == []
+
+
+def test_a_shared_resource_refuses_the_whole_set_and_takes_none(
+    store: StateStore, other: StateStore
+) -> None:
+    """A run whose set meets another run's is refused naming the resource in conflict, and
+    takes none of its other resources (all or none: no partial holds, no deadlock)."""
+    with acquire_lock(store, command="apply", info=run_info(), resources=["b"]) as first:
+        with pytest.raises(StateLockedError, match="resource b in the state") as caught:
+            acquire_lock(other, command="cancel", info=run_info(), resources=["a", "b", "c"])
+        assert first.holder_id in caught.value.message
+        assert "This run needs resources a, b, c" in caught.value.message
+        assert [lock.resource for lock in held_locks(other)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "in_conflict"),
+    [
+        pytest.param(None, ["a"], "the whole workspace", id="workspace-then-resource"),
+        pytest.param(["a"], None, "resource a", id="resource-then-workspace"),
+    ],
+)
+def test_the_workspace_lock_conflicts_with_every_resource_lock(
+    store: StateStore,
+    other: StateStore,
+    first: list[str] | None,
+    second: list[str] | None,
+    in_conflict: str,
+) -> None:
+    """The workspace-wide lock (prune, resources=None) and any resource lock exclude each other."""
+    with (
+        acquire_lock(store, command="apply", info=run_info(), resources=first),
+        pytest.raises(StateLockedError, match=in_conflict),
+    ):
+        acquire_lock(other, command="apply", info=run_info(), resources=second)
+
+
+def test_unlock_releases_every_resource_of_the_holder(store: StateStore, other: StateStore) -> None:
+    """`unlock ID` frees all of ID's resources and leaves another holder's alone."""
+    first = acquire_lock(store, command="apply", info=run_info(), resources=["a", "b"])
+    second = acquire_lock(other, command="apply", info=run_info(), resources=["c"])
+    with StateStore.open(other.location) as third:
+        released = force_unlock(third, first.holder_id, force=True)
+        assert released == first.holder
+        assert [lock.resource for lock in held_locks(third)] == ["c"]
+        [event] = [e for e in third.events() if e.action == "lock.force_unlock"]
+        assert event.detail["resources"] == ["a", "b"]
+        taken = acquire_lock(third, command="apply", info=run_info(), resources=["a", "b"])
+        taken.release()
+    second.release()
+
+
+def test_a_dead_holders_resources_are_all_taken_over(store: StateStore) -> None:
+    """A dead holder's rows (its pid gone on this host; in PostgreSQL no session) are taken
+    over by a run that needs one of them: all its rows go, with one lock.takeover event."""
+    pid = dead_pid()
+    store.write_lock_row(foreign_holder(pid), ["a", "b"])
+    with acquire_lock(store, command="apply", info=run_info(), resources=["b"]) as handle:
+        assert handle.warning is not None and f"pid {pid} on host {HOST}" in handle.warning
+        assert [lock.resource for lock in held_locks(store)] == ["b"]
+    [event] = store.events()
+    assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
