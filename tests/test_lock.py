@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -530,3 +532,34 @@ def test_a_dead_holders_resources_are_all_taken_over(store: StateStore) -> None:
         assert [lock.resource for lock in held_locks(store)] == ["b"]
     [event] = store.events()
     assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
+
+
+def test_a_lock_held_across_migration_m005_stays_held_workspace_wide(
+    state_location: Path | str,
+) -> None:
+    """A run that held the old one-row state lock when m005 ran still holds the whole
+    workspace afterwards (its row becomes the `*` row), so no run slips in beside it."""
+    from batchspec.state.store import MIGRATIONS
+    from batchspec.storage.sql import PostgresSql, SqliteSql
+
+    if isinstance(state_location, Path):
+        state_location.parent.mkdir(parents=True, exist_ok=True)
+        db: Any = SqliteSql(sqlite3.connect(state_location, isolation_level=None))
+    else:
+        db = PostgresSql.connect(state_location, busy_timeout=5)
+    MIGRATIONS.apply(db, stop_before="m005_resource_locks")
+    db.execute(
+        'INSERT INTO lock (id, holder_id, host, pid, command, since, heartbeat, "user") '
+        "VALUES (1, 'oldholder123', ?, ?, 'apply', 't', 't', 'bob')",
+        (HOST, os.getpid()),
+    )
+    if isinstance(db, PostgresSql):  # in PostgreSQL, liveness is the old run lock's session
+        db.execute("SELECT pg_advisory_lock(?)", (db.advisory_key("run-lock"),))
+    try:
+        with StateStore.open(state_location) as store:
+            [lock] = held_locks(store)
+            assert (lock.resource, lock.holder.holder_id) == ("*", "oldholder123")
+            with pytest.raises(StateLockedError, match="the whole workspace"):
+                acquire_lock(store, command="apply", info=run_info(), resources=["a"])
+    finally:
+        db.close()
