@@ -933,9 +933,9 @@ def forget(
 )
 @state_option
 def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
-    """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
+    """Release every lock held by ID (the id named in the 'locked' error, exit 3).
 
-    Only for a run that is gone: ID must match the current holder, or nothing is released.
+    Only for a run that is gone: ID must hold a lock, or nothing is released.
     A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
     be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
     step. Recorded in history as an unlock run.
@@ -944,7 +944,7 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     from batchspec.state.lock import describe_holder
 
     holder = unlock_state(holder_id, state_path=state_path, force=force)
-    click.echo(f"released the lock of {describe_holder(holder)}")
+    click.echo(f"released the locks of {describe_holder(holder)}")
 
 
 def warn_skipped(problems: Any) -> None:

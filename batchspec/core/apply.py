@@ -79,7 +79,7 @@ from batchspec.errors import (
     ManifestError,
     UsageError,
 )
-from batchspec.state.lock import acquire_lock
+from batchspec.state.lock import acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -286,6 +286,7 @@ def apply_workspace(
                     requeue_backoff=requeue_backoff(ws),
                     may_spend=_may_spend(saved, options.replace),
                     still_holds_lock=lock.heartbeat,
+                    may_touch=lambda name: lock.covers(name) or current_lock(store, name) is None,
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                 )

@@ -24,7 +24,8 @@
   transaction; the reconcile loop then submits it as any new generation (reusing succeeded
   answers unless ``--no-reuse``).
 
-Each writes only while holding the state lock and records what it did in the events log.
+Each writes only while holding the locks of the resources it touches (batchspec.state.lock)
+and records what it did in the events log.
 """
 
 from __future__ import annotations
@@ -504,7 +505,7 @@ def unlock_state(
     start: Path | None = None,
     force: bool = False,
 ) -> LockHolder:
-    """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
+    """``batchspec unlock ID``: release ``holder_id``'s locks, recorded as an ``unlock`` run.
 
     The state database is ``state_path`` (a file or a PostgreSQL URL), or the project's found
     from ``start`` (default: the current folder). A missing SQLite file is an error, never

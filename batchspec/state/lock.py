@@ -126,6 +126,10 @@ class LockHandle:
     def released(self) -> bool:
         return self._released
 
+    def covers(self, resource: str) -> bool:
+        """Whether this handle holds ``resource`` (or the whole workspace)."""
+        return WORKSPACE in self.keys or resource in self.keys
+
     def heartbeat(self) -> None:
         """Refresh the heartbeat; raise StateError if this run no longer holds its locks."""
         if self._lost or not self._touch():
