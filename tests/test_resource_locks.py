@@ -4,8 +4,9 @@ Runs on different resources of one state proceed side by side; a second run on t
 resource exits 3 naming the holder and the resource; a holder killed with SIGKILL frees its
 locks with no `unlock` (PostgreSQL: its session ends; SQLite: its pid is gone on this host).
 Each test runs once per backend (``state_location``: an SQLite file or a PostgreSQL database).
-The server delays every answer (``--upstream-latency``), so a run holds its locks for a
-while: overlap is proven from the state's own event times, never by sleeping in the product.
+alpha's server delays its answers (``--upstream-latency``), so a run on alpha holds its lock
+for a while: overlap is proven by a second process finishing while the first still holds
+its lock, never by sleeping in the product.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from workspaces import (
     openai_provider,
 )
 
+from batchspec.state.lock import held_locks
 from batchspec.state.store import EventRow, StateStore
 
-LATENCY = "2.0"  # seconds each answer takes at the server: a run holds its locks that long
+#: seconds each answer for alpha takes: long enough that its run surely holds its lock while
+#: a second process starts and finishes, however loaded the machine
+HOLD = "20"
 
 
 @pytest.fixture
@@ -41,14 +45,22 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     yield from serve_processes(tmp_path)
 
 
-@pytest.fixture
-def ws(tmp_path: Path, serve: Any) -> Workspace:
-    srv = serve("--upstream-latency", LATENCY)
+def workspace(tmp_path: Path, serve: Any, alpha_latency: str) -> tuple[Workspace, Any]:
+    """alpha on a server whose answers take ``alpha_latency`` s, beta on a prompt one;
+    returns the workspace and alpha's server."""
+    slow = serve("--upstream-latency", alpha_latency)
+    fast = serve()
     return make_workspace(
         tmp_path / "ws",
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("alpha", count=2), ResourceSpec("beta", count=2)],
-    )
+        providers={
+            "slow": openai_provider(slow.v1, KEY_ENV),
+            "fast": openai_provider(fast.v1, KEY_ENV),
+        },
+        resources=[
+            ResourceSpec("alpha", count=2, provider="slow"),
+            ResourceSpec("beta", count=2, provider="fast"),
+        ],
+    ), slow
 
 
 def env_for(state: Path | str) -> dict[str, str]:
@@ -98,51 +110,59 @@ def wait_for_event(
     raise AssertionError(f"no {action} event for {resource}")
 
 
-def test_runs_on_different_resources_overlap(ws: Workspace, state_location: Path | str) -> None:
-    """Two applies on different --select run side by side with --lock-timeout 0: the second
-    creates its batch while the first still holds its lock and waits for its own batch."""
+def test_runs_on_different_resources_overlap(
+    tmp_path: Path, serve: Any, state_location: Path | str
+) -> None:
+    """Two applies on different --select run side by side: with --lock-timeout 0, the second
+    creates, collects and exits 0 while the first still runs, holding its lock."""
+    ws, slow = workspace(tmp_path, serve, HOLD)
     first = start_apply(ws, state_location, "alpha")
-    created_alpha = wait_for_event(state_location, "create", "alpha", first)
-    second = start_apply(ws, state_location, "beta", "--lock-timeout", "0")
-    code, _, err = finish(second)
-    assert code == 0, err
-    assert finish(first)[0] == 0
-    [created_beta] = events(state_location, "create", "beta")
-    [collected_alpha] = events(state_location, "collect", "alpha")
-    # alpha's run held its lock from before its create until after its collect
-    assert created_alpha.at < created_beta.at < collected_alpha.at
-    assert len(ws.outputs("alpha")) == len(ws.outputs("beta")) == 2
+    try:
+        wait_for_event(state_location, "create", "alpha", first)
+        code, _, err = finish(start_apply(ws, state_location, "beta", "--lock-timeout", "0"))
+        assert code == 0, err
+        assert first.poll() is None  # alpha's answers are not due yet: it still runs
+        with StateStore.open(state_location) as store:
+            assert [lock.resource for lock in held_locks(store)] == ["alpha"]
+        assert events(state_location, "collect", "alpha") == []
+        assert len(ws.outputs("beta")) == 2
+    finally:
+        stop_now(first, slow)
 
 
 def test_second_run_on_the_same_resource_exits_3_naming_holder_and_resource(
-    ws: Workspace, state_location: Path | str
+    tmp_path: Path, serve: Any, state_location: Path | str
 ) -> None:
     """A run on a resource another run holds waits --lock-timeout, then exits 3 naming the
     holder (id, pid, command) and the resource; status --json shows the held lock."""
+    ws, slow = workspace(tmp_path, serve, HOLD)
     first = start_apply(ws, state_location, "alpha")
-    wait_for_event(state_location, "create", "alpha", first)
-    status = start(ws, state_location, "status", "--json")
-    code, out, err = finish(status)
-    assert code == 0, err
-    [lock] = json.loads(out)["locks"]
-    assert (lock["resource"], lock["pid"], lock["command"]) == ("alpha", first.pid, "apply")
-    began = time.monotonic()
-    code, _, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "0.5"))
-    assert code == 3, err
-    assert time.monotonic() - began >= 0.5
-    for part in ("resource alpha", lock["holder_id"], f"pid {first.pid}", "'apply'"):
-        assert part in err
-    assert f"batchspec unlock {lock['holder_id']}" in err
-    assert finish(first)[0] == 0
+    try:
+        wait_for_event(state_location, "create", "alpha", first)
+        code, out, err = finish(start(ws, state_location, "status", "--json"))
+        assert code == 0, err
+        [lock] = json.loads(out)["locks"]
+        assert (lock["resource"], lock["pid"], lock["command"]) == ("alpha", first.pid, "apply")
+        began = time.monotonic()
+        code, _, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "0.5"))
+        assert code == 3, err
+        assert time.monotonic() - began >= 0.5
+        for part in ("resource alpha", lock["holder_id"], f"pid {first.pid}", "'apply'"):
+            assert part in err
+        assert f"batchspec unlock {lock['holder_id']}" in err
+        assert first.poll() is None
+    finally:
+        stop_now(first, slow)
     assert len(events(state_location, "create", "alpha")) == 1  # one batch, not two
 
 
 def test_a_killed_holder_frees_its_locks_without_unlock(
-    ws: Workspace, state_location: Path | str
+    tmp_path: Path, serve: Any, state_location: Path | str
 ) -> None:
     """kill -9 a run holding a resource: the next run on it proceeds with no `unlock`
     (PostgreSQL: the session lock died with the session; SQLite: the pid is gone on this
     host), takes the lock over, and adopts the killed run's batch instead of paying again."""
+    ws, _ = workspace(tmp_path, serve, "2")
     first = start_apply(ws, state_location, "alpha")
     wait_for_event(state_location, "create", "alpha", first)
     os.kill(first.pid, signal.SIGKILL)
@@ -154,6 +174,13 @@ def test_a_killed_holder_frees_its_locks_without_unlock(
     assert takeover.detail["previous"]["pid"] == first.pid
     assert len(events(state_location, "create", "alpha")) == 1
     assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+
+
+def stop_now(first: subprocess.Popen[str], slow: Any) -> None:
+    """Kill the first run and alpha's server (whose answers are not due for a while)."""
+    for process in (first, slow.process):
+        process.kill()
+        process.wait()
 
 
 def events_of(state: Path | str, action: str) -> list[EventRow]:

@@ -30,13 +30,15 @@ Rules, per key in conflict (held by another run):
 The holder refreshes ``heartbeat`` on all its rows with ``LockHandle.heartbeat()`` (which fails
 once its rows were released) or a daemon thread started by ``LockHandle.start_heartbeat()``.
 
-In PostgreSQL every key a run holds is also a session-level advisory lock held by the store's
-connection (``_key_of``: the workspace key is the old run lock's, each resource a hash of its
-name in a namespace of its own), taken inside the same writer transaction as the rows. The
-server drops them when that session ends, however the runner died (killed, out of memory,
-its machine gone), so liveness is known on every host: a row whose advisory lock is free
-belongs to a dead run and is taken over at once (``lock.takeover``), and a row whose advisory
-lock is held is a live run, never taken over, whatever its heartbeat says. The rows keep the
+In PostgreSQL a holder also holds one session-level advisory lock (``_holder_key``: a hash
+of its holder id), taken inside the writer transaction that writes its rows, for as long as
+it holds any of them. The server drops it when that session ends, however the runner died
+(killed, out of memory, its machine gone), so liveness is known on every host: rows whose
+holder's advisory lock is free belong to a dead run and are taken over at once
+(``lock.takeover``), and rows whose holder's lock is held are a live run's, never taken over,
+whatever the heartbeat says. One advisory lock per run, not per resource: a run over 10,000
+resources would not fit PostgreSQL's shared lock table (room for some thousands by default),
+and every conflict is decided on the rows anyway, under the writer lock. The rows keep the
 holder's details for ``status``, the exit-3 message and ``batchspec unlock``.
 """
 
@@ -187,7 +189,7 @@ class LockHandle:
             self._thread.join(timeout=10)
         try:
             self._store.delete_lock_row(self.holder_id)
-            _release_session_locks(self._store, self.keys)
+            _release_holder_lock(self._store, self.holder_id)
         except DatabaseUnavailableError:
             pass  # PostgreSQL: the session ended, and the server released its locks with it
 
@@ -282,36 +284,29 @@ def _try_take(
 def _try_take_with_sessions(
     store: StateStore, command: str, info: RunInfo, keys: frozenset[str], run_id: int | None
 ) -> tuple[LockHandle | None, _Conflict | None]:
-    """PostgreSQL: the advisory locks decide who is alive; the rows describe the holders.
+    """PostgreSQL: a holder's session lock says whether it is alive; the rows say what it holds.
 
-    The advisory locks are taken inside the writer transaction that writes the rows, so a
-    holder's rows and its session locks appear together to every other run.
+    The new holder's session lock is taken inside the writer transaction that writes its rows,
+    so a holder's rows never appear to another run without its session lock.
     """
     mine = _holder(command, info)
-    taken: list[str] = []
+    my_key = _holder_key(store, mine.holder_id)
+    locked = False
     try:
         with store.atomic():
-            for key in sorted(keys):
-                if not store.db.execute(
-                    "SELECT pg_try_advisory_lock(?)", (_key_of(store, key),)
-                ).fetchone()[0]:
-                    _release_session_locks(store, taken)
-                    taken = []
-                    rows = store.lock_rows()
-                    return None, _Conflict(key, rows.get(key) or rows.get(WORKSPACE))
-                taken.append(key)
             held = _held_advisory_keys(store)
             dead: dict[str, LockHolder] = {}
             for key, holder in _conflicts(store.lock_rows(), keys):
-                if key not in keys and _key_of(store, key) in held:
-                    _release_session_locks(store, taken)
-                    taken = []
+                if _is_alive(store, key, holder, held):
                     return None, _Conflict(key, holder)
-                dead[holder.holder_id] = holder  # its session, and so its locks, are gone
+                dead[holder.holder_id] = holder  # its session, and so its lock, is gone
+            store.db.execute("SELECT pg_advisory_lock(?)", (my_key,))  # a new id: free
+            locked = True
             _take_over(store, dead.values(), mine, run_id)
             store.write_lock_row(mine, keys)
     except BaseException:
-        _release_session_locks(store, taken)
+        if locked:
+            _release_holder_lock(store, mine.holder_id)
         raise
     warning = _takeover_warning(dead.values(), "run whose database session has ended:")
     return LockHandle(store, mine, keys, warning), None
@@ -352,14 +347,26 @@ def _holder(command: str, info: RunInfo) -> LockHolder:
     )
 
 
-def _key_of(store: StateStore, key: str) -> int:
-    """The advisory-lock key of a lock key: the workspace-wide one is the old run lock's, so
-    a run that held the run lock across migration m005 is still seen alive."""
+def _holder_key(store: StateStore, holder_id: str) -> int:
+    """The session advisory lock a holder holds while it holds any row: one per run, however
+    many resources (PostgreSQL's shared lock table has room for some thousands in all)."""
     db = store.db
     assert isinstance(db, PostgresSql)
-    if key == WORKSPACE:
-        return db.advisory_key("run-lock")
-    return db.advisory_key(f"resource-lock\0{key}")
+    return db.advisory_key(f"lock-holder\0{holder_id}")
+
+
+def _run_lock_key(store: StateStore) -> int:
+    """The one run lock's key before migration m005; a run that held it then still holds it."""
+    db = store.db
+    assert isinstance(db, PostgresSql)
+    return db.advisory_key("run-lock")
+
+
+def _is_alive(store: StateStore, key: str, holder: LockHolder, held: set[int]) -> bool:
+    if _holder_key(store, holder.holder_id) in held:
+        return True
+    # the run lock carried over by m005 as the workspace-wide row: its holder's session lock
+    return key == WORKSPACE and _run_lock_key(store) in held
 
 
 _ADVISORY_KEYS = (
@@ -374,10 +381,9 @@ def _held_advisory_keys(store: StateStore) -> set[int]:
     return {int(row["key"]) for row in store.db.query(_ADVISORY_KEYS)}
 
 
-def _release_session_locks(store: StateStore, keys: Iterable[str]) -> None:
+def _release_holder_lock(store: StateStore, holder_id: str) -> None:
     if store.dialect == "postgresql":
-        for key in keys:
-            store.db.execute("SELECT pg_advisory_unlock(?)", (_key_of(store, key),))
+        store.db.execute("SELECT pg_advisory_unlock(?)", (_holder_key(store, holder_id),))
 
 
 def force_unlock(
@@ -417,17 +423,17 @@ def force_unlock(
             detail={**_holder_detail(current), "resources": keys, "forced": force},
         )
     if store.dialect == "postgresql":
-        _end_holder_sessions(store, keys)
+        _end_holder_sessions(store, holder_id, workspace=WORKSPACE in keys)
     return current
 
 
-def _end_holder_sessions(store: StateStore, keys: Iterable[str]) -> None:
+def _end_holder_sessions(store: StateStore, holder_id: str, *, workspace: bool) -> None:
     """PostgreSQL: the locks are their holder's session, so releasing them ends that session.
 
     The holder's next statement fails ("lost the connection"), so it stops before changing
     anything else, as a run whose lock rows were deleted does at its next heartbeat.
     """
-    wanted = {_key_of(store, key) for key in keys}
+    wanted = {_holder_key(store, holder_id)} | ({_run_lock_key(store)} if workspace else set())
     try:
         pids = {
             int(row["pid"]) for row in store.db.query(_ADVISORY_KEYS) if int(row["key"]) in wanted
@@ -474,7 +480,7 @@ def held_locks(store: StateStore) -> list[HeldLock]:
     rows = store.lock_rows()
     if rows and store.dialect == "postgresql":
         held = _held_advisory_keys(store)
-        alive = {h.holder_id for k, h in rows.items() if _key_of(store, k) in held}
+        alive = {h.holder_id for k, h in rows.items() if _is_alive(store, k, h, held)}
         rows = {k: h for k, h in rows.items() if h.holder_id in alive}
     return [HeldLock(key, holder) for key, holder in rows.items()]
 

@@ -433,8 +433,8 @@ def m005_resource_locks(db: Sql) -> None:
     """``resource_locks``: one row per locked resource, naming its holder, instead of the one
     ``lock`` row per state (``batchspec.state.lock``). The key ``*`` is the workspace-wide
     lock, which conflicts with every resource's. A run that held the old lock while this
-    migration ran keeps it, as the workspace-wide lock (in PostgreSQL its session lock has
-    the same key as before)."""
+    migration ran keeps it, as the workspace-wide lock (in PostgreSQL its old session lock
+    still counts as alive: ``batchspec.state.lock._is_alive``)."""
     db.script(
         _M005[db.dialect]
         + "CREATE INDEX resource_locks_holder ON resource_locks(holder_id);"
