@@ -528,7 +528,7 @@ def test_a_dead_holders_resources_are_all_taken_over(store: StateStore) -> None:
     pid = dead_pid()
     store.write_lock_row(foreign_holder(pid), ["a", "b"])
     with acquire_lock(store, command="apply", info=run_info(), resources=["b"]) as handle:
-        assert handle.warning is not None and f"pid {pid} on host {HOST}" in handle.warning
+        assert handle.warning is not None and f"{pid} on host {HOST}" in handle.warning
         assert [lock.resource for lock in held_locks(store)] == ["b"]
     [event] = store.events()
     assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid

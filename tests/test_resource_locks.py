@@ -28,11 +28,14 @@ from workspaces import (
     ResourceSpec,
     Workspace,
     batchspec_cmd,
+    local_provider,
     make_workspace,
     openai_provider,
+    run_cli,
 )
 
-from batchspec.state.lock import held_locks
+from batchspec.state.lock import acquire_lock, describe_holder, held_locks
+from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import EventRow, StateStore
 
 #: seconds each answer for alpha takes: long enough that its run surely holds its lock while
@@ -169,7 +172,7 @@ def test_a_killed_holder_frees_its_locks_without_unlock(
     assert first.wait(timeout=10) == -signal.SIGKILL
     code, out, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "10"))
     assert code == 0, err
-    assert "took over the lock" in out and f"pid {first.pid}" in out
+    assert "took over the lock" in out and f"{first.pid} on host" in out
     [takeover] = events_of(state_location, "lock.takeover")
     assert takeover.detail["previous"]["pid"] == first.pid
     assert len(events(state_location, "create", "alpha")) == 1
@@ -186,3 +189,22 @@ def stop_now(first: subprocess.Popen[str], slow: Any) -> None:
 def events_of(state: Path | str, action: str) -> list[EventRow]:
     with StateStore.open(state) as store:
         return [e for e in store.events() if e.action == action]
+
+
+def test_status_text_lists_each_held_lock_with_its_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` ends with a Locks: section, one line per locked resource naming its holder."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    info = collect_run_info(ws.root, env={})
+    with (
+        StateStore.open(ws.state_path) as store,
+        acquire_lock(store, command="cancel", info=info, resources=["alpha"]) as handle,
+    ):
+        code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0, err
+    locks = out.split("Locks:\n", 1)[1].splitlines()
+    assert locks == [f"  alpha: {describe_holder(handle.holder)}"]
+    assert f"pid {os.getpid()}" in locks[0] and "'cancel'" in locks[0]

@@ -308,7 +308,7 @@ def _try_take_with_sessions(
         if locked:
             _release_holder_lock(store, mine.holder_id)
         raise
-    warning = _takeover_warning(dead.values(), "run whose database session has ended:")
+    warning = _takeover_warning(dead.values(), "a run whose database session has ended: pid")
     return LockHandle(store, mine, keys, warning), None
 
 
@@ -325,12 +325,13 @@ def _take_over(
 
 
 def _takeover_warning(dead: Iterable[LockHolder], what: str) -> str | None:
+    """``took over the lock of WHAT PID on host H (holder, command, since)``, per holder."""
     parts = [
-        f"pid {h.pid} on host {h.host} (holder {h.holder_id}, command {h.command!r}, "
+        f"{what} {h.pid} on host {h.host} (holder {h.holder_id}, command {h.command!r}, "
         f"held since {h.since})"
         for h in dead
     ]
-    return f"took over the lock of a {what} {'; '.join(parts)}" if parts else None
+    return f"took over the lock of {'; '.join(parts)}" if parts else None
 
 
 def _holder(command: str, info: RunInfo) -> LockHolder:
