@@ -34,6 +34,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
+from batchspec.state.lock import current_lock
 
 FAST = ["--poll-interval", "0.05"]
 
@@ -387,7 +388,7 @@ def wait_for_lock(ws: Workspace, timeout: float = 20.0) -> Any:
     while time.monotonic() < deadline:
         if ws.state_path.exists():
             with ws.store() as store:
-                holder = store.lock_row()
+                holder = current_lock(store)
             if holder is not None:
                 return holder
         time.sleep(0.02)

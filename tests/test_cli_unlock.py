@@ -50,7 +50,7 @@ def test_unlock_releases_the_named_holder(
         assert run(["unlock", handle.holder_id]) == 0
         assert current_lock(store) is None
     out = capsys.readouterr().out
-    assert f"released the lock of {handle.holder_id} (alice@" in out
+    assert f"released the locks of {handle.holder_id} (alice@" in out
 
 
 def test_unlock_of_a_live_holder_is_refused_without_force(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,12 +17,19 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from batchspec.core.lifecycle import unlock_state
 from batchspec.errors import StateError, StateLockedError
-from batchspec.state.lock import LockHolder, acquire_lock, current_lock, force_unlock
+from batchspec.state.lock import (
+    LockHolder,
+    acquire_lock,
+    current_lock,
+    force_unlock,
+    held_locks,
+)
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore, utc_timestamp
 
@@ -321,7 +329,7 @@ def test_force_unlock_releases_only_the_named_holder(store: StateStore, other: S
     with pytest.raises(StateError, match="no lock is held"):
         force_unlock(store, "nobody")
     handle = acquire_lock(store, command="apply", info=run_info())
-    with pytest.raises(StateError, match=f"held by {handle.holder_id}"):
+    with pytest.raises(StateError, match=f"held by: {handle.holder_id}"):
         force_unlock(other, "wrong-id")
     assert current_lock(other) is not None
     released = force_unlock(other, handle.holder_id, force=True)
@@ -448,3 +456,110 @@ def test_unlock_state_never_creates_a_database(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="no state database"):
         unlock_state("abc", state_path=missing)
     assert not missing.parent.exists()
+
+
+def test_runs_on_different_resources_hold_their_locks_side_by_side(
+    store: StateStore, other: StateStore
+) -> None:
+    """Locks on disjoint resources are both granted; status sees one lock per resource."""
+    with (
+        acquire_lock(store, command="apply", info=run_info(), resources=["a", "b"]) as first,
+        acquire_lock(other, command="apply", info=run_info(), resources=["c"]) as second,
+    ):
+        held = {lock.resource: lock.holder.holder_id for lock in held_locks(store)}
+        assert held == {"a": first.holder_id, "b": first.holder_id, "c": second.holder_id}
+        assert current_lock(store, "c") == second.holder
+    assert held_locks(store) == []
+
+
+def test_a_shared_resource_refuses_the_whole_set_and_takes_none(
+    store: StateStore, other: StateStore
+) -> None:
+    """A run whose set meets another run's is refused naming the resource in conflict, and
+    takes none of its other resources (all or none: no partial holds, no deadlock)."""
+    with acquire_lock(store, command="apply", info=run_info(), resources=["b"]) as first:
+        with pytest.raises(StateLockedError, match="resource b in the state") as caught:
+            acquire_lock(other, command="cancel", info=run_info(), resources=["a", "b", "c"])
+        assert first.holder_id in caught.value.message
+        assert "This run needs resources a, b, c" in caught.value.message
+        assert [lock.resource for lock in held_locks(other)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "in_conflict"),
+    [
+        pytest.param(None, ["a"], "the whole workspace", id="workspace-then-resource"),
+        pytest.param(["a"], None, "resource a", id="resource-then-workspace"),
+    ],
+)
+def test_the_workspace_lock_conflicts_with_every_resource_lock(
+    store: StateStore,
+    other: StateStore,
+    first: list[str] | None,
+    second: list[str] | None,
+    in_conflict: str,
+) -> None:
+    """The workspace-wide lock (prune, resources=None) and any resource lock exclude each other."""
+    with (
+        acquire_lock(store, command="apply", info=run_info(), resources=first),
+        pytest.raises(StateLockedError, match=in_conflict),
+    ):
+        acquire_lock(other, command="apply", info=run_info(), resources=second)
+
+
+def test_unlock_releases_every_resource_of_the_holder(store: StateStore, other: StateStore) -> None:
+    """`unlock ID` frees all of ID's resources and leaves another holder's alone."""
+    first = acquire_lock(store, command="apply", info=run_info(), resources=["a", "b"])
+    second = acquire_lock(other, command="apply", info=run_info(), resources=["c"])
+    with StateStore.open(other.location) as third:
+        released = force_unlock(third, first.holder_id, force=True)
+        assert released == first.holder
+        assert [lock.resource for lock in held_locks(third)] == ["c"]
+        [event] = [e for e in third.events() if e.action == "lock.force_unlock"]
+        assert event.detail["resources"] == ["a", "b"]
+        taken = acquire_lock(third, command="apply", info=run_info(), resources=["a", "b"])
+        taken.release()
+    second.release()
+
+
+def test_a_dead_holders_resources_are_all_taken_over(store: StateStore) -> None:
+    """A dead holder's rows (its pid gone on this host; in PostgreSQL no session) are taken
+    over by a run that needs one of them: all its rows go, with one lock.takeover event."""
+    pid = dead_pid()
+    store.write_lock_row(foreign_holder(pid), ["a", "b"])
+    with acquire_lock(store, command="apply", info=run_info(), resources=["b"]) as handle:
+        assert handle.warning is not None and f"{pid} on host {HOST}" in handle.warning
+        assert [lock.resource for lock in held_locks(store)] == ["b"]
+    [event] = store.events()
+    assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
+
+
+def test_a_lock_held_across_migration_m005_stays_held_workspace_wide(
+    state_location: Path | str,
+) -> None:
+    """A run that held the old one-row state lock when m005 ran still holds the whole
+    workspace afterwards (its row becomes the `*` row), so no run slips in beside it."""
+    from batchspec.state.store import MIGRATIONS
+    from batchspec.storage.sql import PostgresSql, SqliteSql
+
+    if isinstance(state_location, Path):
+        state_location.parent.mkdir(parents=True, exist_ok=True)
+        db: Any = SqliteSql(sqlite3.connect(state_location, isolation_level=None))
+    else:
+        db = PostgresSql.connect(state_location, busy_timeout=5)
+    MIGRATIONS.apply(db, stop_before="m005_resource_locks")
+    db.execute(
+        'INSERT INTO lock (id, holder_id, host, pid, command, since, heartbeat, "user") '
+        "VALUES (1, 'oldholder123', ?, ?, 'apply', 't', 't', 'bob')",
+        (HOST, os.getpid()),
+    )
+    if isinstance(db, PostgresSql):  # in PostgreSQL, liveness is the old run lock's session
+        db.execute("SELECT pg_advisory_lock(?)", (db.advisory_key("run-lock"),))
+    try:
+        with StateStore.open(state_location) as store:
+            [lock] = held_locks(store)
+            assert (lock.resource, lock.holder.holder_id) == ("*", "oldholder123")
+            with pytest.raises(StateLockedError, match="the whole workspace"):
+                acquire_lock(store, command="apply", info=run_info(), resources=["a"])
+    finally:
+        db.close()

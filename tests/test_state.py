@@ -124,6 +124,7 @@ MIGRATION_NAMES = [
     "m002_request_ledger",
     "m003_request_fingerprints",
     "m004_request_usage",
+    "m005_resource_locks",
     "m006_blobs",
 ]
 

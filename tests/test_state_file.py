@@ -141,7 +141,15 @@ def test_a_fresh_store_that_fails_to_build_leaves_nothing_at_the_path(
 # -- an extra column ---------------------------------------------------------------------------
 
 
-EXTRA_COLUMN_TABLES = ["runs", "resources", "generations", "batches", "events", "files", "lock"]
+EXTRA_COLUMN_TABLES = [
+    "runs",
+    "resources",
+    "generations",
+    "batches",
+    "events",
+    "files",
+    "resource_locks",
+]
 
 
 def test_unknown_columns_are_ignored_when_reading_rows(tmp_path: Path) -> None:

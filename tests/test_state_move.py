@@ -29,13 +29,13 @@ from batchspec.state.transfer import COPIED_TABLES, copy_state, referenced_blobs
 
 FAST = ["--poll-interval", "0.05"]
 INFO = RunInfo("alice", "build-1", 1, None, None, None, None, None, "0.1.0")
-ALL_TABLES = [*(t for t, _ in COPIED_TABLES), "state_serial", "lock"]
+ALL_TABLES = [*(t for t, _ in COPIED_TABLES), "state_serial", "resource_locks"]
 
 
 def dump(location: Path | str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table of the state at ``location`` (the migrations table aside),
     sorted, as plain tuples: what must survive a move unchanged."""
-    columns = {**table_columns(), "state_serial": ["id", "value"], "lock": ["id", "holder_id"]}
+    columns = {**table_columns(), "state_serial": ["id", "value"], "resource_locks": ["resource", "holder_id"]}
     with StateStore.open(location) as store:
         return {
             table: sorted(

@@ -604,7 +604,8 @@ def status(
     """Show each resource's sync and health, its batches and where its results are.
 
     Reads the state only: no lock, no network. A broken manifest does not stop it: the
-    others are shown, with a warning on stderr.
+    others are shown, with a warning on stderr. Locks held by running commands are listed
+    per resource, with their holder (id, user, host, pid, command, CI run, since).
     """
     from batchspec.cli import render
     from batchspec.core.status import workspace_status
@@ -613,9 +614,9 @@ def status(
     report = workspace_status(paths, select=select, state_path=state_path)
     warn_skipped(report.skipped)
     if fmt != "text":
-        emit_document({"resources": [s.to_json() for s in report.resources]}, fmt)
+        emit_document(report.to_json(), fmt)
     else:
-        click.echo(render.status_text(report.resources, stdout_style()))
+        click.echo(render.status_text(report.resources, stdout_style(), locks=report.locks))
 
 
 @cli.command()
@@ -962,9 +963,9 @@ def forget(
 )
 @state_option
 def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
-    """Release the state lock held by ID (the id named in the 'locked' error, exit 3).
+    """Release every lock held by ID (the id named in the 'locked' error, exit 3).
 
-    Only for a run that is gone: ID must match the current holder, or nothing is released.
+    Only for a run that is gone: ID must hold a lock, or nothing is released.
     A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
     be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
     step. Recorded in history as an unlock run.
@@ -973,7 +974,7 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
     from batchspec.state.lock import describe_holder
 
     holder = unlock_state(holder_id, state_path=state_path, force=force)
-    click.echo(f"released the lock of {describe_holder(holder)}")
+    click.echo(f"released the locks of {describe_holder(holder)}")
 
 
 @cli.group()

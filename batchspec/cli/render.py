@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.status import ResourceStatus
     from batchspec.core.validate import InputFilesReport, ValidatedResource, ValidationReport
     from batchspec.errors import BatchspecError
+    from batchspec.state.lock import HeldLock
     from batchspec.state.transfer import StateCopy
 
 
@@ -467,10 +468,24 @@ def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
     return "\n".join(lines)
 
 
-def status_text(statuses: Sequence[ResourceStatus], style: Style = PLAIN) -> str:
-    if not statuses:
-        return "No resources."
-    return "\n".join(status_lines(statuses, style))
+def status_text(
+    statuses: Sequence[ResourceStatus], style: Style = PLAIN, locks: Sequence[HeldLock] = ()
+) -> str:
+    lines = list(status_lines(statuses, style)) if statuses else ["No resources."]
+    return "\n".join([*lines, *lock_lines(locks)])
+
+
+def lock_lines(locks: Sequence[HeldLock]) -> list[str]:
+    """``Locks:`` and one line per locked resource (``*``: the whole workspace) and holder."""
+    if not locks:
+        return []
+    from batchspec.state.lock import describe_holder
+
+    lines = ["", "Locks:"]
+    for lock in locks:
+        what = "whole workspace" if lock.workspace_wide else lock.resource
+        lines.append(f"  {what}: {describe_holder(lock.holder)}")
+    return lines
 
 
 def usage_text(u: Usage) -> str:

@@ -1,7 +1,9 @@
 """The use cases that read or change state: ``plan``, ``apply``, ``cancel``.
 
 Each one loads the workspace, opens the state store, records a *run* (command, arguments,
-who, where, which git commit) and, when it writes, holds the lock for its whole duration.
+who, where, which git commit) and, when it writes, holds the locks of the resources it touches
+(``locked_resources``; the whole workspace for ``apply --prune``) for its whole duration, so
+runs on other resources of the same state proceed beside it (batchspec.state.lock).
 Bad input fails here, before any provider is contacted: every selected resource's input is
 validated first, and nothing is uploaded unless all of them pass (DESIGN invariant 5).
 
@@ -77,7 +79,7 @@ from batchspec.errors import (
     ManifestError,
     UsageError,
 )
-from batchspec.state.lock import acquire_lock
+from batchspec.state.lock import acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -238,7 +240,14 @@ def apply_workspace(
         recorded_run(store, ws, "apply", args) as run,
     ):
         info = collect_run_info(ws.project.root, env)
-        with acquire_lock(store, command="apply", info=info, timeout=options.lock_timeout) as lock:
+        with acquire_lock(
+            store,
+            command="apply",
+            info=info,
+            resources=locked_resources(resources, prune=options.prune),
+            timeout=options.lock_timeout,
+            run_id=run.id,
+        ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
             resources = planned_resources(store, resources, options.replace, reuse=options.reuse)
@@ -277,6 +286,7 @@ def apply_workspace(
                     requeue_backoff=requeue_backoff(ws),
                     may_spend=_may_spend(saved, options.replace),
                     still_holds_lock=lock.heartbeat,
+                    may_touch=lambda name: lock.covers(name) or current_lock(store, name) is None,
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                 )
@@ -297,6 +307,15 @@ def apply_workspace(
         result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome), local)
         run.exit_code = result.exit_code
         return result
+
+
+def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str] | None:
+    """What an apply locks: the selected resources and the names they were moved from; None
+    (the whole workspace) with ``--prune``, which may cancel and forget any orphan."""
+    if prune:
+        return None
+    names = {r.name for r in resources} | {r.moved_from for r in resources if r.moved_from}
+    return sorted(names) or None
 
 
 def cancel_resource(
@@ -320,7 +339,14 @@ def cancel_resource(
             )
         info = collect_run_info(ws.project.root, env)
         with (
-            acquire_lock(store, command="cancel", info=info, timeout=lock_timeout),
+            acquire_lock(
+                store,
+                command="cancel",
+                info=info,
+                resources=[name],
+                timeout=lock_timeout,
+                run_id=run.id,
+            ),
             ProviderPool(ws, env) as providers,
         ):
             rec = Reconciler(ws.project, store, run.id, providers.get, report)

@@ -24,7 +24,8 @@
   transaction; the reconcile loop then submits it as any new generation (reusing succeeded
   answers unless ``--no-reuse``).
 
-Each writes only while holding the state lock and records what it did in the events log.
+Each writes only while holding the locks of the resources it touches (batchspec.state.lock)
+and records what it did in the events log.
 """
 
 from __future__ import annotations
@@ -122,7 +123,14 @@ def import_batch(
     ):
         info = collect_run_info(ws.project.root, env)
         with (
-            acquire_lock(store, command="import", info=info, timeout=lock_timeout),
+            acquire_lock(
+                store,
+                command="import",
+                info=info,
+                resources=[name],
+                timeout=lock_timeout,
+                run_id=run.id,
+            ),
             ProviderPool(ws, env) as providers,
         ):
             require_not_tracked(store, res, batch_id)
@@ -341,7 +349,14 @@ def forget_resource(
         recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
     ):
         info = collect_run_info(ws.project.root, env)
-        with acquire_lock(store, command="forget", info=info, timeout=lock_timeout):
+        with acquire_lock(
+            store,
+            command="forget",
+            info=info,
+            resources=[name],
+            timeout=lock_timeout,
+            run_id=run.id,
+        ):
             row = store.get_resource(name)
             if row is None or row.forgotten_at is not None:
                 raise StateError(
@@ -490,7 +505,7 @@ def unlock_state(
     start: Path | None = None,
     force: bool = False,
 ) -> LockHolder:
-    """``batchspec unlock ID``: release ``holder_id``'s lock, recorded as an ``unlock`` run.
+    """``batchspec unlock ID``: release ``holder_id``'s locks, recorded as an ``unlock`` run.
 
     The state database is ``state_path`` (a file or a PostgreSQL URL), or the project's found
     from ``start`` (default: the current folder). A missing SQLite file is an error, never

@@ -15,6 +15,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from batchspec.core.plan import FINISHED_GENERATION_STATUSES, Action, ActionKind, make_plan
 from batchspec.core.reconcile import desired_resource
@@ -23,6 +24,7 @@ from batchspec.core.replacements import effective_resources
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
 from batchspec.core.spend import Usage, generation_usage
+from batchspec.state.lock import HeldLock, held_locks
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import (
@@ -182,6 +184,14 @@ class StatusReport:
     resources: tuple[ResourceStatus, ...]
     #: problems of manifests that did not load; their resources are not (fully) shown
     skipped: tuple[Problem, ...] = ()
+    #: the locks held now by runs, per resource (``*``: the whole workspace)
+    locks: tuple[HeldLock, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resources": [s.to_json() for s in self.resources],
+            "locks": [lock.to_json() for lock in self.locks],
+        }
 
 
 def workspace_status(
@@ -208,9 +218,10 @@ def workspace_status(
             providers=ws.project.providers,
             elsewhere=elsewhere or frozenset(),
         )
+        locks = tuple(held_locks(store))
     if ws.problems or elsewhere is None:
         statuses = [_maybe_broken(s) for s in statuses]
-    return StatusReport(tuple(statuses), ws.problems)
+    return StatusReport(tuple(statuses), ws.problems, locks)
 
 
 def _declared_elsewhere(ws: Workspace, paths: Sequence[str]) -> frozenset[str] | None:

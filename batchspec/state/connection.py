@@ -60,7 +60,17 @@ StateLocation = Path | str
 
 #: tables of ours: a PostgreSQL database holding one of them without our history is refused
 _OUR_TABLES = frozenset(
-    {"runs", "resources", "generations", "files", "batches", "events", "lock", "requests"}
+    {
+        "runs",
+        "resources",
+        "generations",
+        "files",
+        "batches",
+        "events",
+        "lock",  # before m005
+        "resource_locks",
+        "requests",
+    }
 )
 
 

@@ -1,36 +1,45 @@
-"""One writer at a time (DESIGN.md, invariant 3): the lock a run takes before changing state.
+"""One writer per resource (DESIGN.md, invariant 3): the locks a run takes before changing state.
 
-The lock is the single row of the state database's ``lock`` table. It is checked and taken
-inside one ``StateStore.atomic()`` transaction, which begins with BEGIN IMMEDIATE, so SQLite's
-own write lock guarantees that two processes can never both see it free and both take it.
+A run locks the resources it will touch (``acquire_lock(..., resources=NAMES)``); a command
+that touches the whole workspace (``apply --prune``, state-level commands) takes the
+workspace-wide lock (``resources=None``, the key ``*``), which conflicts with every resource
+lock. Each locked key is a row of the ``resource_locks`` table naming its holder (id, user,
+host, pid, command, CI run, since, heartbeat): ``batchspec.state.lock_row``. Two runs whose
+keys do not meet proceed side by side.
 
-Rules:
+A run takes all its keys or none, in one ``StateStore.atomic()`` transaction (BEGIN
+IMMEDIATE, or PostgreSQL's writer lock), so two runs can never both see a key free, and never
+deadlock: nobody waits while holding part of what it needs. It retries until ``timeout``.
 
-* Free: take it.
+Rules, per key in conflict (held by another run):
+
 * Held by a process that is gone, on *this* host (``os.kill(pid, 0)`` says no such process):
-  take it over, record a ``lock.takeover`` event, and return a handle whose ``warning`` says so.
+  take over every row of that holder, record a ``lock.takeover`` event, and return a handle
+  whose ``warning`` says so.
 * Held by a live process, or by any process on another host: wait up to ``timeout`` seconds,
-  polling, then raise ``StateLockedError`` (exit 3) naming the holder and saying how to
-  release it (``batchspec unlock ID``). A holder on another host whose heartbeat is older
-  than ``stale_after`` is called possibly stale in the message, but never taken over: we
-  cannot see whether it is alive.
-* A handle releases only its own lock: after ``batchspec unlock`` and a new holder, a late
-  ``release()`` of the old handle leaves the new holder's lock alone.
-* ``batchspec unlock ID`` (``force_unlock``) refuses a holder that may be alive: its heartbeat
-  is younger than ``stale_after`` and it is not a process known to be gone on this host.
-  Releasing a live run lets a second one spend beside it (a create of the first may still
-  be in transit), so that needs ``force``.
+  polling, then raise ``StateLockedError`` (exit 3) naming the holder *and the resource in
+  conflict*, and saying how to release it (``batchspec unlock ID``). A holder on another host
+  whose heartbeat is older than ``stale_after`` is called possibly stale in the message, but
+  never taken over: we cannot see whether it is alive.
+* A handle releases only its own rows: after ``batchspec unlock`` and a new holder, a late
+  ``release()`` of the old handle leaves the new holder's rows alone.
+* ``batchspec unlock ID`` (``force_unlock``) releases every row of holder ID; it refuses a
+  holder that may be alive (heartbeat younger than ``stale_after``, not a process known to be
+  gone on this host) unless ``force``: releasing a live run lets a second one spend beside it.
 
-The holder refreshes ``heartbeat`` with ``LockHandle.heartbeat()`` (which fails once the lock
-was lost) or a daemon thread started by ``LockHandle.start_heartbeat()``.
+The holder refreshes ``heartbeat`` on all its rows with ``LockHandle.heartbeat()`` (which fails
+once its rows were released) or a daemon thread started by ``LockHandle.start_heartbeat()``.
 
-In PostgreSQL the row is paired with a session-level advisory lock (``_run_lock_key``) held by
-the store's connection for as long as the run holds the lock. The server drops it when that
-session ends, however the runner died (killed, out of memory, its machine gone), so liveness
-is known on every host: a row whose advisory lock is free belongs to a dead run and is taken
-over at once (``lock.takeover``), and a row whose advisory lock is held is a live run, never
-taken over, whatever its heartbeat says. The row keeps the holder's details for ``status``,
-the exit-3 message and ``batchspec unlock``.
+In PostgreSQL a holder also holds one session-level advisory lock (``_holder_key``: a hash
+of its holder id), taken inside the writer transaction that writes its rows, for as long as
+it holds any of them. The server drops it when that session ends, however the runner died
+(killed, out of memory, its machine gone), so liveness is known on every host: rows whose
+holder's advisory lock is free belong to a dead run and are taken over at once
+(``lock.takeover``), and rows whose holder's lock is held are a live run's, never taken over,
+whatever the heartbeat says. One advisory lock per run, not per resource: a run over 10,000
+resources would not fit PostgreSQL's shared lock table (room for some thousands by default),
+and every conflict is decided on the rows anyway, under the writer lock. The rows keep the
+holder's details for ``status``, the exit-3 message and ``batchspec unlock``.
 """
 
 from __future__ import annotations
@@ -40,21 +49,38 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
 from batchspec.errors import StateError, StateLockedError
+from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import DatabaseError, DatabaseUnavailableError, PostgresSql
 
-#: the lock row's holder; the same class as ``batchspec.state.store.LockRow``
+#: a run holding locks; the same class as ``batchspec.state.store.LockRow``
 LockHolder = LockRow
 
 STALE_AFTER = timedelta(minutes=10)
 HEARTBEAT_INTERVAL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """One locked key: a resource name, or ``*`` for the whole workspace, and its holder."""
+
+    resource: str
+    holder: LockHolder
+
+    @property
+    def workspace_wide(self) -> bool:
+        return self.resource == WORKSPACE
+
+    def to_json(self) -> dict[str, object]:
+        return {"resource": self.resource, **_holder_detail(self.holder)}
 
 
 def pid_is_alive(pid: int) -> bool:
@@ -73,11 +99,19 @@ def pid_is_alive(pid: int) -> bool:
 
 
 class LockHandle:
-    """The lock held by this process; a context manager that releases it on exit."""
+    """The locks held by this process; a context manager that releases them on exit."""
 
-    def __init__(self, store: StateStore, holder: LockHolder, warning: str | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        holder: LockHolder,
+        keys: Collection[str],
+        warning: str | None = None,
+    ) -> None:
         self.holder = holder
-        #: set when the lock was taken over from a dead process
+        #: the keys held: resource names, or ``("*",)`` for the whole workspace
+        self.keys = tuple(sorted(keys))
+        #: set when a lock was taken over from a dead process
         self.warning = warning
         #: the last error of the heartbeat thread, if any
         self.heartbeat_error: BaseException | None = None
@@ -95,8 +129,12 @@ class LockHandle:
     def released(self) -> bool:
         return self._released
 
+    def covers(self, resource: str) -> bool:
+        """Whether this handle holds ``resource`` (or the whole workspace)."""
+        return WORKSPACE in self.keys or resource in self.keys
+
     def heartbeat(self) -> None:
-        """Refresh the heartbeat; raise StateError if this run no longer holds the lock."""
+        """Refresh the heartbeat; raise StateError if this run no longer holds its locks."""
         if self._lost or not self._touch():
             self._lost = True
             raise StateError(
@@ -143,7 +181,7 @@ class LockHandle:
             store.close()
 
     def release(self) -> None:
-        """Stop the heartbeat and drop the lock if it is still ours; safe to call twice."""
+        """Stop the heartbeat and drop the locks that are still ours; safe to call twice."""
         if self._released:
             return
         self._released = True
@@ -152,9 +190,9 @@ class LockHandle:
             self._thread.join(timeout=10)
         try:
             self._store.delete_lock_row(self.holder_id)
-            _release_session_lock(self._store)
+            _release_holder_lock(self._store, self.holder_id)
         except DatabaseUnavailableError:
-            pass  # PostgreSQL: the session ended, and the server released its lock with it
+            pass  # PostgreSQL: the session ended, and the server released its locks with it
 
     def __enter__(self) -> LockHandle:
         return self
@@ -168,11 +206,26 @@ class LockHandle:
         self.release()
 
 
+@dataclass(frozen=True)
+class _Conflict:
+    """Why a take failed: the key in conflict, and its live holder (None: not known yet)."""
+
+    key: str
+    holder: LockHolder | None
+
+
+def lock_keys(resources: Iterable[str] | None) -> frozenset[str]:
+    """The keys a run on ``resources`` locks: their names; None (or none) is the workspace."""
+    names = frozenset(resources or ())
+    return names or frozenset({WORKSPACE})
+
+
 def acquire_lock(
     store: StateStore,
     *,
     command: str,
     info: RunInfo,
+    resources: Iterable[str] | None = None,
     timeout: float = 0.0,
     poll_interval: float = 0.2,
     stale_after: timedelta = STALE_AFTER,
@@ -180,33 +233,35 @@ def acquire_lock(
     sleep: Callable[[float], None] = time.sleep,
     run_id: int | None = None,
 ) -> LockHandle:
-    """Take the state lock for ``command``, waiting up to ``timeout`` seconds for a live holder.
+    """Lock ``resources`` (names; None: the whole workspace) for ``command``: all or none,
+    waiting up to ``timeout`` seconds while any of them is held by a live run.
 
-    Raises ``StateLockedError`` (exit 3) if it is still held when the time is up. ``run_id``
-    only labels the ``lock.takeover`` event, if there is one.
-    Must not be called inside ``store.atomic()``: waiting there would keep SQLite's write
-    lock and stop the holder from ever releasing.
+    Raises ``StateLockedError`` (exit 3) naming the holder and the resource in conflict if one
+    is still held when the time is up. ``run_id`` only labels ``lock.takeover`` events.
+    Must not be called inside ``store.atomic()``: waiting there would keep the database's
+    write lock and stop the holder from ever releasing.
     """
     if store.in_transaction:
         raise RuntimeError("acquire_lock() must not be called inside StateStore.atomic()")
+    keys = lock_keys(resources)
     deadline = clock() + max(timeout, 0.0)
     while True:
-        handle, holder = _try_take(store, command, info, run_id)
+        handle, conflict = _try_take(store, command, info, keys, run_id)
         if handle is not None:
             return handle
+        assert conflict is not None
         remaining = deadline - clock()
-        if holder is None:  # PostgreSQL: a live session holds it but has not written its row
-            if remaining <= 0:
-                raise StateLockedError(
-                    f"the state database {store.label} is locked by another run that is "
-                    "starting, or whose lock was released with `batchspec unlock` and that "
-                    "stops at its next step; try again"
-                )
-            sleep(min(poll_interval, max(remaining, 0.01)))
-            continue
         if remaining <= 0:
-            raise StateLockedError(_locked_message(store, holder, timeout, stale_after))
-        sleep(min(poll_interval, remaining))
+            raise StateLockedError(_locked_message(store, keys, conflict, timeout, stale_after))
+        sleep(min(poll_interval, max(remaining, 0.01)))
+
+
+def _conflicts(rows: dict[str, LockHolder], keys: frozenset[str]) -> list[tuple[str, LockHolder]]:
+    """The rows that stand in the way of ``keys``: the same keys, and the workspace-wide lock
+    against any resource (or any resource against the workspace-wide lock)."""
+    if WORKSPACE in keys:
+        return list(rows.items())
+    return [(k, h) for k, h in rows.items() if k in keys or k == WORKSPACE]
 
 
 @contextmanager
@@ -241,23 +296,30 @@ def hold_still(
     if store.in_transaction:
         raise RuntimeError("hold_still() must not be called inside StateStore.atomic()")
     deadline = clock() + max(timeout, 0.0)
+    everything = lock_keys(None)
     while True:
         store.db.begin_writer()
-        holder = store.lock_row()
-        if holder is None or (holder.host == info.host and not pid_is_alive(holder.pid)):
+        rows = store.lock_rows()  # any lock on any resource: the whole state is copied
+        live = [(key, h) for key, h in rows.items() if h.host != info.host or pid_is_alive(h.pid)]
+        if not live:
             break
         store.db.rollback()
         remaining = deadline - clock()
         if remaining <= 0:
-            raise StateLockedError(_locked_message(store, holder, timeout, STALE_AFTER))
+            conflict = _Conflict(*live[0])
+            raise StateLockedError(
+                _locked_message(store, everything, conflict, timeout, STALE_AFTER)
+            )
         sleep(min(poll_interval, remaining))
+    dead = {h.holder_id: h for h in rows.values()}
     try:
         yield (
             None
-            if holder is None
-            else (
-                f"the lock of dead process {holder.pid} on host {holder.host} (holder "
-                f"{holder.holder_id}) is left as it is in {store.label}"
+            if not dead
+            else "; ".join(
+                f"the lock of dead process {h.pid} on host {h.host} (holder {h.holder_id}) "
+                f"is left as it is in {store.label}"
+                for h in dead.values()
             )
         )
     finally:
@@ -265,62 +327,74 @@ def hold_still(
 
 
 def _try_take(
-    store: StateStore, command: str, info: RunInfo, run_id: int | None
-) -> tuple[LockHandle | None, LockHolder | None]:
-    """One check-and-take under the writer lock: (handle, None) or (None, live holder)."""
+    store: StateStore, command: str, info: RunInfo, keys: frozenset[str], run_id: int | None
+) -> tuple[LockHandle | None, _Conflict | None]:
+    """One check-and-take of every key under the writer lock: a handle, or the conflict."""
     if store.dialect == "postgresql":
-        return _try_take_session_lock(store, command, info, run_id)
+        return _try_take_with_sessions(store, command, info, keys, run_id)
     mine = _holder(command, info)
     with store.atomic():
-        current = store.lock_row()
-        if current is None:
-            store.write_lock_row(mine)
-            return LockHandle(store, mine), None
-        if current.host != info.host or pid_is_alive(current.pid):
-            return None, current
-        store.write_lock_row(mine)
+        dead: dict[str, LockHolder] = {}
+        for key, holder in _conflicts(store.lock_rows(), keys):
+            if holder.host != info.host or pid_is_alive(holder.pid):
+                return None, _Conflict(key, holder)
+            dead[holder.holder_id] = holder
+        _take_over(store, dead.values(), mine, run_id)
+        store.write_lock_row(mine, keys)
+    return LockHandle(store, mine, keys, _takeover_warning(dead.values(), "dead process")), None
+
+
+def _try_take_with_sessions(
+    store: StateStore, command: str, info: RunInfo, keys: frozenset[str], run_id: int | None
+) -> tuple[LockHandle | None, _Conflict | None]:
+    """PostgreSQL: a holder's session lock says whether it is alive; the rows say what it holds.
+
+    The new holder's session lock is taken inside the writer transaction that writes its rows,
+    so a holder's rows never appear to another run without its session lock.
+    """
+    mine = _holder(command, info)
+    my_key = _holder_key(store, mine.holder_id)
+    locked = False
+    try:
+        with store.atomic():
+            held = _held_advisory_keys(store)
+            dead: dict[str, LockHolder] = {}
+            for key, holder in _conflicts(store.lock_rows(), keys):
+                if _is_alive(store, key, holder, held):
+                    return None, _Conflict(key, holder)
+                dead[holder.holder_id] = holder  # its session, and so its lock, is gone
+            store.db.execute("SELECT pg_advisory_lock(?)", (my_key,))  # a new id: free
+            locked = True
+            _take_over(store, dead.values(), mine, run_id)
+            store.write_lock_row(mine, keys)
+    except BaseException:
+        if locked:
+            _release_holder_lock(store, mine.holder_id)
+        raise
+    warning = _takeover_warning(dead.values(), "a run whose database session has ended: pid")
+    return LockHandle(store, mine, keys, warning), None
+
+
+def _take_over(
+    store: StateStore, dead: Iterable[LockHolder], mine: LockHolder, run_id: int | None
+) -> None:
+    for holder in dead:
+        store.delete_lock_row(holder.holder_id)
         store.record_event(
             run_id,
             "lock.takeover",
-            detail={"previous": _holder_detail(current), "holder_id": mine.holder_id},
+            detail={"previous": _holder_detail(holder), "holder_id": mine.holder_id},
         )
-    warning = (
-        f"took over the lock of dead process {current.pid} on host {current.host} "
-        f"(holder {current.holder_id}, command {current.command!r}, held since {current.since})"
-    )
-    return LockHandle(store, mine, warning), None
 
 
-def _try_take_session_lock(
-    store: StateStore, command: str, info: RunInfo, run_id: int | None
-) -> tuple[LockHandle | None, LockHolder | None]:
-    """PostgreSQL: the advisory lock decides; the row only describes its holder."""
-    key = _run_lock_key(store)
-    got = store.db.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]
-    if not got:
-        return None, store.lock_row()  # None: the live holder has not written its row yet
-    mine = _holder(command, info)
-    try:
-        with store.atomic():
-            previous = store.lock_row()
-            store.write_lock_row(mine)
-            if previous is not None:
-                store.record_event(
-                    run_id,
-                    "lock.takeover",
-                    detail={"previous": _holder_detail(previous), "holder_id": mine.holder_id},
-                )
-    except BaseException:
-        _release_session_lock(store)
-        raise
-    if previous is None:
-        return LockHandle(store, mine), None
-    warning = (
-        f"took over the lock of a run whose database session has ended: pid {previous.pid} on "
-        f"host {previous.host} (holder {previous.holder_id}, command {previous.command!r}, "
-        f"held since {previous.since})"
-    )
-    return LockHandle(store, mine, warning), None
+def _takeover_warning(dead: Iterable[LockHolder], what: str) -> str | None:
+    """``took over the lock of WHAT PID on host H (holder, command, since)``, per holder."""
+    parts = [
+        f"{what} {h.pid} on host {h.host} (holder {h.holder_id}, command {h.command!r}, "
+        f"held since {h.since})"
+        for h in dead
+    ]
+    return f"took over the lock of {'; '.join(parts)}" if parts else None
 
 
 def _holder(command: str, info: RunInfo) -> LockHolder:
@@ -337,15 +411,43 @@ def _holder(command: str, info: RunInfo) -> LockHolder:
     )
 
 
+def _holder_key(store: StateStore, holder_id: str) -> int:
+    """The session advisory lock a holder holds while it holds any row: one per run, however
+    many resources (PostgreSQL's shared lock table has room for some thousands in all)."""
+    db = store.db
+    assert isinstance(db, PostgresSql)
+    return db.advisory_key(f"lock-holder\0{holder_id}")
+
+
 def _run_lock_key(store: StateStore) -> int:
+    """The one run lock's key before migration m005; a run that held it then still holds it."""
     db = store.db
     assert isinstance(db, PostgresSql)
     return db.advisory_key("run-lock")
 
 
-def _release_session_lock(store: StateStore) -> None:
+def _is_alive(store: StateStore, key: str, holder: LockHolder, held: set[int]) -> bool:
+    if _holder_key(store, holder.holder_id) in held:
+        return True
+    # the run lock carried over by m005 as the workspace-wide row: its holder's session lock
+    return key == WORKSPACE and _run_lock_key(store) in held
+
+
+_ADVISORY_KEYS = (
+    "SELECT DISTINCT (classid::bigint << 32) | objid::bigint AS key, pid FROM pg_locks "
+    "WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def _held_advisory_keys(store: StateStore) -> set[int]:
+    """Every bigint advisory key some session of this database holds."""
+    return {int(row["key"]) for row in store.db.query(_ADVISORY_KEYS)}
+
+
+def _release_holder_lock(store: StateStore, holder_id: str) -> None:
     if store.dialect == "postgresql":
-        store.db.execute("SELECT pg_advisory_unlock(?)", (_run_lock_key(store),))
+        store.db.execute("SELECT pg_advisory_unlock(?)", (_holder_key(store, holder_id),))
 
 
 def force_unlock(
@@ -356,46 +458,53 @@ def force_unlock(
     force: bool = False,
     stale_after: timedelta = STALE_AFTER,
 ) -> LockHolder:
-    """Release the lock held by ``holder_id`` (``batchspec unlock ID``); returns that holder.
+    """Release every lock held by ``holder_id`` (``batchspec unlock ID``); returns that holder.
 
     A holder that may be alive (fresh heartbeat, not a dead process on this host) is released
     only with ``force``; otherwise ``StateLockedError`` (exit 3) says so and changes nothing.
     """
     with store.atomic():
-        current = store.lock_row()
-        if current is None:
+        rows = store.lock_rows()
+        if not rows:
             raise StateError(f"no lock is held on {store.label}; nothing to unlock")
-        if current.holder_id != holder_id:
+        keys = sorted(k for k, h in rows.items() if h.holder_id == holder_id)
+        if not keys:
+            others = {h.holder_id: h for h in rows.values()}
             raise StateError(
-                f"the lock on {store.label} is held by {describe_holder(current)}, not by "
-                f"{holder_id!r}; nothing was released. To release it: "
-                f"batchspec unlock {current.holder_id}"
+                f"no lock on {store.label} is held by {holder_id!r}; nothing was released. "
+                "Locks are held by: "
+                + "; ".join(describe_holder(h) for h in others.values())
+                + ". To release one: "
+                + ", ".join(f"batchspec unlock {h}" for h in others)
             )
+        current = rows[keys[0]]
         if not force:
             _refuse_if_alive(current, stale_after)
         store.delete_lock_row(holder_id)
         store.record_event(
-            run_id, "lock.force_unlock", detail={**_holder_detail(current), "forced": force}
+            run_id,
+            "lock.force_unlock",
+            detail={**_holder_detail(current), "resources": keys, "forced": force},
         )
     if store.dialect == "postgresql":
-        _end_holder_sessions(store)
+        _end_holder_sessions(store, holder_id, workspace=WORKSPACE in keys)
     return current
 
 
-def _end_holder_sessions(store: StateStore) -> None:
-    """PostgreSQL: the lock is its holder's session, so releasing it ends that session.
+def _end_holder_sessions(store: StateStore, holder_id: str, *, workspace: bool) -> None:
+    """PostgreSQL: the locks are their holder's session, so releasing them ends that session.
 
     The holder's next statement fails ("lost the connection"), so it stops before changing
-    anything else, as a run whose lock row was deleted does at its next heartbeat.
+    anything else, as a run whose lock rows were deleted does at its next heartbeat.
     """
-    key = _run_lock_key(store)
+    wanted = {_holder_key(store, holder_id)} | ({_run_lock_key(store)} if workspace else set())
     try:
-        store.db.execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' "
-            "AND granted AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 1 "
-            "AND pid <> pg_backend_pid()",
-            (key >> 32, key & 0xFFFFFFFF),
-        )
+        pids = {
+            int(row["pid"]) for row in store.db.query(_ADVISORY_KEYS) if int(row["key"]) in wanted
+        }
+        pids.discard(int(store.db.execute("SELECT pg_backend_pid()").fetchone()[0]))
+        for pid in sorted(pids):
+            store.db.execute("SELECT pg_terminate_backend(?, 5000)", (pid,))
     except DatabaseError as err:
         raise StateError(
             f"released the lock's record on {store.label}, but could not end the holder's "
@@ -427,28 +536,25 @@ def _minutes(span: timedelta) -> str:
     return f"{minutes:g} minutes" if minutes != 1 else "1 minute"
 
 
-def current_lock(store: StateStore) -> LockHolder | None:
-    """The current holder of the lock, or None if it is free.
+def held_locks(store: StateStore) -> list[HeldLock]:
+    """Every lock held now, by key (resource names, ``*`` for the whole workspace).
 
-    In PostgreSQL a row whose session lock nobody holds is a dead run's: the lock is free.
+    In PostgreSQL a row whose session lock nobody holds is a dead run's: that lock is free.
     """
-    row = store.lock_row()
-    if row is not None and store.dialect == "postgresql" and not _session_lock_held(store):
-        return None
-    return row
+    rows = store.lock_rows()
+    if rows and store.dialect == "postgresql":
+        held = _held_advisory_keys(store)
+        alive = {h.holder_id for k, h in rows.items() if _is_alive(store, k, h, held)}
+        rows = {k: h for k, h in rows.items() if h.holder_id in alive}
+    return [HeldLock(key, holder) for key, holder in rows.items()]
 
 
-def _session_lock_held(store: StateStore) -> bool:
-    """Whether any session holds the run lock (a bigint key: classid high, objid low)."""
-    key = _run_lock_key(store)
-    high, low = key >> 32, key & 0xFFFFFFFF
-    row = store.db.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 1 "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        (high, low),
-    ).fetchone()
-    return bool(row[0])
+def current_lock(store: StateStore, resource: str | None = None) -> LockHolder | None:
+    """The live holder of ``resource``'s lock (None: of any lock), or None if it is free."""
+    for lock in held_locks(store):
+        if resource is None or lock.resource in (resource, WORKSPACE):
+            return lock.holder
+    return None
 
 
 def describe_holder(holder: LockHolder) -> str:
@@ -460,13 +566,38 @@ def describe_holder(holder: LockHolder) -> str:
     return text + f", since {holder.since})"
 
 
+def _what(keys: Collection[str]) -> str:
+    if WORKSPACE in keys:
+        return "the whole workspace"
+    names = sorted(keys)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"resource{'s' if len(names) > 1 else ''} {shown}"
+
+
 def _locked_message(
-    store: StateStore, holder: LockHolder, timeout: float, stale_after: timedelta
+    store: StateStore,
+    keys: Collection[str],
+    conflict: _Conflict,
+    timeout: float,
+    stale_after: timedelta,
 ) -> str:
     waited = f"after waiting {timeout:g} s" if timeout > 0 else "(not waiting: --lock-timeout 0)"
+    holder = conflict.holder
+    in_conflict = (
+        "the whole workspace (a workspace-wide lock)"
+        if conflict.key == WORKSPACE
+        else f"resource {conflict.key}"
+    )
+    if holder is None:
+        return (
+            f"{in_conflict} in the state database {store.label} is locked by another run "
+            f"{waited}: a run that is starting, or whose lock was released with "
+            f"`batchspec unlock` and that stops at its next step; try again"
+        )
     message = (
-        f"the state database {store.label} is locked by another run {waited}: "
-        f"{describe_holder(holder)}, last heartbeat {holder.heartbeat}."
+        f"{in_conflict} in the state database {store.label} is locked by another run {waited}: "
+        f"{describe_holder(holder)}, last heartbeat {holder.heartbeat}. This run needs "
+        f"{_what(keys)}."
     )
     age = _heartbeat_age(holder)
     # in PostgreSQL the holder's session is alive by definition: never "possibly stale"
@@ -502,12 +633,15 @@ def _holder_detail(holder: LockHolder) -> dict[str, object]:
 
 
 __all__ = [
+    "WORKSPACE",
+    "HeldLock",
     "LockHandle",
     "LockHolder",
     "acquire_lock",
     "current_lock",
     "describe_holder",
     "force_unlock",
-    "hold_still",
+    "held_locks",
+    "lock_keys",
     "pid_is_alive",
 ]

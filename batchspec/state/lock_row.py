@@ -1,22 +1,27 @@
-"""The lock row: at most one row, the run holding the writer lock.
+"""The lock rows: one row per locked resource (table ``resource_locks``), naming its holder.
 
-Only the row lives here; the policy (waiting, stale holders, heartbeats) is
-``batchspec.state.lock``.
+A row's ``resource`` is a resource name, or ``*`` (``WORKSPACE``) for the workspace-wide
+lock. One holder (a run) owns one or more rows, all with its ``holder_id`` and the same
+details. Only the rows live here; the policy (conflicts, waiting, dead holders, heartbeats)
+is ``batchspec.state.lock``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from batchspec.state.connection import StateConnection
 from batchspec.state.records import known_columns
 
+#: the key of the workspace-wide lock (never a resource name: those match ^[a-z0-9])
+WORKSPACE = "*"
+
 
 @dataclass(frozen=True)
 class LockRow:
-    """The run holding the writer lock. ``batchspec.state.lock.LockHolder`` is this class."""
+    """A run holding locks. ``batchspec.state.lock.LockHolder`` is this class."""
 
     holder_id: str
     host: str
@@ -33,46 +38,56 @@ def _lock_row(d: Mapping[str, Any]) -> LockRow:
 
 
 class LockRows(StateConnection):
-    """Read, write, touch and delete the lock row."""
+    """Read, write, touch and delete the lock rows."""
 
-    # -- the lock row (policy lives in batchspec.state.lock) --------------------------------
+    # -- the lock rows (policy lives in batchspec.state.lock) -------------------------------
 
-    def lock_row(self) -> LockRow | None:
-        row = self._one("SELECT * FROM lock WHERE id = 1")
+    def lock_rows(self) -> dict[str, LockRow]:
+        """Every locked key (a resource name or ``*``) and its holder, in key order."""
+        rows = self._all("SELECT * FROM resource_locks ORDER BY resource")
+        return {row["resource"]: _lock_row(row) for row in rows}
+
+    def lock_row(self, key: str = WORKSPACE) -> LockRow | None:
+        """The holder of ``key`` (default: the workspace-wide lock), or None."""
+        row = self._one("SELECT * FROM resource_locks WHERE resource = ?", (key,))
         return None if row is None else _lock_row(row)
 
-    def write_lock_row(self, holder: LockRow) -> None:
-        """Make ``holder`` the lock holder, replacing any other (policy: batchspec.state.lock)."""
+    def write_lock_row(self, holder: LockRow, keys: Iterable[str] = (WORKSPACE,)) -> None:
+        """Make ``holder`` the holder of every key in ``keys``, replacing any other holder
+        (policy: batchspec.state.lock)."""
         with self.atomic():
-            self.db.execute(
-                "INSERT INTO lock (id, holder_id, host, pid, command, ci_run_url, since, "
-                'heartbeat, "user") VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE '
-                "SET holder_id = excluded.holder_id, host = excluded.host, pid = excluded.pid, "
-                "command = excluded.command, ci_run_url = excluded.ci_run_url, "
-                'since = excluded.since, heartbeat = excluded.heartbeat, "user" = excluded."user"',
-                (
-                    holder.holder_id,
-                    holder.host,
-                    holder.pid,
-                    holder.command,
-                    holder.ci_run_url,
-                    holder.since,
-                    holder.heartbeat,
-                    holder.user,
-                ),
-            )
+            for key in sorted(set(keys)):
+                self.db.execute(
+                    "INSERT INTO resource_locks (resource, holder_id, host, pid, command, "
+                    'ci_run_url, since, heartbeat, "user") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) '
+                    "ON CONFLICT (resource) DO UPDATE SET holder_id = excluded.holder_id, "
+                    "host = excluded.host, pid = excluded.pid, command = excluded.command, "
+                    "ci_run_url = excluded.ci_run_url, since = excluded.since, "
+                    'heartbeat = excluded.heartbeat, "user" = excluded."user"',
+                    (
+                        key,
+                        holder.holder_id,
+                        holder.host,
+                        holder.pid,
+                        holder.command,
+                        holder.ci_run_url,
+                        holder.since,
+                        holder.heartbeat,
+                        holder.user,
+                    ),
+                )
 
     def touch_lock_row(self, holder_id: str, heartbeat: str) -> bool:
-        """Set the heartbeat if ``holder_id`` still holds the lock; False if it does not."""
+        """Set the heartbeat of ``holder_id``'s rows; False if it holds none."""
         with self.atomic():
             cur = self.db.execute(
-                "UPDATE lock SET heartbeat = ? WHERE id = 1 AND holder_id = ?",
+                "UPDATE resource_locks SET heartbeat = ? WHERE holder_id = ?",
                 (heartbeat, holder_id),
             )
-            return cur.rowcount == 1
+            return cur.rowcount >= 1
 
     def delete_lock_row(self, holder_id: str) -> bool:
-        """Release the lock if ``holder_id`` holds it; False if it does not."""
+        """Release every row ``holder_id`` holds; False if it holds none."""
         with self.atomic():
-            cur = self.db.execute("DELETE FROM lock WHERE id = 1 AND holder_id = ?", (holder_id,))
-            return cur.rowcount == 1
+            cur = self.db.execute("DELETE FROM resource_locks WHERE holder_id = ?", (holder_id,))
+            return cur.rowcount >= 1

@@ -398,6 +398,53 @@ def m004_request_usage(db: Sql) -> None:
     db.script(_M004[db.dialect])
 
 
+_M005 = {
+    "sqlite": """
+CREATE TABLE resource_locks (
+    resource TEXT PRIMARY KEY,
+    holder_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    command TEXT NOT NULL,
+    ci_run_url TEXT,
+    since TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,
+    user TEXT
+);
+""",
+    "postgresql": """
+CREATE TABLE resource_locks (
+    resource TEXT PRIMARY KEY,
+    holder_id TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    command TEXT NOT NULL,
+    ci_run_url TEXT,
+    since TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,
+    "user" TEXT
+);
+""",
+}
+
+
+@MIGRATIONS
+def m005_resource_locks(db: Sql) -> None:
+    """``resource_locks``: one row per locked resource, naming its holder, instead of the one
+    ``lock`` row per state (``batchspec.state.lock``). The key ``*`` is the workspace-wide
+    lock, which conflicts with every resource's. A run that held the old lock while this
+    migration ran keeps it, as the workspace-wide lock (in PostgreSQL its old session lock
+    still counts as alive: ``batchspec.state.lock._is_alive``)."""
+    db.script(
+        _M005[db.dialect]
+        + "CREATE INDEX resource_locks_holder ON resource_locks(holder_id);"
+        + "INSERT INTO resource_locks (resource, holder_id, host, pid, command, ci_run_url, "
+        + "since, heartbeat, \"user\") SELECT '*', holder_id, host, pid, command, ci_run_url, "
+        + 'since, heartbeat, "user" FROM lock;'
+        + "DROP TABLE lock;"
+    )
+
+
 _M006 = {
     "sqlite": """
 CREATE TABLE blobs (
@@ -435,6 +482,5 @@ def m006_blobs(db: Sql) -> None:
     """``blobs`` and ``blob_chunks``: the result store's remote tier when the state is shared
     (``batchspec.storage.remote_blobs.PostgresBlobs``): collected files and shard files, in
     chunks of 1 MiB, so every runner can restore results. An SQLite state has the tables too
-    (one schema for both) and leaves them empty: its blobs are in ``state/store/``. (Number 5
-    is the per-resource locks' migration, written alongside; the two are independent.)"""
+    (one schema for both) and leaves them empty: its blobs are in ``state/store/``."""
     db.script(_M006[db.dialect])

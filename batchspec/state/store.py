@@ -15,7 +15,8 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
   is also sent in the batch metadata, so a crash between create and record can be repaired
   by adopting the remote batch that carries the key (DESIGN.md, invariant 1).
 * ``events``: the append-only audit log; triggers make UPDATE and DELETE on it fail.
-* ``lock``: at most one row, the run holding the writer lock (see ``batchspec.state.lock``).
+* ``resource_locks``: one row per locked resource (``*``: the whole workspace), naming the
+  run that holds it (see ``batchspec.state.lock``); it replaced the one-row ``lock`` (m005).
 * ``requests``: the request ledger, one row per request of a generation (written and read
   by ``batchspec.state.ledger``; created here so that all schema lives in one migration list).
 * ``blobs``, ``blob_chunks``: with a PostgreSQL state, the result store's remote tier:
@@ -59,7 +60,7 @@ from batchspec.state.batches import (
 )
 from batchspec.state.connection import BUSY_TIMEOUT_SECONDS
 from batchspec.state.ledger import LedgerAccess
-from batchspec.state.lock_row import LockRow, LockRows
+from batchspec.state.lock_row import WORKSPACE, LockRow, LockRows
 from batchspec.state.records import parse_timestamp, utc_timestamp
 from batchspec.state.resources import (
     GENERATION_STATUSES,
@@ -74,6 +75,8 @@ from batchspec.state.schema import (
     m001_initial,
     m002_request_ledger,
     m003_request_fingerprints,
+    m004_request_usage,
+    m005_resource_locks,
 )
 
 
@@ -85,6 +88,7 @@ __all__ = [
     "BATCH_INTENT_STATUS",
     "BATCH_TERMINAL_STATUSES",
     "BUSY_TIMEOUT_SECONDS",
+    "WORKSPACE",
     "GENERATION_STATUSES",
     "MIGRATIONS",
     "MIGRATION_SET",
@@ -99,6 +103,8 @@ __all__ = [
     "m001_initial",
     "m002_request_ledger",
     "m003_request_fingerprints",
+    "m004_request_usage",
+    "m005_resource_locks",
     "parse_timestamp",
     "utc_timestamp",
 ]

@@ -71,6 +71,9 @@ class RunContext:
     # raises StateLockedError/StateError when this run no longer holds the lock; called
     # right before every create, so a run whose lock was released stops spending at once
     still_holds_lock: Callable[[], None]
+    # whether this run may record what it saw of a resource it did not lock (no other run
+    # holds that resource's lock); asked inside the transaction that would write
+    may_touch: Callable[[str], bool] = lambda resource: True
     # waits between lookups of a create whose answer was lost (injectable: tests run fast)
     sleep: Callable[[float], None] = time.sleep
     # what this pass fetched ahead, in parallel (batchspec.core.reconcile.prefetch)

@@ -45,13 +45,20 @@ def refresh(
     return True
 
 
-def poll_batch(ctx: RunContext, name: str, batch: BatchRow, provider: Provider) -> RemoteBatch:
-    """Ask the provider where a batch stands and record it (an event when it moved)."""
+def poll_batch(
+    ctx: RunContext, name: str, batch: BatchRow, provider: Provider, *, foreign: bool = False
+) -> RemoteBatch:
+    """Ask the provider where a batch stands and record it (an event when it moved).
+
+    ``foreign``: the batch is of a resource this run did not lock; what was seen is recorded
+    only if no other run holds that resource (its holder records it itself)."""
     assert batch.remote_id is not None
     remote = ctx.prefetched.take_poll(batch.provider, batch.remote_id) or provider.get_batch(
         batch.remote_id
     )
     with ctx.store.atomic():
+        if foreign and not ctx.may_touch(name):
+            return remote
         ctx.store.update_batch(batch.id, **batch_fields(remote))
         if remote.status != batch.status:
             ctx.store.record_event(

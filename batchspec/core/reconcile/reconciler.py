@@ -68,6 +68,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         may_spend: Callable[[Action], bool] | None = None,
         still_holds_lock: Callable[[], None] = lambda: None,
+        may_touch: Callable[[str], bool] = lambda resource: True,
         sleep: Callable[[float], None] = time.sleep,
         parallelism: int = DEFAULT_PARALLELISM,
         max_concurrency: Callable[[str], int | None] = lambda provider: None,
@@ -83,6 +84,7 @@ class Reconciler:
             requeue_backoff=requeue_backoff,
             clock=clock,
             still_holds_lock=still_holds_lock,
+            may_touch=may_touch,
             sleep=sleep,
         )
         self.allow_replace = allow_replace

@@ -88,7 +88,7 @@ def _has_capacity(ctx: RunContext, res: Resource, batch: BatchRow) -> bool:
         for other in in_flight:
             owner = ctx.store.get_generation(other.generation_id).resource
             if owner != res.name:
-                poll_batch(ctx, owner, other, provider)
+                poll_batch(ctx, owner, other, provider, foreign=True)
         in_flight = _in_flight_on(ctx, res.provider)
     if len(in_flight) < limit:
         return True

@@ -1,0 +1,210 @@
+"""Locks per resource, with real `batchspec apply` processes against one `batchspec serve`.
+
+Runs on different resources of one state proceed side by side; a second run on the same
+resource exits 3 naming the holder and the resource; a holder killed with SIGKILL frees its
+locks with no `unlock` (PostgreSQL: its session ends; SQLite: its pid is gone on this host).
+Each test runs once per backend (``state_location``: an SQLite file or a PostgreSQL database).
+alpha's server delays its answers (``--upstream-latency``), so a run on alpha holds its lock
+for a while: overlap is proven by a second process finishing while the first still holds
+its lock, never by sleeping in the product.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_faults import serve_processes
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    batchspec_cmd,
+    local_provider,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+from batchspec.state.lock import acquire_lock, describe_holder, held_locks
+from batchspec.state.runinfo import collect_run_info
+from batchspec.state.store import EventRow, StateStore
+
+#: seconds each answer for alpha takes: long enough that its run surely holds its lock while
+#: a second process starts and finishes, however loaded the machine
+HOLD = "20"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    yield from serve_processes(tmp_path)
+
+
+def workspace(tmp_path: Path, serve: Any, alpha_latency: str) -> tuple[Workspace, Any]:
+    """alpha on a server whose answers take ``alpha_latency`` s, beta on a prompt one;
+    returns the workspace and alpha's server."""
+    slow = serve("--upstream-latency", alpha_latency)
+    fast = serve()
+    return make_workspace(
+        tmp_path / "ws",
+        providers={
+            "slow": openai_provider(slow.v1, KEY_ENV),
+            "fast": openai_provider(fast.v1, KEY_ENV),
+        },
+        resources=[
+            ResourceSpec("alpha", count=2, provider="slow"),
+            ResourceSpec("beta", count=2, provider="fast"),
+        ],
+    ), slow
+
+
+def env_for(state: Path | str) -> dict[str, str]:
+    return {**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE": str(state)}
+
+
+def start(ws: Workspace, state: Path | str, *args: str) -> subprocess.Popen[str]:
+    """A separate `batchspec ARGS` process on ``ws`` with the state at ``state``."""
+    return subprocess.Popen(
+        batchspec_cmd(*args),
+        cwd=ws.root,
+        env=env_for(state),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_apply(ws: Workspace, state: Path | str, name: str, *extra: str) -> subprocess.Popen[str]:
+    return start(
+        ws, state, "apply", "--select", name, "--yes", "--wait", "--poll-interval", "0.1",
+        "--timeout", "90", *extra,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def events(state: Path | str, action: str, resource: str) -> list[EventRow]:
+    with StateStore.open(state) as store:
+        return [e for e in store.events(resource=resource) if e.action == action]
+
+
+def wait_for_event(
+    state: Path | str, action: str, resource: str, proc: subprocess.Popen[str]
+) -> EventRow:
+    """The first ``action`` event of ``resource``, once ``proc`` (still running) records it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = events(state, action, resource)
+        if found:
+            return found[0]
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.05)
+    raise AssertionError(f"no {action} event for {resource}")
+
+
+def test_runs_on_different_resources_overlap(
+    tmp_path: Path, serve: Any, state_location: Path | str
+) -> None:
+    """Two applies on different --select run side by side: with --lock-timeout 0, the second
+    creates, collects and exits 0 while the first still runs, holding its lock."""
+    ws, slow = workspace(tmp_path, serve, HOLD)
+    first = start_apply(ws, state_location, "alpha")
+    try:
+        wait_for_event(state_location, "create", "alpha", first)
+        code, _, err = finish(start_apply(ws, state_location, "beta", "--lock-timeout", "0"))
+        assert code == 0, err
+        assert first.poll() is None  # alpha's answers are not due yet: it still runs
+        with StateStore.open(state_location) as store:
+            assert [lock.resource for lock in held_locks(store)] == ["alpha"]
+        assert events(state_location, "collect", "alpha") == []
+        assert len(ws.outputs("beta")) == 2
+    finally:
+        stop_now(first, slow)
+
+
+def test_second_run_on_the_same_resource_exits_3_naming_holder_and_resource(
+    tmp_path: Path, serve: Any, state_location: Path | str
+) -> None:
+    """A run on a resource another run holds waits --lock-timeout, then exits 3 naming the
+    holder (id, pid, command) and the resource; status --json shows the held lock."""
+    ws, slow = workspace(tmp_path, serve, HOLD)
+    first = start_apply(ws, state_location, "alpha")
+    try:
+        wait_for_event(state_location, "create", "alpha", first)
+        code, out, err = finish(start(ws, state_location, "status", "--json"))
+        assert code == 0, err
+        [lock] = json.loads(out)["locks"]
+        assert (lock["resource"], lock["pid"], lock["command"]) == ("alpha", first.pid, "apply")
+        began = time.monotonic()
+        code, _, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "0.5"))
+        assert code == 3, err
+        assert time.monotonic() - began >= 0.5
+        for part in ("resource alpha", lock["holder_id"], f"pid {first.pid}", "'apply'"):
+            assert part in err
+        assert f"batchspec unlock {lock['holder_id']}" in err
+        assert first.poll() is None
+    finally:
+        stop_now(first, slow)
+    assert len(events(state_location, "create", "alpha")) == 1  # one batch, not two
+
+
+def test_a_killed_holder_frees_its_locks_without_unlock(
+    tmp_path: Path, serve: Any, state_location: Path | str
+) -> None:
+    """kill -9 a run holding a resource: the next run on it proceeds with no `unlock`
+    (PostgreSQL: the session lock died with the session; SQLite: the pid is gone on this
+    host), takes the lock over, and adopts the killed run's batch instead of paying again."""
+    ws, _ = workspace(tmp_path, serve, "2")
+    first = start_apply(ws, state_location, "alpha")
+    wait_for_event(state_location, "create", "alpha", first)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
+    code, out, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "10"))
+    assert code == 0, err
+    assert "took over the lock" in out and f"{first.pid} on host" in out
+    [takeover] = events_of(state_location, "lock.takeover")
+    assert takeover.detail["previous"]["pid"] == first.pid
+    assert len(events(state_location, "create", "alpha")) == 1
+    assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+
+
+def stop_now(first: subprocess.Popen[str], slow: Any) -> None:
+    """Kill the first run and alpha's server (whose answers are not due for a while)."""
+    for process in (first, slow.process):
+        process.kill()
+        process.wait()
+
+
+def events_of(state: Path | str, action: str) -> list[EventRow]:
+    with StateStore.open(state) as store:
+        return [e for e in store.events() if e.action == action]
+
+
+def test_status_text_lists_each_held_lock_with_its_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` ends with a Locks: section, one line per locked resource naming its holder."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    info = collect_run_info(ws.root, env={})
+    with (
+        StateStore.open(ws.state_path) as store,
+        acquire_lock(store, command="cancel", info=info, resources=["alpha"]) as handle,
+    ):
+        code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0, err
+    locks = out.split("Locks:\n", 1)[1].splitlines()
+    assert locks == [f"  alpha: {describe_holder(handle.holder)}"]
+    assert f"pid {os.getpid()}" in locks[0] and "'cancel'" in locks[0]
