@@ -19,7 +19,7 @@ from typing import TypeVar
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, ledger_rows
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
@@ -38,6 +38,8 @@ class Prefetched:
 
     polls: dict[tuple[str, str], RemoteBatch | BaseException] = field(default_factory=dict)
     files: dict[tuple[str, str], str | BaseException] = field(default_factory=dict)
+    #: the pass's one newest-first scan of each provider's batches, for key lookups
+    listings: dict[str, BatchListing] = field(default_factory=dict)
 
     def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
         return _unwrap(self.polls.pop((provider, remote_id), None))
