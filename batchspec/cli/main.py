@@ -274,6 +274,20 @@ def cli() -> None:
     help="Fail the first N batches' validation with token_limit_exceeded (tests).",
 )
 @click.option(
+    "--fault-api-429-from",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="Answer API requests from this one (1-based) with 429 and Retry-After (tests).",
+)
+@click.option(
+    "--fault-api-429-count",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="How many API requests --fault-api-429-from refuses (tests).",
+)
+@click.option(
     "--max-line-bytes",
     type=click.IntRange(min=1),
     default=10 * 1024 * 1024,
