@@ -159,7 +159,9 @@ def test_a_kill_in_the_middle_of_a_parallel_submit_then_apply_creates_no_duplica
     batches: the re-run adopts what was made, creates the rest, and the server ends with
     exactly one batch per shard."""
     srv, upstream = gated()
-    ws = fleet(tmp_path / "ws", srv, 12)
+    # a create marked as sent but still queued in the pool at the kill is unsure: the re-run
+    # waits this long for it to appear before it creates it (default: timeout + a margin)
+    ws = fleet(tmp_path / "ws", srv, 12, createConfirmSeconds=1)
     reached = srv.probe.hold(CREATE, 30.0, after=True)
     proc = subprocess.Popen(
         batchspec_cmd("apply", str(ws.root), "--yes", "--parallelism", "4"),
@@ -254,3 +256,51 @@ def test_a_429_without_retries_left_still_fails_the_run_clearly(
     assert "Rate limited" in err and "Traceback" not in err
     with ws.store() as store:
         assert store.batches() and all(b.remote_id is None for b in store.batches())
+
+
+def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_when_ended(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 Message Batches in flight cost ceil(12/5) list calls a pass (pages of 5), no
+    retrieve and no results; once they have ended, one results fetch per part and still no
+    retrieve, and every resource is collected in order."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)
+    srv, upstream = gated()
+    provider = {"type": "anthropic", "baseUrl": srv.base_url, "apiKeyEnv": KEY_ENV}
+    names = [f"r{i:02d}" for i in range(12)]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"claude": provider},
+        resources=[ResourceSpec(n, count=1, provider="claude", prefix=n) for n in names],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    lists = srv.probe.counts["GET /messages/batches"]
+    others = sum(n for r, n in srv.probe.counts.items() if r.startswith("GET /messages/batches/"))
+    assert (lists, others) == (3, 0)
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == names
+
+    upstream.gate.set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = srv.engine.list_batches(None, 100)["data"]
+        if all(r["status"] == "completed" for r in rows):
+            break
+        time.sleep(0.02)
+    srv.probe.counts.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    routes = srv.probe.counts
+    assert routes["GET /messages/batches"] == 3
+    results = sum(n for r, n in routes.items() if r.endswith("/results"))
+    retrieves = sum(n for r, n in routes.items() if r.startswith("GET /messages/batches/"))
+    assert results == 12 and retrieves == results  # the results routes, nothing else
+    collected = [e["resource"] for e in json_lines(out) if e.get("event") == "collect"]
+    assert collected == names
+    assert all(len(ws.outputs(n)) == 1 for n in names)
