@@ -483,7 +483,8 @@ def plan(
     default=16,
     show_default=True,
     envvar="BATCHSPEC_PARALLELISM",
-    help="Provider calls (polls, downloads) in flight at once; a provider's "
+    help="Provider calls (uploads, creates, polls, downloads) in flight at once, fewer "
+    "while a provider answers 429 (halved, then grown back); a provider's "
     "maxConcurrency option caps it for that provider.",
 )
 @click.option(
