@@ -12,13 +12,14 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
   ``creating`` row and ``create-intent`` event, and the run's lock re-check, before the create
   is. A kill at any moment leaves what a serial run killed there leaves: ``pending`` intents
   (looked up by key, then uploaded again) or ``creating`` ones (adopted by key).
-* **The same checks as one at a time.** Before any upload, every intent's key is looked up on
+* **The same checks as one at a time.** Before its upload, every intent's key is looked up on
   the provider (one shared list scan a pass, ``adopt.look_up_before_create``) and adopted if
   an earlier run made it; files are deduplicated by sha256 per provider (within the pass too);
   ``maxInFlightBatches`` is respected; an unsure create (``creating``) is left to the serial
   step, which confirms it before anything is created again.
 * **Deterministic output.** Events and progress follow a fixed schedule over the intents in
-  resource order, whatever the timing: the upload of intent ``i + W`` is started (its
+  resource order, whatever the timing: resources are recorded as the window reaches them, the
+  upload of intent ``i + W`` is started (its
   ``upload-intent`` recorded) before intent ``i``'s upload is recorded, and intent ``i``'s
   create is recorded once intent ``i + W``'s create is sent (``W`` = ``parallelism``). Each kind
   of event comes in resource order, and two runs write the same audit log and NDJSON.
@@ -29,7 +30,7 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,9 +101,23 @@ def submit_pass(
     ``spending_action(res, facts)`` is the action the pass may take for ``res`` (its plan, if it
     spends and is allowed), or None to leave it to the serial steps.
     """
-    budget = _InFlightBudget(ctx)
-    jobs: list[_Job] = []
     handled: set[str] = set()
+    _submit(ctx, calls, _jobs(ctx, resources, facts, spending_action, handled))
+    return handled
+
+
+def _jobs(
+    ctx: RunContext,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    spending_action: Callable[[Resource, InputReport], Action | None],
+    handled: set[str],
+) -> Iterator[_Job]:
+    """The intents to upload and create, in resource order, recorded as they are asked for
+    (so the first uploads start while later resources are still being recorded). Each key is
+    looked up first (one list scan per provider a pass), and a batch an earlier run made for
+    it is adopted instead."""
+    budget = _InFlightBudget(ctx)
     for res in resources:
         taken = _intents_of(ctx, res, facts[res.name], spending_action)
         if taken is None:
@@ -110,16 +125,20 @@ def submit_pass(
         gen, rows = taken
         if not budget.take(res.provider, len(rows)):
             continue  # the serial step reports the queue and polls for capacity
-        provider = ctx.provider_for(res.provider)
-        found = [_Job(res, gen, row, provider) for row in rows]
-        if found:
-            found[-1].last_of_resource = True
-        else:
-            ctx.ensure_ledger(res, gen)
-        jobs += found
         handled.add(res.name)
-    _submit(ctx, calls, _not_adopted(ctx, jobs))
-    return handled
+        provider = ctx.provider_for(res.provider)
+        todo = []
+        for row in rows:
+            adopted = look_up_before_create(ctx, res, provider, row)
+            if adopted is None:
+                todo.append(_Job(res, gen, row, provider))
+            else:
+                record_remote(ctx, res, row, adopted, event="adopt")
+        if not todo:
+            ctx.ensure_ledger(res, gen)
+            continue
+        todo[-1].last_of_resource = True
+        yield from todo
 
 
 def _intents_of(
@@ -172,36 +191,28 @@ class _InFlightBudget:
         return True
 
 
-def _not_adopted(ctx: RunContext, jobs: list[_Job]) -> list[_Job]:
-    """Look every intent's key up before any upload (one list scan per provider); adopt the
-    batches an earlier run made, and return the jobs still to upload and create."""
-    todo = []
-    for job in jobs:
-        adopted = look_up_before_create(ctx, job.res, job.provider, job.batch)
-        if adopted is None:
-            todo.append(job)
-            continue
-        record_remote(ctx, job.res, job.batch, adopted, event="adopt")
-        if job.last_of_resource:
-            ctx.ensure_ledger(job.res, job.gen)
-    return todo
-
-
-def _submit(ctx: RunContext, calls: BoundedCalls, todo: list[_Job]) -> None:
+def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
     """Upload and create every job, overlapping, on the schedule of the module docstring."""
     window = calls.parallelism
     uploading: dict[tuple[str, str], _Job] = {}
-    started = recorded = 0
+    todo: list[_Job] = []
+    i = recorded = 0
     try:
-        for i, job in enumerate(todo):
-            while started < len(todo) and started <= i + window:
-                _start_upload(ctx, calls, todo[started], uploading)
-                started += 1
-            _finish_upload(ctx, job)
-            _start_create(ctx, calls, job)
+        while True:
+            while len(todo) <= i + window:  # start the uploads up to W ahead
+                job = next(jobs, None)
+                if job is None:
+                    break
+                _start_upload(ctx, calls, job, uploading)
+                todo.append(job)
+            if i >= len(todo):
+                break
+            _finish_upload(ctx, todo[i])
+            _start_create(ctx, calls, todo[i])
             while recorded <= i - window:
                 _finish_create(ctx, todo[recorded])
                 recorded += 1
+            i += 1
         while recorded < len(todo):
             _finish_create(ctx, todo[recorded])
             recorded += 1
