@@ -213,12 +213,12 @@ class RecordedLimit(prefetch.AdaptiveLimit):
 def test_429s_shrink_the_calls_in_flight_and_they_grow_back_never_above_n(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """serve refusing requests 5 to 14 with 429 + Retry-After: the provider's limit halves
-    (down to at most 2 calls at once), grows back to --parallelism once the refusals stop,
+    """serve refusing requests 5 to 10 with 429 + Retry-After: the provider's limit halves
+    (to at most 3 calls at once), grows back to --parallelism once the refusals stop,
     the server never sees more than N requests at once, and every resource gets one batch."""
     RecordedLimit.made = []
     monkeypatch.setattr(prefetch, "AdaptiveLimit", RecordedLimit)
-    srv, _ = gated(api_faults=ApiFaults(start=5, count=10, retry_after=0.02))
+    srv, _ = gated(api_faults=ApiFaults(start=5, count=6, retry_after=0.02))
     ws = make_workspace(
         tmp_path / "ws",
         providers={"srv": openai_provider(srv.v1, KEY_ENV)},
@@ -231,7 +231,7 @@ def test_429s_shrink_the_calls_in_flight_and_they_grow_back_never_above_n(
     [limit] = [lim for lim in RecordedLimit.made if lim.history[0][1] == 6]
     values = [value for _, value in limit.history]
     lowest = values.index(min(values))
-    assert min(values) <= 2
+    assert min(values) <= 3  # halved at least once
     assert max(values) <= 6 and limit.peak <= 6
     assert values[-1] == 6 and max(values[lowest:]) == 6  # grown back
     assert srv.probe.peak <= 6

@@ -18,7 +18,9 @@ It promises:
   ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
-* **Files only for terminal batches**, and each file once per pass.
+* **Files only for terminal batches**, and each file once per pass. The pass does not wait for
+  the downloads: the collect step of each resource waits for its own files, so the first
+  resources are recorded while the later ones still download.
 """
 
 from __future__ import annotations
@@ -162,9 +164,8 @@ def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: Bounded
         else:
             continue
         files.update({(row.provider, f): None for f in file_ids if f})
-    downloads = {key: calls.submit(key[0], _downloader(ctx, key[0], key[1])) for key in files}
-    for key, future in downloads.items():
-        ctx.prefetched.files[key] = _outcome(future)
+    for key in files:  # taken (waited for) by the collect step: it starts before they end
+        ctx.prefetched.files[key] = calls.submit(key[0], _downloader(ctx, key[0], key[1]))
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:

@@ -153,14 +153,14 @@ class Reconciler:
                 submitted = submit_pass(
                     self.ctx, resources, facts, calls, spending_action=self._spending_action
                 )
-            waiting = []
-            for res in resources:
-                if res.name in submitted:  # it waits on its new batches (as after a create)
-                    if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                waiting = []
+                for res in resources:  # downloads still under way are waited for when taken
+                    if res.name in submitted:  # it waits on its new batches (as after a create)
+                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                            waiting.append(res)
+                    elif self.advance(res, facts[res.name]).waiting:
                         waiting.append(res)
-                elif self.advance(res, facts[res.name]).waiting:
-                    waiting.append(res)
-            return waiting
+                return waiting
         finally:
             self.ctx.prefetched = Prefetched()
 
