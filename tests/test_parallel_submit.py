@@ -242,7 +242,7 @@ def test_a_429_without_retries_left_still_fails_the_run_clearly(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A provider that keeps answering 429 past the client's retries fails apply with the
-    rate-limit message, not a traceback; the intents stay recorded for the next run."""
+    rate-limit message, not a traceback, and nothing was created."""
     srv, _ = gated(api_faults=ApiFaults(start=1, count=1000, retry_after=0.01))
     ws = make_workspace(
         tmp_path / "ws",
@@ -255,7 +255,8 @@ def test_a_429_without_retries_left_still_fails_the_run_clearly(
     assert code == 1
     assert "Rate limited" in err and "Traceback" not in err
     with ws.store() as store:
-        assert store.batches() and all(b.remote_id is None for b in store.batches())
+        assert all(b.remote_id is None for b in store.batches())
+    assert srv.batch_count() == 0
 
 
 def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_when_ended(

@@ -1,7 +1,8 @@
 """A pass's submissions side by side: the uploads and creates of different batches overlap.
 
 Before a pass advances its resources one by one, ``submit_pass`` takes each resource whose
-plan is to spend now (a create, an allowed replace, a retry) on a provider whose client the
+plan is to spend now (a create or a retry; a replace, which cancels first, is left to the
+serial step) on a provider whose client the
 pool's threads may share (``SUBMIT_TYPES``), records its intents, and binds them to remote
 batches with the uploads and creates running in the pass's ``BoundedCalls`` pool. It promises:
 
@@ -17,6 +18,8 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
   an earlier run made it; files are deduplicated by sha256 per provider (within the pass too);
   ``maxInFlightBatches`` is respected; an unsure create (``creating``) is left to the serial
   step, which confirms it before anything is created again.
+* **Few commits.** What one step records (an upload, a ``create-intent``, an earlier create,
+  the next ``upload-intent``) commits at once, before the calls it allows are sent.
 * **Deterministic output.** Events and progress follow a fixed schedule over the intents in
   resource order, whatever the timing: resources are recorded as the window reaches them, the
   upload of intent ``i + W`` is started (its
@@ -30,6 +33,7 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +53,6 @@ from batchspec.core.reconcile.submit import (
     record_upload_intent,
     report_upload_progress,
     send_create,
-    supersede_older,
 )
 from batchspec.providers.base import (
     AmbiguousOutcome,
@@ -119,26 +122,28 @@ def _jobs(
     it is adopted instead."""
     budget = _InFlightBudget(ctx)
     for res in resources:
-        taken = _intents_of(ctx, res, facts[res.name], spending_action)
-        if taken is None:
-            continue
-        gen, rows = taken
-        if not budget.take(res.provider, len(rows)):
-            continue  # the serial step reports the queue and polls for capacity
-        handled.add(res.name)
-        provider = ctx.provider_for(res.provider)
         todo = []
-        for row in rows:
-            adopted = look_up_before_create(ctx, res, provider, row)
-            if adopted is None:
-                todo.append(_Job(res, gen, row, provider))
-            else:
-                record_remote(ctx, res, row, adopted, event="adopt")
-        if not todo:
-            ctx.ensure_ledger(res, gen)
-            continue
-        todo[-1].last_of_resource = True
-        yield from todo
+        # one commit for what is recorded of a resource before its uploads (intents, lookups)
+        with ctx.store.atomic():
+            taken = _intents_of(ctx, res, facts[res.name], spending_action)
+            if taken is None:
+                continue
+            gen, rows = taken
+            if not budget.take(res.provider, len(rows)):
+                continue  # the serial step reports the queue and polls for capacity
+            handled.add(res.name)
+            provider = ctx.provider_for(res.provider)
+            for row in rows:
+                adopted = look_up_before_create(ctx, res, provider, row)
+                if adopted is None:
+                    todo.append(_Job(res, gen, row, provider))
+                else:
+                    record_remote(ctx, res, row, adopted, event="adopt")
+            if not todo:
+                ctx.ensure_ledger(res, gen)
+        if todo:
+            todo[-1].last_of_resource = True
+            yield from todo
 
 
 def _intents_of(
@@ -154,13 +159,11 @@ def _intents_of(
     if not provider_ready(ctx, res.provider):
         return None
     action = spending_action(res, facts)
-    if action is None or action.kind not in SPENDING:
-        return None
+    if action is None or action.kind not in SPENDING or action.kind is ActionKind.REPLACE:
+        return None  # a replace cancels first: one at a time, by the serial step
     if action.kind is ActionKind.RETRY:
         gen = record_retries(ctx, res, facts)
     else:
-        if action.kind is ActionKind.REPLACE:
-            supersede_older(ctx, res)
         gen = record_create(ctx, res, facts)
     rows = [b for b in ctx.store.batches(gen.id) if b.remote_id is None]
     rows = [b for b in rows if b.status in ("pending", "creating")]
@@ -192,26 +195,42 @@ class _InFlightBudget:
 
 
 def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
-    """Upload and create every job, overlapping, on the schedule of the module docstring."""
+    """Upload and create every job, overlapping, on the schedule of the module docstring.
+
+    Each step waits (holding no transaction) for upload ``i`` and create ``i - W``, then
+    commits in one transaction what they did, intent ``i``'s ``create-intent`` (lock
+    re-checked inside it) and the ``upload-intent`` of the next upload, and only then sends
+    create ``i`` and that upload: one commit per intent instead of five.
+    """
     window = calls.parallelism
     uploading: dict[tuple[str, str], _Job] = {}
     todo: list[_Job] = []
     i = recorded = 0
     try:
-        while True:
-            while len(todo) <= i + window:  # start the uploads up to W ahead
-                job = next(jobs, None)
-                if job is None:
-                    break
-                _start_upload(ctx, calls, job, uploading)
-                todo.append(job)
-            if i >= len(todo):
-                break
-            _finish_upload(ctx, todo[i])
-            _start_create(ctx, calls, todo[i])
-            while recorded <= i - window:
-                _finish_create(ctx, todo[recorded])
+        with ctx.store.atomic():
+            starting = _take_jobs(ctx, jobs, todo, window + 1, uploading)
+        _send_uploads(calls, starting)
+        while i < len(todo):
+            job = todo[i]
+            remote = _wait_upload(ctx, job)
+            done = todo[recorded] if recorded <= i - window else None
+            outcome = _wait_create(done) if done is not None else None
+            with ctx.store.atomic():
+                _record_file(ctx, job, remote)
+                job.batch = mark_creating(ctx, job.res, job.batch, job.file_id or "")
+                ctx.still_holds_lock()
+                if isinstance(outcome, RemoteBatch):
+                    assert done is not None
+                    record_remote(ctx, done.res, done.batch, outcome, event="create")
+                if job.last_of_resource:  # while the provider works: an as-is input's ledger
+                    ctx.ensure_ledger(job.res, job.gen)
+                starting = _take_jobs(ctx, jobs, todo, i + window + 2, uploading)
+            _send_create(calls, job)
+            _send_uploads(calls, starting)
+            if done is not None:
                 recorded += 1
+                if isinstance(outcome, AmbiguousOutcome):
+                    confirm_ambiguous_create(ctx, done.res, done.provider, done.batch, outcome)
             i += 1
         while recorded < len(todo):
             _finish_create(ctx, todo[recorded])
@@ -227,45 +246,68 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
         raise
 
 
-def _start_upload(
-    ctx: RunContext, calls: BoundedCalls, job: _Job, uploading: dict[tuple[str, str], _Job]
-) -> None:
-    job.path = path = batch_file(ctx, job.res, job.gen, job.batch)
-    provider = job.provider
-    key = (provider.name, job.batch.input_sha256)
+def _take_jobs(
+    ctx: RunContext,
+    jobs: Iterator[_Job],
+    todo: list[_Job],
+    until: int,
+    uploading: dict[tuple[str, str], _Job],
+) -> list[_Job]:
+    """Take jobs until ``todo`` holds ``until``; record their uploads' intents; return the
+    jobs whose upload (or check of a recorded file) is to be sent once this commits."""
+    starting = []
+    while len(todo) < until:
+        job = next(jobs, None)
+        if job is None:
+            break
+        todo.append(job)
+        if _record_upload_intent(ctx, job, uploading):
+            starting.append(job)
+    return starting
+
+
+def _record_upload_intent(
+    ctx: RunContext, job: _Job, uploading: dict[tuple[str, str], _Job]
+) -> bool:
+    """Decide how the job gets its file; record an ``upload-intent`` if it is to be sent.
+    False: an earlier job of the pass sends the same file."""
+    job.path = batch_file(ctx, job.res, job.gen, job.batch)
+    key = (job.provider.name, job.batch.input_sha256)
     if key in uploading:
         job.same_file_as = uploading[key]
-        return
+        return False
     uploading[key] = job
-    known = ctx.store.get_file(provider.name, job.batch.input_sha256)
+    known = ctx.store.get_file(job.provider.name, job.batch.input_sha256)
     if known is not None:
         job.reuses_known = True
-        job.upload = calls.submit(provider.name, _still_there(provider, known.remote_id))
-        return
-    job.filename = record_upload_intent(ctx, job.res, job.batch, path)
-    filename = job.filename
-    job.upload = calls.submit(
-        provider.name,
-        lambda: provider.upload_file(path, filename=filename, progress=job.sent.append),
-    )
+        job.file_id = known.remote_id
+        return True
+    job.filename = record_upload_intent(ctx, job.res, job.batch, job.path)
+    return True
 
 
-def _still_there(provider: Provider, file_id: str) -> Callable[[], RemoteFile | None]:
-    def check() -> RemoteFile | None:
-        try:
-            return provider.get_file(file_id)
-        except RemoteNotFound:
-            return None
+def _send_uploads(calls: BoundedCalls, starting: list[_Job]) -> None:
+    for job in starting:
+        provider, path, filename = job.provider, job.path, job.filename
+        assert path is not None
+        if job.reuses_known:
+            job.upload = calls.submit(provider.name, _still_there(provider, job.file_id or ""))
+        else:
+            job.upload = calls.submit(
+                provider.name,
+                functools.partial(
+                    provider.upload_file, path, filename=filename, progress=job.sent.append
+                ),
+            )
 
-    return check
 
-
-def _finish_upload(ctx: RunContext, job: _Job) -> None:
-    """Wait for the job's file (reporting its upload's progress as it goes); record it."""
+def _wait_upload(ctx: RunContext, job: _Job) -> RemoteFile | None:
+    """Wait for the job's upload, reporting its progress as it goes; None: nothing to record
+    (the same file as an earlier job's, or a recorded file still there)."""
     assert job.path is not None
     if job.same_file_as is not None:
         job.file_id = job.same_file_as.file_id
-        return
+        return None
     assert job.upload is not None
     reported = 0
     while True:
@@ -276,27 +318,42 @@ def _finish_upload(ctx: RunContext, job: _Job) -> None:
         if done:
             break
     remote = job.upload.result()
-    if job.reuses_known:
-        if remote is None:  # the provider lost it: forget it and upload here, one at a time
-            ctx.store.forget_file(job.provider.name, job.batch.input_sha256)
-            job.file_id = ensure_uploaded(ctx, job.provider, job.res, job.batch, job.path)
-        else:
-            job.file_id = remote.id
-        return
-    assert remote is not None
-    record_upload(ctx, job.provider.name, job.res, job.batch, remote, job.path)
-    job.file_id = remote.id
+    if not job.reuses_known:
+        return remote
+    if remote is None:  # the provider lost it: forget it and upload here, one at a time
+        ctx.store.forget_file(job.provider.name, job.batch.input_sha256)
+        job.file_id = ensure_uploaded(ctx, job.provider, job.res, job.batch, job.path)
+    return None
 
 
-def _start_create(ctx: RunContext, calls: BoundedCalls, job: _Job) -> None:
-    file_id = job.file_id
-    assert file_id is not None
-    job.batch = batch = mark_creating(ctx, job.res, job.batch, file_id)
-    ctx.still_holds_lock()
-    provider, res = job.provider, job.res
+def _record_file(ctx: RunContext, job: _Job, remote: RemoteFile | None) -> None:
+    if remote is not None:
+        assert job.path is not None
+        record_upload(ctx, job.provider.name, job.res, job.batch, remote, job.path)
+        job.file_id = remote.id
+
+
+def _send_create(calls: BoundedCalls, job: _Job) -> None:
+    provider, res, batch, file_id = job.provider, job.res, job.batch, job.file_id or ""
     job.create = calls.submit(provider.name, lambda: send_create(provider, res, batch, file_id))
-    if job.last_of_resource:  # while the provider works: the ledger of an as-is input
-        ctx.ensure_ledger(res, job.gen)
+
+
+def _wait_create(job: _Job) -> RemoteBatch | AmbiguousOutcome:
+    assert job.create is not None
+    try:
+        return job.create.result()
+    except AmbiguousOutcome as err:
+        return err
+
+
+def _still_there(provider: Provider, file_id: str) -> Callable[[], RemoteFile | None]:
+    def check() -> RemoteFile | None:
+        try:
+            return provider.get_file(file_id)
+        except RemoteNotFound:
+            return None
+
+    return check
 
 
 def _finish_create(ctx: RunContext, job: _Job) -> None:
