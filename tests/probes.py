@@ -32,6 +32,7 @@ from typing import Any
 from servers import FAST_ENGINE_OPTIONS, EngineServer
 
 from batchspec.engine import Engine, Upstream
+from batchspec.engine.api_faults import ApiFaults
 from batchspec.engine.app import create_app
 from batchspec.engine.server import start_in_thread
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -190,13 +191,14 @@ def start_probed_server(
     *,
     upstream: Upstream | None = None,
     api_key: str | None = None,
+    api_faults: ApiFaults | None = None,
     **engine_options: Any,
 ) -> ProbedServer:
     """``servers.start_server`` with a ``RequestProbe`` in front of the app."""
     options = {**FAST_ENGINE_OPTIONS, **engine_options}
     engine = Engine(data_dir, upstream or BuiltinUpstream(), **options).start()
     try:
-        probe = RequestProbe(create_app(engine, api_key=api_key))
+        probe = RequestProbe(create_app(engine, api_key=api_key, api_faults=api_faults))
         background = start_in_thread(probe)
     except BaseException:
         engine.close()

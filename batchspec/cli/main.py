@@ -277,6 +277,20 @@ def cli() -> None:
     help="Fail the first N batches' validation with token_limit_exceeded (tests).",
 )
 @click.option(
+    "--fault-api-429-from",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="Answer API requests from this one (1-based) with 429 and Retry-After (tests).",
+)
+@click.option(
+    "--fault-api-429-count",
+    type=click.IntRange(min=0),
+    default=0,
+    hidden=True,
+    help="How many API requests --fault-api-429-from refuses (tests).",
+)
+@click.option(
     "--max-line-bytes",
     type=click.IntRange(min=1),
     default=10 * 1024 * 1024,
@@ -472,7 +486,8 @@ def plan(
     default=16,
     show_default=True,
     envvar="BATCHSPEC_PARALLELISM",
-    help="Provider calls (polls, downloads) in flight at once; a provider's "
+    help="Provider calls (uploads, creates, polls, downloads) in flight at once, fewer "
+    "while a provider answers 429 (halved, then grown back); a provider's "
     "maxConcurrency option caps it for that provider.",
 )
 @click.option(

@@ -44,6 +44,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchspec.engine.anthropic_routes import anthropic_routes
+from batchspec.engine.api_faults import ApiFaults, RateLimitFaults
 from batchspec.engine.azure_routes import azure_routes
 from batchspec.engine.bodies import read_create_body
 from batchspec.engine.core import Engine
@@ -60,8 +61,11 @@ from batchspec.engine.uploads import read_upload
 MULTIPART_SLACK = 1024 * 1024
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
-    """An ASGI app serving ``engine``; pass ``api_key`` to require it on every request."""
+def create_app(
+    engine: Engine, *, api_key: str | None = None, api_faults: ApiFaults | None = None
+) -> Starlette:
+    """An ASGI app serving ``engine``; pass ``api_key`` to require it on every request, and
+    ``api_faults`` to answer some requests 429 (tests: ``api_faults``)."""
     views = _Views(engine)
     routes: list[Route] = []
     for prefix in ("/v1", ""):
@@ -90,6 +94,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> Starlette:
     )
     app.state.engine = engine
     app.add_middleware(_RequestIdAndAuth, api_key=api_key)
+    if api_faults is not None:
+        app.add_middleware(RateLimitFaults, faults=api_faults)
     return app
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import uvicorn
 
+from batchspec.engine.api_faults import ApiFaults
 from batchspec.engine.app import create_app
 from batchspec.engine.balancer import make_upstreams
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
@@ -58,6 +59,7 @@ class ServeOptions:
     faults: Faults | None = None
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     token_limit_refusals: int = 0  # fault injection: see WorkerSettings
+    api_faults: ApiFaults | None = None  # fault injection at the API: see api_faults
 
 
 def is_loopback(host: str) -> bool:
@@ -138,7 +140,8 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | N
     try:
         engine.start()
         sock = bind_socket(options.host, options.port)
-        server = uvicorn.Server(_uvicorn_config(create_app(engine, api_key=api_key)))
+        app = create_app(engine, api_key=api_key, api_faults=options.api_faults)
+        server = uvicorn.Server(_uvicorn_config(app))
         if on_listening is not None:
             on_listening(_url(options.host, sock), engine.upstream.description)
         with _sigterm_ends_cleanly():
@@ -238,5 +241,8 @@ def serve_from_cli_options(
         faults=faults,
         max_line_bytes=opts["max_line_bytes"],
         token_limit_refusals=opts["fault_token_limit"],
+        api_faults=ApiFaults(opts["fault_api_429_from"], opts["fault_api_429_count"])
+        if opts["fault_api_429_from"]
+        else None,
     )
     serve(options, on_listening=on_listening)

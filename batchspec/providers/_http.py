@@ -39,7 +39,7 @@ import httpx
 
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
-from batchspec.providers.base import RemoteBatch, RemoteNotFound
+from batchspec.providers.base import RemoteBatch, RemoteNotFound, report_throttle
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,
@@ -564,8 +564,12 @@ class RetryingClient:
             if error.retryable and not retry_ambiguous and is_ambiguous_status(error.status or 0):
                 raise _as_ambiguous(error)
             if not error.retryable or last:
+                if response.status_code == 429:
+                    report_throttle()
                 raise error
             retry_after = retry_after_seconds(response.headers)
+            if response.status_code == 429 or retry_after is not None:
+                report_throttle()  # the pool running this call lets fewer run at once
             self._sleep(self._policy.delay(retries_done, retry_after, rand=self._rand))
         raise AssertionError("unreachable: the loop returns or raises")
 

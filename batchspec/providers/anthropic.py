@@ -49,6 +49,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ class AnthropicProvider(StagedInputs):
         )
         self._staging = Staging(self.data_dir)
         self._journal_db: Journal | None = None  # opened on first use: building does no I/O
+        self._journal_lock = threading.Lock()  # a pass polls and downloads from threads
 
     def __repr__(self) -> str:
         return f"AnthropicProvider(name={self.name!r}, base_url={display_url(self.base_url)!r})"
@@ -172,9 +174,10 @@ class AnthropicProvider(StagedInputs):
 
     @property
     def _journal(self) -> Journal:
-        if self._journal_db is None:
-            self._journal_db = Journal(self.data_dir)
-        return self._journal_db
+        with self._journal_lock:
+            if self._journal_db is None:
+                self._journal_db = Journal(self.data_dir)
+            return self._journal_db
 
     # -- files: staged locally -------------------------------------------------------------
 

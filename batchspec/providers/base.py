@@ -13,6 +13,7 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -165,14 +166,70 @@ def find_batch_by_key(
     serve and Mistral keep it remotely; Gemini in the display name; Anthropic and Together only
     in their local journal, so after a lost state their batches are not recognised).
     """
-    listed = 0
-    for remote in provider.list_batches(page_size=page_size):
-        listed += 1
-        if remote.created_at is not None and remote.created_at < since:
-            return KeyLookup(None, listed, True)
-        if all(remote.metadata.get(k) == v for k, v in metadata.items()):
-            return KeyLookup(remote, listed, False)
-    return KeyLookup(None, listed, False)
+    return BatchListing(provider, page_size=page_size).find_by_key(metadata, since=since)
+
+
+class BatchListing:
+    """One newest-first scan of a provider's batches, read lazily and shared by many lookups.
+
+    ``find_by_key`` answers exactly as a scan of its own would (the same batch, the same
+    ``listed`` count), but pages already read are not asked for again: a pass that looks up
+    the keys of many intents pays for the pages back to the oldest window once, not per key.
+    """
+
+    def __init__(self, provider: Provider, *, page_size: int = 100) -> None:
+        self._batches = provider.list_batches(page_size=page_size)
+        self._seen: list[RemoteBatch] = []
+        self._exhausted = False
+
+    def _scan(self) -> Iterator[RemoteBatch]:
+        index = 0
+        while True:
+            if index < len(self._seen):
+                yield self._seen[index]
+                index += 1
+                continue
+            if self._exhausted:
+                return
+            try:
+                self._seen.append(next(self._batches))
+            except StopIteration:
+                self._exhausted = True
+
+    def find_by_key(self, metadata: Mapping[str, str], *, since: float) -> KeyLookup:
+        listed = 0
+        for remote in self._scan():
+            listed += 1
+            if remote.created_at is not None and remote.created_at < since:
+                return KeyLookup(None, listed, True)
+            if all(remote.metadata.get(k) == v for k, v in metadata.items()):
+                return KeyLookup(remote, listed, False)
+        return KeyLookup(None, listed, False)
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+#: who hears, on this thread, that a provider asked us to slow down (a 429 or a Retry-After)
+_throttle_listener: ContextVar[Callable[[], None] | None] = ContextVar(
+    "batchspec_throttle_listener", default=None
+)
+
+
+def report_throttle() -> None:
+    """Tell whoever runs the current call (``core.reconcile.prefetch.BoundedCalls``) that the
+    provider answered 429 or sent ``Retry-After``: it lowers the calls it lets run at once."""
+    listener = _throttle_listener.get()
+    if listener is not None:
+        listener()
+
+
+def listen_for_throttles(listener: Callable[[], None] | None) -> Token[Callable[[], None] | None]:
+    """Set the current thread's throttle listener; ``reset_throttle_listener`` undoes it."""
+    return _throttle_listener.set(listener)
+
+
+def reset_throttle_listener(token: Token[Callable[[], None] | None]) -> None:
+    _throttle_listener.reset(token)
 
 
 def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,53 +82,63 @@ class Journal:
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(root / "journal.db", isolation_level=None)
+        # one connection shared by the threads of a pass (polls, downloads), one call at a time
+        self._db = sqlite3.connect(
+            root / "journal.db", isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.RLock()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=10000")
         MIGRATIONS.apply(self._db)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def get(self, key: str) -> JournalEntry | None:
-        row = self._db.execute("SELECT * FROM creates WHERE key = ?", (key,)).fetchone()
-        return _entry(row) if row is not None else None
+        with self._lock:
+            row = self._db.execute("SELECT * FROM creates WHERE key = ?", (key,)).fetchone()
+            return _entry(row) if row is not None else None
 
     def by_remote_id(self) -> dict[str, JournalEntry]:
-        rows = self._db.execute("SELECT * FROM creates WHERE remote_id IS NOT NULL")
-        return {row["remote_id"]: _entry(row) for row in rows}
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM creates WHERE remote_id IS NOT NULL")
+            return {row["remote_id"]: _entry(row) for row in rows}
 
     def begin(self, entry: JournalEntry) -> None:
         """Record a create about to be sent (replacing an unconfirmed one with the same key)."""
-        self._db.execute(
-            "INSERT OR REPLACE INTO creates VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-            (
-                entry.key,
-                json.dumps(dict(entry.metadata), sort_keys=True),
-                entry.endpoint,
-                entry.file_id,
-                entry.requests,
-                entry.ids_sha256,
-                entry.started_at,
-            ),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO creates VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    entry.key,
+                    json.dumps(dict(entry.metadata), sort_keys=True),
+                    entry.endpoint,
+                    entry.file_id,
+                    entry.requests,
+                    entry.ids_sha256,
+                    entry.started_at,
+                ),
+            )
 
     def confirm(self, key: str, remote_id: str) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            # a batch adopted for this key may have been claimed by a stale row: it is ours now
-            self._db.execute(
-                "UPDATE creates SET remote_id = NULL WHERE remote_id = ? AND key != ?",
-                (remote_id, key),
-            )
-            self._db.execute("UPDATE creates SET remote_id = ? WHERE key = ?", (remote_id, key))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # a batch adopted for this key may have been claimed by a stale row: it is ours now
+                self._db.execute(
+                    "UPDATE creates SET remote_id = NULL WHERE remote_id = ? AND key != ?",
+                    (remote_id, key),
+                )
+                self._db.execute("UPDATE creates SET remote_id = ? WHERE key = ?", (remote_id, key))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def forget(self, key: str) -> None:
-        self._db.execute("DELETE FROM creates WHERE key = ?", (key,))
+        with self._lock:
+            self._db.execute("DELETE FROM creates WHERE key = ?", (key,))
 
 
 def _entry(row: sqlite3.Row) -> JournalEntry:

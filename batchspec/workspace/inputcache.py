@@ -161,6 +161,8 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
             os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(db_path, isolation_level=None)
         conn.execute("pragma journal_mode=wal")
+        # a cache: no fsync per entry (WAL keeps it whole; a power cut costs a re-read)
+        conn.execute("pragma synchronous=normal")
         conn.execute(_SCHEMA)
     except (OSError, sqlite3.Error):
         if conn is not None:

@@ -5,9 +5,11 @@ saw the first run) holds no trace of a batch that was made and paid for. So befo
 create of every intent (a ``pending`` row: no create was ever recorded for it),
 ``look_up_before_create`` asks the provider for a batch carrying the intent's key, created
 within the completion window plus ``ADOPTION_CLOCK_SLACK``, and the submit step adopts it
-instead of creating another. The scan stops at the first batch older than that (a bounded
-cost: the pages back to the window) and is recorded as a ``lookup`` event. A completed batch
-adopted this way is collected again: the provider still holds its output.
+instead of creating another. One scan of a provider's list serves every lookup of a pass
+(``BatchListing``: a page is read once, however many intents look). The scan stops at the
+first batch older than that (a bounded cost: the pages back to the window) and is recorded
+as a ``lookup`` event. A completed batch adopted this way is collected again: the provider
+still holds its output.
 
 A run that dies between the create call and recording the remote id leaves a ``creating``
 row. ``find_remote`` pages the provider's batches (newest first, back to the intent's time
@@ -27,7 +29,13 @@ from __future__ import annotations
 from batchspec.core.batches import batch_fields, metadata_for_key
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
-from batchspec.providers.base import KeyLookup, Provider, RemoteBatch, find_batch_by_key
+from batchspec.providers.base import (
+    BatchListing,
+    KeyLookup,
+    Provider,
+    RemoteBatch,
+    find_batch_by_key,
+)
 from batchspec.state.store import BatchRow, parse_timestamp
 from batchspec.workspace.manifest import Resource
 
@@ -58,9 +66,10 @@ def look_up_before_create(
     the lookup, and what it cost, as a ``lookup`` event.
     """
     since = ctx.clock() - window_seconds(res.completion_window) - ADOPTION_CLOCK_SLACK
-    found = find_batch_by_key(
-        provider, metadata_for_key(batch.key), since=since, page_size=LOOKUP_PAGE_SIZE
-    )
+    listings = ctx.prefetched.listings
+    if provider.name not in listings:  # one scan a pass per provider, shared by its intents
+        listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
+    found = listings[provider.name].find_by_key(metadata_for_key(batch.key), since=since)
     _record_lookup(ctx, res, batch, found, since)
     return found.batch
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +21,7 @@ from typing import TypeVar
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, ledger_rows
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
@@ -37,16 +38,21 @@ T = TypeVar("T")
 class Prefetched:
     """Provider reads one pass made ahead (``prefetch``), each taken once by the step that
     would have made it: a poll by (provider, remote id), a file's sha256 in the blob store by
-    (provider, file id). A read that failed is kept as its exception and raised when taken."""
+    (provider, file id), a download as its future, waited for when taken. A read that failed
+    is raised when taken."""
 
     polls: dict[tuple[str, str], RemoteBatch | BaseException] = field(default_factory=dict)
-    files: dict[tuple[str, str], str | BaseException] = field(default_factory=dict)
+    files: dict[tuple[str, str], Future[str]] = field(default_factory=dict)
+    #: the pass's one newest-first scan of each provider's batches, for key lookups
+    listings: dict[str, BatchListing] = field(default_factory=dict)
 
     def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
         return _unwrap(self.polls.pop((provider, remote_id), None))
 
     def take_file(self, provider: str, file_id: str) -> str | None:
-        return _unwrap(self.files.pop((provider, file_id), None))
+        """The file's sha256 once its download (still running, perhaps) has ended."""
+        download = self.files.pop((provider, file_id), None)
+        return None if download is None else download.result()
 
 
 def _unwrap(found: T | BaseException | None) -> T | None:

@@ -18,20 +18,27 @@ It promises:
   ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
-* **Files only for terminal batches**, and each file once per pass.
+* **Files only for terminal batches**, and each file once per pass. The pass does not wait for
+  the downloads: the collect step of each resource waits for its own files, so the first
+  resources are recorded while the later ones still download.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
-from batchspec.providers.base import RemoteBatch
+from batchspec.providers.base import (
+    RemoteBatch,
+    listen_for_throttles,
+    reset_throttle_listener,
+)
 from batchspec.state.store import BatchRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.workspace.manifest import Resource
@@ -39,38 +46,98 @@ from batchspec.workspace.manifest import Resource
 DEFAULT_PARALLELISM = 16
 LIST_PAGE_SIZE = 100
 #: provider types whose list endpoint returns whole batch objects, paginated with ``after``
-LISTING_TYPES = frozenset({"openai", "azure"})
+LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
 #: provider types whose clients keep no state of their own between calls (no journal), so
 #: worker threads may share them; the others are left to the serial steps
-PREFETCH_TYPES = frozenset({"openai", "azure", "groq"})
+PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
 
 
+class AdaptiveLimit:
+    """How many calls may run at once to one provider: AIMD between 1 and ``ceiling``.
+
+    A call that hears a throttle (a 429 or ``Retry-After``, ``providers.base.report_throttle``)
+    halves the limit, once per round: a throttle heard by a call that started before the last
+    decrease (the same burst) does not halve it again. Every call that ends without one adds
+    ``1/limit``, so the limit grows back by about one per limit's worth of calls. Calls waiting
+    for a place wait here; calls already running finish (their own retries included), so the
+    calls in flight shrink as they end. ``history`` keeps every change (time, limit).
+    """
+
+    def __init__(self, ceiling: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ceiling = max(1, ceiling)
+        self.limit = float(self.ceiling)
+        self.active = 0
+        self.peak = 0
+        self._clock = clock
+        self._round = 0
+        self._cond = threading.Condition()
+        self.history: list[tuple[float, float]] = [(clock(), self.limit)]
+
+    def acquire(self) -> int:
+        """Wait for a place; return the round the call starts in."""
+        with self._cond:
+            while self.active >= max(1, int(self.limit)):
+                self._cond.wait()
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return self._round
+
+    def throttled(self, started_in: int) -> int:
+        """A call of round ``started_in`` was told to slow down; return the current round."""
+        with self._cond:
+            if started_in == self._round:
+                self.limit = max(1.0, self.limit / 2)
+                self._round += 1
+                self.history.append((self._clock(), self.limit))
+            return self._round
+
+    def release(self, *, throttled: bool) -> None:
+        with self._cond:
+            self.active -= 1
+            if not throttled and self.limit < self.ceiling:
+                self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
+                self.history.append((self._clock(), self.limit))
+            self._cond.notify_all()
+
+    def run(self, call: Callable[[], T]) -> T:
+        """Run ``call`` in a place, hearing its throttles (on this thread) as it runs."""
+        round_ = [self.acquire()]
+        heard = [False]
+
+        def on_throttle() -> None:
+            heard[0] = True
+            round_[0] = self.throttled(round_[0])
+
+        token = listen_for_throttles(on_throttle)
+        try:
+            return call()
+        finally:
+            reset_throttle_listener(token)
+            self.release(throttled=heard[0])
+
+
 class BoundedCalls:
-    """A thread pool of ``parallelism`` workers with a cap on calls per provider."""
+    """A thread pool of ``parallelism`` workers with an adaptive cap on calls per provider
+    (``AdaptiveLimit``: at most the provider's ``maxConcurrency``, shrinking on 429)."""
 
     def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
         self.parallelism = max(1, parallelism)
         self._cap_for = cap_for
-        self._gates: dict[str, threading.Semaphore] = {}
+        self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
 
     def submit(self, provider: str, call: Callable[[], T]) -> Future[T]:
-        gate = self._gate(provider)
+        limit = self.limit_for(provider)
+        return self._pool.submit(limit.run, call)
 
-        def gated() -> T:
-            with gate:
-                return call()
-
-        return self._pool.submit(gated)
-
-    def _gate(self, provider: str) -> threading.Semaphore:
-        if provider not in self._gates:
+    def limit_for(self, provider: str) -> AdaptiveLimit:
+        if provider not in self.limits:
             cap = self._cap_for(provider)
             width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
-            self._gates[provider] = threading.Semaphore(width)
-        return self._gates[provider]
+            self.limits[provider] = AdaptiveLimit(width)
+        return self.limits[provider]
 
     def __enter__(self) -> BoundedCalls:
         return self
@@ -97,9 +164,8 @@ def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: Bounded
         else:
             continue
         files.update({(row.provider, f): None for f in file_ids if f})
-    downloads = {key: calls.submit(key[0], _downloader(ctx, key[0], key[1])) for key in files}
-    for key, future in downloads.items():
-        ctx.prefetched.files[key] = _outcome(future)
+    for key in files:  # taken (waited for) by the collect step: it starts before they end
+        ctx.prefetched.files[key] = calls.submit(key[0], _downloader(ctx, key[0], key[1]))
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
@@ -115,11 +181,15 @@ def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[Bat
 
 
 def _prefetches(ctx: RunContext, provider: str) -> bool:
-    """An OpenAI-compatible client; and it is built here, on the main thread (the
-    factory caches it, unguarded), or left to the step that raises why it cannot be."""
     config = ctx.project.providers.get(provider)
     if config is None or config.type not in PREFETCH_TYPES:
         return False
+    return provider_ready(ctx, provider)
+
+
+def provider_ready(ctx: RunContext, provider: str) -> bool:
+    """Whether the provider's client can be built; it is built here, on the main thread (the
+    factory caches it, unguarded), or left to the step that raises why it cannot be."""
     try:
         ctx.provider_for(provider)
     except Exception:  # noqa: BLE001 - the step that needs it raises this in order

@@ -17,6 +17,7 @@ from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedRes
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
 from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
+from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
 from batchspec.core.reconcile.restore import restore
@@ -151,9 +152,32 @@ class Reconciler:
         try:
             with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
                 prefetch_pass(self.ctx, resources, calls)
-            return [r for r in resources if self.advance(r, facts[r.name]).waiting]
+                submitted = submit_pass(
+                    self.ctx, resources, facts, calls, spending_action=self._spending_action
+                )
+                waiting = []
+                for res in resources:  # downloads still under way are waited for when taken
+                    if res.name in submitted:  # it waits on its new batches (as after a create)
+                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                            waiting.append(res)
+                    elif self.advance(res, facts[res.name]).waiting:
+                        waiting.append(res)
+                return waiting
         finally:
             self.ctx.prefetched = Prefetched()
+
+    def _spending_action(self, res: Resource, facts: InputReport) -> Action | None:
+        """``res``'s planned action if it spends and this run may take it now, else None
+        (the serial step then says why not, or does what else the plan says)."""
+        self._track_again_if_forgotten(res)
+        action = self.plan_one(res, facts)
+        if not action.spends:
+            return None
+        if action.kind is ActionKind.REPLACE and not self.allow_replace:
+            return None
+        if self.may_spend is not None and not self.may_spend(action):
+            return None
+        return action
 
     # -----------------------------------------------------------------------------------------
     # one pass for one resource

@@ -14,11 +14,17 @@ from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import record_intent
 from batchspec.core.reconcile.submit import submit_queued
 from batchspec.core.recorded import is_requeued, recorded_generation
+from batchspec.state.store import GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
 
 
 def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    return submit_queued(ctx, res, record_retries(ctx, res, facts))
+
+
+def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> GenerationRow:
+    """Record one new attempt's intent per shard that may retry now (budget checked)."""
     gen = ctx.generation(res)
     ctx.ensure_ledger(res, gen)
     rec = recorded_generation(ctx.store, ctx.ledger, gen, requeue_backoff=ctx.requeue_backoff)
@@ -51,4 +57,4 @@ def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) ->
             reason=f"retry {shard.unresolved} unresolved request(s) "
             f"(attempt {shard.attempts_used + 1} of {res.retry.max_attempts})",
         )
-    return submit_queued(ctx, res, gen)
+    return gen

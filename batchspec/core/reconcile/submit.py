@@ -35,28 +35,45 @@ from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import AmbiguousOutcome, Provider, RemoteNotFound
+from batchspec.providers.base import (
+    AmbiguousOutcome,
+    Provider,
+    RemoteBatch,
+    RemoteFile,
+    RemoteNotFound,
+)
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
 
 
 def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
-    gen = ensure_generation(ctx, res, facts)
-    if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
-        record_shards(ctx, res, facts, gen)
+    gen = record_create(ctx, res, facts)
     submitted = submit_queued(ctx, res, gen)
     ctx.ensure_ledger(res, gen)
     return submitted
 
 
+def record_create(ctx: RunContext, res: Resource, facts: InputReport) -> GenerationRow:
+    """The generation and, the first time, its ledger and one intent per shard."""
+    gen = ensure_generation(ctx, res, facts)
+    if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
+        record_shards(ctx, res, facts, gen)
+    return gen
+
+
 def replace(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    supersede_older(ctx, res)
+    return create(ctx, res, facts, action)
+
+
+def supersede_older(ctx: RunContext, res: Resource) -> None:
+    """Cancel the generations of an older spec still in flight (a replace)."""
     for gen in ctx.store.generations(res.name):
         if gen.spec_hash != res.spec_hash and gen.status in ("pending", "in_progress"):
             cancel_generation(
                 ctx, res.name, gen, status="superseded", reason="replaced by a new spec"
             )
-    return create(ctx, res, facts, action)
 
 
 def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
@@ -124,33 +141,44 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
         if adopted is not None:
             record_remote(ctx, res, batch, adopted, event="adopt")
             return True
-    path = _batch_file(ctx, res, gen, batch)
-    file_id = _ensure_uploaded(ctx, provider, res, batch, path)
+    path = batch_file(ctx, res, gen, batch)
+    file_id = ensure_uploaded(ctx, provider, res, batch, path)
+    batch = mark_creating(ctx, res, batch, file_id)
+    ctx.still_holds_lock()
+    try:
+        remote = send_create(provider, res, batch, file_id)
+    except AmbiguousOutcome as err:
+        return confirm_ambiguous_create(ctx, res, provider, batch, err)
+    record_remote(ctx, res, batch, remote, event="create")
+    return True
+
+
+def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str) -> BatchRow:
+    """Record that the create is about to be sent (``creating``, a ``create-intent`` event)."""
     with ctx.store.atomic():
         batch = ctx.store.update_batch(batch.id, input_file_id=file_id, status="creating")
         ctx.store.record_event(
             ctx.run_id,
             "create-intent",
             resource=res.name,
-            generation_id=gen.id,
+            generation_id=batch.generation_id,
             batch_id=batch.id,
             detail={"input_file_id": file_id, "key": batch.key},
         )
-    ctx.still_holds_lock()
-    try:
-        remote = provider.create_batch(
-            input_file_id=file_id,
-            endpoint=res.endpoint,
-            completion_window=res.completion_window,
-            metadata=batch_metadata(res, batch),
-        )
-    except AmbiguousOutcome as err:
-        return _confirm_ambiguous_create(ctx, res, provider, batch, err)
-    record_remote(ctx, res, batch, remote, event="create")
-    return True
+    return batch
 
 
-def _confirm_ambiguous_create(
+def send_create(provider: Provider, res: Resource, batch: BatchRow, file_id: str) -> RemoteBatch:
+    """The create call itself, with the intent's deterministic key in its metadata."""
+    return provider.create_batch(
+        input_file_id=file_id,
+        endpoint=res.endpoint,
+        completion_window=res.completion_window,
+        metadata=batch_metadata(res, batch),
+    )
+
+
+def confirm_ambiguous_create(
     ctx: RunContext, res: Resource, provider: Provider, batch: BatchRow, err: AmbiguousOutcome
 ) -> bool:
     """The create may have been made, or may still arrive: look it up through its window."""
@@ -196,7 +224,7 @@ def _report_unconfirmed(ctx: RunContext, res: Resource, batch: BatchRow, until: 
     ctx.report(Progress("waiting", res.name, message, {"key": batch.key}))
 
 
-def _batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> Path:
+def batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow) -> Path:
     stored = ctx.shard_dir / f"{batch.input_sha256}.jsonl"
     if stored.is_file():
         return stored
@@ -210,25 +238,48 @@ def _batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Batch
     )
 
 
-def _ensure_uploaded(
+def ensure_uploaded(
     ctx: RunContext, provider: Provider, res: Resource, batch: BatchRow, path: Path
 ) -> str:
-    known = ctx.store.get_file(provider.name, batch.input_sha256)
+    known = known_file(ctx, provider, batch)
     if known is not None:
-        try:
-            provider.get_file(known.remote_id)
-            return known.remote_id
-        except RemoteNotFound:
-            ctx.store.forget_file(provider.name, batch.input_sha256)
+        return known
+    filename = record_upload_intent(ctx, res, batch, path)
+    size = path.stat().st_size
+
+    def sent(count: int) -> None:
+        report_upload_progress(ctx, res, filename, size, count)
+
+    remote = provider.upload_file(path, filename=filename, progress=sent)
+    record_upload(ctx, provider.name, res, batch, remote, path)
+    return remote.id
+
+
+def known_file(ctx: RunContext, provider: Provider, batch: BatchRow) -> str | None:
+    """The file id this provider holds for the batch's sha256, if one is recorded and it
+    still has it (a file it lost is forgotten, and uploaded again)."""
+    known = ctx.store.get_file(provider.name, batch.input_sha256)
+    if known is None:
+        return None
+    try:
+        provider.get_file(known.remote_id)
+        return known.remote_id
+    except RemoteNotFound:
+        ctx.store.forget_file(provider.name, batch.input_sha256)
+        return None
+
+
+def record_upload_intent(ctx: RunContext, res: Resource, batch: BatchRow, path: Path) -> str:
+    """Record (and report) an upload about to start; return the name it is uploaded as."""
+    size = path.stat().st_size
     ctx.store.record_event(
         ctx.run_id,
         "upload-intent",
         resource=res.name,
         batch_id=batch.id,
-        detail={"sha256": batch.input_sha256, "bytes": path.stat().st_size},
+        detail={"sha256": batch.input_sha256, "bytes": size},
     )
     filename = f"{res.name}-s{batch.shard + 1}-a{batch.attempt}.jsonl"
-    size = path.stat().st_size
     ctx.report(
         Progress(
             "upload",
@@ -237,21 +288,29 @@ def _ensure_uploaded(
             {"file": filename, "bytes": size},
         )
     )
+    return filename
 
-    def sent(count: int) -> None:
-        ctx.report(
-            Progress(
-                "upload_progress",
-                res.name,
-                f"uploaded {format_size(count)} of {format_size(size)}",
-                {"file": filename, "bytes": size, "sent": count},
-            )
+
+def report_upload_progress(
+    ctx: RunContext, res: Resource, filename: str, size: int, count: int
+) -> None:
+    ctx.report(
+        Progress(
+            "upload_progress",
+            res.name,
+            f"uploaded {format_size(count)} of {format_size(size)}",
+            {"file": filename, "bytes": size, "sent": count},
         )
+    )
 
-    remote = provider.upload_file(path, filename=filename, progress=sent)
+
+def record_upload(
+    ctx: RunContext, provider: str, res: Resource, batch: BatchRow, remote: RemoteFile, path: Path
+) -> None:
+    """Record an uploaded file (deduplicated by sha256 per provider from now on)."""
     with ctx.store.atomic():
         ctx.store.record_file(
-            provider.name,
+            provider,
             batch.input_sha256,
             remote.id,
             remote.bytes or path.stat().st_size,
@@ -264,4 +323,3 @@ def _ensure_uploaded(
             batch_id=batch.id,
             detail={"sha256": batch.input_sha256, "file_id": remote.id},
         )
-    return remote.id

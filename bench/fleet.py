@@ -1,0 +1,129 @@
+"""Benchmark: a fleet of small manifests, the submit pass and the poll+collect pass (issue 13).
+
+Starts ``batchspec serve`` (its own process on 127.0.0.1) whose upstream is a loopback model
+stand-in that answers nothing until told to, behind a proxy that adds ``--latency`` seconds
+(default 0.1: a round trip to a hosted API) to every request (both from
+bench/parallel_apply.py). A workspace of ``--manifests`` manifests (default 1,000) of
+``--requests`` requests each (default 5) is then applied twice, each time as its own
+``batchspec apply`` child process:
+
+  submit pass        every manifest new: record, upload and create (no batch exists yet)
+  poll+collect pass  every batch completed: one pass that polls, downloads and merges
+
+For each pass it prints the wall time, the requests the proxy forwarded per resource, the
+CPU time of the apply process per resource and its peak RSS, beside the issue's targets
+(1,000 manifests at 100 ms: submit <= 15 s, poll+collect <= 6 s, RSS <= 150 MB).
+
+Run:  .venv/bin/python bench/fleet.py
+      .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
+
+Only loopback addresses are used; every server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from parallel_apply import (
+    BENCH_KEY,
+    KEY_ENV,
+    start_gated_model,
+    start_latency_proxy,
+    start_serve,
+    wait_until,
+    write_workspace,
+)
+
+TARGETS = {"submit pass": 15.0, "poll+collect pass": 6.0}
+RSS_TARGET_MB = 150
+
+
+def timed_apply(root: Path, parallelism: int) -> tuple[float, float, float]:
+    """One ``batchspec apply`` child: (wall seconds, CPU seconds, peak RSS in MB)."""
+    argv = [sys.executable, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
+    argv += ["--parallelism", str(parallelism)]
+    start = time.perf_counter()
+    # from the workspace: from a source checkout, `python -m` would import that instead
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, KEY_ENV: BENCH_KEY},
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"apply failed: {err.decode()[-2000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def report(label: str, n: int, figures: tuple[float, float, float], calls: int) -> None:
+    wall, cpu, rss = figures
+    target = TARGETS[label]
+    print(
+        f"{label:<18} {wall:7.2f} s (target {target:.0f} s at 1,000 x 100 ms)  "
+        f"{calls / n:5.2f} round trips/resource  {cpu * 1000 / n:6.2f} CPU ms/resource  "
+        f"peak RSS {rss:6.1f} MB (target {RSS_TARGET_MB})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--parallelism", type=int, default=16)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    model, gate, model_url = start_gated_model()
+    serve, serve_url = start_serve(tmp / "engine", model_url)
+    proxy, counts = start_latency_proxy(serve_url, args.latency)
+    try:
+        ws = tmp / "ws"
+        proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}/v1"
+        write_workspace(ws, proxy_url, args.manifests, args.requests)
+        print(
+            f"{args.manifests} manifests x {args.requests} requests, "
+            f"{args.latency * 1000:.0f} ms added per request, --parallelism {args.parallelism}"
+        )
+        n = args.manifests
+        before = Counter(counts)
+        figures = timed_apply(ws, args.parallelism)
+        report("submit pass", n, figures, sum((counts - before).values()))
+        wait_until(serve_url, lambda s: s == "in_progress", n)
+        gate.set()
+        wait_until(serve_url, lambda s: s == "completed", n)
+        before = Counter(counts)
+        figures = timed_apply(ws, args.parallelism)
+        report("poll+collect pass", n, figures, sum((counts - before).values()))
+        outputs = list((ws / "results").glob("job-*[0-9].jsonl"))
+        if len(outputs) != n:
+            raise SystemExit(f"only {len(outputs)} of {n} result files were written")
+    finally:
+        gate.set()
+        proxy.shutdown()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        model.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
