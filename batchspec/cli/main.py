@@ -584,6 +584,8 @@ def apply(
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
         click.echo(render.apply_text(result, style))
+    elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
+        click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     return result.exit_code
 
 
