@@ -837,8 +837,20 @@ def results(
         paths, name = (name, *paths), None
     if name is None and not select:
         raise click.UsageError("give the resource NAME, or --select SELECTOR")
-    if (join and not fmt) or (fmt and (as_json or show_errors)):
-        raise click.UsageError("--join needs --format; --format takes neither --json nor --errors")
+    if join and not fmt:
+        raise click.UsageError("--join needs --format jsonl, csv or parquet")
+    if fmt and as_json:
+        raise click.UsageError("--format and --json exclude each other: keep one of them")
+    if fmt and show_errors:
+        raise click.UsageError(
+            "--format takes no --errors: its rows already hold each failed request's "
+            "status, error_code and error_message"
+        )
+    if fmt == "parquet" and sys.stdout.isatty():
+        raise click.UsageError(
+            "--format parquet is binary, not for a terminal: redirect it to a file "
+            "(> results.parquet) or a pipe"
+        )
     view = result_files(
         paths,
         select=(name,) if name else select,
