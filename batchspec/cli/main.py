@@ -208,7 +208,7 @@ def cli() -> None:
     help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
     "'builtin' (an offline stand-in, not a model). Repeat it to spread requests over "
     "several (least in flight first; a failing one rests until it answers again); "
-    "URL#rpm=N,tpm=N limits one. The env var takes several, space-separated.",
+    "URL#rpm=N,tpm=N limits one. BATCHSPEC_UPSTREAM takes several, space-separated.",
 )
 @click.option(
     "--api-key-env",
