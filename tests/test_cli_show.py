@@ -169,6 +169,22 @@ def test_apply_quiet_says_on_stderr_why_it_did_not_replace(
     assert "Error: Apply did not replace triage" in err and "--allow-replace" in err
 
 
+def test_status_during_a_pending_replace_shows_the_generation_still_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The spec changed while a batch runs: status shows that batch, Progressing, not Missing
+    with no batch (apply has not replaced anything yet)."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)[0] == 0  # in flight
+    ws.write_input("triage", request_lines(3, prefix="changed"))
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [triage] = json.loads(out)["resources"]
+    assert code == 0 and (triage["sync"], triage["action"]) == ("OutOfSync", "replace")
+    assert triage["health"] == "Progressing" and len(triage["batches"]) == 1
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_prints_a_script_for_each_shell(
     shell: str, capsys: pytest.CaptureFixture[str]
