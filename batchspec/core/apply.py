@@ -238,7 +238,9 @@ def apply_workspace(
         recorded_run(store, ws, "apply", args) as run,
     ):
         info = collect_run_info(ws.project.root, env)
-        with acquire_lock(store, command="apply", info=info, timeout=options.lock_timeout) as lock:
+        with acquire_lock(
+            store, command="apply", info=info, timeout=options.lock_timeout, run_id=run.id
+        ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
             resources = planned_resources(store, resources, options.replace, reuse=options.reuse)
@@ -320,7 +322,7 @@ def cancel_resource(
             )
         info = collect_run_info(ws.project.root, env)
         with (
-            acquire_lock(store, command="cancel", info=info, timeout=lock_timeout),
+            acquire_lock(store, command="cancel", info=info, timeout=lock_timeout, run_id=run.id),
             ProviderPool(ws, env) as providers,
         ):
             rec = Reconciler(ws.project, store, run.id, providers.get, report)

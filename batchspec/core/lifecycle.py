@@ -122,7 +122,7 @@ def import_batch(
     ):
         info = collect_run_info(ws.project.root, env)
         with (
-            acquire_lock(store, command="import", info=info, timeout=lock_timeout),
+            acquire_lock(store, command="import", info=info, timeout=lock_timeout, run_id=run.id),
             ProviderPool(ws, env) as providers,
         ):
             require_not_tracked(store, res, batch_id)
@@ -341,7 +341,7 @@ def forget_resource(
         recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
     ):
         info = collect_run_info(ws.project.root, env)
-        with acquire_lock(store, command="forget", info=info, timeout=lock_timeout):
+        with acquire_lock(store, command="forget", info=info, timeout=lock_timeout, run_id=run.id):
             row = store.get_resource(name)
             if row is None or row.forgotten_at is not None:
                 raise StateError(
