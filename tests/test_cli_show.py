@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.shell_completion import BashComplete
+from servers import request_lines
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
 from batchspec.cli.main import cli
@@ -152,6 +153,36 @@ def test_apply_quiet_prints_nothing_and_exits_by_its_code(
     )
     [line] = out.splitlines()
     assert code == 0 and json.loads(line)["event"] == "result"
+
+
+def test_apply_quiet_says_on_stderr_why_it_did_not_replace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quiet still explains its exit 1 when the spec changed while a batch is in flight."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)[0] == 0  # in flight
+    ws.write_input("triage", request_lines(3, prefix="changed"))
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)
+    assert code == 1 and out == ""
+    assert "Error: Apply did not replace triage" in err and "--allow-replace" in err
+
+
+def test_status_during_a_pending_replace_shows_the_generation_still_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The spec changed while a batch runs: status shows that batch, Progressing, not Missing
+    with no batch (apply has not replaced anything yet)."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)[0] == 0  # in flight
+    ws.write_input("triage", request_lines(3, prefix="changed"))
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [triage] = json.loads(out)["resources"]
+    assert code == 0 and (triage["sync"], triage["action"]) == ("OutOfSync", "replace")
+    assert triage["health"] == "Progressing" and len(triage["batches"]) == 1
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

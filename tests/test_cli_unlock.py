@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -107,3 +108,26 @@ def test_unlock_without_a_lock_or_database_exits_1(
     StateStore.open(db_path).close()
     assert run(["unlock", "abc", "--state", str(db_path)]) == 1
     assert "no lock is held" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["apply", "forget"])
+def test_a_takeover_is_an_event_of_the_run_that_took_the_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """The lock of a dead process taken over by apply (or forget) is recorded under that
+    run, so `history` shows it with the run instead of in no run at all."""
+    from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    with StateStore.open(ws.state_path) as store:
+        acquire_lock(store, command="apply", info=replace(INFO, pid=dead_pid()))
+    argv = ["apply", "--yes"] if command == "apply" else ["forget", "triage"]
+    code, _, err = run_cli([*argv, str(ws.root)], capsys)
+    assert code == 0, err
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "1", "--json"], capsys)
+    [latest] = json.loads(out)["runs"]
+    assert latest["run"]["command"] == command
+    assert "lock.takeover" in [e["action"] for e in latest["events"]]

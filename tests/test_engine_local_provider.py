@@ -110,3 +110,33 @@ def test_local_provider_opens_lazily_and_refuses_a_busy_folder(tmp_path):
             _ = LocalProvider("b", tmp_path / "engine").engine
     with LocalProvider("c", tmp_path / "engine", **FAST) as third:  # free again
         assert list(third.list_batches()) == []
+
+
+def test_an_unset_upstream_key_fails_apply_before_anything_is_recorded(
+    tmp_path, capsys, monkeypatch
+):
+    """A local provider whose upstreamApiKeyEnv is unset: plan warns, apply exits 1 naming the
+    project key and records no generation, so a later spec change is a create, not a replace."""
+    from workspaces import ResourceSpec, make_workspace, run_cli
+
+    monkeypatch.delenv("BATCHSPEC_TEST_UPSTREAM_KEY", raising=False)
+    provider = {
+        "type": "local",
+        "options": {
+            "upstream": "http://127.0.0.1:9/v1",  # never reached: the key is missing first
+            "upstreamApiKeyEnv": "BATCHSPEC_TEST_UPSTREAM_KEY",
+        },
+    }
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": provider}, resources=[ResourceSpec("triage")]
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and "BATCHSPEC_TEST_UPSTREAM_KEY is not set here" in err, (out, err)
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1
+    assert "providers.srv.options.upstreamApiKeyEnv" in err and "--upstream-api-key" not in err
+    with ws.store() as store:
+        assert store.list_resources() == []
+    ws.write_input("triage", request_lines(2, prefix="changed"))
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and "create" in out and "replace" not in out

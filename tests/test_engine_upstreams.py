@@ -234,6 +234,44 @@ def test_http_pool_retries_a_stale_keep_alive_connection_once():
     assert [json.loads(b)["n"] for b in received] == [1, 2]
 
 
+def test_http_pool_gets_past_several_stale_keep_alive_connections():
+    """Three idle connections the server closed (it restarted) do not fail the next request."""
+    received: list[bytes] = []
+
+    async def one_request_per_connection(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received.append(await reader.readexactly(length))
+        await asyncio.sleep(0.05)  # keep the three first requests on three connections
+        body = b'{"ok": true}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()  # no "Connection: close": the client believes it may reuse it
+
+    async def run():
+        server = await asyncio.start_server(one_request_per_connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}/v1", max_connections=3)
+        try:
+            first = await asyncio.gather(
+                *(
+                    upstream.send("/v1/chat/completions", {"n": n}, custom_id=str(n), attempt=0)
+                    for n in range(3)
+                )
+            )
+            await asyncio.sleep(0.05)  # let the closes reach the client
+            last = await upstream.send("/v1/chat/completions", {"n": 3}, custom_id="3", attempt=0)
+        finally:
+            await upstream.aclose()
+            server.close()
+        return first, last
+
+    first, last = asyncio.run(run())
+    assert [r.body for r in first] == [{"ok": True}] * 3
+    assert last.body == {"ok": True}
+    assert sorted(json.loads(b)["n"] for b in received) == [0, 1, 2, 3]
+
+
 class ForwardProxy:
     """A loopback HTTP forward proxy: absolute-form requests in, origin-form requests out."""
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -218,20 +219,51 @@ def test_join_adds_the_request_messages(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "says"),
     [
-        pytest.param(["--format", "xml"], id="unknown-format"),
-        pytest.param(["--join"], id="join-without-format"),
-        pytest.param(["--format", "csv", "--json"], id="format-and-json"),
+        pytest.param(["--format", "xml"], "'xml' is not one of", id="unknown-format"),
+        pytest.param(["--join"], "--join needs --format", id="join-without-format"),
+        pytest.param(["--format", "csv", "--json"], "exclude each other", id="format-and-json"),
+        pytest.param(["--format", "csv", "--errors"], "takes no --errors", id="format-errors"),
     ],
 )
 def test_bad_flags_are_usage_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], says: str
 ) -> None:
-    """An unknown --format, --join without --format, --format with --json: exit 64, no rows."""
+    """An unknown --format, --join without --format, --format with --json or --errors: exit
+    64, no rows, and a message about the flags given (not about the others)."""
     ws = applied(tmp_path, capsys, request_lines(1))
     code, out, err = run_cli(["results", "triage", str(ws.root), *extra], capsys)
     assert code == 64 and out == ""
+    assert says in err and ("--join" in err) == ("--join" in extra), err
+
+
+def test_parquet_is_not_written_onto_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--format parquet with stdout on a terminal exits 64 saying to redirect it; no bytes."""
+    ws = applied(tmp_path, capsys, request_lines(2))
+    master, slave = pty.openpty()
+    try:
+        done = subprocess.run(
+            batchspec_cmd("results", "triage", str(ws.root), "--format", "parquet"),
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=_env(),
+            check=False,
+            timeout=60,
+        )
+        os.set_blocking(master, False)
+        try:
+            shown = os.read(master, 65536)
+        except BlockingIOError:
+            shown = b""
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert done.returncode == 64, done.stderr
+    assert b"redirect it to a file" in done.stderr and b"PAR1" not in shown
 
 
 def test_join_on_a_rows_input_adds_each_rows_fields_in_order(

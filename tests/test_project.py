@@ -214,6 +214,19 @@ def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
             id="together-did-you-mean",
         ),
         pytest.param(
+            HEADER
+            + "providers:\n  gpus:\n    type: local\n"
+            + "    options: {upstreams: ['http://gpu1:8000/v1#rpm=600,tpm=9000']}\n",
+            (
+                6,
+                27,
+                "/providers/gpus/options/upstreams/0",
+                "invalid-value",
+                "{url: http://gpu1:8000/v1, rpm: 600, tpm: 9000}",
+            ),
+            id="upstreams-limits-in-the-command-line-form",
+        ),
+        pytest.param(
             HEADER + "providers:\n  az:\n    type: azure\n",
             (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
             id="azure-needs-base-url",

@@ -386,3 +386,25 @@ def test_results_migrated_to_postgres_restore_on_a_fresh_runner_with_the_provide
 
     assert code == 0, (out, err)
     assert {p.name: p.read_bytes() for p in (fresh / "results").iterdir()} == expected
+
+
+def test_a_batch_in_flight_on_its_whole_input_is_not_a_missing_blob(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A one-shard batch not collected yet was sent the manifest's input file itself (in the
+    checkout, not in state/): migrate does not list it as a missing result blob."""
+    from workspaces import local_provider, make_workspace
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)  # local: stays in flight
+    assert code == 0, err
+    with ws.store() as store:
+        [batch] = store.db.query("SELECT output_sha256 FROM batches")
+        assert batch["output_sha256"] is None
+    argv = ["state", "migrate", "--state", str(ws.state_path)]
+    report = cli_json([*argv, "--to", postgres_url], capsys)
+    assert report["blobs"]["missing"] == []
+    code, out, err = run_cli([*argv, "--to", str(tmp_path / "x.db")], capsys)
+    assert code == 0 and "not in this machine's result store" not in out + err

@@ -123,13 +123,17 @@ def test_a_missing_driver_says_what_to_install(
 def test_connection_faults_are_one_line_without_the_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_cluster: Cluster
 ) -> None:
-    """Refused connection, wrong password, missing database, bad port: exit 1, one line each."""
+    """Refused connection, wrong password, missing database, bad port, a search_path naming
+    no schema that exists: exit 1, one line each."""
     cases = {
         "refused": "postgresql://batchspec:" + PASSWORD + "@127.0.0.1:1/tests",
         "refused the user name or password": postgres_cluster.url(password="wrong-" + PASSWORD),
         'database "nope" does not exist': postgres_cluster.url("nope"),
         "not valid": f"postgresql://batchspec:{PASSWORD}@127.0.0.1:{postgres_cluster.port}/x?bogus=1",
     }
+    missing_schema = postgres_cluster.url("tests") + "?options=-csearch_path%3Dnot_made"
+    postgres_cluster.tests_db()  # the database exists; its schema not_made does not
+    cases["its search_path (not_made) names none that exists"] = missing_schema
     for expected, url in cases.items():
         code, _, err = run_cli(["status", str(tmp_path), "--state", url], capsys)
         assert code == 1, (expected, err)

@@ -208,7 +208,7 @@ def cli() -> None:
     help="An OpenAI-compatible base URL (e.g. http://localhost:11434/v1), or "
     "'builtin' (an offline stand-in, not a model). Repeat it to spread requests over "
     "several (least in flight first; a failing one rests until it answers again); "
-    "URL#rpm=N,tpm=N limits one. The env var takes several, space-separated.",
+    "URL#rpm=N,tpm=N limits one. BATCHSPEC_UPSTREAM takes several, space-separated.",
 )
 @click.option(
     "--api-key-env",
@@ -599,6 +599,8 @@ def apply(
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
         click.echo(render.apply_text(result, style))
+    elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
+        click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     return result.exit_code
 
 
@@ -851,8 +853,20 @@ def results(
         paths, name = (name, *paths), None
     if name is None and not select:
         raise click.UsageError("give the resource NAME, or --select SELECTOR")
-    if (join and not fmt) or (fmt and (as_json or show_errors)):
-        raise click.UsageError("--join needs --format; --format takes neither --json nor --errors")
+    if join and not fmt:
+        raise click.UsageError("--join needs --format jsonl, csv or parquet")
+    if fmt and as_json:
+        raise click.UsageError("--format and --json exclude each other: keep one of them")
+    if fmt and show_errors:
+        raise click.UsageError(
+            "--format takes no --errors: its rows already hold each failed request's "
+            "status, error_code and error_message"
+        )
+    if fmt == "parquet" and sys.stdout.isatty():
+        raise click.UsageError(
+            "--format parquet is binary, not for a terminal: redirect it to a file "
+            "(> results.parquet) or a pipe"
+        )
     view = result_files(
         paths,
         select=(name,) if name else select,

@@ -322,12 +322,8 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
         "replace_refused": "",
     }[result.outcome]
-    refused = [s.name for s in result.statuses if s.action == "replace"]
     if result.outcome == "replace_refused":  # apply again would refuse them again
-        headline = (
-            f"Apply did not replace {', '.join(refused)}: the spec changed while a generation "
-            "is in flight. Re-run with --allow-replace to cancel it and submit the new spec."
-        )
+        headline = replace_refused_text(result)
     lines = [style.bold(headline), *status_lines(result.statuses, style)]
     if result.local_in_flight:
         lines.append(
@@ -336,6 +332,15 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
     return "\n".join(lines)
+
+
+def replace_refused_text(result: ApplyResult) -> str:
+    """Why apply exits 1 without replacing: also what `apply --quiet` says on stderr."""
+    refused = [s.name for s in result.statuses if s.action == "replace"]
+    return (
+        f"Apply did not replace {', '.join(refused)}: the spec changed while a generation "
+        "is in flight. Re-run with --allow-replace to cancel it and submit the new spec."
+    )
 
 
 def apply_json(result: ApplyResult) -> dict[str, Any]:

@@ -71,10 +71,21 @@ def workspace_names(ws: Workspace, paths: Sequence[str]) -> frozenset[str]:
 
 def missing_api_keys(ws: Workspace, providers: Iterable[str], env: Mapping[str, str]) -> list[str]:
     """A warning per provider that needs an API key whose variable is unset (no network)."""
+    from batchspec.providers.registry import local_upstream_urls
+
     warnings = []
     for name in sorted(set(providers)):
         config = ws.project.providers.get(name)
-        if config is None or config.type == "local" or not config.api_key_env:
+        options = (config.options or {}) if config is not None else {}
+        if config is not None and config.type == "local":
+            variable = options.get("upstreamApiKeyEnv")
+            if variable and local_upstream_urls(options) and not env.get(variable, "").strip():
+                warnings.append(
+                    f"provider {name!r} needs its upstream API key, but {variable} is not set "
+                    "here: apply would fail before submitting anything"
+                )
+            continue
+        if config is None or not config.api_key_env:
             continue
         if not env.get(config.api_key_env, "").strip():
             warnings.append(

@@ -17,7 +17,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchspec.core.plan import FINISHED_GENERATION_STATUSES, Action, ActionKind, make_plan
+from batchspec.core.plan import (
+    ACTIVE_GENERATION_STATUSES,
+    FINISHED_GENERATION_STATUSES,
+    Action,
+    ActionKind,
+    make_plan,
+)
 from batchspec.core.reconcile import desired_resource
 from batchspec.core.recorded import export_paths, load_recorded, observe_disk
 from batchspec.core.replacements import effective_resources
@@ -109,6 +115,11 @@ def resource_statuses(
     for action in plan.actions:
         res = by_name.get(action.resource)
         gen = store.find_generation(res.name, res.spec_hash) if res else _last(store, action)
+        if gen is None and action.kind is ActionKind.REPLACE:
+            # a replace apply has not made yet: show the generation still in flight (its
+            # batches, Progressing), not "Missing", as if nothing were running
+            last = _last(store, action)
+            gen = last if last is not None and last.status in ACTIVE_GENERATION_STATUSES else None
         status = _status(store, action.resource, action, res, gen)
         if gen is not None:
             status = replace(status, usage=generation_usage(store, gen, providers or {}))

@@ -234,7 +234,10 @@ class Http11Pool:
         headers = [*self._headers, ("Content-Length", str(len(body)))]
         target = self._target_prefix + target
         async with self._slots:
-            for _ in range(2):
+            # Each stale idle connection is dropped and the next one tried; a server that
+            # went away leaves every idle connection stale, so this ends with a fresh one
+            # (which either answers or raises): it never gives up while idle ones remain.
+            while True:
                 reused = bool(self._idle)
                 connection = self._idle.pop() if reused else await self._open()
                 try:
@@ -257,7 +260,6 @@ class Http11Pool:
                 else:
                     connection.close()
                 return response
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open(self) -> _Connection:
         host, port = self._host, self._port

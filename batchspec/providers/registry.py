@@ -82,7 +82,7 @@ def build_provider(
     if config.type == "mistral":
         return build_mistral_provider(config, project_root=project_root, env=env)
     if config.type == "local":
-        return build_local_provider(config, project_root=project_root)
+        return build_local_provider(config, project_root=project_root, env=env)
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
         "expected one of openai, azure, groq, together, anthropic, gemini, mistral, local."
@@ -241,12 +241,25 @@ def build_mistral_provider(
     return provider
 
 
-def build_local_provider(config: ProviderConfig, *, project_root: Path) -> Provider:
-    """The embedded engine, in-process, with its data under the project (``state/local``)."""
+def build_local_provider(
+    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+) -> Provider:
+    """The embedded engine, in-process, with its data under the project (``state/local``).
+
+    A named ``upstreamApiKeyEnv`` that is unset fails here, before apply records anything
+    (the engine itself reads it only when its first batch runs)."""
     from batchspec.engine import UpstreamTarget
     from batchspec.providers.local import LocalProvider  # the engine is heavy: import on use
 
     options: Mapping[str, Any] = config.options or {}
+    if options.get("upstreamApiKeyEnv") and local_upstream_urls(options):
+        variable = str(options["upstreamApiKeyEnv"])
+        if not env.get(variable, "").strip():
+            raise ProviderError(
+                f"provider {config.name!r} needs its upstream API key: set {variable} in the "
+                "environment (batchspec reads keys only from environment variables; it is "
+                f"named in providers.{config.name}.options.upstreamApiKeyEnv of batchspec.yaml)."
+            )
     upstream: str | list[str | UpstreamTarget] = str(options.get("upstream", "builtin"))
     if options.get("upstreams"):  # a rotation: URLs, or {url, rpm, tpm}
         upstream = [
@@ -263,6 +276,13 @@ def build_local_provider(config: ProviderConfig, *, project_root: Path) -> Provi
         concurrency=int(options.get("concurrency", 4)),  # the project schema's default
     )
     return provider
+
+
+def local_upstream_urls(options: Mapping[str, Any]) -> list[str]:
+    """The http(s) upstreams of a local provider's options (``builtin`` needs no key)."""
+    items = options.get("upstreams") or [options.get("upstream", "builtin")]
+    urls = [str(item["url"] if isinstance(item, Mapping) else item) for item in items]
+    return [url for url in urls if url.startswith(("http://", "https://"))]
 
 
 def _api_key(provider: str, variable: str, env: Mapping[str, str]) -> str:

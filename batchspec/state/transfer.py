@@ -419,8 +419,11 @@ _BLOB_REFERENCES = (
     "SELECT output_sha256 FROM batches WHERE output_sha256 IS NOT NULL "
     "UNION SELECT errors_sha256 FROM batches WHERE errors_sha256 IS NOT NULL "
     "UNION SELECT blob FROM requests WHERE blob IS NOT NULL "
-    # the shard files of batches not collected yet: whoever runs next may (re)submit them
-    "UNION SELECT input_sha256 FROM batches WHERE output_sha256 IS NULL"
+    # the shard files of batches not collected yet: whoever runs next may (re)submit them;
+    # a batch sent the generation's whole input was sent the checkout's own input file (or
+    # its rendering, rebuilt from the rows), which no result store holds
+    "UNION SELECT b.input_sha256 FROM batches b JOIN generations g ON g.id = b.generation_id "
+    "WHERE b.output_sha256 IS NULL AND b.input_sha256 <> g.input_sha256"
 )
 
 

@@ -301,6 +301,14 @@ class PostgresSql(Sql):
         db = cls(conn, url)
         db.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
         db.schema = db.execute("SELECT coalesce(current_schema(), '')").fetchone()[0]
+        if not db.schema:  # else the first CREATE TABLE says "no schema has been selected"
+            search_path = db.execute("SHOW search_path").fetchone()[0]
+            conn.close()
+            raise StateError(
+                f"the state database {db.label} has no schema to keep the state in: its "
+                f"search_path ({search_path}) names none that exists; create it first "
+                "(CREATE SCHEMA name) or fix -csearch_path in the URL's options"
+            )
         return db
 
     schema = ""

@@ -645,6 +645,15 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             f"is not an environment variable name (it must match {expected}); give the name "
             "of the variable that holds the API key, never the key itself (value not shown)"
         )
+    if kind == "pattern" and "/upstream" in pointer and isinstance(value, str) and "#" in value:
+        # `batchspec serve --upstream URL#rpm=N` is the command line's form, not the file's
+        url, _, limits = value.partition("#")
+        pairs = ", ".join(p.replace("=", ": ", 1) for p in limits.split(",") if p)
+        return (
+            f"{quote(value)}: limits after '#' are the command line's form (--upstream "
+            f"URL#rpm=N); in `upstreams:` an upstream with limits is an object: "
+            f"{{url: {url}{', ' + pairs if pairs else ''}}}"
+        )
     if kind == "pattern":
         why = _why(cast("Mapping[str, Any]", error.schema))
         return f"{quote(value)} does not match {expected}{why}"
