@@ -248,3 +248,32 @@ def test_an_over_long_parquet_row_is_refused_and_the_others_read(tmp_path: Path)
         "row 3 has no field '",
         "row 4 has no field '",
     ]
+
+
+def test_a_parquet_value_python_cannot_hold_is_a_problem_at_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A timestamp or date beyond year 9999 (valid Parquet, no Python datetime) is one problem
+    naming its row, not a traceback; the other rows are still read and nothing is rendered."""
+    monkeypatch.chdir(tmp_path)
+    far = 10**13  # seconds after 1970: year ~318857
+    write_parquet(
+        tmp_path,
+        {
+            "k": [1, 2, 3, 4],
+            "text": ["a", "b", "c", "d"],
+            "at": pa.array([0, far, 0, 0], pa.timestamp("s")),
+            "day": pa.array([0, 0, 0, 10**8], pa.date32()),
+        },
+        row_group_size=4,
+    )
+    write_manifest(tmp_path, {"rows": "../data/t.parquet", "id": "r{{ k }}", "body": chat_body()})
+    problems = problems_of(tmp_path)
+    assert len(problems) == 2
+    assert problems[0].startswith("data/t.parquet: row 2: a value cannot be read (")
+    assert problems[1].startswith("data/t.parquet: row 4: a value cannot be read (")
+    code, _, err = run_cli(["validate", str(tmp_path)], capsys)
+    assert code == 1
+    assert "Traceback" not in err
+    assert "row 2: a value cannot be read" in err
+    assert not list((tmp_path / "state" / "rendered").glob("*.jsonl"))

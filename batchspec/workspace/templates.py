@@ -545,8 +545,15 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
                 message = f"cannot read row {number + 1} or after it: {err}"
                 yield _RowProblem(None, "invalid-parquet", message)
                 return
-            for fields in _pylist(batch):
+            for fields in _batch_rows(batch, pa):
                 number += 1
+                if isinstance(fields, Exception):
+                    message = (
+                        f"row {number}: a value cannot be read ({fields}); valid Parquet, but "
+                        "not a value batchspec can use (e.g. a date after the year 9999)"
+                    )
+                    yield _RowProblem(None, "invalid-value", message)
+                    continue
                 values = {str(k): parquet_value(v) for k, v in fields.items()}
                 if _size(values) > max_row_bytes:
                     message = (
@@ -558,6 +565,27 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
                 yield Row(number, None, values)
     finally:
         parquet.close()
+
+
+#: what converting a Parquet value to Python may raise (a timestamp beyond year 9999:
+#: OverflowError; a time zone the machine lacks: ArrowInvalid)
+_CONVERSION_ERRORS = (OverflowError, ValueError, TypeError)
+
+
+def _batch_rows(batch: Any, pa: Any) -> list[dict[str, Any] | Exception]:
+    """A record batch's rows as dicts; a row holding a value Python cannot hold is, in its
+    place, the error converting it (so the other rows are still read)."""
+    try:
+        return list(_pylist(batch))
+    except (pa.ArrowException, *_CONVERSION_ERRORS):
+        pass
+    rows: list[dict[str, Any] | Exception] = []
+    for i in range(batch.num_rows):
+        try:
+            rows.extend(_pylist(batch.slice(i, 1)))
+        except (pa.ArrowException, *_CONVERSION_ERRORS) as err:
+            rows.append(err)
+    return rows
 
 
 def _pylist(batch: Any) -> list[dict[str, Any]]:
