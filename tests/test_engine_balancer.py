@@ -394,3 +394,37 @@ def test_local_provider_reads_upstreams_with_limits_from_the_project(tmp_path):
         assert members[1].tpm is not None and members[1].tpm.rate == pytest.approx(1000 / 60)
     finally:
         provider.close()
+
+
+@pytest.mark.parametrize(
+    ("specs", "said"),
+    [
+        pytest.param(["http://127.0.0.1:99999/v1"], "Port out of range", id="out-of-range"),
+        pytest.param(["http://u:secret@h:bad/v1"], "Port could not be cast", id="not-a-number"),
+        pytest.param(["http://u:secret@h:bad/v1#rpm=5"], "Port could not", id="with-limits"),
+        pytest.param(["http://u:secret@h:bad/v1#rpm=x"], "h:bad/v1#rpm=x': rpm", id="bad-limit"),
+        pytest.param(
+            ["http://127.0.0.1:1/v1", "http://u:secret@h:99999/v1"], "h:99999", id="in-a-rotation"
+        ),
+        pytest.param(["ftp://u:secret@h/v1"], "'ftp://h/v1' is not an http(s) URL", id="ftp"),
+    ],
+)
+def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs, said):
+    """A port out of range or not a number (or a scheme not http) is a usage error naming the
+    upstream without its password, alone, in a rotation or with limits (not a traceback)."""
+    with pytest.raises(UsageError) as raised:
+        make_upstreams(specs)
+    assert "secret" not in str(raised.value) and said in str(raised.value)
+
+
+def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):
+    """`batchspec serve --upstream http://127.0.0.1:99999/v1` exits with one error line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--upstream", "http://127.0.0.1:99999/v1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("Error: Upstream") and "99999" in line

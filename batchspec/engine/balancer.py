@@ -110,8 +110,9 @@ def _shown(spec: str) -> str:
     parts = urlsplit(spec)
     if parts.hostname is None:
         return spec
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+    return urlunsplit(
+        (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", parts.fragment)
+    )
 
 
 class RateBucket:

@@ -91,6 +91,14 @@ class Upstream(Protocol):
 # Any OpenAI-compatible server
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without the ``user:password@`` of its authority, query or fragment: fit for
+    messages even when the URL is malformed (a port that is not a number)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class HttpUpstream:
     """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool."""
 
@@ -102,15 +110,20 @@ class HttpUpstream:
         max_connections: int = 64,
     ) -> None:
         parts = urlsplit(base_url)
+        # Never show credentials embedded in the URL.
+        shown = without_credentials(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(
-                f"Upstream {base_url!r} is not an http(s) URL; "
+                f"Upstream {shown!r} is not an http(s) URL; "
                 "use e.g. http://localhost:11434/v1 or 'builtin'."
             )
-        # Never show credentials embedded in the URL.
+        try:
+            port = parts.port
+        except ValueError as err:  # out of range, or not a number
+            raise UsageError(f"Upstream {shown}: {err}.") from None
         netloc = parts.hostname
-        if parts.port:
-            netloc += f":{parts.port}"
+        if port:
+            netloc += f":{port}"
         self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         self._path = parts.path.rstrip("/")
         self._strip_v1 = self._path.endswith("/v1")
