@@ -406,7 +406,7 @@ def test_local_provider_reads_upstreams_with_limits_from_the_project(tmp_path):
         pytest.param(
             ["http://127.0.0.1:1/v1", "http://u:secret@h:99999/v1"], "h:99999", id="in-a-rotation"
         ),
-        pytest.param(["ftp://u:secret@h/v1"], "'ftp://h/v1' is not an http(s) URL", id="ftp"),
+        pytest.param(["ftp://u:secret@h/v1"], "Unknown upstream 'ftp://h/v1'", id="ftp"),
     ],
 )
 def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs, said):

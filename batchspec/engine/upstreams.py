@@ -511,7 +511,8 @@ def make_upstream(
         upstream = HttpUpstream(spec, api_key=api_key, max_connections=max_connections)
     else:
         raise UsageError(
-            f"Unknown upstream {spec!r}: use 'builtin' or an OpenAI-compatible base URL "
+            f"Unknown upstream {without_credentials(spec)!r}: use 'builtin' or an "
+            "OpenAI-compatible base URL "
             "such as http://localhost:8000/v1."
         )
     if faults is not None:
