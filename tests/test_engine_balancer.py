@@ -428,3 +428,45 @@ def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.strip()]
     assert line.startswith("Error: Upstream") and "99999" in line
+
+
+def test_a_2xx_that_is_not_json_is_not_a_result_and_goes_to_another_member(tmp_path):
+    """A member answering 200 with an HTML page (a captive portal, a wrong path) gives no
+    line a result: the answer counts as a failure of that member (502, rested) and the
+    worker's retry gets the line a real answer from the other member; none completes with
+    the page as its body."""
+    from scripted_server import Answer, ScriptedServer
+
+    portal = ScriptedServer()
+    page = Answer(200, b"<html>please log in</html>", {"Content-Type": "text/html"})
+    portal.script(then=page)
+    good = start_recording_upstream()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--poll-interval", "0.02",
+         "--upstream", portal.v1, "--upstream", good.v1, "--max-attempts", "4"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.fullmatch(r"serving on (\S+) \(data: .+\)\n", line)
+        assert match, line
+        import openai
+
+        client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(6))), purpose="batch"
+        ).id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        done = wait_for_batch(client, batch.id, timeout=60)
+        output = read_jsonl(client.files.content(done.output_file_id).text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        portal.stop()
+        good.stop()
+    assert portal.requests, "the portal got no request: the test proves nothing"
+    assert done.request_counts.completed == 6 and done.request_counts.failed == 0
+    assert all(isinstance(r["response"]["body"], dict) for r in output)
+    assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)

@@ -154,11 +154,24 @@ class HttpUpstream:
             parsed: Any = jsonfast.loads(response.body)
         except ValueError:  # orjson.JSONDecodeError is a ValueError too
             parsed = response.body.decode("utf-8", "replace")
+            if 200 <= response.status_code < 300:
+                return self._not_json(response.status_code, parsed)
         return UpstreamResponse(
             status_code=response.status_code,
             body=parsed,
             request_id=response.headers.get("x-request-id"),
             retry_after=retry_after_seconds(response.headers),
+        )
+
+    def _not_json(self, status: int, text: str) -> UpstreamResponse:
+        """A success whose body is not JSON (a captive portal's page, a wrong path served by
+        a web server) is no result: a 502, so the line is retried (elsewhere, in a rotation)
+        instead of completing with the page as its answer."""
+        preview = " ".join(text[:80].split())
+        return _api_error(
+            502,
+            f"The upstream {self.description} answered {status} with a body that is not JSON "
+            f"({preview!r}); is its URL the OpenAI-compatible base URL?",
         )
 
     async def aclose(self) -> None:
