@@ -277,3 +277,25 @@ def test_a_parquet_value_python_cannot_hold_is_a_problem_at_its_row(
     assert "Traceback" not in err
     assert "row 2: a value cannot be read" in err
     assert not list((tmp_path / "state" / "rendered").glob("*.jsonl"))
+
+
+def test_a_wide_parquet_file_is_read_in_batches_bounded_by_cells(tmp_path: Path) -> None:
+    """A small file of many columns (2,000 columns of zeros, 1,100 rows: a few hundred KB)
+    is not converted 1,024 rows at a time into millions of Python objects: the batch shrinks
+    with the width, so peak Python allocations stay far below what a 1,024-row batch takes."""
+    from batchspec.workspace.templates import iter_rows
+
+    rows = 1100
+    zeros = pa.array([0] * rows, pa.int64())
+    columns: dict[str, Any] = {"k": pa.array(range(rows), pa.int64())}
+    columns.update({f"c{i}": zeros for i in range(2000)})
+    path = write_parquet(tmp_path, columns, row_group_size=rows)
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        count = sum(1 for row in iter_rows(path) if getattr(row, "fields", None))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == rows
+    assert peak < 30_000_000, f"peak {peak:,} bytes"

@@ -102,6 +102,9 @@ ROWS_FORMATS: Mapping[str, str] = {
 }
 #: rows of a Parquet file converted to Python at a time (one record batch)
 PARQUET_BATCH_ROWS = 1024
+#: at most this many values (rows x leaf columns) per record batch: a wide file (thousands of
+#: columns) is read a few rows at a time, so its Python objects stay bounded
+PARQUET_BATCH_CELLS = 1 << 16
 #: what to install for Parquet rows files (the extra ``results --format parquet`` uses too)
 PARQUET_EXTRA = "pip install 'batchspec[parquet]'"
 #: Bumped when the rendered output for the same templates and rows would change.
@@ -535,7 +538,9 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
             yield _RowProblem(None, "invalid-header", message)
             return
         number = 0
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, use_threads=False)
+        leaves = max(1, parquet.metadata.num_columns, len(parquet.schema_arrow.names))
+        rows_per_batch = max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_CELLS // leaves))
+        batches = parquet.iter_batches(batch_size=rows_per_batch, use_threads=False)
         while True:
             try:
                 batch = next(batches)
