@@ -394,3 +394,79 @@ def test_local_provider_reads_upstreams_with_limits_from_the_project(tmp_path):
         assert members[1].tpm is not None and members[1].tpm.rate == pytest.approx(1000 / 60)
     finally:
         provider.close()
+
+
+@pytest.mark.parametrize(
+    ("specs", "said"),
+    [
+        pytest.param(["http://127.0.0.1:99999/v1"], "Port out of range", id="out-of-range"),
+        pytest.param(["http://u:secret@h:bad/v1"], "Port could not be cast", id="not-a-number"),
+        pytest.param(["http://u:secret@h:bad/v1#rpm=5"], "Port could not", id="with-limits"),
+        pytest.param(["http://u:secret@h:bad/v1#rpm=x"], "h:bad/v1#rpm=x': rpm", id="bad-limit"),
+        pytest.param(
+            ["http://127.0.0.1:1/v1", "http://u:secret@h:99999/v1"], "h:99999", id="in-a-rotation"
+        ),
+        pytest.param(["ftp://u:secret@h/v1"], "Unknown upstream 'ftp://h/v1'", id="ftp"),
+    ],
+)
+def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs, said):
+    """A port out of range or not a number (or a scheme not http) is a usage error naming the
+    upstream without its password, alone, in a rotation or with limits (not a traceback)."""
+    with pytest.raises(UsageError) as raised:
+        make_upstreams(specs)
+    assert "secret" not in str(raised.value) and said in str(raised.value)
+
+
+def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):
+    """`batchspec serve --upstream http://127.0.0.1:99999/v1` exits with one error line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--upstream", "http://127.0.0.1:99999/v1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("Error: Upstream") and "99999" in line
+
+
+def test_a_2xx_that_is_not_json_is_not_a_result_and_goes_to_another_member(tmp_path):
+    """A member answering 200 with an HTML page (a captive portal, a wrong path) gives no
+    line a result: the answer counts as a failure of that member (502, rested) and the
+    worker's retry gets the line a real answer from the other member; none completes with
+    the page as its body."""
+    from scripted_server import Answer, ScriptedServer
+
+    portal = ScriptedServer()
+    page = Answer(200, b"<html>please log in</html>", {"Content-Type": "text/html"})
+    portal.script(then=page)
+    good = start_recording_upstream()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--poll-interval", "0.02",
+         "--upstream", portal.v1, "--upstream", good.v1, "--max-attempts", "4"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.fullmatch(r"serving on (\S+) \(data: .+\)\n", line)
+        assert match, line
+        import openai
+
+        client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(6))), purpose="batch"
+        ).id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        done = wait_for_batch(client, batch.id, timeout=60)
+        output = read_jsonl(client.files.content(done.output_file_id).text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        portal.stop()
+        good.stop()
+    assert portal.requests, "the portal got no request: the test proves nothing"
+    assert done.request_counts.completed == 6 and done.request_counts.failed == 0
+    assert all(isinstance(r["response"]["body"], dict) for r in output)
+    assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)

@@ -55,6 +55,13 @@ def one_line_without_password(err: str) -> str:
         ),
         pytest.param("postgresql://u@h/db", "postgresql://u@h/db", None),
         pytest.param("postgresql://u:p%40ss@h/db", "postgresql://u:***@h/db", "p@ss"),
+        # a password left unencoded with a / ? or # in it (as libpq reads it: up to the @)
+        pytest.param("postgresql://u:ab/s3cret@h:5/db", "postgresql://u:***@h:5/db", "ab/s3cret"),
+        pytest.param("postgresql://u:ab?s3cret@h/db", "postgresql://u:***@h/db", "ab?s3cret"),
+        pytest.param("postgresql://u:ab#s3cret@h/db", "postgresql://u:***@h/db", "ab#s3cret"),
+        pytest.param(
+            "postgres://h/db?PASSWORD=s3cret&x=1", "postgres://h/db?PASSWORD=***&x=1", "s3cret"
+        ),
     ],
 )
 def test_urls_are_shown_without_their_password(url: str, shown: str, password: str | None) -> None:
@@ -130,6 +137,9 @@ def test_connection_faults_are_one_line_without_the_password(
         "refused the user name or password": postgres_cluster.url(password="wrong-" + PASSWORD),
         'database "nope" does not exist': postgres_cluster.url("nope"),
         "not valid": f"postgresql://batchspec:{PASSWORD}@127.0.0.1:{postgres_cluster.port}/x?bogus=1",
+        # a password with an unencoded / (base64 ones have them): libpq misreads the URL
+        "cannot connect": f"postgresql://batchspec:{PASSWORD}/x@127.0.0.1:{postgres_cluster.port}/x",
+        "refused the user name": f"postgresql://batchspec:{PASSWORD}?x@127.0.0.1:{postgres_cluster.port}/x",
     }
     missing_schema = postgres_cluster.url("tests") + "?options=-csearch_path%3Dnot_made"
     postgres_cluster.tests_db()  # the database exists; its schema not_made does not

@@ -248,3 +248,54 @@ def test_an_over_long_parquet_row_is_refused_and_the_others_read(tmp_path: Path)
         "row 3 has no field '",
         "row 4 has no field '",
     ]
+
+
+def test_a_parquet_value_python_cannot_hold_is_a_problem_at_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A timestamp or date beyond year 9999 (valid Parquet, no Python datetime) is one problem
+    naming its row, not a traceback; the other rows are still read and nothing is rendered."""
+    monkeypatch.chdir(tmp_path)
+    far = 10**13  # seconds after 1970: year ~318857
+    write_parquet(
+        tmp_path,
+        {
+            "k": [1, 2, 3, 4],
+            "text": ["a", "b", "c", "d"],
+            "at": pa.array([0, far, 0, 0], pa.timestamp("s")),
+            "day": pa.array([0, 0, 0, 10**8], pa.date32()),
+        },
+        row_group_size=4,
+    )
+    write_manifest(tmp_path, {"rows": "../data/t.parquet", "id": "r{{ k }}", "body": chat_body()})
+    problems = problems_of(tmp_path)
+    assert len(problems) == 2
+    assert problems[0].startswith("data/t.parquet: row 2: a value cannot be read (")
+    assert problems[1].startswith("data/t.parquet: row 4: a value cannot be read (")
+    code, _, err = run_cli(["validate", str(tmp_path)], capsys)
+    assert code == 1
+    assert "Traceback" not in err
+    assert "row 2: a value cannot be read" in err
+    assert not list((tmp_path / "state" / "rendered").glob("*.jsonl"))
+
+
+def test_a_wide_parquet_file_is_read_in_batches_bounded_by_cells(tmp_path: Path) -> None:
+    """A small file of many columns (2,000 columns of zeros, 1,100 rows: a few hundred KB)
+    is not converted 1,024 rows at a time into millions of Python objects: the batch shrinks
+    with the width, so peak Python allocations stay far below what a 1,024-row batch takes."""
+    from batchspec.workspace.templates import iter_rows
+
+    rows = 1100
+    zeros = pa.array([0] * rows, pa.int64())
+    columns: dict[str, Any] = {"k": pa.array(range(rows), pa.int64())}
+    columns.update({f"c{i}": zeros for i in range(2000)})
+    path = write_parquet(tmp_path, columns, row_group_size=rows)
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        count = sum(1 for row in iter_rows(path) if getattr(row, "fields", None))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == rows
+    assert peak < 30_000_000, f"peak {peak:,} bytes"

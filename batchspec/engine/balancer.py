@@ -19,7 +19,8 @@
    ``max_tokens``/``max_completion_tokens``/``max_output_tokens``) and *settled* when the
    answer reports ``usage`` (the difference is taken or given back), so over time the bucket
    counts the tokens the upstream reported.
-3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, no answer
+3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, which
+   includes a 2xx whose body is not JSON: ``HttpUpstream`` turns it into a 502, no answer
    within the request timeout) is taken out of rotation for a back-off of ``backoff_initial``
    seconds, doubling with each further failure up to ``backoff_max`` (failures of requests
    sent before it was taken out are the same outage and do not lengthen it). When its back-off has
@@ -110,8 +111,9 @@ def _shown(spec: str) -> str:
     parts = urlsplit(spec)
     if parts.hostname is None:
         return spec
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+    return urlunsplit(
+        (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", parts.fragment)
+    )
 
 
 class RateBucket:

@@ -91,6 +91,14 @@ class Upstream(Protocol):
 # Any OpenAI-compatible server
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without the ``user:password@`` of its authority, query or fragment: fit for
+    messages even when the URL is malformed (a port that is not a number)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class HttpUpstream:
     """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool."""
 
@@ -102,15 +110,20 @@ class HttpUpstream:
         max_connections: int = 64,
     ) -> None:
         parts = urlsplit(base_url)
+        # Never show credentials embedded in the URL.
+        shown = without_credentials(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(
-                f"Upstream {base_url!r} is not an http(s) URL; "
+                f"Upstream {shown!r} is not an http(s) URL; "
                 "use e.g. http://localhost:11434/v1 or 'builtin'."
             )
-        # Never show credentials embedded in the URL.
+        try:
+            port = parts.port
+        except ValueError as err:  # out of range, or not a number
+            raise UsageError(f"Upstream {shown}: {err}.") from None
         netloc = parts.hostname
-        if parts.port:
-            netloc += f":{parts.port}"
+        if port:
+            netloc += f":{port}"
         self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         self._path = parts.path.rstrip("/")
         self._strip_v1 = self._path.endswith("/v1")
@@ -141,11 +154,24 @@ class HttpUpstream:
             parsed: Any = jsonfast.loads(response.body)
         except ValueError:  # orjson.JSONDecodeError is a ValueError too
             parsed = response.body.decode("utf-8", "replace")
+            if 200 <= response.status_code < 300:
+                return self._not_json(response.status_code, parsed)
         return UpstreamResponse(
             status_code=response.status_code,
             body=parsed,
             request_id=response.headers.get("x-request-id"),
             retry_after=retry_after_seconds(response.headers),
+        )
+
+    def _not_json(self, status: int, text: str) -> UpstreamResponse:
+        """A success whose body is not JSON (a captive portal's page, a wrong path served by
+        a web server) is no result: a 502, so the line is retried (elsewhere, in a rotation)
+        instead of completing with the page as its answer."""
+        preview = " ".join(text[:80].split())
+        return _api_error(
+            502,
+            f"The upstream {self.description} answered {status} with a body that is not JSON "
+            f"({preview!r}); is its URL the OpenAI-compatible base URL?",
         )
 
     async def aclose(self) -> None:
@@ -498,7 +524,8 @@ def make_upstream(
         upstream = HttpUpstream(spec, api_key=api_key, max_connections=max_connections)
     else:
         raise UsageError(
-            f"Unknown upstream {spec!r}: use 'builtin' or an OpenAI-compatible base URL "
+            f"Unknown upstream {without_credentials(spec)!r}: use 'builtin' or an "
+            "OpenAI-compatible base URL "
             "such as http://localhost:8000/v1."
         )
     if faults is not None:

@@ -28,18 +28,35 @@ def is_database_url(text: str | object) -> bool:
     return bool(sep) and scheme.lower() in DATABASE_SCHEMES
 
 
+def _credentials(url: str) -> tuple[str, str, str | None, str]:
+    """``(scheme, user, password or None, after)``: the URL split at its credentials as libpq
+    reads them, ``after`` being what follows the ``@`` (or everything after ``scheme://``).
+
+    The credentials run to the *last* ``@``, so a password left unencoded with a ``/``, ``?``
+    or ``#`` in it (libpq reads it whole; ``urlsplit`` would cut it into path, query or
+    fragment) is still found. An ``@`` left unencoded in the query makes this take too much as
+    the password, which only hides more.
+    """
+    scheme, _, rest = url.partition("://")
+    at = rest.rfind("@")
+    if at < 0:
+        return scheme, "", None, rest
+    user, colon, password = rest[:at].partition(":")
+    return scheme, user, password if colon else None, rest[at + 1 :]
+
+
+def _is_password_key(pair: str) -> bool:
+    return pair.partition("=")[0].strip().lower() == "password"
+
+
 def url_password(url: str) -> str | None:
     """The password in ``url`` (decoded), or None; also finds ``password=`` in the query."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return None
+    _, _, password, after = _credentials(url)
     if password:
         return unquote(password)
-    for pair in parts.query.split("&"):
+    for pair in after.partition("?")[2].split("#")[0].split("&"):
         key, _, value = pair.partition("=")
-        if key == "password" and value:
+        if _is_password_key(key) and value:
             return unquote(value)
     return None
 
@@ -47,17 +64,18 @@ def url_password(url: str) -> str | None:
 def redact_url(url: str) -> str:
     """``url`` with its password shown as ``***``; fit for messages and logs."""
     try:
+        scheme, user, password, after = _credentials(url)
+        if "@" in url.partition("://")[2]:
+            shown_user = f"{user}:{REDACTED}" if password is not None else user
+            url = f"{scheme}://{shown_user}@{after}"
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user, has_password, _ = userinfo.partition(":")
-            netloc = f"{user}:{REDACTED}@{host}" if has_password else f"{user}@{host}"
         query = "&".join(
-            f"password={REDACTED}" if pair.partition("=")[0] == "password" else pair
+            f"{pair.partition('=')[0]}={REDACTED}" if _is_password_key(pair) else pair
             for pair in parts.query.split("&")
         )
-        return urlunsplit((parts.scheme, netloc, parts.path, query if parts.query else "", ""))
+        return urlunsplit(
+            (parts.scheme, parts.netloc, parts.path, query if parts.query else "", "")
+        )
     except ValueError:
         return f"{url.partition('://')[0]}://{REDACTED}"
 

@@ -102,6 +102,9 @@ ROWS_FORMATS: Mapping[str, str] = {
 }
 #: rows of a Parquet file converted to Python at a time (one record batch)
 PARQUET_BATCH_ROWS = 1024
+#: at most this many values (rows x leaf columns) per record batch: a wide file (thousands of
+#: columns) is read a few rows at a time, so its Python objects stay bounded
+PARQUET_BATCH_CELLS = 1 << 16
 #: what to install for Parquet rows files (the extra ``results --format parquet`` uses too)
 PARQUET_EXTRA = "pip install 'batchspec[parquet]'"
 #: Bumped when the rendered output for the same templates and rows would change.
@@ -535,7 +538,9 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
             yield _RowProblem(None, "invalid-header", message)
             return
         number = 0
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, use_threads=False)
+        leaves = max(1, parquet.metadata.num_columns, len(parquet.schema_arrow.names))
+        rows_per_batch = max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_CELLS // leaves))
+        batches = parquet.iter_batches(batch_size=rows_per_batch, use_threads=False)
         while True:
             try:
                 batch = next(batches)
@@ -545,8 +550,15 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
                 message = f"cannot read row {number + 1} or after it: {err}"
                 yield _RowProblem(None, "invalid-parquet", message)
                 return
-            for fields in _pylist(batch):
+            for fields in _batch_rows(batch, pa):
                 number += 1
+                if isinstance(fields, Exception):
+                    message = (
+                        f"row {number}: a value cannot be read ({fields}); valid Parquet, but "
+                        "not a value batchspec can use (e.g. a date after the year 9999)"
+                    )
+                    yield _RowProblem(None, "invalid-value", message)
+                    continue
                 values = {str(k): parquet_value(v) for k, v in fields.items()}
                 if _size(values) > max_row_bytes:
                     message = (
@@ -558,6 +570,27 @@ def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[Row | _RowProblem]
                 yield Row(number, None, values)
     finally:
         parquet.close()
+
+
+#: what converting a Parquet value to Python may raise (a timestamp beyond year 9999:
+#: OverflowError; a time zone the machine lacks: ArrowInvalid)
+_CONVERSION_ERRORS = (OverflowError, ValueError, TypeError)
+
+
+def _batch_rows(batch: Any, pa: Any) -> list[dict[str, Any] | Exception]:
+    """A record batch's rows as dicts; a row holding a value Python cannot hold is, in its
+    place, the error converting it (so the other rows are still read)."""
+    try:
+        return list(_pylist(batch))
+    except (pa.ArrowException, *_CONVERSION_ERRORS):
+        pass
+    rows: list[dict[str, Any] | Exception] = []
+    for i in range(batch.num_rows):
+        try:
+            rows.extend(_pylist(batch.slice(i, 1)))
+        except (pa.ArrowException, *_CONVERSION_ERRORS) as err:
+            rows.append(err)
+    return rows
 
 
 def _pylist(batch: Any) -> list[dict[str, Any]]:
