@@ -742,6 +742,27 @@ def test_require_valid_input_file_level_detail_has_no_line(tmp_path: Path) -> No
     ]
 
 
+def test_require_valid_input_refuses_unversioned_urls_unless_asked(tmp_path: Path) -> None:
+    """Only Azure's checks accept ``/chat/completions``: by default a line whose url is not the
+    endpoint's is refused before upload, not sent to a provider that fails the whole batch."""
+    path = write(tmp_path, jsonl(req("a", url="/chat/completions"), req("b")))
+    with pytest.raises(InputError) as caught:
+        require_valid_input(path, endpoint=CHAT)
+    assert [d.split(": ", 1)[0] for d in caught.value.details] == [f"{path}:1"]
+    assert require_valid_input(path, endpoint=CHAT, allow_unversioned_url=True).ok
+
+
+def test_an_unparseable_line_does_not_stop_the_scan(tmp_path: Path) -> None:
+    """A malformed line is reported and the scan goes on: a duplicate custom_id after it (two
+    answers joined to one id) is still caught, every request is counted, and the sha256 (the
+    spec hash's input) covers the whole file, not the part before the bad line."""
+    data = jsonl(req("a"), b"{not json", req("b"), req("a"))
+    report = scan_batch_input(write(tmp_path, data))
+    assert found(report) == [(2, "invalid_json_line"), (4, "duplicate_custom_id")]
+    assert report.requests == 4
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # iter_requests
 
