@@ -101,7 +101,12 @@ SCOPES = (
     Scope(
         "ledger",
         ("batchspec/state/ledger.py",),
-        ("tests/test_state.py", "tests/test_collect.py", "tests/test_retries.py"),
+        (
+            "tests/test_ledger.py",
+            "tests/test_state.py",
+            "tests/test_collect.py",
+            "tests/test_retries.py",
+        ),
     ),
     Scope(
         "inputs",
@@ -117,7 +122,12 @@ SCOPES = (
     Scope(
         "results",
         ("batchspec/core/results.py",),
-        ("tests/test_collect.py", "tests/test_retries.py", "tests/test_incremental.py"),
+        (
+            "tests/test_ledger.py",
+            "tests/test_collect.py",
+            "tests/test_retries.py",
+            "tests/test_incremental.py",
+        ),
     ),
 )
 
