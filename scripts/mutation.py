@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -359,19 +361,23 @@ def run_tests(copy: Path, tests: Sequence[str], timeout: float) -> tuple[str, fl
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     started = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        cwd=copy,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=copy,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            start_new_session=True,
-        )
+        returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # the whole session: a test's `batchspec serve` children would otherwise outlive it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "timeout", time.monotonic() - started
-    status = "survived" if proc.returncode == 0 else "killed"
+    status = "survived" if returncode == 0 else "killed"
     return status, time.monotonic() - started
 
 
