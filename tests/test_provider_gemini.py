@@ -184,6 +184,46 @@ def test_chat_body_maps_to_a_generate_content_request() -> None:
             "no earlier assistant message made",
             id="orphan-tool-answer",
         ),
+        pytest.param(chat(messages=[]), "must be a non-empty list", id="no-messages"),
+        pytest.param(chat(messages=["hi"]), "messages[0] must be an object", id="not-object"),
+        pytest.param(
+            chat(messages=[{"role": "critic", "content": "a"}]), "role 'critic'", id="role"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "system", "content": "a"}]), "needs a user turn", id="sys-only"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": 5}]), "string or a non-empty", id="content"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]),
+            "'input_audio' part",
+            id="audio",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": None, "tool_calls": ["x"]},
+                ]
+            ),
+            "tool_calls[0] must be a function call",
+            id="tool-call",
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant"}]),
+            "neither content nor tool calls",
+            id="empty-assistant",
+        ),
+        pytest.param(chat(tool_choice={"type": "function"}), "names no function", id="choice"),
+        pytest.param(chat(tool_choice="sometimes"), "tool_choice", id="choice-word"),
+        pytest.param(chat(tools=[{"type": "retrieval"}]), "only function tools", id="tool-type"),
+        pytest.param(
+            chat(response_format={"type": "json_schema", "json_schema": {"schema": 5}}),
+            "schema must be an object",
+            id="schema-not-object",
+        ),
+        pytest.param(chat(response_format={"type": "xml"}), "response_format", id="format"),
     ],
 )
 def test_what_cannot_map_is_refused_with_a_reason(body: dict[str, Any], fragment: str) -> None:
@@ -191,6 +231,24 @@ def test_what_cannot_map_is_refused_with_a_reason(body: dict[str, Any], fragment
     with pytest.raises(Unmappable) as raised:
         chat_to_request(body)
     assert fragment in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "config"),
+    [
+        pytest.param({"response_format": {"type": "text"}}, None, id="text-is-the-default"),
+        pytest.param(
+            {"response_format": {"type": "json_object"}},
+            {"responseMimeType": "application/json"},
+            id="json-object",
+        ),
+        pytest.param({"logprobs": True}, {"responseLogprobs": True}, id="logprobs"),
+    ],
+)
+def test_output_options_keep_their_meaning(extra: dict[str, Any], config: Any) -> None:
+    """Options that change what comes back (JSON only, log probabilities) reach Gemini's
+    generationConfig; the default text format adds nothing."""
+    assert chat_to_request(chat(**extra)).get("generationConfig") == config
 
 
 def test_gemini_lines_and_their_problems() -> None:
