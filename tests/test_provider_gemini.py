@@ -29,8 +29,13 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.errors import ProviderError
-from batchspec.providers.base import Provider, RemoteBatch
-from batchspec.providers.gemini import GeminiProvider, display_name_for, metadata_of
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.gemini import (
+    GeminiProvider,
+    display_name_for,
+    metadata_of,
+    parse_operation,
+)
 from batchspec.wire.gemini_lines import (
     Unmappable,
     batch_status,
@@ -283,6 +288,53 @@ def test_states_and_display_names() -> None:
     name = display_name_for(KEYS)
     assert name == f"batchspec/t/{'ab' * 32}/0/1" and metadata_of(name) == KEYS
     assert metadata_of("my own batch") == {} and display_name_for({"a": "b"}) == "batchspec"
+
+
+def test_a_finished_operation_offers_only_the_result_files_it_has() -> None:
+    """A succeeded batch with no failures offers its succeeded part and no failed part (never
+    a download of a file that is not there); a failed batch offers neither and carries
+    Gemini's error, so its requests fail as a whole with that reason."""
+    done = parse_operation(
+        {
+            "name": "batches/ok",
+            "done": True,
+            "response": {
+                "state": "BATCH_STATE_SUCCEEDED",
+                "batchStats": {"requestCount": "3", "successfulRequestCount": "3"},
+                "displayName": display_name_for(KEYS),
+            },
+        }
+    )
+    assert done.status == "completed" and done.metadata == KEYS
+    assert done.output_file_id is not None and done.error_file_id is None
+    assert done.request_counts is not None and done.request_counts.total == 3
+    failed = parse_operation(
+        {
+            "name": "batches/bad",
+            "metadata": {"state": "BATCH_STATE_FAILED"},
+            "error": {"code": 3, "status": "INVALID_ARGUMENT", "message": "bad request file"},
+        }
+    )
+    assert failed.status == "failed"
+    assert (failed.output_file_id, failed.error_file_id) == (None, None)
+    assert [(e.code, e.message) for e in failed.errors] == [
+        ("INVALID_ARGUMENT", "bad request file")
+    ]
+
+
+@pytest.mark.parametrize("batch_id", ["batches/", "batches/a/b", "batches/x:cancel", "../a"])
+def test_a_batch_id_that_is_not_one_name_is_not_found_and_not_sent(
+    server: Callable[..., ProbedServer], tmp_path: Path, batch_id: str
+) -> None:
+    """A batch id that would point elsewhere in the API (a path, a method suffix) is "not
+    found" without a request, so a damaged state row can never cancel or read another object."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        with pytest.raises(RemoteNotFound):
+            provider.get_batch(batch_id)
+        with pytest.raises(RemoteNotFound):
+            provider.cancel_batch(batch_id)
+    assert sum(srv.probe.counts.values()) == 0
 
 
 # ---------------------------------------------------------------------------------------------
