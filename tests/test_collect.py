@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
 from batchspec.core.reconcile.collect import read_result_lines
 
 OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": null}'
@@ -42,3 +45,31 @@ def test_lines_the_fast_parser_refuses_are_still_read(tmp_path: Path) -> None:
         ("sur", "ok"),
         ("big", "ok"),
     ]
+
+
+def test_a_batch_whose_ledger_was_never_written_is_still_collected_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that died after its create but before writing the request ledger: the next
+    apply writes the ledger from the input before collecting, so every paid answer lands in
+    the results (without it, the answers would match no request and be bought again)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=4, provider="here")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        [batch] = store.batches()
+        store.db.execute("delete from requests")  # as if the run died before writing them
+    assert batch.remote_id is not None
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--poll-interval", "0.05"], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        assert [b.remote_id for b in store.batches()] == [batch.remote_id]
+    assert (gen.status, gen.succeeded, gen.failed) == ("complete", 4, 0)
