@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from servers import request_lines
 from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
 
 from batchspec.core.reconcile.collect import read_result_lines
@@ -73,3 +74,27 @@ def test_a_batch_whose_ledger_was_never_written_is_still_collected_whole(
         [gen] = store.generations("triage")
         assert [b.remote_id for b in store.batches()] == [batch.remote_id]
     assert (gen.status, gen.succeeded, gen.failed) == ("complete", 4, 0)
+
+
+def test_without_spec_model_the_generation_records_the_inputs_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest naming no model is priced by the model its input lines name (a batch file
+    holds one), recorded on the generation when its results are written; without it the
+    spend of the job shows as unknown."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=3, provider="here")],
+    )
+    manifest = ws.manifest_path("triage")
+    manifest.write_text(manifest.read_text().replace("  model: test-model\n", ""))
+    ws.write_input("triage", request_lines(3, model="gpt-4o-mini"))
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--poll-interval", "0.05"], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+    assert gen.spec.get("model") is None
+    assert (gen.status, gen.model) == ("complete", "gpt-4o-mini")
