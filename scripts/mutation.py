@@ -120,7 +120,7 @@ SCOPES = (
     Scope(
         "collect",
         ("batchspec/core/reconcile/collect.py",),
-        ("tests/test_collect.py", "tests/test_retries.py"),
+        ("tests/test_collect.py", "tests/test_progress.py", "tests/test_retries.py"),
     ),
     Scope(
         "results",

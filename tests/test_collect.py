@@ -96,5 +96,7 @@ def test_without_spec_model_the_generation_records_the_inputs_model(
     assert code == 0, err
     with ws.store() as store:
         [gen] = store.generations("triage")
+        [collected] = [e.detail for e in store.events(resource="triage") if e.action == "collect"]
     assert gen.spec.get("model") is None
     assert (gen.status, gen.model) == ("complete", "gpt-4o-mini")
+    assert collected["answered"] == 3  # the audit trail counts the answers it recorded
