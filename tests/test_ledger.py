@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
-from batchspec.state.ledger import CollectedLine, RequestLedger, UsageTotals
+from batchspec.state.ledger import CollectedLine, RequestLedger, ShardCounts, UsageTotals
 from batchspec.state.store import StateStore
 from batchspec.storage.blobstore import BlobStore
 from batchspec.wire.outcomes import Outcome
@@ -182,6 +182,7 @@ def test_an_ok_answer_is_final_and_a_retry_carries_only_the_unresolved(
     assert (rows["c"].state, rows["c"].category) == ("failed", "batch_expired")
     assert ledger.failure_codes(gen) == {"batch_expired": 2}
     assert ledger.state_counts(gen) == {"ok": 1, "failed": 2}
+    assert ledger.shard_counts(gen) == [ShardCounts(0, 0, 0)]  # nothing left to retry
 
 
 def test_a_new_generation_carries_over_only_identical_answered_requests(
