@@ -318,6 +318,8 @@ def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
         ]
         [gen] = store.generations("big")
         states = RequestLedger(store.db).state_counts(gen.id)
+        codes = RequestLedger(store.db).failure_codes(gen.id)
+    assert codes == {"line_too_large": 10}  # the provider's code, not a generic one
     assert collect["errors"][0]["line"] == shard_line
     assert collect["errors"][0]["input_line"] == input_line
     assert states == {"ok": 15, "failed": 10}
