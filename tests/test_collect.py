@@ -100,3 +100,21 @@ def test_without_spec_model_the_generation_records_the_inputs_model(
     assert gen.spec.get("model") is None
     assert (gen.status, gen.model) == ("complete", "gpt-4o-mini")
     assert collected["answered"] == 3  # the audit trail counts the answers it recorded
+
+
+def test_a_rejection_names_its_first_five_input_lines_and_counts_the_rest() -> None:
+    """When a provider rejects a whole batch the user is told where, at input lines, five at
+    most, then how many more; a line without a code or message still says so."""
+    from batchspec.core.reconcile.collect import _rejection_text
+
+    errors = [
+        {"input_line": n, "message": f"bad {n}", "code": "line_too_large"} for n in range(1, 8)
+    ]
+    text = _rejection_text(errors)
+    assert text.startswith("; the provider rejected it: input line 1: bad 1 (line_too_large)")
+    assert "input line 5: bad 5" in text and "input line 6" not in text
+    assert text.endswith(" and 2 more")
+    assert _rejection_text(errors[:6]).endswith(" and 1 more")
+    assert _rejection_text(errors[:5]).endswith("input line 5: bad 5 (line_too_large)")
+    assert _rejection_text([{}]) == "; the provider rejected it: rejected (no code)"
+    assert _rejection_text([]) == ""
