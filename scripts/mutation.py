@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,25 +66,50 @@ SCOPES = (
     ),
     Scope(
         "adoption",
-        ("batchspec/core/reconcile.py", "batchspec/core/reconcile", "batchspec/core/batches.py"),
-        ("tests/test_adoption.py", "tests/test_crash_safety.py", "tests/test_apply_serve.py"),
+        (
+            "batchspec/core/reconcile/adopt.py",
+            "batchspec/core/reconcile/submit.py",
+            "batchspec/core/reconcile/intent.py",
+            "batchspec/core/batches.py",
+            "batchspec/providers/base.py",
+        ),
+        (  # tests/test_adoption.py is sharper still but takes 2 minutes: run it by hand
+            "tests/test_adoption_lookup.py",
+            "tests/test_state_lost.py",
+            "tests/test_crash_safety.py",
+            "tests/test_create_in_transit.py",
+            "tests/test_admission.py",
+        ),
         functions=(
-            "_find_remote",
-            "_submit",
-            "_submit_queued",
-            "_record_intent",
-            "_record_remote",
-            "_bind_adopted",
+            "find_remote",
+            "look_up_before_create",
+            "window_seconds",
+            "confirm_deadline",
+            "look_up_until",
+            "bind_adopted",
+            "record_remote",
+            "submit_queued",
+            "_has_capacity",
+            "_submit_batch",
+            "_confirm_ambiguous_create",
+            "_ensure_uploaded",
+            "record_intent",
             "batch_key",
             "metadata_for_key",
             "batch_metadata",
+            "find_batch_by_key",
         ),
     ),
     Scope("lock", ("batchspec/state/lock.py",), ("tests/test_lock.py", "tests/test_cli_unlock.py")),
     Scope(
         "ledger",
         ("batchspec/state/ledger.py",),
-        ("tests/test_state.py", "tests/test_collect.py", "tests/test_retries.py"),
+        (
+            "tests/test_ledger.py",
+            "tests/test_state.py",
+            "tests/test_collect.py",
+            "tests/test_retries.py",
+        ),
     ),
     Scope(
         "inputs",
@@ -92,13 +119,18 @@ SCOPES = (
     ),
     Scope(
         "collect",
-        ("batchspec/core/collect.py",),
-        ("tests/test_collect.py", "tests/test_retries.py"),
+        ("batchspec/core/reconcile/collect.py",),
+        ("tests/test_collect.py", "tests/test_progress.py", "tests/test_retries.py"),
     ),
     Scope(
         "results",
         ("batchspec/core/results.py",),
-        ("tests/test_collect.py", "tests/test_retries.py", "tests/test_incremental.py"),
+        (
+            "tests/test_ledger.py",
+            "tests/test_collect.py",
+            "tests/test_retries.py",
+            "tests/test_incremental.py",
+        ),
     ),
 )
 
@@ -330,19 +362,23 @@ def run_tests(copy: Path, tests: Sequence[str], timeout: float) -> tuple[str, fl
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     argv = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     started = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        cwd=copy,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=copy,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            start_new_session=True,
-        )
+        returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # the whole session: a test's `batchspec serve` children would otherwise outlive it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "timeout", time.monotonic() - started
-    status = "survived" if proc.returncode == 0 else "killed"
+    status = "survived" if returncode == 0 else "killed"
     return status, time.monotonic() - started
 
 

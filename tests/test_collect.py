@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from servers import request_lines
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
 from batchspec.core.reconcile.collect import read_result_lines
 
 OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": null}'
@@ -42,3 +46,75 @@ def test_lines_the_fast_parser_refuses_are_still_read(tmp_path: Path) -> None:
         ("sur", "ok"),
         ("big", "ok"),
     ]
+
+
+def test_a_batch_whose_ledger_was_never_written_is_still_collected_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that died after its create but before writing the request ledger: the next
+    apply writes the ledger from the input before collecting, so every paid answer lands in
+    the results (without it, the answers would match no request and be bought again)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=4, provider="here")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        [batch] = store.batches()
+        store.db.execute("delete from requests")  # as if the run died before writing them
+    assert batch.remote_id is not None
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--poll-interval", "0.05"], capsys)
+
+    assert code == 0, err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        assert [b.remote_id for b in store.batches()] == [batch.remote_id]
+    assert (gen.status, gen.succeeded, gen.failed) == ("complete", 4, 0)
+
+
+def test_without_spec_model_the_generation_records_the_inputs_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest naming no model is priced by the model its input lines name (a batch file
+    holds one), recorded on the generation when its results are written; without it the
+    spend of the job shows as unknown."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=3, provider="here")],
+    )
+    manifest = ws.manifest_path("triage")
+    manifest.write_text(manifest.read_text().replace("  model: test-model\n", ""))
+    ws.write_input("triage", request_lines(3, model="gpt-4o-mini"))
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--poll-interval", "0.05"], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        [collected] = [e.detail for e in store.events(resource="triage") if e.action == "collect"]
+    assert gen.spec.get("model") is None
+    assert (gen.status, gen.model) == ("complete", "gpt-4o-mini")
+    assert collected["answered"] == 3  # the audit trail counts the answers it recorded
+
+
+def test_a_rejection_names_its_first_five_input_lines_and_counts_the_rest() -> None:
+    """When a provider rejects a whole batch the user is told where, at input lines, five at
+    most, then how many more; a line without a code or message still says so."""
+    from batchspec.core.reconcile.collect import _rejection_text
+
+    errors = [
+        {"input_line": n, "message": f"bad {n}", "code": "line_too_large"} for n in range(1, 8)
+    ]
+    text = _rejection_text(errors)
+    assert text.startswith("; the provider rejected it: input line 1: bad 1 (line_too_large)")
+    assert "input line 5: bad 5" in text and "input line 6" not in text
+    assert text.endswith(" and 2 more")
+    assert _rejection_text(errors[:6]).endswith(" and 1 more")
+    assert _rejection_text(errors[:5]).endswith("input line 5: bad 5 (line_too_large)")
+    assert _rejection_text([{}]) == "; the provider rejected it: rejected (no code)"
+    assert _rejection_text([]) == ""

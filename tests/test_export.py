@@ -550,3 +550,70 @@ def test_a_bad_spec_export_is_refused_before_anything_runs(
         assert code == 1, out + err
         assert "triage.yaml:" in err and says in err, err
     assert not ws.state_path.exists() and not ws.output_path("triage").exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        pytest.param({"choices": [{"message": {"content": "hi"}}]}, "hi", id="chat-completions"),
+        pytest.param({"choices": [{"text": "old"}]}, "old", id="completions"),
+        pytest.param({"data": [{"embedding": [0.5, 1.0]}]}, [0.5, 1.0], id="embeddings"),
+        pytest.param(
+            {
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "tool_use"},
+                    {"type": "text", "text": "b"},
+                ]
+            },
+            "ab",
+            id="anthropic",
+        ),
+        pytest.param(
+            {
+                "output": [
+                    {"type": "reasoning", "content": None},
+                    {"content": [{"type": "output_text", "text": "r"}, {"type": "refusal"}]},
+                ]
+            },
+            "r",
+            id="responses",
+        ),
+        pytest.param(
+            {"candidates": [{"content": {"parts": [{"text": "g"}, {"functionCall": {}}]}}]},
+            "g",
+            id="gemini",
+        ),
+        pytest.param({"candidates": [{"content": None}]}, None, id="gemini-empty"),
+        pytest.param({"content": [{"type": "tool_use"}]}, None, id="no-text"),
+        pytest.param({"choices": [{"message": {"content": 5}}]}, None, id="odd-content"),
+        pytest.param({"unknown": 1}, None, id="unknown-shape"),
+    ],
+)
+def test_the_answer_is_read_from_every_endpoint_shape(body: dict[str, Any], answer: Any) -> None:
+    """The exported ``answer`` column holds the text (or vector) each endpoint returned,
+    joining text parts and leaving out tool calls and reasoning; a shape with no text gives
+    None rather than a wrong answer in the user's dataset."""
+    from batchspec.core.export import answer_of
+
+    assert answer_of(body) == answer
+
+
+@pytest.mark.parametrize(
+    ("body", "asks"),
+    [
+        pytest.param({"response_format": {"type": "json_object"}}, True, id="chat-json"),
+        pytest.param({"text": {"format": {"type": "json_schema"}}}, True, id="responses-json"),
+        pytest.param(
+            {"generationConfig": {"responseMimeType": "application/json"}}, True, id="gemini-json"
+        ),
+        pytest.param({"text": {"format": {"type": "text"}}}, False, id="responses-text"),
+        pytest.param({"generation_config": {}}, False, id="gemini-text"),
+    ],
+)
+def test_which_requests_ask_for_json(body: dict[str, Any], asks: bool) -> None:
+    """Requests asking for JSON in any provider's dialect are recognised (their answers are
+    parsed into columns); others are kept as text."""
+    from batchspec.core.export import _asks_json
+
+    assert _asks_json(body) is asks

@@ -742,6 +742,27 @@ def test_require_valid_input_file_level_detail_has_no_line(tmp_path: Path) -> No
     ]
 
 
+def test_require_valid_input_refuses_unversioned_urls_unless_asked(tmp_path: Path) -> None:
+    """Only Azure's checks accept ``/chat/completions``: by default a line whose url is not the
+    endpoint's is refused before upload, not sent to a provider that fails the whole batch."""
+    path = write(tmp_path, jsonl(req("a", url="/chat/completions"), req("b")))
+    with pytest.raises(InputError) as caught:
+        require_valid_input(path, endpoint=CHAT)
+    assert [d.split(": ", 1)[0] for d in caught.value.details] == [f"{path}:1"]
+    assert require_valid_input(path, endpoint=CHAT, allow_unversioned_url=True).ok
+
+
+def test_an_unparseable_line_does_not_stop_the_scan(tmp_path: Path) -> None:
+    """A malformed line is reported and the scan goes on: a duplicate custom_id after it (two
+    answers joined to one id) is still caught, every request is counted, and the sha256 (the
+    spec hash's input) covers the whole file, not the part before the bad line."""
+    data = jsonl(req("a"), b"{not json", req("b"), req("a"))
+    report = scan_batch_input(write(tmp_path, data))
+    assert found(report) == [(2, "invalid_json_line"), (4, "duplicate_custom_id")]
+    assert report.requests == 4
+    assert report.sha256 == hashlib.sha256(data).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # iter_requests
 
@@ -809,3 +830,35 @@ def test_json_backend_reports_the_same_problems(tmp_path: Path) -> None:
     for path in paths:
         expected = [[p.line, p.code] for p in scan_batch_input(path).problems]
         assert without_orjson[path] == expected, path
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        pytest.param(b'{"a": NaN}', "invalid_json_line", id="nan"),
+        pytest.param(b'{"a": -Infinity}', "invalid_json_line", id="infinity"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, "invalid_json_line", id="nested-too-deep"),
+        pytest.param(b'{"t": "\\udc00"}', "invalid_json_line", id="lone-surrogate"),
+        pytest.param(b'{"t": "\\ud83d\\ude42"}', "ok", id="surrogate-pair"),
+        pytest.param(b"\xef\xbb\xbf{}", "byte_order_mark", id="bom"),
+        pytest.param(b'{"a": 1', "invalid_json_line", id="truncated"),
+        pytest.param(b"\xff{}", "invalid_utf8", id="not-utf8"),
+        pytest.param(b'{"x": [1, true, null, "s", {}]}', "ok", id="plain"),
+    ],
+)
+def test_the_standard_library_parser_is_as_strict_as_orjson(line: bytes, code: str) -> None:
+    """Without the optional orjson, lines are accepted and refused exactly as with it (same
+    problem code): what validate passes must not depend on an extra, or a line the provider
+    refuses (NaN, a lone surrogate) would be uploaded and paid for as a failed request."""
+    from batchspec.wire import inputs
+
+    def verdict(parse: Any) -> tuple[str, Any]:
+        try:
+            return ("ok", parse(line))
+        except inputs._LineError as err:
+            return (err.code, None)
+
+    fallback = verdict(inputs._parse_json)
+    assert fallback[0] == code
+    if inputs.orjson is not None:
+        assert fallback == verdict(inputs._parse_orjson)

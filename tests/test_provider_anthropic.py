@@ -166,6 +166,44 @@ def test_max_tokens_defaults_when_absent() -> None:
             "messages[0].name",
             id="name",
         ),
+        pytest.param(chat(messages=[]), "must be a non-empty list", id="no-messages"),
+        pytest.param(chat(messages=["hi"]), "messages[0] must be an object", id="not-object"),
+        pytest.param(
+            chat(messages=[{"role": "critic", "content": "a"}]), "role 'critic'", id="role"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "system", "content": "a"}]), "needs a user turn", id="sys-only"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": 5}]), "string or a list", id="content"
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            ),
+            "data: URL or an http(s) URL",
+            id="image-url",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": None, "tool_calls": ["x"]},
+                ]
+            ),
+            "tool_calls[0] must be a function call",
+            id="tool-call",
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant"}]),
+            "neither content nor tool calls",
+            id="empty-assistant",
+        ),
+        pytest.param(chat(tool_choice={"type": "function"}), "tool_choice", id="choice-no-name"),
+        pytest.param(chat(tool_choice="sometimes"), "tool_choice", id="choice-word"),
+        pytest.param(chat(tools=[{"type": "retrieval"}]), "only function tools", id="tool-type"),
     ],
 )
 def test_what_cannot_map_is_refused_with_a_reason(body: dict[str, Any], fragment: str) -> None:
@@ -240,6 +278,16 @@ def test_line_forms_and_their_problems() -> None:
         ),
         pytest.param({"type": "canceled"}, "retryable", "cancelled", None, id="canceled"),
         pytest.param({"type": "expired"}, "retryable", "expired", None, id="expired"),
+        pytest.param(
+            {"type": "errored", "error": {"type": "overloaded_error", "message": "busy"}},
+            "retryable",
+            "server_error",
+            529,
+            id="flat-error-retried",
+        ),
+        pytest.param(
+            {"type": "weird"}, "failed", "anthropic_weird_result", None, id="unknown-result-final"
+        ),
     ],
 )
 def test_results_become_lines_the_reconciler_classifies(

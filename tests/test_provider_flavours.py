@@ -218,6 +218,49 @@ def test_together_lost_create_is_adopted_not_paid_twice(tmp_path: Path) -> None:
     assert engine_batches[0].status in ("validating", "in_progress", "finalizing", "completed")
 
 
+def test_together_create_whose_journaled_batch_is_gone_is_sent_again_once(
+    tmp_path: Path,
+) -> None:
+    """The journal names a batch for this key that the provider no longer has (another
+    account, an expired job): the create is sent once, anew, and the journal follows the new
+    batch, so a third call adopts it instead of paying again."""
+    metadata = {
+        "batchspec_resource": "r",
+        "batchspec_spec": "s",
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(request_lines(2)))
+    made = []
+    for n in range(2):  # the same journal, against a first then a second (empty) engine
+        server = start_server(tmp_path / f"engine-{n}", api_key=API_KEY)
+        provider = TogetherProvider(
+            "tg",
+            base_url=f"{server.base_url}/together/v1",
+            api_key=API_KEY,
+            data_dir=tmp_path / "journal",
+            sleep=lambda _: None,
+        )
+        try:
+            uploaded = provider.upload_file(path, filename="in.jsonl")
+            for _ in range(2):
+                made.append(
+                    provider.create_batch(
+                        input_file_id=uploaded.id,
+                        endpoint="/v1/chat/completions",
+                        completion_window="24h",
+                        metadata=metadata,
+                    ).id
+                )
+            listed = [b.id for b in provider.list_batches()]
+        finally:
+            provider.close()
+            server.stop()
+        assert listed == [made[-1]]
+    assert made[0] == made[1] and made[2] == made[3] and made[1] != made[2]
+
+
 @dataclass
 class Recorder:
     """ASGI middleware: what each request carried (header, query, form field, JSON body)."""

@@ -29,8 +29,13 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.errors import ProviderError
-from batchspec.providers.base import Provider, RemoteBatch
-from batchspec.providers.gemini import GeminiProvider, display_name_for, metadata_of
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.gemini import (
+    GeminiProvider,
+    display_name_for,
+    metadata_of,
+    parse_operation,
+)
 from batchspec.wire.gemini_lines import (
     Unmappable,
     batch_status,
@@ -184,6 +189,46 @@ def test_chat_body_maps_to_a_generate_content_request() -> None:
             "no earlier assistant message made",
             id="orphan-tool-answer",
         ),
+        pytest.param(chat(messages=[]), "must be a non-empty list", id="no-messages"),
+        pytest.param(chat(messages=["hi"]), "messages[0] must be an object", id="not-object"),
+        pytest.param(
+            chat(messages=[{"role": "critic", "content": "a"}]), "role 'critic'", id="role"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "system", "content": "a"}]), "needs a user turn", id="sys-only"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": 5}]), "string or a non-empty", id="content"
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]),
+            "'input_audio' part",
+            id="audio",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": None, "tool_calls": ["x"]},
+                ]
+            ),
+            "tool_calls[0] must be a function call",
+            id="tool-call",
+        ),
+        pytest.param(
+            chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant"}]),
+            "neither content nor tool calls",
+            id="empty-assistant",
+        ),
+        pytest.param(chat(tool_choice={"type": "function"}), "names no function", id="choice"),
+        pytest.param(chat(tool_choice="sometimes"), "tool_choice", id="choice-word"),
+        pytest.param(chat(tools=[{"type": "retrieval"}]), "only function tools", id="tool-type"),
+        pytest.param(
+            chat(response_format={"type": "json_schema", "json_schema": {"schema": 5}}),
+            "schema must be an object",
+            id="schema-not-object",
+        ),
+        pytest.param(chat(response_format={"type": "xml"}), "response_format", id="format"),
     ],
 )
 def test_what_cannot_map_is_refused_with_a_reason(body: dict[str, Any], fragment: str) -> None:
@@ -191,6 +236,24 @@ def test_what_cannot_map_is_refused_with_a_reason(body: dict[str, Any], fragment
     with pytest.raises(Unmappable) as raised:
         chat_to_request(body)
     assert fragment in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "config"),
+    [
+        pytest.param({"response_format": {"type": "text"}}, None, id="text-is-the-default"),
+        pytest.param(
+            {"response_format": {"type": "json_object"}},
+            {"responseMimeType": "application/json"},
+            id="json-object",
+        ),
+        pytest.param({"logprobs": True}, {"responseLogprobs": True}, id="logprobs"),
+    ],
+)
+def test_output_options_keep_their_meaning(extra: dict[str, Any], config: Any) -> None:
+    """Options that change what comes back (JSON only, log probabilities) reach Gemini's
+    generationConfig; the default text format adds nothing."""
+    assert chat_to_request(chat(**extra)).get("generationConfig") == config
 
 
 def test_gemini_lines_and_their_problems() -> None:
@@ -225,6 +288,53 @@ def test_states_and_display_names() -> None:
     name = display_name_for(KEYS)
     assert name == f"batchspec/t/{'ab' * 32}/0/1" and metadata_of(name) == KEYS
     assert metadata_of("my own batch") == {} and display_name_for({"a": "b"}) == "batchspec"
+
+
+def test_a_finished_operation_offers_only_the_result_files_it_has() -> None:
+    """A succeeded batch with no failures offers its succeeded part and no failed part (never
+    a download of a file that is not there); a failed batch offers neither and carries
+    Gemini's error, so its requests fail as a whole with that reason."""
+    done = parse_operation(
+        {
+            "name": "batches/ok",
+            "done": True,
+            "response": {
+                "state": "BATCH_STATE_SUCCEEDED",
+                "batchStats": {"requestCount": "3", "successfulRequestCount": "3"},
+                "displayName": display_name_for(KEYS),
+            },
+        }
+    )
+    assert done.status == "completed" and done.metadata == KEYS
+    assert done.output_file_id is not None and done.error_file_id is None
+    assert done.request_counts is not None and done.request_counts.total == 3
+    failed = parse_operation(
+        {
+            "name": "batches/bad",
+            "metadata": {"state": "BATCH_STATE_FAILED"},
+            "error": {"code": 3, "status": "INVALID_ARGUMENT", "message": "bad request file"},
+        }
+    )
+    assert failed.status == "failed"
+    assert (failed.output_file_id, failed.error_file_id) == (None, None)
+    assert [(e.code, e.message) for e in failed.errors] == [
+        ("INVALID_ARGUMENT", "bad request file")
+    ]
+
+
+@pytest.mark.parametrize("batch_id", ["batches/", "batches/a/b", "batches/x:cancel", "../a"])
+def test_a_batch_id_that_is_not_one_name_is_not_found_and_not_sent(
+    server: Callable[..., ProbedServer], tmp_path: Path, batch_id: str
+) -> None:
+    """A batch id that would point elsewhere in the API (a path, a method suffix) is "not
+    found" without a request, so a damaged state row can never cancel or read another object."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        with pytest.raises(RemoteNotFound):
+            provider.get_batch(batch_id)
+        with pytest.raises(RemoteNotFound):
+            provider.cancel_batch(batch_id)
+    assert sum(srv.probe.counts.values()) == 0
 
 
 # ---------------------------------------------------------------------------------------------

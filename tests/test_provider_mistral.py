@@ -32,8 +32,8 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.mistral_routes import MistralJobs
-from batchspec.errors import ProviderError
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.errors import InputError, ProviderError
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.providers.mistral import MistralProvider, parse_job
 from batchspec.wire import mistral_lines
 from batchspec.wire.outcomes import classify_result_line
@@ -185,6 +185,37 @@ def test_stage_convert_upload_create_and_collect(
     sent = srv.engine.list_files("batch", order="asc")["data"][0]
     sent_lines = read_jsonl(srv.engine.file_content_path(sent["id"]).read_text())
     assert set(sent_lines[0]) == {"custom_id", "body"} and "model" not in sent_lines[0]["body"]
+
+
+def test_a_staged_input_mixing_models_is_refused_before_anything_is_sent(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """A Mistral job runs one model: an input whose lines name two (one that escaped validate)
+    fails the create at its line with nothing uploaded nor created, rather than billing every
+    line at the first line's model."""
+    srv = server()
+    lines = [*request_lines(1, model=MODEL), *request_lines(1, model="mistral-large-latest")]
+    with provider_for(srv, tmp_path / "p") as provider:
+        file_id = stage(provider, tmp_path, lines)
+        with pytest.raises(InputError, match=r":2: a Mistral batch job takes one model"):
+            create(provider, file_id)
+    assert sum(srv.probe.counts.values()) == 0
+
+
+def test_a_staged_input_reads_back_until_it_is_removed(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """A staged input downloads byte for byte; once its file is gone it is "not found", so
+    the submit step stages it again instead of creating a job from nothing."""
+    lines = request_lines(2, model=MODEL)
+    with provider_for(server(), tmp_path / "p") as provider:
+        file_id = stage(provider, tmp_path, lines)
+        assert provider.download_file(file_id, tmp_path / "back.jsonl") > 0
+        assert (tmp_path / "back.jsonl").read_bytes() == jsonl_bytes(lines)
+        for staged in (tmp_path / "p" / "files").iterdir():
+            staged.unlink()
+        with pytest.raises(RemoteNotFound):
+            provider.get_file(file_id)
 
 
 def test_list_pages_through_every_job(server: Callable[..., ProbedServer], tmp_path: Path) -> None:

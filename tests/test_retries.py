@@ -273,17 +273,27 @@ def test_token_limit_exceeded_is_requeued_without_using_an_attempt(
     assert [r.attempt for r in rows] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("shard_line", "input_line"),
+    [(7, 17), (1, 11), (10, 20)],
+    ids=["middle", "first-line-of-shard", "last-line-of-shard"],
+)
 def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
-    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    serve: Any,
+    capsys: pytest.CaptureFixture[str],
+    shard_line: int,
+    input_line: int,
 ) -> None:
     """The server rejects shard 2's file (one line too long, at line 7 of that shard = input
-    line 17): that shard's requests fail finally (no retry), the provider's line number is
-    reported mapped back to the input, and the other shards' results are written."""
+    line 17; also at the shard's first and last line): that shard's requests fail finally (no
+    retry), the provider's line number is reported mapped back to the input, and the other
+    shards' results are written."""
     srv = serve("--max-line-bytes", "400")
     spec = {"limits": {"maxRequestsPerBatch": 10}, "retry": {"maxAttempts": 3}}
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("big", count=25, spec=spec))
     lines = request_lines(25, prefix="v")
-    lines[16]["body"]["messages"][0]["content"] = "x" * 500
+    lines[input_line - 1]["body"]["messages"][0]["content"] = "x" * 500
     ws.write_input("big", lines)
     ids = ws.input_ids("big")
 
@@ -296,7 +306,7 @@ def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
         (2, 1, "completed"),
     ]
     [problem] = batches[1].raw.errors.data
-    assert problem.line == 7
+    assert problem.line == shard_line
     assert code == 0, out + err
     assert [r["custom_id"] for r in ws.errors("big")] == ids[10:20]
     assert [r["custom_id"] for r in ws.outputs("big")] == ids[:10] + ids[20:]
@@ -308,10 +318,12 @@ def test_a_batch_failing_validation_is_final_and_reported_with_input_lines(
         ]
         [gen] = store.generations("big")
         states = RequestLedger(store.db).state_counts(gen.id)
-    assert collect["errors"][0]["line"] == 7
-    assert collect["errors"][0]["input_line"] == 17
+        codes = RequestLedger(store.db).failure_codes(gen.id)
+    assert codes == {"line_too_large": 10}  # the provider's code, not a generic one
+    assert collect["errors"][0]["line"] == shard_line
+    assert collect["errors"][0]["input_line"] == input_line
     assert states == {"ok": 15, "failed": 10}
-    assert "input line 17: the line is longer than 400 bytes" in out  # the user is told
+    assert f"input line {input_line}: the line is longer than 400 bytes" in out  # told
 
 
 def _seconds(timestamp: str) -> float:

@@ -173,6 +173,19 @@ def test_a_file_that_is_not_sqlite_is_a_state_error(db_path: Path) -> None:
         StateStore.open(db_path)
 
 
+def test_a_truncated_state_file_is_refused_and_left_as_it_is(db_path: Path) -> None:
+    """A state database cut short (a partial copy, a full disk) is a StateError saying it is
+    damaged, and is never replaced by a fresh state: a fresh one would forget every batch
+    already paid for and submit them all again."""
+    StateStore.open(db_path).close()
+    cut = db_path.read_bytes()[:4096]
+    db_path.write_bytes(cut)
+    with pytest.raises(StateError, match="damaged or truncated") as caught:
+        StateStore.open(db_path)
+    assert str(db_path) in str(caught.value)
+    assert db_path.read_bytes() == cut
+
+
 # -- transactions ---------------------------------------------------------------------------------
 
 

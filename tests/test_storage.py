@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchspec.storage.blobstore import BlobStore, BlobTooLargeError, write_atomically
+from batchspec.storage.database_url import redact_url, scrub, url_password
 
 
 @pytest.fixture(params=[0o000, 0o022], ids=["umask-000", "umask-022"])
@@ -86,3 +87,70 @@ def test_write_atomically_gives_the_user_s_file_the_umask_mode(tmp_path: Path, u
     assert dest.read_bytes() == b"x\n"
     assert mode(dest) == 0o666 & ~umask
     assert [p.name for p in dest.parent.iterdir()] == ["out.jsonl"]
+
+
+def test_a_failed_put_leaves_no_blob_and_no_partial_file(tmp_path: Path) -> None:
+    """A download that dies half way (the writer raises) files nothing under any sha256 and
+    leaves no partial file behind: a half result file is never taken for a whole one."""
+    blobs = BlobStore(tmp_path / "store")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b'{"custom_id": "a"}\n{"custom_')
+        raise ConnectionError("reset mid-download")
+
+    with pytest.raises(ConnectionError):
+        blobs.put_from(half_then_fail)
+
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+def test_an_unfinished_streamed_write_is_discarded_on_exit(tmp_path: Path) -> None:
+    """A streamed write left without ``commit`` (an upload whose client vanished) is dropped
+    when its ``with`` block ends: nothing is filed and no temporary file stays."""
+    blobs = BlobStore(tmp_path / "store")
+    with blobs.writer() as writer:
+        writer.write(b"part of a body")
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+def test_a_failed_rewrite_keeps_the_previous_result_file_whole(tmp_path: Path) -> None:
+    """Rewriting a result file that fails half way leaves the old file byte for byte and no
+    temporary sibling: users never read half a results file, nor lose the last good one."""
+    dest = tmp_path / "results" / "out.jsonl"
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"old\n"))
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(dest, half_then_fail)
+
+    assert dest.read_bytes() == b"old\n"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(
+            "postgresql://ci@db/x?sslmode=require&password=hunter2",
+            "postgresql://ci@db/x?sslmode=require&password=***",
+            id="password-in-query",
+        ),
+        pytest.param("postgresql://ci:hunter2@[::1/x", "postgresql://***", id="unparseable"),
+    ],
+)
+def test_a_password_outside_the_userinfo_is_hidden_too(url: str, shown: str) -> None:
+    """A state URL's password in its query, or in a URL too broken to parse, never reaches a
+    message: the query's password is masked, an unparseable URL is shown as scheme only."""
+    assert redact_url(url) == shown
+    assert "hunter2" not in scrub(f"could not connect to {url}", url)
+
+
+def test_password_is_read_from_the_query_and_scrub_without_url_is_a_no_op() -> None:
+    """``url_password`` finds a query password (decoded); with no URL, scrub leaves text be."""
+    assert url_password("postgresql://ci@db/x?password=p%40ss") == "p@ss"
+    assert url_password("postgresql://ci@db/x?sslmode=require") is None
+    assert url_password("postgresql://ci:pw@[::1/x") is None
+    assert scrub("text with p@ss", None) == "text with p@ss"

@@ -1,0 +1,116 @@
+"""The lookup by key that keeps a lost or unsure create from being paid for twice.
+
+``find_batch_by_key`` runs here against the real local engine in this process (the provider
+``type: local`` drives), its batches dated back in the engine's own database; the end-to-end
+runs are in tests/test_state_lost.py, tests/test_crash_safety.py and tests/test_adoption.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import request_lines
+
+from batchspec.core.batches import batch_metadata, metadata_for_key
+from batchspec.core.reconcile.adopt import window_seconds
+from batchspec.providers.base import find_batch_by_key
+from batchspec.providers.local import LocalProvider
+
+KEY = "triage/abc123/0/1"
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> Iterator[LocalProvider]:
+    with LocalProvider("here", tmp_path / "engine") as p:
+        yield p
+
+
+def make_batch(
+    provider: LocalProvider, tmp_path: Path, metadata: dict[str, str], age: int
+) -> tuple[str, int]:
+    """A batch carrying ``metadata``, dated ``age`` seconds back: (its id, its created_at)."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(1)))
+    upload = provider.upload_file(path, filename="in.jsonl")
+    batch = provider.create_batch(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=metadata,
+    )
+    with provider.engine.store.write() as db:
+        db.execute("UPDATE batches SET created_at = created_at - ? WHERE id = ?", (age, batch.id))
+        [(created,)] = db.execute("SELECT created_at FROM batches WHERE id = ?", (batch.id,))
+    return batch.id, int(created)
+
+
+@pytest.mark.parametrize(
+    ("window", "seconds"),
+    [("24h", 86_400), ("48h", 172_800), ("1h", 3_600), ("7d", 604_800), ("2d", 172_800)],
+)
+def test_window_seconds_reads_hours_and_days(window: str, seconds: int) -> None:
+    """The look-back before a first create spans the whole completion window: a window read
+    too short misses a batch a lost state made earlier, and it is created (and paid) again."""
+    assert window_seconds(window) == seconds
+
+
+@pytest.mark.parametrize("window", ["", "h", "24", "24m", "x1d"])
+def test_window_seconds_falls_back_to_a_day(window: str) -> None:
+    """A form the schema does not allow still looks back a full day, never zero seconds."""
+    assert window_seconds(window) == 86_400
+
+
+def test_the_key_travels_whole_and_beside_the_users_metadata() -> None:
+    """A batch carries all four parts of its recorded key next to the user's own pairs, so
+    a later run recognises it; the key's parts are taken from the recorded key as they are."""
+    assert metadata_for_key(KEY) == {
+        "batchspec_resource": "triage",
+        "batchspec_spec": "abc123",
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+
+    class Res:
+        metadata = {"team": "ml"}
+
+    class Row:
+        key = KEY
+
+    assert batch_metadata(Res(), Row()) == {"team": "ml", **metadata_for_key(KEY)}  # type: ignore[arg-type]
+
+
+def test_only_a_batch_with_the_whole_key_is_found(provider: LocalProvider, tmp_path: Path) -> None:
+    """Batches sharing three of the four key parts are passed over (adopting one would bind
+    the intent to another shard's or attempt's answers); the one with the whole key is found
+    even behind them."""
+    key = metadata_for_key(KEY)
+    own, _ = make_batch(provider, tmp_path, key, 60)
+    for part in key:
+        make_batch(provider, tmp_path, {k: v for k, v in key.items() if k != part}, 0)
+    make_batch(provider, tmp_path, {**key, "batchspec_attempt": "2"}, 0)
+
+    found = find_batch_by_key(provider, key, since=0, page_size=2)
+
+    assert found.batch is not None and found.batch.id == own
+    assert (found.listed, found.stopped_at_window) == (6, False)
+    missing = find_batch_by_key(provider, {**key, "batchspec_shard": "9"}, since=0)
+    assert (missing.batch, missing.listed, missing.stopped_at_window) == (None, 6, False)
+
+
+def test_a_batch_made_at_the_edge_of_the_window_is_still_found(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    """A keyed batch created exactly at ``since`` is inside the window and adopted; one second
+    earlier it is outside, the scan stops there and reports that it stopped at the window."""
+    key = metadata_for_key(KEY)
+    own, created = make_batch(provider, tmp_path, key, 3600)
+
+    at_edge = find_batch_by_key(provider, key, since=created)
+    past_edge = find_batch_by_key(provider, key, since=created + 1)
+
+    assert at_edge.batch is not None and at_edge.batch.id == own
+    assert (at_edge.listed, at_edge.stopped_at_window) == (1, False)
+    assert (past_edge.batch, past_edge.listed, past_edge.stopped_at_window) == (None, 1, True)

@@ -1,0 +1,222 @@
+"""The request ledger and the result files written from it, against a real state database.
+
+Each test records requests, collects answer files into a real blob store, and checks what a
+user is billed for or handed: which requests count as answered, which a retry carries, and
+the lines of the output and errors files, in input order. Both backends (SQLite, PostgreSQL)
+run the same SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
+from batchspec.state.ledger import CollectedLine, RequestLedger, ShardCounts, UsageTotals
+from batchspec.state.store import StateStore
+from batchspec.storage.blobstore import BlobStore
+from batchspec.wire.outcomes import Outcome
+from batchspec.wire.usage import LineUsage
+
+OK = Outcome("ok", None)
+RETRY = Outcome("retryable", "server_error")
+FAILED = Outcome("failed", "invalid_request")
+
+
+@pytest.fixture
+def store(state_location: Path | str) -> Iterator[StateStore]:
+    with StateStore.open(state_location) as s:
+        yield s
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "blobs")
+
+
+def generation(store: StateStore, name: str = "triage", spec_hash: str = "h1") -> int:
+    store.upsert_resource(name, provider="local", manifest="m.yaml", labels={}, run_id=None)
+    return store.create_generation(
+        name,
+        spec_hash=spec_hash,
+        spec={"model": "m"},
+        input_sha256="in-sha",
+        requests=3,
+        input_bytes=300,
+        output_path="results/out.jsonl",
+        errors_path="results/err.jsonl",
+        run_id=None,
+    ).id
+
+
+def requests(
+    ledger: RequestLedger, gen: int, ids: list[str], shards: list[int] | None = None
+) -> None:
+    """Record one request per id on lines 1.. (shard 0 unless given), each with its own sha."""
+    shards = shards or [0] * len(ids)
+    ledger.record_requests(
+        gen,
+        [(c, i + 1, s, 100, f"sha-{c}") for i, (c, s) in enumerate(zip(ids, shards, strict=True))],
+    )
+
+
+def answer_line(custom_id: str, status: int = 200, **extra: Any) -> bytes:
+    record = {"id": f"r-{custom_id}", "custom_id": custom_id, "response": {"status_code": status}}
+    return json.dumps({**record, **extra}).encode()
+
+
+def collect(
+    ledger: RequestLedger,
+    blobs: BlobStore,
+    gen: int,
+    attempt: int,
+    answers: list[tuple[str, Outcome]],
+    usage: LineUsage | None = None,
+) -> tuple[int, str]:
+    """Store a result file answering ``answers`` (in that order) and record it: (changed, sha)."""
+    lines = [answer_line(c) for c, _ in answers]
+    sha = blobs.put_from(lambda tmp: tmp.write_bytes(b"".join(line + b"\n" for line in lines)))
+    collected, offset = [], 0
+    for (custom_id, outcome), line in zip(answers, lines, strict=True):
+        collected.append(CollectedLine(custom_id, offset, len(line), outcome, usage))
+        offset += len(line) + 1
+    return ledger.record_outcomes(gen, attempt, sha, collected), sha
+
+
+def write(
+    ledger: RequestLedger, gen: int, blobs: BlobStore, tmp_path: Path
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    written = write_results_in_input_order(ledger, gen, blobs, out, err)
+    return (
+        written,
+        [json.loads(line) for line in out.read_text().splitlines()],
+        [json.loads(line) for line in err.read_text().splitlines()],
+    )
+
+
+# -- results files ------------------------------------------------------------------------------
+
+
+def test_a_rejected_batch_and_an_unanswered_request_get_distinct_error_lines(
+    store: StateStore, blobs: BlobStore, tmp_path: Path
+) -> None:
+    """A request whose whole batch the provider rejected carries the batch's code (fix the
+    input, a retry would be refused again); one no attempt answered is ``batchspec_unresolved``
+    (worth retrying). Mixing them up sends users to pay for the wrong re-run."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"], shards=[0, 1, 0])
+    collect(ledger, blobs, gen, 1, [("a", OK)])
+    assert ledger.fail_attempt(gen, 1, 1, "invalid_input") == 1
+
+    written, out, err = write(ledger, gen, blobs, tmp_path)
+
+    assert [r["custom_id"] for r in out] == ["a"]
+    assert [(r["custom_id"], r["error"]["code"]) for r in err] == [
+        ("b", "invalid_input"),
+        ("c", UNRESOLVED_CODE),
+    ]
+    assert err[0]["error"]["message"] == "the batch carrying this request failed"
+    assert (written.succeeded, written.failed, written.unresolved) == (1, 2, 1)
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [10_000, 10_001])
+def test_a_generation_larger_than_a_page_is_recorded_and_read_whole_in_order(
+    store: StateStore, count: int
+) -> None:
+    """Requests are written and read a page (5,000) at a time: at an exact multiple and one
+    past it, every request is recorded once, sharded as assigned, and read back in input
+    order; a request lost at a page edge would never be sent nor written to the results."""
+    ledger = store.ledger()
+    gen = generation(store)
+    rows = [(f"id-{line}", line, 0, 10, f"sha-{line}") for line in range(count, 0, -1)]
+    assert not ledger.has_requests(gen)
+    with store.atomic():  # as the reconciler writes them: one transaction
+        assert ledger.record_requests(gen, rows) == count
+        ledger.assign_shards(gen, [(line % 3, line) for line in range(1, count + 1)])
+    assert ledger.has_requests(gen)
+
+    read = list(ledger.in_input_order(gen))
+
+    assert [r.line for r in read] == list(range(1, count + 1))
+    assert all(r.custom_id == f"id-{r.line}" and r.shard == r.line % 3 for r in read)
+    per_shard = {c.shard: (c.unresolved, c.unresolved_bytes) for c in ledger.shard_counts(gen)}
+    assert per_shard == {
+        s: (n, n * 10) for s, n in ((0, count // 3), (1, (count + 2) // 3), (2, (count + 1) // 3))
+    }
+    assert ledger.state_counts(gen) == {"pending": count}
+
+
+def test_an_ok_answer_is_final_and_a_retry_carries_only_the_unresolved(
+    store: StateStore, blobs: BlobStore
+) -> None:
+    """Attempt 1 answers a (ok) and b (retryable), c not at all: attempt 2 carries b and c
+    only, in input order; its answers never overwrite a's paid-for answer, and a whole-batch
+    failure of attempt 2 fails b and c but not a."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"])
+    changed, first = collect(ledger, blobs, gen, 1, [("a", OK), ("b", RETRY)])
+    assert changed == 2
+    assert ledger.unresolved_lines(gen, 0) == {2, 3}
+    assert ledger.resolved_lines(gen) == {1}
+
+    assert ledger.mark_sent(gen, 0, 2) == 2
+    assert ledger.lines_of_attempt(gen, 0, 2) == [2, 3]
+    assert ledger.lines_of_attempt(gen, 0, 1) == [1]
+    changed, _ = collect(ledger, blobs, gen, 2, [("a", FAILED), ("c", RETRY), ("c", OK)])
+    assert changed == 1  # a stays ok; c keeps the first of its two answers in the file
+    assert ledger.fail_attempt(gen, 0, 2, "batch_expired") == 2
+
+    rows = {r.custom_id: r for r in ledger.in_input_order(gen)}
+    assert (rows["a"].state, rows["a"].blob, rows["a"].offset) == ("ok", first, 0)
+    assert (rows["b"].state, rows["b"].category) == ("failed", "batch_expired")
+    assert (rows["c"].state, rows["c"].category) == ("failed", "batch_expired")
+    assert ledger.failure_codes(gen) == {"batch_expired": 2}
+    assert ledger.state_counts(gen) == {"ok": 1, "failed": 2}
+    assert ledger.shard_counts(gen) == [ShardCounts(0, 0, 0)]  # nothing left to retry
+
+
+def test_a_new_generation_carries_over_only_identical_answered_requests(
+    store: StateStore, blobs: BlobStore
+) -> None:
+    """After a spec change the new generation reuses an earlier answer only for a request whose
+    line is byte-identical (same request_sha) and was answered ok: nothing else is free."""
+    ledger = store.ledger()
+    old = generation(store, spec_hash="h1")
+    requests(ledger, old, ["a", "b", "c"])
+    _, sha = collect(ledger, blobs, old, 1, [("a", OK), ("b", RETRY), ("c", OK)])
+    new = generation(store, spec_hash="h2")
+    ledger.record_requests(
+        new, [("a", 1, 0, 100, "sha-a"), ("b", 2, 0, 100, "sha-b"), ("c", 3, 0, 100, "changed")]
+    )
+    assert ledger.succeeded_fingerprints([old]) == {("a", "sha-a"), ("c", "sha-c")}
+    assert ledger.succeeded_fingerprints([]) == set()
+    assert ledger.carry_over(new, []) == 0
+    assert ledger.resolved_lines(new) == set()
+
+    assert ledger.carry_over(new, [old]) == 1
+
+    assert ledger.resolved_lines(new) == {1}
+    [a, b, c] = ledger.in_input_order(new)
+    assert (a.state, a.blob, a.offset, a.length) == ("ok", sha, 0, len(answer_line("a")))
+    assert (b.state, c.state) == ("pending", "pending")
+    assert ledger.usage_totals(new).requests == 0  # the old generation paid for a
+
+
+def test_usage_totals_sum_what_the_answers_report(store: StateStore, blobs: BlobStore) -> None:
+    """Tokens are summed over the answers that report usage (the spend a generation shows)."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"])
+    assert ledger.usage_totals(gen) == UsageTotals(0, 0, 0)
+    collect(ledger, blobs, gen, 1, [("a", OK), ("b", OK)], usage=LineUsage(7, 3))
+    assert ledger.usage_totals(gen) == UsageTotals(2, 14, 6)
