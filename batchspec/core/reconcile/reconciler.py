@@ -31,6 +31,7 @@ from batchspec.core.recorded import (
 )
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
+from batchspec.state.connection import CommitGroup
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Project, Resource
@@ -156,12 +157,16 @@ class Reconciler:
                     self.ctx, resources, facts, calls, spending_action=self._spending_action
                 )
                 waiting = []
-                for res in resources:  # downloads still under way are waited for when taken
-                    if res.name in submitted:  # it waits on its new batches (as after a create)
-                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                # one commit for the records of many resources' reads (see ``advance``)
+                with self.store.commit_group() as group:
+                    for res in resources:  # downloads under way are waited for when taken
+                        if res.name in submitted:  # it waits on its new batches
+                            if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                                waiting.append(res)
+                        elif self.advance(res, facts[res.name], group).waiting:
                             waiting.append(res)
-                    elif self.advance(res, facts[res.name]).waiting:
-                        waiting.append(res)
+                        if group.due:
+                            group.flush()
                 return waiting
         finally:
             self.ctx.prefetched = Prefetched()
@@ -182,8 +187,18 @@ class Reconciler:
     # -----------------------------------------------------------------------------------------
     # one pass for one resource
 
-    def advance(self, res: Resource, facts: InputReport) -> StepResult:
-        """Act on ``res`` until it must wait, is in sync, or is stuck."""
+    def advance(
+        self, res: Resource, facts: InputReport, group: CommitGroup | None = None
+    ) -> StepResult:
+        """Act on ``res`` until it must wait, is in sync, or is stuck.
+
+        With a ``group`` (one pass over many resources), the steps that only record what they
+        read (poll, collect, restore) join its transaction; the group is committed before a
+        step that spends or cancels, so that step's intents are committed before its calls
+        are sent, as without a group.
+        """
+        if group is not None:
+            group.join()
         self._track_again_if_forgotten(res)
         action = self.plan_one(res, facts)
         for _ in range(MAX_STEPS_PER_PASS):
@@ -201,6 +216,11 @@ class Reconciler:
                 )
                 self.report(Progress("skip", res.name, message))
                 return StepResult(action, waiting=False)
+            if group is not None:
+                if action.spends:  # create, replace (cancels first), retry
+                    group.flush()
+                else:
+                    group.join()
             progressed = STEPS[kind](self.ctx, res, facts, action)
             following = self.plan_one(res, facts)
             if not progressed or (
