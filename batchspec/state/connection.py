@@ -274,11 +274,11 @@ class StateConnection:
     _savepoints = 0
 
     @contextmanager
-    def commit_group(self, *, max_seconds: float = GROUP_MAX_SECONDS) -> Iterator[CommitGroup]:
+    def commit_group(self, *, max_seconds: float | None = None) -> Iterator[CommitGroup]:
         """A ``CommitGroup`` for the block; what it holds uncommitted at the end is committed,
         also when the block raises (each ``atomic()`` inside it kept all of its work or none,
         as it would have committed on its own), then the exception goes on."""
-        group = CommitGroup(self, max_seconds)
+        group = CommitGroup(self, GROUP_MAX_SECONDS if max_seconds is None else max_seconds)
         try:
             yield group
         except BaseException:

@@ -255,8 +255,19 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                 assert done is not None
                 confirm_ambiguous_create(ctx, done.res, done.provider, done.batch, outcome)
         while recorded < len(todo):
-            _finish_create(ctx, todo[recorded])
-            recorded += 1
+            first = todo[recorded]
+            assert first.create is not None
+            concurrent.futures.wait([first.create])
+            if first.create.exception() is not None:  # unsure (confirmed) or failed (raised)
+                _finish_create(ctx, first)
+                recorded += 1
+                continue
+            step_recorded = recorded
+            with ctx.store.atomic():  # this create and those after it that have ended
+                while step_recorded < len(todo) and _created(todo[step_recorded]):
+                    _finish_create(ctx, todo[step_recorded])
+                    step_recorded += 1
+            recorded = step_recorded
     except Exception:
         # record every create already sent, so that none is left unsure without need
         for job in todo[recorded:]:
@@ -284,6 +295,12 @@ def _ready(job: _Job, done: _Job | None) -> bool:
         if create is None or not create.done() or create.exception() is not None:
             return False
     return True
+
+
+def _created(job: _Job) -> bool:
+    """Whether the job's create has ended with a batch."""
+    create = job.create
+    return create is not None and create.done() and create.exception() is None
 
 
 def _take_jobs(
