@@ -27,7 +27,13 @@ from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.storage.result_store import ResultStore
-from batchspec.workspace.manifest import Project, Resource, refuse_unconfined_write
+from batchspec.workspace.manifest import (
+    Confinement,
+    Project,
+    Resource,
+    confinement,
+    refuse_unconfined_write,
+)
 
 ProviderFactory = Callable[[str], Provider]
 
@@ -87,6 +93,8 @@ class RunContext:
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
+    _confinement: Confinement | None = field(default=None, init=False, repr=False)
+    _root: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -138,13 +146,19 @@ class RunContext:
     def check_result_paths(self, res: Resource) -> None:
         """Refuse to write ``res``'s result files if a symlink now points them somewhere the
         load would have refused (onto the state, out of the workspace)."""
+        if self._confinement is None:
+            self._confinement = confinement(self.project)
         exports = [("export", target.path) for target in res.exports]
         for key, path in (("output", res.output_path), ("errors", res.errors_path), *exports):
-            refuse_unconfined_write(self.project, path, key, res.source.file)
+            refuse_unconfined_write(
+                self.project, path, key, res.source.file, within=self._confinement
+            )
 
     def relative(self, path: Path) -> str:
+        if self._root is None:
+            self._root = self.project.root.resolve()
         try:
-            return str(path.resolve().relative_to(self.project.root.resolve()))
+            return str(path.resolve().relative_to(self._root))
         except ValueError:
             return str(path)
 

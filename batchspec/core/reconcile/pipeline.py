@@ -228,7 +228,6 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                 while True:
                     _record_file(ctx, job, remote)
                     job.batch = mark_creating(ctx, job.res, job.batch, job.file_id or "")
-                    ctx.still_holds_lock()
                     if isinstance(outcome, RemoteBatch):
                         assert done is not None
                         record_remote(ctx, done.res, done.batch, outcome, event="create")
@@ -247,6 +246,8 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                     job, done = todo[i], following
                     remote = _wait_upload(ctx, job)  # ended: returns at once
                     outcome = _wait_create(done) if done is not None else None
+                # the lock re-checked in the transaction that records the creates it allows
+                ctx.still_holds_lock()
             recorded = step_recorded
             for sent in creating:
                 _send_create(calls, sent)
