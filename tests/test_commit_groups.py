@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
+from serve_faults import apply_wait, serve_processes, served_workspace
 from test_parallel_polling import GatedUpstream, wait_all_terminal
 from workspaces import (
     KEY_ENV,
@@ -26,6 +29,7 @@ from workspaces import (
 )
 
 from batchspec.errors import BatchspecError
+from batchspec.providers.openai import OpenAIProvider
 from batchspec.state import connection
 from batchspec.state.store import StateStore
 from batchspec.storage import sql
@@ -156,3 +160,44 @@ def test_a_flushed_group_leaves_the_next_write_to_commit_on_its_own(tmp_path: Pa
             with StateStore.open(tmp_path / "state.db") as other:
                 assert "create-intent" in [e.action for e in other.events()]
         assert group.commits == 1
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    yield from serve_processes(tmp_path)
+
+
+def test_a_retry_after_a_grouped_collect_commits_its_intent_before_its_create(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream 500s make apply --wait collect and retry in the same passes: at every create
+    sent, another connection already sees a committed create-intent for it (the pass's
+    commit group is flushed before a spending step, never holding an intent back)."""
+    monkeypatch.setattr(connection, "GROUP_MAX_SECONDS", 60.0)  # only the flush commits
+    srv = serve("--fault-500", "0.2", "--fault-seed", "3", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws",
+        srv,
+        *(ResourceSpec(f"r{i}", count=20, spec={"retry": {"maxAttempts": 6}}) for i in range(3)),
+    )
+    creates = 0
+    seen: list[tuple[int, int]] = []
+    original = OpenAIProvider.create_batch
+
+    def create_batch(self: OpenAIProvider, **kwargs: Any) -> Any:
+        nonlocal creates
+        creates += 1
+        with sqlite3.connect(f"file:{ws.state_path}?mode=ro", uri=True) as other:
+            (committed,) = other.execute(
+                "SELECT count(*) FROM events WHERE action = 'create-intent'"
+            ).fetchone()
+        seen.append((creates, committed))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(OpenAIProvider, "create_batch", create_batch)
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    assert creates > 3  # retries were created, after collects in the same run
+    assert all(committed >= n for n, committed in seen), seen
