@@ -201,3 +201,47 @@ def test_a_retry_after_a_grouped_collect_commits_its_intent_before_its_create(
     assert code == 0, out + err
     assert creates > 3  # retries were created, after collects in the same run
     assert all(committed >= n for n, committed in seen), seen
+
+
+def test_a_pass_commits_its_group_before_waiting_on_a_slow_download(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a collect waits on a download that has not ended (held at the server), what the
+    pass recorded so far is committed: the writer lock is not held across the wait."""
+    monkeypatch.setattr(connection, "GROUP_MAX_SECONDS", 60.0)
+    upstream = GatedUpstream()
+    srv = start_probed_server(tmp_path / "engine", upstream=upstream, api_key=SENTINEL_KEY)
+    try:
+        ws = fleet(tmp_path / "ws", srv, 3)
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        upstream.gate.set()
+        wait_all_terminal(srv, 3)
+        reached = srv.probe.hold("GET /files/{id}/content", 30.0)
+        seen: list[int] = []
+
+        def look_while_held() -> None:
+            reached.wait(20)
+            for _ in range(100):  # the step waits WAIT_GRACE, then commits, then waits on
+                with sqlite3.connect(f"file:{ws.state_path}?mode=ro", uri=True) as other:
+                    (polls,) = other.execute(
+                        "SELECT count(*) FROM events WHERE action = 'poll'"
+                    ).fetchone()
+                if polls > before:
+                    break
+                threading.Event().wait(0.05)
+            seen.append(polls)
+            srv.probe.release_all()
+
+        with ws.store() as store:
+            before = len([e for e in store.events() if e.action == "poll"])
+        looker = threading.Thread(target=look_while_held)
+        looker.start()
+        code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+        looker.join()
+
+        assert code == 0, err
+        assert seen and seen[0] > before, (before, seen)  # the polls were committed mid-wait
+        assert all(len(ws.outputs(f"r{i:02d}")) == 1 for i in range(3))
+    finally:
+        upstream.gate.set()
+        srv.stop()

@@ -10,7 +10,8 @@ stuck. It promises that no spending step runs unless allowed: a replace needs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
@@ -158,7 +159,7 @@ class Reconciler:
                 )
                 waiting = []
                 # one commit for the records of many resources' reads (see ``advance``)
-                with self.store.commit_group() as group:
+                with self.store.commit_group() as group, self._waits_commit(group):
                     for res in resources:  # downloads under way are waited for when taken
                         if res.name in submitted:  # it waits on its new batches
                             if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
@@ -170,6 +171,15 @@ class Reconciler:
                 return waiting
         finally:
             self.ctx.prefetched = Prefetched()
+
+    @contextmanager
+    def _waits_commit(self, group: CommitGroup) -> Iterator[None]:
+        """While the block runs, a step about to wait on a provider commits the group first."""
+        self.ctx.before_wait = group.flush
+        try:
+            yield
+        finally:
+            self.ctx.before_wait = lambda: None
 
     def _spending_action(self, res: Resource, facts: InputReport) -> Action | None:
         """``res``'s planned action if it spends and this run may take it now, else None
@@ -195,7 +205,9 @@ class Reconciler:
         With a ``group`` (one pass over many resources), the steps that only record what they
         read (poll, collect, restore) join its transaction; the group is committed before a
         step that spends or cancels, so that step's intents are committed before its calls
-        are sent, as without a group.
+        are sent, as without a group, and before a step waits on a provider (a poll or a
+        download not fetched ahead, or still running: ``RunContext.before_wait``), so the
+        writer lock is never held while waiting on the network.
         """
         if group is not None:
             group.join()
