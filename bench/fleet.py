@@ -16,6 +16,7 @@ CPU time of the apply process per resource and its peak RSS, beside the issue's 
 
 Run:  .venv/bin/python bench/fleet.py
       .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
+      .venv/bin/python bench/fleet.py --manifests 300 --profile /tmp/fleet  # cProfile stats
 
 Only loopback addresses are used; every server is stopped at the end.
 """
@@ -47,9 +48,13 @@ TARGETS = {"submit pass": 15.0, "poll+collect pass": 6.0}
 RSS_TARGET_MB = 150
 
 
-def timed_apply(root: Path, parallelism: int) -> tuple[float, float, float]:
-    """One ``batchspec apply`` child: (wall seconds, CPU seconds, peak RSS in MB)."""
-    argv = [sys.executable, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
+def timed_apply(
+    root: Path, parallelism: int, profile: str | None = None
+) -> tuple[float, float, float]:
+    """One ``batchspec apply`` child: (wall seconds, CPU seconds, peak RSS in MB); with
+    ``profile``, run under cProfile writing its stats there (the figures then include it)."""
+    python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+    argv = [*python, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
     argv += ["--parallelism", str(parallelism)]
     start = time.perf_counter()
     # from the workspace: from a source checkout, `python -m` would import that instead
@@ -86,6 +91,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--parallelism", type=int, default=16)
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="run each apply under cProfile: stats in PREFIX.submit and PREFIX.collect",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
@@ -102,13 +112,15 @@ def main() -> None:
         )
         n = args.manifests
         before = Counter(counts)
-        figures = timed_apply(ws, args.parallelism)
+        profile = args.profile and f"{args.profile}.submit"
+        figures = timed_apply(ws, args.parallelism, profile)
         report("submit pass", n, figures, sum((counts - before).values()))
         wait_until(serve_url, lambda s: s == "in_progress", n)
         gate.set()
         wait_until(serve_url, lambda s: s == "completed", n)
         before = Counter(counts)
-        figures = timed_apply(ws, args.parallelism)
+        profile = args.profile and f"{args.profile}.collect"
+        figures = timed_apply(ws, args.parallelism, profile)
         report("poll+collect pass", n, figures, sum((counts - before).values()))
         outputs = list((ws / "results").glob("job-*[0-9].jsonl"))
         if len(outputs) != n:

@@ -38,7 +38,8 @@ import functools
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,8 @@ from batchspec.storage.remote_blobs import PostgresBlobs, RemoteBlobs
 from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
 
 BUSY_TIMEOUT_SECONDS = 30.0
+#: how long a ``CommitGroup`` keeps its transaction open before it is due for a commit
+GROUP_MAX_SECONDS = 0.5
 
 _Conn = TypeVar("_Conn", bound="StateConnection")
 
@@ -270,6 +273,19 @@ class StateConnection:
 
     _savepoints = 0
 
+    @contextmanager
+    def commit_group(self, *, max_seconds: float | None = None) -> Iterator[CommitGroup]:
+        """A ``CommitGroup`` for the block; what it holds uncommitted at the end is committed,
+        also when the block raises (each ``atomic()`` inside it kept all of its work or none,
+        as it would have committed on its own), then the exception goes on."""
+        group = CommitGroup(self, GROUP_MAX_SECONDS if max_seconds is None else max_seconds)
+        try:
+            yield group
+        except BaseException:
+            group.close()
+            raise
+        group.close()
+
     def _one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
         rows = self.db.query(sql, params)
         return rows[0] if rows else None
@@ -294,6 +310,62 @@ class StateConnection:
         self.db.execute(
             f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
         )
+
+
+class CommitGroup:
+    """The records of many steps in one transaction: one commit (one fsync) for all of them.
+
+    ``join()`` opens the group's transaction, if none is open, before a step whose records
+    need not be durable before anything else happens (a poll seen, a collected file already
+    in the result store, result files written): its ``atomic()`` blocks become savepoints of
+    the group. ``flush()`` commits it; call it before a step that must find what it records
+    committed before it sends anything (an intent before its upload or create, a cancel):
+    that step then runs with no transaction open, exactly as without a group. ``due`` says the
+    group has been open ``max_seconds``: flush then, so that a run waiting for the writer
+    lock, or a crash, loses no more than that (a lost poll or collect is done again).
+    ``commits`` counts the group's commits.
+    """
+
+    def __init__(
+        self,
+        conn: StateConnection,
+        max_seconds: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._conn = conn
+        self._max_seconds = max_seconds
+        self._clock = clock
+        self._opened: float | None = None
+        self.commits = 0
+
+    @property
+    def open(self) -> bool:
+        return self._opened is not None
+
+    @property
+    def due(self) -> bool:
+        return self._opened is not None and self._clock() - self._opened >= self._max_seconds
+
+    def join(self) -> None:
+        """Open the group's transaction unless one (the group's or a caller's) is open."""
+        if self._opened is None and not self._conn.in_transaction:
+            self._conn.db.begin_writer()
+            self._opened = self._clock()
+
+    def flush(self) -> None:
+        """Commit what the group holds (nothing to do when it holds nothing)."""
+        if self._opened is None:
+            return
+        self._opened = None
+        try:
+            self._conn.db.commit()
+        except BaseException:
+            self._conn.db.rollback()
+            raise
+        self.commits += 1
+
+    def close(self) -> None:
+        self.flush()
 
 
 def refuse_foreign_postgres(db: Sql) -> None:

@@ -145,6 +145,7 @@ __all__ = [
     "Workspace",
     "load_project",
     "load_workspace",
+    "confinement",
     "refuse_unconfined_write",
     "spec_hash",
 ]
@@ -565,18 +566,29 @@ def errors_beside(output_path: Path) -> Path:
 STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db")
 
 
-def refuse_unconfined_write(project: Project, path: Path, key: str, manifest: Path) -> None:
+def refuse_unconfined_write(
+    project: Project, path: Path, key: str, manifest: Path, *, within: Confinement | None = None
+) -> None:
     """Check a result file's path again right before it is written, symlinks resolved *now*.
 
     The load checked it, but a folder swapped for a symlink since (``results`` pointed into
     ``state/``) would redirect the write onto the state database or out of the workspace.
+    ``within``: the project's forbidden places as ``confinement(project)`` resolved them once
+    for a run (as the load resolves them once), else resolved here.
     """
-    message = _Confinement(project).forbidden(path.resolve(), key, manifest.resolve())
+    places = within if within is not None else _Confinement(project)
+    message = places.forbidden(path.resolve(), key, manifest.resolve())
     if message is not None:
         raise ManifestError(
             f"{display_path(manifest)}: {message}. A symlink changed since the manifests were "
             "checked; nothing was written (the answers stay in the state store)."
         )
+
+
+def confinement(project: Project) -> Confinement:
+    """The project's forbidden places resolved once, for ``refuse_unconfined_write(within=)``
+    (a run checks every result path it writes against the same ones)."""
+    return _Confinement(project)
 
 
 #: version control folders: a result written there would overwrite the repository itself
@@ -642,6 +654,10 @@ class _Confinement:
                 "use a .jsonl name outside them"
             )
         return None
+
+
+#: the forbidden places of one project, resolved (``confinement``)
+Confinement = _Confinement
 
 
 def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resource:

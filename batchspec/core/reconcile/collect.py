@@ -121,9 +121,11 @@ def _collect_batch(
                     {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
                 )
             )
-            shas[column] = ctx.prefetched.take_file(batch.provider, file_id) or (
-                download_to_store(provider, file_id, ctx.blobs)
-            )
+            sha = ctx.prefetched.take_file(batch.provider, file_id, ctx.before_wait)
+            if sha is None:
+                ctx.before_wait()
+                sha = download_to_store(provider, file_id, ctx.blobs)
+            shas[column] = sha
     changed = 0
     with ctx.store.atomic():
         for sha in shas.values():

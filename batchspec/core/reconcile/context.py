@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -27,11 +28,21 @@ from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.storage.result_store import ResultStore
-from batchspec.workspace.manifest import Project, Resource, refuse_unconfined_write
+from batchspec.workspace.manifest import (
+    Confinement,
+    Project,
+    Resource,
+    confinement,
+    refuse_unconfined_write,
+)
 
 ProviderFactory = Callable[[str], Provider]
 
 T = TypeVar("T")
+
+#: how long a step waits for a download fetched ahead before it calls ``before_wait``: the
+#: next file of a pass is usually a few milliseconds away, a large one may be minutes
+WAIT_GRACE = 0.1
 
 
 @dataclass
@@ -49,10 +60,19 @@ class Prefetched:
     def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
         return _unwrap(self.polls.pop((provider, remote_id), None))
 
-    def take_file(self, provider: str, file_id: str) -> str | None:
-        """The file's sha256 once its download (still running, perhaps) has ended."""
+    def take_file(
+        self, provider: str, file_id: str, before_wait: Callable[[], None] = lambda: None
+    ) -> str | None:
+        """The file's sha256 once its download (still running, perhaps) has ended;
+        ``before_wait`` is called if it has not ended within ``WAIT_GRACE`` seconds."""
         download = self.files.pop((provider, file_id), None)
-        return None if download is None else download.result()
+        if download is None:
+            return None
+        try:
+            return download.result(timeout=WAIT_GRACE)
+        except FutureTimeout:
+            before_wait()
+        return download.result()
 
 
 def _unwrap(found: T | BaseException | None) -> T | None:
@@ -84,9 +104,14 @@ class RunContext:
     sleep: Callable[[float], None] = time.sleep
     # what this pass fetched ahead, in parallel (batchspec.core.reconcile.prefetch)
     prefetched: Prefetched = field(default_factory=Prefetched)
+    # called before a step waits on a provider (a call, or a download not yet ended): a
+    # pass's commit group is committed then, never holding the writer lock while it waits
+    before_wait: Callable[[], None] = lambda: None
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
+    _confinement: Confinement | None = field(default=None, init=False, repr=False)
+    _root: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -138,13 +163,19 @@ class RunContext:
     def check_result_paths(self, res: Resource) -> None:
         """Refuse to write ``res``'s result files if a symlink now points them somewhere the
         load would have refused (onto the state, out of the workspace)."""
+        if self._confinement is None:
+            self._confinement = confinement(self.project)
         exports = [("export", target.path) for target in res.exports]
         for key, path in (("output", res.output_path), ("errors", res.errors_path), *exports):
-            refuse_unconfined_write(self.project, path, key, res.source.file)
+            refuse_unconfined_write(
+                self.project, path, key, res.source.file, within=self._confinement
+            )
 
     def relative(self, path: Path) -> str:
+        if self._root is None:
+            self._root = self.project.root.resolve()
         try:
-            return str(path.resolve().relative_to(self.project.root.resolve()))
+            return str(path.resolve().relative_to(self._root))
         except ValueError:
             return str(path)
 

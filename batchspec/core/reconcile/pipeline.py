@@ -19,7 +19,8 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
   ``maxInFlightBatches`` is respected; an unsure create (``creating``) is left to the serial
   step, which confirms it before anything is created again.
 * **Few commits.** What one step records (an upload, a ``create-intent``, an earlier create,
-  the next ``upload-intent``) commits at once, before the calls it allows are sent.
+  the next ``upload-intent``) commits at once, before the calls it allows are sent; the
+  following steps whose calls have already ended (up to ``W``) join that commit.
 * **Deterministic output.** Events and progress follow a fixed schedule over the intents in
   resource order, whatever the timing: resources are recorded as the window reaches them, the
   upload of intent ``i + W`` is started (its
@@ -198,9 +199,12 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
     """Upload and create every job, overlapping, on the schedule of the module docstring.
 
     Each step waits (holding no transaction) for upload ``i`` and create ``i - W``, then
-    commits in one transaction what they did, intent ``i``'s ``create-intent`` (lock
-    re-checked inside it) and the ``upload-intent`` of the next upload, and only then sends
-    create ``i`` and that upload: one commit per intent instead of five.
+    records in one transaction what they did, intent ``i``'s ``create-intent`` (lock
+    re-checked inside it) and the ``upload-intent`` of the next upload, and only after the
+    commit sends create ``i`` and that upload. The steps after ``i`` whose upload and create
+    have already ended (``_ready``; at most ``W`` in all) are recorded in the same transaction,
+    in the same order, their calls sent after the same commit: when recording is what the
+    pass waits for, one commit serves many intents.
     """
     window = calls.parallelism
     uploading: dict[tuple[str, str], _Job] = {}
@@ -215,26 +219,56 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
             remote = _wait_upload(ctx, job)
             done = todo[recorded] if recorded <= i - window else None
             outcome = _wait_create(done) if done is not None else None
+            creating: list[_Job] = []
+            starting = []
+            step_recorded = recorded  # counted as recorded once the chunk commits
             with ctx.store.atomic():
-                _record_file(ctx, job, remote)
-                job.batch = mark_creating(ctx, job.res, job.batch, job.file_id or "")
+                # step i, then the steps after it whose calls have already ended, up to a
+                # window's worth: the same records in the same order, one commit for all
+                while True:
+                    _record_file(ctx, job, remote)
+                    job.batch = mark_creating(ctx, job.res, job.batch, job.file_id or "")
+                    if isinstance(outcome, RemoteBatch):
+                        assert done is not None
+                        record_remote(ctx, done.res, done.batch, outcome, event="create")
+                    if job.last_of_resource:  # while the provider works: an as-is ledger
+                        ctx.ensure_ledger(job.res, job.gen)
+                    starting += _take_jobs(ctx, jobs, todo, i + window + 2, uploading)
+                    creating.append(job)
+                    i += 1
+                    if done is not None:
+                        step_recorded += 1
+                    if isinstance(outcome, AmbiguousOutcome) or len(creating) >= window:
+                        break  # an unsure create is confirmed after the commit, as before
+                    following = todo[step_recorded] if step_recorded <= i - window else None
+                    if i >= len(todo) or not _ready(todo[i], following):
+                        break
+                    job, done = todo[i], following
+                    remote = _wait_upload(ctx, job)  # ended: returns at once
+                    outcome = _wait_create(done) if done is not None else None
+                # the lock re-checked in the transaction that records the creates it allows
                 ctx.still_holds_lock()
-                if isinstance(outcome, RemoteBatch):
-                    assert done is not None
-                    record_remote(ctx, done.res, done.batch, outcome, event="create")
-                if job.last_of_resource:  # while the provider works: an as-is input's ledger
-                    ctx.ensure_ledger(job.res, job.gen)
-                starting = _take_jobs(ctx, jobs, todo, i + window + 2, uploading)
-            _send_create(calls, job)
+            recorded = step_recorded
+            for sent in creating:
+                _send_create(calls, sent)
             _send_uploads(calls, starting)
-            if done is not None:
-                recorded += 1
-                if isinstance(outcome, AmbiguousOutcome):
-                    confirm_ambiguous_create(ctx, done.res, done.provider, done.batch, outcome)
-            i += 1
+            if isinstance(outcome, AmbiguousOutcome):
+                assert done is not None
+                confirm_ambiguous_create(ctx, done.res, done.provider, done.batch, outcome)
         while recorded < len(todo):
-            _finish_create(ctx, todo[recorded])
-            recorded += 1
+            first = todo[recorded]
+            assert first.create is not None
+            concurrent.futures.wait([first.create])
+            if first.create.exception() is not None:  # unsure (confirmed) or failed (raised)
+                _finish_create(ctx, first)
+                recorded += 1
+                continue
+            step_recorded = recorded
+            with ctx.store.atomic():  # this create and those after it that have ended
+                while step_recorded < len(todo) and _created(todo[step_recorded]):
+                    _finish_create(ctx, todo[step_recorded])
+                    step_recorded += 1
+            recorded = step_recorded
     except Exception:
         # record every create already sent, so that none is left unsure without need
         for job in todo[recorded:]:
@@ -244,6 +278,30 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                 except Exception:  # noqa: BLE001, S112 - the first error is the one raised
                     continue
         raise
+
+
+def _ready(job: _Job, done: _Job | None) -> bool:
+    """Whether the step of ``job`` (recording ``done``'s create) can be recorded at once:
+    its upload ended well (not a recorded file the provider lost, which is uploaded again one
+    at a time) and ``done``'s create ended with a batch (an unsure one is confirmed after a
+    commit, a failed one raises after one)."""
+    if job.same_file_as is None:
+        upload = job.upload
+        if upload is None or not upload.done() or upload.exception() is not None:
+            return False
+        if job.reuses_known and upload.result() is None:
+            return False
+    if done is not None:
+        create = done.create
+        if create is None or not create.done() or create.exception() is not None:
+            return False
+    return True
+
+
+def _created(job: _Job) -> bool:
+    """Whether the job's create has ended with a batch."""
+    create = job.create
+    return create is not None and create.done() and create.exception() is None
 
 
 def _take_jobs(

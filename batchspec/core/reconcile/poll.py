@@ -53,9 +53,10 @@ def poll_batch(
     ``foreign``: the batch is of a resource this run did not lock; what was seen is recorded
     only if no other run holds that resource (its holder records it itself)."""
     assert batch.remote_id is not None
-    remote = ctx.prefetched.take_poll(batch.provider, batch.remote_id) or provider.get_batch(
-        batch.remote_id
-    )
+    remote = ctx.prefetched.take_poll(batch.provider, batch.remote_id)
+    if remote is None:
+        ctx.before_wait()
+        remote = provider.get_batch(batch.remote_id)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return remote

@@ -10,7 +10,8 @@ stuck. It promises that no spending step runs unless allowed: a replace needs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
@@ -31,6 +32,7 @@ from batchspec.core.recorded import (
 )
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
+from batchspec.state.connection import CommitGroup
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Project, Resource
@@ -156,15 +158,28 @@ class Reconciler:
                     self.ctx, resources, facts, calls, spending_action=self._spending_action
                 )
                 waiting = []
-                for res in resources:  # downloads still under way are waited for when taken
-                    if res.name in submitted:  # it waits on its new batches (as after a create)
-                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                # one commit for the records of many resources' reads (see ``advance``)
+                with self.store.commit_group() as group, self._waits_commit(group):
+                    for res in resources:  # downloads under way are waited for when taken
+                        if res.name in submitted:  # it waits on its new batches
+                            if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                                waiting.append(res)
+                        elif self.advance(res, facts[res.name], group).waiting:
                             waiting.append(res)
-                    elif self.advance(res, facts[res.name]).waiting:
-                        waiting.append(res)
+                        if group.due:
+                            group.flush()
                 return waiting
         finally:
             self.ctx.prefetched = Prefetched()
+
+    @contextmanager
+    def _waits_commit(self, group: CommitGroup) -> Iterator[None]:
+        """While the block runs, a step about to wait on a provider commits the group first."""
+        self.ctx.before_wait = group.flush
+        try:
+            yield
+        finally:
+            self.ctx.before_wait = lambda: None
 
     def _spending_action(self, res: Resource, facts: InputReport) -> Action | None:
         """``res``'s planned action if it spends and this run may take it now, else None
@@ -182,8 +197,20 @@ class Reconciler:
     # -----------------------------------------------------------------------------------------
     # one pass for one resource
 
-    def advance(self, res: Resource, facts: InputReport) -> StepResult:
-        """Act on ``res`` until it must wait, is in sync, or is stuck."""
+    def advance(
+        self, res: Resource, facts: InputReport, group: CommitGroup | None = None
+    ) -> StepResult:
+        """Act on ``res`` until it must wait, is in sync, or is stuck.
+
+        With a ``group`` (one pass over many resources), the steps that only record what they
+        read (poll, collect, restore) join its transaction; the group is committed before a
+        step that spends or cancels, so that step's intents are committed before its calls
+        are sent, as without a group, and before a step waits on a provider (a poll or a
+        download not fetched ahead, or still running: ``RunContext.before_wait``), so the
+        writer lock is never held while waiting on the network.
+        """
+        if group is not None:
+            group.join()
         self._track_again_if_forgotten(res)
         action = self.plan_one(res, facts)
         for _ in range(MAX_STEPS_PER_PASS):
@@ -201,6 +228,11 @@ class Reconciler:
                 )
                 self.report(Progress("skip", res.name, message))
                 return StepResult(action, waiting=False)
+            if group is not None:
+                if action.spends:  # create, replace (cancels first), retry
+                    group.flush()
+                else:
+                    group.join()
             progressed = STEPS[kind](self.ctx, res, facts, action)
             following = self.plan_one(res, facts)
             if not progressed or (
