@@ -470,3 +470,87 @@ def test_a_2xx_that_is_not_json_is_not_a_result_and_goes_to_another_member(tmp_p
     assert done.request_counts.completed == 6 and done.request_counts.failed == 0
     assert all(isinstance(r["response"]["body"], dict) for r in output)
     assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)
+
+
+def test_a_redirecting_upstream_is_a_named_failure_never_followed():
+    """A member answering 302 gives no result and is not followed: HttpUpstream answers a 502
+    naming the redirect and its Location without credentials or query, the Location's server
+    gets nothing, and the rotation takes that member out and keeps the good one in."""
+    from scripted_server import Answer, ScriptedServer
+
+    elsewhere = ScriptedServer()
+    elsewhere.script(then=Answer(200, b'{"object": "chat.completion"}'))
+    host = elsewhere.v1.split("://", 1)[1]
+    redirector = ScriptedServer()
+    location = f"http://who:s3cret@{host}/login?token=t0ken"
+    redirector.script(then=Answer(302, b"", {"Location": location}))
+    good = start_recording_upstream()
+    upstream = HttpUpstream(redirector.v1)
+    rotation = BalancedUpstream([HttpUpstream(redirector.v1), HttpUpstream(good.v1)])
+
+    async def go():
+        try:
+            alone = await upstream.send(CHAT, BODY, custom_id="a", attempt=1)
+            answers = [
+                await rotation.send(CHAT, BODY, custom_id=f"r{i}", attempt=1) for i in range(4)
+            ]
+            return alone, answers
+        finally:
+            await upstream.aclose()
+            await rotation.aclose()
+
+    try:
+        alone, answers = asyncio.run(go())
+    finally:
+        elsewhere.stop()
+        redirector.stop()
+        good.stop()
+    assert alone.status_code == 502, alone
+    message = alone.body["error"]["message"]
+    assert "redirect (302)" in message
+    assert f"http://{host}/login" in message
+    assert "s3cret" not in message and "t0ken" not in message
+    assert elsewhere.requests == [], "the redirect was followed"
+    assert [a.status_code for a in answers].count(502) == 1
+    assert [a.status_code for a in answers].count(200) == 3
+    sick, healthy = rotation.status()
+    assert sick.failures == 1 and not sick.in_rotation and healthy.in_rotation
+
+
+def test_a_redirecting_member_fails_no_line_the_other_answers_them(tmp_path):
+    """`batchspec serve` over a member answering 302 and a good one: every line completes
+    with a real answer from the good member (the worker's retry), none fails with the 302."""
+    from scripted_server import Answer, ScriptedServer
+
+    redirector = ScriptedServer()
+    redirector.script(then=Answer(302, b"", {"Location": "https://login.example/sso"}))
+    good = start_recording_upstream()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "engine"), "--poll-interval", "0.02",
+         "--upstream", redirector.v1, "--upstream", good.v1, "--max-attempts", "4"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.fullmatch(r"serving on (\S+) \(data: .+\)\n", line)
+        assert match, line
+        import openai
+
+        client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(6))), purpose="batch"
+        ).id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        done = wait_for_batch(client, batch.id, timeout=60)
+        output = read_jsonl(client.files.content(done.output_file_id).text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        redirector.stop()
+        good.stop()
+    assert redirector.requests, "the redirector got no request: the test proves nothing"
+    assert done.request_counts.completed == 6 and done.request_counts.failed == 0
+    assert all(r["response"]["status_code"] == 200 for r in output)
+    assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)

@@ -23,6 +23,7 @@ from probes import ServeProcess, start_serve_process
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
 
 from batchspec.state.store import StateStore
+from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import (
     CHUNK_BYTES,
     BlobCorruptError,
@@ -31,6 +32,7 @@ from batchspec.storage.remote_blobs import (
     PostgresBlobs,
     open_blob_location,
 )
+from batchspec.storage.result_store import ResultStore
 
 FAST = ["--poll-interval", "0.05"]
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -156,6 +158,129 @@ def test_a_damaged_remote_chunk_is_refused_and_nothing_is_written(
     assert not (b.root / "results").exists() or list((b.root / "results").iterdir()) == []
     stored = [p for p in (b.root / "state" / "store").rglob("*") if p.is_file()]
     assert stored == []
+
+
+def holds(remote: Any, sha: str) -> bool:
+    """Whether the tier has blob ``sha`` whole and good (read back and hashed here)."""
+    try:
+        return hashlib.sha256(b"".join(remote.chunks(sha))).hexdigest() == sha
+    except (BlobCorruptError, BlobMissingError):
+        return False
+
+
+def damage_output_blob(postgres_url: str) -> tuple[str, str]:
+    """Overwrite the first chunk of the one batch's output blob; its sha256 and file id."""
+    with StateStore.open(postgres_url) as store:
+        [batch] = store.batches()
+        assert batch.output_sha256 is not None and batch.output_file_id is not None
+        store.db.execute(
+            "UPDATE blob_chunks SET data = 'x' WHERE sha256 = ? AND seq = 0",
+            (batch.output_sha256,),
+        )
+    return batch.output_sha256, batch.output_file_id
+
+
+def test_a_damaged_remote_blob_is_downloaded_again_from_the_provider_and_repaired(
+    tmp_path: Path, postgres_url: str, serve_proc: Any
+) -> None:
+    """The shared output blob damaged while the provider still has the file: a fresh
+    checkout's apply downloads it again, writes byte-identical results, replaces the remote
+    copy (good again, one blobs row) and records a blob.repaired event."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"})
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
+    first = run("apply", str(a.root), "--wait", "--yes", *FAST)
+    assert first.returncode == 0, first.stderr
+    sha, file_id = damage_output_blob(postgres_url)
+    remote = PostgresBlobs(postgres_url)
+    assert not holds(remote, sha)
+
+    b = fresh_checkout(a, tmp_path / "b")
+    again = run("apply", str(b.root), "--wait", "--yes", *FAST)
+    assert again.returncode == 0, again.stderr
+    assert result_bytes(b, "triage") == result_bytes(a, "triage")
+    try:
+        assert holds(remote, sha)
+        assert hashlib.sha256(b"".join(remote.chunks(sha))).hexdigest() == sha
+    finally:
+        remote.close()
+    with StateStore.open(postgres_url) as store:
+        assert (
+            store.db.execute("SELECT count(*) FROM blobs WHERE sha256 = ?", (sha,)).fetchone()[0]
+            == 1
+        )
+        [repaired] = [e for e in store.events() if e.action == "blob.repaired"]
+    assert repaired.detail["sha256"] == sha and file_id in repaired.detail["from"]
+    assert PASSWORD not in again.stderr + again.stdout
+
+
+def test_a_damaged_remote_blob_the_provider_no_longer_has_stays_a_clear_error(
+    tmp_path: Path, postgres_url: str, serve_proc: Any
+) -> None:
+    """The provider deleted the output file (expired): the fresh checkout's apply exits 1 with
+    one line naming the damaged blob and the file that cannot be downloaded again; no result
+    file, no local blob, the remote copy left as it was and no repair event."""
+    proc = serve_proc()
+    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"})
+    run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
+    assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
+    sha, file_id = damage_output_blob(postgres_url)
+    proc.client().files.delete(file_id)
+
+    b = fresh_checkout(a, tmp_path / "b")
+    broken = run("apply", str(b.root), "--wait", "--yes", *FAST)
+    assert broken.returncode == 1, broken.stderr
+    lines = [line for line in broken.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "damaged" in lines[0], broken.stderr
+    assert sha[:12] in lines[0] and file_id in lines[0] and "Traceback" not in broken.stderr
+    assert not (b.root / "results").exists() or list((b.root / "results").iterdir()) == []
+    assert [p for p in (b.root / "state" / "store").rglob("*") if p.is_file()] == []
+    remote = PostgresBlobs(postgres_url)
+    try:
+        assert remote.has(sha) and not holds(remote, sha)
+    finally:
+        remote.close()
+    with StateStore.open(postgres_url) as store:
+        assert not [e for e in store.events() if e.action == "blob.repaired"]
+
+
+def test_a_runner_with_a_good_local_copy_repairs_a_damaged_remote_when_it_publishes(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """publish of a blob the remote tier holds damaged (PostgreSQL, a folder) replaces it
+    from the local copy and tells on_repair; a local copy that is itself wrong is refused and
+    the remote copy is left alone."""
+    StateStore.open(postgres_url).close()  # the schema, with the blob tables
+    content = b"line one\nline two\n" * 1000
+    sha = hashlib.sha256(content).hexdigest()
+    folder = FolderBlobs(tmp_path / "shared")
+    for remote in (PostgresBlobs(postgres_url), folder):
+        remote.put(sha, [content])
+        if isinstance(remote, PostgresBlobs):
+            remote._conn().execute(
+                "UPDATE blob_chunks SET data = 'x' WHERE sha256 = ? AND seq = 0", (sha,)
+            )
+        else:
+            folder.store.path(sha).write_bytes(b"x")
+        assert not holds(remote, sha)
+        repairs: list[tuple[str, str]] = []
+        store = ResultStore(BlobStore(tmp_path / f"local-{type(remote).__name__}"), remote)
+        store.on_repair = lambda s, where, seen=repairs: seen.append((s, where))
+        bad = tmp_path / "bad"
+        bad.write_bytes(b"not it")
+        with pytest.raises(BlobCorruptError):
+            store.publish(sha, bad)
+        assert not holds(remote, sha) and remote.has(sha) and repairs == []
+        good = tmp_path / "good"
+        good.write_bytes(content)
+        store.publish(sha, good)
+        assert holds(remote, sha) and b"".join(remote.chunks(sha)) == content
+        assert [s for s, _ in repairs] == [sha]
+        store.publish(sha, good)
+        assert len(repairs) == 1
+        remote.close()
 
 
 # -- end to end: a shared folder ------------------------------------------------------------------

@@ -20,12 +20,13 @@
    answer reports ``usage`` (the difference is taken or given back), so over time the bucket
    counts the tokens the upstream reported.
 3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, which
-   includes a 2xx whose body is not JSON: ``HttpUpstream`` turns it into a 502, no answer
-   within the request timeout) is taken out of rotation for a back-off of ``backoff_initial``
-   seconds, doubling with each further failure up to ``backoff_max`` (failures of requests
-   sent before it was taken out are the same outage and do not lengthen it). When its back-off has
-   passed, it gets one request (the *probe*) and no other until that one ends: an answer
-   below 500 puts it back in rotation, a failure takes it out again for longer.
+   includes a 2xx whose body is not JSON and any 3xx redirect, never followed: ``HttpUpstream``
+   turns each into a 502 naming what it got, no answer within the request timeout) is taken
+   out of rotation for a back-off of ``backoff_initial`` seconds, doubling with each further
+   failure up to ``backoff_max`` (failures of requests sent before it was taken out are the
+   same outage and do not lengthen it). When its back-off has passed, it gets one request
+   (the *probe*) and no other until that one ends: an answer below 500 puts it back in
+   rotation, a failure takes it out again for longer.
 4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
    sent at once to the next member, each member at most once, without using an attempt: the
    upstream never saw it. A request that failed after it was sent (reset, 5xx, timeout) is

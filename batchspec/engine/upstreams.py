@@ -150,6 +150,8 @@ class HttpUpstream:
             raise UpstreamNotConnected(str(err)) from err
         except ConnectionFailed as err:
             raise UpstreamUnreachable(str(err)) from err
+        if 300 <= response.status_code < 400:
+            return self._redirected(response.status_code, response.headers.get("location"))
         try:
             parsed: Any = jsonfast.loads(response.body)
         except ValueError:  # orjson.JSONDecodeError is a ValueError too
@@ -172,6 +174,19 @@ class HttpUpstream:
             502,
             f"The upstream {self.description} answered {status} with a body that is not JSON "
             f"({preview!r}); is its URL the OpenAI-compatible base URL?",
+        )
+
+    def _redirected(self, status: int, location: str | None) -> UpstreamResponse:
+        """A redirect is no result and is never followed (a POST re-sent elsewhere, perhaps
+        with the key, to a login page): the upstream URL is misconfigured. A 502 naming it and
+        where it points (without credentials, query or fragment), so the member is taken out
+        of rotation like a failing one and the line is retried (elsewhere, in a rotation)."""
+        where = f" to {without_credentials(location)}" if location else " with no Location"
+        return _api_error(
+            502,
+            f"The upstream {self.description} answered a redirect ({status}){where}; "
+            "redirects are not followed: give the URL it should be called at "
+            "(the OpenAI-compatible base URL)",
         )
 
     async def aclose(self) -> None:

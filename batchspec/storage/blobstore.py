@@ -52,6 +52,17 @@ class BlobTooLargeError(BatchspecError):
         self.limit = limit
 
 
+class BlobMismatchError(BatchspecError):
+    """Content written for an expected sha256 hashes to another: it was not filed."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(
+            f"the content expected to be {expected[:12]} hashes to {got[:12]}; it was not kept"
+        )
+        self.expected = expected
+        self.got = got
+
+
 class BlobStore:
     """Content-addressed files under ``root``; writes in progress under ``tmp_dir``."""
 
@@ -81,14 +92,20 @@ class BlobStore:
         """
         return BlobWriter(self, max_bytes, too_large)
 
-    def put_from(self, write: Callable[[Path], object]) -> str:
-        """Let ``write(tmp_path)`` produce a file, then file it under its sha256."""
+    def put_from(self, write: Callable[[Path], object], *, expect: str | None = None) -> str:
+        """Let ``write(tmp_path)`` produce a file, then file it under its sha256.
+
+        With ``expect``, content that does not hash to it is dropped, never filed
+        (``BlobMismatchError``).
+        """
         tmp = self._new_tmp_path()
         try:
             create_private_file(tmp)
             write(tmp)
             os.chmod(tmp, PRIVATE_FILE_MODE)  # in case ``write`` replaced the file
             sha = sha256_file(tmp)
+            if expect is not None and sha != expect:
+                raise BlobMismatchError(expect, sha)
             self._file(tmp, sha)
             return sha
         except BaseException:
@@ -114,10 +131,11 @@ class BlobStore:
         ensure_private_dir(self.tmp_dir)
         return self.tmp_dir / f"part-{uuid.uuid4().hex}"
 
-    def _file(self, tmp: Path, sha256: str) -> None:
-        """Move a complete temporary file to its content-addressed place."""
+    def _file(self, tmp: Path, sha256: str, *, replace: bool = False) -> None:
+        """Move a complete temporary file to its content-addressed place (over a file already
+        there only with ``replace``: a damaged copy being repaired)."""
         dest = self.path(sha256)
-        if dest.exists():
+        if dest.exists() and not replace:
             tmp.unlink()
             return
         ensure_private_dir(dest.parent)
@@ -158,14 +176,15 @@ class BlobWriter:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def commit(self) -> str:
-        """Move the content into its content-addressed place; return its sha256."""
+    def commit(self, *, replace: bool = False) -> str:
+        """Move the content into its content-addressed place; return its sha256 (``replace``:
+        over a damaged file of that name)."""
         assert self._fh is not None, "blob already committed or discarded"
         self._fh.close()
         self._fh = None
         digest = self.sha256
         try:
-            self._blobs._file(self.tmp_path, digest)
+            self._blobs._file(self.tmp_path, digest, replace=replace)
         except BaseException:
             self.tmp_path.unlink(missing_ok=True)
             raise
@@ -213,6 +232,7 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
 
 __all__ = [
     "CHUNK",
+    "BlobMismatchError",
     "BlobStore",
     "BlobTooLargeError",
     "BlobWriter",

@@ -23,7 +23,14 @@ The interface, and what every kind promises:
 * ``has(sha)``, ``size(sha)``, ``iter_hashes()`` (sorted), ``close()``.
 * ``put(sha, chunks)``: streams an iterable of byte chunks in, hashing as it goes; content
   whose sha256 is not ``sha`` is refused (``BlobCorruptError``) and nothing of it is kept.
-  Putting a blob that exists already changes nothing. ``put_file(sha, path)`` reads a file.
+  Putting a blob that exists already changes nothing. ``put_file(sha, path)`` reads a file
+  and, when the tier has that blob already, reads it back: a damaged or incomplete copy is
+  replaced from the file (it returns True then: the caller records a ``blob.repaired``).
+* ``replace(sha, chunks)``: puts the blob over whatever copy is there, damaged or not, in one
+  step (PostgreSQL: one transaction drops the old chunks and row and writes the new ones; a
+  folder or fsspec: a temporary file moved over the old one). The content is verified as for
+  ``put``: content that does not hash to ``sha`` is refused and the old copy stays.
+* ``intact(sha)``: whether the blob is there and hashes to its name (reads it whole).
 * ``chunks(sha)``: the content as an iterator of byte chunks, never the whole blob in memory;
   ``BlobMissingError`` if the blob is not there. It does not verify: read it through
   ``verified(sha, chunks, where)``, which raises ``BlobCorruptError`` after the last chunk if
@@ -72,8 +79,8 @@ def verified(sha256: str, chunks: Iterable[bytes], where: str) -> Iterator[bytes
     if digest.hexdigest() != sha256:
         raise BlobCorruptError(
             f"the blob {sha256[:12]} in {where} is damaged: its content hashes to "
-            f"{digest.hexdigest()[:12]}; it was not used. Restore that copy from a backup, or "
-            "collect the batch again from a runner that still has it in its state/store/"
+            f"{digest.hexdigest()[:12]}; it was not used. A runner that still has it in its "
+            "state/store/ repairs that copy when it files it again; or restore it from a backup"
         )
 
 
@@ -105,9 +112,31 @@ class RemoteBlobs(ABC):
     @abstractmethod
     def iter_hashes(self) -> Iterator[str]: ...
 
-    def put_file(self, sha256: str, path: Path) -> None:
+    @abstractmethod
+    def replace(self, sha256: str, chunks: Iterable[bytes]) -> None:
+        """Put the blob over the copy there (a damaged one), verified as for ``put``."""
+
+    def intact(self, sha256: str) -> bool:
+        """Whether the blob is there, complete, and hashes to ``sha256`` (reads it whole)."""
+        if not self.has(sha256):
+            return False
+        try:
+            for _ in verified(sha256, self.chunks(sha256), self.label):
+                pass
+        except (BlobCorruptError, BlobMissingError):
+            return False
+        return True
+
+    def put_file(self, sha256: str, path: Path) -> bool:
+        """File ``path`` (content ``sha256``); a copy there already is read back and, if it is
+        damaged, replaced from ``path``. True when a damaged copy was repaired."""
         if not self.has(sha256):
             self.put(sha256, file_chunks(path))
+            return False
+        if self.intact(sha256):
+            return False
+        self.replace(sha256, file_chunks(path))
+        return True
 
     def close(self) -> None:  # noqa: B027 - most kinds hold nothing to close
         """Release what the tier holds open (a database connection)."""
@@ -204,6 +233,21 @@ class PostgresBlobs(RemoteBlobs):
                 raise
             db.commit()
 
+    def replace(self, sha256: str, chunks: Iterable[bytes]) -> None:
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                db.execute("SET LOCAL lock_timeout = 0")
+                db.execute("SELECT pg_advisory_xact_lock(?)", (db.advisory_key("blob:" + sha256),))
+                db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+                db.execute("DELETE FROM blob_chunks WHERE sha256 = ?", (sha256,))
+                insert_blob(db, sha256, chunks)
+            except BaseException:
+                db.rollback()
+                raise
+            db.commit()
+
     def chunks(self, sha256: str) -> Iterator[bytes]:
         with self._lock:
             found = (
@@ -283,6 +327,12 @@ class FolderBlobs(RemoteBlobs):
                 writer.write(chunk)
             writer.commit()
 
+    def replace(self, sha256: str, chunks: Iterable[bytes]) -> None:
+        with self.store.writer() as writer:
+            for chunk in verified(sha256, chunks, "the content given"):
+                writer.write(chunk)
+            writer.commit(replace=True)
+
     def chunks(self, sha256: str) -> Iterator[bytes]:
         if not self.has(sha256):
             raise self._missing(sha256)
@@ -339,6 +389,9 @@ class FsspecBlobs(RemoteBlobs):
     def put(self, sha256: str, chunks: Iterable[bytes]) -> None:
         if self.has(sha256):
             return
+        self.replace(sha256, chunks)
+
+    def replace(self, sha256: str, chunks: Iterable[bytes]) -> None:
         dest = self._path(sha256)
         tmp = f"{self.root}/tmp/{uuid.uuid4().hex}"
         self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)

@@ -17,24 +17,57 @@ Promises:
   verified against its sha256 and only then renamed into the cache. Damaged remote content
   is refused (``BlobCorruptError``) and leaves nothing behind; a blob found nowhere is a
   ``BlobMissingError`` naming both places.
+* Repair, never a mix: a damaged remote copy is replaced only by content that hashes to its
+  name. ``publish`` reads back a copy the tier has already and replaces it from the local
+  file when it is damaged or incomplete. ``ensure_local`` that finds the remote copy damaged
+  asks ``refetch`` (the state's record of which provider file the blob was downloaded from)
+  for the file again, files it locally only if it hashes to the recorded sha256, and replaces
+  the remote copy with it; if the provider no longer has the file, the damage is reported as
+  before and nothing is kept. Each repair is told to ``on_repair`` (an audit event).
 * Without a remote tier it is the local store, exactly as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from batchspec.storage.blobstore import BlobStore
-from batchspec.storage.remote_blobs import BlobMissingError, RemoteBlobs, verified
+from batchspec.errors import BatchspecError
+from batchspec.storage.blobstore import BlobMismatchError, BlobStore
+from batchspec.storage.remote_blobs import (
+    BlobCorruptError,
+    BlobMissingError,
+    RemoteBlobs,
+    file_chunks,
+    verified,
+)
+
+
+@dataclass(frozen=True)
+class Refetch:
+    """Where a blob's content can be had again: the provider file it was downloaded from."""
+
+    where: str  # for messages and the audit event, e.g. "file-abc of provider srv"
+    write: Callable[[Path], object]  # downloads the file to the path given
 
 
 class ResultStore:
     """A local ``BlobStore`` (the working cache) over an optional ``RemoteBlobs`` tier."""
 
-    def __init__(self, local: BlobStore, remote: RemoteBlobs | None = None) -> None:
+    def __init__(
+        self,
+        local: BlobStore,
+        remote: RemoteBlobs | None = None,
+        *,
+        refetch: Callable[[str], Refetch | None] | None = None,
+        on_repair: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.local = local
         self.remote = remote
+        self.refetch = refetch
+        # (sha256, where the good copy came from): told after the remote copy is replaced
+        self.on_repair = on_repair
 
     def has(self, sha256: str) -> bool:
         return self.local.has(sha256) or (self.remote is not None and self.remote.has(sha256))
@@ -47,8 +80,8 @@ class ResultStore:
 
     def publish(self, sha256: str, path: Path) -> None:
         """Make the complete file ``path`` (content ``sha256``) reachable from every runner."""
-        if self.remote is not None:
-            self.remote.put_file(sha256, path)
+        if self.remote is not None and self.remote.put_file(sha256, path):
+            self._repaired(sha256, "this runner's local copy")
 
     def ensure_local(self, sha256: str) -> Path:
         """The local path of blob ``sha256``, fetched from the remote tier if need be."""
@@ -62,11 +95,39 @@ class ResultStore:
                 "it was collected on another runner: share the state's blobs (a PostgreSQL "
                 "state, or state.blobs in batchspec.yaml) or copy that runner's state/store/"
             )
-        with self.local.writer() as writer:
-            for chunk in verified(sha256, self.remote.chunks(sha256), self.remote.label):
-                writer.write(chunk)
-            writer.commit()
+        try:
+            with self.local.writer() as writer:
+                for chunk in verified(sha256, self.remote.chunks(sha256), self.remote.label):
+                    writer.write(chunk)
+                writer.commit()
+        except BlobCorruptError as damaged:
+            self._download_again(sha256, damaged)
         return path
 
+    def _download_again(self, sha256: str, damaged: BlobCorruptError) -> None:
+        """The remote copy is damaged: file the provider's file again if it hashes to
+        ``sha256``, and replace the remote copy with it; else ``damaged``, nothing kept."""
+        assert self.remote is not None
+        source = self.refetch(sha256) if self.refetch is not None else None
+        if source is None:
+            raise damaged
+        try:
+            self.local.put_from(source.write, expect=sha256)
+        except BlobMismatchError as err:
+            raise BlobCorruptError(
+                f"{damaged}; downloading {source.where} again gave other content "
+                f"({err.got[:12]}), which was not used either"
+            ) from err
+        except BatchspecError as err:
+            raise BlobCorruptError(
+                f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
+            ) from err
+        self.remote.replace(sha256, file_chunks(self.local.path(sha256)))
+        self._repaired(sha256, source.where)
 
-__all__ = ["ResultStore"]
+    def _repaired(self, sha256: str, where: str) -> None:
+        if self.on_repair is not None:
+            self.on_repair(sha256, where)
+
+
+__all__ = ["Refetch", "ResultStore"]

@@ -24,10 +24,10 @@ from batchspec.core.sharding import ShardLimits, ledger_rows
 from batchspec.errors import BatchspecError
 from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
-from batchspec.state.store import GenerationRow, StateStore, utc_timestamp
+from batchspec.state.store import BatchRow, GenerationRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
-from batchspec.storage.result_store import ResultStore
+from batchspec.storage.result_store import Refetch, ResultStore
 from batchspec.workspace.manifest import (
     Confinement,
     Project,
@@ -118,6 +118,8 @@ class RunContext:
         self.blobs = ResultStore(
             BlobStore(self.project.state_path.parent / "store"),
             remote_blobs_for(self.project, self.store),
+            refetch=self._refetch,
+            on_repair=self._blob_repaired,
         )
         self.shard_dir = self.project.state_path.parent / "shards"
 
@@ -170,6 +172,38 @@ class RunContext:
             refuse_unconfined_write(
                 self.project, path, key, res.source.file, within=self._confinement
             )
+
+    def _source_of(self, sha256: str) -> tuple[BatchRow, str] | None:
+        """The batch whose output or error file was collected as blob ``sha256``, and that
+        file's provider id (the newest such batch)."""
+        for batch in reversed(self.store.batches()):
+            if batch.output_sha256 == sha256 and batch.output_file_id:
+                return batch, batch.output_file_id
+            if batch.errors_sha256 == sha256 and batch.error_file_id:
+                return batch, batch.error_file_id
+        return None
+
+    def _refetch(self, sha256: str) -> Refetch | None:
+        """Where a collected file can be downloaded again (a damaged shared copy's repair)."""
+        found = self._source_of(sha256)
+        if found is None:
+            return None
+        batch, file_id = found
+
+        def write(dest: Path) -> None:
+            self.provider_for(batch.provider).download_file(file_id, dest)
+
+        return Refetch(f"the file {file_id} of provider {batch.provider}", write)
+
+    def _blob_repaired(self, sha256: str, where: str) -> None:
+        found = self._source_of(sha256)
+        self.store.record_event(
+            self.run_id,
+            "blob.repaired",
+            batch_id=found[0].id if found else None,
+            generation_id=found[0].generation_id if found else None,
+            detail={"sha256": sha256, "from": where},
+        )
 
     def relative(self, path: Path) -> str:
         if self._root is None:
