@@ -255,11 +255,13 @@ def test_an_unexpected_exception_fails_its_line_and_the_batch_completes(tmp_path
     exception type, without a traceback; it is logged once and the other lines complete."""
     lines = request_lines(3)
     crash_on = lines[1]["custom_id"]
-    with caplog.at_level("ERROR", logger="batchspec.engine"):
-        with open_engine(tmp_path, CrashingUpstream(crash_on)) as engine:
-            done = run_to_end(engine, new_batch(engine, lines)["id"])
-            output = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
-            error_text = engine.file_content_path(done["error_file_id"]).read_text()
+    with (
+        caplog.at_level("ERROR", logger="batchspec.engine"),
+        open_engine(tmp_path, CrashingUpstream(crash_on)) as engine,
+    ):
+        done = run_to_end(engine, new_batch(engine, lines)["id"])
+        output = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        error_text = engine.file_content_path(done["error_file_id"]).read_text()
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     assert [r["custom_id"] for r in output] == [lines[0]["custom_id"], lines[2]["custom_id"]]
