@@ -19,12 +19,13 @@ Promises:
 * Identical rows. Every table but the locks (``resource_locks``) is copied with its ids, so
   events, runs and generations keep their numbers and the audit log reads the same. The
   source is read in one snapshot (SQLite: one read transaction; PostgreSQL: REPEATABLE
-  READ), so a ``plan`` that records a run meanwhile cannot tear the copy. Inserting fires the target's triggers: the
-  append-only guard on ``events`` (it allows INSERT) and the ``state_serial`` bumps, so the
-  serial is set to the source's afterwards; PostgreSQL's identity sequences are moved past
-  the copied ids, so the next run gets a new number. Locks are never copied: the source's
-  rows are the copying run's own, and a new state starts unlocked. The migration history is
-  the target's own (the same names; the dates say when its schema was made).
+  READ), so a ``plan`` that records a run meanwhile cannot tear the copy. Inserting fires
+  the target's triggers: the append-only guard on ``events`` (it allows INSERT) and the
+  ``state_serial`` bumps, so the serial is set to the source's afterwards; PostgreSQL's
+  identity sequences are moved past the copied ids, so the next run gets a new number. Locks
+  are never copied: the source's rows are the copying run's own, and a new state starts
+  unlocked. The migration history is the target's own (the same names; the dates say when
+  its schema was made).
 * Checked before it is kept: per table, the target's row count and an order-free digest of
   its rows (sha256 of each row, summed) equal the source's, and so does ``state_serial``; a
   difference is a ``StateError`` and nothing is kept.
