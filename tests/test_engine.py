@@ -236,6 +236,43 @@ def test_unreachable_upstream_becomes_error_lines(tmp_path):
     assert {r["error"]["code"] for r in errors} == {"upstream_unreachable"}
 
 
+class CrashingUpstream(BuiltinUpstream):
+    """The built-in model, except that one custom_id makes ``send`` raise (a bug, not an
+    answer): the kind of failure no real server can produce."""
+
+    def __init__(self, crash_on: str) -> None:
+        super().__init__()
+        self.crash_on = crash_on
+
+    async def send(self, url, body, *, custom_id, attempt):
+        if custom_id == self.crash_on:
+            raise KeyError("choices")
+        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+def test_an_unexpected_exception_fails_its_line_and_the_batch_completes(tmp_path, caplog):
+    """A line whose processing raises (a bug) ends as one engine_error record naming the
+    exception type, without a traceback; it is logged once and the other lines complete."""
+    lines = request_lines(3)
+    crash_on = lines[1]["custom_id"]
+    with (
+        caplog.at_level("ERROR", logger="batchspec.engine"),
+        open_engine(tmp_path, CrashingUpstream(crash_on)) as engine,
+    ):
+        done = run_to_end(engine, new_batch(engine, lines)["id"])
+        output = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        error_text = engine.file_content_path(done["error_file_id"]).read_text()
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert [r["custom_id"] for r in output] == [lines[0]["custom_id"], lines[2]["custom_id"]]
+    [failed] = read_jsonl(error_text)
+    assert failed["custom_id"] == crash_on and failed["response"] is None
+    assert failed["error"]["code"] == "engine_error"
+    assert "KeyError" in failed["error"]["message"] and "Traceback" not in error_text
+    logged = [r for r in caplog.records if crash_on in r.getMessage()]
+    assert len(logged) == 1 and "KeyError" in logged[0].getMessage()
+
+
 def test_results_are_persisted_with_counts_in_one_transaction(tmp_path):
     """Recording the same line twice counts it once (a resumed line can never double-count)."""
     from batchspec.engine.store import LineResult, Tokens

@@ -11,10 +11,12 @@ its lock, never by sleeping in the product.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +179,66 @@ def test_a_killed_holder_frees_its_locks_without_unlock(
     assert takeover.detail["previous"]["pid"] == first.pid
     assert len(events(state_location, "create", "alpha")) == 1
     assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+
+
+def test_a_killed_run_shows_as_killed_in_history_and_ends_at_takeover(
+    tmp_path: Path, serve: Any, state_location: Path | str
+) -> None:
+    """kill -9 a run: `history` shows it killed (not running) at once, and the run that takes
+    its lock over marks its runs row ended (no exit code), naming it in `lock.takeover`."""
+    ws, _ = workspace(tmp_path, serve, "2")
+    first = start_apply(ws, state_location, "alpha")
+    wait_for_event(state_location, "create", "alpha", first)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
+    with StateStore.open(state_location) as store:
+        [killed] = [r for r in store.runs() if r.pid == first.pid]
+    assert killed.ended_at is None  # nothing has found out yet but history
+    code, out, err = finish(start(ws, state_location, "history", "--json"))
+    assert code == 0, err
+    [entry] = json.loads(out)["runs"]
+    assert entry["outcome"] == "killed"
+    code, out, err = finish(start(ws, state_location, "history"))
+    assert code == 0, err
+    assert f"run {killed.id} " in out and "killed" in out and "running" not in out
+    code, out, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "10"))
+    assert code == 0, err
+    [takeover] = events_of(state_location, "lock.takeover")
+    assert takeover.detail["ended_runs"] == [killed.id]
+    with StateStore.open(state_location) as store:
+        ended = store.get_run(killed.id)
+        assert ended.ended_at is not None and ended.exit_code is None
+        assert ended.outcome == "killed"
+        assert store.get_run(takeover.run_id or 0).outcome == "exit 0"
+
+
+def test_takeover_ends_only_the_dead_holders_run_not_a_later_one_of_the_same_pid(
+    tmp_path: Path, state_location: Path | str
+) -> None:
+    """A takeover ends the dead holder's unfinished run (started by the time it locked), not
+    a run recorded later under the same pid (a reused pid), and not a finished run."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert gone.wait(timeout=30) == 0  # a real pid whose process is gone on this host
+    dead = dataclasses.replace(collect_run_info(tmp_path, env={}), pid=gone.pid)
+    with StateStore.open(state_location) as holder_store:  # closed: its PG session ends
+        finished = holder_store.start_run("plan", {}, dead)
+        holder_store.finish_run(finished, 0)
+        killed = holder_store.start_run("apply", {}, dead)
+        acquire_lock(holder_store, command="apply", info=dead, resources=["alpha"])
+    time.sleep(0.01)  # timestamps are to the millisecond
+    with StateStore.open(state_location) as store:
+        later = store.start_run("apply", {}, dead)
+        info = collect_run_info(tmp_path, env={})
+        taker = store.start_run("apply", {}, info)
+        with acquire_lock(
+            store, command="apply", info=info, resources=["alpha"], run_id=taker
+        ) as handle:
+            assert handle.warning and "took over the lock" in handle.warning
+        [takeover] = store.events(action="lock.takeover")
+        assert takeover.detail["ended_runs"] == [killed]
+        outcomes = {run.id: run.outcome for run in store.runs()}
+    assert outcomes[killed] == "killed" and outcomes[finished] == "exit 0"
+    assert outcomes[later] == "running" and outcomes[taker] == "running"
 
 
 def stop_now(first: subprocess.Popen[str], slow: Any) -> None:

@@ -350,6 +350,35 @@ def test_export_refuses_to_write_over_the_state_itself(
     assert file_hash(applied.state_path) == before
 
 
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+@pytest.mark.parametrize("via_symlink", [False, True], ids=["direct", "symlink"])
+def test_export_refuses_to_write_over_the_states_companion_files(
+    applied: Workspace,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    suffix: str,
+    via_symlink: bool,
+) -> None:
+    """`state export state/batchspec.db-wal --force` (or -shm, -journal, or a symlink to one)
+    would replace the live state's companion file: refused in one line, exit 1, untouched."""
+    companion = applied.state_path.with_name(applied.state_path.name + suffix)
+    with StateStore.open(applied.state_path) as live:  # a reader keeps -wal and -shm there
+        live.events(limit=1)
+        if not companion.exists():
+            companion.write_bytes(b"")
+        target = companion
+        if via_symlink:
+            target = tmp_path / "elsewhere.db"
+            target.symlink_to(companion)
+        before = file_hash(companion)
+        code, out, err = run_cli(["state", "export", str(target), "--force"], capsys)
+        assert code == 1, out
+        line = one_line_without_password(err)
+        assert f"{suffix[1:]} file" in line and "choose another file" in line
+        assert file_hash(companion) == before
+        assert companion.exists() and not companion.is_symlink()
+
+
 def test_copy_state_itself_refuses_a_non_empty_target_inside_its_transaction(
     tmp_path: Path, postgres_url: str
 ) -> None:

@@ -24,12 +24,14 @@ no commit recorded                  ``no git commit``: a folder outside git, git
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchspec.core.spend import Usage
 from batchspec.errors import ManifestError, StateError
+from batchspec.state.lock import pid_is_alive
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
 from batchspec.workspace.project import Project, load_project
@@ -39,6 +41,12 @@ from batchspec.workspace.project import Project, load_project
 class HistoryEntry:
     run: RunRow
     events: tuple[EventRow, ...]
+    #: ``running``, ``killed`` or ``exit N`` (see ``run_outcome``); None: the run's own
+    outcome_seen: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        return self.outcome_seen or self.run.outcome
 
     @property
     def usage(self) -> Usage:
@@ -59,6 +67,7 @@ class HistoryEntry:
     def to_json(self) -> dict[str, Any]:
         return {
             "run": asdict(self.run),
+            "outcome": self.outcome,
             "usage": asdict(self.usage),
             "events": [asdict(e) for e in self.events],
         }
@@ -92,8 +101,20 @@ def read_history(
                 for e in store.events(run_id=run.id)
                 if resource is None or e.resource in (resource, None)
             ]
-            entries.append(HistoryEntry(run, tuple(events)))
+            entries.append(HistoryEntry(run, tuple(events), run_outcome(run)))
         return entries
+
+
+def run_outcome(run: RunRow, host: str | None = None) -> str:
+    """How a run ended: ``exit N``; ``killed`` when it ended with no exit code (a later run
+    took over its locks) or never recorded an end while its process is gone from this host
+    (``host``, default this one): it was killed, or the machine lost power; else ``running``.
+    """
+    outcome = run.outcome
+    here = host if host is not None else socket.gethostname()
+    if outcome == "running" and run.host == here and run.pid and not pid_is_alive(run.pid):
+        return "killed"
+    return outcome
 
 
 NO_GIT_LABEL = "no git commit"

@@ -12,7 +12,8 @@ The state to move is the project's (``state:`` in batchspec.yaml) or ``--state``
   ``MigrateResult.switch`` says how to point the project at the new state.
 * ``export_state``: a single-file SQLite copy (rollback journal, not WAL) for audits,
   sqlite-utils and Datasette; a read of one snapshot, so it takes no lock. An existing file
-  is refused unless ``force``, and the source's own file never.
+  is refused unless ``force``, and the source's own file (or its ``-wal``, ``-shm`` or
+  ``-journal`` file) never.
 """
 
 from __future__ import annotations
@@ -148,10 +149,25 @@ def _require_source(project: Project) -> None:
         )
 
 
+#: the files SQLite keeps beside a database, named after it: replacing one corrupts the state
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
 def _refuse_same(project: Project, target: str | Path) -> None:
+    """Refuse a target that is the state, or one of its SQLite companion files (symlinks
+    resolved): replacing the live WAL or shared memory would corrupt the state."""
     source = project.state
     if isinstance(target, Path) and isinstance(source, Path):
-        same = target == source.resolve()
+        same = target.resolve() == source.resolve()
+        resolved = target.resolve()
+        for base in {source.absolute(), source.resolve()}:
+            for suffix in SQLITE_COMPANIONS:
+                if resolved == base.with_name(base.name + suffix).resolve():
+                    raise StateError(
+                        f"the target {target} is the state's own {suffix[1:]} file (beside "
+                        f"{project.state_label}); replacing it would corrupt the state: "
+                        "choose another file"
+                    )
     else:
         same = isinstance(target, str) and isinstance(source, str) and target == source
     if same:

@@ -21,6 +21,9 @@ Invariants:
   ``drain_timeout`` seconds, commits, and leaves batches ``in_progress`` to resume.
 - Each attempt is timed by ``request_timeout`` (by the upstream itself when it says
   ``times_requests``: a rotation does not count its wait for a rate limit).
+- An unexpected exception while executing one line (a bug) fails that line alone with error
+  code ``engine_error`` naming the exception type (the traceback goes to the log, once); the
+  batch goes on and completes.
 - Retries follow ``WorkerSettings.retry`` (``batchspec.wire.retry``, ``UPSTREAM_POLICY`` by
   default): 408, 429 and 5xx answers, timeouts and connection failures are retried up to
   ``max_attempts`` in all, after ``Retry-After`` when the upstream sent one, else exponential
@@ -373,7 +376,23 @@ class Worker:
             await asyncio.wait(set(control.tasks))
 
     async def _execute(self, batch_id: str, line: int, custom_id: str, raw: bytes) -> None:
-        record, ok, tokens = await self._call_with_retries(batch_id, line, custom_id, raw)
+        try:
+            record, ok, tokens = await self._call_with_retries(batch_id, line, custom_id, raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug (ours or an upstream's): this line fails, not the batch
+            log.error(
+                "batch %s line %d (custom_id %r): the engine failed on this request: %s",
+                batch_id, line, custom_id, type(err).__name__, exc_info=True,
+            )  # fmt: skip
+            record = _error_record(
+                request_record_id(batch_id, line),
+                custom_id,
+                "engine_error",
+                f"The engine failed on this request ({type(err).__name__}); "
+                "its log has the details.",
+            )
+            ok, tokens = False, Tokens()
         self._pending.append(LineResult(batch_id, line, custom_id, ok, record, tokens))
 
     async def _call_with_retries(

@@ -15,7 +15,9 @@ Rules, per key in conflict (held by another run):
 
 * Held by a process that is gone, on *this* host (``os.kill(pid, 0)`` says no such process):
   take over every row of that holder, record a ``lock.takeover`` event, and return a handle
-  whose ``warning`` says so.
+  whose ``warning`` says so. The dead holder's run (the unfinished run of its host and pid
+  that started by the time it took its lock) is marked ended with no exit code, which
+  ``history`` shows as ``killed``; the event's ``ended_runs`` names it.
 * Held by a live process, or by any process on another host: wait up to ``timeout`` seconds,
   polling, then raise ``StateLockedError`` (exit 3) naming the holder *and the resource in
   conflict*, and saying how to release it (``batchspec unlock ID``). A holder on another host
@@ -380,10 +382,16 @@ def _take_over(
 ) -> None:
     for holder in dead:
         store.delete_lock_row(holder.holder_id)
+        # the dead holder's run never recorded its end: it ends now, with no exit code
+        ended = store.end_dead_runs(holder.host, holder.pid, holder.since)
         store.record_event(
             run_id,
             "lock.takeover",
-            detail={"previous": _holder_detail(holder), "holder_id": mine.holder_id},
+            detail={
+                "previous": _holder_detail(holder),
+                "holder_id": mine.holder_id,
+                "ended_runs": ended,
+            },
         )
 
 

@@ -41,6 +41,14 @@ class RunRow:
     ci_run_url: str | None
     version: str | None
 
+    @property
+    def outcome(self) -> str:
+        """``running`` (no end recorded), ``killed`` (ended with no exit code: its process
+        died and a later run found out), or ``exit N``."""
+        if self.ended_at is None:
+            return "running"
+        return "killed" if self.exit_code is None else f"exit {self.exit_code}"
+
 
 @dataclass(frozen=True)
 class EventRow:
@@ -108,6 +116,26 @@ class RunsAndEvents(StateConnection):
             )
             if cur.rowcount != 1:
                 raise StateError(f"run {run_id} is not recorded in {self.label}")
+
+    def end_dead_runs(self, host: str, pid: int, started_by: str) -> list[int]:
+        """Mark ended the unfinished runs of a process known dead (``pid`` on ``host``) that
+        started by ``started_by`` (when it took its lock); returns their ids, oldest first.
+
+        Their ``exit_code`` stays NULL: no exit code was ever recorded, and an ended run with
+        none is one whose process died (``RunRow.outcome`` "killed"). A later run of a new
+        process that reused the pid started after ``started_by`` and is left alone.
+        """
+        with self.atomic():
+            rows = self._all(
+                "SELECT id FROM runs WHERE ended_at IS NULL AND host = ? AND pid = ? "
+                "AND started_at <= ? ORDER BY id",
+                (host, pid, started_by),
+            )
+            ids = [int(row["id"]) for row in rows]
+            now = utc_timestamp()
+            for run_id in ids:
+                self.db.execute("UPDATE runs SET ended_at = ? WHERE id = ?", (now, run_id))
+            return ids
 
     def get_run(self, run_id: int) -> RunRow:
         row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
