@@ -306,3 +306,107 @@ def test_unsupported_parameters_make_that_request_an_error(serve_engine: ServeEn
     assert first.response is not None and first.error is None
     assert second.error.code == 3  # google.rpc INVALID_ARGUMENT
     assert "safetySettings" in (second.error.message or "")
+
+
+def _inline(*items: Any, display_name: str = "") -> dict[str, Any]:
+    batch: dict[str, Any] = {"inputConfig": {"requests": {"requests": list(items)}}}
+    if display_name:
+        batch["displayName"] = display_name
+    return {"batch": batch}
+
+
+def _ask(i: int) -> dict[str, Any]:
+    return {"request": {"contents": [{"parts": [{"text": f"item {i}"}]}]}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param({"batch": "nope"}, "an object with inputConfig", id="batch-not-object"),
+        pytest.param(_inline(_ask(0), display_name="x" * 513), "at most 512", id="long-name"),
+        pytest.param({"batch": {"displayName": "d"}}, "fileName or requests", id="no-input"),
+        pytest.param(
+            {"batch": {"inputConfig": {"requests": {"requests": []}, "fileName": "files/x"}}},
+            "exactly one of fileName and requests",
+            id="both-inputs",
+        ),
+        pytest.param(_inline(), "a non-empty list", id="no-requests"),
+        pytest.param(_inline(_ask(0), "text"), "requests[1]: must be an object", id="not-object"),
+        pytest.param(
+            _inline({**_ask(0), "metadata": {"key": "k"}}, {**_ask(1), "metadata": {"key": "k"}}),
+            "the key 'k' is used twice",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            _inline({"request": {"contents": []}}), "request.contents: a non-empty", id="empty"
+        ),
+    ],
+)
+def test_a_batch_create_gemini_would_refuse_is_a_400_naming_the_field(
+    serve_engine: ServeEngine, body: dict[str, Any], message: str
+) -> None:
+    """A create that Gemini refuses (no input, both inputs, an empty or malformed request
+    list, a key used twice, an over-long name) is a 400 naming the field and request, and no
+    batch is made (so nothing is run and paid for on a half-read input)."""
+    server = serve_engine(api_key=KEY)
+    answer = httpx.post(
+        f"{server.base_url}/v1beta/models/{MODEL}:batchGenerateContent",
+        headers={"x-goog-api-key": KEY},
+        json=body,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b'{"key": "a", "request": {"contents": [{}]}}\n{oops\n', "line 2: not valid"),
+        pytest.param(b'{"request": {"contents": [{}]}}\n', "line 1: an object with key"),
+        pytest.param(b"\n\n", "the file holds no requests"),
+    ],
+    ids=["not-json", "no-key", "empty"],
+)
+def test_a_batch_from_a_file_gemini_would_refuse_names_the_line(
+    serve_engine: ServeEngine, content: bytes, message: str
+) -> None:
+    """A batch from an uploaded file with a line that is not JSON, a line without a key, or
+    no request at all is a 400 naming the file and line; no batch is made."""
+    server = serve_engine(api_key=KEY)
+    stored = server.engine.create_file(content, "requests.jsonl", "batch")
+    answer = httpx.post(
+        f"{server.base_url}/v1beta/models/{MODEL}:batchGenerateContent",
+        headers={"x-goog-api-key": KEY},
+        json={"batch": {"inputConfig": {"fileName": f"files/{stored['id']}"}}},
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_batch_names_gemini_does_not_know_are_refused(serve_engine: ServeEngine) -> None:
+    """Only Gemini batches answer under /batches: an OpenAI batch of the same engine, a
+    malformed name, an unknown verb and a page token naming no batch are refused (404/400);
+    a cancel of a batch that already finished is answered, not an error."""
+    server = serve_engine(api_key=KEY)
+    headers = {"x-goog-api-key": KEY}
+    base = f"{server.base_url}/v1beta"
+    from servers import jsonl_bytes, request_lines
+
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    openai_batch = server.engine.create_batch(stored["id"], "/v1/chat/completions", "24h", {})
+    other = openai_batch["id"].removeprefix("batch_")
+    assert httpx.get(f"{base}/batches/{other}", headers=headers).status_code == 404
+    assert httpx.get(f"{base}/batches/a:b", headers=headers).status_code == 404
+    listed = httpx.get(f"{base}/batches", headers=headers, params={"pageToken": "batches/zz"})
+    assert listed.status_code == 400 and "page token" in listed.json()["error"]["message"]
+
+    sdk = client(server)
+    job = sdk.batches.create(model=MODEL, src=requests(1))
+    done(sdk, job.name)
+    short = job.name.removeprefix("batches/")
+    assert httpx.post(f"{base}/batches/{short}:pause", headers=headers).status_code == 404
+    cancelled = httpx.post(f"{base}/batches/{short}:cancel", headers=headers)
+    assert cancelled.status_code == 200, cancelled.text
+    assert sdk.batches.get(name=job.name).state.name == "JOB_STATE_SUCCEEDED"
