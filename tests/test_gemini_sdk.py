@@ -16,7 +16,7 @@ import httpx
 import pytest
 from google import genai
 from google.genai import errors, types
-from servers import EngineServer, wait_for
+from servers import EngineServer, jsonl_bytes, request_lines, wait_for
 
 from batchspec.engine import BuiltinUpstream, HttpUpstream
 from batchspec.engine.gemini_upstream import chat_to_response, request_to_chat
@@ -392,8 +392,6 @@ def test_batch_names_gemini_does_not_know_are_refused(serve_engine: ServeEngine)
     server = serve_engine(api_key=KEY)
     headers = {"x-goog-api-key": KEY}
     base = f"{server.base_url}/v1beta"
-    from servers import jsonl_bytes, request_lines
-
     stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
     openai_batch = server.engine.create_batch(stored["id"], "/v1/chat/completions", "24h", {})
     other = openai_batch["id"].removeprefix("batch_")
