@@ -408,3 +408,94 @@ def test_batch_names_gemini_does_not_know_are_refused(serve_engine: ServeEngine)
     cancelled = httpx.post(f"{base}/batches/{short}:cancel", headers=headers)
     assert cancelled.status_code == 200, cancelled.text
     assert sdk.batches.get(name=job.name).state.name == "JOB_STATE_SUCCEEDED"
+
+
+def test_a_resumable_upload_survives_a_resent_chunk_and_refuses_wrong_offsets_and_sizes(
+    serve_engine: ServeEngine,
+) -> None:
+    """Gemini's resumable upload, chunk by chunk: a chunk sent again after a lost answer is not
+    written twice, a chunk at the wrong offset or a finalize short of the declared size is a
+    400 (never a file with missing or doubled requests), a repeated finalize answers the same
+    file, and the stored file lists, reads back byte for byte and deletes."""
+    server = serve_engine(api_key=KEY)
+    headers = {"x-goog-api-key": KEY}
+    base = server.base_url
+    data = jsonl_bytes([{"key": f"k{i}", "request": {"contents": [{}]}} for i in range(4)])
+    half = len(data) // 2
+
+    def start(**extra: str) -> httpx.Response:
+        return httpx.post(
+            f"{base}/upload/v1beta/files",
+            headers={**headers, **extra},
+            json={"file": {"displayName": "reqs.jsonl"}},
+        )
+
+    assert start().status_code == 400  # no X-Goog-Upload-Command: start
+    no_size = start(**{"x-goog-upload-command": "start"})
+    assert no_size.status_code == 400 and "Content-Length" in no_size.json()["error"]["message"]
+    too_big = start(
+        **{"x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(10**12)}
+    )
+    assert too_big.status_code == 413
+    started = start(
+        **{"x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(data))}
+    )
+    url = started.headers["x-goog-upload-url"]
+
+    def send(chunk: bytes, offset: int, command: str = "upload") -> httpx.Response:
+        return httpx.post(
+            url,
+            headers={"x-goog-upload-command": command, "x-goog-upload-offset": str(offset)},
+            content=chunk,
+        )
+
+    assert send(data[:half], 0).status_code == 200
+    assert send(data[:half], 0).status_code == 200  # resent after a lost answer
+    wrong = send(data[half:], half + 1)
+    assert wrong.status_code == 400 and f"{half} bytes received" in wrong.json()["error"]["message"]
+    short = send(data[half:-1], half, "upload, finalize")
+    assert short.status_code == 400 and f"not {len(data)}" in short.json()["error"]["message"]
+    done_ = send(data[-1:], len(data) - 1, "upload, finalize")
+    assert done_.status_code == 200 and done_.headers["x-goog-upload-status"] == "final"
+    again = send(b"", len(data), "finalize")
+    assert again.json() == done_.json()
+
+    name = done_.json()["file"]["name"]
+    short_name = name.removeprefix("files/")
+    listed = httpx.get(f"{base}/v1beta/files", headers=headers).json()["files"]
+    assert [f["name"] for f in listed] == [name]
+    meta = httpx.get(f"{base}/v1beta/{name}", headers=headers).json()
+    assert meta["sizeBytes"] == str(len(data))
+    content = httpx.get(f"{base}/download/v1beta/{name}:download", headers=headers)
+    assert content.content == data  # each request once, none lost
+    assert httpx.get(f"{base}/v1beta/{name}:copy", headers=headers).status_code == 404
+    assert httpx.delete(f"{base}/v1beta/files/{short_name}", headers=headers).status_code == 200
+    assert httpx.get(f"{base}/v1beta/files", headers=headers).json()["files"] == []
+
+
+def test_a_results_file_is_there_only_once_its_batch_is_done(serve_engine: ServeEngine) -> None:
+    """The responses file of a batch still running is not found (a client must not read half
+    the answers as all of them); once it is done the file's metadata names its batch."""
+    from batchspec.engine import BuiltinUpstream
+
+    server = serve_engine(api_key=KEY, upstream=BuiltinUpstream(latency=0.3), concurrency=1)
+    sdk = client(server)
+    headers = {"x-goog-api-key": KEY}
+    stored = server.engine.create_file(
+        jsonl_bytes(
+            [
+                {"key": f"k{i}", "request": {"contents": [{"parts": [{"text": "hi"}]}]}}
+                for i in range(3)
+            ]
+        ),
+        "reqs.jsonl",
+        "batch",
+    )
+    job = sdk.batches.create(model=MODEL, src=f"files/{stored['id']}")
+    short = job.name.removeprefix("batches/")
+    results = f"{server.base_url}/v1beta/files/results-{short}"
+    early = httpx.get(results, headers=headers)
+    assert early.status_code == 404 and "not done" in early.json()["error"]["message"]
+    done(sdk, job.name)
+    meta = httpx.get(results, headers=headers).json()
+    assert meta["displayName"] == f"results of {job.name}"
