@@ -393,3 +393,56 @@ def test_restart_mid_batch_resumes_without_repeating_a_line(tmp_path, standin_up
     assert sorted(r["custom_id"] for r in output) == sorted(line["custom_id"] for line in lines)
     assert len(upstream.calls) == 40
     assert max(upstream.calls.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "message"),
+    [
+        pytest.param({"purpose": (None, "batch")}, {}, "no file part", id="no-file"),
+        pytest.param({"file": ("in.jsonl", b"{}\n")}, {}, "'purpose' is required", id="purpose"),
+        pytest.param(
+            {"file": ("in.jsonl", b"{}\n")},
+            {"purpose": "batch", "expires_after[anchor]": "last_used_at"},
+            "must be 'created_at'",
+            id="anchor",
+        ),
+        pytest.param(
+            {"file": ("in.jsonl", b"{}\n")},
+            {
+                "purpose": "batch",
+                "expires_after[anchor]": "created_at",
+                "expires_after[seconds]": "soon",
+            },
+            "must be an integer",
+            id="seconds",
+        ),
+    ],
+)
+def test_an_upload_openai_would_refuse_is_a_400_and_stores_nothing(
+    serve_engine, files, data, message
+):
+    """An upload without its file part or purpose, or with an expiry OpenAI does not take, is
+    a 400 naming the field, and the bytes received are not kept as a file."""
+    server = serve_engine(api_key="sk-test")
+    answer = httpx.post(
+        f"{server.base_url}/v1/files",
+        headers={"Authorization": "Bearer sk-test"},
+        files=files,
+        data=data,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_files(None)["data"] == []
+
+
+def test_a_limit_that_is_not_an_integer_is_a_400(serve_engine):
+    """Listing files or batches with a non-integer limit is a 400 naming the parameter."""
+    server = serve_engine(api_key="sk-test")
+    for path in ("/v1/files", "/v1/batches"):
+        answer = httpx.get(
+            f"{server.base_url}{path}",
+            headers={"Authorization": "Bearer sk-test"},
+            params={"limit": "many"},
+        )
+        assert answer.status_code == 400, path
+        assert answer.json()["error"]["param"] == "limit"
