@@ -446,3 +446,52 @@ def test_a_limit_that_is_not_an_integer_is_a_400(serve_engine):
         )
         assert answer.status_code == 400, path
         assert answer.json()["error"]["param"] == "limit"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        pytest.param({"endpoint": CHAT, "completion_window": "24h"}, "input_file_id", id="file"),
+        pytest.param({"input_file_id": "FILE", "completion_window": "24h"}, "endpoint", id="ep"),
+        pytest.param(
+            {"input_file_id": "FILE", "endpoint": CHAT, "completion_window": "24h", "metadata": []},
+            "metadata",
+            id="metadata",
+        ),
+    ],
+)
+def test_a_batch_create_openai_would_refuse_is_a_400_naming_the_parameter(
+    serve_engine, body, param
+):
+    """A batch create without an input file or endpoint, or with metadata that is not an
+    object, is a 400 naming the parameter, and no batch is made."""
+    server = serve_engine(api_key="sk-test")
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    if body.get("input_file_id") == "FILE":
+        body = {**body, "input_file_id": stored["id"]}
+    answer = httpx.post(
+        f"{server.base_url}/v1/batches", headers={"Authorization": "Bearer sk-test"}, json=body
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_files_the_engine_cannot_find_or_list_are_refused(serve_engine):
+    """A file purpose OpenAI does not have, a list limit out of 1..10000, a delete of an
+    unknown file, and the content of a file whose bytes were lost are 400/404 answers (a
+    client is told, never served an empty file as if it were the input)."""
+    server = serve_engine(api_key="sk-test")
+    headers = {"Authorization": "Bearer sk-test"}
+    url = f"{server.base_url}/v1/files"
+    bad_purpose = httpx.post(
+        url, headers=headers, files={"file": ("in.jsonl", b"{}\n")}, data={"purpose": "nope"}
+    )
+    assert bad_purpose.status_code == 400 and bad_purpose.json()["error"]["param"] == "purpose"
+    assert httpx.get(url, headers=headers, params={"limit": "0"}).status_code == 400
+    assert httpx.delete(f"{url}/file-unknown", headers=headers).status_code == 404
+
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    server.engine.file_content_path(stored["id"]).unlink()
+    lost = httpx.get(f"{url}/{stored['id']}/content", headers=headers)
+    assert lost.status_code == 404 and "no longer stored" in lost.json()["error"]["message"]
