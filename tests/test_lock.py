@@ -636,3 +636,18 @@ def test_a_handle_covers_its_resources_and_a_workspace_lock_covers_all(
         assert handle.covers("anything")
         [lock] = held_locks(other)
         assert lock.workspace_wide and lock.to_json()["resource"] == "*"
+
+
+def test_holding_the_state_still_inside_a_transaction_is_refused(sqlite_store: StateStore) -> None:
+    """hold_still() (state migrate) inside an open transaction would read that transaction's
+    own uncommitted rows as the state: refused at once, and no lock is left behind."""
+    from batchspec.state.lock import hold_still
+
+    inside = pytest.raises(RuntimeError, match="must not be called inside")
+    with (
+        sqlite_store.atomic(),
+        inside,
+        hold_still(sqlite_store, command="state migrate", info=run_info()),
+    ):
+        pass
+    assert held_locks(sqlite_store) == []
