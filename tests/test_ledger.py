@@ -19,6 +19,7 @@ from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
 from batchspec.state.ledger import CollectedLine, RequestLedger, ShardCounts, UsageTotals
 from batchspec.state.store import StateStore
 from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.result_store import ResultStore
 from batchspec.wire.outcomes import Outcome
 from batchspec.wire.usage import LineUsage
 
@@ -91,7 +92,7 @@ def write(
     ledger: RequestLedger, gen: int, blobs: BlobStore, tmp_path: Path
 ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    written = write_results_in_input_order(ledger, gen, blobs, out, err)
+    written = write_results_in_input_order(ledger, gen, ResultStore(blobs), out, err)
     return (
         written,
         [json.loads(line) for line in out.read_text().splitlines()],
