@@ -35,7 +35,11 @@ ALL_TABLES = [*(t for t, _ in COPIED_TABLES), "state_serial", "resource_locks"]
 def dump(location: Path | str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table of the state at ``location`` (the migrations table aside),
     sorted, as plain tuples: what must survive a move unchanged."""
-    columns = {**table_columns(), "state_serial": ["id", "value"], "resource_locks": ["resource", "holder_id"]}
+    columns = {
+        **table_columns(),
+        "state_serial": ["id", "value"],
+        "resource_locks": ["resource", "holder_id"],
+    }
     with StateStore.open(location) as store:
         return {
             table: sorted(

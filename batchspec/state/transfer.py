@@ -17,8 +17,9 @@ Promises:
   named like ours, or a newer batchspec's schema; an SQLite path that exists, unless
   ``replace``.
 * Identical rows. Every table but the locks (``resource_locks``) is copied with its ids, so
-  events, runs and generations keep their numbers and the audit log reads the same. The source is read in one
-  snapshot (SQLite: one read transaction; PostgreSQL: REPEATABLE READ), so a ``plan`` that
+  events, runs and generations keep their numbers and the audit log reads the same. The
+  source is read in one snapshot (SQLite: one read transaction; PostgreSQL: REPEATABLE
+  READ), so a ``plan`` that
   records a run meanwhile cannot tear the copy. Inserting fires the target's triggers: the
   append-only guard on ``events`` (it allows INSERT) and the ``state_serial`` bumps, so the
   serial is set to the source's afterwards; PostgreSQL's identity sequences are moved past
