@@ -289,3 +289,60 @@ def test_messages_map_to_chat_and_back() -> None:
     ]
     assert message["stop_reason"] == "tool_use"
     assert (message["usage"]["input_tokens"], message["usage"]["output_tokens"]) == (7, 3)
+
+
+def _one(**params: Any) -> dict[str, Any]:
+    [item] = requests(1)
+    return {**item, "params": {**item["params"], **params}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param({"requests": []}, "a non-empty list of requests", id="none"),
+        pytest.param({"requests": ["text"]}, "requests.0: must be an object", id="not-object"),
+        pytest.param({"requests": [{"custom_id": "a"}]}, "0.params: Field", id="no-params"),
+        pytest.param({"requests": [_one(model="")]}, "requests.0.params.model", id="no-model"),
+        pytest.param({"requests": [_one(max_tokens=0)]}, "max_tokens: Field", id="max-tokens-0"),
+        pytest.param({"requests": [_one(messages=[])]}, "messages: Field", id="no-messages"),
+    ],
+)
+def test_a_create_anthropic_would_refuse_is_a_400_naming_the_request(
+    serve_engine: ServeEngine, body: dict[str, Any], message: str
+) -> None:
+    """A Message Batch create Anthropic refuses (no requests, a request that is not an object,
+    params missing or without model, max_tokens or messages) is a 400 naming the request and
+    field, and no batch is made (nothing runs on a half-valid batch)."""
+    server = serve_engine(api_key=KEY)
+    answer = httpx.post(
+        f"{server.base_url}/v1/messages/batches",
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        json=body,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_listing_and_naming_batches_anthropic_would_refuse(serve_engine: ServeEngine) -> None:
+    """Both cursors at once, a cursor naming no batch, a limit that is not an integer or out
+    of 1..1000 are 400s; an id without the msgbatch_ prefix is a 404; a cancel of an ended
+    batch answers it ended (its results stay collectable), not an error."""
+    server = serve_engine(api_key=KEY)
+    sdk = client(server)
+    url = f"{server.base_url}/v1/messages/batches"
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    batch = sdk.messages.batches.create(requests=requests(1))
+    ended(sdk, batch.id)
+    refused = {
+        "both cursors": {"after_id": batch.id, "before_id": batch.id},
+        "unknown cursor": {"after_id": "msgbatch_nope"},
+        "limit not int": {"limit": "ten"},
+        "limit 0": {"limit": "0"},
+    }
+    for why, params in refused.items():
+        assert httpx.get(url, headers=headers, params=params).status_code == 400, why
+    assert httpx.get(f"{url}/batch_123", headers=headers).status_code == 404
+
+    cancelled = sdk.messages.batches.cancel(batch.id)
+    assert (cancelled.processing_status, cancelled.request_counts.succeeded) == ("ended", 1)

@@ -246,3 +246,35 @@ def test_plain_style_is_the_uncoloured_text_exactly() -> None:
     coloured = status_text(statuses, ANSI)
     assert "\x1b[33mOutOfSync\x1b[0m" in coloured and "\x1b[31mDegraded\x1b[0m" in coloured
     assert status_text(statuses) == SGR.sub("", coloured)
+
+
+def test_the_live_output_draws_bars_ticks_and_erases_them_on_close() -> None:
+    """apply's live output on a terminal: a poll draws the bars, a milestone stands above
+    them, the ticker redraws while waiting, and close() stops the ticker and erases the bars
+    so the summary takes their place (no stray bar left under it)."""
+    import threading
+    import time
+
+    from batchspec.cli.applyview import ApplyOutput
+
+    chunks: list[str] = []
+    with ApplyOutput(mode="live", write=chunks.append, width=100, clock=lambda: 0.0) as out:
+        out.show(poll(1, 4))
+        out.show(Progress("collect", "triage", "collected batch b1"))
+        deadline = time.monotonic() + 5
+        while len(chunks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the ticker redraws every TICK_SECONDS
+    assert "[triage] collected batch b1\n" in chunks[1]
+    assert len(chunks) >= 4  # the two shown, at least one tick, the final erase
+    assert chunks[-1] == UP_AND_ERASE.format(n=1)
+    assert not [t for t in threading.enumerate() if t.name == "batchspec-bars"]
+
+
+def test_a_dumb_or_ci_terminal_gets_no_live_bars() -> None:
+    """Live bars only where a person watches: a dumb terminal or CI gets plain lines."""
+    from batchspec.cli.applyview import live_terminal
+
+    assert live_terminal(Tty(), env={"TERM": "xterm"})
+    assert not live_terminal(Tty(), env={"TERM": "dumb"})
+    assert not live_terminal(Tty(), env={"TERM": "xterm", "CI": "true"})
+    assert not live_terminal(io.StringIO(), env={"TERM": "xterm"})

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from servers import request_lines
-from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+from probes import start_serve_process
+from servers import request_lines, wait_for
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    local_provider,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
 
 from batchspec.core.reconcile.collect import read_result_lines
 
@@ -118,3 +127,80 @@ def test_a_rejection_names_its_first_five_input_lines_and_counts_the_rest() -> N
     assert _rejection_text(errors[:5]).endswith("input line 5: bad 5 (line_too_large)")
     assert _rejection_text([{}]) == "; the provider rejected it: rejected (no code)"
     assert _rejection_text([]) == ""
+
+
+def test_results_symlinked_out_of_the_workspace_after_the_load_are_refused_at_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A results folder swapped for a symlink to a folder outside the workspace once the batch
+    is created: writing the results is refused and nothing lands outside (without the check,
+    a job's answers would be written wherever the link points)."""
+    from batchspec.core.apply import ApplyOptions, apply_workspace
+    from batchspec.core.reconcile import Progress
+    from batchspec.errors import BatchspecError
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here")],
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+
+    def swap_in_a_link(progress: Progress) -> None:
+        results = ws.root / "results"
+        if progress.event == "create" and not results.is_symlink():
+            if results.is_dir():
+                results.rmdir()
+            results.symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(BatchspecError, match="outside"):
+        apply_workspace(
+            [str(ws.root)], ApplyOptions(wait=True, poll_interval=0.05), report=swap_in_a_link
+        )
+    assert list(outside.iterdir()) == []
+
+
+def test_a_user_cancel_records_the_unanswered_lines_failed_not_retryable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batchspec cancel` mid-batch: the lines the provider cancelled are recorded failed
+    (batch_cancelled is retryable, but not when the user asked for it), so the results count
+    them as failed with none unresolved, and nothing is sent again (a cancel that leaves
+    them retryable would buy them on a later run)."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = start_serve_process(
+        tmp_path / "engine", "--upstream-latency", "0.05", "--concurrency", "1"
+    )
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+            resources=(ResourceSpec("triage", count=40),),
+        )
+        client = srv.client()
+        code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+        assert code == 0, err
+        [remote] = client.batches.list().data
+        wait_for(lambda: client.batches.retrieve(remote.id).request_counts.completed >= 3)
+        code, _, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+        assert code == 0, err
+        wait_for(lambda: client.batches.retrieve(remote.id).status == "cancelled", timeout=30)
+
+        code, out, err = run_cli(
+            ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"], capsys
+        )
+
+        assert code == 0, out + err
+        answered = len(ws.outputs("triage"))
+        assert 0 < answered < 40
+        with ws.store() as store:
+            [gen] = store.generations("triage")
+            [event] = [e.detail for e in store.events(resource="triage") if e.action == "results"]
+            states = dict(store.db.execute("select state, count(*) from requests group by 1"))
+        assert (gen.status, gen.succeeded, gen.failed) == ("cancelled", answered, 40 - answered)
+        assert (event["failed"], event["unresolved"]) == (40 - answered, 0)
+        assert states == {"ok": answered, "failed": 40 - answered}
+        assert len(client.batches.list().data) == 1
+    finally:
+        srv.stop()

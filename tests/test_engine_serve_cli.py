@@ -102,3 +102,62 @@ def test_serve_refuses_a_data_folder_in_use(tmp_path, capsys):
         main(["serve", "--port", "0", "--data-dir", str(tmp_path)])
     assert exited.value.code == 3
     assert "in use" in capsys.readouterr().err
+
+
+def test_serve_in_process_answers_with_its_key_and_ends_cleanly_on_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` (what `batchspec serve` runs) in this process: it reports the URL once bound,
+    refuses a request without the key from --api-key-env, answers one with it, and a SIGTERM
+    ends it normally (the engine closed, so the next start finds its data folder free)."""
+    import threading
+
+    import httpx
+
+    from batchspec.engine.server import ServeOptions, serve
+
+    monkeypatch.setenv("SERVE_TEST_KEY", "sk-serve-in-process")
+    seen: dict[str, object] = {}
+
+    def probe(url: str, upstream: str) -> None:
+        def run() -> None:
+            try:
+                seen["url"], seen["upstream"] = url, upstream
+                wait_for(lambda: httpx.get(f"{url}/v1/batches").status_code == 401)
+                answer = httpx.get(
+                    f"{url}/v1/batches", headers={"Authorization": "Bearer sk-serve-in-process"}
+                )
+                seen["status"] = answer.status_code
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    options = ServeOptions(port=0, data_dir=tmp_path / "engine", api_key_env="SERVE_TEST_KEY")
+    serve(options, on_listening=probe)
+
+    assert str(seen["url"]).startswith("http://127.0.0.1:")
+    assert seen["status"] == 200
+    assert "sk-serve-in-process" not in str(seen["upstream"])
+    from batchspec.engine import BuiltinUpstream, Engine
+
+    Engine(tmp_path / "engine", BuiltinUpstream()).close()  # the folder is free again
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """Binding a port something else listens on is a BatchspecError naming the port and what
+    to do, not an OSError traceback; localhost and ::1 count as loopback, a name does not."""
+    import socket
+
+    from batchspec.engine.server import bind_socket, is_loopback
+    from batchspec.errors import BatchspecError
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(BatchspecError, match=f"Cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+    finally:
+        taken.close()
+    assert is_loopback("localhost") and is_loopback("[::1]")
+    assert not is_loopback("batch.example.com") and not is_loopback("10.0.0.1")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from google import genai
 from google.genai import errors, types
-from servers import EngineServer, wait_for
+from servers import EngineServer, jsonl_bytes, request_lines, wait_for
 
 from batchspec.engine import BuiltinUpstream, HttpUpstream
 from batchspec.engine.gemini_upstream import chat_to_response, request_to_chat
@@ -306,3 +306,196 @@ def test_unsupported_parameters_make_that_request_an_error(serve_engine: ServeEn
     assert first.response is not None and first.error is None
     assert second.error.code == 3  # google.rpc INVALID_ARGUMENT
     assert "safetySettings" in (second.error.message or "")
+
+
+def _inline(*items: Any, display_name: str = "") -> dict[str, Any]:
+    batch: dict[str, Any] = {"inputConfig": {"requests": {"requests": list(items)}}}
+    if display_name:
+        batch["displayName"] = display_name
+    return {"batch": batch}
+
+
+def _ask(i: int) -> dict[str, Any]:
+    return {"request": {"contents": [{"parts": [{"text": f"item {i}"}]}]}}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param({"batch": "nope"}, "an object with inputConfig", id="batch-not-object"),
+        pytest.param(_inline(_ask(0), display_name="x" * 513), "at most 512", id="long-name"),
+        pytest.param({"batch": {"displayName": "d"}}, "fileName or requests", id="no-input"),
+        pytest.param(
+            {"batch": {"inputConfig": {"requests": {"requests": []}, "fileName": "files/x"}}},
+            "exactly one of fileName and requests",
+            id="both-inputs",
+        ),
+        pytest.param(_inline(), "a non-empty list", id="no-requests"),
+        pytest.param(_inline(_ask(0), "text"), "requests[1]: must be an object", id="not-object"),
+        pytest.param(
+            _inline({**_ask(0), "metadata": {"key": "k"}}, {**_ask(1), "metadata": {"key": "k"}}),
+            "the key 'k' is used twice",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            _inline({"request": {"contents": []}}), "request.contents: a non-empty", id="empty"
+        ),
+    ],
+)
+def test_a_batch_create_gemini_would_refuse_is_a_400_naming_the_field(
+    serve_engine: ServeEngine, body: dict[str, Any], message: str
+) -> None:
+    """A create that Gemini refuses (no input, both inputs, an empty or malformed request
+    list, a key used twice, an over-long name) is a 400 naming the field and request, and no
+    batch is made (so nothing is run and paid for on a half-read input)."""
+    server = serve_engine(api_key=KEY)
+    answer = httpx.post(
+        f"{server.base_url}/v1beta/models/{MODEL}:batchGenerateContent",
+        headers={"x-goog-api-key": KEY},
+        json=body,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b'{"key": "a", "request": {"contents": [{}]}}\n{oops\n', "line 2: not valid"),
+        pytest.param(b'{"request": {"contents": [{}]}}\n', "line 1: an object with key"),
+        pytest.param(b"\n\n", "the file holds no requests"),
+    ],
+    ids=["not-json", "no-key", "empty"],
+)
+def test_a_batch_from_a_file_gemini_would_refuse_names_the_line(
+    serve_engine: ServeEngine, content: bytes, message: str
+) -> None:
+    """A batch from an uploaded file with a line that is not JSON, a line without a key, or
+    no request at all is a 400 naming the file and line; no batch is made."""
+    server = serve_engine(api_key=KEY)
+    stored = server.engine.create_file(content, "requests.jsonl", "batch")
+    answer = httpx.post(
+        f"{server.base_url}/v1beta/models/{MODEL}:batchGenerateContent",
+        headers={"x-goog-api-key": KEY},
+        json={"batch": {"inputConfig": {"fileName": f"files/{stored['id']}"}}},
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_batch_names_gemini_does_not_know_are_refused(serve_engine: ServeEngine) -> None:
+    """Only Gemini batches answer under /batches: an OpenAI batch of the same engine, a
+    malformed name, an unknown verb and a page token naming no batch are refused (404/400);
+    a cancel of a batch that already finished is answered, not an error."""
+    server = serve_engine(api_key=KEY)
+    headers = {"x-goog-api-key": KEY}
+    base = f"{server.base_url}/v1beta"
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    openai_batch = server.engine.create_batch(stored["id"], "/v1/chat/completions", "24h", {})
+    other = openai_batch["id"].removeprefix("batch_")
+    assert httpx.get(f"{base}/batches/{other}", headers=headers).status_code == 404
+    assert httpx.get(f"{base}/batches/a:b", headers=headers).status_code == 404
+    listed = httpx.get(f"{base}/batches", headers=headers, params={"pageToken": "batches/zz"})
+    assert listed.status_code == 400 and "page token" in listed.json()["error"]["message"]
+
+    sdk = client(server)
+    job = sdk.batches.create(model=MODEL, src=requests(1))
+    done(sdk, job.name)
+    short = job.name.removeprefix("batches/")
+    assert httpx.post(f"{base}/batches/{short}:pause", headers=headers).status_code == 404
+    cancelled = httpx.post(f"{base}/batches/{short}:cancel", headers=headers)
+    assert cancelled.status_code == 200, cancelled.text
+    assert sdk.batches.get(name=job.name).state.name == "JOB_STATE_SUCCEEDED"
+
+
+def test_a_resumable_upload_survives_a_resent_chunk_and_refuses_wrong_offsets_and_sizes(
+    serve_engine: ServeEngine,
+) -> None:
+    """Gemini's resumable upload, chunk by chunk: a chunk sent again after a lost answer is not
+    written twice, a chunk at the wrong offset or a finalize short of the declared size is a
+    400 (never a file with missing or doubled requests), a repeated finalize answers the same
+    file, and the stored file lists, reads back byte for byte and deletes."""
+    server = serve_engine(api_key=KEY)
+    headers = {"x-goog-api-key": KEY}
+    base = server.base_url
+    data = jsonl_bytes([{"key": f"k{i}", "request": {"contents": [{}]}} for i in range(4)])
+    half = len(data) // 2
+
+    def start(**extra: str) -> httpx.Response:
+        return httpx.post(
+            f"{base}/upload/v1beta/files",
+            headers={**headers, **extra},
+            json={"file": {"displayName": "reqs.jsonl"}},
+        )
+
+    assert start().status_code == 400  # no X-Goog-Upload-Command: start
+    no_size = start(**{"x-goog-upload-command": "start"})
+    assert no_size.status_code == 400 and "Content-Length" in no_size.json()["error"]["message"]
+    too_big = start(
+        **{"x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(10**12)}
+    )
+    assert too_big.status_code == 413
+    started = start(
+        **{"x-goog-upload-command": "start", "x-goog-upload-header-content-length": str(len(data))}
+    )
+    url = started.headers["x-goog-upload-url"]
+
+    def send(chunk: bytes, offset: int, command: str = "upload") -> httpx.Response:
+        return httpx.post(
+            url,
+            headers={"x-goog-upload-command": command, "x-goog-upload-offset": str(offset)},
+            content=chunk,
+        )
+
+    assert send(data[:half], 0).status_code == 200
+    assert send(data[:half], 0).status_code == 200  # resent after a lost answer
+    wrong = send(data[half:], half + 1)
+    assert wrong.status_code == 400 and f"{half} bytes received" in wrong.json()["error"]["message"]
+    short = send(data[half:-1], half, "upload, finalize")
+    assert short.status_code == 400 and f"not {len(data)}" in short.json()["error"]["message"]
+    done_ = send(data[-1:], len(data) - 1, "upload, finalize")
+    assert done_.status_code == 200 and done_.headers["x-goog-upload-status"] == "final"
+    again = send(b"", len(data), "finalize")
+    assert again.json() == done_.json()
+
+    name = done_.json()["file"]["name"]
+    short_name = name.removeprefix("files/")
+    listed = httpx.get(f"{base}/v1beta/files", headers=headers).json()["files"]
+    assert [f["name"] for f in listed] == [name]
+    meta = httpx.get(f"{base}/v1beta/{name}", headers=headers).json()
+    assert meta["sizeBytes"] == str(len(data))
+    content = httpx.get(f"{base}/download/v1beta/{name}:download", headers=headers)
+    assert content.content == data  # each request once, none lost
+    assert httpx.get(f"{base}/v1beta/{name}:copy", headers=headers).status_code == 404
+    assert httpx.delete(f"{base}/v1beta/files/{short_name}", headers=headers).status_code == 200
+    assert httpx.get(f"{base}/v1beta/files", headers=headers).json()["files"] == []
+
+
+def test_a_results_file_is_there_only_once_its_batch_is_done(serve_engine: ServeEngine) -> None:
+    """The responses file of a batch still running is not found (a client must not read half
+    the answers as all of them); once it is done the file's metadata names its batch."""
+    from batchspec.engine import BuiltinUpstream
+
+    server = serve_engine(api_key=KEY, upstream=BuiltinUpstream(latency=0.3), concurrency=1)
+    sdk = client(server)
+    headers = {"x-goog-api-key": KEY}
+    stored = server.engine.create_file(
+        jsonl_bytes(
+            [
+                {"key": f"k{i}", "request": {"contents": [{"parts": [{"text": "hi"}]}]}}
+                for i in range(3)
+            ]
+        ),
+        "reqs.jsonl",
+        "batch",
+    )
+    job = sdk.batches.create(model=MODEL, src=f"files/{stored['id']}")
+    short = job.name.removeprefix("batches/")
+    results = f"{server.base_url}/v1beta/files/results-{short}"
+    early = httpx.get(results, headers=headers)
+    assert early.status_code == 404 and "not done" in early.json()["error"]["message"]
+    done(sdk, job.name)
+    meta = httpx.get(results, headers=headers).json()
+    assert meta["displayName"] == f"results of {job.name}"

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -29,6 +30,7 @@ from batchspec.state.lock import (
     current_lock,
     force_unlock,
     held_locks,
+    pid_is_alive,
 )
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore, utc_timestamp
@@ -563,3 +565,89 @@ def test_a_lock_held_across_migration_m005_stays_held_workspace_wide(
                 acquire_lock(store, command="apply", info=run_info(), resources=["a"])
     finally:
         db.close()
+
+
+def test_a_heartbeat_thread_whose_lock_was_released_stops_and_never_resurrects_it(
+    sqlite_store: StateStore, tmp_path: Path
+) -> None:
+    """`batchspec unlock` releases a running holder's lock: its heartbeat thread notices at
+    its next beat and stops, the lock stays free for the next run (a heartbeat that wrote the
+    row back would lock everyone out), and the holder's next step stops with StateError."""
+    handle = acquire_lock(sqlite_store, command="apply", info=run_info())
+    handle.start_heartbeat(interval=0.02)
+    handle.start_heartbeat(interval=0.02)  # a second start is a no-op, not a second thread
+    beating = [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
+    assert len(beating) == 1
+
+    force_unlock(sqlite_store, handle.holder_id, force=True)
+    beating[0].join(timeout=5)
+
+    assert not beating[0].is_alive()
+    assert held_locks(sqlite_store) == []
+    with pytest.raises(StateError, match="no longer holds the state lock"):
+        handle.heartbeat()
+    handle.release()
+    assert handle.released
+    handle.start_heartbeat(interval=0.02)  # after release: nothing starts
+    assert not [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
+
+
+def test_a_heartbeat_thread_that_cannot_open_the_state_records_why(tmp_path: Path) -> None:
+    """The heartbeat's own connection cannot be opened (the state folder became unreadable
+    as a file): the error is kept on the handle for the run to report, not lost in a thread."""
+    path = tmp_path / "state" / "batchspec.db"
+    with StateStore.open(path) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        moved = tmp_path / "gone"
+        path.parent.rename(moved)
+        (tmp_path / "state").write_text("not a folder")
+        try:
+            handle.start_heartbeat(interval=0.02)
+            wait = time.monotonic() + 5
+            while handle.heartbeat_error is None and time.monotonic() < wait:
+                time.sleep(0.01)
+        finally:
+            (tmp_path / "state").unlink()
+            moved.rename(path.parent)
+        assert handle.heartbeat_error is not None
+        handle.release()
+
+
+def test_a_lock_row_naming_pid_0_or_below_counts_as_dead() -> None:
+    """pid 0 and negative pids are no process (``kill(0, 0)`` would ask our own process group
+    and say "alive", so a corrupt row would hold the lock forever): never alive."""
+    assert pid_is_alive(0) is False
+    assert pid_is_alive(-5) is False
+    assert pid_is_alive(os.getpid()) is True
+    assert pid_is_alive(dead_pid()) is False
+
+
+def test_a_handle_covers_its_resources_and_a_workspace_lock_covers_all(
+    store: StateStore, other: StateStore
+) -> None:
+    """A run holding resources a and b may write a and b only; a workspace-wide holder may
+    write any resource; held locks read back as JSON name each key and its holder."""
+    with acquire_lock(store, command="apply", info=run_info(), resources=["a", "b"]) as handle:
+        assert (handle.covers("a"), handle.covers("b"), handle.covers("c")) == (True, True, False)
+        listed = [lock.to_json() for lock in held_locks(other)]
+        assert sorted(x["resource"] for x in listed) == ["a", "b"]
+        assert all(x["holder_id"] == handle.holder_id for x in listed)
+    with acquire_lock(store, command="apply", info=run_info()) as handle:
+        assert handle.covers("anything")
+        [lock] = held_locks(other)
+        assert lock.workspace_wide and lock.to_json()["resource"] == "*"
+
+
+def test_holding_the_state_still_inside_a_transaction_is_refused(sqlite_store: StateStore) -> None:
+    """hold_still() (state migrate) inside an open transaction would read that transaction's
+    own uncommitted rows as the state: refused at once, and no lock is left behind."""
+    from batchspec.state.lock import hold_still
+
+    inside = pytest.raises(RuntimeError, match="must not be called inside")
+    with (
+        sqlite_store.atomic(),
+        inside,
+        hold_still(sqlite_store, command="state migrate", info=run_info()),
+    ):
+        pass
+    assert held_locks(sqlite_store) == []

@@ -193,3 +193,95 @@ def test_wrong_key_is_refused(serve_engine: ServeEngine) -> None:
     assert missing.value.status_code == 404
     answer = httpx.get(f"{server.base_url}/v1/batch/jobs", headers={"Authorization": "Bearer x"})
     assert answer.status_code == 401
+
+
+_CHAT = "/v1/chat/completions"
+_OK_LINE = {
+    "custom_id": "a",
+    "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+}
+
+
+def _lines(*records: Any) -> bytes:
+    return b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "content", "message"),
+    [
+        pytest.param(["x"], None, "must be a JSON object", id="not-object"),
+        pytest.param({"requests": []}, None, "Inline requests", id="inline"),
+        pytest.param({"input_files": [], "endpoint": _CHAT}, None, "input_files", id="no-files"),
+        pytest.param({"endpoint": "/v1/nope"}, _lines(_OK_LINE), "endpoint: one of", id="endpoint"),
+        pytest.param({"endpoint": _CHAT, "model": ""}, _lines(_OK_LINE), "model: a", id="model"),
+        pytest.param(
+            {"endpoint": _CHAT}, _lines(_OK_LINE, b"{oops"), "line 2: not valid", id="json"
+        ),
+        pytest.param(
+            {"endpoint": _CHAT}, _lines({"custom_id": "a"}), "custom_id and body", id="body"
+        ),
+        pytest.param({"endpoint": _CHAT}, _lines(_OK_LINE, _OK_LINE), "used twice", id="twice"),
+        pytest.param(
+            {"endpoint": _CHAT},
+            _lines({**_OK_LINE, "url": "/v1/embeddings"}),
+            "url differs",
+            id="url",
+        ),
+        pytest.param(
+            {"endpoint": _CHAT},
+            _lines({"custom_id": "a", "body": {"messages": []}}),
+            "no model",
+            id="no-model",
+        ),
+        pytest.param({"endpoint": _CHAT}, b"\n\n", "hold no requests", id="empty"),
+    ],
+)
+def test_a_job_mistral_would_refuse_is_a_400_naming_the_line(
+    serve_engine: ServeEngine, body: Any, content: bytes | None, message: str
+) -> None:
+    """A batch job Mistral refuses (inline requests, no input files, an unknown endpoint, an
+    empty model; an input line that is not JSON, lacks custom_id/body, repeats a custom_id,
+    names another url or no model; no line at all) is a 400 naming the field or the file
+    and line, and no job is made (nothing runs on a half-read input)."""
+    server = serve_engine(api_key=KEY)
+    if content is not None:
+        stored = server.engine.create_file(content, "in.jsonl", "batch")
+        body = {**body, "input_files": [stored["id"]]}
+    answer = httpx.post(
+        f"{server.base_url}/v1/batch/jobs",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json=body,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.text
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_mistral_job_listing_and_lookups_refuse_what_mistral_refuses(
+    serve_engine: ServeEngine,
+) -> None:
+    """A page size out of 1..1000, a page that is not an integer and a created_after that is
+    not ISO 8601 are 400s; an OpenAI batch of the same engine is no Mistral job (404); a
+    cancel of a finished job answers it as it ended; an output file is no input (400)."""
+    server = serve_engine(api_key=KEY)
+    url = f"{server.base_url}/v1/batch/jobs"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for params in ({"page_size": "0"}, {"page": "one"}, {"created_after": "yesterday"}):
+        assert httpx.get(url, headers=headers, params=params).status_code == 400, params
+    stored = server.engine.create_file(_lines(_OK_LINE), "in.jsonl", "batch")
+    openai_batch = server.engine.create_batch(stored["id"], _CHAT, "24h", {})
+    assert httpx.get(f"{url}/{openai_batch['id']}", headers=headers).status_code == 404
+
+    sdk = client(server)
+    job = sdk.batch.jobs.create(input_files=[stored["id"]], endpoint=_CHAT, model="m")
+    ended = wait_for(lambda: (j := sdk.batch.jobs.get(job_id=job.id)).status == "SUCCESS" and j)
+    cancelled = httpx.post(f"{url}/{job.id}/cancel", headers=headers)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "SUCCESS"
+    refused = httpx.post(
+        url,
+        headers=headers,
+        json={"input_files": [ended.output_file], "endpoint": _CHAT, "model": "m"},
+    )
+    assert refused.status_code == 400 and "not 'batch'" in refused.text

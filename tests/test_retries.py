@@ -469,3 +469,106 @@ def test_a_degraded_resource_retries_again_when_max_attempts_is_raised(
     with ws.store() as store:
         [gen] = store.generations("flaky")
     assert (gen.status, gen.succeeded, gen.failed) == ("complete", 30, 0)
+
+
+def test_exactly_one_request_failed_for_good_makes_the_job_degraded(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seed 0 makes exactly one of eight requests 500 (req-3) and maxAttempts 1 allows no
+    retry: a single unanswered request must still end Degraded with exit 4 and say so, never
+    "complete" (a job that silently dropped one paid-for answer)."""
+    srv = serve("--fault-500", "0.1", "--fault-seed", "0", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("one", count=8, spec={"retry": {"maxAttempts": 1}})
+    )
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 4, out + err
+    [batch] = received_batches(srv.client())
+    assert batch.error_ids == ["req-3"]
+    assert [r["custom_id"] for r in ws.errors("one")] == ["req-3"]
+    reason = "1 request(s) unresolved after 1 attempt(s): attempts exhausted (retry.maxAttempts 1)"
+    assert f"degraded: {reason}" in out
+    with ws.store() as store:
+        [gen] = store.generations("one")
+        [event] = [e for e in store.events(resource="one") if e.action == "results"]
+    assert (gen.status, gen.succeeded) == ("degraded", 7)
+    assert (event.detail["unresolved"], event.detail["degraded"]) == (1, reason)
+
+
+def test_a_one_request_job_whose_request_failed_is_degraded(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job of one request answered 400 (final, nothing unresolved): no request succeeded, so
+    it is Degraded (exit 4), "not retryable: http_400 (1)", not a complete job with no
+    results."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("single", count=1))
+    [line] = request_lines(1, prefix="s")
+    line["body"]["messages"] = []
+    ws.write_input("single", [line])
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 4, out + err
+    with ws.store() as store:
+        [gen] = store.generations("single")
+        [event] = [e for e in store.events(resource="single") if e.action == "results"]
+    assert (gen.status, gen.succeeded, gen.failed) == ("degraded", 0, 1)
+    assert event.detail["degraded"] == "not retryable: http_400 (1)"
+    assert "degraded: not retryable: http_400 (1)" in out
+
+
+def _final_codes_job(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], flags: list[str], count: int
+) -> tuple[int, str, str]:
+    """A job with retry.on empty (every failure final) against faults ``flags``; the lines the
+    seeded draw leaves to the upstream carry no messages, so it answers them 400 and no
+    request succeeds (which is what makes the job Degraded)."""
+    srv = serve(*flags, "--max-attempts", "1", "--request-timeout", "0.5")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("codes", count=count, spec={"retry": {"on": []}})
+    )
+    lines = request_lines(count)
+    for index in UNFAULTED[count]:
+        lines[index]["body"]["messages"] = []
+    ws.write_input("codes", lines)
+    code, out, err = apply_wait(ws, capsys)
+    with ws.store() as store:
+        [event] = [e for e in store.events(resource="codes") if e.action == "results"]
+    assert len(received_batches(srv.client())) == 1  # nothing is retried
+    return code, out + err, event.detail["degraded"]
+
+
+# the lines each seeded fault draw leaves to the upstream (so answered 400 when empty)
+UNFAULTED = {6: (3, 5), 8: (0, 1)}
+
+
+def test_the_degraded_reason_names_three_final_codes_without_a_tail(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three distinct final codes (seed 20: three 500s, two 400s, one 429) and no success:
+    the reason names all three with their counts, most frequent first, and claims no "more
+    code(s)"."""
+    flags = ["--fault-500", "0.3", "--fault-429", "0.3", "--fault-seed", "20"]
+    code, out, reason = _final_codes_job(tmp_path, serve, capsys, flags, 6)
+    assert code == 4, out
+    assert reason == "not retryable: server_error (3), http_400 (2), rate_limit (1)"
+    assert f"degraded: {reason}" in out
+
+
+def test_the_degraded_reason_shows_three_codes_and_counts_the_rest(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four distinct final codes (seed 62: three 500s, two 400s, two 429s, a timeout): the reason
+    shows the three most frequent with their counts and "and 1 more code(s)" for the fourth,
+    so a user reading apply's output or the history learns how many kinds of failure there
+    were."""
+    flags = ["--fault-500", "0.2", "--fault-429", "0.2", "--fault-timeout", "0.2"]
+    code, out, reason = _final_codes_job(tmp_path, serve, capsys, [*flags, "--fault-seed", "62"], 8)
+    assert code == 4, out
+    assert reason == (
+        "not retryable: server_error (3), http_400 (2), rate_limit (2) and 1 more code(s)"
+    )
+    assert f"degraded: {reason}" in out

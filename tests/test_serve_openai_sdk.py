@@ -393,3 +393,105 @@ def test_restart_mid_batch_resumes_without_repeating_a_line(tmp_path, standin_up
     assert sorted(r["custom_id"] for r in output) == sorted(line["custom_id"] for line in lines)
     assert len(upstream.calls) == 40
     assert max(upstream.calls.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "message"),
+    [
+        pytest.param({"purpose": (None, "batch")}, {}, "no file part", id="no-file"),
+        pytest.param({"file": ("in.jsonl", b"{}\n")}, {}, "'purpose' is required", id="purpose"),
+        pytest.param(
+            {"file": ("in.jsonl", b"{}\n")},
+            {"purpose": "batch", "expires_after[anchor]": "last_used_at"},
+            "must be 'created_at'",
+            id="anchor",
+        ),
+        pytest.param(
+            {"file": ("in.jsonl", b"{}\n")},
+            {
+                "purpose": "batch",
+                "expires_after[anchor]": "created_at",
+                "expires_after[seconds]": "soon",
+            },
+            "must be an integer",
+            id="seconds",
+        ),
+    ],
+)
+def test_an_upload_openai_would_refuse_is_a_400_and_stores_nothing(
+    serve_engine, files, data, message
+):
+    """An upload without its file part or purpose, or with an expiry OpenAI does not take, is
+    a 400 naming the field, and the bytes received are not kept as a file."""
+    server = serve_engine(api_key="sk-test")
+    answer = httpx.post(
+        f"{server.base_url}/v1/files",
+        headers={"Authorization": "Bearer sk-test"},
+        files=files,
+        data=data,
+    )
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert server.engine.list_files(None)["data"] == []
+
+
+def test_a_limit_that_is_not_an_integer_is_a_400(serve_engine):
+    """Listing files or batches with a non-integer limit is a 400 naming the parameter."""
+    server = serve_engine(api_key="sk-test")
+    for path in ("/v1/files", "/v1/batches"):
+        answer = httpx.get(
+            f"{server.base_url}{path}",
+            headers={"Authorization": "Bearer sk-test"},
+            params={"limit": "many"},
+        )
+        assert answer.status_code == 400, path
+        assert answer.json()["error"]["param"] == "limit"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        pytest.param({"endpoint": CHAT, "completion_window": "24h"}, "input_file_id", id="file"),
+        pytest.param({"input_file_id": "FILE", "completion_window": "24h"}, "endpoint", id="ep"),
+        pytest.param(
+            {"input_file_id": "FILE", "endpoint": CHAT, "completion_window": "24h", "metadata": []},
+            "metadata",
+            id="metadata",
+        ),
+    ],
+)
+def test_a_batch_create_openai_would_refuse_is_a_400_naming_the_parameter(
+    serve_engine, body, param
+):
+    """A batch create without an input file or endpoint, or with metadata that is not an
+    object, is a 400 naming the parameter, and no batch is made."""
+    server = serve_engine(api_key="sk-test")
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    if body.get("input_file_id") == "FILE":
+        body = {**body, "input_file_id": stored["id"]}
+    answer = httpx.post(
+        f"{server.base_url}/v1/batches", headers={"Authorization": "Bearer sk-test"}, json=body
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert server.engine.list_batches(None, 100)["data"] == []
+
+
+def test_files_the_engine_cannot_find_or_list_are_refused(serve_engine):
+    """A file purpose OpenAI does not have, a list limit out of 1..10000, a delete of an
+    unknown file, and the content of a file whose bytes were lost are 400/404 answers (a
+    client is told, never served an empty file as if it were the input)."""
+    server = serve_engine(api_key="sk-test")
+    headers = {"Authorization": "Bearer sk-test"}
+    url = f"{server.base_url}/v1/files"
+    bad_purpose = httpx.post(
+        url, headers=headers, files={"file": ("in.jsonl", b"{}\n")}, data={"purpose": "nope"}
+    )
+    assert bad_purpose.status_code == 400 and bad_purpose.json()["error"]["param"] == "purpose"
+    assert httpx.get(url, headers=headers, params={"limit": "0"}).status_code == 400
+    assert httpx.delete(f"{url}/file-unknown", headers=headers).status_code == 404
+
+    stored = server.engine.create_file(jsonl_bytes(request_lines(1)), "in.jsonl", "batch")
+    server.engine.file_content_path(stored["id"]).unlink()
+    lost = httpx.get(f"{url}/{stored['id']}/content", headers=headers)
+    assert lost.status_code == 404 and "no longer stored" in lost.json()["error"]["message"]
