@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,14 +86,9 @@ def read_history(
     ``state_path`` (a file or a URL) the store is named and no workspace is needed. A
     ``resource`` the state has never recorded is an error (exit 1), not an empty history.
     """
-    project = _project(paths, state_path)
-    if not project.has_state():
-        if resource is not None:
-            raise ManifestError(_unknown(resource, project.state_label))
-        return []
-    with StateStore.open(project.state) as store:
-        if resource is not None:
-            _check_recorded(store, resource, project.state_label)
+    with _history_store(paths, state_path, resource) as store:
+        if store is None:
+            return []
         entries = []
         for run in store.runs(resource=resource, limit=limit):
             events = [
@@ -163,14 +158,9 @@ def spend_by_commit(
 ) -> list[CommitSpend]:
     """The ``limit`` newest commit groups and what their generations used (module docstring);
     with ``resource``, only that resource's generations (a name never recorded exits 1)."""
-    project = _project(paths, state_path)
-    if not project.has_state():
-        if resource is not None:
-            raise ManifestError(_unknown(resource, project.state_label))
-        return []
-    with StateStore.open(project.state) as store:
-        if resource is not None:
-            _check_recorded(store, resource, project.state_label)
+    with _history_store(paths, state_path, resource) as store:
+        if store is None:
+            return []
         latest: dict[object, EventRow] = {}
         for event in store.events(action="results", resource=resource):
             if "input_tokens" in event.detail:
@@ -247,6 +237,24 @@ def _event_usage(event: EventRow) -> Usage:
         int(d.get("total_tokens") or 0),
         float(cost) if isinstance(cost, int | float) else None,
     )
+
+
+@contextlib.contextmanager
+def _history_store(
+    paths: Sequence[str], state_path: str | None, resource: str | None
+) -> Iterator[StateStore | None]:
+    """The project's state store (None when there is none yet), after checking that
+    ``resource``, if given, was ever recorded there (exit 1 otherwise)."""
+    project = _project(paths, state_path)
+    if not project.has_state():
+        if resource is not None:
+            raise ManifestError(_unknown(resource, project.state_label))
+        yield None
+        return
+    with StateStore.open(project.state) as store:
+        if resource is not None:
+            _check_recorded(store, resource, project.state_label)
+        yield store
 
 
 def _project(paths: Sequence[str], state_path: str | None) -> Project:
