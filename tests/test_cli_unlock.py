@@ -131,3 +131,26 @@ def test_a_takeover_is_an_event_of_the_run_that_took_the_lock(
     [latest] = json.loads(out)["runs"]
     assert latest["run"]["command"] == command
     assert "lock.takeover" in [e["action"] for e in latest["events"]]
+
+
+def test_history_text_names_the_holder_a_takeover_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`history` (text) shows a lock.takeover's previous holder (id, pid, command), not only
+    the new holder's id, and leaves unset values out instead of printing `None`."""
+    from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    gone = replace(INFO, pid=dead_pid())
+    with StateStore.open(ws.state_path) as store:
+        dead = acquire_lock(store, command="apply", info=gone)
+    assert run_cli(["apply", "--yes", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "1"], capsys)
+    [line] = [ln for ln in out.splitlines() if "lock.takeover" in ln]
+    previous = line.split("previous=(", 1)[1]
+    assert f"holder_id={dead.holder_id}," in previous
+    assert f"pid={gone.pid}," in previous and "command=apply" in previous
+    assert "None" not in line
