@@ -154,3 +154,45 @@ def test_history_text_names_the_holder_a_takeover_replaced(
     assert f"holder_id={dead.holder_id}," in previous
     assert f"pid={gone.pid}," in previous and "command=apply" in previous
     assert "None" not in line
+
+
+def test_postgresql_unlock_of_a_holder_whose_session_ended_needs_no_force(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL: a holder on another host whose database session has ended (a killed CI
+    runner) is released by `unlock ID` with no --force, however fresh its heartbeat: its
+    session says it is gone, as `status` (which no longer lists it) does."""
+    elsewhere = replace(INFO, host="ci-runner-7")
+    holder_store = StateStore.open(postgres_url)
+    handle = acquire_lock(holder_store, command="apply", info=elsewhere, resources=["alpha"])
+    holder_store.close()  # the session ends with its lock rows left behind, as after kill -9
+    assert run(["unlock", handle.holder_id, "--state", postgres_url]) == 0, capsys.readouterr()
+    assert f"released the locks of {handle.holder_id}" in capsys.readouterr().out
+    with StateStore.open(postgres_url) as store:
+        assert store.lock_rows() == {}
+
+
+def test_postgresql_refusals_say_the_holder_is_connected_and_how_to_stop_it(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL: a holder whose session is open is running: the exit-3 messages of a run
+    that needs its resource and of `unlock ID` say so and name `unlock ID --force`, never
+    "if that run is gone" (a gone run's locks are free already)."""
+    from batchspec.errors import StateLockedError
+
+    elsewhere = replace(INFO, host="ci-runner-7")
+    with (
+        StateStore.open(postgres_url) as store,
+        acquire_lock(store, command="apply", info=elsewhere, resources=["alpha"]) as handle,
+        StateStore.open(postgres_url) as other,
+    ):
+        with pytest.raises(StateLockedError) as locked:
+            acquire_lock(other, command="apply", info=INFO, resources=["alpha"])
+        assert "its database session is open" in str(locked.value)
+        assert f"batchspec unlock {handle.holder_id} --force" in str(locked.value)
+        assert "if that run is gone" not in str(locked.value)
+        assert run(["unlock", handle.holder_id, "--state", postgres_url]) == 3
+        err = capsys.readouterr().err
+        assert "is still running: its database session is open" in err
+        assert f"batchspec unlock {handle.holder_id} --force (ends its database session" in err
+        assert other.lock_rows() != {}
