@@ -196,3 +196,33 @@ def test_postgresql_refusals_say_the_holder_is_connected_and_how_to_stop_it(
         assert "is still running: its database session is open" in err
         assert f"batchspec unlock {handle.holder_id} --force (ends its database session" in err
         assert other.lock_rows() != {}
+
+
+def test_history_shows_a_killed_run_as_stopped_by_the_run_that_took_its_locks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed while holding its locks has no exit code; once a later run takes its
+    locks over, `history` says it stopped and which run took over, instead of `running`
+    forever (`--json`: `ended_by`); a run with no exit code that nobody took over stays
+    `running`."""
+    from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    gone = replace(INFO, pid=dead_pid())
+    with StateStore.open(ws.state_path) as store:
+        killed = store.start_run("apply", {}, gone)
+        acquire_lock(store, command="apply", info=gone, run_id=killed)
+        alive = store.start_run("plan", {}, INFO)  # no exit code, no lock: still running
+    assert run_cli(["apply", "--yes", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "3"], capsys)
+    lines = {int(ln.split()[1]): ln for ln in out.splitlines() if ln.startswith("run ")}
+    taker = max(lines)
+    assert f"stopped (no exit code; its locks were taken over by run {taker})" in lines[killed]
+    assert "  running  " in lines[alive]
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "3", "--json"], capsys)
+    ended = {r["run"]["id"]: r["ended_by"] for r in json.loads(out)["runs"]}
+    assert ended[killed] == {"run_id": taker, "action": "lock.takeover"}
+    assert ended[alive] is None and ended[taker] is None

@@ -513,9 +513,9 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         run = entry.run
         git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
         ci = f" ({run.ci_system})" if run.ci_system else ""
-        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
         lines.append(
-            f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
+            f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome}  "
+            f"{run.user}@{run.host}{git}{ci}"
         )
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")

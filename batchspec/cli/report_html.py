@@ -428,7 +428,7 @@ def _audit_trail(runs: Sequence[HistoryEntry]) -> str:
     rows = []
     for entry in runs:
         run, u = entry.run, entry.usage
-        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
+        code = entry.outcome
         events = "".join(_event(ev) for ev in entry.events)
         rows.append(
             f'<tr class="run" data-run-id="{run.id}" data-git-commit="{_e(run.git_commit)}" '

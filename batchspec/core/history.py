@@ -36,9 +36,35 @@ from batchspec.workspace.project import Project, load_project
 
 
 @dataclass(frozen=True)
+class EndedBy:
+    """Why a run with no exit code is not running: a later run took over its locks
+    (``lock.takeover``: it was killed, or its session ended) or released them
+    (``lock.force_unlock``: ``batchspec unlock``)."""
+
+    run_id: int | None
+    action: str
+
+    @property
+    def text(self) -> str:
+        """``stopped (no exit code; its locks were taken over by run 15)``."""
+        verb = "taken over" if self.action == "lock.takeover" else "released"
+        by = f" by run {self.run_id}" if self.run_id is not None else ""
+        return f"stopped (no exit code; its locks were {verb}{by})"
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     run: RunRow
     events: tuple[EventRow, ...]
+    #: for a run with no exit code whose locks a later run took over or released: that run
+    ended_by: EndedBy | None = None
+
+    @property
+    def outcome(self) -> str:
+        """``exit N``; ``running``; or ``stopped (…)`` for a run that died without an exit."""
+        if self.run.exit_code is not None:
+            return f"exit {self.run.exit_code}"
+        return self.ended_by.text if self.ended_by is not None else "running"
 
     @property
     def usage(self) -> Usage:
@@ -61,6 +87,7 @@ class HistoryEntry:
             "run": asdict(self.run),
             "usage": asdict(self.usage),
             "events": [asdict(e) for e in self.events],
+            "ended_by": None if self.ended_by is None else asdict(self.ended_by),
         }
 
 
@@ -85,15 +112,43 @@ def read_history(
     with StateStore.open(project.state) as store:
         if resource is not None:
             _check_recorded(store, resource, project.state_label)
+        runs = store.runs(resource=resource, limit=limit)
+        released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
         entries = []
-        for run in store.runs(resource=resource, limit=limit):
+        for run in runs:
             events = [
                 e
                 for e in store.events(run_id=run.id)
                 if resource is None or e.resource in (resource, None)
             ]
-            entries.append(HistoryEntry(run, tuple(events)))
+            ended = None if run.exit_code is not None else _ended_by(run, released)
+            entries.append(HistoryEntry(run, tuple(events), ended))
         return entries
+
+
+def _lock_releases(store: StateStore) -> list[tuple[EventRow, dict[str, Any]]]:
+    """Every ``lock.takeover`` and ``lock.force_unlock`` event, with the holder it ended."""
+    found = []
+    for action in ("lock.takeover", "lock.force_unlock"):
+        for event in store.events(action=action):
+            holder = event.detail.get("previous") if action == "lock.takeover" else event.detail
+            if isinstance(holder, dict):
+                found.append((event, holder))
+    return sorted(found, key=lambda pair: pair[0].id)
+
+
+def _ended_by(run: RunRow, released: list[tuple[EventRow, dict[str, Any]]]) -> EndedBy | None:
+    """The first later run that took over or released a lock ``run`` took: same host and
+    pid, taken at or after the run started."""
+    for event, holder in released:
+        if (
+            event.run_id != run.id
+            and holder.get("host") == run.host
+            and holder.get("pid") == run.pid
+            and str(holder.get("since") or "") >= run.started_at
+        ):
+            return EndedBy(event.run_id, event.action)
+    return None
 
 
 NO_GIT_LABEL = "no git commit"
