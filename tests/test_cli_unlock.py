@@ -131,3 +131,98 @@ def test_a_takeover_is_an_event_of_the_run_that_took_the_lock(
     [latest] = json.loads(out)["runs"]
     assert latest["run"]["command"] == command
     assert "lock.takeover" in [e["action"] for e in latest["events"]]
+
+
+def test_history_text_names_the_holder_a_takeover_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`history` (text) shows a lock.takeover's previous holder (id, pid, command), not only
+    the new holder's id, and leaves unset values out instead of printing `None`."""
+    from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    gone = replace(INFO, pid=dead_pid())
+    with StateStore.open(ws.state_path) as store:
+        dead = acquire_lock(store, command="apply", info=gone)
+    assert run_cli(["apply", "--yes", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "1"], capsys)
+    [line] = [ln for ln in out.splitlines() if "lock.takeover" in ln]
+    previous = line.split("previous=(", 1)[1]
+    assert f"holder_id={dead.holder_id}," in previous
+    assert f"pid={gone.pid}," in previous and "command=apply" in previous
+    assert "None" not in line
+
+
+def test_postgresql_unlock_of_a_holder_whose_session_ended_needs_no_force(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL: a holder on another host whose database session has ended (a killed CI
+    runner) is released by `unlock ID` with no --force, however fresh its heartbeat: its
+    session says it is gone, as `status` (which no longer lists it) does."""
+    elsewhere = replace(INFO, host="ci-runner-7")
+    holder_store = StateStore.open(postgres_url)
+    handle = acquire_lock(holder_store, command="apply", info=elsewhere, resources=["alpha"])
+    holder_store.close()  # the session ends with its lock rows left behind, as after kill -9
+    assert run(["unlock", handle.holder_id, "--state", postgres_url]) == 0, capsys.readouterr()
+    assert f"released the locks of {handle.holder_id}" in capsys.readouterr().out
+    with StateStore.open(postgres_url) as store:
+        assert store.lock_rows() == {}
+
+
+def test_postgresql_refusals_say_the_holder_is_connected_and_how_to_stop_it(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL: a holder whose session is open is running: the exit-3 messages of a run
+    that needs its resource and of `unlock ID` say so and name `unlock ID --force`, never
+    "if that run is gone" (a gone run's locks are free already)."""
+    from batchspec.errors import StateLockedError
+
+    elsewhere = replace(INFO, host="ci-runner-7")
+    with (
+        StateStore.open(postgres_url) as store,
+        acquire_lock(store, command="apply", info=elsewhere, resources=["alpha"]) as handle,
+        StateStore.open(postgres_url) as other,
+    ):
+        with pytest.raises(StateLockedError) as locked:
+            acquire_lock(other, command="apply", info=INFO, resources=["alpha"])
+        assert "its database session is open" in str(locked.value)
+        assert f"batchspec unlock {handle.holder_id} --force" in str(locked.value)
+        assert "if that run is gone" not in str(locked.value)
+        assert run(["unlock", handle.holder_id, "--state", postgres_url]) == 3
+        err = capsys.readouterr().err
+        assert "is still running: its database session is open" in err
+        assert f"batchspec unlock {handle.holder_id} --force (ends its database session" in err
+        assert other.lock_rows() != {}
+
+
+def test_history_shows_a_killed_run_and_the_run_that_took_its_locks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed while holding its locks has no exit code; once a later run takes its
+    locks over, `history` says it was killed and which run took over, instead of `running`
+    forever (`--json`: `ended_by`); a run with no exit code that nobody took over stays
+    `running`."""
+    from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    gone = replace(INFO, pid=dead_pid())
+    with StateStore.open(ws.state_path) as store:
+        killed = store.start_run("apply", {}, gone)
+        acquire_lock(store, command="apply", info=gone, run_id=killed)
+        alive = store.start_run("plan", {}, INFO)  # no exit code, no lock: still running
+    assert run_cli(["apply", "--yes", str(ws.root)], capsys)[0] == 0
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "3"], capsys)
+    lines = {int(ln.split()[1]): ln for ln in out.splitlines() if ln.startswith("run ")}
+    taker = max(lines)
+    assert f"killed (no exit code; its locks were taken over by run {taker})" in lines[killed]
+    assert "  running  " in lines[alive]
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "3", "--json"], capsys)
+    ended = {r["run"]["id"]: r["ended_by"] for r in json.loads(out)["runs"]}
+    assert ended[killed] == {"run_id": taker, "action": "lock.takeover"}
+    assert ended[alive] is None and ended[taker] is None

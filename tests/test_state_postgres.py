@@ -198,6 +198,23 @@ def test_a_connection_lost_mid_run_is_one_line_and_rolls_back(
         assert store.runs() == [] and store.events() == []
 
 
+def test_a_session_ended_by_the_server_says_who_ends_sessions_every_time(
+    postgres_url: str, postgres_cluster: Cluster
+) -> None:
+    """A session ended with pg_terminate_backend (what `unlock --force` does to a holder)
+    names that cause, on the first statement after it and on later ones (which psycopg only
+    reports as "the connection is closed"), never only the bare driver text."""
+    with StateStore.open(postgres_url) as store:
+        pid = store.db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        postgres_cluster.tests_db().execute(f"SELECT pg_terminate_backend({pid}, 5000)")
+        for _ in range(2):
+            with pytest.raises(DatabaseUnavailableError) as caught:
+                store.runs()
+            message = str(caught.value)
+            assert "the server ended this session" in message, message
+            assert "batchspec unlock ID --force" in message and "lost the connection" in message
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 

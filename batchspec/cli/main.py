@@ -996,8 +996,9 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
 
     Only for a run that is gone: ID must hold a lock, or nothing is released.
     A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
-    be gone is refused (exit 3) unless --force. A run that loses its lock stops at its next
-    step. Recorded in history as an unlock run.
+    be gone is refused (exit 3) unless --force; with a PostgreSQL state, one whose database
+    session is open (--force ends that session), and one whose session has ended is released.
+    A run that loses its lock stops at its next step. Recorded in history as an unlock run.
     """
     from batchspec.core.lifecycle import unlock_state
     from batchspec.state.lock import describe_holder

@@ -513,21 +513,32 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         run = entry.run
         git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
         ci = f" ({run.ci_system})" if run.ci_system else ""
-        code = entry.outcome
         lines.append(
-            f"run {run.id}  {run.started_at}  {run.command}  {code}  {run.user}@{run.host}{git}{ci}"
+            f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
+            f"{run.user}@{run.host}{git}{ci}"
         )
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")
         for event in entry.events:
             target = f" [{event.resource}]" if event.resource else ""
-            detail = ", ".join(
-                f"{k}={_short_hashes(str(v))}"
-                for k, v in event.detail.items()
-                if not isinstance(v, (dict, list))
-            )
-            lines.append(f"    {event.at}  {event.action}{target}  {detail}")
+            lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
     return "\n".join(lines)
+
+
+def _detail_text(detail: dict[str, object]) -> str:
+    """An event's detail on one line: ``k=v`` pairs, unset values left out, a nested record
+    of plain values (a taken-over lock's ``previous`` holder) as ``k=(a=1, b=2)``; lists and
+    deeper records only in ``--json``."""
+    parts = []
+    for key, value in detail.items():
+        if isinstance(value, dict):
+            if any(isinstance(v, (dict, list)) for v in value.values()):
+                continue
+            value = f"({_detail_text(value)})"
+        elif value is None or isinstance(value, list):
+            continue
+        parts.append(f"{key}={_short_hashes(str(value))}")
+    return ", ".join(parts)
 
 
 def commits_text(commits: Sequence[CommitSpend]) -> str:

@@ -38,15 +38,47 @@ from batchspec.workspace.project import Project, load_project
 
 
 @dataclass(frozen=True)
+class EndedBy:
+    """Why a run with no exit code is not running: a later run took over its locks
+    (``lock.takeover``: it was killed, or its session ended) or released them
+    (``lock.force_unlock``: ``batchspec unlock``)."""
+
+    run_id: int | None
+    action: str
+
+    @property
+    def text(self) -> str:
+        """``no exit code; its locks were taken over by run 15``."""
+        verb = "taken over" if self.action == "lock.takeover" else "released"
+        by = f" by run {self.run_id}" if self.run_id is not None else ""
+        return f"no exit code; its locks were {verb}{by}"
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     run: RunRow
     events: tuple[EventRow, ...]
     #: ``running``, ``killed`` or ``exit N`` (see ``run_outcome``); None: the run's own
     outcome_seen: str | None = None
+    #: for a run with no exit code whose locks a later run took over or released: that run
+    ended_by: EndedBy | None = None
 
     @property
     def outcome(self) -> str:
+        """``exit N``; ``running``; ``killed`` (it died: a later run took its locks over, or
+        its process is gone from this host); ``stopped`` (``batchspec unlock`` released it)."""
+        if self.run.exit_code is not None:
+            return f"exit {self.run.exit_code}"
+        if self.ended_by is not None:
+            return "killed" if self.ended_by.action == "lock.takeover" else "stopped"
         return self.outcome_seen or self.run.outcome
+
+    @property
+    def outcome_text(self) -> str:
+        """``outcome``, with who ended the run when a later one did."""
+        if self.run.exit_code is None and self.ended_by is not None:
+            return f"{self.outcome} ({self.ended_by.text})"
+        return self.outcome
 
     @property
     def usage(self) -> Usage:
@@ -70,6 +102,7 @@ class HistoryEntry:
             "outcome": self.outcome,
             "usage": asdict(self.usage),
             "events": [asdict(e) for e in self.events],
+            "ended_by": None if self.ended_by is None else asdict(self.ended_by),
         }
 
 
@@ -89,15 +122,43 @@ def read_history(
     with _history_store(paths, state_path, resource) as store:
         if store is None:
             return []
+        runs = store.runs(resource=resource, limit=limit)
+        released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
         entries = []
-        for run in store.runs(resource=resource, limit=limit):
+        for run in runs:
             events = [
                 e
                 for e in store.events(run_id=run.id)
                 if resource is None or e.resource in (resource, None)
             ]
-            entries.append(HistoryEntry(run, tuple(events), run_outcome(run)))
+            ended = None if run.exit_code is not None else _ended_by(run, released)
+            entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended))
         return entries
+
+
+def _lock_releases(store: StateStore) -> list[tuple[EventRow, dict[str, Any]]]:
+    """Every ``lock.takeover`` and ``lock.force_unlock`` event, with the holder it ended."""
+    found = []
+    for action in ("lock.takeover", "lock.force_unlock"):
+        for event in store.events(action=action):
+            holder = event.detail.get("previous") if action == "lock.takeover" else event.detail
+            if isinstance(holder, dict):
+                found.append((event, holder))
+    return sorted(found, key=lambda pair: pair[0].id)
+
+
+def _ended_by(run: RunRow, released: list[tuple[EventRow, dict[str, Any]]]) -> EndedBy | None:
+    """The first later run that took over or released a lock ``run`` took: same host and
+    pid, taken at or after the run started."""
+    for event, holder in released:
+        if (
+            event.run_id != run.id
+            and holder.get("host") == run.host
+            and holder.get("pid") == run.pid
+            and str(holder.get("since") or "") >= run.started_at
+        ):
+            return EndedBy(event.run_id, event.action)
+    return None
 
 
 def run_outcome(run: RunRow, host: str | None = None) -> str:

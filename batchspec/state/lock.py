@@ -487,7 +487,12 @@ def force_unlock(
             )
         current = rows[keys[0]]
         if not force:
-            _refuse_if_alive(current, stale_after)
+            if store.dialect != "postgresql":
+                _refuse_if_alive(current, stale_after)
+            elif _is_alive(store, keys[0], current, _held_advisory_keys(store)):
+                # its session is open: alive by definition (a killed run's session ends, and
+                # then it needs no --force, however fresh its heartbeat)
+                _refuse_if_alive(current, stale_after, connected=True)
         store.delete_lock_row(holder_id)
         store.record_event(
             run_id,
@@ -521,17 +526,36 @@ def _end_holder_sessions(store: StateStore, holder_id: str, *, workspace: bool) 
         ) from err
 
 
-def _refuse_if_alive(holder: LockHolder, stale_after: timedelta) -> None:
-    if holder.host == socket.gethostname() and not pid_is_alive(holder.pid):
+def _refuse_if_alive(
+    holder: LockHolder, stale_after: timedelta, *, connected: bool = False
+) -> None:
+    """Refuse (exit 3) to release a holder that may still be running. ``connected``: its
+    PostgreSQL session is open, so it is running (not merely may be)."""
+    if not connected and holder.host == socket.gethostname() and not pid_is_alive(holder.pid):
         return  # its process is gone: nothing can still be spending under this lock
     age = _heartbeat_age(holder)
     if age is None or age >= stale_after:
         return
+    heartbeat = (
+        f"its last heartbeat was {int(age.total_seconds())} s ago, under the "
+        f"{_minutes(stale_after)} after which a run counts as possibly stale"
+    )
+    if connected:
+        raise StateLockedError(
+            f"not unlocking: {describe_holder(holder)} is still running: its database "
+            f"session is open ({heartbeat}); releasing a live run lets a second one spend "
+            "beside it, and a create it sent may still be in transit",
+            details=[
+                "wait for that run to finish (a run that ends or is killed frees its locks "
+                "by itself)",
+                f"to stop it: batchspec unlock {holder.holder_id} --force (ends its database "
+                "session; it stops at its next step)",
+            ],
+        )
     raise StateLockedError(
-        f"not unlocking: {describe_holder(holder)} may still be running (its last heartbeat "
-        f"was {int(age.total_seconds())} s ago, under the {_minutes(stale_after)} after which "
-        "a run counts as possibly stale); releasing a live run lets a second one spend beside "
-        "it, and a create it sent may still be in transit",
+        f"not unlocking: {describe_holder(holder)} may still be running ({heartbeat}); "
+        "releasing a live run lets a second one spend beside it, and a create it sent may "
+        "still be in transit",
         details=[
             "wait for that run to finish, or stop it",
             f"if you are sure it is gone: batchspec unlock {holder.holder_id} --force",
@@ -589,7 +613,7 @@ def _locked_message(
     timeout: float,
     stale_after: timedelta,
 ) -> str:
-    waited = f"after waiting {timeout:g} s" if timeout > 0 else "(not waiting: --lock-timeout 0)"
+    waited = f"(waited {timeout:g} s)" if timeout > 0 else "(not waiting: --lock-timeout 0)"
     holder = conflict.holder
     in_conflict = (
         "the whole workspace (a workspace-wide lock)"
@@ -614,9 +638,17 @@ def _locked_message(
             f" Its heartbeat is {int(age.total_seconds() // 60)} minutes old: it is possibly "
             "stale (a crashed run on another machine)."
         )
+    if store.dialect == "postgresql":  # a holder that is gone has freed its locks already
+        return message + (
+            " It is still running (its database session is open; a run that ends or is killed "
+            "frees its locks at once): wait for it to finish, or pass --lock-timeout SECONDS "
+            "(BATCHSPEC_LOCK_TIMEOUT) to wait for it; to stop it: "
+            f"batchspec unlock {holder.holder_id} --force"
+        )
     return message + (
-        " Wait for it to finish or pass --lock-timeout SECONDS to wait; if that run is gone, "
-        f"release the lock with: batchspec unlock {holder.holder_id}"
+        " Wait for it to finish or pass --lock-timeout SECONDS (BATCHSPEC_LOCK_TIMEOUT) to "
+        "wait; if that run is gone, release the lock with: "
+        f"batchspec unlock {holder.holder_id}"
     )
 
 

@@ -271,6 +271,9 @@ class PostgresSql(Sql):
         import psycopg
 
         self._psycopg = psycopg
+        #: the server ended this session on purpose (SQLSTATE 57P01): every later statement
+        #: only sees "the connection is closed", so the reason is kept for their messages
+        self._ended_by_server = False
 
     @classmethod
     def connect(cls, url: str, *, busy_timeout: float, connect_timeout: int = 10) -> PostgresSql:
@@ -397,16 +400,29 @@ class PostgresSql(Sql):
                 "another process is writing to it, try again"
             ) from err
         except self._psycopg.OperationalError as err:
+            if getattr(err, "sqlstate", None) == ADMIN_SHUTDOWN:
+                self._ended_by_server = True
+            reason = (
+                "the server ended this session, as `batchspec unlock ID --force` does to "
+                "release a run's locks, an administrator or a server shutdown; `batchspec "
+                "history` shows an unlock"
+                if self._ended_by_server
+                else _first_line(err, self._url)
+            )
             raise DatabaseUnavailableError(
-                f"lost the connection to the state database {self.label} "
-                f"({_first_line(err, self._url)}); the server rolled back the unfinished "
-                "transaction, so nothing is half-written: run the command again"
+                f"lost the connection to the state database {self.label} ({reason}); the "
+                "server rolled back the unfinished transaction, so nothing is half-written: "
+                "run the command again to go on"
             ) from err
         except self._psycopg.Error as err:
             raise DatabaseError(
                 f"the state database {self.label} refused a statement: "
                 f"{_first_line(err, self._url)}"
             ) from err
+
+
+#: SQLSTATE admin_shutdown: pg_terminate_backend() (``batchspec unlock --force``) or a shutdown
+ADMIN_SHUTDOWN = "57P01"
 
 
 def _first_line(err: BaseException, url: str) -> str:
