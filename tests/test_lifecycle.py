@@ -325,6 +325,32 @@ def test_orphans_are_shown_and_left_alone_until_apply_prune(
     assert "gone" not in {a["resource"] for a in json.loads(out)["actions"]}
 
 
+def test_prune_of_a_batch_that_ended_since_the_last_poll_forgets_it_without_failing(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An orphan's batch that completed at the provider after batchspec last looked (its
+    cancel answers 409 batch_not_cancellable) is recorded as ended and pruned: exit 0, no
+    retries of the refused cancel, the resource forgotten."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1), ResourceSpec("gone"))
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    with ws.store() as store:
+        [batch] = store.batches()
+    assert batch.status not in ("completed", "failed", "expired", "cancelled")
+    assert wait_for_batch(srv.client(), batch.remote_id).status == "completed"
+    ws.manifest_path("gone").unlink()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "gone", "--prune"], capsys)
+
+    assert code == 0, err
+    assert "[gone] pruned" in out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+    with ws.store() as store:
+        assert store.get_resource("gone").forgotten_at is not None
+        [batch] = store.batches()
+        assert batch.status == "completed"
+
+
 # ---------------------------------------------------------------------------------------------
 # suspend
 

@@ -41,6 +41,7 @@ from batchspec.providers._http import (
     RetryingClient,
     create_or_adopt,
     display_url,
+    error_from_response,
     json_object,
     quote_id,
     require_http_url,
@@ -239,9 +240,20 @@ class OpenAIProvider:
             after = str(next_after)
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        """Cancel a batch; one that has ended meanwhile (409: not cancellable) is returned as
+        it is, not retried: its outcome is decided and waiting will not change it."""
+        operation = f"cancel batch {batch_id}"
         response = self._http.request(
-            "POST", f"/batches/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+            "POST",
+            f"/batches/{quote_id(batch_id)}/cancel",
+            operation=operation,
+            ok_statuses=frozenset({409}),
         )
+        if response.status_code == 409:
+            remote = self.get_batch(batch_id)
+            if remote.is_terminal:
+                return remote
+            raise error_from_response(response, operation=operation, context=self._http.context)
         return parse_batch(json_object(response, "cancel batch", self.name, api_root=_API_ROOT))
 
     def close(self) -> None:

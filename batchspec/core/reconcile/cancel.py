@@ -43,7 +43,9 @@ def cancel_generation(
         if batch.status not in TERMINAL_STATUSES and batch.status != "cancelling":
             remote = provider.cancel_batch(batch.remote_id)
             ctx.store.update_batch(batch.id, **batch_fields(remote))
-            n += 1
+            # a batch that ended before the cancel reached it keeps its own end (completed,
+            # failed, expired): recorded as it is, not counted as cancelled
+            n += not remote.is_terminal or remote.status == "cancelled"
     with ctx.store.atomic():
         ctx.store.update_generation(gen.id, status=status)
         ctx.store.record_event(
