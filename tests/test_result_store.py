@@ -22,6 +22,7 @@ from postgres import PASSWORD
 from probes import ServeProcess, start_serve_process
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
 
+from batchspec.errors import ProviderError
 from batchspec.state.store import StateStore
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import (
@@ -32,7 +33,7 @@ from batchspec.storage.remote_blobs import (
     PostgresBlobs,
     open_blob_location,
 )
-from batchspec.storage.result_store import ResultStore
+from batchspec.storage.result_store import Refetch, ResultStore
 
 FAST = ["--poll-interval", "0.05"]
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -390,3 +391,82 @@ def test_an_fsspec_url_is_a_tier_like_a_folder() -> None:
     with pytest.raises(BlobCorruptError):
         blobs.put(wrong, [b"not other"])
     assert list(blobs.iter_hashes()) == [sha]
+
+
+# -- the repair rules, in process, over a real folder tier --------------------------------------
+
+
+def _damaged_folder_copy(tmp_path: Path, content: bytes) -> tuple[FolderBlobs, str]:
+    """A shared folder holding blob ``content`` whose file was then damaged in place."""
+    shared = FolderBlobs(tmp_path / "shared")
+    sha = hashlib.sha256(content).hexdigest()
+    shared.put(sha, [content])
+    shared.store.path(sha).write_bytes(content[:-1] + b"X")
+    return shared, sha
+
+
+def test_a_damaged_shared_copy_is_replaced_by_the_providers_file_with_the_same_hash(
+    tmp_path: Path,
+) -> None:
+    """The repair keeps only a download that hashes to the recorded sha256, files it on this
+    runner, puts it back in the shared tier and says where the good copy came from."""
+    content = b'{"custom_id": "a"}\n' * 1000
+    shared, sha = _damaged_folder_copy(tmp_path, content)
+    repaired: list[tuple[str, str]] = []
+    store = ResultStore(
+        BlobStore(tmp_path / "local"),
+        shared,
+        refetch=lambda s: Refetch("file-1 of provider srv", lambda p: p.write_bytes(content)),
+        on_repair=lambda s, where: repaired.append((s, where)),
+    )
+
+    assert store.ensure_local(sha).read_bytes() == content
+    assert b"".join(shared.chunks(sha)) == content
+    assert repaired == [(sha, "file-1 of provider srv")]
+
+
+@pytest.mark.parametrize(
+    ("download", "says"),
+    [
+        pytest.param(lambda p: p.write_bytes(b"other"), "gave other content", id="other-content"),
+        pytest.param(None, "cannot be downloaded again", id="provider-error"),
+        pytest.param("none", "is damaged", id="no-source"),
+    ],
+)
+def test_a_damaged_shared_copy_that_cannot_be_had_again_is_refused_and_nothing_kept(
+    tmp_path: Path, download: Any, says: str
+) -> None:
+    """A download with other content, a provider that refuses the download, or no recorded
+    source: the damaged copy is never used, nothing is filed on this runner, no repair is
+    reported, and the message says which of the three it was."""
+    content = b"answer\n" * 100
+    shared, sha = _damaged_folder_copy(tmp_path, content)
+
+    def refused(path: Path) -> None:
+        raise ProviderError("the file has expired")
+
+    def refetch(s: str) -> Refetch | None:
+        if download == "none":
+            return None
+        return Refetch("file-1 of provider srv", refused if download is None else download)
+
+    repaired: list[tuple[str, str]] = []
+    local = BlobStore(tmp_path / "local")
+    store = ResultStore(local, shared, refetch=refetch, on_repair=lambda *a: repaired.append(a))
+
+    with pytest.raises(BlobCorruptError) as caught:
+        store.ensure_local(sha)
+    assert says in str(caught.value)
+    assert not local.has(sha) and repaired == []
+
+
+def test_a_blob_in_no_tier_names_both_places_and_how_to_share_them(tmp_path: Path) -> None:
+    """A blob neither here nor in the shared tier is a BlobMissingError naming both places and
+    the way out (share the state's blobs), never a bare FileNotFoundError."""
+    store = ResultStore(BlobStore(tmp_path / "local"), FolderBlobs(tmp_path / "shared"))
+    with pytest.raises(BlobMissingError) as caught:
+        store.ensure_local("ab" * 32)
+    message = str(caught.value)
+    assert str(tmp_path / "local") in message and "the blob folder" in message
+    assert "state.blobs" in message
+    assert not store.has("ab" * 32)
