@@ -75,13 +75,32 @@ def timed_apply(
     return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def report(label: str, n: int, figures: tuple[float, float, float], calls: int) -> None:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process so far: the latency proxy and the model stand-in."""
+    times = os.times()
+    return times.user + times.system
+
+
+def report(
+    label: str, n: int, figures: tuple[float, float, float], calls: int, others: tuple[float, float]
+) -> None:
     wall, cpu, rss = figures
     target = TARGETS[label]
     print(
         f"{label:<18} {wall:7.2f} s (target {target:.0f} s at 1,000 x 100 ms)  "
         f"{calls / n:5.2f} round trips/resource  {cpu * 1000 / n:6.2f} CPU ms/resource  "
         f"peak RSS {rss:6.1f} MB (target {RSS_TARGET_MB})"
+    )
+    serve_cpu, bench_cpu = others
+    print(
+        f"{'':<18} the same {wall:.2f} s cost batchspec serve {serve_cpu:.2f} CPU s and the "
+        f"proxy with the model stand-in {bench_cpu:.2f} CPU s (of {os.cpu_count()} cores)"
     )
 
 
@@ -113,15 +132,19 @@ def main() -> None:
         n = args.manifests
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.submit"
+        cpu_before = process_cpu(serve.pid), own_cpu()
         figures = timed_apply(ws, args.parallelism, profile)
-        report("submit pass", n, figures, sum((counts - before).values()))
+        others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
+        report("submit pass", n, figures, sum((counts - before).values()), others)
         wait_until(serve_url, lambda s: s == "in_progress", n)
         gate.set()
         wait_until(serve_url, lambda s: s == "completed", n)
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.collect"
+        cpu_before = process_cpu(serve.pid), own_cpu()
         figures = timed_apply(ws, args.parallelism, profile)
-        report("poll+collect pass", n, figures, sum((counts - before).values()))
+        others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
+        report("poll+collect pass", n, figures, sum((counts - before).values()), others)
         outputs = list((ws / "results").glob("job-*[0-9].jsonl"))
         if len(outputs) != n:
             raise SystemExit(f"only {len(outputs)} of {n} result files were written")

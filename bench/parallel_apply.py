@@ -84,10 +84,15 @@ def start_gated_model() -> tuple[ThreadingHTTPServer, threading.Event, str]:
             except OSError:  # the engine gave up waiting (its request timeout) and retries
                 pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = _LoopbackServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, gate, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+class _LoopbackServer(ThreadingHTTPServer):
+    # the default listen backlog (5) resets connections when dozens are opened at once
+    request_queue_size = 256
+    daemon_threads = True
 
 
 def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPServer, Counter[str]]:
@@ -130,8 +135,7 @@ def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPSer
 
         do_GET = do_POST = do_DELETE = _forward
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = _LoopbackServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, counts
 
