@@ -147,6 +147,33 @@ def test_batches_the_listing_does_not_show_are_retrieved(
     assert all(ws.outputs(f"r{i:02d}") for i in range(3))
 
 
+def test_downloads_start_while_the_listing_still_pages(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The terminal batches on a listing's first page are downloaded while its later pages
+    are still being fetched, not after the whole listing: the list pages of a fleet's poll
+    pass (sequential, one round trip each) overlap its downloads."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_all_terminal(srv, 12)
+    srv.probe.hold(LIST, 0.3)  # each page a slow round trip
+    srv.probe.spans.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert all(len(ws.outputs(f"r{i:02d}")) == 1 for i in range(12))
+    lists = sorted(span for span in srv.probe.spans if span[0] == LIST)
+    downloads = sorted(span for span in srv.probe.spans if span[0] == DOWNLOAD)
+    assert len(lists) == 3 and len(downloads) == 12
+    last_page_ends = lists[-1][2]
+    early = [span for span in downloads if span[2] < last_page_ends]
+    assert len(early) >= 5  # at least the first page's batches, downloaded during the rest
+
+
 _IDS = re.compile(r"\b(batch|file)[-_][A-Za-z0-9]+")
 
 

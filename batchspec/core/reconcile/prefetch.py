@@ -18,9 +18,11 @@ It promises:
   ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
-* **Files only for terminal batches**, and each file once per pass. The pass does not wait for
-  the downloads: the collect step of each resource waits for its own files, so the first
-  resources are recorded while the later ones still download.
+* **Files only for terminal batches**, and each file once per pass. A listing starts the
+  downloads of the terminal batches on each page as the page arrives, so they overlap the
+  pages still to come. The pass does not wait for the downloads: the collect step of each
+  resource waits for its own files, so the first resources are recorded while the later ones
+  still download.
 """
 
 from __future__ import annotations
@@ -152,20 +154,29 @@ def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: Bounded
     rows = [b for b in _current_batches(ctx, resources) if b.remote_id is not None]
     in_flight = [b for b in rows if b.status not in TERMINAL_STATUSES]
     observed = _poll_all(ctx, in_flight, calls)
-    files: dict[tuple[str, str], None] = {}  # ordered and without repeats
     for row in rows:
         seen = observed.get(row.id)
         if seen is not None:
-            if not seen.is_terminal:
-                continue
-            file_ids = (seen.output_file_id, seen.error_file_id)
+            _download_files(ctx, calls, row.provider, seen)
         elif row.status in TERMINAL_STATUSES and row.collected_at is None:
-            file_ids = (row.output_file_id, row.error_file_id)
-        else:
-            continue
-        files.update({(row.provider, f): None for f in file_ids if f})
-    for key in files:  # taken (waited for) by the collect step: it starts before they end
-        ctx.prefetched.files[key] = calls.submit(key[0], _downloader(ctx, key[0], key[1]))
+            for file_id in (row.output_file_id, row.error_file_id):
+                _download(ctx, calls, row.provider, file_id)
+
+
+def _download_files(ctx: RunContext, calls: BoundedCalls, provider: str, seen: RemoteBatch) -> None:
+    """Start the downloads of a batch seen terminal (a listing calls this as each page
+    arrives, so the first downloads overlap the pages still to come)."""
+    if seen.is_terminal:
+        for file_id in (seen.output_file_id, seen.error_file_id):
+            _download(ctx, calls, provider, file_id)
+
+
+def _download(ctx: RunContext, calls: BoundedCalls, provider: str, file_id: str | None) -> None:
+    """Start one download, once a pass; the collect step takes (waits for) it, so it starts
+    before the downloads end."""
+    key = (provider, file_id or "")
+    if file_id and key not in ctx.prefetched.files:
+        ctx.prefetched.files[key] = calls.submit(provider, _downloader(ctx, provider, file_id))
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
@@ -205,7 +216,7 @@ def _poll_all(
     for row in in_flight:
         by_provider.setdefault(row.provider, []).append(row)
     listings = {
-        name: calls.submit(name, _lister(ctx, name, {b.remote_id or "" for b in rows}))
+        name: calls.submit(name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls))
         for name, rows in by_provider.items()
         if _lists(ctx, name) and len(rows) > 1
     }
@@ -239,7 +250,9 @@ def _lists(ctx: RunContext, provider: str) -> bool:
     return config is not None and config.type in LISTING_TYPES
 
 
-def _lister(ctx: RunContext, name: str, wanted: set[str]) -> Callable[[], dict[str, RemoteBatch]]:
+def _lister(
+    ctx: RunContext, name: str, wanted: set[str], calls: BoundedCalls
+) -> Callable[[], dict[str, RemoteBatch]]:
     def list_wanted() -> dict[str, RemoteBatch]:
         max_pages = math.ceil(len(wanted) / LIST_PAGE_SIZE) + 1
         found: dict[str, RemoteBatch] = {}
@@ -248,6 +261,7 @@ def _lister(ctx: RunContext, name: str, wanted: set[str]) -> Callable[[], dict[s
         ):
             if batch.id in wanted:
                 found[batch.id] = batch
+                _download_files(ctx, calls, name, batch)
                 if len(found) == len(wanted):
                     break
             if index + 1 >= max_pages * LIST_PAGE_SIZE:
