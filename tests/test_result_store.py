@@ -20,6 +20,7 @@ import pytest
 import yaml
 from postgres import PASSWORD
 from probes import ServeProcess, start_serve_process
+from servers import stop_after_test
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
 
 from batchspec.errors import ProviderError
@@ -77,8 +78,7 @@ def serve_proc(tmp_path: Path) -> Any:
         return proc
 
     yield start
-    for proc in procs:
-        proc.stop()
+    stop_after_test(procs)
 
 
 # -- end to end: PostgreSQL ----------------------------------------------------------------------
