@@ -137,7 +137,8 @@ def test_a_damaged_remote_chunk_is_refused_and_nothing_is_written(
     (exit 1) naming the damaged blob; results/ gets no file, the local cache no blob."""
     proc = serve_proc()
     a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
-    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"})
+    # the provider is stopped below: its download is refused at once, not retried with backoff
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"}, maxRetries=0)
     run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
     assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
     proc.stop()
