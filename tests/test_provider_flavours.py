@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import EngineServer, jsonl_bytes, request_lines, start_server, wait_for
+from servers import (
+    EngineServer,
+    jsonl_bytes,
+    request_lines,
+    start_server,
+    stop_after_test,
+    wait_for,
+)
 from workspaces import KEY_ENV, ResourceSpec, make_workspace, run_cli
 
 from batchspec.engine import BuiltinUpstream, Engine
@@ -41,7 +48,7 @@ ROOTS = {"openai": "/v1", "groq": "/groq/openai/v1", "together": "/together/v1"}
 def served(tmp_path: Path) -> Iterator[EngineServer]:
     server = start_server(tmp_path / "engine", api_key=API_KEY)
     yield server
-    server.stop()
+    stop_after_test([server])
 
 
 def together_lines(count: int) -> list[dict[str, Any]]:
