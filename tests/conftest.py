@@ -27,10 +27,25 @@ import pytest
 from postgres import Cluster, find_bin_dir, start_cluster
 from probes import ProbedServer, start_probed_server
 from scripted_server import ScriptedServer
-from servers import EngineServer, StandinUpstream, start_server, start_standin_upstream
+from servers import (
+    EngineServer,
+    StandinUpstream,
+    join_stopped,
+    start_server,
+    start_standin_upstream,
+    stop_after_test,
+)
 from workspaces import SENTINEL_KEY
 
 pytest_plugins = ["ci_skips"]  # with CI=true a skip is a failure (tests/ci_skips.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_stopped_at_teardown() -> Iterator[None]:
+    """The fixtures below stop their servers off the test's thread (``stop_after_test``);
+    at the end of the session every one of those stops has finished, or this fails."""
+    yield
+    join_stopped()
 
 
 @pytest.fixture
@@ -43,8 +58,7 @@ def serve_engine(tmp_path: Path) -> Iterator[Callable[..., EngineServer]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    stop_after_test(started)
 
 
 @pytest.fixture
@@ -57,8 +71,7 @@ def standin_upstream() -> Iterator[Callable[..., StandinUpstream]]:
         return upstream
 
     yield start
-    for upstream in started:
-        upstream.stop()
+    stop_after_test(started)
 
 
 @pytest.fixture
@@ -74,8 +87,7 @@ def server(tmp_path: Path) -> Iterator[Callable[..., ProbedServer]]:
         return srv
 
     yield start
-    for srv in started:
-        srv.stop()
+    stop_after_test(started)
 
 
 @pytest.fixture(scope="module")

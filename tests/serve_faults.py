@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from probes import ServeProcess, start_serve_process
+from servers import stop_after_test
 from workspaces import KEY_ENV, ResourceSpec, Workspace, make_workspace, openai_provider, run_cli
 
 #: apply flags that keep waiting tests fast (polls back off from 0.5 s to at most this)
@@ -40,8 +41,7 @@ def serve_processes(tmp_path: Path) -> Iterator[Any]:
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    stop_after_test(started)
 
 
 def served_workspace(

@@ -11,6 +11,7 @@ thread and counts the calls per request body, so a test can prove no line was se
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -102,6 +103,48 @@ def start_standin_upstream(*, latency: float = 0.0) -> StandinUpstream:
     app = standin_app(latency=latency)
     background = start_in_thread(app)
     return StandinUpstream(background.base_url, background, app.state.calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping servers at teardown, off the test's thread
+
+_stopping: list[tuple[threading.Thread, list[BaseException]]] = []
+
+
+def stop_after_test(servers: Iterable[Any]) -> None:
+    """Fixture teardown: stop ``servers`` (anything with ``.stop()``), in order, on a thread
+    of their own. A uvicorn server takes 0.1-0.2 s to shut down (its main loop's tick, then
+    0.1 s for connections) and a ``batchspec serve`` process as long plus its exit; the next
+    test need not wait for that. Each test's servers have their own ports and data folders.
+    ``join_stopped`` (end of session) waits for all of them and re-raises the first error."""
+    servers = list(servers)
+    if not servers:
+        return
+    errors: list[BaseException] = []
+
+    def stop_all() -> None:
+        for server in servers:
+            try:
+                server.stop()
+            except BaseException as err:  # kept for join_stopped
+                errors.append(err)
+
+    thread = threading.Thread(target=stop_all, name="test-teardown-stop", daemon=True)
+    thread.start()
+    _stopping[:] = [(t, e) for t, e in _stopping if t.is_alive() or e]
+    _stopping.append((thread, errors))
+
+
+def join_stopped(timeout: float = 60.0) -> None:
+    """Wait for every ``stop_after_test`` thread; raise the first error a stop raised."""
+    for thread, _ in _stopping:
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError("a server stopped at teardown did not stop within 60 s")
+    errors = [err for _, errs in _stopping for err in errs]
+    _stopping.clear()
+    if errors:
+        raise errors[0]
 
 
 # ---------------------------------------------------------------------------------------------

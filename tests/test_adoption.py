@@ -25,7 +25,17 @@ from typing import Any
 import pytest
 from probes import ProbedServer
 from servers import request_lines
-from workspaces import KEY_ENV, SENTINEL_KEY, Workspace, batchspec_cmd, run_cli, served
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    batchspec_cmd,
+    make_workspace,
+    openai_provider,
+    run_cli,
+    served,
+)
 
 HOLD = 30.0
 FAST = ["--poll-interval", "0.05"]
@@ -146,7 +156,13 @@ def test_creates_once_when_only_decoys_carry_part_of_the_key(
     is adopted; the re-run creates exactly one batch of its own."""
     srv = server()
     client = srv.client()
-    ws = served(tmp_path / "ws", srv)
+    # the lost create's confirm window (default: timeout + 60 s, waited out in full) is cut
+    # to 1 s: the re-run still looks the key up among the decoys before it creates
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV, createConfirmSeconds=1)},
+        resources=(ResourceSpec("triage", count=4),),
+    )
     spec = spec_hash_of(ws, capsys)
     crash_during_create(ws, srv, reached=False)
     subset = key_metadata("triage", spec, 0, 1)

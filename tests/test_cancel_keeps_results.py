@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from probes import ServeProcess, start_serve_process
-from servers import wait_for
+from servers import stop_after_test, wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, openai_provider, run_cli
 
 REQUESTS = 40
@@ -37,8 +37,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    stop_after_test(started)
 
 
 def test_cancel_mid_batch_keeps_the_answers_that_finished(

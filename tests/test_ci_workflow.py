@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer, start_probed_server
-from servers import wait_for
+from servers import stop_after_test, wait_for
 from workspaces import SENTINEL_KEY, ResourceSpec, make_workspace, openai_provider, run_cli
 
 from batchspec.cli.render import PLAN_MARKDOWN_MARKER
@@ -119,7 +119,7 @@ def test_workflow_persists_state_and_results_and_comments_with_the_marker() -> N
 def server(tmp_path: Path) -> Iterator[ProbedServer]:
     srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
     yield srv
-    srv.stop()
+    stop_after_test([srv])
 
 
 class CiRunner:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer, start_probed_server
+from servers import stop_after_test
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -375,7 +376,7 @@ def slow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pro
         drain_timeout=0.1,
     )
     yield srv
-    srv.stop()
+    stop_after_test([srv])
 
 
 def test_cancel_stops_in_flight_batches_and_records_it(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from probes import ProbedServer, ServeProcess, start_serve_process
+from servers import stop_after_test
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -195,8 +196,7 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    stop_after_test(started)
 
 
 def test_killed_right_after_its_batch_appears_on_batchspec_serve(

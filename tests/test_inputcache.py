@@ -61,14 +61,37 @@ class OpenWatch:
         os.close(self.fd)
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    ws = make_workspace(
-        tmp_path / "ws",
+def new_workspace(root: Path) -> Workspace:
+    return make_workspace(
+        root,
         providers={"here": local_provider()},
         resources=[ResourceSpec("cached", count=50, provider="here")],
     )
+
+
+@pytest.fixture(scope="module")
+def aged_workspaces(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[Workspace]:
+    """One fresh workspace for each of this module's tests that takes ``workspace``, all
+    written first, then aged past the racy window by one sleep instead of one per test."""
+    wanted = [
+        item
+        for item in request.session.items
+        if item.module is request.module and "workspace" in getattr(item, "fixturenames", ())
+    ]
+    pool = [new_workspace(tmp_path_factory.mktemp("ws")) for _ in wanted]
     time.sleep(RACY_WINDOW_S + 0.1)  # a just-written input is never remembered (racy window)
+    return pool
+
+
+@pytest.fixture
+def workspace(aged_workspaces: list[Workspace], tmp_path: Path) -> Workspace:
+    """A workspace of its own, with one 50-request input older than the racy window."""
+    if aged_workspaces:
+        return aged_workspaces.pop()
+    ws = new_workspace(tmp_path / "ws")  # more tests than counted (e.g. a rerun)
+    time.sleep(RACY_WINDOW_S + 0.1)
     return ws
 
 

@@ -16,7 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import FAST_ENGINE_OPTIONS, jsonl_bytes, read_jsonl, request_lines, wait_for
+from servers import (
+    FAST_ENGINE_OPTIONS,
+    jsonl_bytes,
+    read_jsonl,
+    request_lines,
+    stop_after_test,
+    wait_for,
+)
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli
 
 from batchspec.engine import BuiltinUpstream, Engine
@@ -99,8 +106,7 @@ def azure_server(tmp_path: Path) -> Iterator[Callable[..., AzureServer]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    stop_after_test(started)
 
 
 def provider_for(server: AzureServer, **kwargs: Any) -> AzureOpenAIProvider:

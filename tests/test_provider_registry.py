@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted_server import ScriptedServer, json_answer
 
 from batchspec.errors import ProviderError
 from batchspec.providers.anthropic import AnthropicProvider
@@ -142,3 +143,37 @@ def test_unknown_type_is_an_error(tmp_path: Path) -> None:
     """An unknown type (the schema forbids it) still fails clearly rather than guessing."""
     with pytest.raises(ProviderError, match="unknown provider type 'vertex'"):
         build_provider(config("vertex"), project_root=tmp_path, env={})
+
+
+@pytest.mark.parametrize(("option", "requests"), [(None, 6), (0, 1), (2, 3)])
+def test_max_retries_option_sets_how_often_a_call_is_retried(
+    tmp_path: Path, scripted: ScriptedServer, option: int | None, requests: int
+) -> None:
+    """options.maxRetries: a call the server keeps answering 503 is sent 1 + maxRetries
+    times (default 5 retries), then fails with the provider's message."""
+    busy = json_answer(503, {"error": {"message": "busy"}}, **{"retry-after-ms": "1"})
+    scripted.script(then=busy)
+    options = {} if option is None else {"maxRetries": option}
+    provider = build_provider(
+        config(base_url=scripted.v1, api_key_env="K", options=options),
+        project_root=tmp_path,
+        env={"K": "k"},
+    )
+    with pytest.raises(ProviderError, match="busy"):
+        provider.get_batch("batch_1")
+    provider.close()
+    assert scripted.methods() == ["GET"] * requests
+
+
+@pytest.mark.parametrize(
+    "type_", ["openai", "azure", "groq", "together", "anthropic", "gemini", "mistral"]
+)
+def test_every_http_provider_type_takes_max_retries(tmp_path: Path, type_: str) -> None:
+    """maxRetries reaches the retry policy of every HTTP provider type."""
+    provider = build_provider(
+        config(type_, base_url="http://127.0.0.1:9/v1", api_key_env="K", options={"maxRetries": 1}),
+        project_root=tmp_path,
+        env={"K": "k"},
+    )
+    assert provider._policy.max_attempts == 2  # type: ignore[attr-defined]
+    provider.close()

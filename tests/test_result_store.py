@@ -20,6 +20,7 @@ import pytest
 import yaml
 from postgres import PASSWORD
 from probes import ServeProcess, start_serve_process
+from servers import stop_after_test
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
 
 from batchspec.errors import ProviderError
@@ -77,8 +78,7 @@ def serve_proc(tmp_path: Path) -> Any:
         return proc
 
     yield start
-    for proc in procs:
-        proc.stop()
+    stop_after_test(procs)
 
 
 # -- end to end: PostgreSQL ----------------------------------------------------------------------
@@ -137,7 +137,8 @@ def test_a_damaged_remote_chunk_is_refused_and_nothing_is_written(
     (exit 1) naming the damaged blob; results/ gets no file, the local cache no blob."""
     proc = serve_proc()
     a = served(tmp_path / "a", proc, ResourceSpec("triage", count=5))
-    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"})
+    # the provider is stopped below: its download is refused at once, not retried with backoff
+    set_state(a, {"urlEnv": "BATCHSPEC_STATE_URL"}, maxRetries=0)
     run = runner({**os.environ, KEY_ENV: SENTINEL_KEY, "BATCHSPEC_STATE_URL": postgres_url})
     assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
     proc.stop()

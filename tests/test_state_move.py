@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from postgres import PASSWORD, Cluster
 from probes import ServeProcess, start_serve_process
+from servers import stop_after_test
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli, served
 
 from batchspec.errors import StateError
@@ -91,7 +92,7 @@ def postgres_tables(url: str, cluster: Cluster) -> list[str]:
 def serve(tmp_path: Path) -> Iterator[ServeProcess]:
     proc = start_serve_process(tmp_path / "engine", api_key=SENTINEL_KEY)
     yield proc
-    proc.stop()
+    stop_after_test([proc])
 
 
 @pytest.fixture

@@ -18,7 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import EngineServer, jsonl_bytes, request_lines, start_server, wait_for
+from servers import (
+    EngineServer,
+    jsonl_bytes,
+    request_lines,
+    start_server,
+    stop_after_test,
+    wait_for,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -43,7 +50,7 @@ METADATA = {
 def served(tmp_path: Path) -> Iterator[EngineServer]:
     server = start_server(tmp_path / "engine", api_key=API_KEY)
     yield server
-    server.stop()
+    stop_after_test([server])
 
 
 def provider_for(base_url: str, journal: Path) -> TogetherProvider:

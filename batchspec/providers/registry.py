@@ -46,6 +46,14 @@ DEFAULT_TOGETHER_DATA_DIR = "state/together"
 DEFAULT_TIMEOUT = 60.0
 #: how much longer than the timeout a create may stay in transit (a gateway holding it)
 CREATE_CONFIRM_MARGIN = 60.0
+#: retries of one API call when a provider sets no ``maxRetries``
+DEFAULT_MAX_RETRIES = 5
+
+
+def max_retries(options: Mapping[str, Any]) -> int:
+    """How many times one API call is retried (``maxRetries``; default ``DEFAULT_MAX_RETRIES``)."""
+    value = options.get("maxRetries")
+    return DEFAULT_MAX_RETRIES if value is None else int(value)
 
 
 def create_confirm_seconds(config: ProviderConfig) -> float:
@@ -112,6 +120,7 @@ def build_openai_provider(
         api_key_env=key_env,
         extra_headers=headers,
         timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
+        max_retries=max_retries(options),
         # LiteLLM's custom_llm_provider: which provider behind the proxy takes every call
         litellm_provider=options.get("litellmProvider"),
     )
@@ -136,6 +145,7 @@ def build_azure_provider(
         api_style=str(options.get("apiStyle", "v1")),
         api_version=options.get("apiVersion"),
         timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
+        max_retries=max_retries(options),
     )
 
 
@@ -151,6 +161,7 @@ def build_groq_provider(
         api_key=_api_key(config.name, key_env, env),
         api_key_env=key_env,
         timeout=float(options.get("timeout", 60.0)),
+        max_retries=max_retries(options),
     )
 
 
@@ -170,6 +181,7 @@ def build_together_provider(
         api_key_env=key_env,
         data_dir=data_dir / config.name,
         timeout=float(options.get("timeout", 60.0)),
+        max_retries=max_retries(options),
     )
     return provider
 
@@ -193,6 +205,7 @@ def build_anthropic_provider(
         anthropic_version=str(options.get("anthropicVersion", "2023-06-01")),
         default_max_tokens=options.get("defaultMaxTokens"),
         timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
+        max_retries=max_retries(options),
     )
     return provider
 
@@ -216,6 +229,7 @@ def build_gemini_provider(
         api_version=str(options.get("apiVersion", "v1beta")),
         inline_max_bytes=int(options.get("inlineMaxBytes", DEFAULT_INLINE_MAX_BYTES)),
         timeout=float(options.get("timeout", 60.0)),
+        max_retries=max_retries(options),
     )
     return provider
 
@@ -237,6 +251,7 @@ def build_mistral_provider(
         api_key_env=key_env,
         data_dir=data_dir / config.name,
         timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
+        max_retries=max_retries(options),
     )
     return provider
 
