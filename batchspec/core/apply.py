@@ -289,6 +289,7 @@ def apply_workspace(
                     may_touch=lambda name: lock.covers(name) or current_lock(store, name) is None,
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
+                    inputs=cache,
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)

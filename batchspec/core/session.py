@@ -22,7 +22,7 @@ from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
-from batchspec.workspace.inputcache import InputCache
+from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
@@ -41,7 +41,7 @@ def open_workspace(
     """Load manifests through the caches beside the state database (inputs and manifests)."""
     project = project_for(paths, state_path=state_path)
     cache_db = project.state_path.parent / "input-cache.db"
-    with InputCache(cache_db) as cache:
+    with InputCache(cache_db, index_dir=index_dir_beside(project.state_path)) as cache:
         with ManifestCache(cache_db, project) as manifests:
             ws = load_workspace(
                 paths,
