@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from batchspec.wire.request_index import (
     RequestIndexWriter,
     read_request_index,
 )
+from batchspec.workspace.inputcache import INDEX_KEEP_S, InputCache
 
 WAIT = ApplyOptions(wait=True, poll_interval=0.05)
 
@@ -278,3 +280,25 @@ def test_an_input_only_touched_after_validation_is_not_a_change(tmp_path: Path) 
 
     assert result.exit_code == 0
     assert len(ws.outputs("job")) == 20
+
+
+def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
+    tmp_path: Path,
+) -> None:
+    """A new index removes those unused for ``INDEX_KEEP_S`` (a lost index costs one
+    re-read); an index just used by ``request_index`` is kept however old it was."""
+    folder = tmp_path / "input-index"
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(line) + "\n" for line in request_lines(2)))
+    second.write_text("".join(json.dumps(line) + "\n" for line in request_lines(3)))
+    stale = folder / ("0" * 64 + ".idx")
+    with InputCache(None, index_dir=folder) as cache:
+        sha = cache.scan(first).sha256
+        folder.joinpath(stale.name).write_bytes(b"old")
+        long_ago = time.time() - INDEX_KEEP_S - 60
+        for path in (stale, folder / f"{sha}.idx"):
+            os.utime(path, (long_ago, long_ago))
+        assert cache.request_index(first, sha) == folder / f"{sha}.idx"  # used: fresh again
+        other = cache.scan(second).sha256
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{sha}.idx", f"{other}.idx"])

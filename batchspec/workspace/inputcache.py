@@ -18,7 +18,8 @@ The same read writes the input's request index (``batchspec.wire.request_index``
 request ledger and batch files need of every request line, so that ``apply`` parses an input
 once (``request_index``). An index describes content, not a path: it is used only for a
 file whose sha256 is the one asked for, and a file that changed since its scan is scanned
-again (``require_unchanged``), never trusted. Deleting the folder only costs a re-read.
+again (``require_unchanged``), never trusted. Deleting the folder only costs a re-read, so
+indexes unused for ``INDEX_KEEP_S`` are removed when a new one is written.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ create table if not exists scans (
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
 RACY_WINDOW_S = 2.0
+#: seconds a request index is kept after its last use (a lost one costs one re-read)
+INDEX_KEEP_S = 14 * 24 * 3600
 
 
 class InputCache:
@@ -142,6 +145,8 @@ class InputCache:
         folder = self._writable_index_dir() or self._private_index_dir()
         kept = folder / f"{sha256}.idx"
         if is_complete(kept):
+            with contextlib.suppress(OSError):  # in use: not pruned
+                os.utime(kept)
             return kept
         report = self._scan_and_index(path, {}, folder)
         if report.sha256 != sha256:
@@ -170,6 +175,7 @@ class InputCache:
                 writer.finish()
             if report.ok:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
+                _prune_indexes(folder, keep=report.sha256)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -246,6 +252,18 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
             conn.close()
         return None
     return conn
+
+
+def _prune_indexes(folder: Path, *, keep: str) -> None:
+    """Remove request indexes (and leftover partial ones) unused for ``INDEX_KEEP_S``."""
+    old = time.time() - INDEX_KEEP_S
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(keep):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < old:
+                    os.unlink(entry.path)
 
 
 def index_dir_beside(state_path: Path) -> Path:
