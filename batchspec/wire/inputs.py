@@ -6,8 +6,10 @@ read chunk, at most one over-long line prefix (bounded by ``max_line_bytes``) an
 ``custom_id``s seen so far (needed to name the first line of a duplicate). The result is an
 ``InputReport``: counts, size, sha256, the models seen, the first ``MAX_SHOWN`` problems and
 the count of all of them. ``require_valid_input`` raises ``InputError`` when a file is not ok.
-``iter_requests`` streams the request lines of a validated file in file order (for sharding
-and for writing results in input order).
+``iter_requests`` streams the request lines of a validated file in file order. The same scan
+can write the file's request index (``index=``, ``batchspec.wire.request_index``): each
+request's line, offset, size, fingerprint and ``custom_id``, so that ``apply`` shards and
+records its ledger without parsing the file again.
 
 Lines
     Lines end with ``\\n``; a ``\\r`` before it (CRLF) is accepted and is not part of the line.
