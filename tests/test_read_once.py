@@ -85,15 +85,10 @@ def engine_files(ws: Workspace) -> int:
         engine.close()
 
 
-@pytest.mark.parametrize("per_batch", [None, 40], ids=["one-shard", "three-shards"])
-def test_a_fresh_apply_parses_each_input_line_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int | None
-) -> None:
-    """Validation, hashing, sharding and the ledger of a 100-request input cost 100 line
-    parses in all on batchspec's side (they were 200: the ledger and the sharding parsed
-    the input again); the embedded engine's own parses, the provider's side, do not count."""
-    ws = local_ws(tmp_path, 100, per_batch=per_batch)
-    parsed = []
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every input line batchspec parses from now on (the embedded engine's own parses, the
+    provider's side, are not counted)."""
+    parsed: list[bytes] = []
     real_parse = inputs._parse
 
     def counting_parse(line: bytes) -> object:
@@ -107,12 +102,46 @@ def test_a_fresh_apply_parses_each_input_line_once(
         return real_parse(line)
 
     monkeypatch.setattr(inputs, "_parse", counting_parse)
+    return parsed
+
+
+@pytest.mark.parametrize("per_batch", [None, 40], ids=["one-shard", "three-shards"])
+def test_a_fresh_apply_parses_each_input_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int | None
+) -> None:
+    """Validation, hashing, sharding and the ledger of a 100-request input cost 100 line
+    parses in all (they were 200: the ledger and the sharding parsed the input again)."""
+    ws = local_ws(tmp_path, 100, per_batch=per_batch)
+    parsed = count_parses(monkeypatch)
 
     result = apply_workspace([str(ws.root)], WAIT)
 
     assert result.exit_code == 0
     assert len(parsed) == 100
     assert len(ws.outputs("job")) == 100
+
+
+def test_an_edited_input_is_parsed_once_to_reuse_its_unchanged_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line of a done 100-request input edited: the apply that counts the 99 reusable
+    answers, records the ledger and writes the 1-request batch file parses 100 lines (it
+    was 400: reuse counting, ledger and sharding each parsed the input again)."""
+    ws = local_ws(tmp_path, 100)
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    lines = request_lines(100)
+    lines[5] = {**lines[5], "body": {**lines[5]["body"], "temperature": 0.5}}
+    ws.write_input("job", lines)
+    parsed = count_parses(monkeypatch)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [(a.requests, a.reused) for a in result.plan.actions] == [(1, 99)]
+    assert len(parsed) == 100
+    with ws.store() as store:
+        [gen] = [g for g in store.generations("job") if g.status == "complete"][-1:]
+        assert store.ledger().state_counts(gen.id) == {"ok": 100}
 
 
 def test_a_fresh_apply_opens_a_one_shard_input_to_scan_it_and_to_upload_it(
