@@ -52,6 +52,7 @@ from batchspec.core.recorded import (
     observe_disk,
 )
 from batchspec.core.replacements import (
+    RequestFacts,
     effective_resources,
     next_replacement,
     reusable_answers,
@@ -61,6 +62,7 @@ from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.selection import orphan_selector
 from batchspec.core.session import (
     ProviderPool,
+    indexed_requests,
     missing_api_keys,
     open_workspace,
     provider_option,
@@ -262,6 +264,7 @@ def apply_workspace(
                 replacing=frozenset(options.replace),
                 reuse=options.reuse,
                 backoff=requeue_backoff(ws),
+                requests=indexed_requests(cache, facts),
             )
             if saved is not None:
                 saved.require_current(store, resources, plan)
@@ -289,6 +292,7 @@ def apply_workspace(
                     may_touch=lambda name: lock.covers(name) or current_lock(store, name) is None,
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
+                    inputs=cache,
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)
@@ -389,7 +393,12 @@ def converge(
         sleep(interval)
         interval = min(interval * 1.5, options.poll_interval)
     plan = compute_plan(
-        rec.store, resources, facts, include_orphans=False, backoff=rec.requeue_backoff
+        rec.store,
+        resources,
+        facts,
+        include_orphans=False,
+        backoff=rec.requeue_backoff,
+        requests=lambda r: rec.ctx.request_facts(r, facts[r.name].sha256),
     )
     if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
         return "replace_refused"  # exit 1: CI must not pass with the old spec still running
@@ -418,8 +427,10 @@ def compute_plan(
     replacing: AbstractSet[str] = frozenset(),
     reuse: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
+    requests: RequestFacts | None = None,
 ) -> Plan:
-    """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them)."""
+    """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them);
+    ``requests``: their inputs' request indexes (else inputs are parsed to count reuse)."""
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk(
@@ -428,7 +439,14 @@ def compute_plan(
         export_paths(resources),
     )
     desired = [
-        desired_with_reuse(store, r, facts[r.name], replace=r.name in replacing, reuse=reuse)
+        desired_with_reuse(
+            store,
+            r,
+            facts[r.name],
+            replace=r.name in replacing,
+            reuse=reuse,
+            requests=requests,
+        )
         for r in resources
     ]
     plan = make_plan(
@@ -456,7 +474,13 @@ def planned_resources(
 
 
 def desired_with_reuse(
-    store: StateStore, res: Resource, facts: InputReport, *, replace: bool, reuse: bool
+    store: StateStore,
+    res: Resource,
+    facts: InputReport,
+    *,
+    replace: bool,
+    reuse: bool,
+    requests: RequestFacts | None = None,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
     counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger."""
@@ -466,7 +490,9 @@ def desired_with_reuse(
         return want  # no ledger to record, or nothing to carry into it
     if gen is None and replace and not reuse:
         return want
-    count, nbytes = reusable_answers(store, res, exclude=(gen.id,) if gen else ())
+    count, nbytes = reusable_answers(
+        store, res, exclude=(gen.id,) if gen else (), requests=requests
+    )
     return dataclasses.replace(want, reusable=count, reusable_bytes=nbytes)
 
 

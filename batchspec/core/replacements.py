@@ -21,13 +21,14 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from batchspec.core.sharding import fingerprint
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import iter_requests
+from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, spec_hash
 
 REPLACEMENT_KEY = "replacement"
@@ -86,11 +87,20 @@ def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resour
 # What a new generation would reuse (the plan counts it exactly as apply carries it over)
 
 
+#: a resource's requests from its input's request index (``RunContext.request_facts``)
+RequestFacts = Callable[[Resource], Iterable[RequestFact]]
+
+
 def reusable_answers(
-    store: StateStore, res: Resource, *, exclude: Sequence[int] = ()
+    store: StateStore,
+    res: Resource,
+    *,
+    exclude: Sequence[int] = (),
+    requests: RequestFacts | None = None,
 ) -> tuple[int, int]:
     """``(requests, bytes)`` of ``res``'s input whose very same line succeeded in an earlier
-    generation: what ``RequestLedger.carry_over`` keeps when a new generation is recorded."""
+    generation: what ``RequestLedger.carry_over`` keeps when a new generation is recorded.
+    ``requests``: the input's request index, read instead of parsing the input again."""
     ids = [g.id for g in store.generations(res.name) if g.id not in exclude]
     if not ids:
         return 0, 0
@@ -98,6 +108,12 @@ def reusable_answers(
     if not answered:
         return 0, 0
     count = nbytes = 0
+    if requests is not None:
+        for fact in requests(res):
+            if (fact.custom_id, fact.request_sha) in answered:
+                count += 1
+                nbytes += fact.length + 1
+        return count, nbytes
     for req in iter_requests(res.input_path):
         if (req.custom_id, fingerprint(req.raw)) in answered:
             count += 1

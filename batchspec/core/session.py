@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
+from batchspec.core.replacements import RequestFacts
 from batchspec.core.selection import select_from_workspace
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import BatchspecError, InputError, ManifestError
@@ -22,7 +23,8 @@ from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
-from batchspec.workspace.inputcache import InputCache
+from batchspec.wire.request_index import RequestFact, read_request_index
+from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
@@ -41,7 +43,7 @@ def open_workspace(
     """Load manifests through the caches beside the state database (inputs and manifests)."""
     project = project_for(paths, state_path=state_path)
     cache_db = project.state_path.parent / "input-cache.db"
-    with InputCache(cache_db) as cache:
+    with InputCache(cache_db, index_dir=index_dir_beside(project.state_path)) as cache:
         with ManifestCache(cache_db, project) as manifests:
             ws = load_workspace(
                 paths,
@@ -145,6 +147,16 @@ def validate_inputs(
             details=[line for err in failures for line in [err.message, *err.details]],
         )
     return facts
+
+
+def indexed_requests(cache: InputCache, facts: Mapping[str, InputReport]) -> RequestFacts:
+    """Each validated resource's requests from its input's request index (no re-parse)."""
+
+    def requests(res: Resource) -> Iterator[RequestFact]:
+        index = cache.request_index(res.input_path, facts[res.name].sha256)
+        return read_request_index(index)
+
+    return requests
 
 
 def provider_option(ws: Workspace, name: str, key: str) -> Any:

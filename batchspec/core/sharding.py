@@ -5,6 +5,12 @@ requests, the bytes of the batch file, and, for ``/v1/embeddings``, the number o
 inputs in all. The split depends only on the input's bytes and the limits, so the same input
 always gives the same shards and a re-run adopts its batches instead of creating new ones.
 Everything streams: a request is looked at once and never held.
+
+``apply`` shards from the input's request index (``batchspec.wire.request_index``: each
+request's size, embedding inputs and fingerprint, learnt by the scan that validated it), so
+the input is not parsed again: ``assign_indexed_shards`` places requests by their facts alone,
+and ``ShardWriters`` copies a request's bytes from the input by offset, checked against its
+fingerprint, only when a shard file must be written.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.wire.inputs import RequestLine, iter_requests
+from batchspec.wire.request_index import RequestBytes, RequestFact
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
@@ -35,18 +42,40 @@ def assign_shards(
 ) -> Iterator[tuple[int, RequestLine]]:
     """Yield ``(shard_index, request)`` in input order, opening a new shard at each limit."""
     count_inputs = endpoint == EMBEDDINGS_ENDPOINT
-    shard, n, nbytes, ninputs = 0, 0, 0, 0
+    place = _Placer(limits, count_inputs)
     for req in requests:
-        size = len(req.raw) + 1  # each line is written with "\n"
-        inputs = embedding_inputs(req.raw) if count_inputs else 0
-        if n and (
-            n + 1 > limits.max_requests
-            or nbytes + size > limits.max_bytes
-            or (count_inputs and ninputs + inputs > limits.max_embedding_inputs)
+        # each line is written with "\n"
+        yield place(len(req.raw) + 1, embedding_inputs(req.raw) if count_inputs else 0), req
+
+
+def assign_indexed_shards(
+    facts: Iterable[RequestFact], limits: ShardLimits, *, endpoint: str
+) -> Iterator[tuple[int, RequestFact]]:
+    """``assign_shards`` over a request index: the same shards, with no line parsed."""
+    count_inputs = endpoint == EMBEDDINGS_ENDPOINT
+    place = _Placer(limits, count_inputs)
+    for fact in facts:
+        yield place(fact.length + 1, fact.inputs if count_inputs else 0), fact
+
+
+class _Placer:
+    """The shard of each next request, given its size in the batch file and its inputs."""
+
+    def __init__(self, limits: ShardLimits, count_inputs: bool) -> None:
+        self.limits = limits
+        self.count_inputs = count_inputs
+        self.shard, self.n, self.nbytes, self.ninputs = 0, 0, 0, 0
+
+    def __call__(self, size: int, inputs: int) -> int:
+        limits = self.limits
+        if self.n and (
+            self.n + 1 > limits.max_requests
+            or self.nbytes + size > limits.max_bytes
+            or (self.count_inputs and self.ninputs + inputs > limits.max_embedding_inputs)
         ):
-            shard, n, nbytes, ninputs = shard + 1, 0, 0, 0
-        n, nbytes, ninputs = n + 1, nbytes + size, ninputs + inputs
-        yield shard, req
+            self.shard, self.n, self.nbytes, self.ninputs = self.shard + 1, 0, 0, 0
+        self.n, self.nbytes, self.ninputs = self.n + 1, self.nbytes + size, self.ninputs + inputs
+        return self.shard
 
 
 def fits_one_shard(requests: int, nbytes: int, limits: ShardLimits, *, endpoint: str) -> bool:
@@ -70,12 +99,20 @@ def embedding_inputs(raw: bytes) -> int:
 
 
 class ShardWriters:
-    """Writes shard files into the shard folder, each named by the sha256 of its content."""
+    """Writes shard files into the shard folder, each named by the sha256 of its content;
+    ``source``: the input that requests written by ``write_request`` are copied from."""
 
-    def __init__(self, folder: Path, *, enabled: bool) -> None:
+    def __init__(self, folder: Path, *, enabled: bool, source: Path | None = None) -> None:
         self.folder = folder
         self.enabled = enabled
         self._open: dict[int, tuple[BinaryIO, Any, Path]] = {}
+        self._source = RequestBytes(source) if source is not None else None
+
+    def write_request(self, shard: int, fact: RequestFact) -> None:
+        """Copy an indexed request from the input (``InputChangedError`` if it changed)."""
+        if self.enabled:
+            assert self._source is not None, "ShardWriters(source=...) copies requests"
+            self.write(shard, self._source.read(fact))
 
     def write(self, shard: int, raw: bytes) -> None:
         if not self.enabled:
@@ -90,6 +127,8 @@ class ShardWriters:
         entry[1].update(line)
 
     def finish(self) -> dict[int, str]:
+        if self._source is not None:
+            self._source.close()
         shas = {}
         for shard, (handle, digest, tmp) in self._open.items():
             handle.close()
@@ -106,24 +145,32 @@ def ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
         yield req.custom_id, req.line, 0, len(req.raw) + 1, fingerprint(req.raw)
 
 
+def indexed_ledger_rows(
+    facts: Iterable[RequestFact], shard: int = 0
+) -> Iterator[tuple[str, int, int, int, str]]:
+    """``ledger_rows`` from a request index: every request in ``shard``, no line parsed."""
+    for fact in facts:
+        yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
+
+
 def shard_and_write(
-    requests: Iterator[RequestLine],
+    facts: Iterable[RequestFact],
     limits: ShardLimits,
     endpoint: str,
     writers: ShardWriters,
     per_shard: dict[int, int],
-) -> Iterator[tuple[int, RequestLine]]:
-    for shard, req in assign_shards(requests, limits, endpoint=endpoint):
+) -> Iterator[tuple[int, RequestFact]]:
+    for shard, fact in assign_indexed_shards(facts, limits, endpoint=endpoint):
         per_shard[shard] = per_shard.get(shard, 0) + 1
-        writers.write(shard, req.raw)
-        yield shard, req
+        writers.write_request(shard, fact)
+        yield shard, fact
 
 
 def with_fingerprints(
-    assigned: Iterator[tuple[int, RequestLine]],
+    assigned: Iterator[tuple[int, RequestFact]],
 ) -> Iterator[tuple[str, int, int, int, str]]:
-    for shard, req in assigned:
-        yield req.custom_id, req.line, shard, len(req.raw) + 1, fingerprint(req.raw)
+    for shard, fact in assigned:
+        yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
 
 
 def fingerprint(raw: bytes) -> str:

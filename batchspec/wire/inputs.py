@@ -6,8 +6,10 @@ read chunk, at most one over-long line prefix (bounded by ``max_line_bytes``) an
 ``custom_id``s seen so far (needed to name the first line of a duplicate). The result is an
 ``InputReport``: counts, size, sha256, the models seen, the first ``MAX_SHOWN`` problems and
 the count of all of them. ``require_valid_input`` raises ``InputError`` when a file is not ok.
-``iter_requests`` streams the request lines of a validated file in file order (for sharding
-and for writing results in input order).
+``iter_requests`` streams the request lines of a validated file in file order. The same scan
+can write the file's request index (``index=``, ``batchspec.wire.request_index``): each
+request's line, offset, size, fingerprint and ``custom_id``, so that ``apply`` shards and
+records its ledger without parsing the file again.
 
 Lines
     Lines end with ``\\n``; a ``\\r`` before it (CRLF) is accepted and is not part of the line.
@@ -109,6 +111,7 @@ from typing import IO, Any
 
 from batchspec.errors import InputError
 from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
+from batchspec.wire.request_index import RequestIndexWriter
 from batchspec.wire.usage import max_output_of_request
 
 try:  # the optional `fast` extra: several times faster than json on large lines
@@ -540,19 +543,25 @@ def scan_batch_input(
     custom_id_pattern: str | None = None,
     allow_unversioned_url: bool = False,
     dialect: str = "openai",
+    index: RequestIndexWriter | None = None,
 ) -> InputReport:
     """Read ``path`` once and report every problem (see the module docstring for the rules).
 
+    ``index``: also record every request line's facts there, from the same pass
+    (``batchspec.wire.request_index``; meaningful only when the report is ok).
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
+    add = index.add if index is not None else None
     requests = blank_lines = 0
+    offset = 0  # of the line at hand (kept exact only while no line is over-long)
     try:
         with open(path, "rb") as f:
             for lineno, line in _iter_lines(f, max_line_bytes, sha.update):
+                start = offset
                 if line is None:
                     requests += 1
                     problem(
@@ -561,6 +570,7 @@ def scan_batch_input(
                         f"the line is longer than {max_line_bytes:,} bytes",
                     )
                     continue
+                offset += len(line) + 1
                 if _is_blank(line):
                     blank_lines += 1
                     continue
@@ -571,6 +581,8 @@ def scan_batch_input(
                     problem(lineno, err.code, err.message)
                     continue
                 check(lineno, obj)
+                if add is not None:
+                    add(lineno, start, line, obj)
             size = f.tell()
     except OSError as err:
         raise InputError(

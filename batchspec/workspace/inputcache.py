@@ -12,6 +12,14 @@ hash comes from a *generic* scan (no endpoint or model given), and when that sca
 url equal to the manifest's endpoint and one model equal to the manifest's model, the stricter
 scan would find nothing more, so it is not run (``facts_for``). The cache is a small SQLite
 file beside the state database; deleting it only costs a re-read.
+
+The same read writes the input's request index (``batchspec.wire.request_index``) into
+``index_dir``, named by the content's sha256, when the input is clean: what sharding, the
+request ledger and batch files need of every request line, so that ``apply`` parses an input
+once (``request_index``). An index describes content, not a path: it is used only for a
+file whose sha256 is the one asked for, and a file that changed since its scan is scanned
+again (``require_unchanged``), never trusted. Deleting the folder only costs a re-read, so
+indexes unused for ``INDEX_KEEP_S`` are removed when a new one is written.
 """
 
 from __future__ import annotations
@@ -19,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from batchspec.wire.inputs import InputReport, scan_batch_input
+from batchspec.wire.request_index import InputChangedError, RequestIndexWriter, is_complete
 
 _SCHEMA = """
 create table if not exists scans (
@@ -39,19 +50,33 @@ create table if not exists scans (
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
 RACY_WINDOW_S = 2.0
+#: seconds a request index is kept after its last use (a lost one costs one re-read)
+INDEX_KEEP_S = 14 * 24 * 3600
 
 
 class InputCache:
-    def __init__(self, db_path: Path | None, *, racy_window: float = RACY_WINDOW_S) -> None:
+    def __init__(
+        self,
+        db_path: Path | None,
+        *,
+        racy_window: float = RACY_WINDOW_S,
+        index_dir: Path | None = None,
+    ) -> None:
         self.racy_window = racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             self.conn = _open_db(db_path)
+        self.index_dir = index_dir
+        self._private_dir: str | None = None  # indexes when index_dir cannot be written
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+            self.conn = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
 
     def __enter__(self) -> InputCache:
         return self
@@ -72,7 +97,7 @@ class InputCache:
             return hit[1]
         report = self._load(key, stamp)
         if report is None:
-            report = scan_batch_input(path, **options)
+            report = self._scan_and_index(path, options, self._writable_index_dir())
             # a file changed within the racy window could be rewritten within the same
             # timestamp tick, keeping its stamp: it is remembered only once it is older
             racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
@@ -112,6 +137,64 @@ class InputCache:
             # only when set: the cache keys of OpenAI-dialect scans stay what they were
             **({"dialect": dialect} if dialect != "openai" else {}),
         )
+
+    def request_index(self, path: Path, sha256: str) -> Path:
+        """The request index of content ``sha256``, the content of ``path``: the one kept
+        from an earlier scan, or made by reading ``path`` once more (``InputChangedError`` if
+        it no longer holds that content)."""
+        folder = self._writable_index_dir() or self._private_index_dir()
+        kept = folder / f"{sha256}.idx"
+        if is_complete(kept):
+            with contextlib.suppress(OSError):  # in use: not pruned
+                os.utime(kept)
+            return kept
+        report = self._scan_and_index(path, {}, folder)
+        if report.sha256 != sha256:
+            raise _changed(path)
+        if not is_complete(kept):  # not clean: validation refuses it before this is asked
+            raise InputChangedError(f"{path}: the input has problems; validate it first")
+        return kept
+
+    def require_unchanged(self, path: Path, sha256: str) -> None:
+        """Raise ``InputChangedError`` unless ``path`` still holds content ``sha256`` (a stat
+        when it is unchanged since its scan; a changed file is scanned again)."""
+        if self.scan(path).sha256 != sha256:
+            raise _changed(path)
+
+    def _scan_and_index(
+        self, path: Path, options: dict[str, Any], folder: Path | None
+    ) -> InputReport:
+        """Scan ``path``, writing its request index into ``folder`` in the same pass."""
+        if folder is None:
+            return scan_batch_input(path, **options)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer = RequestIndexWriter(f)
+                report = scan_batch_input(path, **options, index=writer)
+                writer.finish()
+            if report.ok:
+                os.replace(tmp, folder / f"{report.sha256}.idx")
+                _prune_indexes(folder, keep=report.sha256)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return report
+
+    def _writable_index_dir(self) -> Path | None:
+        if self.index_dir is None:
+            return None
+        try:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        return self.index_dir if os.access(self.index_dir, os.W_OK) else None
+
+    def _private_index_dir(self) -> Path:
+        """Indexes of a cache without a writable ``index_dir``: removed by ``close``."""
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="batchspec-index-")
+        return Path(self._private_dir)
 
     def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:
         if self.conn is None:
@@ -169,6 +252,30 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
             conn.close()
         return None
     return conn
+
+
+def _prune_indexes(folder: Path, *, keep: str) -> None:
+    """Remove request indexes (and leftover partial ones) unused for ``INDEX_KEEP_S``."""
+    old = time.time() - INDEX_KEEP_S
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(keep):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < old:
+                    os.unlink(entry.path)
+
+
+def index_dir_beside(state_path: Path) -> Path:
+    """The folder of request indexes beside a state database (``state/input-index/``)."""
+    return state_path.parent / "input-index"
+
+
+def _changed(path: Path) -> InputChangedError:
+    return InputChangedError(
+        f"{path}: the input changed after it was validated; nothing was submitted from it",
+        details=["run the command again: the input is validated anew"],
+    )
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

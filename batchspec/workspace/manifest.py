@@ -563,7 +563,7 @@ def errors_beside(output_path: Path) -> Path:
 
 
 #: what the state keeps beside its database: result blobs, shard files, rendered rows, caches
-STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db")
+STATE_DATA_NAMES = ("store", "shards", RENDERED_FOLDER, "input-cache.db", "input-index")
 
 
 def refuse_unconfined_write(

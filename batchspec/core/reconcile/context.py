@@ -4,7 +4,9 @@ A ``RunContext`` is built once per run by ``Reconciler``; every step (``submit``
 ``collect``, ``retry``, ``restore``, ``cancel``) is a function of it and the resource at hand.
 It promises one source of each thing a step needs: one state store and request ledger, one
 result store for collected files and shard files (local, with the shared tier when the state
-is shared: ``remote_blobs_for``), one provider factory, and ``still_holds_lock``, the run's lock
+is shared: ``remote_blobs_for``), one input cache (the scans of this run, and the request
+indexes that spare re-reading an input: ``request_facts``), one provider factory, and
+``still_holds_lock``, the run's lock
 check that the submit step calls right before every create so a run whose lock was released
 stops spending at once. It makes no decision itself (the plan and the steps do).
 """
@@ -12,7 +14,7 @@ stops spending at once. It makes no decision itself (the plan and the steps do).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from batchspec.core.reporting import Reporter
-from batchspec.core.sharding import ShardLimits, ledger_rows
+from batchspec.core.sharding import ShardLimits, indexed_ledger_rows
 from batchspec.errors import BatchspecError
 from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
@@ -28,6 +30,8 @@ from batchspec.state.store import BatchRow, GenerationRow, StateStore, utc_times
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.storage.result_store import Refetch, ResultStore
+from batchspec.wire.request_index import RequestFact, read_request_index
+from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
     Confinement,
     Project,
@@ -107,6 +111,9 @@ class RunContext:
     # called before a step waits on a provider (a call, or a download not yet ended): a
     # pass's commit group is committed then, never holding the writer lock while it waits
     before_wait: Callable[[], None] = lambda: None
+    # the run's input cache (its scans, and the request indexes they wrote); None: a
+    # private one over the state's index folder
+    inputs: InputCache | None = None
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -122,6 +129,20 @@ class RunContext:
             on_repair=self._blob_repaired,
         )
         self.shard_dir = self.project.state_path.parent / "shards"
+        if self.inputs is None:
+            self.inputs = InputCache(None, index_dir=index_dir_beside(self.project.state_path))
+
+    def request_facts(self, res: Resource, sha256: str) -> Iterator[RequestFact]:
+        """Every request of input content ``sha256`` (``res``'s input), from its request
+        index: kept by the scan that validated it, else made by reading the input once more
+        (``InputChangedError`` when the input no longer holds that content)."""
+        assert self.inputs is not None
+        return read_request_index(self.inputs.request_index(res.input_path, sha256))
+
+    def require_unchanged_input(self, res: Resource, sha256: str) -> None:
+        """Refuse (``InputChangedError``) an input that no longer holds content ``sha256``."""
+        assert self.inputs is not None
+        self.inputs.require_unchanged(res.input_path, sha256)
 
     def generation(self, res: Resource) -> GenerationRow:
         gen = self.store.find_generation(res.name, res.spec_hash)
@@ -142,12 +163,15 @@ class RunContext:
         """Write the ledger of a generation submitted as one as-is shard, if not yet written.
 
         It is derived from the input alone (every request in shard 0, carried by attempt 1),
-        so a run that died before writing it loses nothing: the next one writes it here.
+        so a run that died before writing it loses nothing: the next one writes it here. It
+        comes from the request index of the generation's input content, not from parsing
+        the input again.
         """
         if self.ledger.has_requests(gen.id):
             return
+        facts = self.request_facts(res, gen.input_sha256)
         with self.store.atomic():
-            self.ledger.record_requests(gen.id, ledger_rows(res.input_path))
+            self.ledger.record_requests(gen.id, indexed_ledger_rows(facts))
 
     def latest_attempts(self, generation_id: int) -> dict[int, int]:
         latest: dict[int, int] = {}

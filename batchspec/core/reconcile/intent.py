@@ -20,12 +20,12 @@ from batchspec.core.reporting import Progress
 from batchspec.core.sharding import (
     ShardWriters,
     fits_one_shard,
-    ledger_rows,
+    indexed_ledger_rows,
     shard_and_write,
     with_fingerprints,
 )
 from batchspec.state.store import BatchRow, GenerationRow
-from batchspec.wire.inputs import InputReport, iter_requests
+from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
 
 
@@ -59,26 +59,30 @@ def ensure_generation(ctx: RunContext, res: Resource, facts: InputReport) -> Gen
 def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: GenerationRow) -> None:
     """Record every request in the ledger, keep the answers an earlier generation has for
     unchanged requests, split the rest into shards (writing shard files when the input
-    cannot go as it is) and record one attempt-1 intent per shard: one transaction."""
+    cannot go as it is) and record one attempt-1 intent per shard: one transaction.
+
+    The requests come from the input's request index (written by the scan that validated
+    it): the input is not parsed again, and its bytes are read only to copy them into shard
+    files, checked against what was validated."""
     limits = ctx.limits_for(res)
     previous = [g.id for g in ctx.store.generations(res.name) if g.id != gen.id]
     if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
         previous = []
+    # A file with blank lines is rewritten rather than uploaded as it is: providers
+    # differ on whether they accept them.
+    single = facts.blank_lines == 0 and fits_one_shard(
+        facts.requests, facts.bytes, limits, endpoint=res.endpoint
+    )
+    # not needed when the input goes as it is: its ledger is written after the create
+    index = ctx.request_facts(res, facts.sha256) if previous or not single else None
     with ctx.store.atomic():
         carried = 0
         if previous:
-            ctx.ledger.record_requests(gen.id, ledger_rows(res.input_path))
+            assert index is not None
+            ctx.ledger.record_requests(gen.id, indexed_ledger_rows(index))
             carried = ctx.ledger.carry_over(gen.id, previous)
-        todo = iter_requests(res.input_path)
-        if carried:
-            done = ctx.ledger.resolved_lines(gen.id)
-            todo = (req for req in todo if req.line not in done)
-        # A file with blank lines is rewritten rather than uploaded as it is: providers
-        # differ on whether they accept them.
-        as_is = not carried and facts.blank_lines == 0
-        single = as_is and fits_one_shard(
-            facts.requests, facts.bytes, limits, endpoint=res.endpoint
-        )
+            index = ctx.request_facts(res, facts.sha256)  # a second walk of the index
+        single = single and not carried
         if single and not previous:
             # The batch file is the input itself: only the intent must precede the create.
             # The ledger is written while the provider works (``RunContext.ensure_ledger``).
@@ -96,11 +100,16 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 reason="initial submission",
             )
             return
-        writers = ShardWriters(ctx.shard_dir, enabled=not single)
+        assert index is not None
+        todo = index
+        if carried:
+            done = ctx.ledger.resolved_lines(gen.id)
+            todo = (fact for fact in index if fact.line not in done)
+        writers = ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path)
         per_shard: dict[int, int] = {}
         assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard)
         if previous:
-            ctx.ledger.assign_shards(gen.id, ((s, req.line) for s, req in assigned))
+            ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
         else:
             ctx.ledger.record_requests(gen.id, with_fingerprints(assigned))
         shard_files = writers.finish()
@@ -195,10 +204,10 @@ def record_intent(
 
 def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard: int) -> str:
     wanted = ctx.ledger.unresolved_lines(gen.id, shard)
-    writers = ShardWriters(ctx.shard_dir, enabled=True)
-    for req in iter_requests(res.input_path):
-        if req.line in wanted:
-            writers.write(0, req.raw)
+    writers = ShardWriters(ctx.shard_dir, enabled=True, source=res.input_path)
+    for fact in ctx.request_facts(res, gen.input_sha256):
+        if fact.line in wanted:
+            writers.write_request(0, fact)
     sha = writers.finish()[0]
     publish_shards(ctx, [sha])
     return sha

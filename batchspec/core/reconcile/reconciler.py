@@ -35,6 +35,7 @@ from batchspec.core.sharding import ShardLimits
 from batchspec.state.connection import CommitGroup
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport
+from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Project, Resource
 
 MAX_STEPS_PER_PASS = 12
@@ -75,6 +76,7 @@ class Reconciler:
         sleep: Callable[[float], None] = time.sleep,
         parallelism: int = DEFAULT_PARALLELISM,
         max_concurrency: Callable[[str], int | None] = lambda provider: None,
+        inputs: InputCache | None = None,
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -89,6 +91,7 @@ class Reconciler:
             still_holds_lock=still_holds_lock,
             may_touch=may_touch,
             sleep=sleep,
+            inputs=inputs,
         )
         self.allow_replace = allow_replace
         # provider reads of a pass run ahead in this many threads (maxConcurrency: per provider)

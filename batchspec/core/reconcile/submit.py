@@ -55,7 +55,9 @@ def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -
 
 
 def record_create(ctx: RunContext, res: Resource, facts: InputReport) -> GenerationRow:
-    """The generation and, the first time, its ledger and one intent per shard."""
+    """The generation and, the first time, its ledger and one intent per shard (refused,
+    with nothing recorded, when the input changed after it was validated)."""
+    ctx.require_unchanged_input(res, facts.sha256)
     gen = ensure_generation(ctx, res, facts)
     if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
         record_shards(ctx, res, facts, gen)
@@ -229,6 +231,8 @@ def batch_file(ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchR
     if stored.is_file():
         return stored
     if batch.input_sha256 == gen.input_sha256:
+        # uploaded as it is: only if it still holds what was validated and recorded
+        ctx.require_unchanged_input(res, gen.input_sha256)
         return res.input_path
     if ctx.blobs.has(batch.input_sha256):  # written by another runner of a shared state
         return ctx.blobs.ensure_local(batch.input_sha256)

@@ -1,0 +1,200 @@
+"""The request index: what one scan of a batch input learns about each request line.
+
+``scan_batch_input`` can write it as it validates and hashes (``index=``), so the steps after
+validation (sharding, the request ledger, shard and retry files) never parse the input again:
+they read the index, and take a request's bytes from the input by offset only when they
+must copy them. One record per request line, in file order (blank lines have none):
+
+``line``         the 1-based physical line number
+``offset``       the byte offset of the line's first byte in the input
+``length``       the bytes of the request, without its line ending (``\\n``, ``\\r\\n``)
+``inputs``       embedding inputs the request carries (``sharding.embedding_inputs``'s rule)
+``fingerprint``  sha256 of those ``length`` bytes (the ledger's ``request_sha``, raw)
+``custom_id``    the request's ``custom_id``
+
+Format: the magic ``MAGIC``, the file's whole length (``_HEADER``, written last by
+``finish``: a file cut short is told apart by ``is_complete``), then per record ``_RECORD``
+(little-endian: line, offset, length, inputs, custom_id's UTF-8 length, fingerprint)
+followed by the custom_id. A file without the magic is not an index (``read_request_index``
+raises ``ValueError``).
+
+``RequestBytes`` reads a request's bytes back from the input and checks them against the
+fingerprint: an input that changed after its scan is refused (``InputChangedError``), never
+copied into a batch file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from batchspec.errors import InputError
+
+MAGIC = b"batchspec-request-index-1\n"
+_HEADER = struct.Struct("<Q")
+_RECORD = struct.Struct("<QQIIH32s")
+_READ_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RequestFact:
+    """One request line of a scanned input (see the module docstring)."""
+
+    line: int
+    offset: int
+    length: int
+    custom_id: str
+    fingerprint: bytes
+    inputs: int = 1
+
+    @property
+    def request_sha(self) -> str:
+        """The fingerprint as the ledger records it (hex)."""
+        return self.fingerprint.hex()
+
+
+class InputChangedError(InputError):
+    """The input's bytes are no longer those that were scanned."""
+
+
+class RequestIndexWriter:
+    """Appends records to an open binary file (the scan calls ``add`` per request line)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._file = f
+        self._write = f.write
+        self._write(MAGIC + _HEADER.pack(0))
+        self.records = 0
+
+    def finish(self) -> None:
+        """Write the file's length into its header (the file stays open)."""
+        end = self._file.tell()
+        self._file.seek(len(MAGIC))
+        self._file.write(_HEADER.pack(end))
+        self._file.seek(end)
+
+    def add(self, line: int, offset: int, content: bytes, obj: Any) -> None:
+        """Record request line ``line`` at ``offset``; ``content`` may end with a ``\\r``;
+        ``obj`` is its parsed JSON (a line without a string ``custom_id`` is not recorded:
+        the scan reports it, and an index of a file with problems is never used)."""
+        custom_id = obj.get("custom_id") if type(obj) is dict else None
+        if type(custom_id) is not str:
+            return
+        raw = content[:-1] if content.endswith(b"\r") else content
+        cid = custom_id.encode("utf-8", "surrogatepass")
+        self._write(
+            _RECORD.pack(
+                line,
+                offset,
+                len(raw),
+                _embedding_inputs(obj),
+                len(cid),
+                hashlib.sha256(raw).digest(),
+            )
+        )
+        self._write(cid)
+        self.records += 1
+
+
+def _embedding_inputs(obj: dict[str, Any]) -> int:
+    """How many inputs one embeddings request carries (a list counts each element)."""
+    body = obj.get("body") or {}
+    value = body.get("input") if isinstance(body, dict) else None
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a whole index, as ``finish`` left it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + _HEADER.size)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) != len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
+        return False
+    recorded: int = _HEADER.unpack_from(head, len(MAGIC))[0]
+    return recorded == size
+
+
+def read_request_index(path: str | os.PathLike[str]) -> Iterator[RequestFact]:
+    """Stream an index's records in file order (a chunk of the file at a time)."""
+    size = _RECORD.size
+    unpack = _RECORD.unpack_from
+    with open(path, "rb", buffering=0) as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise ValueError(f"{os.fspath(path)} is not a request index")
+        f.read(_HEADER.size)
+        buf = b""
+        pos = 0
+        while True:
+            chunk = f.read(_READ_BYTES)
+            if chunk:
+                buf = buf[pos:] + chunk
+                pos = 0
+            while len(buf) - pos >= size:
+                line, offset, length, inputs, id_len, digest = unpack(buf, pos)
+                if len(buf) - pos < size + id_len:
+                    break
+                start = pos + size
+                custom_id = buf[start : start + id_len].decode("utf-8", "surrogatepass")
+                pos = start + id_len
+                yield RequestFact(line, offset, length, custom_id, digest, inputs)
+            if not chunk:
+                if pos != len(buf):
+                    raise ValueError(f"{os.fspath(path)} ends inside a record")
+                return
+
+
+class RequestBytes:
+    """Reads requests' bytes from the input they were indexed from, each checked against its
+    fingerprint. Requests read in file order cost one sequential pass over the file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._file: IO[bytes] | None = None
+
+    def read(self, fact: RequestFact) -> bytes:
+        """The request's bytes, without its line ending; ``InputChangedError`` if they are not
+        the bytes that were scanned."""
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115  # closed by close()
+        f = self._file
+        if f.tell() != fact.offset:
+            f.seek(fact.offset)
+        raw = f.read(fact.length)
+        if hashlib.sha256(raw).digest() != fact.fingerprint:
+            raise InputChangedError(
+                f"{self.path}:{fact.line}: the input changed after it was validated; "
+                "nothing was submitted from it",
+                details=["run the command again: the input is validated anew"],
+            )
+        return raw
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RequestBytes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "MAGIC",
+    "InputChangedError",
+    "RequestBytes",
+    "RequestFact",
+    "RequestIndexWriter",
+    "is_complete",
+    "read_request_index",
+]

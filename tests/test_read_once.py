@@ -1,0 +1,379 @@
+"""`apply` reads an input once: the scan that validates and hashes it also indexes its requests.
+
+Sharding, the request ledger and shard files come from that index (``batchspec.wire.
+request_index``), so a fresh apply parses every input line exactly once, and opens the input
+only to scan it and to hand it to the provider (or to copy requests into shard files, by
+offset, checked against what was validated). An input that changes after its validation is
+refused before anything is recorded or uploaded. Runs on the embedded engine (``local``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import request_lines
+from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
+
+from batchspec.core.apply import ApplyOptions, apply_workspace
+from batchspec.core.reconcile import Progress
+from batchspec.engine import Engine
+from batchspec.errors import InputError
+from batchspec.state import ledger as ledger_module
+from batchspec.wire import inputs
+from batchspec.wire.inputs import iter_requests
+from batchspec.wire.request_index import (
+    InputChangedError,
+    RequestBytes,
+    RequestIndexWriter,
+    read_request_index,
+)
+from batchspec.workspace.inputcache import INDEX_KEEP_S, InputCache
+
+WAIT = ApplyOptions(wait=True, poll_interval=0.05)
+
+
+def local_ws(root: Path, count: int, *, per_batch: int | None = None) -> Workspace:
+    spec = {"limits": {"maxRequestsPerBatch": per_batch}} if per_batch else {}
+    return make_workspace(
+        root,
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=count, provider="here", spec=spec),),
+    )
+
+
+def ledger(ws: Workspace) -> list[tuple[str, int, int, int, str]]:
+    with sqlite3.connect(ws.state_path) as db:
+        rows = db.execute(
+            "select custom_id, line, shard, bytes, request_sha from requests order by line"
+        ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def expected_ledger(path: Path, shard_of: dict[int, int]) -> list[tuple[str, int, int, int, str]]:
+    """The ledger rows the input calls for, derived the slow way (parsing every line)."""
+    return [
+        (
+            r.custom_id,
+            r.line,
+            shard_of.get(r.line, 0),
+            len(r.raw) + 1,
+            hashlib.sha256(r.raw).hexdigest(),
+        )
+        for r in iter_requests(path)
+    ]
+
+
+def engine_files(ws: Workspace) -> int:
+    """Files uploaded to the workspace's embedded engine (none if it was never opened)."""
+    if not (ws.root / "state" / "local").exists():
+        return 0
+    engine = Engine(ws.root / "state" / "local")
+    try:
+        return len(engine.list_files()["data"])
+    finally:
+        engine.close()
+
+
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every input line batchspec parses from now on (the embedded engine's own parses, the
+    provider's side, are not counted)."""
+    parsed: list[bytes] = []
+    real_parse = inputs._parse
+
+    def counting_parse(line: bytes) -> object:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals.get("__name__", "").startswith("batchspec.engine"):
+                break
+            frame = frame.f_back  # type: ignore[assignment]
+        else:
+            parsed.append(line)
+        return real_parse(line)
+
+    monkeypatch.setattr(inputs, "_parse", counting_parse)
+    return parsed
+
+
+@pytest.mark.parametrize("per_batch", [None, 40], ids=["one-shard", "three-shards"])
+def test_a_fresh_apply_parses_each_input_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int | None
+) -> None:
+    """Validation, hashing, sharding and the ledger of a 100-request input cost 100 line
+    parses in all (they were 200: the ledger and the sharding parsed the input again)."""
+    ws = local_ws(tmp_path, 100, per_batch=per_batch)
+    parsed = count_parses(monkeypatch)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert len(parsed) == 100
+    assert len(ws.outputs("job")) == 100
+
+
+def test_an_edited_input_is_parsed_once_to_reuse_its_unchanged_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line of a done 100-request input edited: the apply that counts the 99 reusable
+    answers, records the ledger and writes the 1-request batch file parses 100 lines (it
+    was 400: reuse counting, ledger and sharding each parsed the input again)."""
+    ws = local_ws(tmp_path, 100)
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    lines = request_lines(100)
+    lines[5] = {**lines[5], "body": {**lines[5]["body"], "temperature": 0.5}}
+    ws.write_input("job", lines)
+    parsed = count_parses(monkeypatch)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [(a.requests, a.reused) for a in result.plan.actions] == [(1, 99)]
+    assert len(parsed) == 100
+    with ws.store() as store:
+        [gen] = [g for g in store.generations("job") if g.status == "complete"][-1:]
+        assert store.ledger().state_counts(gen.id) == {"ok": 100}
+
+
+def test_a_fresh_apply_opens_a_one_shard_input_to_scan_it_and_to_upload_it(
+    tmp_path: Path,
+) -> None:
+    """The input of a one-shard apply is opened twice: the validating scan and the upload
+    (it was three times: the ledger read it again). Counted by an audit hook in the child."""
+    ws = local_ws(tmp_path, 50)
+    child = textwrap.dedent(
+        """
+        import sys
+        target = sys.argv[1]
+        opens = []
+        def hook(event, args):
+            if event == "open" and isinstance(args[0], str) and args[0] == target:
+                opens.append(args[1])
+        sys.addaudithook(hook)
+        from batchspec.cli.main import main
+        try:
+            main(["apply", sys.argv[2], "--wait", "--yes", "--poll-interval", "0.05"])
+        except SystemExit as done:
+            print("OPENS", len(opens), "EXIT", done.code, file=sys.stderr)
+        """
+    )
+    target = str(ws.input_path("job").resolve())
+    done = subprocess.run(
+        [sys.executable, "-c", child, target, str(ws.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "OPENS 2 EXIT 0" in done.stderr, done.stderr
+    assert len(ws.outputs("job")) == 50
+
+
+def test_a_sharded_input_with_crlf_and_blank_lines_is_indexed_exactly(tmp_path: Path) -> None:
+    """CRLF line endings, blank lines and a last line without a newline: the three shard
+    files hold exactly the request bytes, and every ledger row (line, shard, size,
+    fingerprint) is what parsing the input line by line gives."""
+    ws = local_ws(tmp_path, 1, per_batch=4)
+    lines = [json.dumps(line).encode() for line in request_lines(10, prefix="c")]
+    data = b"\r\n".join(lines[:3]) + b"\r\n\n  \r\n" + b"\n".join(lines[3:7]) + b"\n\n"
+    data += b"\n".join(lines[7:])  # no newline at the end
+    ws.input_path("job").write_bytes(data)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    requests = list(iter_requests(ws.input_path("job")))
+    shard_of = {r.line: i // 4 for i, r in enumerate(requests)}
+    assert ledger(ws) == expected_ledger(ws.input_path("job"), shard_of)
+    shard_files = {p.read_bytes() for p in (ws.root / "state" / "shards").glob("*.jsonl")}
+    assert shard_files == {b"".join(r.raw + b"\n" for r in requests[k : k + 4]) for k in (0, 4, 8)}
+    assert [o["custom_id"] for o in ws.outputs("job")] == [r.custom_id for r in requests]
+
+
+def test_an_embeddings_input_is_sharded_by_its_indexed_inputs(tmp_path: Path) -> None:
+    """/v1/embeddings shards close on the embedding inputs the index counted per request:
+    3 + 3 inputs fit a limit of 7, the next 3 open a second shard."""
+    body = [{"model": "emb", "input": ["a", "b", "c"]}] * 4
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=(
+            ResourceSpec(
+                "job",
+                provider="here",
+                spec={
+                    "endpoint": "/v1/embeddings",
+                    "model": "emb",
+                    "limits": {"maxEmbeddingInputsPerBatch": 7},
+                },
+            ),
+        ),
+    )
+    ws.write_input(
+        "job",
+        [
+            {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": b}
+            for i, b in enumerate(body)
+        ],
+    )
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [row[2] for row in ledger(ws)] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("per_batch", [None, 20], ids=["as-is", "sharded"])
+def test_an_input_changed_after_validation_is_refused_with_nothing_recorded(
+    tmp_path: Path, per_batch: int | None
+) -> None:
+    """An input rewritten between its validation and the submission (here: while the plan
+    is reported) is refused: no generation, no upload, no batch (it used to be uploaded, or
+    sharded, as it now was, under the hash of what was validated)."""
+    ws = local_ws(tmp_path, 40, per_batch=per_batch)
+    changed = [dict(line, custom_id=f"new-{i}") for i, line in enumerate(request_lines(40))]
+
+    def rewrite_on_plan(progress: Progress) -> None:
+        if progress.event == "plan":
+            ws.write_input("job", changed)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT, report=rewrite_on_plan)
+
+    with ws.store() as store:
+        assert store.generations("job") == []
+    assert engine_files(ws) == 0
+
+    result = apply_workspace([str(ws.root)], WAIT)  # validated anew: the new content goes
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
+
+
+def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Path) -> None:
+    """Copying an indexed request checks its bytes against the fingerprint the scan took:
+    one changed byte (same size, same line) is refused, never written into a batch file."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(3)))
+    index = tmp_path / "in.idx"
+    with index.open("wb") as f:
+        writer = RequestIndexWriter(f)
+        assert inputs.scan_batch_input(path, index=writer).ok
+        writer.finish()
+    facts = list(read_request_index(index))
+    path.write_bytes(path.read_bytes().replace(b"item 1.", b"item 7."))
+
+    with RequestBytes(path) as source:
+        assert source.read(facts[0]) == path.read_bytes().split(b"\n")[0]
+        with pytest.raises(InputChangedError):
+            source.read(facts[1])
+
+
+def test_a_lost_index_is_made_again_from_the_unchanged_input(tmp_path: Path) -> None:
+    """A run that finds no request index (its folder deleted after the validation) indexes
+    the input once more, checks it still hashes to what was validated, and shards it as
+    usual."""
+    ws = local_ws(tmp_path, 30, per_batch=10)
+    index_dir = ws.root / "state" / "input-index"
+
+    def lose_index_on_plan(progress: Progress) -> None:
+        if progress.event == "plan":
+            for kept in index_dir.iterdir():
+                kept.unlink()
+
+    result = apply_workspace([str(ws.root)], WAIT, report=lose_index_on_plan)
+
+    assert result.exit_code == 0
+    shard_of = {line: (line - 1) // 10 for line in range(1, 31)}
+    assert ledger(ws) == expected_ledger(ws.input_path("job"), shard_of)
+    sha = hashlib.sha256(ws.input_path("job").read_bytes()).hexdigest()
+    assert [p.name for p in index_dir.iterdir()] == [f"{sha}.idx"]
+
+
+def test_an_input_only_touched_after_validation_is_not_a_change(tmp_path: Path) -> None:
+    """A new mtime with the same bytes is scanned again and found unchanged: the apply
+    goes on (the stat only decides when to look again, the content decides)."""
+    ws = local_ws(tmp_path, 20)
+
+    def touch_on_plan(progress: Progress) -> None:
+        if progress.event == "plan":
+            stat = ws.input_path("job").stat()
+            os.utime(ws.input_path("job"), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    result = apply_workspace([str(ws.root)], WAIT, report=touch_on_plan)
+
+    assert result.exit_code == 0
+    assert len(ws.outputs("job")) == 20
+
+
+def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
+    tmp_path: Path,
+) -> None:
+    """A new index removes those unused for ``INDEX_KEEP_S`` (a lost index costs one
+    re-read); an index just used by ``request_index`` is kept however old it was."""
+    folder = tmp_path / "input-index"
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(line) + "\n" for line in request_lines(2)))
+    second.write_text("".join(json.dumps(line) + "\n" for line in request_lines(3)))
+    stale = folder / ("0" * 64 + ".idx")
+    with InputCache(None, index_dir=folder) as cache:
+        sha = cache.scan(first).sha256
+        folder.joinpath(stale.name).write_bytes(b"old")
+        long_ago = time.time() - INDEX_KEEP_S - 60
+        for path in (stale, folder / f"{sha}.idx"):
+            os.utime(path, (long_ago, long_ago))
+        assert cache.request_index(first, sha) == folder / f"{sha}.idx"  # used: fresh again
+        other = cache.scan(second).sha256
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{sha}.idx", f"{other}.idx"])
+
+
+def _collect_peak(root: Path, count: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Peak Python memory (tracemalloc) above its start of each collect step of an apply
+    of ``count`` requests: downloading into the store, the ledger, the result files."""
+    from batchspec.core.reconcile import collect
+
+    peaks = [0]
+
+    def measured(step: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            tracemalloc.reset_peak()
+            start = tracemalloc.get_traced_memory()[0]
+            try:
+                return step(*args, **kwargs)
+            finally:
+                peaks[0] = max(peaks[0], tracemalloc.get_traced_memory()[1] - start)
+
+        return run
+
+    monkeypatch.setattr(collect, "_collect_batch", measured(collect._collect_batch))
+    monkeypatch.setattr(collect, "_finish_generation", measured(collect._finish_generation))
+    ws = local_ws(root, count)
+    tracemalloc.start()
+    try:
+        assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    finally:
+        tracemalloc.stop()
+    assert len(ws.outputs("job")) == count
+    return peaks[0]
+
+
+def test_collecting_a_large_output_takes_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output file streams into the store, the ledger and the result files a chunk of
+    lines at a time (here 500): collecting 12,000 answers peaks at about what 3,000 take,
+    never at a copy of the file or of its parsed lines."""
+    monkeypatch.setattr(ledger_module, "_CHUNK", 500)
+    small = _collect_peak(tmp_path / "small", 3_000, monkeypatch)
+    large = _collect_peak(tmp_path / "large", 12_000, monkeypatch)
+
+    assert large < 1.5 * small, (small, large)
