@@ -73,7 +73,8 @@ SCOPES = (
             "batchspec/core/batches.py",
             "batchspec/providers/base.py",
         ),
-        (  # tests/test_adoption.py is sharper still but takes 2 minutes: run it by hand
+        (
+            "tests/test_adoption.py",
             "tests/test_adoption_lookup.py",
             "tests/test_state_lost.py",
             "tests/test_crash_safety.py",
