@@ -23,6 +23,7 @@ Not part of the test run. Usage (one scope, about 6 minutes on one core):
     .venv/bin/python scripts/mutation.py plan
     .venv/bin/python scripts/mutation.py --list            # the scopes and their mutant counts
     .venv/bin/python scripts/mutation.py inputs ledger --timeout 120 --json out.json
+    .venv/bin/python scripts/mutation.py inputs --survivors-of out.json   # after new tests
 """
 
 from __future__ import annotations
@@ -397,7 +398,26 @@ def make_copy(into: Path) -> Path:
     return copy
 
 
-def run_scope(scope: Scope, copy: Path, timeout: float, limit: int | None) -> ScopeResult:
+def _key(mutant: Mutant) -> tuple[str, int, str, str]:
+    return (mutant.path, mutant.line, mutant.description, mutant.replacement)
+
+
+def survivors_in(path: Path) -> set[tuple[str, int, str, str]]:
+    """The mutants that survived in an earlier ``--json`` file."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        (m["path"], m["line"], m["description"], m["replacement"])
+        for m in (row["mutant"] for row in rows if row["status"] == "survived")
+    }
+
+
+def run_scope(
+    scope: Scope,
+    copy: Path,
+    timeout: float,
+    limit: int | None,
+    only: set[tuple[str, int, str, str]] | None = None,
+) -> ScopeResult:
     result = ScopeResult(scope.name)
     tests = [t for t in scope.tests if (ROOT / t).exists()]
     status, seconds = run_tests(copy, tests, timeout)
@@ -406,6 +426,8 @@ def run_scope(scope: Scope, copy: Path, timeout: float, limit: int | None) -> Sc
             f"{scope.name}: the tests do not pass unmutated ({status}); fix that first"
         )
     mutants = [m for path in scope_files(scope) for m in find_mutants(scope, path)]
+    if only is not None:
+        mutants = [m for m in mutants if _key(m) in only]
     if limit is not None:
         mutants = mutants[:limit]
     print(f"{scope.name}: {len(mutants)} mutants, baseline {seconds:.1f}s", flush=True)
@@ -449,6 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per mutant run")
     parser.add_argument("--limit", type=int, help="only the first N mutants of each scope")
     parser.add_argument("--json", type=Path, help="write every outcome to this file")
+    parser.add_argument(
+        "--survivors-of",
+        type=Path,
+        metavar="FILE.json",
+        help="only the mutants that survived in this earlier --json file (after new tests)",
+    )
     args = parser.parse_args(argv)
     by_name = {s.name: s for s in SCOPES}
     unknown = [s for s in args.scopes if s not in by_name]
@@ -465,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="batchspec-mutation-") as tmp:
         copy = make_copy(Path(tmp))
-        results = [run_scope(s, copy, args.timeout, args.limit) for s in chosen]
+        only = survivors_in(args.survivors_of) if args.survivors_of else None
+        results = [run_scope(s, copy, args.timeout, args.limit, only) for s in chosen]
     report(results)
     if args.json:
         args.json.write_text(
