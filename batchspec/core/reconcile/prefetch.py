@@ -187,11 +187,13 @@ def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[Bat
             continue
         gen = ctx.store.find_generation(res.name, res.spec_hash)
         if gen is not None:
-            rows.extend(b for b in ctx.store.batches(gen.id) if _prefetches(ctx, b.provider))
+            rows.extend(b for b in ctx.store.batches(gen.id) if shares_client(ctx, b.provider))
     return rows
 
 
-def _prefetches(ctx: RunContext, provider: str) -> bool:
+def shares_client(ctx: RunContext, provider: str) -> bool:
+    """Whether calls to ``provider`` may run on the pool's threads: its type is one of
+    ``PREFETCH_TYPES`` and its client could be built (here, on the main thread)."""
     config = ctx.project.providers.get(provider)
     if config is None or config.type not in PREFETCH_TYPES:
         return False
