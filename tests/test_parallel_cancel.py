@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
+from servers import request_lines
 from test_parallel_polling import GatedUpstream
 from workspaces import (
     KEY_ENV,
@@ -223,3 +224,37 @@ def test_a_failed_cancel_fails_the_run_as_one_at_a_time_and_records_nothing(
     assert code != 0
     assert (code, err) == (serial_code, serial_err)
     assert "cancel batch" in err
+
+
+SHARDED = ResourceSpec("big", count=8, spec={"limits": {"maxRequestsPerBatch": 2}})
+
+
+@pytest.mark.parametrize(
+    "how",
+    [["--replace", "big"], ["--allow-replace"]],
+    ids=["apply --replace", "a new spec superseding"],
+)
+def test_replacing_a_sharded_resource_cancels_its_batches_side_by_side(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], how: list[str]
+) -> None:
+    """`apply --replace NAME`, and a changed input applied with --allow-replace, cancel the
+    four in-flight batches of the superseded generation side by side, then submit anew."""
+    srv = gated()
+    ws = workspace(tmp_path / "ws", srv, SHARDED)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    if how == ["--allow-replace"]:
+        ws.write_input("big", request_lines(8, prefix="changed"))  # a new spec hash
+    srv.probe.hold(CANCEL, HELD)
+    srv.probe.spans.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json", *how], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == 4
+    assert cancels_at_once(srv) > 1
+    with ws.store() as store:
+        old, new = store.generations("big")
+        assert (old.status, new.status) == ("superseded", "in_progress")
+        assert {b.status for b in store.batches(old.id)} <= {"cancelling", "cancelled"}
+        [cancel] = [e for e in store.events(resource="big") if e.action == "cancel"]
+        assert cancel.detail["batches"] == 4
