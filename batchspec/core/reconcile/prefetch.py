@@ -23,6 +23,12 @@ It promises:
   pages still to come. The pass does not wait for the downloads: the collect step of each
   resource waits for its own files, so the first resources are recorded while the later ones
   still download.
+
+The same pool (``BoundedCalls``, with its per-provider ``AdaptiveLimit``) carries the calls a
+pass, or a command, sends ahead of its serial steps that write: ``pipeline.submit_pass``'s
+uploads and creates, and ``cancel.cancel_ahead``'s cancels (``batchspec cancel``, ``apply
+--prune``, ``apply --replace``, a new spec superseding an old one), for the same provider
+types (``shares_client``).
 """
 
 from __future__ import annotations
