@@ -26,9 +26,9 @@ It promises:
 
 The same pool (``BoundedCalls``, with its per-provider ``AdaptiveLimit``) carries the calls a
 pass, or a command, sends ahead of its serial steps that write: ``pipeline.submit_pass``'s
-uploads and creates, and ``cancel.cancel_ahead``'s cancels (``batchspec cancel``, ``apply
---prune``, ``apply --replace``, a new spec superseding an old one), for the same provider
-types (``shares_client``).
+uploads and creates (``pipeline.SUBMIT_TYPES``), and ``cancel.cancel_ahead``'s cancels
+(``batchspec cancel``, ``apply --prune``, ``apply --replace``, a new spec superseding an old
+one) on the providers reads are fetched ahead from (``shares_client``).
 """
 
 from __future__ import annotations
