@@ -81,6 +81,19 @@ def lock_timeout_option(f: F) -> F:
     )(f)
 
 
+def parallelism_option(f: F) -> F:
+    return click.option(
+        "--parallelism",
+        type=click.IntRange(min=1),
+        default=16,
+        show_default=True,
+        envvar="BATCHSPEC_PARALLELISM",
+        help="Provider calls (uploads, creates, polls, downloads, cancels) in flight at once, "
+        "fewer while a provider answers 429 (halved, then grown back); a provider's "
+        "maxConcurrency option caps it for that provider.",
+    )(f)
+
+
 def no_color_option(f: F) -> F:
     """``--no-color``: also honoured through ``NO_COLOR`` and ``TERM=dumb`` (cli/colour.py)."""
     return click.option(
@@ -480,16 +493,7 @@ def plan(
     show_default=True,
     help="Longest pause between polls; polling starts at 0.5 s and backs off.",
 )
-@click.option(
-    "--parallelism",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    envvar="BATCHSPEC_PARALLELISM",
-    help="Provider calls (uploads, creates, polls, downloads) in flight at once, fewer "
-    "while a provider answers 429 (halved, then grown back); a provider's "
-    "maxConcurrency option caps it for that provider.",
-)
+@parallelism_option
 @click.option(
     "--allow-replace",
     is_flag=True,
@@ -897,10 +901,16 @@ def results(
 @click.argument("name", shell_complete=complete_names)
 @paths_argument
 @lock_timeout_option
+@parallelism_option
 @json_option
 @state_option
 def cancel(
-    name: str, paths: tuple[str, ...], lock_timeout: float, as_json: bool, state_path: str | None
+    name: str,
+    paths: tuple[str, ...],
+    lock_timeout: float,
+    parallelism: int,
+    as_json: bool,
+    state_path: str | None,
 ) -> None:
     """Cancel NAME's in-flight batches. Recorded in history.
 
@@ -909,7 +919,9 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
-    n = cancel_resource(paths, name, lock_timeout=lock_timeout, state_path=state_path)
+    n = cancel_resource(
+        paths, name, lock_timeout=lock_timeout, state_path=state_path, parallelism=parallelism
+    )
     if as_json:
         emit_json({"resource": name, "cancelled_batches": n})
     elif n == 0:

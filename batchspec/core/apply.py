@@ -330,8 +330,10 @@ def cancel_resource(
     report: Reporter = lambda p: None,
     env: Mapping[str, str] = os.environ,
     state_path: str | None = None,
+    parallelism: int = DEFAULT_PARALLELISM,
 ) -> int:
-    """``batchspec cancel NAME``: cancel a resource's in-flight batches; return how many."""
+    """``batchspec cancel NAME``: cancel a resource's in-flight batches (at most
+    ``parallelism`` cancels at once, a provider's ``maxConcurrency`` to it); return how many."""
     ws = load_workspace(paths, state_path=state_path)
     with (
         StateStore.open(ws.project.state) as store,
@@ -353,8 +355,16 @@ def cancel_resource(
             ),
             ProviderPool(ws, env) as providers,
         ):
-            rec = Reconciler(ws.project, store, run.id, providers.get, report)
-            n = rec.cancel(name)
+            rec = Reconciler(
+                ws.project,
+                store,
+                run.id,
+                providers.get,
+                report,
+                parallelism=parallelism,
+                max_concurrency=lambda provider: provider_option(ws, provider, "maxConcurrency"),
+            )
+            n = rec.cancel(name)  # its batches' cancels side by side
         run.exit_code = 0
         return n
 

@@ -387,28 +387,29 @@ def forget_resource(
 
 
 def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
-    """Cancel and forget every resource ``plan`` marks ``prune``; return their names."""
-    pruned = []
-    for action in plan.actions:
-        if action.kind is not ActionKind.PRUNE:
-            continue
-        name = action.resource
-        cancelled = rec.cancel(name, reason="pruned: its manifest is gone")
-        with rec.store.atomic():
-            rec.store.forget_resource(name)
-            rec.store.record_event(
-                rec.run_id, "prune", resource=name, detail={"cancelled_batches": cancelled}
+    """Cancel and forget every resource ``plan`` marks ``prune``; return their names.
+
+    The remote cancels of all of them run side by side (``Reconciler.cancels_ahead``, given
+    the ``prune`` resources and nothing else); each is recorded, then forgotten, in plan order.
+    """
+    names = [a.resource for a in plan.actions if a.kind is ActionKind.PRUNE]
+    with rec.cancels_ahead(names):
+        for name in names:
+            cancelled = rec.cancel(name, reason="pruned: its manifest is gone")
+            with rec.store.atomic():
+                rec.store.forget_resource(name)
+                rec.store.record_event(
+                    rec.run_id, "prune", resource=name, detail={"cancelled_batches": cancelled}
+                )
+            rec.report(
+                Progress(
+                    "prune",
+                    name,
+                    f"pruned: manifest gone, {cancelled} batch(es) cancelled, no longer tracked",
+                    {"cancelled_batches": cancelled},
+                )
             )
-        rec.report(
-            Progress(
-                "prune",
-                name,
-                f"pruned: manifest gone, {cancelled} batch(es) cancelled, no longer tracked",
-                {"cancelled_batches": cancelled},
-            )
-        )
-        pruned.append(name)
-    return tuple(pruned)
+    return tuple(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,27 +426,36 @@ def start_replacements(
     """Record the replacement generation of every resource in ``names`` that ``plan`` replaces
     (``resources`` carry the replacement's spec hash); return their names."""
     by_name = {r.name: r for r in resources}
-    started = []
+    replaced = []
     for action in plan.actions:
         res = by_name.get(action.resource)
         if action.kind is not ActionKind.REPLACE or action.resource not in names or res is None:
             continue
         if rec.store.find_generation(res.name, res.spec_hash) is None:
+            _next_replacement(rec.store, res)  # checked before any cancel is sent
+            replaced.append(res)
+    # the in-flight batches of every one are cancelled side by side, recorded in plan order
+    with rec.cancels_ahead([res.name for res in replaced]):
+        for res in replaced:
             record_replacement(rec, res, facts[res.name])
-            started.append(res.name)
-    return tuple(started)
+    return tuple(res.name for res in replaced)
 
 
-def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> GenerationRow:
-    store = rec.store
-    previous = current_replacement(store, res)
-    number = replacement_number(previous) + 1
+def _next_replacement(store: StateStore, res: Resource) -> tuple[int, bool]:
+    """The replacement number ``res.spec_hash`` is, and whether it reuses answers."""
+    number = replacement_number(current_replacement(store, res)) + 1
     reuse = next(
         (r for r in (True, False) if replacement_hash(res, number, reuse=r) == res.spec_hash),
         None,
     )
     if reuse is None:  # the caller passes `next_replacement(...)`: anything else is a bug
         raise StateError(f"{res.name}: {res.spec_hash[:12]} is not its next replacement")
+    return number, reuse
+
+
+def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> GenerationRow:
+    store = rec.store
+    number, reuse = _next_replacement(store, res)
     superseded = []
     for gen in store.generations(res.name):
         if gen.status in ACTIVE:

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, indexed_ledger_rows
@@ -44,6 +44,13 @@ ProviderFactory = Callable[[str], Provider]
 
 T = TypeVar("T")
 
+
+class CallPool(Protocol):
+    """A bounded pool of provider calls (``prefetch.BoundedCalls``)."""
+
+    def submit(self, provider: str, call: Callable[[], T]) -> Future[T]: ...
+
+
 #: how long a step waits for a download fetched ahead before it calls ``before_wait``: the
 #: next file of a pass is usually a few milliseconds away, a large one may be minutes
 WAIT_GRACE = 0.1
@@ -51,15 +58,18 @@ WAIT_GRACE = 0.1
 
 @dataclass
 class Prefetched:
-    """Provider reads one pass made ahead (``prefetch``), each taken once by the step that
-    would have made it: a poll by (provider, remote id), a file's sha256 in the blob store by
-    (provider, file id), a download as its future, waited for when taken. A read that failed
-    is raised when taken."""
+    """Provider calls made ahead (``prefetch``, ``cancel.cancel_ahead``), each taken once by
+    the step that would have made it: a poll by (provider, remote id), a file's sha256 in the
+    blob store by (provider, file id), a download as its future, waited for when taken; a
+    cancel's answer by (provider, remote id), as its future too. A call that failed is
+    raised when taken."""
 
     polls: dict[tuple[str, str], RemoteBatch | BaseException] = field(default_factory=dict)
     files: dict[tuple[str, str], Future[str]] = field(default_factory=dict)
     #: the pass's one newest-first scan of each provider's batches, for key lookups
     listings: dict[str, BatchListing] = field(default_factory=dict)
+    #: cancels sent ahead, side by side, of the batches the serial cancel steps will cancel
+    cancels: dict[tuple[str, str], Future[RemoteBatch]] = field(default_factory=dict)
 
     def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
         return _unwrap(self.polls.pop((provider, remote_id), None))
@@ -77,6 +87,20 @@ class Prefetched:
         except FutureTimeout:
             before_wait()
         return download.result()
+
+    def take_cancel(
+        self, provider: str, remote_id: str, before_wait: Callable[[], None] = lambda: None
+    ) -> RemoteBatch | None:
+        """The batch as the cancel sent ahead answered it, once that call has ended (its
+        error raised); None if no cancel was sent ahead for it (the step sends it itself)."""
+        cancel = self.cancels.pop((provider, remote_id), None)
+        if cancel is None:
+            return None
+        try:
+            return cancel.result(timeout=WAIT_GRACE)
+        except FutureTimeout:
+            before_wait()
+        return cancel.result()
 
 
 def _unwrap(found: T | BaseException | None) -> T | None:
@@ -108,6 +132,9 @@ class RunContext:
     sleep: Callable[[float], None] = time.sleep
     # what this pass fetched ahead, in parallel (batchspec.core.reconcile.prefetch)
     prefetched: Prefetched = field(default_factory=Prefetched)
+    # the bounded pool of the pass (or of the cancels) under way, None outside one: a step
+    # that cancels sends its cancels ahead through it (``cancel.cancel_ahead``)
+    calls: CallPool | None = None
     # called before a step waits on a provider (a call, or a download not yet ended): a
     # pass's commit group is committed then, never holding the writer lock while it waits
     before_wait: Callable[[], None] = lambda: None

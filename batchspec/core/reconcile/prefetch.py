@@ -23,6 +23,12 @@ It promises:
   pages still to come. The pass does not wait for the downloads: the collect step of each
   resource waits for its own files, so the first resources are recorded while the later ones
   still download.
+
+The same pool (``BoundedCalls``, with its per-provider ``AdaptiveLimit``) carries the calls a
+pass, or a command, sends ahead of its serial steps that write: ``pipeline.submit_pass``'s
+uploads and creates (``pipeline.SUBMIT_TYPES``), and ``cancel.cancel_ahead``'s cancels
+(``batchspec cancel``, ``apply --prune``, ``apply --replace``, a new spec superseding an old
+one) on the providers reads are fetched ahead from (``shares_client``).
 """
 
 from __future__ import annotations
@@ -187,11 +193,13 @@ def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[Bat
             continue
         gen = ctx.store.find_generation(res.name, res.spec_hash)
         if gen is not None:
-            rows.extend(b for b in ctx.store.batches(gen.id) if _prefetches(ctx, b.provider))
+            rows.extend(b for b in ctx.store.batches(gen.id) if shares_client(ctx, b.provider))
     return rows
 
 
-def _prefetches(ctx: RunContext, provider: str) -> bool:
+def shares_client(ctx: RunContext, provider: str) -> bool:
+    """Whether calls to ``provider`` may run on the pool's threads: its type is one of
+    ``PREFETCH_TYPES`` and its client could be built (here, on the main thread)."""
     config = ctx.project.providers.get(provider)
     if config is None or config.type not in PREFETCH_TYPES:
         return False

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
+from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
 from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
@@ -33,7 +34,7 @@ from batchspec.core.recorded import (
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
 from batchspec.state.connection import CommitGroup
-from batchspec.state.store import StateStore
+from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Project, Resource
@@ -156,6 +157,7 @@ class Reconciler:
         advance each resource in order on this thread; return those still waiting."""
         try:
             with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
+                self.ctx.calls = calls  # a replace step sends its cancels ahead through it
                 prefetch_pass(self.ctx, resources, calls)
                 submitted = submit_pass(
                     self.ctx, resources, facts, calls, spending_action=self._spending_action
@@ -174,6 +176,7 @@ class Reconciler:
                 return waiting
         finally:
             self.ctx.prefetched = Prefetched()
+            self.ctx.calls = None
 
     @contextmanager
     def _waits_commit(self, group: CommitGroup) -> Iterator[None]:
@@ -261,7 +264,36 @@ class Reconciler:
 
     def cancel(self, name: str, *, reason: str = "cancelled by a user") -> int:
         """Cancel the in-flight batches of a resource's active generations; return how many."""
-        return cancel_resource(self.ctx, name, reason=reason)
+        with self.cancels_ahead([name]):
+            return cancel_resource(self.ctx, name, reason=reason)
+
+    @contextmanager
+    def cancels_ahead(self, names: Sequence[str]) -> Iterator[None]:
+        """While the block cancels the active generations of ``names`` one after the other,
+        their remote cancels run side by side in a bounded pool (``cancel.cancel_ahead``);
+        the block must cancel exactly those, each cancel sent ahead being taken by its step.
+        Inside an open pool (nested), the cancels join it."""
+        if self.ctx.calls is not None:
+            cancel_ahead(self.ctx, self._active_generations(names))
+            yield
+            return
+        try:
+            with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
+                self.ctx.calls = calls
+                self.ctx.prefetched = Prefetched()
+                cancel_ahead(self.ctx, self._active_generations(names))
+                yield
+        finally:
+            self.ctx.prefetched = Prefetched()
+            self.ctx.calls = None
+
+    def _active_generations(self, names: Sequence[str]) -> list[tuple[str, GenerationRow]]:
+        return [
+            (name, gen)
+            for name in names
+            for gen in self.store.generations(name)
+            if gen.status in ACTIVE
+        ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from batchspec.core.reconcile.adopt import (
     look_up_until,
     record_remote,
 )
-from batchspec.core.reconcile.cancel import cancel_generation
+from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
@@ -70,12 +70,16 @@ def replace(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
 
 
 def supersede_older(ctx: RunContext, res: Resource) -> None:
-    """Cancel the generations of an older spec still in flight (a replace)."""
-    for gen in ctx.store.generations(res.name):
-        if gen.spec_hash != res.spec_hash and gen.status in ("pending", "in_progress"):
-            cancel_generation(
-                ctx, res.name, gen, status="superseded", reason="replaced by a new spec"
-            )
+    """Cancel the generations of an older spec still in flight (a replace); their remote
+    cancels run side by side in the pass's pool (``cancel.cancel_ahead``)."""
+    older = [
+        gen
+        for gen in ctx.store.generations(res.name)
+        if gen.spec_hash != res.spec_hash and gen.status in ACTIVE
+    ]
+    cancel_ahead(ctx, [(res.name, gen) for gen in older])
+    for gen in older:
+        cancel_generation(ctx, res.name, gen, status="superseded", reason="replaced by a new spec")
 
 
 def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:

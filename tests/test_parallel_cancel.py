@@ -1,0 +1,266 @@
+"""Cancels side by side (issue 13): `apply --prune`, `batchspec cancel`, `apply --replace`.
+
+Against the engine's OpenAI API on loopback behind a ``RequestProbe`` (tests/probes.py) that
+holds every cancel a while and records when each was answered, so that cancels sent side by
+side are seen overlapping at the server. Batches are kept in flight by an upstream that
+answers nothing until its gate opens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from probes import ProbedServer, start_probed_server
+from servers import request_lines
+from test_parallel_polling import GatedUpstream
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    json_lines,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+CANCEL = "POST /batches/{id}/cancel"
+HELD = 0.2  # each cancel is held this long at the server
+_IDS = re.compile(r"\b(batch|file)[-_][A-Za-z0-9]+")
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Any:
+    started: list[tuple[ProbedServer, GatedUpstream]] = []
+
+    def start(name: str = "engine") -> ProbedServer:
+        upstream = GatedUpstream()
+        srv = start_probed_server(tmp_path / name, upstream=upstream, api_key=SENTINEL_KEY)
+        started.append((srv, upstream))
+        return srv
+
+    yield start
+    for srv, upstream in started:
+        upstream.gate.set()
+        srv.stop()
+
+
+def workspace(root: Path, srv: ProbedServer, *specs: ResourceSpec, **options: Any) -> Workspace:
+    return make_workspace(
+        root, providers={"srv": openai_provider(srv.v1, KEY_ENV, **options)}, resources=specs
+    )
+
+
+def fleet_specs(n: int) -> list[ResourceSpec]:
+    return [ResourceSpec(f"r{i:02d}", count=1) for i in range(n)]
+
+
+def cancels_at_once(srv: ProbedServer) -> int:
+    """The most held cancels that overlapped by more than half a hold: a request just
+    answered and the next just started may overlap by microseconds, never by that."""
+    held = [(start, end) for route, start, end in srv.probe.spans if route == CANCEL]
+    return max(
+        (sum(1 for s, e in held if min(end, e) - max(start, s) > HELD / 2) for start, end in held),
+        default=0,
+    )
+
+
+def masked(text: str, root: Path) -> str:
+    return _IDS.sub("ID", text.replace(str(root), "WS"))
+
+
+def audit_log(ws: Workspace) -> list[tuple[str, str, int | None, str]]:
+    """The last run's events: action, resource, batch row, detail (ids masked)."""
+    with ws.store() as store:
+        last = max(e.run_id or 0 for e in store.events())
+        return [
+            (e.action, e.resource or "", e.batch_id, masked(str(e.detail), ws.root))
+            for e in store.events(run_id=last)
+        ]
+
+
+def remote_statuses(srv: ProbedServer) -> dict[str, str]:
+    return {b["id"]: b["status"] for b in srv.engine.list_batches(None, 100)["data"]}
+
+
+def pruning_run(
+    root: Path, gated: Any, capsys: pytest.CaptureFixture[str], name: str, **options: Any
+) -> tuple[int, list[tuple[str, str, str]], list[tuple[str, str, int | None, str]]]:
+    """Eight resources in flight, then their manifests gone and `apply --prune` (a ninth,
+    still declared, stays): (most cancels at once, the NDJSON events, the audit log)."""
+    srv = gated(name)
+    ws = workspace(root, srv, *fleet_specs(8), ResourceSpec("keep", count=1), **options)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for i in range(8):
+        ws.manifest_path(f"r{i:02d}").unlink()
+    srv.probe.hold(CANCEL, HELD)
+    srv.probe.spans.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune", "--json"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == 8
+    events = [
+        (e["event"], e.get("resource") or "", masked(e.get("message") or "", root))
+        for e in json_lines(out)
+        if e.get("event") not in ("plan", "result")
+    ]
+    return cancels_at_once(srv), events, audit_log(ws)
+
+
+def test_prune_cancels_overlap_and_output_stays_in_resource_order(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` of 8 orphans sends their cancels side by side (the server sees them
+    overlap; never more than one with maxConcurrency 1), and the NDJSON and the audit log
+    are exactly those of the one-at-a-time run."""
+    peak, events, log = pruning_run(tmp_path / "parallel", gated, capsys, "e1")
+    serial_peak, serial_events, serial_log = pruning_run(
+        tmp_path / "serial", gated, capsys, "e2", maxConcurrency=1
+    )
+
+    assert peak > 1
+    assert serial_peak == 1
+    assert events == serial_events
+    assert log == serial_log
+    pruned = [resource for kind, resource, _ in events if kind == "prune"]
+    assert pruned == [f"r{i:02d}" for i in range(8)]
+
+
+@pytest.mark.parametrize(("options", "serial"), [((), False), (("--parallelism", "1"), True)])
+def test_cancel_of_a_sharded_resource_sends_its_cancels_side_by_side(
+    tmp_path: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    options: tuple[str, ...],
+    serial: bool,
+) -> None:
+    """`batchspec cancel NAME` of a 4-shard resource: the four cancels overlap at the server
+    (one at a time with --parallelism 1), and all four are recorded as cancelled."""
+    srv = gated()
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = workspace(tmp_path / "ws", srv, ResourceSpec("big", count=8, spec=spec))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.hold(CANCEL, HELD)
+    srv.probe.spans.clear()
+
+    code, out, err = run_cli(["cancel", "big", str(ws.root), "--json", *options], capsys)
+
+    assert code == 0, err
+    assert json.loads(out) == {"resource": "big", "cancelled_batches": 4}
+    at_once = cancels_at_once(srv)
+    assert at_once == 1 if serial else at_once > 1
+    with ws.store() as store:
+        batches = store.batches()
+        assert len(batches) == 4
+        assert {b.status for b in batches} <= {"cancelling", "cancelled"}
+        assert [e.action for e in store.events(resource="big")][-1] == "cancel"
+
+
+def test_prune_cancels_the_orphans_and_nothing_else(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cancels sent ahead are exactly the orphans': the resources still declared keep
+    their batches running at the provider, untouched in the state."""
+    srv = gated()
+    ws = workspace(tmp_path / "ws", srv, *fleet_specs(8))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    gone = [f"r{i:02d}" for i in range(0, 8, 2)]
+    for name in gone:
+        ws.manifest_path(name).unlink()
+    with ws.store() as store:
+        owner = {
+            b.remote_id: store.get_generation(b.generation_id).resource for b in store.batches()
+        }
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == len(gone)
+    statuses = remote_statuses(srv)
+    assert sorted(owner[i] for i, s in statuses.items() if s in ("cancelling", "cancelled")) == gone
+    assert all(s == "in_progress" for i, s in statuses.items() if owner[i] not in gone)
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == [f"r{i:02d}" for i in range(1, 8, 2)]
+        assert {e.resource for e in store.events() if e.action in ("cancel", "prune")} == set(gone)
+
+
+def failing_prune(
+    root: Path, gated: Any, capsys: pytest.CaptureFixture[str], name: str, **options: Any
+) -> tuple[int, str]:
+    """Four orphans whose every cancel is refused (503, no retries): (exit code, stderr)."""
+    srv = gated(name)
+    ws = workspace(root, srv, *fleet_specs(4), maxRetries=0, **options)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for i in range(4):
+        ws.manifest_path(f"r{i:02d}").unlink()
+    srv.probe.hold(CANCEL, 0, drop=True)
+    with ws.store() as store:
+        before = [b.status for b in store.batches()]
+    assert "cancelling" not in before
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    with ws.store() as store:
+        assert not [e for e in store.events() if e.action in ("cancel", "prune")]
+        assert len(store.list_resources()) == 4  # none forgotten
+        assert [b.status for b in store.batches()] == before
+    return code, masked(err, root)
+
+
+def test_a_failed_cancel_fails_the_run_as_one_at_a_time_and_records_nothing(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cancel the provider refuses fails `apply --prune` with the exit code and message of
+    the one-at-a-time run (the first orphan's), and nothing is recorded as cancelled."""
+    code, err = failing_prune(tmp_path / "parallel", gated, capsys, "e1")
+    serial_code, serial_err = failing_prune(
+        tmp_path / "serial", gated, capsys, "e2", maxConcurrency=1
+    )
+
+    assert code != 0
+    assert (code, err) == (serial_code, serial_err)
+    assert "cancel batch" in err
+
+
+SHARDED = ResourceSpec("big", count=8, spec={"limits": {"maxRequestsPerBatch": 2}})
+
+
+@pytest.mark.parametrize(
+    "how",
+    [["--replace", "big"], ["--allow-replace"]],
+    ids=["apply --replace", "a new spec superseding"],
+)
+def test_replacing_a_sharded_resource_cancels_its_batches_side_by_side(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], how: list[str]
+) -> None:
+    """`apply --replace NAME`, and a changed input applied with --allow-replace, cancel the
+    four in-flight batches of the superseded generation side by side, then submit anew."""
+    srv = gated()
+    ws = workspace(tmp_path / "ws", srv, SHARDED)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    if how == ["--allow-replace"]:
+        ws.write_input("big", request_lines(8, prefix="changed"))  # a new spec hash
+    srv.probe.hold(CANCEL, HELD)
+    srv.probe.spans.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json", *how], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == 4
+    assert cancels_at_once(srv) > 1
+    with ws.store() as store:
+        old, new = store.generations("big")
+        assert (old.status, new.status) == ("superseded", "in_progress")
+        assert {b.status for b in store.batches(old.id)} <= {"cancelling", "cancelled"}
+        [cancel] = [e for e in store.events(resource="big") if e.action == "cancel"]
+        assert cancel.detail["batches"] == 4
