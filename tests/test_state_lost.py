@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    json_lines,
     make_workspace,
     run_cli,
     served,
@@ -174,15 +176,17 @@ def test_a_keyed_batch_older_than_the_window_is_not_adopted_and_paging_stops(
     assert created["remote_id"] != stale
 
 
+@pytest.mark.parametrize("age", [3600, 23 * 3600 + 1800], ids=["an hour", "23.5 hours"])
 def test_a_keyed_batch_within_the_window_is_adopted_even_pages_back(
     tmp_path: Path,
     server: Callable[..., ProbedServer],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    age: int,
 ) -> None:
-    """A batch with the shard's whole key made an hour ago, behind four newer unrelated
-    batches (two per page): the lookup pages on to it and apply adopts it, creating none, and
-    collects its results."""
+    """A batch with the shard's whole key made an hour ago (or 23.5 hours ago, late in its
+    24-hour window), behind four newer unrelated batches (two per page): the lookup pages on
+    to it and apply adopts it, creating none, and collects its results."""
     monkeypatch.setattr(adopt, "LOOKUP_PAGE_SIZE", 2)
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
@@ -193,7 +197,7 @@ def test_a_keyed_batch_within_the_window_is_adopted_even_pages_back(
         "batchspec_shard": "0",
         "batchspec_attempt": "1",
     }
-    own = create_aged_batch(srv, key, 3600, ws.input_path("triage").read_text())
+    own = create_aged_batch(srv, key, age, ws.input_path("triage").read_text())
     for n in range(4):
         create_aged_batch(srv, {"project": f"new-{n}"}, 0)
     creates_before = srv.probe.counts["POST /batches"]
@@ -260,3 +264,37 @@ def test_anthropic_batches_are_not_recognised_after_the_state_is_lost(
     assert code == 0, err
     assert srv.batch_count() == 4
     assert all(d["remote_id"] is None for d in events(ws, "lookup"))
+
+
+def test_creates_and_adoptions_say_which_shard_and_how_many_requests(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What CI reads: each bound batch is reported once, "created" on the first run and
+    "adopted" after the state was lost, with its shard counted from 1 in the message and the
+    NDJSON (shards of 2, 2 and 1 requests: "1 request" in the singular)."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=5, spec=SHARDED.spec))
+
+    def bound(event: str) -> list[tuple[str, int, int, int]]:
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+        assert code == 0, err
+        rows = [e for e in json_lines(out) if e.get("event") in ("create", "adopt")]
+        assert {e["event"] for e in rows} == {event}
+        return [
+            (
+                re.sub(r"batch \S+ ", "batch ID ", e["message"]),
+                e["shard"],
+                e["attempt"],
+                e["requests"],
+            )
+            for e in rows
+        ]
+
+    verb = {"create": "created", "adopt": "adopted"}
+    for event in ("create", "adopt"):
+        assert bound(event) == [
+            (f"{verb[event]} batch ID (shard 1, attempt 1, 2 requests)", 1, 1, 2),
+            (f"{verb[event]} batch ID (shard 2, attempt 1, 2 requests)", 2, 1, 2),
+            (f"{verb[event]} batch ID (shard 3, attempt 1, 1 request)", 3, 1, 1),
+        ]
+        lose_state(ws)
