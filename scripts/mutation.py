@@ -77,6 +77,9 @@ SCOPES = (
         (
             "tests/test_adoption.py",
             "tests/test_adoption_lookup.py",
+            "tests/test_adoption_confirm.py",
+            "tests/test_apply_local.py",  # the serial submit path (providers not pooled)
+            "tests/test_replace.py",
             "tests/test_state_lost.py",
             "tests/test_crash_safety.py",
             "tests/test_create_in_transit.py",
