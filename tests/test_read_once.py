@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 from servers import request_lines
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
 
-from batchspec.core.apply import ApplyOptions, apply_workspace
+from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.reconcile import Progress
 from batchspec.engine import Engine
 from batchspec.errors import InputError
@@ -38,7 +39,7 @@ from batchspec.wire.request_index import (
     RequestIndexWriter,
     read_request_index,
 )
-from batchspec.workspace.inputcache import INDEX_KEEP_S, InputCache
+from batchspec.workspace.inputcache import INDEX_KEEP_S, RACY_WINDOW_S, InputCache
 
 WAIT = ApplyOptions(wait=True, poll_interval=0.05)
 
@@ -266,8 +267,9 @@ def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Pa
     index = tmp_path / "in.idx"
     with index.open("wb") as f:
         writer = RequestIndexWriter(f)
-        assert inputs.scan_batch_input(path, index=writer).ok
-        writer.finish()
+        report = inputs.scan_batch_input(path, index=writer)
+        assert report.ok
+        writer.finish(report.sha256)
     facts = list(read_request_index(index))
     path.write_bytes(path.read_bytes().replace(b"item 1.", b"item 7."))
 
@@ -377,3 +379,45 @@ def test_collecting_a_large_output_takes_bounded_memory(
     large = _collect_peak(tmp_path / "large", 12_000, monkeypatch)
 
     assert large < 1.5 * small, (small, large)
+
+
+def test_a_swapped_or_damaged_index_is_not_trusted(tmp_path: Path) -> None:
+    """An index copied over another input's name, or with one byte of a record flipped, is
+    not used: the input is scanned again, and the ledger and results are the input's own
+    (the swapped index's custom_ids used to fill the ledger of an as-is shard: the batch's
+    answers were never collected, and every later run failed)."""
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=(
+            ResourceSpec("a", count=30, provider="here"),
+            ResourceSpec("b", count=20, provider="here"),
+            ResourceSpec(
+                "c", count=20, provider="here", spec={"limits": {"maxRequestsPerBatch": 8}}
+            ),
+        ),
+    )
+    for name in ("b", "c"):
+        lines = request_lines(20)
+        ws.write_input(name, [dict(line, custom_id=f"{name}-{i}") for i, line in enumerate(lines)])
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the scans below are kept, with their indexes
+    plan_workspace([str(ws.root)])
+    index_dir = ws.root / "state" / "input-index"
+    sha = {n: hashlib.sha256(ws.input_path(n).read_bytes()).hexdigest() for n in "abc"}
+    shutil.copy(index_dir / f"{sha['a']}.idx", index_dir / f"{sha['b']}.idx")
+    damaged = index_dir / f"{sha['c']}.idx"
+    damaged.write_bytes(damaged.read_bytes().replace(b"c-3", b"c-9", 1))
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("b")] == [f"b-{i}" for i in range(20)]
+    assert [o["custom_id"] for o in ws.outputs("c")] == [f"c-{i}" for i in range(20)]
+    for name in ("b", "c"):
+        with sqlite3.connect(ws.state_path) as db:
+            ids = db.execute(
+                "select r.custom_id from requests r join generations g on g.id = r.generation_id "
+                "where g.resource = ? order by r.line",
+                (name,),
+            ).fetchall()
+        assert [i for (i,) in ids] == [f"{name}-{i}" for i in range(20)]
