@@ -264,3 +264,39 @@ def test_replacing_a_sharded_resource_cancels_its_batches_side_by_side(
         assert {b.status for b in store.batches(old.id)} <= {"cancelling", "cancelled"}
         [cancel] = [e for e in store.events(resource="big") if e.action == "cancel"]
         assert cancel.detail["batches"] == 4
+
+
+def test_a_cancel_failing_mid_prune_records_the_cancels_answered_beside_it(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prune whose first cancel to arrive is refused (503, no retries) fails, and records
+    the cancels that were sent side by side and answered: no batch the provider cancelled is
+    left recorded in flight, the error says how many were recorded, and the re-run sends
+    only the refused cancel again and prunes all eight (they were sent, never recorded)."""
+    srv = gated()
+    specs = (*fleet_specs(8), ResourceSpec("keep", count=1))
+    ws = workspace(tmp_path, srv, *specs, maxRetries=0)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for i in range(8):
+        ws.manifest_path(f"r{i:02d}").unlink()
+    srv.probe.hold(CANCEL, HELD, drop=True, times=1)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code != 0
+    assert "HTTP 503" in err
+    remote = remote_statuses(srv)
+    assert sorted(remote.values()).count("in_progress") == 2  # the refused one, and keep's
+    with ws.store() as store:
+        rows = [b for b in store.in_flight_batches() if b.status not in ("cancelling",)]
+    assert sorted(remote[b.remote_id or ""] for b in rows) == ["in_progress", "in_progress"]
+    assert "recorded on their batches" in err
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == 9
+    assert sorted(remote_statuses(srv).values()) == ["cancelled"] * 8 + ["in_progress"]
+    with ws.store() as store:
+        rows = {name: store.get_resource(name) for name in [s.name for s in specs]}
+        assert [n for n, row in rows.items() if row and row.forgotten_at is None] == ["keep"]

@@ -17,7 +17,9 @@ the step, as is an unsure create the step adopts. Workers only call the provider
 takes its batches' answers (``Prefetched.take_cancel``) and records them on the main thread,
 in the order and with the content a serial run records (batch rows, the generation's status,
 the ``cancel`` event, progress). A cancel that failed is raised by the step that would have
-sent it, recording nothing for it; a run that fails drops the cancels not yet started.
+sent it, recording nothing for it; a run that fails drops the cancels not yet started, and
+records the answers of those that had ended (``record_cancels_sent_ahead``): a batch the
+provider cancelled is never left recorded in flight, and the error says how many.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from batchspec.core.reconcile.adopt import bind_adopted, find_remote
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.prefetch import shares_client
 from batchspec.core.reporting import Progress
+from batchspec.errors import BatchspecError
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
@@ -99,6 +102,42 @@ def cancel_generation(
         )
     ctx.report(Progress("cancel", name, f"{reason}: {n} batch(es) cancelled"))
     return n
+
+
+def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
+    """After ``err`` stopped the run (its pool closed, every cancel started has ended):
+    record on its batch row, with a ``cancel`` event, each cancel sent ahead that the
+    provider answered and no step took, and say so in ``err``'s details; return how many.
+
+    Their generations are left as they were (no step finished them): the next run sends
+    no cancel again for a batch recorded ``cancelling`` or ended, and finishes them."""
+    taken = 0
+    for (provider, remote_id), future in list(ctx.prefetched.cancels.items()):
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            continue
+        remote = future.result()
+        batch = ctx.store.batch_by_remote_id(provider, remote_id)
+        if batch is None or not _sends_cancel(batch):
+            continue
+        gen = ctx.store.get_generation(batch.generation_id)
+        with ctx.store.atomic():
+            ctx.store.update_batch(batch.id, **batch_fields(remote))
+            ctx.store.record_event(
+                ctx.run_id,
+                "cancel",
+                resource=gen.resource,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail={"reason": "sent ahead; the run failed before its step", "batches": 1},
+            )
+        taken += 1
+    ctx.prefetched.cancels.clear()
+    if taken and isinstance(err, BatchspecError):
+        err.details.append(
+            f"{taken} other batch cancel(s), sent side by side, were answered before this "
+            "failure: recorded on their batches (the next run does not send them again)"
+        )
+    return taken
 
 
 def _sends_cancel(batch: BatchRow) -> bool:
