@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
-from servers import request_lines
+from servers import request_lines, wait_for
 from test_parallel_polling import GatedUpstream
 from workspaces import (
     KEY_ENV,
@@ -300,3 +300,40 @@ def test_a_cancel_failing_mid_prune_records_the_cancels_answered_beside_it(
     with ws.store() as store:
         rows = {name: store.get_resource(name) for name in [s.name for s in specs]}
         assert [n for n, row in rows.items() if row and row.forgotten_at is None] == ["keep"]
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Any:
+    """A probed engine whose upstream answers once its gate is set: (server, upstream)."""
+    upstream = GatedUpstream()
+    srv = start_probed_server(tmp_path / "engine", upstream=upstream, api_key=SENTINEL_KEY)
+    yield srv, upstream
+    upstream.gate.set()
+    srv.stop()
+
+
+@pytest.mark.parametrize("how", [["--allow-replace"], ["--replace", "job"]])
+def test_a_replace_keeps_the_answers_of_batches_that_ended_before_their_cancel(
+    tmp_path: Path, opened: Any, capsys: pytest.CaptureFixture[str], how: list[str]
+) -> None:
+    """Two shards finish at the provider after the last apply; the input then gains a line
+    and `apply --allow-replace` (or `--replace job`) cancels the old generation: the cancels find both batches
+    completed, their answers are collected and kept, and only the new request is sent (they
+    were recorded completed, never collected, and all five requests sent again)."""
+    srv, upstream = opened
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = workspace(tmp_path, srv, ResourceSpec("job", count=4, spec=spec))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_for(lambda: sorted(remote_statuses(srv).values()) == ["completed"] * 2)
+    ws.write_input("job", request_lines(5))
+
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--yes", *how, "--wait", "--poll-interval", "0.05"],
+        capsys,
+    )
+
+    assert code == 0, err
+    totals = [b["request_counts"]["total"] for b in srv.engine.list_batches(None, 100)["data"]]
+    assert sorted(totals) == [1, 2, 2]
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"req-{i}" for i in range(5)]
