@@ -421,3 +421,18 @@ def test_a_swapped_or_damaged_index_is_not_trusted(tmp_path: Path) -> None:
                 (name,),
             ).fetchall()
         assert [i for (i,) in ids] == [f"{name}-{i}" for i in range(20)]
+
+
+def test_a_custom_id_longer_than_64_kib_is_indexed(tmp_path: Path) -> None:
+    """A request whose custom_id takes more than 65,535 UTF-8 bytes is indexed and answered
+    like any other (the index held its length in 16 bits: the scan that validates the input
+    crashed with a struct.error traceback)."""
+    ws = local_ws(tmp_path, 3)
+    lines = request_lines(3)
+    lines[1] = dict(lines[1], custom_id="é" * 40_000)  # 80,000 bytes
+    ws.write_input("job", lines)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("job")] == [line["custom_id"] for line in lines]

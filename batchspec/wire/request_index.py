@@ -38,7 +38,7 @@ from batchspec.errors import InputError
 
 MAGIC = b"batchspec-request-index-2\n"
 _HEADER = struct.Struct("<Q32s32s")
-_RECORD = struct.Struct("<QQIIH32s")
+_RECORD = struct.Struct("<QQIII32s")
 _READ_BYTES = 1024 * 1024
 
 
