@@ -317,9 +317,10 @@ def test_a_replace_keeps_the_answers_of_batches_that_ended_before_their_cancel(
     tmp_path: Path, opened: Any, capsys: pytest.CaptureFixture[str], how: list[str]
 ) -> None:
     """Two shards finish at the provider after the last apply; the input then gains a line
-    and `apply --allow-replace` (or `--replace job`) cancels the old generation: the cancels find both batches
-    completed, their answers are collected and kept, and only the new request is sent (they
-    were recorded completed, never collected, and all five requests sent again)."""
+    and `apply --allow-replace` (or `--replace job`) cancels the old generation: the cancels
+    find both batches completed, their answers are collected and kept, and only the new
+    request is sent (they were recorded completed, never collected, and all five requests
+    sent again)."""
     srv, upstream = opened
     spec = {"limits": {"maxRequestsPerBatch": 2}}
     ws = workspace(tmp_path, srv, ResourceSpec("job", count=4, spec=spec))

@@ -436,3 +436,27 @@ def test_a_custom_id_longer_than_64_kib_is_indexed(tmp_path: Path) -> None:
 
     assert result.exit_code == 0
     assert [o["custom_id"] for o in ws.outputs("job")] == [line["custom_id"] for line in lines]
+
+
+def test_an_input_changed_while_it_is_uploaded_as_is_is_refused(tmp_path: Path) -> None:
+    """An input rewritten (same size) after its last check and before the upload read it
+    (here: when the upload is reported) is refused before its batch is created, and the
+    file is not recorded under the validated content's hash (it was: the batch ran the
+    new bytes as the validated ones, and the file was reused as theirs)."""
+    ws = local_ws(tmp_path, 20)
+    original = ws.input_path("job").read_bytes()
+    changed = original.replace(b"item 1.", b"item 7.")
+    assert len(changed) == len(original) and changed != original
+
+    def rewrite_on_upload(progress: Progress) -> None:
+        if progress.event == "upload":
+            ws.input_path("job").write_bytes(changed)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT, report=rewrite_on_upload)
+
+    with ws.store() as store:
+        gens = store.generations("job")
+        assert [b.remote_id for g in gens for b in store.batches(g.id)] == [None]
+        sha = hashlib.sha256(original).hexdigest()
+        assert store.get_file("here", sha) is None

@@ -317,7 +317,11 @@ def report_upload_progress(
 def record_upload(
     ctx: RunContext, provider: str, res: Resource, batch: BatchRow, remote: RemoteFile, path: Path
 ) -> None:
-    """Record an uploaded file (deduplicated by sha256 per provider from now on)."""
+    """Record an uploaded file (deduplicated by sha256 per provider from now on). An input
+    uploaded as it is must still hold the validated content once the upload has read it
+    (``InputChangedError``: nothing recorded, no batch created from it)."""
+    if path == res.input_path:
+        ctx.require_unchanged_input(res, batch.input_sha256)
     with ctx.store.atomic():
         ctx.store.record_file(
             provider,
