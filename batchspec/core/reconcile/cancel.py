@@ -111,27 +111,33 @@ def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
 
     Their generations are left as they were (no step finished them): the next run sends
     no cancel again for a batch recorded ``cancelling`` or ended, and finishes them."""
-    taken = 0
-    for (provider, remote_id), future in list(ctx.prefetched.cancels.items()):
-        if not future.done() or future.cancelled() or future.exception() is not None:
-            continue
-        remote = future.result()
-        batch = ctx.store.batch_by_remote_id(provider, remote_id)
-        if batch is None or not _sends_cancel(batch):
-            continue
-        gen = ctx.store.get_generation(batch.generation_id)
-        with ctx.store.atomic():
-            ctx.store.update_batch(batch.id, **batch_fields(remote))
-            ctx.store.record_event(
-                ctx.run_id,
-                "cancel",
-                resource=gen.resource,
-                generation_id=gen.id,
-                batch_id=batch.id,
-                detail={"reason": "sent ahead; the run failed before its step", "batches": 1},
-            )
-        taken += 1
+    answered = [
+        (key, future.result())
+        for key, future in ctx.prefetched.cancels.items()
+        if future.done() and not future.cancelled() and future.exception() is None
+    ]
     ctx.prefetched.cancels.clear()
+    taken = 0
+    try:
+        for (provider, remote_id), remote in answered:
+            batch = ctx.store.batch_by_remote_id(provider, remote_id)
+            if batch is None or not _sends_cancel(batch):
+                continue
+            gen = ctx.store.get_generation(batch.generation_id)
+            with ctx.store.atomic():
+                ctx.store.update_batch(batch.id, **batch_fields(remote))
+                ctx.store.record_event(
+                    ctx.run_id,
+                    "cancel",
+                    resource=gen.resource,
+                    generation_id=gen.id,
+                    batch_id=batch.id,
+                    detail={"reason": "sent ahead; the run failed before its step", "batches": 1},
+                )
+            taken += 1
+    except Exception as failed:  # noqa: BLE001 - the run's own error is the one raised
+        if isinstance(err, BatchspecError):
+            err.details.append(f"cancels sent side by side could not be recorded: {failed}")
     if taken and isinstance(err, BatchspecError):
         err.details.append(
             f"{taken} other batch cancel(s), sent side by side, were answered before this "
