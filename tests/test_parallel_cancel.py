@@ -338,3 +338,30 @@ def test_a_replace_keeps_the_answers_of_batches_that_ended_before_their_cancel(
     totals = [b["request_counts"]["total"] for b in srv.engine.list_batches(None, 100)["data"]]
     assert sorted(totals) == [1, 2, 2]
     assert [o["custom_id"] for o in ws.outputs("job")] == [f"req-{i}" for i in range(5)]
+
+
+def test_a_superseded_generation_is_cancelled_on_the_provider_that_runs_it(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resource forgotten with a batch in flight on provider a, then declared on provider
+    b and applied with --allow-replace: the old batch is cancelled on a, where it runs (the
+    cancel went to the resource's new provider, which answered 404, and every run failed)."""
+    first, second = gated("a"), gated("b")
+    ws = make_workspace(
+        tmp_path,
+        providers={
+            "a": openai_provider(first.v1, KEY_ENV),
+            "b": openai_provider(second.v1, KEY_ENV),
+        },
+        resources=[ResourceSpec("job", count=2, provider="a")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert run_cli(["forget", "job", str(ws.root)], capsys)[0] == 0
+    manifest = ws.manifest_path("job")
+    manifest.write_text(manifest.read_text().replace("provider: a", "provider: b"))
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--allow-replace"], capsys)
+
+    assert code == 0, err
+    assert list(remote_statuses(first).values()) == ["cancelled"]
+    assert list(remote_statuses(second).values()) == ["in_progress"]

@@ -55,28 +55,27 @@ def cancel_ahead(ctx: RunContext, targets: Iterable[tuple[str, GenerationRow]]) 
     calls = ctx.calls
     if calls is None:
         return
-    for name, gen in targets:
-        provider_name = _provider_name(ctx, name)
-        if not shares_client(ctx, provider_name):
-            continue
-        provider = ctx.provider_for(provider_name)
+    for _, gen in targets:
         for batch in ctx.store.batches(gen.id):
-            key = (provider_name, batch.remote_id or "")
-            if _sends_cancel(batch) and key not in ctx.prefetched.cancels:
-                call = functools.partial(provider.cancel_batch, key[1])
-                ctx.prefetched.cancels[key] = calls.submit(provider_name, call)
+            # the provider that runs the batch (a resource may have moved to another since)
+            key = (batch.provider, batch.remote_id or "")
+            if not _sends_cancel(batch) or key in ctx.prefetched.cancels:
+                continue
+            if shares_client(ctx, batch.provider):
+                call = functools.partial(ctx.provider_for(batch.provider).cancel_batch, key[1])
+                ctx.prefetched.cancels[key] = calls.submit(batch.provider, call)
 
 
 def cancel_generation(
     ctx: RunContext, name: str, gen: GenerationRow, *, status: str, reason: str
 ) -> int:
-    provider_name = _provider_name(ctx, name)
-    provider = ctx.provider_for(provider_name)
     n = 0
+    # each batch is cancelled on the provider that runs it (``batch.provider``): the
+    # resource may have moved to another since
     for batch in ctx.store.batches(gen.id):
         if batch.remote_id is None and batch.status == "creating":
             # the create may have landed: find it (it is paid for) and cancel it too
-            remote = find_remote(ctx, provider, batch)
+            remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
             if remote is not None:
                 batch = bind_adopted(ctx, name, batch, remote)
         if batch.remote_id is None:
@@ -84,9 +83,9 @@ def cancel_generation(
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
         if _sends_cancel(batch):
-            remote = ctx.prefetched.take_cancel(provider_name, batch.remote_id, ctx.before_wait)
+            remote = ctx.prefetched.take_cancel(batch.provider, batch.remote_id, ctx.before_wait)
             if remote is None:  # not sent ahead: send it now
-                remote = provider.cancel_batch(batch.remote_id)
+                remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
             ctx.store.update_batch(batch.id, **batch_fields(remote))
             # a batch that ended before the cancel reached it keeps its own end (completed,
             # failed, expired): recorded as it is, not counted as cancelled
@@ -153,8 +152,3 @@ def _sends_cancel(batch: BatchRow) -> bool:
         and batch.status not in TERMINAL_STATUSES
         and batch.status != "cancelling"
     )
-
-
-def _provider_name(ctx: RunContext, name: str) -> str:
-    row = ctx.store.get_resource(name)
-    return row.provider if row else ""
