@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
-from servers import request_lines
+from servers import request_lines, wait_for
 from test_parallel_polling import GatedUpstream
 from workspaces import (
     KEY_ENV,
@@ -264,3 +264,104 @@ def test_replacing_a_sharded_resource_cancels_its_batches_side_by_side(
         assert {b.status for b in store.batches(old.id)} <= {"cancelling", "cancelled"}
         [cancel] = [e for e in store.events(resource="big") if e.action == "cancel"]
         assert cancel.detail["batches"] == 4
+
+
+def test_a_cancel_failing_mid_prune_records_the_cancels_answered_beside_it(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prune whose first cancel to arrive is refused (503, no retries) fails, and records
+    the cancels that were sent side by side and answered: no batch the provider cancelled is
+    left recorded in flight, the error says how many were recorded, and the re-run sends
+    only the refused cancel again and prunes all eight (they were sent, never recorded)."""
+    srv = gated()
+    specs = (*fleet_specs(8), ResourceSpec("keep", count=1))
+    ws = workspace(tmp_path, srv, *specs, maxRetries=0)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for i in range(8):
+        ws.manifest_path(f"r{i:02d}").unlink()
+    srv.probe.hold(CANCEL, HELD, drop=True, times=1)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code != 0
+    assert "HTTP 503" in err
+    remote = remote_statuses(srv)
+    assert sorted(remote.values()).count("in_progress") == 2  # the refused one, and keep's
+    with ws.store() as store:
+        rows = [b for b in store.in_flight_batches() if b.status not in ("cancelling",)]
+    assert sorted(remote[b.remote_id or ""] for b in rows) == ["in_progress", "in_progress"]
+    assert "recorded on their batches" in err
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[CANCEL] == 9
+    assert sorted(remote_statuses(srv).values()) == ["cancelled"] * 8 + ["in_progress"]
+    with ws.store() as store:
+        rows = {name: store.get_resource(name) for name in [s.name for s in specs]}
+        assert [n for n, row in rows.items() if row and row.forgotten_at is None] == ["keep"]
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Any:
+    """A probed engine whose upstream answers once its gate is set: (server, upstream)."""
+    upstream = GatedUpstream()
+    srv = start_probed_server(tmp_path / "engine", upstream=upstream, api_key=SENTINEL_KEY)
+    yield srv, upstream
+    upstream.gate.set()
+    srv.stop()
+
+
+@pytest.mark.parametrize("how", [["--allow-replace"], ["--replace", "job"]])
+def test_a_replace_keeps_the_answers_of_batches_that_ended_before_their_cancel(
+    tmp_path: Path, opened: Any, capsys: pytest.CaptureFixture[str], how: list[str]
+) -> None:
+    """Two shards finish at the provider after the last apply; the input then gains a line
+    and `apply --allow-replace` (or `--replace job`) cancels the old generation: the cancels
+    find both batches completed, their answers are collected and kept, and only the new
+    request is sent (they were recorded completed, never collected, and all five requests
+    sent again)."""
+    srv, upstream = opened
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = workspace(tmp_path, srv, ResourceSpec("job", count=4, spec=spec))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_for(lambda: sorted(remote_statuses(srv).values()) == ["completed"] * 2)
+    ws.write_input("job", request_lines(5))
+
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--yes", *how, "--wait", "--poll-interval", "0.05"],
+        capsys,
+    )
+
+    assert code == 0, err
+    totals = [b["request_counts"]["total"] for b in srv.engine.list_batches(None, 100)["data"]]
+    assert sorted(totals) == [1, 2, 2]
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"req-{i}" for i in range(5)]
+
+
+def test_a_superseded_generation_is_cancelled_on_the_provider_that_runs_it(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resource forgotten with a batch in flight on provider a, then declared on provider
+    b and applied with --allow-replace: the old batch is cancelled on a, where it runs (the
+    cancel went to the resource's new provider, which answered 404, and every run failed)."""
+    first, second = gated("a"), gated("b")
+    ws = make_workspace(
+        tmp_path,
+        providers={
+            "a": openai_provider(first.v1, KEY_ENV),
+            "b": openai_provider(second.v1, KEY_ENV),
+        },
+        resources=[ResourceSpec("job", count=2, provider="a")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert run_cli(["forget", "job", str(ws.root)], capsys)[0] == 0
+    manifest = ws.manifest_path("job")
+    manifest.write_text(manifest.read_text().replace("provider: a", "provider: b"))
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--allow-replace"], capsys)
+
+    assert code == 0, err
+    assert list(remote_statuses(first).values()) == ["cancelled"]
+    assert list(remote_statuses(second).values()) == ["in_progress"]

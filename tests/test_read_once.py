@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 from servers import request_lines
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
 
-from batchspec.core.apply import ApplyOptions, apply_workspace
+from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.reconcile import Progress
 from batchspec.engine import Engine
 from batchspec.errors import InputError
@@ -38,7 +39,7 @@ from batchspec.wire.request_index import (
     RequestIndexWriter,
     read_request_index,
 )
-from batchspec.workspace.inputcache import INDEX_KEEP_S, InputCache
+from batchspec.workspace.inputcache import INDEX_KEEP_S, RACY_WINDOW_S, InputCache
 
 WAIT = ApplyOptions(wait=True, poll_interval=0.05)
 
@@ -266,8 +267,9 @@ def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Pa
     index = tmp_path / "in.idx"
     with index.open("wb") as f:
         writer = RequestIndexWriter(f)
-        assert inputs.scan_batch_input(path, index=writer).ok
-        writer.finish()
+        report = inputs.scan_batch_input(path, index=writer)
+        assert report.ok
+        writer.finish(report.sha256)
     facts = list(read_request_index(index))
     path.write_bytes(path.read_bytes().replace(b"item 1.", b"item 7."))
 
@@ -377,3 +379,84 @@ def test_collecting_a_large_output_takes_bounded_memory(
     large = _collect_peak(tmp_path / "large", 12_000, monkeypatch)
 
     assert large < 1.5 * small, (small, large)
+
+
+def test_a_swapped_or_damaged_index_is_not_trusted(tmp_path: Path) -> None:
+    """An index copied over another input's name, or with one byte of a record flipped, is
+    not used: the input is scanned again, and the ledger and results are the input's own
+    (the swapped index's custom_ids used to fill the ledger of an as-is shard: the batch's
+    answers were never collected, and every later run failed)."""
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=(
+            ResourceSpec("a", count=30, provider="here"),
+            ResourceSpec("b", count=20, provider="here"),
+            ResourceSpec(
+                "c", count=20, provider="here", spec={"limits": {"maxRequestsPerBatch": 8}}
+            ),
+        ),
+    )
+    for name in ("b", "c"):
+        lines = request_lines(20)
+        ws.write_input(name, [dict(line, custom_id=f"{name}-{i}") for i, line in enumerate(lines)])
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the scans below are kept, with their indexes
+    plan_workspace([str(ws.root)])
+    index_dir = ws.root / "state" / "input-index"
+    sha = {n: hashlib.sha256(ws.input_path(n).read_bytes()).hexdigest() for n in "abc"}
+    shutil.copy(index_dir / f"{sha['a']}.idx", index_dir / f"{sha['b']}.idx")
+    damaged = index_dir / f"{sha['c']}.idx"
+    damaged.write_bytes(damaged.read_bytes().replace(b"c-3", b"c-9", 1))
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("b")] == [f"b-{i}" for i in range(20)]
+    assert [o["custom_id"] for o in ws.outputs("c")] == [f"c-{i}" for i in range(20)]
+    for name in ("b", "c"):
+        with sqlite3.connect(ws.state_path) as db:
+            ids = db.execute(
+                "select r.custom_id from requests r join generations g on g.id = r.generation_id "
+                "where g.resource = ? order by r.line",
+                (name,),
+            ).fetchall()
+        assert [i for (i,) in ids] == [f"{name}-{i}" for i in range(20)]
+
+
+def test_a_custom_id_longer_than_64_kib_is_indexed(tmp_path: Path) -> None:
+    """A request whose custom_id takes more than 65,535 UTF-8 bytes is indexed and answered
+    like any other (the index held its length in 16 bits: the scan that validates the input
+    crashed with a struct.error traceback)."""
+    ws = local_ws(tmp_path, 3)
+    lines = request_lines(3)
+    lines[1] = dict(lines[1], custom_id="é" * 40_000)  # 80,000 bytes
+    ws.write_input("job", lines)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("job")] == [line["custom_id"] for line in lines]
+
+
+def test_an_input_changed_while_it_is_uploaded_as_is_is_refused(tmp_path: Path) -> None:
+    """An input rewritten (same size) after its last check and before the upload read it
+    (here: when the upload is reported) is refused before its batch is created, and the
+    file is not recorded under the validated content's hash (it was: the batch ran the
+    new bytes as the validated ones, and the file was reused as theirs)."""
+    ws = local_ws(tmp_path, 20)
+    original = ws.input_path("job").read_bytes()
+    changed = original.replace(b"item 1.", b"item 7.")
+    assert len(changed) == len(original) and changed != original
+
+    def rewrite_on_upload(progress: Progress) -> None:
+        if progress.event == "upload":
+            ws.input_path("job").write_bytes(changed)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT, report=rewrite_on_upload)
+
+    with ws.store() as store:
+        gens = store.generations("job")
+        assert [b.remote_id for g in gens for b in store.batches(g.id)] == [None]
+        sha = hashlib.sha256(original).hexdigest()
+        assert store.get_file("here", sha) is None

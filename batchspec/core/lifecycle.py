@@ -41,6 +41,7 @@ from batchspec.core.batches import batch_fields, batch_key
 from batchspec.core.plan import ActionKind, Plan
 from batchspec.core.reconcile import Reconciler, RunContext
 from batchspec.core.reconcile.cancel import cancel_generation
+from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.replacements import (
     current_replacement,
     replacement_hash,
@@ -462,6 +463,7 @@ def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> Ge
             cancel_generation(
                 rec.ctx, res.name, gen, status="superseded", reason="replaced (apply --replace)"
             )
+            keep_ended_answers(rec.ctx, res, gen)  # a batch that ended first keeps its answers
             superseded.append(gen.id)
     row = store.get_resource(res.name)
     with store.atomic():

@@ -12,11 +12,13 @@ must copy them. One record per request line, in file order (blank lines have non
 ``fingerprint``  sha256 of those ``length`` bytes (the ledger's ``request_sha``, raw)
 ``custom_id``    the request's ``custom_id``
 
-Format: the magic ``MAGIC``, the file's whole length (``_HEADER``, written last by
-``finish``: a file cut short is told apart by ``is_complete``), then per record ``_RECORD``
-(little-endian: line, offset, length, inputs, custom_id's UTF-8 length, fingerprint)
-followed by the custom_id. A file without the magic is not an index (``read_request_index``
-raises ``ValueError``).
+Format: the magic ``MAGIC``, then ``_HEADER`` (written last by ``finish``): the file's whole
+length, the sha256 of the input content it describes and the sha256 of every byte after the
+header; then per record ``_RECORD`` (little-endian: line, offset, length, inputs, custom_id's
+UTF-8 length, fingerprint) followed by the custom_id. ``is_complete`` trusts a file only when
+all three hold: a file cut short, damaged, or describing another content (an index copied
+over another's name) is not used, and the input is scanned again. A file without the magic
+is not an index (``read_request_index`` raises ``ValueError``).
 
 ``RequestBytes`` reads a request's bytes back from the input and checks them against the
 fingerprint: an input that changed after its scan is refused (``InputChangedError``), never
@@ -34,9 +36,9 @@ from typing import IO, Any
 
 from batchspec.errors import InputError
 
-MAGIC = b"batchspec-request-index-1\n"
-_HEADER = struct.Struct("<Q")
-_RECORD = struct.Struct("<QQIIH32s")
+MAGIC = b"batchspec-request-index-2\n"
+_HEADER = struct.Struct("<Q32s32s")
+_RECORD = struct.Struct("<QQIII32s")
 _READ_BYTES = 1024 * 1024
 
 
@@ -66,15 +68,22 @@ class RequestIndexWriter:
 
     def __init__(self, f: IO[bytes]) -> None:
         self._file = f
-        self._write = f.write
-        self._write(MAGIC + _HEADER.pack(0))
+        f.write(MAGIC + _HEADER.pack(0, b"", b""))
+        self._digest = hashlib.sha256()
+
+        def write(data: bytes) -> None:
+            f.write(data)
+            self._digest.update(data)
+
+        self._write = write
         self.records = 0
 
-    def finish(self) -> None:
-        """Write the file's length into its header (the file stays open)."""
+    def finish(self, sha256: str) -> None:
+        """Write the header: the file's length, the sha256 of the input content the records
+        describe (hex) and the records' own digest (the file stays open)."""
         end = self._file.tell()
         self._file.seek(len(MAGIC))
-        self._file.write(_HEADER.pack(end))
+        self._file.write(_HEADER.pack(end, bytes.fromhex(sha256), self._digest.digest()))
         self._file.seek(end)
 
     def add(self, line: int, offset: int, content: bytes, obj: Any) -> None:
@@ -109,18 +118,24 @@ def _embedding_inputs(obj: dict[str, Any]) -> int:
     return 1
 
 
-def is_complete(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a whole index, as ``finish`` left it."""
+def is_complete(path: str | os.PathLike[str], sha256: str) -> bool:
+    """True when ``path`` is a whole, undamaged index of input content ``sha256`` (hex), as
+    ``finish`` left it (its records are read once to check their digest)."""
+    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + _HEADER.size)
             size = os.fstat(f.fileno()).st_size
+            if len(head) != len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
+                return False
+            length, content, records = _HEADER.unpack_from(head, len(MAGIC))
+            if length != size or content.hex() != sha256:
+                return False
+            while chunk := f.read(_READ_BYTES):
+                digest.update(chunk)
     except OSError:
         return False
-    if len(head) != len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
-        return False
-    recorded: int = _HEADER.unpack_from(head, len(MAGIC))[0]
-    return recorded == size
+    return bool(digest.digest() == records)
 
 
 def read_request_index(path: str | os.PathLike[str]) -> Iterator[RequestFact]:

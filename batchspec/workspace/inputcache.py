@@ -144,14 +144,14 @@ class InputCache:
         it no longer holds that content)."""
         folder = self._writable_index_dir() or self._private_index_dir()
         kept = folder / f"{sha256}.idx"
-        if is_complete(kept):
+        if is_complete(kept, sha256):  # whole, undamaged, and of this content
             with contextlib.suppress(OSError):  # in use: not pruned
                 os.utime(kept)
             return kept
         report = self._scan_and_index(path, {}, folder)
         if report.sha256 != sha256:
             raise _changed(path)
-        if not is_complete(kept):  # not clean: validation refuses it before this is asked
+        if not is_complete(kept, sha256):  # not clean: validation refuses it before this is asked
             raise InputChangedError(f"{path}: the input has problems; validate it first")
         return kept
 
@@ -172,7 +172,7 @@ class InputCache:
             with os.fdopen(fd, "wb") as f:
                 writer = RequestIndexWriter(f)
                 report = scan_batch_input(path, **options, index=writer)
-                writer.finish()
+                writer.finish(report.sha256)
             if report.ok:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
                 _prune_indexes(folder, keep=report.sha256)

@@ -17,7 +17,9 @@ the step, as is an unsure create the step adopts. Workers only call the provider
 takes its batches' answers (``Prefetched.take_cancel``) and records them on the main thread,
 in the order and with the content a serial run records (batch rows, the generation's status,
 the ``cancel`` event, progress). A cancel that failed is raised by the step that would have
-sent it, recording nothing for it; a run that fails drops the cancels not yet started.
+sent it, recording nothing for it; a run that fails drops the cancels not yet started, and
+records the answers of those that had ended (``record_cancels_sent_ahead``): a batch the
+provider cancelled is never left recorded in flight, and the error says how many.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from batchspec.core.reconcile.adopt import bind_adopted, find_remote
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.prefetch import shares_client
 from batchspec.core.reporting import Progress
+from batchspec.errors import BatchspecError
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
@@ -52,28 +55,27 @@ def cancel_ahead(ctx: RunContext, targets: Iterable[tuple[str, GenerationRow]]) 
     calls = ctx.calls
     if calls is None:
         return
-    for name, gen in targets:
-        provider_name = _provider_name(ctx, name)
-        if not shares_client(ctx, provider_name):
-            continue
-        provider = ctx.provider_for(provider_name)
+    for _, gen in targets:
         for batch in ctx.store.batches(gen.id):
-            key = (provider_name, batch.remote_id or "")
-            if _sends_cancel(batch) and key not in ctx.prefetched.cancels:
-                call = functools.partial(provider.cancel_batch, key[1])
-                ctx.prefetched.cancels[key] = calls.submit(provider_name, call)
+            # the provider that runs the batch (a resource may have moved to another since)
+            key = (batch.provider, batch.remote_id or "")
+            if not _sends_cancel(batch) or key in ctx.prefetched.cancels:
+                continue
+            if shares_client(ctx, batch.provider):
+                call = functools.partial(ctx.provider_for(batch.provider).cancel_batch, key[1])
+                ctx.prefetched.cancels[key] = calls.submit(batch.provider, call)
 
 
 def cancel_generation(
     ctx: RunContext, name: str, gen: GenerationRow, *, status: str, reason: str
 ) -> int:
-    provider_name = _provider_name(ctx, name)
-    provider = ctx.provider_for(provider_name)
     n = 0
+    # each batch is cancelled on the provider that runs it (``batch.provider``): the
+    # resource may have moved to another since
     for batch in ctx.store.batches(gen.id):
         if batch.remote_id is None and batch.status == "creating":
             # the create may have landed: find it (it is paid for) and cancel it too
-            remote = find_remote(ctx, provider, batch)
+            remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
             if remote is not None:
                 batch = bind_adopted(ctx, name, batch, remote)
         if batch.remote_id is None:
@@ -81,9 +83,9 @@ def cancel_generation(
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
         if _sends_cancel(batch):
-            remote = ctx.prefetched.take_cancel(provider_name, batch.remote_id, ctx.before_wait)
+            remote = ctx.prefetched.take_cancel(batch.provider, batch.remote_id, ctx.before_wait)
             if remote is None:  # not sent ahead: send it now
-                remote = provider.cancel_batch(batch.remote_id)
+                remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
             ctx.store.update_batch(batch.id, **batch_fields(remote))
             # a batch that ended before the cancel reached it keeps its own end (completed,
             # failed, expired): recorded as it is, not counted as cancelled
@@ -101,6 +103,48 @@ def cancel_generation(
     return n
 
 
+def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
+    """After ``err`` stopped the run (its pool closed, every cancel started has ended):
+    record on its batch row, with a ``cancel`` event, each cancel sent ahead that the
+    provider answered and no step took, and say so in ``err``'s details; return how many.
+
+    Their generations are left as they were (no step finished them): the next run sends
+    no cancel again for a batch recorded ``cancelling`` or ended, and finishes them."""
+    answered = [
+        (key, future.result())
+        for key, future in ctx.prefetched.cancels.items()
+        if future.done() and not future.cancelled() and future.exception() is None
+    ]
+    ctx.prefetched.cancels.clear()
+    taken = 0
+    try:
+        for (provider, remote_id), remote in answered:
+            batch = ctx.store.batch_by_remote_id(provider, remote_id)
+            if batch is None or not _sends_cancel(batch):
+                continue
+            gen = ctx.store.get_generation(batch.generation_id)
+            with ctx.store.atomic():
+                ctx.store.update_batch(batch.id, **batch_fields(remote))
+                ctx.store.record_event(
+                    ctx.run_id,
+                    "cancel",
+                    resource=gen.resource,
+                    generation_id=gen.id,
+                    batch_id=batch.id,
+                    detail={"reason": "sent ahead; the run failed before its step", "batches": 1},
+                )
+            taken += 1
+    except Exception as failed:  # noqa: BLE001 - the run's own error is the one raised
+        if isinstance(err, BatchspecError):
+            err.details.append(f"cancels sent side by side could not be recorded: {failed}")
+    if taken and isinstance(err, BatchspecError):
+        err.details.append(
+            f"{taken} other batch cancel(s), sent side by side, were answered before this "
+            "failure: recorded on their batches (the next run does not send them again)"
+        )
+    return taken
+
+
 def _sends_cancel(batch: BatchRow) -> bool:
     """Whether the step sends a cancel for ``batch``: bound, not ended, not cancelling."""
     return (
@@ -108,8 +152,3 @@ def _sends_cancel(batch: BatchRow) -> bool:
         and batch.status not in TERMINAL_STATUSES
         and batch.status != "cancelling"
     )
-
-
-def _provider_name(ctx: RunContext, name: str) -> str:
-    row = ctx.store.get_resource(name)
-    return row.provider if row else ""

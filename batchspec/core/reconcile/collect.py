@@ -22,6 +22,7 @@ from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_usage, usage_detail
+from batchspec.errors import InputError
 from batchspec.providers.base import Provider
 from batchspec.state.ledger import CollectedLine
 from batchspec.state.store import BatchRow, GenerationRow
@@ -99,6 +100,29 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
         model = res.model or (facts.models[0] if len(facts.models) == 1 else None)
         _finish_generation(ctx, res, gen, model)
     return True
+
+
+def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
+    """Collect the batches of ``gen``, just superseded (a replace), that ended at the
+    provider before the cancel reached them, so that the generation replacing it keeps
+    their answers (``Ledger.carry_over``) instead of paying for them again. Without the
+    ledger of ``gen``'s content (its input is gone) there is nothing to join them to."""
+    ended = [
+        b
+        for b in ctx.store.batches(gen.id)
+        if b.remote_id
+        and b.status in TERMINAL_STATUSES
+        and b.collected_at is None
+        and (b.output_file_id or b.error_file_id)
+    ]
+    if not ended:
+        return
+    try:
+        ctx.ensure_ledger(res, gen)
+    except InputError:
+        return
+    for batch in ended:
+        _collect_batch(ctx, res, gen, batch, ctx.provider_for(batch.provider))
 
 
 def _collect_batch(

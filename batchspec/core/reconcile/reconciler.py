@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedResource, plan_resource
-from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead
+from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, record_cancels_sent_ahead
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
 from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
@@ -174,6 +174,9 @@ class Reconciler:
                         if group.due:
                             group.flush()
                 return waiting
+        except Exception as err:
+            record_cancels_sent_ahead(self.ctx, err)  # the pool is closed: none still runs
+            raise
         finally:
             self.ctx.prefetched = Prefetched()
             self.ctx.calls = None
@@ -283,6 +286,9 @@ class Reconciler:
                 self.ctx.prefetched = Prefetched()
                 cancel_ahead(self.ctx, self._active_generations(names))
                 yield
+        except Exception as err:
+            record_cancels_sent_ahead(self.ctx, err)  # the pool is closed: none still runs
+            raise
         finally:
             self.ctx.prefetched = Prefetched()
             self.ctx.calls = None

@@ -30,6 +30,7 @@ from batchspec.core.reconcile.adopt import (
     record_remote,
 )
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
+from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
@@ -80,6 +81,7 @@ def supersede_older(ctx: RunContext, res: Resource) -> None:
     cancel_ahead(ctx, [(res.name, gen) for gen in older])
     for gen in older:
         cancel_generation(ctx, res.name, gen, status="superseded", reason="replaced by a new spec")
+        keep_ended_answers(ctx, res, gen)  # a batch that ended first keeps its answers
 
 
 def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
@@ -315,7 +317,11 @@ def report_upload_progress(
 def record_upload(
     ctx: RunContext, provider: str, res: Resource, batch: BatchRow, remote: RemoteFile, path: Path
 ) -> None:
-    """Record an uploaded file (deduplicated by sha256 per provider from now on)."""
+    """Record an uploaded file (deduplicated by sha256 per provider from now on). An input
+    uploaded as it is must still hold the validated content once the upload has read it
+    (``InputChangedError``: nothing recorded, no batch created from it)."""
+    if path == res.input_path:
+        ctx.require_unchanged_input(res, batch.input_sha256)
     with ctx.store.atomic():
         ctx.store.record_file(
             provider,
