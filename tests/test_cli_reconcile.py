@@ -663,6 +663,24 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert "local provider" in last and "only while a batchspec command runs" in last
 
 
+def test_the_local_provider_note_of_a_large_workspace_names_a_few_and_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], standin_upstream: Any
+) -> None:
+    """The note about local batches in flight names 10 resources and the count, not every
+    one of a large workspace on one line."""
+    slow = standin_upstream(latency=1.0)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
+        resources=[ResourceSpec(f"job-{i:02d}", count=1, provider="here") for i in range(12)],
+    )
+    code, out, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Note: job-00, job-01, ") and "job-09, … (12 in all) run(s)" in last
+    assert "job-11" not in last
+
+
 def test_a_batch_of_one_request_is_not_called_1_requests(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

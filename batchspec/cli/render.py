@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
-from batchspec.workspace.yamldoc import Problem, display_path
+from batchspec.workspace.yamldoc import Problem, display_path, name_listing
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
@@ -327,7 +327,7 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     lines = [style.bold(headline), *status_lines(result.statuses, style)]
     if result.local_in_flight:
         lines.append(
-            f"Note: {', '.join(result.local_in_flight)} run(s) on the local provider, whose "
+            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
             "batches advance only while a batchspec command runs: nothing happens until "
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )

@@ -65,6 +65,7 @@ from batchspec.storage.blobstore import sha256_file
 from batchspec.wire.inputs import InputReport, iter_requests
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.project import default_project, load_workspace_project, with_state
+from batchspec.workspace.yamldoc import unknown_name_hint
 
 if TYPE_CHECKING:
     from batchspec.core.sharding import ShardLimits
@@ -157,8 +158,8 @@ def resource_named(ws: Workspace, name: str) -> Resource:
     for res in ws.resources:
         if res.name == name:
             return res
-    known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
-    raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
+    hint = unknown_name_hint(name, [r.name for r in ws.resources])
+    raise ManifestError(f"no resource named {name!r} in the manifests ({hint})")
 
 
 def require_one_shard(res: Resource, facts: InputReport, limits: ShardLimits) -> None:
