@@ -394,7 +394,7 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
 
     assert code == 0, err
-    assert "cancelled 1 batch of triage" in out
+    assert "cancelling 1 batch of triage" in out
     assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
     [remote] = slow_server.client().batches.list().data
     assert remote.status in ("cancelling", "cancelled")

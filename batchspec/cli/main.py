@@ -930,7 +930,10 @@ def cancel(
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
-        click.echo(f"cancelled {n} batch{'' if n == 1 else 'es'} of {name}")
+        click.echo(
+            f"cancelling {n} batch{'' if n == 1 else 'es'} of {name}: answers that finish "
+            "before the provider stops them are kept; `batchspec apply` collects them"
+        )
 
 
 @cli.command("import")
