@@ -319,7 +319,7 @@ def test_orphans_are_shown_and_left_alone_until_apply_prune(
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
 
     assert code == 0, err
-    assert "[gone] pruned" in out
+    assert "[gone] pruned: manifest gone, cancel sent to 1 batch(es), no longer tracked" in out
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     with ws.store() as store:
         assert [r.name for r in store.list_resources()] == ["keep"]

@@ -92,16 +92,18 @@ def test_replace_cancels_what_is_in_flight_and_submits_again(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--replace on a resource in flight cancels its batch at the provider (superseded) and
-    creates the replacement's: the plan says so first."""
+    creates the replacement's: the plan says so first, apply that it sent the cancel (the
+    batch is still cancelling, not yet cancelled)."""
     srv = server(**SLOW)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     [action] = plan_json(ws, capsys, "--replace", "triage")["actions"]
     assert action["action"] == "replace" and "cancels generation" in action["reason"]
 
-    code, _, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
 
     assert code == 0, err
+    assert "[triage] replaced (apply --replace): cancel sent to 1 batch(es)" in out
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     assert srv.probe.counts[CREATE] == 2
     with ws.store() as store:

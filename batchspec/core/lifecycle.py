@@ -406,7 +406,8 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
                 Progress(
                     "prune",
                     name,
-                    f"pruned: manifest gone, {cancelled} batch(es) cancelled, no longer tracked",
+                    f"pruned: manifest gone, cancel sent to {cancelled} batch(es), "
+                    "no longer tracked",
                     {"cancelled_batches": cancelled},
                 )
             )
