@@ -41,6 +41,7 @@ from batchspec.core.batches import batch_fields, batch_key
 from batchspec.core.plan import ActionKind, Plan
 from batchspec.core.reconcile import Reconciler, RunContext
 from batchspec.core.reconcile.cancel import cancel_generation
+from batchspec.core.reconcile.collect import collect_ended
 from batchspec.core.replacements import (
     current_replacement,
     replacement_hash,
@@ -464,6 +465,7 @@ def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> Ge
             cancel_generation(
                 rec.ctx, res.name, gen, status="superseded", reason="replaced (apply --replace)"
             )
+            collect_ended(rec.ctx, res, gen)  # answers that finished before the cancel
             superseded.append(gen.id)
     row = store.get_resource(res.name)
     with store.atomic():

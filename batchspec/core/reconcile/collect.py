@@ -101,6 +101,28 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
     return True
 
 
+def collect_ended(ctx: RunContext, res: Resource, gen: GenerationRow) -> int:
+    """Collect the batches of ``gen`` that ended but were never collected; return how many.
+
+    For a generation just superseded (``apply --replace``, a changed spec): a batch that
+    finished at the provider after the last poll is found ended by its cancel, and its answers,
+    paid for, are recorded here before the new generation counts the answers it reuses, or
+    nothing would ever collect them and they would be submitted and paid for again."""
+    ended = [
+        b
+        for b in ctx.store.batches(gen.id)
+        if b.remote_id
+        and b.status in TERMINAL_STATUSES
+        and b.collected_at is None
+        and (b.output_file_id or b.error_file_id)
+    ]
+    if ended:
+        provider = ctx.provider_for(res.provider)
+        for batch in ended:
+            _collect_batch(ctx, res, gen, batch, provider)
+    return len(ended)
+
+
 def _collect_batch(
     ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
 ) -> None:

@@ -30,6 +30,7 @@ from batchspec.core.reconcile.adopt import (
     record_remote,
 )
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
+from batchspec.core.reconcile.collect import collect_ended
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
@@ -80,6 +81,7 @@ def supersede_older(ctx: RunContext, res: Resource) -> None:
     cancel_ahead(ctx, [(res.name, gen) for gen in older])
     for gen in older:
         cancel_generation(ctx, res.name, gen, status="superseded", reason="replaced by a new spec")
+        collect_ended(ctx, res, gen)  # answers that finished before the cancel: reusable
 
 
 def submit_queued(ctx: RunContext, res: Resource, gen: GenerationRow) -> bool:
