@@ -1108,20 +1108,21 @@ def report_error(err: BatchspecError, *, no_color: bool = False) -> None:
         click.echo(f"  {line}", err=True)
 
 
-def name_the_variable(err: click.UsageError) -> None:
+def name_the_variable(err: click.UsageError) -> click.UsageError:
     """A bad value that came from an option's environment variable names it: the user who
     set ``BATCHSPEC_PARALLELISM=0`` in CI typed no ``--parallelism`` to look for."""
     param, ctx = getattr(err, "param", None), err.ctx
     if not isinstance(err, click.BadParameter) or param is None or ctx is None:
-        return
+        return err
     if param.name is None or ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
-        return
+        return err
     names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
     for variable in names:
         if variable in os.environ:
             where = f"set by {variable}={os.environ[variable]} in the environment"
-            err.message = f"{err.message.rstrip('.')} ({where})."
-            return
+            message = f"{err.message.rstrip('.')} ({where})."
+            return click.BadParameter(message, ctx=ctx, param=param)
+    return err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1135,8 +1136,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
-        name_the_variable(err)
-        err.show()
+        name_the_variable(err).show()
         sys.exit(USAGE_EXIT_CODE)
     except click.ClickException as err:
         err.show()
