@@ -43,9 +43,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 def test_cancel_mid_batch_keeps_the_answers_that_finished(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Cancel lands mid-batch; the next apply waits for the cancel to finish, collects the
-    answers that made it and writes them: `results` prints them, `status` says cancelled
-    with the server's counts."""
+    """Cancel lands mid-batch and says it is under way; the next apply waits for the cancel to
+    finish, collects the answers that made it (counting answers and errors apart) and writes
+    them: `results` prints them, `status` says cancelled with the server's counts."""
     srv = serve("--upstream-latency", "0.05", "--concurrency", "1")
     ws = make_workspace(
         tmp_path / "ws",
@@ -60,6 +60,7 @@ def test_cancel_mid_batch_keeps_the_answers_that_finished(
 
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
     assert code == 0, err
+    assert out.startswith("cancelling 1 batch of triage: answers that finish before")
     ended = wait_for(
         lambda: (b := client.batches.retrieve(remote.id)).status == "cancelled" and b, timeout=30
     )
@@ -69,6 +70,8 @@ def test_cancel_mid_batch_keeps_the_answers_that_finished(
 
     code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
     assert code == 0, err
+    unanswered = REQUESTS - len(finished)
+    assert f"(cancelled): {len(finished)} answers, {unanswered} errors" in out
 
     code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
     assert code == 0, err

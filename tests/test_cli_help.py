@@ -90,3 +90,35 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["no-such-command"])
     assert exited.value.code == 64
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "argv"),
+    [
+        pytest.param("BATCHSPEC_PARALLELISM", "0", ["apply", "--yes"], id="parallelism"),
+        pytest.param("BATCHSPEC_LOCK_TIMEOUT", "soon", ["cancel", "x"], id="lock-timeout"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_the_variable(
+    variable: str,
+    value: str,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An option's bad value that came from its environment variable (not typed on the
+    command line) says which variable set it: exit 64, the variable and its value named."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 64
+    err = capsys.readouterr().err
+    assert f"set by {variable}={value} in the environment" in err
+
+
+@pytest.mark.parametrize("command", ["apply", "cancel"])
+def test_parallelism_help_names_its_environment_variable(command: str) -> None:
+    """`--parallelism` help names BATCHSPEC_PARALLELISM, the way the FAQ says to set it in CI."""
+    result = CliRunner().invoke(cli, [command, "--help"])
+    option = " ".join(result.output.split("--parallelism", 1)[1].split("--", 1)[0].split())
+    assert "[env var: BATCHSPEC_PARALLELISM; default: 16; x>=1]" in option

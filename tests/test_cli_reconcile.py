@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer, start_probed_server
-from servers import stop_after_test
+from servers import request_lines, stop_after_test
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -394,7 +394,7 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
 
     assert code == 0, err
-    assert "cancelled 1 batch of triage" in out
+    assert "cancelling 1 batch of triage" in out
     assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
     [remote] = slow_server.client().batches.list().data
     assert remote.status in ("cancelling", "cancelled")
@@ -661,6 +661,50 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert "local provider" in last and "only while a batchspec command runs" in last
+
+
+def test_the_local_provider_note_of_a_large_workspace_names_a_few_and_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], standin_upstream: Any
+) -> None:
+    """The note about local batches in flight names 10 resources and the count, not every
+    one of a large workspace on one line."""
+    slow = standin_upstream(latency=1.0)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
+        resources=[ResourceSpec(f"job-{i:02d}", count=1, provider="here") for i in range(12)],
+    )
+    code, out, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Note: job-00, job-01, ") and "job-09, … (12 in all) run(s)" in last
+    assert "job-11" not in last
+
+
+def test_status_and_apply_of_several_resources_end_with_their_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the per-resource lines of several resources, one line counts them by sync and
+    health and sums their requests, so a long listing's last line says how things stand;
+    one resource gets no such line."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(f"job-{i}", count=2, provider="here") for i in range(3)],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    totals = "3 resources: 3 Synced; 3 Healthy; 6/6 requests succeeded"
+    assert out.strip().splitlines()[-1] == totals
+    ws.write_input("job-1", request_lines(3))  # a new generation: OutOfSync, Missing
+    code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last == (
+        "3 resources: 2 Synced, 1 OutOfSync; 2 Healthy, 1 Missing; 4/4 requests succeeded"
+    )
+    code, out, err = run_cli(["status", str(ws.root), "-s", "job-0"], capsys)
+    assert "resources:" not in out
 
 
 def test_a_batch_of_one_request_is_not_called_1_requests(

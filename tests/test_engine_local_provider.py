@@ -99,6 +99,25 @@ def test_local_provider_cancel_and_resume_after_close(tmp_path):
         assert ended.request_counts.completed < 10
 
 
+def test_local_provider_cancel_of_a_batch_that_ended_returns_it_as_it_is(tmp_path):
+    """A cancel that reaches a completed batch (the engine's 409) returns the batch, completed,
+    instead of failing, as the OpenAI-compatible provider does."""
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(jsonl_bytes(request_lines(2)))
+    with LocalProvider("local", tmp_path / "engine", **FAST) as provider:
+        file_id = provider.upload_file(input_path, filename="input.jsonl").id
+        batch = provider.create_batch(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={},
+        )  # fmt: skip
+        wait_for(lambda: provider.get_batch(batch.id).is_terminal)
+
+        ended = provider.cancel_batch(batch.id)
+
+        assert (ended.id, ended.status) == (batch.id, "completed")
+        assert ended.request_counts.completed == 2
+
+
 def test_local_provider_opens_lazily_and_refuses_a_busy_folder(tmp_path):
     """Building the provider does no I/O; using a folder another engine holds fails clearly."""
     lazy = LocalProvider("local", tmp_path / "never")

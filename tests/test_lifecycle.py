@@ -21,11 +21,14 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    local_provider,
+    make_workspace,
     run_cli,
     served,
 )
 
 from batchspec.engine import BuiltinUpstream
+from batchspec.providers.local import LocalProvider
 
 FAST = ["--poll-interval", "0.05"]
 SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
@@ -316,7 +319,7 @@ def test_orphans_are_shown_and_left_alone_until_apply_prune(
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
 
     assert code == 0, err
-    assert "[gone] pruned" in out
+    assert "[gone] pruned: manifest gone, cancel sent to 1 batch(es), no longer tracked" in out
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     with ws.store() as store:
         assert [r.name for r in store.list_resources()] == ["keep"]
@@ -349,6 +352,35 @@ def test_prune_of_a_batch_that_ended_since_the_last_poll_forgets_it_without_fail
         assert store.get_resource("gone").forgotten_at is not None
         [batch] = store.batches()
         assert batch.status == "completed"
+
+
+def test_prune_and_cancel_on_the_local_provider_of_batches_that_ended_meanwhile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the `local` provider, whose batches run on while any command holds the engine, a
+    batch that completed after the last poll neither fails `batchspec cancel` nor blocks
+    `apply --prune` forever: both exit 0 and record the batch as it ended."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider()},
+        resources=[ResourceSpec("keep", provider="local"), ResourceSpec("gone", provider="local")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with LocalProvider("local", ws.root / "state" / "local", poll_interval=0.02) as engine:
+        with ws.store() as store:
+            ids = [b.remote_id for b in store.batches()]
+        assert all(wait_for(lambda i=i: engine.get_batch(i).is_terminal) for i in ids)
+
+    code, out, err = run_cli(["cancel", "keep", str(ws.root)], capsys)
+    assert code == 0, err
+    ws.manifest_path("gone").unlink()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 0, err
+    assert "[gone] pruned" in out
+    with ws.store() as store:
+        assert store.get_resource("gone").forgotten_at is not None
+        assert {b.status for b in store.batches()} == {"completed"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from probes import ProbedServer
+from servers import request_lines, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -92,20 +93,53 @@ def test_replace_cancels_what_is_in_flight_and_submits_again(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--replace on a resource in flight cancels its batch at the provider (superseded) and
-    creates the replacement's: the plan says so first."""
+    creates the replacement's: the plan says so first, apply that it sent the cancel (the
+    batch is still cancelling, not yet cancelled)."""
     srv = server(**SLOW)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     [action] = plan_json(ws, capsys, "--replace", "triage")["actions"]
     assert action["action"] == "replace" and "cancels generation" in action["reason"]
 
-    code, _, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--replace", "triage", "--yes"], capsys)
 
     assert code == 0, err
+    assert "[triage] replaced (apply --replace): cancel sent to 1 batch(es)" in out
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     assert srv.probe.counts[CREATE] == 2
     with ws.store() as store:
         assert [g.status for g in store.generations("triage")] == ["superseded", "in_progress"]
+
+
+@pytest.mark.parametrize("how", ["replace", "new-spec"])
+def test_a_superseded_batch_that_ended_before_its_cancel_is_collected_not_paid_again(
+    how: str,
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A batch that completed at the provider after the last poll, then superseded (`apply
+    --replace`, or `--allow-replace` of a changed spec keeping unchanged answers): its cancel
+    finds it ended, and its answers are collected and kept, never submitted and paid again."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [remote] = srv.client().batches.list().data
+    assert wait_for_batch(srv.client(), remote.id).status == "completed"
+    if how == "replace":
+        argv = ["--replace", "triage"]
+    else:  # one more request: the three answered ones are unchanged
+        ws.write_input("triage", request_lines(4))
+        argv = ["--allow-replace"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *argv, *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["GET /files/{id}/content"] >= 1  # the ended batch's answers
+    batches = srv.client().batches.list().data
+    submitted = sum(b.request_counts.total for b in batches if b.request_counts)
+    assert submitted == (3 if how == "replace" else 4)  # the first batch's 3, and 1 new
+    assert [line["custom_id"] for line in ws.outputs("triage")] == ws.input_ids("triage")
 
 
 def test_replace_reuses_succeeded_answers_unless_no_reuse(

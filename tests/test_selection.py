@@ -105,6 +105,33 @@ def test_an_unknown_name_is_an_error_listing_the_known_ones(tmp_path: Path) -> N
     assert "known: alpha, bravo, charlie" in caught.value.message
 
 
+def test_an_unknown_name_among_many_lists_a_few_and_suggests_the_closest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With 30 resources, a mistyped name (`--select`, `show`, `--replace`, `cancel`) names
+    the closest one and lists 10 known names and the count, not all 30."""
+    names = [f"job-{i:02d}" for i in range(30)]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(name, count=1, provider="here") for name in names],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--quiet"], capsys)[0] == 0  # recorded
+    for argv in (
+        ["plan", str(ws.root), "--select", "jbo-07"],
+        ["show", "jbo-07", str(ws.root)],
+        ["apply", str(ws.root), "--replace", "jbo-07", "--yes"],
+        ["cancel", "jbo-07", str(ws.root)],
+    ):
+        code, _, err = run_cli(argv, capsys)
+
+        assert code == 1, argv
+        assert "no resource named 'jbo-07'" in err
+        assert "did you mean 'job-07'?" in err
+        assert "job-00, job-01, job-02" in err and "(30 in all)" in err
+        assert "job-29" not in err
+
+
 def test_a_label_nothing_carries_is_an_error_listing_the_labels_in_use(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,12 +8,14 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from batchspec import __version__
 from batchspec.errors import BatchspecError
@@ -88,6 +90,7 @@ def parallelism_option(f: F) -> F:
         default=16,
         show_default=True,
         envvar="BATCHSPEC_PARALLELISM",
+        show_envvar=True,  # the FAQ's advice for CI: set it once for every command
         help="Provider calls (uploads, creates, polls, downloads, cancels) in flight at once, "
         "fewer while a provider answers 429 (halved, then grown back); a provider's "
         "maxConcurrency option caps it for that provider.",
@@ -927,7 +930,10 @@ def cancel(
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
-        click.echo(f"cancelled {n} batch{'' if n == 1 else 'es'} of {name}")
+        click.echo(
+            f"cancelling {n} batch{'' if n == 1 else 'es'} of {name}: answers that finish "
+            "before the provider stops them are kept; `batchspec apply` collects them"
+        )
 
 
 @cli.command("import")
@@ -1102,6 +1108,23 @@ def report_error(err: BatchspecError, *, no_color: bool = False) -> None:
         click.echo(f"  {line}", err=True)
 
 
+def name_the_variable(err: click.UsageError) -> click.UsageError:
+    """A bad value that came from an option's environment variable names it: the user who
+    set ``BATCHSPEC_PARALLELISM=0`` in CI typed no ``--parallelism`` to look for."""
+    param, ctx = getattr(err, "param", None), err.ctx
+    if not isinstance(err, click.BadParameter) or param is None or ctx is None:
+        return err
+    if param.name is None or ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
+        return err
+    names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+    for variable in names:
+        if variable in os.environ:
+            where = f"set by {variable}={os.environ[variable]} in the environment"
+            message = f"{err.message.rstrip('.')} ({where})."
+            return click.BadParameter(message, ctx=ctx, param=param)
+    return err
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
     try:
@@ -1113,7 +1136,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
-        err.show()
+        name_the_variable(err).show()
         sys.exit(USAGE_EXIT_CODE)
     except click.ClickException as err:
         err.show()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
-from batchspec.workspace.yamldoc import Problem, display_path
+from batchspec.workspace.yamldoc import Problem, display_path, name_listing
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
@@ -324,10 +324,14 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     }[result.outcome]
     if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = replace_refused_text(result)
-    lines = [style.bold(headline), *status_lines(result.statuses, style)]
+    lines = [
+        style.bold(headline),
+        *status_lines(result.statuses, style),
+        *totals_lines(result.statuses),
+    ]
     if result.local_in_flight:
         lines.append(
-            f"Note: {', '.join(result.local_in_flight)} run(s) on the local provider, whose "
+            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
             "batches advance only while a batchspec command runs: nothing happens until "
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
@@ -477,7 +481,41 @@ def status_text(
     statuses: Sequence[ResourceStatus], style: Style = PLAIN, locks: Sequence[HeldLock] = ()
 ) -> str:
     lines = list(status_lines(statuses, style)) if statuses else ["No resources."]
-    return "\n".join([*lines, *lock_lines(locks)])
+    return "\n".join([*lines, *totals_lines(statuses), *lock_lines(locks)])
+
+
+#: the order the totals line counts states in; any other state follows, by name
+_STATE_ORDER = ("Synced", "OutOfSync", "Orphaned", "Unknown") + (
+    "Healthy",
+    "Progressing",
+    "Degraded",
+    "Suspended",
+    "Missing",
+)
+
+
+def totals_lines(statuses: Sequence[ResourceStatus]) -> list[str]:
+    """One closing line over several resources, so the end of a long listing says how the
+    whole workspace stands: ``200 resources: 198 Synced, 2 OutOfSync; 199 Healthy, ...``."""
+    if len(statuses) < 2:
+        return []
+
+    def tally(states: Iterable[str]) -> str:
+        seen: dict[str, int] = {}
+        for state in states:
+            seen[state] = seen.get(state, 0) + 1
+        rank = {state: i for i, state in enumerate(_STATE_ORDER)}
+        ordered = sorted(seen, key=lambda state: (rank.get(state, len(rank)), state))
+        return ", ".join(f"{seen[state]} {state}" for state in ordered)
+
+    succeeded = sum(s.succeeded for s in statuses)
+    requests = sum(s.requests for s in statuses)
+    failed = sum(s.failed for s in statuses)
+    counts = f"{succeeded:,}/{requests:,} requests succeeded" + (
+        f", {failed:,} failed" if failed else ""
+    )
+    sync, health = tally(s.sync for s in statuses), tally(s.health for s in statuses)
+    return [f"{len(statuses)} resources: {sync}; {health}; {counts}"]
 
 
 def lock_lines(locks: Sequence[HeldLock]) -> list[str]:

@@ -88,6 +88,7 @@ from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.project import ProviderConfig
+from batchspec.workspace.yamldoc import unknown_name_hint
 
 FIRST_POLL_INTERVAL = 0.5
 
@@ -340,8 +341,10 @@ def cancel_resource(
         recorded_run(store, ws, "cancel", {"name": name}) as run,
     ):
         if store.get_resource(name) is None:
+            known = [r.name for r in store.list_resources()]
             raise ManifestError(
-                f"no resource named {name!r} is recorded in {ws.project.state_label}"
+                f"no resource named {name!r} is recorded in {ws.project.state_label} "
+                f"({unknown_name_hint(name, known)})"
             )
         info = collect_run_info(ws.project.root, env)
         with (
@@ -512,10 +515,9 @@ def require_replaceable(resources: Sequence[Resource], names: Sequence[str]) -> 
     for name in names:
         res = known.get(name)
         if res is None:
-            listing = ", ".join(sorted(known)) or "none"
             raise ManifestError(
                 f"--replace {name}: no resource named {name!r} among the selected manifests "
-                f"(selected: {listing})"
+                f"({unknown_name_hint(name, known).replace('known:', 'selected:', 1)})"
             )
         if res.suspend:
             raise UsageError(

@@ -35,6 +35,7 @@ from batchspec.state.lock import pid_is_alive
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
 from batchspec.workspace.project import Project, load_project
+from batchspec.workspace.yamldoc import unknown_name_hint
 
 
 @dataclass(frozen=True)
@@ -326,9 +327,9 @@ def _project(paths: Sequence[str], state_path: str | None) -> Project:
 
 def _check_recorded(store: StateStore, resource: str, state_label: str) -> None:
     if not _ever_recorded(store, resource):
-        known = ", ".join(sorted(r.name for r in store.list_resources())) or "none"
+        known = [r.name for r in store.list_resources()]
         raise ManifestError(
-            f"{_unknown(resource, state_label)} (known: {known})",
+            f"{_unknown(resource, state_label)} ({unknown_name_hint(resource, known)})",
             details=["`batchspec status` lists the resources; history takes PATHS first"],
         )
 

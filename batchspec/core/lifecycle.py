@@ -66,6 +66,7 @@ from batchspec.storage.blobstore import sha256_file
 from batchspec.wire.inputs import InputReport, iter_requests
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.project import default_project, load_workspace_project, with_state
+from batchspec.workspace.yamldoc import unknown_name_hint
 
 if TYPE_CHECKING:
     from batchspec.core.sharding import ShardLimits
@@ -158,8 +159,8 @@ def resource_named(ws: Workspace, name: str) -> Resource:
     for res in ws.resources:
         if res.name == name:
             return res
-    known = ", ".join(sorted(r.name for r in ws.resources)) or "none"
-    raise ManifestError(f"no resource named {name!r} in the manifests (known: {known})")
+    hint = unknown_name_hint(name, [r.name for r in ws.resources])
+    raise ManifestError(f"no resource named {name!r} in the manifests ({hint})")
 
 
 def require_one_shard(res: Resource, facts: InputReport, limits: ShardLimits) -> None:
@@ -406,7 +407,8 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
                 Progress(
                     "prune",
                     name,
-                    f"pruned: manifest gone, {cancelled} batch(es) cancelled, no longer tracked",
+                    f"pruned: manifest gone, cancel sent to {cancelled} batch(es), "
+                    "no longer tracked",
                     {"cancelled_batches": cancelled},
                 )
             )

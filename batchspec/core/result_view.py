@@ -32,7 +32,7 @@ from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
 from batchspec.workspace.manifest import Resource, load_workspace
 from batchspec.workspace.project import ProviderConfig
-from batchspec.workspace.yamldoc import Problem, display_path
+from batchspec.workspace.yamldoc import Problem, display_path, unknown_name_hint
 
 FINISHED = ("complete", "degraded")
 #: a user's cancel ends a generation too: what finished before it is that spec's final answer
@@ -100,8 +100,8 @@ def result_files(
     names = {r.name for r in ws.resources}
     gone = [s for s in select if "=" not in s and ":" not in s and s not in names]
     if gone:  # a recorded orphan: its manifest (and so its result path) is gone
-        known = ", ".join(sorted(names)) or "none"
-        raise ManifestError(f"no resource named {gone[0]!r} in the manifests (known: {known})")
+        hint = unknown_name_hint(gone[0], names)
+        raise ManifestError(f"no resource named {gone[0]!r} in the manifests ({hint})")
     found = []
     with read_only_store(ws.project) as store:
         for res in effective_resources(store, resources):

@@ -43,6 +43,7 @@ from batchspec.core.replacements import effective_resources
 from batchspec.errors import ManifestError, UsageError
 from batchspec.state.store import StateStore
 from batchspec.workspace.manifest import Resource, Workspace
+from batchspec.workspace.yamldoc import unknown_name_hint
 
 STATE_MODIFIED = "modified"
 STATE_SELECTORS = (STATE_MODIFIED,)
@@ -112,10 +113,9 @@ def select_resources(
     known = {r.name for r in resources} | set(also_known)
     unknown = [s.key for s in parsed if s.kind == "name" and s.key not in known]
     if unknown:
-        listing = ", ".join(sorted(known)) or "none"
         raise ManifestError(
             f"no resource named {', '.join(map(repr, dict.fromkeys(unknown)))} in the "
-            f"manifests (known: {listing})"
+            f"manifests ({unknown_name_hint(unknown[0], known)})"
         )
     _refuse_unmatched_labels(resources, parsed, recorded_labels)
     changed = modified() if any(s.kind == "state" for s in parsed) else frozenset()

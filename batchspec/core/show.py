@@ -26,7 +26,7 @@ from batchspec.errors import ManifestError
 from batchspec.state.store import BatchRow, EventRow, GenerationRow, StateStore
 from batchspec.workspace.manifest import Resource, load_workspace
 from batchspec.workspace.project import ProviderConfig
-from batchspec.workspace.yamldoc import display_path
+from batchspec.workspace.yamldoc import display_path, unknown_name_hint
 
 LAST_EVENTS = 10
 
@@ -143,9 +143,9 @@ def _moved_to(store: StateStore, name: str) -> str | None:
 
 
 def _unknown(name: str, known: Sequence[str]) -> ManifestError:
-    names = ", ".join(sorted(set(known))) or "none"
     return ManifestError(
-        f"no resource named {name!r} in the manifests or the state (known: {names})"
+        f"no resource named {name!r} in the manifests or the state "
+        f"({unknown_name_hint(name, known)})"
     )
 
 

@@ -11,7 +11,7 @@ cleanly (in-flight requests finish, results are committed). One process at a tim
 a data folder; a second (or a running ``batchspec serve`` on it) raises ``StateLockedError``.
 
 Engine refusals become ``ProviderError`` with the engine's status and code; 404 becomes
-``RemoteNotFound``.
+``RemoteNotFound``. A cancel of a batch that has already ended returns that batch as it is.
 """
 
 from __future__ import annotations
@@ -133,7 +133,16 @@ class LocalProvider:
             after = page["last_id"]
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        return parse_batch(self._call(self.engine.cancel_batch, batch_id))
+        """Cancel a batch; one that has ended meanwhile (409: not cancellable) is returned as
+        it is, as the OpenAI-compatible provider does: its outcome is decided."""
+        try:
+            return parse_batch(self.engine.cancel_batch(batch_id))
+        except EngineError as err:
+            if err.status == 409:
+                remote = self.get_batch(batch_id)
+                if remote.is_terminal:
+                    return remote
+            raise provider_error(self.name, err) from None
 
     def download_file(self, file_id: str, dest: Path) -> int:
         source = self._call(self.engine.file_content_path, file_id)

@@ -721,3 +721,24 @@ def suggest(word: Any, candidates: Iterable[str]) -> str | None:
         return lowered[close[0]]
     extending = [option for option in options if option.lower().startswith(word.lower())]
     return extending[0] if len(extending) == 1 else None
+
+
+#: how many names a message lists before it says how many there are in all
+NAMES_SHOWN = 10
+
+
+def name_listing(names: Iterable[str], *, limit: int = NAMES_SHOWN) -> str:
+    """``names`` sorted and comma-separated for a message; past ``limit``, the first ones and
+    the count (a workspace of 500 resources must not print 500 names), "none" for none."""
+    ordered = sorted(set(names))
+    if len(ordered) <= limit:
+        return ", ".join(ordered) or "none"
+    return ", ".join(ordered[:limit]) + f", … ({len(ordered)} in all)"
+
+
+def unknown_name_hint(name: str, names: Iterable[str]) -> str:
+    """What follows "no resource named NAME": the closest known name, if any, and a listing."""
+    known = list(names)
+    close = suggest(name, known)
+    listing = f"known: {name_listing(known)}"
+    return f"did you mean {close!r}? {listing}" if close else listing

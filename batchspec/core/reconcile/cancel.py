@@ -99,7 +99,8 @@ def cancel_generation(
             generation_id=gen.id,
             detail={"reason": reason, "batches": n},
         )
-    ctx.report(Progress("cancel", name, f"{reason}: {n} batch(es) cancelled"))
+    # "sent": a batch stops at the provider's pace (cancelling, then cancelled)
+    ctx.report(Progress("cancel", name, f"{reason}: cancel sent to {n} batch(es)"))
     return n
 
 

@@ -151,6 +151,7 @@ def _collect_batch(
                 sha = download_to_store(provider, file_id, ctx.blobs)
             shas[column] = sha
     changed = 0
+    tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     with ctx.store.atomic():
         for sha in shas.values():
             if sha:
@@ -158,7 +159,9 @@ def _collect_batch(
                     gen.id,
                     batch.attempt,
                     sha,
-                    read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on),
+                    _tallied(
+                        read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on), tally
+                    ),
                 )
         detail: dict[str, Any] = {
             "status": batch.status,
@@ -182,11 +185,25 @@ def _collect_batch(
         Progress(
             "collect",
             res.name,
-            f"collected batch {batch.remote_id} ({batch.status}): {changed} answers"
+            f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _rejection_text(detail.get("errors")),
             {"remote_id": batch.remote_id},
         )
     )
+
+
+def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:
+    """``lines`` as they are, counted into ``tally`` by whether each is an answer."""
+    for line in lines:
+        tally[line.outcome.state == "ok"] += 1
+        yield line
+
+
+def _lines_text(tally: dict[bool, int]) -> str:
+    """``3 answers``, ``1 answer, 2 errors``: what a collected batch's files held."""
+    answers, errors = tally[True], tally[False]
+    text = f"{answers} answer{'' if answers == 1 else 's'}"
+    return text + (f", {errors} error{'' if errors == 1 else 's'}" if errors else "")
 
 
 def _fail_batch(
