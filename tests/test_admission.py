@@ -146,6 +146,8 @@ def test_without_wait_the_rest_stays_queued_for_a_later_apply(
 
     assert code == 0, out + err
     assert len(received_batches(srv.client())) == 1
+    # the first shard that finds no capacity ends the resource's pass, said once
+    assert out.count("waits:") == 1
     with ws.store() as store:
         rows = store.batches()
     assert [(r.shard, r.remote_id is None) for r in rows] == [(0, False), (1, True), (2, True)]

@@ -90,6 +90,12 @@ def test_apply_killed_while_its_create_is_held_never_creates_again(
     assert gw.arrived(CREATE).wait(30), "the create never reached the gateway"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
+    # a pass that finds the create unconfirmed says so once and ends the resource's pass
+    # (or, if the gateway delivered it already, adopts it and says nothing of waiting)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, err
+    assert out.count("waiting to confirm an earlier create") <= 1
+    assert gw.received[CREATE] == 1
 
     code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
 
