@@ -651,3 +651,262 @@ def test_holding_the_state_still_inside_a_transaction_is_refused(sqlite_store: S
     ):
         pass
     assert held_locks(sqlite_store) == []
+
+
+# -- pid_is_alive: only ever asks, never signals -------------------------------------------------
+
+
+def test_pid_1_counts_as_alive() -> None:
+    """pid 1 (init, always there) is a live process, not a corrupt row's placeholder."""
+    assert pid_is_alive(1) is True
+
+
+def test_checking_a_live_process_leaves_it_running(tmp_path: Path) -> None:
+    """Asking whether a holder is alive sends it no signal: the process carries on and ends
+    normally (a real signal, such as SIGHUP, would kill the run that holds the lock)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline(); print('still here')"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert pid_is_alive(child.pid) is True
+        out, _ = child.communicate("go\n", timeout=10)
+        assert (child.returncode, out) == (0, "still here\n")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_process_we_may_not_signal_counts_as_alive() -> None:
+    """A live process of another user (kill says EPERM, not ESRCH) counts as alive, so its
+    lock is never taken over."""
+    if os.geteuid() != 0:
+        if Path("/proc/1").stat().st_uid == os.geteuid():
+            pytest.skip("no process of another user to ask about")
+        assert pid_is_alive(1) is True
+        return
+    # root may signal anyone: ask about this (root's) process from a child that is nobody
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            code = 0 if pid_is_alive(os.getppid()) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- the heartbeat thread ------------------------------------------------------------------------
+
+EXITS_HOLDING = textwrap.dedent(
+    """
+    import sys
+    from batchspec.state.lock import acquire_lock
+    from batchspec.state.runinfo import collect_run_info
+    from batchspec.state.store import StateStore
+
+    store = StateStore.open(sys.argv[1])
+    handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
+    handle.start_heartbeat(interval=3600)
+    print(handle.holder_id, flush=True)
+    """
+)
+
+
+def test_a_process_that_ends_holding_a_lock_with_its_heartbeat_running_exits_at_once(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """A run that ends (or crashes) without releasing is not kept alive by its heartbeat
+    thread: it exits at once, and its lock is then a dead process's, taken over."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXITS_HOLDING, str(db_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        holder_id = child.stdout.readline().strip()
+        assert child.wait(timeout=15) == 0
+    finally:
+        child.kill()
+        child.wait()
+    with acquire_lock(sqlite_store, command="apply", info=run_info()) as handle:
+        assert handle.warning is not None and holder_id in handle.warning
+
+
+def test_release_with_a_long_heartbeat_interval_returns_at_once(store: StateStore) -> None:
+    """release() wakes the heartbeat thread instead of waiting out its interval: it returns
+    at once, the thread has ended, and the lock is free."""
+    handle = acquire_lock(store, command="apply", info=run_info())
+    handle.start_heartbeat(interval=3600)
+    [thread] = [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
+    started = time.monotonic()
+    handle.release()
+    assert time.monotonic() - started < 5
+    assert not thread.is_alive()
+    assert current_lock(store) is None
+
+
+ADVISORY_HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+)
+
+
+def test_postgres_release_drops_the_holders_session_lock(postgres_url: str) -> None:
+    """Releasing a PostgreSQL lock also drops its session advisory lock: a long-lived process
+    taking lock after lock holds none of them afterwards (they would fill the lock table)."""
+    with StateStore.open(postgres_url) as store:
+        for _ in range(3):
+            with acquire_lock(store, command="apply", info=run_info()):
+                assert store.db.query(ADVISORY_HELD)[0]["count"] == 1
+        assert store.db.query(ADVISORY_HELD)[0]["count"] == 0
+
+
+# -- hold_still (state migrate) ------------------------------------------------------------------
+
+
+def file_bytes(db_path: Path) -> tuple[bytes, bytes]:
+    """The SQLite file and its write-ahead log, byte for byte."""
+    wal = db_path.with_name(db_path.name + "-wal")
+    return db_path.read_bytes(), wal.read_bytes() if wal.exists() else b""
+
+
+class FakeTime:
+    """A clock that moves only when slept on; refuses to sleep on forever."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.naps: list[float] = []
+        self.reads = 0
+
+    def clock(self) -> float:
+        self.reads += 1
+        assert self.reads < 100, "still polling past the timeout"
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        self.now += seconds
+        assert len(self.naps) < 50, "still waiting past the timeout"
+
+
+def test_holding_sqlite_still_keeps_writers_out_lets_readers_in_and_writes_nothing(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """hold_still on SQLite holds the writer lock for the whole block: a run starting
+    meanwhile cannot write (busy), a reader reads; the file is left byte for byte as it was
+    and writable again afterwards."""
+    from batchspec.state.lock import hold_still
+
+    sqlite_store.record_event(None, "before")
+    before = file_bytes(db_path)
+    writer = sqlite3.connect(db_path, timeout=0.2, isolation_level=None)
+    try:
+        with hold_still(sqlite_store, command="state migrate", info=run_info()) as warning:
+            assert warning is None
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                writer.execute("BEGIN IMMEDIATE")
+            assert writer.execute("SELECT count(*) FROM events").fetchone() == (1,)
+            assert held_locks(sqlite_store) == []
+        assert file_bytes(db_path) == before
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("host", [HOST, "elsewhere.example"], ids=["live-here", "elsewhere"])
+def test_holding_sqlite_still_waits_for_a_live_holder_then_exits_3(
+    sqlite_store: StateStore, host: str
+) -> None:
+    """A holder alive on this host, or any holder on another host, is waited for up to the
+    timeout (polling), then hold_still exits 3 naming it; its lock stays as it was."""
+    from batchspec.state.lock import hold_still
+
+    pid = os.getpid() if host == HOST else dead_pid()
+    sqlite_store.write_lock_row(foreign_holder(pid, host=host))
+    fake = FakeTime()
+    with (
+        pytest.raises(StateLockedError, match=r"\(waited 1 s\)") as caught,
+        hold_still(
+            sqlite_store,
+            command="state migrate",
+            info=run_info(),
+            timeout=1.0,
+            poll_interval=0.25,
+            clock=fake.clock,
+            sleep=fake.sleep,
+        ),
+    ):
+        pass
+    assert caught.value.exit_code == 3
+    assert "0123456789ab" in caught.value.message and f"pid {pid}" in caught.value.message
+    assert fake.naps == [0.25, 0.25, 0.25, 0.25]
+    assert [lock.holder.holder_id for lock in held_locks(sqlite_store)] == ["0123456789ab"]
+    assert not sqlite_store.in_transaction
+
+
+def test_holding_sqlite_still_with_timeout_0_exits_3_at_once(sqlite_store: StateStore) -> None:
+    """With --lock-timeout 0 a live holder makes hold_still exit 3 without waiting."""
+    from batchspec.state.lock import hold_still
+
+    sqlite_store.write_lock_row(foreign_holder(os.getpid()))
+    fake = FakeTime()
+    with (
+        pytest.raises(StateLockedError, match="not waiting: --lock-timeout 0"),
+        hold_still(
+            sqlite_store,
+            command="state migrate",
+            info=run_info(),
+            clock=fake.clock,
+            sleep=fake.sleep,
+        ),
+    ):
+        pass
+    assert fake.naps == []
+
+
+def test_holding_sqlite_still_ignores_a_dead_holders_lock_and_says_so(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """A lock left by a dead process on this host does not stop hold_still: it goes ahead at
+    once, warns that the lock is left as it is, and does not take it over (nothing written)."""
+    from batchspec.state.lock import hold_still
+
+    pid = dead_pid()
+    sqlite_store.write_lock_row(foreign_holder(pid))
+    before = file_bytes(db_path)
+    fake = FakeTime()
+    with hold_still(
+        sqlite_store,
+        command="state migrate",
+        info=run_info(),
+        timeout=10,
+        clock=fake.clock,
+        sleep=fake.sleep,
+    ) as warning:
+        assert warning is not None
+        assert f"dead process {pid} on host {HOST} (holder 0123456789ab)" in warning
+        assert "left as it is" in warning
+    assert fake.naps == []
+    assert file_bytes(db_path) == before
+    assert [lock.holder.holder_id for lock in held_locks(sqlite_store)] == ["0123456789ab"]
+    assert sqlite_store.events() == []
+
+
+def test_holding_postgres_still_holds_the_run_lock(postgres_url: str) -> None:
+    """hold_still on PostgreSQL holds the workspace-wide run lock: a run starting meanwhile
+    exits 3 naming `state migrate`; afterwards no lock row is left."""
+    from batchspec.state.lock import hold_still
+
+    with StateStore.open(postgres_url) as store, StateStore.open(postgres_url) as other:
+        with hold_still(store, command="state migrate", info=run_info()) as warning:
+            assert warning is None
+            with pytest.raises(StateLockedError, match="'state migrate'"):
+                acquire_lock(other, command="apply", info=run_info(), resources=["a"])
+        assert held_locks(other) == []
+        acquire_lock(other, command="apply", info=run_info()).release()
