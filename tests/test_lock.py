@@ -910,3 +910,34 @@ def test_holding_postgres_still_holds_the_run_lock(postgres_url: str) -> None:
                 acquire_lock(other, command="apply", info=run_info(), resources=["a"])
         assert held_locks(other) == []
         acquire_lock(other, command="apply", info=run_info()).release()
+
+
+SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+
+
+def test_a_heartbeat_thread_that_hit_an_error_still_closes_its_session(postgres_url: str) -> None:
+    """A PostgreSQL heartbeat that failed once (the error kept on the handle) still closes its
+    own session at release: no connection is left open for the rest of the process."""
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        store.db.execute(
+            "CREATE FUNCTION refuse_beats() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no heartbeat now'; END $$"
+        )
+        store.db.execute(
+            "CREATE TRIGGER refuse_beats BEFORE UPDATE ON resource_locks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_beats()"
+        )
+        sessions = store.db.query(SESSIONS)[0]["count"]
+        handle.start_heartbeat(interval=0.02)
+        deadline = time.monotonic() + 5
+        while handle.heartbeat_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handle.heartbeat_error is not None
+        assert store.db.query(SESSIONS)[0]["count"] == sessions + 1
+        handle.release()
+        deadline = time.monotonic() + 5
+        while store.db.query(SESSIONS)[0]["count"] > sessions and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.db.query(SESSIONS)[0]["count"] == sessions
+        assert current_lock(store) is None
