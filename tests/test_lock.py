@@ -941,3 +941,102 @@ def test_a_heartbeat_thread_that_hit_an_error_still_closes_its_session(postgres_
             time.sleep(0.02)
         assert store.db.query(SESSIONS)[0]["count"] == sessions
         assert current_lock(store) is None
+
+
+# -- force_unlock and the exit-3 messages --------------------------------------------------------
+
+
+def test_force_unlock_refuses_a_live_holder_unless_forced(sqlite_store: StateStore) -> None:
+    """force_unlock's default is the safe one: a live holder with a fresh heartbeat is refused
+    (exit 3) and keeps its lock."""
+    with acquire_lock(sqlite_store, command="apply", info=run_info()) as handle:
+        with pytest.raises(StateLockedError, match="may still be running") as caught:
+            force_unlock(sqlite_store, handle.holder_id)
+        assert caught.value.exit_code == 3
+        assert current_lock(sqlite_store) == handle.holder
+
+
+def test_a_one_minute_stale_threshold_is_named_in_the_singular(sqlite_store: StateStore) -> None:
+    """A refusal under a 1-minute threshold says "under the 1 minute", not "1 minutes"."""
+    with (
+        acquire_lock(sqlite_store, command="apply", info=run_info()) as handle,
+        pytest.raises(StateLockedError, match="under the 1 minute after which"),
+    ):
+        force_unlock(sqlite_store, handle.holder_id, stale_after=timedelta(minutes=1))
+
+
+@pytest.mark.parametrize(
+    ("needed", "named"),
+    [
+        (["a"], "resource a."),
+        (["a", "b"], "resources a, b."),
+        (["a", "b", "c", "d", "e"], "resources a, b, c, d, e."),
+        (["a", "b", "c", "d", "e", "f"], "resources a, b, c, d, e and 1 more."),
+    ],
+)
+def test_the_exit_3_message_names_what_the_run_needs(
+    sqlite_store: StateStore, needed: list[str], named: str
+) -> None:
+    """The refusal says which resources the run needs: one by name, up to five listed, more
+    counted ("and N more")."""
+    sqlite_store.write_lock_row(foreign_holder(os.getpid()), ["a"])
+    with pytest.raises(StateLockedError) as caught:
+        acquire_lock(sqlite_store, command="apply", info=run_info(), resources=needed)
+    assert f"This run needs {named}" in caught.value.message
+
+
+def test_postgres_unlock_of_a_pre_m005_holder_ends_its_session(postgres_url: str) -> None:
+    """`unlock ID --force` of a run that held the old one-row lock across migration m005 ends
+    that run's session (it holds the old run lock, not a holder lock), so it stops."""
+    from batchspec.state.store import MIGRATIONS
+    from batchspec.storage.sql import PostgresSql
+
+    db = PostgresSql.connect(postgres_url, busy_timeout=5)
+    try:
+        MIGRATIONS.apply(db, stop_before="m005_resource_locks")
+        db.execute(
+            'INSERT INTO lock (id, holder_id, host, pid, command, since, heartbeat, "user") '
+            "VALUES (1, 'oldholder123', ?, ?, 'apply', 't', 't', 'bob')",
+            (HOST, os.getpid()),
+        )
+        db.execute("SELECT pg_advisory_lock(?)", (db.advisory_key("run-lock"),))
+        with StateStore.open(postgres_url) as store:
+            force_unlock(store, "oldholder123", force=True)
+            with pytest.raises(StateError, match="lost the connection"):
+                db.execute("SELECT 1")
+            acquire_lock(store, command="apply", info=run_info()).release()
+    finally:
+        db.close()
+
+
+def test_postgres_a_run_may_unlock_itself_without_ending_its_own_session(
+    postgres_url: str,
+) -> None:
+    """force_unlock through the holder's own connection releases its rows and ends other
+    sessions only: the caller's session goes on working."""
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        force_unlock(store, handle.holder_id, force=True)
+        store.record_event(None, "still connected")
+        handle.release()
+        assert held_locks(store) == []
+
+
+def test_postgres_a_take_that_fails_writing_its_rows_leaves_no_session_lock(
+    postgres_url: str,
+) -> None:
+    """An acquire that fails after taking its session lock (its rows refused) drops that lock
+    again: the session holds nothing it could leak."""
+    with StateStore.open(postgres_url) as store:
+        store.db.execute(
+            "CREATE FUNCTION refuse_locks() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no locks now'; END $$"
+        )
+        store.db.execute(
+            "CREATE TRIGGER refuse_locks BEFORE INSERT ON resource_locks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_locks()"
+        )
+        with pytest.raises(StateError, match="no locks now"):
+            acquire_lock(store, command="apply", info=run_info())
+        assert store.db.query(ADVISORY_HELD)[0]["count"] == 0
+        assert store.lock_rows() == {}
