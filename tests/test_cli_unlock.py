@@ -226,3 +226,23 @@ def test_history_shows_a_killed_run_and_the_run_that_took_its_locks(
     ended = {r["run"]["id"]: r["ended_by"] for r in json.loads(out)["runs"]}
     assert ended[killed] == {"run_id": taker, "action": "lock.takeover"}
     assert ended[alive] is None and ended[taker] is None
+
+
+@pytest.mark.parametrize(
+    ("age", "code"), [(timedelta(minutes=9, seconds=30), 3), (timedelta(minutes=10, seconds=30), 0)]
+)
+def test_a_heartbeat_counts_as_stale_after_the_documented_10_minutes(
+    db_path: Path, capsys: pytest.CaptureFixture[str], age: timedelta, code: int
+) -> None:
+    """A holder elsewhere whose heartbeat is 9.5 minutes old is refused, naming the 10-minute
+    threshold; at 10.5 minutes it is released without --force (docs/concepts.md)."""
+    with StateStore.open(db_path) as store:
+        handle = acquire_lock(store, command="apply", info=replace(INFO, host="ci-7.example"))
+        beat = utc_timestamp(datetime.now(timezone.utc) - age)
+        store.write_lock_row(replace(handle.holder, heartbeat=beat))
+        assert run(["unlock", handle.holder_id, "--state", str(db_path)]) == code
+        if code:
+            assert "under the 10 minutes after which" in capsys.readouterr().err
+            assert current_lock(store) is not None
+        else:
+            assert current_lock(store) is None

@@ -651,3 +651,392 @@ def test_holding_the_state_still_inside_a_transaction_is_refused(sqlite_store: S
     ):
         pass
     assert held_locks(sqlite_store) == []
+
+
+# -- pid_is_alive: only ever asks, never signals -------------------------------------------------
+
+
+def test_pid_1_counts_as_alive() -> None:
+    """pid 1 (init, always there) is a live process, not a corrupt row's placeholder."""
+    assert pid_is_alive(1) is True
+
+
+def test_checking_a_live_process_leaves_it_running(tmp_path: Path) -> None:
+    """Asking whether a holder is alive sends it no signal: the process carries on and ends
+    normally (a real signal, such as SIGHUP, would kill the run that holds the lock)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline(); print('still here')"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert pid_is_alive(child.pid) is True
+        out, _ = child.communicate("go\n", timeout=10)
+        assert (child.returncode, out) == (0, "still here\n")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_process_we_may_not_signal_counts_as_alive() -> None:
+    """A live process of another user (kill says EPERM, not ESRCH) counts as alive, so its
+    lock is never taken over."""
+    if os.geteuid() != 0:
+        if Path("/proc/1").stat().st_uid == os.geteuid():
+            pytest.skip("no process of another user to ask about")
+        assert pid_is_alive(1) is True
+        return
+    # root may signal anyone: ask about this (root's) process from a child that is nobody
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            code = 0 if pid_is_alive(os.getppid()) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- the heartbeat thread ------------------------------------------------------------------------
+
+EXITS_HOLDING = textwrap.dedent(
+    """
+    import sys
+    from batchspec.state.lock import acquire_lock
+    from batchspec.state.runinfo import collect_run_info
+    from batchspec.state.store import StateStore
+
+    store = StateStore.open(sys.argv[1])
+    handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
+    handle.start_heartbeat(interval=3600)
+    print(handle.holder_id, flush=True)
+    """
+)
+
+
+def test_a_process_that_ends_holding_a_lock_with_its_heartbeat_running_exits_at_once(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """A run that ends (or crashes) without releasing is not kept alive by its heartbeat
+    thread: it exits at once, and its lock is then a dead process's, taken over."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXITS_HOLDING, str(db_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        holder_id = child.stdout.readline().strip()
+        assert child.wait(timeout=15) == 0
+    finally:
+        child.kill()
+        child.wait()
+    with acquire_lock(sqlite_store, command="apply", info=run_info()) as handle:
+        assert handle.warning is not None and holder_id in handle.warning
+
+
+def test_release_with_a_long_heartbeat_interval_returns_at_once(store: StateStore) -> None:
+    """release() wakes the heartbeat thread instead of waiting out its interval: it returns
+    at once, the thread has ended, and the lock is free."""
+    handle = acquire_lock(store, command="apply", info=run_info())
+    handle.start_heartbeat(interval=3600)
+    [thread] = [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
+    started = time.monotonic()
+    handle.release()
+    assert time.monotonic() - started < 5
+    assert not thread.is_alive()
+    assert current_lock(store) is None
+
+
+ADVISORY_HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+)
+
+
+def test_postgres_release_drops_the_holders_session_lock(postgres_url: str) -> None:
+    """Releasing a PostgreSQL lock also drops its session advisory lock: a long-lived process
+    taking lock after lock holds none of them afterwards (they would fill the lock table)."""
+    with StateStore.open(postgres_url) as store:
+        for _ in range(3):
+            with acquire_lock(store, command="apply", info=run_info()):
+                assert store.db.query(ADVISORY_HELD)[0]["count"] == 1
+        assert store.db.query(ADVISORY_HELD)[0]["count"] == 0
+
+
+# -- hold_still (state migrate) ------------------------------------------------------------------
+
+
+def file_bytes(db_path: Path) -> tuple[bytes, bytes]:
+    """The SQLite file and its write-ahead log, byte for byte."""
+    wal = db_path.with_name(db_path.name + "-wal")
+    return db_path.read_bytes(), wal.read_bytes() if wal.exists() else b""
+
+
+class FakeTime:
+    """A clock that moves only when slept on; refuses to sleep on forever."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.naps: list[float] = []
+        self.reads = 0
+
+    def clock(self) -> float:
+        self.reads += 1
+        assert self.reads < 100, "still polling past the timeout"
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        self.now += seconds
+        assert len(self.naps) < 50, "still waiting past the timeout"
+
+
+def test_holding_sqlite_still_keeps_writers_out_lets_readers_in_and_writes_nothing(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """hold_still on SQLite holds the writer lock for the whole block: a run starting
+    meanwhile cannot write (busy), a reader reads; the file is left byte for byte as it was
+    and writable again afterwards."""
+    from batchspec.state.lock import hold_still
+
+    sqlite_store.record_event(None, "before")
+    before = file_bytes(db_path)
+    writer = sqlite3.connect(db_path, timeout=0.2, isolation_level=None)
+    try:
+        with hold_still(sqlite_store, command="state migrate", info=run_info()) as warning:
+            assert warning is None
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                writer.execute("BEGIN IMMEDIATE")
+            assert writer.execute("SELECT count(*) FROM events").fetchone() == (1,)
+            assert held_locks(sqlite_store) == []
+        assert file_bytes(db_path) == before
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("host", [HOST, "elsewhere.example"], ids=["live-here", "elsewhere"])
+def test_holding_sqlite_still_waits_for_a_live_holder_then_exits_3(
+    sqlite_store: StateStore, host: str
+) -> None:
+    """A holder alive on this host, or any holder on another host, is waited for up to the
+    timeout (polling), then hold_still exits 3 naming it; its lock stays as it was."""
+    from batchspec.state.lock import hold_still
+
+    pid = os.getpid() if host == HOST else dead_pid()
+    sqlite_store.write_lock_row(foreign_holder(pid, host=host))
+    fake = FakeTime()
+    with (
+        pytest.raises(StateLockedError, match=r"\(waited 1 s\)") as caught,
+        hold_still(
+            sqlite_store,
+            command="state migrate",
+            info=run_info(),
+            timeout=1.0,
+            poll_interval=0.25,
+            clock=fake.clock,
+            sleep=fake.sleep,
+        ),
+    ):
+        pass
+    assert caught.value.exit_code == 3
+    assert "0123456789ab" in caught.value.message and f"pid {pid}" in caught.value.message
+    assert fake.naps == [0.25, 0.25, 0.25, 0.25]
+    assert [lock.holder.holder_id for lock in held_locks(sqlite_store)] == ["0123456789ab"]
+    assert not sqlite_store.in_transaction
+
+
+def test_holding_sqlite_still_with_timeout_0_exits_3_at_once(sqlite_store: StateStore) -> None:
+    """With --lock-timeout 0 a live holder makes hold_still exit 3 without waiting."""
+    from batchspec.state.lock import hold_still
+
+    sqlite_store.write_lock_row(foreign_holder(os.getpid()))
+    fake = FakeTime()
+    with (
+        pytest.raises(StateLockedError, match="not waiting: --lock-timeout 0"),
+        hold_still(
+            sqlite_store,
+            command="state migrate",
+            info=run_info(),
+            clock=fake.clock,
+            sleep=fake.sleep,
+        ),
+    ):
+        pass
+    assert fake.naps == []
+
+
+def test_holding_sqlite_still_ignores_a_dead_holders_lock_and_says_so(
+    db_path: Path, sqlite_store: StateStore
+) -> None:
+    """A lock left by a dead process on this host does not stop hold_still: it goes ahead at
+    once, warns that the lock is left as it is, and does not take it over (nothing written)."""
+    from batchspec.state.lock import hold_still
+
+    pid = dead_pid()
+    sqlite_store.write_lock_row(foreign_holder(pid))
+    before = file_bytes(db_path)
+    fake = FakeTime()
+    with hold_still(
+        sqlite_store,
+        command="state migrate",
+        info=run_info(),
+        timeout=10,
+        clock=fake.clock,
+        sleep=fake.sleep,
+    ) as warning:
+        assert warning is not None
+        assert f"dead process {pid} on host {HOST} (holder 0123456789ab)" in warning
+        assert "left as it is" in warning
+    assert fake.naps == []
+    assert file_bytes(db_path) == before
+    assert [lock.holder.holder_id for lock in held_locks(sqlite_store)] == ["0123456789ab"]
+    assert sqlite_store.events() == []
+
+
+def test_holding_postgres_still_holds_the_run_lock(postgres_url: str) -> None:
+    """hold_still on PostgreSQL holds the workspace-wide run lock: a run starting meanwhile
+    exits 3 naming `state migrate`; afterwards no lock row is left."""
+    from batchspec.state.lock import hold_still
+
+    with StateStore.open(postgres_url) as store, StateStore.open(postgres_url) as other:
+        with hold_still(store, command="state migrate", info=run_info()) as warning:
+            assert warning is None
+            with pytest.raises(StateLockedError, match="'state migrate'"):
+                acquire_lock(other, command="apply", info=run_info(), resources=["a"])
+        assert held_locks(other) == []
+        acquire_lock(other, command="apply", info=run_info()).release()
+
+
+SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+
+
+def test_a_heartbeat_thread_that_hit_an_error_still_closes_its_session(postgres_url: str) -> None:
+    """A PostgreSQL heartbeat that failed once (the error kept on the handle) still closes its
+    own session at release: no connection is left open for the rest of the process."""
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        store.db.execute(
+            "CREATE FUNCTION refuse_beats() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no heartbeat now'; END $$"
+        )
+        store.db.execute(
+            "CREATE TRIGGER refuse_beats BEFORE UPDATE ON resource_locks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_beats()"
+        )
+        sessions = store.db.query(SESSIONS)[0]["count"]
+        handle.start_heartbeat(interval=0.02)
+        deadline = time.monotonic() + 5
+        while handle.heartbeat_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handle.heartbeat_error is not None
+        assert store.db.query(SESSIONS)[0]["count"] == sessions + 1
+        handle.release()
+        deadline = time.monotonic() + 5
+        while store.db.query(SESSIONS)[0]["count"] > sessions and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.db.query(SESSIONS)[0]["count"] == sessions
+        assert current_lock(store) is None
+
+
+# -- force_unlock and the exit-3 messages --------------------------------------------------------
+
+
+def test_force_unlock_refuses_a_live_holder_unless_forced(sqlite_store: StateStore) -> None:
+    """force_unlock's default is the safe one: a live holder with a fresh heartbeat is refused
+    (exit 3) and keeps its lock."""
+    with acquire_lock(sqlite_store, command="apply", info=run_info()) as handle:
+        with pytest.raises(StateLockedError, match="may still be running") as caught:
+            force_unlock(sqlite_store, handle.holder_id)
+        assert caught.value.exit_code == 3
+        assert current_lock(sqlite_store) == handle.holder
+
+
+def test_a_one_minute_stale_threshold_is_named_in_the_singular(sqlite_store: StateStore) -> None:
+    """A refusal under a 1-minute threshold says "under the 1 minute", not "1 minutes"."""
+    with (
+        acquire_lock(sqlite_store, command="apply", info=run_info()) as handle,
+        pytest.raises(StateLockedError, match="under the 1 minute after which"),
+    ):
+        force_unlock(sqlite_store, handle.holder_id, stale_after=timedelta(minutes=1))
+
+
+@pytest.mark.parametrize(
+    ("needed", "named"),
+    [
+        (["a"], "resource a."),
+        (["a", "b"], "resources a, b."),
+        (["a", "b", "c", "d", "e"], "resources a, b, c, d, e."),
+        (["a", "b", "c", "d", "e", "f"], "resources a, b, c, d, e and 1 more."),
+    ],
+)
+def test_the_exit_3_message_names_what_the_run_needs(
+    sqlite_store: StateStore, needed: list[str], named: str
+) -> None:
+    """The refusal says which resources the run needs: one by name, up to five listed, more
+    counted ("and N more")."""
+    sqlite_store.write_lock_row(foreign_holder(os.getpid()), ["a"])
+    with pytest.raises(StateLockedError) as caught:
+        acquire_lock(sqlite_store, command="apply", info=run_info(), resources=needed)
+    assert f"This run needs {named}" in caught.value.message
+
+
+def test_postgres_unlock_of_a_pre_m005_holder_ends_its_session(postgres_url: str) -> None:
+    """`unlock ID --force` of a run that held the old one-row lock across migration m005 ends
+    that run's session (it holds the old run lock, not a holder lock), so it stops."""
+    from batchspec.state.store import MIGRATIONS
+    from batchspec.storage.sql import PostgresSql
+
+    db = PostgresSql.connect(postgres_url, busy_timeout=5)
+    try:
+        MIGRATIONS.apply(db, stop_before="m005_resource_locks")
+        db.execute(
+            'INSERT INTO lock (id, holder_id, host, pid, command, since, heartbeat, "user") '
+            "VALUES (1, 'oldholder123', ?, ?, 'apply', 't', 't', 'bob')",
+            (HOST, os.getpid()),
+        )
+        db.execute("SELECT pg_advisory_lock(?)", (db.advisory_key("run-lock"),))
+        with StateStore.open(postgres_url) as store:
+            force_unlock(store, "oldholder123", force=True)
+            with pytest.raises(StateError, match="lost the connection"):
+                db.execute("SELECT 1")
+            acquire_lock(store, command="apply", info=run_info()).release()
+    finally:
+        db.close()
+
+
+def test_postgres_a_run_may_unlock_itself_without_ending_its_own_session(
+    postgres_url: str,
+) -> None:
+    """force_unlock through the holder's own connection releases its rows and ends other
+    sessions only: the caller's session goes on working."""
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=run_info())
+        force_unlock(store, handle.holder_id, force=True)
+        store.record_event(None, "still connected")
+        handle.release()
+        assert held_locks(store) == []
+
+
+def test_postgres_a_take_that_fails_writing_its_rows_leaves_no_session_lock(
+    postgres_url: str,
+) -> None:
+    """An acquire that fails after taking its session lock (its rows refused) drops that lock
+    again: the session holds nothing it could leak."""
+    with StateStore.open(postgres_url) as store:
+        store.db.execute(
+            "CREATE FUNCTION refuse_locks() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no locks now'; END $$"
+        )
+        store.db.execute(
+            "CREATE TRIGGER refuse_locks BEFORE INSERT ON resource_locks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_locks()"
+        )
+        with pytest.raises(StateError, match="no locks now"):
+            acquire_lock(store, command="apply", info=run_info())
+        assert store.db.query(ADVISORY_HELD)[0]["count"] == 0
+        assert store.lock_rows() == {}
