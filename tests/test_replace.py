@@ -8,6 +8,7 @@ where a fast round trip is enough.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     local_provider,
     make_workspace,
     run_cli,
@@ -26,6 +28,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.state.lock import current_lock
 
 FAST = ["--poll-interval", "0.05"]
 SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
@@ -187,3 +190,39 @@ def test_replace_refuses_what_it_cannot_replace(
     code, _, err = run_cli(["apply", str(ws.root), *argv], capsys)
     assert code in (1, 64) and "Error" in err
     assert not ws.state_path.exists() or "nobody" in err
+
+
+def test_a_serial_create_is_not_sent_once_the_run_has_lost_its_lock(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replace creates one batch at a time (its cancels come first). `unlock --force` of the
+    run while its upload is held: the run stops before it sends the create, saying it lost
+    the lock, and no batch of the new input reaches the provider."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    creates = srv.probe.counts[CREATE]
+    ws.input_path("triage").write_text(
+        "".join(json.dumps(line) + "\n" for line in request_lines(3, prefix="new"))
+    )
+    held = srv.probe.hold("POST /files", 60)
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", "--allow-replace"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert held.wait(30), "the replace never uploaded its new input"
+        with ws.store() as store:
+            holder = current_lock(store)
+        assert holder is not None
+        unlock = ["unlock", holder.holder_id, "--force", "--state", str(ws.state_path)]
+        assert run_cli(unlock, capsys)[0] == 0
+    finally:
+        srv.probe.release("POST /files")
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode != 0
+    assert "no longer holds the state lock" in err and "Traceback" not in err
+    assert srv.probe.counts[CREATE] == creates
