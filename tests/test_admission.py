@@ -148,6 +148,7 @@ def test_without_wait_the_rest_stays_queued_for_a_later_apply(
     assert len(received_batches(srv.client())) == 1
     # the first shard that finds no capacity ends the resource's pass, said once
     assert out.count("waits:") == 1
+    assert "shard 2 attempt 1 waits: 1 batch(es) in flight on srv (maxInFlightBatches 1)" in out
     with ws.store() as store:
         rows = store.batches()
     assert [(r.shard, r.remote_id is None) for r in rows] == [(0, False), (1, True), (2, True)]
