@@ -97,7 +97,10 @@ class _LoopbackServer(ThreadingHTTPServer):
 
 def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPServer, Counter[str]]:
     """Forward every request to ``upstream`` after ``latency`` seconds; count them by method."""
-    client = httpx.Client(base_url=upstream, timeout=120.0)
+    # idle connections dropped after 2 s, before uvicorn closes them (5 s): a request sent on
+    # a connection the server is closing is reset, and a reset create is an unsure one
+    limits = httpx.Limits(max_connections=256, keepalive_expiry=2.0)
+    client = httpx.Client(base_url=upstream, timeout=120.0, limits=limits)
     counts: Counter[str] = Counter()
     lock = threading.Lock()
 
