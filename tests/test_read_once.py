@@ -316,11 +316,26 @@ def test_an_input_only_touched_after_validation_is_not_a_change(tmp_path: Path) 
     assert len(ws.outputs("job")) == 20
 
 
+def _count_scandir(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every folder ``os.scandir`` lists from now on."""
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any = ".") -> Any:
+        listed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    return listed
+
+
 def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new index removes those unused for ``INDEX_KEEP_S`` (a lost index costs one
-    re-read); an index just used by ``request_index`` is kept however old it was."""
+    """A run that wrote an index removes, when it ends, those unused for ``INDEX_KEEP_S``
+    (a lost index costs one re-read), once for the run, not once per index written (a pass
+    over 1,000 new inputs scanned the folder 1,000 times); an index just used by
+    ``request_index`` is kept however old it was."""
     folder = tmp_path / "input-index"
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     first.write_text("".join(json.dumps(line) + "\n" for line in request_lines(2)))
@@ -333,7 +348,10 @@ def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
         for path in (stale, folder / f"{sha}.idx"):
             os.utime(path, (long_ago, long_ago))
         assert cache.request_index(first, sha) == folder / f"{sha}.idx"  # used: fresh again
+        scans = _count_scandir(monkeypatch)
         other = cache.scan(second).sha256
+        assert scans == []  # not while the run goes on
+    assert len(scans) == 1
 
     assert sorted(p.name for p in folder.iterdir()) == sorted([f"{sha}.idx", f"{other}.idx"])
 

@@ -69,8 +69,12 @@ class InputCache:
             self.conn = _open_db(db_path)
         self.index_dir = index_dir
         self._private_dir: str | None = None  # indexes when index_dir cannot be written
+        self._written_to: set[Path] = set()  # folders pruned on close: once a run, not per write
 
     def close(self) -> None:
+        for folder in self._written_to:
+            _prune_indexes(folder)
+        self._written_to.clear()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -175,7 +179,7 @@ class InputCache:
                 writer.finish(report.sha256)
             if report.ok:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
-                _prune_indexes(folder, keep=report.sha256)
+                self._written_to.add(folder)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -254,13 +258,12 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
     return conn
 
 
-def _prune_indexes(folder: Path, *, keep: str) -> None:
-    """Remove request indexes (and leftover partial ones) unused for ``INDEX_KEEP_S``."""
+def _prune_indexes(folder: Path) -> None:
+    """Remove request indexes (and leftover partial ones) unused for ``INDEX_KEEP_S``; one
+    written or used by this run is fresh, so it stays."""
     old = time.time() - INDEX_KEEP_S
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            if entry.name.startswith(keep):
-                continue
             with contextlib.suppress(OSError):
                 if entry.stat().st_mtime < old:
                     os.unlink(entry.path)
