@@ -155,27 +155,37 @@ class Reconciler:
     ) -> list[Resource]:
         """One pass: fetch what the pass will read from providers ahead and side by side, then
         advance each resource in order on this thread; return those still waiting."""
+        with self._pool() as calls:  # a replace step sends its cancels ahead through it too
+            prefetch_pass(self.ctx, resources, calls)
+            submitted = submit_pass(
+                self.ctx, resources, facts, calls, spending_action=self._spending_action
+            )
+            waiting = []
+            # one commit for the records of many resources' reads (see ``advance``)
+            with self.store.commit_group() as group, self._waits_commit(group):
+                for res in resources:  # downloads under way are waited for when taken
+                    if res.name in submitted:  # it waits on its new batches
+                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                            waiting.append(res)
+                    elif self.advance(res, facts[res.name], group).waiting:
+                        waiting.append(res)
+                    if group.due:
+                        group.flush()
+            return waiting
+
+    @contextmanager
+    def _pool(self) -> Iterator[BoundedCalls]:
+        """The bounded pool of provider calls of a pass (or of a run's cancels), open in
+        ``ctx.calls`` while the block runs. If the block fails, the pool is closed first (no
+        call still runs), then the cancels it had answered are recorded before the error
+        goes on (``record_cancels_sent_ahead``)."""
         try:
             with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
-                self.ctx.calls = calls  # a replace step sends its cancels ahead through it
-                prefetch_pass(self.ctx, resources, calls)
-                submitted = submit_pass(
-                    self.ctx, resources, facts, calls, spending_action=self._spending_action
-                )
-                waiting = []
-                # one commit for the records of many resources' reads (see ``advance``)
-                with self.store.commit_group() as group, self._waits_commit(group):
-                    for res in resources:  # downloads under way are waited for when taken
-                        if res.name in submitted:  # it waits on its new batches
-                            if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
-                                waiting.append(res)
-                        elif self.advance(res, facts[res.name], group).waiting:
-                            waiting.append(res)
-                        if group.due:
-                            group.flush()
-                return waiting
+                self.ctx.calls = calls
+                self.ctx.prefetched = Prefetched()
+                yield calls
         except Exception as err:
-            record_cancels_sent_ahead(self.ctx, err)  # the pool is closed: none still runs
+            record_cancels_sent_ahead(self.ctx, err)
             raise
         finally:
             self.ctx.prefetched = Prefetched()
@@ -280,18 +290,9 @@ class Reconciler:
             cancel_ahead(self.ctx, self._active_generations(names))
             yield
             return
-        try:
-            with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
-                self.ctx.calls = calls
-                self.ctx.prefetched = Prefetched()
-                cancel_ahead(self.ctx, self._active_generations(names))
-                yield
-        except Exception as err:
-            record_cancels_sent_ahead(self.ctx, err)  # the pool is closed: none still runs
-            raise
-        finally:
-            self.ctx.prefetched = Prefetched()
-            self.ctx.calls = None
+        with self._pool():
+            cancel_ahead(self.ctx, self._active_generations(names))
+            yield
 
     def _active_generations(self, names: Sequence[str]) -> list[tuple[str, GenerationRow]]:
         return [
