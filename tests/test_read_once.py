@@ -1,10 +1,17 @@
-"""`apply` reads an input once: the scan that validates and hashes it also indexes its requests.
+"""`apply`, `plan` and `import` read an input once: the scan that validates and hashes it also
+indexes its requests.
 
 Sharding, the request ledger and shard files come from that index (``batchspec.wire.
 request_index``), so a fresh apply parses every input line exactly once, and opens the input
 only to scan it and to hand it to the provider (or to copy requests into shard files, by
 offset, checked against what was validated). An input that changes after its validation is
 refused before anything is recorded or uploaded. Runs on the embedded engine (``local``).
+
+The same holds under a provider's stricter rules (Anthropic's dialect, a custom_id pattern):
+the loader hashes the input with the scan those rules validate it by. ``plan`` counts the
+answers a new generation would reuse from the index, and ``import`` records its ledger from
+it; an unchanged input whose scan is cached is not read at all. Those run against the
+engine's provider APIs over loopback.
 """
 
 from __future__ import annotations
@@ -19,12 +26,21 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from probes import ProbedServer
 from servers import request_lines
-from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    local_provider,
+    make_workspace,
+)
 
 from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.reconcile import Progress
@@ -86,16 +102,18 @@ def engine_files(ws: Workspace) -> int:
         engine.close()
 
 
-def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+def count_parses(
+    monkeypatch: pytest.MonkeyPatch, *, besides: tuple[str, ...] = ("batchspec.engine",)
+) -> list[bytes]:
     """Every input line batchspec parses from now on (the embedded engine's own parses, the
-    provider's side, are not counted)."""
+    provider's side, are not counted; nor those of the modules named in ``besides``)."""
     parsed: list[bytes] = []
     real_parse = inputs._parse
 
     def counting_parse(line: bytes) -> object:
         frame = sys._getframe(1)
         while frame is not None:
-            if frame.f_globals.get("__name__", "").startswith("batchspec.engine"):
+            if frame.f_globals.get("__name__", "").startswith(besides):
                 break
             frame = frame.f_back  # type: ignore[assignment]
         else:
@@ -478,3 +496,110 @@ def test_an_input_changed_while_it_is_uploaded_as_is_is_refused(tmp_path: Path) 
         assert [b.remote_id for g in gens for b in store.batches(g.id)] == [None]
         sha = hashlib.sha256(original).hexdigest()
         assert store.get_file("here", sha) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# stricter rules (a provider's dialect, a custom_id pattern), plan and import
+
+
+def ruled_ws(root: Path, kind: str, base_url: str, count: int, **spec: Any) -> Workspace:
+    """One resource ``job`` on a provider of type ``kind`` (``anthropic``: its dialect and
+    custom_id pattern; ``together``: its custom_id pattern only)."""
+    provider = {"type": kind, "baseUrl": base_url, "apiKeyEnv": KEY_ENV}
+    return make_workspace(
+        root,
+        providers={"p": provider},
+        resources=(ResourceSpec("job", count=count, provider="p", spec=spec),),
+    )
+
+
+def native_anthropic_lines(count: int) -> list[dict[str, Any]]:
+    """Anthropic's own ``{custom_id, params}`` lines (a generic scan finds them invalid)."""
+    params = {"model": "claude-x", "max_tokens": 16}
+    return [
+        {
+            "custom_id": f"n{i}",
+            "params": {**params, "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "root"),
+    [("anthropic", ""), ("together", "/together/v1")],
+    ids=["anthropic-dialect", "custom-id-pattern"],
+)
+def test_an_apply_under_a_providers_stricter_rules_parses_each_input_line_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server: Callable[..., ProbedServer],
+    kind: str,
+    root: str,
+) -> None:
+    """An Anthropic manifest (its dialect and custom_id pattern) or a Together one (its
+    custom_id pattern) over 3 shards: validation, hashing, sharding and the ledger of 60
+    requests parse 60 lines (120 before: the loader hashed the input with a generic scan,
+    then the provider's rules read it again); the provider converting lines is not counted."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    limits = {"maxRequestsPerBatch": 25}
+    ws = ruled_ws(tmp_path, kind, srv.base_url + root, 60, limits=limits)
+    parsed = count_parses(monkeypatch, besides=("batchspec.engine", "batchspec.providers"))
+
+    result = apply_workspace([str(ws.root)], ApplyOptions(wait=True, poll_interval=0.05, yes=True))
+
+    assert result.exit_code == 0
+    assert len(parsed) == 60
+    assert [o["custom_id"] for o in ws.outputs("job")] == ws.input_ids("job")
+    shard_of = {line: (line - 1) // 25 for line in range(1, 61)}
+    assert ledger(ws) == expected_ledger(ws.input_path("job"), shard_of)
+
+
+def test_a_lost_index_of_lines_only_their_providers_rules_accept_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Callable[..., ProbedServer]
+) -> None:
+    """Anthropic {custom_id, params} lines whose request index is lost after validation are
+    indexed again and submitted (the generic scan that remakes an index found them invalid
+    and kept none: the apply failed with "the input has problems")."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    spec = {"endpoint": "/v1/messages", "model": "claude-x", "limits": {"maxRequestsPerBatch": 4}}
+    ws = ruled_ws(tmp_path, "anthropic", srv.base_url, 10, **spec)
+    ws.write_input("job", native_anthropic_lines(10))
+    index_dir = ws.root / "state" / "input-index"
+
+    def lose_index_on_plan(progress: Progress) -> None:
+        if progress.event == "plan":
+            for kept in index_dir.iterdir():
+                kept.unlink()
+
+    options = ApplyOptions(wait=True, poll_interval=0.05, yes=True)
+    result = apply_workspace([str(ws.root)], options, report=lose_index_on_plan)
+
+    assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"n{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("kind", ["anthropic-native", "together", "local"])
+def test_plan_does_not_read_an_unchanged_input_its_cache_describes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A second `plan` of an unchanged input parses none of it, under any provider's rules
+    (Anthropic {custom_id, params} lines were parsed by every plan: the generic scan that
+    hashed them found them invalid, so it was never cached)."""
+    if kind == "local":
+        ws = local_ws(tmp_path, 20)
+    else:
+        spec = {"endpoint": "/v1/messages", "model": "claude-x"} if kind != "together" else {}
+        ws = ruled_ws(tmp_path, kind.split("-")[0], "http://127.0.0.1:9", 20, **spec)
+        if kind == "anthropic-native":
+            ws.write_input("job", native_anthropic_lines(20))
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the first plan's scan is kept
+    assert plan_workspace([str(ws.root)]).plan.actions[0].requests == 20
+    parsed = count_parses(monkeypatch)
+
+    result = plan_workspace([str(ws.root)])
+
+    assert result.plan.actions[0].requests == 20
+    assert parsed == []

@@ -26,6 +26,7 @@ from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
 from batchspec.wire.request_index import RequestFact, read_request_index
 from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
+    ProviderConfig,
     Resource,
     Workspace,
     load_workspace,
@@ -40,18 +41,41 @@ from batchspec.workspace.yamldoc import display_path
 def open_workspace(
     paths: Sequence[str], state_path: str | None = None
 ) -> Iterator[tuple[Workspace, InputCache]]:
-    """Load manifests through the caches beside the state database (inputs and manifests)."""
+    """Load manifests through the caches beside the state database (inputs and manifests).
+
+    An input is hashed by the scan that validates it by its resource's rules
+    (``validate_inputs`` then finds that scan in the cache): one read of it, whatever its
+    provider."""
     project = project_for(paths, state_path=state_path)
     cache_db = project.state_path.parent / "input-cache.db"
     with InputCache(cache_db, index_dir=index_dir_beside(project.state_path)) as cache:
+
+        def hash_checked(path: Path, provider: str, endpoint: str, model: str | None) -> str:
+            rules = input_rules(project.providers, provider, endpoint, model)
+            return cache.facts_for(path, **rules).sha256
+
         with ManifestCache(cache_db, project) as manifests:
             ws = load_workspace(
                 paths,
                 hash_input=cache.sha256,
                 manifest_cache=manifests,
                 state_path=state_path,
+                hash_checked_input=hash_checked,
             )
         yield ws, cache
+
+
+def input_rules(
+    providers: Mapping[str, ProviderConfig], provider: str, endpoint: str, model: str | None
+) -> dict[str, Any]:
+    """The ``InputCache.facts_for`` rules of an input sent to ``provider`` (its type's
+    dialect and custom_id pattern) on ``endpoint`` with ``model``."""
+    kind = providers[provider].type if provider in providers else None
+    return {
+        "endpoint": endpoint,
+        "model": model,
+        **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
+    }
 
 
 def workspace_names(ws: Workspace, paths: Sequence[str]) -> frozenset[str]:
@@ -109,17 +133,10 @@ def validate_inputs(
     facts: dict[str, InputReport] = {}
     failures: list[BatchspecError] = []
     for res in resources:
-        kind = (
-            ws.project.providers[res.provider].type
-            if res.provider in ws.project.providers
-            else None
-        )
         try:
             report = cache.facts_for(
                 res.input_path,
-                endpoint=res.endpoint,
-                model=res.model,
-                **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
+                **input_rules(ws.project.providers, res.provider, res.endpoint, res.model),
             )
         except BatchspecError as err:
             failures.append(err)

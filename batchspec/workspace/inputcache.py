@@ -7,11 +7,15 @@ was scanned: a file written in the same timestamp tick as its scan could change 
 changing its stamp. Only clean reports are kept: a file with problems is always
 re-scanned, so its problems are reported in full every time.
 
-One read of a new input does both jobs of the loader and the validator: the loader's content
-hash comes from a *generic* scan (no endpoint or model given), and when that scan shows one
-url equal to the manifest's endpoint and one model equal to the manifest's model, the stricter
-scan would find nothing more, so it is not run (``facts_for``). The cache is a small SQLite
-file beside the state database; deleting it only costs a re-read.
+One read of a new input does both jobs of the loader and the validator: the loader hashes an
+input with the scan its resource is validated by (``facts_for``), so the validation that
+follows finds that scan in memory. For OpenAI's rules that scan is a *generic* one (no
+endpoint or model given) when it settles them: one url equal to the manifest's endpoint and
+one model equal to the manifest's model, and the stricter scan would find nothing more. Rules
+a generic scan cannot settle (a dialect, a custom_id pattern, moderations) go straight to
+their own scan: it hashes the input as well as any. A file's content hash is then whatever
+scan of it this run holds for its current stat (``sha256``, ``require_unchanged``). The cache
+is a small SQLite file beside the state database; deleting it only costs a re-read.
 
 The same read writes the input's request index (``batchspec.wire.request_index``) into
 ``index_dir``, named by the content's sha256, when the input is clean: what sharding, the
@@ -64,6 +68,8 @@ class InputCache:
     ) -> None:
         self.racy_window = racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
+        # per resolved path: the stat and content hash of the last scan of it (any rules)
+        self.hashed: dict[str, tuple[tuple[int, ...], str]] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             self.conn = _open_db(db_path)
@@ -89,7 +95,11 @@ class InputCache:
         self.close()
 
     def sha256(self, path: Path) -> str:
-        """The content hash, from a generic scan (cached): the loader's ``hash_input``."""
+        """The content hash: from this run's scan of ``path`` with any rules while its stat is
+        unchanged, else from a generic scan (cached): the loader's ``hash_input``."""
+        known = self.hashed.get(str(Path(path).resolve()))
+        if known is not None and known[0] == _stamp(path):
+            return known[1]
         return self.scan(path).sha256
 
     def scan(self, path: Path, **options: Any) -> InputReport:
@@ -108,6 +118,7 @@ class InputCache:
             if report.ok and not racy:
                 self._store(key, stamp, report)
         self.memory[key] = (stamp, report)
+        self.hashed[key[0]] = (stamp, report.sha256)
         return report
 
     def facts_for(
@@ -120,18 +131,21 @@ class InputCache:
         allow_unversioned_url: bool = False,
         dialect: str = "openai",
     ) -> InputReport:
-        """The scan with the manifest's rules, reusing the generic scan when it settles it."""
-        generic = self.scan(path)
-        url_key = _versioned if allow_unversioned_url else (lambda u: u)
-        if (
-            generic.ok
-            and custom_id_pattern is None
-            and dialect == "openai"
-            and endpoint != "/v1/moderations"
-            and tuple(url_key(u) for u in generic.urls) == (url_key(endpoint),)
-            and (model is None or generic.models == (model,))
-        ):
-            return generic
+        """The scan with the manifest's rules, reusing the generic scan when it settles it.
+
+        Rules a generic scan can never settle skip it: the file is read once, by their scan."""
+        settles = (
+            custom_id_pattern is None and dialect == "openai" and endpoint != "/v1/moderations"
+        )
+        if settles:
+            generic = self.scan(path)
+            url_key = _versioned if allow_unversioned_url else (lambda u: u)
+            if (
+                generic.ok
+                and tuple(url_key(u) for u in generic.urls) == (url_key(endpoint),)
+                and (model is None or generic.models == (model,))
+            ):
+                return generic
         return self.scan(
             path,
             endpoint=endpoint,
@@ -152,23 +166,28 @@ class InputCache:
             with contextlib.suppress(OSError):  # in use: not pruned
                 os.utime(kept)
             return kept
-        report = self._scan_and_index(path, {}, folder)
+        # the content was validated under its resource's rules: its index is kept even when
+        # the generic scan that remakes it objects (an Anthropic {custom_id, params} line)
+        report = self._scan_and_index(path, {}, folder, keep=sha256)
         if report.sha256 != sha256:
             raise _changed(path)
-        if not is_complete(kept, sha256):  # not clean: validation refuses it before this is asked
+        if not is_complete(kept, sha256):  # a line without a custom_id: never validated
             raise InputChangedError(f"{path}: the input has problems; validate it first")
         return kept
 
     def require_unchanged(self, path: Path, sha256: str) -> None:
         """Raise ``InputChangedError`` unless ``path`` still holds content ``sha256`` (a stat
-        when it is unchanged since its scan; a changed file is scanned again)."""
-        if self.scan(path).sha256 != sha256:
+        when it is unchanged since its scan, whatever its rules; a changed file is scanned
+        again)."""
+        if self.sha256(path) != sha256:
             raise _changed(path)
 
     def _scan_and_index(
-        self, path: Path, options: dict[str, Any], folder: Path | None
+        self, path: Path, options: dict[str, Any], folder: Path | None, *, keep: str = ""
     ) -> InputReport:
-        """Scan ``path``, writing its request index into ``folder`` in the same pass."""
+        """Scan ``path``, writing its request index into ``folder`` in the same pass; the index
+        is kept when the scan is clean, or when the content is ``keep`` (a sha256 validated
+        before) and every request line was indexed."""
         if folder is None:
             return scan_batch_input(path, **options)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
@@ -177,7 +196,8 @@ class InputCache:
                 writer = RequestIndexWriter(f)
                 report = scan_batch_input(path, **options, index=writer)
                 writer.finish(report.sha256)
-            if report.ok:
+            whole = report.sha256 == keep and writer.records == report.requests
+            if report.ok or whole:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
                 self._written_to.add(folder)
         finally:

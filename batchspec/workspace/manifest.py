@@ -134,6 +134,7 @@ RETRYABLE_FAILURES: tuple[str, ...] = (
 
 __all__ = [
     "Budget",
+    "CheckedInputHasher",
     "InvalidManifestError",
     "Limits",
     "Problem",
@@ -263,11 +264,15 @@ def load_workspace(
     manifest_cache: ManifestCache | None = None,
     state_path: str | Path | None = None,
     tolerate_broken: bool = False,
+    hash_checked_input: CheckedInputHasher | None = None,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
     ``hash_input`` computes an input file's content hash (injectable so a caller that reads
-    the inputs anyway can avoid reading them twice). ``manifest_cache`` recalls files that
+    the inputs anyway can avoid reading them twice). ``hash_checked_input``, when given, is
+    used instead wherever a resource's provider and endpoint are known: it is told them and
+    the model, so a caller that validates the input by its provider's rules can hash it with
+    that same read. ``manifest_cache`` recalls files that
     were read clean before and are unchanged, so they are not parsed and schema-checked
     again (``batchspec.workspace.manifestcache``); every other check still runs on them.
 
@@ -301,7 +306,11 @@ def load_workspace(
         clean = not file_problems
         for doc in documents:
             resource, doc_problems = _load_document(
-                doc, project, hash_input, resolve, validated=recalled is not None
+                doc,
+                project,
+                _Hashers(hash_input, hash_checked_input),
+                resolve,
+                validated=recalled is not None,
             )
             problems.extend(doc_problems)
             names.extend(_name_of(doc))
@@ -389,7 +398,7 @@ def project_for(
 def _load_document(
     doc: YamlDocument,
     project: Project,
-    hash_input: Callable[[Path], str],
+    hash_input: _Hashers,
     resolve: _PathResolver,
     *,
     validated: bool = False,
@@ -431,6 +440,19 @@ def _shape_problems(doc: YamlDocument) -> list[Problem]:
     return []
 
 
+#: an input's content hash taken by the scan its resource is validated with, given
+#: ``(path, provider name, endpoint, model)`` (``load_workspace``'s ``hash_checked_input``)
+CheckedInputHasher = Callable[[Path, str, str, str | None], str]
+
+
+@dataclass(frozen=True)
+class _Hashers:
+    """How the loader hashes inputs: ``plain`` always works, ``checked`` where it can."""
+
+    plain: Callable[[Path], str]
+    checked: CheckedInputHasher | None = None
+
+
 @dataclass(frozen=True)
 class _Checked:
     """What the checks beyond the schema resolved for one document."""
@@ -447,7 +469,7 @@ class _Checked:
 def _check_spec(
     doc: YamlDocument,
     project: Project,
-    hash_input: Callable[[Path], str],
+    hash_input: _Hashers,
     resolve: _PathResolver,
     problems: list[Problem],
 ) -> _Checked | None:
@@ -460,7 +482,17 @@ def _check_spec(
     input_path = input_sha256 = input_source = None
     if isinstance(raw_input, str):
         input_path = resolve(folder, raw_input)
-        input_sha256 = _input_hash(doc, input_path, hash_input, problems)
+        endpoint, model = spec.get("endpoint"), spec.get("model")
+        hasher = hash_input.plain
+        if (
+            hash_input.checked is not None
+            and provider is not None
+            and isinstance(endpoint, str)
+            and (model is None or isinstance(model, str))
+        ):
+            checked = hash_input.checked
+            hasher = lambda path: checked(path, provider, endpoint, model)  # noqa: E731
+        input_sha256 = _input_hash(doc, input_path, hasher, problems)
     elif isinstance(raw_input, Mapping):
         rendered = _rendered_input(doc, spec, raw_input, project, folder, problems)
         if rendered is not None:
