@@ -40,9 +40,12 @@ from workspaces import (
     Workspace,
     local_provider,
     make_workspace,
+    served,
 )
 
+from batchspec.core import lifecycle
 from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
+from batchspec.core.lifecycle import import_batch
 from batchspec.core.reconcile import Progress
 from batchspec.engine import Engine
 from batchspec.errors import InputError
@@ -603,3 +606,91 @@ def test_plan_does_not_read_an_unchanged_input_its_cache_describes(
 
     assert result.plan.actions[0].requests == 20
     assert parsed == []
+
+
+def test_plan_counts_reusable_answers_from_the_request_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line of a done 60-request input edited: `plan` (which counts the 59 answers the
+    new generation keeps) parses the input once, 60 lines (120 before: it parsed it again to
+    count them), and a second plan of the unchanged edit parses nothing (60 before)."""
+    ws = local_ws(tmp_path, 60)
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    lines = request_lines(60)
+    lines[5] = {**lines[5], "body": {**lines[5]["body"], "temperature": 0.5}}
+    ws.write_input("job", lines)
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the first plan's scan is kept
+    parsed = count_parses(monkeypatch)
+
+    first = plan_workspace([str(ws.root)])
+    parses_of_first = len(parsed)
+    second = plan_workspace([str(ws.root)])
+
+    for result in (first, second):
+        assert [(a.requests, a.reused) for a in result.plan.actions] == [(1, 59)]
+    assert (parses_of_first, len(parsed) - parses_of_first) == (60, 0)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "cached"])
+def test_import_parses_its_input_once_and_not_at_all_when_cached(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server: Callable[..., ProbedServer],
+    cached: bool,
+) -> None:
+    """`import` validates, hashes and records the ledger of a 40-request input from one
+    parse of each line (80 before: the ledger parsed it again), and from none when an
+    earlier plan's scan of the unchanged input is cached (40 before); the ledger is the
+    input's, line by line."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = served(tmp_path / "ws", srv, count=40)
+    client = srv.client()
+    uploaded = client.files.create(
+        file=("in.jsonl", ws.input_path("triage").read_bytes()), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    if cached:
+        time.sleep(RACY_WINDOW_S + 0.1)
+        plan_workspace([str(ws.root)])
+    parsed = count_parses(monkeypatch)
+
+    result = import_batch([str(ws.root)], "triage", batch.id)
+
+    assert result.requests == 40
+    assert len(parsed) == (0 if cached else 40)
+    assert ledger(ws) == expected_ledger(ws.input_path("triage"), {})
+
+
+def test_an_input_changed_before_import_records_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Callable[..., ProbedServer]
+) -> None:
+    """An input rewritten after its validation, while the remote batch is verified, is
+    refused with nothing recorded (its new lines were recorded as the ledger of the
+    validated content)."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = served(tmp_path / "ws", srv, count=10)
+    original = ws.input_path("triage").read_bytes()
+    client = srv.client()
+    uploaded = client.files.create(file=("in.jsonl", original), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    real_verify = lifecycle.verify_remote_input
+
+    def rewrite_then_verify(*args: Any, **kwargs: Any) -> bool:
+        ws.write_input(
+            "triage", [dict(r, custom_id=f"new-{i}") for i, r in enumerate(request_lines(10))]
+        )
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "verify_remote_input", rewrite_then_verify)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        import_batch([str(ws.root)], "triage", batch.id)
+
+    with ws.store() as store:
+        assert store.generations("triage") == []

@@ -161,6 +161,7 @@ def plan_workspace(
             replacing=frozenset(replace),
             reuse=reuse,
             backoff=requeue_backoff(ws),
+            requests=indexed_requests(cache, facts),
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from batchspec.core.reconcile import Reconciler, RunContext
 from batchspec.core.reconcile.cancel import cancel_generation
 from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.replacements import (
+    RequestFacts,
     current_replacement,
     replacement_hash,
     replacement_number,
@@ -51,19 +52,21 @@ from batchspec.core.replacements import (
 from batchspec.core.reporting import Progress
 from batchspec.core.session import (
     ProviderPool,
+    indexed_requests,
     open_workspace,
     recorded_run,
     shard_limits,
     validate_inputs,
 )
-from batchspec.core.sharding import assign_shards, fits_one_shard, ledger_rows
+from batchspec.core.sharding import assign_indexed_shards, fits_one_shard, indexed_ledger_rows
 from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.state.lock import LockHolder, acquire_lock, force_unlock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.storage.blobstore import sha256_file
-from batchspec.wire.inputs import InputReport, iter_requests
+from batchspec.wire.inputs import InputReport
+from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.project import default_project, load_workspace_project, with_state
 from batchspec.workspace.yamldoc import unknown_name_hint
@@ -117,7 +120,8 @@ def import_batch(
     with open_workspace(paths, state_path) as (ws, cache):
         res = resource_named(ws, name)
         facts = validate_inputs(ws, [res], cache)[name]
-    require_one_shard(res, facts, shard_limits(ws, res))
+    requests = indexed_requests(cache, {name: facts})  # the validating scan's index: no re-read
+    require_one_shard(res, facts, shard_limits(ws, res), requests)
     args = {"paths": list(paths), "name": name, "batch_id": batch_id, "force": force}
     with (
         StateStore.open(ws.project.state) as store,
@@ -142,7 +146,11 @@ def import_batch(
             verified = verify_remote_input(
                 provider, remote, facts, ws.project.state_path.parent, force=force
             )
-            gen = record_import(store, run.id, ws, res, facts, remote, verified=verified)
+            # the ledger is the validated content's: an input changed since is refused
+            cache.require_unchanged(res.input_path, facts.sha256)
+            gen = record_import(
+                store, run.id, ws, res, facts, remote, requests(res), verified=verified
+            )
         run.exit_code = 0
         return ImportResult(
             name=name,
@@ -163,12 +171,15 @@ def resource_named(ws: Workspace, name: str) -> Resource:
     raise ManifestError(f"no resource named {name!r} in the manifests ({hint})")
 
 
-def require_one_shard(res: Resource, facts: InputReport, limits: ShardLimits) -> None:
-    """An imported batch is shard 0, attempt 1: the whole input must fit one remote batch."""
+def require_one_shard(
+    res: Resource, facts: InputReport, limits: ShardLimits, requests: RequestFacts
+) -> None:
+    """An imported batch is shard 0, attempt 1: the whole input must fit one remote batch
+    (``requests``: the input's request index, when its counts alone cannot tell)."""
     if fits_one_shard(facts.requests, facts.bytes, limits, endpoint=res.endpoint):
         return
     shards = 1 + max(
-        (s for s, _ in assign_shards(iter_requests(res.input_path), limits, endpoint=res.endpoint)),
+        (s for s, _ in assign_indexed_shards(requests(res), limits, endpoint=res.endpoint)),
         default=0,
     )
     if shards > 1:
@@ -263,10 +274,12 @@ def record_import(
     res: Resource,
     facts: InputReport,
     remote: RemoteBatch,
+    requests: Iterable[RequestFact],
     *,
     verified: bool,
 ) -> GenerationRow:
-    """Generation, ledger, batch row bound to the remote id and the events: one transaction."""
+    """Generation, ledger (from ``requests``, the input's request index), batch row bound to
+    the remote id and the events: one transaction."""
     ledger = store.ledger()
     with store.atomic():
         store.upsert_resource(
@@ -295,7 +308,7 @@ def record_import(
             generation_id=gen.id,
             detail={"spec_hash": res.spec_hash, "requests": facts.requests},
         )
-        ledger.record_requests(gen.id, ledger_rows(res.input_path))
+        ledger.record_requests(gen.id, indexed_ledger_rows(requests))
         batch = store.record_batch_intent(
             gen.id,
             shard=0,

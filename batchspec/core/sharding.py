@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from batchspec.wire.inputs import RequestLine, iter_requests
+from batchspec.wire.inputs import RequestLine
 from batchspec.wire.request_index import RequestBytes, RequestFact
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
@@ -138,17 +138,12 @@ class ShardWriters:
         return shas
 
 
-def ledger_rows(path: Path) -> Iterator[tuple[str, int, int, int, str]]:
-    """``(custom_id, line, shard 0, bytes, fingerprint)`` per request of an input that goes as
-    one shard (the fingerprint of the raw line lets a later generation reuse the answers)."""
-    for req in iter_requests(path):
-        yield req.custom_id, req.line, 0, len(req.raw) + 1, fingerprint(req.raw)
-
-
 def indexed_ledger_rows(
     facts: Iterable[RequestFact], shard: int = 0
 ) -> Iterator[tuple[str, int, int, int, str]]:
-    """``ledger_rows`` from a request index: every request in ``shard``, no line parsed."""
+    """``(custom_id, line, shard, bytes, fingerprint)`` per request of a request index, all in
+    ``shard``, no line parsed (the fingerprint of the raw line lets a later generation reuse
+    the answers)."""
     for fact in facts:
         yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
 
