@@ -441,10 +441,10 @@ def compute_plan(
     replacing: AbstractSet[str] = frozenset(),
     reuse: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
-    requests: RequestFacts | None = None,
+    requests: RequestFacts,
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them);
-    ``requests``: their inputs' request indexes (else inputs are parsed to count reuse)."""
+    ``requests``: their inputs' request indexes (what a new generation would reuse)."""
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk(
@@ -494,7 +494,7 @@ def desired_with_reuse(
     *,
     replace: bool,
     reuse: bool,
-    requests: RequestFacts | None = None,
+    requests: RequestFacts,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
     counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger."""

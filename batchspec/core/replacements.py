@@ -25,9 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from batchspec.core.sharding import fingerprint
 from batchspec.state.store import GenerationRow, StateStore
-from batchspec.wire.inputs import iter_requests
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, spec_hash
 
@@ -96,7 +94,7 @@ def reusable_answers(
     res: Resource,
     *,
     exclude: Sequence[int] = (),
-    requests: RequestFacts | None = None,
+    requests: RequestFacts,
 ) -> tuple[int, int]:
     """``(requests, bytes)`` of ``res``'s input whose very same line succeeded in an earlier
     generation: what ``RequestLedger.carry_over`` keeps when a new generation is recorded.
@@ -108,14 +106,8 @@ def reusable_answers(
     if not answered:
         return 0, 0
     count = nbytes = 0
-    if requests is not None:
-        for fact in requests(res):
-            if (fact.custom_id, fact.request_sha) in answered:
-                count += 1
-                nbytes += fact.length + 1
-        return count, nbytes
-    for req in iter_requests(res.input_path):
-        if (req.custom_id, fingerprint(req.raw)) in answered:
+    for fact in requests(res):
+        if (fact.custom_id, fact.request_sha) in answered:
             count += 1
-            nbytes += len(req.raw) + 1
+            nbytes += fact.length + 1
     return count, nbytes
