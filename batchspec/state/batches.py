@@ -248,6 +248,17 @@ class BatchesAndFiles(StateConnection):
         )
         return [_batch_row(r) for r in rows]
 
+    def unsettled_batches(self) -> list[BatchRow]:
+        """Batches created remotely that have not ended, or ended and are not yet collected:
+        every batch whose answers may still come (``drain`` looks among them)."""
+        marks = ", ".join("?" * len(BATCH_TERMINAL_STATUSES))
+        rows = self._all(
+            f"SELECT * FROM batches WHERE remote_id IS NOT NULL AND (status NOT IN ({marks}) "
+            "OR collected_at IS NULL) ORDER BY id",
+            sorted(BATCH_TERMINAL_STATUSES),
+        )
+        return [_batch_row(r) for r in rows]
+
     def pending_intents(self) -> list[BatchRow]:
         """Intents with no remote id (not abandoned as cancelled): adopt or create these."""
         marks = ", ".join("?" * len(BATCH_TERMINAL_STATUSES))
