@@ -79,7 +79,8 @@ def retired_batches(
     outside = {name: len(order) + i for i, name in enumerate(sorted(set(pruned) - set(by_name)))}
     generations: dict[int, GenerationRow] = {}
     found: list[tuple[int, int, int, RetiredBatch]] = []
-    for batch in ctx.store.unsettled_batches():
+    active = sorted(ACTIVE_GENERATION_STATUSES)
+    for batch in ctx.store.unsettled_batches(generation_not_in=active):
         if batch.provider not in ctx.project.providers:
             continue  # a provider no longer configured: nothing to ask
         gen = generations.get(batch.generation_id)
@@ -140,8 +141,9 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
             Progress(
                 "poll",
                 item.name,
-                f"batch {remote.id} {remote.status} ({gen.status} generation {gen.id}: "
-                "its finished answers are kept when it ends)",
+                f"batch {remote.id} {remote.status} ({gen.status} generation {gen.id}"
+                + ("" if remote.is_terminal else ": what it finishes is kept when it ends")
+                + ")",
                 {
                     "remote_id": remote.id,
                     "status": remote.status,
