@@ -114,9 +114,16 @@ def pruning_run(
     events = [
         (e["event"], e.get("resource") or "", masked(e.get("message") or "", root))
         for e in json_lines(out)
-        if e.get("event") not in ("plan", "result")
+        if e.get("event") not in ("plan", "result") and not _drained(e["event"], e.get("resource"))
     ]
-    return cancels_at_once(srv), events, audit_log(ws)
+    log = [event for event in audit_log(ws) if not _drained(event[0], event[1])]
+    return cancels_at_once(srv), events, log
+
+
+def _drained(event: str, resource: str | None) -> bool:
+    """A pruned resource's batch polled (and collected once it ended) by the same run's
+    pass (``drain``): whether the server has ended it by then is the server's timing."""
+    return event in ("poll", "download", "collect") and (resource or "").startswith("r")
 
 
 def test_prune_cancels_overlap_and_output_stays_in_resource_order(
