@@ -183,11 +183,16 @@ def test_a_pruned_batch_still_cancelling_is_collected_later_and_never_cancelled_
     with ws.store() as store:
         [gen] = store.generations("gone")
         assert store.get_resource("gone").forgotten
+    assert (
+        f"[gone] batch {batch.id} of cancelled generation {gen.id} is still cancelling: "
+        "run `batchspec apply` again later" in out
+    )
 
     answered = output_ids(client, ended(client, batch.id))
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
 
     assert code == 0, err
+    assert "still cancelling" not in out
     assert f"[gone] collected batch {batch.id} (cancelled): {len(answered)} answers" in out
     assert srv.probe.counts[CANCEL] == 1
     [detail] = collects_of(ws, "gone", gen.id)

@@ -426,6 +426,7 @@ def converge(
         )
         sleep(interval)
         interval = min(interval * 1.5, options.poll_interval)
+    rec.report_retired_stopping(resources)
     plan = compute_plan(
         rec.store,
         resources,

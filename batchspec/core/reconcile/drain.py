@@ -162,3 +162,22 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     collect_batch(
         ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
     )
+
+
+def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
+    """Say, once a run is done, which retired batches have not ended yet: only a later
+    apply keeps the answers they still finish (a ``retired`` event each, in drain order)."""
+    for item in retired:
+        batch, gen = item.batch, item.generation
+        if batch.is_terminal:
+            continue
+        ctx.report(
+            Progress(
+                "retired",
+                item.name,
+                f"batch {batch.remote_id} of {gen.status} generation {gen.id} is still "
+                f"{batch.status}: run `batchspec apply` again later to keep the answers it "
+                "finishes",
+                {"remote_id": batch.remote_id, "status": batch.status, "generation_id": gen.id},
+            )
+        )

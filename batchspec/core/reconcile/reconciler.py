@@ -19,7 +19,7 @@ from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, record_cancels
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
 from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
-from batchspec.core.reconcile.drain import drain_retired, retired_batches
+from batchspec.core.reconcile.drain import drain_retired, report_still_stopping, retired_batches
 from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
@@ -182,6 +182,12 @@ class Reconciler:
                     if group.due:
                         group.flush()
             return waiting
+
+    def report_retired_stopping(self, resources: Sequence[Resource]) -> None:
+        """At the end of a run: the retired batches still stopping, which a later apply
+        drains (``drain.report_still_stopping``)."""
+        retired = retired_batches(self.ctx, resources, self.retired_resources())
+        report_still_stopping(self.ctx, retired)
 
     @contextmanager
     def _pool(self) -> Iterator[BoundedCalls]:
