@@ -254,3 +254,40 @@ def test_killed_between_the_download_and_its_record_collects_once_on_the_rerun(
     [detail] = collects_of(ws, "triage", old.id)
     assert detail["answered"] == REQUESTS  # each line once: the answers and the cancelled
     assert ok_ids(ws, old.id) == set(answered)
+
+
+def test_drained_batches_are_reported_in_resource_order_whatever_their_age(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four resources submitted last to first, replaced, their old batches ended: the next
+    apply's NDJSON and audit log show each drained batch's poll, then its collect, in the
+    workspace's resource order (not the batches' age), once each."""
+    srv = slow_server(server, cancel_delay=1.0)
+    names = [f"r{i}" for i in range(4)]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(name, count=20) for name in names],
+    )
+    for name in reversed(names):  # the oldest batch is the last resource's
+        assert run_cli(["apply", str(ws.root), "--yes", "-s", name], capsys)[0] == 0
+    first = {b.id for b in srv.client().batches.list().data}
+    replace = [arg for name in names for arg in ("--replace", name)]
+    assert run_cli(["apply", str(ws.root), "--yes", *replace], capsys)[0] == 0
+    for batch_id in first:
+        ended(srv.client(), batch_id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    drained = [
+        (e["event"], e["resource"]) for e in map(json.loads, out.splitlines()) if e.get("retired")
+    ]
+    assert drained == [(kind, name) for name in names for kind in ("poll", "collect")]
+    with ws.store() as store:
+        retired = [
+            e.resource
+            for e in store.events()
+            if e.action == "collect" and e.detail.get("retired") == "superseded"
+        ]
+    assert retired == names
