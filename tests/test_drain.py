@@ -164,8 +164,9 @@ def test_a_pruned_batch_still_cancelling_is_collected_later_and_never_cancelled_
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`apply --prune` of a resource whose batch then stays cancelling: a later apply (with
-    --prune again) downloads what it finished, keeps it in the ledger with a collect event of
-    the pruned resource, and sends no second cancel; the apply after records nothing more."""
+    --prune again; not one whose --select leaves it out) downloads what it finished, keeps it
+    in the ledger with a collect event of the pruned resource, and sends no second cancel;
+    the apply after records nothing more."""
     srv = slow_server(server, cancel_delay=2.0)
     ws = make_workspace(
         tmp_path / "ws",
@@ -189,6 +190,8 @@ def test_a_pruned_batch_still_cancelling_is_collected_later_and_never_cancelled_
     )
 
     answered = output_ids(client, ended(client, batch.id))
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "keep"], capsys)[0] == 0
+    assert collects_of(ws, "gone", gen.id) == []  # a selection that does not select it
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
 
     assert code == 0, err
