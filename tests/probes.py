@@ -4,7 +4,9 @@
 ``servers.start_server`` but behind a ``RequestProbe``: an ASGI wrapper that counts (and
 logs, in order) every request by route (``"POST /files"``, ``"POST /batches"``, ...) and can
 hold a route for a while, either *before* the engine sees the request or *after* the engine
-has answered but before the answer leaves (or replace that answer by an error status). A
+has answered but before the answer leaves (or replace that answer by an error status), or
+answer requests itself (``refuse``: a status and body the engine never sees, as a provider
+answers what the engine does not emulate). A
 held route sets a ``threading.Event``, so a test knows exactly when a client is stuck in
 that call, e.g. to SIGKILL it then. ``peak`` is the most requests it ever answered at once
 (calls that overlapped). This is real timing on the server side; the client under test is
@@ -17,6 +19,7 @@ process and reads the URL it announces.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -71,6 +74,8 @@ class RequestProbe:
         self.counts: Counter[str] = Counter()
         self.log: list[str] = []
         self.holds: dict[str, Hold] = {}
+        #: (pattern on "METHOD /raw/path", status, JSON body) answered without the engine
+        self.refusals: list[tuple[re.Pattern[str], int, bytes]] = []
         self._spent: list[Hold] = []
         self._lock = threading.Lock()
         self.active = 0  # requests being answered now
@@ -99,6 +104,11 @@ class RequestProbe:
         hold = Hold(seconds, after, drop, times, replace_status)
         self.holds[route] = hold
         return hold.reached
+
+    def refuse(self, pattern: str, status: int, body: Any) -> None:
+        """Answer every request whose ``"METHOD /raw/path"`` matches ``pattern`` (a regular
+        expression, searched) with ``status`` and ``body`` as JSON; the engine never sees it."""
+        self.refusals.append((re.compile(pattern), status, json.dumps(body).encode()))
 
     def release(self, route: str) -> None:
         """Stop holding ``route``; requests held now go on at once."""
@@ -142,7 +152,13 @@ class RequestProbe:
     async def _answer(self, scope: Any, receive: Any, send: Any) -> None:
         route = route_of(scope["method"], scope["path"])
         hold = self._take_hold(route)
-        if hold is None:
+        raw = f"{scope['method']} {scope['path']}"
+        refusal = next((r for r in self.refusals if r[0].search(raw)), None)
+        if refusal is not None:
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": refusal[1], "headers": headers})
+            await send({"type": "http.response.body", "body": refusal[2]})
+        elif hold is None:
             await self.app(scope, receive, send)
         elif hold.drop:
             await hold.wait()

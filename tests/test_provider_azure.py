@@ -213,6 +213,25 @@ def test_in_progress_is_read_from_camel_case(
         provider.cancel_batch(created.id)
 
 
+def test_a_cancel_of_a_completed_batch_returns_it_completed(
+    azure_server: Callable[..., AzureServer], tmp_path: Path
+) -> None:
+    """Azure inherits the OpenAI provider's cancel: a batch that completed before its cancel
+    (refused 409 not cancellable) comes back "Completed" read as completed, with its output
+    file, not as an error; the refused cancel is sent once, not retried."""
+    server = azure_server()
+    with provider_for(server, sleep=lambda _: None) as provider:
+        done = run_cycle(provider, tmp_path)
+        ended = provider.cancel_batch(done.id)
+    assert (ended.id, ended.status, ended.output_file_id) == (
+        done.id,
+        "completed",
+        done.output_file_id,
+    )
+    cancels = [s for s in server.recorder.seen if s.path.endswith("/cancel")]
+    assert len(cancels) == 1
+
+
 def test_legacy_paths_carry_api_version_on_every_call(
     azure_server: Callable[..., AzureServer], tmp_path: Path
 ) -> None:

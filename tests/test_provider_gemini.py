@@ -284,6 +284,7 @@ def test_states_and_display_names() -> None:
         "cancelled",
         "expired",
     ]
+    assert batch_status("JOB_STATE_CANCELLING") == "cancelling"  # the SDK's, never terminal
     assert batch_status("JOB_STATE_PAUSED") == "job_state_paused"
     name = display_name_for(KEYS)
     assert name == f"batchspec/t/{'ab' * 32}/0/1" and metadata_of(name) == KEYS
@@ -510,12 +511,14 @@ def test_large_batches_are_uploaded_then_created_from_the_file(
 def test_cancel_ends_the_batch_cancelled_and_unrun_requests_are_retryable(
     server: Callable[..., ProbedServer], tmp_path: Path
 ) -> None:
-    """cancel -> cancelled; requests that never ran are batch_cancelled lines (retryable)."""
+    """cancel -> cancelling (Gemini keeps the batch RUNNING until it ends: not in_progress,
+    which a later cancel would send again) -> cancelled; requests that never ran are
+    batch_cancelled lines (retryable)."""
     srv = server(upstream=BuiltinUpstream(latency=0.5), concurrency=1)
     with provider_for(srv, tmp_path / "p") as provider:
         batch = create(provider, stage(provider, tmp_path, native_lines(6)))
         wait_for(lambda: provider.get_batch(batch.id).status == "in_progress")
-        provider.cancel_batch(batch.id)
+        assert provider.cancel_batch(batch.id).status in ("cancelling", "cancelled")
         done = ended(provider, batch.id)
         assert done.status == "cancelled"
         lines = download(provider, done.error_file_id, tmp_path / "e.jsonl")

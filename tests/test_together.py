@@ -413,3 +413,30 @@ def test_a_job_without_an_id_is_a_provider_error(tmp_path: Path) -> None:
     finally:
         provider.close()
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("answered", "ours"), [("CANCELLING", "cancelling"), ("CANCELING", "cancelling")]
+)
+def test_a_cancel_answered_still_cancelling_is_cancelling_in_either_spelling(
+    tmp_path: Path, answered: str, ours: str
+) -> None:
+    """A cancel answered with the job still stopping (either spelling; Together's SDK has
+    weighed American ones) is batchspec's `cancelling`: not an unknown status that a later
+    cancel would send again; CANCELED once it ended is `cancelled`, terminal."""
+    job = {"id": "b1", "status": answered, "created_at": "2026-01-01T00:00:00Z"}
+    server = odd_together(
+        {
+            "POST /v1/batches/b1/cancel": JSONResponse(job),
+            "GET /v1/batches/b1": JSONResponse({**job, "status": "CANCELED"}),
+        }
+    )
+    provider = provider_for(f"{server.base_url}/v1", tmp_path / "journal")
+    try:
+        cancelling = provider.cancel_batch("b1")
+        ended = provider.get_batch("b1")
+    finally:
+        provider.close()
+        server.stop()
+    assert (cancelling.status, cancelling.is_terminal) == (ours, False)
+    assert (ended.status, ended.is_terminal) == ("cancelled", True)

@@ -21,6 +21,9 @@ What this module promises:
   like an ``sk-`` key, is redacted from messages built here.
 - ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
   the lost create made (each provider says how to find it) before it sends again, if ever.
+- ``cancel_or_ended`` is the one cancel: a cancel refused because the batch has already
+  ended (``NOT_CANCELLABLE_STATUSES``, not retried) returns that batch as it is, read back
+  with a get; a refusal of a batch still running is raised at once, saying so.
 """
 
 from __future__ import annotations
@@ -357,6 +360,44 @@ def create_or_adopt(
                 raise
             sleep(policy.delay(retries_done, rand=rand))
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+#: what a provider answers a cancel that comes after the batch ended (not cancellable):
+#: OpenAI (and ``batchspec serve``) 409 ``batch_not_cancellable``; the others do not document
+#: it, and their envelopes suggest 400 (Anthropic's ``invalid_request_error``, Google's
+#: ``FAILED_PRECONDITION``) or 409/422; a 404 stays ``RemoteNotFound``
+NOT_CANCELLABLE_STATUSES = frozenset({400, 409, 412, 422})
+
+
+def cancel_or_ended(
+    http: RetryingClient,
+    path: str,
+    *,
+    batch_id: str,
+    get_batch: Callable[[str], RemoteBatch],
+    parse: Callable[[httpx.Response], RemoteBatch],
+) -> RemoteBatch:
+    """Send a cancel (``POST path``) and return the batch ``parse`` reads from its answer.
+
+    A cancel refused with a ``NOT_CANCELLABLE_STATUSES`` status is not retried (waiting will
+    not make an ended batch cancellable): the batch is read back, and returned as it is if
+    it has ended (completed, failed, expired, cancelled: its outcome is decided and its
+    answers are to be collected); if it has not, the refusal is raised, saying the status.
+    """
+    operation = f"cancel batch {batch_id}"
+    response = http.request("POST", path, operation=operation, ok_statuses=NOT_CANCELLABLE_STATUSES)
+    if response.status_code not in NOT_CANCELLABLE_STATUSES:
+        return parse(response)
+    remote = get_batch(batch_id)
+    if remote.is_terminal:
+        return remote
+    refused = error_from_response(response, operation=operation, context=http.context)
+    refused.details.append(
+        f"batch {batch_id} is still {remote.status} at {http.context.provider}: the cancel was "
+        "refused, not sent; run the command again later, or look at the batch on the "
+        "provider's side"
+    )
+    raise refused
 
 
 class FileBody:

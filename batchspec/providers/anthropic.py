@@ -65,6 +65,7 @@ from batchspec.providers._http import (
     ErrorContext,
     FileBody,
     RetryingClient,
+    cancel_or_ended,
     create_or_adopt,
     display_url,
     json_object,
@@ -247,10 +248,16 @@ class AnthropicProvider(StagedInputs):
             after = str(next_after)
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        response = self._http.request(
-            "POST", f"{BATCHES}/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+        """Cancel a batch: ``canceling`` comes back as cancelling. One that has ended before
+        the cancel arrived is returned as it is (completed, expired, cancelled), whether
+        Anthropic answers it ended or refuses the cancel (``_http.cancel_or_ended``)."""
+        return cancel_or_ended(
+            self._http,
+            f"{BATCHES}/{quote_id(batch_id)}/cancel",
+            batch_id=batch_id,
+            get_batch=self.get_batch,
+            parse=lambda response: self._parse(self._json(response, "cancel batch")),
         )
-        return self._parse(self._json(response, "cancel batch"))
 
     def close(self) -> None:
         self._http.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from batchspec.errors import ProviderError
-from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.wire.batch_status import TERMINAL_STATUSES, normal_status
 
 #: the metadata pairs that make a remote batch batchspec's own: together, one attempt's key
 METADATA_KEYS = ("batchspec_resource", "batchspec_spec", "batchspec_shard", "batchspec_attempt")
@@ -240,7 +240,7 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
     error_rows = errors.get("data") if isinstance(errors, Mapping) else None
     return RemoteBatch(
         id=str(data["id"]),
-        status=str(data.get("status") or "unknown").lower(),
+        status=normal_status(data.get("status")),
         endpoint=data.get("endpoint"),
         input_file_id=data.get("input_file_id"),
         output_file_id=data.get("output_file_id") or None,

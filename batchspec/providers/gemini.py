@@ -17,7 +17,10 @@ as ``validate`` checks). A file over 2 GB is refused before sending.
 
 **States and results.** ``metadata.state`` (``BATCH_STATE_*``, or ``JOB_STATE_*``) maps to our
 statuses: PENDING -> validating, RUNNING -> in_progress, SUCCEEDED -> completed, FAILED ->
-failed, CANCELLED -> cancelled, EXPIRED -> expired; another state is kept (never terminal).
+failed, CANCELLED -> cancelled, EXPIRED -> expired, CANCELLING (the SDK's
+``JOB_STATE_CANCELLING``) -> cancelling; another state is kept (never terminal). A batch a
+cancel was accepted for is ``cancelling`` until it ends (Gemini keeps it RUNNING meanwhile);
+a cancel that finds it ended returns it as it ended.
 ``batchStats`` (int64 strings): total = requestCount, completed = successfulRequestCount,
 failed = failedRequestCount. A done batch has two pseudo files, ``results:succeeded:<name>``
 (output) and ``results:failed:<name>`` (errors): ``download_file`` reads
@@ -41,6 +44,7 @@ Auth: ``x-goog-api-key``. Retries, backoff and error messages come from ``_http`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -59,6 +63,7 @@ from batchspec.errors import InputError, ProviderError
 from batchspec.providers._http import (
     ErrorContext,
     RetryingClient,
+    cancel_or_ended,
     create_or_adopt,
     display_url,
     json_object,
@@ -227,12 +232,24 @@ class GeminiProvider(StagedInputs):
             token = str(next_token)
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        self._http.request(
-            "POST",
+        """Cancel a batch. ``:cancel`` answers an empty body, so the batch is read back: one
+        that has ended (SUCCEEDED, FAILED, EXPIRED, CANCELLED) is returned as it is, also when
+        the cancel is refused because it ended first (``_http.cancel_or_ended``); one still
+        PENDING or RUNNING is cancelling (Gemini has no state of its own for that)."""
+
+        def after_cancel(_response: httpx.Response) -> RemoteBatch:
+            remote = self.get_batch(batch_id)
+            if remote.is_terminal:
+                return remote
+            return dataclasses.replace(remote, status="cancelling")
+
+        return cancel_or_ended(
+            self._http,
             f"{self._api}/{_batch_path(batch_id)}:cancel",
-            operation=f"cancel batch {batch_id}",
+            batch_id=batch_id,
+            get_batch=self.get_batch,
+            parse=after_cancel,
         )
-        return self.get_batch(batch_id)
 
     def close(self) -> None:
         self._http.close()

@@ -49,6 +49,7 @@ from batchspec.errors import InputError
 from batchspec.providers._http import (
     ErrorContext,
     RetryingClient,
+    cancel_or_ended,
     create_or_adopt,
     display_url,
     json_object,
@@ -242,12 +243,18 @@ class MistralProvider:
                 return
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        response = self._http.request(
-            "POST",
+        """Cancel a job: CANCELLATION_REQUESTED comes back as cancelling. A job that has ended
+        before the cancel arrived is returned as it is (SUCCESS -> completed, ...), whether
+        Mistral answers it ended or refuses the cancel (``_http.cancel_or_ended``)."""
+        return cancel_or_ended(
+            self._http,
             f"/v1/batch/jobs/{quote_id(batch_id)}/cancel",
-            operation=f"cancel batch {batch_id}",
+            batch_id=batch_id,
+            get_batch=self.get_batch,
+            parse=lambda response: parse_job(
+                json_object(response, "cancel batch", self.name, api_root=_API_ROOT)
+            ),
         )
-        return parse_job(json_object(response, "cancel batch", self.name, api_root=_API_ROOT))
 
     def close(self) -> None:
         self._http.close()

@@ -39,9 +39,9 @@ from batchspec.providers._http import (
     ErrorContext,
     ProgressReader,
     RetryingClient,
+    cancel_or_ended,
     create_or_adopt,
     display_url,
-    error_from_response,
     json_object,
     quote_id,
     require_http_url,
@@ -240,21 +240,18 @@ class OpenAIProvider:
             after = str(next_after)
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        """Cancel a batch; one that has ended meanwhile (409: not cancellable) is returned as
-        it is, not retried: its outcome is decided and waiting will not change it."""
-        operation = f"cancel batch {batch_id}"
-        response = self._http.request(
-            "POST",
+        """Cancel a batch; one that has ended meanwhile (409 ``batch_not_cancellable``; Azure
+        and other compatible servers may say 400) is returned as it is, not retried: its
+        outcome is decided and waiting will not change it (``_http.cancel_or_ended``)."""
+        return cancel_or_ended(
+            self._http,
             f"/batches/{quote_id(batch_id)}/cancel",
-            operation=operation,
-            ok_statuses=frozenset({409}),
+            batch_id=batch_id,
+            get_batch=self.get_batch,
+            parse=lambda response: parse_batch(
+                json_object(response, "cancel batch", self.name, api_root=_API_ROOT)
+            ),
         )
-        if response.status_code == 409:
-            remote = self.get_batch(batch_id)
-            if remote.is_terminal:
-                return remote
-            raise error_from_response(response, operation=operation, context=self._http.context)
-        return parse_batch(json_object(response, "cancel batch", self.name, api_root=_API_ROOT))
 
     def close(self) -> None:
         self._http.close()

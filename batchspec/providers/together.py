@@ -44,6 +44,7 @@ from batchspec.errors import ProviderError
 from batchspec.providers._http import (
     FileBody,
     RetryingClient,
+    cancel_or_ended,
     create_or_adopt,
     json_object,
     quote_id,
@@ -252,10 +253,18 @@ class TogetherProvider(OpenAIProvider):
             yield dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        response = self._http.request(
-            "POST", f"/batches/{quote_id(batch_id)}/cancel", operation=f"cancel batch {batch_id}"
+        """Cancel a job. One that has ended before the cancel arrived is returned as it is
+        (COMPLETED -> completed, ...), whether Together answers it ended or refuses the
+        cancel (``_http.cancel_or_ended``); CANCELLING (or CANCELING) is cancelling."""
+        return cancel_or_ended(
+            self._http,
+            f"/batches/{quote_id(batch_id)}/cancel",
+            batch_id=batch_id,
+            get_batch=self.get_batch,
+            parse=lambda response: self._with_journal(
+                _parse_job(_json(response, "cancel batch", self.name), {})
+            ),
         )
-        return self._with_journal(_parse_job(_json(response, "cancel batch", self.name), {}))
 
     def close(self) -> None:
         super().close()

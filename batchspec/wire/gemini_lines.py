@@ -90,6 +90,7 @@ STATES = {
     "FAILED": "failed",
     "CANCELLED": "cancelled",
     "EXPIRED": "expired",
+    "CANCELLING": "cancelling",
 }
 
 #: google.rpc.Code -> (HTTP status, canonical name)
