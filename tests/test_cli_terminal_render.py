@@ -85,6 +85,16 @@ def test_shards_are_summed_and_a_retry_replaces_its_shards_first_attempt() -> No
     assert "6/13" in line and "2 shards" in line and "attempt 2" in line
 
 
+def test_a_retired_batch_being_drained_is_not_drawn_as_the_resources_progress() -> None:
+    """A poll of a superseded generation's batch (``retired``) adds no bar to its resource:
+    the line counts only the current generation's batch."""
+    data = {"remote_id": "old", "status": "cancelling", "total": 60, "completed": 13}
+    retired = Progress("poll", "triage", "", {**data, "failed": 0, "retired": "superseded"})
+    board = board_of((0.0, poll(4, 16, remote="new")), (0.1, retired))
+    [line] = board_lines(board, now=0.1, width=120)
+    assert "4/16" in line and "60" not in line and "cancelling" not in line
+
+
 def test_validating_shows_a_spinner_and_no_bar() -> None:
     """While the provider validates there are no counts to draw: a spinner and the word."""
     board = board_of(

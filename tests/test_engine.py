@@ -206,6 +206,29 @@ def test_cancel_is_refused_on_a_finished_batch_and_repeatable_on_a_cancelled_one
         assert missing.value.status == 404
 
 
+def test_a_slow_cancel_stays_cancelling_and_keeps_finishing_lines(tmp_path):
+    """cancel_delay: a cancelled batch stays cancelling that long, its lines still running
+    (its completed count grows), then ends cancelled with those answers in its output file
+    and the lines never run as batch_cancelled errors."""
+    upstream = BuiltinUpstream(latency=0.05)
+    with open_engine(tmp_path, upstream, concurrency=1, cancel_delay=1.0) as engine:
+        running = new_batch(engine, request_lines(60))
+        wait_for(lambda: engine.get_batch(running["id"])["request_counts"]["completed"] >= 1)
+        at_cancel = engine.cancel_batch(running["id"])
+        assert at_cancel["status"] == "cancelling"
+        time.sleep(0.5)
+        later = engine.get_batch(running["id"])
+        assert later["status"] == "cancelling"
+        assert later["request_counts"]["completed"] > at_cancel["request_counts"]["completed"]
+        done = run_to_end(engine, running["id"])
+        assert done["status"] == "cancelled"
+        answered = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+        assert len(answered) == done["request_counts"]["completed"] > 1
+        assert len(answered) + len(errors) == 60
+        assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+
+
 def test_a_batch_expiring_before_validation_ends_expired_without_files(tmp_path):
     """A batch whose window passed before it ever ran is expired with no output or errors."""
     engine = open_engine(tmp_path, completion_window_seconds=0.0)

@@ -122,7 +122,8 @@ def advance(board: Board, progress: Progress, now: float) -> Board:
         verb = "created" if event == "create" else "adopted"
         bar = _with_batch(bar, BatchBar(str(data["remote_id"]), status=verb), data, now)
         bar = replace(bar, activity=verb, upload=None)
-    elif event == "poll" and "remote_id" in data:
+    elif event == "poll" and "remote_id" in data and not data.get("retired"):
+        # a retired generation's batch (``drain``) is not the resource's progress
         old = next((b for b in bar.batches if b.remote_id == data["remote_id"]), None)
         fresh = old or BatchBar(str(data["remote_id"]))
         bar = _with_batch(bar, replace(fresh, status=str(data.get("status", ""))), data, now)

@@ -293,6 +293,13 @@ def cli() -> None:
     help="Fail the first N batches' validation with token_limit_exceeded (tests).",
 )
 @click.option(
+    "--fault-cancel-delay",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    hidden=True,
+    help="Keep a cancelled batch cancelling this many seconds, its lines still running (tests).",
+)
+@click.option(
     "--fault-api-429-from",
     type=click.IntRange(min=0),
     default=0,

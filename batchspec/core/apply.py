@@ -295,6 +295,7 @@ def apply_workspace(
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                     inputs=cache,
+                    retired_resources=lambda: pruned_resources(store, resources, options.select),
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)
@@ -313,6 +314,26 @@ def apply_workspace(
         result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome), local)
         run.exit_code = result.exit_code
         return result
+
+
+def pruned_resources(
+    store: StateStore, resources: Sequence[Resource], select: Sequence[str]
+) -> list[str]:
+    """Resources pruned from the workspace (forgotten, no manifest among ``resources``) that
+    the selection, as it selects orphans, takes in: each pass drains their retired batches
+    (``reconcile.drain``)."""
+    selected = orphan_selector(select)
+    planned = {r.name for r in resources}
+    return [
+        row.name
+        for row in store.list_resources(include_forgotten=True)
+        if row.forgotten
+        and row.name not in planned
+        and (
+            selected is None
+            or selected(RecordedResource(row.name, row.provider, labels=row.labels))
+        )
+    ]
 
 
 def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str] | None:
@@ -406,6 +427,7 @@ def converge(
         )
         sleep(interval)
         interval = min(interval * 1.5, options.poll_interval)
+    rec.report_retired_stopping(resources)
     plan = compute_plan(
         rec.store,
         resources,

@@ -17,7 +17,9 @@ Choices where OpenAI is silent or unhelpful for a local engine:
   returns the existing batch while it is unfinished or younger than ``idempotency_window``
   seconds (a retrying proxy sends POST twice). Use distinct metadata to run a file twice.
 - Cancelling a ``finalizing`` or terminal (completed/failed/expired) batch answers 409;
-  cancelling a ``cancelling`` or ``cancelled`` batch returns it unchanged.
+  cancelling a ``cancelling`` or ``cancelled`` batch returns it unchanged. A cancelled batch
+  stops at once, unless ``cancel_delay`` (a setting, for tests) keeps it ``cancelling``, its
+  lines still running, that many seconds, as OpenAI's may for up to 10 minutes.
 - An endpoint OpenAI knows but the engine cannot run (images, videos) answers 422; an
   unknown endpoint 400. Unknown ids answer 404, an unknown ``after`` cursor 400.
 - One engine process per data folder (an exclusive lock); a second one fails with
@@ -79,6 +81,7 @@ class Engine:
         drain_timeout: float = 30.0,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         token_limit_refusals: int = 0,
+        cancel_delay: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -108,6 +111,7 @@ class Engine:
                 drain_timeout=drain_timeout,
                 max_line_bytes=max_line_bytes,
                 token_limit_refusals=token_limit_refusals,
+                cancel_delay=cancel_delay,
             ),
         )
         self._closed = False

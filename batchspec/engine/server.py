@@ -59,6 +59,7 @@ class ServeOptions:
     faults: Faults | None = None
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     token_limit_refusals: int = 0  # fault injection: see WorkerSettings
+    cancel_delay: float = 0.0  # slow cancels (tests): see WorkerSettings
     api_faults: ApiFaults | None = None  # fault injection at the API: see api_faults
 
 
@@ -105,6 +106,7 @@ def open_engine(options: ServeOptions) -> Engine:
         poll_interval=options.poll_interval,
         max_line_bytes=options.max_line_bytes,
         token_limit_refusals=options.token_limit_refusals,
+        cancel_delay=options.cancel_delay,
     )
 
 
@@ -241,6 +243,7 @@ def serve_from_cli_options(
         faults=faults,
         max_line_bytes=opts["max_line_bytes"],
         token_limit_refusals=opts["fault_token_limit"],
+        cancel_delay=opts["fault_cancel_delay"],
         api_faults=ApiFaults(opts["fault_api_429_from"], opts["fault_api_429_count"])
         if opts["fault_api_429_from"]
         else None,

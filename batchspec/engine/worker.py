@@ -74,6 +74,10 @@ class WorkerSettings:
     # Fault injection (tests): the first N batches validated fail with token_limit_exceeded,
     # as OpenAI refuses a batch over the organisation's enqueued-token limit.
     token_limit_refusals: int = 0
+    # Slow cancels (tests): a cancelled batch stays ``cancelling`` this long, still running
+    # its lines, as OpenAI's may for up to 10 minutes; then it stops and ends ``cancelled``
+    # with every line that finished meanwhile in its output file.
+    cancel_delay: float = 0.0
 
 
 class BatchControl:
@@ -82,6 +86,7 @@ class BatchControl:
     def __init__(self) -> None:
         self.reason: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.cancel_seen: float | None = None  # monotonic time the worker saw ``cancelling``
 
     def stop(self, reason: str) -> None:
         if self.reason is not None:
@@ -268,9 +273,21 @@ class Worker:
 
                 task.add_done_callback(forget)
             if row["status"] == "cancelling":
-                control.stop("cancelled")
+                self._stop_cancelled(control)
             elif row["status"] in ("validating", "in_progress") and wall >= row["deadline"]:
                 control.stop("expired")
+
+    def _stop_cancelled(self, control: BatchControl) -> None:
+        """Stop a ``cancelling`` batch's lines, once ``cancel_delay`` has passed since the
+        worker first saw it cancelling (at once by default); until then its lines run on."""
+        delay = self.settings.cancel_delay
+        if control.cancel_seen is None:
+            control.cancel_seen = time.monotonic()
+        if time.monotonic() - control.cancel_seen >= delay:
+            control.stop("cancelled")
+        elif self._loop is not None and self._wake is not None:
+            wake = self._wake
+            self._loop.call_later(delay / 4, wake.set)  # look again in time
 
     def _forget(self, batch_id: str) -> None:
         self._drivers.pop(batch_id, None)

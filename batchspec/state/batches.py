@@ -9,7 +9,7 @@ between create and record can be repaired by adopting the remote batch that carr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -247,6 +247,22 @@ class BatchesAndFiles(StateConnection):
             sorted(BATCH_TERMINAL_STATUSES),
         )
         return [_batch_row(r) for r in rows]
+
+    def unsettled_batches(self, *, generation_not_in: Sequence[str] = ()) -> list[BatchRow]:
+        """Batches created remotely that have not ended, or ended and are not yet collected:
+        every batch whose answers may still come (``drain`` looks among them); with
+        ``generation_not_in``, only those of generations whose status is not one of these."""
+        marks = ", ".join("?" * len(BATCH_TERMINAL_STATUSES))
+        sql = (
+            "SELECT b.* FROM batches b JOIN generations g ON g.id = b.generation_id "
+            f"WHERE b.remote_id IS NOT NULL AND (b.status NOT IN ({marks}) "
+            "OR b.collected_at IS NULL)"
+        )
+        params: list[Any] = sorted(BATCH_TERMINAL_STATUSES)
+        if generation_not_in:
+            sql += f" AND g.status NOT IN ({', '.join('?' * len(generation_not_in))})"
+            params += list(generation_not_in)
+        return [_batch_row(r) for r in self._all(sql + " ORDER BY b.id", params)]
 
     def pending_intents(self) -> list[BatchRow]:
         """Intents with no remote id (not abandoned as cancelled): adopt or create these."""

@@ -11,7 +11,10 @@ step; each step is a module of functions of the ``RunContext`` (``context``):
   ``retry``, ``restore`` and ``cancel``;
 * ``prefetch``: before each pass (``Reconciler.advance_all``), the polls (list pages first) and
   downloads the pass will make, side by side in a bounded pool; the steps above take them and
-  record them on the main thread, in resource order.
+  record them on the main thread, in resource order;
+* ``drain``: first in each pass, the batches of retired generations (superseded, cancelled,
+  pruned) still stopping or not yet collected are polled to their end and their finished
+  answers kept in their own ledger, for a later generation to reuse.
 
 The money-touching steps follow DESIGN.md's invariants:
 

@@ -2,7 +2,9 @@
 
 An intent never submitted is abandoned; an unsure create (``creating``, no remote id) is first
 looked up by key and adopted, since it may have landed and be paid for, then cancelled too.
-The generation's new status and a ``cancel`` event are recorded in one transaction.
+The generation's new status and a ``cancel`` event are recorded in one transaction. A cancel
+only starts the stop (the batch is recorded ``cancelling``); the answers the provider still
+finishes are kept by the passes of later applies (``drain``), never by a second cancel.
 
 The cancels of different batches run side by side. While a bounded pool is open
 (``RunContext.calls``: ``Reconciler.cancels_ahead`` for ``batchspec cancel``, ``apply

@@ -122,14 +122,48 @@ def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> No
     except InputError:
         return
     for batch in ended:
-        _collect_batch(ctx, res, gen, batch, ctx.provider_for(batch.provider))
+        _collect_batch(ctx, res, gen, batch, ctx.provider_for(batch.provider), retired=True)
 
 
 def _collect_batch(
-    ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
+    ctx: RunContext,
+    res: Resource,
+    gen: GenerationRow,
+    batch: BatchRow,
+    provider: Provider,
+    *,
+    retired: bool = False,
 ) -> None:
+    collect_batch(
+        ctx, res.name, gen, batch, provider, retry_on=retry_on_for(res, gen), retired=retired
+    )
+
+
+def retry_on_for(res: Resource, gen: GenerationRow) -> tuple[str, ...]:
+    """The categories ``res`` retries; a batch a user cancelled is not retried as cancelled."""
     user_cancelled = gen.status == "cancelled"
-    retry_on = tuple(c for c in res.retry.on if not (c == "cancelled" and user_cancelled)) or ()
+    return tuple(c for c in res.retry.on if not (c == "cancelled" and user_cancelled)) or ()
+
+
+def collect_batch(
+    ctx: RunContext,
+    name: str,
+    gen: GenerationRow,
+    batch: BatchRow,
+    provider: Provider,
+    *,
+    retry_on: tuple[str, ...] = RETRY_CATEGORIES,
+    foreign: bool = False,
+    retired: bool = False,
+) -> bool:
+    """Download a terminal batch's files into the blob store, then record what they say in
+    ``gen``'s ledger with the batch's ``collect`` event, in one transaction; False when
+    nothing was recorded (``foreign``: ``name`` is not locked by this run and another run
+    holds it; the download stays in the store, and that run or the next records it).
+
+    ``retired``: ``gen`` is no longer active (superseded, cancelled and not current, pruned):
+    the event's detail and the progress line say so; its answers are kept for reuse by
+    request hash, never written as the resource's results."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
     for column, file_id in (
         ("output_sha256", batch.output_file_id),
@@ -140,7 +174,7 @@ def _collect_batch(
             ctx.report(
                 Progress(
                     "download",
-                    res.name,
+                    name,
                     f"downloading the {kind} file of batch {batch.remote_id}",
                     {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
                 )
@@ -153,6 +187,8 @@ def _collect_batch(
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     with ctx.store.atomic():
+        if foreign and not ctx.may_touch(name):
+            return False
         for sha in shas.values():
             if sha:
                 changed += ctx.ledger.record_outcomes(
@@ -167,29 +203,35 @@ def _collect_batch(
             "status": batch.status,
             "answered": changed,
             **{k: v for k, v in shas.items() if v},
+            **({"retired": gen.status} if retired else {}),
         }
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
-            detail["errors"] = _fail_batch(ctx, res, gen, batch)
+            detail["errors"] = _fail_batch(ctx, gen, batch)
         ctx.store.update_batch(batch.id, collected_at=now(), **shas)
         ctx.store.record_event(
             ctx.run_id,
             "collect",
-            resource=res.name,
+            resource=name,
             generation_id=gen.id,
             batch_id=batch.id,
             detail=detail,
         )
+    kept = (
+        f"; kept for reuse ({gen.status} generation {gen.id}, not its results)" if retired else ""
+    )
     ctx.report(
         Progress(
             "collect",
-            res.name,
+            name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
-            + _rejection_text(detail.get("errors")),
-            {"remote_id": batch.remote_id},
+            + _rejection_text(detail.get("errors"))
+            + kept,
+            {"remote_id": batch.remote_id, **({"retired": gen.status} if retired else {})},
         )
     )
+    return True
 
 
 def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:
@@ -206,9 +248,7 @@ def _lines_text(tally: dict[bool, int]) -> str:
     return text + (f", {errors} error{'' if errors == 1 else 's'}" if errors else "")
 
 
-def _fail_batch(
-    ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow
-) -> list[dict[str, Any]]:
+def _fail_batch(ctx: RunContext, gen: GenerationRow, batch: BatchRow) -> list[dict[str, Any]]:
     """A batch the provider rejected as a whole: map its line numbers back to the input."""
     errors = batch.provider_errors or []
     lines = ctx.ledger.lines_of_attempt(gen.id, batch.shard, batch.attempt)

@@ -18,6 +18,9 @@ It promises:
   ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
+* **Retired batches too.** The batches of generations no longer active that the pass drains
+  (``drain``: superseded, cancelled, pruned, still stopping or not yet collected) are polled
+  and downloaded with the others, in the same calls and the same pool.
 * **Files only for terminal batches**, and each file once per pass. A listing starts the
   downloads of the terminal batches on each page as the page arrives, so they overlap the
   pages still to come. The pass does not wait for the downloads: the collect step of each
@@ -154,10 +157,17 @@ class BoundedCalls:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prefetch_pass(ctx: RunContext, resources: Sequence[Resource], calls: BoundedCalls) -> None:
-    """Fill ``ctx.prefetched`` for this pass: polls first, then the files they made due."""
+def prefetch_pass(
+    ctx: RunContext,
+    resources: Sequence[Resource],
+    calls: BoundedCalls,
+    retired: Sequence[BatchRow] = (),
+) -> None:
+    """Fill ``ctx.prefetched`` for this pass: polls first, then the files they made due;
+    ``retired``: the batches of retired generations the pass drains (``drain``) too."""
     ctx.prefetched = Prefetched()
-    rows = [b for b in _current_batches(ctx, resources) if b.remote_id is not None]
+    also = [b for b in retired if shares_client(ctx, b.provider)]
+    rows = [b for b in [*_current_batches(ctx, resources), *also] if b.remote_id is not None]
     in_flight = [b for b in rows if b.status not in TERMINAL_STATUSES]
     observed = _poll_all(ctx, in_flight, calls)
     for row in rows:

@@ -19,6 +19,7 @@ from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, record_cancels
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
 from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
+from batchspec.core.reconcile.drain import drain_retired, report_still_stopping, retired_batches
 from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
@@ -78,6 +79,7 @@ class Reconciler:
         parallelism: int = DEFAULT_PARALLELISM,
         max_concurrency: Callable[[str], int | None] = lambda provider: None,
         inputs: InputCache | None = None,
+        retired_resources: Callable[[], Sequence[str]] = lambda: (),
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -100,6 +102,8 @@ class Reconciler:
         self.max_concurrency = max_concurrency
         # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit
         self.may_spend = may_spend
+        # resources pruned from the workspace whose retired generations each pass drains
+        self.retired_resources = retired_resources
 
     @property
     def store(self) -> StateStore:
@@ -154,9 +158,15 @@ class Reconciler:
         self, resources: Sequence[Resource], facts: Mapping[str, InputReport]
     ) -> list[Resource]:
         """One pass: fetch what the pass will read from providers ahead and side by side, then
-        advance each resource in order on this thread; return those still waiting."""
+        advance each resource in order on this thread; return those still waiting.
+
+        The batches of retired generations (superseded, cancelled, pruned) are polled and
+        fetched with the others and recorded first (``drain``), so that a generation this
+        pass records keeps the answers they finished."""
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
-            prefetch_pass(self.ctx, resources, calls)
+            retired = retired_batches(self.ctx, resources, self.retired_resources())
+            prefetch_pass(self.ctx, resources, calls, [r.batch for r in retired])
+            drain_retired(self.ctx, retired)
             submitted = submit_pass(
                 self.ctx, resources, facts, calls, spending_action=self._spending_action
             )
@@ -172,6 +182,12 @@ class Reconciler:
                     if group.due:
                         group.flush()
             return waiting
+
+    def report_retired_stopping(self, resources: Sequence[Resource]) -> None:
+        """At the end of a run: the retired batches still stopping, which a later apply
+        drains (``drain.report_still_stopping``)."""
+        retired = retired_batches(self.ctx, resources, self.retired_resources())
+        report_still_stopping(self.ctx, retired)
 
     @contextmanager
     def _pool(self) -> Iterator[BoundedCalls]:

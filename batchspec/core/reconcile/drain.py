@@ -1,0 +1,183 @@
+"""Drain retired batches: poll the batches of generations no longer active to their end, and
+keep the answers they finished.
+
+A generation is *retired* when it is no longer active and no longer the one its manifest
+asks for: superseded (``apply --replace``, a new spec with ``--allow-replace``), cancelled by
+``batchspec cancel`` and since followed by a new spec, or pruned (``apply --prune`` cancelled
+it and forgot its resource). Its batches were sent a cancel and are recorded ``cancelling``
+(or still in flight: a cancel that found one finalizing). The provider keeps finishing
+requests until it stops them (OpenAI: up to about 10 minutes), bills them, and keeps them in
+the ended batch's output file. Every apply pass (``Reconciler.advance_all``) drains them
+before it submits anything, so a generation recorded in that pass already reuses them.
+
+* **Which.** Of the pass's resources (not suspended), every generation that is not active
+  (``pending``/``in_progress`` ones are the plan's) and not the one its manifest asks for (its
+  spec hash: the plan's too, a user-cancelled one included, whose results it writes); of the
+  resources pruned from the workspace (``Reconciler.retired_resources``), every generation
+  that is not active. Their batches with a remote id that have not ended, or ended and were
+  not collected, whose generation has a ledger to record answers in.
+* **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
+  pool with the others (``prefetch.prefetch_pass``: list calls first), then recorded here on
+  the main thread (``poll.poll_batch``, ``collect.collect_batch``): in the pass's resource
+  order, the pruned ones after them by name, each by generation and batch; text and NDJSON
+  output are as deterministic as the rest of the pass.
+* **Kept, never revived.** An ended batch's files go to the blob store first; then its lines
+  are recorded in *its own* generation's ledger with a ``collect`` event marked ``retired``,
+  in one transaction, exactly as ``collect.keep_ended_answers`` does for a replace: a later
+  generation of the same request lines keeps them (``RequestLedger.carry_over``, by request
+  hash) instead of paying again. The retired generation's status, the resource's current
+  generation, its result files, counts and health are left as they are.
+* **Crash-safe.** A run killed between a download and its record leaves the batch ended and
+  not collected: the next pass downloads it again (the same content-addressed blob) and
+  records it once; an ``ok`` ledger row is final, and ``collected_at`` is set with the event.
+* **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
+  cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
+  wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Never in the way.** A pruned resource, which the run may not lock, is recorded only if no
+  other run holds it (``RunContext.may_touch``); a batch on a provider no longer configured
+  is skipped; a poll or download that fails is a warning, tried again by the next pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from batchspec.core.batches import counts_json
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
+from batchspec.core.reconcile.collect import collect_batch, retry_on_for
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.poll import poll_batch
+from batchspec.core.reporting import Progress
+from batchspec.errors import BatchspecError, InputError
+from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.wire.outcomes import RETRY_CATEGORIES
+from batchspec.workspace.manifest import Resource
+
+
+@dataclass(frozen=True)
+class RetiredBatch:
+    """A batch of a retired generation whose answers may still come."""
+
+    name: str
+    generation: GenerationRow
+    batch: BatchRow
+    resource: Resource | None  # the manifest's resource; None: pruned from the workspace
+
+    @property
+    def foreign(self) -> bool:
+        """A pruned resource: this run may not hold its lock."""
+        return self.resource is None
+
+
+def retired_batches(
+    ctx: RunContext, resources: Sequence[Resource], pruned: Sequence[str]
+) -> list[RetiredBatch]:
+    """The batches to drain this pass, in output order (see the module docstring)."""
+    order = {res.name: i for i, res in enumerate(resources) if not res.suspend}
+    by_name = {res.name: res for res in resources}
+    outside = {name: len(order) + i for i, name in enumerate(sorted(set(pruned) - set(by_name)))}
+    generations: dict[int, GenerationRow] = {}
+    found: list[tuple[int, int, int, RetiredBatch]] = []
+    active = sorted(ACTIVE_GENERATION_STATUSES)
+    for batch in ctx.store.unsettled_batches(generation_not_in=active):
+        if batch.provider not in ctx.project.providers:
+            continue  # a provider no longer configured: nothing to ask
+        gen = generations.get(batch.generation_id)
+        if gen is None:
+            gen = generations[batch.generation_id] = ctx.store.get_generation(batch.generation_id)
+        if gen.status in ACTIVE_GENERATION_STATUSES:
+            continue
+        res = by_name.get(gen.resource)
+        if gen.resource in order and res is not None and gen.spec_hash != res.spec_hash:
+            position = order[gen.resource]
+        elif gen.resource in outside:
+            position, res = outside[gen.resource], None
+        else:
+            continue
+        found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
+    found.sort(key=lambda item: item[:3])
+    return [item[3] for item in found if _has_ledger(ctx, item[3])]
+
+
+def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
+    """Whether the generation has ledger rows to join answers to (written now from the
+    manifest's input if it is still there; a pruned one has only what it recorded)."""
+    gen = retired.generation
+    if ctx.ledger.has_requests(gen.id):
+        return True
+    if retired.resource is None:
+        return False
+    try:
+        ctx.ensure_ledger(retired.resource, gen)
+    except InputError:  # its input is gone: nothing to join its answers to
+        return False
+    return True
+
+
+def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
+    """Poll each retired batch not yet ended, and collect each one ended (see above)."""
+    for item in retired:
+        try:
+            _drain_one(ctx, item)
+        except BatchspecError as err:
+            ctx.report(
+                Progress(
+                    "warning",
+                    item.name,
+                    f"batch {item.batch.remote_id} of {item.generation.status} generation "
+                    f"{item.generation.id} could not be polled or collected ({err.message}); "
+                    "the next apply tries again",
+                )
+            )
+
+
+def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
+    gen, batch = item.generation, item.batch
+    provider = ctx.provider_for(batch.provider)
+    if not batch.is_terminal:
+        remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
+        ctx.report(
+            Progress(
+                "poll",
+                item.name,
+                f"batch {remote.id} {remote.status} ({gen.status} generation {gen.id}"
+                + ("" if remote.is_terminal else ": what it finishes is kept when it ends")
+                + ")",
+                {
+                    "remote_id": remote.id,
+                    "status": remote.status,
+                    **counts_json(remote),
+                    "generation_id": gen.id,
+                    "retired": gen.status,
+                },
+            )
+        )
+        batch = ctx.store.get_batch(batch.id)
+        if not batch.is_terminal:
+            return  # still stopping (or another run holds the pruned resource)
+    if batch.collected_at is not None:
+        return
+    retry_on = RETRY_CATEGORIES if item.resource is None else retry_on_for(item.resource, gen)
+    collect_batch(
+        ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
+    )
+
+
+def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
+    """Say, once a run is done, which retired batches have not ended yet: only a later
+    apply keeps the answers they still finish (a ``retired`` event each, in drain order)."""
+    for item in retired:
+        batch, gen = item.batch, item.generation
+        if batch.is_terminal:
+            continue
+        ctx.report(
+            Progress(
+                "retired",
+                item.name,
+                f"batch {batch.remote_id} of {gen.status} generation {gen.id} is still "
+                f"{batch.status}: run `batchspec apply` again later to keep the answers it "
+                "finishes",
+                {"remote_id": batch.remote_id, "status": batch.status, "generation_id": gen.id},
+            )
+        )
