@@ -294,6 +294,7 @@ def apply_workspace(
                     parallelism=options.parallelism,
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                     inputs=cache,
+                    monotonic=clock,
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)
@@ -385,7 +386,11 @@ def converge(
     sleep: Callable[[float], None],
     clock: Callable[[], float],
 ) -> str:
-    """Advance every resource; with ``wait``, keep polling (backing off) until none waits."""
+    """Advance every resource; with ``wait``, keep polling (backing off) until none waits.
+
+    A pause after a pass that created batches is counted from the last create's answer, as
+    a script that polls right after its create would: the ledger and records the pass writes
+    after it do not delay the first poll."""
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     while True:
@@ -393,17 +398,19 @@ def converge(
         heartbeat()
         if not waiting or not options.wait:
             break
-        if deadline is not None and clock() + interval > deadline:
+        since = rec.seconds_since_create()
+        pause = interval if since is None else min(interval, max(0.0, interval - since))
+        if deadline is not None and clock() + pause > deadline:
             return "timeout"
         report(
             Progress(
                 "wait",
                 None,
-                f"waiting {interval:.1f}s for {len(waiting)} resource(s)",
+                f"waiting {pause:.1f}s for {len(waiting)} resource(s)",
                 {"resources": [r.name for r in waiting]},
             )
         )
-        sleep(interval)
+        sleep(pause)
         interval = min(interval * 1.5, options.poll_interval)
     plan = compute_plan(
         rec.store,

@@ -141,6 +141,11 @@ class RunContext:
     # the run's input cache (its scans, and the request indexes they wrote); None: a
     # private one over the state's index folder
     inputs: InputCache | None = None
+    # the clock that paces polling (``apply``'s own), and when this pass's last create was
+    # answered on it (None: no create yet; reset by each pass): the first poll is counted
+    # from the create, not from the end of the work the pass does after it
+    monotonic: Callable[[], float] = time.monotonic
+    last_create_at: float | None = None
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)

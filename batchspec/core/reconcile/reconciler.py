@@ -78,6 +78,7 @@ class Reconciler:
         parallelism: int = DEFAULT_PARALLELISM,
         max_concurrency: Callable[[str], int | None] = lambda provider: None,
         inputs: InputCache | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -93,6 +94,7 @@ class Reconciler:
             may_touch=may_touch,
             sleep=sleep,
             inputs=inputs,
+            monotonic=monotonic,
         )
         self.allow_replace = allow_replace
         # provider reads of a pass run ahead in this many threads (maxConcurrency: per provider)
@@ -155,6 +157,7 @@ class Reconciler:
     ) -> list[Resource]:
         """One pass: fetch what the pass will read from providers ahead and side by side, then
         advance each resource in order on this thread; return those still waiting."""
+        self.ctx.last_create_at = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
             prefetch_pass(self.ctx, resources, calls)
             submitted = submit_pass(
@@ -172,6 +175,12 @@ class Reconciler:
                     if group.due:
                         group.flush()
             return waiting
+
+    def seconds_since_create(self) -> float | None:
+        """How long ago (on the ``monotonic`` clock) the last pass's last create was
+        answered; None when that pass created nothing."""
+        created = self.ctx.last_create_at
+        return None if created is None else self.ctx.monotonic() - created
 
     @contextmanager
     def _pool(self) -> Iterator[BoundedCalls]:
