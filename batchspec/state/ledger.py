@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from batchspec.state.connection import StateConnection
 from batchspec.storage.sql import Sql
@@ -51,8 +52,9 @@ class ShardCounts:
     unresolved_bytes: int
 
 
-@dataclass(frozen=True)
-class CollectedLine:
+class CollectedLine(NamedTuple):
+    """One parsed line of a collected file (a tuple: one is made for every answer)."""
+
     custom_id: str
     offset: int
     length: int
