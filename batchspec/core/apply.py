@@ -91,6 +91,8 @@ from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import unknown_name_hint
 
 FIRST_POLL_INTERVAL = 0.5
+# the shortest pause a batch's own progress may bring the next poll forward to
+SHORTEST_POLL_PAUSE = 0.1
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,10 @@ def converge(
 
     A pause after a pass that created batches is counted from the last create's answer, as
     a script that polls right after its create would: the ledger and records the pass writes
-    after it do not delay the first poll."""
+    after it do not delay the first poll. A pause is never longer than the interval, and
+    shorter when a polled batch's request counts, at the pace they moved since it was last
+    seen, say it will be done sooner (never below ``SHORTEST_POLL_PAUSE``): a batch that
+    ends just after one poll is collected then, not a whole interval later."""
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     while True:
@@ -398,8 +403,7 @@ def converge(
         heartbeat()
         if not waiting or not options.wait:
             break
-        since = rec.seconds_since_create()
-        pause = interval if since is None else min(interval, max(0.0, interval - since))
+        pause = poll_pause(interval, rec.seconds_since_create(), rec.expected_done_in())
         if deadline is not None and clock() + pause > deadline:
             return "timeout"
         report(
@@ -428,6 +432,16 @@ def converge(
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"
+
+
+def poll_pause(interval: float, since_create: float | None, done_in: float | None) -> float:
+    """The pause before the next poll (see ``converge``): ``interval``, less the time since
+    the pass's last create, shortened to when a batch should be done (``done_in``), but
+    not below ``SHORTEST_POLL_PAUSE`` for that."""
+    pause = interval if since_create is None else max(0.0, interval - since_create)
+    if done_in is not None:
+        pause = min(pause, max(SHORTEST_POLL_PAUSE, done_in))
+    return min(pause, interval)
 
 
 def _exit_code(outcome: str) -> int:

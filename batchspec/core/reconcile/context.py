@@ -146,6 +146,10 @@ class RunContext:
     # from the create, not from the end of the work the pass does after it
     monotonic: Callable[[], float] = time.monotonic
     last_create_at: float | None = None
+    # each batch's last seen progress (its create counts as none done), and how soon the
+    # polls of the pass under way expect a batch to finish (``poll.note_progress``)
+    progress: dict[str, tuple[float, int]] = field(default_factory=dict)
+    done_in: float | None = None
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)

@@ -158,6 +158,7 @@ class Reconciler:
         """One pass: fetch what the pass will read from providers ahead and side by side, then
         advance each resource in order on this thread; return those still waiting."""
         self.ctx.last_create_at = None
+        self.ctx.done_in = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
             prefetch_pass(self.ctx, resources, calls)
             submitted = submit_pass(
@@ -181,6 +182,11 @@ class Reconciler:
         answered; None when that pass created nothing."""
         created = self.ctx.last_create_at
         return None if created is None else self.ctx.monotonic() - created
+
+    def expected_done_in(self) -> float | None:
+        """Seconds until the soonest batch polled in the last pass should finish, at the
+        pace its request counts moved since it was last seen; None when none can tell."""
+        return self.ctx.done_in
 
     @contextmanager
     def _pool(self) -> Iterator[BoundedCalls]:

@@ -188,6 +188,7 @@ def send_create(
         metadata=batch_metadata(res, batch),
     )
     ctx.last_create_at = ctx.monotonic()
+    ctx.progress[remote.id] = (ctx.last_create_at, 0)
     return remote
 
 
