@@ -8,6 +8,7 @@ run the same SQL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,38 @@ def test_a_rejected_batch_and_an_unanswered_request_get_distinct_error_lines(
     ]
     assert err[0]["error"]["message"] == "the batch carrying this request failed"
     assert (written.succeeded, written.failed, written.unresolved) == (1, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("stored", "spans"),
+    [
+        pytest.param(b'{"a":1}\n{"b":2}\n{"c":3}\n', [(0, 7), (8, 7), (16, 7)], id="back-to-back"),
+        pytest.param(b'{"a":1}\r\n{"b":2}\r\n{"c":3}', [(0, 7), (9, 7), (18, 7)], id="crlf"),
+        pytest.param(
+            b'{"a":1} {"b":2};{"c":3}', [(0, 7), (8, 7), (16, 7)], id="no-newline-between"
+        ),
+        pytest.param(b'{"c":3}\n{"b":2}\n{"a":1}\n', [(16, 7), (8, 7), (0, 7)], id="reversed"),
+    ],
+)
+def test_answer_lines_are_written_byte_for_byte_whatever_lies_between_them(
+    store: StateStore, blobs: BlobStore, tmp_path: Path, stored: bytes, spans: list[tuple[int, int]]
+) -> None:
+    """Each answer is its stored bytes plus one newline, in input order, whether its lines lie
+    back to back in the blob (written as one run), end in CRLF, are separated by another
+    byte at a newline's place, or come in another order: a run is never written with a
+    separator that is not a newline, and the file's sha256 is that of its bytes."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"])
+    sha = blobs.put_from(lambda tmp: tmp.write_bytes(stored))
+    collected = [CollectedLine(c, o, n, OK) for c, (o, n) in zip("abc", spans, strict=True)]
+    ledger.record_outcomes(gen, 1, sha, collected)
+
+    written, _, _ = write(ledger, gen, blobs, tmp_path)
+
+    out = (tmp_path / "out.jsonl").read_bytes()
+    assert out == b'{"a":1}\n{"b":2}\n{"c":3}\n'
+    assert written.output_sha256 == hashlib.sha256(out).hexdigest()
 
 
 # -- the ledger ---------------------------------------------------------------------------------

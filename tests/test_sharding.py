@@ -184,6 +184,56 @@ def test_manifest_limit_shards_uploads_and_merges_in_input_order(
     assert len(received_batches(client)) == 3
 
 
+def test_a_sharded_ledger_lost_before_it_was_written_is_derived_from_the_intents(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new generation's ledger is written after its creates are sent; a run killed between
+    the two (its rows deleted here) loses nothing: the next apply derives every request's
+    shard from the recorded intents (lines 1-10, 11-20, 21-25), creates no batch and merges
+    one output line per custom_id in input order."""
+    srv = serve()
+    spec = {"limits": {"maxRequestsPerBatch": 10}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("lost", count=25, spec=spec))
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    with ws.store() as store:
+        [gen] = store.generations("lost")
+        written = store.db.execute(
+            "select line, shard from requests where generation_id = ? order by line", [gen.id]
+        ).fetchall()
+        with store.atomic():
+            store.db.execute("delete from requests where generation_id = ?", [gen.id])
+    expected = [(line, (line - 1) // 10) for line in range(1, 26)]
+    assert [tuple(r) for r in written] == expected
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 0, out + err
+    assert len(received_batches(srv.client())) == 3
+    with ws.store() as store:
+        derived = store.db.execute(
+            "select line, shard, state from requests where generation_id = ? order by line",
+            [gen.id],
+        ).fetchall()
+    assert [(line, shard) for line, shard, _ in derived] == expected
+    assert {state for _, _, state in derived} == {"ok"}
+    assert [r["custom_id"] for r in ws.outputs("lost")] == ws.input_ids("lost")
+
+
+def test_ledger_rows_in_shards_refuses_counts_that_do_not_add_up() -> None:
+    """Deriving a ledger from intents whose counts miss or exceed the input's requests
+    raises rather than mis-assigning a request to a shard that never carried it."""
+    from batchspec.core.sharding import ledger_rows_in_shards
+    from batchspec.errors import BatchspecError
+    from batchspec.wire.request_index import RequestFact
+
+    facts = [RequestFact(i, i * 10, 9, f"c{i}", bytes(32)) for i in range(1, 6)]
+    assert [row[2] for row in ledger_rows_in_shards(facts, [2, 3])] == [0, 0, 1, 1, 1]
+    for counts in ([2, 2], [2, 4], [6]):
+        with pytest.raises(BatchspecError):
+            list(ledger_rows_in_shards(facts, counts))
+
+
 def test_the_same_input_gives_the_same_shards_in_another_state(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -91,6 +91,8 @@ from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import unknown_name_hint
 
 FIRST_POLL_INTERVAL = 0.5
+# the shortest pause a batch's own progress may bring the next poll forward to
+SHORTEST_POLL_PAUSE = 0.1
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,7 @@ def apply_workspace(
                     max_concurrency=lambda name: provider_option(ws, name, "maxConcurrency"),
                     inputs=cache,
                     retired_resources=lambda: pruned_resources(store, resources, options.select),
+                    monotonic=clock,
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace)
@@ -407,7 +410,14 @@ def converge(
     sleep: Callable[[float], None],
     clock: Callable[[], float],
 ) -> str:
-    """Advance every resource; with ``wait``, keep polling (backing off) until none waits."""
+    """Advance every resource; with ``wait``, keep polling (backing off) until none waits.
+
+    A pause after a pass that created batches is counted from the last create's answer, as
+    a script that polls right after its create would: the ledger and records the pass writes
+    after it do not delay the first poll. A pause is never longer than the interval, and
+    shorter when a polled batch's request counts, at the pace they moved since it was last
+    seen, say it will be done sooner (never below ``SHORTEST_POLL_PAUSE``): a batch that
+    ends just after one poll is collected then, not a whole interval later."""
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     while True:
@@ -415,17 +425,18 @@ def converge(
         heartbeat()
         if not waiting or not options.wait:
             break
-        if deadline is not None and clock() + interval > deadline:
+        pause = poll_pause(interval, rec.seconds_since_create(), rec.expected_done_in())
+        if deadline is not None and clock() + pause > deadline:
             return "timeout"
         report(
             Progress(
                 "wait",
                 None,
-                f"waiting {interval:.1f}s for {len(waiting)} resource(s)",
+                f"waiting {pause:.1f}s for {len(waiting)} resource(s)",
                 {"resources": [r.name for r in waiting]},
             )
         )
-        sleep(interval)
+        sleep(pause)
         interval = min(interval * 1.5, options.poll_interval)
     rec.report_retired_stopping(resources)
     plan = compute_plan(
@@ -444,6 +455,16 @@ def converge(
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"
+
+
+def poll_pause(interval: float, since_create: float | None, done_in: float | None) -> float:
+    """The pause before the next poll (see ``converge``): ``interval``, less the time since
+    the pass's last create, shortened to when a batch should be done (``done_in``), but
+    not below ``SHORTEST_POLL_PAUSE`` for that."""
+    pause = interval if since_create is None else max(0.0, interval - since_create)
+    if done_in is not None:
+        pause = min(pause, max(SHORTEST_POLL_PAUSE, done_in))
+    return min(pause, interval)
 
 
 def _exit_code(outcome: str) -> int:

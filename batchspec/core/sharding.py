@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from batchspec.errors import BatchspecError
 from batchspec.wire.inputs import RequestLine
 from batchspec.wire.request_index import RequestBytes, RequestFact
 
@@ -148,6 +149,31 @@ def indexed_ledger_rows(
         yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
 
 
+def ledger_rows_in_shards(
+    facts: Iterable[RequestFact], counts: Sequence[int]
+) -> Iterator[tuple[str, int, int, int, str]]:
+    """``indexed_ledger_rows`` of an input split in consecutive runs: the first ``counts[0]``
+    requests in shard 0, the next ``counts[1]`` in shard 1, ... (as ``shard_and_write``
+    assigned them). ``BatchspecError`` if the counts do not add up to the requests."""
+    shard, left = 0, counts[0] if counts else 0
+    for fact in facts:
+        while left == 0:
+            shard += 1
+            if shard >= len(counts):
+                raise BatchspecError(
+                    f"the recorded shards hold {sum(counts)} requests, the input more: "
+                    "its ledger cannot be derived from them"
+                )
+            left = counts[shard]
+        left -= 1
+        yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
+    if left or any(counts[shard + 1 :]):
+        raise BatchspecError(
+            f"the recorded shards hold {sum(counts)} requests, the input fewer: "
+            "its ledger cannot be derived from them"
+        )
+
+
 def shard_and_write(
     facts: Iterable[RequestFact],
     limits: ShardLimits,
@@ -159,13 +185,6 @@ def shard_and_write(
         per_shard[shard] = per_shard.get(shard, 0) + 1
         writers.write_request(shard, fact)
         yield shard, fact
-
-
-def with_fingerprints(
-    assigned: Iterator[tuple[int, RequestFact]],
-) -> Iterator[tuple[str, int, int, int, str]]:
-    for shard, fact in assigned:
-        yield fact.custom_id, fact.line, shard, fact.length + 1, fact.request_sha
 
 
 def fingerprint(raw: bytes) -> str:

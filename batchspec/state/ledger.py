@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from batchspec.state.connection import StateConnection
 from batchspec.storage.sql import Sql
@@ -32,8 +33,10 @@ from batchspec.wire.usage import LineUsage
 _CHUNK = 5_000
 
 
-@dataclass(frozen=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
+    """One request's row (a tuple: one is made for every request a result file is written
+    from)."""
+
     custom_id: str
     line: int
     shard: int
@@ -51,8 +54,9 @@ class ShardCounts:
     unresolved_bytes: int
 
 
-@dataclass(frozen=True)
-class CollectedLine:
+class CollectedLine(NamedTuple):
+    """One parsed line of a collected file (a tuple: one is made for every answer)."""
+
     custom_id: str
     offset: int
     length: int
@@ -286,8 +290,7 @@ class RequestLedger:
                 "from requests where generation_id = ? and line > ? order by line limit ?",
                 [generation_id, after, _CHUNK],
             ).fetchall()
-            for row in rows:
-                yield LedgerRow(*row)
+            yield from map(LedgerRow._make, rows)
             if len(rows) < _CHUNK:
                 return
             after = rows[-1][1]

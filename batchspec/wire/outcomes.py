@@ -38,6 +38,9 @@ class Outcome:
     category: str | None  # a RETRY_CATEGORIES entry for retryable; an error code otherwise
 
 
+_OK = Outcome("ok", None)  # frozen: one for every answer
+
+
 def classify_result_line(
     line: Mapping[str, Any], *, retry_on: tuple[str, ...] = RETRY_CATEGORIES
 ) -> Outcome:
@@ -46,7 +49,7 @@ def classify_result_line(
     response = line.get("response")
     status = response.get("status_code") if isinstance(response, Mapping) else None
     if not error and isinstance(status, int) and 200 <= status < 300:
-        return Outcome("ok", None)
+        return _OK
     category = _category(error, status)
     if category in RETRY_CATEGORIES:
         return Outcome("retryable" if category in retry_on else "failed", category)

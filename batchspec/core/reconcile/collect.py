@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batchspec.core.export import write_exports
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.recorded import is_requeued
@@ -32,6 +31,7 @@ from batchspec.wire.inputs import InputReport
 from batchspec.wire.outcomes import RETRY_CATEGORIES, classify_result_line
 from batchspec.wire.usage import usage_of_line
 from batchspec.workspace.manifest import Resource
+from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import display_path
 
 try:  # the optional ``fast`` extra: parsing result lines is most of a large collect's time
@@ -47,6 +47,16 @@ def _loads(body: bytes) -> Any:
         return _fast_loads(body)
     except ValueError:
         return json.loads(body)
+
+
+def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
+    """``spec.export``'s datasets (``batchspec.core.export``, which brings Jinja2 and the
+    formats: imported only for a resource that has exports)."""
+    if not res.exports:
+        return []
+    from batchspec.core.export import write_exports as write
+
+    return write(res, provider)
 
 
 def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> str:

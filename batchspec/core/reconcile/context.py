@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from batchspec.core.reporting import Reporter
-from batchspec.core.sharding import ShardLimits, indexed_ledger_rows
+from batchspec.core.sharding import ShardLimits, indexed_ledger_rows, ledger_rows_in_shards
 from batchspec.errors import BatchspecError
 from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
@@ -141,6 +141,15 @@ class RunContext:
     # the run's input cache (its scans, and the request indexes they wrote); None: a
     # private one over the state's index folder
     inputs: InputCache | None = None
+    # the clock that paces polling (``apply``'s own), and when this pass's last create was
+    # answered on it (None: no create yet; reset by each pass): the first poll is counted
+    # from the create, not from the end of the work the pass does after it
+    monotonic: Callable[[], float] = time.monotonic
+    last_create_at: float | None = None
+    # each batch's last seen progress (its create counts as none done), and how soon the
+    # polls of the pass under way expect a batch to finish (``poll.note_progress``)
+    progress: dict[str, tuple[float, int]] = field(default_factory=dict)
+    done_in: float | None = None
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -187,18 +196,27 @@ class RunContext:
         )
 
     def ensure_ledger(self, res: Resource, gen: GenerationRow) -> None:
-        """Write the ledger of a generation submitted as one as-is shard, if not yet written.
+        """Write the ledger of a new generation, if not yet written.
 
-        It is derived from the input alone (every request in shard 0, carried by attempt 1),
-        so a run that died before writing it loses nothing: the next one writes it here. It
+        It is derived from the input and the recorded intents alone: the shards split the
+        requests in input order into consecutive runs, shard ``k`` holding as many as its
+        attempt-1 intent says (all in shard 0 with no intent yet), each carried by attempt 1.
+        So a run that died before writing it loses nothing: the next one writes it here. It
         comes from the request index of the generation's input content, not from parsing
-        the input again.
+        the input again. (A generation that keeps an earlier one's answers has its ledger
+        written with its intents, before anything is sent: ``intent.record_shards``.)
         """
         if self.ledger.has_requests(gen.id):
             return
+        counts = {b.shard: b.requests for b in self.store.batches(gen.id) if b.attempt == 1}
         facts = self.request_facts(res, gen.input_sha256)
+        rows = (
+            ledger_rows_in_shards(facts, [counts[s] for s in sorted(counts)])
+            if len(counts) > 1
+            else indexed_ledger_rows(facts)
+        )
         with self.store.atomic():
-            self.ledger.record_requests(gen.id, indexed_ledger_rows(facts))
+            self.ledger.record_requests(gen.id, rows)
 
     def latest_attempts(self, generation_id: int) -> dict[int, int]:
         latest: dict[int, int] = {}

@@ -22,7 +22,6 @@ from batchspec.core.sharding import (
     fits_one_shard,
     indexed_ledger_rows,
     shard_and_write,
-    with_fingerprints,
 )
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
@@ -57,9 +56,10 @@ def ensure_generation(ctx: RunContext, res: Resource, facts: InputReport) -> Gen
 
 
 def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: GenerationRow) -> None:
-    """Record every request in the ledger, keep the answers an earlier generation has for
-    unchanged requests, split the rest into shards (writing shard files when the input
-    cannot go as it is) and record one attempt-1 intent per shard: one transaction.
+    """Keep the answers an earlier generation has for unchanged requests (recording every
+    request in the ledger first), split the rest into shards (writing shard files when the
+    input cannot go as it is) and record one attempt-1 intent per shard: one transaction.
+    A new generation's ledger is written after its creates are sent (``ensure_ledger``).
 
     The requests come from the input's request index (written by the scan that validated
     it): the input is not parsed again, and its bytes are read only to copy them into shard
@@ -111,7 +111,11 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         if previous:
             ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
         else:
-            ctx.ledger.record_requests(gen.id, with_fingerprints(assigned))
+            # every request of the input, in consecutive runs per shard: the ledger is
+            # derived from the intents' counts and written while the provider works
+            # (``RunContext.ensure_ledger``), so the uploads do not wait for its inserts
+            for _ in assigned:
+                pass
         shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
         check_budget(

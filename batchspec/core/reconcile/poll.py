@@ -57,6 +57,7 @@ def poll_batch(
     if remote is None:
         ctx.before_wait()
         remote = provider.get_batch(batch.remote_id)
+    note_progress(ctx, remote)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return remote
@@ -71,6 +72,35 @@ def poll_batch(
                 detail={"status": remote.status, "from": batch.status, **counts_json(remote)},
             )
     return remote
+
+
+def note_progress(ctx: RunContext, remote: RemoteBatch) -> None:
+    """Keep how far a batch in flight got, and lower ``ctx.done_in`` to when it should end
+    at the pace its counts moved since it was last seen (``remaining_seconds``)."""
+    counts = remote.request_counts
+    if remote.is_terminal or counts is None or not counts.total:
+        return
+    now, done = ctx.monotonic(), counts.completed + counts.failed
+    seen = ctx.progress.get(remote.id)
+    ctx.progress[remote.id] = (now, done)
+    if seen is None:
+        return
+    eta = remaining_seconds(seen, (now, done), counts.total)
+    if eta is not None and (ctx.done_in is None or eta < ctx.done_in):
+        ctx.done_in = eta
+
+
+def remaining_seconds(
+    before: tuple[float, int], after: tuple[float, int], total: int
+) -> float | None:
+    """Seconds until ``total`` requests are done, at the pace of ``before`` -> ``after``
+    (``(time, requests done)``); 0 when all are done; None when the count did not move."""
+    (t0, done0), (t1, done1) = before, after
+    if done1 >= total:
+        return 0.0
+    if done1 <= done0 or t1 <= t0:
+        return None
+    return (total - done1) * (t1 - t0) / (done1 - done0)
 
 
 def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:

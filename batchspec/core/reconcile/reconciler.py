@@ -80,6 +80,7 @@ class Reconciler:
         max_concurrency: Callable[[str], int | None] = lambda provider: None,
         inputs: InputCache | None = None,
         retired_resources: Callable[[], Sequence[str]] = lambda: (),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ctx = RunContext(
             project=project,
@@ -95,6 +96,7 @@ class Reconciler:
             may_touch=may_touch,
             sleep=sleep,
             inputs=inputs,
+            monotonic=monotonic,
         )
         self.allow_replace = allow_replace
         # provider reads of a pass run ahead in this many threads (maxConcurrency: per provider)
@@ -163,6 +165,8 @@ class Reconciler:
         The batches of retired generations (superseded, cancelled, pruned) are polled and
         fetched with the others and recorded first (``drain``), so that a generation this
         pass records keeps the answers they finished."""
+        self.ctx.last_create_at = None
+        self.ctx.done_in = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
             retired = retired_batches(self.ctx, resources, self.retired_resources())
             prefetch_pass(self.ctx, resources, calls, [r.batch for r in retired])
@@ -188,6 +192,17 @@ class Reconciler:
         drains (``drain.report_still_stopping``)."""
         retired = retired_batches(self.ctx, resources, self.retired_resources())
         report_still_stopping(self.ctx, retired)
+
+    def seconds_since_create(self) -> float | None:
+        """How long ago (on the ``monotonic`` clock) the last pass's last create was
+        answered; None when that pass created nothing."""
+        created = self.ctx.last_create_at
+        return None if created is None else self.ctx.monotonic() - created
+
+    def expected_done_in(self) -> float | None:
+        """Seconds until the soonest batch polled in the last pass should finish, at the
+        pace its request counts moved since it was last seen; None when none can tell."""
+        return self.ctx.done_in
 
     @contextmanager
     def _pool(self) -> Iterator[BoundedCalls]:

@@ -8,8 +8,8 @@ restored files.
 
 from __future__ import annotations
 
-from batchspec.core.export import write_exports
 from batchspec.core.plan import Action
+from batchspec.core.reconcile.collect import write_exports
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order

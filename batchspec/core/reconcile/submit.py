@@ -154,7 +154,7 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
     batch = mark_creating(ctx, res, batch, file_id)
     ctx.still_holds_lock()
     try:
-        remote = send_create(provider, res, batch, file_id)
+        remote = send_create(ctx, provider, res, batch, file_id)
     except AmbiguousOutcome as err:
         return confirm_ambiguous_create(ctx, res, provider, batch, err)
     record_remote(ctx, res, batch, remote, event="create")
@@ -176,14 +176,20 @@ def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str)
     return batch
 
 
-def send_create(provider: Provider, res: Resource, batch: BatchRow, file_id: str) -> RemoteBatch:
-    """The create call itself, with the intent's deterministic key in its metadata."""
-    return provider.create_batch(
+def send_create(
+    ctx: RunContext, provider: Provider, res: Resource, batch: BatchRow, file_id: str
+) -> RemoteBatch:
+    """The create call itself, with the intent's deterministic key in its metadata; stamps
+    ``ctx.last_create_at`` when it is answered (the next poll is paced from there)."""
+    remote = provider.create_batch(
         input_file_id=file_id,
         endpoint=res.endpoint,
         completion_window=res.completion_window,
         metadata=batch_metadata(res, batch),
     )
+    ctx.last_create_at = ctx.monotonic()
+    ctx.progress[remote.id] = (ctx.last_create_at, 0)
+    return remote
 
 
 def confirm_ambiguous_create(
