@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from probes import ProbedServer, ServeProcess, start_serve_process
 from serve_faults import received_batches
 from servers import request_lines, stop_after_test, wait_for
@@ -294,3 +295,73 @@ def test_drained_batches_are_reported_in_resource_order_whatever_their_age(
             if e.action == "collect" and e.detail.get("retired") == "superseded"
         ]
     assert retired == names
+
+
+PRICING = {"*": {"input": 1.0, "output": 2.0}}  # USD per million tokens, as charged
+
+
+def set_pricing(ws: Workspace) -> None:
+    path = ws.root / "batchspec.yaml"
+    project = yaml.safe_load(path.read_text())
+    project["providers"]["srv"]["pricing"] = PRICING
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
+
+
+def ledger_usage(ws: Workspace, generation_id: int) -> tuple[int, int]:
+    with ws.store() as store:
+        totals = store.ledger().usage_totals(generation_id)
+    return totals.input_tokens, totals.output_tokens
+
+
+def test_drained_answers_count_once_in_history_and_spend_across_a_crash(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tokens and dollars of a replaced batch's answers, drained by a re-run after an
+    apply killed before recording them, appear once in `history` (on the run that collected
+    them, under the resource) and once in `history --by commit`, beside the new generation's."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    set_pricing(ws)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    ended(client, first.id)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RECORD, "apply", str(ws.root), "--yes"],
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with ws.store() as store:
+        old, new = store.generations("triage")
+        [drained] = [e for e in store.events(action="collect") if e.generation_id == old.id]
+    old_in, old_out = ledger_usage(ws, old.id)
+    new_in, new_out = ledger_usage(ws, new.id)
+    assert old_in and new_in
+
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--limit", "50"], capsys)
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert sum(r["usage"]["input_tokens"] for r in runs) == old_in + new_in
+    assert sum(r["usage"]["output_tokens"] for r in runs) == old_out + new_out
+    [collector] = [r for r in runs if r["run"]["id"] == drained.run_id]
+    assert collector["usage"]["input_tokens"] >= old_in
+    assert collector["usage"]["cost_usd"] == pytest.approx(
+        (collector["usage"]["input_tokens"] + 2 * collector["usage"]["output_tokens"]) / 1e6
+    )
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--by", "commit"], capsys)
+    assert code == 0, err
+    [group] = json.loads(out)["commits"]
+    assert (group["usage"]["input_tokens"], group["usage"]["output_tokens"]) == (
+        old_in + new_in,
+        old_out + new_out,
+    )
+    assert group["usage"]["cost_usd"] == pytest.approx(
+        (old_in + new_in + 2 * (old_out + new_out)) / 1e6
+    )
+    assert group["resources"]["triage"]["input_tokens"] == old_in + new_in

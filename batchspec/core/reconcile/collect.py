@@ -21,10 +21,10 @@ from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
-from batchspec.core.spend import generation_usage, usage_detail
+from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import InputError
 from batchspec.providers.base import Provider
-from batchspec.state.ledger import CollectedLine
+from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -189,6 +189,7 @@ def collect_batch(
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
+        before = ctx.ledger.usage_totals(gen.id) if retired else None
         for sha in shas.values():
             if sha:
                 changed += ctx.ledger.record_outcomes(
@@ -205,6 +206,8 @@ def collect_batch(
             **{k: v for k, v in shas.items() if v},
             **({"retired": gen.status} if retired else {}),
         }
+        if before is not None:
+            detail.update(_retired_usage(ctx, gen, batch, before))
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -232,6 +235,29 @@ def collect_batch(
         )
     )
     return True
+
+
+def _retired_usage(
+    ctx: RunContext, gen: GenerationRow, batch: BatchRow, before: UsageTotals
+) -> dict[str, Any]:
+    """What the answers a retired batch's collect just recorded used, priced as its
+    generation's: ``gen``'s ledger totals now less ``before`` (a line recorded twice, or an
+    ``ok`` row kept, adds nothing), else the batch object's own usage when no line reports
+    any. No ``results`` event is ever written for a retired generation, so this ``collect``
+    event is the audit log's only record of what its answers cost (``core.history``)."""
+    after = ctx.ledger.usage_totals(gen.id)
+    price = generation_price(gen, ctx.project.providers)
+    if after.requests:
+        usage = priced_usage(
+            price,
+            after.input_tokens - before.input_tokens,
+            after.output_tokens - before.output_tokens,
+        )
+    else:
+        usage = priced_usage(
+            price, batch.input_tokens or 0, batch.output_tokens or 0, batch.total_tokens or 0
+        )
+    return usage_detail(usage)
 
 
 def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:
