@@ -365,3 +365,56 @@ def test_drained_answers_count_once_in_history_and_spend_across_a_crash(
         (old_in + new_in + 2 * (old_out + new_out)) / 1e6
     )
     assert group["resources"]["triage"]["input_tokens"] == old_in + new_in
+
+
+def forget_on_server(srv: ProbedServer, batch_id: str) -> None:
+    """The server loses a batch (deleted, aged out of its records): a retrieve answers 404."""
+    db = srv.engine.store.db
+    db.execute("DELETE FROM results WHERE batch_id = ?", (batch_id,))
+    db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+
+def test_a_retired_batch_the_provider_no_longer_knows_is_recorded_ended_once(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replaced batch the server then forgets (404 on retrieve): the next apply records it
+    `cancelled` and settled with one poll event saying it is gone, and warns once; the apply
+    after neither asks the server about it nor warns again."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    ended(client, first.id)
+    forget_on_server(srv, first.id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert code == 0, err
+    gone = [
+        e
+        for e in map(json.loads, out.splitlines())
+        if "gone from the provider" in e.get("message", "")
+    ]
+    assert [(e["event"], e["resource"], e["status"]) for e in gone] == [
+        ("warning", "triage", "cancelled")
+    ]
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+        [batch] = store.batches(old.id)
+        assert (batch.status, batch.collected_at is not None) == ("cancelled", True)
+        polls = [e.detail for e in store.events(action="poll") if e.batch_id == batch.id]
+        assert polls[-1]["status"] == "cancelled" and "no longer knows" in polls[-1]["gone"]
+        assert store.get_generation(old.id).status == "superseded"
+        events = len(store.events(resource="triage"))
+    retrieves = srv.probe.counts["GET /batches/{id}"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert "gone" not in out and '"warning"' not in out
+    assert srv.probe.counts["GET /batches/{id}"] == retrieves
+    with ws.store() as store:
+        assert len(store.events(resource="triage")) == events

@@ -33,6 +33,10 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
   cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
   wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
+  ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
+  why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
+  what it holds.
 * **Never in the way.** A pruned resource, which the run may not lock, is recorded only if no
   other run holds it (``RunContext.may_touch``); a batch on a provider no longer configured
   is skipped; a poll or download that fails is a warning, tried again by the next pass.
@@ -46,10 +50,11 @@ from dataclasses import dataclass
 from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
-from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
+from batchspec.providers.base import RemoteNotFound
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.outcomes import RETRY_CATEGORIES
 from batchspec.workspace.manifest import Resource
@@ -136,7 +141,11 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     gen, batch = item.generation, item.batch
     provider = ctx.provider_for(batch.provider)
     if not batch.is_terminal:
-        remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
+        try:
+            remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
+        except RemoteNotFound as err:
+            record_gone(ctx, item, err)
+            return
         ctx.report(
             Progress(
                 "poll",
@@ -161,6 +170,48 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     retry_on = RETRY_CATEGORIES if item.resource is None else retry_on_for(item.resource, gen)
     collect_batch(
         ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
+    )
+
+
+#: the terminal status a retired batch the provider no longer knows is recorded with: it was
+#: sent a cancel (or its generation was cancelled), and nothing more will come of it
+GONE_STATUS = "cancelled"
+
+
+def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> None:
+    """A retired batch the provider answers 404 for (deleted, expired from its records, or a
+    provider pointed elsewhere): record it ended, ``cancelled``, with nothing left to collect
+    (``collected_at`` set), and a ``poll`` event whose ``gone`` says why, in one transaction,
+    so no later pass polls it or warns again. What its generation's ledger already holds (an
+    earlier collect, answers carried over) is left as it is."""
+    gen, batch = item.generation, item.batch
+    why = f"the provider no longer knows this batch ({err.message})"
+    with ctx.store.atomic():
+        if item.foreign and not ctx.may_touch(item.name):
+            return
+        ctx.store.update_batch(batch.id, status=GONE_STATUS, collected_at=now())
+        ctx.store.record_event(
+            ctx.run_id,
+            "poll",
+            resource=item.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "status": GONE_STATUS,
+                "from": batch.status,
+                "gone": why,
+                "retired": gen.status,
+            },
+        )
+    ctx.report(
+        Progress(
+            "warning",
+            item.name,
+            f"batch {batch.remote_id} of {gen.status} generation {gen.id} is gone from the "
+            f"provider ({err.message}): recorded {GONE_STATUS}, not polled again; the answers "
+            "it finished and no earlier apply collected are lost",
+            {"remote_id": batch.remote_id, "status": GONE_STATUS, "generation_id": gen.id},
+        )
     )
 
 
