@@ -418,3 +418,48 @@ def test_a_retired_batch_the_provider_no_longer_knows_is_recorded_ended_once(
     assert srv.probe.counts["GET /batches/{id}"] == retrieves
     with ws.store() as store:
         assert len(store.events(resource="triage")) == events
+
+
+def test_plan_shows_the_retired_batches_the_next_apply_drains_without_asking_the_provider(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `apply --replace`, `plan` (text and --json) lists the superseded batch still
+    cancelling that the next apply polls, calling no provider and changing no exit code;
+    once an apply has collected it, plan lists nothing."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+    calls = sum(srv.probe.counts.values())
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["drains"] == [
+        {
+            "resource": "triage",
+            "generation_id": old.id,
+            "retired": "superseded",
+            "remote_id": first.id,
+            "status": "cancelling",
+            "step": "poll",
+            "pruned": False,
+        }
+    ]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    assert f"  triage: {first.id} of superseded generation {old.id} (cancelling): poll" in out
+    markdown = run_cli(["plan", str(ws.root), "--format", "markdown"], capsys)[1]
+    assert f"`triage` {first.id} (cancelling: poll)" in markdown
+    assert sum(srv.probe.counts.values()) == calls  # no provider call
+
+    ended(client, first.id)
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["drains"] == []
+    assert "Retired batches" not in run_cli(["plan", str(ws.root)], capsys)[1]

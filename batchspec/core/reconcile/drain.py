@@ -16,6 +16,8 @@ before it submits anything, so a generation recorded in that pass already reuses
   resources pruned from the workspace (``Reconciler.retired_resources``), every generation
   that is not active. Their batches with a remote id that have not ended, or ended and were
   not collected, whose generation has a ledger to record answers in.
+* **Shown ahead.** ``plan`` lists the same batches (``planned_drains``: the state only, no
+  provider call), each with the step the next apply takes: ``poll`` or ``collect``.
 * **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
   pool with the others (``prefetch.prefetch_pass``: list calls first), then recorded here on
   the main thread (``poll.poll_batch``, ``collect.collect_batch``): in the pass's resource
@@ -44,18 +46,18 @@ before it submits anything, so a generation recorded in that pass already reuses
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
-from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
 from batchspec.providers.base import RemoteNotFound
-from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.state.store import BatchRow, GenerationRow, StateStore
 from batchspec.wire.outcomes import RETRY_CATEGORIES
 from batchspec.workspace.manifest import Resource
 
@@ -79,18 +81,38 @@ def retired_batches(
     ctx: RunContext, resources: Sequence[Resource], pruned: Sequence[str]
 ) -> list[RetiredBatch]:
     """The batches to drain this pass, in output order (see the module docstring)."""
+    return find_retired(
+        ctx.store,
+        ctx.project.providers,
+        resources,
+        pruned,
+        has_ledger=lambda item: _has_ledger(ctx, item),
+    )
+
+
+def find_retired(
+    store: StateStore,
+    providers: Collection[str],
+    resources: Sequence[Resource],
+    pruned: Sequence[str],
+    *,
+    has_ledger: Callable[[RetiredBatch], bool],
+) -> list[RetiredBatch]:
+    """The retired batches of ``resources`` and of the ``pruned`` ones, on ``providers`` (the
+    configured ones), whose generation ``has_ledger``, in output order; reads the state only
+    (``plan`` shows them: ``planned_drains``)."""
     order = {res.name: i for i, res in enumerate(resources) if not res.suspend}
     by_name = {res.name: res for res in resources}
     outside = {name: len(order) + i for i, name in enumerate(sorted(set(pruned) - set(by_name)))}
     generations: dict[int, GenerationRow] = {}
     found: list[tuple[int, int, int, RetiredBatch]] = []
     active = sorted(ACTIVE_GENERATION_STATUSES)
-    for batch in ctx.store.unsettled_batches(generation_not_in=active):
-        if batch.provider not in ctx.project.providers:
+    for batch in store.unsettled_batches(generation_not_in=active):
+        if batch.provider not in providers:
             continue  # a provider no longer configured: nothing to ask
         gen = generations.get(batch.generation_id)
         if gen is None:
-            gen = generations[batch.generation_id] = ctx.store.get_generation(batch.generation_id)
+            gen = generations[batch.generation_id] = store.get_generation(batch.generation_id)
         if gen.status in ACTIVE_GENERATION_STATUSES:
             continue
         res = by_name.get(gen.resource)
@@ -102,7 +124,39 @@ def retired_batches(
             continue
         found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
     found.sort(key=lambda item: item[:3])
-    return [item[3] for item in found if _has_ledger(ctx, item[3])]
+    return [item[3] for item in found if has_ledger(item[3])]
+
+
+def planned_drains(
+    store: StateStore,
+    providers: Collection[str],
+    resources: Sequence[Resource],
+    pruned: Sequence[str],
+    input_sha256: Mapping[str, str],
+) -> tuple[Drain, ...]:
+    """What the first pass of an apply would drain, for ``plan``: no provider call, no
+    write. A generation with no ledger yet counts when its resource's input still holds its
+    content (``input_sha256``, by resource: apply writes the ledger from it)."""
+    ledger = store.ledger()
+
+    def has_ledger(item: RetiredBatch) -> bool:
+        gen = item.generation
+        if ledger.has_requests(gen.id):
+            return True
+        return item.resource is not None and input_sha256.get(item.name) == gen.input_sha256
+
+    return tuple(
+        Drain(
+            resource=item.name,
+            generation_id=item.generation.id,
+            retired=item.generation.status,
+            remote_id=item.batch.remote_id or "",
+            status=item.batch.status,
+            step="collect" if item.batch.is_terminal else "poll",
+            pruned=item.foreign,
+        )
+        for item in find_retired(store, providers, resources, pruned, has_ledger=has_ledger)
+    )
 
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
