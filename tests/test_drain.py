@@ -463,3 +463,41 @@ def test_plan_shows_the_retired_batches_the_next_apply_drains_without_asking_the
     assert code == 0, err
     assert json.loads(out)["drains"] == []
     assert "Retired batches" not in run_cli(["plan", str(ws.root)], capsys)[1]
+
+
+def test_a_retired_batch_whose_output_file_is_gone_is_settled_once_with_what_is_left(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replaced batch that ended while its output file was then deleted at the server
+    (404 on download): the next apply records its collect once, naming the file gone in the
+    event, with no warning; the apply after records and downloads nothing more."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    stopped = ended(client, first.id)
+    client.files.delete(stopped.output_file_id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert code == 0, err
+    assert '"warning"' not in out
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+    [detail] = collects_of(ws, "triage", old.id)
+    assert detail["retired"] == "superseded" and "output_sha256" not in detail
+    assert [g.split(":")[0] for g in detail["gone"]] == [f"output file {stopped.output_file_id}"]
+    with ws.store() as store:
+        events = len(store.events(resource="triage"))
+    downloads = srv.probe.counts["GET /files/{id}/content"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert '"warning"' not in out
+    assert srv.probe.counts["GET /files/{id}/content"] == downloads
+    with ws.store() as store:
+        assert len(store.events(resource="triage")) == events

@@ -23,7 +23,7 @@ from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import InputError
-from batchspec.providers.base import Provider
+from batchspec.providers.base import Provider, RemoteNotFound
 from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
@@ -163,8 +163,11 @@ def collect_batch(
 
     ``retired``: ``gen`` is no longer active (superseded, cancelled and not current, pruned):
     the event's detail and the progress line say so; its answers are kept for reuse by
-    request hash, never written as the resource's results."""
+    request hash, never written as the resource's results. A file of it the provider no
+    longer has (404) is left out and named in the event's ``gone``, so that the batch is
+    settled with what could be kept instead of failing every pass."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
+    gone: list[str] = []  # a retired batch's files the provider no longer has
     for column, file_id in (
         ("output_sha256", batch.output_file_id),
         ("errors_sha256", batch.error_file_id),
@@ -179,10 +182,16 @@ def collect_batch(
                     {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
                 )
             )
-            sha = ctx.prefetched.take_file(batch.provider, file_id, ctx.before_wait)
-            if sha is None:
-                ctx.before_wait()
-                sha = download_to_store(provider, file_id, ctx.blobs)
+            try:
+                sha = ctx.prefetched.take_file(batch.provider, file_id, ctx.before_wait)
+                if sha is None:
+                    ctx.before_wait()
+                    sha = download_to_store(provider, file_id, ctx.blobs)
+            except RemoteNotFound as err:
+                if not retired:
+                    raise
+                gone.append(f"{kind} file {file_id}: {err.message}")
+                continue
             shas[column] = sha
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
@@ -208,6 +217,8 @@ def collect_batch(
         }
         if before is not None:
             detail.update(_retired_usage(ctx, gen, batch, before))
+        if gone:
+            detail["gone"] = gone
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -230,7 +241,8 @@ def collect_batch(
             name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _rejection_text(detail.get("errors"))
-            + kept,
+            + kept
+            + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
             {"remote_id": batch.remote_id, **({"retired": gen.status} if retired else {})},
         )
     )
