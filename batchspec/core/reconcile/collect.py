@@ -218,7 +218,7 @@ def collect_batch(
         if before is not None:
             detail.update(_retired_usage(ctx, gen, batch, before))
         if gone:
-            detail["gone"] = gone
+            detail["gone"] = "; ".join(gone)  # a string: the text history shows it
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
