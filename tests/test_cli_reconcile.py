@@ -112,6 +112,7 @@ def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "refusals",
         "warnings",
         "estimates",
+        "drains",
         "estimated_max_cost_usd",
     }
     assert doc["changes"] is True

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from probes import ProbedServer, ServeProcess, start_serve_process
 from serve_faults import received_batches
 from servers import request_lines, stop_after_test, wait_for
@@ -294,3 +295,209 @@ def test_drained_batches_are_reported_in_resource_order_whatever_their_age(
             if e.action == "collect" and e.detail.get("retired") == "superseded"
         ]
     assert retired == names
+
+
+PRICING = {"*": {"input": 1.0, "output": 2.0}}  # USD per million tokens, as charged
+
+
+def set_pricing(ws: Workspace) -> None:
+    path = ws.root / "batchspec.yaml"
+    project = yaml.safe_load(path.read_text())
+    project["providers"]["srv"]["pricing"] = PRICING
+    path.write_text(yaml.safe_dump(project, sort_keys=False))
+
+
+def ledger_usage(ws: Workspace, generation_id: int) -> tuple[int, int]:
+    with ws.store() as store:
+        totals = store.ledger().usage_totals(generation_id)
+    return totals.input_tokens, totals.output_tokens
+
+
+def test_drained_answers_count_once_in_history_and_spend_across_a_crash(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tokens and dollars of a replaced batch's answers, drained by a re-run after an
+    apply killed before recording them, appear once in `history` (on the run that collected
+    them, under the resource) and once in `history --by commit`, beside the new generation's."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    set_pricing(ws)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    ended(client, first.id)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RECORD, "apply", str(ws.root), "--yes"],
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with ws.store() as store:
+        old, new = store.generations("triage")
+        [drained] = [e for e in store.events(action="collect") if e.generation_id == old.id]
+    old_in, old_out = ledger_usage(ws, old.id)
+    new_in, new_out = ledger_usage(ws, new.id)
+    assert old_in and new_in
+
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--limit", "50"], capsys)
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert sum(r["usage"]["input_tokens"] for r in runs) == old_in + new_in
+    assert sum(r["usage"]["output_tokens"] for r in runs) == old_out + new_out
+    [collector] = [r for r in runs if r["run"]["id"] == drained.run_id]
+    assert collector["usage"]["input_tokens"] >= old_in
+    assert collector["usage"]["cost_usd"] == pytest.approx(
+        (collector["usage"]["input_tokens"] + 2 * collector["usage"]["output_tokens"]) / 1e6
+    )
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--by", "commit"], capsys)
+    assert code == 0, err
+    [group] = json.loads(out)["commits"]
+    assert (group["usage"]["input_tokens"], group["usage"]["output_tokens"]) == (
+        old_in + new_in,
+        old_out + new_out,
+    )
+    assert group["usage"]["cost_usd"] == pytest.approx(
+        (old_in + new_in + 2 * (old_out + new_out)) / 1e6
+    )
+    assert group["resources"]["triage"]["input_tokens"] == old_in + new_in
+
+
+def forget_on_server(srv: ProbedServer, batch_id: str) -> None:
+    """The server loses a batch (deleted, aged out of its records): a retrieve answers 404."""
+    db = srv.engine.store.db
+    db.execute("DELETE FROM results WHERE batch_id = ?", (batch_id,))
+    db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+
+def test_a_retired_batch_the_provider_no_longer_knows_is_recorded_ended_once(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replaced batch the server then forgets (404 on retrieve): the next apply records it
+    `cancelled` and settled with one poll event saying it is gone, and warns once; the apply
+    after neither asks the server about it nor warns again."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    ended(client, first.id)
+    forget_on_server(srv, first.id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert code == 0, err
+    gone = [
+        e
+        for e in map(json.loads, out.splitlines())
+        if "gone from the provider" in e.get("message", "")
+    ]
+    assert [(e["event"], e["resource"], e["status"]) for e in gone] == [
+        ("warning", "triage", "cancelled")
+    ]
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+        [batch] = store.batches(old.id)
+        assert (batch.status, batch.collected_at is not None) == ("cancelled", True)
+        polls = [e.detail for e in store.events(action="poll") if e.batch_id == batch.id]
+        assert polls[-1]["status"] == "cancelled" and "no longer knows" in polls[-1]["gone"]
+        assert store.get_generation(old.id).status == "superseded"
+        events = len(store.events(resource="triage"))
+    retrieves = srv.probe.counts["GET /batches/{id}"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert "gone" not in out and '"warning"' not in out
+    assert srv.probe.counts["GET /batches/{id}"] == retrieves
+    with ws.store() as store:
+        assert len(store.events(resource="triage")) == events
+
+
+def test_plan_shows_the_retired_batches_the_next_apply_drains_without_asking_the_provider(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `apply --replace`, `plan` (text and --json) lists the superseded batch still
+    cancelling that the next apply polls, calling no provider and changing no exit code;
+    once an apply has collected it, plan lists nothing."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+    calls = sum(srv.probe.counts.values())
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["drains"] == [
+        {
+            "resource": "triage",
+            "generation_id": old.id,
+            "retired": "superseded",
+            "remote_id": first.id,
+            "status": "cancelling",
+            "step": "poll",
+            "pruned": False,
+        }
+    ]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    assert f"  triage: {first.id} of superseded generation {old.id} (cancelling): poll" in out
+    markdown = run_cli(["plan", str(ws.root), "--format", "markdown"], capsys)[1]
+    assert f"`triage` {first.id} (cancelling: poll)" in markdown
+    assert sum(srv.probe.counts.values()) == calls  # no provider call
+
+    ended(client, first.id)
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["drains"] == []
+    assert "Retired batches" not in run_cli(["plan", str(ws.root)], capsys)[1]
+
+
+def test_a_retired_batch_whose_output_file_is_gone_is_settled_once_with_what_is_left(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replaced batch that ended while its output file was then deleted at the server
+    (404 on download): the next apply records its collect once, naming the file gone in the
+    event, with no warning; the apply after records and downloads nothing more."""
+    srv = slow_server(server, cancel_delay=1.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    stopped = ended(client, first.id)
+    client.files.delete(stopped.output_file_id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert code == 0, err
+    assert '"warning"' not in out
+    with ws.store() as store:
+        old = store.generations("triage")[0]
+    [detail] = collects_of(ws, "triage", old.id)
+    assert detail["retired"] == "superseded" and "output_sha256" not in detail
+    assert detail["gone"].startswith(f"output file {stopped.output_file_id}: ")
+    with ws.store() as store:
+        events = len(store.events(resource="triage"))
+    downloads = srv.probe.counts["GET /files/{id}/content"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert '"warning"' not in out
+    assert srv.probe.counts["GET /files/{id}/content"] == downloads
+    with ws.store() as store:
+        assert len(store.events(resource="triage")) == events

@@ -441,7 +441,9 @@ def plan(
     generation are counted apart). A plan that a budget refuses is shown, then exits 1
     (with --detailed-exitcode too); a provider whose API key variable is unset is a warning.
     Resources recorded in the state whose manifests are gone from the whole workspace are
-    shown as orphaned.
+    shown as orphaned. Batches of generations no longer active (superseded, cancelled,
+    pruned) that the next apply polls or collects are listed after the plan (`drains` in
+    --json); they spend nothing and are not changes.
     """
     from batchspec.cli import render
     from batchspec.core.apply import plan_workspace
@@ -467,7 +469,11 @@ def plan(
     elif output_format == "markdown":
         click.echo(render.plan_markdown(result), nl=False)
     else:
-        click.echo(render.plan_text(result.plan, stdout_style()) + render.plan_costs(result))
+        click.echo(
+            render.plan_text(result.plan, stdout_style())
+            + render.plan_costs(result)
+            + render.plan_drains(result)
+        )
     for note in render.plan_notes(result):
         click.echo(note, err=True)
     if result.refusals:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
     from batchspec.core.history import CommitSpend, HistoryEntry
     from batchspec.core.lifecycle import ForgetResult, ImportResult
-    from batchspec.core.plan import Plan
+    from batchspec.core.plan import Drain, Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.spend import Usage
     from batchspec.core.state_move import MigrateResult
@@ -214,6 +214,32 @@ def plan_costs(result: PlanResult) -> str:
     return "\n".join(lines)
 
 
+def plan_drains(result: PlanResult) -> str:
+    """The retired batches apply drains, one line per resource under a text plan (nothing
+    when there are none): read-only, they spend nothing."""
+    if not result.drains:
+        return ""
+    lines = [
+        "",
+        "Retired batches apply polls, and keeps what they finished (no spend, no change):",
+    ]
+    for name, drains in _by_resource(result.drains).items():
+        pruned = " (pruned)" if drains[0].pruned else ""
+        batches = "; ".join(
+            f"{d.remote_id} of {d.retired} generation {d.generation_id} ({d.status}): {d.step}"
+            for d in drains
+        )
+        lines.append(f"  {name}{pruned}: {batches}")
+    return "\n".join(lines)
+
+
+def _by_resource(drains: Sequence[Drain]) -> dict[str, list[Drain]]:
+    grouped: dict[str, list[Drain]] = {}
+    for drain in drains:
+        grouped.setdefault(drain.resource, []).append(drain)
+    return grouped
+
+
 def _upper(cost: float | None) -> str:
     return "unknown price" if cost is None else f"≤ {dollars(cost)}"
 
@@ -236,6 +262,7 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         "refusals": list(result.refusals),
         "warnings": list(result.warnings),
         "estimates": {name: e.to_json() for name, e in result.estimates.items()},
+        "drains": [d.to_json() for d in result.drains],
         "estimated_max_cost_usd": (
             None if (cost := _total_cost(result)) is None else round(cost, 6)
         ),
@@ -263,6 +290,14 @@ def plan_markdown(result: PlanResult) -> str:
         lines += [f"> **Apply would refuse this plan:** {_md_cell(refusal)}", ""]
     for warning in result.warnings:
         lines += [f"> **Warning:** {_md_cell(warning)}", ""]
+    if result.drains:
+        lines += [
+            "Retired batches apply polls, and keeps what they finished (no spend): "
+            + ", ".join(
+                f"`{d.resource}` {d.remote_id} ({d.status}: {d.step})" for d in result.drains
+            ),
+            "",
+        ]
     if plan.actions:
         lines += [
             "| resource | action | reason | requests | est. tokens | est. cost |",

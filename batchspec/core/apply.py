@@ -43,6 +43,7 @@ from batchspec.core.plan import (
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
+from batchspec.core.reconcile.drain import planned_drains
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
@@ -174,6 +175,13 @@ def plan_workspace(
             if a.kind is ActionKind.REPLACE and a.resource not in replace
         ]
         estimates = plan_estimates(plan, resources, facts, ws.project.providers)
+        drains = planned_drains(
+            store,
+            ws.project.providers,
+            resources,
+            pruned_resources(store, resources, select),
+            {name: report.sha256 for name, report in facts.items()},
+        )
         return PlanResult(
             plan=plan,
             serial=store.serial(),
@@ -188,6 +196,7 @@ def plan_workspace(
             warnings=tuple(warnings),
             refusals=tuple(err.message for err in refusals),
             estimates=estimates,
+            drains=drains,
         )
 
 

@@ -1,8 +1,11 @@
 """The audit log, read back: runs (who, where, which git commit) and the events of each.
 
 A run's ``usage`` sums the tokens and dollars of the generations it finished (its ``results``
-events record them when results are written); ``cost_usd`` is ``None`` when any of them had
-an unknown price.
+events record them when results are written) and of the answers it kept from retired batches
+(``collect`` events marked ``retired``: a superseded, cancelled or pruned generation's batch
+drained after it stopped, whose generation never writes results; each records the usage of
+the lines *it* recorded, once: ``records_spend``); ``cost_usd`` is ``None`` when any of them
+had an unknown price.
 
 Spend per git commit (``spend_by_commit``) charges each generation to the commit of the run
 that *created* it (its ``created_run``: the apply that planned and submitted it), not to the
@@ -10,7 +13,8 @@ run that happened to collect it: a scheduled ``apply`` on a later commit that co
 batch submitted from an earlier one does not make the later commit look expensive. A
 generation counts once, with the usage of its latest ``results`` event (each records the
 generation's running total, so a generation finished again after more retries is not counted
-twice). Groups, newest first (by the newest run in them):
+twice), plus its retired ``collect`` events recorded after that one (those before it are in
+its running total already). Groups, newest first (by the newest run in them):
 
 ==================================  =========================================================
 the run's commit, clean tree        that commit
@@ -92,7 +96,7 @@ class HistoryEntry:
         """The run's usage split by the resource whose results it wrote, in event order."""
         split: dict[str, Usage] = {}
         for event in self.events:
-            if event.action == "results" and "input_tokens" in event.detail:
+            if records_spend(event):
                 key = event.resource or ""
                 split[key] = split.get(key, Usage()) + _event_usage(event)
         return split
@@ -223,21 +227,43 @@ def spend_by_commit(
     with _history_store(paths, state_path, resource) as store:
         if store is None:
             return []
-        latest: dict[object, EventRow] = {}
-        for event in store.events(action="results", resource=resource):
-            if "input_tokens" in event.detail:
-                key = event.generation_id if event.generation_id is not None else ("e", event.id)
-                latest[key] = event  # in event order: the last one wins
+        counted: dict[object, list[EventRow]] = {}
+        for event in _spend_events(store, resource):
+            key = event.generation_id if event.generation_id is not None else ("e", event.id)
+            if event.action == "results":
+                counted[key] = [event]  # a running total: it holds every event before it
+            else:
+                counted.setdefault(key, []).append(event)
         runs: dict[int, RunRow | None] = {}
-        groups: dict[tuple[str | None, bool], list[tuple[RunRow | None, EventRow]]] = {}
-        for event in latest.values():
-            run = _creating_run(store, event, runs)
+        groups: dict[tuple[str | None, bool], list[tuple[RunRow | None, list[EventRow]]]] = {}
+        for events in counted.values():
+            run = _creating_run(store, events[0], runs)
             commit = run.git_commit if run is not None else None
             dirty = bool(run.git_dirty) if run is not None and commit else False
-            groups.setdefault((commit, dirty), []).append((run, event))
+            groups.setdefault((commit, dirty), []).append((run, events))
     spends = [_commit_spend(commit, dirty, members) for (commit, dirty), members in groups.items()]
     spends.sort(key=lambda c: max(c.runs, default=0), reverse=True)
     return spends[:limit]
+
+
+def records_spend(event: EventRow) -> bool:
+    """Whether ``event`` records usage the spend totals count: a ``results`` event (a
+    generation's running total) or a ``collect`` event marked ``retired`` (what one retired
+    batch's answers used)."""
+    if "input_tokens" not in event.detail:
+        return False
+    return event.action == "results" or (event.action == "collect" and "retired" in event.detail)
+
+
+def _spend_events(store: StateStore, resource: str | None) -> list[EventRow]:
+    """Every event that records spend (``records_spend``), in event order."""
+    found = [
+        e
+        for action in ("results", "collect")
+        for e in store.events(action=action, resource=resource)
+        if records_spend(e)
+    ]
+    return sorted(found, key=lambda e: e.id)
 
 
 def _creating_run(
@@ -260,17 +286,17 @@ def _creating_run(
 
 
 def _commit_spend(
-    commit: str | None, dirty: bool, members: list[tuple[RunRow | None, EventRow]]
+    commit: str | None, dirty: bool, members: list[tuple[RunRow | None, list[EventRow]]]
 ) -> CommitSpend:
     total = Usage()
     by_resource: dict[str, Usage] = {}
     branches: dict[str, None] = {}
     run_ids: set[int] = set()
     last = ""
-    for run, event in sorted(members, key=lambda m: m[1].id):
-        usage = _event_usage(event)
+    for run, events in sorted(members, key=lambda m: m[1][-1].id):
+        usage = sum((_event_usage(e) for e in events), Usage())
         total += usage
-        name = event.resource or ""
+        name = events[0].resource or ""
         by_resource[name] = by_resource.get(name, Usage()) + usage
         if run is not None:
             run_ids.add(run.id)
@@ -290,7 +316,8 @@ def _commit_spend(
 
 
 def _event_usage(event: EventRow) -> Usage:
-    """The tokens and dollars a ``results`` event recorded (an older one: unknown cost)."""
+    """The tokens and dollars a ``results`` or retired ``collect`` event recorded (an older
+    one: unknown cost)."""
     d = event.detail
     cost = d.get("cost_usd", None)
     return Usage(

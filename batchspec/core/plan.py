@@ -197,6 +197,32 @@ class Action:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """A retired generation's batch the next apply polls or collects (``reconcile.drain``):
+    read-only bookkeeping that spends nothing and changes no resource's sync or health, so it
+    is not a change of the plan (``Plan.has_changes``)."""
+
+    resource: str
+    generation_id: int
+    retired: str  # the generation's status: superseded, cancelled, ...
+    remote_id: str
+    status: str  # the batch's status as last recorded
+    step: str  # ``poll`` (not ended when last seen) or ``collect`` (ended, not downloaded)
+    pruned: bool = False  # the resource was pruned from the workspace
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "resource": self.resource,
+            "generation_id": self.generation_id,
+            "retired": self.retired,
+            "remote_id": self.remote_id,
+            "status": self.status,
+            "step": self.step,
+            "pruned": self.pruned,
+        }
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: tuple[Action, ...] = field(default_factory=tuple)
 

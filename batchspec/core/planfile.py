@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec import __version__
-from batchspec.core.plan import Action, ActionKind, Plan
+from batchspec.core.plan import Action, ActionKind, Drain, Plan
 from batchspec.errors import StalePlanError, StateError, UsageError
 from batchspec.state.store import StateStore
 
@@ -84,6 +84,8 @@ class PlanResult:
     warnings: tuple[str, ...] = ()
     #: per spending resource: tokens and the dollar upper bound (``core.budget.Estimate``)
     estimates: Mapping[str, Estimate] = field(default_factory=dict)
+    #: the retired batches the next apply polls or collects, in its order (``reconcile.drain``)
+    drains: tuple[Drain, ...] = ()
 
 
 @dataclass(frozen=True)

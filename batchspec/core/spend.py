@@ -181,8 +181,7 @@ def generation_usage(
     """What a generation's answers used (the ledger's per-request sums, else the batch
     objects'), priced for its recorded provider and model (``spec.model``, else the one
     model its requests named)."""
-    model = gen.spec.get("model") or gen.model
-    price = price_for(providers.get(str(gen.spec.get("provider"))), model)
+    price = generation_price(gen, providers)
     totals = store.ledger().usage_totals(gen.id)
     if totals.requests:
         return priced_usage(price, totals.input_tokens, totals.output_tokens)
@@ -192,6 +191,13 @@ def generation_usage(
         out += b.output_tokens or 0
         tot += b.total_tokens or 0
     return priced_usage(price, inp, out, tot)
+
+
+def generation_price(gen: GenerationRow, providers: Mapping[str, ProviderConfig]) -> Price | None:
+    """The price of a generation's answers: its recorded provider and model (``spec.model``,
+    else the one model its requests named)."""
+    model = gen.spec.get("model") or gen.model
+    return price_for(providers.get(str(gen.spec.get("provider"))), model)
 
 
 def usage_detail(usage: Usage) -> dict[str, Any]:

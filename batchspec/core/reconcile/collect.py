@@ -20,10 +20,10 @@ from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
-from batchspec.core.spend import generation_usage, usage_detail
+from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import InputError
-from batchspec.providers.base import Provider
-from batchspec.state.ledger import CollectedLine
+from batchspec.providers.base import Provider, RemoteNotFound
+from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -173,8 +173,11 @@ def collect_batch(
 
     ``retired``: ``gen`` is no longer active (superseded, cancelled and not current, pruned):
     the event's detail and the progress line say so; its answers are kept for reuse by
-    request hash, never written as the resource's results."""
+    request hash, never written as the resource's results. A file of it the provider no
+    longer has (404) is left out and named in the event's ``gone``, so that the batch is
+    settled with what could be kept instead of failing every pass."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
+    gone: list[str] = []  # a retired batch's files the provider no longer has
     for column, file_id in (
         ("output_sha256", batch.output_file_id),
         ("errors_sha256", batch.error_file_id),
@@ -189,16 +192,23 @@ def collect_batch(
                     {"remote_id": batch.remote_id, "file_id": file_id, "file": kind},
                 )
             )
-            sha = ctx.prefetched.take_file(batch.provider, file_id, ctx.before_wait)
-            if sha is None:
-                ctx.before_wait()
-                sha = download_to_store(provider, file_id, ctx.blobs)
+            try:
+                sha = ctx.prefetched.take_file(batch.provider, file_id, ctx.before_wait)
+                if sha is None:
+                    ctx.before_wait()
+                    sha = download_to_store(provider, file_id, ctx.blobs)
+            except RemoteNotFound as err:
+                if not retired:
+                    raise
+                gone.append(f"{kind} file {file_id}: {err.message}")
+                continue
             shas[column] = sha
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
+        before = ctx.ledger.usage_totals(gen.id) if retired else None
         for sha in shas.values():
             if sha:
                 changed += ctx.ledger.record_outcomes(
@@ -215,6 +225,10 @@ def collect_batch(
             **{k: v for k, v in shas.items() if v},
             **({"retired": gen.status} if retired else {}),
         }
+        if before is not None:
+            detail.update(_retired_usage(ctx, gen, batch, before))
+        if gone:
+            detail["gone"] = "; ".join(gone)  # a string: the text history shows it
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -237,11 +251,35 @@ def collect_batch(
             name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _rejection_text(detail.get("errors"))
-            + kept,
+            + kept
+            + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
             {"remote_id": batch.remote_id, **({"retired": gen.status} if retired else {})},
         )
     )
     return True
+
+
+def _retired_usage(
+    ctx: RunContext, gen: GenerationRow, batch: BatchRow, before: UsageTotals
+) -> dict[str, Any]:
+    """What the answers a retired batch's collect just recorded used, priced as its
+    generation's: ``gen``'s ledger totals now less ``before`` (a line recorded twice, or an
+    ``ok`` row kept, adds nothing), else the batch object's own usage when no line reports
+    any. No ``results`` event is ever written for a retired generation, so this ``collect``
+    event is the audit log's only record of what its answers cost (``core.history``)."""
+    after = ctx.ledger.usage_totals(gen.id)
+    price = generation_price(gen, ctx.project.providers)
+    if after.requests:
+        usage = priced_usage(
+            price,
+            after.input_tokens - before.input_tokens,
+            after.output_tokens - before.output_tokens,
+        )
+    else:
+        usage = priced_usage(
+            price, batch.input_tokens or 0, batch.output_tokens or 0, batch.total_tokens or 0
+        )
+    return usage_detail(usage)
 
 
 def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:

@@ -16,6 +16,8 @@ before it submits anything, so a generation recorded in that pass already reuses
   resources pruned from the workspace (``Reconciler.retired_resources``), every generation
   that is not active. Their batches with a remote id that have not ended, or ended and were
   not collected, whose generation has a ledger to record answers in.
+* **Shown ahead.** ``plan`` lists the same batches (``planned_drains``: the state only, no
+  provider call), each with the step the next apply takes: ``poll`` or ``collect``.
 * **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
   pool with the others (``prefetch.prefetch_pass``: list calls first), then recorded here on
   the main thread (``poll.poll_batch``, ``collect.collect_batch``): in the pass's resource
@@ -33,6 +35,11 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
   cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
   wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
+  ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
+  why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
+  what it holds. A file of an ended one that answers 404 is left out of its collect, named in
+  the event's ``gone`` (``collect.collect_batch``): the batch settles with what is left.
 * **Never in the way.** A pruned resource, which the run may not lock, is recorded only if no
   other run holds it (``RunContext.may_touch``); a batch on a provider no longer configured
   is skipped; a poll or download that fails is a warning, tried again by the next pass.
@@ -40,17 +47,18 @@ before it submits anything, so a generation recorded in that pass already reuses
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
-from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
-from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
-from batchspec.state.store import BatchRow, GenerationRow
+from batchspec.providers.base import RemoteNotFound
+from batchspec.state.store import BatchRow, GenerationRow, StateStore
 from batchspec.wire.outcomes import RETRY_CATEGORIES
 from batchspec.workspace.manifest import Resource
 
@@ -74,18 +82,38 @@ def retired_batches(
     ctx: RunContext, resources: Sequence[Resource], pruned: Sequence[str]
 ) -> list[RetiredBatch]:
     """The batches to drain this pass, in output order (see the module docstring)."""
+    return find_retired(
+        ctx.store,
+        ctx.project.providers,
+        resources,
+        pruned,
+        has_ledger=lambda item: _has_ledger(ctx, item),
+    )
+
+
+def find_retired(
+    store: StateStore,
+    providers: Collection[str],
+    resources: Sequence[Resource],
+    pruned: Sequence[str],
+    *,
+    has_ledger: Callable[[RetiredBatch], bool],
+) -> list[RetiredBatch]:
+    """The retired batches of ``resources`` and of the ``pruned`` ones, on ``providers`` (the
+    configured ones), whose generation ``has_ledger``, in output order; reads the state only
+    (``plan`` shows them: ``planned_drains``)."""
     order = {res.name: i for i, res in enumerate(resources) if not res.suspend}
     by_name = {res.name: res for res in resources}
     outside = {name: len(order) + i for i, name in enumerate(sorted(set(pruned) - set(by_name)))}
     generations: dict[int, GenerationRow] = {}
     found: list[tuple[int, int, int, RetiredBatch]] = []
     active = sorted(ACTIVE_GENERATION_STATUSES)
-    for batch in ctx.store.unsettled_batches(generation_not_in=active):
-        if batch.provider not in ctx.project.providers:
+    for batch in store.unsettled_batches(generation_not_in=active):
+        if batch.provider not in providers:
             continue  # a provider no longer configured: nothing to ask
         gen = generations.get(batch.generation_id)
         if gen is None:
-            gen = generations[batch.generation_id] = ctx.store.get_generation(batch.generation_id)
+            gen = generations[batch.generation_id] = store.get_generation(batch.generation_id)
         if gen.status in ACTIVE_GENERATION_STATUSES:
             continue
         res = by_name.get(gen.resource)
@@ -97,7 +125,39 @@ def retired_batches(
             continue
         found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
     found.sort(key=lambda item: item[:3])
-    return [item[3] for item in found if _has_ledger(ctx, item[3])]
+    return [item[3] for item in found if has_ledger(item[3])]
+
+
+def planned_drains(
+    store: StateStore,
+    providers: Collection[str],
+    resources: Sequence[Resource],
+    pruned: Sequence[str],
+    input_sha256: Mapping[str, str],
+) -> tuple[Drain, ...]:
+    """What the first pass of an apply would drain, for ``plan``: no provider call, no
+    write. A generation with no ledger yet counts when its resource's input still holds its
+    content (``input_sha256``, by resource: apply writes the ledger from it)."""
+    ledger = store.ledger()
+
+    def has_ledger(item: RetiredBatch) -> bool:
+        gen = item.generation
+        if ledger.has_requests(gen.id):
+            return True
+        return item.resource is not None and input_sha256.get(item.name) == gen.input_sha256
+
+    return tuple(
+        Drain(
+            resource=item.name,
+            generation_id=item.generation.id,
+            retired=item.generation.status,
+            remote_id=item.batch.remote_id or "",
+            status=item.batch.status,
+            step="collect" if item.batch.is_terminal else "poll",
+            pruned=item.foreign,
+        )
+        for item in find_retired(store, providers, resources, pruned, has_ledger=has_ledger)
+    )
 
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
@@ -136,7 +196,11 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     gen, batch = item.generation, item.batch
     provider = ctx.provider_for(batch.provider)
     if not batch.is_terminal:
-        remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
+        try:
+            remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
+        except RemoteNotFound as err:
+            record_gone(ctx, item, err)
+            return
         ctx.report(
             Progress(
                 "poll",
@@ -161,6 +225,48 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     retry_on = RETRY_CATEGORIES if item.resource is None else retry_on_for(item.resource, gen)
     collect_batch(
         ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
+    )
+
+
+#: the terminal status a retired batch the provider no longer knows is recorded with: it was
+#: sent a cancel (or its generation was cancelled), and nothing more will come of it
+GONE_STATUS = "cancelled"
+
+
+def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> None:
+    """A retired batch the provider answers 404 for (deleted, expired from its records, or a
+    provider pointed elsewhere): record it ended, ``cancelled``, with nothing left to collect
+    (``collected_at`` set), and a ``poll`` event whose ``gone`` says why, in one transaction,
+    so no later pass polls it or warns again. What its generation's ledger already holds (an
+    earlier collect, answers carried over) is left as it is."""
+    gen, batch = item.generation, item.batch
+    why = f"the provider no longer knows this batch ({err.message})"
+    with ctx.store.atomic():
+        if item.foreign and not ctx.may_touch(item.name):
+            return
+        ctx.store.update_batch(batch.id, status=GONE_STATUS, collected_at=now())
+        ctx.store.record_event(
+            ctx.run_id,
+            "poll",
+            resource=item.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "status": GONE_STATUS,
+                "from": batch.status,
+                "gone": why,
+                "retired": gen.status,
+            },
+        )
+    ctx.report(
+        Progress(
+            "warning",
+            item.name,
+            f"batch {batch.remote_id} of {gen.status} generation {gen.id} is gone from the "
+            f"provider ({err.message}): recorded {GONE_STATUS}, not polled again; the answers "
+            "it finished and no earlier apply collected are lost",
+            {"remote_id": batch.remote_id, "status": GONE_STATUS, "generation_id": gen.id},
+        )
     )
 
 
