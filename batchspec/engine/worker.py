@@ -255,8 +255,7 @@ class Worker:
     def _tick(self) -> None:
         """Give every active batch a driver and tell drivers of cancels and passed deadlines."""
         wall = time.time()
-        for row in self.store.active_batches():
-            batch_id = row["id"]
+        for batch_id, status, deadline in self.store.active_batch_states():
             control = self._controls.get(batch_id)
             if control is None:
                 control = self._controls[batch_id] = BatchControl()
@@ -267,9 +266,9 @@ class Worker:
                     self._forget(b)
 
                 task.add_done_callback(forget)
-            if row["status"] == "cancelling":
+            if status == "cancelling":
                 control.stop("cancelled")
-            elif row["status"] in ("validating", "in_progress") and wall >= row["deadline"]:
+            elif status in ("validating", "in_progress") and wall >= deadline:
                 control.stop("expired")
 
     def _forget(self, batch_id: str) -> None:
