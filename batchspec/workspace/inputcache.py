@@ -64,6 +64,7 @@ class InputCache:
     ) -> None:
         self.racy_window = racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
+        self._resolved_paths: dict[Path, str] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             self.conn = _open_db(db_path)
@@ -93,7 +94,7 @@ class InputCache:
         return self.scan(path).sha256
 
     def scan(self, path: Path, **options: Any) -> InputReport:
-        key = (str(Path(path).resolve()), json.dumps(options, sort_keys=True))
+        key = (self._resolved(path), json.dumps(options, sort_keys=True))
         seen_ns = time.time_ns()
         stamp = _stamp(path)
         hit = self.memory.get(key)
@@ -109,6 +110,16 @@ class InputCache:
                 self._store(key, stamp, report)
         self.memory[key] = (stamp, report)
         return report
+
+    def _resolved(self, path: Path) -> str:
+        """The cache key's path, resolved once per path a run (an lstat per component each
+        time otherwise; an input is scanned five times a pass). Only a key: what a hit means
+        is decided by the stamp of ``path`` itself, so a symlink moved mid-run to another
+        file misses (another inode) and that file is scanned."""
+        resolved = self._resolved_paths.get(path)
+        if resolved is None:
+            resolved = self._resolved_paths[path] = str(Path(path).resolve())
+        return resolved
 
     def facts_for(
         self,
