@@ -70,6 +70,7 @@ class InputCache:
     ) -> None:
         self.racy_window = racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
+        self._pending: list[tuple[Any, ...]] = []  # entries to store: one transaction on close
         self._resolved_paths: dict[Path, str] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
@@ -83,6 +84,7 @@ class InputCache:
             _prune_indexes(folder)
         self._written_to.clear()
         if self.conn is not None:
+            self._flush(self.conn)
             self.conn.close()
             self.conn = None
         if self._private_dir is not None:
@@ -248,12 +250,25 @@ class InputCache:
     ) -> None:
         if self.conn is None:
             return
-        data = asdict(report)
-        with contextlib.suppress(sqlite3.Error):  # a busy or damaged cache costs a re-read
-            self.conn.execute(
-                "insert or replace into input_scans values (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, *stamp, json.dumps(data), int(verify)),
-            )
+        self._pending.append((*key, *stamp, json.dumps(asdict(report)), int(verify)))
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        """Store the run's new entries in one transaction (one per entry cost a first pass
+        over 1,000 new inputs 0.3 s); a busy or damaged cache only costs a re-read."""
+        if not self._pending:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("begin immediate")
+            try:
+                conn.executemany(
+                    "insert or replace into input_scans values (?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._pending,
+                )
+            except BaseException:
+                conn.execute("rollback")
+                raise
+            conn.execute("commit")
+        self._pending.clear()
 
 
 def _report(text: str) -> InputReport | None:
