@@ -116,7 +116,9 @@ def spec_hash(plan: dict[str, object]) -> str:
 def cache_rows(ws: Workspace) -> list[tuple[object, ...]]:
     db = ws.state_path.parent / "input-cache.db"
     with sqlite3.connect(db) as conn:
-        return conn.execute("select path, size, mtime_ns, ctime_ns, inode from scans").fetchall()
+        return conn.execute(
+            "select path, size, mtime_ns, ctime_ns, inode from input_scans"
+        ).fetchall()
 
 
 def rewrite_keeping_size_and_mtime(path: Path, old: bytes, new: bytes) -> None:
@@ -191,19 +193,31 @@ def test_a_touch_rereads_but_keeps_the_spec_hash(
     assert spec_hash(after) == before
 
 
-def test_a_just_written_input_is_not_remembered(tmp_path: Path) -> None:
-    """A file scanned within the racy window of its last change is read again next time: a
-    same-size rewrite in the same timestamp tick would otherwise reuse a stale hash."""
+def test_a_just_written_input_is_recalled_only_while_its_bytes_are_that_content(
+    tmp_path: Path,
+) -> None:
+    """A file scanned within the racy window of its last change is kept marked ``verify``:
+    recalled while its bytes still hash to the report's sha256 (a same-tick rewrite that
+    kept the stamp, forged here by changing the stored sha256, is scanned again), and
+    trusted on its stamp once it is older than the window."""
     source = one_request_input(tmp_path)
     db = tmp_path / "input-cache.db"
     with InputCache(db) as cache:
-        cache.scan(source)
+        expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select count(*) from scans").fetchone() == (0,)
+        assert conn.execute("select verify from input_scans").fetchall() == [(1,)]
+    with InputCache(db) as cache:
+        assert cache.scan(source) == expected
+
+    with sqlite3.connect(db) as conn:
+        data = json.loads(conn.execute("select report from input_scans").fetchone()[0])
+        conn.execute("update input_scans set report = ?", (json.dumps({**data, "sha256": "0"}),))
+    with InputCache(db) as cache:
+        assert cache.scan(source) == expected  # scanned again: the stored content was another
     with InputCache(db, racy_window=0) as cache:
         cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select count(*) from scans").fetchone() == (1,)
+        assert conn.execute("select verify from input_scans").fetchall() == [(0,)]
 
 
 def test_an_invalid_input_is_never_cached(
@@ -263,7 +277,7 @@ def test_an_entry_from_another_version_is_scanned_again(tmp_path: Path) -> None:
     with InputCache(db) as cache:
         expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        conn.execute("update scans set report = ?", (json.dumps({"sha256": "stale"}),))
+        conn.execute("update input_scans set report = ?", (json.dumps({"sha256": "stale"}),))
 
     with InputCache(db) as cache:
         again = cache.scan(source)

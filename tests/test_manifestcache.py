@@ -150,7 +150,7 @@ def uncached_problems(root: Path) -> list[str]:
 
 def stored_paths(root: Path) -> list[str]:
     with sqlite3.connect(cache_db(root)) as conn:
-        return sorted(path for (path,) in conn.execute("select path from manifests"))
+        return sorted(path for (path,) in conn.execute("select path from manifest_entries"))
 
 
 def rewrite_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
@@ -252,7 +252,7 @@ def test_a_cached_file_made_invalid_is_fully_revalidated(root: Path) -> None:
         assert any(p.startswith(f"{plain}:10:3: /spec/completion_window:") for p in problems)
     with sqlite3.connect(cache_db(root)) as conn:
         [(ctime_ns,)] = conn.execute(
-            "select ctime_ns from manifests where path = ?", (str(plain),)
+            "select ctime_ns from manifest_entries where path = ?", (str(plain),)
         ).fetchall()
     assert ctime_ns != plain.stat().st_ctime_ns  # only the clean version's entry, never used
 
@@ -317,7 +317,7 @@ def test_a_changed_project_file_or_fingerprint_misses(root: Path) -> None:
     assert cached_load(root)[1] == 3
 
     with sqlite3.connect(cache_db(root)) as conn:
-        conn.execute("update manifests set fingerprint = 'another batchspec'")
+        conn.execute("update manifest_entries set fingerprint = 'another batchspec'")
     assert cached_load(root)[1] == 0
 
 
@@ -381,13 +381,22 @@ def test_paths_resolve_as_path_resolve_does(root: Path, spelling: str) -> None:
         assert expected.is_file()
 
 
-def test_a_just_written_manifest_is_not_stored(root: Path) -> None:
-    """With the real racy window, a file changed under RACY_WINDOW_S ago is read in full and
-    not stored: a rewrite within the same timestamp tick could keep its stamp."""
+def test_a_just_written_manifest_is_recalled_only_while_its_bytes_hash_the_same(
+    root: Path,
+) -> None:
+    """With the real racy window, a file changed under RACY_WINDOW_S ago is stored with the
+    sha256 of the bytes parsed and recalled while its bytes hash the same; a same-tick
+    rewrite (stamp kept, bytes not: forged by changing the entry's sha256) is read in full."""
     cached_load(root, racy_window=RACY_WINDOW_S)
+    assert len(stored_paths(root)) == 3
     _, recalled = cached_load(root, racy_window=RACY_WINDOW_S)
+    assert recalled == 3
+
+    with sqlite3.connect(cache_db(root)) as conn:
+        conn.execute("update manifest_entries set sha256 = ?", ("0" * 64,))
+    ws, recalled = cached_load(root, racy_window=RACY_WINDOW_S)
     assert recalled == 0
-    assert stored_paths(root) == []
+    assert ws.resources == load_workspace([root]).resources
 
 
 @pytest.mark.parametrize(
@@ -423,7 +432,7 @@ def test_a_busy_cache_database_only_costs_a_reread(root: Path) -> None:
     could not store is read again next time, and stored once the lock is gone."""
     cached_load(root)  # creates the database
     with sqlite3.connect(cache_db(root)) as conn:
-        conn.execute("delete from manifests")
+        conn.execute("delete from manifest_entries")
     blocker = sqlite3.connect(cache_db(root), isolation_level=None)
     blocker.execute("begin immediate")
     try:

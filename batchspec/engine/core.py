@@ -303,7 +303,7 @@ class Engine:
             )
             row = self.store.get_batch(batch_id, db)
         assert row is not None  # inserted in the transaction above
-        self.worker.wake()
+        self.worker.wake(created=batch_id)
         return batch_object(row)
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:

@@ -181,12 +181,18 @@ class Worker:
         self._thread.start()
         ready.wait()
 
-    def wake(self) -> None:
-        """Look at the batches now rather than at the next poll (a create or cancel happened)."""
+    def wake(self, created: str | None = None) -> None:
+        """Look at the batches now rather than at the next poll (a cancel happened); with
+        ``created``, the id of a batch just created: only it is given a driver now (a scan
+        of every active batch at each create costs a submit of n batches n²/2 rows); its
+        deadline is watched from the next poll on, as every batch's is."""
         loop, event = self._loop, self._wake
         if loop is not None and event is not None:
             with contextlib.suppress(RuntimeError):  # the loop has just closed
-                loop.call_soon_threadsafe(event.set)
+                if created is None:
+                    loop.call_soon_threadsafe(event.set)
+                else:
+                    loop.call_soon_threadsafe(self._created, created)
 
     def stop(self) -> None:
         """Stop cleanly: drain in-flight requests, commit, leave unfinished batches to resume."""
@@ -260,22 +266,31 @@ class Worker:
     def _tick(self) -> None:
         """Give every active batch a driver and tell drivers of cancels and passed deadlines."""
         wall = time.time()
-        for row in self.store.active_batches():
-            batch_id = row["id"]
-            control = self._controls.get(batch_id)
-            if control is None:
-                control = self._controls[batch_id] = BatchControl()
-                task = asyncio.create_task(self._drive(batch_id, control))
-                self._drivers[batch_id] = task
-
-                def forget(_t: asyncio.Task[None], b: str = batch_id) -> None:
-                    self._forget(b)
-
-                task.add_done_callback(forget)
-            if row["status"] == "cancelling":
+        for batch_id, status, deadline in self.store.active_batch_states():
+            control = self._controls.get(batch_id) or self._start_driver(batch_id)
+            if status == "cancelling":
                 self._stop_cancelled(control)
-            elif row["status"] in ("validating", "in_progress") and wall >= row["deadline"]:
+            elif status in ("validating", "in_progress") and wall >= deadline:
                 control.stop("expired")
+
+    def _created(self, batch_id: str) -> None:
+        """A batch was just created (``wake(created=...)``): give it a driver, which reads
+        its row and takes its first step; not once the worker is stopping (the next start
+        resumes it)."""
+        if self._shutdown is None or self._shutdown.is_set() or batch_id in self._controls:
+            return
+        self._start_driver(batch_id)
+
+    def _start_driver(self, batch_id: str) -> BatchControl:
+        control = self._controls[batch_id] = BatchControl()
+        task = asyncio.create_task(self._drive(batch_id, control))
+        self._drivers[batch_id] = task
+
+        def forget(_t: asyncio.Task[None], b: str = batch_id) -> None:
+            self._forget(b)
+
+        task.add_done_callback(forget)
+        return control
 
     def _stop_cancelled(self, control: BatchControl) -> None:
         """Stop a ``cancelling`` batch's lines, once ``cancel_delay`` has passed since the

@@ -2,10 +2,13 @@
 
 An entry is keyed by the file's absolute path and the scan's options, and is valid only while
 the file's size, mtime, ctime and inode are what they were when it was scanned (any write
-changes at least one of them) and the file was already older than ``RACY_WINDOW_S`` when it
-was scanned: a file written in the same timestamp tick as its scan could change again without
-changing its stamp. Only clean reports are kept: a file with problems is always
-re-scanned, so its problems are reported in full every time.
+changes at least one of them). A file changed under ``RACY_WINDOW_S`` before its scan could
+change again in the same timestamp tick without changing its stamp: its entry is marked
+``verify`` and used only when the file's bytes, hashed again, are still the content the
+report describes (its sha256), as git treats a racily clean index entry: a read and a hash
+instead of a scan and a new request index. Such an entry is trusted on its stamp alone once
+the file is older than the window. Only clean reports are kept: a file with problems is
+always re-scanned, so its problems are reported in full every time.
 
 One read of a new input does both jobs of the loader and the validator: the loader hashes an
 input with the scan its resource is validated by (``facts_for``), so the validation that
@@ -39,17 +42,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from batchspec.wire.inputs import InputReport, scan_batch_input
+from batchspec.wire.inputs import InputReport, file_sha256, scan_batch_input
 from batchspec.wire.request_index import InputChangedError, RequestIndexWriter, is_complete
 
 _SCHEMA = """
-create table if not exists scans (
+create table if not exists input_scans (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
+    verify integer not null,
     primary key (path, options)
 )
 """
+#: the table before racy entries were kept (dropped: it costs one re-read)
+_OLD_TABLE = "scans"
 
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
@@ -70,6 +76,8 @@ class InputCache:
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
         # per resolved path: the stat and content hash of the last scan of it (any rules)
         self.hashed: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._pending: list[tuple[Any, ...]] = []  # entries to store: one transaction on close
+        self._resolved_paths: dict[Path, str] = {}
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             self.conn = _open_db(db_path)
@@ -82,6 +90,7 @@ class InputCache:
             _prune_indexes(folder)
         self._written_to.clear()
         if self.conn is not None:
+            self._flush(self.conn)
             self.conn.close()
             self.conn = None
         if self._private_dir is not None:
@@ -97,29 +106,39 @@ class InputCache:
     def sha256(self, path: Path) -> str:
         """The content hash: from this run's scan of ``path`` with any rules while its stat is
         unchanged, else from a generic scan (cached): the loader's ``hash_input``."""
-        known = self.hashed.get(str(Path(path).resolve()))
+        known = self.hashed.get(self._resolved(path))
         if known is not None and known[0] == _stamp(path):
             return known[1]
         return self.scan(path).sha256
 
     def scan(self, path: Path, **options: Any) -> InputReport:
-        key = (str(Path(path).resolve()), json.dumps(options, sort_keys=True))
+        key = (self._resolved(path), json.dumps(options, sort_keys=True))
         seen_ns = time.time_ns()
         stamp = _stamp(path)
         hit = self.memory.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        report = self._load(key, stamp)
+        # a file changed within the racy window could be rewritten within the same
+        # timestamp tick, keeping its stamp: its entry is then checked against its bytes
+        racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
+        report = self._load(key, stamp, path, racy=racy)
         if report is None:
             report = self._scan_and_index(path, options, self._writable_index_dir())
-            # a file changed within the racy window could be rewritten within the same
-            # timestamp tick, keeping its stamp: it is remembered only once it is older
-            racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
-            if report.ok and not racy:
-                self._store(key, stamp, report)
+            if report.ok:
+                self._store(key, stamp, report, verify=racy)
         self.memory[key] = (stamp, report)
         self.hashed[key[0]] = (stamp, report.sha256)
         return report
+
+    def _resolved(self, path: Path) -> str:
+        """The cache key's path, resolved once per path a run (an lstat per component each
+        time otherwise; an input is scanned five times a pass). Only a key: what a hit means
+        is decided by the stamp of ``path`` itself, so a symlink moved mid-run to another
+        file misses (another inode) and that file is scanned."""
+        resolved = self._resolved_paths.get(path)
+        if resolved is None:
+            resolved = self._resolved_paths[path] = str(Path(path).resolve())
+        return resolved
 
     def facts_for(
         self,
@@ -220,12 +239,14 @@ class InputCache:
             self._private_dir = tempfile.mkdtemp(prefix="batchspec-index-")
         return Path(self._private_dir)
 
-    def _load(self, key: tuple[str, str], stamp: tuple[int, ...]) -> InputReport | None:
+    def _load(
+        self, key: tuple[str, str], stamp: tuple[int, ...], path: Path, *, racy: bool
+    ) -> InputReport | None:
         if self.conn is None:
             return None
         try:
             row = self.conn.execute(
-                "select size, mtime_ns, ctime_ns, inode, report from scans "
+                "select size, mtime_ns, ctime_ns, inode, report, verify from input_scans "
                 "where path = ? and options = ?",
                 key,
             ).fetchone()
@@ -233,29 +254,58 @@ class InputCache:
             return None
         if row is None or tuple(row[:4]) != stamp:
             return None
-        try:
-            data = json.loads(row[4])
-            return InputReport(
-                **{
-                    **data,
-                    "models": tuple(data["models"]),
-                    "urls": tuple(data["urls"]),
-                    "max_output_tokens": int(data["max_output_tokens"]),  # older: scan again
-                    "problems": (),
-                }
-            )
-        except (ValueError, TypeError, KeyError):  # written by another version: scan again
+        report = _report(row[4])
+        if report is None or not row[5]:
+            return report
+        try:  # stored racy: the stamp proves nothing, the bytes must still be that content
+            same = file_sha256(path) == report.sha256
+        except OSError:
             return None
+        if same and not racy:  # settled since: its stamp is proof enough from now on
+            self._store(key, stamp, report, verify=False)
+        return report if same else None
 
-    def _store(self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport) -> None:
+    def _store(
+        self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport, *, verify: bool
+    ) -> None:
         if self.conn is None:
             return
-        data = asdict(report)
-        with contextlib.suppress(sqlite3.Error):  # a busy or damaged cache costs a re-read
-            self.conn.execute(
-                "insert or replace into scans values (?, ?, ?, ?, ?, ?, ?)",
-                (*key, *stamp, json.dumps(data)),
-            )
+        self._pending.append((*key, *stamp, json.dumps(asdict(report)), int(verify)))
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        """Store the run's new entries in one transaction (one per entry cost a first pass
+        over 1,000 new inputs 0.3 s); a busy or damaged cache only costs a re-read."""
+        if not self._pending:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("begin immediate")
+            try:
+                conn.executemany(
+                    "insert or replace into input_scans values (?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._pending,
+                )
+            except BaseException:
+                conn.execute("rollback")
+                raise
+            conn.execute("commit")
+        self._pending.clear()
+
+
+def _report(text: str) -> InputReport | None:
+    """A stored report, or None when it no longer fits ``InputReport``."""
+    try:
+        data = json.loads(text)
+        return InputReport(
+            **{
+                **data,
+                "models": tuple(data["models"]),
+                "urls": tuple(data["urls"]),
+                "max_output_tokens": int(data["max_output_tokens"]),  # older: scan again
+                "problems": (),
+            }
+        )
+    except (ValueError, TypeError, KeyError):  # written by another version: scan again
+        return None
 
 
 def _open_db(db_path: Path) -> sqlite3.Connection | None:
@@ -271,6 +321,7 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
         # a cache: no fsync per entry (WAL keeps it whole; a power cut costs a re-read)
         conn.execute("pragma synchronous=normal")
         conn.execute(_SCHEMA)
+        conn.execute(f"drop table if exists {_OLD_TABLE}")
     except (OSError, sqlite3.Error):
         if conn is not None:
             conn.close()

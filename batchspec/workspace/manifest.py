@@ -296,8 +296,9 @@ def load_workspace(
     loaded: list[Path] = []
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        digest: list[str] = []
         documents, file_problems = (
-            (recalled, []) if recalled is not None else read_yaml_documents(file)
+            (recalled, []) if recalled is not None else read_yaml_documents(file, digest=digest)
         )
         if file not in named and not_batchspec(file, documents, file_problems):
             continue  # found by a glob, and not ours (a CI workflow, a compose file): skipped
@@ -318,7 +319,7 @@ def load_workspace(
                 resources.append((resource, doc))
             clean = clean and resource is not None
         if manifest_cache is not None and recalled is None and clean:
-            manifest_cache.remember(file, documents)
+            manifest_cache.remember(file, documents, sha256=digest[0] if digest else None)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
     problems.extend(_written_over(resources, loaded))

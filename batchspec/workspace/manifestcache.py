@@ -24,9 +24,14 @@ Invariants:
   ``fingerprint`` is unchanged: batchspec's version, the bytes of the schemas and of the
   modules that read and check a document, the PyYAML and jsonschema versions, and the
   project file's stamp.
-- Racily clean files are not stored: a file changed within ``racy_window`` seconds of being
-  stat'ed could be rewritten within the same timestamp tick without changing its stamp
-  (filesystem clocks tick from nanoseconds to 2 s), so it is read in full until it is older.
+- A racily clean file (changed within ``racy_window`` seconds of being stat'ed) could be
+  rewritten within the same timestamp tick without changing its stamp (filesystem clocks
+  tick from nanoseconds to 2 s), so its stamp alone proves nothing. Its entry also holds the
+  sha256 of the very bytes that were parsed, and is used only when the file's bytes, read
+  again, hash the same (as git treats a racily clean index entry): a read and a hash, not a
+  parse and a schema check. Without that sha256 (a reader that did not give it) such a file
+  is not stored. (A fleet of manifests just checked out, or written by a generator, is all
+  racy at the first apply: without this, the second apply would parse every file again.)
 - The cache is a table in ``<state folder>/input-cache.db`` (beside the input cache's);
   deleting it only costs a re-read. A busy or broken cache never fails a load: it is skipped.
 """
@@ -49,7 +54,13 @@ import yaml
 
 from batchspec import __version__
 from batchspec.workspace.project import Project
-from batchspec.workspace.yamldoc import SCHEMA_DIR, NodePosition, YamlDocument
+from batchspec.workspace.yamldoc import (
+    MAX_YAML_FILE_BYTES,
+    SCHEMA_DIR,
+    NodePosition,
+    YamlDocument,
+    read_bounded,
+)
 
 #: a file changed this recently is not stored (see the module docstring)
 RACY_WINDOW_S = 2.0
@@ -57,13 +68,16 @@ RACY_WINDOW_S = 2.0
 _CHECKING_MODULES = ("yamldoc.py", "manifest.py", "manifestcache.py")
 
 _SCHEMA = """
-create table if not exists manifests (
+create table if not exists manifest_entries (
     path text primary key,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     fingerprint text not null,
-    documents text not null
+    documents text not null,
+    sha256 text
 )
 """
+#: the table before racy entries kept their bytes' sha256 (dropped: it costs one re-read)
+_OLD_TABLE = "manifests"
 
 
 @dataclass(frozen=True)
@@ -124,14 +138,16 @@ class ManifestCache:
             return None
         try:
             row = self.conn.execute(
-                "select size, mtime_ns, ctime_ns, inode, fingerprint, documents "
-                "from manifests where path = ?",
+                "select size, mtime_ns, ctime_ns, inode, fingerprint, documents, sha256 "
+                "from manifest_entries where path = ?",
                 (str(file),),
             ).fetchone()
         except sqlite3.Error:
             return None
         if row is None or tuple(row[:4]) != stamp or row[4] != self.fingerprint:
             return None
+        if row[6] is not None and _bytes_sha256(file) != row[6]:
+            return None  # stored racy: its stamp proves nothing, and its bytes changed
         try:
             documents = decode_documents(file, row[5])
         except (ValueError, KeyError, TypeError):
@@ -140,17 +156,22 @@ class ManifestCache:
         self.recalled += 1
         return documents
 
-    def remember(self, file: Path, documents: list[YamlDocument]) -> None:
-        """Store a clean file's documents, read after a ``recall`` of it missed."""
+    def remember(
+        self, file: Path, documents: list[YamlDocument], *, sha256: str | None = None
+    ) -> None:
+        """Store a clean file's documents, read after a ``recall`` of it missed; ``sha256``:
+        of the bytes they were parsed from (needed to store a racily clean file)."""
         seen = self._seen.pop(file, None)
         if seen is None or self.conn is None:
             return
         size, mtime_ns, ctime_ns, _ = seen.stamp
-        if max(mtime_ns, ctime_ns) > seen.at_ns - self.racy_window_ns:
-            return  # racily clean: a same-tick rewrite would keep this stamp
+        racy = max(mtime_ns, ctime_ns) > seen.at_ns - self.racy_window_ns
+        if racy and sha256 is None:
+            return  # a same-tick rewrite would keep this stamp, and nothing else can tell
         encoded = encode_documents(documents)
         if encoded is not None:
-            self._pending.append((str(file), *seen.stamp, self.fingerprint, encoded))
+            verify = sha256 if racy else None  # a settled stamp is proof enough
+            self._pending.append((str(file), *seen.stamp, self.fingerprint, encoded, verify))
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         if not self._pending:
@@ -158,16 +179,17 @@ class ManifestCache:
         conn.execute("begin immediate")  # one transaction: one sync, not one per file
         try:
             conn.executemany(
-                "insert or replace into manifests values (?, ?, ?, ?, ?, ?, ?)", self._pending
+                "insert or replace into manifest_entries values (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._pending,
             )
             # Entries of an older fingerprint or of deleted files are never used again.
-            conn.execute("delete from manifests where fingerprint != ?", (self.fingerprint,))
+            conn.execute("delete from manifest_entries where fingerprint != ?", (self.fingerprint,))
             gone = [
                 (path,)
-                for (path,) in conn.execute("select path from manifests")
+                for (path,) in conn.execute("select path from manifest_entries")
                 if not os.path.exists(path)
             ]
-            conn.executemany("delete from manifests where path = ?", gone)
+            conn.executemany("delete from manifest_entries where path = ?", gone)
         except BaseException:
             conn.execute("rollback")
             raise
@@ -183,10 +205,19 @@ def _connect(db_path: Path) -> sqlite3.Connection:
     try:
         conn.execute("pragma journal_mode=wal")
         conn.execute(_SCHEMA)
+        conn.execute(f"drop table if exists {_OLD_TABLE}")
     except sqlite3.Error:
         conn.close()
         raise
     return conn
+
+
+def _bytes_sha256(path: Path) -> str | None:
+    """The sha256 of the file's bytes now, read as the loader reads them; None if it cannot."""
+    try:
+        return hashlib.sha256(read_bounded(path, MAX_YAML_FILE_BYTES)).hexdigest()
+    except Exception:  # noqa: BLE001 - refused or unreadable: a miss, the reader says why
+        return None
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:

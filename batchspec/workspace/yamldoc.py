@@ -28,6 +28,7 @@ Promises:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -385,13 +386,16 @@ class _Builder:
         self.problems.append(Problem.at(loc, pointer, code, message))
 
 
-def read_yaml_documents(path: Path) -> tuple[list[YamlDocument], list[Problem]]:
+def read_yaml_documents(
+    path: Path, *, digest: list[str] | None = None
+) -> tuple[list[YamlDocument], list[Problem]]:
     """Every document of a YAML file, with the problems met while reading it.
 
     Empty documents (a stray ``---``) are dropped. Documents before a syntax error are kept,
-    so their problems are reported too.
+    so their problems are reported too. ``digest``, if given, gets the sha256 of the bytes
+    read (the manifest cache keeps it to recognise those bytes later).
     """
-    text, problems = _read_text(path)
+    text, problems = _read_text(path, digest)
     if text is None:
         return [], problems
     documents, found = _read_documents(path, text, _FastLoader)
@@ -428,9 +432,11 @@ def _read_documents(
     return documents, problems
 
 
-def _read_text(path: Path) -> tuple[str | None, list[Problem]]:
+def _read_text(path: Path, digest: list[str] | None = None) -> tuple[str | None, list[Problem]]:
     try:
         raw = read_bounded(path, MAX_YAML_FILE_BYTES)
+        if digest is not None:
+            digest.append(hashlib.sha256(raw).hexdigest())
     except _Refused as refused:
         return None, [Problem(path, None, None, "", refused.code, refused.message)]
     except OSError as err:

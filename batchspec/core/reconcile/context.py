@@ -155,6 +155,9 @@ class RunContext:
     shard_dir: Path = field(init=False)
     _confinement: Confinement | None = field(default=None, init=False, repr=False)
     _root: Path | None = field(default=None, init=False, repr=False)
+    # relative() of each path asked: a resolve costs an lstat per component, asked thrice a
+    # resource (a symlink changed mid-run changes no recorded path's meaning: it names the file)
+    _relative: dict[Path, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -275,12 +278,17 @@ class RunContext:
         )
 
     def relative(self, path: Path) -> str:
+        known = self._relative.get(path)
+        if known is not None:
+            return known
         if self._root is None:
             self._root = self.project.root.resolve()
         try:
-            return str(path.resolve().relative_to(self._root))
+            found = str(path.resolve().relative_to(self._root))
         except ValueError:
-            return str(path)
+            found = str(path)
+        self._relative[path] = found
+        return found
 
 
 def remote_blobs_for(project: Project, store: StateStore) -> RemoteBlobs | None:
