@@ -53,6 +53,7 @@ def start_gated_model() -> tuple[ThreadingHTTPServer, threading.Event, str]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # as the proxy's (below): no delayed-ACK stall a call
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -106,6 +107,9 @@ def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPSer
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # TCP_NODELAY, as any real front end sets it: the head and the body are two writes,
+        # and with Nagle on, the body waited for the client's delayed ACK (~40 ms a call)
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
