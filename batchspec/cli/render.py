@@ -315,7 +315,7 @@ def _md_cell(text: str) -> str:
 def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
-        "in_progress": "Apply submitted: batches are in flight. "
+        "in_progress": "Apply done for now: batches are in flight. "
         "Run `batchspec apply` again (or with --wait) to collect.",
         "degraded": "Apply finished with resources Degraded: some requests failed for good "
         "(not retryable, or out of attempts); the errors files hold them.",
