@@ -668,6 +668,27 @@ def test_replace_asked_for_is_a_replace_that_keeps_reusable_answers() -> None:
     assert "--replace" in action.reason and "cancels generation" in action.reason
 
 
+STOPPING = gen(
+    spec_hash=OLD, status="cancelled", batches=(batch(status="cancelling", collected=False),)
+)
+
+
+def test_a_cancelled_batch_still_stopping_is_not_told_to_be_replaced_yet() -> None:
+    """While a cancelled batch still stops, the hint says to replace once it has stopped
+    (a replace now sends again what it is still finishing)."""
+    action = plan_resource(want(spec_hash=OLD), have(STOPPING), None)
+    assert action.kind is ActionKind.REFRESH
+    assert "once it has stopped, `batchspec apply --replace triage`" in action.reason
+
+
+def test_replace_says_what_a_generation_still_stopping_finishes_is_sent_again() -> None:
+    """`--replace` while an older generation's batch is still cancelling warns that the
+    answers it is still finishing cannot be reused by this replacement."""
+    action = plan_resource(want(replace=True), have(STOPPING), None)
+    assert (action.kind, action.requests) == (ActionKind.REPLACE, 10)
+    assert "generation 7 is still stopping" in action.reason
+
+
 def test_a_new_generation_counts_reused_answers_apart() -> None:
     """A changed spec's create submits only what has no recorded answer."""
     action = plan_resource(want(reusable=10, reusable_bytes=400), have(gen(spec_hash=OLD)), None)

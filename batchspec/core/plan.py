@@ -322,6 +322,15 @@ def plan_resource(
         reused = min(want.reusable, want.requests)
         if reused:
             reason += f"; {reused:,} request(s) keep a recorded answer"
+        stopping = [
+            g
+            for g in (have.generations if have else ())
+            if g.status not in ACTIVE_GENERATION_STATUSES and any(b.in_flight for b in g.batches)
+        ]
+        if stopping:  # its answers reach the ledger only when it ends: too late for this one
+            reason += (
+                f"; generation {stopping[0].id} is still stopping: what it finishes is sent again"
+            )
         return spend(
             kind,
             reason,
@@ -365,7 +374,8 @@ def plan_resource(
         if any(b.in_flight for b in gen.batches):
             return act(
                 ActionKind.REFRESH,
-                "cancelled by a user; waiting for it to stop" + rerun,
+                "cancelled by a user; waiting for it to stop; once it has stopped, "
+                f"`batchspec apply --replace {want.name}` runs it again, keeping what it finished",
                 gen,
             )
         if any(b.awaiting_collect for b in gen.batches) or (
