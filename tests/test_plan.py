@@ -669,7 +669,7 @@ def test_replace_asked_for_is_a_replace_that_keeps_reusable_answers() -> None:
 
 
 STOPPING = gen(
-    spec_hash=OLD, status="cancelled", batches=(batch(status="cancelling", collected=False),)
+    id=6, spec_hash=OLD, status="cancelled", batches=(batch(status="cancelling", collected=False),)
 )
 
 
@@ -686,7 +686,16 @@ def test_replace_says_what_a_generation_still_stopping_finishes_is_sent_again() 
     answers it is still finishing cannot be reused by this replacement."""
     action = plan_resource(want(replace=True), have(STOPPING), None)
     assert (action.kind, action.requests) == (ActionKind.REPLACE, 10)
-    assert "generation 7 is still stopping" in action.reason
+    assert "generation 6 is still stopping" in action.reason
+
+
+def test_in_sync_says_apply_still_drains_an_older_generation_stopping() -> None:
+    """A resource in sync whose older generation's batch is still cancelling plans none, and
+    says that apply still polls that batch and keeps what it finishes (plan hid it)."""
+    action = plan_resource(want(), have(STOPPING, gen()), IN_SYNC_DISK)
+    assert action.kind is ActionKind.NONE
+    assert "in sync" in action.reason
+    assert "generation 6 is still stopping: `batchspec apply` polls it" in action.reason
 
 
 def test_a_new_generation_counts_reused_answers_apart() -> None:

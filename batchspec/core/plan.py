@@ -322,14 +322,10 @@ def plan_resource(
         reused = min(want.reusable, want.requests)
         if reused:
             reason += f"; {reused:,} request(s) keep a recorded answer"
-        stopping = [
-            g
-            for g in (have.generations if have else ())
-            if g.status not in ACTIVE_GENERATION_STATUSES and any(b.in_flight for b in g.batches)
-        ]
+        stopping = _still_stopping(have)
         if stopping:  # its answers reach the ledger only when it ends: too late for this one
             reason += (
-                f"; generation {stopping[0].id} is still stopping: what it finishes is sent again"
+                f"; generation {stopping.id} is still stopping: what it finishes is sent again"
             )
         return spend(
             kind,
@@ -447,7 +443,27 @@ def plan_resource(
     drift = _disk_drift(gen, disk)
     if drift:
         return act(ActionKind.RESTORE, drift, gen)
-    return act(ActionKind.NONE, _in_sync_reason(want.name, gen), gen)
+    why = _in_sync_reason(want.name, gen)
+    stopping = _still_stopping(have)
+    if stopping:  # apply's drain polls it: not a change, but not nothing either
+        why += (
+            f"; generation {stopping.id} is still stopping: `batchspec apply` polls it and "
+            "keeps what it finishes"
+        )
+    return act(ActionKind.NONE, why, gen)
+
+
+def _still_stopping(have: RecordedResource | None) -> RecordedGeneration | None:
+    """An ended generation (cancelled, superseded) whose batch is still stopping, if any:
+    apply drains it, and only once it has ended can a new generation reuse its answers."""
+    return next(
+        (
+            g
+            for g in (have.generations if have else ())
+            if g.status not in ACTIVE_GENERATION_STATUSES and any(b.in_flight for b in g.batches)
+        ),
+        None,
+    )
 
 
 def _bytes_share(want: DesiredResource, requests: int) -> int:
