@@ -929,11 +929,18 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
-    n = cancel_resource(
+    result = cancel_resource(
         paths, name, lock_timeout=lock_timeout, state_path=state_path, parallelism=parallelism
     )
+    n = result.cancelled
     if as_json:
-        emit_json({"resource": name, "cancelled_batches": n})
+        emit_json({"resource": name, "cancelled_batches": n, "stopping_batches": result.stopping})
+    elif n == 0 and result.stopping:
+        click.echo(
+            f"{name} is already cancelled: {result.stopping} batch"
+            f"{'' if result.stopping == 1 else 'es'} still stopping (no cancel sent again); "
+            "`batchspec apply` collects what finishes"
+        )
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
