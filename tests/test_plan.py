@@ -89,7 +89,7 @@ CASES = [
         want(),
         have(replace(IN_FLIGHT, id=3, spec_hash=OLD)),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        (ActionKind.REPLACE, f"generation 3 (spec {OLD[:12]}) is still in flight", 10, 100),
         id="spec-changed-older-in-flight-replaces",
     ),
     pytest.param(
@@ -103,7 +103,7 @@ CASES = [
         want(),
         have(IN_FLIGHT, replace(IN_FLIGHT, id=3, spec_hash=OLD)),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 0, 0),
+        (ActionKind.REPLACE, f"generation 3 (spec {OLD[:12]}) is still in flight", 0, 0),
         id="spec-reverted-to-one-still-running-replaces-submitting-nothing",
     ),
     pytest.param(
@@ -167,7 +167,7 @@ CASES = [
             replace(IN_FLIGHT, id=4, spec_hash=OLD),
         ),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        (ActionKind.REPLACE, f"generation 4 (spec {OLD[:12]}) is still in flight", 10, 100),
         id="spec-reverted-while-newer-in-flight-replaces",
     ),
     pytest.param(
@@ -666,6 +666,8 @@ def test_replace_asked_for_is_a_replace_that_keeps_reusable_answers() -> None:
     assert (action.kind, action.requests, action.reused) == (ActionKind.REPLACE, 6, 4)
     assert action.estimated_input_tokens == estimate_input_tokens(400 - 160)
     assert "--replace" in action.reason and "cancels generation" in action.reason
+    # the generation by its number, as apply's lines name it, with its spec hash beside
+    assert f"cancels generation 7 (spec {OLD[:12]}) still in flight" in action.reason
 
 
 STOPPING = gen(

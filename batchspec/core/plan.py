@@ -347,11 +347,11 @@ def plan_resource(
     if want.replace and gen is None:
         why = "replacement asked for (--replace): a new generation of the same spec"
         if others_active:
-            why += f"; cancels generation {others_active[0].spec_hash[:12]} still in flight"
+            why += f"; cancels generation {_named(others_active[0])} still in flight"
         return new_generation(ActionKind.REPLACE, why, None)
     if others_active:  # a newer or older spec is still running: switching needs consent
         # a revived generation that was superseded goes again; one still active does not
-        why = f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight"
+        why = f"spec changed while generation {_named(others_active[0])} is still in flight"
         if gen is None:
             return new_generation(ActionKind.REPLACE, why, None)
         requests = want.requests if gen.status == "superseded" else 0
@@ -451,6 +451,11 @@ def plan_resource(
             "keeps what it finishes"
         )
     return act(ActionKind.NONE, why, gen)
+
+
+def _named(gen: RecordedGeneration) -> str:
+    """A generation as the plan names it: its number (as apply's lines do) and its spec."""
+    return f"{gen.id} (spec {gen.spec_hash[:12]})"
 
 
 def _still_stopping(have: RecordedResource | None) -> RecordedGeneration | None:
