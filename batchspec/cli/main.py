@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -1139,13 +1139,25 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     return err
 
 
+def interrupted_text(args: Sequence[str]) -> str:
+    """What Ctrl-C prints: for apply, also that what it created goes on (README, exit 130)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command == "apply":
+        return (
+            "Interrupted: batches already created keep running on the provider; "
+            "`batchspec apply` picks them up."
+        )
+    return "Interrupted."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
+    args = sys.argv[1:] if argv is None else argv
     try:
         rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo("Interrupted.", err=True)
+            click.echo(interrupted_text(args), err=True)
             sys.exit(INTERRUPTED_EXIT_CODE)
         click.echo("Aborted.", err=True)
         sys.exit(1)
@@ -1156,7 +1168,7 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except BatchspecError as err:
-        report_error(err, no_color="--no-color" in (sys.argv[1:] if argv is None else argv))
+        report_error(err, no_color="--no-color" in args)
         sys.exit(err.exit_code)
     except OSError as err:  # disk full, permission denied, a file where a folder should be
         where = f": {err.filename}" if err.filename else ""
@@ -1170,6 +1182,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        click.echo(interrupted_text(args), err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(rv if isinstance(rv, int) else 0)
