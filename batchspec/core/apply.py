@@ -80,6 +80,7 @@ from batchspec.errors import (
     BudgetError,
     ConsentError,
     ManifestError,
+    StateLockedError,
     UsageError,
 )
 from batchspec.state.lock import acquire_lock, current_lock
@@ -380,17 +381,22 @@ def cancel_resource(
                 f"({unknown_name_hint(name, known)})"
             )
         info = collect_run_info(ws.project.root, env)
-        with (
-            acquire_lock(
+        try:
+            lock = acquire_lock(
                 store,
                 command="cancel",
                 info=info,
                 resources=[name],
                 timeout=lock_timeout,
                 run_id=run.id,
-            ),
-            ProviderPool(ws, env) as providers,
-        ):
+            )
+        except StateLockedError as err:  # an `apply --wait` may hold it for hours
+            err.details.append(
+                "to cancel now, stop that run (Ctrl-C: batches it created keep running) and "
+                f"run `batchspec cancel {name}` again"
+            )
+            raise
+        with lock, ProviderPool(ws, env) as providers:
             rec = Reconciler(
                 ws.project,
                 store,
