@@ -144,6 +144,22 @@ def test_a_second_apply_creates_nothing(
     assert run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)[0] == 0
 
 
+def test_an_apply_that_only_polls_does_not_say_it_submitted(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second apply that only polls a batch still in flight says so, not "Apply submitted"."""
+    srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 1
+    assert "batches are in flight" in out
+    assert "submitted" not in out
+
+
 def test_an_apply_without_wait_submits_and_a_later_one_collects(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from batchspec.cli.colour import ANSI, PLAIN, colour_wanted
 from batchspec.cli.render import plan_text, status_text
 from batchspec.core.plan import Action, ActionKind, Plan
 from batchspec.core.reporting import Progress
-from batchspec.core.status import ResourceStatus
+from batchspec.core.status import BatchStatus, ResourceStatus
 
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -256,6 +256,32 @@ def test_plain_style_is_the_uncoloured_text_exactly() -> None:
     coloured = status_text(statuses, ANSI)
     assert "\x1b[33mOutOfSync\x1b[0m" in coloured and "\x1b[31mDegraded\x1b[0m" in coloured
     assert status_text(statuses) == SGR.sub("", coloured)
+
+
+def test_status_counts_group_thousands_as_the_totals_line_does() -> None:
+    """A resource's and its batch's counts read 1,500/20,000, as the totals line writes them."""
+    batch = BatchStatus(1, 1, "batch_1", "in_progress", 20000, 1500, 0)
+    statuses = [
+        ResourceStatus(
+            "big",
+            "OutOfSync",
+            "Progressing",
+            "refresh",
+            "r",
+            "p",
+            None,
+            None,
+            20000,
+            1500,
+            0,
+            None,
+            None,
+            (batch,),
+        )
+    ]
+    text = status_text(statuses)
+    assert "big: OutOfSync, Progressing — 1,500/20,000 succeeded" in text
+    assert "batch_1 in_progress 1,500/20,000" in text
 
 
 def test_the_live_output_draws_bars_ticks_and_erases_them_on_close() -> None:

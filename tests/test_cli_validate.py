@@ -230,6 +230,14 @@ def test_missing_path_is_a_problem_not_a_crash(
     assert "Traceback" not in err
 
 
+def test_one_problem_is_told_to_fix_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The headline of a single problem says "Fix it", not "Fix them"."""
+    assert run_main(["init", str(tmp_path / "ws")], capsys)[0] == 0
+    code, _, err = run_main(["plan", str(tmp_path / "ws" / "nope")], capsys)
+    assert code == 1
+    assert "1 problem in the workspace; nothing was changed. Fix it and run" in err
+
+
 def test_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
     """A bad flag is a usage error: exit 64 (not click's 2), a hint, no traceback."""
     code, out, err = run_main(["validate", "--no-such-flag"], capsys)

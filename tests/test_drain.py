@@ -501,3 +501,22 @@ def test_a_retired_batch_whose_output_file_is_gone_is_settled_once_with_what_is_
     assert srv.probe.counts["GET /files/{id}/content"] == downloads
     with ws.store() as store:
         assert len(store.events(resource="triage")) == events
+
+
+def test_a_second_cancel_of_a_batch_still_stopping_says_so(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cancel` again while the first cancel's batch still stops says it is already cancelled
+    and still stopping (not "no batch in flight"), and sends no second cancel."""
+    srv = slow_server(server, cancel_delay=30.0)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert out.startswith("triage is already cancelled: 1 batch still stopping")
+    assert srv.probe.counts[CANCEL] == 1
+    code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
+    assert json.loads(out) == {"resource": "triage", "cancelled_batches": 0, "stopping_batches": 1}

@@ -206,6 +206,26 @@ def test_import_refuses_what_is_already_tracked(
     assert "other already has generation" in err
 
 
+def test_import_refusal_names_the_current_replacement(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `apply --replace`, import's refusal names the replacement, not the first generation."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage"))
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    replace = ["apply", str(ws.root), "--yes", "--wait", "--replace", "triage", "--no-reuse"]
+    assert run_cli([*replace, *FAST], capsys)[0] == 0
+    with ws.store() as store:
+        first, current = store.generations("triage")
+    batch_id, _ = remote_batch(srv, ws.input_path("triage").read_bytes())
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
+
+    assert code == 1
+    assert f"triage already has generation {current.id} for its current spec" in err
+    assert f"generation {first.id} " not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # forget
 

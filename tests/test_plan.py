@@ -89,7 +89,7 @@ CASES = [
         want(),
         have(replace(IN_FLIGHT, id=3, spec_hash=OLD)),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        (ActionKind.REPLACE, f"generation 3 (spec {OLD[:12]}) is still in flight", 10, 100),
         id="spec-changed-older-in-flight-replaces",
     ),
     pytest.param(
@@ -103,7 +103,7 @@ CASES = [
         want(),
         have(IN_FLIGHT, replace(IN_FLIGHT, id=3, spec_hash=OLD)),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 0, 0),
+        (ActionKind.REPLACE, f"generation 3 (spec {OLD[:12]}) is still in flight", 0, 0),
         id="spec-reverted-to-one-still-running-replaces-submitting-nothing",
     ),
     pytest.param(
@@ -167,7 +167,7 @@ CASES = [
             replace(IN_FLIGHT, id=4, spec_hash=OLD),
         ),
         None,
-        (ActionKind.REPLACE, f"generation {OLD[:12]} is still in flight", 10, 100),
+        (ActionKind.REPLACE, f"generation 4 (spec {OLD[:12]}) is still in flight", 10, 100),
         id="spec-reverted-while-newer-in-flight-replaces",
     ),
     pytest.param(
@@ -666,6 +666,38 @@ def test_replace_asked_for_is_a_replace_that_keeps_reusable_answers() -> None:
     assert (action.kind, action.requests, action.reused) == (ActionKind.REPLACE, 6, 4)
     assert action.estimated_input_tokens == estimate_input_tokens(400 - 160)
     assert "--replace" in action.reason and "cancels generation" in action.reason
+    # the generation by its number, as apply's lines name it, with its spec hash beside
+    assert f"cancels generation 7 (spec {OLD[:12]}) still in flight" in action.reason
+
+
+STOPPING = gen(
+    id=6, spec_hash=OLD, status="cancelled", batches=(batch(status="cancelling", collected=False),)
+)
+
+
+def test_a_cancelled_batch_still_stopping_is_not_told_to_be_replaced_yet() -> None:
+    """While a cancelled batch still stops, the hint says to replace once it has stopped
+    (a replace now sends again what it is still finishing)."""
+    action = plan_resource(want(spec_hash=OLD), have(STOPPING), None)
+    assert action.kind is ActionKind.REFRESH
+    assert "once it has stopped, `batchspec apply --replace triage`" in action.reason
+
+
+def test_replace_says_what_a_generation_still_stopping_finishes_is_sent_again() -> None:
+    """`--replace` while an older generation's batch is still cancelling warns that the
+    answers it is still finishing cannot be reused by this replacement."""
+    action = plan_resource(want(replace=True), have(STOPPING), None)
+    assert (action.kind, action.requests) == (ActionKind.REPLACE, 10)
+    assert "generation 6 is still stopping" in action.reason
+
+
+def test_in_sync_says_apply_still_drains_an_older_generation_stopping() -> None:
+    """A resource in sync whose older generation's batch is still cancelling plans none, and
+    says that apply still polls that batch and keeps what it finishes (plan hid it)."""
+    action = plan_resource(want(), have(STOPPING, gen()), IN_SYNC_DISK)
+    assert action.kind is ActionKind.NONE
+    assert "in sync" in action.reason
+    assert "generation 6 is still stopping: `batchspec apply` polls it" in action.reason
 
 
 def test_a_new_generation_counts_reused_answers_apart() -> None:

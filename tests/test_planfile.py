@@ -426,7 +426,7 @@ def test_a_saved_replace_plan_is_its_own_consent(
     assert code == 1, (out, err)
     assert "re-run with --allow-replace" in out  # without a saved plan, consent is needed
     assert "Apply did not replace triage" in out  # not "batches are in flight: apply again"
-    assert "Apply submitted" not in out
+    assert "Apply done for now" not in out
     assert srv.probe.counts["POST /batches"] == 1
     plan_path = tmp_path / "plan.json"
     _, _, err = run_cli(["plan", str(ws.root), "--out", str(plan_path)], capsys)

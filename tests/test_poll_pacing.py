@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from batchspec.core.apply import SHORTEST_POLL_PAUSE, poll_pause
-from batchspec.core.reconcile.poll import remaining_seconds
+from batchspec.core.reconcile.poll import poll_message, remaining_seconds
+from batchspec.providers.base import RemoteBatch, RequestCounts
 
 
 @pytest.mark.parametrize(
@@ -54,3 +55,9 @@ def test_remaining_seconds_without_a_pace(
     """Counts that did not move (or no time between the polls) give no estimate, so the
     interval stands; every request done (a batch finalizing) is 0."""
     assert remaining_seconds(before, after, 20) == expected
+
+
+def test_a_poll_message_groups_thousands_as_status_does() -> None:
+    """apply's poll line reads 1,500/20,000, as `status` and the totals line write counts."""
+    remote = RemoteBatch("batch_1", "in_progress", request_counts=RequestCounts(20000, 1400, 100))
+    assert poll_message(remote) == "batch batch_1 in_progress 1,500/20,000"

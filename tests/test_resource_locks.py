@@ -270,3 +270,23 @@ def test_status_text_lists_each_held_lock_with_its_holder(
     locks = out.split("Locks:\n", 1)[1].splitlines()
     assert locks == [f"  alpha: {describe_holder(handle.holder)}"]
     assert f"pid {os.getpid()}" in locks[0] and "'cancel'" in locks[0]
+
+
+def test_cancel_of_a_resource_an_apply_holds_says_how_to_cancel_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cancel` refused by another run's lock (an `apply --wait` may hold it for hours) says to
+    stop that run and cancel again, besides waiting for it."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0
+    info = collect_run_info(ws.root, env={})
+    with (
+        StateStore.open(ws.state_path) as store,
+        acquire_lock(store, command="apply", info=info, resources=["alpha"]),
+    ):
+        code, out, err = run_cli(["cancel", "alpha", str(ws.root)], capsys)
+    assert code == 3, err
+    assert "is locked by another run" in err
+    assert "to cancel now, stop that run (Ctrl-C: batches it created keep running)" in err

@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -935,11 +935,18 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
-    n = cancel_resource(
+    result = cancel_resource(
         paths, name, lock_timeout=lock_timeout, state_path=state_path, parallelism=parallelism
     )
+    n = result.cancelled
     if as_json:
-        emit_json({"resource": name, "cancelled_batches": n})
+        emit_json({"resource": name, "cancelled_batches": n, "stopping_batches": result.stopping})
+    elif n == 0 and result.stopping:
+        click.echo(
+            f"{name} is already cancelled: {result.stopping} batch"
+            f"{'' if result.stopping == 1 else 'es'} still stopping (no cancel sent again); "
+            "`batchspec apply` collects what finishes"
+        )
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
@@ -1138,13 +1145,25 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     return err
 
 
+def interrupted_text(args: Sequence[str]) -> str:
+    """What Ctrl-C prints: for apply, also that what it created goes on (README, exit 130)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command == "apply":
+        return (
+            "Interrupted: batches already created keep running on the provider; "
+            "`batchspec apply` picks them up."
+        )
+    return "Interrupted."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
+    args = sys.argv[1:] if argv is None else argv
     try:
         rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo("Interrupted.", err=True)
+            click.echo(interrupted_text(args), err=True)
             sys.exit(INTERRUPTED_EXIT_CODE)
         click.echo("Aborted.", err=True)
         sys.exit(1)
@@ -1155,7 +1174,7 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except BatchspecError as err:
-        report_error(err, no_color="--no-color" in (sys.argv[1:] if argv is None else argv))
+        report_error(err, no_color="--no-color" in args)
         sys.exit(err.exit_code)
     except OSError as err:  # disk full, permission denied, a file where a folder should be
         where = f": {err.filename}" if err.filename else ""
@@ -1169,6 +1188,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        click.echo(interrupted_text(args), err=True)
         sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(rv if isinstance(rv, int) else 0)

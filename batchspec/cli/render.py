@@ -350,7 +350,7 @@ def _md_cell(text: str) -> str:
 def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
-        "in_progress": "Apply submitted: batches are in flight. "
+        "in_progress": "Apply done for now: batches are in flight. "
         "Run `batchspec apply` again (or with --wait) to collect.",
         "degraded": "Apply finished with resources Degraded: some requests failed for good "
         "(not retryable, or out of attempts); the errors files hold them.",
@@ -474,8 +474,8 @@ def forget_text(result: ForgetResult) -> str:
 def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> list[str]:
     lines = []
     for s in statuses:
-        counts = f"{s.succeeded}/{s.requests} succeeded" + (
-            style.paint(f", {s.failed} failed", "red") if s.failed else ""
+        counts = f"{s.succeeded:,}/{s.requests:,} succeeded" + (
+            style.paint(f", {s.failed:,} failed", "red") if s.failed else ""
         )
         sync, health = style.state(s.sync), style.state(s.health)
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
@@ -488,7 +488,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             if s.failed and s.errors:
                 lines.append(f"      errors:  {display_path(Path(s.errors))}")
         for b in s.batches:
-            done = f" {(b.completed or 0) + (b.failed or 0)}/{b.total}" if b.total else ""
+            done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
             remote = b.remote_id or "(intent)"
             lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
     return lines

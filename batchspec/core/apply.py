@@ -34,6 +34,7 @@ from batchspec.core.budget import Estimate, check_budget, estimate_spend
 from batchspec.core.lifecycle import prune_orphans, start_replacements
 from batchspec.core.moves import apply_moves, moved_view, note_moves
 from batchspec.core.plan import (
+    ACTIVE_GENERATION_STATUSES,
     Action,
     ActionKind,
     DesiredResource,
@@ -80,11 +81,12 @@ from batchspec.errors import (
     BudgetError,
     ConsentError,
     ManifestError,
+    StateLockedError,
     UsageError,
 )
 from batchspec.state.lock import acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info
-from batchspec.state.store import StateStore
+from batchspec.state.store import BATCH_TERMINAL_STATUSES, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
@@ -357,6 +359,12 @@ def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str]
     return sorted(names) or None
 
 
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled: int  # batches this cancel was sent to
+    stopping: int  # batches cancelled earlier that are still stopping
+
+
 def cancel_resource(
     paths: Sequence[str],
     name: str,
@@ -366,9 +374,10 @@ def cancel_resource(
     env: Mapping[str, str] = os.environ,
     state_path: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
-) -> int:
+) -> CancelResult:
     """``batchspec cancel NAME``: cancel a resource's in-flight batches (at most
-    ``parallelism`` cancels at once, a provider's ``maxConcurrency`` to it); return how many."""
+    ``parallelism`` cancels at once, a provider's ``maxConcurrency`` to it); say how many, and
+    how many cancelled before are still stopping (a cancel is never sent to them again)."""
     ws = load_workspace(paths, state_path=state_path)
     with (
         StateStore.open(ws.project.state) as store,
@@ -381,17 +390,22 @@ def cancel_resource(
                 f"({unknown_name_hint(name, known)})"
             )
         info = collect_run_info(ws.project.root, env)
-        with (
-            acquire_lock(
+        try:
+            lock = acquire_lock(
                 store,
                 command="cancel",
                 info=info,
                 resources=[name],
                 timeout=lock_timeout,
                 run_id=run.id,
-            ),
-            ProviderPool(ws, env) as providers,
-        ):
+            )
+        except StateLockedError as err:  # an `apply --wait` may hold it for hours
+            err.details.append(
+                "to cancel now, stop that run (Ctrl-C: batches it created keep running) and "
+                f"run `batchspec cancel {name}` again"
+            )
+            raise
+        with lock, ProviderPool(ws, env) as providers:
             rec = Reconciler(
                 ws.project,
                 store,
@@ -401,9 +415,16 @@ def cancel_resource(
                 parallelism=parallelism,
                 max_concurrency=lambda provider: provider_option(ws, provider, "maxConcurrency"),
             )
+            stopping = sum(  # of generations cancelled (or superseded) before
+                1
+                for gen in store.generations(name)
+                if gen.status not in ACTIVE_GENERATION_STATUSES
+                for batch in store.batches(gen.id)
+                if batch.remote_id is not None and batch.status not in BATCH_TERMINAL_STATUSES
+            )
             n = rec.cancel(name)  # its batches' cancels side by side
         run.exit_code = 0
-        return n
+        return CancelResult(n, stopping)
 
 
 # ---------------------------------------------------------------------------------------------

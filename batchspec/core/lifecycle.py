@@ -198,7 +198,7 @@ def require_not_tracked(store: StateStore, res: Resource, batch_id: str) -> None
             f"batch {batch_id} is already tracked (resource {owner}, shard {known.shard + 1}, "
             f"attempt {known.attempt}); nothing was imported"
         )
-    existing = store.find_generation(res.name, res.spec_hash)
+    existing = current_replacement(store, res) or store.find_generation(res.name, res.spec_hash)
     if existing is not None:
         raise StateError(
             f"{res.name} already has generation {existing.id} for its current spec "

@@ -348,6 +348,11 @@ def plan_resource(
         reused = min(want.reusable, want.requests)
         if reused:
             reason += f"; {reused:,} request(s) keep a recorded answer"
+        stopping = _still_stopping(have)
+        if stopping:  # its answers reach the ledger only when it ends: too late for this one
+            reason += (
+                f"; generation {stopping.id} is still stopping: what it finishes is sent again"
+            )
         return spend(
             kind,
             reason,
@@ -368,11 +373,11 @@ def plan_resource(
     if want.replace and gen is None:
         why = "replacement asked for (--replace): a new generation of the same spec"
         if others_active:
-            why += f"; cancels generation {others_active[0].spec_hash[:12]} still in flight"
+            why += f"; cancels generation {_named(others_active[0])} still in flight"
         return new_generation(ActionKind.REPLACE, why, None)
     if others_active:  # a newer or older spec is still running: switching needs consent
         # a revived generation that was superseded goes again; one still active does not
-        why = f"spec changed while generation {others_active[0].spec_hash[:12]} is still in flight"
+        why = f"spec changed while generation {_named(others_active[0])} is still in flight"
         if gen is None:
             return new_generation(ActionKind.REPLACE, why, None)
         requests = want.requests if gen.status == "superseded" else 0
@@ -391,7 +396,8 @@ def plan_resource(
         if any(b.in_flight for b in gen.batches):
             return act(
                 ActionKind.REFRESH,
-                "cancelled by a user; waiting for it to stop" + rerun,
+                "cancelled by a user; waiting for it to stop; once it has stopped, "
+                f"`batchspec apply --replace {want.name}` runs it again, keeping what it finished",
                 gen,
             )
         if any(b.awaiting_collect for b in gen.batches) or (
@@ -463,7 +469,32 @@ def plan_resource(
     drift = _disk_drift(gen, disk)
     if drift:
         return act(ActionKind.RESTORE, drift, gen)
-    return act(ActionKind.NONE, _in_sync_reason(want.name, gen), gen)
+    why = _in_sync_reason(want.name, gen)
+    stopping = _still_stopping(have)
+    if stopping:  # apply's drain polls it: not a change, but not nothing either
+        why += (
+            f"; generation {stopping.id} is still stopping: `batchspec apply` polls it and "
+            "keeps what it finishes"
+        )
+    return act(ActionKind.NONE, why, gen)
+
+
+def _named(gen: RecordedGeneration) -> str:
+    """A generation as the plan names it: its number (as apply's lines do) and its spec."""
+    return f"{gen.id} (spec {gen.spec_hash[:12]})"
+
+
+def _still_stopping(have: RecordedResource | None) -> RecordedGeneration | None:
+    """An ended generation (cancelled, superseded) whose batch is still stopping, if any:
+    apply drains it, and only once it has ended can a new generation reuse its answers."""
+    return next(
+        (
+            g
+            for g in (have.generations if have else ())
+            if g.status not in ACTIVE_GENERATION_STATUSES and any(b.in_flight for b in g.batches)
+        ),
+        None,
+    )
 
 
 def _bytes_share(want: DesiredResource, requests: int) -> int:

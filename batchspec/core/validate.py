@@ -141,8 +141,8 @@ class InvalidInputError(InputError):
         count = len(ordered) if count is None else count  # may exceed the problems listed
         noun = "problem" if count == 1 else "problems"
         super().__init__(
-            f"{count} {noun} in batch inputs; nothing was changed. Fix them and run "
-            "`batchspec validate` again.",
+            f"{count} {noun} in batch inputs; nothing was changed. Fix "
+            f"{'it' if count == 1 else 'them'} and run `batchspec validate` again.",
             details=[str(p) for p in ordered],
         )
         self.problems: tuple[Problem, ...] = ordered

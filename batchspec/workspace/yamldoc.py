@@ -135,8 +135,8 @@ class InvalidManifestError(ManifestError):
         count = len(ordered)
         noun = "problem" if count == 1 else "problems"
         super().__init__(
-            f"{count} {noun} in {what}; nothing was changed. Fix them and run "
-            "`batchspec validate` again.",
+            f"{count} {noun} in {what}; nothing was changed. Fix "
+            f"{'it' if count == 1 else 'them'} and run `batchspec validate` again.",
             details=[*(str(p) for p in ordered), *hints],
         )
         self.problems: tuple[Problem, ...] = tuple(ordered)

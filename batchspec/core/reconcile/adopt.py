@@ -169,7 +169,7 @@ def record_remote(
             event,
             res.name,
             f"{verb} batch {remote.id} (shard {batch.shard + 1}, attempt {batch.attempt}, "
-            f"{batch.requests} request{'' if batch.requests == 1 else 's'})",
+            f"{batch.requests:,} request{'' if batch.requests == 1 else 's'})",
             {
                 "remote_id": remote.id,
                 "shard": batch.shard + 1,

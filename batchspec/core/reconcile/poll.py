@@ -32,7 +32,7 @@ def refresh(
             Progress(
                 "poll",
                 res.name,
-                _poll_message(batch, remote),
+                poll_message(remote),
                 {
                     "remote_id": remote.id,
                     "status": remote.status,
@@ -103,7 +103,8 @@ def remaining_seconds(
     return (total - done1) * (t1 - t0) / (done1 - done0)
 
 
-def _poll_message(batch: BatchRow, remote: RemoteBatch) -> str:
+def poll_message(remote: RemoteBatch) -> str:
+    """A poll's line: the batch, its status and requests done of its total."""
     c = remote.request_counts
-    counts = f" {c.completed + c.failed}/{c.total}" if c and c.total else ""
+    counts = f" {c.completed + c.failed:,}/{c.total:,}" if c and c.total else ""
     return f"batch {remote.id} {remote.status}{counts}"
