@@ -12,7 +12,7 @@ from probes import ProbedServer
 from serve_faults import received_batches
 from servers import request_lines, wait_for
 from test_drain import FAST, REQUESTS, completed, ended, output_ids, slow_server
-from workspaces import KEY_ENV, SENTINEL_KEY, run_cli, served
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, run_cli, served
 
 
 @pytest.fixture(autouse=True)
@@ -46,26 +46,35 @@ def test_a_drained_answer_whose_line_changed_is_sent_again(
     )
 
 
+@pytest.mark.parametrize("per_batch", [None, 25], ids=["one-shard", "three-shards"])
 def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
-    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    per_batch: int | None,
 ) -> None:
-    """An apply killed after its create and before the ledger (no ledger rows), then a new
-    input (two lines added) on a runner without the request-index folder: the old batch's
+    """An apply killed after its creates and before the ledger (no ledger rows), then a new
+    input (two lines added) on a runner without the request-index folder: the old batches'
     answers are still kept and reused, not paid for again."""
     srv = slow_server(server, cancel_delay=1.5)
-    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    spec = {"limits": {"maxRequestsPerBatch": per_batch}} if per_batch else {}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
     client = srv.client()
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    [first] = client.batches.list().data
+    firsts = client.batches.list().data
+    assert len(firsts) == (3 if per_batch else 1)
+    first = min(firsts, key=lambda b: b.created_at)
     with ws.store() as store:
         store.db.execute("delete from requests")  # as a kill before the ledger's commit
     shutil.rmtree(ws.state_path.parent / "input-index")
     wait_for(lambda: completed(client, first.id) >= 2)
     assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
     ws.write_input("triage", request_lines(REQUESTS + 2))
-    answered = output_ids(client, ended(client, first.id))
+    answered = [i for b in firsts for i in output_ids(client, ended(client, b.id))]
+    assert answered
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
     assert code == 0, err
-    second = [b for b in received_batches(client) if b.id != first.id]
-    assert len(second) == 1
-    assert set(second[0].input_ids).isdisjoint(answered), out
+    old = {b.id for b in firsts}
+    second = [i for b in received_batches(client) if b.id not in old for i in b.input_ids]
+    assert set(second).isdisjoint(answered), out
+    assert sorted(second + answered) == sorted(ws.input_ids("triage"))
