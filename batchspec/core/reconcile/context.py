@@ -185,9 +185,10 @@ class RunContext:
         return self.inputs.request_index(res.input_path, sha256)
 
     def _kept_request_facts(self, gen: GenerationRow) -> Iterator[RequestFact] | None:
-        """The requests of ``gen``'s input content from the index its first intent put into
+        """The requests of ``gen``'s input content from the index its first shard's intent put into
         the result store (``intent.keep_request_index``); None without one."""
-        first = next((b for b in self.store.batches(gen.id) if b.attempt == 1), None)
+        firsts = [b for b in self.store.batches(gen.id) if b.attempt == 1]
+        first = min(firsts, key=lambda b: b.shard, default=None)
         event = self.store.last_batch_event(first.id, "intent") if first else None
         sha = (event.detail or {}).get("request_index") if event else None
         if not isinstance(sha, str):

@@ -127,6 +127,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             new=sum(per_shard.values()),
             providers=ctx.project.providers,
         )
+        # the ledger of a generation that keeps nothing is derived after its creates
+        kept = None if previous else keep_request_index(ctx, res, facts.sha256)
         for shard, n in sorted(per_shard.items()):
             record_intent(
                 ctx,
@@ -139,6 +141,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 reason="initial submission"
                 if len(per_shard) == 1
                 else f"initial submission, shard {shard + 1} of {len(per_shard)}",
+                request_index=kept if shard == min(per_shard) else None,
             )
     if carried:
         ctx.report(
