@@ -382,14 +382,17 @@ def cancel_or_ended(
     A cancel refused with a ``NOT_CANCELLABLE_STATUSES`` status is not retried (waiting will
     not make an ended batch cancellable): the batch is read back, and returned as it is if
     it has ended (completed, failed, expired, cancelled: its outcome is decided and its
-    answers are to be collected); if it has not, the refusal is raised, saying the status.
+    answers are to be collected) or is already ``cancelling`` (the stop is under way); if
+    it still runs, the refusal is raised, saying the status.
     """
     operation = f"cancel batch {batch_id}"
     response = http.request("POST", path, operation=operation, ok_statuses=NOT_CANCELLABLE_STATUSES)
     if response.status_code not in NOT_CANCELLABLE_STATUSES:
         return parse(response)
     remote = get_batch(batch_id)
-    if remote.is_terminal:
+    if remote.is_terminal or remote.status == "cancelling":
+        # ended, or its stop already under way (cancelled out of band, or by an earlier
+        # cancel whose answer was lost): what the cancel asked for, nothing to refuse
         return remote
     refused = error_from_response(response, operation=operation, context=http.context)
     refused.details.append(
