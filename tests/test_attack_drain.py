@@ -12,7 +12,15 @@ from probes import ProbedServer
 from serve_faults import received_batches
 from servers import request_lines, wait_for
 from test_drain import FAST, REQUESTS, completed, ended, output_ids, slow_server
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, run_cli, served
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    make_workspace,
+    openai_provider,
+    run_cli,
+    served,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +86,39 @@ def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
     second = [i for b in received_batches(client) if b.id not in old for i in b.input_ids]
     assert set(second).isdisjoint(answered), out
     assert sorted(second + answered) == sorted(ws.input_ids("triage"))
+
+
+def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` leaves a batch cancelling; the resource comes back under the same name
+    with req-0 changed: the next apply drains the old batch and submits what no drained
+    answer covers (req-0 again) and writes a result for every line."""
+    srv = slow_server(server, cancel_delay=1.5)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    manifest = ws.manifest_path("gone").read_text()
+    ws.manifest_path("gone").unlink()
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+    assert code == 0, err
+    answered = output_ids(client, ended(client, first.id))
+    before = {b.id for b in client.batches.list().data}
+    ws.manifest_path("gone").write_text(manifest)
+    lines = request_lines(REQUESTS)
+    lines[0]["body"]["messages"][0]["content"] = "Something else entirely."
+    ws.write_input("gone", lines)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err + out
+    sent = [i for b in received_batches(client) if b.id not in before for i in b.input_ids]
+    reused = set(answered) - {"req-0"}
+    assert sorted(sent) == sorted(set(ws.input_ids("gone")) - reused), out
+    assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
