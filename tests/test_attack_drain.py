@@ -12,6 +12,7 @@ from probes import ProbedServer
 from serve_faults import received_batches
 from servers import request_lines, wait_for
 from test_drain import FAST, REQUESTS, completed, ended, output_ids, slow_server
+from test_read_once import count_parses
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -122,3 +123,37 @@ def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
     reused = set(answered) - {"req-0"}
     assert sorted(sent) == sorted(set(ws.input_ids("gone")) - reused), out
     assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+
+
+def test_a_retired_generation_without_its_content_is_not_read_again_per_batch_and_pass(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three retired batches of a generation whose ledger was never written and whose input
+    content is gone everywhere (input changed, index folder and stored index removed): an
+    `apply --wait` of many passes reads the new input a bounded number of times, not once
+    per retired batch and pass."""
+    srv = slow_server(server, cancel_delay=1.5)
+    spec = {"limits": {"maxRequestsPerBatch": 25}}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    firsts = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    shutil.rmtree(ws.state_path.parent / "input-index")
+    shutil.rmtree(ws.state_path.parent / "store", ignore_errors=True)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    for b in firsts:
+        ended(client, b.id)
+    parsed = count_parses(monkeypatch)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    passes = out.count("completed 25/25") + out.count("in_progress")
+    assert passes > 3, out  # several passes polled the new batches
+    assert len(parsed) <= 3 * (REQUESTS + 2), (len(parsed), out)
