@@ -155,6 +155,9 @@ class RunContext:
     # polls of the pass under way expect a batch to finish (``poll.note_progress``)
     progress: dict[str, tuple[float, int]] = field(default_factory=dict)
     done_in: float | None = None
+    # generations found this run with no ledger and no copy of their input content left
+    # (``drain``): not looked for again per batch and per pass; the next run tries again
+    contentless: set[int] = field(default_factory=set)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
