@@ -23,6 +23,8 @@ from workspaces import (
     served,
 )
 
+from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
+
 
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,3 +159,37 @@ def test_a_retired_generation_without_its_content_is_not_read_again_per_batch_an
     passes = out.count("completed 25/25") + out.count("in_progress")
     assert passes > 3, out  # several passes polled the new batches
     assert len(parsed) <= 3 * (REQUESTS + 2), (len(parsed), out)
+
+
+def test_a_retry_does_not_resend_a_line_a_drained_batch_answered(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new generation recorded while the cancelled batch still stops (both run the same
+    lines); lines of the new batch fail with 500s: once the old batch has ended and been
+    drained, the retry sends only the failed lines no drained answer covers."""
+    upstream = FaultyUpstream(BuiltinUpstream(latency=0.02), Faults(error_500=0.4, seed=7))
+    srv = server(upstream=upstream, concurrency=1, cancel_delay=2.0, max_attempts=1)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 5)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # old one still stopping
+    [second] = [b for b in client.batches.list().data if b.id != first.id]
+    answered = set(output_ids(client, ended(client, first.id)))
+    wait_for(lambda: client.batches.retrieve(second.id).status == "completed", timeout=60)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code in (0, 4), err + out
+    retried = [
+        i
+        for b in received_batches(client)
+        if b.id not in (first.id, second.id)
+        for i in b.input_ids
+    ]
+    assert retried, out  # the new batch had failures to retry
+    assert answered.isdisjoint(retried), (sorted(answered & set(retried)), out)
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
