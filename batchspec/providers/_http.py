@@ -367,6 +367,11 @@ def create_or_adopt(
 #: it, and their envelopes suggest 400 (Anthropic's ``invalid_request_error``, Google's
 #: ``FAILED_PRECONDITION``) or 409/422; a 404 stays ``RemoteNotFound``
 NOT_CANCELLABLE_STATUSES = frozenset({400, 409, 412, 422})
+#: statuses of a batch a cancel has nothing left to stop in: ``cancelling`` (cancelled out of
+#: band, or by an earlier cancel whose answer was lost) and ``finalizing`` (every request has
+#: run; its files are being written): returned as they are, in flight, to be polled and
+#: collected like any other
+NOTHING_TO_CANCEL = frozenset({"cancelling", "finalizing"})
 
 
 def cancel_or_ended(
@@ -382,14 +387,15 @@ def cancel_or_ended(
     A cancel refused with a ``NOT_CANCELLABLE_STATUSES`` status is not retried (waiting will
     not make an ended batch cancellable): the batch is read back, and returned as it is if
     it has ended (completed, failed, expired, cancelled: its outcome is decided and its
-    answers are to be collected); if it has not, the refusal is raised, saying the status.
+    answers are to be collected) or has nothing left to stop (``NOTHING_TO_CANCEL``); if it
+    still runs, the refusal is raised, saying the status.
     """
     operation = f"cancel batch {batch_id}"
     response = http.request("POST", path, operation=operation, ok_statuses=NOT_CANCELLABLE_STATUSES)
     if response.status_code not in NOT_CANCELLABLE_STATUSES:
         return parse(response)
     remote = get_batch(batch_id)
-    if remote.is_terminal:
+    if remote.is_terminal or remote.status in NOTHING_TO_CANCEL:
         return remote
     refused = error_from_response(response, operation=operation, context=http.context)
     refused.details.append(

@@ -106,7 +106,8 @@ class RequestLedger:
 
     def carry_over(self, generation_id: int, previous: Iterable[int]) -> int:
         """Mark requests that an earlier generation already answered with the very same
-        request line as ``ok``, pointing at that answer. Returns how many were carried."""
+        request line as ``ok``, pointing at that answer; a request already ``ok`` keeps its
+        own. Returns how many were carried."""
         ids = list(previous)
         if not ids:
             return 0
@@ -117,7 +118,7 @@ class RequestLedger:
             'from (select custom_id, request_sha, blob, "offset", length from requests '
             f"where generation_id in ({marks}) and state = 'ok' and request_sha is not null) p "
             "where requests.generation_id = ? and requests.custom_id = p.custom_id "
-            "and requests.request_sha = p.request_sha",
+            "and requests.request_sha = p.request_sha and requests.state != 'ok'",
             [*ids, generation_id],
         )
         return cursor.rowcount

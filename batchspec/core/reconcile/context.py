@@ -30,7 +30,12 @@ from batchspec.state.store import BatchRow, GenerationRow, StateStore, utc_times
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.storage.result_store import Refetch, ResultStore
-from batchspec.wire.request_index import RequestFact, read_request_index
+from batchspec.wire.request_index import (
+    InputChangedError,
+    RequestFact,
+    is_complete,
+    read_request_index,
+)
 from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
     Confinement,
@@ -150,6 +155,9 @@ class RunContext:
     # polls of the pass under way expect a batch to finish (``poll.note_progress``)
     progress: dict[str, tuple[float, int]] = field(default_factory=dict)
     done_in: float | None = None
+    # generations found this run with no ledger and no copy of their input content left
+    # (``drain``): not looked for again per batch and per pass; the next run tries again
+    contentless: set[int] = field(default_factory=set)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -175,8 +183,27 @@ class RunContext:
         """Every request of input content ``sha256`` (``res``'s input), from its request
         index: kept by the scan that validated it, else made by reading the input once more
         (``InputChangedError`` when the input no longer holds that content)."""
+        return read_request_index(self.inputs_request_index(res, sha256))
+
+    def inputs_request_index(self, res: Resource, sha256: str) -> Path:
+        """The request index file of ``res``'s input content ``sha256`` (see above)."""
         assert self.inputs is not None
-        return read_request_index(self.inputs.request_index(res.input_path, sha256))
+        return self.inputs.request_index(res.input_path, sha256)
+
+    def _kept_request_facts(self, gen: GenerationRow) -> Iterator[RequestFact] | None:
+        """The requests of ``gen``'s input content from the index its first shard's intent put into
+        the result store (``intent.keep_request_index``); None without one."""
+        firsts = [b for b in self.store.batches(gen.id) if b.attempt == 1]
+        first = min(firsts, key=lambda b: b.shard, default=None)
+        event = self.store.last_batch_event(first.id, "intent") if first else None
+        sha = (event.detail or {}).get("request_index") if event else None
+        if not isinstance(sha, str):
+            return None
+        try:
+            path = self.blobs.ensure_local(sha)
+        except BatchspecError:
+            return None
+        return read_request_index(path) if is_complete(path, gen.input_sha256) else None
 
     def require_unchanged_input(self, res: Resource, sha256: str) -> None:
         """Refuse (``InputChangedError``) an input that no longer holds content ``sha256``."""
@@ -212,7 +239,13 @@ class RunContext:
         if self.ledger.has_requests(gen.id):
             return
         counts = {b.shard: b.requests for b in self.store.batches(gen.id) if b.attempt == 1}
-        facts = self.request_facts(res, gen.input_sha256)
+        try:
+            facts = self.request_facts(res, gen.input_sha256)
+        except InputChangedError:  # the input holds other content now, its index is gone
+            kept = self._kept_request_facts(gen)
+            if kept is None:
+                raise
+            facts = kept
         rows = (
             ledger_rows_in_shards(facts, [counts[s] for s in sorted(counts)])
             if len(counts) > 1

@@ -162,8 +162,11 @@ def planned_drains(
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
     """Whether the generation has ledger rows to join answers to (written now from the
-    manifest's input if it is still there; a pruned one has only what it recorded)."""
+    manifest's input if it is still there; a pruned one has only what it recorded). One
+    found without either is not looked for again by this run: each look reads the input."""
     gen = retired.generation
+    if gen.id in ctx.contentless:  # looked for once this run (a full read of the input)
+        return False
     if ctx.ledger.has_requests(gen.id):
         return True
     if retired.resource is None:
@@ -171,6 +174,7 @@ def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
     try:
         ctx.ensure_ledger(retired.resource, gen)
     except InputError:  # its input is gone: nothing to join its answers to
+        ctx.contentless.add(gen.id)
         return False
     return True
 

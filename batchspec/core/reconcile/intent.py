@@ -10,6 +10,7 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 
 from batchspec.core.batches import batch_key
@@ -98,6 +99,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 requests=facts.requests,
                 input_sha256=facts.sha256,
                 reason="initial submission",
+                request_index=keep_request_index(ctx, res, facts.sha256),
             )
             return
         assert index is not None
@@ -125,6 +127,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             new=sum(per_shard.values()),
             providers=ctx.project.providers,
         )
+        # the ledger of a generation that keeps nothing is derived after its creates
+        kept = None if previous else keep_request_index(ctx, res, facts.sha256)
         for shard, n in sorted(per_shard.items()):
             record_intent(
                 ctx,
@@ -137,6 +141,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 reason="initial submission"
                 if len(per_shard) == 1
                 else f"initial submission, shard {shard + 1} of {len(per_shard)}",
+                request_index=kept if shard == min(per_shard) else None,
             )
     if carried:
         ctx.report(
@@ -169,6 +174,7 @@ def record_intent(
     requests: int,
     reason: str,
     input_sha256: str | None = None,
+    request_index: str | None = None,
 ) -> BatchRow:
     key = batch_key(res.name, res.spec_hash, shard, attempt)
     with ctx.store.atomic():
@@ -201,9 +207,23 @@ def record_intent(
                 "requests": requests,
                 "reason": reason,
                 "key": key,
+                **({"request_index": request_index} if request_index else {}),
             },
         )
     return batch
+
+
+def keep_request_index(ctx: RunContext, res: Resource, sha256: str) -> str:
+    """Put the request index of input content ``sha256`` into the result store; its blob's
+    sha256, recorded on the intent of a generation whose ledger is written after its create.
+
+    A run killed after the create and before that ledger leaves the ledger to be derived
+    later (``RunContext.ensure_ledger``); by then the input may hold other content and this
+    machine's index folder may be gone (another runner, a cleaned workspace). The stored
+    copy still joins the batch's answers to its request lines, so that they are reused by
+    request hash and never paid for again."""
+    index = ctx.inputs_request_index(res, sha256)
+    return ctx.blobs.put_from(lambda tmp: shutil.copyfile(index, tmp))
 
 
 def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard: int) -> str:

@@ -14,6 +14,7 @@ from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import record_intent
 from batchspec.core.reconcile.submit import submit_queued
 from batchspec.core.recorded import is_requeued, recorded_generation
+from batchspec.core.replacements import reuses_answers
 from batchspec.state.store import GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
@@ -27,6 +28,7 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
     """Record one new attempt's intent per shard that may retry now (budget checked)."""
     gen = ctx.generation(res)
     ctx.ensure_ledger(res, gen)
+    keep_drained_answers(ctx, res, gen)
     rec = recorded_generation(ctx.store, ctx.ledger, gen, requeue_backoff=ctx.requeue_backoff)
     now = ctx.clock()
     ready = [
@@ -58,3 +60,17 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
             f"(attempt {shard.attempts_used + 1} of {res.retry.max_attempts})",
         )
     return gen
+
+
+def keep_drained_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> int:
+    """Before a retry: keep for ``gen``'s unresolved requests the answers earlier generations
+    have for the very same request lines (``RequestLedger.carry_over``), those that retired
+    batches finished after ``gen`` was recorded (``drain``) included, so that a retry never
+    pays for them again. Returns how many were kept."""
+    if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
+        return 0
+    previous = [g.id for g in ctx.store.generations(res.name) if g.id != gen.id]
+    if not previous:
+        return 0
+    with ctx.store.atomic():
+        return ctx.ledger.carry_over(gen.id, previous)

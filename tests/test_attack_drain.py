@@ -1,0 +1,197 @@
+"""Attacks on the drain of retired batches: answers kept and reused only for the very same
+request line, never lost, never paid twice (real ``batchspec serve``, real SQLite)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from probes import ProbedServer
+from serve_faults import received_batches
+from servers import request_lines, wait_for
+from test_drain import FAST, REQUESTS, completed, ended, output_ids, slow_server
+from test_read_once import count_parses
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    make_workspace,
+    openai_provider,
+    run_cli,
+    served,
+)
+
+from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def test_a_drained_answer_whose_line_changed_is_sent_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cancelled batch answers req-0 while it stops; the new input changes req-0's body:
+    the new generation sends req-0 again (the old answer is for another request)."""
+    srv = slow_server(server, cancel_delay=1.5)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    lines = request_lines(REQUESTS)
+    lines[0]["body"]["messages"][0]["content"] = "Something else entirely."
+    ws.write_input("triage", lines)
+    answered = output_ids(client, ended(client, first.id))
+    assert "req-0" in answered
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    [second] = [b for b in received_batches(client) if b.id != first.id]
+    assert "req-0" in second.input_ids
+    assert set(second.input_ids) == ({"req-0"} | set(ws.input_ids("triage"))) - (
+        set(answered) - {"req-0"}
+    )
+
+
+@pytest.mark.parametrize("per_batch", [None, 25], ids=["one-shard", "three-shards"])
+def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    per_batch: int | None,
+) -> None:
+    """An apply killed after its creates and before the ledger (no ledger rows), then a new
+    input (two lines added) on a runner without the request-index folder: the old batches'
+    answers are still kept and reused, not paid for again."""
+    srv = slow_server(server, cancel_delay=1.5)
+    spec = {"limits": {"maxRequestsPerBatch": per_batch}} if per_batch else {}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    firsts = client.batches.list().data
+    assert len(firsts) == (3 if per_batch else 1)
+    first = min(firsts, key=lambda b: b.created_at)
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    shutil.rmtree(ws.state_path.parent / "input-index")
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    answered = [i for b in firsts for i in output_ids(client, ended(client, b.id))]
+    assert answered
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    old = {b.id for b in firsts}
+    second = [i for b in received_batches(client) if b.id not in old for i in b.input_ids]
+    assert set(second).isdisjoint(answered), out
+    assert sorted(second + answered) == sorted(ws.input_ids("triage"))
+
+
+def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` leaves a batch cancelling; the resource comes back under the same name
+    with req-0 changed: the next apply drains the old batch and submits what no drained
+    answer covers (req-0 again) and writes a result for every line."""
+    srv = slow_server(server, cancel_delay=1.5)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    manifest = ws.manifest_path("gone").read_text()
+    ws.manifest_path("gone").unlink()
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+    assert code == 0, err
+    answered = output_ids(client, ended(client, first.id))
+    before = {b.id for b in client.batches.list().data}
+    ws.manifest_path("gone").write_text(manifest)
+    lines = request_lines(REQUESTS)
+    lines[0]["body"]["messages"][0]["content"] = "Something else entirely."
+    ws.write_input("gone", lines)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err + out
+    sent = [i for b in received_batches(client) if b.id not in before for i in b.input_ids]
+    reused = set(answered) - {"req-0"}
+    assert sorted(sent) == sorted(set(ws.input_ids("gone")) - reused), out
+    assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+
+
+def test_a_retired_generation_without_its_content_is_not_read_again_per_batch_and_pass(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three retired batches of a generation whose ledger was never written and whose input
+    content is gone everywhere (input changed, index folder and stored index removed): an
+    `apply --wait` of many passes reads the new input a bounded number of times, not once
+    per retired batch and pass."""
+    srv = slow_server(server, cancel_delay=1.5)
+    spec = {"limits": {"maxRequestsPerBatch": 25}}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    firsts = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    shutil.rmtree(ws.state_path.parent / "input-index")
+    shutil.rmtree(ws.state_path.parent / "store", ignore_errors=True)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    for b in firsts:
+        ended(client, b.id)
+    parsed = count_parses(monkeypatch)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    passes = out.count("completed 25/25") + out.count("in_progress")
+    assert passes > 3, out  # several passes polled the new batches
+    assert len(parsed) <= 3 * (REQUESTS + 2), (len(parsed), out)
+
+
+def test_a_retry_does_not_resend_a_line_a_drained_batch_answered(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new generation recorded while the cancelled batch still stops (both run the same
+    lines); lines of the new batch fail with 500s: once the old batch has ended and been
+    drained, the retry sends only the failed lines no drained answer covers."""
+    upstream = FaultyUpstream(BuiltinUpstream(latency=0.02), Faults(error_500=0.4, seed=7))
+    srv = server(upstream=upstream, concurrency=1, cancel_delay=2.0, max_attempts=1)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 5)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # old one still stopping
+    [second] = [b for b in client.batches.list().data if b.id != first.id]
+    answered = set(output_ids(client, ended(client, first.id)))
+    wait_for(lambda: client.batches.retrieve(second.id).status == "completed", timeout=60)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code in (0, 4), err + out  # 4: a line that failed every attempt (degraded)
+    retried = [
+        i
+        for b in received_batches(client)
+        if b.id not in (first.id, second.id)
+        for i in b.input_ids
+    ]
+    assert retried, out  # the new batch had failures to retry
+    assert answered.isdisjoint(retried), (sorted(answered & set(retried)), out)
+    written = [r["custom_id"] for r in ws.outputs("triage") + ws.errors("triage")]
+    assert sorted(written) == sorted(ws.input_ids("triage"))  # a line each, in one file
+    assert answered <= {r["custom_id"] for r in ws.outputs("triage")}
