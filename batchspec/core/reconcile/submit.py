@@ -32,6 +32,7 @@ from batchspec.core.reconcile.adopt import (
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
 from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
@@ -49,6 +50,8 @@ from batchspec.workspace.manifest import Resource
 
 
 def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    if held(ctx, res, facts):  # a retired batch still stopping: its answers are reused
+        return False
     gen = record_create(ctx, res, facts)
     submitted = submit_queued(ctx, res, gen)
     ctx.ensure_ledger(res, gen)
