@@ -163,7 +163,7 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`cancel`, then `apply --replace` (no --wait) while the old batch is cancelling: it exits
-    with the resource waiting and nothing created or paid; `plan` shows the hold; once the old
+    with the resource waiting and nothing created or paid; `plan` and `status` show the hold; once the old
     batch has stopped, a plain `apply --wait` creates the new generation from what it did not
     finish, and every request is answered once."""
     srv = serve(*SLOW, "1.5")
@@ -183,6 +183,8 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
         assert not store.ledger().has_requests(new.id)
     code, out, _ = run_cli(["plan", str(ws.root)], capsys)
     assert "waits for generation 1 to stop first" in out
+    code, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert "waits for generation 1 to stop first" in out, out
 
     wait_for(lambda: client.batches.retrieve(first).status == "cancelled", timeout=30)
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)

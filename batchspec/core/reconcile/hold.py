@@ -78,14 +78,15 @@ def find_hold(
     store: StateStore,
     res: Resource,
     *,
-    requests: Callable[[], Iterable[RequestFact]],
+    requests: Callable[[], Iterable[RequestFact]] | None,
     hold_for: float,
     now: float,
     reuse: bool = True,
     cancelling: bool = False,
 ) -> Hold | None:
     """The hold on a create of ``res``'s generation (``res.spec_hash``), if any (see the
-    module docstring); ``requests``: the new generation's requests; ``reuse``: whether a
+    module docstring); ``requests``: the new generation's requests (None: not read, as
+    ``status`` does not; every unresolved request of the old batches counts); ``reuse``: whether a
     generation not recorded yet reuses answers; ``cancelling``: the step cancels the active
     generations of other specs first (``plan`` of a replace: they count as stopping from
     ``now``). Reads the state only."""
@@ -114,9 +115,10 @@ def find_hold(
             stopping.append((old, [b.remote_id or "" for b in batches], {b.shard for b in batches}))
     if not stopping:
         return None
-    wanted = {(f.custom_id, f.request_sha) for f in requests()}
+    wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
     for old, remote_ids, shards in stopping:
-        overlap = len(ledger.unresolved_fingerprints(old.id, shards) & wanted)
+        unresolved = ledger.unresolved_fingerprints(old.id, shards)
+        overlap = len(unresolved if wanted is None else unresolved & wanted)
         if not overlap:
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
