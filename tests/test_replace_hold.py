@@ -163,9 +163,9 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`cancel`, then `apply --replace` (no --wait) while the old batch is cancelling: it exits
-    with the resource waiting and nothing created or paid; `plan` and `status` show the hold; once the old
-    batch has stopped, a plain `apply --wait` creates the new generation from what it did not
-    finish, and every request is answered once."""
+    with the resource waiting and nothing created or paid; `plan` and `status` show the hold;
+    once the old batch has stopped, a plain `apply --wait` creates the new generation from
+    what it did not finish, and every request is answered once."""
     srv = serve(*SLOW, "1.5")
     ws = workspace(tmp_path / "ws", srv)
     first = started(ws, srv, capsys)

@@ -35,7 +35,9 @@ otherwise                                              none       no
 A create or replace that records a new generation reuses the answers earlier generations got
 for the very same request lines (``DesiredResource.reusable``, counted by the caller exactly as
 apply carries them over): its ``requests`` are only those it will submit, and ``reused`` says
-how many keep a recorded answer.
+how many keep a recorded answer. While a retired generation's batch that may still answer
+some of those requests is stopping, apply holds that create (``reconcile.hold``): the caller
+says so (``held_by``) and the reason tells it, the kind staying create or replace.
 
 A resource recorded in the state but absent from the *whole* workspace (every manifest the
 project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;

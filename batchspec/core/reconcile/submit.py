@@ -1,7 +1,8 @@
 """Submit recorded intents: upload the batch file once, re-check the lock, create the batch.
 
 ``create`` (and ``replace``, which first supersedes the older spec's generations) records the
-generation and its intents (``intent``), then submits every intent that has no remote batch
+generation and its intents (``intent``) unless a retired batch still stopping holds it
+(``hold``: nothing recorded, the step waits), then submits every intent that has no remote batch
 yet, as the provider's ``maxInFlightBatches`` allows. Per batch it promises, in order: an
 unsure create (``creating``) is adopted by key if the provider has it, and is never created
 again while it may still be in transit (``adopt.confirm_deadline``: the step reports
