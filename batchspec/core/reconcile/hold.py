@@ -56,8 +56,8 @@ class Hold:
     def waiting_message(self, now: float) -> str:
         return (
             f"waiting for generation {self.generation_id} to stop (its answers are reused): "
-            f"batch {', '.join(self.remote_ids)} may still finish {self.overlap:,} of this "
-            f"generation's request(s); nothing is created until it has, or for "
+            f"batch {', '.join(self.remote_ids)} may still answer up to {self.overlap:,} "
+            "of the new generation's request(s); nothing is created until it has, or for "
             f"{max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
         )
 
