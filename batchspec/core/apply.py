@@ -45,6 +45,7 @@ from batchspec.core.plan import (
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.drain import planned_drains
+from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
@@ -167,6 +168,7 @@ def plan_workspace(
             reuse=reuse,
             backoff=requeue_backoff(ws),
             requests=indexed_requests(cache, facts),
+            hold_for=lambda name: hold_seconds(provider_options(ws, name)),
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
@@ -280,6 +282,7 @@ def apply_workspace(
                 reuse=options.reuse,
                 backoff=requeue_backoff(ws),
                 requests=indexed_requests(cache, facts),
+                hold_for=lambda name: hold_seconds(provider_options(ws, name)),
             )
             if saved is not None:
                 saved.require_current(store, resources, plan)
@@ -515,6 +518,7 @@ def compute_plan(
     reuse: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
     requests: RequestFacts,
+    hold_for: Callable[[str], float] = lambda provider: DEFAULT_REPLACE_HOLD_SECONDS,
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them);
     ``requests``: their inputs' request indexes (what a new generation would reuse)."""
@@ -533,6 +537,7 @@ def compute_plan(
             replace=r.name in replacing,
             reuse=reuse,
             requests=requests,
+            hold_for=hold_for(r.provider),
         )
         for r in resources
     ]
@@ -568,9 +573,11 @@ def desired_with_reuse(
     replace: bool,
     reuse: bool,
     requests: RequestFacts,
+    hold_for: float = DEFAULT_REPLACE_HOLD_SECONDS,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
-    counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger."""
+    counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger; and
+    the retired generation still stopping its create would wait for (``reconcile.hold``)."""
     want = dataclasses.replace(desired_resource(res, facts), replace=replace)
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
@@ -580,7 +587,21 @@ def desired_with_reuse(
     count, nbytes = reusable_answers(
         store, res, exclude=(gen.id,) if gen else (), requests=requests
     )
-    return dataclasses.replace(want, reusable=count, reusable_bytes=nbytes)
+    hold = find_hold(
+        store,
+        res,
+        requests=lambda: requests(res),
+        hold_for=hold_for,
+        now=time.time(),
+        cancelling=True,  # a replace cancels what is in flight first
+    )
+    return dataclasses.replace(
+        want,
+        reusable=count,
+        reusable_bytes=nbytes,
+        held_by=hold.generation_id if hold else None,
+        hold_expired=bool(hold and hold.expired),
+    )
 
 
 def require_replaceable(resources: Sequence[Resource], names: Sequence[str]) -> None:
@@ -742,3 +763,8 @@ def apply_saved_plan(
         allow_replace=True,
     )
     return apply_workspace(list(paths) or saved.manifest_paths(), options, saved=saved, **kwargs)
+
+
+def provider_options(ws: Workspace, name: str) -> Mapping[str, object] | None:
+    config = ws.project.providers.get(name)
+    return config.options if config is not None else None

@@ -35,7 +35,9 @@ otherwise                                              none       no
 A create or replace that records a new generation reuses the answers earlier generations got
 for the very same request lines (``DesiredResource.reusable``, counted by the caller exactly as
 apply carries them over): its ``requests`` are only those it will submit, and ``reused`` says
-how many keep a recorded answer.
+how many keep a recorded answer. While a retired generation's batch that may still answer
+some of those requests is stopping, apply holds that create (``reconcile.hold``): the caller
+says so (``held_by``) and the reason tells it, the kind staying create or replace.
 
 A resource recorded in the state but absent from the *whole* workspace (every manifest the
 project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;
@@ -93,6 +95,10 @@ class DesiredResource:
     reusable: int = 0
     reusable_bytes: int = 0
     replace: bool = False  # `--replace NAME`: spec_hash is a new replacement's (no generation)
+    # a retired generation still stopping whose answers a new generation reuses: its create
+    # waits for it to stop (``reconcile.hold``); ``hold_expired``: past replaceHoldSeconds
+    held_by: int | None = None
+    hold_expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,7 +355,17 @@ def plan_resource(
         if reused:
             reason += f"; {reused:,} request(s) keep a recorded answer"
         stopping = _still_stopping(have)
-        if stopping:  # its answers reach the ledger only when it ends: too late for this one
+        if want.held_by is not None and not want.hold_expired:
+            reason += (
+                f"; waits for generation {want.held_by} to stop first (its answers are reused): "
+                "apply creates it once that has ended, or after replaceHoldSeconds"
+            )
+        elif want.held_by is not None:
+            reason += (
+                f"; generation {want.held_by} is still stopping past replaceHoldSeconds: "
+                "created anyway, what it finishes is sent again"
+            )
+        elif stopping:  # its answers reach the ledger only when it ends: too late for this one
             reason += (
                 f"; generation {stopping.id} is still stopping: what it finishes is sent again"
             )

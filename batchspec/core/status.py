@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
@@ -22,9 +23,11 @@ from batchspec.core.plan import (
     FINISHED_GENERATION_STATUSES,
     Action,
     ActionKind,
+    DesiredResource,
     make_plan,
 )
 from batchspec.core.reconcile import desired_resource
+from batchspec.core.reconcile.hold import find_hold, hold_seconds
 from batchspec.core.recorded import export_paths, load_recorded, observe_disk
 from batchspec.core.replacements import effective_resources
 from batchspec.core.selection import desired_without_input
@@ -86,6 +89,27 @@ class ResourceStatus:
         return asdict(self)
 
 
+def _with_hold(
+    store: StateStore,
+    res: Resource,
+    want: DesiredResource,
+    providers: Mapping[str, ProviderConfig],
+) -> DesiredResource:
+    """``want`` with the retired generation still stopping that its next create waits for
+    (``reconcile.hold``; the input is not read: any unresolved request of it counts)."""
+    config = providers.get(res.provider)
+    hold = find_hold(
+        store,
+        res,
+        requests=None,
+        hold_for=hold_seconds(config.options if config is not None else None),
+        now=time.time(),
+    )
+    if hold is None:
+        return want
+    return replace(want, held_by=hold.generation_id, hold_expired=hold.expired)
+
+
 def resource_statuses(
     store: StateStore,
     resources: Sequence[Resource],
@@ -108,6 +132,9 @@ def resource_statuses(
         if facts and r.name in facts
         else desired_without_input(r)
         for r in resources
+    ]
+    desired = [
+        _with_hold(store, r, d, providers or {}) for r, d in zip(resources, desired, strict=True)
     ]
     plan = make_plan(desired, recorded, disk, include_orphans=include_orphans, elsewhere=elsewhere)
     by_name = {r.name: r for r in resources}

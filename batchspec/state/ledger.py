@@ -238,6 +238,23 @@ class RequestLedger:
         ).fetchall()
         return {r[0] for r in rows}
 
+    def unresolved_fingerprints(
+        self, generation_id: int, shards: Iterable[int]
+    ) -> set[tuple[str, str]]:
+        """``(custom_id, request_sha)`` of the unresolved rows of these shards: what a batch
+        of theirs still in flight may yet answer."""
+        ids = list(shards)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"select custom_id, request_sha from requests where generation_id = ? "
+            f"and shard in ({marks}) and state in ('pending', 'retryable') "
+            "and request_sha is not null",
+            [generation_id, *ids],
+        ).fetchall()
+        return {(r[0], r[1]) for r in rows}
+
     def shard_counts(self, generation_id: int) -> list[ShardCounts]:
         rows = self.db.execute(
             "select shard, sum(case when state in ('pending', 'retryable') then 1 else 0 end), "

@@ -42,6 +42,7 @@ from pathlib import Path
 from batchspec.core.plan import Action, ActionKind
 from batchspec.core.reconcile.adopt import look_up_before_create, record_remote
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.prefetch import BoundedCalls, provider_ready
 from batchspec.core.reconcile.retry import record_retries
 from batchspec.core.reconcile.submit import (
@@ -165,6 +166,8 @@ def _intents_of(
     if action.kind is ActionKind.RETRY:
         gen = record_retries(ctx, res, facts)
     else:
+        if held(ctx, res, facts, report=False):
+            return None  # the serial step says what it waits for (``hold``)
         gen = record_create(ctx, res, facts)
     rows = [b for b in ctx.store.batches(gen.id) if b.remote_id is None]
     rows = [b for b in rows if b.status in ("pending", "creating")]

@@ -1,7 +1,8 @@
 """Submit recorded intents: upload the batch file once, re-check the lock, create the batch.
 
 ``create`` (and ``replace``, which first supersedes the older spec's generations) records the
-generation and its intents (``intent``), then submits every intent that has no remote batch
+generation and its intents (``intent``) unless a retired batch still stopping holds it
+(``hold``: nothing recorded, the step waits), then submits every intent that has no remote batch
 yet, as the provider's ``maxInFlightBatches`` allows. Per batch it promises, in order: an
 unsure create (``creating``) is adopted by key if the provider has it, and is never created
 again while it may still be in transit (``adopt.confirm_deadline``: the step reports
@@ -32,6 +33,7 @@ from batchspec.core.reconcile.adopt import (
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
 from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
@@ -49,6 +51,8 @@ from batchspec.workspace.manifest import Resource
 
 
 def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    if held(ctx, res, facts):  # a retired batch still stopping: its answers are reused
+        return False
     gen = record_create(ctx, res, facts)
     submitted = submit_queued(ctx, res, gen)
     ctx.ensure_ledger(res, gen)

@@ -1,0 +1,163 @@
+"""Hold a new generation's create while a retired generation's batch is still stopping.
+
+A cancelled batch keeps finishing (and billing) requests until the provider stops it
+(OpenAI: ``cancelling`` for up to about 10 minutes); its answers reach the ledger only when it
+ends and is drained (``drain``). A new generation recorded before that would send again every
+request the old batch still finishes: paid twice. So a create that records a new generation
+(``submit.create``, ``pipeline``; a replace too, after its cancels) is *held*:
+
+* **When.** The new generation would reuse answers (every create but a ``--replace
+  --no-reuse`` replacement) and records its ledger now (no batches and no ledger yet), and a
+  retired generation of the same resource (not active, not the new one) has a batch sent and
+  not ended whose unresolved requests overlap the new generation's (same ``custom_id`` and
+  request hash, per the ledger).
+* **What.** Nothing is recorded and nothing is paid: the step reports ``waiting`` ("waiting for
+  generation N to stop (its answers are reused)") and the resource stays waiting, so
+  ``apply --wait`` keeps polling (the drain polls the old batch every pass) and the pass after
+  it ended and was drained creates the new generation reusing what it finished.
+* **Level-triggered.** Nothing about the hold is stored: every pass (and ``plan``) derives it
+  from the state, so an ``apply`` that exits while held resumes in the next one.
+* **Bounded.** A provider stuck in ``cancelling`` cannot block forever: the hold ends the
+  provider's ``replaceHoldSeconds`` (default 900) after the old generation's cancel was
+  recorded; the create then goes ahead with a warning (what the old batch finishes after it
+  is sent again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.replacements import reuses_answers
+from batchspec.core.reporting import Progress
+from batchspec.state.records import parse_timestamp
+from batchspec.state.store import GenerationRow, StateStore
+from batchspec.wire.batch_status import TERMINAL_STATUSES
+from batchspec.wire.inputs import InputReport
+from batchspec.wire.request_index import RequestFact
+from batchspec.workspace.manifest import Resource
+
+#: seconds a create waits for a retired batch still stopping, unless the provider says
+DEFAULT_REPLACE_HOLD_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A retired generation still stopping whose answers the new generation would reuse."""
+
+    generation_id: int  # the retired generation
+    remote_ids: tuple[str, ...]  # its batches not ended
+    overlap: int  # requests of the new generation it may still answer
+    until: float  # epoch seconds: the hold ends then
+    expired: bool
+
+    def waiting_message(self, now: float) -> str:
+        return (
+            f"waiting for generation {self.generation_id} to stop (its answers are reused): "
+            f"batch {', '.join(self.remote_ids)} may still answer up to {self.overlap:,} "
+            "of the new generation's request(s); nothing is created until it has, or for "
+            f"{max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
+        )
+
+    def expired_message(self) -> str:
+        return (
+            f"generation {self.generation_id} is still stopping past replaceHoldSeconds: "
+            f"creating anyway; what batch {', '.join(self.remote_ids)} finishes from now "
+            "is sent again"
+        )
+
+
+def hold_seconds(options: Mapping[str, object] | None) -> float:
+    value = (options or {}).get("replaceHoldSeconds")
+    return DEFAULT_REPLACE_HOLD_SECONDS if value is None else float(value)  # type: ignore[arg-type]
+
+
+def find_hold(
+    store: StateStore,
+    res: Resource,
+    *,
+    requests: Callable[[], Iterable[RequestFact]] | None,
+    hold_for: float,
+    now: float,
+    reuse: bool = True,
+    cancelling: bool = False,
+) -> Hold | None:
+    """The hold on a create of ``res``'s generation (``res.spec_hash``), if any (see the
+    module docstring); ``requests``: the new generation's requests (None: not read, as
+    ``status`` does not; every unresolved request of the old batches counts); ``reuse``: whether a
+    generation not recorded yet reuses answers; ``cancelling``: the step cancels the active
+    generations of other specs first (``plan`` of a replace: they count as stopping from
+    ``now``). Reads the state only."""
+    gen = store.find_generation(res.name, res.spec_hash)
+    ledger = store.ledger()
+    if gen is None and not reuse:
+        return None
+    if gen is not None and (
+        not reuses_answers(gen) or store.batches(gen.id) or ledger.has_requests(gen.id)
+    ):
+        return None  # reuses nothing, or already recorded: too late or needless to wait
+    stopping: list[tuple[GenerationRow, list[str], set[int]]] = []
+    for old in store.generations(res.name):
+        if gen is not None and old.id == gen.id:
+            continue
+        if old.spec_hash == res.spec_hash:
+            continue
+        if old.status in ACTIVE_GENERATION_STATUSES and not cancelling:
+            continue
+        batches = [
+            b
+            for b in store.batches(old.id)
+            if b.remote_id is not None and b.status not in TERMINAL_STATUSES
+        ]
+        if batches and ledger.has_requests(old.id):
+            stopping.append((old, [b.remote_id or "" for b in batches], {b.shard for b in batches}))
+    if not stopping:
+        return None
+    wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
+    for old, remote_ids, shards in stopping:
+        unresolved = ledger.unresolved_fingerprints(old.id, shards)
+        overlap = len(unresolved if wanted is None else unresolved & wanted)
+        if not overlap:
+            continue
+        active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
+        until = (now if active else _cancelled_at(store, res.name, old)) + hold_for
+        return Hold(old.id, tuple(remote_ids), overlap, until, expired=now >= until)
+    return None
+
+
+def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
+    """When ``gen``'s cancel was recorded (epoch seconds), else when it was created."""
+    stamp = gen.created_at
+    for event in store.events(resource=name, action="cancel"):
+        if event.generation_id == gen.id:
+            stamp = event.at
+    return parse_timestamp(stamp).timestamp()
+
+
+def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold | None:
+    """``find_hold`` for a create this pass is about to record (``res``'s provider options)."""
+    config = ctx.project.providers.get(res.provider)
+    return find_hold(
+        ctx.store,
+        res,
+        requests=lambda: ctx.request_facts(res, facts.sha256),
+        hold_for=hold_seconds(config.options if config is not None else None),
+        now=ctx.clock(),
+    )
+
+
+def held(ctx: RunContext, res: Resource, facts: InputReport, *, report: bool = True) -> bool:
+    """Whether the create of ``res``'s new generation waits now (reported ``waiting``); one
+    whose hold has run out goes ahead with a warning."""
+    hold = hold_on_create(ctx, res, facts)
+    if hold is None:
+        return False
+    detail = {"generation_id": hold.generation_id, "remote_ids": list(hold.remote_ids)}
+    if hold.expired:
+        ctx.report(Progress("warning", res.name, hold.expired_message(), detail))
+        return False
+    if report:
+        ctx.report(Progress("waiting", res.name, hold.waiting_message(ctx.clock()), detail))
+    return True

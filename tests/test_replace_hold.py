@@ -1,0 +1,194 @@
+"""A replace never pays twice for what the old batch is still finishing: the new generation's
+create is held while a retired generation's batch is still stopping (``reconcile.hold``).
+
+A real ``batchspec serve`` process over loopback runs one line at a time and keeps a
+cancelled batch ``cancelling`` a while with its lines still running (``--fault-cancel-delay``),
+as OpenAI does for up to 10 minutes. What each batch received and answered is read back from
+the server itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from probes import ServeProcess, start_serve_process
+from serve_faults import ServerBatch, received_batches
+from servers import stop_after_test, wait_for
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+FAST = ("--poll-interval", "0.05", "--timeout", "60")
+REQUESTS = 60  # 50 ms each, one at a time: about 3 s of work
+SLOW = ("--upstream-latency", "0.05", "--concurrency", "1", "--fault-cancel-delay")
+WAITING = "waiting for generation 1 to stop (its answers are reused)"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        proc = start_serve_process(tmp_path / "engine", *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    stop_after_test(started)
+
+
+def workspace(root: Path, srv: ServeProcess, **options: object) -> Workspace:
+    return make_workspace(
+        root,
+        providers={"srv": openai_provider(srv.v1, KEY_ENV, **options)},
+        resources=(ResourceSpec("triage", count=REQUESTS),),
+    )
+
+
+def started(ws: Workspace, srv: ServeProcess, capsys: pytest.CaptureFixture[str]) -> str:
+    """Apply (no wait), then let the server answer a few lines; the batch's id."""
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    client = srv.client()
+    [first] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(first.id).request_counts.completed >= 2)
+    return first.id
+
+
+def in_order(client: object, first: str) -> list[ServerBatch]:
+    """The server's batches, the ``first`` one first (both are shard 1, attempt 1)."""
+    return sorted(received_batches(client), key=lambda b: b.id != first)
+
+
+def answered_once(batches: list[ServerBatch], ws: Workspace) -> None:
+    """Every request answered by exactly one batch, old or new, and none sent to the new one
+    that the old one answered."""
+    old, new = batches
+    assert set(new.input_ids).isdisjoint(old.output_ids)
+    answers = Counter(old.output_ids + new.output_ids)
+    assert sorted(answers) == sorted(ws.input_ids("triage"))
+    assert set(answers.values()) == {1}
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_replace_while_cancelling_waits_and_pays_each_request_once(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --replace --wait` while the old batch stays cancelling: the create waits for it
+    to stop (said in the pass output and NDJSON), then reuses every answer it finished: the
+    server answers each request once in total across both generations."""
+    srv = serve(*SLOW, "1.5")
+    ws = workspace(tmp_path / "ws", srv)
+    first = started(ws, srv, capsys)
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--replace", "triage", "--wait", "--json", *FAST], capsys
+    )
+
+    assert code == 0, err
+    batches = in_order(srv.client(), first)
+    assert len(batches) == 2 and batches[0].status == "cancelled"
+    answered_once(batches, ws)  # none of what the old batch finished paid for again
+    assert 0 < len(batches[1].input_ids) < REQUESTS
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    waits = [e for e in events if e.get("event") == "waiting" and WAITING in e.get("message", "")]
+    assert waits and waits[0]["resource"] == "triage"
+    assert waits[0]["remote_ids"] == [first]
+
+
+def test_no_reuse_creates_at_once_and_plan_shows_the_hold(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan --replace` says the new generation waits for the old one to stop; with
+    `--no-reuse` it does not, and `apply --replace --no-reuse` creates every request at once,
+    while the old batch is still cancelling (today's behaviour)."""
+    srv = serve(*SLOW, "3")
+    ws = workspace(tmp_path / "ws", srv)
+    first = started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+
+    code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
+    assert "waits for generation 1 to stop first (its answers are reused)" in out
+    code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage", "--no-reuse"], capsys)
+    assert "waits for generation" not in out
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--replace", "triage", "--no-reuse"], capsys
+    )
+
+    assert code == 0, err
+    assert "waiting for generation" not in out
+    client = srv.client()
+    assert client.batches.retrieve(first).status == "cancelling"
+    [old, new] = in_order(client, first)
+    assert old.id == first
+    assert sorted(new.input_ids) == sorted(ws.input_ids("triage"))
+
+
+def test_the_hold_ends_after_replace_hold_seconds_with_a_warning(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider's `replaceHoldSeconds: 0`: the hold is over at once, so the replace creates
+    the new generation while the old batch is still cancelling, and warns that what it
+    finishes from now is sent again."""
+    srv = serve(*SLOW, "3")
+    ws = workspace(tmp_path / "ws", srv, replaceHoldSeconds=0)
+    first = started(ws, srv, capsys)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "generation 1 is still stopping past replaceHoldSeconds: creating anyway" in out
+    assert "waiting for generation" not in out
+    client = srv.client()
+    assert client.batches.retrieve(first).status == "cancelling"
+    assert len(in_order(client, first)) == 2
+
+
+def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cancel`, then `apply --replace` (no --wait) while the old batch is cancelling: it exits
+    with the resource waiting and nothing created or paid; `plan` and `status` show the hold;
+    once the old batch has stopped, a plain `apply --wait` creates the new generation from
+    what it did not finish, and every request is answered once."""
+    srv = serve(*SLOW, "1.5")
+    ws = workspace(tmp_path / "ws", srv)
+    first = started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert WAITING in out
+    client = srv.client()
+    assert [b.id for b in client.batches.list().data] == [first]
+    with ws.store() as store:
+        new = store.generations("triage")[-1]
+        assert store.batches(new.id) == []
+        assert not store.ledger().has_requests(new.id)
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "waits for generation 1 to stop first" in out
+    code, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert "waits for generation 1 to stop first" in out, out
+
+    wait_for(lambda: client.batches.retrieve(first).status == "cancelled", timeout=30)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert "waiting for generation" not in out
+    answered_once(in_order(client, first), ws)
