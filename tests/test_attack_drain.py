@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from probes import ProbedServer
 from serve_faults import received_batches
 from servers import request_lines, wait_for
@@ -165,11 +166,16 @@ def test_a_retry_does_not_resend_a_line_a_drained_batch_answered(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A new generation recorded while the cancelled batch still stops (both run the same
-    lines); lines of the new batch fail with 500s: once the old batch has ended and been
-    drained, the retry sends only the failed lines no drained answer covers."""
+    lines: the provider's `replaceHoldSeconds: 0` ends the create's hold at once); lines of
+    the new batch fail with 500s: once the old batch has ended and been drained, the retry
+    sends only the failed lines no drained answer covers."""
     upstream = FaultyUpstream(BuiltinUpstream(latency=0.02), Faults(error_500=0.4, seed=7))
     srv = server(upstream=upstream, concurrency=1, cancel_delay=2.0, max_attempts=1)
     ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    project = ws.root / "batchspec.yaml"
+    config = yaml.safe_load(project.read_text())
+    config["providers"]["srv"].setdefault("options", {})["replaceHoldSeconds"] = 0
+    project.write_text(yaml.safe_dump(config, sort_keys=False))
     client = srv.client()
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     [first] = client.batches.list().data
