@@ -10,6 +10,7 @@ the server itself.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,3 +193,69 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
     assert code == 0, err
     assert "waiting for generation" not in out
     answered_once(in_order(client, first), ws)
+
+
+def test_an_ended_batch_not_yet_collected_still_holds_the_create(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The old batch recorded ended but not collected (its download failed): its answers are
+    not in the ledger yet, so `plan` still says the new generation waits for it, rather than
+    creating one that would send them again."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    first = started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("triage")[0].id)
+        assert batch.remote_id == first
+        store.update_batch(batch.id, status="cancelled", output_file_id="file-kept-by-server")
+
+    code, out, err = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
+
+    assert code in (0, 2), err
+    assert "waits for generation 1 to stop first (its answers are reused)" in out
+
+
+def test_a_stopping_generation_with_no_ledger_yet_holds_the_create(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The old generation's ledger was never written (a run killed between its create and its
+    ledger): any request may be one its stopping batch answers, so the create waits."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+
+    code, out, err = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
+
+    assert code in (0, 2), err
+    assert "waits for generation 1 to stop first (its answers are reused)" in out
+
+
+def test_an_older_expired_hold_does_not_hide_a_newer_live_one(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Generation 1 still stops past its bound (generation 2 was created with the warning),
+    then generation 2 is cancelled too: the third create waits for generation 2, whose bound
+    has not run out, instead of going ahead on generation 1's expired one."""
+    hold = 5.0
+    # half a second a line, one at a time: no batch finishes its 60 lines within the test
+    srv = serve("--upstream-latency", "0.5", "--concurrency", "1", "--fault-cancel-delay", "60")
+    ws = workspace(tmp_path / "ws", srv, replaceHoldSeconds=hold)
+    started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    time.sleep(hold + 0.2)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+    assert code == 0, err
+    assert "generation 1 is still stopping past replaceHoldSeconds" in out
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "waiting for generation 2 to stop (its answers are reused)" in out
+    assert "creating anyway" not in out
+    with ws.store() as store:
+        assert store.batches(store.generations("triage")[-1].id) == []

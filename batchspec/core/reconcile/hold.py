@@ -9,8 +9,10 @@ request the old batch still finishes: paid twice. So a create that records a new
 * **When.** The new generation would reuse answers (every create but a ``--replace
   --no-reuse`` replacement) and records its ledger now (no batches and no ledger yet), and a
   retired generation of the same resource (not active, not the new one) has a batch sent and
-  not ended whose unresolved requests overlap the new generation's (same ``custom_id`` and
-  request hash, per the ledger).
+  not ended, or ended with its answers not collected yet, whose unresolved requests overlap
+  the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
+  whose ledger is not written yet overlaps with all its batches' requests). A generation
+  still within its bound holds even when an older one's has run out.
 * **What.** Nothing is recorded and nothing is paid: the step reports ``waiting`` ("waiting for
   generation N to stop (its answers are reused)") and the resource stays waiting, so
   ``apply --wait`` keeps polling (the drain polls the old batch every pass) and the pass after
@@ -33,7 +35,7 @@ from batchspec.core.reconcile.context import RunContext
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
-from batchspec.state.store import GenerationRow, StateStore
+from batchspec.state.store import BatchRow, GenerationRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestFact
@@ -98,7 +100,7 @@ def find_hold(
         not reuses_answers(gen) or store.batches(gen.id) or ledger.has_requests(gen.id)
     ):
         return None  # reuses nothing, or already recorded: too late or needless to wait
-    stopping: list[tuple[GenerationRow, list[str], set[int]]] = []
+    stopping: list[tuple[GenerationRow, list[BatchRow]]] = []
     for old in store.generations(res.name):
         if gen is not None and old.id == gen.id:
             continue
@@ -106,25 +108,36 @@ def find_hold(
             continue
         if old.status in ACTIVE_GENERATION_STATUSES and not cancelling:
             continue
-        batches = [
-            b
-            for b in store.batches(old.id)
-            if b.remote_id is not None and b.status not in TERMINAL_STATUSES
-        ]
-        if batches and ledger.has_requests(old.id):
-            stopping.append((old, [b.remote_id or "" for b in batches], {b.shard for b in batches}))
+        batches = [b for b in store.batches(old.id) if _may_still_answer(b)]
+        if batches:
+            stopping.append((old, batches))
     if not stopping:
         return None
     wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
-    for old, remote_ids, shards in stopping:
-        unresolved = ledger.unresolved_fingerprints(old.id, shards)
-        overlap = len(unresolved if wanted is None else unresolved & wanted)
+    holds: list[Hold] = []
+    for old, batches in stopping:
+        if ledger.has_requests(old.id):
+            unresolved = ledger.unresolved_fingerprints(old.id, {b.shard for b in batches})
+            overlap = len(unresolved if wanted is None else unresolved & wanted)
+        else:  # its ledger is not written yet (killed before it): any request may be its
+            overlap = sum(b.requests for b in batches)
         if not overlap:
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
         until = (now if active else _cancelled_at(store, res.name, old)) + hold_for
-        return Hold(old.id, tuple(remote_ids), overlap, until, expired=now >= until)
-    return None
+        remote_ids = tuple(b.remote_id or "" for b in batches)
+        holds.append(Hold(old.id, remote_ids, overlap, until, expired=now >= until))
+    # a generation still within its bound holds, even when an older one's bound has run out
+    live = [hold for hold in holds if not hold.expired]
+    return (live or holds or [None])[0]
+
+
+def _may_still_answer(batch: BatchRow) -> bool:
+    """Sent, and not ended, or ended with its answers not collected yet (the drain's
+    ``unsettled_batches``): what it answers is not in the ledger yet."""
+    return batch.remote_id is not None and (
+        batch.status not in TERMINAL_STATUSES or batch.collected_at is None
+    )
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
