@@ -129,7 +129,8 @@ def find_hold(
         holds.append(Hold(old.id, remote_ids, overlap, until, expired=now >= until))
     # a generation still within its bound holds, even when an older one's bound has run out
     live = [hold for hold in holds if not hold.expired]
-    return (live or holds or [None])[0]
+    found = live or holds
+    return found[0] if found else None
 
 
 def _may_still_answer(batch: BatchRow) -> bool:
