@@ -27,7 +27,7 @@ request the old batch still finishes: paid twice. So a create that records a new
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
@@ -85,13 +85,15 @@ def find_hold(
     now: float,
     reuse: bool = True,
     cancelling: bool = False,
+    contentless: Collection[int] = (),
 ) -> Hold | None:
     """The hold on a create of ``res``'s generation (``res.spec_hash``), if any (see the
     module docstring); ``requests``: the new generation's requests (None: not read, as
     ``status`` does not; every unresolved request of the old batches counts); ``reuse``: whether a
     generation not recorded yet reuses answers; ``cancelling``: the step cancels the active
     generations of other specs first (``plan`` of a replace: they count as stopping from
-    ``now``). Reads the state only."""
+    ``now``); ``contentless``: generations whose ledger cannot be written (the drain found
+    their input content nowhere): their answers could never be reused. Reads the state only."""
     gen = store.find_generation(res.name, res.spec_hash)
     ledger = store.ledger()
     if gen is None and not reuse:
@@ -108,6 +110,8 @@ def find_hold(
             continue
         if old.status in ACTIVE_GENERATION_STATUSES and not cancelling:
             continue
+        if old.id in contentless:
+            continue
         batches = [b for b in store.batches(old.id) if _may_still_answer(b)]
         if batches:
             stopping.append((old, batches))
@@ -119,8 +123,10 @@ def find_hold(
         if ledger.has_requests(old.id):
             unresolved = ledger.unresolved_fingerprints(old.id, {b.shard for b in batches})
             overlap = len(unresolved if wanted is None else unresolved & wanted)
-        else:  # its ledger is not written yet (killed before it): any request may be its
-            overlap = sum(b.requests for b in batches)
+        else:  # no ledger (killed before it): any request a running batch has may be its;
+            # an ended one's answers could not be joined to requests (the drain, which runs
+            # first, writes the ledger when it can), so waiting for it would buy nothing
+            overlap = sum(b.requests for b in batches if b.status not in TERMINAL_STATUSES)
         if not overlap:
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
@@ -159,6 +165,7 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
         requests=lambda: ctx.request_facts(res, facts.sha256),
         hold_for=hold_seconds(config.options if config is not None else None),
         now=ctx.clock(),
+        contentless=ctx.contentless,
     )
 
 
