@@ -24,6 +24,7 @@ from workspaces import (
     served,
 )
 
+from batchspec.core.reconcile import intent
 from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
 
 
@@ -63,11 +64,14 @@ def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
     tmp_path: Path,
     server: Callable[..., ProbedServer],
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     per_batch: int | None,
 ) -> None:
-    """An apply killed after its creates and before the ledger (no ledger rows), then a new
-    input (two lines added) on a runner without the request-index folder: the old batches'
-    answers are still kept and reused, not paid for again."""
+    """An apply killed after its creates and before the ledger (no ledger rows; a ledger is
+    written after its creates from LEDGER_AFTER_CREATE_MIN requests, lowered here), then a
+    new input (two lines added) on a runner without the request-index folder: the old
+    batches' answers are still kept and reused, not paid for again."""
+    monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
     srv = slow_server(server, cancel_delay=1.5)
     spec = {"limits": {"maxRequestsPerBatch": per_batch}} if per_batch else {}
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
@@ -156,7 +160,7 @@ def test_a_retired_generation_without_its_content_is_not_read_again_per_batch_an
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
 
-    assert code == 0, err
+    assert code == 0, err + out
     passes = out.count("completed 25/25") + out.count("in_progress")
     assert passes > 3, out  # several passes polled the new batches
     assert len(parsed) <= 3 * (REQUESTS + 2), (len(parsed), out)
