@@ -205,3 +205,34 @@ def test_a_retry_does_not_resend_a_line_a_drained_batch_answered(
     written = [r["custom_id"] for r in ws.outputs("triage") + ws.errors("triage")]
     assert sorted(written) == sorted(ws.input_ids("triage"))  # a line each, in one file
     assert answered <= {r["custom_id"] for r in ws.outputs("triage")}
+
+
+def test_a_retired_generation_whose_ledger_cannot_be_derived_does_not_stop_every_apply(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retired generation with no ledger whose intents' counts no longer add up to its
+    input's requests (a damaged state): the drain warns once and skips it, and the new
+    generation is created and finished; it does not fail every later apply."""
+    monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
+    srv = slow_server(server, cancel_delay=0.5)
+    spec = {"limits": {"maxRequestsPerBatch": 25}}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=REQUESTS, spec=spec))
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    firsts = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+        store.db.execute("update batches set requests = requests + 5 where shard = 0")
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    for b in firsts:
+        ended(client, b.id)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err + out
+    assert out.count("could not be listed") == 1, out
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")

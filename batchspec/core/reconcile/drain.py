@@ -173,8 +173,17 @@ def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
         return False
     try:
         ctx.ensure_ledger(retired.resource, gen)
-    except InputError:  # its input is gone: nothing to join its answers to
+    except BatchspecError as err:  # nothing to join its answers to: skipped, not fatal
         ctx.contentless.add(gen.id)
+        if not isinstance(err, InputError):  # its input gone is expected; anything else is said
+            ctx.report(
+                Progress(
+                    "warning",
+                    retired.name,
+                    f"the requests of {gen.status} generation {gen.id} could not be listed "
+                    f"({err.message}): its stopping batches are not drained",
+                )
+            )
         return False
     return True
 
