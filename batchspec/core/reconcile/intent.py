@@ -66,7 +66,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     """Keep the answers an earlier generation has for unchanged requests (recording every
     request in the ledger first), split the rest into shards (writing shard files when the
     input cannot go as it is) and record one attempt-1 intent per shard: one transaction.
-    A new generation's ledger is written after its creates are sent (``ensure_ledger``).
+    A new generation's ledger is written with its intents, or after its creates are sent
+    when it is large (``LEDGER_AFTER_CREATE_MIN``, ``ensure_ledger``).
 
     The requests come from the input's request index (written by the scan that validated
     it): the input is not parsed again, and its bytes are read only to copy them into shard
@@ -92,7 +93,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         single = single and not carried
         if single and not previous:
             # The batch file is the input itself: only the intent must precede the create.
-            # The ledger is written while the provider works (``RunContext.ensure_ledger``).
+            # A large ledger is written while the provider works (``ensure_ledger``).
             check_budget(
                 res, facts, submitted=0, new=facts.requests, providers=ctx.project.providers
             )
@@ -123,8 +124,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
         else:
             # every request of the input, in consecutive runs per shard: the ledger is
-            # derived from the intents' counts and written while the provider works
-            # (``RunContext.ensure_ledger``), so the uploads do not wait for its inserts
+            # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
+            # while the provider works, so the uploads do not wait for its inserts
             for _ in assigned:
                 pass
         shard_files = writers.finish()
