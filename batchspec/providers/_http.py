@@ -43,6 +43,7 @@ import httpx
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
 from batchspec.providers.base import RemoteBatch, RemoteNotFound, report_throttle
+from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,
@@ -371,7 +372,6 @@ NOT_CANCELLABLE_STATUSES = frozenset({400, 409, 412, 422})
 #: band, or by an earlier cancel whose answer was lost) and ``finalizing`` (every request has
 #: run; its files are being written): returned as they are, in flight, to be polled and
 #: collected like any other
-NOTHING_TO_CANCEL = frozenset({"cancelling", "finalizing"})
 
 
 def cancel_or_ended(

@@ -32,6 +32,7 @@ from batchspec.providers.base import (
     parse_batch,
     parse_file,
 )
+from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 
 T = TypeVar("T")
 
@@ -133,14 +134,14 @@ class LocalProvider:
             after = page["last_id"]
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        """Cancel a batch; one that has ended meanwhile (409: not cancellable) is returned as
-        it is, as the OpenAI-compatible provider does: its outcome is decided."""
+        """Cancel a batch; one that has ended, or is already stopping or finalizing, meanwhile
+        (409: not cancellable) is returned as it is, as the HTTP providers do."""
         try:
             return parse_batch(self.engine.cancel_batch(batch_id))
         except EngineError as err:
             if err.status == 409:
                 remote = self.get_batch(batch_id)
-                if remote.is_terminal:
+                if remote.is_terminal or remote.status in NOTHING_TO_CANCEL:
                     return remote
             raise provider_error(self.name, err) from None
 

@@ -15,3 +15,7 @@ def normal_status(value: object) -> str:
     """A server's status lower-cased, with ``canceling``/``canceled`` spelt as ours."""
     text = str(value or "unknown").lower()
     return AMERICAN_SPELLINGS.get(text, text)
+
+
+#: statuses of a batch with nothing left to cancel: already stopping, or writing its files
+NOTHING_TO_CANCEL = frozenset({"cancelling", "finalizing"})
