@@ -298,11 +298,10 @@ class Worker:
         delay = self.settings.cancel_delay
         if control.cancel_seen is None:
             control.cancel_seen = time.monotonic()
+            if delay > 0 and self._loop is not None and self._wake is not None:
+                self._loop.call_later(delay + 0.01, self._wake.set)  # a tick once it is over
         if time.monotonic() - control.cancel_seen >= delay:
             control.stop("cancelled")
-        elif self._loop is not None and self._wake is not None:
-            wake = self._wake
-            self._loop.call_later(delay / 4, wake.set)  # look again in time
 
     def _forget(self, batch_id: str) -> None:
         self._drivers.pop(batch_id, None)
