@@ -168,7 +168,7 @@ def plan_workspace(
             reuse=reuse,
             backoff=requeue_backoff(ws),
             requests=indexed_requests(cache, facts),
-            hold_for=lambda name: hold_seconds(provider_options(ws, name)),
+            hold_for=lambda name: hold_seconds(ws.project.providers, name),
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
@@ -282,7 +282,7 @@ def apply_workspace(
                 reuse=options.reuse,
                 backoff=requeue_backoff(ws),
                 requests=indexed_requests(cache, facts),
-                hold_for=lambda name: hold_seconds(provider_options(ws, name)),
+                hold_for=lambda name: hold_seconds(ws.project.providers, name),
             )
             if saved is not None:
                 saved.require_current(store, resources, plan)
@@ -763,8 +763,3 @@ def apply_saved_plan(
         allow_replace=True,
     )
     return apply_workspace(list(paths) or saved.manifest_paths(), options, saved=saved, **kwargs)
-
-
-def provider_options(ws: Workspace, name: str) -> Mapping[str, object] | None:
-    config = ws.project.providers.get(name)
-    return config.options if config is not None else None

@@ -97,12 +97,11 @@ def _with_hold(
 ) -> DesiredResource:
     """``want`` with the retired generation still stopping that its next create waits for
     (``reconcile.hold``; the input is not read: any unresolved request of it counts)."""
-    config = providers.get(res.provider)
     hold = find_hold(
         store,
         res,
         requests=None,
-        hold_for=hold_seconds(config.options if config is not None else None),
+        hold_for=hold_seconds(providers, res.provider),
         now=time.time(),
     )
     if hold is None:

@@ -198,6 +198,18 @@ class RunsAndEvents(StateConnection):
             params.append(limit)
         return [_event_row(r) for r in reversed(self._all(sql, params))]
 
+    def last_generation_event(
+        self, resource: str, generation_id: int, action: str
+    ) -> EventRow | None:
+        """The most recent ``action`` event recorded for one generation of ``resource`` (by
+        the indexed resource), if any."""
+        row = self._one(
+            "SELECT * FROM events WHERE resource = ? AND generation_id = ? AND action = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (resource, generation_id, action),
+        )
+        return None if row is None else _event_row(row)
+
     def last_batch_event(self, batch_id: int, action: str) -> EventRow | None:
         """The most recent ``action`` event recorded for one batch, if any."""
         row = self._one(

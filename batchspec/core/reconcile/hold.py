@@ -40,6 +40,7 @@ from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource
+from batchspec.workspace.project import ProviderConfig
 
 #: seconds a create waits for a retired batch still stopping, unless the provider says
 DEFAULT_REPLACE_HOLD_SECONDS = 900.0
@@ -71,9 +72,11 @@ class Hold:
         )
 
 
-def hold_seconds(options: Mapping[str, object] | None) -> float:
-    value = (options or {}).get("replaceHoldSeconds")
-    return DEFAULT_REPLACE_HOLD_SECONDS if value is None else float(value)  # type: ignore[arg-type]
+def hold_seconds(providers: Mapping[str, ProviderConfig], provider: str) -> float:
+    """The provider's ``replaceHoldSeconds`` (``DEFAULT_REPLACE_HOLD_SECONDS`` when unset)."""
+    config = providers.get(provider)
+    value = (config.options or {}).get("replaceHoldSeconds") if config is not None else None
+    return DEFAULT_REPLACE_HOLD_SECONDS if value is None else float(value)
 
 
 def find_hold(
@@ -149,21 +152,17 @@ def _may_still_answer(batch: BatchRow) -> bool:
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
     """When ``gen``'s cancel was recorded (epoch seconds), else when it was created."""
-    stamp = gen.created_at
-    for event in store.events(resource=name, action="cancel"):
-        if event.generation_id == gen.id:
-            stamp = event.at
-    return parse_timestamp(stamp).timestamp()
+    event = store.last_generation_event(name, gen.id, "cancel")
+    return parse_timestamp(gen.created_at if event is None else event.at).timestamp()
 
 
 def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold | None:
     """``find_hold`` for a create this pass is about to record (``res``'s provider options)."""
-    config = ctx.project.providers.get(res.provider)
     return find_hold(
         ctx.store,
         res,
         requests=lambda: ctx.request_facts(res, facts.sha256),
-        hold_for=hold_seconds(config.options if config is not None else None),
+        hold_for=hold_seconds(ctx.project.providers, res.provider),
         now=ctx.clock(),
         contentless=ctx.contentless,
     )
