@@ -114,8 +114,6 @@ def find_retired(
         gen = generations.get(batch.generation_id)
         if gen is None:
             gen = generations[batch.generation_id] = store.get_generation(batch.generation_id)
-        if gen.status in ACTIVE_GENERATION_STATUSES:
-            continue
         res = by_name.get(gen.resource)
         if gen.resource in order and res is not None and gen.spec_hash != res.spec_hash:
             position = order[gen.resource]

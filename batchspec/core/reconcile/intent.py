@@ -10,6 +10,7 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 
 from __future__ import annotations
 
+import collections
 import shutil
 from collections.abc import Iterable
 
@@ -126,8 +127,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             # every request of the input, in consecutive runs per shard: the ledger is
             # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
             # while the provider works, so the uploads do not wait for its inserts
-            for _ in assigned:
-                pass
+            collections.deque(assigned, maxlen=0)  # drives the shard writers
         shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
         check_budget(
