@@ -48,6 +48,35 @@ TARGETS = {"submit pass": 15.0, "poll+collect pass": 6.0}
 RSS_TARGET_MB = 150
 
 
+def print_timeline(
+    timeline: list[tuple[float, float, str, str]], start: float, wall: float
+) -> None:
+    """Where a pass's wall time went: the calls the proxy answered, by kind, per half second
+    of the pass (from the apply's start), and the time before the first call arrived."""
+    kinds = sorted({_kind(method, path) for _, _, method, path in timeline})
+    print(
+        f"  first call {min(a for a, *_ in timeline) - start:.2f} s after the start; "
+        f"last answer {max(d for _, d, *_ in timeline) - start:.2f} s (wall {wall:.2f} s)"
+    )
+    print("  " + "   t(s) " + " ".join(f"{k:>9}" for k in kinds))
+    buckets: dict[int, Counter[str]] = {}
+    for _, done, method, path in timeline:
+        buckets.setdefault(int((done - start) * 2), Counter())[_kind(method, path)] += 1
+    for slot in range(max(buckets) + 1):
+        row = buckets.get(slot, Counter())
+        print(f"  {slot / 2:7.1f} " + " ".join(f"{row[k]:9d}" for k in kinds))
+
+
+def _kind(method: str, path: str) -> str:
+    """A call's kind, from its method and path (ids dropped)."""
+    parts = [p for p in path.split("?")[0].split("/") if p and p != "v1"]
+    if method == "GET" and parts[:1] == ["batches"]:
+        return "list" if len(parts) == 1 else "retrieve"
+    if method == "GET" and parts[-1:] == ["content"]:
+        return "download"
+    return f"{method.lower()} {parts[0] if parts else ''}"[:9]
+
+
 def timed_apply(
     root: Path, parallelism: int, profile: str | None = None
 ) -> tuple[float, float, float]:
@@ -115,12 +144,16 @@ def main() -> None:
         metavar="PREFIX",
         help="run each apply under cProfile: stats in PREFIX.submit and PREFIX.collect",
     )
+    parser.add_argument(
+        "--timeline", action="store_true", help="print when the proxy answered each kind of call"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     model, gate, model_url = start_gated_model()
     serve, serve_url = start_serve(tmp / "engine", model_url)
-    proxy, counts = start_latency_proxy(serve_url, args.latency)
+    timeline: list[tuple[float, float, str, str]] = []
+    proxy, counts = start_latency_proxy(serve_url, args.latency, timeline)
     try:
         ws = tmp / "ws"
         proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}/v1"
@@ -133,18 +166,26 @@ def main() -> None:
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.submit"
         cpu_before = process_cpu(serve.pid), own_cpu()
+        timeline.clear()
+        start = time.perf_counter()
         figures = timed_apply(ws, args.parallelism, profile)
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         report("submit pass", n, figures, sum((counts - before).values()), others)
+        if args.timeline:
+            print_timeline(timeline, start, figures[0])
         wait_until(serve_url, lambda s: s == "in_progress", n)
         gate.set()
         wait_until(serve_url, lambda s: s == "completed", n)
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.collect"
         cpu_before = process_cpu(serve.pid), own_cpu()
+        timeline.clear()
+        start = time.perf_counter()
         figures = timed_apply(ws, args.parallelism, profile)
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         report("poll+collect pass", n, figures, sum((counts - before).values()), others)
+        if args.timeline:
+            print_timeline(timeline, start, figures[0])
         outputs = list((ws / "results").glob("job-*[0-9].jsonl"))
         if len(outputs) != n:
             raise SystemExit(f"only {len(outputs)} of {n} result files were written")

@@ -96,8 +96,11 @@ class _LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPServer, Counter[str]]:
-    """Forward every request to ``upstream`` after ``latency`` seconds; count them by method."""
+def start_latency_proxy(
+    upstream: str, latency: float, timeline: list[tuple[float, float, str, str]] | None = None
+) -> tuple[ThreadingHTTPServer, Counter[str]]:
+    """Forward every request to ``upstream`` after ``latency`` seconds; count them by method;
+    with ``timeline``, append (arrived, answered, method, path) for each request to it."""
     # idle connections dropped after 2 s, before uvicorn closes them (5 s): a request sent on
     # a connection the server is closing is reset, and a reset create is an unsure one
     limits = httpx.Limits(max_connections=256, keepalive_expiry=2.0)
@@ -129,6 +132,7 @@ def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPSer
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             with lock:
                 counts[self.command] += 1
+            arrived = time.perf_counter()
             time.sleep(latency)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             answer = client.request(self.command, self.path, headers=headers, content=body)
@@ -139,6 +143,8 @@ def start_latency_proxy(upstream: str, latency: float) -> tuple[ThreadingHTTPSer
             self.send_header("Content-Length", str(len(answer.content)))
             self.end_headers()
             self.wfile.write(answer.content)
+            if timeline is not None:
+                timeline.append((arrived, time.perf_counter(), self.command, self.path))
 
         do_GET = do_POST = do_DELETE = _forward
 
