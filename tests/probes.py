@@ -73,6 +73,8 @@ class RequestProbe:
         self.app = app
         self.counts: Counter[str] = Counter()
         self.log: list[str] = []
+        #: "METHOD /raw/path" of every request, in the order they arrived
+        self.raw_log: list[str] = []
         self.holds: dict[str, Hold] = {}
         #: (pattern on "METHOD /raw/path", status, JSON body) answered without the engine
         self.refusals: list[tuple[re.Pattern[str], int, bytes]] = []
@@ -153,6 +155,8 @@ class RequestProbe:
         route = route_of(scope["method"], scope["path"])
         hold = self._take_hold(route)
         raw = f"{scope['method']} {scope['path']}"
+        with self._lock:
+            self.raw_log.append(raw)
         refusal = next((r for r in self.refusals if r[0].search(raw)), None)
         if refusal is not None:
             headers = [(b"content-type", b"application/json")]

@@ -174,6 +174,67 @@ def test_downloads_start_while_the_listing_still_pages(
     assert len(early) >= 5  # at least the first page's batches, downloaded during the rest
 
 
+def test_downloads_are_fetched_in_the_order_the_pass_records_them(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing shows the newest batches first, but the pass records resources in order and
+    waits for each one's file: the downloads start in resource order (the first resource's
+    file first), not in the order the listing found the batches, or the pass would wait for
+    the last download before recording anything."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12)
+    assert run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_all_terminal(srv, 12)
+    # created one at a time in resource order; listed newest first: the last is r00's
+    batches = srv.engine.list_batches(None, 100)["data"][::-1]
+    resource_of = {b["output_file_id"]: f"r{i:02d}" for i, b in enumerate(batches)}
+    assert len(resource_of) == 12
+    srv.probe.raw_log.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+
+    assert code == 0, err
+    fetched = [
+        resource_of[path.split("/")[-2]]
+        for path in srv.probe.raw_log
+        if path.startswith("GET ") and path.endswith("/content")
+    ]
+    assert fetched == [f"r{i:02d}" for i in range(12)]
+
+
+def test_ordered_calls_start_after_the_others_lowest_order_first() -> None:
+    """``BoundedCalls``: calls without an order start in submission order, before any call
+    given one; those start lowest order first, whatever order they were submitted in."""
+    started: list[str] = []
+    gate = threading.Event()
+    with prefetch.BoundedCalls(1, lambda _: None) as calls:
+        blocker = calls.submit("p", lambda: gate.wait(10))  # holds the worker: the rest queue
+        futures = [
+            calls.submit("p", lambda n=name: started.append(n), order=order)
+            for name, order in (("c", 3), ("a", 1), ("b", 2))
+        ]
+        futures += [calls.submit("p", lambda n=name: started.append(n)) for name in ("x", "y")]
+        gate.set()
+        for future in [blocker, *futures]:
+            future.result(timeout=10)
+    assert started == ["x", "y", "a", "b", "c"]
+
+
+def test_calls_still_queued_when_the_pool_closes_are_cancelled() -> None:
+    """Closing the pool while calls wait for a worker cancels them (their futures say so)
+    instead of leaving futures that never end."""
+    gate = threading.Event()
+    calls = prefetch.BoundedCalls(1, lambda _: None)
+    blocker = calls.submit("p", lambda: gate.wait(10))
+    queued = calls.submit("p", lambda: "ran", order=1)
+    threading.Timer(0.2, gate.set).start()
+    calls.__exit__(None, None, None)
+    assert blocker.result(timeout=10) is True
+    assert queued.cancelled()
+
+
 _IDS = re.compile(r"\b(batch|file)[-_][A-Za-z0-9]+")
 
 

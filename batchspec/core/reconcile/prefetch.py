@@ -36,10 +36,13 @@ one) on the providers reads are fetched ahead from (``shares_client``).
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -63,6 +66,8 @@ LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
+#: a call waiting for a worker: (rank, sequence, call, its future)
+_Queued = tuple[tuple[int, int], int, Callable[[], Any], Future[Any]]
 
 
 class AdaptiveLimit:
@@ -131,17 +136,44 @@ class AdaptiveLimit:
 
 class BoundedCalls:
     """A thread pool of ``parallelism`` workers with an adaptive cap on calls per provider
-    (``AdaptiveLimit``: at most the provider's ``maxConcurrency``, shrinking on 429)."""
+    (``AdaptiveLimit``: at most the provider's ``maxConcurrency``, shrinking on 429).
+
+    Calls start in the order they were submitted, except those given an ``order``: they
+    start after the others, lowest ``order`` first. A pass gives its downloads the order the
+    main thread takes them in (resource order), whatever order a listing found them in, so
+    the first resource's file is not the last one fetched."""
 
     def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
         self.parallelism = max(1, parallelism)
         self._cap_for = cap_for
         self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
+        self._queue: list[_Queued] = []
+        self._queue_lock = threading.Lock()
+        self._sequence = itertools.count()
 
-    def submit(self, provider: str, call: Callable[[], T]) -> Future[T]:
+    def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
         limit = self.limit_for(provider)
-        return self._pool.submit(limit.run, call)
+        future: Future[T] = Future()
+        seq = next(self._sequence)
+        rank = (0, seq) if order is None else (1, order)
+        queued: _Queued = (rank, seq, functools.partial(limit.run, call), future)
+        with self._queue_lock:
+            heapq.heappush(self._queue, queued)
+        self._pool.submit(self._run_next)  # one task per call: it runs the first queued
+        return future
+
+    def _run_next(self) -> None:
+        with self._queue_lock:
+            _, _, call, future = heapq.heappop(self._queue)
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = call()
+        except BaseException as err:  # noqa: BLE001 - handed to whoever takes the future
+            future.set_exception(err)
+        else:
+            future.set_result(result)
 
     def limit_for(self, provider: str) -> AdaptiveLimit:
         if provider not in self.limits:
@@ -155,6 +187,10 @@ class BoundedCalls:
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._queue_lock:  # calls whose tasks the shutdown cancelled never start
+            for _, _, _, future in self._queue:
+                future.cancel()
+            self._queue.clear()
 
 
 def prefetch_pass(
@@ -167,32 +203,39 @@ def prefetch_pass(
     ``retired``: the batches of retired generations the pass drains (``drain``) too."""
     ctx.prefetched = Prefetched()
     also = [b for b in retired if shares_client(ctx, b.provider)]
-    rows = [b for b in [*_current_batches(ctx, resources), *also] if b.remote_id is not None]
+    # in the order the pass takes them: the drain first, then resource by resource
+    rows = [b for b in [*also, *_current_batches(ctx, resources)] if b.remote_id is not None]
+    order = {(b.provider, b.remote_id or ""): rank for rank, b in enumerate(rows)}
     in_flight = [b for b in rows if b.status not in TERMINAL_STATUSES]
-    observed = _poll_all(ctx, in_flight, calls)
-    for row in rows:
+    observed = _poll_all(ctx, in_flight, calls, order)
+    for rank, row in enumerate(rows):
         seen = observed.get(row.id)
         if seen is not None:
-            _download_files(ctx, calls, row.provider, seen)
+            _download_files(ctx, calls, row.provider, seen, rank)
         elif row.status in TERMINAL_STATUSES and row.collected_at is None:
             for file_id in (row.output_file_id, row.error_file_id):
-                _download(ctx, calls, row.provider, file_id)
+                _download(ctx, calls, row.provider, file_id, rank)
 
 
-def _download_files(ctx: RunContext, calls: BoundedCalls, provider: str, seen: RemoteBatch) -> None:
+def _download_files(
+    ctx: RunContext, calls: BoundedCalls, provider: str, seen: RemoteBatch, rank: int
+) -> None:
     """Start the downloads of a batch seen terminal (a listing calls this as each page
     arrives, so the first downloads overlap the pages still to come)."""
     if seen.is_terminal:
         for file_id in (seen.output_file_id, seen.error_file_id):
-            _download(ctx, calls, provider, file_id)
+            _download(ctx, calls, provider, file_id, rank)
 
 
-def _download(ctx: RunContext, calls: BoundedCalls, provider: str, file_id: str | None) -> None:
-    """Start one download, once a pass; the collect step takes (waits for) it, so it starts
-    before the downloads end."""
+def _download(
+    ctx: RunContext, calls: BoundedCalls, provider: str, file_id: str | None, rank: int
+) -> None:
+    """Start one download, once a pass, ranked by when the pass takes it (``rank``); the
+    collect step takes (waits for) it, so it starts before the downloads end."""
     key = (provider, file_id or "")
     if file_id and key not in ctx.prefetched.files:
-        ctx.prefetched.files[key] = calls.submit(provider, _downloader(ctx, provider, file_id))
+        download = _downloader(ctx, provider, file_id)
+        ctx.prefetched.files[key] = calls.submit(provider, download, order=rank)
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
@@ -227,14 +270,19 @@ def provider_ready(ctx: RunContext, provider: str) -> bool:
 
 
 def _poll_all(
-    ctx: RunContext, in_flight: Sequence[BatchRow], calls: BoundedCalls
+    ctx: RunContext,
+    in_flight: Sequence[BatchRow],
+    calls: BoundedCalls,
+    order: Mapping[tuple[str, str], int],
 ) -> dict[int, RemoteBatch]:
     """Poll every in-flight batch (list first where the provider lists); by batch row id."""
     by_provider: dict[str, list[BatchRow]] = {}
     for row in in_flight:
         by_provider.setdefault(row.provider, []).append(row)
     listings = {
-        name: calls.submit(name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls))
+        name: calls.submit(
+            name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls, order)
+        )
         for name, rows in by_provider.items()
         if _lists(ctx, name) and len(rows) > 1
     }
@@ -269,7 +317,11 @@ def _lists(ctx: RunContext, provider: str) -> bool:
 
 
 def _lister(
-    ctx: RunContext, name: str, wanted: set[str], calls: BoundedCalls
+    ctx: RunContext,
+    name: str,
+    wanted: set[str],
+    calls: BoundedCalls,
+    order: Mapping[tuple[str, str], int],
 ) -> Callable[[], dict[str, RemoteBatch]]:
     def list_wanted() -> dict[str, RemoteBatch]:
         max_pages = math.ceil(len(wanted) / LIST_PAGE_SIZE) + 1
@@ -279,7 +331,7 @@ def _lister(
         ):
             if batch.id in wanted:
                 found[batch.id] = batch
-                _download_files(ctx, calls, name, batch)
+                _download_files(ctx, calls, name, batch, order[(name, batch.id)])
                 if len(found) == len(wanted):
                     break
             if index + 1 >= max_pages * LIST_PAGE_SIZE:
