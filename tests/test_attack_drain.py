@@ -96,6 +96,41 @@ def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
     assert sorted(second + answered) == sorted(ws.input_ids("triage"))
 
 
+def test_a_generation_killed_before_its_ledger_keeps_its_answers_after_a_state_move(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An apply killed after its create and before its ledger (as the test above), then
+    `state migrate` to an SQLite state in another folder and the old state folder gone (a
+    runner that has only the moved state): the kept request index moved with it, so once the
+    input changes the old batch's answers are still reused, not paid for again."""
+    monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
+    srv = slow_server(server, cancel_delay=1.5)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    moved = tmp_path / "elsewhere" / "batchspec.db"
+    monkeypatch.chdir(ws.root)
+    code, _, err = run_cli(["state", "migrate", "--to", str(moved)], capsys)
+    assert code == 0, err
+    shutil.rmtree(ws.state_path.parent)  # its result store and input-index folder too
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["cancel", "triage", str(ws.root), "--state", str(moved)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    answered = output_ids(client, ended(client, first.id))
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--state", str(moved), *FAST]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    second = [i for b in received_batches(client) if b.id != first.id for i in b.input_ids]
+    assert set(second).isdisjoint(answered), out
+    assert sorted(second + answered) == sorted(ws.input_ids("triage"))
+
+
 def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
