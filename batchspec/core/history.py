@@ -10,6 +10,8 @@ that one; a ``collect`` before it is *covered* (in that running total already) a
 nothing. A generation superseded, cancelled or pruned before its results are written (its
 drained batches' ``collect`` events are marked ``retired``) counts with its collects alone.
 
+Events are read as people count: a batch's ``shard`` from 1 (``batches.event_detail_shown``).
+
 A run's ``usage`` sums those counted events of the run: the generations it finished and the
 answers it collected that no later ``results`` event covers; ``cost_usd`` is ``None`` when any
 of them had an unknown price. (Until a generation is finished, its collects count on the runs
@@ -35,9 +37,10 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from batchspec.core.batches import event_detail_shown
 from batchspec.core.spend import Usage
 from batchspec.errors import ManifestError, StateError
 from batchspec.state.lock import pid_is_alive
@@ -141,7 +144,7 @@ def read_history(
         entries = []
         for run in runs:
             events = [
-                e
+                replace(e, detail=event_detail_shown(e.detail))
                 for e in store.events(run_id=run.id)
                 if resource is None or e.resource in (resource, None)
             ]
