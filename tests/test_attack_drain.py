@@ -214,6 +214,9 @@ def test_a_pruned_resource_added_again_unchanged_runs_again_paying_nothing_twice
     assert f"added again after `apply --prune` cancelled generation {old}" in action["reason"]
     code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
     assert code == 2 and "+ gone: create (added again after `apply --prune`" in out
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = [r for r in json.loads(out)["resources"] if r["name"] == "gone"]
+    assert status["action"] == "create" and status["sync"] == "OutOfSync"
 
     answered = output_ids(client, ended(client, first))
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)

@@ -58,9 +58,9 @@ from batchspec.core.replacements import (
     RequestFacts,
     effective_resources,
     next_replacement,
-    readded_after_prune,
     reusable_answers,
     reuses_answers,
+    with_readded,
 )
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.selection import orphan_selector
@@ -572,14 +572,10 @@ def planned_resources(
     name in ``replace`` and every one added again after ``apply --prune`` cancelled its
     generation (keeping answers); and, by name, the generation each of those re-added ones
     had (see batchspec.core.replacements)."""
-    planned, readded = [], {}
-    for r in effective_resources(store, resources):
-        if r.name in replace:
-            r = next_replacement(store, r, reuse=reuse)
-        elif (pruned := readded_after_prune(store, r)) is not None:
-            readded[r.name] = pruned.id
-            r = next_replacement(store, r, reuse=True)
-        planned.append(r)
+    planned, readded = with_readded(store, effective_resources(store, resources))
+    for name in replace:  # `--replace NAME` says how: a replace, reusing as asked
+        readded.pop(name, None)
+    planned = [next_replacement(store, r, reuse=reuse) if r.name in replace else r for r in planned]
     return planned, readded
 
 

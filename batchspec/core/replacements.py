@@ -92,6 +92,22 @@ def readded_after_prune(store: StateStore, res: Resource) -> GenerationRow | Non
     return gen if cancel is not None and cancel.detail.get("reason") == PRUNE_REASON else None
 
 
+def with_readded(
+    store: StateStore, resources: Iterable[Resource]
+) -> tuple[list[Resource], dict[str, int]]:
+    """``resources`` (with their effective spec hashes) with each one added again after
+    ``apply --prune`` as its next replacement (keeping answers: what apply records), and by
+    name the generation each of those had (``readded_after_prune``)."""
+    planned, readded = [], {}
+    for res in resources:
+        pruned = readded_after_prune(store, res)
+        if pruned is not None:
+            readded[res.name] = pruned.id
+            res = next_replacement(store, res, reuse=True)
+        planned.append(res)
+    return planned, readded
+
+
 def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resource:
     """``res`` as its next replacement would be: the spec hash a ``--replace`` records."""
     number = replacement_number(current_replacement(store, res)) + 1
