@@ -3,6 +3,7 @@ request line, never lost, never paid twice (real ``batchspec serve``, real SQLit
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
+    Workspace,
     make_workspace,
     openai_provider,
     run_cli,
@@ -96,6 +98,41 @@ def test_a_retired_generation_killed_before_its_ledger_keeps_its_answers(
     assert sorted(second + answered) == sorted(ws.input_ids("triage"))
 
 
+def test_a_generation_killed_before_its_ledger_keeps_its_answers_after_a_state_move(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An apply killed after its create and before its ledger (as the test above), then
+    `state migrate` to an SQLite state in another folder and the old state folder gone (a
+    runner that has only the moved state): the kept request index moved with it, so once the
+    input changes the old batch's answers are still reused, not paid for again."""
+    monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
+    srv = slow_server(server, cancel_delay=1.5)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    moved = tmp_path / "elsewhere" / "batchspec.db"
+    monkeypatch.chdir(ws.root)
+    code, _, err = run_cli(["state", "migrate", "--to", str(moved)], capsys)
+    assert code == 0, err
+    shutil.rmtree(ws.state_path.parent)  # its result store and input-index folder too
+    wait_for(lambda: completed(client, first.id) >= 2)
+    assert run_cli(["cancel", "triage", str(ws.root), "--state", str(moved)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(REQUESTS + 2))
+    answered = output_ids(client, ended(client, first.id))
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--state", str(moved), *FAST]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    second = [i for b in received_batches(client) if b.id != first.id for i in b.input_ids]
+    assert set(second).isdisjoint(answered), out
+    assert sorted(second + answered) == sorted(ws.input_ids("triage"))
+
+
 def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,6 +167,91 @@ def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
     reused = set(answered) - {"req-0"}
     assert sorted(sent) == sorted(set(ws.input_ids("gone")) - reused), out
     assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+
+
+def pruned_while_running(
+    tmp_path: Path, srv: ProbedServer, capsys: pytest.CaptureFixture[str], *, cancel: bool = False
+) -> tuple[Workspace, str, int]:
+    """`gone` submitted, (with ``cancel``: `batchspec cancel gone` first,) then its manifest
+    removed and `apply --prune` run while its batch still runs; its remote batch id and
+    generation id."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: completed(client, first.id) >= 2)
+    if cancel:
+        assert run_cli(["cancel", "gone", str(ws.root)], capsys)[0] == 0
+    manifest = ws.manifest_path("gone").read_text()
+    ws.manifest_path("gone").unlink()
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+    assert code == 0, err
+    ws.manifest_path("gone").write_text(manifest)  # added back, the very same spec
+    with ws.store() as store:
+        [gen] = store.generations("gone")
+    return ws, first.id, gen.id
+
+
+def test_a_pruned_resource_added_again_unchanged_runs_again_paying_nothing_twice(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` cancels a running batch; the manifest comes back unchanged: `plan`
+    shows a create of a new generation (not the cancelled one kept), and apply sends only
+    what the drained batch did not answer and writes a result for every line."""
+    srv = slow_server(server, cancel_delay=1.5)
+    ws, first, old = pruned_while_running(tmp_path, srv, capsys)
+    client = srv.client()
+    before = {b.id for b in client.batches.list().data}  # gone's and keep's
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == "gone"]
+    assert action["action"] == "create" and action["generation_id"] is None
+    assert f"added again after `apply --prune` cancelled generation {old}" in action["reason"]
+    code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 2 and "+ gone: create (added again after `apply --prune`" in out
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = [r for r in json.loads(out)["resources"] if r["name"] == "gone"]
+    assert status["action"] == "create" and status["sync"] == "OutOfSync"
+
+    answered = output_ids(client, ended(client, first))
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err + out
+    sent = [i for b in received_batches(client) if b.id not in before for i in b.input_ids]
+    assert set(sent).isdisjoint(answered)
+    assert sorted(sent + answered) == sorted(ws.input_ids("gone"))
+    assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+    with ws.store() as store:
+        current = store.get_resource("gone").current_generation_id
+        assert current != old and store.get_generation(current).status == "complete"
+    code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
+    assert code == 0, out
+
+
+def test_a_resource_a_user_cancelled_stays_cancelled_when_added_again_after_a_prune(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batchspec cancel gone`, then its manifest pruned and added back unchanged: it stays
+    the cancelled generation (only `apply --replace` runs it again); nothing is created."""
+    srv = slow_server(server, cancel_delay=0.2)
+    ws, first, old = pruned_while_running(tmp_path, srv, capsys, cancel=True)
+    client = srv.client()
+    ended(client, first)
+    before = {b.id for b in client.batches.list().data}  # gone's and keep's
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == "gone"]
+    assert action["action"] != "create" and action["generation_id"] == old
+    assert "cancelled by a user" in action["reason"]
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    assert {b.id for b in client.batches.list().data} == before
+    with ws.store() as store:
+        assert store.get_resource("gone").current_generation_id == old
 
 
 def test_a_retired_generation_without_its_content_is_not_read_again_per_batch_and_pass(

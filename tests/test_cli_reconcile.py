@@ -257,6 +257,34 @@ def test_status_json_before_and_after_apply(
     assert "triage: Synced, Healthy" in text and batch["remote_id"] in text
 
 
+def test_history_and_show_count_shards_from_1_as_status_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A two-shard apply: the intent and create events in `history` (text and --json) and
+    `show` name shards 1 and 2, as `status --json` and apply's progress do; never 0."""
+    ws = local_ws(tmp_path / "ws")
+    manifest = yaml.safe_load(ws.manifest_path("triage").read_text())
+    manifest["spec"]["limits"] = {"maxRequestsPerBatch": 2}  # 3 requests: shards of 2 and 1
+    ws.manifest_path("triage").write_text(yaml.safe_dump(manifest))
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--json", *FAST], capsys)
+    assert code == 0, err
+    progress = [json.loads(line) for line in out.splitlines()]
+    assert sorted(e["shard"] for e in progress if e.get("event") == "create") == [1, 2]
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert sorted(b["shard"] for b in json.loads(out)["resources"][0]["batches"]) == [1, 2]
+
+    code, out, _ = run_cli(["history", str(ws.root), "--json"], capsys)
+    events = json.loads(out)["runs"][-1]["events"]
+    for action in ("intent", "create"):
+        shards = [e["detail"]["shard"] for e in events if e["action"] == action]
+        assert sorted(shards) == [1, 2], action
+    code, text, _ = run_cli(["history", str(ws.root)], capsys)
+    assert "shard=1," in text and "shard=2," in text and "shard=0" not in text
+    code, out, _ = run_cli(["show", "triage", str(ws.root), "--json"], capsys)
+    shown = [e["detail"]["shard"] for e in json.loads(out)["events"] if "shard" in e["detail"]]
+    assert shown and 0 not in shown
+
+
 def test_history_json_has_runs_with_git_provenance_and_events(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

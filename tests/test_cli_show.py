@@ -48,7 +48,8 @@ Generations
 
 Last events
   <time>  run 1   poll          completed=3, failed=0, from=validating, status=completed, total=3
-  <time>  run 1   collect       answered=3, output_sha256=<hash>, status=completed
+  <time>  run 1   collect       answered=3, cost_usd=0.0, input_tokens=39, output_sha256=<hash>, \
+output_tokens=57, status=completed, total_tokens=96
   <time>  run 1   results       cost_usd=0.0, errors=results/triage.errors.jsonl, failed=0, \
 input_tokens=39, output=results/triage.jsonl, output_tokens=57, status=complete, succeeded=3, \
 total_tokens=96, unresolved=0

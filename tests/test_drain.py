@@ -34,7 +34,7 @@ from workspaces import (
     served,
 )
 
-from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
 from batchspec.storage.blobstore import BlobStore
 
 FAST = ("--poll-interval", "0.05", "--timeout", "60")
@@ -365,6 +365,61 @@ def test_drained_answers_count_once_in_history_and_spend_across_a_crash(
         (old_in + new_in + 2 * (old_out + new_out)) / 1e6
     )
     assert group["resources"]["triage"]["input_tokens"] == old_in + new_in
+
+
+def test_answers_collected_before_a_replace_count_once_with_those_drained_after_it(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation whose first attempt is collected while it is active (its retry then
+    runs), replaced while the retry still runs (drained after a kill between download and
+    record), never writes results: `history` and `history --by commit` count every token of
+    both attempts exactly once (no less: the first collect; no more: the re-runs)."""
+    faulty = FaultyUpstream(BuiltinUpstream(latency=0.05), Faults(error_500=0.3, seed=3))
+    srv = server(upstream=faulty, concurrency=1, cancel_delay=1.0, max_attempts=1)
+    ws = served(tmp_path / "ws", srv, count=REQUESTS)
+    set_pricing(ws)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(first.id).status == "completed", timeout=30)
+    for _ in range(2):  # collects the first attempt, then sends the retry
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    with ws.store() as store:
+        [old] = store.generations("triage")
+        assert [(b.attempt, b.collected_at is None) for b in store.batches(old.id)] == [
+            (1, False),
+            (2, True),
+        ]
+    [retry] = [b for b in client.batches.list().data if b.id != first.id]
+    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
+    ended(client, retry.id)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RECORD, "apply", str(ws.root), "--yes"],
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    for _ in range(2):
+        assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    with ws.store() as store:
+        old, new = store.generations("triage")
+        assert old.status == "superseded" and all(b.collected_at for b in store.batches(old.id))
+    old_in, old_out = ledger_usage(ws, old.id)
+    new_in, new_out = ledger_usage(ws, new.id)
+    assert old_in and new_in
+    want = (old_in + new_in, old_out + new_out)
+
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--limit", "50"], capsys)
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    got = tuple(sum(r["usage"][k] for r in runs) for k in ("input_tokens", "output_tokens"))
+    assert got == want
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--by", "commit"], capsys)
+    assert code == 0, err
+    [group] = json.loads(out)["commits"]
+    assert (group["usage"]["input_tokens"], group["usage"]["output_tokens"]) == want
+    assert group["usage"]["cost_usd"] == pytest.approx((want[0] + 2 * want[1]) / 1e6)
 
 
 def forget_on_server(srv: ProbedServer, batch_id: str) -> None:

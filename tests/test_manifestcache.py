@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from workspaces import run_cli
 
+from batchspec.workspace import manifestcache
 from batchspec.workspace.manifest import Workspace, load_workspace, project_for
 from batchspec.workspace.manifestcache import RACY_WINDOW_S, ManifestCache, encode_documents
 from batchspec.workspace.yamldoc import InvalidManifestError, display_path, read_yaml_documents
@@ -396,6 +397,34 @@ def test_a_just_written_manifest_is_recalled_only_while_its_bytes_hash_the_same(
         conn.execute("update manifest_entries set sha256 = ?", ("0" * 64,))
     ws, recalled = cached_load(root, racy_window=RACY_WINDOW_S)
     assert recalled == 0
+    assert ws.resources == load_workspace([root]).resources
+
+
+def test_a_racy_entry_is_hashed_once_a_process_after_its_stamp_settled(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files stored racy (with their bytes' sha256), recalled by later loads once their stamp
+    has settled (here: a zero window): the first load hashes each, the next ones none (they
+    hashed each file on every recall); an edit still misses."""
+    cached_load(root, racy_window=RACY_WINDOW_S)
+    with sqlite3.connect(cache_db(root)) as conn:
+        assert conn.execute("select count(sha256) from manifest_entries").fetchone()[0] == 3
+    hashed: list[Path] = []
+    real = manifestcache._bytes_sha256
+
+    def counting(path: Path) -> str | None:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(manifestcache, "_bytes_sha256", counting)
+    for _ in range(3):
+        assert cached_load(root)[1] == 3
+    assert len(hashed) == 3
+
+    plain = root / "manifests" / "sub" / "plain.yaml"
+    plain.write_text(plain.read_text() + "\n")
+    ws, recalled = cached_load(root)
+    assert recalled == 2
     assert ws.resources == load_workspace([root]).resources
 
 

@@ -50,7 +50,7 @@ from batchspec.core.reconcile import Progress
 from batchspec.engine import Engine
 from batchspec.errors import InputError
 from batchspec.state import ledger as ledger_module
-from batchspec.wire import inputs
+from batchspec.wire import inputs, request_index
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.request_index import (
     InputChangedError,
@@ -164,6 +164,45 @@ def test_an_edited_input_is_parsed_once_to_reuse_its_unchanged_answers(
     with ws.store() as store:
         [gen] = [g for g in store.generations("job") if g.status == "complete"][-1:]
         assert store.ledger().state_counts(gen.id) == {"ok": 100}
+
+
+def count_index_opens(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often request indexes are opened from now on: to ``check`` one whole (its digest:
+    ``is_complete``) and to ``read`` its records (``read_request_index``)."""
+    opened = {"check": 0, "read": 0}
+
+    def counting_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith(".idx"):
+            opened["read" if kwargs.get("buffering") == 0 else "check"] += 1
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(request_index, "open", counting_open, raising=False)
+    return opened
+
+
+def test_each_use_of_a_request_index_reads_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An apply that uses an edited input's index several times (the plan's reuse count,
+    the ledger, the shard file) reads it once per use: the index its own scan wrote is
+    never read again only to check it (it was, before every use); a kept one is checked
+    once a process."""
+    ws = local_ws(tmp_path, 100)
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    lines = request_lines(100)
+    lines[5] = {**lines[5], "body": {**lines[5]["body"], "temperature": 0.5}}
+    ws.write_input("job", lines)
+    opened = count_index_opens(monkeypatch)
+
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert opened["check"] == 0 and opened["read"] >= 3, opened
+    sha = hashlib.sha256(ws.input_path("job").read_bytes()).hexdigest()
+    index = ws.root / "state" / "input-index" / f"{sha}.idx"
+    monkeypatch.setattr(request_index, "_known_complete", set())  # as a new process
+    assert all(request_index.is_complete(index, sha) for _ in range(3))
+    assert opened["check"] == 1
 
 
 def test_a_fresh_apply_opens_a_one_shard_input_to_scan_it_and_to_upload_it(

@@ -617,7 +617,7 @@ def _detail_text(detail: dict[str, object]) -> str:
 def commits_text(commits: Sequence[CommitSpend]) -> str:
     """``history --by commit``: one line per commit group, one more per resource."""
     if not commits:
-        return "No results recorded yet: spend is counted when a generation's results are written."
+        return "No results recorded yet: spend is counted when batches are collected."
     lines = []
     for c in commits:
         branches = f" on {', '.join(c.branches)}" if c.branches else ""

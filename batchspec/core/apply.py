@@ -60,6 +60,7 @@ from batchspec.core.replacements import (
     next_replacement,
     reusable_answers,
     reuses_answers,
+    with_readded,
 )
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.selection import orphan_selector
@@ -155,11 +156,12 @@ def plan_workspace(
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", args),
     ):
-        resources = planned_resources(store, resources, replace, reuse=reuse)
+        resources, readded = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
             store,
             resources,
             facts,
+            readded=readded,
             prune=prune,
             elsewhere=elsewhere,
             orphan_selected=orphan_selector(select),
@@ -269,11 +271,14 @@ def apply_workspace(
         ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
-            resources = planned_resources(store, resources, options.replace, reuse=options.reuse)
+            resources, readded = planned_resources(
+                store, resources, options.replace, reuse=options.reuse
+            )
             plan = compute_plan(
                 store,
                 resources,
                 facts,
+                readded=readded,
                 prune=options.prune,
                 elsewhere=elsewhere,
                 orphan_selected=orphan_selector(options.select),
@@ -315,7 +320,7 @@ def apply_workspace(
                     monotonic=clock,
                 )
                 prune_orphans(rec, plan)
-                start_replacements(rec, plan, resources, facts, options.replace)
+                start_replacements(rec, plan, resources, facts, [*options.replace, *readded])
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
@@ -515,13 +520,15 @@ def compute_plan(
     elsewhere: AbstractSet[str] | None = frozenset(),
     orphan_selected: Callable[[RecordedResource], bool] | None = None,
     replacing: AbstractSet[str] = frozenset(),
+    readded: Mapping[str, int] | None = None,
     reuse: bool = True,
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
     requests: RequestFacts,
     hold_for: Callable[[str], float] = lambda provider: DEFAULT_REPLACE_HOLD_SECONDS,
 ) -> Plan:
-    """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them);
-    ``requests``: their inputs' request indexes (what a new generation would reuse)."""
+    """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
+    ``readded``); ``requests``: their inputs' request indexes (what a new generation would
+    reuse)."""
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk(
@@ -529,15 +536,19 @@ def compute_plan(
         recorded,
         export_paths(resources),
     )
+    readded = readded or {}
     desired = [
-        desired_with_reuse(
-            store,
-            r,
-            facts[r.name],
-            replace=r.name in replacing,
-            reuse=reuse,
-            requests=requests,
-            hold_for=hold_for(r.provider),
+        dataclasses.replace(
+            desired_with_reuse(
+                store,
+                r,
+                facts[r.name],
+                replace=r.name in replacing,
+                reuse=reuse,
+                requests=requests,
+                hold_for=hold_for(r.provider),
+            ),
+            readded_after=readded.get(r.name),
         )
         for r in resources
     ]
@@ -556,13 +567,16 @@ def compute_plan(
 
 def planned_resources(
     store: StateStore, resources: Sequence[Resource], replace: Sequence[str], *, reuse: bool
-) -> list[Resource]:
+) -> tuple[list[Resource], dict[str, int]]:
     """``resources`` with their effective spec hashes, and the next replacement's for every
-    name in ``replace`` (see batchspec.core.replacements)."""
-    return [
-        next_replacement(store, r, reuse=reuse) if r.name in replace else r
-        for r in effective_resources(store, resources)
-    ]
+    name in ``replace`` and every one added again after ``apply --prune`` cancelled its
+    generation (keeping answers); and, by name, the generation each of those re-added ones
+    had (see batchspec.core.replacements)."""
+    planned, readded = with_readded(store, effective_resources(store, resources))
+    for name in replace:  # `--replace NAME` says how: a replace, reusing as asked
+        readded.pop(name, None)
+    planned = [next_replacement(store, r, reuse=reuse) if r.name in replace else r for r in planned]
+    return planned, readded
 
 
 def desired_with_reuse(

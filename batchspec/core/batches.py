@@ -4,7 +4,9 @@ Every remote batch carries a deterministic key in its metadata (``batchspec_reso
 ``batchspec_spec``, ``batchspec_shard``, ``batchspec_attempt``) next to the user's own pairs,
 so a run that died between its create and recording the answer finds the batch again and
 adopts it instead of paying for it twice. ``batch_fields`` turns what a provider reports of a
-batch into the columns of its state row.
+batch into the columns of its state row. A shard is counted from 0 in the state (its rows,
+the key, the events the audit log keeps) and from 1 wherever people read it
+(``event_detail_shown``).
 """
 
 from __future__ import annotations
@@ -63,3 +65,14 @@ def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
 def counts_json(remote: RemoteBatch) -> dict[str, int]:
     c = remote.request_counts
     return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}
+
+
+def event_detail_shown(detail: dict[str, Any]) -> dict[str, Any]:
+    """An event's detail as ``history``, ``show`` and ``report`` give it (text and JSON):
+    its batch's ``shard`` counted from 1, as ``status``, ``show`` and ``apply``'s progress
+    count it; the audit log keeps the state's own index, from 0 (an ``intent``, ``create``
+    or ``adopt`` event's, the only ones that name a shard)."""
+    shard = detail.get("shard")
+    if not isinstance(shard, int) or isinstance(shard, bool):
+        return detail
+    return {**detail, "shard": shard + 1}

@@ -1,20 +1,27 @@
 """The audit log, read back: runs (who, where, which git commit) and the events of each.
 
-A run's ``usage`` sums the tokens and dollars of the generations it finished (its ``results``
-events record them when results are written) and of the answers it kept from retired batches
-(``collect`` events marked ``retired``: a superseded, cancelled or pruned generation's batch
-drained after it stopped, whose generation never writes results; each records the usage of
-the lines *it* recorded, once: ``records_spend``); ``cost_usd`` is ``None`` when any of them
-had an unknown price.
+Every paid token counts once, on one event, whatever the order of collects, retires and
+kills. Two kinds of event record usage (``records_spend``): a generation's ``results`` event
+records its *running total* (everything its ledger holds when its results are written), and
+each ``collect`` event records what the answers *it* recorded used (one transaction with
+them: a run killed before it records nothing, and the re-run records it once). So a
+generation counts with its latest ``results`` event plus the ``collect`` events recorded after
+that one; a ``collect`` before it is *covered* (in that running total already) and counts
+nothing. A generation superseded, cancelled or pruned before its results are written (its
+drained batches' ``collect`` events are marked ``retired``) counts with its collects alone.
+
+Events are read as people count: a batch's ``shard`` from 1 (``batches.event_detail_shown``).
+
+A run's ``usage`` sums those counted events of the run: the generations it finished and the
+answers it collected that no later ``results`` event covers; ``cost_usd`` is ``None`` when any
+of them had an unknown price. (Until a generation is finished, its collects count on the runs
+that made them; once its results are written, that run counts them all.)
 
 Spend per git commit (``spend_by_commit``) charges each generation to the commit of the run
 that *created* it (its ``created_run``: the apply that planned and submitted it), not to the
 run that happened to collect it: a scheduled ``apply`` on a later commit that collects a
 batch submitted from an earlier one does not make the later commit look expensive. A
-generation counts once, with the usage of its latest ``results`` event (each records the
-generation's running total, so a generation finished again after more retries is not counted
-twice), plus its retired ``collect`` events recorded after that one (those before it are in
-its running total already). Groups, newest first (by the newest run in them):
+generation counts once, as above. Groups, newest first (by the newest run in them):
 
 ==================================  =========================================================
 the run's commit, clean tree        that commit
@@ -30,9 +37,10 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from batchspec.core.batches import event_detail_shown
 from batchspec.core.spend import Usage
 from batchspec.errors import ManifestError, StateError
 from batchspec.state.lock import pid_is_alive
@@ -67,6 +75,8 @@ class HistoryEntry:
     outcome_seen: str | None = None
     #: for a run with no exit code whose locks a later run took over or released: that run
     ended_by: EndedBy | None = None
+    #: ids of its ``collect`` events that a later ``results`` event covers (module docstring)
+    covered: frozenset[int] = frozenset()
 
     @property
     def outcome(self) -> str:
@@ -93,10 +103,11 @@ class HistoryEntry:
         return total
 
     def usage_by_resource(self) -> dict[str, Usage]:
-        """The run's usage split by the resource whose results it wrote, in event order."""
+        """The run's usage split by the resource whose results it wrote or answers it
+        collected, in event order."""
         split: dict[str, Usage] = {}
         for event in self.events:
-            if records_spend(event):
+            if records_spend(event) and event.id not in self.covered:
                 key = event.resource or ""
                 split[key] = split.get(key, Usage()) + _event_usage(event)
         return split
@@ -129,16 +140,27 @@ def read_history(
             return []
         runs = store.runs(resource=resource, limit=limit)
         released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
+        finished = _latest_results(store, resource)
         entries = []
         for run in runs:
             events = [
-                e
+                replace(e, detail=event_detail_shown(e.detail))
                 for e in store.events(run_id=run.id)
                 if resource is None or e.resource in (resource, None)
             ]
             ended = None if run.exit_code is not None else _ended_by(run, released)
-            entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended))
+            covered = frozenset(
+                e.id
+                for e in events
+                if e.action == "collect" and finished.get(e.generation_id, 0) > e.id
+            )
+            entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended, covered))
         return entries
+
+
+def _latest_results(store: StateStore, resource: str | None) -> dict[int | None, int]:
+    """The id of each generation's latest ``results`` event: it covers its collects before."""
+    return {e.generation_id: e.id for e in store.events(action="results", resource=resource)}
 
 
 def _lock_releases(store: StateStore) -> list[tuple[EventRow, dict[str, Any]]]:
@@ -247,12 +269,10 @@ def spend_by_commit(
 
 
 def records_spend(event: EventRow) -> bool:
-    """Whether ``event`` records usage the spend totals count: a ``results`` event (a
-    generation's running total) or a ``collect`` event marked ``retired`` (what one retired
-    batch's answers used)."""
-    if "input_tokens" not in event.detail:
-        return False
-    return event.action == "results" or (event.action == "collect" and "retired" in event.detail)
+    """Whether ``event`` records usage (module docstring): a ``results`` event (a
+    generation's running total) or a ``collect`` event (what one batch's answers used; an
+    older state recorded it on retired ones only)."""
+    return event.action in ("results", "collect") and "input_tokens" in event.detail
 
 
 def _spend_events(store: StateStore, resource: str | None) -> list[EventRow]:

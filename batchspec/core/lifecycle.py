@@ -43,6 +43,7 @@ from batchspec.core.reconcile import Reconciler, RunContext
 from batchspec.core.reconcile.cancel import cancel_generation
 from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.replacements import (
+    PRUNE_REASON,
     RequestFacts,
     current_replacement,
     replacement_hash,
@@ -410,7 +411,7 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
     names = [a.resource for a in plan.actions if a.kind is ActionKind.PRUNE]
     with rec.cancels_ahead(names):
         for name in names:
-            cancelled = rec.cancel(name, reason="pruned: its manifest is gone")
+            cancelled = rec.cancel(name, reason=PRUNE_REASON)
             with rec.store.atomic():
                 rec.store.forget_resource(name)
                 rec.store.record_event(
@@ -440,12 +441,14 @@ def start_replacements(
     names: Sequence[str],
 ) -> tuple[str, ...]:
     """Record the replacement generation of every resource in ``names`` that ``plan`` replaces
-    (``resources`` carry the replacement's spec hash); return their names."""
+    or creates (``resources`` carry the replacement's spec hash: ``--replace NAME``, or one
+    added again after ``apply --prune``); return their names."""
     by_name = {r.name: r for r in resources}
     replaced = []
     for action in plan.actions:
         res = by_name.get(action.resource)
-        if action.kind is not ActionKind.REPLACE or action.resource not in names or res is None:
+        new = action.kind in (ActionKind.REPLACE, ActionKind.CREATE)
+        if not new or action.resource not in names or res is None:
             continue
         if rec.store.find_generation(res.name, res.spec_hash) is None:
             _next_replacement(rec.store, res)  # checked before any cancel is sent

@@ -14,6 +14,9 @@ recorded state                                         action     spends money
 ``--replace NAME`` asked for it                        replace    yes (consent as for a create;
                                                                       cancels what is in flight)
 no generation for the spec hash, an older one active   replace    yes (needs --allow-replace)
+no generation for the spec hash, the resource added   create     yes (a new generation of the
+again after ``apply --prune`` cancelled its                           same spec, keeping answers:
+generation (``replacements.readded_after_prune``)                     ``readded_after``)
 no generation for the spec hash                        create     yes
 generation cancelled by a user                         refresh /  no  (polls it to its end,
                                                        collect,       collects and writes what
@@ -99,6 +102,9 @@ class DesiredResource:
     # waits for it to stop (``reconcile.hold``); ``hold_expired``: past replaceHoldSeconds
     held_by: int | None = None
     hold_expired: bool = False
+    # the generation of the same spec `apply --prune` cancelled: the manifest is back, so
+    # spec_hash is a new replacement's (no generation) and apply creates it, keeping answers
+    readded_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -404,6 +410,12 @@ def plan_resource(
             requests,
             want.input_bytes if requests else 0,
         )
+    if gen is None and want.readded_after is not None:
+        why = (
+            f"added again after `apply --prune` cancelled generation {want.readded_after}: "
+            "a new generation of the same spec"
+        )
+        return new_generation(ActionKind.CREATE, why, None)
     if gen is None:
         why = "new resource" if have is None else "spec or input changed"
         return new_generation(ActionKind.CREATE, why, None)

@@ -17,6 +17,10 @@ Promises:
   a crash can never pick up a batch of the generation it replaces.
 * A changed manifest or input is a new spec with no replacement: the normal create applies.
 * Recording one is a ``replace`` event in the audit log (see ``core.lifecycle``).
+* A resource added again after ``apply --prune`` cancelled its generation (the manifest
+  came back with the same spec: ``readded_after_prune``) is planned as a create of its next
+  replacement, keeping answers, with no ``--replace``; one a user cancelled (``batchspec
+  cancel NAME``) stays cancelled until ``apply --replace NAME``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, spec_hash
 
 REPLACEMENT_KEY = "replacement"
+#: the reason ``apply --prune`` records on the ``cancel`` event of a generation it cancels
+PRUNE_REASON = "pruned: its manifest is gone"
 
 
 def replacement_spec(res: Resource, number: int, *, reuse: bool) -> dict[str, Any]:
@@ -73,6 +79,33 @@ def effective_resources(store: StateStore, resources: Iterable[Resource]) -> lis
         gen = current_replacement(store, res)
         out.append(res if gen is None else replace(res, spec_hash=gen.spec_hash))
     return out
+
+
+def readded_after_prune(store: StateStore, res: Resource) -> GenerationRow | None:
+    """The generation of ``res``'s spec hash (its effective one) if ``apply --prune``
+    cancelled it: ``res`` is in the manifests again, so it runs again as the next
+    replacement. ``None`` for any other, a generation a user cancelled included."""
+    gen = store.find_generation(res.name, res.spec_hash)
+    if gen is None or gen.status != "cancelled":
+        return None
+    cancel = store.last_generation_event(res.name, gen.id, "cancel")
+    return gen if cancel is not None and cancel.detail.get("reason") == PRUNE_REASON else None
+
+
+def with_readded(
+    store: StateStore, resources: Iterable[Resource]
+) -> tuple[list[Resource], dict[str, int]]:
+    """``resources`` (with their effective spec hashes) with each one added again after
+    ``apply --prune`` as its next replacement (keeping answers: what apply records), and by
+    name the generation each of those had (``readded_after_prune``)."""
+    planned, readded = [], {}
+    for res in resources:
+        pruned = readded_after_prune(store, res)
+        if pruned is not None:
+            readded[res.name] = pruned.id
+            res = next_replacement(store, res, reuse=True)
+        planned.append(res)
+    return planned, readded
 
 
 def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resource:

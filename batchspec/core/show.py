@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from batchspec.core.batches import event_detail_shown
 from batchspec.core.spend import Price, Usage, generation_usage, price_for, priced_usage
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import ManifestError
@@ -266,7 +267,9 @@ def _result_files(res: Resource | None, gen: GenerationDetail | None) -> tuple[R
 
 
 def _event(e: EventRow) -> EventDetail:
-    return EventDetail(at=e.at, run_id=e.run_id, action=e.action, detail=dict(e.detail))
+    return EventDetail(
+        at=e.at, run_id=e.run_id, action=e.action, detail=event_detail_shown(dict(e.detail))
+    )
 
 
 def resource_names(paths: Sequence[str] = (), *, state_path: str | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from batchspec.core.plan import (
 from batchspec.core.reconcile import desired_resource
 from batchspec.core.reconcile.hold import find_hold, hold_seconds
 from batchspec.core.recorded import export_paths, load_recorded, observe_disk
-from batchspec.core.replacements import effective_resources
+from batchspec.core.replacements import effective_resources, with_readded
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
 from batchspec.core.spend import Usage, generation_usage
@@ -120,6 +120,7 @@ def resource_statuses(
 ) -> list[ResourceStatus]:
     """Each resource's status; ``providers`` (the project's) price its usage."""
     resources = effective_resources(store, resources)  # a replacement is the current one
+    resources, readded = with_readded(store, resources)  # as plan shows them: a create
     recorded = load_recorded(store, store.ledger())
     disk = observe_disk(
         [(r.name, r.output_path, r.errors_path) for r in resources],
@@ -133,7 +134,8 @@ def resource_statuses(
         for r in resources
     ]
     desired = [
-        _with_hold(store, r, d, providers or {}) for r, d in zip(resources, desired, strict=True)
+        replace(_with_hold(store, r, d, providers or {}), readded_after=readded.get(r.name))
+        for r, d in zip(resources, desired, strict=True)
     ]
     plan = make_plan(desired, recorded, disk, include_orphans=include_orphans, elsewhere=elsewhere)
     by_name = {r.name: r for r in resources}

@@ -430,9 +430,26 @@ _BLOB_REFERENCES = (
 )
 
 
+#: the request indexes kept in the result store for generations whose ledger is written
+#: after their creates (``intent.keep_request_index``, named on an ``intent`` event) and not
+#: written yet: a run killed between the create and the ledger leaves it to be derived from
+#: that copy, by a runner whose input or index folder may no longer hold that content
+_KEPT_REQUEST_INDEXES = (
+    "SELECT e.detail FROM events e WHERE e.action = 'intent' "
+    "AND e.detail LIKE '%\"request_index\"%' "
+    "AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.generation_id = e.generation_id)"
+)
+
+
 def referenced_blobs(db: Sql) -> list[str]:
     """The sha256 of every result-store blob the state ``db`` references, sorted."""
-    return sorted({row[0] for rows in db.stream(_BLOB_REFERENCES) for row in rows})
+    shas = {row[0] for rows in db.stream(_BLOB_REFERENCES) for row in rows}
+    for rows in db.stream(_KEPT_REQUEST_INDEXES):
+        for (detail,) in rows:
+            kept = json.loads(detail).get("request_index")
+            if isinstance(kept, str):
+                shas.add(kept)
+    return sorted(shas)
 
 
 def copy_blobs(

@@ -18,7 +18,11 @@ header; then per record ``_RECORD`` (little-endian: line, offset, length, inputs
 UTF-8 length, fingerprint) followed by the custom_id. ``is_complete`` trusts a file only when
 all three hold: a file cut short, damaged, or describing another content (an index copied
 over another's name) is not used, and the input is scanned again. A file without the magic
-is not an index (``read_request_index`` raises ``ValueError``).
+is not an index (``read_request_index`` raises ``ValueError``). A process checks a file's
+digest once: a file it found whole, or wrote whole (``remember_complete``), is known by its
+identity and stamp (device, inode, size, mtime, ctime) until any of them changes (an index is
+only ever replaced by a new file; any write in place changes its stamp), so each later use
+reads it once, for its records.
 
 ``RequestBytes`` reads a request's bytes back from the input and checks them against the
 fingerprint: an input that changed after its scan is refused (``InputChangedError``), never
@@ -27,6 +31,7 @@ copied into a batch file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -118,14 +123,35 @@ def _embedding_inputs(obj: dict[str, Any]) -> int:
     return 1
 
 
+#: the indexes this process found whole or wrote whole: (identity and stamp, content sha256)
+_known_complete: set[tuple[tuple[int, ...], str]] = set()
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_complete(path: str | os.PathLike[str], sha256: str) -> None:
+    """Note that ``path`` was just written whole (``finish``) as the index of ``sha256``."""
+    with contextlib.suppress(OSError):
+        _known_complete.add((_identity(os.stat(path)), sha256))
+
+
 def is_complete(path: str | os.PathLike[str], sha256: str) -> bool:
     """True when ``path`` is a whole, undamaged index of input content ``sha256`` (hex), as
-    ``finish`` left it (its records are read once to check their digest)."""
+    ``finish`` left it (its records are read to check their digest, once a process: see the
+    module docstring)."""
+    try:
+        if (_identity(os.stat(path)), sha256) in _known_complete:
+            return True
+    except OSError:
+        return False
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + _HEADER.size)
-            size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
             if len(head) != len(MAGIC) + _HEADER.size or not head.startswith(MAGIC):
                 return False
             length, content, records = _HEADER.unpack_from(head, len(MAGIC))
@@ -135,7 +161,10 @@ def is_complete(path: str | os.PathLike[str], sha256: str) -> bool:
                 digest.update(chunk)
     except OSError:
         return False
-    return bool(digest.digest() == records)
+    if digest.digest() != records:
+        return False
+    _known_complete.add((_identity(stat), sha256))
+    return True
 
 
 def read_request_index(path: str | os.PathLike[str]) -> Iterator[RequestFact]:
@@ -212,4 +241,5 @@ __all__ = [
     "RequestIndexWriter",
     "is_complete",
     "read_request_index",
+    "remember_complete",
 ]

@@ -43,7 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.wire.inputs import InputReport, file_sha256, scan_batch_input
-from batchspec.wire.request_index import InputChangedError, RequestIndexWriter, is_complete
+from batchspec.wire.request_index import (
+    InputChangedError,
+    RequestIndexWriter,
+    is_complete,
+    remember_complete,
+)
 
 _SCHEMA = """
 create table if not exists input_scans (
@@ -184,6 +189,7 @@ class InputCache:
         if is_complete(kept, sha256):  # whole, undamaged, and of this content
             with contextlib.suppress(OSError):  # in use: not pruned
                 os.utime(kept)
+                remember_complete(kept, sha256)  # its new stamp: still the bytes checked
             return kept
         # the content was validated under its resource's rules: its index is kept even when
         # the generic scan that remakes it objects (an Anthropic {custom_id, params} line)
@@ -218,6 +224,7 @@ class InputCache:
             whole = report.sha256 == keep and writer.records == report.requests
             if report.ok or whole:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
+                remember_complete(folder / f"{report.sha256}.idx", report.sha256)
                 self._written_to.add(folder)
         finally:
             with contextlib.suppress(FileNotFoundError):

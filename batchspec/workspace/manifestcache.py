@@ -32,6 +32,9 @@ Invariants:
   parse and a schema check. Without that sha256 (a reader that did not give it) such a file
   is not stored. (A fleet of manifests just checked out, or written by a generator, is all
   racy at the first apply: without this, the second apply would parse every file again.)
+  Once such a file's stamp has settled (older than ``racy_window`` when it was stat'ed) and its
+  bytes hashed the same, the process remembers it by path, stamp and sha256: any later write
+  changes its stamp, so later recalls in the process do not read it again.
 - The cache is a table in ``<state folder>/input-cache.db`` (beside the input cache's);
   deleting it only costs a re-read. A busy or broken cache never fails a load: it is skipped.
 """
@@ -76,6 +79,9 @@ create table if not exists manifest_entries (
     sha256 text
 )
 """
+#: files stored racy that this process hashed the same once their stamp had settled:
+#: (path, stamp, sha256)
+_settled_and_verified: set[tuple[str, tuple[int, int, int, int], str]] = set()
 #: the table before racy entries kept their bytes' sha256 (dropped: it costs one re-read)
 _OLD_TABLE = "manifests"
 
@@ -146,7 +152,7 @@ class ManifestCache:
             return None
         if row is None or tuple(row[:4]) != stamp or row[4] != self.fingerprint:
             return None
-        if row[6] is not None and _bytes_sha256(file) != row[6]:
+        if row[6] is not None and not self._same_bytes(file, stamp, row[6], at_ns):
             return None  # stored racy: its stamp proves nothing, and its bytes changed
         try:
             documents = decode_documents(file, row[5])
@@ -155,6 +161,20 @@ class ManifestCache:
         del self._seen[file]  # nothing to remember for it
         self.recalled += 1
         return documents
+
+    def _same_bytes(
+        self, file: Path, stamp: tuple[int, int, int, int], sha256: str, at_ns: int
+    ) -> bool:
+        """Whether a file stored racy still holds the bytes of ``sha256``: hashed, once a
+        process after its stamp settled (see the module docstring)."""
+        key = (str(file), stamp, sha256)
+        if key in _settled_and_verified:
+            return True
+        if _bytes_sha256(file) != sha256:
+            return False
+        if max(stamp[1], stamp[2]) <= at_ns - self.racy_window_ns:
+            _settled_and_verified.add(key)
+        return True
 
     def remember(
         self, file: Path, documents: list[YamlDocument], *, sha256: str | None = None

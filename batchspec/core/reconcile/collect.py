@@ -208,7 +208,7 @@ def collect_batch(
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
-        before = ctx.ledger.usage_totals(gen.id) if retired else None
+        before = ctx.ledger.usage_totals(gen.id)
         for sha in shas.values():
             if sha:
                 changed += ctx.ledger.record_outcomes(
@@ -225,8 +225,7 @@ def collect_batch(
             **{k: v for k, v in shas.items() if v},
             **({"retired": gen.status} if retired else {}),
         }
-        if before is not None:
-            detail.update(_retired_usage(ctx, gen, batch, before))
+        detail.update(_collected_usage(ctx, gen, batch, before))
         if gone:
             detail["gone"] = "; ".join(gone)  # a string: the text history shows it
         if batch.status == "failed" and is_requeued(batch):
@@ -259,14 +258,15 @@ def collect_batch(
     return True
 
 
-def _retired_usage(
+def _collected_usage(
     ctx: RunContext, gen: GenerationRow, batch: BatchRow, before: UsageTotals
 ) -> dict[str, Any]:
-    """What the answers a retired batch's collect just recorded used, priced as its
-    generation's: ``gen``'s ledger totals now less ``before`` (a line recorded twice, or an
-    ``ok`` row kept, adds nothing), else the batch object's own usage when no line reports
-    any. No ``results`` event is ever written for a retired generation, so this ``collect``
-    event is the audit log's only record of what its answers cost (``core.history``)."""
+    """What the answers a batch's collect just recorded used, priced as its generation's:
+    ``gen``'s ledger totals now less ``before`` (a line recorded twice, or an ``ok`` row
+    kept, adds nothing), else the batch object's own usage when no line reports any. Every
+    ``collect`` event records it: a generation retired before its ``results`` event (or
+    never finished) has no other record of what its collected answers cost; a later
+    ``results`` event's running total covers the collects before it (``core.history``)."""
     after = ctx.ledger.usage_totals(gen.id)
     price = generation_price(gen, ctx.project.providers)
     if after.requests:
