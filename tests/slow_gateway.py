@@ -7,7 +7,9 @@ process). Every request is forwarded as it came; a request whose ``"METHOD /path
 client has given up or died meanwhile*: what a gateway or load balancer with a long upstream
 timeout does to a request the client timed out on. ``received`` counts requests as they
 arrive, ``forwarded`` as they reach the upstream, so a test can say how many creates reached
-the provider; ``arrived(route)`` is an event set when the first such request arrives.
+the provider; ``arrived(route)`` is an event set when the first such request arrives. A route
+in ``hold_answers`` is forwarded at once and its *answer* kept that many seconds: the provider
+has acted, and the client learns of it late.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SlowGateway:
     base_url: str
     server: ThreadingHTTPServer
     hold: dict[str, float]
+    hold_answers: dict[str, float] = field(default_factory=dict)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -58,7 +61,9 @@ class SlowGateway:
         self.server.server_close()
 
 
-def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
+def start_slow_gateway(
+    upstream: str, *, hold: dict[str, float], hold_answers: dict[str, float] | None = None
+) -> SlowGateway:
     """Serve the gateway on a free loopback port in a daemon thread; ``upstream`` has no /v1."""
     client = httpx.Client(base_url=upstream.rstrip("/"), timeout=60.0)
     gateway: SlowGateway
@@ -91,6 +96,7 @@ def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
             answer = client.request(self.command, self.path, headers=headers, content=body)
             with gateway.lock:
                 gateway.forwarded[route] += 1
+            time.sleep(gateway.hold_answers.get(route, 0.0))
             try:
                 self.send_response(answer.status_code)
                 for key, value in answer.headers.items():
@@ -108,6 +114,8 @@ def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    gateway = SlowGateway(f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold))
+    gateway = SlowGateway(
+        f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold), dict(hold_answers or {})
+    )
     threading.Thread(target=server.serve_forever, name="slow-gateway", daemon=True).start()
     return gateway

@@ -19,6 +19,7 @@ import pytest
 from probes import ServeProcess, start_serve_process
 from serve_faults import ServerBatch, received_batches
 from servers import stop_after_test, wait_for
+from slow_gateway import SlowGateway, start_slow_gateway
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -53,7 +54,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     stop_after_test(started)
 
 
-def workspace(root: Path, srv: ServeProcess, **options: object) -> Workspace:
+@pytest.fixture
+def gateways() -> Iterator[list[SlowGateway]]:
+    started: list[SlowGateway] = []
+    yield started
+    for gw in started:
+        gw.stop()
+
+
+def workspace(root: Path, srv: ServeProcess | SlowGateway, **options: object) -> Workspace:
     return make_workspace(
         root,
         providers={"srv": openai_provider(srv.v1, KEY_ENV, **options)},
@@ -259,3 +268,34 @@ def test_an_older_expired_hold_does_not_hide_a_newer_live_one(
     assert "creating anyway" not in out
     with ws.store() as store:
         assert store.batches(store.generations("triage")[-1].id) == []
+
+
+def test_a_batch_that_stops_moments_after_the_drain_saw_it_is_reused_by_the_same_apply(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The pass's drain sees the old batch `cancelling` and it stops moments later (the
+    gateway delays the polls' answers past that): a plain `apply --replace` (no --wait) polls
+    it once more before holding, keeps what it finished and creates the new generation in
+    the same run, and every request is answered once."""
+    srv = serve(*SLOW, "0.3")
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw)
+    first = started(ws, srv, capsys)
+    gw.hold_answers.update({"GET /v1/batches": 1.5, f"GET /v1/batches/{first}": 1.5})
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "waiting for generation" not in out
+    assert f"batch {first} cancelling (superseded generation 1" in out  # the pass's drain
+    client = srv.client()
+    [old, new] = in_order(client, first)
+    assert old.status == "cancelled" and 0 < len(new.input_ids) < REQUESTS
+    gw.hold_answers.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    answered_once(in_order(client, first), ws)

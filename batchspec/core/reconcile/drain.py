@@ -281,6 +281,17 @@ def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> Non
     )
 
 
+def drain_again(ctx: RunContext, res: Resource) -> None:
+    """Poll ``res``'s retired batches once more and keep what ended since: the create step
+    calls this once before it holds (``hold.held``), after the pass's drain and the step's own
+    cancels, so a batch that stopped moments after its cancel holds nothing. A poll fetched
+    ahead for the pass is dropped: this one asks the provider now."""
+    retired = retired_batches(ctx, [res], [])
+    for item in retired:
+        ctx.prefetched.polls.pop((item.batch.provider, item.batch.remote_id or ""), None)
+    drain_retired(ctx, retired)
+
+
 def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
     """Say, once a run is done, which retired batches have not ended yet: only a later
     apply keeps the answers they still finish (a ``retired`` event each, in drain order)."""

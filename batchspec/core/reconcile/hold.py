@@ -13,6 +13,10 @@ request the old batch still finishes: paid twice. So a create that records a new
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
   whose ledger is not written yet overlaps with all its batches' requests). A generation
   still within its bound holds even when an older one's has run out.
+* **Polled again first.** The pass's drain polled the old batches before the step sent its
+  cancels (a replace) or did its other work: before it holds, the create step polls them once
+  more and drains what ended (``drain.drain_again``), so a batch that stopped moments after
+  its cancel is reused by this very pass. One poll, no sleep: a plain ``apply`` never waits.
 * **What.** Nothing is recorded and nothing is paid: the step reports ``waiting`` ("waiting for
   generation N to stop (its answers are reused)") and the resource stays waiting, so
   ``apply --wait`` keeps polling (the drain polls the old batch every pass) and the pass after
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.drain import drain_again
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
@@ -170,8 +175,13 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
 
 def held(ctx: RunContext, res: Resource, facts: InputReport, *, report: bool = True) -> bool:
     """Whether the create of ``res``'s new generation waits now (reported ``waiting``); one
-    whose hold has run out goes ahead with a warning."""
+    whose hold has run out goes ahead with a warning. Before it waits, the step (``report``;
+    not the pass's look-ahead, ``pipeline``) polls the retired batches once more and drains
+    what ended (``drain.drain_again``): one re-poll, no sleep; ``apply --wait`` polls on."""
     hold = hold_on_create(ctx, res, facts)
+    if hold is not None and not hold.expired and report:
+        drain_again(ctx, res)
+        hold = hold_on_create(ctx, res, facts)
     if hold is None:
         return False
     detail = {"generation_id": hold.generation_id, "remote_ids": list(hold.remote_ids)}
