@@ -10,6 +10,9 @@ the server itself.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     make_workspace,
     openai_provider,
     run_cli,
@@ -299,3 +303,75 @@ def test_a_batch_that_stops_moments_after_the_drain_saw_it_is_reused_by_the_same
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
     assert code == 0, err
     answered_once(in_order(client, first), ws)
+
+
+def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cancelled(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An apply killed while a gateway holds its create leaves it `creating` with no remote
+    id; `apply --replace` cannot find it yet, so the new create waits for it; once the
+    gateway delivers it, the next apply adopts it, cancels it, keeps what it finished and
+    only then creates the rest: no request is answered twice."""
+    create = "POST /v1/batches"
+    srv = serve(*SLOW, "0")
+    gw = start_slow_gateway(srv.base_url, hold={create: 5.0})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw, timeout=2)
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert gw.arrived(create).wait(30), "the create never reached the gateway"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    gw.hold.clear()  # the create in transit is still held; the next ones go through
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert WAITING + ": a create not confirmed may still answer" in out
+    with ws.store() as store:
+        assert store.batches(store.generations("triage")[-1].id) == []
+    gw.wait_until_forwarded(create, 1)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        [old] = store.batches(store.generations("triage")[0].id)
+        actions = [(e.action, e.generation_id) for e in store.events(resource="triage")]
+    assert ("adopt", 1) in actions and actions.count(("cancel", 1)) == 2
+    assert gw.forwarded[create] == 2
+    answered_once(in_order(srv.client(), old.remote_id or ""), ws)
+
+
+def test_an_unconfirmed_create_never_found_is_settled_once_its_confirm_window_passed(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `creating` row of the old generation whose key no batch carries, past its confirm
+    window (`createConfirmSeconds: 0`): `apply --replace` records it never made (a `lookup`
+    event) instead of holding for it, and creates the new generation in the same run."""
+    srv = serve(*SLOW, "0")
+    ws = workspace(tmp_path / "ws", srv, createConfirmSeconds=0)
+    started(ws, srv, capsys)
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("triage")[0].id)
+        store.db.execute(
+            "update batches set remote_id = null, status = 'creating', key = ? where id = ?",
+            ("triage/never-sent/0/9", batch.id),
+        )
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "was not found by its key within its confirm window: recorded never made" in out
+    assert "waiting for generation" not in out
+    with ws.store() as store:
+        assert store.get_batch(batch.id).status == "cancelled"
+        lookups = [e for e in store.events(resource="triage") if e.action == "lookup"]
+        assert [e.batch_id for e in lookups if e.detail.get("never_made")] == [batch.id]
+        assert len(store.batches(store.generations("triage")[-1].id)) == 1

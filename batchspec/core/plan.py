@@ -213,7 +213,9 @@ class Drain:
     retired: str  # the generation's status: superseded, cancelled, ...
     remote_id: str
     status: str  # the batch's status as last recorded
-    step: str  # ``poll`` (not ended when last seen) or ``collect`` (ended, not downloaded)
+    # ``poll`` (not ended when last seen), ``collect`` (ended, not downloaded) or ``lookup``
+    # (a create not confirmed: ``remote_id`` is empty)
+    step: str
     pruned: bool = False  # the resource was pruned from the workspace
 
     def to_json(self) -> dict[str, object]:

@@ -35,6 +35,11 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
   cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
   wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
+  remote id) that its cancel's lookup did not find may still land: every pass looks its key up
+  again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
+  and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
+  (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
   why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
@@ -52,6 +57,8 @@ from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain
+from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
+from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
@@ -151,11 +158,26 @@ def planned_drains(
             retired=item.generation.status,
             remote_id=item.batch.remote_id or "",
             status=item.batch.status,
-            step="collect" if item.batch.is_terminal else "poll",
+            step=_next_step(item.batch),
             pruned=item.foreign,
         )
         for item in find_retired(store, providers, resources, pruned, has_ledger=has_ledger)
     )
+
+
+def _named(batch: BatchRow) -> str:
+    """A retired batch as messages name it."""
+    if batch.remote_id is None:
+        return f"a create not confirmed (shard {batch.shard + 1})"
+    return f"batch {batch.remote_id}"
+
+
+def _next_step(batch: BatchRow) -> str:
+    """What the next apply does with a retired batch: ``lookup`` (a create not confirmed),
+    ``poll`` (not ended when last seen) or ``collect`` (ended, not downloaded)."""
+    if batch.remote_id is None:
+        return "lookup"
+    return "collect" if batch.is_terminal else "poll"
 
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
@@ -196,8 +218,9 @@ def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
                 Progress(
                     "warning",
                     item.name,
-                    f"batch {item.batch.remote_id} of {item.generation.status} generation "
-                    f"{item.generation.id} could not be polled or collected ({err.message}); "
+                    f"{_named(item.batch)} of {item.generation.status} generation "
+                    f"{item.generation.id} could not be polled, looked up or collected "
+                    f"({err.message}); "
                     "the next apply tries again",
                 )
             )
@@ -206,6 +229,11 @@ def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
 def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     gen, batch = item.generation, item.batch
     provider = ctx.provider_for(batch.provider)
+    if batch.remote_id is None:
+        found = _look_up_unconfirmed(ctx, item)
+        if found is None or not found.is_terminal:
+            return  # still unconfirmed, or cancelled just now: polled from the next look on
+        batch = found
     if not batch.is_terminal:
         try:
             remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
@@ -237,6 +265,50 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     collect_batch(
         ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
     )
+
+
+def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None:
+    """A create of the retired generation not confirmed: look its key up again; adopt and
+    cancel the batch if found (the row as it is then), or record it never made once its
+    confirm window has passed; None while it is neither."""
+    gen, batch = item.generation, item.batch
+    if item.foreign and not ctx.may_touch(item.name):
+        return None
+    remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
+    if remote is not None:
+        adopted = bind_adopted(ctx, item.name, batch, remote)
+        ctx.report(
+            Progress(
+                "adopt",
+                item.name,
+                f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
+                f"{gen.id}: its create was not confirmed",
+                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
+            )
+        )
+        return cancel_retired_batch(ctx, item.name, gen, adopted)
+    if ctx.clock() < confirm_deadline(ctx, batch.provider, batch):
+        return None
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, status=GONE_STATUS)
+        ctx.store.record_event(
+            ctx.run_id,
+            "lookup",
+            resource=item.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={"key": batch.key, "remote_id": None, "never_made": True, "retired": gen.status},
+        )
+    ctx.report(
+        Progress(
+            "lookup",
+            item.name,
+            f"a create of {gen.status} generation {gen.id} (shard {batch.shard + 1}) was not "
+            "found by its key within its confirm window: recorded never made",
+            {"generation_id": gen.id, "shard": batch.shard + 1},
+        )
+    )
+    return None
 
 
 #: the terminal status a retired batch the provider no longer knows is recorded with: it was
@@ -303,7 +375,7 @@ def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> N
             Progress(
                 "retired",
                 item.name,
-                f"batch {batch.remote_id} of {gen.status} generation {gen.id} is still "
+                f"{_named(batch)} of {gen.status} generation {gen.id} is still "
                 f"{batch.status}: run `batchspec apply` again later to keep the answers it "
                 "finishes",
                 {"remote_id": batch.remote_id, "status": batch.status, "generation_id": gen.id},

@@ -9,7 +9,10 @@ request the old batch still finishes: paid twice. So a create that records a new
 * **When.** The new generation would reuse answers (every create but a ``--replace
   --no-reuse`` replacement) and records its ledger now (no batches and no ledger yet), and a
   retired generation of the same resource (not active, not the new one) has a batch sent and
-  not ended, or ended with its answers not collected yet, whose unresolved requests overlap
+  not ended, or ended with its answers not collected yet, or a create not confirmed (recorded
+  ``creating`` with no remote id, which may have landed: the drain looks it up every pass,
+  adopts and cancels it if found, and settles it as never made once its confirm window has
+  passed), whose unresolved requests overlap
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
   whose ledger is not written yet overlaps with all its batches' requests). A generation
   still within its bound holds even when an older one's has run out.
@@ -60,11 +63,18 @@ class Hold:
     overlap: int  # requests of the new generation it may still answer
     until: float  # epoch seconds: the hold ends then
     expired: bool
+    unconfirmed: int = 0  # its creates not confirmed (no remote id): they may have landed
+
+    @property
+    def batches(self) -> str:
+        """Its batches as the messages name them."""
+        named = [f"batch {remote_id}" for remote_id in self.remote_ids]
+        return ", ".join(named + ["a create not confirmed"] * self.unconfirmed)
 
     def waiting_message(self, now: float) -> str:
         return (
             f"waiting for generation {self.generation_id} to stop (its answers are reused): "
-            f"batch {', '.join(self.remote_ids)} may still answer up to {self.overlap:,} "
+            f"{self.batches} may still answer up to {self.overlap:,} "
             "of the new generation's request(s); nothing is created until it has, or for "
             f"{max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
         )
@@ -72,7 +82,7 @@ class Hold:
     def expired_message(self) -> str:
         return (
             f"generation {self.generation_id} is still stopping past replaceHoldSeconds: "
-            f"creating anyway; what batch {', '.join(self.remote_ids)} finishes from now "
+            f"creating anyway; what {self.batches} finishes from now "
             "is sent again"
         )
 
@@ -139,8 +149,9 @@ def find_hold(
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
         until = (now if active else _cancelled_at(store, res.name, old)) + hold_for
-        remote_ids = tuple(b.remote_id or "" for b in batches)
-        holds.append(Hold(old.id, remote_ids, overlap, until, expired=now >= until))
+        remote_ids = tuple(b.remote_id for b in batches if b.remote_id is not None)
+        unconfirmed = len(batches) - len(remote_ids)
+        holds.append(Hold(old.id, remote_ids, overlap, until, now >= until, unconfirmed))
     # a generation still within its bound holds, even when an older one's bound has run out
     live = [hold for hold in holds if not hold.expired]
     found = live or holds
@@ -148,11 +159,11 @@ def find_hold(
 
 
 def _may_still_answer(batch: BatchRow) -> bool:
-    """Sent, and not ended, or ended with its answers not collected yet (the drain's
-    ``unsettled_batches``): what it answers is not in the ledger yet."""
-    return batch.remote_id is not None and (
-        batch.status not in TERMINAL_STATUSES or batch.collected_at is None
-    )
+    """Sent, and not ended, or ended with its answers not collected yet, or a create not
+    confirmed (the drain's ``unsettled_batches``): what it answers is not in the ledger yet."""
+    if batch.remote_id is None:
+        return batch.status == "creating"
+    return batch.status not in TERMINAL_STATUSES or batch.collected_at is None
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
@@ -184,7 +195,11 @@ def held(ctx: RunContext, res: Resource, facts: InputReport, *, report: bool = T
         hold = hold_on_create(ctx, res, facts)
     if hold is None:
         return False
-    detail = {"generation_id": hold.generation_id, "remote_ids": list(hold.remote_ids)}
+    detail = {
+        "generation_id": hold.generation_id,
+        "remote_ids": list(hold.remote_ids),
+        "unconfirmed": hold.unconfirmed,
+    }
     if hold.expired:
         ctx.report(Progress("warning", res.name, hold.expired_message(), detail))
         return False
