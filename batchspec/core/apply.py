@@ -44,7 +44,7 @@ from batchspec.core.plan import (
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
-from batchspec.core.reconcile.drain import planned_drains
+from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
 from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
@@ -87,7 +87,7 @@ from batchspec.errors import (
 )
 from batchspec.state.lock import acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info
-from batchspec.state.store import BATCH_TERMINAL_STATUSES, StateStore
+from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
@@ -423,7 +423,7 @@ def cancel_resource(
                 for gen in store.generations(name)
                 if gen.status not in ACTIVE_GENERATION_STATUSES
                 for batch in store.batches(gen.id)
-                if batch.remote_id is not None and batch.status not in BATCH_TERMINAL_STATUSES
+                if batch_still_stopping(batch)
             )
             n = rec.cancel(name)  # its batches' cancels side by side
         run.exit_code = 0

@@ -56,7 +56,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
-from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
 from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
 from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
@@ -115,7 +115,9 @@ def find_retired(
     generations: dict[int, GenerationRow] = {}
     found: list[tuple[int, int, int, RetiredBatch]] = []
     active = sorted(ACTIVE_GENERATION_STATUSES)
-    for batch in store.unsettled_batches(generation_not_in=active):
+    for batch in store.uncollected_batches(generation_not_in=active):
+        if not batch_still_stopping(batch):
+            continue
         if batch.provider not in providers:
             continue  # a provider no longer configured: nothing to ask
         gen = generations.get(batch.generation_id)
@@ -131,6 +133,11 @@ def find_retired(
         found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
     found.sort(key=lambda item: item[:3])
     return [item[3] for item in found if has_ledger(item[3])]
+
+
+def batch_still_stopping(batch: BatchRow) -> bool:
+    """``plan.still_stopping`` of a recorded batch: what it answers is not in the ledger yet."""
+    return still_stopping(batch.remote_id, batch.status, collected=batch.collected_at is not None)
 
 
 def planned_drains(

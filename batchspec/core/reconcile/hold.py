@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
-from batchspec.core.reconcile.drain import drain_again
+from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
@@ -130,7 +130,7 @@ def find_hold(
             continue
         if old.id in contentless:
             continue
-        batches = [b for b in store.batches(old.id) if _may_still_answer(b)]
+        batches = [b for b in store.batches(old.id) if batch_still_stopping(b)]
         if batches:
             stopping.append((old, batches))
     if not stopping:
@@ -156,14 +156,6 @@ def find_hold(
     live = [hold for hold in holds if not hold.expired]
     found = live or holds
     return found[0] if found else None
-
-
-def _may_still_answer(batch: BatchRow) -> bool:
-    """Sent, and not ended, or ended with its answers not collected yet, or a create not
-    confirmed (the drain's ``unsettled_batches``): what it answers is not in the ledger yet."""
-    if batch.remote_id is None:
-        return batch.status == "creating"
-    return batch.status not in TERMINAL_STATUSES or batch.collected_at is None
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
