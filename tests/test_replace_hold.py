@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from probes import ServeProcess, start_serve_process
 from serve_faults import ServerBatch, received_batches
-from servers import stop_after_test, wait_for
+from servers import request_lines, stop_after_test, wait_for
 from slow_gateway import SlowGateway, start_slow_gateway
 from workspaces import (
     KEY_ENV,
@@ -29,10 +30,13 @@ from workspaces import (
     ResourceSpec,
     Workspace,
     batchspec_cmd,
+    local_provider,
     make_workspace,
     openai_provider,
     run_cli,
 )
+
+from batchspec.storage import sql
 
 FAST = ("--poll-interval", "0.05", "--timeout", "60")
 REQUESTS = 60  # 50 ms each, one at a time: about 3 s of work
@@ -375,3 +379,42 @@ def test_an_unconfirmed_create_never_found_is_settled_once_its_confirm_window_pa
         lookups = [e for e in store.events(resource="triage") if e.action == "lookup"]
         assert [e.batch_id for e in lookups if e.detail.get("never_made")] == [batch.id]
         assert len(store.batches(store.generations("triage")[-1].id)) == 1
+
+
+def test_plan_and_status_read_each_resource_history_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan` and `status` of resources whose next create is checked for a hold (their input
+    changed) read each resource's generations, and each generation's batches, once: the hold
+    takes the rows the plan loaded instead of querying them again per resource."""
+    names = ["r0", "r1", "r2"]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": local_provider()},
+        resources=[ResourceSpec(name, count=2) for name in names],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    for name in names:
+        ws.write_input(name, request_lines(3, prefix=name))
+    statements: Counter[str] = Counter()
+    opened = sql.SqliteSql.__init__
+
+    def traced(self: sql.SqliteSql, conn: sqlite3.Connection) -> None:
+        opened(self, conn)
+        conn.set_trace_callback(lambda statement: statements.update([" ".join(statement.split())]))
+
+    monkeypatch.setattr(sql.SqliteSql, "__init__", traced)
+    for command in ("plan", "status"):
+        statements.clear()
+
+        assert run_cli([command, str(ws.root)], capsys)[0] in (0, 2)
+
+        reads = [
+            s
+            for s in statements
+            if s.startswith("SELECT * FROM generations WHERE resource = ")
+            and s.endswith("ORDER BY id")
+            or s.startswith("SELECT * FROM batches WHERE generation_id = ")
+        ]
+        assert len(reads) == 2 * len(names), (command, reads)
+        assert {s: statements[s] for s in reads if statements[s] != 1} == {}, command

@@ -49,8 +49,10 @@ from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hol
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
+    History,
     export_paths,
     is_requeued,
+    load_history,
     load_recorded,
     observe_disk,
 )
@@ -522,7 +524,8 @@ def compute_plan(
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them);
     ``requests``: their inputs' request indexes (what a new generation would reuse)."""
-    recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
+    history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
+    recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk(
         [(r.name, r.output_path, r.errors_path) for r in resources],
@@ -538,6 +541,7 @@ def compute_plan(
             reuse=reuse,
             requests=requests,
             hold_for=hold_for(r.provider),
+            history=history.get(r.name, ()),
         )
         for r in resources
     ]
@@ -573,11 +577,13 @@ def desired_with_reuse(
     replace: bool,
     reuse: bool,
     requests: RequestFacts,
+    history: History,
     hold_for: float = DEFAULT_REPLACE_HOLD_SECONDS,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
     counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger; and
-    the retired generation still stopping its create would wait for (``reconcile.hold``)."""
+    the retired generation still stopping its create would wait for (``reconcile.hold``);
+    ``history``: ``res``'s generations and batches as the plan read them."""
     want = dataclasses.replace(desired_resource(res, facts), replace=replace)
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
@@ -585,11 +591,16 @@ def desired_with_reuse(
     if gen is None and replace and not reuse:
         return want
     count, nbytes = reusable_answers(
-        store, res, exclude=(gen.id,) if gen else (), requests=requests
+        store,
+        res,
+        exclude=(gen.id,) if gen else (),
+        requests=requests,
+        generations=[g for g, _ in history],
     )
     hold = find_hold(
         store,
         res,
+        history,
         requests=lambda: requests(res),
         hold_for=hold_for,
         now=time.time(),

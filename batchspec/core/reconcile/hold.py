@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
+from batchspec.core.recorded import History, resource_history
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
@@ -97,6 +98,7 @@ def hold_seconds(providers: Mapping[str, ProviderConfig], provider: str) -> floa
 def find_hold(
     store: StateStore,
     res: Resource,
+    history: History,
     *,
     requests: Callable[[], Iterable[RequestFact]] | None,
     hold_for: float,
@@ -106,22 +108,24 @@ def find_hold(
     contentless: Collection[int] = (),
 ) -> Hold | None:
     """The hold on a create of ``res``'s generation (``res.spec_hash``), if any (see the
-    module docstring); ``requests``: the new generation's requests (None: not read, as
-    ``status`` does not; every unresolved request of the old batches counts); ``reuse``: whether a
-    generation not recorded yet reuses answers; ``cancelling``: the step cancels the active
-    generations of other specs first (``plan`` of a replace: they count as stopping from
-    ``now``); ``contentless``: generations whose ledger cannot be written (the drain found
-    their input content nowhere): their answers could never be reused. Reads the state only."""
-    gen = store.find_generation(res.name, res.spec_hash)
+    module docstring); ``history``: ``res``'s generations and batches as the caller read
+    them (``recorded.load_history``, ``resource_history``); ``requests``: the new
+    generation's requests (None: not read, as ``status`` does not; every unresolved request
+    of the old batches counts); ``reuse``: whether a generation not recorded yet reuses
+    answers; ``cancelling``: the step cancels the active generations of other specs first
+    (``plan`` of a replace: they count as stopping from ``now``); ``contentless``:
+    generations whose ledger cannot be written (the drain found their input content
+    nowhere): their answers could never be reused. Reads the state only (the ledger, and a
+    stopping generation's cancel event)."""
+    current = [(g, b) for g, b in history if g.spec_hash == res.spec_hash]
+    gen, gen_batches = current[0] if current else (None, ())
     ledger = store.ledger()
     if gen is None and not reuse:
         return None
-    if gen is not None and (
-        not reuses_answers(gen) or store.batches(gen.id) or ledger.has_requests(gen.id)
-    ):
+    if gen is not None and (not reuses_answers(gen) or gen_batches or ledger.has_requests(gen.id)):
         return None  # reuses nothing, or already recorded: too late or needless to wait
     stopping: list[tuple[GenerationRow, list[BatchRow]]] = []
-    for old in store.generations(res.name):
+    for old, rows in history:
         if gen is not None and old.id == gen.id:
             continue
         if old.spec_hash == res.spec_hash:
@@ -130,7 +134,7 @@ def find_hold(
             continue
         if old.id in contentless:
             continue
-        batches = [b for b in store.batches(old.id) if batch_still_stopping(b)]
+        batches = [b for b in rows if batch_still_stopping(b)]
         if batches:
             stopping.append((old, batches))
     if not stopping:
@@ -169,6 +173,7 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
     return find_hold(
         ctx.store,
         res,
+        resource_history(ctx.store, res.name),
         requests=lambda: ctx.request_facts(res, facts.sha256),
         hold_for=hold_seconds(ctx.project.providers, res.provider),
         now=ctx.clock(),
