@@ -9,7 +9,8 @@ timeout does to a request the client timed out on. ``received`` counts requests 
 arrive, ``forwarded`` as they reach the upstream, so a test can say how many creates reached
 the provider; ``arrived(route)`` is an event set when the first such request arrives. A route
 in ``hold_answers`` is forwarded at once and its *answer* kept that many seconds: the provider
-has acted, and the client learns of it late.
+has acted, and the client learns of it late. A route in ``refuse`` is answered with that HTTP
+status and an error body, never forwarded (a file the provider cannot serve for a while).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SlowGateway:
     server: ThreadingHTTPServer
     hold: dict[str, float]
     hold_answers: dict[str, float] = field(default_factory=dict)
+    refuse: dict[str, int] = field(default_factory=dict)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -90,6 +92,9 @@ def start_slow_gateway(
             with gateway.lock:
                 gateway.received[route] += 1
                 gateway.events.setdefault(route, threading.Event()).set()
+            if route in gateway.refuse:
+                self._refuse(gateway.refuse[route])
+                return
             if route in gateway.hold:
                 time.sleep(gateway.hold[route])
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -108,6 +113,16 @@ def start_slow_gateway(
                 self.wfile.write(answer.content)
             except OSError:  # the client gave up (timed out, or was killed): delivered anyway
                 pass
+            self.close_connection = True
+
+        def _refuse(self, status: int) -> None:
+            body = b'{"error": {"message": "refused by the test gateway", "type": "server_error"}}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
             self.close_connection = True
 
         do_GET = do_POST = do_DELETE = _forward

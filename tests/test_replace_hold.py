@@ -418,3 +418,37 @@ def test_plan_and_status_read_each_resource_history_once(
         ]
         assert len(reads) == 2 * len(names), (command, reads)
         assert {s: statements[s] for s in reads if statements[s] != 1} == {}, command
+
+
+def test_a_batch_ended_before_the_replace_whose_download_fails_is_kept_by_a_later_pass(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The old batch completed before the replace's cancel and its output cannot be
+    downloaded yet (503): the replace goes on with a warning (as the drain's, whose steps it
+    shares) and its create waits for those answers; a later apply collects them and the new
+    generation reuses every one: one batch in all at the server."""
+    srv = serve()
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw, maxRetries=0)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    client = srv.client()
+    [first] = client.batches.list().data
+    done = wait_for(
+        lambda: (b := client.batches.retrieve(first.id)).status == "completed" and b, timeout=30
+    )
+    gw.refuse[f"GET /v1/files/{done.output_file_id}/content"] = 503
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert f"batch {first.id} of superseded generation 1 could not be polled" in out
+    assert WAITING in out
+    gw.refuse.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert [b.id for b in client.batches.list().data] == [first.id]
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")

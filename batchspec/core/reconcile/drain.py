@@ -25,7 +25,8 @@ before it submits anything, so a generation recorded in that pass already reuses
   output are as deterministic as the rest of the pass.
 * **Kept, never revived.** An ended batch's files go to the blob store first; then its lines
   are recorded in *its own* generation's ledger with a ``collect`` event marked ``retired``,
-  in one transaction, exactly as ``collect.keep_ended_answers`` does for a replace: a later
+  in one transaction (``keep_ended_answers`` does the same, by the same steps, right after a
+  replace's cancel, for the batches that had ended before it reached them): a later
   generation of the same request lines keeps them (``RequestLedger.carry_over``, by request
   hash) instead of paying again. The retired generation's status, the resource's current
   generation, its result files, counts and health are left as they are.
@@ -358,6 +359,21 @@ def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> Non
             {"remote_id": batch.remote_id, "status": GONE_STATUS, "generation_id": gen.id},
         )
     )
+
+
+def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
+    """Drain the batches of ``gen``, just superseded (a replace), that ended at the provider
+    before the cancel reached them, so that the generation replacing it keeps their answers
+    (``RequestLedger.carry_over``) instead of paying for them again; those still stopping
+    are the next drain's. Without the ledger of ``gen``'s content there is nothing to join
+    them to (``_has_ledger``)."""
+    gen = ctx.store.get_generation(gen.id)  # as its cancel left it: superseded
+    ended = [
+        RetiredBatch(res.name, gen, batch, res)
+        for batch in ctx.store.batches(gen.id)
+        if batch.remote_id is not None and batch.is_terminal and batch.collected_at is None
+    ]
+    drain_retired(ctx, [item for item in ended if _has_ledger(ctx, item)])
 
 
 def drain_again(ctx: RunContext, res: Resource) -> None:
