@@ -14,8 +14,9 @@ before it submits anything, so a generation recorded in that pass already reuses
   (``pending``/``in_progress`` ones are the plan's) and not the one its manifest asks for (its
   spec hash: the plan's too, a user-cancelled one included, whose results it writes); of the
   resources pruned from the workspace (``Reconciler.retired_resources``), every generation
-  that is not active. Their batches with a remote id that have not ended, or ended and were
-  not collected, whose generation has a ledger to record answers in.
+  that is not active. Their batches still stopping (``plan.still_stopping``: sent and not
+  ended, ended and not collected, or a create not confirmed), whose generation has a ledger
+  to record answers in.
 * **Shown ahead.** ``plan`` lists the same batches (``planned_drains``: the state only, no
   provider call), each with the step the next apply takes: ``poll`` or ``collect``.
 * **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
@@ -33,9 +34,10 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Crash-safe.** A run killed between a download and its record leaves the batch ended and
   not collected: the next pass downloads it again (the same content-addressed blob) and
   records it once; an ``ok`` ledger row is final, and ``collected_at`` is set with the event.
-* **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
-  cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
-  wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Reads only.** A drain never creates, never sends a cancel again (a batch recorded
+  ``cancelling`` is never cancelled twice: ``cancel._sends_cancel``; the one cancel it sends
+  is a found unconfirmed create's first), and never makes ``apply --wait`` wait: retired
+  batches stop at the provider's pace, polled by every pass while it runs.
 * **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
   remote id) that its cancel's lookup did not find may still land: every pass looks its key up
   again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
