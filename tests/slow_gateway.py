@@ -7,7 +7,10 @@ process). Every request is forwarded as it came; a request whose ``"METHOD /path
 client has given up or died meanwhile*: what a gateway or load balancer with a long upstream
 timeout does to a request the client timed out on. ``received`` counts requests as they
 arrive, ``forwarded`` as they reach the upstream, so a test can say how many creates reached
-the provider; ``arrived(route)`` is an event set when the first such request arrives.
+the provider; ``arrived(route)`` is an event set when the first such request arrives. A route
+in ``hold_answers`` is forwarded at once and its *answer* kept that many seconds: the provider
+has acted, and the client learns of it late. A route in ``refuse`` is answered with that HTTP
+status and an error body, never forwarded (a file the provider cannot serve for a while).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class SlowGateway:
     base_url: str
     server: ThreadingHTTPServer
     hold: dict[str, float]
+    hold_answers: dict[str, float] = field(default_factory=dict)
+    refuse: dict[str, int] = field(default_factory=dict)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -58,7 +63,9 @@ class SlowGateway:
         self.server.server_close()
 
 
-def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
+def start_slow_gateway(
+    upstream: str, *, hold: dict[str, float], hold_answers: dict[str, float] | None = None
+) -> SlowGateway:
     """Serve the gateway on a free loopback port in a daemon thread; ``upstream`` has no /v1."""
     client = httpx.Client(base_url=upstream.rstrip("/"), timeout=60.0)
     gateway: SlowGateway
@@ -85,12 +92,16 @@ def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
             with gateway.lock:
                 gateway.received[route] += 1
                 gateway.events.setdefault(route, threading.Event()).set()
+            if route in gateway.refuse:
+                self._refuse(gateway.refuse[route])
+                return
             if route in gateway.hold:
                 time.sleep(gateway.hold[route])
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             answer = client.request(self.command, self.path, headers=headers, content=body)
             with gateway.lock:
                 gateway.forwarded[route] += 1
+            time.sleep(gateway.hold_answers.get(route, 0.0))
             try:
                 self.send_response(answer.status_code)
                 for key, value in answer.headers.items():
@@ -104,10 +115,22 @@ def start_slow_gateway(upstream: str, *, hold: dict[str, float]) -> SlowGateway:
                 pass
             self.close_connection = True
 
+        def _refuse(self, status: int) -> None:
+            body = b'{"error": {"message": "refused by the test gateway", "type": "server_error"}}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
         do_GET = do_POST = do_DELETE = _forward
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    gateway = SlowGateway(f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold))
+    gateway = SlowGateway(
+        f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold), dict(hold_answers or {})
+    )
     threading.Thread(target=server.serve_forever, name="slow-gateway", daemon=True).start()
     return gateway

@@ -373,8 +373,9 @@ def test_a_superseded_generation_is_cancelled_on_the_provider_that_runs_it(
 
     assert code == 0, err
     assert list(remote_statuses(first).values()) == ["cancelled"]
-    # the new generation waited for the old batch, recorded cancelling, to stop (its answers
-    # are reused: ``reconcile.hold``); the next apply sees it stopped and creates it on b
-    assert list(remote_statuses(second).values()) == []
+    # the new generation waits for the old batch, recorded cancelling, to stop (its answers
+    # are reused: ``reconcile.hold``): created on b by this apply if the step's re-poll saw it
+    # stopped already, else by the next one
+    assert list(remote_statuses(second).values()) in ([], ["in_progress"])
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     assert list(remote_statuses(second).values()) == ["in_progress"]

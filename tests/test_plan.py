@@ -24,6 +24,7 @@ from batchspec.core.plan import (
     estimate_input_tokens,
     make_plan,
     plan_resource,
+    still_stopping,
 )
 
 NEW, OLD = "b" * 64, "a" * 64
@@ -719,3 +720,56 @@ def test_orphans_are_only_what_the_whole_workspace_lost_and_what_is_selected() -
         orphan_selected=lambda rec: rec.name == "b",
     )
     assert [(a.resource, a.kind) for a in plan.actions] == [("b", ActionKind.PRUNE)]
+
+
+@pytest.mark.parametrize(
+    ("remote_id", "status", "collected", "stopping"),
+    [
+        pytest.param("batch_1", "in_progress", False, True, id="in-flight"),
+        pytest.param("batch_1", "cancelling", False, True, id="cancelling"),
+        pytest.param("batch_1", "finalizing", False, True, id="finalizing"),
+        pytest.param("batch_1", "cancelled", False, True, id="ended-not-collected"),
+        pytest.param("batch_1", "completed", False, True, id="completed-not-collected"),
+        pytest.param("batch_1", "cancelled", True, False, id="ended-and-collected"),
+        pytest.param("batch_1", "expired", True, False, id="expired-and-collected"),
+        pytest.param(None, "creating", False, True, id="create-not-confirmed"),
+        pytest.param(None, "pending", False, False, id="intent-never-sent"),
+        pytest.param(None, "cancelled", False, False, id="intent-abandoned"),
+        pytest.param(None, "cancelled", True, False, id="never-made"),
+    ],
+)
+def test_still_stopping_is_a_batch_whose_answers_may_still_come(
+    remote_id: str | None, status: str, collected: bool, stopping: bool
+) -> None:
+    """still_stopping (the one definition hold, drain, plan and cancel use): sent and not
+    ended, ended and not collected, or a create not confirmed; never an intent never sent."""
+    assert still_stopping(remote_id, status, collected=collected) is stopping
+
+
+def test_plan_says_a_retired_generation_with_an_unconfirmed_create_is_still_stopping() -> None:
+    """An in-sync resource whose superseded generation left a create not confirmed: the plan
+    says it is still stopping (the drain looks it up), as for a batch still cancelling."""
+    old = RecordedGeneration(
+        id=1,
+        spec_hash=OLD,
+        status="superseded",
+        requests=2,
+        batches=(RecordedBatch(1, 0, 1, None, "creating", collected=False, requests=2),),
+    )
+    new = RecordedGeneration(
+        id=2,
+        spec_hash=NEW,
+        status="complete",
+        requests=2,
+        succeeded=2,
+        output_sha256=OUT,
+        errors_sha256=ERR,
+        batches=(RecordedBatch(2, 0, 1, "batch_2", "completed", collected=True, requests=2),),
+    )
+    have = RecordedResource("r", "openai", (old, new))
+    want = DesiredResource("r", "openai", NEW, requests=2, input_bytes=10, max_attempts=3)
+
+    action = plan_resource(want, have, DiskFacts(OUT, ERR))
+
+    assert action.kind is ActionKind.NONE
+    assert "generation 1 is still stopping" in action.reason

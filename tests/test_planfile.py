@@ -418,7 +418,7 @@ def test_a_saved_replace_plan_is_its_own_consent(
     bare apply skips it, says it did not replace and exits 1 (CI must not pass with the old
     spec still running); the plan is applied from its file without --allow-replace: the old
     batch is cancelled, and the new one is created once it has stopped (its answers are
-    reused: ``reconcile.hold``), by the next apply."""
+    reused: ``reconcile.hold``): by this apply if its re-poll saw it stopped, else the next."""
     srv = server(upstream=BuiltinUpstream(latency=5.0), drain_timeout=0.1)
     ws = served(tmp_path / "ws", srv)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
@@ -440,9 +440,10 @@ def test_a_saved_replace_plan_is_its_own_consent(
 
     assert code == 0, err
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
-    assert "waiting for generation 1 to stop (its answers are reused)" in out
+    created = srv.probe.counts["POST /batches"] == 2
+    assert created != ("waiting for generation 1 to stop (its answers are reused)" in out)
     client = srv.client()
-    wait_for(lambda: [b.status for b in client.batches.list().data] == ["cancelled"])
+    wait_for(lambda: [b.status for b in client.batches.list().data][-1:] == ["cancelled"])
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     assert srv.probe.counts["POST /batches"] == 2
 

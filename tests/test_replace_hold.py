@@ -10,6 +10,10 @@ the server itself.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,16 +22,21 @@ from pathlib import Path
 import pytest
 from probes import ServeProcess, start_serve_process
 from serve_faults import ServerBatch, received_batches
-from servers import stop_after_test, wait_for
+from servers import request_lines, stop_after_test, wait_for
+from slow_gateway import SlowGateway, start_slow_gateway
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
+    local_provider,
     make_workspace,
     openai_provider,
     run_cli,
 )
+
+from batchspec.storage import sql
 
 FAST = ("--poll-interval", "0.05", "--timeout", "60")
 REQUESTS = 60  # 50 ms each, one at a time: about 3 s of work
@@ -53,7 +62,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     stop_after_test(started)
 
 
-def workspace(root: Path, srv: ServeProcess, **options: object) -> Workspace:
+@pytest.fixture
+def gateways() -> Iterator[list[SlowGateway]]:
+    started: list[SlowGateway] = []
+    yield started
+    for gw in started:
+        gw.stop()
+
+
+def workspace(root: Path, srv: ServeProcess | SlowGateway, **options: object) -> Workspace:
     return make_workspace(
         root,
         providers={"srv": openai_provider(srv.v1, KEY_ENV, **options)},
@@ -259,3 +276,179 @@ def test_an_older_expired_hold_does_not_hide_a_newer_live_one(
     assert "creating anyway" not in out
     with ws.store() as store:
         assert store.batches(store.generations("triage")[-1].id) == []
+
+
+def test_a_batch_that_stops_moments_after_the_drain_saw_it_is_reused_by_the_same_apply(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The pass's drain sees the old batch `cancelling` and it stops moments later (the
+    gateway delays the polls' answers past that): a plain `apply --replace` (no --wait) polls
+    it once more before holding, keeps what it finished and creates the new generation in
+    the same run, and every request is answered once."""
+    srv = serve(*SLOW, "0.3")
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw)
+    first = started(ws, srv, capsys)
+    gw.hold_answers.update({"GET /v1/batches": 1.5, f"GET /v1/batches/{first}": 1.5})
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "waiting for generation" not in out
+    assert f"batch {first} cancelling (superseded generation 1" in out  # the pass's drain
+    client = srv.client()
+    [old, new] = in_order(client, first)
+    assert old.status == "cancelled" and 0 < len(new.input_ids) < REQUESTS
+    gw.hold_answers.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    answered_once(in_order(client, first), ws)
+
+
+def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cancelled(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An apply killed while a gateway holds its create leaves it `creating` with no remote
+    id; `apply --replace` cannot find it yet, so the new create waits for it; once the
+    gateway delivers it, the next apply adopts it, cancels it, keeps what it finished and
+    only then creates the rest: no request is answered twice."""
+    create = "POST /v1/batches"
+    srv = serve(*SLOW, "0")
+    gw = start_slow_gateway(srv.base_url, hold={create: 5.0})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw, timeout=2)
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert gw.arrived(create).wait(30), "the create never reached the gateway"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    gw.hold.clear()  # the create in transit is still held; the next ones go through
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert WAITING + ": a create not confirmed may still answer" in out
+    with ws.store() as store:
+        assert store.batches(store.generations("triage")[-1].id) == []
+    gw.wait_until_forwarded(create, 1)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        [old] = store.batches(store.generations("triage")[0].id)
+        actions = [(e.action, e.generation_id) for e in store.events(resource="triage")]
+    assert ("adopt", 1) in actions and actions.count(("cancel", 1)) == 2
+    assert gw.forwarded[create] == 2
+    answered_once(in_order(srv.client(), old.remote_id or ""), ws)
+
+
+def test_an_unconfirmed_create_never_found_is_settled_once_its_confirm_window_passed(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `creating` row of the old generation whose key no batch carries, past its confirm
+    window (`createConfirmSeconds: 0`): `apply --replace` records it never made (a `lookup`
+    event) instead of holding for it, and creates the new generation in the same run."""
+    srv = serve(*SLOW, "0")
+    ws = workspace(tmp_path / "ws", srv, createConfirmSeconds=0)
+    started(ws, srv, capsys)
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("triage")[0].id)
+        store.db.execute(
+            "update batches set remote_id = null, status = 'creating', key = ? where id = ?",
+            ("triage/never-sent/0/9", batch.id),
+        )
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "was not found by its key within its confirm window: recorded never made" in out
+    assert "waiting for generation" not in out
+    with ws.store() as store:
+        assert store.get_batch(batch.id).status == "cancelled"
+        lookups = [e for e in store.events(resource="triage") if e.action == "lookup"]
+        assert [e.batch_id for e in lookups if e.detail.get("never_made")] == [batch.id]
+        assert len(store.batches(store.generations("triage")[-1].id)) == 1
+
+
+def test_plan_and_status_read_each_resource_history_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan` and `status` of resources whose next create is checked for a hold (their input
+    changed) read each resource's generations, and each generation's batches, once: the hold
+    takes the rows the plan loaded instead of querying them again per resource."""
+    names = ["r0", "r1", "r2"]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": local_provider()},
+        resources=[ResourceSpec(name, count=2) for name in names],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    for name in names:
+        ws.write_input(name, request_lines(3, prefix=name))
+    statements: Counter[str] = Counter()
+    opened = sql.SqliteSql.__init__
+
+    def traced(self: sql.SqliteSql, conn: sqlite3.Connection) -> None:
+        opened(self, conn)
+        conn.set_trace_callback(lambda statement: statements.update([" ".join(statement.split())]))
+
+    monkeypatch.setattr(sql.SqliteSql, "__init__", traced)
+    for command in ("plan", "status"):
+        statements.clear()
+
+        assert run_cli([command, str(ws.root)], capsys)[0] in (0, 2)
+
+        reads = [
+            s
+            for s in statements
+            if s.startswith("SELECT * FROM generations WHERE resource = ")
+            and s.endswith("ORDER BY id")
+            or s.startswith("SELECT * FROM batches WHERE generation_id = ")
+        ]
+        assert len(reads) == 2 * len(names), (command, reads)
+        assert {s: statements[s] for s in reads if statements[s] != 1} == {}, command
+
+
+def test_a_batch_ended_before_the_replace_whose_download_fails_is_kept_by_a_later_pass(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The old batch completed before the replace's cancel and its output cannot be
+    downloaded yet (503): the replace goes on with a warning (as the drain's, whose steps it
+    shares) and its create waits for those answers; a later apply collects them and the new
+    generation reuses every one: one batch in all at the server."""
+    srv = serve()
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw, maxRetries=0)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    client = srv.client()
+    [first] = client.batches.list().data
+    done = wait_for(
+        lambda: (b := client.batches.retrieve(first.id)).status == "completed" and b, timeout=30
+    )
+    gw.refuse[f"GET /v1/files/{done.output_file_id}/content"] = 503
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert f"batch {first.id} of superseded generation 1 could not be polled" in out
+    assert WAITING in out
+    gw.refuse.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert [b.id for b in client.batches.list().data] == [first.id]
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")

@@ -408,20 +408,21 @@ def test_intent_then_remote_id_then_terminal(store: StateStore) -> None:
     assert store.batches(gen_id, status="completed") == [done]
 
 
-def test_unsettled_batches_are_those_whose_answers_may_still_come(store: StateStore) -> None:
-    """unsettled_batches: bound and not ended, or ended and not collected; with
-    generation_not_in, only those of generations in none of those statuses."""
+def test_uncollected_batches_are_every_batch_not_collected(store: StateStore) -> None:
+    """uncollected_batches: every batch not collected (an intent too: the drain decides
+    which may still answer); with generation_not_in, only those of generations in none of
+    those statuses."""
     gen_id = make_generation(store)
     row = intent(store, gen_id)
-    assert store.unsettled_batches() == []  # an intent: nothing remote yet
+    assert [b.id for b in store.uncollected_batches()] == [row.id]
     store.update_batch(row.id, remote_id="batch_abc", status="cancelling")
-    assert [b.remote_id for b in store.unsettled_batches()] == ["batch_abc"]
+    assert [b.remote_id for b in store.uncollected_batches()] == ["batch_abc"]
     store.update_generation(gen_id, status="superseded")
     store.update_batch(row.id, status="cancelled")
-    assert [b.id for b in store.unsettled_batches(generation_not_in=["in_progress"])] == [row.id]
-    assert store.unsettled_batches(generation_not_in=["superseded"]) == []
+    assert [b.id for b in store.uncollected_batches(generation_not_in=["in_progress"])] == [row.id]
+    assert store.uncollected_batches(generation_not_in=["superseded"]) == []
     store.update_batch(row.id, collected_at="2026-01-01T00:00:00.000Z")
-    assert store.unsettled_batches() == []
+    assert store.uncollected_batches() == []
 
 
 def test_recorded_remote_id_is_never_rebound(store: StateStore) -> None:

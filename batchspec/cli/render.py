@@ -226,7 +226,8 @@ def plan_drains(result: PlanResult) -> str:
     for name, drains in _by_resource(result.drains).items():
         pruned = " (pruned)" if drains[0].pruned else ""
         batches = "; ".join(
-            f"{d.remote_id} of {d.retired} generation {d.generation_id} ({d.status}): {d.step}"
+            f"{d.remote_id or 'a create not confirmed'} of {d.retired} generation "
+            f"{d.generation_id} ({d.status}): {d.step}"
             for d in drains
         )
         lines.append(f"  {name}{pruned}: {batches}")
@@ -294,7 +295,8 @@ def plan_markdown(result: PlanResult) -> str:
         lines += [
             "Retired batches apply polls, and keeps what they finished (no spend): "
             + ", ".join(
-                f"`{d.resource}` {d.remote_id} ({d.status}: {d.step})" for d in result.drains
+                f"`{d.resource}` {d.remote_id or 'a create not confirmed'} ({d.status}: {d.step})"
+                for d in result.drains
             ),
             "",
         ]

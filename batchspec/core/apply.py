@@ -44,13 +44,15 @@ from batchspec.core.plan import (
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
-from batchspec.core.reconcile.drain import planned_drains
+from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
 from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
+    History,
     export_paths,
     is_requeued,
+    load_history,
     load_recorded,
     observe_disk,
 )
@@ -88,7 +90,7 @@ from batchspec.errors import (
 )
 from batchspec.state.lock import acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info
-from batchspec.state.store import BATCH_TERMINAL_STATUSES, StateStore
+from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
@@ -428,7 +430,7 @@ def cancel_resource(
                 for gen in store.generations(name)
                 if gen.status not in ACTIVE_GENERATION_STATUSES
                 for batch in store.batches(gen.id)
-                if batch.remote_id is not None and batch.status not in BATCH_TERMINAL_STATUSES
+                if batch_still_stopping(batch)
             )
             n = rec.cancel(name)  # its batches' cancels side by side
         run.exit_code = 0
@@ -529,7 +531,8 @@ def compute_plan(
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
     reuse)."""
-    recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff)
+    history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
+    recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
     disk = observe_disk(
         [(r.name, r.output_path, r.errors_path) for r in resources],
@@ -547,6 +550,7 @@ def compute_plan(
                 reuse=reuse,
                 requests=requests,
                 hold_for=hold_for(r.provider),
+                history=history.get(r.name, ()),
             ),
             readded_after=readded.get(r.name),
         )
@@ -587,11 +591,13 @@ def desired_with_reuse(
     replace: bool,
     reuse: bool,
     requests: RequestFacts,
+    history: History,
     hold_for: float = DEFAULT_REPLACE_HOLD_SECONDS,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
     counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger; and
-    the retired generation still stopping its create would wait for (``reconcile.hold``)."""
+    the retired generation still stopping its create would wait for (``reconcile.hold``);
+    ``history``: ``res``'s generations and batches as the plan read them."""
     want = dataclasses.replace(desired_resource(res, facts), replace=replace)
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
@@ -599,11 +605,16 @@ def desired_with_reuse(
     if gen is None and replace and not reuse:
         return want
     count, nbytes = reusable_answers(
-        store, res, exclude=(gen.id,) if gen else (), requests=requests
+        store,
+        res,
+        exclude=(gen.id,) if gen else (),
+        requests=requests,
+        generations=[g for g, _ in history],
     )
     hold = find_hold(
         store,
         res,
+        history,
         requests=lambda: requests(res),
         hold_for=hold_for,
         now=time.time(),

@@ -41,7 +41,7 @@ from batchspec.core.batches import batch_fields, batch_key
 from batchspec.core.plan import ActionKind, Plan
 from batchspec.core.reconcile import Reconciler, RunContext
 from batchspec.core.reconcile.cancel import cancel_generation
-from batchspec.core.reconcile.collect import keep_ended_answers
+from batchspec.core.reconcile.drain import keep_ended_answers
 from batchspec.core.replacements import (
     PRUNE_REASON,
     RequestFacts,

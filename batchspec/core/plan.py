@@ -128,6 +128,17 @@ class RecordedBatch:
         )
 
 
+def still_stopping(remote_id: str | None, status: str, *, collected: bool) -> bool:
+    """Whether a batch may still answer requests that its generation's ledger does not hold
+    yet: sent and not ended, ended with its answers not collected, or a create not confirmed
+    (``creating``, no remote id: it may have landed). The one definition of a retired
+    generation's batch "still stopping": the hold waits for it, the drain polls, looks up or
+    collects it, and ``plan`` and ``cancel`` say so."""
+    if remote_id is None:
+        return status == "creating"
+    return status not in TERMINAL_STATUSES or not collected
+
+
 @dataclass(frozen=True)
 class ShardProgress:
     """Where one shard stands: attempts used, what is unresolved, when it may go again."""
@@ -219,7 +230,9 @@ class Drain:
     retired: str  # the generation's status: superseded, cancelled, ...
     remote_id: str
     status: str  # the batch's status as last recorded
-    step: str  # ``poll`` (not ended when last seen) or ``collect`` (ended, not downloaded)
+    # ``poll`` (not ended when last seen), ``collect`` (ended, not downloaded) or ``lookup``
+    # (a create not confirmed: ``remote_id`` is empty)
+    step: str
     pruned: bool = False  # the resource was pruned from the workspace
 
     def to_json(self) -> dict[str, object]:
@@ -519,7 +532,8 @@ def _still_stopping(have: RecordedResource | None) -> RecordedGeneration | None:
         (
             g
             for g in (have.generations if have else ())
-            if g.status not in ACTIVE_GENERATION_STATUSES and any(b.in_flight for b in g.batches)
+            if g.status not in ACTIVE_GENERATION_STATUSES
+            and any(still_stopping(b.remote_id, b.status, collected=b.collected) for b in g.batches)
         ),
         None,
     )

@@ -7,7 +7,7 @@ and hashes the result files on disk so the planner can notice a missing or edite
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from batchspec.core.plan import (
@@ -28,15 +28,39 @@ DEFAULT_REQUEUE_BACKOFF = 60.0  # seconds before the first resubmission; doubles
 MAX_REQUEUE_BACKOFF = 3600.0
 
 
+#: a resource's generations, oldest first, each with its batches: the rows the plan is made
+#: of, read once (``load_history``) and shared with what else reads them (``reconcile.hold``)
+History = Sequence[tuple[GenerationRow, Sequence[BatchRow]]]
+
+
+def resource_history(store: StateStore, name: str) -> History:
+    """``name``'s generations, oldest first, each with its batches."""
+    return [(gen, store.batches(gen.id)) for gen in store.generations(name)]
+
+
+def load_history(store: StateStore) -> dict[str, History]:
+    """Every recorded resource's ``History`` (forgotten ones too), by name."""
+    return {
+        res.name: resource_history(store, res.name)
+        for res in store.list_resources(include_forgotten=True)
+    }
+
+
 def load_recorded(
-    store: StateStore, ledger: RequestLedger, *, requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF
+    store: StateStore,
+    ledger: RequestLedger,
+    *,
+    requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
+    history: Mapping[str, History] | None = None,
 ) -> dict[str, RecordedResource]:
-    """Every resource the state has recorded; forgotten ones are flagged (never orphans)."""
+    """Every resource the state has recorded; forgotten ones are flagged (never orphans);
+    ``history``: their rows as ``load_history`` read them (else read here)."""
     recorded = {}
     for res in store.list_resources(include_forgotten=True):
+        rows = resource_history(store, res.name) if history is None else history[res.name]
         gens = tuple(
-            recorded_generation(store, ledger, g, requeue_backoff=requeue_backoff)
-            for g in store.generations(res.name)
+            recorded_generation(store, ledger, g, requeue_backoff=requeue_backoff, batches=b)
+            for g, b in rows
         )
         recorded[res.name] = RecordedResource(
             name=res.name,
@@ -54,8 +78,10 @@ def recorded_generation(
     gen: GenerationRow,
     *,
     requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF,
+    batches: Sequence[BatchRow] | None = None,
 ) -> RecordedGeneration:
-    batches = store.batches(gen.id)
+    """``gen`` as the planner sees it; ``batches``: its rows, if already read."""
+    batches = store.batches(gen.id) if batches is None else batches
     shards: tuple[ShardProgress, ...] = ()
     # While a batch is an intent, in flight or uncollected, the planner acts on it before it
     # looks at shards: skip the ledger scan (tens of ms per plan on a 50,000-request job).

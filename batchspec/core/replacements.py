@@ -128,11 +128,15 @@ def reusable_answers(
     *,
     exclude: Sequence[int] = (),
     requests: RequestFacts,
+    generations: Sequence[GenerationRow] | None = None,
 ) -> tuple[int, int]:
     """``(requests, bytes)`` of ``res``'s input whose very same line succeeded in an earlier
     generation: what ``RequestLedger.carry_over`` keeps when a new generation is recorded.
-    ``requests``: the input's request index, read instead of parsing the input again."""
-    ids = [g.id for g in store.generations(res.name) if g.id not in exclude]
+    ``requests``: the input's request index, read instead of parsing the input again;
+    ``generations``: ``res``'s, if already read."""
+    if generations is None:
+        generations = store.generations(res.name)
+    ids = [g.id for g in generations if g.id not in exclude]
     if not ids:
         return 0, 0
     answered = store.ledger().succeeded_fingerprints(ids)

@@ -28,7 +28,13 @@ from batchspec.core.plan import (
 )
 from batchspec.core.reconcile import desired_resource
 from batchspec.core.reconcile.hold import find_hold, hold_seconds
-from batchspec.core.recorded import export_paths, load_recorded, observe_disk
+from batchspec.core.recorded import (
+    History,
+    export_paths,
+    load_history,
+    load_recorded,
+    observe_disk,
+)
 from batchspec.core.replacements import effective_resources, with_readded
 from batchspec.core.selection import desired_without_input
 from batchspec.core.session import select_resources
@@ -94,12 +100,14 @@ def _with_hold(
     res: Resource,
     want: DesiredResource,
     providers: Mapping[str, ProviderConfig],
+    history: History,
 ) -> DesiredResource:
     """``want`` with the retired generation still stopping that its next create waits for
     (``reconcile.hold``; the input is not read: any unresolved request of it counts)."""
     hold = find_hold(
         store,
         res,
+        history,
         requests=None,
         hold_for=hold_seconds(providers, res.provider),
         now=time.time(),
@@ -121,7 +129,8 @@ def resource_statuses(
     """Each resource's status; ``providers`` (the project's) price its usage."""
     resources = effective_resources(store, resources)  # a replacement is the current one
     resources, readded = with_readded(store, resources)  # as plan shows them: a create
-    recorded = load_recorded(store, store.ledger())
+    history = load_history(store)  # read once: the plan and each hold share it
+    recorded = load_recorded(store, store.ledger(), history=history)
     disk = observe_disk(
         [(r.name, r.output_path, r.errors_path) for r in resources],
         recorded,
@@ -134,7 +143,10 @@ def resource_statuses(
         for r in resources
     ]
     desired = [
-        replace(_with_hold(store, r, d, providers or {}), readded_after=readded.get(r.name))
+        replace(
+            _with_hold(store, r, d, providers or {}, history.get(r.name, ())),
+            readded_after=readded.get(r.name),
+        )
         for r, d in zip(resources, desired, strict=True)
     ]
     plan = make_plan(desired, recorded, disk, include_orphans=include_orphans, elsewhere=elsewhere)

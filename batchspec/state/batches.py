@@ -248,17 +248,16 @@ class BatchesAndFiles(StateConnection):
         )
         return [_batch_row(r) for r in rows]
 
-    def unsettled_batches(self, *, generation_not_in: Sequence[str] = ()) -> list[BatchRow]:
-        """Batches created remotely that have not ended, or ended and are not yet collected:
-        every batch whose answers may still come (``drain`` looks among them); with
-        ``generation_not_in``, only those of generations whose status is not one of these."""
-        marks = ", ".join("?" * len(BATCH_TERMINAL_STATUSES))
+    def uncollected_batches(self, *, generation_not_in: Sequence[str] = ()) -> list[BatchRow]:
+        """Batches not collected (nor settled with nothing to collect): every batch whose
+        answers may still come is one (``drain`` looks among them, and decides with
+        ``plan.still_stopping``); with ``generation_not_in``, only those of generations whose
+        status is not one of these."""
         sql = (
             "SELECT b.* FROM batches b JOIN generations g ON g.id = b.generation_id "
-            f"WHERE b.remote_id IS NOT NULL AND (b.status NOT IN ({marks}) "
-            "OR b.collected_at IS NULL)"
+            "WHERE b.collected_at IS NULL"
         )
-        params: list[Any] = sorted(BATCH_TERMINAL_STATUSES)
+        params: list[Any] = []
         if generation_not_in:
             sql += f" AND g.status NOT IN ({', '.join('?' * len(generation_not_in))})"
             params += list(generation_not_in)

@@ -2,6 +2,8 @@
 
 An intent never submitted is abandoned; an unsure create (``creating``, no remote id) is first
 looked up by key and adopted, since it may have landed and be paid for, then cancelled too.
+One not found is left ``creating``: it may still land, so each later pass looks it up again
+(``drain``) and a new generation's create waits for it (``hold``).
 The generation's new status and a ``cancel`` event are recorded in one transaction. A cancel
 only starts the stop (the batch is recorded ``cancelling``); the answers the provider still
 finishes are kept by the passes of later applies (``drain``), never by a second cancel.
@@ -81,7 +83,9 @@ def cancel_generation(
             if remote is not None:
                 batch = bind_adopted(ctx, name, batch, remote)
         if batch.remote_id is None:
-            if batch.status not in TERMINAL_STATUSES:  # an intent never submitted: abandon it
+            # an intent never submitted is abandoned; a create not found may still land: it
+            # stays ``creating``, looked up again by the drain (which cancels it if found)
+            if batch.status not in TERMINAL_STATUSES and batch.status != "creating":
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
         if _sends_cancel(batch):
@@ -104,6 +108,38 @@ def cancel_generation(
     # "sent": a batch stops at the provider's pace (cancelling, then cancelled)
     ctx.report(Progress("cancel", name, f"{reason}: cancel sent to {n} batch(es)"))
     return n
+
+
+def cancel_retired_batch(
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow
+) -> BatchRow:
+    """Send the cancel of a batch of ``gen``, cancelled already, found only since (the
+    drain adopts a create its cancel could not confirm): recorded on its row with a
+    ``cancel`` event, in one transaction; the row as it is now."""
+    assert batch.remote_id is not None
+    if not _sends_cancel(batch):
+        return batch
+    remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
+    with ctx.store.atomic():
+        row = ctx.store.update_batch(batch.id, **batch_fields(remote))
+        ctx.store.record_event(
+            ctx.run_id,
+            "cancel",
+            resource=name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={"reason": f"adopted after its {gen.status} generation's cancel", "batches": 1},
+        )
+    ctx.report(
+        Progress(
+            "cancel",
+            name,
+            f"batch {remote.id} of {gen.status} generation {gen.id}, created after all: "
+            f"cancel sent ({remote.status})",
+            {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
+        )
+    )
+    return row
 
 
 def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:

@@ -21,7 +21,6 @@ from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
-from batchspec.errors import InputError
 from batchspec.providers.base import Provider, RemoteNotFound
 from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
@@ -112,41 +111,10 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
     return True
 
 
-def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
-    """Collect the batches of ``gen``, just superseded (a replace), that ended at the
-    provider before the cancel reached them, so that the generation replacing it keeps
-    their answers (``Ledger.carry_over``) instead of paying for them again. Without the
-    ledger of ``gen``'s content (its input is gone) there is nothing to join them to."""
-    ended = [
-        b
-        for b in ctx.store.batches(gen.id)
-        if b.remote_id
-        and b.status in TERMINAL_STATUSES
-        and b.collected_at is None
-        and (b.output_file_id or b.error_file_id)
-    ]
-    if not ended:
-        return
-    try:
-        ctx.ensure_ledger(res, gen)
-    except InputError:
-        return
-    for batch in ended:
-        _collect_batch(ctx, res, gen, batch, ctx.provider_for(batch.provider), retired=True)
-
-
 def _collect_batch(
-    ctx: RunContext,
-    res: Resource,
-    gen: GenerationRow,
-    batch: BatchRow,
-    provider: Provider,
-    *,
-    retired: bool = False,
+    ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
 ) -> None:
-    collect_batch(
-        ctx, res.name, gen, batch, provider, retry_on=retry_on_for(res, gen), retired=retired
-    )
+    collect_batch(ctx, res.name, gen, batch, provider, retry_on=retry_on_for(res, gen))
 
 
 def retry_on_for(res: Resource, gen: GenerationRow) -> tuple[str, ...]:

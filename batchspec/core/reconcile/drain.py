@@ -14,8 +14,9 @@ before it submits anything, so a generation recorded in that pass already reuses
   (``pending``/``in_progress`` ones are the plan's) and not the one its manifest asks for (its
   spec hash: the plan's too, a user-cancelled one included, whose results it writes); of the
   resources pruned from the workspace (``Reconciler.retired_resources``), every generation
-  that is not active. Their batches with a remote id that have not ended, or ended and were
-  not collected, whose generation has a ledger to record answers in.
+  that is not active. Their batches still stopping (``plan.still_stopping``: sent and not
+  ended, ended and not collected, or a create not confirmed), whose generation has a ledger
+  to record answers in.
 * **Shown ahead.** ``plan`` lists the same batches (``planned_drains``: the state only, no
   provider call), each with the step the next apply takes: ``poll`` or ``collect``.
 * **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
@@ -25,16 +26,23 @@ before it submits anything, so a generation recorded in that pass already reuses
   output are as deterministic as the rest of the pass.
 * **Kept, never revived.** An ended batch's files go to the blob store first; then its lines
   are recorded in *its own* generation's ledger with a ``collect`` event marked ``retired``,
-  in one transaction, exactly as ``collect.keep_ended_answers`` does for a replace: a later
+  in one transaction (``keep_ended_answers`` does the same, by the same steps, right after a
+  replace's cancel, for the batches that had ended before it reached them): a later
   generation of the same request lines keeps them (``RequestLedger.carry_over``, by request
   hash) instead of paying again. The retired generation's status, the resource's current
   generation, its result files, counts and health are left as they are.
 * **Crash-safe.** A run killed between a download and its record leaves the batch ended and
   not collected: the next pass downloads it again (the same content-addressed blob) and
   records it once; an ``ok`` ledger row is final, and ``collected_at`` is set with the event.
-* **Reads only.** A drain never sends a cancel (a batch recorded ``cancelling`` is never
-  cancelled twice: ``cancel._sends_cancel``), never creates, and never makes ``apply --wait``
-  wait: retired batches stop at the provider's pace, polled by every pass while it runs.
+* **Reads only.** A drain never creates, never sends a cancel again (a batch recorded
+  ``cancelling`` is never cancelled twice: ``cancel._sends_cancel``; the one cancel it sends
+  is a found unconfirmed create's first), and never makes ``apply --wait`` wait: retired
+  batches stop at the provider's pace, polled by every pass while it runs.
+* **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
+  remote id) that its cancel's lookup did not find may still land: every pass looks its key up
+  again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
+  and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
+  (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
   why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
@@ -51,7 +59,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
-from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
+from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
+from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
@@ -108,7 +118,9 @@ def find_retired(
     generations: dict[int, GenerationRow] = {}
     found: list[tuple[int, int, int, RetiredBatch]] = []
     active = sorted(ACTIVE_GENERATION_STATUSES)
-    for batch in store.unsettled_batches(generation_not_in=active):
+    for batch in store.uncollected_batches(generation_not_in=active):
+        if not batch_still_stopping(batch):
+            continue
         if batch.provider not in providers:
             continue  # a provider no longer configured: nothing to ask
         gen = generations.get(batch.generation_id)
@@ -124,6 +136,11 @@ def find_retired(
         found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
     found.sort(key=lambda item: item[:3])
     return [item[3] for item in found if has_ledger(item[3])]
+
+
+def batch_still_stopping(batch: BatchRow) -> bool:
+    """``plan.still_stopping`` of a recorded batch: what it answers is not in the ledger yet."""
+    return still_stopping(batch.remote_id, batch.status, collected=batch.collected_at is not None)
 
 
 def planned_drains(
@@ -151,11 +168,26 @@ def planned_drains(
             retired=item.generation.status,
             remote_id=item.batch.remote_id or "",
             status=item.batch.status,
-            step="collect" if item.batch.is_terminal else "poll",
+            step=_next_step(item.batch),
             pruned=item.foreign,
         )
         for item in find_retired(store, providers, resources, pruned, has_ledger=has_ledger)
     )
+
+
+def _named(batch: BatchRow) -> str:
+    """A retired batch as messages name it."""
+    if batch.remote_id is None:
+        return f"a create not confirmed (shard {batch.shard + 1})"
+    return f"batch {batch.remote_id}"
+
+
+def _next_step(batch: BatchRow) -> str:
+    """What the next apply does with a retired batch: ``lookup`` (a create not confirmed),
+    ``poll`` (not ended when last seen) or ``collect`` (ended, not downloaded)."""
+    if batch.remote_id is None:
+        return "lookup"
+    return "collect" if batch.is_terminal else "poll"
 
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
@@ -196,8 +228,9 @@ def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
                 Progress(
                     "warning",
                     item.name,
-                    f"batch {item.batch.remote_id} of {item.generation.status} generation "
-                    f"{item.generation.id} could not be polled or collected ({err.message}); "
+                    f"{_named(item.batch)} of {item.generation.status} generation "
+                    f"{item.generation.id} could not be polled, looked up or collected "
+                    f"({err.message}); "
                     "the next apply tries again",
                 )
             )
@@ -206,6 +239,11 @@ def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
 def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     gen, batch = item.generation, item.batch
     provider = ctx.provider_for(batch.provider)
+    if batch.remote_id is None:
+        found = _look_up_unconfirmed(ctx, item)
+        if found is None or not found.is_terminal:
+            return  # still unconfirmed, or cancelled just now: polled from the next look on
+        batch = found
     if not batch.is_terminal:
         try:
             remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
@@ -237,6 +275,50 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     collect_batch(
         ctx, item.name, gen, batch, provider, retry_on=retry_on, foreign=item.foreign, retired=True
     )
+
+
+def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None:
+    """A create of the retired generation not confirmed: look its key up again; adopt and
+    cancel the batch if found (the row as it is then), or record it never made once its
+    confirm window has passed; None while it is neither."""
+    gen, batch = item.generation, item.batch
+    if item.foreign and not ctx.may_touch(item.name):
+        return None
+    remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
+    if remote is not None:
+        adopted = bind_adopted(ctx, item.name, batch, remote)
+        ctx.report(
+            Progress(
+                "adopt",
+                item.name,
+                f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
+                f"{gen.id}: its create was not confirmed",
+                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
+            )
+        )
+        return cancel_retired_batch(ctx, item.name, gen, adopted)
+    if ctx.clock() < confirm_deadline(ctx, batch.provider, batch):
+        return None
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, status=GONE_STATUS)
+        ctx.store.record_event(
+            ctx.run_id,
+            "lookup",
+            resource=item.name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={"key": batch.key, "remote_id": None, "never_made": True, "retired": gen.status},
+        )
+    ctx.report(
+        Progress(
+            "lookup",
+            item.name,
+            f"a create of {gen.status} generation {gen.id} (shard {batch.shard + 1}) was not "
+            "found by its key within its confirm window: recorded never made",
+            {"generation_id": gen.id, "shard": batch.shard + 1},
+        )
+    )
+    return None
 
 
 #: the terminal status a retired batch the provider no longer knows is recorded with: it was
@@ -281,6 +363,32 @@ def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> Non
     )
 
 
+def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:
+    """Drain the batches of ``gen``, just superseded (a replace), that ended at the provider
+    before the cancel reached them, so that the generation replacing it keeps their answers
+    (``RequestLedger.carry_over``) instead of paying for them again; those still stopping
+    are the next drain's. Without the ledger of ``gen``'s content there is nothing to join
+    them to (``_has_ledger``)."""
+    gen = ctx.store.get_generation(gen.id)  # as its cancel left it: superseded
+    ended = [
+        RetiredBatch(res.name, gen, batch, res)
+        for batch in ctx.store.batches(gen.id)
+        if batch.remote_id is not None and batch.is_terminal and batch.collected_at is None
+    ]
+    drain_retired(ctx, [item for item in ended if _has_ledger(ctx, item)])
+
+
+def drain_again(ctx: RunContext, res: Resource) -> None:
+    """Poll ``res``'s retired batches once more and keep what ended since: the create step
+    calls this once before it holds (``hold.held``), after the pass's drain and the step's own
+    cancels, so a batch that stopped moments after its cancel holds nothing. A poll fetched
+    ahead for the pass is dropped: this one asks the provider now."""
+    retired = retired_batches(ctx, [res], [])
+    for item in retired:
+        ctx.prefetched.polls.pop((item.batch.provider, item.batch.remote_id or ""), None)
+    drain_retired(ctx, retired)
+
+
 def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
     """Say, once a run is done, which retired batches have not ended yet: only a later
     apply keeps the answers they still finish (a ``retired`` event each, in drain order)."""
@@ -292,7 +400,7 @@ def report_still_stopping(ctx: RunContext, retired: Sequence[RetiredBatch]) -> N
             Progress(
                 "retired",
                 item.name,
-                f"batch {batch.remote_id} of {gen.status} generation {gen.id} is still "
+                f"{_named(batch)} of {gen.status} generation {gen.id} is still "
                 f"{batch.status}: run `batchspec apply` again later to keep the answers it "
                 "finishes",
                 {"remote_id": batch.remote_id, "status": batch.status, "generation_id": gen.id},

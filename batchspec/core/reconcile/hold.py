@@ -9,10 +9,17 @@ request the old batch still finishes: paid twice. So a create that records a new
 * **When.** The new generation would reuse answers (every create but a ``--replace
   --no-reuse`` replacement) and records its ledger now (no batches and no ledger yet), and a
   retired generation of the same resource (not active, not the new one) has a batch sent and
-  not ended, or ended with its answers not collected yet, whose unresolved requests overlap
+  not ended, or ended with its answers not collected yet, or a create not confirmed (recorded
+  ``creating`` with no remote id, which may have landed: the drain looks it up every pass,
+  adopts and cancels it if found, and settles it as never made once its confirm window has
+  passed), whose unresolved requests overlap
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
   whose ledger is not written yet overlaps with all its batches' requests). A generation
   still within its bound holds even when an older one's has run out.
+* **Polled again first.** The pass's drain polled the old batches before the step sent its
+  cancels (a replace) or did its other work: before it holds, the create step polls them once
+  more and drains what ended (``drain.drain_again``), so a batch that stopped moments after
+  its cancel is reused by this very pass. One poll, no sleep: a plain ``apply`` never waits.
 * **What.** Nothing is recorded and nothing is paid: the step reports ``waiting`` ("waiting for
   generation N to stop (its answers are reused)") and the resource stays waiting, so
   ``apply --wait`` keeps polling (the drain polls the old batch every pass) and the pass after
@@ -32,6 +39,8 @@ from dataclasses import dataclass
 
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
+from batchspec.core.recorded import History, resource_history
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
@@ -55,11 +64,18 @@ class Hold:
     overlap: int  # requests of the new generation it may still answer
     until: float  # epoch seconds: the hold ends then
     expired: bool
+    unconfirmed: int = 0  # its creates not confirmed (no remote id): they may have landed
+
+    @property
+    def batches(self) -> str:
+        """Its batches as the messages name them."""
+        named = [f"batch {remote_id}" for remote_id in self.remote_ids]
+        return ", ".join(named + ["a create not confirmed"] * self.unconfirmed)
 
     def waiting_message(self, now: float) -> str:
         return (
             f"waiting for generation {self.generation_id} to stop (its answers are reused): "
-            f"batch {', '.join(self.remote_ids)} may still answer up to {self.overlap:,} "
+            f"{self.batches} may still answer up to {self.overlap:,} "
             "of the new generation's request(s); nothing is created until it has, or for "
             f"{max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
         )
@@ -67,7 +83,7 @@ class Hold:
     def expired_message(self) -> str:
         return (
             f"generation {self.generation_id} is still stopping past replaceHoldSeconds: "
-            f"creating anyway; what batch {', '.join(self.remote_ids)} finishes from now "
+            f"creating anyway; what {self.batches} finishes from now "
             "is sent again"
         )
 
@@ -82,6 +98,7 @@ def hold_seconds(providers: Mapping[str, ProviderConfig], provider: str) -> floa
 def find_hold(
     store: StateStore,
     res: Resource,
+    history: History,
     *,
     requests: Callable[[], Iterable[RequestFact]] | None,
     hold_for: float,
@@ -91,22 +108,24 @@ def find_hold(
     contentless: Collection[int] = (),
 ) -> Hold | None:
     """The hold on a create of ``res``'s generation (``res.spec_hash``), if any (see the
-    module docstring); ``requests``: the new generation's requests (None: not read, as
-    ``status`` does not; every unresolved request of the old batches counts); ``reuse``: whether a
-    generation not recorded yet reuses answers; ``cancelling``: the step cancels the active
-    generations of other specs first (``plan`` of a replace: they count as stopping from
-    ``now``); ``contentless``: generations whose ledger cannot be written (the drain found
-    their input content nowhere): their answers could never be reused. Reads the state only."""
-    gen = store.find_generation(res.name, res.spec_hash)
+    module docstring); ``history``: ``res``'s generations and batches as the caller read
+    them (``recorded.load_history``, ``resource_history``); ``requests``: the new
+    generation's requests (None: not read, as ``status`` does not; every unresolved request
+    of the old batches counts); ``reuse``: whether a generation not recorded yet reuses
+    answers; ``cancelling``: the step cancels the active generations of other specs first
+    (``plan`` of a replace: they count as stopping from ``now``); ``contentless``:
+    generations whose ledger cannot be written (the drain found their input content
+    nowhere): their answers could never be reused. Reads the state only (the ledger, and a
+    stopping generation's cancel event)."""
+    current = [(g, b) for g, b in history if g.spec_hash == res.spec_hash]
+    gen, gen_batches = current[0] if current else (None, ())
     ledger = store.ledger()
     if gen is None and not reuse:
         return None
-    if gen is not None and (
-        not reuses_answers(gen) or store.batches(gen.id) or ledger.has_requests(gen.id)
-    ):
+    if gen is not None and (not reuses_answers(gen) or gen_batches or ledger.has_requests(gen.id)):
         return None  # reuses nothing, or already recorded: too late or needless to wait
     stopping: list[tuple[GenerationRow, list[BatchRow]]] = []
-    for old in store.generations(res.name):
+    for old, rows in history:
         if gen is not None and old.id == gen.id:
             continue
         if old.spec_hash == res.spec_hash:
@@ -115,7 +134,7 @@ def find_hold(
             continue
         if old.id in contentless:
             continue
-        batches = [b for b in store.batches(old.id) if _may_still_answer(b)]
+        batches = [b for b in rows if batch_still_stopping(b)]
         if batches:
             stopping.append((old, batches))
     if not stopping:
@@ -134,20 +153,13 @@ def find_hold(
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
         until = (now if active else _cancelled_at(store, res.name, old)) + hold_for
-        remote_ids = tuple(b.remote_id or "" for b in batches)
-        holds.append(Hold(old.id, remote_ids, overlap, until, expired=now >= until))
+        remote_ids = tuple(b.remote_id for b in batches if b.remote_id is not None)
+        unconfirmed = len(batches) - len(remote_ids)
+        holds.append(Hold(old.id, remote_ids, overlap, until, now >= until, unconfirmed))
     # a generation still within its bound holds, even when an older one's bound has run out
     live = [hold for hold in holds if not hold.expired]
     found = live or holds
     return found[0] if found else None
-
-
-def _may_still_answer(batch: BatchRow) -> bool:
-    """Sent, and not ended, or ended with its answers not collected yet (the drain's
-    ``unsettled_batches``): what it answers is not in the ledger yet."""
-    return batch.remote_id is not None and (
-        batch.status not in TERMINAL_STATUSES or batch.collected_at is None
-    )
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
@@ -161,6 +173,7 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
     return find_hold(
         ctx.store,
         res,
+        resource_history(ctx.store, res.name),
         requests=lambda: ctx.request_facts(res, facts.sha256),
         hold_for=hold_seconds(ctx.project.providers, res.provider),
         now=ctx.clock(),
@@ -170,11 +183,20 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
 
 def held(ctx: RunContext, res: Resource, facts: InputReport, *, report: bool = True) -> bool:
     """Whether the create of ``res``'s new generation waits now (reported ``waiting``); one
-    whose hold has run out goes ahead with a warning."""
+    whose hold has run out goes ahead with a warning. Before it waits, the step (``report``;
+    not the pass's look-ahead, ``pipeline``) polls the retired batches once more and drains
+    what ended (``drain.drain_again``): one re-poll, no sleep; ``apply --wait`` polls on."""
     hold = hold_on_create(ctx, res, facts)
+    if hold is not None and not hold.expired and report:
+        drain_again(ctx, res)
+        hold = hold_on_create(ctx, res, facts)
     if hold is None:
         return False
-    detail = {"generation_id": hold.generation_id, "remote_ids": list(hold.remote_ids)}
+    detail = {
+        "generation_id": hold.generation_id,
+        "remote_ids": list(hold.remote_ids),
+        "unconfirmed": hold.unconfirmed,
+    }
     if hold.expired:
         ctx.report(Progress("warning", res.name, hold.expired_message(), detail))
         return False

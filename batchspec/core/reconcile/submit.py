@@ -31,8 +31,8 @@ from batchspec.core.reconcile.adopt import (
     record_remote,
 )
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, cancel_generation
-from batchspec.core.reconcile.collect import keep_ended_answers
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.drain import keep_ended_answers
 from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
