@@ -358,3 +358,64 @@ def test_a_retired_generation_whose_ledger_cannot_be_derived_does_not_stop_every
     assert code == 0, err + out
     assert out.count("could not be listed") == 1, out
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_a_pruned_spec_coming_back_over_a_running_generation_is_a_replace_needing_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` cancels generation 1; the manifest comes back with another input
+    (generation 2, running); then a revert brings the first spec back. That is a spec change
+    over a running generation: a plain `apply --yes` neither cancels generation 2 nor
+    creates anything (a replace needs --allow-replace), whatever the pruned generation."""
+    srv = slow_server(server, cancel_delay=0.2)
+    ws, first, old = pruned_while_running(tmp_path, srv, capsys)
+    client = srv.client()
+    ended(client, first)
+    original = ws.input_path("gone").read_bytes()
+    lines = request_lines(REQUESTS)
+    lines[0]["body"]["messages"][0]["content"] = "Something else entirely."
+    ws.write_input("gone", lines)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    with ws.store() as store:
+        running = store.get_resource("gone").current_generation_id
+    assert running != old
+    ws.input_path("gone").write_bytes(original)  # the revert: the pruned spec again
+    before = {b.id: b.status for b in client.batches.list().data}
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)
+
+    assert "re-run with --allow-replace" in err + out, err + out
+    after = {b.id: b.status for b in client.batches.list().data}
+    assert after.keys() == before.keys()  # nothing created
+    assert "cancelling" not in after.values() or "cancelling" in before.values()
+    with ws.store() as store:
+        assert store.get_resource("gone").current_generation_id == running
+        assert store.get_generation(running).status in ("pending", "in_progress")
+        assert not store.events(action="replace", resource="gone")
+
+
+def test_a_later_cancel_of_a_pruned_generations_batch_does_not_hide_the_prune(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pruned generation whose batch the drain cancels later (a create found after its
+    retirement records a cancel event of its own) is still one `apply --prune` retired: its
+    manifest added back is planned as a create, not as "cancelled by a user"."""
+    srv = slow_server(server, cancel_delay=0.2)
+    ws, first, old = pruned_while_running(tmp_path, srv, capsys)
+    ended(srv.client(), first)
+    with ws.store() as store:
+        [run] = store.runs(limit=1)
+        store.record_event(
+            run.id,
+            "cancel",
+            resource="gone",
+            generation_id=old,
+            detail={"reason": "adopted after its generation was retired"},
+        )
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == "gone"]
+    assert action["action"] == "create", action
+    assert f"added again after `apply --prune` cancelled generation {old}" in action["reason"]

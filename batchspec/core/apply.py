@@ -322,7 +322,7 @@ def apply_workspace(
                     monotonic=clock,
                 )
                 prune_orphans(rec, plan)
-                start_replacements(rec, plan, resources, facts, [*options.replace, *readded])
+                start_replacements(rec, plan, resources, facts, options.replace, readded)
                 outcome = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -439,16 +439,20 @@ def start_replacements(
     resources: Sequence[Resource],
     facts: Mapping[str, InputReport],
     names: Sequence[str],
+    readded: Collection[str] = (),
 ) -> tuple[str, ...]:
-    """Record the replacement generation of every resource in ``names`` that ``plan`` replaces
-    or creates (``resources`` carry the replacement's spec hash: ``--replace NAME``, or one
-    added again after ``apply --prune``); return their names."""
+    """Record the replacement generation of every resource in ``names`` (``--replace NAME``)
+    that ``plan`` replaces or creates, and of every one in ``readded`` (added again after
+    ``apply --prune``) that it creates (``resources`` carry the replacement's spec hash);
+    return their names. A re-added one the plan replaces waits for the consent a replace
+    needs, as the plan said."""
     by_name = {r.name: r for r in resources}
     replaced = []
     for action in plan.actions:
         res = by_name.get(action.resource)
-        new = action.kind in (ActionKind.REPLACE, ActionKind.CREATE)
-        if not new or action.resource not in names or res is None:
+        asked = action.resource in names and action.kind in (ActionKind.REPLACE, ActionKind.CREATE)
+        back = action.resource in readded and action.kind is ActionKind.CREATE
+        if not (asked or back) or res is None:
             continue
         if rec.store.find_generation(res.name, res.spec_hash) is None:
             _next_replacement(rec.store, res)  # checked before any cancel is sent

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, spec_hash
@@ -84,11 +85,15 @@ def effective_resources(store: StateStore, resources: Iterable[Resource]) -> lis
 def readded_after_prune(store: StateStore, res: Resource) -> GenerationRow | None:
     """The generation of ``res``'s spec hash (its effective one) if ``apply --prune``
     cancelled it: ``res`` is in the manifests again, so it runs again as the next
-    replacement. ``None`` for any other, a generation a user cancelled included."""
+    replacement. ``None`` for any other, a generation a user cancelled included, and while
+    another generation of ``res`` is active: the manifest came back with another spec first,
+    so this one is a spec change (a replace, with its consent), not a resource added back."""
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is None or gen.status != "cancelled":
         return None
-    cancel = store.last_generation_event(res.name, gen.id, "cancel")
+    if any(g.status in ACTIVE_GENERATION_STATUSES for g in store.generations(res.name)):
+        return None
+    cancel = store.first_generation_event(res.name, gen.id, "cancel")
     return gen if cancel is not None and cancel.detail.get("reason") == PRUNE_REASON else None
 
 

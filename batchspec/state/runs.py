@@ -198,14 +198,15 @@ class RunsAndEvents(StateConnection):
             params.append(limit)
         return [_event_row(r) for r in reversed(self._all(sql, params))]
 
-    def last_generation_event(
+    def first_generation_event(
         self, resource: str, generation_id: int, action: str
     ) -> EventRow | None:
-        """The most recent ``action`` event recorded for one generation of ``resource`` (by
-        the indexed resource), if any."""
+        """The earliest ``action`` event recorded for one generation of ``resource`` (by the
+        indexed resource), if any: for ``cancel``, the one that retired it (a later cancel of
+        one of its batches, e.g. a create found after its retirement, does not say why)."""
         row = self._one(
             "SELECT * FROM events WHERE resource = ? AND generation_id = ? AND action = ? "
-            "ORDER BY id DESC LIMIT 1",
+            "ORDER BY id LIMIT 1",
             (resource, generation_id, action),
         )
         return None if row is None else _event_row(row)

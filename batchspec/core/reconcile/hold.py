@@ -164,7 +164,7 @@ def find_hold(
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
     """When ``gen``'s cancel was recorded (epoch seconds), else when it was created."""
-    event = store.last_generation_event(name, gen.id, "cancel")
+    event = store.first_generation_event(name, gen.id, "cancel")
     return parse_timestamp(gen.created_at if event is None else event.at).timestamp()
 
 
