@@ -63,7 +63,7 @@ def cancel_ahead(ctx: RunContext, targets: Iterable[tuple[str, GenerationRow]]) 
         for batch in ctx.store.batches(gen.id):
             # the provider that runs the batch (a resource may have moved to another since)
             key = (batch.provider, batch.remote_id or "")
-            if not _sends_cancel(batch) or key in ctx.prefetched.cancels:
+            if not sends_cancel(batch) or key in ctx.prefetched.cancels:
                 continue
             if shares_client(ctx, batch.provider):
                 call = functools.partial(ctx.provider_for(batch.provider).cancel_batch, key[1])
@@ -88,7 +88,7 @@ def cancel_generation(
             if batch.status not in TERMINAL_STATUSES and batch.status != "creating":
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
-        if _sends_cancel(batch):
+        if sends_cancel(batch):
             remote = ctx.prefetched.take_cancel(batch.provider, batch.remote_id, ctx.before_wait)
             if remote is None:  # not sent ahead: send it now
                 remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
@@ -113,11 +113,11 @@ def cancel_generation(
 def cancel_retired_batch(
     ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow
 ) -> BatchRow:
-    """Send the cancel of a batch of ``gen``, cancelled already, found only since (the
-    drain adopts a create its cancel could not confirm): recorded on its row with a
-    ``cancel`` event, in one transaction; the row as it is now."""
+    """Send the cancel of a batch of ``gen``, cancelled already, that still runs: found only
+    since (the drain adopts a create its cancel could not confirm), or whose cancel failed.
+    Recorded on its row with a ``cancel`` event, in one transaction; the row as it is now."""
     assert batch.remote_id is not None
-    if not _sends_cancel(batch):
+    if not sends_cancel(batch):
         return batch
     remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
     with ctx.store.atomic():
@@ -159,7 +159,7 @@ def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
     try:
         for (provider, remote_id), remote in answered:
             batch = ctx.store.batch_by_remote_id(provider, remote_id)
-            if batch is None or not _sends_cancel(batch):
+            if batch is None or not sends_cancel(batch):
                 continue
             gen = ctx.store.get_generation(batch.generation_id)
             with ctx.store.atomic():
@@ -184,7 +184,7 @@ def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
     return taken
 
 
-def _sends_cancel(batch: BatchRow) -> bool:
+def sends_cancel(batch: BatchRow) -> bool:
     """Whether the step sends a cancel for ``batch``: bound, not ended, not cancelling."""
     return (
         batch.remote_id is not None

@@ -34,10 +34,11 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Crash-safe.** A run killed between a download and its record leaves the batch ended and
   not collected: the next pass downloads it again (the same content-addressed blob) and
   records it once; an ``ok`` ledger row is final, and ``collected_at`` is set with the event.
-* **Reads only.** A drain never creates, never sends a cancel again (a batch recorded
-  ``cancelling`` is never cancelled twice: ``cancel._sends_cancel``; the one cancel it sends
-  is a found unconfirmed create's first), and never makes ``apply --wait`` wait: retired
-  batches stop at the provider's pace, polled by every pass while it runs.
+* **Reads only, but for one cancel.** A drain never creates and never makes ``apply --wait``
+  wait: retired batches stop at the provider's pace, polled by every pass while it runs. The
+  one call it may send besides reads is the cancel of a retired batch it finds still running
+  and not ``cancelling`` (``cancel.sends_cancel``): a found unconfirmed create, or one whose
+  cancel failed. A batch recorded ``cancelling`` is never cancelled twice.
 * **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
   remote id) that its cancel's lookup did not find may still land: every pass looks its key up
   again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
 from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
-from batchspec.core.reconcile.cancel import cancel_retired_batch
+from batchspec.core.reconcile.cancel import cancel_retired_batch, sends_cancel
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reconcile.poll import poll_batch
@@ -267,6 +268,11 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
             )
         )
         batch = ctx.store.get_batch(batch.id)
+        if sends_cancel(batch) and (not item.foreign or ctx.may_touch(item.name)):
+            # retired, yet running and never told to stop (its cancel failed, or a create
+            # found since whose cancel failed or was cut short): it would run, and be paid,
+            # to its end, and a held replacement would send its requests again
+            batch = cancel_retired_batch(ctx, item.name, gen, batch)
         if not batch.is_terminal:
             return  # still stopping (or another run holds the pruned resource)
     if batch.collected_at is not None:
