@@ -2,8 +2,11 @@
 
 An intent never submitted is abandoned; an unsure create (``creating``, no remote id) is first
 looked up by key and adopted, since it may have landed and be paid for, then cancelled too.
-One not found is left ``creating``: it may still land, so each later pass looks it up again
-(``drain``) and a new generation's create waits for it (``hold``).
+One not found is left ``creating``: it may still land, so once its generation is retired
+(superseded, pruned, or cancelled and then replaced) each later pass looks it up again
+(``drain``) and a new generation's create waits for it (``hold``). A generation a user
+cancelled whose manifest is unchanged is still the resource's current one, not retired: its
+unsure create is looked up again only once ``apply --replace`` retires it.
 The generation's new status and a ``cancel`` event are recorded in one transaction. A cancel
 only starts the stop (the batch is recorded ``cancelling``); the answers the provider still
 finishes are kept by the passes of later applies (``drain``), never by a second cancel.
@@ -84,7 +87,8 @@ def cancel_generation(
                 batch = bind_adopted(ctx, name, batch, remote)
         if batch.remote_id is None:
             # an intent never submitted is abandoned; a create not found may still land: it
-            # stays ``creating``, looked up again by the drain (which cancels it if found)
+            # stays ``creating``, looked up again by the drain once the generation is retired
+            # (which cancels it if found)
             if batch.status not in TERMINAL_STATUSES and batch.status != "creating":
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
