@@ -222,6 +222,7 @@ def test_a_pruned_resource_added_again_unchanged_runs_again_paying_nothing_twice
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
 
     assert code == 0, err + out
+    assert f"added again after `apply --prune` cancelled generation {old}" in out
     sent = [i for b in received_batches(client) if b.id not in before for i in b.input_ids]
     assert set(sent).isdisjoint(answered)
     assert sorted(sent + answered) == sorted(ws.input_ids("gone"))
@@ -229,6 +230,8 @@ def test_a_pruned_resource_added_again_unchanged_runs_again_paying_nothing_twice
     with ws.store() as store:
         current = store.get_resource("gone").current_generation_id
         assert current != old and store.get_generation(current).status == "complete"
+        [replace] = store.events(action="replace", resource="gone")
+        assert replace.detail["readded_after_prune"] == old
     code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
     assert code == 0, out
 

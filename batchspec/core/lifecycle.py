@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -439,7 +439,7 @@ def start_replacements(
     resources: Sequence[Resource],
     facts: Mapping[str, InputReport],
     names: Sequence[str],
-    readded: Collection[str] = (),
+    readded: Mapping[str, int] | None = None,
 ) -> tuple[str, ...]:
     """Record the replacement generation of every resource in ``names`` (``--replace NAME``)
     that ``plan`` replaces or creates, and of every one in ``readded`` (added again after
@@ -447,6 +447,7 @@ def start_replacements(
     return their names. A re-added one the plan replaces waits for the consent a replace
     needs, as the plan said."""
     by_name = {r.name: r for r in resources}
+    readded = readded or {}
     replaced = []
     for action in plan.actions:
         res = by_name.get(action.resource)
@@ -460,7 +461,8 @@ def start_replacements(
     # the in-flight batches of every one are cancelled side by side, recorded in plan order
     with rec.cancels_ahead([res.name for res in replaced]):
         for res in replaced:
-            record_replacement(rec, res, facts[res.name])
+            pruned = readded.get(res.name) if res.name not in names else None
+            record_replacement(rec, res, facts[res.name], readded_after=pruned)
     return tuple(res.name for res in replaced)
 
 
@@ -476,7 +478,12 @@ def _next_replacement(store: StateStore, res: Resource) -> tuple[int, bool]:
     return number, reuse
 
 
-def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> GenerationRow:
+def record_replacement(
+    rec: Reconciler, res: Resource, facts: InputReport, *, readded_after: int | None = None
+) -> GenerationRow:
+    """Record ``res``'s next replacement generation, superseding its active ones;
+    ``readded_after``: the generation ``apply --prune`` cancelled, its manifest back (said
+    so in the ``replace`` event and the progress line)."""
     store = rec.store
     number, reuse = _next_replacement(store, res)
     superseded = []
@@ -509,11 +516,14 @@ def record_replacement(rec: Reconciler, res: Resource, facts: InputReport) -> Ge
             "replaces": row.current_generation_id if row else None,
             "superseded": superseded,
             "requests": facts.requests,
+            **({"readded_after_prune": readded_after} if readded_after is not None else {}),
         }
         store.record_event(
             rec.run_id, "replace", resource=res.name, generation_id=gen.id, detail=detail
         )
     how = "keeping answers that succeeded" if reuse else "resending every request"
+    if readded_after is not None:
+        how = f"added again after `apply --prune` cancelled generation {readded_after}; {how}"
     rec.report(
         Progress(
             "replace",
