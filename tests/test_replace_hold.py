@@ -42,6 +42,7 @@ FAST = ("--poll-interval", "0.05", "--timeout", "60")
 REQUESTS = 60  # 50 ms each, one at a time: about 3 s of work
 SLOW = ("--upstream-latency", "0.05", "--concurrency", "1", "--fault-cancel-delay")
 WAITING = "waiting for generation 1 to stop (its answers are reused)"
+CREATE = "POST /v1/batches"
 
 
 @pytest.fixture(autouse=True)
@@ -309,6 +310,33 @@ def test_a_batch_that_stops_moments_after_the_drain_saw_it_is_reused_by_the_same
     answered_once(in_order(client, first), ws)
 
 
+def killed_while_its_create_is_held(
+    tmp_path: Path,
+    srv: ServeProcess,
+    gateways: list[SlowGateway],
+    *,
+    hold: float,
+    timeout: float,
+) -> tuple[Workspace, SlowGateway]:
+    """An apply killed while a gateway holds its create ``hold`` seconds (its provider's
+    ``timeout`` shorter): the create is left `creating`, and lands once the gateway lets it
+    go; the gateway holds no later request."""
+    gw = start_slow_gateway(srv.base_url, hold={CREATE: hold})
+    gateways.append(gw)
+    ws = workspace(tmp_path / "ws", gw, timeout=timeout)
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert gw.arrived(CREATE).wait(30), "the create never reached the gateway"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    gw.hold.clear()  # the create in transit is still held; the next ones go through
+    return ws, gw
+
+
 def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cancelled(
     tmp_path: Path,
     serve: Callable[..., ServeProcess],
@@ -319,21 +347,8 @@ def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cance
     id; `apply --replace` cannot find it yet, so the new create waits for it; once the
     gateway delivers it, the next apply adopts it, cancels it, keeps what it finished and
     only then creates the rest: no request is answered twice."""
-    create = "POST /v1/batches"
     srv = serve(*SLOW, "0")
-    gw = start_slow_gateway(srv.base_url, hold={create: 5.0})
-    gateways.append(gw)
-    ws = workspace(tmp_path / "ws", gw, timeout=2)
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes"),
-        env={**os.environ, KEY_ENV: SENTINEL_KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert gw.arrived(create).wait(30), "the create never reached the gateway"
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-    gw.hold.clear()  # the create in transit is still held; the next ones go through
+    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=5.0, timeout=2)
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
 
@@ -341,7 +356,7 @@ def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cance
     assert WAITING + ": a create not confirmed may still answer" in out
     with ws.store() as store:
         assert store.batches(store.generations("triage")[-1].id) == []
-    gw.wait_until_forwarded(create, 1)
+    gw.wait_until_forwarded(CREATE, 1)
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
 
     assert code == 0, err
@@ -349,7 +364,7 @@ def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cance
         [old] = store.batches(store.generations("triage")[0].id)
         actions = [(e.action, e.generation_id) for e in store.events(resource="triage")]
     assert ("adopt", 1) in actions and actions.count(("cancel", 1)) == 2
-    assert gw.forwarded[create] == 2
+    assert gw.forwarded[CREATE] == 2
     answered_once(in_order(srv.client(), old.remote_id or ""), ws)
 
 
@@ -363,23 +378,10 @@ def test_a_found_create_whose_cancel_failed_is_cancelled_by_a_later_pass(
     cancel refused (a warning, the batch still running). A later pass sends that cancel
     again: the batch is not left to run, and be paid, to its end while the new generation
     waits for it."""
-    create = "POST /v1/batches"
     srv = serve("--upstream-latency", "0.2", "--concurrency", "1", "--fault-cancel-delay", "0")
-    gw = start_slow_gateway(srv.base_url, hold={create: 3.0})
-    gateways.append(gw)
-    ws = workspace(tmp_path / "ws", gw, timeout=1)
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes"),
-        env={**os.environ, KEY_ENV: SENTINEL_KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert gw.arrived(create).wait(30), "the create never reached the gateway"
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-    gw.hold.clear()
+    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=3.0, timeout=1)
     assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
-    gw.wait_until_forwarded(create, 1)
+    gw.wait_until_forwarded(CREATE, 1)
     [old] = srv.client().batches.list().data
     cancel = f"POST /v1/batches/{old.id}/cancel"
     gw.refuse[cancel] = 400
