@@ -157,6 +157,30 @@ def test_no_reuse_creates_at_once_and_plan_shows_the_hold(
     assert sorted(new.input_ids) == sorted(ws.input_ids("triage"))
 
 
+def test_no_hold_when_every_request_already_has_an_answer_elsewhere(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Completed once, then `--replace --no-reuse` (in flight), then `--replace`: the batch
+    still cancelling could only answer requests generation 1 already answered, so neither plan
+    nor apply waits for it: the apply writes the results at once, creating nothing."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--yes", "--replace", "triage"]
+    assert run_cli([*argv, "--no-reuse"], capsys)[0] == 0
+    created = len(client.batches.list().data)
+
+    code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
+    assert code == 0 and "waits for generation" not in out, out
+    code, out, err = run_cli(argv, capsys)
+
+    assert code == 0, err
+    assert "waiting for generation" not in out and "Apply complete" in out, out
+    assert len(client.batches.list().data) == created
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
 def test_the_hold_ends_after_replace_hold_seconds_with_a_warning(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
