@@ -15,8 +15,8 @@ request the old batch still finishes: paid twice. So a create that records a new
   passed), whose unresolved requests overlap
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
   whose ledger is not written yet overlaps with all its batches' requests) and have no
-  answer recorded in another generation (that one is kept, so there is nothing to wait for). A generation
-  still within its bound holds even when an older one's has run out.
+  answer recorded in another generation (that one is kept, so there is nothing to wait
+  for). A generation still within its bound holds even when an older one's has run out.
 * **Polled again first.** The pass's drain polled the old batches before the step sent its
   cancels (a replace) or did its other work: before it holds, the create step polls them once
   more and drains what ended (``drain.drain_again``), so a batch that stopped moments after
