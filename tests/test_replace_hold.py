@@ -173,10 +173,40 @@ def test_no_hold_when_every_request_already_has_an_answer_elsewhere(
 
     code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
     assert code == 0 and "waits for generation" not in out, out
+    assert "sent again" not in out, out  # nothing is sent at all
     code, out, err = run_cli(argv, capsys)
 
     assert code == 0, err
     assert "waiting for generation" not in out and "Apply complete" in out, out
+    assert len(client.batches.list().data) == created
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_a_pruned_resource_added_back_with_every_answer_kept_is_written_at_once(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Completed once, then `--replace --no-reuse` pruned while in flight, then the manifest
+    put back: plan neither waits for the stopping batch nor warns that what it finishes is
+    sent again (nothing is sent), and apply writes the results at once, creating nothing."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--yes", "--replace", "triage", "--no-reuse"]
+    assert run_cli(argv, capsys)[0] == 0
+    manifest = ws.manifest_path("triage").read_text()
+    ws.manifest_path("triage").unlink()
+    assert run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)[0] == 0
+    ws.manifest_path("triage").write_text(manifest)
+    created = len(client.batches.list().data)
+
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and "added again after `apply --prune`" in out, out
+    assert "waits for generation" not in out and "sent again" not in out, out
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert "Apply complete" in out, out
     assert len(client.batches.list().data) == created
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
 
