@@ -266,6 +266,27 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
     answered_once(in_order(client, first), ws)
 
 
+def test_cancel_of_a_held_replacement_says_what_it_cancelled(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --replace` held while the old batch stops, then `cancel`: the replacement,
+    never created, is cancelled (plan: cancelled by a user), and the message says so, not
+    that the resource "is already cancelled"."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    started(ws, srv, capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+    assert code == 0 and WAITING in out, err
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert "already cancelled" not in out
+    assert "cancelled triage: nothing of it was created yet (1 earlier batch still stopping" in out
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "cancelled by a user" in out
+
+
 def test_an_ended_batch_not_yet_collected_still_holds_the_create(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
