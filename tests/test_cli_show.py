@@ -107,6 +107,22 @@ def test_show_json_and_yaml_are_one_documented_document(
     assert yaml.safe_load(out_yaml) == doc
 
 
+def test_show_after_a_replace_marks_the_replacement_current(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `apply --replace NAME --no-reuse`, the replacement is the current generation (as
+    status sees it) and the result files are those it wrote, from its own batch."""
+    argv = ["apply", str(applied.root), "--replace", "triage", "--no-reuse", "--wait"]
+    assert run_cli([*argv, "--poll-interval", "0.05"], capsys)[0] == 0
+    _, out, _ = run_cli(["show", "triage", str(applied.root), "--json"], capsys)
+    doc = json.loads(out)
+    newest, first = doc["generations"]
+    assert (newest["current"], first["current"]) == (True, False)
+    [batch] = newest["batches"]
+    assert doc["results"][0]["from_batches"] == [batch["remote_id"]]
+    assert doc["results"][0]["recorded_sha256"] == newest["output_sha256"]
+
+
 def test_show_describes_an_orphan_from_the_state(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -181,3 +181,21 @@ def test_a_resource_name_given_as_a_path_says_to_use_select(
         assert "triage is a resource name, not a path" in err and "--select triage" in err
     code, _, err = run_cli(["status", "triagge"], capsys)
     assert code == 1 and "resource name" not in err
+
+
+def test_plan_and_apply_from_a_folder_without_manifests_do_not_claim_all_is_in_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from the workspace's data/ folder (no manifest below it), plan and apply select
+    nothing and say so, pointing at validate, instead of "every resource is in sync"."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    monkeypatch.chdir(ws.root / "data")
+    for args in (["plan"], ["apply"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert "in sync" not in out and "the PATHS given hold no manifest" in out, out
+    assert not ws.output_path("triage").exists()

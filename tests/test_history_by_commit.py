@@ -146,3 +146,26 @@ def test_by_commit_with_resource_and_limit_and_an_empty_state(
     assert len(cli_json([*argv, "--limit", "1"], capsys)["commits"]) == 1
     code, _, err = run_cli([*argv, "--resource", "gamma"], capsys)
     assert code == 1 and "no resource named 'gamma'" in err
+
+
+def test_by_commit_follows_a_rename(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After `metadata.moved` renames alpha to omega, the spend of alpha's generations is
+    omega's: listed under omega, and `--resource omega` finds it (as `show omega` does)."""
+    root = tmp_path / "ws"
+    ws = priced_workspace(root, ResourceSpec("alpha", count=2))
+    commit(root, "first")
+    apply(root, capsys, "--wait")
+    argv = ["history", str(root), "--by", "commit", "--json"]
+    [before] = cli_json(argv, capsys)["commits"]
+    ws.manifest_path("alpha").rename(ws.manifest_path("omega"))
+    text = ws.manifest_path("omega").read_text()
+    ws.manifest_path("omega").write_text(
+        text.replace("name: alpha", "name: omega\n  moved:\n    from: alpha")
+    )
+    apply(root, capsys)
+
+    commits = cli_json(argv, capsys)["commits"]
+    assert [list(c["resources"]) for c in commits] == [["omega"]]
+    assert commits[0]["resources"]["omega"] == before["resources"]["alpha"]
+    [only] = cli_json([*argv, "--resource", "omega"], capsys)["commits"]
+    assert only["usage"] == before["usage"] and only["usage"]["cost_usd"] > 0

@@ -285,7 +285,8 @@ def test_plan_after_forget_says_apply_tracks_it_again(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A forgotten resource whose manifest is here: status says OutOfSync, and plan (and
-    status's reason) says why (apply tracks it again), not a bare "in sync"."""
+    status's reason) says why (apply tracks it again), not a bare "in sync"; its health is
+    its recorded generation's (Healthy, 3/3), not Missing as if nothing were recorded."""
     ws = served(tmp_path / "ws", server())
     assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
     assert run_cli(["forget", "triage", str(ws.root)], capsys)[0] == 0
@@ -294,6 +295,7 @@ def test_plan_after_forget_says_apply_tracks_it_again(
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     [st] = json.loads(out)["resources"]
     assert st["sync"] == "OutOfSync" and "forgotten: apply tracks it again" in st["reason"]
+    assert (st["health"], st["succeeded"]) == ("Healthy", 3)
 
 
 def test_forget_of_an_untracked_resource_fails(

@@ -25,6 +25,7 @@ from workspaces import (
     make_workspace,
     run_cli,
     served,
+    write_manifest,
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -172,6 +173,36 @@ def test_replace_reuses_succeeded_answers_unless_no_reuse(
         [event] = [e for e in store.events(resource="triage") if e.action == "replace"][-1:]
         assert event.detail["reuse"] is False
     assert len(ws.outputs("triage")) == 3
+    assert plan_json(ws, capsys)["changes"] is False
+
+
+@pytest.mark.parametrize("how", ["replace", "metadata"])
+def test_a_generation_that_keeps_every_answer_is_written_by_the_same_apply(
+    how: str,
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a remote provider, a new generation with nothing to submit (`--replace`, or a
+    changed `spec.metadata`: every answer kept) is written by the apply that records it, not
+    left "in flight" for the next apply with no batch running."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    creates = srv.probe.counts[CREATE]
+    if how == "replace":
+        argv = ["--replace", "triage"]
+    else:
+        write_manifest(ws, ResourceSpec("triage", spec={"metadata": {"team": "a"}}))
+        argv = []
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *argv], capsys)
+
+    assert code == 0, err
+    assert "Apply complete" in out and "in flight" not in out
+    assert srv.probe.counts[CREATE] == creates  # nothing sent
+    with ws.store() as store:
+        assert [g.status for g in store.generations("triage")] == ["complete", "complete"]
     assert plan_json(ws, capsys)["changes"] is False
 
 

@@ -158,6 +158,60 @@ def test_no_reuse_creates_at_once_and_plan_shows_the_hold(
     assert sorted(new.input_ids) == sorted(ws.input_ids("triage"))
 
 
+def test_no_hold_when_every_request_already_has_an_answer_elsewhere(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Completed once, then `--replace --no-reuse` (in flight), then `--replace`: the batch
+    still cancelling could only answer requests generation 1 already answered, so neither plan
+    nor apply waits for it: the apply writes the results at once, creating nothing."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--yes", "--replace", "triage"]
+    assert run_cli([*argv, "--no-reuse"], capsys)[0] == 0
+    created = len(client.batches.list().data)
+
+    code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage"], capsys)
+    assert code == 0 and "waits for generation" not in out, out
+    assert "sent again" not in out, out  # nothing is sent at all
+    code, out, err = run_cli(argv, capsys)
+
+    assert code == 0, err
+    assert "waiting for generation" not in out and "Apply complete" in out, out
+    assert len(client.batches.list().data) == created
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_a_pruned_resource_added_back_with_every_answer_kept_is_written_at_once(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Completed once, then `--replace --no-reuse` pruned while in flight, then the manifest
+    put back: plan neither waits for the stopping batch nor warns that what it finishes is
+    sent again (nothing is sent), and apply writes the results at once, creating nothing."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--yes", "--replace", "triage", "--no-reuse"]
+    assert run_cli(argv, capsys)[0] == 0
+    manifest = ws.manifest_path("triage").read_text()
+    ws.manifest_path("triage").unlink()
+    assert run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)[0] == 0
+    ws.manifest_path("triage").write_text(manifest)
+    created = len(client.batches.list().data)
+
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and "added again after `apply --prune`" in out, out
+    assert "waits for generation" not in out and "sent again" not in out, out
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert "Apply complete" in out, out
+    assert len(client.batches.list().data) == created
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
 def test_the_hold_ends_after_replace_hold_seconds_with_a_warning(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -211,6 +265,27 @@ def test_apply_without_wait_leaves_it_waiting_and_the_next_apply_finishes_it(
     assert code == 0, err
     assert "waiting for generation" not in out
     answered_once(in_order(client, first), ws)
+
+
+def test_cancel_of_a_held_replacement_says_what_it_cancelled(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --replace` held while the old batch stops, then `cancel`: the replacement,
+    never created, is cancelled (plan: cancelled by a user), and the message says so, not
+    that the resource "is already cancelled"."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    started(ws, srv, capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
+    assert code == 0 and WAITING in out, err
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert "already cancelled" not in out
+    assert "cancelled triage: nothing of it was created yet (1 earlier batch still stopping" in out
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "cancelled by a user" in out
 
 
 def test_an_ended_batch_not_yet_collected_still_holds_the_create(

@@ -941,6 +941,17 @@ def cancel(
     n = result.cancelled
     if as_json:
         emit_json({"resource": name, "cancelled_batches": n, "stopping_batches": result.stopping})
+    elif n == 0 and result.generations:  # e.g. a replacement held before its create
+        stopping = (
+            f" ({result.stopping} earlier batch{'' if result.stopping == 1 else 'es'} still "
+            "stopping: `batchspec apply` collects what finishes)"
+            if result.stopping
+            else ""
+        )
+        click.echo(
+            f"cancelled {name}: nothing of it was created yet{stopping}; "
+            f"`batchspec apply --replace {name}` runs it again"
+        )
     elif n == 0 and result.stopping:
         click.echo(
             f"{name} is already cancelled: {result.stopping} batch"

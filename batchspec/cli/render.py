@@ -172,8 +172,17 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
     return "\n".join(lines + ["", style.bold(plan_summary(plan))])
 
 
+#: plan and apply when PATHS hold no manifest (validate exits 1 there, naming the globs)
+NOTHING_SELECTED = (
+    "no resource selected: the PATHS given hold no manifest (`batchspec validate` says where "
+    "the project's manifests are; run from the workspace root, or pass their folder)"
+)
+
+
 def plan_summary(plan: Plan) -> str:
     counts = plan.counts()
+    if not plan.actions:
+        return f"No changes: {NOTHING_SELECTED}."
     if not plan.has_changes:
         orphans = counts.get("orphaned", 0)
         if not orphans:
@@ -361,6 +370,8 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     }[result.outcome]
     if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = replace_refused_text(result)
+    if not result.plan.actions:
+        headline = f"Apply did nothing: {NOTHING_SELECTED}."
     lines = [
         style.bold(headline),
         *status_lines(result.statuses, style),

@@ -373,6 +373,7 @@ def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str]
 class CancelResult:
     cancelled: int  # batches this cancel was sent to
     stopping: int  # batches cancelled earlier that are still stopping
+    generations: int = 0  # active generations it cancelled (one not created yet included)
 
 
 def cancel_resource(
@@ -432,9 +433,10 @@ def cancel_resource(
                 for batch in store.batches(gen.id)
                 if batch_still_stopping(batch)
             )
+            active = [g for g in store.generations(name) if g.status in ACTIVE_GENERATION_STATUSES]
             n = rec.cancel(name)  # its batches' cancels side by side
         run.exit_code = 0
-        return CancelResult(n, stopping)
+        return CancelResult(n, stopping, len(active))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ Spend per git commit (``spend_by_commit``) charges each generation to the commit
 that *created* it (its ``created_run``: the apply that planned and submitted it), not to the
 run that happened to collect it: a scheduled ``apply`` on a later commit that collects a
 batch submitted from an earlier one does not make the later commit look expensive. A
-generation counts once, as above. Groups, newest first (by the newest run in them):
+generation counts once, as above, under the resource it belongs to now (a rename,
+``metadata.moved``, takes its generations' spend along). Groups, newest first (by the newest
+run in them):
 
 ==================================  =========================================================
 the run's commit, clean tree        that commit
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -250,7 +252,10 @@ def spend_by_commit(
         if store is None:
             return []
         counted: dict[object, list[EventRow]] = {}
-        for event in _spend_events(store, resource):
+        owners: dict[int, str] = {}
+        for event in _spend_events(store, None):
+            if resource is not None and _owner(store, event, owners) != resource:
+                continue
             key = event.generation_id if event.generation_id is not None else ("e", event.id)
             if event.action == "results":
                 counted[key] = [event]  # a running total: it holds every event before it
@@ -263,7 +268,10 @@ def spend_by_commit(
             commit = run.git_commit if run is not None else None
             dirty = bool(run.git_dirty) if run is not None and commit else False
             groups.setdefault((commit, dirty), []).append((run, events))
-    spends = [_commit_spend(commit, dirty, members) for (commit, dirty), members in groups.items()]
+        spends = [
+            _commit_spend(commit, dirty, members, lambda e: _owner(store, e, owners))
+            for (commit, dirty), members in groups.items()
+        ]
     spends.sort(key=lambda c: max(c.runs, default=0), reverse=True)
     return spends[:limit]
 
@@ -273,6 +281,20 @@ def records_spend(event: EventRow) -> bool:
     generation's running total) or a ``collect`` event (what one batch's answers used; an
     older state recorded it on retired ones only)."""
     return event.action in ("results", "collect") and "input_tokens" in event.detail
+
+
+def _owner(store: StateStore, event: EventRow, cache: dict[int, str]) -> str:
+    """The resource the event's generation belongs to now (a rename, ``metadata.moved``,
+    hands its generations to the new name), else the one the event was recorded under."""
+    gen_id = event.generation_id
+    if gen_id is None:
+        return event.resource or ""
+    if gen_id not in cache:
+        try:
+            cache[gen_id] = store.get_generation(gen_id).resource
+        except StateError:  # a generation the state lost: the name the event recorded
+            cache[gen_id] = event.resource or ""
+    return cache[gen_id]
 
 
 def _spend_events(store: StateStore, resource: str | None) -> list[EventRow]:
@@ -306,7 +328,10 @@ def _creating_run(
 
 
 def _commit_spend(
-    commit: str | None, dirty: bool, members: list[tuple[RunRow | None, list[EventRow]]]
+    commit: str | None,
+    dirty: bool,
+    members: list[tuple[RunRow | None, list[EventRow]]],
+    owner: Callable[[EventRow], str],
 ) -> CommitSpend:
     total = Usage()
     by_resource: dict[str, Usage] = {}
@@ -316,7 +341,7 @@ def _commit_spend(
     for run, events in sorted(members, key=lambda m: m[1][-1].id):
         usage = sum((_event_usage(e) for e in events), Usage())
         total += usage
-        name = events[0].resource or ""
+        name = owner(events[0])
         by_resource[name] = by_resource.get(name, Usage()) + usage
         if run is not None:
             run_ids.add(run.id)

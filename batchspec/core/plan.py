@@ -384,7 +384,8 @@ def plan_resource(
                 f"; generation {want.held_by} is still stopping past replaceHoldSeconds: "
                 "created anyway, what it finishes is sent again"
             )
-        elif stopping:  # its answers reach the ledger only when it ends: too late for this one
+        elif stopping and want.requests > reused:  # its answers reach the ledger only when
+            # it ends: too late for this one (nothing is sent again when nothing is sent)
             reason += (
                 f"; generation {stopping.id} is still stopping: what it finishes is sent again"
             )

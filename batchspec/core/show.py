@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.core.batches import event_detail_shown
+from batchspec.core.replacements import effective_resources
 from batchspec.core.spend import Price, Usage, generation_usage, price_for, priced_usage
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import ManifestError
@@ -57,7 +58,7 @@ class BatchDetail:
 class GenerationDetail:
     id: int
     spec_hash: str
-    current: bool  # the generation of the manifest's spec as it is now
+    current: bool  # the generation of the manifest's spec as it is now (its replacement's)
     status: str
     requests: int
     succeeded: int
@@ -160,7 +161,9 @@ def _describe(
     row = store.get_resource(name) if store else None
     status = _status_of(store, res, name)
     gens = sorted(store.generations(name), key=lambda g: g.id, reverse=True) if store else []
-    details = tuple(_generation(store, g, res, providers) for g in gens) if store else ()
+    # a replacement (`apply --replace`) is the current generation, as status and plan see it
+    effective = effective_resources(store, [res])[0].spec_hash if store and res else None
+    details = tuple(_generation(store, g, effective, providers) for g in gens) if store else ()
     current = next((g for g in details if g.current), details[0] if details else None)
     usage = sum((g.usage for g in details), Usage())
     return ResourceDetail(
@@ -204,7 +207,7 @@ def _status_of(store: StateStore | None, res: Resource | None, name: str) -> Res
 def _generation(
     store: StateStore,
     gen: GenerationRow,
-    res: Resource | None,
+    current_hash: str | None,
     providers: Mapping[str, ProviderConfig],
 ) -> GenerationDetail:
     price = price_for(
@@ -214,7 +217,7 @@ def _generation(
     return GenerationDetail(
         id=gen.id,
         spec_hash=gen.spec_hash,
-        current=res is not None and gen.spec_hash == res.spec_hash,
+        current=gen.spec_hash == current_hash,
         status=gen.status,
         requests=gen.requests,
         succeeded=gen.succeeded,

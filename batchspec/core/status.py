@@ -183,7 +183,8 @@ def _status(
     if action.kind is ActionKind.ORPHANED:
         sync, health = "Orphaned", "Unknown"
     elif row is not None and row.forgotten_at is not None:
-        sync, health = "OutOfSync", "Missing"  # `forget`: the next apply tracks it again
+        # `forget`: the next apply tracks it again, resuming what is recorded
+        sync, health = "OutOfSync", _HEALTH.get(gen.status, "Unknown") if gen else "Missing"
     else:
         sync = "Synced" if action.kind is ActionKind.NONE else "OutOfSync"
         if res is not None and res.suspend:

@@ -14,8 +14,9 @@ request the old batch still finishes: paid twice. So a create that records a new
   adopts and cancels it if found, and settles it as never made once its confirm window has
   passed), whose unresolved requests overlap
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
-  whose ledger is not written yet overlaps with all its batches' requests). A generation
-  still within its bound holds even when an older one's has run out.
+  whose ledger is not written yet overlaps with all its batches' requests) and have no
+  answer recorded in another generation (that one is kept, so there is nothing to wait
+  for). A generation still within its bound holds even when an older one's has run out.
 * **Polled again first.** The pass's drain polled the old batches before the step sent its
   cancels (a replace) or did its other work: before it holds, the create step polls them once
   more and drains what ended (``drain.drain_again``), so a batch that stopped moments after
@@ -140,10 +141,13 @@ def find_hold(
     if not stopping:
         return None
     wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
+    # a request some generation already answered is kept, never sent: nothing to wait for
+    answered = ledger.succeeded_fingerprints(g.id for g, _ in history if g is not gen)
     holds: list[Hold] = []
     for old, batches in stopping:
         if ledger.has_requests(old.id):
             unresolved = ledger.unresolved_fingerprints(old.id, {b.shard for b in batches})
+            unresolved -= answered
             overlap = len(unresolved if wanted is None else unresolved & wanted)
         else:  # no ledger (killed before it): any request a running batch has may be its;
             # an ended one's answers could not be joined to requests (the drain, which runs

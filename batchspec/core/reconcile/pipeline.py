@@ -131,6 +131,9 @@ def _jobs(
             if taken is None:
                 continue
             gen, rows = taken
+            if not rows:  # every request keeps a recorded answer: the serial step writes them
+                ctx.ensure_ledger(res, gen)
+                continue
             if not budget.take(res.provider, len(rows)):
                 continue  # the serial step reports the queue and polls for capacity
             handled.add(res.name)
