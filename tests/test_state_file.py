@@ -287,3 +287,24 @@ def test_apply_and_status_work_on_a_state_with_an_extra_column(
     assert code == 0, (out, err)
     assert "triage" in out
     assert engine_counts(ws)[1] == 1  # the second apply created no batch
+
+
+def test_apply_with_a_state_path_where_no_state_is_says_it_starts_a_new_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --state PATH` (a typo, say) where no state exists warns that it starts a new
+    state there, naming the path, instead of starting over unnoticed; on the next run, with
+    the state there, it says nothing of it; without `--state` (a first apply) neither."""
+    ws = local_ws(tmp_path / "ws")
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    assert "starting a new one" not in out + err
+    typo = tmp_path / "elsewhere" / "batchsepc.db"
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--state", str(typo)], capsys)
+
+    assert code == 0, err
+    assert f"no state at {typo}: starting a new one there" in out + err
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--state", str(typo)], capsys)
+    assert code == 0, err
+    assert "starting a new one" not in out + err

@@ -258,6 +258,16 @@ def apply_workspace(
         **({"prune": True} if options.prune else {}),
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
+    if options.state_path is not None and not ws.project.has_state():
+        # a mistyped --state / BATCHSPEC_STATE would otherwise start over unnoticed
+        report(
+            Progress(
+                "warning",
+                None,
+                f"no state at {ws.project.state_path}: starting a new one there "
+                "(if you meant an existing state, stop and check --state or BATCHSPEC_STATE)",
+            )
+        )
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "apply", args) as run,
