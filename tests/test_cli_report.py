@@ -309,3 +309,13 @@ def test_report_to_stdout_and_without_state(
     assert "No runs recorded." in out
     assert 'data-resource="triage"' in out
     assert not ws.state_path.exists()
+
+
+def test_the_written_line_counts_one_resource_and_one_run_in_the_singular() -> None:
+    """`report` says "(1 resource, 1 run)", not "1 resources", and thousands get separators."""
+    from batchspec.cli import render
+
+    assert render.report_written_text("r.html", 1, 1) == "Wrote r.html (1 resource, 1 run)."
+    assert render.report_written_text("r.html", 1200, 2) == (
+        "Wrote r.html (1,200 resources, 2 runs)."
+    )

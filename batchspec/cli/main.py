@@ -723,6 +723,7 @@ def report(paths: tuple[str, ...], output: str, runs: int, state_path: str | Non
     The page loads nothing from the network (inline CSS and SVG). Reads the manifests and the
     state only: no lock, no network.
     """
+    from batchspec.cli import render
     from batchspec.cli.report_html import report_html
     from batchspec.core.report import workspace_report
 
@@ -731,7 +732,7 @@ def report(paths: tuple[str, ...], output: str, runs: int, state_path: str | Non
     with click.open_file(output, "w", encoding="utf-8") as f:
         f.write(report_html(data))
     if output != "-":
-        click.echo(f"Wrote {output} ({len(data.resources)} resources, {len(data.runs)} runs).")
+        click.echo(render.report_written_text(output, len(data.resources), len(data.runs)))
 
 
 @cli.command()

@@ -36,6 +36,11 @@ def _plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
+def report_written_text(output: object, resources: int, runs: int) -> str:
+    """What ``batchspec report`` says once it wrote its page."""
+    return f"Wrote {output} ({_plural(resources, 'resource')}, {_plural(runs, 'run')})."
+
+
 # ---------------------------------------------------------------------------------------------
 # validate
 
@@ -563,7 +568,7 @@ def totals_lines(statuses: Sequence[ResourceStatus]) -> list[str]:
         f", {failed:,} failed" if failed else ""
     )
     sync, health = tally(s.sync for s in statuses), tally(s.health for s in statuses)
-    return [f"{len(statuses)} resources: {sync}; {health}; {counts}"]
+    return [f"{_plural(len(statuses), 'resource')}: {sync}; {health}; {counts}"]
 
 
 def lock_lines(locks: Sequence[HeldLock]) -> list[str]:
