@@ -6,8 +6,9 @@ records its *running total* (everything its ledger holds when its results are wr
 each ``collect`` event records what the answers *it* recorded used (one transaction with
 them: a run killed before it records nothing, and the re-run records it once). So a
 generation counts with its latest ``results`` event plus the ``collect`` events recorded after
-that one; a ``collect`` before it is *covered* (in that running total already) and counts
-nothing. A generation superseded, cancelled or pruned before its results are written (its
+that one; a ``collect`` before it, or an earlier ``results`` event (a generation finished
+again after more retries: retry.maxAttempts raised), is *covered* (in that running total
+already) and counts nothing. A generation superseded, cancelled or pruned before its results are written (its
 drained batches' ``collect`` events are marked ``retired``) counts with its collects alone.
 
 Events are read as people count: a batch's ``shard`` from 1 (``batches.event_detail_shown``).
@@ -75,7 +76,8 @@ class HistoryEntry:
     outcome_seen: str | None = None
     #: for a run with no exit code whose locks a later run took over or released: that run
     ended_by: EndedBy | None = None
-    #: ids of its ``collect`` events that a later ``results`` event covers (module docstring)
+    #: ids of its ``collect`` and ``results`` events that a later ``results`` event of the
+    #: same generation covers (module docstring)
     covered: frozenset[int] = frozenset()
 
     @property
@@ -149,10 +151,12 @@ def read_history(
                 if resource is None or e.resource in (resource, None)
             ]
             ended = None if run.exit_code is not None else _ended_by(run, released)
+            # a later ``results`` event's running total holds the generation's collects
+            # before it, and its earlier ``results`` events' totals too
             covered = frozenset(
                 e.id
                 for e in events
-                if e.action == "collect" and finished.get(e.generation_id, 0) > e.id
+                if e.generation_id is not None and finished.get(e.generation_id, 0) > e.id
             )
             entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended, covered))
         return entries

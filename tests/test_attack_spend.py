@@ -1,0 +1,68 @@
+"""Attacks on "every paid token counts exactly once" in `history`, `history --by commit` and
+`report`: a generation whose results are written more than once, a resource renamed between a
+collect and its generation's results. Real `batchspec serve` processes, real SQLite state."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_faults import apply_wait, serve_processes, served_workspace
+from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    yield from serve_processes(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-checked")
+
+
+def ledger_usage(ws: Workspace, name: str) -> tuple[int, int]:
+    """What the ledgers of ``name``'s generations hold: every token its answers reported."""
+    with ws.store() as store:
+        totals = [store.ledger().usage_totals(g.id) for g in store.generations(name)]
+    return sum(t.input_tokens for t in totals), sum(t.output_tokens for t in totals)
+
+
+def history_usage(
+    ws: Workspace, capsys: pytest.CaptureFixture[str], *extra: str
+) -> tuple[int, int]:
+    """The tokens `history --json` counts over every run."""
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--limit", "100", *extra], capsys)
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    return tuple(sum(r["usage"][k] for r in runs) for k in ("input_tokens", "output_tokens"))  # type: ignore[return-value]
+
+
+def test_a_generation_finished_twice_counts_its_first_results_once(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation left Degraded (results written), then retried to the end after
+    retry.maxAttempts is raised (results written again, a running total): `history` sums
+    every token once, not the first results event's total twice."""
+    srv = serve("--fault-500", "0.5", "--fault-seed", "3", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("flaky", count=20, spec={"retry": {"maxAttempts": 1}})
+    )
+    assert apply_wait(ws, capsys)[0] == 4
+    write_manifest(ws, ResourceSpec("flaky", spec={"retry": {"maxAttempts": 10}}))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    with ws.store() as store:
+        results = [e for e in store.events(resource="flaky") if e.action == "results"]
+    assert len(results) == 2
+    want = ledger_usage(ws, "flaky")
+    assert want[0] > 0
+
+    assert history_usage(ws, capsys) == want
+    assert history_usage(ws, capsys, "--resource", "flaky") == want
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--by", "commit"], capsys)
+    [group] = json.loads(out)["commits"]
+    assert (group["usage"]["input_tokens"], group["usage"]["output_tokens"]) == want
