@@ -8,8 +8,9 @@ them: a run killed before it records nothing, and the re-run records it once). S
 generation counts with its latest ``results`` event plus the ``collect`` events recorded after
 that one; a ``collect`` before it, or an earlier ``results`` event (a generation finished
 again after more retries: retry.maxAttempts raised), is *covered* (in that running total
-already) and counts nothing. A generation superseded, cancelled or pruned before its results are written (its
-drained batches' ``collect`` events are marked ``retired``) counts with its collects alone.
+already) and counts nothing. A generation superseded, cancelled or pruned before its results
+are written (its drained batches' ``collect`` events are marked ``retired``) counts with its
+collects alone.
 
 Events are read as people count: a batch's ``shard`` from 1 (``batches.event_detail_shown``).
 
