@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from serve_faults import apply_wait, serve_processes, served_workspace
+from servers import wait_for
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
 
@@ -66,3 +68,45 @@ def test_a_generation_finished_twice_counts_its_first_results_once(
     code, out, err = run_cli(["history", str(ws.root), "--json", "--by", "commit"], capsys)
     [group] = json.loads(out)["commits"]
     assert (group["usage"]["input_tokens"], group["usage"]["output_tokens"]) == want
+
+
+def test_a_resource_renamed_between_a_collect_and_its_results_counts_once_across_names(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attempt 1 collected under the old name, the resource renamed (`moved`), its retry
+    collected and its results written under the new name: `history --resource OLD` plus
+    `history --resource NEW` (and `--by commit` of each) count every token once: the old
+    name's collect is in the new name's running total, not counted again under the old."""
+    srv = serve("--fault-500", "0.5", "--fault-seed", "3", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("old-name", count=20, spec={"retry": {"maxAttempts": 9}})
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(first.id).status == "completed", timeout=30)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # collects, retries
+    with ws.store() as store:
+        assert [e.action for e in store.events(resource="old-name")].count("collect") == 1
+    path = ws.manifest_path("old-name")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"] = {"name": "new-name", "moved": {"from": "old-name"}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    want = ledger_usage(ws, "new-name")
+    assert want[0] > 0
+
+    assert history_usage(ws, capsys) == want
+    old, new = (history_usage(ws, capsys, "--resource", n) for n in ("old-name", "new-name"))
+    assert (old[0] + new[0], old[1] + new[1]) == want
+    by_commit = [
+        json.loads(
+            run_cli(["history", str(ws.root), "--json", "--by", "commit", "--resource", n], capsys)[
+                1
+            ]
+        )["commits"]
+        for n in ("old-name", "new-name")
+    ]
+    counted = [g["usage"]["input_tokens"] for groups in by_commit for g in groups]
+    assert sum(counted) == want[0]

@@ -143,7 +143,7 @@ def read_history(
             return []
         runs = store.runs(resource=resource, limit=limit)
         released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
-        finished = _latest_results(store, resource)
+        finished = _latest_results(store)  # under any name: a renamed resource's too
         entries = []
         for run in runs:
             events = [
@@ -163,9 +163,10 @@ def read_history(
         return entries
 
 
-def _latest_results(store: StateStore, resource: str | None) -> dict[int | None, int]:
-    """The id of each generation's latest ``results`` event: it covers its collects before."""
-    return {e.generation_id: e.id for e in store.events(action="results", resource=resource)}
+def _latest_results(store: StateStore) -> dict[int | None, int]:
+    """The id of each generation's latest ``results`` event: it covers its collects before
+    (those recorded under a resource's old name, before a move, too)."""
+    return {e.generation_id: e.id for e in store.events(action="results")}
 
 
 def _lock_releases(store: StateStore) -> list[tuple[EventRow, dict[str, Any]]]:
@@ -255,7 +256,9 @@ def spend_by_commit(
         if store is None:
             return []
         counted: dict[object, list[EventRow]] = {}
-        for event in _spend_events(store, resource):
+        # every name's events: a results event under a resource's new name (after a move)
+        # covers the collects recorded under its old one
+        for event in _spend_events(store):
             key = event.generation_id if event.generation_id is not None else ("e", event.id)
             if event.action == "results":
                 counted[key] = [event]  # a running total: it holds every event before it
@@ -264,6 +267,10 @@ def spend_by_commit(
         runs: dict[int, RunRow | None] = {}
         groups: dict[tuple[str | None, bool], list[tuple[RunRow | None, list[EventRow]]]] = {}
         for events in counted.values():
+            if resource is not None:
+                events = [e for e in events if e.resource == resource]
+                if not events:
+                    continue
             run = _creating_run(store, events[0], runs)
             commit = run.git_commit if run is not None else None
             dirty = bool(run.git_dirty) if run is not None and commit else False
@@ -280,12 +287,12 @@ def records_spend(event: EventRow) -> bool:
     return event.action in ("results", "collect") and "input_tokens" in event.detail
 
 
-def _spend_events(store: StateStore, resource: str | None) -> list[EventRow]:
+def _spend_events(store: StateStore) -> list[EventRow]:
     """Every event that records spend (``records_spend``), in event order."""
     found = [
         e
         for action in ("results", "collect")
-        for e in store.events(action=action, resource=resource)
+        for e in store.events(action=action)
         if records_spend(e)
     ]
     return sorted(found, key=lambda e: e.id)
