@@ -84,12 +84,19 @@ def effective_resources(store: StateStore, resources: Iterable[Resource]) -> lis
 def readded_after_prune(store: StateStore, res: Resource) -> GenerationRow | None:
     """The generation of ``res``'s spec hash (its effective one) if ``apply --prune``
     cancelled it: ``res`` is in the manifests again, so it runs again as the next
-    replacement. ``None`` for any other, a generation a user cancelled included."""
+    replacement. ``None`` for any other, a generation a user cancelled included.
+
+    The *first* ``cancel`` event of the generation says who cancelled it: the drain records
+    another one when it later finds, adopts and cancels a create the prune could not confirm
+    (``cancel.cancel_retired_batch``)."""
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is None or gen.status != "cancelled":
         return None
-    cancel = store.last_generation_event(res.name, gen.id, "cancel")
-    return gen if cancel is not None and cancel.detail.get("reason") == PRUNE_REASON else None
+    first = next(
+        (e for e in store.events(resource=res.name, action="cancel") if e.generation_id == gen.id),
+        None,
+    )
+    return gen if first is not None and first.detail.get("reason") == PRUNE_REASON else None
 
 
 def with_readded(

@@ -1,0 +1,98 @@
+"""Attacks on a pruned resource added back (``replacements.readded_after_prune``): it runs
+again as a new generation, whatever the drain recorded on its pruned generation meanwhile, and
+never pays twice. A real ``batchspec serve`` process behind a slow gateway, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from probes import ServeProcess
+from serve_faults import received_batches
+from slow_gateway import SlowGateway, start_slow_gateway
+from test_replace_hold import FAST, REQUESTS, SLOW, gateways, serve
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    batchspec_cmd,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+__all__ = ["gateways", "serve"]  # fixtures, used by name
+
+CREATE = "POST /v1/batches"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def test_a_pruned_resource_whose_lost_create_the_drain_cancelled_runs_again_when_added_back(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An apply killed while a gateway holds its create; the manifest removed and `apply
+    --prune` run (its cancel cannot find the create yet); a later apply's drain finds it,
+    adopts and cancels it (a second `cancel` event, not the prune's); the manifest comes
+    back unchanged: plan and apply run it again as a new generation (it was pruned, not
+    cancelled by a user), every line answered once by the old batch or the new one."""
+    srv = serve(*SLOW, "0")
+    gw = start_slow_gateway(srv.base_url, hold={CREATE: 4.0})
+    gateways.append(gw)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(gw.v1, KEY_ENV, timeout=2)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", "-s", "gone"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert gw.arrived(CREATE).wait(30), "the create never reached the gateway"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    gw.hold.clear()  # the create in transit is still held; the next ones go through
+    manifest = ws.manifest_path("gone").read_text()
+    ws.manifest_path("gone").unlink()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+    assert code == 0, err
+    gw.wait_until_forwarded(CREATE, 2)  # gone's, late, and keep's
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        [old] = store.generations("gone")
+        [batch] = store.batches(old.id)
+        cancels = [e for e in store.events(resource="gone") if e.action == "cancel"]
+    assert batch.remote_id and len(cancels) == 2, out
+    ws.manifest_path("gone").write_text(manifest)
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == "gone"]
+    assert action["action"] == "create", action
+    assert f"added again after `apply --prune` cancelled generation {old.id}" in action["reason"]
+    before = {b.id for b in received_batches(srv.client())}
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err + out
+    batches = received_batches(srv.client())
+    [adopted] = [b for b in batches if b.id == batch.remote_id]
+    sent = [i for b in batches if b.id not in before for i in b.input_ids]
+    assert set(sent).isdisjoint(adopted.output_ids)
+    assert sorted(sent + adopted.output_ids) == sorted(ws.input_ids("gone"))
+    assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+    with ws.store() as store:
+        current = store.get_resource("gone").current_generation_id
+        assert current != old.id and store.get_generation(current).status == "complete"
