@@ -8,13 +8,17 @@ import json
 import os
 import signal
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from probes import ServeProcess
+from probes import ProbedServer, ServeProcess
 from serve_faults import received_batches
+from servers import wait_for
 from slow_gateway import SlowGateway, start_slow_gateway
+from test_attack_drain import pruned_while_running
+from test_drain import completed, ended, slow_server
 from test_replace_hold import FAST, REQUESTS, SLOW, gateways, serve
 from workspaces import (
     KEY_ENV,
@@ -96,3 +100,42 @@ def test_a_pruned_resource_whose_lost_create_the_drain_cancelled_runs_again_when
     with ws.store() as store:
         current = store.get_resource("gone").current_generation_id
         assert current != old.id and store.get_generation(current).status == "complete"
+
+
+def test_pruned_and_added_back_twice_while_running_answers_every_line_once(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prune (running) → added back → its next replacement runs → prune again (running) →
+    added back again: the second time is a create of replacement 2 (named after replacement
+    1, the generation the prune cancelled), and over every batch the server ran for it each
+    line is answered exactly once; the results hold every line in input order."""
+    srv = slow_server(server, cancel_delay=0.5)
+    ws, first, old = pruned_while_running(tmp_path, srv, capsys)
+    client = srv.client()
+    keep = {b.id for b in client.batches.list().data} - {first}
+    ended(client, first)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # replacement 1
+    [second] = [b.id for b in client.batches.list().data if b.id not in keep | {first}]
+    wait_for(lambda: completed(client, second) >= 2)
+    manifest = ws.manifest_path("gone").read_text()
+    ws.manifest_path("gone").unlink()
+    assert run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)[0] == 0
+    ws.manifest_path("gone").write_text(manifest)
+    with ws.store() as store:
+        pruned = store.generations("gone")[-1]
+    assert pruned.id != old and pruned.status == "cancelled"
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == "gone"]
+    assert action["action"] == "create", action
+    assert f"cancelled generation {pruned.id}" in action["reason"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err + out
+    ran = [b for b in received_batches(client) if b.id not in keep]
+    answers = Counter(i for b in ran for i in b.output_ids)
+    assert sorted(answers) == sorted(ws.input_ids("gone"))
+    assert set(answers.values()) == {1}
+    assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
+    with ws.store() as store:
+        assert len(store.generations("gone")) == 3
