@@ -18,7 +18,7 @@ from serve_faults import received_batches
 from servers import wait_for
 from slow_gateway import SlowGateway, start_slow_gateway
 from test_attack_drain import pruned_while_running
-from test_drain import completed, ended, slow_server
+from test_drain import completed, ended, output_ids, slow_server
 from test_replace_hold import FAST, REQUESTS, SLOW, gateways, serve
 from workspaces import (
     KEY_ENV,
@@ -29,6 +29,8 @@ from workspaces import (
     openai_provider,
     run_cli,
 )
+
+from batchspec.core.reconcile import intent
 
 __all__ = ["gateways", "serve"]  # fixtures, used by name
 
@@ -139,3 +141,48 @@ def test_pruned_and_added_back_twice_while_running_answers_every_line_once(
     assert [r["custom_id"] for r in ws.outputs("gone")] == ws.input_ids("gone")
     with ws.store() as store:
         assert len(store.generations("gone")) == 3
+
+
+def test_a_pruned_generation_killed_before_its_ledger_is_drained_and_its_spend_counted(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An apply killed after its create and before its ledger (written after the creates
+    from LEDGER_AFTER_CREATE_MIN requests, lowered here), then its manifest pruned while the
+    batch runs: a later apply drains it from the request index its intent kept (no manifest
+    is left to read the input from), so what it answered is kept and its tokens appear in
+    `history`, instead of the batch staying `cancelling` in the state, uncounted, forever."""
+    monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
+    srv = slow_server(server, cancel_delay=0.2)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    with ws.store() as store:
+        store.db.execute("delete from requests")  # as a kill before the ledger's commit
+    wait_for(lambda: completed(client, first.id) >= 2)
+    ws.manifest_path("gone").unlink()
+    assert run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)[0] == 0
+    answered = output_ids(client, ended(client, first.id))
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert [(d["resource"], d["pruned"]) for d in json.loads(out)["drains"]] == [("gone", True)]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    with ws.store() as store:
+        [gen] = store.generations("gone")
+        [batch] = store.batches(gen.id)
+        totals = store.ledger().usage_totals(gen.id)
+    assert batch.status == "cancelled" and batch.collected_at is not None, out
+    assert totals.requests == len(answered) and totals.input_tokens > 0
+    code, out, err = run_cli(["history", str(ws.root), "--json", "--resource", "gone"], capsys)
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert sum(r["usage"]["input_tokens"] for r in runs) == totals.input_tokens

@@ -63,7 +63,7 @@ from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stoppin
 from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
 from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
-from batchspec.core.reconcile.context import RunContext, now
+from batchspec.core.reconcile.context import RunContext, kept_request_index, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
@@ -159,7 +159,9 @@ def planned_drains(
         gen = item.generation
         if ledger.has_requests(gen.id):
             return True
-        return item.resource is not None and input_sha256.get(item.name) == gen.input_sha256
+        if item.resource is None:  # pruned: only the index its intent kept lists its requests
+            return kept_request_index(store, gen) is not None
+        return input_sha256.get(item.name) == gen.input_sha256
 
     return tuple(
         Drain(
@@ -192,15 +194,16 @@ def _next_step(batch: BatchRow) -> str:
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
     """Whether the generation has ledger rows to join answers to (written now from the
-    manifest's input if it is still there; a pruned one has only what it recorded). One
+    manifest's input if it is still there; for a pruned one, from the request index its
+    intent kept, if any: a ledger written after the creates, killed before it). One
     found without either is not looked for again by this run: each look reads the input."""
     gen = retired.generation
     if gen.id in ctx.contentless:  # looked for once this run (a full read of the input)
         return False
     if ctx.ledger.has_requests(gen.id):
         return True
-    if retired.resource is None:
-        return False
+    if retired.resource is None and kept_request_index(ctx.store, gen) is None:
+        return False  # pruned: only the index its intent kept can list its requests
     try:
         ctx.ensure_ledger(retired.resource, gen)
     except BatchspecError as err:  # nothing to join its answers to: skipped, not fatal
