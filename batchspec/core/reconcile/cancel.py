@@ -37,6 +37,7 @@ from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.prefetch import shares_client
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError
+from batchspec.providers.base import RemoteBatch
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
@@ -111,34 +112,49 @@ def cancel_generation(
 
 
 def cancel_retired_batch(
-    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, remote: RemoteBatch
 ) -> BatchRow:
-    """Send the cancel of a batch of ``gen``, cancelled already, found only since (the
-    drain adopts a create its cancel could not confirm): recorded on its row with a
-    ``cancel`` event, in one transaction; the row as it is now."""
-    assert batch.remote_id is not None
-    if not _sends_cancel(batch):
-        return batch
-    remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
+    """Adopt ``remote``, the batch of ``batch``'s create that ``gen``'s cancel could not
+    confirm, found only since by its key (the drain's lookup), cancelling it *first*: a
+    cancel that fails (or a run that dies) leaves nothing recorded, so the next pass finds
+    it again by its key and sends it then; once recorded, a drain only polls. Then its row,
+    an ``adopt`` and a ``cancel`` event, in one transaction; the row as it is now."""
+    sent = remote.status not in TERMINAL_STATUSES and remote.status != "cancelling"
+    if sent:
+        remote = ctx.provider_for(batch.provider).cancel_batch(remote.id)
     with ctx.store.atomic():
-        row = ctx.store.update_batch(batch.id, **batch_fields(remote))
-        ctx.store.record_event(
-            ctx.run_id,
-            "cancel",
-            resource=name,
-            generation_id=gen.id,
-            batch_id=batch.id,
-            detail={"reason": f"adopted after its {gen.status} generation's cancel", "batches": 1},
-        )
+        row = bind_adopted(ctx, name, batch, remote)
+        if sent:
+            ctx.store.record_event(
+                ctx.run_id,
+                "cancel",
+                resource=name,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail={
+                    "reason": f"adopted after its {gen.status} generation's cancel",
+                    "batches": 1,
+                },
+            )
     ctx.report(
         Progress(
-            "cancel",
+            "adopt",
             name,
-            f"batch {remote.id} of {gen.status} generation {gen.id}, created after all: "
-            f"cancel sent ({remote.status})",
+            f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
+            f"{gen.id}: its create was not confirmed",
             {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
         )
     )
+    if sent:
+        ctx.report(
+            Progress(
+                "cancel",
+                name,
+                f"batch {remote.id} of {gen.status} generation {gen.id}, created after all: "
+                f"cancel sent ({remote.status})",
+                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
+            )
+        )
     return row
 
 

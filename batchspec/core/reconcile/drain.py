@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
-from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
+from batchspec.core.reconcile.adopt import confirm_deadline, find_remote
 from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
 from batchspec.core.reconcile.context import RunContext, kept_request_index, now
@@ -289,17 +289,7 @@ def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None
         return None
     remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
     if remote is not None:
-        adopted = bind_adopted(ctx, item.name, batch, remote)
-        ctx.report(
-            Progress(
-                "adopt",
-                item.name,
-                f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
-                f"{gen.id}: its create was not confirmed",
-                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
-            )
-        )
-        return cancel_retired_batch(ctx, item.name, gen, adopted)
+        return cancel_retired_batch(ctx, item.name, gen, batch, remote)
     if ctx.clock() < confirm_deadline(ctx, batch.provider, batch):
         return None
     with ctx.store.atomic():
