@@ -40,8 +40,9 @@ before it submits anything, so a generation recorded in that pass already reuses
   batches stop at the provider's pace, polled by every pass while it runs.
 * **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
   remote id) that its cancel's lookup did not find may still land: every pass looks its key up
-  again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
-  and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
+  again (``adopt.find_remote``), cancels and then adopts it if found (the cancel first: one
+  that fails leaves it unrecorded, found and cancelled by the next pass; then drains it as any
+  other), and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
   (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
