@@ -15,6 +15,8 @@ from serve_faults import apply_wait, serve_processes, served_workspace
 from servers import wait_for
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
+from batchspec.state.store import StateStore
+
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Any]:
@@ -26,9 +28,9 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "sk-test-not-checked")
 
 
-def ledger_usage(ws: Workspace, name: str) -> tuple[int, int]:
+def ledger_usage(ws: Workspace, name: str, state: Path | str | None = None) -> tuple[int, int]:
     """What the ledgers of ``name``'s generations hold: every token its answers reported."""
-    with ws.store() as store:
+    with StateStore.open(state or ws.state_path) as store:
         totals = [store.ledger().usage_totals(g.id) for g in store.generations(name)]
     return sum(t.input_tokens for t in totals), sum(t.output_tokens for t in totals)
 
@@ -44,11 +46,16 @@ def history_usage(
 
 
 def test_a_generation_finished_twice_counts_its_first_results_once(
-    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    serve: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    state_location: Path | str,
 ) -> None:
     """A generation left Degraded (results written), then retried to the end after
     retry.maxAttempts is raised (results written again, a running total): `history` sums
-    every token once, not the first results event's total twice."""
+    every token once, not the first results event's total twice (SQLite and PostgreSQL)."""
+    monkeypatch.setenv("BATCHSPEC_STATE", str(state_location))
     srv = serve("--fault-500", "0.5", "--fault-seed", "3", "--max-attempts", "1")
     ws = served_workspace(
         tmp_path / "ws", srv, ResourceSpec("flaky", count=20, spec={"retry": {"maxAttempts": 1}})
@@ -57,10 +64,10 @@ def test_a_generation_finished_twice_counts_its_first_results_once(
     write_manifest(ws, ResourceSpec("flaky", spec={"retry": {"maxAttempts": 10}}))
     code, out, err = apply_wait(ws, capsys)
     assert code == 0, out + err
-    with ws.store() as store:
+    with StateStore.open(state_location) as store:
         results = [e for e in store.events(resource="flaky") if e.action == "results"]
     assert len(results) == 2
-    want = ledger_usage(ws, "flaky")
+    want = ledger_usage(ws, "flaky", state_location)
     assert want[0] > 0
 
     assert history_usage(ws, capsys) == want
