@@ -443,38 +443,6 @@ def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cance
     answered_once(in_order(srv.client(), old.remote_id or ""), ws)
 
 
-def test_a_found_create_whose_cancel_failed_is_cancelled_by_a_later_pass(
-    tmp_path: Path,
-    serve: Callable[..., ServeProcess],
-    gateways: list[SlowGateway],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """The unconfirmed create of the old generation lands; the pass that adopts it has its
-    cancel refused (a warning, the batch still running). A later pass sends that cancel
-    again: the batch is not left to run, and be paid, to its end while the new generation
-    waits for it."""
-    srv = serve("--upstream-latency", "0.2", "--concurrency", "1", "--fault-cancel-delay", "0")
-    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=3.0, timeout=1)
-    assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
-    gw.wait_until_forwarded(CREATE, 1)
-    [old] = srv.client().batches.list().data
-    cancel = f"POST /v1/batches/{old.id}/cancel"
-    gw.refuse[cancel] = 400
-
-    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
-
-    assert code == 0, err
-    assert gw.received[cancel] >= 1 and gw.forwarded[cancel] == 0
-    assert srv.client().batches.retrieve(old.id).status == "in_progress"
-    del gw.refuse[cancel]
-
-    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
-
-    assert code == 0, err
-    assert gw.forwarded[cancel] == 1
-    assert srv.client().batches.retrieve(old.id).status in ("cancelling", "cancelled")
-
-
 def test_an_unconfirmed_create_never_found_is_settled_once_its_confirm_window_passed(
     tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,9 +6,11 @@ records its *running total* (everything its ledger holds when its results are wr
 each ``collect`` event records what the answers *it* recorded used (one transaction with
 them: a run killed before it records nothing, and the re-run records it once). So a
 generation counts with its latest ``results`` event plus the ``collect`` events recorded after
-that one; a ``collect`` before it is *covered* (in that running total already) and counts
-nothing. A generation superseded, cancelled or pruned before its results are written (its
-drained batches' ``collect`` events are marked ``retired``) counts with its collects alone.
+that one; a ``collect`` before it, or an earlier ``results`` event (a generation finished
+again after more retries: retry.maxAttempts raised), is *covered* (in that running total
+already) and counts nothing. A generation superseded, cancelled or pruned before its results
+are written (its drained batches' ``collect`` events are marked ``retired``) counts with its
+collects alone.
 
 Events are read as people count: a batch's ``shard`` from 1 (``batches.event_detail_shown``).
 
@@ -77,7 +79,8 @@ class HistoryEntry:
     outcome_seen: str | None = None
     #: for a run with no exit code whose locks a later run took over or released: that run
     ended_by: EndedBy | None = None
-    #: ids of its ``collect`` events that a later ``results`` event covers (module docstring)
+    #: ids of its ``collect`` and ``results`` events that a later ``results`` event of the
+    #: same generation covers (module docstring)
     covered: frozenset[int] = frozenset()
 
     @property
@@ -142,7 +145,7 @@ def read_history(
             return []
         runs = store.runs(resource=resource, limit=limit)
         released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
-        finished = _latest_results(store, resource)
+        finished = _latest_results(store)  # under any name: a renamed resource's too
         entries = []
         for run in runs:
             events = [
@@ -151,18 +154,21 @@ def read_history(
                 if resource is None or e.resource in (resource, None)
             ]
             ended = None if run.exit_code is not None else _ended_by(run, released)
+            # a later ``results`` event's running total holds the generation's collects
+            # before it, and its earlier ``results`` events' totals too
             covered = frozenset(
                 e.id
                 for e in events
-                if e.action == "collect" and finished.get(e.generation_id, 0) > e.id
+                if e.generation_id is not None and finished.get(e.generation_id, 0) > e.id
             )
             entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended, covered))
         return entries
 
 
-def _latest_results(store: StateStore, resource: str | None) -> dict[int | None, int]:
-    """The id of each generation's latest ``results`` event: it covers its collects before."""
-    return {e.generation_id: e.id for e in store.events(action="results", resource=resource)}
+def _latest_results(store: StateStore) -> dict[int | None, int]:
+    """The id of each generation's latest ``results`` event: it covers its collects before
+    (those recorded under a resource's old name, before a move, too)."""
+    return {e.generation_id: e.id for e in store.events(action="results")}
 
 
 def _lock_releases(store: StateStore) -> list[tuple[EventRow, dict[str, Any]]]:
@@ -253,7 +259,10 @@ def spend_by_commit(
             return []
         counted: dict[object, list[EventRow]] = {}
         owners: dict[int, str] = {}
-        for event in _spend_events(store, None):
+        # every name's events: a results event under a resource's new name (after a move)
+        # covers the collects recorded under its old one; with ``resource``, the generations
+        # that are its now (``_owner``)
+        for event in _spend_events(store):
             if resource is not None and _owner(store, event, owners) != resource:
                 continue
             key = event.generation_id if event.generation_id is not None else ("e", event.id)
@@ -297,12 +306,12 @@ def _owner(store: StateStore, event: EventRow, cache: dict[int, str]) -> str:
     return cache[gen_id]
 
 
-def _spend_events(store: StateStore, resource: str | None) -> list[EventRow]:
+def _spend_events(store: StateStore) -> list[EventRow]:
     """Every event that records spend (``records_spend``), in event order."""
     found = [
         e
         for action in ("results", "collect")
-        for e in store.events(action=action, resource=resource)
+        for e in store.events(action=action)
         if records_spend(e)
     ]
     return sorted(found, key=lambda e: e.id)

@@ -87,7 +87,11 @@ def readded_after_prune(store: StateStore, res: Resource) -> GenerationRow | Non
     cancelled it: ``res`` is in the manifests again, so it runs again as the next
     replacement. ``None`` for any other, a generation a user cancelled included, and while
     another generation of ``res`` is active: the manifest came back with another spec first,
-    so this one is a spec change (a replace, with its consent), not a resource added back."""
+    so this one is a spec change (a replace, with its consent), not a resource added back.
+
+    The *first* ``cancel`` event of the generation says who cancelled it: the drain records
+    another one when it later finds, adopts and cancels a create the prune could not confirm
+    (``cancel.cancel_retired_batch``), or sends a failed cancel again."""
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is None or gen.status != "cancelled":
         return None

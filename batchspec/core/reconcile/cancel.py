@@ -40,6 +40,7 @@ from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.prefetch import shares_client
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError
+from batchspec.providers.base import RemoteBatch
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
@@ -66,7 +67,7 @@ def cancel_ahead(ctx: RunContext, targets: Iterable[tuple[str, GenerationRow]]) 
         for batch in ctx.store.batches(gen.id):
             # the provider that runs the batch (a resource may have moved to another since)
             key = (batch.provider, batch.remote_id or "")
-            if not sends_cancel(batch) or key in ctx.prefetched.cancels:
+            if not _sends_cancel(batch) or key in ctx.prefetched.cancels:
                 continue
             if shares_client(ctx, batch.provider):
                 call = functools.partial(ctx.provider_for(batch.provider).cancel_batch, key[1])
@@ -92,7 +93,7 @@ def cancel_generation(
             if batch.status not in TERMINAL_STATUSES and batch.status != "creating":
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
-        if sends_cancel(batch):
+        if _sends_cancel(batch):
             remote = ctx.prefetched.take_cancel(batch.provider, batch.remote_id, ctx.before_wait)
             if remote is None:  # not sent ahead: send it now
                 remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
@@ -115,34 +116,49 @@ def cancel_generation(
 
 
 def cancel_retired_batch(
-    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, remote: RemoteBatch
 ) -> BatchRow:
-    """Send the cancel of a batch of ``gen``, cancelled already, that still runs: found only
-    since (the drain adopts a create its cancel could not confirm), or whose cancel failed.
-    Recorded on its row with a ``cancel`` event, in one transaction; the row as it is now."""
-    assert batch.remote_id is not None
-    if not sends_cancel(batch):
-        return batch
-    remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
+    """Adopt ``remote``, the batch of ``batch``'s create that ``gen``'s cancel could not
+    confirm, found only since by its key (the drain's lookup), cancelling it *first*: a
+    cancel that fails (or a run that dies) leaves nothing recorded, so the next pass finds
+    it again by its key and sends it then; once recorded, a drain only polls. Then its row,
+    an ``adopt`` and a ``cancel`` event, in one transaction; the row as it is now."""
+    sent = remote.status not in TERMINAL_STATUSES and remote.status != "cancelling"
+    if sent:
+        remote = ctx.provider_for(batch.provider).cancel_batch(remote.id)
     with ctx.store.atomic():
-        row = ctx.store.update_batch(batch.id, **batch_fields(remote))
-        ctx.store.record_event(
-            ctx.run_id,
-            "cancel",
-            resource=name,
-            generation_id=gen.id,
-            batch_id=batch.id,
-            detail={"reason": f"adopted after its {gen.status} generation's cancel", "batches": 1},
-        )
+        row = bind_adopted(ctx, name, batch, remote)
+        if sent:
+            ctx.store.record_event(
+                ctx.run_id,
+                "cancel",
+                resource=name,
+                generation_id=gen.id,
+                batch_id=batch.id,
+                detail={
+                    "reason": f"adopted after its {gen.status} generation's cancel",
+                    "batches": 1,
+                },
+            )
     ctx.report(
         Progress(
-            "cancel",
+            "adopt",
             name,
-            f"batch {remote.id} of {gen.status} generation {gen.id}, created after all: "
-            f"cancel sent ({remote.status})",
+            f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
+            f"{gen.id}: its create was not confirmed",
             {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
         )
     )
+    if sent:
+        ctx.report(
+            Progress(
+                "cancel",
+                name,
+                f"batch {remote.id} of {gen.status} generation {gen.id}, created after all: "
+                f"cancel sent ({remote.status})",
+                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
+            )
+        )
     return row
 
 
@@ -163,7 +179,7 @@ def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
     try:
         for (provider, remote_id), remote in answered:
             batch = ctx.store.batch_by_remote_id(provider, remote_id)
-            if batch is None or not sends_cancel(batch):
+            if batch is None or not _sends_cancel(batch):
                 continue
             gen = ctx.store.get_generation(batch.generation_id)
             with ctx.store.atomic():
@@ -188,7 +204,7 @@ def record_cancels_sent_ahead(ctx: RunContext, err: BaseException) -> int:
     return taken
 
 
-def sends_cancel(batch: BatchRow) -> bool:
+def _sends_cancel(batch: BatchRow) -> bool:
     """Whether the step sends a cancel for ``batch``: bound, not ended, not cancelling."""
     return (
         batch.remote_id is not None

@@ -193,11 +193,8 @@ class RunContext:
     def _kept_request_facts(self, gen: GenerationRow) -> Iterator[RequestFact] | None:
         """The requests of ``gen``'s input content from the index its first shard's intent put into
         the result store (``intent.keep_request_index``); None without one."""
-        firsts = [b for b in self.store.batches(gen.id) if b.attempt == 1]
-        first = min(firsts, key=lambda b: b.shard, default=None)
-        event = self.store.last_batch_event(first.id, "intent") if first else None
-        sha = (event.detail or {}).get("request_index") if event else None
-        if not isinstance(sha, str):
+        sha = kept_request_index(self.store, gen)
+        if sha is None:
             return None
         try:
             path = self.blobs.ensure_local(sha)
@@ -225,7 +222,7 @@ class RunContext:
             run_id=self.run_id,
         )
 
-    def ensure_ledger(self, res: Resource, gen: GenerationRow) -> None:
+    def ensure_ledger(self, res: Resource | None, gen: GenerationRow) -> None:
         """Write the ledger of a new generation, if not yet written.
 
         It is derived from the input and the recorded intents alone: the shards split the
@@ -235,11 +232,15 @@ class RunContext:
         comes from the request index of the generation's input content, not from parsing
         the input again. (A generation that keeps an earlier one's answers has its ledger
         written with its intents, before anything is sent: ``intent.record_shards``.)
+        With no ``res`` (a resource pruned from the workspace: no input to read), only the
+        index its intent kept can write it (``InputChangedError`` without one).
         """
         if self.ledger.has_requests(gen.id):
             return
         counts = {b.shard: b.requests for b in self.store.batches(gen.id) if b.attempt == 1}
         try:
+            if res is None:
+                raise InputChangedError(f"generation {gen.id} has no manifest to read it from")
             facts = self.request_facts(res, gen.input_sha256)
         except InputChangedError:  # the input holds other content now, its index is gone
             kept = self._kept_request_facts(gen)
@@ -335,3 +336,13 @@ def remote_blobs_for(project: Project, store: StateStore) -> RemoteBlobs | None:
 def now() -> str:
     # milliseconds: a requeue backoff of a few seconds is measured from terminal_at
     return utc_timestamp()
+
+
+def kept_request_index(store: StateStore, gen: GenerationRow) -> str | None:
+    """The sha256 of the request index ``gen``'s first shard's intent put into the result
+    store (``intent.keep_request_index``: a ledger written after the creates), if any."""
+    firsts = [b for b in store.batches(gen.id) if b.attempt == 1]
+    first = min(firsts, key=lambda b: b.shard, default=None)
+    event = store.last_batch_event(first.id, "intent") if first else None
+    sha = (event.detail or {}).get("request_index") if event else None
+    return sha if isinstance(sha, str) else None

@@ -36,13 +36,14 @@ before it submits anything, so a generation recorded in that pass already reuses
   records it once; an ``ok`` ledger row is final, and ``collected_at`` is set with the event.
 * **Reads only, but for one cancel.** A drain never creates and never makes ``apply --wait``
   wait: retired batches stop at the provider's pace, polled by every pass while it runs. The
-  one call it may send besides reads is the cancel of a retired batch it finds still running
-  and not ``cancelling`` (``cancel.sends_cancel``): a found unconfirmed create, or one whose
-  cancel failed. A batch recorded ``cancelling`` is never cancelled twice.
+  one call it may send besides reads is the cancel of an unconfirmed create it finds
+  (``cancel.cancel_retired_batch``, sent before anything of it is recorded). A batch
+  recorded ``cancelling`` is never cancelled twice (``cancel._sends_cancel``).
 * **Unconfirmed creates.** A create of the generation whose answer was lost (``creating``, no
   remote id) that its cancel's lookup did not find may still land: every pass looks its key up
-  again (``adopt.find_remote``), adopts and cancels it if found (then drains it as any other),
-  and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
+  again (``adopt.find_remote``), cancels and then adopts it if found (the cancel first: one
+  that fails leaves it unrecorded, found and cancelled by the next pass; then drains it as any
+  other), and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
   (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
@@ -61,10 +62,10 @@ from dataclasses import dataclass
 
 from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
-from batchspec.core.reconcile.adopt import bind_adopted, confirm_deadline, find_remote
-from batchspec.core.reconcile.cancel import cancel_retired_batch, sends_cancel
+from batchspec.core.reconcile.adopt import confirm_deadline, find_remote
+from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import collect_batch, retry_on_for
-from batchspec.core.reconcile.context import RunContext, now
+from batchspec.core.reconcile.context import RunContext, kept_request_index, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
@@ -160,7 +161,9 @@ def planned_drains(
         gen = item.generation
         if ledger.has_requests(gen.id):
             return True
-        return item.resource is not None and input_sha256.get(item.name) == gen.input_sha256
+        if item.resource is None:  # pruned: only the index its intent kept lists its requests
+            return kept_request_index(store, gen) is not None
+        return input_sha256.get(item.name) == gen.input_sha256
 
     return tuple(
         Drain(
@@ -193,15 +196,16 @@ def _next_step(batch: BatchRow) -> str:
 
 def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
     """Whether the generation has ledger rows to join answers to (written now from the
-    manifest's input if it is still there; a pruned one has only what it recorded). One
+    manifest's input if it is still there; for a pruned one, from the request index its
+    intent kept, if any: a ledger written after the creates, killed before it). One
     found without either is not looked for again by this run: each look reads the input."""
     gen = retired.generation
     if gen.id in ctx.contentless:  # looked for once this run (a full read of the input)
         return False
     if ctx.ledger.has_requests(gen.id):
         return True
-    if retired.resource is None:
-        return False
+    if retired.resource is None and kept_request_index(ctx.store, gen) is None:
+        return False  # pruned: only the index its intent kept can list its requests
     try:
         ctx.ensure_ledger(retired.resource, gen)
     except BatchspecError as err:  # nothing to join its answers to: skipped, not fatal
@@ -268,11 +272,6 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
             )
         )
         batch = ctx.store.get_batch(batch.id)
-        if sends_cancel(batch) and (not item.foreign or ctx.may_touch(item.name)):
-            # retired, yet running and never told to stop (its cancel failed, or a create
-            # found since whose cancel failed or was cut short): it would run, and be paid,
-            # to its end, and a held replacement would send its requests again
-            batch = cancel_retired_batch(ctx, item.name, gen, batch)
         if not batch.is_terminal:
             return  # still stopping (or another run holds the pruned resource)
     if batch.collected_at is not None:
@@ -292,17 +291,7 @@ def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None
         return None
     remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
     if remote is not None:
-        adopted = bind_adopted(ctx, item.name, batch, remote)
-        ctx.report(
-            Progress(
-                "adopt",
-                item.name,
-                f"adopted batch {remote.id} ({remote.status}) of {gen.status} generation "
-                f"{gen.id}: its create was not confirmed",
-                {"remote_id": remote.id, "status": remote.status, "generation_id": gen.id},
-            )
-        )
-        return cancel_retired_batch(ctx, item.name, gen, adopted)
+        return cancel_retired_batch(ctx, item.name, gen, batch, remote)
     if ctx.clock() < confirm_deadline(ctx, batch.provider, batch):
         return None
     with ctx.store.atomic():
