@@ -5,29 +5,25 @@ process behind a slow gateway that holds creates and refuses chosen routes; real
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from probes import ServeProcess
-from slow_gateway import SlowGateway, start_slow_gateway
-from test_replace_hold import FAST, SLOW, answered_once, gateways, in_order, serve
-from workspaces import (
-    KEY_ENV,
-    SENTINEL_KEY,
-    ResourceSpec,
-    batchspec_cmd,
-    make_workspace,
-    openai_provider,
-    run_cli,
+from slow_gateway import SlowGateway
+from test_replace_hold import (
+    CREATE,
+    FAST,
+    SLOW,
+    answered_once,
+    gateways,
+    in_order,
+    killed_while_its_create_is_held,
+    serve,
 )
+from workspaces import KEY_ENV, SENTINEL_KEY, run_cli
 
 __all__ = ["gateways", "serve"]  # fixtures, used by name
-
-CREATE = "POST /v1/batches"
 
 
 @pytest.fixture(autouse=True)
@@ -44,26 +40,10 @@ def test_an_adopted_create_whose_cancel_failed_is_cancelled_by_the_next_pass(
     """An apply killed while a gateway holds its create; `apply --replace` retires the
     generation (the create not found yet); the create lands; the next apply's drain finds and
     adopts it, but the gateway refuses its cancel (a warning); the apply after that still
-    cancels it (it was only polled: it ran its 120 requests to the end, billed, while the new
+    cancels it (it was only polled: it ran its 60 requests to the end, billed, while the new
     generation waited), and each line is answered once."""
     srv = serve(*SLOW, "0")
-    gw = start_slow_gateway(srv.base_url, hold={CREATE: 4.0})
-    gateways.append(gw)
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(gw.v1, KEY_ENV, timeout=2)},
-        resources=(ResourceSpec("triage", count=120),),
-    )
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes"),
-        env={**os.environ, KEY_ENV: SENTINEL_KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert gw.arrived(CREATE).wait(30), "the create never reached the gateway"
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-    gw.hold.clear()  # the create in transit is still held; the next ones go through
+    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=3.0, timeout=1)
     assert run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)[0] == 0
     gw.wait_until_forwarded(CREATE, 1)
     client = srv.client()

@@ -1,8 +1,8 @@
 """`apply --wait` on a real terminal: live bars and colour under a pty and under tmux, and none
 of it piped to a file, under TERM=dumb, with NO_COLOR, or in CI.
 
-The batches run on a real engine over loopback, one request at a time with 0.1 s each, so
-the bars are on screen for a couple of seconds. tmux (Debian package `tmux`) renders the
+The batches run on a real engine over loopback, one request at a time with 0.05 s each, so
+the bars are on screen for a second or two. tmux (Debian package `tmux`) renders the
 screen the way a person sees it; without it the tmux test is skipped on a workstation and
 fails under CI=true (.ci/run installs it).
 """
@@ -33,8 +33,8 @@ BAR = "━"
 
 
 def slow_workspace(tmp_path: Path, server: Callable[..., ProbedServer]) -> Workspace:
-    """Two resources (one in 2 shards) of 20 requests on an engine answering 10 a second."""
-    srv = server(upstream=BuiltinUpstream(latency=0.1), concurrency=1)
+    """Two resources (one in 2 shards) of 20 requests on an engine answering 20 a second."""
+    srv = server(upstream=BuiltinUpstream(latency=0.05), concurrency=1)
     return served(
         tmp_path / "ws",
         srv,

@@ -423,7 +423,7 @@ def test_an_unconfirmed_create_of_the_old_generation_holds_until_found_and_cance
     gateway delivers it, the next apply adopts it, cancels it, keeps what it finished and
     only then creates the rest: no request is answered twice."""
     srv = serve(*SLOW, "0")
-    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=5.0, timeout=2)
+    ws, gw = killed_while_its_create_is_held(tmp_path, srv, gateways, hold=3.0, timeout=1)
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage"], capsys)
 
