@@ -5,9 +5,6 @@ never pays twice. A real ``batchspec serve`` process behind a slow gateway, real
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,15 +13,22 @@ import pytest
 from probes import ProbedServer, ServeProcess
 from serve_faults import received_batches
 from servers import wait_for
-from slow_gateway import SlowGateway, start_slow_gateway
+from slow_gateway import SlowGateway
 from test_attack_drain import pruned_while_running
 from test_drain import completed, ended, output_ids, slow_server
-from test_replace_hold import FAST, REQUESTS, SLOW, gateways, serve
+from test_replace_hold import (
+    CREATE,
+    FAST,
+    REQUESTS,
+    SLOW,
+    gateways,
+    killed_while_its_create_is_held,
+    serve,
+)
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
-    batchspec_cmd,
     make_workspace,
     openai_provider,
     run_cli,
@@ -33,8 +37,6 @@ from workspaces import (
 from batchspec.core.reconcile import intent
 
 __all__ = ["gateways", "serve"]  # fixtures, used by name
-
-CREATE = "POST /v1/batches"
 
 
 @pytest.fixture(autouse=True)
@@ -54,23 +56,15 @@ def test_a_pruned_resource_whose_lost_create_the_drain_cancelled_runs_again_when
     back unchanged: plan and apply run it again as a new generation (it was pruned, not
     cancelled by a user), every line answered once by the old batch or the new one."""
     srv = serve(*SLOW, "0")
-    gw = start_slow_gateway(srv.base_url, hold={CREATE: 4.0})
-    gateways.append(gw)
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(gw.v1, KEY_ENV, timeout=2)},
+    ws, gw = killed_while_its_create_is_held(
+        tmp_path,
+        srv,
+        gateways,
+        hold=3.0,
+        timeout=1,
         resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+        argv=("-s", "gone"),
     )
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes", "-s", "gone"),
-        env={**os.environ, KEY_ENV: SENTINEL_KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    assert gw.arrived(CREATE).wait(30), "the create never reached the gateway"
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-    gw.hold.clear()  # the create in transit is still held; the next ones go through
     manifest = ws.manifest_path("gone").read_text()
     ws.manifest_path("gone").unlink()
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)

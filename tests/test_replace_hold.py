@@ -392,15 +392,21 @@ def killed_while_its_create_is_held(
     *,
     hold: float,
     timeout: float,
+    resources: tuple[ResourceSpec, ...] = (ResourceSpec("triage", count=REQUESTS),),
+    argv: tuple[str, ...] = (),
 ) -> tuple[Workspace, SlowGateway]:
-    """An apply killed while a gateway holds its create ``hold`` seconds (its provider's
-    ``timeout`` shorter): the create is left `creating`, and lands once the gateway lets it
-    go; the gateway holds no later request."""
+    """An apply (with ``argv``) of ``resources`` killed while a gateway holds its create
+    ``hold`` seconds (its provider's ``timeout`` shorter): the create is left `creating`, and
+    lands once the gateway lets it go; the gateway holds no later request."""
     gw = start_slow_gateway(srv.base_url, hold={CREATE: hold})
     gateways.append(gw)
-    ws = workspace(tmp_path / "ws", gw, timeout=timeout)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(gw.v1, KEY_ENV, timeout=timeout)},
+        resources=resources,
+    )
     proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes"),
+        batchspec_cmd("apply", str(ws.root), "--yes", *argv),
         env={**os.environ, KEY_ENV: SENTINEL_KEY},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
