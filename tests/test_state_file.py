@@ -292,19 +292,21 @@ def test_apply_and_status_work_on_a_state_with_an_extra_column(
 def test_apply_with_a_state_path_where_no_state_is_says_it_starts_a_new_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`apply --state PATH` (a typo, say) where no state exists warns that it starts a new
-    state there, naming the path, instead of starting over unnoticed; on the next run, with
-    the state there, it says nothing of it; without `--state` (a first apply) neither."""
+    """`apply --state PATH` (a typo, say) where no state records anything warns that it
+    starts that state, naming the path, instead of starting over unnoticed, also when a
+    `plan --state PATH` created the file first; once it records a resource, nothing is said;
+    without `--state` (a first apply) neither."""
     ws = local_ws(tmp_path / "ws")
     code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
     assert code == 0, err
-    assert "starting a new one" not in out + err
+    assert "records nothing yet" not in out + err
     typo = tmp_path / "elsewhere" / "batchsepc.db"
+    assert run_cli(["plan", str(ws.root), "--state", str(typo)], capsys)[0] in (0, 2)
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--state", str(typo)], capsys)
 
     assert code == 0, err
-    assert f"no state at {typo}: starting a new one there" in out + err
+    assert f"the state at {typo} records nothing yet: this apply starts it" in out + err
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--state", str(typo)], capsys)
     assert code == 0, err
-    assert "starting a new one" not in out + err
+    assert "records nothing yet" not in out + err

@@ -258,20 +258,11 @@ def apply_workspace(
         **({"prune": True} if options.prune else {}),
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
-    if options.state_path is not None and not ws.project.has_state():
-        # a mistyped --state / BATCHSPEC_STATE would otherwise start over unnoticed
-        report(
-            Progress(
-                "warning",
-                None,
-                f"no state at {ws.project.state_path}: starting a new one there "
-                "(if you meant an existing state, stop and check --state or BATCHSPEC_STATE)",
-            )
-        )
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "apply", args) as run,
     ):
+        _warn_if_new_state(ws, store, options.state_path, report)
         info = collect_run_info(ws.project.root, env)
         with acquire_lock(
             store,
@@ -522,6 +513,26 @@ def poll_pause(interval: float, since_create: float | None, done_in: float | Non
 def _exit_code(outcome: str) -> int:
     codes = {"converged": 0, "in_progress": 0, "replace_refused": 1, "degraded": 4, "timeout": 5}
     return codes[outcome]
+
+
+def _warn_if_new_state(
+    ws: Workspace, store: StateStore, state_path: str | None, report: Reporter
+) -> None:
+    """A state named by ``--state`` / ``BATCHSPEC_STATE`` (an SQLite file) that records no
+    resource yet: a mistyped path would otherwise start over unnoticed (a ``plan`` run there
+    first has already created the file, so its existence proves nothing)."""
+    if state_path is None or ws.project.shared_state:
+        return
+    if not store.list_resources(include_forgotten=True):
+        report(
+            Progress(
+                "warning",
+                None,
+                f"the state at {ws.project.state_path} records nothing yet: this apply starts "
+                "it (if you meant an existing state, stop and check --state or "
+                "BATCHSPEC_STATE)",
+            )
+        )
 
 
 def compute_plan(
