@@ -140,22 +140,10 @@ def test_a_pruned_resource_added_again_with_another_input_reuses_exactly(
     with req-0 changed: the next apply drains the old batch and submits what no drained
     answer covers (req-0 again) and writes a result for every line."""
     srv = slow_server(server, cancel_delay=1.5)
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
-    )
+    ws, first, _ = pruned_while_running(tmp_path, srv, capsys)
     client = srv.client()
-    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
-    [first] = client.batches.list().data
-    wait_for(lambda: completed(client, first.id) >= 2)
-    manifest = ws.manifest_path("gone").read_text()
-    ws.manifest_path("gone").unlink()
-    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
-    assert code == 0, err
-    answered = output_ids(client, ended(client, first.id))
+    answered = output_ids(client, ended(client, first))
     before = {b.id for b in client.batches.list().data}
-    ws.manifest_path("gone").write_text(manifest)
     lines = request_lines(REQUESTS)
     lines[0]["body"]["messages"][0]["content"] = "Something else entirely."
     ws.write_input("gone", lines)
