@@ -13,6 +13,7 @@ import stat
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlite_utils import Database
@@ -561,3 +562,73 @@ def test_api_key_in_environment_never_reaches_the_database(
         raw = b"".join(p.read_bytes() for p in db_path.parent.iterdir())
     raw += b"".join(p.read_bytes() for p in db_path.parent.iterdir())  # after checkpoint
     assert sentinel.encode() not in raw
+
+
+# -- reading(): bulk reads for a read-only stretch -----------------------------------------------
+
+
+def _reads(store: StateStore, names: list[str]) -> list[object]:
+    """Everything ``reading()`` serves, read for ``names``."""
+    out: list[object] = [store.list_resources(), store.list_resources(include_forgotten=True)]
+    ledger = store.ledger()
+    for name in names:
+        out.append(store.get_resource(name))
+        for gen in store.generations(name):
+            out += [gen, store.find_generation(name, gen.spec_hash), store.get_generation(gen.id)]
+            out += [store.batches(gen.id), ledger.has_requests(gen.id)]
+            out += [ledger.state_counts(gen.id), ledger.usage_totals(gen.id)]
+    return out
+
+
+def test_reading_answers_as_the_per_row_queries_in_a_constant_number_of_queries(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``reading()`` the rows of resources, generations and batches and the ledger's
+    counts read the same as outside it, in a few queries whatever the number of resources."""
+    names = [f"r{i}" for i in range(6)]
+    for name in names:
+        for spec_hash in ("h1", "h2"):
+            gen_id = make_generation(store, name, spec_hash)
+            intent(store, gen_id, key=f"{name}-{spec_hash}")
+            store.set_current_generation(name, gen_id)
+        store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a"), ("b", 1, 0, 10, None)])
+    store.forget_resource("r5")
+    outside = _reads(store, [*names, "missing"])
+    calls: list[str] = []
+    depth = [0]  # ``query`` may run ``execute``: count the outer call only
+
+    def counted(real: Any) -> Any:
+        def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+            if not depth[0]:
+                calls.append(sql)
+            depth[0] += 1
+            try:
+                return real(sql, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return call
+
+    for method in ("query", "execute"):
+        monkeypatch.setattr(store.db, method, counted(getattr(store.db, method)))
+    with store.reading():
+        inside = _reads(store, [*names, "missing"])
+    assert inside == outside
+    assert len(calls) == 5, calls
+
+
+def test_a_write_inside_reading_is_seen_by_the_reads_after_it(store: StateStore) -> None:
+    """A write through the store inside ``reading()`` ends its snapshot: the reads after it
+    see the database, never the rows read before the write."""
+    gen_id = make_generation(store)
+    with store.reading():
+        assert store.batches(gen_id) == []
+        assert not store.ledger().has_requests(gen_id)
+        intent(store, gen_id)
+        with store.atomic():
+            store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a")])
+        assert [b.key for b in store.batches(gen_id)] == ["k-1"]
+        assert store.ledger().has_requests(gen_id)
+        assert store.find_generation("triage", "h2") is None
+        make_generation(store, spec_hash="h2")
+        assert store.find_generation("triage", "h2") is not None

@@ -89,7 +89,7 @@ from batchspec.errors import (
     UsageError,
 )
 from batchspec.state.lock import acquire_lock, current_lock
-from batchspec.state.runinfo import collect_run_info
+from batchspec.state.runinfo import collect_run_info, start_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
@@ -157,6 +157,7 @@ def plan_workspace(
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", args),
+        store.reading(),  # reads only: a few queries in all, however many resources
     ):
         resources, readded = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
@@ -243,6 +244,8 @@ def apply_workspace(
     spend only as it says (see batchspec.core.planfile).
     """
     with open_workspace(paths, options.state_path) as (ws, cache):
+        # git's answers (the run's provenance) arrive while the inputs are validated
+        run_info = start_run_info(ws.project.root, env)
         resources = select_resources(ws, options.select)
         require_replaceable(resources, options.replace)
         if saved is not None:
@@ -258,12 +261,12 @@ def apply_workspace(
         **({"prune": True} if options.prune else {}),
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
+    info = run_info.result()
     with (
         StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "apply", args) as run,
+        recorded_run(store, ws, "apply", args, info) as run,
     ):
         _warn_if_new_state(ws, store, options.state_path, report)
-        info = collect_run_info(ws.project.root, env)
         with acquire_lock(
             store,
             command="apply",
@@ -274,28 +277,29 @@ def apply_workspace(
         ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
-            resources, readded = planned_resources(
-                store, resources, options.replace, reuse=options.reuse
-            )
-            plan = compute_plan(
-                store,
-                resources,
-                facts,
-                readded=readded,
-                prune=options.prune,
-                elsewhere=elsewhere,
-                orphan_selected=orphan_selector(options.select),
-                include_orphans=elsewhere is not None,
-                replacing=frozenset(options.replace),
-                reuse=options.reuse,
-                backoff=requeue_backoff(ws),
-                requests=indexed_requests(cache, facts),
-                hold_for=lambda name: hold_seconds(ws.project.providers, name),
-            )
-            if saved is not None:
-                saved.require_current(store, resources, plan)
-            report(Progress("plan", None, "plan computed", plan=plan))
-            require_within_budget(plan, resources, facts, store, ws.project.providers)
+            with store.reading():  # the plan's reads: a few queries, however many resources
+                resources, readded = planned_resources(
+                    store, resources, options.replace, reuse=options.reuse
+                )
+                plan = compute_plan(
+                    store,
+                    resources,
+                    facts,
+                    readded=readded,
+                    prune=options.prune,
+                    elsewhere=elsewhere,
+                    orphan_selected=orphan_selector(options.select),
+                    include_orphans=elsewhere is not None,
+                    replacing=frozenset(options.replace),
+                    reuse=options.reuse,
+                    backoff=requeue_backoff(ws),
+                    requests=indexed_requests(cache, facts),
+                    hold_for=lambda name: hold_seconds(ws.project.providers, name),
+                )
+                if saved is not None:
+                    saved.require_current(store, resources, plan)
+                report(Progress("plan", None, "plan computed", plan=plan))
+                require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with ProviderPool(ws, env) as providers:
@@ -482,19 +486,20 @@ def converge(
         sleep(pause)
         interval = min(interval * 1.5, options.poll_interval)
     rec.report_retired_stopping(resources)
-    plan = compute_plan(
-        rec.store,
-        resources,
-        facts,
-        include_orphans=False,
-        backoff=rec.requeue_backoff,
-        requests=lambda r: rec.ctx.request_facts(r, facts[r.name].sha256),
-    )
+    with rec.store.reading():  # the end-of-run plan: a few queries, not a few per resource
+        plan = compute_plan(
+            rec.store,
+            resources,
+            facts,
+            include_orphans=False,
+            backoff=rec.requeue_backoff,
+            requests=lambda r: rec.ctx.request_facts(r, facts[r.name].sha256),
+        )
+        gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
     if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
         return "replace_refused"  # exit 1: CI must not pass with the old spec still running
     if any(a.kind is not ActionKind.NONE for a in plan.actions):
         return "in_progress"
-    gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"

@@ -20,7 +20,7 @@ from batchspec.core.sharding import ShardLimits
 from batchspec.errors import BatchspecError, InputError, ManifestError
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of
-from batchspec.state.runinfo import collect_run_info
+from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
 from batchspec.wire.request_index import RequestFact, read_request_index
@@ -251,10 +251,16 @@ class RunHandle:
 
 @contextmanager
 def recorded_run(
-    store: StateStore, ws: Workspace, command: str, args: Mapping[str, Any]
+    store: StateStore,
+    ws: Workspace,
+    command: str,
+    args: Mapping[str, Any],
+    info: RunInfo | None = None,
 ) -> Iterator[RunHandle]:
-    """Record a run around a use case; its exit code is the failure's when one escapes."""
-    run = RunHandle(store.start_run(command, args, collect_run_info(ws.project.root)))
+    """Record a run around a use case; its exit code is the failure's when one escapes;
+    ``info``: its provenance, if the caller has it (else collected here)."""
+    info = collect_run_info(ws.project.root) if info is None else info
+    run = RunHandle(store.start_run(command, args, info))
     try:
         yield run
         if command == "plan":

@@ -126,7 +126,28 @@ def resource_statuses(
     providers: Mapping[str, ProviderConfig] | None = None,
     elsewhere: AbstractSet[str] = frozenset(),
 ) -> list[ResourceStatus]:
-    """Each resource's status; ``providers`` (the project's) price its usage."""
+    """Each resource's status; ``providers`` (the project's) price its usage. Reads only:
+    its reads of the recorded rows cost a few queries in all (``StateStore.reading``)."""
+    with store.reading():
+        return _resource_statuses(
+            store,
+            resources,
+            facts,
+            include_orphans=include_orphans,
+            providers=providers,
+            elsewhere=elsewhere,
+        )
+
+
+def _resource_statuses(
+    store: StateStore,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport] | None,
+    *,
+    include_orphans: bool,
+    providers: Mapping[str, ProviderConfig] | None,
+    elsewhere: AbstractSet[str],
+) -> list[ResourceStatus]:
     resources = effective_resources(store, resources)  # a replacement is the current one
     resources, readded = with_readded(store, resources)  # as plan shows them: a create
     history = load_history(store)  # read once: the plan and each hold share it

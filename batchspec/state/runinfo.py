@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,21 @@ def collect_run_info(cwd: Path | None = None, env: Mapping[str, str] = os.enviro
         ci_run_url=ci_run_url,
         version=batchspec.__version__,
     )
+
+
+def start_run_info(cwd: Path, env: Mapping[str, str] = os.environ) -> Future[RunInfo]:
+    """``collect_run_info`` on a thread of its own, started now: the git commands it spawns
+    run while the caller does other work (an ``apply`` validates its inputs meanwhile)."""
+    future: Future[RunInfo] = Future()
+
+    def collect() -> None:
+        try:
+            future.set_result(collect_run_info(cwd, env))
+        except BaseException as err:  # noqa: BLE001 - raised again by whoever takes it
+            future.set_exception(err)
+
+    threading.Thread(target=collect, name="batchspec-runinfo", daemon=True).start()
+    return future
 
 
 def current_user(env: Mapping[str, str]) -> str | None:
@@ -161,4 +178,11 @@ def _git(cwd: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
-__all__ = ["CI_VARIABLES", "USER_VARIABLES", "GitInfo", "RunInfo", "collect_run_info"]
+__all__ = [
+    "CI_VARIABLES",
+    "USER_VARIABLES",
+    "GitInfo",
+    "RunInfo",
+    "collect_run_info",
+    "start_run_info",
+]

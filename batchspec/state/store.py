@@ -44,7 +44,8 @@ Promises:
 
 Layout: ``StateStore`` is one object composed of a record class per table group, each with
 its rows and its SQL: ``runs`` (runs, events), ``resources`` (resources, generations),
-``batches`` (batches, files), ``ledger`` (``store.ledger()``), ``lock_row``; over
+``batches`` (batches, files), ``ledger`` (``store.ledger()``), ``lock_row``, and
+``snapshot`` (``store.reading()``: bulk reads for a read-only stretch); over
 ``connection`` (opening, migrating, transactions) and ``schema`` (the migrations). Callers
 import everything from here.
 """
@@ -78,10 +79,19 @@ from batchspec.state.schema import (
     m004_request_usage,
     m005_resource_locks,
 )
+from batchspec.state.snapshot import SnapshotReads
 
 
-class StateStore(RunsAndEvents, ResourcesAndGenerations, BatchesAndFiles, LedgerAccess, LockRows):
-    """One connection to the state database. Open with ``StateStore.open(path_or_url)``."""
+class StateStore(
+    SnapshotReads,
+    RunsAndEvents,
+    ResourcesAndGenerations,
+    BatchesAndFiles,
+    LedgerAccess,
+    LockRows,
+):
+    """One connection to the state database. Open with ``StateStore.open(path_or_url)``;
+    ``reading()`` serves a read-only stretch's reads in a few queries (``state.snapshot``)."""
 
 
 __all__ = [

@@ -239,14 +239,17 @@ def _download(
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
-    """The batches of each resource's current generation on a provider worth prefetching."""
+    """The batches of each resource's current generation on a provider worth prefetching
+    (reads only: a few queries in all, ``StateStore.reading``)."""
     rows: list[BatchRow] = []
-    for res in resources:
-        if res.suspend:
-            continue
-        gen = ctx.store.find_generation(res.name, res.spec_hash)
-        if gen is not None:
-            rows.extend(b for b in ctx.store.batches(gen.id) if shares_client(ctx, b.provider))
+    with ctx.store.reading():
+        for res in resources:
+            if res.suspend:
+                continue
+            gen = ctx.store.find_generation(res.name, res.spec_hash)
+            if gen is not None:
+                batches = ctx.store.batches(gen.id)
+                rows.extend(b for b in batches if shares_client(ctx, b.provider))
     return rows
 
 

@@ -1,0 +1,220 @@
+"""Bulk reads for a read-only stretch: the whole recorded state in a few queries, not N.
+
+A plan over a thousand resources asks the store for each one's resource row, generations
+and batches, and whether each generation has a ledger: four thousand small queries, most of
+the time an ``apply`` spends after its last provider call. ``StateStore.reading()`` opens a
+``ReadSnapshot`` for the block: the first of those reads loads every resource, generation
+and batch in one query per table (and which generations have ledger rows in one more), and
+the rest are answered from memory, in the order and shape the per-row queries give.
+
+Promises:
+
+* **Reads only.** The snapshot serves ``get_resource``, ``list_resources``,
+  ``get_generation``, ``find_generation``, ``generations``, ``batches(generation_id)`` and
+  ``ledger().has_requests``, and ``ledger().state_counts`` and ``usage_totals`` of the
+  generations that are current or active; every other read goes to the database as before.
+* **Never stale within the block.** Any write through the store (``atomic()``) inside the
+  block ends the snapshot: the reads after it go to the database again (a write is rare in
+  a read-only stretch; re-loading everything after each one would cost more than it saves).
+* **Constant queries.** A block costs four queries for these reads, and one per 500
+  current generations for the ledger counts, whatever the number of resources: what the
+  plan at the end of a pass, ``status`` and the start of ``apply`` read (issue 13).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchspec.state.batches import BatchesAndFiles, BatchRow, _batch_row
+from batchspec.state.ledger import LedgerAccess, RequestLedger, UsageTotals
+from batchspec.state.resources import (
+    GenerationRow,
+    ResourceRow,
+    ResourcesAndGenerations,
+    _generation_row,
+    _resource_row,
+)
+from batchspec.storage.sql import Sql
+
+#: generation ids per query of ``ReadSnapshot.ledger_counts`` (well under both databases'
+#: limits on bound parameters)
+COUNT_CHUNK = 500
+_ACTIVE = frozenset({"pending", "in_progress"})
+
+
+@dataclass
+class ReadSnapshot:
+    """Every resource, generation and batch as one block's reads saw them (loaded lazily)."""
+
+    resources: dict[str, ResourceRow] | None = None
+    generations: dict[str, list[GenerationRow]] = field(default_factory=dict)
+    generation_by_id: dict[int, GenerationRow] = field(default_factory=dict)
+    batches: dict[int, list[BatchRow]] = field(default_factory=dict)
+    with_requests: set[int] | None = None
+    #: per generation (current or active ones only): {state: (count, usage count, in, out)}
+    counts: dict[int, dict[str, tuple[int, int, int, int]]] | None = None
+    live: bool = True
+
+    def load(self, db: Sql) -> None:
+        """Read the three tables, one query each (rows in id order, as the per-row reads)."""
+        resources = [_resource_row(r) for r in db.query("SELECT * FROM resources ORDER BY name")]
+        self.resources = {r.name: r for r in resources}
+        for row in db.query("SELECT * FROM generations ORDER BY id"):
+            gen = _generation_row(row)
+            self.generations.setdefault(gen.resource, []).append(gen)
+            self.generation_by_id[gen.id] = gen
+        for row in db.query("SELECT * FROM batches ORDER BY id"):
+            batch = _batch_row(row)
+            self.batches.setdefault(batch.generation_id, []).append(batch)
+
+    def generations_with_requests(self, db: Sql) -> set[int]:
+        """Ids of the generations whose ledger has rows (one query, an index probe each)."""
+        if self.with_requests is None:
+            rows = db.query(
+                "SELECT g.id AS id FROM generations g WHERE EXISTS "
+                "(SELECT 1 FROM requests r WHERE r.generation_id = g.id)"
+            )
+            self.with_requests = {int(r["id"]) for r in rows}
+        return self.with_requests
+
+    def ledger_counts(self, db: Sql) -> dict[int, dict[str, tuple[int, int, int, int]]]:
+        """Each current or active generation's ledger rows by state, with their usage sums:
+        ``ceil(N / COUNT_CHUNK)`` queries for N such generations (the others are not read:
+        a long history's ledgers are asked for one by one, as before)."""
+        if self.counts is None:
+            ids = {r.current_generation_id for r in (self.resources or {}).values()}
+            ids |= {g.id for g in self.generation_by_id.values() if g.status in _ACTIVE}
+            wanted = sorted(i for i in ids if i is not None)
+            self.counts = {i: {} for i in wanted}
+            for start in range(0, len(wanted), COUNT_CHUNK):
+                chunk = wanted[start : start + COUNT_CHUNK]
+                rows = db.execute(
+                    "SELECT generation_id, state, COUNT(*), COUNT(input_tokens), "
+                    "SUM(input_tokens), SUM(output_tokens) FROM requests "
+                    f"WHERE generation_id IN ({','.join('?' * len(chunk))}) "
+                    "GROUP BY generation_id, state",
+                    chunk,
+                ).fetchall()
+                for gen_id, state, n, used, inp, out in rows:
+                    self.counts[int(gen_id)][state] = (
+                        int(n),
+                        int(used or 0),
+                        int(inp or 0),
+                        int(out or 0),
+                    )
+        return self.counts
+
+
+class SnapshotLedger(RequestLedger):
+    """The request ledger, answering ``has_requests`` from the block's snapshot."""
+
+    def __init__(self, db: Sql, snapshot: ReadSnapshot) -> None:
+        super().__init__(db)
+        self._snapshot = snapshot
+
+    def has_requests(self, generation_id: int) -> bool:
+        if not self._snapshot.live:
+            return super().has_requests(generation_id)
+        return generation_id in self._snapshot.generations_with_requests(self.db)
+
+    def _counts(self, generation_id: int) -> dict[str, tuple[int, int, int, int]] | None:
+        if not self._snapshot.live:
+            return None
+        return self._snapshot.ledger_counts(self.db).get(generation_id)
+
+    def state_counts(self, generation_id: int) -> dict[str, int]:
+        counts = self._counts(generation_id)
+        if counts is None:
+            return super().state_counts(generation_id)
+        return {state: n for state, (n, *_) in counts.items()}
+
+    def usage_totals(self, generation_id: int) -> UsageTotals:
+        counts = self._counts(generation_id)
+        if counts is None:
+            return super().usage_totals(generation_id)
+        rows = counts.values()
+        return UsageTotals(
+            sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows)
+        )
+
+
+class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
+    """The store's reads of resources, generations and batches, served from a
+    ``ReadSnapshot`` inside ``reading()`` (see the module docstring)."""
+
+    _snapshot: ReadSnapshot | None = None
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read-only stretch: its reads of resources, generations, batches and ledger
+        presence cost a few queries in all. Nested blocks share the outer one's snapshot."""
+        if self._snapshot is not None:
+            yield
+            return
+        self._snapshot = ReadSnapshot()
+        try:
+            yield
+        finally:
+            self._snapshot.live = False
+            self._snapshot = None
+
+    def _loaded(self) -> ReadSnapshot | None:
+        """The block's snapshot, loaded, or None outside a block (or after a write)."""
+        snap = self._snapshot
+        if snap is None or not snap.live:
+            return None
+        if snap.resources is None:
+            snap.load(self.db)
+        return snap
+
+    @contextmanager
+    def atomic(self) -> Iterator[Any]:  # type: ignore[override]
+        if self._snapshot is not None:
+            self._snapshot.live = False  # a write: the reads after it see the database
+        with super().atomic() as conn:
+            yield conn
+
+    def get_resource(self, name: str) -> ResourceRow | None:
+        snap = self._loaded()
+        if snap is None or snap.resources is None:
+            return super().get_resource(name)
+        return snap.resources.get(name)
+
+    def list_resources(self, include_forgotten: bool = False) -> list[ResourceRow]:
+        snap = self._loaded()
+        if snap is None or snap.resources is None:
+            return super().list_resources(include_forgotten)
+        return [r for r in snap.resources.values() if include_forgotten or not r.forgotten]
+
+    def get_generation(self, generation_id: int) -> GenerationRow:
+        snap = self._loaded()
+        gen = None if snap is None else snap.generation_by_id.get(generation_id)
+        return super().get_generation(generation_id) if gen is None else gen
+
+    def find_generation(self, resource: str, spec_hash: str) -> GenerationRow | None:
+        snap = self._loaded()
+        if snap is None:
+            return super().find_generation(resource, spec_hash)
+        gens = snap.generations.get(resource, ())
+        return next((g for g in gens if g.spec_hash == spec_hash), None)
+
+    def generations(self, resource: str) -> list[GenerationRow]:
+        snap = self._loaded()
+        if snap is None:
+            return super().generations(resource)
+        return list(snap.generations.get(resource, ()))
+
+    def batches(
+        self, generation_id: int | None = None, *, status: str | None = None
+    ) -> list[BatchRow]:
+        snap = self._loaded()
+        if snap is None or generation_id is None or status is not None:
+            return super().batches(generation_id, status=status)
+        return list(snap.batches.get(generation_id, ()))
+
+    def ledger(self) -> RequestLedger:
+        snap = self._loaded()
+        return super().ledger() if snap is None else SnapshotLedger(self.db, snap)
