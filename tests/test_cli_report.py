@@ -26,6 +26,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     git_commit_all,
+    local_provider,
     make_workspace,
     openai_provider,
     run_cli,
@@ -319,3 +320,29 @@ def test_the_written_line_counts_one_resource_and_one_run_in_the_singular() -> N
     assert render.report_written_text("r.html", 1200, 2) == (
         "Wrote r.html (1,200 resources, 2 runs)."
     )
+
+
+def test_report_json_prints_the_page_data_as_status_and_history_print_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report --json` prints, and only prints, the page's data: its resources equal
+    `status --json`'s, its runs `history --json`'s, its commits `history --by commit
+    --json`'s; no page is written."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": local_provider()},
+        resources=[ResourceSpec("triage"), ResourceSpec("summaries")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    page = tmp_path / "report.html"
+
+    data = cli_json(["report", str(ws.root), "--json", "-o", str(page)], capsys)
+
+    assert not page.exists()
+    assert data["resources"] == cli_json(["status", str(ws.root), "--json"], capsys)["resources"]
+    assert data["runs"] == cli_json(["history", str(ws.root), "--json"], capsys)["runs"]
+    commits = cli_json(["history", str(ws.root), "--by", "commit", "--json"], capsys)
+    assert data["commits"] == commits["commits"]
+    assert [r["name"] for r in data["resources"]] == ["summaries", "triage"]
+    assert set(data["usage"]) == {"input_tokens", "output_tokens", "total_tokens", "cost_usd"}

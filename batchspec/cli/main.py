@@ -715,13 +715,17 @@ def show(
     show_default=True,
     help="How many of the last runs to show.",
 )
+@json_option
 @state_option
-def report(paths: tuple[str, ...], output: str, runs: int, state_path: str | None) -> None:
+def report(
+    paths: tuple[str, ...], output: str, runs: int, as_json: bool, state_path: str | None
+) -> None:
     """Write one self-contained HTML page: each resource's sync, health and progress, tokens
     and dollars per resource and per run, and the audit trail with its git commits.
 
     The page loads nothing from the network (inline CSS and SVG). Reads the manifests and the
-    state only: no lock, no network.
+    state only: no lock, no network. With --json, the page's data goes to stdout as JSON
+    instead (no page is written).
     """
     from batchspec.cli import render
     from batchspec.cli.report_html import report_html
@@ -729,6 +733,9 @@ def report(paths: tuple[str, ...], output: str, runs: int, state_path: str | Non
 
     data = workspace_report(paths, runs=runs, state_path=state_path)
     warn_skipped(data.skipped)
+    if as_json:
+        emit_json(data.to_json())
+        return
     with click.open_file(output, "w", encoding="utf-8") as f:
         f.write(report_html(data))
     if output != "-":

@@ -12,7 +12,8 @@ with them; rendering is the face's job (``batchspec.cli.report_html``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from batchspec.core.history import CommitSpend, HistoryEntry, read_history, spend_by_commit
 from batchspec.core.spend import Usage
@@ -39,6 +40,17 @@ class WorkspaceReport:
         for status in self.resources:
             total += status.usage
         return total
+
+    def to_json(self) -> dict[str, Any]:
+        """What the page shows, as ``report --json`` prints it: each part in the shape
+        ``status --json``, ``history --json`` and ``history --by commit --json`` print."""
+        return {
+            "generated_at": self.generated_at,
+            "usage": asdict(self.usage),
+            "resources": [s.to_json() for s in self.resources],
+            "runs": [e.to_json() for e in self.runs],
+            "commits": [c.to_json() for c in self.commits],
+        }
 
 
 def workspace_report(
