@@ -411,7 +411,8 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
     names = [a.resource for a in plan.actions if a.kind is ActionKind.PRUNE]
     with rec.cancels_ahead(names):
         for name in names:
-            cancelled = rec.cancel(name, reason=PRUNE_REASON)
+            # one line a pruned resource: the prune's below, which says the cancels too
+            cancelled = rec.cancel(name, reason=PRUNE_REASON, quiet=True)
             with rec.store.atomic():
                 rec.store.forget_resource(name)
                 rec.store.record_event(

@@ -48,12 +48,16 @@ from batchspec.wire.batch_status import TERMINAL_STATUSES
 ACTIVE = ("pending", "in_progress")
 
 
-def cancel(ctx: RunContext, name: str, *, reason: str = "cancelled by a user") -> int:
-    """Cancel the in-flight batches of a resource's active generations; return how many."""
+def cancel(
+    ctx: RunContext, name: str, *, reason: str = "cancelled by a user", quiet: bool = False
+) -> int:
+    """Cancel the in-flight batches of a resource's active generations; return how many.
+    ``quiet``: report no ``cancel`` line (the caller reports one that says more: a prune)."""
     generations = [gen for gen in ctx.store.generations(name) if gen.status in ACTIVE]
     cancel_ahead(ctx, [(name, gen) for gen in generations])
     return sum(
-        cancel_generation(ctx, name, gen, status="cancelled", reason=reason) for gen in generations
+        cancel_generation(ctx, name, gen, status="cancelled", reason=reason, quiet=quiet)
+        for gen in generations
     )
 
 
@@ -75,7 +79,13 @@ def cancel_ahead(ctx: RunContext, targets: Iterable[tuple[str, GenerationRow]]) 
 
 
 def cancel_generation(
-    ctx: RunContext, name: str, gen: GenerationRow, *, status: str, reason: str
+    ctx: RunContext,
+    name: str,
+    gen: GenerationRow,
+    *,
+    status: str,
+    reason: str,
+    quiet: bool = False,
 ) -> int:
     n = 0
     # each batch is cancelled on the provider that runs it (``batch.provider``): the
@@ -110,8 +120,9 @@ def cancel_generation(
             generation_id=gen.id,
             detail={"reason": reason, "batches": n},
         )
-    # "sent": a batch stops at the provider's pace (cancelling, then cancelled)
-    ctx.report(Progress("cancel", name, f"{reason}: cancel sent to {n} batch(es)"))
+    if not quiet:  # the event is recorded either way
+        # "sent": a batch stops at the provider's pace (cancelling, then cancelled)
+        ctx.report(Progress("cancel", name, f"{reason}: cancel sent to {n} batch(es)"))
     return n
 
 

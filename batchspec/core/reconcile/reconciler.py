@@ -306,10 +306,11 @@ class Reconciler:
     # -----------------------------------------------------------------------------------------
     # cancel
 
-    def cancel(self, name: str, *, reason: str = "cancelled by a user") -> int:
-        """Cancel the in-flight batches of a resource's active generations; return how many."""
+    def cancel(self, name: str, *, reason: str = "cancelled by a user", quiet: bool = False) -> int:
+        """Cancel the in-flight batches of a resource's active generations; return how many
+        (``quiet``: with no ``cancel`` line; the caller reports what it did)."""
         with self.cancels_ahead([name]):
-            return cancel_resource(self.ctx, name, reason=reason)
+            return cancel_resource(self.ctx, name, reason=reason, quiet=quiet)
 
     @contextmanager
     def cancels_ahead(self, names: Sequence[str]) -> Iterator[None]:
