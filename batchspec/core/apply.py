@@ -49,6 +49,7 @@ from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hol
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
+    DiskHashes,
     History,
     export_paths,
     is_requeued,
@@ -332,7 +333,13 @@ def apply_workspace(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
             statuses = tuple(
-                resource_statuses(store, resources, facts, providers=ws.project.providers)
+                resource_statuses(
+                    store,
+                    resources,
+                    facts,
+                    providers=ws.project.providers,
+                    disk_hashes=rec.ctx.disk_hashes,
+                )
             )
         local = tuple(
             s.name
@@ -494,6 +501,7 @@ def converge(
             include_orphans=False,
             backoff=rec.requeue_backoff,
             requests=lambda r: rec.ctx.request_facts(r, facts[r.name].sha256),
+            disk_hashes=rec.ctx.disk_hashes,
         )
         gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
     if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
@@ -555,10 +563,11 @@ def compute_plan(
     backoff: float = DEFAULT_REQUEUE_BACKOFF,
     requests: RequestFacts,
     hold_for: Callable[[str], float] = lambda provider: DEFAULT_REPLACE_HOLD_SECONDS,
+    disk_hashes: DiskHashes | None = None,
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
-    reuse)."""
+    reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``)."""
     history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
@@ -566,6 +575,7 @@ def compute_plan(
         [(r.name, r.output_path, r.errors_path) for r in resources],
         recorded,
         export_paths(resources),
+        disk_hashes,
     )
     readded = readded or {}
     desired = [

@@ -7,6 +7,7 @@ and hashes the result files on disk so the planner can notice a missing or edite
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -144,20 +145,29 @@ def recorded_batch(b: BatchRow) -> RecordedBatch:
     )
 
 
+#: a run's sha256 of each result file it hashed, with the file's stat when hashed (inode,
+#: size, mtime and ctime in ns): the plans of one run hash an unchanged file once
+DiskHashes = dict[Path, tuple[tuple[int, int, int, int], str]]
+
+
 def observe_disk(
     paths: Iterable[tuple[str, Path, Path]],
     recorded: Mapping[str, RecordedResource],
     exports: Mapping[str, Iterable[Path]] | None = None,
+    hashes: DiskHashes | None = None,
 ) -> dict[str, DiskFacts]:
     """Hash result files on disk, only for resources whose results were written; note the
-    ``spec.export`` files (``exports``, by resource) that are missing."""
+    ``spec.export`` files (``exports``, by resource) that are missing. ``hashes``: the run's
+    earlier hashes, taken again for a file whose stat has not changed since (and kept)."""
     facts = {}
     for name, output_path, errors_path in paths:
         rec = recorded.get(name)
         if rec is None or not any(g.output_sha256 for g in rec.generations):
             continue
         gone = [display_path(p) for p in (exports or {}).get(name, ()) if not p.is_file()]
-        facts[name] = DiskFacts(_sha_or_none(output_path), _sha_or_none(errors_path), tuple(gone))
+        facts[name] = DiskFacts(
+            _sha_or_none(output_path, hashes), _sha_or_none(errors_path, hashes), tuple(gone)
+        )
     return facts
 
 
@@ -166,5 +176,20 @@ def export_paths(resources: Iterable[Resource]) -> dict[str, list[Path]]:
     return {r.name: [t.path for t in r.exports] for r in resources if r.exports}
 
 
-def _sha_or_none(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
+def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
+    """The file's sha256; None when it is not a file. Any change to it (a write, a rename
+    over it) changes its ctime, so a hash kept for the same stat is the file's."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    kept = None if hashes is None else hashes.get(path)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    sha = sha256_file(path)
+    if hashes is not None:
+        hashes[path] = (key, sha)
+    return sha

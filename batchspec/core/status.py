@@ -29,6 +29,7 @@ from batchspec.core.plan import (
 from batchspec.core.reconcile import desired_resource
 from batchspec.core.reconcile.hold import find_hold, hold_seconds
 from batchspec.core.recorded import (
+    DiskHashes,
     History,
     export_paths,
     load_history,
@@ -125,9 +126,11 @@ def resource_statuses(
     include_orphans: bool = False,
     providers: Mapping[str, ProviderConfig] | None = None,
     elsewhere: AbstractSet[str] = frozenset(),
+    disk_hashes: DiskHashes | None = None,
 ) -> list[ResourceStatus]:
     """Each resource's status; ``providers`` (the project's) price its usage. Reads only:
-    its reads of the recorded rows cost a few queries in all (``StateStore.reading``)."""
+    its reads of the recorded rows cost a few queries in all (``StateStore.reading``);
+    ``disk_hashes``: the run's hashes of result files (``recorded.observe_disk``)."""
     with store.reading():
         return _resource_statuses(
             store,
@@ -136,6 +139,7 @@ def resource_statuses(
             include_orphans=include_orphans,
             providers=providers,
             elsewhere=elsewhere,
+            disk_hashes=disk_hashes,
         )
 
 
@@ -147,6 +151,7 @@ def _resource_statuses(
     include_orphans: bool,
     providers: Mapping[str, ProviderConfig] | None,
     elsewhere: AbstractSet[str],
+    disk_hashes: DiskHashes | None,
 ) -> list[ResourceStatus]:
     resources = effective_resources(store, resources)  # a replacement is the current one
     resources, readded = with_readded(store, resources)  # as plan shows them: a create
@@ -156,6 +161,7 @@ def _resource_statuses(
         [(r.name, r.output_path, r.errors_path) for r in resources],
         recorded,
         export_paths(resources),
+        disk_hashes,
     )
     desired = [
         desired_resource(r, facts[r.name])

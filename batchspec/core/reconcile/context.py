@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from batchspec.core.recorded import DiskHashes
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, indexed_ledger_rows, ledger_rows_in_shards
 from batchspec.errors import BatchspecError
@@ -158,6 +159,8 @@ class RunContext:
     # generations found this run with no ledger and no copy of their input content left
     # (``drain``): not looked for again per batch and per pass; the next run tries again
     contentless: set[int] = field(default_factory=set)
+    # the run's hashes of result files on disk: its plans hash an unchanged file once
+    disk_hashes: DiskHashes = field(default_factory=dict)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)

@@ -133,6 +133,7 @@ class Reconciler:
             [(res.name, res.output_path, res.errors_path)],
             {res.name: recorded} if recorded else {},
             export_paths([res]),
+            self.ctx.disk_hashes,
         )
         return plan_resource(desired, recorded, disk.get(res.name), self.ctx.clock())
 

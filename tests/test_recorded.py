@@ -1,0 +1,69 @@
+"""``core.recorded.observe_disk``: how a run sees its result files on disk.
+
+A run's plans (each resource's after its step, the end-of-run plan, the statuses) hash each
+unchanged result file once (``DiskHashes``), and still see every change made between them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+from batchspec.core import recorded
+from batchspec.core.plan import RecordedGeneration, RecordedResource
+from batchspec.core.recorded import DiskHashes, observe_disk
+from batchspec.storage.blobstore import sha256_file
+
+
+def _written(name: str) -> dict[str, RecordedResource]:
+    gen = RecordedGeneration(1, "h", "complete", 1, output_sha256="x")
+    return {name: RecordedResource(name, "p", generations=(gen,))}
+
+
+def test_a_file_changed_in_place_with_the_same_size_is_hashed_again(tmp_path: Path) -> None:
+    """A hash kept for a file is not taken once the file was written again, even with the
+    same size and the same mtime: its ctime moved; a file gone is None."""
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    out.write_text("aaaa\n")
+    hashes: DiskHashes = {}
+    first = observe_disk([("r", out, err)], _written("r"), hashes=hashes)["r"]
+    assert first.output_sha256 == sha256_file(out) and first.errors_sha256 is None
+    mtime = out.stat().st_mtime_ns
+    out.write_text("bbbb\n")
+    os.utime(out, ns=(mtime, mtime))  # same size, same mtime: only the ctime tells
+
+    again = observe_disk([("r", out, err)], _written("r"), hashes=hashes)["r"]
+
+    assert again.output_sha256 == sha256_file(out) != first.output_sha256
+    out.unlink()
+    assert observe_disk([("r", out, err)], _written("r"), hashes=hashes)["r"].output_sha256 is None
+
+
+def test_an_apply_hashes_each_unchanged_result_file_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An apply that collects and writes results hashes each result file once in all, though
+    the step's plan, the end-of-run plan and the statuses all look at it."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": local_provider()},
+        resources=[ResourceSpec("a"), ResourceSpec("b")],
+    )
+    hashed: Counter[str] = Counter()
+
+    def counted(path: Path) -> str:
+        hashed[Path(path).name] += 1
+        return sha256_file(path)
+
+    monkeypatch.setattr(recorded, "sha256_file", counted)
+
+    assert (
+        run_cli(["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"], capsys)[0]
+        == 0
+    )
+
+    assert hashed and set(hashed.values()) == {1}, hashed
