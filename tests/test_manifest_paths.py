@@ -207,3 +207,20 @@ def test_a_results_folder_symlinked_onto_the_state_after_the_load_is_refused_at_
         )
     assert ws.state_path.read_bytes()[:16] == b"SQLite format 3\x00"
     assert not (ws.root / "state" / "a.errors.jsonl").exists()
+
+
+def test_an_output_onto_a_manifest_loaded_through_a_symbolic_link_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A manifest that is a symbolic link to a file outside the manifest globs is still a
+    manifest: an output onto the file it points at is a path-conflict."""
+    root = two_resources(tmp_path / "ws")
+    real = root / "kept" / "b-real.yaml"
+    real.parent.mkdir()
+    (root / "manifests" / "b.yaml").rename(real)
+    (root / "manifests" / "b.yaml").symlink_to(real)
+    set_spec(root, "a", output="../kept/b-real.yaml")
+
+    found = [p.message for p in problems_of(root) if p.code == "path-conflict"]
+
+    assert any("is a manifest: it would be overwritten" in m for m in found), found

@@ -967,32 +967,50 @@ def _written_over(
             inputs.setdefault(res.input_source, (res, doc.location("/spec/input/rows")))
         else:
             inputs.setdefault(res.input_path, (res, doc.location("/spec/input")))
-    manifests = {file.resolve() for file in manifest_files}
-    writers: dict[Path, tuple[Resource, SourceLocation, str]] = {}
+    manifests = _resolved_files(manifest_files)
+    # where each path is written first: its resource, document, key and pointer (positions
+    # and shown paths are worked out only for a problem: a thousand resources have none)
+    writers: dict[Path, tuple[Resource, YamlDocument, str, str]] = {}
     problems = []
     for res, doc in resources:
         written = [("output", res.output_path, "/spec/output")]
         written.append(("errors", res.errors_path, "/spec/errors"))
         written += [("export", t.path, f"/spec/export/{i}/path") for i, t in enumerate(res.exports)]
         for key, path, pointer in written:
-            here = doc.location(pointer)
-            shown = display_path(path)
             message = None
             reader = inputs.get(path)
-            first = writers.setdefault(path, (res, here, key))
+            first = writers.setdefault(path, (res, doc, key, pointer))
             if reader is not None and reader[0] is not res:
                 message = (
-                    f"{key} file {shown} is the input of resource '{reader[0].name}' "
-                    f"({reader[1]}): it would be overwritten"
+                    f"{key} file {display_path(path)} is the input of resource "
+                    f"'{reader[0].name}' ({reader[1]}): it would be overwritten"
                 )
             elif path in manifests:
-                message = f"{key} file {shown} is a manifest: it would be overwritten"
+                message = f"{key} file {display_path(path)} is a manifest: it would be overwritten"
             # Same name: the duplicate-name problem already says it, and better.
             elif first[0] is not res and first[0].name != res.name:
                 message = (
-                    f"{key} file {shown} is written by two resources: '{first[0].name}' "
-                    f"(its {first[2]}, at {first[1]}) and '{res.name}' (its {key}, at {here})"
+                    f"{key} file {display_path(path)} is written by two resources: "
+                    f"'{first[0].name}' (its {first[2]}, at {first[1].location(first[3])}) and "
+                    f"'{res.name}' (its {key}, at {doc.location(pointer)})"
                 )
             if message:
+                here = doc.location(pointer)
                 problems.append(Problem.at(here, pointer, "path-conflict", message))
     return problems
+
+
+def _resolved_files(files: Sequence[Path]) -> set[Path]:
+    """``files`` resolved (as ``Path.resolve`` does), each folder resolved once: a file that
+    is not a symbolic link resolves to its resolved folder and its own name."""
+    folders: dict[Path, Path] = {}
+    resolved = set()
+    for file in files:
+        if file.is_symlink():
+            resolved.add(file.resolve())
+            continue
+        folder = folders.get(file.parent)
+        if folder is None:
+            folder = folders[file.parent] = file.parent.resolve()
+        resolved.add(folder / file.name)
+    return resolved
