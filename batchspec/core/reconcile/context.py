@@ -183,12 +183,8 @@ class RunContext:
         """Every request of input content ``sha256`` (``res``'s input), from its request
         index: kept by the scan that validated it, else made by reading the input once more
         (``InputChangedError`` when the input no longer holds that content)."""
-        return read_request_index(self.inputs_request_index(res, sha256))
-
-    def inputs_request_index(self, res: Resource, sha256: str) -> Path:
-        """The request index file of ``res``'s input content ``sha256`` (see above)."""
         assert self.inputs is not None
-        return self.inputs.request_index(res.input_path, sha256)
+        return self.inputs.request_facts(res.input_path, sha256)
 
     def _kept_request_facts(self, gen: GenerationRow) -> Iterator[RequestFact] | None:
         """The requests of ``gen``'s input content from the index its first shard's intent put into
