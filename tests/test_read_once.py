@@ -810,3 +810,25 @@ def test_a_damaged_or_missing_cached_index_is_not_trusted(
     with ws.store() as store:
         [gen] = [g for g in store.generations("job") if g.status == "complete"][-1:]
         assert store.ledger().state_counts(gen.id) == {"ok": 60}
+
+
+def test_small_indexes_past_the_memory_cap_go_to_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a run holds ``INLINE_TOTAL_MAX_BYTES`` of small inputs' indexes (here: after the
+    first), the next ones are written to files as a large input's are: a fleet of many small
+    inputs takes bounded memory, and every resource is still answered line for line."""
+    monkeypatch.setattr(inputcache, "INLINE_TOTAL_MAX_BYTES", 1)
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=tuple(ResourceSpec(f"r{i}", count=5, provider="here") for i in range(3)),
+    )
+    for i in range(3):  # three contents, three indexes
+        ws.write_input(f"r{i}", request_lines(5, prefix=f"r{i}-"))
+
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+
+    assert len(list((ws.root / "state" / "input-index").glob("*.idx"))) == 2
+    for i in range(3):
+        assert [o["custom_id"] for o in ws.outputs(f"r{i}")] == ws.input_ids(f"r{i}")

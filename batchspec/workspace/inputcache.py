@@ -81,8 +81,10 @@ _OLD_TABLES = ("scans", "input_scans")
 RACY_WINDOW_S = 2.0
 #: seconds a request index is kept after its last use (a lost one costs one re-read)
 INDEX_KEEP_S = 14 * 24 * 3600
-#: inputs up to this size keep their request index in memory and the cache database
+#: inputs up to this size keep their request index in memory and the cache database, while
+#: the indexes a run holds so take up to ``INLINE_TOTAL_MAX_BYTES`` (then files again)
 INLINE_INPUT_MAX_BYTES = 64 * 1024
+INLINE_TOTAL_MAX_BYTES = 32 * 1024 * 1024
 
 
 class InputCache:
@@ -106,6 +108,7 @@ class InputCache:
         self._private_dir: str | None = None  # indexes when index_dir cannot be written
         self._written_to: set[Path] = set()  # folders pruned on close: once a run, not per write
         self._inline: dict[str, bytes] = {}  # small inputs' indexes, by content sha256
+        self._inline_bytes = 0
 
     def close(self) -> None:
         for folder in self._written_to:
@@ -253,13 +256,16 @@ class InputCache:
         before) and every request line was indexed. A small input's index is kept in
         ``_inline`` instead (``folder`` is not needed for it)."""
         with contextlib.suppress(OSError):
-            if os.stat(path).st_size <= INLINE_INPUT_MAX_BYTES:
+            if (
+                os.stat(path).st_size <= INLINE_INPUT_MAX_BYTES
+                and self._inline_bytes < INLINE_TOTAL_MAX_BYTES
+            ):
                 buffer = io.BytesIO()
                 writer = RequestIndexWriter(buffer)
                 report = scan_batch_input(path, **options, index=writer)
                 writer.finish(report.sha256)
                 if report.ok or (report.sha256 == keep and writer.records == report.requests):
-                    self._inline[report.sha256] = buffer.getvalue()
+                    self._keep_inline(report.sha256, buffer.getvalue())
                 return report
         if folder is None:
             return scan_batch_input(path, **options)
@@ -278,6 +284,13 @@ class InputCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return report
+
+    def _keep_inline(self, sha256: str, index: bytes) -> None:
+        """Hold a small input's index, unless the run holds ``INLINE_TOTAL_MAX_BYTES`` of them
+        (one not held is read again from its input when needed, into a file)."""
+        if sha256 not in self._inline and self._inline_bytes < INLINE_TOTAL_MAX_BYTES:
+            self._inline[sha256] = index
+            self._inline_bytes += len(index)
 
     def _writable_index_dir(self) -> Path | None:
         if self.index_dir is None:
@@ -314,7 +327,7 @@ class InputCache:
         if report is not None and isinstance(index, bytes):
             if not index_bytes_complete(index, report.sha256):
                 return None  # damaged: scanned again, which writes it anew
-            self._inline.setdefault(report.sha256, index)
+            self._keep_inline(report.sha256, index)
         if report is None or not row[5]:
             return report
         try:  # stored racy: the stamp proves nothing, the bytes must still be that content
