@@ -382,10 +382,10 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         headline = f"Apply did nothing: {NOTHING_SELECTED}."
     lines = [
         style.bold(headline),
+        *(f"  {line}" for line in not_collected_lines(result)),
         *status_lines(result.statuses, style),
         *totals_lines(result.statuses),
     ]
-    lines += [f"  {line}" for line in not_collected_lines(result)]
     if result.local_in_flight:
         lines.append(
             f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
@@ -416,8 +416,7 @@ def not_collected_text(result: ApplyResult) -> str:
 def not_collected_lines(result: ApplyResult) -> list[str]:
     """One line per batch whose file could not be downloaded."""
     return [
-        f"not collected: {f.resource}: the {f.file} file {f.file_id} of batch {f.remote_id} "
-        f"({f.error})"
+        f"not collected: {f.resource}: the {f.file} file of batch {f.remote_id}: {f.error}"
         for f in result.not_collected
     ]
 

@@ -199,9 +199,9 @@ def _note_download_failure(
         Progress(
             "download_failed",
             name,
-            f"could not download the {err.kind} file {err.file_id} of batch "
-            f"{failure.remote_id} ({err.message}): it is not collected and nothing is "
-            "resubmitted; the next apply collects it",
+            f"could not download the {err.kind} file of batch {failure.remote_id}: "
+            f"{err.message.rstrip('.')}; it is not collected and nothing is resubmitted: "
+            "the next apply collects it",
             failure.to_json(),
         )
     )
