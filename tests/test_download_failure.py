@@ -1,8 +1,8 @@
 """A failed download stops only its own resource (``reconcile.collect``): the others of the
 same apply are collected, the failed one stays ended-but-not-collected (never resubmitted),
 apply exits 1 naming it, and the next apply collects it once the provider serves the file.
-A real engine served over loopback behind a gateway that refuses one file's content (a 500
-after the client's retry, or a 404); real SQLite; the CLI's own entry point."""
+A real engine served over loopback behind a gateway that refuses one file's content (a 500 or
+a reset, after the client's retry, or a 404); real SQLite; the CLI's own entry point."""
 
 from __future__ import annotations
 
@@ -85,7 +85,10 @@ def _result(out: str) -> dict[str, object]:
     return next(doc for line in out.splitlines() if (doc := json.loads(line))["event"] == "result")
 
 
-@pytest.mark.parametrize("status", [pytest.param(500, id="500"), pytest.param(404, id="404")])
+@pytest.mark.parametrize(
+    "status",
+    [pytest.param(500, id="500"), pytest.param(404, id="404"), pytest.param(0, id="reset")],
+)
 def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collects_it(
     tmp_path: Path,
     serve_engine: Callable[..., EngineServer],
@@ -93,8 +96,8 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
     capsys: pytest.CaptureFixture[str],
     status: int,
 ) -> None:
-    """alpha's output download fails (a 500 after the client's retry, or a 404): beta is
-    collected by the same apply, which exits 1 naming alpha (JSON result, a download-failed
+    """alpha's output download fails (a 500 or a reset after the client's retry, a 404):
+    beta is collected by the same apply, which exits 1 naming alpha (JSON result, a download-failed
     event, no collect of alpha's batch, nothing failed or resubmitted); once the gateway
     serves the file again the next apply collects alpha from the same batch; the provider
     saw two creates in all and answered every request once."""
@@ -111,10 +114,10 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
     assert result["outcome"] == "not_collected" and result["exit_code"] == 1
     [failed] = result["not_collected"]  # type: ignore[misc]
     assert failed["resource"] == "alpha" and failed["file_id"] == files["alpha"]
-    assert failed["http_status"] == status
+    assert failed["http_status"] == (status or None)
     lines = [json.loads(line) for line in out.splitlines()]
     assert [d["resource"] for d in lines if d["event"] == "download_failed"] == ["alpha"]
-    assert gw.received[content] == (2 if status == 500 else 1)  # the client retried the 500
+    assert gw.received[content] == (1 if status == 404 else 2)  # a 500 or reset is retried
     assert [r["custom_id"] for r in ws.outputs("beta")] == ws.input_ids("beta")
     assert not ws.output_path("alpha").exists()
     with ws.store() as store:

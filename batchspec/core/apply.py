@@ -124,8 +124,7 @@ class ApplyResult:
     run_id: int
     plan: Plan
     statuses: tuple[ResourceStatus, ...]
-    # converged | in_progress | replace_refused | not_collected | degraded | timeout
-    outcome: str
+    outcome: str  # converged | in_progress | replace_refused | not_collected | degraded | timeout
     exit_code: int
     # resources with batches in flight on a `local` provider: they advance only while a
     # batchspec command runs (the engine lives in its process)
