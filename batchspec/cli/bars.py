@@ -257,7 +257,7 @@ def _mark(bar: ResourceBar, now: float, style: Style, ascii_only: bool) -> str:
 def _doing(bar: ResourceBar, statuses: set[str]) -> str:
     if bar.outcome is not None:
         return bar.outcome
-    if bar.activity in ("downloading", "collected", "queued") or not statuses:
+    if bar.activity in ("downloading", "download failed", "collected", "queued") or not statuses:
         return bar.activity
     return ", ".join(sorted(statuses))
 
