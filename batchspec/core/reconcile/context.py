@@ -61,6 +61,34 @@ class CallPool(Protocol):
 WAIT_GRACE = 0.1
 
 
+@dataclass(frozen=True)
+class DownloadFailure:
+    """A current generation's batch that ended but whose file could not be downloaded this
+    run (``collect``): nothing of it is recorded as collected and nothing is resubmitted;
+    the next apply downloads it again. Within the run it is tried again on a later pass no
+    sooner than ``retry_at`` (on ``RunContext.monotonic``), after ``failures`` failures."""
+
+    resource: str
+    batch_id: int
+    remote_id: str
+    file: str  # "output" or "errors"
+    file_id: str
+    error: str
+    status: int | None  # the provider's HTTP status, None when it was not reached
+    failures: int
+    retry_at: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "resource": self.resource,
+            "remote_id": self.remote_id,
+            "file": self.file,
+            "file_id": self.file_id,
+            "error": self.error,
+            "http_status": self.status,
+        }
+
+
 @dataclass
 class Prefetched:
     """Provider calls made ahead (``prefetch``, ``cancel.cancel_ahead``), each taken once by
@@ -158,6 +186,9 @@ class RunContext:
     # generations found this run with no ledger and no copy of their input content left
     # (``drain``): not looked for again per batch and per pass; the next run tries again
     contentless: set[int] = field(default_factory=set)
+    # the current generations' batches whose files could not be downloaded, by batch row
+    # id, until one of this run's later passes collects them (``collect``)
+    download_failures: dict[int, DownloadFailure] = field(default_factory=dict)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -202,6 +233,12 @@ class RunContext:
         """Refuse (``InputChangedError``) an input that no longer holds content ``sha256``."""
         assert self.inputs is not None
         self.inputs.require_unchanged(res.input_path, sha256)
+
+    def download_due(self, batch_id: int) -> bool:
+        """Whether a batch's files are to be downloaded in this pass: none failed this run,
+        or the pause after the last failure (``DownloadFailure.retry_at``) is over."""
+        failure = self.download_failures.get(batch_id)
+        return failure is None or self.monotonic() >= failure.retry_at
 
     def generation(self, res: Resource) -> GenerationRow:
         gen = self.store.find_generation(res.name, res.spec_hash)
