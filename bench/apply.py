@@ -14,6 +14,8 @@ Wall time is measured around the client process only (from spawn to exit), peak 
 ``os.wait4``'s ``ru_maxrss`` of that process (not the server's). Both outputs are checked to
 hold one line per request. Runs alternate (apply, sdk, apply, sdk, ...) and the medians are
 reported with their ratio, against the targets: ratio <= 1.0, apply's RSS <= 100 MB.
+batchspec is compiled to bytecode first, as an installed package is (the ``openai``
+package the SDK script imports is): ``parallel_apply.compile_batchspec``.
 
 A third client, ``openai-batch`` (PyPI; bench only, never a dependency), runs the same job
 with ``--openai-batch-path DIR`` (install it there with ``pip install --no-deps --target DIR
@@ -315,7 +317,9 @@ def main() -> None:
         "DIR openai-batch`): also time it as a third client (single batch only)",
     )
     args = parser.parse_args()
+    from parallel_apply import compile_batchspec  # the harness's, beside this file
 
+    compile_batchspec()  # as installed: the SDK script's openai package is compiled too
     tmp = Path(tempfile.mkdtemp(prefix="bench-apply-"))
     clients = ["apply", "sdk"]
     if args.openai_batch_path and args.shards == 1:

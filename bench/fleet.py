@@ -13,6 +13,8 @@ bench/parallel_apply.py). A workspace of ``--manifests`` manifests (default 1,00
 For each pass it prints the wall time, the requests the proxy forwarded per resource, the
 CPU time of the apply process per resource and its peak RSS, beside the issue's targets
 (1,000 manifests at 100 ms: submit <= 15 s, poll+collect <= 6 s, RSS <= 150 MB).
+batchspec is compiled to bytecode first, as an installed package is
+(``parallel_apply.compile_batchspec``).
 
 Run:  .venv/bin/python bench/fleet.py
       .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
@@ -37,6 +39,7 @@ from pathlib import Path
 from parallel_apply import (
     BENCH_KEY,
     KEY_ENV,
+    compile_batchspec,
     start_gated_model,
     start_latency_proxy,
     start_serve,
@@ -149,6 +152,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    compile_batchspec()
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     model, gate, model_url = start_gated_model()
     serve, serve_url = start_serve(tmp / "engine", model_url)

@@ -47,6 +47,17 @@ BASELINE_SRC: list[str] = []  # --baseline-src, e.g. an export of main
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
+def compile_batchspec() -> None:
+    """Compile batchspec's modules to bytecode, as ``pip install`` does for an installed
+    package (the ``openai`` package the SDK script imports is compiled that way). An editable
+    install is compiled by its first run, except where PYTHONDONTWRITEBYTECODE is set, as on
+    the machine these figures come from: there every run compiled ~80 modules (0.15 s)."""
+    import batchspec
+
+    package = str(Path(batchspec.__file__).parent)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+
+
 def start_gated_model() -> tuple[ThreadingHTTPServer, threading.Event, str]:
     """An OpenAI chat stand-in that holds every request until the event is set."""
     gate = threading.Event()

@@ -10,11 +10,13 @@ arrive, ``forwarded`` as they reach the upstream, so a test can say how many cre
 the provider; ``arrived(route)`` is an event set when the first such request arrives. A route
 in ``hold_answers`` is forwarded at once and its *answer* kept that many seconds: the provider
 has acted, and the client learns of it late. A route in ``refuse`` is answered with that HTTP
-status and an error body, never forwarded (a file the provider cannot serve for a while).
+status and an error body, never forwarded (a file the provider cannot serve for a while); a
+status of 0 closes the connection with no answer at all (a reset).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -116,6 +118,10 @@ def start_slow_gateway(
             self.close_connection = True
 
         def _refuse(self, status: int) -> None:
+            if status == 0:  # a reset: the connection closes with no answer
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             body = b'{"error": {"message": "refused by the test gateway", "type": "server_error"}}'
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -146,6 +146,18 @@ def test_done_and_degraded_resources_get_a_mark_instead_of_a_spinner() -> None:
     assert b.startswith("✗ b") and b.endswith("degraded") and "3 failed" in b
 
 
+def test_a_failed_download_is_a_red_line_and_its_bar_stops_saying_downloading() -> None:
+    """A ``download_failed`` event prints its line in red above the bars, and the bar reads
+    "download failed", not "downloading" as if the file were still on its way."""
+    screen = LiveBars(width=100, style=ANSI)
+    screen.render(poll(3, 3, status="completed"), now=0.0)
+    screen.render(Progress("download", "triage", "downloading the output file"), now=0.0)
+    text = screen.render(Progress("download_failed", "triage", "could not download"), now=0.0)
+    assert "[triage] " + ANSI.paint("could not download", "red") + "\n" in text
+    [line] = board_lines(screen.board, now=0.0, width=100)
+    assert "download failed" in line and "downloading" not in line
+
+
 def test_bars_never_wrap_even_with_colour() -> None:
     """Each line is cut to width - 1 visible characters; escape codes do not count."""
     board = board_of((0.0, poll(1, 9, resource="a-rather-long-resource-name")))

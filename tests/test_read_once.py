@@ -58,9 +58,17 @@ from batchspec.wire.request_index import (
     RequestIndexWriter,
     read_request_index,
 )
+from batchspec.workspace import inputcache
 from batchspec.workspace.inputcache import INDEX_KEEP_S, RACY_WINDOW_S, InputCache
 
 WAIT = ApplyOptions(wait=True, poll_interval=0.05)
+
+
+@pytest.fixture
+def index_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every input's request index in a file of its own, as a large input's is (a small
+    input's is kept on its cache entry: ``INLINE_INPUT_MAX_BYTES``)."""
+    monkeypatch.setattr(inputcache, "INLINE_INPUT_MAX_BYTES", -1)
 
 
 def local_ws(root: Path, count: int, *, per_batch: int | None = None) -> Workspace:
@@ -180,6 +188,7 @@ def count_index_opens(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return opened
 
 
+@pytest.mark.usefixtures("index_files")
 def test_each_use_of_a_request_index_reads_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,6 +348,7 @@ def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Pa
             source.read(facts[1])
 
 
+@pytest.mark.usefixtures("index_files")
 def test_a_lost_index_is_made_again_from_the_unchanged_input(tmp_path: Path) -> None:
     """A run that finds no request index (its folder deleted after the validation) indexes
     the input once more, checks it still hashes to what was validated, and shards it as
@@ -389,6 +399,7 @@ def _count_scandir(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return listed
 
 
+@pytest.mark.usefixtures("index_files")
 def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,7 +418,7 @@ def test_indexes_unused_for_the_keep_window_are_pruned_when_one_is_written(
         long_ago = time.time() - INDEX_KEEP_S - 60
         for path in (stale, folder / f"{sha}.idx"):
             os.utime(path, (long_ago, long_ago))
-        assert cache.request_index(first, sha) == folder / f"{sha}.idx"  # used: fresh again
+        assert len(list(cache.request_facts(first, sha))) == 2  # used: fresh again
         scans = _count_scandir(monkeypatch)
         other = cache.scan(second).sha256
         assert scans == []  # not while the run goes on
@@ -459,6 +470,7 @@ def test_collecting_a_large_output_takes_bounded_memory(
     assert large < 1.5 * small, (small, large)
 
 
+@pytest.mark.usefixtures("index_files")
 def test_a_swapped_or_damaged_index_is_not_trusted(tmp_path: Path) -> None:
     """An index copied over another input's name, or with one byte of a record flipped, is
     not used: the input is scanned again, and the ledger and results are the input's own
@@ -598,6 +610,7 @@ def test_an_apply_under_a_providers_stricter_rules_parses_each_input_line_once(
     assert ledger(ws) == expected_ledger(ws.input_path("job"), shard_of)
 
 
+@pytest.mark.usefixtures("index_files")
 def test_a_lost_index_of_lines_only_their_providers_rules_accept_is_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Callable[..., ProbedServer]
 ) -> None:
@@ -733,3 +746,89 @@ def test_an_input_changed_before_import_records_it_is_refused(
 
     with ws.store() as store:
         assert store.generations("triage") == []
+
+
+def _cached_indexes(ws: Workspace) -> list[bytes]:
+    """The request indexes kept on the entries of the workspace's input cache."""
+    with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
+        rows = db.execute("select request_index from input_scans2").fetchall()
+    return [r[0] for r in rows if r[0] is not None]
+
+
+def test_a_small_inputs_index_is_kept_on_its_cache_entry_not_in_a_file(tmp_path: Path) -> None:
+    """A fleet of small inputs writes no index file (1,000 of them cost a first pass about a
+    second on a slow disk): each index is kept on its scan's cache entry, and a later run
+    that needs it (the plan's count of reusable answers) reads it from there, not the input."""
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=tuple(ResourceSpec(f"r{i}", count=5, provider="here") for i in range(3)),
+    )
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the scans are kept
+
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+
+    index_dir = ws.root / "state" / "input-index"
+    assert not index_dir.exists() or list(index_dir.iterdir()) == []
+    assert len(_cached_indexes(ws)) == 3
+    for i in range(3):
+        assert [o["custom_id"] for o in ws.outputs(f"r{i}")] == ws.input_ids(f"r{i}")
+
+
+def test_a_damaged_or_missing_cached_index_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small input's cached index with a custom_id changed in the cache database, or gone
+    from it, is not used: the input is scanned again (once), and the plan, the ledger and the
+    results are the input's own."""
+    ws = local_ws(tmp_path, 60)
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    lines = request_lines(60)
+    lines[5] = {**lines[5], "body": {**lines[5]["body"], "temperature": 0.5}}
+    ws.write_input("job", lines)
+    time.sleep(RACY_WINDOW_S + 0.1)  # so the plan's scan is kept, with its index
+    plan_workspace([str(ws.root)])
+    [kept] = [i for i in _cached_indexes(ws) if b"req-3" in i]
+    damaged = kept.replace(b"req-3", b"req-9", 1)
+    with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
+        db.execute(
+            "update input_scans2 set request_index = ? where request_index = ?", (damaged, kept)
+        )
+    parsed = count_parses(monkeypatch)
+
+    assert [(a.requests, a.reused) for a in plan_workspace([str(ws.root)]).plan.actions] == [
+        (1, 59)
+    ]
+    assert len(parsed) == 60  # scanned again: the damaged index was refused
+    with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
+        db.execute("update input_scans2 set request_index = null")
+    result = apply_workspace([str(ws.root)], WAIT)
+
+    assert result.exit_code == 0
+    assert len(parsed) == 120
+    assert [o["custom_id"] for o in ws.outputs("job")] == ws.input_ids("job")
+    with ws.store() as store:
+        [gen] = [g for g in store.generations("job") if g.status == "complete"][-1:]
+        assert store.ledger().state_counts(gen.id) == {"ok": 60}
+
+
+def test_small_indexes_past_the_memory_cap_go_to_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a run holds ``INLINE_TOTAL_MAX_BYTES`` of small inputs' indexes (here: after the
+    first), the next ones are written to files as a large input's are: a fleet of many small
+    inputs takes bounded memory, and every resource is still answered line for line."""
+    monkeypatch.setattr(inputcache, "INLINE_TOTAL_MAX_BYTES", 1)
+    ws = make_workspace(
+        tmp_path,
+        providers={"here": local_provider()},
+        resources=tuple(ResourceSpec(f"r{i}", count=5, provider="here") for i in range(3)),
+    )
+    for i in range(3):  # three contents, three indexes
+        ws.write_input(f"r{i}", request_lines(5, prefix=f"r{i}-"))
+
+    assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+
+    assert len(list((ws.root / "state" / "input-index").glob("*.idx"))) == 2
+    for i in range(3):
+        assert [o["custom_id"] for o in ws.outputs(f"r{i}")] == ws.input_ids(f"r{i}")

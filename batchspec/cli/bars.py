@@ -39,6 +39,13 @@ BAR_WIDTH = 24
 SPIN_PER_SECOND = 10
 #: events the bars show by themselves; every other event is a milestone line above them
 BAR_EVENTS = frozenset({"plan", "poll", "wait", "upload", "upload_progress", "download"})
+#: milestone lines drawn in a colour above the bars
+_LINE_COLOURS = {
+    "warning": "yellow",
+    "skip": "yellow",
+    "queued": "yellow",
+    "download_failed": "red",
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ def advance(board: Board, progress: Progress, now: float) -> Board:
         bar = replace(bar, activity="downloading")
     elif event == "collect":
         bar = replace(bar, activity="collected")
+    elif event == "download_failed":
+        bar = replace(bar, activity="download failed")
     elif event == "queued":
         bar = replace(bar, activity="queued")
     elif event == "results":
@@ -248,7 +257,7 @@ def _mark(bar: ResourceBar, now: float, style: Style, ascii_only: bool) -> str:
 def _doing(bar: ResourceBar, statuses: set[str]) -> str:
     if bar.outcome is not None:
         return bar.outcome
-    if bar.activity in ("downloading", "collected", "queued") or not statuses:
+    if bar.activity in ("downloading", "download failed", "collected", "queued") or not statuses:
         return bar.activity
     return ", ".join(sorted(statuses))
 
@@ -307,7 +316,7 @@ class LiveBars:
         if progress.event in BAR_EVENTS:
             return self.redraw(now)
         prefix = f"[{progress.resource}] " if progress.resource else ""
-        colour = "yellow" if progress.event in ("warning", "skip", "queued") else None
+        colour = _LINE_COLOURS.get(progress.event)
         line = prefix + (self.style.paint(progress.message, colour) if colour else progress.message)
         return self._erase() + line + "\n" + self._draw(now)  # above the bars: it may wrap
 

@@ -552,8 +552,11 @@ def apply(
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
     One pass takes the next safe step for each resource; with --wait it loops until done.
-    Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace
-    (or an error), 3 locked, 4 Degraded, 5 --timeout reached.
+    Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace,
+    or a finished batch's file that could not be downloaded (the other resources are still
+    applied; the next apply collects it), or an error; 3 locked, 4 Degraded, 5 --timeout
+    reached. With --wait, a failed download is tried again on later polls (after 5 s,
+    doubling to 5 min) while other resources keep the run waiting, never waited for alone.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
@@ -621,6 +624,8 @@ def apply(
         click.echo(render.apply_text(result, style))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
+    elif result.outcome == "not_collected":
+        click.echo(f"Error: {render.not_collected_text(result)}", err=True)
     return result.exit_code
 
 

@@ -372,13 +372,17 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
         "(not retryable, or out of attempts); the errors files hold them.",
         "timeout": "Apply stopped at --timeout before every resource was in sync.",
         "replace_refused": "",
+        "not_collected": "",
     }[result.outcome]
+    if result.outcome == "not_collected":
+        headline = not_collected_text(result)
     if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = replace_refused_text(result)
     if not result.plan.actions:
         headline = f"Apply did nothing: {NOTHING_SELECTED}."
     lines = [
         style.bold(headline),
+        *(f"  {line}" for line in not_collected_lines(result)),
         *status_lines(result.statuses, style),
         *totals_lines(result.statuses),
     ]
@@ -400,11 +404,29 @@ def replace_refused_text(result: ApplyResult) -> str:
     )
 
 
+def not_collected_text(result: ApplyResult) -> str:
+    """Why apply exits 1 after a failed download: also what `apply --quiet` says on stderr."""
+    names = list(dict.fromkeys(f.resource for f in result.not_collected))
+    return (
+        f"Apply did not collect {', '.join(names)}: downloading the files of finished "
+        "batches failed. Nothing was resubmitted; the next `batchspec apply` collects them."
+    )
+
+
+def not_collected_lines(result: ApplyResult) -> list[str]:
+    """One line per batch whose file could not be downloaded."""
+    return [
+        f"not collected: {f.resource}: the {f.file} file of batch {f.remote_id}: {f.error}"
+        for f in result.not_collected
+    ]
+
+
 def apply_json(result: ApplyResult) -> dict[str, Any]:
     return {
         "run_id": result.run_id,
         "outcome": result.outcome,
         "exit_code": result.exit_code,
+        "not_collected": [f.to_json() for f in result.not_collected],
         "plan": result.plan.to_json(),
         "resources": [s.to_json() for s in result.statuses],
     }

@@ -44,6 +44,7 @@ from batchspec.core.plan import (
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
+from batchspec.core.reconcile.context import DownloadFailure
 from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
 from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
@@ -124,11 +125,14 @@ class ApplyResult:
     run_id: int
     plan: Plan
     statuses: tuple[ResourceStatus, ...]
-    outcome: str  # converged | in_progress | replace_refused | degraded | timeout
+    outcome: str  # converged | in_progress | replace_refused | not_collected | degraded | timeout
     exit_code: int
     # resources with batches in flight on a `local` provider: they advance only while a
     # batchspec command runs (the engine lives in its process)
     local_in_flight: tuple[str, ...] = ()
+    # ended batches whose files could not be downloaded (outcome not_collected, or with a
+    # timeout): nothing of them recorded as collected; the next apply collects them
+    not_collected: tuple[DownloadFailure, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +351,9 @@ def apply_workspace(
             if _is_local(ws, s.provider)
             and any(b.status not in TERMINAL_STATUSES for b in s.batches)
         )
-        result = ApplyResult(run.id, plan, statuses, outcome, _exit_code(outcome), local)
+        result = ApplyResult(
+            run.id, plan, statuses, outcome, _exit_code(outcome), local, rec.not_collected()
+        )
         run.exit_code = result.exit_code
         return result
 
@@ -506,6 +512,8 @@ def converge(
         gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
     if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
         return "replace_refused"  # exit 1: CI must not pass with the old spec still running
+    if rec.not_collected():
+        return "not_collected"  # exit 1: a finished batch's results are not in yet
     if any(a.kind is not ActionKind.NONE for a in plan.actions):
         return "in_progress"
     if any(g is not None and g.status == "degraded" for g in gens):
@@ -524,7 +532,14 @@ def poll_pause(interval: float, since_create: float | None, done_in: float | Non
 
 
 def _exit_code(outcome: str) -> int:
-    codes = {"converged": 0, "in_progress": 0, "replace_refused": 1, "degraded": 4, "timeout": 5}
+    codes = {
+        "converged": 0,
+        "in_progress": 0,
+        "replace_refused": 1,
+        "not_collected": 1,
+        "degraded": 4,
+        "timeout": 5,
+    }
     return codes[outcome]
 
 

@@ -23,7 +23,7 @@ from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
-from batchspec.wire.request_index import RequestFact, read_request_index
+from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
     ProviderConfig,
@@ -170,8 +170,7 @@ def indexed_requests(cache: InputCache, facts: Mapping[str, InputReport]) -> Req
     """Each validated resource's requests from its input's request index (no re-parse)."""
 
     def requests(res: Resource) -> Iterator[RequestFact]:
-        index = cache.request_index(res.input_path, facts[res.name].sha256)
-        return read_request_index(index)
+        return cache.request_facts(res.input_path, facts[res.name].sha256)
 
     return requests
 

@@ -168,32 +168,51 @@ def is_complete(path: str | os.PathLike[str], sha256: str) -> bool:
 
 
 def read_request_index(path: str | os.PathLike[str]) -> Iterator[RequestFact]:
-    """Stream an index's records in file order (a chunk of the file at a time)."""
-    size = _RECORD.size
-    unpack = _RECORD.unpack_from
+    """Stream an index file's records in file order (a chunk of the file at a time)."""
     with open(path, "rb", buffering=0) as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError(f"{os.fspath(path)} is not a request index")
         f.read(_HEADER.size)
-        buf = b""
+        yield from _records(iter(lambda: f.read(_READ_BYTES), b""), os.fspath(path))
+
+
+def index_bytes_complete(data: bytes, sha256: str) -> bool:
+    """``is_complete`` for an index held in memory (``data``: the whole file's bytes)."""
+    head = len(MAGIC) + _HEADER.size
+    if len(data) < head or not data.startswith(MAGIC):
+        return False
+    length, content, records = _HEADER.unpack_from(data, len(MAGIC))
+    if length != len(data) or content.hex() != sha256:
+        return False
+    return hashlib.sha256(memoryview(data)[head:]).digest() == bytes(records)
+
+
+def read_request_index_bytes(data: bytes) -> Iterator[RequestFact]:
+    """The records of an index held in memory, in file order."""
+    if not data.startswith(MAGIC):
+        raise ValueError("not a request index")
+    yield from _records(iter([data[len(MAGIC) + _HEADER.size :]]), "a request index")
+
+
+def _records(chunks: Iterator[bytes], name: str) -> Iterator[RequestFact]:
+    """Decode records from the bytes after the header, given in chunks of any size."""
+    size = _RECORD.size
+    unpack = _RECORD.unpack_from
+    buf = b""
+    pos = 0
+    for chunk in chunks:
+        buf = buf[pos:] + chunk
         pos = 0
-        while True:
-            chunk = f.read(_READ_BYTES)
-            if chunk:
-                buf = buf[pos:] + chunk
-                pos = 0
-            while len(buf) - pos >= size:
-                line, offset, length, inputs, id_len, digest = unpack(buf, pos)
-                if len(buf) - pos < size + id_len:
-                    break
-                start = pos + size
-                custom_id = buf[start : start + id_len].decode("utf-8", "surrogatepass")
-                pos = start + id_len
-                yield RequestFact(line, offset, length, custom_id, digest, inputs)
-            if not chunk:
-                if pos != len(buf):
-                    raise ValueError(f"{os.fspath(path)} ends inside a record")
-                return
+        while len(buf) - pos >= size:
+            line, offset, length, inputs, id_len, digest = unpack(buf, pos)
+            if len(buf) - pos < size + id_len:
+                break
+            start = pos + size
+            custom_id = buf[start : start + id_len].decode("utf-8", "surrogatepass")
+            pos = start + id_len
+            yield RequestFact(line, offset, length, custom_id, digest, inputs)
+    if pos != len(buf):
+        raise ValueError(f"{name} ends inside a record")
 
 
 class RequestBytes:
@@ -239,7 +258,9 @@ __all__ = [
     "RequestBytes",
     "RequestFact",
     "RequestIndexWriter",
+    "index_bytes_complete",
     "is_complete",
     "read_request_index",
+    "read_request_index_bytes",
     "remember_complete",
 ]

@@ -27,17 +27,25 @@ once (``request_index``). An index describes content, not a path: it is used onl
 file whose sha256 is the one asked for, and a file that changed since its scan is scanned
 again (``require_unchanged``), never trusted. Deleting the folder only costs a re-read, so
 indexes unused for ``INDEX_KEEP_S`` are removed when a new one is written.
+
+The index of a small input (``INLINE_INPUT_MAX_BYTES``) is kept in memory and in the cache
+database, on its scan's entry, instead of a file of its own: a fleet of small manifests would
+otherwise create a file per input on its first pass (1,000 of them cost a first ``plan`` about
+a second on a slow disk). It is trusted on the same terms as a file (whole, undamaged, of
+the content asked for: ``index_bytes_complete``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,28 +53,38 @@ from typing import Any
 from batchspec.wire.inputs import InputReport, file_sha256, scan_batch_input
 from batchspec.wire.request_index import (
     InputChangedError,
+    RequestFact,
     RequestIndexWriter,
+    index_bytes_complete,
     is_complete,
+    read_request_index,
+    read_request_index_bytes,
     remember_complete,
 )
 
 _SCHEMA = """
-create table if not exists input_scans (
+create table if not exists input_scans2 (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
     verify integer not null,
+    request_index blob,
     primary key (path, options)
 )
 """
-#: the table before racy entries were kept (dropped: it costs one re-read)
-_OLD_TABLE = "scans"
+#: earlier tables (dropped: it costs one re-read): before racy entries were kept, and before
+#: small inputs' request indexes were kept on their entries
+_OLD_TABLES = ("scans", "input_scans")
 
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
 RACY_WINDOW_S = 2.0
 #: seconds a request index is kept after its last use (a lost one costs one re-read)
 INDEX_KEEP_S = 14 * 24 * 3600
+#: inputs up to this size keep their request index in memory and the cache database, while
+#: the indexes a run holds so take up to ``INLINE_TOTAL_MAX_BYTES`` (then files again)
+INLINE_INPUT_MAX_BYTES = 64 * 1024
+INLINE_TOTAL_MAX_BYTES = 32 * 1024 * 1024
 
 
 class InputCache:
@@ -89,6 +107,8 @@ class InputCache:
         self.index_dir = index_dir
         self._private_dir: str | None = None  # indexes when index_dir cannot be written
         self._written_to: set[Path] = set()  # folders pruned on close: once a run, not per write
+        self._inline: dict[str, bytes] = {}  # small inputs' indexes, by content sha256
+        self._inline_bytes = 0
 
     def close(self) -> None:
         for folder in self._written_to:
@@ -130,7 +150,7 @@ class InputCache:
         if report is None:
             report = self._scan_and_index(path, options, self._writable_index_dir())
             if report.ok:
-                self._store(key, stamp, report, verify=racy)
+                self._store(key, stamp, report, verify=racy, index=self._inline.get(report.sha256))
         self.memory[key] = (stamp, report)
         self.hashed[key[0]] = (stamp, report.sha256)
         return report
@@ -180,10 +200,28 @@ class InputCache:
             **({"dialect": dialect} if dialect != "openai" else {}),
         )
 
-    def request_index(self, path: Path, sha256: str) -> Path:
-        """The request index of content ``sha256``, the content of ``path``: the one kept
-        from an earlier scan, or made by reading ``path`` once more (``InputChangedError`` if
-        it no longer holds that content)."""
+    def request_facts(self, path: Path, sha256: str) -> Iterator[RequestFact]:
+        """The requests of content ``sha256``, the content of ``path``, from its request
+        index: the one kept from an earlier scan, or made by reading ``path`` once more
+        (``InputChangedError`` if it no longer holds that content)."""
+        index = self._request_index(path, sha256)
+        if isinstance(index, bytes):
+            return read_request_index_bytes(index)
+        return read_request_index(index)
+
+    def copy_request_index(self, path: Path, sha256: str, dest: Path) -> None:
+        """Write the request index of content ``sha256`` (see ``request_facts``) to ``dest``."""
+        index = self._request_index(path, sha256)
+        if isinstance(index, bytes):
+            dest.write_bytes(index)
+        else:
+            shutil.copyfile(index, dest)
+
+    def _request_index(self, path: Path, sha256: str) -> bytes | Path:
+        """A small input's index (its bytes), else the index file."""
+        inline = self._inline.get(sha256)
+        if inline is not None:
+            return inline
         folder = self._writable_index_dir() or self._private_index_dir()
         kept = folder / f"{sha256}.idx"
         if is_complete(kept, sha256):  # whole, undamaged, and of this content
@@ -196,6 +234,9 @@ class InputCache:
         report = self._scan_and_index(path, {}, folder, keep=sha256)
         if report.sha256 != sha256:
             raise _changed(path)
+        inline = self._inline.get(sha256)
+        if inline is not None:
+            return inline
         if not is_complete(kept, sha256):  # a line without a custom_id: never validated
             raise InputChangedError(f"{path}: the input has problems; validate it first")
         return kept
@@ -212,7 +253,20 @@ class InputCache:
     ) -> InputReport:
         """Scan ``path``, writing its request index into ``folder`` in the same pass; the index
         is kept when the scan is clean, or when the content is ``keep`` (a sha256 validated
-        before) and every request line was indexed."""
+        before) and every request line was indexed. A small input's index is kept in
+        ``_inline`` instead (``folder`` is not needed for it)."""
+        with contextlib.suppress(OSError):
+            if (
+                os.stat(path).st_size <= INLINE_INPUT_MAX_BYTES
+                and self._inline_bytes < INLINE_TOTAL_MAX_BYTES
+            ):
+                buffer = io.BytesIO()
+                writer = RequestIndexWriter(buffer)
+                report = scan_batch_input(path, **options, index=writer)
+                writer.finish(report.sha256)
+                if report.ok or (report.sha256 == keep and writer.records == report.requests):
+                    self._keep_inline(report.sha256, buffer.getvalue())
+                return report
         if folder is None:
             return scan_batch_input(path, **options)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
@@ -230,6 +284,13 @@ class InputCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return report
+
+    def _keep_inline(self, sha256: str, index: bytes) -> None:
+        """Hold a small input's index, unless the run holds ``INLINE_TOTAL_MAX_BYTES`` of them
+        (one not held is read again from its input when needed, into a file)."""
+        if sha256 not in self._inline and self._inline_bytes < INLINE_TOTAL_MAX_BYTES:
+            self._inline[sha256] = index
+            self._inline_bytes += len(index)
 
     def _writable_index_dir(self) -> Path | None:
         if self.index_dir is None:
@@ -253,8 +314,8 @@ class InputCache:
             return None
         try:
             row = self.conn.execute(
-                "select size, mtime_ns, ctime_ns, inode, report, verify from input_scans "
-                "where path = ? and options = ?",
+                "select size, mtime_ns, ctime_ns, inode, report, verify, request_index "
+                "from input_scans2 where path = ? and options = ?",
                 key,
             ).fetchone()
         except sqlite3.Error:  # a damaged cache costs a re-read, never the run
@@ -262,6 +323,11 @@ class InputCache:
         if row is None or tuple(row[:4]) != stamp:
             return None
         report = _report(row[4])
+        index = row[6]
+        if report is not None and isinstance(index, bytes):
+            if not index_bytes_complete(index, report.sha256):
+                return None  # damaged: scanned again, which writes it anew
+            self._keep_inline(report.sha256, index)
         if report is None or not row[5]:
             return report
         try:  # stored racy: the stamp proves nothing, the bytes must still be that content
@@ -269,15 +335,21 @@ class InputCache:
         except OSError:
             return None
         if same and not racy:  # settled since: its stamp is proof enough from now on
-            self._store(key, stamp, report, verify=False)
+            self._store(key, stamp, report, verify=False, index=index)
         return report if same else None
 
     def _store(
-        self, key: tuple[str, str], stamp: tuple[int, ...], report: InputReport, *, verify: bool
+        self,
+        key: tuple[str, str],
+        stamp: tuple[int, ...],
+        report: InputReport,
+        *,
+        verify: bool,
+        index: bytes | None,
     ) -> None:
         if self.conn is None:
             return
-        self._pending.append((*key, *stamp, json.dumps(asdict(report)), int(verify)))
+        self._pending.append((*key, *stamp, json.dumps(asdict(report)), int(verify), index))
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         """Store the run's new entries in one transaction (one per entry cost a first pass
@@ -288,7 +360,7 @@ class InputCache:
             conn.execute("begin immediate")
             try:
                 conn.executemany(
-                    "insert or replace into input_scans values (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "insert or replace into input_scans2 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
             except BaseException:
@@ -328,7 +400,8 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
         # a cache: no fsync per entry (WAL keeps it whole; a power cut costs a re-read)
         conn.execute("pragma synchronous=normal")
         conn.execute(_SCHEMA)
-        conn.execute(f"drop table if exists {_OLD_TABLE}")
+        for old in _OLD_TABLES:
+            conn.execute(f"drop table if exists {old}")
     except (OSError, sqlite3.Error):
         if conn is not None:
             conn.close()

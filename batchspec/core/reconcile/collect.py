@@ -6,6 +6,15 @@ offsets, in one transaction with the batch's ``collect`` event, so the result fi
 rebuilt from the store at any time. A batch the provider rejected as a whole has its line
 numbers mapped back to the input. When every batch is collected and no retry is left, the
 result files are written from the store, in input order, and the generation is finished.
+
+A download that fails (a provider error after the HTTP client's own retries: a 5xx, a 404, a
+connection reset) stops only its resource, as Terraform leaves an independent resource's
+failure to it: the batch stays ended-but-not-collected (no ``collect`` event, no request
+marked failed, never resubmitted), a ``download-failed`` event and a ``download_failed``
+line say what failed, and the pass goes on with the others (``RunContext.download_failures``;
+apply then exits 1 naming it). A later pass of the same run (``apply --wait``, while other
+resources keep it waiting) tries it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds
+after the first failure, doubling to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
 """
 
 from __future__ import annotations
@@ -16,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.core.plan import Action
-from batchspec.core.reconcile.context import RunContext, now
+from batchspec.core.reconcile.context import DownloadFailure, RunContext, now
 from batchspec.core.recorded import is_requeued
 from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
+from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteNotFound
 from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
@@ -37,6 +47,28 @@ try:  # the optional ``fast`` extra: parsing result lines is most of a large col
     from orjson import loads as _fast_loads
 except ImportError:
     _fast_loads = json.loads  # type: ignore[assignment]  # accepts the same bytes
+
+
+#: seconds before a failed download is tried again by a later pass of the same run, doubled
+#: after each further failure up to ``DOWNLOAD_RETRY_MAX``
+DOWNLOAD_RETRY_FIRST = 5.0
+DOWNLOAD_RETRY_MAX = 300.0
+
+
+class DownloadFailed(ProviderError):
+    """A file of a current generation's ended batch could not be downloaded: the provider's
+    error, with which file it was (``kind``: output or errors)."""
+
+    def __init__(self, kind: str, file_id: str, cause: ProviderError) -> None:
+        super().__init__(
+            cause.message,
+            status=cause.status,
+            code=cause.code,
+            request_id=cause.request_id,
+            retryable=cause.retryable,
+        )
+        self.kind = kind
+        self.file_id = file_id
 
 
 def _loads(body: bytes) -> Any:
@@ -103,8 +135,20 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
         for b in ctx.store.batches(gen.id)
         if b.remote_id and b.status in TERMINAL_STATUSES and b.collected_at is None
     ]
+    not_collected = False
     for batch in pending:
-        _collect_batch(ctx, res, gen, batch, provider)
+        if not ctx.download_due(batch.id):
+            not_collected = True  # failed earlier this run: tried again after its pause
+            continue
+        try:
+            _collect_batch(ctx, res, gen, batch, provider)
+        except DownloadFailed as err:
+            _note_download_failure(ctx, res.name, gen, batch, err)
+            not_collected = True
+        else:
+            ctx.download_failures.pop(batch.id, None)
+    if not_collected:
+        return False  # the resource waits for the next pass or apply; the others go on
     if not pending:
         model = res.model or (facts.models[0] if len(facts.models) == 1 else None)
         _finish_generation(ctx, res, gen, model)
@@ -115,6 +159,52 @@ def _collect_batch(
     ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
 ) -> None:
     collect_batch(ctx, res.name, gen, batch, provider, retry_on=retry_on_for(res, gen))
+
+
+def _note_download_failure(
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, err: DownloadFailed
+) -> None:
+    """Record (an event) and say (one line) that a batch's file could not be downloaded; keep
+    it in ``ctx.download_failures``, with when a later pass of this run may try it again."""
+    earlier = ctx.download_failures.get(batch.id)
+    failures = 1 if earlier is None else earlier.failures + 1
+    pause = min(DOWNLOAD_RETRY_MAX, DOWNLOAD_RETRY_FIRST * 2 ** (failures - 1))
+    failure = DownloadFailure(
+        resource=name,
+        batch_id=batch.id,
+        remote_id=batch.remote_id or "",
+        file=err.kind,
+        file_id=err.file_id,
+        error=err.message,
+        status=err.status,
+        failures=failures,
+        retry_at=ctx.monotonic() + pause,
+    )
+    ctx.download_failures[batch.id] = failure
+    with ctx.store.atomic():
+        ctx.store.record_event(
+            ctx.run_id,
+            "download-failed",
+            resource=name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "file": err.kind,
+                "file_id": err.file_id,
+                "error": err.message,
+                **({"http_status": err.status} if err.status is not None else {}),
+            },
+        )
+    ctx.report(
+        Progress(
+            "download_failed",
+            name,
+            f"could not download the {err.kind} file of batch {failure.remote_id}: "
+            f"{err.message.rstrip('.')}; it is not collected and nothing is resubmitted: "
+            "the next apply collects it",
+            failure.to_json(),
+        )
+    )
 
 
 def retry_on_for(res: Resource, gen: GenerationRow) -> tuple[str, ...]:
@@ -167,9 +257,13 @@ def collect_batch(
                     sha = download_to_store(provider, file_id, ctx.blobs)
             except RemoteNotFound as err:
                 if not retired:
-                    raise
+                    raise DownloadFailed(kind, file_id, err) from err
                 gone.append(f"{kind} file {file_id}: {err.message}")
                 continue
+            except ProviderError as err:
+                if retired:
+                    raise  # the drain says so and tries again next apply
+                raise DownloadFailed(kind, file_id, err) from err
             shas[column] = sha
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)

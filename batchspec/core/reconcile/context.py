@@ -62,6 +62,34 @@ class CallPool(Protocol):
 WAIT_GRACE = 0.1
 
 
+@dataclass(frozen=True)
+class DownloadFailure:
+    """A current generation's batch that ended but whose file could not be downloaded this
+    run (``collect``): nothing of it is recorded as collected and nothing is resubmitted;
+    the next apply downloads it again. Within the run it is tried again on a later pass no
+    sooner than ``retry_at`` (on ``RunContext.monotonic``), after ``failures`` failures."""
+
+    resource: str
+    batch_id: int
+    remote_id: str
+    file: str  # "output" or "errors"
+    file_id: str
+    error: str
+    status: int | None  # the provider's HTTP status, None when it was not reached
+    failures: int
+    retry_at: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "resource": self.resource,
+            "remote_id": self.remote_id,
+            "file": self.file,
+            "file_id": self.file_id,
+            "error": self.error,
+            "http_status": self.status,
+        }
+
+
 @dataclass
 class Prefetched:
     """Provider calls made ahead (``prefetch``, ``cancel.cancel_ahead``), each taken once by
@@ -161,6 +189,9 @@ class RunContext:
     contentless: set[int] = field(default_factory=set)
     # the run's hashes of result files on disk: its plans hash an unchanged file once
     disk_hashes: DiskHashes = field(default_factory=dict)
+    # the current generations' batches whose files could not be downloaded, by batch row
+    # id, until one of this run's later passes collects them (``collect``)
+    download_failures: dict[int, DownloadFailure] = field(default_factory=dict)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -186,12 +217,8 @@ class RunContext:
         """Every request of input content ``sha256`` (``res``'s input), from its request
         index: kept by the scan that validated it, else made by reading the input once more
         (``InputChangedError`` when the input no longer holds that content)."""
-        return read_request_index(self.inputs_request_index(res, sha256))
-
-    def inputs_request_index(self, res: Resource, sha256: str) -> Path:
-        """The request index file of ``res``'s input content ``sha256`` (see above)."""
         assert self.inputs is not None
-        return self.inputs.request_index(res.input_path, sha256)
+        return self.inputs.request_facts(res.input_path, sha256)
 
     def _kept_request_facts(self, gen: GenerationRow) -> Iterator[RequestFact] | None:
         """The requests of ``gen``'s input content from the index its first shard's intent put into
@@ -209,6 +236,12 @@ class RunContext:
         """Refuse (``InputChangedError``) an input that no longer holds content ``sha256``."""
         assert self.inputs is not None
         self.inputs.require_unchanged(res.input_path, sha256)
+
+    def download_due(self, batch_id: int) -> bool:
+        """Whether a batch's files are to be downloaded in this pass: none failed this run,
+        or the pause after the last failure (``DownloadFailure.retry_at``) is over."""
+        failure = self.download_failures.get(batch_id)
+        return failure is None or self.monotonic() >= failure.retry_at
 
     def generation(self, res: Resource) -> GenerationRow:
         gen = self.store.find_generation(res.name, res.spec_hash)

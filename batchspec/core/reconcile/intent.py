@@ -11,7 +11,6 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 from __future__ import annotations
 
 import collections
-import shutil
 from collections.abc import Iterable
 
 from batchspec.core.batches import batch_key
@@ -235,8 +234,9 @@ def keep_request_index(ctx: RunContext, res: Resource, sha256: str) -> str:
     machine's index folder may be gone (another runner, a cleaned workspace). The stored
     copy still joins the batch's answers to its request lines, so that they are reused by
     request hash and never paid for again."""
-    index = ctx.inputs_request_index(res, sha256)
-    return ctx.blobs.put_from(lambda tmp: shutil.copyfile(index, tmp))
+    assert ctx.inputs is not None
+    inputs = ctx.inputs
+    return ctx.blobs.put_from(lambda tmp: inputs.copy_request_index(res.input_path, sha256, tmp))
 
 
 def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard: int) -> str:

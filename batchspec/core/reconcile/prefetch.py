@@ -21,11 +21,13 @@ It promises:
 * **Retired batches too.** The batches of generations no longer active that the pass drains
   (``drain``: superseded, cancelled, pruned, still stopping or not yet collected) are polled
   and downloaded with the others, in the same calls and the same pool.
-* **Files only for terminal batches**, and each file once per pass. A listing starts the
-  downloads of the terminal batches on each page as the page arrives, so they overlap the
-  pages still to come. The pass does not wait for the downloads: the collect step of each
-  resource waits for its own files, so the first resources are recorded while the later ones
-  still download.
+* **Files only for terminal batches**, and each file once per pass (a file whose download
+  failed earlier in the run only once its pause is over: ``collect``). A download's error is
+  kept in its future: the collect step that takes it records it for that resource alone. A
+  listing starts the downloads of the terminal batches on each page as the page arrives, so
+  they overlap the pages still to come. The pass does not wait for the downloads: the
+  collect step of each resource waits for its own files, so the first resources are recorded
+  while the later ones still download.
 
 The same pool (``BoundedCalls``, with its per-provider ``AdaptiveLimit``) carries the calls a
 pass, or a command, sends ahead of its serial steps that write: ``pipeline.submit_pass``'s
@@ -212,7 +214,11 @@ def prefetch_pass(
         seen = observed.get(row.id)
         if seen is not None:
             _download_files(ctx, calls, row.provider, seen, rank)
-        elif row.status in TERMINAL_STATUSES and row.collected_at is None:
+        elif (
+            row.status in TERMINAL_STATUSES
+            and row.collected_at is None
+            and ctx.download_due(row.id)  # one that failed this run: after its pause
+        ):
             for file_id in (row.output_file_id, row.error_file_id):
                 _download(ctx, calls, row.provider, file_id, rank)
 

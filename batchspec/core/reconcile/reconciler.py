@@ -18,7 +18,12 @@ from batchspec.core.plan import Action, ActionKind, DesiredResource, RecordedRes
 from batchspec.core.reconcile.cancel import ACTIVE, cancel_ahead, record_cancels_sent_ahead
 from batchspec.core.reconcile.cancel import cancel as cancel_resource
 from batchspec.core.reconcile.collect import collect
-from batchspec.core.reconcile.context import Prefetched, ProviderFactory, RunContext
+from batchspec.core.reconcile.context import (
+    DownloadFailure,
+    Prefetched,
+    ProviderFactory,
+    RunContext,
+)
 from batchspec.core.reconcile.drain import drain_retired, report_still_stopping, retired_batches
 from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
@@ -165,7 +170,8 @@ class Reconciler:
 
         The batches of retired generations (superseded, cancelled, pruned) are polled and
         fetched with the others and recorded first (``drain``), so that a generation this
-        pass records keeps the answers they finished."""
+        pass records keeps the answers they finished. A resource whose download fails is
+        left to a later pass or apply (``collect``); the others go on."""
         self.ctx.last_create_at = None
         self.ctx.done_in = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
@@ -182,11 +188,25 @@ class Reconciler:
                     if res.name in submitted:  # it waits on its new batches
                         if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
                             waiting.append(res)
-                    elif self.advance(res, facts[res.name], group).waiting:
+                    elif self._waits(res, self.advance(res, facts[res.name], group)):
                         waiting.append(res)
                     if group.due:
                         group.flush()
             return waiting
+
+    def _waits(self, res: Resource, step: StepResult) -> bool:
+        """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
+        because a download failed does not (a later pass still tries it, while others wait)."""
+        if step.action.kind is ActionKind.COLLECT and any(
+            f.resource == res.name for f in self.ctx.download_failures.values()
+        ):
+            return False
+        return step.waiting
+
+    def not_collected(self) -> tuple[DownloadFailure, ...]:
+        """The current generations' batches whose files this run could not download (in the
+        order the failures were first seen); the next apply collects them."""
+        return tuple(self.ctx.download_failures.values())
 
     def report_retired_stopping(self, resources: Sequence[Resource]) -> None:
         """At the end of a run: the retired batches still stopping, which a later apply
