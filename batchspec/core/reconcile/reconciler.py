@@ -181,12 +181,20 @@ class Reconciler:
             submitted = submit_pass(
                 self.ctx, resources, facts, calls, spending_action=self._spending_action
             )
+            # what the submitted resources wait on, read (no write) in a few queries in all
+            with self.store.reading():
+                submitted_waiting = {
+                    res.name
+                    for res in resources
+                    if res.name in submitted
+                    and self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE
+                }
             waiting = []
             # one commit for the records of many resources' reads (see ``advance``)
             with self.store.commit_group() as group, self._waits_commit(group):
                 for res in resources:  # downloads under way are waited for when taken
                     if res.name in submitted:  # it waits on its new batches
-                        if self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE:
+                        if res.name in submitted_waiting:
                             waiting.append(res)
                     elif self._waits(res, self.advance(res, facts[res.name], group)):
                         waiting.append(res)
