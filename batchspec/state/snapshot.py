@@ -171,7 +171,7 @@ class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
         return snap
 
     @contextmanager
-    def atomic(self) -> Iterator[Any]:  # type: ignore[override]
+    def atomic(self) -> Iterator[Any]:
         if self._snapshot is not None:
             self._snapshot.live = False  # a write: the reads after it see the database
         with super().atomic() as conn:
