@@ -16,6 +16,7 @@ from slow_gateway import SlowGateway, start_slow_gateway
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.state.store import StateStore
 
 CREATE = "POST /v1/batches"
 
@@ -281,3 +282,48 @@ def test_the_key_is_in_no_download_failed_event_or_line(
     with ws.store() as store:
         events = [e for e in store.events(resource="alpha") if e.action == "download-failed"]
     assert len(events) == 2 and all(key not in json.dumps(e.detail) for e in events)
+
+
+def test_a_failed_download_with_a_postgresql_state_is_left_to_the_next_apply(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+    postgres_url: str,
+) -> None:
+    """The same promise on a PostgreSQL state: alpha's output answers 500, beta is
+    collected, exit 1 with a download-failed event in the database and alpha's batch not
+    collected; the next apply collects alpha from the same batch, nothing created again."""
+    upstream = BuiltinUpstream()
+    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    state = ["--state", postgres_url]
+    assert run_cli(["apply", str(ws.root), "--yes", *state], capsys)[0] == 0
+    client = srv.client()
+    with StateStore.open(postgres_url) as store:
+        [alpha] = store.batches(store.generations("alpha")[0].id)
+        [beta] = store.batches(store.generations("beta")[0].id)
+    ended = {
+        rid: wait_for(
+            lambda rid=rid: b if (b := client.batches.retrieve(rid)).completed_at else None
+        )
+        for rid in (alpha.remote_id or "", beta.remote_id or "")
+    }
+    gw.refuse[_content(ended[alpha.remote_id or ""].output_file_id)] = 500
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *state], capsys)
+
+    assert code == 1, out + err
+    assert [r["custom_id"] for r in ws.outputs("beta")] == ws.input_ids("beta")
+    with StateStore.open(postgres_url) as store:
+        assert store.get_batch(alpha.id).collected_at is None
+        actions = [e.action for e in store.events(resource="alpha")]
+        assert "download-failed" in actions and "collect" not in actions
+
+    gw.refuse.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *state], capsys)
+
+    assert code == 0, out + err
+    assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+    with StateStore.open(postgres_url) as store:
+        assert store.get_batch(alpha.id).collected_at is not None
+    assert gw.received[CREATE] == 2 and set(upstream.calls.values()) == {1}
