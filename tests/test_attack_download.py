@@ -327,3 +327,39 @@ def test_a_failed_download_with_a_postgresql_state_is_left_to_the_next_apply(
     with StateStore.open(postgres_url) as store:
         assert store.get_batch(alpha.id).collected_at is not None
     assert gw.received[CREATE] == 2 and set(upstream.calls.values()) == {1}
+
+
+@pytest.mark.parametrize("status", [500, 404])
+@pytest.mark.parametrize("command", ["replace", "cancel"])
+def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_cancel(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    status: int,
+) -> None:
+    """alpha's output answers 500; while it still does, `apply --replace alpha` (or
+    `cancel alpha`) runs: the ended batch's answers are not lost nor paid again. Once the
+    file is served, applies (the replacement with --wait) end with alpha's results written
+    and every request answered by the provider exactly once."""
+    upstream = BuiltinUpstream()
+    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    files = _ended(ws, srv, capsys, "alpha", "beta")
+    gw.refuse[_content(files["alpha"][0][0])] = status
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1
+
+    if command == "replace":
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "alpha"], capsys)
+    else:
+        code, out, err = run_cli(["cancel", "alpha", str(ws.root)], capsys)
+    assert code in (0, 1), out + err
+    assert "Traceback" not in out + err
+
+    gw.refuse.clear()
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"]
+    code, out, err = run_cli([*argv, "--timeout", "60"], capsys)
+
+    assert code == 0, out + err
+    assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+    assert set(upstream.calls.values()) == {1} and len(upstream.calls) == 9

@@ -262,8 +262,9 @@ def collect_batch(
     ``retired``: ``gen`` is no longer active (superseded, cancelled and not current, pruned):
     the event's detail and the progress line say so; its answers are kept for reuse by
     request hash, never written as the resource's results. A file of it the provider no
-    longer has (404) is left out and named in the event's ``gone``, so that the batch is
-    settled with what could be kept instead of failing every pass."""
+    longer has (404, and 404 for its metadata: ``_file_gone``) is left out and named in the
+    event's ``gone``, so that the batch is settled with what could be kept instead of
+    failing every pass."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
     gone: list[str] = []  # a retired batch's files the provider no longer has
     for column, file_id in (
@@ -288,6 +289,12 @@ def collect_batch(
             except RemoteNotFound as err:
                 if not retired:
                     raise DownloadFailed(kind, file_id, err) from err
+                if not _file_gone(ctx, provider, file_id):
+                    raise ProviderError(
+                        f"{err.message.rstrip('.')}; the provider still lists file {file_id}, "
+                        "so it is not taken as gone",
+                        status=err.status,
+                    ) from err
                 gone.append(f"{kind} file {file_id}: {err.message}")
                 continue
             except ProviderError as err:
@@ -348,6 +355,19 @@ def collect_batch(
         )
     )
     return True
+
+
+def _file_gone(ctx: RunContext, provider: Provider, file_id: str) -> bool:
+    """Whether a file whose content answered 404 is gone from the provider: its metadata
+    answers 404 too (an expired or deleted file). A file still listed is not written off: a
+    retired batch settled without its answers has them paid again by the generation that
+    replaced it (a gateway or a provider failing the content route for a while)."""
+    ctx.before_wait()
+    try:
+        provider.get_file(file_id)
+    except RemoteNotFound:
+        return True
+    return False
 
 
 def _collected_usage(
