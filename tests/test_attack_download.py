@@ -330,7 +330,7 @@ def test_a_failed_download_with_a_postgresql_state_is_left_to_the_next_apply(
 
 
 @pytest.mark.parametrize("status", [500, 404])
-@pytest.mark.parametrize("command", ["replace", "cancel"])
+@pytest.mark.parametrize("command", ["replace", "cancel", "prune"])
 def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_cancel(
     tmp_path: Path,
     serve_engine: Callable[..., EngineServer],
@@ -339,8 +339,9 @@ def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_c
     command: str,
     status: int,
 ) -> None:
-    """alpha's output answers 500; while it still does, `apply --replace alpha` (or
-    `cancel alpha`) runs: the ended batch's answers are not lost nor paid again. Once the
+    """alpha's output answers 500 or 404 (its content route only: the file is listed);
+    while it still does, `apply --replace alpha`, `cancel alpha` or `apply --prune` of its
+    removed manifest runs: the ended batch's answers are not lost nor paid again. Once the
     file is served, applies (the replacement with --wait) end with alpha's results written
     and every request answered by the provider exactly once."""
     upstream = BuiltinUpstream()
@@ -349,8 +350,13 @@ def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_c
     gw.refuse[_content(files["alpha"][0][0])] = status
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1
 
+    manifest = ws.manifest_path("alpha").read_text()
     if command == "replace":
         code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "alpha"], capsys)
+    elif command == "prune":  # its manifest removed, then added back once served again
+        ws.manifest_path("alpha").unlink()
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+        ws.manifest_path("alpha").write_text(manifest)
     else:
         code, out, err = run_cli(["cancel", "alpha", str(ws.root)], capsys)
     assert code in (0, 1), out + err
