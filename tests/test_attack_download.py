@@ -369,3 +369,38 @@ def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_c
     assert code == 0, out + err
     assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
     assert set(upstream.calls.values()) == {1} and len(upstream.calls) == 9
+
+
+def test_a_timeout_with_a_failed_download_exits_5_and_names_it(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`apply --wait --timeout 1 --json` while beta's batch still runs and alpha's output
+    answers 500: exit 5 (the timeout, what CI waits on), the result's outcome `timeout` and
+    exit_code 5, and its not_collected names alpha's file; nothing is created again."""
+    srv = serve_engine(tmp_path / "fast")
+    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=5.0), concurrency=1)
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    providers = {
+        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
+        for name, url in (("srv", gw.v1), ("slow", slow.v1))
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers=providers,
+        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", provider="slow")),
+    )
+    files = _ended(ws, srv, capsys, "alpha")
+    gw.refuse[_content(files["alpha"][0][0])] = 500
+
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--json", "--poll-interval", "0.2"]
+    code, out, err = run_cli([*argv, "--timeout", "1"], capsys)
+
+    assert code == 5, out + err
+    result = next(d for line in out.splitlines() if (d := json.loads(line))["event"] == "result")
+    assert result["outcome"] == "timeout" and result["exit_code"] == 5
+    assert [(f["resource"], f["file"]) for f in result["not_collected"]] == [("alpha", "output")]
+    assert gw.received[CREATE] == 1
