@@ -11,11 +11,15 @@ the provider; ``arrived(route)`` is an event set when the first such request arr
 in ``hold_answers`` is forwarded at once and its *answer* kept that many seconds: the provider
 has acted, and the client learns of it late. A route in ``refuse`` is answered with that HTTP
 status and an error body, never forwarded (a file the provider cannot serve for a while); a
-status of 0 closes the connection with no answer at all (a reset).
+status of 0 closes the connection with no answer at all (a reset). With ``echo_auth`` that
+error body quotes the request's Authorization header, as a careless proxy might. A route in
+``truncate`` is forwarded, and its answer's headers (with the whole ``Content-Length``) and
+first half of its body are sent before the connection closes (a body cut off mid-stream).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -39,6 +43,8 @@ class SlowGateway:
     hold: dict[str, float]
     hold_answers: dict[str, float] = field(default_factory=dict)
     refuse: dict[str, int] = field(default_factory=dict)
+    echo_auth: bool = False
+    truncate: set[str] = field(default_factory=set)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -112,6 +118,12 @@ def start_slow_gateway(
                 self.send_header("Content-Length", str(len(answer.content)))
                 self.send_header("Connection", "close")
                 self.end_headers()
+                if route in gateway.truncate:  # half the body, then the connection closes
+                    self.wfile.write(answer.content[: len(answer.content) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.wfile.write(answer.content)
             except OSError:  # the client gave up (timed out, or was killed): delivered anyway
                 pass
@@ -122,7 +134,10 @@ def start_slow_gateway(
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            body = b'{"error": {"message": "refused by the test gateway", "type": "server_error"}}'
+            said = "refused by the test gateway"
+            if gateway.echo_auth:
+                said += f" (you sent {self.headers.get('Authorization')})"
+            body = json.dumps({"error": {"message": said, "type": "server_error"}}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -283,3 +283,25 @@ def test_an_entry_from_another_version_is_scanned_again(tmp_path: Path) -> None:
         again = cache.scan(source)
 
     assert again == expected
+
+
+def test_the_entries_of_inputs_gone_are_dropped_when_a_run_stores_new_ones(
+    tmp_path: Path,
+) -> None:
+    """An entry carries a small input's whole request index: inputs named anew each run (a
+    dated file, a temporary checkout) must not grow the cache without end. Once a file is
+    gone, its entries are dropped by the next run that stores an entry; the others stay."""
+    db = tmp_path / "input-cache.db"
+    first, second, third = (tmp_path / f"{n}.jsonl" for n in ("a", "b", "c"))
+    for path in (first, second, third):
+        path.write_bytes(one_request_input(tmp_path).read_bytes())
+    with InputCache(db, racy_window=0) as cache:
+        cache.scan(first)
+        cache.scan(second)
+    first.unlink()
+    with InputCache(db, racy_window=0) as cache:
+        cache.scan(third)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("select path, request_index is not null from input_scans2")
+        kept = sorted((Path(p).name, bool(indexed)) for p, indexed in rows.fetchall())
+    assert kept == [("b.jsonl", True), ("c.jsonl", True)]

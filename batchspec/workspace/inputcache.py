@@ -32,7 +32,8 @@ The index of a small input (``INLINE_INPUT_MAX_BYTES``) is kept in memory and in
 database, on its scan's entry, instead of a file of its own: a fleet of small manifests would
 otherwise create a file per input on its first pass (1,000 of them cost a first ``plan`` about
 a second on a slow disk). It is trusted on the same terms as a file (whole, undamaged, of
-the content asked for: ``index_bytes_complete``).
+the content asked for: ``index_bytes_complete``). The entries of files that no longer
+exist are dropped by the next run that stores an entry, as unused index files are pruned.
 """
 
 from __future__ import annotations
@@ -353,7 +354,8 @@ class InputCache:
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         """Store the run's new entries in one transaction (one per entry cost a first pass
-        over 1,000 new inputs 0.3 s); a busy or damaged cache only costs a re-read."""
+        over 1,000 new inputs 0.3 s), and drop the entries of files gone (``_forget_gone``);
+        a busy or damaged cache only costs a re-read."""
         if not self._pending:
             return
         with contextlib.suppress(sqlite3.Error):
@@ -363,11 +365,23 @@ class InputCache:
                     "insert or replace into input_scans2 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
+                _forget_gone(conn)
             except BaseException:
                 conn.execute("rollback")
                 raise
             conn.execute("commit")
         self._pending.clear()
+
+
+def _forget_gone(conn: sqlite3.Connection) -> None:
+    """Delete the entries of paths that no longer exist: an entry carries a small input's
+    whole request index, and inputs named anew each run (dated files, temporary checkouts)
+    would otherwise grow the cache without end, where index files are pruned
+    (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
+    paths = [row[0] for row in conn.execute("select distinct path from input_scans2")]
+    gone = [(path,) for path in paths if not os.path.exists(path)]
+    if gone:
+        conn.executemany("delete from input_scans2 where path = ?", gone)
 
 
 def _report(text: str) -> InputReport | None:

@@ -15,6 +15,12 @@ line say what failed, and the pass goes on with the others (``RunContext.downloa
 apply then exits 1 naming it). A later pass of the same run (``apply --wait``, while other
 resources keep it waiting) tries it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds
 after the first failure, doubling to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
+
+A 401 or 403 is not such a failure: it says the key cannot read the provider's files, which
+is true of every file of that provider, not of one, and no later pass or apply fixes it. The
+``download-failed`` event is recorded and the apply stops at once with the provider's error
+(which names the key's variable, never the key), as before: carrying on would spend on
+batches (retries, ``--wait``'s later passes) whose results could not be downloaded either.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import DownloadFailure, RunContext, now
@@ -53,6 +59,8 @@ except ImportError:
 #: after each further failure up to ``DOWNLOAD_RETRY_MAX``
 DOWNLOAD_RETRY_FIRST = 5.0
 DOWNLOAD_RETRY_MAX = 300.0
+#: HTTP statuses of a download that stop the apply at once: the key, not the file (see above)
+CREDENTIAL_STATUSES = (401, 403)
 
 
 class DownloadFailed(ProviderError):
@@ -143,6 +151,8 @@ def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
         try:
             _collect_batch(ctx, res, gen, batch, provider)
         except DownloadFailed as err:
+            if err.status in CREDENTIAL_STATUSES:
+                _stop_for_credentials(ctx, res.name, gen, batch, err)
             _note_download_failure(ctx, res.name, gen, batch, err)
             not_collected = True
         else:
@@ -159,6 +169,39 @@ def _collect_batch(
     ctx: RunContext, res: Resource, gen: GenerationRow, batch: BatchRow, provider: Provider
 ) -> None:
     collect_batch(ctx, res.name, gen, batch, provider, retry_on=retry_on_for(res, gen))
+
+
+def _stop_for_credentials(
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, err: DownloadFailed
+) -> NoReturn:
+    """Record a download the key may not make (401, 403), then raise its error: see above."""
+    ctx.download_failures.pop(batch.id, None)
+    _record_download_failure(ctx, name, gen, batch, err)
+    err.details.append(
+        f"batch {batch.remote_id} of {name} stays ended and not collected (nothing is "
+        "resubmitted): the next apply collects it once the key may read the provider's files"
+    )
+    raise err
+
+
+def _record_download_failure(
+    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, err: DownloadFailed
+) -> None:
+    """The ``download-failed`` event of a batch's file (the provider's message, redacted)."""
+    with ctx.store.atomic():
+        ctx.store.record_event(
+            ctx.run_id,
+            "download-failed",
+            resource=name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "file": err.kind,
+                "file_id": err.file_id,
+                "error": err.message,
+                **({"http_status": err.status} if err.status is not None else {}),
+            },
+        )
 
 
 def _note_download_failure(
@@ -181,20 +224,7 @@ def _note_download_failure(
         retry_at=ctx.monotonic() + pause,
     )
     ctx.download_failures[batch.id] = failure
-    with ctx.store.atomic():
-        ctx.store.record_event(
-            ctx.run_id,
-            "download-failed",
-            resource=name,
-            generation_id=gen.id,
-            batch_id=batch.id,
-            detail={
-                "file": err.kind,
-                "file_id": err.file_id,
-                "error": err.message,
-                **({"http_status": err.status} if err.status is not None else {}),
-            },
-        )
+    _record_download_failure(ctx, name, gen, batch, err)
     ctx.report(
         Progress(
             "download_failed",
@@ -232,8 +262,9 @@ def collect_batch(
     ``retired``: ``gen`` is no longer active (superseded, cancelled and not current, pruned):
     the event's detail and the progress line say so; its answers are kept for reuse by
     request hash, never written as the resource's results. A file of it the provider no
-    longer has (404) is left out and named in the event's ``gone``, so that the batch is
-    settled with what could be kept instead of failing every pass."""
+    longer has (404, and 404 for its metadata: ``_file_gone``) is left out and named in the
+    event's ``gone``, so that the batch is settled with what could be kept instead of
+    failing every pass."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
     gone: list[str] = []  # a retired batch's files the provider no longer has
     for column, file_id in (
@@ -258,6 +289,12 @@ def collect_batch(
             except RemoteNotFound as err:
                 if not retired:
                     raise DownloadFailed(kind, file_id, err) from err
+                if not _file_gone(ctx, provider, file_id):
+                    raise ProviderError(
+                        f"{err.message.rstrip('.')}; the provider still lists file {file_id}, "
+                        "so it is not taken as gone",
+                        status=err.status,
+                    ) from err
                 gone.append(f"{kind} file {file_id}: {err.message}")
                 continue
             except ProviderError as err:
@@ -318,6 +355,19 @@ def collect_batch(
         )
     )
     return True
+
+
+def _file_gone(ctx: RunContext, provider: Provider, file_id: str) -> bool:
+    """Whether a file whose content answered 404 is gone from the provider: its metadata
+    answers 404 too (an expired or deleted file). A file still listed is not written off: a
+    retired batch settled without its answers has them paid again by the generation that
+    replaced it (a gateway or a provider failing the content route for a while)."""
+    ctx.before_wait()
+    try:
+        provider.get_file(file_id)
+    except RemoteNotFound:
+        return True
+    return False
 
 
 def _collected_usage(

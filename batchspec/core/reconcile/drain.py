@@ -48,8 +48,10 @@ before it submits anything, so a generation recorded in that pass already reuses
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
   why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
-  what it holds. A file of an ended one that answers 404 is left out of its collect, named in
-  the event's ``gone`` (``collect.collect_batch``): the batch settles with what is left.
+  what it holds. A file of an ended one that answers 404, content and metadata both (a file
+  still listed is tried again, not written off: its answers would be paid again), is left out
+  of its collect, named in the event's ``gone`` (``collect.collect_batch``): the batch settles
+  with what is left.
 * **Never in the way.** A pruned resource, which the run may not lock, is recorded only if no
   other run holds it (``RunContext.may_touch``); a batch on a provider no longer configured
   is skipped; a poll or download that fails is a warning, tried again by the next pass.
