@@ -1168,8 +1168,21 @@ def interrupted_text(args: Sequence[str]) -> str:
     return "Interrupted."
 
 
+def skip_httpx_command_line() -> None:
+    """Mark httpx's own command-line client (``httpx._main``) absent before httpx is imported.
+
+    httpx's ``__init__`` imports that client whenever rich is installed: rich, pygments and
+    their friends, ~40 ms, half of what importing httpx costs, on the path of every command
+    that reaches a provider. This process never runs it; httpx then defines a stub
+    ``httpx.main`` in its place, and nothing else of httpx changes.
+    """
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
+    skip_httpx_command_line()
     args = sys.argv[1:] if argv is None else argv
     try:
         rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
