@@ -7,6 +7,7 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
@@ -1181,8 +1182,29 @@ def skip_httpx_command_line() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and turn known failures into exit codes, never tracebacks."""
+    """Entry point: run the CLI and turn known failures into exit codes, never tracebacks.
+
+    With no ``argv`` it is the process's own entry point (the ``batchspec`` script, ``python
+    -m batchspec``): the process exits when it returns, and freezes its heap first
+    (``freeze_heap_before_exit``)."""
     skip_httpx_command_line()
+    try:
+        _run(argv)
+    finally:
+        if argv is None:
+            freeze_heap_before_exit()
+
+
+def freeze_heap_before_exit() -> None:
+    """Move every object to the collector's permanent generation (``gc.freeze``), so the
+    interpreter's last collections at exit do not walk the whole heap again: ~30 ms of a
+    command's exit. Called once the command is done (its state closed, its files written
+    and closed), in a process about to end; a caller of ``main`` in its own process (the
+    tests, giving ``argv``) keeps its collector as it was."""
+    gc.freeze()
+
+
+def _run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
         rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
