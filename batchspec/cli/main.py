@@ -1169,25 +1169,30 @@ def interrupted_text(args: Sequence[str]) -> str:
     return "Interrupted."
 
 
-def skip_httpx_command_line() -> None:
-    """Mark httpx's own command-line client (``httpx._main``) absent before httpx is imported.
+def skip_unused_http_modules() -> None:
+    """Mark two modules httpx would import absent, before httpx is first imported.
 
-    httpx's ``__init__`` imports that client whenever rich is installed: rich, pygments and
-    their friends, ~40 ms, half of what importing httpx costs, on the path of every command
-    that reaches a provider. This process never runs it; httpx then defines a stub
-    ``httpx.main`` in its place, and nothing else of httpx changes.
+    httpx's ``__init__`` imports its own command-line client (``httpx._main``) whenever rich
+    is installed: rich, pygments and friends, ~40 ms; and httpcore imports ``h2`` for
+    HTTP/2 whenever it is installed, ~15 ms. This process never runs that client and never
+    asks for HTTP/2 (httpx's default), so both are skipped on the path of every command that
+    reaches a provider: httpx then defines a stub ``httpx.main``, httpcore an
+    ``HTTP2Connection`` that says h2 is missing, and nothing else of theirs changes.
     """
-    if "httpx" not in sys.modules:
+    if "httpx" not in sys.modules and "httpcore" not in sys.modules:
         sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+        sys.modules.setdefault("h2", None)  # type: ignore[assignment]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn known failures into exit codes, never tracebacks.
 
     With no ``argv`` it is the process's own entry point (the ``batchspec`` script, ``python
-    -m batchspec``): the process exits when it returns, and freezes its heap first
-    (``freeze_heap_before_exit``)."""
-    skip_httpx_command_line()
+    -m batchspec``): it skips the HTTP modules it never uses (``skip_unused_http_modules``),
+    and the process exits when it returns, its heap frozen first
+    (``freeze_heap_before_exit``). A caller in its own process (the tests) gets neither."""
+    if argv is None:
+        skip_unused_http_modules()
     try:
         _run(argv)
     finally:
