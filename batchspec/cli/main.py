@@ -508,7 +508,8 @@ def plan(
     type=click.FloatRange(min=0.01),
     default=30.0,
     show_default=True,
-    help="Longest pause between polls; polling starts at 0.5 s and backs off.",
+    help="Longest pause between polls; polls come every 0.25 s for 2 s after a create, "
+    "then start at 0.5 s and back off.",
 )
 @parallelism_option
 @click.option(
@@ -1180,8 +1181,8 @@ def skip_unused_http_modules() -> None:
     ``HTTP2Connection`` that says h2 is missing, and nothing else of theirs changes.
     """
     if "httpx" not in sys.modules and "httpcore" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
-        sys.modules.setdefault("h2", None)  # type: ignore[assignment]
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+        sys.modules.setdefault("h2", None)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

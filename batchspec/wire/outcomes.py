@@ -48,8 +48,10 @@ def classify_result_line(
     error = line.get("error")
     response = line.get("response")
     # type(...) is dict first: parsed JSON is dicts, and an ABC check is slow on every line
-    is_mapping = type(response) is dict or isinstance(response, Mapping)
-    status = response.get("status_code") if is_mapping else None
+    if type(response) is dict or isinstance(response, Mapping):
+        status = response.get("status_code")
+    else:
+        status = None
     if not error and isinstance(status, int) and 200 <= status < 300:
         return _OK
     category = _category(error, status)
