@@ -23,10 +23,12 @@ OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error":
 
 
 def test_lines_carry_their_byte_spans_and_outcomes(tmp_path: Path) -> None:
-    """Offsets and lengths point at each line's JSON (without its newline); blank lines,
-    non-JSON and lines without a custom_id are skipped."""
+    """Offsets and lengths point at each line's JSON (without its newline); blank and
+    whitespace-only lines, non-JSON, JSON that is not an object and lines without a string
+    custom_id are skipped."""
     failed = b'{"custom_id": "b", "response": {"status_code": 400, "body": {}}, "error": null}'
-    data = OK + b"\n\n" + b"not json\n" + b'{"no": "id"}\n' + failed + b"\r\n"
+    skipped = b'not json\n{"no": "id"}\n \t \x0b\n["a"]\n{"custom_id": 5}\n'
+    data = OK + b"\n\n" + skipped + failed + b"\r\n"
     path = tmp_path / "out.jsonl"
     path.write_bytes(data)
     lines = list(read_result_lines(path))

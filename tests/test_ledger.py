@@ -136,6 +136,14 @@ def test_a_rejected_batch_and_an_unanswered_request_get_distinct_error_lines(
             b'{"a":1} {"b":2};{"c":3}', [(0, 7), (8, 7), (16, 7)], id="no-newline-between"
         ),
         pytest.param(b'{"c":3}\n{"b":2}\n{"a":1}\n', [(16, 7), (8, 7), (0, 7)], id="reversed"),
+        pytest.param(b'{"a":1}\n{"b":2}\n{"c":3}', [(0, 7), (8, 7), (16, 7)], id="no-last-newline"),
+        pytest.param(b'{"a":1}\n{"b":2}\n{"c":3}\r', [(0, 7), (8, 7), (16, 7)], id="last-cr"),
+        pytest.param(
+            b'{"a":1} {"b":2}\n{"c":3}\n', [(0, 7), (8, 7), (16, 7)], id="whole-but-a-space"
+        ),
+        pytest.param(
+            b'{"a":1}\n{"b":2}\n{"c":3}\n\n', [(0, 7), (8, 7), (16, 7)], id="blank-line-after"
+        ),
     ],
 )
 def test_answer_lines_are_written_byte_for_byte_whatever_lies_between_them(
@@ -157,6 +165,43 @@ def test_answer_lines_are_written_byte_for_byte_whatever_lies_between_them(
     out = (tmp_path / "out.jsonl").read_bytes()
     assert out == b'{"a":1}\n{"b":2}\n{"c":3}\n'
     assert written.output_sha256 == hashlib.sha256(out).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("count", "swap"),
+    [
+        pytest.param(3, None, id="one-page"),
+        pytest.param(10_001, None, id="past-two-pages"),
+        pytest.param(10_001, 5_000, id="two-answers-swapped-at-a-page-edge"),
+        pytest.param(10_001, 10_000, id="the-last-two-swapped"),
+    ],
+)
+def test_a_batch_answered_whole_and_in_order_gives_its_stored_file_as_it_is(
+    store: StateStore, blobs: BlobStore, tmp_path: Path, count: int, swap: int | None
+) -> None:
+    """Every request answered ok by one stored file, back to back in input order: the
+    output file is that file byte for byte (its sha256 the stored file's), the errors file
+    empty. Two answers stored in each other's place (on either side of a 5,000-row page
+    edge, or the last two) still come out in input order, each followed by its newline."""
+    ledger = store.ledger()
+    gen = generation(store)
+    ids = [f"id-{i}" for i in range(count)]
+    requests(ledger, gen, ids)
+    order = list(ids)
+    if swap is not None:
+        order[swap - 1], order[swap] = order[swap], order[swap - 1]
+    collect(ledger, blobs, gen, 1, [(c, OK) for c in order])
+
+    written, out, err = write(ledger, gen, blobs, tmp_path)
+
+    assert [r["custom_id"] for r in out] == ids and err == []
+    data = (tmp_path / "out.jsonl").read_bytes()
+    assert data == b"".join(answer_line(c) + b"\n" for c in ids)
+    assert written.output_sha256 == hashlib.sha256(data).hexdigest()
+    assert written.errors_sha256 == hashlib.sha256(b"").hexdigest()
+    assert (written.succeeded, written.failed, written.unresolved) == (count, 0, 0)
+    if swap is None:
+        assert [written.output_sha256] == ledger.blobs_of(gen)
 
 
 # -- the ledger ---------------------------------------------------------------------------------

@@ -1,38 +1,60 @@
 """When ``apply --wait`` polls next: paced from the create, brought forward by progress.
 
 ``poll_pause`` is the whole rule (``batchspec.core.apply.converge`` sleeps what it says);
-``remaining_seconds`` reads a batch's pace from two of its polls. Both are pure.
+``remaining_seconds`` reads a batch's pace from two of its polls. Both are pure. The grid
+the first polls keep after a create is also watched from the server's side, on a real
+engine served over loopback.
 """
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
+from pathlib import Path
 
-from batchspec.core.apply import SHORTEST_POLL_PAUSE, poll_pause
+import pytest
+from probes import ProbedServer
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, served
+
+from batchspec.core.apply import SHORTEST_POLL_PAUSE, ApplyOptions, apply_workspace, poll_pause
 from batchspec.core.reconcile.poll import poll_message, remaining_seconds
+from batchspec.engine.upstreams import BuiltinUpstream
 from batchspec.providers.base import RemoteBatch, RequestCounts
 
 
 @pytest.mark.parametrize(
-    ("interval", "since_create", "done_in", "expected"),
+    ("interval", "since_create", "done_in", "since_poll", "expected"),
     [
-        pytest.param(0.5, None, None, 0.5, id="a-plain-poll-waits-the-interval"),
-        pytest.param(0.5, 0.13, None, 0.37, id="counted-from-the-create"),
-        pytest.param(0.5, 0.8, None, 0.0, id="work-after-the-create-longer-than-the-interval"),
-        pytest.param(0.5, None, 0.3, 0.3, id="progress-says-sooner"),
-        pytest.param(0.5, None, 2.0, 0.5, id="progress-never-makes-it-longer"),
-        pytest.param(0.5, None, 0.0, SHORTEST_POLL_PAUSE, id="all-done-finalizing"),
-        pytest.param(0.05, None, 0.0, 0.05, id="an-interval-below-the-floor-stays"),
-        pytest.param(0.5, 0.3, 0.4, 0.2, id="the-sooner-of-both"),
+        pytest.param(0.5, None, None, 0.0, 0.5, id="no-create-waits-the-interval"),
+        pytest.param(0.5, 0.13, None, 0.3, 0.12, id="first-poll-a-grid-step-after-the-create"),
+        pytest.param(0.5, 0.8, None, 0.9, 0.0, id="work-after-the-create-past-the-grid-step"),
+        pytest.param(0.5, 0.27, None, 0.01, 0.23, id="next-grid-point-after-the-last-poll"),
+        pytest.param(0.5, 0.26, None, 0.01 + 1e-9, 0.24, id="a-poll-on-a-grid-point-is-on-it"),
+        pytest.param(0.5, 0.7, None, 0.2, 0.05, id="a-slow-pass-keeps-to-the-grid"),
+        pytest.param(0.5, 0.7, None, 0.3, 0.0, id="a-pass-past-the-next-point-polls-at-once"),
+        pytest.param(0.5, 1.95, None, 0.01, 0.05, id="the-last-grid-point"),
+        pytest.param(0.5, 2.05, None, 0.01, 0.5, id="then-the-interval"),
+        pytest.param(30.0, 5.0, None, 4.0, 0.0, id="a-create-after-a-long-pass-polls-at-once"),
+        pytest.param(0.1, 0.02, None, 0.1, 0.1, id="a-shorter-interval-than-the-grid-stays"),
+        pytest.param(0.5, None, 0.3, 0.0, 0.3, id="progress-says-sooner"),
+        pytest.param(0.5, None, 2.0, 0.0, 0.5, id="progress-never-makes-it-longer"),
+        pytest.param(0.5, None, 0.0, 0.0, SHORTEST_POLL_PAUSE, id="all-done-finalizing"),
+        pytest.param(0.05, None, 0.0, 0.0, 0.05, id="an-interval-below-the-floor-stays"),
+        pytest.param(0.5, 0.3, 0.15, 0.01, 0.15, id="the-sooner-of-both"),
     ],
 )
 def test_poll_pause(
-    interval: float, since_create: float | None, done_in: float | None, expected: float
+    interval: float,
+    since_create: float | None,
+    done_in: float | None,
+    since_poll: float,
+    expected: float,
 ) -> None:
-    """The pause is never longer than the interval; it counts from the last create, and a
-    batch whose counts say it ends sooner is polled then, but never sooner than the floor
-    (unless the interval itself is shorter)."""
-    assert poll_pause(interval, since_create, done_in) == pytest.approx(expected)
+    """The pause is never longer than the interval; for two seconds after the run's last
+    create the next poll falls on the next point of a 0.25 s grid counted from the create
+    (at once when the pass ran past it), then the interval applies; a batch whose counts say
+    it ends sooner is polled then, but never sooner than the floor (unless the interval
+    itself is shorter)."""
+    assert poll_pause(interval, since_create, done_in, since_poll) == pytest.approx(expected)
 
 
 def test_remaining_seconds_extrapolates_the_pace_between_two_polls() -> None:
@@ -61,3 +83,24 @@ def test_a_poll_message_groups_thousands_as_status_does() -> None:
     """apply's poll line reads 1,500/20,000, as `status` and the totals line write counts."""
     remote = RemoteBatch("batch_1", "in_progress", request_counts=RequestCounts(20000, 1400, 100))
     assert poll_message(remote) == "batch batch_1 in_progress 1,500/20,000"
+
+
+def test_the_first_polls_after_a_create_keep_a_quarter_second_grid(
+    tmp_path: Path, server: Callable[..., ProbedServer]
+) -> None:
+    """Seen by the server: a batch that takes ~1.6 s is polled at least three times in the
+    first second after its create answered, each of the first two polls no later than a
+    script polling every 0.5 s from the create would send it (it was polled at +0.5 s and
+    +1.0 s, each a little after that script's)."""
+    srv = server(api_key=SENTINEL_KEY, upstream=BuiltinUpstream(latency=0.4), concurrency=1)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("job", count=4))
+    options = ApplyOptions(yes=True, wait=True, poll_interval=0.5, timeout=30)
+
+    result = apply_workspace([str(ws.root)], options, env={KEY_ENV: SENTINEL_KEY})
+
+    assert result.exit_code == 0
+    spans = srv.probe.spans
+    created = next(end for route, _, end in spans if route == "POST /batches")
+    polls = sorted(start - created for route, start, _ in spans if route == "GET /batches/{id}")
+    assert len([p for p in polls if p <= 1.0]) >= 3, polls
+    assert polls[0] <= 0.5 and polls[1] <= 1.0, polls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from servers import EngineServer, jsonl_bytes, read_jsonl, request_lines, wait_f
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream
 from batchspec.errors import ProviderError
+from batchspec.providers._http import tls_verify_for
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.providers.registry import build_provider
@@ -270,3 +272,56 @@ def test_downloaded_bytes_match_the_servers_content(
         file_id = provider.upload_file(source, filename="in.jsonl").id
         assert provider.download_file(file_id, tmp_path / "copy.jsonl") == source.stat().st_size
     assert (tmp_path / "copy.jsonl").read_bytes() == source.read_bytes()
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_a_plain_http_root_loads_no_trust_store_and_would_refuse_tls(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """An http:// base URL with no proxy gets a TLS context with no root to trust (so no
+    ~25 ms certifi load) that still requires a verified certificate and hostname: were TLS
+    ever spoken, it would refuse the peer, never accept it unverified."""
+    verify = tls_verify_for("http://127.0.0.1:8000/v1")
+
+    assert isinstance(verify, ssl.SSLContext)
+    assert verify.get_ca_certs() == []
+    assert verify.verify_mode == ssl.CERT_REQUIRED and verify.check_hostname
+
+
+@pytest.mark.parametrize(
+    ("base_url", "proxy"),
+    [
+        pytest.param("https://api.openai.com/v1", None, id="https-root"),
+        pytest.param("HTTPS://api.openai.com/v1", None, id="https-root-in-capitals"),
+        pytest.param("http://127.0.0.1:8000/v1", "https://proxy.example:3128", id="behind-a-proxy"),
+    ],
+)
+def test_https_roots_and_proxied_ones_keep_httpx_verification(
+    no_proxy_env: pytest.MonkeyPatch, base_url: str, proxy: str | None
+) -> None:
+    """An https:// root, or any root reached through a proxy from the environment, is
+    verified against httpx's default trust store."""
+    if proxy is not None:
+        no_proxy_env.setenv("HTTPS_PROXY", proxy)
+        no_proxy_env.setenv("HTTP_PROXY", proxy)
+
+    assert tls_verify_for(base_url) is True
+
+
+def test_a_provider_on_a_plain_http_root_still_talks_to_the_server(
+    serve_engine: ServeEngine, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The client built without a trust store for an http:// root works over loopback."""
+    server = serve_engine(api_key=SENTINEL_KEY)
+    with provider_for(server) as provider:
+        assert list(provider.list_batches()) == []

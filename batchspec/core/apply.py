@@ -22,6 +22,7 @@ runs a resource again as a new generation (see ``batchspec.core.replacements``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -102,6 +103,11 @@ from batchspec.workspace.yamldoc import unknown_name_hint
 FIRST_POLL_INTERVAL = 0.5
 # the shortest pause a batch's own progress may bring the next poll forward to
 SHORTEST_POLL_PAUSE = 0.1
+# right after a create, polls fall on this grid counted from the create's answer, for
+# QUICK_POLL_SECONDS: a batch that ends within seconds is seen no later than by a script
+# polling every 0.5 s from its create (then the interval backs off from FIRST_POLL_INTERVAL)
+QUICK_POLL_GRID = 0.25
+QUICK_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -472,20 +478,26 @@ def converge(
 ) -> str:
     """Advance every resource; with ``wait``, keep polling (backing off) until none waits.
 
-    A pause after a pass that created batches is counted from the last create's answer, as
-    a script that polls right after its create would: the ledger and records the pass writes
-    after it do not delay the first poll. A pause is never longer than the interval, and
-    shorter when a polled batch's request counts, at the pace they moved since it was last
-    seen, say it will be done sooner (never below ``SHORTEST_POLL_PAUSE``): a batch that
-    ends just after one poll is collected then, not a whole interval later."""
+    For ``QUICK_POLL_SECONDS`` after the run's last create, polls fall on a
+    ``QUICK_POLL_GRID`` counted from the create's answer (``poll_pause``), so the ledger and
+    records a pass writes after its create do not delay the first poll, and a batch that
+    ends within seconds is collected no later than by a script that polls every 0.5 s from
+    its create; then the pause is the interval, which grows from ``FIRST_POLL_INTERVAL`` to
+    ``poll_interval``. A pause is never longer than the interval, and shorter when a polled
+    batch's request counts, at the pace they moved since it was last seen, say it will be
+    done sooner (never below ``SHORTEST_POLL_PAUSE``): a batch that ends just after one poll
+    is collected then, not a whole interval later."""
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     while True:
+        polled_at = clock()  # a pass sends its polls first (``prefetch``)
         waiting = rec.advance_all(resources, facts)
         heartbeat()
         if not waiting or not options.wait:
             break
-        pause = poll_pause(interval, rec.seconds_since_create(), rec.expected_done_in())
+        since_create = rec.seconds_since_create()
+        since_poll = clock() - polled_at
+        pause = poll_pause(interval, since_create, rec.expected_done_in(), since_poll)
         if deadline is not None and clock() + pause > deadline:
             return "timeout"
         report(
@@ -497,7 +509,8 @@ def converge(
             )
         )
         sleep(pause)
-        interval = min(interval * 1.5, options.poll_interval)
+        if not polls_quickly(since_create, since_poll):  # backs off once the grid is over
+            interval = min(interval * 1.5, options.poll_interval)
     rec.report_retired_stopping(resources)
     with rec.store.reading():  # the end-of-run plan: a few queries, not a few per resource
         plan = compute_plan(
@@ -521,14 +534,35 @@ def converge(
     return "converged"
 
 
-def poll_pause(interval: float, since_create: float | None, done_in: float | None) -> float:
-    """The pause before the next poll (see ``converge``): ``interval``, less the time since
-    the pass's last create, shortened to when a batch should be done (``done_in``), but
-    not below ``SHORTEST_POLL_PAUSE`` for that."""
-    pause = interval if since_create is None else max(0.0, interval - since_create)
+def poll_pause(
+    interval: float,
+    since_create: float | None,
+    done_in: float | None,
+    since_poll: float = 0.0,
+) -> float:
+    """The pause before the next poll (see ``converge``).
+
+    ``since_create``: seconds since the run's last create was answered (None: none yet);
+    ``since_poll``: seconds since the last pass sent its polls. Polls sent before the create,
+    or within ``QUICK_POLL_SECONDS`` after it, are followed by one at the next point of the
+    ``QUICK_POLL_GRID`` counted from the create (at once if the pass ran past it); later
+    ones by ``interval``. Either is shortened to when a batch should be done (``done_in``),
+    but not below ``SHORTEST_POLL_PAUSE`` for that, and is never longer than ``interval``."""
+    pause = interval
+    if since_create is not None and polls_quickly(since_create, since_poll):
+        polled = since_create - since_poll  # on the create's clock: < 0 before the create
+        # a poll that lands on a grid point (give or take float error) counts as on it
+        step = 1 if polled < 0 else math.floor(polled / QUICK_POLL_GRID + 1e-6) + 1
+        pause = max(0.0, step * QUICK_POLL_GRID - since_create)
     if done_in is not None:
         pause = min(pause, max(SHORTEST_POLL_PAUSE, done_in))
     return min(pause, interval)
+
+
+def polls_quickly(since_create: float | None, since_poll: float) -> bool:
+    """Whether the last polls went out before the run's last create, or within
+    ``QUICK_POLL_SECONDS`` after it: the next one is due on the ``QUICK_POLL_GRID``."""
+    return since_create is not None and since_create - since_poll < QUICK_POLL_SECONDS
 
 
 def _exit_code(outcome: str) -> int:

@@ -6,7 +6,10 @@ a failed one's is the provider's error line; a request that never got an answer 
 every file after the last attempt) gets a line written by batchspec with error code
 ``batchspec_unresolved``. Files are written through a temporary file and a rename, and only
 from the result store: restoring them needs no provider (a blob this runner lacks comes from
-the state's shared tier, verified, before the first line is written out).
+the state's shared tier, verified, before the first line is written out). A generation that
+one stored file answers whole, back to back in input order (one batch that answered every
+request, in order: the common case), gets that file copied as it is, which is the same bytes
+the line-by-line writer would write, for a third less work.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.state.ledger import LedgerRow, RequestLedger
-from batchspec.storage.blobstore import write_atomically
+from batchspec.storage.blobstore import CHUNK, write_atomically
 from batchspec.storage.result_store import ResultStore
 
 UNRESOLVED_CODE = "batchspec_unresolved"
@@ -40,8 +43,13 @@ def write_results_in_input_order(
     output_path: Path,
     errors_path: Path,
 ) -> WrittenResults:
-    for sha in ledger.blobs_of(generation_id):  # fetched and verified before any writing
+    shas = ledger.blobs_of(generation_id)
+    for sha in shas:  # fetched and verified before any writing
         blobs.ensure_local(sha)
+    if len(shas) == 1:
+        whole = _copy_of_a_whole_blob(ledger, generation_id, blobs, output_path, errors_path)
+        if whole is not None:
+            return whole
     counts = {"ok": 0, "failed": 0, "unresolved": 0}
     digests = {"out": hashlib.sha256(), "err": hashlib.sha256()}
 
@@ -74,6 +82,57 @@ def write_results_in_input_order(
         succeeded=counts["ok"],
         failed=counts["failed"],
         unresolved=counts["unresolved"],
+    )
+
+
+class _NotAsRecorded(Exception):
+    """The blob does not hold the answers as the ledger places them (never expected)."""
+
+
+def _copy_of_a_whole_blob(
+    ledger: RequestLedger,
+    generation_id: int,
+    blobs: ResultStore,
+    output_path: Path,
+    errors_path: Path,
+) -> WrittenResults | None:
+    """The result files of a generation answered in full by one blob, its answers back to
+    back in input order (``RequestLedger.back_to_back``: one batch that answered every
+    request, in order): the output file is that blob byte for byte, the errors file empty,
+    as the line-by-line writer would write them. The copy is hashed as it is written, and
+    made only if the blob ends where the last answer's newline does and holds as many
+    newlines as answers (an answer never holds one: so each newline is the one between two
+    answers); else None, and nothing was written."""
+    placed = ledger.back_to_back(generation_id)
+    if placed is None:
+        return None
+    source = blobs.ensure_local(placed.blob)
+    if source.stat().st_size != placed.end:
+        return None
+    digest = hashlib.sha256()
+
+    def copy_then_errors(out_tmp: Path) -> None:
+        newlines, last = 0, b""
+        with source.open("rb") as src, out_tmp.open("wb") as out:
+            while chunk := src.read(CHUNK):
+                newlines += chunk.count(b"\n")
+                last = chunk[-1:]
+                digest.update(chunk)
+                out.write(chunk)
+        if newlines != placed.requests or last != b"\n":
+            raise _NotAsRecorded
+        write_atomically(errors_path, lambda err_tmp: None)  # created empty
+
+    try:
+        write_atomically(output_path, copy_then_errors)
+    except _NotAsRecorded:
+        return None
+    return WrittenResults(
+        output_sha256=digest.hexdigest(),
+        errors_sha256=hashlib.sha256(b"").hexdigest(),
+        succeeded=placed.requests,
+        failed=0,
+        unresolved=0,
     )
 
 

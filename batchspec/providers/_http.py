@@ -31,7 +31,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import ssl
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +281,36 @@ def error_from_transport(
         f"({type(exc).__name__}: {detail})."
     )
     return ProviderError(context.redact(message), retryable=retryable)
+
+
+def new_client(
+    base_url: str,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    timeout: float = 60.0,
+    **options: Any,
+) -> httpx.Client:
+    """The ``httpx.Client`` of a provider whose every request goes to ``base_url``, verifying
+    TLS as ``tls_verify_for`` says."""
+    verify = True if transport is not None else tls_verify_for(base_url)
+    return httpx.Client(
+        transport=transport, timeout=httpx.Timeout(timeout), verify=verify, **options
+    )
+
+
+def tls_verify_for(base_url: str) -> ssl.SSLContext | bool:
+    """What a client of ``base_url`` verifies TLS with (httpx's ``verify``).
+
+    httpx loads a trust store (certifi's roots, ~25 ms) for every client it builds. A
+    plain ``http://`` root (a local server, a proxy on loopback) reached with no proxy set in
+    the environment never speaks TLS: the client follows no redirects, so each request goes
+    to that root. It gets a context that verifies but trusts no root instead: never used,
+    and one that would refuse a connection, never accept an unverified one. An ``https://``
+    root, or any root behind an environment proxy, gets httpx's default (True).
+    """
+    if base_url.lower().startswith("http://") and not urllib.request.getproxies():
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, hostname checked
+    return True
 
 
 def display_url(url: str) -> str:

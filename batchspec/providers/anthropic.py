@@ -69,6 +69,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    new_client,
     quote_id,
     require_http_url,
 )
@@ -136,7 +137,7 @@ class AnthropicProvider(StagedInputs):
         self._clock = clock
         owns_client = client is None
         if client is None:
-            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+            client = new_client(self.base_url, transport=transport, timeout=timeout)
         headers = {
             "User-Agent": f"batchspec/{__version__}",
             "Accept": "application/json",

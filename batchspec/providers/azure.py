@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from batchspec.errors import ProviderError
+from batchspec.providers._http import new_client
 from batchspec.providers.base import RemoteBatch
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.wire.batch_status import KNOWN_STATUSES
@@ -92,9 +93,7 @@ class AzureOpenAIProvider(OpenAIProvider):
             params["api-version"] = api_version or DEFAULT_LEGACY_API_VERSION
         # httpx adds client-level params to every request: the legacy api-version rides along
         # on uploads, downloads and paging alike without touching each call
-        self._azure_client = httpx.Client(
-            transport=transport, timeout=httpx.Timeout(timeout), params=params
-        )
+        self._azure_client = new_client(root, transport=transport, timeout=timeout, params=params)
         super().__init__(
             name,
             base_url=root,

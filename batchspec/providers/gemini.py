@@ -67,6 +67,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    new_client,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -128,7 +129,7 @@ class GeminiProvider(StagedInputs):
         self._rand = rand
         owns_client = client is None
         if client is None:
-            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+            client = new_client(self.base_url, transport=transport, timeout=timeout)
         context = ErrorContext(
             provider=name,
             base_url=display_url(self.base_url),

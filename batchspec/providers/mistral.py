@@ -53,6 +53,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    new_client,
     quote_id,
     require_http_url,
 )
@@ -105,7 +106,7 @@ class MistralProvider:
         self._rand = rand
         owns_client = client is None
         if client is None:
-            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+            client = new_client(self.base_url, transport=transport, timeout=timeout)
         headers = {"User-Agent": f"batchspec/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"

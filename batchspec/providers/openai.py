@@ -43,6 +43,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    new_client,
     quote_id,
     require_http_url,
 )
@@ -100,7 +101,7 @@ class OpenAIProvider:
         self._rand = rand
         owns_client = client is None
         if client is None:
-            client = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout))
+            client = new_client(self.base_url, transport=transport, timeout=timeout)
         context = ErrorContext(
             provider=name,
             base_url=display_url(self.base_url),

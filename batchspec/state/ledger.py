@@ -65,6 +65,15 @@ class CollectedLine(NamedTuple):
 
 
 @dataclass(frozen=True)
+class BackToBack:
+    """A generation answered in full by one blob in input order (``back_to_back``)."""
+
+    blob: str
+    requests: int
+    end: int  # one past the newline that ends the last answer
+
+
+@dataclass(frozen=True)
 class UsageTotals:
     """Tokens the answers of a generation report, summed over the requests that report any."""
 
@@ -298,6 +307,36 @@ class RequestLedger:
             [generation_id],
         ).fetchall()
         return [r[0] for r in rows]
+
+    def back_to_back(self, generation_id: int) -> BackToBack | None:
+        """The one stored blob that answers every request of the generation, ``ok``, back
+        to back in input order (the first at offset 0, each next one a byte, its newline,
+        after the previous ends), with the number of requests and where the newline after
+        the last answer ends; None otherwise, or with no request. What a batch that answered
+        every request, in order, looks like: its result file is then that blob as it is.
+
+        Two cheap aggregates decide most generations; the spans are then read by input
+        line, ``_CHUNK`` at a time, stopping at the first that is out of place."""
+        counts = self.state_counts(generation_id)
+        if not counts or set(counts) != {"ok"}:
+            return None
+        blobs = self.blobs_of(generation_id)
+        if len(blobs) != 1:
+            return None
+        end, after = 0, -1
+        while True:
+            rows = self.db.execute(
+                'select line, "offset", length from requests '
+                "where generation_id = ? and line > ? order by line limit ?",
+                [generation_id, after, _CHUNK],
+            ).fetchall()
+            for _line, offset, length in rows:
+                if offset != end or length is None:
+                    return None
+                end = offset + length + 1
+            if len(rows) < _CHUNK:
+                return BackToBack(blobs[0], counts["ok"], end)
+            after = rows[-1][0]
 
     def in_input_order(self, generation_id: int) -> Iterator[LedgerRow]:
         """The generation's rows by input line, read ``_CHUNK`` at a time (keyset pages)."""

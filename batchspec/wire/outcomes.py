@@ -47,7 +47,11 @@ def classify_result_line(
     """Classify one parsed output/error line (see the module docstring)."""
     error = line.get("error")
     response = line.get("response")
-    status = response.get("status_code") if isinstance(response, Mapping) else None
+    # type(...) is dict first: parsed JSON is dicts, and an ABC check is slow on every line
+    if type(response) is dict or isinstance(response, Mapping):
+        status = response.get("status_code")
+    else:
+        status = None
     if not error and isinstance(status, int) and 200 <= status < 300:
         return _OK
     category = _category(error, status)

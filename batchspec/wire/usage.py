@@ -27,24 +27,27 @@ when it sets none; 0 for embeddings and moderations, which answer no tokens.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class LineUsage:
+class LineUsage(NamedTuple):
+    """What one answer used (a tuple: one is made for every answer collected)."""
+
     input_tokens: int
     output_tokens: int
 
 
 def usage_of_line(line: Mapping[str, Any]) -> LineUsage | None:
     """The usage one parsed result line reports (see the module docstring), or ``None``."""
+    # type(...) is dict first: parsed JSON is dicts, and an ABC check costs as much as the rest
     response = line.get("response")
-    body = response.get("body") if isinstance(response, Mapping) else None
-    if not isinstance(body, Mapping):
+    if not (type(response) is dict or isinstance(response, Mapping)):
+        return None
+    body = response.get("body")
+    if not (type(body) is dict or isinstance(body, Mapping)):
         return None
     usage = body.get("usage")
-    if isinstance(usage, Mapping):
+    if type(usage) is dict or isinstance(usage, Mapping):
         if "prompt_tokens" in usage:
             return LineUsage(
                 _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
@@ -84,4 +87,6 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
 
 
 def _count(value: Any) -> int:
+    if type(value) is int:  # parsed JSON's integers: the common case, checked first
+        return value if value > 0 else 0
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

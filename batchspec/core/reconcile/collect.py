@@ -114,23 +114,26 @@ def read_result_lines(
     offset = 0
     with path.open("rb") as f:
         for raw in f:
-            start, size = offset, len(raw)
-            offset += size
+            start = offset
+            offset += len(raw)
             body = raw.rstrip(b"\r\n")
-            if not body.strip():
+            if not body or body.isspace():  # blank: what ``not body.strip()`` says, uncopied
                 continue
             try:
                 record = _loads(body)
             except ValueError:
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+            if type(record) is not dict:
                 continue
-            yield CollectedLine(
-                custom_id=record["custom_id"],
-                offset=start,
-                length=len(body),
-                outcome=classify_result_line(record, retry_on=retry_on),
-                usage=usage_of_line(record),
+            custom_id = record.get("custom_id")
+            if type(custom_id) is not str and not isinstance(custom_id, str):
+                continue
+            yield CollectedLine(  # positionally: a line is made for every answer
+                custom_id,
+                start,
+                len(body),
+                classify_result_line(record, retry_on=retry_on),
+                usage_of_line(record),
             )
 
 

@@ -175,9 +175,9 @@ class RunContext:
     # the run's input cache (its scans, and the request indexes they wrote); None: a
     # private one over the state's index folder
     inputs: InputCache | None = None
-    # the clock that paces polling (``apply``'s own), and when this pass's last create was
-    # answered on it (None: no create yet; reset by each pass): the first poll is counted
-    # from the create, not from the end of the work the pass does after it
+    # the clock that paces polling (``apply``'s own), and when the run's last create was
+    # answered on it (None: no create yet): the polls after a create are counted from it,
+    # not from the end of the work the pass does after it
     monotonic: Callable[[], float] = time.monotonic
     last_create_at: float | None = None
     # each batch's last seen progress (its create counts as none done), and how soon the

@@ -172,7 +172,6 @@ class Reconciler:
         fetched with the others and recorded first (``drain``), so that a generation this
         pass records keeps the answers they finished. A resource whose download fails is
         left to a later pass or apply (``collect``); the others go on."""
-        self.ctx.last_create_at = None
         self.ctx.done_in = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
             retired = retired_batches(self.ctx, resources, self.retired_resources())
@@ -223,8 +222,8 @@ class Reconciler:
         report_still_stopping(self.ctx, retired)
 
     def seconds_since_create(self) -> float | None:
-        """How long ago (on the ``monotonic`` clock) the last pass's last create was
-        answered; None when that pass created nothing."""
+        """How long ago (on the ``monotonic`` clock) the run's last create was answered;
+        None when it created nothing yet."""
         created = self.ctx.last_create_at
         return None if created is None else self.ctx.monotonic() - created
 
