@@ -69,13 +69,16 @@ def test_remaining_seconds_extrapolates_the_pace_between_two_polls() -> None:
         pytest.param((1.0, 5), (2.0, 5), None, id="no-progress-no-guess"),
         pytest.param((1.0, 5), (1.0, 9), None, id="no-time-passed"),
         pytest.param((1.0, 5), (2.0, 20), 0.0, id="all-done"),
+        pytest.param((1.0, 20), (2.0, 20), None, id="still-finalizing"),
     ],
 )
 def test_remaining_seconds_without_a_pace(
     before: tuple[float, int], after: tuple[float, int], expected: float | None
 ) -> None:
     """Counts that did not move (or no time between the polls) give no estimate, so the
-    interval stands; every request done (a batch finalizing) is 0."""
+    interval stands; every request just done (a batch finalizing) is 0, once: a batch seen
+    all done before that is still finalizing is polled at the interval, not every 0.1 s for
+    as long as it finalizes (minutes on OpenAI)."""
     assert remaining_seconds(before, after, 20) == expected
 
 

@@ -94,10 +94,12 @@ def remaining_seconds(
     before: tuple[float, int], after: tuple[float, int], total: int
 ) -> float | None:
     """Seconds until ``total`` requests are done, at the pace of ``before`` -> ``after``
-    (``(time, requests done)``); 0 when all are done; None when the count did not move."""
+    (``(time, requests done)``); 0 when all became done since ``before`` (the batch ends
+    about now); None when the count did not move, all done before included (a batch
+    finalizing, which can take minutes: polled at the interval, not at the floor)."""
     (t0, done0), (t1, done1) = before, after
     if done1 >= total:
-        return 0.0
+        return 0.0 if done0 < total else None
     if done1 <= done0 or t1 <= t0:
         return None
     return (total - done1) * (t1 - t0) / (done1 - done0)
