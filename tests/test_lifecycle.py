@@ -376,8 +376,7 @@ def test_prune_of_a_batch_that_ended_since_the_last_poll_forgets_it_without_fail
 
     assert code == 0, err
     assert [line.strip() for line in out.splitlines() if "[gone] pruned" in line] == [
-        "[gone] pruned: manifest gone, nothing to cancel (its batches had ended), "
-        "no longer tracked"
+        "[gone] pruned: manifest gone, nothing to cancel (its batches had ended), no longer tracked"
     ]
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     with ws.store() as store:
