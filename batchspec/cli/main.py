@@ -730,7 +730,7 @@ def report(
 
     The page loads nothing from the network (inline CSS and SVG). Reads the manifests and the
     state only: no lock, no network. With --json, the page's data goes to stdout as JSON
-    instead (no page is written).
+    instead: no page is written, so --output is refused.
     """
     from batchspec.cli import render
     from batchspec.cli.report_html import report_html
