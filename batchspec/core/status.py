@@ -209,9 +209,12 @@ def _with_download_failure(
         return status
     code = last.detail.get("http_status")
     how = f"with HTTP {code}" if code else "(no answer)"
+    # a 401/403 is the key's (the apply stopped at once): no later apply helps until it is
+    # fixed; anything else may pass on its own
+    then = "fix the key, then `batchspec apply`" if code in (401, 403) else "`batchspec apply`"
     reason = (
-        f"{status.reason}; the last try failed {how} at {last.at}: `batchspec apply` tries "
-        f"again, `batchspec show {status.name}` has the provider's error"
+        f"{status.reason}; the last try failed {how} at {last.at}: {then} tries again, "
+        f"`batchspec show {status.name}` has the provider's error"
     )
     return replace(status, reason=reason)
 
