@@ -224,8 +224,8 @@ def test_a_key_that_may_not_read_files_stops_the_apply_at_once(
     """A 401/403 on alpha's download is the key's, not the file's: `apply --wait --json`
     records the download-failed event and stops at once with the provider's error (exit 1,
     an error document naming the key's variable, not a not_collected result promising the
-    next apply collects it, and no pass after it); nothing is resubmitted, and once the
-    key may read files the next apply collects alpha."""
+    next apply collects it, and no pass after it; `status` says to fix the key); nothing is
+    resubmitted, and once the key may read files the next apply collects alpha."""
     upstream = BuiltinUpstream()
     ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
     files = _ended(ws, srv, capsys, "alpha", "beta")
@@ -247,6 +247,10 @@ def test_a_key_that_may_not_read_files_stops_the_apply_at_once(
         assert batch.collected_at is None
         events = [e for e in store.events(resource="alpha") if e.action == "download-failed"]
         assert [e.detail["http_status"] for e in events] == [status]
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    reason = {r["name"]: r["reason"] for r in json.loads(out)["resources"]}["alpha"]
+    assert f"the last try failed with HTTP {status} at " in reason
+    assert "fix the key, then `batchspec apply` tries again" in reason
 
     gw.refuse.clear()
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)

@@ -323,7 +323,7 @@ def test_the_written_line_counts_one_resource_and_one_run_in_the_singular() -> N
 
 
 def test_report_json_prints_the_page_data_as_status_and_history_print_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`report --json` prints, and only prints, the page's data: its resources equal
     `status --json`'s, its runs `history --json`'s, its commits `history --by commit
@@ -335,9 +335,10 @@ def test_report_json_prints_the_page_data_as_status_and_history_print_it(
     )
     code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
     assert code == 0, err
-    page = tmp_path / "report.html"
+    monkeypatch.chdir(tmp_path)
+    page = tmp_path / "report.html"  # the default --output
 
-    data = cli_json(["report", str(ws.root), "--json", "-o", str(page)], capsys)
+    data = cli_json(["report", str(ws.root), "--json"], capsys)
 
     assert not page.exists()
     assert data["resources"] == cli_json(["status", str(ws.root), "--json"], capsys)["resources"]
@@ -346,3 +347,35 @@ def test_report_json_prints_the_page_data_as_status_and_history_print_it(
     assert data["commits"] == commits["commits"]
     assert [r["name"] for r in data["resources"]] == ["summaries", "triage"]
     assert set(data["usage"]) == {"input_tokens", "output_tokens", "total_tokens", "cost_usd"}
+
+
+@pytest.mark.parametrize("output", ["data.json", "-", "report.html"])
+def test_report_json_with_output_is_a_usage_error_not_an_ignored_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str
+) -> None:
+    """`report --json -o FILE` exits 64 saying --json writes no page (it used to print the
+    JSON and silently ignore -o, so `-o data.json` left no file and an old page in place)."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    target = tmp_path / output
+
+    code, out, err = run_cli(["report", str(ws.root), "--json", "-o", str(target)], capsys)
+
+    assert code == 64, (out, err)
+    assert out == "" and "--json" in err and "batchspec report --json > report.json" in err
+    assert not target.exists()
+
+
+def test_report_to_a_missing_folder_exits_1_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report -o` into a folder that does not exist exits 1 with the path, no traceback."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    target = tmp_path / "missing" / "r.html"
+
+    code, out, err = run_cli(["report", str(ws.root), "-o", str(target)], capsys)
+
+    assert code == 1 and str(target) in err and "Traceback" not in err

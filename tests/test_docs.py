@@ -117,6 +117,29 @@ def test_concepts_define_the_vocabulary() -> None:
         assert heading in text
 
 
+def test_the_state_folder_table_gives_the_input_caches_sizes_as_the_code_has_them() -> None:
+    """concepts.md's state-folder rows say where a small input's request index lives (the
+    cache database, so `input-index/` stays empty) with the code's size limits and keep time,
+    and the FAQ lists `input-index/` among the caches safe to delete."""
+    from batchspec.workspace import inputcache
+
+    text = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    rows = {
+        line.split("|")[1].strip(" `"): line
+        for line in text.splitlines()
+        if line.startswith("| `input-")
+    }
+    small_kib = inputcache.INLINE_INPUT_MAX_BYTES // 1024
+    total_mib = inputcache.INLINE_TOTAL_MAX_BYTES // (1024 * 1024)
+    assert f"up to {small_kib} KiB" in rows["input-cache.db"]
+    assert "`input-index/` stays empty" in rows["input-cache.db"]
+    assert f"over {small_kib} KiB" in rows["input-index/"]
+    assert f"first {total_mib} MiB" in rows["input-index/"]
+    assert f"unused for {inputcache.INDEX_KEEP_S // 86400} days" in rows["input-index/"]
+    faq = (DOCS / "faq.md").read_text(encoding="utf-8")
+    assert "`input-index/`" in faq.split("## Expiry")[1].split("## Retries")[0]
+
+
 def test_the_faq_answers_cost_expiry_and_retries() -> None:
     """faq.md has its three sections."""
     text = (DOCS / "faq.md").read_text(encoding="utf-8")

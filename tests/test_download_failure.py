@@ -98,7 +98,8 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
 ) -> None:
     """alpha's output download fails (a 500 or a reset after the client's retry, a 404):
     beta is collected by the same apply, which exits 1 naming alpha (JSON result, a download-failed
-    event, no collect of alpha's batch, nothing failed or resubmitted); once the gateway
+    event, no collect of alpha's batch, nothing failed or resubmitted; `status` says the last
+    download failed and what to do); once the gateway
     serves the file again the next apply collects alpha from the same batch; the provider
     saw two creates in all and answered every request once."""
     upstream = BuiltinUpstream()
@@ -128,11 +129,17 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
         assert ("download-failed", batch.id) in events and ("collect", batch.id) not in events
         assert store.generations("alpha")[0].failed == 0
     assert gw.received[CREATE] == 2
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    reason = {r["name"]: r["reason"] for r in json.loads(out)["resources"]}["alpha"]
+    tried = f"with HTTP {status}" if status else "(no answer)"
+    assert reason.startswith("1 finished batch(es) to download; the last try failed " + tried)
+    assert reason.endswith("`batchspec show alpha` has the provider's error")
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)  # still refused
 
     assert code == 1
-    assert "the next apply collects it" in out and "Apply did not collect alpha" in out
+    assert "the next `batchspec apply` tries the download again" in out
+    assert "Apply did not collect alpha" in out and "`batchspec show alpha` lists" in out
     assert gw.received[CREATE] == 2
     gw.refuse.clear()
 

@@ -361,7 +361,8 @@ def test_prune_of_a_batch_that_ended_since_the_last_poll_forgets_it_without_fail
 ) -> None:
     """An orphan's batch that completed at the provider after batchspec last looked (its
     cancel answers 409 batch_not_cancellable) is recorded as ended and pruned: exit 0, no
-    retries of the refused cancel, the resource forgotten."""
+    retries of the refused cancel, the resource forgotten, and its line says there was
+    nothing to cancel (not "cancel sent to 0 batch(es)")."""
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1), ResourceSpec("gone"))
     assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
@@ -374,7 +375,9 @@ def test_prune_of_a_batch_that_ended_since_the_last_poll_forgets_it_without_fail
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "gone", "--prune"], capsys)
 
     assert code == 0, err
-    assert "[gone] pruned" in out
+    assert [line.strip() for line in out.splitlines() if "[gone] pruned" in line] == [
+        "[gone] pruned: manifest gone, nothing to cancel (its batches had ended), no longer tracked"
+    ]
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
     with ws.store() as store:
         assert store.get_resource("gone").forgotten_at is not None

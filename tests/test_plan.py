@@ -552,6 +552,27 @@ def test_prune_turns_orphans_into_prune_actions() -> None:
     assert plan.has_changes
 
 
+def test_a_pruned_orphans_finished_uncollected_batch_is_not_called_in_flight() -> None:
+    """A prune's reason counts what is running and what finished but was not downloaded (a
+    failed download): it said "batches still in flight" of a batch that had completed, and
+    nested its parentheses."""
+    waiting = gen(status="in_progress", batches=(batch(collected=False),))
+    running = gen(id=8, status="in_progress", batches=(batch(id=2, status="in_progress"),))
+    recorded = {
+        "done": RecordedResource("done", "openai", (waiting,)),
+        "both": RecordedResource("both", "openai", (waiting, running)),
+    }
+
+    plan = make_plan([], recorded, {}, prune=True)
+
+    reasons = {a.resource: a.reason for a in plan.actions}
+    assert reasons == {
+        "both": "manifest is gone, 1 batch(es) in flight and 1 finished batch(es) not "
+        "collected: cancel and forget",
+        "done": "manifest is gone, 1 finished batch(es) not collected: cancel and forget",
+    }
+
+
 def test_orphans_can_be_left_out() -> None:
     """A --select plan does not report the rest of the state as orphans."""
     plan = make_plan([want()], {"old": orphan("old")}, {}, include_orphans=False)

@@ -732,12 +732,19 @@ def report(
 
     The page loads nothing from the network (inline CSS and SVG). Reads the manifests and the
     state only: no lock, no network. With --json, the page's data goes to stdout as JSON
-    instead (no page is written).
+    instead: no page is written, so --output is refused.
     """
     from batchspec.cli import render
     from batchspec.cli.report_html import report_html
     from batchspec.core.report import workspace_report
 
+    source = click.get_current_context().get_parameter_source("output")
+    if as_json and source != ParameterSource.DEFAULT:
+        # --json writes no page: a silently ignored -o would leave the user an old page
+        raise click.UsageError(
+            f"--json writes the report's data to stdout and no page, so --output {output} "
+            "would be ignored: give one of them (`batchspec report --json > report.json`)"
+        )
     data = workspace_report(paths, runs=runs, state_path=state_path)
     warn_skipped(data.skipped)
     if as_json:

@@ -409,7 +409,9 @@ def not_collected_text(result: ApplyResult) -> str:
     names = list(dict.fromkeys(f.resource for f in result.not_collected))
     return (
         f"Apply did not collect {', '.join(names)}: downloading the files of finished "
-        "batches failed. Nothing was resubmitted; the next `batchspec apply` collects them."
+        "batches failed. Nothing was resubmitted; the next `batchspec apply` tries the "
+        f"downloads again (`batchspec show {names[0] if len(names) == 1 else 'NAME'}` lists "
+        "the failure under its last events)."
     )
 
 

@@ -422,12 +422,19 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
                 Progress(
                     "prune",
                     name,
-                    f"pruned: manifest gone, cancel sent to {cancelled} batch(es), "
-                    "no longer tracked",
+                    f"pruned: manifest gone, {_cancels_text(cancelled)}, no longer tracked",
                     {"cancelled_batches": cancelled},
                 )
             )
     return tuple(names)
+
+
+def _cancels_text(cancelled: int) -> str:
+    """A prune of batches that had all ended (one finished but not downloaded, say) says so,
+    not "cancel sent to 0 batch(es)"."""
+    if cancelled:
+        return f"cancel sent to {cancelled} batch(es)"
+    return "nothing to cancel (its batches had ended)"
 
 
 # ---------------------------------------------------------------------------------------------

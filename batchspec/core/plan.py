@@ -574,15 +574,29 @@ def _in_sync_reason(name: str, gen: RecordedGeneration) -> str:
     return text
 
 
-def _orphan_action(rec: RecordedResource, prune: bool) -> Action:
+def _orphan_detail(rec: RecordedResource) -> str:
+    """What an orphan still has at the provider: a finished batch not yet downloaded is not
+    "in flight" (nothing to cancel; its answers are still collected for reuse)."""
+    batches = [b for g in rec.generations for b in g.batches]
+    running = sum(b.in_flight for b in batches)
+    finished = sum(b.awaiting_collect for b in batches)
+    parts = [f"{running} batch(es) in flight"] if running else []
+    if finished:
+        parts.append(f"{finished} finished batch(es) not collected")
+    if parts:
+        return " and ".join(parts)
     active = any(g.status in ACTIVE_GENERATION_STATUSES for g in rec.generations)
-    detail = "batches still in flight" if active else "nothing in flight"
+    return "batches still in flight" if active else "nothing in flight"
+
+
+def _orphan_action(rec: RecordedResource, prune: bool) -> Action:
+    detail = _orphan_detail(rec)
     if prune:
         return Action(
             resource=rec.name,
             kind=ActionKind.PRUNE,
             provider=rec.provider,
-            reason=f"manifest is gone ({detail}): cancel and forget",
+            reason=f"manifest is gone, {detail}: cancel and forget",
         )
     return Action(
         resource=rec.name,

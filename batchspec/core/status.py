@@ -188,10 +188,35 @@ def _resource_statuses(
             last = _last(store, action)
             gen = last if last is not None and last.status in ACTIVE_GENERATION_STATUSES else None
         status = _status(store, action.resource, action, res, gen)
+        if action.kind is ActionKind.COLLECT and gen is not None:
+            status = _with_download_failure(store, status, gen)
         if gen is not None:
             status = replace(status, usage=generation_usage(store, gen, providers or {}))
         statuses.append(status)
     return statuses
+
+
+def _with_download_failure(
+    store: StateStore, status: ResourceStatus, gen: GenerationRow
+) -> ResourceStatus:
+    """``status`` whose reason says that downloading a finished batch's file failed, when the
+    last try for a batch still to collect did (``reconcile.collect``): "to download" alone
+    read as if no apply had tried, after one exited 1 over it."""
+    waiting = {b.id for b in store.batches(gen.id) if b.collected_at is None}
+    failures = store.events(resource=status.name, action="download-failed", limit=20)
+    last = next((e for e in reversed(failures) if e.batch_id in waiting), None)
+    if last is None:
+        return status
+    code = last.detail.get("http_status")
+    how = f"with HTTP {code}" if code else "(no answer)"
+    # a 401/403 is the key's (the apply stopped at once): no later apply helps until it is
+    # fixed; anything else may pass on its own
+    then = "fix the key, then `batchspec apply`" if code in (401, 403) else "`batchspec apply`"
+    reason = (
+        f"{status.reason}; the last try failed {how} at {last.at}: {then} tries again, "
+        f"`batchspec show {status.name}` has the provider's error"
+    )
+    return replace(status, reason=reason)
 
 
 def _last(store: StateStore, action: Action) -> GenerationRow | None:

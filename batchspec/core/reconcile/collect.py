@@ -233,8 +233,8 @@ def _note_download_failure(
             "download_failed",
             name,
             f"could not download the {err.kind} file of batch {failure.remote_id}: "
-            f"{err.message.rstrip('.')}; it is not collected and nothing is resubmitted: "
-            "the next apply collects it",
+            f"{err.message.rstrip('.')}. The batch stays finished and not collected; nothing "
+            "is resubmitted, and the next `batchspec apply` tries the download again",
             failure.to_json(),
         )
     )
