@@ -49,11 +49,34 @@ def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) 
 
 
 def state_option(f: F) -> F:
+    return _state_option(f, None)
+
+
+def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A read command given an SQLite state file that does not exist shows every resource as
+    never applied: say so, in case the path is mistyped (it is read as given: nothing is
+    created)."""
+    if value and "://" not in value and not os.path.exists(value):
+        click.echo(
+            f"warning: no state database at {value}: nothing has been recorded there "
+            "(a mistyped --state or BATCHSPEC_STATE?)",
+            err=True,
+        )
+    return value
+
+
+def read_state_option(f: F) -> F:
+    """``--state`` of a command that only reads the state (warns when the file is missing)."""
+    return _state_option(f, _warn_if_no_state)
+
+
+def _state_option(f: F, callback: Any) -> F:
     return click.option(
         "--state",
         "state_path",
         metavar="PATH|URL",
         envvar="BATCHSPEC_STATE",
+        callback=callback,
         help="State database: an SQLite file, or a postgresql:// URL (default: the project's "
         "state, or state/batchspec.db).",
     )(f)
@@ -637,7 +660,7 @@ def apply(
 @json_option
 @output_option
 @no_color_option
-@state_option
+@read_state_option
 def status(
     paths: tuple[str, ...],
     select: tuple[str, ...],
@@ -677,7 +700,7 @@ def status(
     help="How many of its last events to show.",
 )
 @no_color_option
-@state_option
+@read_state_option
 def show(
     name: str,
     paths: tuple[str, ...],
@@ -723,7 +746,7 @@ def show(
     help="How many of the last runs to show.",
 )
 @json_option
-@state_option
+@read_state_option
 def report(
     paths: tuple[str, ...], output: str, runs: int, as_json: bool, state_path: str | None
 ) -> None:
@@ -799,7 +822,7 @@ def completion(shell: str) -> None:
     "generation) instead of the runs.",
 )
 @json_option
-@state_option
+@read_state_option
 def history(
     paths: tuple[str, ...],
     resource: str | None,
@@ -870,7 +893,7 @@ def history(
     "or each request's messages for a batch JSONL input.",
 )
 @json_option
-@state_option
+@read_state_option
 def results(
     name: str | None,
     paths: tuple[str, ...],

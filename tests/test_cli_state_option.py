@@ -1,0 +1,40 @@
+"""Read commands given ``--state`` for an SQLite file that does not exist say so on stderr
+(a mistyped path otherwise shows every resource as never applied, silently), create nothing,
+and say nothing for a state that exists. Runs on the embedded engine (``local``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
+
+READ_COMMANDS = [
+    ["status"],
+    ["history"],
+    ["report", "--json"],
+    ["show", "job"],
+    ["results", "job"],
+]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_a_read_command_warns_of_a_missing_state_file_and_creates_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """`CMD --state typo.db` warns that nothing was recorded there and leaves no file; the
+    same command on the workspace's own state, once applied, does not warn."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    typo = tmp_path / "typo" / "batchspec.db"
+
+    _, _, err = run_cli([*command, str(ws.root), "--state", str(typo)], capsys)
+
+    assert f"warning: no state database at {typo}" in err
+    assert not typo.parent.exists()
+    _, _, err = run_cli([*command, str(ws.root), "--state", str(ws.state_path)], capsys)
+    assert "warning: no state database" not in err
