@@ -408,3 +408,40 @@ def test_a_timeout_with_a_failed_download_exits_5_and_names_it(
     assert result["outcome"] == "timeout" and result["exit_code"] == 5
     assert [(f["resource"], f["file"]) for f in result["not_collected"]] == [("alpha", "output")]
     assert gw.received[CREATE] == 1
+
+
+def test_a_pruned_batchs_failing_download_is_said_once_a_run_and_not_fetched_every_pass(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """alpha's ended batch answers 404 on its content and alpha's manifest is pruned while
+    beta keeps an `apply --wait` polling for seconds: the drain's warning is printed once,
+    not once a pass, and the file is asked for once, not on every poll (a pause that
+    doubles from 5 s); beta is collected and the run exits 0."""
+    srv = serve_engine(tmp_path / "fast")
+    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=3.0), concurrency=1)
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    providers = {
+        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
+        for name, url in (("srv", gw.v1), ("slow", slow.v1))
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers=providers,
+        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", count=1, provider="slow")),
+    )
+    files = _ended(ws, srv, capsys, "alpha")
+    content = _content(files["alpha"][0][0])
+    gw.refuse[content] = 404
+    ws.manifest_path("alpha").unlink()
+
+    argv = ["apply", str(ws.root), "--yes", "--prune", "--wait", "--poll-interval", "0.05"]
+    code, out, err = run_cli([*argv, "--timeout", "60"], capsys)
+
+    assert code == 0, out + err
+    assert (out + err).count("could not be polled, looked up or collected") == 1, out + err
+    assert gw.received[content] == 1
+    assert len(ws.outputs("beta")) == 1

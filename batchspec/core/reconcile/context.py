@@ -192,6 +192,9 @@ class RunContext:
     # the current generations' batches whose files could not be downloaded, by batch row
     # id, until one of this run's later passes collects them (``collect``)
     download_failures: dict[int, DownloadFailure] = field(default_factory=dict)
+    # retired generations' batches a drain step failed on this run, by batch row id: how
+    # many times, and when a later pass may try again (``drain.drain_retired``)
+    drain_failures: dict[int, tuple[int, float]] = field(default_factory=dict)
     ledger: RequestLedger = field(init=False)
     blobs: ResultStore = field(init=False)
     shard_dir: Path = field(init=False)
@@ -239,9 +242,13 @@ class RunContext:
 
     def download_due(self, batch_id: int) -> bool:
         """Whether a batch's files are to be downloaded in this pass: none failed this run,
-        or the pause after the last failure (``DownloadFailure.retry_at``) is over."""
+        or the pause after the last failure (``DownloadFailure.retry_at``, or a drain's:
+        ``drain_failures``) is over."""
         failure = self.download_failures.get(batch_id)
-        return failure is None or self.monotonic() >= failure.retry_at
+        drained = self.drain_failures.get(batch_id)
+        return (failure is None or self.monotonic() >= failure.retry_at) and (
+            drained is None or self.monotonic() >= drained[1]
+        )
 
     def generation(self, res: Resource) -> GenerationRow:
         gen = self.store.find_generation(res.name, res.spec_hash)

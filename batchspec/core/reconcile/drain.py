@@ -66,7 +66,12 @@ from batchspec.core.batches import counts_json
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stopping
 from batchspec.core.reconcile.adopt import confirm_deadline, find_remote
 from batchspec.core.reconcile.cancel import cancel_retired_batch
-from batchspec.core.reconcile.collect import collect_batch, retry_on_for
+from batchspec.core.reconcile.collect import (
+    DOWNLOAD_RETRY_FIRST,
+    DOWNLOAD_RETRY_MAX,
+    collect_batch,
+    retry_on_for,
+)
 from batchspec.core.reconcile.context import RunContext, kept_request_index, now
 from batchspec.core.reconcile.poll import poll_batch
 from batchspec.core.reporting import Progress
@@ -226,21 +231,35 @@ def _has_ledger(ctx: RunContext, retired: RetiredBatch) -> bool:
 
 
 def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
-    """Poll each retired batch not yet ended, and collect each one ended (see above)."""
+    """Poll each retired batch not yet ended, and collect each one ended (see above).
+
+    One that fails (a poll, a look-up, a download) is said once a run and tried again on
+    later passes after a pause that doubles (``DOWNLOAD_RETRY_FIRST`` to
+    ``DOWNLOAD_RETRY_MAX``), not on every pass: a file the provider keeps refusing is
+    neither a line per pass nor a request per poll."""
     for item in retired:
+        tried = ctx.drain_failures.get(item.batch.id)
+        if tried is not None and ctx.monotonic() < tried[1]:
+            continue
         try:
             _drain_one(ctx, item)
         except BatchspecError as err:
-            ctx.report(
-                Progress(
-                    "warning",
-                    item.name,
-                    f"{_named(item.batch)} of {item.generation.status} generation "
-                    f"{item.generation.id} could not be polled, looked up or collected "
-                    f"({err.message}); "
-                    "the next apply tries again",
+            failures = 1 if tried is None else tried[0] + 1
+            pause = min(DOWNLOAD_RETRY_MAX, DOWNLOAD_RETRY_FIRST * 2 ** (failures - 1))
+            ctx.drain_failures[item.batch.id] = (failures, ctx.monotonic() + pause)
+            if tried is None:
+                ctx.report(
+                    Progress(
+                        "warning",
+                        item.name,
+                        f"{_named(item.batch)} of {item.generation.status} generation "
+                        f"{item.generation.id} could not be polled, looked up or collected "
+                        f"({err.message}); a later pass of this run or the next apply tries "
+                        "again",
+                    )
                 )
-            )
+        else:
+            ctx.drain_failures.pop(item.batch.id, None)
 
 
 def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
