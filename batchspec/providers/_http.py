@@ -196,7 +196,7 @@ def error_from_response(
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
     if facts_text:
         message += f" ({facts_text})"
-    message += f". {_hint(status, envelope, context)}"
+    message += f". {_hint(status, envelope, context, operation)}"
     error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
     return error_class(
         context.redact(message),
@@ -226,7 +226,7 @@ def _shorten(text: str | None) -> str | None:
     return text
 
 
-def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext) -> str:
+def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation: str) -> str:
     """One sentence saying what to do about ``status``; names variables, never values."""
     variable = f"${context.api_key_env}" if context.api_key_env else "the provider's key variable"
     if "no_db_connection" in (envelope.type, envelope.code):
@@ -241,6 +241,9 @@ def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext) -> str:
         return f"Check the API key in {variable}."
     if status == 403:
         return f"The key in {variable} is not allowed to do this; check its permissions."
+    if status == 404 and operation.startswith("download of"):
+        # the file's id came from the provider's own batch, over the same base URL
+        return "The provider does not serve this file now (expired, deleted or not ready)."
     if status == 404:
         return (
             "The id is unknown to the provider (expired or deleted), or the base URL "
