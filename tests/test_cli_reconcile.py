@@ -161,6 +161,17 @@ def test_status_of_an_orphan_keeps_its_recorded_counts(
     assert "beta: Orphaned, Unknown — 3/3 succeeded" in out
 
 
+def test_status_of_a_resource_never_applied_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resource nothing was recorded for shows 'not applied yet', not '0/0 succeeded'
+    (plan counts its 3 requests: 0/0 read as an empty input)."""
+    ws = local_ws(tmp_path / "ws", "alpha")
+    code, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0
+    assert "alpha: OutOfSync, Missing — not applied yet" in out and "0/0" not in out
+
+
 def test_status_in_a_subfolder_does_not_call_the_other_manifests_gone(
     applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -519,6 +519,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         counts = f"{s.succeeded:,}/{s.requests:,} succeeded" + (
             style.paint(f", {s.failed:,} failed", "red") if s.failed else ""
         )
+        if s.health == "Missing" and not s.requests:  # nothing recorded ("0/0" says less)
+            counts = "not applied yet"
         sync, health = style.state(s.sync), style.state(s.health)
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
