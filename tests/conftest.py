@@ -35,6 +35,7 @@ from servers import (
     start_standin_upstream,
     stop_after_test,
 )
+from slow_gateway import SlowGateway
 from workspaces import SENTINEL_KEY
 
 pytest_plugins = ["ci_skips"]  # with CI=true a skip is a failure (tests/ci_skips.py)
@@ -144,3 +145,12 @@ def state_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str
     if request.param == "sqlite":
         return tmp_path / "state" / "batchspec.db"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[SlowGateway]]:
+    """Slow gateways a test starts (``slow_gateway.start_slow_gateway``), stopped after it."""
+    started: list[SlowGateway] = []
+    yield started
+    for gw in started:
+        gw.stop()

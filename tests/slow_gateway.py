@@ -24,12 +24,18 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from servers import EngineServer
+from workspaces import KEY_ENV, ResourceSpec, Workspace, make_workspace
+
+from batchspec.engine.upstreams import BuiltinUpstream
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -155,3 +161,31 @@ def start_slow_gateway(
     )
     threading.Thread(target=server.serve_forever, name="slow-gateway", daemon=True).start()
     return gateway
+
+
+def gated_workspace(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    upstream: BuiltinUpstream,
+    *resources: ResourceSpec,
+) -> tuple[Workspace, EngineServer, SlowGateway]:
+    """A workspace whose `openai` provider (one client retry) reaches a ``batchspec serve``
+    of ``upstream`` through a slow gateway (no hold: set ``refuse`` and the rest per test);
+    resources alpha (4 requests) and beta (5) unless ``resources`` are given."""
+    srv = serve_engine(upstream=upstream)
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    provider = {
+        "type": "openai",
+        "baseUrl": gw.v1,
+        "apiKeyEnv": KEY_ENV,
+        "options": {"maxRetries": 1},
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": provider},
+        resources=resources
+        or (ResourceSpec("alpha", count=4), ResourceSpec("beta", count=5, prefix="b")),
+    )
+    return ws, srv, gw

@@ -7,12 +7,12 @@ or truncates one file's content; real SQLite; the CLI's own entry point."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from servers import EngineServer, request_lines, wait_for
-from slow_gateway import SlowGateway, start_slow_gateway
+from slow_gateway import SlowGateway, gated_workspace, start_slow_gateway
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -24,39 +24,6 @@ CREATE = "POST /v1/batches"
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[SlowGateway]]:
-    started: list[SlowGateway] = []
-    yield started
-    for gw in started:
-        gw.stop()
-
-
-def _setup(
-    tmp_path: Path,
-    serve_engine: Callable[..., EngineServer],
-    gateways: list[SlowGateway],
-    upstream: BuiltinUpstream,
-    *resources: ResourceSpec,
-) -> tuple[Workspace, EngineServer, SlowGateway]:
-    srv = serve_engine(upstream=upstream)
-    gw = start_slow_gateway(srv.base_url, hold={})
-    gateways.append(gw)
-    provider = {
-        "type": "openai",
-        "baseUrl": gw.v1,
-        "apiKeyEnv": KEY_ENV,
-        "options": {"maxRetries": 1},
-    }
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": provider},
-        resources=resources
-        or (ResourceSpec("alpha", count=4), ResourceSpec("beta", count=5, prefix="b")),
-    )
-    return ws, srv, gw
 
 
 def _ended(
@@ -102,7 +69,7 @@ def test_a_body_cut_off_mid_stream_is_neither_kept_nor_recorded(
     ledger answer), beta is collected, exit 1; the next apply collects alpha whole from the
     same batch and nothing was created or answered twice."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
     files = _ended(ws, srv, capsys, "alpha", "beta")
     route = _content(files["alpha"][0][0])
     gw.truncate.add(route)
@@ -147,7 +114,9 @@ def test_an_errors_file_that_fails_after_the_output_file_came_leaves_both_to_the
     request taken as unanswered and retried), exit 1; the next apply records both, the
     refused request in alpha's errors file, with nothing created again."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream, ResourceSpec("alpha", 4))
+    ws, srv, gw = gated_workspace(
+        tmp_path, serve_engine, gateways, upstream, ResourceSpec("alpha", 4)
+    )
     lines = request_lines(4)
     lines[2]["body"]["messages"] = []  # the builtin stand-in answers 400: an errors line
     ws.write_input("alpha", lines)
@@ -190,7 +159,7 @@ def test_one_shard_failing_leaves_the_other_collected_and_nothing_resent(
     for its requests, exit 1; the next apply collects it and writes all six in input order."""
     upstream = BuiltinUpstream()
     spec = ResourceSpec("alpha", 6, spec={"limits": {"maxRequestsPerBatch": 2}})
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream, spec)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, spec)
     files = _ended(ws, srv, capsys, "alpha")
     assert len(files["alpha"]) == 3
     gw.refuse[_content(files["alpha"][1][0])] = 500
@@ -227,7 +196,7 @@ def test_a_key_that_may_not_read_files_stops_the_apply_at_once(
     next apply collects it, and no pass after it; `status` says to fix the key); nothing is
     resubmitted, and once the key may read files the next apply collects alpha."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
     files = _ended(ws, srv, capsys, "alpha", "beta")
     route = _content(files["alpha"][0][0])
     gw.refuse[route] = status
@@ -274,7 +243,7 @@ def test_the_key_is_in_no_download_failed_event_or_line(
     event holds the key."""
     key = "PLAINKEY0a1b2c3d4e5f60718293a4b5c6d7e8f9"
     monkeypatch.setenv(KEY_ENV, key)
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, BuiltinUpstream())
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, BuiltinUpstream())
     files = _ended(ws, srv, capsys, "alpha", "beta")
     gw.echo_auth = True
     gw.refuse[_content(files["alpha"][0][0])] = 500
@@ -299,7 +268,7 @@ def test_a_failed_download_with_a_postgresql_state_is_left_to_the_next_apply(
     collected, exit 1 with a download-failed event in the database and alpha's batch not
     collected; the next apply collects alpha from the same batch, nothing created again."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
     state = ["--state", postgres_url]
     assert run_cli(["apply", str(ws.root), "--yes", *state], capsys)[0] == 0
     client = srv.client()
@@ -349,7 +318,7 @@ def test_a_resource_whose_download_failed_keeps_its_answers_through_replace_or_c
     file is served, applies (the replacement with --wait) end with alpha's results written
     and every request answered by the provider exactly once."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
     files = _ended(ws, srv, capsys, "alpha", "beta")
     gw.refuse[_content(files["alpha"][0][0])] = status
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1

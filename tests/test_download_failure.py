@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from servers import EngineServer, wait_for
-from slow_gateway import SlowGateway, start_slow_gateway
+from slow_gateway import SlowGateway, gated_workspace, start_slow_gateway
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
 
 from batchspec.core.reconcile import collect
@@ -27,37 +27,6 @@ FAST = ("--poll-interval", "0.05", "--timeout", "60")
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-
-
-@pytest.fixture
-def gateways() -> Iterator[list[SlowGateway]]:
-    started: list[SlowGateway] = []
-    yield started
-    for gw in started:
-        gw.stop()
-
-
-def _setup(
-    tmp_path: Path,
-    serve_engine: Callable[..., EngineServer],
-    gateways: list[SlowGateway],
-    upstream: BuiltinUpstream,
-) -> tuple[Workspace, EngineServer, SlowGateway]:
-    srv = serve_engine(upstream=upstream)
-    gw = start_slow_gateway(srv.base_url, hold={})
-    gateways.append(gw)
-    provider = {
-        "type": "openai",
-        "baseUrl": gw.v1,
-        "apiKeyEnv": KEY_ENV,
-        "options": {"maxRetries": 1},
-    }
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": provider},
-        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", count=5, prefix="b")),
-    )
-    return ws, srv, gw
 
 
 def _submitted_and_ended(
@@ -104,7 +73,7 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
     saw two creates in all and answered every request once; a 404's hint says the file is not
     served, not that the base URL (where the batch was found) may be wrong."""
     upstream = BuiltinUpstream()
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, upstream)
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
     files = _submitted_and_ended(ws, srv, capsys)
     content = f"GET /v1/files/{files['alpha']}/content"
     gw.refuse[content] = status
@@ -166,7 +135,7 @@ def test_apply_wait_does_not_wait_for_a_download_that_keeps_failing(
     """`apply --wait` with alpha's file refused (404, as from a wrong base URL) collects
     beta and exits 1 after the pass, neither spinning until --timeout (exit 5) nor creating
     anything again; `apply --quiet` says why on stderr."""
-    ws, srv, gw = _setup(tmp_path, serve_engine, gateways, BuiltinUpstream())
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, BuiltinUpstream())
     files = _submitted_and_ended(ws, srv, capsys)
     gw.refuse[f"GET /v1/files/{files['alpha']}/content"] = 404
 

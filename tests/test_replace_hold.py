@@ -63,14 +63,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     stop_after_test(started)
 
 
-@pytest.fixture
-def gateways() -> Iterator[list[SlowGateway]]:
-    started: list[SlowGateway] = []
-    yield started
-    for gw in started:
-        gw.stop()
-
-
 def workspace(root: Path, srv: ServeProcess | SlowGateway, **options: object) -> Workspace:
     return make_workspace(
         root,
