@@ -189,3 +189,34 @@ def gated_workspace(
         or (ResourceSpec("alpha", count=4), ResourceSpec("beta", count=5, prefix="b")),
     )
     return ws, srv, gw
+
+
+def gated_and_slow_workspace(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    latency: float,
+    beta: int | None = None,
+) -> tuple[Workspace, EngineServer, SlowGateway]:
+    """alpha (4 requests) on a fast ``batchspec serve`` behind a slow gateway (provider
+    ``srv``), beta (``beta`` requests, default ``ResourceSpec``'s) on a second serve whose
+    model takes ``latency`` s a request, one at a time (provider ``slow``): beta keeps an
+    ``apply --wait`` polling while alpha's batch has ended. No client retries."""
+    srv = serve_engine(tmp_path / "fast")
+    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=latency), concurrency=1)
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    providers = {
+        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
+        for name, url in (("srv", gw.v1), ("slow", slow.v1))
+    }
+    counted = {} if beta is None else {"count": beta}
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers=providers,
+        resources=(
+            ResourceSpec("alpha", count=4),
+            ResourceSpec("beta", provider="slow", **counted),
+        ),
+    )
+    return ws, srv, gw

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 from servers import EngineServer, request_lines, wait_for
-from slow_gateway import SlowGateway, gated_workspace, start_slow_gateway
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
+from slow_gateway import (
+    SlowGateway,
+    gated_and_slow_workspace,
+    gated_workspace,
+)
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli
 
 from batchspec.engine.upstreams import BuiltinUpstream
 from batchspec.state.store import StateStore
@@ -353,19 +357,7 @@ def test_a_timeout_with_a_failed_download_exits_5_and_names_it(
     """`apply --wait --timeout 1 --json` while beta's batch still runs and alpha's output
     answers 500: exit 5 (the timeout, what CI waits on), the result's outcome `timeout` and
     exit_code 5, and its not_collected names alpha's file; nothing is created again."""
-    srv = serve_engine(tmp_path / "fast")
-    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=5.0), concurrency=1)
-    gw = start_slow_gateway(srv.base_url, hold={})
-    gateways.append(gw)
-    providers = {
-        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
-        for name, url in (("srv", gw.v1), ("slow", slow.v1))
-    }
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers=providers,
-        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", provider="slow")),
-    )
+    ws, srv, gw = gated_and_slow_workspace(tmp_path, serve_engine, gateways, 5.0)
     files = _ended(ws, srv, capsys, "alpha")
     gw.refuse[_content(files["alpha"][0][0])] = 500
 
@@ -389,19 +381,7 @@ def test_a_pruned_batchs_failing_download_is_said_once_a_run_and_not_fetched_eve
     beta keeps an `apply --wait` polling for seconds: the drain's warning is printed once,
     not once a pass, and the file is asked for once, not on every poll (a pause that
     doubles from 5 s); beta is collected and the run exits 0."""
-    srv = serve_engine(tmp_path / "fast")
-    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=3.0), concurrency=1)
-    gw = start_slow_gateway(srv.base_url, hold={})
-    gateways.append(gw)
-    providers = {
-        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
-        for name, url in (("srv", gw.v1), ("slow", slow.v1))
-    }
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers=providers,
-        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", count=1, provider="slow")),
-    )
+    ws, srv, gw = gated_and_slow_workspace(tmp_path, serve_engine, gateways, 3.0, beta=1)
     files = _ended(ws, srv, capsys, "alpha")
     content = _content(files["alpha"][0][0])
     gw.refuse[content] = 404

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 from servers import EngineServer, wait_for
-from slow_gateway import SlowGateway, gated_workspace, start_slow_gateway
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
+from slow_gateway import (
+    SlowGateway,
+    gated_and_slow_workspace,
+    gated_workspace,
+)
+from workspaces import KEY_ENV, SENTINEL_KEY, Workspace, run_cli
 
 from batchspec.core.reconcile import collect
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -170,19 +174,7 @@ def test_apply_wait_collects_a_failed_download_on_a_later_poll_while_others_run(
     runs on a slow provider; once the file is served again, a later pass of the same apply
     collects alpha from its one batch (after the download pause), and the apply exits 0."""
     monkeypatch.setattr(collect, "DOWNLOAD_RETRY_FIRST", 0.1)
-    srv = serve_engine(tmp_path / "fast")
-    slow = serve_engine(tmp_path / "slow", upstream=BuiltinUpstream(latency=0.4), concurrency=1)
-    gw = start_slow_gateway(srv.base_url, hold={})
-    gateways.append(gw)
-    providers = {
-        name: {"type": "openai", "baseUrl": url, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
-        for name, url in (("srv", gw.v1), ("slow", slow.v1))
-    }
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers=providers,
-        resources=(ResourceSpec("alpha", count=4), ResourceSpec("beta", provider="slow")),
-    )
+    ws, srv, gw = gated_and_slow_workspace(tmp_path, serve_engine, gateways, 0.4)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     with ws.store() as store:
         [batch] = store.batches(store.generations("alpha")[0].id)
