@@ -24,7 +24,7 @@ from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
 from batchspec.errors import ProviderError
 from batchspec.providers.anthropic import AnthropicProvider
-from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.wire.anthropic_lines import (
     Unmappable,
     chat_to_params,
@@ -410,6 +410,22 @@ def test_upload_stages_locally_and_create_sends_requests_inline(
     [stored] = srv.engine.list_batches(None, 100)["data"]
     requests = read_jsonl(srv.engine.file_content_path(stored["input_file_id"]).read_text())
     assert requests[0]["body"]["max_tokens"] == 4096  # converted, with the default
+
+
+def test_a_batchs_results_are_there_while_the_batch_is(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """`get_file` of a batch's results id answers while the batch exists and is
+    RemoteNotFound for an unknown batch: a drain asks it before writing a retired batch's
+    answers off as gone after a 404 on the results (it was RemoteNotFound for every results
+    id, so a passing 404 settled the batch without its answers, paid again by the next)."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        done = ended(provider, create(provider, stage(provider, tmp_path, native_lines(2))).id)
+        assert done.output_file_id is not None
+        assert provider.get_file(done.output_file_id).id == done.output_file_id
+        with pytest.raises(RemoteNotFound):
+            provider.get_file(done.output_file_id.replace(done.id, "msgbatch_unknown"))
 
 
 def test_errored_results_keep_their_status_and_are_split_from_successes(

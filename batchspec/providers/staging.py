@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchspec.providers.base import RemoteFile, RemoteNotFound, UploadProgress
+from batchspec.providers.base import RemoteBatch, RemoteFile, RemoteNotFound, UploadProgress
 
 STAGED_PREFIX = "staged-"
 RESULTS_PREFIX = "results:"
@@ -110,7 +110,16 @@ class StagedInputs:
             created_at=staged.created_at,
         )
 
+    def get_batch(self, batch_id: str) -> RemoteBatch:  # the provider's own
+        raise NotImplementedError
+
     def get_file(self, file_id: str) -> RemoteFile:
+        """A staged input's facts; for a batch's results (``results:<part>:<batch>``), they
+        are there while the batch is (``RemoteNotFound`` once it is gone): a results route
+        failing for a while does not make them gone."""
+        if file_id.startswith(RESULTS_PREFIX):
+            batch = self.get_batch(file_id[len(RESULTS_PREFIX) :].partition(":")[2])
+            return RemoteFile(id=file_id, created_at=batch.created_at)
         try:
             staged = self._staging.get(file_id)
         except FileNotFoundError:
