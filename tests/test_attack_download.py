@@ -394,3 +394,31 @@ def test_a_pruned_batchs_failing_download_is_said_once_a_run_and_not_fetched_eve
     assert (out + err).count("could not be polled, looked up or collected") == 1, out + err
     assert gw.received[content] == 1
     assert len(ws.outputs("beta")) == 1
+
+
+def test_a_key_that_may_not_read_a_pruned_batchs_file_stops_before_any_create(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 401 on the file of a pruned resource's ended batch (the drain's download) stops
+    the apply as it does for a current batch: beta, new, is not created with a key whose
+    results could not be downloaded either (the drain took it for a passing failure, warned,
+    and the same pass went on to spend), and the key stays out of what is printed."""
+    upstream = BuiltinUpstream()
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("alpha")[0].id)
+    done = wait_for(
+        lambda: (b := srv.client().batches.retrieve(batch.remote_id or "")).completed_at and b
+    )
+    gw.refuse[_content(done.output_file_id)] = 401
+    ws.manifest_path("alpha").unlink()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+
+    assert code == 1, out + err
+    assert f"${KEY_ENV}" in out + err and SENTINEL_KEY not in out + err
+    assert gw.received[CREATE] == 1  # alpha's only: beta was not created

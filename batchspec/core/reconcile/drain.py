@@ -67,6 +67,7 @@ from batchspec.core.plan import ACTIVE_GENERATION_STATUSES, Drain, still_stoppin
 from batchspec.core.reconcile.adopt import confirm_deadline, find_remote
 from batchspec.core.reconcile.cancel import cancel_retired_batch
 from batchspec.core.reconcile.collect import (
+    CREDENTIAL_STATUSES,
     DOWNLOAD_RETRY_FIRST,
     DOWNLOAD_RETRY_MAX,
     collect_batch,
@@ -244,6 +245,8 @@ def drain_retired(ctx: RunContext, retired: Sequence[RetiredBatch]) -> None:
         try:
             _drain_one(ctx, item)
         except BatchspecError as err:
+            if getattr(err, "status", None) in CREDENTIAL_STATUSES:
+                raise  # the key may not read this provider: stop before spending more
             failures = 1 if tried is None else tried[0] + 1
             pause = min(DOWNLOAD_RETRY_MAX, DOWNLOAD_RETRY_FIRST * 2 ** (failures - 1))
             ctx.drain_failures[item.batch.id] = (failures, ctx.monotonic() + pause)

@@ -204,7 +204,8 @@ def prefetch_pass(
     """Fill ``ctx.prefetched`` for this pass: polls first, then the files they made due;
     ``retired``: the batches of retired generations the pass drains (``drain``) too."""
     ctx.prefetched = Prefetched()
-    also = [b for b in retired if shares_client(ctx, b.provider)]
+    # a retired batch the drain failed on this run waits out its pause (``drain_retired``)
+    also = [b for b in retired if shares_client(ctx, b.provider) and ctx.download_due(b.id)]
     # in the order the pass takes them: the drain first, then resource by resource
     rows = [b for b in [*also, *_current_batches(ctx, resources)] if b.remote_id is not None]
     order = {(b.provider, b.remote_id or ""): rank for rank, b in enumerate(rows)}
@@ -212,7 +213,7 @@ def prefetch_pass(
     observed = _poll_all(ctx, in_flight, calls, order)
     for rank, row in enumerate(rows):
         seen = observed.get(row.id)
-        if seen is not None:
+        if seen is not None and ctx.download_due(row.id):
             _download_files(ctx, calls, row.provider, seen, rank)
         elif (
             row.status in TERMINAL_STATUSES
