@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from batchspec.core.reconcile.collect import read_result_lines
 from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
 from batchspec.state.ledger import CollectedLine, RequestLedger, ShardCounts, UsageTotals
 from batchspec.state.store import StateStore
@@ -202,6 +203,55 @@ def test_a_batch_answered_whole_and_in_order_gives_its_stored_file_as_it_is(
     assert (written.succeeded, written.failed, written.unresolved) == (count, 0, 0)
     if swap is None:
         assert [written.output_sha256] == ledger.blobs_of(gen)
+
+
+def _line(custom_id: str, status: int = 200) -> bytes:
+    return answer_line(custom_id, status)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(_line("a") + b"\n" + _line("b") + b"\n" + _line("c") + b"\n", id="whole"),
+        pytest.param(b"\r\n".join(_line(c) for c in "abc") + b"\r\n", id="crlf"),
+        pytest.param(b"  \n".join(_line(c) for c in "abc") + b"  \n", id="trailing-spaces"),
+        pytest.param(b"\n".join(_line(c) for c in "abc"), id="no-final-newline"),
+        pytest.param(b"\n".join(_line(c) for c in "abca") + b"\n", id="a-again-at-the-end"),
+        pytest.param(b"\n".join(_line(c) for c in "aabc") + b"\n", id="a-twice-first"),
+        pytest.param(b"\n".join(_line(c) for c in "abzc") + b"\n", id="an-unknown-id"),
+        pytest.param(b"\n".join(_line(c) for c in "bca") + b"\n", id="out-of-order"),
+        pytest.param(
+            b"\n".join([_line("a"), _line("b", 400), _line("c")]) + b"\n", id="an-error-line"
+        ),
+        pytest.param(b"\n".join(_line(c) for c in "abc") + b"\n\n", id="a-blank-line-after"),
+    ],
+)
+def test_a_collected_file_gives_each_answer_once_in_input_order_whatever_its_layout(
+    store: StateStore, blobs: BlobStore, tmp_path: Path, stored: bytes
+) -> None:
+    """A provider's file read by the real collector and written out: the output file is each
+    ok answer's stored bytes plus a newline, the errors file each other one's, in input
+    order, one line per request, however the file was laid out (CRLF, trailing spaces, no
+    last newline, a duplicate or unknown line, another order, an error line): the file copied
+    whole only when that is exactly those bytes."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"])
+    sha = blobs.put_from(lambda tmp: tmp.write_bytes(stored))
+    ledger.record_outcomes(gen, 1, sha, list(read_result_lines(blobs.path(sha))))
+
+    written, _, _ = write(ledger, gen, blobs, tmp_path)
+
+    rows = list(ledger.in_input_order(gen))
+    assert [r.custom_id for r in rows] == ["a", "b", "c"]
+    want = {"ok": b"", "other": b""}
+    for r in rows:
+        assert r.offset is not None and r.length is not None
+        want["ok" if r.state == "ok" else "other"] += stored[r.offset : r.offset + r.length] + b"\n"
+    assert (tmp_path / "out.jsonl").read_bytes() == want["ok"]
+    assert (tmp_path / "err.jsonl").read_bytes() == want["other"]
+    assert written.output_sha256 == hashlib.sha256(want["ok"]).hexdigest()
+    assert written.errors_sha256 == hashlib.sha256(want["other"]).hexdigest()
 
 
 # -- the ledger ---------------------------------------------------------------------------------

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from probes import ProbedServer
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, served
 
-from batchspec.core.apply import SHORTEST_POLL_PAUSE, ApplyOptions, apply_workspace, poll_pause
+from batchspec.core.apply import (
+    SHORTEST_POLL_PAUSE,
+    ApplyOptions,
+    apply_workspace,
+    converge,
+    poll_pause,
+)
 from batchspec.core.reconcile.poll import poll_message, remaining_seconds
 from batchspec.engine.upstreams import BuiltinUpstream
 from batchspec.providers.base import RemoteBatch, RequestCounts
@@ -107,3 +114,49 @@ def test_the_first_polls_after_a_create_keep_a_quarter_second_grid(
     polls = sorted(start - created for route, start, _ in spans if route == "GET /batches/{id}")
     assert len([p for p in polls if p <= 1.0]) >= 3, polls
     assert polls[0] <= 0.5 and polls[1] <= 1.0, polls
+
+
+class _KeepsCreating:
+    """A run's reconciler as ``converge`` sees it, on a fake clock: every pass finds the
+    resource still waiting, and a queue of shards behind ``maxInFlightBatches`` frees a slot
+    every ``every`` seconds, which the next pass fills with a create."""
+
+    def __init__(self, clock: list[float], every: float) -> None:
+        self.clock, self.every = clock, every
+        self.created_at: float | None = None
+        self.passes = 0
+
+    def advance_all(self, resources: object, facts: object) -> list[SimpleNamespace]:
+        self.passes += 1
+        now = self.clock[0]
+        if self.created_at is None or now - self.created_at >= self.every:
+            self.created_at = now
+        return [SimpleNamespace(name="job")]
+
+    def seconds_since_create(self) -> float | None:
+        return None if self.created_at is None else self.clock[0] - self.created_at
+
+    def expected_done_in(self) -> float | None:
+        return None
+
+
+def test_a_run_that_keeps_creating_does_not_poll_on_the_grid_for_ever() -> None:
+    """A create every 1.5 s for 10 minutes (a queue of shards, one more each time a slot
+    frees) polls on the quarter-second grid after the first create, then at most two seconds
+    of grid per poll interval: not ~2,400 passes (every batch in flight polled every 0.25 s)."""
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    rec = _KeepsCreating(clock, every=1.5)
+    options = ApplyOptions(yes=True, wait=True, poll_interval=30.0, timeout=600.0)
+
+    def now() -> float:
+        return clock[0]
+
+    outcome = converge(rec, [], {}, options, lambda: None, lambda p: None, sleep, now)  # type: ignore[arg-type]
+
+    assert outcome == "timeout"
+    assert rec.passes <= 600 / 32 * (2 / 0.25 + 8), rec.passes
+    assert rec.passes >= 8  # the first create still got its grid

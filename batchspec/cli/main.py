@@ -531,8 +531,8 @@ def plan(
     type=click.FloatRange(min=0.01),
     default=30.0,
     show_default=True,
-    help="Longest pause between polls; polls come every 0.25 s for 2 s after a create, "
-    "then start at 0.5 s and back off.",
+    help="Longest pause between polls; polls come every 0.25 s for 2 s after a create (at "
+    "most one such stretch per 2 s plus this interval), then start at 0.5 s and back off.",
 )
 @parallelism_option
 @click.option(

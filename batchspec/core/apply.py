@@ -478,17 +478,21 @@ def converge(
 ) -> str:
     """Advance every resource; with ``wait``, keep polling (backing off) until none waits.
 
-    For ``QUICK_POLL_SECONDS`` after the run's last create, polls fall on a
-    ``QUICK_POLL_GRID`` counted from the create's answer (``poll_pause``), so the ledger and
-    records a pass writes after its create do not delay the first poll, and a batch that
-    ends within seconds is collected no later than by a script that polls every 0.5 s from
-    its create; then the pause is the interval, which grows from ``FIRST_POLL_INTERVAL`` to
-    ``poll_interval``. A pause is never longer than the interval, and shorter when a polled
-    batch's request counts, at the pace they moved since it was last seen, say it will be
-    done sooner (never below ``SHORTEST_POLL_PAUSE``): a batch that ends just after one poll
-    is collected then, not a whole interval later."""
+    For ``QUICK_POLL_SECONDS`` after a create, polls fall on a ``QUICK_POLL_GRID`` counted
+    from the create's answer (``poll_pause``), so the ledger and records a pass writes after
+    its create do not delay the first poll, and a batch that ends within seconds is collected
+    no later than by a script that polls every 0.5 s from its create; then the pause is the
+    interval, which grows from ``FIRST_POLL_INTERVAL`` to ``poll_interval``. A create opens a
+    grid only ``QUICK_POLL_SECONDS`` plus ``poll_interval`` after the last one opened: a run
+    that keeps creating (a queue of shards behind ``maxInFlightBatches``, each pass creating
+    one more) would otherwise poll every batch in flight on the grid for as long as it runs.
+    A pause is never longer than the interval, and shorter when a polled batch's request
+    counts, at the pace they moved since it was last seen, say it will be done sooner (never
+    below ``SHORTEST_POLL_PAUSE``): a batch that ends just after one poll is collected then,
+    not a whole interval later."""
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
+    grid_from: float | None = None  # when the create that opened the last grid was answered
     while True:
         polled_at = clock()  # a pass sends its polls first (``prefetch``)
         waiting = rec.advance_all(resources, facts)
@@ -496,6 +500,13 @@ def converge(
         if not waiting or not options.wait:
             break
         since_create = rec.seconds_since_create()
+        if since_create is not None:
+            created_at = clock() - since_create
+            if grid_from is None or created_at - grid_from >= QUICK_POLL_SECONDS + (
+                options.poll_interval
+            ):
+                grid_from = created_at  # opens a grid
+            since_create = clock() - grid_from  # a later create keeps to the open grid
         since_poll = clock() - polled_at
         pause = poll_pause(interval, since_create, rec.expected_done_in(), since_poll)
         if deadline is not None and clock() + pause > deadline:

@@ -16,9 +16,13 @@ Promises:
 * **Never stale within the block.** Any write through the store (``atomic()``) inside the
   block ends the snapshot: the reads after it go to the database again (a write is rare in
   a read-only stretch; re-loading everything after each one would cost more than it saves).
-* **Constant queries.** A block costs four queries for these reads, and one per 500
-  current generations for the ledger counts, whatever the number of resources: what the
-  plan at the end of a pass, ``status`` and the start of ``apply`` read (issue 13).
+* **One state.** The resources, generations and batches are read in one read-only
+  transaction: a run committing while they are read is in all three or in none (the
+  ledger's presence and counts are read when first asked, as before).
+* **Constant queries.** A block costs four queries for these reads (the first three between
+  a BEGIN and a ROLLBACK), and one per 500 current generations for the ledger counts,
+  whatever the number of resources: what the plan at the end of a pass, ``status`` and the
+  start of ``apply`` read (issue 13).
 """
 
 from __future__ import annotations
@@ -59,14 +63,19 @@ class ReadSnapshot:
     live: bool = True
 
     def load(self, db: Sql) -> None:
-        """Read the three tables, one query each (rows in id order, as the per-row reads)."""
-        resources = [_resource_row(r) for r in db.query("SELECT * FROM resources ORDER BY name")]
+        """Read the three tables, one query each (rows in id order, as the per-row reads),
+        all three in one read of the database (``_one_read``)."""
+        with _one_read(db):
+            rows = db.query("SELECT * FROM resources ORDER BY name")
+            generations = db.query("SELECT * FROM generations ORDER BY id")
+            batches = db.query("SELECT * FROM batches ORDER BY id")
+        resources = [_resource_row(r) for r in rows]
         self.resources = {r.name: r for r in resources}
-        for row in db.query("SELECT * FROM generations ORDER BY id"):
+        for row in generations:
             gen = _generation_row(row)
             self.generations.setdefault(gen.resource, []).append(gen)
             self.generation_by_id[gen.id] = gen
-        for row in db.query("SELECT * FROM batches ORDER BY id"):
+        for row in batches:
             batch = _batch_row(row)
             self.batches.setdefault(batch.generation_id, []).append(batch)
 
@@ -106,6 +115,25 @@ class ReadSnapshot:
                         int(out or 0),
                     )
         return self.counts
+
+
+@contextmanager
+def _one_read(db: Sql) -> Iterator[None]:
+    """The block's queries see one state of the database: a run that commits between two of
+    them (another runner's apply on a shared state, which ``plan`` and ``status`` do not
+    wait for) is seen by all of them or by none, never a resource row from before it with
+    the generations and batches from after. A read-only transaction (PostgreSQL: repeatable
+    read, one snapshot for the whole transaction; SQLite: a deferred one, whose first read
+    fixes what the others see), rolled back; inside a caller's transaction, that one."""
+    if db.in_transaction:
+        yield
+        return
+    pg = db.dialect == "postgresql"
+    db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if pg else "BEGIN")
+    try:
+        yield
+    finally:
+        db.rollback()
 
 
 class SnapshotLedger(RequestLedger):
