@@ -115,6 +115,7 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
     assert "the next `batchspec apply` tries the download again" in out
     if status == 404:  # the batch was found at this base URL: it is the file that is gone
         assert "does not serve this file now" in out and "API root" not in out
+        assert "`batchspec apply --replace alpha` runs the resource again, paying" in out
     assert "Apply did not collect alpha" in out and "`batchspec show alpha` lists" in out
     assert gw.received[CREATE] == 2
     gw.refuse.clear()

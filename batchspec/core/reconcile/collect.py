@@ -234,7 +234,13 @@ def _note_download_failure(
             name,
             f"could not download the {err.kind} file of batch {failure.remote_id}: "
             f"{err.message.rstrip('.')}. The batch stays finished and not collected; nothing "
-            "is resubmitted, and the next `batchspec apply` tries the download again",
+            "is resubmitted, and the next `batchspec apply` tries the download again"
+            + (
+                f" (if the provider no longer keeps the file, `batchspec apply --replace {name}` "
+                "runs the resource again, paying for its requests again)"
+                if err.status == 404
+                else ""
+            ),
             failure.to_json(),
         )
     )
