@@ -16,14 +16,13 @@ from test_replace_hold import (
     FAST,
     SLOW,
     answered_once,
-    gateways,
     in_order,
     killed_while_its_create_is_held,
     serve,
 )
 from workspaces import KEY_ENV, SENTINEL_KEY, run_cli
 
-__all__ = ["gateways", "serve"]  # fixtures, used by name
+__all__ = ["serve"]  # a fixture, used by name
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ from test_replace_hold import (
     FAST,
     REQUESTS,
     SLOW,
-    gateways,
     killed_while_its_create_is_held,
     serve,
 )
@@ -36,7 +35,7 @@ from workspaces import (
 
 from batchspec.core.reconcile import intent
 
-__all__ = ["gateways", "serve"]  # fixtures, used by name
+__all__ = ["serve"]  # a fixture, used by name
 
 
 @pytest.fixture(autouse=True)
