@@ -13,15 +13,13 @@ import yaml
 from probes import ProbedServer
 from serve_faults import received_batches
 from servers import request_lines, wait_for
-from test_drain import FAST, REQUESTS, completed, ended, output_ids, slow_server
+from test_drain import FAST, REQUESTS, completed, ended, gone_submitted, output_ids, slow_server
 from test_read_once import count_parses
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
-    make_workspace,
-    openai_provider,
     run_cli,
     served,
 )
@@ -163,14 +161,7 @@ def pruned_while_running(
     """`gone` submitted, (with ``cancel``: `batchspec cancel gone` first,) then its manifest
     removed and `apply --prune` run while its batch still runs; its remote batch id and
     generation id."""
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
-    )
-    client = srv.client()
-    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
-    [first] = client.batches.list().data
+    ws, client, first = gone_submitted(tmp_path, srv, capsys)
     wait_for(lambda: completed(client, first.id) >= 2)
     if cancel:
         assert run_cli(["cancel", "gone", str(ws.root)], capsys)[0] == 0

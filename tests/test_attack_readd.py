@@ -15,7 +15,7 @@ from serve_faults import received_batches
 from servers import wait_for
 from slow_gateway import SlowGateway
 from test_attack_drain import pruned_while_running
-from test_drain import completed, ended, output_ids, slow_server
+from test_drain import completed, ended, gone_submitted, output_ids, slow_server
 from test_replace_hold import (
     CREATE,
     FAST,
@@ -28,8 +28,6 @@ from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
-    make_workspace,
-    openai_provider,
     run_cli,
 )
 
@@ -149,14 +147,7 @@ def test_a_pruned_generation_killed_before_its_ledger_is_drained_and_its_spend_c
     `history`, instead of the batch staying `cancelling` in the state, uncounted, forever."""
     monkeypatch.setattr(intent, "LEDGER_AFTER_CREATE_MIN", 1)
     srv = slow_server(server, cancel_delay=0.2)
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
-    )
-    client = srv.client()
-    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
-    [first] = client.batches.list().data
+    ws, client, first = gone_submitted(tmp_path, srv, capsys)
     with ws.store() as store:
         store.db.execute("delete from requests")  # as a kill before the ledger's commit
     wait_for(lambda: completed(client, first.id) >= 2)

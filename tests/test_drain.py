@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -63,6 +64,22 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 def slow_server(server: Callable[..., ProbedServer], cancel_delay: float) -> ProbedServer:
     """One line at a time, 50 ms each; a cancel takes ``cancel_delay`` s to stop a batch."""
     return server(upstream=BuiltinUpstream(latency=0.05), concurrency=1, cancel_delay=cancel_delay)
+
+
+def gone_submitted(
+    tmp_path: Path, srv: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> tuple[Workspace, Any, Any]:
+    """A workspace of `gone` (``REQUESTS`` requests) and `keep` (1) on ``srv``, only `gone`
+    applied: the workspace, an SDK client of ``srv`` and `gone`'s batch as it listed it."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
+    )
+    client = srv.client()
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
+    [first] = client.batches.list().data
+    return ws, client, first
 
 
 def completed(client: object, batch_id: str) -> int:
@@ -169,14 +186,7 @@ def test_a_pruned_batch_still_cancelling_is_collected_later_and_never_cancelled_
     in the ledger with a collect event of the pruned resource, and sends no second cancel;
     the apply after records nothing more."""
     srv = slow_server(server, cancel_delay=2.0)
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=(ResourceSpec("gone", count=REQUESTS), ResourceSpec("keep", count=1)),
-    )
-    client = srv.client()
-    assert run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)[0] == 0
-    [batch] = client.batches.list().data
+    ws, client, batch = gone_submitted(tmp_path, srv, capsys)
     wait_for(lambda: completed(client, batch.id) >= 2)
     ws.manifest_path("gone").unlink()
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)

@@ -770,22 +770,12 @@ def test_still_stopping_is_a_batch_whose_answers_may_still_come(
 def test_plan_says_a_retired_generation_with_an_unconfirmed_create_is_still_stopping() -> None:
     """An in-sync resource whose superseded generation left a create not confirmed: the plan
     says it is still stopping (the drain looks it up), as for a batch still cancelling."""
-    old = RecordedGeneration(
-        id=1,
-        spec_hash=OLD,
-        status="superseded",
-        requests=2,
-        batches=(RecordedBatch(1, 0, 1, None, "creating", collected=False, requests=2),),
+    creating = batch(remote_id=None, status="creating", collected=False, requests=2)
+    old = gen(
+        id=1, spec_hash=OLD, status="superseded", requests=2, succeeded=0, batches=(creating,)
     )
-    new = RecordedGeneration(
-        id=2,
-        spec_hash=NEW,
-        status="complete",
-        requests=2,
-        succeeded=2,
-        output_sha256=OUT,
-        errors_sha256=ERR,
-        batches=(RecordedBatch(2, 0, 1, "batch_2", "completed", collected=True, requests=2),),
+    new = gen(
+        id=2, requests=2, succeeded=2, batches=(batch(id=2, remote_id="batch_2", requests=2),)
     )
     have = RecordedResource("r", "openai", (old, new))
     want = DesiredResource("r", "openai", NEW, requests=2, input_bytes=10, max_attempts=3)
