@@ -354,18 +354,19 @@ class InputCache:
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         """Store the run's new entries in one transaction (one per entry cost a first pass
-        over 1,000 new inputs 0.3 s), and drop the entries of files gone (``_forget_gone``);
+        over 1,000 new inputs 0.3 s), and drop the entries of files gone (``_gone_paths``);
         a busy or damaged cache only costs a re-read."""
         if not self._pending:
             return
         with contextlib.suppress(sqlite3.Error):
+            gone = _gone_paths(conn)  # stat'ed before the write lock is taken
             conn.execute("begin immediate")
             try:
                 conn.executemany(
                     "insert or replace into input_scans2 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
-                _forget_gone(conn)
+                conn.executemany("delete from input_scans2 where path = ?", gone)
             except BaseException:
                 conn.execute("rollback")
                 raise
@@ -373,15 +374,13 @@ class InputCache:
         self._pending.clear()
 
 
-def _forget_gone(conn: sqlite3.Connection) -> None:
-    """Delete the entries of paths that no longer exist: an entry carries a small input's
+def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
+    """The cached paths that no longer exist, for deletion: an entry carries a small input's
     whole request index, and inputs named anew each run (dated files, temporary checkouts)
     would otherwise grow the cache without end, where index files are pruned
     (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
     paths = [row[0] for row in conn.execute("select distinct path from input_scans2")]
-    gone = [(path,) for path in paths if not os.path.exists(path)]
-    if gone:
-        conn.executemany("delete from input_scans2 where path = ?", gone)
+    return [(path,) for path in paths if not os.path.exists(path)]
 
 
 def _report(text: str) -> InputReport | None:
