@@ -355,7 +355,7 @@ def main() -> None:
     print(f"targets {verdict}")
     if args.profile:
         profile = tmp / "apply.prof"
-        one_run("apply", args.requests, args.concurrency, tmp, profile)
+        one_run("apply", args.requests, args.concurrency, tmp, profile, args.shards)
         import pstats
 
         print(f"\ncProfile of one apply run ({profile}), top 25 by cumulative time:")
