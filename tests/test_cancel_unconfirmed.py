@@ -70,7 +70,10 @@ def cancelled_with_its_create_reset(
         resources=(ResourceSpec("triage", count=5),),
     )
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+    assert code == 0, err
+    assert "1 create(s) whose answer was lost not found yet" in out
+    assert "every `batchspec apply` looks them up" in out
     with ws.store() as store:
         [gen] = store.generations("triage")
         [batch] = store.batches(gen.id)
