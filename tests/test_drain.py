@@ -584,4 +584,9 @@ def test_a_second_cancel_of_a_batch_still_stopping_says_so(
     assert out.startswith("triage is already cancelled: 1 batch still stopping")
     assert srv.probe.counts[CANCEL] == 1
     code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
-    assert json.loads(out) == {"resource": "triage", "cancelled_batches": 0, "stopping_batches": 1}
+    assert json.loads(out) == {
+        "resource": "triage",
+        "cancelled_batches": 0,
+        "stopping_batches": 1,
+        "unconfirmed_creates": 0,
+    }

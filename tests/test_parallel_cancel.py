@@ -165,7 +165,12 @@ def test_cancel_of_a_sharded_resource_sends_its_cancels_side_by_side(
     code, out, err = run_cli(["cancel", "big", str(ws.root), "--json", *options], capsys)
 
     assert code == 0, err
-    assert json.loads(out) == {"resource": "big", "cancelled_batches": 4, "stopping_batches": 0}
+    assert json.loads(out) == {
+        "resource": "big",
+        "cancelled_batches": 4,
+        "stopping_batches": 0,
+        "unconfirmed_creates": 0,
+    }
     at_once = cancels_at_once(srv)
     assert at_once == 1 if serial else at_once > 1
     with ws.store() as store:

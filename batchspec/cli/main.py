@@ -976,7 +976,9 @@ def cancel(
     """Cancel NAME's in-flight batches. Recorded in history.
 
     Answers that finished before the cancel took effect are kept: the next apply polls the
-    cancelling batches to their end, collects what finished and writes it.
+    cancelling batches to their end, collects what finished and writes it. A create whose
+    answer was lost and that is not found yet is looked up by every later apply, and
+    cancelled if it shows.
     """
     from batchspec.core.apply import cancel_resource
 
@@ -985,7 +987,21 @@ def cancel(
     )
     n = result.cancelled
     if as_json:
-        emit_json({"resource": name, "cancelled_batches": n, "stopping_batches": result.stopping})
+        emit_json(
+            {
+                "resource": name,
+                "cancelled_batches": n,
+                "stopping_batches": result.stopping,
+                "unconfirmed_creates": result.unconfirmed,
+            }
+        )
+        return
+    if n == 0 and result.generations and result.unconfirmed:  # none found yet: none sent
+        click.echo(
+            f"cancelled {name}: {result.unconfirmed} create(s) whose answer was lost not found "
+            "yet; they may still land: every `batchspec apply` looks them up, cancels one "
+            f"found and keeps what it finished; `batchspec apply --replace {name}` runs it again"
+        )
     elif n == 0 and result.generations:  # e.g. a replacement held before its create
         stopping = (
             f" ({result.stopping} earlier batch{'' if result.stopping == 1 else 'es'} still "
@@ -1006,9 +1022,15 @@ def cancel(
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:
+        unconfirmed = (
+            f"; {result.unconfirmed} create(s) whose answer was lost, not found yet, are looked "
+            "up by every `batchspec apply` (cancelled if found)"
+            if result.unconfirmed
+            else ""
+        )
         click.echo(
             f"cancelling {n} batch{'' if n == 1 else 'es'} of {name}: answers that finish "
-            "before the provider stops them are kept; `batchspec apply` collects them"
+            f"before the provider stops them are kept; `batchspec apply` collects them{unconfirmed}"
         )
 
 

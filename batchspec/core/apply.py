@@ -398,6 +398,9 @@ class CancelResult:
     cancelled: int  # batches this cancel was sent to
     stopping: int  # batches cancelled earlier that are still stopping
     generations: int = 0  # active generations it cancelled (one not created yet included)
+    # creates whose answer was lost that its lookup did not find: each later apply looks
+    # them up (``drain``), cancels one found and keeps what it finished
+    unconfirmed: int = 0
 
 
 def cancel_resource(
@@ -459,8 +462,14 @@ def cancel_resource(
             )
             active = [g for g in store.generations(name) if g.status in ACTIVE_GENERATION_STATUSES]
             n = rec.cancel(name)  # its batches' cancels side by side
+            unconfirmed = sum(
+                1
+                for gen in active
+                for batch in store.batches(gen.id)
+                if batch.remote_id is None and batch.status == "creating"
+            )
         run.exit_code = 0
-        return CancelResult(n, stopping, len(active))
+        return CancelResult(n, stopping, len(active), unconfirmed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ no generation for the spec hash                        create     yes
 generation cancelled by a user                         refresh /  no  (polls it to its end,
                                                        collect,       collects and writes what
                                                        else none      finished; Suspended;
-                                                                      ``apply --replace`` reruns)
+                                                                      ``apply --replace`` reruns;
+                                                                      a create not confirmed is
+                                                                      looked up by the drain)
 a batch intent with no remote id (a crashed run)       create     yes (adopts the remote batch
                                                                       if it exists: never twice)
 generation recorded but nothing submitted              create     yes
@@ -221,9 +223,10 @@ class Action:
 
 @dataclass(frozen=True)
 class Drain:
-    """A retired generation's batch the next apply polls or collects (``reconcile.drain``):
-    read-only bookkeeping that spends nothing and changes no resource's sync or health, so it
-    is not a change of the plan (``Plan.has_changes``)."""
+    """A retired generation's batch the next apply polls or collects, or a create not
+    confirmed it looks up (a retired generation's, or a user-cancelled current one's:
+    ``reconcile.drain``): bookkeeping that spends nothing and changes no resource's sync or
+    health, so it is not a change of the plan (``Plan.has_changes``)."""
 
     resource: str
     generation_id: int

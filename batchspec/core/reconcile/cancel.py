@@ -2,11 +2,13 @@
 
 An intent never submitted is abandoned; an unsure create (``creating``, no remote id) is first
 looked up by key and adopted, since it may have landed and be paid for, then cancelled too.
-One not found is left ``creating``: it may still land, so once its generation is retired
-(superseded, pruned, or cancelled and then replaced) each later pass looks it up again
-(``drain``) and a new generation's create waits for it (``hold``). A generation a user
-cancelled whose manifest is unchanged is still the resource's current one, not retired: its
-unsure create is looked up again only once ``apply --replace`` retires it.
+One not found is left ``creating``: it may still land, so each later apply pass looks it up
+again (``drain``): cancels, adopts and keeps what it finishes if found, records it never made
+once its confirm window has passed. That holds for a generation retired (superseded, pruned)
+and for one a user cancelled whose manifest is unchanged, though that one stays the
+resource's current generation (``drain.cancelled_unconfirmed``: once found, its own refresh
+and collect steps poll the batch and write what it finished); a new generation's create
+waits for it (``hold``).
 The generation's new status and a ``cancel`` event are recorded in one transaction. A cancel
 only starts the stop (the batch is recorded ``cancelling``); the answers the provider still
 finishes are kept by the passes of later applies (``drain``), never by a second cancel.
@@ -98,8 +100,8 @@ def cancel_generation(
                 batch = bind_adopted(ctx, name, batch, remote)
         if batch.remote_id is None:
             # an intent never submitted is abandoned; a create not found may still land: it
-            # stays ``creating``, looked up again by the drain once the generation is retired
-            # (which cancels it if found)
+            # stays ``creating``, looked up again by every later pass's drain (which cancels
+            # it if found), the generation's status cancelled or superseded alike
             if batch.status not in TERMINAL_STATUSES and batch.status != "creating":
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
@@ -132,7 +134,7 @@ def cancel_retired_batch(
     """Adopt ``remote``, the batch of ``batch``'s create that ``gen``'s cancel could not
     confirm, found only since by its key (the drain's lookup), cancelling it *first*: a
     cancel that fails (or a run that dies) leaves nothing recorded, so the next pass finds
-    it again by its key and sends it then; once recorded, a drain only polls. Then its row,
+    it again by its key and sends it then; once recorded, it is only polled. Then its row,
     an ``adopt`` and a ``cancel`` event, in one transaction; the row as it is now."""
     sent = remote.status not in TERMINAL_STATUSES and remote.status != "cancelling"
     if sent:

@@ -16,7 +16,11 @@ before it submits anything, so a generation recorded in that pass already reuses
   resources pruned from the workspace (``Reconciler.retired_resources``), every generation
   that is not active. Their batches still stopping (``plan.still_stopping``: sent and not
   ended, ended and not collected, or a create not confirmed), whose generation has a ledger
-  to record answers in.
+  to record answers in. Also the one create not confirmed of a generation a user cancelled
+  whose manifest is unchanged (``cancelled_unconfirmed``): still the resource's current
+  generation (its status and results are the plan's), yet its create may have landed after
+  its cancel's lookup missed it, so the drain looks it up as it does a retired one's (below);
+  found, the batch is that generation's own refresh and collect steps' from then on.
 * **Shown ahead.** ``plan`` lists the same batches (``planned_drains``: the state only, no
   provider call), each with the step the next apply takes: ``poll`` or ``collect``.
 * **The same machinery.** Their polls and downloads are fetched ahead in the pass's bounded
@@ -43,8 +47,12 @@ before it submits anything, so a generation recorded in that pass already reuses
   remote id) that its cancel's lookup did not find may still land: every pass looks its key up
   again (``adopt.find_remote``), cancels and then adopts it if found (the cancel first: one
   that fails leaves it unrecorded, found and cancelled by the next pass; then drains it as any
-  other), and records it never made (``cancelled``, with a ``lookup`` event) once its confirm window
-  (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
+  other), and records it never made (``cancelled``, with a ``lookup`` event) once its confirm
+  window (``adopt.confirm_deadline``) has passed. Until then a new generation's create is held.
+  The same for a user-cancelled current generation's (``batchspec cancel``, manifest
+  unchanged): a cancel stops the spending even of a create it could not see yet, and what
+  that batch finished is kept (its generation's collect, which writes it), so a later
+  ``apply --replace`` reuses it rather than paying again.
 * **Gone is an end.** A batch the provider answers 404 for when polled is recorded once as
   ended (``cancelled``, nothing left to collect) with a ``poll`` event whose ``gone`` says
   why, and a warning; no later pass polls it (``record_gone``). Its generation's ledger keeps
@@ -91,6 +99,10 @@ class RetiredBatch:
     generation: GenerationRow
     batch: BatchRow
     resource: Resource | None  # the manifest's resource; None: pruned from the workspace
+    # the resource's current generation, cancelled by a user (``cancelled_unconfirmed``): the
+    # drain only looks its unconfirmed create up; once found, that generation's own steps
+    # (refresh, collect: ``plan``) poll it and write what it finished, as for its other batches
+    current: bool = False
 
     @property
     def foreign(self) -> bool:
@@ -137,15 +149,29 @@ def find_retired(
         if gen is None:
             gen = generations[batch.generation_id] = store.get_generation(batch.generation_id)
         res = by_name.get(gen.resource)
-        if gen.resource in order and res is not None and gen.spec_hash != res.spec_hash:
+        current = False
+        if gen.resource in order and res is not None:
+            # the manifest's own generation only for its unconfirmed create, once cancelled
+            current = gen.spec_hash == res.spec_hash
+            if current and not cancelled_unconfirmed(gen, batch):
+                continue
             position = order[gen.resource]
         elif gen.resource in outside:
             position, res = outside[gen.resource], None
         else:
             continue
-        found.append((position, gen.id, batch.id, RetiredBatch(gen.resource, gen, batch, res)))
+        item = RetiredBatch(gen.resource, gen, batch, res, current=current)
+        found.append((position, gen.id, batch.id, item))
     found.sort(key=lambda item: item[:3])
     return [item[3] for item in found if has_ledger(item[3])]
+
+
+def cancelled_unconfirmed(gen: GenerationRow, batch: BatchRow) -> bool:
+    """Whether ``batch`` is a create not confirmed (``creating``, no remote id) of ``gen``,
+    cancelled (``batchspec cancel``): the drain looks it up even while ``gen`` is still its
+    resource's current generation (its manifest unchanged), since it may have landed and be
+    running, paid for, after the cancel's own lookup missed it."""
+    return gen.status == "cancelled" and batch.remote_id is None and batch.status == "creating"
 
 
 def batch_still_stopping(batch: BatchRow) -> bool:
@@ -270,8 +296,10 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
     provider = ctx.provider_for(batch.provider)
     if batch.remote_id is None:
         found = _look_up_unconfirmed(ctx, item)
-        if found is None or not found.is_terminal:
-            return  # still unconfirmed, or cancelled just now: polled from the next look on
+        if found is None or not found.is_terminal or item.current:
+            # still unconfirmed, or cancelled just now: polled from the next look on (a current
+            # generation's by its own refresh and collect steps, later in this very pass)
+            return
         batch = found
     if not batch.is_terminal:
         try:

@@ -1,0 +1,214 @@
+"""A user's ``batchspec cancel`` of a generation whose create's answer was lost, and which the
+cancel's own lookup could not find yet, stops that batch too once it shows (``drain``,
+``cancel``): every later ``apply`` looks its key up while the generation stays the resource's
+current one (its manifest unchanged), cancels and adopts it if found and keeps what it
+finished, or records it never made once its confirm window has passed; ``plan`` lists it.
+
+A real ``batchspec serve`` process behind a slow gateway that holds (or resets) creates;
+real SQLite. What a paid provider would bill is what the gateway forwarded and what each
+batch on the server received and answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from probes import ServeProcess
+from serve_faults import received_batches
+from servers import wait_for
+from slow_gateway import SlowGateway, start_slow_gateway
+from test_replace_hold import (
+    CREATE,
+    FAST,
+    SLOW,
+    answered_once,
+    in_order,
+    killed_while_its_create_is_held,
+    serve,
+)
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    make_workspace,
+    openai_provider,
+    run_cli,
+)
+
+__all__ = ["serve"]  # a fixture, used by name
+
+LIST = "GET /v1/batches"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+def cancelled_with_its_create_reset(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+    **options: object,
+) -> tuple[Workspace, SlowGateway]:
+    """An apply whose every create the gateway resets (never forwarded: no batch exists),
+    leaving it `creating`, then `batchspec cancel`: the generation is cancelled, its create
+    still not confirmed. ``options``: the provider's (``createConfirmSeconds: 0`` keeps the
+    apply from waiting out the window before it gives up on its create)."""
+    srv = serve()
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    gw.refuse[CREATE] = 0
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(gw.v1, KEY_ENV, **options)},
+        resources=(ResourceSpec("triage", count=5),),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+    assert code == 0, err
+    assert "1 create(s) whose answer was lost not found yet" in out
+    assert "every `batchspec apply` looks them up" in out
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        [batch] = store.batches(gen.id)
+    assert (gen.status, batch.status, batch.remote_id) == ("cancelled", "creating", None)
+    assert gw.forwarded[CREATE] == 0
+    return ws, gw
+
+
+def test_a_create_landing_after_its_cancel_is_cancelled_adopted_and_its_answers_kept(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An apply killed while a gateway holds its create; `batchspec cancel` cannot find it
+    yet; the create lands and runs; the next plain `apply` (the manifest unchanged) finds it
+    by its key, cancels and adopts it, and keeps what it finished (written as the cancelled
+    generation's results); `apply --replace` then pays only for the requests it left."""
+    srv = serve(*SLOW, "0")
+    ws, gw = killed_while_its_create_is_held(
+        tmp_path,
+        srv,
+        gateways,
+        hold=4.0,
+        timeout=1,
+        resources=(ResourceSpec("triage", count=120),),
+    )
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    assert gw.forwarded[CREATE] == 0, "the create landed before the cancel looked it up"
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("triage")[0].id)
+    assert (batch.status, batch.remote_id) == ("creating", None)
+    gw.wait_until_forwarded(CREATE, 1)
+    client = srv.client()
+    [landed] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(landed.id).request_counts.completed >= 2)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert client.batches.retrieve(landed.id).status in ("cancelling", "cancelled"), out
+    with ws.store() as store:
+        assert store.get_batch(batch.id).remote_id == landed.id
+        assert store.generations("triage")[0].status == "cancelled"
+        actions = [(e.action, e.batch_id) for e in store.events(resource="triage")]
+    assert actions.count(("adopt", batch.id)) == 1 and actions.count(("cancel", batch.id)) == 1
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    [old] = received_batches(client)
+    assert old.status == "cancelled" and 2 <= len(old.output_ids) < 120
+    assert [r["custom_id"] for r in ws.outputs("triage")] == old.output_ids
+    assert gw.forwarded[CREATE] == 1
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--replace", "triage", "--wait", *FAST], capsys
+    )
+
+    assert code == 0, err
+    assert gw.forwarded[CREATE] == 2
+    answered_once(in_order(client, landed.id), ws)
+
+
+def test_a_create_never_found_after_its_cancel_is_recorded_never_made_once(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A cancelled generation's create that never reached the provider, past its confirm
+    window (`createConfirmSeconds: 0`): the next `apply` looks its key up once more and
+    records it never made (`cancelled`, a `lookup` event); later applies and `plan` leave it
+    alone (no lookup sent, none listed)."""
+    ws, gw = cancelled_with_its_create_reset(
+        tmp_path, serve, gateways, capsys, createConfirmSeconds=0
+    )
+    lists = gw.received[LIST]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert "was not found by its key within its confirm window: recorded never made" in out
+    assert gw.received[LIST] > lists
+    with ws.store() as store:
+        [gen] = store.generations("triage")
+        [batch] = store.batches(gen.id)
+        lookups = [e for e in store.events(resource="triage") if e.action == "lookup"]
+    assert (gen.status, batch.status) == ("cancelled", "cancelled")
+    assert [e.batch_id for e in lookups if e.detail.get("never_made")] == [batch.id]
+    lists = gw.received[LIST]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert gw.received[LIST] == lists
+    with ws.store() as store:
+        assert len([e for e in store.events(resource="triage") if e.action == "lookup"]) == len(
+            lookups
+        )
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["drains"] == []
+    assert gw.forwarded[CREATE] == 0
+
+
+def test_plan_lists_the_lookup_of_a_cancelled_generations_unconfirmed_create(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After `batchspec cancel` left a create not confirmed, `plan` (text and `--json`)
+    lists the `lookup` the next apply makes of it, as for a retired generation's, with the
+    action still none (a lookup spends nothing)."""
+    ws, _ = cancelled_with_its_create_reset(
+        tmp_path, serve, gateways, capsys, createConfirmSeconds=0
+    )
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["drains"] == [
+        {
+            "resource": "triage",
+            "generation_id": 1,
+            "retired": "cancelled",
+            "remote_id": "",
+            "status": "creating",
+            "step": "lookup",
+            "pruned": False,
+        }
+    ]
+    assert [a["action"] for a in plan["actions"]] == ["none"]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    assert "triage: a create not confirmed of cancelled generation 1 (creating): lookup" in out
