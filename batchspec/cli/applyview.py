@@ -36,10 +36,17 @@ if TYPE_CHECKING:
 TICK_SECONDS = 0.1
 
 
+def in_ci(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``CI`` is set (to anything but empty, ``0`` or ``false``): no person watches,
+    even where the runner gives the job a pseudo-terminal."""
+    env = os.environ if env is None else env
+    return env.get("CI", "").lower() not in ("", "0", "false")
+
+
 def live_terminal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
     """True when ``stream`` is a terminal a person watches (not a dumb one, not CI's)."""
     env = os.environ if env is None else env
-    if env.get("TERM") == "dumb" or env.get("CI", "").lower() not in ("", "0", "false"):
+    if env.get("TERM") == "dumb" or in_ci(env):
         return False
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
