@@ -494,7 +494,7 @@ def plan(
         click.echo(render.plan_markdown(result), nl=False)
     else:
         click.echo(
-            render.plan_text(result.plan, stdout_style())
+            render.plan_text(result.plan, stdout_style(), result.selection)
             + render.plan_costs(result)
             + render.plan_drains(result)
         )
@@ -608,7 +608,9 @@ def apply(
     if no_reuse and not replace:
         raise click.UsageError("--no-reuse only applies with --replace NAME")
     style = stdout_style()
-    view = ApplyOutput.for_stream(sys.stdout, as_json=as_json, quiet=quiet, style=style)
+    view = ApplyOutput.for_stream(
+        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=select
+    )
 
     def confirm(plan: Any) -> bool:
         try:
@@ -652,7 +654,7 @@ def apply(
         doc = {"event": "result", "at": _now(), **render.apply_json(result)}
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
-        click.echo(render.apply_text(result, style))
+        click.echo(render.apply_text(result, style, select))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     elif result.outcome == "not_collected":

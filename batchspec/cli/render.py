@@ -156,7 +156,7 @@ _SYMBOLS = {
 }
 
 
-def plan_text(plan: Plan, style: Style = PLAIN) -> str:
+def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
     With an enabled ``style`` the symbol and action are in the action's colour."""
@@ -174,7 +174,7 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    return "\n".join(lines + ["", style.bold(plan_summary(plan))])
+    return "\n".join(lines + ["", style.bold(plan_summary(plan, selection))])
 
 
 #: plan and apply when PATHS hold no manifest (validate exits 1 there, naming the globs)
@@ -184,10 +184,21 @@ NOTHING_SELECTED = (
 )
 
 
-def plan_summary(plan: Plan) -> str:
+def nothing_selected(selection: Sequence[str] = ()) -> str:
+    """Why plan or apply has no resource: ``--select`` matched none (only ``state:modified``
+    can, when nothing is to do), or the PATHS hold no manifest."""
+    if not selection:
+        return NOTHING_SELECTED
+    text = f"no resource matches --select {', '.join(selection)}"
+    if any(s.strip() == "state:modified" for s in selection):
+        text += " (apply has nothing to do for any resource)"
+    return text
+
+
+def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
     counts = plan.counts()
     if not plan.actions:
-        return f"No changes: {NOTHING_SELECTED}."
+        return f"No changes: {nothing_selected(selection)}."
     if not plan.has_changes:
         orphans = counts.get("orphaned", 0)
         if not orphans:
@@ -294,7 +305,8 @@ def plan_markdown(result: PlanResult) -> str:
     update its earlier comment instead of adding one per push.
     """
     plan = result.plan
-    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    summary = plan_summary(plan, result.selection)
+    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{summary}**", ""]
     if result.estimates:
         lines += [
             f"Estimated spend: {_upper(_total_cost(result))} (input ~4 bytes/token; output at "
@@ -363,7 +375,7 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
+def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
         "in_progress": "Apply done for now: batches are in flight. "
@@ -379,7 +391,7 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = replace_refused_text(result)
     if not result.plan.actions:
-        headline = f"Apply did nothing: {NOTHING_SELECTED}."
+        headline = f"Apply did nothing: {nothing_selected(selection)}."
     lines = [
         style.bold(headline),
         *(f"  {line}" for line in not_collected_lines(result)),
