@@ -537,6 +537,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
             lines.append(f"      next: {s.action} ({s.reason})")
+        elif s.health == "Degraded":
+            lines.append(f"      next: {degraded_next(s.name)}")
         if s.usage.tokens:
             lines.append(f"      usage: {usage_text(s.usage)}")
         if s.health in ("Healthy", "Degraded") and s.output:
@@ -566,6 +568,14 @@ def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
     if count > _WARNING_SHOWN:
         lines.append(f"  ... and {count - _WARNING_SHOWN} more")
     return "\n".join(lines)
+
+
+def degraded_next(name: str) -> str:
+    """What a Degraded resource with nothing planned waits for: a person, and what to run."""
+    return (
+        "nothing until you act: the errors file says why each request failed for good; "
+        f"fix the cause, then `batchspec apply --replace {name}` sends them again"
+    )
 
 
 def status_text(
