@@ -1214,8 +1214,8 @@ def interrupted_text(args: Sequence[str]) -> str:
     command = next((a for a in args if not a.startswith("-")), None)
     if command == "apply":
         return (
-            "Interrupted: batches already created keep running on the provider; "
-            "`batchspec apply` picks them up."
+            "Interrupted: batches already created are kept (a remote provider runs them on; "
+            "the local engine's wait for the next command); `batchspec apply` picks them up."
         )
     return "Interrupted."
 
