@@ -623,12 +623,15 @@ def lock_lines(locks: Sequence[HeldLock]) -> list[str]:
     """``Locks:`` and one line per locked resource (``*``: the whole workspace) and holder."""
     if not locks:
         return []
-    from batchspec.state.lock import describe_holder
+    from batchspec.state.lock import describe_holder, holder_process_gone
 
     lines = ["", "Locks:"]
     for lock in locks:
         what = "whole workspace" if lock.workspace_wide else lock.resource
-        lines.append(f"  {what}: {describe_holder(lock.holder)}")
+        line = f"  {what}: {describe_holder(lock.holder)}"
+        if holder_process_gone(lock.holder):  # killed: no `unlock` needed, say so
+            line += "; its process is gone: the next run that needs it takes it over"
+        lines.append(line)
     return lines
 
 
