@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -293,6 +295,57 @@ def test_apply_refuses_to_spend_without_consent(
         assert store.batches() == []
         [run] = store.runs()
     assert run.exit_code == 1
+
+
+class ClosedTerminal(io.StringIO):
+    """A stdin that is a terminal but gives no answer (end of input at once)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_ci_apply_refuses_to_spend_without_yes_even_on_a_terminal(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With CI set, a runner's pseudo-terminal is no one to ask: apply does not prompt but
+    refuses saying --yes, and nothing reaches the server."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr(sys, "stdin", ClosedTerminal())
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 1
+    assert "Apply this plan?" not in err
+    assert "--yes" in err and "3 request(s)" in err
+    assert srv.probe.counts["POST /files"] == 0
+    assert srv.probe.counts["POST /batches"] == 0
+
+
+def test_a_prompt_left_unanswered_is_a_no_that_says_nothing_was_submitted(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal whose input ends before an answer, apply's consent prompt counts as a
+    no: exit 1 saying nothing was submitted (not a bare "Aborted."), nothing uploaded."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stdin", ClosedTerminal())
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 1
+    assert "Apply this plan?" in err
+    assert "nothing was submitted" in err
+    assert srv.probe.counts["POST /files"] == 0
+    assert srv.probe.counts["POST /batches"] == 0
 
 
 def test_the_local_provider_needs_no_consent(

@@ -90,6 +90,28 @@ def test_show_text_snapshot(
     assert "\x1b" not in out  # captured: not a terminal, so no colour
 
 
+def test_a_degraded_resource_says_what_to_do_next_in_status_and_show(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After apply --wait exits 4, status and show do not say "nothing to do": they name the
+    errors file as the why and `apply --replace NAME` as the way to send them again."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("doomed")]
+    )
+    lines = request_lines(3)
+    for line in lines:
+        line["body"]["messages"] = []  # the stand-in refuses each: a final 400
+    ws.write_input("doomed", lines)
+    root = str(ws.root)
+    assert run_cli(["apply", root, "--wait", "--poll-interval", "0.05"], capsys)[0] == 4
+
+    for command in (["status", root], ["show", "doomed", root]):
+        code, out, err = run_cli(command, capsys)
+        assert code == 0, err
+        assert "Degraded" in out and "nothing to do" not in out, out
+        assert "errors file" in out and "`batchspec apply --replace doomed`" in out, out
+
+
 def test_show_json_and_yaml_are_one_documented_document(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -284,6 +284,36 @@ def test_relative_paths_in_messages(
     )
 
 
+def test_an_input_written_from_the_workspace_root_says_paths_are_relative_to_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest in jobs/ naming `data/x.jsonl` (the newcomer's slip: written from the root)
+    is refused with the path looked at and the rule that explains it."""
+    ws = workspace(tmp_path / "ws", {"jobs/a.yaml": manifest("a", "data/x.jsonl")})
+    (ws / "data").mkdir()
+    (ws / "data" / "x.jsonl").write_text(request("1") + "\n", encoding="utf-8")
+    monkeypatch.chdir(ws)
+    code, _, err = run_main(["validate"], capsys)
+    assert code == 1
+    assert f"input file not found: jobs{os.sep}data{os.sep}x.jsonl" in err
+    assert "relative to the manifest's own folder" in err
+
+
+def test_apply_on_one_bad_input_says_nothing_was_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply stopped by one resource's bad input lists its lines and says nothing was
+    uploaded (as it does for several), so the user knows a re-run pays nothing twice."""
+    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("a", "a.jsonl")})
+    (ws / "a.jsonl").write_text(request("1") + "\n" + request("1") + "\n", encoding="utf-8")
+    monkeypatch.chdir(ws)
+    code, _, err = run_main(["apply"], capsys)
+    assert code == 1
+    assert "a.jsonl:2: duplicate custom_id '1'" in err
+    assert "1 problem(s) in the input of a; nothing was uploaded" in err
+    assert not (ws / "state" / "local").exists()
+
+
 def test_a_jsonl_path_is_checked_as_a_batch_input_line_by_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

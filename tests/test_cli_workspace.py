@@ -58,6 +58,19 @@ def test_outside_a_workspace_a_command_says_so_and_reads_nothing(
     assert not (tmp_path / "state").exists()  # nothing written either
 
 
+def test_a_mistyped_path_outside_any_workspace_is_named_as_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply examples/quickstrat` (a typo) says the path does not exist, not that it is a
+    folder without batchspec.yaml, which sent the user to `batchspec init` it."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["apply", "examples/quickstrat", "--wait"], capsys)
+    assert code == 1
+    assert "examples/quickstrat: no such file or folder" in err
+    assert "not a batchspec workspace" not in err
+    assert not (tmp_path / "examples").exists()
+
+
 def test_a_yaml_file_that_is_not_a_manifest_is_skipped_when_found_and_reported_when_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

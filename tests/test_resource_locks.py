@@ -272,6 +272,26 @@ def test_status_text_lists_each_held_lock_with_its_holder(
     assert f"pid {os.getpid()}" in locks[0] and "'cancel'" in locks[0]
 
 
+def test_status_says_when_a_lock_holder_on_this_host_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After an apply is killed (kill -9), `status` still lists its lock, but says its process
+    is gone and the next run takes it over, so nobody reaches for `unlock --force`."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    gone = dataclasses.replace(collect_run_info(ws.root, env={}), pid=ended.pid)
+    with StateStore.open(ws.state_path) as store:  # the "killed" run never releases it
+        handle = acquire_lock(store, command="apply", info=gone, resources=["alpha"])
+    code, out, err = run_cli(["status", str(ws.root)], capsys)
+    assert code == 0, err
+    [line] = out.split("Locks:\n", 1)[1].splitlines()
+    assert line.startswith(f"  alpha: {describe_holder(handle.holder)}")
+    assert "its process is gone: the next run that needs it takes it over" in line
+
+
 def test_cancel_of_a_resource_an_apply_holds_says_how_to_cancel_now(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -196,6 +196,22 @@ def test_state_modified_follows_the_plan(
     assert actions == {"alpha": "restore", "charlie": "create"}
 
 
+def test_state_modified_selecting_nothing_says_so_not_that_paths_hold_no_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once every resource is in sync, plan and apply -s state:modified say nothing matches
+    the selection (apply has nothing to do), not the wrong hint that PATHS hold no manifest."""
+    ws = labelled_ws(tmp_path / "ws", LABELS)
+    root = str(ws.root)
+    assert run_cli(["apply", root, "--wait", *FAST], capsys)[0] == 0
+
+    for command in ("plan", "apply"):
+        code, out, err = run_cli([command, root, "-s", "state:modified"], capsys)
+        assert code == 0, err
+        assert "no resource matches --select state:modified" in out, out
+        assert "hold no manifest" not in out, out
+
+
 def test_select_works_for_apply_and_status(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

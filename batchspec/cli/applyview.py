@@ -36,10 +36,17 @@ if TYPE_CHECKING:
 TICK_SECONDS = 0.1
 
 
+def in_ci(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``CI`` is set (to anything but empty, ``0`` or ``false``): no person watches,
+    even where the runner gives the job a pseudo-terminal."""
+    env = os.environ if env is None else env
+    return env.get("CI", "").lower() not in ("", "0", "false")
+
+
 def live_terminal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
     """True when ``stream`` is a terminal a person watches (not a dumb one, not CI's)."""
     env = os.environ if env is None else env
-    if env.get("TERM") == "dumb" or env.get("CI", "").lower() not in ("", "0", "false"):
+    if env.get("TERM") == "dumb" or in_ci(env):
         return False
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
@@ -52,6 +59,7 @@ class ApplyOutput:
     style: Style = PLAIN
     width: int = 80
     ascii_only: bool = False
+    selection: tuple[str, ...] = ()  # --select, to say why a plan selected nothing
     clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bars: LiveBars | None = None
@@ -60,7 +68,15 @@ class ApplyOutput:
     _ticker: threading.Thread | None = None
 
     @classmethod
-    def for_stream(cls, stream: TextIO, *, as_json: bool, quiet: bool, style: Style) -> ApplyOutput:
+    def for_stream(
+        cls,
+        stream: TextIO,
+        *,
+        as_json: bool,
+        quiet: bool,
+        style: Style,
+        selection: tuple[str, ...] = (),
+    ) -> ApplyOutput:
         if as_json:
             mode = "quiet-json" if quiet else "json"
         elif quiet:
@@ -74,6 +90,7 @@ class ApplyOutput:
             style=style if mode == "live" else PLAIN,
             width=shutil.get_terminal_size().columns,
             ascii_only=not encoding.startswith("utf"),
+            selection=selection,
         )
 
     def show(self, progress: Progress) -> None:
@@ -85,7 +102,7 @@ class ApplyOutput:
         elif progress.plan is not None:
             from batchspec.cli.render import plan_text
 
-            self._emit(plan_text(progress.plan, self.style) + "\n\n")
+            self._emit(plan_text(progress.plan, self.style, self.selection) + "\n\n")
         elif self.mode == "plain":
             self._emit(self._plain.render(progress))
         else:

@@ -494,7 +494,7 @@ def plan(
         click.echo(render.plan_markdown(result), nl=False)
     else:
         click.echo(
-            render.plan_text(result.plan, stdout_style())
+            render.plan_text(result.plan, stdout_style(), result.selection)
             + render.plan_costs(result)
             + render.plan_drains(result)
         )
@@ -515,7 +515,7 @@ def plan(
     "-y",
     is_flag=True,
     envvar="BATCHSPEC_YES",
-    help="Approve creating batches without asking (needed when there is no terminal).",
+    help="Approve creating batches without asking (needed with no terminal, or in CI).",
 )
 @click.option(
     "--wait", is_flag=True, help="Keep polling until every resource is in sync or Degraded."
@@ -587,15 +587,16 @@ def apply(
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
     manifests changed since. With --json, stdout is NDJSON: one object per line per event
     (each with "at", a UTC timestamp), then a final {"event": "result"} (or
-    {"event": "error"}) object. Spending or cancelling on a paid provider asks first (or
-    needs --yes). The local provider's batches advance only while a batchspec command runs.
+    {"event": "error"}) object. Spending or cancelling on a paid provider asks first on a
+    terminal; with no terminal, or in CI (CI set), it needs --yes. The local provider's
+    batches advance only while a batchspec command runs.
 
     On a terminal it shows one live bar per resource (requests answered of total, failures,
     shards, attempt, ETA), collapsed to the summary at the end; piped, in CI (CI set) or
     with TERM=dumb it writes plain lines instead.
     """
     from batchspec.cli import render
-    from batchspec.cli.applyview import ApplyOutput
+    from batchspec.cli.applyview import ApplyOutput, in_ci
     from batchspec.core.apply import ApplyOptions, apply_saved_plan, apply_workspace
     from batchspec.core.planfile import is_plan_path
 
@@ -607,10 +608,16 @@ def apply(
     if no_reuse and not replace:
         raise click.UsageError("--no-reuse only applies with --replace NAME")
     style = stdout_style()
-    view = ApplyOutput.for_stream(sys.stdout, as_json=as_json, quiet=quiet, style=style)
+    view = ApplyOutput.for_stream(
+        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=select
+    )
 
     def confirm(plan: Any) -> bool:
-        return click.confirm("Apply this plan?", default=False, err=True)
+        try:
+            return click.confirm("Apply this plan?", default=False, err=True)
+        except click.exceptions.Abort:  # stdin closed (or Ctrl-C) before an answer: a no
+            click.echo(err=True)
+            return False
 
     options = ApplyOptions(
         select=select,
@@ -626,7 +633,8 @@ def apply(
         replace=replace,
         reuse=not no_reuse,
     )
-    interactive = sys.stdin.isatty() and not as_json
+    # in CI nobody answers a prompt, even on a pseudo-terminal: refuse, saying --yes
+    interactive = sys.stdin.isatty() and not as_json and not in_ci()
     try:
         if saved:
             manifests = [p for p in paths if p != saved[0]]
@@ -646,7 +654,7 @@ def apply(
         doc = {"event": "result", "at": _now(), **render.apply_json(result)}
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
-        click.echo(render.apply_text(result, style))
+        click.echo(render.apply_text(result, style, select))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     elif result.outcome == "not_collected":
@@ -1228,8 +1236,8 @@ def interrupted_text(args: Sequence[str]) -> str:
     command = next((a for a in args if not a.startswith("-")), None)
     if command == "apply":
         return (
-            "Interrupted: batches already created keep running on the provider; "
-            "`batchspec apply` picks them up."
+            "Interrupted: batches already created are kept (a remote provider runs them on; "
+            "the local engine's wait for the next command); `batchspec apply` picks them up."
         )
     return "Interrupted."
 

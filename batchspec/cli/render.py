@@ -156,7 +156,7 @@ _SYMBOLS = {
 }
 
 
-def plan_text(plan: Plan, style: Style = PLAIN) -> str:
+def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
     With an enabled ``style`` the symbol and action are in the action's colour."""
@@ -174,7 +174,7 @@ def plan_text(plan: Plan, style: Style = PLAIN) -> str:
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    return "\n".join(lines + ["", style.bold(plan_summary(plan))])
+    return "\n".join(lines + ["", style.bold(plan_summary(plan, selection))])
 
 
 #: plan and apply when PATHS hold no manifest (validate exits 1 there, naming the globs)
@@ -184,10 +184,21 @@ NOTHING_SELECTED = (
 )
 
 
-def plan_summary(plan: Plan) -> str:
+def nothing_selected(selection: Sequence[str] = ()) -> str:
+    """Why plan or apply has no resource: ``--select`` matched none (only ``state:modified``
+    can, when nothing is to do), or the PATHS hold no manifest."""
+    if not selection:
+        return NOTHING_SELECTED
+    text = f"no resource matches --select {', '.join(selection)}"
+    if any(s.strip() == "state:modified" for s in selection):
+        text += " (apply has nothing to do for any resource)"
+    return text
+
+
+def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
     counts = plan.counts()
     if not plan.actions:
-        return f"No changes: {NOTHING_SELECTED}."
+        return f"No changes: {nothing_selected(selection)}."
     if not plan.has_changes:
         orphans = counts.get("orphaned", 0)
         if not orphans:
@@ -294,7 +305,8 @@ def plan_markdown(result: PlanResult) -> str:
     update its earlier comment instead of adding one per push.
     """
     plan = result.plan
-    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{plan_summary(plan)}**", ""]
+    summary = plan_summary(plan, result.selection)
+    lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{summary}**", ""]
     if result.estimates:
         lines += [
             f"Estimated spend: {_upper(_total_cost(result))} (input ~4 bytes/token; output at "
@@ -363,7 +375,7 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
+def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
         "in_progress": "Apply done for now: batches are in flight. "
@@ -379,7 +391,7 @@ def apply_text(result: ApplyResult, style: Style = PLAIN) -> str:
     if result.outcome == "replace_refused":  # apply again would refuse them again
         headline = replace_refused_text(result)
     if not result.plan.actions:
-        headline = f"Apply did nothing: {NOTHING_SELECTED}."
+        headline = f"Apply did nothing: {nothing_selected(selection)}."
     lines = [
         style.bold(headline),
         *(f"  {line}" for line in not_collected_lines(result)),
@@ -525,6 +537,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
             lines.append(f"      next: {s.action} ({s.reason})")
+        elif s.health == "Degraded":
+            lines.append(f"      next: {degraded_next(s.name)}")
         if s.usage.tokens:
             lines.append(f"      usage: {usage_text(s.usage)}")
         if s.health in ("Healthy", "Degraded") and s.output:
@@ -554,6 +568,14 @@ def skipped_manifests_warning(problems: Sequence[Problem]) -> str:
     if count > _WARNING_SHOWN:
         lines.append(f"  ... and {count - _WARNING_SHOWN} more")
     return "\n".join(lines)
+
+
+def degraded_next(name: str) -> str:
+    """What a Degraded resource with nothing planned waits for: a person, and what to run."""
+    return (
+        "nothing until you act: the errors file says why each request failed for good; "
+        f"fix the cause, then `batchspec apply --replace {name}` sends them again"
+    )
 
 
 def status_text(
@@ -601,12 +623,15 @@ def lock_lines(locks: Sequence[HeldLock]) -> list[str]:
     """``Locks:`` and one line per locked resource (``*``: the whole workspace) and holder."""
     if not locks:
         return []
-    from batchspec.state.lock import describe_holder
+    from batchspec.state.lock import describe_holder, holder_process_gone
 
     lines = ["", "Locks:"]
     for lock in locks:
         what = "whole workspace" if lock.workspace_wide else lock.resource
-        lines.append(f"  {what}: {describe_holder(lock.holder)}")
+        line = f"  {what}: {describe_holder(lock.holder)}"
+        if holder_process_gone(lock.holder):  # killed: no `unlock` needed, say so
+            line += "; its process is gone: the next run that needs it takes it over"
+        lines.append(line)
     return lines
 
 

@@ -12,13 +12,19 @@ import re
 from typing import TYPE_CHECKING
 
 from batchspec.cli.colour import PLAIN, Style
-from batchspec.cli.render import dollars
+from batchspec.cli.render import degraded_next, dollars
 
 if TYPE_CHECKING:
     from batchspec.core.show import BatchDetail, GenerationDetail, ResourceDetail
     from batchspec.core.spend import Usage
 
 HASH = 12
+
+
+def _next(d: ResourceDetail) -> str:
+    if d.action != "none":
+        return f"{d.action} ({d.reason})"
+    return degraded_next(d.name) if d.health == "Degraded" else "nothing to do"
 
 
 def show_text(d: ResourceDetail, style: Style = PLAIN) -> str:
@@ -33,7 +39,7 @@ def show_text(d: ResourceDetail, style: Style = PLAIN) -> str:
                 ("model", d.model),
                 ("input", d.input),
                 ("spec hash", _short(d.spec_hash)),
-                ("next", f"{d.action} ({d.reason})" if d.action != "none" else "nothing to do"),
+                ("next", _next(d)),
                 ("usage", _usage(d.usage)),
             ]
         ),

@@ -150,7 +150,8 @@ def validate_inputs(
             failures.append(
                 InputError(
                     f"{display_path(res.input_source or res.input_path)}: "
-                    f"{report.problem_count} problem(s) in the input of {res.name}",
+                    f"{report.problem_count} problem(s) in the input of {res.name}; "
+                    "nothing was uploaded",
                     details=rows_problem_lines(report, res)
                     if res.input_source
                     else problem_lines(report, shown_path=display_path(res.input_path)),

@@ -100,6 +100,12 @@ def pid_is_alive(pid: int) -> bool:
     return True
 
 
+def holder_process_gone(holder: LockHolder) -> bool:
+    """Whether ``holder`` ran on this host and its process no longer exists (a run killed
+    before it released its locks: the next run that needs them takes them over)."""
+    return holder.host == socket.gethostname() and not pid_is_alive(holder.pid)
+
+
 class LockHandle:
     """The locks held by this process; a context manager that releases them on exit."""
 
@@ -682,6 +688,7 @@ __all__ = [
     "describe_holder",
     "force_unlock",
     "held_locks",
+    "holder_process_gone",
     "lock_keys",
     "pid_is_alive",
 ]

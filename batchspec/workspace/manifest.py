@@ -797,6 +797,8 @@ def _rendered_input(
     if not rows_path.is_file():
         what = "not found" if not rows_path.exists() else "not a file"
         message = f"rows file {what}: {display_path(rows_path)}"
+        if what == "not found":
+            message += f" ({RELATIVE_TO_MANIFEST})"
         found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "missing-input", message))
     elif rows_format(rows_path) is None:
         message = (
@@ -875,12 +877,16 @@ class _PathResolver:
         return resolved
 
 
+#: said with a missing input: the usual slip is a path written from the workspace root
+RELATIVE_TO_MANIFEST = "a manifest's paths are relative to the manifest's own folder"
+
+
 def _input_hash(
     doc: YamlDocument, path: Path, hash_input: Callable[[Path], str], problems: list[Problem]
 ) -> str | None:
     pointer = "/spec/input"
     if not path.exists():
-        reason = f"input file not found: {display_path(path)}"
+        reason = f"input file not found: {display_path(path)} ({RELATIVE_TO_MANIFEST})"
     elif not path.is_file():
         reason = f"input is not a file: {display_path(path)}"
     else:

@@ -190,6 +190,14 @@ def load_workspace_project(
     """
     if find_project_file(start) is None:
         folder = _start_folder(start)
+        if start is not None and not os.path.lexists(start):  # a mistyped path, most likely
+            raise NotAWorkspaceError(
+                f"{start}: no such file or folder (and no {PROJECT_FILE_NAME} above it)",
+                details=[
+                    f"check the path, from {Path.cwd()}; to start a new workspace there, "
+                    "`batchspec init DIR`",
+                ],
+            )
         raise NotAWorkspaceError(
             f"not a batchspec workspace: no {PROJECT_FILE_NAME} in {folder} or any folder above it",
             details=[
