@@ -165,6 +165,34 @@ def test_all_failed_ends_degraded_never_success(
     assert len(received_batches(srv.client())) == 2
 
 
+def test_an_unreachable_local_model_server_is_retried_as_a_server_error(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine's model server refuses every connection (its own attempts off): each answer
+    is an ``upstream_unreachable`` error, which batchspec retries as a server error, so
+    retry.maxAttempts 2 sends a second attempt with the same requests before Degraded, not
+    one attempt failed for good."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = serve("--upstream", f"http://127.0.0.1:{port}/v1", "--max-attempts", "1")
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("down", count=3, spec={"retry": {"maxAttempts": 2}})
+    )
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 4, out + err
+    batches = received_batches(srv.client())
+    assert [(b.attempt, len(b.input_ids)) for b in batches] == [(1, 3), (2, 3)]
+    assert {error_code(r) for b in batches for r in b.errors} == {"upstream_unreachable"}
+    with ws.store() as store:
+        [event] = [e for e in store.events(resource="down") if e.action == "results"]
+    assert "attempts exhausted" in event.detail["degraded"]
+
+
 def test_a_partly_failed_job_with_attempts_exhausted_is_degraded(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,7 +7,9 @@ Each result line is classified once, when it is collected:
   manifest's ``retry.on`` decides which categories are retried:
   ``rate_limit`` (HTTP 429), ``server_error`` (HTTP 5xx), ``timeout`` (HTTP 408 or
   ``request_timeout``), ``expired`` (``batch_expired``), ``cancelled`` (``batch_cancelled``,
-  unless a user cancelled on purpose).
+  unless a user cancelled on purpose). The local engine's ``upstream_unreachable`` (its model
+  server refused or dropped the connection through all of the engine's own attempts) is a
+  ``server_error``: nothing reached a model, and a server that was down may be up again.
 * ``failed``: final. Any other 4xx (``context_length_exceeded``, invalid requests, ...) and
   unknown top-level error codes: sending it again would fail again and cost again.
 
@@ -29,6 +31,7 @@ _TOP_LEVEL_CODES = {
     "batch_expired": "expired",
     "batch_cancelled": "cancelled",
     "request_timeout": "timeout",
+    "upstream_unreachable": "server_error",  # the local engine's: no model was reached
 }
 
 
