@@ -127,8 +127,8 @@ def test_all_failed_ends_degraded_never_success(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every request 500s and maxAttempts is 2: two attempts, then Degraded: apply --wait exits
-    4, the errors file holds every request in input order, status shows Degraded, and a
-    re-run is still Degraded (exit 4) without submitting anything more."""
+    4, the errors file holds every request in input order, status shows Degraded (and each
+    batch's requests as failed, not only as ended), and a re-run is still Degraded (exit 4) without submitting anything more."""
     srv = serve("--fault-500", "1.0", "--max-attempts", "1")
     ws = served_workspace(
         tmp_path / "ws", srv, ResourceSpec("doomed", count=6, spec={"retry": {"maxAttempts": 2}})
@@ -159,6 +159,8 @@ def test_all_failed_ends_degraded_never_success(
     [status] = json.loads(out)["resources"]
     assert status["health"] == "Degraded"
     assert status["succeeded"] == 0
+    code, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert out.count(" completed 6/6 (6 failed)") == 2, out  # ended, not answered: says so
 
     code, out, err = apply_wait(ws, capsys)
     assert code == 4, out + err

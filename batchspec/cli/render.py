@@ -547,6 +547,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
                 lines.append(f"      errors:  {display_path(Path(s.errors))}")
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
+            if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run
+                done += f" ({b.failed:,} failed)"
             remote = b.remote_id or "(intent)"
             lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
     return lines
