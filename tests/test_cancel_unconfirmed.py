@@ -188,7 +188,7 @@ def test_plan_lists_the_lookup_of_a_cancelled_generations_unconfirmed_create(
 ) -> None:
     """After `batchspec cancel` left a create not confirmed, `plan` (text and `--json`)
     lists the `lookup` the next apply makes of it, as for a retired generation's, with the
-    action still none (a lookup spends nothing)."""
+    action still none (a lookup spends nothing), also when it selects `state:modified`."""
     ws, _ = cancelled_with_its_create_reset(
         tmp_path, serve, gateways, capsys, createConfirmSeconds=0
     )
@@ -209,6 +209,9 @@ def test_plan_lists_the_lookup_of_a_cancelled_generations_unconfirmed_create(
         }
     ]
     assert [a["action"] for a in plan["actions"]] == ["none"]
+    code, out, err = run_cli(["plan", str(ws.root), "--select", "state:modified", "--json"], capsys)
+    assert code == 0, err  # a CI job applying what changed must still look it up
+    assert [d["step"] for d in json.loads(out)["drains"]] == ["lookup"]
     code, out, err = run_cli(["plan", str(ws.root)], capsys)
     assert code == 0, err
     assert "triage: a create not confirmed of cancelled generation 1 (creating): lookup" in out

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchspec.core.plan import ActionKind, DesiredResource, RecordedResource, make_plan
+from batchspec.core.reconcile.drain import find_retired
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
     export_paths,
@@ -201,13 +202,21 @@ class _Everything(frozenset[str]):
 def modified_resources(
     ws: Workspace, *, requeue_backoff: float = DEFAULT_REQUEUE_BACKOFF
 ) -> frozenset[str]:
-    """Names of the workspace's resources whose planned action is not ``none``."""
+    """Names of the workspace's resources whose planned action is not ``none``, and of those
+    with batches an apply's drain still polls, collects or looks up (``find_retired``: a
+    retired generation's still stopping, a cancelled generation's create not confirmed). A
+    CI job that applies ``state:modified`` must still stop and collect those: a create that
+    landed after its cancel would otherwise run, paid for, until someone applies it by name."""
     recorded: dict[str, RecordedResource] = {}
     if ws.project.has_state():
         with StateStore.open(ws.project.state) as store:
             recorded = load_recorded(store, store.ledger(), requeue_backoff=requeue_backoff)
             resources = effective_resources(store, ws.resources)
-            return planned_changes(resources, recorded, now=time.time())
+            draining = find_retired(
+                store, ws.project.providers, resources, (), has_ledger=lambda _: True
+            )
+            changed = planned_changes(resources, recorded, now=time.time())
+            return changed | {item.name for item in draining}
     return planned_changes(ws.resources, recorded, now=time.time())
 
 
