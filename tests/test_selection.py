@@ -199,8 +199,9 @@ def test_state_modified_follows_the_plan(
 def test_state_modified_selecting_nothing_says_so_not_that_paths_hold_no_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Once every resource is in sync, plan and apply -s state:modified say nothing matches
-    the selection (apply has nothing to do), not the wrong hint that PATHS hold no manifest."""
+    """Once every resource is in sync, plan and apply -s state:modified (and the apply of a
+    plan saved with it) say nothing matches the selection (apply has nothing to do), not the
+    wrong hint that PATHS hold no manifest."""
     ws = labelled_ws(tmp_path / "ws", LABELS)
     root = str(ws.root)
     assert run_cli(["apply", root, "--wait", *FAST], capsys)[0] == 0
@@ -210,6 +211,12 @@ def test_state_modified_selecting_nothing_says_so_not_that_paths_hold_no_manifes
         assert code == 0, err
         assert "no resource matches --select state:modified" in out, out
         assert "hold no manifest" not in out, out
+    saved = str(tmp_path / "plan.json")  # a saved plan keeps its selection: so does the text
+    assert run_cli(["plan", root, "-s", "state:modified", "--out", saved], capsys)[0] == 0
+    code, out, err = run_cli(["apply", saved], capsys)
+    assert code == 0, err
+    assert "no resource matches --select state:modified" in out, out
+    assert "hold no manifest" not in out, out
 
 
 def test_select_works_for_apply_and_status(

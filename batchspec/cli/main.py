@@ -608,8 +608,9 @@ def apply(
     if no_reuse and not replace:
         raise click.UsageError("--no-reuse only applies with --replace NAME")
     style = stdout_style()
+    selection = tuple(select) or _saved_selection(saved)
     view = ApplyOutput.for_stream(
-        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=select
+        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=selection
     )
 
     def confirm(plan: Any) -> bool:
@@ -654,7 +655,7 @@ def apply(
         doc = {"event": "result", "at": _now(), **render.apply_json(result)}
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
-        click.echo(render.apply_text(result, style, select))
+        click.echo(render.apply_text(result, style, selection))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     elif result.outcome == "not_collected":
@@ -1229,6 +1230,19 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
             message = f"{err.message.rstrip('.')} ({where})."
             return click.BadParameter(message, ctx=ctx, param=param)
     return err
+
+
+def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
+    """The ``--select`` a saved plan was made with, to say why it selected nothing (a plan
+    file that cannot be read says so when it is applied)."""
+    from batchspec.core.planfile import load_plan_file
+
+    if not saved:
+        return ()
+    try:
+        return load_plan_file(saved[0]).selection
+    except BatchspecError:
+        return ()
 
 
 def interrupted_text(args: Sequence[str]) -> str:
