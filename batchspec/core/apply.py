@@ -781,7 +781,8 @@ def require_consent(
                 f"{', '.join(sorted(a.resource for a in pruned))} on a paid provider"
             )
         raise ConsentError(
-            f"this apply would {' and '.join(what)}, and there is no terminal to ask on",
+            f"this apply would {' and '.join(what)}, and nobody can answer a prompt here "
+            "(no terminal, CI set, or --json)",
             details=["run it again with --yes to approve"],
         )
     if not confirm(plan):

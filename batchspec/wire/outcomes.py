@@ -9,7 +9,9 @@ Each result line is classified once, when it is collected:
   ``request_timeout``), ``expired`` (``batch_expired``), ``cancelled`` (``batch_cancelled``,
   unless a user cancelled on purpose). The local engine's ``upstream_unreachable`` (its model
   server refused or dropped the connection through all of the engine's own attempts) is a
-  ``server_error``: nothing reached a model, and a server that was down may be up again.
+  ``server_error``, as a 5xx or a timeout is: a server that was down may be up again, and,
+  like those, a dropped connection may have reached a model (the attempts are bounded by
+  ``retry.maxAttempts``, and each is checked against the budget before it is sent).
 * ``failed``: final. Any other 4xx (``context_length_exceeded``, invalid requests, ...) and
   unknown top-level error codes: sending it again would fail again and cost again.
 
@@ -31,7 +33,7 @@ _TOP_LEVEL_CODES = {
     "batch_expired": "expired",
     "batch_cancelled": "cancelled",
     "request_timeout": "timeout",
-    "upstream_unreachable": "server_error",  # the local engine's: no model was reached
+    "upstream_unreachable": "server_error",  # the local engine's: its model server was down
 }
 
 
