@@ -314,6 +314,24 @@ def test_apply_on_one_bad_input_says_nothing_was_uploaded(
     assert not (ws / "state" / "local").exists()
 
 
+def test_apply_on_two_bad_inputs_says_nothing_was_uploaded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two resources' bad inputs: each is listed with its lines, and "nothing was uploaded"
+    is said once, for all of them, not once more per input."""
+    ws = workspace(
+        tmp_path / "ws",
+        {"a.yaml": manifest("a", "a.jsonl"), "b.yaml": manifest("b", "b.jsonl")},
+    )
+    for name in ("a", "b"):
+        (ws / f"{name}.jsonl").write_text(request("1") + "\n" + request("1") + "\n", "utf-8")
+    monkeypatch.chdir(ws)
+    code, _, err = run_main(["apply"], capsys)
+    assert code == 1
+    assert "1 problem(s) in the input of a" in err and "1 problem(s) in the input of b" in err
+    assert err.count("nothing was uploaded") == 1, err
+
+
 def test_a_jsonl_path_is_checked_as_a_batch_input_line_by_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

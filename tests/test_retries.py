@@ -128,7 +128,8 @@ def test_all_failed_ends_degraded_never_success(
 ) -> None:
     """Every request 500s and maxAttempts is 2: two attempts, then Degraded: apply --wait exits
     4, the errors file holds every request in input order, status shows Degraded (and each
-    batch's requests as failed, not only as ended), and a re-run is still Degraded (exit 4) without submitting anything more."""
+    batch's requests as failed, not only as ended), and a re-run is still Degraded (exit 4)
+    without submitting anything more."""
     srv = serve("--fault-500", "1.0", "--max-attempts", "1")
     ws = served_workspace(
         tmp_path / "ws", srv, ResourceSpec("doomed", count=6, spec={"retry": {"maxAttempts": 2}})

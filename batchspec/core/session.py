@@ -150,15 +150,17 @@ def validate_inputs(
             failures.append(
                 InputError(
                     f"{display_path(res.input_source or res.input_path)}: "
-                    f"{report.problem_count} problem(s) in the input of {res.name}; "
-                    "nothing was uploaded",
+                    f"{report.problem_count} problem(s) in the input of {res.name}",
                     details=rows_problem_lines(report, res)
                     if res.input_source
                     else problem_lines(report, shown_path=display_path(res.input_path)),
                 )
             )
     if len(failures) == 1:
-        raise failures[0]
+        [err] = failures
+        if type(err) is InputError:  # one of the above: said once, here (several: below)
+            raise InputError(f"{err.message}; nothing was uploaded", details=err.details)
+        raise err
     if failures:
         raise type(failures[0])(
             f"{len(failures)} batch inputs are invalid; nothing was uploaded",
