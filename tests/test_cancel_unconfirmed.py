@@ -73,7 +73,7 @@ def cancelled_with_its_create_reset(
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
     assert code == 0, err
     assert "1 create(s) whose answer was lost not found yet" in out
-    assert "every `batchspec apply` looks them up" in out
+    assert "every `batchspec apply` that selects triage looks them up" in out
     with ws.store() as store:
         [gen] = store.generations("triage")
         [batch] = store.batches(gen.id)

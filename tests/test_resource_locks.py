@@ -309,4 +309,4 @@ def test_cancel_of_a_resource_an_apply_holds_says_how_to_cancel_now(
         code, out, err = run_cli(["cancel", "alpha", str(ws.root)], capsys)
     assert code == 3, err
     assert "is locked by another run" in err
-    assert "to cancel now, stop that run (Ctrl-C: batches it created keep running)" in err
+    assert "to cancel now, stop that run (Ctrl-C: batches it created are kept)" in err

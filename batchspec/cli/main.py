@@ -986,8 +986,8 @@ def cancel(
 
     Answers that finished before the cancel took effect are kept: the next apply polls the
     cancelling batches to their end, collects what finished and writes it. A create whose
-    answer was lost and that is not found yet is looked up by every later apply, and
-    cancelled if it shows.
+    answer was lost and that is not found yet is looked up by every later apply that selects
+    NAME (state:modified does), and cancelled if it shows.
     """
     from batchspec.core.apply import cancel_resource
 
@@ -1005,19 +1005,20 @@ def cancel(
             }
         )
         return
+    stopping = (
+        f" ({result.stopping} earlier batch{'' if result.stopping == 1 else 'es'} still "
+        "stopping: `batchspec apply` collects what finishes)"
+        if result.stopping
+        else ""
+    )
     if n == 0 and result.generations and result.unconfirmed:  # none found yet: none sent
         click.echo(
             f"cancelled {name}: {result.unconfirmed} create(s) whose answer was lost not found "
-            "yet; they may still land: every `batchspec apply` looks them up, cancels one "
-            f"found and keeps what it finished; `batchspec apply --replace {name}` runs it again"
+            f"yet{stopping}; they may still land: every `batchspec apply` that selects {name} "
+            "looks them up, cancels one found and keeps what it finished; "
+            f"`batchspec apply --replace {name}` runs it again"
         )
     elif n == 0 and result.generations:  # e.g. a replacement held before its create
-        stopping = (
-            f" ({result.stopping} earlier batch{'' if result.stopping == 1 else 'es'} still "
-            "stopping: `batchspec apply` collects what finishes)"
-            if result.stopping
-            else ""
-        )
         click.echo(
             f"cancelled {name}: nothing of it was created yet{stopping}; "
             f"`batchspec apply --replace {name}` runs it again"
@@ -1033,7 +1034,7 @@ def cancel(
     else:
         unconfirmed = (
             f"; {result.unconfirmed} create(s) whose answer was lost, not found yet, are looked "
-            "up by every `batchspec apply` (cancelled if found)"
+            f"up by every `batchspec apply` that selects {name} (cancelled if found)"
             if result.unconfirmed
             else ""
         )

@@ -439,7 +439,7 @@ def cancel_resource(
             )
         except StateLockedError as err:  # an `apply --wait` may hold it for hours
             err.details.append(
-                "to cancel now, stop that run (Ctrl-C: batches it created keep running) and "
+                "to cancel now, stop that run (Ctrl-C: batches it created are kept) and "
                 f"run `batchspec cancel {name}` again"
             )
             raise
