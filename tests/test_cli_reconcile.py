@@ -511,7 +511,8 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
     # and that what it created goes on: the next apply picks it up
     assert err.strip().endswith(
         "Interrupted: batches already created are kept (a remote provider runs them on; "
-        "the local engine's wait for the next command); `batchspec apply` picks them up."
+        "the local engine's batches wait for the next command); `batchspec apply` picks "
+        "them up."
     )
 
 

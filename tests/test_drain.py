@@ -527,7 +527,7 @@ def test_plan_shows_the_retired_batches_the_next_apply_drains_without_asking_the
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["drains"] == []
-    assert "Retired batches" not in run_cli(["plan", str(ws.root)], capsys)[1]
+    assert "Earlier batches" not in run_cli(["plan", str(ws.root)], capsys)[1]
 
 
 def test_a_retired_batch_whose_output_file_is_gone_is_settled_once_with_what_is_left(

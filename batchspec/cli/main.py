@@ -1252,7 +1252,8 @@ def interrupted_text(args: Sequence[str]) -> str:
     if command == "apply":
         return (
             "Interrupted: batches already created are kept (a remote provider runs them on; "
-            "the local engine's wait for the next command); `batchspec apply` picks them up."
+            "the local engine's batches wait for the next command); `batchspec apply` picks "
+            "them up."
         )
     return "Interrupted."
 

@@ -246,7 +246,8 @@ def plan_drains(result: PlanResult) -> str:
         return ""
     lines = [
         "",
-        "Retired batches apply polls, and keeps what they finished (no spend, no change):",
+        "Earlier batches apply polls or looks up, and keeps what they finished "
+        "(no spend, no change):",
     ]
     for name, drains in _by_resource(result.drains).items():
         pruned = " (pruned)" if drains[0].pruned else ""
@@ -319,7 +320,7 @@ def plan_markdown(result: PlanResult) -> str:
         lines += [f"> **Warning:** {_md_cell(warning)}", ""]
     if result.drains:
         lines += [
-            "Retired batches apply polls, and keeps what they finished (no spend): "
+            "Earlier batches apply polls or looks up, and keeps what they finished (no spend): "
             + ", ".join(
                 f"`{d.resource}` {d.remote_id or 'a create not confirmed'} ({d.status}: {d.step})"
                 for d in result.drains

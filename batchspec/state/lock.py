@@ -537,7 +537,7 @@ def _refuse_if_alive(
 ) -> None:
     """Refuse (exit 3) to release a holder that may still be running. ``connected``: its
     PostgreSQL session is open, so it is running (not merely may be)."""
-    if not connected and holder.host == socket.gethostname() and not pid_is_alive(holder.pid):
+    if not connected and holder_process_gone(holder):
         return  # its process is gone: nothing can still be spending under this lock
     age = _heartbeat_age(holder)
     if age is None or age >= stale_after:

@@ -194,8 +194,8 @@ def load_workspace_project(
             raise NotAWorkspaceError(
                 f"{start}: no such file or folder (and no {PROJECT_FILE_NAME} above it)",
                 details=[
-                    f"check the path, from {Path.cwd()}; to start a new workspace there, "
-                    "`batchspec init DIR`",
+                    f"check the path (relative to {Path.cwd()}); to start a new workspace in "
+                    "a folder, `batchspec init DIR`",
                 ],
             )
         raise NotAWorkspaceError(
