@@ -46,7 +46,11 @@ from batchspec.core.plan import (
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.context import DownloadFailure
-from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
+from batchspec.core.reconcile.drain import (
+    batch_still_stopping,
+    cancelled_unconfirmed,
+    planned_drains,
+)
 from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
@@ -462,11 +466,11 @@ def cancel_resource(
             )
             active = [g for g in store.generations(name) if g.status in ACTIVE_GENERATION_STATUSES]
             n = rec.cancel(name)  # its batches' cancels side by side
-            unconfirmed = sum(
+            unconfirmed = sum(  # what its lookup did not find: the drain's from now on
                 1
                 for gen in active
                 for batch in store.batches(gen.id)
-                if batch.remote_id is None and batch.status == "creating"
+                if cancelled_unconfirmed(store.get_generation(gen.id), batch)
             )
         run.exit_code = 0
         return CancelResult(n, stopping, len(active), unconfirmed)
