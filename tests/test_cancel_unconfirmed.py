@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from probes import ServeProcess
 from serve_faults import received_batches
 from servers import wait_for
@@ -275,3 +276,42 @@ def test_a_shard_found_after_the_results_were_written_is_written_too(
     assert (status["sync"], status["succeeded"]) == ("Synced", len(written))
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
     assert [a["action"] for a in json.loads(out)["actions"]] == ["none"]
+
+
+def test_cancel_again_and_plan_say_the_create_not_found_is_still_looked_up(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While a cancelled generation's create is not confirmed (within its window), a second
+    `batchspec cancel` counts it in `unconfirmed_creates` and says every apply looks it up
+    (not that a batch is stopping and apply collects it), and plan's reason for the resource
+    (text and `--json`, which status shows) says so too."""
+    ws, _ = cancelled_with_its_create_reset(
+        tmp_path, serve, gateways, capsys, createConfirmSeconds=0
+    )
+    project = yaml.safe_load((ws.root / "batchspec.yaml").read_text())
+    project["providers"]["srv"]["options"]["createConfirmSeconds"] = 600  # still unsure
+    (ws.root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    assert json.loads(out) == {
+        "resource": "triage",
+        "cancelled_batches": 0,
+        "stopping_batches": 0,
+        "unconfirmed_creates": 1,
+    }
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+    assert code == 0, err
+    assert out.startswith("triage is already cancelled: 1 create(s) whose answer was lost"), out
+    assert "every `batchspec apply` looks them up" in out and "still stopping" not in out
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = json.loads(out)["actions"]
+    assert action["action"] == "none"
+    assert "a create whose answer was lost is looked up by every apply" in action["reason"]
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["reason"] == action["reason"]
