@@ -12,10 +12,14 @@ batch on the server received and answered.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from probes import ServeProcess
 from serve_faults import received_batches
 from servers import wait_for
@@ -34,6 +38,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     make_workspace,
     openai_provider,
     run_cli,
@@ -215,3 +220,102 @@ def test_plan_lists_the_lookup_of_a_cancelled_generations_unconfirmed_create(
     code, out, err = run_cli(["plan", str(ws.root)], capsys)
     assert code == 0, err
     assert "triage: a create not confirmed of cancelled generation 1 (creating): lookup" in out
+
+
+def test_a_shard_found_after_the_results_were_written_is_written_too(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two shards, one at a time (`maxInFlightBatches: 1`): shard 1 completes, an apply is
+    killed while a gateway holds shard 2's create, `batchspec cancel` cannot find it, and the
+    next apply writes shard 1's answers as the cancelled generation's results; once shard 2
+    lands, the apply that finds, cancels and collects it writes its answers into the result
+    files too (they kept shard 1's alone, though `status` counted both)."""
+    srv = serve(*SLOW, "0")
+    gw = start_slow_gateway(srv.base_url, hold={})
+    gateways.append(gw)
+    spec = {"limits": {"maxRequestsPerBatch": 20}}
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(gw.v1, KEY_ENV, timeout=1, maxInFlightBatches=1)},
+        resources=(ResourceSpec("triage", count=60, spec=spec),),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # shard 1 only
+    client = srv.client()
+    [first] = client.batches.list().data
+    wait_for(lambda: client.batches.retrieve(first.id).status == "completed")
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # sees it completed
+    gw.hold[CREATE] = 5.0
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: gw.received[CREATE] == 2, timeout=30)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    gw.hold.clear()
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, err
+    assert gw.forwarded[CREATE] == 1, "shard 2 landed before the results were written"
+    assert "wrote 20 results" in out, out
+    gw.wait_until_forwarded(CREATE, 2)
+    [second] = [b for b in client.batches.list().data if b.id != first.id]
+    wait_for(lambda: client.batches.retrieve(second.id).request_counts.completed >= 2)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    one, two = received_batches(client)
+    assert two.status == "cancelled" and 2 <= len(two.output_ids) < 20
+    written = [r["custom_id"] for r in ws.outputs("triage")]
+    assert written == [i for i in ws.input_ids("triage") if i in {*one.output_ids, *two.output_ids}]
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert (status["sync"], status["succeeded"]) == ("Synced", len(written))
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert [a["action"] for a in json.loads(out)["actions"]] == ["none"]
+
+
+def test_cancel_again_and_plan_say_the_create_not_found_is_still_looked_up(
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While a cancelled generation's create is not confirmed (within its window), a second
+    `batchspec cancel` counts it in `unconfirmed_creates` and says every apply looks it up
+    (not that a batch is stopping and apply collects it), and plan's reason for the resource
+    (text and `--json`, which status shows) says so too."""
+    ws, _ = cancelled_with_its_create_reset(
+        tmp_path, serve, gateways, capsys, createConfirmSeconds=0
+    )
+    project = yaml.safe_load((ws.root / "batchspec.yaml").read_text())
+    project["providers"]["srv"]["options"]["createConfirmSeconds"] = 600  # still unsure
+    (ws.root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    assert json.loads(out) == {
+        "resource": "triage",
+        "cancelled_batches": 0,
+        "stopping_batches": 0,
+        "unconfirmed_creates": 1,
+    }
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+    assert code == 0, err
+    assert out.startswith("triage is already cancelled: 1 create(s) whose answer was lost"), out
+    assert "every `batchspec apply` that selects triage looks them up" in out
+    assert "still stopping" not in out
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    [action] = json.loads(out)["actions"]
+    assert action["action"] == "none"
+    assert "a create whose answer was lost is looked up by every apply" in action["reason"]
+    code, out, err = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["reason"] == action["reason"]

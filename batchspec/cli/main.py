@@ -1023,12 +1023,20 @@ def cancel(
             f"cancelled {name}: nothing of it was created yet{stopping}; "
             f"`batchspec apply --replace {name}` runs it again"
         )
-    elif n == 0 and result.stopping:
-        click.echo(
-            f"{name} is already cancelled: {result.stopping} batch"
-            f"{'' if result.stopping == 1 else 'es'} still stopping (no cancel sent again); "
-            "`batchspec apply` collects what finishes"
-        )
+    elif n == 0 and (result.stopping or result.unconfirmed):
+        said = []
+        if result.stopping:
+            said.append(
+                f"{result.stopping} batch{'' if result.stopping == 1 else 'es'} still stopping "
+                "(no cancel sent again); `batchspec apply` collects what finishes"
+            )
+        if result.unconfirmed:
+            said.append(
+                f"{result.unconfirmed} create(s) whose answer was lost not found yet; every "
+                f"`batchspec apply` that selects {name} looks them up, cancels one found and "
+                "keeps what it finished"
+            )
+        click.echo(f"{name} is already cancelled: " + "; ".join(said))
     elif n == 0:
         click.echo(f"{name} has no batch in flight: nothing to cancel")
     else:

@@ -46,11 +46,7 @@ from batchspec.core.plan import (
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
 from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.context import DownloadFailure
-from batchspec.core.reconcile.drain import (
-    batch_still_stopping,
-    cancelled_unconfirmed,
-    planned_drains,
-)
+from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
 from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
@@ -400,10 +396,11 @@ def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str]
 @dataclass(frozen=True)
 class CancelResult:
     cancelled: int  # batches this cancel was sent to
-    stopping: int  # batches cancelled earlier that are still stopping
+    stopping: int  # batches cancelled earlier, sent, that are still stopping
     generations: int = 0  # active generations it cancelled (one not created yet included)
-    # creates whose answer was lost that its lookup did not find: each later apply looks
-    # them up (``drain``), cancels one found and keeps what it finished
+    # creates whose answer was lost that no lookup found yet, this cancel's or an earlier
+    # one's: each later apply looks them up (``drain``), cancels one found and keeps what
+    # it finished
     unconfirmed: int = 0
 
 
@@ -462,15 +459,17 @@ def cancel_resource(
                 for gen in store.generations(name)
                 if gen.status not in ACTIVE_GENERATION_STATUSES
                 for batch in store.batches(gen.id)
-                if batch_still_stopping(batch)
+                if batch.remote_id is not None and batch_still_stopping(batch)
             )
             active = [g for g in store.generations(name) if g.status in ACTIVE_GENERATION_STATUSES]
             n = rec.cancel(name)  # its batches' cancels side by side
-            unconfirmed = sum(  # what its lookup did not find: the drain's from now on
+            # this cancel's and earlier ones': every apply's drain looks each one up
+            unconfirmed = sum(
                 1
-                for gen in active
+                for gen in store.generations(name)
+                if gen.status not in ACTIVE_GENERATION_STATUSES
                 for batch in store.batches(gen.id)
-                if cancelled_unconfirmed(store.get_generation(gen.id), batch)
+                if batch.remote_id is None and batch.status == "creating"
             )
         run.exit_code = 0
         return CancelResult(n, stopping, len(active), unconfirmed)

@@ -451,9 +451,16 @@ def plan_resource(
             return act(
                 ActionKind.COLLECT, "cancelled by a user; keeping what finished" + rerun, gen
             )
+        looked_up = any(b.remote_id is None and b.status == "creating" for b in gen.batches)
         return act(
             ActionKind.NONE,
-            f"cancelled by a user; `batchspec apply --replace {want.name}` runs it again",
+            f"cancelled by a user; `batchspec apply --replace {want.name}` runs it again"
+            + (  # the drain's lookup (``reconcile.drain``): it may have landed since
+                "; a create whose answer was lost is looked up by every apply, cancelled and "
+                "kept if it shows"
+                if looked_up
+                else ""
+            ),
             gen,
         )
 

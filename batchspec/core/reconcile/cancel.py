@@ -129,18 +129,32 @@ def cancel_generation(
 
 
 def cancel_retired_batch(
-    ctx: RunContext, name: str, gen: GenerationRow, batch: BatchRow, remote: RemoteBatch
+    ctx: RunContext,
+    name: str,
+    gen: GenerationRow,
+    batch: BatchRow,
+    remote: RemoteBatch,
+    *,
+    current: bool = False,
 ) -> BatchRow:
     """Adopt ``remote``, the batch of ``batch``'s create that ``gen``'s cancel could not
     confirm, found only since by its key (the drain's lookup), cancelling it *first*: a
     cancel that fails (or a run that dies) leaves nothing recorded, so the next pass finds
     it again by its key and sends it then; once recorded, it is only polled. Then its row,
-    an ``adopt`` and a ``cancel`` event, in one transaction; the row as it is now."""
+    an ``adopt`` and a ``cancel`` event, in one transaction; the row as it is now.
+
+    ``current``: ``gen`` is still its resource's current generation (a user cancelled it,
+    its manifest unchanged), whose result files an earlier apply may have written from its
+    other batches (another shard, an earlier attempt): the same transaction forgets their
+    hashes, so that once this batch is collected the plan writes them again (``collect``)
+    with its answers too, however many runs that takes."""
     sent = remote.status not in TERMINAL_STATUSES and remote.status != "cancelling"
     if sent:
         remote = ctx.provider_for(batch.provider).cancel_batch(remote.id)
     with ctx.store.atomic():
         row = bind_adopted(ctx, name, batch, remote)
+        if current:  # the results written so far miss what this batch finished
+            ctx.store.update_generation(gen.id, output_sha256=None, errors_sha256=None)
         if sent:
             ctx.store.record_event(
                 ctx.run_id,

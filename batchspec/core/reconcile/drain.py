@@ -343,7 +343,7 @@ def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None
         return None
     remote = find_remote(ctx, ctx.provider_for(batch.provider), batch)
     if remote is not None:
-        return cancel_retired_batch(ctx, item.name, gen, batch, remote)
+        return cancel_retired_batch(ctx, item.name, gen, batch, remote, current=item.current)
     if ctx.clock() < confirm_deadline(ctx, batch.provider, batch):
         return None
     with ctx.store.atomic():
