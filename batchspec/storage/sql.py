@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
 
 from batchspec.errors import StateError
-from batchspec.storage.database_url import redact_url, scrub
+from batchspec.storage.database_url import misencoded, redact_url, scrub
 
 POSTGRES_EXTRA_HINT = "pip install 'batchspec[postgres]'"
 
@@ -285,6 +285,9 @@ class PostgresSql(Sql):
                 f"the state is a PostgreSQL database ({redact_url(url)}), but PostgreSQL "
                 f"support is not installed: {POSTGRES_EXTRA_HINT}"
             ) from err
+        reason = misencoded(url)
+        if reason is not None:
+            raise StateError(f"the state URL {redact_url(url)} is not valid: {reason}")
         try:
             conn = psycopg.connect(
                 url,
