@@ -406,9 +406,9 @@ class PostgresSql(Sql):
             if getattr(err, "sqlstate", None) == ADMIN_SHUTDOWN:
                 self._ended_by_server = True
             reason = (
-                "the server ended this session, as `batchspec unlock ID --force` does to "
-                "release a run's locks, an administrator or a server shutdown; `batchspec "
-                "history` shows an unlock"
+                "the server ended this session: `batchspec unlock ID --force` from another "
+                "run (then `batchspec history` shows that unlock), an administrator, or a "
+                "server shutdown"
                 if self._ended_by_server
                 else _first_line(err, self._url)
             )
