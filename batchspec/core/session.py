@@ -157,10 +157,10 @@ def validate_inputs(
                 )
             )
     if len(failures) == 1:
-        [err] = failures
-        if type(err) is InputError:  # one of the above: said once, here (several: below)
-            raise InputError(f"{err.message}; nothing was uploaded", details=err.details)
-        raise err
+        [only] = failures
+        if type(only) is InputError:  # one of the above: said once, here (several: below)
+            raise InputError(f"{only.message}; nothing was uploaded", details=only.details)
+        raise only
     if failures:
         raise type(failures[0])(
             f"{len(failures)} batch inputs are invalid; nothing was uploaded",
