@@ -606,6 +606,23 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
     assert sha.search(as_json)
 
 
+def test_history_text_links_each_ci_run(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run made in CI shows its CI run's URL in history's text (which job ran it, for whom),
+    not only the CI system's name; an earlier run does not show it."""
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_SERVER_URL", "https://github.example")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "team/jobs")
+    monkeypatch.setenv("GITHUB_RUN_ID", "4242")
+    code, _, err = run_cli(["plan", str(applied.root)], capsys)
+    assert code == 0, err
+    _, text, _ = run_cli(["history", "--project", str(applied.root), "--limit", "2"], capsys)
+    newest, older = [line for line in text.splitlines() if line.startswith("run ")]
+    assert newest.endswith("(https://github.example/team/jobs/actions/runs/4242)"), newest
+    assert "4242" not in older
+
+
 # ---------------------------------------------------------------------------------------------
 # plan says what apply will refuse; the same options everywhere
 

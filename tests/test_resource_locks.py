@@ -138,8 +138,9 @@ def test_runs_on_different_resources_overlap(
 def test_second_run_on_the_same_resource_exits_3_naming_holder_and_resource(
     tmp_path: Path, serve: Any, state_location: Path | str
 ) -> None:
-    """A run on a resource another run holds waits --lock-timeout, then exits 3 naming the
-    holder (id, pid, command) and the resource; status --json shows the held lock."""
+    """A run on a resource another run holds says at once that it waits and for whom, waits
+    --lock-timeout, then exits 3 naming the holder (id, pid, command) and the resource;
+    status --json shows the held lock."""
     ws, slow = workspace(tmp_path, serve, HOLD)
     first = start_apply(ws, state_location, "alpha")
     try:
@@ -149,9 +150,11 @@ def test_second_run_on_the_same_resource_exits_3_naming_holder_and_resource(
         [lock] = json.loads(out)["locks"]
         assert (lock["resource"], lock["pid"], lock["command"]) == ("alpha", first.pid, "apply")
         began = time.monotonic()
-        code, _, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "0.5"))
+        code, out, err = finish(start_apply(ws, state_location, "alpha", "--lock-timeout", "0.5"))
         assert code == 3, err
         assert time.monotonic() - began >= 0.5
+        waiting = "resource alpha is locked by another run: " + lock["holder_id"]
+        assert waiting in out and "waiting up to 0.5 s for it" in out, out
         for part in ("resource alpha", lock["holder_id"], f"pid {first.pid}", "'apply'"):
             assert part in err
         assert f"batchspec unlock {lock['holder_id']}" in err

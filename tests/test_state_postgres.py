@@ -22,7 +22,7 @@ from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, batchspec_cmd, run_c
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore
-from batchspec.storage.database_url import is_database_url, redact_url, scrub
+from batchspec.storage.database_url import is_database_url, misencoded, redact_url, scrub
 from batchspec.storage.sql import DatabaseUnavailableError, IntegrityError, to_pyformat
 
 INFO = RunInfo("alice", "build-1", 1, None, None, None, None, None, "0.1.0")
@@ -71,6 +71,21 @@ def test_urls_are_shown_without_their_password(url: str, shown: str, password: s
     if password is not None:
         text = scrub(f"failed for {url}: password {password}, or {url.split('@')[0]}", url)
         assert password not in text and "s3cret" not in text and "p%40ss" not in text
+
+
+def test_only_urls_libpq_would_misread_are_refused_as_misencoded() -> None:
+    """An unencoded '@' or '/' in the password is refused; '@' in the query, ? or # in the
+    password, encoded characters, IPv6 hosts and several hosts are read as written and pass."""
+    assert misencoded("postgresql://u:s3c@ret@h:5/db") and misencoded("postgresql://u:ab/cd@h/db")
+    for url in (
+        "postgresql://u:p%40s%2Fs@h:5/db",
+        "postgresql://u:pa?ss@h/db",
+        "postgresql://u:pw@h/db?application_name=a@b",
+        "postgresql://u:pw@[::1]:5432/db",
+        "postgresql://u:pw@h1:5,h2:6/db?options=-csearch_path%3Dx",
+        "postgresql:///db?host=/tmp",
+    ):
+        assert misencoded(url) is None, url
 
 
 def test_only_postgres_schemes_are_database_urls() -> None:
@@ -137,8 +152,8 @@ def test_connection_faults_are_one_line_without_the_password(
         "refused the user name or password": postgres_cluster.url(password="wrong-" + PASSWORD),
         'database "nope" does not exist': postgres_cluster.url("nope"),
         "not valid": f"postgresql://batchspec:{PASSWORD}@127.0.0.1:{postgres_cluster.port}/x?bogus=1",
-        # a password with an unencoded / (base64 ones have them): libpq misreads the URL
-        "cannot connect": f"postgresql://batchspec:{PASSWORD}/x@127.0.0.1:{postgres_cluster.port}/x",
+        # a password with an unencoded / (base64 ones have them): libpq would misread the URL
+        "write '@' as %40 and '/' as %2F": f"postgresql://batchspec:{PASSWORD}/x@127.0.0.1:{postgres_cluster.port}/x",
         "refused the user name": f"postgresql://batchspec:{PASSWORD}?x@127.0.0.1:{postgres_cluster.port}/x",
     }
     missing_schema = postgres_cluster.url("tests") + "?options=-csearch_path%3Dnot_made"
@@ -149,6 +164,21 @@ def test_connection_faults_are_one_line_without_the_password(
         assert code == 1, (expected, err)
         assert expected in one_line_without_password(err), err
     assert not (tmp_path / "state").exists()  # no SQLite file made in its place
+
+
+def test_a_password_with_an_unencoded_at_sign_is_refused_and_no_piece_of_it_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_cluster: Cluster
+) -> None:
+    """An '@' left unencoded in the password: libpq would send the rest of the password as the
+    host name (and the message would print it); refused, exit 1, saying to write it as %40."""
+    url = f"postgresql://batchspec:{PASSWORD}@tailOfSecret@127.0.0.1:{postgres_cluster.port}/x"
+    for command in (["status", str(tmp_path)], ["state", "export", str(tmp_path / "a.db")]):
+        code, out, err = run_cli([*command, "--state", url], capsys)
+        assert code == 1, err
+        line = one_line_without_password(err)
+        assert "tailOfSecret" not in out + err
+        assert "write '@' as %40" in line and "127.0.0.1" in line
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_newer_schema_is_refused_through_the_cli(

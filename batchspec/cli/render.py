@@ -657,7 +657,7 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
     for entry in entries:
         run = entry.run
         git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
-        ci = f" ({run.ci_system})" if run.ci_system else ""
+        ci = f" ({run.ci_run_url or run.ci_system})" if run.ci_system else ""
         lines.append(
             f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
             f"{run.user}@{run.host}{git}{ci}"

@@ -285,6 +285,7 @@ def apply_workspace(
             resources=locked_resources(resources, prune=options.prune),
             timeout=options.lock_timeout,
             run_id=run.id,
+            on_wait=lambda message: report(Progress("lock_wait", None, message)),
         ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))

@@ -240,9 +240,13 @@ def acquire_lock(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     run_id: int | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> LockHandle:
     """Lock ``resources`` (names; None: the whole workspace) for ``command``: all or none,
     waiting up to ``timeout`` seconds while any of them is held by a live run.
+
+    ``on_wait`` is called once, with one line naming the resource and its holder, when the
+    run starts to wait (so a CI log says why it is quiet); not when ``timeout`` is 0.
 
     Raises ``StateLockedError`` (exit 3) naming the holder and the resource in conflict if one
     is still held when the time is up. ``run_id`` only labels ``lock.takeover`` events.
@@ -261,7 +265,18 @@ def acquire_lock(
         remaining = deadline - clock()
         if remaining <= 0:
             raise StateLockedError(_locked_message(store, keys, conflict, timeout, stale_after))
+        if on_wait is not None:
+            on_wait(_waiting_message(conflict, timeout))
+            on_wait = None
         sleep(min(poll_interval, max(remaining, 0.01)))
+
+
+def _waiting_message(conflict: _Conflict, timeout: float) -> str:
+    what = "the whole workspace" if conflict.key == WORKSPACE else f"resource {conflict.key}"
+    holder = "a run that is starting or stopping"
+    if conflict.holder is not None:
+        holder = describe_holder(conflict.holder)
+    return f"{what} is locked by another run: {holder}; waiting up to {timeout:g} s for it"
 
 
 def _conflicts(rows: dict[str, LockHolder], keys: frozenset[str]) -> list[tuple[str, LockHolder]]:

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
 
 from batchspec.errors import StateError
-from batchspec.storage.database_url import redact_url, scrub
+from batchspec.storage.database_url import misencoded, redact_url, scrub
 
 POSTGRES_EXTRA_HINT = "pip install 'batchspec[postgres]'"
 
@@ -285,6 +285,9 @@ class PostgresSql(Sql):
                 f"the state is a PostgreSQL database ({redact_url(url)}), but PostgreSQL "
                 f"support is not installed: {POSTGRES_EXTRA_HINT}"
             ) from err
+        reason = misencoded(url)
+        if reason is not None:
+            raise StateError(f"the state URL {redact_url(url)} is not valid: {reason}")
         try:
             conn = psycopg.connect(
                 url,
@@ -403,9 +406,9 @@ class PostgresSql(Sql):
             if getattr(err, "sqlstate", None) == ADMIN_SHUTDOWN:
                 self._ended_by_server = True
             reason = (
-                "the server ended this session, as `batchspec unlock ID --force` does to "
-                "release a run's locks, an administrator or a server shutdown; `batchspec "
-                "history` shows an unlock"
+                "the server ended this session: `batchspec unlock ID --force` from another "
+                "run (then `batchspec history` shows that unlock), an administrator, or a "
+                "server shutdown"
                 if self._ended_by_server
                 else _first_line(err, self._url)
             )
