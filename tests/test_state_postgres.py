@@ -23,7 +23,12 @@ from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore
 from batchspec.storage.database_url import is_database_url, misencoded, redact_url, scrub
-from batchspec.storage.sql import DatabaseUnavailableError, IntegrityError, to_pyformat
+from batchspec.storage.sql import (
+    KEEPALIVE_OPTIONS,
+    DatabaseUnavailableError,
+    IntegrityError,
+    to_pyformat,
+)
 
 INFO = RunInfo("alice", "build-1", 1, None, None, None, None, None, "0.1.0")
 FAST = ["--poll-interval", "0.05"]
@@ -298,3 +303,22 @@ def test_state_url_on_the_command_line_overrides_the_project(
     assert code == 0, err
     assert "recorded" in out
     assert not (ws_root / "state").exists()
+
+
+def _tcp_options(store: StateStore) -> dict[str, str]:
+    """The libpq options the store's connection was opened with, of the TCP settings."""
+    options = {o.keyword.decode(): (o.val or b"").decode() for o in store.db.conn.pgconn.info}
+    return {k: options[k] for k in KEEPALIVE_OPTIONS}
+
+
+def test_a_dropped_network_is_noticed_within_a_minute_unless_the_url_says_otherwise(
+    postgres_url: str,
+) -> None:
+    """The state connection asks for TCP keepalives and a 60 s cap on unacknowledged data (a
+    silently dropped network fails the next statement instead of hanging a CI job for the
+    kernel's 2 h / 15 min); a URL that sets one of them keeps its own value."""
+    with StateStore.open(postgres_url) as store:
+        assert _tcp_options(store) == KEEPALIVE_OPTIONS
+    separator = "&" if "?" in postgres_url else "?"
+    with StateStore.open(f"{postgres_url}{separator}keepalives_idle=5") as store:
+        assert _tcp_options(store) == {**KEEPALIVE_OPTIONS, "keepalives_idle": "5"}

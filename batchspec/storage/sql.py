@@ -259,6 +259,32 @@ def to_pyformat(sql: str) -> str:
     return _TOKEN.sub(swap, sql)
 
 
+#: libpq's TCP settings unless the URL sets its own: a network that drops the connection
+#: silently fails the next statement within about a minute (keepalives while idle, and at
+#: most 60 s of data unacknowledged), not after the kernel's defaults (2 h of idle before the
+#: first keepalive, some 15 min of retransmissions) while a CI job hangs holding its locks
+KEEPALIVE_OPTIONS = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
+
+
+def _keepalive_options(url: str) -> dict[str, Any]:
+    """``KEEPALIVE_OPTIONS`` the URL does not set (a URL libpq cannot parse gets none: the
+    connect says why)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        given = conninfo_to_dict(url)
+    except ProgrammingError:
+        return {}
+    return {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in given}
+
+
 class PostgresSql(Sql):
     """A psycopg 3 connection in autocommit mode (transactions are begun explicitly)."""
 
@@ -294,6 +320,7 @@ class PostgresSql(Sql):
                 autocommit=True,
                 connect_timeout=connect_timeout,
                 application_name="batchspec",
+                **_keepalive_options(url),
             )
         except psycopg.ProgrammingError as err:  # a malformed URL or option
             raise StateError(
