@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +205,32 @@ def test_cancel_is_refused_on_a_finished_batch_and_repeatable_on_a_cancelled_one
         with pytest.raises(EngineError) as missing:
             engine.cancel_batch("batch_missing")
         assert missing.value.status == 404
+
+
+def test_a_cancel_answers_cancelling_even_when_the_worker_ends_the_batch_at_once(
+    tmp_path, monkeypatch
+):
+    """The cancel's answer is the row as the cancel left it. A worker that finishes the
+    cancelled batch right after the move (as a loaded CI machine showed) cannot turn the
+    answer into ``cancelled``: a client would take that for the end and read its files early."""
+    with open_engine(tmp_path, BuiltinUpstream(latency=0.05), concurrency=1) as engine:
+        running = new_batch(engine, request_lines(10))
+        plain_read = engine.store.get_batch
+        this_thread = threading.get_ident()
+
+        def read_after_the_worker(batch_id, db=None):
+            row = plain_read(batch_id, db)
+            mine = threading.get_ident() == this_thread
+            if mine and db is None and row is not None and row["status"] == "cancelling":
+                engine.worker.wake()  # let the worker end it before this read returns
+                wait_for(lambda: plain_read(batch_id)["status"] == "cancelled")
+                row = plain_read(batch_id)
+            return row
+
+        monkeypatch.setattr(engine.store, "get_batch", read_after_the_worker)
+        assert engine.cancel_batch(running["id"])["status"] == "cancelling"
+        monkeypatch.undo()
+        assert run_to_end(engine, running["id"])["status"] == "cancelled"
 
 
 def test_a_slow_cancel_stays_cancelling_and_keeps_finishing_lines(tmp_path):

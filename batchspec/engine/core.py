@@ -317,14 +317,14 @@ class Engine:
         return list_object([batch_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        row = self._batch_row(batch_id)
-        moved = self.store.move_batch(
+        moved, row = self.store.move_and_read_batch(
             batch_id,
             from_statuses=("validating", "in_progress"),
             to_status="cancelling",
             cancelling_at=now(),
         )
-        row = self._batch_row(batch_id)
+        if row is None:
+            raise not_found("batch", batch_id)
         if not moved and row["status"] not in ("cancelling", "cancelled"):
             raise EngineError(
                 409,

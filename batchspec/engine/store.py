@@ -356,6 +356,16 @@ class Store:
         self, batch_id: str, *, from_statuses: Sequence[str], to_status: str, **columns: Any
     ) -> bool:
         """Change a batch's status if it is in one of ``from_statuses``; True if it moved."""
+        return self.move_and_read_batch(
+            batch_id, from_statuses=from_statuses, to_status=to_status, **columns
+        )[0]
+
+    def move_and_read_batch(
+        self, batch_id: str, *, from_statuses: Sequence[str], to_status: str, **columns: Any
+    ) -> tuple[bool, sqlite3.Row | None]:
+        """``move_batch``, and the row as that move left it: read in the same transaction, so
+        a worker finishing the batch a moment later cannot show through (a cancel answers
+        ``cancelling``, as the provider does, not the ``cancelled`` that followed)."""
         sets = ", ".join(f"{name} = ?" for name in ("status", *columns))
         marks = ", ".join("?" for _ in from_statuses)
         with self.write() as db:
@@ -363,7 +373,7 @@ class Store:
                 f"UPDATE batches SET {sets} WHERE id = ? AND status IN ({marks})",
                 (to_status, *columns.values(), batch_id, *from_statuses),
             )
-            return cur.rowcount == 1
+            return cur.rowcount == 1, self.get_batch(batch_id, db)
 
     # -- results -----------------------------------------------------------------------------
 
