@@ -201,7 +201,7 @@ def test_state_modified_selecting_nothing_says_so_not_that_paths_hold_no_manifes
 ) -> None:
     """Once every resource is in sync, plan and apply -s state:modified (and the apply of a
     plan saved with it) say nothing matches the selection (apply has nothing to do), not the
-    wrong hint that PATHS hold no manifest."""
+    wrong hint that no manifest was found."""
     ws = labelled_ws(tmp_path / "ws", LABELS)
     root = str(ws.root)
     assert run_cli(["apply", root, "--wait", *FAST], capsys)[0] == 0
@@ -210,13 +210,13 @@ def test_state_modified_selecting_nothing_says_so_not_that_paths_hold_no_manifes
         code, out, err = run_cli([command, root, "-s", "state:modified"], capsys)
         assert code == 0, err
         assert "no resource matches --select state:modified" in out, out
-        assert "hold no manifest" not in out, out
+        assert "no manifest was found" not in out, out
     saved = str(tmp_path / "plan.json")  # a saved plan keeps its selection: so does the text
     assert run_cli(["plan", root, "-s", "state:modified", "--out", saved], capsys)[0] == 0
     code, out, err = run_cli(["apply", saved], capsys)
     assert code == 0, err
     assert "no resource matches --select state:modified" in out, out
-    assert "hold no manifest" not in out, out
+    assert "no manifest was found" not in out, out
 
 
 def test_select_works_for_apply_and_status(

@@ -179,8 +179,9 @@ def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -
 
 #: plan and apply when PATHS hold no manifest (validate exits 1 there, naming the globs)
 NOTHING_SELECTED = (
-    "no resource selected: the PATHS given hold no manifest (`batchspec validate` says where "
-    "the project's manifests are; run from the workspace root, or pass their folder)"
+    "no resource selected: no manifest was found where it looked (the PATHS given, or the "
+    "current folder; `batchspec validate` says where the project's manifests are; run from "
+    "the workspace root, or pass their folder)"
 )
 
 
