@@ -15,7 +15,10 @@ It promises:
   ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
   at most one page more than that); a batch the listing did not show is retrieved by id.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
-  ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
+  ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
+  main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
+  under the same limit, so a retry uploaded while downloads are under way waits its turn).
+  Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
 * **Retired batches too.** The batches of generations no longer active that the pass drains
@@ -44,8 +47,9 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from batchspec.core.reconcile.collect import download_to_store
@@ -53,6 +57,8 @@ from batchspec.core.reconcile.context import Prefetched, RunContext
 from batchspec.providers.base import (
     RemoteBatch,
     listen_for_throttles,
+    open_call_gate,
+    reset_call_gate,
     reset_throttle_listener,
 )
 from batchspec.state.store import BatchRow
@@ -121,6 +127,13 @@ class AdaptiveLimit:
 
     def run(self, call: Callable[[], T]) -> T:
         """Run ``call`` in a place, hearing its throttles (on this thread) as it runs."""
+        with self.place():
+            return call()
+
+    @contextmanager
+    def place(self) -> Iterator[None]:
+        """Hold a place while the block runs, hearing its throttles (on this thread); the
+        requests the block sends are not admitted again (``providers.base.call_place``)."""
         round_ = [self.acquire()]
         heard = [False]
 
@@ -129,9 +142,11 @@ class AdaptiveLimit:
             round_[0] = self.throttled(round_[0])
 
         token = listen_for_throttles(on_throttle)
+        gate = open_call_gate(None)
         try:
-            return call()
+            yield
         finally:
+            reset_call_gate(gate)
             reset_throttle_listener(token)
             self.release(throttled=heard[0])
 
@@ -153,6 +168,7 @@ class BoundedCalls:
         self._queue: list[_Queued] = []
         self._queue_lock = threading.Lock()
         self._sequence = itertools.count()
+        self._limits_lock = threading.Lock()
 
     def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
         limit = self.limit_for(provider)
@@ -177,12 +193,25 @@ class BoundedCalls:
         else:
             future.set_result(result)
 
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """While the block runs, each provider request sent on this thread (a serial step's
+        upload, create, lookup, poll or download) takes a place under the same limit as the
+        pool's calls, so the calls in flight to a provider never exceed its cap."""
+        token = open_call_gate(lambda provider: self.limit_for(provider).place())
+        try:
+            yield
+        finally:
+            reset_call_gate(token)
+
     def limit_for(self, provider: str) -> AdaptiveLimit:
-        if provider not in self.limits:
-            cap = self._cap_for(provider)
-            width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
-            self.limits[provider] = AdaptiveLimit(width)
-        return self.limits[provider]
+        # asked from the workers too (a listing starts downloads): one limit per provider
+        with self._limits_lock:
+            if provider not in self.limits:
+                cap = self._cap_for(provider)
+                width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
+                self.limits[provider] = AdaptiveLimit(width)
+            return self.limits[provider]
 
     def __enter__(self) -> BoundedCalls:
         return self
