@@ -13,7 +13,8 @@ It promises:
 * **List, then retrieve.** Where a provider lists batches with their full objects (OpenAI,
   Azure, LiteLLM, ``batchspec serve``), the in-flight batches of that provider are polled with
   ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
-  at most one page more than that); a batch the listing did not show is retrieved by id.
+  at most one page more than that); a batch the listing did not show, or showed ended but
+  without any file id (``adopt.listed_whole``), is retrieved by id.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -52,6 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
 from batchspec.providers.base import (
@@ -336,7 +338,7 @@ def _poll_all(
     for row in in_flight:
         assert row.remote_id is not None
         seen = listed.get(row.provider, {}).get(row.remote_id)
-        if seen is not None:
+        if seen is not None and listed_whole(seen):
             observed[row.id] = seen
             ctx.prefetched.polls[(row.provider, row.remote_id)] = seen
         else:
