@@ -6,6 +6,7 @@ records when each request was answered, so the tests assert on what the server s
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from probes import start_probed_server
 from servers import wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, openai_provider, run_cli
 
+from batchspec.core.reconcile.prefetch import BoundedCalls
 from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
 
 DOWNLOAD = "GET /files/{id}/content"
@@ -133,3 +135,63 @@ def test_a_lost_state_adopts_from_a_trimmed_listing_without_paying_again(
         assert all(len(ws.outputs(f"r{i:02d}")) == 2 for i in range(3))
     finally:
         srv.stop()
+
+
+def test_a_provider_at_its_cap_does_not_hold_up_the_calls_to_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Provider a (maxConcurrency 1, slow downloads) comes first in resource order: the pool's
+    workers do not all sit waiting for a's one place while provider b's downloads, which
+    nothing limits, queue behind them; b's files are fetched while a's still trickle in."""
+    slow = start_probed_server(tmp_path / "slow", api_key=SENTINEL_KEY)
+    fast = start_probed_server(tmp_path / "fast", api_key=SENTINEL_KEY)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={
+                "a": openai_provider(slow.v1, KEY_ENV, maxConcurrency=1),
+                "b": openai_provider(fast.v1, KEY_ENV),
+            },
+            resources=[
+                *(ResourceSpec(f"a{i}", provider="a", prefix=f"a{i}") for i in range(6)),
+                *(ResourceSpec(f"b{i}", provider="b", prefix=f"b{i}") for i in range(6)),
+            ],
+        )
+        assert run_cli(["apply", str(ws.root), "--yes", "--parallelism", "4"], capsys)[0] == 0
+        for srv in (slow, fast):
+            wait_for(
+                lambda srv=srv: all(
+                    b["status"] == "completed" for b in srv.engine.list_batches(None, 100)["data"]
+                )
+            )
+        slow.probe.hold(DOWNLOAD, 0.3)
+        slow.probe.spans.clear()
+        fast.probe.spans.clear()
+
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "4"], capsys)
+
+        assert code == 0, err
+        a_downloads = sorted(end for route, _, end in slow.probe.spans if route == DOWNLOAD)
+        b_downloads = sorted(end for route, _, end in fast.probe.spans if route == DOWNLOAD)
+        assert len(a_downloads) == 6 and len(b_downloads) == 6
+        # b's files all arrived before a's second file: they did not wait for a's queue
+        assert b_downloads[-1] < a_downloads[1]
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_workers_take_the_calls_of_a_provider_with_a_free_place() -> None:
+    """``BoundedCalls`` of 2 workers, provider a capped at 1 with its call stuck: a's next
+    call waits without taking a worker, and b's calls, submitted after it, all run."""
+    stuck = threading.Event()
+    with BoundedCalls(2, lambda provider: 1 if provider == "a" else None) as calls:
+        try:
+            calls.submit("a", stuck.wait)
+            second = calls.submit("a", lambda: "a2")
+            others = [calls.submit("b", lambda i=i: i) for i in range(5)]
+            assert [f.result(timeout=5) for f in others] == list(range(5))
+            assert not second.done()
+        finally:
+            stuck.set()
+        assert second.result(timeout=5) == "a2"

@@ -42,7 +42,6 @@ one) on the providers reads are fetched ahead from (``shares_client``).
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
@@ -76,7 +75,7 @@ LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
-#: a call waiting for a worker: (rank, sequence, call, its future)
+#: a call waiting for a worker and a place: (rank, sequence, call, its future)
 _Queued = tuple[tuple[int, int], int, Callable[[], Any], Future[Any]]
 
 
@@ -91,7 +90,12 @@ class AdaptiveLimit:
     calls in flight shrink as they end. ``history`` keeps every change (time, limit).
     """
 
-    def __init__(self, ceiling: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_release: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ceiling = max(1, ceiling)
         self.limit = float(self.ceiling)
         self.active = 0
@@ -99,6 +103,7 @@ class AdaptiveLimit:
         self._clock = clock
         self._round = 0
         self._cond = threading.Condition()
+        self._on_release = on_release  # told (outside the lock) each time a place frees
         self.history: list[tuple[float, float]] = [(clock(), self.limit)]
 
     def acquire(self) -> int:
@@ -106,9 +111,19 @@ class AdaptiveLimit:
         with self._cond:
             while self.active >= max(1, int(self.limit)):
                 self._cond.wait()
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-            return self._round
+            return self._take()
+
+    def try_acquire(self) -> int | None:
+        """Take a place if one is free now (the round the call starts in), else None."""
+        with self._cond:
+            if self.active >= max(1, int(self.limit)):
+                return None
+            return self._take()
+
+    def _take(self) -> int:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        return self._round
 
     def throttled(self, started_in: int) -> int:
         """A call of round ``started_in`` was told to slow down; return the current round."""
@@ -119,13 +134,15 @@ class AdaptiveLimit:
                 self.history.append((self._clock(), self.limit))
             return self._round
 
-    def release(self, *, throttled: bool) -> None:
+    def release(self, *, throttled: bool, ran: bool = True) -> None:
+        """Free a place; a call that ``ran`` without a throttle grows the limit."""
         with self._cond:
             self.active -= 1
-            if not throttled and self.limit < self.ceiling:
+            if ran and not throttled and self.limit < self.ceiling:
                 self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
                 self.history.append((self._clock(), self.limit))
             self._cond.notify_all()
+        self._on_release()
 
     def run(self, call: Callable[[], T]) -> T:
         """Run ``call`` in a place, hearing its throttles (on this thread) as it runs."""
@@ -133,10 +150,11 @@ class AdaptiveLimit:
             return call()
 
     @contextmanager
-    def place(self) -> Iterator[None]:
+    def place(self, started_in: int | None = None) -> Iterator[None]:
         """Hold a place while the block runs, hearing its throttles (on this thread); the
-        requests the block sends are not admitted again (``providers.base.call_place``)."""
-        round_ = [self.acquire()]
+        requests the block sends are not admitted again (``providers.base.call_place``).
+        ``started_in``: the place was already taken (``try_acquire``) in that round."""
+        round_ = [self.acquire() if started_in is None else started_in]
         heard = [False]
 
         def on_throttle() -> None:
@@ -160,40 +178,66 @@ class BoundedCalls:
     Calls start in the order they were submitted, except those given an ``order``: they
     start after the others, lowest ``order`` first. A pass gives its downloads the order the
     main thread takes them in (resource order), whatever order a listing found them in, so
-    the first resource's file is not the last one fetched."""
+    the first resource's file is not the last one fetched. A worker takes the first call
+    whose provider has a free place: a provider at its cap keeps its own calls waiting, not
+    the workers, so the calls to other providers behind them in the order start at once."""
 
     def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
         self.parallelism = max(1, parallelism)
         self._cap_for = cap_for
         self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
-        self._queue: list[_Queued] = []
-        self._queue_lock = threading.Lock()
+        self._queues: dict[str, list[_Queued]] = {}  # per provider, first to start first
+        self._ready = threading.Condition()  # guards the queues; told when a place frees
         self._sequence = itertools.count()
         self._limits_lock = threading.Lock()
 
     def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
-        limit = self.limit_for(provider)
+        self.limit_for(provider)
         future: Future[T] = Future()
         seq = next(self._sequence)
         rank = (0, seq) if order is None else (1, order)
-        queued: _Queued = (rank, seq, functools.partial(limit.run, call), future)
-        with self._queue_lock:
-            heapq.heappush(self._queue, queued)
-        self._pool.submit(self._run_next)  # one task per call: it runs the first queued
+        with self._ready:
+            heapq.heappush(self._queues.setdefault(provider, []), (rank, seq, call, future))
+            self._ready.notify()  # a worker waiting for a place may start this one
+        self._pool.submit(self._run_next)  # one task per call: it runs the first startable
         return future
 
     def _run_next(self) -> None:
-        with self._queue_lock:
-            _, _, call, future = heapq.heappop(self._queue)
+        with self._ready:
+            while True:
+                taken = self._take_startable()
+                if taken is not None:
+                    break
+                if not any(self._queues.values()):
+                    return
+                self._ready.wait()
+        provider, started_in, call, future = taken
+        limit = self.limits[provider]
         if not future.set_running_or_notify_cancel():
+            limit.release(throttled=False, ran=False)
             return
         try:
-            result = call()
+            with limit.place(started_in):
+                result = call()
         except BaseException as err:  # noqa: BLE001 - handed to whoever takes the future
             future.set_exception(err)
         else:
             future.set_result(result)
+
+    def _take_startable(self) -> tuple[str, int, Callable[[], Any], Future[Any]] | None:
+        """The first queued call (by rank) whose provider has a place free, its place taken."""
+        heads = sorted((queue[0], name) for name, queue in self._queues.items() if queue)
+        for _, name in heads:
+            started_in = self.limits[name].try_acquire()
+            if started_in is not None:
+                _, _, call, future = heapq.heappop(self._queues[name])
+                return name, started_in, call, future
+        return None
+
+    def _wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
 
     @contextmanager
     def admitting(self) -> Iterator[None]:
@@ -212,7 +256,7 @@ class BoundedCalls:
             if provider not in self.limits:
                 cap = self._cap_for(provider)
                 width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
-                self.limits[provider] = AdaptiveLimit(width)
+                self.limits[provider] = AdaptiveLimit(width, on_release=self._wake)
             return self.limits[provider]
 
     def __enter__(self) -> BoundedCalls:
@@ -220,10 +264,11 @@ class BoundedCalls:
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._queue_lock:  # calls whose tasks the shutdown cancelled never start
-            for _, _, _, future in self._queue:
-                future.cancel()
-            self._queue.clear()
+        with self._ready:  # calls whose tasks the shutdown cancelled never start
+            for queue in self._queues.values():
+                for _, _, _, future in queue:
+                    future.cancel()
+            self._queues.clear()
 
 
 def prefetch_pass(
