@@ -195,3 +195,46 @@ def test_workers_take_the_calls_of_a_provider_with_a_free_place() -> None:
         finally:
             stuck.set()
         assert second.result(timeout=5) == "a2"
+
+
+RATE_LIMITED = {
+    "error": {
+        "message": "Rate limit reached for requests",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+@pytest.mark.parametrize("parallelism", ["1", "8"])
+def test_creates_refused_with_429_are_sent_again_by_the_next_apply_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parallelism: str
+) -> None:
+    """Every create answered 429 (retries spent): the apply fails; the creates were refused,
+    not lost in transit, so the next apply creates them at once (one batch per resource),
+    instead of waiting out createConfirmSeconds as if they might still arrive."""
+    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={
+                "srv": openai_provider(srv.v1, KEY_ENV, maxRetries=0, createConfirmSeconds=300)
+            },
+            resources=[ResourceSpec(f"r{i:02d}", count=2, prefix=f"p{i}") for i in range(6)],
+        )
+        srv.probe.refuse(r"^POST /v1/batches$", 429, RATE_LIMITED)
+        argv = ["apply", str(ws.root), "--yes", "--parallelism", parallelism]
+        code, _, err = run_cli(argv, capsys)
+        assert code == 1 and "429" in err
+        assert srv.batch_count() == 0
+        srv.probe.refusals.clear()
+
+        wait = ["--wait", "--poll-interval", "0.05", "--timeout", "20"]
+        code, _, err = run_cli([*argv, *wait], capsys)
+
+        assert code == 0, err
+        assert srv.batch_count() == 6
+        assert all(len(ws.outputs(f"r{i:02d}")) == 2 for i in range(6))
+    finally:
+        srv.stop()

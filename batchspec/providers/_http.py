@@ -383,18 +383,26 @@ def create_or_adopt(
     After an ``AmbiguousOutcome`` the batch the lost create made, if ``made_by_lost`` finds
     one, is the answer; otherwise the create is sent again by ``policy`` when ``resend``, and
     the ``AmbiguousOutcome`` is raised when not (the reconciler then waits its bounded window
-    before it creates again) or when the retries are spent.
+    before it creates again) or when the retries are spent. Any other ``ProviderError`` says
+    the provider made nothing (a 429, a 4xx, no connection), unless an earlier attempt was
+    ambiguous: that one may still arrive, so the error is raised as an ``AmbiguousOutcome``.
     """
+    ambiguous = False
     for retries_done in range(policy.max_attempts):
         try:
             return send()
         except AmbiguousOutcome:
+            ambiguous = True
             made = made_by_lost()
             if made is not None:
                 return made
             if not resend or not policy.can_retry(retries_done):
                 raise
             sleep(policy.delay(retries_done, rand=rand))
+        except ProviderError as err:
+            if ambiguous:
+                raise _as_ambiguous(err) from err
+            raise
     raise AssertionError("unreachable: the loop returns or raises")
 
 
