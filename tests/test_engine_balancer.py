@@ -104,10 +104,33 @@ def test_bad_limits_are_usage_errors_that_hide_credentials(spec):
     assert "secret" not in str(raised.value) and "h:1" in str(raised.value)
 
 
-def test_the_same_upstream_twice_is_refused():
-    """Naming one URL twice is a usage error (it would double its share and its limits)."""
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param("http://127.0.0.1:1/v1", id="same"),
+        pytest.param("http://127.0.0.1:1/v1/", id="trailing-slash"),
+        pytest.param("HTTP://127.0.0.1:1/v1#rpm=60", id="scheme-case-and-limits"),
+        pytest.param("http://user:secret@127.0.0.1:1/v1", id="credentials"),
+    ],
+)
+def test_the_same_upstream_twice_is_refused(second):
+    """Naming one server twice is a usage error (it would double its share and its limits),
+    however the URL is spelt; its password is never shown."""
+    with pytest.raises(UsageError, match="named twice") as raised:
+        make_upstreams(["http://127.0.0.1:1/v1", second])
+    assert "secret" not in str(raised.value)
+
+
+def test_the_default_port_spelt_out_is_the_same_upstream():
+    """http://gpu1/v1 and http://GPU1:80/v1 are one server: named twice."""
     with pytest.raises(UsageError, match="named twice"):
-        make_upstreams(["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1"])
+        make_upstreams(["http://gpu1/v1", "http://GPU1:80/v1"])
+
+
+def test_two_paths_or_ports_of_one_host_are_two_upstreams():
+    """Different ports (or paths) of one host are different upstreams: both kept."""
+    upstream = make_upstreams(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"])
+    assert len(upstream.status()) == 2
 
 
 # -- token buckets (pure, on a fake clock) ---------------------------------------------------

@@ -402,10 +402,59 @@ def test_no_proxy_sends_requests_directly(monkeypatch, no_proxy):
             id="suffix",
         ),
         pytest.param("http://gpu1:8000/v1", {}, False, id="unset"),
+        pytest.param(
+            "http://10.1.2.3:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "localhost, 10.0.0.0/8"},
+            False,
+            id="network",
+        ),
+        pytest.param(
+            "http://10.1.2.3:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "192.168.0.0/16,fd00::/8"},
+            True,
+            id="other-network",
+        ),
+        pytest.param(
+            "http://[fd00::5]:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "fd00::/8"},
+            False,
+            id="ipv6-network",
+        ),
+        pytest.param(
+            "http://[::1]:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "[::1]"},
+            False,
+            id="ipv6-brackets",
+        ),
+        pytest.param(
+            "http://[::1]:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "[::1]:9000"},
+            True,
+            id="ipv6-other-port",
+        ),
+        pytest.param(
+            "http://gpu1/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "gpu1:80"},
+            False,
+            id="default-port",
+        ),
+        pytest.param(
+            "http://gpu1.lan:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".lan:8000"},
+            False,
+            id="suffix-port",
+        ),
+        pytest.param(
+            "http://notlan:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "lan"},
+            True,
+            id="not-a-suffix",
+        ),
     ],
 )
 def test_proxy_for_reads_the_proxy_variables(url, environ, proxied):
-    """HTTP_PROXY/HTTPS_PROXY (any case, scheme optional) per URL scheme; NO_PROXY suffixes win."""
+    """HTTP_PROXY/HTTPS_PROXY (any case, scheme optional) per URL scheme; NO_PROXY wins with a
+    host suffix, host:port (the scheme's port by default), an IPv6 address or a network."""
     proxy = proxy_for(url, environ)
     assert (proxy is not None) == proxied
     if proxy is not None:

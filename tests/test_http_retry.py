@@ -479,6 +479,19 @@ def test_ambiguous_keyed_create_not_found_is_never_re_sent(scripted: ScriptedSer
     assert sleeps == []
 
 
+def test_a_refusal_after_an_ambiguous_attempt_is_still_ambiguous(
+    scripted: ScriptedServer,
+) -> None:
+    """A create whose first answer was lost (a 500), not listed, then re-sent and refused
+    (400): the first may still arrive, so the error is an AmbiguousOutcome, never the plain
+    refusal that would let the reconciler create the batch again at once."""
+    scripted.script(error_answer(500), listing(), error_answer(400))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(AmbiguousOutcome):
+        _create(provider, "file-1")
+    assert scripted.methods() == ["POST", "GET", "POST"]
+
+
 def test_unambiguous_create_failures_are_retried_directly(scripted: ScriptedServer) -> None:
     """A 429 or 503 on create means nothing was made: the same create is re-sent without a
     lookup."""

@@ -205,8 +205,8 @@ class RecordedLimit(prefetch.AdaptiveLimit):
 
     made: list[prefetch.AdaptiveLimit] = []
 
-    def __init__(self, ceiling: int, *args: Any) -> None:
-        super().__init__(ceiling, *args)
+    def __init__(self, ceiling: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(ceiling, *args, **kwargs)
         RecordedLimit.made.append(self)
 
 

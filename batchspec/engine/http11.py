@@ -19,7 +19,8 @@ a caller may safely send the request elsewhere); any later failure raises its pa
 Proxies, read from the environment when the pool is built (as curl, httpx and urllib do):
 an ``http://`` origin goes through ``HTTP_PROXY`` (or ``http_proxy``), an ``https://`` one
 through ``HTTPS_PROXY`` (``https_proxy``), unless ``NO_PROXY`` (``no_proxy``: comma-separated
-host suffixes, ``host:port``, or ``*``) names it. The proxy itself is reached over plain HTTP
+host suffixes, ``host:port``, IPv6 addresses bare or in brackets, networks such as
+``10.0.0.0/8``, or ``*``) names it. The proxy itself is reached over plain HTTP
 (an ``http://`` proxy URL; ``user:password`` in it is sent as ``Proxy-Authorization:
 Basic``). Through it, a plain-HTTP request is sent in absolute form (``POST
 http://host:port/path``); an HTTPS origin is reached by a ``CONNECT host:port`` tunnel per
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import socket
 import ssl
 import urllib.request
@@ -88,7 +90,8 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
     proxy_url = proxies.get(parts.scheme)
     if not proxy_url:
         return None
-    if _bypassed(parts.hostname, parts.port, proxies.get("no", "")):
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if _bypassed(parts.hostname, port, proxies.get("no", "")):
         return None
     if "://" not in proxy_url:
         proxy_url = f"http://{proxy_url}"
@@ -114,21 +117,48 @@ def _tls_context() -> ssl.SSLContext:
         return ssl.create_default_context()
 
 
-def _bypassed(hostname: str, port: int | None, no_proxy: str) -> bool:
-    """Whether ``NO_PROXY`` names the host: ``*``, the host, ``host:port``, or a suffix."""
+def _bypassed(hostname: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` names the host (as curl reads it): ``*``, the host or a domain it
+    is in (``lan``, ``.lan``), either with ``:port``, an IPv6 address bare or in brackets
+    (``::1``, ``[::1]:8000``), or a network its address is in (``10.0.0.0/8``, ``fd00::/8``)."""
     hostname = hostname.lower()
-    with_port = f"{hostname}:{port}" if port is not None else hostname
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+            hostname
+        )
+    except ValueError:
+        address = None
     for entry in no_proxy.split(","):
-        name = entry.strip().lstrip(".").lower()
+        name = entry.strip().lower()
         if name == "*":
             return True
-        if name and (
-            name in (hostname, with_port)
-            or hostname.endswith(f".{name}")
-            or with_port.endswith(f".{name}")
-        ):
+        if "/" in name:  # a network (CIDR)
+            try:
+                network = ipaddress.ip_network(name.strip("[]"), strict=False)
+            except ValueError:
+                continue
+            if address is not None and address.version == network.version and address in network:
+                return True
+            continue
+        host, entry_port = _host_and_port(name)
+        host = host.lstrip(".")
+        if not host or (entry_port is not None and entry_port != port):
+            continue
+        if host == hostname or hostname.endswith(f".{host}"):
             return True
     return False
+
+
+def _host_and_port(entry: str) -> tuple[str, int | None]:
+    """A ``NO_PROXY`` entry as (host, port or None): ``h``, ``h:80``, ``::1``, ``[::1]:80``."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:  # a name, or a bare IPv6 address (whose colons are not a port)
+        host, port = entry, ""
+    return host, int(port) if port.isdigit() else None
 
 
 class _Connection:

@@ -44,7 +44,7 @@ import httpx
 
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
-from batchspec.providers.base import RemoteBatch, RemoteNotFound, report_throttle
+from batchspec.providers.base import RemoteBatch, RemoteNotFound, call_place, report_throttle
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 from batchspec.wire.retry import (
     CLIENT_POLICY,
@@ -383,18 +383,26 @@ def create_or_adopt(
     After an ``AmbiguousOutcome`` the batch the lost create made, if ``made_by_lost`` finds
     one, is the answer; otherwise the create is sent again by ``policy`` when ``resend``, and
     the ``AmbiguousOutcome`` is raised when not (the reconciler then waits its bounded window
-    before it creates again) or when the retries are spent.
+    before it creates again) or when the retries are spent. Any other ``ProviderError`` says
+    the provider made nothing (a 429, a 4xx, no connection), unless an earlier attempt was
+    ambiguous: that one may still arrive, so the error is raised as an ``AmbiguousOutcome``.
     """
+    ambiguous = False
     for retries_done in range(policy.max_attempts):
         try:
             return send()
         except AmbiguousOutcome:
+            ambiguous = True
             made = made_by_lost()
             if made is not None:
                 return made
             if not resend or not policy.can_retry(retries_done):
                 raise
             sleep(policy.delay(retries_done, rand=rand))
+        except ProviderError as err:
+            if ambiguous:
+                raise _as_ambiguous(err) from err
+            raise
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -552,17 +560,19 @@ class RetryingClient:
         **kwargs: Any,
     ) -> httpx.Response:
         """Send until a 2xx (or one of ``ok_statuses``, e.g. a redirect to follow by hand)
-        arrives (body read), or raise the last failure as ProviderError."""
-        return self._send(
-            method,
-            path,
-            operation,
-            retry_ambiguous,
-            headers,
-            stream=False,
-            kwargs=kwargs,
-            ok_statuses=ok_statuses,
-        )
+        arrives (body read), or raise the last failure as ProviderError. The request (its
+        retries too) holds a place among the provider's calls in flight (``call_place``)."""
+        with call_place(self._context.provider):
+            return self._send(
+                method,
+                path,
+                operation,
+                retry_ambiguous,
+                headers,
+                stream=False,
+                kwargs=kwargs,
+                ok_statuses=ok_statuses,
+            )
 
     def download(
         self, path: str, dest: Path, *, operation: str, headers: Mapping[str, str] | None = None
@@ -570,7 +580,14 @@ class RetryingClient:
         """Stream a GET body to ``dest`` atomically (``<dest>.part`` then rename); return bytes.
 
         A connection lost mid-body restarts the download, at most ``max_retries`` times.
+        The download, body and restarts included, holds one place (``call_place``).
         """
+        with call_place(self._context.provider):
+            return self._download(path, dest, operation=operation, headers=headers)
+
+    def _download(
+        self, path: str, dest: Path, *, operation: str, headers: Mapping[str, str] | None
+    ) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         for retries_done in range(self._policy.max_attempts):

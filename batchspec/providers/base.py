@@ -13,6 +13,7 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,35 @@ def listen_for_throttles(listener: Callable[[], None] | None) -> Token[Callable[
 
 def reset_throttle_listener(token: Token[Callable[[], None] | None]) -> None:
     _throttle_listener.reset(token)
+
+
+#: what admits a request sent on this thread by a step (not by a pool worker, which already
+#: holds its place): while a pass's pool is open, ``core.reconcile.prefetch.BoundedCalls``
+#: gives each such request a place among the provider's calls in flight, so the serial steps'
+#: uploads, creates, lookups and downloads count against ``maxConcurrency`` as the pool's do
+CallGate = Callable[[str], AbstractContextManager[object]]
+_call_gate: ContextVar[CallGate | None] = ContextVar("batchspec_call_gate", default=None)
+
+
+@contextmanager
+def call_place(provider: str) -> Iterator[None]:
+    """Hold a place for one request to ``provider`` while the block runs (at once when no
+    gate is open on this thread)."""
+    gate = _call_gate.get()
+    if gate is None:
+        yield
+        return
+    with gate(provider):
+        yield
+
+
+def open_call_gate(gate: CallGate | None) -> Token[CallGate | None]:
+    """Set (None: lift) the current thread's call gate; ``reset_call_gate`` undoes it."""
+    return _call_gate.set(gate)
+
+
+def reset_call_gate(token: Token[CallGate | None]) -> None:
+    _call_gate.reset(token)
 
 
 def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:

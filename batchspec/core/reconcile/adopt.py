@@ -48,12 +48,30 @@ CONFIRM_MAX_DELAY = 10.0
 LOOKUP_PAGE_SIZE = 100
 
 
+def listed_whole(remote: RemoteBatch) -> bool:
+    """Whether a batch read from a listing says all a step needs: it is still running, or it
+    ended with a file to fetch. One that ended without any file id (a gateway's trimmed list
+    objects, or a batch that ended with nothing done) must be read back by id: taken as
+    listed, the answers it holds would never be collected and its requests would be paid
+    for again."""
+    return not remote.is_terminal or bool(remote.output_file_id or remote.error_file_id)
+
+
+def read_back_if_trimmed(provider: Provider, remote: RemoteBatch | None) -> RemoteBatch | None:
+    """``remote`` as found on a listing, or as retrieved by id when the listing may have left
+    out its files (``listed_whole``)."""
+    if remote is None or listed_whole(remote):
+        return remote
+    return provider.get_batch(remote.id)
+
+
 def find_remote(ctx: RunContext, provider: Provider, batch: BatchRow) -> RemoteBatch | None:
     """Page the provider's batches (newest first) for the one carrying this intent's key."""
     since = parse_timestamp(batch.created_at).timestamp() - ADOPTION_CLOCK_SLACK
-    return find_batch_by_key(
+    found = find_batch_by_key(
         provider, metadata_for_key(batch.key), since=since, page_size=LOOKUP_PAGE_SIZE
     ).batch
+    return read_back_if_trimmed(provider, found)
 
 
 def look_up_before_create(
@@ -71,7 +89,7 @@ def look_up_before_create(
         listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
     found = listings[provider.name].find_by_key(metadata_for_key(batch.key), since=since)
     _record_lookup(ctx, res, batch, found, since)
-    return found.batch
+    return read_back_if_trimmed(provider, found.batch)
 
 
 def _record_lookup(

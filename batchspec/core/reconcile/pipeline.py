@@ -51,11 +51,13 @@ from batchspec.core.reconcile.submit import (
     ensure_uploaded,
     mark_creating,
     record_create,
+    record_create_refused,
     record_upload,
     record_upload_intent,
     report_upload_progress,
     send_create,
 )
+from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     AmbiguousOutcome,
     Provider,
@@ -90,6 +92,7 @@ class _Job:
     file_id: str | None = None
     create: concurrent.futures.Future[RemoteBatch] | None = None
     sent: list[int] = field(default_factory=list)  # upload progress, appended by a worker
+    finished: bool = False  # how its create ended is recorded (``_finish_create``)
 
 
 def submit_pass(
@@ -434,10 +437,18 @@ def _still_there(provider: Provider, file_id: str) -> Callable[[], RemoteFile | 
 
 
 def _finish_create(ctx: RunContext, job: _Job) -> None:
+    """Record how the job's create ended, once: made (``create``), unsure (confirmed by
+    lookups), or refused (the intent ``pending`` again, and the error raised)."""
     assert job.create is not None
+    if job.finished:
+        return
+    job.finished = True
     try:
         remote = job.create.result()
     except AmbiguousOutcome as err:
         confirm_ambiguous_create(ctx, job.res, job.provider, job.batch, err)
         return
+    except ProviderError as err:
+        record_create_refused(ctx, job.res, job.batch, err)
+        raise
     record_remote(ctx, job.res, job.batch, remote, event="create")

@@ -13,9 +13,13 @@ It promises:
 * **List, then retrieve.** Where a provider lists batches with their full objects (OpenAI,
   Azure, LiteLLM, ``batchspec serve``), the in-flight batches of that provider are polled with
   ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
-  at most one page more than that); a batch the listing did not show is retrieved by id.
+  at most one page more than that); a batch the listing did not show, or showed ended but
+  without any file id (``adopt.listed_whole``), is retrieved by id.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
-  ``maxConcurrency`` to that provider. Only OpenAI-compatible clients are shared with the
+  ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
+  main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
+  under the same limit, so a retry uploaded while downloads are under way waits its turn).
+  Only OpenAI-compatible clients are shared with the
   workers (``PREFETCH_TYPES``); the in-process ``local`` engine and the adapters that keep a
   journal (Anthropic, Gemini, Together) are left to the serial steps.
 * **Retired batches too.** The batches of generations no longer active that the pass drains
@@ -38,21 +42,24 @@ one) on the providers reads are fetched ahead from (``shares_client``).
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
 from batchspec.providers.base import (
     RemoteBatch,
     listen_for_throttles,
+    open_call_gate,
+    reset_call_gate,
     reset_throttle_listener,
 )
 from batchspec.state.store import BatchRow
@@ -68,7 +75,7 @@ LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
-#: a call waiting for a worker: (rank, sequence, call, its future)
+#: a call waiting for a worker and a place: (rank, sequence, call, its future)
 _Queued = tuple[tuple[int, int], int, Callable[[], Any], Future[Any]]
 
 
@@ -83,7 +90,12 @@ class AdaptiveLimit:
     calls in flight shrink as they end. ``history`` keeps every change (time, limit).
     """
 
-    def __init__(self, ceiling: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ceiling: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_release: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ceiling = max(1, ceiling)
         self.limit = float(self.ceiling)
         self.active = 0
@@ -91,6 +103,7 @@ class AdaptiveLimit:
         self._clock = clock
         self._round = 0
         self._cond = threading.Condition()
+        self._on_release = on_release  # told (outside the lock) each time a place frees
         self.history: list[tuple[float, float]] = [(clock(), self.limit)]
 
     def acquire(self) -> int:
@@ -98,9 +111,19 @@ class AdaptiveLimit:
         with self._cond:
             while self.active >= max(1, int(self.limit)):
                 self._cond.wait()
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-            return self._round
+            return self._take()
+
+    def try_acquire(self) -> int | None:
+        """Take a place if one is free now (the round the call starts in), else None."""
+        with self._cond:
+            if self.active >= max(1, int(self.limit)):
+                return None
+            return self._take()
+
+    def _take(self) -> int:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        return self._round
 
     def throttled(self, started_in: int) -> int:
         """A call of round ``started_in`` was told to slow down; return the current round."""
@@ -111,17 +134,27 @@ class AdaptiveLimit:
                 self.history.append((self._clock(), self.limit))
             return self._round
 
-    def release(self, *, throttled: bool) -> None:
+    def release(self, *, throttled: bool, ran: bool = True) -> None:
+        """Free a place; a call that ``ran`` without a throttle grows the limit."""
         with self._cond:
             self.active -= 1
-            if not throttled and self.limit < self.ceiling:
+            if ran and not throttled and self.limit < self.ceiling:
                 self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
                 self.history.append((self._clock(), self.limit))
             self._cond.notify_all()
+        self._on_release()
 
     def run(self, call: Callable[[], T]) -> T:
         """Run ``call`` in a place, hearing its throttles (on this thread) as it runs."""
-        round_ = [self.acquire()]
+        with self.place():
+            return call()
+
+    @contextmanager
+    def place(self, started_in: int | None = None) -> Iterator[None]:
+        """Hold a place while the block runs, hearing its throttles (on this thread); the
+        requests the block sends are not admitted again (``providers.base.call_place``).
+        ``started_in``: the place was already taken (``try_acquire``) in that round."""
+        round_ = [self.acquire() if started_in is None else started_in]
         heard = [False]
 
         def on_throttle() -> None:
@@ -129,9 +162,11 @@ class AdaptiveLimit:
             round_[0] = self.throttled(round_[0])
 
         token = listen_for_throttles(on_throttle)
+        gate = open_call_gate(None)
         try:
-            return call()
+            yield
         finally:
+            reset_call_gate(gate)
             reset_throttle_listener(token)
             self.release(throttled=heard[0])
 
@@ -143,56 +178,97 @@ class BoundedCalls:
     Calls start in the order they were submitted, except those given an ``order``: they
     start after the others, lowest ``order`` first. A pass gives its downloads the order the
     main thread takes them in (resource order), whatever order a listing found them in, so
-    the first resource's file is not the last one fetched."""
+    the first resource's file is not the last one fetched. A worker takes the first call
+    whose provider has a free place: a provider at its cap keeps its own calls waiting, not
+    the workers, so the calls to other providers behind them in the order start at once."""
 
     def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
         self.parallelism = max(1, parallelism)
         self._cap_for = cap_for
         self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
-        self._queue: list[_Queued] = []
-        self._queue_lock = threading.Lock()
+        self._queues: dict[str, list[_Queued]] = {}  # per provider, first to start first
+        self._ready = threading.Condition()  # guards the queues; told when a place frees
         self._sequence = itertools.count()
+        self._limits_lock = threading.Lock()
 
     def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
-        limit = self.limit_for(provider)
+        self.limit_for(provider)
         future: Future[T] = Future()
         seq = next(self._sequence)
         rank = (0, seq) if order is None else (1, order)
-        queued: _Queued = (rank, seq, functools.partial(limit.run, call), future)
-        with self._queue_lock:
-            heapq.heappush(self._queue, queued)
-        self._pool.submit(self._run_next)  # one task per call: it runs the first queued
+        with self._ready:
+            heapq.heappush(self._queues.setdefault(provider, []), (rank, seq, call, future))
+            self._ready.notify()  # a worker waiting for a place may start this one
+        self._pool.submit(self._run_next)  # one task per call: it runs the first startable
         return future
 
     def _run_next(self) -> None:
-        with self._queue_lock:
-            _, _, call, future = heapq.heappop(self._queue)
+        with self._ready:
+            while True:
+                taken = self._take_startable()
+                if taken is not None:
+                    break
+                if not any(self._queues.values()):
+                    return
+                self._ready.wait()
+        provider, started_in, call, future = taken
+        limit = self.limits[provider]
         if not future.set_running_or_notify_cancel():
+            limit.release(throttled=False, ran=False)
             return
         try:
-            result = call()
+            with limit.place(started_in):
+                result = call()
         except BaseException as err:  # noqa: BLE001 - handed to whoever takes the future
             future.set_exception(err)
         else:
             future.set_result(result)
 
+    def _take_startable(self) -> tuple[str, int, Callable[[], Any], Future[Any]] | None:
+        """The first queued call (by rank) whose provider has a place free, its place taken."""
+        heads = sorted((queue[0], name) for name, queue in self._queues.items() if queue)
+        for _, name in heads:
+            started_in = self.limits[name].try_acquire()
+            if started_in is not None:
+                _, _, call, future = heapq.heappop(self._queues[name])
+                return name, started_in, call, future
+        return None
+
+    def _wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """While the block runs, each provider request sent on this thread (a serial step's
+        upload, create, lookup, poll or download) takes a place under the same limit as the
+        pool's calls, so the calls in flight to a provider never exceed its cap."""
+        token = open_call_gate(lambda provider: self.limit_for(provider).place())
+        try:
+            yield
+        finally:
+            reset_call_gate(token)
+
     def limit_for(self, provider: str) -> AdaptiveLimit:
-        if provider not in self.limits:
-            cap = self._cap_for(provider)
-            width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
-            self.limits[provider] = AdaptiveLimit(width)
-        return self.limits[provider]
+        # asked from the workers too (a listing starts downloads): one limit per provider
+        with self._limits_lock:
+            if provider not in self.limits:
+                cap = self._cap_for(provider)
+                width = self.parallelism if cap is None else max(1, min(int(cap), self.parallelism))
+                self.limits[provider] = AdaptiveLimit(width, on_release=self._wake)
+            return self.limits[provider]
 
     def __enter__(self) -> BoundedCalls:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._queue_lock:  # calls whose tasks the shutdown cancelled never start
-            for _, _, _, future in self._queue:
-                future.cancel()
-            self._queue.clear()
+        with self._ready:  # calls whose tasks the shutdown cancelled never start
+            for queue in self._queues.values():
+                for _, _, _, future in queue:
+                    future.cancel()
+            self._queues.clear()
 
 
 def prefetch_pass(
@@ -307,7 +383,7 @@ def _poll_all(
     for row in in_flight:
         assert row.remote_id is not None
         seen = listed.get(row.provider, {}).get(row.remote_id)
-        if seen is not None:
+        if seen is not None and listed_whole(seen):
             observed[row.id] = seen
             ctx.prefetched.polls[(row.provider, row.remote_id)] = seen
         else:

@@ -239,7 +239,10 @@ class Reconciler:
         call still runs), then the cancels it had answered are recorded before the error
         goes on (``record_cancels_sent_ahead``)."""
         try:
-            with BoundedCalls(self.parallelism, self.max_concurrency) as calls:
+            with (
+                BoundedCalls(self.parallelism, self.max_concurrency) as calls,
+                calls.admitting(),
+            ):
                 self.ctx.calls = calls
                 self.ctx.prefetched = Prefetched()
                 yield calls

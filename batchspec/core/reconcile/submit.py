@@ -14,7 +14,9 @@ again); the row is marked ``creating`` with a ``create-intent`` event; the run's
 re-checked; only then is the batch created, with its deterministic key in the metadata. A
 create that fails ambiguously (``AmbiguousOutcome``: a timeout, a reset) is recorded as
 ``create-unconfirmed`` and looked up, backing off, until its window ends; it is adopted if it
-appears, and otherwise left ``creating`` for a later pass.
+appears, and otherwise left ``creating`` for a later pass. A create the provider refused
+(any other ``ProviderError``: it made nothing) sets the intent back to ``pending``
+(``create-refused``) before the error goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, ProviderError
 from batchspec.providers.base import (
     AmbiguousOutcome,
     Provider,
@@ -161,8 +163,30 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
         remote = send_create(ctx, provider, res, batch, file_id)
     except AmbiguousOutcome as err:
         return confirm_ambiguous_create(ctx, res, provider, batch, err)
+    except ProviderError as err:
+        record_create_refused(ctx, res, batch, err)
+        raise
     record_remote(ctx, res, batch, remote, event="create")
     return True
+
+
+def record_create_refused(
+    ctx: RunContext, res: Resource, batch: BatchRow, err: ProviderError
+) -> None:
+    """The provider refused the create (a 429 whose retries were spent, a 4xx, no
+    connection; never an ``AmbiguousOutcome``): nothing was made, so the intent is ``pending``
+    again (a ``create-refused`` event), and the next run looks its key up and creates it at
+    once, instead of waiting ``createConfirmSeconds`` for a batch that cannot arrive."""
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, status="pending")
+        ctx.store.record_event(
+            ctx.run_id,
+            "create-refused",
+            resource=res.name,
+            generation_id=batch.generation_id,
+            batch_id=batch.id,
+            detail={"key": batch.key, "error": str(err)},
+        )
 
 
 def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str) -> BatchRow:
