@@ -417,6 +417,33 @@ def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs,
     assert "secret" not in str(raised.value) and said in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        pytest.param(
+            "http://u:secret@h:1/v1/chat/completions",
+            "names an endpoint (/chat/completions), not a base URL",
+            id="endpoint-path",
+        ),
+        pytest.param("http://h:1/v1/chat/completions/", "Use 'http://h:1/v1'", id="trailing-slash"),
+        pytest.param("http://h:1/embeddings#rpm=5", "Use 'http://h:1'", id="bare-with-limits"),
+        pytest.param(
+            "u:secret@localhost:8000/v1",
+            "did you mean 'http://localhost:8000/v1'?",
+            id="no-scheme",
+        ),
+        pytest.param("http://h:1/v1#tpm=90k", "tokens per minute, no unit", id="tpm-with-unit"),
+    ],
+)
+def test_a_misspelt_upstream_is_refused_with_the_url_it_should_be(spec, said):
+    """An upstream URL that names an endpoint (every line would 404 on .../chat/completions
+    /chat/completions), lacks its scheme, or carries a unit in a limit is a usage error that
+    says what to write instead, without the URL's password."""
+    with pytest.raises(UsageError) as raised:
+        make_upstreams([spec, "http://127.0.0.1:2/v1"])
+    assert said in str(raised.value) and "secret" not in str(raised.value)
+
+
 def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):
     """`batchspec serve --upstream http://127.0.0.1:99999/v1` exits with one error line."""
     proc = subprocess.run(

@@ -72,6 +72,7 @@ T = TypeVar("T")
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
 _LIMIT_KEYS = ("rpm", "tpm")
+_LIMIT_UNITS = {"rpm": "requests", "tpm": "tokens"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def parse_target(spec: str) -> UpstreamTarget:
             limits[key] = 0
         if limits[key] < 1:
             raise UsageError(
-                f"Upstream {_shown(spec)!r}: {key} must be a whole number of at least 1."
+                f"Upstream {_shown(spec)!r}: {key} must be a whole number of at least 1 "
+                f"({_LIMIT_UNITS[key]} per minute, no unit: e.g. {key}=600), not {value!r}."
             )
     return UpstreamTarget(base, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
 
