@@ -305,3 +305,46 @@ def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_whe
     collected = [e["resource"] for e in json_lines(out) if e.get("event") == "collect"]
     assert collected == names
     assert all(len(ws.outputs(n)) == 1 for n in names)
+
+
+@pytest.mark.parametrize(
+    ("provider_type", "create_route"),
+    [
+        pytest.param("openai", r"^POST /v1/batches$", id="side-by-side"),
+        pytest.param("anthropic", r"^POST /v1/messages/batches$", id="one-at-a-time"),
+    ],
+)
+def test_a_create_refused_past_its_retries_names_its_resource(
+    tmp_path: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    provider_type: str,
+    create_route: str,
+) -> None:
+    """In a workspace of many resources, a create the provider keeps refusing (429 past
+    maxRetries) fails apply with an error that names that resource, on stderr, in the
+    --json error event and in the audit log, whether creates run side by side or serially."""
+
+    def refusing_late(name: str) -> Workspace:
+        """Three resources applied, then a fourth, "late", whose creates get 429s."""
+        srv, _ = gated(name)
+        provider = {"type": provider_type, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
+        provider["baseUrl"] = srv.v1 if provider_type == "openai" else srv.base_url
+        specs = [ResourceSpec(f"r{i:02d}", count=1, prefix=f"p{i}") for i in range(3)]
+        root, providers = tmp_path / name, {"srv": provider}
+        first = make_workspace(root, providers=providers, resources=specs)
+        assert run_cli(["apply", str(first.root), "--yes"], capsys)[0] == 0
+        limited = {"error": {"type": "rate_limit_error", "message": "Slow down."}}
+        srv.probe.refuse(create_route, 429, limited)
+        return make_workspace(root, providers=providers, resources=[*specs, ResourceSpec("late")])
+
+    ws, ws_json = refusing_late("text"), refusing_late("json")
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    json_code, out, _ = run_cli(["apply", str(ws_json.root), "--yes", "--json"], capsys)
+
+    assert code == json_code == 1
+    assert "Error: [late] srv: create" in err and "Traceback" not in err
+    assert json_lines(out)[-1]["message"].startswith("[late] srv: create")
+    with ws.store() as store:
+        [error] = [e for e in store.events() if e.action == "error"]
+    assert error.detail["message"].startswith("[late] srv: create")
