@@ -265,9 +265,16 @@ def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation
 
 
 def error_from_transport(
-    exc: httpx.HTTPError, *, operation: str, context: ErrorContext, retryable: bool
+    exc: httpx.HTTPError,
+    *,
+    operation: str,
+    context: ErrorContext,
+    retryable: bool,
+    proxy: EnvironmentProxy | None = None,
 ) -> ProviderError:
-    """Describe a transport failure by its type and text (httpx puts no headers in either)."""
+    """Describe a transport failure by its type and text (httpx puts no headers in either);
+    ``proxy``: the environment proxy the request went through, which a failure to connect
+    is about rather than the provider (a refused proxy reads as a refused server)."""
     detail = str(exc) or "no detail"
     if isinstance(exc, httpx.TimeoutException):
         what = "timed out"
@@ -275,6 +282,15 @@ def error_from_transport(
         what = "could not connect"
     else:
         what = "lost the connection"
+    if proxy is not None and isinstance(exc, (*_NOT_SENT_ERRORS, httpx.ProxyError)):
+        host = httpx.URL(context.base_url).host
+        message = (
+            f"{context.provider}: {operation} failed: {what} to {context.base_url} through "
+            f"the proxy {proxy.url} (set by {proxy.variable}) ({type(exc).__name__}: "
+            f"{detail}). Check that the proxy is up and lets this through, or connect "
+            f"directly by naming the host in NO_PROXY (e.g. NO_PROXY={host})."
+        )
+        return ProviderError(context.redact(message), retryable=retryable)
     message = (
         f"{context.provider}: {operation} failed: {what} to {context.base_url} "
         f"({type(exc).__name__}: {detail}). Check that the server is up and the base URL "
@@ -284,6 +300,33 @@ def error_from_transport(
         f"({type(exc).__name__}: {detail})."
     )
     return ProviderError(context.redact(message), retryable=retryable)
+
+
+@dataclass(frozen=True)
+class EnvironmentProxy:
+    """A proxy httpx took from the environment: its URL (no credentials) and variable."""
+
+    url: str
+    variable: str
+
+
+def environment_proxy(client: httpx.Client, url: str) -> EnvironmentProxy | None:
+    """The proxy ``client`` sends a request for ``url`` through, as httpx itself chose it
+    from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` and ``NO_PROXY`` when the client was
+    built; None when it connects directly (or a transport was given, which takes no proxy)."""
+    target = httpx.URL(url)
+    # httpx mounts one transport per environment proxy; no public API tells which one a URL
+    # takes, so ask the method the client itself sends with (and say nothing if it is gone)
+    choose = getattr(client, "_transport_for_url", None)
+    direct = getattr(client, "_transport", None)
+    if choose is None or direct is None or choose(target) is direct:
+        return None
+    proxies = urllib.request.getproxies()
+    for key in (target.scheme, "all"):
+        if proxies.get(key):
+            found = proxies[key] if "://" in proxies[key] else f"http://{proxies[key]}"
+            return EnvironmentProxy(display_url(found).rstrip("/"), f"{key.upper()}_PROXY")
+    return None
 
 
 def new_client(
@@ -627,7 +670,11 @@ class RetryingClient:
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
                 error = error_from_transport(
-                    exc, operation=operation, context=self._context, retryable=retryable
+                    exc,
+                    operation=operation,
+                    context=self._context,
+                    retryable=retryable,
+                    proxy=environment_proxy(self._client, url),
                 )
                 if retryable and not retry_ambiguous and not isinstance(exc, _NOT_SENT_ERRORS):
                     raise _as_ambiguous(error) from exc
