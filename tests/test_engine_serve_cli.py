@@ -207,3 +207,44 @@ def test_an_upstream_is_this_server_when_its_port_and_host_are(upstream, host, l
     with pytest.raises(UsageError, match="is this server itself") as raised:
         refuse_itself_as_upstream([upstream], host, 8000)
     assert "u:p@" not in str(raised.value)
+
+
+def test_serve_plays_a_rate_limited_gateway_with_the_retry_after_asked(tmp_path: Path) -> None:
+    """`serve --fault-api-429-from 2 --fault-api-429-count 2 --fault-api-retry-after 3`
+    answers the 2nd and 3rd API requests with OpenAI's 429 envelope and Retry-After 3 s,
+    and the others normally: the documented way to watch apply meet a rate limit."""
+    import httpx
+
+    proc, url = start_serve(
+        tmp_path / "d",
+        "--fault-api-429-from", "2", "--fault-api-429-count", "2",
+        "--fault-api-retry-after", "3",
+    )  # fmt: skip
+    try:
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        answers = [httpx.get(f"{url}/v1/batches", headers=headers) for _ in range(4)]
+    finally:
+        terminate(proc)
+    assert [a.status_code for a in answers] == [200, 429, 429, 200]
+    refused = answers[1]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("3", "3000")
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        pytest.param(["--fault-api-429-from", "3"], "--fault-api-429-count", id="from-alone"),
+        pytest.param(["--fault-api-429-count", "3"], "--fault-api-429-from", id="count-alone"),
+    ],
+)
+def test_half_a_rate_limit_fault_is_a_usage_error(tmp_path: Path, given, missing) -> None:
+    """One of the two --fault-api-429 flags alone (which would refuse nothing) exits 64
+    naming the other, and serves nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "d"), *given],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 64, proc.stderr
+    assert f"needs {missing} too" in proc.stderr

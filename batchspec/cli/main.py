@@ -305,10 +305,35 @@ def cli() -> None:
     hidden=True,
     help="Delay every builtin answer by this many seconds (tests).",
 )
-@click.option("--fault-500", type=float, default=0.0, hidden=True)
-@click.option("--fault-429", type=float, default=0.0, hidden=True)
-@click.option("--fault-timeout", type=float, default=0.0, hidden=True)
-@click.option("--fault-seed", type=int, default=0, hidden=True)
+@click.option(
+    "--fault-500",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls answer 500 instead (the "
+    "engine's own retries then run; seeded, reproducible).",
+)
+@click.option(
+    "--fault-429",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls answer 429 (rate limited).",
+)
+@click.option(
+    "--fault-timeout",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls never answer "
+    "(--request-timeout ends them).",
+)
+@click.option(
+    "--fault-seed",
+    type=int,
+    default=0,
+    help="Seed of --fault-500/--fault-429/--fault-timeout: which lines fail.",
+)
 @click.option(
     "--fault-token-limit",
     type=click.IntRange(min=0),
@@ -325,17 +350,27 @@ def cli() -> None:
 )
 @click.option(
     "--fault-api-429-from",
-    type=click.IntRange(min=0),
-    default=0,
-    hidden=True,
-    help="Answer API requests from this one (1-based) with 429 and Retry-After (tests).",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Fault injection, to play a rate-limited gateway: answer the API's own requests "
+    "(uploads, creates, polls, downloads), from the Nth one this server receives, with 429 "
+    "rate_limit_exceeded and Retry-After. Needs --fault-api-429-count.",
 )
 @click.option(
     "--fault-api-429-count",
-    type=click.IntRange(min=0),
-    default=0,
-    hidden=True,
-    help="How many API requests --fault-api-429-from refuses (tests).",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="COUNT",
+    help="How many API requests in a row --fault-api-429-from refuses.",
+)
+@click.option(
+    "--fault-api-retry-after",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    metavar="SECONDS",
+    help="The Retry-After those 429s ask for.",
 )
 @click.option(
     "--max-line-bytes",

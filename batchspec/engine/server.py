@@ -281,8 +281,26 @@ def serve_from_cli_options(
         max_line_bytes=opts["max_line_bytes"],
         token_limit_refusals=opts["fault_token_limit"],
         cancel_delay=opts["fault_cancel_delay"],
-        api_faults=ApiFaults(opts["fault_api_429_from"], opts["fault_api_429_count"])
-        if opts["fault_api_429_from"]
-        else None,
+        api_faults=api_faults_from(
+            opts["fault_api_429_from"], opts["fault_api_429_count"], opts["fault_api_retry_after"]
+        ),
     )
     serve(options, on_listening=on_listening)
+
+
+def api_faults_from(start: int | None, count: int | None, retry_after: float) -> ApiFaults | None:
+    """``--fault-api-429-from`` and ``--fault-api-429-count`` as ``ApiFaults``: both or
+    neither (one alone would refuse nothing, silently)."""
+    if start is None and count is None:
+        return None
+    if start is None or count is None:
+        given, missing = (
+            ("--fault-api-429-count", "--fault-api-429-from")
+            if start is None
+            else ("--fault-api-429-from", "--fault-api-429-count")
+        )
+        raise UsageError(
+            f"{given} needs {missing} too: --fault-api-429-from N --fault-api-429-count C "
+            "refuses the requests N to N+C-1 with 429."
+        )
+    return ApiFaults(start, count, retry_after=retry_after)
