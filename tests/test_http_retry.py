@@ -174,6 +174,26 @@ def test_retries_exhausted_reports_status_message_and_request_id(
     assert "HTTP 503" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("max_retries", "said"),
+    [
+        pytest.param(2, "2 retries were not enough", id="retries-spent"),
+        pytest.param(0, "not retried (the provider's maxRetries is 0)", id="no-retries"),
+    ],
+)
+def test_a_429_past_the_retries_names_the_knobs_that_help(
+    scripted: ScriptedServer, max_retries: int, said: str
+) -> None:
+    """A rate limit that outlasts the retries says how many were made and which options
+    buy more room (maxRetries, maxConcurrency, --parallelism), not just 'try again later'."""
+    scripted.script(then=error_answer(429, "slow down", retry_after="0"))
+    provider, _ = make_provider(scripted, max_retries=max_retries)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert len(scripted.requests) == max_retries + 1
+    assert said in str(caught.value) and "options.maxRetries" in str(caught.value)
+
+
 # -- not retried ---------------------------------------------------------------------------
 
 

@@ -196,14 +196,16 @@ def error_from_response(
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
     if facts_text:
         message += f" ({facts_text})"
-    message += f". {_hint(status, envelope, context, operation)}"
+    retryable = should_retry(response, envelope, policy)
+    retries = policy.max_retries if retryable else None
+    message += f". {_hint(status, envelope, context, operation, retries)}"
     error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
     return error_class(
         context.redact(message),
         status=status,
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
-        retryable=should_retry(response, envelope, policy),
+        retryable=retryable,
     )
 
 
@@ -226,8 +228,15 @@ def _shorten(text: str | None) -> str | None:
     return text
 
 
-def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation: str) -> str:
-    """One sentence saying what to do about ``status``; names variables, never values."""
+def _hint(
+    status: int,
+    envelope: ErrorEnvelope,
+    context: ErrorContext,
+    operation: str,
+    retries: int | None = None,
+) -> str:
+    """One sentence saying what to do about ``status``; names variables, never values.
+    ``retries``: how many times such an answer is retried (None: it is not)."""
     variable = f"${context.api_key_env}" if context.api_key_env else "the provider's key variable"
     if "no_db_connection" in (envelope.type, envelope.code):
         # a LiteLLM proxy without a database says this (HTTP 400) to a key it does not know
@@ -251,8 +260,19 @@ def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation
         )
     if status == 429 and envelope.code == "insufficient_quota":
         return "The account has no quota left; check its plan and billing. Not retried."
+    if status == 429 and retries is None:
+        return "Rate limited, and the provider said not to retry; try again later."
+    if status == 429 and retries == 0:
+        return (
+            "Rate limited, and not retried (the provider's maxRetries is 0): try again later, "
+            "or set options.maxRetries in batchspec.yaml."
+        )
     if status == 429:
-        return "Rate limited; retries were exhausted, try again later."
+        return (
+            f"Rate limited; {retries} retries were not enough: try again later, or "
+            "give the provider more options.maxRetries, or fewer calls at once "
+            "(options.maxConcurrency, or --parallelism)."
+        )
     if status in (400, 422):
         return "The provider rejected the request; the message above says why."
     if status == 409:
