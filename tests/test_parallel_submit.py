@@ -348,3 +348,5 @@ def test_a_create_refused_past_its_retries_names_its_resource(
     with ws.store() as store:
         [error] = [e for e in store.events() if e.action == "error"]
     assert error.detail["message"].startswith("[late] srv: create")
+    assert error.resource == "late"  # so `show late` lists it among its last events
+    assert "[late] srv: create" in run_cli(["show", "late", str(ws.root)], capsys)[1]
