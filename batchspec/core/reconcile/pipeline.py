@@ -54,6 +54,7 @@ from batchspec.core.reconcile.submit import (
     record_create,
     record_upload,
     record_upload_intent,
+    refused_create,
     report_upload_progress,
     send_create,
 )
@@ -93,6 +94,7 @@ class _Job:
     file_id: str | None = None
     create: concurrent.futures.Future[RemoteBatch] | None = None
     sent: list[int] = field(default_factory=list)  # upload progress, appended by a worker
+    refused: bool = False  # its create was refused, and recorded so (``refused_create``)
 
 
 def submit_pass(
@@ -457,4 +459,9 @@ def _finish_create(ctx: RunContext, job: _Job) -> None:
     except AmbiguousOutcome as err:
         confirm_ambiguous_create(ctx, job.res, job.provider, job.batch, err)
         return
+    except ProviderError as err:
+        if not job.refused:  # the failure path of ``_submit`` finishes it a second time
+            job.refused = True
+            refused_create(ctx, job.res, job.batch, err)
+        raise
     record_remote(ctx, job.res, job.batch, remote, event="create")

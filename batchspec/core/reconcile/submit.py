@@ -14,7 +14,11 @@ again); the row is marked ``creating`` with a ``create-intent`` event; the run's
 re-checked; only then is the batch created, with its deterministic key in the metadata. A
 create that fails ambiguously (``AmbiguousOutcome``: a timeout, a reset) is recorded as
 ``create-unconfirmed`` and looked up, backing off, until its window ends; it is adopted if it
-appears, and otherwise left ``creating`` for a later pass.
+appears, and otherwise left ``creating`` for a later pass. A create the provider refused in so
+many words (``refused_create``: a 4xx answer but 408 and 409, after its retries, such as a 429
+past ``maxRetries``) made no batch: the row goes back to ``pending`` (``create-refused``), so the
+next run looks its key up once and creates it, instead of waiting out the window of a create
+in transit.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
 from batchspec.core.reporting import Progress, format_size
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, ProviderError
 from batchspec.providers.base import (
     AmbiguousOutcome,
     Provider,
@@ -161,8 +165,37 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
         remote = send_create(ctx, provider, res, batch, file_id)
     except AmbiguousOutcome as err:
         return confirm_ambiguous_create(ctx, res, provider, batch, err)
+    except ProviderError as err:
+        refused_create(ctx, res, batch, err)
+        raise
     record_remote(ctx, res, batch, remote, event="create")
     return True
+
+
+#: 4xx answers to a create that do not say it was refused: 408 (the server gave up waiting,
+#: maybe on a gateway that still forwards it) and 409 (a conflict with something that exists)
+_UNSURE_REFUSALS = frozenset({408, 409})
+
+
+def refused_create(ctx: RunContext, res: Resource, batch: BatchRow, err: ProviderError) -> None:
+    """A create the provider answered with a refusal (a 4xx but 408/409; an ambiguous outcome
+    never comes here) made no batch: put the intent back to ``pending`` with a
+    ``create-refused`` event, so the next run looks its key up once and creates it, rather than
+    waiting ``createConfirmSeconds`` for a batch that cannot arrive. Anything else (no status,
+    a 5xx) leaves it ``creating``: looked up through its window first, as before."""
+    status = err.status
+    if status is None or not 400 <= status < 500 or status in _UNSURE_REFUSALS:
+        return
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, status="pending")
+        ctx.store.record_event(
+            ctx.run_id,
+            "create-refused",
+            resource=res.name,
+            generation_id=batch.generation_id,
+            batch_id=batch.id,
+            detail={"key": batch.key, "http_status": status, "error": err.message},
+        )
 
 
 def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str) -> BatchRow:
