@@ -865,6 +865,14 @@ def completion(shell: str) -> None:
     help="commit: tokens and dollars per git commit (of the run that created each "
     "generation) instead of the runs.",
 )
+@click.option(
+    "--events",
+    "last_events",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only each run's last N events (0: the runs alone); default: all of them. A run "
+    "over hundreds of resources records thousands.",
+)
 @json_option
 @read_state_option
 def history(
@@ -873,6 +881,7 @@ def history(
     project_dir: str | None,
     limit: int,
     group_by: str,
+    last_events: int | None,
     as_json: bool,
     state_path: str | None,
 ) -> None:
@@ -907,9 +916,9 @@ def history(
         return
     entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
     if as_json:
-        emit_json({"runs": [e.to_json() for e in entries]})
+        emit_json({"runs": [e.to_json(events=last_events) for e in entries]})
     else:
-        click.echo(render.history_text(entries))
+        click.echo(render.history_text(entries, events=last_events))
 
 
 @cli.command()
