@@ -69,7 +69,16 @@ def test_one_upstream_without_limits_is_exactly_the_upstream_of_before():
     assert type(make_upstreams(["builtin"])) is BuiltinUpstream
     limited = make_upstreams(["http://127.0.0.1:1/v1#rpm=60"])
     assert isinstance(limited, BalancedUpstream)
-    assert limited.description == "http://127.0.0.1:1/v1"
+    assert limited.description == "http://127.0.0.1:1/v1 (rpm 60)"
+
+
+def test_a_rotation_announces_each_members_limits():
+    """What `serve` prints on start shows the limits each upstream was given, so a limit
+    mistyped in a shell (a lost '#' fragment) is seen at once."""
+    rotation = make_upstreams(["http://u:secret@h:1/v1#tpm=90000,rpm=600", "builtin"])
+    assert rotation.description == (
+        "http://h:1/v1 (rpm 600, tpm 90,000) + builtin (offline stand-in, not a model)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -349,7 +358,7 @@ def test_serve_spreads_a_batch_over_two_upstreams(tmp_path):
         line = proc.stderr.readline()
         match = re.fullmatch(r"serving on (\S+) \(data: .+, upstream: (.+)\)\n", line)
         assert match, line
-        assert match.group(2) == f"{first.v1} + {second.v1}"
+        assert match.group(2) == f"{first.v1} + {second.v1} (rpm 6,000)"
         import openai
 
         client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)

@@ -204,6 +204,15 @@ class _Member:
         self.out_until = 0.0
         self.probing = False
 
+    def limits_text(self) -> str:
+        """`` (rpm 600, tpm 90,000)``, or nothing for a member without limits."""
+        limits = [
+            f"{name} {round(bucket.rate * 60):,}"
+            for name, bucket in (("rpm", self.rpm), ("tpm", self.tpm))
+            if bucket is not None
+        ]
+        return f" ({', '.join(limits)})" if limits else ""
+
     def available(self, now: float) -> bool:
         """In rotation, or due for its probe (back-off passed, no probe in flight)."""
         return self.failures == 0 or (now >= self.out_until and not self.probing)
@@ -255,7 +264,8 @@ class BalancedUpstream:
         self.request_timeout = request_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.description = " + ".join(m.description for m in self._members)
+        # what `batchspec serve` announces: each member, with the limits it was given
+        self.description = " + ".join(m.description + m.limits_text() for m in self._members)
 
     def status(self) -> list[MemberStatus]:
         now = self._clock()
