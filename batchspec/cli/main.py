@@ -1274,7 +1274,15 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     param, ctx = getattr(err, "param", None), err.ctx
     if not isinstance(err, click.BadParameter) or param is None or ctx is None:
         return err
-    if param.name is None or ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
+    if param.name is None:
+        return err
+    source = ctx.get_parameter_source(param.name)
+    if source == ParameterSource.COMMANDLINE and param.envvar and param.opts:
+        # typed on the command line: click's "(env var: ...)" would send the reader looking
+        # for a variable they never set
+        hint = " / ".join(f"'{o}'" for o in param.opts)
+        return click.BadParameter(err.message, ctx=ctx, param_hint=hint)
+    if source != ParameterSource.ENVIRONMENT:
         return err
     names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
     for variable in names:
