@@ -442,12 +442,18 @@ def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs,
             id="no-scheme",
         ),
         pytest.param("http://h:1/v1#tpm=90k", "tokens per minute, no unit", id="tpm-with-unit"),
+        pytest.param(
+            "http://h:1/v1,http://u:secret@g:2/v1",
+            "holds more than one URL: repeat --upstream",
+            id="comma-separated",
+        ),
     ],
 )
 def test_a_misspelt_upstream_is_refused_with_the_url_it_should_be(spec, said):
     """An upstream URL that names an endpoint (every line would 404 on .../chat/completions
-    /chat/completions), lacks its scheme, or carries a unit in a limit is a usage error that
-    says what to write instead, without the URL's password."""
+    /chat/completions), lacks its scheme, carries a unit in a limit, or is two URLs joined by
+    a comma (read as one with a strange path) is a usage error that says what to write
+    instead, without any URL's password."""
     with pytest.raises(UsageError) as raised:
         make_upstreams([spec, "http://127.0.0.1:2/v1"])
     assert said in str(raised.value) and "secret" not in str(raised.value)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import time
 from collections import Counter
@@ -558,6 +559,12 @@ def make_upstream(
 ) -> Upstream:
     """``builtin`` or an http(s) base URL, with the API key read from ``api_key_env``."""
     upstream: Upstream
+    if spec.count("://") > 1 or (spec.startswith("builtin") and "://" in spec):
+        shown = re.sub(r"://[^/@\s]*@", "://", spec.partition("#")[0])  # every URL's password
+        raise UsageError(
+            f"Upstream {shown!r} holds more than one URL: repeat --upstream for each "
+            "(BATCHSPEC_UPSTREAM separates them with spaces)."
+        )
     if spec == "builtin":
         upstream = BuiltinUpstream(latency=latency)
     elif spec.startswith(("http://", "https://")):
