@@ -349,3 +349,22 @@ def test_an_upstream_that_names_an_endpoint_fails_validation_with_its_base_url(
     fixed = options.replace("/chat/completions", "").replace("/embeddings/", "")
     write(tmp_path / "batchspec.yaml", HEADER + providers.replace(options, fixed))
     assert load_project(tmp_path).providers["gpus"].type == "local"
+
+
+@pytest.mark.parametrize(
+    ("value", "tail"),
+    [
+        pytest.param('"8"', "got string '8' (drop the quotes: 8)", id="quoted-number"),
+        pytest.param("' 8 '", "got string ' 8 ' (drop the quotes: 8)", id="padded"),
+        pytest.param('"eight"', "got string 'eight'", id="a-word"),
+        pytest.param('"8.5"', "got string '8.5'", id="not-an-integer"),
+    ],
+)
+def test_a_quoted_number_is_told_to_drop_its_quotes(tmp_path: Path, value: str, tail: str) -> None:
+    """`maxConcurrency: "8"` fails at its line with what to write instead (8, unquoted);
+    a word or a fraction where an integer belongs gets no such advice."""
+    provider = "providers:\n  gw:\n    type: openai\n    apiKeyEnv: GW_KEY\n    options:\n"
+    write(tmp_path / "batchspec.yaml", HEADER + provider + f"      maxConcurrency: {value}\n")
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (8, "/providers/gw/options/maxConcurrency")
+    assert message == f"expected integer, {tail}"

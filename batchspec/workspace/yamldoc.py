@@ -629,6 +629,17 @@ _ENDPOINT_AT_END = re.compile(
 )
 
 
+def _looks_numeric(text: str, *, integer: bool) -> bool:
+    """Whether ``text`` is what YAML reads as a number once unquoted (an int if asked)."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    if isinstance(loaded, bool):
+        return False
+    return isinstance(loaded, int) if integer else isinstance(loaded, (int, float))
+
+
 def _value_message(error: ValidationError, pointer: str) -> str:
     kind = error.validator
     expected: Any = error.validator_value  # set on every error iter_errors yields
@@ -640,6 +651,12 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             message += f" {quote(value)}"
         if wanted == "string" and not isinstance(value, (Mapping, list)):
             message += " (quote it to make it a string)"
+        elif (
+            wanted in ("integer", "number")
+            and isinstance(value, str)
+            and _looks_numeric(value.strip(), integer=wanted == "integer")
+        ):
+            message += f" (drop the quotes: {value.strip()})"
         return message
     if kind == "enum":
         options = ", ".join(quote(o) for o in expected)
