@@ -238,6 +238,34 @@ def test_429s_shrink_the_calls_in_flight_and_they_grow_back_never_above_n(
     assert len(keys_on_server(srv)) == 40
 
 
+def test_a_rate_limited_pass_says_so_at_its_end(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pass whose calls met 429s (absorbed by the retries) ends with one `throttled` event
+    for that provider, in the NDJSON and the plain log: how many calls waited and how low
+    the calls in flight went, so a slow, silent pass explains itself; a pass without 429s
+    has none."""
+    srv, _ = gated(api_faults=ApiFaults(start=5, count=6, retry_after=0.02))
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"r{i:02d}", count=1, prefix=f"p{i}") for i in range(20)],
+    )
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--json", "--parallelism", "6"], capsys
+    )
+    assert code == 0, err
+    [throttled] = [e for e in json_lines(out) if e["event"] == "throttled"]
+    assert throttled["provider"] == "srv" and throttled["resource"] is None
+    assert 1 <= throttled["throttled_calls"] <= 6
+    assert throttled["lowest_limit"] <= 3 and throttled["ceiling"] == 6
+    assert json_lines(out)[-1]["event"] == "result"
+
+    code, text, _ = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0 and "rate-limited" not in text
+
+
 def test_a_429_without_retries_left_still_fails_the_run_clearly(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,7 +27,12 @@ from batchspec.core.reconcile.context import (
 from batchspec.core.reconcile.drain import drain_retired, report_still_stopping, retired_batches
 from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
-from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
+from batchspec.core.reconcile.prefetch import (
+    DEFAULT_PARALLELISM,
+    BoundedCalls,
+    prefetch_pass,
+    report_throttles,
+)
 from batchspec.core.reconcile.restore import restore
 from batchspec.core.reconcile.retry import retry
 from batchspec.core.reconcile.submit import create, replace
@@ -200,6 +205,7 @@ class Reconciler:
                         waiting.append(res)
                     if group.due:
                         group.flush()
+            report_throttles(self.ctx, calls)
             return waiting
 
     def _advance_named(self, res: Resource, facts: InputReport, group: CommitGroup) -> StepResult:
