@@ -37,6 +37,18 @@ class BatchspecError(Exception):
         self.message = message
         #: extra lines (e.g. one per problem found) shown under the message
         self.details: list[str] = list(details or [])
+        #: the resource the failure is about, once ``about`` named it
+        self.resource: str | None = None
+
+    def about(self, resource: str) -> None:
+        """Name the resource this failure is about, once: ``[name] `` before the message, as
+        in the progress lines (a run over 500 manifests must say which one failed)."""
+        if self.resource is not None:
+            return
+        self.resource = resource
+        if not self.message.startswith(f"[{resource}] "):
+            self.message = f"[{resource}] {self.message}"
+            self.args = (self.message, *self.args[1:])
 
     def __str__(self) -> str:
         return self.message

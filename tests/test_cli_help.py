@@ -116,6 +116,20 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     assert f"set by {variable}={value} in the environment" in err
 
 
+def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apply --parallelism 0` (BATCHSPEC_PARALLELISM unset) exits 64 naming the option alone:
+    no "(env var: BATCHSPEC_PARALLELISM)" to send the reader after a variable never set."""
+    monkeypatch.delenv("BATCHSPEC_PARALLELISM", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["apply", "--yes", "--parallelism", "0"])
+    assert exited.value.code == 64
+    err = capsys.readouterr().err
+    assert "Invalid value for '--parallelism': 0 is not in the range x>=1" in err
+    assert "BATCHSPEC_PARALLELISM" not in err
+
+
 @pytest.mark.parametrize("command", ["apply", "cancel"])
 def test_parallelism_help_names_its_environment_variable(command: str) -> None:
     """`--parallelism` help names BATCHSPEC_PARALLELISM, the way the FAQ says to set it in CI."""

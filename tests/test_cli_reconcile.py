@@ -595,6 +595,26 @@ def test_a_missing_api_key_fails_before_anything_is_recorded(
         assert store.batches() == []
 
 
+def test_history_events_n_keeps_each_runs_last_events_and_its_whole_usage(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """history --events N lists only each run's last N events, oldest first (text says how
+    many were left out; 0 lists the runs alone), while the run's usage still counts them
+    all: a run over hundreds of resources need not print thousands of lines."""
+    _, out, _ = run_cli(["history", str(applied.root), "--json"], capsys)
+    [whole] = json.loads(out)["runs"]
+    assert len(whole["events"]) > 2
+
+    _, out, _ = run_cli(["history", str(applied.root), "--json", "--events", "2"], capsys)
+    [cut] = json.loads(out)["runs"]
+    assert cut["events"] == whole["events"][-2:] and cut["usage"] == whole["usage"]
+
+    _, text, _ = run_cli(["history", str(applied.root), "--events", "0"], capsys)
+    left_out = len(whole["events"])
+    assert f"... {left_out} earlier event(s)" in text and "apply  exit 0" in text
+    assert not any(line.startswith("    20") for line in text.splitlines())
+
+
 def test_history_text_shortens_hashes_that_json_keeps_whole(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

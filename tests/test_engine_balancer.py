@@ -69,7 +69,16 @@ def test_one_upstream_without_limits_is_exactly_the_upstream_of_before():
     assert type(make_upstreams(["builtin"])) is BuiltinUpstream
     limited = make_upstreams(["http://127.0.0.1:1/v1#rpm=60"])
     assert isinstance(limited, BalancedUpstream)
-    assert limited.description == "http://127.0.0.1:1/v1"
+    assert limited.description == "http://127.0.0.1:1/v1 (rpm 60)"
+
+
+def test_a_rotation_announces_each_members_limits():
+    """What `serve` prints on start shows the limits each upstream was given, so a limit
+    mistyped in a shell (a lost '#' fragment) is seen at once."""
+    rotation = make_upstreams(["http://u:secret@h:1/v1#tpm=90000,rpm=600", "builtin"])
+    assert rotation.description == (
+        "http://h:1/v1 (rpm 600, tpm 90,000) + builtin (offline stand-in, not a model)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -372,7 +381,7 @@ def test_serve_spreads_a_batch_over_two_upstreams(tmp_path):
         line = proc.stderr.readline()
         match = re.fullmatch(r"serving on (\S+) \(data: .+, upstream: (.+)\)\n", line)
         assert match, line
-        assert match.group(2) == f"{first.v1} + {second.v1}"
+        assert match.group(2) == f"{first.v1} + {second.v1} (rpm 6,000)"
         import openai
 
         client = openai.OpenAI(base_url=f"{match.group(1)}/v1", api_key="x", max_retries=0)
@@ -438,6 +447,39 @@ def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs,
     with pytest.raises(UsageError) as raised:
         make_upstreams(specs)
     assert "secret" not in str(raised.value) and said in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        pytest.param(
+            "http://u:secret@h:1/v1/chat/completions",
+            "names an endpoint (/chat/completions), not a base URL",
+            id="endpoint-path",
+        ),
+        pytest.param("http://h:1/v1/chat/completions/", "Use 'http://h:1/v1'", id="trailing-slash"),
+        pytest.param("http://h:1/embeddings#rpm=5", "Use 'http://h:1'", id="bare-with-limits"),
+        pytest.param(
+            "u:secret@localhost:8000/v1",
+            "did you mean 'http://localhost:8000/v1'?",
+            id="no-scheme",
+        ),
+        pytest.param("http://h:1/v1#tpm=90k", "tokens per minute, no unit", id="tpm-with-unit"),
+        pytest.param(
+            "http://h:1/v1,http://u:secret@g:2/v1",
+            "holds more than one URL: repeat --upstream",
+            id="comma-separated",
+        ),
+    ],
+)
+def test_a_misspelt_upstream_is_refused_with_the_url_it_should_be(spec, said):
+    """An upstream URL that names an endpoint (every line would 404 on .../chat/completions
+    /chat/completions), lacks its scheme, carries a unit in a limit, or is two URLs joined by
+    a comma (read as one with a strange path) is a usage error that says what to write
+    instead, without any URL's password."""
+    with pytest.raises(UsageError) as raised:
+        make_upstreams([spec, "http://127.0.0.1:2/v1"])
+    assert said in str(raised.value) and "secret" not in str(raised.value)
 
 
 def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):

@@ -161,3 +161,90 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.close()
     assert is_loopback("localhost") and is_loopback("[::1]")
     assert not is_loopback("batch.example.com") and not is_loopback("10.0.0.1")
+
+
+def test_serve_refuses_to_be_its_own_upstream(tmp_path: Path) -> None:
+    """`serve --port P --upstream http://localhost:P/v1` exits 64 before running any line,
+    naming the loop and what to do, instead of failing every line with its own 404/401."""
+    import socket
+
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    itself = f"http://localhost:{port}/v1#rpm=60"
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchspec", "serve", "--port", str(port),
+         "--data-dir", str(tmp_path / "d"), "--upstream", "builtin", "--upstream", itself],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 64, proc.stderr
+    assert f"--upstream http://localhost:{port}/v1 is this server itself" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstream", "host", "loops"),
+    [
+        pytest.param("http://127.0.0.1:8000/v1", "127.0.0.1", True, id="same"),
+        pytest.param("http://u:p@localhost:8000", "0.0.0.0", True, id="all-addresses"),
+        pytest.param("http://[::1]:8000/v1", "::1", True, id="ipv6"),
+        pytest.param("http://gpu1:8000/v1", "gpu1", True, id="named-host"),
+        pytest.param("http://127.0.0.1:8001/v1", "127.0.0.1", False, id="other-port"),
+        pytest.param("http://gpu1:8000/v1", "127.0.0.1", False, id="other-host"),
+        pytest.param("http://127.0.0.1/v1", "127.0.0.1", False, id="default-port-80"),
+        pytest.param("builtin", "127.0.0.1", False, id="builtin"),
+    ],
+)
+def test_an_upstream_is_this_server_when_its_port_and_host_are(upstream, host, loops) -> None:
+    """The loop check matches the listening port and the host (loopback on loopback or on
+    every address), never another port or machine, and never shows a password."""
+    from batchspec.engine.server import refuse_itself_as_upstream
+    from batchspec.errors import UsageError
+
+    if not loops:
+        refuse_itself_as_upstream([upstream], host, 8000)
+        return
+    with pytest.raises(UsageError, match="is this server itself") as raised:
+        refuse_itself_as_upstream([upstream], host, 8000)
+    assert "u:p@" not in str(raised.value)
+
+
+def test_serve_plays_a_rate_limited_gateway_with_the_retry_after_asked(tmp_path: Path) -> None:
+    """`serve --fault-api-429-from 2 --fault-api-429-count 2 --fault-api-retry-after 3`
+    answers the 2nd and 3rd API requests with OpenAI's 429 envelope and Retry-After 3 s,
+    and the others normally: the documented way to watch apply meet a rate limit."""
+    import httpx
+
+    proc, url = start_serve(
+        tmp_path / "d",
+        "--fault-api-429-from", "2", "--fault-api-429-count", "2",
+        "--fault-api-retry-after", "3",
+    )  # fmt: skip
+    try:
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        answers = [httpx.get(f"{url}/v1/batches", headers=headers) for _ in range(4)]
+    finally:
+        terminate(proc)
+    assert [a.status_code for a in answers] == [200, 429, 429, 200]
+    refused = answers[1]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("3", "3000")
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        pytest.param(["--fault-api-429-from", "3"], "--fault-api-429-count", id="from-alone"),
+        pytest.param(["--fault-api-429-count", "3"], "--fault-api-429-from", id="count-alone"),
+    ],
+)
+def test_half_a_rate_limit_fault_is_a_usage_error(tmp_path: Path, given, missing) -> None:
+    """One of the two --fault-api-429 flags alone (which would refuse nothing) exits 64
+    naming the other, and serves nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchspec", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "d"), *given],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 64, proc.stderr
+    assert f"needs {missing} too" in proc.stderr

@@ -174,6 +174,26 @@ def test_retries_exhausted_reports_status_message_and_request_id(
     assert "HTTP 503" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("max_retries", "said"),
+    [
+        pytest.param(2, "2 retries were not enough", id="retries-spent"),
+        pytest.param(0, "not retried (the provider's maxRetries is 0)", id="no-retries"),
+    ],
+)
+def test_a_429_past_the_retries_names_the_knobs_that_help(
+    scripted: ScriptedServer, max_retries: int, said: str
+) -> None:
+    """A rate limit that outlasts the retries says how many were made and which options
+    buy more room (maxRetries, maxConcurrency, --parallelism), not just 'try again later'."""
+    scripted.script(then=error_answer(429, "slow down", retry_after="0"))
+    provider, _ = make_provider(scripted, max_retries=max_retries)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert len(scripted.requests) == max_retries + 1
+    assert said in str(caught.value) and "options.maxRetries" in str(caught.value)
+
+
 # -- not retried ---------------------------------------------------------------------------
 
 
@@ -304,6 +324,42 @@ def test_connect_errors_are_retried_then_reported_clearly() -> None:
     assert base_url in text
     assert "Connection refused" in text
     assert caught.value.retryable is True
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "through_proxy"),
+    [
+        pytest.param(None, True, id="proxied"),
+        pytest.param("localhost", True, id="other-host-bypassed"),
+        pytest.param("127.0.0.1", False, id="host-bypassed"),
+    ],
+)
+def test_a_refused_environment_proxy_is_named_not_the_server(
+    scripted: ScriptedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str | None,
+    through_proxy: bool,
+) -> None:
+    """With HTTP_PROXY pointing at a proxy that refuses connections, the error names that
+    proxy (without its password) and NO_PROXY as the way round it, instead of saying the
+    server the user can see running could not be reached; a bypassed host reaches it."""
+    scripted.script(ok())
+    with refused_port() as port:
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:hunter2@127.0.0.1:{port}")
+        if no_proxy is None:
+            monkeypatch.delenv("NO_PROXY", raising=False)
+        else:
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+        monkeypatch.delenv("no_proxy", raising=False)
+        provider, _ = make_provider(scripted, max_retries=0)
+        if not through_proxy:
+            assert provider.get_batch("batch_1").id == "batch_1"
+            return
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+    text = str(caught.value)
+    assert f"through the proxy http://127.0.0.1:{port} (set by HTTP_PROXY)" in text
+    assert "NO_PROXY=127.0.0.1" in text and "hunter2" not in text
 
 
 def test_timeout_then_success(scripted: ScriptedServer) -> None:

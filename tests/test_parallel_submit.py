@@ -238,6 +238,34 @@ def test_429s_shrink_the_calls_in_flight_and_they_grow_back_never_above_n(
     assert len(keys_on_server(srv)) == 40
 
 
+def test_a_rate_limited_pass_says_so_at_its_end(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pass whose calls met 429s (absorbed by the retries) ends with one `throttled` event
+    for that provider, in the NDJSON and the plain log: how many calls waited and how low
+    the calls in flight went, so a slow, silent pass explains itself; a pass without 429s
+    has none."""
+    srv, _ = gated(api_faults=ApiFaults(start=5, count=6, retry_after=0.02))
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"r{i:02d}", count=1, prefix=f"p{i}") for i in range(20)],
+    )
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--json", "--parallelism", "6"], capsys
+    )
+    assert code == 0, err
+    [throttled] = [e for e in json_lines(out) if e["event"] == "throttled"]
+    assert throttled["provider"] == "srv" and throttled["resource"] is None
+    assert 1 <= throttled["throttled_calls"] <= 6
+    assert throttled["lowest_limit"] <= 3 and throttled["ceiling"] == 6
+    assert json_lines(out)[-1]["event"] == "result"
+
+    code, text, _ = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0 and "rate-limited" not in text
+
+
 def test_a_429_without_retries_left_still_fails_the_run_clearly(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -305,3 +333,78 @@ def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_whe
     collected = [e["resource"] for e in json_lines(out) if e.get("event") == "collect"]
     assert collected == names
     assert all(len(ws.outputs(n)) == 1 for n in names)
+
+
+CREATE_ROUTES = [
+    pytest.param("openai", r"^POST /v1/batches$", id="side-by-side"),
+    pytest.param("anthropic", r"^POST /v1/messages/batches$", id="one-at-a-time"),
+]
+
+
+def refusing_late(
+    root: Path, gated: Any, capsys: pytest.CaptureFixture[str], provider_type: str, route: str
+) -> tuple[Workspace, ProbedServer]:
+    """Three resources applied, then a fourth, "late", whose creates the server answers 429."""
+    srv, _ = gated(root.name)
+    provider = {"type": provider_type, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
+    provider["baseUrl"] = srv.v1 if provider_type == "openai" else srv.base_url
+    specs = [ResourceSpec(f"r{i:02d}", count=1, prefix=f"p{i}") for i in range(3)]
+    first = make_workspace(root, providers={"srv": provider}, resources=specs)
+    assert run_cli(["apply", str(first.root), "--yes"], capsys)[0] == 0
+    limited = {"error": {"type": "rate_limit_error", "message": "Slow down."}}
+    srv.probe.refuse(route, 429, limited)
+    resources = [*specs, ResourceSpec("late")]
+    return make_workspace(root, providers={"srv": provider}, resources=resources), srv
+
+
+@pytest.mark.parametrize(("provider_type", "create_route"), CREATE_ROUTES)
+def test_a_create_refused_past_its_retries_names_its_resource(
+    tmp_path: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    provider_type: str,
+    create_route: str,
+) -> None:
+    """In a workspace of many resources, a create the provider keeps refusing (429 past
+    maxRetries) fails apply with an error that names that resource, on stderr, in the
+    --json error event and in the audit log, whether creates run side by side or serially."""
+    ws, _ = refusing_late(tmp_path / "text", gated, capsys, provider_type, create_route)
+    ws_json, _ = refusing_late(tmp_path / "json", gated, capsys, provider_type, create_route)
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    json_code, out, _ = run_cli(["apply", str(ws_json.root), "--yes", "--json"], capsys)
+
+    assert code == json_code == 1
+    assert "Error: [late] srv: create" in err and "Traceback" not in err
+    assert json_lines(out)[-1]["message"].startswith("[late] srv: create")
+    with ws.store() as store:
+        [error] = [e for e in store.events() if e.action == "error"]
+    assert error.detail["message"].startswith("[late] srv: create")
+    assert error.resource == "late"  # so `show late` lists it among its last events
+    assert "[late] srv: create" in run_cli(["show", "late", str(ws.root)], capsys)[1]
+
+
+@pytest.mark.parametrize(("provider_type", "create_route"), CREATE_ROUTES)
+def test_a_create_refused_with_429_is_created_at_once_by_the_next_apply(
+    tmp_path: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    provider_type: str,
+    create_route: str,
+) -> None:
+    """A create the provider refused (429 past maxRetries) made no batch: once the limit
+    lifts, the next apply creates it in that run (one lookup, no 'waiting to confirm' for
+    createConfirmSeconds, meant for creates whose answer was lost), and only once."""
+    ws, srv = refusing_late(tmp_path / "ws", gated, capsys, provider_type, create_route)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1
+    srv.probe.refusals.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    late = [e["event"] for e in json_lines(out) if e.get("resource") == "late"]
+    assert "waiting" not in late and "create" in late
+    assert srv.batch_count() == 4
+    with ws.store() as store:
+        assert [e.action for e in store.events() if e.action.startswith("create-")].count(
+            "create-refused"
+        ) == 1

@@ -309,3 +309,62 @@ def test_every_problem_of_a_project_file_is_reported(tmp_path: Path) -> None:
     assert err.details[0].endswith(
         "batchspec.yaml:3:1: /stat: unknown key 'stat' (did you mean 'state'?)"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "where", "base"),
+    [
+        pytest.param(
+            "upstream: http://gpu1:8000/v1/chat/completions",
+            "/providers/gpus/options/upstream",
+            "http://gpu1:8000/v1",
+            id="upstream",
+        ),
+        pytest.param(
+            "upstreams: [http://gpu1:8000/v1, 'http://gpu2:8000/v1/embeddings/']",
+            "/providers/gpus/options/upstreams/1",
+            "http://gpu2:8000/v1",
+            id="upstreams-item",
+        ),
+        pytest.param(
+            "upstreams: [{url: 'http://gpu3:8000/chat/completions', rpm: 600}]",
+            "/providers/gpus/options/upstreams/0/url",
+            "http://gpu3:8000",
+            id="upstreams-object",
+        ),
+    ],
+)
+def test_an_upstream_that_names_an_endpoint_fails_validation_with_its_base_url(
+    tmp_path: Path, options: str, where: str, base: str
+) -> None:
+    """`batchspec validate` refuses a local provider's upstream URL that ends in an endpoint
+    (every line would go to .../chat/completions/chat/completions), at its line, naming the
+    base URL meant, as `batchspec serve --upstream` does; base URLs still validate."""
+    providers = f"providers:\n  gpus:\n    type: local\n    options:\n      {options}\n"
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (7, where)
+    assert "names an endpoint" in message and message.endswith(f"use '{base}'")
+
+    fixed = options.replace("/chat/completions", "").replace("/embeddings/", "")
+    write(tmp_path / "batchspec.yaml", HEADER + providers.replace(options, fixed))
+    assert load_project(tmp_path).providers["gpus"].type == "local"
+
+
+@pytest.mark.parametrize(
+    ("value", "tail"),
+    [
+        pytest.param('"8"', "got string '8' (drop the quotes: 8)", id="quoted-number"),
+        pytest.param("' 8 '", "got string ' 8 ' (drop the quotes: 8)", id="padded"),
+        pytest.param('"eight"', "got string 'eight'", id="a-word"),
+        pytest.param('"8.5"', "got string '8.5'", id="not-an-integer"),
+    ],
+)
+def test_a_quoted_number_is_told_to_drop_its_quotes(tmp_path: Path, value: str, tail: str) -> None:
+    """`maxConcurrency: "8"` fails at its line with what to write instead (8, unquoted);
+    a word or a fraction where an integer belongs gets no such advice."""
+    provider = "providers:\n  gw:\n    type: openai\n    apiKeyEnv: GW_KEY\n    options:\n"
+    write(tmp_path / "batchspec.yaml", HEADER + provider + f"      maxConcurrency: {value}\n")
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (8, "/providers/gw/options/maxConcurrency")
+    assert message == f"expected integer, {tail}"

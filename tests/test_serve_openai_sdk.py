@@ -495,3 +495,22 @@ def test_files_the_engine_cannot_find_or_list_are_refused(serve_engine):
     server.engine.file_content_path(stored["id"]).unlink()
     lost = httpx.get(f"{url}/{stored['id']}/content", headers=headers)
     assert lost.status_code == 404 and "no longer stored" in lost.json()["error"]["message"]
+
+
+def test_an_engine_whose_upstream_is_another_serve_says_so_in_each_lines_error(tmp_path):
+    """An engine pointed at another `batchspec serve` (a Batch API, not a model server) fails
+    each line with an error that says so and what to point --upstream at, not a bare
+    'Unknown request URL'."""
+    other = start_server(tmp_path / "other")
+    engine = start_server(tmp_path / "engine", upstream=HttpUpstream(other.v1), max_attempts=1)
+    try:
+        client = engine.client()
+        done = wait_for_batch(client, create(client, upload(client, request_lines(2))).id)
+        errors = read_jsonl(client.files.content(done.error_file_id).text)
+    finally:
+        engine.stop()
+        other.stop()
+    assert done.request_counts.failed == 2
+    messages = [e["response"]["body"]["error"]["message"] for e in errors]
+    assert all("is `batchspec serve`, a Batch API" in m for m in messages), messages
+    assert all("Point the --upstream that sent this at a model server" in m for m in messages)

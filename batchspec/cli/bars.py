@@ -42,6 +42,7 @@ BAR_EVENTS = frozenset({"plan", "poll", "wait", "upload", "upload_progress", "do
 #: milestone lines drawn in a colour above the bars
 _LINE_COLOURS = {
     "warning": "yellow",
+    "throttled": "yellow",
     "skip": "yellow",
     "queued": "yellow",
     "download_failed": "red",

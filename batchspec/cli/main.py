@@ -305,10 +305,35 @@ def cli() -> None:
     hidden=True,
     help="Delay every builtin answer by this many seconds (tests).",
 )
-@click.option("--fault-500", type=float, default=0.0, hidden=True)
-@click.option("--fault-429", type=float, default=0.0, hidden=True)
-@click.option("--fault-timeout", type=float, default=0.0, hidden=True)
-@click.option("--fault-seed", type=int, default=0, hidden=True)
+@click.option(
+    "--fault-500",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls answer 500 instead (the "
+    "engine's own retries then run; seeded, reproducible).",
+)
+@click.option(
+    "--fault-429",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls answer 429 (rate limited).",
+)
+@click.option(
+    "--fault-timeout",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    metavar="FRACTION",
+    help="Fault injection: this fraction of the upstream calls never answer "
+    "(--request-timeout ends them).",
+)
+@click.option(
+    "--fault-seed",
+    type=int,
+    default=0,
+    help="Seed of --fault-500/--fault-429/--fault-timeout: which lines fail.",
+)
 @click.option(
     "--fault-token-limit",
     type=click.IntRange(min=0),
@@ -325,17 +350,27 @@ def cli() -> None:
 )
 @click.option(
     "--fault-api-429-from",
-    type=click.IntRange(min=0),
-    default=0,
-    hidden=True,
-    help="Answer API requests from this one (1-based) with 429 and Retry-After (tests).",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Fault injection, to play a rate-limited gateway: answer the API's own requests "
+    "(uploads, creates, polls, downloads), from the Nth one this server receives, with 429 "
+    "rate_limit_exceeded and Retry-After. Needs --fault-api-429-count.",
 )
 @click.option(
     "--fault-api-429-count",
-    type=click.IntRange(min=0),
-    default=0,
-    hidden=True,
-    help="How many API requests --fault-api-429-from refuses (tests).",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="COUNT",
+    help="How many API requests in a row --fault-api-429-from refuses.",
+)
+@click.option(
+    "--fault-api-retry-after",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    metavar="SECONDS",
+    help="The Retry-After those 429s ask for.",
 )
 @click.option(
     "--max-line-bytes",
@@ -830,6 +865,14 @@ def completion(shell: str) -> None:
     help="commit: tokens and dollars per git commit (of the run that created each "
     "generation) instead of the runs.",
 )
+@click.option(
+    "--events",
+    "last_events",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only each run's last N events (0: the runs alone); default: all of them. A run "
+    "over hundreds of resources records thousands.",
+)
 @json_option
 @read_state_option
 def history(
@@ -838,6 +881,7 @@ def history(
     project_dir: str | None,
     limit: int,
     group_by: str,
+    last_events: int | None,
     as_json: bool,
     state_path: str | None,
 ) -> None:
@@ -872,9 +916,9 @@ def history(
         return
     entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
     if as_json:
-        emit_json({"runs": [e.to_json() for e in entries]})
+        emit_json({"runs": [e.to_json(events=last_events) for e in entries]})
     else:
-        click.echo(render.history_text(entries))
+        click.echo(render.history_text(entries, events=last_events))
 
 
 @cli.command()
@@ -1230,7 +1274,15 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     param, ctx = getattr(err, "param", None), err.ctx
     if not isinstance(err, click.BadParameter) or param is None or ctx is None:
         return err
-    if param.name is None or ctx.get_parameter_source(param.name) != ParameterSource.ENVIRONMENT:
+    if param.name is None:
+        return err
+    source = ctx.get_parameter_source(param.name)
+    if source == ParameterSource.COMMANDLINE and param.envvar and param.opts:
+        # typed on the command line: click's "(env var: ...)" would send the reader looking
+        # for a variable they never set
+        hint = " / ".join(f"'{o}'" for o in param.opts)
+        return click.BadParameter(err.message, ctx=ctx, param_hint=hint)
+    if source != ParameterSource.ENVIRONMENT:
         return err
     names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
     for variable in names:

@@ -651,7 +651,9 @@ def dollars(cost: float | None) -> str:
     return f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"
 
 
-def history_text(entries: Sequence[HistoryEntry]) -> str:
+def history_text(entries: Sequence[HistoryEntry], *, events: int | None = None) -> str:
+    """Each run on one line, then its events (with ``events``: its last ones, and how many
+    earlier ones were left out)."""
     if not entries:
         return "No runs recorded."
     lines = []
@@ -665,7 +667,11 @@ def history_text(entries: Sequence[HistoryEntry]) -> str:
         )
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")
-        for event in entry.events:
+        shown = entry.last_events(events)
+        if len(shown) < len(entry.events):
+            left_out = len(entry.events) - len(shown)
+            lines.append(f"    ... {left_out:,} earlier event(s) (--events to see more)")
+        for event in shown:
             target = f" [{event.resource}]" if event.resource else ""
             lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
     return "\n".join(lines)

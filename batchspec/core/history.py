@@ -117,12 +117,19 @@ class HistoryEntry:
                 split[key] = split.get(key, Usage()) + _event_usage(event)
         return split
 
-    def to_json(self) -> dict[str, Any]:
+    def last_events(self, limit: int | None) -> tuple[EventRow, ...]:
+        """The run's last ``limit`` events, oldest first (None: all of them)."""
+        if limit is None:
+            return self.events
+        return self.events[len(self.events) - limit :] if limit else ()
+
+    def to_json(self, *, events: int | None = None) -> dict[str, Any]:
+        """``events``: list only the last ones (the usage still counts them all)."""
         return {
             "run": asdict(self.run),
             "outcome": self.outcome,
             "usage": asdict(self.usage),
-            "events": [asdict(e) for e in self.events],
+            "events": [asdict(e) for e in self.last_events(events)],
             "ended_by": None if self.ended_by is None else asdict(self.ended_by),
         }
 

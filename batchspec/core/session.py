@@ -270,7 +270,10 @@ def recorded_run(
     except BatchspecError as err:
         run.exit_code = err.exit_code
         store.record_event(
-            run.id, "error", detail={"error": type(err).__name__, "message": err.message}
+            run.id,
+            "error",
+            resource=err.resource,  # `show NAME` lists why the run stopped at NAME
+            detail={"error": type(err).__name__, "message": err.message},
         )
         raise
     except KeyboardInterrupt:

@@ -56,6 +56,7 @@ from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.mistral_routes import mistral_routes
 from batchspec.engine.together_routes import UPLOAD_PREFIX, together_routes
 from batchspec.engine.uploads import read_upload
+from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS
 
 #: Bytes of multipart framing allowed on top of the file cap before a Content-Length is refused.
 MULTIPART_SLACK = 1024 * 1024
@@ -113,11 +114,22 @@ async def _engine_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(exc.envelope(), status_code=exc.status)
 
 
+#: what a model server answers and this Batch API does not: a request for one of them here
+#: is almost always an engine whose --upstream points at a `batchspec serve`
+_MODEL_ENDPOINTS = tuple(e.removeprefix("/v1") for e in SUPPORTED_ENDPOINTS if e.startswith("/v1/"))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: f"Unknown request URL: {request.method} {request.url.path}."}.get(
         exc.status_code, str(exc.detail)
     )
+    if exc.status_code == 404 and request.url.path.rstrip("/").endswith(_MODEL_ENDPOINTS):
+        message += (
+            " This is `batchspec serve`, a Batch API (files and batches), not a model server: "
+            "it runs request lines, it does not answer them. Point the --upstream that sent "
+            "this at a model server (vLLM, Ollama, llama.cpp, ...), or use 'builtin'."
+        )
     return error_response(exc.status_code, message)
 
 

@@ -72,6 +72,7 @@ T = TypeVar("T")
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
 _LIMIT_KEYS = ("rpm", "tpm")
+_LIMIT_UNITS = {"rpm": "requests", "tpm": "tokens"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def parse_target(spec: str) -> UpstreamTarget:
             limits[key] = 0
         if limits[key] < 1:
             raise UsageError(
-                f"Upstream {_shown(spec)!r}: {key} must be a whole number of at least 1."
+                f"Upstream {_shown(spec)!r}: {key} must be a whole number of at least 1 "
+                f"({_LIMIT_UNITS[key]} per minute, no unit: e.g. {key}=600), not {value!r}."
             )
     return UpstreamTarget(base, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
 
@@ -221,6 +223,15 @@ class _Member:
         self.out_until = 0.0
         self.probing = False
 
+    def limits_text(self) -> str:
+        """`` (rpm 600, tpm 90,000)``, or nothing for a member without limits."""
+        limits = [
+            f"{name} {round(bucket.rate * 60):,}"
+            for name, bucket in (("rpm", self.rpm), ("tpm", self.tpm))
+            if bucket is not None
+        ]
+        return f" ({', '.join(limits)})" if limits else ""
+
     def available(self, now: float) -> bool:
         """In rotation, or due for its probe (back-off passed, no probe in flight)."""
         return self.failures == 0 or (now >= self.out_until and not self.probing)
@@ -272,7 +283,8 @@ class BalancedUpstream:
         self.request_timeout = request_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.description = " + ".join(m.description for m in self._members)
+        # what `batchspec serve` announces: each member, with the limits it was given
+        self.description = " + ".join(m.description + m.limits_text() for m in self._members)
 
     def status(self) -> list[MemberStatus]:
         now = self._clock()

@@ -7,7 +7,8 @@ folder, so the next ``serve`` resumes unfinished batches without re-running fini
 
 Safety: binding anything but a loopback address without an API key is refused, since the
 server would spend the upstream's money for anyone who can reach it. The key is read from the
-environment variable named by ``api_key_env`` and never logged.
+environment variable named by ``api_key_env`` and never logged. An upstream that is the server
+itself (its own port, on its host or loopback) is refused before any line runs.
 
 ``start_in_thread`` runs any ASGI app under uvicorn on a thread, on a socket bound before it
 starts (port 0 picks a free port, with no race), for tests and benchmarks.
@@ -22,20 +23,21 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from batchspec.engine.api_faults import ApiFaults
 from batchspec.engine.app import create_app
-from batchspec.engine.balancer import make_upstreams
+from batchspec.engine.balancer import make_upstreams, parse_target
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
-from batchspec.engine.upstreams import Faults
-from batchspec.errors import BatchspecError
+from batchspec.engine.upstreams import Faults, without_credentials
+from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
 
 
@@ -110,6 +112,36 @@ def open_engine(options: ServeOptions) -> Engine:
     )
 
 
+def refuse_itself_as_upstream(upstreams: Sequence[str], host: str, port: int) -> None:
+    """An upstream that is this very server (its port, on its host or on loopback while it
+    listens there or on every address) would get each line sent back to a Batch API that has
+    no ``/chat/completions``, and every line would fail with a misleading 404 or 401: refuse
+    to start, before the worker resumes any batch."""
+    for spec in upstreams:
+        url = parse_target(spec).url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            continue
+        try:
+            upstream_port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            continue
+        if upstream_port == port and _same_host(parts.hostname, host):
+            raise UsageError(
+                f"--upstream {without_credentials(url)} is this server itself (it listens on "
+                f"{host}:{port}): each line would come back to this Batch API instead of a "
+                "model. Point --upstream at the model server (vLLM, Ollama, ...), serve on "
+                "another --port, or leave --upstream out for the builtin stand-in."
+            )
+
+
+def _same_host(upstream_host: str, listen_host: str) -> bool:
+    listen = listen_host.strip("[]")
+    if upstream_host.lower() == listen.lower():
+        return True
+    return is_loopback(upstream_host) and (is_loopback(listen) or listen in ("0.0.0.0", "::"))
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -140,8 +172,13 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | N
         )
     engine = open_engine(options)
     try:
-        engine.start()
         sock = bind_socket(options.host, options.port)
+        try:
+            refuse_itself_as_upstream(options.upstreams, options.host, sock.getsockname()[1])
+        except BatchspecError:
+            sock.close()
+            raise
+        engine.start()
         app = create_app(engine, api_key=api_key, api_faults=options.api_faults)
         server = uvicorn.Server(_uvicorn_config(app))
         if on_listening is not None:
@@ -244,8 +281,26 @@ def serve_from_cli_options(
         max_line_bytes=opts["max_line_bytes"],
         token_limit_refusals=opts["fault_token_limit"],
         cancel_delay=opts["fault_cancel_delay"],
-        api_faults=ApiFaults(opts["fault_api_429_from"], opts["fault_api_429_count"])
-        if opts["fault_api_429_from"]
-        else None,
+        api_faults=api_faults_from(
+            opts["fault_api_429_from"], opts["fault_api_429_count"], opts["fault_api_retry_after"]
+        ),
     )
     serve(options, on_listening=on_listening)
+
+
+def api_faults_from(start: int | None, count: int | None, retry_after: float) -> ApiFaults | None:
+    """``--fault-api-429-from`` and ``--fault-api-429-count`` as ``ApiFaults``: both or
+    neither (one alone would refuse nothing, silently)."""
+    if start is None and count is None:
+        return None
+    if start is None or count is None:
+        given, missing = (
+            ("--fault-api-429-count", "--fault-api-429-from")
+            if start is None
+            else ("--fault-api-429-from", "--fault-api-429-count")
+        )
+        raise UsageError(
+            f"{given} needs {missing} too: --fault-api-429-from N --fault-api-429-count C "
+            "refuses the requests N to N+C-1 with 429."
+        )
+    return ApiFaults(start, count, retry_after=retry_after)

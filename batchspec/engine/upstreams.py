@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import time
 from collections import Counter
@@ -125,6 +126,7 @@ class HttpUpstream:
         if port:
             netloc += f":{port}"
         self.description = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        refuse_an_endpoint_path(self.description, parts.path)
         self._path = parts.path.rstrip("/")
         self._strip_v1 = self._path.endswith("/v1")
         try:
@@ -514,6 +516,38 @@ class FaultyUpstream:
 # ---------------------------------------------------------------------------------------------
 # Construction from a CLI/config string
 
+#: what a line's ``url`` adds to a base URL; a base URL ending in one names an endpoint
+_ENDPOINT_SUFFIXES = tuple(
+    e.removeprefix("/v1") for e in SUPPORTED_ENDPOINTS if e.startswith("/v1/")
+)
+
+
+def refuse_an_endpoint_path(shown: str, path: str) -> None:
+    """A base URL that ends in an endpoint (``.../v1/chat/completions``) would get the line's
+    own endpoint appended to it (``.../chat/completions/chat/completions``) and every line
+    would fail with the server's 404: refuse it up front, naming the base URL meant."""
+    trimmed = path.rstrip("/")
+    for suffix in _ENDPOINT_SUFFIXES:
+        if trimmed.lower().endswith(suffix):
+            base = shown.rstrip("/")[: -len(suffix)]
+            raise UsageError(
+                f"Upstream {shown!r} names an endpoint ({suffix}), not a base URL: each "
+                f"line's own endpoint is appended to it. Use {base!r}."
+            )
+
+
+def unknown_upstream_message(shown: str) -> str:
+    """Why ``shown`` is no upstream; a host without a scheme gets the URL it likely meant."""
+    hint = "use 'builtin' or an OpenAI-compatible base URL such as http://localhost:8000/v1"
+    if "://" not in shown:
+        shown = shown.rpartition("@")[2]  # user:password@host read as a scheme and a path
+    if "://" not in shown and shown and not any(c.isspace() for c in shown):
+        hint = (
+            f"a base URL needs its scheme: did you mean 'http://{shown}'? "
+            "('builtin' is the offline stand-in)"
+        )
+    return f"Unknown upstream {shown!r}: {hint}."
+
 
 def make_upstream(
     spec: str,
@@ -525,6 +559,12 @@ def make_upstream(
 ) -> Upstream:
     """``builtin`` or an http(s) base URL, with the API key read from ``api_key_env``."""
     upstream: Upstream
+    if spec.count("://") > 1 or (spec.startswith("builtin") and "://" in spec):
+        shown = re.sub(r"://[^/@\s]*@", "://", spec.partition("#")[0])  # every URL's password
+        raise UsageError(
+            f"Upstream {shown!r} holds more than one URL: repeat --upstream for each "
+            "(BATCHSPEC_UPSTREAM separates them with spaces)."
+        )
     if spec == "builtin":
         upstream = BuiltinUpstream(latency=latency)
     elif spec.startswith(("http://", "https://")):
@@ -538,11 +578,7 @@ def make_upstream(
                 )
         upstream = HttpUpstream(spec, api_key=api_key, max_connections=max_connections)
     else:
-        raise UsageError(
-            f"Unknown upstream {without_credentials(spec)!r}: use 'builtin' or an "
-            "OpenAI-compatible base URL "
-            "such as http://localhost:8000/v1."
-        )
+        raise UsageError(unknown_upstream_message(without_credentials(spec)))
     if faults is not None:
         upstream = FaultyUpstream(upstream, faults)
     return upstream

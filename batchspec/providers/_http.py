@@ -196,14 +196,16 @@ def error_from_response(
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
     if facts_text:
         message += f" ({facts_text})"
-    message += f". {_hint(status, envelope, context, operation)}"
+    retryable = should_retry(response, envelope, policy)
+    retries = policy.max_retries if retryable else None
+    message += f". {_hint(status, envelope, context, operation, retries)}"
     error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
     return error_class(
         context.redact(message),
         status=status,
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
-        retryable=should_retry(response, envelope, policy),
+        retryable=retryable,
     )
 
 
@@ -226,8 +228,15 @@ def _shorten(text: str | None) -> str | None:
     return text
 
 
-def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation: str) -> str:
-    """One sentence saying what to do about ``status``; names variables, never values."""
+def _hint(
+    status: int,
+    envelope: ErrorEnvelope,
+    context: ErrorContext,
+    operation: str,
+    retries: int | None = None,
+) -> str:
+    """One sentence saying what to do about ``status``; names variables, never values.
+    ``retries``: how many times such an answer is retried (None: it is not)."""
     variable = f"${context.api_key_env}" if context.api_key_env else "the provider's key variable"
     if "no_db_connection" in (envelope.type, envelope.code):
         # a LiteLLM proxy without a database says this (HTTP 400) to a key it does not know
@@ -251,8 +260,19 @@ def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation
         )
     if status == 429 and envelope.code == "insufficient_quota":
         return "The account has no quota left; check its plan and billing. Not retried."
+    if status == 429 and retries is None:
+        return "Rate limited, and the provider said not to retry; try again later."
+    if status == 429 and retries == 0:
+        return (
+            "Rate limited, and not retried (the provider's maxRetries is 0): try again later, "
+            "or set options.maxRetries in batchspec.yaml."
+        )
     if status == 429:
-        return "Rate limited; retries were exhausted, try again later."
+        return (
+            f"Rate limited; {retries} retries were not enough: try again later, or "
+            "give the provider more options.maxRetries, or fewer calls at once "
+            "(options.maxConcurrency, or --parallelism)."
+        )
     if status in (400, 422):
         return "The provider rejected the request; the message above says why."
     if status == 409:
@@ -265,9 +285,16 @@ def _hint(status: int, envelope: ErrorEnvelope, context: ErrorContext, operation
 
 
 def error_from_transport(
-    exc: httpx.HTTPError, *, operation: str, context: ErrorContext, retryable: bool
+    exc: httpx.HTTPError,
+    *,
+    operation: str,
+    context: ErrorContext,
+    retryable: bool,
+    proxy: EnvironmentProxy | None = None,
 ) -> ProviderError:
-    """Describe a transport failure by its type and text (httpx puts no headers in either)."""
+    """Describe a transport failure by its type and text (httpx puts no headers in either);
+    ``proxy``: the environment proxy the request went through, which a failure to connect
+    is about rather than the provider (a refused proxy reads as a refused server)."""
     detail = str(exc) or "no detail"
     if isinstance(exc, httpx.TimeoutException):
         what = "timed out"
@@ -275,6 +302,15 @@ def error_from_transport(
         what = "could not connect"
     else:
         what = "lost the connection"
+    if proxy is not None and isinstance(exc, (*_NOT_SENT_ERRORS, httpx.ProxyError)):
+        host = httpx.URL(context.base_url).host
+        message = (
+            f"{context.provider}: {operation} failed: {what} to {context.base_url} through "
+            f"the proxy {proxy.url} (set by {proxy.variable}) ({type(exc).__name__}: "
+            f"{detail}). Check that the proxy is up and lets this through, or connect "
+            f"directly by naming the host in NO_PROXY (e.g. NO_PROXY={host})."
+        )
+        return ProviderError(context.redact(message), retryable=retryable)
     message = (
         f"{context.provider}: {operation} failed: {what} to {context.base_url} "
         f"({type(exc).__name__}: {detail}). Check that the server is up and the base URL "
@@ -284,6 +320,33 @@ def error_from_transport(
         f"({type(exc).__name__}: {detail})."
     )
     return ProviderError(context.redact(message), retryable=retryable)
+
+
+@dataclass(frozen=True)
+class EnvironmentProxy:
+    """A proxy httpx took from the environment: its URL (no credentials) and variable."""
+
+    url: str
+    variable: str
+
+
+def environment_proxy(client: httpx.Client, url: str) -> EnvironmentProxy | None:
+    """The proxy ``client`` sends a request for ``url`` through, as httpx itself chose it
+    from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` and ``NO_PROXY`` when the client was
+    built; None when it connects directly (or a transport was given, which takes no proxy)."""
+    target = httpx.URL(url)
+    # httpx mounts one transport per environment proxy; no public API tells which one a URL
+    # takes, so ask the method the client itself sends with (and say nothing if it is gone)
+    choose = getattr(client, "_transport_for_url", None)
+    direct = getattr(client, "_transport", None)
+    if choose is None or direct is None or choose(target) is direct:
+        return None
+    proxies = urllib.request.getproxies()
+    for key in (target.scheme, "all"):
+        if proxies.get(key):
+            found = proxies[key] if "://" in proxies[key] else f"http://{proxies[key]}"
+            return EnvironmentProxy(display_url(found).rstrip("/"), f"{key.upper()}_PROXY")
+    return None
 
 
 def new_client(
@@ -644,7 +707,11 @@ class RetryingClient:
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
                 error = error_from_transport(
-                    exc, operation=operation, context=self._context, retryable=retryable
+                    exc,
+                    operation=operation,
+                    context=self._context,
+                    retryable=retryable,
+                    proxy=environment_proxy(self._client, url),
                 )
                 if retryable and not retry_ambiguous and not isinstance(exc, _NOT_SENT_ERRORS):
                     raise _as_ambiguous(error) from exc

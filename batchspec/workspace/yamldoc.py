@@ -623,6 +623,23 @@ def quote(value: Any) -> str:
     return text
 
 
+#: an upstream URL ending in an endpoint rather than at its base URL (schema: ``upstream``)
+_ENDPOINT_AT_END = re.compile(
+    r"(/(?:chat/completions|completions|embeddings|responses|moderations|messages))/*$"
+)
+
+
+def _looks_numeric(text: str, *, integer: bool) -> bool:
+    """Whether ``text`` is what YAML reads as a number once unquoted (an int if asked)."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    if isinstance(loaded, bool):
+        return False
+    return isinstance(loaded, int) if integer else isinstance(loaded, (int, float))
+
+
 def _value_message(error: ValidationError, pointer: str) -> str:
     kind = error.validator
     expected: Any = error.validator_value  # set on every error iter_errors yields
@@ -634,6 +651,12 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             message += f" {quote(value)}"
         if wanted == "string" and not isinstance(value, (Mapping, list)):
             message += " (quote it to make it a string)"
+        elif (
+            wanted in ("integer", "number")
+            and isinstance(value, str)
+            and _looks_numeric(value.strip(), integer=wanted == "integer")
+        ):
+            message += f" (drop the quotes: {value.strip()})"
         return message
     if kind == "enum":
         options = ", ".join(quote(o) for o in expected)
@@ -660,6 +683,14 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             f"URL#rpm=N); in `upstreams:` an upstream with limits is an object: "
             f"{{url: {url}{', ' + pairs if pairs else ''}}}"
         )
+    if kind == "pattern" and "/upstream" in pointer and isinstance(value, str):
+        endpoint = _ENDPOINT_AT_END.search(value.partition("#")[0])
+        if endpoint is not None:  # the same refusal as `batchspec serve --upstream`'s
+            base = value[: endpoint.start()]
+            return (
+                f"{quote(value)} names an endpoint ({endpoint.group(1)}), not a base URL: "
+                f"each line's own endpoint is appended to it; use '{base}'"
+            )
     if kind == "pattern":
         why = _why(cast("Mapping[str, Any]", error.schema))
         return f"{quote(value)} does not match {expected}{why}"

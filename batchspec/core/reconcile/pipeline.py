@@ -38,6 +38,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from batchspec.core.plan import Action, ActionKind
 from batchspec.core.reconcile.adopt import look_up_before_create, record_remote
@@ -73,6 +74,7 @@ from batchspec.workspace.manifest import Resource
 #: clients (the adapters that stage files or keep a journal submit one at a time)
 SUBMIT_TYPES = frozenset({"openai", "azure", "groq"})
 SPENDING = (ActionKind.CREATE, ActionKind.REPLACE, ActionKind.RETRY)
+T = TypeVar("T")
 
 
 @dataclass
@@ -369,14 +371,12 @@ def _send_uploads(calls: BoundedCalls, starting: list[_Job]) -> None:
         provider, path, filename = job.provider, job.path, job.filename
         assert path is not None
         if job.reuses_known:
-            job.upload = calls.submit(provider.name, _still_there(provider, job.file_id or ""))
+            call = _still_there(provider, job.file_id or "")
         else:
-            job.upload = calls.submit(
-                provider.name,
-                functools.partial(
-                    provider.upload_file, path, filename=filename, progress=job.sent.append
-                ),
+            call = functools.partial(
+                provider.upload_file, path, filename=filename, progress=job.sent.append
             )
+        job.upload = calls.submit(provider.name, _about(job.res, call))
 
 
 def _wait_upload(ctx: RunContext, job: _Job) -> RemoteFile | None:
@@ -414,8 +414,24 @@ def _record_file(ctx: RunContext, job: _Job, remote: RemoteFile | None) -> None:
 def _send_create(ctx: RunContext, calls: BoundedCalls, job: _Job) -> None:
     provider, res, batch, file_id = job.provider, job.res, job.batch, job.file_id or ""
     job.create = calls.submit(
-        provider.name, lambda: send_create(ctx, provider, res, batch, file_id)
+        provider.name, _about(res, lambda: send_create(ctx, provider, res, batch, file_id))
     )
+
+
+def _about(res: Resource, call: Callable[[], T]) -> Callable[[], T]:
+    """``call``, whose failure names ``res`` (``BatchspecError.about``) when it stops the pass;
+    an unsure create is confirmed by the pass itself, never shown as it is."""
+
+    def named() -> T:
+        try:
+            return call()
+        except AmbiguousOutcome:
+            raise
+        except ProviderError as err:
+            err.about(res.name)
+            raise
+
+    return named
 
 
 def _wait_create(job: _Job) -> RemoteBatch | AmbiguousOutcome:

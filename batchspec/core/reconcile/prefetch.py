@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
+from batchspec.core.reporting import Progress
 from batchspec.providers.base import (
     RemoteBatch,
     listen_for_throttles,
@@ -105,6 +106,8 @@ class AdaptiveLimit:
         self._cond = threading.Condition()
         self._on_release = on_release  # told (outside the lock) each time a place frees
         self.history: list[tuple[float, float]] = [(clock(), self.limit)]
+        #: calls that heard a throttle (each waited and was retried by its client)
+        self.throttled_calls = 0
 
     def acquire(self) -> int:
         """Wait for a place; return the round the call starts in."""
@@ -134,10 +137,16 @@ class AdaptiveLimit:
                 self.history.append((self._clock(), self.limit))
             return self._round
 
+    @property
+    def lowest(self) -> int:
+        """The fewest calls it ever let run at once."""
+        return max(1, int(min(value for _, value in self.history)))
+
     def release(self, *, throttled: bool, ran: bool = True) -> None:
         """Free a place; a call that ``ran`` without a throttle grows the limit."""
         with self._cond:
             self.active -= 1
+            self.throttled_calls += throttled
             if ran and not throttled and self.limit < self.ceiling:
                 self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
                 self.history.append((self._clock(), self.limit))
@@ -269,6 +278,34 @@ class BoundedCalls:
                 for _, _, _, future in queue:
                     future.cancel()
             self._queues.clear()
+
+
+def report_throttles(ctx: RunContext, calls: BoundedCalls) -> None:
+    """At the end of a pass, on the main thread: one ``throttled`` event per provider that
+    answered some of its calls with 429 or Retry-After, saying how many and how far its
+    calls in flight went down. A rate-limited pass is slow and says nothing while it waits,
+    so its log says why afterwards (where it comes is fixed; only what it counts is timing)."""
+    for provider, limit in sorted(calls.limits.items()):
+        if not limit.throttled_calls:
+            continue
+        now = max(1, int(limit.limit))
+        ctx.report(
+            Progress(
+                "throttled",
+                None,
+                f"{provider} rate-limited {limit.throttled_calls} call(s) in this pass (429 or "
+                f"Retry-After): each waited and was retried; calls in flight to it went down "
+                f"to {limit.lowest} of {limit.ceiling} ({now} now). If this keeps up, give it a "
+                "lower maxConcurrency (or a lower --parallelism).",
+                {
+                    "provider": provider,
+                    "throttled_calls": limit.throttled_calls,
+                    "lowest_limit": limit.lowest,
+                    "limit": now,
+                    "ceiling": limit.ceiling,
+                },
+            )
+        )
 
 
 def prefetch_pass(

@@ -27,7 +27,12 @@ from batchspec.core.reconcile.context import (
 from batchspec.core.reconcile.drain import drain_retired, report_still_stopping, retired_batches
 from batchspec.core.reconcile.pipeline import submit_pass
 from batchspec.core.reconcile.poll import refresh
-from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM, BoundedCalls, prefetch_pass
+from batchspec.core.reconcile.prefetch import (
+    DEFAULT_PARALLELISM,
+    BoundedCalls,
+    prefetch_pass,
+    report_throttles,
+)
 from batchspec.core.reconcile.restore import restore
 from batchspec.core.reconcile.retry import retry
 from batchspec.core.reconcile.submit import create, replace
@@ -39,6 +44,7 @@ from batchspec.core.recorded import (
 )
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
+from batchspec.errors import ProviderError
 from batchspec.state.connection import CommitGroup
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
@@ -195,11 +201,20 @@ class Reconciler:
                     if res.name in submitted:  # it waits on its new batches
                         if res.name in submitted_waiting:
                             waiting.append(res)
-                    elif self._waits(res, self.advance(res, facts[res.name], group)):
+                    elif self._waits(res, self._advance_named(res, facts[res.name], group)):
                         waiting.append(res)
                     if group.due:
                         group.flush()
+            report_throttles(self.ctx, calls)
             return waiting
+
+    def _advance_named(self, res: Resource, facts: InputReport, group: CommitGroup) -> StepResult:
+        """``advance``; a provider's failure that stops the pass names ``res`` (``about``)."""
+        try:
+            return self.advance(res, facts, group)
+        except ProviderError as err:
+            err.about(res.name)
+            raise
 
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
