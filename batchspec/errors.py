@@ -77,12 +77,17 @@ class ProviderError(BatchspecError):
         code: str | None = None,
         request_id: str | None = None,
         retryable: bool = False,
+        sent_nothing: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.request_id = request_id
         self.retryable = retryable
+        #: set only where the client knows the provider acted on none of the attempts: each
+        #: never left this machine, or was refused with a 4xx other than 408/409. A create
+        #: failing so made no batch; any other failure may have made one.
+        self.sent_nothing = sent_nothing
 
 
 class StateError(BatchspecError):

@@ -6,8 +6,10 @@ records when each request was answered, so the tests assert on what the server s
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from probes import start_probed_server
@@ -15,7 +17,10 @@ from servers import wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, openai_provider, run_cli
 
 from batchspec.core.reconcile.prefetch import BoundedCalls
+from batchspec.core.reconcile.reconciler import Reconciler
 from batchspec.engine.upstreams import BuiltinUpstream, Faults, FaultyUpstream
+from batchspec.providers.base import call_place
+from batchspec.state.store import StateStore
 
 DOWNLOAD = "GET /files/{id}/content"
 
@@ -195,6 +200,59 @@ def test_workers_take_the_calls_of_a_provider_with_a_free_place() -> None:
         finally:
             stuck.set()
         assert second.result(timeout=5) == "a2"
+
+
+def test_a_request_that_may_not_wait_for_a_place_is_sent_at_once() -> None:
+    """The main thread's gate (``admitting``): with provider a's only place taken, a request
+    that may wait waits for it; one that may not (its thread holds the state's writer lock)
+    goes at once rather than hold that lock through the other call."""
+    stuck, released = threading.Event(), threading.Event()
+    waits = [True]
+    with BoundedCalls(2, lambda provider: 1) as calls, calls.admitting(lambda: waits[0]):
+        try:
+            calls.submit("a", stuck.wait)
+            wait_for(lambda: calls.limit_for("a").active == 1)
+            waits[0] = False
+            with call_place("a"):
+                assert calls.limit_for("a").active == 1  # sent beside the stuck call
+            waits[0] = True
+
+            def waiting() -> None:
+                with call_place("a"):
+                    released.set()
+
+            gated = contextvars.copy_context()  # the gate is this thread's: take it along
+            threading.Thread(target=gated.run, args=(waiting,), daemon=True).start()
+            assert not released.wait(0.3)
+        finally:
+            stuck.set()
+        assert released.wait(5)
+
+
+def test_the_main_thread_waits_for_a_place_only_outside_a_steps_transaction(
+    tmp_path: Path,
+) -> None:
+    """``Reconciler._may_wait_for_a_place``: outside any transaction it may wait; inside a
+    commit group's own transaction it commits the group first, then may; inside a step's
+    ``atomic`` (the writer lock held for a write that must stay whole) it may not."""
+    with StateStore.open(tmp_path / "state.db") as store:
+        ctx = SimpleNamespace(store=store, before_wait=lambda: None)
+        reconciler = SimpleNamespace(ctx=ctx)
+        may_wait = Reconciler._may_wait_for_a_place
+        assert may_wait(reconciler) is True  # type: ignore[arg-type]
+        with store.commit_group() as group:
+            ctx.before_wait = group.flush
+            group.join()
+            assert store.in_transaction
+            assert may_wait(reconciler) is True  # type: ignore[arg-type]
+            assert not store.in_transaction and group.commits == 1
+            with store.atomic():
+                assert may_wait(reconciler) is False  # type: ignore[arg-type]
+                assert store.in_transaction
+            group.join()
+            with store.atomic():  # nested in the group's transaction: a savepoint
+                assert may_wait(reconciler) is False  # type: ignore[arg-type]
+                assert store.in_transaction
 
 
 RATE_LIMITED = {

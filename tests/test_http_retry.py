@@ -548,6 +548,87 @@ def test_a_refusal_after_an_ambiguous_attempt_is_still_ambiguous(
     assert scripted.methods() == ["POST", "GET", "POST"]
 
 
+@pytest.mark.parametrize(
+    ("answers", "methods"),
+    [
+        pytest.param([error_answer(400)], ["POST"], id="a-400"),
+        pytest.param([error_answer(429, retry_after="0")] * 3, ["POST"] * 3, id="429s-spent"),
+    ],
+)
+def test_a_create_refused_on_every_attempt_says_it_sent_nothing(
+    scripted: ScriptedServer, answers: list[Answer], methods: list[str]
+) -> None:
+    """A 4xx refusal (a 400, or 429s past the retries) says the create made nothing
+    (``sent_nothing``): the reconciler may then create it again at once."""
+    scripted.script(*answers)
+    provider, _ = make_provider(scripted, max_retries=2)
+    with pytest.raises(ProviderError) as caught:
+        _create(provider, "file-1")
+    assert not isinstance(caught.value, AmbiguousOutcome)
+    assert caught.value.sent_nothing is True
+    assert scripted.methods() == methods
+
+
+def test_a_create_that_never_connected_says_it_sent_nothing() -> None:
+    """Connection refused on every attempt: nothing left this machine."""
+    with refused_port() as port:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        provider = OpenAIProvider(
+            "p", base_url=base_url, api_key=SENTINEL_KEY, max_retries=1, sleep=lambda _: None
+        )
+        with pytest.raises(ProviderError) as caught:
+            _create(provider, "file-1")
+    assert caught.value.sent_nothing is True
+
+
+@pytest.mark.parametrize(
+    ("answers", "methods", "ambiguous"),
+    [
+        # the lost create's lookup is throttled past its retries: the 429 is the lookup's
+        pytest.param(
+            [error_answer(500), error_answer(429, retry_after="0")],
+            ["POST", "GET"],
+            False,
+            id="lookup-throttled",
+        ),
+        # a 5xx the server says not to retry may still have made the batch
+        pytest.param(
+            [error_answer(500, x_should_retry="false"), listing()],
+            ["POST", "GET"],
+            True,
+            id="5xx-not-to-retry",
+        ),
+        # a gateway's 408 may still forward the create: looked up before any second send
+        pytest.param(
+            [error_answer(408), listing(), error_answer(400)],
+            ["POST", "GET", "POST"],
+            True,
+            id="408-then-400",
+        ),
+        # made, but its answer did not parse
+        pytest.param(
+            [Answer(200, b"<html>gateway</html>", {"content-type": "text/html"})],
+            ["POST"],
+            False,
+            id="2xx-unreadable",
+        ),
+    ],
+)
+def test_a_create_that_may_have_been_made_never_says_it_sent_nothing(
+    scripted: ScriptedServer, answers: list[Answer], methods: list[str], ambiguous: bool
+) -> None:
+    """Every failure after which the batch may exist leaves ``sent_nothing`` unset, so the
+    reconciler keeps the row ``creating`` and looks it up through its confirm window
+    instead of creating it again at once (and paying twice if the first arrives)."""
+    scripted.script(*answers)
+    provider, _ = make_provider(scripted, max_retries=0 if len(answers) < 3 else 1)
+    with pytest.raises(ProviderError) as caught:
+        _create(provider, "file-1")
+    assert caught.value.sent_nothing is False
+    assert isinstance(caught.value, AmbiguousOutcome) is ambiguous
+    assert scripted.methods() == methods
+
+
 def test_unambiguous_create_failures_are_retried_directly(scripted: ScriptedServer) -> None:
     """A 429 or 503 on create means nothing was made: the same create is re-sent without a
     lookup."""

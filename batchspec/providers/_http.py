@@ -55,6 +55,9 @@ from batchspec.wire.retry import (
 
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503})
+#: 4xx answers that do not say the request was refused: 408 (a gateway that gave up waiting
+#: may still forward it) and 409 (a conflict with something that may be what we sent)
+_UNSURE_4XX = frozenset({408, 409})
 #: transport errors raised before the request could reach the server
 _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 #: transport errors worth a retry; others (bad scheme, local protocol misuse) are not
@@ -446,20 +449,25 @@ def create_or_adopt(
     After an ``AmbiguousOutcome`` the batch the lost create made, if ``made_by_lost`` finds
     one, is the answer; otherwise the create is sent again by ``policy`` when ``resend``, and
     the ``AmbiguousOutcome`` is raised when not (the reconciler then waits its bounded window
-    before it creates again) or when the retries are spent. Any other ``ProviderError`` says
-    the provider made nothing (a 429, a 4xx, no connection), unless an earlier attempt was
-    ambiguous: that one may still arrive, so the error is raised as an ``AmbiguousOutcome``.
+    before it creates again) or when the retries are spent. Another ``ProviderError`` made no
+    batch only when it says so (``sent_nothing``: a 4xx refusal, no connection) and no
+    earlier attempt was ambiguous (that one may still arrive: the error is then raised as an
+    ``AmbiguousOutcome``); a failed lookup of a lost create never says so.
     """
     ambiguous = False
     for retries_done in range(policy.max_attempts):
         try:
             return send()
-        except AmbiguousOutcome:
+        except AmbiguousOutcome as lost:
             ambiguous = True
-            made = made_by_lost()
+            try:
+                made = made_by_lost()
+            except ProviderError as err:
+                err.sent_nothing = False  # said of the lookup; the create may have been made
+                raise
             if made is not None:
                 return made
-            if not resend or not policy.can_retry(retries_done):
+            if not resend or not lost.retryable or not policy.can_retry(retries_done):
                 raise
             sleep(policy.delay(retries_done, rand=rand))
         except ProviderError as err:
@@ -696,9 +704,10 @@ class RetryingClient:
         ok_statuses: frozenset[int] = frozenset(),
     ) -> httpx.Response:
         if self._unsendable is not None:
-            raise ProviderError(str(self._unsendable))
+            raise ProviderError(str(self._unsendable), sent_nothing=True)
         url = self._base_url + path
         merged = {**self._headers, **(headers or {})}
+        unsure = False  # an attempt that may have reached the server and acted
         for retries_done in range(self._policy.max_attempts):
             last = not self._policy.can_retry(retries_done)
             try:
@@ -713,9 +722,12 @@ class RetryingClient:
                     retryable=retryable,
                     proxy=environment_proxy(self._client, url),
                 )
-                if retryable and not retry_ambiguous and not isinstance(exc, _NOT_SENT_ERRORS):
+                not_sent = isinstance(exc, _NOT_SENT_ERRORS)
+                if retryable and not retry_ambiguous and not not_sent:
                     raise _as_ambiguous(error) from exc
+                unsure = unsure or not not_sent
                 if not retryable or last:
+                    error.sent_nothing = not unsure
                     raise error from exc
                 self._sleep(self._policy.delay(retries_done, rand=self._rand))
                 continue
@@ -727,11 +739,14 @@ class RetryingClient:
             error = error_from_response(
                 response, operation=operation, context=self._context, policy=self._policy
             )
-            if error.retryable and not retry_ambiguous and is_ambiguous_status(error.status or 0):
-                raise _as_ambiguous(error)
+            status = response.status_code
+            if not retry_ambiguous and (is_ambiguous_status(status) or status in _UNSURE_4XX):
+                raise _as_ambiguous(error)  # a create: looked up before any second send
+            unsure = unsure or status >= 500 or status in _UNSURE_4XX
             if not error.retryable or last:
-                if response.status_code == 429:
+                if status == 429:
                     report_throttle()
+                error.sent_nothing = not unsure and 400 <= status < 500
                 raise error
             retry_after = retry_after_seconds(response.headers)
             if response.status_code == 429 or retry_after is not None:

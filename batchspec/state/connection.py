@@ -235,6 +235,14 @@ class StateConnection:
         """True inside ``atomic()`` (the database's writer lock is held)."""
         return self.db.in_transaction
 
+    @property
+    def in_atomic_block(self) -> bool:
+        """True inside an ``atomic()`` block, outermost or nested; False in a transaction a
+        ``CommitGroup`` opened on its own (whose ``flush`` may commit it at any time)."""
+        return self._savepoints > 0 or self._atomic_open
+
+    _atomic_open = False
+
     def __enter__(self: _Conn) -> _Conn:
         return self
 
@@ -260,11 +268,14 @@ class StateConnection:
                 self._savepoints -= 1
             return
         db.begin_writer()
+        self._atomic_open = True
         try:
             yield self
         except BaseException:
             db.rollback()
             raise
+        finally:
+            self._atomic_open = False
         try:
             db.commit()
         except BaseException:

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from batchspec.core.reconcile.adopt import listed_whole
@@ -249,11 +249,23 @@ class BoundedCalls:
             self._ready.notify_all()
 
     @contextmanager
-    def admitting(self) -> Iterator[None]:
+    def admitting(self, may_wait: Callable[[], bool] = lambda: True) -> Iterator[None]:
         """While the block runs, each provider request sent on this thread (a serial step's
         upload, create, lookup, poll or download) takes a place under the same limit as the
-        pool's calls, so the calls in flight to a provider never exceed its cap."""
-        token = open_call_gate(lambda provider: self.limit_for(provider).place())
+        pool's calls, so the calls in flight to a provider never exceed its cap.
+
+        ``may_wait`` is asked when no place is free: False (the thread holds the state's
+        writer lock, which another runner would wait on) sends the request at once, over the
+        cap by this one, rather than hold the lock through other calls' downloads."""
+
+        def gate(provider: str) -> AbstractContextManager[object]:
+            limit = self.limit_for(provider)
+            started_in = limit.try_acquire()
+            if started_in is not None:
+                return limit.place(started_in)
+            return limit.place() if may_wait() else nullcontext()
+
+        token = open_call_gate(gate)
         try:
             yield
         finally:

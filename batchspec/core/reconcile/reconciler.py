@@ -256,7 +256,7 @@ class Reconciler:
         try:
             with (
                 BoundedCalls(self.parallelism, self.max_concurrency) as calls,
-                calls.admitting(),
+                calls.admitting(self._may_wait_for_a_place),
             ):
                 self.ctx.calls = calls
                 self.ctx.prefetched = Prefetched()
@@ -267,6 +267,16 @@ class Reconciler:
         finally:
             self.ctx.prefetched = Prefetched()
             self.ctx.calls = None
+
+    def _may_wait_for_a_place(self) -> bool:
+        """Whether a request the main thread sends may wait for a place among a provider's
+        calls in flight: not inside a step's transaction (the state's writer lock would be
+        held through other calls' downloads, and another runner waits on it); a commit
+        group's transaction, open on its own, is committed first, as before any wait."""
+        store = self.ctx.store
+        if store.in_transaction and not store.in_atomic_block:
+            self.ctx.before_wait()  # the commit group's (a step's ``atomic`` is not touched)
+        return not store.in_transaction
 
     @contextmanager
     def _waits_commit(self, group: CommitGroup) -> Iterator[None]:

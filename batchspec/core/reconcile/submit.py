@@ -14,10 +14,10 @@ again); the row is marked ``creating`` with a ``create-intent`` event; the run's
 re-checked; only then is the batch created, with its deterministic key in the metadata. A
 create that fails ambiguously (``AmbiguousOutcome``: a timeout, a reset) is recorded as
 ``create-unconfirmed`` and looked up, backing off, until its window ends; it is adopted if it
-appears, and otherwise left ``creating`` for a later pass. A create the provider refused
-(any other ``ProviderError`` but a 408 or 409: it made nothing) sets the intent back to
-``pending`` (``create-refused``) before the error goes on, so the next run looks its key up
-once and creates it, instead of waiting out the window of a create in transit.
+appears, and otherwise left ``creating`` for a later pass. A create the provider refused in
+so many words (``ProviderError.sent_nothing``) sets the intent back to ``pending``
+(``create-refused``) before the error goes on, so the next run looks its key up once and
+creates it, instead of waiting out the window of a create in transit.
 """
 
 from __future__ import annotations
@@ -171,20 +171,16 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
     return True
 
 
-#: 4xx answers to a create that do not say it was refused: 408 (the server gave up waiting,
-#: maybe on a gateway that still forwards it) and 409 (a conflict with something that exists)
-_UNSURE_REFUSALS = frozenset({408, 409})
-
-
 def record_create_refused(
     ctx: RunContext, res: Resource, batch: BatchRow, err: ProviderError
 ) -> None:
-    """The provider refused the create (a 429 whose retries were spent, a 4xx but 408/409,
-    a connection never opened; never an ``AmbiguousOutcome``): nothing was made, so the
-    intent is ``pending`` again (a ``create-refused`` event), and the next run looks its key
-    up and creates it at once, instead of waiting ``createConfirmSeconds`` for a batch that
-    cannot arrive. A 408 or 409 leaves it ``creating``: looked up through its window first."""
-    if err.status in _UNSURE_REFUSALS:
+    """A create the provider refused (``ProviderError.sent_nothing``: a 4xx other than
+    408/409 on every attempt, a 429 whose retries were spent, a connection never opened)
+    made nothing, so the intent is ``pending`` again (a ``create-refused`` event): the next
+    run looks its key up and creates it at once, instead of waiting ``createConfirmSeconds``
+    for a batch that cannot arrive. Any other failure (a 5xx, a 2xx whose body did not
+    parse, a failed lookup of a lost create) leaves it ``creating``: looked up first."""
+    if not err.sent_nothing:
         return
     with ctx.store.atomic():
         ctx.store.update_batch(batch.id, status="pending")
