@@ -615,6 +615,22 @@ def test_history_events_n_keeps_each_runs_last_events_and_its_whole_usage(
     assert not any(line.startswith("    20") for line in text.splitlines())
 
 
+def test_history_events_n_above_the_run_s_count_lists_them_all(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """history --events N with N above a run's event count lists every event and claims none
+    were left out (N = count + 1 and count + 2 once showed fewer, oldest dropped)."""
+    _, out, _ = run_cli(["history", str(applied.root), "--json"], capsys)
+    [whole] = json.loads(out)["runs"]
+    count = len(whole["events"])
+    for more in (count + 1, count + 2, count * 3):
+        _, out, _ = run_cli(["history", str(applied.root), "--json", "--events", str(more)], capsys)
+        assert json.loads(out)["runs"][0]["events"] == whole["events"], more
+        _, text, _ = run_cli(["history", str(applied.root), "--events", str(more)], capsys)
+        assert "earlier event" not in text, more
+        assert sum(line.startswith("    20") for line in text.splitlines()) == count, more
+
+
 def test_history_text_shortens_hashes_that_json_keeps_whole(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -31,6 +31,7 @@ from batchspec.engine import (
     make_upstreams,
 )
 from batchspec.engine.balancer import RateBucket, estimated_tokens, parse_target
+from batchspec.engine.upstreams import make_upstream
 from batchspec.errors import UsageError
 
 CHAT = "/v1/chat/completions"
@@ -480,6 +481,48 @@ def test_a_misspelt_upstream_is_refused_with_the_url_it_should_be(spec, said):
     with pytest.raises(UsageError) as raised:
         make_upstreams([spec, "http://127.0.0.1:2/v1"])
     assert said in str(raised.value) and "secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "secrets"),
+    [
+        pytest.param("http://bob:p@ss@gpu1/v1,http://gpu2/v1", ("bob", "p@ss", "ss@"), id="at"),
+        pytest.param("http://bob:pa/ss@gpu1/v1,http://gpu2/v1", ("bob", "pa/", "ss@"), id="slash"),
+        pytest.param(
+            "http://gpu1/v1,http://alice:s3cr#t@gpu2/v1", ("alice", "s3cr", "t@"), id="hash"
+        ),
+    ],
+)
+def test_several_urls_in_one_upstream_are_shown_without_any_password(spec, secrets):
+    """'A,B' in one --upstream is refused showing both URLs without their passwords, even a
+    password holding '@', '/' or '#' (a regex once showed 'ss@gpu1', 'bob:pa/ss@...' and,
+    through the '#' limits, 'alice:s3cr')."""
+    for refuse in (lambda: make_upstreams([spec]), lambda: make_upstream(spec)):
+        with pytest.raises(UsageError) as raised:
+            refuse()
+        said = str(raised.value)
+        assert "'http://gpu1/v1,http://gpu2/v1' holds more than one URL" in said, said
+        assert not any(secret in said for secret in secrets), said
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "http://bob:pa/ss@gpu1/v1",
+        "http://bob:pa?ss@gpu1/v1",
+        "http://bob:pa#ss@gpu1/v1",
+        "http://bob:pa#ss@gpu1/v1#rpm=5",
+    ],
+)
+def test_a_password_with_a_slash_or_hash_is_refused_without_showing_it(spec):
+    """A password holding '/', '?' or '#' (which end the host) is a usage error asking to
+    percent-encode it, not a port error quoting 'pa' or an unknown '#' limit 'ss@gpu1/v1'."""
+    for refuse in (lambda: make_upstreams([spec]), lambda: make_upstream(spec)):
+        with pytest.raises(UsageError) as raised:
+            refuse()
+        said = str(raised.value)
+        assert "'http://gpu1/v1': its user:password holds" in said, said
+        assert not any(secret in said for secret in ("bob", "'pa", "pa/", "ss@")), said
 
 
 def test_serve_with_a_bad_upstream_port_is_one_line_not_a_traceback(tmp_path):

@@ -342,9 +342,15 @@ CREATE_ROUTES = [
 
 
 def refusing_late(
-    root: Path, gated: Any, capsys: pytest.CaptureFixture[str], provider_type: str, route: str
+    root: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    provider_type: str,
+    route: str,
+    status: int = 429,
 ) -> tuple[Workspace, ProbedServer]:
-    """Three resources applied, then a fourth, "late", whose creates the server answers 429."""
+    """Three resources applied, then a fourth, "late", whose creates the server answers
+    ``status`` (429: rate-limited)."""
     srv, _ = gated(root.name)
     provider = {"type": provider_type, "apiKeyEnv": KEY_ENV, "options": {"maxRetries": 0}}
     provider["baseUrl"] = srv.v1 if provider_type == "openai" else srv.base_url
@@ -352,7 +358,7 @@ def refusing_late(
     first = make_workspace(root, providers={"srv": provider}, resources=specs)
     assert run_cli(["apply", str(first.root), "--yes"], capsys)[0] == 0
     limited = {"error": {"type": "rate_limit_error", "message": "Slow down."}}
-    srv.probe.refuse(route, 429, limited)
+    srv.probe.refuse(route, status, limited)
     resources = [*specs, ResourceSpec("late")]
     return make_workspace(root, providers={"srv": provider}, resources=resources), srv
 
@@ -381,6 +387,21 @@ def test_a_create_refused_past_its_retries_names_its_resource(
     assert error.detail["message"].startswith("[late] srv: create")
     assert error.resource == "late"  # so `show late` lists it among its last events
     assert "[late] srv: create" in run_cli(["show", "late", str(ws.root)], capsys)[1]
+
+
+def test_the_json_error_event_of_a_refused_create_carries_its_resource(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An apply whose create for "late" the provider refuses with a 400 ends its --json
+    output with an error event whose `resource` is "late", like every other event's."""
+    ws, _ = refusing_late(tmp_path / "ws", gated, capsys, "openai", r"^POST /v1/batches$", 400)
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 1
+    *events, error = json_lines(out)
+    assert error["event"] == "error" and error["resource"] == "late", error
+    assert error["message"].startswith("[late] ")
+    assert all("resource" in event for event in events)
 
 
 @pytest.mark.parametrize(("provider_type", "create_route"), CREATE_ROUTES)

@@ -449,9 +449,11 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
 
 
 def error_event_json(err: BatchspecError) -> dict[str, Any]:
-    """The last NDJSON line of an ``apply --json`` that failed."""
+    """The last NDJSON line of an ``apply --json`` that failed; ``resource`` is the one the
+    failure is about (None: the run as a whole), as on every event."""
     return {
         "event": "error",
+        "resource": err.resource,
         "error": type(err).__name__,
         "message": err.message,
         "details": list(err.details),

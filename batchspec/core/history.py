@@ -121,7 +121,7 @@ class HistoryEntry:
         """The run's last ``limit`` events, oldest first (None: all of them)."""
         if limit is None:
             return self.events
-        return self.events[len(self.events) - limit :] if limit else ()
+        return self.events[-limit:] if limit > 0 else ()
 
     def to_json(self, *, events: int | None = None) -> dict[str, Any]:
         """``events``: list only the last ones (the usage still counts them all)."""

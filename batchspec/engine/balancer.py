@@ -63,6 +63,8 @@ from batchspec.engine.upstreams import (
     UpstreamResponse,
     UpstreamUnreachable,
     make_upstream,
+    refuse_a_raw_password,
+    refuse_several_urls,
 )
 from batchspec.errors import UsageError
 
@@ -89,6 +91,8 @@ def parse_target(spec: str) -> UpstreamTarget:
 
     The fragment of a URL is never sent to a server, so it can carry the limits.
     """
+    refuse_several_urls(spec)  # before '#': a password in the second URL may hold one
+    refuse_a_raw_password(spec)
     base, _, fragment = spec.partition("#")
     limits: dict[str, int] = {}
     for key, value in parse_qsl(fragment.replace(",", "&"), keep_blank_values=True):
@@ -129,7 +133,11 @@ def _place_of(url: str) -> str:
 
 
 def _shown(spec: str) -> str:
-    """A spec without any credentials in its URL."""
+    """A spec without any credentials in its URL (up to the last '@', as
+    ``without_credentials`` reads them)."""
+    scheme, sep, rest = spec.partition("://")
+    if sep:
+        spec = f"{scheme}://{rest.rpartition('@')[2]}"
     parts = urlsplit(spec)
     if parts.hostname is None:
         return spec

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -94,10 +95,30 @@ class Upstream(Protocol):
 
 def without_credentials(url: str) -> str:
     """``url`` without the ``user:password@`` of its authority, query or fragment: fit for
-    messages even when the URL is malformed (a port that is not a number)."""
+    messages even when the URL is malformed (a port that is not a number).
+
+    Everything after ``://`` up to the last ``@`` goes: a password someone did not
+    percent-encode may hold ``/``, ``#``, ``?`` or ``@``, which ``urlsplit`` would read as the
+    end of the authority (showing a URL with an ``@`` in its path or query shortened is the
+    lesser harm)."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        url = f"{scheme}://{rest.rpartition('@')[2]}"
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def refuse_a_raw_password(url: str) -> None:
+    """A usage error when ``url``'s password holds '/', '?' or '#' not percent-encoded: those
+    end the host, so the password would be read as a port, a path or ``#`` limits (and shown
+    in their messages)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and "@" not in urlsplit(url).netloc:
+        raise UsageError(
+            f"Upstream {without_credentials(url)!r}: its user:password holds '/', '?' or '#', "
+            "which end a URL's host: percent-encode them (%2F, %3F, %23)."
+        )
 
 
 class HttpUpstream:
@@ -110,6 +131,7 @@ class HttpUpstream:
         api_key: str | None = None,
         max_connections: int = 64,
     ) -> None:
+        refuse_a_raw_password(base_url)
         parts = urlsplit(base_url)
         # Never show credentials embedded in the URL.
         shown = without_credentials(base_url)
@@ -549,6 +571,31 @@ def unknown_upstream_message(shown: str) -> str:
     return f"Unknown upstream {shown!r}: {hint}."
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_several_urls(spec: str) -> None:
+    """A usage error when ``spec`` is several URLs run together (``A,B``), shown with no
+    URL's credentials, query or fragment."""
+    if spec.count("://") < 2 and not (spec.startswith("builtin") and "://" in spec):
+        return
+    # One piece per URL, from its scheme to the next one's: a password may hold ',' or '#'.
+    starts = [0, *(m.start() for m in _SCHEME.finditer(spec)), len(spec)]
+    shown = ""
+    for piece in (spec[a:b] for a, b in pairwise(starts) if a < b):
+        url = piece.rstrip(",; \t\r\n")
+        separator = piece[len(url) :]
+        if "://" in url:
+            url = without_credentials(url)
+        else:  # builtin, or a host without its scheme (user:password@host)
+            url = re.split(r"[?#]", url.rpartition("@")[2])[0]
+        shown += url + separator
+    raise UsageError(
+        f"Upstream {shown!r} holds more than one URL: repeat --upstream for each "
+        "(BATCHSPEC_UPSTREAM separates them with spaces)."
+    )
+
+
 def make_upstream(
     spec: str,
     *,
@@ -559,12 +606,7 @@ def make_upstream(
 ) -> Upstream:
     """``builtin`` or an http(s) base URL, with the API key read from ``api_key_env``."""
     upstream: Upstream
-    if spec.count("://") > 1 or (spec.startswith("builtin") and "://" in spec):
-        shown = re.sub(r"://[^/@\s]*@", "://", spec.partition("#")[0])  # every URL's password
-        raise UsageError(
-            f"Upstream {shown!r} holds more than one URL: repeat --upstream for each "
-            "(BATCHSPEC_UPSTREAM separates them with spaces)."
-        )
+    refuse_several_urls(spec)
     if spec == "builtin":
         upstream = BuiltinUpstream(latency=latency)
     elif spec.startswith(("http://", "https://")):

@@ -153,11 +153,6 @@ class AdaptiveLimit:
             self._cond.notify_all()
         self._on_release()
 
-    def run(self, call: Callable[[], T]) -> T:
-        """Run ``call`` in a place, hearing its throttles (on this thread) as it runs."""
-        with self.place():
-            return call()
-
     @contextmanager
     def place(self, started_in: int | None = None) -> Iterator[None]:
         """Hold a place while the block runs, hearing its throttles (on this thread); the
