@@ -29,7 +29,7 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.errors import ProviderError
-from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.base import AmbiguousOutcome, Provider, RemoteBatch, RemoteNotFound
 from batchspec.providers.gemini import (
     GeminiProvider,
     display_name_for,
@@ -538,6 +538,22 @@ def test_lost_create_answer_is_found_by_display_name_not_sent_again(
     srv.probe.release(CREATE)
     assert batch.metadata == KEYS
     assert srv.probe.counts[CREATE] == 1 and srv.batch_count() == 1
+
+
+def test_a_create_still_in_transit_is_not_sent_again(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """A keyed create held on its way past the client's timeout, not listed yet, is never
+    re-sent by the provider (AmbiguousOutcome: the reconciler looks it up through its
+    window); a second create would be a second batch paid for once the first arrives."""
+    srv = server()
+    srv.probe.hold(CREATE, 2.0, times=1)
+    with provider_for(srv, tmp_path / "p", timeout=0.5) as provider:
+        file_id = stage(provider, tmp_path, native_lines(2))
+        with pytest.raises(AmbiguousOutcome):
+            create(provider, file_id)
+    srv.probe.release(CREATE)
+    assert srv.probe.counts[CREATE] == 1
 
 
 def test_wrong_key_is_a_clear_401(server: Callable[..., ProbedServer], tmp_path: Path) -> None:

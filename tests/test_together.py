@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from probes import ProbedServer, route_of
 from servers import (
     EngineServer,
     jsonl_bytes,
@@ -33,6 +34,7 @@ from starlette.routing import Route
 
 from batchspec.engine.server import start_in_thread
 from batchspec.errors import ProviderError
+from batchspec.providers.base import AmbiguousOutcome
 from batchspec.providers.journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.together import TogetherProvider
 
@@ -329,6 +331,35 @@ def test_a_create_the_engine_cannot_run_is_refused_with_the_line(
 
 
 # -- a Together that answers oddly ---------------------------------------------------------------
+
+
+def test_a_create_still_in_transit_is_not_sent_again(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """A create held on its way past the client's timeout, not listed yet, is never re-sent
+    by the provider (AmbiguousOutcome: the journal keeps it unconfirmed, the reconciler waits
+    its window); a second create would be a second job paid for once the first arrives."""
+    srv = server(api_key=API_KEY)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(request_lines(2)))
+    route = route_of("POST", f"{ROOT}/batches")
+    provider = TogetherProvider(
+        "tg",
+        base_url=f"{srv.base_url}{ROOT}",
+        api_key=API_KEY,
+        data_dir=tmp_path / "journal",
+        sleep=lambda _: None,
+        timeout=0.5,
+    )
+    try:
+        uploaded = provider.upload_file(path, filename="in.jsonl")
+        srv.probe.hold(route, 2.0, times=1)
+        with pytest.raises(AmbiguousOutcome):
+            create(provider, uploaded.id)
+    finally:
+        provider.close()
+        srv.probe.release(route)
+    assert srv.probe.counts[route] == 1
 
 
 def odd_together(answers: dict[str, Response]) -> Any:

@@ -36,7 +36,9 @@ batchspec's key is written there (``batchspec/<resource>/<spec>/<shard>/<attempt
 back as the batch's metadata, so the reconciler finds its batches after a crash by listing
 them, as with OpenAI. A create whose answer was lost (a timeout, a 5xx after Gemini may have
 acted) is never sent again blindly: the batches listed are searched for its display name
-first. The manifest's own ``metadata`` pairs are not sent (Gemini has nowhere to keep them).
+first, and a keyed one not found there is not sent again by the provider at all (it may
+still be in transit; the reconciler looks it up through its confirm window). The manifest's
+own ``metadata`` pairs are not sent (Gemini has nowhere to keep them).
 
 Auth: ``x-goog-api-key``. Retries, backoff and error messages come from ``_http`` (Google's
 ``{"error": {code, message, status}}`` envelope is read there).
@@ -349,12 +351,16 @@ class GeminiProvider(StagedInputs):
             )
             return parse_operation(_json(response, "create batch", self.name))
 
+        # a keyed create may still be in transit (a gateway holding it past our timeout):
+        # never re-sent here; the reconciler looks it up for a bounded window before it
+        # creates again (an unkeyed one cannot be told apart, so it is re-sent)
         return create_or_adopt(
             send,
             lambda: self._find(display_name),
             policy=self._policy,
             sleep=self._sleep,
             rand=self._rand,
+            resend=display_name == DISPLAY_PREFIX,
         )
 
     def _find(self, display_name: str) -> RemoteBatch | None:

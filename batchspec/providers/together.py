@@ -18,7 +18,8 @@ It is ``OpenAIProvider`` (same retries, error messages, downloads, ``get_file``)
   ``<dataDir>/journal.db`` (the journal the ``anthropic`` provider keeps, keyed by batchspec's
   metadata): the row is written *before* the create is sent and confirmed with the batch id.
   Batches are listed with their journaled metadata, so a re-run adopts them. A create whose
-  answer was lost leaves its row unconfirmed; the next create for the same key first looks for
+  answer was lost leaves its row unconfirmed and is not re-sent (it may still be in transit;
+  the reconciler waits its confirm window); the next create for the same key first looks for
   a batch made from the same input file since then and not claimed by another row, and adopts
   it rather than paying twice. Keep ``state/`` whole between runs: without the journal a
   Together batch cannot be recognised as batchspec's.
@@ -231,12 +232,16 @@ class TogetherProvider(OpenAIProvider):
             self._journal.confirm(key, created.id)
             return created
 
+        # a lost create may still be in transit: never re-sent here (the journal keeps it
+        # unconfirmed; the reconciler waits its bounded window before creating again, and
+        # that create adopts the lost one's job if it has arrived by then)
         return create_or_adopt(
             send,
             functools.partial(self._unclaimed_batch_of, entry),
             policy=self._policy,
             sleep=self._sleep,
             rand=self._rand,
+            resend=False,
         )
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
