@@ -278,13 +278,20 @@ def test_a_429_without_retries_left_still_fails_the_run_clearly(
         resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(3)],
     )
 
-    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
 
     assert code == 1
     assert "Rate limited" in err and "Traceback" not in err
+    assert "srv rate-limited" in out + err  # the pass says so, though it did not end
     with ws.store() as store:
         assert all(b.remote_id is None for b in store.batches())
     assert srv.batch_count() == 0
+
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 1  # the pass the 429s stopped says so before its error
+    events = [e["event"] for e in json_lines(out)]
+    assert "throttled" in events and events.index("throttled") < events.index("error"), events
 
 
 def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_when_ended(

@@ -180,33 +180,46 @@ class Reconciler:
         left to a later pass or apply (``collect``); the others go on."""
         self.ctx.done_in = None
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
-            retired = retired_batches(self.ctx, resources, self.retired_resources())
-            prefetch_pass(self.ctx, resources, calls, [r.batch for r in retired])
-            drain_retired(self.ctx, retired)
-            submitted = submit_pass(
-                self.ctx, resources, facts, calls, spending_action=self._spending_action
-            )
-            # what the submitted resources wait on, read (no write) in a few queries in all
-            with self.store.reading():
-                submitted_waiting = {
-                    res.name
-                    for res in resources
-                    if res.name in submitted
-                    and self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE
-                }
-            waiting = []
-            # one commit for the records of many resources' reads (see ``advance``)
-            with self.store.commit_group() as group, self._waits_commit(group):
-                for res in resources:  # downloads under way are waited for when taken
-                    if res.name in submitted:  # it waits on its new batches
-                        if res.name in submitted_waiting:
-                            waiting.append(res)
-                    elif self._waits(res, self._advance_named(res, facts[res.name], group)):
+            try:
+                return self._pass(resources, facts, calls)
+            except ProviderError:
+                report_throttles(self.ctx, calls)  # a pass a 429 stopped says so, first
+                raise
+
+    def _pass(
+        self,
+        resources: Sequence[Resource],
+        facts: Mapping[str, InputReport],
+        calls: BoundedCalls,
+    ) -> list[Resource]:
+        """``advance_all``'s pass, in its pool."""
+        retired = retired_batches(self.ctx, resources, self.retired_resources())
+        prefetch_pass(self.ctx, resources, calls, [r.batch for r in retired])
+        drain_retired(self.ctx, retired)
+        submitted = submit_pass(
+            self.ctx, resources, facts, calls, spending_action=self._spending_action
+        )
+        # what the submitted resources wait on, read (no write) in a few queries in all
+        with self.store.reading():
+            submitted_waiting = {
+                res.name
+                for res in resources
+                if res.name in submitted
+                and self.plan_one(res, facts[res.name]).kind is not ActionKind.NONE
+            }
+        waiting = []
+        # one commit for the records of many resources' reads (see ``advance``)
+        with self.store.commit_group() as group, self._waits_commit(group):
+            for res in resources:  # downloads under way are waited for when taken
+                if res.name in submitted:  # it waits on its new batches
+                    if res.name in submitted_waiting:
                         waiting.append(res)
-                    if group.due:
-                        group.flush()
-            report_throttles(self.ctx, calls)
-            return waiting
+                elif self._waits(res, self._advance_named(res, facts[res.name], group)):
+                    waiting.append(res)
+                if group.due:
+                    group.flush()
+        report_throttles(self.ctx, calls)
+        return waiting
 
     def _advance_named(self, res: Resource, facts: InputReport, group: CommitGroup) -> StepResult:
         """``advance``; a provider's failure that stops the pass names ``res`` (``about``)."""
