@@ -10,6 +10,7 @@ import contextvars
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from probes import start_probed_server
@@ -72,6 +73,18 @@ def test_max_concurrency_caps_the_serial_steps_calls_too(
         srv.stop()
 
 
+def list_without_file_ids(srv: Any) -> None:
+    """Once every batch on ``srv`` has completed, its list endpoint answers with them but
+    without their output and error file ids (a gateway's trimmed list objects)."""
+    wait_for(
+        lambda: all(b["status"] == "completed" for b in srv.engine.list_batches(None, 100)["data"])
+    )
+    page = srv.engine.list_batches(None, 100)
+    for batch in page["data"]:
+        batch.update(output_file_id=None, error_file_id=None)
+    srv.probe.refuse(r"^GET /v1/batches$", 200, page)
+
+
 def test_a_listing_that_leaves_out_the_files_of_ended_batches_makes_no_retry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,15 +99,7 @@ def test_a_listing_that_leaves_out_the_files_of_ended_batches_makes_no_retry(
             resources=[ResourceSpec(f"r{i:02d}", count=2, prefix=f"p{i}") for i in range(4)],
         )
         assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-        wait_for(
-            lambda: all(
-                b["status"] == "completed" for b in srv.engine.list_batches(None, 100)["data"]
-            )
-        )
-        page = srv.engine.list_batches(None, 100)
-        for batch in page["data"]:
-            batch.update(output_file_id=None, error_file_id=None)
-        srv.probe.refuse(r"^GET /v1/batches$", 200, page)
+        list_without_file_ids(srv)
 
         code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
 
@@ -119,15 +124,7 @@ def test_a_lost_state_adopts_from_a_trimmed_listing_without_paying_again(
             resources=[ResourceSpec(f"r{i:02d}", count=2, prefix=f"p{i}") for i in range(3)],
         )
         assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-        wait_for(
-            lambda: all(
-                b["status"] == "completed" for b in srv.engine.list_batches(None, 100)["data"]
-            )
-        )
-        page = srv.engine.list_batches(None, 100)
-        for batch in page["data"]:
-            batch.update(output_file_id=None, error_file_id=None)
-        srv.probe.refuse(r"^GET /v1/batches$", 200, page)
+        list_without_file_ids(srv)
         for path in ws.state_path.parent.iterdir():  # the state is lost
             if path.is_file():
                 path.unlink()
