@@ -20,13 +20,16 @@ package the SDK script imports is): ``parallel_apply.compile_batchspec``.
 A third client, ``openai-batch`` (PyPI; bench only, never a dependency), runs the same job
 with ``--openai-batch-path DIR`` (install it there with ``pip install --no-deps --target DIR
 openai-batch``). ``--shards 6`` splits the job in six batches: apply uploads and creates them
-side by side, the SDK script one after another.
+side by side, the SDK script one after another. ``--latency 0.1`` puts the fleet bench's
+proxy (``parallel_apply.start_latency_proxy``) between every client and the server, adding
+that many seconds to each request, as a round trip to a hosted API does (default 0: loopback).
 
     .venv/bin/python bench/apply.py                         # 50,000 requests, 3 rounds
     .venv/bin/python bench/apply.py --requests 5000 --rounds 1
     .venv/bin/python bench/apply.py --profile               # also cProfile one apply run
     .venv/bin/python bench/apply.py --openai-batch-path /tmp/ob   # a third contender
     .venv/bin/python bench/apply.py --shards 6              # six batches
+    .venv/bin/python bench/apply.py --shards 6 --latency 0.1   # ... 100 ms from the server
 
 Only loopback addresses are used; every process is stopped at the end.
 """
@@ -267,14 +270,27 @@ def count_lines(path: Path) -> int:
 
 
 def one_run(
-    client: str, n: int, concurrency: int, tmp: Path, profile: Path | None, shards: int = 1
+    client: str,
+    n: int,
+    concurrency: int,
+    tmp: Path,
+    profile: Path | None,
+    shards: int = 1,
+    latency: float = 0.0,
 ) -> Measure:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{client}-", dir=tmp))
     server = start_server(run_dir / "engine", concurrency)
+    url = server.url
+    proxy = None
+    if latency > 0:
+        from parallel_apply import start_latency_proxy  # the harness's, beside this file
+
+        proxy, _ = start_latency_proxy(server.url, latency)
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
     env: dict[str, str] = {}
     try:
         if client == "apply":
-            output = write_workspace(run_dir / "ws", f"{server.url}/v1", n, shards)
+            output = write_workspace(run_dir / "ws", f"{url}/v1", n, shards)
             prefix = [sys.executable]
             if profile is not None:
                 prefix += ["-m", "cProfile", "-o", str(profile)]
@@ -287,13 +303,16 @@ def one_run(
             if client == "sdk" and shards > 1:
                 mode = "sdk-sharded-client"
             argv = [sys.executable, str(THIS), mode, str(run_dir / "input.jsonl")]
-            argv += [f"{server.url}/v1", str(output)]
+            argv += [f"{url}/v1", str(output)]
             if mode == "sdk-sharded-client":
                 argv.append(str(shards))
             if client == "openai-batch":
                 env["PYTHONPATH"] = OPENAI_BATCH_PATH[0]
         measure = run_client(client, argv, run_dir, env)
     finally:
+        if proxy is not None:
+            proxy.shutdown()
+            proxy.server_close()
         server.stop()
     lines = count_lines(output)
     if lines != n:
@@ -312,6 +331,12 @@ def main() -> None:
         "--shards", type=int, default=1, help="split the job in this many batches (e.g. 6)"
     )
     parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds a proxy adds to every request, client to server (default 0: loopback)",
+    )
+    parser.add_argument(
         "--openai-batch-path",
         help="a folder holding the openai-batch package (`pip install --no-deps --target "
         "DIR openai-batch`): also time it as a third client (single batch only)",
@@ -327,14 +352,17 @@ def main() -> None:
         clients.append("openai-batch")
     results: dict[str, list[Measure]] = {c: [] for c in clients}
     shards = f", {args.shards} shards (the SDK script one after another)" if args.shards > 1 else ""
+    latency = f", {args.latency * 1000:.0f} ms added per request" if args.latency > 0 else ""
     print(
         f"{args.requests:,} chat requests{shards}, batchspec serve --concurrency "
-        f"{args.concurrency} (builtin upstream), {args.rounds} round(s); client wall time and "
-        "peak RSS"
+        f"{args.concurrency} (builtin upstream){latency}, {args.rounds} round(s); client wall "
+        "time and peak RSS"
     )
     for round_no in range(1, args.rounds + 1):
         for client in clients:
-            m = one_run(client, args.requests, args.concurrency, tmp, None, args.shards)
+            m = one_run(
+                client, args.requests, args.concurrency, tmp, None, args.shards, args.latency
+            )
             results[client].append(m)
             print(f"  round {round_no} {client:12}: {m.seconds:7.2f} s  {m.peak_rss_mb:6.1f} MB")
     medians = {c: statistics.median(m.seconds for m in results[c]) for c in clients}
@@ -355,7 +383,7 @@ def main() -> None:
     print(f"targets {verdict}")
     if args.profile:
         profile = tmp / "apply.prof"
-        one_run("apply", args.requests, args.concurrency, tmp, profile, args.shards)
+        one_run("apply", args.requests, args.concurrency, tmp, profile, args.shards, args.latency)
         import pstats
 
         print(f"\ncProfile of one apply run ({profile}), top 25 by cumulative time:")
