@@ -29,7 +29,13 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.errors import ProviderError
-from batchspec.providers.base import AmbiguousOutcome, Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.base import (
+    AmbiguousOutcome,
+    Provider,
+    RemoteBatch,
+    RemoteNotFound,
+    find_batch_by_key,
+)
 from batchspec.providers.gemini import (
     GeminiProvider,
     display_name_for,
@@ -554,6 +560,28 @@ def test_a_create_still_in_transit_is_not_sent_again(
             create(provider, file_id)
     srv.probe.release(CREATE)
     assert srv.probe.counts[CREATE] == 1
+
+
+def test_a_key_lookup_reads_past_an_older_batch_listed_before_the_keys_batch(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """Gemini documents no order for its listing: a batch older than the lookup's window,
+    listed before the key's batch, must not end the scan (it did: the key's batch was missed,
+    and a lost state or a lost create answer had it created, and paid for, again)."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        wanted = create(provider, stage(provider, tmp_path, native_lines(1)))
+        other = create(provider, stage(provider, tmp_path, native_lines(1)), batchspec_shard="1")
+        engine_id = "batch_" + other.id.removeprefix("batches/")
+        with srv.engine.store.write() as db:  # made three days ago, and listed first
+            db.execute(
+                "UPDATE batches SET created_at = created_at - 259200 WHERE id = ?", (engine_id,)
+            )
+        listed = [(b.id, b.created_at or 0) for b in provider.list_batches()]
+        found = find_batch_by_key(provider, KEYS, since=time.time() - 25 * 3600)
+    assert [i for i, _ in listed] == [other.id, wanted.id] and listed[0][1] < listed[1][1]
+    assert found.batch is not None and found.batch.id == wanted.id
+    assert (found.listed, found.stopped_at_window) == (2, False)
 
 
 def test_wrong_key_is_a_clear_401(server: Callable[..., ProbedServer], tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from workspaces import (
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.mistral_routes import MistralJobs
 from batchspec.errors import InputError, ProviderError
-from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound, find_batch_by_key
 from batchspec.providers.mistral import MistralProvider, parse_job
 from batchspec.wire import mistral_lines
 from batchspec.wire.outcomes import classify_result_line
@@ -227,6 +227,28 @@ def test_list_pages_through_every_job(server: Callable[..., ProbedServer], tmp_p
             for i in range(5)
         ]
         assert [b.id for b in provider.list_batches(page_size=2)] == list(reversed(made))
+
+
+def test_a_key_lookup_reads_past_an_older_job_listed_before_the_keys_job(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """Mistral documents no order for its listing: a job older than the lookup's window,
+    listed before the key's job, must not end the scan (it did: the key's job was missed, and
+    a lost state or a lost create answer had it created, and paid for, again)."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        lines = request_lines(1, model=MODEL)
+        wanted = create(provider, stage(provider, tmp_path, lines))
+        other = create(provider, stage(provider, tmp_path, lines), batchspec_shard="1")
+        with srv.engine.store.write() as db:  # made three days ago, and listed first
+            db.execute(
+                "UPDATE batches SET created_at = created_at - 259200 WHERE id = ?", (other.id,)
+            )
+        listed = [(b.id, b.created_at or 0) for b in provider.list_batches()]
+        found = find_batch_by_key(provider, KEYS, since=time.time() - 25 * 3600)
+    assert [i for i, _ in listed] == [other.id, wanted.id] and listed[0][1] < listed[1][1]
+    assert found.batch is not None and found.batch.id == wanted.id
+    assert (found.listed, found.stopped_at_window) == (2, False)
 
 
 def test_cancel_ends_cancelled_and_unrun_requests_are_retryable(

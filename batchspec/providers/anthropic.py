@@ -108,6 +108,8 @@ class _Body:
 class AnthropicProvider(StagedInputs):
     """A ``providers.base.Provider`` for Anthropic Message Batches (see the module docstring)."""
 
+    lists_newest_first = True  # documented: most recently created first
+
     def __init__(
         self,
         name: str,

@@ -103,6 +103,10 @@ class Provider(Protocol):
     """What the reconciler needs from a place where batches run."""
 
     name: str
+    #: whether ``list_batches`` is known to list newest first (documented, or our engine): a
+    #: key lookup stops at the first batch older than its window only then, and reads the
+    #: whole listing (up to ``UNORDERED_SCAN_MAX``) of a provider whose order is not known
+    lists_newest_first: bool
 
     def upload_file(
         self,
@@ -135,7 +139,8 @@ class Provider(Protocol):
     def get_batch(self, batch_id: str) -> RemoteBatch: ...
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every batch the provider lists, newest first, following pagination lazily."""
+        """Every batch the provider lists, in its order (``lists_newest_first``), following
+        pagination lazily."""
         ...
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch: ...
@@ -163,6 +168,11 @@ def find_batch_by_key(
 
     Bounded: the scan stops at the first batch created before ``since`` (epoch seconds), which
     is never matched, so the cost is the pages back to ``since``, not the account's history.
+    That holds only where the listing is newest first (``Provider.lists_newest_first``): on a
+    provider whose order is not known (Gemini, Mistral, Together), a batch older than ``since``
+    is skipped, not an end, and the scan reads on to the end of the listing or
+    ``UNORDERED_SCAN_MAX`` batches: stopping at an old batch listed first would miss the key's
+    batch listed after it, and a missed batch is one created, and paid for, again.
     Every provider reports batchspec's key in ``RemoteBatch.metadata`` (OpenAI, Azure, LiteLLM,
     serve and Mistral keep it remotely; Gemini in the display name; Anthropic and Together only
     in their local journal, so after a lost state their batches are not recognised).
@@ -170,8 +180,12 @@ def find_batch_by_key(
     return BatchListing(provider, page_size=page_size).find_by_key(metadata, since=since)
 
 
+#: batches a key lookup reads at most from a provider whose listing is not newest first
+UNORDERED_SCAN_MAX = 10_000
+
+
 class BatchListing:
-    """One newest-first scan of a provider's batches, read lazily and shared by many lookups.
+    """One scan of a provider's batches, read lazily and shared by many lookups.
 
     ``find_by_key`` answers exactly as a scan of its own would (the same batch, the same
     ``listed`` count), but pages already read are not asked for again: a pass that looks up
@@ -180,6 +194,7 @@ class BatchListing:
 
     def __init__(self, provider: Provider, *, page_size: int = 100) -> None:
         self._batches = provider.list_batches(page_size=page_size)
+        self._newest_first = provider.lists_newest_first
         self._seen: list[RemoteBatch] = []
         self._exhausted = False
 
@@ -202,9 +217,13 @@ class BatchListing:
         for remote in self._scan():
             listed += 1
             if remote.created_at is not None and remote.created_at < since:
-                return KeyLookup(None, listed, True)
-            if all(remote.metadata.get(k) == v for k, v in metadata.items()):
+                if self._newest_first:
+                    return KeyLookup(None, listed, True)
+                # in no known order: the key's batch may be listed after this one
+            elif all(remote.metadata.get(k) == v for k, v in metadata.items()):
                 return KeyLookup(remote, listed, False)
+            if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
+                break
         return KeyLookup(None, listed, False)
 
 

@@ -103,6 +103,8 @@ _FRACTION = re.compile(r"\.\d+")
 class GeminiProvider(StagedInputs):
     """A ``providers.base.Provider`` for Gemini Batch Mode (see the module docstring)."""
 
+    lists_newest_first = False  # Gemini documents no order for its listing
+
     def __init__(
         self,
         name: str,

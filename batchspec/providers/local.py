@@ -46,6 +46,8 @@ class LocalProvider:
     object; ``engine_kwargs`` go to ``Engine``.
     """
 
+    lists_newest_first = True  # the engine lists newest first
+
     def __init__(
         self,
         name: str,

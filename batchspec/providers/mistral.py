@@ -82,6 +82,8 @@ _LOOKUP_JOBS = 1000
 class MistralProvider:
     """A ``providers.base.Provider`` for Mistral batch jobs (see the module docstring)."""
 
+    lists_newest_first = False  # Mistral documents no order for its listing
+
     def __init__(
         self,
         name: str,
@@ -225,7 +227,7 @@ class MistralProvider:
     def list_batches(
         self, *, page_size: int = _PAGE_SIZE, metadata: Mapping[str, str] | None = None
     ) -> Iterator[RemoteBatch]:
-        """Every listed job, newest first, page by page (``metadata``: only jobs with it)."""
+        """Every listed job, in Mistral's order, page by page (``metadata``: only jobs with it)."""
         size = max(1, min(page_size, _PAGE_SIZE))
         for page in itertools.count():
             params: dict[str, Any] = {**(metadata or {}), "page": page, "page_size": size}

@@ -73,6 +73,8 @@ LITELLM_PROVIDER_HEADER = "custom-llm-provider"
 class OpenAIProvider:
     """A ``providers.base.Provider`` for any OpenAI-compatible Files + Batches API."""
 
+    lists_newest_first = True  # OpenAI, Azure and LiteLLM list newest first
+
     def __init__(
         self,
         name: str,

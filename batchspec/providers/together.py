@@ -71,6 +71,8 @@ _CHUNK = 64 * 1024
 class TogetherProvider(OpenAIProvider):
     """A ``providers.base.Provider`` for Together's Batch API (see the module docstring)."""
 
+    lists_newest_first = False  # Together's listing (one bare array) has no documented order
+
     def __init__(
         self,
         name: str,
@@ -251,7 +253,7 @@ class TogetherProvider(OpenAIProvider):
         return self._with_journal(_parse_job(_json(response, "get batch", self.name), {}))
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every batch Together lists (one page: it does not page), newest first."""
+        """Every batch Together lists (one page: it does not page), in its order."""
         known = self._journal.by_remote_id()
         for batch in self._listed():
             entry = known.get(batch.id)
