@@ -332,6 +332,8 @@ def test_connect_errors_are_retried_then_reported_clearly() -> None:
         pytest.param(None, True, id="proxied"),
         pytest.param("localhost", True, id="other-host-bypassed"),
         pytest.param("127.0.0.1", False, id="host-bypassed"),
+        pytest.param("10.0.0.0/8", True, id="other-network-bypassed"),
+        pytest.param("10.0.0.0/8, 127.0.0.0/8", False, id="network-bypassed"),
     ],
 )
 def test_a_refused_environment_proxy_is_named_not_the_server(
@@ -342,7 +344,8 @@ def test_a_refused_environment_proxy_is_named_not_the_server(
 ) -> None:
     """With HTTP_PROXY pointing at a proxy that refuses connections, the error names that
     proxy (without its password) and NO_PROXY as the way round it, instead of saying the
-    server the user can see running could not be reached; a bypassed host reaches it."""
+    server the user can see running could not be reached; a bypassed host reaches it, and so
+    does a host in a network NO_PROXY names (as curl and the engine read it; httpx does not)."""
     scripted.script(ok())
     with refused_port() as port:
         monkeypatch.setenv("HTTP_PROXY", f"http://user:hunter2@127.0.0.1:{port}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import socket
 import ssl
 import urllib.request
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import h11
+
+from batchspec.wire.no_proxy import bypasses_proxy
 
 READ_CHUNK = 64 * 1024
 
@@ -91,7 +92,7 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
     if not proxy_url:
         return None
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if _bypassed(parts.hostname, port, proxies.get("no", "")):
+    if bypasses_proxy(parts.hostname, port, proxies.get("no", "")):
         return None
     if "://" not in proxy_url:
         proxy_url = f"http://{proxy_url}"
@@ -115,50 +116,6 @@ def _tls_context() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:  # pragma: no cover - certifi ships with httpx
         return ssl.create_default_context()
-
-
-def _bypassed(hostname: str, port: int, no_proxy: str) -> bool:
-    """Whether ``NO_PROXY`` names the host (as curl reads it): ``*``, the host or a domain it
-    is in (``lan``, ``.lan``), either with ``:port``, an IPv6 address bare or in brackets
-    (``::1``, ``[::1]:8000``), or a network its address is in (``10.0.0.0/8``, ``fd00::/8``)."""
-    hostname = hostname.lower()
-    try:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
-            hostname
-        )
-    except ValueError:
-        address = None
-    for entry in no_proxy.split(","):
-        name = entry.strip().lower()
-        if name == "*":
-            return True
-        if "/" in name:  # a network (CIDR)
-            try:
-                network = ipaddress.ip_network(name.strip("[]"), strict=False)
-            except ValueError:
-                continue
-            if address is not None and address.version == network.version and address in network:
-                return True
-            continue
-        host, entry_port = _host_and_port(name)
-        host = host.lstrip(".")
-        if not host or (entry_port is not None and entry_port != port):
-            continue
-        if host == hostname or hostname.endswith(f".{host}"):
-            return True
-    return False
-
-
-def _host_and_port(entry: str) -> tuple[str, int | None]:
-    """A ``NO_PROXY`` entry as (host, port or None): ``h``, ``h:80``, ``::1``, ``[::1]:80``."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-    else:  # a name, or a bare IPv6 address (whose colons are not a port)
-        host, port = entry, ""
-    return host, int(port) if port.isdigit() else None
 
 
 class _Connection:

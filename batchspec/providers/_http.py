@@ -46,6 +46,7 @@ from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
 from batchspec.providers.base import RemoteBatch, RemoteNotFound, call_place, report_throttle
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
+from batchspec.wire.no_proxy import bypasses_proxy
 from batchspec.wire.retry import (
     CLIENT_POLICY,
     RetryPolicy,
@@ -363,8 +364,26 @@ def new_client(
     TLS as ``tls_verify_for`` says."""
     verify = True if transport is not None else tls_verify_for(base_url)
     return httpx.Client(
-        transport=transport, timeout=httpx.Timeout(timeout), verify=verify, **options
+        transport=transport,
+        timeout=httpx.Timeout(timeout),
+        verify=verify,
+        mounts=None if transport is not None else _direct_if_exempted(base_url),
+        **options,
     )
+
+
+def _direct_if_exempted(base_url: str) -> dict[str, httpx.BaseTransport | None] | None:
+    """Mounts that send every request straight to ``base_url`` when ``NO_PROXY`` exempts its
+    host as curl reads it (``wire.no_proxy``; httpx misses networks such as ``10.0.0.0/8``),
+    in place of the proxies httpx mounts from the environment (None: its own transport)."""
+    url = httpx.URL(base_url)
+    no_proxy = urllib.request.getproxies_environment().get("no", "")
+    if not no_proxy or not url.host:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if not bypasses_proxy(url.host, port, no_proxy):
+        return None
+    return {"all://": None, "http://": None, "https://": None}
 
 
 def tls_verify_for(base_url: str) -> ssl.SSLContext | bool:
