@@ -12,12 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from probes import start_probed_server
 from servers import request_lines
+from workspaces import SENTINEL_KEY
 
 from batchspec.core.batches import batch_metadata, metadata_for_key
 from batchspec.core.reconcile.adopt import window_seconds
-from batchspec.providers.base import find_batch_by_key
+from batchspec.errors import ProviderError
+from batchspec.providers.base import BatchListing, find_batch_by_key
 from batchspec.providers.local import LocalProvider
+from batchspec.providers.openai import OpenAIProvider
 
 KEY = "triage/abc123/0/1"
 
@@ -114,3 +118,36 @@ def test_a_batch_made_at_the_edge_of_the_window_is_still_found(
     assert at_edge.batch is not None and at_edge.batch.id == own
     assert (at_edge.listed, at_edge.stopped_at_window) == (1, False)
     assert (past_edge.batch, past_edge.listed, past_edge.stopped_at_window) == (None, 1, True)
+
+
+def test_a_listing_that_failed_half_way_starts_again_and_still_finds_the_key(
+    tmp_path: Path,
+) -> None:
+    """A listing whose second page could not be read raises; the next lookup on it reads
+    the listing again and finds the key's batch on that page. Taken as a listing that had
+    ended, it answered "no batch", and the batch was created, and paid for, again."""
+    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
+    try:
+        provider = OpenAIProvider("srv", base_url=srv.v1, api_key=SENTINEL_KEY, max_retries=0)
+        path = tmp_path / "in.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(1)))
+        file_id = provider.upload_file(path, filename="in.jsonl").id
+        made = [
+            provider.create_batch(
+                input_file_id=file_id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata=metadata_for_key(key),
+            )
+            for key in (KEY, "other/abc123/0/1")
+        ]
+        listing = BatchListing(provider, page_size=1)  # newest first: the key's is page 2
+        assert listing.find_by_key(metadata_for_key("other/abc123/0/1"), since=0).batch
+        srv.probe.refuse(r"^GET /v1/batches$", 500, {"error": {"message": "down"}})
+        with pytest.raises(ProviderError):  # page 2
+            listing.read_back_to(0)
+        srv.probe.refusals.clear()
+        found = listing.find_by_key(metadata_for_key(KEY), since=0)
+        assert found.batch is not None and found.batch.id == made[0].id
+    finally:
+        srv.stop()

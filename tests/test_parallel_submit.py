@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ from workspaces import (
     run_cli,
 )
 
+from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import prefetch
+from batchspec.core.reporting import Progress
 from batchspec.engine.api_faults import ApiFaults
 
 UPLOAD = "POST /files"
@@ -198,6 +201,81 @@ def test_a_kill_in_the_middle_of_a_parallel_submit_then_apply_creates_no_duplica
     with ws.store() as store:
         adopted = [e for e in store.events() if e.action == "adopt"]
     assert len(adopted) == made
+
+
+def test_the_key_lookups_page_the_provider_without_holding_the_states_writer_lock(
+    tmp_path: Path,
+) -> None:
+    """While the pass's key lookups page a slow provider listing, another runner of the same
+    state can write (the pages are read before the intents' transaction opens); it could
+    not, and failed after its busy timeout, when the lookups paged inside it."""
+    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+            resources=[ResourceSpec("a", count=1, prefix="a"), ResourceSpec("b", count=1)],
+        )
+        listed = srv.probe.hold("GET /batches", 1.5, times=1)
+        proc = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--yes"),
+            env={**os.environ, KEY_ENV: SENTINEL_KEY},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert listed.wait(30), "no list call reached the server"
+        time.sleep(0.2)  # the run is now waiting on the first page
+        other = sqlite3.connect(ws.state_path, timeout=0.5, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if it is held
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert srv.probe.counts["GET /batches"] == 1 and srv.batch_count() == 2
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("failing", [1, 3], ids=["while-sending", "after-the-last-send"])
+def test_a_failure_while_recording_creates_leaves_no_made_batch_unrecorded(
+    tmp_path: Path, failing: int
+) -> None:
+    """The report of the ``failing``-th create raises (as a closed stdout did): every batch
+    the server made is still recorded with its remote id. When it raised while the creates
+    after the last send were recorded, their transaction rolled back and they were left
+    ``creating`` with no remote id (a batch made, paid for, and not known to the state)."""
+
+    class Raised(Exception):
+        pass
+
+    creates = 0
+
+    def report(progress: Progress) -> None:
+        nonlocal creates
+        if progress.event == "create":
+            creates += 1
+            if creates == failing:
+                raise Raised
+
+    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+            resources=[ResourceSpec(f"r{i}", count=1, prefix=f"p{i}") for i in range(4)],
+        )
+        options = ApplyOptions(yes=True, parallelism=2)
+        with pytest.raises(Raised):
+            apply_workspace([str(ws.root)], options, report=report)
+        made = {b["id"] for b in srv.engine.list_batches(None, 100)["data"]}
+        with ws.store() as store:
+            recorded = {b.remote_id for b in store.batches() if b.remote_id}
+        assert made and made == recorded
+    finally:
+        srv.stop()
 
 
 class RecordedLimit(prefetch.AdaptiveLimit):

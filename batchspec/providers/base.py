@@ -190,11 +190,19 @@ class BatchListing:
     ``find_by_key`` answers exactly as a scan of its own would (the same batch, the same
     ``listed`` count), but pages already read are not asked for again: a pass that looks up
     the keys of many intents pays for the pages back to the oldest window once, not per key.
+    A page that could not be read raises, and the next scan starts the listing again (a
+    listing that failed half-way is never taken for a listing that ended: a key it had not
+    reached yet would be taken as absent, and its batch created again).
     """
 
     def __init__(self, provider: Provider, *, page_size: int = 100) -> None:
-        self._batches = provider.list_batches(page_size=page_size)
+        self._provider = provider
+        self._page_size = page_size
         self._newest_first = provider.lists_newest_first
+        self._start()
+
+    def _start(self) -> None:
+        self._batches = self._provider.list_batches(page_size=self._page_size)
         self._seen: list[RemoteBatch] = []
         self._exhausted = False
 
@@ -211,6 +219,22 @@ class BatchListing:
                 self._seen.append(next(self._batches))
             except StopIteration:
                 self._exhausted = True
+            except BaseException:
+                self._start()
+                raise
+
+    def read_back_to(self, since: float) -> int:
+        """Read (and keep) every page a ``find_by_key`` back to ``since`` may need; how many
+        batches that took."""
+        listed = 0
+        for remote in self._scan():
+            listed += 1
+            if self._newest_first:
+                if remote.created_at is not None and remote.created_at < since:
+                    break
+            elif listed >= UNORDERED_SCAN_MAX:
+                break
+        return listed
 
     def find_by_key(self, metadata: Mapping[str, str], *, since: float) -> KeyLookup:
         listed = 0

@@ -26,9 +26,12 @@ created again (``look_up_until`` backs off between lookups through ``RunContext.
 
 from __future__ import annotations
 
+import contextlib
+
 from batchspec.core.batches import batch_fields, metadata_for_key
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
+from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     BatchListing,
     KeyLookup,
@@ -83,13 +86,35 @@ def look_up_before_create(
     created earlier has expired by now (it is not adopted; the intent is sent anew). Records
     the lookup, and what it cost, as a ``lookup`` event.
     """
-    since = ctx.clock() - window_seconds(res.completion_window) - ADOPTION_CLOCK_SLACK
-    listings = ctx.prefetched.listings
-    if provider.name not in listings:  # one scan a pass per provider, shared by its intents
-        listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
-    found = listings[provider.name].find_by_key(metadata_for_key(batch.key), since=since)
+    since = lookup_since(ctx, res)
+    found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
     _record_lookup(ctx, res, batch, found, since)
     return read_back_if_trimmed(provider, found.batch)
+
+
+def lookup_since(ctx: RunContext, res: Resource) -> float:
+    """How far back (epoch seconds) ``look_up_before_create`` looks for ``res``'s keys."""
+    return ctx.clock() - window_seconds(res.completion_window) - ADOPTION_CLOCK_SLACK
+
+
+def _listing(ctx: RunContext, provider: Provider) -> BatchListing:
+    """The pass's one scan of ``provider``'s batches, shared by its intents' lookups."""
+    listings = ctx.prefetched.listings
+    if provider.name not in listings:
+        listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
+    return listings[provider.name]
+
+
+def read_listing_ahead(ctx: RunContext, provider: Provider, since: float) -> None:
+    """Read now, holding no transaction, the pages of ``provider``'s listing that lookups
+    back to ``since`` will read, so that they are answered from memory: a lookup made
+    inside a transaction (the parallel submit pass records intents and looks their keys
+    up in one) would otherwise page the provider, through its retries and ``Retry-After``
+    waits, while holding the state's writer lock, and another runner of the same state
+    waits on it (and fails after its busy timeout). A failure here is left to the lookup,
+    which asks again and raises it in order."""
+    with contextlib.suppress(ProviderError):  # the listing starts again on the lookup's call
+        _listing(ctx, provider).read_back_to(since)
 
 
 def _record_lookup(

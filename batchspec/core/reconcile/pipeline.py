@@ -14,10 +14,11 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
   is. A kill at any moment leaves what a serial run killed there leaves: ``pending`` intents
   (looked up by key, then uploaded again) or ``creating`` ones (adopted by key).
 * **The same checks as one at a time.** Before its upload, every intent's key is looked up on
-  the provider (one shared list scan a pass, ``adopt.look_up_before_create``) and adopted if
-  an earlier run made it; files are deduplicated by sha256 per provider (within the pass too);
-  ``maxInFlightBatches`` is respected; an unsure create (``creating``) is left to the serial
-  step, which confirms it before anything is created again.
+  the provider (one shared list scan a pass, ``adopt.look_up_before_create``, its pages read
+  before any transaction opens: the state's writer lock is never held across them) and
+  adopted if an earlier run made it; files are deduplicated by sha256 per provider (within
+  the pass too); ``maxInFlightBatches`` is respected; an unsure create (``creating``) is
+  left to the serial step, which confirms it before anything is created again.
 * **Few commits.** What one step records (an upload, a ``create-intent``, an earlier create,
   the next ``upload-intent``) commits at once, before the calls it allows are sent; the
   following steps whose calls have already ended (up to ``W``) join that commit.
@@ -41,7 +42,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from batchspec.core.plan import Action, ActionKind
-from batchspec.core.reconcile.adopt import look_up_before_create, record_remote
+from batchspec.core.reconcile.adopt import (
+    look_up_before_create,
+    lookup_since,
+    read_listing_ahead,
+    record_remote,
+)
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.prefetch import BoundedCalls, provider_ready
@@ -112,8 +118,55 @@ def submit_pass(
     spends and is allowed), or None to leave it to the serial steps.
     """
     handled: set[str] = set()
-    _submit(ctx, calls, _jobs(ctx, resources, facts, spending_action, handled))
+    planned = _read_listings_ahead(ctx, resources, facts, spending_action)
+    _submit(ctx, calls, _jobs(ctx, resources, facts, spending_action, planned, handled))
     return handled
+
+
+def _read_listings_ahead(
+    ctx: RunContext,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    spending_action: Callable[[Resource, InputReport], Action | None],
+) -> dict[str, Action | None]:
+    """Before the pass records anything (holding no transaction), plan its resources in
+    order until each provider it submits to has met its first resource that spends, and read
+    that provider's listing back as far as the lookups of its resources' keys will look
+    (``adopt.read_listing_ahead``): those lookups are made inside the transactions that
+    record the intents, and are then answered from memory instead of paging the provider
+    while the state's writer lock is held. Returns the actions planned, by resource name
+    (None: it does not spend now), which ``_intents_of`` takes instead of planning again."""
+    providers = {res.provider for res in resources if _submits_to(ctx, res)}
+    planned: dict[str, Action | None] = {}
+    spends: list[str] = []
+    for res in resources:
+        if len(spends) == len(providers):
+            break
+        if res.provider in spends or not _submits_to(ctx, res):
+            continue
+        planned[res.name] = _spending(spending_action(res, facts[res.name]))
+        if planned[res.name] is not None:
+            spends.append(res.provider)
+    for name in spends:
+        since = min(lookup_since(ctx, res) for res in resources if res.provider == name)
+        read_listing_ahead(ctx, ctx.provider_for(name), since)
+    return planned
+
+
+def _submits_to(ctx: RunContext, res: Resource) -> bool:
+    """Whether this pass may submit ``res`` (its provider's client is shared with workers)."""
+    config = ctx.project.providers.get(res.provider)
+    if res.suspend or config is None or config.type not in SUBMIT_TYPES:
+        return False
+    return provider_ready(ctx, res.provider)
+
+
+def _spending(action: Action | None) -> Action | None:
+    """``action`` if this pass takes it (a create or a retry), else None (a replace cancels
+    first: one at a time, by the serial step)."""
+    if action is None or action.kind not in SPENDING or action.kind is ActionKind.REPLACE:
+        return None
+    return action
 
 
 def _jobs(
@@ -121,18 +174,19 @@ def _jobs(
     resources: Sequence[Resource],
     facts: Mapping[str, InputReport],
     spending_action: Callable[[Resource, InputReport], Action | None],
+    planned: dict[str, Action | None],
     handled: set[str],
 ) -> Iterator[_Job]:
     """The intents to upload and create, in resource order, recorded as they are asked for
     (so the first uploads start while later resources are still being recorded). Each key is
-    looked up first (one list scan per provider a pass), and a batch an earlier run made for
-    it is adopted instead."""
+    looked up first (one list scan per provider a pass, read ahead: ``_read_listings_ahead``),
+    and a batch an earlier run made for it is adopted instead."""
     budget = _InFlightBudget(ctx)
     for res in resources:
         todo = []
         # one commit for what is recorded of a resource before its uploads (intents, lookups)
         with ctx.store.atomic():
-            taken = _intents_of(ctx, res, facts[res.name], spending_action)
+            taken = _intents_of(ctx, res, facts[res.name], spending_action, planned)
             if taken is None:
                 continue
             gen, rows = taken
@@ -161,16 +215,18 @@ def _intents_of(
     res: Resource,
     facts: InputReport,
     spending_action: Callable[[Resource, InputReport], Action | None],
+    planned: dict[str, Action | None],
 ) -> tuple[GenerationRow, list[BatchRow]] | None:
-    """Record ``res``'s intents if this pass submits it: its generation and unbound rows."""
-    config = ctx.project.providers.get(res.provider)
-    if res.suspend or config is None or config.type not in SUBMIT_TYPES:
+    """Record ``res``'s intents if this pass submits it: its generation and unbound rows
+    (its action as ``_read_listings_ahead`` planned it, or planned now)."""
+    if not _submits_to(ctx, res):
         return None
-    if not provider_ready(ctx, res.provider):
+    if res.name in planned:
+        action = planned.pop(res.name)
+    else:
+        action = _spending(spending_action(res, facts))
+    if action is None:
         return None
-    action = spending_action(res, facts)
-    if action is None or action.kind not in SPENDING or action.kind is ActionKind.REPLACE:
-        return None  # a replace cancels first: one at a time, by the serial step
     if action.kind is ActionKind.RETRY:
         gen = record_retries(ctx, res, facts)
     else:
@@ -274,10 +330,15 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                 recorded += 1
                 continue
             step_recorded = recorded
-            with ctx.store.atomic():  # this create and those after it that have ended
-                while step_recorded < len(todo) and _created(todo[step_recorded]):
-                    _finish_create(ctx, todo[step_recorded])
-                    step_recorded += 1
+            try:
+                with ctx.store.atomic():  # this create and those after it that have ended
+                    while step_recorded < len(todo) and _created(todo[step_recorded]):
+                        _finish_create(ctx, todo[step_recorded])
+                        step_recorded += 1
+            except BaseException:
+                for job in todo[recorded : step_recorded + 1]:
+                    job.finished = False  # rolled back: recorded again on the way out
+                raise
             recorded = step_recorded
     except Exception:
         # record every create already sent, so that none is left unsure without need
