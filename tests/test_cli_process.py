@@ -14,8 +14,10 @@ import gc
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+from workspaces import ResourceSpec, batchspec_cmd, local_provider, make_workspace
 
 from batchspec.cli.main import main
 
@@ -76,3 +78,26 @@ def test_main_with_arguments_leaves_the_callers_process_alone() -> None:
         main(["--version"])
     assert gc.get_freeze_count() == before
     assert "h2" not in sys.modules or sys.modules["h2"] is not None
+
+
+def test_apply_whose_stdout_reader_has_gone_runs_to_the_end(tmp_path: Path) -> None:
+    """``apply --json | head`` with the reader gone before the first line: the run goes on
+    and converges (every result written, exit 0), saying so once on stderr. It stopped at
+    the first line it could not write (exit 1, nothing submitted)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", count=3, provider="here")],
+    )
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", "--wait", "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone: the first line written meets a closed pipe
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.count("stdout was closed by its reader") == 1, err
+    assert [r["custom_id"] for r in ws.outputs("a")] == ws.input_ids("a")

@@ -17,6 +17,7 @@ shared with the ticker, so two writers never interleave a frame.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,9 +150,35 @@ class ApplyOutput:
 
 
 def _writer(stream: TextIO) -> Callable[[str], None]:
+    closed = False
+
     def write(text: str) -> None:
-        if text:
+        nonlocal closed
+        if not text or closed:
+            return
+        try:
             stream.write(text)
             stream.flush()
+        except BrokenPipeError:
+            closed = True
+            _discard(stream)
 
     return write
+
+
+def _discard(stream: TextIO) -> None:
+    """The reader of ``stream`` has gone (``apply | head``). The run goes on without it:
+    stopping at whichever progress line found the pipe closed would leave the submissions
+    half made; the run's record is in ``batchspec history``. What is still written to the
+    stream (the summary, the buffered rest) goes to the null device."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+    with contextlib.suppress(OSError):  # stderr gone too: nothing is left to tell
+        os.write(
+            2,
+            b"batchspec: stdout was closed by its reader; the run goes on without it "
+            b"(`batchspec history` shows it)\n",
+        )
