@@ -23,7 +23,8 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
-    problem names both places). ``spec.export`` paths are confined the same way, and never
+    problem names both places); "any" and "another" over the whole workspace, whatever
+    PATHS were given (``_claims_outside``). ``spec.export`` paths are confined the same way, and never
     onto the resource's own input, output or errors file. Each is a ``path-conflict`` problem
     at the key, so validate, plan and apply refuse it alike; collect and restore check again
     right before writing, symlinks resolved then (``refuse_unconfined_write``). Inputs are
@@ -322,7 +323,8 @@ def load_workspace(
             manifest_cache.remember(file, documents, sha256=digest[0] if digest else None)
     problems.extend(_duplicate_names(names))
     problems.extend(_conflicting_moves(resources))
-    problems.extend(_written_over(resources, loaded))
+    others = _claims_outside(targets, project, loaded, resolve, manifest_cache)
+    problems.extend(_written_over(resources, loaded, others))
     if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
         hints = _names_given_as_paths(targets, project, manifest_cache)
         raise InvalidManifestError(problems, hints=hints)
@@ -978,11 +980,94 @@ def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[P
     return problems
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """A file a resource outside the loaded manifests reads or writes (``_claims_outside``)."""
+
+    name: str  # the resource's name
+    key: str  # input, rows, output, errors or export
+    doc: YamlDocument
+    pointer: str
+
+
+def _claims_outside(
+    targets: Sequence[str],
+    project: Project,
+    loaded: Sequence[Path],
+    resolve: _PathResolver,
+    manifest_cache: ManifestCache | None,
+) -> dict[Path, _Claim]:
+    """The input, rows, output, errors and export files of the workspace's resources that
+    PATHS left out, so that ``batchspec apply manifests/a.yaml`` cannot write over the input
+    of a resource declared in ``b.yaml`` (confinement holds for the whole workspace, whatever
+    PATHS were given). Empty when PATHS is the workspace root (the usual run: no second scan).
+
+    Only paths are worked out (nothing is hashed or rendered); a document too broken to
+    name its paths claims none: its own problems are reported when it is loaded.
+    """
+    root = project.root.resolve()
+    if all(not is_glob(t) and Path(t).resolve() == root for t in targets):
+        return {}
+    files, _, _ = find_manifest_files([str(root)], project)
+    seen = set(_resolved_files(loaded))
+    claims: dict[Path, _Claim] = {}
+    for file in files:
+        if file in seen or file.resolve() in seen:
+            continue
+        recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        documents, file_problems = (
+            (recalled, []) if recalled is not None else read_yaml_documents(file)
+        )
+        if not_batchspec(file, documents, file_problems):
+            continue
+        for doc in documents:
+            for path, claim in _claimed_paths(doc, resolve):
+                claims.setdefault(path, claim)
+    return claims
+
+
+def _claimed_paths(doc: YamlDocument, resolve: _PathResolver) -> list[tuple[Path, _Claim]]:
+    """What one document reads (input or rows file) and writes (output, errors, exports),
+    resolved as its load would resolve them."""
+    name = _resource_name(doc)
+    spec = doc.data.get("spec") if isinstance(doc.data, Mapping) else None
+    if name is None or not isinstance(spec, Mapping):
+        return []
+    folder = resolve.folder(doc.file.parent)
+    found: list[tuple[str, str, Any]] = []
+    raw_input = spec.get("input")
+    if isinstance(raw_input, str):
+        found.append(("input", "/spec/input", raw_input))
+    elif isinstance(raw_input, Mapping):
+        found.append(("input", "/spec/input/rows", raw_input.get("rows")))
+    output = spec.get("output", f"results/{name}.jsonl")
+    found.append(("output", "/spec/output", output))
+    for i, entry in enumerate(spec.get("export") or []):
+        if isinstance(entry, Mapping):
+            found.append(("export", f"/spec/export/{i}/path", entry.get("path")))
+    claims = [
+        (resolve(folder, value), _Claim(name, key, doc, pointer))
+        for key, pointer, value in found
+        if isinstance(value, str) and value
+    ]
+    errors = spec.get("errors")
+    if isinstance(errors, str) and errors:
+        claims.append((resolve(folder, errors), _Claim(name, "errors", doc, "/spec/errors")))
+    elif errors is None and isinstance(output, str) and output:
+        beside = errors_beside(resolve(folder, output))
+        claims.append((beside, _Claim(name, "errors", doc, "/spec/output")))
+    return claims
+
+
 def _written_over(
-    resources: list[tuple[Resource, YamlDocument]], manifest_files: Sequence[Path]
+    resources: list[tuple[Resource, YamlDocument]],
+    manifest_files: Sequence[Path],
+    others: Mapping[Path, _Claim] | None = None,
 ) -> list[Problem]:
     """No resource writes another's input or rows file, a loaded manifest, or a file another
-    resource writes too (that problem names both places)."""
+    resource writes too (that problem names both places). ``others``: the files of the
+    workspace's resources outside the loaded manifests (``_claims_outside``)."""
+    others = others or {}
     inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
     for res, doc in resources:
         if res.input_source is not None:
@@ -1002,6 +1087,7 @@ def _written_over(
             message = None
             reader = inputs.get(path)
             first = writers.setdefault(path, (res, doc, key, pointer))
+            outside = others.get(path)
             if reader is not None and reader[0] is not res:
                 message = (
                     f"{key} file {display_path(path)} is the input of resource "
@@ -1014,6 +1100,16 @@ def _written_over(
                 message = (
                     f"{key} file {display_path(path)} is written by two resources: "
                     f"'{first[0].name}' (its {first[2]}, at {first[1].location(first[3])}) and "
+                    f"'{res.name}' (its {key}, at {doc.location(pointer)})"
+                )
+            elif outside is not None and outside.name != res.name:
+                where = outside.doc.location(outside.pointer)
+                message = (
+                    f"{key} file {display_path(path)} is the input of resource "
+                    f"'{outside.name}' ({where}): it would be overwritten"
+                    if outside.key == "input"
+                    else f"{key} file {display_path(path)} is written by two resources: "
+                    f"'{outside.name}' (its {outside.key}, at {where}) and "
                     f"'{res.name}' (its {key}, at {doc.location(pointer)})"
                 )
             if message:
