@@ -266,3 +266,20 @@ def test_apply_of_one_manifest_leaves_another_resources_input_intact(
     code, _, err = run_cli(["apply", str(root / "manifests" / "a.yaml"), "--wait"], capsys)
     assert code == 1 and "is the input of resource 'b'" in err
     assert (root / "data" / "b.jsonl").read_bytes() == before
+
+
+def test_a_manifest_given_alone_may_not_declare_a_name_another_file_declares(
+    tmp_path: Path,
+) -> None:
+    """`plan manifests/a.yaml` naming its resource 'b' is a duplicate name, not b's new spec."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["name"] = "b"
+    doc["spec"]["output"] = "../results/other.jsonl"
+    doc["spec"].pop("errors", None)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([path])
+    [problem] = caught.value.problems
+    assert problem.code == "duplicate-name" and "'b' is used twice" in problem.message

@@ -24,11 +24,12 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
     problem names both places); "any" and "another" over the whole workspace, whatever
-    PATHS were given (``_claims_outside``). ``spec.export`` paths are confined the same way, and never
-    onto the resource's own input, output or errors file. Each is a ``path-conflict`` problem
-    at the key, so validate, plan and apply refuse it alike; collect and restore check again
-    right before writing, symlinks resolved then (``refuse_unconfined_write``). Inputs are
-    only read, so they may live anywhere, outside the workspace too.
+    PATHS were given (``_outside_paths``). ``spec.export`` paths are confined the same way,
+    and never onto the resource's own input, output or errors file. Each is a
+    ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike;
+    collect and restore check again right before writing, symlinks resolved then
+    (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
+    the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -321,10 +322,10 @@ def load_workspace(
             clean = clean and resource is not None
         if manifest_cache is not None and recalled is None and clean:
             manifest_cache.remember(file, documents, sha256=digest[0] if digest else None)
-    problems.extend(_duplicate_names(names))
+    others = _outside_paths(targets, project, loaded, resolve, manifest_cache)
+    problems.extend(_duplicate_names([*names, *others.names]))
     problems.extend(_conflicting_moves(resources))
-    others = _claims_outside(targets, project, loaded, resolve, manifest_cache)
-    problems.extend(_written_over(resources, loaded, others))
+    problems.extend(_written_over(resources, loaded, others.claims))
     if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
         hints = _names_given_as_paths(targets, project, manifest_cache)
         raise InvalidManifestError(problems, hints=hints)
@@ -982,7 +983,7 @@ def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[P
 
 @dataclass(frozen=True)
 class _Claim:
-    """A file a resource outside the loaded manifests reads or writes (``_claims_outside``)."""
+    """A file a resource outside the loaded manifests reads or writes (``_outside_paths``)."""
 
     name: str  # the resource's name
     key: str  # input, rows, output, errors or export
@@ -990,27 +991,37 @@ class _Claim:
     pointer: str
 
 
-def _claims_outside(
+@dataclass(frozen=True)
+class _Outside:
+    """The names and files of the workspace's resources that PATHS left out."""
+
+    claims: Mapping[Path, _Claim]
+    names: Sequence[tuple[str, SourceLocation]]
+
+
+def _outside_paths(
     targets: Sequence[str],
     project: Project,
     loaded: Sequence[Path],
     resolve: _PathResolver,
     manifest_cache: ManifestCache | None,
-) -> dict[Path, _Claim]:
-    """The input, rows, output, errors and export files of the workspace's resources that
-    PATHS left out, so that ``batchspec apply manifests/a.yaml`` cannot write over the input
-    of a resource declared in ``b.yaml`` (confinement holds for the whole workspace, whatever
-    PATHS were given). Empty when PATHS is the workspace root (the usual run: no second scan).
+) -> _Outside:
+    """The names and the input, rows, output, errors and export files of the workspace's
+    resources that PATHS left out, so that ``batchspec apply manifests/a.yaml`` cannot write
+    over the input of a resource declared in ``b.yaml``, nor run a name ``b.yaml`` declares
+    too (confinement and unique names hold for the whole workspace, whatever PATHS were
+    given). Empty when PATHS is the workspace root (the usual run: no second scan).
 
-    Only paths are worked out (nothing is hashed or rendered); a document too broken to
-    name its paths claims none: its own problems are reported when it is loaded.
+    Only names and paths are worked out (nothing is hashed or rendered); a document too
+    broken to name its paths claims none: its own problems are reported when it is loaded.
     """
     root = project.root.resolve()
     if all(not is_glob(t) and Path(t).resolve() == root for t in targets):
-        return {}
+        return _Outside({}, ())
     files, _, _ = find_manifest_files([str(root)], project)
     seen = set(_resolved_files(loaded))
     claims: dict[Path, _Claim] = {}
+    names: list[tuple[str, SourceLocation]] = []
     for file in files:
         if file in seen or file.resolve() in seen:
             continue
@@ -1021,9 +1032,10 @@ def _claims_outside(
         if not_batchspec(file, documents, file_problems):
             continue
         for doc in documents:
+            names.extend(_name_of(doc))
             for path, claim in _claimed_paths(doc, resolve):
                 claims.setdefault(path, claim)
-    return claims
+    return _Outside(claims, names)
 
 
 def _claimed_paths(doc: YamlDocument, resolve: _PathResolver) -> list[tuple[Path, _Claim]]:
@@ -1066,7 +1078,7 @@ def _written_over(
 ) -> list[Problem]:
     """No resource writes another's input or rows file, a loaded manifest, or a file another
     resource writes too (that problem names both places). ``others``: the files of the
-    workspace's resources outside the loaded manifests (``_claims_outside``)."""
+    workspace's resources outside the loaded manifests (``_outside_paths``)."""
     others = others or {}
     inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
     for res, doc in resources:
