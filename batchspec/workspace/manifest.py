@@ -151,6 +151,7 @@ __all__ = [
     "confinement",
     "refuse_unconfined_write",
     "spec_hash",
+    "unlisted_manifests_warnings",
 ]
 
 
@@ -229,6 +230,9 @@ class Workspace:
     manifest_files: tuple[Path, ...] = ()
     #: with ``load_workspace(tolerate_broken=True)``: the problems of the documents left out
     problems: tuple[Problem, ...] = ()
+    #: manifest files given as PATHS that the project's ``manifests`` globs do not find: a
+    #: run without PATHS does not see them, so what they create shows as orphaned there
+    unlisted: tuple[Path, ...] = ()
 
 
 def semantic_spec(
@@ -333,7 +337,19 @@ def load_workspace(
     # A name declared twice has no one resource: neither is kept (the problem says why).
     declared = Counter(name for name, _ in names)
     kept = tuple(res for res, _ in resources if declared[res.name] == 1)
-    return Workspace(project, kept, tuple(loaded), ordered)
+    return Workspace(project, kept, tuple(loaded), ordered, others.unlisted)
+
+
+def unlisted_manifests_warnings(ws: Workspace) -> list[str]:
+    """A warning per manifest given as a PATH that the project's globs do not find."""
+    globs = ", ".join(ws.project.manifest_globs) or "(none)"
+    return [
+        f"{display_path(file)} is not among the project's manifests ({globs} in "
+        f"{display_path(ws.project.file or ws.project.root)}): `batchspec apply` without PATHS "
+        "does not read it, shows what it creates as orphaned, and `apply --prune` cancels "
+        "and forgets that; add it to `manifests:` or move it under them"
+        for file in ws.unlisted
+    ]
 
 
 def workspace_resource_names(
@@ -997,6 +1013,7 @@ class _Outside:
 
     claims: Mapping[Path, _Claim]
     names: Sequence[tuple[str, SourceLocation]]
+    unlisted: tuple[Path, ...] = ()  # loaded files the globs do not find
 
 
 def _outside_paths(
@@ -1020,6 +1037,8 @@ def _outside_paths(
         return _Outside({}, ())
     files, _, _ = find_manifest_files([str(root)], project)
     seen = set(_resolved_files(loaded))
+    listed = _resolved_files(files)
+    unlisted = tuple(f for f in loaded if f not in listed and f.resolve() not in listed)
     claims: dict[Path, _Claim] = {}
     names: list[tuple[str, SourceLocation]] = []
     for file in files:
@@ -1035,7 +1054,7 @@ def _outside_paths(
             names.extend(_name_of(doc))
             for path, claim in _claimed_paths(doc, resolve):
                 claims.setdefault(path, claim)
-    return _Outside(claims, names)
+    return _Outside(claims, names, unlisted)
 
 
 def _claimed_paths(doc: YamlDocument, resolve: _PathResolver) -> list[tuple[Path, _Claim]]:
