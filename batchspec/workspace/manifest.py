@@ -396,8 +396,7 @@ def _names_given_as_paths(
     except InvalidManifestError:  # a broken manifest: its own problem is reported anyway
         return []
     return [
-        f"{t} is a resource name, not a path: PATHS are manifest files, folders or globs; "
-        f"pick resources with --select {t}"
+        f"{t} is a resource name, not a path: pick resources with --select {t}"
         for t in missing
         if t in declared
     ]
