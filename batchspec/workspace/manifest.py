@@ -1051,7 +1051,11 @@ def _outside_paths(
             continue
         for doc in documents:
             names.extend(_name_of(doc))
-            for path, claim in _claimed_paths(doc, resolve):
+            try:
+                found = _claimed_paths(doc, resolve)
+            except (OSError, ValueError):  # a path no load could resolve: its own problem
+                continue
+            for path, claim in found:
                 claims.setdefault(path, claim)
     return _Outside(claims, names, unlisted)
 
