@@ -767,15 +767,43 @@ def _provider(
         message = "missing required key 'provider' (or set `defaults.provider` in batchspec.yaml)"
         problems.append(Problem.at(doc.location("/spec"), "/spec", "missing-key", message))
         return None
-    if name in project.providers:
-        return name
     pointer = "/spec/provider" if "provider" in spec else "/spec"
+    if name in project.providers:
+        shared = _engine_shared_with(project, name)
+        if shared is not None:
+            message = (
+                f"provider '{name}' (built in) keeps its engine in the data folder of provider "
+                f"'{shared}', which runs every batch there on its own upstream: declare "
+                f"'{name}' in batchspec.yaml with `options: {{dataDir: state/local-{name}}}`, "
+                f"or give '{shared}' a dataDir of its own"
+            )
+            problems.append(Problem.at(doc.location(pointer), pointer, "shared-engine", message))
+        return name
     hint = suggest(name, project.providers)
     known = ", ".join(sorted(project.providers))
     tail = f"did you mean '{hint}'?" if hint else f"known: {known}; declare it in batchspec.yaml"
     message = f"unknown provider '{name}' ({tail})"
     problems.append(Problem.at(doc.location(pointer), pointer, "unknown-provider", message))
     return None
+
+
+def _engine_shared_with(project: Project, name: str) -> str | None:
+    """The declared ``type: local`` provider whose engine folder the built-in ``local``
+    (``name``) would share, if any (two declared ones are the project file's problem)."""
+    own = project.providers[name]
+    if name != "local" or own.type != "local":
+        return None
+    folder = own.options.get("dataDir")
+    return next(
+        (
+            other.name
+            for other in project.providers.values()
+            if other.name != name
+            and other.type == "local"
+            and other.options.get("dataDir") == folder
+        ),
+        None,
+    )
 
 
 def _rendered_input(
