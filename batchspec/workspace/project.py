@@ -406,7 +406,8 @@ def _shared_engine_problems(doc: YamlDocument, root: Path) -> list[Problem]:
             f"providers '{name}' and '{other}' share the engine data folder {folder}: an "
             "engine runs every batch of its folder on its own upstream, so one's batches "
             f"would run on the other's model server; give '{name}' a folder of its own "
-            f"(options: {{dataDir: state/local-{name}}})"
+            f"(options: {{dataDir: state/local-{name}}}), or the other if '{name}' has "
+            "batches in flight: a batch stays in the folder it was created in"
         )
         problems.append(Problem.at(doc.location(pointer), pointer, "shared-engine-folder", message))
     return problems
