@@ -60,6 +60,21 @@ def test_scaffolded_workspace_passes_validate(
     assert report["project"] == str((target / "batchspec.yaml").resolve())
 
 
+def test_a_yml_manifest_beside_the_scaffolded_one_is_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest saved as manifests/two.yml is a resource of the new workspace, as .yaml is
+    (the scaffold's globs left .yml out: the file was silently ignored)."""
+    target = tmp_path / "ws"
+    assert run_main(["init", str(target)], capsys)[0] == 0
+    hello = (target / "manifests" / "hello.yaml").read_text()
+    two = hello.replace("name: hello", "name: two").replace("results/hello", "results/two")
+    (target / "manifests" / "two.yml").write_text(two)
+    code, out, err = run_main(["validate", str(target), "--json"], capsys)
+    assert code == 0, err
+    assert sorted(r["name"] for r in json.loads(out)["resources"]) == ["hello", "two"]
+
+
 def test_init_in_the_current_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -115,3 +115,29 @@ def test_stale_message_counts_answers_as_status_does(
     code, _, err = run_cli(["results", "triage", str(ws.root)], capsys)
     assert code == 1
     assert f"with {st['succeeded']}/{st['requests']} succeeded" in err
+
+
+def test_results_with_failed_requests_say_where_the_failures_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished generation with a request failed for good: `results NAME` prints the
+    answers and says on stderr how many failed and how to see them (an empty stdout with
+    exit 0 said nothing); `--errors` prints them with no such note."""
+    from workspaces import local_provider, make_workspace
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("mixed", count=1, provider="here")],
+    )
+    lines = request_lines(3, prefix="m")
+    lines[1]["body"]["messages"] = []  # the upstream refuses it: 400, not retryable
+    ws.write_input("mixed", lines)
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, out + err
+    code, out, err = run_cli(["results", "mixed", str(ws.root)], capsys)
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "1 of 3 requests failed for good" in err
+    assert "`batchspec results mixed --errors`" in err
+    code, out, err = run_cli(["results", "mixed", str(ws.root), "--errors"], capsys)
+    assert code == 0 and len(out.splitlines()) == 1 and "failed for good" not in err

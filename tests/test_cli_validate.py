@@ -233,9 +233,23 @@ def test_missing_path_is_a_problem_not_a_crash(
 def test_one_problem_is_told_to_fix_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The headline of a single problem says "Fix it", not "Fix them"."""
     assert run_main(["init", str(tmp_path / "ws")], capsys)[0] == 0
-    code, _, err = run_main(["plan", str(tmp_path / "ws" / "nope")], capsys)
+    manifest = tmp_path / "ws" / "manifests" / "hello.yaml"
+    manifest.write_text(manifest.read_text().replace("completionWindow:", "completionWindw:"))
+    code, _, err = run_main(["plan", str(tmp_path / "ws")], capsys)
     assert code == 1
     assert "1 problem in the workspace; nothing was changed. Fix it and run" in err
+
+
+def test_a_mistyped_path_is_not_called_a_problem_of_the_workspace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan ws/nope`: the headline blames the PATH, not the workspace, and sends nobody to
+    `batchspec validate` (which would say the same)."""
+    assert run_main(["init", str(tmp_path / "ws")], capsys)[0] == 0
+    code, _, err = run_main(["plan", str(tmp_path / "ws" / "nope")], capsys)
+    assert code == 1
+    assert err.startswith("Error: a PATH given cannot be used (PATHS are manifest files, ")
+    assert "nope: no such file or folder" in err and "batchspec validate" not in err
 
 
 def test_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:

@@ -212,3 +212,26 @@ def test_plan_and_apply_from_a_folder_without_manifests_do_not_claim_all_is_in_s
         assert code == 0, err
         assert "in sync" not in out and "no manifest was found" in out, out
     assert not ws.output_path("triage").exists()
+
+
+def test_a_manifest_outside_the_project_globs_is_run_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """validate, plan and apply of jobs/x.yaml, which `manifests:` does not list, warn that a
+    run without PATHS shows it orphaned (and --prune cancels it); listed manifests do not."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("x", provider="here")],
+    )
+    (ws.root / "jobs").mkdir()
+    (ws.root / "manifests" / "x.yaml").rename(ws.root / "jobs" / "x.yaml")
+    monkeypatch.chdir(ws.root)
+    for argv in (["validate"], ["plan"], ["apply", "--yes", *FAST]):
+        code, out, err = run_cli([*argv, "jobs/x.yaml"], capsys)
+        assert code == 0, err
+        said = out + err  # apply's warnings are among its progress lines
+        assert "Warning: jobs/x.yaml is not among the project's manifests" in said, argv
+        assert "`apply --prune` cancels" in said
+        code, out, err = run_cli([*argv, "manifests/a.yaml"], capsys)
+        assert code == 0 and "not among the project's manifests" not in out + err, argv

@@ -661,3 +661,24 @@ def test_nan_and_infinity_are_refused_where_a_schema_bound_cannot_see_them(tmp_p
         " ".join(shown)
     )
     assert any("/spec/limits/maxRequests: -.inf is not a number" in p for p in shown)
+
+
+def test_the_builtin_local_provider_beside_a_declared_one_on_its_folder_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A manifest on the built-in `local` while a declared local provider uses the same
+    engine folder (state/local): refused at its provider key; one on the declared is fine."""
+    from workspaces import ResourceSpec, local_provider, make_workspace
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="local")],
+    )
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([ws.root])
+    [problem] = caught.value.problems
+    assert (problem.code, problem.pointer) == ("shared-engine", "/spec/provider")
+    assert problem.file is not None and problem.file.name == "b.yaml"
+    assert "in the data folder of provider 'here'" in problem.message
+    assert [r.name for r in load_workspace([ws.root / "manifests" / "a.yaml"]).resources] == ["a"]

@@ -224,3 +224,62 @@ def test_an_output_onto_a_manifest_loaded_through_a_symbolic_link_is_refused(
     found = [p.message for p in problems_of(root) if p.code == "path-conflict"]
 
     assert any("is a manifest: it would be overwritten" in m for m in found), found
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        pytest.param("output", "../data/b.jsonl", "is the input of resource 'b'", id="input"),
+        pytest.param(
+            "output", "../data/rows.csv", "is the input of resource 'from-rows'", id="rows"
+        ),
+        pytest.param(
+            "errors", "../results/b.jsonl", "written by two resources: 'b' (its output", id="out"
+        ),
+        pytest.param(
+            "output",
+            "../results/from-rows.errors.jsonl",
+            "written by two resources: 'from-rows' (its errors",
+            id="default-errors",
+        ),
+    ],
+)
+def test_a_manifest_given_alone_may_not_write_over_what_the_rest_of_the_workspace_owns(
+    tmp_path: Path, key: str, value: str, expected: str
+) -> None:
+    """PATHS narrow what is loaded, not what is protected: a.yaml alone is refused too."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", **{key: value})
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([root / "manifests" / "a.yaml"])
+    messages = [p.message for p in caught.value.problems if p.code == "path-conflict"]
+    assert any(expected in m for m in messages), messages
+
+
+def test_apply_of_one_manifest_leaves_another_resources_input_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batchspec apply manifests/a.yaml` whose output is b's input exits 1, b's input unchanged."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", output="../data/b.jsonl")
+    before = (root / "data" / "b.jsonl").read_bytes()
+    code, _, err = run_cli(["apply", str(root / "manifests" / "a.yaml"), "--wait"], capsys)
+    assert code == 1 and "is the input of resource 'b'" in err
+    assert (root / "data" / "b.jsonl").read_bytes() == before
+
+
+def test_a_manifest_given_alone_may_not_declare_a_name_another_file_declares(
+    tmp_path: Path,
+) -> None:
+    """`plan manifests/a.yaml` naming its resource 'b' is a duplicate name, not b's new spec."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["name"] = "b"
+    doc["spec"]["output"] = "../results/other.jsonl"
+    doc["spec"].pop("errors", None)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(InvalidManifestError) as caught:
+        load_workspace([path])
+    [problem] = caught.value.problems
+    assert problem.code == "duplicate-name" and "'b' is used twice" in problem.message

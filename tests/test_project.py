@@ -368,3 +368,21 @@ def test_a_quoted_number_is_told_to_drop_its_quotes(tmp_path: Path, value: str, 
     [(line, _, pointer, _, message)] = problems_of(tmp_path)
     assert (line, pointer) == (8, "/providers/gw/options/maxConcurrency")
     assert message == f"expected integer, {tail}"
+
+
+def test_two_local_providers_on_one_engine_folder_are_a_problem(tmp_path: Path) -> None:
+    """Two `type: local` providers with the default dataDir share one engine, whose batches
+    run on one upstream and which one process cannot open twice: the second is refused at
+    its line, naming both; a dataDir of its own makes the file valid."""
+    shared = (
+        HEADER + "providers:\n"
+        "  local: {type: local, options: {upstream: builtin}}\n"
+        "  gpu: {type: local, options: {upstream: 'http://127.0.0.1:9/v1'}}\n"
+    )
+    write(tmp_path / "batchspec.yaml", shared)
+    [(line, _, pointer, code, message)] = problems_of(tmp_path)
+    assert (line, pointer, code) == (5, "/providers/gpu", "shared-engine-folder")
+    assert "'gpu' and 'local' share the engine data folder state/local" in message
+    own = shared.replace("'http://127.0.0.1:9/v1'}", "'http://127.0.0.1:9/v1', dataDir: x}")
+    write(tmp_path / "batchspec.yaml", own)
+    assert load_project(tmp_path).providers["gpu"].options["dataDir"] == str(tmp_path / "x")

@@ -435,6 +435,8 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
             raise
         emit_json(render.problems_json(problems_of(err)))
         click.get_current_context().exit(err.exit_code)
+    for warning in getattr(report, "warnings", ()):
+        click.echo(f"Warning: {warning}", err=True)
     if as_json:
         emit_json(render.validation_json(report))
     else:

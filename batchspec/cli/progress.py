@@ -31,6 +31,8 @@ class ProgressView:
             return self._poll(progress)
         if progress.event == "wait":
             return self._wait(progress)
+        if progress.event == "warning" and not progress.resource:
+            return f"Warning: {progress.message}\n"
         return _prefixed(progress, progress.message) + "\n"
 
     def _poll(self, progress: Progress) -> str:

@@ -96,7 +96,12 @@ from batchspec.state.runinfo import collect_run_info, start_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
-from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.manifest import (
+    Resource,
+    Workspace,
+    load_workspace,
+    unlisted_manifests_warnings,
+)
 from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import unknown_name_hint
 
@@ -160,6 +165,7 @@ def plan_workspace(
         require_replaceable(resources, replace)
         facts = validate_inputs(ws, resources, cache)
     elsewhere, warnings = _names_elsewhere(ws, paths, prune=prune)
+    warnings = [*unlisted_manifests_warnings(ws), *warnings]
     args = {
         "paths": list(paths),
         "select": list(select),
@@ -289,6 +295,8 @@ def apply_workspace(
         ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
+            for warning in unlisted_manifests_warnings(ws):
+                report(Progress("warning", None, warning))
             with store.reading():  # the plan's reads: a few queries, however many resources
                 resources, readded = planned_resources(
                     store, resources, options.replace, reuse=options.reuse

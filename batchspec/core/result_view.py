@@ -148,6 +148,13 @@ def _tie_to_generation(
                 f"{shown}: generation {current.id} was cancelled; these are the "
                 f"{current.succeeded}/{current.requests} answers that finished before it stopped"
             )
+        elif current.failed and not errors:
+            # an output short of requests (empty, even) with exit 0 would say nothing of them
+            note = (
+                f"{shown}: {current.failed:,} of {current.requests:,} requests failed for good "
+                f"and are not here; `batchspec results {res.name} --errors` prints them "
+                f"({display_path(res.errors_path)})"
+            )
         return ResultsFile(
             res.name, path, res.spec_hash, current.id, current.spec_hash, True, note=note
         )

@@ -37,7 +37,12 @@ from pathlib import Path
 from batchspec.errors import BatchspecError, InputError, ManifestError, UsageError
 from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
-from batchspec.workspace.manifest import Resource, Workspace, load_workspace
+from batchspec.workspace.manifest import (
+    Resource,
+    Workspace,
+    load_workspace,
+    unlisted_manifests_warnings,
+)
 from batchspec.workspace.templates import row_lines
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path
 
@@ -69,6 +74,8 @@ class ValidationReport:
     manifest_files: tuple[Path, ...]
     resources: tuple[ValidatedResource, ...]
     problems: tuple[Problem, ...] = ()  # always empty when returned: problems are raised
+    #: what is valid but likely not meant (a manifest the project's globs do not find)
+    warnings: tuple[str, ...] = ()
 
     @property
     def valid(self) -> bool:
@@ -184,6 +191,7 @@ def validate_workspace(paths: Sequence[str | Path] = ()) -> ValidationReport:
         project_file=project.file,
         manifest_files=workspace.manifest_files,
         resources=tuple(resources),
+        warnings=tuple(unlisted_manifests_warnings(workspace)),
     )
 
 

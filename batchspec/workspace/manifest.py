@@ -23,11 +23,13 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
-    problem names both places). ``spec.export`` paths are confined the same way, and never
-    onto the resource's own input, output or errors file. Each is a ``path-conflict`` problem
-    at the key, so validate, plan and apply refuse it alike; collect and restore check again
-    right before writing, symlinks resolved then (``refuse_unconfined_write``). Inputs are
-    only read, so they may live anywhere, outside the workspace too.
+    problem names both places); "any" and "another" over the whole workspace, whatever
+    PATHS were given (``_outside_paths``). ``spec.export`` paths are confined the same way,
+    and never onto the resource's own input, output or errors file. Each is a
+    ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike;
+    collect and restore check again right before writing, symlinks resolved then
+    (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
+    the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -149,6 +151,7 @@ __all__ = [
     "confinement",
     "refuse_unconfined_write",
     "spec_hash",
+    "unlisted_manifests_warnings",
 ]
 
 
@@ -227,6 +230,9 @@ class Workspace:
     manifest_files: tuple[Path, ...] = ()
     #: with ``load_workspace(tolerate_broken=True)``: the problems of the documents left out
     problems: tuple[Problem, ...] = ()
+    #: manifest files given as PATHS that the project's ``manifests`` globs do not find: a
+    #: run without PATHS does not see them, so what they create shows as orphaned there
+    unlisted: tuple[Path, ...] = ()
 
 
 def semantic_spec(
@@ -320,9 +326,10 @@ def load_workspace(
             clean = clean and resource is not None
         if manifest_cache is not None and recalled is None and clean:
             manifest_cache.remember(file, documents, sha256=digest[0] if digest else None)
-    problems.extend(_duplicate_names(names))
+    others = _outside_paths(targets, project, loaded, resolve, manifest_cache)
+    problems.extend(_duplicate_names([*names, *others.names]))
     problems.extend(_conflicting_moves(resources))
-    problems.extend(_written_over(resources, loaded))
+    problems.extend(_written_over(resources, loaded, others.claims))
     if problems and not (tolerate_broken and all(p.file is not None for p in problems)):
         hints = _names_given_as_paths(targets, project, manifest_cache)
         raise InvalidManifestError(problems, hints=hints)
@@ -330,7 +337,19 @@ def load_workspace(
     # A name declared twice has no one resource: neither is kept (the problem says why).
     declared = Counter(name for name, _ in names)
     kept = tuple(res for res, _ in resources if declared[res.name] == 1)
-    return Workspace(project, kept, tuple(loaded), ordered)
+    return Workspace(project, kept, tuple(loaded), ordered, others.unlisted)
+
+
+def unlisted_manifests_warnings(ws: Workspace) -> list[str]:
+    """A warning per manifest given as a PATH that the project's globs do not find."""
+    globs = ", ".join(ws.project.manifest_globs) or "(none)"
+    return [
+        f"{display_path(file)} is not among the project's manifests ({globs} in "
+        f"{display_path(ws.project.file or ws.project.root)}): `batchspec apply` without PATHS "
+        "does not read it, shows what it creates as orphaned, and `apply --prune` cancels "
+        "and forgets that; add it to `manifests:` or move it under them"
+        for file in ws.unlisted
+    ]
 
 
 def workspace_resource_names(
@@ -377,8 +396,7 @@ def _names_given_as_paths(
     except InvalidManifestError:  # a broken manifest: its own problem is reported anyway
         return []
     return [
-        f"{t} is a resource name, not a path: PATHS are manifest files, folders or globs; "
-        f"pick resources with --select {t}"
+        f"{t} is a resource name, not a path: pick resources with --select {t}"
         for t in missing
         if t in declared
     ]
@@ -749,15 +767,43 @@ def _provider(
         message = "missing required key 'provider' (or set `defaults.provider` in batchspec.yaml)"
         problems.append(Problem.at(doc.location("/spec"), "/spec", "missing-key", message))
         return None
-    if name in project.providers:
-        return name
     pointer = "/spec/provider" if "provider" in spec else "/spec"
+    if name in project.providers:
+        shared = _engine_shared_with(project, name)
+        if shared is not None:
+            message = (
+                f"provider '{name}' (built in) keeps its engine in the data folder of provider "
+                f"'{shared}', which runs every batch there on its own upstream: declare "
+                f"'{name}' in batchspec.yaml with `options: {{dataDir: state/local-{name}}}`, "
+                f"or give '{shared}' a dataDir of its own"
+            )
+            problems.append(Problem.at(doc.location(pointer), pointer, "shared-engine", message))
+        return name
     hint = suggest(name, project.providers)
     known = ", ".join(sorted(project.providers))
     tail = f"did you mean '{hint}'?" if hint else f"known: {known}; declare it in batchspec.yaml"
     message = f"unknown provider '{name}' ({tail})"
     problems.append(Problem.at(doc.location(pointer), pointer, "unknown-provider", message))
     return None
+
+
+def _engine_shared_with(project: Project, name: str) -> str | None:
+    """The declared ``type: local`` provider whose engine folder the built-in ``local``
+    (``name``) would share, if any (two declared ones are the project file's problem)."""
+    own = project.providers[name]
+    if name != "local" or own.type != "local":
+        return None
+    folder = own.options.get("dataDir")
+    return next(
+        (
+            other.name
+            for other in project.providers.values()
+            if other.name != name
+            and other.type == "local"
+            and other.options.get("dataDir") == folder
+        ),
+        None,
+    )
 
 
 def _rendered_input(
@@ -978,11 +1024,112 @@ def _conflicting_moves(resources: list[tuple[Resource, YamlDocument]]) -> list[P
     return problems
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """A file a resource outside the loaded manifests reads or writes (``_outside_paths``)."""
+
+    name: str  # the resource's name
+    key: str  # input, rows, output, errors or export
+    doc: YamlDocument
+    pointer: str
+
+
+@dataclass(frozen=True)
+class _Outside:
+    """The names and files of the workspace's resources that PATHS left out."""
+
+    claims: Mapping[Path, _Claim]
+    names: Sequence[tuple[str, SourceLocation]]
+    unlisted: tuple[Path, ...] = ()  # loaded files the globs do not find
+
+
+def _outside_paths(
+    targets: Sequence[str],
+    project: Project,
+    loaded: Sequence[Path],
+    resolve: _PathResolver,
+    manifest_cache: ManifestCache | None,
+) -> _Outside:
+    """The names and the input, rows, output, errors and export files of the workspace's
+    resources that PATHS left out, so that ``batchspec apply manifests/a.yaml`` cannot write
+    over the input of a resource declared in ``b.yaml``, nor run a name ``b.yaml`` declares
+    too (confinement and unique names hold for the whole workspace, whatever PATHS were
+    given). Empty when PATHS is the workspace root (the usual run: no second scan).
+
+    Only names and paths are worked out (nothing is hashed or rendered); a document too
+    broken to name its paths claims none: its own problems are reported when it is loaded.
+    """
+    root = project.root.resolve()
+    if all(not is_glob(t) and Path(t).resolve() == root for t in targets):
+        return _Outside({}, ())
+    files, _, _ = find_manifest_files([str(root)], project)
+    seen = set(_resolved_files(loaded))
+    listed = _resolved_files(files)
+    unlisted = tuple(f for f in loaded if f not in listed and f.resolve() not in listed)
+    claims: dict[Path, _Claim] = {}
+    names: list[tuple[str, SourceLocation]] = []
+    for file in files:
+        if file in seen or file.resolve() in seen:
+            continue
+        recalled = manifest_cache.recall(file) if manifest_cache is not None else None
+        documents, file_problems = (
+            (recalled, []) if recalled is not None else read_yaml_documents(file)
+        )
+        if not_batchspec(file, documents, file_problems):
+            continue
+        for doc in documents:
+            names.extend(_name_of(doc))
+            try:
+                found = _claimed_paths(doc, resolve)
+            except (OSError, ValueError):  # a path no load could resolve: its own problem
+                continue
+            for path, claim in found:
+                claims.setdefault(path, claim)
+    return _Outside(claims, names, unlisted)
+
+
+def _claimed_paths(doc: YamlDocument, resolve: _PathResolver) -> list[tuple[Path, _Claim]]:
+    """What one document reads (input or rows file) and writes (output, errors, exports),
+    resolved as its load would resolve them."""
+    name = _resource_name(doc)
+    spec = doc.data.get("spec") if isinstance(doc.data, Mapping) else None
+    if name is None or not isinstance(spec, Mapping):
+        return []
+    folder = resolve.folder(doc.file.parent)
+    found: list[tuple[str, str, Any]] = []
+    raw_input = spec.get("input")
+    if isinstance(raw_input, str):
+        found.append(("input", "/spec/input", raw_input))
+    elif isinstance(raw_input, Mapping):
+        found.append(("input", "/spec/input/rows", raw_input.get("rows")))
+    output = spec.get("output", f"results/{name}.jsonl")
+    found.append(("output", "/spec/output", output))
+    for i, entry in enumerate(spec.get("export") or []):
+        if isinstance(entry, Mapping):
+            found.append(("export", f"/spec/export/{i}/path", entry.get("path")))
+    claims = [
+        (resolve(folder, value), _Claim(name, key, doc, pointer))
+        for key, pointer, value in found
+        if isinstance(value, str) and value
+    ]
+    errors = spec.get("errors")
+    if isinstance(errors, str) and errors:
+        claims.append((resolve(folder, errors), _Claim(name, "errors", doc, "/spec/errors")))
+    elif errors is None and isinstance(output, str) and output:
+        beside = errors_beside(resolve(folder, output))
+        claims.append((beside, _Claim(name, "errors", doc, "/spec/output")))
+    return claims
+
+
 def _written_over(
-    resources: list[tuple[Resource, YamlDocument]], manifest_files: Sequence[Path]
+    resources: list[tuple[Resource, YamlDocument]],
+    manifest_files: Sequence[Path],
+    others: Mapping[Path, _Claim] | None = None,
 ) -> list[Problem]:
     """No resource writes another's input or rows file, a loaded manifest, or a file another
-    resource writes too (that problem names both places)."""
+    resource writes too (that problem names both places). ``others``: the files of the
+    workspace's resources outside the loaded manifests (``_outside_paths``)."""
+    others = others or {}
     inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
     for res, doc in resources:
         if res.input_source is not None:
@@ -1002,6 +1149,7 @@ def _written_over(
             message = None
             reader = inputs.get(path)
             first = writers.setdefault(path, (res, doc, key, pointer))
+            outside = others.get(path)
             if reader is not None and reader[0] is not res:
                 message = (
                     f"{key} file {display_path(path)} is the input of resource "
@@ -1014,6 +1162,16 @@ def _written_over(
                 message = (
                     f"{key} file {display_path(path)} is written by two resources: "
                     f"'{first[0].name}' (its {first[2]}, at {first[1].location(first[3])}) and "
+                    f"'{res.name}' (its {key}, at {doc.location(pointer)})"
+                )
+            elif outside is not None and outside.name != res.name:
+                where = outside.doc.location(outside.pointer)
+                message = (
+                    f"{key} file {display_path(path)} is the input of resource "
+                    f"'{outside.name}' ({where}): it would be overwritten"
+                    if outside.key == "input"
+                    else f"{key} file {display_path(path)} is written by two resources: "
+                    f"'{outside.name}' (its {outside.key}, at {where}) and "
                     f"'{res.name}' (its {key}, at {doc.location(pointer)})"
                 )
             if message:

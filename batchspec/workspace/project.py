@@ -244,6 +244,7 @@ def _load_project(start: str | Path | None) -> Project:
         problems.extend(_document_problems(doc))
         problems.extend(_default_provider_problems(doc))
         problems.extend(_state_problems(doc))
+        problems.extend(_shared_engine_problems(doc, file.parent))
         if isinstance(doc.data, Mapping):
             data = doc.data
     raise_if_problems(problems, what=f"the project file {display_path(file)}")
@@ -371,6 +372,45 @@ def _default_provider_problems(doc: YamlDocument) -> list[Problem]:
     tail = f"did you mean '{hint}'?" if hint else f"known: {', '.join(sorted(known))}"
     message = f"unknown provider '{name}' ({tail})"
     return [Problem.at(doc.location(pointer), pointer, "unknown-provider", message)]
+
+
+def _shared_engine_problems(doc: YamlDocument, root: Path) -> list[Problem]:
+    """Each declared ``type: local`` provider has an engine data folder of its own.
+
+    An engine runs every unfinished batch of its folder on *its* upstream, and a process
+    opens a folder once: two providers on one folder (both left at the default
+    ``state/local``) would run each other's batches on the wrong model server, or stop an
+    apply that uses both with "in use". (The built-in ``local`` is not declared: it is
+    checked only where a manifest uses it.)
+    """
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    declared = data.get("providers")
+    if not isinstance(declared, Mapping):
+        return []
+    default = _option_defaults("local")["dataDir"]
+    first: dict[str, str] = {}
+    problems = []
+    for name, provider in declared.items():
+        if not isinstance(provider, Mapping) or provider.get("type") != "local":
+            continue
+        options = provider.get("options")
+        folder = options.get("dataDir", default) if isinstance(options, Mapping) else default
+        if not isinstance(folder, str):
+            continue  # the schema has reported it
+        key = os.path.normpath(root.resolve() / folder)
+        other = first.setdefault(key, name)
+        if other == name:
+            continue
+        pointer = pointer_join(pointer_join("", "providers"), name)
+        message = (
+            f"providers '{name}' and '{other}' share the engine data folder {folder}: an "
+            "engine runs every batch of its folder on its own upstream, so one's batches "
+            f"would run on the other's model server; give '{name}' a folder of its own "
+            f"(options: {{dataDir: state/local-{name}}}), or the other if '{name}' has "
+            "batches in flight: a batch stays in the folder it was created in"
+        )
+        problems.append(Problem.at(doc.location(pointer), pointer, "shared-engine-folder", message))
+    return problems
 
 
 def _state_problems(doc: YamlDocument) -> list[Problem]:

@@ -27,8 +27,9 @@ apiVersion: batchspec/v1
 kind: Project
 state:
   path: state/batchspec.db      # the state store and audit log; machine-local, never committed
-manifests:
-  - manifests/**/*.yaml         # where `batchspec validate` and `apply` look for manifests
+manifests:                      # where `batchspec validate` and `apply` look for manifests
+  - manifests/**/*.yaml
+  - manifests/**/*.yml
 providers:
   # The embedded batch engine. `upstream: builtin` answers with a deterministic offline
   # stand-in model (not a real LLM), so this workspace runs with no account and no network.

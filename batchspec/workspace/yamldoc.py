@@ -121,6 +121,10 @@ class Problem:
         return (str(self.file or ""), self.line or 0, self.column or 0, self.pointer)
 
 
+#: problems of a PATH argument itself (it does not exist, or is in another workspace)
+_PATH_CODES = frozenset({"not-found", "other-workspace"})
+
+
 class InvalidManifestError(ManifestError):
     """Manifests or the project file have problems; ``problems`` holds every one of them."""
 
@@ -134,11 +138,18 @@ class InvalidManifestError(ManifestError):
         ordered = sorted(dict.fromkeys(problems), key=Problem.sort_key)
         count = len(ordered)
         noun = "problem" if count == 1 else "problems"
-        super().__init__(
+        headline = (
             f"{count} {noun} in {what}; nothing was changed. Fix "
-            f"{'it' if count == 1 else 'them'} and run `batchspec validate` again.",
-            details=[*(str(p) for p in ordered), *hints],
+            f"{'it' if count == 1 else 'them'} and run `batchspec validate` again."
         )
+        if ordered and all(p.file is None and p.code in _PATH_CODES for p in ordered):
+            # a mistyped argument, not a broken workspace: validate would say the same
+            headline = (
+                f"{'a PATH' if count == 1 else f'{count} PATHS'} given cannot be used "
+                "(PATHS are manifest files, folders or globs of one workspace); nothing was "
+                "read or changed."
+            )
+        super().__init__(headline, details=[*(str(p) for p in ordered), *hints])
         self.problems: tuple[Problem, ...] = tuple(ordered)
 
 
