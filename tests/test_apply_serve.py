@@ -304,6 +304,34 @@ class ClosedTerminal(io.StringIO):
         return True
 
 
+class InterruptedTerminal(ClosedTerminal):
+    """A stdin that is a terminal whose user presses Ctrl-C at the prompt."""
+
+    def readline(self, size: int | None = -1) -> str:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_the_consent_prompt_is_an_interrupt_not_a_no(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C at apply's consent prompt exits 130 (interrupted, as Ctrl-C anywhere else
+    does; it exited 1, as a "no" does), and nothing reaches the server."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stdin", InterruptedTerminal())
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 130, err
+    assert "Apply this plan?" in err
+    assert srv.probe.counts["POST /files"] == 0
+    assert srv.probe.counts["POST /batches"] == 0
+
+
 def test_in_ci_apply_refuses_to_spend_without_yes_even_on_a_terminal(
     tmp_path: Path,
     server: Callable[..., ProbedServer],

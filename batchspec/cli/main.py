@@ -653,9 +653,11 @@ def apply(
     def confirm(plan: Any) -> bool:
         try:
             return click.confirm("Apply this plan?", default=False, err=True)
-        except click.exceptions.Abort:  # stdin closed (or Ctrl-C) before an answer: a no
+        except click.exceptions.Abort as err:  # stdin closed, or Ctrl-C, before an answer
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None  # interrupted, as anywhere else: exit 130
             click.echo(err=True)
-            return False
+            return False  # a no
 
     options = ApplyOptions(
         select=select,
