@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -233,3 +234,25 @@ def test_results_follow_the_umask_and_stored_answers_stay_private(
     assert len(list((ws.root / "state" / "store").rglob("*"))) > 2  # blobs were stored
     engine_dirs, engine_files = modes(ws.root / "state" / "local")
     assert (engine_dirs, engine_files) == ({0o700}, {0o600})
+
+
+def test_an_apply_waits_its_lock_timeout_for_another_run_on_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine's folder held by another process's run (here: an engine opened on it) is a
+    lock like the state's: --lock-timeout waits for it to be let go, then the apply goes on;
+    without it, exit 3 naming the way to wait (it used to ignore --lock-timeout)."""
+    ws = local_ws(tmp_path / "ws")
+    held = Engine(ws.root / "state" / "local")
+    try:
+        code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+        assert code == 3
+        assert "--lock-timeout" in err
+        threading.Timer(0.3, held.close).start()
+        code, _, err = run_cli(
+            ["apply", str(ws.root), "--wait", "--lock-timeout", "10", *FAST], capsys
+        )
+    finally:
+        held.close()
+    assert code == 0, err
+    assert len(ws.outputs("triage")) == 4
