@@ -107,6 +107,22 @@ def test_a_symlinked_results_folder_pointing_outside_is_refused(tmp_path: Path) 
     assert all("is outside the workspace" in p.message for p in found)
 
 
+def test_an_output_or_errors_path_that_is_a_folder_is_refused_before_anything_is_spent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output (or errors) path naming an existing folder is a problem at its key, so apply
+    creates nothing (it used to run the batch and then fail at write, naming a .tmp file)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results" / "a.jsonl").mkdir(parents=True)
+    (root / "results" / "b.errors.jsonl").mkdir()
+    found = problems_of(root)
+    assert sorted(p.pointer for p in found) == ["/spec/errors", "/spec/output"]
+    assert all(p.code == "path-conflict" and "is a folder" in p.message for p in found)
+    code, _, err = run_cli(["apply", str(root), "--yes"], capsys)
+    assert code == 1 and "is a folder" in err
+    assert not (root / "state" / "local").exists()  # the engine never saw a request
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

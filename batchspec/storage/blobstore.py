@@ -218,6 +218,8 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
 
     The file is the user's (a result file in the workspace): it gets the mode any new file of
     theirs gets, ``0666 & ~umask``, applied by the kernel when the temporary file is created.
+    A failure to write or rename (a full disk, a file size limit, a folder at ``dest``) is
+    raised naming ``dest``, not the temporary file the user never asked for.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
@@ -225,6 +227,11 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

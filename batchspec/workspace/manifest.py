@@ -23,11 +23,13 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
-    problem names both places). ``spec.export`` paths are confined the same way, and never
-    onto the resource's own input, output or errors file. Each is a ``path-conflict`` problem
-    at the key, so validate, plan and apply refuse it alike; collect and restore check again
-    right before writing, symlinks resolved then (``refuse_unconfined_write``). Inputs are
-    only read, so they may live anywhere, outside the workspace too.
+    problem names both places); nor may either name an existing folder (a file cannot
+    replace it: found before anything is spent). ``spec.export`` paths are confined the same
+    way, and never onto the resource's own input, output or errors file. Each is a
+    ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike; collect
+    and restore check again right before writing, symlinks resolved then
+    (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
+    the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -577,6 +579,12 @@ def _output_paths(
             )
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
+        if message is None and os.path.isdir(path):  # a result file cannot replace a folder:
+            # found now, before anything is spent, not when the answers are in
+            message = (
+                f"{key} file {display_path(path)} is a folder: name a file in it "
+                f"(e.g. {display_path(path / f'{name}.jsonl')})"
+            )
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
