@@ -149,6 +149,7 @@ __all__ = [
     "load_project",
     "load_workspace",
     "confinement",
+    "overwritten_workspace_file",
     "refuse_unconfined_write",
     "spec_hash",
 ]
@@ -624,6 +625,39 @@ def refuse_unconfined_write(
             f"{display_path(manifest)}: {message}. A symlink changed since the manifests were "
             "checked; nothing was written (the answers stay in the state store)."
         )
+
+
+def overwritten_workspace_file(ws: Workspace, path: Path) -> str | None:
+    """What a file a command is told to write (``report -o FILE``) would destroy, or None.
+
+    The workspace's own files: the state (its database, side files and data), the project
+    file, a manifest, a resource's input, rows, output or errors file. Anywhere else may be
+    written, outside the workspace too (a report in /tmp)."""
+    resolved = path.resolve()
+    places = _Confinement(ws.project)
+    for folder, what in places.folders:
+        if _inside(str(resolved), str(folder)):
+            return f"{display_path(resolved)} is inside {what} {display_path(folder)}"
+    state = places.state
+    if resolved.parent == state.parent and resolved.name.startswith(state.name):
+        return f"{display_path(resolved)} is the state database (or one of its side files)"
+    if resolved == places.project_file:
+        return f"{display_path(resolved)} is the project file"
+    if resolved in _resolved_files(ws.manifest_files):
+        return f"{display_path(resolved)} is a manifest"
+    if _inside(str(resolved), places._root_text):  # would be read as a manifest next time
+        relative = Path(str(resolved)[len(places._root_text) :].lstrip(os.sep)).as_posix()
+        if any(pattern.fullmatch(relative) for pattern in places.patterns):
+            return f"{display_path(resolved)} matches the manifest globs (read as a manifest)"
+    for res in ws.resources:
+        for what, file in (
+            ("input", res.input_source or res.input_path),
+            ("output", res.output_path),
+            ("errors", res.errors_path),
+        ):
+            if resolved == file:
+                return f"{display_path(resolved)} is the {what} file of resource {res.name}"
+    return None
 
 
 def confinement(project: Project) -> Confinement:
