@@ -256,3 +256,36 @@ def test_an_apply_waits_its_lock_timeout_for_another_run_on_the_engine(
         held.close()
     assert code == 0, err
     assert len(ws.outputs("triage")) == 4
+
+
+def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored output file damaged on disk (one flipped bit) makes a restore write content
+    other than recorded: it is downloaded again from the provider and the files come out as
+    collected (it used to restore the damaged bytes, and `apply --wait` restored them again at
+    every pass, without end); with no good copy left, the apply exits 1 saying so."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    good = ws.output_path("triage").read_bytes()
+    [blob] = [p for p in (ws.root / "state" / "store").glob("??/*")]
+    damaged = bytearray(blob.read_bytes())
+    damaged[10] ^= 1
+    blob.write_bytes(bytes(damaged))
+    ws.output_path("triage").unlink()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "3", *FAST], capsys)
+
+    assert code == 0, err
+    assert ws.output_path("triage").read_bytes() == good
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    with ws.store() as store:
+        events = [e.action for e in store.events()]
+    assert events.count("blob.repaired") == 1 and events.count("restore") == 1
+
+    blob.write_bytes(bytes(damaged))
+    shutil.rmtree(ws.root / "state" / "local")  # the provider's copy is gone too
+    ws.output_path("triage").unlink()
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "5", *FAST], capsys)
+    assert code == 1
+    assert "is damaged" in err and "cannot be downloaded again" in err

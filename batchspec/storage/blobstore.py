@@ -92,11 +92,14 @@ class BlobStore:
         """
         return BlobWriter(self, max_bytes, too_large)
 
-    def put_from(self, write: Callable[[Path], object], *, expect: str | None = None) -> str:
+    def put_from(
+        self, write: Callable[[Path], object], *, expect: str | None = None, replace: bool = False
+    ) -> str:
         """Let ``write(tmp_path)`` produce a file, then file it under its sha256.
 
         With ``expect``, content that does not hash to it is dropped, never filed
-        (``BlobMismatchError``).
+        (``BlobMismatchError``). With ``replace``, it replaces a copy already filed (a damaged
+        one being repaired).
         """
         tmp = self._new_tmp_path()
         try:
@@ -106,7 +109,7 @@ class BlobStore:
             sha = sha256_file(tmp)
             if expect is not None and sha != expect:
                 raise BlobMismatchError(expect, sha)
-            self._file(tmp, sha)
+            self._file(tmp, sha, replace=replace)
             return sha
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -24,6 +24,12 @@ Promises:
   for the file again, files it locally only if it hashes to the recorded sha256, and replaces
   the remote copy with it; if the provider no longer has the file, the damage is reported as
   before and nothing is kept. Each repair is told to ``on_repair`` (an audit event).
+* Local copies are trusted as they are read (hashing every blob at every read would double a
+  restore's reading); ``repair_local(sha)`` checks one, and replaces a copy that no longer
+  hashes to its name (a damaged disk, an edit) from the remote tier or the provider's file,
+  filed only if it hashes to ``sha``; with no good copy to be had it says so
+  (``BlobCorruptError``) and leaves the damaged copy as it is. A restore whose files do not
+  come out as recorded asks it (``batchspec.core.reconcile.restore``).
 * Without a remote tier it is the local store, exactly as before.
 """
 
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError
-from batchspec.storage.blobstore import BlobMismatchError, BlobStore
+from batchspec.storage.blobstore import BlobMismatchError, BlobStore, sha256_file
 from batchspec.storage.remote_blobs import (
     BlobCorruptError,
     BlobMissingError,
@@ -103,6 +109,51 @@ class ResultStore:
         except BlobCorruptError as damaged:
             self._download_again(sha256, damaged)
         return path
+
+    def repair_local(self, sha256: str) -> bool:
+        """Replace the local copy of ``sha256`` if it no longer hashes to its name (see the
+        module docstring); False if it is sound or absent, True once replaced."""
+        path = self.local.path(sha256)
+        if not path.is_file() or sha256_file(path) == sha256:
+            return False
+        damaged = (
+            f"the stored file {sha256[:12]} in {self.local.root} is damaged (its content no "
+            "longer hashes to its name)"
+        )
+        remote = self.remote
+        if remote is not None and remote.has(sha256):
+
+            def from_remote(dest: Path) -> None:
+                with dest.open("wb") as out:
+                    for chunk in verified(sha256, remote.chunks(sha256), remote.label):
+                        out.write(chunk)
+
+            try:
+                self.local.put_from(from_remote, expect=sha256, replace=True)
+            except BlobCorruptError:
+                pass  # damaged there too: the provider's file is the last resort
+            else:
+                self._repaired(sha256, remote.label)
+                return True
+        source = self.refetch(sha256) if self.refetch is not None else None
+        if source is None:
+            raise BlobCorruptError(
+                f"{damaged}, and no other copy of it is known; restore state/store/ from a "
+                "backup, or `batchspec apply --replace NAME` to run the requests again"
+            )
+        try:
+            self.local.put_from(source.write, expect=sha256, replace=True)
+        except BlobMismatchError as err:
+            raise BlobCorruptError(
+                f"{damaged}; downloading {source.where} again gave other content "
+                f"({err.got[:12]}), which was not used either"
+            ) from err
+        except BatchspecError as err:
+            raise BlobCorruptError(
+                f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
+            ) from err
+        self._repaired(sha256, source.where)
+        return True
 
     def _download_again(self, sha256: str, damaged: BlobCorruptError) -> None:
         """The remote copy is damaged: file the provider's file again if it hashes to
