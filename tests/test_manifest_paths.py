@@ -123,6 +123,16 @@ def test_an_output_or_errors_path_that_is_a_folder_is_refused_before_anything_is
     assert not (root / "state" / "local").exists()  # the engine never saw a request
 
 
+def test_a_result_path_under_a_file_is_refused_before_anything_is_spent(tmp_path: Path) -> None:
+    """`results` being a file where the result files' folder should be is a problem at each
+    key (it used to fail at write, once the batch had run)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results").write_text("not a folder\n")
+    found = problems_of(root)
+    assert len(found) == 6  # output and errors of three resources
+    assert all("results is a file, not a folder" in p.message for p in found)
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

@@ -23,9 +23,10 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
-    problem names both places); nor may either name an existing folder (a file cannot
-    replace it: found before anything is spent). ``spec.export`` paths are confined the same
-    way, and never onto the resource's own input, output or errors file. Each is a
+    problem names both places); nor may either name an existing folder, or lie below a
+    file (neither could ever be written: found before anything is spent). ``spec.export``
+    paths are confined the same way, and never onto the resource's own input, output or
+    errors file. Each is a
     ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike; collect
     and restore check again right before writing, symlinks resolved then
     (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
@@ -580,12 +581,8 @@ def _output_paths(
             )
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
-        if message is None and os.path.isdir(path):  # a result file cannot replace a folder:
-            # found now, before anything is spent, not when the answers are in
-            message = (
-                f"{key} file {display_path(path)} is a folder: name a file in it "
-                f"(e.g. {display_path(path / f'{name}.jsonl')})"
-            )
+        if message is None:  # found now, before anything is spent, not when answers are in
+            message = _unwritable(path, key, name)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
@@ -594,6 +591,27 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+def _unwritable(path: Path, key: str, name: str) -> str | None:
+    """Why a result file could never be written at ``path`` (a folder there, or a file where
+    one of its folders should be), or None."""
+    if os.path.isdir(path):
+        return (
+            f"{key} file {display_path(path)} is a folder: name a file in it "
+            f"(e.g. {display_path(path / f'{name}.jsonl')})"
+        )
+    folder = path.parent
+    while not os.path.isdir(folder):  # the usual case, an existing folder: one stat
+        if os.path.lexists(folder):
+            return (
+                f"{key} file {display_path(path)} cannot be written: {display_path(folder)} "
+                "is a file, not a folder"
+            )
+        if folder.parent == folder:
+            return None
+        folder = folder.parent
+    return None
 
 
 def errors_beside(output_path: Path) -> Path:
