@@ -133,6 +133,18 @@ def test_a_result_path_under_a_file_is_refused_before_anything_is_spent(tmp_path
     assert all("results is a file, not a folder" in p.message for p in found)
 
 
+def test_an_export_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
+    """An export path naming a folder is a problem at its key, as an output's is."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["export"] = [{"path": "../exports/a.csv"}]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    (root / "exports" / "a.csv").mkdir(parents=True)
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/export/0/path" and "is a folder" in problem.message
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

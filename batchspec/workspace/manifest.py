@@ -26,11 +26,10 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     problem names both places); nor may either name an existing folder, or lie below a
     file (neither could ever be written: found before anything is spent). ``spec.export``
     paths are confined the same way, and never onto the resource's own input, output or
-    errors file. Each is a
-    ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike; collect
-    and restore check again right before writing, symlinks resolved then
-    (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
-    the workspace too.
+    errors file. Each is a ``path-conflict`` problem at the key, so validate, plan and apply
+    refuse it alike; collect and restore check again right before writing, symlinks resolved
+    then (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere,
+    outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -548,6 +547,8 @@ def _export_targets(
             )
         elif message is None and fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
             message = "a parquet export needs pyarrow: pip install 'batchspec[parquet]'"
+        if message is None:
+            message = _unwritable(path, "export", _resource_name(doc) or "export")
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
             continue
