@@ -289,3 +289,23 @@ def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(
     code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "5", *FAST], capsys)
     assert code == 1
     assert "is damaged" in err and "cannot be downloaded again" in err
+
+
+def test_results_are_restored_from_the_provider_when_the_result_store_was_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state/store/ deleted (taken for a cache) and a result file gone: the answers are
+    downloaded again from the provider, which still has them, and the file restored as
+    collected (it used to fail, saying the file was collected on another runner)."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    good = ws.output_path("triage").read_bytes()
+    shutil.rmtree(ws.root / "state" / "store")
+    ws.output_path("triage").unlink()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "3", *FAST], capsys)
+
+    assert code == 0, err
+    assert ws.output_path("triage").read_bytes() == good
+    with ws.store() as store:
+        assert [e.action for e in store.events()].count("blob.repaired") == 1

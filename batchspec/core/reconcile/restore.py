@@ -2,11 +2,13 @@
 
 Restoring calls no provider: the answers are in the blob store and the ledger, and the
 files are written in input order exactly as collect wrote them, with a ``restore`` event.
-Files that do not come out as recorded (a stored copy damaged on disk) are not taken for
-restored, which the next pass would find differing and restore again, without end: each
-stored file is checked, a damaged one replaced from the shared tier or downloaded again from
-the provider (``ResultStore.repair_local``, a ``blob.repaired`` event), and the files written
-again; if they still differ, or no good copy can be had, the restore fails (exit 1).
+Unless a stored file is missing (``state/store/`` deleted) or damaged: files that do not come
+out as recorded are not taken for restored, which the next pass would find differing and
+restore again, without end. A missing file, or one that no longer hashes to its name, is
+fetched from the shared tier or downloaded again from the provider (``ResultStore``, a
+``blob.repaired`` event; the pass's transaction is committed first, as before any wait on a
+provider), and the files written again; if they still differ, or no good copy can be had,
+the restore fails (exit 1).
 A missing ``spec.export`` file also plans a restore: the exports are written again from the
 restored files.
 """
@@ -28,10 +30,13 @@ from batchspec.workspace.yamldoc import display_path
 def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
     gen = ctx.generation(res)
     ctx.check_result_paths(res)
+    if not all(ctx.blobs.local.has(sha) for sha in ctx.ledger.blobs_of(gen.id)):
+        ctx.before_wait()  # fetched from elsewhere: never with the writer lock held
     written = write_results_in_input_order(
         ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
     )
     if not _as_recorded(gen, written):
+        ctx.before_wait()
         repaired = [sha for sha in ctx.ledger.blobs_of(gen.id) if ctx.blobs.repair_local(sha)]
         if repaired:
             written = write_results_in_input_order(
