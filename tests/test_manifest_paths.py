@@ -145,6 +145,14 @@ def test_an_export_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
     assert problem.pointer == "/spec/export/0/path" and "is a folder" in problem.message
 
 
+def test_an_output_name_longer_than_a_filesystem_takes_is_refused(tmp_path: Path) -> None:
+    """An output file name over 255 bytes can never be written: a problem at its key."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", output="../results/" + "o" * 250 + ".jsonl", errors="../results/a.err")
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/output" and "longer than 255 bytes" in problem.message
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

@@ -100,6 +100,15 @@ def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jsonl", "results"]
 
 
+def test_a_file_name_near_the_filesystem_limit_is_written_atomically(tmp_path: Path) -> None:
+    """A 250-byte result file name is writable: the temporary file's name stays under the
+    255-byte limit too (it used to add 38 bytes to the whole name and fail, after the batch
+    had been paid for)."""
+    dest = tmp_path / ("r" * 244 + ".jsonl")
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"x\n"))
+    assert dest.read_bytes() == b"x\n"
+
+
 def test_write_atomically_gives_the_user_s_file_the_umask_mode(tmp_path: Path, umask: int) -> None:
     """A result file in the workspace is 0666 & ~umask, like any file the user creates."""
     dest = tmp_path / "results" / "out.jsonl"

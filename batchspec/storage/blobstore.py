@@ -225,7 +225,8 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     raised naming ``dest``, not the temporary file the user never asked for.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    # the name's head only: a name near the filesystem's 255-byte limit must stay writable
+    tmp = dest.parent / f".{dest.name[:64]}.{uuid.uuid4().hex}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)

@@ -594,14 +594,20 @@ def _output_paths(
     return output_path, errors_path
 
 
+#: the longest file name (bytes) the common filesystems take (ext4, XFS, APFS, NTFS)
+NAME_MAX = 255
+
+
 def _unwritable(path: Path, key: str, name: str) -> str | None:
-    """Why a result file could never be written at ``path`` (a folder there, or a file where
-    one of its folders should be), or None."""
+    """Why a result file could never be written at ``path`` (a folder there, a name too
+    long, or a file where one of its folders should be), or None."""
     if os.path.isdir(path):
         return (
             f"{key} file {display_path(path)} is a folder: name a file in it "
             f"(e.g. {display_path(path / f'{name}.jsonl')})"
         )
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        return f"{key} file name {path.name[:40]}... is longer than {NAME_MAX} bytes"
     folder = path.parent
     while not os.path.isdir(folder):  # the usual case, an existing folder: one stat
         if os.path.lexists(folder):
