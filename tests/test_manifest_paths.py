@@ -153,6 +153,18 @@ def test_an_output_name_longer_than_a_filesystem_takes_is_refused(tmp_path: Path
     assert problem.pointer == "/spec/output" and "longer than 255 bytes" in problem.message
 
 
+def test_an_output_inside_the_shared_blob_folder_is_refused(tmp_path: Path) -> None:
+    """`state.blobs` is the result store every runner restores from: an output written into
+    it (onto a blob's name) is refused like one into the state folder."""
+    root = two_resources(tmp_path / "ws")
+    project = yaml.safe_load((root / "batchspec.yaml").read_text())
+    project["state"]["blobs"] = "shared"
+    (root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+    set_spec(root, "a", output="../shared/ab/" + "ab" * 32, errors="../results/a.err")
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/output" and "state.blobs" in problem.message
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

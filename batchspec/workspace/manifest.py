@@ -19,7 +19,8 @@ Paths
 Confinement (DESIGN invariant 5: nothing a manifest names is written where it must not be)
     ``output`` and ``errors`` must resolve inside the workspace root (the folder of
     ``batchspec.yaml``) and never onto: the state folder (or the state file and its side
-    files, when the state lives in the root itself) or a local provider's ``dataDir``; a
+    files, when the state lives in the root itself), its shared blob folder
+    (``state.blobs``) or a local provider's ``dataDir``; a
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
@@ -711,6 +712,9 @@ class _Confinement:
             found = [(state_folder / name, "the state folder's data") for name in STATE_DATA_NAMES]
         else:
             found = [(state_folder, "the state folder")]
+        blobs = project.state_blobs
+        if blobs is not None and "://" not in blobs:  # the shared tier of the result store
+            found.append((Path(blobs).resolve(), "the state's shared blob folder (state.blobs)"))
         for provider in project.providers.values():
             data_dir = provider.options.get("dataDir") if provider.type == "local" else None
             if isinstance(data_dir, str):
