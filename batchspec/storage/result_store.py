@@ -174,6 +174,7 @@ class ResultStore:
                 f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
             ) from err
         self._repaired(sha256, source.where)
+        self.publish(sha256, path)  # a shared copy damaged too is replaced from it
         return True
 
     def _download_again(self, sha256: str, damaged: BlobCorruptError) -> None:
