@@ -368,3 +368,19 @@ def test_a_quoted_number_is_told_to_drop_its_quotes(tmp_path: Path, value: str, 
     [(line, _, pointer, _, message)] = problems_of(tmp_path)
     assert (line, pointer) == (8, "/providers/gw/options/maxConcurrency")
     assert message == f"expected integer, {tail}"
+
+
+def test_two_local_providers_sharing_an_engine_folder_are_refused_at_the_second(
+    tmp_path: Path,
+) -> None:
+    """Two local providers with the same (here: default) dataDir are a problem at the second:
+    one engine holds a folder, so an apply using both used to fail mid-run, once the first
+    had submitted; each with its own dataDir loads."""
+    shared = "  {name}:\n    type: local\n    options: {{upstream: builtin}}\n"
+    text = HEADER + "providers:\n" + shared.format(name="fast") + shared.format(name="slow")
+    [(line, _, pointer, code, message)] = problems_of(write(tmp_path / "batchspec.yaml", text))
+    assert (line, pointer, code) == (7, "/providers/slow", "shared-data-dir")
+    assert "'fast' and 'slow'" in message and "state/local" in message
+    own = "  slow:\n    type: local\n    options: {upstream: builtin, dataDir: state/slow}\n"
+    text = HEADER + "providers:\n" + shared.format(name="fast") + own
+    assert set(load_project(write(tmp_path / "batchspec.yaml", text)).providers) >= {"fast", "slow"}

@@ -244,6 +244,7 @@ def _load_project(start: str | Path | None) -> Project:
         problems.extend(_document_problems(doc))
         problems.extend(_default_provider_problems(doc))
         problems.extend(_state_problems(doc))
+        problems.extend(_shared_data_dir_problems(doc, file.parent))
         if isinstance(doc.data, Mapping):
             data = doc.data
     raise_if_problems(problems, what=f"the project file {display_path(file)}")
@@ -355,6 +356,40 @@ def _option_defaults(kind: str) -> dict[str, Any]:
     """The ``default`` of each option of a provider type, read from the schema itself."""
     options = load_schema("project")["$defs"][f"{kind}Options"]["properties"]
     return {key: prop["default"] for key, prop in options.items() if "default" in prop}
+
+
+def _shared_data_dir_problems(doc: YamlDocument, root: Path) -> list[Problem]:
+    """Two ``local`` providers may not share an engine data folder: one engine process holds
+    a folder, so the second would be refused mid-run, once the first had submitted."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    declared = data.get("providers")
+    if not isinstance(declared, Mapping):
+        return []
+    default = _option_defaults("local").get("dataDir", "state/local")
+    first: dict[Path, str] = {}
+    problems = []
+    for name, config in declared.items():
+        if not isinstance(config, Mapping) or config.get("type") != "local":
+            continue
+        options = config.get("options")
+        data_dir = options.get("dataDir", default) if isinstance(options, Mapping) else default
+        if not isinstance(data_dir, str):
+            continue  # the schema reports it
+        folder = Path(os.path.normpath(root / os.path.expanduser(data_dir)))
+        if folder not in first:
+            first[folder] = str(name)
+            continue
+        has_dir = isinstance(options, Mapping) and "dataDir" in options
+        pointer = pointer_join(pointer_join("", "providers"), str(name))
+        if has_dir:
+            pointer = pointer_join(pointer_join(pointer, "options"), "dataDir")
+        message = (
+            f"local providers '{first[folder]}' and '{name}' share the engine data folder "
+            f"{display_path(folder)}: one engine runs in a folder, so give each its own "
+            "options.dataDir"
+        )
+        problems.append(Problem.at(doc.location(pointer), pointer, "shared-data-dir", message))
+    return problems
 
 
 def _default_provider_problems(doc: YamlDocument) -> list[Problem]:
