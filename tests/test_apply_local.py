@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -233,3 +234,78 @@ def test_results_follow_the_umask_and_stored_answers_stay_private(
     assert len(list((ws.root / "state" / "store").rglob("*"))) > 2  # blobs were stored
     engine_dirs, engine_files = modes(ws.root / "state" / "local")
     assert (engine_dirs, engine_files) == ({0o700}, {0o600})
+
+
+def test_an_apply_waits_its_lock_timeout_for_another_run_on_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine's folder held by another process's run (here: an engine opened on it) is a
+    lock like the state's: --lock-timeout waits for it to be let go, then the apply goes on;
+    without it, exit 3 naming the way to wait (it used to ignore --lock-timeout)."""
+    ws = local_ws(tmp_path / "ws")
+    held = Engine(ws.root / "state" / "local")
+    try:
+        code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+        assert code == 3
+        assert "--lock-timeout" in err
+        threading.Timer(0.3, held.close).start()
+        code, _, err = run_cli(
+            ["apply", str(ws.root), "--wait", "--lock-timeout", "10", *FAST], capsys
+        )
+    finally:
+        held.close()
+    assert code == 0, err
+    assert len(ws.outputs("triage")) == 4
+
+
+def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored output file damaged on disk (one flipped bit) makes a restore write content
+    other than recorded: it is downloaded again from the provider and the files come out as
+    collected (it used to restore the damaged bytes, and `apply --wait` restored them again at
+    every pass, without end); with no good copy left, the apply exits 1 saying so."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    good = ws.output_path("triage").read_bytes()
+    [blob] = [p for p in (ws.root / "state" / "store").glob("??/*")]
+    damaged = bytearray(blob.read_bytes())
+    damaged[10] ^= 1
+    blob.write_bytes(bytes(damaged))
+    ws.output_path("triage").unlink()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "3", *FAST], capsys)
+
+    assert code == 0, err
+    assert ws.output_path("triage").read_bytes() == good
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    with ws.store() as store:
+        events = [e.action for e in store.events()]
+    assert events.count("blob.repaired") == 1 and events.count("restore") == 1
+
+    blob.write_bytes(bytes(damaged))
+    shutil.rmtree(ws.root / "state" / "local")  # the provider's copy is gone too
+    ws.output_path("triage").unlink()
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "5", *FAST], capsys)
+    assert code == 1
+    assert "is damaged" in err and "cannot be downloaded again" in err
+
+
+def test_results_are_restored_from_the_provider_when_the_result_store_was_deleted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state/store/ deleted (taken for a cache) and a result file gone: the answers are
+    downloaded again from the provider, which still has them, and the file restored as
+    collected (it used to fail, saying the file was collected on another runner)."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    good = ws.output_path("triage").read_bytes()
+    shutil.rmtree(ws.root / "state" / "store")
+    ws.output_path("triage").unlink()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "3", *FAST], capsys)
+
+    assert code == 0, err
+    assert ws.output_path("triage").read_bytes() == good
+    with ws.store() as store:
+        assert [e.action for e in store.events()].count("blob.repaired") == 1

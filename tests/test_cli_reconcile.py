@@ -370,15 +370,16 @@ def test_results_before_apply_says_what_to_do(
 def test_a_results_file_that_cannot_be_written_exits_1_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An OS error (here a file where the results folder should be) exits 1 naming the
-    reason and the path, not with a traceback."""
+    """A file where the results folder should be exits 1 naming the reason and the path, not
+    with a traceback, and before anything is spent (it used to fail once the batch had run)."""
     ws = local_ws(tmp_path / "ws")
     (ws.root / "results").write_text("not a folder")
 
     code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
 
     assert code == 1
-    assert err.startswith("Error: File exists: ") and str(ws.root / "results") in err
+    assert "results is a file, not a folder" in err and "Traceback" not in err
+    assert not (ws.root / "state" / "local").exists()  # nothing was submitted
 
 
 def test_a_full_disk_exits_1_without_a_traceback(tmp_path: Path) -> None:

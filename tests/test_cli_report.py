@@ -379,3 +379,35 @@ def test_report_to_a_missing_folder_exits_1_naming_the_file(
     code, out, err = run_cli(["report", str(ws.root), "-o", str(target)], capsys)
 
     assert code == 1 and str(target) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        pytest.param("state/batchspec.db", "inside the state folder", id="state-db"),
+        pytest.param("state/batchspec.db-wal", "inside the state folder", id="state-wal"),
+        pytest.param("batchspec.yaml", "the project file", id="project-file"),
+        pytest.param("manifests/triage.yaml", "is a manifest", id="manifest"),
+        pytest.param("manifests/page.yaml", "manifest globs", id="read-as-a-manifest"),
+        pytest.param("data/triage.jsonl", "input file of resource triage", id="input"),
+        pytest.param("results/triage.jsonl", "output file of resource triage", id="output"),
+    ],
+)
+def test_report_output_onto_a_file_of_the_workspace_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, reason: str
+) -> None:
+    """`report -o` naming the state database (the record of what was paid for), the project
+    file, a manifest, an input or a result file exits 64 and leaves it as it was (the page
+    used to replace it)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--wait"], capsys)[0] == 0
+    path = ws.root / target
+    before = path.read_bytes() if path.exists() else None
+    code, _, err = run_cli(["report", str(ws.root), "-o", str(path)], capsys)
+    assert code == 64, err
+    assert reason in err
+    assert (path.read_bytes() if path.exists() else None) == before

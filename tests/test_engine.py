@@ -430,3 +430,30 @@ def test_the_data_folder_database_and_blobs_are_private_whatever_the_umask(tmp_p
     assert set(files.values()) == {0o600}, files
     assert "engine-data/engine.db" in files
     assert sum("/files/" in name for name in files) >= 2  # input and output blobs
+
+
+def test_a_commit_that_fails_for_a_while_sends_no_line_twice(tmp_path, caplog):
+    """While the engine's database refuses its commits (a full disk), a finished line waits in
+    memory and is not sent to the upstream again: the batch completes once commits succeed,
+    each line called once (the driver used to run every uncommitted line again at each poll)."""
+    upstream = BuiltinUpstream()
+    engine = open_engine(tmp_path, upstream)
+    store = engine.store
+    record = store.record_results
+    refusals = {"left": 15}
+
+    def full_disk(rows):
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return record(rows)
+
+    store.record_results = full_disk  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="batchspec.engine"), engine.start():
+        done = run_to_end(engine, new_batch(engine, request_lines(6))["id"])
+    assert refusals["left"] == 0
+    assert done["status"] == "completed"
+    assert done["request_counts"]["completed"] == 6
+    assert sorted(upstream.calls.values()) == [1] * 6
+    failures = [r for r in caplog.records if "could not commit" in r.getMessage()]
+    assert len(failures) == 1  # said once, not at every try (a log on that disk fills it)

@@ -159,3 +159,15 @@ def test_an_unset_upstream_key_fails_apply_before_anything_is_recorded(
     ws.write_input("triage", request_lines(2, prefix="changed"))
     code, out, _ = run_cli(["plan", str(ws.root)], capsys)
     assert code == 0 and "create" in out and "replace" not in out
+
+
+def test_an_unknown_batch_says_where_this_engine_keeps_its_batches(tmp_path):
+    """A batch this engine does not have (recorded by another checkout's engine, through a
+    shared state) is RemoteNotFound naming the data folder and the way to share an engine."""
+    with (
+        LocalProvider("local", tmp_path / "engine", **FAST) as provider,
+        pytest.raises(RemoteNotFound) as caught,
+    ):
+        provider.get_batch("batch_from_another_checkout")
+    details = " ".join(caught.value.details)
+    assert str(tmp_path / "engine") in details and "batchspec serve" in details

@@ -107,6 +107,64 @@ def test_a_symlinked_results_folder_pointing_outside_is_refused(tmp_path: Path) 
     assert all("is outside the workspace" in p.message for p in found)
 
 
+def test_an_output_or_errors_path_that_is_a_folder_is_refused_before_anything_is_spent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output (or errors) path naming an existing folder is a problem at its key, so apply
+    creates nothing (it used to run the batch and then fail at write, naming a .tmp file)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results" / "a.jsonl").mkdir(parents=True)
+    (root / "results" / "b.errors.jsonl").mkdir()
+    found = problems_of(root)
+    assert sorted(p.pointer for p in found) == ["/spec/errors", "/spec/output"]
+    assert all(p.code == "path-conflict" and "is a folder" in p.message for p in found)
+    code, _, err = run_cli(["apply", str(root), "--yes"], capsys)
+    assert code == 1 and "is a folder" in err
+    assert not (root / "state" / "local").exists()  # the engine never saw a request
+
+
+def test_a_result_path_under_a_file_is_refused_before_anything_is_spent(tmp_path: Path) -> None:
+    """`results` being a file where the result files' folder should be is a problem at each
+    key (it used to fail at write, once the batch had run)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results").write_text("not a folder\n")
+    found = problems_of(root)
+    assert len(found) == 6  # output and errors of three resources
+    assert all("results is a file, not a folder" in p.message for p in found)
+
+
+def test_an_export_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
+    """An export path naming a folder is a problem at its key, as an output's is."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["export"] = [{"path": "../exports/a.csv"}]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    (root / "exports" / "a.csv").mkdir(parents=True)
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/export/0/path" and "is a folder" in problem.message
+
+
+def test_an_output_name_longer_than_a_filesystem_takes_is_refused(tmp_path: Path) -> None:
+    """An output file name over 255 bytes can never be written: a problem at its key."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", output="../results/" + "o" * 250 + ".jsonl", errors="../results/a.err")
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/output" and "longer than 255 bytes" in problem.message
+
+
+def test_an_output_inside_the_shared_blob_folder_is_refused(tmp_path: Path) -> None:
+    """`state.blobs` is the result store every runner restores from: an output written into
+    it (onto a blob's name) is refused like one into the state folder."""
+    root = two_resources(tmp_path / "ws")
+    project = yaml.safe_load((root / "batchspec.yaml").read_text())
+    project["state"]["blobs"] = "shared"
+    (root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+    set_spec(root, "a", output="../shared/ab/" + "ab" * 32, errors="../results/a.err")
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/output" and "state.blobs" in problem.message
+
+
 def test_an_only_output_puts_the_errors_beside_it(tmp_path: Path) -> None:
     """`output: ../out/answers.jsonl` alone gives errors ../out/answers.errors.jsonl (#14)."""
     root = two_resources(tmp_path / "ws")

@@ -80,6 +80,35 @@ def test_a_capped_write_stops_at_the_cap_and_leaves_nothing(tmp_path: Path) -> N
         blobs.writer(max_bytes=1, too_large=lambda limit: Refused(limit)).write(b"12")
 
 
+def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    """A folder where the result file goes (or a full disk) fails naming that file, not the
+    hidden temporary file, and leaves nothing behind."""
+    dest = tmp_path / "results" / "a.jsonl"
+    dest.mkdir(parents=True)
+    with pytest.raises(IsADirectoryError) as caught:
+        write_atomically(dest, lambda tmp: tmp.write_bytes(b"x\n"))
+    assert caught.value.filename == str(dest)
+
+    def full_disk(tmp: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as caught:
+        write_atomically(tmp_path / "b.jsonl", full_disk)
+    assert caught.value.filename == str(tmp_path / "b.jsonl")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jsonl", "results"]
+
+
+def test_a_file_name_near_the_filesystem_limit_is_written_atomically(tmp_path: Path) -> None:
+    """A 250-byte result file name is writable: the temporary file's name stays under the
+    255-byte limit too (it used to add 38 bytes to the whole name and fail, after the batch
+    had been paid for)."""
+    dest = tmp_path / ("r" * 244 + ".jsonl")
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"x\n"))
+    assert dest.read_bytes() == b"x\n"
+
+
 def test_write_atomically_gives_the_user_s_file_the_umask_mode(tmp_path: Path, umask: int) -> None:
     """A result file in the workspace is 0666 & ~umask, like any file the user creates."""
     dest = tmp_path / "results" / "out.jsonl"

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -807,7 +808,7 @@ def report(
     """
     from batchspec.cli import render
     from batchspec.cli.report_html import report_html
-    from batchspec.core.report import workspace_report
+    from batchspec.core.report import require_report_target, workspace_report
 
     source = click.get_current_context().get_parameter_source("output")
     if as_json and source != ParameterSource.DEFAULT:
@@ -816,13 +817,16 @@ def report(
             f"--json writes the report's data to stdout and no page, so --output {output} "
             "would be ignored: give one of them (`batchspec report --json > report.json`)"
         )
+    if not as_json and output != "-":
+        require_report_target(paths, Path(output), state_path=state_path)
     data = workspace_report(paths, runs=runs, state_path=state_path)
     warn_skipped(data.skipped)
     if as_json:
         emit_json(data.to_json())
         return
+    page = report_html(data)
     with click.open_file(output, "w", encoding="utf-8") as f:
-        f.write(report_html(data))
+        f.write(page)
     if output != "-":
         click.echo(render.report_written_text(output, len(data.resources), len(data.runs)))
 

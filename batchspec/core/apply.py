@@ -322,7 +322,7 @@ def apply_workspace(
                 require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
-            with ProviderPool(ws, env) as providers:
+            with ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers:
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
                 for action in plan.spending:
@@ -453,7 +453,7 @@ def cancel_resource(
                 f"run `batchspec cancel {name}` again"
             )
             raise
-        with lock, ProviderPool(ws, env) as providers:
+        with lock, ProviderPool(ws, env, lock_timeout=lock_timeout) as providers:
             rec = Reconciler(
                 ws.project,
                 store,

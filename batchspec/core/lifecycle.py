@@ -138,7 +138,7 @@ def import_batch(
                 timeout=lock_timeout,
                 run_id=run.id,
             ),
-            ProviderPool(ws, env) as providers,
+            ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
         ):
             require_not_tracked(store, res, batch_id)
             provider = providers.get(res.provider)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from batchspec.core.history import CommitSpend, HistoryEntry, read_history, spend_by_commit
 from batchspec.core.spend import Usage
 from batchspec.core.status import ResourceStatus, workspace_status
+from batchspec.errors import UsageError
 from batchspec.state.store import utc_timestamp
+from batchspec.workspace.manifest import load_workspace, overwritten_workspace_file
 from batchspec.workspace.yamldoc import Problem
 
 
@@ -51,6 +54,20 @@ class WorkspaceReport:
             "runs": [e.to_json() for e in self.runs],
             "commits": [c.to_json() for c in self.commits],
         }
+
+
+def require_report_target(
+    paths: Sequence[str], output: Path, *, state_path: str | None = None
+) -> None:
+    """Refuse a page written over one of the workspace's own files (``report -o
+    state/batchspec.db`` would destroy the record of what was paid for), before writing."""
+    ws = load_workspace(paths, state_path=state_path, tolerate_broken=True)
+    overwritten = overwritten_workspace_file(ws, output)
+    if overwritten is not None:
+        raise UsageError(
+            f"--output {output}: {overwritten}, which the page may not replace; write it "
+            "elsewhere (the default is report.html)."
+        )
 
 
 def workspace_report(

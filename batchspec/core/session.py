@@ -218,9 +218,10 @@ def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
 class ProviderPool:
     """Builds each provider on first use (so a missing key only matters when it is needed)."""
 
-    def __init__(self, ws: Workspace, env: Mapping[str, str]) -> None:
+    def __init__(self, ws: Workspace, env: Mapping[str, str], *, lock_timeout: float = 0.0) -> None:
         self.ws = ws
         self.env = env
+        self.lock_timeout = lock_timeout  # a local engine's folder in use: wait this long
         self.built: dict[str, Provider] = {}
 
     def get(self, name: str) -> Provider:
@@ -233,7 +234,10 @@ class ProviderPool:
             from batchspec.providers.registry import build_provider
 
             self.built[name] = build_provider(
-                config, project_root=self.ws.project.root, env=self.env
+                config,
+                project_root=self.ws.project.root,
+                env=self.env,
+                lock_timeout=self.lock_timeout,
             )
         return self.built[name]
 

@@ -82,12 +82,13 @@ class Engine:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         token_limit_refusals: int = 0,
         cancel_delay: float = 0.0,
+        lock_timeout: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.data_dir = Path(data_dir)
         self._lock = EngineLock(self.data_dir)
-        self._lock.acquire()
+        self._lock.acquire(lock_timeout)  # another process's engine on the folder: wait
         self.store = Store(self.data_dir)
         self.store.blobs.clean_tmp()
         self.upstream: Upstream = upstream if upstream is not None else BuiltinUpstream()

@@ -480,7 +480,10 @@ class EngineLock:
         self.path = data_dir / "engine.lock"
         self._fh: Any = None
 
-    def acquire(self) -> None:
+    def acquire(self, timeout: float = 0.0) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds for its holder to let it go (a
+        command's ``--lock-timeout``: two applies on one workspace's local provider take
+        turns, as they do for the state's locks); then ``StateLockedError``."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks, trust the user
@@ -488,16 +491,26 @@ class EngineLock:
         ensure_private_dir(self.path.parent)
         create_private_file(self.path)
         fh = open(self.path, "a+")  # noqa: SIM115 - held open for the engine's lifetime
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StateLockedError(
-                f"The engine data folder {self.path.parent} is in use by {holder}. "
-                "Stop that engine (or `batchspec serve`) first, or use another --data-dir."
-            ) from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                    continue
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                waited = f" (waited {timeout:g}s)" if timeout > 0 else ""
+                raise StateLockedError(
+                    f"The engine data folder {self.path.parent} is in use by {holder}{waited}: "
+                    "another batchspec command on this local provider, or a `batchspec serve`. "
+                    "Wait for it to end (a command waits up to --lock-timeout SECONDS for it), "
+                    "stop it, or use another data folder (serve --data-dir; a local "
+                    "provider's dataDir)."
+                ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")

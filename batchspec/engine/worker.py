@@ -14,7 +14,8 @@ Invariants:
 - At most ``concurrency`` requests are in flight across all batches (one semaphore).
 - A finished line is buffered and committed within ``commit_interval`` (on a thread, so
   the event loop keeps serving responses) together with its batch's counts; a line with a stored
-  result is skipped when a batch resumes, so after a clean stop no line is sent twice. After a
+  or buffered result is skipped when a batch resumes, so after a clean stop, or while commits
+  fail (a full disk: the buffer is kept and committed later), no line is sent twice. After a
   crash, only lines that were in flight or finished within the last commit interval are sent
   again (the upstream gives no way to ask whether it saw a request).
 - A clean stop (``stop``) sends no new lines, lets in-flight ones finish for up to
@@ -167,6 +168,7 @@ class Worker:
         self._controls: dict[str, BatchControl] = {}
         self._pending: list[LineResult] = []
         self._flush_lock: asyncio.Lock | None = None
+        self._commit_failing = False
         self._token_limit_refusals = settings.token_limit_refusals
 
     # -- thread-safe control ---------------------------------------------------------------
@@ -382,7 +384,10 @@ class Worker:
 
     async def _run_lines(self, batch_id: str, input_sha256: str, control: BatchControl) -> None:
         assert self._slots is not None
-        done = await asyncio.to_thread(self.store.finished_lines, batch_id)
+        # lines finished but not committed yet (a commit that keeps failing: a full disk) are
+        # done too: run again, they would be sent to the upstream again at every poll
+        buffered = {result.line for result in self._pending if result.batch_id == batch_id}
+        done = buffered | await asyncio.to_thread(self.store.finished_lines, batch_id)
         path = self.store.blobs.path(input_sha256)
         slots = self._slots
         for request in iter_requests(path, max_line_bytes=self.settings.max_line_bytes):
@@ -500,12 +505,18 @@ class Worker:
         async with self._flush_lock:
             if not self._pending:
                 return
-            rows, self._pending = self._pending, []
+            rows = list(self._pending)  # left buffered until committed: see _run_lines
             try:
                 await asyncio.to_thread(self.store.record_results, rows)
-            except Exception:
-                self._pending = rows + self._pending  # keep them; the next flush tries again
-                log.exception("could not commit %d results; retrying", len(rows))
+            except Exception:  # keep them; the next flush tries again
+                if not self._commit_failing:  # once, not every commit_interval: a full disk
+                    log.exception("could not commit %d results; retrying", len(rows))
+                self._commit_failing = True
+            else:
+                del self._pending[: len(rows)]  # lines finished meanwhile were appended
+                if self._commit_failing:
+                    log.warning("committed %d results after failed tries", len(rows))
+                self._commit_failing = False
 
     def _finalize(self, batch_id: str) -> None:
         finalize_batch(self.store, batch_id, max_line_bytes=self.settings.max_line_bytes)

@@ -167,7 +167,16 @@ class LocalProvider:
         try:
             return method(*args)
         except EngineError as err:
-            raise provider_error(self.name, err) from None
+            error = provider_error(self.name, err)
+            if err.status == 404:  # the usual cause: another machine's (or checkout's) engine
+                error.details.append(
+                    f"this local engine keeps its files and batches in {self.data_dir}, on "
+                    "this machine only: a batch or file recorded by a run in another checkout "
+                    "(a state shared in PostgreSQL, or copied) is in that checkout's folder. "
+                    "Several runners need an engine they all reach: `batchspec serve` and a "
+                    "provider of type openai pointing at it"
+                )
+            raise error from None
 
 
 def provider_error(name: str, err: EngineError) -> ProviderError:

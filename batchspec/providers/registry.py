@@ -72,9 +72,16 @@ def create_confirm_seconds(config: ProviderConfig) -> float:
 
 
 def build_provider(
-    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+    config: ProviderConfig,
+    *,
+    project_root: Path,
+    env: Mapping[str, str] = os.environ,
+    lock_timeout: float = 0.0,
 ) -> Provider:
-    """The provider ``config`` describes, ready to use; raises ``ProviderError`` if it cannot be."""
+    """The provider ``config`` describes, ready to use; raises ``ProviderError`` if it cannot be.
+
+    ``lock_timeout``: how long a local provider waits for another process using its engine
+    data folder (the command's ``--lock-timeout``)."""
     if config.type == "openai":
         return build_openai_provider(config, env=env)
     if config.type == "azure":
@@ -90,7 +97,9 @@ def build_provider(
     if config.type == "mistral":
         return build_mistral_provider(config, project_root=project_root, env=env)
     if config.type == "local":
-        return build_local_provider(config, project_root=project_root, env=env)
+        return build_local_provider(
+            config, project_root=project_root, env=env, lock_timeout=lock_timeout
+        )
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
         "expected one of openai, azure, groq, together, anthropic, gemini, mistral, local."
@@ -257,7 +266,11 @@ def build_mistral_provider(
 
 
 def build_local_provider(
-    config: ProviderConfig, *, project_root: Path, env: Mapping[str, str] = os.environ
+    config: ProviderConfig,
+    *,
+    project_root: Path,
+    env: Mapping[str, str] = os.environ,
+    lock_timeout: float = 0.0,
 ) -> Provider:
     """The embedded engine, in-process, with its data under the project (``state/local``).
 
@@ -289,6 +302,7 @@ def build_local_provider(
         upstream=upstream,
         upstream_api_key_env=options.get("upstreamApiKeyEnv"),
         concurrency=int(options.get("concurrency", 4)),  # the project schema's default
+        lock_timeout=lock_timeout,
     )
     return provider
 

@@ -92,11 +92,14 @@ class BlobStore:
         """
         return BlobWriter(self, max_bytes, too_large)
 
-    def put_from(self, write: Callable[[Path], object], *, expect: str | None = None) -> str:
+    def put_from(
+        self, write: Callable[[Path], object], *, expect: str | None = None, replace: bool = False
+    ) -> str:
         """Let ``write(tmp_path)`` produce a file, then file it under its sha256.
 
         With ``expect``, content that does not hash to it is dropped, never filed
-        (``BlobMismatchError``).
+        (``BlobMismatchError``). With ``replace``, it replaces a copy already filed (a damaged
+        one being repaired).
         """
         tmp = self._new_tmp_path()
         try:
@@ -106,7 +109,7 @@ class BlobStore:
             sha = sha256_file(tmp)
             if expect is not None and sha != expect:
                 raise BlobMismatchError(expect, sha)
-            self._file(tmp, sha)
+            self._file(tmp, sha, replace=replace)
             return sha
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -218,13 +221,21 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
 
     The file is the user's (a result file in the workspace): it gets the mode any new file of
     theirs gets, ``0666 & ~umask``, applied by the kernel when the temporary file is created.
+    A failure to write or rename (a full disk, a file size limit, a folder at ``dest``) is
+    raised naming ``dest``, not the temporary file the user never asked for.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    # the name's head only: a name near the filesystem's 255-byte limit must stay writable
+    tmp = dest.parent / f".{dest.name[:64]}.{uuid.uuid4().hex}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

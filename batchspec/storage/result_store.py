@@ -23,7 +23,15 @@ Promises:
   asks ``refetch`` (the state's record of which provider file the blob was downloaded from)
   for the file again, files it locally only if it hashes to the recorded sha256, and replaces
   the remote copy with it; if the provider no longer has the file, the damage is reported as
-  before and nothing is kept. Each repair is told to ``on_repair`` (an audit event).
+  before and nothing is kept. A blob found in no tier (``state/store/`` deleted) is asked of
+  ``refetch`` the same way, and filed in every tier. Each repair is told to ``on_repair``
+  (an audit event).
+* Local copies are trusted as they are read (hashing every blob at every read would double a
+  restore's reading); ``repair_local(sha)`` checks one, and replaces a copy that no longer
+  hashes to its name (a damaged disk, an edit) from the remote tier or the provider's file,
+  filed only if it hashes to ``sha``; with no good copy to be had it says so
+  (``BlobCorruptError``) and leaves the damaged copy as it is. A restore whose files do not
+  come out as recorded asks it (``batchspec.core.reconcile.restore``).
 * Without a remote tier it is the local store, exactly as before.
 """
 
@@ -34,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError
-from batchspec.storage.blobstore import BlobMismatchError, BlobStore
+from batchspec.storage.blobstore import BlobMismatchError, BlobStore, sha256_file
 from batchspec.storage.remote_blobs import (
     BlobCorruptError,
     BlobMissingError,
@@ -89,12 +97,7 @@ class ResultStore:
         if path.is_file():
             return path
         if self.remote is None or not self.remote.has(sha256):
-            where = f"{self.local.root}" + (f" nor in {self.remote.label}" if self.remote else "")
-            raise BlobMissingError(
-                f"the stored file {sha256[:12]} that the state refers to is not in {where}; "
-                "it was collected on another runner: share the state's blobs (a PostgreSQL "
-                "state, or state.blobs in batchspec.yaml) or copy that runner's state/store/"
-            )
+            return self._download_missing(sha256)
         try:
             with self.local.writer() as writer:
                 for chunk in verified(sha256, self.remote.chunks(sha256), self.remote.label):
@@ -103,6 +106,76 @@ class ResultStore:
         except BlobCorruptError as damaged:
             self._download_again(sha256, damaged)
         return path
+
+    def _download_missing(self, sha256: str) -> Path:
+        """A blob in no tier (collected on another runner, or ``state/store/`` deleted): the
+        provider's file again (``refetch``), filed only if it hashes to ``sha256``; else a
+        ``BlobMissingError`` naming the places looked in and the way out."""
+        where = f"{self.local.root}" + (f" nor in {self.remote.label}" if self.remote else "")
+        missing = (
+            f"the stored file {sha256[:12]} that the state refers to is not in {where}; it "
+            "was collected on another runner, or deleted: share the state's blobs (a "
+            "PostgreSQL state, or state.blobs in batchspec.yaml) or copy that runner's "
+            "state/store/"
+        )
+        source = self.refetch(sha256) if self.refetch is not None else None
+        if source is None:
+            raise BlobMissingError(missing)
+        try:
+            self.local.put_from(source.write, expect=sha256)
+        except BatchspecError as err:  # the provider no longer has it, or other content
+            raise BlobMissingError(
+                f"{missing}; downloading {source.where} again failed: {err}"
+            ) from err
+        self.publish(sha256, self.local.path(sha256))
+        self._repaired(sha256, source.where)
+        return self.local.path(sha256)
+
+    def repair_local(self, sha256: str) -> bool:
+        """Replace the local copy of ``sha256`` if it no longer hashes to its name (see the
+        module docstring); False if it is sound or absent, True once replaced."""
+        path = self.local.path(sha256)
+        if not path.is_file() or sha256_file(path) == sha256:
+            return False
+        damaged = (
+            f"the stored file {sha256[:12]} in {self.local.root} is damaged (its content no "
+            "longer hashes to its name)"
+        )
+        remote = self.remote
+        if remote is not None and remote.has(sha256):
+
+            def from_remote(dest: Path) -> None:
+                with dest.open("wb") as out:
+                    for chunk in verified(sha256, remote.chunks(sha256), remote.label):
+                        out.write(chunk)
+
+            try:
+                self.local.put_from(from_remote, expect=sha256, replace=True)
+            except BlobCorruptError:
+                pass  # damaged there too: the provider's file is the last resort
+            else:
+                self._repaired(sha256, remote.label)
+                return True
+        source = self.refetch(sha256) if self.refetch is not None else None
+        if source is None:
+            raise BlobCorruptError(
+                f"{damaged}, and no other copy of it is known; restore state/store/ from a "
+                "backup, or `batchspec apply --replace NAME` to run the requests again"
+            )
+        try:
+            self.local.put_from(source.write, expect=sha256, replace=True)
+        except BlobMismatchError as err:
+            raise BlobCorruptError(
+                f"{damaged}; downloading {source.where} again gave other content "
+                f"({err.got[:12]}), which was not used either"
+            ) from err
+        except BatchspecError as err:
+            raise BlobCorruptError(
+                f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
+            ) from err
+        self._repaired(sha256, source.where)
+        self.publish(sha256, path)  # a shared copy damaged too is replaced from it
+        return True
 
     def _download_again(self, sha256: str, damaged: BlobCorruptError) -> None:
         """The remote copy is damaged: file the provider's file again if it hashes to

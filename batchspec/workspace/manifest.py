@@ -19,17 +19,19 @@ Paths
 Confinement (DESIGN invariant 5: nothing a manifest names is written where it must not be)
     ``output`` and ``errors`` must resolve inside the workspace root (the folder of
     ``batchspec.yaml``) and never onto: the state folder (or the state file and its side
-    files, when the state lives in the root itself) or a local provider's ``dataDir``; a
+    files, when the state lives in the root itself), its shared blob folder
+    (``state.blobs``) or a local provider's ``dataDir``; a
     version control folder (``.git``, ``.hg``, ``.svn``, ``.jj``); the project file; a
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
     problem names both places); "any" and "another" over the whole workspace, whatever
-    PATHS were given (``_outside_paths``). ``spec.export`` paths are confined the same way,
-    and never onto the resource's own input, output or errors file. Each is a
-    ``path-conflict`` problem at the key, so validate, plan and apply refuse it alike;
-    collect and restore check again right before writing, symlinks resolved then
-    (``refuse_unconfined_write``). Inputs are only read, so they may live anywhere, outside
-    the workspace too.
+    PATHS were given (``_outside_paths``). Nor may either name an existing folder, or lie
+    below a file (neither could ever be written: found before anything is spent).
+    ``spec.export`` paths are confined the same way, and never onto the resource's own input,
+    output or errors file. Each is a ``path-conflict`` problem at the key, so validate, plan
+    and apply refuse it alike; collect and restore check again right before writing,
+    symlinks resolved then (``refuse_unconfined_write``). Inputs are only read, so they may
+    live anywhere, outside the workspace too.
 
 Requests from data
     ``spec.input`` may be an object ``{rows, id, body}`` instead of a path: the rows file is
@@ -149,6 +151,7 @@ __all__ = [
     "load_project",
     "load_workspace",
     "confinement",
+    "overwritten_workspace_file",
     "refuse_unconfined_write",
     "spec_hash",
     "unlisted_manifests_warnings",
@@ -562,6 +565,8 @@ def _export_targets(
             )
         elif message is None and fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
             message = "a parquet export needs pyarrow: pip install 'batchspec[parquet]'"
+        if message is None:
+            message = _unwritable(path, "export", _resource_name(doc) or "export")
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
             continue
@@ -595,6 +600,8 @@ def _output_paths(
             )
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
+        if message is None:  # found now, before anything is spent, not when answers are in
+            message = _unwritable(path, key, name)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
@@ -603,6 +610,33 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+#: the longest file name (bytes) the common filesystems take (ext4, XFS, APFS, NTFS)
+NAME_MAX = 255
+
+
+def _unwritable(path: Path, key: str, name: str) -> str | None:
+    """Why a result file could never be written at ``path`` (a folder there, a name too
+    long, or a file where one of its folders should be), or None."""
+    if os.path.isdir(path):
+        return (
+            f"{key} file {display_path(path)} is a folder: name a file in it "
+            f"(e.g. {display_path(path / f'{name}.jsonl')})"
+        )
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        return f"{key} file name {path.name[:40]}... is longer than {NAME_MAX} bytes"
+    folder = path.parent
+    while not os.path.isdir(folder):  # the usual case, an existing folder: one stat
+        if os.path.lexists(folder):
+            return (
+                f"{key} file {display_path(path)} cannot be written: {display_path(folder)} "
+                "is a file, not a folder"
+            )
+        if folder.parent == folder:
+            return None
+        folder = folder.parent
+    return None
 
 
 def errors_beside(output_path: Path) -> Path:
@@ -636,6 +670,39 @@ def refuse_unconfined_write(
         )
 
 
+def overwritten_workspace_file(ws: Workspace, path: Path) -> str | None:
+    """What a file a command is told to write (``report -o FILE``) would destroy, or None.
+
+    The workspace's own files: the state (its database, side files and data), the project
+    file, a manifest, a resource's input, rows, output or errors file. Anywhere else may be
+    written, outside the workspace too (a report in /tmp)."""
+    resolved = path.resolve()
+    places = _Confinement(ws.project)
+    for folder, what in places.folders:
+        if _inside(str(resolved), str(folder)):
+            return f"{display_path(resolved)} is inside {what} {display_path(folder)}"
+    state = places.state
+    if resolved.parent == state.parent and resolved.name.startswith(state.name):
+        return f"{display_path(resolved)} is the state database (or one of its side files)"
+    if resolved == places.project_file:
+        return f"{display_path(resolved)} is the project file"
+    if resolved in _resolved_files(ws.manifest_files):
+        return f"{display_path(resolved)} is a manifest"
+    if _inside(str(resolved), places._root_text):  # would be read as a manifest next time
+        relative = Path(str(resolved)[len(places._root_text) :].lstrip(os.sep)).as_posix()
+        if any(pattern.fullmatch(relative) for pattern in places.patterns):
+            return f"{display_path(resolved)} matches the manifest globs (read as a manifest)"
+    for res in ws.resources:
+        for what, file in (
+            ("input", res.input_source or res.input_path),
+            ("output", res.output_path),
+            ("errors", res.errors_path),
+        ):
+            if resolved == file:
+                return f"{display_path(resolved)} is the {what} file of resource {res.name}"
+    return None
+
+
 def confinement(project: Project) -> Confinement:
     """The project's forbidden places resolved once, for ``refuse_unconfined_write(within=)``
     (a run checks every result path it writes against the same ones)."""
@@ -662,6 +729,9 @@ class _Confinement:
             found = [(state_folder / name, "the state folder's data") for name in STATE_DATA_NAMES]
         else:
             found = [(state_folder, "the state folder")]
+        blobs = project.state_blobs
+        if blobs is not None and "://" not in blobs:  # the shared tier of the result store
+            found.append((Path(blobs).resolve(), "the state's shared blob folder (state.blobs)"))
         for provider in project.providers.values():
             data_dir = provider.options.get("dataDir") if provider.type == "local" else None
             if isinstance(data_dir, str):
