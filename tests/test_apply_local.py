@@ -309,3 +309,34 @@ def test_results_are_restored_from_the_provider_when_the_result_store_was_delete
     assert ws.output_path("triage").read_bytes() == good
     with ws.store() as store:
         assert [e.action for e in store.events()].count("blob.repaired") == 1
+
+
+@pytest.mark.parametrize("way_out", ["replace", "cancel"])
+def test_a_batch_the_engine_lost_is_got_past_with_replace_or_cancel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], way_out: str
+) -> None:
+    """The engine's folder is deleted while its batch is in flight: apply fails naming
+    `apply --replace NAME`; that (or `batchspec cancel NAME`) records the batch gone and goes
+    through. Both failed on the same 404 for good, leaving no way past it."""
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0
+    shutil.rmtree(ws.root / "state" / "local")
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 1
+    assert "`batchspec apply --replace triage` runs triage again" in err
+    if way_out == "cancel":
+        code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+        assert code == 0, err
+        assert "is gone from the provider" in out + err
+    args = ["apply", str(ws.root), "--replace", "triage", "--wait", *FAST]
+    code, out, err = run_cli(args, capsys)
+
+    assert code == 0, out + err
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+    with ws.store() as store:
+        [gone, new] = store.batches()
+        events = [e for e in store.events(resource="triage") if e.detail.get("gone")]
+    assert (gone.status, new.status) == ("cancelled", "completed")
+    assert [e.batch_id for e in events] == [gone.id]

@@ -1043,8 +1043,17 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
+    def warn(progress: Any) -> None:  # a batch the provider no longer has, recorded gone
+        if progress.event == "warning":
+            click.echo(f"Warning: [{progress.resource}] {progress.message}", err=True)
+
     result = cancel_resource(
-        paths, name, lock_timeout=lock_timeout, state_path=state_path, parallelism=parallelism
+        paths,
+        name,
+        lock_timeout=lock_timeout,
+        state_path=state_path,
+        parallelism=parallelism,
+        report=warn,
     )
     n = result.cancelled
     if as_json:

@@ -9,9 +9,12 @@ and for one a user cancelled whose manifest is unchanged, though that one stays 
 resource's current generation (``drain.cancelled_unconfirmed``: once found, its own refresh
 and collect steps poll the batch and write what it finished); a new generation's create
 waits for it (``hold``).
-The generation's new status and a ``cancel`` event are recorded in one transaction. A cancel
-only starts the stop (the batch is recorded ``cancelling``); the answers the provider still
-finishes are kept by the passes of later applies (``drain``), never by a second cancel.
+A batch the provider answers 404 for, its cancel and a read of it both, has nothing left to
+stop: it is recorded gone (``poll.record_gone``), so that a cancel, a prune or a replace of a
+batch a server lost goes through instead of failing every time. The generation's new status
+and a ``cancel`` event are recorded in one transaction. A cancel only starts the stop (the
+batch is recorded ``cancelling``); the answers the provider still finishes are kept by the
+passes of later applies (``drain``), never by a second cancel.
 
 The cancels of different batches run side by side. While a bounded pool is open
 (``RunContext.calls``: ``Reconciler.cancels_ahead`` for ``batchspec cancel``, ``apply
@@ -39,10 +42,11 @@ from collections.abc import Iterable
 from batchspec.core.batches import batch_fields
 from batchspec.core.reconcile.adopt import bind_adopted, find_remote
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.poll import record_gone
 from batchspec.core.reconcile.prefetch import shares_client
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError
-from batchspec.providers.base import RemoteBatch
+from batchspec.providers.base import RemoteBatch, RemoteNotFound
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 
@@ -106,9 +110,17 @@ def cancel_generation(
                 ctx.store.update_batch(batch.id, status="cancelled")
             continue
         if _sends_cancel(batch):
-            remote = ctx.prefetched.take_cancel(batch.provider, batch.remote_id, ctx.before_wait)
-            if remote is None:  # not sent ahead: send it now
-                remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
+            try:
+                remote = ctx.prefetched.take_cancel(
+                    batch.provider, batch.remote_id, ctx.before_wait
+                )
+                if remote is None:  # not sent ahead: send it now
+                    remote = ctx.provider_for(batch.provider).cancel_batch(batch.remote_id)
+            except RemoteNotFound as err:
+                if not _gone(ctx, batch):
+                    raise
+                record_gone(ctx, name, gen, batch, err)  # nothing left to stop: not an error
+                continue
             ctx.store.update_batch(batch.id, **batch_fields(remote))
             # a batch that ended before the cancel reached it keeps its own end (completed,
             # failed, expired): recorded as it is, not counted as cancelled
@@ -126,6 +138,19 @@ def cancel_generation(
         # "sent": a batch stops at the provider's pace (cancelling, then cancelled)
         ctx.report(Progress("cancel", name, f"{reason}: cancel sent to {n} batch(es)"))
     return n
+
+
+def _gone(ctx: RunContext, batch: BatchRow) -> bool:
+    """Whether the provider no longer knows ``batch``, its cancel answered 404: only when a
+    read of the batch answers 404 too (a gateway without the cancel route answers 404 for a
+    batch that still runs, whose answers would be lost if it were written off)."""
+    try:
+        ctx.provider_for(batch.provider).get_batch(batch.remote_id or "")
+    except RemoteNotFound:
+        return True
+    except BatchspecError:
+        return False  # not known either way: the cancel's own error is raised
+    return False
 
 
 def cancel_retired_batch(

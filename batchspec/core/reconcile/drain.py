@@ -81,8 +81,8 @@ from batchspec.core.reconcile.collect import (
     collect_batch,
     retry_on_for,
 )
-from batchspec.core.reconcile.context import RunContext, kept_request_index, now
-from batchspec.core.reconcile.poll import poll_batch
+from batchspec.core.reconcile.context import RunContext, kept_request_index
+from batchspec.core.reconcile.poll import GONE_STATUS, poll_batch, record_gone
 from batchspec.core.reporting import Progress
 from batchspec.errors import BatchspecError, InputError
 from batchspec.providers.base import RemoteNotFound
@@ -305,7 +305,7 @@ def _drain_one(ctx: RunContext, item: RetiredBatch) -> None:
         try:
             remote = poll_batch(ctx, item.name, batch, provider, foreign=item.foreign)
         except RemoteNotFound as err:
-            record_gone(ctx, item, err)
+            record_gone(ctx, item.name, item.generation, item.batch, err, foreign=item.foreign)
             return
         ctx.report(
             Progress(
@@ -366,48 +366,6 @@ def _look_up_unconfirmed(ctx: RunContext, item: RetiredBatch) -> BatchRow | None
         )
     )
     return None
-
-
-#: the terminal status a retired batch the provider no longer knows is recorded with: it was
-#: sent a cancel (or its generation was cancelled), and nothing more will come of it
-GONE_STATUS = "cancelled"
-
-
-def record_gone(ctx: RunContext, item: RetiredBatch, err: RemoteNotFound) -> None:
-    """A retired batch the provider answers 404 for (deleted, expired from its records, or a
-    provider pointed elsewhere): record it ended, ``cancelled``, with nothing left to collect
-    (``collected_at`` set), and a ``poll`` event whose ``gone`` says why, in one transaction,
-    so no later pass polls it or warns again. What its generation's ledger already holds (an
-    earlier collect, answers carried over) is left as it is."""
-    gen, batch = item.generation, item.batch
-    why = f"the provider no longer knows this batch ({err.message})"
-    with ctx.store.atomic():
-        if item.foreign and not ctx.may_touch(item.name):
-            return
-        ctx.store.update_batch(batch.id, status=GONE_STATUS, collected_at=now())
-        ctx.store.record_event(
-            ctx.run_id,
-            "poll",
-            resource=item.name,
-            generation_id=gen.id,
-            batch_id=batch.id,
-            detail={
-                "status": GONE_STATUS,
-                "from": batch.status,
-                "gone": why,
-                "retired": gen.status,
-            },
-        )
-    ctx.report(
-        Progress(
-            "warning",
-            item.name,
-            f"batch {batch.remote_id} of {gen.status} generation {gen.id} is gone from the "
-            f"provider ({err.message}): recorded {GONE_STATUS}, not polled again; the answers "
-            "it finished and no earlier apply collected are lost",
-            {"remote_id": batch.remote_id, "status": GONE_STATUS, "generation_id": gen.id},
-        )
-    )
 
 
 def keep_ended_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> None:

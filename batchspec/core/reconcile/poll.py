@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from batchspec.core.batches import batch_fields, counts_json
 from batchspec.core.plan import Action
-from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
-from batchspec.providers.base import Provider, RemoteBatch
-from batchspec.state.store import BatchRow
+from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
@@ -27,7 +27,16 @@ def refresh(
     for batch in ctx.store.batches(gen.id):
         if batch.remote_id is None or batch.status in TERMINAL_STATUSES:
             continue
-        remote = poll_batch(ctx, res.name, batch, provider)
+        try:
+            remote = poll_batch(ctx, res.name, batch, provider)
+        except RemoteNotFound as err:
+            err.details.append(
+                f"if {batch.provider} no longer has batch {batch.remote_id} (deleted, or a "
+                "server started again on an empty data folder), `batchspec apply --replace "
+                f"{res.name}` runs {res.name} again: the batch is recorded gone, the answers "
+                "already collected are kept, and the rest are sent again (and paid for)"
+            )
+            raise
         ctx.report(
             Progress(
                 "poll",
@@ -110,3 +119,52 @@ def poll_message(remote: RemoteBatch) -> str:
     c = remote.request_counts
     counts = f" {c.completed + c.failed:,}/{c.total:,}" if c and c.total else ""
     return f"batch {remote.id} {remote.status}{counts}"
+
+
+#: the terminal status of a batch the provider no longer knows: nothing more will come of it
+GONE_STATUS = "cancelled"
+
+
+def record_gone(
+    ctx: RunContext,
+    name: str,
+    gen: GenerationRow,
+    batch: BatchRow,
+    err: RemoteNotFound,
+    *,
+    foreign: bool = False,
+) -> None:
+    """A batch the provider answers 404 for (deleted, expired from its records, a server
+    started again on an empty folder, a provider pointed elsewhere) while it is drained or
+    cancelled: record it ended, ``cancelled``, with nothing left to collect (``collected_at``
+    set), and a ``poll`` event whose ``gone`` says why, in one transaction, so no later pass
+    polls or cancels it again; what its generation's ledger already holds (an earlier collect,
+    answers carried over) is left as it is. ``foreign``: as for ``poll_batch``."""
+    why = f"the provider no longer knows this batch ({err.message})"
+    with ctx.store.atomic():
+        if foreign and not ctx.may_touch(name):
+            return
+        ctx.store.update_batch(batch.id, status=GONE_STATUS, collected_at=now())
+        ctx.store.record_event(
+            ctx.run_id,
+            "poll",
+            resource=name,
+            generation_id=gen.id,
+            batch_id=batch.id,
+            detail={
+                "status": GONE_STATUS,
+                "from": batch.status,
+                "gone": why,
+                "retired": gen.status,
+            },
+        )
+    ctx.report(
+        Progress(
+            "warning",
+            name,
+            f"batch {batch.remote_id} of {gen.status} generation {gen.id} is gone from the "
+            f"provider ({err.message}): recorded {GONE_STATUS}, not polled again; the answers "
+            "it finished and no earlier apply collected are lost",
+            {"remote_id": batch.remote_id, "status": GONE_STATUS, "generation_id": gen.id},
+        )
+    )
