@@ -8,11 +8,11 @@ runs are in tests/test_state_lost.py, tests/test_crash_safety.py and tests/test_
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from probes import start_probed_server
+from probes import ProbedServer
 from servers import request_lines
 from workspaces import SENTINEL_KEY
 
@@ -121,33 +121,30 @@ def test_a_batch_made_at_the_edge_of_the_window_is_still_found(
 
 
 def test_a_listing_that_failed_half_way_starts_again_and_still_finds_the_key(
-    tmp_path: Path,
+    tmp_path: Path, server: Callable[..., ProbedServer]
 ) -> None:
     """A listing whose second page could not be read raises; the next lookup on it reads
     the listing again and finds the key's batch on that page. Taken as a listing that had
     ended, it answered "no batch", and the batch was created, and paid for, again."""
-    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
-    try:
-        provider = OpenAIProvider("srv", base_url=srv.v1, api_key=SENTINEL_KEY, max_retries=0)
-        path = tmp_path / "in.jsonl"
-        path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(1)))
-        file_id = provider.upload_file(path, filename="in.jsonl").id
-        made = [
-            provider.create_batch(
-                input_file_id=file_id,
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-                metadata=metadata_for_key(key),
-            )
-            for key in (KEY, "other/abc123/0/1")
-        ]
-        listing = BatchListing(provider, page_size=1)  # newest first: the key's is page 2
-        assert listing.find_by_key(metadata_for_key("other/abc123/0/1"), since=0).batch
-        srv.probe.refuse(r"^GET /v1/batches$", 500, {"error": {"message": "down"}})
-        with pytest.raises(ProviderError):  # page 2
-            listing.read_back_to(0)
-        srv.probe.refusals.clear()
-        found = listing.find_by_key(metadata_for_key(KEY), since=0)
-        assert found.batch is not None and found.batch.id == made[0].id
-    finally:
-        srv.stop()
+    srv = server()
+    provider = OpenAIProvider("srv", base_url=srv.v1, api_key=SENTINEL_KEY, max_retries=0)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(1)))
+    file_id = provider.upload_file(path, filename="in.jsonl").id
+    made = [
+        provider.create_batch(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=metadata_for_key(key),
+        )
+        for key in (KEY, "other/abc123/0/1")
+    ]
+    listing = BatchListing(provider, page_size=1)  # newest first: the key's is page 2
+    assert listing.find_by_key(metadata_for_key("other/abc123/0/1"), since=0).batch
+    srv.probe.refuse(r"^GET /v1/batches$", 500, {"error": {"message": "down"}})
+    with pytest.raises(ProviderError):  # page 2
+        listing.read_back_to(0)
+    srv.probe.refusals.clear()
+    found = listing.find_by_key(metadata_for_key(KEY), since=0)
+    assert found.batch is not None and found.batch.id == made[0].id

@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,44 +205,41 @@ def test_a_kill_in_the_middle_of_a_parallel_submit_then_apply_creates_no_duplica
 
 
 def test_the_key_lookups_page_the_provider_without_holding_the_states_writer_lock(
-    tmp_path: Path,
+    tmp_path: Path, server: Callable[..., ProbedServer]
 ) -> None:
     """While the pass's key lookups page a slow provider listing, another runner of the same
     state can write (the pages are read before the intents' transaction opens); it could
     not, and failed after its busy timeout, when the lookups paged inside it."""
-    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("a", count=1, prefix="a"), ResourceSpec("b", count=1)],
+    )
+    listed = srv.probe.hold("GET /batches", 1.5, times=1)
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes"),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert listed.wait(30), "no list call reached the server"
+    time.sleep(0.2)  # the run is now waiting on the first page
+    other = sqlite3.connect(ws.state_path, timeout=0.5, isolation_level=None)
     try:
-        ws = make_workspace(
-            tmp_path / "ws",
-            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-            resources=[ResourceSpec("a", count=1, prefix="a"), ResourceSpec("b", count=1)],
-        )
-        listed = srv.probe.hold("GET /batches", 1.5, times=1)
-        proc = subprocess.Popen(
-            batchspec_cmd("apply", str(ws.root), "--yes"),
-            env={**os.environ, KEY_ENV: SENTINEL_KEY},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert listed.wait(30), "no list call reached the server"
-        time.sleep(0.2)  # the run is now waiting on the first page
-        other = sqlite3.connect(ws.state_path, timeout=0.5, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if it is held
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
-        assert srv.probe.counts["GET /batches"] == 1 and srv.batch_count() == 2
+        other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if it is held
+        other.execute("ROLLBACK")
     finally:
-        srv.stop()
+        other.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert srv.probe.counts["GET /batches"] == 1 and srv.batch_count() == 2
 
 
 @pytest.mark.parametrize("failing", [1, 3], ids=["while-sending", "after-the-last-send"])
 def test_a_failure_while_recording_creates_leaves_no_made_batch_unrecorded(
-    tmp_path: Path, failing: int
+    tmp_path: Path, server: Callable[..., ProbedServer], failing: int
 ) -> None:
     """The report of the ``failing``-th create raises (as a closed stdout did): every batch
     the server made is still recorded with its remote id. When it raised while the creates
@@ -260,22 +258,19 @@ def test_a_failure_while_recording_creates_leaves_no_made_batch_unrecorded(
             if creates == failing:
                 raise Raised
 
-    srv = start_probed_server(tmp_path / "engine", api_key=SENTINEL_KEY)
-    try:
-        ws = make_workspace(
-            tmp_path / "ws",
-            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
-            resources=[ResourceSpec(f"r{i}", count=1, prefix=f"p{i}") for i in range(4)],
-        )
-        options = ApplyOptions(yes=True, parallelism=2)
-        with pytest.raises(Raised):
-            apply_workspace([str(ws.root)], options, report=report)
-        made = {b["id"] for b in srv.engine.list_batches(None, 100)["data"]}
-        with ws.store() as store:
-            recorded = {b.remote_id for b in store.batches() if b.remote_id}
-        assert made and made == recorded
-    finally:
-        srv.stop()
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"r{i}", count=1, prefix=f"p{i}") for i in range(4)],
+    )
+    options = ApplyOptions(yes=True, parallelism=2)
+    with pytest.raises(Raised):
+        apply_workspace([str(ws.root)], options, report=report)
+    made = {b["id"] for b in srv.engine.list_batches(None, 100)["data"]}
+    with ws.store() as store:
+        recorded = {b.remote_id for b in store.batches() if b.remote_id}
+    assert made and made == recorded
 
 
 class RecordedLimit(prefetch.AdaptiveLimit):
