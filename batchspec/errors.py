@@ -123,6 +123,15 @@ class WaitTimeoutError(BatchspecError):
     exit_code = 5
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, ``timeout``, a CI runner cancelling a job),
+    taken as Ctrl-C is: the same clean stop and record, exit 143 (128 + SIGTERM) instead of
+    130. A ``KeyboardInterrupt``, so every path that handles Ctrl-C handles it; not a known
+    failure, so not a ``BatchspecError``."""
+
+    exit_code: ClassVar[int] = 143
+
+
 __all__ = [
     "BatchspecError",
     "BudgetError",
@@ -134,6 +143,7 @@ __all__ = [
     "StalePlanError",
     "StateError",
     "StateLockedError",
+    "Terminated",
     "UsageError",
     "WaitTimeoutError",
 ]

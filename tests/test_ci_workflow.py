@@ -13,9 +13,12 @@ server wants, or for the throwaway PostgreSQL database's URL.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,54 @@ def test_workflow_persists_state_and_results_and_comments_with_the_marker() -> N
     comment = next(s for s in doc["jobs"]["plan"]["steps"] if "github-script" in s.get("uses", ""))
     assert f'"{PLAN_MARKDOWN_MARKER}"' in comment["with"]["script"]
     assert "plan.md" in comment["with"]["script"]
+
+
+@pytest.mark.parametrize("path", [WORKFLOW, WORKFLOW_SQLITE], ids=["postgresql", "sqlite"])
+def test_a_failed_plan_replaces_the_comment_and_then_fails_the_job(
+    path: Path, tmp_path: Path
+) -> None:
+    """The Plan step's script, run by bash as GitHub runs it, on an invalid input: plan.md
+    says the plan failed (so the comment no longer shows the last plan that worked), and a
+    step after the comment fails the job; the pull request kept a stale, green plan."""
+    steps = load_workflow(path)["jobs"]["plan"]["steps"]
+    names = [s.get("name") for s in steps]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider("http://127.0.0.1:9/v1", "NO_KEY_HERE")},
+        resources=[ResourceSpec("triage", count=2)],
+    )
+    ws.input_path("triage").write_text("not json\n", encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "batchspec").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m batchspec "$@"\n')
+    (bin_dir / "batchspec").chmod(0o755)
+    outputs = tmp_path / "github_output"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "GITHUB_OUTPUT": str(outputs),
+        "BATCHSPEC_STATE": str(ws.state_path),  # the secret: set
+    }
+    script = steps[names.index("Plan")]["run"]
+    done = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        cwd=ws.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr  # the comment step must still run
+    assert outputs.read_text() == "exitcode=1\n"
+    body = (ws.root / "plan.md").read_text()
+    assert body.startswith(PLAN_MARKDOWN_MARKER + "\n")
+    assert "batchspec plan failed (exit 1)" in body
+    assert "triage" in done.stderr  # the log says why
+    comment = next(i for i, s in enumerate(steps) if "github-script" in s.get("uses", ""))
+    fail = steps[names.index("Fail if the plan failed")]
+    assert names.index("Fail if the plan failed") > comment > names.index("Plan")
+    assert fail["if"] == "steps.plan.outputs.exitcode != '0' && steps.plan.outputs.exitcode != '2'"
+    assert fail["run"].rstrip().endswith("exit 1")
 
 
 # ---------------------------------------------------------------------------------------------

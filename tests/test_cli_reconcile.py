@@ -517,6 +517,41 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
     )
 
 
+def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
+    tmp_path: Path, slow_server: ProbedServer
+) -> None:
+    """SIGTERM (a CI runner cancelling the job, docker stop, timeout) while apply --wait
+    polls: the same clean stop as Ctrl-C, exit 143, and the run's exit recorded in the state
+    (it was a process ended on the spot: history showed it killed, or running elsewhere)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # terminate once it polls, i.e. after the create
+        if line.startswith("waiting"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.strip().startswith("Terminated (SIGTERM): batches already created are kept")
+    with ws.store() as store:
+        [run] = store.runs()
+        events = store.events()
+    assert run.exit_code == 143 and run.ended_at is not None
+    assert [e.detail for e in events if e.action == "interrupted"] == [{"signal": "SIGTERM"}]
+    assert slow_server.probe.counts["POST /batches"] == 1
+
+
 def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """apply --timeout does nothing without --wait, so asking for it is refused (exit 64)."""
     code, _, err = run_cli(["apply", "--timeout", "5"], capsys)

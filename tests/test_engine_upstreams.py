@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import trustme
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
@@ -196,11 +196,47 @@ def test_http_upstream_round_trip_with_key_chunked_bodies_and_keep_alive():
         plain, chunked, many, idle = asyncio.run(run())
     finally:
         server.stop()
-    assert plain.status_code == 200 and plain.body["auth"] == "Bearer sk-up"
+    # the key was sent (and, echoed back, is redacted from the answer the engine records)
+    assert plain.status_code == 200 and plain.body["auth"] == "Bearer [redacted]"
     assert (plain.request_id, plain.retry_after) == ("req_echo", 2.0)
     assert chunked.body["body"] == {"chunked": True}
     assert [r.body["body"]["n"] for r in many] == list(range(20))
     assert idle <= 2
+
+
+def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
+    """An upstream (a careless proxy) whose 401 quotes the Authorization header, as JSON or
+    as text: the key is not in the answer the engine records as the line's result, so not in
+    the batch's error file that clients download into results/ and the state store."""
+    key = "PLAIN-upstream-key-0a1b2c3d4e5f"
+
+    async def refuse(request):
+        said = f"invalid credentials: {request.headers.get('authorization')}"
+        if (await request.json()).get("text"):
+            return PlainTextResponse(said, status_code=401)
+        return JSONResponse({"error": {"message": said, "code": "invalid_api_key"}}, 401)
+
+    server = start_in_thread(
+        Starlette(routes=[Route("/v1/chat/completions", refuse, methods=["POST"])])
+    )
+    try:
+
+        async def run():
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
+            try:
+                return [
+                    await upstream.send("/v1/chat/completions", body, custom_id="a", attempt=0)
+                    for body in ({}, {"text": True})
+                ]
+            finally:
+                await upstream.aclose()
+
+        as_json, as_text = asyncio.run(run())
+    finally:
+        server.stop()
+    assert as_json.status_code == as_text.status_code == 401
+    assert as_json.body["error"]["message"] == "invalid credentials: Bearer [redacted]"
+    assert as_text.body == "invalid credentials: Bearer [redacted]"
 
 
 def test_http_pool_retries_a_stale_keep_alive_connection_once():

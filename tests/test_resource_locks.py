@@ -275,6 +275,30 @@ def test_status_text_lists_each_held_lock_with_its_holder(
     assert f"pid {os.getpid()}" in locks[0] and "'cancel'" in locks[0]
 
 
+def test_apply_json_lock_wait_event_names_the_lock_and_its_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --json's lock_wait event carries the lock waited for as status --json lists
+    locks (resource, holder id, pid, command, ...): it had them only inside its message."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    info = collect_run_info(ws.root, env={})
+    with (
+        StateStore.open(ws.state_path) as store,
+        acquire_lock(store, command="cancel", info=info, resources=["alpha"]) as handle,
+    ):
+        code, out, err = run_cli(
+            ["apply", str(ws.root), "--json", "--yes", "--lock-timeout", "0.2"], capsys
+        )
+    assert code == 3, err
+    wait = json.loads(out.splitlines()[0])
+    assert (wait["event"], wait["resource"]) == ("lock_wait", None)
+    lock = wait["lock"]
+    assert (lock["resource"], lock["holder_id"]) == ("alpha", handle.holder.holder_id)
+    assert (lock["pid"], lock["command"]) == (os.getpid(), "cancel")
+
+
 def test_status_says_when_a_lock_holder_on_this_host_is_gone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

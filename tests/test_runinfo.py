@@ -69,6 +69,46 @@ def test_detached_head_has_commit_but_no_branch(repo: Path) -> None:
     assert (info.git_commit, info.git_branch) == (sha, None)
 
 
+@pytest.mark.parametrize(
+    ("env", "branch"),
+    [
+        pytest.param({"GITLAB_CI": "true", "CI_COMMIT_BRANCH": "main"}, "main", id="gitlab-branch"),
+        pytest.param(
+            {"GITLAB_CI": "true", "CI_MERGE_REQUEST_SOURCE_BRANCH_NAME": "feat"},
+            "feat",
+            id="gitlab-merge-request",
+        ),
+        pytest.param(
+            {"GITHUB_ACTIONS": "true", "GITHUB_HEAD_REF": "feat", "GITHUB_REF_NAME": "7/merge"},
+            "feat",
+            id="github-pull-request",
+        ),
+        pytest.param(
+            {"GITHUB_ACTIONS": "true", "GITHUB_REF_TYPE": "tag", "GITHUB_REF_NAME": "v1"},
+            None,
+            id="github-tag",
+        ),
+        pytest.param(
+            {"JENKINS_URL": "http://j", "GIT_BRANCH": "origin/main"}, "main", id="jenkins"
+        ),
+        pytest.param({"CI_COMMIT_BRANCH": "main"}, None, id="not-in-gitlab"),
+    ],
+)
+def test_detached_head_in_ci_takes_the_branch_the_ci_names(
+    repo: Path, env: Mapping[str, str], branch: str | None
+) -> None:
+    """A CI checkout is a detached HEAD (GitLab's always): the branch is the CI's own
+    variable for it, so history and history --by commit say which branch spent; it was None."""
+    git(repo, "checkout", "-q", "--detach", "HEAD")
+    assert collect_run_info(repo, env=env).git_branch == branch
+
+
+def test_a_checked_out_branch_wins_over_the_ci_variables(repo: Path) -> None:
+    """Where git knows the branch (not detached), it is the one recorded."""
+    env = {"GITLAB_CI": "true", "CI_COMMIT_BRANCH": "main"}
+    assert collect_run_info(repo, env=env).git_branch == "trunk"
+
+
 def test_subdirectory_of_a_repo_reports_the_repo(repo: Path) -> None:
     """Running from a folder below the repository root still finds the commit."""
     sub = repo / "manifests"

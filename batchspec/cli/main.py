@@ -7,20 +7,24 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from batchspec import __version__
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -655,8 +659,8 @@ def apply(
         try:
             return click.confirm("Apply this plan?", default=False, err=True)
         except click.exceptions.Abort as err:  # stdin closed, or Ctrl-C, before an answer
-            if isinstance(err.__context__, KeyboardInterrupt):
-                raise KeyboardInterrupt from None  # interrupted, as anywhere else: exit 130
+            if isinstance(err.__context__, KeyboardInterrupt):  # Ctrl-C, or SIGTERM
+                raise err.__context__ from None  # interrupted, as anywhere else: exit 130
             click.echo(err=True)
             return False  # a no
 
@@ -1323,16 +1327,18 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
         return ()
 
 
-def interrupted_text(args: Sequence[str]) -> str:
-    """What Ctrl-C prints: for apply, also that what it created goes on (README, exit 130)."""
+def interrupted_text(args: Sequence[str], err: BaseException | None = None) -> str:
+    """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
+    it created goes on (README, exit 130; 143 for SIGTERM)."""
+    what = "Terminated (SIGTERM)" if isinstance(err, Terminated) else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
     if command == "apply":
         return (
-            "Interrupted: batches already created are kept (a remote provider runs them on; "
+            f"{what}: batches already created are kept (a remote provider runs them on; "
             "the local engine's batches wait for the next command); `batchspec apply` picks "
             "them up."
         )
-    return "Interrupted."
+    return f"{what}."
 
 
 def skip_unused_http_modules() -> None:
@@ -1375,14 +1381,44 @@ def freeze_heap_before_exit() -> None:
     gc.freeze()
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM stops it as Ctrl-C does (``Terminated``, exit 143).
+
+    A CI runner cancelling a job, ``docker stop``, Kubernetes and ``timeout`` send SIGTERM,
+    whose default ends the process on the spot: no ``interrupted`` event, no exit code in
+    the state (``history`` showed the run ``killed``, or ``running`` on another machine),
+    and no word in the log. Only the first SIGTERM is taken so: a second one ends the
+    process at once, as the default would. Only in the main thread (signal handlers live
+    there); ``serve`` puts its own in place while it serves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_exit_code(err: BaseException | None) -> int:
+    return int(getattr(err, "exit_code", INTERRUPTED_EXIT_CODE))
+
+
 def _run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
-        rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
+        with sigterm_interrupts():
+            rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo(interrupted_text(args), err=True)
-            sys.exit(INTERRUPTED_EXIT_CODE)
+            click.echo(interrupted_text(args, err.__cause__), err=True)
+            sys.exit(_interrupted_exit_code(err.__cause__))
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
@@ -1405,7 +1441,7 @@ def _run(argv: list[str] | None) -> None:
             err=True,
         )
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo(interrupted_text(args), err=True)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+    except KeyboardInterrupt as err:
+        click.echo(interrupted_text(args, err), err=True)
+        sys.exit(_interrupted_exit_code(err))
     sys.exit(rv if isinstance(rv, int) else 0)

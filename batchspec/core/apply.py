@@ -91,7 +91,7 @@ from batchspec.errors import (
     StateLockedError,
     UsageError,
 )
-from batchspec.state.lock import acquire_lock, current_lock
+from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info, start_run_info
 from batchspec.state.store import StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -291,7 +291,7 @@ def apply_workspace(
             resources=locked_resources(resources, prune=options.prune),
             timeout=options.lock_timeout,
             run_id=run.id,
-            on_wait=lambda message: report(Progress("lock_wait", None, message)),
+            on_wait=lambda message, key, holder: report(lock_wait_event(message, key, holder)),
         ) as lock:
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
@@ -400,6 +400,14 @@ def locked_resources(resources: Sequence[Resource], *, prune: bool) -> list[str]
         return None
     names = {r.name for r in resources} | {r.moved_from for r in resources if r.moved_from}
     return sorted(names) or None
+
+
+def lock_wait_event(message: str, key: str, holder: LockHolder | None) -> Progress:
+    """The ``lock_wait`` event; its ``lock`` is the lock waited for, as ``status --json``
+    lists locks (``resource``, ``"*"`` for the workspace-wide one, and the holder's id, user,
+    host, pid, command, CI run, since), so a pipeline need not parse the message."""
+    lock = {"resource": key} if holder is None else HeldLock(key, holder).to_json()
+    return Progress("lock_wait", None, message, {"lock": lock})
 
 
 @dataclass(frozen=True)

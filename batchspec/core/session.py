@@ -17,7 +17,7 @@ from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
 from batchspec.core.replacements import RequestFacts
 from batchspec.core.selection import select_from_workspace
 from batchspec.core.sharding import ShardLimits
-from batchspec.errors import BatchspecError, InputError, ManifestError
+from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import RunInfo, collect_run_info
@@ -280,9 +280,11 @@ def recorded_run(
             detail={"error": type(err).__name__, "message": err.message},
         )
         raise
-    except KeyboardInterrupt:
-        run.exit_code = 130
-        store.record_event(run.id, "interrupted", detail={})
+    except KeyboardInterrupt as err:
+        # Ctrl-C: 130; SIGTERM (``Terminated``): 143, recorded as such
+        run.exit_code = getattr(err, "exit_code", 130)
+        detail = {"signal": "SIGTERM"} if isinstance(err, Terminated) else {}
+        store.record_event(run.id, "interrupted", detail=detail)
         raise
     except Exception as err:  # an unexpected failure is still recorded, then re-raised
         store.record_event(

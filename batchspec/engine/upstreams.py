@@ -121,8 +121,24 @@ def refuse_a_raw_password(url: str) -> None:
         )
 
 
+REDACTED = b"[redacted]"
+
+
+def _secret_forms(key: str) -> tuple[bytes, ...]:
+    """``key`` as bytes, and as it reads inside a JSON string when that differs."""
+    forms = {
+        key.encode(),
+        json.dumps(key)[1:-1].encode(),
+        json.dumps(key, ensure_ascii=False)[1:-1].encode(),
+    }
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 class HttpUpstream:
-    """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool."""
+    """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool.
+
+    Its key is sent in each request's Authorization header and redacted from every answer
+    (``[redacted]``) before the answer is parsed and recorded as a line's result."""
 
     def __init__(
         self,
@@ -151,6 +167,10 @@ class HttpUpstream:
         refuse_an_endpoint_path(self.description, parts.path)
         self._path = parts.path.rstrip("/")
         self._strip_v1 = self._path.endswith("/v1")
+        # the key as it could come back in an answer: an upstream (a careless proxy) that
+        # quotes the Authorization header in its error would otherwise put it in the batch's
+        # error file, which every client downloads and keeps (results/, the state store)
+        self._secrets = _secret_forms(api_key) if api_key else ()
         try:
             self._pool = Http11Pool(
                 base_url,
@@ -176,10 +196,14 @@ class HttpUpstream:
             raise UpstreamUnreachable(str(err)) from err
         if 300 <= response.status_code < 400:
             return self._redirected(response.status_code, response.headers.get("location"))
+        raw = response.body
+        for secret in self._secrets:
+            if secret in raw:
+                raw = raw.replace(secret, REDACTED)
         try:
-            parsed: Any = jsonfast.loads(response.body)
+            parsed: Any = jsonfast.loads(raw)
         except ValueError:  # orjson.JSONDecodeError is a ValueError too
-            parsed = response.body.decode("utf-8", "replace")
+            parsed = raw.decode("utf-8", "replace")
             if 200 <= response.status_code < 300:
                 return self._not_json(response.status_code, parsed)
         return UpstreamResponse(

@@ -240,13 +240,14 @@ def acquire_lock(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     run_id: int | None = None,
-    on_wait: Callable[[str], None] | None = None,
+    on_wait: Callable[[str, str, LockHolder | None], None] | None = None,
 ) -> LockHandle:
     """Lock ``resources`` (names; None: the whole workspace) for ``command``: all or none,
     waiting up to ``timeout`` seconds while any of them is held by a live run.
 
-    ``on_wait`` is called once, with one line naming the resource and its holder, when the
-    run starts to wait (so a CI log says why it is quiet); not when ``timeout`` is 0.
+    ``on_wait`` is called once, with one line naming the resource and its holder, the key in
+    conflict (a resource, or ``WORKSPACE``) and the holder (None: not known yet), when the run
+    starts to wait (so a CI log says why it is quiet); not when ``timeout`` is 0.
 
     Raises ``StateLockedError`` (exit 3) naming the holder and the resource in conflict if one
     is still held when the time is up. ``run_id`` only labels ``lock.takeover`` events.
@@ -266,7 +267,7 @@ def acquire_lock(
         if remaining <= 0:
             raise StateLockedError(_locked_message(store, keys, conflict, timeout, stale_after))
         if on_wait is not None:
-            on_wait(_waiting_message(conflict, timeout))
+            on_wait(_waiting_message(conflict, timeout), conflict.key, conflict.holder)
             on_wait = None
         sleep(min(poll_interval, max(remaining, 0.01)))
 

@@ -44,6 +44,16 @@ CI_VARIABLES = (
     "JENKINS_URL",
     "BUILD_URL",
     "CI",
+    # the branch a CI job runs for, when its checkout is a detached HEAD (``ci_branch``)
+    "GITHUB_HEAD_REF",
+    "GITHUB_REF_NAME",
+    "GITHUB_REF_TYPE",
+    "CI_COMMIT_BRANCH",
+    "CI_MERGE_REQUEST_SOURCE_BRANCH_NAME",
+    "CIRCLE_BRANCH",
+    "BUILDKITE_BRANCH",
+    "BRANCH_NAME",
+    "GIT_BRANCH",
 )
 
 GIT_TIMEOUT_SECONDS = 2.0
@@ -83,7 +93,9 @@ def collect_run_info(cwd: Path | None = None, env: Mapping[str, str] = os.enviro
         host=socket.gethostname(),
         pid=os.getpid(),
         git_commit=git.commit,
-        git_branch=git.branch,
+        # CI checks out a detached HEAD (GitLab always, GitHub for pull requests): the branch
+        # is then the one the CI says the job runs for
+        git_branch=git.branch or (ci_branch(env) if git.commit is not None else None),
         git_dirty=git.dirty,
         ci_system=ci_system,
         ci_run_url=ci_run_url,
@@ -141,6 +153,29 @@ def ci_info(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     if _is_set(env, "CI"):
         return "ci", None
     return None, None
+
+
+def ci_branch(env: Mapping[str, str]) -> str | None:
+    """The branch the detected CI system says this job runs for (a pull or merge request's:
+    its source branch), or None: outside CI, for a tag, or when the CI does not say."""
+
+    def first(*names: str) -> str | None:
+        return next((env[n] for n in names if env.get(n)), None)
+
+    if _is_set(env, "GITHUB_ACTIONS"):
+        if env.get("GITHUB_HEAD_REF"):  # set for pull_request events only
+            return env["GITHUB_HEAD_REF"]
+        return first("GITHUB_REF_NAME") if env.get("GITHUB_REF_TYPE") == "branch" else None
+    if _is_set(env, "GITLAB_CI"):
+        return first("CI_COMMIT_BRANCH", "CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")
+    if _is_set(env, "CIRCLECI"):
+        return first("CIRCLE_BRANCH")
+    if _is_set(env, "BUILDKITE"):
+        return first("BUILDKITE_BRANCH")
+    if env.get("JENKINS_URL"):
+        name = first("BRANCH_NAME", "GIT_BRANCH")
+        return name.removeprefix("origin/") if name else None
+    return None
 
 
 def git_info(cwd: Path) -> GitInfo:
