@@ -21,7 +21,16 @@ import yaml
 from postgres import PASSWORD
 from probes import ServeProcess, start_serve_process
 from servers import stop_after_test
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, batchspec_cmd, served
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    batchspec_cmd,
+    make_workspace,
+    openai_provider,
+    served,
+)
 
 from batchspec.errors import ProviderError
 from batchspec.state.store import StateStore
@@ -317,7 +326,11 @@ def test_a_blob_found_nowhere_is_one_clear_line(tmp_path: Path, serve_proc: Any)
     """An SQLite state whose state/store/ was deleted, with no shared tier: restoring is one
     line naming the missing file and what to do (exit 1), not a traceback."""
     proc = serve_proc()
-    a = served(tmp_path / "a", proc, ResourceSpec("triage", count=3))
+    a = make_workspace(  # the provider, stopped below, refuses the download at once
+        tmp_path / "a",
+        providers={"srv": openai_provider(proc.v1, KEY_ENV, maxRetries=0)},
+        resources=(ResourceSpec("triage", count=3),),
+    )
     run = runner({**os.environ, KEY_ENV: SENTINEL_KEY})
     assert run("apply", str(a.root), "--wait", "--yes", *FAST).returncode == 0
     proc.stop()
