@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from litellm_proxy import stop_unclaimed
 from postgres import Cluster, find_bin_dir, start_cluster
 from probes import ProbedServer, start_probed_server
 from scripted_server import ScriptedServer
@@ -52,6 +53,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import batchspec
 
     compileall.compile_dir(Path(batchspec.__file__).parent, quiet=1)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start, each on a thread of its own, the slow setups the selected tests will need (a
+    test module's ``start_early(tmp_path_factory)``: the LiteLLM proxies, ~5 s of imports
+    each), so that their start overlaps the tests that run before them."""
+    factory = session.config._tmp_path_factory  # what the tmp_path_factory fixture gives
+    modules = {id(item.module): item.module for item in session.items if hasattr(item, "module")}
+    for module in modules.values():
+        start = getattr(module, "start_early", None)
+        if start is not None:
+            start(factory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_unclaimed()  # a setup started early that no test took (a run stopped early)
 
 
 @pytest.fixture(scope="session", autouse=True)

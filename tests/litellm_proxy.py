@@ -24,12 +24,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
+
+T = TypeVar("T")
 
 MASTER_KEY = "sk-proxy-master-test-5b7d1e9c"  # the proxy refuses publicly known keys
 START_TIMEOUT = 90.0
@@ -211,3 +215,31 @@ class FailFirstCreate:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# -- started early ---------------------------------------------------------------------------
+
+_early: dict[str, tuple[Future[Any], Callable[[Any], None]]] = {}
+
+
+def start_early(name: str, build: Callable[[], T], stop: Callable[[T], None]) -> None:
+    """Build ``name`` (a proxy and the servers behind it: seconds, mostly LiteLLM's imports) on
+    a thread of its own now, while the tests before the ones that use it run
+    (``conftest.pytest_collection_finish``); ``take_early`` hands it to its fixture, and
+    ``stop_unclaimed`` stops one no fixture took (a run stopped early)."""
+    if name not in _early:
+        future = ThreadPoolExecutor(1, thread_name_prefix=name).submit(build)
+        _early[name] = (future, stop)
+
+
+def take_early(name: str) -> Any | None:
+    """What ``start_early`` built for ``name`` (its error, raised), or None if it was not."""
+    started = _early.pop(name, None)
+    return None if started is None else started[0].result()
+
+
+def stop_unclaimed() -> None:
+    for future, stop in _early.values():
+        if future.exception() is None:
+            stop(future.result())
+    _early.clear()

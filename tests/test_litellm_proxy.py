@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import litellm_proxy as litellm
 import pytest
 from litellm_proxy import (
     FailFirstCreate,
@@ -53,13 +54,8 @@ class ProxySetup:
     flaky_server: BackgroundServer
 
 
-@pytest.fixture(scope="session")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxySetup]:
+def build_setup(root: Path) -> ProxySetup:
     """batchspec serve + a flaky engine, and one LiteLLM proxy in front of both."""
-    reason = litellm_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("litellm")
     serve = start_serve_process(
         root / "serve-data",
         "--api-key-env",
@@ -82,11 +78,34 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxySetup]:
         engine.close()
         serve.stop()
         raise
-    yield ProxySetup(proxy, serve, flaky, engine, flaky_server)
-    proxy.stop()
-    flaky_server.stop()
-    engine.close()
-    serve.stop()
+    return ProxySetup(proxy, serve, flaky, engine, flaky_server)
+
+
+def stop_setup(setup: ProxySetup) -> None:
+    setup.proxy.stop()
+    setup.flaky_server.stop()
+    setup.flaky_engine.close()
+    setup.serve.stop()
+
+
+def start_early(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Called before the session's first test when a test of this module is selected
+    (``conftest.pytest_collection_finish``): the setup starts on a thread of its own."""
+    if litellm_unavailable() is None:
+        litellm.start_early(
+            "litellm-proxy", lambda: build_setup(tmp_path_factory.mktemp("litellm")), stop_setup
+        )
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxySetup]:
+    reason = litellm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    started = litellm.take_early("litellm-proxy")
+    started = started or build_setup(tmp_path_factory.mktemp("litellm"))
+    yield started
+    stop_setup(started)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import litellm_proxy as litellm
 import pytest
 from litellm_proxy import LiteLLMProxy, litellm_unavailable, run_litellm_proxy
 from probes import ServeProcess, start_serve_process
@@ -62,13 +63,8 @@ def proxy_config(openai_v1: str, azure_endpoint: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def routing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routing]:
+def build_routing(root: Path) -> Routing:
     """Two batchspec serve processes and one LiteLLM proxy routing to both."""
-    reason = litellm_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("litellm-routing")
     serves: list[ServeProcess] = []
     try:
         for name in ("as-openai", "as-azure"):
@@ -87,10 +83,35 @@ def routing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routing]:
         for serve in serves:
             serve.stop()
         raise
-    yield Routing(proxy, as_openai, as_azure)
-    proxy.stop()
-    for serve in serves:
-        serve.stop()
+    return Routing(proxy, as_openai, as_azure)
+
+
+def stop_routing(routing: Routing) -> None:
+    routing.proxy.stop()
+    routing.as_openai.stop()
+    routing.as_azure.stop()
+
+
+def start_early(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Called before the session's first test when a test of this module is selected
+    (``conftest.pytest_collection_finish``): the proxy starts on a thread of its own."""
+    if litellm_unavailable() is None:
+        litellm.start_early(
+            "litellm-routing",
+            lambda: build_routing(tmp_path_factory.mktemp("litellm-routing")),
+            stop_routing,
+        )
+
+
+@pytest.fixture(scope="module")
+def routing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Routing]:
+    reason = litellm_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    started = litellm.take_early("litellm-routing")
+    started = started or build_routing(tmp_path_factory.mktemp("litellm-routing"))
+    yield started
+    stop_routing(started)
 
 
 def batches_on(serve: ServeProcess) -> dict[str, str]:
