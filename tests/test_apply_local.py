@@ -148,7 +148,8 @@ def test_apply_workspace_reports_progress_and_returns_statuses(tmp_path: Path) -
 def test_apply_json_streams_one_json_document_per_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--json: stdout is NDJSON only, progress events and then one `result` document."""
+    """--json: stdout is NDJSON only, progress events and then one `result` document, which
+    has `resource` and `message` as every event does (the summary's headline)."""
     ws = local_ws(tmp_path / "ws")
     code, out, _ = run_cli(["apply", str(ws.root), "--wait", "--json", *FAST], capsys)
     assert code == 0
@@ -158,6 +159,9 @@ def test_apply_json_streams_one_json_document_per_line(
     assert final["event"] == "result"
     assert (final["outcome"], final["exit_code"]) == ("converged", 0)
     assert final["resources"][0]["sync"] == "Synced"
+    assert final["resource"] is None
+    assert final["message"] == "Apply complete: every selected resource is in sync."
+    assert all({"event", "at", "resource", "message"} <= set(d) for d in docs)
     assert {"create", "collect", "results"} <= {d["event"] for d in docs}
 
 

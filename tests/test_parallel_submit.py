@@ -469,12 +469,18 @@ def test_a_create_refused_past_its_retries_names_its_resource(
     assert "[late] srv: create" in run_cli(["show", "late", str(ws.root)], capsys)[1]
 
 
+@pytest.mark.parametrize(
+    ("route", "status"),
+    [(r"^POST /v1/batches$", 400), (r"^GET /v1/batches$", 500)],
+    ids=["create-refused", "key-lookup-failed"],
+)
 def test_the_json_error_event_of_a_refused_create_carries_its_resource(
-    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], route: str, status: int
 ) -> None:
-    """An apply whose create for "late" the provider refuses with a 400 ends its --json
-    output with an error event whose `resource` is "late", like every other event's."""
-    ws, _ = refusing_late(tmp_path / "ws", gated, capsys, "openai", r"^POST /v1/batches$", 400)
+    """An apply whose create for "late" the provider refuses with a 400, or whose lookup of
+    late's key before it fails (it named no resource), ends its --json output with an error
+    event whose `resource` is "late", like every other event's."""
+    ws, _ = refusing_late(tmp_path / "ws", gated, capsys, "openai", route, status)
     code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
 
     assert code == 1

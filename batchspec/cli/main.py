@@ -696,7 +696,13 @@ def apply(
     finally:
         view.close()
     if as_json:
-        doc = {"event": "result", "at": _now(), **render.apply_json(result)}
+        doc = {
+            "event": "result",
+            "at": _now(),
+            "resource": None,
+            "message": render.apply_headline(result, selection),
+            **render.apply_json(result),
+        }
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
         click.echo(render.apply_text(result, style, selection))

@@ -378,6 +378,24 @@ def _md_cell(text: str) -> str:
 
 
 def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
+    lines = [
+        style.bold(apply_headline(result, selection)),
+        *(f"  {line}" for line in not_collected_lines(result)),
+        *status_lines(result.statuses, style),
+        *totals_lines(result.statuses),
+    ]
+    if result.local_in_flight:
+        lines.append(
+            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
+            "batches advance only while a batchspec command runs: nothing happens until "
+            "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
+        )
+    return "\n".join(lines)
+
+
+def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
+    """The first line of apply's summary: its outcome in words (also the ``message`` of the
+    ``--json`` result)."""
     headline = {
         "converged": "Apply complete: every selected resource is in sync.",
         "in_progress": "Apply done for now: batches are in flight. "
@@ -394,19 +412,7 @@ def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[st
         headline = replace_refused_text(result)
     if not result.plan.actions:
         headline = f"Apply did nothing: {nothing_selected(selection)}."
-    lines = [
-        style.bold(headline),
-        *(f"  {line}" for line in not_collected_lines(result)),
-        *status_lines(result.statuses, style),
-        *totals_lines(result.statuses),
-    ]
-    if result.local_in_flight:
-        lines.append(
-            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
-            "batches advance only while a batchspec command runs: nothing happens until "
-            "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
-        )
-    return "\n".join(lines)
+    return headline
 
 
 def replace_refused_text(result: ApplyResult) -> str:

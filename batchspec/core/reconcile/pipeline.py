@@ -198,7 +198,11 @@ def _jobs(
             handled.add(res.name)
             provider = ctx.provider_for(res.provider)
             for row in rows:
-                adopted = look_up_before_create(ctx, res, provider, row)
+                try:
+                    adopted = look_up_before_create(ctx, res, provider, row)
+                except ProviderError as err:
+                    err.about(res.name)  # the failure stops the pass: it names the resource
+                    raise
                 if adopted is None:
                     todo.append(_Job(res, gen, row, provider))
                 else:
