@@ -93,10 +93,10 @@ class InputCache:
         self,
         db_path: Path | None,
         *,
-        racy_window: float = RACY_WINDOW_S,
+        racy_window: float | None = None,
         index_dir: Path | None = None,
     ) -> None:
-        self.racy_window = racy_window
+        self.racy_window = RACY_WINDOW_S if racy_window is None else racy_window
         self.memory: dict[tuple[str, str], tuple[tuple[int, ...], InputReport]] = {}
         # per resolved path: the stat and content hash of the last scan of it (any rules)
         self.hashed: dict[str, tuple[tuple[int, ...], str]] = {}
