@@ -162,8 +162,16 @@ class ResultStore:
                 f"{damaged}, and no other copy of it is known; restore state/store/ from a "
                 "backup, or `batchspec apply --replace NAME` to run the requests again"
             )
+        self._file_again(sha256, source, damaged, replace=True)
+        self._repaired(sha256, source.where)
+        self.publish(sha256, path)  # a shared copy damaged too is replaced from it
+        return True
+
+    def _file_again(self, sha256: str, source: Refetch, damaged: object, *, replace: bool) -> None:
+        """File ``source`` (the provider's file) locally as ``sha256``, or raise
+        ``BlobCorruptError`` saying, after ``damaged``, why it could not be."""
         try:
-            self.local.put_from(source.write, expect=sha256, replace=True)
+            self.local.put_from(source.write, expect=sha256, replace=replace)
         except BlobMismatchError as err:
             raise BlobCorruptError(
                 f"{damaged}; downloading {source.where} again gave other content "
@@ -173,9 +181,6 @@ class ResultStore:
             raise BlobCorruptError(
                 f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
             ) from err
-        self._repaired(sha256, source.where)
-        self.publish(sha256, path)  # a shared copy damaged too is replaced from it
-        return True
 
     def _download_again(self, sha256: str, damaged: BlobCorruptError) -> None:
         """The remote copy is damaged: file the provider's file again if it hashes to
@@ -184,17 +189,7 @@ class ResultStore:
         source = self.refetch(sha256) if self.refetch is not None else None
         if source is None:
             raise damaged
-        try:
-            self.local.put_from(source.write, expect=sha256)
-        except BlobMismatchError as err:
-            raise BlobCorruptError(
-                f"{damaged}; downloading {source.where} again gave other content "
-                f"({err.got[:12]}), which was not used either"
-            ) from err
-        except BatchspecError as err:
-            raise BlobCorruptError(
-                f"{damaged}; it cannot be downloaded again from {source.where}: {err}"
-            ) from err
+        self._file_again(sha256, source, damaged, replace=False)
         self.remote.replace(sha256, file_chunks(self.local.path(sha256)))
         self._repaired(sha256, source.where)
 
