@@ -92,9 +92,8 @@ def start_early(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Called before the session's first test when a test of this module is selected
     (``conftest.pytest_collection_finish``): the setup starts on a thread of its own."""
     if litellm_unavailable() is None:
-        litellm.start_early(
-            "litellm-proxy", lambda: build_setup(tmp_path_factory.mktemp("litellm")), stop_setup
-        )
+        folder = tmp_path_factory.mktemp("litellm")  # here: the factory is not thread-safe
+        litellm.start_early("litellm-proxy", lambda: build_setup(folder), stop_setup)
 
 
 @pytest.fixture(scope="session")

@@ -96,11 +96,8 @@ def start_early(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Called before the session's first test when a test of this module is selected
     (``conftest.pytest_collection_finish``): the proxy starts on a thread of its own."""
     if litellm_unavailable() is None:
-        litellm.start_early(
-            "litellm-routing",
-            lambda: build_routing(tmp_path_factory.mktemp("litellm-routing")),
-            stop_routing,
-        )
+        folder = tmp_path_factory.mktemp("litellm-routing")  # here: the factory is not thread-safe
+        litellm.start_early("litellm-routing", lambda: build_routing(folder), stop_routing)
 
 
 @pytest.fixture(scope="module")
