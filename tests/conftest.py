@@ -52,6 +52,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     import batchspec
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the controller compiled it before it started the workers
+
     compileall.compile_dir(Path(batchspec.__file__).parent, quiet=1)
 
 
@@ -59,6 +62,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start, each on a thread of its own, the slow setups the selected tests will need (a
     test module's ``start_early(tmp_path_factory)``: the LiteLLM proxies, ~5 s of imports
     each), so that their start overlaps the tests that run before them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # each worker collects every test and learns which ones it runs only as it goes: a
+        # setup started here would be started in every worker, its imports (hundreds of MB
+        # of allocations) under the memory tests of the others; the fixture builds it
+        return
     factory = session.config._tmp_path_factory  # what the tmp_path_factory fixture gives
     modules = {id(item.module): item.module for item in session.items if hasattr(item, "module")}
     for module in modules.values():
