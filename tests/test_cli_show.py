@@ -166,6 +166,50 @@ def test_show_an_unknown_name_lists_the_known_ones(
     assert "no resource named 'triag'" in err and "other, triage" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--json"],
+        ["status", "-o", "json"],
+        ["status", "-o", "yaml"],
+        ["history", "--json"],
+        ["plan", "--json"],
+        ["show", "triage", "--json"],
+        ["show", "triage", "-o", "yaml"],
+    ],
+)
+def test_a_read_command_asked_for_json_fails_with_an_error_document_on_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """`status --json | jq` of a failure reads why, not nothing: the error as a document in
+    the format asked for, its exit code the process's; the message still goes to stderr."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    ws.state_path.parent.mkdir(parents=True, exist_ok=True)
+    ws.state_path.write_bytes(b"not a database")
+    code, out, err = run_cli([*argv, str(ws.root)], capsys)
+    doc = yaml.safe_load(out) if "yaml" in argv else json.loads(out)
+    assert code == 1 and doc["exit_code"] == code
+    assert doc["error"] == "StateError" and "is not an SQLite database" in doc["message"]
+    assert doc["resource"] is None and isinstance(doc["details"], list)
+    assert "Error: " in err and "is not an SQLite database" in err
+
+
+def test_a_failed_apply_json_writes_its_error_event_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --json writes its own `error` event, not a second error document after it."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("triage")]
+    )
+    ws.state_path.parent.mkdir(parents=True, exist_ok=True)
+    ws.state_path.write_bytes(b"not a database")
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    [line] = out.splitlines()
+    assert code == 1 and json.loads(line)["event"] == "error"
+
+
 def test_status_yaml_is_the_json_document(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

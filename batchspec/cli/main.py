@@ -36,12 +36,42 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
 # Shared options: defined once, each with an environment variable.
 
 
+#: ``ctx.meta`` key: the format (``json``, ``yaml``) a command's failure is written in on
+#: stdout, as its document would have been; absent for text (the message on stderr only)
+ERROR_FORMAT = "batchspec.error_format"
+
+
+def _remember_format(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is True or value in ("json", "yaml"):
+        ctx.meta[ERROR_FORMAT] = "json" if value is True else value
+    return value
+
+
+class Commands(click.Group):
+    """The root group: a known failure of a command asked for JSON (or YAML) also writes an
+    error document on stdout, so a reader of stdout (``status --json | jq``) reads why it
+    failed instead of nothing; the message still goes to stderr and the exit code is the
+    failure's."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchspecError as err:
+            fmt = ctx.meta.pop(ERROR_FORMAT, None)
+            if fmt is not None:
+                from batchspec.cli import render
+
+                emit_document(render.error_json(err), fmt)
+            raise
+
+
 def json_option(f: F) -> F:
     return click.option(
         "--json",
         "as_json",
         is_flag=True,
         envvar="BATCHSPEC_JSON",
+        callback=_remember_format,
         help="Write machine-readable JSON to stdout (and nothing else).",
     )(f)
 
@@ -184,6 +214,7 @@ def output_option(f: F) -> F:
         type=click.Choice(["text", "json", "yaml"]),
         default=None,
         envvar="BATCHSPEC_OUTPUT",
+        callback=_remember_format,
         help="text (default), json (as --json) or yaml: the JSON document as YAML.",
     )(f)
 
@@ -208,7 +239,7 @@ def emit_document(data: Any, fmt: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="batchspec")
 @no_color_option
 def cli() -> None:
@@ -692,6 +723,7 @@ def apply(
         view.close()  # the bars go before the error object (or the message on stderr)
         if as_json:
             click.echo(json.dumps({**render.error_event_json(err), "at": _now()}))
+            click.get_current_context().meta.pop(ERROR_FORMAT, None)  # written: not twice
         raise
     finally:
         view.close()

@@ -454,17 +454,21 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
     }
 
 
-def error_event_json(err: BatchspecError) -> dict[str, Any]:
-    """The last NDJSON line of an ``apply --json`` that failed; ``resource`` is the one the
-    failure is about (None: the run as a whole), as on every event."""
+def error_json(err: BatchspecError) -> dict[str, Any]:
+    """What a command asked for JSON writes on stdout when it fails; ``resource`` is the one
+    the failure is about (None: the command as a whole)."""
     return {
-        "event": "error",
-        "resource": err.resource,
         "error": type(err).__name__,
         "message": err.message,
         "details": list(err.details),
+        "resource": err.resource,
         "exit_code": err.exit_code,
     }
+
+
+def error_event_json(err: BatchspecError) -> dict[str, Any]:
+    """The last NDJSON line of an ``apply --json`` that failed, as on every event."""
+    return {"event": "error", **error_json(err)}
 
 
 def import_text(result: ImportResult) -> str:
