@@ -175,7 +175,7 @@ def test_http_upstream_round_trip_with_key_chunked_bodies_and_keep_alive():
     try:
 
         async def run():
-            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="sk-up", max_connections=2)
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="sk-upstream", max_connections=2)
             try:
                 plain = await upstream.send(
                     "/v1/chat/completions", {"n": 1}, custom_id="a", attempt=0
@@ -237,6 +237,35 @@ def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
     assert as_json.status_code == as_text.status_code == 401
     assert as_json.body["error"]["message"] == "invalid credentials: Bearer [redacted]"
     assert as_text.body == "invalid credentials: Bearer [redacted]"
+
+
+def test_a_placeholder_key_is_not_redacted_out_of_answers():
+    """A gateway's placeholder key ("x", vLLM's "EMPTY") is no secret: the answers that
+    contain it are recorded as they came, not with every "x" turned into "[redacted]"."""
+
+    async def answer(request):
+        said = f"text: {request.headers.get('authorization')}; max x-ray"
+        return JSONResponse({"choices": [{"message": {"content": said}}], "index": 0})
+
+    server = start_in_thread(
+        Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    )
+    try:
+
+        async def run():
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="x")
+            try:
+                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            finally:
+                await upstream.aclose()
+
+        got = asyncio.run(run())
+    finally:
+        server.stop()
+    assert got.body == {
+        "choices": [{"message": {"content": "text: Bearer x; max x-ray"}}],
+        "index": 0,
+    }
 
 
 def test_http_pool_retries_a_stale_keep_alive_connection_once():

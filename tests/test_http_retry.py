@@ -855,6 +855,15 @@ def test_redaction_covers_the_escaped_forms_of_a_key(key: str, header: str) -> N
         assert "INELTAIL" not in context.redact(quoted), quoted
 
 
+def test_a_placeholder_key_is_redacted_only_where_it_stands_alone() -> None:
+    """A short key ("x", "EMPTY": what a self-hosted gateway is given) is taken out where it
+    is a word of its own, not out of every word that holds it: the message stays readable."""
+    for key in ("x", "EMPTY"):
+        context = OpenAIProvider("p", base_url="http://127.0.0.1:9/v1", api_key=key)._http.context
+        said = context.redact(f"bad key Bearer {key}; key={key}. Examples: x-ray, EMPTY_SET, xx")
+        assert said == "bad key Bearer [redacted]; key=[redacted]. Examples: x-ray, EMPTY_SET, xx"
+
+
 def test_error_context_repr_leaves_the_key_out(scripted: ScriptedServer) -> None:
     """The error context keeps the key only to redact it: its repr never shows it."""
     provider, _ = make_provider(scripted)

@@ -43,6 +43,7 @@ from batchspec.engine import jsonfast
 from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.retry import retry_after_seconds
+from batchspec.wire.secrets import is_placeholder
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -170,7 +171,8 @@ class HttpUpstream:
         # the key as it could come back in an answer: an upstream (a careless proxy) that
         # quotes the Authorization header in its error would otherwise put it in the batch's
         # error file, which every client downloads and keeps (results/, the state store)
-        self._secrets = _secret_forms(api_key) if api_key else ()
+        # (a placeholder key, "EMPTY" or "x", is not: wire/secrets.py)
+        self._secrets = _secret_forms(api_key) if api_key and not is_placeholder(api_key) else ()
         try:
             self._pool = Http11Pool(
                 base_url,

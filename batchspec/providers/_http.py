@@ -53,6 +53,7 @@ from batchspec.wire.retry import (
     retry_after_seconds,
     should_retry_header,
 )
+from batchspec.wire.secrets import is_placeholder, redact_word
 
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503})
@@ -144,7 +145,10 @@ class ErrorContext:
     def redact(self, text: str) -> str:
         for secret in self.secrets:
             for form in _quoted_forms(secret):
-                text = text.replace(form, "[redacted]")
+                if is_placeholder(secret):  # "x", "EMPTY": as a word only (wire/secrets.py)
+                    text = redact_word(text, form, "[redacted]")
+                else:
+                    text = text.replace(form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
 
