@@ -510,11 +510,48 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     # and that what it created goes on: the next apply picks it up
-    assert err.strip().endswith(
+    assert err.strip().startswith(
         "Interrupted: batches already created are kept (a remote provider runs them on; "
         "the local engine's batches wait for the next command); `batchspec apply` picks "
         "them up."
     )
+
+
+def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
+    tmp_path: Path, standin_upstream: Any
+) -> None:
+    """Ctrl-C while a local engine has requests in flight: the stop waits for them (stopped,
+    they would be sent, and paid for, again), and the line saying so comes at once, not when
+    the wait is over (a Ctrl-C looked ignored); a second Ctrl-C stops at once."""
+    slow = standin_upstream(latency=5.0)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+    try:
+        proc = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:  # its requests are at the upstream once it polls
+        if line.startswith("waiting"):
+            break
+    proc.send_signal(signal.SIGINT)
+    said = proc.stderr.readline()
+    assert proc.poll() is None  # still letting its requests finish
+    assert said.startswith("Interrupted: batches already created are kept")
+    assert "A local engine first lets the requests it has sent finish" in said
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=5)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "Interrupted" not in err  # said once
 
 
 def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(

@@ -1367,14 +1367,19 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
 
 def interrupted_text(args: Sequence[str], err: BaseException | None = None) -> str:
     """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
-    it created goes on (README, exit 130; 143 for SIGTERM)."""
-    what = "Terminated (SIGTERM)" if isinstance(err, Terminated) else "Interrupted"
+    it created goes on (README, exit 130; 143 for SIGTERM), and why the stop may take a while
+    (a local engine lets the requests it has sent finish: stopping them would send, and pay
+    for, them again)."""
+    terminated = isinstance(err, Terminated)
+    what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
     if command == "apply":
+        again = "a second SIGTERM" if terminated else "Ctrl-C again"
         return (
             f"{what}: batches already created are kept (a remote provider runs them on; "
             "the local engine's batches wait for the next command); `batchspec apply` picks "
-            "them up."
+            "them up. A local engine first lets the requests it has sent finish (up to 30 s; "
+            f"{again} stops at once, and they are sent again next time)."
         )
     return f"{what}."
 
@@ -1419,29 +1424,59 @@ def freeze_heap_before_exit() -> None:
     gc.freeze()
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While a command runs, SIGTERM stops it as Ctrl-C does (``Terminated``, exit 143).
+class Interruption:
+    """Ctrl-C and SIGTERM stop a command, and say so on stderr the moment they come.
 
-    A CI runner cancelling a job, ``docker stop``, Kubernetes and ``timeout`` send SIGTERM,
-    whose default ends the process on the spot: no ``interrupted`` event, no exit code in
-    the state (``history`` showed the run ``killed``, or ``running`` on another machine),
-    and no word in the log. Only the first SIGTERM is taken so: a second one ends the
-    process at once, as the default would. Only in the main thread (signal handlers live
-    there); ``serve`` puts its own in place while it serves."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    The stop itself can take a while (a local engine lets the requests it has sent finish,
+    up to 30 s): said only once the command had unwound, a Ctrl-C looked ignored. SIGTERM (a
+    CI runner cancelling a job, ``docker stop``, Kubernetes, ``timeout``) ends a process on
+    the spot by default: no ``interrupted`` event, no exit code in the state (``history``
+    showed the run ``killed``); it stops the command as Ctrl-C does (``Terminated``, exit
+    143). Each is taken so once: a second one stops at once (Ctrl-C raises again, a second
+    SIGTERM ends the process, as the default would). Handlers live in the main thread only;
+    an ignored SIGINT (a job started in the background by a script) stays ignored, and
+    ``serve`` puts its own in place while it serves."""
 
-    def terminated(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated
+    def __init__(self, args: Sequence[str]) -> None:
+        self.args = args
+        self.said = False
 
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def say(self, err: BaseException | None, *, in_handler: bool = False) -> None:
+        if self.said:
+            return
+        self.said = True
+        text = interrupted_text(self.args, err)
+        if in_handler:  # not through sys.stderr: the signal may come while it is written to
+            os.write(2, (text + "\n").encode())
+        else:
+            click.echo(text, err=True)
+
+    @contextlib.contextmanager
+    def handled(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupted(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.say(KeyboardInterrupt(), in_handler=True)
+            raise KeyboardInterrupt
+
+        def terminated(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.say(Terminated(), in_handler=True)
+            raise Terminated
+
+        previous_term = signal.signal(signal.SIGTERM, terminated)
+        previous_int = signal.getsignal(signal.SIGINT)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, interrupted)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+            if previous_int is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous_int)
 
 
 def _interrupted_exit_code(err: BaseException | None) -> int:
@@ -1450,12 +1485,13 @@ def _interrupted_exit_code(err: BaseException | None) -> int:
 
 def _run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    interruption = Interruption(args)
     try:
-        with sigterm_interrupts():
+        with interruption.handled():
             rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo(interrupted_text(args, err.__cause__), err=True)
+            interruption.say(err.__cause__)
             sys.exit(_interrupted_exit_code(err.__cause__))
         click.echo("Aborted.", err=True)
         sys.exit(1)
@@ -1480,6 +1516,6 @@ def _run(argv: list[str] | None) -> None:
         )
         sys.exit(1)
     except KeyboardInterrupt as err:
-        click.echo(interrupted_text(args, err), err=True)
+        interruption.say(err)
         sys.exit(_interrupted_exit_code(err))
     sys.exit(rv if isinstance(rv, int) else 0)
