@@ -175,7 +175,9 @@ def test_http_upstream_round_trip_with_key_chunked_bodies_and_keep_alive():
     try:
 
         async def run():
-            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="sk-upstream", max_connections=2)
+            upstream = HttpUpstream(
+                f"{server.base_url}/v1", api_key="sk-upstream", max_connections=2
+            )
             try:
                 plain = await upstream.send(
                     "/v1/chat/completions", {"n": 1}, custom_id="a", attempt=0
