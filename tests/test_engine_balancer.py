@@ -105,6 +105,7 @@ def test_cli_form_carries_limits_in_the_fragment(spec, target):
         pytest.param("http://u:secret@h:1/v1#rpm=0", id="zero"),
         pytest.param("http://u:secret@h:1/v1#rpm=many", id="not-a-number"),
         pytest.param("http://u:secret@h:1/v1#qps=3", id="unknown-key"),
+        pytest.param("http://u:secret@h:1/v1#rpm=5,rpm=6", id="given-twice"),
     ],
 )
 def test_bad_limits_are_usage_errors_that_hide_credentials(spec):

@@ -101,6 +101,10 @@ def parse_target(spec: str) -> UpstreamTarget:
                 f"Upstream {_shown(spec)!r}: unknown limit {key!r} after '#'; "
                 "use e.g. http://gpu1:8000/v1#rpm=600,tpm=90000."
             )
+        if key in limits:  # which one was meant? neither is taken silently
+            raise UsageError(
+                f"Upstream {_shown(spec)!r}: {key} is given twice after '#'; give it once."
+            )
         try:
             limits[key] = int(value)
         except ValueError:
