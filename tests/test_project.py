@@ -420,3 +420,24 @@ def test_two_local_providers_on_one_engine_folder_are_a_problem(tmp_path: Path) 
     own = shared.replace("'http://127.0.0.1:9/v1'}", "'http://127.0.0.1:9/v1', dataDir: x}")
     write(tmp_path / "batchspec.yaml", own)
     assert load_project(tmp_path).providers["gpu"].options["dataDir"] == str(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param("http://gpu1:8000/v1/", id="trailing-slash"),
+        pytest.param("{url: 'http://GPU1:8000/v1', rpm: 60}", id="object-other-case"),
+    ],
+)
+def test_a_local_provider_naming_one_upstream_twice_fails_validation(
+    tmp_path: Path, second: str
+) -> None:
+    """`upstreams:` naming one server twice (however spelt) is a problem of the project file
+    at the second one's line, found by `validate`, as `serve --upstream` refuses it; before,
+    validate and plan passed and only apply failed, with no file or line."""
+    options = f"upstreams: [http://gpu1:8000/v1, http://gpu2:8000/v1, {second}]"
+    providers = f"providers:\n  gpus:\n    type: local\n    options:\n      {options}\n"
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    [(line, _, pointer, code, message)] = problems_of(tmp_path)
+    assert (line, pointer, code) == (7, "/providers/gpus/options/upstreams/2", "repeated-upstream")
+    assert "same server as item 0" in message

@@ -67,6 +67,7 @@ from batchspec.engine.upstreams import (
     refuse_several_urls,
 )
 from batchspec.errors import UsageError
+from batchspec.wire.upstream_place import upstream_place
 
 log = logging.getLogger("batchspec.engine")
 Clock = Callable[[], float]
@@ -115,25 +116,6 @@ def parse_target(spec: str) -> UpstreamTarget:
                 f"({_LIMIT_UNITS[key]} per minute, no unit: e.g. {key}=600), not {value!r}."
             )
     return UpstreamTarget(base, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
-
-
-def _place_of(url: str) -> str:
-    """Where requests to ``url`` go, for telling whether two upstreams are the same server:
-    scheme and host in lower case, the default port spelt out, no credentials, no trailing
-    slash (``http://GPU1/v1/`` and ``http://gpu1:80/v1`` are one). A URL that cannot be read
-    is left as it is (``make_upstream`` says what is wrong with it)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        return url
-    if scheme not in ("http", "https") or not parts.hostname:
-        return url
-    port = port or (443 if scheme == "https" else 80)
-    path = parts.path.rstrip("/")
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{scheme}://{parts.hostname}:{port}{path}{query}"
 
 
 def _shown(spec: str) -> str:
@@ -444,7 +426,7 @@ def make_upstreams(
         )
     seen: set[str] = set()
     for target in targets:
-        place = _place_of(target.url)
+        place = upstream_place(target.url)
         if place in seen:
             raise UsageError(f"Upstream {_shown(target.url)!r} is named twice.")
         seen.add(place)
