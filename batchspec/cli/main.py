@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -391,12 +392,30 @@ def serve(**opts: Any) -> None:
     """
     from batchspec.engine.server import serve_from_cli_options
 
+    show_engine_log()
     serve_from_cli_options(
         opts,
         on_listening=lambda url, upstream: click.echo(
             f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
         ),
     )
+
+
+class _EchoToStderr(logging.Handler):
+    """A log record as one line on stderr, wherever stderr is at the time (a test's too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def show_engine_log() -> None:
+    """``serve`` tells on stderr what its engine logs from INFO up: an upstream taken out of
+    rotation and the same one back in it, a worker's error. Without a handler, Python shows
+    only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
+    log = logging.getLogger("batchspec.engine")
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, _EchoToStderr) for h in log.handlers):
+        log.addHandler(_EchoToStderr())
 
 
 @cli.command()
