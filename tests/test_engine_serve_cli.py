@@ -273,3 +273,18 @@ def test_serve_shows_an_upstream_back_in_rotation(
         assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
     finally:
         log.handlers[:], log.level = handlers, level
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1"])
+def test_a_request_timeout_of_zero_or_less_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
+    """`serve --request-timeout 0` (or less) exits 64 and serves nothing: it was accepted,
+    and every line then failed with "did not answer within 0 s" after its attempts."""
+    from batchspec.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--data-dir", str(tmp_path), "--request-timeout", seconds])
+    assert exited.value.code == 64
+    assert "--request-timeout" in capsys.readouterr().err
+    assert not (tmp_path / "engine.db").exists() and not list(tmp_path.iterdir())

@@ -279,7 +279,7 @@ def cli() -> None:
     "--request-timeout",
     default=60.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     help="Seconds one upstream request may take.",
 )
 @click.option(
