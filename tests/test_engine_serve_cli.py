@@ -288,3 +288,14 @@ def test_a_request_timeout_of_zero_or_less_is_a_usage_error(
     assert exited.value.code == 64
     assert "--request-timeout" in capsys.readouterr().err
     assert not (tmp_path / "engine.db").exists() and not list(tmp_path.iterdir())
+
+
+def test_concurrency_help_says_several_upstreams_share_it() -> None:
+    """`serve --help` says --concurrency counts the requests to all upstreams together (the
+    engine has one limit): a team giving each server's share would starve a rotation."""
+    from click.testing import CliRunner
+
+    from batchspec.cli.main import cli
+
+    text = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
+    assert "to all upstreams together" in text

@@ -273,7 +273,8 @@ def cli() -> None:
     default=8,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Requests in flight to the upstream at once.",
+    help="Requests in flight at once, to all upstreams together (several --upstream share "
+    "it: give the sum of what each server takes).",
 )
 @click.option(
     "--request-timeout",
