@@ -105,6 +105,7 @@ def test_cli_form_carries_limits_in_the_fragment(spec, target):
         pytest.param("http://u:secret@h:1/v1#rpm=0", id="zero"),
         pytest.param("http://u:secret@h:1/v1#rpm=many", id="not-a-number"),
         pytest.param("http://u:secret@h:1/v1#qps=3", id="unknown-key"),
+        pytest.param("http://u:secret@h:1/v1#rpm=5,rpm=6", id="given-twice"),
     ],
 )
 def test_bad_limits_are_usage_errors_that_hide_credentials(spec):
@@ -662,3 +663,24 @@ def test_a_redirecting_member_fails_no_line_the_other_answers_them(tmp_path):
     assert done.request_counts.completed == 6 and done.request_counts.failed == 0
     assert all(r["response"]["status_code"] == 200 for r in output)
     assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)
+
+
+def test_a_member_answering_429_gets_no_requests_for_its_retry_after():
+    """A member that answers 429 with Retry-After is full, not down: while another member
+    can take them, the next requests go there, not every other one to the refusing member
+    (before, round robin sent it half of them, each refused and retried)."""
+    clock = FakeClock()
+    full = FaultyUpstream(BuiltinUpstream(), Faults(error_429=1.0, retry_after=30.0))
+    other = BuiltinUpstream()
+    rotation = BalancedUpstream([full, other], clock=clock)
+
+    async def run(first: int, last: int) -> list[int]:
+        sends = [
+            rotation.send(CHAT, BODY, custom_id=f"c{i}", attempt=0) for i in range(first, last)
+        ]
+        return [(await send).status_code for send in sends]
+
+    assert asyncio.run(run(0, 5)) == [429, 200, 200, 200, 200]
+    assert sum(full.calls.values()) == 1 and rotation.status()[0].in_rotation
+    clock.now = 31.0  # its Retry-After has passed: its turn comes again
+    assert asyncio.run(run(5, 7)).count(429) == 1

@@ -248,3 +248,54 @@ def test_half_a_rate_limit_fault_is_a_usage_error(tmp_path: Path, given, missing
     )  # fmt: skip
     assert proc.returncode == 64, proc.stderr
     assert f"needs {missing} too" in proc.stderr
+
+
+def test_serve_shows_an_upstream_back_in_rotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batchspec serve` shows its engine's INFO lines on stderr, not only warnings: an
+    upstream that answers again after a failure says "back in rotation" (before, an operator
+    saw "out of rotation" and never that it came back)."""
+    import logging
+
+    from batchspec.cli.main import main
+    from batchspec.engine import Engine
+
+    log = logging.getLogger("batchspec.engine")
+    handlers, level = list(log.handlers), log.level
+    try:
+        with Engine(tmp_path), pytest.raises(SystemExit):  # in use: serve stops at once
+            main(["serve", "--port", "0", "--data-dir", str(tmp_path)])
+        capsys.readouterr()
+        logging.getLogger("batchspec.engine.balancer").info(
+            "upstream %s answers again: back in rotation", "http://gpu1:8000/v1"
+        )
+        assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
+    finally:
+        log.handlers[:], log.level = handlers, level
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1"])
+def test_a_request_timeout_of_zero_or_less_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
+    """`serve --request-timeout 0` (or less) exits 64 and serves nothing: it was accepted,
+    and every line then failed with "did not answer within 0 s" after its attempts."""
+    from batchspec.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--data-dir", str(tmp_path), "--request-timeout", seconds])
+    assert exited.value.code == 64
+    assert "--request-timeout" in capsys.readouterr().err
+    assert not (tmp_path / "engine.db").exists() and not list(tmp_path.iterdir())
+
+
+def test_concurrency_help_says_several_upstreams_share_it() -> None:
+    """`serve --help` says --concurrency counts the requests to all upstreams together (the
+    engine has one limit): a team giving each server's share would starve a rotation."""
+    from click.testing import CliRunner
+
+    from batchspec.cli.main import cli
+
+    text = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
+    assert "to all upstreams together" in text

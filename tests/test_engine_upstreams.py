@@ -7,6 +7,7 @@ import base64
 import json
 import math
 import os
+import socket
 import ssl
 from urllib.parse import urlsplit
 
@@ -606,3 +607,27 @@ def test_a_refused_connect_means_the_request_was_never_sent(monkeypatch):
 
     proxy = asyncio.run(run())
     assert proxy.seen == [("api.example.invalid:443", None)]
+
+
+def test_a_proxy_that_refuses_the_connection_says_how_to_go_round_it(monkeypatch):
+    """HTTP_PROXY pointing at nothing (a proxy for the internet, set machine-wide, in front of
+    a model server on the LAN): each line's error names the proxy and says to name the
+    upstream's host in NO_PROXY, as the providers' errors do."""
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+
+    async def run():
+        upstream = HttpUpstream("http://gpu1.lan:8000/v1")
+        try:
+            await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+        finally:
+            await upstream.aclose()
+
+    with pytest.raises(UpstreamNotConnected) as raised:
+        asyncio.run(run())
+    assert "the proxy from HTTP_PROXY" in str(raised.value)
+    assert "NO_PROXY=gpu1.lan" in str(raised.value)

@@ -352,6 +352,40 @@ def test_an_upstream_that_names_an_endpoint_fails_validation_with_its_base_url(
 
 
 @pytest.mark.parametrize(
+    ("options", "where", "meant"),
+    [
+        pytest.param(
+            "upstream: 'gpu1:8000/v1'", "/providers/gpus/options/upstream", "gpu1:8000/v1", id="one"
+        ),
+        pytest.param(
+            "upstreams: [http://gpu1:8000/v1, '127.0.0.1:8001/v1']",
+            "/providers/gpus/options/upstreams/1",
+            "127.0.0.1:8001/v1",
+            id="upstreams-item",
+        ),
+        pytest.param(
+            "upstreams: [{url: 'u:secret@gpu3:8000/v1', rpm: 60}]",
+            "/providers/gpus/options/upstreams/0/url",
+            "gpu3:8000/v1",
+            id="object-with-credentials",
+        ),
+    ],
+)
+def test_an_upstream_without_its_scheme_is_told_the_url_meant(
+    tmp_path: Path, options: str, where: str, meant: str
+) -> None:
+    """An upstream written without `http://` fails at its line with the URL it should be (as
+    `batchspec serve --upstream` says), not the schema's regular expression; a password
+    before '@' is never shown."""
+    providers = f"providers:\n  gpus:\n    type: local\n    options:\n      {options}\n"
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (7, where)
+    assert f"did you mean 'http://{meant}'?" in message
+    assert "does not match" not in message and "secret" not in message
+
+
+@pytest.mark.parametrize(
     ("value", "tail"),
     [
         pytest.param('"8"', "got string '8' (drop the quotes: 8)", id="quoted-number"),
@@ -386,3 +420,24 @@ def test_two_local_providers_on_one_engine_folder_are_a_problem(tmp_path: Path) 
     own = shared.replace("'http://127.0.0.1:9/v1'}", "'http://127.0.0.1:9/v1', dataDir: x}")
     write(tmp_path / "batchspec.yaml", own)
     assert load_project(tmp_path).providers["gpu"].options["dataDir"] == str(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param("http://gpu1:8000/v1/", id="trailing-slash"),
+        pytest.param("{url: 'http://GPU1:8000/v1', rpm: 60}", id="object-other-case"),
+    ],
+)
+def test_a_local_provider_naming_one_upstream_twice_fails_validation(
+    tmp_path: Path, second: str
+) -> None:
+    """`upstreams:` naming one server twice (however spelt) is a problem of the project file
+    at the second one's line, found by `validate`, as `serve --upstream` refuses it; before,
+    validate and plan passed and only apply failed, with no file or line."""
+    options = f"upstreams: [http://gpu1:8000/v1, http://gpu2:8000/v1, {second}]"
+    providers = f"providers:\n  gpus:\n    type: local\n    options:\n      {options}\n"
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    [(line, _, pointer, code, message)] = problems_of(tmp_path)
+    assert (line, pointer, code) == (7, "/providers/gpus/options/upstreams/2", "repeated-upstream")
+    assert "same server as item 0" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -303,13 +304,14 @@ def cli() -> None:
     default=8,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Requests in flight to the upstream at once.",
+    help="Requests in flight at once, to all upstreams together (several --upstream share "
+    "it: give the sum of what each server takes).",
 )
 @click.option(
     "--request-timeout",
     default=60.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     help="Seconds one upstream request may take.",
 )
 @click.option(
@@ -422,12 +424,30 @@ def serve(**opts: Any) -> None:
     """
     from batchspec.engine.server import serve_from_cli_options
 
+    show_engine_log()
     serve_from_cli_options(
         opts,
         on_listening=lambda url, upstream: click.echo(
             f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
         ),
     )
+
+
+class _EchoToStderr(logging.Handler):
+    """A log record as one line on stderr, wherever stderr is at the time (a test's too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def show_engine_log() -> None:
+    """``serve`` tells on stderr what its engine logs from INFO up: an upstream taken out of
+    rotation and the same one back in it, a worker's error. Without a handler, Python shows
+    only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
+    log = logging.getLogger("batchspec.engine")
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, _EchoToStderr) for h in log.handlers):
+        log.addHandler(_EchoToStderr())
 
 
 @cli.command()

@@ -26,7 +26,10 @@
    failure up to ``backoff_max`` (failures of requests sent before it was taken out are the
    same outage and do not lengthen it). When its back-off has passed, it gets one request
    (the *probe*) and no other until that one ends: an answer below 500 puts it back in
-   rotation, a failure takes it out again for longer.
+   rotation, a failure takes it out again for longer. A member that answers 429 is up but
+   full: it stays in rotation but, like a member whose rate limit is spent, admits no request
+   for its ``Retry-After`` (``backoff_initial`` without one, at most ``backoff_max``), so the
+   others take the requests meanwhile instead of it refusing half of them.
 4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
    sent at once to the next member, each member at most once, without using an attempt: the
    upstream never saw it. A request that failed after it was sent (reset, 5xx, timeout) is
@@ -67,6 +70,7 @@ from batchspec.engine.upstreams import (
     refuse_several_urls,
 )
 from batchspec.errors import UsageError
+from batchspec.wire.upstream_place import upstream_place
 
 log = logging.getLogger("batchspec.engine")
 Clock = Callable[[], float]
@@ -101,6 +105,10 @@ def parse_target(spec: str) -> UpstreamTarget:
                 f"Upstream {_shown(spec)!r}: unknown limit {key!r} after '#'; "
                 "use e.g. http://gpu1:8000/v1#rpm=600,tpm=90000."
             )
+        if key in limits:  # which one was meant? neither is taken silently
+            raise UsageError(
+                f"Upstream {_shown(spec)!r}: {key} is given twice after '#'; give it once."
+            )
         try:
             limits[key] = int(value)
         except ValueError:
@@ -111,25 +119,6 @@ def parse_target(spec: str) -> UpstreamTarget:
                 f"({_LIMIT_UNITS[key]} per minute, no unit: e.g. {key}=600), not {value!r}."
             )
     return UpstreamTarget(base, rpm=limits.get("rpm"), tpm=limits.get("tpm"))
-
-
-def _place_of(url: str) -> str:
-    """Where requests to ``url`` go, for telling whether two upstreams are the same server:
-    scheme and host in lower case, the default port spelt out, no credentials, no trailing
-    slash (``http://GPU1/v1/`` and ``http://gpu1:80/v1`` are one). A URL that cannot be read
-    is left as it is (``make_upstream`` says what is wrong with it)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        return url
-    if scheme not in ("http", "https") or not parts.hostname:
-        return url
-    port = port or (443 if scheme == "https" else 80)
-    path = parts.path.rstrip("/")
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{scheme}://{parts.hostname}:{port}{path}{query}"
 
 
 def _shown(spec: str) -> str:
@@ -230,6 +219,8 @@ class _Member:
         self.failures = 0
         self.out_until = 0.0
         self.probing = False
+        self.busy_until = 0.0  # it answered 429: nothing more until then, if another can
+        self._clock = clock
 
     def limits_text(self) -> str:
         """`` (rpm 600, tpm 90,000)``, or nothing for a member without limits."""
@@ -245,7 +236,7 @@ class _Member:
         return self.failures == 0 or (now >= self.out_until and not self.probing)
 
     def admission_wait(self, tokens: int) -> float:
-        waits = [0.0]
+        waits = [0.0, self.busy_until - self._clock()]
         if self.rpm is not None:
             waits.append(self.rpm.wait(1))
         if self.tpm is not None:
@@ -375,6 +366,8 @@ class BalancedUpstream:
                 member.probing = False
         if response.status_code >= 500:
             self._failed(member)
+        elif response.status_code == 429:
+            self._busy(member, response.retry_after)
         elif member.failures:
             member.failures = 0
             log.info("upstream %s answers again: back in rotation", member.description)
@@ -383,6 +376,23 @@ class BalancedUpstream:
             if reported is not None:
                 member.tpm.give(tokens - reported)
         return response
+
+    def _busy(self, member: _Member, retry_after: float | None) -> None:
+        """A 429: the member is up but full. It gets nothing more for its Retry-After (or
+        ``backoff_initial``; at most ``backoff_max``) while another member can take the
+        requests; it stays in rotation, so no back-off doubles and no probe is needed."""
+        now = self._clock()
+        pause = self.backoff_initial if retry_after is None else retry_after
+        until = now + min(max(pause, 0.0), self.backoff_max)
+        if until <= member.busy_until:
+            return
+        if member.busy_until <= now:
+            log.info(
+                "upstream %s answered 429: no more requests to it for %.1f s",
+                member.description,
+                until - now,
+            )
+        member.busy_until = until
 
     def _failed(self, member: _Member) -> None:
         now = self._clock()
@@ -440,7 +450,7 @@ def make_upstreams(
         )
     seen: set[str] = set()
     for target in targets:
-        place = _place_of(target.url)
+        place = upstream_place(target.url)
         if place in seen:
             raise UsageError(f"Upstream {_shown(target.url)!r} is named twice.")
         seen.add(place)

@@ -267,11 +267,15 @@ class Http11Pool:
                     limit=READ_CHUNK * 4,
                 )
         except OSError as err:
-            via = ""
+            via = way_round = ""
             if self.proxy is not None:
                 via = f" (the proxy from {'HTTPS' if self._tls else 'HTTP'}_PROXY)"
+                way_round = (  # as the providers' clients say it (``providers._http``)
+                    f"; check that the proxy is up, or reach {self._host} directly by naming "
+                    f"it in NO_PROXY (e.g. NO_PROXY={self._host})"
+                )
             raise ConnectFailed(
-                f"cannot connect to {host}:{port}{via} ({err.strerror or err})"
+                f"cannot connect to {host}:{port}{via} ({err.strerror or err}){way_round}"
             ) from err
         return _Connection(reader, writer)
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from batchspec.errors import ManifestError, StateError
 from batchspec.storage.database_url import is_database_url, redact_url, url_password
+from batchspec.wire.upstream_place import upstream_place
 from batchspec.workspace.yamldoc import (
     Problem,
     YamlDocument,
@@ -245,6 +246,7 @@ def _load_project(start: str | Path | None) -> Project:
         problems.extend(_default_provider_problems(doc))
         problems.extend(_state_problems(doc))
         problems.extend(_shared_engine_problems(doc, file.parent))
+        problems.extend(_repeated_upstream_problems(doc))
         if isinstance(doc.data, Mapping):
             data = doc.data
     raise_if_problems(problems, what=f"the project file {display_path(file)}")
@@ -410,6 +412,41 @@ def _shared_engine_problems(doc: YamlDocument, root: Path) -> list[Problem]:
             "batches in flight: a batch stays in the folder it was created in"
         )
         problems.append(Problem.at(doc.location(pointer), pointer, "shared-engine-folder", message))
+    return problems
+
+
+def _repeated_upstream_problems(doc: YamlDocument) -> list[Problem]:
+    """A local provider's ``upstreams:`` names each server once, however its URL is spelt
+    (``upstream_place``), as ``batchspec serve --upstream`` demands: found here, at its line,
+    rather than by the apply that opens the engine."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    declared = data.get("providers")
+    problems = []
+    for name, provider in (declared if isinstance(declared, Mapping) else {}).items():
+        if not isinstance(provider, Mapping) or provider.get("type") != "local":
+            continue
+        options = provider.get("options")
+        upstreams = options.get("upstreams") if isinstance(options, Mapping) else None
+        first: dict[str, int] = {}
+        for index, item in enumerate(upstreams if isinstance(upstreams, list) else ()):
+            url = item.get("url") if isinstance(item, Mapping) else item
+            if not isinstance(url, str) or url == "builtin":
+                continue
+            other = first.setdefault(upstream_place(url), index)
+            if other == index:
+                continue
+            pointer = "/providers"
+            for part in (name, "options", "upstreams", str(index)):
+                pointer = pointer_join(pointer, part)
+            scheme, sep, rest = url.partition("://")
+            shown = f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+            message = (
+                f"upstream '{shown}' is the same server as item {other}: named twice, it would "
+                "get twice its share of the requests (and of any limits); name each server once"
+            )
+            problems.append(
+                Problem.at(doc.location(pointer), pointer, "repeated-upstream", message)
+            )
     return problems
 
 

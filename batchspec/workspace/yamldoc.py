@@ -695,6 +695,13 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             f"{{url: {url}{', ' + pairs if pairs else ''}}}"
         )
     if kind == "pattern" and "/upstream" in pointer and isinstance(value, str):
+        host = value.rpartition("@")[2]  # `user:password@host` is never echoed
+        if "://" not in value and host and not any(c.isspace() for c in host):
+            # the same advice as `batchspec serve --upstream gpu1:8000/v1`
+            return (
+                f"{quote(host)} has no scheme: did you mean 'http://{host}'? (an upstream is "
+                "an http(s) base URL, or 'builtin' for the offline stand-in)"
+            )
         endpoint = _ENDPOINT_AT_END.search(value.partition("#")[0])
         if endpoint is not None:  # the same refusal as `batchspec serve --upstream`'s
             base = value[: endpoint.start()]
