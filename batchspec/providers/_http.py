@@ -454,6 +454,28 @@ def json_object(
     return body
 
 
+def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
+    """The next page's ``cursor`` of a listing, remembered in ``used`` (the cursors this
+    listing has followed); a ``ProviderError`` when it was followed before.
+
+    A server whose pagination comes back to a page it already gave (it ignores the cursor,
+    or its pages point at each other) with more pages promised would be paged forever: a key
+    lookup holding the run, and its memory growing, until CI kills it. Ending the listing
+    there instead would be as wrong: a batch on a page it never reached would be taken as
+    absent, and created (and paid for) again after a lost state. ``names``: the listing's
+    fields, for the message (``after / last_id / has_more``)."""
+    if cursor in used:
+        raise ProviderError(
+            f"{provider}: list batches: the provider's pagination came back to a page it had "
+            f"already given (cursor {cursor!r} again, with more pages promised), so its "
+            "listing cannot be read to the end; batchspec stopped paging rather than loop, and "
+            "takes no batch as absent from it. Check the server's pagination "
+            f"({names} of its batch listing)."
+        )
+    used.add(cursor)
+    return cursor
+
+
 def create_or_adopt(
     send: Callable[[], RemoteBatch],
     made_by_lost: Callable[[], RemoteBatch | None],

@@ -70,6 +70,7 @@ from batchspec.providers._http import (
     display_url,
     json_object,
     new_client,
+    next_page_cursor,
     quote_id,
     require_http_url,
 )
@@ -235,6 +236,7 @@ class AnthropicProvider(StagedInputs):
         """Every listed batch, newest first (Anthropic's order), fetched page by page."""
         limit = max(1, min(page_size, _MAX_PAGE_SIZE))
         after: str | None = None
+        used: set[str] = set()
         while True:
             params: dict[str, Any] = {"limit": limit}
             if after is not None:
@@ -246,9 +248,11 @@ class AnthropicProvider(StagedInputs):
             for row in rows:
                 yield self._parse(row, journal)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
-            if not page.get("has_more") or not rows or not next_after or next_after == after:
+            if not page.get("has_more") or not rows or not next_after:
                 return
-            after = str(next_after)
+            after = next_page_cursor(
+                str(next_after), used, provider=self.name, names="after_id / last_id / has_more"
+            )
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Cancel a batch: ``canceling`` comes back as cancelling. One that has ended before
