@@ -7,14 +7,17 @@ rebuilt from the store at any time. A batch the provider rejected as a whole has
 numbers mapped back to the input. When every batch is collected and no retry is left, the
 result files are written from the store, in input order, and the generation is finished.
 
-A download that fails (a provider error after the HTTP client's own retries: a 5xx, a 404, a
-connection reset) stops only its resource, as Terraform leaves an independent resource's
-failure to it: the batch stays ended-but-not-collected (no ``collect`` event, no request
-marked failed, never resubmitted), a ``download-failed`` event and a ``download_failed``
-line say what failed, and the pass goes on with the others (``RunContext.download_failures``;
-apply then exits 1 naming it). A later pass of the same run (``apply --wait``, while other
-resources keep it waiting) tries it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds
-after the first failure, doubling to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
+A file that arrives cut off mid-line (a body sent without a length, ended by a closed
+connection: to HTTP a whole, shorter body) is downloaded again and never filed
+(``download_to_store``). A download that fails (a provider error after the HTTP client's own
+retries: a 5xx, a 404, a connection reset, a file cut short on every try) stops only its
+resource, as Terraform leaves an independent resource's failure to it: the batch stays
+ended-but-not-collected (no ``collect`` event, no request marked failed, never resubmitted),
+a ``download-failed`` event and a ``download_failed`` line say what failed, and the pass
+goes on with the others (``RunContext.download_failures``; apply then exits 1 naming it). A
+later pass of the same run (``apply --wait``, while other resources keep it waiting) tries
+it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds after the first failure, doubling
+to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
 
 A 401 or 403 is not such a failure: it says the key cannot read the provider's files, which
 is true of every file of that provider, not of one, and no later pass or apply fixes it. The
@@ -99,8 +102,66 @@ def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
 
 
 def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> str:
-    """Stream a provider file into the result store (and its shared tier); its sha256."""
-    return blobs.put_from(lambda tmp: provider.download_file(file_id, tmp))
+    """Stream a provider file into the result store (and its shared tier); its sha256.
+
+    A file that ends in the middle of a line (``ends_mid_line``) is downloaded again, up to
+    ``CUT_SHORT_ATTEMPTS`` times in all, and never filed: a body sent without a length (closed
+    by the server to end it) that was cut off arrives as a shorter file, with no error from
+    HTTP. Filed, its last answer would be skipped as unreadable, the batch taken as
+    collected (its file never fetched again) and that request paid for again by a retry."""
+    for attempt in range(1, CUT_SHORT_ATTEMPTS + 1):
+        try:
+            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp))
+        except _CutShort as cut:
+            if attempt == CUT_SHORT_ATTEMPTS:
+                raise ProviderError(
+                    f"{provider.name}: download of file {file_id} ended in the middle of a line "
+                    f"({cut.size:,} bytes; {CUT_SHORT_ATTEMPTS} tries): the connection was "
+                    "closed before the whole file came. Nothing of it was recorded; the next "
+                    "`batchspec apply` downloads it again.",
+                    retryable=True,
+                ) from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+#: downloads of a file that came cut short (``download_to_store``) before it is a failure
+CUT_SHORT_ATTEMPTS = 3
+_TAIL_CHUNK = 64 * 1024
+#: a last line longer than this is not read back whole to be checked (memory stays flat)
+_LONGEST_LINE = 64 * 1024 * 1024
+
+
+class _CutShort(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _download_whole(provider: Provider, file_id: str, dest: Path) -> None:
+    provider.download_file(file_id, dest)
+    if ends_mid_line(dest):
+        raise _CutShort(dest.stat().st_size)
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether a JSONL file's last line is cut short: no newline ends it and it is not a JSON
+    value by itself (a file whose last line lacks only its newline is whole)."""
+    with path.open("rb") as f:
+        end = f.seek(0, 2)
+        tail = b""
+        while end > 0 and b"\n" not in tail and len(tail) < _LONGEST_LINE:
+            start = max(0, end - _TAIL_CHUNK)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+    last = tail.rsplit(b"\n", 1)[-1]
+    if not last.strip() or len(last) >= _LONGEST_LINE:
+        return False
+    try:
+        _loads(last)
+    except ValueError:
+        return True
+    return False
 
 
 def read_result_lines(
