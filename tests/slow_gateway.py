@@ -15,6 +15,8 @@ status of 0 closes the connection with no answer at all (a reset). With ``echo_a
 error body quotes the request's Authorization header, as a careless proxy might. A route in
 ``truncate`` is forwarded, and its answer's headers (with the whole ``Content-Length``) and
 first half of its body are sent before the connection closes (a body cut off mid-stream).
+A path in ``swap`` is forwarded as the path it maps to (a file asked for is answered with
+another file's content).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class SlowGateway:
     refuse: dict[str, int] = field(default_factory=dict)
     echo_auth: bool = False
     truncate: set[str] = field(default_factory=set)
+    swap: dict[str, str] = field(default_factory=dict)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -112,7 +115,8 @@ def start_slow_gateway(
             if route in gateway.hold:
                 time.sleep(gateway.hold[route])
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            answer = client.request(self.command, self.path, headers=headers, content=body)
+            target = gateway.swap.get(urlsplit(self.path).path, self.path)
+            answer = client.request(self.command, target, headers=headers, content=body)
             with gateway.lock:
                 gateway.forwarded[route] += 1
             time.sleep(gateway.hold_answers.get(route, 0.0))

@@ -41,7 +41,7 @@ from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteNotFound
-from batchspec.state.ledger import CollectedLine, UsageTotals
+from batchspec.state.ledger import CollectedLine, ForeignAnswers, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -378,16 +378,20 @@ def collect_batch(
         if foreign and not ctx.may_touch(name):
             return False
         before = ctx.ledger.usage_totals(gen.id)
-        for sha in shas.values():
+        for column, file_id in (
+            ("output_sha256", batch.output_file_id),
+            ("errors_sha256", batch.error_file_id),
+        ):
+            sha = shas[column]
             if sha:
-                changed += ctx.ledger.record_outcomes(
-                    gen.id,
-                    batch.attempt,
-                    sha,
-                    _tallied(
-                        read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on), tally
-                    ),
-                )
+                lines = read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on)
+                try:
+                    changed += ctx.ledger.record_outcomes(
+                        gen.id, batch.attempt, sha, _tallied(lines, tally), shard=batch.shard
+                    )
+                except ForeignAnswers as err:
+                    kind = "output" if column == "output_sha256" else "errors"
+                    raise DownloadFailed(kind, file_id or "", _served_another(batch, err)) from err
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -425,6 +429,15 @@ def collect_batch(
         )
     )
     return True
+
+
+def _served_another(batch: BatchRow, err: ForeignAnswers) -> ProviderError:
+    """Why a downloaded file is not taken as its batch's (``ledger.ForeignAnswers``)."""
+    return ProviderError(
+        f"{batch.provider} served another file's content for batch {batch.remote_id} (shard "
+        f"{batch.shard + 1}): {err.message}. Nothing of it was recorded, so no request of the "
+        "batch is taken as unanswered and paid for again"
+    )
 
 
 def _file_gone(ctx: RunContext, provider: Provider, file_id: str) -> bool:
