@@ -362,7 +362,18 @@ def parse_file(data: Mapping[str, Any]) -> RemoteFile:
 
 
 def epoch_seconds(value: Any) -> int | None:
-    """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews)."""
+    """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews).
+
+    None when absent, unreadable, or at or before the epoch: servers write 0, or a Go
+    server its zero time (``0001-01-01T00:00:00Z``), for "not set", and no batch or file was
+    made then. Taken as a date, such a placeholder on a listed batch ended a key lookup's
+    newest-first scan before the key's batch (``BatchListing``), which was then made, and
+    paid for, again."""
+    seconds = _epoch_seconds(value)
+    return seconds if seconds is not None and seconds > 0 else None
+
+
+def _epoch_seconds(value: Any) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)):
@@ -374,5 +385,5 @@ def epoch_seconds(value: Any) -> int | None:
 
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
