@@ -119,6 +119,34 @@ def test_one_pass_polls_in_flight_batches_with_list_pages(
     assert polled == [f"r{i:02d}" for i in range(12)]  # every one, in resource order
 
 
+@pytest.mark.parametrize("option", ["litellmProvider", "litellmModel"])
+def test_a_litellm_proxys_batches_are_retrieved_by_id_not_taken_from_a_stale_listing(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """A LiteLLM proxy with a database lists batches from its own table, refreshed hourly
+    or never: it still lists both batches in_progress after they ended. Each is retrieved
+    by id and collected in one pass; taken from the listing, they stayed in progress (apply
+    --wait ran to its timeout while the answers waited)."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 2, **{option: "openai"})
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    stale = [
+        {**row, "status": "in_progress", "output_file_id": None}
+        for row in srv.engine.list_batches(None, 100)["data"]
+    ]
+    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
+    upstream.gate.set()
+    wait_all_terminal(srv, 2)
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (0, 2)
+    assert [r["custom_id"] for r in ws.outputs("r00")] == ws.input_ids("r00")
+    assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")
+
+
 def test_batches_the_listing_does_not_show_are_retrieved(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
