@@ -152,6 +152,23 @@ def test_a_batch_listed_with_an_unset_creation_time_does_not_end_the_scan(
     assert (found.listed, found.stopped_at_window) == (2, False)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [pytest.param({"detail": "busy"}, id="a-notice"), pytest.param({"data": None}, id="null")],
+)
+def test_a_listing_answered_200_with_no_data_list_fails_the_lookup(
+    scripted: ScriptedServer, body: dict[str, object]
+) -> None:
+    """A 200 whose JSON object holds no ``data`` list (a gateway's notice, an error sent
+    without an error status) is not an empty listing: the lookup raises, naming it. Read as
+    one, it ended the scan with the key absent, and the key's batch was created, and paid
+    for, again."""
+    scripted.script(then=json_answer(200, body))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+    with pytest.raises(ProviderError, match="not a listing"):
+        find_batch_by_key(provider, metadata_for_key(KEY), since=0)
+
+
 def test_a_listing_that_failed_half_way_starts_again_and_still_finds_the_key(
     tmp_path: Path, server: Callable[..., ProbedServer]
 ) -> None:

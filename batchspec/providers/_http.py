@@ -454,6 +454,23 @@ def json_object(
     return body
 
 
+def listed_rows(
+    page: Mapping[str, Any], provider: str, *, api_root: str
+) -> list[Mapping[str, Any]]:
+    """The batch objects of one page of a listing (its ``data`` list), or a ``ProviderError``
+    when the page has none: a 200 whose body is some other JSON object (a gateway's notice,
+    an error without an error status) read as an empty page would end the listing, and a key
+    lookup would take the key as absent and create (and pay for) its batch again."""
+    rows = page.get("data")
+    if not isinstance(rows, list):
+        raise ProviderError(
+            f"{provider}: list batches answered HTTP 200 with a JSON object that is not a "
+            f"listing (no data list; keys: {', '.join(sorted(map(str, page))[:5]) or 'none'}); "
+            f"is the base URL {api_root}?"
+        )
+    return [row for row in rows if isinstance(row, Mapping)]
+
+
 def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
     """The next page's ``cursor`` of a listing, remembered in ``used`` (the cursors this
     listing has followed); a ``ProviderError`` when it was followed before.

@@ -69,6 +69,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
     next_page_cursor,
     quote_id,
@@ -243,7 +244,9 @@ class AnthropicProvider(StagedInputs):
                 params["after_id"] = after
             response = self._http.request("GET", BATCHES, operation="list batches", params=params)
             page = self._json(response, "list batches")
-            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(
+                page, self.name, api_root=f"Anthropic's API root ({DEFAULT_BASE_URL})"
+            )
             journal = self._journal.by_remote_id()
             for row in rows:
                 yield self._parse(row, journal)

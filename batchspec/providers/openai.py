@@ -43,6 +43,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
     next_page_cursor,
     quote_id,
@@ -236,7 +237,7 @@ class OpenAIProvider:
                 "GET", "/batches", operation="list batches", params=params
             )
             page = json_object(response, "list batches", self.name, api_root=_API_ROOT)
-            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(page, self.name, api_root=_API_ROOT)
             yield from (parse_batch(row) for row in rows)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
             if not page.get("has_more") or not rows or not next_after:
