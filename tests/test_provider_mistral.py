@@ -314,6 +314,19 @@ def test_a_listing_that_gives_the_same_page_again_raises(
     assert len(scripted.requests) == 2
 
 
+def test_a_listing_answered_200_with_no_data_list_raises(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A 200 whose JSON object holds no ``data`` list is not an empty listing: it raises
+    (read as one, a lookup by key found nothing and the job was created, and paid, again)."""
+    scripted.script(then=json_answer(200, {"detail": "busy"}))
+    provider = MistralProvider(
+        "mis", base_url=scripted.base_url, data_dir=tmp_path, api_key=SENTINEL_KEY
+    )
+    with pytest.raises(ProviderError, match="not a listing"):
+        next(iter(provider.list_batches()))
+
+
 def test_wrong_key_is_a_clear_401(server: Callable[..., ProbedServer], tmp_path: Path) -> None:
     """A wrong bearer key: HTTP 401 naming $MISTRAL_API_KEY, the key never shown."""
     srv = server()

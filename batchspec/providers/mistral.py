@@ -53,6 +53,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
     next_page_cursor,
     quote_id,
@@ -237,7 +238,7 @@ class MistralProvider:
                 "GET", "/v1/batch/jobs", operation="list batches", params=params
             )
             body = json_object(response, "list batches", self.name, api_root=_API_ROOT)
-            rows = [row for row in body.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(body, self.name, api_root=_API_ROOT)
             if rows and page:  # a page that begins as an earlier one did: the same page again
                 next_page_cursor(
                     str(rows[0].get("id")), first_ids, provider=self.name, names="page / total"
