@@ -143,6 +143,15 @@ def _download_whole(provider: Provider, file_id: str, dest: Path) -> None:
         raise _CutShort(dest.stat().st_size)
 
 
+def is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read only up to its first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(_TAIL_CHUNK):
+            if chunk.strip():
+                return False
+    return True
+
+
 def ends_mid_line(path: Path) -> bool:
     """Whether a JSONL file's last line is cut short: no newline ends it and it is not a JSON
     value by itself (a file whose last line lacks only its newline is whole)."""
@@ -384,14 +393,20 @@ def collect_batch(
         ):
             sha = shas[column]
             if sha:
-                lines = read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on)
+                kind = "output" if column == "output_sha256" else "errors"
+                path = ctx.blobs.ensure_local(sha)
+                read = {True: 0, False: 0}
+                lines = _tallied(read_result_lines(path, retry_on=retry_on), read)
                 try:
                     changed += ctx.ledger.record_outcomes(
-                        gen.id, batch.attempt, sha, _tallied(lines, tally), shard=batch.shard
+                        gen.id, batch.attempt, sha, lines, shard=batch.shard
                     )
                 except ForeignAnswers as err:
-                    kind = "output" if column == "output_sha256" else "errors"
                     raise DownloadFailed(kind, file_id or "", _served_another(batch, err)) from err
+                if not any(read.values()) and not is_blank(path):
+                    raise DownloadFailed(kind, file_id or "", _not_results(batch, path))
+                for answered, count in read.items():
+                    tally[answered] += count
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -437,6 +452,18 @@ def _served_another(batch: BatchRow, err: ForeignAnswers) -> ProviderError:
         f"{batch.provider} served another file's content for batch {batch.remote_id} (shard "
         f"{batch.shard + 1}): {err.message}. Nothing of it was recorded, so no request of the "
         "batch is taken as unanswered and paid for again"
+    )
+
+
+def _not_results(batch: BatchRow, path: Path) -> ProviderError:
+    """Why a downloaded file with content and no result line is not recorded: taken as its
+    batch's, the batch was collected with nothing answered, and every request of it retried
+    and paid for again (an HTML page or a JSON notice a gateway sent with HTTP 200)."""
+    return ProviderError(
+        f"{batch.provider} answered the file of batch {batch.remote_id} with content that is "
+        f"not batch results ({path.stat().st_size:,} bytes, no line a JSON object with a "
+        "custom_id: a page or a notice sent with HTTP 200?). Nothing of it was recorded, so no "
+        "request of the batch is taken as unanswered and paid for again"
     )
 
 
