@@ -339,3 +339,26 @@ def test_a_failing_list_endpoint_falls_back_to_retrieving_each_batch(
     assert srv.probe.counts[RETRIEVE] == 3
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == ["r00", "r01", "r02"]
+
+
+def test_a_listing_that_failed_is_not_asked_again_by_the_later_passes_of_the_run(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listing that fails (after its client's retries: one slower than the timeout costs
+    them all) is asked once a run: the later passes of apply --wait retrieve the batches
+    by id at once, instead of waiting through the failing listing again every pass."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 2)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.hold(LIST, 0, after=True, replace_status=400)
+    srv.probe.counts.clear()
+    threading.Timer(0.3, upstream.gate.set).start()  # a few passes in flight, then done
+
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"], capsys
+    )
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 1
+    assert srv.probe.counts[RETRIEVE] > 2  # polled by id on every pass
+    assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")

@@ -20,6 +20,9 @@ It promises:
   batch is retrieved or by its hourly cost job (``PROXY_BATCH_POLLING_INTERVAL``; never with
   ``PROXY_BATCH_POLLING_ENABLED=false``), so a batch that has ended stays listed
   ``in_progress`` for up to an hour, or for ever: each of its batches is retrieved by id.
+  A provider whose listing failed (after its client's retries: a listing slower than the
+  timeout costs them all) is not listed again for the rest of the run
+  (``RunContext.unlisted``): each later pass retrieves its batches by id at once.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -421,7 +424,7 @@ def _poll_all(
             name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls, order)
         )
         for name, rows in by_provider.items()
-        if _lists(ctx, name) and len(rows) > 1
+        if _lists(ctx, name) and len(rows) > 1 and name not in ctx.unlisted
     }
     listed: dict[str, dict[str, RemoteBatch]] = {}
     for name, future in listings.items():
@@ -429,6 +432,7 @@ def _poll_all(
             listed[name] = future.result()
         except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
             listed[name] = {}
+            ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
     retrieves: dict[int, Future[RemoteBatch]] = {}
     observed: dict[int, RemoteBatch] = {}
     for row in in_flight:
