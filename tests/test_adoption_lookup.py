@@ -152,6 +152,29 @@ def test_a_batch_listed_with_an_unset_creation_time_does_not_end_the_scan(
     assert (found.listed, found.stopped_at_window) == (2, False)
 
 
+def test_a_listing_seen_oldest_first_is_read_on_past_an_old_batch(
+    scripted: ScriptedServer,
+) -> None:
+    """An OpenAI-compatible server that lists oldest first (whatever OpenAI documents): the
+    batch after the first old one is newer, so the listing is read on, and the key's batch
+    at its end is found. Taken as newest first, the scan stopped at the first old batch as
+    if at the window's edge, and the key's batch was created, and paid for, again."""
+    key = metadata_for_key(KEY)
+    now = int(time.time())
+    rows = [
+        {"id": "batch_old", "status": "completed", "created_at": now - 7200, "metadata": {}},
+        {"id": "batch_old_key", "status": "completed", "created_at": now - 7100, "metadata": key},
+        {"id": "batch_ours", "status": "in_progress", "created_at": now - 60, "metadata": key},
+    ]
+    scripted.script(json_answer(200, {"object": "list", "data": rows, "has_more": False}))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+
+    found = find_batch_by_key(provider, key, since=now - 3600)
+
+    assert found.batch is not None and found.batch.id == "batch_ours"
+    assert (found.listed, found.stopped_at_window) == (3, False)
+
+
 @pytest.mark.parametrize(
     "body",
     [pytest.param({"detail": "busy"}, id="a-notice"), pytest.param({"data": None}, id="null")],
