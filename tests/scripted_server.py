@@ -7,7 +7,9 @@ requests get, in order; an ``Answer`` says the status, headers and body, and can
 - ``delay`` the answer (past a client's read timeout; ``reset()`` cuts the wait short),
 - ``cut_after`` N bytes of a body whose ``Content-Length`` promised more, then close the
   connection (a connection lost mid-body),
-- ``hang_up``: close the connection without answering at all.
+- ``hang_up``: close the connection without answering at all,
+- be ``close_delimited``: sent with no ``Content-Length``, ended by closing the connection
+  (so a body ``cut_after`` N bytes is, to the client, a whole shorter body).
 
 An answer may also be a function of the request it answers (to echo a header back). Every
 request is recorded as it arrived (``Seen``: method, raw target, headers, body) so tests
@@ -58,6 +60,7 @@ class Answer:
     delay: float = 0.0
     cut_after: int | None = None
     hang_up: bool = False
+    close_delimited: bool = False
 
 
 AnswerLike = Answer | Callable[[Seen], Answer]
@@ -168,8 +171,9 @@ def _handler_for(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(answer.status)
             for name, value in answer.headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(answer.body)))
-            if answer.cut_after is not None:
+            if not answer.close_delimited:
+                self.send_header("Content-Length", str(len(answer.body)))
+            if answer.cut_after is not None or answer.close_delimited:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()

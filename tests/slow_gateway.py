@@ -15,6 +15,9 @@ status of 0 closes the connection with no answer at all (a reset). With ``echo_a
 error body quotes the request's Authorization header, as a careless proxy might. A route in
 ``truncate`` is forwarded, and its answer's headers (with the whole ``Content-Length``) and
 first half of its body are sent before the connection closes (a body cut off mid-stream).
+A path in ``swap`` is forwarded as the path it maps to (a file asked for is answered with
+another file's content). A route in ``answer_200`` is answered 200 with that body, never
+forwarded (a gateway's page or notice sent as a success).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class SlowGateway:
     refuse: dict[str, int] = field(default_factory=dict)
     echo_auth: bool = False
     truncate: set[str] = field(default_factory=set)
+    swap: dict[str, str] = field(default_factory=dict)
+    answer_200: dict[str, bytes] = field(default_factory=dict)
     received: Counter[str] = field(default_factory=Counter)
     forwarded: Counter[str] = field(default_factory=Counter)
     events: dict[str, threading.Event] = field(default_factory=dict)
@@ -109,10 +114,14 @@ def start_slow_gateway(
             if route in gateway.refuse:
                 self._refuse(gateway.refuse[route])
                 return
+            if route in gateway.answer_200:
+                self._answer_200(gateway.answer_200[route])
+                return
             if route in gateway.hold:
                 time.sleep(gateway.hold[route])
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            answer = client.request(self.command, self.path, headers=headers, content=body)
+            target = gateway.swap.get(urlsplit(self.path).path, self.path)
+            answer = client.request(self.command, target, headers=headers, content=body)
             with gateway.lock:
                 gateway.forwarded[route] += 1
             time.sleep(gateway.hold_answers.get(route, 0.0))
@@ -133,6 +142,14 @@ def start_slow_gateway(
                 self.wfile.write(answer.content)
             except OSError:  # the client gave up (timed out, or was killed): delivered anyway
                 pass
+            self.close_connection = True
+
+        def _answer_200(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
             self.close_connection = True
 
         def _refuse(self, status: int) -> None:

@@ -8,11 +8,13 @@ runs are in tests/test_state_lost.py, tests/test_crash_safety.py and tests/test_
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from probes import ProbedServer
+from scripted_server import ScriptedServer, json_answer
 from servers import request_lines
 from workspaces import SENTINEL_KEY
 
@@ -118,6 +120,76 @@ def test_a_batch_made_at_the_edge_of_the_window_is_still_found(
     assert at_edge.batch is not None and at_edge.batch.id == own
     assert (at_edge.listed, at_edge.stopped_at_window) == (1, False)
     assert (past_edge.batch, past_edge.listed, past_edge.stopped_at_window) == (None, 1, True)
+
+
+@pytest.mark.parametrize(
+    "unset",
+    [
+        pytest.param(0, id="zero"),
+        pytest.param("0001-01-01T00:00:00Z", id="go-zero-time"),
+        pytest.param("1970-01-01T00:00:00Z", id="epoch"),
+    ],
+)
+def test_a_batch_listed_with_an_unset_creation_time_does_not_end_the_scan(
+    scripted: ScriptedServer, unset: object
+) -> None:
+    """A listing (newest first) that dates a batch with a placeholder for "not set" (0, or a
+    Go server's zero time) before the key's batch: the placeholder is no date, so the scan
+    reads on and finds the key. Taken as a date, the scan stopped there, before the window,
+    as if the key had never been made, and its batch was created, and paid for, again."""
+    key = metadata_for_key(KEY)
+    now = int(time.time())
+    rows = [
+        {"id": "batch_other", "status": "completed", "created_at": unset, "metadata": {}},
+        {"id": "batch_ours", "status": "in_progress", "created_at": now - 60, "metadata": key},
+    ]
+    scripted.script(json_answer(200, {"object": "list", "data": rows, "has_more": False}))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+
+    found = find_batch_by_key(provider, key, since=now - 3600)
+
+    assert found.batch is not None and found.batch.id == "batch_ours"
+    assert (found.listed, found.stopped_at_window) == (2, False)
+
+
+def test_a_listing_seen_oldest_first_is_read_on_past_an_old_batch(
+    scripted: ScriptedServer,
+) -> None:
+    """An OpenAI-compatible server that lists oldest first (whatever OpenAI documents): the
+    batch after the first old one is newer, so the listing is read on, and the key's batch
+    at its end is found. Taken as newest first, the scan stopped at the first old batch as
+    if at the window's edge, and the key's batch was created, and paid for, again."""
+    key = metadata_for_key(KEY)
+    now = int(time.time())
+    rows = [
+        {"id": "batch_old", "status": "completed", "created_at": now - 7200, "metadata": {}},
+        {"id": "batch_old_key", "status": "completed", "created_at": now - 7100, "metadata": key},
+        {"id": "batch_ours", "status": "in_progress", "created_at": now - 60, "metadata": key},
+    ]
+    scripted.script(json_answer(200, {"object": "list", "data": rows, "has_more": False}))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+
+    found = find_batch_by_key(provider, key, since=now - 3600)
+
+    assert found.batch is not None and found.batch.id == "batch_ours"
+    assert (found.listed, found.stopped_at_window) == (3, False)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [pytest.param({"detail": "busy"}, id="a-notice"), pytest.param({"data": None}, id="null")],
+)
+def test_a_listing_answered_200_with_no_data_list_fails_the_lookup(
+    scripted: ScriptedServer, body: dict[str, object]
+) -> None:
+    """A 200 whose JSON object holds no ``data`` list (a gateway's notice, an error sent
+    without an error status) is not an empty listing: the lookup raises, naming it. Read as
+    one, it ended the scan with the key absent, and the key's batch was created, and paid
+    for, again."""
+    scripted.script(then=json_answer(200, body))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+    with pytest.raises(ProviderError, match="not a listing"):
+        find_batch_by_key(provider, metadata_for_key(KEY), since=0)
 
 
 def test_a_listing_that_failed_half_way_starts_again_and_still_finds_the_key(

@@ -106,6 +106,79 @@ def test_a_body_cut_off_mid_stream_is_neither_kept_nor_recorded(
     assert set(upstream.calls.values()) == {1} and len(upstream.calls) == 9
 
 
+def test_another_files_content_served_for_a_file_is_not_recorded_as_its_batchs(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """alpha's output file is answered with beta's content (a gateway or cache serving the
+    wrong object): none of its lines answers a request alpha's batch carried, so nothing of
+    it is recorded and the batch stays not collected (exit 1, said) instead of being taken
+    as collected with every request unanswered, retried and paid for again while its real
+    answers were never fetched; once the right file is served, the next apply collects it,
+    with nothing created or answered twice."""
+    upstream = BuiltinUpstream()
+    ws, srv, gw = gated_workspace(
+        tmp_path,
+        serve_engine,
+        gateways,
+        upstream,
+        ResourceSpec("alpha", 2, prefix="a"),
+        ResourceSpec("beta", 2, prefix="b"),
+    )
+    files = _ended(ws, srv, capsys, "alpha", "beta")
+    alpha, beta = (_content(files[n][0][0]).split(" ")[1] for n in ("alpha", "beta"))
+    gw.swap[alpha] = beta
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1, out + err
+    assert "served another file's content" in out
+    assert gw.received[CREATE] == 2
+    with ws.store() as store:
+        [batch] = store.batches(store.generations("alpha")[0].id)
+        assert batch.collected_at is None
+        assert store.ledger().usage_totals(batch.generation_id).requests == 0
+
+    gw.swap.clear()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert [r["custom_id"] for r in ws.outputs("alpha")] == ["a-0", "a-1"]
+    assert gw.received[CREATE] == 2
+    assert set(upstream.calls.values()) == {1}
+
+
+def test_a_page_or_a_notice_answered_200_for_a_file_is_not_recorded_as_its_results(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """alpha's output file is answered 200 with an HTML page, then with a JSON notice: no
+    line of either answers a request, so neither is recorded and the batch stays not
+    collected (exit 1, said), instead of being taken as collected with nothing answered and
+    every request retried and paid for again; the next apply collects the real file."""
+    upstream = BuiltinUpstream()
+    ws, srv, gw = gated_workspace(
+        tmp_path, serve_engine, gateways, upstream, ResourceSpec("alpha", 2)
+    )
+    route = _content(_ended(ws, srv, capsys, "alpha")["alpha"][0][0])
+    for body in (b"<html><body>Down for maintenance</body></html>\n", b'{"detail": "busy"}\n'):
+        gw.answer_200[route] = body
+        code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+        assert code == 1, out + err
+        assert "not batch results" in out
+        with ws.store() as store:
+            [batch] = store.batches(store.generations("alpha")[0].id)
+            assert batch.collected_at is None
+
+    gw.answer_200.clear()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert [r["custom_id"] for r in ws.outputs("alpha")] == ws.input_ids("alpha")
+    assert gw.received[CREATE] == 1
+    assert set(upstream.calls.values()) == {1}
+
+
 def test_an_errors_file_that_fails_after_the_output_file_came_leaves_both_to_the_next_apply(
     tmp_path: Path,
     serve_engine: Callable[..., EngineServer],

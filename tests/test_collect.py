@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from probes import start_serve_process
+from scripted_server import Answer, ScriptedServer
 from servers import request_lines, wait_for
 from workspaces import (
     KEY_ENV,
@@ -17,9 +18,44 @@ from workspaces import (
     run_cli,
 )
 
-from batchspec.core.reconcile.collect import read_result_lines
+from batchspec.core.reconcile.collect import download_to_store, read_result_lines
+from batchspec.errors import ProviderError
+from batchspec.providers.openai import OpenAIProvider
+from batchspec.storage.blobstore import BlobStore
+from batchspec.storage.result_store import ResultStore
 
 OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": null}'
+
+
+WHOLE = OK + b"\n" + OK.replace(b'"a"', b'"b"') + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("answers", "stored"),
+    [
+        pytest.param([len(WHOLE) - 9, None], WHOLE, id="cut-then-whole"),
+        pytest.param([None], WHOLE, id="whole"),
+        pytest.param([len(WHOLE) - 1], WHOLE[:-1], id="only-the-last-newline-missing"),
+        pytest.param([len(WHOLE) - 9] * 3, None, id="cut-every-time"),
+    ],
+)
+def test_a_download_cut_mid_line_without_a_length_is_fetched_again_never_filed(
+    scripted: ScriptedServer, tmp_path: Path, answers: list[int | None], stored: bytes | None
+) -> None:
+    """A file sent without a Content-Length whose connection closed mid-line (to HTTP, a whole
+    shorter body) is downloaded again, and never filed: filed, its last answer was skipped
+    as unreadable, the batch taken as collected, and that request paid for again."""
+    scripted.script(*(Answer(200, WHOLE, cut_after=cut, close_delimited=True) for cut in answers))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, sleep=lambda _: None)
+    blobs = ResultStore(BlobStore(tmp_path / "store"))
+    if stored is None:
+        with pytest.raises(ProviderError, match="ended in the middle of a line"):
+            download_to_store(provider, "file-out", blobs)
+        assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+    else:
+        sha = download_to_store(provider, "file-out", blobs)
+        assert blobs.ensure_local(sha).read_bytes() == stored
+    assert len(scripted.requests) == len(answers)
 
 
 def test_lines_carry_their_byte_spans_and_outcomes(tmp_path: Path) -> None:

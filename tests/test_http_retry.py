@@ -655,14 +655,39 @@ def test_opaque_ids_are_quoted_into_paths(scripted: ScriptedServer) -> None:
     assert scripted.requests[0].target == "/v1/batches/bGl0ZWxsbTo%2F%2Bx%3D%3D"
 
 
-def test_list_stops_when_a_server_repeats_its_cursor(scripted: ScriptedServer) -> None:
-    """A server that returns the same last_id with has_more forever does not loop forever."""
-    page = {"object": "list", "data": [batch_json("b1")], "last_id": "b1", "has_more": True}
-    scripted.script(then=json_answer(200, page))
+def _page(*ids: str, has_more: bool = True) -> dict[str, object]:
+    data = [batch_json(i) for i in ids]
+    return {"object": "list", "data": data, "last_id": ids[-1], "has_more": has_more}
+
+
+def _cycling_pages(seen: Seen) -> Answer:
+    """Two pages that point at each other: after p1 comes p2, after p2 comes p1 again."""
+    after_p1 = "after=p1" in seen.target
+    return json_answer(200, _page("p2") if after_p1 else _page("p1"))
+
+
+@pytest.mark.parametrize(
+    ("answer", "listed"),
+    [
+        pytest.param(json_answer(200, _page("b1")), ["b1", "b1"], id="cursor-ignored"),
+        pytest.param(_cycling_pages, ["p1", "p2", "p1"], id="pages-in-a-cycle"),
+    ],
+)
+def test_list_refuses_pagination_that_comes_back_to_a_page(
+    scripted: ScriptedServer, answer: Answer | Callable[[Seen], Answer], listed: list[str]
+) -> None:
+    """A listing whose next cursor was followed before (the server ignores ``after``, or its
+    pages point at each other) with has_more forever raises, naming it: it neither pages
+    forever (a key lookup held the run until CI killed it) nor ends as if read whole (a key
+    on a page never reached would be taken as absent, and its batch paid for again)."""
+    scripted.script(then=answer)
     provider, _ = make_provider(scripted)
-    listed = itertools.islice(provider.list_batches(page_size=1), 10)
-    assert [b.id for b in listed] == ["b1", "b1"]
-    assert len(scripted.requests) == 2
+    got: list[str] = []
+    with pytest.raises(ProviderError, match="pagination came back to a page"):
+        for batch in itertools.islice(provider.list_batches(page_size=1), 20):
+            got.append(batch.id)
+    assert got == listed
+    assert len(scripted.requests) == len(listed)
 
 
 def test_download_restarts_after_a_connection_lost_mid_body(

@@ -18,7 +18,13 @@ import pytest
 
 from batchspec.core.reconcile.collect import read_result_lines
 from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
-from batchspec.state.ledger import CollectedLine, RequestLedger, ShardCounts, UsageTotals
+from batchspec.state.ledger import (
+    CollectedLine,
+    ForeignAnswers,
+    RequestLedger,
+    ShardCounts,
+    UsageTotals,
+)
 from batchspec.state.store import StateStore
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.result_store import ResultStore
@@ -100,6 +106,24 @@ def write(
         [json.loads(line) for line in out.read_text().splitlines()],
         [json.loads(line) for line in err.read_text().splitlines()],
     )
+
+
+def test_a_file_answering_no_request_of_its_shard_is_refused_and_records_nothing(
+    store: StateStore,
+) -> None:
+    """With ``shard``, a file whose lines answer only other shards' requests or unknown ones
+    raises ``ForeignAnswers`` and changes no row; one answering any request of the shard is
+    recorded whole (on both backends: the check is SQL)."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"], shards=[0, 0, 1])
+    line = lambda c: CollectedLine(c, 0, 1, OK, None)  # noqa: E731
+    with store.atomic():
+        with pytest.raises(ForeignAnswers) as refused:
+            ledger.record_outcomes(gen, 1, "sha-x", [line("c"), line("zz")], shard=0)
+        assert refused.value.lines == 2
+        assert ledger.record_outcomes(gen, 1, "sha-y", [line("b"), line("zz")], shard=0) == 1
+    assert ledger.state_counts(gen).get("ok") == 1
 
 
 # -- results files ------------------------------------------------------------------------------

@@ -119,6 +119,34 @@ def test_one_pass_polls_in_flight_batches_with_list_pages(
     assert polled == [f"r{i:02d}" for i in range(12)]  # every one, in resource order
 
 
+@pytest.mark.parametrize("option", ["litellmProvider", "litellmModel"])
+def test_a_litellm_proxys_batches_are_retrieved_by_id_not_taken_from_a_stale_listing(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """A LiteLLM proxy with a database lists batches from its own table, refreshed hourly
+    or never: it still lists both batches in_progress after they ended. Each is retrieved
+    by id and collected in one pass; taken from the listing, they stayed in progress (apply
+    --wait ran to its timeout while the answers waited)."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 2, **{option: "openai"})
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    stale = [
+        {**row, "status": "in_progress", "output_file_id": None}
+        for row in srv.engine.list_batches(None, 100)["data"]
+    ]
+    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
+    upstream.gate.set()
+    wait_all_terminal(srv, 2)
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (0, 2)
+    assert [r["custom_id"] for r in ws.outputs("r00")] == ws.input_ids("r00")
+    assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")
+
+
 def test_batches_the_listing_does_not_show_are_retrieved(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,3 +339,26 @@ def test_a_failing_list_endpoint_falls_back_to_retrieving_each_batch(
     assert srv.probe.counts[RETRIEVE] == 3
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == ["r00", "r01", "r02"]
+
+
+def test_a_listing_that_failed_is_not_asked_again_by_the_later_passes_of_the_run(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listing that fails (after its client's retries: one slower than the timeout costs
+    them all) is asked once a run: the later passes of apply --wait retrieve the batches
+    by id at once, instead of waiting through the failing listing again every pass."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 2)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.hold(LIST, 0, after=True, replace_status=400)
+    srv.probe.counts.clear()
+    threading.Timer(0.3, upstream.gate.set).start()  # a few passes in flight, then done
+
+    code, _, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"], capsys
+    )
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 1
+    assert srv.probe.counts[RETRIEVE] > 2  # polled by id on every pass
+    assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")

@@ -7,6 +7,7 @@ can hold one, so a create whose answer is lost is real timing, not a mock.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer, route_of
+from scripted_server import ScriptedServer, json_answer
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 from workspaces import (
     KEY_ENV,
@@ -293,6 +295,36 @@ def test_lost_create_answer_is_found_by_metadata_not_sent_again(
     assert batch.metadata == KEYS and batch.request_counts is not None
     assert batch.request_counts.total == 2
     assert srv.probe.counts[CREATE] == 1 and srv.batch_count() == 2
+
+
+def test_a_listing_that_gives_the_same_page_again_raises(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A server that ignores ``page`` and never says ``total`` answers every page with the
+    first one, full: the listing raises at the second, naming it, instead of paging forever
+    (a lost create's lookup by metadata held the run until CI killed it)."""
+    jobs = [{"id": f"job-{n}", "status": "RUNNING", "metadata": {}} for n in range(2)]
+    scripted.script(then=json_answer(200, {"object": "list", "data": jobs}))
+    provider = MistralProvider(
+        "mis", base_url=scripted.base_url, data_dir=tmp_path, api_key=SENTINEL_KEY
+    )
+    listed = provider.list_batches(page_size=2)
+    with pytest.raises(ProviderError, match="pagination came back to a page"):
+        list(itertools.islice(listed, 10))
+    assert len(scripted.requests) == 2
+
+
+def test_a_listing_answered_200_with_no_data_list_raises(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A 200 whose JSON object holds no ``data`` list is not an empty listing: it raises
+    (read as one, a lookup by key found nothing and the job was created, and paid, again)."""
+    scripted.script(then=json_answer(200, {"detail": "busy"}))
+    provider = MistralProvider(
+        "mis", base_url=scripted.base_url, data_dir=tmp_path, api_key=SENTINEL_KEY
+    )
+    with pytest.raises(ProviderError, match="not a listing"):
+        next(iter(provider.list_batches()))
 
 
 def test_wrong_key_is_a_clear_401(server: Callable[..., ProbedServer], tmp_path: Path) -> None:

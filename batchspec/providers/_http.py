@@ -458,6 +458,45 @@ def json_object(
     return body
 
 
+def listed_rows(
+    page: Mapping[str, Any], provider: str, *, api_root: str
+) -> list[Mapping[str, Any]]:
+    """The batch objects of one page of a listing (its ``data`` list), or a ``ProviderError``
+    when the page has none: a 200 whose body is some other JSON object (a gateway's notice,
+    an error without an error status) read as an empty page would end the listing, and a key
+    lookup would take the key as absent and create (and pay for) its batch again."""
+    rows = page.get("data")
+    if not isinstance(rows, list):
+        raise ProviderError(
+            f"{provider}: list batches answered HTTP 200 with a JSON object that is not a "
+            f"listing (no data list; keys: {', '.join(sorted(map(str, page))[:5]) or 'none'}); "
+            f"is the base URL {api_root}?"
+        )
+    return [row for row in rows if isinstance(row, Mapping)]
+
+
+def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
+    """The next page's ``cursor`` of a listing, remembered in ``used`` (the cursors this
+    listing has followed); a ``ProviderError`` when it was followed before.
+
+    A server whose pagination comes back to a page it already gave (it ignores the cursor,
+    or its pages point at each other) with more pages promised would be paged forever: a key
+    lookup holding the run, and its memory growing, until CI kills it. Ending the listing
+    there instead would be as wrong: a batch on a page it never reached would be taken as
+    absent, and created (and paid for) again after a lost state. ``names``: the listing's
+    fields, for the message (``after / last_id / has_more``)."""
+    if cursor in used:
+        raise ProviderError(
+            f"{provider}: list batches: the provider's pagination came back to a page it had "
+            f"already given (cursor {cursor!r} again, with more pages promised), so its "
+            "listing cannot be read to the end; batchspec stopped paging rather than loop, and "
+            "takes no batch as absent from it. Check the server's pagination "
+            f"({names} of its batch listing)."
+        )
+    used.add(cursor)
+    return cursor
+
+
 def create_or_adopt(
     send: Callable[[], RemoteBatch],
     made_by_lost: Callable[[], RemoteBatch | None],

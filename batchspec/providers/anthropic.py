@@ -69,7 +69,9 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
+    next_page_cursor,
     quote_id,
     require_http_url,
 )
@@ -235,20 +237,25 @@ class AnthropicProvider(StagedInputs):
         """Every listed batch, newest first (Anthropic's order), fetched page by page."""
         limit = max(1, min(page_size, _MAX_PAGE_SIZE))
         after: str | None = None
+        used: set[str] = set()
         while True:
             params: dict[str, Any] = {"limit": limit}
             if after is not None:
                 params["after_id"] = after
             response = self._http.request("GET", BATCHES, operation="list batches", params=params)
             page = self._json(response, "list batches")
-            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(
+                page, self.name, api_root=f"Anthropic's API root ({DEFAULT_BASE_URL})"
+            )
             journal = self._journal.by_remote_id()
             for row in rows:
                 yield self._parse(row, journal)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
-            if not page.get("has_more") or not rows or not next_after or next_after == after:
+            if not page.get("has_more") or not rows or not next_after:
                 return
-            after = str(next_after)
+            after = next_page_cursor(
+                str(next_after), used, provider=self.name, names="after_id / last_id / has_more"
+            )
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Cancel a batch: ``canceling`` comes back as cancelling. One that has ended before

@@ -167,7 +167,9 @@ def find_batch_by_key(
     """Page the provider's batches, newest first, for the one whose metadata holds ``metadata``.
 
     Bounded: the scan stops at the first batch created before ``since`` (epoch seconds), which
-    is never matched, so the cost is the pages back to ``since``, not the account's history.
+    is never matched, so the cost is the pages back to ``since``, not the account's history,
+    unless the batch listed after it is newer: a listing seen out of order (a compatible
+    server listing oldest first) is read as one in no known order, as below.
     That holds only where the listing is newest first (``Provider.lists_newest_first``): on a
     provider whose order is not known (Gemini, Mistral, Together), a batch older than ``since``
     is skipped, not an end, and the scan reads on to the end of the listing or
@@ -198,6 +200,7 @@ class BatchListing:
     def __init__(self, provider: Provider, *, page_size: int = 100) -> None:
         self._provider = provider
         self._page_size = page_size
+        #: said by the provider; False for good once the listing is seen out of that order
         self._newest_first = provider.lists_newest_first
         self._start()
 
@@ -205,34 +208,60 @@ class BatchListing:
         self._batches = self._provider.list_batches(page_size=self._page_size)
         self._seen: list[RemoteBatch] = []
         self._exhausted = False
+        self._last_created: int | None = None
 
-    def _scan(self) -> Iterator[RemoteBatch]:
-        index = 0
-        while True:
-            if index < len(self._seen):
-                yield self._seen[index]
-                index += 1
-                continue
+    def _item(self, index: int) -> RemoteBatch | None:
+        """The listing's batch at ``index``, read if need be; None past its end."""
+        while index >= len(self._seen):
             if self._exhausted:
-                return
+                return None
             try:
-                self._seen.append(next(self._batches))
+                remote = next(self._batches)
             except StopIteration:
                 self._exhausted = True
+                continue
             except BaseException:
                 self._start()
                 raise
+            self._note_order(remote)
+            self._seen.append(remote)
+        return self._seen[index]
+
+    def _note_order(self, remote: RemoteBatch) -> None:
+        """A batch listed after an older one: the listing is not newest first, whatever the
+        provider says (a compatible server may list oldest first), so no old batch ends a
+        scan of it: the key's batch may come after."""
+        created = remote.created_at
+        if created is None:
+            return
+        if self._last_created is not None and created > self._last_created:
+            self._newest_first = False
+        self._last_created = created
+
+    def _scan(self) -> Iterator[RemoteBatch]:
+        index = 0
+        while (remote := self._item(index)) is not None:
+            yield remote
+            index += 1
+
+    def _ends_window(self, index: int, since: float) -> bool:
+        """Whether the batch at ``index`` ends a newest-first scan back to ``since``: it is
+        older, and the next one (read now) does not show the listing out of order."""
+        remote = self._seen[index]
+        if not self._newest_first or remote.created_at is None or remote.created_at >= since:
+            return False
+        self._item(index + 1)
+        return self._newest_first
 
     def read_back_to(self, since: float) -> int:
         """Read (and keep) every page a ``find_by_key`` back to ``since`` may need; how many
         batches that took."""
         listed = 0
-        for remote in self._scan():
+        for _ in self._scan():
             listed += 1
-            if self._newest_first:
-                if remote.created_at is not None and remote.created_at < since:
-                    break
-            elif listed >= UNORDERED_SCAN_MAX:
+            if self._ends_window(listed - 1, since):
+                break
+            if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
                 break
         return listed
 
@@ -240,10 +269,10 @@ class BatchListing:
         listed = 0
         for remote in self._scan():
             listed += 1
+            if self._ends_window(listed - 1, since):
+                return KeyLookup(None, listed, True)
             if remote.created_at is not None and remote.created_at < since:
-                if self._newest_first:
-                    return KeyLookup(None, listed, True)
-                # in no known order: the key's batch may be listed after this one
+                pass  # in no known order: the key's batch may be listed after this one
             elif all(remote.metadata.get(k) == v for k, v in metadata.items()):
                 return KeyLookup(remote, listed, False)
             if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
@@ -362,7 +391,18 @@ def parse_file(data: Mapping[str, Any]) -> RemoteFile:
 
 
 def epoch_seconds(value: Any) -> int | None:
-    """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews)."""
+    """Unix seconds from an int, a numeric string, or an ISO-8601 string (Azure previews).
+
+    None when absent, unreadable, or at or before the epoch: servers write 0, or a Go
+    server its zero time (``0001-01-01T00:00:00Z``), for "not set", and no batch or file was
+    made then. Taken as a date, such a placeholder on a listed batch ended a key lookup's
+    newest-first scan before the key's batch (``BatchListing``), which was then made, and
+    paid for, again."""
+    seconds = _epoch_seconds(value)
+    return seconds if seconds is not None and seconds > 0 else None
+
+
+def _epoch_seconds(value: Any) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)):
@@ -374,5 +414,5 @@ def epoch_seconds(value: Any) -> int | None:
 
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None

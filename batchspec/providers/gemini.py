@@ -70,6 +70,7 @@ from batchspec.providers._http import (
     display_url,
     json_object,
     new_client,
+    next_page_cursor,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -220,6 +221,7 @@ class GeminiProvider(StagedInputs):
     def list_batches(self, *, page_size: int = _PAGE_SIZE) -> Iterator[RemoteBatch]:
         """Every listed batch, in Gemini's order, fetched page by page."""
         token: str | None = None
+        used: set[str] = set()
         while True:
             params: dict[str, Any] = {"pageSize": max(1, min(page_size, 1000))}
             if token:
@@ -232,9 +234,11 @@ class GeminiProvider(StagedInputs):
                 if isinstance(row, Mapping) and row.get("name"):
                     yield parse_operation(row)
             next_token = page.get("nextPageToken")
-            if not next_token or next_token == token:
+            if not next_token:
                 return
-            token = str(next_token)
+            token = next_page_cursor(
+                str(next_token), used, provider=self.name, names="pageToken / nextPageToken"
+            )
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Cancel a batch. ``:cancel`` answers an empty body, so the batch is read back: one

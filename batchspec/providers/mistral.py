@@ -53,7 +53,9 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
+    next_page_cursor,
     quote_id,
     require_http_url,
 )
@@ -229,13 +231,20 @@ class MistralProvider:
     ) -> Iterator[RemoteBatch]:
         """Every listed job, in Mistral's order, page by page (``metadata``: only jobs with it)."""
         size = max(1, min(page_size, _PAGE_SIZE))
+        first_ids: set[str] = set()  # the job each page read so far began with
         for page in itertools.count():
             params: dict[str, Any] = {**(metadata or {}), "page": page, "page_size": size}
             response = self._http.request(
                 "GET", "/v1/batch/jobs", operation="list batches", params=params
             )
             body = json_object(response, "list batches", self.name, api_root=_API_ROOT)
-            rows = [row for row in body.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(body, self.name, api_root=_API_ROOT)
+            if rows and page:  # a page that begins as an earlier one did: the same page again
+                next_page_cursor(
+                    str(rows[0].get("id")), first_ids, provider=self.name, names="page / total"
+                )
+            elif rows:
+                first_ids.add(str(rows[0].get("id")))
             for row in rows:
                 job = parse_job(row)
                 if all(job.metadata.get(k) == v for k, v in (metadata or {}).items()):

@@ -43,7 +43,9 @@ from batchspec.providers._http import (
     create_or_adopt,
     display_url,
     json_object,
+    listed_rows,
     new_client,
+    next_page_cursor,
     quote_id,
     require_http_url,
 )
@@ -226,6 +228,7 @@ class OpenAIProvider:
         """Every listed batch, newest first; the next page is fetched only when needed."""
         limit = max(1, min(page_size, _MAX_PAGE_SIZE))
         after: str | None = None
+        used: set[str] = set()
         while True:
             params: dict[str, Any] = {"limit": limit}
             if after is not None:
@@ -234,13 +237,14 @@ class OpenAIProvider:
                 "GET", "/batches", operation="list batches", params=params
             )
             page = json_object(response, "list batches", self.name, api_root=_API_ROOT)
-            rows = [row for row in page.get("data") or [] if isinstance(row, Mapping)]
+            rows = listed_rows(page, self.name, api_root=_API_ROOT)
             yield from (parse_batch(row) for row in rows)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
-            # a server that repeats its cursor would loop forever: stop instead
-            if not page.get("has_more") or not rows or not next_after or next_after == after:
+            if not page.get("has_more") or not rows or not next_after:
                 return
-            after = str(next_after)
+            after = next_page_cursor(
+                str(next_after), used, provider=self.name, names="after / last_id / has_more"
+            )
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Cancel a batch; one that has ended meanwhile (409 ``batch_not_cancellable``; Azure

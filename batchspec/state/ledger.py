@@ -25,12 +25,26 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from batchspec.errors import ProviderError
 from batchspec.state.connection import StateConnection
 from batchspec.storage.sql import Sql
 from batchspec.wire.outcomes import Outcome
 from batchspec.wire.usage import LineUsage
 
 _CHUNK = 5_000
+
+
+class ForeignAnswers(ProviderError):
+    """A collected file answers none of the requests of the shard its batch carried (its
+    ``lines`` distinct custom_ids are all of other requests, or of none): the provider
+    served another file's content for this one. Nothing of it was recorded."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(
+            f"its {lines} custom_id{'' if lines == 1 else 's'} answer"
+            f"{'s' if lines == 1 else ''} none of the requests the batch carried"
+        )
+        self.lines = lines
 
 
 class LedgerRow(NamedTuple):
@@ -165,13 +179,23 @@ class RequestLedger:
             self._run(sql, chunk)
 
     def record_outcomes(
-        self, generation_id: int, attempt: int, blob: str, lines: Iterable[CollectedLine]
+        self,
+        generation_id: int,
+        attempt: int,
+        blob: str,
+        lines: Iterable[CollectedLine],
+        *,
+        shard: int | None = None,
     ) -> int:
         """Record what a collected file says; an ``ok`` row is final. Returns rows changed.
 
         The lines go to a temporary table first and are applied with one joined UPDATE:
         several times faster than one UPDATE per line on a 50,000-line file. A custom_id
-        answered twice in one file keeps its first answer.
+        answered twice in one file keeps its first answer. With ``shard`` (the shard the
+        file's batch carried), a file that has lines and answers no request of that shard
+        records nothing and raises ``ForeignAnswers``: it is another file's content (taken as
+        this one's, its batch would be collected with nothing answered, and every request
+        of it paid for again by a retry).
         """
         db = self.db
         db.execute(_COLLECTED_TABLE[db.dialect])
@@ -195,6 +219,8 @@ class RequestLedger:
                 self._run(sql, chunk)
         if chunk:
             self._run(sql, chunk)
+        if shard is not None:
+            self._refuse_foreign(generation_id, shard)
         cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "
             '"offset" = c."offset", length = c.length, attempt = ?, '
@@ -206,6 +232,22 @@ class RequestLedger:
         changed = cursor.rowcount
         db.execute("delete from collected")
         return changed
+
+    def _refuse_foreign(self, generation_id: int, shard: int) -> None:
+        """Raise ``ForeignAnswers`` if the collected lines answer no request of ``shard``."""
+        db = self.db
+        # the first answer of the shard ends the search: a whole file is joined only to refuse
+        ours = db.execute(
+            "select 1 from collected c join requests r on r.custom_id = c.custom_id "
+            "where r.generation_id = ? and r.shard = ? limit 1",
+            [generation_id, shard],
+        ).fetchone()
+        if ours is not None:
+            return
+        listed = int(db.execute("select count(*) from collected").fetchone()[0])
+        if listed:
+            db.execute("delete from collected")
+            raise ForeignAnswers(listed)
 
     def _run(self, sql: str, chunk: list[tuple[object, ...]]) -> int:
         changed = self.db.executemany(sql, chunk)

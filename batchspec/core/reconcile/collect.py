@@ -7,14 +7,17 @@ rebuilt from the store at any time. A batch the provider rejected as a whole has
 numbers mapped back to the input. When every batch is collected and no retry is left, the
 result files are written from the store, in input order, and the generation is finished.
 
-A download that fails (a provider error after the HTTP client's own retries: a 5xx, a 404, a
-connection reset) stops only its resource, as Terraform leaves an independent resource's
-failure to it: the batch stays ended-but-not-collected (no ``collect`` event, no request
-marked failed, never resubmitted), a ``download-failed`` event and a ``download_failed``
-line say what failed, and the pass goes on with the others (``RunContext.download_failures``;
-apply then exits 1 naming it). A later pass of the same run (``apply --wait``, while other
-resources keep it waiting) tries it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds
-after the first failure, doubling to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
+A file that arrives cut off mid-line (a body sent without a length, ended by a closed
+connection: to HTTP a whole, shorter body) is downloaded again and never filed
+(``download_to_store``). A download that fails (a provider error after the HTTP client's own
+retries: a 5xx, a 404, a connection reset, a file cut short on every try) stops only its
+resource, as Terraform leaves an independent resource's failure to it: the batch stays
+ended-but-not-collected (no ``collect`` event, no request marked failed, never resubmitted),
+a ``download-failed`` event and a ``download_failed`` line say what failed, and the pass
+goes on with the others (``RunContext.download_failures``; apply then exits 1 naming it). A
+later pass of the same run (``apply --wait``, while other resources keep it waiting) tries
+it again no sooner than ``DOWNLOAD_RETRY_FIRST`` seconds after the first failure, doubling
+to ``DOWNLOAD_RETRY_MAX``; the next apply tries at once.
 
 A 401 or 403 is not such a failure: it says the key cannot read the provider's files, which
 is true of every file of that provider, not of one, and no later pass or apply fixes it. The
@@ -38,7 +41,7 @@ from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteNotFound
-from batchspec.state.ledger import CollectedLine, UsageTotals
+from batchspec.state.ledger import CollectedLine, ForeignAnswers, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -99,8 +102,75 @@ def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
 
 
 def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> str:
-    """Stream a provider file into the result store (and its shared tier); its sha256."""
-    return blobs.put_from(lambda tmp: provider.download_file(file_id, tmp))
+    """Stream a provider file into the result store (and its shared tier); its sha256.
+
+    A file that ends in the middle of a line (``ends_mid_line``) is downloaded again, up to
+    ``CUT_SHORT_ATTEMPTS`` times in all, and never filed: a body sent without a length (closed
+    by the server to end it) that was cut off arrives as a shorter file, with no error from
+    HTTP. Filed, its last answer would be skipped as unreadable, the batch taken as
+    collected (its file never fetched again) and that request paid for again by a retry."""
+    for attempt in range(1, CUT_SHORT_ATTEMPTS + 1):
+        try:
+            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp))
+        except _CutShort as cut:
+            if attempt == CUT_SHORT_ATTEMPTS:
+                raise ProviderError(
+                    f"{provider.name}: download of file {file_id} ended in the middle of a line "
+                    f"({cut.size:,} bytes; {CUT_SHORT_ATTEMPTS} tries): the connection was "
+                    "closed before the whole file came. Nothing of it was recorded; the next "
+                    "`batchspec apply` downloads it again.",
+                    retryable=True,
+                ) from None
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+#: downloads of a file that came cut short (``download_to_store``) before it is a failure
+CUT_SHORT_ATTEMPTS = 3
+_TAIL_CHUNK = 64 * 1024
+#: a last line longer than this is not read back whole to be checked (memory stays flat)
+_LONGEST_LINE = 64 * 1024 * 1024
+
+
+class _CutShort(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _download_whole(provider: Provider, file_id: str, dest: Path) -> None:
+    provider.download_file(file_id, dest)
+    if ends_mid_line(dest):
+        raise _CutShort(dest.stat().st_size)
+
+
+def is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read only up to its first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(_TAIL_CHUNK):
+            if chunk.strip():
+                return False
+    return True
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether a JSONL file's last line is cut short: no newline ends it and it is not a JSON
+    value by itself (a file whose last line lacks only its newline is whole)."""
+    with path.open("rb") as f:
+        end = f.seek(0, 2)
+        tail = b""
+        while end > 0 and b"\n" not in tail and len(tail) < _LONGEST_LINE:
+            start = max(0, end - _TAIL_CHUNK)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            end = start
+    last = tail.rsplit(b"\n", 1)[-1]
+    if not last.strip() or len(last) >= _LONGEST_LINE:
+        return False
+    try:
+        _loads(last)
+    except ValueError:
+        return True
+    return False
 
 
 def read_result_lines(
@@ -317,16 +387,26 @@ def collect_batch(
         if foreign and not ctx.may_touch(name):
             return False
         before = ctx.ledger.usage_totals(gen.id)
-        for sha in shas.values():
+        for column, file_id in (
+            ("output_sha256", batch.output_file_id),
+            ("errors_sha256", batch.error_file_id),
+        ):
+            sha = shas[column]
             if sha:
-                changed += ctx.ledger.record_outcomes(
-                    gen.id,
-                    batch.attempt,
-                    sha,
-                    _tallied(
-                        read_result_lines(ctx.blobs.ensure_local(sha), retry_on=retry_on), tally
-                    ),
-                )
+                kind = "output" if column == "output_sha256" else "errors"
+                path = ctx.blobs.ensure_local(sha)
+                read = {True: 0, False: 0}
+                lines = _tallied(read_result_lines(path, retry_on=retry_on), read)
+                try:
+                    changed += ctx.ledger.record_outcomes(
+                        gen.id, batch.attempt, sha, lines, shard=batch.shard
+                    )
+                except ForeignAnswers as err:
+                    raise DownloadFailed(kind, file_id or "", _served_another(batch, err)) from err
+                if not any(read.values()) and not is_blank(path):
+                    raise DownloadFailed(kind, file_id or "", _not_results(batch, path))
+                for answered, count in read.items():
+                    tally[answered] += count
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -364,6 +444,27 @@ def collect_batch(
         )
     )
     return True
+
+
+def _served_another(batch: BatchRow, err: ForeignAnswers) -> ProviderError:
+    """Why a downloaded file is not taken as its batch's (``ledger.ForeignAnswers``)."""
+    return ProviderError(
+        f"{batch.provider} served another file's content for batch {batch.remote_id} (shard "
+        f"{batch.shard + 1}): {err.message}. Nothing of it was recorded, so no request of the "
+        "batch is taken as unanswered and paid for again"
+    )
+
+
+def _not_results(batch: BatchRow, path: Path) -> ProviderError:
+    """Why a downloaded file with content and no result line is not recorded: taken as its
+    batch's, the batch was collected with nothing answered, and every request of it retried
+    and paid for again (an HTML page or a JSON notice a gateway sent with HTTP 200)."""
+    return ProviderError(
+        f"{batch.provider} answered the file of batch {batch.remote_id} with content that is "
+        f"not batch results ({path.stat().st_size:,} bytes, no line a JSON object with a "
+        "custom_id: a page or a notice sent with HTTP 200?). Nothing of it was recorded, so no "
+        "request of the batch is taken as unanswered and paid for again"
+    )
 
 
 def _file_gone(ctx: RunContext, provider: Provider, file_id: str) -> bool:

@@ -10,11 +10,19 @@ It promises:
   record what was fetched on the main thread, in resource order, exactly as a serial pass
   would, so the audit log, the progress output and every invariant are unchanged. A fetch
   that failed is kept as its exception and raised by the step that would have made the call.
-* **List, then retrieve.** Where a provider lists batches with their full objects (OpenAI,
-  Azure, LiteLLM, ``batchspec serve``), the in-flight batches of that provider are polled with
-  ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was seen, and after
-  at most one page more than that); a batch the listing did not show, or showed ended but
-  without any file id (``adopt.listed_whole``), is retrieved by id.
+* **List, then retrieve.** Where a provider lists batches with their full objects as they
+  are now (OpenAI, Azure, ``batchspec serve``), the in-flight batches of that provider are
+  polled with ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was
+  seen, and after at most one page more than that); a batch the listing did not show, or
+  showed ended but without any file id (``adopt.listed_whole``), is retrieved by id. A
+  LiteLLM proxy (``litellmProvider`` or ``litellmModel`` set, ``LITELLM_OPTIONS``) is polled by
+  id only: with a database, LiteLLM lists batches from its own table, refreshed only when a
+  batch is retrieved or by its hourly cost job (``PROXY_BATCH_POLLING_INTERVAL``; never with
+  ``PROXY_BATCH_POLLING_ENABLED=false``), so a batch that has ended stays listed
+  ``in_progress`` for up to an hour, or for ever: each of its batches is retrieved by id.
+  A provider whose listing failed (after its client's retries: a listing slower than the
+  timeout costs them all) is not listed again for the rest of the run
+  (``RunContext.unlisted``): each later pass retrieves its batches by id at once.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -71,6 +79,8 @@ DEFAULT_PARALLELISM = 16
 LIST_PAGE_SIZE = 100
 #: provider types whose list endpoint returns whole batch objects, paginated with ``after``
 LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
+#: options that say a provider is a LiteLLM proxy, whose listing may be stale (see above)
+LITELLM_OPTIONS = ("litellmProvider", "litellmModel")
 #: provider types whose clients keep no state of their own between calls (no journal), so
 #: worker threads may share them; the others are left to the serial steps
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
@@ -414,7 +424,7 @@ def _poll_all(
             name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls, order)
         )
         for name, rows in by_provider.items()
-        if _lists(ctx, name) and len(rows) > 1
+        if _lists(ctx, name) and len(rows) > 1 and name not in ctx.unlisted
     }
     listed: dict[str, dict[str, RemoteBatch]] = {}
     for name, future in listings.items():
@@ -422,6 +432,7 @@ def _poll_all(
             listed[name] = future.result()
         except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
             listed[name] = {}
+            ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
     retrieves: dict[int, Future[RemoteBatch]] = {}
     observed: dict[int, RemoteBatch] = {}
     for row in in_flight:
@@ -442,8 +453,13 @@ def _poll_all(
 
 
 def _lists(ctx: RunContext, provider: str) -> bool:
+    """Whether ``provider``'s in-flight batches are polled with list calls: its type lists
+    whole batch objects, and it is not a LiteLLM proxy (its listing may be stale)."""
     config = ctx.project.providers.get(provider)
-    return config is not None and config.type in LISTING_TYPES
+    if config is None or config.type not in LISTING_TYPES:
+        return False
+    options = config.options or {}
+    return not any(options.get(name) for name in LITELLM_OPTIONS)
 
 
 def _lister(
