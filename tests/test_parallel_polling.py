@@ -100,7 +100,8 @@ def wait_all_terminal(srv: ProbedServer, n: int) -> None:
 def test_one_pass_polls_in_flight_batches_with_list_pages(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """N in-flight batches cost ceil(N/page) list calls per pass, no retrieve and no file."""
+    """N in-flight batches cost ceil(N/page) list calls per pass, one retrieve (the check
+    that the listing is not behind) and no file."""
     monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 12)
@@ -113,7 +114,7 @@ def test_one_pass_polls_in_flight_batches_with_list_pages(
 
     assert code == 0, err
     assert srv.probe.counts[LIST] == 3
-    assert srv.probe.counts[RETRIEVE] == 0
+    assert srv.probe.counts[RETRIEVE] == 1
     assert srv.probe.counts[DOWNLOAD] == 0
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == [f"r{i:02d}" for i in range(12)]  # every one, in resource order
@@ -145,6 +146,38 @@ def test_a_litellm_proxys_batches_are_retrieved_by_id_not_taken_from_a_stale_lis
     assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (0, 2)
     assert [r["custom_id"] for r in ws.outputs("r00")] == ws.input_ids("r00")
     assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")
+
+
+def test_a_listing_behind_its_batches_is_found_by_its_check_and_not_read_again(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any gateway's listing may lag (not only LiteLLM's, which is known and never listed):
+    one listed batch is read by id each pass, and a listing that shows it running when it
+    has ended is not taken: every batch is read by id, collected in the same pass, a warning
+    says why, and the rest of the run lists no more (taken, apply --wait ran to --timeout
+    with every answer ready)."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 3)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    stale = [
+        {**row, "status": "in_progress", "output_file_id": None}
+        for row in srv.engine.list_batches(None, 100)["data"]
+    ]
+    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
+    upstream.gate.set()
+    wait_all_terminal(srv, 3)
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--yes", "--json", "--wait", "--timeout", "20"], capsys
+    )
+
+    assert code == 0, err
+    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (1, 3)
+    [warning] = [e for e in json_lines(out) if e["event"] == "warning"]
+    assert "batch listing is behind its batches" in warning["message"]
+    for name in ("r00", "r01", "r02"):
+        assert [r["custom_id"] for r in ws.outputs(name)] == ws.input_ids(name)
 
 
 def test_batches_the_listing_does_not_show_are_retrieved(

@@ -370,9 +370,10 @@ def test_a_429_without_retries_left_still_fails_the_run_clearly(
 def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_when_ended(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """12 Message Batches in flight cost ceil(12/5) list calls a pass (pages of 5), no
-    retrieve and no results; once they have ended, one results fetch per part and still no
-    retrieve, and every resource is collected in order."""
+    """12 Message Batches in flight cost ceil(12/5) list calls a pass (pages of 5), one
+    retrieve (the check that the listing is not behind) and no results; once they have
+    ended, one results fetch per part and still that one retrieve, and every resource is
+    collected in order."""
     monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)
     srv, upstream = gated()
     provider = {"type": "anthropic", "baseUrl": srv.base_url, "apiKeyEnv": KEY_ENV}
@@ -390,7 +391,7 @@ def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_whe
     assert code == 0, err
     lists = srv.probe.counts["GET /messages/batches"]
     others = sum(n for r, n in srv.probe.counts.items() if r.startswith("GET /messages/batches/"))
-    assert (lists, others) == (3, 0)
+    assert (lists, others) == (3, 1)
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == names
 
@@ -409,7 +410,7 @@ def test_anthropic_batches_are_polled_with_list_pages_and_files_fetched_only_whe
     assert routes["GET /messages/batches"] == 3
     results = sum(n for r, n in routes.items() if r.endswith("/results"))
     retrieves = sum(n for r, n in routes.items() if r.startswith("GET /messages/batches/"))
-    assert results == 12 and retrieves == results  # the results routes, nothing else
+    assert results == 12 and retrieves == results + 1  # the results routes and the check
     collected = [e["resource"] for e in json_lines(out) if e.get("event") == "collect"]
     assert collected == names
     assert all(len(ws.outputs(n)) == 1 for n in names)

@@ -14,6 +14,7 @@ stops spending at once. It makes no decision itself (the plan and the steps do).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -190,6 +191,9 @@ class RunContext:
     # providers whose batch listing failed on this run (``prefetch``): polled by id for the
     # rest of it, not listed (and waited for through the listing's retries) again each pass
     unlisted: set[str] = field(default_factory=set)
+    # how many of this run's passes read one batch of each provider's listing by id, to
+    # check that the listing is not behind (``prefetch._listing_is_behind``)
+    listing_checks: Counter[str] = field(default_factory=Counter)
     # the run's hashes of result files on disk: its plans hash an unchanged file once
     disk_hashes: DiskHashes = field(default_factory=dict)
     # the current generations' batches whose files could not be downloaded, by batch row

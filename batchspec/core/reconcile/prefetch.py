@@ -22,7 +22,10 @@ It promises:
   ``in_progress`` for up to an hour, or for ever: each of its batches is retrieved by id.
   A provider whose listing failed (after its client's retries: a listing slower than the
   timeout costs them all) is not listed again for the rest of the run
-  (``RunContext.unlisted``): each later pass retrieves its batches by id at once.
+  (``RunContext.unlisted``): each later pass retrieves its batches by id at once. So is one
+  whose listing is behind its batches: each pass also retrieves one listed batch by id (a
+  different one each pass, beside the listing's calls), and a listing that shows it running
+  after it has ended is not taken (``_listing_is_behind``, a ``warning`` says so).
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -426,6 +429,15 @@ def _poll_all(
         for name, rows in by_provider.items()
         if _lists(ctx, name) and len(rows) > 1 and name not in ctx.unlisted
     }
+    # one batch of each listing, a different one each pass, is also read by id at the same
+    # time: the check that the listing is not behind (``_listing_is_behind``)
+    retrieves: dict[int, Future[RemoteBatch]] = {}
+    checked: dict[str, BatchRow] = {}
+    for name in listings:
+        rows = by_provider[name]
+        row = checked[name] = rows[ctx.listing_checks[name] % len(rows)]
+        ctx.listing_checks[name] += 1
+        retrieves[row.id] = calls.submit(name, _retriever(ctx, row))
     listed: dict[str, dict[str, RemoteBatch]] = {}
     for name, future in listings.items():
         try:
@@ -433,10 +445,15 @@ def _poll_all(
         except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
             listed[name] = {}
             ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
-    retrieves: dict[int, Future[RemoteBatch]] = {}
+            continue
+        if _listing_is_behind(ctx, name, checked[name], listed[name], retrieves):
+            listed[name] = {}
+            ctx.unlisted.add(name)
     observed: dict[int, RemoteBatch] = {}
     for row in in_flight:
         assert row.remote_id is not None
+        if row.id in retrieves:  # the listing's check
+            continue
         seen = listed.get(row.provider, {}).get(row.remote_id)
         if seen is not None and listed_whole(seen):
             observed[row.id] = seen
@@ -450,6 +467,39 @@ def _poll_all(
             if isinstance(result, RemoteBatch):
                 observed[row.id] = result
     return observed
+
+
+def _listing_is_behind(
+    ctx: RunContext,
+    provider: str,
+    row: BatchRow,
+    listed: Mapping[str, RemoteBatch],
+    retrieves: Mapping[int, Future[RemoteBatch]],
+) -> bool:
+    """Whether ``provider``'s listing shows a batch still running that its read by id shows
+    ended: a gateway whose listing is behind its batches (one that lists from its own table,
+    refreshed later or never, as LiteLLM with a database does) would keep every batch in
+    progress, and ``apply --wait`` would wait to its timeout while the answers are ready.
+    Then the listing is not read again this run: its batches are read one by one (said once,
+    a ``warning``). A batch that ended between the two reads looks the same; that costs the
+    run its list calls, nothing else."""
+    seen = listed.get(row.remote_id or "")
+    truth = _outcome(retrieves[row.id])
+    if seen is None or seen.is_terminal or not isinstance(truth, RemoteBatch):
+        return False
+    if not truth.is_terminal:
+        return False
+    ctx.report(
+        Progress(
+            "warning",
+            None,
+            f"{provider}'s batch listing is behind its batches: it lists batch {truth.id} "
+            f"{seen.status} where reading the batch says {truth.status}; this run reads each "
+            "of its batches by id instead of listing them",
+            {"provider": provider, "batch": truth.id, "listed": seen.status, "read": truth.status},
+        )
+    )
+    return True
 
 
 def _lists(ctx: RunContext, provider: str) -> bool:
