@@ -279,12 +279,22 @@ class BoundedCalls:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Queued calls are dropped *before* the wait for the workers: a worker waiting for a
+        # place would otherwise start them as the calls in flight end, so a pass stopped by
+        # Ctrl-C (or an error) went on uploading and creating batches nobody would record.
+        self._drop_queued()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._ready:  # calls whose tasks the shutdown cancelled never start
+        self._drop_queued()  # any a listing still in flight queued meanwhile
+
+    def _drop_queued(self) -> None:
+        """Cancel every call not started yet (its future says so); workers waiting for a
+        place find nothing left and end."""
+        with self._ready:
             for queue in self._queues.values():
                 for _, _, _, future in queue:
                     future.cancel()
             self._queues.clear()
+            self._ready.notify_all()
 
 
 def report_throttles(ctx: RunContext, calls: BoundedCalls) -> None:
