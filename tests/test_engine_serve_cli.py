@@ -251,28 +251,28 @@ def test_half_a_rate_limit_fault_is_a_usage_error(tmp_path: Path, given, missing
 
 
 def test_serve_shows_an_upstream_back_in_rotation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`batchspec serve` shows its engine's INFO lines on stderr, not only warnings: an
-    upstream that answers again after a failure says "back in rotation" (before, an operator
-    saw "out of rotation" and never that it came back)."""
+    """`batchspec serve` shows its engine's INFO lines on stderr while it runs, not only
+    warnings: an upstream that answers again after a failure says "back in rotation" (before,
+    an operator saw "out of rotation" and never that it came back); the handler goes when
+    serve ends, so nothing else in the process prints the engine's log."""
     import logging
 
     from batchspec.cli.main import main
-    from batchspec.engine import Engine
+    from batchspec.engine import server
 
-    log = logging.getLogger("batchspec.engine")
-    handlers, level = list(log.handlers), log.level
-    try:
-        with Engine(tmp_path), pytest.raises(SystemExit):  # in use: serve stops at once
-            main(["serve", "--port", "0", "--data-dir", str(tmp_path)])
-        capsys.readouterr()
+    def serving(opts: object, **_: object) -> None:  # stands in for the server's run
         logging.getLogger("batchspec.engine.balancer").info(
             "upstream %s answers again: back in rotation", "http://gpu1:8000/v1"
         )
-        assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
-    finally:
-        log.handlers[:], log.level = handlers, level
+
+    monkeypatch.setattr(server, "serve_from_cli_options", serving)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0"])
+    assert exited.value.code == 0
+    assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
+    assert not logging.getLogger("batchspec.engine").handlers
 
 
 @pytest.mark.parametrize("seconds", ["0", "-1"])

@@ -393,13 +393,13 @@ def serve(**opts: Any) -> None:
     """
     from batchspec.engine.server import serve_from_cli_options
 
-    show_engine_log()
-    serve_from_cli_options(
-        opts,
-        on_listening=lambda url, upstream: click.echo(
-            f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
-        ),
-    )
+    with engine_log_shown():
+        serve_from_cli_options(
+            opts,
+            on_listening=lambda url, upstream: click.echo(
+                f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
+            ),
+        )
 
 
 class _EchoToStderr(logging.Handler):
@@ -409,14 +409,20 @@ class _EchoToStderr(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
-def show_engine_log() -> None:
-    """``serve`` tells on stderr what its engine logs from INFO up: an upstream taken out of
-    rotation and the same one back in it, a worker's error. Without a handler, Python shows
-    only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
+@contextlib.contextmanager
+def engine_log_shown() -> Iterator[None]:
+    """While ``serve`` runs, its engine's log from INFO up goes to stderr: an upstream taken
+    out of rotation and the same one back in it, a worker's error. Without a handler, Python
+    shows only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
     log = logging.getLogger("batchspec.engine")
+    handler, level = _EchoToStderr(), log.level
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, _EchoToStderr) for h in log.handlers):
-        log.addHandler(_EchoToStderr())
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @cli.command()
