@@ -299,3 +299,26 @@ def test_concurrency_help_says_several_upstreams_share_it() -> None:
 
     text = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
     assert "to all upstreams together" in text
+
+
+@pytest.mark.parametrize("option", ["--api-key-env", "--upstream-api-key-env"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param("sk-proj-AbCdEf0123456789xyz", id="openai-style-key"),
+        pytest.param("0123456789abcdef0123456789abcdef", id="hex-key"),
+        pytest.param("c0ffee0123456789abcdef0123456789", id="hex-key-starting-with-a-letter"),
+    ],
+)
+def test_a_key_given_where_its_variable_name_belongs_is_refused_unseen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, given: str
+) -> None:
+    """`serve --api-key-env $KEY` (the key itself, not its variable's name) exits 64 without
+    showing it: before, the error quoted it twice ("export sk-...=..."), into CI logs."""
+    from batchspec.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--data-dir", str(tmp_path), option, given])
+    err = capsys.readouterr().err
+    assert exited.value.code == 64
+    assert given not in err and "NAME of the environment variable" in err

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -221,6 +222,23 @@ def cli() -> None:
     """
 
 
+#: an environment variable's name; 20+ hex digits is a key pasted where its name belongs
+_VARIABLE_NAME = re.compile(r"(?![0-9A-Fa-f]{20,}$)[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``--*-key-env`` option takes a variable's name; anything else (the usual mistake is
+    the key itself, ``--api-key-env $KEY``) is refused without showing it."""
+    if value is None or _VARIABLE_NAME.fullmatch(value):
+        return value
+    raise click.BadParameter(
+        "give the NAME of the environment variable that holds the key (e.g. BATCH_KEY), "
+        "never the key itself (the value given is not shown)",
+        ctx=ctx,
+        param=param,
+    )
+
+
 @cli.command()
 @click.option(
     "--host",
@@ -260,12 +278,14 @@ def cli() -> None:
     "--api-key-env",
     default=None,
     metavar="NAME",
+    callback=_variable_name,
     help="Require 'Authorization: Bearer <key>' with the key in this env var.",
 )
 @click.option(
     "--upstream-api-key-env",
     default=None,
     metavar="NAME",
+    callback=_variable_name,
     help="Env var holding the API key sent to the upstream.",
 )
 @click.option(
