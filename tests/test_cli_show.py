@@ -315,3 +315,16 @@ def test_name_completion_in_a_broken_workspace_completes_nothing(
     monkeypatch.chdir(tmp_path)
     complete = BashComplete(cli, {}, "batchspec", "_BATCHSPEC_COMPLETE")
     assert complete.get_completions(["show"], "") == []
+
+
+def test_a_fleets_replace_refusal_names_ten_resources_and_counts_the_rest() -> None:
+    """`apply` refusing to replace 400 changed resources says so in one readable line: the
+    first ten names and how many more (it listed all 400 in one line, ~2,500 characters)."""
+    from types import SimpleNamespace
+
+    from batchspec.cli.render import replace_refused_text
+
+    statuses = [SimpleNamespace(name=f"j{i:03d}", action="replace") for i in range(1, 401)]
+    text = replace_refused_text(SimpleNamespace(statuses=statuses))  # type: ignore[arg-type]
+    assert text.startswith("Apply did not replace j001, j002, ")
+    assert "j010 and 390 more: the spec changed" in text and "j011" not in text

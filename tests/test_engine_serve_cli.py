@@ -251,28 +251,28 @@ def test_half_a_rate_limit_fault_is_a_usage_error(tmp_path: Path, given, missing
 
 
 def test_serve_shows_an_upstream_back_in_rotation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`batchspec serve` shows its engine's INFO lines on stderr, not only warnings: an
-    upstream that answers again after a failure says "back in rotation" (before, an operator
-    saw "out of rotation" and never that it came back)."""
+    """`batchspec serve` shows its engine's INFO lines on stderr while it runs, not only
+    warnings: an upstream that answers again after a failure says "back in rotation" (before,
+    an operator saw "out of rotation" and never that it came back); the handler goes when
+    serve ends, so nothing else in the process prints the engine's log."""
     import logging
 
     from batchspec.cli.main import main
-    from batchspec.engine import Engine
+    from batchspec.engine import server
 
-    log = logging.getLogger("batchspec.engine")
-    handlers, level = list(log.handlers), log.level
-    try:
-        with Engine(tmp_path), pytest.raises(SystemExit):  # in use: serve stops at once
-            main(["serve", "--port", "0", "--data-dir", str(tmp_path)])
-        capsys.readouterr()
+    def serving(opts: object, **_: object) -> None:  # stands in for the server's run
         logging.getLogger("batchspec.engine.balancer").info(
             "upstream %s answers again: back in rotation", "http://gpu1:8000/v1"
         )
-        assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
-    finally:
-        log.handlers[:], log.level = handlers, level
+
+    monkeypatch.setattr(server, "serve_from_cli_options", serving)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0"])
+    assert exited.value.code == 0
+    assert "http://gpu1:8000/v1 answers again: back in rotation" in capsys.readouterr().err
+    assert not logging.getLogger("batchspec.engine").handlers
 
 
 @pytest.mark.parametrize("seconds", ["0", "-1"])
@@ -299,3 +299,26 @@ def test_concurrency_help_says_several_upstreams_share_it() -> None:
 
     text = " ".join(CliRunner().invoke(cli, ["serve", "--help"]).output.split())
     assert "to all upstreams together" in text
+
+
+@pytest.mark.parametrize("option", ["--api-key-env", "--upstream-api-key-env"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param("sk-proj-AbCdEf0123456789xyz", id="openai-style-key"),
+        pytest.param("0123456789abcdef0123456789abcdef", id="hex-key"),
+        pytest.param("c0ffee0123456789abcdef0123456789", id="hex-key-starting-with-a-letter"),
+    ],
+)
+def test_a_key_given_where_its_variable_name_belongs_is_refused_unseen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, given: str
+) -> None:
+    """`serve --api-key-env $KEY` (the key itself, not its variable's name) exits 64 without
+    showing it: before, the error quoted it twice ("export sk-...=..."), into CI logs."""
+    from batchspec.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--data-dir", str(tmp_path), option, given])
+    err = capsys.readouterr().err
+    assert exited.value.code == 64
+    assert given not in err and "NAME of the environment variable" in err

@@ -945,3 +945,27 @@ def test_a_key_of_any_shape_is_redacted_when_echoed(scripted: ScriptedServer) ->
         provider.get_batch("batch_1")
     assert key not in str(caught.value)
     assert "header was [redacted]" in str(caught.value)
+
+
+def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(
+    scripted: ScriptedServer,
+) -> None:
+    """A pool call in its wait before a retry (a 429 asking for 30 s) gives up as soon as its
+    pass's pool closes on Ctrl-C, instead of holding the interrupted run through every
+    Retry-After its retries still had to wait; it is not sent again."""
+    from batchspec.core.reconcile.prefetch import BoundedCalls
+    from batchspec.providers.base import CallStopped
+
+    scripted.script(error_answer(429, "slow down", retry_after="30"), ok())
+    provider = OpenAIProvider("testprov", base_url=scripted.v1, api_key=SENTINEL_KEY)
+    calls = BoundedCalls(2, lambda _: None)
+    waiting = calls.submit("testprov", lambda: provider.get_batch("batch_1"))
+    started = time.monotonic()
+    deadline = started + 10
+    while not scripted.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    calls.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert time.monotonic() - started < 5
+    with pytest.raises(CallStopped):
+        waiting.result(timeout=1)
+    assert scripted.methods() == ["GET"]

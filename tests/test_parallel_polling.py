@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from probes import ProbedServer, start_probed_server
+from servers import wait_for
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -395,3 +396,19 @@ def test_a_listing_that_failed_is_not_asked_again_by_the_later_passes_of_the_run
     assert srv.probe.counts[LIST] == 1
     assert srv.probe.counts[RETRIEVE] > 2  # polled by id on every pass
     assert [r["custom_id"] for r in ws.outputs("r01")] == ws.input_ids("r01")
+
+
+def test_calls_waiting_for_a_place_never_start_once_the_pool_closes() -> None:
+    """A pass stopped (Ctrl-C, an error) while calls wait for a place under a provider's cap
+    starts none of them: before, the workers already waiting took them as the calls in flight
+    ended, so an interrupted apply went on uploading and creating batches for many seconds."""
+    gate = threading.Event()
+    started: list[str] = []
+    calls = prefetch.BoundedCalls(3, lambda _: 1)  # three workers, one place: two wait
+    blocker = calls.submit("p", lambda: gate.wait(10))
+    queued = [calls.submit("p", lambda n=n: started.append(n)) for n in ("b", "c")]
+    wait_for(lambda: calls.limits["p"].active == 1)
+    threading.Timer(0.1, gate.set).start()
+    calls.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert blocker.result(timeout=10) is True
+    assert started == [] and all(f.cancelled() for f in queued)

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -252,6 +253,23 @@ def cli() -> None:
     """
 
 
+#: an environment variable's name; 20+ hex digits is a key pasted where its name belongs
+_VARIABLE_NAME = re.compile(r"(?![0-9A-Fa-f]{20,}$)[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A ``--*-key-env`` option takes a variable's name; anything else (the usual mistake is
+    the key itself, ``--api-key-env $KEY``) is refused without showing it."""
+    if value is None or _VARIABLE_NAME.fullmatch(value):
+        return value
+    raise click.BadParameter(
+        "give the NAME of the environment variable that holds the key (e.g. BATCH_KEY), "
+        "never the key itself (the value given is not shown)",
+        ctx=ctx,
+        param=param,
+    )
+
+
 @cli.command()
 @click.option(
     "--host",
@@ -291,12 +309,14 @@ def cli() -> None:
     "--api-key-env",
     default=None,
     metavar="NAME",
+    callback=_variable_name,
     help="Require 'Authorization: Bearer <key>' with the key in this env var.",
 )
 @click.option(
     "--upstream-api-key-env",
     default=None,
     metavar="NAME",
+    callback=_variable_name,
     help="Env var holding the API key sent to the upstream.",
 )
 @click.option(
@@ -424,13 +444,13 @@ def serve(**opts: Any) -> None:
     """
     from batchspec.engine.server import serve_from_cli_options
 
-    show_engine_log()
-    serve_from_cli_options(
-        opts,
-        on_listening=lambda url, upstream: click.echo(
-            f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
-        ),
-    )
+    with engine_log_shown():
+        serve_from_cli_options(
+            opts,
+            on_listening=lambda url, upstream: click.echo(
+                f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
+            ),
+        )
 
 
 class _EchoToStderr(logging.Handler):
@@ -440,14 +460,20 @@ class _EchoToStderr(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
-def show_engine_log() -> None:
-    """``serve`` tells on stderr what its engine logs from INFO up: an upstream taken out of
-    rotation and the same one back in it, a worker's error. Without a handler, Python shows
-    only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
+@contextlib.contextmanager
+def engine_log_shown() -> Iterator[None]:
+    """While ``serve`` runs, its engine's log from INFO up goes to stderr: an upstream taken
+    out of rotation and the same one back in it, a worker's error. Without a handler, Python
+    shows only warnings, so an operator saw "out of rotation" and never "back in rotation"."""
     log = logging.getLogger("batchspec.engine")
+    handler, level = _EchoToStderr(), log.level
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, _EchoToStderr) for h in log.handlers):
-        log.addHandler(_EchoToStderr())
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @cli.command()

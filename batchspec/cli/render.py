@@ -415,11 +415,23 @@ def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
     return headline
 
 
+#: how many resource names a one-line summary lists before "and N more"
+NAMES_SHOWN = 10
+
+
+def some_names(names: Sequence[str]) -> str:
+    """``a, b, c``, or the first ``NAMES_SHOWN`` and how many more: a fleet's headline stays
+    one readable line (the per-resource lines above it name every one)."""
+    if len(names) <= NAMES_SHOWN:
+        return ", ".join(names)
+    return f"{', '.join(names[:NAMES_SHOWN])} and {len(names) - NAMES_SHOWN:,} more"
+
+
 def replace_refused_text(result: ApplyResult) -> str:
     """Why apply exits 1 without replacing: also what `apply --quiet` says on stderr."""
     refused = [s.name for s in result.statuses if s.action == "replace"]
     return (
-        f"Apply did not replace {', '.join(refused)}: the spec changed while a generation "
+        f"Apply did not replace {some_names(refused)}: the spec changed while a generation "
         "is in flight. Re-run with --allow-replace to cancel it and submit the new spec."
     )
 
@@ -428,7 +440,7 @@ def not_collected_text(result: ApplyResult) -> str:
     """Why apply exits 1 after a failed download: also what `apply --quiet` says on stderr."""
     names = list(dict.fromkeys(f.resource for f in result.not_collected))
     return (
-        f"Apply did not collect {', '.join(names)}: downloading the files of finished "
+        f"Apply did not collect {some_names(names)}: downloading the files of finished "
         "batches failed. Nothing was resubmitted; the next `batchspec apply` tries the "
         f"downloads again (`batchspec show {names[0] if len(names) == 1 else 'NAME'}` lists "
         "the failure under its last events)."

@@ -44,7 +44,13 @@ import httpx
 
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
-from batchspec.providers.base import RemoteBatch, RemoteNotFound, call_place, report_throttle
+from batchspec.providers.base import (
+    RemoteBatch,
+    RemoteNotFound,
+    call_place,
+    pause_before_retry,
+    report_throttle,
+)
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 from batchspec.wire.no_proxy import bypasses_proxy
 from batchspec.wire.retry import (
@@ -661,7 +667,7 @@ class RetryingClient:
         context: ErrorContext,
         headers: Mapping[str, str],
         policy: RetryPolicy,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = pause_before_retry,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._base_url = base_url.rstrip("/")

@@ -80,6 +80,7 @@ from batchspec.providers.base import (
     RemoteNotFound,
     RequestCounts,
     epoch_seconds,
+    pause_before_retry,
 )
 from batchspec.providers.journal import Journal, JournalEntry, ids_digest, metadata_key
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
@@ -126,7 +127,7 @@ class AnthropicProvider(StagedInputs):
         transport: httpx.BaseTransport | None = None,
         max_retries: int = 5,
         timeout: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = pause_before_retry,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -12,6 +12,8 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
@@ -303,6 +305,37 @@ def listen_for_throttles(listener: Callable[[], None] | None) -> Token[Callable[
 
 def reset_throttle_listener(token: Token[Callable[[], None] | None]) -> None:
     _throttle_listener.reset(token)
+
+
+class CallStopped(Exception):
+    """The pool running this call closed (Ctrl-C, or its pass failed) while the call waited
+    to be retried: it gives up at once rather than keep the run from stopping. A create it
+    was retrying has its intent recorded, so the next run looks its key up, as after any
+    create whose answer never came."""
+
+
+#: set by the pool running the calls on this thread (``core.reconcile.prefetch.BoundedCalls``)
+#: when it closes, so a call waiting to retry (a 429's Retry-After) stops waiting
+_stopping: ContextVar[threading.Event | None] = ContextVar("batchspec_stopping", default=None)
+
+
+def pause_before_retry(seconds: float) -> None:
+    """Wait ``seconds`` before a retry (the clients' default ``sleep``); raise
+    ``CallStopped`` as soon as the pool running this call closes, if one does."""
+    stopping = _stopping.get()
+    if stopping is None:
+        time.sleep(seconds)
+    elif stopping.wait(seconds):
+        raise CallStopped("the run is stopping: the call is not retried")
+
+
+def stop_with(event: threading.Event | None) -> Token[threading.Event | None]:
+    """Make ``event`` end the retry waits of calls on this thread; ``reset_stop`` undoes it."""
+    return _stopping.set(event)
+
+
+def reset_stop(token: Token[threading.Event | None]) -> None:
+    _stopping.reset(token)
 
 
 #: what admits a request sent on this thread by a step (not by a pool worker, which already

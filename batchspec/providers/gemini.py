@@ -52,7 +52,6 @@ import os
 import random
 import re
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,7 @@ from batchspec.providers.base import (
     RequestCounts,
     Usage,
     epoch_seconds,
+    pause_before_retry,
 )
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
 from batchspec.wire import gemini_lines
@@ -120,7 +120,7 @@ class GeminiProvider(StagedInputs):
         transport: httpx.BaseTransport | None = None,
         max_retries: int = 5,
         timeout: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = pause_before_retry,
         rand: Callable[[], float] = random.random,
     ) -> None:
         require_http_url(name, base_url, where="baseUrl in batchspec.yaml")

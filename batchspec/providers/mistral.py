@@ -37,7 +37,6 @@ import json
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from batchspec.providers.base import (
     RequestCounts,
     UploadProgress,
     parse_file,
+    pause_before_retry,
 )
 from batchspec.providers.staging import Staging
 from batchspec.wire import mistral_lines
@@ -98,7 +98,7 @@ class MistralProvider:
         transport: httpx.BaseTransport | None = None,
         max_retries: int = 5,
         timeout: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = pause_before_retry,
         rand: Callable[[], float] = random.random,
     ) -> None:
         require_http_url(name, base_url, where="baseUrl in batchspec.yaml")

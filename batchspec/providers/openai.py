@@ -56,6 +56,7 @@ from batchspec.providers.base import (
     UploadProgress,
     parse_batch,
     parse_file,
+    pause_before_retry,
 )
 from batchspec.wire.retry import client_policy
 
@@ -88,7 +89,7 @@ class OpenAIProvider:
         max_retries: int = 5,
         timeout: float = 60.0,
         extra_headers: Mapping[str, str] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = pause_before_retry,
         auth_header: str = "Authorization",
         api_key_env: str | None = "OPENAI_API_KEY",
         rand: Callable[[], float] = random.random,

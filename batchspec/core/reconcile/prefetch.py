@@ -72,7 +72,9 @@ from batchspec.providers.base import (
     listen_for_throttles,
     open_call_gate,
     reset_call_gate,
+    reset_stop,
     reset_throttle_listener,
+    stop_with,
 )
 from batchspec.state.store import BatchRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -208,6 +210,7 @@ class BoundedCalls:
         self._ready = threading.Condition()  # guards the queues; told when a place frees
         self._sequence = itertools.count()
         self._limits_lock = threading.Lock()
+        self._stopping = threading.Event()  # set when the pool closes on an error or Ctrl-C
 
     def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
         self.limit_for(provider)
@@ -234,6 +237,7 @@ class BoundedCalls:
         if not future.set_running_or_notify_cancel():
             limit.release(throttled=False, ran=False)
             return
+        stop = stop_with(self._stopping)  # a retry's wait ends when the pool closes
         try:
             with limit.place(started_in):
                 result = call()
@@ -241,6 +245,8 @@ class BoundedCalls:
             future.set_exception(err)
         else:
             future.set_result(result)
+        finally:
+            reset_stop(stop)
 
     def _take_startable(self) -> tuple[str, int, Callable[[], Any], Future[Any]] | None:
         """The first queued call (by rank) whose provider has a place free, its place taken."""
@@ -291,13 +297,27 @@ class BoundedCalls:
     def __enter__(self) -> BoundedCalls:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Queued calls are dropped *before* the wait for the workers: a worker waiting for a
+        # place would otherwise start them as the calls in flight end, so a pass stopped by
+        # Ctrl-C (or an error) went on uploading and creating batches nobody would record.
+        # Stopped so, the calls in flight give up their waits before a retry (``CallStopped``)
+        # instead of holding the run through every Retry-After they still had to wait.
+        if exc_type is not None:
+            self._stopping.set()
+        self._drop_queued()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        with self._ready:  # calls whose tasks the shutdown cancelled never start
+        self._drop_queued()  # any a listing still in flight queued meanwhile
+
+    def _drop_queued(self) -> None:
+        """Cancel every call not started yet (its future says so); workers waiting for a
+        place find nothing left and end."""
+        with self._ready:
             for queue in self._queues.values():
                 for _, _, _, future in queue:
                     future.cancel()
             self._queues.clear()
+            self._ready.notify_all()
 
 
 def report_throttles(ctx: RunContext, calls: BoundedCalls) -> None:
