@@ -21,7 +21,7 @@ from workspaces import SENTINEL_KEY
 from batchspec.core.batches import batch_metadata, metadata_for_key
 from batchspec.core.reconcile.adopt import window_seconds
 from batchspec.errors import ProviderError
-from batchspec.providers.base import BatchListing, find_batch_by_key
+from batchspec.providers.base import ORDER_SLACK, BatchListing, find_batch_by_key
 from batchspec.providers.local import LocalProvider
 from batchspec.providers.openai import OpenAIProvider
 
@@ -110,16 +110,48 @@ def test_a_batch_made_at_the_edge_of_the_window_is_still_found(
     provider: LocalProvider, tmp_path: Path
 ) -> None:
     """A keyed batch created exactly at ``since`` is inside the window and adopted; one second
-    earlier it is outside, the scan stops there and reports that it stopped at the window."""
+    earlier it is outside and not taken, but the scan reads on past it (a newest-first
+    listing may list a batch up to ``ORDER_SLACK`` seconds newer after it); older than the
+    window by more than that, the scan stops there and says it stopped at the window."""
     key = metadata_for_key(KEY)
     own, created = make_batch(provider, tmp_path, key, 3600)
 
     at_edge = find_batch_by_key(provider, key, since=created)
     past_edge = find_batch_by_key(provider, key, since=created + 1)
+    past_slack = find_batch_by_key(provider, key, since=created + ORDER_SLACK + 1)
 
     assert at_edge.batch is not None and at_edge.batch.id == own
     assert (at_edge.listed, at_edge.stopped_at_window) == (1, False)
-    assert (past_edge.batch, past_edge.listed, past_edge.stopped_at_window) == (None, 1, True)
+    assert (past_edge.batch, past_edge.listed, past_edge.stopped_at_window) == (None, 1, False)
+    assert (past_slack.batch, past_slack.listed, past_slack.stopped_at_window) == (None, 1, True)
+
+
+def test_a_newest_first_listing_a_moment_out_of_order_is_still_read_as_newest_first(
+    scripted: ScriptedServer,
+) -> None:
+    """Batches made within moments of each other may be listed a second out of order: that
+    does not make the listing one of no known order (read to its end, up to 10,000 batches),
+    and the scan still stops at the window."""
+    key = metadata_for_key(KEY)
+    now = int(time.time())
+    rows = [
+        {
+            "id": f"b{i}",
+            "status": "completed",
+            "created_at": now - 10 - i + 2 * (i % 2),
+            "metadata": {},
+        }
+        for i in range(20)
+    ] + [
+        {"id": f"old{i}", "status": "completed", "created_at": now - 7200 - i, "metadata": {}}
+        for i in range(50)
+    ]
+    scripted.script(json_answer(200, {"object": "list", "data": rows, "has_more": False}))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, max_retries=0)
+
+    found = find_batch_by_key(provider, key, since=now - 3600)
+
+    assert (found.batch, found.listed, found.stopped_at_window) == (None, 21, True)
 
 
 @pytest.mark.parametrize(

@@ -558,6 +558,23 @@ def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
     assert "Interrupted" not in err  # said once
 
 
+def test_a_stderr_that_cannot_be_written_does_not_replace_the_signal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The line a signal handler writes at once goes to a stderr that may be gone (a closed
+    pipe): its error must not replace the KeyboardInterrupt or Terminated, whose exit code
+    (130, 143) and `interrupted` event would then be an error's (exit 1)."""
+    from batchspec.cli.main import Interruption
+
+    def broken(fd: int, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("batchspec.cli.main.os.write", broken)
+    said = Interruption(["apply"])
+    said.say(KeyboardInterrupt(), in_handler=True)
+    assert said.said
+
+
 def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     tmp_path: Path, slow_server: ProbedServer
 ) -> None:

@@ -154,9 +154,9 @@ def test_a_listing_behind_its_batches_is_found_by_its_check_and_not_read_again(
 ) -> None:
     """Any gateway's listing may lag (not only LiteLLM's, which is known and never listed):
     one listed batch is read by id each pass, and a listing that shows it running when it
-    has ended is not taken: every batch is read by id, collected in the same pass, a warning
-    says why, and the rest of the run lists no more (taken, apply --wait ran to --timeout
-    with every answer ready)."""
+    has ended, on two passes (once may be a batch that ended between the two reads), is not
+    taken: every batch is read by id, a warning says why, and the rest of the run lists no
+    more (taken, apply --wait ran to --timeout with every answer ready)."""
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 3)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
@@ -174,9 +174,33 @@ def test_a_listing_behind_its_batches_is_found_by_its_check_and_not_read_again(
     )
 
     assert code == 0, err
-    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (1, 3)
+    # pass 1: the listing and its check (r00, collected from its read); pass 2: the listing,
+    # its check (r02), behind again: r01 is read by id too
+    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (2, 3)
     [warning] = [e for e in json_lines(out) if e["event"] == "warning"]
     assert "batch listing is behind its batches" in warning["message"]
+    for name in ("r00", "r01", "r02"):
+        assert [r["custom_id"] for r in ws.outputs(name)] == ws.input_ids(name)
+
+
+def test_a_check_whose_read_failed_takes_the_listings_copy(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check that a listing is not behind reads one batch by id; when that read fails,
+    the listing's copy of the batch answers for it, as it did before the check: the pass is
+    not failed by a call it did not need."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 3)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    upstream.gate.set()
+    wait_all_terminal(srv, 3)
+    srv.probe.hold(RETRIEVE, 0, after=True, replace_status=400, times=1)
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert (srv.probe.counts[LIST], srv.probe.counts[RETRIEVE]) == (1, 1)
     for name in ("r00", "r01", "r02"):
         assert [r["custom_id"] for r in ws.outputs(name)] == ws.input_ids(name)
 

@@ -1425,7 +1425,7 @@ def interrupted_text(args: Sequence[str], err: BaseException | None = None) -> s
             f"{what}: batches already created are kept (a remote provider runs them on; "
             "the local engine's batches wait for the next command); `batchspec apply` picks "
             "them up. A local engine first lets the requests it has sent finish (up to 30 s; "
-            f"{again} stops at once, and they are sent again next time)."
+            f"{again} does not wait for them, and they are sent again next time)."
         )
     return f"{what}."
 
@@ -1493,7 +1493,8 @@ class Interruption:
         self.said = True
         text = interrupted_text(self.args, err)
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
-            os.write(2, (text + "\n").encode())
+            with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
+                os.write(2, (text + "\n").encode())
         else:
             click.echo(text, err=True)
 

@@ -188,6 +188,12 @@ def find_batch_by_key(
 UNORDERED_SCAN_MAX = 10_000
 
 
+#: seconds a newest-first listing may list a batch after an older one and still be taken as
+#: newest first (batches made within moments, clocks of a server's nodes apart): a scan ends
+#: only at a batch older than its window by more than this, so no batch it let pass is in it
+ORDER_SLACK = 60
+
+
 class BatchListing:
     """One scan of a provider's batches, read lazily and shared by many lookups.
 
@@ -236,7 +242,7 @@ class BatchListing:
         created = remote.created_at
         if created is None:
             return
-        if self._last_created is not None and created > self._last_created:
+        if self._last_created is not None and created > self._last_created + ORDER_SLACK:
             self._newest_first = False
         self._last_created = created
 
@@ -250,7 +256,9 @@ class BatchListing:
         """Whether the batch at ``index`` ends a newest-first scan back to ``since``: it is
         older, and the next one (read now) does not show the listing out of order."""
         remote = self._seen[index]
-        if not self._newest_first or remote.created_at is None or remote.created_at >= since:
+        if not self._newest_first or remote.created_at is None:
+            return False
+        if remote.created_at >= since - ORDER_SLACK:
             return False
         self._item(index + 1)
         return self._newest_first

@@ -154,17 +154,24 @@ def is_blank(path: Path) -> bool:
 
 def ends_mid_line(path: Path) -> bool:
     """Whether a JSONL file's last line is cut short: no newline ends it and it is not a JSON
-    value by itself (a file whose last line lacks only its newline is whole)."""
+    value by itself (a file whose last line lacks only its newline is whole). The last line
+    is found by reading back from the end a chunk at a time, then read once."""
     with path.open("rb") as f:
         end = f.seek(0, 2)
-        tail = b""
-        while end > 0 and b"\n" not in tail and len(tail) < _LONGEST_LINE:
-            start = max(0, end - _TAIL_CHUNK)
-            f.seek(start)
-            tail = f.read(end - start) + tail
-            end = start
-    last = tail.rsplit(b"\n", 1)[-1]
-    if not last.strip() or len(last) >= _LONGEST_LINE:
+        start = end  # of the last line, once its newline is found
+        while start > 0 and end - start < _LONGEST_LINE:
+            chunk_start = max(0, start - _TAIL_CHUNK)
+            f.seek(chunk_start)
+            newline = f.read(start - chunk_start).rfind(b"\n")
+            if newline >= 0:
+                start = chunk_start + newline + 1
+                break
+            start = chunk_start
+        if end - start >= _LONGEST_LINE:
+            return False
+        f.seek(start)
+        last = f.read(end - start)
+    if not last.strip():
         return False
     try:
         _loads(last)

@@ -194,6 +194,8 @@ class RunContext:
     # how many of this run's passes read one batch of each provider's listing by id, to
     # check that the listing is not behind (``prefetch._listing_is_behind``)
     listing_checks: Counter[str] = field(default_factory=Counter)
+    # how many of those checks found the listing showing an ended batch running
+    listings_behind: Counter[str] = field(default_factory=Counter)
     # the run's hashes of result files on disk: its plans hash an unchanged file once
     disk_hashes: DiskHashes = field(default_factory=dict)
     # the current generations' batches whose files could not be downloaded, by batch row

@@ -25,7 +25,8 @@ It promises:
   (``RunContext.unlisted``): each later pass retrieves its batches by id at once. So is one
   whose listing is behind its batches: each pass also retrieves one listed batch by id (a
   different one each pass, beside the listing's calls), and a listing that shows it running
-  after it has ended is not taken (``_listing_is_behind``, a ``warning`` says so).
+  after it has ended, on two passes, is not taken (``_listing_is_behind``, a ``warning`` says
+  so). A check whose read failed takes the listing's copy.
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -306,7 +307,12 @@ class BoundedCalls:
         if exc_type is not None:
             self._stopping.set()
         self._drop_queued()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # Ctrl-C while the workers end: stop them as above, not later
+            self._stopping.set()
+            self._drop_queued()
+            raise
         self._drop_queued()  # any a listing still in flight queued meanwhile
 
     def _drop_queued(self) -> None:
@@ -466,7 +472,12 @@ def _poll_all(
             listed[name] = {}
             ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
             continue
-        if _listing_is_behind(ctx, name, checked[name], listed[name], retrieves):
+        row = checked[name]
+        seen = listed[name].get(row.remote_id or "")
+        if seen is not None and listed_whole(seen) and not _read(retrieves[row.id]):
+            # the check's read failed: the listing's copy answers for the batch
+            retrieves[row.id] = _settled(seen)
+        elif _listing_is_behind(ctx, name, seen, retrieves[row.id]):
             listed[name] = {}
             ctx.unlisted.add(name)
     observed: dict[int, RemoteBatch] = {}
@@ -490,24 +501,23 @@ def _poll_all(
 
 
 def _listing_is_behind(
-    ctx: RunContext,
-    provider: str,
-    row: BatchRow,
-    listed: Mapping[str, RemoteBatch],
-    retrieves: Mapping[int, Future[RemoteBatch]],
+    ctx: RunContext, provider: str, seen: RemoteBatch | None, check: Future[RemoteBatch]
 ) -> bool:
-    """Whether ``provider``'s listing shows a batch still running that its read by id shows
-    ended: a gateway whose listing is behind its batches (one that lists from its own table,
-    refreshed later or never, as LiteLLM with a database does) would keep every batch in
-    progress, and ``apply --wait`` would wait to its timeout while the answers are ready.
-    Then the listing is not read again this run: its batches are read one by one (said once,
-    a ``warning``). A batch that ended between the two reads looks the same; that costs the
-    run its list calls, nothing else."""
-    seen = listed.get(row.remote_id or "")
-    truth = _outcome(retrieves[row.id])
+    """Whether ``provider``'s listing is behind its batches: it showed ``seen`` still running
+    where the check's read by id says it has ended, on two passes of the run. Such a
+    gateway (one that lists from its own table, refreshed later or never, as LiteLLM with a
+    database does) keeps every batch in progress, and ``apply --wait`` waited to its timeout
+    while the answers were ready. Then the listing is not read again this run: its batches
+    are read one by one (said once, a ``warning``). Once is not enough: a batch that ended
+    between the listing's read and the check's looks the same (the checked batch itself is
+    taken from its read either way, so a listing behind costs one pass more, no answer)."""
+    truth = _outcome(check)
     if seen is None or seen.is_terminal or not isinstance(truth, RemoteBatch):
         return False
     if not truth.is_terminal:
+        return False
+    ctx.listings_behind[provider] += 1
+    if ctx.listings_behind[provider] < 2:
         return False
     ctx.report(
         Progress(
@@ -520,6 +530,17 @@ def _listing_is_behind(
         )
     )
     return True
+
+
+def _read(future: Future[RemoteBatch]) -> bool:
+    """Whether a read by id answered (waits for it)."""
+    return isinstance(_outcome(future), RemoteBatch)
+
+
+def _settled(value: RemoteBatch) -> Future[RemoteBatch]:
+    future: Future[RemoteBatch] = Future()
+    future.set_result(value)
+    return future
 
 
 def _lists(ctx: RunContext, provider: str) -> bool:
