@@ -436,3 +436,36 @@ def test_calls_waiting_for_a_place_never_start_once_the_pool_closes() -> None:
     calls.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
     assert blocker.result(timeout=10) is True
     assert started == [] and all(f.cancelled() for f in queued)
+
+
+def test_ctrl_c_while_a_good_pass_closes_its_pool_stops_the_calls_waiting_to_retry() -> None:
+    """A Ctrl-C that lands while the pool of a pass that went well waits for its workers
+    stops the calls waiting out a Retry-After too, as one during the pass does: the process
+    would otherwise wait for them to wake, and retry, before it could end."""
+    import time
+
+    from batchspec.providers.base import CallStopped, pause_before_retry
+
+    calls = prefetch.BoundedCalls(2, lambda _: 2)
+    waiting = threading.Event()
+
+    def retry_later() -> str:
+        waiting.set()
+        pause_before_retry(5.0)
+        return "retried"
+
+    future = calls.submit("p", retry_later)
+    assert waiting.wait(5)
+    shutdown = calls._pool.shutdown
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    calls._pool.shutdown = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        calls.__exit__(None, None, None)
+    started = time.monotonic()
+    with pytest.raises(CallStopped):
+        future.result(timeout=4)
+    assert time.monotonic() - started < 1
+    shutdown(wait=True)
