@@ -134,7 +134,7 @@ def test_another_files_content_served_for_a_file_is_not_recorded_as_its_batchs(
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
 
     assert code == 1, out + err
-    assert "served another file's content" in out
+    assert "served another file's content" in out and "apply --replace alpha" in out
     assert gw.received[CREATE] == 2
     with ws.store() as store:
         [batch] = store.batches(store.generations("alpha")[0].id)
@@ -167,7 +167,7 @@ def test_a_page_or_a_notice_answered_200_for_a_file_is_not_recorded_as_its_resul
         gw.answer_200[route] = body
         code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
         assert code == 1, out + err
-        assert "not batch results" in out
+        assert "not batch results" in out and "apply --replace alpha" in out
         with ws.store() as store:
             [batch] = store.batches(store.generations("alpha")[0].id)
             assert batch.collected_at is None

@@ -409,9 +409,10 @@ def collect_batch(
                         gen.id, batch.attempt, sha, lines, shard=batch.shard
                     )
                 except ForeignAnswers as err:
-                    raise DownloadFailed(kind, file_id or "", _served_another(batch, err)) from err
+                    refusal = _served_another(name, batch, err)
+                    raise DownloadFailed(kind, file_id or "", refusal) from err
                 if not any(read.values()) and not is_blank(path):
-                    raise DownloadFailed(kind, file_id or "", _not_results(batch, path))
+                    raise DownloadFailed(kind, file_id or "", _not_results(name, batch, path))
                 for answered, count in read.items():
                     tally[answered] += count
         detail: dict[str, Any] = {
@@ -453,16 +454,16 @@ def collect_batch(
     return True
 
 
-def _served_another(batch: BatchRow, err: ForeignAnswers) -> ProviderError:
+def _served_another(name: str, batch: BatchRow, err: ForeignAnswers) -> ProviderError:
     """Why a downloaded file is not taken as its batch's (``ledger.ForeignAnswers``)."""
     return ProviderError(
         f"{batch.provider} served another file's content for batch {batch.remote_id} (shard "
         f"{batch.shard + 1}): {err.message}. Nothing of it was recorded, so no request of the "
-        "batch is taken as unanswered and paid for again"
+        f"batch is taken as unanswered and paid for again. {_way_out(name)}"
     )
 
 
-def _not_results(batch: BatchRow, path: Path) -> ProviderError:
+def _not_results(name: str, batch: BatchRow, path: Path) -> ProviderError:
     """Why a downloaded file with content and no result line is not recorded: taken as its
     batch's, the batch was collected with nothing answered, and every request of it retried
     and paid for again (an HTML page or a JSON notice a gateway sent with HTTP 200)."""
@@ -470,7 +471,16 @@ def _not_results(batch: BatchRow, path: Path) -> ProviderError:
         f"{batch.provider} answered the file of batch {batch.remote_id} with content that is "
         f"not batch results ({path.stat().st_size:,} bytes, no line a JSON object with a "
         "custom_id: a page or a notice sent with HTTP 200?). Nothing of it was recorded, so no "
-        "request of the batch is taken as unanswered and paid for again"
+        f"request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
+    )
+
+
+def _way_out(name: str) -> str:
+    """The next apply downloads the file again; a provider that keeps serving the wrong one
+    would keep failing every apply, so the message says how to stop waiting for it."""
+    return (
+        "The next apply downloads it again; if the provider keeps answering so, `batchspec "
+        f"apply --replace {name}` sends the requests again (paying for them again)."
     )
 
 
