@@ -479,6 +479,24 @@ def test_cancel_of_an_unknown_resource_exits_1(
         assert [e for e in store.events() if e.action == "cancel"] == []
 
 
+def apply_that_hears_ctrl_c(ws: Workspace) -> subprocess.Popen[str]:
+    """``apply --wait`` in a process of its own, its output piped, that takes SIGINT as
+    Ctrl-C. A test run started as `pytest &` from a script inherits an ignored SIGINT, and
+    exec keeps an ignored signal ignored, so the child would never see the Ctrl-C. exec
+    resets a *caught* signal to its default: SIGINT is caught here while spawning (no
+    preexec_fn, which is unsafe with the server's threads running)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedServer) -> None:
     """Ctrl-C while apply --wait polls a batch in flight: "Interrupted: ..." and exit 130, as
     docs/exit-codes.md says, with no traceback (also when pytest runs with SIGINT ignored)."""
@@ -487,20 +505,7 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
         resources=[ResourceSpec("triage", count=3)],
     )
-    # A test run started as `pytest &` from a script inherits an ignored SIGINT, and exec
-    # keeps an ignored signal ignored, so the child would never see the Ctrl-C. exec resets a
-    # *caught* signal to its default: catch SIGINT here while spawning (no preexec_fn, which is
-    # unsafe with the server's threads running).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(
-            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = apply_that_hears_ctrl_c(ws)
     assert proc.stdout is not None
     for line in proc.stdout:  # interrupt once it polls, i.e. after the create
         if line.startswith("waiting"):
@@ -530,16 +535,7 @@ def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
         providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
         resources=[ResourceSpec("triage", count=2, provider="here")],
     )
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
-    try:
-        proc = subprocess.Popen(
-            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    proc = apply_that_hears_ctrl_c(ws)
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:  # its requests are at the upstream once it polls
         if line.startswith("waiting"):

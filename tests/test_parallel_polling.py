@@ -98,6 +98,19 @@ def wait_all_terminal(srv: ProbedServer, n: int) -> None:
     raise AssertionError("the engine did not finish its batches")
 
 
+def finish_behind_a_stale_listing(srv: ProbedServer, upstream: GatedUpstream, n: int) -> None:
+    """Freeze the listing as it is (every batch in progress), then let the ``n`` batches
+    finish: a gateway whose listing is behind its batches."""
+    stale = [
+        {**row, "status": "in_progress", "output_file_id": None}
+        for row in srv.engine.list_batches(None, 100)["data"]
+    ]
+    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
+    upstream.gate.set()
+    wait_all_terminal(srv, n)
+    srv.probe.counts.clear()
+
+
 def test_one_pass_polls_in_flight_batches_with_list_pages(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,14 +145,7 @@ def test_a_litellm_proxys_batches_are_retrieved_by_id_not_taken_from_a_stale_lis
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 2, **{option: "openai"})
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    stale = [
-        {**row, "status": "in_progress", "output_file_id": None}
-        for row in srv.engine.list_batches(None, 100)["data"]
-    ]
-    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
-    upstream.gate.set()
-    wait_all_terminal(srv, 2)
-    srv.probe.counts.clear()
+    finish_behind_a_stale_listing(srv, upstream, 2)
 
     code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
 
@@ -160,14 +166,7 @@ def test_a_listing_behind_its_batches_is_found_by_its_check_and_not_read_again(
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 3)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    stale = [
-        {**row, "status": "in_progress", "output_file_id": None}
-        for row in srv.engine.list_batches(None, 100)["data"]
-    ]
-    srv.probe.refuse(r"^GET /v1/batches$", 200, {"object": "list", "data": stale})
-    upstream.gate.set()
-    wait_all_terminal(srv, 3)
-    srv.probe.counts.clear()
+    finish_behind_a_stale_listing(srv, upstream, 3)
 
     code, out, err = run_cli(
         ["apply", str(ws.root), "--yes", "--json", "--wait", "--timeout", "20"], capsys
