@@ -115,6 +115,12 @@ def test_bad_limits_are_usage_errors_that_hide_credentials(spec):
     assert "secret" not in str(raised.value) and "h:1" in str(raised.value)
 
 
+def test_a_limit_in_capitals_is_told_its_name():
+    """#RPM=5 is not a limit: the message says which one was meant."""
+    with pytest.raises(UsageError, match="unknown limit 'RPM' after '#' \\(did you mean 'rpm'"):
+        parse_target("http://h:1/v1#RPM=5")
+
+
 @pytest.mark.parametrize(
     "second",
     [
@@ -130,6 +136,7 @@ def test_the_same_upstream_twice_is_refused(second):
     with pytest.raises(UsageError, match="named twice") as raised:
         make_upstreams(["http://127.0.0.1:1/v1", second])
     assert "secret" not in str(raised.value)
+    assert "name each server once" in str(raised.value)
 
 
 def test_the_default_port_spelt_out_is_the_same_upstream():

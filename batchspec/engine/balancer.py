@@ -101,8 +101,9 @@ def parse_target(spec: str) -> UpstreamTarget:
     limits: dict[str, int] = {}
     for key, value in parse_qsl(fragment.replace(",", "&"), keep_blank_values=True):
         if key not in _LIMIT_KEYS:
+            meant = f" (did you mean {key.lower()!r}?)" if key.lower() in _LIMIT_KEYS else ""
             raise UsageError(
-                f"Upstream {_shown(spec)!r}: unknown limit {key!r} after '#'; "
+                f"Upstream {_shown(spec)!r}: unknown limit {key!r} after '#'{meant}; "
                 "use e.g. http://gpu1:8000/v1#rpm=600,tpm=90000."
             )
         if key in limits:  # which one was meant? neither is taken silently
@@ -452,7 +453,10 @@ def make_upstreams(
     for target in targets:
         place = upstream_place(target.url)
         if place in seen:
-            raise UsageError(f"Upstream {_shown(target.url)!r} is named twice.")
+            raise UsageError(
+                f"Upstream {_shown(target.url)!r} is named twice (however its URL is spelt, "
+                "one server): name each server once, with its limits after '#' if it has any."
+            )
         seen.add(place)
     members = [
         (
