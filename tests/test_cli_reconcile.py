@@ -479,15 +479,16 @@ def test_cancel_of_an_unknown_resource_exits_1(
         assert [e for e in store.events() if e.action == "cancel"] == []
 
 
-def apply_that_hears_ctrl_c(ws: Workspace) -> subprocess.Popen[str]:
-    """``apply --wait`` in a process of its own, its output piped, that takes SIGINT as
-    Ctrl-C. A test run started as `pytest &` from a script inherits an ignored SIGINT, and
-    exec keeps an ignored signal ignored, so the child would never see the Ctrl-C. exec
-    resets a *caught* signal to its default: SIGINT is caught here while spawning (no
-    preexec_fn, which is unsafe with the server's threads running)."""
+def apply_once_it_polls(ws: Workspace) -> subprocess.Popen[str]:
+    """``apply --wait`` in a process of its own, its output piped, once it polls (its create
+    made, its requests at work), ready for a signal. It takes SIGINT as Ctrl-C: a test run
+    started as `pytest &` from a script inherits an ignored SIGINT, and exec keeps an
+    ignored signal ignored, so the child would never see the Ctrl-C. exec resets a *caught*
+    signal to its default: SIGINT is caught here while spawning (no preexec_fn, which is
+    unsafe with the server's threads running)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -495,6 +496,11 @@ def apply_that_hears_ctrl_c(ws: Workspace) -> subprocess.Popen[str]:
         )
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if line.startswith("waiting"):
+            break
+    return proc
 
 
 def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedServer) -> None:
@@ -505,11 +511,7 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
         resources=[ResourceSpec("triage", count=3)],
     )
-    proc = apply_that_hears_ctrl_c(ws)
-    assert proc.stdout is not None
-    for line in proc.stdout:  # interrupt once it polls, i.e. after the create
-        if line.startswith("waiting"):
-            break
+    proc = apply_once_it_polls(ws)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
 
@@ -535,11 +537,7 @@ def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
         providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
         resources=[ResourceSpec("triage", count=2, provider="here")],
     )
-    proc = apply_that_hears_ctrl_c(ws)
-    assert proc.stdout is not None and proc.stderr is not None
-    for line in proc.stdout:  # its requests are at the upstream once it polls
-        if line.startswith("waiting"):
-            break
+    proc = apply_once_it_polls(ws)
     proc.send_signal(signal.SIGINT)
     said = proc.stderr.readline()
     assert proc.poll() is None  # still letting its requests finish
@@ -582,16 +580,7 @@ def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
         resources=[ResourceSpec("triage", count=3)],
     )
-    proc = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # terminate once it polls, i.e. after the create
-        if line.startswith("waiting"):
-            break
+    proc = apply_once_it_polls(ws)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
 

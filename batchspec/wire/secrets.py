@@ -16,7 +16,7 @@ import re
 MIN_SECRET_LENGTH = 8
 
 #: characters of a word: a short key is redacted only where none of these touch it
-_KEY_CHARACTERS = r"A-Za-z0-9_\-"
+_WORD_CHARACTERS = r"A-Za-z0-9_\-"
 
 
 def is_placeholder(key: str) -> bool:
@@ -25,5 +25,5 @@ def is_placeholder(key: str) -> bool:
 
 def redact_word(text: str, form: str, replacement: str) -> str:
     """``text`` with ``form`` replaced where it stands alone, not inside a longer word."""
-    pattern = rf"(?<![{_KEY_CHARACTERS}]){re.escape(form)}(?![{_KEY_CHARACTERS}])"
+    pattern = rf"(?<![{_WORD_CHARACTERS}]){re.escape(form)}(?![{_WORD_CHARACTERS}])"
     return re.sub(pattern, replacement, text)
