@@ -19,7 +19,14 @@ so its 6 s target needs a higher ``--parallelism``: the bench reports both.
 batchspec is compiled to bytecode first, as an installed package is
 (``parallel_apply.compile_batchspec``).
 
+With ``--sdk``, a hand-written ``openai`` SDK script (``fleet_sdk.py``) then makes the same
+calls on a copy of the inputs with the same parallelism (upload and create each manifest's
+file; list, then download each output), and batchspec's wall time is printed as a ratio of
+its: what the machine, the servers and the added latency allow any client, measured in the
+same run (so the machine's speed cancels out of the ratio).
+
 Run:  .venv/bin/python bench/fleet.py
+      .venv/bin/python bench/fleet.py --sdk
       .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
       .venv/bin/python bench/fleet.py --manifests 300 --profile /tmp/fleet  # cProfile stats
 
@@ -35,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -90,7 +98,18 @@ def timed_apply(
     ``profile``, run under cProfile writing its stats there (the figures then include it)."""
     python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
     argv = [*python, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
-    argv += ["--parallelism", str(parallelism)]
+    return timed_child([*argv, "--parallelism", str(parallelism)], root)
+
+
+def timed_sdk(step: str, root: Path, base_url: str, parallelism: int) -> tuple[float, float, float]:
+    """One pass of the SDK script contender (``fleet_sdk.py``), as ``timed_apply``."""
+    script = Path(__file__).with_name("fleet_sdk.py")
+    argv = [sys.executable, str(script), step, str(root), "--base-url", base_url]
+    return timed_child([*argv, "--parallelism", str(parallelism)], root)
+
+
+def timed_child(argv: list[str], root: Path) -> tuple[float, float, float]:
+    """Run ``argv`` from ``root``: (wall seconds, CPU seconds, peak RSS in MB)."""
     start = time.perf_counter()
     # from the workspace: from a source checkout, `python -m` would import that instead
     proc = subprocess.Popen(
@@ -106,7 +125,7 @@ def timed_apply(
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"apply failed: {err.decode()[-2000:]}")
+        raise SystemExit(f"{argv[1:4]} failed: {err.decode()[-2000:]}")
     return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
@@ -162,6 +181,12 @@ def main() -> None:
     parser.add_argument(
         "--timeline", action="store_true", help="print when the proxy answered each kind of call"
     )
+    parser.add_argument(
+        "--sdk",
+        action="store_true",
+        help="then the same two passes by a hand-written openai SDK script (fleet_sdk.py) "
+        "with the same parallelism, and batchspec's time as a ratio of its",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     compile_batchspec()
@@ -189,6 +214,7 @@ def main() -> None:
         timeline.clear()
         start = time.perf_counter()
         figures = timed_apply(ws, args.parallelism, profile)
+        walls = [figures[0]]
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
         report("submit pass", n, figures, calls, others, floor(calls))
@@ -203,6 +229,7 @@ def main() -> None:
         timeline.clear()
         start = time.perf_counter()
         figures = timed_apply(ws, args.parallelism, profile)
+        walls.append(figures[0])
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
         report("poll+collect pass", n, figures, calls, others, floor(calls))
@@ -211,6 +238,8 @@ def main() -> None:
         outputs = list((ws / "results").glob("job-*[0-9].jsonl"))
         if len(outputs) != n:
             raise SystemExit(f"only {len(outputs)} of {n} result files were written")
+        if args.sdk:
+            sdk_passes(args, ws, proxy_url, serve_url, gate, walls)
     finally:
         gate.set()
         proxy.shutdown()
@@ -221,6 +250,35 @@ def main() -> None:
             serve.kill()
         model.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sdk_passes(
+    args: argparse.Namespace,
+    ws: Path,
+    proxy_url: str,
+    serve_url: str,
+    gate: threading.Event,
+    walls: list[float],
+) -> None:
+    """The SDK script's submit and poll+collect passes, on a copy of the workspace's inputs,
+    in the conditions batchspec's had: the model holds every request while it submits."""
+    sdk_ws = ws.parent / "sdk-ws"
+    shutil.copytree(ws / "data", sdk_ws / "data")
+    n = args.manifests
+    gate.clear()
+    submit = timed_sdk("submit", sdk_ws, proxy_url, args.parallelism)
+    gate.set()
+    wait_until(serve_url, lambda s: s == "completed", 2 * n)
+    collect = timed_sdk("collect", sdk_ws, proxy_url, args.parallelism)
+    written = len(list((sdk_ws / "sdk-results").glob("*.jsonl")))
+    if written != n:
+        raise SystemExit(f"the SDK script wrote {written} of {n} result files")
+    for label, figures, ours in (("submit", submit, walls[0]), ("poll+collect", collect, walls[1])):
+        wall, cpu, rss = figures
+        print(
+            f"SDK script {label:<13} {wall:7.2f} s  {cpu * 1000 / n:6.2f} CPU ms/resource  "
+            f"peak RSS {rss:6.1f} MB   batchspec: {ours / wall:.3f}x its time"
+        )
 
 
 if __name__ == "__main__":
