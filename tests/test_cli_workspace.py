@@ -196,22 +196,54 @@ def test_a_resource_name_given_as_a_path_says_to_use_select(
     assert code == 1 and "resource name" not in err
 
 
-def test_plan_and_apply_from_a_folder_without_manifests_do_not_claim_all_is_in_sync(
+def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Run from the workspace's data/ folder (no manifest below it), plan and apply select
-    nothing and say so, pointing at validate, instead of "every resource is in sync"."""
+    """Run from the workspace's data/ folder (no manifest below it), plan and apply exit 1
+    as validate does, saying no manifest was found and where it looked, instead of exiting 0
+    having done nothing (a CI job run from the wrong folder would pass)."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
         resources=[ResourceSpec("triage", count=2, provider="here")],
     )
     monkeypatch.chdir(ws.root / "data")
-    for args in (["plan"], ["apply"]):
+    for args in (["validate"], ["plan"], ["apply"], ["apply", "--prune", "--yes"]):
         code, out, err = run_cli(args, capsys)
-        assert code == 0, err
-        assert "in sync" not in out and "no manifest was found" in out, out
+        assert code == 1, (args, out, err)
+        assert "no resources found under" in err and "manifest globs" in err, err
+        assert "in sync" not in out, out
     assert not ws.output_path("triage").exists()
+
+
+def test_a_mistyped_manifest_glob_prunes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in the project's `manifests:` glob finds no manifest. `apply --prune --yes`
+    refused, as validate does, and left every tracked resource's batches running: before,
+    it took all of them for resources whose manifests were deleted and cancelled them."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    root = str(ws.root)
+    assert run_cli(["apply", root, "--yes"], capsys)[0] == 0  # created, still in flight
+    project = ws.root / "batchspec.yaml"
+    project.write_text(project.read_text().replace("manifests/", "manifest/"))
+    for args in (["plan", root, "--prune"], ["apply", root, "--prune", "--yes"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 1, (args, out, err)
+        assert "no resources found" in err and "manifest/" in err, err
+        assert "nothing was pruned" in err and "--prune --select NAME" in err, err
+        assert "prune" not in out, out
+    project.write_text(project.read_text().replace("manifest/", "manifests/"))
+    code, out, err = run_cli(["status", root, "--json"], capsys)
+    assert code == 0, err
+    tracked = {r["name"]: r for r in json.loads(out)["resources"]}
+    assert set(tracked) == {"a", "b"}, tracked
+    assert run_cli(["apply", root, "--wait", "--yes"], capsys)[0] == 0
+    assert ws.output_path("a").exists() and ws.output_path("b").exists()
 
 
 def test_a_manifest_outside_the_project_globs_is_run_with_a_warning(

@@ -189,7 +189,8 @@ def test_a_pruned_resource_added_back_with_every_answer_kept_is_written_at_once(
     assert run_cli(argv, capsys)[0] == 0
     manifest = ws.manifest_path("triage").read_text()
     ws.manifest_path("triage").unlink()
-    assert run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--yes", "--prune", "--select", "triage"]
+    assert run_cli(argv, capsys)[0] == 0  # its last manifest gone: pruned by name
     ws.manifest_path("triage").write_text(manifest)
     created = len(client.batches.list().data)
 

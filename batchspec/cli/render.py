@@ -177,19 +177,11 @@ def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -
     return "\n".join(lines + ["", style.bold(plan_summary(plan, selection))])
 
 
-#: plan and apply when PATHS hold no manifest (validate exits 1 there, naming the globs)
-NOTHING_SELECTED = (
-    "no resource selected: no manifest was found where it looked (the PATHS given, or the "
-    "current folder; `batchspec validate` says where the project's manifests are; run from "
-    "the workspace root, or pass their folder)"
-)
-
-
 def nothing_selected(selection: Sequence[str] = ()) -> str:
     """Why plan or apply has no resource: ``--select`` matched none (only ``state:modified``
-    can, when nothing is to do), or the PATHS hold no manifest."""
+    can, when nothing is to do; PATHS holding no manifest are refused before a plan)."""
     if not selection:
-        return NOTHING_SELECTED
+        return "no resource selected"
     text = f"no resource matches --select {', '.join(selection)}"
     if any(s.strip() == "state:modified" for s in selection):
         text += " (apply has nothing to do for any resource)"

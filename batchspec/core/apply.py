@@ -100,6 +100,7 @@ from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
+    require_resources,
     unlisted_manifests_warnings,
 )
 from batchspec.workspace.project import ProviderConfig
@@ -161,6 +162,7 @@ def plan_workspace(
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
     with open_workspace(paths, state_path) as (ws, cache):
+        require_resources(ws, paths, prune=prune, select=select)
         resources = select_resources(ws, select)
         require_replaceable(resources, replace)
         facts = validate_inputs(ws, resources, cache)
@@ -261,6 +263,7 @@ def apply_workspace(
     spend only as it says (see batchspec.core.planfile).
     """
     with open_workspace(paths, options.state_path) as (ws, cache):
+        require_resources(ws, paths, prune=options.prune, select=options.select)
         # git's answers (the run's provenance) arrive while the inputs are validated
         run_info = start_run_info(ws.project.root, env)
         resources = select_resources(ws, options.select)

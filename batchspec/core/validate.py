@@ -34,17 +34,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchspec.errors import BatchspecError, InputError, ManifestError, UsageError
+from batchspec.errors import BatchspecError, InputError, UsageError
 from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
+    require_resources,
     unlisted_manifests_warnings,
 )
 from batchspec.workspace.templates import row_lines
-from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path
+from batchspec.workspace.yamldoc import Problem, SourceLocation
 
 # "line N" in a problem about a rendered file means row N of the rows file.
 _RENDERED_LINE = re.compile(r"\bline (\d+)")
@@ -160,15 +161,7 @@ def validate_workspace(paths: Sequence[str | Path] = ()) -> ValidationReport:
     # The scan below hashes each input while validating it; hashing it here as well would
     # read every input twice. The workspace's spec hashes are not used by validate.
     workspace = load_workspace(paths, hash_input=_not_hashed)
-    if not workspace.resources:
-        raise ManifestError(
-            f"no resources found under {display_path(Path(paths[0]) if paths else Path.cwd())}: "
-            "no `kind: Batch` document in the files it holds",
-            details=[
-                "the project's manifest globs: "
-                + ", ".join(workspace.project.manifest_globs or ("(none)",))
-            ],
-        )
+    require_resources(workspace, paths)
     scans: dict[tuple[object, ...], InputReport] = {}
     resources: list[ValidatedResource] = []
     problems: list[Problem] = []

@@ -238,6 +238,33 @@ class Workspace:
     unlisted: tuple[Path, ...] = ()
 
 
+def require_resources(
+    ws: Workspace, paths: Sequence[str | Path], *, prune: bool = False, select: Sequence[str] = ()
+) -> None:
+    """Raise when ``paths`` (default: the current folder) hold no ``kind: Batch`` document
+    and no ``--select`` names what to act on.
+
+    ``validate``, ``plan`` and ``apply`` refuse alike: a mistyped manifest glob, or a run from
+    a folder holding none, would otherwise pass having done nothing, and ``--prune`` would
+    take every resource the state tracks for one whose manifest is gone, and cancel it. The
+    last manifests deleted on purpose are pruned by naming them (``--select NAME``)."""
+    if ws.resources or select:
+        return
+    where = display_path(Path(paths[0]) if paths else Path.cwd())
+    details = [
+        "the project's manifest globs: " + ", ".join(ws.project.manifest_globs or ("(none)",))
+    ]
+    if prune:
+        details.append(
+            "nothing was pruned; to prune a resource whose manifest you deleted, name it: "
+            "`batchspec apply --prune --select NAME`"
+        )
+    raise ManifestError(
+        f"no resources found under {where}: no `kind: Batch` document in the files it holds",
+        details=details,
+    )
+
+
 def semantic_spec(
     *,
     name: str,
