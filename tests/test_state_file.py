@@ -8,9 +8,13 @@ file as it was, and spend nothing. A database with a column we do not know is re
 
 from __future__ import annotations
 
+import os
 import random
+import shlex
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,6 +140,96 @@ def test_a_fresh_store_that_fails_to_build_leaves_nothing_at_the_path(
     monkeypatch.undo()
     with StateStore.open(path) as store:
         assert store.applied_migrations()
+
+
+#: run by the tests below on a small filesystem of its own: fill it to FREE kB, then either
+#: create a state there, or copy the state at SOURCE there (as `state migrate` to a file
+#: does); free the room, and open what is at the path; print what each step gave
+FULL_DISK_SCRIPT = """
+import os, sqlite3, sys
+from batchspec.errors import StateError
+from batchspec.state.store import StateStore
+from batchspec.state.transfer import copy_state
+folder, free_kb, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+filler = os.path.join(folder, "filler")
+stats = os.statvfs(folder)
+with open(filler, "wb") as fh:
+    fh.write(bytes(max(0, stats.f_bavail * stats.f_frsize - free_kb * 1024)))
+path = os.path.join(folder, "state", "batchspec.db")
+try:
+    if source == "-":
+        StateStore.open(path).close()
+    else:
+        os.makedirs(os.path.dirname(path))
+        with StateStore.open(source) as store:
+            copy_state(store.db, path)
+    print("written")
+except StateError as err:
+    print("refused:", err.message)
+except sqlite3.Error as err:  # the CLI says "a database operation failed (...)"
+    print("refused:", err)
+os.remove(filler)
+if os.path.exists(path) or source == "-":
+    with StateStore.open(path) as store:
+        print("opened", len(store.applied_migrations()), len(store.events()))
+else:
+    print("nothing at the path")
+"""
+
+
+def run_on_a_small_filesystem(folder: Path, free_kb: int, source: Path | None = None) -> list[str]:
+    """FULL_DISK_SCRIPT on a 1 MiB tmpfs mounted at ``folder`` in a mount namespace of its
+    own (``unshare``: as root, or as a user through a user namespace), so nothing outside
+    the child sees it; the lines it printed."""
+    folder.mkdir(parents=True)
+    flags = "-m" if os.geteuid() == 0 else "-rm"
+    mount = f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(folder))}"
+    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(FULL_DISK_SCRIPT)}"
+    args = f"{folder} {free_kb} {shlex.quote(str(source or '-'))}"
+    argv = ["unshare", flags, "sh", "-c", f"{mount} && exec {child} {args}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+FREE_KB = [40, 160, 200, 240]  # none; room for the log only (~130 kB), not the file too; both
+
+
+@pytest.mark.parametrize("free_kb", FREE_KB)
+def test_a_disk_that_fills_while_a_fresh_state_is_built_leaves_no_damaged_state(
+    tmp_path: Path, free_kb: int
+) -> None:
+    """A fresh state is built in its write-ahead log, then copied into the file by a
+    checkpoint. On a disk with room for the log and not for both, the checkpoint of the
+    connection's close failed without a word, and the file linked into place lacked every
+    table: "damaged or truncated", refused by every later run until deleted by hand. Now the
+    creation fails with a StateError naming the full disk, leaves nothing at the path, and
+    the next run, with room, starts the state."""
+    first, second = run_on_a_small_filesystem(tmp_path / "small", free_kb)
+    assert first == "written" or (
+        first.startswith("refused: cannot create the state database")
+        and "disk is full" in first
+        and "has room" in first
+    ), first
+    assert second == f"opened {len(connection.MIGRATIONS.names)} 0", second
+
+
+@pytest.mark.parametrize("free_kb", FREE_KB)
+def test_a_disk_that_fills_while_the_state_is_copied_to_a_file_places_no_partial_copy(
+    tmp_path: Path, free_kb: int
+) -> None:
+    """`state migrate` to an SQLite file copies the rows in the new file's log, checks them,
+    then links the file into place. A checkpoint that failed silently on a full disk placed
+    a file without the rows: a state that forgot every batch paid for, for the next apply to
+    submit again. Now the copy fails and nothing is placed."""
+    source = tmp_path / "source" / "batchspec.db"
+    with StateStore.open(source) as store:
+        for i in range(20):
+            store.record_event(None, "probe", detail={"n": i})
+    lines = run_on_a_small_filesystem(tmp_path / "small", free_kb, source)
+    assert lines[0] == "written" or "disk is full" in lines[0], lines
+    wanted = f"opened {len(connection.MIGRATIONS.names)} 20"
+    assert lines[1] == (wanted if lines[0] == "written" else "nothing at the path"), lines
 
 
 # -- an extra column ---------------------------------------------------------------------------

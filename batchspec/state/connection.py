@@ -49,7 +49,7 @@ from batchspec.state.schema import MIGRATIONS
 from batchspec.storage.database_url import is_database_url, redact_url
 from batchspec.storage.private import create_private_file, restrict_sqlite_siblings
 from batchspec.storage.remote_blobs import PostgresBlobs, RemoteBlobs
-from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
+from batchspec.storage.sql import PostgresSql, Sql, SqliteSql, checkpoint_now
 
 BUSY_TIMEOUT_SECONDS = 30.0
 #: how long a ``CommitGroup`` keeps its transaction open before it is due for a commit
@@ -154,10 +154,11 @@ class StateConnection:
             # a raw executemany) commits at once instead of leaving a transaction open that
             # a later atomic() would join as a savepoint and never commit.
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        except OSError as err:
+        except (OSError, sqlite3.Error) as err:  # sqlite's: a full disk while it is built
+            reason = (err.strerror if isinstance(err, OSError) else None) or err
             raise StateError(
-                f"cannot create the state database {path}: {err.strerror or err}; "
-                "check that the folder is writable, or set state.path in batchspec.yaml"
+                f"cannot create the state database {path}: {reason}; check that the folder "
+                "is writable and its disk has room, or set state.path in batchspec.yaml"
             ) from err
         store = cls(SqliteSql(conn), path)
         try:
@@ -446,8 +447,9 @@ def _create_fresh(path: Path) -> None:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             MIGRATIONS.apply(SqliteSql(conn))
+            checkpoint_now(conn)  # else a full disk links in a file without the tables
         finally:
-            conn.close()  # the last connection: checkpoints the WAL into the file
+            conn.close()
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -64,7 +64,7 @@ from batchspec.storage.remote_blobs import (
     stored_blob,
     verified,
 )
-from batchspec.storage.sql import PostgresSql, Sql, SqliteSql
+from batchspec.storage.sql import PostgresSql, Sql, SqliteSql, checkpoint_now
 
 #: the tables copied, in an order that satisfies every foreign key, with their sort keys
 #: (``resources.current_generation_id`` points forward: it is filled in after generations)
@@ -238,8 +238,9 @@ def _copy_to_sqlite(
             db = SqliteSql(conn)
             db.label = str(path)
             result = _copy_in_transaction(source, db, copy_blobs)
+            checkpoint_now(conn)  # else a full disk places a file without the rows
         finally:
-            conn.close()  # the last connection: a WAL is checkpointed into the file
+            conn.close()
         _place(tmp, path, replace)
     finally:
         for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm"))):

@@ -142,6 +142,17 @@ class Sql(ABC):
         self.execute(f"RELEASE SAVEPOINT {name}")
 
 
+def checkpoint_now(conn: sqlite3.Connection) -> None:
+    """Copy a WAL database's log into its file now, or raise ``sqlite3.OperationalError``.
+
+    Closing the last connection checkpoints too, but says nothing when that fails (a full
+    disk): a file then linked into place would lack all the log held. A database in another
+    journal mode has nothing to copy."""
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        raise sqlite3.OperationalError("database is locked: its log could not be copied in")
+
+
 # -- SQLite ------------------------------------------------------------------------------------
 
 
