@@ -27,7 +27,7 @@ from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, batchspec_cmd, run_c
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore
-from batchspec.storage.answer_watch import ANSWER_TIMEOUT_ENV
+from batchspec.storage.answer_watch import ANSWER_TIMEOUT_ENV, answer_timeout_from_env
 from batchspec.storage.database_url import is_database_url, misencoded, redact_url, scrub
 from batchspec.storage.sql import (
     KEEPALIVE_OPTIONS,
@@ -432,3 +432,30 @@ def test_a_lock_waited_for_longer_than_the_answer_timeout_is_not_cut(
         store.record_event(None, "after the wait")  # waits for the writer lock
         assert time.monotonic() - started >= hold * 0.9
         assert [e.action for e in store.events()] == ["after the wait"]
+
+
+def test_a_heartbeat_to_a_frozen_server_says_it_stopped_answering_not_lock_lost(
+    postgres_url: str, postgres_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock heartbeat sent to a frozen server fails within seconds saying the server stopped
+    answering, not that the lock was released or taken over (it was neither)."""
+    from batchspec.state.lock import acquire_lock
+
+    monkeypatch.setenv(ANSWER_TIMEOUT_ENV, ANSWER_SECONDS)
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=INFO, resources=["a"])
+        with postgres_cluster.frozen(), pytest.raises(StateError) as caught:
+            handle.heartbeat()
+        assert "stopped answering" in str(caught.value), caught.value
+        handle.release()
+
+
+def test_the_answer_timeout_must_be_a_number_of_seconds() -> None:
+    """BATCHSPEC_STATE_ANSWER_TIMEOUT: seconds (fractions too), 0 for no limit; anything else
+    is one clear error naming the variable, before any connection."""
+    assert answer_timeout_from_env({}) == 60
+    assert answer_timeout_from_env({ANSWER_TIMEOUT_ENV: "2.5"}) == 2.5
+    assert answer_timeout_from_env({ANSWER_TIMEOUT_ENV: "0"}) == 0
+    for bad in ("soon", "-1", "inf", "nan"):
+        with pytest.raises(StateError, match=ANSWER_TIMEOUT_ENV):
+            answer_timeout_from_env({ANSWER_TIMEOUT_ENV: bad})
