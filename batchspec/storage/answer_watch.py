@@ -17,13 +17,15 @@ watches every statement in flight on every ``PostgresSql`` connection, and promi
 * A server that does not answer the ping has stopped answering: the watch shuts the
   statement's socket down (``shutdown(SHUT_RDWR)``), so libpq returns at once with a
   connection error, and the connection reports it as its server having stopped answering
-  (``Watched.stopped_answering``). When the server resumes, it reads the closed socket and
+  (``Watched.stop_waiting``). When the server resumes, it reads the closed socket and
   rolls the session's transaction back, releasing its locks.
 * So a frozen server fails the statement within ``answer_timeout`` plus the ping's time
   (about 70 s by default), never later; a timeout of 0 turns the watch off.
 
 Not covered: a server whose postmaster answers while the one backend serving this connection
 is stopped (the ping sees a live server, so the statement waits, as for a long statement).
+A ping to a server with SSL on may leave one line in its log (the handshake it offered was
+never started); pings happen only while a statement waits past the timeout.
 
 The timeout is ``BATCHSPEC_STATE_ANSWER_TIMEOUT`` (seconds) when set, else
 ``DEFAULT_ANSWER_TIMEOUT_SECONDS``; ``answer_timeout_from_env`` reads it.
@@ -39,7 +41,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,7 +135,7 @@ class AnswerWatch:
         #: needs no wake-up, so most statements cost a lock and no thread switch
         self._wake_at = math.inf
 
-    @contextmanager
+    @contextlib.contextmanager
     def waiting(self, target: Watched) -> Iterator[None]:
         """The block waits for ``target``'s server to answer: bound the wait."""
         if target.answer_timeout <= 0 or target.server is None:
