@@ -419,14 +419,14 @@ def test_a_lock_waited_for_longer_than_the_answer_timeout_is_not_cut(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A statement waiting for a lock on a live server (the writer lock, held by another
-    session for 4 answer timeouts) waits on and succeeds: the server still answers."""
+    session for 3 answer timeouts) waits on and succeeds: the server still answers."""
     import psycopg
 
     monkeypatch.setenv(ANSWER_TIMEOUT_ENV, ANSWER_SECONDS)
     with StateStore.open(postgres_url) as store, psycopg.connect(postgres_url) as other:
         key = store.db.advisory_key("writer")  # type: ignore[attr-defined]
         other.execute("SELECT pg_advisory_lock(%s)", (key,))
-        hold = 4 * float(ANSWER_SECONDS)
+        hold = 3 * float(ANSWER_SECONDS)
         threading.Timer(hold, other.execute, ("SELECT pg_advisory_unlock_all()",)).start()
         started = time.monotonic()
         store.record_event(None, "after the wait")  # waits for the writer lock
