@@ -6,7 +6,9 @@ root, so under root the folder is handed to ``nobody`` and both run as that user
 (``runuser``). Password authentication over TCP (scram-sha-256) for the superuser
 ``batchspec``, so the tests can also try a wrong password. ``Cluster.stop()`` stops the server
 and removes the folder. ``Cluster.new_database()`` creates an empty database and returns its
-URL (with the password: tests only).
+URL (with the password: tests only). ``Cluster.frozen()`` stops every process of the server
+(``SIGSTOP``) for a block and resumes them after it: the kernel still accepts and ACKs, nothing
+answers.
 
 Settings favour speed over durability (``fsync=off``): the data is thrown away.
 """
@@ -18,10 +20,12 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +114,26 @@ class Cluster:
         name = url.rsplit("/", 1)[-1]
         with contextlib.suppress(Exception):
             self.admin().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every process of the server stopped (postmaster first, so it forks nothing new),
+        resumed when the block ends, however it ends."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        stopped = [postmaster]
+        try:
+            os.kill(postmaster, signal.SIGSTOP)
+            children = subprocess.run(
+                ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+            ).stdout.split()
+            for pid in map(int, children):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            yield
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         for conn in (self._tests, self._admin):

@@ -2,26 +2,32 @@
 
 The whole state suite (tests/test_state.py, tests/test_lock.py) already runs on both backends;
 this file pins what only a database server has: URLs in the project file and on the command
-line, passwords never shown, a missing driver, refused or lost connections, foreign tables,
-and `batchspec apply --wait` against `batchspec serve` with the state in PostgreSQL.
+line, passwords never shown, a missing driver, refused or lost connections, a server that
+stops answering (frozen with SIGSTOP, or a listener that never speaks), foreign tables, and
+`batchspec apply --wait` against `batchspec serve` with the state in PostgreSQL.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from postgres import PASSWORD, Cluster
-from probes import start_serve_process
+from probes import ProbedServer, start_serve_process
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, batchspec_cmd, run_cli, served
 
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import StateStore
+from batchspec.storage.answer_watch import ANSWER_TIMEOUT_ENV, answer_timeout_from_env
 from batchspec.storage.database_url import is_database_url, misencoded, redact_url, scrub
 from batchspec.storage.sql import (
     KEEPALIVE_OPTIONS,
@@ -322,3 +328,134 @@ def test_a_dropped_network_is_noticed_within_a_minute_unless_the_url_says_otherw
     separator = "&" if "?" in postgres_url else "?"
     with StateStore.open(f"{postgres_url}{separator}keepalives_idle=5") as store:
         assert _tcp_options(store) == {**KEEPALIVE_OPTIONS, "keepalives_idle": "5"}
+
+
+def test_the_urls_connect_timeout_is_kept(postgres_url: str) -> None:
+    """A URL's own connect_timeout is libpq's, not replaced by batchspec's default (10 s)."""
+    separator = "&" if "?" in postgres_url else "?"
+    with StateStore.open(f"{postgres_url}{separator}connect_timeout=7") as store:
+        options = {o.keyword: o.val for o in store.db.conn.pgconn.info}
+        assert options[b"connect_timeout"] == b"7"
+
+
+# -- a server that stops answering ---------------------------------------------------------------
+
+#: seconds the state database may go without answering, in these tests
+ANSWER_SECONDS = "0.3"
+
+
+def test_a_frozen_server_stops_apply_in_seconds_and_the_next_apply_pays_nothing_twice(
+    tmp_path: Path,
+    postgres_url: str,
+    postgres_cluster: Cluster,
+    server: Callable[..., ProbedServer],
+) -> None:
+    """The server's processes stopped (SIGSTOP: TCP still ACKs, keepalives never fire) while
+    apply waits for its create: apply stops within seconds, exit 1, one line naming the server
+    and saying it stopped answering; once the server resumes, the next apply adopts the batch
+    created meanwhile and creates none."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    env = {**os.environ, KEY_ENV: SENTINEL_KEY, ANSWER_TIMEOUT_ENV: ANSWER_SECONDS}
+    created = srv.probe.hold("POST /batches", 30, after=True)
+    apply = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", "--state", postgres_url),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert created.wait(30), "the create never reached the server"
+        with postgres_cluster.frozen():
+            srv.probe.release_all()  # apply goes on to record the batch it created
+            started = time.monotonic()
+            try:
+                _, err = apply.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                pytest.fail("apply still waits for the frozen server after 10 s")
+            elapsed = time.monotonic() - started
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+            apply.communicate()
+    assert apply.returncode == 1, err
+    line = one_line_without_password(err)
+    assert "stopped answering" in line and redact_url(postgres_url) in line, line
+    assert elapsed < 5, elapsed
+    again = subprocess.run(
+        batchspec_cmd("apply", str(ws.root), "--yes", "--wait", "--state", postgres_url, *FAST),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert srv.batch_count() == 1
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_a_listener_that_never_answers_fails_the_connect_in_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that accepts TCP and never speaks PostgreSQL: the connect gives up within the
+    answer timeout (libpq's minimum, 2 s), not batchspec's default 10 s; one line, exit 1."""
+    monkeypatch.setenv(ANSWER_TIMEOUT_ENV, ANSWER_SECONDS)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        url = f"postgresql://ci:{PASSWORD}@127.0.0.1:{port}/x"
+        started = time.monotonic()
+        code, _, err = run_cli(["status", str(tmp_path), "--state", url], capsys)
+        elapsed = time.monotonic() - started
+    assert code == 1
+    line = one_line_without_password(err)
+    assert f"127.0.0.1:{port}" in line and "did not answer within 2 s" in line, line
+    assert elapsed < 4, elapsed
+
+
+def test_a_lock_waited_for_longer_than_the_answer_timeout_is_not_cut(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement waiting for a lock on a live server (the writer lock, held by another
+    session for 3 answer timeouts) waits on and succeeds: the server still answers."""
+    import psycopg
+
+    monkeypatch.setenv(ANSWER_TIMEOUT_ENV, ANSWER_SECONDS)
+    with StateStore.open(postgres_url) as store, psycopg.connect(postgres_url) as other:
+        key = store.db.advisory_key("writer")  # type: ignore[attr-defined]
+        other.execute("SELECT pg_advisory_lock(%s)", (key,))
+        hold = 3 * float(ANSWER_SECONDS)
+        threading.Timer(hold, other.execute, ("SELECT pg_advisory_unlock_all()",)).start()
+        started = time.monotonic()
+        store.record_event(None, "after the wait")  # waits for the writer lock
+        assert time.monotonic() - started >= hold * 0.9
+        assert [e.action for e in store.events()] == ["after the wait"]
+
+
+def test_a_heartbeat_to_a_frozen_server_says_it_stopped_answering_not_lock_lost(
+    postgres_url: str, postgres_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock heartbeat sent to a frozen server fails within seconds saying the server stopped
+    answering, not that the lock was released or taken over (it was neither)."""
+    from batchspec.state.lock import acquire_lock
+
+    monkeypatch.setenv(ANSWER_TIMEOUT_ENV, ANSWER_SECONDS)
+    with StateStore.open(postgres_url) as store:
+        handle = acquire_lock(store, command="apply", info=INFO, resources=["a"])
+        with postgres_cluster.frozen(), pytest.raises(StateError) as caught:
+            handle.heartbeat()
+        assert "stopped answering" in str(caught.value), caught.value
+        handle.release()
+
+
+def test_the_answer_timeout_must_be_a_number_of_seconds() -> None:
+    """BATCHSPEC_STATE_ANSWER_TIMEOUT: seconds (fractions too), 0 for no limit; anything else
+    is one clear error naming the variable, before any connection."""
+    assert answer_timeout_from_env({}) == 60
+    assert answer_timeout_from_env({ANSWER_TIMEOUT_ENV: "2.5"}) == 2.5
+    assert answer_timeout_from_env({ANSWER_TIMEOUT_ENV: "0"}) == 0
+    for bad in ("soon", "-1", "inf", "nan"):
+        with pytest.raises(StateError, match=ANSWER_TIMEOUT_ENV):
+            answer_timeout_from_env({ANSWER_TIMEOUT_ENV: bad})

@@ -61,7 +61,12 @@ from batchspec.errors import StateError, StateLockedError
 from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
-from batchspec.storage.sql import DatabaseError, DatabaseUnavailableError, PostgresSql
+from batchspec.storage.sql import (
+    DatabaseError,
+    DatabaseNotAnsweringError,
+    DatabaseUnavailableError,
+    PostgresSql,
+)
 
 #: a run holding locks; the same class as ``batchspec.state.store.LockRow``
 LockHolder = LockRow
@@ -154,6 +159,8 @@ class LockHandle:
     def _touch(self) -> bool:
         try:
             return self._store.touch_lock_row(self.holder_id, utc_timestamp())
+        except DatabaseNotAnsweringError:
+            raise  # not a lock lost: a server that stopped answering, said as such
         except DatabaseUnavailableError:  # PostgreSQL: the session, and so the lock, is gone
             return False
 

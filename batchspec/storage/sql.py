@@ -24,8 +24,15 @@ What the wrapper does, and promises:
 * Driver failures become one ``StateError`` subclass each, with no password in the message:
   ``IntegrityError`` (a constraint or trigger refused a write), ``DatabaseBusyError`` (the
   writer lock stayed taken), ``DatabaseUnavailableError`` (the server refused or dropped the
-  connection; the server rolls back the open transaction, so nothing is half-written).
+  connection; the server rolls back the open transaction, so nothing is half-written), and its
+  ``DatabaseNotAnsweringError`` (the server stopped answering: frozen, or its host stuck).
   SQLite's other errors pass through as ``sqlite3.Error`` (disk full, I/O), as before.
+* No PostgreSQL round trip waits for ever: the connect gives up after ``connect_timeout``
+  (the URL's, else 10 s or the answer timeout if shorter), and every statement is watched by
+  ``batchspec.storage.answer_watch``: one with no answer for the answer timeout
+  (``BATCHSPEC_STATE_ANSWER_TIMEOUT``, default 60 s) whose server does not answer a ping
+  either fails with ``DatabaseNotAnsweringError``; a lock wait or a long statement on a
+  server that answers is never cut.
 * A connection is used from one thread only.
 """
 
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import os
 import re
 import secrets
 import sqlite3
@@ -42,6 +51,13 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
 
 from batchspec.errors import StateError
+from batchspec.storage.answer_watch import (
+    ANSWER_TIMEOUT_ENV,
+    ANSWER_WATCH,
+    ServerAddress,
+    answer_timeout_from_env,
+    shut_down_socket,
+)
 from batchspec.storage.database_url import misencoded, redact_url, scrub
 
 POSTGRES_EXTRA_HINT = "pip install 'batchspec[postgres]'"
@@ -61,6 +77,10 @@ class DatabaseBusyError(DatabaseError):
 
 class DatabaseUnavailableError(DatabaseError):
     """The database server refused, dropped or never answered the connection."""
+
+
+class DatabaseNotAnsweringError(DatabaseUnavailableError):
+    """The database server stopped answering a statement, and a new connection too."""
 
 
 class Cursor(Protocol):
@@ -283,9 +303,14 @@ KEEPALIVE_OPTIONS = {
 }
 
 
-def _keepalive_options(url: str) -> dict[str, Any]:
-    """``KEEPALIVE_OPTIONS`` the URL does not set (a URL libpq cannot parse gets none: the
-    connect says why)."""
+#: seconds a connect waits for the server unless the URL (or PGCONNECT_TIMEOUT) says
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
+
+
+def _default_options(url: str, answer_timeout: float) -> dict[str, Any]:
+    """``KEEPALIVE_OPTIONS`` and a ``connect_timeout`` (10 s, or the answer timeout if shorter),
+    each unless the URL sets its own (a URL libpq cannot parse gets none: the connect says
+    why)."""
     from psycopg import ProgrammingError
     from psycopg.conninfo import conninfo_to_dict
 
@@ -293,7 +318,20 @@ def _keepalive_options(url: str) -> dict[str, Any]:
         given = conninfo_to_dict(url)
     except ProgrammingError:
         return {}
-    return {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in given}
+    options = {k: v for k, v in KEEPALIVE_OPTIONS.items() if k not in given}
+    if "connect_timeout" not in given and not os.environ.get("PGCONNECT_TIMEOUT"):
+        seconds = DEFAULT_CONNECT_TIMEOUT_SECONDS
+        if answer_timeout > 0:
+            seconds = min(seconds, max(1, math.ceil(answer_timeout)))
+        options["connect_timeout"] = str(seconds)
+    return options
+
+
+def _connect_timeout(url: str, options: dict[str, Any]) -> int:
+    """The seconds psycopg gives each connection attempt (at least 2, as libpq)."""
+    from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
+
+    return timeout_from_conninfo(conninfo_to_dict(url, **options))
 
 
 class PostgresSql(Sql):
@@ -311,10 +349,22 @@ class PostgresSql(Sql):
         #: the server ended this session on purpose (SQLSTATE 57P01): every later statement
         #: only sees "the connection is closed", so the reason is kept for their messages
         self._ended_by_server = False
+        #: the answer watch cut this connection: its server stopped answering (same reason)
+        self._not_answering = False
+
+    #: seconds a statement may go without an answer (0: no limit); ``answer_watch``
+    answer_timeout = 0.0
+    #: where the server listens, for the answer watch's ping (None: not known)
+    server: ServerAddress | None = None
 
     @classmethod
-    def connect(cls, url: str, *, busy_timeout: float, connect_timeout: int = 10) -> PostgresSql:
-        """Connect to ``url``; one clear ``StateError`` (never the password) if we cannot."""
+    def connect(
+        cls, url: str, *, busy_timeout: float, answer_timeout: float | None = None
+    ) -> PostgresSql:
+        """Connect to ``url``; one clear ``StateError`` (never the password) if we cannot.
+
+        ``answer_timeout``: seconds a statement may go without an answer before the server is
+        called stopped (``batchspec.storage.answer_watch``); None: the environment's, or 60."""
         try:
             import psycopg
         except ImportError as err:
@@ -325,14 +375,11 @@ class PostgresSql(Sql):
         reason = misencoded(url)
         if reason is not None:
             raise StateError(f"the state URL {redact_url(url)} is not valid: {reason}")
+        if answer_timeout is None:
+            answer_timeout = answer_timeout_from_env()
+        options = _default_options(url, answer_timeout)
         try:
-            conn = psycopg.connect(
-                url,
-                autocommit=True,
-                connect_timeout=connect_timeout,
-                application_name="batchspec",
-                **_keepalive_options(url),
-            )
+            conn = psycopg.connect(url, autocommit=True, application_name="batchspec", **options)
         except psycopg.ProgrammingError as err:  # a malformed URL or option
             raise StateError(
                 f"the state URL {redact_url(url)} is not valid: {_first_line(err, url)}"
@@ -340,9 +387,11 @@ class PostgresSql(Sql):
         except psycopg.Error as err:
             raise DatabaseUnavailableError(
                 f"cannot connect to the state database {redact_url(url)}: "
-                f"{_connect_reason(err, url)}"
+                f"{_connect_reason(err, url, _connect_timeout(url, options))}"
             ) from err
         db = cls(conn, url)
+        db.answer_timeout = answer_timeout
+        db.server = _server_address(conn)
         db.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
         db.schema = db.execute("SELECT coalesce(current_schema(), '')").fetchone()[0]
         if not db.schema:  # else the first CREATE TABLE says "no schema has been selected"
@@ -397,11 +446,20 @@ class PostgresSql(Sql):
                 yield [tuple(r) for r in rows[start : start + size]]
             return
         name = f"batchspec_stream_{secrets.token_hex(4)}"
-        with self._translated(), self.conn.cursor(name=name) as cur:
-            cur.itersize = size
-            cur.execute(sql)
-            while rows := cur.fetchmany(size):
+        cur = self.conn.cursor(name=name)
+        cur.itersize = size
+        try:
+            with self._translated():  # around each round trip, not around the caller's work
+                cur.execute(sql)
+            while True:
+                with self._translated():
+                    rows = cur.fetchmany(size)
+                if not rows:
+                    break
                 yield [tuple(r) for r in rows]
+        finally:
+            with self._translated():
+                cur.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -426,21 +484,48 @@ class PostgresSql(Sql):
     def close(self) -> None:
         self.conn.close()
 
+    def stop_waiting(self) -> None:
+        """The answer watch found the server stopped answering: end the statement in flight
+        (its socket shut down, libpq returns a connection error, reported as such)."""
+        self._not_answering = True
+        try:
+            fileno = self.conn.pgconn.socket
+        except self._psycopg.Error:
+            return  # closed meanwhile
+        shut_down_socket(fileno)
+
+    def _not_answering_error(self) -> DatabaseNotAnsweringError:
+        return DatabaseNotAnsweringError(
+            f"the state database {self.label} stopped answering: no answer to a statement "
+            f"for {self.answer_timeout:g} s, nor to a new connection (its server is stopped "
+            "or frozen, or its host or network is stuck while TCP still answers), so "
+            "batchspec stopped waiting; the server rolls back the unfinished transaction when "
+            "it resumes, so nothing is half-written: run the command again once it answers "
+            f"({ANSWER_TIMEOUT_ENV} sets how many seconds to wait)"
+        )
+
     @contextmanager
     def _translated(self) -> Iterator[None]:
-        errors = self._psycopg.errors
+        """One round trip: bounded by the answer watch, its driver errors made ours."""
         try:
-            yield
-        except errors.IntegrityError as err:
-            raise IntegrityError(f"{self.label}: {_first_line(err, self._url)}") from err
-        except errors.RaiseException as err:  # a trigger's RAISE EXCEPTION
-            raise IntegrityError(f"{self.label}: {_first_line(err, self._url)}") from err
-        except errors.LockNotAvailable as err:
-            raise DatabaseBusyError(
+            with ANSWER_WATCH.waiting(self):
+                yield
+        except self._psycopg.Error as err:
+            raise self._translate(err) from err
+
+    def _translate(self, err: Exception) -> DatabaseError:
+        """The ``StateError`` for a psycopg error (never the password in its message)."""
+        errors = self._psycopg.errors
+        if self._not_answering:  # every later statement only sees "the connection is lost"
+            return self._not_answering_error()
+        if isinstance(err, errors.IntegrityError | errors.RaiseException):  # RAISE: a trigger
+            return IntegrityError(f"{self.label}: {_first_line(err, self._url)}")
+        if isinstance(err, errors.LockNotAvailable):
+            return DatabaseBusyError(
                 f"the state database {self.label} stayed busy ({_first_line(err, self._url)}); "
                 "another process is writing to it, try again"
-            ) from err
-        except self._psycopg.OperationalError as err:
+            )
+        if isinstance(err, self._psycopg.OperationalError):
             if getattr(err, "sqlstate", None) == ADMIN_SHUTDOWN:
                 self._ended_by_server = True
             reason = (
@@ -450,16 +535,14 @@ class PostgresSql(Sql):
                 if self._ended_by_server
                 else _first_line(err, self._url)
             )
-            raise DatabaseUnavailableError(
+            return DatabaseUnavailableError(
                 f"lost the connection to the state database {self.label} ({reason}); the "
                 "server rolled back the unfinished transaction, so nothing is half-written: "
                 "run the command again to go on"
-            ) from err
-        except self._psycopg.Error as err:
-            raise DatabaseError(
-                f"the state database {self.label} refused a statement: "
-                f"{_first_line(err, self._url)}"
-            ) from err
+            )
+        return DatabaseError(
+            f"the state database {self.label} refused a statement: {_first_line(err, self._url)}"
+        )
 
 
 #: SQLSTATE admin_shutdown: pg_terminate_backend() (``batchspec unlock --force``) or a shutdown
@@ -471,7 +554,20 @@ def _first_line(err: BaseException, url: str) -> str:
     return scrub(lines[0] if lines else type(err).__name__, url)
 
 
-def _connect_reason(err: BaseException, url: str) -> str:
+def _server_address(conn: Any) -> ServerAddress | None:
+    """Where ``conn``'s server listens (its numeric address when libpq knows it)."""
+    info = conn.info
+    try:
+        host = info.hostaddr or info.host
+    except Exception:  # noqa: BLE001 - hostaddr needs libpq 12; without it, host alone
+        host = info.host
+    try:
+        return ServerAddress.of(host, int(info.port))
+    except (TypeError, ValueError):
+        return None
+
+
+def _connect_reason(err: BaseException, url: str, timeout: int) -> str:
     """libpq's reason, shortened to what the user can act on (never the password)."""
     text = scrub(" ".join(str(err).split()), url)
     if "password authentication failed" in text or "no password supplied" in text:
@@ -482,7 +578,11 @@ def _connect_reason(err: BaseException, url: str) -> str:
     if "Connection refused" in text:
         return "the connection was refused (is the server running, on that host and port?)"
     if "timeout expired" in text:
-        return "the server did not answer in time (check the host, port and firewall)"
+        return (
+            f"the server did not answer within {timeout} s (check the host, port and "
+            "firewall; a server that accepts connections but never answers is stopped or "
+            "stuck; connect_timeout in the URL sets the seconds)"
+        )
     # libpq prefixes each attempt with 'connection failed: connection to server at ...'
     return text.rsplit("failed: ", 1)[-1]
 
@@ -492,6 +592,7 @@ __all__ = [
     "Cursor",
     "DatabaseBusyError",
     "DatabaseError",
+    "DatabaseNotAnsweringError",
     "DatabaseUnavailableError",
     "IntegrityError",
     "PostgresSql",
