@@ -246,6 +246,60 @@ def test_a_mistyped_manifest_glob_prunes_nothing(
     assert ws.output_path("a").exists() and ws.output_path("b").exists()
 
 
+def test_prune_refuses_a_state_none_of_whose_resources_the_workspace_declares(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Workspace b pointed at workspace a's state (--state, BATCHSPEC_STATE): every resource
+    there is an orphan to b, so `apply --prune` cancelled and forgot all of a's batches. It
+    is now refused, naming the state and what to check; a keeps its batch. Pruning by name
+    (--select) still works, for resources deleted or renamed all at once."""
+    a = make_workspace(
+        tmp_path / "a",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("alpha", provider="here")],
+    )
+    b = make_workspace(
+        tmp_path / "b",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("beta", provider="here")],
+    )
+    assert run_cli(["apply", str(a.root), "--yes"], capsys)[0] == 0
+    a_state = str(a.root / "state" / "batchspec.db")
+    for command in (["plan", "--prune"], ["apply", "--prune", "--yes"]):
+        code, out, err = run_cli([*command, str(b.root), "--state", a_state], capsys)
+        assert code == 1, (command, out, err)
+        assert "every resource the state at" in err and "(1: alpha)" in err, err
+        assert "another workspace's state" in err and "--prune --select NAME" in err, err
+    with a.store() as store:
+        assert [r.name for r in store.list_resources()] == ["alpha"]
+        assert not [e for e in store.events() if e.action in ("cancel", "prune")]
+        assert not [r for r in store.list_resources() if r.name == "beta"]
+    assert run_cli(["apply", str(a.root), "--wait", "--yes"], capsys)[0] == 0
+    assert a.output_path("alpha").exists()
+
+    # a's one manifest renamed: with a state named by --state, the old name is pruned when
+    # named; with the workspace's own state (it cannot be another's), as before
+    a.manifest_path("alpha").write_text(
+        a.manifest_path("alpha").read_text().replace("name: alpha", "name: gamma")
+    )
+    code, _, err = run_cli(["apply", str(a.root), "--prune", "--state", a_state], capsys)
+    assert code == 1 and "(1: alpha)" in err, err
+    argv = ["apply", str(a.root), "--prune", "--yes", "--state", a_state, "--select", "alpha"]
+    assert run_cli(argv, capsys)[0] == 0
+    with a.store() as store:
+        assert [r.name for r in store.list_resources()] == []
+    a.manifest_path("alpha").write_text(
+        a.manifest_path("alpha").read_text().replace("name: gamma", "name: delta")
+    )
+    assert run_cli(["apply", str(a.root), "--yes"], capsys)[0] == 0
+    a.manifest_path("alpha").write_text(
+        a.manifest_path("alpha").read_text().replace("name: delta", "name: omega")
+    )
+    assert run_cli(["apply", str(a.root), "--prune", "--yes"], capsys)[0] == 0
+    with a.store() as store:
+        assert [r.name for r in store.list_resources()] == ["omega"]
+
+
 def test_a_manifest_outside_the_project_globs_is_run_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -88,6 +88,7 @@ from batchspec.errors import (
     BudgetError,
     ConsentError,
     ManifestError,
+    StateError,
     StateLockedError,
     UsageError,
 )
@@ -178,6 +179,8 @@ def plan_workspace(
         recorded_run(store, ws, "plan", args),
         store.reading(),  # reads only: a few queries in all, however many resources
     ):
+        if prune and not select and state_may_be_anothers(ws, state_path):
+            refuse_pruning_another_workspace(store, elsewhere)
         resources, readded = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
             store,
@@ -226,6 +229,42 @@ def plan_workspace(
             estimates=estimates,
             drains=drains,
         )
+
+
+def state_may_be_anothers(ws: Workspace, state_path: str | None) -> bool:
+    """Whether the state may hold another workspace's resources: one named by ``--state`` or
+    ``BATCHSPEC_STATE``, a PostgreSQL server, or a file outside the workspace."""
+    if state_path is not None or ws.project.shared_state:
+        return True
+    return not ws.project.state_path.resolve().is_relative_to(ws.project.root.resolve())
+
+
+def refuse_pruning_another_workspace(store: StateStore, declared: AbstractSet[str] | None) -> None:
+    """Refuse ``--prune`` (without ``--select``) where the state tracks resources and this
+    workspace declares none of them: with a state that ``state_may_be_anothers``, another
+    workspace's, whose every resource the prune would cancel and forget. Resources renamed
+    all at once, or deleted, are pruned by naming them (``--select NAME``)."""
+    if declared is None:  # orphans unknown: --prune is refused already (_names_elsewhere)
+        return
+    tracked = [row.name for row in store.list_resources()]
+    if not tracked or declared & set(tracked):
+        return
+    shown = ", ".join(tracked[:NAMES_SHOWN]) + (", …" if len(tracked) > NAMES_SHOWN else "")
+    raise StateError(
+        f"--prune would cancel and forget every resource the state at {store.db.label} tracks "
+        f"({len(tracked)}: {shown}), and no manifest of this workspace declares any of them; "
+        "nothing was pruned",
+        details=[
+            "is it another workspace's state? check --state and BATCHSPEC_STATE (each "
+            "workspace needs a state, or a PostgreSQL schema, of its own)",
+            "to prune resources whose manifests you deleted or renamed, name them: "
+            "`batchspec apply --prune --select NAME`",
+        ],
+    )
+
+
+#: how many resource names a refusal lists before the ellipsis
+NAMES_SHOWN = 10
 
 
 def _names_elsewhere(
@@ -301,6 +340,9 @@ def apply_workspace(
             for warning in unlisted_manifests_warnings(ws):
                 report(Progress("warning", None, warning))
             with store.reading():  # the plan's reads: a few queries, however many resources
+                foreign = state_may_be_anothers(ws, options.state_path)
+                if options.prune and not options.select and foreign:
+                    refuse_pruning_another_workspace(store, elsewhere)
                 resources, readded = planned_resources(
                     store, resources, options.replace, reuse=options.reuse
                 )
