@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 USAGE_EXIT_CODE = 64
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+#: the cap on ``--parallelism``: ``MAX_PARALLELISM`` of core/reconcile/prefetch.py (a test keeps
+#: them equal), written out so that parsing options imports nothing of the library
+MAX_PARALLELISM = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +150,15 @@ def lock_timeout_option(f: F) -> F:
 def parallelism_option(f: F) -> F:
     return click.option(
         "--parallelism",
-        type=click.IntRange(min=1),
+        type=click.IntRange(min=1, max=MAX_PARALLELISM),
         default=16,
         show_default=True,
         envvar="BATCHSPEC_PARALLELISM",
         show_envvar=True,  # the FAQ's advice for CI: set it once for every command
         help="Provider calls (uploads, creates, polls, downloads, cancels) in flight at once, "
-        "fewer while a provider answers 429 (halved, then grown back); a provider's "
-        "maxConcurrency option caps it for that provider.",
+        f"at most {MAX_PARALLELISM} (each is a thread); fewer while a provider answers 429 "
+        "(halved, then grown back); a provider's maxConcurrency option caps it for that "
+        "provider.",
     )(f)
 
 
