@@ -1415,23 +1415,43 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
         return ()
 
 
-def interrupted_text(args: Sequence[str], err: BaseException | None = None) -> str:
+def interrupted_text(
+    args: Sequence[str], err: BaseException | None = None, *, engine_drain: float | None = None
+) -> str:
     """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
-    it created goes on (README, exit 130; 143 for SIGTERM), and why the stop may take a while
-    (a local engine lets the requests it has sent finish: stopping them would send, and pay
-    for, them again)."""
+    it created goes on (README, exit 130; 143 for SIGTERM), and, when a local engine runs in
+    this process (``engine_drain``: how long it may take to stop), why the stop may take a
+    while (it lets the requests it has sent finish: stopping them would send, and pay for,
+    them again). An apply on remote providers alone has no engine to wait for."""
     terminated = isinstance(err, Terminated)
     what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
-    if command == "apply":
-        again = "a second SIGTERM" if terminated else "Ctrl-C again"
+    if command != "apply":
+        return f"{what}."
+    if engine_drain is None:
         return (
-            f"{what}: batches already created are kept (a remote provider runs them on; "
-            "the local engine's batches wait for the next command); `batchspec apply` picks "
-            "them up. A local engine first lets the requests it has sent finish (up to 30 s; "
-            f"{again} does not wait for them, and they are sent again next time)."
+            f"{what}: batches already created are kept (the provider runs them on); "
+            "`batchspec apply` picks them up."
         )
-    return f"{what}."
+    again = "a second SIGTERM" if terminated else "Ctrl-C again"
+    return (
+        f"{what}: batches already created are kept (a remote provider runs them on; "
+        "the local engine's batches wait for the next command); `batchspec apply` picks "
+        "them up. A local engine first lets the requests it has sent finish (up to "
+        f"{engine_drain:g} s; {again} does not wait for them, and they are sent again next "
+        "time)."
+    )
+
+
+def local_engine_drain() -> float | None:
+    """How long the local engines running in this process may take to stop (None: none
+    runs). Asked of the engine only once its module is loaded: a process that never loaded it
+    runs none, and a signal handler must not spend time importing it."""
+    if "batchspec.engine.core" not in sys.modules:
+        return None
+    from batchspec.engine.core import running_engines_drain
+
+    return running_engines_drain()
 
 
 def skip_unused_http_modules() -> None:
@@ -1477,15 +1497,16 @@ def freeze_heap_before_exit() -> None:
 class Interruption:
     """Ctrl-C and SIGTERM stop a command, and say so on stderr the moment they come.
 
-    The stop itself can take a while (a local engine lets the requests it has sent finish,
-    up to 30 s): said only once the command had unwound, a Ctrl-C looked ignored. SIGTERM (a
-    CI runner cancelling a job, ``docker stop``, Kubernetes, ``timeout``) ends a process on
-    the spot by default: no ``interrupted`` event, no exit code in the state (``history``
-    showed the run ``killed``); it stops the command as Ctrl-C does (``Terminated``, exit
-    143). Each is taken so once: a second one stops at once (Ctrl-C raises again, a second
-    SIGTERM ends the process, as the default would). Handlers live in the main thread only;
-    an ignored SIGINT (a job started in the background by a script) stays ignored, and
-    ``serve`` puts its own in place while it serves."""
+    The stop itself can take a while (a local engine running in this process lets the
+    requests it has sent finish, up to 30 s; the line says so only when one runs): said only
+    once the command had unwound, a Ctrl-C looked ignored. SIGTERM (a CI runner cancelling a
+    job, ``docker stop``, Kubernetes, ``timeout``) ends a process on the spot by default: no
+    ``interrupted`` event, no exit code in the state (``history`` showed the run ``killed``);
+    it stops the command as Ctrl-C does (``Terminated``, exit 143). Each is taken so once: a
+    second one stops at once (Ctrl-C raises again, a second SIGTERM ends the process, as the
+    default would). Handlers live in the main thread only; an ignored SIGINT (a job started
+    in the background by a script) stays ignored, and ``serve`` puts its own in place while
+    it serves."""
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
@@ -1495,7 +1516,7 @@ class Interruption:
         if self.said:
             return
         self.said = True
-        text = interrupted_text(self.args, err)
+        text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 os.write(2, (text + "\n").encode())
