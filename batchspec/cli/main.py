@@ -444,9 +444,18 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
 def serve(**opts: Any) -> None:
     """Serve the local batch engine as an OpenAI-compatible Files + Batches API.
 
-    Runs until Ctrl-C; unfinished batches resume at the next start.
+    Runs until Ctrl-C or SIGTERM, which it says at once: it takes no new requests and lets
+    those in flight finish (upstream, up to 30 s); Ctrl-C again stops without waiting (they
+    are sent again at the next start). Unfinished batches resume at the next start.
     """
-    from batchspec.engine.server import serve_from_cli_options
+    from batchspec.engine.server import Stopping, serve_from_cli_options
+
+    # the process's Ctrl-C line is this one: said once, at once (from the signal handler)
+    interruption = click.get_current_context().find_object(Interruption) or Interruption([])
+
+    def stopping(notice: Stopping) -> None:
+        err = Terminated() if notice.signal == "SIGTERM" else KeyboardInterrupt()
+        interruption.say(err, in_handler=True, text=serve_stopping_text(notice))
 
     with engine_log_shown():
         serve_from_cli_options(
@@ -454,6 +463,7 @@ def serve(**opts: Any) -> None:
             on_listening=lambda url, upstream: click.echo(
                 f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
             ),
+            on_stopping=stopping,
         )
 
 
@@ -1443,6 +1453,37 @@ def interrupted_text(
     )
 
 
+def serve_stopping_text(notice: Any) -> str:
+    """What the first Ctrl-C (or SIGTERM) of ``serve`` says at once (``notice``: the engine
+    server's ``Stopping``): that it stops, what it waits for and how long at most, and that
+    Ctrl-C (again) does not wait, in apply's words."""
+    what = "Terminated (SIGTERM)" if notice.signal == "SIGTERM" else "Interrupted"
+    resume = "unfinished batches resume at the next start."
+    waits = []
+    if notice.requests_in_flight:
+        waits.append(
+            f"the {_count(notice.requests_in_flight, 'request')} the engine has sent upstream "
+            f"to finish (up to {notice.drain_timeout:g} s)"
+        )
+    if notice.answering:
+        waits.append(
+            f"{_count(notice.answering, 'API request')} being answered "
+            f"(up to {notice.answer_timeout:g} s)"
+        )
+    if not waits:
+        return f"{what}: stopping (no request in flight); {resume}"
+    again = "Ctrl-C" if notice.signal == "SIGTERM" else "Ctrl-C again"
+    return (
+        f"{what}: stopping, taking no new requests; waiting for {' and for '.join(waits)}. "
+        f"{again} does not wait for them (the engine's are sent again at the next start); "
+        f"{resume}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def local_engine_drain() -> float | None:
     """How long the local engines running in this process may take to stop (None: none
     runs). Asked of the engine only once its module is loaded: a process that never loaded it
@@ -1512,11 +1553,15 @@ class Interruption:
         self.args = args
         self.said = False
 
-    def say(self, err: BaseException | None, *, in_handler: bool = False) -> None:
+    def say(
+        self, err: BaseException | None, *, in_handler: bool = False, text: str | None = None
+    ) -> None:
+        """Say the interruption, once: ``text``, or apply's (or any command's) own words."""
         if self.said:
             return
         self.said = True
-        text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
+        if text is None:
+            text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 os.write(2, (text + "\n").encode())
@@ -1560,7 +1605,8 @@ def _run(argv: list[str] | None) -> None:
     interruption = Interruption(args)
     try:
         with interruption.handled():
-            rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
+            # obj: a command that says its own interruption (serve) says it through this one
+            rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False, obj=interruption)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
             interruption.say(err.__cause__)

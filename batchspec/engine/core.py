@@ -134,13 +134,15 @@ class Engine:
         _set_running(id(self), self.worker.settings.drain_timeout)
         return self
 
-    def close(self) -> None:
-        """Stop cleanly: in-flight requests finish, results are committed, the lock is freed."""
+    def close(self, *, wait_for_requests: bool = True) -> None:
+        """Stop cleanly: in-flight requests finish (up to the drain timeout; at once without
+        ``wait_for_requests``: they are sent again at the next start), results are committed,
+        the lock is freed."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.worker.stop()
+            self.worker.stop(wait_for_requests=wait_for_requests)
         finally:
             _set_running(id(self), None)
         self.store.close()
