@@ -1145,9 +1145,10 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
-    def warn(progress: Any) -> None:  # a batch the provider no longer has, recorded gone
-        if progress.event == "warning":
-            click.echo(f"Warning: [{progress.resource}] {progress.message}", err=True)
+    def warn(progress: Any) -> None:  # a batch the provider no longer has, recorded gone;
+        if progress.event == "warning":  # the local engine's own warnings (no resource)
+            where = f"[{progress.resource}] " if progress.resource else ""
+            click.echo(f"Warning: {where}{progress.message}", err=True)
 
     result = cancel_resource(
         paths,

@@ -67,7 +67,7 @@ from batchspec.core.replacements import (
     reuses_answers,
     with_readded,
 )
-from batchspec.core.reporting import Progress, Reporter
+from batchspec.core.reporting import Progress, Reporter, engine_log_reported
 from batchspec.core.selection import orphan_selector
 from batchspec.core.session import (
     ProviderPool,
@@ -322,7 +322,10 @@ def apply_workspace(
                 require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
-            with ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers:
+            with (
+                engine_log_reported(report),
+                ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers,
+            ):
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
                 for action in plan.spending:
@@ -461,7 +464,11 @@ def cancel_resource(
                 f"run `batchspec cancel {name}` again"
             )
             raise
-        with lock, ProviderPool(ws, env, lock_timeout=lock_timeout) as providers:
+        with (
+            lock,
+            engine_log_reported(report),
+            ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
+        ):
             rec = Reconciler(
                 ws.project,
                 store,
