@@ -625,6 +625,33 @@ def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     assert slow_server.probe.counts["POST /batches"] == 1
 
 
+def test_a_timeout_with_a_resource_already_degraded_exits_4(
+    tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --wait --timeout` reached while one resource still runs and another is already
+    Degraded (failed for good): exit 4, not 5, since no longer wait can fix it (docs/exit-
+    codes.md); the result says both (outcome degraded, timed_out) and the headline too."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV), "here": local_provider()},
+        resources=[ResourceSpec("slow", count=1), ResourceSpec("doomed", provider="here")],
+    )
+    lines = request_lines(2)
+    for line in lines:
+        line["body"]["messages"] = []  # the stand-in refuses each: a final 400
+    ws.write_input("doomed", lines)
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--json", *FAST, "--timeout", "1"]
+
+    code, out, err = run_cli(argv, capsys)
+
+    assert code == 4, out + err
+    result = json.loads(out.splitlines()[-1])
+    assert (result["outcome"], result["exit_code"], result["timed_out"]) == ("degraded", 4, True)
+    assert result["message"].startswith("Apply stopped at --timeout with resources Degraded")
+    health = {r["name"]: r["health"] for r in result["resources"]}
+    assert health == {"slow": "Progressing", "doomed": "Degraded"}
+
+
 def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """apply --timeout does nothing without --wait, so asking for it is refused (exit 64)."""
     code, _, err = run_cli(["apply", "--timeout", "5"], capsys)

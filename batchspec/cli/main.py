@@ -712,9 +712,10 @@ def apply(
     One pass takes the next safe step for each resource; with --wait it loops until done.
     Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace,
     or a finished batch's file that could not be downloaded (the other resources are still
-    applied; the next apply collects it), or an error; 3 locked, 4 Degraded, 5 --timeout
-    reached. With --wait, a failed download is tried again on later polls (after 5 s,
-    doubling to 5 min) while other resources keep the run waiting, never waited for alone.
+    applied; the next apply collects it), or an error; 3 locked, 4 Degraded (also when
+    --timeout is reached: no longer wait fixes it), 5 --timeout reached. With --wait, a
+    failed download is tried again on later polls (after 5 s, doubling to 5 min) while
+    other resources keep the run waiting, never waited for alone.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
