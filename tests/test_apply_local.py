@@ -165,6 +165,44 @@ def test_apply_json_streams_one_json_document_per_line(
     assert {"create", "collect", "results"} <= {d["event"] for d in docs}
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["plain", "json"])
+def test_the_engine_s_warnings_are_shown_as_apply_s_warnings(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    as_json: bool,
+) -> None:
+    """A warning the in-process engine logs from its worker thread (an upstream out of
+    rotation, a failed commit) is shown as apply's own warnings are: a `Warning:` line among
+    the progress, or with --json a `warning` object in the NDJSON (stdout still all JSON);
+    never bare on stderr. The handler goes with the run."""
+    import logging
+
+    from batchspec.engine.worker import Worker
+
+    tick = Worker._tick
+
+    def warn_then_tick(self: Worker) -> None:
+        logging.getLogger("batchspec.engine.worker").warning("upstream %s is slow", "gpu1")
+        tick(self)
+
+    monkeypatch.setattr(Worker, "_tick", warn_then_tick)
+    ws = local_ws(tmp_path / "ws")
+    code, out, err = run_cli(
+        ["apply", str(ws.root), "--wait", *FAST, *(["--json"] if as_json else [])], capsys
+    )
+    assert code == 0, err
+    assert "gpu1" not in err
+    if as_json:
+        warnings = [d for d in json_lines(out) if d["event"] == "warning"]  # all of it JSON
+        assert warnings[0]["message"] == "local engine: upstream gpu1 is slow"
+        assert (warnings[0]["source"], warnings[0]["resource"]) == ("engine", None)
+    else:
+        assert "Warning: local engine: upstream gpu1 is slow\n" in out
+    engine_log = logging.getLogger("batchspec.engine")
+    assert not [h for h in engine_log.handlers if type(h).__name__ == "_ReportEngineLog"]
+
+
 def test_a_bad_input_fails_before_anything_is_spent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

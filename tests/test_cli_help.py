@@ -96,6 +96,7 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     ("variable", "value", "argv"),
     [
         pytest.param("BATCHSPEC_PARALLELISM", "0", ["apply", "--yes"], id="parallelism"),
+        pytest.param("BATCHSPEC_PARALLELISM", "100000", ["cancel", "x"], id="parallelism-cap"),
         pytest.param("BATCHSPEC_LOCK_TIMEOUT", "soon", ["cancel", "x"], id="lock-timeout"),
     ],
 )
@@ -126,7 +127,7 @@ def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
         main(["apply", "--yes", "--parallelism", "0"])
     assert exited.value.code == 64
     err = capsys.readouterr().err
-    assert "Invalid value for '--parallelism': 0 is not in the range x>=1" in err
+    assert "Invalid value for '--parallelism': 0 is not in the range 1<=x<=256" in err
     assert "BATCHSPEC_PARALLELISM" not in err
 
 
@@ -135,4 +136,35 @@ def test_parallelism_help_names_its_environment_variable(command: str) -> None:
     """`--parallelism` help names BATCHSPEC_PARALLELISM, the way the FAQ says to set it in CI."""
     result = CliRunner().invoke(cli, [command, "--help"])
     option = " ".join(result.output.split("--parallelism", 1)[1].split("--", 1)[0].split())
-    assert "[env var: BATCHSPEC_PARALLELISM; default: 16; x>=1]" in option
+    assert "[env var: BATCHSPEC_PARALLELISM; default: 16; 1<=x<=256]" in option
+    assert "at most 256" in option
+
+
+@pytest.mark.parametrize(("command", "args"), [("apply", []), ("cancel", ["x"])])
+def test_parallelism_above_its_cap_is_a_usage_error_naming_the_cap(
+    command: str,
+    args: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--parallelism 100000` (a thread per queued call) exits 64 before any work, naming the
+    cap; the cap itself is a valid value."""
+    monkeypatch.delenv("BATCHSPEC_PARALLELISM", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--parallelism", "100000", *args])
+    assert exited.value.code == 64
+    err = capsys.readouterr().err
+    assert "Invalid value for '--parallelism': 100000 is not in the range 1<=x<=256" in err
+    ctx = command_named(command).make_context(command, ["--parallelism", "256", *args])
+    assert ctx.params["parallelism"] == 256
+
+
+def test_the_cli_cap_on_parallelism_is_the_library_s_and_the_schema_s() -> None:
+    """The CLI's cap (written out for a fast start), the pool's and maxConcurrency's maximum
+    in the project schema are one number."""
+    from batchspec.cli.main import MAX_PARALLELISM
+    from batchspec.core.reconcile.prefetch import MAX_PARALLELISM as LIBRARY_CAP
+    from batchspec.workspace.yamldoc import load_schema
+
+    defs = load_schema("project")["$defs"]
+    assert MAX_PARALLELISM == LIBRARY_CAP == defs["maxConcurrency"]["maximum"]

@@ -505,7 +505,8 @@ def apply_once_it_polls(ws: Workspace) -> subprocess.Popen[str]:
 
 def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedServer) -> None:
     """Ctrl-C while apply --wait polls a batch in flight: "Interrupted: ..." and exit 130, as
-    docs/exit-codes.md says, with no traceback (also when pytest runs with SIGINT ignored)."""
+    docs/exit-codes.md says, with no traceback (also when pytest runs with SIGINT ignored);
+    on a remote provider alone the line says nothing of a local engine."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
@@ -517,12 +518,13 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
 
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    # and that what it created goes on: the next apply picks it up
+    # and that what it created goes on: the next apply picks it up; no local engine runs,
+    # so there is none to speak of, nor of waiting for it
     assert err.strip().startswith(
-        "Interrupted: batches already created are kept (a remote provider runs them on; "
-        "the local engine's batches wait for the next command); `batchspec apply` picks "
-        "them up."
+        "Interrupted: batches already created are kept (the provider runs them on); "
+        "`batchspec apply` picks them up."
     )
+    assert "engine" not in err
 
 
 def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
@@ -569,6 +571,34 @@ def test_a_stderr_that_cannot_be_written_does_not_replace_the_signal(
     assert said.said
 
 
+def test_the_interrupted_line_speaks_of_the_local_engine_only_while_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C on apply names the local engine's wait, and how long it may last (the engine's
+    drain timeout), only while an engine runs in the process; before it starts and once it
+    has closed, the line speaks of the provider alone."""
+    from batchspec.cli.main import Interruption
+    from batchspec.engine import Engine
+
+    monkeypatch.setattr("batchspec.engine.core._running", {})  # the suite's own servers
+
+    def said() -> str:
+        Interruption(["apply", "--wait"]).say(KeyboardInterrupt())
+        return capsys.readouterr().err
+
+    assert "engine" not in said()
+    engine = Engine(tmp_path / "engine", drain_timeout=7)
+    assert "engine" not in said()  # opened, not started: nothing in flight to wait for
+    with engine:
+        running = said()
+    assert "A local engine first lets the requests it has sent finish (up to 7 s;" in running
+    assert "Ctrl-C again does not wait for them" in running
+    assert said() == (
+        "Interrupted: batches already created are kept (the provider runs them on); "
+        "`batchspec apply` picks them up.\n"
+    )
+
+
 def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     tmp_path: Path, slow_server: ProbedServer
 ) -> None:
@@ -593,6 +623,33 @@ def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     assert run.exit_code == 143 and run.ended_at is not None
     assert [e.detail for e in events if e.action == "interrupted"] == [{"signal": "SIGTERM"}]
     assert slow_server.probe.counts["POST /batches"] == 1
+
+
+def test_a_timeout_with_a_resource_already_degraded_exits_4(
+    tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --wait --timeout` reached while one resource still runs and another is already
+    Degraded (failed for good): exit 4, not 5, since no longer wait can fix it (docs/exit-
+    codes.md); the result says both (outcome degraded, timed_out) and the headline too."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV), "here": local_provider()},
+        resources=[ResourceSpec("slow", count=1), ResourceSpec("doomed", provider="here")],
+    )
+    lines = request_lines(2)
+    for line in lines:
+        line["body"]["messages"] = []  # the stand-in refuses each: a final 400
+    ws.write_input("doomed", lines)
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--json", *FAST, "--timeout", "1"]
+
+    code, out, err = run_cli(argv, capsys)
+
+    assert code == 4, out + err
+    result = json.loads(out.splitlines()[-1])
+    assert (result["outcome"], result["exit_code"], result["timed_out"]) == ("degraded", 4, True)
+    assert result["message"].startswith("Apply stopped at --timeout with resources Degraded")
+    health = {r["name"]: r["health"] for r in result["resources"]}
+    assert health == {"slow": "Progressing", "doomed": "Degraded"}
 
 
 def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -181,6 +181,25 @@ def test_closing_mid_batch_and_reopening_resumes_without_resending(tmp_path):
     assert sum(second_upstream.calls.values()) == 24 - len(finished)
 
 
+def test_a_close_told_not_to_wait_stops_its_requests_at_once(tmp_path):
+    """The worker counts the requests at the upstream (what serve's Ctrl-C says it waits
+    for); close(wait_for_requests=False), a second Ctrl-C, stops them at once instead of
+    for up to the drain timeout: they are not recorded as finished, and the batch resumes."""
+    engine = open_engine(tmp_path, BuiltinUpstream(latency=30), concurrency=2).start()
+    batch = new_batch(engine, request_lines(3))
+    wait_for(lambda: engine.worker.requests_in_flight == 2)
+    started = time.monotonic()
+    engine.close(wait_for_requests=False)
+    assert time.monotonic() - started < 2  # drain_timeout is 5 s, each request 30 s
+    assert engine.worker.requests_in_flight == 0
+    stopped = Store(tmp_path)
+    try:
+        assert stopped.get_batch(batch["id"])["status"] == "in_progress"
+        assert not stopped.finished_lines(batch["id"])
+    finally:
+        stopped.close()
+
+
 def test_a_second_engine_on_the_same_folder_is_refused(tmp_path):
     """One engine per data folder: a second one raises StateLockedError naming the folder."""
     with open_engine(tmp_path):

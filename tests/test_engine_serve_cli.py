@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -20,12 +21,19 @@ SECRET = "sk-serve-secret-123"
 
 
 def start_serve(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """`batchspec serve` on a free loopback port, once it says where. It takes SIGINT as
+    Ctrl-C even when pytest was started with SIGINT ignored (`pytest &` from a script): exec
+    keeps an ignored signal ignored but resets a caught one, so SIGINT is caught meanwhile."""
     env = {**os.environ, KEY_VAR: SECRET}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchspec", "serve", "--port", "0", "--data-dir", str(data_dir),
-         "--api-key-env", KEY_VAR, "--poll-interval", "0.02", *extra],
-        stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchspec", "serve", "--port", "0", "--data-dir",
+             str(data_dir), "--api-key-env", KEY_VAR, "--poll-interval", "0.02", *extra],
+            stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stderr is not None
     line = proc.stderr.readline()
     match = re.fullmatch(
@@ -73,6 +81,74 @@ def test_serve_runs_until_sigterm_and_resumes_on_the_next_start(tmp_path):
         terminate(proc)
     assert done.status == "completed"
     assert done.request_counts.completed == 12
+
+
+def test_ctrl_c_says_at_once_what_serve_waits_for_and_a_second_stops_at_once(tmp_path):
+    """Ctrl-C while the engine has requests at the upstream: serve says on stderr at once
+    that it stops, what it waits for (how many requests, up to how long) and that Ctrl-C
+    again does not wait, in apply's words; it then waits, and a second Ctrl-C ends it at
+    once (exit 130, no traceback, nothing said twice)."""
+    proc, url = start_serve(tmp_path / "engine", "--upstream-latency", "30", "--concurrency", "2")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
+        file_id = client.files.create(
+            file=("in.jsonl", jsonl_bytes(request_lines(4))), purpose="batch"
+        ).id
+        batch = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        wait_for(lambda: client.batches.retrieve(batch.id).status == "in_progress")
+        time.sleep(0.2)  # its first two lines sent
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline()
+        assert said == (
+            "Interrupted: stopping, taking no new requests; waiting for the 2 requests the "
+            "engine has sent upstream to finish (up to 30 s). Ctrl-C again does not wait for "
+            "them (the engine's are sent again at the next start); unfinished batches resume "
+            "at the next start.\n"
+        )
+        time.sleep(0.2)  # a second press a moment later, as a person's is
+        assert proc.poll() is None  # letting them finish
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=5)  # at once: they take 30 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "Interrupted" not in err
+
+
+@pytest.mark.parametrize(
+    ("notice", "text"),
+    [
+        pytest.param(
+            ("SIGINT", 0, 0),
+            "Interrupted: stopping (no request in flight); unfinished batches resume at the "
+            "next start.",
+            id="idle",
+        ),
+        pytest.param(
+            ("SIGTERM", 1, 2),
+            "Terminated (SIGTERM): stopping, taking no new requests; waiting for the 1 request "
+            "the engine has sent upstream to finish (up to 30 s) and for 2 API requests being "
+            "answered (up to 5 s). Ctrl-C does not wait for them (the engine's are sent again "
+            "at the next start); unfinished batches resume at the next start.",
+            id="sigterm-both",
+        ),
+    ],
+)
+def test_serve_s_stopping_line_says_only_what_it_waits_for(
+    notice: tuple[str, int, int], text: str
+) -> None:
+    """serve's stopping line names only the waits there are (none: it stops at once), and
+    after SIGTERM offers Ctrl-C, not "Ctrl-C again"."""
+    from batchspec.cli.main import serve_stopping_text
+    from batchspec.engine.server import Stopping
+
+    sig, in_flight, answering = notice
+    stopping = Stopping(sig, in_flight, 30.0, answering, 5.0)
+    assert serve_stopping_text(stopping) == text
 
 
 def test_serve_refuses_a_public_host_without_a_key(tmp_path, capsys):

@@ -128,6 +128,27 @@ def test_unparseable_retry_after_falls_back_to_backoff(scripted: ScriptedServer)
     assert sleeps == [0.5]
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"retry_after": "0"}, id="zero"),
+        pytest.param({"retry_after": "-5"}, id="negative"),
+        pytest.param({"retry_after_ms": "0"}, id="zero-ms"),
+        pytest.param({"retry_after": "Wed, 21 Oct 2015 07:28:00 GMT"}, id="past-date"),
+    ],
+)
+def test_a_retry_after_asking_for_no_wait_gets_the_backoff(
+    scripted: ScriptedServer, headers: dict[str, str]
+) -> None:
+    """A 429 storm with `Retry-After: 0` (or negative, or a date gone by) waits the client's
+    own backoff, doubling, as the official SDK does: honoured, every retry was spent within
+    milliseconds of the first refusal."""
+    scripted.script(*[error_answer(429, "slow down", **headers)] * 3, ok())
+    provider, sleeps = make_provider(scripted, rand=lambda: 0.0)
+    assert provider.get_batch("batch_1").id == "batch_1"
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
 # -- backoff -------------------------------------------------------------------------------
 
 

@@ -307,6 +307,13 @@ def test_ordered_calls_start_after_the_others_lowest_order_first() -> None:
     assert started == ["x", "y", "a", "b", "c"]
 
 
+def test_a_library_caller_asking_for_more_workers_than_the_cap_gets_the_cap() -> None:
+    """``BoundedCalls(100000)`` (a caller past the CLI's check) runs at most MAX_PARALLELISM
+    workers, not a thread per queued call."""
+    with prefetch.BoundedCalls(100_000, lambda _: None) as calls:
+        assert calls.parallelism == prefetch.MAX_PARALLELISM == 256
+
+
 def test_calls_still_queued_when_the_pool_closes_are_cancelled() -> None:
     """Closing the pool while calls wait for a worker cancels them (their futures say so)
     instead of leaving futures that never end."""

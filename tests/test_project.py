@@ -404,6 +404,18 @@ def test_a_quoted_number_is_told_to_drop_its_quotes(tmp_path: Path, value: str, 
     assert message == f"expected integer, {tail}"
 
 
+def test_max_concurrency_above_the_cap_is_refused_at_its_line(tmp_path: Path) -> None:
+    """`maxConcurrency: 100000` (a thread per call) fails at its line naming the cap, 256,
+    the most `--parallelism` takes too; 256 itself is valid."""
+    provider = "providers:\n  gw:\n    type: openai\n    apiKeyEnv: GW_KEY\n    options:\n"
+    write(tmp_path / "batchspec.yaml", HEADER + provider + "      maxConcurrency: 100000\n")
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (8, "/providers/gw/options/maxConcurrency")
+    assert message == "100000 is greater than the maximum of 256"
+    write(tmp_path / "batchspec.yaml", HEADER + provider + "      maxConcurrency: 256\n")
+    assert load_project(tmp_path).file is not None
+
+
 def test_two_local_providers_on_one_engine_folder_are_a_problem(tmp_path: Path) -> None:
     """Two `type: local` providers with the default dataDir share one engine, whose batches
     run on one upstream and which one process cannot open twice: the second is refused at

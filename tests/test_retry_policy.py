@@ -80,10 +80,13 @@ def test_backoff_doubles_to_its_cap_and_jitter_takes_off_at_most_its_fraction() 
 
 
 def test_the_server_s_retry_after_replaces_the_backoff_up_to_the_cap() -> None:
-    """Retry-After is used as asked, never negative, capped at max_retry_after."""
+    """Retry-After is used as asked, capped at max_retry_after; one asking for no wait at
+    all (0, negative: a past date) gets the backoff, on both sides of the wire."""
     assert CLIENT_POLICY.delay(0, 3.0) == 3.0
     assert CLIENT_POLICY.delay(0, 3600.0) == 60.0
-    assert CLIENT_POLICY.delay(0, -4.0) == 0.0
+    assert CLIENT_POLICY.delay(0, -4.0, rand=lambda: 0.0) == 0.5
+    assert CLIENT_POLICY.delay(2, 0.0, rand=lambda: 0.0) == 2.0
+    assert UPSTREAM_POLICY.delay(1, 0.0, rand=lambda: 0.0) == 1.0
     assert CLIENT_POLICY.delay(3, None, rand=lambda: 0.0) == 4.0
     assert UPSTREAM_POLICY.delay(0, 3600.0) == 30.0
 

@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 USAGE_EXIT_CODE = 64
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+#: the cap on ``--parallelism``: ``MAX_PARALLELISM`` of core/reconcile/prefetch.py (a test keeps
+#: them equal), written out so that parsing options imports nothing of the library
+MAX_PARALLELISM = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +150,15 @@ def lock_timeout_option(f: F) -> F:
 def parallelism_option(f: F) -> F:
     return click.option(
         "--parallelism",
-        type=click.IntRange(min=1),
+        type=click.IntRange(min=1, max=MAX_PARALLELISM),
         default=16,
         show_default=True,
         envvar="BATCHSPEC_PARALLELISM",
         show_envvar=True,  # the FAQ's advice for CI: set it once for every command
         help="Provider calls (uploads, creates, polls, downloads, cancels) in flight at once, "
-        "fewer while a provider answers 429 (halved, then grown back); a provider's "
-        "maxConcurrency option caps it for that provider.",
+        f"at most {MAX_PARALLELISM} (each is a thread); fewer while a provider answers 429 "
+        "(halved, then grown back); a provider's maxConcurrency option caps it for that "
+        "provider.",
     )(f)
 
 
@@ -440,9 +444,18 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
 def serve(**opts: Any) -> None:
     """Serve the local batch engine as an OpenAI-compatible Files + Batches API.
 
-    Runs until Ctrl-C; unfinished batches resume at the next start.
+    Runs until Ctrl-C or SIGTERM, which it says at once: it takes no new requests and lets
+    those in flight finish (upstream, up to 30 s); Ctrl-C again stops without waiting (they
+    are sent again at the next start). Unfinished batches resume at the next start.
     """
-    from batchspec.engine.server import serve_from_cli_options
+    from batchspec.engine.server import Stopping, serve_from_cli_options
+
+    # the process's Ctrl-C line is this one: said once, at once (from the signal handler)
+    interruption = click.get_current_context().find_object(Interruption) or Interruption([])
+
+    def stopping(notice: Stopping) -> None:
+        err = Terminated() if notice.signal == "SIGTERM" else KeyboardInterrupt()
+        interruption.say(err, in_handler=True, text=serve_stopping_text(notice))
 
     with engine_log_shown():
         serve_from_cli_options(
@@ -450,6 +463,7 @@ def serve(**opts: Any) -> None:
             on_listening=lambda url, upstream: click.echo(
                 f"serving on {url} (data: {opts['data_dir']}, upstream: {upstream})", err=True
             ),
+            on_stopping=stopping,
         )
 
 
@@ -698,9 +712,10 @@ def apply(
     One pass takes the next safe step for each resource; with --wait it loops until done.
     Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace,
     or a finished batch's file that could not be downloaded (the other resources are still
-    applied; the next apply collects it), or an error; 3 locked, 4 Degraded, 5 --timeout
-    reached. With --wait, a failed download is tried again on later polls (after 5 s,
-    doubling to 5 min) while other resources keep the run waiting, never waited for alone.
+    applied; the next apply collects it), or an error; 3 locked, 4 Degraded (also when
+    --timeout is reached: no longer wait fixes it), 5 --timeout reached. With --wait, a
+    failed download is tried again on later polls (after 5 s, doubling to 5 min) while
+    other resources keep the run waiting, never waited for alone.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
@@ -1131,9 +1146,10 @@ def cancel(
     """
     from batchspec.core.apply import cancel_resource
 
-    def warn(progress: Any) -> None:  # a batch the provider no longer has, recorded gone
-        if progress.event == "warning":
-            click.echo(f"Warning: [{progress.resource}] {progress.message}", err=True)
+    def warn(progress: Any) -> None:  # a batch the provider no longer has, recorded gone;
+        if progress.event == "warning":  # the local engine's own warnings (no resource)
+            where = f"[{progress.resource}] " if progress.resource else ""
+            click.echo(f"Warning: {where}{progress.message}", err=True)
 
     result = cancel_resource(
         paths,
@@ -1411,23 +1427,74 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
         return ()
 
 
-def interrupted_text(args: Sequence[str], err: BaseException | None = None) -> str:
+def interrupted_text(
+    args: Sequence[str], err: BaseException | None = None, *, engine_drain: float | None = None
+) -> str:
     """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
-    it created goes on (README, exit 130; 143 for SIGTERM), and why the stop may take a while
-    (a local engine lets the requests it has sent finish: stopping them would send, and pay
-    for, them again)."""
+    it created goes on (README, exit 130; 143 for SIGTERM), and, when a local engine runs in
+    this process (``engine_drain``: how long it may take to stop), why the stop may take a
+    while (it lets the requests it has sent finish: stopping them would send, and pay for,
+    them again). An apply on remote providers alone has no engine to wait for."""
     terminated = isinstance(err, Terminated)
     what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
-    if command == "apply":
-        again = "a second SIGTERM" if terminated else "Ctrl-C again"
+    if command != "apply":
+        return f"{what}."
+    if engine_drain is None:
         return (
-            f"{what}: batches already created are kept (a remote provider runs them on; "
-            "the local engine's batches wait for the next command); `batchspec apply` picks "
-            "them up. A local engine first lets the requests it has sent finish (up to 30 s; "
-            f"{again} does not wait for them, and they are sent again next time)."
+            f"{what}: batches already created are kept (the provider runs them on); "
+            "`batchspec apply` picks them up."
         )
-    return f"{what}."
+    again = "a second SIGTERM" if terminated else "Ctrl-C again"
+    return (
+        f"{what}: batches already created are kept (a remote provider runs them on; "
+        "the local engine's batches wait for the next command); `batchspec apply` picks "
+        "them up. A local engine first lets the requests it has sent finish (up to "
+        f"{engine_drain:g} s; {again} does not wait for them, and they are sent again next "
+        "time)."
+    )
+
+
+def serve_stopping_text(notice: Any) -> str:
+    """What the first Ctrl-C (or SIGTERM) of ``serve`` says at once (``notice``: the engine
+    server's ``Stopping``): that it stops, what it waits for and how long at most, and that
+    Ctrl-C (again) does not wait, in apply's words."""
+    what = "Terminated (SIGTERM)" if notice.signal == "SIGTERM" else "Interrupted"
+    resume = "unfinished batches resume at the next start."
+    waits = []
+    if notice.requests_in_flight:
+        waits.append(
+            f"the {_count(notice.requests_in_flight, 'request')} the engine has sent upstream "
+            f"to finish (up to {notice.drain_timeout:g} s)"
+        )
+    if notice.answering:
+        waits.append(
+            f"{_count(notice.answering, 'API request')} being answered "
+            f"(up to {notice.answer_timeout:g} s)"
+        )
+    if not waits:
+        return f"{what}: stopping (no request in flight); {resume}"
+    again = "Ctrl-C" if notice.signal == "SIGTERM" else "Ctrl-C again"
+    return (
+        f"{what}: stopping, taking no new requests; waiting for {' and for '.join(waits)}. "
+        f"{again} does not wait for them (the engine's are sent again at the next start); "
+        f"{resume}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def local_engine_drain() -> float | None:
+    """How long the local engines running in this process may take to stop (None: none
+    runs). Asked of the engine only once its module is loaded: a process that never loaded it
+    runs none, and a signal handler must not spend time importing it."""
+    if "batchspec.engine.core" not in sys.modules:
+        return None
+    from batchspec.engine.core import running_engines_drain
+
+    return running_engines_drain()
 
 
 def skip_unused_http_modules() -> None:
@@ -1473,25 +1540,30 @@ def freeze_heap_before_exit() -> None:
 class Interruption:
     """Ctrl-C and SIGTERM stop a command, and say so on stderr the moment they come.
 
-    The stop itself can take a while (a local engine lets the requests it has sent finish,
-    up to 30 s): said only once the command had unwound, a Ctrl-C looked ignored. SIGTERM (a
-    CI runner cancelling a job, ``docker stop``, Kubernetes, ``timeout``) ends a process on
-    the spot by default: no ``interrupted`` event, no exit code in the state (``history``
-    showed the run ``killed``); it stops the command as Ctrl-C does (``Terminated``, exit
-    143). Each is taken so once: a second one stops at once (Ctrl-C raises again, a second
-    SIGTERM ends the process, as the default would). Handlers live in the main thread only;
-    an ignored SIGINT (a job started in the background by a script) stays ignored, and
-    ``serve`` puts its own in place while it serves."""
+    The stop itself can take a while (a local engine running in this process lets the
+    requests it has sent finish, up to 30 s; the line says so only when one runs): said only
+    once the command had unwound, a Ctrl-C looked ignored. SIGTERM (a CI runner cancelling a
+    job, ``docker stop``, Kubernetes, ``timeout``) ends a process on the spot by default: no
+    ``interrupted`` event, no exit code in the state (``history`` showed the run ``killed``);
+    it stops the command as Ctrl-C does (``Terminated``, exit 143). Each is taken so once: a
+    second one stops at once (Ctrl-C raises again, a second SIGTERM ends the process, as the
+    default would). Handlers live in the main thread only; an ignored SIGINT (a job started
+    in the background by a script) stays ignored, and ``serve`` puts its own in place while
+    it serves."""
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
 
-    def say(self, err: BaseException | None, *, in_handler: bool = False) -> None:
+    def say(
+        self, err: BaseException | None, *, in_handler: bool = False, text: str | None = None
+    ) -> None:
+        """Say the interruption, once: ``text``, or apply's (or any command's) own words."""
         if self.said:
             return
         self.said = True
-        text = interrupted_text(self.args, err)
+        if text is None:
+            text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 os.write(2, (text + "\n").encode())
@@ -1535,7 +1607,8 @@ def _run(argv: list[str] | None) -> None:
     interruption = Interruption(args)
     try:
         with interruption.handled():
-            rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False)
+            # obj: a command that says its own interruption (serve) says it through this one
+            rv = cli.main(args=argv, prog_name="batchspec", standalone_mode=False, obj=interruption)
     except click.exceptions.Abort as err:
         if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
             interruption.say(err.__cause__)

@@ -398,6 +398,12 @@ def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
         "replace_refused": "",
         "not_collected": "",
     }[result.outcome]
+    if result.outcome == "degraded" and result.timed_out:
+        headline = (
+            "Apply stopped at --timeout with resources Degraded: some requests failed for "
+            "good (not retryable, or out of attempts; the errors files hold them), and other "
+            "resources were not in sync yet."
+        )
     if result.outcome == "not_collected":
         headline = not_collected_text(result)
     if result.outcome == "replace_refused":  # apply again would refuse them again
@@ -452,6 +458,7 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
         "run_id": result.run_id,
         "outcome": result.outcome,
         "exit_code": result.exit_code,
+        "timed_out": result.timed_out,
         "not_collected": [f.to_json() for f in result.not_collected],
         "plan": result.plan.to_json(),
         "resources": [s.to_json() for s in result.statuses],

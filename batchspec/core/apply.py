@@ -67,7 +67,7 @@ from batchspec.core.replacements import (
     reuses_answers,
     with_readded,
 )
-from batchspec.core.reporting import Progress, Reporter
+from batchspec.core.reporting import Progress, Reporter, engine_log_reported
 from batchspec.core.selection import orphan_selector
 from batchspec.core.session import (
     ProviderPool,
@@ -146,6 +146,9 @@ class ApplyResult:
     # ended batches whose files could not be downloaded (outcome not_collected, or with a
     # timeout): nothing of them recorded as collected; the next apply collects them
     not_collected: tuple[DownloadFailure, ...] = ()
+    # --timeout was reached (outcome ``timeout``, or ``degraded``: a resource already
+    # Degraded outranks the timeout, see ``_exit_code``)
+    timed_out: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +370,10 @@ def apply_workspace(
                 require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
-            with ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers:
+            with (
+                engine_log_reported(report),
+                ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers,
+            ):
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
                 for action in plan.spending:
@@ -411,8 +417,18 @@ def apply_workspace(
             if _is_local(ws, s.provider)
             and any(b.status not in TERMINAL_STATUSES for b in s.batches)
         )
+        timed_out = outcome == "timeout"
+        if timed_out and any(s.health == "Degraded" for s in statuses):
+            outcome = "degraded"  # failed for good: waiting longer would not have fixed it
         result = ApplyResult(
-            run.id, plan, statuses, outcome, _exit_code(outcome), local, rec.not_collected()
+            run.id,
+            plan,
+            statuses,
+            outcome,
+            _exit_code(outcome),
+            local,
+            rec.not_collected(),
+            timed_out,
         )
         run.exit_code = result.exit_code
         return result
@@ -506,7 +522,11 @@ def cancel_resource(
                 f"run `batchspec cancel {name}` again"
             )
             raise
-        with lock, ProviderPool(ws, env, lock_timeout=lock_timeout) as providers:
+        with (
+            lock,
+            engine_log_reported(report),
+            ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
+        ):
             rec = Reconciler(
                 ws.project,
                 store,
@@ -651,6 +671,10 @@ def polls_quickly(since_create: float | None, since_poll: float) -> bool:
 
 
 def _exit_code(outcome: str) -> int:
+    """The exit code of an apply's outcome (picked by ``converge``, and by
+    ``apply_workspace`` at the timeout: a resource already Degraded (4) outranks ``--timeout``
+    reached (5), since it failed for good and no longer wait fixes it; the timeout still
+    outranks a file not collected, which the next apply collects; docs/exit-codes.md)."""
     codes = {
         "converged": 0,
         "in_progress": 0,

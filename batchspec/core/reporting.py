@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,45 @@ class Progress:
 
 
 Reporter = Callable[[Progress], None]
+
+#: the logger of the local engine (``batchspec.engine``: its worker, its upstream rotation)
+ENGINE_LOG = "batchspec.engine"
+
+
+class _ReportEngineLog(logging.Handler):
+    """An engine log record (a warning or worse) as a ``warning`` event, ``source: engine``."""
+
+    def __init__(self, report: Reporter) -> None:
+        super().__init__(logging.WARNING)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                err = record.exc_info[1]
+                message += f" ({type(err).__name__}: {err})"
+            data = {"source": "engine", "level": record.levelname.lower()}
+            self.report(Progress("warning", None, f"local engine: {message}", data))
+        except Exception:  # a log call must never break the engine's thread
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def engine_log_reported(report: Reporter) -> Iterator[None]:
+    """While a run drives the local engine in this process, the engine's warnings and errors
+    (Python logging, from its worker thread: an upstream out of rotation, a failed commit)
+    are reported as ``warning`` events, so the face shows them as every other warning (a
+    line, a line above the bars, an NDJSON object), not bare on stderr in the middle of the
+    progress (Python's last-resort handler, with tracebacks). ``report`` is then called from
+    that thread too. The engine's INFO lines stay unreported, as they were unshown."""
+    log = logging.getLogger(ENGINE_LOG)
+    handler = _ReportEngineLog(report)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 _UNITS = ("bytes", "KB", "MB", "GB", "TB")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -57,6 +58,12 @@ FILE_PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "
 UNSUPPORTED_OPENAI_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/videos")
 MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 30 * DAY
 #: Groq's completion windows, "24h" to "7d", in hours or days
+#: the engines started and not yet closed in this process, each with its drain timeout;
+#: replaced whole under ``_RUNNING_LOCK`` (never changed in place), so a signal handler reads
+#: it without a lock: see ``running_engines_drain``
+_running: Mapping[int, float] = {}
+_RUNNING_LOCK = threading.Lock()
+
 GROQ_WINDOWS = frozenset({f"{h}h" for h in range(24, 169)} | {f"{d}d" for d in range(1, 8)})
 
 
@@ -124,14 +131,20 @@ class Engine:
         if self._closed:
             raise RuntimeError("the engine is closed")
         self.worker.start()
+        _set_running(id(self), self.worker.settings.drain_timeout)
         return self
 
-    def close(self) -> None:
-        """Stop cleanly: in-flight requests finish, results are committed, the lock is freed."""
+    def close(self, *, wait_for_requests: bool = True) -> None:
+        """Stop cleanly: in-flight requests finish (up to the drain timeout; at once without
+        ``wait_for_requests``: they are sent again at the next start), results are committed,
+        the lock is freed."""
         if self._closed:
             return
         self._closed = True
-        self.worker.stop()
+        try:
+            self.worker.stop(wait_for_requests=wait_for_requests)
+        finally:
+            _set_running(id(self), None)
         self.store.close()
         self._lock.release()
 
@@ -345,6 +358,24 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------
 # Request checks (400/422 before anything is stored)
+
+
+def running_engines_drain() -> float | None:
+    """How long the engines running in this process may take to stop (the longest drain
+    timeout: each lets the requests it has sent finish, rather than send, and pay for, them
+    again); None when none runs. Safe to call from a signal handler (no lock taken), so that a
+    command told to stop can say what it waits for, and only when it does."""
+    drains = tuple(_running.values())
+    return max(drains) if drains else None
+
+
+def _set_running(engine: int, drain: float | None) -> None:
+    global _running
+    with _RUNNING_LOCK:
+        running = {k: v for k, v in _running.items() if k != engine}
+        if drain is not None:
+            running[engine] = drain
+        _running = running
 
 
 def _check_purpose(purpose: str) -> None:

@@ -4,6 +4,9 @@
 the URL through a callback (the library never prints) and serves until Ctrl-C or SIGTERM;
 then it stops accepting requests, drains in-flight upstream calls, commits and frees the data
 folder, so the next ``serve`` resumes unfinished batches without re-running finished lines.
+The first signal is announced at once through a second callback (``Stopping``: what the stop
+waits for), since the wait can last the drain timeout; a second Ctrl-C stops without waiting
+(the requests still in flight are sent again at the next start).
 
 Safety: binding anything but a loopback address without an API key is refused, since the
 server would spend the upstream's money for anyone who can reach it. The key is read from the
@@ -159,10 +162,57 @@ def _url(host: str, sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | None = None) -> None:
+@dataclass(frozen=True)
+class Stopping:
+    """What a stop of ``serve`` waits for, as the first Ctrl-C or SIGTERM finds it."""
+
+    signal: str  # "SIGINT" or "SIGTERM"
+    requests_in_flight: int  # requests at the upstream: the engine lets them finish...
+    drain_timeout: float  # ...for up to this many seconds
+    answering: int  # API requests being answered: uvicorn lets them finish...
+    answer_timeout: float  # ...for up to this many seconds
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also says at once, through ``on_stopping``, that the first
+    signal stops it and what the stop waits for, and remembers a second Ctrl-C (``forced``:
+    the engine then stops without waiting for its requests)."""
+
+    def __init__(
+        self, config: uvicorn.Config, engine: Engine, on_stopping: Callable[[Stopping], None]
+    ) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.on_stopping = on_stopping
+        self.forced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        self.forced = self.force_exit
+        if first:
+            self.on_stopping(
+                Stopping(
+                    signal=signal.Signals(sig).name,
+                    requests_in_flight=self.engine.worker.requests_in_flight,
+                    drain_timeout=self.engine.worker.settings.drain_timeout,
+                    answering=len(self.server_state.tasks),
+                    answer_timeout=float(self.config.timeout_graceful_shutdown or 0),
+                )
+            )
+
+
+def serve(
+    options: ServeOptions,
+    *,
+    on_listening: Callable[[str, str], None] | None = None,
+    on_stopping: Callable[[Stopping], None] | None = None,
+) -> None:
     """Serve the engine until interrupted; ``on_listening(url, upstream)`` is called once bound.
 
-    ``upstream`` is the upstream's description (credentials never included).
+    ``upstream`` is the upstream's description (credentials never included). The first
+    Ctrl-C or SIGTERM calls ``on_stopping`` at once, from the signal handler (so it must
+    not take locks the main thread may hold: write with ``os.write``).
     """
     api_key = read_api_key(options.api_key_env)
     if api_key is None and not is_loopback(options.host):
@@ -171,6 +221,7 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | N
             "it could spend your upstream. Use --api-key-env NAME, or --host 127.0.0.1."
         )
     engine = open_engine(options)
+    server: _Server | None = None
     try:
         sock = bind_socket(options.host, options.port)
         try:
@@ -180,13 +231,14 @@ def serve(options: ServeOptions, *, on_listening: Callable[[str, str], None] | N
             raise
         engine.start()
         app = create_app(engine, api_key=api_key, api_faults=options.api_faults)
-        server = uvicorn.Server(_uvicorn_config(app))
+        server = _Server(_uvicorn_config(app), engine, on_stopping or (lambda _: None))
         if on_listening is not None:
             on_listening(_url(options.host, sock), engine.upstream.description)
         with _sigterm_ends_cleanly():
             server.run(sockets=[sock])
     finally:
-        engine.close()
+        # a second Ctrl-C while uvicorn stopped: the engine does not wait for its requests
+        engine.close(wait_for_requests=not (server is not None and server.forced))
 
 
 class _Terminated(Exception):
@@ -252,7 +304,10 @@ def start_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Back
 
 
 def serve_from_cli_options(
-    opts: dict[str, Any], *, on_listening: Callable[[str, str], None] | None = None
+    opts: dict[str, Any],
+    *,
+    on_listening: Callable[[str, str], None] | None = None,
+    on_stopping: Callable[[Stopping], None] | None = None,
 ) -> None:
     """``batchspec serve``: turn its options into ``ServeOptions`` and ``serve``."""
     faults = None
@@ -285,7 +340,7 @@ def serve_from_cli_options(
             opts["fault_api_429_from"], opts["fault_api_429_count"], opts["fault_api_retry_after"]
         ),
     )
-    serve(options, on_listening=on_listening)
+    serve(options, on_listening=on_listening, on_stopping=on_stopping)
 
 
 def api_faults_from(start: int | None, count: int | None, retry_after: float) -> ApiFaults | None:

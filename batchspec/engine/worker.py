@@ -170,6 +170,8 @@ class Worker:
         self._flush_lock: asyncio.Lock | None = None
         self._commit_failing = False
         self._token_limit_refusals = settings.token_limit_refusals
+        self._in_flight = 0  # requests sent (or being retried) and not yet finished
+        self._drain_timeout = settings.drain_timeout
 
     # -- thread-safe control ---------------------------------------------------------------
 
@@ -196,11 +198,21 @@ class Worker:
                 else:
                     loop.call_soon_threadsafe(self._created, created)
 
-    def stop(self) -> None:
-        """Stop cleanly: drain in-flight requests, commit, leave unfinished batches to resume."""
+    @property
+    def requests_in_flight(self) -> int:
+        """How many requests are at the upstream now (a stop waits for them). Read from any
+        thread, a signal handler's too: one int, no lock."""
+        return self._in_flight
+
+    def stop(self, *, wait_for_requests: bool = True) -> None:
+        """Stop cleanly: drain in-flight requests, commit, leave unfinished batches to resume.
+        Without ``wait_for_requests`` (asked to stop at once), those still in flight are
+        stopped (and sent again at the next start); what finished is still committed."""
         thread, loop, shutdown = self._thread, self._loop, self._shutdown
         if thread is None:
             return
+        if not wait_for_requests:
+            self._drain_timeout = 0.0
         if loop is not None and shutdown is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(shutdown.set)
@@ -260,7 +272,7 @@ class Worker:
             control.stop("shutdown")
         drivers = list(self._drivers.values())
         if drivers:
-            _, still_running = await asyncio.wait(drivers, timeout=self.settings.drain_timeout)
+            _, still_running = await asyncio.wait(drivers, timeout=self._drain_timeout)
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*drivers, return_exceptions=True)
@@ -401,11 +413,13 @@ class Worker:
                 self._execute(batch_id, request.line, request.custom_id, request.raw)
             )
             control.tasks.add(task)
+            self._in_flight += 1
 
             # Runs even when the task is cancelled before it starts (its finally would not).
             def settled(t: asyncio.Task[None]) -> None:
                 slots.release()
                 control.tasks.discard(t)
+                self._in_flight -= 1
 
             task.add_done_callback(settled)
         if control.tasks:

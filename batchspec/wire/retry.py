@@ -10,8 +10,10 @@ talking to its upstream model server). Their rules differ, so they are two *inst
   ``final_codes``; a server's ``x-should-retry: true|false`` wins where ``honour_should_retry``);
 - ``can_retry(retries_done)``: are attempts left (``max_attempts`` counts the first one)?
 - ``delay(retries_done, retry_after)``: how long to wait: the server's ``Retry-After`` capped
-  at ``max_retry_after`` if it sent one, else ``backoff``: exponential from ``initial_delay``,
-  capped at ``max_delay``, minus up to ``jitter`` (a fraction) of it at random.
+  at ``max_retry_after`` if it sent a positive one, else ``backoff``: exponential from
+  ``initial_delay``, capped at ``max_delay``, minus up to ``jitter`` (a fraction) of it at
+  random (``Retry-After: 0``, a negative one or a past date get the backoff: no 429 storm
+  spends every retry at once).
 
 Transport failures (timeouts, refused or dropped connections) are retried by both callers;
 which exception types count as such is the caller's business (httpx's, or the engine's own).
@@ -81,9 +83,14 @@ class RetryPolicy:
         retry_after: float | None = None,
         rand: Callable[[], float] = random.random,
     ) -> float:
-        """The server's requested delay (capped) if it gave one, else the backoff."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_retry_after)
+        """The server's requested delay (capped) if it gave a positive one, else the backoff.
+
+        ``Retry-After: 0`` (or a negative number, or a date already past) asks for no wait at
+        all: honoured, a 429 storm would spend every retry within milliseconds, so the
+        backoff stands in for it, as in the official OpenAI SDK (which honours a
+        Retry-After only in ``0 < seconds <= 60``)."""
+        if retry_after is not None and retry_after > 0:
+            return min(retry_after, self.max_retry_after)
         return self.backoff(retries_done, rand)
 
 
@@ -134,7 +141,8 @@ def retry_after_seconds(
 ) -> float | None:
     """Seconds the server asked us to wait: ``retry-after-ms``, then ``Retry-After``.
 
-    ``Retry-After`` may be seconds or an HTTP date (a past date means now). None when absent
+    ``Retry-After`` may be seconds or an HTTP date (a past date means 0, which ``delay`` reads
+    as no wait asked for: the backoff applies). None when absent
     or unreadable (the caller backs off by itself). ``headers`` is looked up by lower-case name.
     """
     millis = _as_float(headers.get("retry-after-ms"))

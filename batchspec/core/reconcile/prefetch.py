@@ -82,6 +82,11 @@ from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.workspace.manifest import Resource
 
 DEFAULT_PARALLELISM = 16
+#: the most calls a pass runs at once (``--parallelism``, ``maxConcurrency``): each is a worker
+#: thread, and past a few hundred more threads buy no speed (the round trip bounds a pass,
+#: docs/faq.md) while each costs memory and a connection; the CLI and the project schema
+#: refuse more, and a caller of the library asking for more gets this many
+MAX_PARALLELISM = 256
 LIST_PAGE_SIZE = 100
 #: provider types whose list endpoint returns whole batch objects, paginated with ``after``
 LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
@@ -203,7 +208,7 @@ class BoundedCalls:
     the workers, so the calls to other providers behind them in the order start at once."""
 
     def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
-        self.parallelism = max(1, parallelism)
+        self.parallelism = max(1, min(parallelism, MAX_PARALLELISM))
         self._cap_for = cap_for
         self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
