@@ -57,13 +57,12 @@ FILE_PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "
 #: Endpoints OpenAI's Batch API accepts that this engine cannot run (422, not 400).
 UNSUPPORTED_OPENAI_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/videos")
 MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 30 * DAY
-#: Groq's completion windows, "24h" to "7d", in hours or days
 #: the engines started and not yet closed in this process, each with its drain timeout;
 #: replaced whole under ``_RUNNING_LOCK`` (never changed in place), so a signal handler reads
 #: it without a lock: see ``running_engines_drain``
 _running: Mapping[int, float] = {}
 _RUNNING_LOCK = threading.Lock()
-
+#: Groq's completion windows, "24h" to "7d", in hours or days
 GROQ_WINDOWS = frozenset({f"{h}h" for h in range(24, 169)} | {f"{d}d" for d in range(1, 8)})
 
 
