@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -286,6 +288,44 @@ def test_a_batch_stopped_with_a_failed_line_ends_with_both_kinds_of_error(tmp_pa
     assert ids[0] == "req-0" and errors[0]["error"]["code"] == "upstream_unreachable"
     assert ids == sorted(ids, key=lambda cid: int(cid.split("-")[1]))
     assert {e["error"]["code"] for e in errors[1:]} == {f"batch_{ending}"}
+
+
+class HeldUpstream(BuiltinUpstream):
+    """The built-in model, holding every request until ``answer`` is set (``received``
+    counts the requests it got), as a model server that is still working on them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.received: Counter[str] = Counter()
+
+    async def send(self, url, body, *, custom_id, attempt):
+        self.received[custom_id] += 1
+        while not self.answer.is_set():
+            await asyncio.sleep(0.005)
+        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+def test_a_cancel_keeps_the_answers_of_requests_already_sent(tmp_path):
+    """A request the upstream has received when its batch is cancelled is paid for: the
+    batch waits for its answer and keeps it (output file), and sends nothing more; only the
+    lines never sent end ``batch_cancelled``. Aborting them threw away answers being paid
+    for, and a replacement sent those requests a second time."""
+    upstream = HeldUpstream()
+    with open_engine(tmp_path, upstream, concurrency=2) as engine:
+        running = new_batch(engine, request_lines(5))
+        wait_for(lambda: sum(upstream.received.values()) == 2)
+        assert engine.cancel_batch(running["id"])["status"] == "cancelling"
+        time.sleep(0.05)  # the worker sees the cancel while both requests are held
+        upstream.answer.set()
+        done = run_to_end(engine, running["id"], timeout=3.0)
+        answered = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+    assert done["status"] == "cancelled"
+    assert [a["custom_id"] for a in answered] == ["req-0", "req-1"]
+    assert [e["custom_id"] for e in errors] == ["req-2", "req-3", "req-4"]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert upstream.received == {"req-0": 1, "req-1": 1}
 
 
 def test_a_batch_expiring_before_validation_ends_expired_without_files(tmp_path):
