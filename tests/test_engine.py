@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from servers import FAST_ENGINE_OPTIONS, jsonl_bytes, read_jsonl, request_lines,
 
 from batchspec.engine import BuiltinUpstream, Engine, EngineError, Faults, FaultyUpstream
 from batchspec.engine.store import Store
+from batchspec.engine.upstreams import UpstreamUnreachable
 from batchspec.errors import StateLockedError
 
 CHAT = "/v1/chat/completions"
@@ -273,6 +276,75 @@ def test_a_slow_cancel_stays_cancelling_and_keeps_finishing_lines(tmp_path):
         assert len(answered) == done["request_counts"]["completed"] > 1
         assert len(answered) + len(errors) == 60
         assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+
+
+class FirstLineUnreachable(BuiltinUpstream):
+    """The built-in model, slowed down, except that ``req-0`` fails at once (unreachable)."""
+
+    async def send(self, url, body, *, custom_id, attempt):
+        if custom_id == "req-0":
+            raise UpstreamUnreachable("connection refused")
+        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "expired"])
+def test_a_batch_stopped_with_a_failed_line_ends_with_both_kinds_of_error(tmp_path, ending):
+    """A batch cancelled (or expired) after one of its lines failed ends, and its error file
+    holds that failure and the lines never run, in input order. The stored failures and the
+    unfinished lines are merged by line number: rows of both kinds must compare (a cancelled
+    batch stayed ``cancelling`` forever, its finalize failing at every poll)."""
+    window = {"completion_window_seconds": 0.5} if ending == "expired" else {}
+    upstream = FirstLineUnreachable(latency=0.05)
+    with open_engine(tmp_path, upstream, concurrency=1, max_attempts=1, **window) as engine:
+        running = new_batch(engine, request_lines(30))
+        wait_for(lambda: engine.get_batch(running["id"])["request_counts"]["failed"] >= 1)
+        if ending == "cancelled":
+            engine.cancel_batch(running["id"])
+        done = run_to_end(engine, running["id"], timeout=3.0)
+        assert done["status"] == ending
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+    ids = [e["custom_id"] for e in errors]
+    assert ids[0] == "req-0" and errors[0]["error"]["code"] == "upstream_unreachable"
+    assert ids == sorted(ids, key=lambda cid: int(cid.split("-")[1]))
+    assert {e["error"]["code"] for e in errors[1:]} == {f"batch_{ending}"}
+
+
+class HeldUpstream(BuiltinUpstream):
+    """The built-in model, holding every request until ``answer`` is set (``received``
+    counts the requests it got), as a model server that is still working on them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.received: Counter[str] = Counter()
+
+    async def send(self, url, body, *, custom_id, attempt):
+        self.received[custom_id] += 1
+        while not self.answer.is_set():
+            await asyncio.sleep(0.005)
+        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+def test_a_cancel_keeps_the_answers_of_requests_already_sent(tmp_path):
+    """A request the upstream has received when its batch is cancelled is paid for: the
+    batch waits for its answer and keeps it (output file), and sends nothing more; only the
+    lines never sent end ``batch_cancelled``. Aborting them threw away answers being paid
+    for, and a replacement sent those requests a second time."""
+    upstream = HeldUpstream()
+    with open_engine(tmp_path, upstream, concurrency=2) as engine:
+        running = new_batch(engine, request_lines(5))
+        wait_for(lambda: sum(upstream.received.values()) == 2)
+        assert engine.cancel_batch(running["id"])["status"] == "cancelling"
+        time.sleep(0.05)  # the worker sees the cancel while both requests are held
+        upstream.answer.set()
+        done = run_to_end(engine, running["id"], timeout=3.0)
+        answered = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+    assert done["status"] == "cancelled"
+    assert [a["custom_id"] for a in answered] == ["req-0", "req-1"]
+    assert [e["custom_id"] for e in errors] == ["req-2", "req-3", "req-4"]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert upstream.received == {"req-0": 1, "req-1": 1}
 
 
 def test_a_batch_expiring_before_validation_ends_expired_without_files(tmp_path):

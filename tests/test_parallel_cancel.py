@@ -46,7 +46,10 @@ def gated(tmp_path: Path) -> Any:
 
     def start(name: str = "engine") -> ProbedServer:
         upstream = GatedUpstream()
-        srv = start_probed_server(tmp_path / name, upstream=upstream, api_key=SENTINEL_KEY)
+        # drain_timeout 0: a cancel drops the requests its gate holds, so a batch stops at once
+        srv = start_probed_server(
+            tmp_path / name, upstream=upstream, api_key=SENTINEL_KEY, drain_timeout=0.0
+        )
         started.append((srv, upstream))
         return srv
 

@@ -32,7 +32,8 @@ from batchspec.engine.upstreams import BuiltinUpstream
 from batchspec.state.lock import current_lock
 
 FAST = ["--poll-interval", "0.05"]
-SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
+#: batches stay in flight; a cancel drops what they have in flight (no drain), so they stop at once
+SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.0}
 CREATE = "POST /batches"
 
 

@@ -18,8 +18,11 @@ Choices where OpenAI is silent or unhelpful for a local engine:
   seconds (a retrying proxy sends POST twice). Use distinct metadata to run a file twice.
 - Cancelling a ``finalizing`` or terminal (completed/failed/expired) batch answers 409;
   cancelling a ``cancelling`` or ``cancelled`` batch returns it unchanged. A cancelled batch
-  stops at once, unless ``cancel_delay`` (a setting, for tests) keeps it ``cancelling``, its
-  lines still running, that many seconds, as OpenAI's may for up to 10 minutes.
+  starts no new line and stops once the requests it has in flight have answered (their
+  answers are kept: the upstream did the work), or after ``drain_timeout`` seconds, when
+  those still in flight are dropped; ``cancel_delay`` (a setting, for tests) keeps it
+  ``cancelling``, its lines still running, that many seconds first, as OpenAI's may for up
+  to 10 minutes.
 - An endpoint OpenAI knows but the engine cannot run (images, videos) answers 422; an
   unknown endpoint 400. Unknown ids answer 404, an unknown ``after`` cursor 400.
 - One engine process per data folder (an exclusive lock); a second one fails with

@@ -418,9 +418,12 @@ class Store:
         return {int(row[0]) for row in rows}
 
     def iter_records(self, batch_id: str, *, ok: bool) -> Iterator[tuple[int, bytes]]:
-        """``(line, record)`` of a batch's finished lines, in input order."""
-        # A dedicated connection: the caller writes blobs while this cursor is open.
+        """``(line, record)`` of a batch's finished lines, in input order, as plain tuples."""
+        # A dedicated connection: the caller writes blobs while this cursor is open. Plain
+        # tuples, not sqlite3.Row: finalize merges these with the unfinished lines' tuples
+        # by line (heapq.merge compares them), and a Row does not order against a tuple.
         conn = self._connect()
+        conn.row_factory = None
         try:
             yield from conn.execute(
                 "SELECT line, record FROM results WHERE batch_id = ? AND ok = ? ORDER BY line",

@@ -20,6 +20,9 @@ Invariants:
   again (the upstream gives no way to ask whether it saw a request).
 - A clean stop (``stop``) sends no new lines, lets in-flight ones finish for up to
   ``drain_timeout`` seconds, commits, and leaves batches ``in_progress`` to resume.
+- A cancel or an expiry sends no new lines and no further attempt, and lets the requests
+  in flight answer for up to ``drain_timeout`` seconds: their answers are kept (in the output
+  file, as OpenAI keeps what a cancelled batch finished), never dropped to be sent again.
 - Each attempt is timed by ``request_timeout`` (by the upstream itself when it says
   ``times_requests``: a rotation does not count its wait for a rate limit).
 - An unexpected exception while executing one line (a bug) fails that line alone with error
@@ -82,7 +85,14 @@ class WorkerSettings:
 
 
 class BatchControl:
-    """Why a batch's driver should stop (cancelled, expired, shutdown) and its in-flight tasks."""
+    """Why a batch's driver should stop (cancelled, expired, shutdown) and its in-flight tasks.
+
+    A stop starts no new line and lets the requests already sent to the upstream finish for
+    up to ``drain_timeout`` seconds: the upstream is working on them (and may bill them), so
+    their answers are kept rather than thrown away and sent again by the next batch. A cancel
+    or an expiry also retries nothing more (``ends_lines``: a line whose attempt failed keeps
+    that failure); past the timeout, what is still in flight is dropped (``abort``).
+    """
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -90,12 +100,19 @@ class BatchControl:
         self.cancel_seen: float | None = None  # monotonic time the worker saw ``cancelling``
 
     def stop(self, reason: str) -> None:
-        if self.reason is not None:
-            return
-        self.reason = reason
-        if reason != "shutdown":  # a clean stop drains; cancel and expiry do not wait
-            for task in list(self.tasks):
-                task.cancel()
+        if self.reason is None:
+            self.reason = reason
+
+    @property
+    def ends_lines(self) -> bool:
+        """The batch is ending (cancelled, expired): a line sends no further attempt. A clean
+        stop (shutdown) lets a line go on retrying while it drains, as it would have."""
+        return self.reason is not None and self.reason != "shutdown"
+
+    def abort(self) -> None:
+        """Drop the requests still in flight (their lines end as never run)."""
+        for task in list(self.tasks):
+            task.cancel()
 
 
 async def _within(awaitable: Awaitable[T], seconds: float) -> T:
@@ -285,7 +302,19 @@ class Worker:
             if status == "cancelling":
                 self._stop_cancelled(control)
             elif status in ("validating", "in_progress") and wall >= deadline:
-                control.stop("expired")
+                self._end_lines(control, "expired")
+
+    def _end_lines(self, control: BatchControl, reason: str) -> None:
+        """Stop a batch that is being cancelled or has expired: no new line starts, and the
+        requests in flight get ``drain_timeout`` seconds to answer before they are dropped."""
+        if control.reason is not None:
+            return
+        control.stop(reason)
+        grace = self.settings.drain_timeout
+        if grace <= 0 or self._loop is None:
+            control.abort()
+        else:
+            self._loop.call_later(grace, control.abort)
 
     def _created(self, batch_id: str) -> None:
         """A batch was just created (``wake(created=...)``): give it a driver, which reads
@@ -315,7 +344,7 @@ class Worker:
             if delay > 0 and self._loop is not None and self._wake is not None:
                 self._loop.call_later(delay + 0.01, self._wake.set)  # a tick once it is over
         if time.monotonic() - control.cancel_seen >= delay:
-            control.stop("cancelled")
+            self._end_lines(control, "cancelled")
 
     def _forget(self, batch_id: str) -> None:
         self._drivers.pop(batch_id, None)
@@ -410,7 +439,7 @@ class Worker:
                 slots.release()
                 break
             task = asyncio.create_task(
-                self._execute(batch_id, request.line, request.custom_id, request.raw)
+                self._execute(batch_id, request.line, request.custom_id, request.raw, control)
             )
             control.tasks.add(task)
             self._in_flight += 1
@@ -425,9 +454,13 @@ class Worker:
         if control.tasks:
             await asyncio.wait(set(control.tasks))
 
-    async def _execute(self, batch_id: str, line: int, custom_id: str, raw: bytes) -> None:
+    async def _execute(
+        self, batch_id: str, line: int, custom_id: str, raw: bytes, control: BatchControl
+    ) -> None:
         try:
-            record, ok, tokens = await self._call_with_retries(batch_id, line, custom_id, raw)
+            record, ok, tokens = await self._call_with_retries(
+                batch_id, line, custom_id, raw, control
+            )
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a bug (ours or an upstream's): this line fails, not the batch
@@ -446,7 +479,7 @@ class Worker:
         self._pending.append(LineResult(batch_id, line, custom_id, ok, record, tokens))
 
     async def _call_with_retries(
-        self, batch_id: str, line: int, custom_id: str, raw: bytes
+        self, batch_id: str, line: int, custom_id: str, raw: bytes, control: BatchControl
     ) -> tuple[bytes, bool, Tokens]:
         settings = self.settings
         request = _loads(raw)
@@ -482,9 +515,11 @@ class Worker:
                 if not policy.retries_status(response.status_code):
                     break
                 retry_after = response.retry_after
-            if not policy.can_retry(attempt):
+            if not policy.can_retry(attempt) or control.ends_lines:
                 break
             await asyncio.sleep(policy.delay(attempt, retry_after))
+            if control.ends_lines:  # cancelled or expired while it waited: no new attempt
+                break
         if isinstance(failure, UpstreamResponse):
             record = self._response_record(record_id, custom_id, failure)
             return record, False, tokens_of(failure.body)
