@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -333,8 +334,8 @@ class Worker:
             await asyncio.to_thread(self._finalize, batch_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("batch %s: step failed; it is retried at the next poll", batch_id)
+        except Exception as err:
+            _log_failure(err, "batch %s: step failed; it is retried at the next poll", batch_id)
             await asyncio.sleep(self.settings.poll_interval)
 
     def _validate(self, batch_id: str, input_sha256: str, endpoint: str) -> None:
@@ -508,9 +509,9 @@ class Worker:
             rows = list(self._pending)  # left buffered until committed: see _run_lines
             try:
                 await asyncio.to_thread(self.store.record_results, rows)
-            except Exception:  # keep them; the next flush tries again
+            except Exception as err:  # keep them; the next flush tries again
                 if not self._commit_failing:  # once, not every commit_interval: a full disk
-                    log.exception("could not commit %d results; retrying", len(rows))
+                    _log_failure(err, "could not commit %d results; retrying", len(rows))
                 self._commit_failing = True
             else:
                 del self._pending[: len(rows)]  # lines finished meanwhile were appended
@@ -520,6 +521,17 @@ class Worker:
 
     def _finalize(self, batch_id: str) -> None:
         finalize_batch(self.store, batch_id, max_line_bytes=self.settings.max_line_bytes)
+
+
+def _log_failure(err: Exception, message: str, *args: object) -> None:
+    """Log a failed step: one line naming the cause when the disk or the store failed (a
+    full disk, a read-only folder: the operator's to fix, and the next try may succeed),
+    the traceback for anything else (a bug)."""
+    if isinstance(err, (OSError, sqlite3.Error)):
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
+        log.warning(message.replace(";", f" ({reason});", 1), *args)
+    else:
+        log.exception(message, *args)
 
 
 def _error_record(record_id: str, custom_id: str, code: str, message: str) -> bytes:
