@@ -21,49 +21,74 @@ from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
 
 from batchspec.engine import Engine
 
-#: run in the namespace: fill the mount at MOUNT to FREE kB, apply WS, free the room, apply
-#: again; print each apply's exit code, stderr and the files left on the mount (as JSON)
-APPLY_ON_A_FULL_MOUNT = """
+#: run in the namespace: STEPS (JSON) in order, each "fill" (the mount at MOUNT to FREE kB),
+#: "free" (the room back) or a batchspec command line run in this process; print, per
+#: command, its exit code, its stderr and the files on the mount with their sizes (JSON)
+CLI_ON_A_SMALL_MOUNT = """
 import contextlib, io, json, os, sys
 from batchspec.cli.main import main
-ws, mount, free_kb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mount, free_kb, steps = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 filler = os.path.join(mount, "filler")
-with open(filler, "wb") as fh:
-    stats = os.statvfs(mount)
-    fh.write(bytes(max(0, stats.f_bavail * stats.f_frsize - free_kb * 1024)))
 
-def apply():
+def fill():
+    with open(filler, "wb") as fh:
+        stats = os.statvfs(mount)
+        fh.write(bytes(max(0, stats.f_bavail * stats.f_frsize - free_kb * 1024)))
+
+def run(argv):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            main(["apply", ws, "--wait", "--yes", "--poll-interval", "0.05"])
+            main(argv)
         except SystemExit as exited:
             code = exited.code
-    left = sorted(
-        os.path.relpath(os.path.join(top, name), mount)
+    left = {
+        os.path.relpath(os.path.join(top, name), mount): os.path.getsize(os.path.join(top, name))
         for top, _, names in os.walk(mount) for name in names if name != "filler"
-    )
+    }
     return {"code": code, "err": err.getvalue(), "left": left}
 
-full = apply()
-os.remove(filler)
-print(json.dumps([full, apply()]))
+runs = []
+for step in steps:
+    if step == "fill":
+        fill()
+    elif step == "free":
+        os.remove(filler)
+    else:
+        runs.append(run(step))
+print(json.dumps(runs))
 """
 
 
-def apply_with_a_full_mount(ws: Workspace, folder: str, free_kb: int = 0) -> list[dict]:
-    """APPLY_ON_A_FULL_MOUNT with a 256 kB tmpfs over ``ws.root / folder``."""
-    mount = ws.root / folder
+def run_on_a_small_mount(
+    mount: Path, steps: list[object], free_kb: int = 0, size_kb: int = 256
+) -> list[dict]:
+    """CLI_ON_A_SMALL_MOUNT with a tmpfs of ``size_kb`` over ``mount``, in a mount namespace
+    of its own (``unshare``: as root, or as a user through a user namespace)."""
     mount.mkdir(parents=True, exist_ok=True)
     flags = "-m" if os.geteuid() == 0 else "-rm"
-    place = f"mount -t tmpfs -o size=256k tmpfs {shlex.quote(str(mount))}"
-    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(APPLY_ON_A_FULL_MOUNT)}"
-    args = f"{shlex.quote(str(ws.root))} {shlex.quote(str(mount))} {free_kb}"
+    place = f"mount -t tmpfs -o size={size_kb}k tmpfs {shlex.quote(str(mount))}"
+    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(CLI_ON_A_SMALL_MOUNT)}"
+    args = " ".join(shlex.quote(a) for a in (str(mount), str(free_kb), json.dumps(steps)))
     argv = ["unshare", flags, "sh", "-c", f"{place} && exec {child} {args}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     runs: list[dict] = json.loads(done.stdout)
     return runs
+
+
+def apply_with_a_full_mount(ws: Workspace, folder: str, free_kb: int = 0) -> list[dict]:
+    """`apply --wait` with ``ws.root / folder`` full, then again with room."""
+    apply = ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"]
+    return run_on_a_small_mount(ws.root / folder, ["fill", apply, "free", apply], free_kb)
+
+
+def one_error_line(run: dict) -> str:
+    """The one ``Error:`` line of a failed command, which shows no traceback."""
+    assert run["code"] == 1, run
+    errors = [line for line in run["err"].splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in run["err"], run["err"]
+    return errors[0]
 
 
 def two_resources(root: Path) -> Workspace:
@@ -109,12 +134,9 @@ def test_a_full_result_store_names_its_folder_and_leaves_no_partial_download(
     next apply collects every result and creates nothing again."""
     ws = two_resources(tmp_path / "ws")
     full, second = apply_with_a_full_mount(ws, "state/store", free_kb=8)
-    assert full["code"] == 1, full
-    errors = [line for line in full["err"].splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in full["err"], full["err"]
-    assert "No space left on device" in errors[0], errors
-    assert str(ws.root / "state" / "store") in errors[0], errors
-    assert "state/local" not in errors[0], errors
+    error = one_error_line(full)
+    assert "No space left on device" in error, error
+    assert str(ws.root / "state" / "store") in error and "state/local" not in error, error
     assert not [name for name in full["left"] if name.endswith(".part")], full["left"]
     assert_converged(ws, second, batches=3)
 
@@ -126,9 +148,39 @@ def test_a_full_shard_folder_names_it_and_leaves_no_partial_shard(tmp_path: Path
     and no part is left; with room, the next apply submits and collects it once."""
     ws = two_resources(tmp_path / "ws")
     full, second = apply_with_a_full_mount(ws, "state/shards")
-    assert full["code"] == 1, full
-    errors = [line for line in full["err"].splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "Traceback" not in full["err"], full["err"]
-    assert errors[0] == f"Error: No space left on device: {ws.root / 'state' / 'shards'}", errors
-    assert full["left"] == [], full["left"]
+    error = one_error_line(full)
+    assert error == f"Error: No space left on device: {ws.root / 'state' / 'shards'}", error
+    assert full["left"] == {}, full["left"]
     assert_converged(ws, second, batches=3)
+
+
+def test_a_report_on_a_full_disk_leaves_no_empty_page_and_keeps_the_old_one(
+    tmp_path: Path,
+) -> None:
+    """`report -o` wrote its page in place: on a full disk a new page was an empty file at
+    the path (exit 1, "No space left on device" naming no file), and a page written over
+    an old one left it empty if the disk filled in between. Now the page is written
+    beside and renamed: the error names the page, an old page is kept as it was, a new one
+    is not created; with room, the page is written."""
+    ws = two_resources(tmp_path / "ws")
+    out = tmp_path / "out"
+    old, new = out / "old.html", out / "new.html"
+    report = ["report", str(ws.root), "-o"]
+    first, to_old, to_new, later = run_on_a_small_mount(
+        out,
+        [
+            [*report, str(old)],
+            "fill",
+            [*report, str(old)],
+            [*report, str(new)],
+            "free",
+            [*report, str(new)],
+        ],
+    )
+    assert first["code"] == 0, first
+    size = first["left"]["old.html"]
+    for run, page in ((to_old, old), (to_new, new)):
+        assert one_error_line(run) == f"Error: No space left on device: {page}", run
+    assert to_old["left"] == {"old.html": size}, to_old["left"]
+    assert to_new["left"] == {"old.html": size}, to_new["left"]
+    assert later["code"] == 0 and later["left"]["new.html"] > 0, later
