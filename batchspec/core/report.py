@@ -11,6 +11,7 @@ with them; rendering is the face's job (``batchspec.cli.report_html``).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -82,6 +83,8 @@ def write_report_page(output: Path, page: str) -> None:
             fh.write(page)
         return
     target = Path(os.path.realpath(output))
+    if not target.parent.is_dir():  # a mistyped folder is not created
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(output))
     write_atomically(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
