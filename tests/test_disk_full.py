@@ -17,9 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace
 
 from batchspec.engine import Engine
+from batchspec.state.store import StateStore
 
 #: run in the namespace: STEPS (JSON) in order, each "fill" (the mount at MOUNT to FREE kB),
 #: "free" (the room back) or a batchspec command line run in this process; print, per
@@ -184,3 +186,34 @@ def test_a_report_on_a_full_disk_leaves_no_empty_page_and_keeps_the_old_one(
     assert to_old["left"] == {"old.html": size}, to_old["left"]
     assert to_new["left"] == {"old.html": size}, to_new["left"]
     assert later["code"] == 0 and later["left"]["new.html"] > 0, later
+
+
+@pytest.mark.parametrize("free_kb", [0, 16])
+def test_a_state_export_onto_a_full_disk_says_so_and_places_nothing(
+    tmp_path: Path, free_kb: int
+) -> None:
+    """`state export` onto a full disk said the (new, empty) file "stayed busy ...; another
+    process is writing to it", or "check the permissions of the state folder": both send
+    the user after the wrong thing. Now the error names the export and its full disk, no
+    file (nor -wal, -shm) is left, an export replaced with --force is kept as it was; with
+    room the export is written."""
+    ws = two_resources(tmp_path / "ws")
+    with StateStore.open(ws.state_path) as store:
+        store.record_event(None, "probe")
+    out = tmp_path / "out"
+    old, new = out / "old.db", out / "new.db"
+    export = ["state", "export", "--state", str(ws.state_path)]
+    steps: list[object] = [[*export, str(old)], "fill", [*export, str(new)]]
+    first, to_new, to_old, later = run_on_a_small_mount(
+        out,
+        [*steps, [*export, "--force", str(old)], "free", [*export, str(new)]],
+        free_kb,
+        size_kb=1024,
+    )
+    assert first["code"] == 0, first
+    for run, target in ((to_new, new), (to_old, old)):
+        error = one_error_line(run)
+        assert str(target) in error and "disk is full" in error, error
+        assert "busy" not in error and "state folder" not in error, error
+        assert run["left"] == first["left"], run["left"]
+    assert later["code"] == 0 and "new.db" in later["left"], later
