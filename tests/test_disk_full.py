@@ -79,10 +79,13 @@ def run_on_a_small_mount(
     return runs
 
 
-def apply_with_a_full_mount(ws: Workspace, folder: str, free_kb: int = 0) -> list[dict]:
+def apply_with_a_full_mount(
+    ws: Workspace, folder: str, free_kb: int = 0, size_kb: int = 256
+) -> list[dict]:
     """`apply --wait` with ``ws.root / folder`` full, then again with room."""
     apply = ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"]
-    return run_on_a_small_mount(ws.root / folder, ["fill", apply, "free", apply], free_kb)
+    steps: list[object] = ["fill", apply, "free", apply]
+    return run_on_a_small_mount(ws.root / folder, steps, free_kb, size_kb)
 
 
 def one_error_line(run: dict) -> str:
@@ -217,3 +220,39 @@ def test_a_state_export_onto_a_full_disk_says_so_and_places_nothing(
         assert "busy" not in error and "state folder" not in error, error
         assert run["left"] == first["left"], run["left"]
     assert later["code"] == 0 and "new.db" in later["left"], later
+
+
+#: run in the namespace: stream 64 kB into a blob store on the full mount at MOUNT; print
+#: the error and the files left in its tmp folder
+BLOB_ON_A_FULL_MOUNT = """
+import os, sys
+from pathlib import Path
+from batchspec.storage.blobstore import BlobStore
+mount = Path(sys.argv[1])
+with open(mount / "filler", "wb") as fh:
+    stats = os.statvfs(mount)
+    fh.write(bytes(stats.f_bavail * stats.f_frsize))
+blobs = BlobStore(mount / "files", tmp_dir=mount / "tmp")
+try:
+    with blobs.writer() as writer:
+        writer.write(bytes(64 * 1024))
+        writer.commit()
+except OSError as err:
+    print(err.strerror, err.filename, sorted(os.listdir(mount / "tmp")))
+"""
+
+
+def test_a_blob_written_to_a_full_disk_names_its_folder(tmp_path: Path) -> None:
+    """A blob streamed into a store on a full disk (an upload into the local engine, a
+    download into the result store) failed with a buffered write's error, which names no
+    file: apply said a bare "Error: No space left on device". Now the error names the
+    folder written to, and the partial blob is gone."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    flags = "-m" if os.geteuid() == 0 else "-rm"
+    place = f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(mount))}"
+    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(BLOB_ON_A_FULL_MOUNT)}"
+    argv = ["unshare", flags, "sh", "-c", f"{place} && exec {child} {shlex.quote(str(mount))}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"No space left on device {mount / 'tmp'} []", done.stdout
