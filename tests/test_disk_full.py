@@ -256,3 +256,23 @@ def test_a_blob_written_to_a_full_disk_names_its_folder(tmp_path: Path) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"No space left on device {mount / 'tmp'} []", done.stdout
+
+
+def test_a_full_request_index_folder_does_not_fail_apply(tmp_path: Path) -> None:
+    """The request index of an input over 64 kB is a cache in state/input-index; with that
+    folder's disk full, apply refused the workspace: "1 problem ... cannot read input
+    data/big.jsonl: No space left on device", blaming an input that reads fine. Now the run
+    indexes in a folder of its own and applies; nothing is left in the full folder."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("big", count=400, provider="here"),),
+    )
+    assert ws.input_path("big").stat().st_size > 64 * 1024
+    full, second = apply_with_a_full_mount(ws, "state/input-index")
+    assert full["code"] == 0 and "Traceback" not in full["err"], full
+    assert full["left"] == {}, full["left"]
+    lines = ws.output_path("big").read_text().splitlines()
+    assert [json.loads(line)["custom_id"] for line in lines] == [f"req-{i}" for i in range(400)]
+    assert second["code"] == 0, second
+    assert created_batches(ws) == 1
