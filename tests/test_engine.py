@@ -463,13 +463,14 @@ def test_a_commit_that_fails_for_a_while_sends_no_line_twice(tmp_path, caplog):
 
 
 def test_a_result_file_that_cannot_be_written_is_one_log_line_and_retried(tmp_path, caplog):
-    """A batch whose output file cannot be written (ENOSPC while it finalizes) logs one line
-    naming the cause, without a traceback, and completes once the disk has room."""
+    """A batch whose output file cannot be written (ENOSPC while it finalizes, three polls
+    running) logs one line naming the cause, without a traceback, not one a poll (a log on
+    that disk fills it), and completes once the disk has room, which is said too."""
     import batchspec.engine.worker as worker
 
     engine = open_engine(tmp_path, BuiltinUpstream())
     write = worker._write_result_file
-    refusals = {"left": 1}
+    refusals = {"left": 3}
 
     def full_disk(*args, **kwargs):
         if refusals["left"] > 0:
@@ -487,3 +488,4 @@ def test_a_result_file_that_cannot_be_written_is_one_log_line_and_retried(tmp_pa
     failed = [r for r in caplog.records if "step failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info is None
     assert "(No space left on device)" in failed[0].getMessage()
+    assert any("step done after failed tries" in r.getMessage() for r in caplog.records)

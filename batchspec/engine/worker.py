@@ -170,6 +170,7 @@ class Worker:
         self._pending: list[LineResult] = []
         self._flush_lock: asyncio.Lock | None = None
         self._commit_failing = False
+        self._steps_failing: set[str] = set()  # batches whose last step failed (said once)
         self._token_limit_refusals = settings.token_limit_refusals
 
     # -- thread-safe control ---------------------------------------------------------------
@@ -335,8 +336,14 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            _log_failure(err, "batch %s: step failed; it is retried at the next poll", batch_id)
+            if batch_id not in self._steps_failing:  # once, not every poll: a full disk
+                _log_failure(err, "batch %s: step failed; it is retried at the next poll", batch_id)
+            self._steps_failing.add(batch_id)
             await asyncio.sleep(self.settings.poll_interval)
+        else:
+            if batch_id in self._steps_failing:
+                self._steps_failing.discard(batch_id)
+                log.warning("batch %s: step done after failed tries", batch_id)
 
     def _validate(self, batch_id: str, input_sha256: str, endpoint: str) -> None:
         report = scan_batch_input(
