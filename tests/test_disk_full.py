@@ -25,7 +25,7 @@ from batchspec.state.store import StateStore
 
 #: run in the namespace: STEPS (JSON) in order, each "fill" (the mount at MOUNT to FREE kB),
 #: "free" (the room back) or a batchspec command line run in this process; print, per
-#: command, its exit code, its stderr and the files on the mount with their sizes (JSON)
+#: command, its exit code, stdout, stderr and the files on the mount with their sizes (JSON)
 CLI_ON_A_SMALL_MOUNT = """
 import contextlib, io, json, os, sys
 from batchspec.cli.main import main
@@ -38,8 +38,8 @@ def fill():
         fh.write(bytes(max(0, stats.f_bavail * stats.f_frsize - free_kb * 1024)))
 
 def run(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             main(argv)
         except SystemExit as exited:
@@ -48,7 +48,7 @@ def run(argv):
         os.path.relpath(os.path.join(top, name), mount): os.path.getsize(os.path.join(top, name))
         for top, _, names in os.walk(mount) for name in names if name != "filler"
     }
-    return {"code": code, "err": err.getvalue(), "left": left}
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue(), "left": left}
 
 runs = []
 for step in steps:
