@@ -548,3 +548,35 @@ def test_a_commit_that_fails_for_a_while_sends_no_line_twice(tmp_path, caplog):
     assert sorted(upstream.calls.values()) == [1] * 6
     failures = [r for r in caplog.records if "could not commit" in r.getMessage()]
     assert len(failures) == 1  # said once, not at every try (a log on that disk fills it)
+    # one line naming the cause, no traceback: a full disk is the operator's, not a bug
+    assert "(disk I/O error)" in failures[0].getMessage()
+    assert failures[0].exc_info is None
+
+
+def test_a_result_file_that_cannot_be_written_is_one_log_line_and_retried(tmp_path, caplog):
+    """A batch whose output file cannot be written (ENOSPC while it finalizes, three polls
+    running) logs one line naming the cause, without a traceback, not one a poll (a log on
+    that disk fills it), and completes once the disk has room, which is said too."""
+    import batchspec.engine.worker as worker
+
+    engine = open_engine(tmp_path, BuiltinUpstream())
+    write = worker._write_result_file
+    refusals = {"left": 3}
+
+    def full_disk(*args, **kwargs):
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return write(*args, **kwargs)
+
+    worker._write_result_file = full_disk
+    try:
+        with caplog.at_level("WARNING", logger="batchspec.engine"), engine.start():
+            done = run_to_end(engine, new_batch(engine, request_lines(2))["id"])
+    finally:
+        worker._write_result_file = write
+    assert done["status"] == "completed"
+    failed = [r for r in caplog.records if "step failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    assert "(No space left on device)" in failed[0].getMessage()
+    assert any("step done after failed tries" in r.getMessage() for r in caplog.records)

@@ -177,14 +177,16 @@ else:
 """
 
 
-def run_on_a_small_filesystem(folder: Path, free_kb: int, source: Path | None = None) -> list[str]:
-    """FULL_DISK_SCRIPT on a 1 MiB tmpfs mounted at ``folder`` in a mount namespace of its
+def run_on_a_small_filesystem(
+    folder: Path, free_kb: int, source: Path | None = None, script: str = FULL_DISK_SCRIPT
+) -> list[str]:
+    """``script`` on a 1 MiB tmpfs mounted at ``folder`` in a mount namespace of its
     own (``unshare``: as root, or as a user through a user namespace), so nothing outside
     the child sees it; the lines it printed."""
     folder.mkdir(parents=True)
     flags = "-m" if os.geteuid() == 0 else "-rm"
     mount = f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(folder))}"
-    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(FULL_DISK_SCRIPT)}"
+    child = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
     args = f"{folder} {free_kb} {shlex.quote(str(source or '-'))}"
     argv = ["unshare", flags, "sh", "-c", f"{mount} && exec {child} {args}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -230,6 +232,48 @@ def test_a_disk_that_fills_while_the_state_is_copied_to_a_file_places_no_partial
     assert lines[0] == "written" or "disk is full" in lines[0], lines
     wanted = f"opened {len(connection.MIGRATIONS.names)} 20"
     assert lines[1] == (wanted if lines[0] == "written" else "nothing at the path"), lines
+
+
+#: a state made with room, then opened (and written) on the same disk filled to FREE kB; then
+#: opened again once there is room
+OPEN_ON_A_FULL_DISK_SCRIPT = """
+import os, sys
+from batchspec.errors import StateError
+from batchspec.state.store import StateStore
+folder, free_kb = sys.argv[1], int(sys.argv[2])
+path = os.path.join(folder, "state", "batchspec.db")
+with StateStore.open(path) as store:
+    store.record_event(None, "probe")
+filler = os.path.join(folder, "filler")
+with open(filler, "wb") as fh:
+    stats = os.statvfs(folder)
+    fh.write(bytes(max(0, stats.f_bavail * stats.f_frsize - free_kb * 1024)))
+try:
+    with StateStore.open(path) as store:
+        store.record_event(None, "probe")
+    print("written")
+except StateError as err:
+    print("refused:", err.message)
+os.remove(filler)
+with StateStore.open(path) as store:
+    print("opened", len(store.events()))
+"""
+
+
+@pytest.mark.parametrize("free_kb", [0, 16])
+def test_a_state_opened_on_a_full_disk_is_not_called_damaged(tmp_path: Path, free_kb: int) -> None:
+    """A sound state on a disk with no room for SQLite's -shm file failed its first read with
+    "disk I/O error", and was refused as "damaged or truncated ... restore it from a backup
+    ... Delete the file only if nothing was ever applied": a user who believed it deleted
+    the record of what was paid for. Now the error names the full disk and leaves the file
+    as it was; with room, the state opens with its events."""
+    lines = run_on_a_small_filesystem(
+        tmp_path / "small", free_kb, script=OPEN_ON_A_FULL_DISK_SCRIPT
+    )
+    assert lines[0].startswith("refused: cannot read the state database"), lines
+    assert "disk I/O error" in lines[0] and "has room" in lines[0], lines
+    assert "damaged" not in lines[0] and "backup" not in lines[0], lines
+    assert lines[1] == "opened 1", lines
 
 
 # -- an extra column ---------------------------------------------------------------------------

@@ -911,7 +911,7 @@ def report(
     """
     from batchspec.cli import render
     from batchspec.cli.report_html import report_html
-    from batchspec.core.report import require_report_target, workspace_report
+    from batchspec.core.report import require_report_target, workspace_report, write_report_page
 
     source = click.get_current_context().get_parameter_source("output")
     if as_json and source != ParameterSource.DEFAULT:
@@ -928,10 +928,11 @@ def report(
         emit_json(data.to_json())
         return
     page = report_html(data)
-    with click.open_file(output, "w", encoding="utf-8") as f:
-        f.write(page)
-    if output != "-":
-        click.echo(render.report_written_text(output, len(data.resources), len(data.runs)))
+    if output == "-":
+        click.echo(page, nl=False)
+        return
+    write_report_page(Path(output), page)
+    click.echo(render.report_written_text(output, len(data.resources), len(data.runs)))
 
 
 @cli.command()

@@ -11,6 +11,8 @@ with them; rendering is the face's job (``batchspec.cli.report_html``).
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from batchspec.core.spend import Usage
 from batchspec.core.status import ResourceStatus, workspace_status
 from batchspec.errors import UsageError
 from batchspec.state.store import utc_timestamp
+from batchspec.storage.blobstore import write_atomically
 from batchspec.workspace.manifest import load_workspace, overwritten_workspace_file
 from batchspec.workspace.yamldoc import Problem
 
@@ -68,6 +71,21 @@ def require_report_target(
             f"--output {output}: {overwritten}, which the page may not replace; write it "
             "elsewhere (the default is report.html)."
         )
+
+
+def write_report_page(output: Path, page: str) -> None:
+    """Write the page through a temporary file and a rename: a full disk fails the command
+    naming ``output`` and leaves the page that was there (or none), never an empty or cut
+    one (it was opened in place: a new page on a full disk was an empty file). A symbolic
+    link gets its target replaced; a device or pipe (``-o /dev/stdout``) is written to."""
+    if output.exists() and not output.is_file():  # followed through links
+        with output.open("w", encoding="utf-8") as fh:
+            fh.write(page)
+        return
+    target = Path(os.path.realpath(output))
+    if not target.parent.is_dir():  # a mistyped folder is not created
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(output))
+    write_atomically(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 def workspace_report(

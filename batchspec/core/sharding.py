@@ -15,6 +15,7 @@ fingerprint, only when a shard file must be written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,25 +119,44 @@ class ShardWriters:
     def write(self, shard: int, raw: bytes) -> None:
         if not self.enabled:
             return
-        entry = self._open.get(shard)
-        if entry is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
-            entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
         line = raw + b"\n"
-        entry[0].write(line)
+        with self._failing_as_the_folder():
+            entry = self._open.get(shard)
+            if entry is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
+                entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
+            entry[0].write(line)
         entry[1].update(line)
 
     def finish(self) -> dict[int, str]:
         if self._source is not None:
             self._source.close()
         shas = {}
-        for shard, (handle, digest, tmp) in self._open.items():
-            handle.close()
-            shas[shard] = digest.hexdigest()
-            os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
+        with self._failing_as_the_folder():
+            for shard, (handle, digest, tmp) in self._open.items():
+                handle.close()
+                shas[shard] = digest.hexdigest()
+                os.replace(tmp, self.folder / f"{shas[shard]}.jsonl")
         self._open.clear()
         return shas
+
+    @contextlib.contextmanager
+    def _failing_as_the_folder(self) -> Iterator[None]:
+        """A write that fails (a full disk) removes every partial shard file, whose room a
+        full disk wants back and which nothing would ever remove, and is raised naming the
+        shard folder: a buffered write's error names no file at all."""
+        try:
+            yield
+        except OSError as err:
+            for handle, _, tmp in self._open.values():
+                with contextlib.suppress(OSError):
+                    handle.close()
+                tmp.unlink(missing_ok=True)
+            self._open.clear()
+            if err.filename is not None and not str(err.filename).endswith(".part"):
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.folder)) from err
 
 
 def indexed_ledger_rows(

@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -186,6 +187,7 @@ class Worker:
         self._pending: list[LineResult] = []
         self._flush_lock: asyncio.Lock | None = None
         self._commit_failing = False
+        self._steps_failing: set[str] = set()  # batches whose last step failed (said once)
         self._token_limit_refusals = settings.token_limit_refusals
         self._in_flight = 0  # requests sent (or being retried) and not yet finished
         self._drain_timeout = settings.drain_timeout
@@ -374,9 +376,15 @@ class Worker:
             await asyncio.to_thread(self._finalize, batch_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("batch %s: step failed; it is retried at the next poll", batch_id)
+        except Exception as err:
+            if batch_id not in self._steps_failing:  # once, not every poll: a full disk
+                _log_failure(err, "batch %s: step failed; it is retried at the next poll", batch_id)
+            self._steps_failing.add(batch_id)
             await asyncio.sleep(self.settings.poll_interval)
+        else:
+            if batch_id in self._steps_failing:
+                self._steps_failing.discard(batch_id)
+                log.warning("batch %s: step done after failed tries", batch_id)
 
     def _validate(self, batch_id: str, input_sha256: str, endpoint: str) -> None:
         report = scan_batch_input(
@@ -557,9 +565,9 @@ class Worker:
             rows = list(self._pending)  # left buffered until committed: see _run_lines
             try:
                 await asyncio.to_thread(self.store.record_results, rows)
-            except Exception:  # keep them; the next flush tries again
+            except Exception as err:  # keep them; the next flush tries again
                 if not self._commit_failing:  # once, not every commit_interval: a full disk
-                    log.exception("could not commit %d results; retrying", len(rows))
+                    _log_failure(err, "could not commit %d results; retrying", len(rows))
                 self._commit_failing = True
             else:
                 del self._pending[: len(rows)]  # lines finished meanwhile were appended
@@ -569,6 +577,17 @@ class Worker:
 
     def _finalize(self, batch_id: str) -> None:
         finalize_batch(self.store, batch_id, max_line_bytes=self.settings.max_line_bytes)
+
+
+def _log_failure(err: Exception, message: str, *args: object) -> None:
+    """Log a failed step: one line naming the cause when the disk or the store failed (a
+    full disk, a read-only folder: the operator's to fix, and the next try may succeed),
+    the traceback for anything else (a bug)."""
+    if isinstance(err, (OSError, sqlite3.Error)):
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err)
+        log.warning(message.replace(";", f" ({reason});", 1), *args)
+    else:
+        log.exception(message, *args)
 
 
 def _error_record(record_id: str, custom_id: str, code: str, message: str) -> bytes:

@@ -16,6 +16,7 @@ Engine refusals become ``ProviderError`` with the engine's status and code; 404 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +36,10 @@ from batchspec.providers.base import (
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 
 T = TypeVar("T")
+
+
+#: a copy that failed with one of these failed to write (a full disk, a quota, a size limit)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class LocalProvider:
@@ -152,8 +157,15 @@ class LocalProvider:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
-        shutil.copyfile(source, partial)
-        os.replace(partial, dest)
+        try:
+            shutil.copyfile(source, partial)
+            os.replace(partial, dest)
+        except OSError as err:
+            partial.unlink(missing_ok=True)  # on a full disk, the room it took is wanted back
+            if err.filename2 != str(partial) or err.errno not in _WRITE_ERRNOS:
+                raise
+            # shutil names the engine's file first, the copy second: the write failed
+            raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
         return dest.stat().st_size
 
     def close(self) -> None:

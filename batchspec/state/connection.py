@@ -187,7 +187,7 @@ class StateConnection:
                 )
             ]
         except sqlite3.DatabaseError as err:
-            raise _not_a_state(self.path, f"damaged or truncated ({err})") from err
+            raise _unreadable(self.path, err) from err
         found = f"it has: {', '.join(tables[:8])}" if tables else "it has no tables"
         raise _not_a_state(self.path, f"an SQLite database without batchspec's tables ({found})")
 
@@ -213,7 +213,7 @@ class StateConnection:
             self.db.execute("PRAGMA foreign_keys = ON")
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.DatabaseError as err:
-            raise _not_a_state(self.path, f"damaged or truncated ({err})") from err
+            raise _unreadable(self.path, err) from err
         if str(mode).lower() != "wal":
             raise StateError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
 
@@ -421,6 +421,27 @@ def _not_a_state(path: Path, what: str) -> StateError:
         "at the wrong file, set state.path in batchspec.yaml (or --state, BATCHSPEC_STATE). "
         "Delete the file only if nothing was ever applied with it."
     )
+
+
+#: SQLite's primary result codes that say the disk, not the file, failed: SQLITE_IOERR (a
+#: full disk where the -shm file cannot grow), SQLITE_FULL, SQLITE_CANTOPEN
+_DISK_CODES = {10, 13, 14}
+_DISK_MESSAGES = ("disk I/O error", "database or disk is full", "unable to open database file")
+
+
+def _unreadable(path: Path, err: sqlite3.DatabaseError) -> StateError:
+    """A state SQLite could not read: damaged (refused, pointing at a backup), or on a disk
+    that failed it (a full disk fails the first read: SQLite cannot size its -shm file),
+    which leaves the file as good as it was: saying it is damaged had users restore or
+    delete a sound state, and a deleted state pays for everything again."""
+    code = getattr(err, "sqlite_errorcode", None)  # Python 3.11+
+    if (code & 0xFF in _DISK_CODES) if code is not None else str(err) in _DISK_MESSAGES:
+        return StateError(
+            f"cannot read the state database {path}: {err}; the file itself is left as it "
+            "was: check that its disk has room (SQLite needs room beside it for its -wal and "
+            "-shm files) and that its folder is writable, then run the command again"
+        )
+    return _not_a_state(path, f"damaged or truncated ({err})")
 
 
 def _check_header(path: Path) -> None:

@@ -242,6 +242,11 @@ def _copy_to_sqlite(
         finally:
             conn.close()
         _place(tmp, path, replace)
+    except sqlite3.OperationalError as err:  # the copy's disk, not the state's, is full
+        raise StateError(
+            f"cannot write {path}: {err}; nothing was written there: check that its disk has "
+            "room and its folder is writable"
+        ) from err
     finally:
         for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm"))):
             leftover.unlink(missing_ok=True)

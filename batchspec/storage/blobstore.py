@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -169,7 +169,8 @@ class BlobWriter:
             raise self._too_large(self._max_bytes)
         self._hash.update(chunk)
         assert self._fh is not None, "blob already committed or discarded"
-        self._fh.write(chunk)
+        with self._naming_the_folder():
+            self._fh.write(chunk)
 
     def copy_from(self, source: BinaryIO) -> None:
         while chunk := source.read(CHUNK):
@@ -183,7 +184,8 @@ class BlobWriter:
         """Move the content into its content-addressed place; return its sha256 (``replace``:
         over a damaged file of that name)."""
         assert self._fh is not None, "blob already committed or discarded"
-        self._fh.close()
+        with self._naming_the_folder():
+            self._fh.close()
         self._fh = None
         digest = self.sha256
         try:
@@ -192,6 +194,19 @@ class BlobWriter:
             self.tmp_path.unlink(missing_ok=True)
             raise
         return digest
+
+    @contextlib.contextmanager
+    def _naming_the_folder(self) -> Iterator[None]:
+        """A buffered write that fails (a full disk) names no file: the blob is discarded
+        (its room given back) and the error names the folder it was written in."""
+        try:
+            yield
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.discard()
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.tmp_path.parent)) from err
 
     def discard(self) -> None:
         if self._fh is not None:

@@ -220,6 +220,11 @@ class SqliteSql(Sql):
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as err:
+            if not _sqlite_busy(err):  # a full disk: SQLite cannot grow its -wal or -shm file
+                raise DatabaseError(
+                    f"cannot write the state database {self.label}: {err}; check that its "
+                    "disk has room and its folder is writable, then run the command again"
+                ) from err
             raise DatabaseBusyError(
                 f"the state database {self.label} stayed busy ({err}); another process is "
                 "writing to it, try again"
@@ -233,6 +238,15 @@ class SqliteSql(Sql):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _sqlite_busy(err: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed for another connection's lock (SQLITE_BUSY, SQLITE_LOCKED), not
+    for the disk under it."""
+    code = getattr(err, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    return "locked" in str(err) or "busy" in str(err)
 
 
 def split_statements(script: str) -> list[str]:

@@ -39,6 +39,7 @@ exist are dropped by the next run that stores an entry, as unused index files ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -270,7 +271,24 @@ class InputCache:
                 return report
         if folder is None:
             return scan_batch_input(path, **options)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        try:
+            return self._scan_into(path, options, folder, keep)
+        except OSError as err:
+            if err.errno not in _WRITE_ERRNOS or folder != self.index_dir:
+                raise
+            # the index folder's disk is full: a cache, so this run indexes in a folder of
+            # its own (removed on close) instead of failing as if the input were unreadable
+            self.index_dir = None
+            return self._scan_into(path, options, self._private_index_dir(), keep)
+
+    def _scan_into(
+        self, path: Path, options: dict[str, Any], folder: Path, keep: str
+    ) -> InputReport:
+        """``_scan_and_index`` writing the index into the file ``folder/<sha256>.idx``."""
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        except OSError as err:
+            raise _index_unwritable(folder, err) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = RequestIndexWriter(f)
@@ -281,6 +299,10 @@ class InputCache:
                 os.replace(tmp, folder / f"{report.sha256}.idx")
                 remember_complete(folder / f"{report.sha256}.idx", report.sha256)
                 self._written_to.add(folder)
+        except OSError as err:
+            if err.errno not in _WRITE_ERRNOS or err.filename not in (None, tmp):
+                raise  # the input's own (a read that failed): said as such
+            raise _index_unwritable(folder, err) from err
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -372,6 +394,16 @@ class InputCache:
                 raise
             conn.execute("commit")
         self._pending.clear()
+
+
+#: a write that failed with one of these failed for its disk (full, a quota, a size limit)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _index_unwritable(folder: Path, err: OSError) -> OSError:
+    """The error of an index that could not be written, naming the folder written to (a
+    buffered write's error names no file; the manifest's error would blame the input)."""
+    return OSError(err.errno, f"{err.strerror or err}: {folder}", str(folder))
 
 
 def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
