@@ -300,6 +300,58 @@ def test_prune_refuses_a_state_none_of_whose_resources_the_workspace_declares(
         assert [r.name for r in store.list_resources()] == ["omega"]
 
 
+@pytest.mark.parametrize("select", ["state:modified", "team=ml"])
+def test_a_selector_that_takes_in_orphans_does_not_lift_the_prune_guards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], select: str
+) -> None:
+    """`--select state:modified` selects every orphan, and a label every orphan that carried
+    it, so neither names what a prune cancels: after a mistyped manifest glob, and from
+    another workspace pointed at this one's state, `apply --prune --select ...` is refused
+    as a bare `--prune` is (both cancelled and forgot every resource)."""
+    specs = [ResourceSpec(n, provider="here") for n in ("a1", "a2")]
+    a = make_workspace(tmp_path / "a", providers={"here": local_provider()}, resources=specs)
+    for name in ("a1", "a2"):
+        path = a.manifest_path(name)
+        path.write_text(
+            path.read_text().replace(f"name: {name}\n", f"name: {name}\n  labels: {{team: ml}}\n")
+        )
+    b = make_workspace(
+        tmp_path / "b",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("beta", provider="here")],
+    )
+    root = str(a.root)
+    assert run_cli(["apply", root, "--yes"], capsys)[0] == 0
+    a_state = str(a.root / "state" / "batchspec.db")
+    argv = ["apply", str(b.root), "--state", a_state, "--prune", "--yes", "--select", select]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and "another workspace's state" in err, err
+    project = a.root / "batchspec.yaml"
+    project.write_text(project.read_text().replace("manifests/", "manifest/"))
+    code, _, err = run_cli(["apply", root, "--prune", "--yes", "--select", select], capsys)
+    assert code == 1 and "no resources found" in err, err
+    project.write_text(project.read_text().replace("manifest/", "manifests/"))
+    with a.store() as store:
+        assert [r.name for r in store.list_resources()] == ["a1", "a2"]
+        assert not [e for e in store.events() if e.action in ("cancel", "prune")]
+
+
+def test_state_modified_from_a_folder_without_manifests_fails_as_validate_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CI form `apply --select state:modified`, run from a folder holding no manifest,
+    exits 1 as a bare apply does, not 0 having done nothing."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    monkeypatch.chdir(ws.root / "data")
+    for args in (["plan", "-s", "state:modified"], ["apply", "--yes", "-s", "state:modified"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 1 and "no resources found" in err, (args, out, err)
+
+
 def test_a_manifest_outside_the_project_globs_is_run_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

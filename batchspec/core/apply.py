@@ -101,6 +101,7 @@ from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
+    names_each,
     require_resources,
     unlisted_manifests_warnings,
 )
@@ -182,7 +183,7 @@ def plan_workspace(
         recorded_run(store, ws, "plan", args),
         store.reading(),  # reads only: a few queries in all, however many resources
     ):
-        if prune and not select and state_may_be_anothers(ws, state_path):
+        if prune and not names_each(select) and state_may_be_anothers(ws, state_path):
             refuse_pruning_another_workspace(store, elsewhere)
         resources, readded = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
@@ -243,7 +244,7 @@ def state_may_be_anothers(ws: Workspace, state_path: str | None) -> bool:
 
 
 def refuse_pruning_another_workspace(store: StateStore, declared: AbstractSet[str] | None) -> None:
-    """Refuse ``--prune`` (without ``--select``) where the state tracks resources and this
+    """Refuse ``--prune`` (without ``--select NAME``) where the state tracks resources and this
     workspace declares none of them: with a state that ``state_may_be_anothers``, another
     workspace's, whose every resource the prune would cancel and forget. Resources renamed
     all at once, or deleted, are pruned by naming them (``--select NAME``)."""
@@ -344,7 +345,7 @@ def apply_workspace(
                 report(Progress("warning", None, warning))
             with store.reading():  # the plan's reads: a few queries, however many resources
                 foreign = state_may_be_anothers(ws, options.state_path)
-                if options.prune and not options.select and foreign:
+                if options.prune and not names_each(options.select) and foreign:
                     refuse_pruning_another_workspace(store, elsewhere)
                 resources, readded = planned_resources(
                     store, resources, options.replace, reuse=options.reuse
