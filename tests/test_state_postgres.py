@@ -10,6 +10,7 @@ stops answering (frozen with SIGSTOP, or a listener that never speaks), foreign 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -393,6 +394,48 @@ def test_a_frozen_server_stops_apply_in_seconds_and_the_next_apply_pays_nothing_
     assert again.returncode == 0, again.stderr
     assert srv.batch_count() == 1
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_ctrl_c_while_the_state_server_is_frozen_is_said_once_and_exits_130(
+    tmp_path: Path,
+    postgres_url: str,
+    postgres_cluster: Cluster,
+    server: Callable[..., ProbedServer],
+) -> None:
+    """Ctrl-C while apply waits for a frozen server: psycopg gives up cancelling the query
+    and closes the connection; recording the interruption on it failed, and that failure
+    replaced the interruption (exit 1, "lost the connection"), beside psycopg's own bare log
+    lines. Now: exit 130 and the one "Interrupted" line."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    env = {**os.environ, KEY_ENV: SENTINEL_KEY, ANSWER_TIMEOUT_ENV: "60"}
+    created = srv.probe.hold("POST /batches", 30, after=True)
+    # a child inherits an ignored SIGINT (as under xdist's workers): let it hear Ctrl-C
+    heard = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        apply = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--yes", "--state", postgres_url),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, heard)
+    try:
+        assert created.wait(30), "the create never reached the server"
+        with postgres_cluster.frozen():
+            srv.probe.release_all()
+            time.sleep(0.5)  # apply now waits for the frozen server to record the batch
+            apply.send_signal(signal.SIGINT)
+            _, err = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+            apply.communicate()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert apply.returncode == 130, err
+    assert len(lines) == 1 and lines[0].startswith("Interrupted"), err
 
 
 def test_a_listener_that_never_answers_fails_the_connect_in_seconds(

@@ -1606,6 +1606,9 @@ def _interrupted_exit_code(err: BaseException | None) -> int:
 def _run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     interruption = Interruption(args)
+    # psycopg logs its own failed cancel of a query on Ctrl-C (a frozen state server): bare
+    # lines beside ours; what happened is said once, by the interruption
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     try:
         with interruption.handled():
             # obj: a command that says its own interruption (serve) says it through this one

@@ -8,7 +8,7 @@ record in one way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
+from batchspec.storage.sql import DatabaseUnavailableError
 from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.inputcache import InputCache, index_dir_beside
@@ -267,6 +268,7 @@ def recorded_run(
     ``info``: its provenance, if the caller has it (else collected here)."""
     info = collect_run_info(ws.project.root) if info is None else info
     run = RunHandle(store.start_run(command, args, info))
+    interrupted = False
     try:
         yield run
         if command == "plan":
@@ -284,7 +286,11 @@ def recorded_run(
         # Ctrl-C: 130; SIGTERM (``Terminated``): 143, recorded as such
         run.exit_code = getattr(err, "exit_code", 130)
         detail = {"signal": "SIGTERM"} if isinstance(err, Terminated) else {}
-        store.record_event(run.id, "interrupted", detail=detail)
+        interrupted = True
+        # the interruption is what happened: a state server gone meanwhile (psycopg closes
+        # a connection whose query it could not cancel) must not replace it
+        with suppress(DatabaseUnavailableError):
+            store.record_event(run.id, "interrupted", detail=detail)
         raise
     except Exception as err:  # an unexpected failure is still recorded, then re-raised
         store.record_event(
@@ -292,4 +298,5 @@ def recorded_run(
         )
         raise
     finally:
-        store.finish_run(run.id, run.exit_code)
+        with suppress(*((DatabaseUnavailableError,) if interrupted else ())):
+            store.finish_run(run.id, run.exit_code)
