@@ -87,7 +87,7 @@ def test_ctrl_c_says_at_once_what_serve_waits_for_and_a_second_stops_at_once(tmp
     """Ctrl-C while the engine has requests at the upstream: serve says on stderr at once
     that it stops, what it waits for (how many requests, up to how long) and that Ctrl-C
     again does not wait, in apply's words; it then waits, and a second Ctrl-C ends it at
-    once (exit 130, no traceback, nothing said twice)."""
+    once (exit 130, no traceback, nothing said twice), the engine closed whole."""
     proc, url = start_serve(tmp_path / "engine", "--upstream-latency", "30", "--concurrency", "2")
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=SECRET, max_retries=0)
@@ -117,6 +117,9 @@ def test_ctrl_c_says_at_once_what_serve_waits_for_and_a_second_stops_at_once(tmp
             proc.communicate()
     assert proc.returncode == 130
     assert "Traceback" not in err and "Interrupted" not in err
+    # the close ran whole, not cut by the second Ctrl-C: its last commit made, its store
+    # closed (no log left beside it), its data folder unlocked
+    assert not list((tmp_path / "engine").rglob("*-wal")), "the engine's close was cut short"
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._shutdown: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None  # set: a drain under way stops waiting
         self._slots: asyncio.Semaphore | None = None
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._controls: dict[str, BatchControl] = {}
@@ -231,12 +232,22 @@ class Worker:
         if thread is None:
             return
         if not wait_for_requests:
-            self._drain_timeout = 0.0
+            self.hurry()
         if loop is not None and shutdown is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(shutdown.set)
         thread.join()
         self._thread = None
+
+    def hurry(self) -> None:
+        """Stop waiting for the requests in flight, also in a stop already draining (a second
+        Ctrl-C): they are stopped and sent again at the next start. Any thread, a signal
+        handler's too."""
+        self._drain_timeout = 0.0
+        loop, hurry = self._loop, self._hurry
+        if loop is not None and hurry is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(hurry.set)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -252,6 +263,9 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._shutdown = asyncio.Event()
+        self._hurry = asyncio.Event()
+        if self._drain_timeout <= 0:
+            self._hurry.set()
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._flush_lock = asyncio.Lock()
         ready.set()
@@ -291,9 +305,19 @@ class Worker:
             control.stop("shutdown")
         drivers = list(self._drivers.values())
         if drivers:
-            _, still_running = await asyncio.wait(drivers, timeout=self._drain_timeout)
-            for task in still_running:
-                task.cancel()
+            assert self._hurry is not None
+            finished = asyncio.ensure_future(asyncio.wait(drivers))
+            hurried = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                {finished, hurried},
+                timeout=self._drain_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            finished.cancel()
+            hurried.cancel()
+            for task in drivers:
+                if not task.done():
+                    task.cancel()
             await asyncio.gather(*drivers, return_exceptions=True)
 
     def _tick(self) -> None:
