@@ -691,3 +691,22 @@ def test_a_member_answering_429_gets_no_requests_for_its_retry_after():
     assert sum(full.calls.values()) == 1 and rotation.status()[0].in_rotation
     clock.now = 31.0  # its Retry-After has passed: its turn comes again
     assert asyncio.run(run(5, 7)).count(429) == 1
+
+
+def test_a_member_answering_429_with_retry_after_0_is_paused_by_the_back_off():
+    """`Retry-After: 0` asks for no pause: honoured, a member that refuses at once took
+    every other request (each refused and retried), as with no pause at all. It is paused
+    for the back-off instead, as a 429 without the header is (the retry policy's rule)."""
+    clock = FakeClock()
+    full = FaultyUpstream(BuiltinUpstream(), Faults(error_429=1.0, retry_after=0.0))
+    rotation = BalancedUpstream([full, BuiltinUpstream()], clock=clock, backoff_initial=1.0)
+
+    async def run(first: int, last: int) -> list[int]:
+        sends = [
+            rotation.send(CHAT, BODY, custom_id=f"c{i}", attempt=0) for i in range(first, last)
+        ]
+        return [(await send).status_code for send in sends]
+
+    assert asyncio.run(run(0, 5)) == [429, 200, 200, 200, 200]
+    clock.now = 1.5  # the back-off has passed: its turn comes again
+    assert asyncio.run(run(5, 7)).count(429) == 1

@@ -28,8 +28,9 @@
    (the *probe*) and no other until that one ends: an answer below 500 puts it back in
    rotation, a failure takes it out again for longer. A member that answers 429 is up but
    full: it stays in rotation but, like a member whose rate limit is spent, admits no request
-   for its ``Retry-After`` (``backoff_initial`` without one, at most ``backoff_max``), so the
-   others take the requests meanwhile instead of it refusing half of them.
+   for its ``Retry-After`` (``backoff_initial`` without a positive one, at most
+   ``backoff_max``), so the others take the requests meanwhile instead of it refusing half of
+   them.
 4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
    sent at once to the next member, each member at most once, without using an attempt: the
    upstream never saw it. A request that failed after it was sent (reset, 5xx, timeout) is
@@ -379,12 +380,15 @@ class BalancedUpstream:
         return response
 
     def _busy(self, member: _Member, retry_after: float | None) -> None:
-        """A 429: the member is up but full. It gets nothing more for its Retry-After (or
-        ``backoff_initial``; at most ``backoff_max``) while another member can take the
-        requests; it stays in rotation, so no back-off doubles and no probe is needed."""
+        """A 429: the member is up but full. It gets nothing more for its Retry-After (when
+        positive, else ``backoff_initial``; at most ``backoff_max``) while another member can
+        take the requests; it stays in rotation, so no back-off doubles and no probe is
+        needed."""
         now = self._clock()
-        pause = self.backoff_initial if retry_after is None else retry_after
-        until = now + min(max(pause, 0.0), self.backoff_max)
+        # Retry-After: 0, negative or a past date asks for no pause: as the retry policy, the
+        # back-off stands in, or a member refusing at once would keep taking the requests
+        pause = retry_after if retry_after is not None and retry_after > 0 else self.backoff_initial
+        until = now + min(pause, self.backoff_max)
         if until <= member.busy_until:
             return
         if member.busy_until <= now:
