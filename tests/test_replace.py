@@ -116,6 +116,25 @@ def test_replace_cancels_what_is_in_flight_and_submits_again(
         assert [g.status for g in store.generations("triage")] == ["superseded", "in_progress"]
 
 
+def test_a_replace_skipped_for_want_of_allow_replace_is_said_once_while_apply_waits(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spec changed while its batch runs, beside another resource still in flight: `apply
+    --wait` passes over the skipped replace at every poll, and said "not replacing" at each;
+    it is said once, and nothing is cancelled or created."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage"), ResourceSpec("other"))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    ws.write_input("triage", request_lines(4))
+    argv = ["apply", str(ws.root), "--yes", "--wait", "--timeout", "0.6", *FAST]
+
+    code, out, _ = run_cli(argv, capsys)
+
+    assert code == 5, out
+    assert out.count("not replacing") == 1, out
+    assert srv.probe.counts[CREATE] == 2 and not srv.probe.counts["POST /batches/{id}/cancel"]
+
+
 @pytest.mark.parametrize("how", ["replace", "new-spec"])
 def test_a_superseded_batch_that_ended_before_its_cancel_is_collected_not_paid_again(
     how: str,

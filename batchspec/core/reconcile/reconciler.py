@@ -117,6 +117,9 @@ class Reconciler:
         self.may_spend = may_spend
         # resources pruned from the workspace whose retired generations each pass drains
         self.retired_resources = retired_resources
+        # the skips said this run: an `apply --wait` passes over a skipped resource at each
+        # poll, and says why once
+        self._skips_said: set[tuple[str, str]] = set()
 
     @property
     def store(self) -> StateStore:
@@ -229,6 +232,11 @@ class Reconciler:
             err.about(res.name)
             raise
 
+    def _say_skip(self, name: str, message: str) -> None:
+        if (name, message) not in self._skips_said:
+            self._skips_said.add((name, message))
+            self.report(Progress("skip", name, message))
+
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
         because a download failed does not (a later pass still tries it, while others wait)."""
@@ -338,14 +346,14 @@ class Reconciler:
                 return StepResult(action, waiting=False)
             if kind is ActionKind.REPLACE and not self.allow_replace:
                 message = f"not replacing: {action.reason}; re-run with --allow-replace"
-                self.report(Progress("skip", res.name, message))
+                self._say_skip(res.name, message)
                 return StepResult(action, waiting=False)
             if action.spends and self.may_spend is not None and not self.may_spend(action):
                 message = (
                     f"not in the saved plan: {kind.value} ({action.reason}); "
                     "run `batchspec plan` again to review it"
                 )
-                self.report(Progress("skip", res.name, message))
+                self._say_skip(res.name, message)
                 return StepResult(action, waiting=False)
             if group is not None:
                 if action.spends:  # create, replace (cancels first), retry
