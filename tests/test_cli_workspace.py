@@ -246,6 +246,31 @@ def test_a_mistyped_manifest_glob_prunes_nothing(
     assert ws.output_path("a").exists() and ws.output_path("b").exists()
 
 
+def test_a_foreign_broken_yaml_file_does_not_refuse_a_prune_given_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A YAML file the manifest globs find that is plainly not batchspec's (a Helm values
+    template, invalid YAML) is skipped by `apply --prune`; `apply --prune PATHS` refused the
+    same prune as 'cannot tell which resources' manifests are gone', naming that file."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    root = str(ws.root)
+    assert run_cli(["apply", root, "--yes"], capsys)[0] == 0
+    (ws.root / "manifests" / "values.yaml").write_text("image: {{ .Values.image }}\n  x: [\n")
+    ws.manifest_path("b").unlink()
+    a = str(ws.manifest_path("a"))
+    code, out, err = run_cli(["plan", a, "--prune", "--json"], capsys)
+    assert code == 0, err
+    assert {x["resource"]: x["action"] for x in json.loads(out)["actions"]}["b"] == "prune", out
+    code, out, err = run_cli(["apply", a, "--prune", "--yes"], capsys)
+    assert code == 0, err
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["a"]
+
+
 def test_prune_refuses_a_state_none_of_whose_resources_the_workspace_declares(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -347,6 +347,44 @@ def test_a_cancel_keeps_the_answers_of_requests_already_sent(tmp_path):
     assert upstream.received == {"req-0": 1, "req-1": 1}
 
 
+@pytest.mark.parametrize("ending", ["cancelled", "expired"])
+def test_a_batch_ending_while_its_answers_wait_for_a_commit_keeps_them(tmp_path, ending):
+    """A batch cancelled (or expired) whose last answers cannot be committed yet (a full
+    disk) ends once they are: it finalized at once, writing those lines as never run
+    (`batch_cancelled`), so answers the upstream gave, and billed, were lost and sent again."""
+    upstream = HeldUpstream()
+    window = {"completion_window_seconds": 0.3} if ending == "expired" else {}
+    engine = open_engine(tmp_path, upstream, concurrency=2, **window)
+    record = engine.store.record_results
+    refusals = {"left": 0}
+
+    def full_disk(rows):
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return record(rows)
+
+    engine.store.record_results = full_disk  # type: ignore[method-assign]
+    with engine.start():
+        running = new_batch(engine, request_lines(5))
+        wait_for(lambda: sum(upstream.received.values()) == 2)
+        refusals["left"] = 5
+        if ending == "cancelled":
+            engine.cancel_batch(running["id"])
+        else:
+            time.sleep(0.35)  # the window passes while both requests are held
+        time.sleep(0.05)  # the worker sees the cancel (or the deadline) first
+        upstream.answer.set()
+        done = run_to_end(engine, running["id"], timeout=3.0)
+        answered = read_jsonl(engine.file_content_path(done["output_file_id"]).read_text())
+        errors = read_jsonl(engine.file_content_path(done["error_file_id"]).read_text())
+    assert refusals["left"] == 0
+    assert done["status"] == ending
+    assert [a["custom_id"] for a in answered] == ["req-0", "req-1"]
+    assert [e["custom_id"] for e in errors] == ["req-2", "req-3", "req-4"]
+    assert upstream.received == {"req-0": 1, "req-1": 1}
+
+
 def test_a_batch_expiring_before_validation_ends_expired_without_files(tmp_path):
     """A batch whose window passed before it ever ran is expired with no output or errors."""
     engine = open_engine(tmp_path, completion_window_seconds=0.0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 
-from batchspec.engine import BuiltinUpstream
+from batchspec.engine import BuiltinUpstream, Engine
 from batchspec.errors import ProviderError, StateLockedError
 from batchspec.providers.base import Provider, RemoteNotFound
 from batchspec.providers.local import LocalProvider
@@ -97,6 +99,40 @@ def test_local_provider_cancel_and_resume_after_close(tmp_path):
         ended = wait_for(lambda: (b := again.get_batch(other.id)).is_terminal and b)
         assert ended.status == "cancelled"
         assert ended.request_counts.completed < 10
+
+
+def test_a_cancel_that_opens_the_engine_sends_nothing_of_the_batch_it_cancels(
+    tmp_path, monkeypatch
+):
+    """`batchspec cancel` on a batch of the local engine (the engine opened to cancel it):
+    the cancel lands before the worker starts. Started first, the worker resumed the batch
+    and sent requests of the very batch being cancelled (paid for, then waited for)."""
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(jsonl_bytes(request_lines(6)))
+    slow = BuiltinUpstream(latency=5.0)
+    first = LocalProvider("local", tmp_path / "engine", upstream=slow, drain_timeout=0, **FAST)
+    file_id = first.upload_file(input_path, filename="input.jsonl").id
+    batch = first.create_batch(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={},
+    )  # fmt: skip
+    wait_for(lambda: first.get_batch(batch.id).status == "in_progress" and slow.calls)
+    first.close()  # left in progress, its lines to resume at the next start
+    counted = BuiltinUpstream()
+    cancel = Engine.cancel_batch
+
+    def cancel_once_a_worker_had_time(engine: Engine, batch_id: str) -> dict:
+        deadline = time.monotonic() + 0.3  # a started worker sends within milliseconds
+        while not counted.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return cancel(engine, batch_id)
+
+    monkeypatch.setattr(Engine, "cancel_batch", cancel_once_a_worker_had_time)
+    with LocalProvider("local", tmp_path / "engine", upstream=counted, **FAST) as again:
+        assert again.cancel_batch(batch.id).status == "cancelling"
+        ended = wait_for(lambda: (b := again.get_batch(batch.id)).is_terminal and b)
+    assert ended.status == "cancelled"
+    assert not counted.calls
 
 
 def test_local_provider_cancel_of_a_batch_that_ended_returns_it_as_it_is(tmp_path):

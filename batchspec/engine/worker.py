@@ -397,6 +397,12 @@ class Worker:
             if control.reason == "shutdown":
                 return
             await self._flush()  # every result of this batch is stored before it finalizes
+            if any(result.batch_id == batch_id for result in self._pending):
+                # a commit failing (a full disk, said once by _flush): a cancelled or expired
+                # batch finalized now would write the answers it holds as never run, lost
+                # though the upstream gave (and billed) them; the next poll tries again
+                await asyncio.sleep(self.settings.poll_interval)
+                return
             await asyncio.to_thread(self._finalize, batch_id)
         except asyncio.CancelledError:
             raise

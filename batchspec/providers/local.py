@@ -70,6 +70,7 @@ class LocalProvider:
         self._concurrency = concurrency
         self._engine_kwargs = engine_kwargs
         self._engine: Engine | None = None
+        self._started = False  # the engine's worker runs (see ``cancel_batch``)
 
     def __repr__(self) -> str:
         return f"LocalProvider({self.name!r}, data_dir={str(self.data_dir)!r})"
@@ -83,6 +84,15 @@ class LocalProvider:
     @property
     def engine(self) -> Engine:
         """The running engine, opened and started on first use."""
+        engine = self._opened()
+        if not self._started:
+            self._started = True
+            engine.start()
+        return engine
+
+    def _opened(self) -> Engine:
+        """The engine, opened on first use; its worker not started by this (see
+        ``cancel_batch``)."""
         if self._engine is None:
             spec = self._upstream_spec
             if isinstance(spec, (str, list, tuple)):
@@ -96,7 +106,7 @@ class LocalProvider:
                 upstream = cast("Upstream", spec)
             self._engine = Engine(
                 self.data_dir, upstream, concurrency=self._concurrency, **self._engine_kwargs
-            ).start()
+            )
         return self._engine
 
     # -- Provider ----------------------------------------------------------------------------
@@ -142,15 +152,23 @@ class LocalProvider:
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         """Cancel a batch; one that has ended, or is already stopping or finalizing, meanwhile
-        (409: not cancellable) is returned as it is, as the HTTP providers do."""
+        (409: not cancellable) is returned as it is, as the HTTP providers do.
+
+        A command that opens the engine to cancel (``batchspec cancel``) cancels before the
+        worker starts: started first, it resumed the batch and sent (and paid for) requests
+        of the very batch being cancelled, then waited for their answers. The worker starts
+        right after, and ends the batch (and runs the others, as any command does)."""
+        engine = self._opened()
         try:
-            return parse_batch(self.engine.cancel_batch(batch_id))
+            cancelled = engine.cancel_batch(batch_id)
         except EngineError as err:
             if err.status == 409:
                 remote = self.get_batch(batch_id)
                 if remote.is_terminal or remote.status in NOTHING_TO_CANCEL:
                     return remote
             raise provider_error(self.name, err) from None
+        _ = self.engine  # the worker starts now: it ends the cancelled batch
+        return parse_batch(cancelled)
 
     def download_file(self, file_id: str, dest: Path) -> int:
         source = self._call(self.engine.file_content_path, file_id)
@@ -172,6 +190,7 @@ class LocalProvider:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+            self._started = False
 
     # -- errors ------------------------------------------------------------------------------
 

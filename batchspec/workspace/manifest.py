@@ -395,7 +395,10 @@ def workspace_resource_names(
     over the whole workspace: what is *not* orphaned, whatever PATHS a command was given.
 
     Only names are read (inputs are not hashed). A manifest file that cannot be parsed raises
-    ``InvalidManifestError``: then nobody can tell which resources are gone.
+    ``InvalidManifestError``: then nobody can tell which resources are gone. A file the globs
+    find that is plainly not a batchspec manifest (``not_batchspec``: a Helm template, a
+    broken compose file) is skipped, as a load of the whole workspace skips it: ``apply
+    --prune PATHS`` must not refuse what ``apply --prune`` does.
     """
     files, problems, _ = find_manifest_files([str(project.root)], project)
     names: set[str] = set()
@@ -404,6 +407,8 @@ def workspace_resource_names(
         documents, file_problems = (
             (recalled, []) if recalled is not None else read_yaml_documents(file)
         )
+        if not_batchspec(file, documents, file_problems):
+            continue
         problems.extend(file_problems)
         for doc in documents:
             name = _resource_name(doc)
