@@ -221,3 +221,29 @@ def test_under_tmux_the_screen_shows_bars_then_only_the_summary(
         Path(keep).mkdir(parents=True, exist_ok=True)
         (Path(keep) / "during.txt").write_text(during)
         (Path(keep) / "final.txt").write_text(final)
+
+
+def test_under_tmux_ctrl_c_is_said_above_the_bars_and_stays_on_screen(
+    tmp_path: Path, server: Callable[..., ProbedServer], tmux: Callable[..., str]
+) -> None:
+    """Ctrl-C while the bars are on screen: the line saying what was interrupted stays on
+    screen, above where the bars were. Written under them, it was taken for their last line
+    by the next redraw, and wiped off: the screen showed the exit and no word of why."""
+    ws = slow_workspace(tmp_path, server)
+    argv = " ".join(
+        shlex.quote(a) for a in batchspec_cmd("apply", str(ws.root), "--yes", "--wait", *FAST)
+    )
+    target = tmux(f"{argv}; echo EXIT=$?; sleep 600")
+    socket = tmux.socket  # type: ignore[attr-defined]
+    wait_for(lambda: BAR in capture(socket, target), timeout=30, interval=0.05)
+    subprocess.run(["tmux", "-L", socket, "send-keys", "-t", target, "C-c"], check=True)
+
+    def finished() -> str | None:
+        screen = capture(socket, target)
+        return screen if "EXIT=" in screen else None
+
+    final = wait_for(finished, timeout=60)
+
+    assert "EXIT=130" in final, final
+    assert "Interrupted: batches already created are kept" in final, final
+    assert BAR not in final, final

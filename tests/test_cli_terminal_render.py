@@ -318,6 +318,50 @@ def test_the_live_output_draws_bars_ticks_and_erases_them_on_close() -> None:
     assert not [t for t in threading.enumerate() if t.name == "batchspec-bars"]
 
 
+def test_a_line_said_over_live_bars_goes_above_them_or_leaves_them_be() -> None:
+    """A signal's line (Ctrl-C) while bars are on screen: the bars are erased, the line
+    written, the bars drawn below it. When the frame being written cannot be waited for, the
+    line goes below the bars, and the next frame erases nothing (it would wipe the line)."""
+    import threading
+
+    from batchspec.cli import applyview
+    from batchspec.cli.applyview import ApplyOutput
+
+    chunks: list[str] = []
+    said: list[str] = []
+    out = ApplyOutput(mode="live", write=chunks.append, width=100, clock=lambda: 0.0)
+    assert not out.say_above("stop", said.append)  # no bars yet: said as usual
+    out.show(poll(1, 4))
+    out._stop.set()  # no ticker frames from here on
+
+    assert out.say_above("Interrupted", said.append)
+    assert said == ["Interrupted\n"]
+    assert chunks[-2] == UP_AND_ERASE.format(n=1) and "triage" in chunks[-1]
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_lock() -> None:
+        with out._lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(5)
+    wait = applyview.LOCK_WAIT_SECONDS
+    applyview.LOCK_WAIT_SECONDS = 0.01
+    try:
+        assert out.say_above("Terminated", said.append)
+    finally:
+        applyview.LOCK_WAIT_SECONDS = wait
+        release.set()
+        holder.join()
+    assert said[-1] == "Terminated\n"
+    out.close()
+    assert chunks[-1] == ""  # close erases nothing: the bars stay above the line
+
+
 def test_a_dumb_or_ci_terminal_gets_no_live_bars() -> None:
     """Live bars only where a person watches: a dumb terminal or CI gets plain lines."""
     from batchspec.cli.applyview import live_terminal

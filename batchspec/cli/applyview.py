@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from batchspec.core.reporting import Progress
 
 TICK_SECONDS = 0.1
+#: how long a line said above the bars waits for the frame being written (by the ticker)
+LOCK_WAIT_SECONDS = 0.2
 
 
 def in_ci(env: Mapping[str, str] | None = None) -> bool:
@@ -110,6 +112,29 @@ class ApplyOutput:
             bars = self._live()
             with self._lock:
                 self.write(bars.render(progress, self.clock()))
+
+    def say_above(self, text: str, write_err: Callable[[str], None]) -> bool:
+        """Write ``text`` (a line for stderr: a signal's) above the live bars, which are then
+        drawn again below it; False, writing nothing, when no bars are on screen.
+
+        Written below them instead, the line was taken for the bars' last line by the next
+        redraw (it erases as many lines above the cursor as it drew) and wiped off. When the
+        frame being written cannot be waited for (the signal came on the thread writing it),
+        the line goes below the bars, which are then left where they are, not erased."""
+        bars = self._bars
+        if bars is None:
+            return False
+        if not self._lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            write_err(text + "\n")
+            bars.leave_on_screen()
+            return True
+        try:
+            self.write(bars.finish())
+            write_err(text + "\n")
+            self.write(bars.redraw(self.clock()))
+        finally:
+            self._lock.release()
+        return True
 
     def close(self) -> None:
         """Stops the ticker and erases the bars (call once, before the summary)."""

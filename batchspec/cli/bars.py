@@ -331,6 +331,11 @@ class LiveBars:
         """Erases the bars: the summary printed next takes their place."""
         return self._erase()
 
+    def leave_on_screen(self) -> None:
+        """Something was written below the bars: leave them there (the next frame is drawn
+        below it), since erasing as many lines above the cursor would wipe that off."""
+        self._drawn = 0
+
     def _erase(self) -> str:
         text = UP_AND_ERASE.format(n=self._drawn) if self._drawn else ""
         self._drawn = 0

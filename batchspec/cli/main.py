@@ -772,6 +772,9 @@ def apply(
     )
     # in CI nobody answers a prompt, even on a pseudo-terminal: refuse, saying --yes
     interactive = sys.stdin.isatty() and not as_json and not in_ci()
+    interruption = click.get_current_context().find_object(Interruption)
+    if interruption is not None:  # Ctrl-C's line goes above the bars, not under them
+        interruption.above_bars = view.say_above
     try:
         if saved:
             manifests = [p for p in paths if p != saved[0]]
@@ -787,6 +790,8 @@ def apply(
             click.get_current_context().meta.pop(ERROR_FORMAT, None)  # written: not twice
         raise
     finally:
+        if interruption is not None:
+            interruption.above_bars = None
         view.close()
     if as_json:
         doc = {
@@ -1555,6 +1560,8 @@ class Interruption:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
+        #: while apply's live bars are on screen: writes a line above them (``say_above``)
+        self.above_bars: Callable[[str, Callable[[str], None]], bool] | None = None
 
     def say(
         self, err: BaseException | None, *, in_handler: bool = False, text: str | None = None
@@ -1567,9 +1574,19 @@ class Interruption:
             text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
-                os.write(2, (text + "\n").encode())
+                if not self._said_above_bars(text):
+                    _write_stderr(text + "\n")
         else:
             click.echo(text, err=True)
+
+    def _said_above_bars(self, text: str) -> bool:
+        above = self.above_bars
+        if above is None:
+            return False
+        try:
+            return above(text, _write_stderr)
+        except (OSError, RuntimeError):  # stdout cannot be written now: said on stderr alone
+            return False
 
     @contextlib.contextmanager
     def handled(self) -> Iterator[None]:
@@ -1597,6 +1614,10 @@ class Interruption:
             signal.signal(signal.SIGTERM, previous_term)
             if previous_int is signal.default_int_handler:
                 signal.signal(signal.SIGINT, previous_int)
+
+
+def _write_stderr(text: str) -> None:
+    os.write(2, text.encode())
 
 
 def _interrupted_exit_code(err: BaseException | None) -> int:
