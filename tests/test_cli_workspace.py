@@ -200,8 +200,9 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Run from the workspace's data/ folder (no manifest below it), plan and apply exit 1
-    as validate does, saying no manifest was found and where it looked, instead of exiting 0
-    having done nothing (a CI job run from the wrong folder would pass)."""
+    as validate does, saying no manifest was found there and that the workspace's are
+    elsewhere, instead of exiting 0 having done nothing (a CI job run from the wrong folder
+    would pass)."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
@@ -212,6 +213,9 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
         code, out, err = run_cli(args, capsys)
         assert code == 1, (args, out, err)
         assert "no resources found under" in err and "manifest globs" in err, err
+        # it says where the manifests are: a folder away, not missing
+        assert "find 1 file(s) in the workspace" in err and "none under ." in err, err
+        assert "run from the workspace's root" in err, err
         assert "in sync" not in out, out
     assert not ws.output_path("triage").exists()
 
@@ -219,9 +223,10 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
 def test_a_mistyped_manifest_glob_prunes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A typo in the project's `manifests:` glob finds no manifest. `apply --prune --yes`
-    refused, as validate does, and left every tracked resource's batches running: before,
-    it took all of them for resources whose manifests were deleted and cancelled them."""
+    """A typo in the project's `manifests:` glob finds no manifest, and says so (not that
+    the files hold no document). `apply --prune --yes` refused, as validate does, and left
+    every tracked resource's batches running: before, it took all of them for resources
+    whose manifests were deleted and cancelled them."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
@@ -234,7 +239,9 @@ def test_a_mistyped_manifest_glob_prunes_nothing(
     for args in (["plan", root, "--prune"], ["apply", root, "--prune", "--yes"]):
         code, out, err = run_cli(args, capsys)
         assert code == 1, (args, out, err)
-        assert "no resources found" in err and "manifest/" in err, err
+        # the glob matches no file at all: said so, not "no document in the files it holds"
+        assert "(manifest/*.yaml) match no file in the workspace" in err, err
+        assert "check `manifests:` in" in err and "files it holds" not in err, err
         assert "nothing was pruned" in err and "--prune --select NAME" in err, err
         assert "prune" not in out, out
     project.write_text(project.read_text().replace("manifest/", "manifests/"))
