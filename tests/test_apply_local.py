@@ -382,3 +382,29 @@ def test_a_batch_the_engine_lost_is_got_past_with_replace_or_cancel(
         events = [e for e in store.events(resource="triage") if e.detail.get("gone")]
     assert (gone.status, new.status) == ("cancelled", "completed")
     assert [e.batch_id for e in events] == [gone.id]
+
+
+def test_apply_says_so_before_its_local_engine_waits_for_requests_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When apply ends (done, or --timeout reached) while its local engine has requests at the
+    upstream, the engine's close lets them finish, up to 30 s: apply says so in a line
+    before it waits (an `engine_drain` event with --json). It sat silent that long, a
+    `--timeout 2` ending after 30 s with no word, its summary printed only after."""
+    from batchspec.providers.local import LocalProvider
+
+    monkeypatch.setattr(LocalProvider, "requests_in_flight", lambda self: (3, 30.0), raising=False)
+    ws = local_ws(tmp_path / "ws")
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    line = (
+        "local engine 'here': waiting for the 3 requests it has sent upstream to finish "
+        "(up to 30 s; Ctrl-C does not wait for them, and they are sent again next time)\n"
+    )
+    assert line in out and out.index(line) < out.index("Apply complete"), out
+    ws = local_ws(tmp_path / "ws2")
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST, "--json"], capsys)
+    drains = [d for d in json_lines(out) if d["event"] == "engine_drain"]
+    assert [(d["provider"], d["requests_in_flight"], d["drain_timeout"]) for d in drains] == [
+        ("here", 3, 30.0)
+    ]

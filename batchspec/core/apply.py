@@ -373,7 +373,9 @@ def apply_workspace(
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with (
                 engine_log_reported(report),
-                ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers,
+                ProviderPool(
+                    ws, env, lock_timeout=options.lock_timeout, report=report
+                ) as providers,
             ):
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
