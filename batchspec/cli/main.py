@@ -446,7 +446,8 @@ def serve(**opts: Any) -> None:
 
     Runs until Ctrl-C or SIGTERM, which it says at once: it takes no new requests and lets
     those in flight finish (upstream, up to 30 s); Ctrl-C again stops without waiting (they
-    are sent again at the next start). Unfinished batches resume at the next start.
+    are sent again at the next start). Unfinished batches resume at the next start. Exits
+    130 after Ctrl-C, 0 after SIGTERM (a supervisor's stop: `docker stop`, systemd).
     """
     from batchspec.engine.server import Stopping, serve_from_cli_options
 
