@@ -220,6 +220,28 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
     assert not ws.output_path("triage").exists()
 
 
+def test_a_name_selected_from_a_folder_without_its_manifest_fails_naming_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from data/, `apply --select NAME` of a resource the workspace declares (and the
+    state tracks) under manifests/ said "no resource matches --select NAME" and exited 0:
+    a CI job run from the wrong folder passed having done nothing. Now exit 1, saying the
+    resource is declared outside the paths read and what to do."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # now tracked
+    monkeypatch.chdir(ws.root / "data")
+    for args in (["apply", "-s", "triage"], ["apply", "--prune", "-s", "triage"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 1, (args, out, err)
+        assert "'triage' is declared in the workspace" in err, err
+        assert "run from the workspace's root" in err, err
+        assert "no resource matches" not in out + err, out
+
+
 def test_a_mistyped_manifest_glob_prunes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
