@@ -89,7 +89,8 @@ def parse_selector(text: str) -> Selector:
             raise UsageError(f"--select {text!r}: a label selector needs a key (KEY=VALUE)")
         return Selector("label", key.strip(), value.strip())
     if not _NAME.match(raw):
-        raise UsageError(f"--select {text!r} is not a selector; use {SELECTOR_FORMS}")
+        several = " (one per --select: repeat it for several)" if "," in raw else ""
+        raise UsageError(f"--select {text!r} is not a selector; use {SELECTOR_FORMS}{several}")
     return Selector("name", raw)
 
 
