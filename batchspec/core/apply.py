@@ -856,7 +856,8 @@ def require_consent(
     plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
 ) -> None:
     """Spending or cancelling on a paid provider needs --yes or a yes on the terminal."""
-    paid = [a for a in plan.spending if not _is_free(ws, a)]
+    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve
+    paid = [a for a in plan.spending if a.requests and not _is_free(ws, a)]
     pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
     if not (paid or pruned) or options.yes:
         return
