@@ -408,3 +408,20 @@ def test_apply_says_so_before_its_local_engine_waits_for_requests_in_flight(
     assert [(d["provider"], d["requests_in_flight"], d["drain_timeout"]) for d in drains] == [
         ("here", 3, 30.0)
     ]
+
+
+def test_cancel_says_so_before_its_local_engine_waits_for_requests_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batchspec cancel NAME` on the local engine lets the requests it has sent finish (up to
+    30 s) when it closes: it said its one line only after that wait, silent meanwhile. The
+    wait is said first, on stderr (stdout stays the result, or only JSON)."""
+    from batchspec.providers.local import LocalProvider
+
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0  # a batch, not run to its end
+    monkeypatch.setattr(LocalProvider, "requests_in_flight", lambda self: (2, 30.0), raising=False)
+    code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert "local engine 'here': waiting for the 2 requests it has sent upstream" in err, err
+    json.loads(out)  # stdout: only the result

@@ -1152,6 +1152,8 @@ def cancel(
         if progress.event == "warning":  # the local engine's own warnings (no resource)
             where = f"[{progress.resource}] " if progress.resource else ""
             click.echo(f"Warning: {where}{progress.message}", err=True)
+        elif progress.event == "engine_drain":  # said before the wait, not after it
+            click.echo(progress.message, err=True)
 
     result = cancel_resource(
         paths,

@@ -529,7 +529,7 @@ def cancel_resource(
         with (
             lock,
             engine_log_reported(report),
-            ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
+            ProviderPool(ws, env, lock_timeout=lock_timeout, report=report) as providers,
         ):
             rec = Reconciler(
                 ws.project,
