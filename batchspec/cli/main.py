@@ -286,7 +286,7 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
     "--port",
     default=8000,
     show_default=True,
-    type=int,
+    type=click.IntRange(0, 65535),
     envvar="BATCHSPEC_SERVE_PORT",
     help="Port to listen on (0: any free port).",
 )
