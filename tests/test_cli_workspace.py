@@ -242,6 +242,25 @@ def test_a_name_selected_from_a_folder_without_its_manifest_fails_naming_the_cau
         assert "no resource matches" not in out + err, out
 
 
+def test_status_from_a_folder_without_manifests_says_where_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` run from data/ said "No resources." of a workspace that declares (and
+    tracks) one under manifests/, as of an empty one: it says how many are declared
+    elsewhere and to run from the root (still exit 0: a read command)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    monkeypatch.chdir(ws.root / "data")
+    code, out, err = run_cli(["status"], capsys)
+    assert code == 0, err
+    assert "the workspace declares 1 in manifests outside the paths read" in out, out
+    assert "run from its root" in out, out
+
+
 def test_a_mistyped_manifest_glob_prunes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

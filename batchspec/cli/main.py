@@ -836,7 +836,14 @@ def status(
     if fmt != "text":
         emit_document(report.to_json(), fmt)
     else:
-        click.echo(render.status_text(report.resources, stdout_style(), locks=report.locks))
+        click.echo(
+            render.status_text(
+                report.resources,
+                stdout_style(),
+                locks=report.locks,
+                declared_elsewhere=report.declared_elsewhere,
+            )
+        )
 
 
 @cli.command()
