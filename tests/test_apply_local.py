@@ -382,3 +382,46 @@ def test_a_batch_the_engine_lost_is_got_past_with_replace_or_cancel(
         events = [e for e in store.events(resource="triage") if e.detail.get("gone")]
     assert (gone.status, new.status) == ("cancelled", "completed")
     assert [e.batch_id for e in events] == [gone.id]
+
+
+def test_apply_says_so_before_its_local_engine_waits_for_requests_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When apply ends (done, or --timeout reached) while its local engine has requests at the
+    upstream, the engine's close lets them finish, up to 30 s: apply says so in a line
+    before it waits (an `engine_drain` event with --json). It sat silent that long, a
+    `--timeout 2` ending after 30 s with no word, its summary printed only after."""
+    from batchspec.providers.local import LocalProvider
+
+    monkeypatch.setattr(LocalProvider, "requests_in_flight", lambda self: (3, 30.0), raising=False)
+    ws = local_ws(tmp_path / "ws")
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 0, err
+    line = (
+        "local engine 'here': waiting for the 3 requests it has sent upstream to finish "
+        "(up to 30 s; Ctrl-C does not wait for them, and they are sent again next time)\n"
+    )
+    assert line in out and out.index(line) < out.index("Apply complete"), out
+    ws = local_ws(tmp_path / "ws2")
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST, "--json"], capsys)
+    drains = [d for d in json_lines(out) if d["event"] == "engine_drain"]
+    assert [(d["provider"], d["requests_in_flight"], d["drain_timeout"]) for d in drains] == [
+        ("here", 3, 30.0)
+    ]
+
+
+def test_cancel_says_so_before_its_local_engine_waits_for_requests_in_flight(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batchspec cancel NAME` on the local engine lets the requests it has sent finish (up to
+    30 s) when it closes: it said its one line only after that wait, silent meanwhile. The
+    wait is said first, on stderr (stdout stays the result, or only JSON)."""
+    from batchspec.providers.local import LocalProvider
+
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0  # a batch, not run to its end
+    monkeypatch.setattr(LocalProvider, "requests_in_flight", lambda self: (2, 30.0), raising=False)
+    code, out, err = run_cli(["cancel", "triage", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert "local engine 'here': waiting for the 2 requests it has sent upstream" in err, err
+    json.loads(out)  # stdout: only the result

@@ -297,6 +297,24 @@ def test_apply_refuses_to_spend_without_consent(
     assert run.exit_code == 1
 
 
+def test_a_replace_that_keeps_every_answer_needs_no_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --replace NAME` of a finished resource keeps every answer (0 requests to
+    submit, no batch created): it asked consent to "submit 0 request(s) in new batches"
+    and, with no terminal, exited 1 without --yes. It spends nothing: applied, exit 0."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    assert run_cli(["apply", str(ws.root), "--wait", "--yes"], capsys)[0] == 0
+    creates = srv.probe.counts["POST /batches"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--replace", "triage"], capsys)
+
+    assert code == 0, err
+    assert "0 request(s)" not in err and "3 keep a recorded answer" in out, out
+    assert srv.probe.counts["POST /batches"] == creates
+
+
 class ClosedTerminal(io.StringIO):
     """A stdin that is a terminal but gives no answer (end of input at once)."""
 

@@ -143,6 +143,17 @@ def test_every_module_says_what_it_is_for() -> None:
     assert missing == []
 
 
+def test_the_package_holds_no_leftover_of_a_patch() -> None:
+    """No ``.orig``/``.rej`` copy of a module is left in the package (a merge's or a patch's
+    leftover, shipped in the wheel and mistaken for the source by whoever greps it)."""
+    leftovers = [
+        str(p.relative_to(PACKAGE.parent))
+        for suffix in ("*.orig", "*.rej")
+        for p in PACKAGE.rglob(suffix)
+    ]
+    assert leftovers == []
+
+
 # --- the checker itself must be able to fail -------------------------------------------------
 
 

@@ -4,6 +4,7 @@ and say nothing for a state that exists. Runs on the embedded engine (``local``)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,47 @@ def test_a_read_command_warns_of_a_missing_state_file_and_creates_none(
     assert not typo.parent.exists()
     _, _, err = run_cli([*command, str(ws.root), "--state", str(ws.state_path)], capsys)
     assert "warning: no state database" not in err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["apply", "--yes"], ["status"]], ids=lambda c: c[0])
+def test_a_state_url_batchspec_does_not_open_is_refused_not_made_a_folder(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """`--state sqlite:///x.db` (SQLAlchemy's form) was read as a relative file name: a folder
+    `sqlite:` in the working directory and a new, empty state there, plan showing every
+    resource as new. Refused, exit 1, saying which forms it opens; nothing created."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    monkeypatch.chdir(ws.root)
+    code, _, err = run_cli([*command, "--state", f"sqlite:///{tmp_path}/x.db"], capsys)
+    assert code == 1, err
+    assert "is a sqlite:// URL, which batchspec does not open" in err, err
+    assert "postgresql://" in err and "as a path" in err, err
+    assert not (ws.root / "sqlite:").exists()
+
+
+def test_plan_warns_of_a_state_that_records_nothing_as_apply_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan --state typo.db` showed every resource as new with no word (apply warns): the
+    same warning now, on stderr and in --json's warnings; none for the workspace's state."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    typo = tmp_path / "typo.db"
+    code, _, err = run_cli(["plan", str(ws.root), "--state", str(typo)], capsys)
+    assert code == 0 and f"the state at {typo} records nothing yet" in err, err
+    assert "every resource as new" in err, err
+    _, out, _ = run_cli(["plan", str(ws.root), "--state", str(typo), "--json"], capsys)
+    assert any("records nothing yet" in w for w in json.loads(out)["warnings"]), out
+    _, _, err = run_cli(["plan", str(ws.root), "--state", str(ws.state_path)], capsys)
+    assert "records nothing yet" not in err

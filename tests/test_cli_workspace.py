@@ -200,8 +200,9 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Run from the workspace's data/ folder (no manifest below it), plan and apply exit 1
-    as validate does, saying no manifest was found and where it looked, instead of exiting 0
-    having done nothing (a CI job run from the wrong folder would pass)."""
+    as validate does, saying no manifest was found there and that the workspace's are
+    elsewhere, instead of exiting 0 having done nothing (a CI job run from the wrong folder
+    would pass)."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
@@ -212,16 +213,61 @@ def test_plan_and_apply_from_a_folder_without_manifests_fail_as_validate_does(
         code, out, err = run_cli(args, capsys)
         assert code == 1, (args, out, err)
         assert "no resources found under" in err and "manifest globs" in err, err
+        # it says where the manifests are: a folder away, not missing
+        assert "find 1 file(s) in the workspace" in err and "none under ." in err, err
+        assert "run from the workspace's root" in err, err
         assert "in sync" not in out, out
     assert not ws.output_path("triage").exists()
+
+
+def test_a_name_selected_from_a_folder_without_its_manifest_fails_naming_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from data/, `apply --select NAME` of a resource the workspace declares (and the
+    state tracks) under manifests/ said "no resource matches --select NAME" and exited 0:
+    a CI job run from the wrong folder passed having done nothing. Now exit 1, saying the
+    resource is declared outside the paths read and what to do."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # now tracked
+    monkeypatch.chdir(ws.root / "data")
+    for args in (["apply", "-s", "triage"], ["apply", "--prune", "-s", "triage"]):
+        code, out, err = run_cli(args, capsys)
+        assert code == 1, (args, out, err)
+        assert "'triage' is declared in the workspace" in err, err
+        assert "run from the workspace's root" in err, err
+        assert "no resource matches" not in out + err, out
+
+
+def test_status_from_a_folder_without_manifests_says_where_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` run from data/ said "No resources." of a workspace that declares (and
+    tracks) one under manifests/, as of an empty one: it says how many are declared
+    elsewhere and to run from the root (still exit 0: a read command)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    monkeypatch.chdir(ws.root / "data")
+    code, out, err = run_cli(["status"], capsys)
+    assert code == 0, err
+    assert "the workspace declares 1 in manifests outside the paths read" in out, out
+    assert "run from its root" in out, out
 
 
 def test_a_mistyped_manifest_glob_prunes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A typo in the project's `manifests:` glob finds no manifest. `apply --prune --yes`
-    refused, as validate does, and left every tracked resource's batches running: before,
-    it took all of them for resources whose manifests were deleted and cancelled them."""
+    """A typo in the project's `manifests:` glob finds no manifest, and says so (not that
+    the files hold no document). `apply --prune --yes` refused, as validate does, and left
+    every tracked resource's batches running: before, it took all of them for resources
+    whose manifests were deleted and cancelled them."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
@@ -234,7 +280,9 @@ def test_a_mistyped_manifest_glob_prunes_nothing(
     for args in (["plan", root, "--prune"], ["apply", root, "--prune", "--yes"]):
         code, out, err = run_cli(args, capsys)
         assert code == 1, (args, out, err)
-        assert "no resources found" in err and "manifest/" in err, err
+        # the glob matches no file at all: said so, not "no document in the files it holds"
+        assert "(manifest/*.yaml) match no file in the workspace" in err, err
+        assert "check `manifests:` in" in err and "files it holds" not in err, err
         assert "nothing was pruned" in err and "--prune --select NAME" in err, err
         assert "prune" not in out, out
     project.write_text(project.read_text().replace("manifest/", "manifests/"))

@@ -180,3 +180,18 @@ def test_the_readme_names_every_exit_code_of_the_exit_code_page() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     paragraph = readme[readme.index("Exit codes:") :].split("\n\n")[0]
     assert codes and [c for c in codes if not re.search(rf"\b{c} ", paragraph)] == []
+
+
+def test_the_exit_codes_page_and_serve_s_help_say_serve_exits_0_on_sigterm() -> None:
+    """`serve` stops on SIGTERM with exit 0 (test_engine_serve_cli pins it), not the 143 every
+    other command gives: the 143 row said "all", and serve's help named no exit code."""
+    from click.testing import CliRunner
+
+    row = next(
+        line
+        for line in (DOCS / "exit-codes.md").read_text().splitlines()
+        if line.startswith("| 143 ")
+    )
+    assert "all but `serve`" in row and "exit 0" in row, row
+    out = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
+    assert "0 after SIGTERM" in out, out

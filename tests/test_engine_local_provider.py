@@ -159,8 +159,10 @@ def test_local_provider_opens_lazily_and_refuses_a_busy_folder(tmp_path):
     lazy = LocalProvider("local", tmp_path / "never")
     lazy.close()
     assert not (tmp_path / "never").exists()
+    assert lazy.requests_in_flight() == (0, 0.0)  # no engine: nothing for a close to wait for
     with LocalProvider("a", tmp_path / "engine", **FAST) as first:
         assert list(first.list_batches()) == []  # opens the engine
+        assert first.requests_in_flight() == (0, 30.0)  # what apply's last line reads
         with pytest.raises(StateLockedError):
             _ = LocalProvider("b", tmp_path / "engine").engine
     with LocalProvider("c", tmp_path / "engine", **FAST) as third:  # free again

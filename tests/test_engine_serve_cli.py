@@ -164,6 +164,18 @@ def test_serve_refuses_a_public_host_without_a_key(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(tmp_path, capsys, port):
+    """--port 99999 ended in a traceback (socket.bind's OverflowError), exit 1: a usage
+    error now, exit 64, naming the range; nothing created."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", port, "--data-dir", str(tmp_path / "d")])
+    assert exited.value.code == 64
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "0<=x<=65535" in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_serve_needs_its_key_variable_set(tmp_path, capsys, monkeypatch):
     """--api-key-env naming an unset variable exits 1 and names the variable."""
     monkeypatch.delenv(KEY_VAR, raising=False)

@@ -73,6 +73,8 @@ def test_selectors_parse(text: str, expected: Selector) -> None:
         pytest.param("state:changed", "unknown state selector", id="unknown-state"),
         pytest.param("=x", "needs a key", id="no-key"),
         pytest.param("Not A Name", "is not a selector", id="bad-name"),
+        # a comma list is not one selector: said how to give several
+        pytest.param("alpha,bravo", "repeat it for several", id="comma-list"),
     ],
 )
 def test_malformed_selectors_are_usage_errors(text: str, needle: str) -> None:

@@ -351,6 +351,28 @@ def test_export_refuses_to_write_over_the_state_itself(
     assert file_hash(applied.state_path) == before
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["state", "export", "--force"], ["state", "export"], ["state", "migrate", "--to"]],
+    ids=["export-force", "export", "migrate"],
+)
+def test_a_device_or_fifo_is_never_replaced_by_the_state_s_copy(
+    applied: Workspace, capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str]
+) -> None:
+    """`state export /dev/null --force` (here a FIFO, as a device needs root) replaced the
+    node with an SQLite file and said "Exported" (as root, /dev/null gone for the machine);
+    without --force it offered --force. Refused in one line, exit 1, the node left as it was."""
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run_cli([*args, str(fifo)], capsys)
+    line = one_line_without_password(err)
+    assert code == 1 and "is not a regular file" in line and "--force" not in line, line
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
 @pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
 @pytest.mark.parametrize("via_symlink", [False, True], ids=["direct", "symlink"])
 def test_export_refuses_to_write_over_the_states_companion_files(

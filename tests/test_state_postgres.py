@@ -455,6 +455,8 @@ def test_a_listener_that_never_answers_fails_the_connect_in_seconds(
     assert code == 1
     line = one_line_without_password(err)
     assert f"127.0.0.1:{port}" in line and "did not answer within 2 s" in line, line
+    # what set the 2 s is named: the URL holds no connect_timeout to look for
+    assert f"by default 10, or {ANSWER_TIMEOUT_ENV} when shorter" in line, line
     assert elapsed < 4, elapsed
 
 

@@ -286,7 +286,7 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
     "--port",
     default=8000,
     show_default=True,
-    type=int,
+    type=click.IntRange(0, 65535),
     envvar="BATCHSPEC_SERVE_PORT",
     help="Port to listen on (0: any free port).",
 )
@@ -446,7 +446,8 @@ def serve(**opts: Any) -> None:
 
     Runs until Ctrl-C or SIGTERM, which it says at once: it takes no new requests and lets
     those in flight finish (upstream, up to 30 s); Ctrl-C again stops without waiting (they
-    are sent again at the next start). Unfinished batches resume at the next start.
+    are sent again at the next start). Unfinished batches resume at the next start. Exits
+    130 after Ctrl-C, 0 after SIGTERM (a supervisor's stop: `docker stop`, systemd).
     """
     from batchspec.engine.server import Stopping, serve_from_cli_options
 
@@ -840,7 +841,14 @@ def status(
     if fmt != "text":
         emit_document(report.to_json(), fmt)
     else:
-        click.echo(render.status_text(report.resources, stdout_style(), locks=report.locks))
+        click.echo(
+            render.status_text(
+                report.resources,
+                stdout_style(),
+                locks=report.locks,
+                declared_elsewhere=report.declared_elsewhere,
+            )
+        )
 
 
 @cli.command()
@@ -1156,6 +1164,8 @@ def cancel(
         if progress.event == "warning":  # the local engine's own warnings (no resource)
             where = f"[{progress.resource}] " if progress.resource else ""
             click.echo(f"Warning: {where}{progress.message}", err=True)
+        elif progress.event == "engine_drain":  # said before the wait, not after it
+            click.echo(progress.message, err=True)
 
     result = cancel_resource(
         paths,

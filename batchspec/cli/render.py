@@ -606,9 +606,20 @@ def degraded_next(name: str) -> str:
 
 
 def status_text(
-    statuses: Sequence[ResourceStatus], style: Style = PLAIN, locks: Sequence[HeldLock] = ()
+    statuses: Sequence[ResourceStatus],
+    style: Style = PLAIN,
+    locks: Sequence[HeldLock] = (),
+    *,
+    declared_elsewhere: int = 0,
 ) -> str:
-    lines = list(status_lines(statuses, style)) if statuses else ["No resources."]
+    none = "No resources."
+    if declared_elsewhere:
+        none = (
+            f"No resources here: the workspace declares {declared_elsewhere} in manifests "
+            "outside the paths read (by default the current folder); run from its root, or "
+            "give a PATH that holds them."
+        )
+    lines = list(status_lines(statuses, style)) if statuses else [none]
     return "\n".join([*lines, *totals_lines(statuses), *lock_lines(locks)])
 
 

@@ -185,6 +185,7 @@ def plan_workspace(
     ):
         if prune and not names_each(select) and state_may_be_anothers(ws, state_path):
             refuse_pruning_another_workspace(store, elsewhere)
+        warnings += new_state_warnings(ws, store, state_path)
         resources, readded = planned_resources(store, resources, replace, reuse=reuse)
         plan = compute_plan(
             store,
@@ -373,7 +374,9 @@ def apply_workspace(
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with (
                 engine_log_reported(report),
-                ProviderPool(ws, env, lock_timeout=options.lock_timeout) as providers,
+                ProviderPool(
+                    ws, env, lock_timeout=options.lock_timeout, report=report
+                ) as providers,
             ):
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
@@ -526,7 +529,7 @@ def cancel_resource(
         with (
             lock,
             engine_log_reported(report),
-            ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
+            ProviderPool(ws, env, lock_timeout=lock_timeout, report=report) as providers,
         ):
             rec = Reconciler(
                 ws.project,
@@ -693,18 +696,26 @@ def _warn_if_new_state(
     """A state named by ``--state`` / ``BATCHSPEC_STATE`` (an SQLite file) that records no
     resource yet: a mistyped path would otherwise start over unnoticed (a ``plan`` run there
     first has already created the file, so its existence proves nothing)."""
+    for warning in new_state_warnings(ws, store, state_path, command="apply"):
+        report(Progress("warning", None, warning))
+
+
+def new_state_warnings(
+    ws: Workspace, store: StateStore, state_path: str | None, *, command: str = "plan"
+) -> list[str]:
+    """The warning of ``_warn_if_new_state``, for ``command`` (``plan`` gave none: it showed
+    every resource as new for a mistyped --state, and created the file)."""
     if state_path is None or ws.project.shared_state:
-        return
-    if not store.list_resources(include_forgotten=True):
-        report(
-            Progress(
-                "warning",
-                None,
-                f"the state at {ws.project.state_path} records nothing yet: this apply starts "
-                "it (if you meant an existing state, stop and check --state or "
-                "BATCHSPEC_STATE)",
-            )
-        )
+        return []
+    if store.list_resources(include_forgotten=True):
+        return []
+    starts = (
+        "this apply starts it" if command == "apply" else "this plan shows every resource as new"
+    )
+    return [
+        f"the state at {ws.project.state_path} records nothing yet: {starts} (if you meant "
+        "an existing state, stop and check --state or BATCHSPEC_STATE)"
+    ]
 
 
 def compute_plan(
@@ -854,7 +865,8 @@ def require_consent(
     plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
 ) -> None:
     """Spending or cancelling on a paid provider needs --yes or a yes on the terminal."""
-    paid = [a for a in plan.spending if not _is_free(ws, a)]
+    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve
+    paid = [a for a in plan.spending if a.requests and not _is_free(ws, a)]
     pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
     if not (paid or pruned) or options.yes:
         return

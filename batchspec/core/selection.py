@@ -41,10 +41,10 @@ from batchspec.core.recorded import (
     observe_disk,
 )
 from batchspec.core.replacements import effective_resources
-from batchspec.errors import ManifestError, UsageError
+from batchspec.errors import BatchspecError, ManifestError, UsageError
 from batchspec.state.store import StateStore
-from batchspec.workspace.manifest import Resource, Workspace
-from batchspec.workspace.yamldoc import unknown_name_hint
+from batchspec.workspace.manifest import Resource, Workspace, workspace_resource_names
+from batchspec.workspace.yamldoc import display_path, unknown_name_hint
 
 STATE_MODIFIED = "modified"
 STATE_SELECTORS = (STATE_MODIFIED,)
@@ -89,7 +89,8 @@ def parse_selector(text: str) -> Selector:
             raise UsageError(f"--select {text!r}: a label selector needs a key (KEY=VALUE)")
         return Selector("label", key.strip(), value.strip())
     if not _NAME.match(raw):
-        raise UsageError(f"--select {text!r} is not a selector; use {SELECTOR_FORMS}")
+        several = " (one per --select: repeat it for several)" if "," in raw else ""
+        raise UsageError(f"--select {text!r} is not a selector; use {SELECTOR_FORMS}{several}")
     return Selector("name", raw)
 
 
@@ -155,9 +156,14 @@ def select_from_workspace(
     """``select_resources`` over a workspace, reading its state only for ``state:modified``
     and for a NAME that is in no manifest (it may be a recorded orphan)."""
     names = {r.name for r in ws.resources}
-    unknown = any(
-        sel.kind == "name" and sel.key not in names for sel in map(parse_selector, selectors)
-    )
+    missing = [
+        sel.key
+        for sel in map(parse_selector, selectors)
+        if sel.kind == "name" and sel.key not in names
+    ]
+    unknown = bool(missing)
+    if missing:
+        _refuse_names_declared_elsewhere(ws, missing)
     return select_resources(
         ws.resources,
         selectors,
@@ -165,6 +171,26 @@ def select_from_workspace(
         also_known=recorded_names(ws) if unknown else frozenset(),
         recorded_labels=lambda: recorded_labels(ws),
     )
+
+
+def _refuse_names_declared_elsewhere(ws: Workspace, missing: Sequence[str]) -> None:
+    """Raise when a NAME selects a resource the workspace declares outside the command's
+    PATHS (a run from a folder without manifests): it is no orphan, so nothing would select
+    it, and apply said "no resource matches" and exited 0 (a CI apply run from the wrong
+    folder passed)."""
+    try:
+        declared = workspace_resource_names(ws.project)
+    except BatchspecError:  # a broken manifest elsewhere: the other checks say what they can
+        return
+    moved = {r.moved_from for r in ws.resources}
+    elsewhere = [name for name in missing if name in declared and name not in moved]
+    if elsewhere:
+        raise ManifestError(
+            f"resource {', '.join(map(repr, dict.fromkeys(elsewhere)))} is declared in the "
+            f"workspace ({display_path(ws.project.root) or '.'}), but in no manifest under "
+            "the paths this command reads (by default the current folder): run from the "
+            "workspace's root, or give a PATH that holds its manifest"
+        )
 
 
 def recorded_names(ws: Workspace) -> frozenset[str]:

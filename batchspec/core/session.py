@@ -15,6 +15,7 @@ from typing import Any
 
 from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
 from batchspec.core.replacements import RequestFacts
+from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.selection import select_from_workspace
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
@@ -219,11 +220,21 @@ def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
 class ProviderPool:
     """Builds each provider on first use (so a missing key only matters when it is needed)."""
 
-    def __init__(self, ws: Workspace, env: Mapping[str, str], *, lock_timeout: float = 0.0) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        env: Mapping[str, str],
+        *,
+        lock_timeout: float = 0.0,
+        report: Reporter | None = None,
+    ) -> None:
         self.ws = ws
         self.env = env
         self.lock_timeout = lock_timeout  # a local engine's folder in use: wait this long
         self.built: dict[str, Provider] = {}
+        #: told, before a local engine's close waits for the requests it has sent, that it
+        #: does (up to its drain timeout): a run that had ended would otherwise sit silent
+        self.report = report
 
     def get(self, name: str) -> Provider:
         if name not in self.built:
@@ -245,9 +256,30 @@ class ProviderPool:
     def __enter__(self) -> ProviderPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for provider in self.built.values():
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        for name, provider in self.built.items():
+            if exc_type is None and self.report is not None:
+                self._say_drain(name, provider, self.report)
             provider.close()
+
+    @staticmethod
+    def _say_drain(name: str, provider: Provider, report: Reporter) -> None:
+        in_flight = getattr(provider, "requests_in_flight", None)  # the local provider's
+        if in_flight is None:
+            return
+        count, drain = in_flight()
+        if count:
+            requests = "1 request" if count == 1 else f"{count} requests"
+            report(
+                Progress(
+                    "engine_drain",
+                    None,
+                    f"local engine {name!r}: waiting for the {requests} it has sent upstream "
+                    f"to finish (up to {drain:g} s; Ctrl-C does not wait for them, and they "
+                    "are sent again next time)",
+                    {"provider": name, "requests_in_flight": count, "drain_timeout": drain},
+                )
+            )
 
 
 @dataclass

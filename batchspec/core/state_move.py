@@ -120,9 +120,9 @@ def export_state(
     target = Path(file).resolve()
     _refuse_same(project, target)
     _require_source(project)
+    check_target(target, replace=True)  # a folder or a device: refused, --force or not
     if target.exists() and not force:
         raise StateError(f"{target} exists already; pass --force to replace it")
-    check_target(target, replace=force)
     with _open_source(project) as source:
         return copy_state(source.db, target, replace=force, journal_mode="DELETE")
 

@@ -290,6 +290,9 @@ class StatusReport:
     skipped: tuple[Problem, ...] = ()
     #: the locks held now by runs, per resource (``*``: the whole workspace)
     locks: tuple[HeldLock, ...] = ()
+    #: how many resources the workspace declares outside PATHS (none shown: a run from a
+    #: folder without manifests is told where they are, not "No resources.")
+    declared_elsewhere: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -325,7 +328,7 @@ def workspace_status(
         locks = tuple(held_locks(store))
     if ws.problems or elsewhere is None:
         statuses = [_maybe_broken(s) for s in statuses]
-    return StatusReport(tuple(statuses), ws.problems, locks)
+    return StatusReport(tuple(statuses), ws.problems, locks, len(elsewhere or ()))
 
 
 def _declared_elsewhere(ws: Workspace, paths: Sequence[str]) -> frozenset[str] | None:

@@ -186,6 +186,15 @@ class LocalProvider:
             raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
         return dest.stat().st_size
 
+    def requests_in_flight(self) -> tuple[int, float]:
+        """The requests this provider's engine has sent upstream and not yet seen answered,
+        and how long its close waits for them (``close`` lets them finish: dropped, they
+        would be sent, and paid for, again)."""
+        if self._engine is None:
+            return 0, 0.0
+        worker = self._engine.worker
+        return worker.requests_in_flight, worker.settings.drain_timeout
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

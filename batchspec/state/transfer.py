@@ -200,6 +200,11 @@ def _refuse_url(target: StateLocation) -> None:
 def _refuse_existing_file(path: Path, replace: bool) -> None:
     if path.is_dir():
         raise StateError(f"{path} is a folder; name the SQLite file to write, e.g. {path}/x.db")
+    if path.exists() and not path.is_file():  # --force replaces a file, never /dev/null
+        raise StateError(
+            f"{path} is not a regular file (a device, a FIFO or a socket) and is never "
+            "replaced; name the SQLite file to write, e.g. state.db"
+        )
     if os.path.lexists(path) and not replace:
         raise StateError(
             f"{path} exists already; the state is copied only into a new file, never over "

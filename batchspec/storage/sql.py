@@ -595,7 +595,8 @@ def _connect_reason(err: BaseException, url: str, timeout: int) -> str:
         return (
             f"the server did not answer within {timeout} s (check the host, port and "
             "firewall; a server that accepts connections but never answers is stopped or "
-            "stuck; connect_timeout in the URL sets the seconds)"
+            "stuck; connect_timeout in the URL sets the seconds: by default "
+            f"{DEFAULT_CONNECT_TIMEOUT_SECONDS}, or {ANSWER_TIMEOUT_ENV} when shorter)"
         )
     # libpq prefixes each attempt with 'connection failed: connection to server at ...'
     return text.rsplit("failed: ", 1)[-1]

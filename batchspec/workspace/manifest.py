@@ -99,6 +99,7 @@ from batchspec.workspace.discovery import (
     start_of,
 )
 from batchspec.workspace.project import (
+    DEFAULT_MANIFEST_GLOBS,
     PROJECT_FILE_NAME,
     Budget,
     NotAWorkspaceError,
@@ -257,18 +258,37 @@ def require_resources(
     if ws.resources or names_each(select):
         return
     where = display_path(Path(paths[0]) if paths else Path.cwd())
-    details = [
-        "the project's manifest globs: " + ", ".join(ws.project.manifest_globs or ("(none)",))
-    ]
+    globs = ", ".join(ws.project.manifest_globs or ("(none)",))
+    root = display_path(ws.project.root) or "."
+    headline = f"no resources found under {where}: no `kind: Batch` document in the files it holds"
+    everywhere, _, _ = find_manifest_files([str(ws.project.root)], ws.project)
+    folders = [Path(p).resolve() for p in paths or ["."] if Path(p).is_dir()]
+    if not everywhere:  # a mistyped glob: there are no files to hold anything
+        headline = (
+            f"no resources found under {where}: the project's manifest globs ({globs}) match "
+            f"no file in the workspace ({root})"
+        )
+        details = [
+            f"check `manifests:` in {display_path(ws.project.file or ws.project.root)}"
+            if ws.project.manifest_globs != DEFAULT_MANIFEST_GLOBS
+            else "add a manifest (`kind: Batch`) to the workspace"
+        ]
+    elif len(folders) == len(paths or ["."]) and not any(
+        f.is_relative_to(folder) for f in everywhere for folder in folders
+    ):  # the workspace has manifests, elsewhere: a run from the wrong folder
+        details = [
+            f"the project's manifest globs ({globs}) find {len(everywhere)} file(s) in the "
+            f"workspace ({root}), none under {where}: run from the workspace's root, or give "
+            "a PATH that holds its manifests"
+        ]
+    else:
+        details = [f"the project's manifest globs: {globs}"]
     if prune:
         details.append(
             "nothing was pruned; to prune a resource whose manifest you deleted, name it: "
             "`batchspec apply --prune --select NAME`"
         )
-    raise ManifestError(
-        f"no resources found under {where}: no `kind: Batch` document in the files it holds",
-        details=details,
-    )
+    raise ManifestError(headline, details=details)
 
 
 def semantic_spec(

@@ -225,6 +225,13 @@ def with_state(project: Project, state_path: str | Path) -> Project:
     """``project`` with its state moved to ``state_path``: an SQLite file, or a URL."""
     if is_database_url(state_path):
         return dataclasses.replace(project, state_url=str(state_path), state_url_env=None)
+    scheme, sep, _ = str(state_path).partition("://")
+    if sep and scheme.isidentifier():  # sqlite:///x.db, mysql://: a URL, not a file name
+        raise StateError(
+            f"the state given by --state or BATCHSPEC_STATE is a {scheme}:// URL, which "
+            "batchspec does not open: give an SQLite state as a path (e.g. state/batchspec.db), "
+            "or PostgreSQL as postgresql://user@host:5432/db"
+        )
     return dataclasses.replace(
         project, state_path=Path(state_path).resolve(), state_url=None, state_url_env=None
     )
