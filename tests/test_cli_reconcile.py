@@ -532,7 +532,8 @@ def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
 ) -> None:
     """Ctrl-C while a local engine has requests in flight: the stop waits for them (stopped,
     they would be sent, and paid for, again), and the line saying so comes at once, not when
-    the wait is over (a Ctrl-C looked ignored); a second Ctrl-C stops at once."""
+    the wait is over (a Ctrl-C looked ignored); a second Ctrl-C stops at once, the engine
+    closed whole."""
     slow = standin_upstream(latency=8.0)
     ws = make_workspace(
         tmp_path / "ws",
@@ -552,6 +553,9 @@ def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
     _, err = proc.communicate(timeout=3)  # at once: its requests take 8 s
     assert proc.returncode == 130 and "Traceback" not in err
     assert "Interrupted" not in err  # said once
+    # the second press stopped the wait, not the engine's close: it committed what had
+    # finished, closed its store (no log left beside it) and freed its folder
+    assert not list((ws.root / "state").rglob("*-wal")), "the engine's close was cut short"
 
 
 def test_a_stderr_that_cannot_be_written_does_not_replace_the_signal(

@@ -139,16 +139,28 @@ class Engine:
     def close(self, *, wait_for_requests: bool = True) -> None:
         """Stop cleanly: in-flight requests finish (up to the drain timeout; at once without
         ``wait_for_requests``: they are sent again at the next start), results are committed,
-        the lock is freed."""
+        the lock is freed.
+
+        Ctrl-C (or SIGTERM's ``Terminated``) while it waits stops the wait, not the close: the
+        close still commits what finished, closes the store and frees the folder, then the
+        interruption goes on. Raised in the middle of the close, it skipped all three (the
+        answers of the last moments were sent, and paid for, again)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self.worker.stop(wait_for_requests=wait_for_requests)
-        finally:
-            _set_running(id(self), None)
+        _set_running(id(self), None)  # closing: a Ctrl-C now is not waited for
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self.worker.stop(wait_for_requests=wait_for_requests and interrupted is None)
+                break
+            except KeyboardInterrupt as err:  # Terminated is one too
+                interrupted = interrupted or err
+                self.worker.hurry()
         self.store.close()
         self._lock.release()
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> Engine:
         return self.start()

@@ -237,24 +237,9 @@ def serve(
         with _sigterm_ends_cleanly():
             server.run(sockets=[sock])
     finally:
-        # a second Ctrl-C while uvicorn stopped, or while the engine drains: the engine does
-        # not wait for its requests (what finished is committed, the data folder freed)
-        with _ctrl_c_hurries(engine):
-            engine.close(wait_for_requests=not (server is not None and server.forced))
-
-
-@contextlib.contextmanager
-def _ctrl_c_hurries(engine: Engine) -> Iterator[None]:
-    """While ``engine`` closes, Ctrl-C stops its wait for the requests in flight instead of
-    raising in the middle of the close (which skipped the last commit and the unlock)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: engine.worker.hurry())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        # a second Ctrl-C while uvicorn stopped, or while the engine drains (``Engine.close``
+        # takes it): the engine does not wait for its requests, and still closes whole
+        engine.close(wait_for_requests=not (server is not None and server.forced))
 
 
 class _Terminated(Exception):
