@@ -159,6 +159,23 @@ def test_parallelism_above_its_cap_is_a_usage_error_naming_the_cap(
     assert ctx.params["parallelism"] == 256
 
 
+@pytest.mark.parametrize(
+    "args", [["--timeout", "nan"], ["--poll-interval", "nan"], ["--poll-interval", "inf"]]
+)
+def test_apply_refuses_a_timeout_or_poll_interval_that_is_not_a_number_of_seconds(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--timeout nan` passed the range check (NaN compares false with its bounds) and never
+    came: an apply waiting on a batch never ended; an infinite pause between polls neither.
+    Both are usage errors (`--timeout inf`, no timeout, is still taken)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["apply", *args])
+    assert exited.value.code == 64
+    assert "is not a number of seconds" in capsys.readouterr().err
+    ctx = command_named("apply").make_context("apply", ["--timeout", "inf"])
+    assert ctx.params["timeout"] == float("inf")
+
+
 def test_the_cli_cap_on_parallelism_is_the_library_s_and_the_schema_s() -> None:
     """The CLI's cap (written out for a fast start), the pool's and maxConcurrency's maximum
     in the project schema are one number."""

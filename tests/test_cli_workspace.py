@@ -283,7 +283,7 @@ def test_a_mistyped_manifest_glob_prunes_nothing(
         # the glob matches no file at all: said so, not "no document in the files it holds"
         assert "(manifest/*.yaml) match no file in the workspace" in err, err
         assert "check `manifests:` in" in err and "files it holds" not in err, err
-        assert "nothing was pruned" in err and "--prune --select NAME" in err, err
+        assert "--prune is refused" in err and "--prune --select NAME" in err, err
         assert "prune" not in out, out
     project.write_text(project.read_text().replace("manifest/", "manifests/"))
     code, out, err = run_cli(["status", root, "--json"], capsys)

@@ -75,6 +75,9 @@ def test_selectors_parse(text: str, expected: Selector) -> None:
         pytest.param("Not A Name", "is not a selector", id="bad-name"),
         # a comma list is not one selector: said how to give several
         pytest.param("alpha,bravo", "repeat it for several", id="comma-list"),
+        # read as the label `team!` (or the value `=support`), they selected nothing
+        pytest.param("team!=support", "equality only", id="not-equal"),
+        pytest.param("team==support", "equality only", id="double-equals"),
     ],
 )
 def test_malformed_selectors_are_usage_errors(text: str, needle: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -90,6 +91,14 @@ def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) 
 
 def state_option(f: F) -> F:
     return _state_option(f, None)
+
+
+def _a_number(param: click.Parameter, value: float | None, *, finite: bool) -> float | None:
+    """``value``, refused if it is NaN (every comparison with it is false: a ``--timeout
+    nan`` never came), or infinite where ``finite`` (an endless pause between polls)."""
+    if value is not None and (math.isnan(value) or (finite and math.isinf(value))):
+        raise click.BadParameter(f"{value} is not a number of seconds", param=param)
+    return value
 
 
 def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -658,11 +667,13 @@ def plan(
     "--timeout",
     type=click.FloatRange(min=0),
     default=None,
+    callback=lambda ctx, param, value: _a_number(param, value, finite=False),
     help="With --wait: give up after this many seconds (exit 5).",
 )
 @click.option(
     "--poll-interval",
     type=click.FloatRange(min=0.01),
+    callback=lambda ctx, param, value: _a_number(param, value, finite=True),
     default=30.0,
     show_default=True,
     help="Longest pause between polls; polls come every 0.25 s for 2 s after a create (at "

@@ -258,7 +258,7 @@ def refuse_pruning_another_workspace(store: StateStore, declared: AbstractSet[st
     raise StateError(
         f"--prune would cancel and forget every resource the state at {store.db.label} tracks "
         f"({len(tracked)}: {shown}), and no manifest of this workspace declares any of them; "
-        "nothing was pruned",
+        "so it is refused",
         details=[
             "is it another workspace's state? check --state and BATCHSPEC_STATE (each "
             "workspace needs a state, or a PostgreSQL schema, of its own)",
@@ -284,7 +284,7 @@ def _names_elsewhere(
         if prune:
             raise ManifestError(
                 "cannot tell which resources' manifests are gone: a manifest of the workspace "
-                f"outside the PATHS given cannot be read ({err.message}); nothing was pruned",
+                f"outside the PATHS given cannot be read ({err.message}); --prune is refused",
                 details=[*err.details, "fix it, or prune from a workspace that loads"],
             ) from None
         return None, [f"orphaned resources are not shown: {err.message}"]

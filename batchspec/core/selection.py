@@ -87,6 +87,11 @@ def parse_selector(text: str) -> Selector:
         key, value = raw.split("=", 1)
         if not key.strip():
             raise UsageError(f"--select {text!r}: a label selector needs a key (KEY=VALUE)")
+        if key.endswith("!") or value.startswith("="):  # not a label `team!` or a value `=x`
+            raise UsageError(
+                f"--select {text!r}: a label selects by equality only, written KEY=VALUE "
+                "(no != or ==)"
+            )
         return Selector("label", key.strip(), value.strip())
     if not _NAME.match(raw):
         several = " (one per --select: repeat it for several)" if "," in raw else ""

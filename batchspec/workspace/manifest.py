@@ -285,7 +285,7 @@ def require_resources(
         details = [f"the project's manifest globs: {globs}"]
     if prune:
         details.append(
-            "nothing was pruned; to prune a resource whose manifest you deleted, name it: "
+            "--prune is refused; to prune a resource whose manifest you deleted, name it: "
             "`batchspec apply --prune --select NAME`"
         )
     raise ManifestError(headline, details=details)
