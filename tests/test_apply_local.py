@@ -11,9 +11,11 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import request_lines
@@ -425,3 +427,44 @@ def test_cancel_says_so_before_its_local_engine_waits_for_requests_in_flight(
     assert code == 0, err
     assert "local engine 'here': waiting for the 2 requests it has sent upstream" in err, err
     json.loads(out)  # stdout: only the result
+
+
+def test_cancel_of_a_sharded_resource_runs_none_of_the_engines_batches(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    standin_upstream: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`batchspec cancel NAME` on a local resource in 3 shards cancels batch after batch.
+    Its engine's worker, started after the first cancel, resumed the other batches and sent
+    their requests (paid for) before their own cancels came. The cancel now starts no
+    worker: nothing reaches the upstream, and the next apply ends the cancelled batches."""
+    slow = standin_upstream(latency=0.3)
+    provider = {"type": "local", "options": {"upstream": slow.v1, "concurrency": 1}}
+    spec = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": provider},
+        resources=[ResourceSpec("triage", count=6, provider="here", spec=spec)],
+    )
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0  # 3 batches, left running
+    sent = sum(slow.calls.values())
+    assert sent < 6
+    cancel = Engine.cancel_batch
+
+    def cancel_once_a_worker_had_time(engine: Engine, batch_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 0.3  # a started worker sends within milliseconds
+        while sum(slow.calls.values()) == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return cancel(engine, batch_id)
+
+    monkeypatch.setattr(Engine, "cancel_batch", cancel_once_a_worker_had_time)
+
+    code, _, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+    monkeypatch.undo()
+
+    assert code == 0, err
+    assert sum(slow.calls.values()) == sent  # none of the batches it cancelled ran on
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] in (0, 4)
+    with ws.store() as store:
+        assert {b.status for b in store.batches()} == {"cancelled"}

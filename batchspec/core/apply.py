@@ -529,7 +529,11 @@ def cancel_resource(
         with (
             lock,
             engine_log_reported(report),
-            ProviderPool(ws, env, lock_timeout=lock_timeout, report=report) as providers,
+            # the cancel runs none of a local engine's batches (those it is about to cancel
+            # among them): a started worker would resume and send their requests
+            ProviderPool(
+                ws, env, lock_timeout=lock_timeout, report=report, run_local_batches=False
+            ) as providers,
         ):
             rec = Reconciler(
                 ws.project,

@@ -227,10 +227,13 @@ class ProviderPool:
         *,
         lock_timeout: float = 0.0,
         report: Reporter | None = None,
+        run_local_batches: bool = True,
     ) -> None:
         self.ws = ws
         self.env = env
         self.lock_timeout = lock_timeout  # a local engine's folder in use: wait this long
+        #: False (``batchspec cancel``): a local engine runs none of its batches meanwhile
+        self.run_local_batches = run_local_batches
         self.built: dict[str, Provider] = {}
         #: told, before a local engine's close waits for the requests it has sent, that it
         #: does (up to its drain timeout): a run that had ended would otherwise sit silent
@@ -250,6 +253,7 @@ class ProviderPool:
                 project_root=self.ws.project.root,
                 env=self.env,
                 lock_timeout=self.lock_timeout,
+                run_local_batches=self.run_local_batches,
             )
         return self.built[name]
 

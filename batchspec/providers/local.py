@@ -61,9 +61,15 @@ class LocalProvider:
         upstream: str | Sequence[str | UpstreamTarget] | Upstream = "builtin",
         upstream_api_key_env: str | None = None,
         concurrency: int = 8,
+        run_batches: bool = True,
         **engine_kwargs: Any,
     ) -> None:
+        """``run_batches=False`` (``batchspec cancel``): the engine's worker never starts, so
+        the command runs none of the engine's batches (a started worker resumes every batch in
+        progress and sends their requests, those of batches about to be cancelled too); the
+        next process that runs the engine ends the cancelled ones."""
         self.name = name
+        self._run_batches = run_batches
         self.data_dir = Path(data_dir)
         self._upstream_spec = upstream
         self._upstream_api_key_env = upstream_api_key_env
@@ -85,7 +91,7 @@ class LocalProvider:
     def engine(self) -> Engine:
         """The running engine, opened and started on first use."""
         engine = self._opened()
-        if not self._started:
+        if not self._started and self._run_batches:
             self._started = True
             engine.start()
         return engine
@@ -154,10 +160,11 @@ class LocalProvider:
         """Cancel a batch; one that has ended, or is already stopping or finalizing, meanwhile
         (409: not cancellable) is returned as it is, as the HTTP providers do.
 
-        A command that opens the engine to cancel (``batchspec cancel``) cancels before the
-        worker starts: started first, it resumed the batch and sent (and paid for) requests
-        of the very batch being cancelled, then waited for their answers. The worker starts
-        right after, and ends the batch (and runs the others, as any command does)."""
+        A command that opens the engine to cancel cancels before the worker starts: started
+        first, it resumed the batch and sent (and paid for) requests of the very batch being
+        cancelled, then waited for their answers. The worker starts right after (in an apply:
+        it ends the batch and runs the others); ``batchspec cancel``, which cancels batch
+        after batch, never starts it (``run_batches``)."""
         engine = self._opened()
         try:
             cancelled = engine.cancel_batch(batch_id)

@@ -77,11 +77,13 @@ def build_provider(
     project_root: Path,
     env: Mapping[str, str] = os.environ,
     lock_timeout: float = 0.0,
+    run_local_batches: bool = True,
 ) -> Provider:
     """The provider ``config`` describes, ready to use; raises ``ProviderError`` if it cannot be.
 
     ``lock_timeout``: how long a local provider waits for another process using its engine
-    data folder (the command's ``--lock-timeout``)."""
+    data folder (the command's ``--lock-timeout``); ``run_local_batches=False``: a local
+    provider's engine runs none of its batches (``LocalProvider``'s ``run_batches``)."""
     if config.type == "openai":
         return build_openai_provider(config, env=env)
     if config.type == "azure":
@@ -98,7 +100,11 @@ def build_provider(
         return build_mistral_provider(config, project_root=project_root, env=env)
     if config.type == "local":
         return build_local_provider(
-            config, project_root=project_root, env=env, lock_timeout=lock_timeout
+            config,
+            project_root=project_root,
+            env=env,
+            lock_timeout=lock_timeout,
+            run_batches=run_local_batches,
         )
     raise ProviderError(
         f"provider {config.name!r}: unknown provider type {config.type!r}; "
@@ -271,6 +277,7 @@ def build_local_provider(
     project_root: Path,
     env: Mapping[str, str] = os.environ,
     lock_timeout: float = 0.0,
+    run_batches: bool = True,
 ) -> Provider:
     """The embedded engine, in-process, with its data under the project (``state/local``).
 
@@ -302,6 +309,7 @@ def build_local_provider(
         upstream=upstream,
         upstream_api_key_env=options.get("upstreamApiKeyEnv"),
         concurrency=int(options.get("concurrency", 4)),  # the project schema's default
+        run_batches=run_batches,
         lock_timeout=lock_timeout,
     )
     return provider
