@@ -62,6 +62,10 @@ def test_a_state_url_batchspec_does_not_open_is_refused_not_made_a_folder(
     assert "is a sqlite:// URL, which batchspec does not open" in err, err
     assert "postgresql://" in err and "as a path" in err, err
     assert not (ws.root / "sqlite:").exists()
+    # SQLAlchemy's driver form, the one most PostgreSQL users paste (a '+' in the scheme)
+    code, _, err = run_cli([*command, "--state", "postgresql+psycopg://u@h/db"], capsys)
+    assert code == 1 and "without SQLAlchemy's +driver part" in err, err
+    assert not (ws.root / "postgresql+psycopg:").exists()
 
 
 def test_plan_warns_of_a_state_that_records_nothing_as_apply_does(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,16 +222,22 @@ def load_project(
     return project if state_path is None else with_state(project, state_path)
 
 
+#: a URL's scheme (RFC 3986: a letter, then letters, digits, + - .) and its ://
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def with_state(project: Project, state_path: str | Path) -> Project:
     """``project`` with its state moved to ``state_path``: an SQLite file, or a URL."""
     if is_database_url(state_path):
         return dataclasses.replace(project, state_url=str(state_path), state_url_env=None)
-    scheme, sep, _ = str(state_path).partition("://")
-    if sep and scheme.isidentifier():  # sqlite:///x.db, mysql://: a URL, not a file name
+    url = _URL_SCHEME.match(str(state_path))
+    if url:  # sqlite:///x.db, mysql://, postgresql+psycopg://: a URL, not a file name
+        scheme = url.group(1)
+        driver = " (without SQLAlchemy's +driver part)" if "+" in scheme else ""
         raise StateError(
             f"the state given by --state or BATCHSPEC_STATE is a {scheme}:// URL, which "
             "batchspec does not open: give an SQLite state as a path (e.g. state/batchspec.db), "
-            "or PostgreSQL as postgresql://user@host:5432/db"
+            f"or PostgreSQL as postgresql://user@host:5432/db{driver}"
         )
     return dataclasses.replace(
         project, state_path=Path(state_path).resolve(), state_url=None, state_url_env=None
