@@ -468,3 +468,27 @@ def test_cancel_of_a_sharded_resource_runs_none_of_the_engines_batches(
     assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] in (0, 4)
     with ws.store() as store:
         assert {b.status for b in store.batches()} == {"cancelled"}
+
+
+def test_a_ctrl_c_in_one_providers_close_still_closes_the_others() -> None:
+    """Ctrl-C during the first local engine's drain (its `engine_drain` line invites it):
+    the pool still closes every other provider (their engines would stop with answers
+    uncommitted, sent and paid for again), then the interruption goes on."""
+    from batchspec.core.session import ProviderPool
+
+    class Closing:
+        def __init__(self, interrupted: bool) -> None:
+            self.interrupted = interrupted
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+            if self.interrupted:
+                raise KeyboardInterrupt
+
+    pool = ProviderPool(None, {})  # type: ignore[arg-type]
+    first, second = Closing(interrupted=True), Closing(interrupted=False)
+    pool.built = {"a": first, "b": second}  # type: ignore[dict-item]
+    with pytest.raises(KeyboardInterrupt):
+        pool.__exit__(None, None, None)
+    assert first.closed and second.closed

@@ -203,6 +203,49 @@ def test_a_close_told_not_to_wait_stops_its_requests_at_once(tmp_path):
         stopped.close()
 
 
+@pytest.mark.parametrize("where", ["the wait", "the wait, then the hurry", "the store's close"])
+def test_a_ctrl_c_anywhere_in_a_close_stops_the_wait_and_the_close_runs_whole(
+    tmp_path, monkeypatch, where
+):
+    """Ctrl-C (KeyboardInterrupt) while a close waits for its requests, again while it stops
+    that wait, or while it closes its store: the close still stops the worker, closes the
+    store and frees the folder, then the first interruption goes on. Raised out of the
+    middle, it left the worker running (its answers uncommitted) or the folder locked."""
+    from batchspec.engine.worker import Worker
+
+    engine = open_engine(
+        tmp_path, BuiltinUpstream(latency=30), concurrency=2, drain_timeout=0.5
+    ).start()
+    new_batch(engine, request_lines(3))
+    wait_for(lambda: engine.worker.requests_in_flight == 2)
+    first = KeyboardInterrupt("first")
+    pending = {"stop": [first]}
+    if where == "the wait, then the hurry":
+        pending["hurry"] = [KeyboardInterrupt("second")]
+    if where == "the store's close":
+        pending = {"store": [first]}
+
+    def once(name, real):
+        def call(*args, **kwargs):
+            if pending.get(name):
+                raise pending[name].pop()
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(Worker, "stop", once("stop", Worker.stop))
+    monkeypatch.setattr(Worker, "hurry", once("hurry", Worker.hurry))
+    monkeypatch.setattr(Store, "close", once("store", Store.close))
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        engine.close()
+    assert caught.value is first
+    if where != "the store's close":  # its requests take 30 s, its drain timeout 0.5 s
+        assert time.monotonic() - started < 0.4  # interrupted in the wait: not waited for
+    assert not engine.worker._thread  # stopped
+    open_engine(tmp_path).close()  # the folder is free again
+
+
 def test_a_second_engine_on_the_same_folder_is_refused(tmp_path):
     """One engine per data folder: a second one raises StateLockedError naming the folder."""
     with open_engine(tmp_path):

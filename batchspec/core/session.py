@@ -261,10 +261,19 @@ class ProviderPool:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Close every provider, also past a Ctrl-C during one's close (a local engine's
+        drain): the others' engines would stop with their answers uncommitted. The first
+        interruption goes on once all are closed."""
+        interrupted: BaseException | None = None
         for name, provider in self.built.items():
-            if exc_type is None and self.report is not None:
-                self._say_drain(name, provider, self.report)
-            provider.close()
+            try:
+                if exc_type is None and interrupted is None and self.report is not None:
+                    self._say_drain(name, provider, self.report)
+                provider.close()
+            except KeyboardInterrupt as err:  # Terminated too; the close itself ran whole
+                interrupted = interrupted or err
+        if interrupted is not None:
+            raise interrupted
 
     @staticmethod
     def _say_drain(name: str, provider: Provider, report: Reporter) -> None:

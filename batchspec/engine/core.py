@@ -36,7 +36,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -148,19 +148,28 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        _set_running(id(self), None)  # closing: a Ctrl-C now is not waited for
-        interrupted: BaseException | None = None
-        while True:
-            try:
-                self.worker.stop(wait_for_requests=wait_for_requests and interrupted is None)
-                break
-            except KeyboardInterrupt as err:  # Terminated is one too
-                interrupted = interrupted or err
-                self.worker.hurry()
-        self.store.close()
-        self._lock.release()
-        if interrupted is not None:
-            raise interrupted
+        interrupted: list[BaseException] = []
+
+        def stop_worker() -> None:
+            self.worker.stop(wait_for_requests=wait_for_requests and not interrupted)
+
+        steps: tuple[Callable[[], None], ...] = (
+            lambda: _set_running(id(self), None),  # closing: a Ctrl-C now is not waited for
+            stop_worker,
+            self.store.close,
+            self._lock.release,
+        )
+        for step in steps:
+            while True:  # each step runs to its end, whatever Ctrl-C comes meanwhile
+                try:
+                    if interrupted:
+                        self.worker.hurry()  # no more waiting for the requests in flight
+                    step()
+                    break
+                except KeyboardInterrupt as err:  # Terminated is one too
+                    interrupted.append(err)
+        if interrupted:
+            raise interrupted[0]
 
     def __enter__(self) -> Engine:
         return self.start()
