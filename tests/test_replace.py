@@ -135,6 +135,34 @@ def test_a_replace_skipped_for_want_of_allow_replace_is_said_once_while_apply_wa
     assert srv.probe.counts[CREATE] == 2 and not srv.probe.counts["POST /batches/{id}/cancel"]
 
 
+def test_switching_back_to_a_spec_that_cancels_the_running_one_needs_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Spec A completed, spec B running, then A put back: the replace submits nothing (A's
+    answers are all there) but cancels B's batch, paid for. Taken for "nothing to approve"
+    (0 requests), `apply --allow-replace` with no --yes and no terminal cancelled it; it
+    needs consent, as any cancel on a paid provider does."""
+    upstream = BuiltinUpstream()
+    srv = server(upstream=upstream, drain_timeout=0.0)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=2))
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    spec_a = ws.input_path("triage").read_text()
+    upstream.latency = 30.0  # B stays in flight
+    ws.write_input("triage", request_lines(3))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    ws.input_path("triage").write_text(spec_a)
+    cancels = srv.probe.counts["POST /batches/{id}/cancel"]
+
+    code, _, err = run_cli(["apply", str(ws.root), "--allow-replace"], capsys)
+
+    assert code == 1 and "--yes" in err, err
+    assert "cancel the batches in flight of triage" in err, err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == cancels  # nothing cancelled
+    argv = ["apply", str(ws.root), "--allow-replace", "--yes"]
+    assert run_cli(argv, capsys)[0] == 0  # with consent: cancelled, A's answers written
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == cancels + 1
+
+
 @pytest.mark.parametrize("how", ["replace", "new-spec"])
 def test_a_superseded_batch_that_ended_before_its_cancel_is_collected_not_paid_again(
     how: str,

@@ -869,17 +869,24 @@ def require_consent(
     plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
 ) -> None:
     """Spending or cancelling on a paid provider needs --yes or a yes on the terminal."""
-    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve
-    paid = [a for a in plan.spending if a.requests and not _is_free(ws, a)]
+    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
+    # unless it cancels a generation in flight (a spec switched back to, while another runs)
+    paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
     pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
     if not (paid or pruned) or options.yes:
         return
     if confirm is None:
         what = []
-        if paid:
+        submitting = [a for a in paid if a.requests]
+        if submitting:
             what.append(
-                f"submit {sum(a.requests for a in paid)} request(s) in new batches "
-                f"({', '.join(sorted({a.resource for a in paid}))})"
+                f"submit {sum(a.requests for a in submitting)} request(s) in new batches "
+                f"({', '.join(sorted({a.resource for a in submitting}))})"
+            )
+        if cancelling := [a for a in paid if a.cancels_in_flight and not a.requests]:
+            what.append(
+                "cancel the batches in flight of "
+                f"{', '.join(sorted(a.resource for a in cancelling))} on a paid provider"
             )
         if pruned:
             what.append(

@@ -191,6 +191,10 @@ class DiskFacts:
 # Output
 
 
+#: in a replace's reason: it cancels another generation's batches (``cancels_in_flight``)
+STILL_IN_FLIGHT = "still in flight"
+
+
 @dataclass(frozen=True)
 class Action:
     resource: str
@@ -206,6 +210,12 @@ class Action:
     @property
     def spends(self) -> bool:
         return self.kind in SPENDING_KINDS
+
+    @property
+    def cancels_in_flight(self) -> bool:
+        """A replace that cancels another generation still in flight (spending on it needs
+        consent even when it submits nothing: what that generation was paid for stops)."""
+        return self.kind is ActionKind.REPLACE and STILL_IN_FLIGHT in self.reason
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -412,11 +422,11 @@ def plan_resource(
     if want.replace and gen is None:
         why = "replacement asked for (--replace): a new generation of the same spec"
         if others_active:
-            why += f"; cancels generation {_named(others_active[0])} still in flight"
+            why += f"; cancels generation {_named(others_active[0])} {STILL_IN_FLIGHT}"
         return new_generation(ActionKind.REPLACE, why, None)
     if others_active:  # a newer or older spec is still running: switching needs consent
         # a revived generation that was superseded goes again; one still active does not
-        why = f"spec changed while generation {_named(others_active[0])} is still in flight"
+        why = f"spec changed while generation {_named(others_active[0])} is {STILL_IN_FLIGHT}"
         if gen is None:
             return new_generation(ActionKind.REPLACE, why, None)
         requests = want.requests if gen.status == "superseded" else 0
