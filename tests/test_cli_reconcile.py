@@ -575,6 +575,27 @@ def test_a_stderr_that_cannot_be_written_does_not_replace_the_signal(
     assert said.said
 
 
+def test_a_second_ctrl_c_while_the_line_waits_for_the_bars_still_says_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handler's line waits (briefly) for apply's live bars to be written above; a
+    second Ctrl-C in that wait raised out of it, and the line was never written: exit 130
+    and no word why. It is written, then the second Ctrl-C goes on."""
+    from batchspec.cli.main import Interruption
+
+    written: list[bytes] = []
+    monkeypatch.setattr("batchspec.cli.main.os.write", lambda fd, data: written.append(data))
+
+    def bars_interrupted(text: str, write_err: object) -> bool:
+        raise KeyboardInterrupt
+
+    said = Interruption(["apply"])
+    said.above_bars = bars_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        said.say(KeyboardInterrupt(), in_handler=True)
+    assert len(written) == 1 and written[0].startswith(b"Interrupted: "), written
+
+
 def test_the_interrupted_line_speaks_of_the_local_engine_only_while_one_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

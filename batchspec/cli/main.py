@@ -1608,6 +1608,10 @@ class Interruption:
             return above(text, _write_stderr)
         except (OSError, RuntimeError):  # stdout cannot be written now: said on stderr alone
             return False
+        except BaseException:  # a second Ctrl-C while it waited for the bars: say it first
+            with contextlib.suppress(OSError):
+                _write_stderr(text + "\n")
+            raise
 
     @contextlib.contextmanager
     def handled(self) -> Iterator[None]:
