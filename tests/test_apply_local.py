@@ -492,3 +492,27 @@ def test_a_ctrl_c_in_one_providers_close_still_closes_the_others() -> None:
     with pytest.raises(KeyboardInterrupt):
         pool.__exit__(None, None, None)
     assert first.closed and second.closed
+
+
+def test_a_run_ending_on_an_error_still_says_its_local_engine_waits() -> None:
+    """An apply that fails (a provider's error) unwinds through the provider pool, whose
+    local engine's close lets its requests finish, up to 30 s: the `engine_drain` line said
+    so only for a run that ended well, and a failing one sat silent before its error. Only
+    after a Ctrl-C (whose own line said it) is it left out."""
+    from batchspec.core.session import ProviderPool
+    from batchspec.errors import ProviderError
+
+    class Draining:
+        def requests_in_flight(self) -> tuple[int, float]:
+            return 2, 30.0
+
+        def close(self) -> None:
+            pass
+
+    said: list[Progress] = []
+    pool = ProviderPool(None, {}, report=said.append)  # type: ignore[arg-type]
+    pool.built = {"here": Draining()}  # type: ignore[dict-item]
+    pool.__exit__(ProviderError, ProviderError("boom"), None)
+    assert [p.event for p in said] == ["engine_drain"]
+    pool.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert len(said) == 1

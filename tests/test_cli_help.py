@@ -160,7 +160,13 @@ def test_parallelism_above_its_cap_is_a_usage_error_naming_the_cap(
 
 
 @pytest.mark.parametrize(
-    "args", [["--timeout", "nan"], ["--poll-interval", "nan"], ["--poll-interval", "inf"]]
+    "args",
+    [
+        ["--timeout", "nan"],
+        ["--poll-interval", "nan"],
+        ["--poll-interval", "inf"],
+        ["--lock-timeout", "nan"],
+    ],
 )
 def test_apply_refuses_a_timeout_or_poll_interval_that_is_not_a_number_of_seconds(
     args: list[str], capsys: pytest.CaptureFixture[str]

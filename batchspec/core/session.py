@@ -267,7 +267,9 @@ class ProviderPool:
         interrupted: BaseException | None = None
         for name, provider in self.built.items():
             try:
-                if exc_type is None and interrupted is None and self.report is not None:
+                # after a Ctrl-C, its own line has said what the close waits for
+                stopping = isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt)
+                if not stopping and interrupted is None and self.report is not None:
                     self._say_drain(name, provider, self.report)
                 provider.close()
             except KeyboardInterrupt as err:  # Terminated too; the close itself ran whole
