@@ -23,7 +23,15 @@ import pytest
 import yaml
 from postgres import PASSWORD, Cluster
 from probes import ProbedServer, start_serve_process
-from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, batchspec_cmd, run_cli, served
+from workspaces import (
+    KEY_ENV,
+    SENTINEL_KEY,
+    ResourceSpec,
+    Workspace,
+    batchspec_cmd,
+    run_cli,
+    served,
+)
 
 from batchspec.errors import StateError
 from batchspec.state.runinfo import RunInfo
@@ -345,6 +353,28 @@ def test_the_urls_connect_timeout_is_kept(postgres_url: str) -> None:
 ANSWER_SECONDS = "0.3"
 
 
+def apply_held_at_its_create(
+    ws: Workspace, srv: ProbedServer, url: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], threading.Event]:
+    """``apply`` of ``ws`` on the state at ``url``, in a child whose create the server holds
+    (answered once ``srv.probe.release_all()``); and the event set when the create arrives.
+    The child hears SIGINT as Ctrl-C even where this process ignores it (xdist's workers:
+    an ignored signal stays ignored across exec, a caught one is reset)."""
+    created = srv.probe.hold("POST /batches", 30, after=True)
+    heard = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        apply = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--yes", "--state", url),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, heard)
+    return apply, created
+
+
 def test_a_frozen_server_stops_apply_in_seconds_and_the_next_apply_pays_nothing_twice(
     tmp_path: Path,
     postgres_url: str,
@@ -358,14 +388,7 @@ def test_a_frozen_server_stops_apply_in_seconds_and_the_next_apply_pays_nothing_
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
     env = {**os.environ, KEY_ENV: SENTINEL_KEY, ANSWER_TIMEOUT_ENV: ANSWER_SECONDS}
-    created = srv.probe.hold("POST /batches", 30, after=True)
-    apply = subprocess.Popen(
-        batchspec_cmd("apply", str(ws.root), "--yes", "--state", postgres_url),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    apply, created = apply_held_at_its_create(ws, srv, postgres_url, env)
     try:
         assert created.wait(30), "the create never reached the server"
         with postgres_cluster.frozen():
@@ -409,19 +432,7 @@ def test_ctrl_c_while_the_state_server_is_frozen_is_said_once_and_exits_130(
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
     env = {**os.environ, KEY_ENV: SENTINEL_KEY, ANSWER_TIMEOUT_ENV: "60"}
-    created = srv.probe.hold("POST /batches", 30, after=True)
-    # a child inherits an ignored SIGINT (as under xdist's workers): let it hear Ctrl-C
-    heard = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        apply = subprocess.Popen(
-            batchspec_cmd("apply", str(ws.root), "--yes", "--state", postgres_url),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, heard)
+    apply, created = apply_held_at_its_create(ws, srv, postgres_url, env)
     try:
         assert created.wait(30), "the create never reached the server"
         with postgres_cluster.frozen():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
-from batchspec.workspace.yamldoc import Problem, display_path, name_listing
+from batchspec.workspace.yamldoc import NAMES_SHOWN, Problem, display_path, name_listing
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
@@ -411,10 +411,6 @@ def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
     if not result.plan.actions:
         headline = f"Apply did nothing: {nothing_selected(selection)}."
     return headline
-
-
-#: how many resource names a one-line summary lists before "and N more"
-NAMES_SHOWN = 10
 
 
 def some_names(names: Sequence[str]) -> str:

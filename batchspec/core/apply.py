@@ -68,7 +68,7 @@ from batchspec.core.replacements import (
     with_readded,
 )
 from batchspec.core.reporting import Progress, Reporter, engine_log_reported
-from batchspec.core.selection import orphan_selector
+from batchspec.core.selection import names_each, orphan_selector
 from batchspec.core.session import (
     ProviderPool,
     indexed_requests,
@@ -101,12 +101,11 @@ from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
-    names_each,
     require_resources,
     unlisted_manifests_warnings,
 )
 from batchspec.workspace.project import ProviderConfig
-from batchspec.workspace.yamldoc import unknown_name_hint
+from batchspec.workspace.yamldoc import name_listing, unknown_name_hint
 
 FIRST_POLL_INTERVAL = 0.5
 # the shortest pause a batch's own progress may bring the next poll forward to
@@ -167,7 +166,7 @@ def plan_workspace(
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
     with open_workspace(paths, state_path) as (ws, cache):
-        require_resources(ws, paths, prune=prune, select=select)
+        require_resources(ws, paths, prune=prune, named=names_each(select))
         resources = select_resources(ws, select)
         require_replaceable(resources, replace)
         facts = validate_inputs(ws, resources, cache)
@@ -254,10 +253,9 @@ def refuse_pruning_another_workspace(store: StateStore, declared: AbstractSet[st
     tracked = [row.name for row in store.list_resources()]
     if not tracked or declared & set(tracked):
         return
-    shown = ", ".join(tracked[:NAMES_SHOWN]) + (", …" if len(tracked) > NAMES_SHOWN else "")
     raise StateError(
         f"--prune would cancel and forget every resource the state at {store.db.label} tracks "
-        f"({len(tracked)}: {shown}), and no manifest of this workspace declares any of them; "
+        f"({name_listing(tracked)}), and no manifest of this workspace declares any of them, "
         "so it is refused",
         details=[
             "is it another workspace's state? check --state and BATCHSPEC_STATE (each "
@@ -266,10 +264,6 @@ def refuse_pruning_another_workspace(store: StateStore, declared: AbstractSet[st
             "`batchspec apply --prune --select NAME`",
         ],
     )
-
-
-#: how many resource names a refusal lists before the ellipsis
-NAMES_SHOWN = 10
 
 
 def _names_elsewhere(
@@ -307,7 +301,7 @@ def apply_workspace(
     spend only as it says (see batchspec.core.planfile).
     """
     with open_workspace(paths, options.state_path) as (ws, cache):
-        require_resources(ws, paths, prune=options.prune, select=options.select)
+        require_resources(ws, paths, prune=options.prune, named=names_each(options.select))
         # git's answers (the run's provenance) arrive while the inputs are validated
         run_info = start_run_info(ws.project.root, env)
         resources = select_resources(ws, options.select)

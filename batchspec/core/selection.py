@@ -99,6 +99,12 @@ def parse_selector(text: str) -> Selector:
     return Selector("name", raw)
 
 
+def names_each(select: Sequence[str]) -> bool:
+    """Whether ``--select`` names each resource it selects (NAMEs only): ``state:modified``
+    selects every orphan, and a label every orphan that carried it."""
+    return bool(select) and all(parse_selector(s).kind == "name" for s in select)
+
+
 def select_resources(
     resources: Sequence[Resource],
     selectors: Sequence[str],

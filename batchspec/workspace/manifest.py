@@ -239,23 +239,17 @@ class Workspace:
     unlisted: tuple[Path, ...] = ()
 
 
-def names_each(select: Sequence[str]) -> bool:
-    """Whether ``--select`` names each resource it selects (NAMEs only): ``state:modified``
-    selects every orphan, and a label every orphan that carried it."""
-    return bool(select) and all("=" not in s and ":" not in s for s in select)
-
-
 def require_resources(
-    ws: Workspace, paths: Sequence[str | Path], *, prune: bool = False, select: Sequence[str] = ()
+    ws: Workspace, paths: Sequence[str | Path], *, prune: bool = False, named: bool = False
 ) -> None:
     """Raise when ``paths`` (default: the current folder) hold no ``kind: Batch`` document
-    and no ``--select`` names what to act on.
+    and the command does not name what it acts on (``named``: ``--select NAME`` only).
 
     ``validate``, ``plan`` and ``apply`` refuse alike: a mistyped manifest glob, or a run from
     a folder holding none, would otherwise pass having done nothing, and ``--prune`` would
     take every resource the state tracks for one whose manifest is gone, and cancel it. The
     last manifests deleted on purpose are pruned by naming them (``--select NAME``)."""
-    if ws.resources or names_each(select):
+    if ws.resources or named:
         return
     where = display_path(Path(paths[0]) if paths else Path.cwd())
     globs = ", ".join(ws.project.manifest_globs or ("(none)",))
