@@ -125,8 +125,10 @@ def pruning_run(
 
 def _drained(event: str, resource: str | None) -> bool:
     """A pruned resource's batch polled (and collected once it ended) by the same run's
-    pass (``drain``): whether the server has ended it by then is the server's timing."""
-    return event in ("poll", "download", "collect") and (resource or "").startswith("r")
+    pass (``drain``), or said still stopping at the run's end (``retired``): whether the
+    server has ended it by then is the server's timing."""
+    draining = ("poll", "download", "collect", "retired")
+    return event in draining and (resource or "").startswith("r")
 
 
 def test_prune_cancels_overlap_and_output_stays_in_resource_order(
