@@ -252,3 +252,60 @@ def test_a_retry_over_the_dollar_budget_is_refused(
     assert code == 1, out + err
     assert f"maxCostUSD {budget:g}" in err
     assert len(received_batches(srv.client())) == 1
+
+
+# -- requests of another size than the input's average ------------------------------------------
+
+
+def chat_line(custom_id: str, content: str) -> dict[str, Any]:
+    body = {"model": "test-model", "messages": [{"role": "user", "content": content}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def test_a_long_request_added_to_kept_answers_is_measured_not_averaged(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """9 short requests answered; a 12,000-character one is added (the 9 keep their answers):
+    sending it alone is ~3,000 input tokens, over maxInputTokens 2,000, though the input's
+    average request is ~300. plan and apply refuse it and the server gets no second batch."""
+    srv = serve()
+    spec = {"budget": {"maxInputTokens": 2000}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("grow", count=9, spec=spec))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    lines = [json.loads(x) for x in ws.input_path("grow").read_text().splitlines()]
+    ws.write_input("grow", [*lines, chat_line("long", "x" * 12_000)])
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "maxInputTokens 2,000" in err, out + err
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxInputTokens 2,000" in err, out + err
+    assert len(received_batches(srv.client())) == 1
+
+
+#: under ``serve --fault-500 0.5`` (seed 0) the first send of each of these succeeds, and the
+#: first three sends of LONG_FAILING fail (``engine.upstreams.FaultyUpstream.draw``)
+SHORT_SUCCEEDING = ["small-0", "small-4", "small-5", "small-6", "small-8", "small-9"]
+LONG_FAILING = "big-1"
+
+
+def test_retries_of_a_long_request_count_its_own_size(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Six short requests and a long one (~2,000 tokens) that fails every time, against
+    maxInputTokens 5,000: the first attempt (~2,250) and one retry (~4,250) fit; a second
+    retry would make ~6,300, and is refused, though the input's average request size would
+    put it under 3,000."""
+    srv = serve("--fault-500", "0.5", "--max-attempts", "1")
+    spec = {"budget": {"maxInputTokens": 5000}, "retry": {"maxAttempts": 3}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("long", spec=spec))
+    short = [chat_line(cid, f"Say something about {cid}.") for cid in SHORT_SUCCEEDING]
+    ws.write_input("long", [*short, chat_line(LONG_FAILING, "x" * 8_000)])
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 1 and "maxInputTokens 5,000" in err, out + err
+    batches = received_batches(srv.client())
+    assert [(b.attempt, b.error_ids) for b in batches] == [(1, [LONG_FAILING]), (2, [LONG_FAILING])]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "maxInputTokens 5,000" in err, out + err

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchspec.core.budget import Estimate, check_budget, estimate_spend
+from batchspec.core.budget import Estimate, check_budget, estimate_spend, submitted_bytes
 from batchspec.core.lifecycle import prune_orphans, start_replacements
 from batchspec.core.moves import apply_moves, moved_view, note_moves
 from batchspec.core.plan import (
@@ -94,7 +94,7 @@ from batchspec.errors import (
 )
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info, start_run_info
-from batchspec.state.store import StateStore
+from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import (
@@ -947,20 +947,22 @@ def budget_refusals(
     refusals = []
     for action in plan.spending:
         res = by_name[action.resource]
-        submitted = 0
+        sent: list[BatchRow] = []
         if action.generation_id is not None:
             batches = store.batches(action.generation_id)
             if action.kind is ActionKind.RETRY:  # as the retry step counts them
-                submitted = sum(b.requests for b in batches if not is_requeued(b))
+                sent = [b for b in batches if not is_requeued(b)]
             else:
-                submitted = sum(b.requests for b in batches if b.remote_id is not None)
+                sent = [b for b in batches if b.remote_id is not None]
         try:
             check_budget(
                 res,
                 facts[res.name],
-                submitted=submitted,
+                submitted=sum(b.requests for b in sent),
                 new=action.requests,
                 providers=providers,
+                submitted_bytes=submitted_bytes(store, facts[res.name], sent),
+                new_input_tokens=action.estimated_input_tokens,
             )
         except BudgetError as err:
             refusals.append(err)

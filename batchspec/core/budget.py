@@ -2,7 +2,9 @@
 
 A budget bounds what one *generation* of a resource may submit in all, across every shard
 and every retry: ``maxRequests`` request lines, ``maxInputTokens`` estimated input tokens
-(``plan.estimate_input_tokens``: about four bytes of request JSON per token), and
+(``plan.estimate_input_tokens``: about four bytes of request JSON per token, of the very
+requests sent: each intent records the bytes its batch carries, since a retry or a new
+generation's changed requests are rarely of the input's average size), and
 ``maxCostUSD`` dollars, estimated as an upper bound (``estimate_spend``): those input tokens
 plus every request answering its whole output limit (``wire.usage.max_output_of_request``),
 priced as ``core.spend`` prices (batch discount, ``pricing`` overrides). A dollar budget on a
@@ -13,12 +15,13 @@ go past any of them is refused before anything is uploaded; ``plan`` makes the s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.spend import price_for
 from batchspec.errors import BudgetError
+from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
@@ -73,6 +76,27 @@ def estimate_spend(
     return Estimate(requests, input_tokens, output, cost, model, price.source if price else None)
 
 
+def submitted_bytes(store: StateStore, facts: InputReport, batches: Sequence[BatchRow]) -> int:
+    """The request bytes ``batches`` (of one generation) carried, as their intents recorded
+    them; a batch whose intent did not (an import, an older version's) at the input's
+    average request size."""
+    if not batches:
+        return 0
+    recorded = {
+        e.batch_id: e.detail.get("bytes")
+        for e in store.generation_events(batches[0].generation_id, "intent")
+    }
+    per_request = facts.bytes / facts.requests if facts.requests else 0
+    total = 0
+    for batch in batches:
+        size = recorded.get(batch.id)
+        if type(size) is int and size >= 0:
+            total += size
+        else:
+            total += int(per_request * batch.requests)
+    return total
+
+
 def check_budget(
     res: Resource,
     facts: InputReport,
@@ -80,8 +104,15 @@ def check_budget(
     submitted: int,
     new: int,
     providers: Mapping[str, ProviderConfig],
+    submitted_bytes: int | None = None,
+    new_input_tokens: int | None = None,
 ) -> None:
-    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget."""
+    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget.
+
+    ``submitted_bytes`` (what the generation's batches carried so far) and
+    ``new_input_tokens`` (of exactly the requests to send) are measured by the caller: the
+    requests a retry or a new generation sends are rarely of the input's average size (one
+    long request failing, one long request added). Without them, the average is taken."""
     budget = res.budget
     if budget is None or new <= 0:
         return
@@ -89,7 +120,11 @@ def check_budget(
     if budget.max_requests is not None and total > budget.max_requests:
         raise _refusal(res, f"{total:,} requests", f"maxRequests {budget.max_requests:,}", new)
     per_request = facts.bytes / facts.requests if facts.requests else 0
-    tokens = estimate_input_tokens(int(per_request * total))
+    if submitted_bytes is None:
+        submitted_bytes = int(per_request * submitted)
+    if new_input_tokens is None:
+        new_input_tokens = estimate_input_tokens(int(per_request * new))
+    tokens = estimate_input_tokens(submitted_bytes) + new_input_tokens
     if budget.max_input_tokens is not None and tokens > budget.max_input_tokens:
         raise _refusal(
             res, f"~{tokens:,} input tokens", f"maxInputTokens {budget.max_input_tokens:,}", new

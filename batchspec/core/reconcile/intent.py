@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from batchspec.core.batches import batch_key
 from batchspec.core.budget import check_budget
+from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
@@ -105,6 +106,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 shard=0,
                 attempt=1,
                 requests=facts.requests,
+                nbytes=facts.bytes,
                 input_sha256=facts.sha256,
                 reason="initial submission",
                 request_index=keep_request_index(ctx, res, facts.sha256) if late else None,
@@ -119,7 +121,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             todo = (fact for fact in index if fact.line not in done)
         writers = ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path)
         per_shard: dict[int, int] = {}
-        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard)
+        shard_bytes: dict[int, int] = {}
+        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard, shard_bytes)
         if previous:
             ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
         else:
@@ -129,12 +132,15 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             collections.deque(assigned, maxlen=0)  # drives the shard writers
         shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
+        # what is sent, measured: requests that keep an answer are rarely of average size
+        sent_bytes = sum(shard_bytes.values()) if carried else facts.bytes
         check_budget(
             res,
             facts,
             submitted=0,
             new=sum(per_shard.values()),
             providers=ctx.project.providers,
+            new_input_tokens=estimate_input_tokens(sent_bytes),
         )
         # the large ledger of a generation that keeps nothing is derived after its creates
         late = not previous and facts.requests >= LEDGER_AFTER_CREATE_MIN
@@ -147,6 +153,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 shard=shard,
                 attempt=1,
                 requests=n,
+                nbytes=shard_bytes.get(shard, 0),
                 input_sha256=shard_files.get(shard, facts.sha256),
                 reason="initial submission"
                 if len(per_shard) == 1
@@ -184,6 +191,7 @@ def record_intent(
     shard: int,
     attempt: int,
     requests: int,
+    nbytes: int,
     reason: str,
     input_sha256: str | None = None,
     request_index: str | None = None,
@@ -217,6 +225,7 @@ def record_intent(
                 "shard": shard,
                 "attempt": attempt,
                 "requests": requests,
+                "bytes": nbytes,  # what the budget counts as sent (``budget.submitted_bytes``)
                 "reason": reason,
                 "key": key,
                 **({"request_index": request_index} if request_index else {}),
