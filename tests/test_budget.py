@@ -309,3 +309,30 @@ def test_retries_of_a_long_request_count_its_own_size(
     assert [(b.attempt, b.error_ids) for b in batches] == [(1, [LONG_FAILING]), (2, [LONG_FAILING])]
     code, out, err = run_cli(["plan", str(ws.root)], capsys)
     assert code == 1 and "maxInputTokens 5,000" in err, out + err
+
+
+def test_every_choice_a_request_asks_for_counts_in_the_dollar_bound(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request asking for n=8 choices of at most 100 tokens may be billed 800 output
+    tokens: plan bounds 4 such requests at 3,200, and maxCostUSD a little above the bound
+    of one choice each refuses them (nothing is uploaded)."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("many", count=4))
+    lines = [json.loads(x) for x in ws.input_path("many").read_text().splitlines()]
+    for line in lines:
+        line["body"].update(n=8, max_tokens=100)
+    ws.write_input("many", lines)
+    set_pricing(ws, PRICING)
+    budget = round(upper_bound(ws, "many", 4, max_tokens=100) * 2, 6)
+    write_manifest(ws, ResourceSpec("many", count=4, spec={"budget": {"maxCostUSD": budget}}))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    estimate = json.loads(out)["estimates"]["many"]
+    assert estimate["max_output_tokens"] == 4 * 8 * 100
+    assert estimate["max_cost_usd"] == pytest.approx(upper_bound(ws, "many", 4, max_tokens=800))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    assert server_is_empty(srv.client())

@@ -21,7 +21,8 @@ Cached input is counted as input at the full price: an upper bound, stated as su
 **Before** a batch runs, ``max_output_of_request`` bounds what one request line may answer:
 its ``max_completion_tokens``, ``max_tokens`` (OpenAI chat/completions, Anthropic
 ``params``) or ``generationConfig.maxOutputTokens`` (Gemini); ``DEFAULT_MAX_OUTPUT_TOKENS``
-when it sets none; 0 for embeddings and moderations, which answer no tokens.
+when it sets none; times the choices it asks for (``n``, ``best_of``, ``candidateCount``:
+each is generated and billed); 0 for embeddings and moderations, which answer no tokens.
 """
 
 from __future__ import annotations
@@ -75,15 +76,19 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
     """The most output tokens one request may be charged for (see the module docstring)."""
     if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
         return 0
+    # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
+    # completions: generated server-side, billed though not returned), ``candidateCount``
+    choices = max(_count(body.get("n")), _count(body.get("best_of")), 1)
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         if _count(body.get(key)):
-            return _count(body.get(key))
+            return _count(body.get(key)) * choices
     config = body.get("generationConfig") or body.get("generation_config")
     if isinstance(config, Mapping):
+        choices = max(choices, _count(config.get("candidateCount")), 1)
         for key in ("maxOutputTokens", "max_output_tokens"):
             if _count(config.get(key)):
-                return _count(config.get(key))
-    return DEFAULT_MAX_OUTPUT_TOKENS
+                return _count(config.get(key)) * choices
+    return DEFAULT_MAX_OUTPUT_TOKENS * choices
 
 
 def _count(value: Any) -> int:
