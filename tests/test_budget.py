@@ -336,3 +336,29 @@ def test_every_choice_a_request_asks_for_counts_in_the_dollar_bound(
     code, out, err = apply_wait(ws, capsys)
     assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
     assert server_is_empty(srv.client())
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [pytest.param(100_000.0, id="integral-float"), pytest.param("100000", id="digit-string")],
+)
+def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], limit: Any
+) -> None:
+    """max_tokens 100000.0 or "100000" is served as 100,000 by lax validators (pydantic,
+    protobuf JSON): the bound is 100,000 output tokens a request, not the 4,096 of a request
+    that sets none, and maxCostUSD under it refuses."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("lax", count=2))
+    lines = [json.loads(x) for x in ws.input_path("lax").read_text().splitlines()]
+    for line in lines:
+        line["body"]["max_tokens"] = limit
+    ws.write_input("lax", lines)
+    set_pricing(ws, PRICING)
+    budget = round(upper_bound(ws, "lax", 2) * 2, 6)  # twice the bound at 4,096 a request
+    write_manifest(ws, ResourceSpec("lax", count=2, spec={"budget": {"maxCostUSD": budget}}))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000

@@ -78,17 +78,29 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
         return 0
     # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
     # completions: generated server-side, billed though not returned), ``candidateCount``
-    choices = max(_count(body.get("n")), _count(body.get("best_of")), 1)
+    choices = max(_limit(body.get("n")), _limit(body.get("best_of")), 1)
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if _count(body.get(key)):
-            return _count(body.get(key)) * choices
+        if _limit(body.get(key)):
+            return _limit(body.get(key)) * choices
     config = body.get("generationConfig") or body.get("generation_config")
     if isinstance(config, Mapping):
-        choices = max(choices, _count(config.get("candidateCount")), 1)
+        choices = max(choices, _limit(config.get("candidateCount")), 1)
         for key in ("maxOutputTokens", "max_output_tokens"):
-            if _count(config.get(key)):
-                return _count(config.get(key)) * choices
+            if _limit(config.get(key)):
+                return _limit(config.get(key)) * choices
     return DEFAULT_MAX_OUTPUT_TOKENS * choices
+
+
+def _limit(value: Any) -> int:
+    """A request's count parameter as a server may read it: an integer, and also what lax
+    validators take for one (pydantic: vLLM, LiteLLM; protobuf JSON: Gemini), an integral
+    float (``100000.0``) or a string of digits (``"100000"``). Taking those for "not set"
+    would bound the request at the default while it is served at its own limit."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value) if value > 0 else 0
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return _count(value)
 
 
 def _count(value: Any) -> int:

@@ -76,7 +76,7 @@ create table if not exists input_scans3 (
 """
 #: earlier tables (dropped: it costs one re-read): before racy entries were kept, before
 #: small inputs' request indexes were kept on their entries, and before the output bound
-#: counted every choice a request asks for (``n``)
+#: counted every choice a request asks for (``n``) and limits given as ``100.0`` or ``"100"``
 _OLD_TABLES = ("scans", "input_scans", "input_scans2")
 
 
