@@ -362,3 +362,65 @@ def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
 
     assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
     assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000
+
+
+#: output tokens alone are priced, at $1 a million: a bound of N output tokens is $N/1e6
+OUTPUT_ONLY = {"*": {"input": 0.0, "output": 1.0}}
+
+
+def limited_line(custom_id: str, max_tokens: int) -> dict[str, Any]:
+    line = chat_line(custom_id, f"Say something about {custom_id}.")
+    line["body"]["max_tokens"] = max_tokens
+    return line
+
+
+def test_retries_of_a_request_with_a_large_output_limit_count_its_own_limit(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Six requests of max_tokens 10 and one of 100,000 that fails every time, against
+    maxCostUSD 0.15 with output at $1 a million: the first attempt (≤ $0.10006) fits, and
+    resending the long one (≤ $0.1 more) is refused, though at the input's average output
+    limit (~14,300 a request) it would seem to cost $0.014."""
+    srv = serve("--fault-500", "0.5", "--max-attempts", "1")
+    spec = {"budget": {"maxCostUSD": 0.15}, "retry": {"maxAttempts": 3}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("dear", spec=spec))
+    set_pricing(ws, OUTPUT_ONLY)
+    short = [limited_line(cid, 10) for cid in SHORT_SUCCEEDING]
+    ws.write_input("dear", [*short, limited_line(LONG_FAILING, 100_000)])
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 1 and "maxCostUSD 0.15" in err, out + err
+    assert [(b.attempt, b.error_ids) for b in received_batches(srv.client())] == [
+        (1, [LONG_FAILING])
+    ]
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1 and "maxCostUSD 0.15" in err, out + err
+    assert json.loads(out)["estimates"]["dear"]["max_output_tokens"] == 100_000
+
+
+def test_a_request_with_a_large_output_limit_added_to_kept_answers_counts_its_own_limit(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nine requests of max_tokens 10 answered; one of max_tokens 100,000 added (the nine keep
+    their answers): sending it may cost $0.1 at $1 a million output tokens, over maxCostUSD
+    0.05, though the input's average output limit would make it $0.01. plan and apply
+    refuse it; the server gets no second batch."""
+    srv = serve()
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("grown", spec={"budget": {"maxCostUSD": 0.05}})
+    )
+    set_pricing(ws, OUTPUT_ONLY)
+    short = [limited_line(f"short-{i}", 10) for i in range(9)]
+    ws.write_input("grown", short)
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    ws.write_input("grown", [*short, limited_line("long", 100_000)])
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and "maxCostUSD 0.05" in err, out + err
+    assert json.loads(out)["estimates"]["grown"]["max_output_tokens"] == 100_000
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxCostUSD 0.05" in err, out + err
+    assert len(received_batches(srv.client())) == 1

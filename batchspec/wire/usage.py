@@ -91,6 +91,21 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
     return DEFAULT_MAX_OUTPUT_TOKENS * choices
 
 
+def max_output_of_line(line: Any) -> int:
+    """``max_output_of_request`` of one parsed request line, as the input scan sums it: its
+    ``url`` and ``body``, or an Anthropic ``{custom_id, params}`` line's ``params``."""
+    if not isinstance(line, Mapping):
+        return 0
+    params = line.get("params")
+    if isinstance(params, Mapping) and not any(k in line for k in ("method", "url", "body")):
+        return max_output_of_request("/v1/messages", params)
+    body = line.get("body")
+    if not isinstance(body, Mapping):
+        return 0
+    url = line.get("url")
+    return max_output_of_request(url if isinstance(url, str) else None, body)
+
+
 def _limit(value: Any) -> int:
     """A request's count parameter as a server may read it: an integer, and also what lax
     validators take for one (pydantic: vLLM, LiteLLM; protobuf JSON: Gemini), an integral
