@@ -252,3 +252,175 @@ def test_a_retry_over_the_dollar_budget_is_refused(
     assert code == 1, out + err
     assert f"maxCostUSD {budget:g}" in err
     assert len(received_batches(srv.client())) == 1
+
+
+# -- requests of another size than the input's average ------------------------------------------
+
+
+def chat_line(custom_id: str, content: str) -> dict[str, Any]:
+    body = {"model": "test-model", "messages": [{"role": "user", "content": content}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def test_a_long_request_added_to_kept_answers_is_measured_not_averaged(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """9 short requests answered; a 12,000-character one is added (the 9 keep their answers):
+    sending it alone is ~3,000 input tokens, over maxInputTokens 2,000, though the input's
+    average request is ~300. plan and apply refuse it and the server gets no second batch."""
+    srv = serve()
+    spec = {"budget": {"maxInputTokens": 2000}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("grow", count=9, spec=spec))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    lines = [json.loads(x) for x in ws.input_path("grow").read_text().splitlines()]
+    ws.write_input("grow", [*lines, chat_line("long", "x" * 12_000)])
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "maxInputTokens 2,000" in err, out + err
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxInputTokens 2,000" in err, out + err
+    assert len(received_batches(srv.client())) == 1
+
+
+#: under ``serve --fault-500 0.5`` (seed 0) the first send of each of these succeeds, and the
+#: first three sends of LONG_FAILING fail (``engine.upstreams.FaultyUpstream.draw``)
+SHORT_SUCCEEDING = ["small-0", "small-4", "small-5", "small-6", "small-8", "small-9"]
+LONG_FAILING = "big-1"
+
+
+def test_retries_of_a_long_request_count_its_own_size(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Six short requests and a long one (~2,000 tokens) that fails every time, against
+    maxInputTokens 5,000: the first attempt (~2,250) and one retry (~4,250) fit; a second
+    retry would make ~6,300, and is refused, though the input's average request size would
+    put it under 3,000."""
+    srv = serve("--fault-500", "0.5", "--max-attempts", "1")
+    spec = {"budget": {"maxInputTokens": 5000}, "retry": {"maxAttempts": 3}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("long", spec=spec))
+    short = [chat_line(cid, f"Say something about {cid}.") for cid in SHORT_SUCCEEDING]
+    ws.write_input("long", [*short, chat_line(LONG_FAILING, "x" * 8_000)])
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 1 and "maxInputTokens 5,000" in err, out + err
+    batches = received_batches(srv.client())
+    assert [(b.attempt, b.error_ids) for b in batches] == [(1, [LONG_FAILING]), (2, [LONG_FAILING])]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "maxInputTokens 5,000" in err, out + err
+
+
+def test_every_choice_a_request_asks_for_counts_in_the_dollar_bound(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request asking for n=8 choices of at most 100 tokens may be billed 800 output
+    tokens: plan bounds 4 such requests at 3,200, and maxCostUSD a little above the bound
+    of one choice each refuses them (nothing is uploaded)."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("many", count=4))
+    lines = [json.loads(x) for x in ws.input_path("many").read_text().splitlines()]
+    for line in lines:
+        line["body"].update(n=8, max_tokens=100)
+    ws.write_input("many", lines)
+    set_pricing(ws, PRICING)
+    budget = round(upper_bound(ws, "many", 4, max_tokens=100) * 2, 6)
+    write_manifest(ws, ResourceSpec("many", count=4, spec={"budget": {"maxCostUSD": budget}}))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    estimate = json.loads(out)["estimates"]["many"]
+    assert estimate["max_output_tokens"] == 4 * 8 * 100
+    assert estimate["max_cost_usd"] == pytest.approx(upper_bound(ws, "many", 4, max_tokens=800))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    assert server_is_empty(srv.client())
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [pytest.param(100_000.0, id="integral-float"), pytest.param("100000", id="digit-string")],
+)
+def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], limit: Any
+) -> None:
+    """max_tokens 100000.0 or "100000" is served as 100,000 by lax validators (pydantic,
+    protobuf JSON): the bound is 100,000 output tokens a request, not the 4,096 of a request
+    that sets none, and maxCostUSD under it refuses."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("lax", count=2))
+    lines = [json.loads(x) for x in ws.input_path("lax").read_text().splitlines()]
+    for line in lines:
+        line["body"]["max_tokens"] = limit
+    ws.write_input("lax", lines)
+    set_pricing(ws, PRICING)
+    budget = round(upper_bound(ws, "lax", 2) * 2, 6)  # twice the bound at 4,096 a request
+    write_manifest(ws, ResourceSpec("lax", count=2, spec={"budget": {"maxCostUSD": budget}}))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
+    assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000
+
+
+#: output tokens alone are priced, at $1 a million: a bound of N output tokens is $N/1e6
+OUTPUT_ONLY = {"*": {"input": 0.0, "output": 1.0}}
+
+
+def limited_line(custom_id: str, max_tokens: int) -> dict[str, Any]:
+    line = chat_line(custom_id, f"Say something about {custom_id}.")
+    line["body"]["max_tokens"] = max_tokens
+    return line
+
+
+def test_retries_of_a_request_with_a_large_output_limit_count_its_own_limit(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Six requests of max_tokens 10 and one of 100,000 that fails every time, against
+    maxCostUSD 0.15 with output at $1 a million: the first attempt (≤ $0.10006) fits, and
+    resending the long one (≤ $0.1 more) is refused, though at the input's average output
+    limit (~14,300 a request) it would seem to cost $0.014."""
+    srv = serve("--fault-500", "0.5", "--max-attempts", "1")
+    spec = {"budget": {"maxCostUSD": 0.15}, "retry": {"maxAttempts": 3}}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("dear", spec=spec))
+    set_pricing(ws, OUTPUT_ONLY)
+    short = [limited_line(cid, 10) for cid in SHORT_SUCCEEDING]
+    ws.write_input("dear", [*short, limited_line(LONG_FAILING, 100_000)])
+
+    code, out, err = apply_wait(ws, capsys)
+
+    assert code == 1 and "maxCostUSD 0.15" in err, out + err
+    assert [(b.attempt, b.error_ids) for b in received_batches(srv.client())] == [
+        (1, [LONG_FAILING])
+    ]
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1 and "maxCostUSD 0.15" in err, out + err
+    assert json.loads(out)["estimates"]["dear"]["max_output_tokens"] == 100_000
+
+
+def test_a_request_with_a_large_output_limit_added_to_kept_answers_counts_its_own_limit(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nine requests of max_tokens 10 answered; one of max_tokens 100,000 added (the nine keep
+    their answers): sending it may cost $0.1 at $1 a million output tokens, over maxCostUSD
+    0.05, though the input's average output limit would make it $0.01. plan and apply
+    refuse it; the server gets no second batch."""
+    srv = serve()
+    ws = served_workspace(
+        tmp_path / "ws", srv, ResourceSpec("grown", spec={"budget": {"maxCostUSD": 0.05}})
+    )
+    set_pricing(ws, OUTPUT_ONLY)
+    short = [limited_line(f"short-{i}", 10) for i in range(9)]
+    ws.write_input("grown", short)
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    ws.write_input("grown", [*short, limited_line("long", 100_000)])
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 1 and "maxCostUSD 0.05" in err, out + err
+    assert json.loads(out)["estimates"]["grown"]["max_output_tokens"] == 100_000
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxCostUSD 0.05" in err, out + err
+    assert len(received_batches(srv.client())) == 1

@@ -206,6 +206,33 @@ def test_import_refuses_what_is_already_tracked(
     assert "other already has generation" in err
 
 
+def test_import_refuses_a_batch_tracked_under_another_name_of_its_provider(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two provider names for one server: a batch `triage` tracks through `srv` is refused
+    for `copy` through `alias` (else both would collect it and its spend count twice), and
+    nothing is recorded for `copy`."""
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={
+            "srv": {"type": "openai", "baseUrl": srv.v1, "apiKeyEnv": KEY_ENV},
+            "alias": {"type": "openai", "baseUrl": srv.v1 + "/", "apiKeyEnv": KEY_ENV},
+        },
+        resources=[ResourceSpec("triage"), ResourceSpec("copy", provider="alias")],
+    )
+    ws.input_path("copy").write_bytes(ws.input_path("triage").read_bytes())
+    batch_id, _ = remote_batch(srv, ws.input_path("triage").read_bytes())
+    assert run_cli(["import", "triage", batch_id, str(ws.root)], capsys)[0] == 0
+
+    code, out, err = run_cli(["import", "copy", batch_id, str(ws.root)], capsys)
+
+    assert code == 1
+    assert f"batch {batch_id} is already tracked (resource triage" in err
+    with ws.store() as store:
+        assert store.generations("copy") == []
+
+
 def test_import_refusal_names_the_current_replacement(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -263,6 +263,25 @@ def test_a_move_onto_a_recorded_name_is_refused_and_changes_nothing(
         assert store.get_resource("old-name") is not None
 
 
+def test_a_move_onto_a_forgotten_name_does_not_advise_forgetting_the_old_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """new-name was recorded and forgotten: the move is refused saying so, and does not
+    advise `forget old-name`, which would make new-name pay again for every answered request."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    with ws.store() as store:
+        store.upsert_resource("new-name", provider="here", manifest="m", labels={}, run_id=None)
+        store.forget_resource("new-name")
+    rename(ws, "old-name", "new-name")
+    for command in ("plan", "apply"):
+        code, _, err = run_cli([command, str(ws.root)], capsys)
+        assert code == 1
+        assert "recorded before and forgotten" in err, err
+        assert "keep the history of one of them" not in err
+        assert "would send every request again" in err
+
+
 def test_a_move_with_an_unconfirmed_create_is_refused(tmp_path: Path) -> None:
     """A batch create of the old name not confirmed by the provider blocks the move (its
     adoption key names the old resource), and nothing is renamed."""

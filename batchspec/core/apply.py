@@ -31,7 +31,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batchspec.core.budget import Estimate, check_budget, estimate_spend
+from batchspec.core.budget import (
+    Estimate,
+    check_budget,
+    estimate_spend,
+    measures_output,
+    output_of_unresolved,
+    output_of_unreused,
+    sent_by,
+)
 from batchspec.core.lifecycle import prune_orphans, start_replacements
 from batchspec.core.moves import apply_moves, moved_view, note_moves
 from batchspec.core.plan import (
@@ -58,6 +66,7 @@ from batchspec.core.recorded import (
     load_history,
     load_recorded,
     observe_disk,
+    recorded_generation,
 )
 from batchspec.core.replacements import (
     RequestFacts,
@@ -94,7 +103,7 @@ from batchspec.errors import (
 )
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
 from batchspec.state.runinfo import collect_run_info, start_run_info
-from batchspec.state.store import StateStore
+from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import (
@@ -201,7 +210,10 @@ def plan_workspace(
             requests=indexed_requests(cache, facts),
             hold_for=lambda name: hold_seconds(ws.project.providers, name),
         )
-        refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
+        outputs = measured_outputs(
+            plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
+        )
+        refusals = budget_refusals(plan, resources, facts, store, ws.project.providers, outputs)
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         warnings += [
             f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
@@ -209,7 +221,7 @@ def plan_workspace(
             for a in plan.actions
             if a.kind is ActionKind.REPLACE and a.resource not in replace
         ]
-        estimates = plan_estimates(plan, resources, facts, ws.project.providers)
+        estimates = plan_estimates(plan, resources, facts, ws.project.providers, outputs)
         drains = planned_drains(
             store,
             ws.project.providers,
@@ -363,7 +375,14 @@ def apply_workspace(
                 if saved is not None:
                     saved.require_current(store, resources, plan)
                 report(Progress("plan", None, "plan computed", plan=plan))
-                require_within_budget(plan, resources, facts, store, ws.project.providers)
+                outputs = measured_outputs(
+                    plan,
+                    resources,
+                    store,
+                    indexed_requests(cache, facts),
+                    backoff=requeue_backoff(ws),
+                )
+                require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with (
@@ -896,14 +915,55 @@ def require_consent(
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
 
 
+def measured_outputs(
+    plan: Plan,
+    resources: Sequence[Resource],
+    store: StateStore,
+    requests: RequestFacts,
+    *,
+    backoff: float,
+) -> dict[str, int]:
+    """The output bound of what each spending action with a dollar budget sends, when that
+    is not the whole input (whose bound the scan summed): a retry's unresolved requests, a
+    new generation's requests without a kept answer. Measured as apply measures them."""
+    by_name = {r.name: r for r in resources}
+    out: dict[str, int] = {}
+    now = time.time()
+    for action in plan.spending:
+        res = by_name.get(action.resource)
+        if res is None or not action.requests or not measures_output(res):
+            continue
+        if action.kind is ActionKind.RETRY and action.generation_id is not None:
+            gen = store.get_generation(action.generation_id)
+            rec = recorded_generation(store, store.ledger(), gen, requeue_backoff=backoff)
+            ready = [
+                s.shard
+                for s in rec.shards
+                if s.unresolved
+                and s.attempts_used < res.retry.max_attempts
+                and (s.not_before is None or now >= s.not_before)
+            ]
+            bounds = output_of_unresolved(
+                store.ledger(), gen.id, ready, res.input_path, requests(res)
+            )
+            out[res.name] = sum(bounds.values())
+        elif action.reused:
+            out[res.name] = output_of_unreused(
+                store, res, requests(res), exclude=action.generation_id
+            )
+    return out
+
+
 def plan_estimates(
     plan: Plan,
     resources: Sequence[Resource],
     facts: Mapping[str, InputReport],
     providers: Mapping[str, ProviderConfig],
+    outputs: Mapping[str, int],
 ) -> dict[str, Estimate]:
     """What each spending action may cost at most: its measured input tokens, its requests'
-    output limits, priced as ``core.spend`` prices (``None``: unknown price)."""
+    output limits (``outputs``, where measured), priced as ``core.spend`` prices (``None``:
+    unknown price)."""
     by_name = {r.name: r for r in resources}
     return {
         a.resource: estimate_spend(
@@ -912,6 +972,7 @@ def plan_estimates(
             providers,
             requests=a.requests,
             input_tokens=a.estimated_input_tokens,
+            output_tokens=outputs.get(a.resource),
         )
         for a in plan.spending
         if a.resource in by_name and a.resource in facts
@@ -924,9 +985,10 @@ def require_within_budget(
     facts: Mapping[str, InputReport],
     store: StateStore,
     providers: Mapping[str, ProviderConfig],
+    outputs: Mapping[str, int],
 ) -> None:
     """Refuse, before anything is uploaded, a plan whose spending would exceed a budget."""
-    refusals = budget_refusals(plan, resources, facts, store, providers)
+    refusals = budget_refusals(plan, resources, facts, store, providers, outputs)
     if refusals:
         first = refusals[0]
         raise BudgetError(
@@ -940,27 +1002,32 @@ def budget_refusals(
     facts: Mapping[str, InputReport],
     store: StateStore,
     providers: Mapping[str, ProviderConfig],
+    outputs: Mapping[str, int],
 ) -> list[BudgetError]:
     """Every spending action that would take its generation over budget: the same check
-    apply makes before recording intents and retries, on the same counts."""
+    apply makes before recording intents and retries, on the same counts (``outputs``:
+    ``measured_outputs``)."""
     by_name = {r.name: r for r in resources}
     refusals = []
     for action in plan.spending:
         res = by_name[action.resource]
-        submitted = 0
+        sent: list[BatchRow] = []
         if action.generation_id is not None:
             batches = store.batches(action.generation_id)
             if action.kind is ActionKind.RETRY:  # as the retry step counts them
-                submitted = sum(b.requests for b in batches if not is_requeued(b))
+                sent = [b for b in batches if not is_requeued(b)]
             else:
-                submitted = sum(b.requests for b in batches if b.remote_id is not None)
+                sent = [b for b in batches if b.remote_id is not None]
         try:
             check_budget(
                 res,
                 facts[res.name],
-                submitted=submitted,
+                submitted=sum(b.requests for b in sent),
                 new=action.requests,
                 providers=providers,
+                sent=sent_by(store, facts[res.name], sent),
+                new_input_tokens=action.estimated_input_tokens,
+                new_output_tokens=outputs.get(res.name),
             )
         except BudgetError as err:
             refusals.append(err)

@@ -2,24 +2,40 @@
 
 A budget bounds what one *generation* of a resource may submit in all, across every shard
 and every retry: ``maxRequests`` request lines, ``maxInputTokens`` estimated input tokens
-(``plan.estimate_input_tokens``: about four bytes of request JSON per token), and
+(``plan.estimate_input_tokens``: about four bytes of request JSON per token, of the very
+requests sent: each intent records the bytes its batch carries, since a retry or a new
+generation's changed requests are rarely of the input's average size), and
 ``maxCostUSD`` dollars, estimated as an upper bound (``estimate_spend``): those input tokens
 plus every request answering its whole output limit (``wire.usage.max_output_of_request``),
 priced as ``core.spend`` prices (batch discount, ``pricing`` overrides). A dollar budget on a
 model without a known price refuses: an unknown price is never taken for 0. A step that would
 go past any of them is refused before anything is uploaded; ``plan`` makes the same check.
+
+The output bound of the whole input is the scan's sum. What a retry or a new generation that
+keeps answers sends is a part of it, rarely an average part (the one request of a large
+``max_tokens`` is the one that fails): under a dollar budget those requests are read back and
+parsed (``output_of_unresolved``, ``output_of_unreused``, the same by ``plan`` and by
+``apply``) and each intent records the bound of what it carries (``sent_by`` sums them). An
+intent that recorded none (an import, an older version, no dollar budget then) counts at the
+input's average.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.spend import price_for
 from batchspec.errors import BudgetError
+from batchspec.state.ledger import RequestLedger
+from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.inputs import InputReport
+from batchspec.wire.request_index import RequestBytes, RequestFact
+from batchspec.wire.usage import max_output_of_line
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
 
@@ -58,19 +74,101 @@ def estimate_spend(
     *,
     requests: int,
     input_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> Estimate:
     """The upper bound of ``requests`` of this input (average request size and output
-    limit); ``input_tokens`` when the caller measured them exactly."""
+    limit); ``input_tokens`` and ``output_tokens`` when the caller measured them."""
     share = requests / facts.requests if facts.requests else 0.0
     if input_tokens is None:
         input_tokens = estimate_input_tokens(int(facts.bytes * share))
-    output = math.ceil(facts.max_output_tokens * share)
+    output = math.ceil(facts.max_output_tokens * share) if output_tokens is None else output_tokens
     model = pricing_model(res, facts)
     price = price_for(providers.get(res.provider), model)
     cost = price.cost(input_tokens, output) if price is not None else None
     if requests == 0:
         cost = 0.0
     return Estimate(requests, input_tokens, output, cost, model, price.source if price else None)
+
+
+def measures_output(res: Resource) -> bool:
+    """Whether the output bound of the very requests sent is measured (parsing them again):
+    only a dollar budget needs it."""
+    return res.budget is not None and res.budget.max_cost_usd is not None
+
+
+def output_of_requests(path: Path, requests: Iterable[RequestFact]) -> int:
+    """The output bound (``wire.usage.max_output_of_line``) of these indexed requests of the
+    input at ``path``, read back and parsed (``InputChangedError`` if the input changed)."""
+    total = 0
+    with RequestBytes(path) as reader:
+        for fact in requests:
+            total += max_output_of_line(json.loads(reader.read(fact)))
+    return total
+
+
+def output_of_unresolved(
+    ledger: RequestLedger,
+    generation_id: int,
+    shards: Iterable[int],
+    path: Path,
+    requests: Iterable[RequestFact],
+) -> dict[int, int]:
+    """Per shard, the output bound of its unresolved requests: what a retry of it sends
+    (``requests``: the generation's input's request index)."""
+    shards = list(shards)
+    owner = {line: s for s in shards for line in ledger.unresolved_lines(generation_id, s)}
+    out = dict.fromkeys(shards, 0)
+    with RequestBytes(path) as reader:
+        for fact in requests:
+            shard = owner.get(fact.line)
+            if shard is not None:
+                out[shard] += max_output_of_line(json.loads(reader.read(fact)))
+    return out
+
+
+def output_of_unreused(
+    store: StateStore, res: Resource, requests: Iterable[RequestFact], *, exclude: int | None
+) -> int:
+    """The output bound of the requests of ``res``'s input that no earlier generation (but
+    ``exclude``) answered: what a new generation that keeps answers sends (counted as
+    ``replacements.reusable_answers`` counts the kept ones)."""
+    ids = [g.id for g in store.generations(res.name) if g.id != exclude]
+    answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
+    return output_of_requests(
+        res.input_path, (f for f in requests if (f.custom_id, f.request_sha) not in answered)
+    )
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a generation's batches carried so far: request bytes and output bound."""
+
+    bytes: int
+    output_tokens: int
+
+
+def sent_by(store: StateStore, facts: InputReport, batches: Sequence[BatchRow]) -> Sent:
+    """What ``batches`` (of one generation) carried, as their intents recorded it; what an
+    intent did not record (an import, an older version's, an output bound nobody measured)
+    at the input's average request."""
+    if not batches:
+        return Sent(0, 0)
+    recorded = {
+        e.batch_id: e.detail for e in store.generation_events(batches[0].generation_id, "intent")
+    }
+    nbytes = output = 0
+    for batch in batches:
+        detail = recorded.get(batch.id) or {}
+        size, bound = detail.get("bytes"), detail.get("max_output_tokens")
+        if type(size) is int and size >= 0:
+            nbytes += size
+        else:
+            nbytes += _average(facts.bytes, facts, batch.requests)
+        if type(bound) is int and bound >= 0:
+            output += bound
+        else:
+            output += _average(facts.max_output_tokens, facts, batch.requests, up=True)
+    return Sent(nbytes, output)
 
 
 def check_budget(
@@ -80,23 +178,47 @@ def check_budget(
     submitted: int,
     new: int,
     providers: Mapping[str, ProviderConfig],
+    sent: Sent | None = None,
+    new_input_tokens: int | None = None,
+    new_output_tokens: int | None = None,
 ) -> None:
-    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget."""
+    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget.
+
+    ``sent`` (what the generation's batches carried so far), ``new_input_tokens`` and
+    ``new_output_tokens`` (of exactly the requests to send) are measured by the caller: the
+    requests a retry or a new generation sends are rarely of the input's average size or
+    output limit (one long request failing, one long request added). Without them, the
+    average is taken."""
     budget = res.budget
     if budget is None or new <= 0:
         return
     total = submitted + new
     if budget.max_requests is not None and total > budget.max_requests:
         raise _refusal(res, f"{total:,} requests", f"maxRequests {budget.max_requests:,}", new)
-    per_request = facts.bytes / facts.requests if facts.requests else 0
-    tokens = estimate_input_tokens(int(per_request * total))
+    if sent is None:
+        sent = Sent(
+            _average(facts.bytes, facts, submitted),
+            _average(facts.max_output_tokens, facts, submitted, up=True),
+        )
+    if new_input_tokens is None:
+        new_input_tokens = estimate_input_tokens(_average(facts.bytes, facts, new))
+    if new_output_tokens is None:
+        new_output_tokens = _average(facts.max_output_tokens, facts, new, up=True)
+    tokens = estimate_input_tokens(sent.bytes) + new_input_tokens
     if budget.max_input_tokens is not None and tokens > budget.max_input_tokens:
         raise _refusal(
             res, f"~{tokens:,} input tokens", f"maxInputTokens {budget.max_input_tokens:,}", new
         )
     if budget.max_cost_usd is None:
         return
-    spend = estimate_spend(res, facts, providers, requests=total, input_tokens=tokens)
+    spend = estimate_spend(
+        res,
+        facts,
+        providers,
+        requests=total,
+        input_tokens=tokens,
+        output_tokens=sent.output_tokens + new_output_tokens,
+    )
     if spend.cost_usd is None:
         raise BudgetError(
             f"{res.name}: the price of {spend.model or 'its model (several or none named)'} "
@@ -113,6 +235,14 @@ def check_budget(
             f"maxCostUSD {budget.max_cost_usd:g}",
             new,
         )
+
+
+def _average(total: int, facts: InputReport, count: int, *, up: bool = False) -> int:
+    """``count`` requests' share of ``total`` (the input's bytes or output bound), at the
+    input's average request: rounded down, or up."""
+    if not facts.requests:
+        return 0
+    return -(-total * count // facts.requests) if up else total * count // facts.requests
 
 
 def _refusal(res: Resource, amount: str, limit: str, new: int) -> BudgetError:

@@ -69,7 +69,12 @@ from batchspec.storage.blobstore import sha256_file
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
-from batchspec.workspace.project import default_project, load_workspace_project, with_state
+from batchspec.workspace.project import (
+    ProviderConfig,
+    default_project,
+    load_workspace_project,
+    with_state,
+)
 from batchspec.workspace.yamldoc import unknown_name_hint
 
 if TYPE_CHECKING:
@@ -140,7 +145,7 @@ def import_batch(
             ),
             ProviderPool(ws, env, lock_timeout=lock_timeout) as providers,
         ):
-            require_not_tracked(store, res, batch_id)
+            require_not_tracked(store, res, batch_id, same_service(ws.project.providers, res))
             provider = providers.get(res.provider)
             remote = provider.get_batch(batch_id)
             require_same_requests(res, facts, remote)
@@ -191,8 +196,26 @@ def require_one_shard(
         )
 
 
-def require_not_tracked(store: StateStore, res: Resource, batch_id: str) -> None:
-    known = store.batch_by_remote_id(res.provider, batch_id)
+def same_service(providers: Mapping[str, ProviderConfig], res: Resource) -> list[str]:
+    """The names of the providers that reach the service ``res``'s provider reaches (same
+    type and base URL): a batch id is the service's, whichever name tracked it."""
+    own = providers.get(res.provider)
+    if own is None or not own.base_url:
+        return [res.provider]
+    key = (own.type, own.base_url.rstrip("/"))
+    return [res.provider] + [
+        name
+        for name, p in providers.items()
+        if name != res.provider and p.base_url and (p.type, p.base_url.rstrip("/")) == key
+    ]
+
+
+def require_not_tracked(
+    store: StateStore, res: Resource, batch_id: str, providers: Sequence[str]
+) -> None:
+    """Refuse a batch some resource tracks already (under any name of its provider
+    ``providers``), and a resource that has a generation for its spec or one in flight."""
+    known = next((b for b in (store.batch_by_remote_id(p, batch_id) for p in providers) if b), None)
     if known is not None:
         owner = store.get_generation(known.generation_id).resource
         raise StateError(

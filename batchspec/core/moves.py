@@ -23,7 +23,8 @@ When a move applies: the old name is recorded and not forgotten, and the new nam
 recorded. Once done (the old name is gone), or when the old name was never recorded or was
 forgotten, a ``moved`` entry does nothing, so it may stay in the manifest. Refused (a
 ``ManifestError``, nothing changed): both names recorded (a resource already runs under the
-new name: ``forget`` one of them, or drop ``moved``), and a move while a batch create of the
+new name: ``forget`` one of them, or drop ``moved``; a new name recorded and forgotten keeps
+its history, so the move must go to another name), and a move while a batch create of the
 old name is unconfirmed (the remote batch carries the old name in its adoption key: run
 ``apply`` once more under the old name first).
 """
@@ -65,7 +66,20 @@ def pending_moves(store: StateStore, resources: Iterable[Resource]) -> list[tupl
         old_row = store.get_resource(old)
         if old_row is None or old_row.forgotten:
             continue  # never recorded, forgotten, or moved already
-        if store.get_resource(res.name) is not None:
+        taken = store.get_resource(res.name)
+        if taken is not None and taken.forgotten:
+            # forgetting the old name, as for two live records, would leave its answers
+            # behind: the new name would send every request again
+            raise ManifestError(
+                f"{res.source}: '{res.name}' moves from '{old}', but '{res.name}' was "
+                "recorded before and forgotten: its history keeps that name",
+                details=[
+                    f"move '{old}' to a name the state has never recorded to keep its answers "
+                    f"(`batchspec forget {old}` would not: '{res.name}' would send every "
+                    "request again)"
+                ],
+            )
+        if taken is not None:
             raise ManifestError(
                 f"{res.source}: '{res.name}' moves from '{old}', but both names are recorded "
                 "in the state",

@@ -200,9 +200,14 @@ def shard_and_write(
     endpoint: str,
     writers: ShardWriters,
     per_shard: dict[int, int],
+    bytes_per_shard: dict[int, int] | None = None,
 ) -> Iterator[tuple[int, RequestFact]]:
+    """Assign each request a shard and write it to that shard's file, counting the requests
+    (and, in ``bytes_per_shard``, their bytes as the ledger counts them) of each shard."""
     for shard, fact in assign_indexed_shards(facts, limits, endpoint=endpoint):
         per_shard[shard] = per_shard.get(shard, 0) + 1
+        if bytes_per_shard is not None:
+            bytes_per_shard[shard] = bytes_per_shard.get(shard, 0) + fact.length + 1
         writers.write_request(shard, fact)
         yield shard, fact
 

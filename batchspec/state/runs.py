@@ -211,6 +211,15 @@ class RunsAndEvents(StateConnection):
         )
         return None if row is None else _event_row(row)
 
+    def generation_events(self, generation_id: int, action: str) -> list[EventRow]:
+        """Every ``action`` event of one generation, in the order they happened (under
+        whatever name its resource had then)."""
+        rows = self._all(
+            "SELECT * FROM events WHERE generation_id = ? AND action = ? ORDER BY id",
+            (generation_id, action),
+        )
+        return [_event_row(r) for r in rows]
+
     def last_batch_event(self, batch_id: int, action: str) -> EventRow | None:
         """The most recent ``action`` event recorded for one batch, if any."""
         row = self._one(

@@ -21,7 +21,8 @@ Cached input is counted as input at the full price: an upper bound, stated as su
 **Before** a batch runs, ``max_output_of_request`` bounds what one request line may answer:
 its ``max_completion_tokens``, ``max_tokens`` (OpenAI chat/completions, Anthropic
 ``params``) or ``generationConfig.maxOutputTokens`` (Gemini); ``DEFAULT_MAX_OUTPUT_TOKENS``
-when it sets none; 0 for embeddings and moderations, which answer no tokens.
+when it sets none; times the choices it asks for (``n``, ``best_of``, ``candidateCount``:
+each is generated and billed); 0 for embeddings and moderations, which answer no tokens.
 """
 
 from __future__ import annotations
@@ -75,15 +76,46 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
     """The most output tokens one request may be charged for (see the module docstring)."""
     if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
         return 0
+    # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
+    # completions: generated server-side, billed though not returned), ``candidateCount``
+    choices = max(_limit(body.get("n")), _limit(body.get("best_of")), 1)
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if _count(body.get(key)):
-            return _count(body.get(key))
+        if _limit(body.get(key)):
+            return _limit(body.get(key)) * choices
     config = body.get("generationConfig") or body.get("generation_config")
     if isinstance(config, Mapping):
+        choices = max(choices, _limit(config.get("candidateCount")), 1)
         for key in ("maxOutputTokens", "max_output_tokens"):
-            if _count(config.get(key)):
-                return _count(config.get(key))
-    return DEFAULT_MAX_OUTPUT_TOKENS
+            if _limit(config.get(key)):
+                return _limit(config.get(key)) * choices
+    return DEFAULT_MAX_OUTPUT_TOKENS * choices
+
+
+def max_output_of_line(line: Any) -> int:
+    """``max_output_of_request`` of one parsed request line, as the input scan sums it: its
+    ``url`` and ``body``, or an Anthropic ``{custom_id, params}`` line's ``params``."""
+    if not isinstance(line, Mapping):
+        return 0
+    params = line.get("params")
+    if isinstance(params, Mapping) and not any(k in line for k in ("method", "url", "body")):
+        return max_output_of_request("/v1/messages", params)
+    body = line.get("body")
+    if not isinstance(body, Mapping):
+        return 0
+    url = line.get("url")
+    return max_output_of_request(url if isinstance(url, str) else None, body)
+
+
+def _limit(value: Any) -> int:
+    """A request's count parameter as a server may read it: an integer, and also what lax
+    validators take for one (pydantic: vLLM, LiteLLM; protobuf JSON: Gemini), an integral
+    float (``100000.0``) or a string of digits (``"100000"``). Taking those for "not set"
+    would bound the request at the default while it is served at its own limit."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value) if value > 0 else 0
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return _count(value)
 
 
 def _count(value: Any) -> int:

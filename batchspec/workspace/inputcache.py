@@ -65,7 +65,7 @@ from batchspec.wire.request_index import (
 )
 
 _SCHEMA = """
-create table if not exists input_scans2 (
+create table if not exists input_scans3 (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
@@ -74,9 +74,10 @@ create table if not exists input_scans2 (
     primary key (path, options)
 )
 """
-#: earlier tables (dropped: it costs one re-read): before racy entries were kept, and before
-#: small inputs' request indexes were kept on their entries
-_OLD_TABLES = ("scans", "input_scans")
+#: earlier tables (dropped: it costs one re-read): before racy entries were kept, before
+#: small inputs' request indexes were kept on their entries, and before the output bound
+#: counted every choice a request asks for (``n``) and limits given as ``100.0`` or ``"100"``
+_OLD_TABLES = ("scans", "input_scans", "input_scans2")
 
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
@@ -338,7 +339,7 @@ class InputCache:
         try:
             row = self.conn.execute(
                 "select size, mtime_ns, ctime_ns, inode, report, verify, request_index "
-                "from input_scans2 where path = ? and options = ?",
+                "from input_scans3 where path = ? and options = ?",
                 key,
             ).fetchone()
         except sqlite3.Error:  # a damaged cache costs a re-read, never the run
@@ -385,10 +386,10 @@ class InputCache:
             conn.execute("begin immediate")
             try:
                 conn.executemany(
-                    "insert or replace into input_scans2 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "insert or replace into input_scans3 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
-                conn.executemany("delete from input_scans2 where path = ?", gone)
+                conn.executemany("delete from input_scans3 where path = ?", gone)
             except BaseException:
                 conn.execute("rollback")
                 raise
@@ -411,7 +412,7 @@ def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
     whole request index, and inputs named anew each run (dated files, temporary checkouts)
     would otherwise grow the cache without end, where index files are pruned
     (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
-    paths = [row[0] for row in conn.execute("select distinct path from input_scans2")]
+    paths = [row[0] for row in conn.execute("select distinct path from input_scans3")]
     return [(path,) for path in paths if not os.path.exists(path)]
 
 

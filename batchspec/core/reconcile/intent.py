@@ -11,10 +11,13 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from batchspec.core.batches import batch_key
-from batchspec.core.budget import check_budget
+from batchspec.core.budget import check_budget, measures_output
+from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
@@ -26,6 +29,8 @@ from batchspec.core.sharding import (
 )
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
+from batchspec.wire.request_index import RequestBytes, RequestFact
+from batchspec.wire.usage import max_output_of_line
 from batchspec.workspace.manifest import Resource
 
 #: a new generation of this many requests or more writes its ledger after its creates are
@@ -105,6 +110,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 shard=0,
                 attempt=1,
                 requests=facts.requests,
+                nbytes=facts.bytes,
+                max_output=facts.max_output_tokens,
                 input_sha256=facts.sha256,
                 reason="initial submission",
                 request_index=keep_request_index(ctx, res, facts.sha256) if late else None,
@@ -119,7 +126,14 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             todo = (fact for fact in index if fact.line not in done)
         writers = ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path)
         per_shard: dict[int, int] = {}
-        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard)
+        shard_bytes: dict[int, int] = {}
+        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard, shard_bytes)
+        # what a generation keeping answers sends is not the input's average, and a dollar
+        # budget bounds its output: parse those requests again (only for such a budget)
+        shard_output: dict[int, int] | None = None
+        if carried and measures_output(res):
+            shard_output = {}
+            assigned = measuring_output(assigned, res.input_path, shard_output)
         if previous:
             ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
         else:
@@ -129,12 +143,16 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             collections.deque(assigned, maxlen=0)  # drives the shard writers
         shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
+        # what is sent, measured: requests that keep an answer are rarely of average size
+        sent_bytes = sum(shard_bytes.values()) if carried else facts.bytes
         check_budget(
             res,
             facts,
             submitted=0,
             new=sum(per_shard.values()),
             providers=ctx.project.providers,
+            new_input_tokens=estimate_input_tokens(sent_bytes),
+            new_output_tokens=None if shard_output is None else sum(shard_output.values()),
         )
         # the large ledger of a generation that keeps nothing is derived after its creates
         late = not previous and facts.requests >= LEDGER_AFTER_CREATE_MIN
@@ -147,6 +165,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 shard=shard,
                 attempt=1,
                 requests=n,
+                nbytes=shard_bytes.get(shard, 0),
+                max_output=None if shard_output is None else shard_output.get(shard, 0),
                 input_sha256=shard_files.get(shard, facts.sha256),
                 reason="initial submission"
                 if len(per_shard) == 1
@@ -184,7 +204,9 @@ def record_intent(
     shard: int,
     attempt: int,
     requests: int,
+    nbytes: int,
     reason: str,
+    max_output: int | None = None,
     input_sha256: str | None = None,
     request_index: str | None = None,
 ) -> BatchRow:
@@ -217,12 +239,26 @@ def record_intent(
                 "shard": shard,
                 "attempt": attempt,
                 "requests": requests,
+                # what the budget counts as sent (``budget.sent_by``)
+                "bytes": nbytes,
+                **({"max_output_tokens": max_output} if max_output is not None else {}),
                 "reason": reason,
                 "key": key,
                 **({"request_index": request_index} if request_index else {}),
             },
         )
     return batch
+
+
+def measuring_output(
+    assigned: Iterable[tuple[int, RequestFact]], path: Path, per_shard: dict[int, int]
+) -> Iterator[tuple[int, RequestFact]]:
+    """Pass ``(shard, request)`` pairs on, adding each request's output bound to its shard."""
+    with RequestBytes(path) as reader:
+        for shard, fact in assigned:
+            bound = max_output_of_line(json.loads(reader.read(fact)))
+            per_shard[shard] = per_shard.get(shard, 0) + bound
+            yield shard, fact
 
 
 def keep_request_index(ctx: RunContext, res: Resource, sha256: str) -> str:

@@ -8,8 +8,8 @@ spends on it (with its own key: resource, spec, shard, attempt).
 
 from __future__ import annotations
 
-from batchspec.core.budget import check_budget
-from batchspec.core.plan import Action
+from batchspec.core.budget import check_budget, measures_output, output_of_unresolved, sent_by
+from batchspec.core.plan import Action, estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.intent import record_intent
 from batchspec.core.reconcile.submit import submit_queued
@@ -38,13 +38,25 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
         and s.attempts_used < res.retry.max_attempts
         and (s.not_before is None or now >= s.not_before)
     ]
-    submitted = sum(b.requests for b in ctx.store.batches(gen.id) if not is_requeued(b))
+    sent = [b for b in ctx.store.batches(gen.id) if not is_requeued(b)]
+    output: dict[int, int] | None = None
+    if ready and measures_output(res):  # a dollar budget: the output bound of what is resent
+        output = output_of_unresolved(
+            ctx.ledger,
+            gen.id,
+            (s.shard for s in ready),
+            res.input_path,
+            ctx.request_facts(res, gen.input_sha256),
+        )
     check_budget(
         res,
         facts,
-        submitted=submitted,
+        submitted=sum(b.requests for b in sent),
         new=sum(s.unresolved for s in ready),
         providers=ctx.project.providers,
+        sent=sent_by(ctx.store, facts, sent),
+        new_input_tokens=estimate_input_tokens(sum(s.unresolved_bytes for s in ready)),
+        new_output_tokens=None if output is None else sum(output.values()),
     )
     latest = ctx.latest_attempts(gen.id)
     for shard in ready:
@@ -56,6 +68,8 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
             shard=shard.shard,
             attempt=attempt,
             requests=shard.unresolved,
+            nbytes=shard.unresolved_bytes,
+            max_output=None if output is None else output[shard.shard],
             reason=f"retry {shard.unresolved} unresolved request(s) "
             f"(attempt {shard.attempts_used + 1} of {res.retry.max_attempts})",
         )
