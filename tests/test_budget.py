@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
-from serve_faults import apply_wait, received_batches, serve_processes, served_workspace
+from serve_faults import (
+    FAST_POLL,
+    apply_wait,
+    received_batches,
+    serve_processes,
+    served_workspace,
+)
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
 from batchspec.core.plan import estimate_input_tokens
@@ -281,6 +287,33 @@ def test_a_long_request_added_to_kept_answers_is_measured_not_averaged(
     code, out, err = apply_wait(ws, capsys)
     assert code == 1 and "maxInputTokens 2,000" in err, out + err
     assert len(received_batches(srv.client())) == 1
+
+
+def test_a_queued_shard_counts_its_own_size_not_the_average(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two shards, three long requests then three short ones, one batch in flight at a time,
+    maxInputTokens just over the whole input: the first apply records both intents (within
+    budget) and sends the long shard. The short shard, still queued, is ~75 tokens: counted
+    at the input's average (~1,600) on top of the long one's measured bytes, the next plan
+    and apply refused it, and the whole workspace stalled until the budget was raised."""
+    srv = serve()
+    lines = [chat_line(f"big-{i}", "x" * 4000) for i in range(3)]
+    lines += [chat_line(f"small-{i}", "hi") for i in range(3)]
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("r"), maxInFlightBatches=1)
+    ws.write_input("r", lines)
+    budget = estimate_input_tokens(ws.input_path("r").stat().st_size) + 50
+    spec = {"budget": {"maxInputTokens": budget}, "limits": {"maxRequestsPerBatch": 3}}
+    write_manifest(ws, ResourceSpec("r", spec=spec))
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *FAST_POLL], capsys)
+    assert code == 0, out + err
+    assert len(received_batches(srv.client())) == 1  # the second shard waits its turn
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, out + err
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    assert len(received_batches(srv.client())) == 2
 
 
 #: under ``serve --fault-500 0.5`` (seed 0) the first send of each of these succeeds, and the

@@ -233,6 +233,28 @@ def test_import_refuses_a_batch_tracked_under_another_name_of_its_provider(
         assert store.generations("copy") == []
 
 
+def test_two_names_of_a_provider_on_its_default_url_are_one_service() -> None:
+    """Providers without a baseUrl (Gemini, Mistral, Groq, Together: their adapter's default)
+    reach the same service when their types match: an import through one is refused for a
+    batch the other tracks. Another type, or a named URL, is another service."""
+    from types import SimpleNamespace
+
+    from batchspec.core.lifecycle import same_service
+    from batchspec.workspace.project import ProviderConfig
+
+    def config(name: str, type_: str, url: str | None = None) -> ProviderConfig:
+        return ProviderConfig(name, type_, url, "KEY", {})
+
+    providers = {
+        "g1": config("g1", "gemini"),
+        "g2": config("g2", "gemini"),
+        "m": config("m", "mistral"),
+        "g3": config("g3", "gemini", "http://127.0.0.1:9/v1beta"),
+    }
+    res: Any = SimpleNamespace(provider="g1")
+    assert same_service(providers, res) == ["g1", "g2"]
+
+
 def test_import_refusal_names_the_current_replacement(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,6 +49,7 @@ from batchspec.core.plan import (
     DesiredResource,
     Plan,
     RecordedResource,
+    estimate_input_tokens,
     make_plan,
 )
 from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
@@ -221,7 +222,7 @@ def plan_workspace(
             for a in plan.actions
             if a.kind is ActionKind.REPLACE and a.resource not in replace
         ]
-        estimates = plan_estimates(plan, resources, facts, ws.project.providers, outputs)
+        estimates = plan_estimates(plan, resources, facts, ws.project.providers, outputs, store)
         drains = planned_drains(
             store,
             ws.project.providers,
@@ -960,23 +961,35 @@ def plan_estimates(
     facts: Mapping[str, InputReport],
     providers: Mapping[str, ProviderConfig],
     outputs: Mapping[str, int],
+    store: StateStore,
 ) -> dict[str, Estimate]:
     """What each spending action may cost at most: its measured input tokens, its requests'
-    output limits (``outputs``, where measured), priced as ``core.spend`` prices (``None``:
-    unknown price)."""
+    output limits (``outputs``, where measured; a create of intents already recorded: what
+    they recorded), priced as ``core.spend`` prices (``None``: unknown price)."""
     by_name = {r.name: r for r in resources}
-    return {
-        a.resource: estimate_spend(
+    estimates = {}
+    for a in plan.spending:
+        if a.resource not in by_name or a.resource not in facts:
+            continue
+        input_tokens, output_tokens = a.estimated_input_tokens, outputs.get(a.resource)
+        # a budget's check counts what queued intents recorded; so does its estimate (reading
+        # their events costs a scan of the events table: only under a budget)
+        queued = _sent_and_queued(store, a)[1] if by_name[a.resource].budget else []
+        if queued:
+            carried = sent_by(store, facts[a.resource], queued)
+            input_tokens, output_tokens = (
+                estimate_input_tokens(carried.bytes),
+                carried.output_tokens,
+            )
+        estimates[a.resource] = estimate_spend(
             by_name[a.resource],
             facts[a.resource],
             providers,
             requests=a.requests,
-            input_tokens=a.estimated_input_tokens,
-            output_tokens=outputs.get(a.resource),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
         )
-        for a in plan.spending
-        if a.resource in by_name and a.resource in facts
-    }
+    return estimates
 
 
 def require_within_budget(
@@ -1011,13 +1024,15 @@ def budget_refusals(
     refusals = []
     for action in plan.spending:
         res = by_name[action.resource]
-        sent: list[BatchRow] = []
-        if action.generation_id is not None:
-            batches = store.batches(action.generation_id)
-            if action.kind is ActionKind.RETRY:  # as the retry step counts them
-                sent = [b for b in batches if not is_requeued(b)]
-            else:
-                sent = [b for b in batches if b.remote_id is not None]
+        if res.budget is None:  # nothing to check: no events to read
+            continue
+        sent, queued = _sent_and_queued(store, action)
+        new_input_tokens = action.estimated_input_tokens
+        new_output_tokens = outputs.get(res.name)
+        if queued:  # intents recorded (and checked) already: their own sizes, not averages
+            carried = sent_by(store, facts[res.name], queued)
+            new_input_tokens = estimate_input_tokens(carried.bytes)
+            new_output_tokens = carried.output_tokens
         try:
             check_budget(
                 res,
@@ -1026,12 +1041,26 @@ def budget_refusals(
                 new=action.requests,
                 providers=providers,
                 sent=sent_by(store, facts[res.name], sent),
-                new_input_tokens=action.estimated_input_tokens,
-                new_output_tokens=outputs.get(res.name),
+                new_input_tokens=new_input_tokens,
+                new_output_tokens=new_output_tokens,
             )
         except BudgetError as err:
             refusals.append(err)
     return refusals
+
+
+def _sent_and_queued(store: StateStore, action: Action) -> tuple[list[BatchRow], list[BatchRow]]:
+    """The batches of the action's generation that count as sent, as the retry step counts
+    them (a requeued batch's requests go again: not counted twice), and, for a create, its
+    intents recorded but not sent yet (``plan``: "queued for submission", or unconfirmed)."""
+    if action.generation_id is None:
+        return [], []
+    batches = [b for b in store.batches(action.generation_id) if not is_requeued(b)]
+    if action.kind is ActionKind.RETRY:
+        return batches, []
+    sent = [b for b in batches if b.remote_id is not None]
+    queued = [b for b in batches if b.remote_id is None and b.status not in TERMINAL_STATUSES]
+    return sent, queued
 
 
 def _is_free(ws: Workspace, action: Action) -> bool:

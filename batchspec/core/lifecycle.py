@@ -198,15 +198,19 @@ def require_one_shard(
 
 def same_service(providers: Mapping[str, ProviderConfig], res: Resource) -> list[str]:
     """The names of the providers that reach the service ``res``'s provider reaches (same
-    type and base URL): a batch id is the service's, whichever name tracked it."""
+    type and base URL, or both the type's default URL): a batch id is the service's,
+    whichever name tracked it."""
     own = providers.get(res.provider)
-    if own is None or not own.base_url:
+    if own is None:
         return [res.provider]
-    key = (own.type, own.base_url.rstrip("/"))
+
+    def service(p: ProviderConfig) -> tuple[str, str]:
+        return p.type, (p.base_url or "").rstrip("/")
+
     return [res.provider] + [
         name
         for name, p in providers.items()
-        if name != res.provider and p.base_url and (p.type, p.base_url.rstrip("/")) == key
+        if name != res.provider and service(p) == service(own)
     ]
 
 

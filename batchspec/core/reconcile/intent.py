@@ -75,8 +75,9 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     when it is large (``LEDGER_AFTER_CREATE_MIN``, ``ensure_ledger``).
 
     The requests come from the input's request index (written by the scan that validated
-    it): the input is not parsed again, and its bytes are read only to copy them into shard
-    files, checked against what was validated."""
+    it): the input is not parsed again (but for a dollar budget on a generation that keeps
+    answers: the requests it sends, to bound their output), and its bytes are read only to
+    copy them into shard files, checked against what was validated."""
     limits = ctx.limits_for(res)
     previous = [g.id for g in ctx.store.generations(res.name) if g.id != gen.id]
     if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request

@@ -54,7 +54,7 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
         submitted=sum(b.requests for b in sent),
         new=sum(s.unresolved for s in ready),
         providers=ctx.project.providers,
-        sent=sent_by(ctx.store, facts, sent),
+        sent=sent_by(ctx.store, facts, sent) if res.budget is not None else None,
         new_input_tokens=estimate_input_tokens(sum(s.unresolved_bytes for s in ready)),
         new_output_tokens=None if output is None else sum(output.values()),
     )
