@@ -33,7 +33,7 @@ from typing import Any
 
 from batchspec.core.budget import Estimate, check_budget, estimate_spend
 from batchspec.core.lifecycle import prune_orphans, start_replacements
-from batchspec.core.moves import apply_moves, moved_view, note_moves
+from batchspec.core.moves import apply_moves, moved_view, note_moves, rename_hints
 from batchspec.core.plan import (
     ACTIVE_GENERATION_STATUSES,
     Action,
@@ -202,6 +202,7 @@ def plan_workspace(
             hold_for=lambda name: hold_seconds(ws.project.providers, name),
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers)
+        warnings += rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()})
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         warnings += [
             f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
@@ -363,6 +364,8 @@ def apply_workspace(
                 if saved is not None:
                     saved.require_current(store, resources, plan)
                 report(Progress("plan", None, "plan computed", plan=plan))
+                for hint in rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()}):
+                    report(Progress("warning", None, hint))
                 require_within_budget(plan, resources, facts, store, ws.project.providers)
             require_consent(plan, ws, options, confirm)
             apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
