@@ -508,7 +508,8 @@ def init(directory: str) -> None:
 
     Writes batchspec.yaml (the local provider, with an OpenAI example commented out), one
     manifest, a three-request data file and state/.gitignore. Refuses to overwrite any
-    existing file, and then writes nothing.
+    existing file, or to make a workspace of a folder holding manifests of the workspace it
+    lies in (they would drop out of it), and then writes nothing.
     """
     from batchspec.workspace.scaffold import (
         scaffold_workspace,  # imported on use: keeps startup fast
@@ -518,6 +519,12 @@ def init(directory: str) -> None:
     result = scaffold_workspace(directory)
     for path in result.created:
         click.echo(f"created {display_path(path)}")
+    if result.inside is not None:
+        click.echo(
+            f"\nNote: this workspace lies in the workspace of {display_path(result.inside)}, "
+            "which from now on skips this folder (a folder with its own batchspec.yaml is "
+            "another workspace)."
+        )
     click.echo(f"\nNext: {result.next_command}")
 
 
