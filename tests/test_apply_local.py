@@ -302,6 +302,32 @@ def test_an_apply_waits_its_lock_timeout_for_another_run_on_the_engine(
     assert len(ws.outputs("triage")) == 4
 
 
+def test_an_engine_folder_in_use_is_found_before_anything_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 3 changes nothing: with the engine's folder held (a `batchspec serve` on it), an
+    apply that would create or replace exits 3 before recording a generation; it recorded
+    the new one first, so status showed a Healthy resource as 'Progressing, 0/4, queued'."""
+    ws = local_ws(
+        tmp_path / "ws", *(ResourceSpec(n, count=2, provider="here") for n in ("done", "fresh"))
+    )
+    assert run_cli(["apply", str(ws.root), "--select", "done", "--wait", *FAST], capsys)[0] == 0
+    held = Engine(ws.root / "state" / "local")
+    try:
+        for argv in (
+            ["--replace", "done", "--no-reuse", "--select", "done"],
+            ["--select", "fresh"],
+        ):
+            code, _, err = run_cli(["apply", str(ws.root), *argv, *FAST], capsys)
+            assert code == 3, err
+    finally:
+        held.close()
+    with ws.store() as store:
+        assert len(store.generations("done")) == 1 and store.generations("fresh") == []
+    code, out, _ = run_cli(["status", str(ws.root), "--select", "done"], capsys)
+    assert "done: Synced, Healthy — 2/2 succeeded" in out
+
+
 def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

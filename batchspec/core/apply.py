@@ -378,7 +378,7 @@ def apply_workspace(
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
                 for action in plan.spending:
-                    providers.get(action.provider or "")
+                    providers.claim(action.provider or "")
                 rec = Reconciler(
                     ws.project,
                     store,

@@ -96,6 +96,11 @@ class LocalProvider:
             engine.start()
         return engine
 
+    def claim(self) -> None:
+        """Open the engine, taking its data folder's lock (``StateLockedError`` while another
+        process holds it), without starting its worker."""
+        self._opened()
+
     def _opened(self) -> Engine:
         """The engine, opened on first use; its worker not started by this (see
         ``cancel_batch``)."""
