@@ -328,6 +328,23 @@ def test_an_engine_folder_in_use_is_found_before_anything_is_recorded(
     assert "done: Synced, Healthy — 2/2 succeeded" in out
 
 
+def test_a_create_the_engine_refuses_is_recorded_as_made_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine refusing a create (a 400: completionWindow 48h) made no batch, as an HTTP
+    provider's 4xx: `create-refused`, the intent pending again; it stayed 'creating', so every
+    later plan said 'not confirmed by the provider (adopts the remote batch if it exists)'."""
+    spec = {"completionWindow": "48h"}
+    ws = local_ws(tmp_path / "ws", ResourceSpec("wide", count=2, provider="here", spec=spec))
+    code, _, err = run_cli(["apply", str(ws.root), *FAST], capsys)
+    assert code == 1 and "only '24h' is supported" in err
+    with ws.store() as store:
+        assert [b.status for b in store.batches()] == ["pending"]
+        assert "create-refused" in [e.action for e in store.events(resource="wide")]
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "not confirmed" not in out
+
+
 def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
