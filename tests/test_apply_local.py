@@ -30,7 +30,7 @@ from workspaces import (
 
 from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import Progress
-from batchspec.engine import Engine
+from batchspec.engine import Engine, EngineError
 from batchspec.workspace.yamldoc import display_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,13 +329,18 @@ def test_an_engine_folder_in_use_is_found_before_anything_is_recorded(
 
 
 def test_a_create_the_engine_refuses_is_recorded_as_made_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine refusing a create (a 400: completionWindow 48h) made no batch, as an HTTP
-    provider's 4xx: `create-refused`, the intent pending again; it stayed 'creating', so every
-    later plan said 'not confirmed by the provider (adopts the remote batch if it exists)'."""
-    spec = {"completionWindow": "48h"}
-    ws = local_ws(tmp_path / "ws", ResourceSpec("wide", count=2, provider="here", spec=spec))
+    """The engine refusing a create (a 400, as for a completion window it does not take) made
+    no batch, as an HTTP provider's 4xx: `create-refused`, the intent pending again; it stayed
+    'creating', so every later plan said 'not confirmed by the provider (adopts the remote
+    batch if it exists)'."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise EngineError(400, "Invalid completion_window '48h': only '24h' is supported.")
+
+    monkeypatch.setattr(Engine, "create_batch", refuse)
+    ws = local_ws(tmp_path / "ws", ResourceSpec("wide", count=2, provider="here"))
     code, _, err = run_cli(["apply", str(ws.root), *FAST], capsys)
     assert code == 1 and "only '24h' is supported" in err
     with ws.store() as store:
