@@ -1202,6 +1202,7 @@ def cancel(
                 "cancelled_batches": n,
                 "stopping_batches": result.stopping,
                 "unconfirmed_creates": result.unconfirmed,
+                "ended_batches": result.ended,
             }
         )
         return
@@ -1217,6 +1218,12 @@ def cancel(
             f"yet{stopping}; they may still land: every `batchspec apply` that selects {name} "
             "looks them up, cancels one found and keeps what it finished; "
             f"`batchspec apply --replace {name}` runs it again"
+        )
+    elif n == 0 and result.generations and result.ended:  # all ended since the last poll
+        click.echo(
+            f"cancelled {name}: its {result.ended} batch(es) had ended before the cancel "
+            f"reached them, so nothing was left to stop{stopping}; `batchspec apply` collects "
+            f"what they finished; `batchspec apply --replace {name}` runs it again"
         )
     elif n == 0 and result.generations:  # e.g. a replacement held before its create
         click.echo(

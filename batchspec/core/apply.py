@@ -481,6 +481,9 @@ class CancelResult:
     # one's: each later apply looks them up (``drain``), cancels one found and keeps what
     # it finished
     unconfirmed: int = 0
+    #: batches of the generations it cancelled that had ended on their own (completed,
+    #: failed, expired) by the time the cancel reached them: nothing left to stop
+    ended: int = 0
 
 
 def cancel_resource(
@@ -558,8 +561,16 @@ def cancel_resource(
                 for batch in store.batches(gen.id)
                 if batch.remote_id is None and batch.status == "creating"
             )
+            ended = sum(
+                1
+                for gen in active
+                for batch in store.batches(gen.id)
+                if batch.remote_id is not None
+                and batch.status in TERMINAL_STATUSES
+                and batch.status != "cancelled"
+            )
         run.exit_code = 0
-        return CancelResult(n, stopping, len(active), unconfirmed)
+        return CancelResult(n, stopping, len(active), unconfirmed, ended)
 
 
 # ---------------------------------------------------------------------------------------------
