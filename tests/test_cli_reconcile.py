@@ -872,6 +872,8 @@ def test_a_plan_over_budget_says_so_and_exits_1(
     assert code == 1
     assert "triage: create" in out
     assert "over its budget (maxRequests 2)" in err
+    # what to do, as apply says it, with the manifest's path as every message shows it
+    assert "manifests/triage.yaml (it falls back field by field to defaults.budget" in err
     assert run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)[0] == 1
     code, out, _ = run_cli(["plan", str(ws.root), "--format", "markdown"], capsys)
     assert code == 1 and "Apply would refuse this plan" in out

@@ -230,7 +230,8 @@ def plan_workspace(
             reuse=reuse,
             workspace=str(ws.project.root.resolve()),
             warnings=tuple(warnings),
-            refusals=tuple(err.message for err in refusals),
+            # with what to do about each, as apply says it
+            refusals=tuple("; ".join([err.message, *err.details]) for err in refusals),
             estimates=estimates,
             drains=drains,
         )

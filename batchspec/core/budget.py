@@ -22,6 +22,7 @@ from batchspec.errors import BudgetError
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
+from batchspec.workspace.yamldoc import display_path
 
 
 @dataclass(frozen=True)
@@ -119,5 +120,8 @@ def _refusal(res: Resource, amount: str, limit: str, new: int) -> BudgetError:
     return BudgetError(
         f"{res.name}: submitting {new:,} more request(s) would bring this generation to "
         f"{amount}, over its budget ({limit}); nothing was uploaded",
-        details=[f"raise spec.budget in {res.source.file} or shrink the input to go on"],
+        details=[
+            f"raise spec.budget in {display_path(res.source.file)} (it falls back field by "
+            "field to defaults.budget in batchspec.yaml) or shrink the input to go on"
+        ],
     )
