@@ -101,7 +101,8 @@ def test_a_pure_rename_resubmits_nothing_and_keeps_results_and_history(
 def test_show_of_the_old_name_points_to_the_new_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a rename, `show old-name` says where it went instead of 'no resource named'."""
+    """After a rename, `show`, `results` and `cancel old-name` say where it went instead of
+    'no resource named'."""
     ws = local_workspace(tmp_path / "ws", "old-name")
     apply(ws, capsys, "--wait")
     rename(ws, "old-name", "new-name")
@@ -109,6 +110,10 @@ def test_show_of_the_old_name_points_to_the_new_one(
     code, _, err = run_cli(["show", "old-name", str(ws.root)], capsys)
     assert code == 1
     assert "it was renamed to 'new-name'" in err and "batchspec show new-name" in err
+    for command in ("results", "cancel"):  # they said only "did you mean ...? known: ..."
+        code, _, err = run_cli([command, "old-name", str(ws.root)], capsys)
+        assert code == 1
+        assert "it was renamed to 'new-name'" in err and f"batchspec {command} new-name" in err
 
 
 def test_plan_shows_the_move_and_writes_nothing(

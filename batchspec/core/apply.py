@@ -33,7 +33,14 @@ from typing import Any
 
 from batchspec.core.budget import Estimate, check_budget, estimate_spend
 from batchspec.core.lifecycle import prune_orphans, start_replacements
-from batchspec.core.moves import apply_moves, moved_view, note_moves, rename_hints
+from batchspec.core.moves import (
+    apply_moves,
+    moved_view,
+    note_moves,
+    rename_hints,
+    renamed_error,
+    renamed_to,
+)
 from batchspec.core.plan import (
     ACTIVE_GENERATION_STATUSES,
     Action,
@@ -506,6 +513,9 @@ def cancel_resource(
         recorded_run(store, ws, "cancel", {"name": name}) as run,
     ):
         if store.get_resource(name) is None:
+            moved_to = renamed_to(store, name)
+            if moved_to is not None:
+                raise renamed_error(name, moved_to, "cancel NAME")
             known = [r.name for r in store.list_resources()]
             raise ManifestError(
                 f"no resource named {name!r} is recorded in {ws.project.state_label} "

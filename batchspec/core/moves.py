@@ -165,6 +165,22 @@ def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
     )
 
 
+def renamed_to(store: StateStore, name: str) -> str | None:
+    """The name ``name`` was last renamed to (a ``move`` event from it), if any."""
+    moves = [e for e in store.events(resource=name) if e.action == MOVE_EVENT]
+    to = moves[-1].detail.get("to") if moves else None
+    return to if isinstance(to, str) and to != name else None
+
+
+def renamed_error(name: str, new: str, command: str) -> ManifestError:
+    """What a command given the old name of a renamed resource says (exit 1)."""
+    return ManifestError(
+        f"no resource named {name!r}: it was renamed to {new!r} (metadata.moved); its "
+        "generations and batches are under the new name",
+        details=[f"`batchspec {command.replace('NAME', new)}`"],
+    )
+
+
 def former_names(store: StateStore, name: str) -> list[str]:
     """The names ``name`` was recorded under before, most recent first (from move events)."""
     names: list[str] = []
@@ -221,4 +237,6 @@ __all__ = [
     "note_moves",
     "pending_moves",
     "rename_hints",
+    "renamed_error",
+    "renamed_to",
 ]
