@@ -30,7 +30,7 @@ from workspaces import (
 
 from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import Progress
-from batchspec.engine import Engine
+from batchspec.engine import Engine, EngineError
 from batchspec.workspace.yamldoc import display_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,6 +300,54 @@ def test_an_apply_waits_its_lock_timeout_for_another_run_on_the_engine(
         held.close()
     assert code == 0, err
     assert len(ws.outputs("triage")) == 4
+
+
+def test_an_engine_folder_in_use_is_found_before_anything_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 3 changes nothing: with the engine's folder held (a `batchspec serve` on it), an
+    apply that would create or replace exits 3 before recording a generation; it recorded
+    the new one first, so status showed a Healthy resource as 'Progressing, 0/4, queued'."""
+    ws = local_ws(
+        tmp_path / "ws", *(ResourceSpec(n, count=2, provider="here") for n in ("done", "fresh"))
+    )
+    assert run_cli(["apply", str(ws.root), "--select", "done", "--wait", *FAST], capsys)[0] == 0
+    held = Engine(ws.root / "state" / "local")
+    try:
+        for argv in (
+            ["--replace", "done", "--no-reuse", "--select", "done"],
+            ["--select", "fresh"],
+        ):
+            code, _, err = run_cli(["apply", str(ws.root), *argv, *FAST], capsys)
+            assert code == 3, err
+    finally:
+        held.close()
+    with ws.store() as store:
+        assert len(store.generations("done")) == 1 and store.generations("fresh") == []
+    code, out, _ = run_cli(["status", str(ws.root), "--select", "done"], capsys)
+    assert "done: Synced, Healthy — 2/2 succeeded" in out
+
+
+def test_a_create_the_engine_refuses_is_recorded_as_made_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine refusing a create (a 400, as for a completion window it does not take) made
+    no batch, as an HTTP provider's 4xx: `create-refused`, the intent pending again; it stayed
+    'creating', so every later plan said 'not confirmed by the provider (adopts the remote
+    batch if it exists)'."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise EngineError(400, "Invalid completion_window '48h': only '24h' is supported.")
+
+    monkeypatch.setattr(Engine, "create_batch", refuse)
+    ws = local_ws(tmp_path / "ws", ResourceSpec("wide", count=2, provider="here"))
+    code, _, err = run_cli(["apply", str(ws.root), *FAST], capsys)
+    assert code == 1 and "only '24h' is supported" in err
+    with ws.store() as store:
+        assert [b.status for b in store.batches()] == ["pending"]
+        assert "create-refused" in [e.action for e in store.events(resource="wide")]
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "not confirmed" not in out
 
 
 def test_a_damaged_stored_answer_is_downloaded_again_not_restored_without_end(

@@ -153,6 +153,8 @@ def test_cancel_and_prune_of_batches_that_ended_record_their_end_and_keep_their_
     code, out, err = run_cli(["cancel", "keep", str(ws.root)], capsys)
     assert code == 0, err
     assert cancels_sent(srv) == 1  # refused once, not retried
+    # not "nothing of it was created yet", as of a generation that never made a batch
+    assert "its 1 batch(es) had ended before the cancel reached them" in out
     ws.manifest_path("gone").unlink()
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune", "--wait", *FAST], capsys)
 

@@ -306,6 +306,7 @@ def test_cancel_again_and_plan_say_the_create_not_found_is_still_looked_up(
         "cancelled_batches": 0,
         "stopping_batches": 0,
         "unconfirmed_creates": 1,
+        "ended_batches": 0,
     }
     code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
     assert code == 0, err

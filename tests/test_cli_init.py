@@ -103,6 +103,25 @@ def test_init_refuses_to_overwrite_any_file(
     assert (target / existing).read_text(encoding="utf-8") == "mine\n"
 
 
+def test_init_refuses_a_folder_holding_manifests_of_the_workspace_it_lies_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init in a workspace's manifests/ would make it a workspace of its own, which the outer
+    one skips: its manifests there would drop out (pruned by the next apply --prune). It is
+    refused, naming them; a folder of that workspace holding none is scaffolded, with a note."""
+    outer = tmp_path / "ws"
+    assert run_main(["init", str(outer)], capsys)[0] == 0
+
+    code, out, err = run_main(["init", str(outer / "manifests")], capsys)
+
+    assert code == 1
+    assert "lies in the workspace of" in err and "manifests/hello.yaml" in err
+    assert not (outer / "manifests" / "batchspec.yaml").exists()
+    code, out, err = run_main(["init", str(outer / "tools" / "sub")], capsys)
+    assert code == 0, err
+    assert "Note: this workspace lies in the workspace of" in out
+
+
 def test_init_refuses_when_a_folder_it_needs_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

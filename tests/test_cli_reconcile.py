@@ -173,6 +173,35 @@ def test_status_of_a_resource_never_applied_says_so(
     assert "alpha: OutOfSync, Missing — not applied yet" in out and "0/0" not in out
 
 
+def test_status_after_an_input_edit_names_the_earlier_generation(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An input edited after a finished apply: status (text, --json, report) says the current
+    spec is not applied yet and what the earlier spec's generation holds, not 'not applied
+    yet' as of a resource never run (its results are still there)."""
+    path = applied.input_path("alpha")
+    path.write_text(path.read_text().replace("req-2", "req-9"))
+    code, out, _ = run_cli(["status", str(applied.root)], capsys)
+    assert code == 0
+    assert (
+        "alpha: OutOfSync, Missing — its current spec not applied yet; generation 1 "
+        "(an earlier spec, complete): 3/3 succeeded"
+    ) in out
+    assert "beta: Synced, Healthy — 3/3 succeeded" in out
+    code, out, _ = run_cli(["status", str(applied.root), "--json"], capsys)
+    alpha, beta = json.loads(out)["resources"]
+    assert alpha["earlier"] == {
+        "id": 1,
+        "status": "complete",
+        "requests": 3,
+        "succeeded": 3,
+        "failed": 0,
+    }
+    assert beta["earlier"] is None
+    code, out, _ = run_cli(["report", str(applied.root), "-o", "-"], capsys)
+    assert "generation 1 (an earlier spec, complete): 3 ok, 0 failed of 3" in out
+
+
 def test_status_in_a_subfolder_does_not_call_the_other_manifests_gone(
     applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -843,6 +872,8 @@ def test_a_plan_over_budget_says_so_and_exits_1(
     assert code == 1
     assert "triage: create" in out
     assert "over its budget (maxRequests 2)" in err
+    # what to do, as apply says it, with the manifest's path as every message shows it
+    assert "manifests/triage.yaml (it falls back field by field to defaults.budget" in err
     assert run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)[0] == 1
     code, out, _ = run_cli(["plan", str(ws.root), "--format", "markdown"], capsys)
     assert code == 1 and "Apply would refuse this plan" in out

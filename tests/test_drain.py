@@ -589,4 +589,5 @@ def test_a_second_cancel_of_a_batch_still_stopping_says_so(
         "cancelled_batches": 0,
         "stopping_batches": 1,
         "unconfirmed_creates": 0,
+        "ended_batches": 0,
     }

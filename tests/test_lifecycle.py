@@ -182,7 +182,8 @@ def test_import_refuses_an_input_of_several_shards(
     code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
 
     assert code == 1
-    assert "split into 2 shards" in err
+    assert "split into 2 shards by its manifest's spec.limits (at most 2 requests" in err
+    assert "or raise spec.limits" in err  # the manifest's limits, not the provider's, split it
     assert dict(srv.probe.counts) == before  # refused before any provider call
 
 

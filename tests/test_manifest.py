@@ -99,7 +99,7 @@ def test_full_manifest_is_normalised_to_snake_case(tmp_path: Path) -> None:
     """Every camelCase key lands in its snake_case field, relative to the manifest's folder."""
     text = BASE.replace("input: data.jsonl", "input: ../data.jsonl").replace(
         "  name: triage\n", "  name: triage\n  labels: {team: support}\n"
-    ) + (
+    ).replace("provider: local", "provider: fast") + (  # groq: windows of 24h to 7d
         "  completionWindow: 48h\n"
         "  model: gpt-4o-mini\n"
         "  metadata: {project: triage}\n"
@@ -114,7 +114,9 @@ def test_full_manifest_is_normalised_to_snake_case(tmp_path: Path) -> None:
     ws = make_workspace(
         tmp_path / "ws",
         {"jobs/triage.yaml": text},
-        project=PROJECT + "defaults: {budget: {maxRequests: 99, maxInputTokens: 5000}}\n",
+        project=PROJECT
+        + "defaults: {budget: {maxRequests: 99, maxInputTokens: 5000}}\n"
+        + "providers: {fast: {type: groq}}\n",
     )
     [res] = load(ws).resources
     jobs = ws.resolve() / "jobs"
@@ -543,8 +545,10 @@ def test_a_bad_project_file_stops_loading_with_its_own_problems(tmp_path: Path) 
 # Spec hash
 
 
-def spec_of(tmp_path: Path, name: str, text: str, data: bytes | None = None) -> str:
-    ws = make_workspace(tmp_path / name, {"m.yaml": text})
+def spec_of(
+    tmp_path: Path, name: str, text: str, data: bytes | None = None, project: str = PROJECT
+) -> str:
+    ws = make_workspace(tmp_path / name, {"m.yaml": text}, project=project)
     if data is not None:
         (ws / "data.jsonl").write_bytes(data)
     return load(ws).resources[0].spec_hash
@@ -616,9 +620,6 @@ def test_spec_hash_ignores_non_semantic_fields(tmp_path: Path) -> None:
         pytest.param(("provider: local", "provider: openai"), None, id="provider"),
         pytest.param(("input: data.jsonl", "input: data.jsonl\n  model: gpt-4o"), None, id="model"),
         pytest.param(
-            ("input: data.jsonl", "input: data.jsonl\n  completionWindow: 48h"), None, id="window"
-        ),
-        pytest.param(
             ("input: data.jsonl", "input: data.jsonl\n  metadata: {a: b}"), None, id="metadata"
         ),
         pytest.param(("name: triage", "name: triage2"), None, id="name"),
@@ -631,6 +632,49 @@ def test_spec_hash_changes_with_each_semantic_field(
     """Each semantic field (and the input's bytes) makes a new generation."""
     changed = BASE if change is None else BASE.replace(*change)
     assert spec_of(tmp_path, "a", BASE) != spec_of(tmp_path, "b", changed, data)
+
+
+def test_spec_hash_changes_with_the_completion_window(tmp_path: Path) -> None:
+    """completionWindow is semantic (on a provider type that takes more than 24h)."""
+    fast = PROJECT + "providers: {fast: {type: groq}}\n"
+    base = BASE.replace("provider: local", "provider: fast")
+    wide = base.replace("input: data.jsonl", "input: data.jsonl\n  completionWindow: 48h")
+    assert spec_of(tmp_path, "a", base, project=fast) != spec_of(tmp_path, "b", wide, project=fast)
+
+
+@pytest.mark.parametrize(
+    ("provider", "window", "refused"),
+    [
+        pytest.param("local", "48h", "it takes only 24h", id="local-48h"),
+        pytest.param("openai", "7d", "it takes only 24h", id="openai-7d"),
+        pytest.param("fast", "8d", "it takes 24h to 7d", id="groq-8d"),
+        pytest.param("fast", "7d", None, id="groq-7d"),
+        pytest.param("claude", "48h", None, id="anthropic-own-window"),
+    ],
+)
+def test_a_completion_window_the_provider_refuses_is_a_manifest_problem(
+    tmp_path: Path, provider: str, window: str, refused: str | None
+) -> None:
+    """A window the provider's type does not take fails with its file:line before anything is
+    uploaded (the provider refused it at the create, after the upload); types with a window
+    of their own (Anthropic) are not checked."""
+    project = PROJECT + "providers: {fast: {type: groq}, claude: {type: anthropic}}\n"
+    text = BASE.replace("provider: local", f"provider: {provider}") + (
+        f"  completionWindow: {window}\n"
+    )
+    ws = make_workspace(tmp_path / "ws", {"m.yaml": text}, project=project)
+    if refused is None:
+        assert load(ws).resources[0].completion_window == window
+        return
+    with pytest.raises(InvalidManifestError) as caught:
+        load(ws)
+    [problem] = caught.value.problems
+    assert (problem.line, problem.pointer, problem.code) == (
+        9,
+        "/spec/completionWindow",
+        "completion-window",
+    )
+    assert refused in problem.message
 
 
 def test_hash_input_is_injectable(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,8 @@ def test_a_pure_rename_resubmits_nothing_and_keeps_results_and_history(
 def test_show_of_the_old_name_points_to_the_new_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a rename, `show old-name` says where it went instead of 'no resource named'."""
+    """After a rename, `show`, `results` and `cancel old-name` say where it went instead of
+    'no resource named'."""
     ws = local_workspace(tmp_path / "ws", "old-name")
     apply(ws, capsys, "--wait")
     rename(ws, "old-name", "new-name")
@@ -108,6 +110,10 @@ def test_show_of_the_old_name_points_to_the_new_one(
     code, _, err = run_cli(["show", "old-name", str(ws.root)], capsys)
     assert code == 1
     assert "it was renamed to 'new-name'" in err and "batchspec show new-name" in err
+    for command in ("results", "cancel"):  # they said only "did you mean ...? known: ..."
+        code, _, err = run_cli([command, "old-name", str(ws.root)], capsys)
+        assert code == 1
+        assert "it was renamed to 'new-name'" in err and f"batchspec {command} new-name" in err
 
 
 def test_plan_shows_the_move_and_writes_nothing(
@@ -129,6 +135,40 @@ def test_plan_shows_the_move_and_writes_nothing(
         assert store.serial() == serial
         assert store.get_resource("old-name") is not None
         assert store.get_resource("new-name") is None
+
+
+def test_a_rename_without_moved_is_pointed_out_by_plan_and_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A renamed manifest without `moved` is a new resource (paid again) beside an orphan that
+    ran the same input: plan (text and --json) and apply say to add `moved: {from: OLD}`; a
+    new resource with another input beside the orphan gets no such hint."""
+    ws = local_workspace(tmp_path / "ws", "old-name", "other")
+    first = ws.input_path("other").read_text().splitlines()[0]
+
+    def add_line(i: int) -> None:
+        with ws.input_path("other").open("a") as f:
+            f.write(first.replace("-0", f"-{i}") + "\n")
+
+    add_line(8)  # other's input differs from old-name's
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name", moved=False)
+    rename(ws, "other", "fresh", moved=False)
+    add_line(9)  # fresh: another input than any orphan ran, no hint
+    hint = "add `moved: {from: old-name}` under new-name's metadata"
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    assert hint in err and "from: other" not in err
+    code, out, _ = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert [w for w in json.loads(out)["warnings"] if "moved:" in w] == [
+        next(line for line in err.splitlines() if hint in line).removeprefix("Warning: ")
+    ]
+    code, out, err = run_cli(["apply", str(ws.root), *FAST], capsys)
+    assert code == 0, err
+    assert out.index("Plan: 2 to create") < out.index(hint) < out.index("created batch")
+    code, _, err = run_cli(["plan", str(ws.root)], capsys)  # new-name is recorded now
+    assert "moved:" not in err
 
 
 def test_a_saved_plan_with_a_move_applies_as_planned(

@@ -175,6 +175,7 @@ def test_cancel_of_a_sharded_resource_sends_its_cancels_side_by_side(
         "cancelled_batches": 4,
         "stopping_batches": 0,
         "unconfirmed_creates": 0,
+        "ended_batches": 0,
     }
     at_once = cancels_at_once(srv)
     assert at_once == 1 if serial else at_once > 1

@@ -382,6 +382,24 @@ def test_jsonl_problems_carry_the_physical_line(
     assert problems[2].startswith("data/t.jsonl:5: row 4 is not valid JSON")
 
 
+def test_an_attribute_of_a_text_field_is_not_called_a_missing_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`{{ lang.code }}` with lang a text field: the row has lang, so 'row 1 has no field
+    'code' (the row has: k, lang)' pointed at the wrong thing; it says a text value has no
+    such attribute. `{{ row.nope }}` is still a missing field."""
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path, "t.csv", "k,lang\n1,fr\n")
+    write_manifest(tmp_path, {"rows": "../data/t.csv", "body": chat_body("{{ lang.code }}")})
+    [problem] = problems_of(tmp_path)
+    assert "has no field" not in problem
+    assert "reads 'code' of a text value, which has no such attribute" in problem
+    assert problem.endswith("the row's fields are: k, lang")
+    write_manifest(tmp_path, {"rows": "../data/t.csv", "body": chat_body("{{ row.nope }}")})
+    [problem] = problems_of(tmp_path)
+    assert "row 1 has no field 'nope' (the row has: k, lang)" in problem
+
+
 def test_a_template_syntax_error_names_the_manifest_leaf(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -508,7 +508,8 @@ def init(directory: str) -> None:
 
     Writes batchspec.yaml (the local provider, with an OpenAI example commented out), one
     manifest, a three-request data file and state/.gitignore. Refuses to overwrite any
-    existing file, and then writes nothing.
+    existing file, or to make a workspace of a folder holding manifests of the workspace it
+    lies in (they would drop out of it), and then writes nothing.
     """
     from batchspec.workspace.scaffold import (
         scaffold_workspace,  # imported on use: keeps startup fast
@@ -518,6 +519,12 @@ def init(directory: str) -> None:
     result = scaffold_workspace(directory)
     for path in result.created:
         click.echo(f"created {display_path(path)}")
+    if result.inside is not None:
+        click.echo(
+            f"\nNote: this workspace lies in the workspace of {display_path(result.inside)}, "
+            "which from now on skips this folder (a folder with its own batchspec.yaml is "
+            "another workspace)."
+        )
     click.echo(f"\nNext: {result.next_command}")
 
 
@@ -1195,6 +1202,7 @@ def cancel(
                 "cancelled_batches": n,
                 "stopping_batches": result.stopping,
                 "unconfirmed_creates": result.unconfirmed,
+                "ended_batches": result.ended,
             }
         )
         return
@@ -1210,6 +1218,12 @@ def cancel(
             f"yet{stopping}; they may still land: every `batchspec apply` that selects {name} "
             "looks them up, cancels one found and keeps what it finished; "
             f"`batchspec apply --replace {name}` runs it again"
+        )
+    elif n == 0 and result.generations and result.ended:  # all ended since the last poll
+        click.echo(
+            f"cancelled {name}: its {result.ended} batch(es) had ended before the cancel "
+            f"reached them, so nothing was left to stop{stopping}; `batchspec apply` collects "
+            f"what they finished; `batchspec apply --replace {name}` runs it again"
         )
     elif n == 0 and result.generations:  # e.g. a replacement held before its create
         click.echo(

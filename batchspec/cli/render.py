@@ -554,6 +554,13 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         )
         if s.health == "Missing" and not s.requests:  # nothing recorded ("0/0" says less)
             counts = "not applied yet"
+            if s.earlier is not None:  # an edited spec: the earlier one's results are there
+                e = s.earlier
+                counts = (
+                    f"its current spec not applied yet; generation {e.id} (an earlier spec, "
+                    f"{e.status}): {e.succeeded:,}/{e.requests:,} succeeded"
+                    + (f", {e.failed:,} failed" if e.failed else "")
+                )
         sync, health = style.state(s.sync), style.state(s.health)
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":

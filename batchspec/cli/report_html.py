@@ -181,6 +181,13 @@ def _resources_table(resources: Sequence[ResourceStatus]) -> str:
     rows = []
     for s in resources:
         u = s.usage
+        progress = f"{s.succeeded:,} ok, {s.failed:,} failed of {s.requests:,}{_progress_bar(s)}"
+        if s.health == "Missing" and s.earlier is not None:  # an edited spec: see status
+            e = s.earlier
+            progress = (
+                f'not applied yet<div class="small">generation {e.id} (an earlier spec, '
+                f"{_e(e.status)}): {e.succeeded:,} ok, {e.failed:,} failed of {e.requests:,}</div>"
+            )
         rows.append(
             f'<tr class="resource" data-resource="{_e(s.name)}" data-sync="{_e(s.sync)}" '
             f'data-health="{_e(s.health)}" data-requests="{s.requests}" '
@@ -188,7 +195,7 @@ def _resources_table(resources: Sequence[ResourceStatus]) -> str:
             f'<td><b>{_e(s.name)}</b><div class="small">{_e(s.provider)}</div></td>'
             f'<td><span class="badge {_e(s.sync)}">{_e(s.sync)}</span></td>'
             f'<td><span class="badge {_e(s.health)}">{_e(s.health)}</span></td>'
-            f"<td>{s.succeeded:,} ok, {s.failed:,} failed of {s.requests:,}{_progress_bar(s)}</td>"
+            f"<td>{progress}</td>"
             f'<td class="num">{u.input_tokens:,} in<br>{u.output_tokens:,} out</td>'
             f'<td class="num">{_e(dollars(u.cost_usd))}</td>'
             f'<td class="small">{_e(s.action)}: {_e(s.reason)}<br><code>{_e(s.output)}</code></td>'

@@ -41,7 +41,14 @@ from batchspec.core.budget import (
     sent_by,
 )
 from batchspec.core.lifecycle import prune_orphans, start_replacements
-from batchspec.core.moves import apply_moves, moved_view, note_moves
+from batchspec.core.moves import (
+    apply_moves,
+    moved_view,
+    note_moves,
+    rename_hints,
+    renamed_error,
+    renamed_to,
+)
 from batchspec.core.plan import (
     ACTIVE_GENERATION_STATUSES,
     Action,
@@ -215,6 +222,7 @@ def plan_workspace(
             plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers, outputs)
+        warnings += rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()})
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         warnings += [
             f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
@@ -242,7 +250,8 @@ def plan_workspace(
             reuse=reuse,
             workspace=str(ws.project.root.resolve()),
             warnings=tuple(warnings),
-            refusals=tuple(err.message for err in refusals),
+            # with what to do about each, as apply says it
+            refusals=tuple("; ".join([err.message, *err.details]) for err in refusals),
             estimates=estimates,
             drains=drains,
         )
@@ -376,6 +385,8 @@ def apply_workspace(
                 if saved is not None:
                     saved.require_current(store, resources, plan)
                 report(Progress("plan", None, "plan computed", plan=plan))
+                for hint in rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()}):
+                    report(Progress("warning", None, hint))
                 outputs = measured_outputs(
                     plan,
                     resources,
@@ -395,7 +406,7 @@ def apply_workspace(
                 # build every provider the plan spends on first: a missing API key fails
                 # here, before anything is recorded for it
                 for action in plan.spending:
-                    providers.get(action.provider or "")
+                    providers.claim(action.provider or "")
                 rec = Reconciler(
                     ws.project,
                     store,
@@ -498,6 +509,9 @@ class CancelResult:
     # one's: each later apply looks them up (``drain``), cancels one found and keeps what
     # it finished
     unconfirmed: int = 0
+    #: batches of the generations it cancelled that had ended on their own (completed,
+    #: failed, expired) by the time the cancel reached them: nothing left to stop
+    ended: int = 0
 
 
 def cancel_resource(
@@ -519,6 +533,9 @@ def cancel_resource(
         recorded_run(store, ws, "cancel", {"name": name}) as run,
     ):
         if store.get_resource(name) is None:
+            moved_to = renamed_to(store, name)
+            if moved_to is not None:
+                raise renamed_error(name, moved_to, "cancel NAME")
             known = [r.name for r in store.list_resources()]
             raise ManifestError(
                 f"no resource named {name!r} is recorded in {ws.project.state_label} "
@@ -575,8 +592,16 @@ def cancel_resource(
                 for batch in store.batches(gen.id)
                 if batch.remote_id is None and batch.status == "creating"
             )
+            ended = sum(
+                1
+                for gen in active
+                for batch in store.batches(gen.id)
+                if batch.remote_id is not None
+                and batch.status in TERMINAL_STATUSES
+                and batch.status != "cancelled"
+            )
         run.exit_code = 0
-        return CancelResult(n, stopping, len(active), unconfirmed)
+        return CancelResult(n, stopping, len(active), unconfirmed, ended)
 
 
 # ---------------------------------------------------------------------------------------------

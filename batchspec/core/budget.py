@@ -38,6 +38,7 @@ from batchspec.wire.request_index import RequestBytes, RequestFact
 from batchspec.wire.usage import max_output_of_line
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
+from batchspec.workspace.yamldoc import display_path
 
 
 @dataclass(frozen=True)
@@ -249,5 +250,8 @@ def _refusal(res: Resource, amount: str, limit: str, new: int) -> BudgetError:
     return BudgetError(
         f"{res.name}: submitting {new:,} more request(s) would bring this generation to "
         f"{amount}, over its budget ({limit}); nothing was uploaded",
-        details=[f"raise spec.budget in {res.source.file} or shrink the input to go on"],
+        details=[
+            f"raise spec.budget in {display_path(res.source.file)} (it falls back field by "
+            "field to defaults.budget in batchspec.yaml) or shrink the input to go on"
+        ],
     )

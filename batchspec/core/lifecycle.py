@@ -189,10 +189,23 @@ def require_one_shard(
         default=0,
     )
     if shards > 1:
+        lim = res.limits
+        own = any(
+            (
+                lim.max_requests_per_batch,
+                lim.max_bytes_per_batch,
+                lim.max_embedding_inputs_per_batch,
+            )
+        )
+        by = "its manifest's spec.limits" if own else "the provider's limits"
         raise ManifestError(
             f"cannot import into {res.name}: its input ({facts.requests} requests) is split "
-            f"into {shards} shards by the provider's limits, and one remote batch is one shard",
-            details=["let `batchspec apply` submit it instead"],
+            f"into {shards} shards by {by} (at most {limits.max_requests:,} requests and "
+            f"{limits.max_bytes:,} bytes per remote batch), and one remote batch is one shard",
+            details=[
+                "let `batchspec apply` submit it instead"
+                + (", or raise spec.limits to hold the whole input" if own else "")
+            ],
         )
 
 
@@ -208,9 +221,7 @@ def same_service(providers: Mapping[str, ProviderConfig], res: Resource) -> list
         return p.type, (p.base_url or "").rstrip("/")
 
     return [res.provider] + [
-        name
-        for name, p in providers.items()
-        if name != res.provider and service(p) == service(own)
+        name for name, p in providers.items() if name != res.provider and service(p) == service(own)
     ]
 
 

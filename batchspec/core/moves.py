@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from batchspec.core.plan import Plan, RecordedResource
+from batchspec.core.plan import ActionKind, Plan, RecordedResource
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.errors import ManifestError
 from batchspec.state.store import StateStore
@@ -179,6 +179,22 @@ def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
     )
 
 
+def renamed_to(store: StateStore, name: str) -> str | None:
+    """The name ``name`` was last renamed to (a ``move`` event from it), if any."""
+    moves = [e for e in store.events(resource=name) if e.action == MOVE_EVENT]
+    to = moves[-1].detail.get("to") if moves else None
+    return to if isinstance(to, str) and to != name else None
+
+
+def renamed_error(name: str, new: str, command: str) -> ManifestError:
+    """What a command given the old name of a renamed resource says (exit 1)."""
+    return ManifestError(
+        f"no resource named {name!r}: it was renamed to {new!r} (metadata.moved); its "
+        "generations and batches are under the new name",
+        details=[f"`batchspec {command.replace('NAME', new)}`"],
+    )
+
+
 def former_names(store: StateStore, name: str) -> list[str]:
     """The names ``name`` was recorded under before, most recent first (from move events)."""
     names: list[str] = []
@@ -198,6 +214,34 @@ def former_names(store: StateStore, name: str) -> list[str]:
         current = previous
 
 
+def rename_hints(store: StateStore, plan: Plan, input_sha256: Mapping[str, str]) -> list[str]:
+    """A warning for each new resource that looks like an orphan renamed without ``moved``:
+    its input (``input_sha256``: by resource name) is the one the orphan's current generation
+    ran. Without ``moved`` the rename submits (and pays for) every request again."""
+    orphans = [
+        a.resource for a in plan.actions if a.kind in (ActionKind.ORPHANED, ActionKind.PRUNE)
+    ]
+    ran: dict[str, list[str]] = {}
+    for name in orphans:
+        row = store.get_resource(name)
+        if row is not None and row.current_generation_id is not None:
+            sha = store.get_generation(row.current_generation_id).input_sha256
+            ran.setdefault(sha, []).append(name)
+    hints = []
+    for action in plan.actions:
+        if action.kind is not ActionKind.CREATE or store.get_resource(action.resource):
+            continue
+        new = action.resource
+        for old in ran.get(input_sha256.get(new, ""), ()):
+            hints.append(
+                f"{new} is new, and {old}, whose manifest is gone, ran the same input: if "
+                f"{new} is {old} renamed, add `moved: {{from: {old}}}` under {new}'s "
+                f"metadata: apply then takes over what is recorded for {old} (its answers, "
+                "results and history) instead of submitting every request again"
+            )
+    return hints
+
+
 __all__ = [
     "MOVE_EVENT",
     "Move",
@@ -206,4 +250,7 @@ __all__ = [
     "moved_view",
     "note_moves",
     "pending_moves",
+    "rename_hints",
+    "renamed_error",
+    "renamed_to",
 ]

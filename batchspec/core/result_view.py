@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.core import export
+from batchspec.core.moves import renamed_error, renamed_to
 from batchspec.core.replacements import effective_resources
 from batchspec.core.session import select_resources
 from batchspec.core.status import (
@@ -96,9 +97,14 @@ def result_files(
     """
     ws = load_workspace(paths, state_path=state_path, tolerate_broken=True)
     require_loaded(ws, [s for s in select if is_name_selector(s)])
-    resources = select_resources(ws, select)
     names = {r.name for r in ws.resources}
     gone = [s for s in select if "=" not in s and ":" not in s and s not in names]
+    if gone:  # renamed (metadata.moved): say to what, not "did you mean"
+        with read_only_store(ws.project) as store:
+            moved_to = renamed_to(store, gone[0])
+        if moved_to is not None:
+            raise renamed_error(gone[0], moved_to, "results NAME")
+    resources = select_resources(ws, select)
     if gone:  # a recorded orphan: its manifest (and so its result path) is gone
         hint = unknown_name_hint(gone[0], names)
         raise ManifestError(f"no resource named {gone[0]!r} in the manifests ({hint})")

@@ -257,6 +257,16 @@ class ProviderPool:
             )
         return self.built[name]
 
+    def claim(self, name: str) -> Provider:
+        """``get``, with what the provider needs for itself taken now: a local engine's data
+        folder (its lock; exit 3 while a `batchspec serve` or another run holds it), so that
+        a run finds it in use before recording anything it would create there."""
+        provider = self.get(name)
+        claim = getattr(provider, "claim", None)  # the local provider's
+        if claim is not None:
+            claim()
+        return provider
+
     def __enter__(self) -> ProviderPool:
         return self
 

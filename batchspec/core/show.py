@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.core.batches import event_detail_shown
+from batchspec.core.moves import renamed_error, renamed_to
 from batchspec.core.replacements import effective_resources
 from batchspec.core.spend import Price, Usage, generation_usage, price_for, priced_usage
 from batchspec.core.status import ResourceStatus, resource_statuses
@@ -125,23 +126,12 @@ def describe_resource(
         return _describe(None, res, name, events, ws.project.providers)
     with StateStore.open(ws.project.state) as store:
         if res is None and store.get_resource(name) is None:
-            moved_to = _moved_to(store, name)
+            moved_to = renamed_to(store, name)
             if moved_to is not None:
-                raise ManifestError(
-                    f"no resource named {name!r}: it was renamed to {moved_to!r} "
-                    "(metadata.moved); its generations and batches are under the new name",
-                    details=[f"`batchspec show {moved_to}`"],
-                )
+                raise renamed_error(name, moved_to, "show NAME")
             recorded = [r.name for r in store.list_resources()]
             raise _unknown(name, [r.name for r in ws.resources] + recorded)
         return _describe(store, res, name, events, ws.project.providers)
-
-
-def _moved_to(store: StateStore, name: str) -> str | None:
-    """The name ``name`` was last renamed to (a ``move`` event from it), if any."""
-    moves = [e for e in store.events(resource=name) if e.action == "move"]
-    to = moves[-1].detail.get("to") if moves else None
-    return to if isinstance(to, str) and to != name else None
 
 
 def _unknown(name: str, known: Sequence[str]) -> ManifestError:

@@ -4,7 +4,9 @@
   ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone.
 * **health**: ``Progressing`` (batches pending or in flight), ``Healthy`` (results written),
   ``Degraded`` (attempts exhausted, or nothing succeeded), ``Suspended`` (``suspend: true``
-  or cancelled by a user), ``Missing`` (nothing recorded yet).
+  or cancelled by a user), ``Missing`` (nothing recorded yet for the current spec; an earlier
+  spec's generation, when there is one, is in ``earlier``: its answers and result files are
+  still there), ``Unknown`` (an orphan: no manifest says what it should be).
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ class BatchStatus:
 
 
 @dataclass(frozen=True)
+class EarlierGeneration:
+    """The generation an edited spec has not replaced yet: what its results hold."""
+
+    id: int
+    status: str
+    requests: int
+    succeeded: int
+    failed: int
+
+
+@dataclass(frozen=True)
 class ResourceStatus:
     name: str
     sync: str
@@ -91,6 +104,8 @@ class ResourceStatus:
     batches: tuple[BatchStatus, ...] = ()
     #: tokens and dollars of the current generation's answers (cost_usd None: unknown price)
     usage: Usage = Usage()
+    #: ``Missing`` after a spec change: the earlier spec's generation, still recorded
+    earlier: EarlierGeneration | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -188,6 +203,8 @@ def _resource_statuses(
             last = _last(store, action)
             gen = last if last is not None and last.status in ACTIVE_GENERATION_STATUSES else None
         status = _status(store, action.resource, action, res, gen)
+        if gen is None and res is not None:
+            status = replace(status, earlier=_earlier(store, action))
         if action.kind is ActionKind.COLLECT and gen is not None:
             status = _with_download_failure(store, status, gen)
         if gen is not None:
@@ -217,6 +234,16 @@ def _with_download_failure(
         f"`batchspec show {status.name}` has the provider's error"
     )
     return replace(status, reason=reason)
+
+
+def _earlier(store: StateStore, action: Action) -> EarlierGeneration | None:
+    """The generation of an earlier spec a resource with none for its current spec still has
+    (an edited input, say): status said "not applied yet", as of a resource never run."""
+    last = _last(store, action)
+    if last is None:
+        return None
+    succeeded, failed = answer_counts(store, last)
+    return EarlierGeneration(last.id, last.status, last.requests, succeeded, failed)
 
 
 def _last(store: StateStore, action: Action) -> GenerationRow | None:

@@ -3,6 +3,8 @@
 One table, read by the registry (default base URL and key variable) and by sharding (the
 requests and bytes one remote batch may hold). The facts come from each provider's docs
 (``/work/shared/reference/batch-apis.md`` collects them); ``docs/providers.md`` shows them.
+The completion windows each type takes are checked with the manifest
+(``workspace.manifest.COMPLETION_WINDOWS``), before anything is uploaded.
 
 Why ``type: groq`` and ``type: together`` rather than ``type: openai`` with an option: each
 has its own default base URL, key variable and limits, and Together its own wire protocol
@@ -26,7 +28,6 @@ class Flavour:
     api_key_env: str | None
     max_requests: int
     max_bytes: int
-    windows: tuple[str, str] = ("24h", "24h")  # shortest and longest completion window
     custom_id_pattern: str | None = None  # checked at validate time, before any upload
 
 
@@ -49,7 +50,6 @@ FLAVOURS: dict[str, Flavour] = {
             "GROQ_API_KEY",
             50_000,
             200 * MB,
-            windows=("24h", "7d"),
         ),
         Flavour(
             "together",

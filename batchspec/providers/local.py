@@ -96,6 +96,11 @@ class LocalProvider:
             engine.start()
         return engine
 
+    def claim(self) -> None:
+        """Open the engine, taking its data folder's lock (``StateLockedError`` while another
+        process holds it), without starting its worker."""
+        self._opened()
+
     def _opened(self) -> Engine:
         """The engine, opened on first use; its worker not started by this (see
         ``cancel_batch``)."""
@@ -227,11 +232,14 @@ class LocalProvider:
 
 
 def provider_error(name: str, err: EngineError) -> ProviderError:
-    """The ``ProviderError`` (``RemoteNotFound`` for 404) an engine refusal becomes."""
+    """The ``ProviderError`` (``RemoteNotFound`` for 404) an engine refusal becomes. A 4xx
+    other than 408/409 acted on nothing (``sent_nothing``), as an HTTP provider's: a create
+    the engine refused made no batch, so its intent is not left waiting to be confirmed."""
     kind = RemoteNotFound if err.status == 404 else ProviderError
     return kind(
         f"local provider {name!r}: {err.message}",
         status=err.status,
         code=err.code,
         retryable=err.status == 429 or err.status >= 500,
+        sent_nothing=400 <= err.status < 500 and err.status not in (408, 409),
     )

@@ -82,6 +82,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -552,6 +553,8 @@ def _check_spec(
         return None
     folder = resolve.folder(doc.file.parent)
     provider = _provider(doc, spec, project, problems)
+    if provider is not None:
+        _check_window(doc, spec, project.providers[provider], problems)
     raw_input = spec.get("input")
     input_path = input_sha256 = input_source = None
     if isinstance(raw_input, str):
@@ -907,6 +910,46 @@ def _provider(
     message = f"unknown provider '{name}' ({tail})"
     problems.append(Problem.at(doc.location(pointer), pointer, "unknown-provider", message))
     return None
+
+
+#: the completion windows each provider type takes, shortest and longest (docs/providers.md,
+#: "Limits per remote batch"); a type not here is not checked: Anthropic and Gemini run in a
+#: window of their own whatever is asked, Mistral clamps it (``timeout_hours``), and an
+#: OpenAI-compatible proxy (``litellmProvider``) takes what the provider behind it takes
+COMPLETION_WINDOWS: dict[str, tuple[str, str]] = {
+    "openai": ("24h", "24h"),
+    "azure": ("24h", "24h"),
+    "together": ("24h", "24h"),
+    "local": ("24h", "24h"),
+    "groq": ("24h", "7d"),
+}
+
+
+def _hours(window: str) -> int:
+    return int(window[:-1]) * (24 if window.endswith("d") else 1)
+
+
+def _check_window(
+    doc: YamlDocument, spec: Mapping[str, Any], provider: ProviderConfig, problems: list[Problem]
+) -> None:
+    """A ``completionWindow`` the provider's type refuses at create, found before anything is
+    uploaded (the provider said so only after the upload, at the create)."""
+    window = spec.get("completionWindow")
+    bounds = COMPLETION_WINDOWS.get(provider.type)
+    if not isinstance(window, str) or bounds is None or provider.options.get("litellmProvider"):
+        return
+    if not re.fullmatch(r"[0-9]+[hd]", window):
+        return  # the schema has reported it
+    shortest, longest = bounds
+    if _hours(shortest) <= _hours(window) <= _hours(longest):
+        return
+    takes = f"only {shortest}" if shortest == longest else f"{shortest} to {longest}"
+    message = (
+        f"completionWindow {window} is not one provider '{provider.name}' (type "
+        f"{provider.type}) takes: it takes {takes}"
+    )
+    pointer = "/spec/completionWindow"
+    problems.append(Problem.at(doc.location(pointer), pointer, "completion-window", message))
 
 
 def _engine_shared_with(project: Project, name: str) -> str | None:

@@ -4,7 +4,10 @@
 commented-out ``openai`` example), one manifest, a three-request chat data file, and the
 state folder's ``.gitignore`` and README.
 
-Promise: it never overwrites anything. Every target is checked before the first byte is
+Promise: it never overwrites anything, nor cuts manifests out of a workspace: a folder with its
+own ``batchspec.yaml`` is another workspace, which the enclosing one's scans skip, so a folder
+holding manifests of the workspace it lies in is refused (one that holds none is scaffolded,
+and ``inside`` names that workspace). Every target is checked before the first byte is
 written; if any exists (or a folder on its way is a file), it raises naming each of them and
 writes nothing. Files are created with exclusive mode, so a file that appears meanwhile is
 not clobbered either.
@@ -13,13 +16,20 @@ not clobbered either.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError
-from batchspec.workspace.project import PROJECT_FILE_NAME
-from batchspec.workspace.yamldoc import display_path
+from batchspec.workspace.discovery import find_manifest_files
+from batchspec.workspace.project import PROJECT_FILE_NAME, find_project_file, load_project
+from batchspec.workspace.yamldoc import (
+    MAX_YAML_FILE_BYTES,
+    display_path,
+    name_listing,
+    read_bounded,
+)
 
 PROJECT_TEMPLATE = """\
 # The batchspec project file: it marks this folder as a workspace.
@@ -91,6 +101,7 @@ class ScaffoldResult:
     root: Path
     created: tuple[Path, ...]  # in the order written
     next_command: str  # what to run next, as a shell command
+    inside: Path | None = None  # the project file of a workspace ``root`` lies in
 
 
 def scaffold_files() -> dict[str, str]:
@@ -115,13 +126,49 @@ def scaffold_workspace(directory: str | Path = ".") -> ScaffoldResult:
             f"refusing to overwrite existing files: {names}. Nothing was written; "
             "run `batchspec init` in an empty folder or remove them first."
         )
+    outer, cut_out = _enclosing_manifests(root)
+    if outer is not None and cut_out:
+        shown = name_listing([display_path(p) for p in cut_out])
+        raise BatchspecError(
+            f"refusing to create a workspace in {display_path(root)}: it lies in the workspace "
+            f"of {display_path(outer)}, whose manifests below it ({shown}) would drop out of "
+            "that workspace (a folder with its own batchspec.yaml is another workspace): no "
+            "longer planned or applied there, and `apply --prune` there would cancel and "
+            "forget what they run. Nothing was written; run `batchspec init` in a folder "
+            "outside them."
+        )
     created = []
     for path, content in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("x", encoding="utf-8", newline="\n") as fh:
             fh.write(content)
         created.append(path)
-    return ScaffoldResult(root, tuple(created), _next_command(root))
+    return ScaffoldResult(root, tuple(created), _next_command(root), outer)
+
+
+def _enclosing_manifests(root: Path) -> tuple[Path | None, list[Path]]:
+    """The project file of the workspace ``root`` lies in (None: none), and the manifests of
+    that workspace below ``root`` (files its globs find that declare ``kind: Batch``)."""
+    start = root.resolve()
+    outer = find_project_file(start.parent)
+    if outer is None or not start.is_dir():
+        return outer, []
+    try:
+        files, _, _ = find_manifest_files([str(start)], load_project(outer))
+    except (BatchspecError, OSError):  # a broken project file: nothing to cut out of it
+        return outer, []
+    return outer, [f for f in files if _declares_batches(f)]
+
+
+def _declares_batches(file: Path) -> bool:
+    try:
+        text = read_bounded(file, MAX_YAML_FILE_BYTES)
+    except Exception:  # refused (too large, a device) or unreadable: the enclosing workspace
+        return True  # reports it as a manifest, so it counts as one
+    return _BATCH_KIND.search(text) is not None
+
+
+_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
 
 
 def _conflicts(root: Path, targets: list[Path]) -> list[Path]:

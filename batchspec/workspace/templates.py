@@ -110,7 +110,9 @@ PARQUET_EXTRA = "pip install 'batchspec[parquet]'"
 #: Bumped when the rendered output for the same templates and rows would change.
 RENDER_VERSION = 1
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
-_UNDEFINED_NAME = re.compile(r"^'([^']*)' is undefined$|has no attribute '([^']*)'$")
+_UNDEFINED_NAME = re.compile(r"^'([^']*)' is undefined$|^'(.+?)' has no attribute '([^']*)'$")
+#: jinja's names of the values a template may read an attribute of, as a message says them
+_VALUE_KINDS = {"str object": "text", "int object": "number", "float object": "number"}
 
 Locate = Callable[[str], SourceLocation]
 Context = Mapping[str, Any]
@@ -837,7 +839,16 @@ def _leaf_problem(err: _LeafError, row: Row, template: RequestTemplate) -> tuple
     cause = err.cause
     if isinstance(cause, jinja2.UndefinedError):
         match = _UNDEFINED_NAME.search(str(cause))
-        field = next((g for g in match.groups() if g is not None), None) if match else None
+        undefined, owner, attribute = match.groups() if match else (None, None, None)
+        field = undefined or (attribute if owner == "dict object" else None)
+        if owner is not None and attribute is not None and field is None:
+            # `{{ lang.foo }}` with lang a field of text: not a field the row lacks
+            kind = _VALUE_KINDS.get(owner, owner.removesuffix(" object"))
+            return "template-error", (
+                f"row {row.number}: the template at {where} reads {attribute!r} of a {kind} "
+                "value, which has no such attribute (only the row and objects have fields); "
+                f"the row's fields are: {', '.join(map(str, row.fields)) or 'none'}"
+            )
         if field is not None:
             names = ", ".join(map(str, row.fields)) or "no fields"
             message = (
