@@ -309,8 +309,14 @@ def test_a_queued_shard_counts_its_own_size_not_the_average(
     assert code == 0, out + err
     assert len(received_batches(srv.client())) == 1  # the second shard waits its turn
 
-    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
     assert code == 0, out + err
+    plan = json.loads(out)
+    small = estimate_input_tokens(ws.input_path("r").stat().st_size) // 10  # ~75 of ~1,600
+    # the plan's totals, its action and its spend estimate all count the queued shard itself
+    assert 0 < plan["estimated_input_tokens"] < small, plan
+    assert plan["actions"][0]["estimated_input_tokens"] == plan["estimated_input_tokens"]
+    assert plan["estimates"]["r"]["input_tokens"] == plan["estimated_input_tokens"]
     code, out, err = apply_wait(ws, capsys)
     assert code == 0, out + err
     assert len(received_batches(srv.client())) == 2

@@ -817,7 +817,22 @@ def compute_plan(
         orphan_selected=orphan_selected,
         now=time.time(),
     )
-    return note_moves(plan, moved)
+    return note_moves(_queued_as_recorded(store, plan, facts), moved)
+
+
+def _queued_as_recorded(store: StateStore, plan: Plan, facts: Mapping[str, InputReport]) -> Plan:
+    """The plan with each create of intents already recorded estimated from what they
+    recorded (the bytes of their own requests), not from the input's average request: a
+    small shard queued behind a large one is small (the budget checks count the same)."""
+    actions = []
+    for action in plan.actions:
+        queued = _sent_and_queued(store, action)[1] if action.kind is ActionKind.CREATE else []
+        if queued and action.resource in facts:
+            carried = sent_by(store, facts[action.resource], queued)
+            tokens = estimate_input_tokens(carried.bytes)
+            action = dataclasses.replace(action, estimated_input_tokens=tokens)
+        actions.append(action)
+    return dataclasses.replace(plan, actions=tuple(actions))
 
 
 def planned_resources(
@@ -996,22 +1011,16 @@ def plan_estimates(
     for a in plan.spending:
         if a.resource not in by_name or a.resource not in facts:
             continue
-        input_tokens, output_tokens = a.estimated_input_tokens, outputs.get(a.resource)
-        # a budget's check counts what queued intents recorded; so does its estimate (reading
-        # their events costs a scan of the events table: only under a budget)
-        queued = _sent_and_queued(store, a)[1] if by_name[a.resource].budget else []
-        if queued:
-            carried = sent_by(store, facts[a.resource], queued)
-            input_tokens, output_tokens = (
-                estimate_input_tokens(carried.bytes),
-                carried.output_tokens,
-            )
+        output_tokens = outputs.get(a.resource)
+        queued = _sent_and_queued(store, a)[1]
+        if queued:  # what they recorded, as the budget checks count them
+            output_tokens = sent_by(store, facts[a.resource], queued).output_tokens
         estimates[a.resource] = estimate_spend(
             by_name[a.resource],
             facts[a.resource],
             providers,
             requests=a.requests,
-            input_tokens=input_tokens,
+            input_tokens=a.estimated_input_tokens,
             output_tokens=output_tokens,
         )
     return estimates
@@ -1052,12 +1061,10 @@ def budget_refusals(
         if res.budget is None:  # nothing to check: no events to read
             continue
         sent, queued = _sent_and_queued(store, action)
-        new_input_tokens = action.estimated_input_tokens
         new_output_tokens = outputs.get(res.name)
         if queued:  # intents recorded (and checked) already: their own sizes, not averages
-            carried = sent_by(store, facts[res.name], queued)
-            new_input_tokens = estimate_input_tokens(carried.bytes)
-            new_output_tokens = carried.output_tokens
+            # (their bytes are the action's estimate already: ``_queued_as_recorded``)
+            new_output_tokens = sent_by(store, facts[res.name], queued).output_tokens
         try:
             check_budget(
                 res,
@@ -1066,7 +1073,7 @@ def budget_refusals(
                 new=action.requests,
                 providers=providers,
                 sent=sent_by(store, facts[res.name], sent),
-                new_input_tokens=new_input_tokens,
+                new_input_tokens=action.estimated_input_tokens,
                 new_output_tokens=new_output_tokens,
             )
         except BudgetError as err:

@@ -154,9 +154,14 @@ def sent_by(store: StateStore, facts: InputReport, batches: Sequence[BatchRow]) 
     at the input's average request."""
     if not batches:
         return Sent(0, 0)
-    recorded = {
-        e.batch_id: e.detail for e in store.generation_events(batches[0].generation_id, "intent")
-    }
+    gen_id = batches[0].generation_id
+    # read by the resource's index; an intent recorded under an earlier name (a move since)
+    # or not at all (an import) is looked for in the whole table
+    name = store.get_generation(gen_id).resource
+    events = store.generation_events(gen_id, "intent", resource=name)
+    recorded = {e.batch_id: e.detail for e in events}
+    if any(b.id not in recorded for b in batches):
+        recorded = {e.batch_id: e.detail for e in store.generation_events(gen_id, "intent")}
     nbytes = output = 0
     for batch in batches:
         detail = recorded.get(batch.id) or {}
