@@ -326,6 +326,63 @@ def test_success_with_a_body_that_is_not_json_is_a_clear_error(scripted: Scripte
         provider.get_batch("batch_1")
 
 
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        pytest.param(
+            b'"request_counts": {"total": "abc", "completed": [1]}', "counts", id="counts"
+        ),
+        pytest.param(b'"usage": {"input_tokens": "1.5", "output_tokens": {}}', "usage", id="usage"),
+        pytest.param(b'"metadata": ["a"]', "metadata", id="metadata-array"),
+        pytest.param(b'"metadata": "text"', "metadata", id="metadata-string"),
+        pytest.param(b'"created_at": 1e400', "created_at", id="infinite-time"),
+        pytest.param(b'"completed_at": NaN', "completed_at", id="nan-time"),
+        pytest.param(b'"errors": {"data": [{"code": 5, "line": "x"}]}', "errors", id="errors"),
+        pytest.param(b'"output_file_id": 12', "output_file_id", id="numeric-file-id"),
+    ],
+)
+def test_a_batch_object_of_wrong_types_is_read_leniently(
+    scripted: ScriptedServer, raw: bytes, read: str
+) -> None:
+    """Informative fields of the wrong JSON type (a count that is text, metadata that is an
+    array, a time of 1e400) are read as far as they can be, not raised as a bare ValueError,
+    TypeError or OverflowError (a traceback, after the create had been made)."""
+    body = b'{"id": "batch_1", "status": "completed", ' + raw + b"}"
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}))
+    provider, _ = make_provider(scripted)
+    remote = provider.get_batch("batch_1")
+    assert remote.id == "batch_1"
+    assert remote.status == "completed"
+    if read == "output_file_id":
+        assert remote.output_file_id == "12"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'"id": null', id="null-id"),
+        pytest.param(b'"id": {"a": 1}', id="object-id"),
+        pytest.param(b'"id": "batch_1", "output_file_id": {"a": 1}', id="object-file-id"),
+    ],
+)
+def test_a_batch_object_whose_ids_cannot_be_used_is_a_provider_error(
+    scripted: ScriptedServer, raw: bytes
+) -> None:
+    """An id that is null or structured is a ``ProviderError`` (sent nothing: False, so a
+    create answered so is looked up by its key), never a batch named ``None`` recorded and
+    polled for ever, nor a dict bound into the state (a database error)."""
+    body = b'{"status": "completed", ' + raw + b"}"
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="not a") as caught:
+        provider.get_batch("batch_1")
+    assert not caught.value.sent_nothing
+    body = b'{"object": "list", "has_more": false, "data": [{"status": "completed", ' + raw + b"}]}"
+    scripted.script(Answer(200, body, {"content-type": "application/json"}))
+    with pytest.raises(ProviderError, match="not a"):
+        list(provider.list_batches())
+
+
 # -- transport errors ----------------------------------------------------------------------
 
 
