@@ -31,6 +31,18 @@ def metadata_for_key(key: str) -> dict[str, str]:
     return dict(zip(METADATA_KEYS, key.split("/"), strict=True))
 
 
+def carries_another_key(remote: RemoteBatch, key: str) -> bool:
+    """Whether ``remote`` carries batchspec's metadata of a key other than ``key``: it is
+    another batch (another resource's, shard's or attempt's), whatever call answered with it.
+
+    A provider or gateway that answers a create or a get with another batch's object (a
+    cache keyed wrongly, a retried create answered with the first one's batch) would have
+    that batch's answers collected as this one's: with custom_ids shared between resources
+    (``req-1``, ``req-2``…), another resource's answers written into this one's results."""
+    wanted = metadata_for_key(key)
+    return any(k in remote.metadata and remote.metadata[k] != v for k, v in wanted.items())
+
+
 def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
     """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
     return {**res.metadata, **metadata_for_key(batch.key)}

@@ -7,10 +7,11 @@ through here, so the submit step polls when it finds the provider full.
 
 from __future__ import annotations
 
-from batchspec.core.batches import batch_fields, counts_json
+from batchspec.core.batches import batch_fields, carries_another_key, counts_json
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
+from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -66,6 +67,12 @@ def poll_batch(
     if remote is None:
         ctx.before_wait()
         remote = provider.get_batch(batch.remote_id)
+    if remote.id != batch.remote_id and carries_another_key(remote, batch.key):
+        raise ProviderError(
+            f"{batch.provider} answered the poll of batch {batch.remote_id} ({name}) with "
+            f"another batch, {remote.id}, which carries another batch's key: nothing of it was "
+            "recorded (its files hold another batch's answers); the next apply asks again"
+        )
     note_progress(ctx, remote)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):

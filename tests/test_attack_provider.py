@@ -1,0 +1,123 @@
+"""Attacks from a hostile or buggy provider: a create or a poll answered with another batch's
+object. Both resources use the same custom_ids (``req-0``…) with different prompts, as
+teams' inputs do, so another batch's answers would join this one's requests. A small OpenAI
+stand-in on loopback (``hostile_openai``), real SQLite, the CLI's own entry point."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostile_openai import HostileOpenAI, Reply, SeenRequest
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileOpenAI]:
+    srv = HostileOpenAI()
+    yield srv
+    srv.stop()
+
+
+def _workspace(tmp_path: Path, srv: HostileOpenAI) -> Workspace:
+    """alpha and beta, three requests each with the same custom_ids; beta's prompts differ."""
+    provider = {
+        "type": "openai",
+        "baseUrl": srv.v1,
+        "apiKeyEnv": KEY_ENV,
+        "options": {"maxRetries": 0},
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": provider},
+        resources=(ResourceSpec("alpha"), ResourceSpec("beta")),
+    )
+    lines = [json.loads(line) for line in ws.input_path("beta").read_text().splitlines()]
+    for line in lines:
+        line["body"]["messages"][0]["content"] += " (beta)"
+    ws.write_input("beta", lines)
+    return ws
+
+
+def _answers(ws: Workspace, name: str) -> list[str]:
+    return [o["response"]["body"]["choices"][0]["message"]["content"] for o in ws.outputs(name)]
+
+
+def _beta_answered_with_alphas_batch(
+    server: HostileOpenAI, seen: SeenRequest, reply: Reply
+) -> Reply:
+    created = json.loads(reply.body)
+    if created["metadata"]["batchspec_resource"] == "beta":
+        return Reply.of(server.batches["batch_1"])
+    return reply
+
+
+def test_a_create_answered_with_another_batch_adopts_its_own_and_keeps_its_answers(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """beta's create is answered with alpha's batch (a gateway's cache, a retried create
+    answered with the first one's): it is not bound to beta (whose results would be alpha's
+    answers, and whose own batch, made and paid for, never collected); beta's own batch is
+    found by its key and adopted, no third create is sent, and each resource's results
+    answer its own prompts."""
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["POST /v1/batches"] = _beta_answered_with_alphas_batch
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, out + err
+    assert "Traceback" not in err
+    assert hostile.creates() == 2
+    with ws.store() as store:
+        remote_ids = {
+            name: [b.remote_id for b in store.batches(store.generations(name)[0].id)]
+            for name in ("alpha", "beta")
+        }
+    assert remote_ids == {"alpha": ["batch_1"], "beta": ["batch_2"]}
+    assert all("(beta)" in answer for answer in _answers(ws, "beta"))
+    assert not any("(beta)" in answer for answer in _answers(ws, "alpha"))
+
+
+def test_a_poll_answered_with_another_batch_records_nothing_of_it(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A poll of alpha's batch answered with beta's (ended, its output file named): nothing
+    of it is recorded (alpha's batch stays in flight, with no file id; exit 1, no
+    traceback); once the provider answers right, the next apply collects alpha's own
+    answers, and nothing was created again."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.finish_all()
+
+    def beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply.of(server.batches["batch_2"]) if "batch_1" in seen.path else reply
+
+    hostile.hooks["GET /v1/batches/{id}"] = beta_for_alpha
+    hostile.hooks["GET /v1/batches"] = _listing_with_beta_for_alpha
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1, out + err
+    assert "another batch" in err
+    assert "Traceback" not in err
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert (alpha.status, alpha.output_file_id) == ("in_progress", None)
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 2
+    assert not any("(beta)" in answer for answer in _answers(ws, "alpha"))
+    assert all("(beta)" in answer for answer in _answers(ws, "beta"))
+
+
+def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """The listing, with alpha's row replaced by beta's batch (polls may read the list)."""
+    page: dict[str, Any] = json.loads(reply.body)
+    page["data"] = [server.batches["batch_2"] if r["id"] == "batch_1" else r for r in page["data"]]
+    return Reply.of(page)
