@@ -69,6 +69,7 @@ def test_a_create_answered_with_another_batch_adopts_its_own_and_keeps_its_answe
     found by its key and adopted, no third create is sent, and each resource's results
     answer its own prompts."""
     ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
     hostile.hooks["POST /v1/batches"] = _beta_answered_with_alphas_batch
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
     assert code == 0, out + err
@@ -93,7 +94,8 @@ def test_a_poll_answered_with_another_batch_records_nothing_of_it(
     answers, and nothing was created again."""
     hostile.initial_status = "in_progress"
     ws = _workspace(tmp_path, hostile)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for name in ("alpha", "beta"):  # alpha's batch is batch_1, beta's batch_2
+        assert run_cli(["apply", str(ws.root), "--yes", "-s", name], capsys)[0] == 0
     hostile.finish_all()
 
     def beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
