@@ -118,6 +118,29 @@ def test_a_poll_answered_with_another_batch_records_nothing_of_it(
     assert all("(beta)" in answer for answer in _answers(ws, "beta"))
 
 
+def test_an_output_file_served_empty_for_a_batch_counted_completed_is_not_taken_as_unanswered(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alpha's batch ends ``completed`` with its three requests counted completed, and its
+    output file is served with HTTP 200 and no body: nothing is recorded and nothing sent
+    again (taken as three unanswered requests, they were retried twice, paid three times, and
+    alpha ended Degraded); the next apply, once the file is served, collects it."""
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["GET /v1/files/{id}/content"] = lambda server, seen, reply: Reply(200, b"")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "served the output file of batch batch_1 empty" in out + err
+    assert hostile.creates() == 1
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert alpha.collected_at is None
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3
+
+
 def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
     """The listing, with alpha's row replaced by beta's batch (polls may read the list)."""
     page: dict[str, Any] = json.loads(reply.body)

@@ -413,6 +413,8 @@ def collect_batch(
                     raise DownloadFailed(kind, file_id or "", refusal) from err
                 if not any(read.values()) and not is_blank(path):
                     raise DownloadFailed(kind, file_id or "", _not_results(name, batch, path))
+                if not any(read.values()) and kind == "output" and (batch.completed or 0) > 0:
+                    raise DownloadFailed(kind, file_id or "", _served_empty(name, batch))
                 for answered, count in read.items():
                     tally[answered] += count
         detail: dict[str, Any] = {
@@ -472,6 +474,18 @@ def _not_results(name: str, batch: BatchRow, path: Path) -> ProviderError:
         f"not batch results ({path.stat().st_size:,} bytes, no line a JSON object with a "
         "custom_id: a page or a notice sent with HTTP 200?). Nothing of it was recorded, so no "
         f"request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
+    )
+
+
+def _served_empty(name: str, batch: BatchRow) -> ProviderError:
+    """Why an output file served empty is not recorded while the batch's own counts say
+    requests completed: taken as its batch's, every request of it was unanswered, and sent
+    again and paid for again by the retries, though the provider had done them (a gateway
+    answering 200 with no body, a content route failing quietly)."""
+    return ProviderError(
+        f"{batch.provider} served the output file of batch {batch.remote_id} empty, though it "
+        f"counted {batch.completed:,} request(s) of it completed. Nothing of it was recorded, "
+        f"so no request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
     )
 
 
