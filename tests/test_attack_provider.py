@@ -146,3 +146,28 @@ def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply
     page: dict[str, Any] = json.loads(reply.body)
     page["data"] = [server.batches["batch_2"] if r["id"] == "batch_1" else r for r in page["data"]]
     return Reply.of(page)
+
+
+def test_a_key_a_gateway_quotes_in_a_batchs_errors_is_not_recorded_or_shown(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A create answered with the batch ``failed`` and a validation error quoting the
+    request's Authorization header: the key is in no line apply writes, not in the state
+    (its ``provider_errors``, its ``collect`` event) and not in ``history --json``."""
+    ws = _workspace(tmp_path, hostile)
+
+    def failed_quoting_the_key(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        said = f"invalid auth: {seen.headers['authorization']}"
+        batch = json.loads(reply.body)
+        batch.update(status="failed", output_file_id=None)
+        batch["errors"] = {"data": [{"code": "bad_auth", "message": said, "param": said}]}
+        return Reply.of(batch)
+
+    hostile.hooks["POST /v1/batches"] = failed_quoting_the_key
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 4, out + err
+    assert "invalid auth: Bearer [redacted]" in out
+    _, history, _ = run_cli(["history", str(ws.root), "--json"], capsys)
+    for text in (out, err, history):
+        assert SENTINEL_KEY not in text
+    assert SENTINEL_KEY.encode() not in ws.state_bytes()

@@ -28,6 +28,7 @@ What this module promises:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -172,6 +173,24 @@ def _quoted_forms(secret: str) -> list[str]:
         repr(secret.encode("latin-1", "replace"))[2:-1],
     }
     return sorted(forms, key=len, reverse=True)
+
+
+def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:
+    """``remote`` with the key taken out of the provider's own words in it (its ``errors``'
+    codes, messages and params): they are recorded in the state and shown by ``apply``,
+    ``history`` and ``report``, and a gateway may quote the request's Authorization header
+    in a batch's validation error (``invalid auth: Bearer sk-…``)."""
+    if not remote.errors:
+        return remote
+
+    def clean(text: str | None) -> str | None:
+        return None if text is None else context.redact(text)
+
+    errors = tuple(
+        dataclasses.replace(e, code=clean(e.code), message=clean(e.message), param=clean(e.param))
+        for e in remote.errors
+    )
+    return dataclasses.replace(remote, errors=errors)
 
 
 def unsendable_header(headers: Mapping[str, str], context: ErrorContext) -> ProviderError | None:

@@ -56,6 +56,7 @@ from batchspec.providers._http import (
     new_client,
     next_page_cursor,
     quote_id,
+    redact_batch,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -224,7 +225,10 @@ class MistralProvider:
         response = self._http.request(
             "GET", f"/v1/batch/jobs/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
-        return parse_job(json_object(response, "get batch", self.name, api_root=_API_ROOT))
+        return redact_batch(
+            parse_job(json_object(response, "get batch", self.name, api_root=_API_ROOT)),
+            self._http.context,
+        )
 
     def list_batches(
         self, *, page_size: int = _PAGE_SIZE, metadata: Mapping[str, str] | None = None
@@ -246,7 +250,7 @@ class MistralProvider:
             elif rows:
                 first_ids.add(str(rows[0].get("id")))
             for row in rows:
-                job = parse_job(row)
+                job = redact_batch(parse_job(row), self._http.context)
                 if all(job.metadata.get(k) == v for k, v in (metadata or {}).items()):
                     yield job
             total = body.get("total")
@@ -263,8 +267,9 @@ class MistralProvider:
             f"/v1/batch/jobs/{quote_id(batch_id)}/cancel",
             batch_id=batch_id,
             get_batch=self.get_batch,
-            parse=lambda response: parse_job(
-                json_object(response, "cancel batch", self.name, api_root=_API_ROOT)
+            parse=lambda response: redact_batch(
+                parse_job(json_object(response, "cancel batch", self.name, api_root=_API_ROOT)),
+                self._http.context,
             ),
         )
 
@@ -322,7 +327,10 @@ class MistralProvider:
                 json=payload,
                 retry_ambiguous=False,
             )
-            return parse_job(json_object(response, "create batch", self.name, api_root=_API_ROOT))
+            return redact_batch(
+                parse_job(json_object(response, "create batch", self.name, api_root=_API_ROOT)),
+                self._http.context,
+            )
 
         # a keyed create may still be in transit: never re-sent here (the reconciler looks it
         # up for a bounded window first); an unkeyed one cannot be told apart, so it is re-sent
