@@ -171,3 +171,34 @@ def test_a_key_a_gateway_quotes_in_a_batchs_errors_is_not_recorded_or_shown(
     for text in (out, err, history):
         assert SENTINEL_KEY not in text
     assert SENTINEL_KEY.encode() not in ws.state_bytes()
+
+
+def test_a_batch_ended_with_answers_but_no_output_file_is_asked_again_not_retried(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A poll answers alpha's batch ``completed``, its three requests counted completed, with
+    ``output_file_id`` null (a gateway trimming the object): it is not recorded ended (then
+    collected with nothing, never polled again, and its three requests sent again and paid
+    for again); exit 1 saying so; the next apply, answered whole, collects it."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    hostile.finish_all()
+
+    def trimmed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply.of({**json.loads(reply.body), "output_file_id": None})
+
+    hostile.hooks["GET /v1/batches/{id}"] = trimmed
+    wait = ["--wait", "--timeout", "5"]  # bounded: before the fix, the retry never ended
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait, "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "names no output file" in err
+    assert hostile.creates() == 1
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert alpha.status == "in_progress"
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3

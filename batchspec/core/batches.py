@@ -43,6 +43,21 @@ def carries_another_key(remote: RemoteBatch, key: str) -> bool:
     return any(k in remote.metadata and remote.metadata[k] != v for k, v in wanted.items())
 
 
+def ended_without_its_answers(remote: RemoteBatch) -> bool:
+    """Whether ``remote`` says it ended with requests completed but names no output file: a
+    gateway's trimmed object, or a provider still writing the file. Recorded as it is, the
+    batch was collected with nothing in it (a terminal batch is never polled again), and its
+    completed requests, taken as unanswered, were sent again and paid for twice."""
+    counts = remote.request_counts
+    return (
+        remote.is_terminal
+        and remote.status != "failed"  # rejected whole: its requests fail, never retried
+        and remote.output_file_id is None
+        and counts is not None
+        and counts.completed > 0
+    )
+
+
 def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
     """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
     return {**res.metadata, **metadata_for_key(batch.key)}
