@@ -809,6 +809,23 @@ def test_undecodable_download_is_a_provider_error(scripted: ScriptedServer, tmp_
     assert len(scripted.requests) == 1
 
 
+def test_a_download_that_trickles_is_cut_as_stalled_and_bounded(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A body sent a byte at a time, each in time for the read timeout (which bounds a read,
+    not a body), is cut once a read timeout's time brings less than ``STALLED_BELOW_BYTES``,
+    downloaded again, then reported as a timeout: the download is bounded, not held for as
+    long as the server likes (here 20 s a try), and leaves no file."""
+    scripted.script(then=Answer(200, b"x" * 400, trickle=0.05))
+    provider, _ = make_provider(scripted, max_retries=1, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="stalled"):
+        provider.download_file("file-out", tmp_path / "results.jsonl")
+    assert time.monotonic() - started < 3
+    assert len(scripted.requests) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def _file_json(size: int) -> Answer:
     body = {
         "id": "file-1",

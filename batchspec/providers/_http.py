@@ -751,7 +751,7 @@ class RetryingClient:
         for retries_done in range(self._policy.max_attempts):
             response = self._send("GET", path, operation, True, headers, stream=True, kwargs={})
             try:
-                written = _write_body(response, partial)
+                written = _write_body(response, partial, stall_seconds=self._client.timeout.read)
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
                 if not self._policy.can_retry(retries_done):
@@ -852,12 +852,42 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
     )
 
 
-def _write_body(response: httpx.Response, partial: Path) -> int:
+#: a download body that brings fewer bytes than this in a read timeout's time is stalled
+STALLED_BELOW_BYTES = 64 * 1024
+
+
+def _write_body(
+    response: httpx.Response,
+    partial: Path,
+    *,
+    stall_seconds: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Write the body to ``partial``; its bytes.
+
+    A body that trickles (a byte now and then, each in time for the read timeout, which
+    bounds one read, not the body) would hold the run for ever: one that brings fewer than
+    ``STALLED_BELOW_BYTES`` in ``stall_seconds`` (the read timeout) raises ``ReadTimeout``,
+    and is downloaded again like any body cut off."""
     written = 0
+    window_start: float | None = None  # from the first bytes: a server may think first
+    window_bytes = 0
     with open(partial, "wb") as out:
-        for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
+        for chunk in response.iter_bytes():
             out.write(chunk)
             written += len(chunk)
+            window_bytes += len(chunk)
+            if window_start is None:
+                window_start = clock()
+            if stall_seconds is None or clock() - window_start < stall_seconds:
+                continue
+            if window_bytes < STALLED_BELOW_BYTES:
+                raise httpx.ReadTimeout(
+                    f"the body stalled: {window_bytes:,} bytes came in {stall_seconds:g}s "
+                    f"({written:,} in all)",
+                    request=response.request,
+                )
+            window_start, window_bytes = clock(), 0
         out.flush()
         # the caller keeps this file as the only copy of a paid-for result: make it durable
         os.fsync(out.fileno())
