@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import itertools
+import json
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -824,6 +825,22 @@ def test_a_download_that_trickles_is_cut_as_stalled_and_bounded(
     assert time.monotonic() - started < 3
     assert len(scripted.requests) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_api_answer_that_trickles_is_cut_as_stalled_and_bounded(
+    scripted: ScriptedServer,
+) -> None:
+    """A batch object sent a byte at a time, each in time for the read timeout, is cut as a
+    download's body is, retried, then reported: a poll is not held for as long as the
+    server likes (here 20 s a try)."""
+    body = json.dumps(batch_json()).encode().ljust(400)
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}, trickle=0.05))
+    provider, _ = make_provider(scripted, max_retries=1, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="stalled"):
+        provider.get_batch("batch_1")
+    assert time.monotonic() - started < 3
+    assert len(scripted.requests) == 2
 
 
 def _file_json(size: int) -> Answer:

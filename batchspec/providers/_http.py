@@ -799,7 +799,9 @@ class RetryingClient:
             last = not self._policy.can_retry(retries_done)
             try:
                 request = self._client.build_request(method, url, headers=merged, **kwargs)
-                response = self._client.send(request, stream=stream)
+                response = self._client.send(request, stream=True)
+                if not stream:
+                    _read_whole(response, stall_seconds=self._client.timeout.read)
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
                 error = error_from_transport(
@@ -856,39 +858,54 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
 STALLED_BELOW_BYTES = 64 * 1024
 
 
-def _write_body(
-    response: httpx.Response,
-    partial: Path,
-    *,
-    stall_seconds: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> int:
-    """Write the body to ``partial``; its bytes.
-
-    A body that trickles (a byte now and then, each in time for the read timeout, which
-    bounds one read, not the body) would hold the run for ever: one that brings fewer than
-    ``STALLED_BELOW_BYTES`` in ``stall_seconds`` (the read timeout) raises ``ReadTimeout``,
-    and is downloaded again like any body cut off."""
+def _write_body(response: httpx.Response, partial: Path, *, stall_seconds: float | None) -> int:
+    """Write the body to ``partial`` (``stall_checked``); its bytes."""
     written = 0
-    window_start: float | None = None  # from the first bytes: a server may think first
-    window_bytes = 0
     with open(partial, "wb") as out:
-        for chunk in response.iter_bytes():
+        for chunk in stall_checked(response, stall_seconds):
             out.write(chunk)
             written += len(chunk)
-            window_bytes += len(chunk)
-            if window_start is None:
-                window_start = clock()
-            if stall_seconds is None or clock() - window_start < stall_seconds:
-                continue
-            if window_bytes < STALLED_BELOW_BYTES:
-                raise httpx.ReadTimeout(
-                    f"the body stalled: {window_bytes:,} bytes came in {stall_seconds:g}s "
-                    f"({written:,} in all)",
-                    request=response.request,
-                )
-            window_start, window_bytes = clock(), 0
         out.flush()
         # the caller keeps this file as the only copy of a paid-for result: make it durable
         os.fsync(out.fileno())
     return written
+
+
+def _read_whole(response: httpx.Response, *, stall_seconds: float | None) -> None:
+    """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``."""
+    try:
+        response._content = b"".join(stall_checked(response, stall_seconds))
+    finally:
+        response.close()
+
+
+def stall_checked(
+    response: httpx.Response,
+    stall_seconds: float | None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[bytes]:
+    """The body's chunks as they come; ``ReadTimeout`` once it stalls.
+
+    A body that trickles (a byte now and then, each in time for the read timeout, which
+    bounds one read, not the body) would hold the run for ever: one that brings fewer than
+    ``STALLED_BELOW_BYTES`` in ``stall_seconds`` (the read timeout; counted from its first
+    bytes, as a server may think first) is cut, and sent for again like any body cut off."""
+    received = 0
+    window_start: float | None = None
+    window_bytes = 0
+    for chunk in response.iter_bytes():
+        yield chunk
+        received += len(chunk)
+        window_bytes += len(chunk)
+        if window_start is None:
+            window_start = clock()
+        if stall_seconds is None or clock() - window_start < stall_seconds:
+            continue
+        if window_bytes < STALLED_BELOW_BYTES:
+            raise httpx.ReadTimeout(
+                f"the body stalled: {window_bytes:,} bytes came in {stall_seconds:g}s "
+                f"({received:,} in all)",
+                request=response.request,
+            )
+        window_start, window_bytes = clock(), 0
