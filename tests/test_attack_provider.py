@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_openai import HostileOpenAI, Reply, SeenRequest
+from hostile_openai import HostileOpenAI, Reply, SeenRequest, answer_line, jsonl
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
 
 
@@ -202,3 +202,24 @@ def test_a_batch_ended_with_answers_but_no_output_file_is_asked_again_not_retrie
     assert code == 0, out + err
     assert hostile.creates() == 1
     assert len(_answers(ws, "alpha")) == 3
+
+
+def test_a_request_answered_twice_in_one_file_is_said_not_passed_over(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output file answering ``req-0`` twice, differently: the first answer is kept (as
+    before), and the collect line and its event say a line repeated a custom_id, instead
+    of the run reporting Healthy as if the file were sound."""
+    ws = _workspace(tmp_path, hostile)
+
+    def answered_twice(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply(200, jsonl([answer_line("req-0", "first")]) + reply.body)
+
+    hostile.hooks["GET /v1/files/{id}/content"] = answered_twice
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert "1 line answered a custom_id its file had already answered" in out
+    assert _answers(ws, "alpha")[0] == "first"
+    with ws.store() as store:
+        (collect,) = store.events(resource="alpha", action="collect")
+    assert collect.detail["repeated"] == 1

@@ -390,6 +390,7 @@ def collect_batch(
             shas[column] = sha
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
+    repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
@@ -403,7 +404,8 @@ def collect_batch(
                 kind = "output" if column == "output_sha256" else "errors"
                 path = ctx.blobs.ensure_local(sha)
                 read = {True: 0, False: 0}
-                lines = _tallied(read_result_lines(path, retry_on=retry_on), read)
+                seen: set[str] = set()
+                lines = _tallied(read_result_lines(path, retry_on=retry_on), read, seen)
                 try:
                     changed += ctx.ledger.record_outcomes(
                         gen.id, batch.attempt, sha, lines, shard=batch.shard
@@ -417,6 +419,7 @@ def collect_batch(
                     raise DownloadFailed(kind, file_id or "", _served_empty(name, batch))
                 for answered, count in read.items():
                     tally[answered] += count
+                repeated += sum(read.values()) - len(seen)
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -426,6 +429,8 @@ def collect_batch(
         detail.update(_collected_usage(ctx, gen, batch, before))
         if gone:
             detail["gone"] = "; ".join(gone)  # a string: the text history shows it
+        if repeated:
+            detail["repeated"] = repeated
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -447,6 +452,7 @@ def collect_batch(
             "collect",
             name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
+            + _repeated_text(repeated)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -535,11 +541,26 @@ def _collected_usage(
     return usage_detail(usage)
 
 
-def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:
-    """``lines`` as they are, counted into ``tally`` by whether each is an answer."""
+def _tallied(
+    lines: Iterator[CollectedLine], tally: dict[bool, int], seen: set[str]
+) -> Iterator[CollectedLine]:
+    """``lines`` as they are, counted into ``tally`` by whether each is an answer, their
+    custom_ids kept in ``seen`` (a file that answers one twice says so: ``_repeated_text``)."""
     for line in lines:
         tally[line.outcome.state == "ok"] += 1
+        seen.add(line.custom_id)
         yield line
+
+
+def _repeated_text(repeated: int) -> str:
+    """A provider that answered a request twice in one file (two answers, maybe different):
+    the ledger keeps the first, and the line says so rather than pass it over in silence."""
+    if not repeated:
+        return ""
+    return (
+        f"; {repeated} line{'s' if repeated != 1 else ''} answered a custom_id its file had "
+        "already answered (the provider's first answer of each is kept)"
+    )
 
 
 def _lines_text(tally: dict[bool, int]) -> str:
