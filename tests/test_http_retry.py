@@ -28,6 +28,7 @@ from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_p
 from servers import jsonl_bytes, request_lines
 
 from batchspec.errors import ProviderError
+from batchspec.providers import _http
 from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
 
@@ -767,6 +768,26 @@ def test_list_refuses_pagination_that_comes_back_to_a_page(
             got.append(batch.id)
     assert got == listed
     assert len(scripted.requests) == len(listed)
+
+
+def test_list_refuses_pagination_with_fresh_cursors_for_ever(
+    scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that promises more on every page, with a fresh cursor each time (a row of
+    a new batch per page), raises once it has read ``MAX_LIST_PAGES`` pages: no cursor comes
+    back, so it was paged for ever (a key lookup holding the run), a page at a time."""
+    monkeypatch.setattr(_http, "MAX_LIST_PAGES", 5, raising=False)
+    pages = itertools.count(1)
+
+    def fresh_page(seen: Seen) -> Answer:
+        n = next(pages)
+        return json_answer(200, _page(f"b{n}") if n < 50 else {"data": [], "has_more": False})
+
+    scripted.script(then=fresh_page)
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="pages read and more still promised"):
+        list(provider.list_batches(page_size=1))
+    assert len(scripted.requests) == 6
 
 
 def test_download_restarts_after_a_connection_lost_mid_body(

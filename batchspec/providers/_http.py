@@ -500,6 +500,11 @@ def listed_rows(
     return [row for row in rows if isinstance(row, Mapping)]
 
 
+#: pages a listing is read to at most: a key lookup reads back to its window, a poll a page
+#: past its batches, so a listing still promising more after these never ends
+MAX_LIST_PAGES = 1_000
+
+
 def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
     """The next page's ``cursor`` of a listing, remembered in ``used`` (the cursors this
     listing has followed); a ``ProviderError`` when it was followed before.
@@ -516,6 +521,13 @@ def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) 
             f"already given (cursor {cursor!r} again, with more pages promised), so its "
             "listing cannot be read to the end; batchspec stopped paging rather than loop, and "
             "takes no batch as absent from it. Check the server's pagination "
+            f"({names} of its batch listing)."
+        )
+    if len(used) >= MAX_LIST_PAGES:
+        raise ProviderError(
+            f"{provider}: list batches: {MAX_LIST_PAGES:,} pages read and more still promised "
+            "(a listing that never ends, a page at a time?); batchspec stopped paging rather "
+            f"than loop, and takes no batch as absent from it. Check the server's pagination "
             f"({names} of its batch listing)."
         )
     used.add(cursor)

@@ -187,6 +187,9 @@ def find_batch_by_key(
 
 #: batches a key lookup reads at most from a provider whose listing is not newest first
 UNORDERED_SCAN_MAX = 10_000
+#: batches a key lookup reads at most from a newest-first listing before it must have
+#: reached one older than its window; past it the lookup fails (``BatchListing``)
+NEWEST_FIRST_SCAN_MAX = 50_000
 
 
 #: seconds a newest-first listing may list a batch after an older one and still be taken as
@@ -264,12 +267,26 @@ class BatchListing:
         self._item(index + 1)
         return self._newest_first
 
+    def _require_an_end(self, listed: int) -> None:
+        """Fail a newest-first scan that read ``NEWEST_FIRST_SCAN_MAX`` batches and has not
+        come to its window's edge: a listing that never ends (fresh rows and cursors on
+        every page, or rows without a date) held the run and its memory for ever. Taking
+        the key as absent instead would pay for its batch again, so no answer is given."""
+        if listed > NEWEST_FIRST_SCAN_MAX and self._newest_first:
+            raise ProviderError(
+                f"{self._provider.name}: list batches: {NEWEST_FIRST_SCAN_MAX:,} batches listed "
+                "and none yet older than the lookup's window (a listing that never ends?); "
+                "batchspec stopped paging, and takes no batch as absent from it. Check the "
+                "server's batch listing (its dates, has_more and last_id)."
+            )
+
     def read_back_to(self, since: float) -> int:
         """Read (and keep) every page a ``find_by_key`` back to ``since`` may need; how many
         batches that took."""
         listed = 0
         for _ in self._scan():
             listed += 1
+            self._require_an_end(listed)
             if self._ends_window(listed - 1, since):
                 break
             if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
@@ -280,6 +297,7 @@ class BatchListing:
         listed = 0
         for remote in self._scan():
             listed += 1
+            self._require_an_end(listed)
             if self._ends_window(listed - 1, since):
                 return KeyLookup(None, listed, True)
             if remote.created_at is not None and remote.created_at < since:
