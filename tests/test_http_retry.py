@@ -14,6 +14,7 @@ makes the batch whose answer is then lost. Waits between attempts go to an injec
 from __future__ import annotations
 
 import email.utils
+import gzip
 import itertools
 import json
 import time
@@ -862,6 +863,26 @@ def test_an_api_answer_that_trickles_is_cut_as_stalled_and_bounded(
         provider.get_batch("batch_1")
     assert time.monotonic() - started < 3
     assert len(scripted.requests) == 2
+
+
+@pytest.mark.parametrize("call", ["download", "get"])
+def test_a_decompression_bomb_is_refused_not_inflated(
+    scripted: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A gzip body that inflates past ``MAX_INFLATION`` times its bytes on the wire (zeros:
+    about 1,000 times) is refused once past ``INFLATED_FLOOR`` decoded, a ``ProviderError``
+    naming it, leaving no file: inflated whole, a few megabytes filled the disk (a download)
+    or the memory (a poll) before they ended."""
+    monkeypatch.setattr(_http, "INFLATED_FLOOR", 1024 * 1024, raising=False)
+    bomb = gzip.compress(b"0" * (8 * 1024 * 1024), compresslevel=9)
+    scripted.script(then=Answer(200, bomb, {"content-encoding": "gzip"}))
+    provider, _ = make_provider(scripted, max_retries=0)
+    with pytest.raises(ProviderError, match="decompression bomb"):
+        if call == "download":
+            provider.download_file("file-out", tmp_path / "results.jsonl")
+        else:
+            provider.get_batch("batch_1")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _file_json(size: int) -> Answer:

@@ -763,7 +763,12 @@ class RetryingClient:
         for retries_done in range(self._policy.max_attempts):
             response = self._send("GET", path, operation, True, headers, stream=True, kwargs={})
             try:
-                written = _write_body(response, partial, stall_seconds=self._client.timeout.read)
+                written = _write_body(
+                    response,
+                    partial,
+                    stall_seconds=self._client.timeout.read,
+                    provider=self._context.provider,
+                )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
                 if not self._policy.can_retry(retries_done):
@@ -813,7 +818,11 @@ class RetryingClient:
                 request = self._client.build_request(method, url, headers=merged, **kwargs)
                 response = self._client.send(request, stream=True)
                 if not stream:
-                    _read_whole(response, stall_seconds=self._client.timeout.read)
+                    _read_whole(
+                        response,
+                        stall_seconds=self._client.timeout.read,
+                        provider=self._context.provider,
+                    )
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
                 error = error_from_transport(
@@ -868,13 +877,20 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
 
 #: a download body that brings fewer bytes than this in a read timeout's time is stalled
 STALLED_BELOW_BYTES = 64 * 1024
+#: a compressed body (``Content-Encoding``) past ``INFLATED_FLOOR`` bytes decoded that has
+#: grown more than ``MAX_INFLATION`` times its bytes on the wire is a decompression bomb
+#: (JSONL results compress 5-20 times; zeros, 1,000 times)
+MAX_INFLATION = 200
+INFLATED_FLOOR = 256 * 1024 * 1024
 
 
-def _write_body(response: httpx.Response, partial: Path, *, stall_seconds: float | None) -> int:
+def _write_body(
+    response: httpx.Response, partial: Path, *, stall_seconds: float | None, provider: str
+) -> int:
     """Write the body to ``partial`` (``stall_checked``); its bytes."""
     written = 0
     with open(partial, "wb") as out:
-        for chunk in stall_checked(response, stall_seconds):
+        for chunk in stall_checked(response, stall_seconds, provider=provider):
             out.write(chunk)
             written += len(chunk)
         out.flush()
@@ -883,18 +899,34 @@ def _write_body(response: httpx.Response, partial: Path, *, stall_seconds: float
     return written
 
 
-def _read_whole(response: httpx.Response, *, stall_seconds: float | None) -> None:
+def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provider: str) -> None:
     """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``."""
     try:
-        response._content = b"".join(stall_checked(response, stall_seconds))
+        response._content = b"".join(stall_checked(response, stall_seconds, provider=provider))
     finally:
         response.close()
+
+
+def _refuse_a_bomb(response: httpx.Response, decoded: int, provider: str) -> None:
+    """Raise if ``decoded`` bytes of the body are a decompression bomb (``MAX_INFLATION``):
+    a few megabytes that inflate to fill the disk, or the memory, before they end."""
+    wire = response.num_bytes_downloaded
+    if decoded <= INFLATED_FLOOR or decoded <= MAX_INFLATION * max(wire, 1):
+        return
+    encoding = response.headers.get("content-encoding", "?")
+    url = display_url(str(response.request.url))
+    raise ProviderError(
+        f"{provider}: the answer to {response.request.method} {url} "
+        f"inflated past {decoded:,} bytes from {wire:,} on the wire ({encoding}): a "
+        "decompression bomb, not read further; nothing of it was kept."
+    )
 
 
 def stall_checked(
     response: httpx.Response,
     stall_seconds: float | None,
     *,
+    provider: str,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[bytes]:
     """The body's chunks as they come; ``ReadTimeout`` once it stalls.
@@ -912,6 +944,7 @@ def stall_checked(
         window_bytes += len(chunk)
         if window_start is None:
             window_start = clock()
+        _refuse_a_bomb(response, received, provider)
         if stall_seconds is None or clock() - window_start < stall_seconds:
             continue
         if window_bytes < STALLED_BELOW_BYTES:
