@@ -321,6 +321,28 @@ def test_non_envelope_error_bodies_are_reported(
     assert caught.value.status == answer.status
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_says_where_it_points(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """A redirect to another origin is not followed (the Authorization header would go
+    with it): the other server sees nothing, and the error names the address the server
+    points at and what to set, rather than "See the provider's message" alone."""
+    other = ScriptedServer()
+    try:
+        other.script(then=ok())
+        scripted.script(then=Answer(status, b"", {"location": f"{other.v1}/batches/batch_1"}))
+        provider, _ = make_provider(scripted)
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert other.requests == []
+        assert f"redirects to {other.v1}/batches/batch_1" in str(caught.value)
+        assert "set baseUrl" in str(caught.value)
+        assert SENTINEL_KEY not in str(caught.value)
+    finally:
+        other.stop()
+
+
 def test_success_with_a_body_that_is_not_json_is_a_clear_error(scripted: ScriptedServer) -> None:
     """A 200 whose body is not a JSON object (wrong base URL) is reported, not a crash."""
     scripted.script(Answer(200, b"<html>welcome</html>", {"content-type": "text/html"}))

@@ -232,6 +232,8 @@ def error_from_response(
     retryable = should_retry(response, envelope, policy)
     retries = policy.max_retries if retryable else None
     message += f". {_hint(status, envelope, context, operation, retries)}"
+    if 300 <= status < 400:
+        message += _redirect_hint(response)
     error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
     return error_class(
         context.redact(message),
@@ -239,6 +241,17 @@ def error_from_response(
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
         retryable=retryable,
+    )
+
+
+def _redirect_hint(response: httpx.Response) -> str:
+    """Where a redirect points, and why it is not followed: the API key would go with it to
+    whatever host the server names."""
+    location = response.headers.get("location")
+    where = f" to {display_url(location)}" if location else ""
+    return (
+        f" The server redirects{where}; batchspec does not follow redirects (the API key "
+        "would go with them): if that is the provider's address, set baseUrl to it."
     )
 
 
