@@ -6,13 +6,19 @@ stand-in on loopback (``hostile_openai``), real SQLite, the CLI's own entry poin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hostile_openai import HostileOpenAI, Reply, SeenRequest, answer_line, jsonl
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
+
+from batchspec.errors import ProviderError
+from batchspec.providers.anthropic import parse_message_batch
+from batchspec.providers.base import RemoteBatch
+from batchspec.providers.gemini import parse_operation
+from batchspec.providers.mistral import parse_job
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +229,57 @@ def test_a_request_answered_twice_in_one_file_is_said_not_passed_over(
     with ws.store() as store:
         (collect,) = store.events(resource="alpha", action="collect")
     assert collect.detail["repeated"] == 1
+
+
+@pytest.mark.parametrize(
+    ("parse", "data"),
+    [
+        pytest.param(
+            parse_message_batch,
+            {
+                "id": "msgbatch_1",
+                "processing_status": "ended",
+                "request_counts": {"succeeded": "x"},
+            },
+            id="anthropic-count-as-text",
+        ),
+        pytest.param(
+            parse_job,
+            {"id": "job_1", "status": "SUCCESS", "created_at": float("inf"), "total_requests": []},
+            id="mistral-infinite-time",
+        ),
+        pytest.param(
+            parse_operation,
+            {"name": "batches/1", "metadata": {"batchStats": {"requestCount": float("inf")}}},
+            id="gemini-infinite-count",
+        ),
+    ],
+)
+def test_other_dialects_read_wrong_types_leniently(
+    parse: Callable[..., RemoteBatch], data: dict[str, Any]
+) -> None:
+    """Anthropic's, Mistral's and Gemini's batch objects with a count that is text, an array
+    or NaN, or a time of Infinity, are read (a count of 0, no time) rather than raised as a
+    bare ValueError or OverflowError: a traceback ended the run."""
+    args = (data, None) if parse is parse_message_batch else (data,)
+    assert parse(*args).id
+
+
+@pytest.mark.parametrize(
+    ("parse", "data"),
+    [
+        pytest.param(parse_message_batch, {"processing_status": "ended"}, id="anthropic-no-id"),
+        pytest.param(parse_job, {"id": None, "status": "SUCCESS"}, id="mistral-null-id"),
+        pytest.param(
+            parse_job, {"id": "job_1", "output_file": {"id": "f"}}, id="mistral-object-file"
+        ),
+    ],
+)
+def test_other_dialects_refuse_ids_that_cannot_be_used(
+    parse: Callable[..., RemoteBatch], data: dict[str, Any]
+) -> None:
+    """An id that is missing, null or an object is a ``ProviderError``, not a KeyError
+    traceback, a batch named ``None``, or a dict bound into the state (a database error)."""
+    args = (data, None) if parse is parse_message_batch else (data,)
+    with pytest.raises(ProviderError, match="not a"):
+        parse(*args)

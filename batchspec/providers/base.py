@@ -409,24 +409,24 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
     error_rows = errors.get("data") if isinstance(errors, Mapping) else None
     metadata = data.get("metadata")
     return RemoteBatch(
-        id=_required_id(data, "batch"),
+        id=required_id(data, "batch"),
         status=normal_status(data.get("status")),
         endpoint=_text_or_none(data.get("endpoint")),
-        input_file_id=_optional_id(data, "input_file_id"),
-        output_file_id=_optional_id(data, "output_file_id"),
-        error_file_id=_optional_id(data, "error_file_id"),
+        input_file_id=optional_file_id(data, "input_file_id"),
+        output_file_id=optional_file_id(data, "output_file_id"),
+        error_file_id=optional_file_id(data, "error_file_id"),
         completion_window=_text_or_none(data.get("completion_window")),
         request_counts=RequestCounts(
-            total=_count(counts.get("total")),
-            completed=_count(counts.get("completed")),
-            failed=_count(counts.get("failed")),
+            total=lenient_count(counts.get("total")),
+            completed=lenient_count(counts.get("completed")),
+            failed=lenient_count(counts.get("failed")),
         )
         if isinstance(counts, Mapping)
         else None,
         usage=Usage(
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
-            total_tokens=_count(usage.get("total_tokens")),
+            input_tokens=lenient_count(usage.get("input_tokens")),
+            output_tokens=lenient_count(usage.get("output_tokens")),
+            total_tokens=lenient_count(usage.get("total_tokens")),
         )
         if isinstance(usage, Mapping)
         else None,
@@ -452,7 +452,7 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
 def parse_file(data: Mapping[str, Any]) -> RemoteFile:
     size = data.get("bytes")
     return RemoteFile(
-        id=_required_id(data, "file"),
+        id=required_id(data, "file"),
         bytes=size if isinstance(size, int) and not isinstance(size, bool) else None,
         filename=_text_or_none(data.get("filename")),
         purpose=_text_or_none(data.get("purpose")),
@@ -461,7 +461,7 @@ def parse_file(data: Mapping[str, Any]) -> RemoteFile:
     )
 
 
-def _required_id(data: Mapping[str, Any], what: str) -> str:
+def required_id(data: Mapping[str, Any], what: str) -> str:
     """The object's ``id``: a string or an integer, else a ``ProviderError`` (a missing,
     null or structured id taken as its text named a batch ``None`` that was polled for ever)."""
     value = data.get("id")
@@ -475,7 +475,7 @@ def _required_id(data: Mapping[str, Any], what: str) -> str:
     )
 
 
-def _optional_id(data: Mapping[str, Any], name: str) -> str | None:
+def optional_file_id(data: Mapping[str, Any], name: str) -> str | None:
     """A file id field: None when absent, null or empty; else as ``_required_id``."""
     value = data.get(name)
     if value is None or value == "":
@@ -498,12 +498,14 @@ def _kind(value: Any) -> str:
     return f"a JSON {type(value).__name__}".replace("dict", "object").replace("list", "array")
 
 
-def _count(value: Any) -> int:
+def lenient_count(value: Any) -> int:
     """A count or a token total: an integer, a whole float or a numeric string; else 0."""
     if isinstance(value, bool) or value is None:
         return 0
     if isinstance(value, int):
         return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)  # Gemini's int64 counts are strings: exact, not through a float
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -81,6 +81,7 @@ from batchspec.providers.base import (
     RequestCounts,
     Usage,
     epoch_seconds,
+    lenient_count,
     pause_before_retry,
 )
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
@@ -549,10 +550,7 @@ def _epoch(value: Any) -> int | None:
 
 
 def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
+    return lenient_count(value)
 
 
 def _dumps(value: Any) -> bytes:

@@ -67,8 +67,11 @@ from batchspec.providers.base import (
     RemoteNotFound,
     RequestCounts,
     UploadProgress,
+    lenient_count,
+    optional_file_id,
     parse_file,
     pause_before_retry,
+    required_id,
 )
 from batchspec.providers.staging import Staging
 from batchspec.wire import mistral_lines
@@ -364,12 +367,12 @@ def parse_job(data: Mapping[str, Any]) -> RemoteBatch:
     metadata = data.get("metadata")
     errors = data.get("errors")
     return RemoteBatch(
-        id=str(data["id"]),
+        id=required_id(data, "batch job"),
         status=mistral_lines.batch_status(data.get("status")),
         endpoint=data.get("endpoint"),
         input_file_id=str(inputs[0]) if isinstance(inputs, list) and inputs else None,
-        output_file_id=data.get("output_file") or None,
-        error_file_id=data.get("error_file") or None,
+        output_file_id=optional_file_id(data, "output_file"),
+        error_file_id=optional_file_id(data, "error_file"),
         request_counts=RequestCounts(
             total=_int(data.get("total_requests")),
             completed=_int(data.get("succeeded_requests")),
@@ -394,7 +397,4 @@ def _file(data: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
+    return lenient_count(value)
