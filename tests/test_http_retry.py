@@ -351,6 +351,19 @@ def test_success_with_a_body_that_is_not_json_is_a_clear_error(scripted: Scripte
         provider.get_batch("batch_1")
 
 
+@pytest.mark.parametrize("status", [200, 400, 500])
+def test_a_body_nested_too_deep_to_read_is_a_clear_error(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """A JSON body nested deeper than Python's parser goes (a success, or an error body)
+    is a ``ProviderError``, not a RecursionError traceback."""
+    headers = {"content-type": "application/json", "x-should-retry": "false"}
+    scripted.script(then=Answer(status, b'{"error": ' + b"[" * 200_000, headers))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError):
+        provider.get_batch("batch_1")
+
+
 @pytest.mark.parametrize(
     ("raw", "read"),
     [

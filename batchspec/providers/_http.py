@@ -94,7 +94,7 @@ def parse_error_envelope(response: httpx.Response) -> ErrorEnvelope:
     """Read ``{"error": {message, type, param, code}}`` and the usual variants leniently."""
     try:
         body = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         text = response.text.strip() if response.content else ""
         return ErrorEnvelope(message=text or None, code=None, type=None)
     if not isinstance(body, Mapping):
@@ -482,7 +482,7 @@ def json_object(
     clear error asking whether the base URL is ``api_root``."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         body = None
     if not isinstance(body, Mapping) or (
         required is not None and operation != "list batches" and required not in body

@@ -291,7 +291,7 @@ class TogetherProvider(OpenAIProvider):
         response = self._http.request("GET", "/batches", operation="list batches")
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             body = None
         rows = body.get("data") if isinstance(body, Mapping) else body
         if not isinstance(rows, list):

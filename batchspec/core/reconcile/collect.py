@@ -86,9 +86,12 @@ def _loads(body: bytes) -> Any:
     """orjson when installed; the standard library decides what orjson refuses (NaN, lone
     surrogates), so a line is never skipped, and its request retried, for orjson's sake."""
     try:
-        return _fast_loads(body)
-    except ValueError:
-        return json.loads(body)
+        try:
+            return _fast_loads(body)
+        except ValueError:
+            return json.loads(body)
+    except RecursionError as deep:  # a line nested deeper than Python reads: unreadable
+        raise ValueError("JSON nested too deep to read") from deep
 
 
 def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
