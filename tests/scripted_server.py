@@ -8,6 +8,8 @@ requests get, in order; an ``Answer`` says the status, headers and body, and can
 - ``cut_after`` N bytes of a body whose ``Content-Length`` promised more, then close the
   connection (a connection lost mid-body),
 - ``hang_up``: close the connection without answering at all,
+- ``trickle`` its body a byte at a time, that many seconds apart (each byte in time for a
+  read timeout; ``reset()`` ends it),
 - be ``close_delimited``: sent with no ``Content-Length``, ended by closing the connection
   (so a body ``cut_after`` N bytes is, to the client, a whole shorter body).
 
@@ -61,6 +63,7 @@ class Answer:
     cut_after: int | None = None
     hang_up: bool = False
     close_delimited: bool = False
+    trickle: float = 0.0
 
 
 AnswerLike = Answer | Callable[[Seen], Answer]
@@ -177,6 +180,14 @@ def _handler_for(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
+            if answer.trickle:
+                for i in range(len(answer.body)):
+                    self.wfile.write(answer.body[i : i + 1])
+                    self.wfile.flush()
+                    if released.wait(answer.trickle):
+                        self.close_connection = True
+                        return
+                return
             self.wfile.write(answer.body[: answer.cut_after])
             self.wfile.flush()
 

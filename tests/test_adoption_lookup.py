@@ -21,7 +21,8 @@ from workspaces import SENTINEL_KEY
 from batchspec.core.batches import batch_metadata, metadata_for_key
 from batchspec.core.reconcile.adopt import window_seconds
 from batchspec.errors import ProviderError
-from batchspec.providers.base import ORDER_SLACK, BatchListing, find_batch_by_key
+from batchspec.providers import base
+from batchspec.providers.base import ORDER_SLACK, BatchListing, RemoteBatch, find_batch_by_key
 from batchspec.providers.local import LocalProvider
 from batchspec.providers.openai import OpenAIProvider
 
@@ -252,3 +253,36 @@ def test_a_listing_that_failed_half_way_starts_again_and_still_finds_the_key(
     srv.probe.refusals.clear()
     found = listing.find_by_key(metadata_for_key(KEY), since=0)
     assert found.batch is not None and found.batch.id == made[0].id
+
+
+class _EndlessListing:
+    """A provider whose newest-first listing never ends: a fresh batch, dated now, on every
+    page (fresh cursors each time, so no cursor comes back)."""
+
+    name = "endless"
+    lists_newest_first = True
+
+    def __init__(self) -> None:
+        self.listed = 0
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+        while True:
+            self.listed += 1
+            assert self.listed < 1_000, "paged for ever"
+            yield RemoteBatch(
+                id=f"batch_{self.listed}", status="completed", created_at=int(time.time())
+            )
+
+
+def test_a_newest_first_listing_that_never_ends_fails_the_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listing with fresh rows and cursors on every page, never reaching a batch older
+    than the window: the lookup fails after ``NEWEST_FIRST_SCAN_MAX`` batches, saying so,
+    and takes the key as neither found nor absent. It paged for ever, holding the run and
+    its memory, until CI killed it."""
+    monkeypatch.setattr(base, "NEWEST_FIRST_SCAN_MAX", 20, raising=False)
+    provider = _EndlessListing()
+    with pytest.raises(ProviderError, match="never ends"):
+        find_batch_by_key(provider, metadata_for_key(KEY), since=time.time() - 3600)  # type: ignore[arg-type]
+    assert provider.listed <= 22

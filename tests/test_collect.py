@@ -18,7 +18,7 @@ from workspaces import (
     run_cli,
 )
 
-from batchspec.core.reconcile.collect import download_to_store, read_result_lines
+from batchspec.core.reconcile.collect import download_to_store, ends_mid_line, read_result_lines
 from batchspec.errors import ProviderError
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.storage.blobstore import BlobStore
@@ -93,6 +93,20 @@ def test_lines_the_fast_parser_refuses_are_still_read(tmp_path: Path) -> None:
         ("sur", "ok"),
         ("big", "ok"),
     ]
+
+
+def test_a_line_nested_too_deep_to_read_is_skipped_not_a_traceback(tmp_path: Path) -> None:
+    """A result line nested deeper than Python's parser goes (a hostile or broken provider)
+    is skipped like any unreadable line, and the lines after it are read; as the file's
+    last line it reads as cut short. A RecursionError ended the collect with a traceback,
+    on every apply."""
+    deep = b'{"custom_id": "deep", "response": ' + b"[" * 200_000
+    fine = b'{"custom_id": "ok", "response": {"status_code": 200, "body": {}}}'
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(deep + b"\n" + fine + b"\n")
+    assert [x.custom_id for x in read_result_lines(path)] == ["ok"]
+    path.write_bytes(fine + b"\n" + deep)
+    assert ends_mid_line(path)
 
 
 def test_a_batch_whose_ledger_was_never_written_is_still_collected_whole(

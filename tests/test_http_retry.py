@@ -14,7 +14,9 @@ makes the batch whose answer is then lost. Waits between attempts go to an injec
 from __future__ import annotations
 
 import email.utils
+import gzip
 import itertools
+import json
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_p
 from servers import jsonl_bytes, request_lines
 
 from batchspec.errors import ProviderError
+from batchspec.providers import _http
 from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
 from batchspec.providers.openai import OpenAIProvider
 
@@ -318,12 +321,104 @@ def test_non_envelope_error_bodies_are_reported(
     assert caught.value.status == answer.status
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_says_where_it_points(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """A redirect to another origin is not followed (the Authorization header would go
+    with it): the other server sees nothing, and the error names the address the server
+    points at and what to set, rather than "See the provider's message" alone."""
+    other = ScriptedServer()
+    try:
+        other.script(then=ok())
+        scripted.script(then=Answer(status, b"", {"location": f"{other.v1}/batches/batch_1"}))
+        provider, _ = make_provider(scripted)
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert other.requests == []
+        assert f"redirects to {other.v1}/batches/batch_1" in str(caught.value)
+        assert "set baseUrl" in str(caught.value)
+        assert SENTINEL_KEY not in str(caught.value)
+    finally:
+        other.stop()
+
+
 def test_success_with_a_body_that_is_not_json_is_a_clear_error(scripted: ScriptedServer) -> None:
     """A 200 whose body is not a JSON object (wrong base URL) is reported, not a crash."""
     scripted.script(Answer(200, b"<html>welcome</html>", {"content-type": "text/html"}))
     provider, _ = make_provider(scripted)
     with pytest.raises(ProviderError, match="not the expected JSON object"):
         provider.get_batch("batch_1")
+
+
+@pytest.mark.parametrize("status", [200, 400, 500])
+def test_a_body_nested_too_deep_to_read_is_a_clear_error(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """A JSON body nested deeper than Python's parser goes (a success, or an error body)
+    is a ``ProviderError``, not a RecursionError traceback."""
+    headers = {"content-type": "application/json", "x-should-retry": "false"}
+    scripted.script(then=Answer(status, b'{"error": ' + b"[" * 200_000, headers))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError):
+        provider.get_batch("batch_1")
+
+
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        pytest.param(
+            b'"request_counts": {"total": "abc", "completed": [1]}', "counts", id="counts"
+        ),
+        pytest.param(b'"usage": {"input_tokens": "1.5", "output_tokens": {}}', "usage", id="usage"),
+        pytest.param(b'"metadata": ["a"]', "metadata", id="metadata-array"),
+        pytest.param(b'"metadata": "text"', "metadata", id="metadata-string"),
+        pytest.param(b'"created_at": 1e400', "created_at", id="infinite-time"),
+        pytest.param(b'"completed_at": NaN', "completed_at", id="nan-time"),
+        pytest.param(b'"errors": {"data": [{"code": 5, "line": "x"}]}', "errors", id="errors"),
+        pytest.param(b'"output_file_id": 12', "output_file_id", id="numeric-file-id"),
+    ],
+)
+def test_a_batch_object_of_wrong_types_is_read_leniently(
+    scripted: ScriptedServer, raw: bytes, read: str
+) -> None:
+    """Informative fields of the wrong JSON type (a count that is text, metadata that is an
+    array, a time of 1e400) are read as far as they can be, not raised as a bare ValueError,
+    TypeError or OverflowError (a traceback, after the create had been made)."""
+    body = b'{"id": "batch_1", "status": "completed", ' + raw + b"}"
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}))
+    provider, _ = make_provider(scripted)
+    remote = provider.get_batch("batch_1")
+    assert remote.id == "batch_1"
+    assert remote.status == "completed"
+    if read == "output_file_id":
+        assert remote.output_file_id == "12"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'"id": null', id="null-id"),
+        pytest.param(b'"id": {"a": 1}', id="object-id"),
+        pytest.param(b'"id": "batch_1", "output_file_id": {"a": 1}', id="object-file-id"),
+    ],
+)
+def test_a_batch_object_whose_ids_cannot_be_used_is_a_provider_error(
+    scripted: ScriptedServer, raw: bytes
+) -> None:
+    """An id that is null or structured is a ``ProviderError`` (sent nothing: False, so a
+    create answered so is looked up by its key), never a batch named ``None`` recorded and
+    polled for ever, nor a dict bound into the state (a database error)."""
+    body = b'{"status": "completed", ' + raw + b"}"
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="not a") as caught:
+        provider.get_batch("batch_1")
+    assert not caught.value.sent_nothing
+    body = b'{"object": "list", "has_more": false, "data": [{"status": "completed", ' + raw + b"}]}"
+    scripted.script(Answer(200, body, {"content-type": "application/json"}))
+    with pytest.raises(ProviderError, match="not a"):
+        list(provider.list_batches())
 
 
 # -- transport errors ----------------------------------------------------------------------
@@ -711,6 +806,26 @@ def test_list_refuses_pagination_that_comes_back_to_a_page(
     assert len(scripted.requests) == len(listed)
 
 
+def test_list_refuses_pagination_with_fresh_cursors_for_ever(
+    scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that promises more on every page, with a fresh cursor each time (a row of
+    a new batch per page), raises once it has read ``MAX_LIST_PAGES`` pages: no cursor comes
+    back, so it was paged for ever (a key lookup holding the run), a page at a time."""
+    monkeypatch.setattr(_http, "MAX_LIST_PAGES", 5, raising=False)
+    pages = itertools.count(1)
+
+    def fresh_page(seen: Seen) -> Answer:
+        n = next(pages)
+        return json_answer(200, _page(f"b{n}") if n < 50 else {"data": [], "has_more": False})
+
+    scripted.script(then=fresh_page)
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="pages read and more still promised"):
+        list(provider.list_batches(page_size=1))
+    assert len(scripted.requests) == 6
+
+
 def test_download_restarts_after_a_connection_lost_mid_body(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:
@@ -750,6 +865,59 @@ def test_undecodable_download_is_a_provider_error(scripted: ScriptedServer, tmp_
     assert list(tmp_path.iterdir()) == []
     assert sleeps == []
     assert len(scripted.requests) == 1
+
+
+def test_a_download_that_trickles_is_cut_as_stalled_and_bounded(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A body sent a byte at a time, each in time for the read timeout (which bounds a read,
+    not a body), is cut once a read timeout's time brings less than ``STALLED_BELOW_BYTES``,
+    downloaded again, then reported as a timeout: the download is bounded, not held for as
+    long as the server likes (here 20 s a try), and leaves no file."""
+    scripted.script(then=Answer(200, b"x" * 400, trickle=0.05))
+    provider, _ = make_provider(scripted, max_retries=1, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="stalled"):
+        provider.download_file("file-out", tmp_path / "results.jsonl")
+    assert time.monotonic() - started < 3
+    assert len(scripted.requests) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_api_answer_that_trickles_is_cut_as_stalled_and_bounded(
+    scripted: ScriptedServer,
+) -> None:
+    """A batch object sent a byte at a time, each in time for the read timeout, is cut as a
+    download's body is, retried, then reported: a poll is not held for as long as the
+    server likes (here 20 s a try)."""
+    body = json.dumps(batch_json()).encode().ljust(400)
+    scripted.script(then=Answer(200, body, {"content-type": "application/json"}, trickle=0.05))
+    provider, _ = make_provider(scripted, max_retries=1, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match="stalled"):
+        provider.get_batch("batch_1")
+    assert time.monotonic() - started < 3
+    assert len(scripted.requests) == 2
+
+
+@pytest.mark.parametrize("call", ["download", "get"])
+def test_a_decompression_bomb_is_refused_not_inflated(
+    scripted: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A gzip body that inflates past ``MAX_INFLATION`` times its bytes on the wire (zeros:
+    about 1,000 times) is refused once past ``INFLATED_FLOOR`` decoded, a ``ProviderError``
+    naming it, leaving no file: inflated whole, a few megabytes filled the disk (a download)
+    or the memory (a poll) before they ended."""
+    monkeypatch.setattr(_http, "INFLATED_FLOOR", 1024 * 1024, raising=False)
+    bomb = gzip.compress(b"0" * (8 * 1024 * 1024), compresslevel=9)
+    scripted.script(then=Answer(200, bomb, {"content-encoding": "gzip"}))
+    provider, _ = make_provider(scripted, max_retries=0)
+    with pytest.raises(ProviderError, match="decompression bomb"):
+        if call == "download":
+            provider.download_file("file-out", tmp_path / "results.jsonl")
+        else:
+            provider.get_batch("batch_1")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _file_json(size: int) -> Answer:

@@ -31,6 +31,33 @@ def metadata_for_key(key: str) -> dict[str, str]:
     return dict(zip(METADATA_KEYS, key.split("/"), strict=True))
 
 
+def carries_another_key(remote: RemoteBatch, key: str) -> bool:
+    """Whether ``remote`` carries batchspec's metadata of a key other than ``key``: it is
+    another batch (another resource's, shard's or attempt's), whatever call answered with it.
+
+    A provider or gateway that answers a create or a get with another batch's object (a
+    cache keyed wrongly, a retried create answered with the first one's batch) would have
+    that batch's answers collected as this one's: with custom_ids shared between resources
+    (``req-1``, ``req-2``…), another resource's answers written into this one's results."""
+    wanted = metadata_for_key(key)
+    return any(k in remote.metadata and remote.metadata[k] != v for k, v in wanted.items())
+
+
+def ended_without_its_answers(remote: RemoteBatch) -> bool:
+    """Whether ``remote`` says it ended with requests completed but names no output file: a
+    gateway's trimmed object, or a provider still writing the file. Recorded as it is, the
+    batch was collected with nothing in it (a terminal batch is never polled again), and its
+    completed requests, taken as unanswered, were sent again and paid for twice."""
+    counts = remote.request_counts
+    return (
+        remote.is_terminal
+        and remote.status != "failed"  # rejected whole: its requests fail, never retried
+        and remote.output_file_id is None
+        and counts is not None
+        and counts.completed > 0
+    )
+
+
 def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
     """The user's metadata plus batchspec's four keys (the schema keeps the total <= 16)."""
     return {**res.metadata, **metadata_for_key(batch.key)}

@@ -28,6 +28,7 @@ What this module promises:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -93,7 +94,7 @@ def parse_error_envelope(response: httpx.Response) -> ErrorEnvelope:
     """Read ``{"error": {message, type, param, code}}`` and the usual variants leniently."""
     try:
         body = response.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         text = response.text.strip() if response.content else ""
         return ErrorEnvelope(message=text or None, code=None, type=None)
     if not isinstance(body, Mapping):
@@ -174,6 +175,24 @@ def _quoted_forms(secret: str) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:
+    """``remote`` with the key taken out of the provider's own words in it (its ``errors``'
+    codes, messages and params): they are recorded in the state and shown by ``apply``,
+    ``history`` and ``report``, and a gateway may quote the request's Authorization header
+    in a batch's validation error (``invalid auth: Bearer sk-…``)."""
+    if not remote.errors:
+        return remote
+
+    def clean(text: str | None) -> str | None:
+        return None if text is None else context.redact(text)
+
+    errors = tuple(
+        dataclasses.replace(e, code=clean(e.code), message=clean(e.message), param=clean(e.param))
+        for e in remote.errors
+    )
+    return dataclasses.replace(remote, errors=errors)
+
+
 def unsendable_header(headers: Mapping[str, str], context: ErrorContext) -> ProviderError | None:
     """A clear error if a header carrying a secret holds a character HTTP cannot send (a
     control character, a non-ASCII letter), else None; it names the variable, never the value.
@@ -213,6 +232,8 @@ def error_from_response(
     retryable = should_retry(response, envelope, policy)
     retries = policy.max_retries if retryable else None
     message += f". {_hint(status, envelope, context, operation, retries)}"
+    if 300 <= status < 400:
+        message += _redirect_hint(response)
     error_class = RemoteNotFound if _is_not_found(status, envelope) else ProviderError
     return error_class(
         context.redact(message),
@@ -220,6 +241,17 @@ def error_from_response(
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
         retryable=retryable,
+    )
+
+
+def _redirect_hint(response: httpx.Response) -> str:
+    """Where a redirect points, and why it is not followed: the API key would go with it to
+    whatever host the server names."""
+    location = response.headers.get("location")
+    where = f" to {display_url(location)}" if location else ""
+    return (
+        f" The server redirects{where}; batchspec does not follow redirects (the API key "
+        "would go with them): if that is the provider's address, set baseUrl to it."
     )
 
 
@@ -450,7 +482,7 @@ def json_object(
     clear error asking whether the base URL is ``api_root``."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to read
         body = None
     if not isinstance(body, Mapping) or (
         required is not None and operation != "list batches" and required not in body
@@ -481,6 +513,11 @@ def listed_rows(
     return [row for row in rows if isinstance(row, Mapping)]
 
 
+#: pages a listing is read to at most: a key lookup reads back to its window, a poll a page
+#: past its batches, so a listing still promising more after these never ends
+MAX_LIST_PAGES = 1_000
+
+
 def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
     """The next page's ``cursor`` of a listing, remembered in ``used`` (the cursors this
     listing has followed); a ``ProviderError`` when it was followed before.
@@ -497,6 +534,13 @@ def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) 
             f"already given (cursor {cursor!r} again, with more pages promised), so its "
             "listing cannot be read to the end; batchspec stopped paging rather than loop, and "
             "takes no batch as absent from it. Check the server's pagination "
+            f"({names} of its batch listing)."
+        )
+    if len(used) >= MAX_LIST_PAGES:
+        raise ProviderError(
+            f"{provider}: list batches: {MAX_LIST_PAGES:,} pages read and more still promised "
+            "(a listing that never ends, a page at a time?); batchspec stopped paging rather "
+            f"than loop, and takes no batch as absent from it. Check the server's pagination "
             f"({names} of its batch listing)."
         )
     used.add(cursor)
@@ -732,7 +776,12 @@ class RetryingClient:
         for retries_done in range(self._policy.max_attempts):
             response = self._send("GET", path, operation, True, headers, stream=True, kwargs={})
             try:
-                written = _write_body(response, partial)
+                written = _write_body(
+                    response,
+                    partial,
+                    stall_seconds=self._client.timeout.read,
+                    provider=self._context.provider,
+                )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
                 if not self._policy.can_retry(retries_done):
@@ -780,7 +829,13 @@ class RetryingClient:
             last = not self._policy.can_retry(retries_done)
             try:
                 request = self._client.build_request(method, url, headers=merged, **kwargs)
-                response = self._client.send(request, stream=stream)
+                response = self._client.send(request, stream=True)
+                if not stream:
+                    _read_whole(
+                        response,
+                        stall_seconds=self._client.timeout.read,
+                        provider=self._context.provider,
+                    )
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
                 error = error_from_transport(
@@ -833,13 +888,82 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
     )
 
 
-def _write_body(response: httpx.Response, partial: Path) -> int:
+#: a download body that brings fewer bytes than this in a read timeout's time is stalled
+STALLED_BELOW_BYTES = 64 * 1024
+#: a compressed body (``Content-Encoding``) past ``INFLATED_FLOOR`` bytes decoded that has
+#: grown more than ``MAX_INFLATION`` times its bytes on the wire is a decompression bomb
+#: (JSONL results compress 5-20 times; zeros, 1,000 times)
+MAX_INFLATION = 200
+INFLATED_FLOOR = 256 * 1024 * 1024
+
+
+def _write_body(
+    response: httpx.Response, partial: Path, *, stall_seconds: float | None, provider: str
+) -> int:
+    """Write the body to ``partial`` (``stall_checked``); its bytes."""
     written = 0
     with open(partial, "wb") as out:
-        for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
+        for chunk in stall_checked(response, stall_seconds, provider=provider):
             out.write(chunk)
             written += len(chunk)
         out.flush()
         # the caller keeps this file as the only copy of a paid-for result: make it durable
         os.fsync(out.fileno())
     return written
+
+
+def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provider: str) -> None:
+    """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``."""
+    try:
+        response._content = b"".join(stall_checked(response, stall_seconds, provider=provider))
+    finally:
+        response.close()
+
+
+def _refuse_a_bomb(response: httpx.Response, decoded: int, provider: str) -> None:
+    """Raise if ``decoded`` bytes of the body are a decompression bomb (``MAX_INFLATION``):
+    a few megabytes that inflate to fill the disk, or the memory, before they end."""
+    wire = response.num_bytes_downloaded
+    if decoded <= INFLATED_FLOOR or decoded <= MAX_INFLATION * max(wire, 1):
+        return
+    encoding = response.headers.get("content-encoding", "?")
+    url = display_url(str(response.request.url))
+    raise ProviderError(
+        f"{provider}: the answer to {response.request.method} {url} "
+        f"inflated past {decoded:,} bytes from {wire:,} on the wire ({encoding}): a "
+        "decompression bomb, not read further; nothing of it was kept."
+    )
+
+
+def stall_checked(
+    response: httpx.Response,
+    stall_seconds: float | None,
+    *,
+    provider: str,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[bytes]:
+    """The body's chunks as they come; ``ReadTimeout`` once it stalls.
+
+    A body that trickles (a byte now and then, each in time for the read timeout, which
+    bounds one read, not the body) would hold the run for ever: one that brings fewer than
+    ``STALLED_BELOW_BYTES`` in ``stall_seconds`` (the read timeout; counted from its first
+    bytes, as a server may think first) is cut, and sent for again like any body cut off."""
+    received = 0
+    window_start: float | None = None
+    window_bytes = 0
+    for chunk in response.iter_bytes():
+        yield chunk
+        received += len(chunk)
+        window_bytes += len(chunk)
+        if window_start is None:
+            window_start = clock()
+        _refuse_a_bomb(response, received, provider)
+        if stall_seconds is None or clock() - window_start < stall_seconds:
+            continue
+        if window_bytes < STALLED_BELOW_BYTES:
+            raise httpx.ReadTimeout(
+                f"the body stalled: {window_bytes:,} bytes came in {stall_seconds:g}s "
+                f"({received:,} in all)",
+                request=response.request,
+            )
+        window_start, window_bytes = clock(), 0

@@ -80,7 +80,9 @@ from batchspec.providers.base import (
     RemoteNotFound,
     RequestCounts,
     epoch_seconds,
+    lenient_count,
     pause_before_retry,
+    required_id,
 )
 from batchspec.providers.journal import Journal, JournalEntry, ids_digest, metadata_key
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
@@ -444,10 +446,10 @@ class AnthropicProvider(StagedInputs):
 
 def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> RemoteBatch:
     """A MessageBatch as a ``RemoteBatch`` (see the module docstring for the mapping)."""
-    batch_id = str(data["id"])
+    batch_id = required_id(data, "message batch")
     raw = data.get("request_counts")
     counts = {
-        kind: int((raw or {}).get(kind) or 0) if isinstance(raw, Mapping) else 0
+        kind: lenient_count(raw.get(kind)) if isinstance(raw, Mapping) else 0
         for kind in ("processing", "succeeded", "errored", "canceled", "expired")
     }
     unsuccessful = counts["errored"] + counts["canceled"] + counts["expired"]

@@ -12,6 +12,7 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -186,6 +187,9 @@ def find_batch_by_key(
 
 #: batches a key lookup reads at most from a provider whose listing is not newest first
 UNORDERED_SCAN_MAX = 10_000
+#: batches a key lookup reads at most from a newest-first listing before it must have
+#: reached one older than its window; past it the lookup fails (``BatchListing``)
+NEWEST_FIRST_SCAN_MAX = 50_000
 
 
 #: seconds a newest-first listing may list a batch after an older one and still be taken as
@@ -263,12 +267,26 @@ class BatchListing:
         self._item(index + 1)
         return self._newest_first
 
+    def _require_an_end(self, listed: int) -> None:
+        """Fail a newest-first scan that read ``NEWEST_FIRST_SCAN_MAX`` batches and has not
+        come to its window's edge: a listing that never ends (fresh rows and cursors on
+        every page, or rows without a date) held the run and its memory for ever. Taking
+        the key as absent instead would pay for its batch again, so no answer is given."""
+        if listed > NEWEST_FIRST_SCAN_MAX and self._newest_first:
+            raise ProviderError(
+                f"{self._provider.name}: list batches: {NEWEST_FIRST_SCAN_MAX:,} batches listed "
+                "and none yet older than the lookup's window (a listing that never ends?); "
+                "batchspec stopped paging, and takes no batch as absent from it. Check the "
+                "server's batch listing (its dates, has_more and last_id)."
+            )
+
     def read_back_to(self, since: float) -> int:
         """Read (and keep) every page a ``find_by_key`` back to ``since`` may need; how many
         batches that took."""
         listed = 0
         for _ in self._scan():
             listed += 1
+            self._require_an_end(listed)
             if self._ends_window(listed - 1, since):
                 break
             if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
@@ -279,6 +297,7 @@ class BatchListing:
         listed = 0
         for remote in self._scan():
             listed += 1
+            self._require_an_end(listed)
             if self._ends_window(listed - 1, since):
                 return KeyLookup(None, listed, True)
             if remote.created_at is not None and remote.created_at < since:
@@ -376,42 +395,52 @@ def reset_call_gate(token: Token[CallGate | None]) -> None:
 
 
 def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
-    """Parse an OpenAI-shaped batch object leniently (Azure and LiteLLM variants included)."""
+    """Parse an OpenAI-shaped batch object leniently (Azure and LiteLLM variants included).
+
+    Fields that only inform (counts, usage, times, metadata) are read as far as they can be:
+    a count that is not a number is 0, metadata that is not an object is empty, a time that
+    is not one is None. An id (the batch's, or a file's) that is not a string or an integer
+    cannot be used and raises ``ProviderError``, as a garbled body does: a raw ``ValueError``
+    or ``TypeError`` from a server's wrong types ended a run with a traceback (after the
+    create it answered had been made: the next run adopts that batch by its key)."""
     counts = data.get("request_counts")
     usage = data.get("usage")
     errors = data.get("errors") or {}
     error_rows = errors.get("data") if isinstance(errors, Mapping) else None
+    metadata = data.get("metadata")
     return RemoteBatch(
-        id=str(data["id"]),
+        id=required_id(data, "batch"),
         status=normal_status(data.get("status")),
-        endpoint=data.get("endpoint"),
-        input_file_id=data.get("input_file_id"),
-        output_file_id=data.get("output_file_id") or None,
-        error_file_id=data.get("error_file_id") or None,
-        completion_window=data.get("completion_window"),
+        endpoint=_text_or_none(data.get("endpoint")),
+        input_file_id=optional_file_id(data, "input_file_id"),
+        output_file_id=optional_file_id(data, "output_file_id"),
+        error_file_id=optional_file_id(data, "error_file_id"),
+        completion_window=_text_or_none(data.get("completion_window")),
         request_counts=RequestCounts(
-            total=int(counts.get("total") or 0),
-            completed=int(counts.get("completed") or 0),
-            failed=int(counts.get("failed") or 0),
+            total=lenient_count(counts.get("total")),
+            completed=lenient_count(counts.get("completed")),
+            failed=lenient_count(counts.get("failed")),
         )
         if isinstance(counts, Mapping)
         else None,
         usage=Usage(
-            input_tokens=int(usage.get("input_tokens") or 0),
-            output_tokens=int(usage.get("output_tokens") or 0),
-            total_tokens=int(usage.get("total_tokens") or 0),
+            input_tokens=lenient_count(usage.get("input_tokens")),
+            output_tokens=lenient_count(usage.get("output_tokens")),
+            total_tokens=lenient_count(usage.get("total_tokens")),
         )
         if isinstance(usage, Mapping)
         else None,
-        metadata={str(k): str(v) for k, v in (data.get("metadata") or {}).items()},
+        metadata={str(k): str(v) for k, v in metadata.items()}
+        if isinstance(metadata, Mapping)
+        else {},
         errors=tuple(
             BatchValidationError(
-                code=row.get("code"),
-                message=row.get("message"),
-                line=row.get("line"),
-                param=row.get("param"),
+                code=_text_or_none(row.get("code")),
+                message=_text_or_none(row.get("message")),
+                line=_line_or_none(row.get("line")),
+                param=_text_or_none(row.get("param")),
             )
-            for row in (error_rows or [])
+            for row in (error_rows if isinstance(error_rows, list) else [])
             if isinstance(row, Mapping)
         ),
         created_at=epoch_seconds(data.get("created_at")),
@@ -421,14 +450,77 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
 
 
 def parse_file(data: Mapping[str, Any]) -> RemoteFile:
+    size = data.get("bytes")
     return RemoteFile(
-        id=str(data["id"]),
-        bytes=data.get("bytes"),
-        filename=data.get("filename"),
-        purpose=data.get("purpose"),
+        id=required_id(data, "file"),
+        bytes=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        filename=_text_or_none(data.get("filename")),
+        purpose=_text_or_none(data.get("purpose")),
         created_at=epoch_seconds(data.get("created_at")),
         expires_at=epoch_seconds(data.get("expires_at")),
     )
+
+
+def required_id(data: Mapping[str, Any], what: str) -> str:
+    """The object's ``id``: a string or an integer, else a ``ProviderError`` (a missing,
+    null or structured id taken as its text named a batch ``None`` that was polled for ever)."""
+    value = data.get("id")
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ProviderError(
+        f"the provider answered a {what} object whose id is {_kind(value)}, not a string: "
+        "the answer cannot be used (is the base URL the provider's API root?)"
+    )
+
+
+def optional_file_id(data: Mapping[str, Any], name: str) -> str | None:
+    """A file id field: None when absent, null or empty; else as ``_required_id``."""
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ProviderError(
+        f"the provider answered a batch object whose {name} is {_kind(value)}, not a file "
+        "id: the answer cannot be used (is the base URL the provider's API root?)"
+    )
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "missing or null"
+    if value == "":
+        return "empty"
+    return f"a JSON {type(value).__name__}".replace("dict", "object").replace("list", "array")
+
+
+def lenient_count(value: Any) -> int:
+    """A count or a token total: an integer, a whole float or a numeric string; else 0."""
+    if isinstance(value, bool) or value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)  # Gemini's int64 counts are strings: exact, not through a float
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if math.isfinite(number) else 0
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _line_or_none(value: Any) -> int | None:
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def epoch_seconds(value: Any) -> int | None:
@@ -446,6 +538,8 @@ def epoch_seconds(value: Any) -> int | None:
 def _epoch_seconds(value: Any) -> int | None:
     if value is None or value == "":
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN, Infinity (Python's json reads both, and 1e400 as Infinity)
     if isinstance(value, (int, float)):
         return int(value)
     text = str(value)

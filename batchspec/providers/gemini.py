@@ -70,6 +70,7 @@ from batchspec.providers._http import (
     json_object,
     new_client,
     next_page_cursor,
+    redact_batch,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -80,6 +81,7 @@ from batchspec.providers.base import (
     RequestCounts,
     Usage,
     epoch_seconds,
+    lenient_count,
     pause_before_retry,
 )
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
@@ -216,7 +218,7 @@ class GeminiProvider(StagedInputs):
         return created
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
-        return parse_operation(self._operation(batch_id))
+        return redact_batch(parse_operation(self._operation(batch_id)), self._http.context)
 
     def list_batches(self, *, page_size: int = _PAGE_SIZE) -> Iterator[RemoteBatch]:
         """Every listed batch, in Gemini's order, fetched page by page."""
@@ -232,7 +234,7 @@ class GeminiProvider(StagedInputs):
             page = _json(response, "list batches", self.name)
             for row in page.get("operations") or []:
                 if isinstance(row, Mapping) and row.get("name"):
-                    yield parse_operation(row)
+                    yield redact_batch(parse_operation(row), self._http.context)
             next_token = page.get("nextPageToken")
             if not next_token:
                 return
@@ -355,7 +357,9 @@ class GeminiProvider(StagedInputs):
                 headers=headers,
                 retry_ambiguous=False,
             )
-            return parse_operation(_json(response, "create batch", self.name))
+            return redact_batch(
+                parse_operation(_json(response, "create batch", self.name)), self._http.context
+            )
 
         # a keyed create may still be in transit (a gateway holding it past our timeout):
         # never re-sent here; the reconciler looks it up for a bounded window before it
@@ -546,10 +550,7 @@ def _epoch(value: Any) -> int | None:
 
 
 def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
+    return lenient_count(value)
 
 
 def _dumps(value: Any) -> bytes:

@@ -56,6 +56,7 @@ from batchspec.providers._http import (
     new_client,
     next_page_cursor,
     quote_id,
+    redact_batch,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -66,8 +67,11 @@ from batchspec.providers.base import (
     RemoteNotFound,
     RequestCounts,
     UploadProgress,
+    lenient_count,
+    optional_file_id,
     parse_file,
     pause_before_retry,
+    required_id,
 )
 from batchspec.providers.staging import Staging
 from batchspec.wire import mistral_lines
@@ -224,7 +228,10 @@ class MistralProvider:
         response = self._http.request(
             "GET", f"/v1/batch/jobs/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
-        return parse_job(json_object(response, "get batch", self.name, api_root=_API_ROOT))
+        return redact_batch(
+            parse_job(json_object(response, "get batch", self.name, api_root=_API_ROOT)),
+            self._http.context,
+        )
 
     def list_batches(
         self, *, page_size: int = _PAGE_SIZE, metadata: Mapping[str, str] | None = None
@@ -246,7 +253,7 @@ class MistralProvider:
             elif rows:
                 first_ids.add(str(rows[0].get("id")))
             for row in rows:
-                job = parse_job(row)
+                job = redact_batch(parse_job(row), self._http.context)
                 if all(job.metadata.get(k) == v for k, v in (metadata or {}).items()):
                     yield job
             total = body.get("total")
@@ -263,8 +270,9 @@ class MistralProvider:
             f"/v1/batch/jobs/{quote_id(batch_id)}/cancel",
             batch_id=batch_id,
             get_batch=self.get_batch,
-            parse=lambda response: parse_job(
-                json_object(response, "cancel batch", self.name, api_root=_API_ROOT)
+            parse=lambda response: redact_batch(
+                parse_job(json_object(response, "cancel batch", self.name, api_root=_API_ROOT)),
+                self._http.context,
             ),
         )
 
@@ -322,7 +330,10 @@ class MistralProvider:
                 json=payload,
                 retry_ambiguous=False,
             )
-            return parse_job(json_object(response, "create batch", self.name, api_root=_API_ROOT))
+            return redact_batch(
+                parse_job(json_object(response, "create batch", self.name, api_root=_API_ROOT)),
+                self._http.context,
+            )
 
         # a keyed create may still be in transit: never re-sent here (the reconciler looks it
         # up for a bounded window first); an unkeyed one cannot be told apart, so it is re-sent
@@ -356,12 +367,12 @@ def parse_job(data: Mapping[str, Any]) -> RemoteBatch:
     metadata = data.get("metadata")
     errors = data.get("errors")
     return RemoteBatch(
-        id=str(data["id"]),
+        id=required_id(data, "batch job"),
         status=mistral_lines.batch_status(data.get("status")),
         endpoint=data.get("endpoint"),
         input_file_id=str(inputs[0]) if isinstance(inputs, list) and inputs else None,
-        output_file_id=data.get("output_file") or None,
-        error_file_id=data.get("error_file") or None,
+        output_file_id=optional_file_id(data, "output_file"),
+        error_file_id=optional_file_id(data, "error_file"),
         request_counts=RequestCounts(
             total=_int(data.get("total_requests")),
             completed=_int(data.get("succeeded_requests")),
@@ -386,7 +397,4 @@ def _file(data: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
+    return lenient_count(value)

@@ -47,6 +47,7 @@ from batchspec.providers._http import (
     new_client,
     next_page_cursor,
     quote_id,
+    redact_batch,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -205,7 +206,7 @@ class OpenAIProvider:
             response = self._http.request(
                 "POST", "/batches", operation="create batch", json=payload, retry_ambiguous=False
             )
-            return parse_batch(json_object(response, "create batch", self.name, api_root=_API_ROOT))
+            return self._batch(response, "create batch")
 
         # a keyed create may still be in transit (a gateway holding it past our timeout):
         # never re-sent here; the reconciler looks it up for a bounded window before it
@@ -223,7 +224,7 @@ class OpenAIProvider:
         response = self._http.request(
             "GET", f"/batches/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
-        return parse_batch(json_object(response, "get batch", self.name, api_root=_API_ROOT))
+        return self._batch(response, "get batch")
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
         """Every listed batch, newest first; the next page is fetched only when needed."""
@@ -239,7 +240,7 @@ class OpenAIProvider:
             )
             page = json_object(response, "list batches", self.name, api_root=_API_ROOT)
             rows = listed_rows(page, self.name, api_root=_API_ROOT)
-            yield from (parse_batch(row) for row in rows)
+            yield from (redact_batch(parse_batch(row), self._http.context) for row in rows)
             next_after = page.get("last_id") or (rows[-1].get("id") if rows else None)
             if not page.get("has_more") or not rows or not next_after:
                 return
@@ -256,15 +257,18 @@ class OpenAIProvider:
             f"/batches/{quote_id(batch_id)}/cancel",
             batch_id=batch_id,
             get_batch=self.get_batch,
-            parse=lambda response: parse_batch(
-                json_object(response, "cancel batch", self.name, api_root=_API_ROOT)
-            ),
+            parse=lambda response: self._batch(response, "cancel batch"),
         )
 
     def close(self) -> None:
         self._http.close()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _batch(self, response: httpx.Response, operation: str) -> RemoteBatch:
+        """The batch object a response holds, the key taken out of its errors' words."""
+        body = json_object(response, operation, self.name, api_root=_API_ROOT)
+        return redact_batch(parse_batch(body), self._http.context)
 
     def _routed(self, fields: dict[str, Any]) -> dict[str, Any]:
         """``fields`` plus ``custom_llm_provider`` when a LiteLLM provider is configured."""

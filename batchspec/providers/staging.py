@@ -160,7 +160,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 record = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep to read
                 continue
             if isinstance(record, dict):
                 yield record

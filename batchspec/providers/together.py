@@ -49,6 +49,7 @@ from batchspec.providers._http import (
     create_or_adopt,
     json_object,
     quote_id,
+    redact_batch,
 )
 from batchspec.providers.base import (
     BatchValidationError,
@@ -230,7 +231,7 @@ class TogetherProvider(OpenAIProvider):
             )
             body = _json(response, "create batch", self.name)
             job = body["job"] if isinstance(body.get("job"), Mapping) else body
-            created = _parse_job(job, metadata)
+            created = redact_batch(_parse_job(job, metadata), self._http.context)
             self._journal.confirm(key, created.id)
             return created
 
@@ -250,7 +251,11 @@ class TogetherProvider(OpenAIProvider):
         response = self._http.request(
             "GET", f"/batches/{quote_id(batch_id)}", operation=f"get batch {batch_id}"
         )
-        return self._with_journal(_parse_job(_json(response, "get batch", self.name), {}))
+        return self._with_journal(
+            redact_batch(
+                _parse_job(_json(response, "get batch", self.name), {}), self._http.context
+            )
+        )
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
         """Every batch Together lists (one page: it does not page), in its order."""
@@ -269,7 +274,9 @@ class TogetherProvider(OpenAIProvider):
             batch_id=batch_id,
             get_batch=self.get_batch,
             parse=lambda response: self._with_journal(
-                _parse_job(_json(response, "cancel batch", self.name), {})
+                redact_batch(
+                    _parse_job(_json(response, "cancel batch", self.name), {}), self._http.context
+                )
             ),
         )
 
@@ -284,7 +291,7 @@ class TogetherProvider(OpenAIProvider):
         response = self._http.request("GET", "/batches", operation="list batches")
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             body = None
         rows = body.get("data") if isinstance(body, Mapping) else body
         if not isinstance(rows, list):
@@ -292,7 +299,11 @@ class TogetherProvider(OpenAIProvider):
                 f"{self.name}: list batches answered with a body that is not a JSON array; "
                 "is the base URL Together's API root (https://api.together.ai/v1)?"
             )
-        batches = [_parse_job(row, {}) for row in rows if isinstance(row, Mapping) and "id" in row]
+        batches = [
+            redact_batch(_parse_job(row, {}), self._http.context)
+            for row in rows
+            if isinstance(row, Mapping) and "id" in row
+        ]
         return sorted(batches, key=lambda b: b.created_at or 0, reverse=True)
 
     def _unclaimed_batch_of(self, entry: JournalEntry) -> RemoteBatch | None:

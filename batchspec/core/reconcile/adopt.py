@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 
-from batchspec.core.batches import batch_fields, metadata_for_key
+from batchspec.core.batches import batch_fields, ended_without_its_answers, metadata_for_key
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
 from batchspec.errors import ProviderError
@@ -189,6 +189,11 @@ def bind_adopted(ctx: RunContext, name: str, batch: BatchRow, remote: RemoteBatc
 def record_remote(
     ctx: RunContext, res: Resource, batch: BatchRow, remote: RemoteBatch, *, event: str
 ) -> None:
+    if ended_without_its_answers(remote):  # as a poll's (``poll.poll_batch``)
+        raise ProviderError(
+            f"{remote.id} of {res.name} ({event}) is {remote.status} with requests completed "
+            "but names no output file: not recorded; the next apply looks it up again"
+        )
     with ctx.store.atomic():
         ctx.store.update_batch(
             batch.id, remote_id=remote.id, submitted_at=now(), **batch_fields(remote)

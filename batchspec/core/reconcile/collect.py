@@ -86,9 +86,12 @@ def _loads(body: bytes) -> Any:
     """orjson when installed; the standard library decides what orjson refuses (NaN, lone
     surrogates), so a line is never skipped, and its request retried, for orjson's sake."""
     try:
-        return _fast_loads(body)
-    except ValueError:
-        return json.loads(body)
+        try:
+            return _fast_loads(body)
+        except ValueError:
+            return json.loads(body)
+    except RecursionError as deep:  # a line nested deeper than Python reads: unreadable
+        raise ValueError("JSON nested too deep to read") from deep
 
 
 def write_exports(res: Resource, provider: ProviderConfig | None) -> list[Path]:
@@ -390,6 +393,7 @@ def collect_batch(
             shas[column] = sha
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
+    repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
@@ -403,7 +407,8 @@ def collect_batch(
                 kind = "output" if column == "output_sha256" else "errors"
                 path = ctx.blobs.ensure_local(sha)
                 read = {True: 0, False: 0}
-                lines = _tallied(read_result_lines(path, retry_on=retry_on), read)
+                seen: set[str] = set()
+                lines = _tallied(read_result_lines(path, retry_on=retry_on), read, seen)
                 try:
                     changed += ctx.ledger.record_outcomes(
                         gen.id, batch.attempt, sha, lines, shard=batch.shard
@@ -413,8 +418,11 @@ def collect_batch(
                     raise DownloadFailed(kind, file_id or "", refusal) from err
                 if not any(read.values()) and not is_blank(path):
                     raise DownloadFailed(kind, file_id or "", _not_results(name, batch, path))
+                if not any(read.values()) and kind == "output" and (batch.completed or 0) > 0:
+                    raise DownloadFailed(kind, file_id or "", _served_empty(name, batch))
                 for answered, count in read.items():
                     tally[answered] += count
+                repeated += sum(read.values()) - len(seen)
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -424,6 +432,8 @@ def collect_batch(
         detail.update(_collected_usage(ctx, gen, batch, before))
         if gone:
             detail["gone"] = "; ".join(gone)  # a string: the text history shows it
+        if repeated:
+            detail["repeated"] = repeated
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -445,6 +455,7 @@ def collect_batch(
             "collect",
             name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
+            + _repeated_text(repeated)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -472,6 +483,18 @@ def _not_results(name: str, batch: BatchRow, path: Path) -> ProviderError:
         f"not batch results ({path.stat().st_size:,} bytes, no line a JSON object with a "
         "custom_id: a page or a notice sent with HTTP 200?). Nothing of it was recorded, so no "
         f"request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
+    )
+
+
+def _served_empty(name: str, batch: BatchRow) -> ProviderError:
+    """Why an output file served empty is not recorded while the batch's own counts say
+    requests completed: taken as its batch's, every request of it was unanswered, and sent
+    again and paid for again by the retries, though the provider had done them (a gateway
+    answering 200 with no body, a content route failing quietly)."""
+    return ProviderError(
+        f"{batch.provider} served the output file of batch {batch.remote_id} empty, though it "
+        f"counted {batch.completed:,} request(s) of it completed. Nothing of it was recorded, "
+        f"so no request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
     )
 
 
@@ -521,11 +544,26 @@ def _collected_usage(
     return usage_detail(usage)
 
 
-def _tallied(lines: Iterator[CollectedLine], tally: dict[bool, int]) -> Iterator[CollectedLine]:
-    """``lines`` as they are, counted into ``tally`` by whether each is an answer."""
+def _tallied(
+    lines: Iterator[CollectedLine], tally: dict[bool, int], seen: set[str]
+) -> Iterator[CollectedLine]:
+    """``lines`` as they are, counted into ``tally`` by whether each is an answer, their
+    custom_ids kept in ``seen`` (a file that answers one twice says so: ``_repeated_text``)."""
     for line in lines:
         tally[line.outcome.state == "ok"] += 1
+        seen.add(line.custom_id)
         yield line
+
+
+def _repeated_text(repeated: int) -> str:
+    """A provider that answered a request twice in one file (two answers, maybe different):
+    the ledger keeps the first, and the line says so rather than pass it over in silence."""
+    if not repeated:
+        return ""
+    return (
+        f"; {repeated} line{'s' if repeated != 1 else ''} answered a custom_id its file had "
+        "already answered (the provider's first answer of each is kept)"
+    )
 
 
 def _lines_text(tally: dict[bool, int]) -> str:

@@ -7,10 +7,16 @@ through here, so the submit step polls when it finds the provider full.
 
 from __future__ import annotations
 
-from batchspec.core.batches import batch_fields, counts_json
+from batchspec.core.batches import (
+    batch_fields,
+    carries_another_key,
+    counts_json,
+    ended_without_its_answers,
+)
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
+from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -66,6 +72,14 @@ def poll_batch(
     if remote is None:
         ctx.before_wait()
         remote = provider.get_batch(batch.remote_id)
+    if remote.id != batch.remote_id and carries_another_key(remote, batch.key):
+        raise ProviderError(
+            f"{batch.provider} answered the poll of batch {batch.remote_id} ({name}) with "
+            f"another batch, {remote.id}, which carries another batch's key: nothing of it was "
+            "recorded (its files hold another batch's answers); the next apply asks again"
+        )
+    if ended_without_its_answers(remote):
+        raise ProviderError(_no_output_text(batch.provider, remote, name))
     note_progress(ctx, remote)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
@@ -81,6 +95,18 @@ def poll_batch(
                 detail={"status": remote.status, "from": batch.status, **counts_json(remote)},
             )
     return remote
+
+
+def _no_output_text(provider: str, remote: RemoteBatch, name: str) -> str:
+    counts = remote.request_counts
+    done = counts.completed if counts is not None else 0
+    return (
+        f"{provider} says batch {remote.id} ({name}) is {remote.status} with {done:,} "
+        "request(s) completed, but names no output file: nothing of it was recorded, so none "
+        "of its answers is taken as missing and paid for again; the next apply asks again "
+        f"(if the provider keeps answering so, `batchspec apply --replace {name}` sends the "
+        "requests again, paying for them again)"
+    )
 
 
 def note_progress(ctx: RunContext, remote: RemoteBatch) -> None:

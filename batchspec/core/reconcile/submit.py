@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchspec.core.batches import batch_metadata
+from batchspec.core.batches import batch_metadata, carries_another_key
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.adopt import (
     confirm_deadline,
@@ -220,9 +220,26 @@ def send_create(
         completion_window=res.completion_window,
         metadata=batch_metadata(res, batch),
     )
+    if carries_another_key(remote, batch.key):
+        raise AmbiguousOutcome(
+            f"{provider.name} answered the create with batch {remote.id}, which carries "
+            f"another batch's key ({_key_text(remote)}): not taken as this one's (its answers "
+            "are another batch's); the batch this create made, if any, is looked up by its key"
+        )
     ctx.last_create_at = ctx.monotonic()
     ctx.progress[remote.id] = (ctx.last_create_at, 0)
     return remote
+
+
+def _key_text(remote: RemoteBatch) -> str:
+    """The batchspec key ``remote`` carries, as resource/shard/attempt (counted from 1)."""
+    meta = remote.metadata
+    shard = meta.get("batchspec_shard", "?")
+    shown = str(int(shard) + 1) if shard.isdigit() else shard
+    return (
+        f"resource {meta.get('batchspec_resource', '?')}, shard {shown}, "
+        f"attempt {meta.get('batchspec_attempt', '?')}"
+    )
 
 
 def confirm_ambiguous_create(

@@ -1,0 +1,285 @@
+"""Attacks from a hostile or buggy provider: a create or a poll answered with another batch's
+object. Both resources use the same custom_ids (``req-0``…) with different prompts, as
+teams' inputs do, so another batch's answers would join this one's requests. A small OpenAI
+stand-in on loopback (``hostile_openai``), real SQLite, the CLI's own entry point."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostile_openai import HostileOpenAI, Reply, SeenRequest, answer_line, jsonl
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, make_workspace, run_cli
+
+from batchspec.errors import ProviderError
+from batchspec.providers.anthropic import parse_message_batch
+from batchspec.providers.base import RemoteBatch
+from batchspec.providers.gemini import parse_operation
+from batchspec.providers.mistral import parse_job
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileOpenAI]:
+    srv = HostileOpenAI()
+    yield srv
+    srv.stop()
+
+
+def _workspace(tmp_path: Path, srv: HostileOpenAI) -> Workspace:
+    """alpha and beta, three requests each with the same custom_ids; beta's prompts differ."""
+    provider = {
+        "type": "openai",
+        "baseUrl": srv.v1,
+        "apiKeyEnv": KEY_ENV,
+        "options": {"maxRetries": 0},
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": provider},
+        resources=(ResourceSpec("alpha"), ResourceSpec("beta")),
+    )
+    lines = [json.loads(line) for line in ws.input_path("beta").read_text().splitlines()]
+    for line in lines:
+        line["body"]["messages"][0]["content"] += " (beta)"
+    ws.write_input("beta", lines)
+    return ws
+
+
+def _answers(ws: Workspace, name: str) -> list[str]:
+    return [o["response"]["body"]["choices"][0]["message"]["content"] for o in ws.outputs(name)]
+
+
+def _beta_answered_with_alphas_batch(
+    server: HostileOpenAI, seen: SeenRequest, reply: Reply
+) -> Reply:
+    created = json.loads(reply.body)
+    if created["metadata"]["batchspec_resource"] == "beta":
+        return Reply.of(server.batches["batch_1"])
+    return reply
+
+
+def test_a_create_answered_with_another_batch_adopts_its_own_and_keeps_its_answers(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """beta's create is answered with alpha's batch (a gateway's cache, a retried create
+    answered with the first one's): it is not bound to beta (whose results would be alpha's
+    answers, and whose own batch, made and paid for, never collected); beta's own batch is
+    found by its key and adopted, no third create is sent, and each resource's results
+    answer its own prompts."""
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    hostile.hooks["POST /v1/batches"] = _beta_answered_with_alphas_batch
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, out + err
+    assert "Traceback" not in err
+    assert hostile.creates() == 2
+    with ws.store() as store:
+        remote_ids = {
+            name: [b.remote_id for b in store.batches(store.generations(name)[0].id)]
+            for name in ("alpha", "beta")
+        }
+    assert remote_ids == {"alpha": ["batch_1"], "beta": ["batch_2"]}
+    assert all("(beta)" in answer for answer in _answers(ws, "beta"))
+    assert not any("(beta)" in answer for answer in _answers(ws, "alpha"))
+
+
+def test_a_poll_answered_with_another_batch_records_nothing_of_it(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A poll of alpha's batch answered with beta's (ended, its output file named): nothing
+    of it is recorded (alpha's batch stays in flight, with no file id; exit 1, no
+    traceback); once the provider answers right, the next apply collects alpha's own
+    answers, and nothing was created again."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    for name in ("alpha", "beta"):  # alpha's batch is batch_1, beta's batch_2
+        assert run_cli(["apply", str(ws.root), "--yes", "-s", name], capsys)[0] == 0
+    hostile.finish_all()
+
+    def beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply.of(server.batches["batch_2"]) if "batch_1" in seen.path else reply
+
+    hostile.hooks["GET /v1/batches/{id}"] = beta_for_alpha
+    hostile.hooks["GET /v1/batches"] = _listing_with_beta_for_alpha
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1, out + err
+    assert "another batch" in err
+    assert "Traceback" not in err
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert (alpha.status, alpha.output_file_id) == ("in_progress", None)
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 2
+    assert not any("(beta)" in answer for answer in _answers(ws, "alpha"))
+    assert all("(beta)" in answer for answer in _answers(ws, "beta"))
+
+
+def test_an_output_file_served_empty_for_a_batch_counted_completed_is_not_taken_as_unanswered(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alpha's batch ends ``completed`` with its three requests counted completed, and its
+    output file is served with HTTP 200 and no body: nothing is recorded and nothing sent
+    again (taken as three unanswered requests, they were retried twice, paid three times, and
+    alpha ended Degraded); the next apply, once the file is served, collects it."""
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["GET /v1/files/{id}/content"] = lambda server, seen, reply: Reply(200, b"")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "served the output file of batch batch_1 empty" in out + err
+    assert hostile.creates() == 1
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert alpha.collected_at is None
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3
+
+
+def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """The listing, with alpha's row replaced by beta's batch (polls may read the list)."""
+    page: dict[str, Any] = json.loads(reply.body)
+    page["data"] = [server.batches["batch_2"] if r["id"] == "batch_1" else r for r in page["data"]]
+    return Reply.of(page)
+
+
+def test_a_key_a_gateway_quotes_in_a_batchs_errors_is_not_recorded_or_shown(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A create answered with the batch ``failed`` and a validation error quoting the
+    request's Authorization header: the key is in no line apply writes, not in the state
+    (its ``provider_errors``, its ``collect`` event) and not in ``history --json``."""
+    ws = _workspace(tmp_path, hostile)
+
+    def failed_quoting_the_key(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        said = f"invalid auth: {seen.headers['authorization']}"
+        batch = json.loads(reply.body)
+        batch.update(status="failed", output_file_id=None)
+        batch["errors"] = {"data": [{"code": "bad_auth", "message": said, "param": said}]}
+        return Reply.of(batch)
+
+    hostile.hooks["POST /v1/batches"] = failed_quoting_the_key
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 4, out + err
+    assert "invalid auth: Bearer [redacted]" in out
+    _, history, _ = run_cli(["history", str(ws.root), "--json"], capsys)
+    for text in (out, err, history):
+        assert SENTINEL_KEY not in text
+    assert SENTINEL_KEY.encode() not in ws.state_bytes()
+
+
+def test_a_batch_ended_with_answers_but_no_output_file_is_asked_again_not_retried(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A poll answers alpha's batch ``completed``, its three requests counted completed, with
+    ``output_file_id`` null (a gateway trimming the object): it is not recorded ended (then
+    collected with nothing, never polled again, and its three requests sent again and paid
+    for again); exit 1 saying so; the next apply, answered whole, collects it."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    hostile.finish_all()
+
+    def trimmed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply.of({**json.loads(reply.body), "output_file_id": None})
+
+    hostile.hooks["GET /v1/batches/{id}"] = trimmed
+    wait = ["--wait", "--timeout", "5"]  # bounded: before the fix, the retry never ended
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait, "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "names no output file" in err
+    assert hostile.creates() == 1
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert alpha.status == "in_progress"
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3
+
+
+def test_a_request_answered_twice_in_one_file_is_said_not_passed_over(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output file answering ``req-0`` twice, differently: the first answer is kept (as
+    before), and the collect line and its event say a line repeated a custom_id, instead
+    of the run reporting Healthy as if the file were sound."""
+    ws = _workspace(tmp_path, hostile)
+
+    def answered_twice(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return Reply(200, jsonl([answer_line("req-0", "first")]) + reply.body)
+
+    hostile.hooks["GET /v1/files/{id}/content"] = answered_twice
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert "1 line answered a custom_id its file had already answered" in out
+    assert _answers(ws, "alpha")[0] == "first"
+    with ws.store() as store:
+        (collect,) = store.events(resource="alpha", action="collect")
+    assert collect.detail["repeated"] == 1
+
+
+@pytest.mark.parametrize(
+    ("parse", "data"),
+    [
+        pytest.param(
+            parse_message_batch,
+            {
+                "id": "msgbatch_1",
+                "processing_status": "ended",
+                "request_counts": {"succeeded": "x"},
+            },
+            id="anthropic-count-as-text",
+        ),
+        pytest.param(
+            parse_job,
+            {"id": "job_1", "status": "SUCCESS", "created_at": float("inf"), "total_requests": []},
+            id="mistral-infinite-time",
+        ),
+        pytest.param(
+            parse_operation,
+            {"name": "batches/1", "metadata": {"batchStats": {"requestCount": float("inf")}}},
+            id="gemini-infinite-count",
+        ),
+    ],
+)
+def test_other_dialects_read_wrong_types_leniently(
+    parse: Callable[..., RemoteBatch], data: dict[str, Any]
+) -> None:
+    """Anthropic's, Mistral's and Gemini's batch objects with a count that is text, an array
+    or NaN, or a time of Infinity, are read (a count of 0, no time) rather than raised as a
+    bare ValueError or OverflowError: a traceback ended the run."""
+    args = (data, None) if parse is parse_message_batch else (data,)
+    assert parse(*args).id
+
+
+@pytest.mark.parametrize(
+    ("parse", "data"),
+    [
+        pytest.param(parse_message_batch, {"processing_status": "ended"}, id="anthropic-no-id"),
+        pytest.param(parse_job, {"id": None, "status": "SUCCESS"}, id="mistral-null-id"),
+        pytest.param(
+            parse_job, {"id": "job_1", "output_file": {"id": "f"}}, id="mistral-object-file"
+        ),
+    ],
+)
+def test_other_dialects_refuse_ids_that_cannot_be_used(
+    parse: Callable[..., RemoteBatch], data: dict[str, Any]
+) -> None:
+    """An id that is missing, null or an object is a ``ProviderError``, not a KeyError
+    traceback, a batch named ``None``, or a dict bound into the state (a database error)."""
+    args = (data, None) if parse is parse_message_batch else (data,)
+    with pytest.raises(ProviderError, match="not a"):
+        parse(*args)
