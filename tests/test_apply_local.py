@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from servers import request_lines
 from workspaces import (
     ResourceSpec,
@@ -326,6 +327,29 @@ def test_an_engine_folder_in_use_is_found_before_anything_is_recorded(
         assert len(store.generations("done")) == 1 and store.generations("fresh") == []
     code, out, _ = run_cli(["status", str(ws.root), "--select", "done"], capsys)
     assert "done: Synced, Healthy — 2/2 succeeded" in out
+
+
+def test_an_engine_folder_in_use_leaves_a_pending_move_unrecorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rename (`moved`) with a spending change, the engine's folder held: exit 3 records
+    nothing, the move included (it was recorded before the engine was claimed)."""
+    ws = local_ws(tmp_path / "ws", ResourceSpec("done", count=2, provider="here"))
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    manifest = ws.manifest_path("done")
+    doc = yaml.safe_load(manifest.read_text())
+    doc["metadata"].update(name="renamed", moved={"from": "done"}, labels={"team": "b"})
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with ws.input_path("done").open("a") as f:  # one request more: a create
+        f.write(ws.input_path("done").read_text().splitlines()[0].replace("-0", "-9") + "\n")
+    held = Engine(ws.root / "state" / "local")
+    try:
+        code, _, err = run_cli(["apply", str(ws.root), *FAST], capsys)
+    finally:
+        held.close()
+    assert code == 3, err
+    with ws.store() as store:
+        assert store.get_resource("renamed") is None and store.get_resource("done") is not None
 
 
 def test_a_create_the_engine_refuses_is_recorded_as_made_nothing(

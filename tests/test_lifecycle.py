@@ -236,8 +236,9 @@ def test_import_refuses_a_batch_tracked_under_another_name_of_its_provider(
 
 def test_two_names_of_a_provider_on_its_default_url_are_one_service() -> None:
     """Providers without a baseUrl (Gemini, Mistral, Groq, Together: their adapter's default)
-    reach the same service when their types match: an import through one is refused for a
-    batch the other tracks. Another type, or a named URL, is another service."""
+    reach the same service when their types match, and so does one naming that default: an
+    import through one is refused for a batch the other tracks. Another type, or another
+    URL, is another service."""
     from types import SimpleNamespace
 
     from batchspec.core.lifecycle import same_service
@@ -251,9 +252,12 @@ def test_two_names_of_a_provider_on_its_default_url_are_one_service() -> None:
         "g2": config("g2", "gemini"),
         "m": config("m", "mistral"),
         "g3": config("g3", "gemini", "http://127.0.0.1:9/v1beta"),
+        "q1": config("q1", "groq"),
+        "q2": config("q2", "groq", "https://api.groq.com/openai/v1/"),  # its default, named
     }
     res: Any = SimpleNamespace(provider="g1")
     assert same_service(providers, res) == ["g1", "g2"]
+    assert same_service(providers, SimpleNamespace(provider="q1")) == ["q1", "q2"]
 
 
 def test_import_refusal_names_the_current_replacement(

@@ -650,6 +650,11 @@ def test_spec_hash_changes_with_the_completion_window(tmp_path: Path) -> None:
         pytest.param("fast", "8d", "it takes 24h to 7d", id="groq-8d"),
         pytest.param("fast", "7d", None, id="groq-7d"),
         pytest.param("claude", "48h", None, id="anthropic-own-window"),
+        # a single window is matched as written: the create refuses "1d" for "24h"
+        pytest.param("local", "1d", "it takes only 24h", id="local-1d"),
+        # type openai elsewhere than OpenAI is any compatible API (Groq's, a gateway): its own
+        pytest.param("gateway", "7d", None, id="openai-compatible-elsewhere"),
+        pytest.param("routed", "48h", None, id="litellm-model-route"),
     ],
 )
 def test_a_completion_window_the_provider_refuses_is_a_manifest_problem(
@@ -658,7 +663,11 @@ def test_a_completion_window_the_provider_refuses_is_a_manifest_problem(
     """A window the provider's type does not take fails with its file:line before anything is
     uploaded (the provider refused it at the create, after the upload); types with a window
     of their own (Anthropic) are not checked."""
-    project = PROJECT + "providers: {fast: {type: groq}, claude: {type: anthropic}}\n"
+    project = PROJECT + (
+        "providers: {fast: {type: groq}, claude: {type: anthropic},\n"
+        "  gateway: {type: openai, baseUrl: 'http://127.0.0.1:9/openai/v1'},\n"
+        "  routed: {type: openai, options: {litellmModel: m}}}\n"
+    )
     text = BASE.replace("provider: local", f"provider: {provider}") + (
         f"  completionWindow: {window}\n"
     )

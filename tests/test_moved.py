@@ -171,6 +171,25 @@ def test_a_rename_without_moved_is_pointed_out_by_plan_and_apply(
     assert "moved:" not in err
 
 
+def test_a_resource_moved_from_its_old_name_gets_no_rename_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hello and other share one input; other's manifest is deleted and hello is renamed
+    greet with `moved: {from: hello}` and new metadata (a create). greet is a rename already:
+    no hint tells it to name other instead (one `moved` per resource)."""
+    ws = local_workspace(tmp_path / "ws", "hello", "other")
+    ws.input_path("other").write_bytes(ws.input_path("hello").read_bytes())
+    apply(ws, capsys, "--wait")
+    ws.manifest_path("other").unlink()
+    rename(ws, "hello", "greet", metadata={"team": "new"})
+
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert "greet: create (moved from hello" in out, out
+    assert "moved:" not in err, err
+
+
 def test_a_saved_plan_with_a_move_applies_as_planned(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

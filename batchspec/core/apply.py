@@ -222,7 +222,7 @@ def plan_workspace(
             plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers, outputs)
-        warnings += rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()})
+        warnings += rename_hints(store, plan, _unmoved_inputs(resources, facts))
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         warnings += [
             f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
@@ -385,7 +385,7 @@ def apply_workspace(
                 if saved is not None:
                     saved.require_current(store, resources, plan)
                 report(Progress("plan", None, "plan computed", plan=plan))
-                for hint in rename_hints(store, plan, {n: f.sha256 for n, f in facts.items()}):
+                for hint in rename_hints(store, plan, _unmoved_inputs(resources, facts)):
                     report(Progress("warning", None, hint))
                 outputs = measured_outputs(
                     plan,
@@ -396,17 +396,17 @@ def apply_workspace(
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
             require_consent(plan, ws, options, confirm)
-            apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
             with (
                 engine_log_reported(report),
                 ProviderPool(
                     ws, env, lock_timeout=options.lock_timeout, report=report
                 ) as providers,
             ):
-                # build every provider the plan spends on first: a missing API key fails
-                # here, before anything is recorded for it
+                # build every provider the plan spends on first: a missing API key or an
+                # engine folder in use (exit 3) fails here, before anything is recorded
                 for action in plan.spending:
                     providers.claim(action.provider or "")
+                apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it
                 rec = Reconciler(
                     ws.project,
                     store,
@@ -583,6 +583,13 @@ def cancel_resource(
                 if batch.remote_id is not None and batch_still_stopping(batch)
             )
             active = [g for g in store.generations(name) if g.status in ACTIVE_GENERATION_STATUSES]
+            # ended (and collected) before this cancel: not what the cancel found ended
+            done_before = {
+                b.id
+                for gen in active
+                for b in store.batches(gen.id)
+                if b.status in TERMINAL_STATUSES and b.collected_at is not None
+            }
             n = rec.cancel(name)  # its batches' cancels side by side
             # this cancel's and earlier ones': every apply's drain looks each one up
             unconfirmed = sum(
@@ -599,6 +606,7 @@ def cancel_resource(
                 if batch.remote_id is not None
                 and batch.status in TERMINAL_STATUSES
                 and batch.status != "cancelled"
+                and batch.id not in done_before
             )
         run.exit_code = 0
         return CancelResult(n, stopping, len(active), unconfirmed, ended)
@@ -954,6 +962,16 @@ def require_consent(
         )
     if not confirm(plan):
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
+
+
+def _unmoved_inputs(
+    resources: Sequence[Resource], facts: Mapping[str, InputReport]
+) -> dict[str, str]:
+    """The input hash of each resource that names no ``moved`` (``rename_hints``: one that
+    does is a rename already, and takes one name only)."""
+    return {
+        r.name: facts[r.name].sha256 for r in resources if r.moved_from is None and r.name in facts
+    }
 
 
 def measured_outputs(

@@ -62,6 +62,7 @@ from batchspec.core.session import (
 from batchspec.core.sharding import assign_indexed_shards, fits_one_shard, indexed_ledger_rows
 from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
 from batchspec.providers.base import Provider, RemoteBatch
+from batchspec.providers.flavours import FLAVOURS
 from batchspec.state.lock import LockHolder, acquire_lock, force_unlock
 from batchspec.state.runinfo import collect_run_info
 from batchspec.state.store import GenerationRow, StateStore
@@ -211,14 +212,16 @@ def require_one_shard(
 
 def same_service(providers: Mapping[str, ProviderConfig], res: Resource) -> list[str]:
     """The names of the providers that reach the service ``res``'s provider reaches (same
-    type and base URL, or both the type's default URL): a batch id is the service's,
-    whichever name tracked it."""
+    type and base URL, a missing one read as the type's default; a ``local`` engine: the
+    same data folder): a batch id is the service's, whichever name tracked it."""
     own = providers.get(res.provider)
     if own is None:
         return [res.provider]
 
-    def service(p: ProviderConfig) -> tuple[str, str]:
-        return p.type, (p.base_url or "").rstrip("/")
+    def service(p: ProviderConfig) -> tuple[str, str, object]:
+        default = FLAVOURS[p.type].base_url if p.type in FLAVOURS else None
+        engine = p.options.get("dataDir") if p.type == "local" else None  # one per folder
+        return p.type, (p.base_url or default or "").rstrip("/"), engine
 
     return [res.provider] + [
         name for name, p in providers.items() if name != res.provider and service(p) == service(own)

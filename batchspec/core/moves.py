@@ -216,23 +216,24 @@ def former_names(store: StateStore, name: str) -> list[str]:
 
 def rename_hints(store: StateStore, plan: Plan, input_sha256: Mapping[str, str]) -> list[str]:
     """A warning for each new resource that looks like an orphan renamed without ``moved``:
-    its input (``input_sha256``: by resource name) is the one the orphan's current generation
-    ran. Without ``moved`` the rename submits (and pays for) every request again."""
+    its input (``input_sha256``: by resource name; a resource that names ``moved`` is left
+    out by the caller) is the one the orphan's current generation ran on the same provider.
+    Without ``moved`` the rename submits (and pays for) every request again."""
     orphans = [
         a.resource for a in plan.actions if a.kind in (ActionKind.ORPHANED, ActionKind.PRUNE)
     ]
-    ran: dict[str, list[str]] = {}
+    ran: dict[tuple[str, str], list[str]] = {}  # by (input, provider): answers are a provider's
     for name in orphans:
         row = store.get_resource(name)
         if row is not None and row.current_generation_id is not None:
             sha = store.get_generation(row.current_generation_id).input_sha256
-            ran.setdefault(sha, []).append(name)
+            ran.setdefault((sha, row.provider), []).append(name)
     hints = []
     for action in plan.actions:
         if action.kind is not ActionKind.CREATE or store.get_resource(action.resource):
             continue
         new = action.resource
-        for old in ran.get(input_sha256.get(new, ""), ()):
+        for old in ran.get((input_sha256.get(new, ""), action.provider or ""), ()):
             hints.append(
                 f"{new} is new, and {old}, whose manifest is gone, ran the same input: if "
                 f"{new} is {old} renamed, add `moved: {{from: {old}}}` under {new}'s "

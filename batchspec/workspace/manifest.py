@@ -101,6 +101,7 @@ from batchspec.workspace.discovery import (
 )
 from batchspec.workspace.project import (
     DEFAULT_MANIFEST_GLOBS,
+    DEFAULT_OPENAI_BASE_URL,
     PROJECT_FILE_NAME,
     Budget,
     NotAWorkspaceError,
@@ -925,6 +926,18 @@ COMPLETION_WINDOWS: dict[str, tuple[str, str]] = {
 }
 
 
+def _windows_known(provider: ProviderConfig) -> bool:
+    """Whether ``COMPLETION_WINDOWS`` speaks for the service behind ``provider``: ``openai``
+    is any OpenAI-compatible API (a LiteLLM proxy, Groq's, a gateway), checked only at
+    OpenAI's own address; a LiteLLM route (``litellmProvider``, ``litellmModel``) takes what
+    the service behind it takes."""
+    if any(provider.options.get(key) for key in ("litellmProvider", "litellmModel")):
+        return False
+    if provider.type == "openai":
+        return (provider.base_url or "").rstrip("/") == DEFAULT_OPENAI_BASE_URL
+    return True
+
+
 def _hours(window: str) -> int:
     return int(window[:-1]) * (24 if window.endswith("d") else 1)
 
@@ -936,12 +949,15 @@ def _check_window(
     uploaded (the provider said so only after the upload, at the create)."""
     window = spec.get("completionWindow")
     bounds = COMPLETION_WINDOWS.get(provider.type)
-    if not isinstance(window, str) or bounds is None or provider.options.get("litellmProvider"):
+    if not isinstance(window, str) or bounds is None or not _windows_known(provider):
         return
     if not re.fullmatch(r"[0-9]+[hd]", window):
         return  # the schema has reported it
     shortest, longest = bounds
-    if _hours(shortest) <= _hours(window) <= _hours(longest):
+    if shortest == longest:  # a single window is matched as written: "1d" is refused
+        if window == shortest:
+            return
+    elif _hours(shortest) <= _hours(window) <= _hours(longest):
         return
     takes = f"only {shortest}" if shortest == longest else f"{shortest} to {longest}"
     message = (
