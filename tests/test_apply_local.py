@@ -352,6 +352,30 @@ def test_an_engine_folder_in_use_leaves_a_pending_move_unrecorded(
         assert store.get_resource("renamed") is None and store.get_resource("done") is not None
 
 
+def test_a_local_engine_forwarding_to_another_host_is_paid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `local` provider whose upstream is another host (a hosted API, another machine) is
+    not free: its price is unknown (a dollar budget refuses it) and an apply needs consent.
+    It was priced $0 and sent without a word. Nothing is sent: both refusals come first."""
+    upstream = "http://10.255.255.1:9/v1"  # never contacted: refused before any request
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"fwd": {"type": "local", "options": {"upstream": upstream}}},
+        resources=[ResourceSpec("r", count=2, provider="fwd")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), *FAST], capsys)
+    assert code == 1 and "run it again with --yes" in err, out + err
+    manifest = ws.manifest_path("r")
+    manifest.write_text(
+        manifest.read_text().replace("spec:\n", "spec:\n  budget: {maxCostUSD: 1}\n", 1)
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "price" in err, out + err
+    with ws.store() as store:
+        assert store.batches() == []
+
+
 def test_a_create_the_engine_refuses_is_recorded_as_made_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

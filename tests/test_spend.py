@@ -167,6 +167,28 @@ def test_prices_come_from_the_bundled_table_less_the_batch_discount() -> None:
         pytest.param(provider("openai", "https://api.openai.com/v1"), None, None, id="no-model"),
         pytest.param(provider("local"), "anything", (0.0, 0.0), id="local-is-free"),
         pytest.param(
+            provider("local", options={"upstream": "http://127.0.0.1:8000/v1"}),
+            "anything",
+            (0.0, 0.0),
+            id="local-on-a-loopback-model-server-is-free",
+        ),
+        # an engine forwarding to a hosted API (or another host's GPUs) is paid: unknown
+        pytest.param(
+            provider("local", options={"upstream": "https://api.openai.com/v1"}),
+            "gpt-4o",
+            None,
+            id="local-forwarding-to-a-hosted-api-is-not-free",
+        ),
+        pytest.param(
+            provider(
+                "local",
+                options={"upstreams": ["builtin", {"url": "http://10.0.0.5:8000/v1"}]},
+            ),
+            "m",
+            None,
+            id="local-with-a-remote-upstream-is-not-free",
+        ),
+        pytest.param(
             provider("openai", "http://127.0.0.1:8000/v1"), "x", (0.0, 0.0), id="serve-is-free"
         ),
         pytest.param(

@@ -99,6 +99,7 @@ from batchspec.core.session import (
     validate_inputs,
     workspace_names,
 )
+from batchspec.core.spend import costs_nothing
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import (
     BatchspecError,
@@ -1114,7 +1115,10 @@ def _sent_and_queued(store: StateStore, action: Action) -> tuple[list[BatchRow],
 
 
 def _is_free(ws: Workspace, action: Action) -> bool:
-    return _is_local(ws, action.provider)
+    """Whether an action's spending needs no consent: a ``local`` engine on this machine's
+    own model servers (``spend.costs_nothing``); one that forwards elsewhere is paid."""
+    provider = ws.project.providers.get(action.provider or "")
+    return provider is not None and provider.type == "local" and costs_nothing(provider)
 
 
 def _is_local(ws: Workspace, provider_name: str | None) -> bool:

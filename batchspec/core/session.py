@@ -20,7 +20,7 @@ from batchspec.core.selection import select_from_workspace
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
 from batchspec.providers.base import Provider
-from batchspec.providers.flavours import flavour_of
+from batchspec.providers.flavours import flavour_of, local_upstream_urls
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.storage.sql import DatabaseUnavailableError
@@ -99,8 +99,6 @@ def workspace_names(ws: Workspace, paths: Sequence[str]) -> frozenset[str]:
 
 def missing_api_keys(ws: Workspace, providers: Iterable[str], env: Mapping[str, str]) -> list[str]:
     """A warning per provider that needs an API key whose variable is unset (no network)."""
-    from batchspec.providers.registry import local_upstream_urls
-
     warnings = []
     for name in sorted(set(providers)):
         config = ws.project.providers.get(name)

@@ -9,8 +9,9 @@ state, a provider that reports none), the usage the provider's batch objects rep
 ==========================================  ===================================================
 ``pricing:`` of the provider in             that price for the model (or ``"*"``: every model
 ``batchspec.yaml``                          of the provider), as written: no discount applied
-type ``local``, or type ``openai`` on a     0: self-hosted (``batchspec serve``, vLLM, ...)
-loopback ``baseUrl`` (no ``litellmProvider``)
+type ``local`` on loopback upstreams, or   0: self-hosted (``batchspec serve``, vLLM, ...)
+type ``openai`` on a loopback ``baseUrl``
+(no ``litellmProvider``): ``costs_nothing``
 the bundled table                           the model's standard price
 (``price_table.json``: genai-prices data)   x (1 - the provider's batch discount)
 anything else                               unknown: never 0; a dollar budget then refuses
@@ -33,6 +34,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from batchspec.providers.flavours import local_upstream_urls
 
 if TYPE_CHECKING:
     from batchspec.state.store import GenerationRow, StateStore
@@ -115,7 +118,7 @@ def price_for(provider: ProviderConfig | None, model: str | None) -> Price | Non
         own = overrides.get("*")
     if own is not None:
         return Price(float(own["input"]), float(own["output"]), f"pricing of {provider.name}")
-    if _self_hosted(provider):
+    if costs_nothing(provider):
         return Price(0.0, 0.0, f"self-hosted ({provider.name})")
     family = _family(provider)
     if model is None or family is None:
@@ -133,13 +136,21 @@ def price_for(provider: ProviderConfig | None, model: str | None) -> Price | Non
     )
 
 
-def _self_hosted(provider: ProviderConfig) -> bool:
+def costs_nothing(provider: ProviderConfig) -> bool:
+    """Whether ``provider`` runs on this machine's own model servers, at no price: a
+    ``local`` engine whose upstreams are all its built-in stand-in or on loopback (one that
+    forwards to another host, a hosted API or another machine's GPUs, is priced as unknown
+    unless its ``pricing`` says), or an ``openai`` provider on a loopback ``baseUrl`` that
+    is no LiteLLM route (``batchspec serve``, vLLM)."""
     if provider.type == "local":
-        return True
+        return all(_loopback(url) for url in local_upstream_urls(provider.options))
     if provider.type != "openai" or provider.options.get("litellmProvider"):
         return False
-    host = urlsplit(provider.base_url or "").hostname or ""
-    return host in _LOOPBACK
+    return _loopback(provider.base_url or "")
+
+
+def _loopback(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in _LOOPBACK
 
 
 def _family(provider: ProviderConfig) -> str | None:

@@ -14,7 +14,9 @@ the project schema and its limits applied without the user restating them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 MB = 1024 * 1024
 
@@ -67,3 +69,10 @@ FLAVOURS: dict[str, Flavour] = {
 def flavour_of(provider_type: str | None) -> Flavour:
     """The flavour of a provider type; an unknown type gets OpenAI's limits."""
     return FLAVOURS.get(provider_type or "openai", FLAVOURS["openai"])
+
+
+def local_upstream_urls(options: Mapping[str, Any]) -> list[str]:
+    """The http(s) upstreams of a local provider's options (``builtin`` needs no key)."""
+    items = options.get("upstreams") or [options.get("upstream", "builtin")]
+    urls = [str(item["url"] if isinstance(item, Mapping) else item) for item in items]
+    return [url for url in urls if url.startswith(("http://", "https://"))]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec.errors import ProviderError
 from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.base import Provider
-from batchspec.providers.flavours import FLAVOURS
+from batchspec.providers.flavours import FLAVOURS, local_upstream_urls
 from batchspec.providers.openai import DEFAULT_BASE_URL, OpenAIProvider
 
 if TYPE_CHECKING:
@@ -313,13 +313,6 @@ def build_local_provider(
         lock_timeout=lock_timeout,
     )
     return provider
-
-
-def local_upstream_urls(options: Mapping[str, Any]) -> list[str]:
-    """The http(s) upstreams of a local provider's options (``builtin`` needs no key)."""
-    items = options.get("upstreams") or [options.get("upstream", "builtin")]
-    urls = [str(item["url"] if isinstance(item, Mapping) else item) for item in items]
-    return [url for url in urls if url.startswith(("http://", "https://"))]
 
 
 def _api_key(provider: str, variable: str, env: Mapping[str, str]) -> str:
