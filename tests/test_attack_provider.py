@@ -53,6 +53,14 @@ def _workspace(tmp_path: Path, srv: HostileOpenAI) -> Workspace:
     return ws
 
 
+def _batch_id(ws: Workspace, name: str) -> str:
+    """The remote id of ``name``'s (only) batch."""
+    with ws.store() as store:
+        (batch,) = store.batches(store.generations(name)[0].id)
+    assert batch.remote_id is not None
+    return batch.remote_id
+
+
 def _answers(ws: Workspace, name: str) -> list[str]:
     return [o["response"]["body"]["choices"][0]["message"]["content"] for o in ws.outputs(name)]
 
@@ -179,35 +187,78 @@ def test_a_key_a_gateway_quotes_in_a_batchs_errors_is_not_recorded_or_shown(
     assert SENTINEL_KEY.encode() not in ws.state_bytes()
 
 
-def test_a_batch_ended_with_answers_but_no_output_file_is_asked_again_not_retried(
+def test_a_batch_ended_with_answers_but_no_output_file_is_polled_again_not_retried(
     tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A poll answers alpha's batch ``completed``, its three requests counted completed, with
-    ``output_file_id`` null (a gateway trimming the object): it is not recorded ended (then
+    """Polls answer alpha's batch ``completed``, its three requests counted completed, with
+    ``output_file_id`` null (a gateway trimming the object, or a provider still writing the
+    file): it is kept in flight (``finalizing``, said once), not recorded ended (then
     collected with nothing, never polled again, and its three requests sent again and paid
-    for again); exit 1 saying so; the next apply, answered whole, collects it."""
+    for again), and beta beside it is collected all the same; once the object is whole, the
+    same ``apply --wait`` collects alpha."""
     hostile.initial_status = "in_progress"
     ws = _workspace(tmp_path, hostile)
-    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
     hostile.finish_all()
+    polls = {"alpha": 0}
+    alpha_id = _batch_id(ws, "alpha")
 
     def trimmed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
-        return Reply.of({**json.loads(reply.body), "output_file_id": None})
+        body = json.loads(reply.body)
+        if body["id"] != alpha_id:
+            return reply
+        polls["alpha"] += 1
+        return Reply.of({**body, "output_file_id": None}) if polls["alpha"] <= 3 else reply
 
     hostile.hooks["GET /v1/batches/{id}"] = trimmed
-    wait = ["--wait", "--timeout", "5"]  # bounded: before the fix, the retry never ended
-    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait, "-s", "alpha"], capsys)
-    assert code == 1, out + err
-    assert "names no output file" in err
-    assert hostile.creates() == 1
-    with ws.store() as store:
-        (alpha,) = store.batches(store.generations("alpha")[0].id)
-    assert alpha.status == "in_progress"
-    hostile.hooks.clear()
-    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    hostile.hooks["GET /v1/batches"] = lambda server, seen, reply: Reply(500, b"{}")  # by id
+    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
     assert code == 0, out + err
-    assert hostile.creates() == 1
-    assert len(_answers(ws, "alpha")) == 3
+    assert (out + err).count("names no output file") == 1, out + err
+    assert hostile.creates() == 2 and polls["alpha"] > 3
+    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
+
+
+def test_a_batch_whose_completed_counts_its_failures_too_ends_as_it_says(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server whose ``completed`` counts every finished request (total 3, completed 3,
+    failed 3: each failed, an error file only) ended as it says: alpha is collected
+    Degraded (exit 4), not kept waiting for an output file that will never come, and beta
+    is collected beside it."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.finish_all()
+    alpha_id = _batch_id(ws, "alpha")
+    failures = [
+        {
+            "id": f"batch_req_{cid}",
+            "custom_id": cid,
+            "response": {"status_code": 400, "body": {"error": {"message": "bad", "type": "x"}}},
+            "error": None,
+        }
+        for cid in ("req-0", "req-1", "req-2")
+    ]
+    errors = hostile.add_file(jsonl(failures))
+
+    def all_failed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        body = json.loads(reply.body)
+        if body.get("id") != alpha_id:
+            return reply
+        counts = {"total": 3, "completed": 3, "failed": 3}
+        return Reply.of(
+            {**body, "output_file_id": None, "error_file_id": errors, "request_counts": counts}
+        )
+
+    hostile.hooks["GET /v1/batches/{id}"] = all_failed
+    hostile.hooks["GET /v1/batches"] = lambda server, seen, reply: Reply(500, b"{}")  # by id
+    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
+    assert code == 4, out + err
+    assert "names no output file" not in out + err
+    assert len(_answers(ws, "beta")) == 3 and _answers(ws, "alpha") == []
 
 
 def test_a_request_answered_twice_in_one_file_is_said_not_passed_over(

@@ -377,6 +377,18 @@ def test_a_body_nested_too_deep_to_read_is_a_clear_error(
         pytest.param(b'"completed_at": NaN', "completed_at", id="nan-time"),
         pytest.param(b'"errors": {"data": [{"code": 5, "line": "x"}]}', "errors", id="errors"),
         pytest.param(b'"output_file_id": 12', "output_file_id", id="numeric-file-id"),
+        # text that str.isdigit() takes but int() refuses; numbers no state column can hold
+        pytest.param(
+            '"request_counts": {"total": "\u00b2", "completed": "--5", "failed": 1e300}'.encode(),
+            "counts",
+            id="odd-digits-and-huge-counts",
+        ),
+        pytest.param(
+            b'"usage": {"input_tokens": 100000000000000000000000000000}, "created_at": 1e300, '
+            b'"errors": {"data": [{"line": "\\u00b2"}]}',
+            "usage",
+            id="huge-usage-and-time",
+        ),
     ],
 )
 def test_a_batch_object_of_wrong_types_is_read_leniently(
@@ -393,6 +405,25 @@ def test_a_batch_object_of_wrong_types_is_read_leniently(
     assert remote.status == "completed"
     if read == "output_file_id":
         assert remote.output_file_id == "12"
+    counts, usage = remote.request_counts, remote.usage
+    for number in (
+        *(() if counts is None else (counts.total, counts.completed, counts.failed)),
+        *(() if usage is None else (usage.input_tokens, usage.output_tokens)),
+        remote.created_at or 0,
+    ):
+        assert abs(number) < 2**63  # what the state's integer columns hold
+
+
+def test_an_answer_its_content_encoding_cannot_decode_is_a_provider_error(
+    scripted: ScriptedServer,
+) -> None:
+    """A poll's body sent as gzip that is not gzip is a body cut off (retried, then a
+    ``ProviderError``), not an ``httpx.DecodingError`` traceback."""
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    scripted.script(then=Answer(200, b"not gzip at all", headers))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="decoded"):
+        provider.get_batch("batch_1")
 
 
 @pytest.mark.parametrize(

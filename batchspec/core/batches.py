@@ -11,6 +11,7 @@ the key, the events the audit log keeps) and from 1 wherever people read it
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from batchspec.providers.base import METADATA_KEYS, RemoteBatch
@@ -44,18 +45,29 @@ def carries_another_key(remote: RemoteBatch, key: str) -> bool:
 
 
 def ended_without_its_answers(remote: RemoteBatch) -> bool:
-    """Whether ``remote`` says it ended with requests completed but names no output file: a
+    """Whether ``remote`` says it ended with requests answered but names no output file: a
     gateway's trimmed object, or a provider still writing the file. Recorded as it is, the
     batch was collected with nothing in it (a terminal batch is never polled again), and its
-    completed requests, taken as unanswered, were sent again and paid for twice."""
+    answered requests, taken as unanswered, were sent again and paid for twice.
+
+    A server whose ``completed`` counts every finished request, failed ones included (its
+    counts add up past the total), answered ``completed - failed``: all of them failed, with
+    an error file only, is a batch that ended as it says."""
     counts = remote.request_counts
-    return (
-        remote.is_terminal
-        and remote.status != "failed"  # rejected whole: its requests fail, never retried
-        and remote.output_file_id is None
-        and counts is not None
-        and counts.completed > 0
-    )
+    if not remote.is_terminal or remote.status == "failed" or remote.output_file_id is not None:
+        return False  # "failed": rejected whole, its requests fail and are never retried
+    if counts is None:
+        return False
+    answered = counts.completed
+    if counts.completed + counts.failed > counts.total:
+        answered = counts.completed - counts.failed
+    return answered > 0
+
+
+def still_finalizing(remote: RemoteBatch) -> RemoteBatch:
+    """``remote`` (``ended_without_its_answers``) taken as still writing its files: recorded
+    in flight (``finalizing``) and polled again, never collected with nothing in it."""
+    return dataclasses.replace(remote, status="finalizing")
 
 
 def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:

@@ -515,7 +515,7 @@ def listed_rows(
 
 #: pages a listing is read to at most: a key lookup reads back to its window, a poll a page
 #: past its batches, so a listing still promising more after these never ends
-MAX_LIST_PAGES = 1_000
+MAX_LIST_PAGES = 5_000
 
 
 def next_page_cursor(cursor: str, used: set[str], *, provider: str, names: str) -> str:
@@ -916,6 +916,10 @@ def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provid
     """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``."""
     try:
         response._content = b"".join(stall_checked(response, stall_seconds, provider=provider))
+    except httpx.DecodingError as err:  # a body its Content-Encoding cannot decode: cut off
+        raise httpx.RemoteProtocolError(
+            f"the body could not be decoded ({err})", request=response.request
+        ) from err
     finally:
         response.close()
 

@@ -13,6 +13,7 @@ code and request id, never our API key. A missing object raises ``RemoteNotFound
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -189,7 +190,7 @@ def find_batch_by_key(
 UNORDERED_SCAN_MAX = 10_000
 #: batches a key lookup reads at most from a newest-first listing before it must have
 #: reached one older than its window; past it the lookup fails (``BatchListing``)
-NEWEST_FIRST_SCAN_MAX = 50_000
+NEWEST_FIRST_SCAN_MAX = 200_000
 
 
 #: seconds a newest-first listing may list a batch after an older one and still be taken as
@@ -275,7 +276,8 @@ class BatchListing:
         if listed > NEWEST_FIRST_SCAN_MAX and self._newest_first:
             raise ProviderError(
                 f"{self._provider.name}: list batches: {NEWEST_FIRST_SCAN_MAX:,} batches listed "
-                "and none yet older than the lookup's window (a listing that never ends?); "
+                "and none yet older than the lookup's window (more than any account makes in "
+                "one: a listing that never ends, or rows without a date?); "
                 "batchspec stopped paging, and takes no batch as absent from it. Check the "
                 "server's batch listing (its dates, has_more and last_id)."
             )
@@ -498,19 +500,29 @@ def _kind(value: Any) -> str:
     return f"a JSON {type(value).__name__}".replace("dict", "object").replace("list", "array")
 
 
+#: the largest count or time kept: what the state's integer columns hold (SQLite, PostgreSQL
+#: BIGINT); a larger one from a server is no count, and would fail its write
+_MAX_STORED = 2**63 - 1
+_DIGITS = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() takes "²", which int() refuses
+
+
 def lenient_count(value: Any) -> int:
-    """A count or a token total: an integer, a whole float or a numeric string; else 0."""
+    """A count or a token total: an integer, a whole float or a numeric string, kept if the
+    state can store it; else 0."""
     if isinstance(value, bool) or value is None:
         return 0
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)  # Gemini's int64 counts are strings: exact, not through a float
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return 0
-    return int(number) if math.isfinite(number) else 0
+        number: float = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        number = int(value)  # Gemini's int64 counts are strings: exact, not through a float
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return 0
+        if not math.isfinite(number):
+            return 0
+    return int(number) if abs(number) <= _MAX_STORED else 0
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -518,9 +530,11 @@ def _text_or_none(value: Any) -> str | None:
 
 
 def _line_or_none(value: Any) -> int | None:
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_STORED:
+        return value
+    return None
 
 
 def epoch_seconds(value: Any) -> int | None:
@@ -541,10 +555,10 @@ def _epoch_seconds(value: Any) -> int | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # NaN, Infinity (Python's json reads both, and 1e400 as Infinity)
     if isinstance(value, (int, float)):
-        return int(value)
+        return int(value) if abs(value) <= _MAX_STORED else None
     text = str(value)
-    if text.isdigit():
-        return int(text)
+    if _DIGITS.fullmatch(text):
+        return int(text) if abs(int(text)) <= _MAX_STORED else None
     from datetime import datetime
 
     try:

@@ -28,7 +28,12 @@ from __future__ import annotations
 
 import contextlib
 
-from batchspec.core.batches import batch_fields, ended_without_its_answers, metadata_for_key
+from batchspec.core.batches import (
+    batch_fields,
+    ended_without_its_answers,
+    metadata_for_key,
+    still_finalizing,
+)
 from batchspec.core.reconcile.context import RunContext, now
 from batchspec.core.reporting import Progress
 from batchspec.errors import ProviderError
@@ -57,6 +62,8 @@ def listed_whole(remote: RemoteBatch) -> bool:
     objects, or a batch that ended with nothing done) must be read back by id: taken as
     listed, the answers it holds would never be collected and its requests would be paid
     for again."""
+    if ended_without_its_answers(remote):  # its output file left out, its error file not
+        return False
     return not remote.is_terminal or bool(remote.output_file_id or remote.error_file_id)
 
 
@@ -189,11 +196,8 @@ def bind_adopted(ctx: RunContext, name: str, batch: BatchRow, remote: RemoteBatc
 def record_remote(
     ctx: RunContext, res: Resource, batch: BatchRow, remote: RemoteBatch, *, event: str
 ) -> None:
-    if ended_without_its_answers(remote):  # as a poll's (``poll.poll_batch``)
-        raise ProviderError(
-            f"{remote.id} of {res.name} ({event}) is {remote.status} with requests completed "
-            "but names no output file: not recorded; the next apply looks it up again"
-        )
+    if ended_without_its_answers(remote):  # as a poll's (``poll.poll_batch``): its id kept
+        remote = still_finalizing(remote)
     with ctx.store.atomic():
         ctx.store.update_batch(
             batch.id, remote_id=remote.id, submitted_at=now(), **batch_fields(remote)

@@ -188,6 +188,9 @@ class RunContext:
     # generations found this run with no ledger and no copy of their input content left
     # (``drain``): not looked for again per batch and per pass; the next run tries again
     contentless: set[int] = field(default_factory=set)
+    # batches seen ended with answers but without their output file this run (``poll``):
+    # taken as still finalizing, said once each
+    finalizing_said: set[str] = field(default_factory=set)
     # providers whose batch listing failed on this run (``prefetch``): polled by id for the
     # rest of it, not listed (and waited for through the listing's retries) again each pass
     unlisted: set[str] = field(default_factory=set)

@@ -12,6 +12,7 @@ from batchspec.core.batches import (
     carries_another_key,
     counts_json,
     ended_without_its_answers,
+    still_finalizing,
 )
 from batchspec.core.plan import Action
 from batchspec.core.reconcile.context import RunContext, now
@@ -79,7 +80,10 @@ def poll_batch(
             "recorded (its files hold another batch's answers); the next apply asks again"
         )
     if ended_without_its_answers(remote):
-        raise ProviderError(_no_output_text(batch.provider, remote, name))
+        if remote.id not in ctx.finalizing_said:
+            ctx.finalizing_said.add(remote.id)
+            ctx.report(Progress("warning", name, _no_output_text(batch.provider, remote, name)))
+        remote = still_finalizing(remote)
     note_progress(ctx, remote)
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
@@ -102,10 +106,10 @@ def _no_output_text(provider: str, remote: RemoteBatch, name: str) -> str:
     done = counts.completed if counts is not None else 0
     return (
         f"{provider} says batch {remote.id} ({name}) is {remote.status} with {done:,} "
-        "request(s) completed, but names no output file: nothing of it was recorded, so none "
-        "of its answers is taken as missing and paid for again; the next apply asks again "
-        f"(if the provider keeps answering so, `batchspec apply --replace {name}` sends the "
-        "requests again, paying for them again)"
+        "request(s) completed, but names no output file: taken as still writing it (kept "
+        "finalizing and polled again), so none of its answers is taken as missing and paid "
+        f"for again (if the provider keeps answering so, `batchspec apply --replace {name}` "
+        "sends the requests again, paying for them again)"
     )
 
 

@@ -235,7 +235,7 @@ def _key_text(remote: RemoteBatch) -> str:
     """The batchspec key ``remote`` carries, as resource/shard/attempt (counted from 1)."""
     meta = remote.metadata
     shard = meta.get("batchspec_shard", "?")
-    shown = str(int(shard) + 1) if shard.isdigit() else shard
+    shown = str(int(shard) + 1) if shard.isascii() and shard.isdigit() else shard
     return (
         f"resource {meta.get('batchspec_resource', '?')}, shard {shown}, "
         f"attempt {meta.get('batchspec_attempt', '?')}"
