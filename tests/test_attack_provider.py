@@ -334,3 +334,41 @@ def test_other_dialects_refuse_ids_that_cannot_be_used(
     args = (data, None) if parse is parse_message_batch else (data,)
     with pytest.raises(ProviderError, match="not a"):
         parse(*args)
+
+
+def _trimmed_everywhere(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """Every batch object with its output file left out (a gateway trimming them)."""
+    if reply.status != 200:
+        return reply
+    body = json.loads(reply.body)
+    if body.get("object") == "list":
+        return Reply.of({**body, "data": [{**b, "output_file_id": None} for b in body["data"]]})
+    return Reply.of({**body, "output_file_id": None}) if body.get("object") == "batch" else reply
+
+
+def test_a_cancel_that_finds_a_batch_ended_without_its_file_keeps_it_finalizing(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cancel is refused (409: the batch ended) and the batch read back says completed,
+    three requests done, no output file: recorded finalizing, not completed (collected then
+    with nothing, its three answers taken as errors, and `--replace` paid for them again).
+    Once the provider names the file, the answers are collected; no second batch."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)[0] == 0
+    hostile.finish_all()
+    for route in ("GET /v1/batches/{id}", "GET /v1/batches", "POST /v1/batches/{id}/cancel"):
+        hostile.hooks[route] = _trimmed_everywhere
+    refusal = {"error": {"message": "completed", "type": "x", "code": "batch_not_cancellable"}}
+    hostile.hooks["POST /v1/batches/{id}/cancel"] = lambda s, seen, r: Reply.of(refusal, 409)
+
+    code, out, err = run_cli(["cancel", "alpha", str(ws.root)], capsys)
+
+    assert code == 0, out + err
+    with ws.store() as store:
+        (alpha,) = store.batches(store.generations("alpha")[0].id)
+    assert alpha.status == "finalizing", alpha
+    hostile.hooks.clear()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert len(_answers(ws, "alpha")) == 3 and hostile.creates() == 1

@@ -414,6 +414,19 @@ def test_a_batch_object_of_wrong_types_is_read_leniently(
         assert abs(number) < 2**63  # what the state's integer columns hold
 
 
+def test_a_download_error_its_content_encoding_cannot_decode_is_a_provider_error(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A download answered 503 with a body sent as gzip that is not gzip: a
+    ``ProviderError`` naming the status (the next apply downloads it again), not an
+    ``httpx.DecodingError`` traceback that stopped every resource's pass."""
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    scripted.script(then=Answer(503, b"\x00not gzip", headers))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError, match="503"):
+        provider.download_file("file-1", tmp_path / "out.jsonl")
+
+
 def test_an_answer_its_content_encoding_cannot_decode_is_a_provider_error(
     scripted: ScriptedServer,
 ) -> None:

@@ -172,6 +172,12 @@ def test_prices_come_from_the_bundled_table_less_the_batch_discount() -> None:
             (0.0, 0.0),
             id="local-on-a-loopback-model-server-is-free",
         ),
+        pytest.param(
+            provider("local", options={"upstreams": ["http://0.0.0.0:8000/v1", "http://[::1]:9"]}),
+            "anything",
+            (0.0, 0.0),
+            id="local-on-0.0.0.0-and-ipv6-loopback-is-free",
+        ),
         # an engine forwarding to a hosted API (or another host's GPUs) is paid: unknown
         pytest.param(
             provider("local", options={"upstream": "https://api.openai.com/v1"}),

@@ -1116,9 +1116,13 @@ def _sent_and_queued(store: StateStore, action: Action) -> tuple[list[BatchRow],
 
 def _is_free(ws: Workspace, action: Action) -> bool:
     """Whether an action's spending needs no consent: a ``local`` engine on this machine's
-    own model servers (``spend.costs_nothing``); one that forwards elsewhere is paid."""
+    own model servers (``spend.costs_nothing``), or one whose ``pricing`` says every model
+    costs nothing (another machine's GPUs); one that forwards elsewhere is paid."""
     provider = ws.project.providers.get(action.provider or "")
-    return provider is not None and provider.type == "local" and costs_nothing(provider)
+    if provider is None or provider.type != "local":
+        return False
+    free = {"input": 0, "output": 0}
+    return costs_nothing(provider) or provider.pricing.get("*") == free  # your own GPUs
 
 
 def _is_local(ws: Workspace, provider_name: str | None) -> bool:

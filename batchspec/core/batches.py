@@ -59,7 +59,7 @@ def ended_without_its_answers(remote: RemoteBatch) -> bool:
     if counts is None:
         return False
     answered = counts.completed
-    if counts.completed + counts.failed > counts.total:
+    if counts.total > 0 and counts.completed + counts.failed > counts.total:
         answered = counts.completed - counts.failed
     return answered > 0
 
@@ -76,6 +76,11 @@ def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
 
 
 def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
+    """What the state records of ``remote``, by every step that records one (poll, create,
+    adoption, cancel, import): a batch that ended with answers but names no output file is
+    recorded ``finalizing`` (``still_finalizing``), never ended with nothing to collect."""
+    if ended_without_its_answers(remote):
+        remote = still_finalizing(remote)
     counts = remote.request_counts
     usage = remote.usage
     fields: dict[str, Any] = {

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchspec.core.moves import former_names
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.spend import price_for
 from batchspec.errors import BudgetError
@@ -156,12 +157,14 @@ def sent_by(store: StateStore, facts: InputReport, batches: Sequence[BatchRow]) 
         return Sent(0, 0)
     gen_id = batches[0].generation_id
     # read by the resource's index; an intent recorded under an earlier name (a move since)
-    # or not at all (an import) is looked for in the whole table
+    # under that name's (an import's batch has none: the average)
     name = store.get_generation(gen_id).resource
     events = store.generation_events(gen_id, "intent", resource=name)
     recorded = {e.batch_id: e.detail for e in events}
     if any(b.id not in recorded for b in batches):
-        recorded = {e.batch_id: e.detail for e in store.generation_events(gen_id, "intent")}
+        for former in former_names(store, name):
+            for e in store.generation_events(gen_id, "intent", resource=former):
+                recorded.setdefault(e.batch_id, e.detail)
     nbytes = output = 0
     for batch in batches:
         detail = recorded.get(batch.id) or {}

@@ -27,6 +27,7 @@ is an upper bound where those apply.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,7 +151,15 @@ def costs_nothing(provider: ProviderConfig) -> bool:
 
 
 def _loopback(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in _LOOPBACK
+    """Whether ``url`` reaches this machine: localhost, 127.0.0.0/8, ::1, or 0.0.0.0 (the
+    address model servers print, which a client reaches as this machine)."""
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    if host in _LOOPBACK or host == "0.0.0.0":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _family(provider: ProviderConfig) -> str | None:

@@ -857,7 +857,10 @@ class RetryingClient:
             if response.is_success or response.status_code in ok_statuses:
                 return response
             if stream:
-                response.read()
+                try:
+                    response.read()
+                except httpx.DecodingError:  # an error body its encoding cannot decode
+                    response._content = b""  # the status still says what went wrong
                 response.close()
             error = error_from_response(
                 response, operation=operation, context=self._context, policy=self._policy

@@ -79,10 +79,12 @@ def poll_batch(
             f"another batch, {remote.id}, which carries another batch's key: nothing of it was "
             "recorded (its files hold another batch's answers); the next apply asks again"
         )
+    said = None  # what the provider said, when it is not what is recorded
     if ended_without_its_answers(remote):
         if remote.id not in ctx.finalizing_said:
             ctx.finalizing_said.add(remote.id)
             ctx.report(Progress("warning", name, _no_output_text(batch.provider, remote, name)))
+        said = f"{remote.status}, naming no output file"
         remote = still_finalizing(remote)
     note_progress(ctx, remote)
     with ctx.store.atomic():
@@ -96,7 +98,12 @@ def poll_batch(
                 resource=name,
                 generation_id=batch.generation_id,
                 batch_id=batch.id,
-                detail={"status": remote.status, "from": batch.status, **counts_json(remote)},
+                detail={
+                    "status": remote.status,
+                    "from": batch.status,
+                    **counts_json(remote),
+                    **({"provider_said": said} if said else {}),
+                },
             )
     return remote
 
