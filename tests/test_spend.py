@@ -347,3 +347,25 @@ def test_anthropic_message_usage_is_recorded_and_priced(
     [status] = json.loads(text)["resources"]
     assert (status["usage"]["input_tokens"], status["usage"]["output_tokens"]) == (inp, out)
     assert status["usage"]["cost_usd"] == pytest.approx((inp * 3.0 + out * 15.0) / 1_000_000)
+
+
+def test_consent_is_asked_for_a_local_engine_forwarding_elsewhere_unless_priced_free() -> None:
+    """A `local` engine on loopback upstreams spends nothing (no consent); one forwarding to
+    another host is paid (consent) unless its pricing declares every model free."""
+    from types import SimpleNamespace
+
+    from batchspec.core.apply import _is_free
+
+    remote = {"upstream": "http://10.0.0.5:8000/v1"}
+    free = {"*": {"input": 0, "output": 0}}
+    cases = {
+        "here": (provider("local", options={"upstream": "http://localhost:8000/v1"}), True),
+        "gpus": (provider("local", options=remote), False),
+        "own-gpus": (provider("local", options=remote, pricing=free), True),
+        "api": (provider("openai", "http://127.0.0.1:9/v1"), False),  # consent as before
+    }
+    ws: Any = SimpleNamespace(
+        project=SimpleNamespace(providers={k: c for k, (c, _) in cases.items()})
+    )
+    for name, (_, expected) in cases.items():
+        assert _is_free(ws, SimpleNamespace(provider=name)) is expected, name  # type: ignore[arg-type]
