@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from probes import ProbedServer
-from servers import request_lines, wait_for_batch
+from servers import request_lines, wait_for, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -305,3 +305,33 @@ def test_a_serial_create_is_not_sent_once_the_run_has_lost_its_lock(
     assert proc.returncode != 0
     assert "no longer holds the state lock" in err and "Traceback" not in err
     assert srv.probe.counts[CREATE] == creates
+
+
+def test_switching_back_to_an_unfinished_spec_waits_for_the_one_it_stops(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two checkouts on two commits sharing one state, each applying its spec with
+    --allow-replace: A's generation was replaced while unfinished, B's batch runs, then A
+    again. A's generation exists, so its unanswered requests are retried, not created anew;
+    that retry must wait, as a new generation's create does, for B's cancelled batch to stop
+    (it keeps answering what it has in flight). It was sent at once: the requests B's batch
+    finished while cancelling were sent and paid twice."""
+    upstream = BuiltinUpstream(latency=0.3)
+    srv = server(upstream=upstream, concurrency=1)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    spec_a = ws.input_path("triage").read_text()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    wait_for(lambda: upstream.calls)  # A's first request is being answered
+    ws.write_input("triage", request_lines(4))
+    argv = ["apply", str(ws.root), "--yes", "--allow-replace", "--wait", "--timeout", "0.5", *FAST]
+    assert run_cli(argv, capsys)[0] == 5  # A cancelled and drained, B created and running
+    with ws.store() as store:
+        assert [g.status for g in store.generations("triage")] == ["superseded", "in_progress"]
+    ws.input_path("triage").write_text(spec_a)
+
+    assert run_cli(["apply", str(ws.root), "--yes", "--allow-replace"], capsys)[0] == 0
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+
+    assert code == 0, err
+    assert [line["custom_id"] for line in ws.outputs("triage")] == ws.input_ids("triage")
+    assert max(upstream.calls.values()) == 1, upstream.calls

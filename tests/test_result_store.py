@@ -409,6 +409,31 @@ def test_an_fsspec_url_is_a_tier_like_a_folder() -> None:
     assert list(blobs.iter_hashes()) == [sha]
 
 
+def test_a_shared_folder_gives_its_group_what_it_creates_and_others_nothing(
+    tmp_path: Path,
+) -> None:
+    """Runners of one state may run as different users (self-hosted CI, a mounted share):
+    the folders and files a runner creates in state.blobs carry the group bits the folder's
+    owner gave it (a 2770 group share), never bits for others. They were 0700/0600: a second
+    user got PermissionError reading, or filing anything (its tmp/ was private too)."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    os.chmod(root, 0o2775)
+    blobs = FolderBlobs(root)
+    content = b"an answer\n"
+    sha = hashlib.sha256(content).hexdigest()
+    blobs.put(sha, [content])
+    blobs.replace(sha, [content])  # a repair files it anew: the same modes
+    assert oct(os.stat(root / sha[:2]).st_mode & 0o777) == oct(0o770)
+    assert oct(os.stat(root / "tmp").st_mode & 0o777) == oct(0o770)
+    assert oct(os.stat(blobs.store.path(sha)).st_mode & 0o777) == oct(0o660)
+    # a folder batchspec makes itself, or one its owner keeps private, stays private
+    private = FolderBlobs(tmp_path / "made-here")
+    private.put(sha, [content])
+    assert oct(os.stat(tmp_path / "made-here" / sha[:2]).st_mode & 0o777) == oct(0o700)
+    assert oct(os.stat(private.store.path(sha)).st_mode & 0o777) == oct(0o600)
+
+
 # -- the repair rules, in process, over a real folder tier --------------------------------------
 
 

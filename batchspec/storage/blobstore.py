@@ -18,7 +18,9 @@ Promises:
   ``<tmp>/``, hashed while it streams, and renamed into place only when complete. Filing a
   blob that exists already leaves the existing one alone.
 - Blobs hold full requests and answers, so they are private whatever the umask: files 0600,
-  the folders the store creates 0700 (see ``private.py``).
+  the folders the store creates 0700 (see ``private.py``). A store shared by several users
+  (``state.blobs``, a folder its owner gave a group) adds that group's bits (``group_bits``):
+  files 0660, folders 0770 with the folder's set-group-id bit; never bits for others.
 - ``BlobWriter`` can cap a write (``max_bytes``): the moment the content passes the cap it
   drops what it wrote and raises ``BlobTooLargeError`` (or the caller's own error).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import BinaryIO
 
 from batchspec.errors import BatchspecError
 from batchspec.storage.private import (
+    PRIVATE_DIR_MODE,
     PRIVATE_FILE_MODE,
     create_private_file,
     ensure_private_dir,
@@ -66,9 +70,13 @@ class BlobMismatchError(BatchspecError):
 class BlobStore:
     """Content-addressed files under ``root``; writes in progress under ``tmp_dir``."""
 
-    def __init__(self, root: Path, *, tmp_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, *, tmp_dir: Path | None = None, group_bits: int = 0) -> None:
         self.root = Path(root)
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else self.root / "tmp"
+        #: the modes of what the store creates: private, plus the group's bits of a shared
+        #: folder (``group_bits``: a folder's mode, of which only 0o070 and S_ISGID count)
+        self.dir_mode = PRIVATE_DIR_MODE | (group_bits & (0o070 | stat.S_ISGID))
+        self.file_mode = PRIVATE_FILE_MODE | (group_bits & 0o060)
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -103,9 +111,9 @@ class BlobStore:
         """
         tmp = self._new_tmp_path()
         try:
-            create_private_file(tmp)
+            create_private_file(tmp, self.file_mode)
             write(tmp)
-            os.chmod(tmp, PRIVATE_FILE_MODE)  # in case ``write`` replaced the file
+            os.chmod(tmp, self.file_mode)  # in case ``write`` replaced the file
             sha = sha256_file(tmp)
             if expect is not None and sha != expect:
                 raise BlobMismatchError(expect, sha)
@@ -130,8 +138,8 @@ class BlobStore:
     # -- internals ---------------------------------------------------------------------------
 
     def _new_tmp_path(self) -> Path:
-        ensure_private_dir(self.root)
-        ensure_private_dir(self.tmp_dir)
+        ensure_private_dir(self.root, self.dir_mode)
+        ensure_private_dir(self.tmp_dir, self.dir_mode)
         return self.tmp_dir / f"part-{uuid.uuid4().hex}"
 
     def _file(self, tmp: Path, sha256: str, *, replace: bool = False) -> None:
@@ -141,7 +149,7 @@ class BlobStore:
         if dest.exists() and not replace:
             tmp.unlink()
             return
-        ensure_private_dir(dest.parent)
+        ensure_private_dir(dest.parent, self.dir_mode)
         os.replace(tmp, dest)
 
 
@@ -160,7 +168,7 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.size = 0
         self.tmp_path = blobs._new_tmp_path()
-        self._fh: BinaryIO | None = open_new_file(self.tmp_path, PRIVATE_FILE_MODE)
+        self._fh: BinaryIO | None = open_new_file(self.tmp_path, blobs.file_mode)
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)

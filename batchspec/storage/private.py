@@ -20,26 +20,28 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` mode 0700 if missing (its missing ancestors get the usual mode)."""
+def ensure_private_dir(path: Path, mode: int = PRIVATE_DIR_MODE) -> None:
+    """Create ``path`` mode 0700 (or ``mode``) if missing (its missing ancestors get the
+    usual mode)."""
     if path.is_dir():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.mkdir(mode=PRIVATE_DIR_MODE)
+        path.mkdir(mode=mode & 0o777)
     except FileExistsError:
         return  # another thread or process made it first: its mode is its business
-    os.chmod(path, PRIVATE_DIR_MODE)
+    os.chmod(path, mode)
 
 
-def create_private_file(path: Path) -> None:
-    """Create ``path`` empty and mode 0600 unless it exists (before SQLite or a writer opens it)."""
+def create_private_file(path: Path, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Create ``path`` empty and mode 0600 (or ``mode``) unless it exists (before SQLite or a
+    writer opens it)."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
     except FileExistsError:
         return
     try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
 

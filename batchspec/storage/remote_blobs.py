@@ -310,7 +310,13 @@ class FolderBlobs(RemoteBlobs):
     """Blobs in a folder (a mounted share), in the local store's layout."""
 
     def __init__(self, root: Path) -> None:
-        self.store = BlobStore(root)
+        # runners of one state may be different users: what they file here carries the
+        # group bits the folder's owner gave it (never others'); a folder made here is private
+        try:
+            group_bits = root.stat().st_mode if root.is_dir() else 0
+        except OSError:
+            group_bits = 0
+        self.store = BlobStore(root, group_bits=group_bits)
         self.label = f"the blob folder {root}"
 
     def has(self, sha256: str) -> bool:

@@ -27,6 +27,11 @@ request the old batch still finishes: paid twice. So a create that records a new
   it ended and was drained creates the new generation reusing what it finished.
 * **Level-triggered.** Nothing about the hold is stored: every pass (and ``plan``) derives it
   from the state, so an ``apply`` that exits while held resumes in the next one.
+* **A retry too.** A generation that was retired and is current again (a spec put back: a
+  checkout on an older commit, applying with ``--allow-replace``) is not recorded anew: its
+  unresolved requests are retried. That retry is held the same way (``find_retry_hold``) by
+  the generation it just cancelled, for the requests both have unresolved: sent at once,
+  whatever the cancelled batch finished while stopping was paid twice.
 * **Bounded.** A provider stuck in ``cancelling`` cannot block forever: the hold ends the
   provider's ``replaceHoldSeconds`` (default 900) after the old generation's cancel was
   recorded; the create then goes ahead with a warning (what the old batch finishes after it
@@ -125,9 +130,76 @@ def find_hold(
         return None
     if gen is not None and (not reuses_answers(gen) or gen_batches or ledger.has_requests(gen.id)):
         return None  # reuses nothing, or already recorded: too late or needless to wait
+    wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
+    return _hold_of_stopping(
+        store,
+        res,
+        history,
+        skip=None if gen is None else gen.id,
+        wanted=wanted,
+        hold_for=hold_for,
+        now=now,
+        cancelling=cancelling,
+        contentless=contentless,
+    )
+
+
+def find_retry_hold(
+    store: StateStore,
+    res: Resource,
+    history: History,
+    *,
+    hold_for: float,
+    now: float,
+    contentless: Collection[int] = (),
+) -> Hold | None:
+    """The hold on a retry of ``res``'s generation (``res.spec_hash``) that exists already:
+    one that was retired and is current again (a checkout on another commit, a spec put
+    back) retries its unresolved requests while the generation it replaced may still be
+    stopping, finishing some of those very requests. Held as a new generation's create is
+    (``find_hold``), for the overlap of the retired batches' unresolved requests with the
+    retried generation's own."""
+    current = [(g, b) for g, b in history if g.spec_hash == res.spec_hash]
+    if not current:
+        return None
+    gen, gen_batches = current[0]
+    if not reuses_answers(gen):  # `--replace --no-reuse`: it sends everything again anyway
+        return None
+    ledger = store.ledger()
+    wanted = ledger.unresolved_fingerprints(gen.id, {b.shard for b in gen_batches})
+    if not wanted:
+        return None
+    return _hold_of_stopping(
+        store,
+        res,
+        history,
+        skip=gen.id,
+        wanted=wanted,
+        hold_for=hold_for,
+        now=now,
+        cancelling=False,
+        contentless=contentless,
+    )
+
+
+def _hold_of_stopping(
+    store: StateStore,
+    res: Resource,
+    history: History,
+    *,
+    skip: int | None,
+    wanted: set[tuple[str, str]] | None,
+    hold_for: float,
+    now: float,
+    cancelling: bool,
+    contentless: Collection[int],
+) -> Hold | None:
+    """The first hold of a retired generation of another spec whose batches are still
+    stopping and may answer requests of ``wanted`` (None: any)."""
+    ledger = store.ledger()
     stopping: list[tuple[GenerationRow, list[BatchRow]]] = []
     for old, rows in history:
-        if gen is not None and old.id == gen.id:
+        if old.id == skip:
             continue
         if old.spec_hash == res.spec_hash:
             continue
@@ -140,9 +212,8 @@ def find_hold(
             stopping.append((old, batches))
     if not stopping:
         return None
-    wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
     # a request some generation already answered is kept, never sent: nothing to wait for
-    answered = ledger.succeeded_fingerprints(g.id for g, _ in history if g is not gen)
+    answered = ledger.succeeded_fingerprints(g.id for g, _ in history if g.id != skip)
     holds: list[Hold] = []
     for old, batches in stopping:
         if ledger.has_requests(old.id):
@@ -185,15 +256,38 @@ def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold |
     )
 
 
+def hold_on_retry(ctx: RunContext, res: Resource) -> Hold | None:
+    """``find_retry_hold`` for a retry this pass is about to record."""
+    return find_retry_hold(
+        ctx.store,
+        res,
+        resource_history(ctx.store, res.name),
+        hold_for=hold_seconds(ctx.project.providers, res.provider),
+        now=ctx.clock(),
+        contentless=ctx.contentless,
+    )
+
+
 def held(ctx: RunContext, res: Resource, facts: InputReport, *, report: bool = True) -> bool:
     """Whether the create of ``res``'s new generation waits now (reported ``waiting``); one
     whose hold has run out goes ahead with a warning. Before it waits, the step (``report``;
     not the pass's look-ahead, ``pipeline``) polls the retired batches once more and drains
     what ended (``drain.drain_again``): one re-poll, no sleep; ``apply --wait`` polls on."""
-    hold = hold_on_create(ctx, res, facts)
+    return _waits(ctx, res, lambda: hold_on_create(ctx, res, facts), report=report)
+
+
+def retry_held(ctx: RunContext, res: Resource, *, report: bool = True) -> bool:
+    """``held`` for a retry of ``res``'s existing generation (``find_retry_hold``)."""
+    return _waits(ctx, res, lambda: hold_on_retry(ctx, res), report=report)
+
+
+def _waits(
+    ctx: RunContext, res: Resource, find: Callable[[], Hold | None], *, report: bool
+) -> bool:
+    hold = find()
     if hold is not None and not hold.expired and report:
         drain_again(ctx, res)
-        hold = hold_on_create(ctx, res, facts)
+        hold = find()
     if hold is None:
         return False
     detail = {

@@ -49,7 +49,7 @@ from batchspec.core.reconcile.adopt import (
     record_remote,
 )
 from batchspec.core.reconcile.context import RunContext
-from batchspec.core.reconcile.hold import held
+from batchspec.core.reconcile.hold import held, retry_held
 from batchspec.core.reconcile.prefetch import BoundedCalls, provider_ready
 from batchspec.core.reconcile.retry import record_retries
 from batchspec.core.reconcile.submit import (
@@ -232,6 +232,9 @@ def _intents_of(
     if action is None:
         return None
     if action.kind is ActionKind.RETRY:
+        ctx.ensure_ledger(res, ctx.generation(res))
+        if retry_held(ctx, res, report=False):
+            return None  # the serial step says what it waits for (``hold``)
         gen = record_retries(ctx, res, facts)
     else:
         if held(ctx, res, facts, report=False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from batchspec.core.budget import check_budget, measures_output, output_of_unresolved, sent_by
 from batchspec.core.plan import Action, estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.hold import retry_held
 from batchspec.core.reconcile.intent import record_intent
 from batchspec.core.reconcile.submit import submit_queued
 from batchspec.core.recorded import is_requeued, recorded_generation
@@ -21,6 +22,11 @@ from batchspec.workspace.manifest import Resource
 
 
 def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
+    gen = ctx.generation(res)
+    ctx.ensure_ledger(res, gen)
+    keep_drained_answers(ctx, res, gen)
+    if retry_held(ctx, res):  # a retired batch still stopping may answer what it retries
+        return False
     return submit_queued(ctx, res, record_retries(ctx, res, facts))
 
 
