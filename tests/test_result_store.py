@@ -427,11 +427,20 @@ def test_a_shared_folder_gives_its_group_what_it_creates_and_others_nothing(
     assert oct(os.stat(root / sha[:2]).st_mode & 0o777) == oct(0o770)
     assert oct(os.stat(root / "tmp").st_mode & 0o777) == oct(0o770)
     assert oct(os.stat(blobs.store.path(sha)).st_mode & 0o777) == oct(0o660)
-    # a folder batchspec makes itself, or one its owner keeps private, stays private
+    # a folder batchspec makes itself, or one its owner keeps private, stays private; so does
+    # one that is no group share (no set-group-id): a plain mkdir's 0755 (the umask's group
+    # bits are no one's choice), a 0770 whose files would take their creator's group
     private = FolderBlobs(tmp_path / "made-here")
     private.put(sha, [content])
     assert oct(os.stat(tmp_path / "made-here" / sha[:2]).st_mode & 0o777) == oct(0o700)
     assert oct(os.stat(private.store.path(sha)).st_mode & 0o777) == oct(0o600)
+    for name, mode in (("plain", 0o755), ("no-setgid", 0o770)):
+        folder = tmp_path / name
+        folder.mkdir()
+        os.chmod(folder, mode)
+        FolderBlobs(folder).put(sha, [content])
+        assert oct(os.stat(folder / sha[:2]).st_mode & 0o777) == oct(0o700), name
+        assert oct(os.stat(folder / sha[:2] / sha).st_mode & 0o777) == oct(0o600), name
 
 
 # -- the repair rules, in process, over a real folder tier --------------------------------------

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -310,12 +311,16 @@ class FolderBlobs(RemoteBlobs):
     """Blobs in a folder (a mounted share), in the local store's layout."""
 
     def __init__(self, root: Path) -> None:
-        # runners of one state may be different users: what they file here carries the
-        # group bits the folder's owner gave it (never others'); a folder made here is private
+        # runners of one state may be different users: what they file in a group share (a
+        # folder with set-group-id, `chmod 2770`: what is made in it takes its group) carries
+        # the group bits its owner gave it, never others'; in any other folder (a plain
+        # mkdir's 0755, a 0770 without set-group-id: files would take the creator's group),
+        # and in a folder made here, what is filed stays private
         try:
-            group_bits = root.stat().st_mode if root.is_dir() else 0
+            mode = root.stat().st_mode if root.is_dir() else 0
         except OSError:
-            group_bits = 0
+            mode = 0
+        group_bits = mode if mode & stat.S_ISGID else 0
         self.store = BlobStore(root, group_bits=group_bits)
         self.label = f"the blob folder {root}"
 
