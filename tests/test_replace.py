@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -330,8 +331,44 @@ def test_switching_back_to_an_unfinished_spec_waits_for_the_one_it_stops(
     ws.input_path("triage").write_text(spec_a)
 
     assert run_cli(["apply", str(ws.root), "--yes", "--allow-replace"], capsys)[0] == 0
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)  # B's batch may still be stopping
+    held = "waits for generation 2 to stop first"
+    with ws.store() as store:
+        stopping = any(b.status == "cancelling" for b in store.batches(2))
+    assert stopping and held in out, out
     code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
 
     assert code == 0, err
     assert [line["custom_id"] for line in ws.outputs("triage")] == ws.input_ids("triage")
     assert max(upstream.calls.values()) == 1, upstream.calls
+
+
+def test_a_generation_retired_again_is_held_from_its_latest_retirement(tmp_path: Path) -> None:
+    """Two checkouts taking turns retire the same generation again and again: the hold on
+    its requests counts from its latest retirement (a generation-wide ``cancel`` event), not
+    its first, else every turn after the first outlived ``replaceHoldSeconds`` at once and its
+    retry was sent beside the batch still stopping (paid twice)."""
+    from batchspec.core.reconcile.hold import _cancelled_at
+    from batchspec.state.records import parse_timestamp
+    from batchspec.state.store import StateStore
+
+    with StateStore.open(tmp_path / "state.db") as store:
+        store.upsert_resource("triage", provider="p", manifest="m.yaml", labels={}, run_id=None)
+        gen = store.create_generation(
+            "triage",
+            spec_hash="a" * 64,
+            spec={},
+            input_sha256="b" * 64,
+            requests=3,
+            input_bytes=10,
+            output_path=None,
+            errors_path=None,
+            run_id=None,
+        )
+        first = store.record_event(None, "cancel", resource="triage", generation_id=gen.id)
+        time.sleep(0.02)
+        store.record_event(None, "cancel", resource="triage", generation_id=gen.id)
+        events = store.generation_events(gen.id, "cancel", resource="triage")
+        assert events[0].id == first and len(events) == 2
+        assert _cancelled_at(store, "triage", gen) == parse_timestamp(events[-1].at).timestamp()
+        assert _cancelled_at(store, "triage", gen) > parse_timestamp(events[0].at).timestamp()

@@ -63,7 +63,12 @@ from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state
 from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.context import DownloadFailure
 from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
-from batchspec.core.reconcile.hold import DEFAULT_REPLACE_HOLD_SECONDS, find_hold, hold_seconds
+from batchspec.core.reconcile.hold import (
+    DEFAULT_REPLACE_HOLD_SECONDS,
+    find_hold,
+    find_retry_hold,
+    hold_seconds,
+)
 from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
@@ -826,7 +831,39 @@ def compute_plan(
         orphan_selected=orphan_selected,
         now=time.time(),
     )
-    return note_moves(_queued_as_recorded(store, plan, facts), moved)
+    plan = _retries_held(
+        store, _queued_as_recorded(store, plan, facts), resources, history, hold_for
+    )
+    return note_moves(plan, moved)
+
+
+def _retries_held(
+    store: StateStore,
+    plan: Plan,
+    resources: Sequence[Resource],
+    history: Mapping[str, History],
+    hold_for: Callable[[str], float],
+) -> Plan:
+    """The plan with each retry that waits for a retired generation still stopping saying
+    so, as a held create does (``hold.find_retry_hold``: the spec of a generation put back)."""
+    by_name = {r.name: r for r in resources}
+    actions = []
+    now = time.time()
+    for action in plan.actions:
+        res = by_name.get(action.resource)
+        if action.kind is ActionKind.RETRY and res is not None:
+            hold = find_retry_hold(
+                store, res, history.get(res.name, ()), hold_for=hold_for(res.provider), now=now
+            )
+            if hold is not None and not hold.expired:
+                action = dataclasses.replace(
+                    action,
+                    reason=f"{action.reason}; waits for generation {hold.generation_id} to "
+                    "stop first (its answers are reused): apply retries once that has ended, "
+                    "or after replaceHoldSeconds",
+                )
+        actions.append(action)
+    return dataclasses.replace(plan, actions=tuple(actions))
 
 
 def _queued_as_recorded(store: StateStore, plan: Plan, facts: Mapping[str, InputReport]) -> Plan:

@@ -238,9 +238,16 @@ def _hold_of_stopping(
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
-    """When ``gen``'s cancel was recorded (epoch seconds), else when it was created."""
-    event = store.first_generation_event(name, gen.id, "cancel")
-    return parse_timestamp(gen.created_at if event is None else event.at).timestamp()
+    """When ``gen``'s latest cancel was recorded (epoch seconds), else when it was created.
+
+    The latest: a generation put back and retired again (two checkouts taking turns) is
+    stopping since its last retirement, not its first; measured from the first, every turn
+    after the first outlived the bound at once and was sent beside the batch still stopping.
+    A cancel of one batch (a create found after the retirement) is not a retirement."""
+    retired = [
+        e for e in store.generation_events(gen.id, "cancel", resource=name) if e.batch_id is None
+    ]
+    return parse_timestamp(retired[-1].at if retired else gen.created_at).timestamp()
 
 
 def hold_on_create(ctx: RunContext, res: Resource, facts: InputReport) -> Hold | None:
