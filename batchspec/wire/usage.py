@@ -78,16 +78,19 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
         return 0
     # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
     # completions: generated server-side, billed though not returned), ``candidateCount``
-    choices = max(_limit(body.get("n")), _limit(body.get("best_of")), 1)
+    n, best_of = body.get("n"), body.get("best_of")
+    choices = 1 if n is None and best_of is None else max(_limit(n), _limit(best_of), 1)
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if _limit(body.get(key)):
-            return _limit(body.get(key)) * choices
+        limit = _limit(body.get(key))
+        if limit:
+            return limit * choices
     config = body.get("generationConfig") or body.get("generation_config")
     if isinstance(config, Mapping):
         choices = max(choices, _limit(config.get("candidateCount")), 1)
         for key in ("maxOutputTokens", "max_output_tokens"):
-            if _limit(config.get(key)):
-                return _limit(config.get(key)) * choices
+            limit = _limit(config.get(key))
+            if limit:
+                return limit * choices
     return DEFAULT_MAX_OUTPUT_TOKENS * choices
 
 
@@ -111,6 +114,10 @@ def _limit(value: Any) -> int:
     validators take for one (pydantic: vLLM, LiteLLM; protobuf JSON: Gemini), an integral
     float (``100000.0``) or a string of digits (``"100000"``). Taking those for "not set"
     would bound the request at the default while it is served at its own limit."""
+    if value is None:  # the common cases first: a scan asks this of every request
+        return 0
+    if type(value) is int:
+        return value if value > 0 else 0
     if isinstance(value, float) and value.is_integer():
         return int(value) if value > 0 else 0
     if isinstance(value, str) and value.strip().isdecimal():

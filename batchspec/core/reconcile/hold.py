@@ -130,13 +130,12 @@ def find_hold(
         return None
     if gen is not None and (not reuses_answers(gen) or gen_batches or ledger.has_requests(gen.id)):
         return None  # reuses nothing, or already recorded: too late or needless to wait
-    wanted = None if requests is None else {(f.custom_id, f.request_sha) for f in requests()}
     return _hold_of_stopping(
         store,
         res,
         history,
         skip=None if gen is None else gen.id,
-        wanted=wanted,
+        wanted=None if requests is None else _fingerprints_of(requests),
         hold_for=hold_for,
         now=now,
         cancelling=cancelling,
@@ -166,15 +165,12 @@ def find_retry_hold(
     if not reuses_answers(gen):  # `--replace --no-reuse`: it sends everything again anyway
         return None
     ledger = store.ledger()
-    wanted = ledger.unresolved_fingerprints(gen.id, {b.shard for b in gen_batches})
-    if not wanted:
-        return None
     return _hold_of_stopping(
         store,
         res,
         history,
         skip=gen.id,
-        wanted=wanted,
+        wanted=lambda: ledger.unresolved_fingerprints(gen.id, {b.shard for b in gen_batches}),
         hold_for=hold_for,
         now=now,
         cancelling=False,
@@ -188,14 +184,15 @@ def _hold_of_stopping(
     history: History,
     *,
     skip: int | None,
-    wanted: set[tuple[str, str]] | None,
+    wanted: Callable[[], set[tuple[str, str]]] | None,
     hold_for: float,
     now: float,
     cancelling: bool,
     contentless: Collection[int],
 ) -> Hold | None:
     """The first hold of a retired generation of another spec whose batches are still
-    stopping and may answer requests of ``wanted`` (None: any)."""
+    stopping and may answer requests of ``wanted`` (None: any; read only when one is: the
+    requests of a large input are many, a generation still stopping is rare)."""
     ledger = store.ledger()
     stopping: list[tuple[GenerationRow, list[BatchRow]]] = []
     for old, rows in history:
@@ -212,6 +209,9 @@ def _hold_of_stopping(
             stopping.append((old, batches))
     if not stopping:
         return None
+    wanting = None if wanted is None else wanted()
+    if wanting is not None and not wanting:
+        return None  # nothing to send: nothing to wait for
     # a request some generation already answered is kept, never sent: nothing to wait for
     answered = ledger.succeeded_fingerprints(g.id for g, _ in history if g.id != skip)
     holds: list[Hold] = []
@@ -219,7 +219,7 @@ def _hold_of_stopping(
         if ledger.has_requests(old.id):
             unresolved = ledger.unresolved_fingerprints(old.id, {b.shard for b in batches})
             unresolved -= answered
-            overlap = len(unresolved if wanted is None else unresolved & wanted)
+            overlap = len(unresolved if wanting is None else unresolved & wanting)
         else:  # no ledger (killed before it): any request a running batch has may be its;
             # an ended one's answers could not be joined to requests (the drain, which runs
             # first, writes the ledger when it can), so waiting for it would buy nothing
@@ -235,6 +235,12 @@ def _hold_of_stopping(
     live = [hold for hold in holds if not hold.expired]
     found = live or holds
     return found[0] if found else None
+
+
+def _fingerprints_of(
+    requests: Callable[[], Iterable[RequestFact]],
+) -> Callable[[], set[tuple[str, str]]]:
+    return lambda: {(f.custom_id, f.request_sha) for f in requests()}
 
 
 def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
