@@ -372,3 +372,18 @@ def test_a_generation_retired_again_is_held_from_its_latest_retirement(tmp_path:
         assert events[0].id == first and len(events) == 2
         assert _cancelled_at(store, "triage", gen) == parse_timestamp(events[-1].at).timestamp()
         assert _cancelled_at(store, "triage", gen) > parse_timestamp(events[0].at).timestamp()
+
+
+def test_a_held_retry_is_worded_as_a_retry() -> None:
+    """The hold of a retry (a spec put back) says what it holds: retried requests, retrying
+    anyway past its bound; a create's says created."""
+    from batchspec.core.reconcile.hold import Hold
+
+    retry = Hold(2, ("batch_1",), 3, until=100.0, expired=False, retry=True)
+    assert "up to 3 of the retried request(s); nothing is retried until" in (
+        retry.waiting_message(40.0)
+    )
+    assert "retrying anyway" in retry.expired_message()
+    create = Hold(2, ("batch_1",), 3, until=100.0, expired=False)
+    assert "nothing is created until it has, or for 60s more" in create.waiting_message(40.0)
+    assert "creating anyway" in create.expired_message()

@@ -41,7 +41,7 @@ request the old batch still finishes: paid twice. So a create that records a new
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
@@ -71,6 +71,7 @@ class Hold:
     until: float  # epoch seconds: the hold ends then
     expired: bool
     unconfirmed: int = 0  # its creates not confirmed (no remote id): they may have landed
+    retry: bool = False  # it holds a retry of a generation put back, not a create
 
     @property
     def batches(self) -> str:
@@ -79,18 +80,22 @@ class Hold:
         return ", ".join(named + ["a create not confirmed"] * self.unconfirmed)
 
     def waiting_message(self, now: float) -> str:
+        held = (
+            "retried request(s); nothing is retried"
+            if self.retry
+            else ("new generation's request(s); nothing is created")
+        )
         return (
             f"waiting for generation {self.generation_id} to stop (its answers are reused): "
-            f"{self.batches} may still answer up to {self.overlap:,} "
-            "of the new generation's request(s); nothing is created until it has, or for "
-            f"{max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
+            f"{self.batches} may still answer up to {self.overlap:,} of the {held} until it "
+            f"has, or for {max(self.until - now, 0):.0f}s more (replaceHoldSeconds)"
         )
 
     def expired_message(self) -> str:
         return (
             f"generation {self.generation_id} is still stopping past replaceHoldSeconds: "
-            f"creating anyway; what {self.batches} finishes from now "
-            "is sent again"
+            f"{'retrying' if self.retry else 'creating'} anyway; what {self.batches} "
+            "finishes from now is sent again"
         )
 
 
@@ -165,7 +170,7 @@ def find_retry_hold(
     if not reuses_answers(gen):  # `--replace --no-reuse`: it sends everything again anyway
         return None
     ledger = store.ledger()
-    return _hold_of_stopping(
+    hold = _hold_of_stopping(
         store,
         res,
         history,
@@ -176,6 +181,7 @@ def find_retry_hold(
         cancelling=False,
         contentless=contentless,
     )
+    return None if hold is None else replace(hold, retry=True)
 
 
 def _hold_of_stopping(
