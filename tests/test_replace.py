@@ -372,6 +372,35 @@ def test_a_generation_retired_again_is_held_from_its_latest_retirement(tmp_path:
         assert events[0].id == first and len(events) == 2
         assert _cancelled_at(store, "triage", gen) == parse_timestamp(events[-1].at).timestamp()
         assert _cancelled_at(store, "triage", gen) > parse_timestamp(events[0].at).timestamp()
+        # a generation whose only cancels are its batches' (a run that failed after sending
+        # its cancels ahead records those only): the latest of them, not its creation
+        other = store.create_generation(
+            "triage",
+            spec_hash="c" * 64,
+            spec={},
+            input_sha256="b" * 64,
+            requests=3,
+            input_bytes=10,
+            output_path=None,
+            errors_path=None,
+            run_id=None,
+        )
+        batch = store.record_batch_intent(
+            other.id,
+            shard=0,
+            attempt=1,
+            provider="p",
+            key="k",
+            input_sha256="b" * 64,
+            requests=3,
+            reason=None,
+        )
+        time.sleep(0.02)
+        store.record_event(
+            None, "cancel", resource="triage", generation_id=other.id, batch_id=batch.id
+        )
+        [sent] = store.generation_events(other.id, "cancel", resource="triage")
+        assert _cancelled_at(store, "triage", other) == parse_timestamp(sent.at).timestamp()
 
 
 def test_a_held_retry_is_worded_as_a_retry() -> None:

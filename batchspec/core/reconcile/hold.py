@@ -255,10 +255,10 @@ def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
     The latest: a generation put back and retired again (two checkouts taking turns) is
     stopping since its last retirement, not its first; measured from the first, every turn
     after the first outlived the bound at once and was sent beside the batch still stopping.
-    A cancel of one batch (a create found after the retirement) is not a retirement."""
-    retired = [
-        e for e in store.generation_events(gen.id, "cancel", resource=name) if e.batch_id is None
-    ]
+    A cancel of one batch (a create found after the retirement) is not a retirement, unless
+    none was recorded (a run that failed after sending its cancels ahead records only those)."""
+    cancels = store.generation_events(gen.id, "cancel", resource=name)
+    retired = [e for e in cancels if e.batch_id is None] or cancels
     return parse_timestamp(retired[-1].at if retired else gen.created_at).timestamp()
 
 
