@@ -467,10 +467,9 @@ def required_id(data: Mapping[str, Any], what: str) -> str:
     """The object's ``id``: a string or an integer, else a ``ProviderError`` (a missing,
     null or structured id taken as its text named a batch ``None`` that was polled for ever)."""
     value = data.get("id")
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    text = _id_text(value)
+    if text is not None:
+        return text
     raise ProviderError(
         f"the provider answered a {what} object whose id is {_kind(value)}, not a string: "
         "the answer cannot be used (is the base URL the provider's API root?)"
@@ -478,18 +477,26 @@ def required_id(data: Mapping[str, Any], what: str) -> str:
 
 
 def optional_file_id(data: Mapping[str, Any], name: str) -> str | None:
-    """A file id field: None when absent, null or empty; else as ``_required_id``."""
+    """A file id field: None when absent, null or empty; else as ``required_id``."""
     value = data.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    text = _id_text(value)
+    if text is not None:
+        return text
     raise ProviderError(
         f"the provider answered a batch object whose {name} is {_kind(value)}, not a file "
         "id: the answer cannot be used (is the base URL the provider's API root?)"
     )
+
+
+def _id_text(value: Any) -> str | None:
+    """An id as text: a non-empty string, or an integer (some servers number them); else None."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _kind(value: Any) -> str:
