@@ -181,7 +181,7 @@ def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
 
 def renamed_to(store: StateStore, name: str) -> str | None:
     """The name ``name`` was last renamed to (a ``move`` event from it), if any."""
-    moves = [e for e in store.events(resource=name) if e.action == MOVE_EVENT]
+    moves = store.events(resource=name, action=MOVE_EVENT)
     to = moves[-1].detail.get("to") if moves else None
     return to if isinstance(to, str) and to != name else None
 
@@ -202,8 +202,8 @@ def former_names(store: StateStore, name: str) -> list[str]:
     while True:
         moves = [
             e
-            for e in store.events(resource=current)
-            if e.action == MOVE_EVENT and e.detail.get("to") == current
+            for e in store.events(resource=current, action=MOVE_EVENT)
+            if e.detail.get("to") == current
         ]
         if not moves:
             return names

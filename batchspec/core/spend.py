@@ -27,7 +27,6 @@ is an upper bound where those apply.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from batchspec.providers.flavours import local_upstream_urls
+from batchspec.wire.hosts import is_loopback
 
 if TYPE_CHECKING:
     from batchspec.state.store import GenerationRow, StateStore
@@ -64,7 +64,6 @@ BATCH_DISCOUNT = {
     "together": 0.5,
     "mistral": 0.5,
 }
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass(frozen=True)
@@ -153,13 +152,8 @@ def costs_nothing(provider: ProviderConfig) -> bool:
 def _loopback(url: str) -> bool:
     """Whether ``url`` reaches this machine: localhost, 127.0.0.0/8, ::1, or 0.0.0.0 (the
     address model servers print, which a client reaches as this machine)."""
-    host = (urlsplit(url).hostname or "").rstrip(".")
-    if host in _LOOPBACK or host == "0.0.0.0":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    host = urlsplit(url).hostname or ""
+    return is_loopback(host) or host == "0.0.0.0"  # a destination: this machine
 
 
 def _family(provider: ProviderConfig) -> str | None:

@@ -20,7 +20,6 @@ starts (port 0 picks a free port, with no race), for tests and benchmarks.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -41,6 +40,7 @@ from batchspec.engine.balancer import make_upstreams, parse_target
 from batchspec.engine.core import DEFAULT_MAX_UPLOAD_BYTES, Engine
 from batchspec.engine.upstreams import Faults, without_credentials
 from batchspec.errors import BatchspecError, UsageError
+from batchspec.wire.hosts import is_loopback
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES
 
 
@@ -66,15 +66,6 @@ class ServeOptions:
     token_limit_refusals: int = 0  # fault injection: see WorkerSettings
     cancel_delay: float = 0.0  # slow cancels (tests): see WorkerSettings
     api_faults: ApiFaults | None = None  # fault injection at the API: see api_faults
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def read_api_key(env_name: str | None) -> str | None:

@@ -212,22 +212,16 @@ class RunsAndEvents(StateConnection):
         return None if row is None else _event_row(row)
 
     def generation_events(
-        self, generation_id: int, action: str, *, resource: str | None = None
+        self, generation_id: int, action: str, *, resource: str
     ) -> list[EventRow]:
-        """Every ``action`` event of one generation, in the order they happened (under
-        whatever name its resource had then); ``resource``: only those recorded under that
-        name, read by its index (the events table has none on generations: a whole scan)."""
-        if resource is not None:
-            rows = self._all(
-                "SELECT * FROM events WHERE resource = ? AND generation_id = ? AND action = ? "
-                "ORDER BY id",
-                (resource, generation_id, action),
-            )
-        else:
-            rows = self._all(
-                "SELECT * FROM events WHERE generation_id = ? AND action = ? ORDER BY id",
-                (generation_id, action),
-            )
+        """Every ``action`` event of one generation recorded under the name ``resource``, in
+        the order they happened, read by the resource's index (the events table has none on
+        generations); a resource renamed since recorded its older ones under its former names."""
+        rows = self._all(
+            "SELECT * FROM events WHERE resource = ? AND generation_id = ? AND action = ? "
+            "ORDER BY id",
+            (resource, generation_id, action),
+        )
         return [_event_row(r) for r in rows]
 
     def last_batch_event(self, batch_id: int, action: str) -> EventRow | None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from batchspec.wire import anthropic_lines
+
 
 class LineUsage(NamedTuple):
     """What one answer used (a tuple: one is made for every answer collected)."""
@@ -100,8 +102,8 @@ def max_output_of_line(line: Any) -> int:
     if not isinstance(line, Mapping):
         return 0
     params = line.get("params")
-    if isinstance(params, Mapping) and not any(k in line for k in ("method", "url", "body")):
-        return max_output_of_request("/v1/messages", params)
+    if isinstance(params, Mapping) and anthropic_lines.is_native(line):
+        return max_output_of_request(anthropic_lines.MESSAGES_ENDPOINT, params)
     body = line.get("body")
     if not isinstance(body, Mapping):
         return 0

@@ -22,10 +22,10 @@ from batchspec.workspace.manifest import Resource
 
 
 def retry(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
-    gen = ctx.generation(res)
-    ctx.ensure_ledger(res, gen)
-    keep_drained_answers(ctx, res, gen)
-    if retry_held(ctx, res):  # a retired batch still stopping may answer what it retries
+    ctx.ensure_ledger(res, ctx.generation(res))  # the hold reads it
+    # a retired batch still stopping may answer what it retries (the hold counts answers
+    # drained into any generation: ``record_retries`` carries them over, once)
+    if retry_held(ctx, res):
         return False
     return submit_queued(ctx, res, record_retries(ctx, res, facts))
 
