@@ -120,6 +120,14 @@ def test_init_refuses_a_folder_holding_manifests_of_the_workspace_it_lies_in(
     code, out, err = run_main(["init", str(outer / "tools" / "sub")], capsys)
     assert code == 0, err
     assert "Note: this workspace lies in the workspace of" in out
+    # a manifest in flow style is one too, as the workspace reads it (no `kind: Batch` line)
+    flow = outer / "manifests" / "more"
+    flow.mkdir()
+    (flow / "flow.yaml").write_text(
+        "{apiVersion: batchspec/v1, kind: Batch, metadata: {name: flow}, spec: {}}\n"
+    )
+    code, out, err = run_main(["init", str(flow)], capsys)
+    assert code == 1 and "flow.yaml" in err, out + err
 
 
 def test_init_refuses_when_a_folder_it_needs_is_a_file(

@@ -16,19 +16,17 @@ not clobbered either.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError
-from batchspec.workspace.discovery import find_manifest_files
+from batchspec.workspace.discovery import find_manifest_files, not_batchspec
 from batchspec.workspace.project import PROJECT_FILE_NAME, find_project_file, load_project
 from batchspec.workspace.yamldoc import (
-    MAX_YAML_FILE_BYTES,
     display_path,
     name_listing,
-    read_bounded,
+    read_yaml_documents,
 )
 
 PROJECT_TEMPLATE = """\
@@ -157,18 +155,8 @@ def _enclosing_manifests(root: Path) -> tuple[Path | None, list[Path]]:
         files, _, _ = find_manifest_files([str(start)], load_project(outer))
     except (BatchspecError, OSError):  # a broken project file: nothing to cut out of it
         return outer, []
-    return outer, [f for f in files if _declares_batches(f)]
-
-
-def _declares_batches(file: Path) -> bool:
-    try:
-        text = read_bounded(file, MAX_YAML_FILE_BYTES)
-    except Exception:  # refused (too large, a device) or unreadable: the enclosing workspace
-        return True  # reports it as a manifest, so it counts as one
-    return _BATCH_KIND.search(text) is not None
-
-
-_BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
+    # the manifests as the enclosing workspace counts them (``discovery.not_batchspec``)
+    return outer, [f for f in files if not not_batchspec(f, *read_yaml_documents(f))]
 
 
 def _conflicts(root: Path, targets: list[Path]) -> list[Path]:
