@@ -25,6 +25,7 @@ from batchspec.state.records import (
     load_json,
     parse_timestamp,
     returned_id,
+    row_of,
     utc_timestamp,
     where_clause,
 )
@@ -94,9 +95,7 @@ class BatchRow:
 
 
 def _batch_row(d: Mapping[str, Any]) -> BatchRow:
-    return BatchRow(
-        **{**known_columns(BatchRow, d), "provider_errors": load_json(d["provider_errors"])}
-    )
+    return row_of(BatchRow, d, provider_errors=load_json(d["provider_errors"]))
 
 
 _BATCH_FIELDS = frozenset(

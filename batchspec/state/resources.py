@@ -17,9 +17,9 @@ from batchspec.state.records import (
     changed_fields,
     check_fields,
     dump_json,
-    known_columns,
     load_json,
     returned_id,
+    row_of,
     utc_timestamp,
 )
 
@@ -67,11 +67,11 @@ class GenerationRow:
 
 
 def _resource_row(d: Mapping[str, Any]) -> ResourceRow:
-    return ResourceRow(**{**known_columns(ResourceRow, d), "labels": load_json(d["labels"])})
+    return row_of(ResourceRow, d, labels=load_json(d["labels"]))
 
 
 def _generation_row(d: Mapping[str, Any]) -> GenerationRow:
-    return GenerationRow(**{**known_columns(GenerationRow, d), "spec": load_json(d["spec"])})
+    return row_of(GenerationRow, d, spec=load_json(d["spec"]))
 
 
 _GENERATION_FIELDS = frozenset(

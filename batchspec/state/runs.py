@@ -17,6 +17,7 @@ from batchspec.state.records import (
     known_columns,
     load_json,
     returned_id,
+    row_of,
     utc_timestamp,
     where_clause,
 )
@@ -74,7 +75,7 @@ def _run_row(d: Mapping[str, Any]) -> RunRow:
 
 
 def _event_row(d: Mapping[str, Any]) -> EventRow:
-    return EventRow(**{**known_columns(EventRow, d), "detail": load_json(d["detail"]) or {}})
+    return row_of(EventRow, d, detail=load_json(d["detail"]) or {})
 
 
 class RunsAndEvents(StateConnection):
