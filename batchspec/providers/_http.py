@@ -395,6 +395,13 @@ def environment_proxy(client: httpx.Client, url: str) -> EnvironmentProxy | None
     return None
 
 
+#: idle connections a client keeps open: one per call a pass may have in flight (its
+#: ``--parallelism``, at most 256). httpx keeps 20 by default, so at a parallelism above 20
+#: every answer closed a connection and the next call opened a new one (a TCP, maybe TLS,
+#: handshake each: a third of a download's CPU on loopback, more over the internet)
+KEEPALIVE_CONNECTIONS = 256
+
+
 def new_client(
     base_url: str,
     *,
@@ -410,6 +417,7 @@ def new_client(
         timeout=httpx.Timeout(timeout),
         verify=verify,
         mounts=None if transport is not None else _direct_if_exempted(base_url),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS),
         **options,
     )
 
