@@ -139,14 +139,16 @@ def _read_listings_ahead(
     providers = {res.provider for res in resources if _submits_to(ctx, res)}
     planned: dict[str, Action | None] = {}
     spends: list[str] = []
-    for res in resources:
-        if len(spends) == len(providers):
-            break
-        if res.provider in spends or not _submits_to(ctx, res):
-            continue
-        planned[res.name] = _spending(spending_action(res, facts[res.name]))
-        if planned[res.name] is not None:
-            spends.append(res.provider)
+    # reads only (a few queries in all): where nothing spends, every resource is planned here
+    with ctx.store.reading():
+        for res in resources:
+            if len(spends) == len(providers):
+                break
+            if res.provider in spends or not _submits_to(ctx, res):
+                continue
+            planned[res.name] = _spending(spending_action(res, facts[res.name]))
+            if planned[res.name] is not None:
+                spends.append(res.provider)
     for name in spends:
         since = min(lookup_since(ctx, res) for res in resources if res.provider == name)
         read_listing_ahead(ctx, ctx.provider_for(name), since)
