@@ -50,6 +50,8 @@ def replacement_hash(res: Resource, number: int, *, reuse: bool) -> str:
 
 def current_replacement(store: StateStore, res: Resource) -> GenerationRow | None:
     """The newest recorded replacement of ``res``'s manifest spec, if any."""
+    if not any(REPLACEMENT_KEY in g.spec for g in store.generations(res.name)):
+        return None  # none recorded: no need to hash the spec (a plan asks of every resource)
     found = None
     number = 1
     while True:

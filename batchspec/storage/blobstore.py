@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import stat
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -140,7 +140,7 @@ class BlobStore:
     def _new_tmp_path(self) -> Path:
         ensure_private_dir(self.root, self.dir_mode)
         ensure_private_dir(self.tmp_dir, self.dir_mode)
-        return self.tmp_dir / f"part-{uuid.uuid4().hex}"
+        return self.tmp_dir / f"part-{secrets.token_hex(16)}"
 
     def _file(self, tmp: Path, sha256: str, *, replace: bool = False) -> None:
         """Move a complete temporary file to its content-addressed place (over a file already
@@ -249,7 +249,7 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     # the name's head only: a name near the filesystem's 255-byte limit must stay writable
-    tmp = dest.parent / f".{dest.name[:64]}.{uuid.uuid4().hex}.tmp"
+    tmp = dest.parent / f".{dest.name[:64]}.{secrets.token_hex(16)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
