@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import email.utils
 import gzip
+import http.server
 import itertools
 import json
+import socketserver
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -1202,3 +1205,56 @@ def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(
     with pytest.raises(CallStopped):
         waiting.result(timeout=1)
     assert scripted.methods() == ["GET"]
+
+
+def test_a_client_keeps_a_connection_for_each_call_in_flight_up_to_256() -> None:
+    """30 calls in flight at once, twice: the second round reuses the 30 connections of the
+    first (httpx's default keeps 20 idle, so 10 were closed at each answer and opened again:
+    a handshake per call at a --parallelism above 20)."""
+    in_flight = threading.Barrier(30, timeout=10)
+    connections: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(1)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            in_flight.wait()  # every call of the round is in flight before any is answered
+            body = json.dumps(batch_json()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        request_queue_size = 64
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    client = _http.new_client(base)
+    try:
+        for _ in range(2):
+            calls = [
+                threading.Thread(
+                    target=lambda: client.get(f"{base}/batches/batch_1").raise_for_status()
+                )
+                for _ in range(30)
+            ]
+            for call in calls:
+                call.start()
+            for call in calls:
+                call.join(10)
+        assert len(connections) == 30
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
