@@ -100,6 +100,22 @@ def test_a_failed_atomic_write_names_the_file_asked_for_and_leaves_no_temporary(
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jsonl", "results"]
 
 
+def test_write_atomically_makes_a_missing_folder_and_names_the_file_when_a_folder_is_a_file(
+    tmp_path: Path,
+) -> None:
+    """The result file's folder is made when it is missing (it is not asked for before each
+    write); a file where a folder of the path should be fails naming the result file."""
+    dest = tmp_path / "new" / "deeper" / "a.jsonl"
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"x\n"))
+    assert dest.read_bytes() == b"x\n"
+    (tmp_path / "plain").write_bytes(b"")
+    for blocked in (tmp_path / "plain" / "a.jsonl", tmp_path / "plain" / "sub" / "a.jsonl"):
+        with pytest.raises(OSError) as caught:
+            write_atomically(blocked, lambda tmp: tmp.write_bytes(b"x\n"))
+        assert caught.value.filename == str(blocked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "plain"]
+
+
 def test_a_file_name_near_the_filesystem_limit_is_written_atomically(tmp_path: Path) -> None:
     """A 250-byte result file name is writable: the temporary file's name stays under the
     255-byte limit too (it used to add 38 bytes to the whole name and fail, after the batch

@@ -247,21 +247,31 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     A failure to write or rename (a full disk, a file size limit, a folder at ``dest``) is
     raised naming ``dest``, not the temporary file the user never asked for.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # the name's head only: a name near the filesystem's 255-byte limit must stay writable
     tmp = dest.parent / f".{dest.name[:64]}.{secrets.token_hex(16)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileNotFoundError:  # its folder is made when missing (not asked of every file)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         write(tmp)
         os.replace(tmp, dest)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
             raise
         raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file if it is there (a failure to is not the error to report:
+    the one that made the write fail is, as a folder path that is a file)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
 
 
 __all__ = [
