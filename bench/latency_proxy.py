@@ -63,29 +63,25 @@ class _Malformed(Exception):
 
 
 class _Message:
-    """A parsed head: its first line, its header lines as they came, and the values by name."""
+    """A parsed head: its first line, its header lines as they came, the ones to pass on (all
+    but the hop-by-hop ones, byte for byte), and the values by lowercased name."""
 
-    __slots__ = ("first", "lines", "values")
+    __slots__ = ("first", "lines", "forwarded", "values")
 
     def __init__(self, head: bytes) -> None:
         first, *lines = head[:-4].split(b"\r\n")
+        forwarded: list[bytes] = []
         values: dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not name or name != name.strip():
                 raise _Malformed(f"bad header line {line[:80]!r}")
             key = name.decode("latin-1").lower()
+            if key not in HOP_BY_HOP:
+                forwarded.append(line)
             text = value.strip().decode("latin-1")
             values[key] = f"{values[key]}, {text}" if key in values else text
-        self.first, self.lines, self.values = first, lines, values
-
-    def forwarded_lines(self) -> list[bytes]:
-        """The header lines to pass on: all but the hop-by-hop ones, byte for byte."""
-        return [
-            line
-            for line in self.lines
-            if line.partition(b":")[0].decode("latin-1").lower() not in HOP_BY_HOP
-        ]
+        self.first, self.lines, self.forwarded, self.values = first, lines, forwarded, values
 
     def tokens(self, name: str) -> set[str]:
         """The comma-separated tokens of a header, lowercased (``Connection: close``)."""
@@ -197,11 +193,11 @@ class LatencyProxy:
         keep_alive = "close" not in connection and (
             version == b"HTTP/1.1" or "keep-alive" in connection
         )
-        status, lines = answer.head.first, answer.head.forwarded_lines()
+        status, lines = answer.head.first, answer.head.forwarded
         if _has_body(method, answer.head):
             writer.write(_answer_bytes(status, lines, answer.body, keep_alive))
         else:  # HEAD, 204, 304: no body; a Content-Length, if any, is the upstream's to say
-            lines += _content_length_lines(answer.head.lines)
+            lines = [*lines, *_content_length_lines(answer.head.lines)]
             writer.write(_answer_bytes(status, lines, b"", keep_alive, length=False))
         await writer.drain()
         if self._timeline is not None:
@@ -213,7 +209,7 @@ class LatencyProxy:
 
     async def _forward(self, method: str, target: bytes, request: _Message, body: bytes) -> _Answer:
         lines = [b"%s %s%s HTTP/1.1" % (method.encode("ascii"), self._prefix, target)]
-        lines += [b"Host: " + self._authority, *request.forwarded_lines()]
+        lines += [b"Host: " + self._authority, *request.forwarded]
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(b"Content-Length: %d" % len(body))
         message = b"\r\n".join(lines) + b"\r\n\r\n" + body
@@ -240,11 +236,19 @@ class LatencyProxy:
                     writer.close()
                     raise
                 if answer.reusable:
-                    self._idle.append((reader, writer, time.monotonic()))
+                    self._release(reader, writer)
                 else:
                     writer.close()
                 return answer
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Pool a connection; close the stale ones at the bottom (the least recently used),
+        not left to linger half-closed once uvicorn closes its end."""
+        now = time.monotonic()
+        while self._idle and now - self._idle[0][2] > IDLE_LIMIT:
+            self._idle.pop(0)[1].close()
+        self._idle.append((reader, writer, now))
 
     async def _connection(
         self,
