@@ -21,7 +21,7 @@ A third client, ``openai-batch`` (PyPI; bench only, never a dependency), runs th
 with ``--openai-batch-path DIR`` (install it there with ``pip install --no-deps --target DIR
 openai-batch``). ``--shards 6`` splits the job in six batches: apply uploads and creates them
 side by side, the SDK script one after another. ``--latency 0.1`` puts the fleet bench's
-proxy (``parallel_apply.start_latency_proxy``) between every client and the server, adding
+proxy (``latency_proxy.start_latency_proxy``) between every client and the server, adding
 that many seconds to each request, as a round trip to a hosted API does (default 0: loopback).
 
     .venv/bin/python bench/apply.py                         # 50,000 requests, 3 rounds
@@ -312,7 +312,6 @@ def one_run(
     finally:
         if proxy is not None:
             proxy.shutdown()
-            proxy.server_close()
         server.stop()
     lines = count_lines(output)
     if lines != n:

@@ -2,8 +2,9 @@
 
 Starts ``batchspec serve`` (its own process on 127.0.0.1) whose upstream is a loopback model
 stand-in that answers nothing until told to, behind a proxy that adds ``--latency`` seconds
-(default 0.1: a round trip to a hosted API) to every request (both from
-bench/parallel_apply.py). A workspace of ``--manifests`` manifests (default 1,000) of
+(default 0.1: a round trip to a hosted API) to every request (the model from
+bench/parallel_apply.py, the proxy from bench/latency_proxy.py: an asyncio loop whose waits
+cost no CPU). A workspace of ``--manifests`` manifests (default 1,000) of
 ``--requests`` requests each (default 5) is then applied twice, each time as its own
 ``batchspec apply`` child process:
 

@@ -2,7 +2,8 @@
 
 Starts ``batchspec serve`` (a separate process on 127.0.0.1) whose upstream is a loopback
 model stand-in that answers nothing until it is told to, and puts a proxy in front of serve
-that adds ``--latency`` seconds (default 0.1, a round trip to a hosted API) to every request.
+(bench/latency_proxy.py) that adds ``--latency`` seconds (default 0.1, a round trip to a
+hosted API) to every request.
 A workspace of ``--manifests`` manifests (default 100, ``--requests`` each) is submitted once
 (the submit pass, timed: uploads and creates are still made one after another), then:
 
@@ -40,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from latency_proxy import start_latency_proxy
 
 KEY_ENV = "BATCHSPEC_BENCH_KEY"
 BENCH_KEY = "bench-key-not-secret"
 BASELINE_SRC: list[str] = []  # --baseline-src, e.g. an export of main
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
 def compile_batchspec() -> None:
@@ -105,63 +106,6 @@ class _LoopbackServer(ThreadingHTTPServer):
     # the default listen backlog (5) resets connections when dozens are opened at once
     request_queue_size = 256
     daemon_threads = True
-
-
-def start_latency_proxy(
-    upstream: str, latency: float, timeline: list[tuple[float, float, str, str]] | None = None
-) -> tuple[ThreadingHTTPServer, Counter[str]]:
-    """Forward every request to ``upstream`` after ``latency`` seconds; count them by method;
-    with ``timeline``, append (arrived, answered, method, path) for each request to it."""
-    # idle connections dropped after 2 s, before uvicorn closes them (5 s): a request sent on
-    # a connection the server is closing is reset, and a reset create is an unsure one
-    limits = httpx.Limits(max_connections=256, keepalive_expiry=2.0)
-    client = httpx.Client(base_url=upstream, timeout=120.0, limits=limits)
-    counts: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # TCP_NODELAY, as any real front end sets it: the head and the body are two writes,
-        # and with Nagle on, the body waited for the client's delayed ACK (~40 ms a call)
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _forward(self) -> None:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        self.rfile.readline()
-                        break
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                body = b"".join(chunks)
-            else:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with lock:
-                counts[self.command] += 1
-            arrived = time.perf_counter()
-            time.sleep(latency)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            answer = client.request(self.command, self.path, headers=headers, content=body)
-            self.send_response(answer.status_code)
-            for key, value in answer.headers.items():
-                if key.lower() not in _HOP_BY_HOP and key.lower() != "content-encoding":
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(answer.content)))
-            self.end_headers()
-            self.wfile.write(answer.content)
-            if timeline is not None:
-                timeline.append((arrived, time.perf_counter(), self.command, self.path))
-
-        do_GET = do_POST = do_DELETE = _forward
-
-    server = _LoopbackServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, counts
 
 
 def start_serve(data_dir: Path, upstream: str) -> tuple[subprocess.Popen[str], str]:

@@ -4,7 +4,7 @@ Starts a throwaway PostgreSQL cluster (as the tests do: tests/postgres.py; or gi
 of an empty database you own) and ``batchspec serve`` on 127.0.0.1 whose built-in stand-in
 model answers each request after ``--latency`` seconds, behind a proxy that adds ``--rtt``
 seconds to every API call (default 0.1: a round trip to a hosted API; the proxy of
-bench/parallel_apply.py). A workspace of ``--resources``
+bench/latency_proxy.py). A workspace of ``--resources``
 resources (default 200, ``--requests`` each, labelled ``group: g0`` .. ``g{N-1}``) is then
 applied three ways, each from a fresh database and a fresh serve:
 
