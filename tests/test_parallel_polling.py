@@ -597,3 +597,44 @@ def test_ctrl_c_while_a_good_pass_closes_its_pool_stops_the_calls_waiting_to_ret
         future.result(timeout=4)
     assert time.monotonic() - started < 1
     shutdown(wait=True)
+
+
+def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compatible server that ignores ``after`` lists every segment from the top: the
+    segments that start at a cursor see the first segment's batches (and fail at the page
+    that comes back again); every batch is still polled and collected, each file fetched
+    once, though two segments saw its batch ended."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: 3 segments
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+
+    def from_the_top(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return server.listing({"limit": ["5"]})
+
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(12)],
+        )
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+        assert code == 0, err
+        hostile.finish_all()
+        hostile.hooks["GET /v1/batches"] = from_the_top
+        hostile.seen.clear()
+
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+        assert code == 0, err
+        polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+        assert polled == [f"r{i:02d}" for i in range(12)]
+        for i in range(12):
+            assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+        downloads = [r for r in hostile.routes() if r == "GET /v1/files/{id}/content"]
+        assert len(downloads) == 12
+    finally:
+        hostile.stop()
