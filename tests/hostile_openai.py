@@ -1,8 +1,9 @@
 """Test helper: a small OpenAI Files + Batches stand-in on 127.0.0.1 that can misbehave.
 
 ``HostileOpenAI()`` serves ``/v1/files`` (upload, get, content), ``/v1/batches`` (create,
-get, list, cancel) from memory. A batch is created ``completed`` at once, its output file
-holding one answer per input line (``answer to <custom_id>``), unless a test says otherwise.
+get, list with ``after`` and ``limit``, cancel) from memory. A batch is created ``completed``
+at once, its output file holding one answer per input line (``answer to <custom_id>``),
+unless a test says otherwise.
 Every route's answer passes through ``hooks`` first: ``hooks["GET /v1/batches/{id}"]`` (the
 route with ids replaced by ``{id}``) is called with ``(server, seen, answer)`` and returns the
 answer to send (``Reply``: status, JSON or raw body, headers), so a test makes the provider
@@ -20,7 +21,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 @dataclass
@@ -170,6 +171,28 @@ class HostileOpenAI:
             self.order.append(batch_id)
         return batch
 
+    def listing(self, query: dict[str, list[str]]) -> Reply:
+        """A page of batches, newest first, after the ``after`` cursor (an id it does not
+        know: 400, as ``batchspec serve`` answers), ``limit`` of them (20 unless said)."""
+        with self.lock:
+            newest_first = list(reversed(self.order))
+        after = (query.get("after") or [""])[0]
+        limit = int((query.get("limit") or ["20"])[0])
+        if after and after not in newest_first:
+            message = f"The cursor after='{after}' names no known object."
+            return Reply.of({"error": {"message": message, "type": "invalid_request_error"}}, 400)
+        start = newest_first.index(after) + 1 if after else 0
+        rows = [self.batches[b] for b in newest_first[start : start + limit]]
+        return Reply.of(
+            {
+                "object": "list",
+                "data": rows,
+                "has_more": start + limit < len(newest_first),
+                "first_id": rows[0]["id"] if rows else None,
+                "last_id": rows[-1]["id"] if rows else None,
+            }
+        )
+
     def answer(self, seen: SeenRequest, body: bytes) -> Reply:
         route = _route(seen.path)
         key = f"{seen.method} {route}"
@@ -186,16 +209,7 @@ class HostileOpenAI:
         elif key == "POST /v1/batches":
             reply = Reply.of(self.create(json.loads(body)))
         elif key == "GET /v1/batches":
-            rows = [self.batches[b] for b in reversed(self.order)]
-            reply = Reply.of(
-                {
-                    "object": "list",
-                    "data": rows,
-                    "has_more": False,
-                    "first_id": rows[0]["id"] if rows else None,
-                    "last_id": rows[-1]["id"] if rows else None,
-                }
-            )
+            reply = self.listing(parse_qs(urlsplit(seen.path).query))
         elif key == "GET /v1/batches/{id}":
             reply = Reply.of(self.batches[parts[3]]) if parts[3] in self.batches else _not_found()
         elif key == "POST /v1/batches/{id}/cancel":

@@ -76,8 +76,11 @@ class RequestProbe:
         #: "METHOD /raw/path" of every request, in the order they arrived
         self.raw_log: list[str] = []
         self.holds: dict[str, Hold] = {}
-        #: (pattern on "METHOD /raw/path", status, JSON body) answered without the engine
-        self.refusals: list[tuple[re.Pattern[str], int, bytes]] = []
+        #: "METHOD /raw/path?query" of every request, in the order they arrived
+        self.targets: list[str] = []
+        #: (pattern on "METHOD /raw/path" or, with its flag, on "METHOD /raw/path?query",
+        #: status, JSON body, the flag) answered without the engine
+        self.refusals: list[tuple[re.Pattern[str], int, bytes, bool]] = []
         self._spent: list[Hold] = []
         self._lock = threading.Lock()
         self.active = 0  # requests being answered now
@@ -107,10 +110,11 @@ class RequestProbe:
         self.holds[route] = hold
         return hold.reached
 
-    def refuse(self, pattern: str, status: int, body: Any) -> None:
-        """Answer every request whose ``"METHOD /raw/path"`` matches ``pattern`` (a regular
-        expression, searched) with ``status`` and ``body`` as JSON; the engine never sees it."""
-        self.refusals.append((re.compile(pattern), status, json.dumps(body).encode()))
+    def refuse(self, pattern: str, status: int, body: Any, *, query: bool = False) -> None:
+        """Answer every request whose ``"METHOD /raw/path"`` (``query``: with its query
+        string, ``"?limit=5&after=..."``) matches ``pattern`` (a regular expression, searched)
+        with ``status`` and ``body`` as JSON; the engine never sees it."""
+        self.refusals.append((re.compile(pattern), status, json.dumps(body).encode(), query))
 
     def release(self, route: str) -> None:
         """Stop holding ``route``; requests held now go on at once."""
@@ -155,9 +159,12 @@ class RequestProbe:
         route = route_of(scope["method"], scope["path"])
         hold = self._take_hold(route)
         raw = f"{scope['method']} {scope['path']}"
+        query = scope.get("query_string", b"").decode()
+        target = f"{raw}?{query}" if query else raw
         with self._lock:
             self.raw_log.append(raw)
-        refusal = next((r for r in self.refusals if r[0].search(raw)), None)
+            self.targets.append(target)
+        refusal = next((r for r in self.refusals if r[0].search(target if r[3] else raw)), None)
         if refusal is not None:
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": refusal[1], "headers": headers})

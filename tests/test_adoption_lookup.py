@@ -265,7 +265,9 @@ class _EndlessListing:
     def __init__(self) -> None:
         self.listed = 0
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
         while True:
             self.listed += 1
             assert self.listed < 1_000, "paged for ever"

@@ -56,6 +56,7 @@ def test_local_provider_lists_all_batches_across_pages(tmp_path):
             for i in range(5)
         ]
         assert [b.id for b in provider.list_batches(page_size=2)] == ids[::-1]
+        assert [b.id for b in provider.list_batches(page_size=2, after=ids[3])] == ids[2::-1]
 
 
 def test_local_provider_maps_engine_errors(tmp_path):

@@ -12,6 +12,7 @@ import re
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from probes import ProbedServer, start_probed_server
@@ -95,7 +96,7 @@ def wait_all_terminal(srv: ProbedServer, n: int) -> None:
         if len(rows) >= n and all(r["status"] == "completed" for r in rows):
             return
         time.sleep(0.02)
-    raise AssertionError("the engine did not finish its batches")
+    raise AssertionError(f"the engine did not finish its batches: {[r['status'] for r in rows]}")
 
 
 def finish_behind_a_stale_listing(srv: ProbedServer, upstream: GatedUpstream, n: int) -> None:
@@ -114,24 +115,145 @@ def finish_behind_a_stale_listing(srv: ProbedServer, upstream: GatedUpstream, n:
 def test_one_pass_polls_in_flight_batches_with_list_pages(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """N in-flight batches cost ceil(N/page) list calls per pass, one retrieve (the check
-    that the listing is not behind) and no file."""
+    """N in-flight batches cost ceil(N/page) list calls per pass, read side by side (each
+    page from the cursor of our batch that ends the page before it, all in flight at once,
+    where they were one after the other: a fleet's poll waited ten round trips for its
+    listing), one retrieve (the check that the listing is not behind) and no file."""
     monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 12)
-    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
-    assert code == 0, err
-    assert srv.probe.counts["POST /batches"] == 12
+    newest_first = created_in_order(ws, srv, capsys)
     srv.probe.counts.clear()
+    srv.probe.targets.clear()
+    srv.probe.hold(LIST, 0.2)  # each page a slow round trip: they overlap, or take 0.6 s
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
 
     assert code == 0, err
     assert srv.probe.counts[LIST] == 3
+    assert set(list_cursors(srv)) == {None, newest_first[4], newest_first[9]}
+    assert lists_at_once(srv) == 3
     assert srv.probe.counts[RETRIEVE] == 1
     assert srv.probe.counts[DOWNLOAD] == 0
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == [f"r{i:02d}" for i in range(12)]  # every one, in resource order
+
+
+def created_in_order(ws: Workspace, srv: ProbedServer, capsys: Any) -> list[str]:
+    """Submit ``ws`` one batch at a time (the server lists them in our row order); the
+    remote ids newest first."""
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+    assert code == 0, err
+    return [row["id"] for row in srv.engine.list_batches(None, 100)["data"]]
+
+
+def list_cursors(srv: ProbedServer) -> list[str | None]:
+    """The ``after`` cursor of each list request the server saw (None: from the top)."""
+    cursors: list[str | None] = []
+    for target in srv.probe.targets:
+        if target.startswith("GET /v1/batches?"):
+            query = parse_qs(target.split("?", 1)[1])
+            cursors.append(query["after"][0] if "after" in query else None)
+    return cursors
+
+
+def lists_at_once(srv: ProbedServer) -> int:
+    """The most list requests (held 0.2 s each) that overlapped by more than 0.1 s."""
+    held = [(start, end) for route, start, end in srv.probe.spans if route == LIST]
+    return max(
+        (sum(1 for s, e in held if min(end, e) - max(start, s) > 0.1) for start, end in held),
+        default=0,
+    )
+
+
+def reorder_listing(srv: ProbedServer, newest_first: list[str]) -> None:
+    """Make the server list its batches in the order ``newest_first`` (its ``seq``): a
+    creation order other than ours, other clients' batches among ours."""
+    db = srv.engine.store.db
+    with db:
+        top = db.execute("SELECT MAX(seq) FROM batches").fetchone()[0]
+        for offset, batch_id in enumerate(newest_first):
+            db.execute("UPDATE batches SET seq = ? WHERE id = ?", (top + 1000 - offset, batch_id))
+
+
+def test_foreign_batches_and_a_creation_order_other_than_ours_lose_no_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segments of a listing start at our batches' ids, but the server may list other
+    clients' batches among ours and ours a little out of our order (creates run side by
+    side): every batch is still polled (read by id at worst), within a few more calls, and
+    collected whole."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three segments
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12)
+    ours = created_in_order(ws, srv, capsys)
+    input_file = srv.engine.get_batch(ours[0])["input_file_id"]
+    foreign = [
+        srv.engine.create_batch(input_file, "/v1/chat/completions", "24h", {"team": f"o{n}"})
+        for n in range(8)
+    ]
+    foreign_ids = [batch["id"] for batch in foreign]
+    shuffled = list(ours)
+    # both segment ends listed in the next segment's part, and more moved within a part
+    for i, j in ((4, 6), (9, 10), (0, 2), (3, 5)):
+        shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
+    listing = []
+    for index, batch_id in enumerate(shuffled):
+        listing.append(batch_id)
+        if index % 2 == 1 and foreign_ids:
+            listing.append(foreign_ids.pop())
+    reorder_listing(srv, foreign_ids + listing)
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == [f"r{i:02d}" for i in range(12)]
+    assert srv.probe.counts[LIST] <= 6  # three segments, two pages each at most
+    assert srv.probe.counts[LIST] + srv.probe.counts[RETRIEVE] <= 9
+    upstream.gate.set()
+    wait_all_terminal(srv, 20)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    for i in range(12):
+        assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+
+
+def test_a_segment_whose_cursor_is_refused_reads_its_batches_by_id(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that refuses a segment's cursor (an error answer) costs that segment alone:
+    its batches are read by id, the others come from the listing, nothing is lost, and the
+    listing is asked again on the next pass (it did not fail as a whole)."""
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12)
+    newest_first = created_in_order(ws, srv, capsys)
+    refused = newest_first[9]  # the last segment's cursor: r01 and r00 are its batches
+    error = {"error": {"message": "bad cursor", "type": "invalid_request_error"}}
+    srv.probe.refuse(rf"after={refused}", 400, error, query=True)
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == [f"r{i:02d}" for i in range(12)]
+    assert srv.probe.counts[LIST] == 3
+    assert srv.probe.counts[RETRIEVE] == 2  # r00 (also the listing's check) and r01
+    upstream.gate.set()
+    wait_all_terminal(srv, 12)
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 3  # listed again
+    for i in range(12):
+        assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
 
 
 @pytest.mark.parametrize("option", ["litellmProvider", "litellmModel"])
@@ -235,16 +357,16 @@ def test_batches_the_listing_does_not_show_are_retrieved(
 def test_downloads_start_while_the_listing_still_pages(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The terminal batches on a listing's first page are downloaded while its later pages
-    are still being fetched, not after the whole listing: the list pages of a fleet's poll
-    pass (sequential, one round trip each) overlap its downloads."""
+    """The terminal batches on a listing's page are downloaded as soon as the page comes,
+    while its other pages are still being fetched, not after the whole listing: a slow page
+    holds back no download but its own."""
     monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: three pages
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 12)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    created_in_order(ws, srv, capsys)
     upstream.gate.set()
     wait_all_terminal(srv, 12)
-    srv.probe.hold(LIST, 0.3)  # each page a slow round trip
+    srv.probe.hold(LIST, 0.3, times=1)  # one page a slow round trip
     srv.probe.spans.clear()
 
     code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
@@ -254,9 +376,9 @@ def test_downloads_start_while_the_listing_still_pages(
     lists = sorted(span for span in srv.probe.spans if span[0] == LIST)
     downloads = sorted(span for span in srv.probe.spans if span[0] == DOWNLOAD)
     assert len(lists) == 3 and len(downloads) == 12
-    last_page_ends = lists[-1][2]
+    last_page_ends = max(end for _, _, end in lists)
     early = [span for span in downloads if span[2] < last_page_ends]
-    assert len(early) >= 5  # at least the first page's batches, downloaded during the rest
+    assert len(early) >= 7  # at least the other pages' batches, downloaded meanwhile
 
 
 def test_downloads_are_fetched_in_the_order_the_pass_records_them(
@@ -475,3 +597,44 @@ def test_ctrl_c_while_a_good_pass_closes_its_pool_stops_the_calls_waiting_to_ret
         future.result(timeout=4)
     assert time.monotonic() - started < 1
     shutdown(wait=True)
+
+
+def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compatible server that ignores ``after`` lists every segment from the top: the
+    segments that start at a cursor see the first segment's batches (and fail at the page
+    that comes back again); every batch is still polled and collected, each file fetched
+    once, though two segments saw its batch ended."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: 3 segments
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+
+    def from_the_top(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        return server.listing({"limit": ["5"]})
+
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(12)],
+        )
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+        assert code == 0, err
+        hostile.finish_all()
+        hostile.hooks["GET /v1/batches"] = from_the_top
+        hostile.seen.clear()
+
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+        assert code == 0, err
+        polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+        assert polled == [f"r{i:02d}" for i in range(12)]
+        for i in range(12):
+            assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+        downloads = [r for r in hostile.routes() if r == "GET /v1/files/{id}/content"]
+        assert len(downloads) == 12
+    finally:
+        hostile.stop()

@@ -722,3 +722,27 @@ def test_import_adopts_a_batch_made_outside_batchspec_with_force(
     assert code == 0, err
     assert [r["custom_id"] for r in ws.outputs("t")] == ["m-0", "m-1", "m-2"]
     assert srv.probe.counts[CREATE] == 1  # the outside create only
+
+
+def test_a_listing_from_a_cursor_sends_after_id_and_lists_the_older_batches(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """``list_batches(after=...)`` starts Anthropic's listing at that batch with ``after_id``
+    (its cursor's name; ``after`` would be ignored, the listing read from the top), newest
+    first, paging on from there; a cursor it refuses raises."""
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        lines = request_lines(1, model="claude-x")
+        made = [
+            create(provider, stage(provider, tmp_path, lines), key=f"k{n}").id for n in range(4)
+        ]
+        newest_first = made[::-1]
+        srv.probe.targets.clear()
+        listed = [b.id for b in provider.list_batches(page_size=2, after=newest_first[0])]
+        assert listed == newest_first[1:]
+        assert [t.split("?", 1)[1] for t in srv.probe.targets] == [
+            f"limit=2&after_id={newest_first[0]}",
+            f"limit=2&after_id={newest_first[2]}",
+        ]
+        with pytest.raises(ProviderError):
+            next(iter(provider.list_batches(after="msgbatch_unknown")))

@@ -221,7 +221,8 @@ def test_a_staged_input_reads_back_until_it_is_removed(
 
 
 def test_list_pages_through_every_job(server: Callable[..., ProbedServer], tmp_path: Path) -> None:
-    """list_batches follows page/page_size to the end, newest first."""
+    """list_batches follows page/page_size to the end, newest first; from a cursor (read on
+    our side: Mistral pages by number), the jobs listed after that one."""
     srv = server()
     with provider_for(srv, tmp_path / "p") as provider:
         made = [
@@ -229,6 +230,11 @@ def test_list_pages_through_every_job(server: Callable[..., ProbedServer], tmp_p
             for i in range(5)
         ]
         assert [b.id for b in provider.list_batches(page_size=2)] == list(reversed(made))
+        assert [b.id for b in provider.list_batches(page_size=2, after=made[3])] == [
+            made[2],
+            made[1],
+            made[0],
+        ]
 
 
 def test_a_key_lookup_reads_past_an_older_job_listed_before_the_keys_job(

@@ -149,6 +149,14 @@ def test_list_batches_pages_lazily_newest_first(serve_engine: ServeEngine, tmp_p
         assert [b.id for b in provider.list_batches(page_size=2)] == created[::-1]
         assert len(list_calls) == 3
         assert [u.params.get("after") for u in list_calls] == [None, created[3], created[1]]
+
+        list_calls.clear()  # from a cursor: the batches listed after it, paging on from there
+        assert [b.id for b in provider.list_batches(page_size=2, after=created[4])] == created[
+            3::-1
+        ]
+        assert [u.params.get("after") for u in list_calls] == [created[4], created[2]]
+        with pytest.raises(ProviderError):  # a cursor serve does not know: 400
+            next(iter(provider.list_batches(after="batch_unknown")))
     client.close()
 
 

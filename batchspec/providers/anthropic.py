@@ -236,11 +236,13 @@ class AnthropicProvider(StagedInputs):
         )
         return self._parse(self._json(response, "get batch"))
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every listed batch, newest first (Anthropic's order), fetched page by page."""
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
+        """Every listed batch, newest first (Anthropic's order), fetched page by page;
+        ``after``: those listed after that batch id (Anthropic's ``after_id``)."""
         limit = max(1, min(page_size, _MAX_PAGE_SIZE))
-        after: str | None = None
-        used: set[str] = set()
+        used: set[str] = set() if after is None else {after}
         while True:
             params: dict[str, Any] = {"limit": limit}
             if after is not None:

@@ -128,8 +128,11 @@ class AzureOpenAIProvider(OpenAIProvider):
     def get_batch(self, batch_id: str) -> RemoteBatch:
         return _in_manifest_form(super().get_batch(batch_id))
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        return (_in_manifest_form(b) for b in super().list_batches(page_size=page_size))
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
+        listed = super().list_batches(page_size=page_size, after=after)
+        return (_in_manifest_form(b) for b in listed)
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
         return _in_manifest_form(super().cancel_batch(batch_id))

@@ -16,7 +16,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -142,9 +142,13 @@ class Provider(Protocol):
 
     def get_batch(self, batch_id: str) -> RemoteBatch: ...
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
         """Every batch the provider lists, in its order (``lists_newest_first``), following
-        pagination lazily."""
+        pagination lazily; ``after``: only those listed after the batch with that id (the
+        provider's own cursor where it has one: OpenAI, Azure and serve ``after``, Anthropic
+        ``after_id``; a cursor the provider refuses raises as any failed call does)."""
         ...
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch: ...
@@ -163,6 +167,20 @@ class KeyLookup:
     batch: RemoteBatch | None
     listed: int  # batches read from the provider's list before the scan stopped
     stopped_at_window: bool  # the scan ended at a batch older than ``since``
+
+
+def listed_after(batches: Iterable[RemoteBatch], after: str | None) -> Iterator[RemoteBatch]:
+    """``batches`` past the one whose id is ``after`` (all of them when ``after`` is None):
+    the start cursor of a provider whose listing has none of its own (Gemini, Mistral,
+    Together), read on our side; nothing when that batch is never listed."""
+    if after is None:
+        yield from batches
+        return
+    found = False
+    for batch in batches:
+        if found:
+            yield batch
+        found = found or batch.id == after
 
 
 def find_batch_by_key(

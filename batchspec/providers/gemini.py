@@ -82,6 +82,7 @@ from batchspec.providers.base import (
     Usage,
     epoch_seconds,
     lenient_count,
+    listed_after,
     pause_before_retry,
 )
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
@@ -220,8 +221,14 @@ class GeminiProvider(StagedInputs):
     def get_batch(self, batch_id: str) -> RemoteBatch:
         return redact_batch(parse_operation(self._operation(batch_id)), self._http.context)
 
-    def list_batches(self, *, page_size: int = _PAGE_SIZE) -> Iterator[RemoteBatch]:
-        """Every listed batch, in Gemini's order, fetched page by page."""
+    def list_batches(
+        self, *, page_size: int = _PAGE_SIZE, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
+        """Every listed batch, in Gemini's order, fetched page by page (``after``: those
+        listed after that batch, read on our side: Gemini's cursor is a page token)."""
+        return listed_after(self._pages(page_size), after)
+
+    def _pages(self, page_size: int) -> Iterator[RemoteBatch]:
         token: str | None = None
         used: set[str] = set()
         while True:

@@ -151,8 +151,9 @@ class LocalProvider:
     def get_batch(self, batch_id: str) -> RemoteBatch:
         return parse_batch(self._call(self.engine.get_batch, batch_id))
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        after: str | None = None
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
         while True:
             page = self._call(self.engine.list_batches, after, min(max(page_size, 1), 100))
             for item in page["data"]:

@@ -68,6 +68,7 @@ from batchspec.providers.base import (
     RequestCounts,
     UploadProgress,
     lenient_count,
+    listed_after,
     optional_file_id,
     parse_file,
     pause_before_retry,
@@ -234,9 +235,17 @@ class MistralProvider:
         )
 
     def list_batches(
-        self, *, page_size: int = _PAGE_SIZE, metadata: Mapping[str, str] | None = None
+        self,
+        *,
+        page_size: int = _PAGE_SIZE,
+        after: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Iterator[RemoteBatch]:
-        """Every listed job, in Mistral's order, page by page (``metadata``: only jobs with it)."""
+        """Every listed job, in Mistral's order, page by page (``metadata``: only jobs with it;
+        ``after``: those listed after that job, read on our side: Mistral pages by number)."""
+        return listed_after(self._pages(page_size, metadata), after)
+
+    def _pages(self, page_size: int, metadata: Mapping[str, str] | None) -> Iterator[RemoteBatch]:
         size = max(1, min(page_size, _PAGE_SIZE))
         first_ids: set[str] = set()  # the job each page read so far began with
         for page in itertools.count():

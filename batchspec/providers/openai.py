@@ -226,11 +226,13 @@ class OpenAIProvider:
         )
         return self._batch(response, "get batch")
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every listed batch, newest first; the next page is fetched only when needed."""
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
+        """Every listed batch, newest first (``after``: those listed after that batch id);
+        the next page is fetched only when needed."""
         limit = max(1, min(page_size, _MAX_PAGE_SIZE))
-        after: str | None = None
-        used: set[str] = set()
+        used: set[str] = set() if after is None else {after}
         while True:
             params: dict[str, Any] = {"limit": limit}
             if after is not None:

@@ -57,6 +57,7 @@ from batchspec.providers.base import (
     RemoteFile,
     RemoteNotFound,
     UploadProgress,
+    listed_after,
     parse_batch,
     parse_file,
 )
@@ -257,10 +258,13 @@ class TogetherProvider(OpenAIProvider):
             )
         )
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every batch Together lists (one page: it does not page), in its order."""
+    def list_batches(
+        self, *, page_size: int = 100, after: str | None = None
+    ) -> Iterator[RemoteBatch]:
+        """Every batch Together lists (one page: it does not page), in its order; ``after``:
+        those listed after that batch."""
         known = self._journal.by_remote_id()
-        for batch in self._listed():
+        for batch in listed_after(self._listed(), after):
             entry = known.get(batch.id)
             yield dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
 

@@ -12,16 +12,23 @@ It promises:
   that failed is kept as its exception and raised by the step that would have made the call.
 * **List, then retrieve.** Where a provider lists batches with their full objects as they
   are now (OpenAI, Azure, ``batchspec serve``), the in-flight batches of that provider are
-  polled with ``ceil(N/100)`` list calls (newest first, stopping as soon as every one was
-  seen, and after at most one page more than that); a batch the listing did not show, or
-  showed ended but without any file id (``adopt.listed_whole``), is retrieved by id. A
+  polled with ``ceil(N/100)`` list calls, read side by side (``listing_segments``): our
+  batches, newest first by row id, are cut into segments of 100, and segment k reads the
+  listing from the cursor of our batch that ends segment k - 1 (segment 0 from the top), so
+  the pages of 1,000 batches cost one round trip, not ten. A segment reads on, page after
+  page, until it has seen all of its batches, or the batch the next segment starts after,
+  or two pages (``SEGMENT_PAGES``); every batch we wait for that it sees is taken, so other
+  clients' batches listed among ours and ours created a little out of order cost at most a
+  few more calls. A batch no segment showed, or one showed ended but without any file id
+  (``adopt.listed_whole``), is retrieved by id; so are a segment's batches when its cursor
+  is refused (an error answer): only the top segment's failure is the listing's. A
   LiteLLM proxy (``litellmProvider`` or ``litellmModel`` set, ``LITELLM_OPTIONS``) is polled by
   id only: with a database, LiteLLM lists batches from its own table, refreshed only when a
   batch is retrieved or by its hourly cost job (``PROXY_BATCH_POLLING_INTERVAL``; never with
   ``PROXY_BATCH_POLLING_ENABLED=false``), so a batch that has ended stays listed
   ``in_progress`` for up to an hour, or for ever: each of its batches is retrieved by id.
-  A provider whose listing failed (after its client's retries: a listing slower than the
-  timeout costs them all) is not listed again for the rest of the run
+  A provider whose listing failed from the top (after its client's retries: a listing
+  slower than the timeout costs them all) is not listed again for the rest of the run
   (``RunContext.unlisted``): each later pass retrieves its batches by id at once. So is one
   whose listing is behind its batches: each pass also retrieves one listed batch by id (a
   different one each pass, beside the listing's calls), and a listing that shows it running
@@ -56,12 +63,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from batchspec.core.reconcile.adopt import listed_whole
@@ -88,6 +95,10 @@ DEFAULT_PARALLELISM = 16
 #: refuse more, and a caller of the library asking for more gets this many
 MAX_PARALLELISM = 256
 LIST_PAGE_SIZE = 100
+#: pages one segment of a listing reads at most (``listing_segments``): its own batches'
+#: page and one more, for other batches listed among ours; past it, what is missing is
+#: retrieved by id
+SEGMENT_PAGES = 2
 #: provider types whose list endpoint returns whole batch objects, paginated with ``after``
 LISTING_TYPES = frozenset({"openai", "azure", "anthropic"})
 #: options that say a provider is a LiteLLM proxy, whose listing may be stale (see above)
@@ -97,6 +108,8 @@ LITELLM_OPTIONS = ("litellmProvider", "litellmModel")
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
+#: held while a download is looked for and started, once a pass (``_download``)
+_STARTING = threading.Lock()
 #: a call waiting for a worker and a place: (rank, sequence, call, its future)
 _Queued = tuple[tuple[int, int], int, Callable[[], Any], Future[Any]]
 
@@ -404,9 +417,10 @@ def _download(
     """Start one download, once a pass, ranked by when the pass takes it (``rank``); the
     collect step takes (waits for) it, so it starts before the downloads end."""
     key = (provider, file_id or "")
-    if file_id and key not in ctx.prefetched.files:
-        download = _downloader(ctx, provider, file_id)
-        ctx.prefetched.files[key] = calls.submit(provider, download, order=rank)
+    with _STARTING:  # the segments of a listing run on several workers
+        if file_id and key not in ctx.prefetched.files:
+            download = _downloader(ctx, provider, file_id)
+            ctx.prefetched.files[key] = calls.submit(provider, download, order=rank)
 
 
 def _current_batches(ctx: RunContext, resources: Iterable[Resource]) -> list[BatchRow]:
@@ -454,9 +468,10 @@ def _poll_all(
     for row in in_flight:
         by_provider.setdefault(row.provider, []).append(row)
     listings = {
-        name: calls.submit(
-            name, _lister(ctx, name, {b.remote_id or "" for b in rows}, calls, order)
-        )
+        name: [
+            calls.submit(name, _lister(ctx, name, segment, calls, order))
+            for segment in listing_segments(rows)
+        ]
         for name, rows in by_provider.items()
         if _lists(ctx, name) and len(rows) > 1 and name not in ctx.unlisted
     }
@@ -470,12 +485,15 @@ def _poll_all(
         ctx.listing_checks[name] += 1
         retrieves[row.id] = calls.submit(name, _retriever(ctx, row))
     listed: dict[str, dict[str, RemoteBatch]] = {}
-    for name, future in listings.items():
-        try:
-            listed[name] = future.result()
-        except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
-            listed[name] = {}
-            ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
+    for name, segments in listings.items():
+        listed[name] = {}
+        for index, future in enumerate(segments):
+            try:
+                listed[name].update(future.result())
+            except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
+                if index == 0:  # the listing itself failed, not a cursor into it
+                    ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
+        if name in ctx.unlisted:
             continue
         row = checked[name]
         seen = listed[name].get(row.remote_id or "")
@@ -558,29 +576,63 @@ def _lists(ctx: RunContext, provider: str) -> bool:
     return not any(options.get(name) for name in LITELLM_OPTIONS)
 
 
+@dataclass(frozen=True)
+class ListingSegment:
+    """One part of a provider's listing, read by one call chain of its own: from ``after``
+    (None: the top) down to ``until`` (the next segment's cursor; None: the last segment),
+    where the batches of ``own`` are expected; every wanted batch it sees is taken."""
+
+    wanted: frozenset[str]
+    own: frozenset[str]
+    after: str | None
+    until: str | None
+
+
+def listing_segments(rows: Sequence[BatchRow]) -> list[ListingSegment]:
+    """The segments the listing of ``rows`` (one provider's in-flight batches) is read in,
+    side by side: the batches newest first (highest row id first: created in about that
+    order), ``LIST_PAGE_SIZE`` to a segment, segment k starting after our batch at position
+    ``k * LIST_PAGE_SIZE - 1``, the last of segment k - 1, which ends there. The segments
+    tile the listing whatever else it holds (other teams' batches, ours created a little out
+    of order), so a batch is seen by the segment whose part it is listed in."""
+    newest_first = sorted(rows, key=lambda row: row.id, reverse=True)
+    ids = list(dict.fromkeys(row.remote_id or "" for row in newest_first))
+    wanted = frozenset(ids)
+    size = LIST_PAGE_SIZE
+    return [
+        ListingSegment(
+            wanted,
+            frozenset(ids[start : start + size]),
+            after=ids[start - 1] if start else None,
+            until=ids[start + size - 1] if start + size < len(ids) else None,
+        )
+        for start in range(0, len(ids), size)
+    ]
+
+
 def _lister(
     ctx: RunContext,
     name: str,
-    wanted: set[str],
+    segment: ListingSegment,
     calls: BoundedCalls,
     order: Mapping[tuple[str, str], int],
 ) -> Callable[[], dict[str, RemoteBatch]]:
-    def list_wanted() -> dict[str, RemoteBatch]:
-        max_pages = math.ceil(len(wanted) / LIST_PAGE_SIZE) + 1
+    def list_segment() -> dict[str, RemoteBatch]:
         found: dict[str, RemoteBatch] = {}
-        for index, batch in enumerate(
-            ctx.provider_for(name).list_batches(page_size=LIST_PAGE_SIZE)
-        ):
-            if batch.id in wanted:
+        missing = set(segment.own)
+        listing = ctx.provider_for(name).list_batches(page_size=LIST_PAGE_SIZE, after=segment.after)
+        for index, batch in enumerate(listing):
+            if batch.id in segment.wanted:
                 found[batch.id] = batch
+                missing.discard(batch.id)
                 _download_files(ctx, calls, name, batch, order[(name, batch.id)])
-                if len(found) == len(wanted):
-                    break
-            if index + 1 >= max_pages * LIST_PAGE_SIZE:
-                break  # the rest are older than a page past ours: retrieve what is missing
+            if batch.id == segment.until or not missing:
+                break  # the next segment reads on from here
+            if index + 1 >= SEGMENT_PAGES * LIST_PAGE_SIZE:
+                break  # the rest are past a page more than ours: retrieve what is missing
         return found
 
-    return list_wanted
+    return list_segment
 
 
 def _retriever(ctx: RunContext, row: BatchRow) -> Callable[[], RemoteBatch]:
