@@ -1207,54 +1207,91 @@ def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(
     assert scripted.methods() == ["GET"]
 
 
+class _CountingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """Answers every GET with a batch once ``size`` GETs are in flight together; counts the
+    connections opened and closed."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, size: int) -> None:
+        self.in_flight = threading.Barrier(size, timeout=10)
+        self.opened = 0
+        self.closed = 0
+        counts = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                counts.opened += 1
+
+            def finish(self) -> None:
+                super().finish()
+                counts.closed += 1
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                counts.in_flight.wait()  # the round's calls are all in flight before any answer
+                body = json.dumps(batch_json()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def rounds(self, call: Callable[[], object], size: int, rounds: int = 2) -> None:
+        for _ in range(rounds):
+            calls = [threading.Thread(target=call) for _ in range(size)]
+            for thread in calls:
+                thread.start()
+            for thread in calls:
+                thread.join(10)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
 def test_a_client_keeps_a_connection_for_each_call_in_flight_up_to_256() -> None:
     """30 calls in flight at once, twice: the second round reuses the 30 connections of the
     first (httpx's default keeps 20 idle, so 10 were closed at each answer and opened again:
     a handshake per call at a --parallelism above 20)."""
-    in_flight = threading.Barrier(30, timeout=10)
-    connections: list[int] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            connections.append(1)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            in_flight.wait()  # every call of the round is in flight before any is answered
-            body = json.dumps(batch_json()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-        request_queue_size = 64
-
-    server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    client = _http.new_client(base)
+    server = _CountingServer(30)
+    client = _http.new_client(server.base)
     try:
-        for _ in range(2):
-            calls = [
-                threading.Thread(
-                    target=lambda: client.get(f"{base}/batches/batch_1").raise_for_status()
-                )
-                for _ in range(30)
-            ]
-            for call in calls:
-                call.start()
-            for call in calls:
-                call.join(10)
-        assert len(connections) == 30
+        server.rounds(lambda: client.get(f"{server.base}/batches/batch_1").raise_for_status(), 30)
+        assert server.opened == 30
     finally:
         client.close()
-        server.shutdown()
-        server.server_close()
+        server.stop()
+
+
+def test_calls_in_flight_each_take_a_client_given_back_for_the_next_and_closed_at_the_end() -> None:
+    """A provider's overlapping calls each run on a client of their own (one connection
+    each: one shared client's pool costs CPU in the square of its connections), given back
+    when the call ends: the second round of 12 overlapping calls reuses the 12 connections of
+    the first, and closing the provider closes every one of them."""
+    server = _CountingServer(12)
+    provider = OpenAIProvider("p", base_url=server.base, api_key=SENTINEL_KEY)
+    try:
+        server.rounds(lambda: provider.get_batch("batch_1"), 12)
+        assert server.opened == 12
+        provider.close()
+        deadline = time.monotonic() + 5
+        while server.closed < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.closed == 12
+    finally:
+        provider.close()
+        server.stop()

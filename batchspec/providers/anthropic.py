@@ -70,8 +70,8 @@ from batchspec.providers._http import (
     display_url,
     json_object,
     listed_rows,
-    new_client,
     next_page_cursor,
+    pooled_client,
     quote_id,
     require_http_url,
 )
@@ -143,8 +143,9 @@ class AnthropicProvider(StagedInputs):
         self._rand = rand
         self._clock = clock
         owns_client = client is None
+        more = None
         if client is None:
-            client = new_client(self.base_url, transport=transport, timeout=timeout)
+            client, more = pooled_client(self.base_url, transport=transport, timeout=timeout)
         headers = {
             "User-Agent": f"batchspec/{__version__}",
             "Accept": "application/json",
@@ -167,6 +168,7 @@ class AnthropicProvider(StagedInputs):
             policy=self._policy,
             sleep=sleep,
             rand=rand,
+            more=more,
         )
         self._staging = Staging(self.data_dir)
         self._journal_db: Journal | None = None  # opened on first use: building does no I/O

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers._http import new_client
+from batchspec.providers._http import pooled_client
 from batchspec.providers.base import RemoteBatch
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.wire.batch_status import KNOWN_STATUSES
@@ -93,12 +93,15 @@ class AzureOpenAIProvider(OpenAIProvider):
             params["api-version"] = api_version or DEFAULT_LEGACY_API_VERSION
         # httpx adds client-level params to every request: the legacy api-version rides along
         # on uploads, downloads and paging alike without touching each call
-        self._azure_client = new_client(root, transport=transport, timeout=timeout, params=params)
+        self._azure_client, more = pooled_client(
+            root, transport=transport, timeout=timeout, params=params
+        )
         super().__init__(
             name,
             base_url=root,
             api_key=api_key,
             client=self._azure_client,
+            more_clients=more,
             auth_header="api-key",
             api_key_env=api_key_env,
             **kwargs,

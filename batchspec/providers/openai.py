@@ -44,8 +44,8 @@ from batchspec.providers._http import (
     display_url,
     json_object,
     listed_rows,
-    new_client,
     next_page_cursor,
+    pooled_client,
     quote_id,
     redact_batch,
     require_http_url,
@@ -95,7 +95,10 @@ class OpenAIProvider:
         api_key_env: str | None = "OPENAI_API_KEY",
         rand: Callable[[], float] = random.random,
         litellm_provider: str | None = None,
+        more_clients: Callable[[], httpx.Client] | None = None,
     ) -> None:
+        """``more_clients``: with a given ``client``, how to make more of it for calls that
+        overlap (``_http.pooled_client``)."""
         require_http_url(name, base_url, where="baseUrl in batchspec.yaml or OPENAI_BASE_URL")
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -107,7 +110,9 @@ class OpenAIProvider:
         self._rand = rand
         owns_client = client is None
         if client is None:
-            client = new_client(self.base_url, transport=transport, timeout=timeout)
+            client, more_clients = pooled_client(
+                self.base_url, transport=transport, timeout=timeout
+            )
         context = ErrorContext(
             provider=name,
             base_url=display_url(self.base_url),
@@ -124,6 +129,7 @@ class OpenAIProvider:
             policy=self._policy,
             sleep=sleep,
             rand=rand,
+            more=more_clients,
         )
 
     def __repr__(self) -> str:
