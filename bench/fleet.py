@@ -73,6 +73,14 @@ def print_timeline(
         f"  first call {min(a for a, *_ in timeline) - start:.2f} s after the start; "
         f"last answer {max(d for _, d, *_ in timeline) - start:.2f} s (wall {wall:.2f} s)"
     )
+    first = min(a for a, *_ in timeline)
+    last = max(d for _, d, *_ in timeline)
+    held = sum(done - arrived for arrived, done, *_ in timeline)
+    print(
+        f"  a call spent {held / len(timeline) * 1000:.1f} ms on average from its arrival at "
+        f"the proxy to its answer (the added latency, then the server); calls in flight at "
+        f"the proxy, on average from first arrival to last answer: {held / (last - first):.1f}"
+    )
     print("  " + "   t(s) " + " ".join(f"{k:>9}" for k in kinds))
     buckets: dict[int, Counter[str]] = {}
     for _, done, method, path in timeline:
