@@ -640,3 +640,54 @@ def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
         assert len(downloads) == 12
     finally:
         hostile.stop()
+
+
+def test_a_segment_that_fails_after_its_retries_is_not_listed_again_in_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose pages from a cursor fail after the client's retries (a 5xx, a timeout:
+    not a refused cursor) fails the listing as a failing top does: the later passes of an
+    ``apply --wait`` read its batches by id at once, instead of paying every segment's
+    retries (and their backoff, or a timeout each) again at every pass."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 3)  # 7 batches: 3 segments
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+    asked: set[str] = set()
+
+    def cursors_fail(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if "after=" in seen.path:
+            return Reply.of({"error": {"message": "overloaded", "type": "server_error"}}, 500)
+        return reply
+
+    def finish_in_the_second_pass(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        batch_id = seen.path.split("?", 1)[0].rsplit("/", 1)[-1]
+        if batch_id in asked:  # read by id again: a later pass
+            server.finish_all()
+            return Reply.of(server.batches[batch_id])
+        asked.add(batch_id)
+        return reply
+
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(7)],
+        )
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+        assert code == 0, err
+        hostile.hooks["GET /v1/batches"] = cursors_fail
+        hostile.hooks["GET /v1/batches/{id}"] = finish_in_the_second_pass
+        hostile.seen.clear()
+
+        argv = ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"]
+        code, _, err = run_cli([*argv, "--timeout", "30"], capsys)
+
+        assert code == 0, err
+        from_a_cursor = [s for s in hostile.seen if "after=" in s.path]
+        assert len(from_a_cursor) == 2  # the first pass's two segments, never again
+        for i in range(7):
+            assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+    finally:
+        hostile.stop()
