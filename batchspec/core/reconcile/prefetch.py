@@ -36,7 +36,8 @@ It promises:
   listed batch by id (a different one each pass, beside the listing's calls), and a listing
   that shows it running after it has ended, on two passes, is not taken
   (``_listing_is_behind``, a ``warning`` says so). A check whose read failed takes the
-  listing's copy.
+  listing's copy; so does one whose read says running where the listing shows the batch
+  ended (the read was answered before it ended: ``_ended_since_read``).
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -507,6 +508,10 @@ def _poll_all(
         elif _listing_is_behind(ctx, name, seen, retrieves[row.id]):
             listed[name] = {}
             ctx.unlisted.add(name)
+        elif seen is not None and _ended_since_read(seen, retrieves[row.id]):
+            # the read came before the batch ended: the listing's copy is the newer one (and
+            # its files are downloading already); an ended batch never runs again
+            retrieves[row.id] = _settled(seen)
     observed: dict[int, RemoteBatch] = {}
     for row in in_flight:
         assert row.remote_id is not None
@@ -565,6 +570,15 @@ def _listing_is_behind(
         )
     )
     return True
+
+
+def _ended_since_read(seen: RemoteBatch, check: Future[RemoteBatch]) -> bool:
+    """Whether the listing shows the checked batch ended, whole, where the check's read by
+    id (sent at the same time, answered first) says it is still running."""
+    truth = _outcome(check)
+    if not seen.is_terminal or not listed_whole(seen):
+        return False
+    return isinstance(truth, RemoteBatch) and not truth.is_terminal
 
 
 def _read(future: Future[RemoteBatch]) -> bool:
