@@ -8,6 +8,7 @@ flight by an upstream that answers nothing until the test opens its gate.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from pathlib import Path
@@ -333,7 +334,9 @@ def test_batches_the_listing_does_not_show_are_retrieved(
     monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 2)
     srv, upstream = gated()
     ws = fleet(tmp_path / "ws", srv, 3)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    # one at a time: the server lists ours in our order, so which segment sees which of
+    # them (and what is left to read by id) does not depend on how the creates overlapped
+    assert run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)[0] == 0
     # six newer batches of someone else: ours are past the two pages a pass lists
     other = make_workspace(
         tmp_path / "other",
@@ -636,5 +639,99 @@ def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
             assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
         downloads = [r for r in hostile.routes() if r == "GET /v1/files/{id}/content"]
         assert len(downloads) == 12
+    finally:
+        hostile.stop()
+
+
+def test_a_segment_that_fails_after_its_retries_is_not_listed_again_in_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose pages from a cursor fail after the client's retries (a 5xx, a timeout:
+    not a refused cursor) fails the listing as a failing top does: the later passes of an
+    ``apply --wait`` read its batches by id at once, instead of paying every segment's
+    retries (and their backoff, or a timeout each) again at every pass."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 3)  # 7 batches: 3 segments
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+    asked: set[str] = set()
+
+    def cursors_fail(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if "after=" in seen.path:
+            return Reply.of({"error": {"message": "overloaded", "type": "server_error"}}, 500)
+        return reply
+
+    def finish_in_the_second_pass(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        batch_id = seen.path.split("?", 1)[0].rsplit("/", 1)[-1]
+        if batch_id in asked:  # read by id again: a later pass
+            server.finish_all()
+            return Reply.of(server.batches[batch_id])
+        asked.add(batch_id)
+        return reply
+
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(7)],
+        )
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+        assert code == 0, err
+        hostile.hooks["GET /v1/batches"] = cursors_fail
+        hostile.hooks["GET /v1/batches/{id}"] = finish_in_the_second_pass
+        hostile.seen.clear()
+
+        argv = ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"]
+        code, _, err = run_cli([*argv, "--timeout", "30"], capsys)
+
+        assert code == 0, err
+        from_a_cursor = [s for s in hostile.seen if "after=" in s.path]
+        assert len(from_a_cursor) == 2  # the first pass's two segments, never again
+        for i in range(7):
+            assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+    finally:
+        hostile.stop()
+
+
+def test_a_check_read_before_its_batch_ended_takes_the_listings_ended_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's read by id and the listing run side by side: when the read came first
+    (running) and the listing shows the batch ended, whole, the pass takes the listing's
+    copy (an ended batch never runs again). Taking the read's, it left the file the listing
+    had started downloading unused, and the next pass downloaded it again."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+
+    def read_before_it_ended(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        batch = json.loads(reply.body)
+        return Reply.of({**batch, "status": "in_progress", "output_file_id": None})
+
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(3)],
+        )
+        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+        assert code == 0, err
+        hostile.finish_all()
+        hostile.hooks["GET /v1/batches/{id}"] = read_before_it_ended
+        hostile.seen.clear()
+
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+        assert code == 0, err
+        reads = [s for s in hostile.seen if re.fullmatch(r"/v1/batches/[^/?]+", s.path)]
+        assert len(reads) == 1  # the listing's check
+        collected = [e["resource"] for e in json_lines(out) if e.get("event") == "collect"]
+        assert collected == ["r00", "r01", "r02"]
+        hostile.hooks.clear()
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        downloads = [s.path for s in hostile.seen if s.path.endswith("/content")]
+        assert len(downloads) == len(set(downloads)) == 3  # each file once
     finally:
         hostile.stop()

@@ -21,19 +21,23 @@ It promises:
   clients' batches listed among ours and ours created a little out of order cost at most a
   few more calls. A batch no segment showed, or one showed ended but without any file id
   (``adopt.listed_whole``), is retrieved by id; so are a segment's batches when its cursor
-  is refused (an error answer): only the top segment's failure is the listing's. A
+  is refused (a 4xx answered at once): only that segment's, and the listing is read again
+  next pass. A segment that fails after its client's retries (5xx, 429, a timeout) fails
+  the listing, as the top segment's failure does (see below). A
   LiteLLM proxy (``litellmProvider`` or ``litellmModel`` set, ``LITELLM_OPTIONS``) is polled by
   id only: with a database, LiteLLM lists batches from its own table, refreshed only when a
   batch is retrieved or by its hourly cost job (``PROXY_BATCH_POLLING_INTERVAL``; never with
   ``PROXY_BATCH_POLLING_ENABLED=false``), so a batch that has ended stays listed
   ``in_progress`` for up to an hour, or for ever: each of its batches is retrieved by id.
-  A provider whose listing failed from the top (after its client's retries: a listing
-  slower than the timeout costs them all) is not listed again for the rest of the run
-  (``RunContext.unlisted``): each later pass retrieves its batches by id at once. So is one
-  whose listing is behind its batches: each pass also retrieves one listed batch by id (a
-  different one each pass, beside the listing's calls), and a listing that shows it running
-  after it has ended, on two passes, is not taken (``_listing_is_behind``, a ``warning`` says
-  so). A check whose read failed takes the listing's copy.
+  A provider whose listing failed from the top, or in any segment after its client's
+  retries (a listing slower than the timeout costs them all), is not listed again for the
+  rest of the run (``RunContext.unlisted``): each later pass retrieves its batches by id
+  at once. So is one whose listing is behind its batches: each pass also retrieves one
+  listed batch by id (a different one each pass, beside the listing's calls), and a listing
+  that shows it running after it has ended, on two passes, is not taken
+  (``_listing_is_behind``, a ``warning`` says so). A check whose read failed takes the
+  listing's copy; so does one whose read says running where the listing shows the batch
+  ended (the read was answered before it ended: ``_ended_since_read``).
 * **Bounded.** At most ``parallelism`` calls are in flight in all, and at most a provider's
   ``maxConcurrency`` to that provider, counting the requests the serial steps send on the
   main thread while the pool's calls run (``BoundedCalls.admitting``: each takes a place
@@ -75,6 +79,7 @@ from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
 from batchspec.core.reconcile.context import Prefetched, RunContext
 from batchspec.core.reporting import Progress
+from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     RemoteBatch,
     listen_for_throttles,
@@ -490,8 +495,8 @@ def _poll_all(
         for index, future in enumerate(segments):
             try:
                 listed[name].update(future.result())
-            except Exception:  # noqa: BLE001 - the retrieves below ask again, and raise in order
-                if index == 0:  # the listing itself failed, not a cursor into it
+            except Exception as err:  # noqa: BLE001 - the retrieves below ask again, in order
+                if index == 0 or _failed_after_retries(err):  # not a cursor refused at once
                     ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
         if name in ctx.unlisted:
             continue
@@ -503,6 +508,10 @@ def _poll_all(
         elif _listing_is_behind(ctx, name, seen, retrieves[row.id]):
             listed[name] = {}
             ctx.unlisted.add(name)
+        elif seen is not None and _ended_since_read(seen, retrieves[row.id]):
+            # the read came before the batch ended: the listing's copy is the newer one (and
+            # its files are downloading already); an ended batch never runs again
+            retrieves[row.id] = _settled(seen)
     observed: dict[int, RemoteBatch] = {}
     for row in in_flight:
         assert row.remote_id is not None
@@ -521,6 +530,14 @@ def _poll_all(
             if isinstance(result, RemoteBatch):
                 observed[row.id] = result
     return observed
+
+
+def _failed_after_retries(err: Exception) -> bool:
+    """Whether a segment's listing failed as a whole listing may (a 5xx, a 429 or a timeout
+    its client retried, backoff and ``Retry-After`` waited, until it gave up), not by a
+    refused cursor (a 4xx answered at once): the next pass would pay those retries again,
+    and every pass after it, as a failing top would (``RunContext.unlisted``)."""
+    return isinstance(err, ProviderError) and err.retryable
 
 
 def _listing_is_behind(
@@ -553,6 +570,15 @@ def _listing_is_behind(
         )
     )
     return True
+
+
+def _ended_since_read(seen: RemoteBatch, check: Future[RemoteBatch]) -> bool:
+    """Whether the listing shows the checked batch ended, whole, where the check's read by
+    id (sent at the same time, answered first) says it is still running."""
+    truth = _outcome(check)
+    if not seen.is_terminal or not listed_whole(seen):
+        return False
+    return isinstance(truth, RemoteBatch) and not truth.is_terminal
 
 
 def _read(future: Future[RemoteBatch]) -> bool:
