@@ -654,3 +654,22 @@ def test_a_key_echoed_by_the_server_is_redacted_everywhere(
     for path in ws.state_path.parent.rglob("*"):
         if path.is_file():
             assert not leaks(path.read_bytes()), path
+
+
+def test_a_refused_listing_before_a_first_create_says_why_apply_lists(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key that may not list batches (403 on GET /v1/batches) stops apply before any
+    create, exit 1 and no traceback, with a line saying why a create needs the listing (its
+    key is looked up first, so a batch an earlier run made is not paid twice): the provider's
+    refusal alone reads as if apply had asked for something it does not need."""
+    srv = server()
+    srv.probe.refuse(r"^GET /v1/batches$", 403, {"error": {"message": "listing not allowed"}})
+    ws = served(tmp_path / "ws", srv)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "listing not allowed" in err and "Traceback" not in err
+    assert "looked up" in err and "before its first create" in err and err.count("looked up") == 1
+    assert srv.engine.list_batches(None, 100)["data"] == []

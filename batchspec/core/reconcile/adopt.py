@@ -94,9 +94,23 @@ def look_up_before_create(
     the lookup, and what it cost, as a ``lookup`` event.
     """
     since = lookup_since(ctx, res)
-    found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
+    try:
+        found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
+    except ProviderError as err:
+        # the provider's refusal alone reads as if apply asked for something it need not
+        if _WHY_A_CREATE_LISTS not in err.details:  # a listing's failure may be raised again
+            err.details.append(_WHY_A_CREATE_LISTS)
+        raise
     _record_lookup(ctx, res, batch, found, since)
     return read_back_if_trimmed(provider, found.batch)
+
+
+_WHY_A_CREATE_LISTS = (
+    "before its first create, each batch's key is looked up in the "
+    "provider's batch listing, so that a batch an earlier run made (its state lost) is "
+    "adopted, not paid for twice; a key that may not list batches cannot create them "
+    "(docs/concepts.md, 'Never pay twice')"
+)
 
 
 def lookup_since(ctx: RunContext, res: Resource) -> float:
