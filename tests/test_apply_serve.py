@@ -673,3 +673,5 @@ def test_a_refused_listing_before_a_first_create_says_why_apply_lists(
     assert "listing not allowed" in err and "Traceback" not in err
     assert "looked up" in err and "before its first create" in err and err.count("looked up") == 1
     assert srv.engine.list_batches(None, 100)["data"] == []
+    # asked once: the listing read ahead of the lookups failed, and the lookup raises that
+    assert srv.probe.raw_log.count("GET /v1/batches") == 1

@@ -26,8 +26,6 @@ created again (``look_up_until`` backs off between lookups through ``RunContext.
 
 from __future__ import annotations
 
-import contextlib
-
 from batchspec.core.batches import (
     batch_fields,
     ended_without_its_answers,
@@ -120,6 +118,9 @@ def lookup_since(ctx: RunContext, res: Resource) -> float:
 
 def _listing(ctx: RunContext, provider: Provider) -> BatchListing:
     """The pass's one scan of ``provider``'s batches, shared by its intents' lookups."""
+    failed = ctx.prefetched.listing_failures.get(provider.name)
+    if failed is not None:
+        raise failed
     listings = ctx.prefetched.listings
     if provider.name not in listings:
         listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
@@ -132,10 +133,12 @@ def read_listing_ahead(ctx: RunContext, provider: Provider, since: float) -> Non
     inside a transaction (the parallel submit pass records intents and looks their keys
     up in one) would otherwise page the provider, through its retries and ``Retry-After``
     waits, while holding the state's writer lock, and another runner of the same state
-    waits on it (and fails after its busy timeout). A failure here is left to the lookup,
-    which asks again and raises it in order."""
-    with contextlib.suppress(ProviderError):  # the listing starts again on the lookup's call
+    waits on it (and fails after its busy timeout). A failure here (after the client's
+    retries) is kept for the lookups, which raise it in order without asking again."""
+    try:
         _listing(ctx, provider).read_back_to(since)
+    except ProviderError as err:
+        ctx.prefetched.listing_failures[provider.name] = err
 
 
 def _record_lookup(
