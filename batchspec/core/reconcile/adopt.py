@@ -96,7 +96,8 @@ def look_up_before_create(
         found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
     except ProviderError as err:
         # the provider's refusal alone reads as if apply asked for something it need not
-        if _WHY_A_CREATE_LISTS not in err.details:  # a listing's failure may be raised again
+        refused = err.status in (401, 403)  # not a server down, a wrong URL: the key's rights
+        if refused and _WHY_A_CREATE_LISTS not in err.details:  # a failure is raised again
             err.details.append(_WHY_A_CREATE_LISTS)
         raise
     _record_lookup(ctx, res, batch, found, since)
