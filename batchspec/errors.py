@@ -14,7 +14,7 @@ failure::
      ├── BudgetError (1)            a step would exceed a budget; nothing was spent
      ├── ConsentError (1)           spending needs --yes (or a terminal to ask on)
      ├── StalePlanError (1)         a saved plan no longer matches the state or manifests
- ├── StaleResultsError (1)      a result file is not the current spec's finished results
+     ├── StaleResultsError (1)      a result file is not the current spec's finished results
      ├── DegradedError (4)          apply --wait ended with a resource Degraded
      └── WaitTimeoutError (5)       apply --wait reached its timeout before convergence
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from workspaces import (
     Workspace,
     batchspec_cmd,
     make_workspace,
+    openai_provider,
     run_cli,
     served,
 )
@@ -654,3 +656,44 @@ def test_a_key_echoed_by_the_server_is_redacted_everywhere(
     for path in ws.state_path.parent.rglob("*"):
         if path.is_file():
             assert not leaks(path.read_bytes()), path
+
+
+def test_a_refused_listing_before_a_first_create_says_why_apply_lists(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key that may not list batches (403 on GET /v1/batches) stops apply before any
+    create, exit 1 and no traceback, with a line saying why a create needs the listing (its
+    key is looked up first, so a batch an earlier run made is not paid twice): the provider's
+    refusal alone reads as if apply had asked for something it does not need."""
+    srv = server()
+    srv.probe.refuse(r"^GET /v1/batches$", 403, {"error": {"message": "listing not allowed"}})
+    ws = served(tmp_path / "ws", srv)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "listing not allowed" in err and "Traceback" not in err
+    assert "looked up" in err and "before its first create" in err and err.count("looked up") == 1
+    assert srv.engine.list_batches(None, 100)["data"] == []
+    # asked once: the listing read ahead of the lookups failed, and the lookup raises that
+    assert srv.probe.raw_log.count("GET /v1/batches") == 1
+
+
+def test_a_listing_that_could_not_connect_is_not_blamed_on_the_keys_rights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listening at the base URL: the error says it could not connect, with no line
+    about a key that may not list batches (that one is for a 401 or 403)."""
+    with socket.socket() as sock:  # a port nothing listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(f"http://127.0.0.1:{port}/v1", KEY_ENV, maxRetries=0)},
+        resources=(ResourceSpec("triage", count=2),),
+    )
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "could not connect" in err and "may not list batches" not in err

@@ -179,6 +179,24 @@ def test_live_screen_prints_milestones_above_the_bars_and_erases_them_at_the_end
     assert screen.finish() == ""
 
 
+def test_more_bars_than_the_terminal_has_rows_draw_what_fits_and_count_the_rest() -> None:
+    """200 resources on a 24-row terminal: a frame is at most 23 lines (the unfinished first,
+    in resource order, then one line counting the rest), so "n lines up" never reaches past
+    the top of the screen; drawn whole, each redraw left ~180 lines in the scrollback."""
+    screen = LiveBars(width=100, height=24)
+    for i in range(200):
+        screen.render(Progress("upload", f"job-{i:03d}", "uploading"), now=0.0)
+    for i in range(3):
+        screen.render(Progress("results", f"job-{i:03d}", "wrote 5 results"), now=0.0)
+    frame = screen.redraw(now=0.0)
+    assert frame.startswith(UP_AND_ERASE.format(n=23))
+    lines = frame.removeprefix(UP_AND_ERASE.format(n=23)).splitlines()
+    assert len(lines) == 23
+    assert lines[0].split()[1] == "job-003"  # the three done are counted, not drawn
+    assert lines[-1] == "… and 178 more (3 done)"
+    assert screen.finish() == UP_AND_ERASE.format(n=23)
+
+
 def test_ascii_terminals_get_ascii_bars() -> None:
     """A terminal whose encoding is not UTF-8 gets # and . instead of box drawing."""
     board = board_of((0.0, poll(2, 4)))

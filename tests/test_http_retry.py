@@ -289,6 +289,17 @@ def test_client_errors_are_not_retried_and_carry_the_providers_message(
     assert caught.value.code == "some_code"
 
 
+def test_a_404_to_a_call_that_names_no_id_blames_the_base_url(scripted: ScriptedServer) -> None:
+    """A listing answered 404 (a base URL such as .../v2) says the base URL is not an API
+    root, not that "the id is unknown": a listing names no id."""
+    scripted.script(then=error_answer(404, "Unknown request URL", "unknown_url"))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError) as caught:
+        next(iter(provider.list_batches()))
+    text = str(caught.value)
+    assert "is not an OpenAI-compatible API root" in text and "id is unknown" not in text
+
+
 def test_litellm_relayed_404_code_is_not_found(scripted: ScriptedServer) -> None:
     """LiteLLM's relayed 404 (status 400, code "404") is read as not found."""
     scripted.script(error_answer(400, "Error code: 404 - no such file", "404"))

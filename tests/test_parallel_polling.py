@@ -351,8 +351,11 @@ def test_batches_the_listing_does_not_show_are_retrieved(
     code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
 
     assert code == 0, err
-    assert srv.probe.counts[LIST] == 3  # ceil(3/2) pages and one more, then no further
-    assert srv.probe.counts[RETRIEVE] == 3
+    assert srv.probe.counts[LIST] == 3  # the top segment's two pages, the second's one
+    # the listing's check, and what no segment saw: the top one reads only others' batches;
+    # the second, from our second newest, sees the oldest only if the server made them in
+    # the order we recorded them (the three creates went side by side): 1 + 2, or 1 + 1
+    assert srv.probe.counts[RETRIEVE] in (2, 3)
     assert srv.probe.counts[DOWNLOAD] == 3
     assert all(ws.outputs(f"r{i:02d}") for i in range(3))
 

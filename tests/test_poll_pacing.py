@@ -22,6 +22,7 @@ from batchspec.core.apply import (
     apply_workspace,
     converge,
     poll_pause,
+    wait_message,
 )
 from batchspec.core.reconcile.poll import poll_message, remaining_seconds
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -62,6 +63,21 @@ def test_poll_pause(
     it ends sooner is polled then, but never sooner than the floor (unless the interval
     itself is shorter)."""
     assert poll_pause(interval, since_create, done_in, since_poll) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("pause", "text"),
+    [
+        (0.012, "waiting 12 ms"),
+        (0.0004, "waiting 0 ms"),
+        (0.25, "waiting 0.2s"),
+        (5, "waiting 5.0s"),
+    ],
+)
+def test_a_short_wait_is_said_in_milliseconds_not_as_no_wait(pause: float, text: str) -> None:
+    """A pause under a tenth of a second (on the quick-poll grid) reads in milliseconds:
+    "waiting 0.0s for 169 resource(s)" looked like no wait at all."""
+    assert wait_message(pause, 169) == f"{text} for 169 resource(s)"
 
 
 def test_remaining_seconds_extrapolates_the_pace_between_two_polls() -> None:

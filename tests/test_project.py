@@ -385,6 +385,16 @@ def test_an_upstream_without_its_scheme_is_told_the_url_meant(
     assert "does not match" not in message and "secret" not in message
 
 
+def test_a_base_url_without_its_scheme_is_hinted_with_a_whole_example(tmp_path: Path) -> None:
+    """A baseUrl that does not match ^https?:// is hinted with its description's whole first
+    sentence, the example URL included, not cut at the "e.g." inside it."""
+    provider = "providers:\n  gw:\n    type: openai\n    baseUrl: htp:/127.0.0.1:8000/v1\n"
+    write(tmp_path / "batchspec.yaml", HEADER + provider)
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (6, "/providers/gw/baseUrl")
+    assert message.endswith("(API base URL, e.g. https://api.openai.com/v1)")
+
+
 @pytest.mark.parametrize(
     ("value", "tail"),
     [

@@ -61,6 +61,7 @@ class ApplyOutput:
     write: Callable[[str], None]
     style: Style = PLAIN
     width: int = 80
+    height: int = 24  # the terminal's rows: the live bars never draw more (``LiveBars``)
     ascii_only: bool = False
     selection: tuple[str, ...] = ()  # --select, to say why a plan selected nothing
     clock: Callable[[], float] = time.monotonic
@@ -87,11 +88,13 @@ class ApplyOutput:
         else:
             mode = "live" if live_terminal(stream) else "plain"
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        size = shutil.get_terminal_size()
         return cls(
             mode=mode,
             write=_writer(stream),
             style=style if mode == "live" else PLAIN,
-            width=shutil.get_terminal_size().columns,
+            width=size.columns,
+            height=size.lines,
             ascii_only=not encoding.startswith("utf"),
             selection=selection,
         )
@@ -161,7 +164,9 @@ class ApplyOutput:
 
     def _live(self) -> LiveBars:
         if self._bars is None:
-            self._bars = LiveBars(width=self.width, style=self.style, ascii_only=self.ascii_only)
+            self._bars = LiveBars(
+                width=self.width, height=self.height, style=self.style, ascii_only=self.ascii_only
+            )
             self._ticker = threading.Thread(target=self._tick, name="batchspec-bars", daemon=True)
             self._ticker.start()
         return self._bars

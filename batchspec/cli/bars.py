@@ -306,6 +306,9 @@ class LiveBars:
     """What to write, event by event, to keep the bars at the bottom of a terminal."""
 
     width: int = 80
+    #: the terminal's rows: a frame is at most one fewer, since "n lines up" stops at the
+    #: top of the screen, and lines scrolled past it could never be erased again
+    height: int = 24
     style: Style = PLAIN
     ascii_only: bool = False
     board: Board = field(default_factory=Board)
@@ -342,8 +345,23 @@ class LiveBars:
         return text
 
     def _draw(self, now: float) -> str:
+        board = self.board
+        rows = max(self.height - 1, 1)
+        more = ""
+        if len(board.resources) > rows:  # the unfinished first, then a line for the rest
+            unfinished = [r for r in board.resources if r.outcome is None]
+            shown = (unfinished + [r for r in board.resources if r.outcome is not None])[: rows - 1]
+            done = len(board.resources) - len(unfinished)
+            dots = "..." if self.ascii_only else "…"
+            hidden = len(board.resources) - len(shown)
+            more = self.style.dim(
+                fit(f"{dots} and {hidden:,} more ({done:,} done)", self.width - 1)
+            )
+            board = Board(tuple(shown))
         lines = board_lines(
-            self.board, now, width=self.width, style=self.style, ascii_only=self.ascii_only
+            board, now, width=self.width, style=self.style, ascii_only=self.ascii_only
         )
+        if more:
+            lines.append(more)
         self._drawn = len(lines)
         return "".join(line + "\n" for line in lines)

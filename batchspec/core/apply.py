@@ -670,7 +670,7 @@ def converge(
             Progress(
                 "wait",
                 None,
-                f"waiting {pause:.1f}s for {len(waiting)} resource(s)",
+                wait_message(pause, len(waiting)),
                 {"resources": [r.name for r in waiting]},
             )
         )
@@ -698,6 +698,13 @@ def converge(
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"
+
+
+def wait_message(pause: float, resources: int) -> str:
+    """The line a wait between passes prints; under 0.1 s (the quick-poll grid) in ms, so it
+    never reads "0.0s"."""
+    shown = f"{pause * 1000:.0f} ms" if pause < 0.1 else f"{pause:.1f}s"
+    return f"waiting {shown} for {resources} resource(s)"
 
 
 def poll_pause(

@@ -301,6 +301,8 @@ def _hint(
     if status == 404 and operation.startswith("download of"):
         # the file's id came from the provider's own batch, over the same base URL
         return "The provider does not serve this file now (expired, deleted or not ready)."
+    if status == 404 and operation == "list batches":  # its path names no id
+        return f"The base URL {context.base_url} is not an OpenAI-compatible API root."
     if status == 404:
         return (
             "The id is unknown to the provider (expired or deleted), or the base URL "

@@ -745,12 +745,16 @@ def _key_message(error: ValidationError, pointer: str) -> str:
     return f"key {quote(key)}: {error.message}"
 
 
+# a full stop and a space end a sentence, except in an abbreviation ("e.g. https://...")
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)\.\s")
+
+
 def _why(schema: Mapping[str, Any]) -> str:
     """The first sentence of a schema's description, as a hint after a pattern mismatch."""
     description = schema.get("description")
     if not isinstance(description, str):
         return ""
-    sentence = description.split(". ")[0].rstrip(".")
+    sentence = _SENTENCE_END.split(description, maxsplit=1)[0].rstrip(".")
     return f" ({sentence})"
 
 

@@ -26,8 +26,6 @@ created again (``look_up_until`` backs off between lookups through ``RunContext.
 
 from __future__ import annotations
 
-import contextlib
-
 from batchspec.core.batches import (
     batch_fields,
     ended_without_its_answers,
@@ -94,9 +92,24 @@ def look_up_before_create(
     the lookup, and what it cost, as a ``lookup`` event.
     """
     since = lookup_since(ctx, res)
-    found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
+    try:
+        found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
+    except ProviderError as err:
+        # the provider's refusal alone reads as if apply asked for something it need not
+        refused = err.status in (401, 403)  # not a server down, a wrong URL: the key's rights
+        if refused and _WHY_A_CREATE_LISTS not in err.details:  # a failure is raised again
+            err.details.append(_WHY_A_CREATE_LISTS)
+        raise
     _record_lookup(ctx, res, batch, found, since)
     return read_back_if_trimmed(provider, found.batch)
+
+
+_WHY_A_CREATE_LISTS = (
+    "before its first create, each batch's key is looked up in the "
+    "provider's batch listing, so that a batch an earlier run made (its state lost) is "
+    "adopted, not paid for twice; a key that may not list batches cannot create them "
+    "(docs/concepts.md, 'Never pay twice')"
+)
 
 
 def lookup_since(ctx: RunContext, res: Resource) -> float:
@@ -106,6 +119,9 @@ def lookup_since(ctx: RunContext, res: Resource) -> float:
 
 def _listing(ctx: RunContext, provider: Provider) -> BatchListing:
     """The pass's one scan of ``provider``'s batches, shared by its intents' lookups."""
+    failed = ctx.prefetched.listing_failures.get(provider.name)
+    if failed is not None:
+        raise failed
     listings = ctx.prefetched.listings
     if provider.name not in listings:
         listings[provider.name] = BatchListing(provider, page_size=LOOKUP_PAGE_SIZE)
@@ -118,10 +134,12 @@ def read_listing_ahead(ctx: RunContext, provider: Provider, since: float) -> Non
     inside a transaction (the parallel submit pass records intents and looks their keys
     up in one) would otherwise page the provider, through its retries and ``Retry-After``
     waits, while holding the state's writer lock, and another runner of the same state
-    waits on it (and fails after its busy timeout). A failure here is left to the lookup,
-    which asks again and raises it in order."""
-    with contextlib.suppress(ProviderError):  # the listing starts again on the lookup's call
+    waits on it (and fails after its busy timeout). A failure here (after the client's
+    retries) is kept for the lookups, which raise it in order without asking again."""
+    try:
         _listing(ctx, provider).read_back_to(since)
+    except ProviderError as err:
+        ctx.prefetched.listing_failures[provider.name] = err
 
 
 def _record_lookup(

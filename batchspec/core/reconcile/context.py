@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 from batchspec.core.recorded import DiskHashes
 from batchspec.core.reporting import Reporter
 from batchspec.core.sharding import ShardLimits, indexed_ledger_rows, ledger_rows_in_shards
-from batchspec.errors import BatchspecError
+from batchspec.errors import BatchspecError, ProviderError
 from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import BatchRow, GenerationRow, StateStore, utc_timestamp
@@ -103,6 +103,9 @@ class Prefetched:
     files: dict[tuple[str, str], Future[str]] = field(default_factory=dict)
     #: the pass's one newest-first scan of each provider's batches, for key lookups
     listings: dict[str, BatchListing] = field(default_factory=dict)
+    #: a provider whose listing, read ahead, failed after its client's retries: the pass's
+    #: lookups raise this, not ask again (a server that is down cost its retries twice)
+    listing_failures: dict[str, ProviderError] = field(default_factory=dict)
     #: cancels sent ahead, side by side, of the batches the serial cancel steps will cancel
     cancels: dict[tuple[str, str], Future[RemoteBatch]] = field(default_factory=dict)
 

@@ -113,8 +113,9 @@ LITELLM_OPTIONS = ("litellmProvider", "litellmModel")
 PREFETCH_TYPES = frozenset({"openai", "azure", "groq", "anthropic"})
 
 T = TypeVar("T")
-#: held while a download is looked for and started, once a pass (``_download``)
-_STARTING = threading.Lock()
+#: makes ``_download``'s "not started yet? start it" one step: the segments of a listing run
+#: on several workers, and two that both see a batch ended must not download its file twice
+_DOWNLOAD_STARTING = threading.Lock()
 #: a call waiting for a worker and a place: (rank, sequence, call, its future)
 _Queued = tuple[tuple[int, int], int, Callable[[], Any], Future[Any]]
 
@@ -422,7 +423,7 @@ def _download(
     """Start one download, once a pass, ranked by when the pass takes it (``rank``); the
     collect step takes (waits for) it, so it starts before the downloads end."""
     key = (provider, file_id or "")
-    with _STARTING:  # the segments of a listing run on several workers
+    with _DOWNLOAD_STARTING:
         if file_id and key not in ctx.prefetched.files:
             download = _downloader(ctx, provider, file_id)
             ctx.prefetched.files[key] = calls.submit(provider, download, order=rank)
