@@ -159,6 +159,7 @@ def test_killed_before_the_create_arrived_creates_exactly_once(
     out = rerun_converges(ws, capsys)
 
     assert "waiting to confirm an earlier create" in out
+    assert "createConfirmSeconds" in out  # the wait names the option that sets it
     assert srv.batch_count() == 1
     assert srv.probe.counts["POST /batches"] == 2  # the dropped one and the real one
     assert srv.probe.counts["POST /files"] == 1  # the recorded file id was reused

@@ -278,7 +278,8 @@ def _report_unconfirmed(ctx: RunContext, res: Resource, batch: BatchRow, until: 
     if left > 0:
         message = (
             f"waiting to confirm an earlier create of {what}: no batch with its key is listed "
-            f"yet, and it may still arrive for {left:.0f}s more; nothing is created until then"
+            f"yet, and it may still arrive for {left:.0f}s more; nothing is created until then "
+            f"(the window is provider {res.provider}'s createConfirmSeconds)"
         )
     else:
         message = (
