@@ -305,3 +305,19 @@ def test_the_entries_of_inputs_gone_are_dropped_when_a_run_stores_new_ones(
         rows = conn.execute("select path, request_index is not null from input_scans3")
         kept = sorted((Path(p).name, bool(indexed)) for p, indexed in rows.fetchall())
     assert kept == [("b.jsonl", True), ("c.jsonl", True)]
+
+
+def test_an_input_is_keyed_by_its_resolved_path_whatever_links_lead_to_it(tmp_path: Path) -> None:
+    """Folders are resolved once a run, yet each input's key is still ``Path.resolve()``'s:
+    through a linked folder, and a file that is itself a link, to another folder's file."""
+    real, other = tmp_path / "real", tmp_path / "other"
+    real.mkdir()
+    other.mkdir()
+    (tmp_path / "linked").symlink_to(real)
+    (other / "b.jsonl").write_bytes(one_request_input(tmp_path).read_bytes())
+    (real / "a.jsonl").write_bytes(one_request_input(tmp_path).read_bytes())
+    (real / "b.jsonl").symlink_to(other / "b.jsonl")
+    with InputCache(tmp_path / "input-cache.db") as cache:
+        for path in (tmp_path / "linked" / "a.jsonl", tmp_path / "linked" / "b.jsonl"):
+            assert cache._resolved(path) == str(path.resolve())
+        assert cache._resolved(tmp_path / "linked" / "b.jsonl") == str(other / "b.jsonl")

@@ -501,3 +501,31 @@ def test_plan_recalls_unchanged_manifests_and_sees_an_edit(
     assert {k: v for k, v in hashes[0].items() if k != "plain"} == {
         k: v for k, v in hashes[1].items() if k != "plain"
     }
+
+
+def test_a_racy_entry_verified_once_settled_is_not_read_again_by_a_later_process(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A racy entry recalled while its stamp is still racy keeps its sha256 (its bytes are
+    hashed at every recall); once recalled settled and hashed the same, it is stored as
+    settled, so a later process does not read it either; an edit still misses."""
+    cached_load(root, racy_window=RACY_WINDOW_S)
+    cached_load(root, racy_window=RACY_WINDOW_S)  # still racy: verified, not settled
+    with sqlite3.connect(cache_db(root)) as conn:
+        assert conn.execute("select count(sha256) from manifest_entries").fetchone()[0] == 3
+    hashed: list[Path] = []
+    real = manifestcache._bytes_sha256
+    monkeypatch.setattr(manifestcache, "_bytes_sha256", lambda p: hashed.append(p) or real(p))
+    assert cached_load(root)[1] == 3  # settled (a zero window): hashed, then marked settled
+    assert len(hashed) == 3
+    with sqlite3.connect(cache_db(root)) as conn:
+        assert conn.execute("select count(sha256) from manifest_entries").fetchone()[0] == 0
+    monkeypatch.setattr(manifestcache, "_settled_and_verified", set())  # another process
+    assert cached_load(root)[1] == 3
+    assert len(hashed) == 3
+
+    plain = root / "manifests" / "sub" / "plain.yaml"
+    plain.write_text(plain.read_text().replace("plain", "plaim"))
+    ws, recalled = cached_load(root)
+    assert recalled == 2
+    assert ws.resources == load_workspace([root]).resources

@@ -33,8 +33,10 @@ Invariants:
   is not stored. (A fleet of manifests just checked out, or written by a generator, is all
   racy at the first apply: without this, the second apply would parse every file again.)
   Once such a file's stamp has settled (older than ``racy_window`` when it was stat'ed) and its
-  bytes hashed the same, the process remembers it by path, stamp and sha256: any later write
-  changes its stamp, so later recalls in the process do not read it again.
+  bytes hashed the same, the process remembers it by path, stamp and sha256, and its entry is
+  marked settled (its sha256 cleared, where the stamp, fingerprint and sha256 are still the
+  ones verified): any later write changes its stamp, so later recalls, in this process or
+  another, do not read it again, exactly as for a file stored settled.
 - The cache is a table in ``<state folder>/input-cache.db`` (beside the input cache's);
   deleting it only costs a re-read. A busy or broken cache never fails a load: it is skipped.
 """
@@ -107,6 +109,8 @@ class ManifestCache:
         self._fingerprint: str | None = None
         self._seen: dict[Path, _Seen] = {}
         self._pending: list[tuple[Any, ...]] = []
+        #: racy entries verified once their stamp settled: (path, *stamp, fingerprint, sha256)
+        self._settled: list[tuple[Any, ...]] = []
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             with contextlib.suppress(sqlite3.Error, OSError):
@@ -152,8 +156,11 @@ class ManifestCache:
             return None
         if row is None or tuple(row[:4]) != stamp or row[4] != self.fingerprint:
             return None
-        if row[6] is not None and not self._same_bytes(file, stamp, row[6], at_ns):
-            return None  # stored racy: its stamp proves nothing, and its bytes changed
+        if row[6] is not None:
+            if not self._same_bytes(file, stamp, row[6], at_ns):
+                return None  # stored racy: its stamp proves nothing, and its bytes changed
+            if max(stamp[1], stamp[2]) <= at_ns - self.racy_window_ns:
+                self._settled.append((str(file), *stamp, row[4], row[6]))
         try:
             documents = decode_documents(file, row[5])
         except (ValueError, KeyError, TypeError):
@@ -194,10 +201,16 @@ class ManifestCache:
             self._pending.append((str(file), *seen.stamp, self.fingerprint, encoded, verify))
 
     def _flush(self, conn: sqlite3.Connection) -> None:
-        if not self._pending:
+        if not self._pending and not self._settled:
             return
         conn.execute("begin immediate")  # one transaction: one sync, not one per file
         try:
+            conn.executemany(
+                "update manifest_entries set sha256 = null where path = ? and size = ? "
+                "and mtime_ns = ? and ctime_ns = ? and inode = ? and fingerprint = ? "
+                "and sha256 = ?",
+                self._settled,
+            )
             conn.executemany(
                 "insert or replace into manifest_entries values (?, ?, ?, ?, ?, ?, ?, ?)",
                 self._pending,
@@ -215,6 +228,7 @@ class ManifestCache:
             raise
         conn.execute("commit")
         self._pending.clear()
+        self._settled.clear()
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:

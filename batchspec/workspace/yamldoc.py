@@ -472,13 +472,18 @@ class _Refused(Exception):
 def read_bounded(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; raises ``_Refused`` otherwise.
 
-    The resolved path is ``stat``-ed first: a FIFO or a device is refused without opening it
-    (opening a FIFO blocks until a writer comes; ``/dev/zero`` never ends). The file is then
-    opened non-blocking (in case it was swapped for a FIFO since) and read to at most
-    ``limit + 1`` bytes, so a file that grew meanwhile is refused too.
+    The file is ``stat``-ed first (through its symlinks): a FIFO or a device is refused
+    without opening it (opening a FIFO blocks until a writer comes; ``/dev/zero`` never
+    ends). The file is then opened non-blocking (in case it was swapped for a FIFO since)
+    and read to at most ``limit + 1`` bytes, so a file that grew meanwhile is refused too.
     """
-    resolved = path.resolve()
-    info = os.stat(resolved)
+    try:
+        # the usual case: stat and open follow the symlinks themselves (a realpath would
+        # walk every folder of the path first: most of a small manifest's read)
+        info, resolved = os.stat(path), path
+    except OSError:
+        resolved = path.resolve()  # the same failure, as it was always reported
+        info = os.stat(resolved)
     if not stat.S_ISREG(info.st_mode):
         kind = _file_kind(info.st_mode)
         raise _Refused("not-a-file", f"not a regular file ({kind}): refusing to read it")
