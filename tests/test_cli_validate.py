@@ -395,3 +395,21 @@ def test_mixing_batch_inputs_and_manifests_is_a_usage_error(
     code, _, err = run_main(["validate", str(tmp_path / "ok.jsonl"), str(QUICKSTART)], capsys)
     assert code == 64
     assert "either batch input files (.jsonl) or manifests" in err
+
+
+def test_a_manifest_that_is_a_symlink_loop_is_a_problem_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest that links to itself: found by the globs, it is a file problem (exit 1);
+    named on the command line, one error line naming it (exit 1). No traceback either way
+    (pathlib before 3.13 raises RuntimeError for a loop)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(QUICKSTART, ws)
+    manifests = next(p for p in ws.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    (manifests / "loop.yaml").symlink_to("loop.yaml")
+    code, _, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1
+    assert "loop.yaml: cannot read file: Too many levels of symbolic links" in err
+    code, _, err = run_main(["plan", str(manifests / "loop.yaml")], capsys)
+    assert code == 1
+    assert err.strip() == f"Error: a symbolic link loops back to itself: {manifests / 'loop.yaml'}"

@@ -1664,6 +1664,14 @@ def _interrupted_exit_code(err: BaseException | None) -> int:
     return int(getattr(err, "exit_code", INTERRUPTED_EXIT_CODE))
 
 
+def _symlink_loop(err: RuntimeError) -> str | None:
+    """The path of the symbolic link loop ``err`` is about (pathlib before Python 3.13 raises
+    a RuntimeError, not an OSError, when it resolves one), or None for any other error."""
+    prefix = "Symlink loop from "
+    text = str(err)
+    return text[len(prefix) :].strip("'\"") if text.startswith(prefix) else None
+
+
 def _run(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     interruption = Interruption(args)
@@ -1692,6 +1700,12 @@ def _run(argv: list[str] | None) -> None:
     except OSError as err:  # disk full, permission denied, a file where a folder should be
         where = f": {err.filename}" if err.filename else ""
         click.echo(f"Error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
+    except RuntimeError as err:
+        looped = _symlink_loop(err)
+        if looped is None:
+            raise
+        click.echo(f"Error: a symbolic link loops back to itself: {looped}", err=True)
         sys.exit(1)
     except sqlite3.Error as err:  # a database failed under us: disk full, I/O error
         click.echo(

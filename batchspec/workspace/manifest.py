@@ -1368,7 +1368,10 @@ def _resolved_files(files: Sequence[Path]) -> set[Path]:
     resolved = set()
     for file in files:
         if file.is_symlink():
-            resolved.add(file.resolve())
+            try:
+                resolved.add(file.resolve())
+            except RuntimeError:  # a symlink loop (pathlib before 3.13): no file, its own path
+                resolved.add(file.absolute())
             continue
         folder = folders.get(file.parent)
         if folder is None:

@@ -294,7 +294,10 @@ def builtin_providers(root: Path) -> dict[str, ProviderConfig]:
 
 def _start_folder(start: str | Path | None) -> Path:
     path = Path(start) if start is not None else Path.cwd()
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except RuntimeError:  # a symlink loop (pathlib before 3.13): its folder is the start
+        return path.absolute().parent
     # A file's folder is the start; so is the folder of a file that does not exist yet.
     looks_like_file = path.is_file() or (not path.exists() and bool(path.suffix))
     return path.parent if looks_like_file else path

@@ -481,8 +481,11 @@ def read_bounded(path: Path, limit: int) -> bytes:
         # the usual case: stat and open follow the symlinks themselves (a realpath would
         # walk every folder of the path first: most of a small manifest's read)
         info, resolved = os.stat(path), path
-    except OSError:
-        resolved = path.resolve()  # the same failure, as it was always reported
+    except OSError as failed:
+        try:
+            resolved = path.resolve()  # the same failure, as it was always reported
+        except RuntimeError:  # a symlink loop (pathlib before 3.13): stat's ELOOP says it
+            raise failed from None
         info = os.stat(resolved)
     if not stat.S_ISREG(info.st_mode):
         kind = _file_kind(info.st_mode)
