@@ -622,14 +622,7 @@ def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
         return server.listing({"limit": ["5"]})
 
     try:
-        ws = make_workspace(
-            tmp_path / "ws",
-            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
-            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(12)],
-        )
-        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
-        assert code == 0, err
-        hostile.finish_all()
+        ws = _ended_on(hostile, tmp_path, 12, capsys)
         hostile.hooks["GET /v1/batches"] = from_the_top
         hostile.seen.clear()
 
@@ -714,14 +707,7 @@ def test_a_check_read_before_its_batch_ended_takes_the_listings_ended_copy(
         return Reply.of({**batch, "status": "in_progress", "output_file_id": None})
 
     try:
-        ws = make_workspace(
-            tmp_path / "ws",
-            providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
-            resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(3)],
-        )
-        code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
-        assert code == 0, err
-        hostile.finish_all()
+        ws = _ended_on(hostile, tmp_path, 3, capsys)
         hostile.hooks["GET /v1/batches/{id}"] = read_before_it_ended
         hostile.seen.clear()
 
@@ -738,3 +724,19 @@ def test_a_check_read_before_its_batch_ended_takes_the_listings_ended_copy(
         assert len(downloads) == len(set(downloads)) == 3  # each file once
     finally:
         hostile.stop()
+
+
+def _ended_on(
+    hostile: Any, tmp_path: Path, count: int, capsys: pytest.CaptureFixture[str]
+) -> Workspace:
+    """A workspace of ``count`` one-request resources whose batches ``hostile`` (a
+    ``HostileOpenAI``) made one at a time, in resource order, and has ended."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(hostile.v1, KEY_ENV, maxRetries=0)},
+        resources=[ResourceSpec(f"r{i:02d}", count=1) for i in range(count)],
+    )
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--parallelism", "1"], capsys)
+    assert code == 0, err
+    hostile.finish_all()
+    return ws
