@@ -6,8 +6,9 @@ client's CPU milliseconds per call (the process's own user + system time) and th
 
   provider   batchspec's ``OpenAIProvider.download_file`` into a file (what a pass's workers
              run: a client per call in flight, the body streamed to disk and fsync'ed)
-  shared     one ``httpx.Client`` shared by every thread (httpcore's pool walks its
-             connections, and for each idle one all of them again, at every request)
+  shared     the same provider given one ``httpx.Client`` for every thread, as before
+             ``_http.pooled_client`` (httpcore's pool walks its connections, and for each
+             idle one all of them again, at every request and every answer)
   sdk        the openai SDK's ``files.content(...).read()`` (the body kept in memory)
 
 The figures are the client's CPU only, the server's is not counted; on a 2-core machine
@@ -62,29 +63,19 @@ def main() -> None:
     try:
         sdk = openai.OpenAI(base_url=url, api_key=BENCH_KEY)
         file_id = sdk.files.create(file=("in.jsonl", LINE * 5), purpose="batch").id
-        content = f"{url}/files/{file_id}/content"
-        headers = {"Authorization": f"Bearer {BENCH_KEY}"}
         provider = OpenAIProvider("bench", base_url=url, api_key=BENCH_KEY)
-        shared = httpx.Client(timeout=60)
+        keep = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        shared = OpenAIProvider(
+            "bench", base_url=url, api_key=BENCH_KEY, client=httpx.Client(limits=keep)
+        )
         out = tmp / "downloads"
         out.mkdir()
-        print(
-            f"{args.calls} downloads of a {len(LINE) * 5}-byte file, {args.parallelism} at a time"
-        )
+        n, p = args.calls, args.parallelism
+        print(f"{n} downloads of a {len(LINE) * 5}-byte file, {p} at a time")
         for _ in range(2):  # twice: the second round's figures are the warm ones
-            timed(
-                "provider",
-                lambda i: provider.download_file(file_id, out / f"{i}"),
-                args.calls,
-                args.parallelism,
-            )
-            timed(
-                "shared",
-                lambda i: shared.get(content, headers=headers).read(),
-                args.calls,
-                args.parallelism,
-            )
-            timed("sdk", lambda i: sdk.files.content(file_id).read(), args.calls, args.parallelism)
+            timed("provider", lambda i: provider.download_file(file_id, out / f"p{i}"), n, p)
+            timed("shared", lambda i: shared.download_file(file_id, out / f"s{i}"), n, p)
+            timed("sdk", lambda i: sdk.files.content(file_id).read(), n, p)
         provider.close()
         shared.close()
     finally:
