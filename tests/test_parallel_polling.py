@@ -639,6 +639,39 @@ def test_a_server_that_ignores_the_cursor_costs_calls_not_batches(
         hostile.stop()
 
 
+def test_a_segments_stale_copy_of_a_batch_does_not_hide_the_ended_copy_another_saw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two segments list one batch, one from a stale page (a gateway's cache) that still
+    shows it running: the ended copy is kept, whichever segment came later (an ended batch
+    never runs again). The stale copy used to win, and the batch waited a pass more."""
+    from hostile_openai import HostileOpenAI, Reply, SeenRequest
+
+    monkeypatch.setattr(prefetch, "LIST_PAGE_SIZE", 5)  # 12 batches: 3 segments
+    hostile = HostileOpenAI()
+    hostile.initial_status = "in_progress"
+
+    def stale_top_first(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if "after=" not in seen.path:
+            return reply
+        top = json.loads(server.listing({"limit": ["5"]}).body)["data"]
+        stale = [{**b, "status": "in_progress", "output_file_id": None} for b in top]
+        page = json.loads(reply.body)
+        return Reply.of({**page, "data": stale + page["data"]})
+
+    try:
+        ws = _ended_on(hostile, tmp_path, 12, capsys)
+        hostile.hooks["GET /v1/batches"] = stale_top_first
+
+        code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+        assert code == 0, err
+        for i in range(12):  # every one collected in this one pass
+            assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
+    finally:
+        hostile.stop()
+
+
 def test_a_segment_that_fails_after_its_retries_is_not_listed_again_in_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

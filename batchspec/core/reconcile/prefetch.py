@@ -495,7 +495,7 @@ def _poll_all(
         listed[name] = {}
         for index, future in enumerate(segments):
             try:
-                listed[name].update(future.result())
+                _keep_ended(listed[name], future.result())
             except Exception as err:  # noqa: BLE001 - the retrieves below ask again, in order
                 if index == 0 or _failed_after_retries(err):  # not a cursor refused at once
                     ctx.unlisted.add(name)  # the later passes of this run retrieve its batches
@@ -531,6 +531,16 @@ def _poll_all(
             if isinstance(result, RemoteBatch):
                 observed[row.id] = result
     return observed
+
+
+def _keep_ended(listed: dict[str, RemoteBatch], found: Mapping[str, RemoteBatch]) -> None:
+    """Add a segment's batches to ``listed``; where two segments saw one batch, an ended copy
+    is kept over a running one (a stale page, say a gateway's cache, may still show it
+    running: an ended batch never runs again)."""
+    for batch_id, batch in found.items():
+        kept = listed.get(batch_id)
+        if kept is None or not kept.is_terminal:
+            listed[batch_id] = batch
 
 
 def _failed_after_retries(err: Exception) -> bool:
