@@ -63,6 +63,7 @@ from batchspec.wire.request_index import (
     read_request_index_bytes,
     remember_complete,
 )
+from batchspec.workspace.resolving import FolderResolver
 
 _SCHEMA = """
 create table if not exists input_scans3 (
@@ -104,7 +105,7 @@ class InputCache:
         self.hashed: dict[str, tuple[tuple[int, ...], str]] = {}
         self._pending: list[tuple[Any, ...]] = []  # entries to store: one transaction on close
         self._resolved_paths: dict[Path, str] = {}
-        self._resolved_folders: dict[str, str] = {}  # ``_resolve``'s, a run
+        self._folders = FolderResolver()  # each input's folder resolved once a run
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             self.conn = _open_db(db_path)
@@ -166,23 +167,8 @@ class InputCache:
         file misses (another inode) and that file is scanned."""
         resolved = self._resolved_paths.get(path)
         if resolved is None:
-            resolved = self._resolved_paths[path] = self._resolve(path)
+            resolved = self._resolved_paths[path] = str(self._folders.resolve(path))
         return resolved
-
-    def _resolve(self, path: Path) -> str:
-        """``str(Path(path).resolve())``, each folder's symlinks resolved once a run (inputs
-        share a few folders: a realpath walks every component of every path otherwise).
-        ``realpath(head/name)`` is ``realpath(head)/name`` unless ``name`` is itself a
-        symlink, which is then resolved whole: the same answer (the argument holds for POSIX).
-        """
-        head, name = os.path.split(os.fspath(path))
-        if not head or name in ("", ".", "..") or os.name != "posix":
-            return str(Path(path).resolve())
-        folder = self._resolved_folders.get(head)
-        if folder is None:
-            folder = self._resolved_folders[head] = str(Path(head).resolve())
-        candidate = os.path.join(folder, name)
-        return str(Path(path).resolve()) if os.path.islink(candidate) else candidate
 
     def facts_for(
         self,

@@ -111,6 +111,7 @@ from batchspec.workspace.project import (
     load_project,
     load_workspace_project,
 )
+from batchspec.workspace.resolving import FolderResolver
 from batchspec.workspace.yamldoc import (
     InvalidManifestError,
     Problem,
@@ -1067,17 +1068,11 @@ def _input_path(value: Any, folder: Path) -> Path:
 
 
 class _PathResolver:
-    """``(folder / relative).resolve()`` for one load, resolving each folder's symlinks once.
-
-    Resolving is most of a manifest's path work, and manifests name files in a few shared
-    folders (``../data``, ``results``). ``realpath(head/name)`` is ``realpath(head)/name``
-    unless ``name`` is itself a symlink (then the whole path is resolved), so the answer is
-    exactly ``Path.resolve()``'s. Folders are remembered for one load only: links may change
-    between loads.
-    """
+    """``(folder / relative).resolve()`` for one load, each folder's symlinks resolved once
+    (``FolderResolver``), and the project's confinement rules resolved once."""
 
     def __init__(self) -> None:
-        self._folders: dict[str, str] = {}
+        self._paths = FolderResolver()
         self._confinement: _Confinement | None = None
 
     def confinement(self, project: Project) -> _Confinement:
@@ -1087,21 +1082,10 @@ class _PathResolver:
         return self._confinement
 
     def folder(self, path: Path) -> Path:
-        return Path(self._realpath(str(path)))
+        return Path(self._paths.folder(path))
 
     def __call__(self, folder: Path, relative: str) -> Path:
-        joined = os.path.join(folder, relative)
-        head, name = os.path.split(joined)
-        if name in ("", ".", "..") or os.name != "posix":  # (the argument holds for POSIX)
-            return Path(joined).resolve()
-        candidate = os.path.join(self._realpath(head), name)
-        return Path(joined).resolve() if os.path.islink(candidate) else Path(candidate)
-
-    def _realpath(self, path: str) -> str:
-        resolved = self._folders.get(path)
-        if resolved is None:
-            resolved = self._folders[path] = str(Path(path).resolve())
-        return resolved
+        return self._paths.resolve(os.path.join(folder, relative))
 
 
 #: said with a missing input: the usual slip is a path written from the workspace root
@@ -1362,19 +1346,12 @@ def _written_over(
 
 
 def _resolved_files(files: Sequence[Path]) -> set[Path]:
-    """``files`` resolved (as ``Path.resolve`` does), each folder resolved once: a file that
-    is not a symbolic link resolves to its resolved folder and its own name."""
-    folders: dict[Path, Path] = {}
+    """``files`` resolved (as ``Path.resolve`` does), each folder resolved once."""
+    paths = FolderResolver()
     resolved = set()
     for file in files:
-        if file.is_symlink():
-            try:
-                resolved.add(file.resolve())
-            except RuntimeError:  # a symlink loop (pathlib before 3.13): no file, its own path
-                resolved.add(file.absolute())
-            continue
-        folder = folders.get(file.parent)
-        if folder is None:
-            folder = folders[file.parent] = file.parent.resolve()
-        resolved.add(folder / file.name)
+        try:
+            resolved.add(paths.resolve(file))
+        except RuntimeError:  # a symlink loop (pathlib before 3.13): no file, its own path
+            resolved.add(file.absolute())
     return resolved

@@ -1,0 +1,38 @@
+"""``Path.resolve()`` for many paths in a few folders: each folder's symlinks resolved once.
+
+A load names its files in a few shared folders (``../data``, ``results``, ``manifests``), and
+a realpath walks every component of every path: most of a small manifest's path work.
+``realpath(head/name)`` is ``realpath(head)/name`` unless ``name`` is itself a symlink (then
+the whole path is resolved), so the answer is exactly ``Path.resolve()``'s on POSIX. A
+resolver is kept for one load or one run only: links may change between them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class FolderResolver:
+    """Resolves paths as ``Path.resolve()`` does, remembering each folder's resolution."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def folder(self, path: str | os.PathLike[str]) -> str:
+        """``str(Path(path).resolve())``, remembered."""
+        text = os.fspath(path)
+        resolved = self._folders.get(text)
+        if resolved is None:
+            resolved = self._folders[text] = str(Path(text).resolve())
+        return resolved
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """``Path(path).resolve()``, its folder resolved once (a symlink loop raises as
+        ``Path.resolve`` does)."""
+        text = os.fspath(path)
+        head, name = os.path.split(text)
+        if not head or name in ("", ".", "..") or os.name != "posix":
+            return Path(text).resolve()
+        candidate = os.path.join(self.folder(head), name)
+        return Path(text).resolve() if os.path.islink(candidate) else Path(candidate)
