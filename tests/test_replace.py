@@ -350,21 +350,25 @@ def test_a_generation_retired_again_is_held_from_its_latest_retirement(tmp_path:
     retry was sent beside the batch still stopping (paid twice)."""
     from batchspec.core.reconcile.hold import _cancelled_at
     from batchspec.state.records import parse_timestamp
-    from batchspec.state.store import StateStore
+    from batchspec.state.store import GenerationRow, StateStore
 
     with StateStore.open(tmp_path / "state.db") as store:
         store.upsert_resource("triage", provider="p", manifest="m.yaml", labels={}, run_id=None)
-        gen = store.create_generation(
-            "triage",
-            spec_hash="a" * 64,
-            spec={},
-            input_sha256="b" * 64,
-            requests=3,
-            input_bytes=10,
-            output_path=None,
-            errors_path=None,
-            run_id=None,
-        )
+
+        def generation(spec_hash: str) -> GenerationRow:
+            return store.create_generation(
+                "triage",
+                spec_hash=spec_hash,
+                spec={},
+                input_sha256="b" * 64,
+                requests=3,
+                input_bytes=10,
+                output_path=None,
+                errors_path=None,
+                run_id=None,
+            )
+
+        gen = generation("a" * 64)
         first = store.record_event(None, "cancel", resource="triage", generation_id=gen.id)
         time.sleep(0.02)
         store.record_event(None, "cancel", resource="triage", generation_id=gen.id)
@@ -374,17 +378,7 @@ def test_a_generation_retired_again_is_held_from_its_latest_retirement(tmp_path:
         assert _cancelled_at(store, "triage", gen) > parse_timestamp(events[0].at).timestamp()
         # a generation whose only cancels are its batches' (a run that failed after sending
         # its cancels ahead records those only): the latest of them, not its creation
-        other = store.create_generation(
-            "triage",
-            spec_hash="c" * 64,
-            spec={},
-            input_sha256="b" * 64,
-            requests=3,
-            input_bytes=10,
-            output_path=None,
-            errors_path=None,
-            run_id=None,
-        )
+        other = generation("c" * 64)
         batch = store.record_batch_intent(
             other.id,
             shard=0,

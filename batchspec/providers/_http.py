@@ -399,10 +399,10 @@ def environment_proxy(client: httpx.Client, url: str) -> EnvironmentProxy | None
     return None
 
 
-#: idle connections a client keeps open: one per call a pass may have in flight (its
-#: ``--parallelism``, at most 256). httpx keeps 20 by default, so at a parallelism above 20
-#: every answer closed a connection and the next call opened a new one (a TCP, maybe TLS,
-#: handshake each: a third of a download's CPU on loopback, more over the internet)
+#: idle connections one client keeps open: one per call that may share it (a given client,
+#: or a test's transport; ``pooled_client``'s clients hold one each). httpx keeps 20 by
+#: default, so with more calls in flight every answer closed a connection and the next call
+#: opened a new one (a TCP, maybe TLS, handshake each)
 KEEPALIVE_CONNECTIONS = 256
 
 
