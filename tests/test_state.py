@@ -666,3 +666,47 @@ def test_reading_sees_a_run_that_commits_meanwhile_in_all_its_tables_or_none(
         assert [g.id for g in gens] == [first] == [row.current_generation_id]
         assert store.find_generation("triage", "h2") is None
     assert store.find_generation("triage", "h2") is not None  # seen once the block is over
+
+
+def test_rows_filled_directly_are_the_rows_the_constructor_makes(tmp_path: Path) -> None:
+    """``row_of`` fills a row with every field without its ``__init__``: the row equals and
+    hashes as the constructor's, stays frozen, ignores a column this version does not know,
+    and a row missing a field still fails as the constructor does (naming it)."""
+    import dataclasses
+
+    from batchspec.state.batches import BatchRow
+    from batchspec.state.records import row_of
+
+    with StateStore.open(tmp_path / "s.db") as store:
+        store.upsert_resource("r", provider="p", manifest="m", labels={}, run_id=None)
+        gen = store.create_generation(
+            "r",
+            spec_hash="a" * 64,
+            spec={},
+            input_sha256="b" * 64,
+            requests=1,
+            input_bytes=1,
+            output_path=None,
+            errors_path=None,
+            run_id=None,
+        )
+        batch = store.record_batch_intent(
+            gen.id,
+            shard=0,
+            attempt=1,
+            provider="p",
+            key="k",
+            input_sha256="b" * 64,
+            requests=1,
+            reason=None,
+        )
+    columns = {f.name: getattr(batch, f.name) for f in dataclasses.fields(BatchRow)}
+    built = BatchRow(**columns)
+    filled = row_of(BatchRow, {**columns, "added_by_hand": 1})
+    assert filled == built and hash(filled) == hash(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        filled.status = "completed"  # type: ignore[misc]
+    assert dataclasses.replace(filled, status="completed").status == "completed"
+    del columns["reason"]
+    with pytest.raises(TypeError, match="reason"):
+        row_of(BatchRow, columns)
