@@ -224,12 +224,41 @@ def test_a_rename_to_a_default_output_path_restores_the_results_without_resubmit
     rename(ws, "old-name", "new-name")
 
     code, out, _ = run_cli(["plan", str(ws.root)], capsys)
-    assert "moved from old-name; output file is missing" in out
+    assert (
+        "moved from old-name; output moved from manifests/results/old-name.jsonl, which is "
+        "left as it is"
+    ) in out
     apply(ws, capsys, "--wait")
 
     new_output = old_output.parent / "new-name.jsonl"
     assert new_output.read_bytes() == old_output.read_bytes()
     assert remote_ids(ws) == before
+
+
+def test_a_changed_output_path_restores_there_and_says_where_the_old_file_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`output:` edited to name another file: the plan says the output moved and from where
+    (not that it is missing), apply writes it there from the state store without a batch,
+    leaves the old file, and records the new place: deleting the new file later is
+    "missing", not "moved" again."""
+    ws = local_workspace(tmp_path / "ws", "triage")
+    apply(ws, capsys, "--wait")
+    old_output = ws.output_path("triage")
+    before = remote_ids(ws)
+    new_output = old_output.with_name("triage-v2.jsonl")
+    rename(ws, "triage", "triage", moved=False, output=str(new_output))
+
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    recorded = old_output.relative_to(ws.root).as_posix()
+    assert f"restore (output moved from {recorded}, which is left as it is)" in out
+    apply(ws, capsys)
+
+    assert new_output.read_bytes() == old_output.read_bytes()
+    assert remote_ids(ws) == before
+    new_output.unlink()
+    code, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "restore (output file is missing)" in out
 
 
 def test_a_batch_in_flight_is_collected_under_the_new_name(

@@ -164,6 +164,7 @@ class RecordedGeneration:
     errors_sha256: str | None = None
     batches: tuple[RecordedBatch, ...] = ()
     shards: tuple[ShardProgress, ...] = ()
+    output_path: str | None = None  # where its results were last written, as recorded
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,9 @@ class DiskFacts:
     output_sha256: str | None
     errors_sha256: str | None
     missing_exports: tuple[str, ...] = ()  # ``spec.export`` files not on disk (shown paths)
+    #: the output file is missing because ``output:`` now names another file: the one the
+    #: results were last written to (as recorded; left where it is)
+    output_moved_from: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +580,12 @@ def _disk_drift(gen: RecordedGeneration, disk: DiskFacts | None) -> str | None:
     ):
         if recorded_sha is None:
             continue
-        if on_disk is None:
+        if on_disk is None and disk.output_moved_from is not None:
+            if label == "output":
+                problems.append(
+                    f"output moved from {disk.output_moved_from}, which is left as it is"
+                )
+        elif on_disk is None:
             problems.append(f"{label} file is missing")
         elif on_disk != recorded_sha:
             problems.append(f"{label} file differs from the recorded results")

@@ -111,6 +111,7 @@ def recorded_generation(
         errors_sha256=gen.errors_sha256,
         batches=tuple(recorded_batch(b) for b in batches),
         shards=shards,
+        output_path=gen.output_path,
     )
 
 
@@ -165,10 +166,28 @@ def observe_disk(
         if rec is None or not any(g.output_sha256 for g in rec.generations):
             continue
         gone = [display_path(p) for p in (exports or {}).get(name, ()) if not p.is_file()]
+        output_sha = _sha_or_none(output_path, hashes)
         facts[name] = DiskFacts(
-            _sha_or_none(output_path, hashes), _sha_or_none(errors_path, hashes), tuple(gone)
+            output_sha,
+            _sha_or_none(errors_path, hashes),
+            tuple(gone),
+            None if output_sha else _moved_from(output_path, rec),
         )
     return facts
+
+
+def _moved_from(output_path: Path, rec: RecordedResource) -> str | None:
+    """The path the results were last written to, when ``output_path`` is not it. The state
+    records it relative to the project's root (or absolute outside it): a recorded path that
+    ends ``output_path`` is the same file."""
+    written = [g for g in rec.generations if g.output_sha256 and g.output_path]
+    if not written:
+        return None
+    last = written[-1].output_path or ""
+    same = Path(last).is_absolute() and Path(last) == output_path
+    if same or output_path.as_posix().endswith("/" + Path(last).as_posix()):
+        return None
+    return last
 
 
 def export_paths(resources: Iterable[Resource]) -> dict[str, list[Path]]:
