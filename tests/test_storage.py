@@ -5,13 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
 
-from batchspec.storage.blobstore import BlobStore, BlobTooLargeError, write_atomically
+from batchspec.storage.blobstore import (
+    STALE_TMP_SECONDS,
+    BlobStore,
+    BlobTooLargeError,
+    write_atomically,
+)
 from batchspec.storage.database_url import redact_url, scrub, url_password
+from batchspec.storage.remote_blobs import FolderBlobs
 
 
 @pytest.fixture(params=[0o000, 0o022], ids=["umask-000", "umask-022"])
@@ -201,3 +209,48 @@ def test_password_is_read_from_the_query_and_scrub_without_url_is_a_no_op() -> N
     assert url_password("postgresql://ci@db/x?sslmode=require") is None
     assert url_password("postgresql://ci:pw@[::1/x") == "pw"
     assert scrub("text with p@ss", None) == "text with p@ss"
+
+
+def _part(folder: Path, name: str, age: float) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / name
+    part.write_bytes(b"half a download")
+    then = time.time() - age
+    os.utime(part, (then, then))
+    return part
+
+
+def test_a_killed_writers_leftovers_are_swept_from_a_shared_folder_and_live_writes_kept(
+    tmp_path: Path,
+) -> None:
+    """A runner killed mid-download leaves `tmp/part-*` in a blob folder other runners share:
+    the next runner to open the folder drops what nobody has touched for a day, and keeps a
+    write another runner has in progress (fresh) and files that are not parts."""
+    root = tmp_path / "shared"
+    stale = _part(root / "tmp", "part-" + "a" * 32, STALE_TMP_SECONDS + 60)
+    fresh = _part(root / "tmp", "part-" + "b" * 32, 60)
+    other = _part(root / "tmp", "notes.txt", STALE_TMP_SECONDS + 60)
+    with BlobStore(root).writer() as live:
+        live.write(b"in progress")
+        FolderBlobs(root)
+        assert live.tmp_path.exists()
+        live.commit()
+    assert (stale.exists(), fresh.exists(), other.exists()) == (False, True, True)
+
+
+def test_an_apply_sweeps_a_killed_runs_leftovers_from_the_state_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same for the state's own store: an apply drops a killed run's stale part, and
+    keeps a fresh one (another apply on this machine may be writing it)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root), "--wait", "--poll-interval", "0.05"], capsys)[0] == 0
+    tmp = ws.state_path.parent / "store" / "tmp"
+    stale = _part(tmp, "part-" + "c" * 32, STALE_TMP_SECONDS + 60)
+    fresh = _part(tmp, "part-" + "d" * 32, 5)
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0
+    assert (stale.exists(), fresh.exists()) == (False, True)

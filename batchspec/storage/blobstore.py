@@ -32,6 +32,7 @@ import hashlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,8 @@ from batchspec.storage.private import (
 )
 
 CHUNK = 1 << 20
+#: a write in progress untouched this long was left by a killed process (``sweep_stale_tmp``)
+STALE_TMP_SECONDS = 24 * 3600.0
 
 
 class BlobTooLargeError(BatchspecError):
@@ -134,6 +137,23 @@ class BlobStore:
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+
+    def sweep_stale_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Drop the writes in progress untouched for ``older_than`` seconds: a killed process's
+        leftovers, in a folder other processes may be writing to now (a write in progress
+        touches its file with each chunk). Returns how many were dropped."""
+        try:
+            parts = [p for p in self.tmp_dir.iterdir() if p.name.startswith("part-")]
+        except OSError:  # no tmp folder yet, or not ours to read
+            return 0
+        cutoff = time.time() - older_than
+        dropped = 0
+        for part in parts:
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    dropped += 1
+        return dropped
 
     # -- internals ---------------------------------------------------------------------------
 

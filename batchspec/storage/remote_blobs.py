@@ -322,6 +322,7 @@ class FolderBlobs(RemoteBlobs):
             mode = 0
         group_bits = mode if mode & stat.S_ISGID else 0
         self.store = BlobStore(root, group_bits=group_bits)
+        self.store.sweep_stale_tmp()  # a killed runner's writes; other runners' are fresh
         self.label = f"the blob folder {root}"
 
     def has(self, sha256: str) -> bool:

@@ -221,8 +221,10 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
+        local = BlobStore(self.project.state_path.parent / "store")
+        local.sweep_stale_tmp()  # a killed run's writes (another run's now are fresh)
         self.blobs = ResultStore(
-            BlobStore(self.project.state_path.parent / "store"),
+            local,
             remote_blobs_for(self.project, self.store),
             refetch=self._refetch,
             on_repair=self._blob_repaired,
