@@ -100,10 +100,10 @@ from batchspec.core.session import (
     recorded_run,
     requeue_backoff,
     select_resources,
-    shard_limits,
     validate_inputs,
     workspace_names,
 )
+from batchspec.core.sharding import shard_limits
 from batchspec.core.spend import costs_nothing
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import (

@@ -56,10 +56,14 @@ from batchspec.core.session import (
     indexed_requests,
     open_workspace,
     recorded_run,
-    shard_limits,
     validate_inputs,
 )
-from batchspec.core.sharding import assign_indexed_shards, fits_one_shard, indexed_ledger_rows
+from batchspec.core.sharding import (
+    assign_indexed_shards,
+    fits_one_shard,
+    indexed_ledger_rows,
+    shard_limits,
+)
 from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.providers.flavours import FLAVOURS
