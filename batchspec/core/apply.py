@@ -105,7 +105,7 @@ from batchspec.core.session import (
 )
 from batchspec.core.sharding import shard_limits
 from batchspec.core.spend import costs_nothing
-from batchspec.core.status import ResourceStatus, resource_statuses
+from batchspec.core.status import ResourceStatus, read_only_store, resource_statuses
 from batchspec.errors import (
     BatchspecError,
     BudgetError,
@@ -188,7 +188,9 @@ def plan_workspace(
     env: Mapping[str, str] = os.environ,
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
-    with open_workspace(paths, state_path) as (ws, cache):
+    # a state named by --state or BATCHSPEC_STATE that does not exist (a typo?) is not made
+    named = state_path is not None
+    with open_workspace(paths, state_path, read_only=named) as (ws, cache):
         require_resources(ws, paths, prune=prune, named=names_each(select))
         resources = select_resources(ws, select)
         require_replaceable(resources, replace)
@@ -200,8 +202,9 @@ def plan_workspace(
         "select": list(select),
         **({"replace": list(replace), "reuse": reuse} if replace else {}),
     }
+    recorded = not named or ws.project.has_state()  # else planned against an empty one
     with (
-        StateStore.open(ws.project.state) as store,
+        read_only_store(ws.project) if named else StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", args),
         store.reading(),  # reads only: a few queries in all, however many resources
     ):
@@ -251,7 +254,7 @@ def plan_workspace(
             plan=plan,
             serial=store.serial(),
             spec_hashes={r.name: r.spec_hash for r in resources},
-            lineage=state_lineage(store),
+            lineage=state_lineage(store) if recorded else None,  # None: made against none
             paths=tuple(paths),
             selection=tuple(select),
             prune=prune,
@@ -773,7 +776,7 @@ def new_state_warnings(
     ws: Workspace, store: StateStore, state_path: str | None, *, command: str = "plan"
 ) -> list[str]:
     """The warning of ``_warn_if_new_state``, for ``command`` (``plan`` gave none: it showed
-    every resource as new for a mistyped --state, and created the file)."""
+    every resource as new for a mistyped --state; it creates no file there any more)."""
     if state_path is None or ws.project.shared_state:
         return []
     if store.list_resources(include_forgotten=True):
@@ -781,6 +784,8 @@ def new_state_warnings(
     starts = (
         "this apply starts it" if command == "apply" else "this plan shows every resource as new"
     )
+    if command == "plan" and not ws.project.has_state():
+        starts = f"no state database is there (plan creates none); {starts.removeprefix('this ')}"
     return [
         f"the state at {ws.project.state_path} records nothing yet: {starts} (if you meant "
         "an existing state, stop and check --state or BATCHSPEC_STATE)"

@@ -41,16 +41,19 @@ from batchspec.workspace.yamldoc import display_path
 
 @contextmanager
 def open_workspace(
-    paths: Sequence[str], state_path: str | None = None
+    paths: Sequence[str], state_path: str | None = None, *, read_only: bool = False
 ) -> Iterator[tuple[Workspace, InputCache]]:
     """Load manifests through the caches beside the state database (inputs and manifests).
 
     An input is hashed by the scan that validates it by its resource's rules
     (``validate_inputs`` then finds that scan in the cache): one read of it, whatever its
-    provider."""
+    provider. ``read_only`` (``plan --state PATH``): where that state does not exist (a
+    mistyped path), the caches stay in memory and nothing is made there."""
     project = project_for(paths, state_path=state_path)
-    cache_db = project.state_path.parent / "input-cache.db"
-    with InputCache(cache_db, index_dir=index_dir_beside(project.state_path)) as cache:
+    cached = not read_only or project.has_state()
+    cache_db = project.state_path.parent / "input-cache.db" if cached else None
+    index_dir = index_dir_beside(project.state_path) if cached else None
+    with InputCache(cache_db, index_dir=index_dir) as cache:
 
         def hash_checked(path: Path, provider: str, endpoint: str, model: str | None) -> str:
             rules = input_rules(project.providers, provider, endpoint, model)
