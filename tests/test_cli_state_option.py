@@ -87,3 +87,29 @@ def test_plan_warns_of_a_state_that_records_nothing_as_apply_does(
     assert any("records nothing yet" in w for w in json.loads(out)["warnings"]), out
     _, _, err = run_cli(["plan", str(ws.root), "--state", str(ws.state_path)], capsys)
     assert "records nothing yet" not in err
+
+
+def test_plan_creates_no_state_and_no_folder_where_none_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan --state typo/x.db` created the folder, an empty state and the input caches
+    there: it now plans against an empty state in memory, says so, and leaves no folder; a
+    plan saved that way still applies to the state the apply starts (nothing recorded yet)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    typo = tmp_path / "typo" / "batchspec.db"
+    saved = tmp_path / "plan.json"
+
+    code, out, err = run_cli(
+        ["plan", str(ws.root), "--state", str(typo), "--out", str(saved)], capsys
+    )
+
+    assert code == 0, err
+    assert not typo.parent.exists()
+    assert f"the state at {typo} records nothing yet: no state database is there" in err
+    code, out, err = run_cli(["apply", str(saved), "--state", str(typo)], capsys)
+    assert code == 0, err
+    assert typo.exists()

@@ -413,3 +413,36 @@ def test_a_manifest_that_is_a_symlink_loop_is_a_problem_not_a_traceback(
     code, _, err = run_main(["plan", str(manifests / "loop.yaml")], capsys)
     assert code == 1
     assert err.strip() == f"Error: a symbolic link loops back to itself: {manifests / 'loop.yaml'}"
+
+
+def test_a_request_larger_than_max_bytes_per_batch_is_refused_before_any_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """limits.maxBytesPerBatch below one line's size: validate, plan and apply refuse it
+    naming the file, the line, its size and the limit, as other input problems (not a
+    batch of its own, over the limit, that the provider refuses after the upload)."""
+    short, long = request("1"), request("2") + " " * 200
+    limit = len(short) + 50
+    limits = f"  limits: {{maxBytesPerBatch: {limit}}}\n"
+    ws = workspace(
+        tmp_path / "ws",
+        {"a.yaml": manifest("a", "a.jsonl") + limits, "a.jsonl": f"{short}\n{long}\n"},
+    )
+    said = f"the request is {len(long) + 1:,} bytes, more than maxBytesPerBatch ({limit:,} bytes)"
+
+    code, out, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1 and out == ""
+    assert f"{ws.resolve() / 'a.jsonl'}:2: {said}" in err
+    code, out, _ = run_main(["validate", str(ws), "--json"], capsys)
+    [problem] = json.loads(out)["problems"]
+    assert (problem["file"], problem["line"], problem["code"]) == (
+        str(ws.resolve() / "a.jsonl"),
+        2,
+        "line_over_batch_limit",
+    )
+    monkeypatch.chdir(ws)
+    for command in (["plan"], ["apply", "--yes"]):
+        code, _, err = run_main(command, capsys)
+        assert code == 1 and said in err and "a.jsonl:2: " in err
+    assert "nothing was uploaded" in err
+    assert not (ws / "state" / "local").exists()

@@ -978,6 +978,54 @@ def test_a_decompression_bomb_is_refused_not_inflated(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_an_api_answer_past_the_cap_is_refused_while_a_download_streams(
+    scripted: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    """A JSON answer (a poll) past ``MAX_ANSWER_BYTES`` decoded, plain or inflating less than
+    a bomb does, is refused as a ``ProviderError`` naming the URL (never the key), not held
+    whole in memory (an endless body was read until the memory ran out); a file's content
+    of that size is a download, streamed to disk as before."""
+    monkeypatch.setattr(_http, "MAX_ANSWER_BYTES", 64 * 1024, raising=False)
+    body = json.dumps(batch_json()).encode().ljust(256 * 1024)
+    headers = {"content-type": "application/json"}
+    if encoding == "gzip":
+        body, headers["content-encoding"] = gzip.compress(body), "gzip"
+    scripted.script(then=Answer(200, body, headers))
+    provider, _ = make_provider(scripted, max_retries=0)
+
+    with pytest.raises(
+        ProviderError, match=r"GET \S+/batches/batch_1 is larger than 65,536"
+    ) as err:
+        provider.get_batch("batch_1")
+
+    assert SENTINEL_KEY not in str(err.value)
+    assert provider.download_file("file-out", tmp_path / "out.jsonl") == 256 * 1024
+
+
+def test_an_error_answer_to_a_download_is_read_only_as_far_as_its_envelope(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A download refused with an error body that inflates (gzip, 128 MiB of blanks after
+    the envelope) is read only up to ``MAX_ERROR_BODY_BYTES``: the provider's message is
+    still told, and the memory held stays well below the body (it was inflated whole, and
+    joined: twice its size). What one chunk off the wire inflates to is httpx's to bound."""
+    envelope = json.dumps({"error": {"message": "no such file", "type": "invalid"}}).encode()
+    body = gzip.compress(envelope + b" " * (128 * 1024 * 1024), compresslevel=1)
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    scripted.script(then=Answer(400, body, headers))
+    provider, _ = make_provider(scripted, max_retries=0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProviderError, match="no such file"):
+            provider.download_file("file-out", tmp_path / "out.jsonl")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 96 * 1024 * 1024
+    assert list(tmp_path.iterdir()) == []
+
+
 def _file_json(size: int) -> Answer:
     body = {
         "id": "file-1",

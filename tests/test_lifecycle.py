@@ -8,6 +8,7 @@ are made with the official openai SDK.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    json_lines,
     local_provider,
     make_workspace,
     run_cli,
     served,
+    write_manifest,
 )
 
 from batchspec.engine import BuiltinUpstream
@@ -574,6 +577,63 @@ def test_cancel_abandons_an_intent_that_never_reached_the_provider(
     assert srv.probe.counts["POST /batches"] == creates
     with ws.store() as store:
         assert {b.status for b in store.batches() if b.remote_id is None} == {"cancelled"}
+
+
+def git(root: Path, *args: str) -> str:
+    author = ["-c", "user.name=T", "-c", "user.email=t@example.invalid"]
+    return subprocess.run(
+        ["git", *author, *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_prune_from_an_older_commit_leaves_alone_what_a_newer_commit_added(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runners share one state: one on commit C2 applies `added`, which C2 adds; one
+    still on C1 (no `added`) runs `apply --prune`: `added` is left alone (no cancel, still
+    tracked), plan and apply saying so and naming C2 (`declared_by`, a warning, a
+    `prune-held` event). Naming it (`--select added`) prunes it anyway, and a checkout that
+    descends from C2 and deletes it prunes it as before."""
+    srv = server(**SLOW)
+    ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1))
+    (ws.root / ".gitignore").write_text("state/\nresults/\n")
+    git(ws.root, "init", "-q", "-b", "main")
+    git(ws.root, "add", "-A")
+    git(ws.root, "commit", "-qm", "C1")
+    c1 = git(ws.root, "rev-parse", "HEAD")
+    ws.write_input("added", request_lines(1, prefix="add"))
+    write_manifest(ws, ResourceSpec("added", count=1))
+    git(ws.root, "add", "-A")
+    git(ws.root, "commit", "-qm", "C2 adds a resource")
+    c2 = git(ws.root, "rev-parse", "HEAD")
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "added"], capsys)[0] == 0
+
+    git(ws.root, "checkout", "-q", c1)  # the runner on the older commit
+    assert not ws.manifest_path("added").exists()
+    code, out, err = run_cli(["plan", str(ws.root), "--prune", "--json"], capsys)
+    [held] = [a for a in json.loads(out)["actions"] if a["resource"] == "added"]
+    assert (held["action"], held["declared_by"]) == ("orphaned", c2)
+    assert c2[:12] in held["reason"] and "--select added" in held["reason"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune", "--json"], capsys)
+
+    assert code == 0, err
+    warned = [e for e in json_lines(out) if e["event"] == "warning" and e["resource"] == "added"]
+    assert [e["declared_by"] for e in warned] == [c2]
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert store.get_resource("added").forgotten_at is None
+        [event] = store.events(resource="added", action="prune-held")
+        assert event.detail == {"commit": c2}
+    code, out, _ = run_cli(["plan", str(ws.root), "--prune", "-s", "added", "--json"], capsys)
+    assert [a["action"] for a in json.loads(out)["actions"]] == ["prune"]
+
+    git(ws.root, "checkout", "-q", "main")
+    git(ws.root, "rm", "-q", str(ws.manifest_path("added")))
+    git(ws.root, "commit", "-qm", "C3 deletes it")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune"], capsys)
+    assert code == 0, err
+    assert "[added] pruned" in out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
 
 
 def test_prune_with_paths_never_cancels_resources_whose_manifests_exist(

@@ -19,7 +19,7 @@ from probes import ProbedServer
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli
 
-from batchspec.core.session import shard_limits
+from batchspec.core.sharding import shard_limits
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
 from batchspec.errors import ProviderError

@@ -354,7 +354,7 @@ def test_shard_limits_from_provider_type_options_and_manifest(
     """The provider type's defaults, lowered by the provider's options, lowered further by
     the manifest's `limits`; a manifest never raises a provider's limit (the provider would
     reject the batch)."""
-    from batchspec.core.session import shard_limits
+    from batchspec.core.sharding import shard_limits
     from batchspec.workspace.manifest import load_workspace
 
     config = {"baseUrl": "http://127.0.0.1:9/v1", "apiKeyEnv": KEY_ENV, **provider}

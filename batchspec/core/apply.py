@@ -100,12 +100,12 @@ from batchspec.core.session import (
     recorded_run,
     requeue_backoff,
     select_resources,
-    shard_limits,
     validate_inputs,
     workspace_names,
 )
+from batchspec.core.sharding import shard_limits
 from batchspec.core.spend import costs_nothing
-from batchspec.core.status import ResourceStatus, resource_statuses
+from batchspec.core.status import ResourceStatus, read_only_store, resource_statuses
 from batchspec.errors import (
     BatchspecError,
     BudgetError,
@@ -116,7 +116,7 @@ from batchspec.errors import (
     UsageError,
 )
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
-from batchspec.state.runinfo import collect_run_info, start_run_info
+from batchspec.state.runinfo import collect_run_info, commit_in_history, start_run_info
 from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
@@ -188,7 +188,9 @@ def plan_workspace(
     env: Mapping[str, str] = os.environ,
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock."""
-    with open_workspace(paths, state_path) as (ws, cache):
+    # a state named by --state or BATCHSPEC_STATE that does not exist (a typo?) is not made
+    named = state_path is not None
+    with open_workspace(paths, state_path, read_only=named) as (ws, cache):
         require_resources(ws, paths, prune=prune, named=names_each(select))
         resources = select_resources(ws, select)
         require_replaceable(resources, replace)
@@ -200,8 +202,9 @@ def plan_workspace(
         "select": list(select),
         **({"replace": list(replace), "reuse": reuse} if replace else {}),
     }
+    recorded = not named or ws.project.has_state()  # else planned against an empty one
     with (
-        StateStore.open(ws.project.state) as store,
+        read_only_store(ws.project) if named else StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "plan", args),
         store.reading(),  # reads only: a few queries in all, however many resources
     ):
@@ -223,12 +226,15 @@ def plan_workspace(
             backoff=requeue_backoff(ws),
             requests=indexed_requests(cache, facts),
             hold_for=lambda name: hold_seconds(ws.project.providers, name),
+            checkout=ws.project.root,
+            named=frozenset(select) if names_each(select) else frozenset(),
         )
         outputs = measured_outputs(
             plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
         )
         refusals = budget_refusals(plan, resources, facts, store, ws.project.providers, outputs)
         warnings += rename_hints(store, plan, _unmoved_inputs(resources, facts))
+        warnings += [f"{a.resource}: {a.reason}" for a in plan.actions if a.declared_by]
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
         warnings += [
             f"{a.resource}: {a.reason}; `apply` skips it unless given --allow-replace "
@@ -248,7 +254,7 @@ def plan_workspace(
             plan=plan,
             serial=store.serial(),
             spec_hashes={r.name: r.spec_hash for r in resources},
-            lineage=state_lineage(store),
+            lineage=state_lineage(store) if recorded else None,  # None: made against none
             paths=tuple(paths),
             selection=tuple(select),
             prune=prune,
@@ -387,6 +393,8 @@ def apply_workspace(
                     backoff=requeue_backoff(ws),
                     requests=indexed_requests(cache, facts),
                     hold_for=lambda name: hold_seconds(ws.project.providers, name),
+                    checkout=ws.project.root,
+                    named=frozenset(options.select) if names_each(options.select) else frozenset(),
                 )
                 if saved is not None:
                     saved.require_current(store, resources, plan)
@@ -768,7 +776,7 @@ def new_state_warnings(
     ws: Workspace, store: StateStore, state_path: str | None, *, command: str = "plan"
 ) -> list[str]:
     """The warning of ``_warn_if_new_state``, for ``command`` (``plan`` gave none: it showed
-    every resource as new for a mistyped --state, and created the file)."""
+    every resource as new for a mistyped --state; it creates no file there any more)."""
     if state_path is None or ws.project.shared_state:
         return []
     if store.list_resources(include_forgotten=True):
@@ -776,6 +784,8 @@ def new_state_warnings(
     starts = (
         "this apply starts it" if command == "apply" else "this plan shows every resource as new"
     )
+    if command == "plan" and not ws.project.has_state():
+        starts = f"no state database is there (plan creates none); {starts.removeprefix('this ')}"
     return [
         f"the state at {ws.project.state_path} records nothing yet: {starts} (if you meant "
         "an existing state, stop and check --state or BATCHSPEC_STATE)"
@@ -798,10 +808,15 @@ def compute_plan(
     requests: RequestFacts,
     hold_for: Callable[[str], float] = lambda provider: DEFAULT_REPLACE_HOLD_SECONDS,
     disk_hashes: DiskHashes | None = None,
+    checkout: Path | None = None,
+    named: AbstractSet[str] = frozenset(),
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
-    reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``)."""
+    reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``).
+    ``checkout``: the workspace's folder, whose git history decides which orphans ``prune``
+    leaves alone (``declared_elsewhere``); ``named``: orphans named by ``--select NAME``,
+    pruned even so."""
     history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
@@ -837,11 +852,45 @@ def compute_plan(
         elsewhere=elsewhere or frozenset(),
         orphan_selected=orphan_selected,
         now=time.time(),
+        declared_by=declared_elsewhere(
+            store,
+            checkout,
+            [
+                name
+                for name, rec in recorded.items()
+                if not rec.forgotten
+                and name not in named
+                and name not in {r.name for r in resources} | set(elsewhere or ())
+            ]
+            if prune and checkout is not None
+            else [],
+        ),
     )
     plan = _retries_held(
         store, _queued_as_recorded(store, plan, facts), resources, history, hold_for
     )
     return note_moves(plan, moved)
+
+
+def declared_elsewhere(
+    store: StateStore, checkout: Path | None, names: Sequence[str]
+) -> dict[str, str]:
+    """By name, the resources among ``names`` whose last declaring run (an apply's, see
+    ``last_declared_at``) was on a commit ``checkout``'s history does not contain: another
+    runner on a newer commit or another branch added them, and an older checkout's
+    ``--prune`` must not undo that. A resource whose commit, or the checkout's, is unknown is
+    not among them (pruned as before)."""
+    held: dict[str, str] = {}
+    known: dict[str, bool | None] = {}  # by commit: orphans often share one
+    for name in names:
+        commit = store.last_declared_at(name)
+        if not commit or checkout is None:
+            continue
+        if commit not in known:
+            known[commit] = commit_in_history(checkout, commit)
+        if known[commit] is False:
+            held[name] = commit
+    return held
 
 
 def _retries_held(

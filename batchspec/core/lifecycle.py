@@ -56,10 +56,14 @@ from batchspec.core.session import (
     indexed_requests,
     open_workspace,
     recorded_run,
-    shard_limits,
     validate_inputs,
 )
-from batchspec.core.sharding import assign_indexed_shards, fits_one_shard, indexed_ledger_rows
+from batchspec.core.sharding import (
+    assign_indexed_shards,
+    fits_one_shard,
+    indexed_ledger_rows,
+    shard_limits,
+)
 from batchspec.errors import BatchspecError, ManifestError, ProviderError, StateError
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.providers.flavours import FLAVOURS
@@ -448,7 +452,16 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
 
     The remote cancels of all of them run side by side (``Reconciler.cancels_ahead``, given
     the ``prune`` resources and nothing else); each is recorded, then forgotten, in plan order.
+    An orphan the plan leaves alone because a commit not in this checkout's history declared
+    it (``Action.declared_by``) is recorded (``prune-held``) and warned about instead.
     """
+    for held in (a for a in plan.actions if a.declared_by is not None):
+        rec.store.record_event(
+            rec.run_id, "prune-held", resource=held.resource, detail={"commit": held.declared_by}
+        )
+        rec.report(
+            Progress("warning", held.resource, held.reason, {"declared_by": held.declared_by})
+        )
     names = [a.resource for a in plan.actions if a.kind is ActionKind.PRUNE]
     with rec.cancels_ahead(names):
         for name in names:

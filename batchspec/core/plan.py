@@ -48,6 +48,12 @@ A resource recorded in the state but absent from the *whole* workspace (every ma
 project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;
 with ``--prune`` it is ``prune``, which cancels its in-flight batches and forgets it. With a
 selection, only the orphans it selects (``orphan_selected``) are shown or pruned.
+
+An orphan last declared by a commit this checkout's history does not contain (``declared_by``:
+a newer commit another runner applied, another branch's) stays ``orphaned`` under ``--prune``,
+its ``declared_by`` naming that commit: an older checkout must not undo what a newer one added.
+The caller finds those commits (``compute_plan``); naming the resource (``--select NAME``)
+prunes it anyway, and when either commit is unknown (no git) it is pruned as before.
 """
 
 from __future__ import annotations
@@ -210,6 +216,8 @@ class Action:
     requests: int = 0  # requests this action would submit (create / replace / retry)
     estimated_input_tokens: int = 0
     reused: int = 0  # requests of a new generation that keep an earlier generation's answer
+    # an orphan not pruned: the commit that last declared it, not in this checkout's history
+    declared_by: str | None = None
 
     @property
     def spends(self) -> bool:
@@ -232,6 +240,7 @@ class Action:
             "requests": self.requests,
             "estimated_input_tokens": self.estimated_input_tokens,
             "reused": self.reused,
+            **({"declared_by": self.declared_by} if self.declared_by else {}),
         }
 
 
@@ -315,13 +324,15 @@ def make_plan(
     elsewhere: AbstractSet[str] = frozenset(),
     orphan_selected: Callable[[RecordedResource], bool] | None = None,
     now: float | None = None,
+    declared_by: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide the next step for every desired resource, and report recorded orphans.
 
     ``elsewhere``: names whose manifests exist in the workspace though they are not planned
     (outside the PATHS given, or not selected): never orphans. ``orphan_selected``: with a
     selection, which orphans it selects (None: all). ``now`` (epoch seconds) decides whether
-    a requeued shard's backoff is over; None: it is.
+    a requeued shard's backoff is over; None: it is. ``declared_by``: by name, orphans last
+    declared by a commit not in this checkout's history, which ``--prune`` leaves alone.
     """
     desired = list(desired)
     actions = [_planned(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
@@ -329,7 +340,8 @@ def make_plan(
         present = {d.name for d in desired} | set(elsewhere)
         for name in sorted(n for n in set(recorded) - present if not recorded[n].forgotten):
             if orphan_selected is None or orphan_selected(recorded[name]):
-                actions.append(_orphan_action(recorded[name], prune))
+                newer = (declared_by or {}).get(name)
+                actions.append(_orphan_action(recorded[name], prune, newer))
     return Plan(tuple(actions))
 
 
@@ -356,7 +368,13 @@ def plan_resource(
     """The decision table of the module docstring, for one resource."""
 
     def act(
-        kind: ActionKind, reason: str, gen: RecordedGeneration | None = None, **kw: int
+        kind: ActionKind,
+        reason: str,
+        gen: RecordedGeneration | None = None,
+        *,
+        requests: int = 0,
+        estimated_input_tokens: int = 0,
+        reused: int = 0,
     ) -> Action:
         return Action(
             resource=want.name,
@@ -365,7 +383,9 @@ def plan_resource(
             provider=want.provider,
             spec_hash=want.spec_hash,
             generation_id=gen.id if gen else None,
-            **kw,
+            requests=requests,
+            estimated_input_tokens=estimated_input_tokens,
+            reused=reused,
         )
 
     def spend(
@@ -618,8 +638,16 @@ def _orphan_detail(rec: RecordedResource) -> str:
     return "batches still in flight" if active else "nothing in flight"
 
 
-def _orphan_action(rec: RecordedResource, prune: bool) -> Action:
+def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None = None) -> Action:
     detail = _orphan_detail(rec)
+    if prune and declared_by is not None:
+        return Action(
+            resource=rec.name,
+            kind=ActionKind.ORPHANED,
+            provider=rec.provider,
+            reason=held_from_prune(rec.name, declared_by, detail),
+            declared_by=declared_by,
+        )
     if prune:
         return Action(
             resource=rec.name,
@@ -632,4 +660,15 @@ def _orphan_action(rec: RecordedResource, prune: bool) -> Action:
         kind=ActionKind.ORPHANED,
         provider=rec.provider,
         reason=f"manifest is gone ({detail}); `apply --prune` cancels and forgets it",
+    )
+
+
+def held_from_prune(name: str, commit: str, detail: str = "") -> str:
+    """Why ``--prune`` leaves an orphan alone that a commit not in this checkout's history
+    declared, and what to do about it."""
+    return (
+        f"manifest is gone here{f' ({detail})' if detail else ''}, but commit {commit[:12]} "
+        "declared it, which this checkout's history does not contain (a newer commit, or "
+        "another branch): not pruned; update the checkout (in a shallow clone, fetch its "
+        f"history), or name it to prune it anyway: `batchspec apply --prune --select {name}`"
     )

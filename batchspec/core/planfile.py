@@ -20,7 +20,8 @@ File format (JSON, UTF-8, ``schema_version`` 1)::
 ``state.serial`` is ``StateStore.serial()``: it changes whenever resources, generations,
 batches or files change. ``state.lineage`` identifies the state database itself (a hash of
 its first recorded run), so a plan made against one database is never applied to another
-whose serial happens to be the same.
+whose serial happens to be the same. A plan made where no state exists (``plan`` creates
+none) has no lineage: it fits a state that records nothing yet (serial 0), as an apply starts.
 
 ``apply plan.json`` with no PATHS loads the manifests from ``workspace`` + ``paths``, so it
 works from any folder; when that folder is gone (another checkout), PATHS as typed are tried
@@ -186,7 +187,9 @@ def stale_reasons(
 ) -> list[str]:
     """Every way the world differs from what ``saved`` was computed from (pure)."""
     reasons = []
-    if saved.lineage != lineage:
+    # a plan made where no state existed (lineage None: ``plan`` creates none) fits any state
+    # that records nothing yet (serial 0), as one apply starts
+    if saved.lineage != lineage and saved.lineage is not None:
         reasons.append("it was made against another state database")
     elif saved.serial != serial:
         reasons.append(f"the state changed since it was made (serial {saved.serial} -> {serial})")

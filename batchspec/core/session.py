@@ -17,7 +17,7 @@ from batchspec.core.recorded import DEFAULT_REQUEUE_BACKOFF
 from batchspec.core.replacements import RequestFacts
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.selection import select_from_workspace
-from batchspec.core.sharding import ShardLimits
+from batchspec.core.sharding import first_line_over, shard_limits
 from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
@@ -41,16 +41,19 @@ from batchspec.workspace.yamldoc import display_path
 
 @contextmanager
 def open_workspace(
-    paths: Sequence[str], state_path: str | None = None
+    paths: Sequence[str], state_path: str | None = None, *, read_only: bool = False
 ) -> Iterator[tuple[Workspace, InputCache]]:
     """Load manifests through the caches beside the state database (inputs and manifests).
 
     An input is hashed by the scan that validates it by its resource's rules
     (``validate_inputs`` then finds that scan in the cache): one read of it, whatever its
-    provider."""
+    provider. ``read_only`` (``plan --state PATH``): where that state does not exist (a
+    mistyped path), the caches stay in memory and nothing is made there."""
     project = project_for(paths, state_path=state_path)
-    cache_db = project.state_path.parent / "input-cache.db"
-    with InputCache(cache_db, index_dir=index_dir_beside(project.state_path)) as cache:
+    cached = not read_only or project.has_state()
+    cache_db = project.state_path.parent / "input-cache.db" if cached else None
+    index_dir = index_dir_beside(project.state_path) if cached else None
+    with InputCache(cache_db, index_dir=index_dir) as cache:
 
         def hash_checked(path: Path, provider: str, endpoint: str, model: str | None) -> str:
             rules = input_rules(project.providers, provider, endpoint, model)
@@ -141,7 +144,19 @@ def validate_inputs(
         except BatchspecError as err:
             failures.append(err)
             continue
-        if report.ok:
+        # a line no batch holds: sharding would give it one of its own, over the limit
+        too_large = report.ok and first_line_over(res.input_path, shard_limits(ws, res).max_bytes)
+        if too_large:
+            from batchspec.core.validate import batch_size_problems  # as below
+
+            failures.append(
+                InputError(
+                    f"{display_path(res.input_source or res.input_path)}: a request of "
+                    f"{res.name} fits no batch",
+                    details=[str(p) for p in batch_size_problems(res, shard_limits(ws, res))],
+                )
+            )
+        elif report.ok:
             facts[res.name] = report
         else:
             # imported here: it brings in the templates and Jinja2, which `plan` rarely needs
@@ -191,28 +206,6 @@ def requeue_backoff(ws: Workspace) -> float:
         if p.options.get("requeueBackoffSeconds") is not None
     ]
     return min(values) if values else DEFAULT_REQUEUE_BACKOFF
-
-
-def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
-    """Manifest ``limits`` over the provider's options over the provider type's defaults."""
-    provider = ws.project.providers.get(res.provider)
-    options = provider.options if provider else {}
-    # each type's own limits (Azure 100,000 requests, Together 100 MB, ...): providers.flavours
-    flavour = flavour_of(provider.type if provider is not None else None)
-    base = ShardLimits(
-        max_requests=int(options.get("maxRequestsPerBatch") or flavour.max_requests),
-        max_bytes=int(options.get("maxBytesPerBatch") or flavour.max_bytes),
-    )
-    lim = res.limits
-    # a manifest may lower the provider's limits, never raise them: the provider would refuse
-    return ShardLimits(
-        max_requests=min(lim.max_requests_per_batch or base.max_requests, base.max_requests),
-        max_bytes=min(lim.max_bytes_per_batch or base.max_bytes, base.max_bytes),
-        max_embedding_inputs=min(
-            lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
-            base.max_embedding_inputs,
-        ),
-    )
 
 
 class ProviderPool:

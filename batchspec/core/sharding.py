@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchspec.errors import BatchspecError
+from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import RequestLine
 from batchspec.wire.request_index import RequestBytes, RequestFact
+from batchspec.workspace.manifest import Resource, Workspace
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
@@ -37,6 +39,28 @@ class ShardLimits:
     max_requests: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
     max_embedding_inputs: int = 50_000
+
+
+def shard_limits(ws: Workspace, res: Resource) -> ShardLimits:
+    """Manifest ``limits`` over the provider's options over the provider type's defaults."""
+    provider = ws.project.providers.get(res.provider)
+    options = provider.options if provider else {}
+    # each type's own limits (Azure 100,000 requests, Together 100 MB, ...): providers.flavours
+    flavour = flavour_of(provider.type if provider is not None else None)
+    base = ShardLimits(
+        max_requests=int(options.get("maxRequestsPerBatch") or flavour.max_requests),
+        max_bytes=int(options.get("maxBytesPerBatch") or flavour.max_bytes),
+    )
+    lim = res.limits
+    # a manifest may lower the provider's limits, never raise them: the provider would refuse
+    return ShardLimits(
+        max_requests=min(lim.max_requests_per_batch or base.max_requests, base.max_requests),
+        max_bytes=min(lim.max_bytes_per_batch or base.max_bytes, base.max_bytes),
+        max_embedding_inputs=min(
+            lim.max_embedding_inputs_per_batch or base.max_embedding_inputs,
+            base.max_embedding_inputs,
+        ),
+    )
 
 
 def assign_shards(
@@ -58,6 +82,28 @@ def assign_indexed_shards(
     place = _Placer(limits, count_inputs)
     for fact in facts:
         yield place(fact.length + 1, fact.inputs if count_inputs else 0), fact
+
+
+def first_line_over(path: Path, max_bytes: int) -> tuple[int, int] | None:
+    """The first line of ``path`` that fits no shard of ``max_bytes`` on its own, as (line
+    number, its size in a batch file: content and ``\n``), or None. ``_Placer`` would give
+    such a line a shard of its own, over the limit: a batch the provider refuses. Streams the
+    file (a line is read in pieces, never held whole); cheap when the file itself fits."""
+    if os.path.getsize(path) + 1 <= max_bytes:
+        return None
+    lineno = size = 0
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.readline(64 * 1024), b""):
+            size += len(piece)
+            if not piece.endswith(b"\n"):
+                continue
+            lineno += 1
+            if size > max_bytes:
+                return lineno, size
+            size = 0
+    if size and size + 1 > max_bytes:  # a last line with no "\n": one is added
+        return lineno + 1, size + 1
+    return None
 
 
 class _Placer:

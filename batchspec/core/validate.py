@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchspec.core.sharding import ShardLimits, first_line_over, shard_limits
 from batchspec.errors import BatchspecError, InputError, UsageError
 from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
@@ -174,7 +175,13 @@ def validate_workspace(paths: Sequence[str | Path] = ()) -> ValidationReport:
             counted[res.input_path] = 1
             continue
         problems.extend(resource_input_problems(report, res))
-        counted[res.input_path] = max(counted.get(res.input_path, 0), report.problem_count)
+        if report.ok:
+            too_large = batch_size_problems(res, shard_limits(workspace, res))
+            problems.extend(too_large)
+            report_count = len(too_large)
+        else:
+            report_count = report.problem_count
+        counted[res.input_path] = max(counted.get(res.input_path, 0), report_count)
         resources.append(_validated(res, report))
     if problems:
         raise InvalidInputError(problems, count=sum(counted.values()))
@@ -218,6 +225,28 @@ def _at_row(problem: Problem, rows_path: Path, lines: dict[int, int | None]) -> 
         return Problem(rows_path, None, None, "", problem.code, f"rendered requests: {message}")
     line = lines.get(problem.line)
     return Problem(rows_path, line, None, "", problem.code, f"row {problem.line}: {message}")
+
+
+def batch_size_problems(res: Resource, limits: ShardLimits) -> list[Problem]:
+    """A request line too large for one remote batch (``maxBytesPerBatch``): sharding would
+    give it a batch of its own, over the limit, that the provider refuses after the upload.
+    A rows input's is located at its row, as its other problems are."""
+    found = first_line_over(res.input_path, limits.max_bytes)
+    if found is None:
+        return []
+    line, size = found
+    problem = Problem(
+        res.input_path,
+        line,
+        None,
+        "",
+        "line_over_batch_limit",
+        f"the request is {size:,} bytes, more than maxBytesPerBatch ({limits.max_bytes:,} "
+        f"bytes) for resource {res.name}: it fits no batch; raise the limit or shorten it",
+    )
+    if res.input_source is None:
+        return [problem]
+    return [_at_row(problem, res.input_source, row_lines(res.input_source, [line]))]
 
 
 def problems_of(err: BatchspecError) -> tuple[Problem, ...]:

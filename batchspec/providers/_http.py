@@ -19,6 +19,10 @@ What this module promises:
   what to do. The API key lives only in a request header and is never formatted into a
   message; as a second line of defence every secret the client knows, and anything shaped
   like an ``sk-`` key, is redacted from messages built here.
+- What is read into memory is bounded: an answer (a batch, a listing page) at most
+  ``MAX_ANSWER_BYTES`` decoded, else ``ProviderError`` naming the URL; an error answer to a
+  download at most ``MAX_ERROR_BODY_BYTES`` (its envelope). File contents stream to disk
+  (``download``), refused as a decompression bomb past ``MAX_INFLATION``.
 - ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
   the lost create made (each provider says how to find it) before it sends again, if ever.
 - ``cancel_or_ended`` is the one cancel: a cancel refused because the batch has already
@@ -938,11 +942,7 @@ class RetryingClient:
             if response.is_success or response.status_code in ok_statuses:
                 return response
             if stream:
-                try:
-                    response.read()
-                except httpx.DecodingError:  # an error body its encoding cannot decode
-                    response._content = b""  # the status still says what went wrong
-                response.close()
+                _read_error_body(response)
             error = error_from_response(
                 response, operation=operation, context=self._context, policy=self._policy
             )
@@ -979,6 +979,12 @@ STALLED_BELOW_BYTES = 64 * 1024
 #: (JSONL results compress 5-20 times; zeros, 1,000 times)
 MAX_INFLATION = 200
 INFLATED_FLOOR = 256 * 1024 * 1024
+#: the most of one answer read into memory (a batch, a listing page, an error envelope),
+#: decoded: an endless body, or one inflating (``Content-Encoding``) less than a bomb does,
+#: stops there; file contents are streamed to disk instead (``RetryingClient.download``)
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+#: of an error answer to a streamed download, the most read: its envelope comes first
+MAX_ERROR_BODY_BYTES = 1024 * 1024
 
 
 def _write_body(
@@ -997,15 +1003,51 @@ def _write_body(
 
 
 def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provider: str) -> None:
-    """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``."""
+    """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``
+    and at most ``MAX_ANSWER_BYTES`` decoded: past them, ``ProviderError``."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        response._content = b"".join(stall_checked(response, stall_seconds, provider=provider))
+        for chunk in stall_checked(response, stall_seconds, provider=provider):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise _too_large(response, provider)
+            chunks.append(chunk)
+        response._content = b"".join(chunks)
     except httpx.DecodingError as err:  # a body its Content-Encoding cannot decode: cut off
         raise httpx.RemoteProtocolError(
             f"the body could not be decoded ({err})", request=response.request
         ) from err
     finally:
         response.close()
+
+
+def _too_large(response: httpx.Response, provider: str) -> ProviderError:
+    url = display_url(str(response.request.url))
+    return ProviderError(
+        f"{provider}: the answer to {response.request.method} {url} is larger than "
+        f"{MAX_ANSWER_BYTES:,} bytes decoded: not read further, nothing of it was kept "
+        "(an answer of the Batch API is far smaller: a broken or hostile server, or a proxy "
+        "in between?)"
+    )
+
+
+def _read_error_body(response: httpx.Response) -> None:
+    """Read at most ``MAX_ERROR_BODY_BYTES`` of a streamed error answer into it (the
+    provider's envelope is at its start), then close it: an endless or inflating error body
+    is not held whole."""
+    body = bytearray()
+    try:
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) >= MAX_ERROR_BODY_BYTES:
+                break
+    except httpx.DecodingError:  # an error body its encoding cannot decode
+        body = bytearray()  # the status still says what went wrong
+    except httpx.TransportError:  # cut off: what came says what it can
+        pass
+    response._content = bytes(body[:MAX_ERROR_BODY_BYTES])
+    response.close()
 
 
 def _refuse_a_bomb(response: httpx.Response, decoded: int, provider: str) -> None:

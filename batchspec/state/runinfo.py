@@ -16,6 +16,7 @@ Promises:
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -57,6 +58,8 @@ CI_VARIABLES = (
 )
 
 GIT_TIMEOUT_SECONDS = 2.0
+
+_COMMIT = re.compile(r"[0-9a-f]{7,64}")
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,30 @@ def git_info(cwd: Path) -> GitInfo:
     return GitInfo(commit=commit, branch=branch, dirty=None if status is None else status != "")
 
 
+def commit_in_history(cwd: Path, commit: str) -> bool | None:
+    """Whether ``commit`` is the HEAD of ``cwd``'s checkout or one of its ancestors; None when
+    that is unknown (no git, not a repository, no commit yet, git too slow). A commit this
+    repository does not hold (a newer one not fetched yet, another clone's) is not: False."""
+    if _git(cwd, "rev-parse", "--verify", "-q", "HEAD") is None:
+        return None
+    if not _COMMIT.fullmatch(commit):  # recorded by another tool, or edited: no option to git
+        return False
+    done = _git_run(cwd, "merge-base", "--is-ancestor", commit, "HEAD")
+    if done is None or done.returncode not in (0, 1, 128):
+        return None
+    return done.returncode == 0
+
+
 def _git(cwd: Path, *args: str) -> str | None:
     """Stdout of a git command, stripped, or None if git is missing, fails or is too slow."""
+    done = _git_run(cwd, *args)
+    if done is None or done.returncode != 0:
+        return None
+    return done.stdout.strip()
+
+
+def _git_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
+    """A git command's outcome, or None if git is missing or too slow."""
     # GIT_OPTIONAL_LOCKS=0 keeps `git status` from taking index.lock, so a concurrent git
     # command in the same repository never fails because batchspec was looking.
     child_env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
@@ -208,9 +233,7 @@ def _git(cwd: Path, *args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip()
+    return done
 
 
 __all__ = [
@@ -219,5 +242,6 @@ __all__ = [
     "GitInfo",
     "RunInfo",
     "collect_run_info",
+    "commit_in_history",
     "start_run_info",
 ]

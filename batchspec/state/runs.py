@@ -23,6 +23,9 @@ from batchspec.state.records import (
 )
 from batchspec.state.runinfo import RunInfo
 
+#: events an apply records for a resource whose manifest it does not have (``last_declared_at``)
+NOT_DECLARING_EVENTS = ("prune", "prune-held", "cancel", "forget")
+
 
 @dataclass(frozen=True)
 class RunRow:
@@ -155,6 +158,19 @@ class RunsAndEvents(StateConnection):
                 (resource, limit),
             )
         return [_run_row(r) for r in rows]
+
+    def last_declared_at(self, resource: str) -> str | None:
+        """The git commit of the most recent ``apply`` (or ``import``) run that recorded an
+        event for ``resource`` other than pruning, cancelling or forgetting it: the last
+        checkout known to declare it (None: no such run, or it recorded no commit)."""
+        row = self._one(
+            "SELECT runs.git_commit AS commit_id FROM events JOIN runs ON runs.id = events.run_id "
+            "WHERE events.resource = ? AND runs.command IN ('apply', 'import') "
+            f"AND events.action NOT IN ({', '.join('?' * len(NOT_DECLARING_EVENTS))}) "
+            "ORDER BY events.id DESC LIMIT 1",
+            (resource, *NOT_DECLARING_EVENTS),
+        )
+        return None if row is None else row["commit_id"]
 
     def record_event(
         self,
