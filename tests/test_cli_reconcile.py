@@ -27,6 +27,7 @@ from workspaces import (
     Workspace,
     batchspec_cmd,
     git_commit_all,
+    json_lines,
     local_provider,
     make_workspace,
     openai_provider,
@@ -77,6 +78,36 @@ def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
     assert code == 0
     assert "= triage: none (in sync: 3 succeeded)" in out
     assert "No changes" in out
+
+
+def test_a_no_op_apply_counts_unchanged_resources_and_lists_only_what_it_touched(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second apply that changes nothing prints "No changes" and counts the resources in
+    sync instead of listing each (a fleet's no-op run was ~4 lines per resource); one whose
+    result file it restores is still listed; --verbose lists all; --json keeps every one."""
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", *FAST], capsys)
+    assert code == 0
+    assert "alpha" not in out and "beta" not in out, out
+    assert out.splitlines()[0] == "No changes: every resource is in sync."
+    assert "(2 resources in sync and unchanged, not listed: `apply --verbose`" in out
+    assert "2 resources: 2 Synced; 2 Healthy; 6/6 requests succeeded" in out
+    assert len(out.splitlines()) <= 6
+
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", "-v", *FAST], capsys)
+    assert "= alpha: none (in sync" in out and "  beta: Synced, Healthy" in out
+    assert "not listed" not in out
+
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", "--json", *FAST], capsys)
+    result = json_lines(out)[-1]
+    assert [r["name"] for r in result["resources"]] == ["alpha", "beta"]
+    assert [a["resource"] for a in result["plan"]["actions"]] == ["alpha", "beta"]
+
+    applied.output_path("beta").unlink()
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", *FAST], capsys)
+    assert "< beta: restore" in out and "  beta: Synced, Healthy" in out
+    assert "alpha" not in out
+    assert "(1 resource in sync and unchanged, not listed" in out
 
 
 def test_plan_contacts_no_provider_and_spends_nothing(

@@ -64,6 +64,7 @@ class ApplyOutput:
     height: int = 24  # the terminal's rows: the live bars never draw more (``LiveBars``)
     ascii_only: bool = False
     selection: tuple[str, ...] = ()  # --select, to say why a plan selected nothing
+    verbose: bool = False  # --verbose: the plan lists unchanged resources too
     clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bars: LiveBars | None = None
@@ -80,6 +81,7 @@ class ApplyOutput:
         quiet: bool,
         style: Style,
         selection: tuple[str, ...] = (),
+        verbose: bool = False,
     ) -> ApplyOutput:
         if as_json:
             mode = "quiet-json" if quiet else "json"
@@ -97,6 +99,7 @@ class ApplyOutput:
             height=size.lines,
             ascii_only=not encoding.startswith("utf"),
             selection=selection,
+            verbose=verbose,
         )
 
     def show(self, progress: Progress) -> None:
@@ -108,7 +111,8 @@ class ApplyOutput:
         elif progress.plan is not None:
             from batchspec.cli.render import plan_text
 
-            self._emit(plan_text(progress.plan, self.style, self.selection) + "\n\n")
+            text = plan_text(progress.plan, self.style, self.selection, unchanged=self.verbose)
+            self._emit(text + "\n\n")
         elif self.mode == "plain":
             self._emit(self._plain.render(progress))
         else:

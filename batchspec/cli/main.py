@@ -707,6 +707,13 @@ def plan(
     help="No plan, progress or summary (errors still go to stderr; the exit code tells). "
     "With --json: only the final result object.",
 )
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="List every resource in the plan and the summary, also those in sync that the run "
+    "left alone (by default they are counted, not listed).",
+)
 @no_color_option
 @replace_options
 @state_option
@@ -723,6 +730,7 @@ def apply(
     allow_replace: bool,
     prune: bool,
     quiet: bool,
+    verbose: bool,
     replace: tuple[str, ...],
     no_reuse: bool,
     state_path: str | None,
@@ -764,7 +772,12 @@ def apply(
     style = stdout_style()
     selection = tuple(select) or _saved_selection(saved)
     view = ApplyOutput.for_stream(
-        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=selection
+        sys.stdout,
+        as_json=as_json,
+        quiet=quiet,
+        style=style,
+        selection=selection,
+        verbose=verbose,
     )
 
     def confirm(plan: Any) -> bool:
@@ -823,7 +836,7 @@ def apply(
         }
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
-        click.echo(render.apply_text(result, style, selection))
+        click.echo(render.apply_text(result, style, selection, verbose=verbose))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     elif result.outcome == "not_collected":

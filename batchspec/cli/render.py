@@ -8,7 +8,7 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,13 +156,20 @@ _SYMBOLS = {
 }
 
 
-def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
+def plan_text(
+    plan: Plan, style: Style = PLAIN, selection: Sequence[str] = (), *, unchanged: bool = True
+) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
-    With an enabled ``style`` the symbol and action are in the action's colour."""
+    With ``unchanged=False`` (apply without ``--verbose``) resources with nothing to do get
+    no line: a no-op run over a fleet says "No changes" rather than list each one (its
+    summary counts them). With an enabled ``style`` the symbol and action are in the
+    action's colour."""
     lines = []
     for action in plan.actions:
         kind = action.kind.value
+        if not unchanged and kind == "none":
+            continue
         symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
         name, verb = style.bold(action.resource), style.action(kind, kind)
         line = f"  {symbol} {name}: {verb} ({action.reason})"
@@ -174,7 +181,7 @@ def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    return "\n".join(lines + ["", style.bold(plan_summary(plan, selection))])
+    return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
 
 
 def nothing_selected(selection: Sequence[str] = ()) -> str:
@@ -369,13 +376,32 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
+def apply_text(
+    result: ApplyResult,
+    style: Style = PLAIN,
+    selection: Sequence[str] = (),
+    *,
+    verbose: bool = False,
+) -> str:
+    """Apply's summary: the headline, then the resources something happened to or that need
+    a look (all of them with ``verbose``), then the totals over every one.
+
+    A resource the run left alone (planned ``none``) that is Synced and Healthy with nothing
+    next is counted, not listed: a no-op apply over 200 resources is a few lines, not 800.
+    ``--json`` lists every resource whatever this says."""
+    shown = result.statuses if verbose else tuple(_touched(result))
+    left_out = len(result.statuses) - len(shown)
     lines = [
         style.bold(apply_headline(result, selection)),
         *(f"  {line}" for line in not_collected_lines(result)),
-        *status_lines(result.statuses, style),
-        *totals_lines(result.statuses),
+        *status_lines(shown, style),
     ]
+    if left_out:
+        lines.append(
+            f"  ({_plural(left_out, 'resource')} in sync and unchanged, not listed: "
+            "`apply --verbose` lists every one)"
+        )
+    lines += totals_lines(result.statuses)
     if result.local_in_flight:
         lines.append(
             f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
@@ -383,6 +409,17 @@ def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[st
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
     return "\n".join(lines)
+
+
+def _touched(result: ApplyResult) -> Iterator[ResourceStatus]:
+    """The statuses apply's summary lists without ``--verbose``: every resource the plan had
+    a step for, or that is not Synced and Healthy with nothing next, or not collected."""
+    acted = {a.resource for a in result.plan.actions if a.kind.value != "none"}
+    failed = {f.resource for f in result.not_collected}
+    for s in result.statuses:
+        unchanged = s.sync == "Synced" and s.health == "Healthy" and s.action == "none"
+        if s.name in acted or s.name in failed or not unchanged:
+            yield s
 
 
 def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
