@@ -350,7 +350,7 @@ def test_history_and_show_count_shards_from_1_as_status_does(
     for action in ("intent", "create"):
         shards = [e["detail"]["shard"] for e in events if e["action"] == action]
         assert sorted(shards) == [1, 2], action
-    code, text, _ = run_cli(["history", str(ws.root)], capsys)
+    code, text, _ = run_cli(["history", str(ws.root), "--events", "all"], capsys)
     assert "shard=1," in text and "shard=2," in text and "shard=0" not in text
     code, out, _ = run_cli(["show", "triage", str(ws.root), "--json"], capsys)
     shown = [e["detail"]["shard"] for e in json.loads(out)["events"] if "shard" in e["detail"]]
@@ -836,6 +836,38 @@ def test_history_events_n_keeps_each_runs_last_events_and_its_whole_usage(
     assert not any(line.startswith("    20") for line in text.splitlines())
 
 
+def test_history_with_no_flag_counts_each_run_s_events_and_says_how_to_list_them(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """history with no flag is one line per run, its usage, and its events counted by action
+    (listing them all printed ~14,000 lines after 30 runs of 200 resources); a footer says
+    how to list them and that older runs exist; --events all, --resource NAME and --json
+    still list every event."""
+    run_cli(["plan", str(applied.root)], capsys)
+    _, out, _ = run_cli(["history", str(applied.root), "--json"], capsys)
+    plan_run, apply_run = json.loads(out)["runs"]
+    count = len(apply_run["events"])
+    creates = sum(e["action"] == "create" for e in apply_run["events"])
+
+    _, text, _ = run_cli(["history", str(applied.root)], capsys)
+    assert not any(line.startswith("    20") for line in text.splitlines()), text
+    assert f"    {count} events: " in text and f", {creates} create, " in text
+    assert "--events all every one" in text and "Older runs" not in text
+    assert len(text.splitlines()) <= 8
+
+    _, text, _ = run_cli(["history", str(applied.root), "--limit", "1"], capsys)
+    assert "Older runs not shown: --limit N" in text and "apply" not in text
+
+    _, text, _ = run_cli(["history", str(applied.root), "--events", "all"], capsys)
+    assert sum(line.startswith("    20") for line in text.splitlines()) == count
+    _, text, _ = run_cli(["history", str(applied.root), "-r", "alpha"], capsys)
+    assert any(line.startswith("    20") and "[alpha]" in line for line in text.splitlines())
+    _, out, _ = run_cli(["history", str(applied.root), "--json", "--events", "all"], capsys)
+    assert json.loads(out)["runs"] == [plan_run, apply_run]
+    code, _, err = run_cli(["history", str(applied.root), "--events", "some"], capsys)
+    assert code == 64 and "nor 'all'" in err
+
+
 def test_history_events_n_above_the_run_s_count_lists_them_all(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -857,7 +889,7 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
 ) -> None:
     """People see 12-character hashes in history; --json carries the full sha256 values."""
     sha = re.compile(r"\b[0-9a-f]{64}\b")
-    _, text, _ = run_cli(["history", "--project", str(applied.root)], capsys)
+    _, text, _ = run_cli(["history", "--project", str(applied.root), "--events", "all"], capsys)
     _, as_json, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
     assert "spec_hash=" in text and not sha.search(text)
     assert sha.search(as_json)

@@ -995,6 +995,15 @@ def completion(shell: str) -> None:
     click.echo(completion_script(cli, shell))
 
 
+def _event_count(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--events``: a count of events (0 or more), ``all``, or None when not given."""
+    if value is None or value == "all":
+        return value
+    if not (value.isascii() and value.isdigit()):
+        raise click.BadParameter(f"{value!r} is not a count of events (0 or more) nor 'all'")
+    return int(value)
+
+
 @cli.command()
 @paths_argument
 @click.option(
@@ -1025,10 +1034,12 @@ def completion(shell: str) -> None:
 @click.option(
     "--events",
     "last_events",
-    type=click.IntRange(min=0),
     default=None,
-    help="Only each run's last N events (0: the runs alone); default: all of them. A run "
-    "over hundreds of resources records thousands.",
+    metavar="N|all",
+    callback=_event_count,
+    help="List each run's last N events (0: the runs alone), or all of them. Default: the "
+    "text counts each run's events by action (a run over hundreds of resources records "
+    "thousands), listing them only with --resource; --json lists all of them.",
 )
 @json_option
 @read_state_option
@@ -1038,11 +1049,14 @@ def history(
     project_dir: str | None,
     limit: int,
     group_by: str,
-    last_events: int | None,
+    last_events: int | str | None,
     as_json: bool,
     state_path: str | None,
 ) -> None:
     """Show recorded runs (who, where, git commit, exit code) and each run's events.
+
+    By default, newest first, the last 20 runs, one line each with their usage and their
+    events counted by action; --events lists the events themselves.
 
     PATHS find the workspace as for every command (default: the current folder). With
     --resource NAME, only the runs that touched NAME; a NAME never recorded exits 1.
@@ -1055,7 +1069,7 @@ def history(
     from pathlib import Path
 
     from batchspec.cli import render
-    from batchspec.core.history import read_history, spend_by_commit
+    from batchspec.core.history import read_history_page, spend_by_commit
 
     for path in paths:  # `history NAME` (before PATHS): say how to ask for it now
         if not Path(path).exists() and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", path):
@@ -1071,11 +1085,14 @@ def history(
         else:
             click.echo(render.commits_text(commits))
         return
-    entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
+    page = read_history_page(where, resource=resource, limit=limit, state_path=state_path)
+    events = last_events if isinstance(last_events, int) else None  # None: all of them
     if as_json:
-        emit_json({"runs": [e.to_json(events=last_events) for e in entries]})
+        emit_json({"runs": [e.to_json(events=events) for e in page.entries]})
     else:
-        click.echo(render.history_text(entries, events=last_events))
+        summary = last_events is None and resource is None
+        text = render.history_text(page.entries, events=events, summary=summary, older=page.older)
+        click.echo(text)
 
 
 @cli.command()

@@ -725,20 +725,26 @@ def dollars(cost: float | None) -> str:
     return f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"
 
 
-def history_text(entries: Sequence[HistoryEntry], *, events: int | None = None) -> str:
+def history_text(
+    entries: Sequence[HistoryEntry],
+    *,
+    events: int | None = None,
+    summary: bool = False,
+    older: bool = False,
+) -> str:
     """Each run on one line, then its events (with ``events``: its last ones, and how many
-    earlier ones were left out)."""
+    earlier ones were left out).
+
+    With ``summary`` (``history`` with no flag) each run's events are counted by action on
+    one line instead of listed (30 runs over 200 resources listed ~14,000 lines), and a
+    footer says how to list them; ``older``: runs older than those shown exist."""
     if not entries:
         return "No runs recorded."
+    if summary:
+        return _history_summary(entries, older)
     lines = []
     for entry in entries:
-        run = entry.run
-        git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
-        ci = f" ({run.ci_run_url or run.ci_system})" if run.ci_system else ""
-        lines.append(
-            f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
-            f"{run.user}@{run.host}{git}{ci}"
-        )
+        lines.append(_run_line(entry))
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")
         shown = entry.last_events(events)
@@ -748,6 +754,37 @@ def history_text(entries: Sequence[HistoryEntry], *, events: int | None = None) 
         for event in shown:
             target = f" [{event.resource}]" if event.resource else ""
             lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
+    return "\n".join(lines)
+
+
+def _run_line(entry: HistoryEntry) -> str:
+    run = entry.run
+    git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
+    ci = f" ({run.ci_run_url or run.ci_system})" if run.ci_system else ""
+    return (
+        f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
+        f"{run.user}@{run.host}{git}{ci}"
+    )
+
+
+def _history_summary(entries: Sequence[HistoryEntry], older: bool) -> str:
+    """``history``'s default: per run its line, its usage and its events counted by action."""
+    lines = []
+    for entry in entries:
+        lines.append(_run_line(entry))
+        if entry.usage.tokens:
+            lines.append(f"    usage: {usage_text(entry.usage)}")
+        counts = entry.event_counts()
+        if counts:
+            by_action = ", ".join(f"{n:,} {action}" for action, n in counts.items())
+            lines.append(f"    {_plural(len(entry.events), 'event')}: {by_action}")
+    lines.append("")
+    if older:
+        lines.append(f"Older runs not shown: --limit N shows the newest N ({len(entries)} here).")
+    lines.append(
+        "Events are counted, not listed: --events N lists each run's last N, --events all "
+        "every one, --resource NAME one resource's."
+    )
     return "\n".join(lines)
 
 
