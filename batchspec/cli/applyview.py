@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
 from batchspec.cli.bars import LiveBars
@@ -66,6 +66,7 @@ class ApplyOutput:
     selection: tuple[str, ...] = ()  # --select, to say why a plan selected nothing
     verbose: bool = False  # --verbose: the plan lists unchanged resources too
     clock: Callable[[], float] = time.monotonic
+    _said: set[str] = field(default_factory=set)  # ``Progress.said_once`` lines written
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bars: LiveBars | None = None
     _plain: ProgressView = field(default_factory=lambda: ProgressView())
@@ -106,9 +107,15 @@ class ApplyOutput:
         """Writes what ``progress`` means in this mode."""
         if self.mode == "json":
             self._emit(json.dumps(progress.to_json(), default=str) + "\n")
-        elif self.mode in ("quiet", "quiet-json"):
             return
-        elif progress.plan is not None:
+        if self.mode in ("quiet", "quiet-json"):
+            return
+        if progress.said_once is not None:  # one line for all such events: the summary
+            if progress.said_once in self._said:  # names each resource
+                return
+            self._said.add(progress.said_once)
+            progress = replace(progress, resource=None, message=progress.said_once)
+        if progress.plan is not None:
             from batchspec.cli.render import plan_text
 
             text = plan_text(progress.plan, self.style, self.selection, unchanged=self.verbose)

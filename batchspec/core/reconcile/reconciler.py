@@ -51,6 +51,13 @@ from batchspec.wire.inputs import InputReport
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Project, Resource
 
+#: what text output says, once, for every resource whose replace waits for --allow-replace
+#: (apply's summary names them all, with the hint)
+REPLACE_REFUSED = (
+    "not replacing resources whose spec changed while a generation is in flight: "
+    "the summary below names them."
+)
+
 MAX_STEPS_PER_PASS = 12
 
 STEPS: dict[ActionKind, Callable[[RunContext, Resource, InputReport, Action], bool]] = {
@@ -232,10 +239,10 @@ class Reconciler:
             err.about(res.name)
             raise
 
-    def _say_skip(self, name: str, message: str) -> None:
+    def _say_skip(self, name: str, message: str, *, said_once: str | None = None) -> None:
         if (name, message) not in self._skips_said:
             self._skips_said.add((name, message))
-            self.report(Progress("skip", name, message))
+            self.report(Progress("skip", name, message, said_once=said_once))
 
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
@@ -346,7 +353,7 @@ class Reconciler:
                 return StepResult(action, waiting=False)
             if kind is ActionKind.REPLACE and not self.allow_replace:
                 message = f"not replacing: {action.reason}; re-run with --allow-replace"
-                self._say_skip(res.name, message)
+                self._say_skip(res.name, message, said_once=REPLACE_REFUSED)
                 return StepResult(action, waiting=False)
             if action.spends and self.may_spend is not None and not self.may_spend(action):
                 message = (
