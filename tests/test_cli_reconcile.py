@@ -126,6 +126,34 @@ def test_plan_contacts_no_provider_and_spends_nothing(
         assert [r.command for r in store.runs()] == ["plan"]
 
 
+def test_a_provider_that_is_down_is_said_while_retried_and_named_as_the_cause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that refuses every connection: apply says each retry as it waits (it was
+    silent through ~15 s of backoff), and the error names the provider and its base URL,
+    not the first resource that met it (``resource`` null in JSON)."""
+    down = "http://127.0.0.1:9/v1"
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(down, KEY_ENV, maxRetries=1)},
+        resources=[ResourceSpec("alpha"), ResourceSpec("beta")],
+    )
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 1
+    events = json_lines(out)
+    [notice] = [e for e in events if e["event"] == "warning" and e.get("source") == "provider"]
+    assert notice["message"].startswith(f"srv: could not connect to {down} (")
+    assert "retry 1 of 1 in " in notice["message"] and notice["resource"] is None
+    assert (notice["provider"], notice["base_url"], notice["retry"]) == ("srv", down, 1)
+    error = events[-1]
+    assert error["event"] == "error" and error["resource"] is None
+    assert error["message"].startswith("srv: ") and down in error["message"]
+    assert "alpha" not in error["message"]
+
+
 def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """plan --json: only JSON on stdout, with serial, spec hashes and one entry per action."""
     ws = local_ws(tmp_path / "ws", "alpha", "beta")
