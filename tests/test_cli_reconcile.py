@@ -12,7 +12,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from workspaces import (
     make_workspace,
     openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -230,6 +231,36 @@ def test_status_of_a_resource_never_applied_says_so(
     code, out, _ = run_cli(["status", str(ws.root)], capsys)
     assert code == 0
     assert "alpha: OutOfSync, Missing — not applied yet" in out and "0/0" not in out
+
+
+def test_status_of_a_resource_with_only_an_intent_says_pending_as_plan_does(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An intent recorded whose upload failed (as after a crash before the upload): status
+    says Pending, "intent recorded, not yet submitted", in text and JSON, not Progressing
+    (nothing is at the provider); plan agrees that it is yet to submit."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    srv.probe.refuse(r"^POST /v1/files", 400, {"error": {"message": "not now"}})
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1
+    with ws.store() as store:
+        [intent] = store.batches()
+    assert (intent.remote_id, intent.status) == (None, "pending")
+
+    _, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert "triage: OutOfSync, Pending — 0/3 succeeded" in out, out
+    assert "shard 1 attempt 1: intent recorded, not yet submitted" in out
+    assert "Progressing" not in out
+    _, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["health"] == "Pending" and status["action"] == "create"
+    assert status["reason"] == "1 batch(es) recorded, not yet submitted"
+    _, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "+ triage: create (1 batch(es) recorded, not yet submitted)" in out
 
 
 def test_status_after_an_input_edit_names_the_earlier_generation(

@@ -614,8 +614,11 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
             if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run
                 done += f" ({b.failed:,} failed)"
-            remote = b.remote_id or "(intent)"
-            lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
+            if b.remote_id is None and b.status == "pending":
+                where = "intent recorded, not yet submitted"
+            else:
+                where = f"{b.remote_id or '(intent)'} {b.status}{done}"
+            lines.append(f"      shard {b.shard} attempt {b.attempt}: {where}")
     return lines
 
 
@@ -666,6 +669,7 @@ def status_text(
 #: the order the totals line counts states in; any other state follows, by name
 _STATE_ORDER = ("Synced", "OutOfSync", "Orphaned", "Unknown") + (
     "Healthy",
+    "Pending",
     "Progressing",
     "Degraded",
     "Suspended",
