@@ -676,7 +676,7 @@ def plan(
     type=click.FloatRange(min=0),
     default=None,
     callback=lambda ctx, param, value: _a_number(param, value, finite=False),
-    help="With --wait: give up after this many seconds (exit 5).",
+    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is Degraded).",
 )
 @click.option(
     "--poll-interval",
@@ -738,12 +738,25 @@ def apply(
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
     One pass takes the next safe step for each resource; with --wait it loops until done.
-    Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace,
-    or a finished batch's file that could not be downloaded (the other resources are still
-    applied; the next apply collects it), or an error; 3 locked, 4 Degraded (also when
-    --timeout is reached: no longer wait fixes it), 5 --timeout reached. With --wait, a
-    failed download is tried again on later polls (after 5 s, doubling to 5 min) while
-    other resources keep the run waiting, never waited for alone.
+
+    Exit codes:
+
+    \b
+      0  every selected resource is in sync; without --wait, also when batches
+         are still in flight (every step that could be taken now was taken)
+      1  an error; or a replace skipped for want of --allow-replace; or a
+         finished batch's file that could not be downloaded (the other
+         resources are still applied; the next apply collects it)
+      3  another run holds a lock this run needs
+      4  a resource ended Degraded: some of its requests failed for good (not
+         retryable, or out of attempts); without --wait, only once no other
+         resource has a step left (until then: 0). It wins over 5: waiting
+         longer would not fix it
+      5  --wait reached --timeout with resources still in flight, none of
+         them Degraded
+
+    With --wait, a failed download is tried again on later polls (after 5 s, doubling to
+    5 min) while other resources keep the run waiting, never waited for alone.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
