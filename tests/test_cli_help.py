@@ -119,6 +119,23 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     assert f"set by {variable}={value} in the environment" in err
 
 
+def test_a_bad_parallelism_from_the_environment_names_the_variable_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCHSPEC_PARALLELISM=0 (an option whose help shows its variable) is one error naming
+    the option, the value's range and the variable once: click's "(env var: ...)" hint came
+    before the "set by ..." and named it twice."""
+    monkeypatch.setenv("BATCHSPEC_PARALLELISM", "0")
+    with pytest.raises(SystemExit) as exited:
+        main(["apply", "--yes"])
+    assert exited.value.code == 64
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
+    assert line == (
+        "Error: Invalid value for '--parallelism': 0 is not in the range 1<=x<=256 "
+        "(set by BATCHSPEC_PARALLELISM=0 in the environment)."
+    )
+
+
 def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1483,10 +1483,11 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     if param.name is None:
         return err
     source = ctx.get_parameter_source(param.name)
-    if source == ParameterSource.COMMANDLINE and param.envvar and param.opts:
-        # typed on the command line: click's "(env var: ...)" would send the reader looking
-        # for a variable they never set
-        hint = " / ".join(f"'{o}'" for o in param.opts)
+    # the option's names alone: click's "(env var: ...)" hint (an option with show_envvar)
+    # would send a reader who typed it looking for a variable they never set, and name the
+    # variable twice for one who set it, beside the "set by ..." below
+    hint = " / ".join(f"'{o}'" for o in param.opts) if param.opts else None
+    if source == ParameterSource.COMMANDLINE and param.envvar and hint:
         return click.BadParameter(err.message, ctx=ctx, param_hint=hint)
     if source != ParameterSource.ENVIRONMENT:
         return err
@@ -1495,7 +1496,7 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
         if variable in os.environ:
             where = f"set by {variable}={os.environ[variable]} in the environment"
             message = f"{err.message.rstrip('.')} ({where})."
-            return click.BadParameter(message, ctx=ctx, param=param)
+            return click.BadParameter(message, ctx=ctx, param=param, param_hint=hint)
     return err
 
 
