@@ -258,9 +258,9 @@ def test_status_of_a_resource_with_only_an_intent_says_pending_as_plan_does(
     _, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     [status] = json.loads(out)["resources"]
     assert status["health"] == "Pending" and status["action"] == "create"
-    assert status["reason"] == "1 batch(es) recorded, not yet submitted"
+    assert status["reason"] == "1 batch(es) queued: recorded, not yet submitted"
     _, out, _ = run_cli(["plan", str(ws.root)], capsys)
-    assert "+ triage: create (1 batch(es) recorded, not yet submitted)" in out
+    assert "+ triage: create (1 batch(es) queued: recorded, not yet submitted)" in out
 
 
 def test_status_after_an_input_edit_names_the_earlier_generation(
