@@ -916,6 +916,8 @@ def test_history_with_no_flag_counts_each_run_s_events_and_says_how_to_list_them
 
     _, text, _ = run_cli(["history", str(applied.root), "--limit", "1"], capsys)
     assert "Older runs not shown: --limit N" in text and "apply" not in text
+    _, text, _ = run_cli(["history", str(applied.root), "--limit", "1", "--events", "0"], capsys)
+    assert "Older runs not shown" in text and "Events are counted" not in text
 
     _, text, _ = run_cli(["history", str(applied.root), "--events", "all"], capsys)
     assert sum(line.startswith("    20") for line in text.splitlines()) == count

@@ -744,21 +744,21 @@ def history_text(
     footer says how to list them; ``older``: runs older than those shown exist."""
     if not entries:
         return "No runs recorded."
-    if summary:
-        return _history_summary(entries, older)
     lines = []
     for entry in entries:
         lines.append(_run_line(entry))
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")
-        shown = entry.last_events(events)
-        if len(shown) < len(entry.events):
-            left_out = len(entry.events) - len(shown)
-            lines.append(f"    ... {left_out:,} earlier event(s) (--events to see more)")
-        for event in shown:
-            target = f" [{event.resource}]" if event.resource else ""
-            lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
-    return "\n".join(lines)
+        lines += _events_counted(entry) if summary else _events_listed(entry, events)
+    footer = []
+    if older:
+        footer.append(f"Older runs not shown: --limit N shows the newest N ({len(entries)} here).")
+    if summary:
+        footer.append(
+            "Events are counted, not listed: --events N lists each run's last N, --events all "
+            "every one, --resource NAME one resource's."
+        )
+    return "\n".join([*lines, *([""] if footer else []), *footer])
 
 
 def _run_line(entry: HistoryEntry) -> str:
@@ -771,25 +771,26 @@ def _run_line(entry: HistoryEntry) -> str:
     )
 
 
-def _history_summary(entries: Sequence[HistoryEntry], older: bool) -> str:
-    """``history``'s default: per run its line, its usage and its events counted by action."""
+def _events_counted(entry: HistoryEntry) -> list[str]:
+    """``    2,000 events: 200 intent, 200 upload, ...`` (nothing for a run with none)."""
+    counts = entry.event_counts()
+    if not counts:
+        return []
+    by_action = ", ".join(f"{n:,} {action}" for action, n in counts.items())
+    return [f"    {_plural(len(entry.events), 'event')}: {by_action}"]
+
+
+def _events_listed(entry: HistoryEntry, events: int | None) -> list[str]:
+    """The run's last ``events`` events (None: all), after how many earlier were left out."""
     lines = []
-    for entry in entries:
-        lines.append(_run_line(entry))
-        if entry.usage.tokens:
-            lines.append(f"    usage: {usage_text(entry.usage)}")
-        counts = entry.event_counts()
-        if counts:
-            by_action = ", ".join(f"{n:,} {action}" for action, n in counts.items())
-            lines.append(f"    {_plural(len(entry.events), 'event')}: {by_action}")
-    lines.append("")
-    if older:
-        lines.append(f"Older runs not shown: --limit N shows the newest N ({len(entries)} here).")
-    lines.append(
-        "Events are counted, not listed: --events N lists each run's last N, --events all "
-        "every one, --resource NAME one resource's."
-    )
-    return "\n".join(lines)
+    shown = entry.last_events(events)
+    if len(shown) < len(entry.events):
+        left_out = len(entry.events) - len(shown)
+        lines.append(f"    ... {left_out:,} earlier event(s) (--events to see more)")
+    for event in shown:
+        target = f" [{event.resource}]" if event.resource else ""
+        lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
+    return lines
 
 
 def _detail_text(detail: dict[str, object]) -> str:
