@@ -78,6 +78,7 @@ class ProviderError(BatchspecError):
         request_id: str | None = None,
         retryable: bool = False,
         sent_nothing: bool = False,
+        provider_down: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -88,6 +89,16 @@ class ProviderError(BatchspecError):
         #: never left this machine, or was refused with a 4xx other than 408/409. A create
         #: failing so made no batch; any other failure may have made one.
         self.sent_nothing = sent_nothing
+        #: the provider could not be reached (no connection could be made, or its gateway
+        #: answered 502, 503 or 504): the failure is the provider's, whichever resource's
+        #: call met it first, and its message names the provider and its base URL
+        self.provider_down = provider_down
+
+    def about(self, resource: str) -> None:
+        """As ``BatchspecError.about``, except for a provider that is down: the failure is
+        not the resource's, and naming the first one that met it sent users to its manifest."""
+        if not self.provider_down:
+            super().about(resource)
 
 
 class StateError(BatchspecError):

@@ -366,7 +366,7 @@ def test_a_pruned_spec_coming_back_over_a_running_generation_is_a_replace_needin
 
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "gone"], capsys)
 
-    assert "re-run with --allow-replace" in err + out, err + out
+    assert "Re-run with --allow-replace" in err + out, err + out
     after = {b.id: b.status for b in client.batches.list().data}
     assert after.keys() == before.keys()  # nothing created
     assert "cancelling" not in after.values() or "cancelling" in before.values()

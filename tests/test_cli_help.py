@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -117,6 +119,23 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     assert f"set by {variable}={value} in the environment" in err
 
 
+def test_a_bad_parallelism_from_the_environment_names_the_variable_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCHSPEC_PARALLELISM=0 (an option whose help shows its variable) is one error naming
+    the option, the value's range and the variable once: click's "(env var: ...)" hint came
+    before the "set by ..." and named it twice."""
+    monkeypatch.setenv("BATCHSPEC_PARALLELISM", "0")
+    with pytest.raises(SystemExit) as exited:
+        main(["apply", "--yes"])
+    assert exited.value.code == 64
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
+    assert line == (
+        "Error: Invalid value for '--parallelism': 0 is not in the range 1<=x<=256 "
+        "(set by BATCHSPEC_PARALLELISM=0 in the environment)."
+    )
+
+
 def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,6 +148,21 @@ def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
     err = capsys.readouterr().err
     assert "Invalid value for '--parallelism': 0 is not in the range 1<=x<=256" in err
     assert "BATCHSPEC_PARALLELISM" not in err
+
+
+def test_apply_help_says_in_plain_words_what_exit_codes_4_and_5_mean() -> None:
+    """`apply --help` lists its exit codes one a line, saying what 4 and 5 mean as
+    docs/exit-codes.md does: 4 a resource failed for good (Degraded), winning over the
+    timeout; 5 the timeout reached with none Degraded. It said "4 Degraded (also when
+    --timeout is reached: no longer wait fixes it), 5 --timeout reached"."""
+    text = CliRunner().invoke(cli, ["apply", "--help"]).output
+    words = " ".join(text.split())
+    assert "no longer wait" not in words
+    codes = [line.split()[0] for line in text.splitlines() if re.match(r"^ {4}\d ", line)]
+    assert codes == ["0", "1", "3", "4", "5"], text
+    assert "4 a resource ended Degraded: some of its requests failed for good" in words
+    assert "It wins over 5: waiting longer would not fix it" in words
+    assert "5 --wait reached --timeout with resources still in flight, none of them" in words
 
 
 @pytest.mark.parametrize("command", ["apply", "cancel"])

@@ -12,7 +12,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ from workspaces import (
     Workspace,
     batchspec_cmd,
     git_commit_all,
+    json_lines,
     local_provider,
     make_workspace,
     openai_provider,
     run_cli,
+    served,
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -79,6 +81,36 @@ def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
     assert "No changes" in out
 
 
+def test_a_no_op_apply_counts_unchanged_resources_and_lists_only_what_it_touched(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second apply that changes nothing prints "No changes" and counts the resources in
+    sync instead of listing each (a fleet's no-op run was ~4 lines per resource); one whose
+    result file it restores is still listed; --verbose lists all; --json keeps every one."""
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", *FAST], capsys)
+    assert code == 0
+    assert "alpha" not in out and "beta" not in out, out
+    assert out.splitlines()[0] == "No changes: every resource is in sync."
+    assert "(2 resources in sync and unchanged, not listed: `apply --verbose`" in out
+    assert "2 resources: 2 Synced; 2 Healthy; 6/6 requests succeeded" in out
+    assert len(out.splitlines()) <= 6
+
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", "-v", *FAST], capsys)
+    assert "= alpha: none (in sync" in out and "  beta: Synced, Healthy" in out
+    assert "not listed" not in out
+
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", "--json", *FAST], capsys)
+    result = json_lines(out)[-1]
+    assert [r["name"] for r in result["resources"]] == ["alpha", "beta"]
+    assert [a["resource"] for a in result["plan"]["actions"]] == ["alpha", "beta"]
+
+    applied.output_path("beta").unlink()
+    code, out, _ = run_cli(["apply", str(applied.root), "--wait", *FAST], capsys)
+    assert "< beta: restore" in out and "  beta: Synced, Healthy" in out
+    assert "alpha" not in out
+    assert "(1 resource in sync and unchanged, not listed" in out
+
+
 def test_plan_contacts_no_provider_and_spends_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -93,6 +125,34 @@ def test_plan_contacts_no_provider_and_spends_nothing(
     with ws.store() as store:
         assert store.batches() == []
         assert [r.command for r in store.runs()] == ["plan"]
+
+
+def test_a_provider_that_is_down_is_said_while_retried_and_named_as_the_cause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that refuses every connection: apply says each retry as it waits (it was
+    silent through ~15 s of backoff), and the error names the provider and its base URL,
+    not the first resource that met it (``resource`` null in JSON)."""
+    down = "http://127.0.0.1:9/v1"
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(down, KEY_ENV, maxRetries=1)},
+        resources=[ResourceSpec("alpha"), ResourceSpec("beta")],
+    )
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 1
+    events = json_lines(out)
+    [notice] = [e for e in events if e["event"] == "warning" and e.get("source") == "provider"]
+    assert notice["message"].startswith(f"srv: could not connect to {down} (")
+    assert "retry 1 of 1 in " in notice["message"] and notice["resource"] is None
+    assert (notice["provider"], notice["base_url"], notice["retry"]) == ("srv", down, 1)
+    error = events[-1]
+    assert error["event"] == "error" and error["resource"] is None
+    assert error["message"].startswith("srv: ") and down in error["message"]
+    assert "alpha" not in error["message"]
 
 
 def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,6 +231,36 @@ def test_status_of_a_resource_never_applied_says_so(
     code, out, _ = run_cli(["status", str(ws.root)], capsys)
     assert code == 0
     assert "alpha: OutOfSync, Missing — not applied yet" in out and "0/0" not in out
+
+
+def test_status_of_a_resource_with_only_an_intent_says_pending_as_plan_does(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An intent recorded whose upload failed (as after a crash before the upload): status
+    says Pending, "intent recorded, not yet submitted", in text and JSON, not Progressing
+    (nothing is at the provider); plan agrees that it is yet to submit."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    srv.probe.refuse(r"^POST /v1/files", 400, {"error": {"message": "not now"}})
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 1
+    with ws.store() as store:
+        [intent] = store.batches()
+    assert (intent.remote_id, intent.status) == (None, "pending")
+
+    _, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert "triage: OutOfSync, Pending — 0/3 succeeded" in out, out
+    assert "shard 1 attempt 1: intent recorded, not yet submitted" in out
+    assert "Progressing" not in out
+    _, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["health"] == "Pending" and status["action"] == "create"
+    assert status["reason"] == "1 batch(es) queued: recorded, not yet submitted"
+    _, out, _ = run_cli(["plan", str(ws.root)], capsys)
+    assert "+ triage: create (1 batch(es) queued: recorded, not yet submitted)" in out
 
 
 def test_status_after_an_input_edit_names_the_earlier_generation(
@@ -319,7 +409,7 @@ def test_history_and_show_count_shards_from_1_as_status_does(
     for action in ("intent", "create"):
         shards = [e["detail"]["shard"] for e in events if e["action"] == action]
         assert sorted(shards) == [1, 2], action
-    code, text, _ = run_cli(["history", str(ws.root)], capsys)
+    code, text, _ = run_cli(["history", str(ws.root), "--events", "all"], capsys)
     assert "shard=1," in text and "shard=2," in text and "shard=0" not in text
     code, out, _ = run_cli(["show", "triage", str(ws.root), "--json"], capsys)
     shown = [e["detail"]["shard"] for e in json.loads(out)["events"] if "shard" in e["detail"]]
@@ -805,6 +895,40 @@ def test_history_events_n_keeps_each_runs_last_events_and_its_whole_usage(
     assert not any(line.startswith("    20") for line in text.splitlines())
 
 
+def test_history_with_no_flag_counts_each_run_s_events_and_says_how_to_list_them(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """history with no flag is one line per run, its usage, and its events counted by action
+    (listing them all printed ~14,000 lines after 30 runs of 200 resources); a footer says
+    how to list them and that older runs exist; --events all, --resource NAME and --json
+    still list every event."""
+    run_cli(["plan", str(applied.root)], capsys)
+    _, out, _ = run_cli(["history", str(applied.root), "--json"], capsys)
+    plan_run, apply_run = json.loads(out)["runs"]
+    count = len(apply_run["events"])
+    creates = sum(e["action"] == "create" for e in apply_run["events"])
+
+    _, text, _ = run_cli(["history", str(applied.root)], capsys)
+    assert not any(line.startswith("    20") for line in text.splitlines()), text
+    assert f"    {count} events: " in text and f", {creates} create, " in text
+    assert "--events all every one" in text and "Older runs" not in text
+    assert len(text.splitlines()) <= 8
+
+    _, text, _ = run_cli(["history", str(applied.root), "--limit", "1"], capsys)
+    assert "Older runs not shown: --limit N" in text and "apply" not in text
+    _, text, _ = run_cli(["history", str(applied.root), "--limit", "1", "--events", "0"], capsys)
+    assert "Older runs not shown" in text and "Events are counted" not in text
+
+    _, text, _ = run_cli(["history", str(applied.root), "--events", "all"], capsys)
+    assert sum(line.startswith("    20") for line in text.splitlines()) == count
+    _, text, _ = run_cli(["history", str(applied.root), "-r", "alpha"], capsys)
+    assert any(line.startswith("    20") and "[alpha]" in line for line in text.splitlines())
+    _, out, _ = run_cli(["history", str(applied.root), "--json", "--events", "all"], capsys)
+    assert json.loads(out)["runs"] == [plan_run, apply_run]
+    code, _, err = run_cli(["history", str(applied.root), "--events", "some"], capsys)
+    assert code == 64 and "nor 'all'" in err
+
+
 def test_history_events_n_above_the_run_s_count_lists_them_all(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -826,7 +950,7 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
 ) -> None:
     """People see 12-character hashes in history; --json carries the full sha256 values."""
     sha = re.compile(r"\b[0-9a-f]{64}\b")
-    _, text, _ = run_cli(["history", "--project", str(applied.root)], capsys)
+    _, text, _ = run_cli(["history", "--project", str(applied.root), "--events", "all"], capsys)
     _, as_json, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
     assert "spec_hash=" in text and not sha.search(text)
     assert sha.search(as_json)

@@ -148,7 +148,7 @@ def test_history_text_names_the_holder_a_takeover_replaced(
     with StateStore.open(ws.state_path) as store:
         dead = acquire_lock(store, command="apply", info=gone)
     assert run_cli(["apply", "--yes", str(ws.root)], capsys)[0] == 0
-    code, out, _ = run_cli(["history", str(ws.root), "--limit", "1"], capsys)
+    code, out, _ = run_cli(["history", str(ws.root), "--limit", "1", "--events", "all"], capsys)
     [line] = [ln for ln in out.splitlines() if "lock.takeover" in ln]
     previous = line.split("previous=(", 1)[1]
     assert f"holder_id={dead.holder_id}," in previous

@@ -235,14 +235,15 @@ def failing_prune(
         assert not [e for e in store.events() if e.action in ("cancel", "prune")]
         assert len(store.list_resources()) == 4  # none forgotten
         assert [b.status for b in store.batches()] == before
-    return code, masked(err, root)
+    return code, masked(err.replace(srv.v1, "URL"), root)  # the 503's message names it
 
 
 def test_a_failed_cancel_fails_the_run_as_one_at_a_time_and_records_nothing(
     tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A cancel the provider refuses fails `apply --prune` with the exit code and message of
-    the one-at-a-time run (the first orphan's), and nothing is recorded as cancelled."""
+    the one-at-a-time run (a 503: the provider's failure, naming its base URL, not an
+    orphan), and nothing is recorded as cancelled."""
     code, err = failing_prune(tmp_path / "parallel", gated, capsys, "e1")
     serial_code, serial_err = failing_prune(
         tmp_path / "serial", gated, capsys, "e2", maxConcurrency=1

@@ -137,7 +137,7 @@ CASES = [
         want(requests=0, input_bytes=0),
         have(gen(status="in_progress", batches=(batch(remote_id=None, status="pending"),))),
         None,
-        (ActionKind.CREATE, "1 batch(es) queued for submission", 10, 0),
+        (ActionKind.CREATE, "1 batch(es) queued: recorded, not yet submitted", 10, 0),
         id="queued-intent-of-an-empty-input-estimates-no-tokens",
     ),
     pytest.param(
@@ -190,7 +190,7 @@ CASES = [
             )
         ),
         None,
-        (ActionKind.CREATE, "1 batch(es) queued for submission", 4, 40),
+        (ActionKind.CREATE, "1 batch(es) queued: recorded, not yet submitted", 4, 40),
         id="intent-without-remote-id-creates-to-adopt",
     ),
     pytest.param(

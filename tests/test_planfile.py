@@ -425,7 +425,7 @@ def test_a_saved_replace_plan_is_its_own_consent(
     ws.write_input("triage", request_lines(4))
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
     assert code == 1, (out, err)
-    assert "re-run with --allow-replace" in out  # without a saved plan, consent is needed
+    assert "Re-run with --allow-replace" in out  # without a saved plan, consent is needed
     assert "Apply did not replace triage" in out  # not "batches are in flight: apply again"
     assert "Apply done for now" not in out
     assert srv.probe.counts["POST /batches"] == 1

@@ -22,6 +22,7 @@ from workspaces import (
     ResourceSpec,
     Workspace,
     batchspec_cmd,
+    json_lines,
     local_provider,
     make_workspace,
     run_cli,
@@ -134,6 +135,31 @@ def test_a_replace_skipped_for_want_of_allow_replace_is_said_once_while_apply_wa
     assert code == 5, out
     assert out.count("not replacing") == 1, out
     assert srv.probe.counts[CREATE] == 2 and not srv.probe.counts["POST /batches/{id}/cancel"]
+
+
+def test_replaces_skipped_for_many_resources_are_one_line_and_one_hint(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Specs changed for three resources in flight: apply's text says "not replacing" once
+    and gives the --allow-replace hint once, in the summary that names all three (it said
+    both once per resource); NDJSON still has one skip event per resource."""
+    srv = server(**SLOW)
+    names = ("a", "b", "c")
+    ws = served(tmp_path / "ws", srv, *(ResourceSpec(n) for n in names))
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    for name in names:
+        ws.write_input(name, request_lines(4))
+
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1, out
+    assert out.count("not replacing") == 1 and out.count("--allow-replace") == 1, out
+    assert "Apply did not replace a, b, c:" in out
+    code, out, _ = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    skips = [e for e in json_lines(out) if e["event"] == "skip"]
+    assert [e["resource"] for e in skips] == list(names)
+    assert all("re-run with --allow-replace" in e["message"] for e in skips)
+    assert srv.probe.counts[CREATE] == 3
 
 
 def test_switching_back_to_a_spec_that_cancels_the_running_one_needs_consent(

@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
 from batchspec.cli.bars import LiveBars
@@ -64,7 +64,9 @@ class ApplyOutput:
     height: int = 24  # the terminal's rows: the live bars never draw more (``LiveBars``)
     ascii_only: bool = False
     selection: tuple[str, ...] = ()  # --select, to say why a plan selected nothing
+    verbose: bool = False  # --verbose: the plan lists unchanged resources too
     clock: Callable[[], float] = time.monotonic
+    _said: set[str] = field(default_factory=set)  # ``Progress.said_once`` lines written
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bars: LiveBars | None = None
     _plain: ProgressView = field(default_factory=lambda: ProgressView())
@@ -80,6 +82,7 @@ class ApplyOutput:
         quiet: bool,
         style: Style,
         selection: tuple[str, ...] = (),
+        verbose: bool = False,
     ) -> ApplyOutput:
         if as_json:
             mode = "quiet-json" if quiet else "json"
@@ -97,18 +100,26 @@ class ApplyOutput:
             height=size.lines,
             ascii_only=not encoding.startswith("utf"),
             selection=selection,
+            verbose=verbose,
         )
 
     def show(self, progress: Progress) -> None:
         """Writes what ``progress`` means in this mode."""
         if self.mode == "json":
             self._emit(json.dumps(progress.to_json(), default=str) + "\n")
-        elif self.mode in ("quiet", "quiet-json"):
             return
-        elif progress.plan is not None:
+        if self.mode in ("quiet", "quiet-json"):
+            return
+        if progress.said_once is not None:  # one line for all such events: the summary
+            if progress.said_once in self._said:  # names each resource
+                return
+            self._said.add(progress.said_once)
+            progress = replace(progress, resource=None, message=progress.said_once)
+        if progress.plan is not None:
             from batchspec.cli.render import plan_text
 
-            self._emit(plan_text(progress.plan, self.style, self.selection) + "\n\n")
+            text = plan_text(progress.plan, self.style, self.selection, unchanged=self.verbose)
+            self._emit(text + "\n\n")
         elif self.mode == "plain":
             self._emit(self._plain.render(progress))
         else:

@@ -8,7 +8,7 @@ words in SGR escapes. The palette is small and means the same everywhere:
 
 ====================  =========================================================
 green                 create / retry (``+``), Synced, Healthy, a finished bar
-yellow                refresh (``~``), OutOfSync, Progressing
+yellow                refresh (``~``), OutOfSync, Pending, Progressing
 red                   prune / cancel (``-``), Degraded, errors, failed counts
 magenta               replace (``-/+``), Orphaned
 cyan                  collect / restore (``<``), an active bar
@@ -51,6 +51,7 @@ _STATE_COLOURS = {
     "OutOfSync": "yellow",
     "Orphaned": "magenta",
     "Healthy": "green",
+    "Pending": "yellow",
     "Progressing": "yellow",
     "Degraded": "red",
     "Suspended": "dim",

@@ -676,7 +676,7 @@ def plan(
     type=click.FloatRange(min=0),
     default=None,
     callback=lambda ctx, param, value: _a_number(param, value, finite=False),
-    help="With --wait: give up after this many seconds (exit 5).",
+    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is Degraded).",
 )
 @click.option(
     "--poll-interval",
@@ -707,6 +707,13 @@ def plan(
     help="No plan, progress or summary (errors still go to stderr; the exit code tells). "
     "With --json: only the final result object.",
 )
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="List every resource in the plan and the summary, also those in sync that the run "
+    "left alone (by default they are counted, not listed).",
+)
 @no_color_option
 @replace_options
 @state_option
@@ -723,6 +730,7 @@ def apply(
     allow_replace: bool,
     prune: bool,
     quiet: bool,
+    verbose: bool,
     replace: tuple[str, ...],
     no_reuse: bool,
     state_path: str | None,
@@ -730,12 +738,25 @@ def apply(
     """Make the results on disk match the manifests: upload, create, poll, collect, retry.
 
     One pass takes the next safe step for each resource; with --wait it loops until done.
-    Exit codes: 0 in sync (or submitted), 1 a replace skipped for want of --allow-replace,
-    or a finished batch's file that could not be downloaded (the other resources are still
-    applied; the next apply collects it), or an error; 3 locked, 4 Degraded (also when
-    --timeout is reached: no longer wait fixes it), 5 --timeout reached. With --wait, a
-    failed download is tried again on later polls (after 5 s, doubling to 5 min) while
-    other resources keep the run waiting, never waited for alone.
+
+    Exit codes:
+
+    \b
+      0  every selected resource is in sync; without --wait, also when batches
+         are still in flight (every step that could be taken now was taken)
+      1  an error; or a replace skipped for want of --allow-replace; or a
+         finished batch's file that could not be downloaded (the other
+         resources are still applied; the next apply collects it)
+      3  another run holds a lock this run needs
+      4  a resource ended Degraded: some of its requests failed for good (not
+         retryable, or out of attempts); without --wait, only once no other
+         resource has a step left (until then: 0). It wins over 5: waiting
+         longer would not fix it
+      5  --wait reached --timeout with resources still in flight, none of
+         them Degraded
+
+    With --wait, a failed download is tried again on later polls (after 5 s, doubling to
+    5 min) while other resources keep the run waiting, never waited for alone.
 
     A PATH ending in .json is a saved plan (`batchspec plan --out FILE.json`): exactly that
     plan is applied, with no prompt, or nothing at all (exit 1) if the state or the
@@ -764,7 +785,12 @@ def apply(
     style = stdout_style()
     selection = tuple(select) or _saved_selection(saved)
     view = ApplyOutput.for_stream(
-        sys.stdout, as_json=as_json, quiet=quiet, style=style, selection=selection
+        sys.stdout,
+        as_json=as_json,
+        quiet=quiet,
+        style=style,
+        selection=selection,
+        verbose=verbose,
     )
 
     def confirm(plan: Any) -> bool:
@@ -823,7 +849,7 @@ def apply(
         }
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
-        click.echo(render.apply_text(result, style, selection))
+        click.echo(render.apply_text(result, style, selection, verbose=verbose))
     elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
         click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
     elif result.outcome == "not_collected":
@@ -982,6 +1008,15 @@ def completion(shell: str) -> None:
     click.echo(completion_script(cli, shell))
 
 
+def _event_count(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--events``: a count of events (0 or more), ``all``, or None when not given."""
+    if value is None or value == "all":
+        return value
+    if not (value.isascii() and value.isdigit()):
+        raise click.BadParameter(f"{value!r} is not a count of events (0 or more) nor 'all'")
+    return int(value)
+
+
 @cli.command()
 @paths_argument
 @click.option(
@@ -1012,10 +1047,12 @@ def completion(shell: str) -> None:
 @click.option(
     "--events",
     "last_events",
-    type=click.IntRange(min=0),
     default=None,
-    help="Only each run's last N events (0: the runs alone); default: all of them. A run "
-    "over hundreds of resources records thousands.",
+    metavar="N|all",
+    callback=_event_count,
+    help="List each run's last N events (0: the runs alone), or all of them. Default: the "
+    "text counts each run's events by action (a run over hundreds of resources records "
+    "thousands), listing them only with --resource; --json lists all of them.",
 )
 @json_option
 @read_state_option
@@ -1025,11 +1062,14 @@ def history(
     project_dir: str | None,
     limit: int,
     group_by: str,
-    last_events: int | None,
+    last_events: int | str | None,
     as_json: bool,
     state_path: str | None,
 ) -> None:
     """Show recorded runs (who, where, git commit, exit code) and each run's events.
+
+    By default, newest first, the last 20 runs, one line each with their usage and their
+    events counted by action; --events lists the events themselves.
 
     PATHS find the workspace as for every command (default: the current folder). With
     --resource NAME, only the runs that touched NAME; a NAME never recorded exits 1.
@@ -1042,7 +1082,7 @@ def history(
     from pathlib import Path
 
     from batchspec.cli import render
-    from batchspec.core.history import read_history, spend_by_commit
+    from batchspec.core.history import read_history_page, spend_by_commit
 
     for path in paths:  # `history NAME` (before PATHS): say how to ask for it now
         if not Path(path).exists() and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", path):
@@ -1058,11 +1098,14 @@ def history(
         else:
             click.echo(render.commits_text(commits))
         return
-    entries = read_history(where, resource=resource, limit=limit, state_path=state_path)
+    page = read_history_page(where, resource=resource, limit=limit, state_path=state_path)
+    events = last_events if isinstance(last_events, int) else None  # None: all of them
     if as_json:
-        emit_json({"runs": [e.to_json(events=last_events) for e in entries]})
+        emit_json({"runs": [e.to_json(events=events) for e in page.entries]})
     else:
-        click.echo(render.history_text(entries, events=last_events))
+        summary = last_events is None and resource is None
+        text = render.history_text(page.entries, events=events, summary=summary, older=page.older)
+        click.echo(text)
 
 
 @cli.command()
@@ -1440,10 +1483,11 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     if param.name is None:
         return err
     source = ctx.get_parameter_source(param.name)
-    if source == ParameterSource.COMMANDLINE and param.envvar and param.opts:
-        # typed on the command line: click's "(env var: ...)" would send the reader looking
-        # for a variable they never set
-        hint = " / ".join(f"'{o}'" for o in param.opts)
+    # the option's names alone: click's "(env var: ...)" hint (an option with show_envvar)
+    # would send a reader who typed it looking for a variable they never set, and name the
+    # variable twice for one who set it, beside the "set by ..." below
+    hint = " / ".join(f"'{o}'" for o in param.opts) if param.opts else None
+    if source == ParameterSource.COMMANDLINE and param.envvar and hint:
         return click.BadParameter(err.message, ctx=ctx, param_hint=hint)
     if source != ParameterSource.ENVIRONMENT:
         return err
@@ -1452,7 +1496,7 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
         if variable in os.environ:
             where = f"set by {variable}={os.environ[variable]} in the environment"
             message = f"{err.message.rstrip('.')} ({where})."
-            return click.BadParameter(message, ctx=ctx, param=param)
+            return click.BadParameter(message, ctx=ctx, param=param, param_hint=hint)
     return err
 
 

@@ -8,7 +8,7 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,13 +156,20 @@ _SYMBOLS = {
 }
 
 
-def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
+def plan_text(
+    plan: Plan, style: Style = PLAIN, selection: Sequence[str] = (), *, unchanged: bool = True
+) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
-    With an enabled ``style`` the symbol and action are in the action's colour."""
+    With ``unchanged=False`` (apply without ``--verbose``) resources with nothing to do get
+    no line: a no-op run over a fleet says "No changes" rather than list each one (its
+    summary counts them). With an enabled ``style`` the symbol and action are in the
+    action's colour."""
     lines = []
     for action in plan.actions:
         kind = action.kind.value
+        if not unchanged and kind == "none":
+            continue
         symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
         name, verb = style.bold(action.resource), style.action(kind, kind)
         line = f"  {symbol} {name}: {verb} ({action.reason})"
@@ -174,7 +181,7 @@ def plan_text(plan: Plan, style: Style = PLAIN, selection: Sequence[str] = ()) -
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    return "\n".join(lines + ["", style.bold(plan_summary(plan, selection))])
+    return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
 
 
 def nothing_selected(selection: Sequence[str] = ()) -> str:
@@ -369,13 +376,32 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[str] = ()) -> str:
+def apply_text(
+    result: ApplyResult,
+    style: Style = PLAIN,
+    selection: Sequence[str] = (),
+    *,
+    verbose: bool = False,
+) -> str:
+    """Apply's summary: the headline, then the resources something happened to or that need
+    a look (all of them with ``verbose``), then the totals over every one.
+
+    A resource the run left alone (planned ``none``) that is Synced and Healthy with nothing
+    next is counted, not listed: a no-op apply over 200 resources is a few lines, not 800.
+    ``--json`` lists every resource whatever this says."""
+    shown = result.statuses if verbose else tuple(_touched(result))
+    left_out = len(result.statuses) - len(shown)
     lines = [
         style.bold(apply_headline(result, selection)),
         *(f"  {line}" for line in not_collected_lines(result)),
-        *status_lines(result.statuses, style),
-        *totals_lines(result.statuses),
+        *status_lines(shown, style),
     ]
+    if left_out:
+        lines.append(
+            f"  ({_plural(left_out, 'resource')} in sync and unchanged, not listed: "
+            "`apply --verbose` lists every one)"
+        )
+    lines += totals_lines(result.statuses)
     if result.local_in_flight:
         lines.append(
             f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
@@ -383,6 +409,17 @@ def apply_text(result: ApplyResult, style: Style = PLAIN, selection: Sequence[st
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
     return "\n".join(lines)
+
+
+def _touched(result: ApplyResult) -> Iterator[ResourceStatus]:
+    """The statuses apply's summary lists without ``--verbose``: every resource the plan had
+    a step for, or that is not Synced and Healthy with nothing next, or not collected."""
+    acted = {a.resource for a in result.plan.actions if a.kind.value != "none"}
+    failed = {f.resource for f in result.not_collected}
+    for s in result.statuses:
+        unchanged = s.sync == "Synced" and s.health == "Healthy" and s.action == "none"
+        if s.name in acted or s.name in failed or not unchanged:
+            yield s
 
 
 def apply_headline(result: ApplyResult, selection: Sequence[str] = ()) -> str:
@@ -577,8 +614,11 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
             if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run
                 done += f" ({b.failed:,} failed)"
-            remote = b.remote_id or "(intent)"
-            lines.append(f"      shard {b.shard} attempt {b.attempt}: {remote} {b.status}{done}")
+            if b.remote_id is None and b.status == "pending":
+                where = "intent recorded, not yet submitted"
+            else:
+                where = f"{b.remote_id or '(intent)'} {b.status}{done}"
+            lines.append(f"      shard {b.shard} attempt {b.attempt}: {where}")
     return lines
 
 
@@ -629,6 +669,7 @@ def status_text(
 #: the order the totals line counts states in; any other state follows, by name
 _STATE_ORDER = ("Synced", "OutOfSync", "Orphaned", "Unknown") + (
     "Healthy",
+    "Pending",
     "Progressing",
     "Degraded",
     "Suspended",
@@ -688,30 +729,68 @@ def dollars(cost: float | None) -> str:
     return f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"
 
 
-def history_text(entries: Sequence[HistoryEntry], *, events: int | None = None) -> str:
+def history_text(
+    entries: Sequence[HistoryEntry],
+    *,
+    events: int | None = None,
+    summary: bool = False,
+    older: bool = False,
+) -> str:
     """Each run on one line, then its events (with ``events``: its last ones, and how many
-    earlier ones were left out)."""
+    earlier ones were left out).
+
+    With ``summary`` (``history`` with no flag) each run's events are counted by action on
+    one line instead of listed (30 runs over 200 resources listed ~14,000 lines), and a
+    footer says how to list them; ``older``: runs older than those shown exist."""
     if not entries:
         return "No runs recorded."
     lines = []
     for entry in entries:
-        run = entry.run
-        git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
-        ci = f" ({run.ci_run_url or run.ci_system})" if run.ci_system else ""
-        lines.append(
-            f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
-            f"{run.user}@{run.host}{git}{ci}"
-        )
+        lines.append(_run_line(entry))
         if entry.usage.tokens:
             lines.append(f"    usage: {usage_text(entry.usage)}")
-        shown = entry.last_events(events)
-        if len(shown) < len(entry.events):
-            left_out = len(entry.events) - len(shown)
-            lines.append(f"    ... {left_out:,} earlier event(s) (--events to see more)")
-        for event in shown:
-            target = f" [{event.resource}]" if event.resource else ""
-            lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
-    return "\n".join(lines)
+        lines += _events_counted(entry) if summary else _events_listed(entry, events)
+    footer = []
+    if older:
+        footer.append(f"Older runs not shown: --limit N shows the newest N ({len(entries)} here).")
+    if summary:
+        footer.append(
+            "Events are counted, not listed: --events N lists each run's last N, --events all "
+            "every one, --resource NAME one resource's."
+        )
+    return "\n".join([*lines, *([""] if footer else []), *footer])
+
+
+def _run_line(entry: HistoryEntry) -> str:
+    run = entry.run
+    git = f" @{run.git_commit[:10]}{'*' if run.git_dirty else ''}" if run.git_commit else ""
+    ci = f" ({run.ci_run_url or run.ci_system})" if run.ci_system else ""
+    return (
+        f"run {run.id}  {run.started_at}  {run.command}  {entry.outcome_text}  "
+        f"{run.user}@{run.host}{git}{ci}"
+    )
+
+
+def _events_counted(entry: HistoryEntry) -> list[str]:
+    """``    2,000 events: 200 intent, 200 upload, ...`` (nothing for a run with none)."""
+    counts = entry.event_counts()
+    if not counts:
+        return []
+    by_action = ", ".join(f"{n:,} {action}" for action, n in counts.items())
+    return [f"    {_plural(len(entry.events), 'event')}: {by_action}"]
+
+
+def _events_listed(entry: HistoryEntry, events: int | None) -> list[str]:
+    """The run's last ``events`` events (None: all), after how many earlier were left out."""
+    lines = []
+    shown = entry.last_events(events)
+    if len(shown) < len(entry.events):
+        left_out = len(entry.events) - len(shown)
+        lines.append(f"    ... {left_out:,} earlier event(s) (--events to see more)")
+    for event in shown:
+        target = f" [{event.resource}]" if event.resource else ""
+        lines.append(f"    {event.at}  {event.action}{target}  {_detail_text(event.detail)}")
+    return lines
 
 
 def _detail_text(detail: dict[str, object]) -> str:

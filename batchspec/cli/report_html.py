@@ -61,7 +61,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
   color: #fff; background: var(--mute); }
 .Healthy, .Synced { background: var(--ok); }
 .Degraded, .OutOfSync, .Orphaned { background: var(--bad); }
-.Progressing { background: var(--wip); }
+.Progressing, .Pending { background: var(--wip); }
 .bar { display: flex; height: 10px; width: 160px; background: var(--line);
   border-radius: 5px; overflow: hidden; margin-top: 4px; }
 .bar i { display: block; height: 100%; }
@@ -136,7 +136,7 @@ def _cards(report: WorkspaceReport) -> str:
     cards = [
         (str(len(report.resources)), "resources"),
         (str(health.get("Healthy", 0)), "healthy"),
-        (str(health.get("Progressing", 0)), "progressing"),
+        (str(health.get("Progressing", 0) + health.get("Pending", 0)), "progressing"),
         (str(health.get("Degraded", 0)), "degraded"),
         (f"{total.input_tokens + total.output_tokens:,}", "tokens (current generations)"),
         _spent(report.resources),

@@ -1196,7 +1196,8 @@ def budget_refusals(
 def _sent_and_queued(store: StateStore, action: Action) -> tuple[list[BatchRow], list[BatchRow]]:
     """The batches of the action's generation that count as sent, as the retry step counts
     them (a requeued batch's requests go again: not counted twice), and, for a create, its
-    intents recorded but not sent yet (``plan``: "queued for submission", or unconfirmed)."""
+    intents recorded but not sent yet (``plan``: "queued: recorded, not yet submitted", or
+    unconfirmed)."""
     if action.generation_id is None:
         return [], []
     batches = [b for b in store.batches(action.generation_id) if not is_requeued(b)]

@@ -123,6 +123,13 @@ class HistoryEntry:
             return self.events
         return self.events[-limit:] if limit > 0 else ()
 
+    def event_counts(self) -> dict[str, int]:
+        """How many events of each action the run recorded, in the order each first came."""
+        counts: dict[str, int] = {}
+        for event in self.events:
+            counts[event.action] = counts.get(event.action, 0) + 1
+        return counts
+
     def to_json(self, *, events: int | None = None) -> dict[str, Any]:
         """``events``: list only the last ones (the usage still counts them all)."""
         return {
@@ -132,6 +139,14 @@ class HistoryEntry:
             "events": [asdict(e) for e in self.last_events(events)],
             "ended_by": None if self.ended_by is None else asdict(self.ended_by),
         }
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """The newest runs asked for, and whether older ones were left out (``--limit``)."""
+
+    entries: tuple[HistoryEntry, ...]
+    older: bool
 
 
 def read_history(
@@ -147,10 +162,24 @@ def read_history(
     ``state_path`` (a file or a URL) the store is named and no workspace is needed. A
     ``resource`` the state has never recorded is an error (exit 1), not an empty history.
     """
+    page = read_history_page(paths, resource=resource, limit=limit, state_path=state_path)
+    return list(page.entries)
+
+
+def read_history_page(
+    paths: Sequence[str],
+    *,
+    resource: str | None = None,
+    limit: int = 20,
+    state_path: str | None = None,
+) -> HistoryPage:
+    """``read_history``, saying too whether runs older than the ``limit`` newest exist."""
     with _history_store(paths, state_path, resource) as store:
         if store is None:
-            return []
-        runs = store.runs(resource=resource, limit=limit)
+            return HistoryPage((), older=False)
+        runs = store.runs(resource=resource, limit=limit + 1)
+        older = len(runs) > limit
+        runs = runs[:limit]
         released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
         finished = _latest_results(store)  # under any name: a renamed resource's too
         entries = []
@@ -169,7 +198,7 @@ def read_history(
                 if e.generation_id is not None and finished.get(e.generation_id, 0) > e.id
             )
             entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended, covered))
-        return entries
+        return HistoryPage(tuple(entries), older=older)
 
 
 def _latest_results(store: StateStore) -> dict[int | None, int]:

@@ -502,7 +502,7 @@ def plan_resource(
     if intents:
         n = sum(b.requests for b in intents)
         unsure = sum(b.status == "creating" for b in intents)
-        why = f"{len(intents) - unsure} batch(es) queued for submission"
+        why = f"{len(intents) - unsure} batch(es) queued: recorded, not yet submitted"
         if unsure:
             why = (
                 f"{unsure} batch create(s) not confirmed by the provider "

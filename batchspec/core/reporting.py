@@ -22,6 +22,10 @@ class Progress:
     data: Mapping[str, Any] = field(default_factory=dict)
     plan: Plan | None = None  # set on the "plan" event
     at: str = field(default_factory=utc_timestamp)  # when it happened (UTC, as in history)
+    #: what text output says instead, once per run for all the events carrying the same
+    #: words, when the summary at the end names each resource (a replace refused for 200
+    #: resources is one line, not 200 hints); NDJSON carries each event as it is
+    said_once: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -2,7 +2,9 @@
 
 * **sync**: ``Synced`` when apply has nothing to do for it (the plan's action is ``none``),
   ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone.
-* **health**: ``Progressing`` (batches pending or in flight), ``Healthy`` (results written),
+* **health**: ``Pending`` (intents recorded, nothing submitted yet: no batch of the current
+  generation has reached the provider, e.g. after a crash or a failed upload before its
+  create), ``Progressing`` (batches in flight), ``Healthy`` (results written),
   ``Degraded`` (attempts exhausted, or nothing succeeded), ``Suspended`` (``suspend: true``
   or cancelled by a user), ``Missing`` (nothing recorded yet for the current spec; an earlier
   spec's generation, when there is one, is in ``earlier``: its answers and result files are
@@ -271,6 +273,9 @@ def _status(
         else:
             health = _HEALTH.get(gen.status, "Unknown") if gen else "Missing"
     counts = answer_counts(store, gen)
+    batches = tuple(_batches(store, gen)) if gen else ()
+    if health == "Progressing" and batches and all(_not_submitted(b) for b in batches):
+        health = "Pending"
     return ResourceStatus(
         name=name,
         sync=sync,
@@ -285,8 +290,14 @@ def _status(
         failed=counts[1],
         output=str(res.output_path) if res else None,
         errors=str(res.errors_path) if res else None,
-        batches=tuple(_batches(store, gen)) if gen else (),
+        batches=batches,
     )
+
+
+def _not_submitted(batch: BatchStatus) -> bool:
+    """A batch recorded as an intent whose create was never sent: no remote id, and not
+    ``creating`` (a create sent whose answer was lost may have made a batch)."""
+    return batch.remote_id is None and batch.status == "pending"
 
 
 def answer_counts(store: StateStore, gen: GenerationRow | None) -> tuple[int, int]:

@@ -54,8 +54,10 @@ from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-
 from batchspec.providers.base import (
     RemoteBatch,
     RemoteNotFound,
+    RetryNotice,
     call_place,
     pause_before_retry,
+    report_retry,
     report_throttle,
 )
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
@@ -73,6 +75,9 @@ _UNAMBIGUOUS_5XX = frozenset({503})
 #: 4xx answers that do not say the request was refused: 408 (a gateway that gave up waiting
 #: may still forward it) and 409 (a conflict with something that may be what we sent)
 _UNSURE_4XX = frozenset({408, 409})
+#: answers saying the service itself is down or unreachable behind its gateway, whatever
+#: was asked (a 500 may be about the request: it stays the resource's failure)
+_DOWN_STATUSES = frozenset({502, 503, 504})
 #: transport errors raised before the request could reach the server
 _NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 #: transport errors worth a retry; others (bad scheme, local protocol misuse) are not
@@ -247,6 +252,7 @@ def error_from_response(
         code=envelope.code,
         request_id=response.headers.get("x-request-id"),
         retryable=retryable,
+        provider_down=status in _DOWN_STATUSES,
     )
 
 
@@ -334,7 +340,7 @@ def _hint(
     if status == 413:
         return "The file is too large for the provider; split the input into smaller shards."
     if status >= 500:
-        return "The provider failed on its side; try again later."
+        return f"The provider at {context.base_url} failed on its side; try again later."
     return "See the provider's message."
 
 
@@ -350,12 +356,7 @@ def error_from_transport(
     ``proxy``: the environment proxy the request went through, which a failure to connect
     is about rather than the provider (a refused proxy reads as a refused server)."""
     detail = str(exc) or "no detail"
-    if isinstance(exc, httpx.TimeoutException):
-        what = "timed out"
-    elif isinstance(exc, _NOT_SENT_ERRORS):
-        what = "could not connect"
-    else:
-        what = "lost the connection"
+    what = _transport_problem(exc)
     if proxy is not None and isinstance(exc, (*_NOT_SENT_ERRORS, httpx.ProxyError)):
         host = httpx.URL(context.base_url).host
         message = (
@@ -364,7 +365,8 @@ def error_from_transport(
             f"{detail}). Check that the proxy is up and lets this through, or connect "
             f"directly by naming the host in NO_PROXY (e.g. NO_PROXY={host})."
         )
-        return ProviderError(context.redact(message), retryable=retryable)
+        down = isinstance(exc, _NOT_SENT_ERRORS)
+        return ProviderError(context.redact(message), retryable=retryable, provider_down=down)
     message = (
         f"{context.provider}: {operation} failed: {what} to {context.base_url} "
         f"({type(exc).__name__}: {detail}). Check that the server is up and the base URL "
@@ -373,7 +375,17 @@ def error_from_transport(
         else f"{context.provider}: {operation} failed talking to {context.base_url} "
         f"({type(exc).__name__}: {detail})."
     )
-    return ProviderError(context.redact(message), retryable=retryable)
+    down = isinstance(exc, _NOT_SENT_ERRORS)  # a timeout or a reset may be this call's own
+    return ProviderError(context.redact(message), retryable=retryable, provider_down=down)
+
+
+def _transport_problem(exc: httpx.HTTPError) -> str:
+    """``timed out``, ``could not connect`` or ``lost the connection`` (then: ``to URL``)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, _NOT_SENT_ERRORS):
+        return "could not connect"
+    return "lost the connection"
 
 
 @dataclass(frozen=True)
@@ -868,7 +880,9 @@ class RetryingClient:
                     raise error_from_transport(
                         exc, operation=operation, context=self._context, retryable=True
                     ) from exc
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
+                delay = self._policy.delay(retries_done, rand=self._rand)
+                self._say_retry(operation, f"{_transport_problem(exc)} to", retries_done, delay)
+                self._sleep(delay)
                 continue
             except httpx.HTTPError as exc:  # e.g. a body that fails to decode
                 partial.unlink(missing_ok=True)
@@ -883,6 +897,14 @@ class RetryingClient:
             os.replace(partial, dest)
             return written
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def _say_retry(self, operation: str, problem: str, retries_done: int, delay: float) -> None:
+        context = self._context
+        retries = self._policy.max_retries
+        notice = RetryNotice(
+            context.provider, context.base_url, operation, problem, retries_done + 1, retries, delay
+        )
+        report_retry(notice)
 
     def close(self) -> None:
         if self._owns_client:
@@ -937,7 +959,9 @@ class RetryingClient:
                 if not retryable or last:
                     error.sent_nothing = not unsure
                     raise error from exc
-                self._sleep(self._policy.delay(retries_done, rand=self._rand))
+                delay = self._policy.delay(retries_done, rand=self._rand)
+                self._say_retry(operation, f"{_transport_problem(exc)} to", retries_done, delay)
+                self._sleep(delay)
                 continue
             if response.is_success or response.status_code in ok_statuses:
                 return response
@@ -958,7 +982,9 @@ class RetryingClient:
             retry_after = retry_after_seconds(response.headers)
             if response.status_code == 429 or retry_after is not None:
                 report_throttle()  # the pool running this call lets fewer run at once
-            self._sleep(self._policy.delay(retries_done, retry_after, rand=self._rand))
+            delay = self._policy.delay(retries_done, retry_after, rand=self._rand)
+            self._say_retry(operation, f"HTTP {status} from", retries_done, delay)
+            self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -969,6 +995,7 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
         code=error.code,
         request_id=error.request_id,
         retryable=error.retryable,
+        provider_down=error.provider_down,
     )
 
 

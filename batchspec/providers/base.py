@@ -354,6 +354,55 @@ def reset_throttle_listener(token: Token[Callable[[], None] | None]) -> None:
     _throttle_listener.reset(token)
 
 
+# -- retries ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """A call failed in a way worth another attempt, and waits ``delay`` seconds first."""
+
+    provider: str
+    base_url: str
+    operation: str  # "list batches", "upload of ...", ...
+    problem: str  # "could not connect", "HTTP 503", ...
+    retry: int  # which retry comes next, from 1
+    retries: int  # the most there will be (the provider's maxRetries)
+    delay: float
+
+    @property
+    def text(self) -> str:
+        """``srv: could not connect to http://…/v1 (list batches); retry 1 of 5 in 0.5 s``."""
+        return (
+            f"{self.provider}: {self.problem} {self.base_url} ({self.operation}); "
+            f"retry {self.retry} of {self.retries} in {self.delay:.1f} s"
+        )
+
+
+#: who hears, on this thread, that a call is about to wait and try again (the reconciler: a
+#: provider that is down would otherwise keep a run silent through all the backoff)
+_retry_listener: ContextVar[Callable[[RetryNotice], None] | None] = ContextVar(
+    "batchspec_retry_listener", default=None
+)
+
+
+def report_retry(notice: RetryNotice) -> None:
+    """Tell whoever listens on this thread that a call is about to be retried."""
+    listener = _retry_listener.get()
+    if listener is not None:
+        listener(notice)
+
+
+def listen_for_retries(
+    listener: Callable[[RetryNotice], None] | None,
+) -> Token[Callable[[RetryNotice], None] | None]:
+    """Set the current thread's retry listener; ``reset_retry_listener`` undoes it."""
+    return _retry_listener.set(listener)
+
+
+def reset_retry_listener(token: Token[Callable[[RetryNotice], None] | None]) -> None:
+    _retry_listener.reset(token)
+
+
 class CallStopped(Exception):
     """The pool running this call closed (Ctrl-C, or its pass failed) while the call waited
     to be retried: it gives up at once rather than keep the run from stopping. A create it

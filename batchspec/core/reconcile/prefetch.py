@@ -82,9 +82,12 @@ from batchspec.core.reporting import Progress
 from batchspec.errors import ProviderError
 from batchspec.providers.base import (
     RemoteBatch,
+    RetryNotice,
+    listen_for_retries,
     listen_for_throttles,
     open_call_gate,
     reset_call_gate,
+    reset_retry_listener,
     reset_stop,
     reset_throttle_listener,
     stop_with,
@@ -226,9 +229,16 @@ class BoundedCalls:
     whose provider has a free place: a provider at its cap keeps its own calls waiting, not
     the workers, so the calls to other providers behind them in the order start at once."""
 
-    def __init__(self, parallelism: int, cap_for: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        parallelism: int,
+        cap_for: Callable[[str], int | None],
+        *,
+        on_retry: Callable[[RetryNotice], None] | None = None,
+    ) -> None:
         self.parallelism = max(1, min(parallelism, MAX_PARALLELISM))
         self._cap_for = cap_for
+        self._on_retry = on_retry  # hears, on the workers, of calls about to be retried
         self.limits: dict[str, AdaptiveLimit] = {}
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix="batchspec-io")
         self._queues: dict[str, list[_Queued]] = {}  # per provider, first to start first
@@ -263,6 +273,7 @@ class BoundedCalls:
             limit.release(throttled=False, ran=False)
             return
         stop = stop_with(self._stopping)  # a retry's wait ends when the pool closes
+        heard = listen_for_retries(self._on_retry)
         try:
             with limit.place(started_in):
                 result = call()
@@ -271,6 +282,7 @@ class BoundedCalls:
         else:
             future.set_result(result)
         finally:
+            reset_retry_listener(heard)
             reset_stop(stop)
 
     def _take_startable(self) -> tuple[str, int, Callable[[], Any], Future[Any]] | None:

@@ -9,6 +9,7 @@ stuck. It promises that no spending step runs unless allowed: a replace needs
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,11 +46,22 @@ from batchspec.core.recorded import (
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import ProviderError
+from batchspec.providers.base import RetryNotice, listen_for_retries, reset_retry_listener
 from batchspec.state.connection import CommitGroup
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Project, Resource
+
+#: the least time between two notices of calls retried on one provider
+RETRY_NOTICE_SECONDS = 2.0
+
+#: what text output says, once, for every resource whose replace waits for --allow-replace
+#: (apply's summary names them all, with the hint)
+REPLACE_REFUSED = (
+    "not replacing resources whose spec changed while a generation is in flight: "
+    "the summary below names them."
+)
 
 MAX_STEPS_PER_PASS = 12
 
@@ -120,6 +132,9 @@ class Reconciler:
         # the skips said this run: an `apply --wait` passes over a skipped resource at each
         # poll, and says why once
         self._skips_said: set[tuple[str, str]] = set()
+        # when a retry was last said per provider, and its number (``_say_retry``)
+        self._retries_said: dict[str, tuple[float, int]] = {}
+        self._retry_lock = threading.Lock()
 
     @property
     def store(self) -> StateStore:
@@ -232,10 +247,10 @@ class Reconciler:
             err.about(res.name)
             raise
 
-    def _say_skip(self, name: str, message: str) -> None:
+    def _say_skip(self, name: str, message: str, *, said_once: str | None = None) -> None:
         if (name, message) not in self._skips_said:
             self._skips_said.add((name, message))
-            self.report(Progress("skip", name, message))
+            self.report(Progress("skip", name, message, said_once=said_once))
 
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
@@ -274,9 +289,12 @@ class Reconciler:
         ``ctx.calls`` while the block runs. If the block fails, the pool is closed first (no
         call still runs), then the cancels it had answered are recorded before the error
         goes on (``record_cancels_sent_ahead``)."""
+        heard = listen_for_retries(self._say_retry)  # the steps' own calls, on this thread
         try:
             with (
-                BoundedCalls(self.parallelism, self.max_concurrency) as calls,
+                BoundedCalls(
+                    self.parallelism, self.max_concurrency, on_retry=self._say_retry
+                ) as calls,
                 calls.admitting(self._may_wait_for_a_place),
             ):
                 self.ctx.calls = calls
@@ -288,6 +306,30 @@ class Reconciler:
         finally:
             self.ctx.prefetched = Prefetched()
             self.ctx.calls = None
+            reset_retry_listener(heard)
+
+    def _say_retry(self, notice: RetryNotice) -> None:
+        """A ``warning`` event for a call about to be retried (a provider down kept a run
+        silent through all its backoff). Within ``RETRY_NOTICE_SECONDS`` of the last one on
+        the same provider, only a later retry than it said is said: each retry of one call
+        is a line, while the many calls of a pass meeting one outage together are one."""
+        now = self.ctx.monotonic()
+        with self._retry_lock:
+            last = self._retries_said.get(notice.provider)
+            recent = last is not None and now - last[0] < RETRY_NOTICE_SECONDS
+            if recent and last is not None and notice.retry <= last[1]:
+                return
+            self._retries_said[notice.provider] = (now, notice.retry)
+        data = {
+            "source": "provider",
+            "provider": notice.provider,
+            "base_url": notice.base_url,
+            "operation": notice.operation,
+            "retry": notice.retry,
+            "retries": notice.retries,
+            "delay_seconds": round(notice.delay, 3),
+        }
+        self.report(Progress("warning", None, notice.text, data))
 
     def _may_wait_for_a_place(self) -> bool:
         """Whether a request the main thread sends may wait for a place among a provider's
@@ -346,7 +388,7 @@ class Reconciler:
                 return StepResult(action, waiting=False)
             if kind is ActionKind.REPLACE and not self.allow_replace:
                 message = f"not replacing: {action.reason}; re-run with --allow-replace"
-                self._say_skip(res.name, message)
+                self._say_skip(res.name, message, said_once=REPLACE_REFUSED)
                 return StepResult(action, waiting=False)
             if action.spends and self.may_spend is not None and not self.may_spend(action):
                 message = (
