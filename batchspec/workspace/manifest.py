@@ -324,6 +324,7 @@ def load_workspace(
     state_path: str | Path | None = None,
     tolerate_broken: bool = False,
     hash_checked_input: CheckedInputHasher | None = None,
+    project: Project | None = None,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
@@ -339,10 +340,14 @@ def load_workspace(
     manifest files do not raise; the resources that loaded are returned and the problems
     are in ``Workspace.problems``. A problem of the project file, a path that does not exist
     or a path of another workspace still raises.
+
+    ``project``: what ``project_for(paths, state_path=state_path)`` returned, when the caller
+    has it already; the project file is then not read and checked a second time.
     """
     targets = [str(p) for p in paths] or ["."]
     try:
-        project = load_workspace_project(start_of(targets[0]), state_path=state_path)
+        if project is None:
+            project = load_workspace_project(start_of(targets[0]), state_path=state_path)
     except NotAWorkspaceError:
         missing = [t for t in targets if not is_glob(t) and not Path(t).exists()]
         if missing:  # the precise problem: a mistyped path, not a missing workspace
