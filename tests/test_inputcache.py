@@ -321,3 +321,28 @@ def test_an_input_is_keyed_by_its_resolved_path_whatever_links_lead_to_it(tmp_pa
         for path in (tmp_path / "linked" / "a.jsonl", tmp_path / "linked" / "b.jsonl"):
             assert cache._resolved(path) == str(path.resolve())
         assert cache._resolved(tmp_path / "linked" / "b.jsonl") == str(other / "b.jsonl")
+
+
+def test_a_report_is_stored_as_asdict_would_write_it(tmp_path: Path) -> None:
+    """report_json (the stored form, without asdict's deep copy when nothing is nested) is
+    byte for byte json.dumps(asdict(report)), for a clean report and one with problems, and a
+    clean one reads back equal."""
+    from dataclasses import asdict
+
+    from batchspec.workspace.inputcache import _report, report_json
+
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "é"}]},
+    }
+    clean, broken = tmp_path / "clean.jsonl", tmp_path / "broken.jsonl"
+    clean.write_text(json.dumps(line) + "\n" + json.dumps({**line, "custom_id": "b"}) + "\n")
+    broken.write_text(json.dumps(line) + "\nnot json\n" + json.dumps(line) + "\n")
+    for path in (clean, broken):
+        report = scan_batch_input(path, endpoint="/v1/chat/completions")
+        assert report_json(report) == json.dumps(asdict(report))
+    report = scan_batch_input(clean, endpoint="/v1/chat/completions")
+    assert report.ok and report.models == ("m",) and _report(report_json(report)) == report
+    assert not scan_batch_input(broken, endpoint="/v1/chat/completions").ok

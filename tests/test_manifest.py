@@ -735,3 +735,26 @@ def test_the_builtin_local_provider_beside_a_declared_one_on_its_folder_is_refus
     assert problem.file is not None and problem.file.name == "b.yaml"
     assert "in the data folder of provider 'here'" in problem.message
     assert [r.name for r in load_workspace([ws.root / "manifests" / "a.yaml"]).resources] == ["a"]
+
+
+def test_a_run_reads_and_checks_the_project_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_workspace finds the project (for its caches) and hands it to load_workspace,
+    which does not read and schema-check batchspec.yaml again; the workspace is the same."""
+    from batchspec.core.session import open_workspace
+    from batchspec.workspace import project as project_module
+
+    root = make_workspace(tmp_path / "ws", {"m.yaml": BASE})
+    read: list[Path] = []
+    real = project_module.read_yaml_documents
+
+    def counted(path: Path, **kwargs: object) -> object:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(project_module, "read_yaml_documents", counted)
+    with open_workspace([str(root)]) as (ws, _):
+        assert [r.name for r in ws.resources] == ["triage"]
+        assert ws.project.file == root / "batchspec.yaml"
+    assert read == [root / "batchspec.yaml"]

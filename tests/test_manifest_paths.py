@@ -341,3 +341,26 @@ def test_a_manifest_given_alone_may_not_declare_a_name_another_file_declares(
         load_workspace([path])
     [problem] = caught.value.problems
     assert problem.code == "duplicate-name" and "'b' is used twice" in problem.message
+
+
+def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
+    """FolderResolver (the loader's and RunContext.relative's) gives Path.resolve()'s answer
+    through a symlinked folder, onto a symlinked file, with `..`, and for a missing file,
+    asked twice (the second answer from the folder it remembered)."""
+    from batchspec.workspace.resolving import FolderResolver
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "a.jsonl").write_text("x")
+    (tmp_path / "linked").symlink_to(real, target_is_directory=True)
+    (real / "sub" / "b.jsonl").symlink_to(real / "sub" / "a.jsonl")
+    asked = [
+        tmp_path / "linked" / "sub" / "a.jsonl",
+        tmp_path / "linked" / "sub" / "b.jsonl",
+        tmp_path / "linked" / "sub" / ".." / "sub" / "a.jsonl",
+        tmp_path / "linked" / "sub" / "missing.jsonl",
+        tmp_path / "linked" / "nowhere" / "c.jsonl",
+    ]
+    resolver = FolderResolver()
+    for _ in range(2):
+        assert [resolver.resolve(p) for p in asked] == [p.resolve() for p in asked]

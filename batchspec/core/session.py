@@ -66,6 +66,7 @@ def open_workspace(
                 manifest_cache=manifests,
                 state_path=state_path,
                 hash_checked_input=hash_checked,
+                project=project,  # read once a run
             )
         yield ws, cache
 

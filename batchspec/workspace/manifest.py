@@ -324,6 +324,7 @@ def load_workspace(
     state_path: str | Path | None = None,
     tolerate_broken: bool = False,
     hash_checked_input: CheckedInputHasher | None = None,
+    project: Project | None = None,
 ) -> Workspace:
     """The project and every resource under ``paths``; ``InvalidManifestError`` lists all problems.
 
@@ -339,10 +340,14 @@ def load_workspace(
     manifest files do not raise; the resources that loaded are returned and the problems
     are in ``Workspace.problems``. A problem of the project file, a path that does not exist
     or a path of another workspace still raises.
+
+    ``project``: what ``project_for(paths, state_path=state_path)`` returned, when the caller
+    has it already; the project file is then not read and checked a second time.
     """
     targets = [str(p) for p in paths] or ["."]
     try:
-        project = load_workspace_project(start_of(targets[0]), state_path=state_path)
+        if project is None:
+            project = load_workspace_project(start_of(targets[0]), state_path=state_path)
     except NotAWorkspaceError:
         missing = [t for t in targets if not is_glob(t) and not Path(t).exists()]
         if missing:  # the precise problem: a mistyped path, not a missing workspace
@@ -623,7 +628,8 @@ def _export_targets(
         elif message is None and fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
             message = "a parquet export needs pyarrow: pip install 'batchspec[parquet]'"
         if message is None:
-            message = _unwritable(path, "export", _resource_name(doc) or "export")
+            name = _resource_name(doc) or "export"
+            message = _unwritable(path, "export", name, resolve.blocking_file)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
             continue
@@ -658,7 +664,7 @@ def _output_paths(
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
         if message is None:  # found now, before anything is spent, not when answers are in
-            message = _unwritable(path, key, name)
+            message = _unwritable(path, key, name, resolve.blocking_file)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
@@ -673,9 +679,12 @@ def _output_paths(
 NAME_MAX = 255
 
 
-def _unwritable(path: Path, key: str, name: str) -> str | None:
+def _unwritable(
+    path: Path, key: str, name: str, blocking: Callable[[Path], Path | None] | None = None
+) -> str | None:
     """Why a result file could never be written at ``path`` (a folder there, a name too
-    long, or a file where one of its folders should be), or None."""
+    long, or a file where one of its folders should be), or None. ``blocking``: the
+    load's remembered ``_blocking_file`` (many manifests write into one folder)."""
     if os.path.isdir(path):
         return (
             f"{key} file {display_path(path)} is a folder: name a file in it "
@@ -683,13 +692,20 @@ def _unwritable(path: Path, key: str, name: str) -> str | None:
         )
     if len(os.fsencode(path.name)) > NAME_MAX:
         return f"{key} file name {path.name[:40]}... is longer than {NAME_MAX} bytes"
-    folder = path.parent
+    blocker = (blocking or _blocking_file)(path.parent)
+    if blocker is not None:
+        return (
+            f"{key} file {display_path(path)} cannot be written: {display_path(blocker)} "
+            "is a file, not a folder"
+        )
+    return None
+
+
+def _blocking_file(folder: Path) -> Path | None:
+    """The file that stands where ``folder`` or a folder above it should be, if any."""
     while not os.path.isdir(folder):  # the usual case, an existing folder: one stat
         if os.path.lexists(folder):
-            return (
-                f"{key} file {display_path(path)} cannot be written: {display_path(folder)} "
-                "is a file, not a folder"
-            )
+            return folder
         if folder.parent == folder:
             return None
         folder = folder.parent
@@ -1074,6 +1090,14 @@ class _PathResolver:
     def __init__(self) -> None:
         self._paths = FolderResolver()
         self._confinement: _Confinement | None = None
+        self._blocking: dict[str, Path | None] = {}
+
+    def blocking_file(self, folder: Path) -> Path | None:
+        """``_blocking_file(folder)``, found once a load per folder."""
+        key = str(folder)
+        if key not in self._blocking:
+            self._blocking[key] = _blocking_file(folder)
+        return self._blocking[key]
 
     def confinement(self, project: Project) -> _Confinement:
         """The project's confinement rules, resolved once for this load."""

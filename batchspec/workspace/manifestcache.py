@@ -70,7 +70,7 @@ from batchspec.workspace.yamldoc import (
 #: a file changed this recently is not stored (see the module docstring)
 RACY_WINDOW_S = 2.0
 #: the modules whose code decides what a clean document is (their bytes go in the fingerprint)
-_CHECKING_MODULES = ("yamldoc.py", "manifest.py", "manifestcache.py")
+_CHECKING_MODULES = ("yamldoc.py", "schemafit.py", "manifest.py", "manifestcache.py")
 
 _SCHEMA = """
 create table if not exists manifest_entries (

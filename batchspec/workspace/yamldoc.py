@@ -9,6 +9,8 @@ Promises:
 
 - Every problem in a file is reported, not just the first: the schema is applied with
   ``iter_errors`` and each error becomes one ``Problem``; nothing stops at the first one.
+  A document ``schemafit.schema_accepts`` finds valid skips jsonschema (it would find
+  nothing there): the happy path neither imports it nor pays for its generic walk.
 - Lines and columns are 1-based. A problem about a scalar points at the value; a problem about
   a mapping or list (too many entries, a missing key) points at the key that holds it, which is
   where a reader looks; an unknown or invalid key points at the key itself.
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from batchspec.errors import ManifestError
+from batchspec.workspace.schemafit import schema_accepts
 
 if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it is slow to load)
     from jsonschema import Draft202012Validator
@@ -554,8 +557,9 @@ def schema_problems(doc: YamlDocument, schema: str) -> list[Problem]:
     ``.nan``/``.inf`` in it, which no schema bound catches (NaN compares false with any
     minimum) and no price, budget or request body can mean."""
     problems: list[Problem] = []
-    for error in schema_validator(schema).iter_errors(doc.data):
-        problems.extend(_explain(doc, error))
+    if not schema_accepts(load_schema(schema), doc.data):  # else jsonschema finds nothing
+        for error in schema_validator(schema).iter_errors(doc.data):
+            problems.extend(_explain(doc, error))
     for pointer, value in _non_finite(doc.data, ""):
         shown = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
         message = f"{shown} is not a number batchspec accepts: write a finite number"

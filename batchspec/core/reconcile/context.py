@@ -46,6 +46,7 @@ from batchspec.workspace.manifest import (
     confinement,
     refuse_unconfined_write,
 )
+from batchspec.workspace.resolving import FolderResolver
 
 ProviderFactory = Callable[[str], Provider]
 
@@ -218,6 +219,9 @@ class RunContext:
     # relative() of each path asked: a resolve costs an lstat per component, asked thrice a
     # resource (a symlink changed mid-run changes no recorded path's meaning: it names the file)
     _relative: dict[Path, str] = field(default_factory=dict, init=False, repr=False)
+    # each folder's symlinks resolved once (the three paths of a thousand resources lie in
+    # a few folders): a Path.resolve() per path walked every component again
+    _folders: FolderResolver = field(default_factory=FolderResolver, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -378,7 +382,7 @@ class RunContext:
         if self._root is None:
             self._root = self.project.root.resolve()
         try:
-            found = str(path.resolve().relative_to(self._root))
+            found = str(self._folders.resolve(path).relative_to(self._root))
         except ValueError:
             found = str(path)
         self._relative[path] = found
