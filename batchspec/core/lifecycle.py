@@ -452,8 +452,8 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
 
     The remote cancels of all of them run side by side (``Reconciler.cancels_ahead``, given
     the ``prune`` resources and nothing else); each is recorded, then forgotten, in plan order.
-    An orphan the plan leaves alone because a commit not in this checkout's history declared
-    it (``Action.declared_by``) is recorded (``prune-held``) and warned about instead.
+    An orphan the plan leaves alone because a commit newer than this checkout's declared it
+    (``Action.declared_by``) is recorded (``prune-held``) and warned about instead.
     """
     for held in (a for a in plan.actions if a.declared_by is not None):
         rec.store.record_event(
