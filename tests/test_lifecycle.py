@@ -366,6 +366,8 @@ def test_forget_of_an_untracked_resource_fails(
     """forget NAME for a name the state does not track exits 1 and says so."""
     srv = server()
     ws = served(tmp_path / "ws", srv)
+    with ws.store():  # a state that tracks nothing (where none exists: no state database)
+        pass
     code, out, err = run_cli(["forget", "nobody", str(ws.root)], capsys)
     assert code == 1
     assert "no resource named 'nobody' is tracked" in err

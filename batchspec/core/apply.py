@@ -40,7 +40,7 @@ from batchspec.core.budget import (
     output_of_unreused,
     sent_by,
 )
-from batchspec.core.lifecycle import prune_orphans, start_replacements
+from batchspec.core.lifecycle import prune_orphans, require_recorded_state, start_replacements
 from batchspec.core.moves import (
     apply_moves,
     moved_view,
@@ -548,6 +548,7 @@ def cancel_resource(
     ``parallelism`` cancels at once, a provider's ``maxConcurrency`` to it); say how many, and
     how many cancelled before are still stopping (a cancel is never sent to them again)."""
     ws = load_workspace(paths, state_path=state_path)
+    require_recorded_state(ws.project, name, "cancel")
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "cancel", {"name": name}) as run,
