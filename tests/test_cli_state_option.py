@@ -113,3 +113,28 @@ def test_plan_creates_no_state_and_no_folder_where_none_exists(
     code, out, err = run_cli(["apply", str(saved), "--state", str(typo)], capsys)
     assert code == 0, err
     assert typo.exists()
+
+
+@pytest.mark.parametrize("command", ["cancel", "forget"])
+def test_cancel_and_forget_where_no_state_exists_create_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """`cancel NAME` / `forget NAME` with `--state typo/x.db`, or in a workspace never
+    applied, created the folder and an empty state only to fail that NAME is not recorded:
+    they now fail (exit 1) saying no state database is there, and create nothing."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    typo = tmp_path / "typo" / "x.db"
+
+    code, _, err = run_cli([command, "job", str(ws.root), "--state", str(typo)], capsys)
+
+    assert code == 1, err
+    assert not typo.parent.exists()
+    assert f"no state database at {typo}" in err and "nothing to " + command in err, err
+    code, _, err = run_cli([command, "job", str(ws.root)], capsys)
+    assert code == 1, err
+    assert not ws.state_path.parent.exists()
+    assert "no state database at" in err, err

@@ -8,6 +8,7 @@ are made with the official openai SDK.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,12 @@ from workspaces import (
     write_manifest,
 )
 
+from batchspec.core.apply import declared_elsewhere
 from batchspec.engine import BuiltinUpstream
 from batchspec.providers.local import LocalProvider
+from batchspec.state import runinfo
+from batchspec.state.runinfo import RunInfo
+from batchspec.state.store import StateStore
 
 FAST = ["--poll-interval", "0.05"]
 SLOW = {"upstream": BuiltinUpstream(latency=5.0), "drain_timeout": 0.1}  # batches stay in flight
@@ -361,6 +366,8 @@ def test_forget_of_an_untracked_resource_fails(
     """forget NAME for a name the state does not track exits 1 and says so."""
     srv = server()
     ws = served(tmp_path / "ws", srv)
+    with ws.store():  # a state that tracks nothing (where none exists: no state database)
+        pass
     code, out, err = run_cli(["forget", "nobody", str(ws.root)], capsys)
     assert code == 1
     assert "no resource named 'nobody' is tracked" in err
@@ -579,11 +586,58 @@ def test_cancel_abandons_an_intent_that_never_reached_the_provider(
         assert {b.status for b in store.batches() if b.remote_id is None} == {"cancelled"}
 
 
-def git(root: Path, *args: str) -> str:
+def git(root: Path, *args: str, at: int | None = None) -> str:
+    """Run git in ``root``; ``at``: the author and committer time (epoch seconds) of a commit."""
     author = ["-c", "user.name=T", "-c", "user.email=t@example.invalid"]
+    dated = (
+        {}
+        if at is None
+        else {"GIT_AUTHOR_DATE": f"@{at} +0000", "GIT_COMMITTER_DATE": f"@{at} +0000"}
+    )
     return subprocess.run(
-        ["git", *author, *args], cwd=root, check=True, capture_output=True, text=True
+        ["git", *author, *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **dated},
     ).stdout.strip()
+
+
+T0 = 1_767_225_600  # 2026-01-01: commits made an hour apart from here (``git(..., at=)``)
+HOUR = 3600
+
+
+def committed_workspace(root: Path, srv: ProbedServer, *, at: int = T0) -> Workspace:
+    """A workspace declaring `keep`, committed on `main` at ``at`` (results, state ignored)."""
+    ws = served(root, srv, ResourceSpec("keep", count=1))
+    (ws.root / ".gitignore").write_text("state/\nresults/\n")
+    git(ws.root, "init", "-q", "-b", "main")
+    git(ws.root, "add", "-A")
+    git(ws.root, "commit", "-qm", "C1", at=at)
+    return ws
+
+
+def commit_added(ws: Workspace, *, at: int) -> str:
+    """Commit a manifest for `added` at ``at``; its sha."""
+    ws.write_input("added", request_lines(1, prefix="add"))
+    write_manifest(ws, ResourceSpec("added", count=1))
+    git(ws.root, "add", "-A")
+    git(ws.root, "commit", "-qm", "adds `added`", at=at)
+    return git(ws.root, "rev-parse", "HEAD")
+
+
+def shallow_clone(ws: Workspace, branch: str, into: Path) -> Path:
+    """A depth-1 clone of ``branch`` (as CI checks out), holding no other commit."""
+    url = ws.root.resolve().as_uri()
+    git(into.parent, "clone", "-q", "--depth", "1", "-b", branch, url, into.name)
+    return into
+
+
+def pruning(out: str, name: str) -> tuple[str, str | None]:
+    """``plan --json``'s action for ``name``, and the commit it names as declaring it."""
+    [action] = [a for a in json.loads(out)["actions"] if a["resource"] == name]
+    return action["action"], action.get("declared_by")
 
 
 def test_prune_from_an_older_commit_leaves_alone_what_a_newer_commit_added(
@@ -634,6 +688,135 @@ def test_prune_from_an_older_commit_leaves_alone_what_a_newer_commit_added(
     assert code == 0, err
     assert "[added] pruned" in out
     assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+
+
+def test_a_shallow_clone_behind_holds_what_a_newer_commit_added_unless_times_are_unknown(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A depth-1 clone of C1 holds no C2, which added `added` an hour later and applied it:
+    `plan --prune` holds it, by the commit time C2's run recorded. A state whose runs
+    recorded no commit time (made before it was recorded) cannot tell: it prunes as before."""
+    ws = committed_workspace(tmp_path / "ws", server(**SLOW))
+    git(ws.root, "branch", "old")
+    c2 = commit_added(ws, at=T0 + HOUR)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    clone = shallow_clone(ws, "old", tmp_path / "ci")
+    plan = ["plan", str(clone), "--state", str(ws.state_path), "--prune", "--json"]
+
+    code, out, err = run_cli(plan, capsys)
+    assert code == 0, err
+    assert pruning(out, "added") == ("orphaned", c2)
+    with ws.store() as store:
+        assert store.last_declared_at("added") == (c2, T0 + HOUR)
+        store.db.execute("UPDATE runs SET git_commit_time = NULL")
+    code, out, err = run_cli(plan, capsys)
+    assert code == 0, err
+    assert pruning(out, "added") == ("prune", None)
+
+
+def test_a_shallow_clone_of_a_newer_commit_prunes_what_it_deleted(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """C2 added `added` and applied it; C3, an hour later, deletes it. CI's depth-1 clone of
+    C3 holds no C2, yet C2 is older: `apply --prune` there cancels and forgets `added`."""
+    srv = server(**SLOW)
+    ws = committed_workspace(tmp_path / "ws", srv)
+    commit_added(ws, at=T0 + HOUR)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    git(ws.root, "rm", "-q", str(ws.manifest_path("added")))
+    git(ws.root, "commit", "-qm", "C3 deletes it", at=T0 + 2 * HOUR)
+    clone = shallow_clone(ws, "main", tmp_path / "ci")
+
+    argv = ["apply", str(clone), "--state", str(ws.state_path), "--yes", "--prune"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "[added] pruned" in out
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 1
+
+
+def test_a_squash_merged_branch_prunes_what_main_deleted_later(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`added` is applied from a pull request's commit P, then squash-merged into main as M
+    (not a descendant of P) and in sync there, so P stays its last declaring commit. A later
+    commit of main deletes it: `apply --prune` prunes it (P is older, not newer)."""
+    ws = committed_workspace(tmp_path / "ws", server())
+    git(ws.root, "checkout", "-q", "-b", "pr")
+    p = commit_added(ws, at=T0 + HOUR)
+    apply = ["apply", str(ws.root), "--yes", "--prune", "--wait", *FAST]
+    assert run_cli(apply, capsys)[0] == 0
+    git(ws.root, "checkout", "-q", "main")
+    git(ws.root, "merge", "-q", "--squash", "pr")
+    git(ws.root, "commit", "-qm", "M: squash-merged", at=T0 + 2 * HOUR)
+    assert run_cli(apply, capsys)[0] == 0
+    with ws.store() as store:
+        assert store.last_declared_at("added") == (p, T0 + HOUR)
+    git(ws.root, "rm", "-q", str(ws.manifest_path("added")))
+    git(ws.root, "commit", "-qm", "deletes it", at=T0 + 3 * HOUR)
+
+    code, out, err = run_cli(apply, capsys)
+    assert code == 0, err
+    assert "[added] pruned" in out
+    with ws.store() as store:
+        assert store.get_resource("added").forgotten_at is not None
+
+
+def test_prune_holds_what_a_newer_commit_declared_asking_git_once_per_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``declared_elsewhere``'s table, HEAD at B (time T0+2h): a commit HEAD contains is
+    pruned; one descending from HEAD is held whatever its time; one apart (another branch, or
+    absent from the repository) is held only when its recorded time is later than HEAD's.
+    Git runs once for HEAD, then once per distinct other commit."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def commit(message: str, at: int) -> str:
+        git(repo, "commit", "-q", "--allow-empty", "-m", message, at=at)
+        return git(repo, "rev-parse", "HEAD")
+
+    git(repo, "init", "-q", "-b", "main")
+    a = commit("A", T0)
+    b = commit("B", T0 + 2 * HOUR)
+    git(repo, "checkout", "-q", "-b", "ahead")
+    ahead = commit("ahead of B, with a clock behind", T0)
+    git(repo, "checkout", "-q", "-b", "side", a)
+    side_older, side_newer = commit("S1", T0 + HOUR), commit("S2", T0 + 3 * HOUR)
+    git(repo, "checkout", "-q", "main")
+    declared: dict[str, tuple[str, int | None]] = {
+        "head": (b, T0 + 2 * HOUR),
+        "ancestor": (a, T0),
+        "ahead": (ahead, T0),
+        "side-older": (side_older, T0 + HOUR),
+        "side-newer": (side_newer, T0 + 3 * HOUR),
+        "absent-newer": ("f" * 40, T0 + 3 * HOUR),
+        "absent-newer-too": ("f" * 40, T0 + 3 * HOUR),
+        "absent-older": ("e" * 40, T0 + HOUR),
+        "absent-untimed": ("d" * 40, None),
+        "untracked-by-git": ("--all", T0 + 3 * HOUR),  # an edited row: never an option to git
+    }
+    with StateStore.open(tmp_path / "state.db") as store:
+        for name, (sha, when) in declared.items():
+            info = RunInfo("t", "h", 1, sha, "main", False, None, None, "0", git_commit_time=when)
+            store.record_event(store.start_run("apply", {}, info), "create", resource=name)
+        calls: list[tuple[str, ...]] = []
+        real = runinfo._git_run
+
+        def counted(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
+            calls.append(args)
+            return real(cwd, *args)
+
+        monkeypatch.setattr(runinfo, "_git_run", counted)
+        held = declared_elsewhere(store, repo, list(declared))
+
+    assert held == {
+        "ahead": ahead,
+        "side-newer": side_newer,
+        "absent-newer": "f" * 40,
+        "absent-newer-too": "f" * 40,
+        "untracked-by-git": "--all",
+    }
+    assert len(calls) == 1 + 7  # HEAD, then A, ahead, 2 sides, f…, e…, d… (not B, not --all)
 
 
 def test_prune_with_paths_never_cancels_resources_whose_manifests_exist(

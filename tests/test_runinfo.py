@@ -69,6 +69,31 @@ def test_detached_head_has_commit_but_no_branch(repo: Path) -> None:
     assert (info.git_commit, info.git_branch) == (sha, None)
 
 
+def test_commit_time_is_heads_committer_time(repo: Path) -> None:
+    """The run records when HEAD was committed (epoch seconds), not when it was authored: a
+    rebased or squash-merged commit is as new as its commit. A file named HEAD does not get
+    in the way."""
+    (repo / "HEAD").write_text("a file\n")
+    git(repo, "add", "HEAD")
+    dates = {"GIT_AUTHOR_DATE": "@1700000000 +0100", "GIT_COMMITTER_DATE": "@1767225600 -0500"}
+    subprocess.run(
+        ["git", "commit", "-q", "-m", "second"],
+        cwd=repo,
+        env={**os.environ, **GIT_ENV, **dates},
+        check=True,
+    )
+    info = collect_run_info(repo, env={})
+    assert (info.git_commit, info.git_commit_time) == (git(repo, "rev-parse", "HEAD"), 1767225600)
+
+
+def test_a_repository_with_no_commit_yet_has_no_commit_nor_time(tmp_path: Path) -> None:
+    """A fresh `git init`: no commit or time, but the branch to be and a clean tree."""
+    git(tmp_path, "init", "-q")
+    info = collect_run_info(tmp_path, env={})
+    assert (info.git_commit, info.git_commit_time) == (None, None)
+    assert (info.git_branch, info.git_dirty) == ("trunk", False)
+
+
 @pytest.mark.parametrize(
     ("env", "branch"),
     [

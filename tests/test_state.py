@@ -33,6 +33,7 @@ INFO = RunInfo(
     ci_system="github-actions",
     ci_run_url="https://github.com/acme/t/actions/runs/1",
     version="0.1.0",
+    git_commit_time=4_102_444_800,  # 2100-01-01: past 2**31, as a BIGINT must hold
 )
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -127,6 +128,7 @@ MIGRATION_NAMES = [
     "m004_request_usage",
     "m005_resource_locks",
     "m006_blobs",
+    "m007_run_commit_time",
 ]
 
 
@@ -298,6 +300,7 @@ def test_run_round_trip_with_provenance(store: StateStore) -> None:
     assert run.args == {"paths": ["a", "b"], "wait": True}
     assert (run.user, run.host, run.pid) == ("alice", "build-1", 4242)
     assert (run.git_commit, run.git_branch, run.git_dirty) == ("0123abc", "main", True)
+    assert run.git_commit_time == 4_102_444_800
     assert (run.ci_system, run.ci_run_url) == (INFO.ci_system, INFO.ci_run_url)
     assert run.exit_code == 4 and TIMESTAMP.match(run.ended_at or "")
     assert parse_timestamp(run.ended_at or "") >= parse_timestamp(run.started_at)

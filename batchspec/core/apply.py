@@ -40,7 +40,7 @@ from batchspec.core.budget import (
     output_of_unreused,
     sent_by,
 )
-from batchspec.core.lifecycle import prune_orphans, start_replacements
+from batchspec.core.lifecycle import prune_orphans, require_recorded_state, start_replacements
 from batchspec.core.moves import (
     apply_moves,
     moved_view,
@@ -116,7 +116,13 @@ from batchspec.errors import (
     UsageError,
 )
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
-from batchspec.state.runinfo import collect_run_info, commit_in_history, start_run_info
+from batchspec.state.runinfo import (
+    CommitRelation,
+    collect_run_info,
+    commit_relation,
+    head_commit,
+    start_run_info,
+)
 from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
@@ -542,6 +548,7 @@ def cancel_resource(
     ``parallelism`` cancels at once, a provider's ``maxConcurrency`` to it); say how many, and
     how many cancelled before are still stopping (a cancel is never sent to them again)."""
     ws = load_workspace(paths, state_path=state_path)
+    require_recorded_state(ws.project, name, "cancel")
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "cancel", {"name": name}) as run,
@@ -814,9 +821,9 @@ def compute_plan(
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
     reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``).
-    ``checkout``: the workspace's folder, whose git history decides which orphans ``prune``
-    leaves alone (``declared_elsewhere``); ``named``: orphans named by ``--select NAME``,
-    pruned even so."""
+    ``checkout``: the workspace's folder, whose git HEAD decides which orphans ``prune``
+    leaves alone, a newer commit having declared them (``declared_elsewhere``); ``named``:
+    orphans named by ``--select NAME``, pruned even so."""
     history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
@@ -876,19 +883,40 @@ def declared_elsewhere(
     store: StateStore, checkout: Path | None, names: Sequence[str]
 ) -> dict[str, str]:
     """By name, the resources among ``names`` whose last declaring run (an apply's, see
-    ``last_declared_at``) was on a commit ``checkout``'s history does not contain: another
-    runner on a newer commit or another branch added them, and an older checkout's
-    ``--prune`` must not undo that. A resource whose commit, or the checkout's, is unknown is
-    not among them (pruned as before)."""
+    ``last_declared_at``) was on a commit newer than ``checkout``'s HEAD: another runner on
+    a newer commit added them, and ``--prune`` from a checkout behind it must not undo that.
+
+    For a resource last declared by commit X, the checkout being at H (first match wins):
+
+    * X is H or one of its ancestors: pruned.
+    * H is one of X's ancestors (the checkout is behind): held.
+    * otherwise (diverged: another branch, a squash merge; X not in this repository: a
+      shallow clone, another clone's; git cannot tell): held when both commits' times are
+      known and X's is later than H's, else pruned.
+
+    X's time is the one its run recorded (``runs.git_commit_time``), H's git's. Without git,
+    or a run that recorded no commit, nothing is held (pruned as before). One git process
+    tells H, then one per distinct X (orphans often share one).
+    """
+    head = head_commit(checkout) if checkout is not None and names else None
+    if checkout is None or head is None:
+        return {}
     held: dict[str, str] = {}
-    known: dict[str, bool | None] = {}  # by commit: orphans often share one
+    relations: dict[str, CommitRelation | None] = {}
     for name in names:
-        commit = store.last_declared_at(name)
-        if not commit or checkout is None:
+        declared = store.last_declared_at(name)
+        if declared is None:
             continue
-        if commit not in known:
-            known[commit] = commit_in_history(checkout, commit)
-        if known[commit] is False:
+        commit, commit_time = declared
+        if commit not in relations:
+            relations[commit] = commit_relation(checkout, commit, head.commit)
+        relation = relations[commit]
+        if relation is CommitRelation.AHEAD or (
+            relation is not CommitRelation.CONTAINED
+            and commit_time is not None
+            and head.time is not None
+            and commit_time > head.time
+        ):
             held[name] = commit
     return held
 

@@ -75,6 +75,7 @@ from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import Resource, Workspace, load_workspace
 from batchspec.workspace.project import (
+    Project,
     ProviderConfig,
     default_project,
     load_workspace_project,
@@ -395,6 +396,18 @@ def record_import(
 # forget
 
 
+def require_recorded_state(project: Project, name: str, command: str) -> None:
+    """Refuse ``command NAME`` where no state database exists (a mistyped ``--state``, a
+    workspace never applied): nothing is recorded there, and opening it would create the
+    folder and an empty state only to fail."""
+    if not project.has_state():
+        raise StateError(
+            f"no state database at {project.state_label}, so no resource named {name!r} is "
+            f"recorded there; nothing to {command} (pass --state PATH|URL, or the workspace's "
+            "folder)"
+        )
+
+
 def forget_resource(
     paths: Sequence[str],
     name: str,
@@ -405,6 +418,7 @@ def forget_resource(
 ) -> ForgetResult:
     """``batchspec forget NAME``: stop tracking NAME; the provider is not contacted."""
     ws = load_workspace(paths, state_path=state_path)
+    require_recorded_state(ws.project, name, "forget")
     with (
         StateStore.open(ws.project.state) as store,
         recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
@@ -452,8 +466,8 @@ def prune_orphans(rec: Reconciler, plan: Plan) -> tuple[str, ...]:
 
     The remote cancels of all of them run side by side (``Reconciler.cancels_ahead``, given
     the ``prune`` resources and nothing else); each is recorded, then forgotten, in plan order.
-    An orphan the plan leaves alone because a commit not in this checkout's history declared
-    it (``Action.declared_by``) is recorded (``prune-held``) and warned about instead.
+    An orphan the plan leaves alone because a commit newer than this checkout's declared it
+    (``Action.declared_by``) is recorded (``prune-held``) and warned about instead.
     """
     for held in (a for a in plan.actions if a.declared_by is not None):
         rec.store.record_event(

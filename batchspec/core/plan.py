@@ -49,11 +49,12 @@ project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is
 with ``--prune`` it is ``prune``, which cancels its in-flight batches and forgets it. With a
 selection, only the orphans it selects (``orphan_selected``) are shown or pruned.
 
-An orphan last declared by a commit this checkout's history does not contain (``declared_by``:
-a newer commit another runner applied, another branch's) stays ``orphaned`` under ``--prune``,
-its ``declared_by`` naming that commit: an older checkout must not undo what a newer one added.
-The caller finds those commits (``compute_plan``); naming the resource (``--select NAME``)
-prunes it anyway, and when either commit is unknown (no git) it is pruned as before.
+An orphan last declared by a commit newer than this checkout's (``declared_by``: one this
+checkout is behind, or, on another branch or absent from a shallow clone, one made later) stays
+``orphaned`` under ``--prune``, its ``declared_by`` naming that commit: a checkout behind must
+not undo what a newer one added. The caller finds those commits (``compute_plan``,
+``declared_elsewhere``: its table); naming the resource (``--select NAME``) prunes it anyway,
+and when the commits are unknown (no git) it is pruned as before.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class Action:
     requests: int = 0  # requests this action would submit (create / replace / retry)
     estimated_input_tokens: int = 0
     reused: int = 0  # requests of a new generation that keep an earlier generation's answer
-    # an orphan not pruned: the commit that last declared it, not in this checkout's history
+    # an orphan not pruned: the commit that last declared it, newer than this checkout's
     declared_by: str | None = None
 
     @property
@@ -332,7 +333,7 @@ def make_plan(
     (outside the PATHS given, or not selected): never orphans. ``orphan_selected``: with a
     selection, which orphans it selects (None: all). ``now`` (epoch seconds) decides whether
     a requeued shard's backoff is over; None: it is. ``declared_by``: by name, orphans last
-    declared by a commit not in this checkout's history, which ``--prune`` leaves alone.
+    declared by a commit newer than this checkout's, which ``--prune`` leaves alone.
     """
     desired = list(desired)
     actions = [_planned(d, recorded.get(d.name), disk.get(d.name), now) for d in desired]
@@ -664,11 +665,10 @@ def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None =
 
 
 def held_from_prune(name: str, commit: str, detail: str = "") -> str:
-    """Why ``--prune`` leaves an orphan alone that a commit not in this checkout's history
+    """Why ``--prune`` leaves alone an orphan that a commit newer than this checkout's
     declared, and what to do about it."""
     return (
-        f"manifest is gone here{f' ({detail})' if detail else ''}, but commit {commit[:12]} "
-        "declared it, which this checkout's history does not contain (a newer commit, or "
-        "another branch): not pruned; update the checkout (in a shallow clone, fetch its "
-        f"history), or name it to prune it anyway: `batchspec apply --prune --select {name}`"
+        f"manifest is gone here{f' ({detail})' if detail else ''}, but commit {commit[:12]}, "
+        "newer than this checkout's, declared it: not pruned; update the checkout, or name it "
+        f"to prune it anyway: `batchspec apply --prune --select {name}`"
     )

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import batchspec
@@ -60,6 +61,7 @@ CI_VARIABLES = (
 GIT_TIMEOUT_SECONDS = 2.0
 
 _COMMIT = re.compile(r"[0-9a-f]{7,64}")
+_HEAD_LINE = re.compile(r"(?P<commit>[0-9a-f]{40,64}) ?(?P<time>[0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class RunInfo:
     ci_system: str | None
     ci_run_url: str | None
     version: str
+    git_commit_time: int | None = None  # committer time of git_commit, epoch seconds
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,23 @@ class GitInfo:
     commit: str | None
     branch: str | None
     dirty: bool | None
+    commit_time: int | None = None  # HEAD's committer time, epoch seconds
+
+
+@dataclass(frozen=True)
+class HeadCommit:
+    """The commit checked out, and its committer time (epoch seconds; None if git says none)."""
+
+    commit: str
+    time: int | None
+
+
+class CommitRelation(Enum):
+    """Where a commit stands to a checkout's HEAD (``commit_relation``)."""
+
+    CONTAINED = "contained"  # HEAD itself, or one of its ancestors
+    AHEAD = "ahead"  # HEAD is one of its ancestors: the checkout is behind it
+    APART = "apart"  # neither: diverged, unrelated, or not in this repository (a shallow clone)
 
 
 def collect_run_info(cwd: Path | None = None, env: Mapping[str, str] = os.environ) -> RunInfo:
@@ -103,6 +123,7 @@ def collect_run_info(cwd: Path | None = None, env: Mapping[str, str] = os.enviro
         ci_system=ci_system,
         ci_run_url=ci_run_url,
         version=batchspec.__version__,
+        git_commit_time=git.commit_time,
     )
 
 
@@ -182,30 +203,55 @@ def ci_branch(env: Mapping[str, str]) -> str | None:
 
 
 def git_info(cwd: Path) -> GitInfo:
-    """Commit, branch (None when detached) and dirtiness of tracked files in ``cwd``'s repo."""
-    commit = _git(cwd, "rev-parse", "--verify", "-q", "HEAD")
-    inside = commit is not None or _git(cwd, "rev-parse", "--git-dir") is not None
+    """Commit (and its time), branch (None when detached) and dirtiness of tracked files in
+    ``cwd``'s repo."""
+    head = head_commit(cwd)
+    inside = head is not None or _git(cwd, "rev-parse", "--git-dir") is not None
     if not inside:
         return GitInfo(None, None, None)
     branch = _git(cwd, "symbolic-ref", "--short", "-q", "HEAD")
     # Untracked files are ignored on purpose: results and state folders would otherwise make
     # every run look dirty; what matters is whether committed manifests were edited.
     status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
-    return GitInfo(commit=commit, branch=branch, dirty=None if status is None else status != "")
+    return GitInfo(
+        commit=None if head is None else head.commit,
+        branch=branch,
+        dirty=None if status is None else status != "",
+        commit_time=None if head is None else head.time,
+    )
 
 
-def commit_in_history(cwd: Path, commit: str) -> bool | None:
-    """Whether ``commit`` is the HEAD of ``cwd``'s checkout or one of its ancestors; None when
-    that is unknown (no git, not a repository, no commit yet, git too slow). A commit this
-    repository does not hold (a newer one not fetched yet, another clone's) is not: False."""
-    if _git(cwd, "rev-parse", "--verify", "-q", "HEAD") is None:
+def head_commit(cwd: Path) -> HeadCommit | None:
+    """The commit ``cwd``'s checkout has at HEAD, with its committer time, from one git
+    process; None when unknown (no git, not a repository, no commit yet, git too slow)."""
+    # log.showSignature would put a signature check before the line asked for
+    out = _git(cwd, "-c", "log.showSignature=false", "log", "-1", "--format=%H %ct", "HEAD", "--")
+    found = _HEAD_LINE.fullmatch(out or "")
+    if found is None:
         return None
+    return HeadCommit(found["commit"], int(found["time"]) if found["time"] else None)
+
+
+def commit_relation(cwd: Path, commit: str, head: str) -> CommitRelation | None:
+    """Where ``commit`` stands to ``head`` (the HEAD of ``cwd``'s checkout, ``head_commit``),
+    from at most one git process; None when git cannot tell (missing, too slow). A commit this
+    repository does not hold (another clone's, one a shallow clone did not fetch) is
+    ``APART``: the caller decides by the commits' times."""
+    if commit == head:
+        return CommitRelation.CONTAINED
     if not _COMMIT.fullmatch(commit):  # recorded by another tool, or edited: no option to git
-        return False
-    done = _git_run(cwd, "merge-base", "--is-ancestor", commit, "HEAD")
-    if done is None or done.returncode not in (0, 1, 128):
+        return CommitRelation.APART
+    # the merge base of two commits one of which descends from the other is that one, alone
+    done = _git_run(cwd, "merge-base", commit, head)
+    if done is None:
         return None
-    return done.returncode == 0
+    if done.returncode == 0:
+        base = done.stdout.strip()
+        if base == commit:
+            return CommitRelation.CONTAINED
+        return CommitRelation.AHEAD if base == head else CommitRelation.APART
+    # 1: no common ancestor; 128: not a commit of this repository
+    return CommitRelation.APART if done.returncode in (1, 128) else None
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -239,9 +285,12 @@ def _git_run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
 __all__ = [
     "CI_VARIABLES",
     "USER_VARIABLES",
+    "CommitRelation",
     "GitInfo",
+    "HeadCommit",
     "RunInfo",
     "collect_run_info",
-    "commit_in_history",
+    "commit_relation",
+    "head_commit",
     "start_run_info",
 ]

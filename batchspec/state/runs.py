@@ -44,6 +44,7 @@ class RunRow:
     ci_system: str | None
     ci_run_url: str | None
     version: str | None
+    git_commit_time: int | None = None  # committer time of git_commit, epoch seconds
 
     @property
     def outcome(self) -> str:
@@ -92,8 +93,8 @@ class RunsAndEvents(StateConnection):
         with self.atomic():
             cur = self.db.execute(
                 'INSERT INTO runs (command, args, started_at, "user", host, pid, git_commit, '
-                "git_branch, git_dirty, ci_system, ci_run_url, version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                "git_branch, git_dirty, ci_system, ci_run_url, version, git_commit_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     command,
                     dump_json(dict(args)),
@@ -107,6 +108,7 @@ class RunsAndEvents(StateConnection):
                     info.ci_system,
                     info.ci_run_url,
                     info.version,
+                    info.git_commit_time,
                 ),
             )
             return returned_id(cur)
@@ -159,18 +161,23 @@ class RunsAndEvents(StateConnection):
             )
         return [_run_row(r) for r in rows]
 
-    def last_declared_at(self, resource: str) -> str | None:
+    def last_declared_at(self, resource: str) -> tuple[str, int | None] | None:
         """The git commit of the most recent ``apply`` (or ``import``) run that recorded an
-        event for ``resource`` other than pruning, cancelling or forgetting it: the last
-        checkout known to declare it (None: no such run, or it recorded no commit)."""
+        event for ``resource`` other than pruning, cancelling or forgetting it (the last
+        checkout known to declare it), with that commit's time as the run recorded it (epoch
+        seconds; None: unknown). None: no such run, or it recorded no commit."""
         row = self._one(
-            "SELECT runs.git_commit AS commit_id FROM events JOIN runs ON runs.id = events.run_id "
+            "SELECT runs.git_commit AS commit_id, runs.git_commit_time AS commit_time "
+            "FROM events JOIN runs ON runs.id = events.run_id "
             "WHERE events.resource = ? AND runs.command IN ('apply', 'import') "
             f"AND events.action NOT IN ({', '.join('?' * len(NOT_DECLARING_EVENTS))}) "
             "ORDER BY events.id DESC LIMIT 1",
             (resource, *NOT_DECLARING_EVENTS),
         )
-        return None if row is None else row["commit_id"]
+        if row is None or not row["commit_id"]:
+            return None
+        time = row["commit_time"]
+        return row["commit_id"], None if time is None else int(time)
 
     def record_event(
         self,

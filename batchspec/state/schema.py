@@ -484,3 +484,18 @@ def m006_blobs(db: Sql) -> None:
     chunks of 1 MiB, so every runner can restore results. An SQLite state has the tables too
     (one schema for both) and leaves them empty: its blobs are in ``state/store/``."""
     db.script(_M006[db.dialect])
+
+
+_M007 = {
+    "sqlite": "ALTER TABLE runs ADD COLUMN git_commit_time INTEGER;",
+    "postgresql": "ALTER TABLE runs ADD COLUMN git_commit_time BIGINT;",
+}
+
+
+@MIGRATIONS
+def m007_run_commit_time(db: Sql) -> None:
+    """``runs.git_commit_time``: the committer time (epoch seconds) of the run's
+    ``git_commit``, so ``apply --prune`` can tell a commit newer than its checkout's from an
+    older one it has no object of (a shallow clone, a squash-merged branch). NULL when
+    unknown: no git, or a run recorded before this migration."""
+    db.script(_M007[db.dialect])

@@ -4,7 +4,8 @@ Storage format (an SQLite file, ``state/batchspec.db`` by default, or a PostgreS
 named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both dialects):
 
 * ``runs``: one row per command that read or changed state, with its provenance
-  (``batchspec.state.runinfo.RunInfo``): user, host, pid, git commit/branch/dirty, CI run URL.
+  (``batchspec.state.runinfo.RunInfo``): user, host, pid, git commit (and its time)/branch/dirty,
+  CI run URL.
 * ``resources``: one row per manifest resource ever seen, keyed by name; ``forgotten_at`` is
   set instead of deleting, so history keeps making sense.
 * ``generations``: one row per (resource, spec hash), with the spec as JSON, the input's
