@@ -77,8 +77,11 @@ def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
     assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
     code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
     assert code == 0
-    assert "= triage: none (in sync: 3 succeeded)" in out
+    assert "triage" not in out  # in sync: counted, not listed (a fleet's plan lists changes)
+    assert "(1 resource in sync, not listed: `plan --verbose` lists every one)" in out
     assert "No changes" in out
+    code, out, _ = run_cli(["plan", str(ws.root), "--verbose"], capsys)
+    assert "= triage: none (in sync: 3 succeeded)" in out and "not listed" not in out
 
 
 def test_a_no_op_apply_counts_unchanged_resources_and_lists_only_what_it_touched(

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
     from batchspec.core.history import CommitSpend, HistoryEntry
     from batchspec.core.lifecycle import ForgetResult, ImportResult
-    from batchspec.core.plan import Drain, Plan
+    from batchspec.core.plan import Action, Drain, Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.spend import Usage
     from batchspec.core.state_move import MigrateResult
@@ -157,18 +157,27 @@ _SYMBOLS = {
 
 
 def plan_text(
-    plan: Plan, style: Style = PLAIN, selection: Sequence[str] = (), *, unchanged: bool = True
+    plan: Plan,
+    style: Style = PLAIN,
+    selection: Sequence[str] = (),
+    *,
+    unchanged: bool = True,
+    counted_by: str | None = None,
 ) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
-    With ``unchanged=False`` (apply without ``--verbose``) resources with nothing to do get
-    no line: a no-op run over a fleet says "No changes" rather than list each one (its
-    summary counts them). With an enabled ``style`` the symbol and action are in the
+    With ``unchanged=False`` (plan or apply without ``--verbose``) resources in sync with
+    nothing else to say get no line: a no-op run over a fleet says "No changes" rather than
+    list each one.
+    ``counted_by``: the command that lists them, named in a line counting them (apply's
+    summary counts them instead). With an enabled ``style`` the symbol and action are in the
     action's colour."""
     lines = []
+    hidden = 0
     for action in plan.actions:
         kind = action.kind.value
-        if not unchanged and kind == "none":
+        if not unchanged and _nothing_to_say(action):
+            hidden += 1
             continue
         symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
         name, verb = style.bold(action.resource), style.action(kind, kind)
@@ -179,9 +188,22 @@ def plan_text(
                 f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
             )
         lines.append(line)
+    if hidden and counted_by:
+        lines.append(
+            f"  ({_plural(hidden, 'resource')} in sync, not listed: `{counted_by}` lists every one)"
+        )
     if not plan.actions:
         lines.append("  no resources selected")
     return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
+
+
+#: the reason of a resource in sync with nothing beside it (no failures kept for good, no
+#: move, no forget, no generation still stopping): counted, not listed, without --verbose
+_PLAIN_IN_SYNC = re.compile(r"in sync: \d+ succeeded")
+
+
+def _nothing_to_say(action: Action) -> bool:
+    return action.kind.value == "none" and _PLAIN_IN_SYNC.fullmatch(action.reason) is not None
 
 
 def nothing_selected(selection: Sequence[str] = ()) -> str:
@@ -414,7 +436,7 @@ def apply_text(
 def _touched(result: ApplyResult) -> Iterator[ResourceStatus]:
     """The statuses apply's summary lists without ``--verbose``: every resource the plan had
     a step for, or that is not Synced and Healthy with nothing next, or not collected."""
-    acted = {a.resource for a in result.plan.actions if a.kind.value != "none"}
+    acted = {a.resource for a in result.plan.actions if not _nothing_to_say(a)}
     failed = {f.resource for f in result.not_collected}
     for s in result.statuses:
         unchanged = s.sync == "Synced" and s.health == "Healthy" and s.action == "none"
