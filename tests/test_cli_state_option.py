@@ -138,3 +138,22 @@ def test_cancel_and_forget_where_no_state_exists_create_nothing(
     assert code == 1, err
     assert not ws.state_path.parent.exists()
     assert "no state database at" in err, err
+
+
+def test_plan_of_some_manifests_creates_no_folder_for_a_missing_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan manifests/job.yaml --state typo/x.db` (PATHS narrower than the workspace, so
+    the whole workspace's names are read for orphans) made the folder `typo/` and a manifest
+    cache in it; it now makes nothing there, as `plan` of the whole workspace does."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=1, provider="here"),),
+    )
+    typo = tmp_path / "typo" / "batchspec.db"
+
+    code, _, err = run_cli(["plan", str(ws.manifest_path("job")), "--state", str(typo)], capsys)
+
+    assert code == 0, err
+    assert not typo.parent.exists()

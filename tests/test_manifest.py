@@ -716,6 +716,23 @@ def test_nan_and_infinity_are_refused_where_a_schema_bound_cannot_see_them(tmp_p
     assert any("/spec/limits/maxRequests: -.inf is not a number" in p for p in shown)
 
 
+def test_explicit_yaml_tags_that_build_no_json_value_are_problems(tmp_path: Path) -> None:
+    """`!!binary` (bytes) and `!!timestamp` (a date) in a request body, which the schema
+    leaves open, are problems at their place; they went through to the template's JSON
+    encoder and ended validate/plan/apply in a TypeError traceback. `!!str 1` is a string."""
+    text = BASE.replace(
+        "  input: data.jsonl\n",
+        "  input:\n    rows: data.jsonl\n    body:\n      model: m\n      a: !!binary aGk=\n"
+        "      b: !!timestamp 2024-01-01\n      c: !!str 1\n",
+    )
+    found = problems(make_workspace(tmp_path, {"m.yaml": text}))
+    assert [(p.pointer, p.code, p.line) for p in found] == [
+        ("/spec/input/body/a", "invalid-value", 12),
+        ("/spec/input/body/b", "invalid-value", 13),
+    ]
+    assert "!!binary values are not JSON" in found[0].message
+
+
 def test_the_builtin_local_provider_beside_a_declared_one_on_its_folder_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -428,21 +428,29 @@ def test_a_racy_entry_is_hashed_once_a_process_after_its_stamp_settled(
     assert ws.resources == load_workspace([root]).resources
 
 
+def test_data_that_json_cannot_hold_exactly_is_not_encoded(tmp_path: Path) -> None:
+    """A document whose data would not come back from JSON unchanged is never stored."""
+    file = tmp_path / "odd.yaml"
+    file.write_text("a: .nan\n")
+    documents, problems = read_yaml_documents(file)
+    assert problems == []
+    assert encode_documents(documents) is None
+
+
 @pytest.mark.parametrize(
     "value",
     [
         pytest.param("!!binary aGVsbG8=", id="bytes"),
         pytest.param("!!timestamp 2024-01-01", id="timestamp"),
-        pytest.param(".nan", id="nan"),
     ],
 )
-def test_data_that_json_cannot_hold_exactly_is_not_encoded(tmp_path: Path, value: str) -> None:
-    """A document whose data would not come back from JSON unchanged is never stored."""
+def test_data_that_is_no_json_value_is_a_problem(tmp_path: Path, value: str) -> None:
+    """bytes or a date never get into a document's data (the file is not clean: not stored)."""
     file = tmp_path / "odd.yaml"
     file.write_text(f"a: {value}\n")
-    documents, problems = read_yaml_documents(file)
-    assert problems == []
-    assert encode_documents(documents) is None
+    [document], problems = read_yaml_documents(file)
+    assert [(p.pointer, p.code) for p in problems] == [("/a", "invalid-value")]
+    assert document.data == {"a": None}
 
 
 def test_an_unusable_cache_database_only_costs_a_reread(root: Path) -> None:

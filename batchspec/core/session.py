@@ -97,7 +97,9 @@ def workspace_names(ws: Workspace, paths: Sequence[str]) -> frozenset[str]:
     if any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
         return frozenset(loaded)  # the whole workspace is loaded already
     cache_db = ws.project.state_path.parent / "input-cache.db"
-    with ManifestCache(cache_db, ws.project) as manifests:
+    # the cache ``open_workspace`` made, or none: a plan on a state that does not exist
+    # (``--state`` a typo) makes nothing there, not even the folder
+    with ManifestCache(cache_db if cache_db.is_file() else None, ws.project) as manifests:
         return workspace_resource_names(ws.project, manifest_cache=manifests) | loaded
 
 

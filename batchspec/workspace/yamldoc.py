@@ -16,7 +16,8 @@ Promises:
   where a reader looks; an unknown or invalid key points at the key itself.
 - The YAML dialect is YAML 1.2-like where 1.1 surprises people: only ``true``/``false`` are
   booleans (so ``on:`` is the string "on", not True) and dates stay strings. Duplicate keys
-  and non-string keys are problems, never silently merged. Merge keys (``<<``) and anchors work.
+  and non-string keys are problems, never silently merged, as is an explicit tag that builds
+  no JSON value (``!!binary``, ``!!timestamp``). Merge keys (``<<``) and anchors work.
 - Reading a file never raises for bad content: syntax errors, bad UTF-8 and unreadable files
   come back as problems, so the caller can report them with everything else.
 - Reading is bounded. A file larger than ``MAX_YAML_FILE_BYTES`` is refused unread; a path
@@ -304,7 +305,7 @@ class _Builder:
             self._count_alias(node, pointer)
         self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node)
+            return self._scalar(node, pointer)
         if id(node) in self._open:
             self._problem(node.start_mark, pointer, "recursive-alias", "an alias refers to itself")
             return None
@@ -347,6 +348,22 @@ class _Builder:
                 raise _AliasBomb(key_node.start_mark, pointer)
         self._merged[id(node)] = total
         return total
+
+    def _scalar(self, node: yaml.ScalarNode, pointer: str) -> Any:
+        """A scalar as JSON has it; an explicit tag that builds anything else (``!!binary``
+        bytes, a ``!!timestamp`` date) is a problem: no schema type matches it, but an
+        open object (a request ``body``) would carry it to a JSON encoder."""
+        value = self.loader.construct_object(node)
+        if value is None or type(value) in (str, int, float, bool):
+            return value
+        self._problem(
+            node.start_mark,
+            pointer,
+            "invalid-value",
+            f"{node.tag.replace('tag:yaml.org,2002:', '!!')} values are not JSON: "
+            "write a string, a number, true/false or null",
+        )
+        return None
 
     def _mapping(self, node: yaml.MappingNode, pointer: str, *, aliased: bool) -> dict[str, Any]:
         self._check_duplicates(node, pointer)
