@@ -7,6 +7,7 @@ create whose answer is lost is real timing, not a mock.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from workspaces import (
 
 from batchspec.engine import BuiltinUpstream
 from batchspec.errors import ProviderError
+from batchspec.providers import _http, gemini
 from batchspec.providers.base import (
     AmbiguousOutcome,
     Provider,
@@ -490,6 +492,23 @@ def test_small_batches_go_inline_with_the_key_as_display_name(
     assert srv.probe.counts[CREATE] == 1 and srv.probe.counts[UPLOAD] == 0
     [stored] = srv.engine.list_batches(None, 100)["data"]
     assert stored["metadata"]["gemini_source"] == "inline"
+
+
+def test_an_inline_batchs_answers_are_read_past_the_cap_other_answers_have(
+    server: Callable[..., ProbedServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline batch's answers come inside its operation, read whole: the cap that bounds
+    any other API answer (``MAX_ANSWER_BYTES``, shrunk here below one operation's size) must
+    not leave them uncollected; Gemini's own cap (``INLINE_RESULTS_MAX_BYTES``) is larger."""
+    monkeypatch.setattr(_http, "MAX_ANSWER_BYTES", 512)
+    srv = server()
+    with provider_for(srv, tmp_path / "p") as provider:
+        batch = create(provider, stage(provider, tmp_path, request_lines(3, model=MODEL)))
+        done = ended(provider, batch.id)
+        lines = download(provider, done.output_file_id, tmp_path / "out.jsonl")
+    assert [r["custom_id"] for r in lines] == ["req-0", "req-1", "req-2"]
+    assert len(json.dumps(lines)) > 512
+    assert gemini.INLINE_RESULTS_MAX_BYTES > 256 * 1024 * 1024
 
 
 def test_large_batches_are_uploaded_then_created_from_the_file(

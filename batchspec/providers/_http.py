@@ -774,8 +774,10 @@ class RetryingClient:
         sleep: Callable[[float], None] = pause_before_retry,
         rand: Callable[[], float] = random.random,
         more: Callable[[], httpx.Client] | None = None,
+        max_answer_bytes: int | None = None,  # None: MAX_ANSWER_BYTES
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._max_answer_bytes = max_answer_bytes
         self._client = client
         self._owns_client = owns_client
         self._more = more
@@ -942,6 +944,7 @@ class RetryingClient:
                         response,
                         stall_seconds=client.timeout.read,
                         provider=self._context.provider,
+                        cap=self._max_answer_bytes or MAX_ANSWER_BYTES,
                     )
             except httpx.TransportError as exc:
                 retryable = isinstance(exc, _RETRYABLE_TRANSPORT_ERRORS)
@@ -1029,16 +1032,22 @@ def _write_body(
     return written
 
 
-def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provider: str) -> None:
+def _read_whole(
+    response: httpx.Response,
+    *,
+    stall_seconds: float | None,
+    provider: str,
+    cap: int,
+) -> None:
     """Read a streamed response's body into it (as ``Response.read`` does), ``stall_checked``
-    and at most ``MAX_ANSWER_BYTES`` decoded: past them, ``ProviderError``."""
+    and at most ``cap`` bytes decoded: past them, ``ProviderError``."""
     chunks: list[bytes] = []
     size = 0
     try:
         for chunk in stall_checked(response, stall_seconds, provider=provider):
             size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise _too_large(response, provider)
+            if size > cap:
+                raise _too_large(response, provider, cap)
             chunks.append(chunk)
         response._content = b"".join(chunks)
     except httpx.DecodingError as err:  # a body its Content-Encoding cannot decode: cut off
@@ -1049,11 +1058,11 @@ def _read_whole(response: httpx.Response, *, stall_seconds: float | None, provid
         response.close()
 
 
-def _too_large(response: httpx.Response, provider: str) -> ProviderError:
+def _too_large(response: httpx.Response, provider: str, cap: int) -> ProviderError:
     url = display_url(str(response.request.url))
     return ProviderError(
         f"{provider}: the answer to {response.request.method} {url} is larger than "
-        f"{MAX_ANSWER_BYTES:,} bytes decoded: not read further, nothing of it was kept "
+        f"{cap:,} bytes decoded: not read further, nothing of it was kept "
         "(an answer of the Batch API is far smaller: a broken or hostile server, or a proxy "
         "in between?)"
     )

@@ -95,6 +95,9 @@ DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 DEFAULT_API_VERSION = "v1beta"
 #: inline requests up to this many bytes of JSON (Gemini's limit is 20 MB for the whole body)
 DEFAULT_INLINE_MAX_BYTES = 19 * 1024 * 1024
+#: the most of one answer read into memory: an inline batch's operation carries all its
+#: answers (up to 19 MB of requests can ask for far more than _http's 256 MiB of answers)
+INLINE_RESULTS_MAX_BYTES = 2 * 1024 * 1024 * 1024
 MAX_FILE_BYTES = gemini_lines.MAX_FILE_BYTES
 DISPLAY_PREFIX = "batchspec"
 #: how many list pages a lost create's lookup reads before it gives up
@@ -155,6 +158,9 @@ class GeminiProvider(StagedInputs):
             policy=self._policy,
             sleep=sleep,
             rand=rand,
+            # an inline batch's answers come inside its operation, read whole: a cap any
+            # other Batch API answer stays far below would leave paid-for results uncollected
+            max_answer_bytes=INLINE_RESULTS_MAX_BYTES,
         )
         # the upload session URL is its own credential: the key is never sent there
         self._uploads = RetryingClient(
