@@ -668,6 +668,9 @@ def test_prune_from_an_older_commit_leaves_alone_what_a_newer_commit_added(
     [held] = [a for a in json.loads(out)["actions"] if a["resource"] == "added"]
     assert (held["action"], held["declared_by"]) == ("orphaned", c2)
     assert c2[:12] in held["reason"] and "--select added" in held["reason"]
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)  # no --prune: its hint agrees
+    assert f"commit {c2[:12]}, newer than this checkout's, declared it: `apply --prune` " in out
+    assert "leaves it alone" in out and "cancels and forgets" not in out
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "--prune", "--json"], capsys)
 
     assert code == 0, err

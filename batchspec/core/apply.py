@@ -869,7 +869,7 @@ def compute_plan(
                 and name not in named
                 and name not in {r.name for r in resources} | set(elsewhere or ())
             ]
-            if prune and checkout is not None
+            if checkout is not None  # without --prune too: the orphan's hint says it is held
             else [],
         ),
     )

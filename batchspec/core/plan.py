@@ -656,6 +656,15 @@ def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None =
             provider=rec.provider,
             reason=f"manifest is gone, {detail}: cancel and forget",
         )
+    if declared_by is not None:  # what `--prune` would do: leave it alone
+        return Action(
+            resource=rec.name,
+            kind=ActionKind.ORPHANED,
+            provider=rec.provider,
+            reason=f"manifest is gone here ({detail}), but commit {declared_by[:12]}, newer "
+            "than this checkout's, declared it: `apply --prune` leaves it alone (`apply "
+            f"--prune --select {rec.name}` prunes it anyway)",
+        )
     return Action(
         resource=rec.name,
         kind=ActionKind.ORPHANED,
