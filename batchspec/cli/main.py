@@ -594,6 +594,13 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     is_flag=True,
     help="Exit 0 when nothing would change, 2 when changes are pending, 1 on error.",
 )
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="List every resource, also those in sync with nothing to do (by default the text "
+    "plan counts them in one line, as apply does).",
+)
 @no_color_option
 @replace_options
 @state_option
@@ -605,6 +612,7 @@ def plan(
     out_path: str | None,
     prune: bool,
     detailed_exitcode: bool,
+    verbose: bool,
     replace: tuple[str, ...],
     no_reuse: bool,
     state_path: str | None,
@@ -645,7 +653,13 @@ def plan(
         click.echo(render.plan_markdown(result), nl=False)
     else:
         click.echo(
-            render.plan_text(result.plan, stdout_style(), result.selection)
+            render.plan_text(
+                result.plan,
+                stdout_style(),
+                result.selection,
+                unchanged=verbose,
+                unlisted_hint="`plan --verbose` lists every one",
+            )
             + render.plan_costs(result)
             + render.plan_drains(result)
         )

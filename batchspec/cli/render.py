@@ -157,18 +157,26 @@ _SYMBOLS = {
 
 
 def plan_text(
-    plan: Plan, style: Style = PLAIN, selection: Sequence[str] = (), *, unchanged: bool = True
+    plan: Plan,
+    style: Style = PLAIN,
+    selection: Sequence[str] = (),
+    *,
+    unchanged: bool = True,
+    unlisted_hint: str = "",
 ) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
-    With ``unchanged=False`` (apply without ``--verbose``) resources with nothing to do get
-    no line: a no-op run over a fleet says "No changes" rather than list each one (its
-    summary counts them). With an enabled ``style`` the symbol and action are in the
-    action's colour."""
+    With ``unchanged=False`` (plan or apply without ``--verbose``) resources with nothing to
+    do get no line: a no-op run over a fleet says "No changes" rather than list each one.
+    ``unlisted_hint`` (plan's) adds one line counting them and saying how to list them;
+    apply gives none, its summary counts them. With an enabled ``style`` the symbol and
+    action are in the action's colour."""
     lines = []
+    unlisted = 0
     for action in plan.actions:
         kind = action.kind.value
-        if not unchanged and kind == "none":
+        if not unchanged and action.leaves_alone:
+            unlisted += 1
             continue
         symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
         name, verb = style.bold(action.resource), style.action(kind, kind)
@@ -181,6 +189,8 @@ def plan_text(
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
+    if unlisted and unlisted_hint:
+        lines.append(f"  ({_plural(unlisted, 'resource')} in sync, not listed: {unlisted_hint})")
     return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
 
 
