@@ -107,7 +107,7 @@ def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | N
     created)."""
     if value and "://" not in value and not os.path.exists(value):
         click.echo(
-            f"warning: no state database at {value}: nothing has been recorded there "
+            f"Warning: no state database at {value}: nothing has been recorded there "
             "(a mistyped --state or BATCHSPEC_STATE?)",
             err=True,
         )
