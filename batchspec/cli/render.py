@@ -620,6 +620,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:
                 lines.append(f"      errors:  {display_path(Path(s.errors))}")
+                if s.first_error:
+                    lines.append(f"      first error: {s.first_error}")
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
             if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run
