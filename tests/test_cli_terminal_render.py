@@ -95,6 +95,25 @@ def test_a_retired_batch_being_drained_is_not_drawn_as_the_resources_progress() 
     assert "4/16" in line and "60" not in line and "cancelling" not in line
 
 
+def test_a_replace_draws_the_new_generation_not_the_cancelled_one() -> None:
+    """A replace cancels the old generation's batches, then creates the new one's: the bar
+    follows the new batch, not '✗ cancelled' all the way to '20,000/20,000 100% cancelled'."""
+    cancel = Progress("cancel", "triage", "replaced by a new spec: cancel sent to 2 batch(es)")
+    create = Progress("create", "triage", "", {"remote_id": "new", "shard": 1, "attempt": 1})
+    board = board_of(
+        (0.0, poll(3, 10, remote="old1", shard=1)),
+        (0.0, poll(2, 10, remote="old2", shard=2)),
+        (0.1, cancel),
+        (0.2, create),
+        (0.3, poll(4, 16, remote="new")),
+    )
+    [line] = board_lines(board, now=0.3, width=120)
+    assert "4/16" in line and "cancelled" not in line and "✗" not in line, line
+    assert "shards" not in line, line  # the old generation's second shard is gone
+    [line] = board_lines(board_of((0.0, cancel)), now=0.0, width=120)
+    assert "cancelled" in line  # a cancel with nothing after it (prune) still says so
+
+
 def test_validating_shows_a_spinner_and_no_bar() -> None:
     """While the provider validates there are no counts to draw: a spinner and the word."""
     board = board_of(
