@@ -216,6 +216,30 @@ def test_markdown_plan_has_marker_summary_table_and_details() -> None:
     assert f"| `triage` | srv | `{HASH_A[:12]}` |  |" in lines
 
 
+def test_markdown_plan_without_verbose_counts_the_resources_in_sync() -> None:
+    """As the text plan: rows only for resources with a step (an orphan is one), the rest
+    counted in one line; a fleet's comment listed every resource in sync, past a code host's
+    comment size limit. With nothing to list there is no table, only the count."""
+    md = plan_markdown(
+        result(
+            action("triage", ActionKind.CREATE, 1200),
+            action("summaries", ActionKind.NONE, reason="in sync: 3 succeeded"),
+            action("gone", ActionKind.ORPHANED, reason="manifest is gone"),
+        ),
+        unchanged=False,
+    )
+    lines = md.splitlines()
+    assert "| `summaries` | `=` none | in sync: 3 succeeded |  |  |  |" not in lines
+    header = lines.index("| resource | action | reason | requests | est. tokens | est. cost |")
+    assert [row.split(" | ")[0] for row in lines[header + 2 : header + 4]] == [
+        "| `triage`",
+        "| `gone`",
+    ]
+    assert "_1 resource in sync, not listed: `plan --verbose` lists every one._" in lines
+    md = plan_markdown(result(action("s", ActionKind.NONE, reason="in sync")), unchanged=False)
+    assert "| resource | action |" not in md and "_1 resource in sync, not listed:" in md
+
+
 def test_markdown_plan_without_changes_says_so() -> None:
     """An in-sync plan reads 'No changes' in the summary."""
     md = plan_markdown(result(action("triage", ActionKind.NONE, reason="in sync")))

@@ -599,7 +599,7 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     "-v",
     is_flag=True,
     help="List every resource, also those in sync with nothing to do (by default the text "
-    "plan counts them in one line, as apply does).",
+    "and markdown plans count them in one line, as apply does).",
 )
 @no_color_option
 @replace_options
@@ -650,7 +650,7 @@ def plan(
     if as_json or output_format == "json":
         emit_json(render.plan_result_json(result))
     elif output_format == "markdown":
-        click.echo(render.plan_markdown(result), nl=False)
+        click.echo(render.plan_markdown(result, unchanged=verbose), nl=False)
     else:
         click.echo(
             render.plan_text(

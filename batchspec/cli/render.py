@@ -309,11 +309,14 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
 PLAN_MARKDOWN_MARKER = "<!-- batchspec-plan -->"
 
 
-def plan_markdown(result: PlanResult) -> str:
+def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
     """A plan for a pull-request comment: summary, a table, and collapsible details.
 
     The first line is an HTML comment (``PLAN_MARKDOWN_MARKER``) so a CI job can find and
-    update its earlier comment instead of adding one per push.
+    update its earlier comment instead of adding one per push. With ``unchanged=False``
+    (plan without ``--verbose``) the table has a row per resource with a step and one line
+    counts the others, as the text plan does: a fleet's comment stays far under a code
+    host's comment size limit.
     """
     plan = result.plan
     summary = plan_summary(plan, result.selection)
@@ -337,12 +340,13 @@ def plan_markdown(result: PlanResult) -> str:
             ),
             "",
         ]
-    if plan.actions:
+    listed = [a for a in plan.actions if unchanged or not a.leaves_alone]
+    if listed:
         lines += [
             "| resource | action | reason | requests | est. tokens | est. cost |",
             "|:--|:--|:--|--:|--:|--:|",
         ]
-        for a in plan.actions:
+        for a in listed:
             requests = f"{a.requests:,}" if a.spends else ""
             tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
             estimate = result.estimates.get(a.resource) if a.spends else None
@@ -354,8 +358,14 @@ def plan_markdown(result: PlanResult) -> str:
                 f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
                 f"| {requests} | {tokens} | {cost} |"
             )
-    else:
+    if not plan.actions:
         lines.append("_No resources selected._")
+    elif len(listed) < len(plan.actions):
+        unlisted = _plural(len(plan.actions) - len(listed), "resource")
+        lines += [
+            *([""] if listed else []),
+            f"_{unlisted} in sync, not listed: `plan --verbose` lists every one._",
+        ]
     lines += ["", "<details><summary>Details</summary>", ""]
     selection = ", ".join(f"`{s}`" for s in result.selection) or "all resources"
     lines += [
