@@ -240,6 +240,27 @@ def test_markdown_plan_without_verbose_counts_the_resources_in_sync() -> None:
     assert "| resource | action |" not in md and "_1 resource in sync, not listed:" in md
 
 
+def test_a_fleets_spend_estimate_names_the_costliest_and_sums_the_rest() -> None:
+    """Past 10 spending resources the text plan's estimate names the 10 costliest (an unknown
+    price first) and sums the rest in one line, the total unchanged; every=True lists all."""
+    from batchspec.cli.render import plan_costs
+    from batchspec.core.budget import Estimate
+
+    costs: list[float | None] = [float(n) for n in range(1, 15)] + [None]
+    names = [f"r{n:02d}" for n in range(len(costs))]
+    estimates = {
+        name: Estimate(1, 10, 20, cost, "m", None if cost is None else "table")
+        for name, cost in zip(names, costs, strict=True)
+    }
+    plan = result(*(action(n, ActionKind.CREATE, 1) for n in names), estimates=estimates)
+    lines = plan_costs(plan, every=False).splitlines()
+    named = [line.split(":")[0].strip() for line in lines[2:12]]
+    assert named == ["r14", "r13", "r12", "r11", "r10", "r09", "r08", "r07", "r06", "r05"]
+    assert lines[12] == "  … and 5 more, ≤ $15.00 together (`plan --verbose` lists every one)"
+    assert lines[13] == "  total: unknown price"
+    assert len(plan_costs(plan).splitlines()) == 2 + 15 + 1
+
+
 def test_markdown_plan_without_changes_says_so() -> None:
     """An in-sync plan reads 'No changes' in the summary."""
     md = plan_markdown(result(action("triage", ActionKind.NONE, reason="in sync")))

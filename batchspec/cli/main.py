@@ -599,7 +599,8 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     "-v",
     is_flag=True,
     help="List every resource, also those in sync with nothing to do (by default the text "
-    "and markdown plans count them in one line, as apply does).",
+    "and markdown plans count them in one line, as apply does), and the spend estimate of "
+    "each (by default the 10 costliest, then the rest summed).",
 )
 @no_color_option
 @replace_options
@@ -660,7 +661,7 @@ def plan(
                 unchanged=verbose,
                 unlisted_hint="`plan --verbose` lists every one",
             )
-            + render.plan_costs(result)
+            + render.plan_costs(result, every=verbose)
             + render.plan_drains(result)
         )
     for note in render.plan_notes(result):

@@ -7,6 +7,7 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -234,16 +235,37 @@ def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
     return text
 
 
-def plan_costs(result: PlanResult) -> str:
-    """The spend estimate under a text plan: per resource and in total, as upper bounds."""
+#: resources the text plan's spend estimate names before it counts the rest (without -v)
+COSTS_SHOWN = 10
+
+
+def plan_costs(result: PlanResult, *, every: bool = True) -> str:
+    """The spend estimate under a text plan: per resource and in total, as upper bounds.
+
+    Without ``every`` (plan without ``--verbose``) past ``COSTS_SHOWN`` resources it names
+    the costliest (an unknown price first: it may be any amount) and counts the rest with
+    their sum: a fleet's estimate was a line per new resource under a line per new resource.
+    """
     estimates = result.estimates
     if not estimates:
         return ""
     lines = ["", "Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
-    for name, e in estimates.items():
+    shown = list(estimates.items())
+    if not every and len(shown) > COSTS_SHOWN:
+        shown.sort(key=lambda item: -math.inf if item[1].cost_usd is None else -item[1].cost_usd)
+        shown = shown[:COSTS_SHOWN]
+    for name, e in shown:
         lines.append(
             f"  {name}: ~{e.input_tokens:,} input + ≤ {e.max_output_tokens:,} output tokens, "
             f"{_upper(e.cost_usd)}" + (f" ({e.price_source})" if e.price_source else "")
+        )
+    rest = [e for name, e in estimates.items() if name not in dict(shown)]
+    if rest:
+        costs = [e.cost_usd for e in rest]
+        sum_of_rest = None if None in costs else sum(c or 0.0 for c in costs)
+        lines.append(
+            f"  … and {len(rest):,} more, {_upper(sum_of_rest)} together "
+            "(`plan --verbose` lists every one)"
         )
     lines.append(f"  total: {_upper(_total_cost(result))}")
     return "\n".join(lines)
