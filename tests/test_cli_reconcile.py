@@ -36,6 +36,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.workspace.yamldoc import display_path
 
 FAST = ["--poll-interval", "0.05"]
 
@@ -97,6 +98,22 @@ def test_plan_counts_unchanged_resources_and_lists_only_those_with_a_step(
     code, out, _ = run_cli(["plan", str(applied.root), "--verbose"], capsys)
     assert "= alpha: none (in sync" in out and "< beta: restore" in out
     assert "not listed" not in out
+
+
+def test_a_restore_names_both_files_it_writes(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deleted errors file is restored with the output file, and the line names both (it
+    named only the output file, beside the reason "errors file is missing")."""
+    applied.errors_path("beta").unlink()
+    code, out, err = run_cli(["apply", str(applied.root), *FAST], capsys)
+    assert code == 0, err
+    out_file, errors_file = applied.output_path("beta"), applied.errors_path("beta")
+    assert (
+        f"[beta] restored {display_path(out_file)} and {display_path(errors_file)} from the "
+        "state store (errors file is missing)"
+    ) in out
+    assert errors_file.exists()
 
 
 def test_a_no_op_apply_counts_unchanged_resources_and_lists_only_what_it_touched(
