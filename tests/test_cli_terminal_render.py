@@ -333,6 +333,23 @@ def test_status_counts_group_thousands_as_the_totals_line_does() -> None:
     assert "batch_1 in_progress 1,500/20,000" in text
 
 
+def test_status_counts_what_running_batches_answered_beside_what_is_collected() -> None:
+    """Results are collected when a batch ends: '0/20,000 succeeded' beside a batch at
+    6,880/20,000 read as no progress, so the running batches' answers are counted too;
+    an ended batch's are in the succeeded count already, and add nothing."""
+    running = BatchStatus(1, 1, "batch_1", "in_progress", 20000, 6800, 80)
+    ended = BatchStatus(2, 1, "batch_2", "completed", 100, 100, 0)
+    fields = ("OutOfSync", "Progressing", "refresh", "r", "p", None, None, 20100, 100, 0)
+    status = ResourceStatus("big", *fields, None, None, (running, ended))
+    text = status_text([status])
+    assert (
+        "big: OutOfSync, Progressing — 100/20,100 succeeded "
+        "(6,880 answered in batches still running, collected as they end)"
+    ) in text
+    status = ResourceStatus("big", *fields, None, None, (ended,))
+    assert "answered in batches" not in status_text([status])
+
+
 def test_the_live_output_draws_bars_ticks_and_erases_them_on_close() -> None:
     """apply's live output on a terminal: a poll draws the bars, a milestone stands above
     them, the ticker redraws while waiting, and close() stops the ticker and erases the bars

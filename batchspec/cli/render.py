@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
+from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.workspace.yamldoc import NAMES_SHOWN, Problem, display_path, name_listing
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
@@ -640,6 +641,13 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
                     f"{e.status}): {e.succeeded:,}/{e.requests:,} succeeded"
                     + (f", {e.failed:,} failed" if e.failed else "")
                 )
+        answering = sum(
+            (b.completed or 0) + (b.failed or 0)
+            for b in s.batches
+            if b.status not in TERMINAL_STATUSES
+        )
+        if answering:  # "0/20,000 succeeded" beside a batch at 6,880/20,000 read as no progress
+            counts += f" ({answering:,} answered in batches still running, collected as they end)"
         sync, health = style.state(s.sync), style.state(s.health)
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
