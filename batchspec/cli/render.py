@@ -191,7 +191,7 @@ def plan_text(
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
-    if unlisted and unlisted_hint:
+    if unlisted and unlisted_hint and lines:  # with none listed, "No changes: ..." says it
         lines.append(f"  ({_plural(unlisted, 'resource')} in sync, not listed: {unlisted_hint})")
     return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
 
