@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -808,7 +808,9 @@ def apply(
         verbose=verbose,
     )
 
-    def confirm(plan: Any) -> bool:
+    def confirm(plan: Any, estimates: Mapping[str, Any]) -> bool:
+        if estimates:  # what a yes may cost, as `plan` shows it (Terraform shows the plan)
+            click.echo("\n".join(render.estimate_lines(estimates, every=verbose)), err=True)
         try:
             return click.confirm("Apply this plan?", default=False, err=True)
         except click.exceptions.Abort as err:  # stdin closed, or Ctrl-C, before an answer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from batchspec.workspace.yamldoc import NAMES_SHOWN, Problem, display_path, name
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
+    from batchspec.core.budget import Estimate
     from batchspec.core.history import CommitSpend, HistoryEntry
     from batchspec.core.lifecycle import ForgetResult, ImportResult
     from batchspec.core.plan import Drain, Plan
@@ -247,10 +248,14 @@ def plan_costs(result: PlanResult, *, every: bool = True) -> str:
     the costliest (an unknown price first: it may be any amount) and counts the rest with
     their sum: a fleet's estimate was a line per new resource under a line per new resource.
     """
-    estimates = result.estimates
-    if not estimates:
+    if not result.estimates:
         return ""
-    lines = ["", "Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
+    return "\n".join(["", *estimate_lines(result.estimates, every=every)])
+
+
+def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> list[str]:
+    """``plan_costs``'s lines (apply's prompt shows them too)."""
+    lines = ["Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
     shown = list(estimates.items())
     if not every and len(shown) > COSTS_SHOWN:
         shown.sort(key=lambda item: -math.inf if item[1].cost_usd is None else -item[1].cost_usd)
@@ -268,8 +273,8 @@ def plan_costs(result: PlanResult, *, every: bool = True) -> str:
             f"  … and {len(rest):,} more, {_upper(sum_of_rest)} together "
             "(`plan --verbose` lists every one)"
         )
-    lines.append(f"  total: {_upper(_total_cost(result))}")
-    return "\n".join(lines)
+    lines.append(f"  total: {_upper(_total_cost(estimates))}")
+    return lines
 
 
 def plan_drains(result: PlanResult) -> str:
@@ -304,8 +309,8 @@ def _upper(cost: float | None) -> str:
     return "unknown price" if cost is None else f"≤ {dollars(cost)}"
 
 
-def _total_cost(result: PlanResult) -> float | None:
-    costs = [e.cost_usd for e in result.estimates.values()]
+def _total_cost(estimates: Mapping[str, Estimate]) -> float | None:
+    costs = [e.cost_usd for e in estimates.values()]
     return None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
 
 
@@ -324,7 +329,7 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         "estimates": {name: e.to_json() for name, e in result.estimates.items()},
         "drains": [d.to_json() for d in result.drains],
         "estimated_max_cost_usd": (
-            None if (cost := _total_cost(result)) is None else round(cost, 6)
+            None if (cost := _total_cost(result.estimates)) is None else round(cost, 6)
         ),
     }
 
@@ -346,8 +351,8 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
     lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{summary}**", ""]
     if result.estimates:
         lines += [
-            f"Estimated spend: {_upper(_total_cost(result))} (input ~4 bytes/token; output at "
-            "each request's max_tokens, 4096 where unset; batch prices)",
+            f"Estimated spend: {_upper(_total_cost(result.estimates))} (input ~4 bytes/token; "
+            "output at each request's max_tokens, 4096 where unset; batch prices)",
             "",
         ]
     for refusal in result.refusals:
