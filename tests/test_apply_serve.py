@@ -352,6 +352,27 @@ def test_ctrl_c_at_the_consent_prompt_is_an_interrupt_not_a_no(
     assert srv.probe.counts["POST /batches"] == 0
 
 
+def test_the_consent_prompt_shows_the_spend_estimate_first(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """apply asks "Apply this plan?" after the spend estimate `plan` shows (per resource and
+    the total), as Terraform asks after the whole plan: it asked with no figure at all."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stdin", ClosedTerminal())  # no answer: a no
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 1, err
+    estimate = err.index("Estimated spend (input ~4 bytes/token")
+    assert estimate < err.index("  triage: ~") < err.index("  total: ") < err.index("Apply this")
+    assert srv.probe.counts["POST /batches"] == 0
+
+
 def test_in_ci_apply_refuses_to_spend_without_yes_even_on_a_terminal(
     tmp_path: Path,
     server: Callable[..., ProbedServer],

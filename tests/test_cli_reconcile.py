@@ -36,6 +36,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.workspace.yamldoc import display_path
 
 FAST = ["--poll-interval", "0.05"]
 
@@ -77,11 +78,41 @@ def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
     assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
     code, out, _ = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
     assert code == 0
-    assert "triage" not in out  # in sync: counted, not listed (a fleet's plan lists changes)
-    assert "(1 resource in sync, not listed: `plan --verbose` lists every one)" in out
-    assert "No changes" in out
-    code, out, _ = run_cli(["plan", str(ws.root), "--verbose"], capsys)
-    assert "= triage: none (in sync: 3 succeeded)" in out and "not listed" not in out
+    assert out == "No changes: every resource is in sync.\n"  # as Terraform's "No changes."
+    verbose = run_cli(["plan", str(ws.root), "-v"], capsys)[1]
+    assert "= triage: none (in sync: 3 succeeded)" in verbose
+
+
+def test_plan_counts_unchanged_resources_and_lists_only_those_with_a_step(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like apply, a text plan lists only the resources with a step and counts the rest in
+    one line (one change among a fleet was a line per resource); -v lists every one."""
+    applied.output_path("beta").unlink()
+    code, out, _ = run_cli(["plan", str(applied.root)], capsys)
+    assert code == 0
+    assert "alpha" not in out, out
+    assert "< beta: restore (output file is missing)" in out
+    assert "  (1 resource in sync, not listed: `plan --verbose` lists every one)" in out
+    code, out, _ = run_cli(["plan", str(applied.root), "--verbose"], capsys)
+    assert "= alpha: none (in sync" in out and "< beta: restore" in out
+    assert "not listed" not in out
+
+
+def test_a_restore_names_both_files_it_writes(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deleted errors file is restored with the output file, and the line names both (it
+    named only the output file, beside the reason "errors file is missing")."""
+    applied.errors_path("beta").unlink()
+    code, out, err = run_cli(["apply", str(applied.root), *FAST], capsys)
+    assert code == 0, err
+    out_file, errors_file = applied.output_path("beta"), applied.errors_path("beta")
+    assert (
+        f"[beta] restored {display_path(out_file)} and {display_path(errors_file)} from the "
+        "state store (errors file is missing)"
+    ) in out
+    assert errors_file.exists()
 
 
 def test_a_no_op_apply_counts_unchanged_resources_and_lists_only_what_it_touched(

@@ -95,6 +95,25 @@ def test_a_retired_batch_being_drained_is_not_drawn_as_the_resources_progress() 
     assert "4/16" in line and "60" not in line and "cancelling" not in line
 
 
+def test_a_replace_draws_the_new_generation_not_the_cancelled_one() -> None:
+    """A replace cancels the old generation's batches, then creates the new one's: the bar
+    follows the new batch, not '✗ cancelled' all the way to '20,000/20,000 100% cancelled'."""
+    cancel = Progress("cancel", "triage", "replaced by a new spec: cancel sent to 2 batch(es)")
+    create = Progress("create", "triage", "", {"remote_id": "new", "shard": 1, "attempt": 1})
+    board = board_of(
+        (0.0, poll(3, 10, remote="old1", shard=1)),
+        (0.0, poll(2, 10, remote="old2", shard=2)),
+        (0.1, cancel),
+        (0.2, create),
+        (0.3, poll(4, 16, remote="new")),
+    )
+    [line] = board_lines(board, now=0.3, width=120)
+    assert "4/16" in line and "cancelled" not in line and "✗" not in line, line
+    assert "shards" not in line, line  # the old generation's second shard is gone
+    [line] = board_lines(board_of((0.0, cancel)), now=0.0, width=120)
+    assert "cancelled" in line  # a cancel with nothing after it (prune) still says so
+
+
 def test_validating_shows_a_spinner_and_no_bar() -> None:
     """While the provider validates there are no counts to draw: a spinner and the word."""
     board = board_of(
@@ -312,6 +331,23 @@ def test_status_counts_group_thousands_as_the_totals_line_does() -> None:
     text = status_text(statuses)
     assert "big: OutOfSync, Progressing — 1,500/20,000 succeeded" in text
     assert "batch_1 in_progress 1,500/20,000" in text
+
+
+def test_status_counts_what_running_batches_answered_beside_what_is_collected() -> None:
+    """Results are collected when a batch ends: '0/20,000 succeeded' beside a batch at
+    6,880/20,000 read as no progress, so the running batches' answers are counted too;
+    an ended batch's are in the succeeded count already, and add nothing."""
+    running = BatchStatus(1, 1, "batch_1", "in_progress", 20000, 6800, 80)
+    ended = BatchStatus(2, 1, "batch_2", "completed", 100, 100, 0)
+    fields = ("OutOfSync", "Progressing", "refresh", "r", "p", None, None, 20100, 100, 0)
+    status = ResourceStatus("big", *fields, None, None, (running, ended))
+    text = status_text([status])
+    assert (
+        "big: OutOfSync, Progressing — 100/20,100 succeeded "
+        "(6,880 answered in batches still running, collected as they end)"
+    ) in text
+    status = ResourceStatus("big", *fields, None, None, (ended,))
+    assert "answered in batches" not in status_text([status])
 
 
 def test_the_live_output_draws_bars_ticks_and_erases_them_on_close() -> None:

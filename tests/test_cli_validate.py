@@ -446,3 +446,23 @@ def test_a_request_larger_than_max_bytes_per_batch_is_refused_before_any_upload(
         assert code == 1 and said in err and "a.jsonl:2: " in err
     assert "nothing was uploaded" in err
     assert not (ws / "state" / "local").exists()
+
+
+def test_every_request_over_max_bytes_per_batch_is_counted_with_the_largest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several lines over maxBytesPerBatch: the first is located and the others counted with
+    the largest size, so one raise of the limit fixes them all (it named only the first:
+    raised to fit it, the next validate refused the next line)."""
+    short = request("1")
+    lines = [short, request("2") + " " * 200, short.replace('"1"', '"3"'), request("4") + " " * 300]
+    limit = len(short) + 50
+    limits = f"  limits: {{maxBytesPerBatch: {limit}}}\n"
+    ws = workspace(
+        tmp_path / "ws",
+        {"a.yaml": manifest("a", "a.jsonl") + limits, "a.jsonl": "".join(f"{x}\n" for x in lines)},
+    )
+    code, _, err = run_main(["validate", str(ws)], capsys)
+    assert code == 1
+    assert f"a.jsonl:2: the request is {len(lines[1]) + 1:,} bytes" in err
+    assert f"(1 more line over it too, the largest {len(lines[3]) + 1:,} bytes)" in err

@@ -256,3 +256,14 @@ def test_a_user_cancel_records_the_unanswered_lines_failed_not_retryable(
         assert len(client.batches.list().data) == 1
     finally:
         srv.stop()
+
+
+def test_collect_and_results_lines_group_counts_by_thousands() -> None:
+    """The collect and results lines write counts as the poll lines and the summary do
+    (``20,000``): a large batch read '20,000/20,000' and then 'wrote 20000 results'."""
+    from batchspec.core.reconcile.collect import _lines_text, wrote_text
+
+    assert _lines_text({True: 20000, False: 0}) == "20,000 answers"
+    assert _lines_text({True: 1, False: 1500}) == "1 answer, 1,500 errors"
+    text = wrote_text(12000, 3400, Path("results/x.jsonl"), Path("results/x.errors.jsonl"))
+    assert text.startswith("wrote 12,000 results to ") and ", 3,400 errors to " in text

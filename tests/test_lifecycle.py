@@ -353,7 +353,7 @@ def test_plan_after_forget_says_apply_tracks_it_again(
     assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
     assert run_cli(["forget", "triage", str(ws.root)], capsys)[0] == 0
     code, out, _ = run_cli(["plan", str(ws.root)], capsys)
-    assert code == 0 and "forgotten: apply tracks it again" in out
+    assert code == 0 and "= triage: none (in sync: 3 succeeded; forgotten: apply tracks" in out
     code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
     [st] = json.loads(out)["resources"]
     assert st["sync"] == "OutOfSync" and "forgotten: apply tracks it again" in st["reason"]

@@ -387,6 +387,24 @@ CASES = [
         id="yaml-syntax-error",
     ),
     pytest.param(
+        _with(append="    model: gpt-4o\n"),
+        (9, 10, "", "yaml-syntax"),
+        "YAML syntax error: mapping values are not allowed here; likely a key indented deeper",
+        id="yaml-over-indented-key-is-named-as-such",
+    ),
+    pytest.param(
+        _with(append="model: gpt-4o  # every line\n  output: x.jsonl\n"),
+        (10, 3, "", "yaml-syntax"),
+        "; likely a line indented less or more than the keys beside it",
+        id="yaml-under-indented-key-is-named-as-such",
+    ),
+    pytest.param(
+        _with(append="\tmodel: gpt-4o\n"),
+        (9, 1, "", "yaml-syntax"),
+        "YAML indents with spaces, never tabs",
+        id="yaml-tab-is-named-as-such",
+    ),
+    pytest.param(
         _with(("  name: triage\n", "  name: triage\n  labels: {1: a}\n")),
         (5, 12, "/metadata/labels/1", "invalid-key"),
         "key 1 is not a string: quote it ('1')",

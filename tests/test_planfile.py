@@ -26,7 +26,7 @@ from workspaces import (
 )
 
 from batchspec import __version__
-from batchspec.cli.render import PLAN_MARKDOWN_MARKER, plan_markdown
+from batchspec.cli.render import PLAN_MARKDOWN_MARKER, plan_markdown, plan_text
 from batchspec.core.plan import Action, ActionKind, Plan
 from batchspec.core.planfile import (
     PLAN_FILE_KIND,
@@ -214,6 +214,53 @@ def test_markdown_plan_has_marker_summary_table_and_details() -> None:
     assert "- selection: `team=a`" in lines
     assert "- state serial: 12" in lines
     assert f"| `triage` | srv | `{HASH_A[:12]}` |  |" in lines
+
+
+def test_markdown_plan_without_verbose_counts_the_resources_in_sync() -> None:
+    """As the text plan: rows only for resources with a step (an orphan is one), the rest
+    counted in one line; a fleet's comment listed every resource in sync, past a code host's
+    comment size limit. With nothing to list there is no table, only the count."""
+    md = plan_markdown(
+        result(
+            action("triage", ActionKind.CREATE, 1200),
+            action("summaries", ActionKind.NONE, reason="in sync: 3 succeeded"),
+            action("gone", ActionKind.ORPHANED, reason="manifest is gone"),
+        ),
+        unchanged=False,
+    )
+    lines = md.splitlines()
+    assert "| `summaries` | `=` none | in sync: 3 succeeded |  |  |  |" not in lines
+    header = lines.index("| resource | action | reason | requests | est. tokens | est. cost |")
+    assert [row.split(" | ")[0] for row in lines[header + 2 : header + 4]] == [
+        "| `triage`",
+        "| `gone`",
+    ]
+    assert "_1 resource in sync, not listed: `plan --verbose` lists every one._" in lines
+    md = plan_markdown(
+        result(action("s", ActionKind.NONE, reason="in sync: 3 succeeded")), unchanged=False
+    )
+    assert "| resource | action |" not in md and "_1 resource in sync, not listed:" in md
+
+
+def test_a_fleets_spend_estimate_names_the_costliest_and_sums_the_rest() -> None:
+    """Past 10 spending resources the text plan's estimate names the 10 costliest (an unknown
+    price first) and sums the rest in one line, the total unchanged; every=True lists all."""
+    from batchspec.cli.render import plan_costs
+    from batchspec.core.budget import Estimate
+
+    costs: list[float | None] = [float(n) for n in range(1, 15)] + [None]
+    names = [f"r{n:02d}" for n in range(len(costs))]
+    estimates = {
+        name: Estimate(1, 10, 20, cost, "m", None if cost is None else "table")
+        for name, cost in zip(names, costs, strict=True)
+    }
+    plan = result(*(action(n, ActionKind.CREATE, 1) for n in names), estimates=estimates)
+    lines = plan_costs(plan, every=False).splitlines()
+    named = [line.split(":")[0].strip() for line in lines[2:12]]
+    assert named == ["r14", "r13", "r12", "r11", "r10", "r09", "r08", "r07", "r06", "r05"]
+    assert lines[12] == "  … and 5 more, ≤ $15.00 together (`plan --verbose` lists every one)"
+    assert lines[13] == "  total: unknown price"
+    assert len(plan_costs(plan).splitlines()) == 2 + 15 + 1
 
 
 def test_markdown_plan_without_changes_says_so() -> None:
@@ -481,3 +528,24 @@ def test_a_saved_plan_applies_from_another_folder_and_a_replace_plan_replaces(
     with ws.store() as store:
         assert len(store.generations("triage")) == 2
         assert [e.action for e in store.events(resource="triage")].count("replace") == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "left_alone"),
+    [
+        ("in sync: 3 succeeded", True),
+        ("in sync: 3 succeeded, 1 failed", False),
+        ("in sync: 3 succeeded, 1 failed (degraded: failed finally; ...)", False),
+        ("in sync: 3 succeeded; generation 2 is still stopping: ...", False),
+        ("moved from old; in sync: 3 succeeded", False),
+        ("in sync: 3 succeeded; forgotten: apply tracks it again", False),
+    ],
+)
+def test_only_a_resource_in_sync_with_nothing_to_say_is_counted_not_listed(
+    reason: str, left_alone: bool
+) -> None:
+    """Without --verbose the plans count resources in sync instead of listing them, but one
+    with failures kept, a generation still stopping, a move or a forget is still listed."""
+    assert action("r", ActionKind.NONE, reason=reason).leaves_alone is left_alone
+    text = plan_text(Plan((action("r", ActionKind.NONE, reason=reason),)), unchanged=False)
+    assert (reason in text) is not left_alone

@@ -265,6 +265,30 @@ def test_a_job_failed_for_good_without_a_retry_says_not_retryable(
     assert "(3)" in event.detail["degraded"]
     assert f"degraded: {event.detail['degraded']}" in out
     assert "attempts exhausted" not in event.detail["degraded"]
+    # the summary and status say why, from the errors file's first line (it only named it)
+    first = ws.errors("bad")[0]
+    message = first["response"]["body"]["error"]["message"]
+    why = f"      first error: {first['custom_id']}: http_400: {message}"
+    assert why in out, out
+    code, out, _ = run_cli(["status", str(ws.root)], capsys)
+    assert why in out, out
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    assert status["first_error"].startswith(why.split("first error: ")[1])
+
+
+def test_an_error_summary_is_one_printable_line_of_bounded_length() -> None:
+    """A provider's error text goes to a terminal: control characters become spaces, a long
+    message is cut, and an HTTP error answer gives its body's code and message."""
+    from batchspec.wire.outcomes import ERROR_SUMMARY_CHARS, error_summary
+
+    hostile = {"custom_id": "r-1", "error": {"code": "bad", "message": "a\x1b[2J\nb" + "x" * 500}}
+    text = error_summary(hostile)
+    assert text.startswith("r-1: bad: a [2J b") and "\x1b" not in text and "\n" not in text
+    assert len(text) <= len("r-1: bad: ") + ERROR_SUMMARY_CHARS
+    answer = {"status_code": 400, "body": {"error": {"code": "invalid", "message": "no"}}}
+    assert error_summary({"custom_id": "r-2", "response": answer}) == "r-2: invalid: no"
+    assert error_summary({"custom_id": "r-3", "response": {"status_code": 503}}) == "r-3: http_503"
 
 
 def test_token_limit_exceeded_is_requeued_without_using_an_attempt(

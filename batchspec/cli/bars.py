@@ -128,6 +128,10 @@ def advance(board: Board, progress: Progress, now: float) -> Board:
             bar = replace(bar, activity="uploading", upload=(min(sent, size), size))
     elif event in ("create", "adopt") and "remote_id" in data:
         verb = "created" if event == "create" else "adopted"
+        if bar.outcome == "cancelled":
+            # a replace cancelled the old generation, and this batch is the new one's: the
+            # old batches and their "cancelled" are no longer the resource's progress
+            bar = replace(bar, batches=(), outcome=None)
         bar = _with_batch(bar, BatchBar(str(data["remote_id"]), status=verb), data, now)
         bar = replace(bar, activity=verb, upload=None)
     elif event == "poll" and "remote_id" in data and not data.get("retired"):

@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -107,7 +107,7 @@ def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | N
     created)."""
     if value and "://" not in value and not os.path.exists(value):
         click.echo(
-            f"warning: no state database at {value}: nothing has been recorded there "
+            f"Warning: no state database at {value}: nothing has been recorded there "
             "(a mistyped --state or BATCHSPEC_STATE?)",
             err=True,
         )
@@ -598,7 +598,9 @@ def _plan_file_path(ctx: click.Context, param: click.Parameter, value: str | Non
     "--verbose",
     "-v",
     is_flag=True,
-    help="List every resource, also those in sync (by default they are counted, not listed).",
+    help="List every resource, also those in sync with nothing to do (by default the text "
+    "and markdown plans count them in one line, as apply does), and the spend estimate of "
+    "each (by default the 10 costliest, then the rest summed).",
 )
 @no_color_option
 @replace_options
@@ -649,7 +651,7 @@ def plan(
     if as_json or output_format == "json":
         emit_json(render.plan_result_json(result))
     elif output_format == "markdown":
-        click.echo(render.plan_markdown(result), nl=False)
+        click.echo(render.plan_markdown(result, unchanged=verbose), nl=False)
     else:
         click.echo(
             render.plan_text(
@@ -657,9 +659,9 @@ def plan(
                 stdout_style(),
                 result.selection,
                 unchanged=verbose,
-                counted_by="plan --verbose",
+                unlisted_hint="`plan --verbose` lists every one",
             )
-            + render.plan_costs(result)
+            + render.plan_costs(result, every=verbose)
             + render.plan_drains(result)
         )
     for note in render.plan_notes(result):
@@ -806,7 +808,9 @@ def apply(
         verbose=verbose,
     )
 
-    def confirm(plan: Any) -> bool:
+    def confirm(plan: Any, estimates: Mapping[str, Any]) -> bool:
+        if estimates:  # what a yes may cost, as `plan` shows it (Terraform shows the plan)
+            click.echo("\n".join(render.estimate_lines(estimates, every=verbose)), err=True)
         try:
             return click.confirm("Apply this plan?", default=False, err=True)
         except click.exceptions.Abort as err:  # stdin closed, or Ctrl-C, before an answer

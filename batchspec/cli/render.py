@@ -7,21 +7,24 @@ Sizes use decimal units (1 KB = 1000 bytes), like the providers' documented limi
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.core.reporting import format_size
+from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.workspace.yamldoc import NAMES_SHOWN, Problem, display_path, name_listing
 
 if TYPE_CHECKING:  # rendering needs the shapes, not the machinery behind them
     from batchspec.core.apply import ApplyResult
+    from batchspec.core.budget import Estimate
     from batchspec.core.history import CommitSpend, HistoryEntry
     from batchspec.core.lifecycle import ForgetResult, ImportResult
-    from batchspec.core.plan import Action, Drain, Plan
+    from batchspec.core.plan import Drain, Plan
     from batchspec.core.planfile import PlanResult
     from batchspec.core.spend import Usage
     from batchspec.core.state_move import MigrateResult
@@ -162,22 +165,21 @@ def plan_text(
     selection: Sequence[str] = (),
     *,
     unchanged: bool = True,
-    counted_by: str | None = None,
+    unlisted_hint: str = "",
 ) -> str:
     """A Terraform-style plan: one line per resource, then a summary line.
 
-    With ``unchanged=False`` (plan or apply without ``--verbose``) resources in sync with
-    nothing else to say get no line: a no-op run over a fleet says "No changes" rather than
-    list each one.
-    ``counted_by``: the command that lists them, named in a line counting them (apply's
-    summary counts them instead). With an enabled ``style`` the symbol and action are in the
-    action's colour."""
+    With ``unchanged=False`` (plan or apply without ``--verbose``) resources with nothing to
+    do get no line: a no-op run over a fleet says "No changes" rather than list each one.
+    ``unlisted_hint`` (plan's) adds one line counting them and saying how to list them;
+    apply gives none, its summary counts them. With an enabled ``style`` the symbol and
+    action are in the action's colour."""
     lines = []
-    hidden = 0
+    unlisted = 0
     for action in plan.actions:
         kind = action.kind.value
-        if not unchanged and _nothing_to_say(action):
-            hidden += 1
+        if not unchanged and action.leaves_alone:
+            unlisted += 1
             continue
         symbol = style.action(kind, f"{_SYMBOLS[kind]:>3}")
         name, verb = style.bold(action.resource), style.action(kind, kind)
@@ -188,22 +190,11 @@ def plan_text(
                 f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
             )
         lines.append(line)
-    if hidden and counted_by:
-        lines.append(
-            f"  ({_plural(hidden, 'resource')} in sync, not listed: `{counted_by}` lists every one)"
-        )
     if not plan.actions:
         lines.append("  no resources selected")
+    if unlisted and unlisted_hint and lines:  # with none listed, "No changes: ..." says it
+        lines.append(f"  ({_plural(unlisted, 'resource')} in sync, not listed: {unlisted_hint})")
     return "\n".join([*lines, *([""] if lines else []), style.bold(plan_summary(plan, selection))])
-
-
-#: the reason of a resource in sync with nothing beside it (no failures kept for good, no
-#: move, no forget, no generation still stopping): counted, not listed, without --verbose
-_PLAIN_IN_SYNC = re.compile(r"in sync: \d+ succeeded")
-
-
-def _nothing_to_say(action: Action) -> bool:
-    return action.kind.value == "none" and _PLAIN_IN_SYNC.fullmatch(action.reason) is not None
 
 
 def nothing_selected(selection: Sequence[str] = ()) -> str:
@@ -246,19 +237,44 @@ def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
     return text
 
 
-def plan_costs(result: PlanResult) -> str:
-    """The spend estimate under a text plan: per resource and in total, as upper bounds."""
-    estimates = result.estimates
-    if not estimates:
+#: resources the text plan's spend estimate names before it counts the rest (without -v)
+COSTS_SHOWN = 10
+
+
+def plan_costs(result: PlanResult, *, every: bool = True) -> str:
+    """The spend estimate under a text plan: per resource and in total, as upper bounds.
+
+    Without ``every`` (plan without ``--verbose``) past ``COSTS_SHOWN`` resources it names
+    the costliest (an unknown price first: it may be any amount) and counts the rest with
+    their sum: a fleet's estimate was a line per new resource under a line per new resource.
+    """
+    if not result.estimates:
         return ""
-    lines = ["", "Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
-    for name, e in estimates.items():
+    return "\n".join(["", *estimate_lines(result.estimates, every=every)])
+
+
+def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> list[str]:
+    """``plan_costs``'s lines (apply's prompt shows them too)."""
+    lines = ["Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
+    shown = list(estimates.items())
+    if not every and len(shown) > COSTS_SHOWN:
+        shown.sort(key=lambda item: -math.inf if item[1].cost_usd is None else -item[1].cost_usd)
+        shown = shown[:COSTS_SHOWN]
+    for name, e in shown:
         lines.append(
             f"  {name}: ~{e.input_tokens:,} input + ≤ {e.max_output_tokens:,} output tokens, "
             f"{_upper(e.cost_usd)}" + (f" ({e.price_source})" if e.price_source else "")
         )
-    lines.append(f"  total: {_upper(_total_cost(result))}")
-    return "\n".join(lines)
+    rest = [e for name, e in estimates.items() if name not in dict(shown)]
+    if rest:
+        costs = [e.cost_usd for e in rest]
+        sum_of_rest = None if None in costs else sum(c or 0.0 for c in costs)
+        lines.append(
+            f"  … and {len(rest):,} more, {_upper(sum_of_rest)} together "
+            "(`plan --verbose` lists every one)"
+        )
+    lines.append(f"  total: {_upper(_total_cost(estimates))}")
+    return lines
 
 
 def plan_drains(result: PlanResult) -> str:
@@ -293,8 +309,8 @@ def _upper(cost: float | None) -> str:
     return "unknown price" if cost is None else f"≤ {dollars(cost)}"
 
 
-def _total_cost(result: PlanResult) -> float | None:
-    costs = [e.cost_usd for e in result.estimates.values()]
+def _total_cost(estimates: Mapping[str, Estimate]) -> float | None:
+    costs = [e.cost_usd for e in estimates.values()]
     return None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
 
 
@@ -313,7 +329,7 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         "estimates": {name: e.to_json() for name, e in result.estimates.items()},
         "drains": [d.to_json() for d in result.drains],
         "estimated_max_cost_usd": (
-            None if (cost := _total_cost(result)) is None else round(cost, 6)
+            None if (cost := _total_cost(result.estimates)) is None else round(cost, 6)
         ),
     }
 
@@ -321,19 +337,22 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
 PLAN_MARKDOWN_MARKER = "<!-- batchspec-plan -->"
 
 
-def plan_markdown(result: PlanResult) -> str:
+def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
     """A plan for a pull-request comment: summary, a table, and collapsible details.
 
     The first line is an HTML comment (``PLAN_MARKDOWN_MARKER``) so a CI job can find and
-    update its earlier comment instead of adding one per push.
+    update its earlier comment instead of adding one per push. With ``unchanged=False``
+    (plan without ``--verbose``) the table has a row per resource with a step and one line
+    counts the others, as the text plan does: a fleet's comment stays far under a code
+    host's comment size limit.
     """
     plan = result.plan
     summary = plan_summary(plan, result.selection)
     lines = [PLAN_MARKDOWN_MARKER, "#### batchspec plan", "", f"**{summary}**", ""]
     if result.estimates:
         lines += [
-            f"Estimated spend: {_upper(_total_cost(result))} (input ~4 bytes/token; output at "
-            "each request's max_tokens, 4096 where unset; batch prices)",
+            f"Estimated spend: {_upper(_total_cost(result.estimates))} (input ~4 bytes/token; "
+            "output at each request's max_tokens, 4096 where unset; batch prices)",
             "",
         ]
     for refusal in result.refusals:
@@ -349,12 +368,13 @@ def plan_markdown(result: PlanResult) -> str:
             ),
             "",
         ]
-    if plan.actions:
+    listed = [a for a in plan.actions if unchanged or not a.leaves_alone]
+    if listed:
         lines += [
             "| resource | action | reason | requests | est. tokens | est. cost |",
             "|:--|:--|:--|--:|--:|--:|",
         ]
-        for a in plan.actions:
+        for a in listed:
             requests = f"{a.requests:,}" if a.spends else ""
             tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
             estimate = result.estimates.get(a.resource) if a.spends else None
@@ -366,8 +386,14 @@ def plan_markdown(result: PlanResult) -> str:
                 f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
                 f"| {requests} | {tokens} | {cost} |"
             )
-    else:
+    if not plan.actions:
         lines.append("_No resources selected._")
+    elif len(listed) < len(plan.actions):
+        unlisted = _plural(len(plan.actions) - len(listed), "resource")
+        lines += [
+            *([""] if listed else []),
+            f"_{unlisted} in sync, not listed: `plan --verbose` lists every one._",
+        ]
     lines += ["", "<details><summary>Details</summary>", ""]
     selection = ", ".join(f"`{s}`" for s in result.selection) or "all resources"
     lines += [
@@ -436,7 +462,7 @@ def apply_text(
 def _touched(result: ApplyResult) -> Iterator[ResourceStatus]:
     """The statuses apply's summary lists without ``--verbose``: every resource the plan had
     a step for, or that is not Synced and Healthy with nothing next, or not collected."""
-    acted = {a.resource for a in result.plan.actions if not _nothing_to_say(a)}
+    acted = {a.resource for a in result.plan.actions if not a.leaves_alone}  # moved, too
     failed = {f.resource for f in result.not_collected}
     for s in result.statuses:
         unchanged = s.sync == "Synced" and s.health == "Healthy" and s.action == "none"
@@ -620,6 +646,13 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
                     f"{e.status}): {e.succeeded:,}/{e.requests:,} succeeded"
                     + (f", {e.failed:,} failed" if e.failed else "")
                 )
+        answering = sum(
+            (b.completed or 0) + (b.failed or 0)
+            for b in s.batches
+            if b.status not in TERMINAL_STATUSES
+        )
+        if answering:  # "0/20,000 succeeded" beside a batch at 6,880/20,000 read as no progress
+            counts += f" ({answering:,} answered in batches still running, collected as they end)"
         sync, health = style.state(s.sync), style.state(s.health)
         lines.append(f"  {style.bold(s.name)}: {sync}, {health} — {counts}")
         if s.action != "none":
@@ -632,6 +665,8 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:
                 lines.append(f"      errors:  {display_path(Path(s.errors))}")
+                if s.first_error:
+                    lines.append(f"      first error: {s.first_error}")
         for b in s.batches:
             done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
             if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run

@@ -9,8 +9,8 @@ validated first, and nothing is uploaded unless all of them pass (DESIGN invaria
 
 ``apply`` needs consent to spend or cancel: a plan that creates batches on a paid provider
 (create, replace, retry) or cancels them there (prune) runs only with ``yes=True`` or when
-``confirm(plan)`` (the CLI asks on a terminal) says so. The local engine costs nothing and
-needs no consent.
+``confirm(plan, estimates)`` (the CLI asks on a terminal, showing the spend estimate) says
+so. The local engine costs nothing and needs no consent.
 
 ``plan`` tells the truth about what ``apply`` will do (DESIGN invariant 6): its request and
 token counts leave out the answers a new generation reuses, it checks the budgets apply
@@ -328,7 +328,7 @@ def apply_workspace(
     paths: Sequence[str],
     options: ApplyOptions,
     *,
-    confirm: Callable[[Plan], bool] | None = None,
+    confirm: Confirm | None = None,
     report: Reporter = lambda progress: None,
     env: Mapping[str, str] = os.environ,
     sleep: Callable[[float], None] = time.sleep,
@@ -415,7 +415,15 @@ def apply_workspace(
                     backoff=requeue_backoff(ws),
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
-            require_consent(plan, ws, options, confirm)
+            require_consent(
+                plan,
+                ws,
+                options,
+                confirm,
+                lambda: plan_estimates(
+                    plan, resources, facts, ws.project.providers, outputs, store
+                ),
+            )
             with (
                 engine_log_reported(report),
                 ProviderPool(
@@ -1049,10 +1057,20 @@ def _may_spend(saved: SavedPlan | None, replace: Sequence[str]) -> Callable[[Act
     return lambda a: saved.may_spend(a) or (a.resource in replace and a.kind is ActionKind.CREATE)
 
 
+#: asks a person to approve ``plan`` (the CLI: a prompt on the terminal), shown what each
+#: spending resource may cost at most
+Confirm = Callable[[Plan, Mapping[str, Estimate]], bool]
+
+
 def require_consent(
-    plan: Plan, ws: Workspace, options: ApplyOptions, confirm: Callable[[Plan], bool] | None
+    plan: Plan,
+    ws: Workspace,
+    options: ApplyOptions,
+    confirm: Confirm | None,
+    estimates: Callable[[], Mapping[str, Estimate]] = dict,
 ) -> None:
-    """Spending or cancelling on a paid provider needs --yes or a yes on the terminal."""
+    """Spending or cancelling on a paid provider needs --yes or a yes on the terminal; the
+    prompt is shown the spend estimate (``estimates``, worked out only when it is asked)."""
     # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
     # unless it cancels a generation in flight (a spec switched back to, while another runs)
     paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
@@ -1082,7 +1100,7 @@ def require_consent(
             "(no terminal, CI set, or --json)",
             details=["run it again with --yes to approve"],
         )
-    if not confirm(plan):
+    if not confirm(plan, estimates()):
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
 
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from batchspec.core.plan import ActionKind, Plan, RecordedResource
+from batchspec.core.plan import MOVED_FROM, ActionKind, Plan, RecordedResource
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.errors import ManifestError
 from batchspec.state.store import StateStore
@@ -171,7 +171,7 @@ def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
     return replace(
         plan,
         actions=tuple(
-            replace(a, reason=f"moved from {moved[a.resource]}; {a.reason}")
+            replace(a, reason=f"{MOVED_FROM}{moved[a.resource]}; {a.reason}")
             if a.resource in moved
             else a
             for a in plan.actions

@@ -59,6 +59,7 @@ and when the commits are unknown (no git) it is pruned as before.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
@@ -204,6 +205,13 @@ class DiskFacts:
 
 #: in a replace's reason: it cancels another generation's batches (``cancels_in_flight``)
 STILL_IN_FLIGHT = "still in flight"
+#: in a forgotten resource's "none": not a change of the plan, but apply records something
+#: (it tracks the resource again), so it is no ``leaves_alone``
+TRACKED_AGAIN = "forgotten: apply tracks it again"
+#: the start of a renamed resource's reason (``moves.note_moves``): apply records the move
+MOVED_FROM = "moved from "
+#: the reason of a resource in sync with nothing beside it (``_in_sync_reason``)
+_PLAIN_IN_SYNC = re.compile(r"in sync: \d+ succeeded")
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,14 @@ class Action:
         """A replace that cancels another generation still in flight (spending on it needs
         consent even when it submits nothing: what that generation was paid for stops)."""
         return self.kind is ActionKind.REPLACE and STILL_IN_FLIGHT in self.reason
+
+    @property
+    def leaves_alone(self) -> bool:
+        """Nothing to do, nothing to record and nothing to say: a text plan without --verbose
+        counts it instead of listing it. A resource in sync that apply tracks again
+        (forgotten), takes over from its old name (``moved``), whose failures are kept
+        (degraded) or whose older generation is still stopping has more to say."""
+        return self.kind is ActionKind.NONE and _PLAIN_IN_SYNC.fullmatch(self.reason) is not None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -356,7 +372,7 @@ def _planned(
     tracks it again (status shows it OutOfSync until then)."""
     action = plan_resource(want, have, disk, now)
     if have is not None and have.forgotten and action.kind is ActionKind.NONE:
-        return replace(action, reason=f"{action.reason}; forgotten: apply tracks it again")
+        return replace(action, reason=f"{action.reason}; {TRACKED_AGAIN}")
     return action
 
 

@@ -84,13 +84,34 @@ def assign_indexed_shards(
         yield place(fact.length + 1, fact.inputs if count_inputs else 0), fact
 
 
-def first_line_over(path: Path, max_bytes: int) -> tuple[int, int] | None:
-    """The first line of ``path`` that fits no shard of ``max_bytes`` on its own, as (line
-    number, its size in a batch file: content and ``\n``), or None. ``_Placer`` would give
-    such a line a shard of its own, over the limit: a batch the provider refuses. Streams the
-    file (a line is read in pieces, never held whole); cheap when the file itself fits."""
+@dataclass(frozen=True)
+class LinesOver:
+    """The lines of an input that fit no shard on their own: the first (its number and
+    size), and how many there are in all and the largest one's size (what a new limit
+    must hold)."""
+
+    line: int
+    size: int
+    count: int
+    largest: int
+
+
+def first_line_over(path: Path, max_bytes: int) -> LinesOver | None:
+    """The lines of ``path`` that fit no shard of ``max_bytes`` on their own (sizes in a
+    batch file: content and ``\n``), or None. ``_Placer`` would give such a line a shard of
+    its own, over the limit: a batch the provider refuses. Streams the file (a line is read
+    in pieces, never held whole); cheap when the file itself fits."""
     if os.path.getsize(path) + 1 <= max_bytes:
         return None
+    found: LinesOver | None = None
+
+    def over(lineno: int, size: int) -> None:
+        nonlocal found
+        if found is None:
+            found = LinesOver(lineno, size, 1, size)
+        else:
+            found = LinesOver(found.line, found.size, found.count + 1, max(found.largest, size))
+
     lineno = size = 0
     with open(path, "rb") as f:
         for piece in iter(lambda: f.readline(64 * 1024), b""):
@@ -99,11 +120,11 @@ def first_line_over(path: Path, max_bytes: int) -> tuple[int, int] | None:
                 continue
             lineno += 1
             if size > max_bytes:
-                return lineno, size
+                over(lineno, size)
             size = 0
     if size and size + 1 > max_bytes:  # a last line with no "\n": one is added
-        return lineno + 1, size + 1
-    return None
+        over(lineno + 1, size + 1)
+    return found
 
 
 class _Placer:

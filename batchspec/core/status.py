@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ from batchspec.core.spend import Usage, generation_usage
 from batchspec.state.lock import HeldLock, held_locks
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.inputs import InputReport
+from batchspec.wire.outcomes import error_summary
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
@@ -108,6 +110,8 @@ class ResourceStatus:
     usage: Usage = Usage()
     #: ``Missing`` after a spec change: the earlier spec's generation, still recorded
     earlier: EarlierGeneration | None = None
+    #: the errors file's first line (``custom_id: code: message``) when requests failed
+    first_error: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -291,7 +295,25 @@ def _status(
         output=str(res.output_path) if res else None,
         errors=str(res.errors_path) if res else None,
         batches=batches,
+        first_error=first_error(res.errors_path) if res and counts[1] else None,
     )
+
+
+#: how much of an errors file's first line ``first_error`` reads
+_FIRST_ERROR_BYTES = 64 * 1024
+
+
+def first_error(errors_path: Path) -> str | None:
+    """The first line of an errors file (input order: the earliest request that failed) as
+    ``custom_id: code: message``, so a Degraded resource says why without opening the file;
+    None when the file is missing, unreadable, or its first line is not a JSON object."""
+    try:
+        with open(errors_path, "rb") as f:
+            first = f.readline(_FIRST_ERROR_BYTES)
+        line = json.loads(first)
+    except (OSError, ValueError):
+        return None
+    return error_summary(line) if isinstance(line, dict) else None
 
 
 def _not_submitted(batch: BatchStatus) -> bool:

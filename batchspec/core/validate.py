@@ -234,19 +234,26 @@ def batch_size_problems(res: Resource, limits: ShardLimits) -> list[Problem]:
     found = first_line_over(res.input_path, limits.max_bytes)
     if found is None:
         return []
-    line, size = found
+    others = found.count - 1
     problem = Problem(
         res.input_path,
-        line,
+        found.line,
         None,
         "",
         "line_over_batch_limit",
-        f"the request is {size:,} bytes, more than maxBytesPerBatch ({limits.max_bytes:,} "
-        f"bytes) for resource {res.name}: it fits no batch; raise the limit or shorten it",
+        f"the request is {found.size:,} bytes, more than maxBytesPerBatch "
+        f"({limits.max_bytes:,} bytes) for resource {res.name}: it fits no batch; raise the "
+        "limit or shorten it"
+        + (
+            f" ({others:,} more line{'s' if others > 1 else ''} over it too, the largest "
+            f"{found.largest:,} bytes)"
+            if others
+            else ""
+        ),
     )
     if res.input_source is None:
         return [problem]
-    return [_at_row(problem, res.input_source, row_lines(res.input_source, [line]))]
+    return [_at_row(problem, res.input_source, row_lines(res.input_source, [found.line]))]
 
 
 def problems_of(err: BatchspecError) -> tuple[Problem, ...]:

@@ -86,3 +86,26 @@ def _code(error: Any, response: Any) -> str:
         return str(inner["code"])
     status = response.get("status_code") if isinstance(response, Mapping) else None
     return f"http_{status}" if status else "unknown_error"
+
+
+#: the longest error message ``error_summary`` keeps (a provider may send a page of text)
+ERROR_SUMMARY_CHARS = 200
+
+
+def error_summary(line: Mapping[str, Any]) -> str:
+    """``custom_id: code: message`` of one error-file line, on one printable line of at most
+    ``ERROR_SUMMARY_CHARS`` of message: a provider's text is shown on a terminal, so control
+    characters (a colour code, a newline) become spaces."""
+    error, response = line.get("error"), line.get("response")
+    message = error.get("message") if isinstance(error, Mapping) else None
+    body = response.get("body") if isinstance(response, Mapping) else None
+    inner = body.get("error") if isinstance(body, Mapping) else None
+    if not message and isinstance(inner, Mapping):
+        message = inner.get("message")
+    text = f"{line.get('custom_id')}: {_code(error, response)}"
+    if message:
+        message = " ".join(str(message).split())
+        if len(message) > ERROR_SUMMARY_CHARS:
+            message = message[: ERROR_SUMMARY_CHARS - 1] + "…"
+        text += f": {message}"
+    return "".join(c if c.isprintable() else " " for c in text)

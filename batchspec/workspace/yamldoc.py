@@ -538,6 +538,22 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
+#: what a YAML parser's terse problem usually means in a hand-edited manifest (by its start):
+#: nearly always a line indented unlike its neighbours, or a key that lost its colon
+_SYNTAX_HINTS = {
+    "mapping values are not allowed here": (
+        "a key indented deeper than the keys above it, or a value holding ': ' (quote it)"
+    ),
+    "expected <block end>": (
+        "a line indented less or more than the keys beside it (this one or one just above)"
+    ),
+    "could not find expected ':'": (
+        "a key missing its ':', or a line indented unlike its neighbours"
+    ),
+    "found character '\\t' that cannot start any token": "YAML indents with spaces, never tabs",
+}
+
+
 def _syntax_problem(path: Path, err: yaml.MarkedYAMLError) -> Problem:
     mark = err.problem_mark or err.context_mark
     reason = err.problem or "invalid YAML"
@@ -546,6 +562,9 @@ def _syntax_problem(path: Path, err: yaml.MarkedYAMLError) -> Problem:
         if err.context_mark is not None and err.context_mark is not mark:
             reason += f" at line {err.context_mark.line + 1}"
         reason += ")"
+    hint = next((h for start, h in _SYNTAX_HINTS.items() if reason.startswith(start)), None)
+    if hint:
+        reason += f"; likely {hint}"
     line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
     return Problem(path, line, column, "", "yaml-syntax", f"YAML syntax error: {reason}")
 

@@ -567,10 +567,17 @@ def _repeated_text(repeated: int) -> str:
 
 
 def _lines_text(tally: dict[bool, int]) -> str:
-    """``3 answers``, ``1 answer, 2 errors``: what a collected batch's files held."""
+    """``3 answers``, ``1 answer, 2 errors``: what a collected batch's files held (counts
+    grouped by thousands, as the poll lines and the summary give them)."""
     answers, errors = tally[True], tally[False]
-    text = f"{answers} answer{'' if answers == 1 else 's'}"
-    return text + (f", {errors} error{'' if errors == 1 else 's'}" if errors else "")
+    text = f"{answers:,} answer{'' if answers == 1 else 's'}"
+    return text + (f", {errors:,} error{'' if errors == 1 else 's'}" if errors else "")
+
+
+def wrote_text(succeeded: int, failed: int, output: Path, errors: Path) -> str:
+    """``wrote 20,000 results to results/x.jsonl, 3 errors to ...``: the results line."""
+    text = f"wrote {succeeded:,} results to {display_path(output)}"
+    return text + (f", {failed:,} errors to {display_path(errors)}" if failed else "")
 
 
 def _fail_batch(ctx: RunContext, gen: GenerationRow, batch: BatchRow) -> list[dict[str, Any]]:
@@ -634,12 +641,7 @@ def _finish_generation(
         Progress(
             "results",
             res.name,
-            f"wrote {written.succeeded} results to {display_path(res.output_path)}"
-            + (
-                f", {written.failed} errors to {display_path(res.errors_path)}"
-                if written.failed
-                else ""
-            )
+            wrote_text(written.succeeded, written.failed, res.output_path, res.errors_path)
             + (f"; degraded: {why}" if why else "")
             + "".join(f"; exported {display_path(p)}" for p in exported),
             {"status": status, "succeeded": written.succeeded, "failed": written.failed},

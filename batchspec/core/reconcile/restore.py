@@ -65,7 +65,10 @@ def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
         Progress(
             "restore",
             res.name,
-            f"restored {display_path(res.output_path)} from the state store ({action.reason})",
+            # both files are written again: name both (a missing errors file was said as
+            # "restored results/x.jsonl (errors file is missing)")
+            f"restored {display_path(res.output_path)} and {display_path(res.errors_path)} "
+            f"from the state store ({action.reason})",
         )
     )
     return True
