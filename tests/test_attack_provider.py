@@ -372,3 +372,63 @@ def test_a_cancel_that_finds_a_batch_ended_without_its_file_keeps_it_finalizing(
     code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
     assert code == 0, out + err
     assert len(_answers(ws, "alpha")) == 3 and hostile.creates() == 1
+
+
+def _down_for(calls: int, then: Callable[[], None]) -> Callable[..., Reply]:
+    """A hook answering 503 (a gateway with its provider down) to its first ``calls``
+    requests, then calling ``then`` once and answering as the server does."""
+    seen = {"n": 0}
+
+    def hook(server: HostileOpenAI, _seen: SeenRequest, reply: Reply) -> Reply:
+        seen["n"] += 1
+        if seen["n"] <= calls:
+            return Reply(503, b'{"error": {"message": "upstream unavailable"}}')
+        if seen["n"] == calls + 1:
+            then()
+        return reply
+
+    return hook
+
+
+def test_apply_wait_waits_out_a_provider_down_for_a_while_and_collects_once_it_is_back(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batches in flight, and their provider down (503 through every call's retries) for a
+    few polls: `apply --wait --timeout` says so each time and keeps waiting, then collects
+    when it is back; nothing is created again. A long CI wait ended at the first blip (exit
+    1 after ~13 s of retries, whatever --timeout said)."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    down = _down_for(4, hostile.finish_all)
+    hostile.hooks["GET /v1/batches"] = hostile.hooks["GET /v1/batches/{id}"] = down
+    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
+
+    assert code == 0, out + err
+    assert "`apply --wait` tries again in" in out + err and "until --timeout" in out + err
+    assert hostile.creates() == 2
+    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
+
+
+def test_apply_wait_on_a_provider_down_from_the_start_fails_at_once_without_a_timeout(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Down from the first call and no --timeout bounding the wait (a wrong base URL looks
+    the same): exit 1 naming the provider, not a wait without end; with a --timeout that
+    the outage outlasts, exit 5 (timed out), having said why it waited."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.hooks["GET /v1/batches"] = hostile.hooks["GET /v1/batches/{id}"] = (
+        lambda server, seen, reply: Reply(503, b"{}")
+    )
+    fast = ["--wait", "--poll-interval", "0.05"]
+
+    code, out, err = run_cli(["apply", str(ws.root), *fast], capsys)
+    assert code == 1 and "tries again" not in out + err, out + err
+
+    code, out, err = run_cli(["apply", str(ws.root), *fast, "--timeout", "1"], capsys)
+    assert code == 5, out + err
+    assert "tries again" in out + err

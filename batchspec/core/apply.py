@@ -111,6 +111,7 @@ from batchspec.errors import (
     BudgetError,
     ConsentError,
     ManifestError,
+    ProviderError,
     StateError,
     StateLockedError,
     UsageError,
@@ -671,9 +672,22 @@ def converge(
     deadline = None if options.timeout is None else clock() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     grid_from: float | None = None  # when the create that opened the last grid was answered
+    answered = False  # a pass of this run ended well: the providers' set-up is right
     while True:
         polled_at = clock()  # a pass sends its polls first (``prefetch``)
-        waiting = rec.advance_all(resources, facts)
+        try:
+            waiting = rec.advance_all(resources, facts)
+        except ProviderError as err:
+            heartbeat()
+            if not _outage_to_wait_out(err, options, answered):
+                raise
+            if deadline is not None and clock() + interval > deadline:
+                return "timeout"
+            report(Progress("warning", None, outage_message(err, interval, options.timeout)))
+            sleep(interval)
+            interval = min(interval * 1.5, options.poll_interval)
+            continue
+        answered = True
         heartbeat()
         if not waiting or not options.wait:
             break
@@ -721,6 +735,20 @@ def converge(
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"
+
+
+def _outage_to_wait_out(err: ProviderError, options: ApplyOptions, answered: bool) -> bool:
+    """Whether ``apply --wait`` waits out a pass that failed because a provider is down
+    (unreachable, or its gateway answering 502/503/504 through all the call's retries): a
+    blip must not end a long wait in CI. Only once a pass of this run has gone well, or with
+    an explicit ``--timeout`` bounding the wait: a provider down from the first call (a
+    wrong base URL) otherwise fails at once, as without ``--wait``."""
+    return options.wait and err.provider_down and (answered or options.timeout is not None)
+
+
+def outage_message(err: ProviderError, pause: float, timeout: float | None) -> str:
+    until = "until --timeout" if timeout is not None else "until it answers; Ctrl-C stops"
+    return f"{err}; `apply --wait` tries again in {pause:.1f}s ({until})"
 
 
 def wait_message(pause: float, resources: int) -> str:
