@@ -1078,6 +1078,7 @@ def test_history_takes_paths_and_a_resource_option(
     code, _, err = run_cli(["history", "ws", "--resource", "nobody"], capsys)
     assert code == 1 and "no resource named 'nobody'" in err
     assert "(known: alpha, beta)" in err  # as `show` and `results` list them
+    assert "PATHS" not in err  # the resource is named right; no hint about PATHS
     code, _, err = run_cli(["history", "alpha"], capsys)
     assert code == 64 and "--resource alpha" in err
 

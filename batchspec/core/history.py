@@ -447,7 +447,7 @@ def _check_recorded(store: StateStore, resource: str, state_label: str) -> None:
         known = [r.name for r in store.list_resources()]
         raise ManifestError(
             f"{_unknown(resource, state_label)} ({unknown_name_hint(resource, known)})",
-            details=["`batchspec status` lists the resources; history takes PATHS first"],
+            details=["`batchspec status` lists the resources tracked now"],
         )
 
 
