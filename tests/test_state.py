@@ -225,6 +225,43 @@ def test_failed_write_inside_atomic_leaves_the_outer_transaction_usable(store: S
     assert [r.name for r in store.list_resources()] == ["kept"]
 
 
+def test_one_write_methods_take_no_savepoint_and_a_failed_one_undoes_only_itself(
+    state_location: Path | str,
+) -> None:
+    """Nested in an SQLite transaction, a write method of one statement takes no savepoint
+    (``atomic(one_write=True)``), and when its statement fails (a foreign key here) the
+    transaction goes on holding exactly what it held, as a rollback to a savepoint left it."""
+    with StateStore.open(state_location) as store:
+        gen_id = make_generation(store)
+        statements: list[str] = []
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        with store.atomic():
+            store.record_event(None, "first", resource="triage")
+            batch = store.update_batch(intent(store, gen_id).id, status="creating")
+            with pytest.raises(IntegrityError):
+                store.record_event(None, "lost", generation_id=10_000)  # no such generation
+            with pytest.raises(StateError, match="cannot record batch intent"):
+                store.record_batch_intent(
+                    10_000,
+                    shard=0,
+                    attempt=1,
+                    provider="local",
+                    key="k-x",
+                    input_sha256="s",
+                    requests=1,
+                    reason=None,
+                )
+            store.record_event(None, "last", resource="triage")
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+            assert [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE"))] == []
+        assert [e.action for e in store.events()] == ["first", "last"]
+        assert store.get_batch(batch.id) == batch
+        assert batch.status == "creating"
+        assert [b.key for b in store.batches(gen_id)] == ["k-1"]
+
+
 def test_atomic_holds_the_write_lock_against_other_connections(
     state_location: Path | str,
 ) -> None:

@@ -142,7 +142,7 @@ class BatchesAndFiles(StateConnection):
         reason: str | None,
     ) -> BatchRow:
         """Record the intent to create a batch (remote_id NULL); idempotent on ``key``."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             existing = self.batch_by_key(key)
             if existing is not None:
                 coords = (existing.generation_id, existing.shard, existing.attempt)
@@ -190,7 +190,7 @@ class BatchesAndFiles(StateConnection):
         already set. A recorded remote_id never changes.
         """
         check_fields("update_batch", fields, _BATCH_FIELDS)
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_batch(batch_id)
             new_remote = fields.get("remote_id")
             if old.remote_id is not None and "remote_id" in fields and new_remote != old.remote_id:
@@ -287,7 +287,7 @@ class BatchesAndFiles(StateConnection):
         expires_at: int | float | str | None,
     ) -> FileRow:
         """Remember an uploaded file (replacing an older record); ``expires_at`` may be epoch s."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             self.db.execute(
                 "INSERT INTO files (provider, sha256, remote_id, bytes, uploaded_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, sha256) DO UPDATE SET "
@@ -301,7 +301,7 @@ class BatchesAndFiles(StateConnection):
 
     def forget_file(self, provider: str, sha256: str) -> None:
         """Drop a file record (e.g. the provider answered 404); a no-op if there is none."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             self.db.execute(
                 "DELETE FROM files WHERE provider = ? AND sha256 = ?", (provider, sha256)
             )

@@ -253,18 +253,29 @@ class StateConnection:
     # -- transactions ---------------------------------------------------------------------------
 
     @contextmanager
-    def atomic(self: _Conn) -> Iterator[_Conn]:
+    def atomic(self: _Conn, *, one_write: bool = False) -> Iterator[_Conn]:
         """One transaction: everything inside commits together or not at all.
 
         Nested calls become savepoints. The outermost one takes the database's writer lock up
         front (BEGIN IMMEDIATE, or PostgreSQL's advisory twin), waiting up to the busy timeout.
+
+        ``one_write``: the block writes with one statement at most, and raises nothing after
+        it (it only reads back). Nested in an SQLite transaction it then takes no savepoint
+        (a SAVEPOINT and a RELEASE saved per call: most of a pass's statements were these):
+        SQLite undoes a failed statement by itself and the transaction goes on (every
+        constraint and trigger of the schema aborts the statement, never the transaction),
+        which is all a rollback to the savepoint would do. A PostgreSQL transaction is
+        aborted by any failed statement, so there the savepoint stays.
         """
         db = self.db
         if db.in_transaction:
             self._savepoints += 1
             try:
-                with db.savepoint(f"atomic_{self._savepoints}"):
+                if one_write and db.dialect == "sqlite":
                     yield self
+                else:
+                    with db.savepoint(f"atomic_{self._savepoints}"):
+                        yield self
             finally:
                 self._savepoints -= 1
             return

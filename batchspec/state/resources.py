@@ -105,7 +105,7 @@ class ResourcesAndGenerations(StateConnection):
         run_id: int | None,
     ) -> ResourceRow:
         """Record a resource seen in the manifests (un-forgetting it); no write if unchanged."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_resource(name)
             labels_json = dump_json(dict(labels))
             if old is None:
@@ -146,7 +146,7 @@ class ResourcesAndGenerations(StateConnection):
 
     def set_current_generation(self, name: str, generation_id: int | None) -> ResourceRow:
         """Point a resource at one of its own generations (or at none)."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self._resource(name)
             if generation_id is not None and self.get_generation(generation_id).resource != name:
                 raise StateError(f"generation {generation_id} does not belong to resource {name!r}")
@@ -159,7 +159,7 @@ class ResourcesAndGenerations(StateConnection):
 
     def forget_resource(self, name: str) -> ResourceRow:
         """Mark a resource forgotten; its generations, batches and events stay as history."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self._resource(name)
             if old.forgotten_at is None:
                 now = utc_timestamp()
@@ -223,7 +223,7 @@ class ResourcesAndGenerations(StateConnection):
         run_id: int | None,
     ) -> GenerationRow:
         """A new pending generation, or the existing one for (resource, spec_hash) unchanged."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             existing = self.find_generation(resource, spec_hash)
             if existing is not None:
                 return existing
@@ -271,7 +271,7 @@ class ResourcesAndGenerations(StateConnection):
         status = fields.get("status")
         if status is not None and status not in GENERATION_STATUSES:
             raise ValueError(f"unknown generation status {status!r}")
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_generation(generation_id)
             if status in _GENERATION_DONE and old.completed_at is None:
                 fields.setdefault("completed_at", utc_timestamp())
