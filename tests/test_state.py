@@ -262,6 +262,49 @@ def test_one_write_methods_take_no_savepoint_and_a_failed_one_undoes_only_itself
         assert [b.key for b in store.batches(gen_id)] == ["k-1"]
 
 
+def test_write_methods_return_the_row_as_written_without_reading_it_again(
+    state_location: Path | str,
+) -> None:
+    """The row a write method returns is the row as stored (``RETURNING *``), equal to a fresh
+    read, and no SELECT follows the write to fetch it (SQLite's statements traced)."""
+    with StateStore.open(state_location) as store:
+        statements: list[str] = []
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        res = store.upsert_resource("t", provider="p", manifest="m", labels={"a": 1}, run_id=None)
+        gen = store.create_generation(
+            "t",
+            spec_hash="h",
+            spec={"k": [1]},
+            input_sha256="s",
+            requests=2,
+            input_bytes=9,
+            output_path=None,
+            errors_path=None,
+            run_id=None,
+        )
+        moved = store.upsert_resource("t", provider="q", manifest="m", labels={}, run_id=None)
+        current = store.set_current_generation("t", gen.id)
+        batch = intent(store, gen.id)
+        bound = store.update_batch(batch.id, remote_id="b-1", status="in_progress", total=2)
+        errs = store.update_batch(batch.id, status="failed", provider_errors=[{"code": "x"}])
+        done = store.update_generation(gen.id, status="complete", succeeded=2)
+        file = store.record_file("p", "s", "f-1", 9, 1_700_000_000)
+        again = store.record_file("p", "s", "f-2", None, None)
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+            writes = [i for i, s in enumerate(statements) if s.startswith(("INSERT", "UPDATE"))]
+            after = [statements[i + 1] for i in writes if i + 1 < len(statements)]
+            assert not [s for s in after if s.startswith("SELECT")], after
+        assert (res.name, moved.provider, moved.labels) == ("t", "q", {})
+        assert current == store.get_resource("t") and current.current_generation_id == gen.id
+        assert gen.status == "pending" and done == store.get_generation(gen.id)
+        assert bound.remote_id == "b-1" and bound.submitted_at is not None
+        assert errs == store.get_batch(batch.id) and errs.provider_errors == [{"code": "x"}]
+        assert errs.terminal_at is not None and file.remote_id == "f-1"
+        assert again == store.get_file("p", "s") and again.remote_id == "f-2"
+
+
 def test_atomic_holds_the_write_lock_against_other_connections(
     state_location: Path | str,
 ) -> None:

@@ -24,7 +24,6 @@ from batchspec.state.records import (
     known_columns,
     load_json,
     parse_timestamp,
-    returned_id,
     row_of,
     utc_timestamp,
     where_clause,
@@ -155,10 +154,10 @@ class BatchesAndFiles(StateConnection):
                 return existing
             now = utc_timestamp()
             try:
-                cur = self.db.execute(
+                row = self._one(
                     "INSERT INTO batches (generation_id, shard, attempt, provider, key, "
                     "input_sha256, requests, status, reason, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                     (
                         generation_id,
                         shard,
@@ -179,7 +178,8 @@ class BatchesAndFiles(StateConnection):
                     f"attempt {attempt}: {err} (another key holds that slot, or the "
                     "generation is not recorded)"
                 ) from err
-            return self.get_batch(returned_id(cur))
+            assert row is not None
+            return _batch_row(row)
 
     def update_batch(self, batch_id: int, **fields: Any) -> BatchRow:
         """Change whitelisted columns of a batch; no write if nothing changed.
@@ -204,13 +204,13 @@ class BatchesAndFiles(StateConnection):
             if fields.get("status") in BATCH_TERMINAL_STATUSES and old.terminal_at is None:
                 fields.setdefault("terminal_at", now)
             changed = changed_fields(old, {k: v for k, v in fields.items() if k != "updated_at"})
-            if changed:
-                changed["updated_at"] = fields.get("updated_at") or now
-                if "provider_errors" in changed:
-                    errors = changed["provider_errors"]
-                    changed["provider_errors"] = None if errors is None else dump_json(errors)
-                self._update("batches", "id", batch_id, changed)
-            return self.get_batch(batch_id)
+            if not changed:
+                return old
+            changed["updated_at"] = fields.get("updated_at") or now
+            if "provider_errors" in changed:
+                errors = changed["provider_errors"]
+                changed["provider_errors"] = None if errors is None else dump_json(errors)
+            return _batch_row(self._update_returning("batches", "id", batch_id, changed))
 
     def get_batch(self, batch_id: int) -> BatchRow:
         row = self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
@@ -288,16 +288,16 @@ class BatchesAndFiles(StateConnection):
     ) -> FileRow:
         """Remember an uploaded file (replacing an older record); ``expires_at`` may be epoch s."""
         with self.atomic(one_write=True):
-            self.db.execute(
+            row = self._one(
                 "INSERT INTO files (provider, sha256, remote_id, bytes, uploaded_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, sha256) DO UPDATE SET "
                 "remote_id = excluded.remote_id, bytes = excluded.bytes, "
-                "uploaded_at = excluded.uploaded_at, expires_at = excluded.expires_at",
+                "uploaded_at = excluded.uploaded_at, expires_at = excluded.expires_at "
+                "RETURNING *",
                 (provider, sha256, remote_id, bytes, utc_timestamp(), epoch_or_iso(expires_at)),
             )
-            found = self.get_file(provider, sha256)
-            assert found is not None  # just written in this transaction
-            return found
+            assert row is not None  # inserted or updated: either way returned
+            return FileRow(**known_columns(FileRow, row))
 
     def forget_file(self, provider: str, sha256: str) -> None:
         """Drop a file record (e.g. the provider answered 404); a no-op if there is none."""

@@ -334,6 +334,19 @@ class StateConnection:
             f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
         )
 
+    def _update_returning(
+        self, table: str, key: str, value: Any, fields: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``_update`` of a row that exists, giving it back as it now is (``RETURNING *``:
+        the row a ``SELECT *`` after it would read, without that read)."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        row = self._one(
+            f"UPDATE {table} SET {assignments} WHERE {key} = ? RETURNING *",
+            [*fields.values(), value],
+        )
+        assert row is not None  # read in this transaction before the update
+        return row
+
 
 class CommitGroup:
     """The records of many steps in one transaction: one commit (one fsync) for all of them.

@@ -18,7 +18,6 @@ from batchspec.state.records import (
     check_fields,
     dump_json,
     load_json,
-    returned_id,
     row_of,
     utc_timestamp,
 )
@@ -109,9 +108,9 @@ class ResourcesAndGenerations(StateConnection):
             old = self.get_resource(name)
             labels_json = dump_json(dict(labels))
             if old is None:
-                self.db.execute(
+                row = self._one(
                     "INSERT INTO resources (name, provider, manifest, labels, first_seen_run, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
                     (name, provider, manifest, labels_json, run_id, utc_timestamp()),
                 )
             elif (old.provider, old.manifest, dump_json(old.labels), old.forgotten_at) != (
@@ -120,12 +119,15 @@ class ResourcesAndGenerations(StateConnection):
                 labels_json,
                 None,
             ):
-                self.db.execute(
+                row = self._one(
                     "UPDATE resources SET provider = ?, manifest = ?, labels = ?, "
-                    "forgotten_at = NULL, updated_at = ? WHERE name = ?",
+                    "forgotten_at = NULL, updated_at = ? WHERE name = ? RETURNING *",
                     (provider, manifest, labels_json, utc_timestamp(), name),
                 )
-            return self._resource(name)
+            else:
+                return old
+            assert row is not None  # written in this transaction
+            return _resource_row(row)
 
     def get_resource(self, name: str) -> ResourceRow | None:
         row = self._one("SELECT * FROM resources WHERE name = ?", (name,))
@@ -150,12 +152,16 @@ class ResourcesAndGenerations(StateConnection):
             old = self._resource(name)
             if generation_id is not None and self.get_generation(generation_id).resource != name:
                 raise StateError(f"generation {generation_id} does not belong to resource {name!r}")
-            if old.current_generation_id != generation_id:
-                self.db.execute(
-                    "UPDATE resources SET current_generation_id = ?, updated_at = ? WHERE name = ?",
-                    (generation_id, utc_timestamp(), name),
+            if old.current_generation_id == generation_id:
+                return old
+            return _resource_row(
+                self._update_returning(
+                    "resources",
+                    "name",
+                    name,
+                    {"current_generation_id": generation_id, "updated_at": utc_timestamp()},
                 )
-            return self._resource(name)
+            )
 
     def forget_resource(self, name: str) -> ResourceRow:
         """Mark a resource forgotten; its generations, batches and events stay as history."""
@@ -228,10 +234,10 @@ class ResourcesAndGenerations(StateConnection):
             if existing is not None:
                 return existing
             self._resource(resource)
-            cur = self.db.execute(
+            row = self._one(
                 "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
                 "input_bytes, status, output_path, errors_path, created_run, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING id",
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *",
                 (
                     resource,
                     spec_hash,
@@ -245,7 +251,8 @@ class ResourcesAndGenerations(StateConnection):
                     utc_timestamp(),
                 ),
             )
-            return self.get_generation(returned_id(cur))
+            assert row is not None
+            return _generation_row(row)
 
     def get_generation(self, generation_id: int) -> GenerationRow:
         row = self._one("SELECT * FROM generations WHERE id = ?", (generation_id,))
@@ -276,6 +283,8 @@ class ResourcesAndGenerations(StateConnection):
             if status in _GENERATION_DONE and old.completed_at is None:
                 fields.setdefault("completed_at", utc_timestamp())
             changed = changed_fields(old, fields)
-            if changed:
-                self._update("generations", "id", generation_id, changed)
-            return self.get_generation(generation_id)
+            if not changed:
+                return old
+            return _generation_row(
+                self._update_returning("generations", "id", generation_id, changed)
+            )
