@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import prefetch
 from batchspec.core.reporting import Progress
 from batchspec.engine.api_faults import ApiFaults
+from batchspec.storage.sql import Sql
 
 UPLOAD = "POST /files"
 CREATE = "POST /batches"
@@ -271,6 +273,42 @@ def test_a_failure_while_recording_creates_leaves_no_made_batch_unrecorded(
     with ws.store() as store:
         recorded = {b.remote_id for b in store.batches() if b.remote_id}
     assert made and made == recorded
+
+
+def test_a_submit_pass_records_its_steps_without_savepoints(
+    tmp_path: Path, server: Callable[..., ProbedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass's transactions are kept or undone whole (``atomic(whole=True)``): the steps'
+    blocks inside them, and the write methods, take no savepoint on an SQLite state (they
+    were half of its statements), and every batch is recorded as before."""
+    savepoints: list[str] = []  # taken in the submit pass
+    real = Sql.savepoint
+
+    def counted(self: Sql, name: str = "nested") -> Any:
+        if any(f.name == "submit_pass" for f in traceback.extract_stack()):
+            savepoints.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Sql, "savepoint", counted)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"r{i}", count=2, prefix=f"p{i}") for i in range(3)],
+    )
+    apply_workspace([str(ws.root)], ApplyOptions(yes=True, parallelism=2), report=lambda _: None)
+    assert savepoints == []
+    with ws.store() as store:
+        assert len(store.batches()) == 3 and all(b.remote_id for b in store.batches())
+        assert [e.action for e in store.events(resource="r1")] == [
+            "generation",
+            "intent",
+            "lookup",
+            "upload-intent",
+            "upload",
+            "create-intent",
+            "create",
+        ]
 
 
 class RecordedLimit(prefetch.AdaptiveLimit):

@@ -262,6 +262,38 @@ def test_one_write_methods_take_no_savepoint_and_a_failed_one_undoes_only_itself
         assert [b.key for b in store.batches(gen_id)] == ["k-1"]
 
 
+def test_blocks_nested_in_a_whole_block_take_no_savepoint_and_go_with_it(
+    state_location: Path | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``atomic(whole=True)`` nested blocks take no savepoints; an exception leaving
+    the whole block (itself nested here) undoes their writes with it, and the transaction
+    around it goes on; a block outside it still takes its savepoint."""
+    savepoints: list[str] = []
+    with StateStore.open(state_location) as store:
+        real = store.db.savepoint
+
+        def counted(name: str = "nested") -> Any:
+            savepoints.append(name)
+            return real(name)
+
+        monkeypatch.setattr(store.db, "savepoint", counted)
+        with store.atomic():
+            make_generation(store, "kept")
+            savepoints.clear()  # PostgreSQL's write methods take theirs
+            with pytest.raises(RuntimeError), store.atomic(whole=True):
+                gen_id = make_generation(store, "undone")
+                with store.atomic():  # as a step's own block (several writes) is
+                    store.update_generation(gen_id, status="complete")
+                    store.record_event(None, "inside", resource="undone")
+                assert savepoints == ["atomic_1"]  # the whole block's own, nothing inside
+                raise RuntimeError("leaves the whole block")
+            with store.atomic():
+                store.record_event(None, "after", resource="kept")
+            assert savepoints[:2] == ["atomic_1", "atomic_1"]
+        assert [r.name for r in store.list_resources()] == ["kept"]
+        assert [e.action for e in store.events()] == ["after"]
+
+
 def test_write_methods_return_the_row_as_written_without_reading_it_again(
     state_location: Path | str,
 ) -> None:

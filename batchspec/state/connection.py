@@ -253,7 +253,7 @@ class StateConnection:
     # -- transactions ---------------------------------------------------------------------------
 
     @contextmanager
-    def atomic(self: _Conn, *, one_write: bool = False) -> Iterator[_Conn]:
+    def atomic(self: _Conn, *, one_write: bool = False, whole: bool = False) -> Iterator[_Conn]:
         """One transaction: everything inside commits together or not at all.
 
         Nested calls become savepoints. The outermost one takes the database's writer lock up
@@ -266,27 +266,38 @@ class StateConnection:
         constraint and trigger of the schema aborts the statement, never the transaction),
         which is all a rollback to the savepoint would do. A PostgreSQL transaction is
         aborted by any failed statement, so there the savepoint stays.
+
+        ``whole``: nothing inside the block catches an exception and goes on, so the block is
+        kept or undone whole: the blocks nested in it (at any depth) take no savepoints,
+        whatever the dialect (an exception leaves them and this block together, and this
+        block's own rollback undoes them). Savepoints commit nothing, so a kill leaves what
+        it left with them: the outermost transaction, all of it or none.
         """
         db = self.db
         if db.in_transaction:
             self._savepoints += 1
+            inside_whole = self._whole > 0
+            self._whole += int(whole)
             try:
-                if one_write and db.dialect == "sqlite":
+                if inside_whole or (one_write and db.dialect == "sqlite"):
                     yield self
                 else:
                     with db.savepoint(f"atomic_{self._savepoints}"):
                         yield self
             finally:
+                self._whole -= int(whole)
                 self._savepoints -= 1
             return
         db.begin_writer()
         self._atomic_open = True
+        self._whole += int(whole)
         try:
             yield self
         except BaseException:
             db.rollback()
             raise
         finally:
+            self._whole -= int(whole)
             self._atomic_open = False
         try:
             db.commit()
@@ -295,6 +306,7 @@ class StateConnection:
             raise
 
     _savepoints = 0
+    _whole = 0  # ``atomic(whole=True)`` blocks open
 
     @contextmanager
     def commit_group(self, *, max_seconds: float | None = None) -> Iterator[CommitGroup]:
