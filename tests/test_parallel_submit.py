@@ -36,7 +36,7 @@ from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import prefetch
 from batchspec.core.reporting import Progress
 from batchspec.engine.api_faults import ApiFaults
-from batchspec.storage.sql import Sql
+from batchspec.storage.sql import Sql, SqliteSql
 
 UPLOAD = "POST /files"
 CREATE = "POST /batches"
@@ -280,7 +280,8 @@ def test_a_submit_pass_records_its_steps_without_savepoints(
 ) -> None:
     """The pass's transactions are kept or undone whole (``atomic(whole=True)``): the steps'
     blocks inside them, and the write methods, take no savepoint on an SQLite state (they
-    were half of its statements), and every batch is recorded as before."""
+    were half of its statements), and every batch is recorded as before; a resource is
+    planned from the row read to see whether it was forgotten, not read again."""
     savepoints: list[str] = []  # taken in the submit pass
     real = Sql.savepoint
 
@@ -290,6 +291,16 @@ def test_a_submit_pass_records_its_steps_without_savepoints(
         return real(self, name)
 
     monkeypatch.setattr(Sql, "savepoint", counted)
+    reads: list[str] = []  # of r1's resource row, in the submit pass
+    query = SqliteSql.query
+
+    def queried(self: SqliteSql, sql: str, params: Any = ()) -> Any:
+        mine = "FROM resources WHERE name" in sql and list(params) == ["r1"]
+        if mine and any(f.name == "submit_pass" for f in traceback.extract_stack()):
+            reads.append(sql)
+        return query(self, sql, params)
+
+    monkeypatch.setattr(SqliteSql, "query", queried)
     srv = server()
     ws = make_workspace(
         tmp_path / "ws",
@@ -298,6 +309,9 @@ def test_a_submit_pass_records_its_steps_without_savepoints(
     )
     apply_workspace([str(ws.root)], ApplyOptions(yes=True, parallelism=2), report=lambda _: None)
     assert savepoints == []
+    # planned once from the row read to see whether it was forgotten; then upsert_resource,
+    # create_generation and set_current_generation each read it once
+    assert len(reads) == 4
     with ws.store() as store:
         assert len(store.batches()) == 3 and all(b.remote_id for b in store.batches())
         assert [e.action for e in store.events(resource="r1")] == [

@@ -44,7 +44,7 @@ def ensure_generation(ctx: RunContext, res: Resource, facts: InputReport) -> Gen
     with ctx.store.atomic():
         ctx.upsert_resource(res)
         existing = ctx.store.find_generation(res.name, res.spec_hash)
-        gen = ctx.store.create_generation(
+        gen = existing or ctx.store.create_generation(
             res.name,
             spec_hash=res.spec_hash,
             spec=res.semantic_spec(),
