@@ -9,7 +9,10 @@ kind (SAVEPOINT/RELEASE, SELECT by table, INSERT, UPDATE, ...); ``--verbose`` ad
 statements themselves with their literals masked, ``--sites REGEX`` where the statements
 matching REGEX come from (the state method and the steps calling it), ``--dump FILE`` a JSON
 dump of every state table after the passes (to compare two builds: ids and timestamps
-differ between runs, the rows and their order must not).
+differ between runs, the rows and their order must not). It also prints the CPU time of
+this thread per resource in each pass (the apply's main thread: it records every step,
+while the pool's threads make the provider calls); ``--untraced`` measures it without the
+trace.
 
 SQLite traces a statement again each time it fires a trigger (the state's serial counter),
 with the same text: such an immediate repeat of a write is counted once.
@@ -28,6 +31,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -139,8 +143,12 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--sites", metavar="REGEX")
     parser.add_argument("--dump", metavar="FILE")
+    parser.add_argument("--untraced", action="store_true", help="no trace: CPU time only")
     args = parser.parse_args()
-    sqlite3.connect = connect  # type: ignore[assignment]
+    if not args.untraced:
+        sqlite3.connect = connect  # type: ignore[assignment]
+    import batchspec.cli.main  # noqa: F401 - imported before any pass is timed
+
     if args.sites:
         Trace.sites, Trace.pattern = Counter(), re.compile(args.sites)
     os.environ[KEY_ENV] = BENCH_KEY
@@ -157,10 +165,14 @@ def main() -> None:
                 gate.set()
                 wait_until(serve_url, lambda s: s == "completed", args.manifests)
             STATEMENTS.clear()
+            cpu = time.thread_time()
             apply(ws, args.parallelism)
-            passes.append((label, list(STATEMENTS)))
-        for label, statements in passes:
-            report(label, args.manifests, statements, args.verbose)
+            cpu = time.thread_time() - cpu
+            passes.append((label, list(STATEMENTS), cpu))
+        for label, statements, cpu in passes:
+            print(f"{label}: {cpu / args.manifests * 1000:.2f} main-thread CPU ms a resource")
+            if not args.untraced:
+                report(label, args.manifests, statements, args.verbose)
         for (sql, method, steps), count in (Trace.sites or Counter()).most_common(60):
             print(f"  {count / args.manifests:6.2f}  {sql}  [{method}]  {steps}")
         if args.dump:
