@@ -337,6 +337,33 @@ def test_write_methods_return_the_row_as_written_without_reading_it_again(
         assert again == store.get_file("p", "s") and again.remote_id == "f-2"
 
 
+def test_an_intent_whose_key_the_caller_saw_unused_is_inserted_without_a_lookup(
+    store: StateStore,
+) -> None:
+    """``record_batch_intent(key_unused=True)`` does not look its key up again (the caller
+    just did, in its transaction); a key that is in fact held still fails the insert."""
+    gen_id = make_generation(store)
+    statements: list[str] = []
+    if store.dialect == "sqlite":
+        store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    fields: dict[str, Any] = {
+        "shard": 0,
+        "attempt": 1,
+        "provider": "local",
+        "input_sha256": "s",
+        "requests": 1,
+        "reason": None,
+    }
+    row = store.record_batch_intent(gen_id, key="k-1", key_unused=True, **fields)
+    if store.dialect == "sqlite":
+        store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+        assert not [s for s in statements if s.startswith("SELECT")], statements
+    assert row == store.batch_by_key("k-1")
+    with pytest.raises(StateError, match="cannot record batch intent"):
+        store.record_batch_intent(gen_id, key="k-1", key_unused=True, **{**fields, "shard": 1})
+    assert store.record_batch_intent(gen_id, key="k-1", **fields) == row  # idempotent still
+
+
 def test_atomic_holds_the_write_lock_against_other_connections(
     state_location: Path | str,
 ) -> None:

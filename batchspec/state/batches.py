@@ -139,10 +139,14 @@ class BatchesAndFiles(StateConnection):
         input_sha256: str,
         requests: int,
         reason: str | None,
+        key_unused: bool = False,
     ) -> BatchRow:
-        """Record the intent to create a batch (remote_id NULL); idempotent on ``key``."""
+        """Record the intent to create a batch (remote_id NULL); idempotent on ``key``.
+
+        ``key_unused``: the caller has just seen, in its transaction, that no batch holds
+        ``key``: it is not looked up again (a batch holding it would fail the insert)."""
         with self.atomic(one_write=True):
-            existing = self.batch_by_key(key)
+            existing = None if key_unused else self.batch_by_key(key)
             if existing is not None:
                 coords = (existing.generation_id, existing.shard, existing.attempt)
                 if coords != (generation_id, shard, attempt):

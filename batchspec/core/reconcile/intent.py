@@ -228,6 +228,7 @@ def record_intent(
             input_sha256=input_sha256,
             requests=requests,
             reason=reason,
+            key_unused=True,  # looked up above, in this transaction
         )
         ctx.ledger.mark_sent(gen.id, shard, attempt)
         ctx.store.update_generation(gen.id, status="in_progress")
