@@ -216,9 +216,13 @@ def test_a_batch_answered_whole_and_in_order_gives_its_stored_file_as_it_is(
     if swap is not None:
         order[swap - 1], order[swap] = order[swap], order[swap - 1]
     collect(ledger, blobs, gen, 1, [(c, OK) for c in order])
+    read: list[int] = []
+    blobs_of = ledger.blobs_of
+    ledger.blobs_of = lambda g: read.append(g) or blobs_of(g)  # type: ignore[method-assign]
 
     written, out, err = write(ledger, gen, blobs, tmp_path)
 
+    assert read == [gen]  # its stored files are read once, not again to place them
     assert [r["custom_id"] for r in out] == ids and err == []
     data = (tmp_path / "out.jsonl").read_bytes()
     assert data == b"".join(answer_line(c) + b"\n" for c in ids)

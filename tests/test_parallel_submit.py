@@ -7,11 +7,14 @@ upstream that answers nothing until the test opens its gate (``GatedUpstream``).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from batchspec.core.apply import ApplyOptions, apply_workspace
 from batchspec.core.reconcile import prefetch
 from batchspec.core.reporting import Progress
 from batchspec.engine.api_faults import ApiFaults
+from batchspec.storage.sql import Sql, SqliteSql
 
 UPLOAD = "POST /files"
 CREATE = "POST /batches"
@@ -271,6 +275,119 @@ def test_a_failure_while_recording_creates_leaves_no_made_batch_unrecorded(
     with ws.store() as store:
         recorded = {b.remote_id for b in store.batches() if b.remote_id}
     assert made and made == recorded
+
+
+def test_a_submit_pass_records_its_steps_without_savepoints(
+    tmp_path: Path, server: Callable[..., ProbedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass's transactions are kept or undone whole (``atomic(whole=True)``): the steps'
+    blocks inside them, and the write methods, take no savepoint on an SQLite state (they
+    were half of its statements), and every batch is recorded as before; a resource is
+    planned from the row read to see whether it was forgotten, not read again."""
+    savepoints: list[str] = []  # taken in the submit pass
+    real = Sql.savepoint
+
+    def counted(self: Sql, name: str = "nested") -> Any:
+        if any(f.name == "submit_pass" for f in traceback.extract_stack()):
+            savepoints.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Sql, "savepoint", counted)
+    reads: list[str] = []  # of r1's resource row, in the submit pass
+    query = SqliteSql.query
+
+    def queried(self: SqliteSql, sql: str, params: Any = ()) -> Any:
+        mine = "FROM resources WHERE name" in sql and list(params) == ["r1"]
+        if mine and any(f.name == "submit_pass" for f in traceback.extract_stack()):
+            reads.append(sql)
+        return query(self, sql, params)
+
+    monkeypatch.setattr(SqliteSql, "query", queried)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec(f"r{i}", count=2, prefix=f"p{i}") for i in range(3)],
+    )
+    apply_workspace([str(ws.root)], ApplyOptions(yes=True, parallelism=2), report=lambda _: None)
+    assert savepoints == []
+    # planned from the row read to see whether it was forgotten; then upsert_resource and
+    # set_current_generation read it (its new generation is inserted without another look)
+    assert len(reads) == 3
+    with ws.store() as store:
+        assert len(store.batches()) == 3 and all(b.remote_id for b in store.batches())
+        assert [e.action for e in store.events(resource="r1")] == [
+            "generation",
+            "intent",
+            "lookup",
+            "upload-intent",
+            "upload",
+            "create-intent",
+            "create",
+        ]
+
+
+GOLDEN_STATE = Path(__file__).parent / "golden" / "state_after_submit_and_collect.json"
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+_REMOTE_ID = re.compile(r"\b(file|batch|req)[-_][A-Za-z0-9]{6,}")
+_SHA256 = re.compile(r"\b[0-9a-f]{64}\b")
+_EPOCH = re.compile(r'"since": [0-9.]+')  # a lookup's horizon: now less the window
+#: tables whose rows say who ran and when (runs), or are gone once the run ends
+_NOT_COMPARED = {"runs", "resource_locks", "_sqlite_migrations", "sqlite_sequence"}
+
+
+def state_dump(db: Path, root: Path) -> dict[str, list[list[Any]]]:
+    """Every row of every state table, in rowid order, with what differs from one run to the
+    next masked: timestamps (and a lookup's ``since``), the engine's ids, the workspace's
+    path, and each sha256 named by the order it first appears in (a result file holds the
+    engine's ids and times)."""
+    names: dict[str, str] = {}
+
+    def masked(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = _TIMESTAMP.sub("T", value.replace(str(root), "ROOT"))
+        value = _REMOTE_ID.sub(r"\1-X", _EPOCH.sub('"since": "T"', value))
+        return _SHA256.sub(lambda m: names.setdefault(m.group(0), f"sha{len(names)}"), value)
+
+    conn = sqlite3.connect(db)
+    try:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {
+            table: [[masked(v) for v in row] for row in conn.execute(f"SELECT * FROM {table}")]
+            for table in sorted(set(tables) - _NOT_COMPARED)
+        }
+    finally:
+        conn.close()
+
+
+def test_a_submit_then_collect_records_the_rows_and_events_they_always_recorded(
+    tmp_path: Path, server: Callable[..., ProbedServer]
+) -> None:
+    """A submit pass, then (every batch completed) a poll+collect pass, leave every state
+    table as they did before the state's statements were cut (a savepoint, a read after a
+    write, a read the step had just made): the same rows, values and events, in the same
+    order (``GOLDEN_STATE``, made by the build before; ids and times masked). A change that
+    means to record something else rewrites it: ``state_dump`` of this test's state."""
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[
+            ResourceSpec("r0", count=2, prefix="p0"),
+            ResourceSpec("r1", count=3, prefix="p1"),
+        ],
+    )
+    options = ApplyOptions(yes=True, parallelism=2)
+    apply_workspace([str(ws.root)], options, report=lambda _: None)
+    deadline = time.monotonic() + 30
+    while any(b["status"] != "completed" for b in srv.engine.list_batches(None, 100)["data"]):
+        assert time.monotonic() < deadline, "the engine did not complete the batches"
+        time.sleep(0.02)
+    apply_workspace([str(ws.root)], options, report=lambda _: None)
+
+    dump = state_dump(ws.state_path, ws.root)
+    assert dump == json.loads(GOLDEN_STATE.read_text())
 
 
 class RecordedLimit(prefetch.AdaptiveLimit):

@@ -225,6 +225,145 @@ def test_failed_write_inside_atomic_leaves_the_outer_transaction_usable(store: S
     assert [r.name for r in store.list_resources()] == ["kept"]
 
 
+def test_one_write_methods_take_no_savepoint_and_a_failed_one_undoes_only_itself(
+    state_location: Path | str,
+) -> None:
+    """Nested in an SQLite transaction, a write method of one statement takes no savepoint
+    (``atomic(one_write=True)``), and when its statement fails (a foreign key here) the
+    transaction goes on holding exactly what it held, as a rollback to a savepoint left it."""
+    with StateStore.open(state_location) as store:
+        gen_id = make_generation(store)
+        statements: list[str] = []
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        with store.atomic():
+            store.record_event(None, "first", resource="triage")
+            batch = store.update_batch(intent(store, gen_id).id, status="creating")
+            with pytest.raises(IntegrityError):
+                store.record_event(None, "lost", generation_id=10_000)  # no such generation
+            with pytest.raises(StateError, match="cannot record batch intent"):
+                store.record_batch_intent(
+                    10_000,
+                    shard=0,
+                    attempt=1,
+                    provider="local",
+                    key="k-x",
+                    input_sha256="s",
+                    requests=1,
+                    reason=None,
+                )
+            store.record_event(None, "last", resource="triage")
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+            assert [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE"))] == []
+        assert [e.action for e in store.events()] == ["first", "last"]
+        assert store.get_batch(batch.id) == batch
+        assert batch.status == "creating"
+        assert [b.key for b in store.batches(gen_id)] == ["k-1"]
+
+
+def test_blocks_nested_in_a_whole_block_take_no_savepoint_and_go_with_it(
+    state_location: Path | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``atomic(whole=True)`` nested blocks take no savepoints; an exception leaving
+    the whole block (itself nested here) undoes their writes with it, and the transaction
+    around it goes on; a block outside it still takes its savepoint."""
+    savepoints: list[str] = []
+    with StateStore.open(state_location) as store:
+        real = store.db.savepoint
+
+        def counted(name: str = "nested") -> Any:
+            savepoints.append(name)
+            return real(name)
+
+        monkeypatch.setattr(store.db, "savepoint", counted)
+        with store.atomic():
+            make_generation(store, "kept")
+            savepoints.clear()  # PostgreSQL's write methods take theirs
+            with pytest.raises(RuntimeError), store.atomic(whole=True):
+                gen_id = make_generation(store, "undone")
+                with store.atomic():  # as a step's own block (several writes) is
+                    store.update_generation(gen_id, status="complete")
+                    store.record_event(None, "inside", resource="undone")
+                assert savepoints == ["atomic_1"]  # the whole block's own, nothing inside
+                raise RuntimeError("leaves the whole block")
+            with store.atomic():
+                store.record_event(None, "after", resource="kept")
+            assert savepoints[:2] == ["atomic_1", "atomic_1"]
+        assert [r.name for r in store.list_resources()] == ["kept"]
+        assert [e.action for e in store.events()] == ["after"]
+
+
+def test_write_methods_return_the_row_as_written_without_reading_it_again(
+    state_location: Path | str,
+) -> None:
+    """The row a write method returns is the row as stored (``RETURNING *``), equal to a fresh
+    read, and no SELECT follows the write to fetch it (SQLite's statements traced)."""
+    with StateStore.open(state_location) as store:
+        statements: list[str] = []
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        res = store.upsert_resource("t", provider="p", manifest="m", labels={"a": 1}, run_id=None)
+        gen = store.create_generation(
+            "t",
+            spec_hash="h",
+            spec={"k": [1]},
+            input_sha256="s",
+            requests=2,
+            input_bytes=9,
+            output_path=None,
+            errors_path=None,
+            run_id=None,
+        )
+        moved = store.upsert_resource("t", provider="q", manifest="m", labels={}, run_id=None)
+        current = store.set_current_generation("t", gen.id)
+        batch = intent(store, gen.id)
+        bound = store.update_batch(batch.id, remote_id="b-1", status="in_progress", total=2)
+        errs = store.update_batch(batch.id, status="failed", provider_errors=[{"code": "x"}])
+        done = store.update_generation(gen.id, status="complete", succeeded=2)
+        file = store.record_file("p", "s", "f-1", 9, 1_700_000_000)
+        again = store.record_file("p", "s", "f-2", None, None)
+        if store.dialect == "sqlite":
+            store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+            writes = [i for i, s in enumerate(statements) if s.startswith(("INSERT", "UPDATE"))]
+            after = [statements[i + 1] for i in writes if i + 1 < len(statements)]
+            assert not [s for s in after if s.startswith("SELECT")], after
+        assert (res.name, moved.provider, moved.labels) == ("t", "q", {})
+        assert current == store.get_resource("t") and current.current_generation_id == gen.id
+        assert gen.status == "pending" and done == store.get_generation(gen.id)
+        assert bound.remote_id == "b-1" and bound.submitted_at is not None
+        assert errs == store.get_batch(batch.id) and errs.provider_errors == [{"code": "x"}]
+        assert errs.terminal_at is not None and file.remote_id == "f-1"
+        assert again == store.get_file("p", "s") and again.remote_id == "f-2"
+
+
+def test_an_intent_whose_key_the_caller_saw_unused_is_inserted_without_a_lookup(
+    store: StateStore,
+) -> None:
+    """``record_batch_intent(key_unused=True)`` does not look its key up again (the caller
+    just did, in its transaction); a key that is in fact held still fails the insert."""
+    gen_id = make_generation(store)
+    statements: list[str] = []
+    if store.dialect == "sqlite":
+        store.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    fields: dict[str, Any] = {
+        "shard": 0,
+        "attempt": 1,
+        "provider": "local",
+        "input_sha256": "s",
+        "requests": 1,
+        "reason": None,
+    }
+    row = store.record_batch_intent(gen_id, key="k-1", key_unused=True, **fields)
+    if store.dialect == "sqlite":
+        store.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+        assert not [s for s in statements if s.startswith("SELECT")], statements
+    assert row == store.batch_by_key("k-1")
+    with pytest.raises(StateError, match="cannot record batch intent"):
+        store.record_batch_intent(gen_id, key="k-1", key_unused=True, **{**fields, "shard": 1})
+    assert store.record_batch_intent(gen_id, key="k-1", **fields) == row  # idempotent still
+
+
 def test_atomic_holds_the_write_lock_against_other_connections(
     state_location: Path | str,
 ) -> None:

@@ -47,7 +47,7 @@ def write_results_in_input_order(
     for sha in shas:  # fetched and verified before any writing
         blobs.ensure_local(sha)
     if len(shas) == 1:
-        whole = _copy_of_a_whole_blob(ledger, generation_id, blobs, output_path, errors_path)
+        whole = _copy_of_a_whole_blob(ledger, generation_id, shas, blobs, output_path, errors_path)
         if whole is not None:
             return whole
     counts = {"ok": 0, "failed": 0, "unresolved": 0}
@@ -92,6 +92,7 @@ class _NotAsRecorded(Exception):
 def _copy_of_a_whole_blob(
     ledger: RequestLedger,
     generation_id: int,
+    shas: list[str],
     blobs: ResultStore,
     output_path: Path,
     errors_path: Path,
@@ -103,7 +104,7 @@ def _copy_of_a_whole_blob(
     made only if the blob ends where the last answer's newline does and holds as many
     newlines as answers (an answer never holds one: so each newline is the one between two
     answers); else None, and nothing was written."""
-    placed = ledger.back_to_back(generation_id)
+    placed = ledger.back_to_back(generation_id, shas)  # ``shas``: its blobs_of, just read
     if placed is None:
         return None
     source = blobs.ensure_local(placed.blob)

@@ -24,7 +24,6 @@ from batchspec.state.records import (
     known_columns,
     load_json,
     parse_timestamp,
-    returned_id,
     row_of,
     utc_timestamp,
     where_clause,
@@ -140,10 +139,14 @@ class BatchesAndFiles(StateConnection):
         input_sha256: str,
         requests: int,
         reason: str | None,
+        key_unused: bool = False,
     ) -> BatchRow:
-        """Record the intent to create a batch (remote_id NULL); idempotent on ``key``."""
-        with self.atomic():
-            existing = self.batch_by_key(key)
+        """Record the intent to create a batch (remote_id NULL); idempotent on ``key``.
+
+        ``key_unused``: the caller has just seen, in its transaction, that no batch holds
+        ``key``: it is not looked up again (a batch holding it would fail the insert)."""
+        with self.atomic(one_write=True):
+            existing = None if key_unused else self.batch_by_key(key)
             if existing is not None:
                 coords = (existing.generation_id, existing.shard, existing.attempt)
                 if coords != (generation_id, shard, attempt):
@@ -155,10 +158,10 @@ class BatchesAndFiles(StateConnection):
                 return existing
             now = utc_timestamp()
             try:
-                cur = self.db.execute(
+                row = self._one(
                     "INSERT INTO batches (generation_id, shard, attempt, provider, key, "
                     "input_sha256, requests, status, reason, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                     (
                         generation_id,
                         shard,
@@ -179,7 +182,8 @@ class BatchesAndFiles(StateConnection):
                     f"attempt {attempt}: {err} (another key holds that slot, or the "
                     "generation is not recorded)"
                 ) from err
-            return self.get_batch(returned_id(cur))
+            assert row is not None
+            return _batch_row(row)
 
     def update_batch(self, batch_id: int, **fields: Any) -> BatchRow:
         """Change whitelisted columns of a batch; no write if nothing changed.
@@ -190,7 +194,7 @@ class BatchesAndFiles(StateConnection):
         already set. A recorded remote_id never changes.
         """
         check_fields("update_batch", fields, _BATCH_FIELDS)
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_batch(batch_id)
             new_remote = fields.get("remote_id")
             if old.remote_id is not None and "remote_id" in fields and new_remote != old.remote_id:
@@ -204,13 +208,13 @@ class BatchesAndFiles(StateConnection):
             if fields.get("status") in BATCH_TERMINAL_STATUSES and old.terminal_at is None:
                 fields.setdefault("terminal_at", now)
             changed = changed_fields(old, {k: v for k, v in fields.items() if k != "updated_at"})
-            if changed:
-                changed["updated_at"] = fields.get("updated_at") or now
-                if "provider_errors" in changed:
-                    errors = changed["provider_errors"]
-                    changed["provider_errors"] = None if errors is None else dump_json(errors)
-                self._update("batches", "id", batch_id, changed)
-            return self.get_batch(batch_id)
+            if not changed:
+                return old
+            changed["updated_at"] = fields.get("updated_at") or now
+            if "provider_errors" in changed:
+                errors = changed["provider_errors"]
+                changed["provider_errors"] = None if errors is None else dump_json(errors)
+            return _batch_row(self._update_returning("batches", "id", batch_id, changed))
 
     def get_batch(self, batch_id: int) -> BatchRow:
         row = self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
@@ -287,21 +291,21 @@ class BatchesAndFiles(StateConnection):
         expires_at: int | float | str | None,
     ) -> FileRow:
         """Remember an uploaded file (replacing an older record); ``expires_at`` may be epoch s."""
-        with self.atomic():
-            self.db.execute(
+        with self.atomic(one_write=True):
+            row = self._one(
                 "INSERT INTO files (provider, sha256, remote_id, bytes, uploaded_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, sha256) DO UPDATE SET "
                 "remote_id = excluded.remote_id, bytes = excluded.bytes, "
-                "uploaded_at = excluded.uploaded_at, expires_at = excluded.expires_at",
+                "uploaded_at = excluded.uploaded_at, expires_at = excluded.expires_at "
+                "RETURNING *",
                 (provider, sha256, remote_id, bytes, utc_timestamp(), epoch_or_iso(expires_at)),
             )
-            found = self.get_file(provider, sha256)
-            assert found is not None  # just written in this transaction
-            return found
+            assert row is not None  # inserted or updated: either way returned
+            return FileRow(**known_columns(FileRow, row))
 
     def forget_file(self, provider: str, sha256: str) -> None:
         """Drop a file record (e.g. the provider answered 404); a no-op if there is none."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             self.db.execute(
                 "DELETE FROM files WHERE provider = ? AND sha256 = ?", (provider, sha256)
             )

@@ -253,29 +253,51 @@ class StateConnection:
     # -- transactions ---------------------------------------------------------------------------
 
     @contextmanager
-    def atomic(self: _Conn) -> Iterator[_Conn]:
+    def atomic(self: _Conn, *, one_write: bool = False, whole: bool = False) -> Iterator[_Conn]:
         """One transaction: everything inside commits together or not at all.
 
         Nested calls become savepoints. The outermost one takes the database's writer lock up
         front (BEGIN IMMEDIATE, or PostgreSQL's advisory twin), waiting up to the busy timeout.
+
+        ``one_write``: the block writes with one statement at most, and raises nothing after
+        it (it only reads back). Nested in an SQLite transaction it then takes no savepoint
+        (a SAVEPOINT and a RELEASE saved per call: most of a pass's statements were these):
+        SQLite undoes a failed statement by itself and the transaction goes on (every
+        constraint and trigger of the schema aborts the statement, never the transaction),
+        which is all a rollback to the savepoint would do. A PostgreSQL transaction is
+        aborted by any failed statement, so there the savepoint stays.
+
+        ``whole``: nothing inside the block catches an exception and goes on, so the block is
+        kept or undone whole: the blocks nested in it (at any depth) take no savepoints,
+        whatever the dialect (an exception leaves them and this block together, and this
+        block's own rollback undoes them). Savepoints commit nothing, so a kill leaves what
+        it left with them: the outermost transaction, all of it or none.
         """
         db = self.db
         if db.in_transaction:
             self._savepoints += 1
+            inside_whole = self._whole > 0
+            self._whole += int(whole)
             try:
-                with db.savepoint(f"atomic_{self._savepoints}"):
+                if inside_whole or (one_write and db.dialect == "sqlite"):
                     yield self
+                else:
+                    with db.savepoint(f"atomic_{self._savepoints}"):
+                        yield self
             finally:
+                self._whole -= int(whole)
                 self._savepoints -= 1
             return
         db.begin_writer()
         self._atomic_open = True
+        self._whole += int(whole)
         try:
             yield self
         except BaseException:
             db.rollback()
             raise
         finally:
+            self._whole -= int(whole)
             self._atomic_open = False
         try:
             db.commit()
@@ -284,6 +306,7 @@ class StateConnection:
             raise
 
     _savepoints = 0
+    _whole = 0  # ``atomic(whole=True)`` blocks open
 
     @contextmanager
     def commit_group(self, *, max_seconds: float | None = None) -> Iterator[CommitGroup]:
@@ -322,6 +345,19 @@ class StateConnection:
         self.db.execute(
             f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
         )
+
+    def _update_returning(
+        self, table: str, key: str, value: Any, fields: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``_update`` of a row that exists, giving it back as it now is (``RETURNING *``:
+        the row a ``SELECT *`` after it would read, without that read)."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        row = self._one(
+            f"UPDATE {table} SET {assignments} WHERE {key} = ? RETURNING *",
+            [*fields.values(), value],
+        )
+        assert row is not None  # read in this transaction before the update
+        return row
 
 
 class CommitGroup:

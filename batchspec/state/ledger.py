@@ -350,7 +350,7 @@ class RequestLedger:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def back_to_back(self, generation_id: int) -> BackToBack | None:
+    def back_to_back(self, generation_id: int, blobs: list[str] | None = None) -> BackToBack | None:
         """The one stored blob that answers every request of the generation, ``ok``, back
         to back in input order (the first at offset 0, each next one a byte, its newline,
         after the previous ends), with the number of requests and where the newline after
@@ -358,11 +358,13 @@ class RequestLedger:
         every request, in order, looks like: its result file is then that blob as it is.
 
         Two cheap aggregates decide most generations; the spans are then read by input
-        line, ``_CHUNK`` at a time, stopping at the first that is out of place."""
+        line, ``_CHUNK`` at a time, stopping at the first that is out of place. ``blobs``:
+        ``blobs_of(generation_id)`` as the caller just read it (else it is read here)."""
         counts = self.state_counts(generation_id)
         if not counts or set(counts) != {"ok"}:
             return None
-        blobs = self.blobs_of(generation_id)
+        if blobs is None:
+            blobs = self.blobs_of(generation_id)
         if len(blobs) != 1:
             return None
         end, after = 0, -1

@@ -79,7 +79,7 @@ class LockRows(StateConnection):
 
     def touch_lock_row(self, holder_id: str, heartbeat: str) -> bool:
         """Set the heartbeat of ``holder_id``'s rows; False if it holds none."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             cur = self.db.execute(
                 "UPDATE resource_locks SET heartbeat = ? WHERE holder_id = ?",
                 (heartbeat, holder_id),
@@ -88,6 +88,6 @@ class LockRows(StateConnection):
 
     def delete_lock_row(self, holder_id: str) -> bool:
         """Release every row ``holder_id`` holds; False if it holds none."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             cur = self.db.execute("DELETE FROM resource_locks WHERE holder_id = ?", (holder_id,))
             return cur.rowcount >= 1

@@ -18,7 +18,6 @@ from batchspec.state.records import (
     check_fields,
     dump_json,
     load_json,
-    returned_id,
     row_of,
     utc_timestamp,
 )
@@ -105,13 +104,13 @@ class ResourcesAndGenerations(StateConnection):
         run_id: int | None,
     ) -> ResourceRow:
         """Record a resource seen in the manifests (un-forgetting it); no write if unchanged."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_resource(name)
             labels_json = dump_json(dict(labels))
             if old is None:
-                self.db.execute(
+                row = self._one(
                     "INSERT INTO resources (name, provider, manifest, labels, first_seen_run, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
                     (name, provider, manifest, labels_json, run_id, utc_timestamp()),
                 )
             elif (old.provider, old.manifest, dump_json(old.labels), old.forgotten_at) != (
@@ -120,12 +119,15 @@ class ResourcesAndGenerations(StateConnection):
                 labels_json,
                 None,
             ):
-                self.db.execute(
+                row = self._one(
                     "UPDATE resources SET provider = ?, manifest = ?, labels = ?, "
-                    "forgotten_at = NULL, updated_at = ? WHERE name = ?",
+                    "forgotten_at = NULL, updated_at = ? WHERE name = ? RETURNING *",
                     (provider, manifest, labels_json, utc_timestamp(), name),
                 )
-            return self._resource(name)
+            else:
+                return old
+            assert row is not None  # written in this transaction
+            return _resource_row(row)
 
     def get_resource(self, name: str) -> ResourceRow | None:
         row = self._one("SELECT * FROM resources WHERE name = ?", (name,))
@@ -146,20 +148,24 @@ class ResourcesAndGenerations(StateConnection):
 
     def set_current_generation(self, name: str, generation_id: int | None) -> ResourceRow:
         """Point a resource at one of its own generations (or at none)."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self._resource(name)
             if generation_id is not None and self.get_generation(generation_id).resource != name:
                 raise StateError(f"generation {generation_id} does not belong to resource {name!r}")
-            if old.current_generation_id != generation_id:
-                self.db.execute(
-                    "UPDATE resources SET current_generation_id = ?, updated_at = ? WHERE name = ?",
-                    (generation_id, utc_timestamp(), name),
+            if old.current_generation_id == generation_id:
+                return old
+            return _resource_row(
+                self._update_returning(
+                    "resources",
+                    "name",
+                    name,
+                    {"current_generation_id": generation_id, "updated_at": utc_timestamp()},
                 )
-            return self._resource(name)
+            )
 
     def forget_resource(self, name: str) -> ResourceRow:
         """Mark a resource forgotten; its generations, batches and events stay as history."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self._resource(name)
             if old.forgotten_at is None:
                 now = utc_timestamp()
@@ -223,29 +229,84 @@ class ResourcesAndGenerations(StateConnection):
         run_id: int | None,
     ) -> GenerationRow:
         """A new pending generation, or the existing one for (resource, spec_hash) unchanged."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             existing = self.find_generation(resource, spec_hash)
             if existing is not None:
                 return existing
             self._resource(resource)
-            cur = self.db.execute(
-                "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
-                "input_bytes, status, output_path, errors_path, created_run, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING id",
-                (
-                    resource,
-                    spec_hash,
-                    dump_json(dict(spec)),
-                    input_sha256,
-                    requests,
-                    input_bytes,
-                    output_path,
-                    errors_path,
-                    run_id,
-                    utc_timestamp(),
-                ),
+            return self._insert_generation(
+                resource,
+                spec_hash=spec_hash,
+                spec=spec,
+                input_sha256=input_sha256,
+                requests=requests,
+                input_bytes=input_bytes,
+                output_path=output_path,
+                errors_path=errors_path,
+                run_id=run_id,
             )
-            return self.get_generation(returned_id(cur))
+
+    def insert_generation(
+        self,
+        resource: str,
+        *,
+        spec_hash: str,
+        spec: Mapping[str, Any],
+        input_sha256: str,
+        requests: int,
+        input_bytes: int,
+        output_path: str | None,
+        errors_path: str | None,
+        run_id: int | None,
+    ) -> GenerationRow:
+        """``create_generation`` for a caller that has just seen, in its transaction, that
+        ``resource`` is recorded and has no generation of ``spec_hash``: the row is inserted
+        without looking for either again (a missing resource still fails: a foreign key)."""
+        with self.atomic(one_write=True):
+            return self._insert_generation(
+                resource,
+                spec_hash=spec_hash,
+                spec=spec,
+                input_sha256=input_sha256,
+                requests=requests,
+                input_bytes=input_bytes,
+                output_path=output_path,
+                errors_path=errors_path,
+                run_id=run_id,
+            )
+
+    def _insert_generation(
+        self,
+        resource: str,
+        *,
+        spec_hash: str,
+        spec: Mapping[str, Any],
+        input_sha256: str,
+        requests: int,
+        input_bytes: int,
+        output_path: str | None,
+        errors_path: str | None,
+        run_id: int | None,
+    ) -> GenerationRow:
+        row = self._one(
+            "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
+            "input_bytes, status, output_path, errors_path, created_run, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *",
+            (
+                resource,
+                spec_hash,
+                dump_json(dict(spec)),
+                input_sha256,
+                requests,
+                input_bytes,
+                output_path,
+                errors_path,
+                run_id,
+                utc_timestamp(),
+            ),
+        )
+        assert row is not None
+        return _generation_row(row)
 
     def get_generation(self, generation_id: int) -> GenerationRow:
         row = self._one("SELECT * FROM generations WHERE id = ?", (generation_id,))
@@ -271,11 +332,13 @@ class ResourcesAndGenerations(StateConnection):
         status = fields.get("status")
         if status is not None and status not in GENERATION_STATUSES:
             raise ValueError(f"unknown generation status {status!r}")
-        with self.atomic():
+        with self.atomic(one_write=True):
             old = self.get_generation(generation_id)
             if status in _GENERATION_DONE and old.completed_at is None:
                 fields.setdefault("completed_at", utc_timestamp())
             changed = changed_fields(old, fields)
-            if changed:
-                self._update("generations", "id", generation_id, changed)
-            return self.get_generation(generation_id)
+            if not changed:
+                return old
+            return _generation_row(
+                self._update_returning("generations", "id", generation_id, changed)
+            )

@@ -90,7 +90,7 @@ class RunsAndEvents(StateConnection):
     def start_run(self, command: str, args: Mapping[str, Any], info: RunInfo) -> int:
         """Record the start of a run; returns its id."""
         dirty = None if info.git_dirty is None else int(info.git_dirty)
-        with self.atomic():
+        with self.atomic(one_write=True):
             cur = self.db.execute(
                 'INSERT INTO runs (command, args, started_at, "user", host, pid, git_commit, '
                 "git_branch, git_dirty, ci_system, ci_run_url, version, git_commit_time) "
@@ -190,7 +190,7 @@ class RunsAndEvents(StateConnection):
         detail: Mapping[str, Any] | None = None,
     ) -> int:
         """Append one event to the audit log; returns its id."""
-        with self.atomic():
+        with self.atomic(one_write=True):
             cur = self.db.execute(
                 "INSERT INTO events (run_id, at, resource, generation_id, batch_id, action, "
                 "detail) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",

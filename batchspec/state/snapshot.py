@@ -199,10 +199,10 @@ class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
         return snap
 
     @contextmanager
-    def atomic(self) -> Iterator[Any]:
+    def atomic(self, *, one_write: bool = False, whole: bool = False) -> Iterator[Any]:
         if self._snapshot is not None:
             self._snapshot.live = False  # a write: the reads after it see the database
-        with super().atomic() as conn:
+        with super().atomic(one_write=one_write, whole=whole) as conn:
             yield conn
 
     def get_resource(self, name: str) -> ResourceRow | None:

@@ -28,7 +28,7 @@ from batchspec.core.sharding import ShardLimits, indexed_ledger_rows, ledger_row
 from batchspec.errors import BatchspecError, ProviderError
 from batchspec.providers.base import BatchListing, Provider, RemoteBatch
 from batchspec.state.ledger import RequestLedger
-from batchspec.state.store import BatchRow, GenerationRow, StateStore, utc_timestamp
+from batchspec.state.store import BatchRow, GenerationRow, ResourceRow, StateStore, utc_timestamp
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.remote_blobs import RemoteBlobs, open_blob_location
 from batchspec.storage.result_store import Refetch, ResultStore
@@ -277,8 +277,8 @@ class RunContext:
             raise BatchspecError(f"no generation recorded for {res.name} {res.spec_hash[:12]}")
         return gen
 
-    def upsert_resource(self, res: Resource) -> None:
-        self.store.upsert_resource(
+    def upsert_resource(self, res: Resource) -> ResourceRow:
+        return self.store.upsert_resource(
             res.name,
             provider=res.provider,
             manifest=self.relative(res.source.file),

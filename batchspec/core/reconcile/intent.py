@@ -44,7 +44,8 @@ def ensure_generation(ctx: RunContext, res: Resource, facts: InputReport) -> Gen
     with ctx.store.atomic():
         ctx.upsert_resource(res)
         existing = ctx.store.find_generation(res.name, res.spec_hash)
-        gen = ctx.store.create_generation(
+        # the resource just recorded, and none of its generations has this spec hash
+        gen = existing or ctx.store.insert_generation(
             res.name,
             spec_hash=res.spec_hash,
             spec=res.semantic_spec(),
@@ -227,6 +228,7 @@ def record_intent(
             input_sha256=input_sha256,
             requests=requests,
             reason=reason,
+            key_unused=True,  # looked up above, in this transaction
         )
         ctx.ledger.mark_sent(gen.id, shard, attempt)
         ctx.store.update_generation(gen.id, status="in_progress")

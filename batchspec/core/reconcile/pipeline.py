@@ -21,7 +21,10 @@ batches with the uploads and creates running in the pass's ``BoundedCalls`` pool
   left to the serial step, which confirms it before anything is created again.
 * **Few commits.** What one step records (an upload, a ``create-intent``, an earlier create,
   the next ``upload-intent``) commits at once, before the calls it allows are sent; the
-  following steps whose calls have already ended (up to ``W``) join that commit.
+  following steps whose calls have already ended (up to ``W``) join that commit. Nothing
+  inside the pass's transactions catches an exception and goes on (each one raised leaves
+  the transaction, which is rolled back whole), so they are ``atomic(whole=True)``: the
+  steps' own blocks nested in them take no savepoints (a SAVEPOINT and a RELEASE each).
 * **Deterministic output.** Events and progress follow a fixed schedule over the intents in
   resource order, whatever the timing: resources are recorded as the window reaches them, the
   upload of intent ``i + W`` is started (its
@@ -187,7 +190,7 @@ def _jobs(
     for res in resources:
         todo = []
         # one commit for what is recorded of a resource before its uploads (intents, lookups)
-        with ctx.store.atomic():
+        with ctx.store.atomic(whole=True):
             taken = _intents_of(ctx, res, facts[res.name], spending_action, planned)
             if taken is None:
                 continue
@@ -287,7 +290,7 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
     todo: list[_Job] = []
     i = recorded = 0
     try:
-        with ctx.store.atomic():
+        with ctx.store.atomic(whole=True):
             starting = _take_jobs(ctx, jobs, todo, window + 1, uploading)
         _send_uploads(calls, starting)
         while i < len(todo):
@@ -298,7 +301,7 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
             creating: list[_Job] = []
             starting = []
             step_recorded = recorded  # counted as recorded once the chunk commits
-            with ctx.store.atomic():
+            with ctx.store.atomic(whole=True):
                 # step i, then the steps after it whose calls have already ended, up to a
                 # window's worth: the same records in the same order, one commit for all
                 while True:
@@ -340,7 +343,8 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
                 continue
             step_recorded = recorded
             try:
-                with ctx.store.atomic():  # this create and those after it that have ended
+                # this create and those after it that have ended
+                with ctx.store.atomic(whole=True):
                     while step_recorded < len(todo) and _created(todo[step_recorded]):
                         _finish_create(ctx, todo[step_recorded])
                         step_recorded += 1
@@ -367,7 +371,7 @@ def _write_ledgers_while_creating(ctx: RunContext, sent: list[_Job]) -> None:
     the creates need not wait for its 20,000 inserts."""
     last = [job for job in sent if job.last_of_resource]
     if last:
-        with ctx.store.atomic():
+        with ctx.store.atomic(whole=True):
             for job in last:
                 ctx.ensure_ledger(job.res, job.gen)
 

@@ -48,7 +48,7 @@ from batchspec.core.sharding import ShardLimits
 from batchspec.errors import ProviderError
 from batchspec.providers.base import RetryNotice, listen_for_retries, reset_retry_listener
 from batchspec.state.connection import CommitGroup
-from batchspec.state.store import GenerationRow, StateStore
+from batchspec.state.store import GenerationRow, ResourceRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.inputcache import InputCache
 from batchspec.workspace.manifest import Project, Resource
@@ -156,8 +156,12 @@ class Reconciler:
     # planning from fresh state
 
     def plan_one(self, res: Resource, facts: InputReport) -> Action:
+        return self._plan(res, facts, self.store.get_resource(res.name))
+
+    def _plan(self, res: Resource, facts: InputReport, row: ResourceRow | None) -> Action:
+        """``plan_one`` given ``res``'s resource row as it is now (None: not recorded)."""
         desired = desired_resource(res, facts)
-        recorded = self._recorded(res.name)
+        recorded = self._recorded(res.name, row)
         disk = observe_disk(
             [(res.name, res.output_path, res.errors_path)],
             {res.name: recorded} if recorded else {},
@@ -166,8 +170,7 @@ class Reconciler:
         )
         return plan_resource(desired, recorded, disk.get(res.name), self.ctx.clock())
 
-    def _recorded(self, name: str) -> RecordedResource | None:
-        row = self.store.get_resource(name)
+    def _recorded(self, name: str, row: ResourceRow | None) -> RecordedResource | None:
         if row is None:
             return None
         gens = tuple(
@@ -353,8 +356,7 @@ class Reconciler:
     def _spending_action(self, res: Resource, facts: InputReport) -> Action | None:
         """``res``'s planned action if it spends and this run may take it now, else None
         (the serial step then says why not, or does what else the plan says)."""
-        self._track_again_if_forgotten(res)
-        action = self.plan_one(res, facts)
+        action = self._plan(res, facts, self._track_again_if_forgotten(res))
         if not action.spends:
             return None
         if action.kind is ActionKind.REPLACE and not self.allow_replace:
@@ -380,8 +382,7 @@ class Reconciler:
         """
         if group is not None:
             group.join()
-        self._track_again_if_forgotten(res)
-        action = self.plan_one(res, facts)
+        action = self._plan(res, facts, self._track_again_if_forgotten(res))
         for _ in range(MAX_STEPS_PER_PASS):
             kind = action.kind
             if kind is ActionKind.NONE:
@@ -411,16 +412,18 @@ class Reconciler:
             action = following
         return StepResult(action, waiting=True)
 
-    def _track_again_if_forgotten(self, res: Resource) -> None:
+    def _track_again_if_forgotten(self, res: Resource) -> ResourceRow | None:
         """A forgotten resource whose manifest is still here is tracked again by apply; its
-        recorded generations are reused, so nothing is submitted twice."""
+        recorded generations are reused, so nothing is submitted twice. Returns its row as
+        it is now (None: not recorded), which the plan that follows reads no more."""
         row = self.store.get_resource(res.name)
         if row is None or row.forgotten_at is None:
-            return
+            return row
         with self.store.atomic():
-            self.ctx.upsert_resource(res)
+            row = self.ctx.upsert_resource(res)
             self.store.record_event(self.run_id, "track", resource=res.name, detail={})
         self.report(Progress("track", res.name, "tracked again (it was forgotten)"))
+        return row
 
     # -----------------------------------------------------------------------------------------
     # cancel
