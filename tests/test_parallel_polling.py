@@ -372,7 +372,7 @@ def test_downloads_start_while_the_listing_still_pages(
     created_in_order(ws, srv, capsys)
     upstream.gate.set()
     wait_all_terminal(srv, 12)
-    srv.probe.hold(LIST, 0.3, times=1)  # one page a slow round trip
+    srv.probe.hold(LIST, 1.0, times=1)  # one page a slow round trip (long: a loaded CI machine)
     srv.probe.spans.clear()
 
     code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
