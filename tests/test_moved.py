@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
-from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
+from workspaces import (
+    ResourceSpec,
+    Workspace,
+    local_provider,
+    make_workspace,
+    run_cli,
+    write_manifest,
+)
 
 from batchspec.core.moves import apply_moves, former_names
 from batchspec.errors import ManifestError, StateError
@@ -482,3 +489,33 @@ def test_rename_resource_moves_generations_and_keeps_events(tmp_path: Path) -> N
         with pytest.raises(StateError, match="recorded already"):
             store.rename_resource("b", "c")
         assert store.get_resource("b") is not None
+
+
+def test_a_name_given_back_after_a_move_gets_batches_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """old-name moves to new-name, whose batches keep their keys (old-name/HASH/0/1, as the
+    provider's copies carry them); a new resource named old-name with the same input has the
+    same spec hash, so the same first key. It gets batches of its own under a key of its
+    own, and is collected: it had none (the moved batch's row was taken for its intent) and
+    `apply --wait` waited for it without end. (Found by a review.)"""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name")
+    apply(ws, capsys, "--wait")
+    ws.manifest_path("old-name").rename(ws.manifest_path("new-name"))
+    default_outputs(ws, "new-name")
+    doc = yaml.safe_load(ws.manifest_path("new-name").read_text())
+    del doc["metadata"]["moved"]  # the move is recorded: the name old-name is free again
+    ws.manifest_path("new-name").write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_manifest(ws, ResourceSpec("old-name", count=3, provider="here"))
+
+    apply(ws, capsys, "--wait", "--timeout", "30")
+
+    with ws.store() as store:
+        [gen] = [g for g in store.generations("old-name")]
+        [batch] = store.batches(gen.id)
+        [moved] = [b for g in store.generations("new-name") for b in store.batches(g.id)]
+    assert batch.key != moved.key and batch.key.startswith("old-name/")
+    assert batch.remote_id not in (None, moved.remote_id)
+    assert len(ws.outputs("old-name")) == 3

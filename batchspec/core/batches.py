@@ -19,7 +19,7 @@ from batchspec.state.store import BatchRow, utc_timestamp
 from batchspec.workspace.manifest import Resource
 
 
-def batch_key(resource: str, spec_hash: str, shard: int, attempt: int) -> str:
+def batch_key(resource: str, spec_hash: str, shard: int, attempt: int | str) -> str:
     return f"{resource}/{spec_hash}/{shard}/{attempt}"
 
 

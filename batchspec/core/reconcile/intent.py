@@ -215,6 +215,13 @@ def record_intent(
     key = batch_key(res.name, res.spec_hash, shard, attempt)
     with ctx.store.atomic():
         existing = ctx.store.batch_by_key(key)
+        if existing is not None and existing.generation_id != gen.id:
+            # another generation's batch holds the key: a resource moved away keeps its
+            # batches' keys (the provider's copies carry them), and a new resource given the
+            # old name and the same spec comes to the same key. Taken for this generation's,
+            # its batch was never made and `apply --wait` waited for it without end.
+            key = batch_key(res.name, res.spec_hash, shard, f"{attempt}g{gen.id}")
+            existing = ctx.store.batch_by_key(key)
         if existing is not None:
             return existing
         if input_sha256 is None:
