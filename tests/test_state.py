@@ -852,3 +852,47 @@ def test_rows_filled_directly_are_the_rows_the_constructor_makes(tmp_path: Path)
     del columns["reason"]
     with pytest.raises(TypeError, match="reason"):
         row_of(BatchRow, columns)
+
+
+def test_a_failure_passed_over_inside_a_whole_block_undoes_the_block_not_half_of_it(
+    state_location: Path | str,
+) -> None:
+    """``atomic(whole=True)`` takes no savepoints inside, trusting that nothing in it catches
+    an exception and goes on. If a step ever does, the whole block is refused and undone:
+    without the guard SQLite kept the first write of the failed nested block without its
+    second, and PostgreSQL's COMMIT of the aborted transaction was a silent ROLLBACK that
+    the caller took for committed. (Found by a review.)"""
+    with StateStore.open(state_location) as store:
+        gen_id = make_generation(store)
+        with (  # noqa: PT012
+            pytest.raises(StateError, match="failure was passed over"),
+            store.atomic(whole=True),
+        ):
+            store.record_event(None, "kept-only-whole", generation_id=gen_id)
+            try:
+                with store.atomic():  # a step's block of two writes
+                    store.update_generation(gen_id, status="in_progress")
+                    store.record_event(None, "lost", generation_id=10_000)  # fails (FK)
+            except StateError:
+                pass  # caught and gone on: what whole=True says never happens
+        assert store.get_generation(gen_id).status == "pending"
+        assert not store.events(action="kept-only-whole")
+        with store.atomic(whole=True):  # the next whole block is not taken for broken
+            store.update_generation(gen_id, status="in_progress")
+        assert store.get_generation(gen_id).status == "in_progress"
+
+
+def test_postgres_refuses_to_commit_a_transaction_a_failed_statement_aborted(
+    postgres_url: str,
+) -> None:
+    """A COMMIT of an aborted PostgreSQL transaction is answered with a ROLLBACK and no
+    error: the commit raises instead, and the connection is usable after it."""
+    with StateStore.open(postgres_url) as store:
+        gen_id = make_generation(store)
+        store.db.begin_writer()
+        store.db.execute("UPDATE generations SET status = 'in_progress' WHERE id = ?", (gen_id,))
+        with pytest.raises(StateError):
+            store.db.execute("INSERT INTO events (run_id) VALUES (1)")  # not null: fails
+        with pytest.raises(StateError, match="none of it was committed"):
+            store.db.commit()
+        assert store.get_generation(gen_id).status == "pending"

@@ -279,12 +279,22 @@ class StateConnection:
             inside_whole = self._whole > 0
             self._whole += int(whole)
             try:
-                if inside_whole or (one_write and db.dialect == "sqlite"):
+                if inside_whole:
+                    try:
+                        yield self
+                    except BaseException:
+                        self._whole_broken = True  # undone only by the whole block's rollback
+                        raise
+                elif one_write and db.dialect == "sqlite":
                     yield self
                 else:
                     with db.savepoint(f"atomic_{self._savepoints}"):
                         yield self
+                        if whole:
+                            self._refuse_a_broken_whole()
             finally:
+                if whole and not inside_whole:
+                    self._whole_broken = False
                 self._whole -= int(whole)
                 self._savepoints -= 1
             return
@@ -293,10 +303,13 @@ class StateConnection:
         self._whole += int(whole)
         try:
             yield self
+            if whole:
+                self._refuse_a_broken_whole()
         except BaseException:
             db.rollback()
             raise
         finally:
+            self._whole_broken = False
             self._whole -= int(whole)
             self._atomic_open = False
         try:
@@ -305,8 +318,19 @@ class StateConnection:
             db.rollback()
             raise
 
+    def _refuse_a_broken_whole(self) -> None:
+        """A block nested in an ``atomic(whole=True)`` one raised and the whole block went on
+        (caught): with no savepoint, half of that block would be kept (SQLite), or the
+        transaction is aborted and its COMMIT a silent ROLLBACK (PostgreSQL). Undone instead."""
+        if self._whole_broken:
+            raise StateError(
+                "a state transaction was undone: a step inside it failed and the failure was "
+                "passed over, so none of it is kept (a bug: please report it)"
+            )
+
     _savepoints = 0
     _whole = 0  # ``atomic(whole=True)`` blocks open
+    _whole_broken = False  # a block nested in the open whole block raised (``atomic``)
 
     @contextmanager
     def commit_group(self, *, max_seconds: float | None = None) -> Iterator[CommitGroup]:

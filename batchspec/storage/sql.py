@@ -480,6 +480,19 @@ class PostgresSql(Sql):
         status = self.conn.info.transaction_status
         return status in (status.INTRANS, status.INERROR)
 
+    def commit(self) -> None:
+        """COMMIT, refused when a statement of the transaction failed: PostgreSQL then answers
+        a COMMIT with a silent ROLLBACK, and a caller that went on past the failure would take
+        everything it wrote (an intent before its create) for committed."""
+        status = self.conn.info.transaction_status
+        if status == status.INERROR:
+            self.execute("ROLLBACK")
+            raise DatabaseError(
+                "the state transaction was rolled back: one of its statements failed and "
+                "the failure was passed over, so none of it was committed"
+            )
+        super().commit()
+
     def begin_writer(self) -> None:
         self.execute("BEGIN")
         try:
