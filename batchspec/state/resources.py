@@ -234,7 +234,7 @@ class ResourcesAndGenerations(StateConnection):
             if existing is not None:
                 return existing
             self._resource(resource)
-            return self._insert_generation(
+            return self.insert_generation(
                 resource,
                 spec_hash=spec_hash,
                 spec=spec,
@@ -263,50 +263,25 @@ class ResourcesAndGenerations(StateConnection):
         ``resource`` is recorded and has no generation of ``spec_hash``: the row is inserted
         without looking for either again (a missing resource still fails: a foreign key)."""
         with self.atomic(one_write=True):
-            return self._insert_generation(
-                resource,
-                spec_hash=spec_hash,
-                spec=spec,
-                input_sha256=input_sha256,
-                requests=requests,
-                input_bytes=input_bytes,
-                output_path=output_path,
-                errors_path=errors_path,
-                run_id=run_id,
+            row = self._one(
+                "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
+                "input_bytes, status, output_path, errors_path, created_run, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *",
+                (
+                    resource,
+                    spec_hash,
+                    dump_json(dict(spec)),
+                    input_sha256,
+                    requests,
+                    input_bytes,
+                    output_path,
+                    errors_path,
+                    run_id,
+                    utc_timestamp(),
+                ),
             )
-
-    def _insert_generation(
-        self,
-        resource: str,
-        *,
-        spec_hash: str,
-        spec: Mapping[str, Any],
-        input_sha256: str,
-        requests: int,
-        input_bytes: int,
-        output_path: str | None,
-        errors_path: str | None,
-        run_id: int | None,
-    ) -> GenerationRow:
-        row = self._one(
-            "INSERT INTO generations (resource, spec_hash, spec, input_sha256, requests, "
-            "input_bytes, status, output_path, errors_path, created_run, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) RETURNING *",
-            (
-                resource,
-                spec_hash,
-                dump_json(dict(spec)),
-                input_sha256,
-                requests,
-                input_bytes,
-                output_path,
-                errors_path,
-                run_id,
-                utc_timestamp(),
-            ),
-        )
-        assert row is not None
-        return _generation_row(row)
+            assert row is not None
+            return _generation_row(row)
 
     def get_generation(self, generation_id: int) -> GenerationRow:
         row = self._one("SELECT * FROM generations WHERE id = ?", (generation_id,))
