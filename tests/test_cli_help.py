@@ -119,6 +119,20 @@ def test_a_bad_value_from_the_environment_names_the_variable(
     assert f"set by {variable}={value} in the environment" in err
 
 
+def test_a_bad_boolean_from_the_environment_lists_its_values_without_a_blank_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCHSPEC_YES=maybe: click's list of a boolean's values began with the empty one
+    ("Recognized values: , 0, 1, ..."), read as a typo; it is named."""
+    monkeypatch.setenv("BATCHSPEC_YES", "maybe")
+    with pytest.raises(SystemExit) as exited:
+        main(["apply"])
+    assert exited.value.code == 64
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
+    assert "Recognized values: (empty), 0, 1," in line and ": , " not in line
+    assert line.endswith("(set by BATCHSPEC_YES=maybe in the environment).")
+
+
 def test_a_bad_parallelism_from_the_environment_names_the_variable_once(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1512,7 +1512,9 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     for variable in names:
         if variable in os.environ:
             where = f"set by {variable}={os.environ[variable]} in the environment"
-            message = f"{err.message.rstrip('.')} ({where})."
+            # click lists a boolean's values starting with the empty one: ", 0, 1, f, ..."
+            said = err.message.replace("Recognized values: , ", "Recognized values: (empty), ")
+            message = f"{said.rstrip('.')} ({where})."
             return click.BadParameter(message, ctx=ctx, param=param, param_hint=hint)
     return err
 
