@@ -820,28 +820,7 @@ def test_rows_filled_directly_are_the_rows_the_constructor_makes(tmp_path: Path)
     from batchspec.state.records import row_of
 
     with StateStore.open(tmp_path / "s.db") as store:
-        store.upsert_resource("r", provider="p", manifest="m", labels={}, run_id=None)
-        gen = store.create_generation(
-            "r",
-            spec_hash="a" * 64,
-            spec={},
-            input_sha256="b" * 64,
-            requests=1,
-            input_bytes=1,
-            output_path=None,
-            errors_path=None,
-            run_id=None,
-        )
-        batch = store.record_batch_intent(
-            gen.id,
-            shard=0,
-            attempt=1,
-            provider="p",
-            key="k",
-            input_sha256="b" * 64,
-            requests=1,
-            reason=None,
-        )
+        batch = intent(store, make_generation(store))
     columns = {f.name: getattr(batch, f.name) for f in dataclasses.fields(BatchRow)}
     built = BatchRow(**columns)
     filled = row_of(BatchRow, {**columns, "added_by_hand": 1})
