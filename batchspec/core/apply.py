@@ -457,25 +457,27 @@ def apply_workspace(
                 )
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace, readded)
-                outcome = converge(
+                timed_out = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
-            statuses = tuple(
-                resource_statuses(
-                    store,
-                    resources,
-                    facts,
-                    providers=ws.project.providers,
-                    disk_hashes=rec.ctx.disk_hashes,
+            # the outcome's plan and the statuses read the state once between them
+            with store.reading():
+                outcome = "timeout" if timed_out else end_of_run_outcome(rec, resources, facts)
+                statuses = tuple(
+                    resource_statuses(
+                        store,
+                        resources,
+                        facts,
+                        providers=ws.project.providers,
+                        disk_hashes=rec.ctx.disk_hashes,
+                    )
                 )
-            )
         local = tuple(
             s.name
             for s in statuses
             if _is_local(ws, s.provider)
             and any(b.status not in TERMINAL_STATUSES for b in s.batches)
         )
-        timed_out = outcome == "timeout"
         if timed_out and any(s.health == "Degraded" for s in statuses):
             outcome = "degraded"  # failed for good: waiting longer would not have fixed it
         result = ApplyResult(
@@ -654,8 +656,10 @@ def converge(
     report: Reporter,
     sleep: Callable[[float], None],
     clock: Callable[[], float],
-) -> str:
-    """Advance every resource; with ``wait``, keep polling (backing off) until none waits.
+) -> bool:
+    """Advance every resource; with ``wait``, keep polling (backing off) until none waits;
+    True if ``--timeout`` ended the wait first (``end_of_run_outcome`` says how it ended
+    otherwise).
 
     For ``QUICK_POLL_SECONDS`` after a create, polls fall on a ``QUICK_POLL_GRID`` counted
     from the create's answer (``poll_pause``), so the ledger and records a pass writes after
@@ -682,7 +686,7 @@ def converge(
             if not _outage_to_wait_out(err, options, answered):
                 raise
             if deadline is not None and clock() + interval > deadline:
-                return "timeout"
+                return True
             report(Progress("warning", None, outage_message(err, interval, options.timeout)))
             sleep(interval)
             interval = min(interval * 1.5, options.poll_interval)
@@ -702,7 +706,7 @@ def converge(
         since_poll = clock() - polled_at
         pause = poll_pause(interval, since_create, rec.expected_done_in(), since_poll)
         if deadline is not None and clock() + pause > deadline:
-            return "timeout"
+            return True
         report(
             Progress(
                 "wait",
@@ -715,7 +719,16 @@ def converge(
         if not polls_quickly(since_create, since_poll):  # backs off once the grid is over
             interval = min(interval * 1.5, options.poll_interval)
     rec.report_retired_stopping(resources)
-    with rec.store.reading():  # the end-of-run plan: a few queries, not a few per resource
+    return False
+
+
+def end_of_run_outcome(
+    rec: Reconciler, resources: Sequence[Resource], facts: Mapping[str, InputReport]
+) -> str:
+    """How a run whose passes ended (not timed out) ends, from a plan of the state it left.
+    Reads only: inside the caller's ``reading()`` block, a few queries, not a few per
+    resource."""
+    with rec.store.reading():
         plan = compute_plan(
             rec.store,
             resources,
