@@ -54,6 +54,11 @@ def default_outputs(ws: Workspace, name: str) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def own_results(name: str) -> dict[str, str]:
+    """The output and errors paths (from the manifests' folder) of ``name``'s own files."""
+    return {"output": f"../results/{name}.jsonl", "errors": f"../results/{name}.errors.jsonl"}
+
+
 def apply(ws: Workspace, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
     code, out, err = run_cli(["apply", str(ws.root), *extra, *FAST], capsys)
     assert code == 0, err
@@ -159,8 +164,9 @@ def test_a_rename_without_moved_is_pointed_out_by_plan_and_apply(
 
     add_line(8)  # other's input differs from old-name's
     apply(ws, capsys, "--wait")
-    rename(ws, "old-name", "new-name", moved=False)
-    rename(ws, "other", "fresh", moved=False)
+    # each to results of its own (over the orphans' results files, apply would refuse)
+    rename(ws, "old-name", "new-name", moved=False, **own_results("new-name"))
+    rename(ws, "other", "fresh", moved=False, **own_results("fresh"))
     add_line(9)  # fresh: another input than any orphan ran, no hint
     hint = "add `moved: {from: old-name}` under new-name's metadata"
 
@@ -195,6 +201,60 @@ def test_a_resource_moved_from_its_old_name_gets_no_rename_hint(
     assert code == 0, err
     assert "greet: create (moved from hello" in out, out
     assert "moved:" not in err, err
+
+
+def test_a_new_resource_over_an_orphans_results_is_refused_before_anything_is_submitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """old-name renamed new-name without `moved`, its output and errors paths kept: its first
+    collect would overwrite what old-name wrote (paid for again, too). plan lists it among
+    its refusals (exit 1) and apply refuses it before any upload, the orphan's files as they
+    were; once old-name is pruned, its files are the user's and new-name may write them."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    output, errors = ws.output_path("old-name"), ws.errors_path("old-name")
+    kept = (sha256(output), sha256(errors))
+    batches = remote_ids(ws)
+    rename(ws, "old-name", "new-name", moved=False)
+    said = (
+        "new-name's output file results/old-name.jsonl and errors file "
+        "results/old-name.errors.jsonl hold what old-name wrote, and old-name's manifest is gone"
+    )
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1, err
+    [refusal] = json.loads(out)["refusals"]
+    assert refusal.startswith(said) and "`moved: {from: old-name}`" in refusal
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    assert code == 1
+    assert said in err and "batchspec apply --prune --select old-name" in err
+    assert (sha256(output), sha256(errors)) == kept
+    assert remote_ids(ws) == batches
+    with ws.store() as store:
+        assert store.get_resource("new-name") is None
+
+    apply(ws, capsys, "--prune", "--select", "old-name")
+    apply(ws, capsys, "--wait")
+    assert len(remote_ids(ws)) == len(batches) + 1
+    assert {line["custom_id"] for line in ws.outputs("old-name")} == set(ws.input_ids("old-name"))
+
+
+def test_an_orphan_pruned_in_the_same_apply_leaves_its_results_to_the_new_resource(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --prune` forgets the orphan first: the new resource writing its files is what
+    was asked, and is not refused; nor is one whose orphan's file holds other bytes now."""
+    ws = local_workspace(tmp_path / "ws", "old-name", "other")
+    apply(ws, capsys, "--wait")
+    rename(ws, "old-name", "new-name", moved=False)
+    apply(ws, capsys, "--prune", "--wait")
+    with ws.store() as store:
+        assert [r.name for r in store.list_resources()] == ["new-name", "other"]
+    ws.output_path("other").write_text("edited by hand\n")  # no longer what other wrote
+    ws.errors_path("other").unlink()
+    rename(ws, "other", "fresh", moved=False)
+    code, _, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
 
 
 def test_a_saved_plan_with_a_move_applies_as_planned(

@@ -49,6 +49,7 @@ from batchspec.core.moves import (
     renamed_error,
     renamed_to,
 )
+from batchspec.core.orphan_outputs import overwritten_orphan_results, require_orphan_results_kept
 from batchspec.core.plan import (
     ACTIVE_GENERATION_STATUSES,
     Action,
@@ -239,7 +240,10 @@ def plan_workspace(
         outputs = measured_outputs(
             plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
         )
-        refusals = budget_refusals(plan, resources, facts, store, ws.project.providers, outputs)
+        refusals: list[BatchspecError] = [
+            *budget_refusals(plan, resources, facts, store, ws.project.providers, outputs),
+            *overwritten_orphan_results(store, plan, resources, ws.project.root),
+        ]
         warnings += rename_hints(store, plan, _unmoved_inputs(resources, facts))
         warnings += [f"{a.resource}: {a.reason}" for a in plan.actions if a.declared_by]
         warnings += missing_api_keys(ws, (a.provider or "" for a in plan.spending), env)
@@ -416,6 +420,7 @@ def apply_workspace(
                     backoff=requeue_backoff(ws),
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
+                require_orphan_results_kept(store, plan, resources, ws.project.root)
             require_consent(
                 plan,
                 ws,
