@@ -19,9 +19,12 @@ import pytest
 from sqlite_utils import Database
 
 from batchspec.errors import StateError
+from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import IntegrityError
+from batchspec.wire.outcomes import Outcome
+from batchspec.wire.usage import LineUsage
 
 INFO = RunInfo(
     user="alice",
@@ -928,6 +931,20 @@ def test_a_writer_transaction_reads_each_row_once_and_sees_its_own_writes(
         assert store.generations("triage") == [done]
         assert [c for c in calls[queried:] if c.lstrip().upper().startswith("SELECT")] == []
         assert not store.ledger().has_requests(gen_id)
+        store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a")])
+        assert store.ledger().has_requests(gen_id)
+        assert store.ledger().usage_totals(gen_id).requests == 0
+        answer = CollectedLine("a", 0, 1, Outcome("ok", None), LineUsage(3, 2))
+        store.ledger().record_outcomes(gen_id, 1, "sha", [answer])
+        queried = len(calls)
+        assert store.ledger().has_requests(gen_id)  # an UPDATE of the ledger keeps its rows
+        assert not [c for c in calls[queried:] if "select 1 from requests" in c]
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(1, 3, 2)
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(1, 3, 2)
+        assert len([c for c in calls[queried:] if "sum(input_tokens)" in c]) == 1
+        store.db.execute("DELETE FROM requests WHERE generation_id = ?", (gen_id,))
+        assert not store.ledger().has_requests(gen_id)
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(0, 0, 0)
         store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a")])
         assert store.ledger().has_requests(gen_id)
         store.db.execute("UPDATE batches SET status = 'completed' WHERE id = ?", (batch_id,))

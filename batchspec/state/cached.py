@@ -14,17 +14,19 @@ Promises:
   writer lock (``Sql.writer_open``, inside a transaction) are kept and served. All of them
   are forgotten at every statement that begins or ends a transaction or rolls back to a
   savepoint, and before any statement that may write (``Sql.on_change``), what it may
-  change: an ``INSERT``, ``UPDATE`` or ``DELETE`` forgets its table's rows; a savepoint or
-  its release forgets nothing; anything else it cannot place forgets all. (No foreign key
-  of the schema cascades; its triggers write only ``state_serial`` and refuse writes to
-  ``events``.)
+  change: an ``INSERT``, ``UPDATE`` or ``DELETE`` forgets its table's rows (the ledger's:
+  see below); a savepoint or its release forgets nothing; anything else it cannot place
+  forgets all. (No foreign key of the schema cascades; its triggers write only
+  ``state_serial`` and refuse writes to ``events``.)
 * **A write keeps what it wrote.** ``update_batch`` and ``update_generation`` put the row
   their ``UPDATE ... RETURNING *`` gave back into the list it was read in, when the
   transaction is still the one the list was read in.
 * **Served:** ``get_resource``, ``generations``, ``find_generation``, ``get_generation``,
-  ``batches(generation_id)``, ``get_batch`` and ``ledger().has_requests``. Lists are copies;
-  rows are the frozen rows the queries made. A ``reading()`` snapshot, when live, answers
-  first (``state.snapshot``).
+  ``batches(generation_id)``, ``get_batch`` and ``ledger().has_requests`` and
+  ``usage_totals``. A write to the ledger forgets its usage totals; only a DELETE of its
+  rows forgets which generations have some, only an INSERT which have none. Lists are
+  copies; rows are the frozen rows the queries made. A ``reading()`` snapshot, when live,
+  answers first (``state.snapshot``).
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchspec.state.batches import BatchesAndFiles, BatchRow
-from batchspec.state.ledger import LedgerAccess, RequestLedger
+from batchspec.state.ledger import LedgerAccess, RequestLedger, UsageTotals
 from batchspec.state.resources import GenerationRow, ResourceRow, ResourcesAndGenerations
 from batchspec.storage.sql import Sql
 
 #: a write whose table is known: INSERT, UPDATE, DELETE (either case, as both are written)
 _WRITE = re.compile(
-    r"\s*(?:insert\s+(?:or\s+\w+\s+)?into|update|delete\s+from)\s+\"?(\w+)", re.IGNORECASE
+    r"\s*(insert|update|delete)\s+(?:or\s+\w+\s+)?(?:into\s+|from\s+)?\"?(\w+)", re.IGNORECASE
 )
 #: statements that change no row: a savepoint and its release; a temporary table's creation
 _NO_ROWS = re.compile(
@@ -60,6 +62,7 @@ class RowCache:
     batches: dict[int, list[BatchRow]] = field(default_factory=dict)
     batch_by_id: dict[int, BatchRow] = field(default_factory=dict)
     with_requests: dict[int, bool] = field(default_factory=dict)
+    usage: dict[int, UsageTotals] = field(default_factory=dict)
     #: bumped each time everything is forgotten (a write kept only within one ``epoch``)
     epoch: int = 0
 
@@ -67,11 +70,12 @@ class RowCache:
         """``Sql.on_change``: forget what ``sql`` may change, before it runs."""
         write = _WRITE.match(sql)
         if write is not None:
-            self.forget(write.group(1).lower())
+            self.forget(write.group(2).lower(), write.group(1).lower())
         elif _NO_ROWS.match(sql) is None:
             self.forget_all()
 
-    def forget(self, table: str) -> None:
+    def forget(self, table: str, verb: str = "delete") -> None:
+        """Forget what an ``verb`` (insert, update, delete) of ``table``'s rows may change."""
         if table == "resources":
             self.resources.clear()
         elif table == "generations":
@@ -81,7 +85,11 @@ class RowCache:
             self.batches.clear()
             self.batch_by_id.clear()
         elif table == "requests":
-            self.with_requests.clear()
+            self.usage.clear()
+            if verb == "delete":
+                self.with_requests.clear()
+            elif verb == "insert":  # a ledger written: only "no rows" may be wrong now
+                self.with_requests = {gen: True for gen, has in self.with_requests.items() if has}
 
     def forget_all(self) -> None:
         self.resources.clear()
@@ -90,6 +98,7 @@ class RowCache:
         self.batches.clear()
         self.batch_by_id.clear()
         self.with_requests.clear()
+        self.usage.clear()
         self.epoch += 1
 
     def keep_batches(self, generation_id: int, rows: list[BatchRow]) -> None:
@@ -201,7 +210,8 @@ class CachedReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
 
 
 class CachedLedger(RequestLedger):
-    """The request ledger, answering ``has_requests`` from the transaction's rows."""
+    """The request ledger, answering ``has_requests`` and ``usage_totals`` from the
+    transaction's reads."""
 
     def __init__(self, db: Sql, store: CachedReads) -> None:
         super().__init__(db)
@@ -214,4 +224,13 @@ class CachedLedger(RequestLedger):
         found = rows.with_requests.get(generation_id)
         if found is None:
             found = rows.with_requests[generation_id] = super().has_requests(generation_id)
+        return found
+
+    def usage_totals(self, generation_id: int) -> UsageTotals:
+        rows = self._store._cache()
+        if rows is None:
+            return super().usage_totals(generation_id)
+        found = rows.usage.get(generation_id)
+        if found is None:
+            found = rows.usage[generation_id] = super().usage_totals(generation_id)
         return found
