@@ -760,7 +760,17 @@ def test_reading_answers_as_the_per_row_queries_in_a_constant_number_of_queries(
         inside = _reads(store, [*names, "missing"])
     assert inside == outside
     reads = [c for c in calls if not c.startswith(("BEGIN", "ROLLBACK"))]
-    assert len(reads) == 5, calls  # the first three in one read-only transaction
+    assert len(reads) == 6, calls  # the serial and three tables in one read-only transaction
+    calls.clear()
+    with store.reading():  # the state unchanged: the rows of the last load, not read again
+        assert _reads(store, [*names, "missing"]) == outside
+    assert not [c for c in calls if "FROM resources" in c or "FROM batches" in c], calls
+    store.update_batch(store.batches(store.generations("r0")[0].id)[0].id, status="expired")
+    calls.clear()
+    with store.reading():  # changed: read again
+        assert _reads(store, [*names, "missing"]) == _reads(store, [*names, "missing"])
+        assert store.batches(store.generations("r0")[0].id)[0].status == "expired"
+    assert [c for c in calls if "FROM batches" in c], calls
 
 
 def test_a_write_inside_reading_is_seen_by_the_reads_after_it(store: StateStore) -> None:
