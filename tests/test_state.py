@@ -1007,3 +1007,20 @@ def test_reads_are_kept_only_while_the_writer_lock_is_held(
         group.join()
         group_reads.append(store.batches(gen_id)[0].status)
     assert group_reads == ["completed", "expired"]
+
+
+def test_two_stores_over_one_connection_never_answer_a_read_the_other_made_stale(
+    store: StateStore,
+) -> None:
+    """A second store object over the same connection takes the change hook: the first
+    then forgets what it read rather than answer rows the second's writes changed."""
+    gen_id = make_generation(store)
+    batch_id = intent(store, gen_id).id
+    other = StateStore(store.db, store.location)
+    with store.atomic():
+        assert store.batches(gen_id)[0].status == "pending"
+        assert other.batches(gen_id)[0].status == "pending"
+        other.update_batch(batch_id, status="in_progress")
+        store.db.execute("UPDATE batches SET status = 'completed' WHERE id = ?", (batch_id,))
+        assert store.batches(gen_id)[0].status == "completed"
+        assert other.batches(gen_id)[0].status == "completed"

@@ -32,6 +32,7 @@ Promises:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class RowCache:
     usage: dict[int, UsageTotals] = field(default_factory=dict)
     #: bumped each time everything is forgotten (a write kept only within one ``epoch``)
     epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.told: Callable[[str], None] = self.changing  # the hook, as set on the connection
 
     def changing(self, sql: str) -> None:
         """``Sql.on_change``: forget what ``sql`` may change, before it runs."""
@@ -128,9 +132,11 @@ class CachedReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
         if not (db.writer_open and db.in_transaction):
             return None
         rows = self._rows
-        if rows is None:  # told of every change from now on; nothing read before is kept
+        if rows is None or db.on_change is not rows.told:
+            # told of every change from now on (a store over the same connection that took
+            # the hook leaves this one nothing it read before)
             rows = self._rows = RowCache()
-            db.on_change = rows.changing
+            db.on_change = rows.told
         return rows
 
     def get_resource(self, name: str) -> ResourceRow | None:
