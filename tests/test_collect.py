@@ -267,3 +267,45 @@ def test_collect_and_results_lines_group_counts_by_thousands() -> None:
     assert _lines_text({True: 1, False: 1500}) == "1 answer, 1,500 errors"
     text = wrote_text(12000, 3400, Path("results/x.jsonl"), Path("results/x.errors.jsonl"))
     assert text.startswith("wrote 12,000 results to ") and ", 3,400 errors to " in text
+
+
+def test_a_pass_resolves_the_folder_it_writes_results_into_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks before writing result files resolve their folder's symlinks once a pass
+    (a fleet writes a thousand resources into one folder), not each file's whole path:
+    realpath is asked for the results folder only, never for a result file."""
+    import os
+
+    from batchspec.core.apply import ApplyOptions, apply_workspace
+    from batchspec.core.reconcile.context import RunContext
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec(name, provider="here") for name in ("a", "b", "c")],
+    )
+    results = str((ws.root / "results").resolve())
+    asked: list[str] = []
+    checking = [False]
+    realpath, check = os.path.realpath, RunContext.check_result_paths
+
+    def counted(path: str, *args: object, **kwargs: object) -> str:
+        if checking[0] and str(path).startswith(results):
+            asked.append(str(path))
+        return realpath(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def checked(self: RunContext, res: object) -> None:
+        checking[0] = True
+        try:
+            check(self, res)  # type: ignore[arg-type]
+        finally:
+            checking[0] = False
+
+    monkeypatch.setattr(os.path, "realpath", counted)
+    monkeypatch.setattr(RunContext, "check_result_paths", checked)
+    apply_workspace(
+        [str(ws.root)], ApplyOptions(wait=True, poll_interval=0.05), report=lambda _: None
+    )
+    assert sorted((ws.root / "results").iterdir())  # the three resources' results
+    assert asked and set(asked) == {results}, asked

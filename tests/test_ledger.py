@@ -18,6 +18,7 @@ import pytest
 
 from batchspec.core.reconcile.collect import read_result_lines
 from batchspec.core.results import UNRESOLVED_CODE, write_results_in_input_order
+from batchspec.state import ledger as ledger_module
 from batchspec.state.ledger import (
     CollectedLine,
     ForeignAnswers,
@@ -40,6 +41,15 @@ FAILED = Outcome("failed", "invalid_request")
 def store(state_location: Path | str) -> Iterator[StateStore]:
     with StateStore.open(state_location) as s:
         yield s
+
+
+@pytest.fixture(params=["row by row", "through a table"])
+def recorded_through(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``record_outcomes`` records a file: a small one row by row, a large one (here
+    any) through a temporary table."""
+    if request.param == "through a table":
+        monkeypatch.setattr(ledger_module, "DIRECT_LINES", 0)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -109,7 +119,7 @@ def write(
 
 
 def test_a_file_answering_no_request_of_its_shard_is_refused_and_records_nothing(
-    store: StateStore,
+    store: StateStore, recorded_through: str
 ) -> None:
     """With ``shard``, a file whose lines answer only other shards' requests or unknown ones
     raises ``ForeignAnswers`` and changes no row; one answering any request of the shard is
@@ -124,6 +134,36 @@ def test_a_file_answering_no_request_of_its_shard_is_refused_and_records_nothing
         assert refused.value.lines == 2
         assert ledger.record_outcomes(gen, 1, "sha-y", [line("b"), line("zz")], shard=0) == 1
     assert ledger.state_counts(gen).get("ok") == 1
+
+
+def test_a_small_file_is_recorded_row_by_row_without_a_temporary_table(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of a few answers (a fleet of small batches) is checked in one query and
+    recorded in one ``executemany``, with no temporary table created, filled and emptied
+    for it; what it records is what the table's joined UPDATE records."""
+    ledger = store.ledger()
+    gen = generation(store)
+    requests(ledger, gen, ["a", "b", "c"])
+    sent: list[str] = []
+    for method in ("execute", "executemany"):
+        real = getattr(store.db, method)
+        monkeypatch.setattr(
+            store.db,
+            method,
+            lambda sql, *a, _real=real, **k: sent.append(sql) or _real(sql, *a, **k),
+        )
+    line = lambda c, o: CollectedLine(c, 0, 1, o, LineUsage(2, 1))  # noqa: E731
+    with store.atomic():
+        answers = [line("a", OK), line("b", RETRY), line("b", OK)]
+        assert ledger.record_outcomes(gen, 1, "sha", answers, shard=0) == 2
+    assert [s.split()[0].lower() for s in sent if "collected" in s or "requests" in s] == [
+        "select",
+        "update",
+    ]
+    rows = {r.custom_id: (r.state, r.blob) for r in ledger.in_input_order(gen)}
+    assert rows == {"a": ("ok", "sha"), "b": ("retryable", "sha"), "c": ("pending", None)}
+    assert ledger.usage_totals(gen) == UsageTotals(2, 4, 2)
 
 
 # -- results files ------------------------------------------------------------------------------
@@ -313,7 +353,7 @@ def test_a_generation_larger_than_a_page_is_recorded_and_read_whole_in_order(
 
 
 def test_an_ok_answer_is_final_and_a_retry_carries_only_the_unresolved(
-    store: StateStore, blobs: BlobStore
+    store: StateStore, blobs: BlobStore, recorded_through: str
 ) -> None:
     """Attempt 1 answers a (ok) and b (retryable), c not at all: attempt 2 carries b and c
     only, in input order; its answers never overwrite a's paid-for answer, and a whole-batch
@@ -369,7 +409,9 @@ def test_a_new_generation_carries_over_only_identical_answered_requests(
     assert ledger.usage_totals(new).requests == 0  # the old generation paid for a
 
 
-def test_usage_totals_sum_what_the_answers_report(store: StateStore, blobs: BlobStore) -> None:
+def test_usage_totals_sum_what_the_answers_report(
+    store: StateStore, blobs: BlobStore, recorded_through: str
+) -> None:
     """Tokens are summed over the answers that report usage (the spend a generation shows)."""
     ledger = store.ledger()
     gen = generation(store)

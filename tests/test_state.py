@@ -19,9 +19,12 @@ import pytest
 from sqlite_utils import Database
 
 from batchspec.errors import StateError
+from batchspec.state.ledger import CollectedLine, UsageTotals
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import MIGRATIONS, LockRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import IntegrityError
+from batchspec.wire.outcomes import Outcome
+from batchspec.wire.usage import LineUsage
 
 INFO = RunInfo(
     user="alice",
@@ -757,7 +760,17 @@ def test_reading_answers_as_the_per_row_queries_in_a_constant_number_of_queries(
         inside = _reads(store, [*names, "missing"])
     assert inside == outside
     reads = [c for c in calls if not c.startswith(("BEGIN", "ROLLBACK"))]
-    assert len(reads) == 5, calls  # the first three in one read-only transaction
+    assert len(reads) == 6, calls  # the serial and three tables in one read-only transaction
+    calls.clear()
+    with store.reading():  # the state unchanged: the rows of the last load, not read again
+        assert _reads(store, [*names, "missing"]) == outside
+    assert not [c for c in calls if "FROM resources" in c or "FROM batches" in c], calls
+    store.update_batch(store.batches(store.generations("r0")[0].id)[0].id, status="expired")
+    calls.clear()
+    with store.reading():  # changed: read again
+        assert _reads(store, [*names, "missing"]) == _reads(store, [*names, "missing"])
+        assert store.batches(store.generations("r0")[0].id)[0].status == "expired"
+    assert [c for c in calls if "FROM batches" in c], calls
 
 
 def test_a_write_inside_reading_is_seen_by_the_reads_after_it(store: StateStore) -> None:
@@ -875,3 +888,139 @@ def test_postgres_refuses_to_commit_a_transaction_a_failed_statement_aborted(
         with pytest.raises(StateError, match="none of it was committed"):
             store.db.commit()
         assert store.get_generation(gen_id).status == "pending"
+
+
+# -- a writer transaction's reads (state.cached) ---------------------------------------------------
+
+
+def _counting(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements the store sends from now on (``query`` counted once, not its ``execute``)."""
+    calls: list[str] = []
+    depth = [0]
+
+    def counted(real: Any) -> Any:
+        def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+            if not depth[0]:
+                calls.append(sql)
+            depth[0] += 1
+            try:
+                return real(sql, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return call
+
+    for method in ("query", "execute"):
+        monkeypatch.setattr(store.db, method, counted(getattr(store.db, method)))
+    return calls
+
+
+def test_a_writer_transaction_reads_each_row_once_and_sees_its_own_writes(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a writer transaction the rows of a resource, its generations and batches and its
+    ledger's presence are read once (an advance re-plans after each step), and every write
+    (a write method, the ledger's, a raw statement, a savepoint rolled back) is seen by the
+    reads after it: they answer as the database does."""
+    gen_id = make_generation(store)
+    batch_id = intent(store, gen_id).id
+    outside = _reads(store, ["triage"]) + [store.get_batch(batch_id)]
+    calls = _counting(store, monkeypatch)
+    with store.atomic():
+        first = _reads(store, ["triage"]) + [store.get_batch(batch_id)]
+        queried = len(calls)
+        again = _reads(store, ["triage"]) + [store.get_batch(batch_id)]
+        kept = ("WHERE name", "FROM generations", "FROM batches", "select 1 from requests")
+        assert [c for c in calls[queried:] if any(k in c for k in kept)] == []
+        assert first == again == outside
+        polled = store.update_batch(batch_id, status="in_progress", remote_id="b-1")
+        done = store.update_generation(gen_id, status="degraded", succeeded=1)
+        queried = len(calls)
+        assert store.batches(gen_id) == [polled] and store.get_batch(batch_id) == polled
+        assert store.find_generation("triage", "h1") == done == store.get_generation(gen_id)
+        assert store.generations("triage") == [done]
+        assert [c for c in calls[queried:] if c.lstrip().upper().startswith("SELECT")] == []
+        assert not store.ledger().has_requests(gen_id)
+        store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a")])
+        assert store.ledger().has_requests(gen_id)
+        assert store.ledger().usage_totals(gen_id).requests == 0
+        answer = CollectedLine("a", 0, 1, Outcome("ok", None), LineUsage(3, 2))
+        store.ledger().record_outcomes(gen_id, 1, "sha", [answer])
+        queried = len(calls)
+        assert store.ledger().has_requests(gen_id)  # an UPDATE of the ledger keeps its rows
+        assert not [c for c in calls[queried:] if "select 1 from requests" in c]
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(1, 3, 2)
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(1, 3, 2)
+        assert len([c for c in calls[queried:] if "sum(input_tokens)" in c]) == 1
+        store.db.execute("DELETE FROM requests WHERE generation_id = ?", (gen_id,))
+        assert not store.ledger().has_requests(gen_id)
+        assert store.ledger().usage_totals(gen_id) == UsageTotals(0, 0, 0)
+        store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a")])
+        assert store.ledger().has_requests(gen_id)
+        store.db.execute("UPDATE batches SET status = 'completed' WHERE id = ?", (batch_id,))
+        store.db.execute("UPDATE resources SET manifest = 'n.yaml' WHERE name = 'triage'")
+        assert store.get_batch(batch_id).status == "completed"
+        assert store.batches(gen_id)[0].status == "completed"
+        assert store.get_resource("triage").manifest == "n.yaml"  # type: ignore[union-attr]
+        with pytest.raises(RuntimeError), store.atomic():
+            store.update_batch(batch_id, status="failed")
+            store.update_generation(gen_id, status="complete")
+            assert store.get_batch(batch_id).status == "failed"
+            raise RuntimeError("the step fails: its savepoint is rolled back")
+        assert store.get_batch(batch_id).status == "completed"
+        assert store.batches(gen_id)[0].status == "completed"
+        assert store.get_generation(gen_id).status == "degraded"
+        inside = _reads(store, ["triage"]) + [store.get_batch(batch_id)]
+    monkeypatch.undo()
+    assert inside == _reads(store, ["triage"]) + [store.get_batch(batch_id)]
+
+
+def test_reads_are_kept_only_while_the_writer_lock_is_held(
+    store: StateStore, state_location: Path | str
+) -> None:
+    """Outside a writer transaction, and from one to the next, another runner's commits
+    are seen: nothing read before them is answered after."""
+    gen_id = make_generation(store)
+    batch_id = intent(store, gen_id).id
+
+    def another_runner_polls(status: str) -> None:
+        with StateStore.open(state_location) as other:
+            other.update_batch(batch_id, status=status)
+
+    with store.atomic():
+        assert store.get_batch(batch_id).status == "pending"
+        assert store.batches(gen_id)[0].status == "pending"
+    another_runner_polls("in_progress")
+    assert store.batches(gen_id)[0].status == "in_progress"
+    with store.atomic():
+        assert store.batches(gen_id)[0].status == "in_progress"
+    another_runner_polls("completed")
+    with store.atomic():
+        assert store.get_batch(batch_id).status == "completed"
+        assert store.batches(gen_id)[0].status == "completed"
+    group_reads = []
+    with store.commit_group() as group:
+        group.join()
+        group_reads.append(store.batches(gen_id)[0].status)
+        group.flush()
+        another_runner_polls("expired")
+        group.join()
+        group_reads.append(store.batches(gen_id)[0].status)
+    assert group_reads == ["completed", "expired"]
+
+
+def test_two_stores_over_one_connection_never_answer_a_read_the_other_made_stale(
+    store: StateStore,
+) -> None:
+    """A second store object over the same connection takes the change hook: the first
+    then forgets what it read rather than answer rows the second's writes changed."""
+    gen_id = make_generation(store)
+    batch_id = intent(store, gen_id).id
+    other = StateStore(store.db, store.location)
+    with store.atomic():
+        assert store.batches(gen_id)[0].status == "pending"
+        assert other.batches(gen_id)[0].status == "pending"
+        other.update_batch(batch_id, status="in_progress")
+        store.db.execute("UPDATE batches SET status = 'completed' WHERE id = ?", (batch_id,))
+        assert store.batches(gen_id)[0].status == "completed"
+        assert other.batches(gen_id)[0].status == "completed"

@@ -19,10 +19,17 @@ Promises:
 * **One state.** The resources, generations and batches are read in one read-only
   transaction: a run committing while they are read is in all three or in none (the
   ledger's presence and counts are read when first asked, as before).
-* **Constant queries.** A block costs four queries for these reads (the first three between
-  a BEGIN and a ROLLBACK), and one per 500 current generations for the ledger counts,
-  whatever the number of resources: what the plan at the end of a pass, ``status`` and the
-  start of ``apply`` read (issue 13).
+* **Constant queries.** A block costs five queries for these reads (the state's serial and
+  the three tables between a BEGIN and a ROLLBACK, and which generations have ledger rows),
+  and one per 500 current generations for the ledger counts, whatever the number of
+  resources: what the plan at the end of a pass, ``status`` and the start of ``apply`` read
+  (issue 13).
+* **Loaded once per state.** The state's serial (``state_serial``) changes with every
+  committed change to resources, generations and batches: a block that finds the serial the
+  last load of the store read is served the rows that load made, without reading the three
+  tables again (an ``apply`` loaded them five times, three of them unchanged). Only a load
+  read in a transaction of its own is kept (one inside a caller's transaction may see a
+  change that is later rolled back); the ledger's presence and counts are read per block.
 """
 
 from __future__ import annotations
@@ -49,6 +56,23 @@ COUNT_CHUNK = 500
 _ACTIVE = frozenset({"pending", "in_progress"})
 
 
+@dataclass(frozen=True)
+class LoadedTables:
+    """The resources, generations and batches one ``ReadSnapshot.load`` read, at the state
+    serial ``serial`` (never changed after the load: the blocks that take it only read)."""
+
+    serial: int
+    resources: dict[str, ResourceRow]
+    generations: dict[str, list[GenerationRow]]
+    generation_by_id: dict[int, GenerationRow]
+    batches: dict[int, list[BatchRow]]
+
+
+def _serial(db: Sql) -> int:
+    row = db.execute("SELECT value FROM state_serial WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
 @dataclass
 class ReadSnapshot:
     """Every resource, generation and batch as one block's reads saw them (loaded lazily)."""
@@ -62,10 +86,21 @@ class ReadSnapshot:
     counts: dict[int, dict[str, tuple[int, int, int, int]]] | None = None
     live: bool = True
 
-    def load(self, db: Sql) -> None:
+    def load(self, db: Sql, last: LoadedTables | None = None) -> LoadedTables | None:
         """Read the three tables, one query each (rows in id order, as the per-row reads),
-        all three in one read of the database (``_one_read``)."""
+        all three in one read of the database (``_one_read``). Read in a transaction of its
+        own, the load is kept with the state's serial (``state_serial``: bumped by every
+        change to the three tables), and returned; ``last``, a load kept so, is taken as it
+        is when the serial is still its own (a committed state has one serial)."""
+        own = not db.in_transaction
         with _one_read(db):
+            serial = _serial(db) if own else None
+            if last is not None and serial == last.serial:
+                self.resources = last.resources
+                self.generations = last.generations
+                self.generation_by_id = last.generation_by_id
+                self.batches = last.batches
+                return last
             rows = db.query("SELECT * FROM resources ORDER BY name")
             generations = db.query("SELECT * FROM generations ORDER BY id")
             batches = db.query("SELECT * FROM batches ORDER BY id")
@@ -78,6 +113,11 @@ class ReadSnapshot:
         for row in batches:
             batch = _batch_row(row)
             self.batches.setdefault(batch.generation_id, []).append(batch)
+        if serial is None:
+            return None
+        return LoadedTables(
+            serial, self.resources, self.generations, self.generation_by_id, self.batches
+        )
 
     def generations_with_requests(self, db: Sql) -> set[int]:
         """Ids of the generations whose ledger has rows (one query, an index probe each)."""
@@ -174,6 +214,8 @@ class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
     ``ReadSnapshot`` inside ``reading()`` (see the module docstring)."""
 
     _snapshot: ReadSnapshot | None = None
+    #: the last load read in a transaction of its own, for a later block at the same serial
+    _loaded_tables: LoadedTables | None = None
 
     @contextmanager
     def reading(self) -> Iterator[None]:
@@ -195,7 +237,7 @@ class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
         if snap is None or not snap.live:
             return None
         if snap.resources is None:
-            snap.load(self.db)
+            self._loaded_tables = snap.load(self.db, self._loaded_tables) or self._loaded_tables
         return snap
 
     @contextmanager

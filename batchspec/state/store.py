@@ -46,7 +46,8 @@ Promises:
 Layout: ``StateStore`` is one object composed of a record class per table group, each with
 its rows and its SQL: ``runs`` (runs, events), ``resources`` (resources, generations),
 ``batches`` (batches, files), ``ledger`` (``store.ledger()``), ``lock_row``, and
-``snapshot`` (``store.reading()``: bulk reads for a read-only stretch); over
+``snapshot`` (``store.reading()``: bulk reads for a read-only stretch), ``cached`` (a writer
+transaction's reads, each made once); over
 ``connection`` (opening, migrating, transactions) and ``schema`` (the migrations). Callers
 import everything from here.
 """
@@ -60,6 +61,7 @@ from batchspec.state.batches import (
     BatchRow,
     FileRow,
 )
+from batchspec.state.cached import CachedReads
 from batchspec.state.connection import BUSY_TIMEOUT_SECONDS
 from batchspec.state.ledger import LedgerAccess
 from batchspec.state.lock_row import WORKSPACE, LockRow, LockRows
@@ -85,6 +87,7 @@ from batchspec.state.snapshot import SnapshotReads
 
 class StateStore(
     SnapshotReads,
+    CachedReads,
     RunsAndEvents,
     ResourcesAndGenerations,
     BatchesAndFiles,
@@ -92,7 +95,8 @@ class StateStore(
     LockRows,
 ):
     """One connection to the state database. Open with ``StateStore.open(path_or_url)``;
-    ``reading()`` serves a read-only stretch's reads in a few queries (``state.snapshot``)."""
+    ``reading()`` serves a read-only stretch's reads in a few queries (``state.snapshot``),
+    and a writer transaction reads each of its rows once (``state.cached``)."""
 
 
 __all__ = [

@@ -34,6 +34,10 @@ What the wrapper does, and promises:
   either fails with ``DatabaseNotAnsweringError``; a lock wait or a long statement on a
   server that answers is never cut.
 * A connection is used from one thread only.
+* ``writer_open`` is True from ``begin_writer()`` until the next statement that begins or ends
+  a transaction, and ``on_change``, when set, is told of every statement that may change the
+  database (all but those that begin ``SELECT``), before it runs: what the state store's read
+  cache (``batchspec.state.cached``) relies on to forget what a write changes.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import re
 import secrets
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Protocol
 
@@ -94,12 +98,30 @@ class Cursor(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
+#: what a statement that only reads begins with (another one may write: ``Sql.on_change``)
+_READS = ("SELECT", "select")
+#: a statement that begins or ends a transaction (a savepoint's ROLLBACK TO does neither)
+_TRANSACTION_EDGE = re.compile(r"\s*(?:begin|commit|end|rollback(?!\s+to\b))\b", re.I)
+
+
 class Sql(ABC):
     """One connection to one database, in one dialect (``"sqlite"`` or ``"postgresql"``)."""
 
     dialect: ClassVar[str]
     #: where the database is, fit for messages (a file path, or a URL without its password)
     label: str
+    #: inside the transaction ``begin_writer`` began: this connection holds the one writer
+    #: lock, so no other one changes the database until it ends
+    writer_open: bool = False
+    #: told of each statement that may change the database, before it runs (see above)
+    on_change: Callable[[str], None] | None = None
+
+    def _changing(self, sql: str) -> None:
+        """``sql`` may write: a transaction's edge closes ``writer_open``; ``on_change``."""
+        if _TRANSACTION_EDGE.match(sql):
+            self.writer_open = False
+        if self.on_change is not None:
+            self.on_change(sql)
 
     @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
@@ -186,12 +208,15 @@ class SqliteSql(Sql):
         self.label = _sqlite_file(conn)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        if not sql.startswith(_READS):
+            self._changing(sql)
         try:
             return self.conn.execute(sql, params)
         except sqlite3.IntegrityError as err:
             raise IntegrityError(f"{self.label}: {err}") from err
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        self._changing(sql)
         try:
             return self.conn.executemany(sql, rows).rowcount
         except sqlite3.IntegrityError as err:
@@ -217,6 +242,7 @@ class SqliteSql(Sql):
         return self.conn.in_transaction
 
     def begin_writer(self) -> None:
+        self._changing("BEGIN IMMEDIATE")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as err:
@@ -229,6 +255,7 @@ class SqliteSql(Sql):
                 f"the state database {self.label} stayed busy ({err}); another process is "
                 "writing to it, try again"
             ) from err
+        self.writer_open = True
 
     def table_names(self) -> list[str]:
         rows = self.conn.execute(
@@ -428,12 +455,15 @@ class PostgresSql(Sql):
     def execute(self, sql: str, params: Sequence[Any] = (), *, binary: bool = False) -> Any:
         """``binary``: results in PostgreSQL's binary format (a ``bytea`` comes as its bytes,
         not as hex text twice their size)."""
+        if not sql.startswith(_READS):
+            self._changing(sql)
         with self._translated():
             if params:
                 return self.conn.execute(to_pyformat(sql), tuple(params), binary=binary)
             return self.conn.execute(sql, binary=binary)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        self._changing(sql)
         with self._translated():
             cur = self.conn.cursor()
             cur.executemany(to_pyformat(sql), [tuple(r) for r in rows])
@@ -443,6 +473,8 @@ class PostgresSql(Sql):
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row
 
+        if not sql.startswith(_READS):
+            self._changing(sql)
         with self._translated():
             cur = self.conn.cursor(row_factory=dict_row)
             cur.execute(to_pyformat(sql) if params else sql, tuple(params) or None)
@@ -500,6 +532,7 @@ class PostgresSql(Sql):
         except BaseException:
             self.rollback()
             raise
+        self.writer_open = True
 
     def table_names(self) -> list[str]:
         rows = self.execute(

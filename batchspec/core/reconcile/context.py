@@ -13,6 +13,7 @@ stops spending at once. It makes no decision itself (the plan and the steps do).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -222,6 +223,8 @@ class RunContext:
     # each folder's symlinks resolved once (the three paths of a thousand resources lie in
     # a few folders): a Path.resolve() per path walked every component again
     _folders: FolderResolver = field(default_factory=FolderResolver, init=False, repr=False)
+    # the folders result files are written into, resolved once a pass (``check_result_paths``)
+    _pass_folders: FolderResolver = field(default_factory=FolderResolver, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -334,14 +337,28 @@ class RunContext:
 
     def check_result_paths(self, res: Resource) -> None:
         """Refuse to write ``res``'s result files if a symlink now points them somewhere the
-        load would have refused (onto the state, out of the workspace)."""
+        load would have refused (onto the state, out of the workspace).
+
+        Each folder is resolved once a pass (``new_pass``): a thousand resources write into a
+        few folders, and a ``Path.resolve()`` per file walked every component of each path
+        again (a fifth of collecting a small batch). A folder swapped for a symlink before
+        the pass is seen at its first write; a path found forbidden is checked again by
+        ``refuse_unconfined_write``, resolved whole, which raises with its reasons."""
         if self._confinement is None:
             self._confinement = confinement(self.project)
+        resolve = self._pass_folders.resolve
+        manifest = resolve(res.source.file)
         exports = [("export", target.path) for target in res.exports]
         for key, path in (("output", res.output_path), ("errors", res.errors_path), *exports):
-            refuse_unconfined_write(
-                self.project, path, key, res.source.file, within=self._confinement
-            )
+            if self._confinement.forbidden(resolve(path), key, manifest) is not None:
+                refuse_unconfined_write(
+                    self.project, path, key, res.source.file, within=self._confinement
+                )
+
+    def new_pass(self) -> None:
+        """A pass begins: the folders its result files are written into are resolved anew
+        (``check_result_paths``)."""
+        self._pass_folders = FolderResolver()
 
     def _source_of(self, sha256: str) -> tuple[BatchRow, str] | None:
         """The batch whose output or error file was collected as blob ``sha256``, and that
@@ -381,10 +398,17 @@ class RunContext:
             return known
         if self._root is None:
             self._root = self.project.root.resolve()
-        try:
-            found = str(self._folders.resolve(path).relative_to(self._root))
-        except ValueError:
-            found = str(path)
+        resolved = self._folders.resolve(path)
+        # a prefix of the two resolved paths' texts, as ``relative_to`` finds it (pathlib
+        # parsed both again: most of a thousand resources' relative paths)
+        text, root = str(resolved), str(self._root).rstrip(os.sep) + os.sep
+        if text.startswith(root) and len(text) > len(root):
+            found = text[len(root) :]
+        else:
+            try:
+                found = str(resolved.relative_to(self._root))
+            except ValueError:
+                found = str(path)
         self._relative[path] = found
         return found
 

@@ -200,6 +200,7 @@ class Reconciler:
         pass records keeps the answers they finished. A resource whose download fails is
         left to a later pass or apply (``collect``); the others go on."""
         self.ctx.done_in = None
+        self.ctx.new_pass()
         with self._pool() as calls:  # a replace step sends its cancels ahead through it too
             try:
                 return self._pass(resources, facts, calls)
@@ -382,6 +383,8 @@ class Reconciler:
         """
         if group is not None:
             group.join()
+        else:  # on its own, not in a pass: its folders are resolved anew
+            self.ctx.new_pass()
         action = self._plan(res, facts, self._track_again_if_forgotten(res))
         for _ in range(MAX_STEPS_PER_PASS):
             kind = action.kind
