@@ -181,6 +181,8 @@ class _Loader(yaml.SafeLoader):
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+#: a string scalar's tag: its constructor (``construct_yaml_str``) returns the node's value
+_STR_TAG = "tag:yaml.org,2002:str"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
@@ -353,6 +355,8 @@ class _Builder:
         """A scalar as JSON has it; an explicit tag that builds anything else (``!!binary``
         bytes, a ``!!timestamp`` date) is a problem: no schema type matches it, but an
         open object (a request ``body``) would carry it to a JSON encoder."""
+        if node.tag == _STR_TAG:  # most scalars: what the constructor would give, directly
+            return node.value
         value = self.loader.construct_object(node)
         if value is None or type(value) in (str, int, float, bool):
             return value
@@ -383,6 +387,8 @@ class _Builder:
         if not isinstance(key_node, yaml.ScalarNode):
             self._problem(key_node.start_mark, pointer, "invalid-key", "keys must be plain strings")
             return None
+        if key_node.tag == _STR_TAG:  # as in ``_scalar``
+            return cast(str, key_node.value)
         key = self.loader.construct_object(key_node)
         if isinstance(key, str):
             return key
@@ -518,9 +524,14 @@ def read_bounded(path: Path, limit: int) -> bytes:
         raise _Refused("too-large", too_big)
     fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
             raise _Refused("not-a-file", "not a regular file: refusing to read it")
-        raw = f.read(limit + 1)
+        # sized to the file (a read of ``limit + 1`` bytes allocates that much: 4 MiB a
+        # manifest); a file that grew since its fstat is read on, up to the limit
+        raw = f.read(min(opened.st_size, limit) + 1)
+        if len(raw) > opened.st_size:
+            raw += f.read(limit + 1 - len(raw))
     if len(raw) > limit:
         raise _Refused("too-large", too_big)
     return raw
