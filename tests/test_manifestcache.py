@@ -237,6 +237,20 @@ def test_an_edit_with_the_same_size_and_mtime_is_seen(root: Path) -> None:
     assert plain.spec_hash != {r.name: r for r in before.resources}["plain"].spec_hash
 
 
+def test_a_manifest_added_since_is_read_beside_the_recalled_ones(root: Path) -> None:
+    """A file the cache does not hold yet is read while the stored ones are recalled (the
+    stored paths are looked up once a load), and the next load recalls it too."""
+    cached_load(root)
+    added = PLAIN.replace("name: plain", "name: added")
+    (root / "manifests" / "sub" / "added.yaml").write_text(added)
+
+    ws, recalled = cached_load(root)
+
+    assert recalled == 3  # the three stored files; the new one was read
+    assert ws.resources == load_workspace([root]).resources
+    assert cached_load(root)[1] == 4
+
+
 def test_a_cached_file_made_invalid_is_fully_revalidated(root: Path) -> None:
     """Breaking a cached manifest reports every problem with file:line:column, on every load,
     exactly as an uncached load does, and the broken version is never stored."""

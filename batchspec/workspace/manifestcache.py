@@ -111,6 +111,8 @@ class ManifestCache:
         self._pending: list[tuple[Any, ...]] = []
         #: racy entries verified once their stamp settled: (path, *stamp, fingerprint, sha256)
         self._settled: list[tuple[Any, ...]] = []
+        #: the paths stored when first asked (one query, not one per new manifest)
+        self._stored: set[str] | None = None
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             with contextlib.suppress(sqlite3.Error, OSError):
@@ -144,7 +146,7 @@ class ManifestCache:
         except OSError:
             return None  # the reader reports why it cannot read the file
         self._seen[file] = _Seen(stamp, at_ns)
-        if self.conn is None:
+        if self.conn is None or str(file) not in self._stored_paths(self.conn):
             return None
         try:
             row = self.conn.execute(
@@ -168,6 +170,20 @@ class ManifestCache:
         del self._seen[file]  # nothing to remember for it
         self.recalled += 1
         return documents
+
+    def _stored_paths(self, conn: sqlite3.Connection) -> set[str]:
+        """The paths of the stored entries, read on the first ``recall``: a file not among
+        them is a miss without a query of its own (a first load of 1,000 new manifests made
+        1,000). Entries are written only on ``close``; another run's written meanwhile are
+        only missed."""
+        if self._stored is None:
+            try:
+                self._stored = {
+                    path for (path,) in conn.execute("select path from manifest_entries")
+                }
+            except sqlite3.Error:
+                self._stored = set()
+        return self._stored
 
     def _same_bytes(
         self, file: Path, stamp: tuple[int, int, int, int], sha256: str, at_ns: int
