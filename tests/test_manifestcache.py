@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -551,3 +553,28 @@ def test_a_racy_entry_verified_once_settled_is_not_read_again_by_a_later_process
     ws, recalled = cached_load(root)
     assert recalled == 2
     assert ws.resources == load_workspace([root]).resources
+
+
+def test_the_fingerprint_names_the_installed_jsonschema_without_importlib_metadata() -> None:
+    """The fingerprint holds jsonschema's version (a new release may judge documents anew),
+    read from its dist-info folder's name: a run imports neither importlib.metadata (its
+    imports cost every run ~30 ms) nor jsonschema for it."""
+    from importlib.metadata import version
+
+    assert manifestcache._jsonschema_release() == f"jsonschema-{version('jsonschema')}.dist-info"
+    code = (
+        "import sys; import batchspec.cli.main; from batchspec.workspace import manifestcache; "
+        "manifestcache._jsonschema_release(); "
+        "print(sorted(m for m in ('importlib.metadata', 'jsonschema') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_fingerprint_falls_back_to_importlib_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without one dist-info folder beside the package, the version comes from
+    importlib.metadata, so an upgrade still changes the fingerprint."""
+    from importlib.metadata import version
+
+    monkeypatch.setattr(manifestcache.os, "listdir", lambda folder: [])
+    assert manifestcache._jsonschema_release() == version("jsonschema")

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -278,11 +278,7 @@ def _stamp(path: Path) -> tuple[int, int, int, int]:
 def cache_fingerprint(project: Project) -> str:
     """What every entry depends on besides its own file (see the module docstring)."""
     sha = hashlib.sha256()
-    parts: list[str] = [__version__, yaml.__version__, str(yaml.__with_libyaml__)]
-    try:
-        parts.append(version("jsonschema"))
-    except PackageNotFoundError:
-        parts.append("jsonschema?")
+    parts = [__version__, yaml.__version__, str(yaml.__with_libyaml__), _jsonschema_release()]
     if project.file is not None:
         try:
             parts.append(repr(_stamp(project.file)))
@@ -299,6 +295,30 @@ def cache_fingerprint(project: Project) -> str:
             sha.update(path.read_bytes())
         sha.update(b"\0")
     return sha.hexdigest()
+
+
+def _jsonschema_release() -> str:
+    """Which jsonschema is installed: the name of its ``.dist-info`` folder beside the
+    package (``jsonschema-4.26.0.dist-info``: its version), found without importing it or
+    importlib.metadata (whose imports cost every run ~30 ms); else its version from
+    importlib.metadata (an install without one such folder), else ``jsonschema?``."""
+    spec = importlib.util.find_spec("jsonschema")
+    # .../site-packages/jsonschema/__init__.py -> .../site-packages
+    folder = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else None
+    with contextlib.suppress(OSError):
+        found = [
+            name
+            for name in (os.listdir(folder) if folder else [])
+            if name.startswith("jsonschema-") and name.endswith(".dist-info")
+        ]
+        if len(found) == 1:
+            return found[0]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jsonschema")
+    except PackageNotFoundError:
+        return "jsonschema?"
 
 
 # ---------------------------------------------------------------------------------------------
