@@ -200,3 +200,26 @@ def test_scalars_and_keys_build_as_the_yaml_constructor_builds_them(tmp_path: Pa
     assert doc.data == yaml.load(text, Loader=yamldoc._Loader)  # noqa: S506 - a safe loader
     assert doc.data["tagged"] == "12" and doc.data["on"] is True and doc.data["no"] == "no"
     assert doc.data["when"] == "2024-01-01" and doc.data["base"]["x"] == "0x1F"
+
+
+@pytest.mark.parametrize(
+    ("text", "pointer"),
+    [
+        pytest.param("a: [1, [x, .inf]]\n", "/a/1/1", id="in-a-list"),
+        pytest.param("a: {b: {c: -.inf}}\n", "/a/b/c", id="in-a-mapping"),
+        pytest.param("- .nan\n", "/0", id="top-level-list"),
+        pytest.param("a: [1.5, '.nan', {b: 2}]\n", None, id="none"),
+    ],
+)
+def test_every_non_finite_number_is_found_wherever_it_is_nested(
+    tmp_path: Path, text: str, pointer: str | None
+) -> None:
+    """A NaN or infinity anywhere in a document is a problem at its pointer (a clean document
+    is walked without making pointers; one holding such a number is walked again for them)."""
+    from batchspec.workspace.yamldoc import schema_problems
+
+    path = tmp_path / "d.yaml"
+    path.write_text(text, encoding="utf-8")
+    [doc], _ = read_yaml_documents(path)
+    found = [p.pointer for p in schema_problems(doc, "batch") if "not a number" in p.message]
+    assert found == ([pointer] if pointer else [])
