@@ -182,7 +182,8 @@ def test_a_file_that_grew_after_its_fstat_is_read_on_to_the_limit(
 def test_scalars_and_keys_build_as_the_yaml_constructor_builds_them(tmp_path: Path) -> None:
     """Strings are taken from their nodes directly (not through PyYAML's constructor): every
     kind of scalar and key still comes out as the constructor makes it, quoted, tagged,
-    merged, multi-line or not."""
+    merged, multi-line or not; a mapping is flattened (``<<``, ``=``) only where it holds
+    such a key, and then as PyYAML flattens it."""
     import yaml
 
     from batchspec.workspace import yamldoc
@@ -191,7 +192,7 @@ def test_scalars_and_keys_build_as_the_yaml_constructor_builds_them(tmp_path: Pa
         "plain: text\nquoted: '1'\ndouble: \"a\\tb\\u00e9\"\ntagged: !!str 12\non: true\n"
         "n: 12\nf: 1.5e3\nnull_: ~\nno: no\nwhen: 2024-01-01\nfolded: >\n  a\n  b\n"
         "'7': quoted key\n!!str 8: tagged key\nbase: &b {k: v, 'x': !!str 0x1F}\n"
-        "merged: {<<: *b, k: w}\nlist: [a, 'b', 3, !!str 4, {y: z}]\n"
+        "merged: {<<: *b, k: w}\nlist: [a, 'b', 3, !!str 4, {y: z}]\neq: {=: x, y: 1}\n"
     )
     path = tmp_path / "s.yaml"
     path.write_text(text, encoding="utf-8")
@@ -200,6 +201,7 @@ def test_scalars_and_keys_build_as_the_yaml_constructor_builds_them(tmp_path: Pa
     assert doc.data == yaml.load(text, Loader=yamldoc._Loader)  # noqa: S506 - a safe loader
     assert doc.data["tagged"] == "12" and doc.data["on"] is True and doc.data["no"] == "no"
     assert doc.data["when"] == "2024-01-01" and doc.data["base"]["x"] == "0x1F"
+    assert doc.data["merged"] == {"k": "w", "x": "0x1F"} and doc.data["eq"] == {"=": "x", "y": 1}
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,9 @@ def raise_if_problems(problems: Sequence[Problem], *, what: str = "the workspace
 
 def pointer_join(pointer: str, token: str | int) -> str:
     """Append one RFC 6901 reference token (escaping ``~`` and ``/``)."""
-    text = str(token).replace("~", "~0").replace("/", "~1")
+    text = str(token)
+    if "~" in text or "/" in text:
+        text = text.replace("~", "~0").replace("/", "~1")
     return f"{pointer}/{text}"
 
 
@@ -183,6 +185,9 @@ class _Loader(yaml.SafeLoader):
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 #: a string scalar's tag: its constructor (``construct_yaml_str``) returns the node's value
 _STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+#: the key tags PyYAML's ``flatten_mapping`` acts on (a mapping with neither is left as is)
+_FLATTENED_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value"})
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
@@ -301,14 +306,16 @@ class _Builder:
             raise _AliasBomb(node.start_mark, pointer)
 
     def build(self, node: yaml.Node, pointer: str = "", *, aliased: bool = False) -> Any:
-        aliased = aliased or id(node) in self._built
-        self._built.add(id(node))
+        key = id(node)
+        aliased = aliased or key in self._built
+        self._built.add(key)
         if aliased:
             self._count_alias(node, pointer)
-        self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, pointer)
-        if id(node) in self._open:
+        scalar = type(node) is yaml.ScalarNode or isinstance(node, yaml.ScalarNode)
+        self.values[pointer] = NodePosition(node.start_mark, scalar)
+        if scalar:
+            return self._scalar(cast(yaml.ScalarNode, node), pointer)
+        if key in self._open:
             self._problem(node.start_mark, pointer, "recursive-alias", "an alias refers to itself")
             return None
         self._open.add(id(node))
@@ -370,9 +377,9 @@ class _Builder:
         return None
 
     def _mapping(self, node: yaml.MappingNode, pointer: str, *, aliased: bool) -> dict[str, Any]:
-        self._check_duplicates(node, pointer)
-        self._merged_size(node, pointer, frozenset())  # refuses a merge chain that explodes
-        self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
+        if self._check_duplicates(node, pointer):  # a `<<` or `=` key: flattened first
+            self._merged_size(node, pointer, frozenset())  # refuses a chain that explodes
+            self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = self._key(key_node, pointer)
@@ -401,13 +408,17 @@ class _Builder:
         )
         return text
 
-    def _check_duplicates(self, node: yaml.MappingNode, pointer: str) -> None:
+    def _check_duplicates(self, node: yaml.MappingNode, pointer: str) -> bool:
+        """Report keys written twice; True when a key is one ``flatten_mapping`` rewrites
+        (a ``<<`` merge key or a ``=`` value key), else the mapping needs no flattening."""
         seen: dict[str, yaml.Mark] = {}
+        flattened = False
         for key_node, _ in node.value:
+            tag = key_node.tag
+            if tag in _FLATTENED_TAGS:
+                flattened = True
             # A merge key may be repeated, and merged keys may be overridden: that is YAML.
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
+            if tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
                 continue
             first = seen.setdefault(key_node.value, key_node.start_mark)
             if first is not key_node.start_mark:
@@ -417,6 +428,7 @@ class _Builder:
                     "duplicate-key",
                     f"duplicate key '{key_node.value}' (first defined at line {first.line + 1})",
                 )
+        return flattened
 
     def _problem(self, mark: yaml.Mark, pointer: str, code: str, message: str) -> None:
         loc = SourceLocation(self.file, mark.line + 1, mark.column + 1)
