@@ -345,8 +345,9 @@ def test_a_manifest_given_alone_may_not_declare_a_name_another_file_declares(
 
 def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
     """FolderResolver (the loader's and RunContext.relative's) gives Path.resolve()'s answer
-    through a symlinked folder, onto a symlinked file, with `..`, and for a missing file,
-    asked twice (the second answer from the folder it remembered)."""
+    through a symlinked folder, onto a symlinked file (also one spelled as a resolved path),
+    with `..`, and for a missing file, asked twice (the second answer from the folder it
+    remembered)."""
     from batchspec.workspace.resolving import FolderResolver
 
     real = tmp_path / "real"
@@ -360,7 +361,10 @@ def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
         tmp_path / "linked" / "sub" / ".." / "sub" / "a.jsonl",
         tmp_path / "linked" / "sub" / "missing.jsonl",
         tmp_path / "linked" / "nowhere" / "c.jsonl",
+        real.resolve() / "sub" / "b.jsonl",  # spelled resolved, but a symlink itself
     ]
     resolver = FolderResolver()
     for _ in range(2):
         assert [resolver.resolve(p) for p in asked] == [p.resolve() for p in asked]
+    resolved = real.resolve() / "sub" / "a.jsonl"
+    assert resolver.resolve(resolved) is resolved  # already resolved: given back as it is

@@ -1319,12 +1319,13 @@ def _written_over(
     resource writes too (that problem names both places). ``others``: the files of the
     workspace's resources outside the loaded manifests (``_outside_paths``)."""
     others = others or {}
-    inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
+    # each input's reader: its resource, document and pointer (located only for a problem)
+    inputs: dict[Path, tuple[Resource, YamlDocument, str]] = {}
     for res, doc in resources:
         if res.input_source is not None:
-            inputs.setdefault(res.input_source, (res, doc.location("/spec/input/rows")))
+            inputs.setdefault(res.input_source, (res, doc, "/spec/input/rows"))
         else:
-            inputs.setdefault(res.input_path, (res, doc.location("/spec/input")))
+            inputs.setdefault(res.input_path, (res, doc, "/spec/input"))
     manifests = _resolved_files(manifest_files)
     # where each path is written first: its resource, document, key and pointer (positions
     # and shown paths are worked out only for a problem: a thousand resources have none)
@@ -1342,7 +1343,8 @@ def _written_over(
             if reader is not None and reader[0] is not res:
                 message = (
                     f"{key} file {display_path(path)} is the input of resource "
-                    f"'{reader[0].name}' ({reader[1]}): it would be overwritten"
+                    f"'{reader[0].name}' ({reader[1].location(reader[2])}): it would be "
+                    "overwritten"
                 )
             elif path in manifests:
                 message = f"{key} file {display_path(path)} is a manifest: it would be overwritten"

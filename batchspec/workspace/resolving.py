@@ -35,4 +35,8 @@ class FolderResolver:
         if not head or name in ("", ".", "..") or os.name != "posix":
             return Path(text).resolve()
         candidate = os.path.join(self.folder(head), name)
-        return Path(text).resolve() if os.path.islink(candidate) else Path(candidate)
+        if os.path.islink(candidate):
+            return Path(text).resolve()
+        if candidate == text and isinstance(path, Path):
+            return path  # resolved already (a loaded input, a found manifest): no new Path
+        return Path(candidate)
