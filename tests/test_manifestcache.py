@@ -25,7 +25,12 @@ from workspaces import run_cli
 from batchspec.workspace import manifestcache
 from batchspec.workspace.manifest import Workspace, load_workspace, project_for
 from batchspec.workspace.manifestcache import RACY_WINDOW_S, ManifestCache, encode_documents
-from batchspec.workspace.yamldoc import InvalidManifestError, display_path, read_yaml_documents
+from batchspec.workspace.yamldoc import (
+    InvalidManifestError,
+    YamlDocument,
+    display_path,
+    read_yaml_documents,
+)
 
 PROJECT = """\
 apiVersion: batchspec/v1
@@ -451,6 +456,33 @@ def test_data_that_json_cannot_hold_exactly_is_not_encoded(tmp_path: Path) -> No
     documents, problems = read_yaml_documents(file)
     assert problems == []
     assert encode_documents(documents) is None
+
+
+class _Labels(dict[str, Any]):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("data", "kept"),
+    [
+        pytest.param({"a": [1, -0.0, 1.5, True, None, "x", {"b": []}]}, True, id="plain"),
+        pytest.param({"a": (1, 2)}, False, id="tuple"),
+        pytest.param({1: "a"}, False, id="int-key"),
+        pytest.param({"a": _Labels(b="c")}, False, id="dict-subclass"),
+        pytest.param({"a": [float("inf")]}, False, id="infinity"),
+        pytest.param({"a": b"x"}, False, id="bytes"),
+    ],
+)
+def test_only_data_that_comes_back_from_json_unchanged_is_encoded(data: Any, kept: bool) -> None:
+    """Data is encoded only when its JSON decodes to an equal value of the same types;
+    anything else (a tuple, a key that is no string, a subclass, a non-finite float,
+    bytes) is not stored, and costs a re-read."""
+    doc = YamlDocument(Path("m.yaml"), 0, data, {}, {})
+    text = encode_documents([doc])
+    assert (text is not None) == kept
+    if text is not None:
+        [back] = manifestcache.decode_documents(Path("m.yaml"), text)
+        assert back.data == data and repr(back.data) == repr(data)
 
 
 @pytest.mark.parametrize(
