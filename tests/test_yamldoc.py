@@ -225,3 +225,27 @@ def test_every_non_finite_number_is_found_wherever_it_is_nested(
     [doc], _ = read_yaml_documents(path)
     found = [p.pointer for p in schema_problems(doc, "batch") if "not a number" in p.message]
     assert found == ([pointer] if pointer else [])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        pytest.param('a: {b: "x\\ud800y"}\n', (1, 8, "/a/b"), id="value"),
+        pytest.param('a: {"k\\udfff": 1}\n', (1, 5, "/a"), id="key"),
+        pytest.param('a: !!str "\\udc80"\n', (1, 4, "/a"), id="tagged"),
+    ],
+)
+def test_an_unpaired_surrogate_escape_is_a_problem_not_a_traceback(
+    tmp_path: Path, text: str, where: tuple[int, int, str]
+) -> None:
+    """A "\\ud800" escape builds half a surrogate pair, which no UTF-8 file or database
+    holds: the manifest cache's write and apply's state writes ended in a traceback. It is
+    one located problem, and the text carries '?' in its place."""
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    [doc], problems = read_yaml_documents(path)
+    [problem] = problems
+    assert (problem.line, problem.column, problem.pointer) == where
+    assert problem.code == "invalid-value" and "half of a surrogate pair" in problem.message
+    assert json.dumps(doc.data, ensure_ascii=False).encode("utf-8")  # no surrogate is left
+    assert "?" in json.dumps(doc.data)

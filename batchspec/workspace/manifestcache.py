@@ -347,9 +347,11 @@ def encode_documents(documents: list[YamlDocument]) -> str | None:
     if not all(_survives_json(doc.data) for doc in documents):
         return None
     try:
-        return json.dumps(payload, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        return None  # NaN, an infinity
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in YAML) is no text SQLite stores
+    except (TypeError, ValueError):  # (UnicodeEncodeError is a ValueError)
+        return None  # NaN, an infinity, a lone surrogate
+    return text
 
 
 def _survives_json(node: Any) -> bool:

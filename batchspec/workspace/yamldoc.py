@@ -186,6 +186,8 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 #: a string scalar's tag: its constructor (``construct_yaml_str``) returns the node's value
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+#: an unpaired UTF-16 surrogate: a YAML "\ud800" escape builds one, and no UTF-8 text holds it
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: the key tags PyYAML's ``flatten_mapping`` acts on (a mapping with neither is left as is)
 _FLATTENED_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value"})
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
@@ -363,9 +365,11 @@ class _Builder:
         bytes, a ``!!timestamp`` date) is a problem: no schema type matches it, but an
         open object (a request ``body``) would carry it to a JSON encoder."""
         if node.tag == _STR_TAG:  # most scalars: what the constructor would give, directly
-            return node.value
+            return self._text(node, pointer, node.value)
         value = self.loader.construct_object(node)
-        if value is None or type(value) in (str, int, float, bool):
+        if type(value) is str:
+            return self._text(node, pointer, value)
+        if value is None or type(value) in (int, float, bool):
             return value
         self._problem(
             node.start_mark,
@@ -375,6 +379,24 @@ class _Builder:
             "write a string, a number, true/false or null",
         )
         return None
+
+    def _text(self, node: yaml.Node, pointer: str, value: str) -> str:
+        """``value``, unless it holds an unpaired surrogate (a ``"\\ud800"`` escape): no
+        Unicode text, so no UTF-8 file, request or database could hold it (it was a
+        traceback when the run first wrote it). Then a problem, and the text with ``?`` in
+        its place (so the schema checks see a string, and say nothing more of it)."""
+        found = None if value.isascii() else _SURROGATE.search(value)
+        if found is None:
+            return value
+        code = f"\\u{ord(found.group()):04x}"
+        self._problem(
+            node.start_mark,
+            pointer,
+            "invalid-value",
+            f"the text holds {code}, half of a surrogate pair, which is no character: write "
+            "the character itself (or its \\U escape)",
+        )
+        return _SURROGATE.sub("?", value)
 
     def _mapping(self, node: yaml.MappingNode, pointer: str, *, aliased: bool) -> dict[str, Any]:
         if self._check_duplicates(node, pointer):  # a `<<` or `=` key: flattened first
@@ -395,10 +417,10 @@ class _Builder:
             self._problem(key_node.start_mark, pointer, "invalid-key", "keys must be plain strings")
             return None
         if key_node.tag == _STR_TAG:  # as in ``_scalar``
-            return cast(str, key_node.value)
+            return self._text(key_node, pointer, key_node.value)  # (no pointer of its own)
         key = self.loader.construct_object(key_node)
         if isinstance(key, str):
-            return key
+            return self._text(key_node, pointer, key)
         text: str = key_node.value
         self._problem(
             key_node.start_mark,
