@@ -1033,7 +1033,7 @@ def desired_with_reuse(
 
     Made with one ``dataclasses.replace`` (three cost a plan of 1,000 resources ~13 ms)."""
     want = desired_resource(res, facts)
-    given = {"replace": replace, "readded_after": readded_after}
+    given: dict[str, Any] = {"replace": replace, "readded_after": readded_after}
     gen = store.find_generation(res.name, res.spec_hash)
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
         return dataclasses.replace(want, **given)  # no ledger to record, or nothing to carry
