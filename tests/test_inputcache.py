@@ -307,6 +307,36 @@ def test_the_entries_of_inputs_gone_are_dropped_when_a_run_stores_new_ones(
     assert kept == [("b.jsonl", True), ("c.jsonl", True)]
 
 
+def test_stored_inputs_are_recalled_and_new_or_changed_ones_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside the inputs a cache holds (recalled unread: their keys are looked up once a
+    run), a new input is scanned, and so is a stored one written since."""
+    from batchspec.workspace import inputcache
+
+    db = tmp_path / "input-cache.db"
+    stored, new = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (stored, new):
+        path.write_bytes(one_request_input(tmp_path).read_bytes())
+    with InputCache(db, racy_window=0) as cache:
+        cache.scan(stored)
+    scanned: list[str] = []
+    real = inputcache.scan_batch_input
+
+    def counted(path: Path, **options: object) -> object:
+        scanned.append(Path(path).name)
+        return real(path, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inputcache, "scan_batch_input", counted)
+    with InputCache(db, racy_window=0) as cache:
+        assert cache.scan(stored).ok and cache.scan(new).ok
+    assert scanned == ["b.jsonl"]
+    stored.write_bytes(stored.read_bytes().replace(b'"r1"', b'"r2"'))
+    with InputCache(db, racy_window=0) as cache:
+        assert cache.scan(stored).ok
+    assert scanned == ["b.jsonl", "a.jsonl"]
+
+
 def test_an_input_is_keyed_by_its_resolved_path_whatever_links_lead_to_it(tmp_path: Path) -> None:
     """Folders are resolved once a run, yet each input's key is still ``Path.resolve()``'s:
     through a linked folder, and a file that is itself a link, to another folder's file."""

@@ -97,6 +97,33 @@ def test_an_output_that_would_overwrite_what_it_must_not_is_refused_at_its_line(
     assert problem.pointer in ("/spec/output", "/spec/errors")
 
 
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        pytest.param("../batchspec.db", True, id="database"),
+        pytest.param("../batchspec.db-wal", True, id="side-file"),
+        pytest.param("../store/x.jsonl", True, id="its-data"),
+        pytest.param("../results/batchspec.db", False, id="same-name-elsewhere"),
+    ],
+)
+def test_a_state_kept_in_the_workspace_root_is_refused_as_an_output(
+    tmp_path: Path, value: str, refused: bool
+) -> None:
+    """With the state database in the workspace's root (state.path: batchspec.db), an
+    output onto it, a side file of it or the data beside it is refused; the same file name
+    in another folder is not."""
+    root = two_resources(tmp_path / "ws")
+    project = yaml.safe_load((root / "batchspec.yaml").read_text())
+    project["state"] = {"path": "batchspec.db"}
+    (root / "batchspec.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+    set_spec(root, "a", output=value)
+    if not refused:
+        load_workspace([root])
+        return
+    messages = [p.message for p in problems_of(root) if p.code == "path-conflict"]
+    assert any("the state database" in m or "the state folder's data" in m for m in messages)
+
+
 def test_a_symlinked_results_folder_pointing_outside_is_refused(tmp_path: Path) -> None:
     """Symlinks are resolved: results/ linked to a folder outside the workspace is outside."""
     root = two_resources(tmp_path / "ws")
@@ -345,8 +372,9 @@ def test_a_manifest_given_alone_may_not_declare_a_name_another_file_declares(
 
 def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
     """FolderResolver (the loader's and RunContext.relative's) gives Path.resolve()'s answer
-    through a symlinked folder, onto a symlinked file, with `..`, and for a missing file,
-    asked twice (the second answer from the folder it remembered)."""
+    through a symlinked folder, onto a symlinked file (also one spelled as a resolved path),
+    with `..`, and for a missing file, asked twice (the second answer from the folder it
+    remembered)."""
     from batchspec.workspace.resolving import FolderResolver
 
     real = tmp_path / "real"
@@ -360,7 +388,10 @@ def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
         tmp_path / "linked" / "sub" / ".." / "sub" / "a.jsonl",
         tmp_path / "linked" / "sub" / "missing.jsonl",
         tmp_path / "linked" / "nowhere" / "c.jsonl",
+        real.resolve() / "sub" / "b.jsonl",  # spelled resolved, but a symlink itself
     ]
     resolver = FolderResolver()
     for _ in range(2):
         assert [resolver.resolve(p) for p in asked] == [p.resolve() for p in asked]
+    resolved = real.resolve() / "sub" / "a.jsonl"
+    assert resolver.resolve(resolved) is resolved  # already resolved: given back as it is

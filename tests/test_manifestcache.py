@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,12 @@ from workspaces import run_cli
 from batchspec.workspace import manifestcache
 from batchspec.workspace.manifest import Workspace, load_workspace, project_for
 from batchspec.workspace.manifestcache import RACY_WINDOW_S, ManifestCache, encode_documents
-from batchspec.workspace.yamldoc import InvalidManifestError, display_path, read_yaml_documents
+from batchspec.workspace.yamldoc import (
+    InvalidManifestError,
+    YamlDocument,
+    display_path,
+    read_yaml_documents,
+)
 
 PROJECT = """\
 apiVersion: batchspec/v1
@@ -237,6 +244,20 @@ def test_an_edit_with_the_same_size_and_mtime_is_seen(root: Path) -> None:
     assert plain.spec_hash != {r.name: r for r in before.resources}["plain"].spec_hash
 
 
+def test_a_manifest_added_since_is_read_beside_the_recalled_ones(root: Path) -> None:
+    """A file the cache does not hold yet is read while the stored ones are recalled (the
+    stored paths are looked up once a load), and the next load recalls it too."""
+    cached_load(root)
+    added = PLAIN.replace("name: plain", "name: added")
+    (root / "manifests" / "sub" / "added.yaml").write_text(added)
+
+    ws, recalled = cached_load(root)
+
+    assert recalled == 3  # the three stored files; the new one was read
+    assert ws.resources == load_workspace([root]).resources
+    assert cached_load(root)[1] == 4
+
+
 def test_a_cached_file_made_invalid_is_fully_revalidated(root: Path) -> None:
     """Breaking a cached manifest reports every problem with file:line:column, on every load,
     exactly as an uncached load does, and the broken version is never stored."""
@@ -437,6 +458,33 @@ def test_data_that_json_cannot_hold_exactly_is_not_encoded(tmp_path: Path) -> No
     assert encode_documents(documents) is None
 
 
+class _Labels(dict[str, Any]):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("data", "kept"),
+    [
+        pytest.param({"a": [1, -0.0, 1.5, True, None, "x", {"b": []}]}, True, id="plain"),
+        pytest.param({"a": (1, 2)}, False, id="tuple"),
+        pytest.param({1: "a"}, False, id="int-key"),
+        pytest.param({"a": _Labels(b="c")}, False, id="dict-subclass"),
+        pytest.param({"a": [float("inf")]}, False, id="infinity"),
+        pytest.param({"a": b"x"}, False, id="bytes"),
+    ],
+)
+def test_only_data_that_comes_back_from_json_unchanged_is_encoded(data: Any, kept: bool) -> None:
+    """Data is encoded only when its JSON decodes to an equal value of the same types;
+    anything else (a tuple, a key that is no string, a subclass, a non-finite float,
+    bytes) is not stored, and costs a re-read."""
+    doc = YamlDocument(Path("m.yaml"), 0, data, {}, {})
+    text = encode_documents([doc])
+    assert (text is not None) == kept
+    if text is not None:
+        [back] = manifestcache.decode_documents(Path("m.yaml"), text)
+        assert back.data == data and repr(back.data) == repr(data)
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -537,3 +585,28 @@ def test_a_racy_entry_verified_once_settled_is_not_read_again_by_a_later_process
     ws, recalled = cached_load(root)
     assert recalled == 2
     assert ws.resources == load_workspace([root]).resources
+
+
+def test_the_fingerprint_names_the_installed_jsonschema_without_importlib_metadata() -> None:
+    """The fingerprint holds jsonschema's version (a new release may judge documents anew),
+    read from its dist-info folder's name: a run imports neither importlib.metadata (its
+    imports cost every run ~30 ms) nor jsonschema for it."""
+    from importlib.metadata import version
+
+    assert manifestcache._jsonschema_release() == f"jsonschema-{version('jsonschema')}.dist-info"
+    code = (
+        "import sys; import batchspec.cli.main; from batchspec.workspace import manifestcache; "
+        "manifestcache._jsonschema_release(); "
+        "print(sorted(m for m in ('importlib.metadata', 'jsonschema') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_fingerprint_falls_back_to_importlib_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without one dist-info folder beside the package, the version comes from
+    importlib.metadata, so an upgrade still changes the fingerprint."""
+    from importlib.metadata import version
+
+    monkeypatch.setattr(manifestcache.os, "listdir", lambda folder: [])
+    assert manifestcache._jsonschema_release() == version("jsonschema")

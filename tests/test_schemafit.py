@@ -243,3 +243,23 @@ def test_a_valid_manifest_and_project_never_reach_jsonschema(
     file.write_text(BAD_MANIFESTS["good"])
     (doc,), _ = read_yaml_documents(file)
     assert schema_problems(doc, "batch") == []
+
+
+@pytest.mark.parametrize(
+    "types",
+    [
+        pytest.param("integer", id="integer"),
+        pytest.param(["number", "integer"], id="number-integer"),
+        pytest.param(["integer", "string"], id="integer-string"),
+        pytest.param(["string", "null"], id="string-null"),
+        pytest.param(["object", "array", "boolean"], id="object-array-boolean"),
+    ],
+)
+def test_type_checks_agree_with_jsonschema_on_every_kind_of_value(types: Any) -> None:
+    """``type`` (one name or several, checked as one lookup of the value's type) accepts
+    exactly what jsonschema accepts: 1.0 is an integer, True is not, NaN is a number only."""
+    schema = {"type": types}
+    jsonschema = Draft202012Validator(schema)
+    values = [1, 0, 1.0, 1.5, -2.0, math.nan, math.inf, True, False, None, "1", "", [], {}]
+    for value in values:
+        assert compile_schema(schema)(value) == jsonschema.is_valid(value), (types, value)

@@ -153,3 +153,99 @@ def test_a_link_to_dev_zero_is_refused_not_read_forever(tmp_path: Path, link: st
     assert done.returncode == 1, done.stderr
     assert "not a regular file (a device)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("limit", [pytest.param(4096, id="within"), pytest.param(50, id="over")])
+def test_a_file_that_grew_after_its_fstat_is_read_on_to_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """The read is sized to the file's fstat; bytes past it (a write meanwhile) are still
+    read up to the limit, so a grown file is read whole, or refused once over the limit."""
+    from batchspec.workspace import yamldoc
+
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"x" * 100)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:  # the size before the file grew
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], 10, *st[7:10]))
+
+    monkeypatch.setattr(yamldoc.os, "fstat", stale_fstat)
+    if limit >= 100:
+        assert yamldoc.read_bounded(path, limit) == b"x" * 100
+    else:
+        with pytest.raises(Exception, match="larger than 50 bytes"):
+            yamldoc.read_bounded(path, limit)
+
+
+def test_scalars_and_keys_build_as_the_yaml_constructor_builds_them(tmp_path: Path) -> None:
+    """Strings are taken from their nodes directly (not through PyYAML's constructor): every
+    kind of scalar and key still comes out as the constructor makes it, quoted, tagged,
+    merged, multi-line or not; a mapping is flattened (``<<``, ``=``) only where it holds
+    such a key, and then as PyYAML flattens it."""
+    import yaml
+
+    from batchspec.workspace import yamldoc
+
+    text = (
+        "plain: text\nquoted: '1'\ndouble: \"a\\tb\\u00e9\"\ntagged: !!str 12\non: true\n"
+        "n: 12\nf: 1.5e3\nnull_: ~\nno: no\nwhen: 2024-01-01\nfolded: >\n  a\n  b\n"
+        "'7': quoted key\n!!str 8: tagged key\nbase: &b {k: v, 'x': !!str 0x1F}\n"
+        "merged: {<<: *b, k: w}\nlist: [a, 'b', 3, !!str 4, {y: z}]\neq: {=: x, y: 1}\n"
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(text, encoding="utf-8")
+    [doc], problems = read_yaml_documents(path)
+    assert problems == []
+    assert doc.data == yaml.load(text, Loader=yamldoc._Loader)  # noqa: S506 - a safe loader
+    assert doc.data["tagged"] == "12" and doc.data["on"] is True and doc.data["no"] == "no"
+    assert doc.data["when"] == "2024-01-01" and doc.data["base"]["x"] == "0x1F"
+    assert doc.data["merged"] == {"k": "w", "x": "0x1F"} and doc.data["eq"] == {"=": "x", "y": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "pointer"),
+    [
+        pytest.param("a: [1, [x, .inf]]\n", "/a/1/1", id="in-a-list"),
+        pytest.param("a: {b: {c: -.inf}}\n", "/a/b/c", id="in-a-mapping"),
+        pytest.param("- .nan\n", "/0", id="top-level-list"),
+        pytest.param("a: [1.5, '.nan', {b: 2}]\n", None, id="none"),
+    ],
+)
+def test_every_non_finite_number_is_found_wherever_it_is_nested(
+    tmp_path: Path, text: str, pointer: str | None
+) -> None:
+    """A NaN or infinity anywhere in a document is a problem at its pointer (a clean document
+    is walked without making pointers; one holding such a number is walked again for them)."""
+    from batchspec.workspace.yamldoc import schema_problems
+
+    path = tmp_path / "d.yaml"
+    path.write_text(text, encoding="utf-8")
+    [doc], _ = read_yaml_documents(path)
+    found = [p.pointer for p in schema_problems(doc, "batch") if "not a number" in p.message]
+    assert found == ([pointer] if pointer else [])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        pytest.param('a: {b: "x\\ud800y"}\n', (1, 8, "/a/b"), id="value"),
+        pytest.param('a: {"k\\udfff": 1}\n', (1, 5, "/a"), id="key"),
+        pytest.param('a: !!str "\\udc80"\n', (1, 4, "/a"), id="tagged"),
+    ],
+)
+def test_an_unpaired_surrogate_escape_is_a_problem_not_a_traceback(
+    tmp_path: Path, text: str, where: tuple[int, int, str]
+) -> None:
+    """A "\\ud800" escape builds half a surrogate pair, which no UTF-8 file or database
+    holds: the manifest cache's write and apply's state writes ended in a traceback. It is
+    one located problem, and the text carries '?' in its place."""
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    [doc], problems = read_yaml_documents(path)
+    [problem] = problems
+    assert (problem.line, problem.column, problem.pointer) == where
+    assert problem.code == "invalid-value" and "half of a surrogate pair" in problem.message
+    assert json.dumps(doc.data, ensure_ascii=False).encode("utf-8")  # no surrogate is left
+    assert "?" in json.dumps(doc.data)

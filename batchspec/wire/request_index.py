@@ -100,17 +100,10 @@ class RequestIndexWriter:
             return
         raw = content[:-1] if content.endswith(b"\r") else content
         cid = custom_id.encode("utf-8", "surrogatepass")
-        self._write(
-            _RECORD.pack(
-                line,
-                offset,
-                len(raw),
-                _embedding_inputs(obj),
-                len(cid),
-                hashlib.sha256(raw).digest(),
-            )
+        record = _RECORD.pack(
+            line, offset, len(raw), _embedding_inputs(obj), len(cid), hashlib.sha256(raw).digest()
         )
-        self._write(cid)
+        self._write(record + cid)  # one write and digest update a record, not two
         self.records += 1
 
 

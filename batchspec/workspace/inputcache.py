@@ -47,7 +47,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class InputCache:
         self._written_to: set[Path] = set()  # folders pruned on close: once a run, not per write
         self._inline: dict[str, bytes] = {}  # small inputs' indexes, by content sha256
         self._inline_bytes = 0
+        #: the keys the cache held when first asked (one query, not one per new input)
+        self._stored: set[tuple[str, str]] | None = None
 
     def close(self) -> None:
         for folder in self._written_to:
@@ -153,7 +155,7 @@ class InputCache:
         racy = max(stamp[1], stamp[2]) > seen_ns - int(self.racy_window * 1e9)
         report = self._load(key, stamp, path, racy=racy)
         if report is None:
-            report = self._scan_and_index(path, options, self._writable_index_dir())
+            report = self._scan_and_index(path, options, self._writable_index_dir)
             if report.ok:
                 self._store(key, stamp, report, verify=racy, index=self._inline.get(report.sha256))
         self.memory[key] = (stamp, report)
@@ -254,12 +256,19 @@ class InputCache:
             raise _changed(path)
 
     def _scan_and_index(
-        self, path: Path, options: dict[str, Any], folder: Path | None, *, keep: str = ""
+        self,
+        path: Path,
+        options: dict[str, Any],
+        folder: Path | Callable[[], Path | None] | None,
+        *,
+        keep: str = "",
     ) -> InputReport:
         """Scan ``path``, writing its request index into ``folder`` in the same pass; the index
         is kept when the scan is clean, or when the content is ``keep`` (a sha256 validated
         before) and every request line was indexed. A small input's index is kept in
-        ``_inline`` instead (``folder`` is not needed for it)."""
+        ``_inline`` instead (``folder`` is not needed for it: given as a callable, it is
+        asked for only when a file is written, so a fleet of small inputs does not make and
+        check the folder once per input)."""
         with contextlib.suppress(OSError):
             if (
                 os.stat(path).st_size <= INLINE_INPUT_MAX_BYTES
@@ -272,6 +281,8 @@ class InputCache:
                 if report.ok or (report.sha256 == keep and writer.records == report.requests):
                     self._keep_inline(report.sha256, buffer.getvalue())
                 return report
+        if callable(folder):
+            folder = folder()
         if folder is None:
             return scan_batch_input(path, **options)
         try:
@@ -336,7 +347,7 @@ class InputCache:
     def _load(
         self, key: tuple[str, str], stamp: tuple[int, ...], path: Path, *, racy: bool
     ) -> InputReport | None:
-        if self.conn is None:
+        if self.conn is None or key not in self._stored_keys(self.conn):
             return None
         try:
             row = self.conn.execute(
@@ -363,6 +374,18 @@ class InputCache:
         if same and not racy:  # settled since: its stamp is proof enough from now on
             self._store(key, stamp, report, verify=False, index=index)
         return report if same else None
+
+    def _stored_keys(self, conn: sqlite3.Connection) -> set[tuple[str, str]]:
+        """The ``(path, options)`` keys of the stored entries, read on the first lookup: a
+        key not among them is a miss without a query of its own (a first pass over 1,000 new
+        inputs made 1,000). Entries are written only on ``close``, and another run's written
+        meanwhile would only be missed: a cache."""
+        if self._stored is None:
+            try:
+                self._stored = set(conn.execute("select path, options from input_scans3"))
+            except sqlite3.Error:  # a damaged cache costs a re-read, never the run
+                self._stored = set()
+        return self._stored
 
     def _store(
         self,

@@ -812,6 +812,10 @@ class _Confinement:
                 found.append((Path(data_dir).resolve(), what))
         self.folders = found
         self._root_text = str(self.root)
+        # the same as strings (``forbidden`` compares text: resolved paths are normalised)
+        self._folder_texts = [(str(folder), folder, what) for folder, what in found]
+        self._state_folder_text = str(self.state.parent)
+        self._project_file_text = str(self.project_file) if self.project_file else None
 
     def forbidden(self, path: Path, key: str, manifest: Path) -> str | None:
         """Why ``path`` may not be written as a resource's ``key`` file, or None if it may.
@@ -826,8 +830,8 @@ class _Confinement:
                 f"{display_path(self.root)} (the folder of {PROJECT_FILE_NAME}); results are "
                 "written only inside it"
             )
-        for folder, what in self.folders:
-            if _inside(text, str(folder)):
+        for folder_text, folder, what in self._folder_texts:
+            if _inside(text, folder_text):
                 return (
                     f"{key} file {display_path(path)} is inside {what} {display_path(folder)}: "
                     "writing there could destroy the record of what was paid for; write "
@@ -841,15 +845,16 @@ class _Confinement:
                 "it would overwrite the repository's own files; write results elsewhere "
                 "(e.g. results/)"
             )
-        if path.parent == self.state.parent and path.name.startswith(self.state.name):
+        parent_text, name = os.path.split(text)
+        if parent_text == self._state_folder_text and name.startswith(self.state.name):
             state = display_path(self.state)
             return (
                 f"{key} file {display_path(path)} is the state database {state} (or one of its "
                 "side files)"
             )
-        if path == self.project_file:
+        if text == self._project_file_text:
             return f"{key} file {display_path(path)} is the project file: it would be overwritten"
-        if path == manifest:  # (manifest files are resolved when found)
+        if text == str(manifest):  # (manifest files are resolved when found)
             return f"{key} file {display_path(path)} is this manifest: it would be overwritten"
         posix = relative if os.sep == "/" else Path(relative).as_posix()
         if any(pattern.fullmatch(posix) for pattern in self.patterns):
@@ -1319,12 +1324,13 @@ def _written_over(
     resource writes too (that problem names both places). ``others``: the files of the
     workspace's resources outside the loaded manifests (``_outside_paths``)."""
     others = others or {}
-    inputs: dict[Path, tuple[Resource, SourceLocation]] = {}
+    # each input's reader: its resource, document and pointer (located only for a problem)
+    inputs: dict[Path, tuple[Resource, YamlDocument, str]] = {}
     for res, doc in resources:
         if res.input_source is not None:
-            inputs.setdefault(res.input_source, (res, doc.location("/spec/input/rows")))
+            inputs.setdefault(res.input_source, (res, doc, "/spec/input/rows"))
         else:
-            inputs.setdefault(res.input_path, (res, doc.location("/spec/input")))
+            inputs.setdefault(res.input_path, (res, doc, "/spec/input"))
     manifests = _resolved_files(manifest_files)
     # where each path is written first: its resource, document, key and pointer (positions
     # and shown paths are worked out only for a problem: a thousand resources have none)
@@ -1342,7 +1348,8 @@ def _written_over(
             if reader is not None and reader[0] is not res:
                 message = (
                     f"{key} file {display_path(path)} is the input of resource "
-                    f"'{reader[0].name}' ({reader[1]}): it would be overwritten"
+                    f"'{reader[0].name}' ({reader[1].location(reader[2])}): it would be "
+                    "overwritten"
                 )
             elif path in manifests:
                 message = f"{key} file {display_path(path)} is a manifest: it would be overwritten"

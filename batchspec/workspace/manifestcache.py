@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class ManifestCache:
         self._pending: list[tuple[Any, ...]] = []
         #: racy entries verified once their stamp settled: (path, *stamp, fingerprint, sha256)
         self._settled: list[tuple[Any, ...]] = []
+        #: the paths stored when first asked (one query, not one per new manifest)
+        self._stored: set[str] | None = None
         self.conn: sqlite3.Connection | None = None
         if db_path is not None:
             with contextlib.suppress(sqlite3.Error, OSError):
@@ -144,7 +146,7 @@ class ManifestCache:
         except OSError:
             return None  # the reader reports why it cannot read the file
         self._seen[file] = _Seen(stamp, at_ns)
-        if self.conn is None:
+        if self.conn is None or str(file) not in self._stored_paths(self.conn):
             return None
         try:
             row = self.conn.execute(
@@ -168,6 +170,20 @@ class ManifestCache:
         del self._seen[file]  # nothing to remember for it
         self.recalled += 1
         return documents
+
+    def _stored_paths(self, conn: sqlite3.Connection) -> set[str]:
+        """The paths of the stored entries, read on the first ``recall``: a file not among
+        them is a miss without a query of its own (a first load of 1,000 new manifests made
+        1,000). Entries are written only on ``close``; another run's written meanwhile are
+        only missed."""
+        if self._stored is None:
+            try:
+                self._stored = {
+                    path for (path,) in conn.execute("select path from manifest_entries")
+                }
+            except sqlite3.Error:
+                self._stored = set()
+        return self._stored
 
     def _same_bytes(
         self, file: Path, stamp: tuple[int, int, int, int], sha256: str, at_ns: int
@@ -262,11 +278,7 @@ def _stamp(path: Path) -> tuple[int, int, int, int]:
 def cache_fingerprint(project: Project) -> str:
     """What every entry depends on besides its own file (see the module docstring)."""
     sha = hashlib.sha256()
-    parts: list[str] = [__version__, yaml.__version__, str(yaml.__with_libyaml__)]
-    try:
-        parts.append(version("jsonschema"))
-    except PackageNotFoundError:
-        parts.append("jsonschema?")
+    parts = [__version__, yaml.__version__, str(yaml.__with_libyaml__), _jsonschema_release()]
     if project.file is not None:
         try:
             parts.append(repr(_stamp(project.file)))
@@ -283,6 +295,30 @@ def cache_fingerprint(project: Project) -> str:
             sha.update(path.read_bytes())
         sha.update(b"\0")
     return sha.hexdigest()
+
+
+def _jsonschema_release() -> str:
+    """Which jsonschema is installed: the name of its ``.dist-info`` folder beside the
+    package (``jsonschema-4.26.0.dist-info``: its version), found without importing it or
+    importlib.metadata (whose imports cost every run ~30 ms); else its version from
+    importlib.metadata (an install without one such folder), else ``jsonschema?``."""
+    spec = importlib.util.find_spec("jsonschema")
+    # .../site-packages/jsonschema/__init__.py -> .../site-packages
+    folder = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else None
+    with contextlib.suppress(OSError):
+        found = [
+            name
+            for name in (os.listdir(folder) if folder else [])
+            if name.startswith("jsonschema-") and name.endswith(".dist-info")
+        ]
+        if len(found) == 1:
+            return found[0]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jsonschema")
+    except PackageNotFoundError:
+        return "jsonschema?"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,14 +343,30 @@ def encode_documents(documents: list[YamlDocument]) -> str | None:
         }
         for doc in documents
     ]
+    # A list and a tuple both become a JSON array; only data that comes back equal is kept.
+    if not all(_survives_json(doc.data) for doc in documents):
+        return None
     try:
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        return None  # e.g. !!binary bytes, an explicit !!timestamp, NaN
-    # A list and a tuple both become a JSON array; only data that comes back equal is kept.
-    if [doc["data"] for doc in json.loads(text)] != [doc.data for doc in documents]:
-        return None
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in YAML) is no text SQLite stores
+    except (TypeError, ValueError):  # (UnicodeEncodeError is a ValueError)
+        return None  # NaN, an infinity, a lone surrogate
     return text
+
+
+def _survives_json(node: Any) -> bool:
+    """Whether ``node`` comes back from JSON as it is: plain dicts with string keys, lists,
+    strings, ints, bools, None and floats (a NaN or an infinity makes ``dumps`` refuse).
+    Anything else (a tuple, a subclass, bytes, a date) is refused here, as a decode of the
+    dumped text compared with the data refused it (a thousand manifests took that 20 ms)."""
+    kind = type(node)
+    if kind is str or kind is int or kind is float or kind is bool or node is None:
+        return True
+    if kind is dict:
+        return all(type(key) is str and _survives_json(value) for key, value in node.items())
+    if kind is list:
+        return all(_survives_json(value) for value in node)
+    return False
 
 
 def decode_documents(file: Path, text: str) -> list[YamlDocument]:

@@ -155,7 +155,10 @@ def _all_of_checks(checks: list[Check]) -> Check:
     def check(value: Any) -> bool:
         if type(value) not in _PLAIN:
             raise _Unsure
-        return all(c(value) for c in checks)
+        for c in checks:  # noqa: SIM110 - a loop, not all(<generator>): ~40 calls a manifest
+            if not c(value):
+                return False
+        return True
 
     return check
 
@@ -197,11 +200,28 @@ def _is_type(value: Any, name: str) -> bool:
 _TYPES = ("object", "array", "string", "boolean", "null", "number", "integer")
 
 
+#: the Python types ``_is_type`` accepts for each name but ``integer`` (which also takes a
+#: float with no fractional part)
+_TYPE_KINDS: dict[str, frozenset[type]] = {
+    "object": frozenset({dict}),
+    "array": frozenset({list}),
+    "string": frozenset({str}),
+    "boolean": frozenset({bool}),
+    "null": frozenset({type(None)}),
+    "number": frozenset({int, float}),
+    "integer": frozenset({int}),
+}
+
+
 def _type_check(value: Any) -> Check:
+    """``any(_is_type(v, name) for name in names)``, as one set lookup by ``type(v)``."""
     names = [value] if isinstance(value, str) else list(value)
     if not names or any(name not in _TYPES for name in names):
         raise UnsupportedSchema(f"type {value!r}")
-    return lambda v: any(_is_type(v, name) for name in names)
+    kinds = frozenset().union(*(_TYPE_KINDS[name] for name in names))
+    if "integer" in names and float not in kinds:
+        return lambda v: type(v) in kinds or (type(v) is float and v.is_integer())
+    return lambda v: type(v) in kinds
 
 
 def _equality_check(key: str, value: Any) -> Check:
@@ -222,8 +242,18 @@ def _object_check(schema: Mapping[str, Any], key: str, node: Callable[[Any], Che
         check_name = node(schema[key])
         return lambda v: type(v) is not dict or all(check_name(name) for name in v)
     if key == "properties":
-        children = [(name, node(sub)) for name, sub in schema[key].items()]
-        return lambda v: type(v) is not dict or all(c(v[name]) for name, c in children if name in v)
+        children = {name: node(sub) for name, sub in schema[key].items()}
+
+        def check_properties(v: Any) -> bool:
+            # over the document's keys (a manifest sets a few of the many the schema knows)
+            if type(v) is dict:
+                for name, item in v.items():
+                    c = children.get(name)
+                    if c is not None and not c(item):
+                        return False
+            return True
+
+        return check_properties
     if "patternProperties" in schema:  # additionalProperties would depend on it
         raise UnsupportedSchema("patternProperties")
     known = frozenset(schema.get("properties", {}))

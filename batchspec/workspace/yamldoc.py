@@ -164,7 +164,9 @@ def raise_if_problems(problems: Sequence[Problem], *, what: str = "the workspace
 
 def pointer_join(pointer: str, token: str | int) -> str:
     """Append one RFC 6901 reference token (escaping ``~`` and ``/``)."""
-    text = str(token).replace("~", "~0").replace("/", "~1")
+    text = str(token)
+    if "~" in text or "/" in text:
+        text = text.replace("~", "~0").replace("/", "~1")
     return f"{pointer}/{text}"
 
 
@@ -181,6 +183,13 @@ class _Loader(yaml.SafeLoader):
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+#: a string scalar's tag: its constructor (``construct_yaml_str``) returns the node's value
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+#: an unpaired UTF-16 surrogate: a YAML "\ud800" escape builds one, and no UTF-8 text holds it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: the key tags PyYAML's ``flatten_mapping`` acts on (a mapping with neither is left as is)
+_FLATTENED_TAGS = frozenset({_MERGE_TAG, "tag:yaml.org,2002:value"})
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _TIMESTAMP_TAG)]
@@ -299,14 +308,16 @@ class _Builder:
             raise _AliasBomb(node.start_mark, pointer)
 
     def build(self, node: yaml.Node, pointer: str = "", *, aliased: bool = False) -> Any:
-        aliased = aliased or id(node) in self._built
-        self._built.add(id(node))
+        key = id(node)
+        aliased = aliased or key in self._built
+        self._built.add(key)
         if aliased:
             self._count_alias(node, pointer)
-        self.values[pointer] = NodePosition(node.start_mark, isinstance(node, yaml.ScalarNode))
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, pointer)
-        if id(node) in self._open:
+        scalar = type(node) is yaml.ScalarNode or isinstance(node, yaml.ScalarNode)
+        self.values[pointer] = NodePosition(node.start_mark, scalar)
+        if scalar:
+            return self._scalar(cast(yaml.ScalarNode, node), pointer)
+        if key in self._open:
             self._problem(node.start_mark, pointer, "recursive-alias", "an alias refers to itself")
             return None
         self._open.add(id(node))
@@ -353,8 +364,12 @@ class _Builder:
         """A scalar as JSON has it; an explicit tag that builds anything else (``!!binary``
         bytes, a ``!!timestamp`` date) is a problem: no schema type matches it, but an
         open object (a request ``body``) would carry it to a JSON encoder."""
+        if node.tag == _STR_TAG:  # most scalars: what the constructor would give, directly
+            return self._text(node, pointer, node.value)
         value = self.loader.construct_object(node)
-        if value is None or type(value) in (str, int, float, bool):
+        if type(value) is str:
+            return self._text(node, pointer, value)
+        if value is None or type(value) in (int, float, bool):
             return value
         self._problem(
             node.start_mark,
@@ -365,10 +380,28 @@ class _Builder:
         )
         return None
 
+    def _text(self, node: yaml.Node, pointer: str, value: str) -> str:
+        """``value``, unless it holds an unpaired surrogate (a ``"\\ud800"`` escape): no
+        Unicode text, so no UTF-8 file, request or database could hold it (it was a
+        traceback when the run first wrote it). Then a problem, and the text with ``?`` in
+        its place (so the schema checks see a string, and say nothing more of it)."""
+        found = None if value.isascii() else _SURROGATE.search(value)
+        if found is None:
+            return value
+        code = f"\\u{ord(found.group()):04x}"
+        self._problem(
+            node.start_mark,
+            pointer,
+            "invalid-value",
+            f"the text holds {code}, half of a surrogate pair, which is no character: write "
+            "the character itself (or its \\U escape)",
+        )
+        return _SURROGATE.sub("?", value)
+
     def _mapping(self, node: yaml.MappingNode, pointer: str, *, aliased: bool) -> dict[str, Any]:
-        self._check_duplicates(node, pointer)
-        self._merged_size(node, pointer, frozenset())  # refuses a merge chain that explodes
-        self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
+        if self._check_duplicates(node, pointer):  # a `<<` or `=` key: flattened first
+            self._merged_size(node, pointer, frozenset())  # refuses a chain that explodes
+            self.loader.flatten_mapping(node)  # resolves `<<` merge keys in place
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = self._key(key_node, pointer)
@@ -383,9 +416,11 @@ class _Builder:
         if not isinstance(key_node, yaml.ScalarNode):
             self._problem(key_node.start_mark, pointer, "invalid-key", "keys must be plain strings")
             return None
+        if key_node.tag == _STR_TAG:  # as in ``_scalar``
+            return self._text(key_node, pointer, key_node.value)  # (no pointer of its own)
         key = self.loader.construct_object(key_node)
         if isinstance(key, str):
-            return key
+            return self._text(key_node, pointer, key)
         text: str = key_node.value
         self._problem(
             key_node.start_mark,
@@ -395,13 +430,17 @@ class _Builder:
         )
         return text
 
-    def _check_duplicates(self, node: yaml.MappingNode, pointer: str) -> None:
+    def _check_duplicates(self, node: yaml.MappingNode, pointer: str) -> bool:
+        """Report keys written twice; True when a key is one ``flatten_mapping`` rewrites
+        (a ``<<`` merge key or a ``=`` value key), else the mapping needs no flattening."""
         seen: dict[str, yaml.Mark] = {}
+        flattened = False
         for key_node, _ in node.value:
+            tag = key_node.tag
+            if tag in _FLATTENED_TAGS:
+                flattened = True
             # A merge key may be repeated, and merged keys may be overridden: that is YAML.
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
+            if tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
                 continue
             first = seen.setdefault(key_node.value, key_node.start_mark)
             if first is not key_node.start_mark:
@@ -411,6 +450,7 @@ class _Builder:
                     "duplicate-key",
                     f"duplicate key '{key_node.value}' (first defined at line {first.line + 1})",
                 )
+        return flattened
 
     def _problem(self, mark: yaml.Mark, pointer: str, code: str, message: str) -> None:
         loc = SourceLocation(self.file, mark.line + 1, mark.column + 1)
@@ -518,9 +558,14 @@ def read_bounded(path: Path, limit: int) -> bytes:
         raise _Refused("too-large", too_big)
     fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        opened = os.fstat(f.fileno())
+        if not stat.S_ISREG(opened.st_mode):
             raise _Refused("not-a-file", "not a regular file: refusing to read it")
-        raw = f.read(limit + 1)
+        # sized to the file (a read of ``limit + 1`` bytes allocates that much: 4 MiB a
+        # manifest); a file that grew since its fstat is read on, up to the limit
+        raw = f.read(min(opened.st_size, limit) + 1)
+        if len(raw) > opened.st_size:
+            raw += f.read(limit + 1 - len(raw))
     if len(raw) > limit:
         raise _Refused("too-large", too_big)
     return raw
@@ -596,11 +641,34 @@ def schema_problems(doc: YamlDocument, schema: str) -> list[Problem]:
     if not schema_accepts(load_schema(schema), doc.data):  # else jsonschema finds nothing
         for error in schema_validator(schema).iter_errors(doc.data):
             problems.extend(_explain(doc, error))
+    if not _holds_non_finite(doc.data):  # the usual document: walked, no pointers made
+        return problems
     for pointer, value in _non_finite(doc.data, ""):
         shown = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
         message = f"{shown} is not a number batchspec accepts: write a finite number"
         problems.append(Problem.at(doc.location(pointer), pointer, "invalid-value", message))
     return problems
+
+
+def _holds_non_finite(node: Any) -> bool:
+    """Whether ``_non_finite(node)`` finds anything (a walk without its pointer a node:
+    a thousand clean manifests cost it 15 ms, this 2 ms)."""
+    kind = type(node)
+    if kind is str or kind is int or kind is bool or node is None:
+        return False
+    if kind is dict:
+        values: Iterable[Any] = node.values()
+    elif kind is list:
+        values = node
+    elif isinstance(node, float):  # then as ``_non_finite`` tells them apart
+        return not math.isfinite(node)
+    elif isinstance(node, Mapping):
+        values = node.values()
+    elif isinstance(node, list):
+        values = node
+    else:
+        return False
+    return any(_holds_non_finite(value) for value in values)
 
 
 def _non_finite(node: Any, pointer: str) -> Iterator[tuple[str, float]]:
