@@ -126,7 +126,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
     if exc.status_code == 404 and request.url.path.rstrip("/").endswith(_MODEL_ENDPOINTS):
         message += (  # short enough that a status's "first error" shows the advice whole
-            " This is `batchspec serve`, not a model server: point the --upstream that sent"
+            " This is `batchspec serve`, not a model server: point the upstream that sent"
             " this at one (vLLM, Ollama, llama.cpp, ...) or at 'builtin'."
         )
     return error_response(exc.status_code, message)
