@@ -309,13 +309,11 @@ def manifest_reference() -> str:
 
 def project_reference() -> str:
     intro = (
-        "The project file `batchspec.yaml` marks the workspace root (batchspec looks for it in"
-        " the working folder and its parents, like git) and is required: run outside a workspace,"
-        " a command that reads manifests says so and points to `batchspec init`. With only"
-        " `apiVersion` and `kind`, state lives in `state/batchspec.db`, manifests are"
-        " `**/*.yaml` and `**/*.yml`, and only the"
-        " built-in providers `openai` and `local` exist. Paths in it are relative to its folder."
-        " API keys are never written here: `apiKeyEnv` names the environment variable."
+        "batchspec looks for it in the working folder and its parents, like git; the file is"
+        " required. With only `apiVersion` and `kind`, state lives in `state/batchspec.db`,"
+        " manifests are `**/*.yaml` and `**/*.yml`, and only the built-in providers `openai`"
+        " and `local` exist. API keys are never written here: `apiKeyEnv` names the"
+        " environment variable."
     )
     return schema_page("project.schema.json", "Project file reference", intro, PROJECT_EXAMPLE)
 

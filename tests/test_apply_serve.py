@@ -299,6 +299,24 @@ def test_apply_refuses_to_spend_without_consent(
     assert run.exit_code == 1
 
 
+def test_the_refusal_to_spend_without_consent_counts_the_resources_past_ten(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --yes in CI, the refusal names the first ten resources it would submit and
+    counts the rest, as other messages do (at 300 manifests it was one 3,000-character line
+    of every name)."""
+    srv = server()
+    specs = [ResourceSpec(f"job-{i:02d}", count=1) for i in range(12)]
+    ws = served(tmp_path / "ws", srv, *specs)
+
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+
+    assert code == 1
+    assert "submit 12 request(s) in new batches (job-00, job-01," in err, err
+    assert "job-09, … (12 in all))" in err and "job-10" not in err, err
+    assert srv.probe.counts["POST /batches"] == 0
+
+
 def test_a_replace_that_keeps_every_answer_needs_no_consent(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

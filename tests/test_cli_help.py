@@ -179,6 +179,15 @@ def test_apply_help_says_in_plain_words_what_exit_codes_4_and_5_mean() -> None:
     assert "5 --wait reached --timeout with resources still in flight, none of them" in words
 
 
+def test_plan_help_names_every_refusal_that_exits_1() -> None:
+    """`plan --help` says which plans exit 1 even with --detailed-exitcode: those a budget
+    refuses and those with a new resource whose result files an orphan wrote (apply refuses
+    both); it named budgets only, and a CI job saw exit 1 on a rename it did not explain."""
+    words = " ".join(CliRunner().invoke(cli, ["plan", "--help"]).output.split())
+    assert "A plan that apply would refuse (a budget it exceeds, or a new resource whose" in words
+    assert "result files hold what an orphan wrote) is shown, then exits 1" in words
+
+
 @pytest.mark.parametrize("command", ["apply", "cancel"])
 def test_parallelism_help_names_its_environment_variable(command: str) -> None:
     """`--parallelism` help names BATCHSPEC_PARALLELISM, the way the FAQ says to set it in CI."""

@@ -152,6 +152,24 @@ def test_upload_with_byte_progress_shows_a_byte_bar_until_the_batch_exists() -> 
     assert board_lines(created, now=0.0) == ["⠋ big  created"]
 
 
+@pytest.mark.parametrize(
+    ("sent", "size", "shown"),
+    [
+        pytest.param(480, 480, "480/480 bytes 100%", id="bytes"),
+        pytest.param(12_000, 48_000, "12.0/48.0 KB  25%", id="kilobytes"),
+    ],
+)
+def test_a_small_uploads_byte_bar_counts_in_its_own_unit(sent: int, size: int, shown: str) -> None:
+    """A file under 1 MB (300 small manifests upload hundreds) counts its bytes in bytes or
+    KB, not as ``0.0/0.0 MB 100%``."""
+    data = {"file": "x.jsonl", "bytes": size}
+    board = board_of(
+        (0.0, Progress("upload", "small", "uploading", data)),
+        (0.1, Progress("upload_progress", "small", "uploaded", {**data, "sent": sent})),
+    )
+    assert f"  {shown}  uploading" in board_lines(board, now=0.0)[0]
+
+
 def test_done_and_degraded_resources_get_a_mark_instead_of_a_spinner() -> None:
     """Results written: ✓ and no ETA; written Degraded: ✗."""
     board = board_of(

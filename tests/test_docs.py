@@ -171,6 +171,10 @@ def test_the_project_reference_does_not_call_the_project_file_optional(
     page = (DOCS / "project-reference.md").read_text(encoding="utf-8")
     assert "is optional: without one" not in page
     assert "is required" in page
+    # said once, without "Every key is optional" beside a table where two keys are required
+    # (its opening paragraph said the same twice, the second time from gen_docs' intro)
+    assert page.count("`batchspec init`") == 1, page[:1500]
+    assert "Every key is optional" not in page
 
 
 def test_the_readme_names_every_exit_code_of_the_exit_code_page() -> None:

@@ -189,8 +189,9 @@ def test_tpm_estimate_is_json_length_over_four_plus_the_output_cap():
 # -- the rotation, in-process ----------------------------------------------------------------
 
 
-def test_a_refused_connection_fails_over_at_once_and_rests_the_member():
-    """Nothing was sent to a refused upstream: the same attempt goes to the next one."""
+def test_a_refused_connection_fails_over_at_once_and_rests_the_member(caplog):
+    """Nothing was sent to a refused upstream: the same attempt goes to the next one; the
+    warning that rests it says why (it said only "failed (1 in a row)")."""
     dead = HttpUpstream(f"http://127.0.0.1:{_closed_port()}/v1")
     alive = BuiltinUpstream()
     rotation = BalancedUpstream([dead, alive], backoff_initial=60)
@@ -206,10 +207,15 @@ def test_a_refused_connection_fails_over_at_once_and_rests_the_member():
     dead_status, alive_status = rotation.status()
     assert (dead_status.failures, dead_status.in_rotation) == (1, False)  # tried once only
     assert alive_status.in_rotation
+    [rested] = [r.getMessage() for r in caplog.records if "out of rotation" in r.getMessage()]
+    assert re.search(
+        r"failed \(cannot connect to 127\.0\.0\.1:\d+ \(Connection refused\); 1 in a row\)", rested
+    ), rested
 
 
-def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member():
-    """A request the upstream may have processed is never re-sent by the rotation itself."""
+def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member(caplog):
+    """A request the upstream may have processed is never re-sent by the rotation itself;
+    the warning that rests the member names the status it answered."""
     failing = FaultyUpstream(BuiltinUpstream(), Faults(error_500=1.0))
     other = BuiltinUpstream()
     rotation = BalancedUpstream([failing, other], backoff_initial=60)
@@ -223,6 +229,9 @@ def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member():
     assert first.status_code == 500 and sum(other.calls.values()) == 1
     assert second.status_code == 200  # the worker's retry went to the member in rotation
     assert failing.calls["a"] == 1
+    said = [r.getMessage() for r in caplog.records if "out of rotation" in r.getMessage()]
+    assert len(said) == 1 and "failed (answered HTTP 500: " in said[0], said
+    assert "server error; 1 in a row): out of rotation" in said[0], said
 
 
 def test_failures_during_a_rest_do_not_lengthen_it():
@@ -238,8 +247,9 @@ def test_failures_during_a_rest_do_not_lengthen_it():
     assert rotation.status()[0].failures == 1
 
 
-def test_a_hanging_member_times_out_and_is_probed_after_its_backoff():
-    """No answer within the timeout rests the member; after the back-off it gets one probe."""
+def test_a_hanging_member_times_out_and_is_probed_after_its_backoff(caplog):
+    """No answer within the timeout rests the member, saying so; after the back-off it gets
+    one probe."""
     slow = BuiltinUpstream(latency=30)
     fast = BuiltinUpstream()
     rotation = BalancedUpstream([slow, fast], request_timeout=0.2, backoff_initial=0.3)
@@ -259,6 +269,8 @@ def test_a_hanging_member_times_out_and_is_probed_after_its_backoff():
     resting = asyncio.run(run())
     assert (resting.failures, resting.in_rotation) == (1, False)
     assert slow.calls["b"] == 0 and fast.calls["b"] == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert any("failed (no answer within 0.2 s; 1 in a row)" in m for m in said), said
     assert sum(slow.calls[f"c{i}"] for i in range(6)) >= 1  # probed, answered, back
     assert rotation.status()[0].in_rotation
 

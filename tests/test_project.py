@@ -385,6 +385,28 @@ def test_an_upstream_without_its_scheme_is_told_the_url_meant(
     assert "does not match" not in message and "secret" not in message
 
 
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [
+        pytest.param("127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1", id="loopback"),
+        pytest.param("localhost:8000/v1", "http://localhost:8000/v1", id="localhost"),
+        pytest.param("u:secret@gw.example.com/v1", "https://gw.example.com/v1", id="remote"),
+    ],
+)
+def test_a_base_url_without_its_scheme_is_told_the_url_meant(
+    tmp_path: Path, written: str, meant: str
+) -> None:
+    """A baseUrl written without its scheme fails at its line with the URL it should be (http
+    on this machine, https elsewhere), as an upstream's does, not the schema's regular
+    expression; a password before '@' is never shown."""
+    provider = f"providers:\n  gw:\n    type: openai\n    baseUrl: '{written}'\n"
+    write(tmp_path / "batchspec.yaml", HEADER + provider)
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (6, "/providers/gw/baseUrl")
+    assert f"did you mean '{meant}'?" in message
+    assert "does not match" not in message and "secret" not in message
+
+
 def test_a_base_url_without_its_scheme_is_hinted_with_a_whole_example(tmp_path: Path) -> None:
     """A baseUrl that does not match ^https?:// is hinted with its description's whole first
     sentence, the example URL included, not cut at the "e.g." inside it."""

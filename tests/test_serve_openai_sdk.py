@@ -17,6 +17,7 @@ from servers import (
 )
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream
+from batchspec.wire.outcomes import error_summary
 
 CHAT = "/v1/chat/completions"
 
@@ -500,7 +501,8 @@ def test_files_the_engine_cannot_find_or_list_are_refused(serve_engine):
 def test_an_engine_whose_upstream_is_another_serve_says_so_in_each_lines_error(tmp_path):
     """An engine pointed at another `batchspec serve` (a Batch API, not a model server) fails
     each line with an error that says so and what to point --upstream at, not a bare
-    'Unknown request URL'."""
+    'Unknown request URL', short enough that the "first error" line of a Degraded resource
+    (``error_summary``) shows the advice whole."""
     other = start_server(tmp_path / "other")
     engine = start_server(tmp_path / "engine", upstream=HttpUpstream(other.v1), max_attempts=1)
     try:
@@ -512,5 +514,6 @@ def test_an_engine_whose_upstream_is_another_serve_says_so_in_each_lines_error(t
         other.stop()
     assert done.request_counts.failed == 2
     messages = [e["response"]["body"]["error"]["message"] for e in errors]
-    assert all("is `batchspec serve`, a Batch API" in m for m in messages), messages
-    assert all("Point the --upstream that sent this at a model server" in m for m in messages)
+    assert all("is `batchspec serve`, not a model server" in m for m in messages), messages
+    assert all("point the upstream that sent this at one" in m for m in messages)
+    assert error_summary(errors[0]).endswith("or at 'builtin'."), error_summary(errors[0])

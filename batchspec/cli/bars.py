@@ -178,8 +178,14 @@ def _with_batch(
     return replace(bar, batches=(*others, batch))
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1_000_000:,.1f}"
+def _sent_of_size(sent: int, size: int) -> str:
+    """``1.1/4.3 MB``, in the unit of the file's size: a 480-byte upload is ``240/480 bytes``
+    and a 48 KB one ``12.0/48.0 KB``, not ``0.0/0.0 MB``."""
+    if size < 1_000:
+        return f"{sent}/{size} bytes"
+    if size < 1_000_000:
+        return f"{sent / 1_000:,.1f}/{size / 1_000:,.1f} KB"
+    return f"{sent / 1_000_000:,.1f}/{size / 1_000_000:,.1f} MB"
 
 
 def _int(value: object) -> int:
@@ -230,7 +236,7 @@ def resource_line(
     if bar.upload is not None and bar.outcome is None and not batches:
         sent, size = bar.upload
         parts.append(style.paint(bar_cells(sent, size, ascii_only=ascii_only), "cyan"))
-        parts.append(f"{_megabytes(sent)}/{_megabytes(size)} MB {sent * 100 // size:>3}%")
+        parts.append(f"{_sent_of_size(sent, size)} {sent * 100 // size:>3}%")
     elif counted and not statuses <= {"validating", "created", "adopted", "submitted"}:
         colour = "green" if bar.outcome == "done" else "red" if bar.outcome else "cyan"
         parts.append(style.paint(bar_cells(answered, total, ascii_only=ascii_only), colour))

@@ -622,7 +622,8 @@ def plan(
 
     Validates every selected input first; a bad input fails here, as it would in apply.
     Request and token counts are what apply would submit (answers kept from an earlier
-    generation are counted apart). A plan that a budget refuses is shown, then exits 1
+    generation are counted apart). A plan that apply would refuse (a budget it exceeds, or
+    a new resource whose result files hold what an orphan wrote) is shown, then exits 1
     (with --detailed-exitcode too); a provider whose API key variable is unset is a warning.
     Resources recorded in the state whose manifests are gone from the whole workspace are
     shown as orphaned. Batches of generations no longer active (superseded, cancelled,

@@ -1133,17 +1133,16 @@ def require_consent(
         if submitting:
             what.append(
                 f"submit {sum(a.requests for a in submitting)} request(s) in new batches "
-                f"({', '.join(sorted({a.resource for a in submitting}))})"
+                f"({name_listing(a.resource for a in submitting)})"
             )
         if cancelling := [a for a in paid if a.cancels_in_flight and not a.requests]:
             what.append(
                 "cancel the batches in flight of "
-                f"{', '.join(sorted(a.resource for a in cancelling))} on a paid provider"
+                f"{name_listing(a.resource for a in cancelling)} on a paid provider"
             )
         if pruned:
             what.append(
-                "cancel and forget "
-                f"{', '.join(sorted(a.resource for a in pruned))} on a paid provider"
+                f"cancel and forget {name_listing(a.resource for a in pruned)} on a paid provider"
             )
         raise ConsentError(
             f"this apply would {' and '.join(what)}, and nobody can answer a prompt here "

@@ -125,10 +125,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         exc.status_code, str(exc.detail)
     )
     if exc.status_code == 404 and request.url.path.rstrip("/").endswith(_MODEL_ENDPOINTS):
-        message += (
-            " This is `batchspec serve`, a Batch API (files and batches), not a model server: "
-            "it runs request lines, it does not answer them. Point the --upstream that sent "
-            "this at a model server (vLLM, Ollama, llama.cpp, ...), or use 'builtin'."
+        message += (  # short enough that a status's "first error" shows the advice whole
+            " This is `batchspec serve`, not a model server: point the upstream that sent"
+            " this at one (vLLM, Ollama, llama.cpp, ...) or at 'builtin'."
         )
     return error_response(exc.status_code, message)
 

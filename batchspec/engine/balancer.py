@@ -354,20 +354,23 @@ class BalancedUpstream:
                 member.upstream.send(url, body, custom_id=custom_id, attempt=attempt),
                 self.request_timeout,
             )
-        except UpstreamNotConnected:
+        except UpstreamNotConnected as err:
             member.give_back(tokens)
             member.sent -= 1
-            self._failed(member)
+            self._failed(member, str(err))
             raise
-        except (UpstreamUnreachable, asyncio.TimeoutError, TimeoutError):
-            self._failed(member)
+        except UpstreamUnreachable as err:
+            self._failed(member, str(err))
+            raise
+        except (asyncio.TimeoutError, TimeoutError):
+            self._failed(member, f"no answer within {self.request_timeout:g} s")
             raise
         finally:
             member.in_flight -= 1
             if probe:
                 member.probing = False
         if response.status_code >= 500:
-            self._failed(member)
+            self._failed(member, f"answered HTTP {response.status_code}{_said(response.body)}")
         elif response.status_code == 429:
             self._busy(member, response.retry_after)
         elif member.failures:
@@ -399,7 +402,9 @@ class BalancedUpstream:
             )
         member.busy_until = until
 
-    def _failed(self, member: _Member) -> None:
+    def _failed(self, member: _Member, why: str) -> None:
+        """Rest ``member`` (back-off doubling per failure in a row); ``why`` goes in the
+        warning, so an operator sees a refused connection apart from a 503 or a timeout."""
         now = self._clock()
         if member.failures and now < member.out_until:
             return  # a request sent before it was taken out: the same outage, no longer rest
@@ -407,8 +412,9 @@ class BalancedUpstream:
         backoff = min(self.backoff_initial * 2.0 ** (member.failures - 1), self.backoff_max)
         member.out_until = now + backoff
         log.warning(
-            "upstream %s failed (%d in a row): out of rotation for %.1f s",
+            "upstream %s failed (%s; %d in a row): out of rotation for %.1f s",
             member.description,
+            why or "no reason given",
             member.failures,
             backoff,
         )
@@ -416,6 +422,23 @@ class BalancedUpstream:
     async def aclose(self) -> None:
         for member in self._members:
             await member.upstream.aclose()
+
+
+#: how much of an upstream's error message a warning that rests it quotes
+_SAID_CHARS = 160
+
+
+def _said(body: Any) -> str:
+    """``": <message>"`` of a JSON error body (``{"error": {"message": ...}}``), on one line
+    and cut at ``_SAID_CHARS``, so a rest warning tells a redirect (answered as a 502 naming
+    it) from a model server's own 503; empty for any other body (an HTML page says little)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return ""
+    text = "".join(c if c.isprintable() else " " for c in " ".join(message.split()))
+    text = text.rstrip(".")  # it is followed by "; N in a row"
+    return ": " + (text if len(text) <= _SAID_CHARS else text[: _SAID_CHARS - 1] + "…")
 
 
 async def _within(awaitable: Awaitable[T], seconds: float) -> T:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import socket
 import ssl
 import urllib.request
@@ -59,6 +60,14 @@ class ConnectionFailed(Exception):
 
 class ConnectFailed(ConnectionFailed):
     """No connection could be opened (refused, unresolvable, unreachable): nothing was sent."""
+
+
+def _why_not(err: OSError) -> str:
+    """Why a connect failed, as the system says it: "Connection refused", not asyncio's
+    "Connect call failed ('127.0.0.1', 8000)" (the address is named beside it already)."""
+    if isinstance(err, ConnectionError) and err.errno:
+        return os.strerror(err.errno)
+    return str(err.strerror or err)
 
 
 @dataclass(frozen=True)
@@ -275,7 +284,7 @@ class Http11Pool:
                     f"it in NO_PROXY (e.g. NO_PROXY={self._host})"
                 )
             raise ConnectFailed(
-                f"cannot connect to {host}:{port}{via} ({err.strerror or err}){way_round}"
+                f"cannot connect to {host}:{port}{via} ({_why_not(err)}){way_round}"
             ) from err
         return _Connection(reader, writer)
 

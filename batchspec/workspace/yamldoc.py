@@ -756,6 +756,11 @@ _ENDPOINT_AT_END = re.compile(
 )
 
 
+#: a value that starts as a URL scheme would (``htp:/host``): a typo to show, not a scheme
+#: to add
+_SCHEME_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
 def _looks_numeric(text: str, *, integer: bool) -> bool:
     """Whether ``text`` is what YAML reads as a number once unquoted (an int if asked)."""
     try:
@@ -824,6 +829,15 @@ def _value_message(error: ValidationError, pointer: str) -> str:
             return (
                 f"{quote(value)} names an endpoint ({endpoint.group(1)}), not a base URL: "
                 f"each line's own endpoint is appended to it; use '{base}'"
+            )
+    if kind == "pattern" and pointer.endswith("/baseUrl") and isinstance(value, str):
+        host = value.rpartition("@")[2]  # `user:password@host` is never echoed
+        if host and not _SCHEME_LIKE.match(value) and not any(c.isspace() for c in host):
+            local = host.startswith(("localhost", "127.", "[::1]", "0.0.0.0"))
+            scheme = "http" if local else "https"
+            return (
+                f"{quote(host)} has no scheme: did you mean '{scheme}://{host}'? (baseUrl is "
+                "the API's http(s) base URL, e.g. https://api.openai.com/v1)"
             )
     if kind == "pattern":
         why = _why(cast("Mapping[str, Any]", error.schema))
