@@ -397,13 +397,15 @@ def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
     assert resolver.resolve(resolved) is resolved  # already resolved: given back as it is
 
 
+@pytest.mark.parametrize("how", ["swapped", "moved"])
 def test_a_folder_swapped_for_a_symlink_between_two_writes_of_one_pass_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, how: str
 ) -> None:
     """Two resources write into results/ in one pass; after the first one's files are
-    checked (and written), results/ is swapped for a symlink onto state/. The second one's
-    check, in the same pass, sees the link: its output named like the state database is
-    refused (a folder resolution kept for the pass let it replace the database)."""
+    checked (and written), results/ is swapped for a symlink onto state/ (or moved into
+    state/, a symlink left in its place: the same directory, elsewhere). The second one's
+    check, in the same pass, sees the link: its output is refused (a folder resolution kept
+    for the pass let an output named like the state database replace it)."""
     import time
 
     from batchspec.core.reconcile.context import RunContext
@@ -437,9 +439,12 @@ def test_a_folder_swapped_for_a_symlink_between_two_writes_of_one_pass_is_refuse
         ctx.new_pass()
         ctx.check_result_paths(a)
         (results / "a.jsonl").write_text("")  # a's results written
-        for file in results.iterdir():
-            file.unlink()
-        results.rmdir()
-        results.symlink_to(ws.root / "state", target_is_directory=True)
+        if how == "swapped":
+            (results / "a.jsonl").unlink()
+            results.rmdir()
+            results.symlink_to(ws.root / "state", target_is_directory=True)
+        else:
+            results.rename(ws.root / "state" / "results")
+            results.symlink_to(ws.root / "state" / "results", target_is_directory=True)
         with pytest.raises(ManifestError, match="state folder"):
             ctx.check_result_paths(b)

@@ -6,12 +6,14 @@ a realpath walks every component of every path: most of a small manifest's path 
 the whole path is resolved), so the answer is exactly ``Path.resolve()``'s on POSIX. A
 resolver is kept for one load or one run only: links may change between them. One made with
 ``recheck`` (what a run checks result paths with before writing them) answers a folder from
-memory only while ``stat`` finds the same directory there (one stat, not a walk of every
-component): a folder swapped for a symlink since is resolved again.
+memory only while ``stat`` finds the same directory there, still at the path it resolved to
+(two stats, not a walk of every component): a folder swapped for a symlink since is
+resolved again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,6 +40,9 @@ class FolderResolver:
         return resolved
 
     def _rechecked(self, text: str) -> str:
+        """``folder`` with ``recheck``: the folder ``text`` names now is the directory it
+        named when resolved (``stat``), and that directory is still where it was resolved to,
+        not moved away with a symlink left in its place (``lstat`` of the resolved path)."""
         try:
             found = os.stat(text)
         except OSError:  # not there (yet): nothing to tell a swap by
@@ -45,9 +50,13 @@ class FolderResolver:
             return str(Path(text).resolve())
         identity = (found.st_dev, found.st_ino)
         resolved = self._folders.get(text)
-        if resolved is None or self._identities.get(text) != identity:
-            resolved = self._folders[text] = str(Path(text).resolve())
-            self._identities[text] = identity
+        if resolved is not None and self._identities.get(text) == identity:
+            with contextlib.suppress(OSError):
+                there = os.lstat(resolved)
+                if (there.st_dev, there.st_ino) == identity:
+                    return resolved
+        resolved = self._folders[text] = str(Path(text).resolve())
+        self._identities[text] = identity
         return resolved
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
