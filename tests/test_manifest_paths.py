@@ -395,3 +395,56 @@ def test_the_folder_resolver_answers_as_path_resolve(tmp_path: Path) -> None:
         assert [resolver.resolve(p) for p in asked] == [p.resolve() for p in asked]
     resolved = real.resolve() / "sub" / "a.jsonl"
     assert resolver.resolve(resolved) is resolved  # already resolved: given back as it is
+
+
+@pytest.mark.parametrize("how", ["swapped", "moved"])
+def test_a_folder_swapped_for_a_symlink_between_two_writes_of_one_pass_is_refused(
+    tmp_path: Path, how: str
+) -> None:
+    """Two resources write into results/ in one pass; after the first one's files are
+    checked (and written), results/ is swapped for a symlink onto state/ (or moved into
+    state/, a symlink left in its place: the same directory, elsewhere). The second one's
+    check, in the same pass, sees the link: its output is refused (a folder resolution kept
+    for the pass let an output named like the state database replace it)."""
+    import time
+
+    from batchspec.core.reconcile.context import RunContext
+    from batchspec.errors import ManifestError
+    from batchspec.state.store import StateStore
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    spec = {"output": "../results/batchspec.db", "errors": "../results/b.errors.jsonl"}
+    write_manifest(ws, ResourceSpec("b", provider="here", spec=spec))
+    loaded = load_workspace([str(ws.root)])  # valid: results/ is an ordinary folder
+    a, b = sorted(loaded.resources, key=lambda res: res.name)
+    results = ws.root / "results"
+    results.mkdir(exist_ok=True)
+    with StateStore.open(loaded.project.state_path) as store:
+        ctx = RunContext(
+            project=loaded.project,
+            store=store,
+            run_id=0,
+            provider_for=lambda name: None,  # type: ignore[arg-type,return-value]
+            report=lambda progress: None,
+            limits_for=lambda res: None,  # type: ignore[arg-type,return-value]
+            max_in_flight=lambda provider: None,
+            requeue_backoff=0.0,
+            clock=time.time,
+            still_holds_lock=lambda: None,
+        )
+        ctx.new_pass()
+        ctx.check_result_paths(a)
+        (results / "a.jsonl").write_text("")  # a's results written
+        if how == "swapped":
+            (results / "a.jsonl").unlink()
+            results.rmdir()
+            results.symlink_to(ws.root / "state", target_is_directory=True)
+        else:
+            results.rename(ws.root / "state" / "results")
+            results.symlink_to(ws.root / "state" / "results", target_is_directory=True)
+        with pytest.raises(ManifestError, match="state folder"):
+            ctx.check_result_paths(b)

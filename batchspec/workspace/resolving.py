@@ -4,11 +4,16 @@ A load names its files in a few shared folders (``../data``, ``results``, ``mani
 a realpath walks every component of every path: most of a small manifest's path work.
 ``realpath(head/name)`` is ``realpath(head)/name`` unless ``name`` is itself a symlink (then
 the whole path is resolved), so the answer is exactly ``Path.resolve()``'s on POSIX. A
-resolver is kept for one load or one run only: links may change between them.
+resolver is kept for one load or one run only: links may change between them. One made with
+``recheck`` (what a run checks result paths with before writing them) answers a folder from
+memory only while ``stat`` finds the same directory there, still at the path it resolved to
+(two stats, not a walk of every component): a folder swapped for a symlink since is
+resolved again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,16 +21,42 @@ from pathlib import Path
 class FolderResolver:
     """Resolves paths as ``Path.resolve()`` does, remembering each folder's resolution."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, recheck: bool = False) -> None:
         self._folders: dict[str, str] = {}
         self._folder_paths: dict[str, Path] = {}  # resolved folder -> its Path, to join onto
+        #: ``recheck``: the directory (device, inode) each folder named when it was resolved
+        self._recheck = recheck
+        self._identities: dict[str, tuple[int, int]] = {}
 
     def folder(self, path: str | os.PathLike[str]) -> str:
-        """``str(Path(path).resolve())``, remembered."""
+        """``str(Path(path).resolve())``, remembered (with ``recheck``: while the folder is
+        still the directory it was; a missing one is resolved each time)."""
         text = os.fspath(path)
+        if self._recheck:
+            return self._rechecked(text)
         resolved = self._folders.get(text)
         if resolved is None:
             resolved = self._folders[text] = str(Path(text).resolve())
+        return resolved
+
+    def _rechecked(self, text: str) -> str:
+        """``folder`` with ``recheck``: the folder ``text`` names now is the directory it
+        named when resolved (``stat``), and that directory is still where it was resolved to,
+        not moved away with a symlink left in its place (``lstat`` of the resolved path)."""
+        try:
+            found = os.stat(text)
+        except OSError:  # not there (yet): nothing to tell a swap by
+            self._folders.pop(text, None)
+            return str(Path(text).resolve())
+        identity = (found.st_dev, found.st_ino)
+        resolved = self._folders.get(text)
+        if resolved is not None and self._identities.get(text) == identity:
+            with contextlib.suppress(OSError):
+                there = os.lstat(resolved)
+                if (there.st_dev, there.st_ino) == identity:
+                    return resolved
+        resolved = self._folders[text] = str(Path(text).resolve())
+        self._identities[text] = identity
         return resolved
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:

@@ -223,8 +223,11 @@ class RunContext:
     # each folder's symlinks resolved once (the three paths of a thousand resources lie in
     # a few folders): a Path.resolve() per path walked every component again
     _folders: FolderResolver = field(default_factory=FolderResolver, init=False, repr=False)
-    # the folders result files are written into, resolved once a pass (``check_result_paths``)
-    _pass_folders: FolderResolver = field(default_factory=FolderResolver, init=False, repr=False)
+    # the folders result files are written into, resolved once a pass while each is still the
+    # directory it was (``check_result_paths``)
+    _pass_folders: FolderResolver = field(
+        default_factory=lambda: FolderResolver(recheck=True), init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
@@ -341,8 +344,9 @@ class RunContext:
 
         Each folder is resolved once a pass (``new_pass``): a thousand resources write into a
         few folders, and a ``Path.resolve()`` per file walked every component of each path
-        again (a fifth of collecting a small batch). A folder swapped for a symlink before
-        the pass is seen at its first write; a path found forbidden is checked again by
+        again (a fifth of collecting a small batch). Each check stats each folder: one
+        swapped for a symlink since it was resolved (between two resources' writes of one
+        pass) is resolved again; a path found forbidden is checked again by
         ``refuse_unconfined_write``, resolved whole, which raises with its reasons."""
         if self._confinement is None:
             self._confinement = confinement(self.project)
@@ -358,7 +362,7 @@ class RunContext:
     def new_pass(self) -> None:
         """A pass begins: the folders its result files are written into are resolved anew
         (``check_result_paths``)."""
-        self._pass_folders = FolderResolver()
+        self._pass_folders = FolderResolver(recheck=True)
 
     def _source_of(self, sha256: str) -> tuple[BatchRow, str] | None:
         """The batch whose output or error file was collected as blob ``sha256``, and that
