@@ -263,6 +263,30 @@ def test_a_fleets_spend_estimate_names_the_costliest_and_sums_the_rest() -> None
     assert len(plan_costs(plan).splitlines()) == 2 + 15 + 1
 
 
+def test_a_fleets_markdown_plan_stays_under_a_comment_size_limit() -> None:
+    """2,000 resources to create: each table keeps the rows that fit and counts the rest in
+    one row, so the comment stays under GitHub's 65,536 characters (the CI example posts it
+    whole: past ~470 creates it was refused); a small plan lists every row."""
+    names = [f"job-{n:04d}" for n in range(2000)]
+    md = plan_markdown(result(*(action(n, ActionKind.CREATE, 5) for n in names)))
+    assert len(md) < 65_536
+    lines = md.splitlines()
+    header = lines.index("| resource | action | reason | requests | est. tokens | est. cost |")
+    shown = [line for line in lines[header + 2 :] if line.startswith("| `job-")]
+    first = [line for line in shown if "`+` create" in line]
+    more = [line for line in lines if line.startswith("| _… ")]
+    assert len(more) == 2 and 0 < len(first) < 2000
+    assert more[0] == (
+        f"| _… {2000 - len(first):,} more resources, not shown: the comment stays under a "
+        "code host's size limit; `batchspec plan` lists every one_ |"
+    )
+    details = len(shown) - len(first)
+    assert f"| _… {2000 - details:,} more resources, not shown:" in more[1]
+    assert "not shown" not in plan_markdown(
+        result(*(action(n, ActionKind.CREATE, 5) for n in names[:50]))
+    )
+
+
 def test_markdown_plan_without_changes_says_so() -> None:
     """An in-sync plan reads 'No changes' in the summary."""
     md = plan_markdown(result(action("triage", ActionKind.NONE, reason="in sync")))

@@ -335,6 +335,9 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
 
 
 PLAN_MARKDOWN_MARKER = "<!-- batchspec-plan -->"
+#: characters a markdown plan's two tables may take in all: GitHub refuses a comment over
+#: 65,536 (GitLab's limit is larger), and the text around them stays well under the rest
+MARKDOWN_TABLES_BUDGET = 56_000
 
 
 def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
@@ -369,11 +372,13 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
             "",
         ]
     listed = [a for a in plan.actions if unchanged or not a.leaves_alone]
+    budget = [MARKDOWN_TABLES_BUDGET]  # what the two tables may still take
     if listed:
         lines += [
             "| resource | action | reason | requests | est. tokens | est. cost |",
             "|:--|:--|:--|--:|--:|--:|",
         ]
+        rows: list[str] = []
         for a in listed:
             requests = f"{a.requests:,}" if a.spends else ""
             tokens = f"~{a.estimated_input_tokens:,}" if a.spends else ""
@@ -382,10 +387,11 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
                 tokens += f" in, ≤ {estimate.max_output_tokens:,} out"
             cost = _upper(estimate.cost_usd) if estimate is not None else ""
             symbol = _SYMBOLS[a.kind.value]
-            lines.append(
+            rows.append(
                 f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
                 f"| {requests} | {tokens} | {cost} |"
             )
+        lines += _within(rows, budget, share=0.8)
     if not plan.actions:
         lines.append("_No resources selected._")
     elif len(listed) < len(plan.actions):
@@ -410,13 +416,34 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
     ]
     if plan.actions:
         lines += ["| resource | provider | spec hash | generation |", "|:--|:--|:--|--:|"]
+        rows = []
         for a in plan.actions:
             spec = f"`{a.spec_hash[:12]}`" if a.spec_hash else ""
             generation = "" if a.generation_id is None else str(a.generation_id)
-            lines.append(f"| `{a.resource}` | {a.provider or ''} | {spec} | {generation} |")
-        lines.append("")
+            rows.append(f"| `{a.resource}` | {a.provider or ''} | {spec} | {generation} |")
+        lines += [*_within(rows, budget, share=1.0), ""]
     lines.append("</details>")
     return "\n".join(lines) + "\n"
+
+
+def _within(rows: list[str], budget: list[int], *, share: float) -> list[str]:
+    """The table ``rows`` that fit in ``share`` of what ``budget`` has left (taken from it),
+    then a row saying how many were left out; a fleet's plan comment stays postable."""
+    room = int(budget[0] * share)
+    kept: list[str] = []
+    for row in rows:
+        if len(row) + 1 > room:
+            break
+        kept.append(row)
+        room -= len(row) + 1
+    budget[0] -= sum(len(row) + 1 for row in kept)
+    if len(kept) < len(rows):
+        left = _plural(len(rows) - len(kept), "more resource")
+        kept.append(
+            f"| _… {left}, not shown: the comment stays under a code host's size limit; "
+            "`batchspec plan` lists every one_ |"
+        )
+    return kept
 
 
 def _md_cell(text: str) -> str:
