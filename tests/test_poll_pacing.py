@@ -137,13 +137,14 @@ class _KeepsCreating:
     resource still waiting, and a queue of shards behind ``maxInFlightBatches`` frees a slot
     every ``every`` seconds, which the next pass fills with a create."""
 
-    def __init__(self, clock: list[float], every: float) -> None:
-        self.clock, self.every = clock, every
+    def __init__(self, clock: list[float], every: float, pass_takes: float = 0.0) -> None:
+        self.clock, self.every, self.pass_takes = clock, every, pass_takes
         self.created_at: float | None = None
         self.passes = 0
 
     def advance_all(self, resources: object, facts: object) -> list[SimpleNamespace]:
         self.passes += 1
+        self.clock[0] += self.pass_takes
         now = self.clock[0]
         if self.created_at is None or now - self.created_at >= self.every:
             self.created_at = now
@@ -176,3 +177,26 @@ def test_a_run_that_keeps_creating_does_not_poll_on_the_grid_for_ever() -> None:
     assert timed_out
     assert rec.passes <= 600 / 32 * (2 / 0.25 + 8), rec.passes
     assert rec.passes >= 8  # the first create still got its grid
+
+
+def test_a_pass_that_ran_past_its_grid_point_polls_again_without_a_wait_line() -> None:
+    """Passes of 0.3 s over a fleet run past the quarter-second grid: the next poll is due at
+    once, and no "waiting 0 ms for 300 resource(s)" line (one per pass, in a new user's log)
+    says so; the real waits of the run are still reported."""
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    rec = _KeepsCreating(clock, every=1000.0, pass_takes=0.3)
+    options = ApplyOptions(yes=True, wait=True, poll_interval=2.0, timeout=20.0)
+    said: list[str] = []
+
+    def now() -> float:
+        return clock[0]
+
+    converge(rec, [], {}, options, lambda: None, lambda p: said.append(p.message), sleep, now)  # type: ignore[arg-type]
+
+    waits = [m for m in said if m.startswith("waiting")]
+    assert waits and not [m for m in waits if m.startswith("waiting 0 ms")], waits
+    assert rec.passes > len(waits)  # passes on the grid went on without a wait line

@@ -712,15 +712,16 @@ def converge(
         pause = poll_pause(interval, since_create, rec.expected_done_in(), since_poll)
         if deadline is not None and clock() + pause > deadline:
             return True
-        report(
-            Progress(
-                "wait",
-                None,
-                wait_message(pause, len(waiting)),
-                {"resources": [r.name for r in waiting]},
+        if pause >= 0.0005:  # a pass that ran past its grid point polls at once: no wait
+            report(
+                Progress(
+                    "wait",
+                    None,
+                    wait_message(pause, len(waiting)),
+                    {"resources": [r.name for r in waiting]},
+                )
             )
-        )
-        sleep(pause)
+            sleep(pause)
         if not polls_quickly(since_create, since_poll):  # backs off once the grid is over
             interval = min(interval * 1.5, options.poll_interval)
     rec.report_retired_stopping(resources)
