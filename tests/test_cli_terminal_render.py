@@ -442,3 +442,34 @@ def test_a_dumb_or_ci_terminal_gets_no_live_bars() -> None:
     assert not live_terminal(Tty(), env={"TERM": "dumb"})
     assert not live_terminal(Tty(), env={"TERM": "xterm", "CI": "true"})
     assert not live_terminal(io.StringIO(), env={"TERM": "xterm"})
+
+
+def test_a_fleet_degraded_by_one_error_lists_a_few_and_counts_the_rest() -> None:
+    """300 resources Degraded by one upstream mistake: apply's summary listed each with the
+    same advice and first error (1,800 lines); it lists five in full and counts the rest with
+    the error, while one that failed otherwise is still listed, and --verbose lists all."""
+    from batchspec.cli.render import ALIKE_FAILURES_SHOWN, apply_text
+    from batchspec.core.apply import ApplyResult
+
+    def degraded(name: str, error: str) -> ResourceStatus:
+        fields = ("OutOfSync", "Degraded", "none", "r", "p", None, None, 3, 0, 3, None, None)
+        return ResourceStatus(name, *fields, first_error=f"{name}-0: 404: {error}")
+
+    fleet = [degraded(f"job-{n:03d}", "no such route") for n in range(300)]
+    other = degraded("odd", "model not found")
+    result = ApplyResult(1, Plan(actions=()), (*fleet[:150], other, *fleet[150:]), "degraded", 4)
+
+    text = apply_text(result)
+
+    listed = [line for line in text.splitlines() if ": OutOfSync, Degraded" in line]
+    assert [line.split(":")[0].strip() for line in listed] == [
+        *(f"job-{n:03d}" for n in range(ALIKE_FAILURES_SHOWN)),
+        "odd",
+    ]
+    assert (
+        f"  … and {300 - ALIKE_FAILURES_SHOWN} more resources Degraded with the same first "
+        "error (404: no such route), not listed: `apply --verbose` lists every one"
+    ) in text.splitlines()
+    assert "300 more" not in text and len(text.splitlines()) < 60
+    verbose = apply_text(result, verbose=True)
+    assert len([line for line in verbose.splitlines() if ", Degraded" in line]) == 301

@@ -466,11 +466,17 @@ def apply_text(
     ``--json`` lists every resource whatever this says."""
     shown = result.statuses if verbose else tuple(_touched(result))
     left_out = len(result.statuses) - len(shown)
+    listed, alike = (shown, {}) if verbose else _alike_failures_counted(shown)
     lines = [
         style.bold(apply_headline(result, selection)),
         *(f"  {line}" for line in not_collected_lines(result)),
-        *status_lines(shown, style),
+        *status_lines(listed, style),
     ]
+    for first_error, count in alike.items():
+        lines.append(
+            f"  … and {_plural(count, 'more resource')} Degraded with the same first error "
+            f"({first_error}), not listed: `apply --verbose` lists every one"
+        )
     if left_out:
         lines.append(
             f"  ({_plural(left_out, 'resource')} in sync and unchanged, not listed: "
@@ -484,6 +490,31 @@ def apply_text(
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
     return "\n".join(lines)
+
+
+#: Degraded resources listed per first error in apply's summary; the others are counted
+ALIKE_FAILURES_SHOWN = 5
+
+
+def _alike_failures_counted(
+    statuses: Sequence[ResourceStatus],
+) -> tuple[list[ResourceStatus], dict[str, int]]:
+    """The statuses to list, and how many Degraded ones were left out per first error: past
+    ``ALIKE_FAILURES_SHOWN`` with one first error (an upstream down for a whole fleet), the
+    rest say nothing the first ones did not, 300 times over."""
+    listed: list[ResourceStatus] = []
+    seen: dict[str, int] = {}
+    for s in statuses:
+        # ``custom_id: code: message``: alike when all but their request's id are
+        key = s.first_error.partition(": ")[2] if s.health == "Degraded" and s.first_error else None
+        if key:
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > ALIKE_FAILURES_SHOWN:
+                continue
+        listed.append(s)
+    return listed, {
+        k: n - ALIKE_FAILURES_SHOWN for k, n in seen.items() if n > ALIKE_FAILURES_SHOWN
+    }
 
 
 def _touched(result: ApplyResult) -> Iterator[ResourceStatus]:
