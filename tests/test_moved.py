@@ -131,7 +131,9 @@ def test_show_of_the_old_name_points_to_the_new_one(
 def test_plan_shows_the_move_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A read-only plan shows 'moved from' and no change, and leaves the old name recorded."""
+    """A read-only plan shows 'moved from', counts the move as its change (exit 2 with
+    --detailed-exitcode, as Terraform counts a `moved` block: apply records a move event),
+    and leaves the old name recorded."""
     ws = local_workspace(tmp_path / "ws", "old-name")
     apply(ws, capsys, "--wait")
     rename(ws, "old-name", "new-name")
@@ -140,8 +142,9 @@ def test_plan_shows_the_move_and_writes_nothing(
 
     code, out, err = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
 
-    assert code == 0, err
+    assert code == 2, err
     assert "moved from old-name; in sync" in out
+    assert "Plan: 1 to move." in out
     assert "orphan" not in out
     with ws.store() as store:
         assert store.serial() == serial

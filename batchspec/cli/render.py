@@ -226,6 +226,9 @@ def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
         for k in ("create", "replace", "retry", "refresh", "collect", "restore", "prune")
         if counts.get(k)
     ]
+    moves = sum(a.moves for a in plan.actions)
+    if moves:  # besides what each does (a pure rename does nothing else)
+        parts.append(f"{moves} to move")
     text = "Plan: " + ", ".join(parts) + "."
     spending = plan.spending
     if spending:

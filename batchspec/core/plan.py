@@ -239,6 +239,12 @@ class Action:
         return self.kind is ActionKind.REPLACE and STILL_IN_FLIGHT in self.reason
 
     @property
+    def moves(self) -> bool:
+        """Apply records this resource's move from its old name (``moved``), whatever else it
+        does: a change of the plan, as a ``moved`` block is one in Terraform's."""
+        return self.reason.startswith(MOVED_FROM)
+
+    @property
     def leaves_alone(self) -> bool:
         """Nothing to do, nothing to record and nothing to say: a text plan without --verbose
         counts it instead of listing it. A resource in sync that apply tracks again
@@ -296,8 +302,11 @@ class Plan:
 
     @property
     def has_changes(self) -> bool:
-        """True when apply would do something (an orphan left alone is not a change)."""
-        return any(a.kind not in (ActionKind.NONE, ActionKind.ORPHANED) for a in self.actions)
+        """True when apply would do something (an orphan left alone is not a change; a move
+        from an old name is, even with nothing to submit)."""
+        return any(
+            a.kind not in (ActionKind.NONE, ActionKind.ORPHANED) or a.moves for a in self.actions
+        )
 
     @property
     def spending(self) -> tuple[Action, ...]:
