@@ -1058,6 +1058,12 @@ def test_plan_warns_of_an_api_key_variable_that_is_unset(
     assert code == 1 and f"set {KEY_ENV} in the environment" in err
     # apiKeyEnv names exactly KEY_ENV here: the error must not claim it names another one
     assert "names a different variable" not in err
+    assert f"{KEY_ENV} is not set" in err
+    monkeypatch.setenv(KEY_ENV, " ")  # a CI secret never given to the job: set, but empty
+    code, _, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0 and f"but {KEY_ENV} is set but empty here" in err
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 1 and f"and {KEY_ENV} is set but empty: set {KEY_ENV}" in err
     assert "providers.paid.apiKeyEnv" in err
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
     assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]

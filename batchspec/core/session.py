@@ -120,8 +120,9 @@ def missing_api_keys(ws: Workspace, providers: Iterable[str], env: Mapping[str, 
         if config is None or not config.api_key_env:
             continue
         if not env.get(config.api_key_env, "").strip():
+            found = "is set but empty" if config.api_key_env in env else "is not set"
             warnings.append(
-                f"provider {name!r} needs an API key, but {config.api_key_env} is not set "
+                f"provider {name!r} needs an API key, but {config.api_key_env} {found} "
                 "here: apply would fail before submitting anything"
             )
     return warnings

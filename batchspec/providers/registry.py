@@ -318,8 +318,11 @@ def build_local_provider(
 def _api_key(provider: str, variable: str, env: Mapping[str, str]) -> str:
     key = env.get(variable, "")
     if not key.strip():
+        # an empty one is often a CI secret that was never given to this job
+        found = "is set but empty" if variable in env else "is not set"
         raise ProviderError(
-            f"provider {provider!r} needs an API key: set {variable} in the environment "
+            f"provider {provider!r} needs an API key, and {variable} {found}: "
+            f"set {variable} in the environment "
             "(batchspec reads keys only from environment variables; to read another one, "
             f"name it in providers.{provider}.apiKeyEnv of batchspec.yaml)."
         )
