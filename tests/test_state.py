@@ -739,23 +739,7 @@ def test_reading_answers_as_the_per_row_queries_in_a_constant_number_of_queries(
         store.ledger().record_requests(gen_id, [("a", 0, 0, 10, "sha-a"), ("b", 1, 0, 10, None)])
     store.forget_resource("r5")
     outside = _reads(store, [*names, "missing"])
-    calls: list[str] = []
-    depth = [0]  # ``query`` may run ``execute``: count the outer call only
-
-    def counted(real: Any) -> Any:
-        def call(sql: str, *args: Any, **kwargs: Any) -> Any:
-            if not depth[0]:
-                calls.append(sql)
-            depth[0] += 1
-            try:
-                return real(sql, *args, **kwargs)
-            finally:
-                depth[0] -= 1
-
-        return call
-
-    for method in ("query", "execute"):
-        monkeypatch.setattr(store.db, method, counted(getattr(store.db, method)))
+    calls = _counting(store, monkeypatch)
     with store.reading():
         inside = _reads(store, [*names, "missing"])
     assert inside == outside

@@ -34,12 +34,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from batchspec.state.batches import BatchesAndFiles, BatchRow
 from batchspec.state.ledger import LedgerAccess, RequestLedger, UsageTotals
 from batchspec.state.resources import GenerationRow, ResourceRow, ResourcesAndGenerations
 from batchspec.storage.sql import Sql
+
+T = TypeVar("T")
 
 #: a write whose table is known: INSERT, UPDATE, DELETE (either case, as both are written)
 _WRITE = re.compile(
@@ -225,18 +227,19 @@ class CachedLedger(RequestLedger):
 
     def has_requests(self, generation_id: int) -> bool:
         rows = self._store._cache()
-        if rows is None:
-            return super().has_requests(generation_id)
-        found = rows.with_requests.get(generation_id)
-        if found is None:
-            found = rows.with_requests[generation_id] = super().has_requests(generation_id)
-        return found
+        read = super().has_requests
+        return (
+            read(generation_id) if rows is None else _kept(rows.with_requests, generation_id, read)
+        )
 
     def usage_totals(self, generation_id: int) -> UsageTotals:
         rows = self._store._cache()
-        if rows is None:
-            return super().usage_totals(generation_id)
-        found = rows.usage.get(generation_id)
-        if found is None:
-            found = rows.usage[generation_id] = super().usage_totals(generation_id)
-        return found
+        read = super().usage_totals
+        return read(generation_id) if rows is None else _kept(rows.usage, generation_id, read)
+
+
+def _kept(kept: dict[int, T], generation_id: int, read: Callable[[int], T]) -> T:
+    """``kept``'s answer for the generation, read (and kept) the first time it is asked."""
+    if generation_id not in kept:
+        kept[generation_id] = read(generation_id)
+    return kept[generation_id]
