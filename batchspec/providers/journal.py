@@ -105,6 +105,14 @@ class Journal:
             rows = self._db.execute("SELECT * FROM creates WHERE remote_id IS NOT NULL")
             return {row["remote_id"]: _entry(row) for row in rows}
 
+    def unconfirmed(self) -> list[JournalEntry]:
+        """The creates whose answers never came (oldest first): each may have made a batch."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM creates WHERE remote_id IS NULL ORDER BY started_at, key"
+            )
+            return [_entry(row) for row in rows]
+
     def begin(self, entry: JournalEntry) -> None:
         """Record a create about to be sent (replacing an unconfirmed one with the same key)."""
         with self._lock:
