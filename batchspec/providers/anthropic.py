@@ -106,6 +106,10 @@ _CLOCK_SKEW = 300
 #: batch's ``created_at`` may be whole seconds, and two clocks differ a little); used only to
 #: tell apart two lost creates that could each have made a batch (``_maker``)
 _ORDER_MARGIN = 2.0
+#: how long after it was sent a lost create may still have made a batch (a gateway holding
+#: it; longer than any sane ``createConfirmSeconds``): an older lost create, say of a
+#: resource since removed, whose row lingers, is no rival for the batches made after that
+_RIVAL_REACH = 3600
 _MAX_PAGE_SIZE = 1000
 
 
@@ -528,11 +532,15 @@ def _maker(
     batch: RemoteBatch, entry: JournalEntry, rivals: list[JournalEntry]
 ) -> JournalEntry | None:
     """Which lost create made ``batch`` (ended with ``entry``'s custom_ids, dated within its
-    window): ``entry`` if no rival's window holds the batch too; else the only one of them
-    sent before the batch was made (``_ORDER_MARGIN``); None when the order cannot tell."""
+    window): ``entry`` if no rival's window (``_CLOCK_SKEW`` before it was sent to
+    ``_RIVAL_REACH`` after) holds the batch too; else the only one of them sent before the
+    batch was made (``_ORDER_MARGIN``); None when the order cannot tell."""
     created = batch.created_at
     could = [entry] + [
-        other for other in rivals if created is None or created >= other.started_at - _CLOCK_SKEW
+        other
+        for other in rivals
+        if created is None
+        or other.started_at - _CLOCK_SKEW <= created <= other.started_at + _RIVAL_REACH
     ]
     if len(could) == 1:
         return entry
