@@ -36,8 +36,9 @@ requests cannot be read back), so the provider refuses to create another and rai
 custom_ids match, ignored if not). It never blindly pays twice. Custom_ids say nothing of
 the prompts (resources share ``req-0``, ``req-1``...): a batch another lost create of the same
 count and custom_ids could have made too goes to the create sent before it was made
-(``_maker``), and when they were too close together to tell, nothing is adopted and a
-``ProviderError`` names both. A create refused for sure made nothing and is forgotten.
+(``_maker``); when they were too close together to tell, it is set aside for good
+(``Journal.set_aside``) and each is created anew: its requests are paid for once more, never
+answered with another's prompts. A create refused for sure made nothing and is forgotten.
 A batch made outside batchspec is not journaled: ``batchspec import --force`` adopts it
 (there is no input file to verify it against).
 
@@ -412,11 +413,13 @@ class AnthropicProvider(StagedInputs):
             elif self._result_ids_digest(batch.id) == entry.ids_sha256:
                 maker = _maker(batch, entry, rivals)
                 if maker is None:
-                    raise ProviderError(
-                        _ambiguous_message(self.name, batch, entry, rivals), retryable=False
-                    )
+                    # its maker cannot be told: set aside for good, for this create and its
+                    # rivals alike (one left alone later would take it, whoever made it).
+                    # Taken, it wrote one resource's answers as another's; set aside, its
+                    # requests are paid for once more, the cost of a lost create not found
+                    self._journal.set_aside(batch.id)
                 if maker is not entry:
-                    continue  # another lost create's batch
+                    continue  # another lost create's batch, or set aside
                 self._journal.confirm(entry.key, batch.id)
                 return self.get_batch(batch.id)
         if not unsure:
@@ -557,20 +560,6 @@ def _what(entry: JournalEntry) -> str:
         f"attempt {meta.get('batchspec_attempt')}"
         if "batchspec_resource" in meta
         else "this batch"
-    )
-
-
-def _ambiguous_message(
-    provider: str, batch: RemoteBatch, entry: JournalEntry, rivals: list[JournalEntry]
-) -> str:
-    others = ", ".join(_what(other) for other in rivals[:5])
-    return (
-        f"{provider}: the creates of {_what(entry)} and of {others} lost their answers, and "
-        f"batch {batch.id} ended with their {entry.requests} custom_ids; Anthropic batches "
-        "carry no metadata, and the creates were sent too close together to tell whose it "
-        "is. Nothing was adopted or created, so no resource takes another's answers and "
-        f"nothing is paid twice: read its results to see whose prompts they answer, then "
-        f"`batchspec import --force NAME {batch.id}` binds it to that resource."
     )
 
 
