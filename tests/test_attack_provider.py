@@ -432,3 +432,36 @@ def test_apply_wait_on_a_provider_down_from_the_start_fails_at_once_without_a_ti
     code, out, err = run_cli(["apply", str(ws.root), *fast, "--timeout", "1"], capsys)
     assert code == 5, out + err
     assert "tries again" in out + err
+
+
+def _listing_with_stale_copies(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """The listing, each batch on it listed a second time right after, as it was before it
+    ended (a gateway whose pages mix a cache's rows with the current ones)."""
+    page: dict[str, Any] = json.loads(reply.body)
+    rows = [
+        copy
+        for row in page["data"]
+        for copy in (row, {**row, "status": "in_progress", "output_file_id": None})
+    ]
+    return Reply.of({**page, "data": rows})
+
+
+def test_a_listing_showing_an_ended_batch_again_as_running_collects_it(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listing that shows each ended batch twice, the second time stale (running): the
+    ended copy is taken (an ended batch never runs again), as when two segments of a listing
+    disagree; the last copy on a page was taken, and the batch not read by id that pass was
+    left in flight, its answers ready, pass after pass."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    for name in ("alpha", "beta"):  # listed beta first; alpha is the one read by id
+        assert run_cli(["apply", str(ws.root), "--yes", "-s", name], capsys)[0] == 0
+    hostile.finish_all()
+    hostile.hooks["GET /v1/batches"] = _listing_with_stale_copies
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 0, out + err
+    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
+    assert hostile.creates() == 2

@@ -234,6 +234,53 @@ def test_a_5xx_is_returned_to_the_worker_not_resent_and_rests_the_member(caplog)
     assert "server error; 1 in a row): out of rotation" in said[0], said
 
 
+class RefusingUpstream:
+    """A member whose key is wrong: it answers ``status`` to every request, at once."""
+
+    def __init__(self, status: int) -> None:
+        self.description = f"refusing-{status}"
+        self.status = status
+        self.calls = 0
+
+    async def send(self, url, body, *, custom_id, attempt):
+        from batchspec.engine.upstreams import UpstreamResponse
+
+        self.calls += 1
+        error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+        return UpstreamResponse(self.status, {"error": error})
+
+    async def aclose(self):
+        pass
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_member_refusing_its_key_fails_over_and_rests_the_member(status):
+    """A member answering 401/403 (the key serve sends it is wrong: no line's fault, and it
+    ran nothing) is a failing member: the same attempt goes to the next one and it rests.
+    It stayed in rotation and, answering fastest, took about half the lines, which failed
+    for good with its 401 (not retried) while the other member served."""
+    refusing = RefusingUpstream(status)
+    alive = BuiltinUpstream()
+    rotation = BalancedUpstream([refusing, alive], backoff_initial=60)
+
+    async def run():
+        return [await rotation.send(CHAT, BODY, custom_id=f"c{i}", attempt=0) for i in range(6)]
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * 6
+    assert refusing.calls == 1 and sum(alive.calls.values()) == 6
+    assert [m.in_rotation for m in rotation.status()] == [False, True]
+
+
+def test_every_member_refusing_its_key_returns_the_refusal():
+    """With every member refusing, the line gets the refusal itself (as with one upstream),
+    each member asked once, not a made-up error."""
+    members = [RefusingUpstream(401), RefusingUpstream(401)]
+    rotation = BalancedUpstream(members, backoff_initial=60)
+    answer = asyncio.run(rotation.send(CHAT, BODY, custom_id="c", attempt=0))
+    assert answer.status_code == 401 and [m.calls for m in members] == [1, 1]
+
+
 def test_failures_during_a_rest_do_not_lengthen_it():
     """Requests that fail while their upstream already rests are one outage: one failure."""
     failing = FaultyUpstream(BuiltinUpstream(), Faults(error_500=1.0))

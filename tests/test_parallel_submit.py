@@ -634,3 +634,82 @@ def test_a_create_refused_with_429_is_created_at_once_by_the_next_apply(
         assert [e.action for e in store.events() if e.action.startswith("create-")].count(
             "create-refused"
         ) == 1
+
+
+def beta_lost_then_alpha(
+    tmp_path: Path,
+    gated: Any,
+    capsys: pytest.CaptureFixture[str],
+    alpha_status: int,
+    alpha: str = "alpha",
+) -> tuple[Workspace, ProbedServer, Any]:
+    """Anthropic resources ``alpha`` (settled before beta unless named after it) and beta,
+    both of requests req-0..req-2 (custom_ids teams reuse) with other prompts. beta's create
+    makes a batch and loses its answer (a 500 after the engine acted; the batch, still
+    running, cannot be checked, so the apply fails); then alpha's create is answered
+    ``alpha_status`` without reaching the engine. The batch then ends."""
+    srv, upstream = gated()
+    provider = {
+        "type": "anthropic",
+        "baseUrl": srv.base_url,
+        "apiKeyEnv": KEY_ENV,
+        "options": {"maxRetries": 0, "createConfirmSeconds": 0},
+    }
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"claude": provider},
+        resources=[ResourceSpec(n, provider="claude") for n in (alpha, "beta")],
+    )
+    lines = [json.loads(line) for line in ws.input_path("beta").read_text().splitlines()]
+    for line in lines:
+        line["body"]["messages"][0]["content"] += " (beta)"
+    ws.write_input("beta", lines)
+    srv.probe.hold("POST /messages/batches", 0, after=True, times=1, replace_status=500)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", "beta"], capsys)[0] == 1
+    refusal = {"type": "error", "error": {"type": "api_error", "message": "try again"}}
+    srv.probe.refuse(r"^POST /v1/messages/batches$", alpha_status, refusal)
+    assert run_cli(["apply", str(ws.root), "--yes", "-s", alpha], capsys)[0] == 1
+    srv.probe.refusals.clear()
+    upstream.gate.set()
+    return ws, srv, upstream
+
+
+def answers_to_beta(ws: Workspace, name: str) -> list[bool]:
+    return ["(beta)" in json.dumps(o) for o in ws.outputs(name)]
+
+
+def test_a_refused_anthropic_create_does_not_take_another_resources_lost_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alpha's create was refused (429: it made nothing); beta's made a batch and lost its
+    answer. The next apply settles alpha first: beta's batch (as many requests, the same
+    custom_ids, unclaimed) is not alpha's. alpha was left journaled as a lost create and
+    took it: beta's answers written as alpha's results, alpha's prompts never sent."""
+    ws, srv, _ = beta_lost_then_alpha(tmp_path, gated, capsys, 429)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--timeout", "30"], capsys)
+
+    assert code == 0, out + err
+    assert srv.batch_count() == 2
+    assert answers_to_beta(ws, "alpha") == [False] * 3
+    assert answers_to_beta(ws, "beta") == [True] * 3
+
+
+@pytest.mark.parametrize("alpha", ["alpha", "gamma"])
+def test_two_lost_anthropic_creates_with_the_same_ids_do_not_take_each_others_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str], alpha: str
+) -> None:
+    """beta's and alpha's (gamma's) creates both lost their answers (a gateway's 500s), a
+    moment apart; only beta's made a batch. Which of them made it cannot be told (no
+    metadata, the same custom_ids, sent within a second or two): it is set aside, whichever
+    is settled first, and both are created again, each answering its own prompts (beta's
+    requests paid for once more). alpha took beta's batch, its answers, as its own; and
+    set aside by the first only, the second took it once the first was settled."""
+    ws, srv, _ = beta_lost_then_alpha(tmp_path, gated, capsys, 500, alpha)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--timeout", "30"], capsys)
+
+    assert code == 0, out + err
+    assert srv.batch_count() == 3
+    assert answers_to_beta(ws, alpha) == [False] * 3
+    assert answers_to_beta(ws, "beta") == [True] * 3

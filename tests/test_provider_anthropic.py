@@ -23,8 +23,9 @@ from batchspec.core.sharding import shard_limits
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
 from batchspec.errors import ProviderError
-from batchspec.providers.anthropic import AnthropicProvider
+from batchspec.providers.anthropic import AnthropicProvider, _maker
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
+from batchspec.providers.journal import JournalEntry
 from batchspec.wire.anthropic_lines import (
     Unmappable,
     chat_to_params,
@@ -746,3 +747,32 @@ def test_a_listing_from_a_cursor_sends_after_id_and_lists_the_older_batches(
         ]
         with pytest.raises(ProviderError):
             next(iter(provider.list_batches(after="msgbatch_unknown")))
+
+
+def _lost(name: str, started_at: float) -> JournalEntry:
+    """A create of ``name`` sent at ``started_at`` whose answer never came (3 requests)."""
+    return JournalEntry(
+        name, {"batchspec_resource": name}, "/v1/messages", "f", 3, "ids", started_at
+    )
+
+
+@pytest.mark.parametrize(
+    ("alpha_sent", "rival_sent", "maker"),
+    [
+        pytest.param(1_130.0, None, "alpha", id="no-rival"),
+        pytest.param(1_130.0, 1_099.5, "beta", id="rival-sent-before-it-was-made"),
+        pytest.param(1_130.0, 1_099.5 - 86_400, "alpha", id="rival-lingering-from-yesterday"),
+        pytest.param(1_100.5, 1_099.5, None, id="too-close-to-tell"),
+    ],
+)
+def test_the_maker_of_a_batch_two_lost_creates_could_have_made(
+    alpha_sent: float, rival_sent: float | None, maker: str | None
+) -> None:
+    """A batch with alpha's custom_ids made at 1,100, alpha's lost create sent at
+    ``alpha_sent`` (within its clock slack). beta's lost create sent just before the batch
+    was made, alpha's half a minute after it: beta's. beta's sent a day ago (a row
+    lingering, its resource gone): no rival. Both sent within a second of it: no telling."""
+    alpha = _lost("alpha", alpha_sent)
+    rivals = [] if rival_sent is None else [_lost("beta", rival_sent)]
+    made = _maker(RemoteBatch("msgbatch_1", "completed", created_at=1_100), alpha, rivals)
+    assert (made.key if made is not None else None) == maker

@@ -21,22 +21,25 @@
    counts the tokens the upstream reported.
 3. **Failures.** A member that fails (connection refused or reset, a 5xx answer, which
    includes a 2xx whose body is not JSON and any 3xx redirect, never followed: ``HttpUpstream``
-   turns each into a 502 naming what it got, no answer within the request timeout) is taken
+   turns each into a 502 naming what it got, no answer within the request timeout, or a 401
+   or 403: the key it is sent is wrong, ``REFUSED_KEY_STATUSES``) is taken
    out of rotation for a back-off of ``backoff_initial`` seconds, doubling with each further
    failure up to ``backoff_max`` (failures of requests sent before it was taken out are the
    same outage and do not lengthen it). When its back-off has passed, it gets one request
-   (the *probe*) and no other until that one ends: an answer below 500 puts it back in
-   rotation, a failure takes it out again for longer. A member that answers 429 is up but
+   (the *probe*) and no other until that one ends: any other answer below 500 puts it back
+   in rotation, a failure takes it out again for longer. A member that answers 429 is up but
    full: it stays in rotation but, like a member whose rate limit is spent, admits no request
    for its ``Retry-After`` (``backoff_initial`` without a positive one, at most
    ``backoff_max``), so the others take the requests meanwhile instead of it refusing half of
    them.
 4. **Failing over.** A request that could not be *sent* (no connection could be opened) is
    sent at once to the next member, each member at most once, without using an attempt: the
-   upstream never saw it. A request that failed after it was sent (reset, 5xx, timeout) is
-   not re-sent here: the failure goes back to the engine's worker, whose retry policy
-   (``wire/retry.py``: 5xx, 408, 429, timeouts and connection failures, with back-off)
-   decides, exactly as with one upstream; its next attempt goes to a member in rotation.
+   upstream never saw it. So is one a member refused with 401 or 403 (it ran nothing); when
+   every member refused it, the last refusal is the answer. A request that failed after it
+   was sent (reset, 5xx, timeout) is not re-sent here: the failure goes back to the
+   engine's worker, whose retry policy (``wire/retry.py``: 5xx, 408, 429, timeouts and
+   connection failures, with back-off) decides, exactly as with one upstream; its next
+   attempt goes to a member in rotation.
 5. **All out.** When every member is out of rotation, the one due back first is tried anyway
    (then the others, as in 4), so with every server down a batch fails its lines after the
    worker's attempts, as it does with one upstream, instead of waiting forever.
@@ -78,6 +81,11 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 30.0
+#: a member answering these refused serve's credentials: it ran nothing, and it is no line's
+#: fault (lines carry no key), so it is a failing member, and the line is sent to the next
+#: one. Kept in rotation, it answered fastest and so took its share of the lines, each failed
+#: for good with its 401 (not retried) while the other members served
+REFUSED_KEY_STATUSES = frozenset({401, 403})
 _LIMIT_KEYS = ("rpm", "tpm")
 _LIMIT_UNITS = {"rpm": "requests", "tpm": "tokens"}
 
@@ -325,10 +333,13 @@ class BalancedUpstream:
             tokens = estimated_tokens(body, len(jsonfast.dumps(body)))
         tried: set[int] = set()
         last_error: UpstreamUnreachable | None = None
+        refused: UpstreamResponse | None = None
         while True:
             index, wait = self._choose(tried, tokens)
             if index is None:
                 if math.isinf(wait):
+                    if refused is not None:  # every member refused its key: say so
+                        return refused
                     assert last_error is not None
                     raise last_error
                 await asyncio.sleep(wait)
@@ -336,10 +347,15 @@ class BalancedUpstream:
             member = self._members[index]
             self._turn = (index + 1) % len(self._members)
             try:
-                return await self._send_to(member, url, body, custom_id, attempt, tokens)
+                response = await self._send_to(member, url, body, custom_id, attempt, tokens)
             except UpstreamNotConnected as err:  # never sent: the next member, same attempt
                 tried.add(index)
                 last_error = err
+                continue
+            if response.status_code not in REFUSED_KEY_STATUSES:
+                return response
+            tried.add(index)  # it ran nothing: the next member, same attempt
+            refused = response
 
     async def _send_to(
         self, member: _Member, url: str, body: Any, custom_id: str, attempt: int, tokens: int
@@ -369,8 +385,10 @@ class BalancedUpstream:
             member.in_flight -= 1
             if probe:
                 member.probing = False
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in REFUSED_KEY_STATUSES:
             self._failed(member, f"answered HTTP {response.status_code}{_said(response.body)}")
+            if response.status_code in REFUSED_KEY_STATUSES:
+                member.give_back(tokens)  # it ran nothing
         elif response.status_code == 429:
             self._busy(member, response.retry_after)
         elif member.failures:

@@ -33,9 +33,14 @@ request count. An *ended* candidate is verified by comparing the custom_ids in i
 with the ones sent; a match is adopted. An in-progress candidate cannot be verified (its
 requests cannot be read back), so the provider refuses to create another and raises a
 ``ProviderError`` naming it: re-running after it ends settles it (adopted if its
-custom_ids match, ignored if not). It never blindly pays twice. A batch made outside
-batchspec is not journaled: ``batchspec import --force`` adopts it (there is no input file
-to verify it against).
+custom_ids match, ignored if not). It never blindly pays twice. Custom_ids say nothing of
+the prompts (resources share ``req-0``, ``req-1``...): a batch another lost create of the same
+count and custom_ids could have made too goes to the create sent before it was made
+(``_maker``); when they were too close together to tell, it is set aside for good
+(``Journal.set_aside``) and each is created anew: its requests are paid for once more, never
+answered with another's prompts. A create refused for sure made nothing and is forgotten.
+A batch made outside batchspec is not journaled: ``batchspec import --force`` adopts it
+(there is no input file to verify it against).
 
 Headers: ``x-api-key`` and ``anthropic-version``. Retries, backoff and error messages come
 from ``_http`` (Anthropic's ``{"type": "error", "error": {type, message}}`` envelope is read
@@ -76,6 +81,7 @@ from batchspec.providers._http import (
     require_http_url,
 )
 from batchspec.providers.base import (
+    AmbiguousOutcome,
     RemoteBatch,
     RemoteNotFound,
     RequestCounts,
@@ -97,6 +103,14 @@ MAX_BODY_BYTES = anthropic_lines.MAX_BATCH_BODY_BYTES
 BATCHES = "/v1/messages/batches"
 #: how far before a lost create's journal time a batch may be dated and still be its own
 _CLOCK_SKEW = 300
+#: a create sent more than this many seconds after a batch was made did not make it (a
+#: batch's ``created_at`` may be whole seconds, and two clocks differ a little); used only to
+#: tell apart two lost creates that could each have made a batch (``_maker``)
+_ORDER_MARGIN = 2.0
+#: how long after it was sent a lost create may still have made a batch (a gateway holding
+#: it; longer than any sane ``createConfirmSeconds``): an older lost create, say of a
+#: resource since removed, whose row lingers, is no rival for the batches made after that
+_RIVAL_REACH = 3600
 _MAX_PAGE_SIZE = 1000
 
 
@@ -329,14 +343,23 @@ class AnthropicProvider(StagedInputs):
         headers = {"Content-Type": "application/json", "Content-Length": str(body.size)}
 
         def send() -> RemoteBatch:
-            response = self._http.request(
-                "POST",
-                BATCHES,
-                operation="create batch",
-                content=FileBody(body.path),
-                headers=headers,
-                retry_ambiguous=False,
-            )
+            try:
+                response = self._http.request(
+                    "POST",
+                    BATCHES,
+                    operation="create batch",
+                    content=FileBody(body.path),
+                    headers=headers,
+                    retry_ambiguous=False,
+                )
+            except AmbiguousOutcome:
+                raise
+            except ProviderError:
+                # refused for sure (a 4xx, a 429 past its retries): no batch was made. Left
+                # unconfirmed, the row took as its own, at the next create, a batch another
+                # resource's lost create made with the same custom_ids
+                self._journal.forget(entry.key)
+                raise
             data = self._json(response, "create batch")
             self._journal.confirm(entry.key, str(data["id"]))
             return self._parse(data)
@@ -369,6 +392,15 @@ class AnthropicProvider(StagedInputs):
         """
         since = entry.started_at - _CLOCK_SKEW
         claimed = self._journal.by_remote_id()
+        # other lost creates of as many requests with the same custom_ids (resources reuse
+        # req-0, req-1...): a batch ended with them is as much theirs, and taken as this
+        # one's its answers (to other prompts) were written as this resource's results
+        rivals = [
+            other
+            for other in self._journal.unconfirmed()
+            if other.key != entry.key
+            and (other.requests, other.ids_sha256) == (entry.requests, entry.ids_sha256)
+        ]
         unsure: list[RemoteBatch] = []
         for batch in self.list_batches(page_size=100):
             if batch.created_at is not None and batch.created_at < since:
@@ -379,6 +411,15 @@ class AnthropicProvider(StagedInputs):
             if not batch.is_terminal:
                 unsure.append(batch)
             elif self._result_ids_digest(batch.id) == entry.ids_sha256:
+                maker = _maker(batch, entry, rivals)
+                if maker is None:
+                    # its maker cannot be told: set aside for good, for this create and its
+                    # rivals alike (one left alone later would take it, whoever made it).
+                    # Taken, it wrote one resource's answers as another's; set aside, its
+                    # requests are paid for once more, the cost of a lost create not found
+                    self._journal.set_aside(batch.id)
+                if maker is not entry:
+                    continue  # another lost create's batch, or set aside
                 self._journal.confirm(entry.key, batch.id)
                 return self.get_batch(batch.id)
         if not unsure:
@@ -490,14 +531,40 @@ def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> 
     )
 
 
-def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch]) -> str:
+def _maker(
+    batch: RemoteBatch, entry: JournalEntry, rivals: list[JournalEntry]
+) -> JournalEntry | None:
+    """Which lost create made ``batch`` (ended with ``entry``'s custom_ids, dated within its
+    window): ``entry`` if no rival's window (``_CLOCK_SKEW`` before it was sent to
+    ``_RIVAL_REACH`` after) holds the batch too; else the only one of them sent before the
+    batch was made (``_ORDER_MARGIN``); None when the order cannot tell."""
+    created = batch.created_at
+    could = [entry] + [
+        other
+        for other in rivals
+        if created is None
+        or other.started_at - _CLOCK_SKEW <= created <= other.started_at + _RIVAL_REACH
+    ]
+    if len(could) == 1:
+        return entry
+    if created is None:
+        return None
+    before = [e for e in could if e.started_at <= created + _ORDER_MARGIN]
+    return before[0] if len(before) == 1 else None
+
+
+def _what(entry: JournalEntry) -> str:
     meta = entry.metadata
-    what = (
+    return (
         f"{meta.get('batchspec_resource')} shard {int(meta.get('batchspec_shard', 0)) + 1} "
         f"attempt {meta.get('batchspec_attempt')}"
         if "batchspec_resource" in meta
         else "this batch"
     )
+
+
+def _unsure_message(provider: str, entry: JournalEntry, unsure: list[RemoteBatch]) -> str:
+    what = _what(entry)
     sent = datetime.fromtimestamp(entry.started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     shown = ", ".join(f"{b.id} ({b.status})" for b in unsure[:5])
     return (

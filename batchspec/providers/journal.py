@@ -105,6 +105,23 @@ class Journal:
             rows = self._db.execute("SELECT * FROM creates WHERE remote_id IS NOT NULL")
             return {row["remote_id"]: _entry(row) for row in rows}
 
+    def unconfirmed(self) -> list[JournalEntry]:
+        """The creates whose answers never came (oldest first): each may have made a batch."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM creates WHERE remote_id IS NULL ORDER BY started_at, key"
+            )
+            return [_entry(row) for row in rows]
+
+    def set_aside(self, remote_id: str) -> None:
+        """Claim ``remote_id`` for no create (``set-aside:<id>``, no metadata): a batch whose
+        maker cannot be told, adopted by none from now on (see ``anthropic._maker``)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO creates VALUES (?, '{}', '', '', 0, '', 0, ?)",
+                (f"set-aside:{remote_id}", remote_id),
+            )
+
     def begin(self, entry: JournalEntry) -> None:
         """Record a create about to be sent (replacing an unconfirmed one with the same key)."""
         with self._lock:

@@ -672,7 +672,10 @@ def _lister(
         listing = ctx.provider_for(name).list_batches(page_size=LIST_PAGE_SIZE, after=segment.after)
         for index, batch in enumerate(listing):
             if batch.id in segment.wanted:
-                found[batch.id] = batch
+                # a batch listed twice (a gateway's page mixing cached rows with current
+                # ones) keeps its ended copy, as across segments: a stale running copy
+                # after it left the batch in flight, its answers ready, pass after pass
+                _keep_ended(found, {batch.id: batch})
                 missing.discard(batch.id)
                 _download_files(ctx, calls, name, batch, order[(name, batch.id)])
             if batch.id == segment.until or not missing:
