@@ -465,3 +465,72 @@ def test_a_listing_showing_an_ended_batch_again_as_running_collects_it(
     assert code == 0, out + err
     assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
     assert hostile.creates() == 2
+
+
+def _hung_workspace(tmp_path: Path, srv: HostileOpenAI, count: int) -> Workspace:
+    """``count`` resources on a provider whose calls time out after 3 s, retried 3 times."""
+    provider = {
+        "type": "openai",
+        "baseUrl": srv.v1,
+        "apiKeyEnv": KEY_ENV,
+        "options": {"timeout": 3, "maxRetries": 3},
+    }
+    resources = [ResourceSpec(f"r{i}", provider="srv") for i in range(count)]
+    return make_workspace(tmp_path / "ws", providers={"srv": provider}, resources=resources)
+
+
+def test_a_download_stalled_mid_body_ends_apply_at_its_timeout(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output file sent half, its full Content-Length promised: each attempt waited its
+    3 s read timeout, four times, and `apply --wait --timeout 1` ended after ~16 s with exit
+    1. Every call is cut to what --timeout leaves: exit 5 soon after it, and the next apply
+    collects everything without creating anything again."""
+    import time
+
+    hostile.initial_status = "in_progress"
+    ws = _hung_workspace(tmp_path, hostile, 4)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.finish_all()
+    victim = hostile.outputs["batch_1"]
+
+    def stall(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if victim in seen.path:
+            half = reply.body[: len(reply.body) // 2]
+            return Reply(200, half, {"Content-Length": str(len(reply.body))})
+        return reply
+
+    hostile.hooks["GET /v1/files/{id}/content"] = stall
+    started = time.monotonic()
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "1"], capsys)
+    took = time.monotonic() - started
+    assert code == 5, (out, err)
+    assert took < 3, took  # one cut read, not four 3 s timeouts and their backoff
+    hostile.hooks.clear()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert hostile.creates() == 4
+    assert all(ws.output_path(f"r{i}").is_file() for i in range(4))
+
+
+def test_a_provider_that_never_answers_a_poll_is_a_timeout_not_a_failure(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Polls and listings that hang: `apply --wait --timeout 1` failed the first pass (exit
+    1) after its calls' own timeouts and retries; it stops at its timeout, exit 5."""
+    import time
+
+    hostile.initial_status = "in_progress"
+    ws = _hung_workspace(tmp_path, hostile, 2)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+
+    def hang(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        time.sleep(5)
+        return reply
+
+    hostile.hooks["GET /v1/batches"] = hang
+    hostile.hooks["GET /v1/batches/{id}"] = hang
+    started = time.monotonic()
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "1"], capsys)
+    assert code == 5, (out, err)
+    assert time.monotonic() - started < 3
+    assert "--timeout" in out

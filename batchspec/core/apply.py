@@ -117,6 +117,7 @@ from batchspec.errors import (
     StateLockedError,
     UsageError,
 )
+from batchspec.providers.base import DeadlineReached
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
 from batchspec.state.runinfo import (
     CommitRelation,
@@ -679,6 +680,8 @@ def converge(
     below ``SHORTEST_POLL_PAUSE``): a batch that ends just after one poll is collected then,
     not a whole interval later."""
     deadline = None if options.timeout is None else clock() + options.timeout
+    if options.timeout is not None:  # the provider calls' own clock
+        rec.deadline = time.monotonic() + options.timeout
     interval = min(FIRST_POLL_INTERVAL, options.poll_interval)
     grid_from: float | None = None  # when the create that opened the last grid was answered
     answered = False  # a pass of this run ended well: the providers' set-up is right
@@ -688,6 +691,8 @@ def converge(
             waiting = rec.advance_all(resources, facts)
         except ProviderError as err:
             heartbeat()
+            if isinstance(err, DeadlineReached):
+                return True  # a call under way when --timeout ran out
             if not _outage_to_wait_out(err, options, answered):
                 raise
             if deadline is not None and clock() + interval > deadline:

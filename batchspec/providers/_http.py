@@ -52,6 +52,7 @@ import httpx
 from batchspec.errors import ProviderError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
 from batchspec.providers.base import (
+    DeadlineReached,
     RemoteBatch,
     RemoteNotFound,
     RetryNotice,
@@ -59,6 +60,7 @@ from batchspec.providers.base import (
     pause_before_retry,
     report_retry,
     report_throttle,
+    seconds_left,
 )
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 from batchspec.wire.no_proxy import bypasses_proxy
@@ -873,16 +875,18 @@ class RetryingClient:
                 written = _write_body(
                     response,
                     partial,
-                    stall_seconds=client.timeout.read,
+                    stall_seconds=_stall_seconds(client),
                     provider=self._context.provider,
                 )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
+                error = error_from_transport(
+                    exc, operation=operation, context=self._context, retryable=True
+                )
                 if not self._policy.can_retry(retries_done):
-                    raise error_from_transport(
-                        exc, operation=operation, context=self._context, retryable=True
-                    ) from exc
+                    raise error from exc
                 delay = self._policy.delay(retries_done, rand=self._rand)
+                self._before_retry(operation, delay, error)
                 self._say_retry(operation, f"{_transport_problem(exc)} to", retries_done, delay)
                 self._sleep(delay)
                 continue
@@ -907,6 +911,39 @@ class RetryingClient:
             context.provider, context.base_url, operation, problem, retries_done + 1, retries, delay
         )
         report_retry(notice)
+
+    def _bounded(
+        self, client: httpx.Client, operation: str, *, first: bool
+    ) -> httpx.Timeout | None:
+        """The ``timeout`` of the next attempt: the client's, cut to what the run's
+        ``--timeout`` leaves (``seconds_left``); raises ``DeadlineReached`` if nothing is
+        left, before anything is sent."""
+        left = seconds_left()
+        if left is None:
+            return None
+        if left <= 0:
+            error = self._deadline_error(operation)
+            error.sent_nothing = first
+            raise error
+        t = client.timeout
+        return httpx.Timeout(
+            connect=_cut(t.connect, left),
+            read=_cut(t.read, left),
+            write=_cut(t.write, left),
+            pool=_cut(t.pool, left),
+        )
+
+    def _before_retry(self, operation: str, delay: float, error: ProviderError) -> None:
+        """Give up rather than wait past the run's ``--timeout`` for a retry."""
+        left = seconds_left()
+        if left is not None and left <= delay:
+            raise self._deadline_error(operation) from error
+
+    def _deadline_error(self, operation: str) -> DeadlineReached:
+        return DeadlineReached(
+            f"{self._context.provider}: --timeout reached before {operation} ended "
+            f"({display_url(self._context.base_url)})"
+        )
 
     def close(self) -> None:
         if self._owns_client:
@@ -936,13 +973,17 @@ class RetryingClient:
         unsure = False  # an attempt that may have reached the server and acted
         for retries_done in range(self._policy.max_attempts):
             last = not self._policy.can_retry(retries_done)
+            # by the run's --timeout, if any (nothing sent yet when it is over at the first)
+            bounded = self._bounded(client, operation, first=retries_done == 0)
             try:
-                request = client.build_request(method, url, headers=merged, **kwargs)
+                request = client.build_request(
+                    method, url, headers=merged, timeout=bounded or client.timeout, **kwargs
+                )
                 response = client.send(request, stream=True)
                 if not stream:
                     _read_whole(
                         response,
-                        stall_seconds=client.timeout.read,
+                        stall_seconds=_stall_seconds(client),
                         provider=self._context.provider,
                         cap=self._max_answer_bytes or MAX_ANSWER_BYTES,
                     )
@@ -963,6 +1004,7 @@ class RetryingClient:
                     error.sent_nothing = not unsure
                     raise error from exc
                 delay = self._policy.delay(retries_done, rand=self._rand)
+                self._before_retry(operation, delay, error)
                 self._say_retry(operation, f"{_transport_problem(exc)} to", retries_done, delay)
                 self._sleep(delay)
                 continue
@@ -986,9 +1028,21 @@ class RetryingClient:
             if response.status_code == 429 or retry_after is not None:
                 report_throttle()  # the pool running this call lets fewer run at once
             delay = self._policy.delay(retries_done, retry_after, rand=self._rand)
+            self._before_retry(operation, delay, error)
             self._say_retry(operation, f"HTTP {status} from", retries_done, delay)
             self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _cut(seconds: float | None, left: float) -> float:
+    return left if seconds is None else min(seconds, left)
+
+
+def _stall_seconds(client: httpx.Client) -> float | None:
+    """How long a body may stall: the client's read timeout, cut to the run's ``--timeout``."""
+    left = seconds_left()
+    read = client.timeout.read
+    return read if left is None else _cut(read, max(left, 0.001))
 
 
 def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:

@@ -425,6 +425,32 @@ def pause_before_retry(seconds: float) -> None:
         raise CallStopped("the run is stopping: the call is not retried")
 
 
+class DeadlineReached(ProviderError):
+    """``apply --wait --timeout`` ran out while a provider call was under way or about to
+    be retried: the call gives up, as the run must (exit 5). A create cut so was recorded
+    as sent, and the next run looks its key up."""
+
+
+#: when (``time.monotonic``) the run's ``--timeout`` ends, for the calls on this thread: set
+#: by the reconciler's pass on its own thread and by its pool on each worker (``within``)
+_deadline: ContextVar[float | None] = ContextVar("batchspec_deadline", default=None)
+
+
+def within(deadline: float | None) -> Token[float | None]:
+    """Bound the calls on this thread by ``deadline``; ``reset_deadline`` undoes it."""
+    return _deadline.set(deadline)
+
+
+def reset_deadline(token: Token[float | None]) -> None:
+    _deadline.reset(token)
+
+
+def seconds_left() -> float | None:
+    """Seconds until this thread's calls must end (None: no ``--timeout``)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
 def stop_with(event: threading.Event | None) -> Token[threading.Event | None]:
     """Make ``event`` end the retry waits of calls on this thread; ``reset_stop`` undoes it."""
     return _stopping.set(event)

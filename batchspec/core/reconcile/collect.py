@@ -40,7 +40,7 @@ from batchspec.core.reporting import Progress
 from batchspec.core.results import write_results_in_input_order
 from batchspec.core.spend import generation_price, generation_usage, priced_usage, usage_detail
 from batchspec.errors import ProviderError
-from batchspec.providers.base import Provider, RemoteNotFound
+from batchspec.providers.base import DeadlineReached, Provider, RemoteNotFound
 from batchspec.state.ledger import CollectedLine, ForeignAnswers, UsageTotals
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.storage.result_store import ResultStore
@@ -386,6 +386,8 @@ def collect_batch(
                     ) from err
                 gone.append(f"{kind} file {file_id}: {err.message}")
                 continue
+            except DeadlineReached:
+                raise  # the run's --timeout: it ends (exit 5), this file is no failure
             except ProviderError as err:
                 if retired:
                     raise  # the drain says so and tries again next apply

@@ -87,10 +87,12 @@ from batchspec.providers.base import (
     listen_for_throttles,
     open_call_gate,
     reset_call_gate,
+    reset_deadline,
     reset_retry_listener,
     reset_stop,
     reset_throttle_listener,
     stop_with,
+    within,
 )
 from batchspec.state.store import BatchRow
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -235,8 +237,10 @@ class BoundedCalls:
         cap_for: Callable[[str], int | None],
         *,
         on_retry: Callable[[RetryNotice], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.parallelism = max(1, min(parallelism, MAX_PARALLELISM))
+        self._deadline = deadline  # the run's --timeout (``time.monotonic``), for each call
         self._cap_for = cap_for
         self._on_retry = on_retry  # hears, on the workers, of calls about to be retried
         self.limits: dict[str, AdaptiveLimit] = {}
@@ -274,6 +278,7 @@ class BoundedCalls:
             return
         stop = stop_with(self._stopping)  # a retry's wait ends when the pool closes
         heard = listen_for_retries(self._on_retry)
+        bound = within(self._deadline)
         try:
             with limit.place(started_in):
                 result = call()
@@ -282,6 +287,7 @@ class BoundedCalls:
         else:
             future.set_result(result)
         finally:
+            reset_deadline(bound)
             reset_retry_listener(heard)
             reset_stop(stop)
 

@@ -46,7 +46,13 @@ from batchspec.core.recorded import (
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.core.sharding import ShardLimits
 from batchspec.errors import ProviderError
-from batchspec.providers.base import RetryNotice, listen_for_retries, reset_retry_listener
+from batchspec.providers.base import (
+    RetryNotice,
+    listen_for_retries,
+    reset_deadline,
+    reset_retry_listener,
+    within,
+)
 from batchspec.state.connection import CommitGroup
 from batchspec.state.store import GenerationRow, ResourceRow, StateStore
 from batchspec.wire.inputs import InputReport
@@ -125,6 +131,9 @@ class Reconciler:
         # provider reads of a pass run ahead in this many threads (maxConcurrency: per provider)
         self.parallelism = parallelism
         self.max_concurrency = max_concurrency
+        # when (``time.monotonic``) ``apply --wait --timeout`` ends: the calls of a pass give
+        # up then (``DeadlineReached``), not after their own timeouts and retries
+        self.deadline: float | None = None
         # a saved plan (batchspec.core.planfile) limits spending to what it shows; None: no limit
         self.may_spend = may_spend
         # resources pruned from the workspace whose retired generations each pass drains
@@ -294,10 +303,14 @@ class Reconciler:
         call still runs), then the cancels it had answered are recorded before the error
         goes on (``record_cancels_sent_ahead``)."""
         heard = listen_for_retries(self._say_retry)  # the steps' own calls, on this thread
+        bound = within(self.deadline)  # theirs too
         try:
             with (
                 BoundedCalls(
-                    self.parallelism, self.max_concurrency, on_retry=self._say_retry
+                    self.parallelism,
+                    self.max_concurrency,
+                    on_retry=self._say_retry,
+                    deadline=self.deadline,
                 ) as calls,
                 calls.admitting(self._may_wait_for_a_place),
             ):
@@ -310,6 +323,7 @@ class Reconciler:
         finally:
             self.ctx.prefetched = Prefetched()
             self.ctx.calls = None
+            reset_deadline(bound)
             reset_retry_listener(heard)
 
     def _say_retry(self, notice: RetryNotice) -> None:
