@@ -72,7 +72,7 @@ def test_apply_wait_on_the_local_engine_writes_results_in_input_order(
     ids = ["echo", "delta", "alpha", "charlie", "bravo"]
     for line, cid in zip(lines, ids, strict=True):
         line["custom_id"] = cid
-    lines[2]["body"]["messages"] = []  # rejected by the stand-in: a final 400
+    lines[2]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("triage", lines)
 
     code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)

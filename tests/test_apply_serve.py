@@ -63,7 +63,7 @@ def shuffled_input(ws: Workspace, name: str) -> list[str]:
     ids = ["zulu", "alpha", "mike", "bravo", "yankee", "charlie"]
     for line, cid in zip(lines, ids, strict=True):
         line["custom_id"] = cid
-    lines[3]["body"]["messages"] = []  # "bravo" fails for good
+    lines[3]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input(name, lines)
     return ids
 

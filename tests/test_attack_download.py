@@ -195,7 +195,7 @@ def test_an_errors_file_that_fails_after_the_output_file_came_leaves_both_to_the
         tmp_path, serve_engine, gateways, upstream, ResourceSpec("alpha", 4)
     )
     lines = request_lines(4)
-    lines[2]["body"]["messages"] = []  # the builtin stand-in answers 400: an errors line
+    lines[2]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("alpha", lines)
     files = _ended(ws, srv, capsys, "alpha")
     [(output, errors)] = files["alpha"]

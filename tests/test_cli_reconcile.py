@@ -494,7 +494,7 @@ def test_results_prints_the_merged_file_and_errors(
     """results NAME prints the output file byte for byte; --errors the errors file."""
     ws = local_ws(tmp_path / "ws")
     lines = [json.loads(x) for x in ws.input_path("triage").read_text().splitlines()]
-    lines[1]["body"]["messages"] = []
+    lines[1]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("triage", lines)
     assert run_cli(["results", "triage", str(ws.root)], capsys)[0] == 1  # nothing yet
     assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
@@ -816,7 +816,7 @@ def test_a_timeout_with_a_resource_already_degraded_exits_4(
     )
     lines = request_lines(2)
     for line in lines:
-        line["body"]["messages"] = []  # the stand-in refuses each: a final 400
+        line["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("doomed", lines)
     argv = ["apply", str(ws.root), "--yes", "--wait", "--json", *FAST, "--timeout", "1"]
 

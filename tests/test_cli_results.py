@@ -131,7 +131,7 @@ def test_results_with_failed_requests_say_where_the_failures_are(
         resources=[ResourceSpec("mixed", count=1, provider="here")],
     )
     lines = request_lines(3, prefix="m")
-    lines[1]["body"]["messages"] = []  # the upstream refuses it: 400, not retryable
+    lines[1]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("mixed", lines)
     code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
     assert code == 0, out + err

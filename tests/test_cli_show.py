@@ -100,7 +100,7 @@ def test_a_degraded_resource_says_what_to_do_next_in_status_and_show(
     )
     lines = request_lines(3)
     for line in lines:
-        line["body"]["messages"] = []  # the stand-in refuses each: a final 400
+        line["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("doomed", lines)
     root = str(ws.root)
     assert run_cli(["apply", root, "--wait", "--poll-interval", "0.05"], capsys)[0] == 4

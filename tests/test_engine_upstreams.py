@@ -81,6 +81,18 @@ def test_responses_moderations_and_completions_shapes():
         pytest.param("/v1/chat/completions", {"model": "m"}, 400, id="no-messages"),
         pytest.param("/v1/images/generations", {"model": "m"}, 404, id="unknown-url"),
         pytest.param("/v1/embeddings", ["not", "an", "object"], 400, id="not-an-object"),
+        pytest.param(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            400,
+            id="temperature-out-of-range",
+        ),
+        pytest.param(
+            "/v1/chat/completions",
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            id="a-model-it-does-not-serve",
+        ),
     ],
 )
 def test_stand_in_refuses_what_openai_refuses(url, body, status):

@@ -59,7 +59,7 @@ def applied(tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[Any]
 def with_failure(count: int = 3) -> list[dict[str, Any]]:
     """``count`` chat requests; the middle one has no messages, so the stand-in answers 400."""
     lines = request_lines(count)
-    lines[1]["body"]["messages"] = []
+    lines[1]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     return lines
 
 
@@ -85,7 +85,7 @@ def test_csv_has_one_row_per_request_in_input_order_with_answer_usage_cost_and_e
     )
     expected = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
     assert float(rows[0]["cost_usd"]) == pytest.approx(expected)
-    assert rows[1]["answer"] == "" and "messages" in rows[1]["error_message"]
+    assert rows[1]["answer"] == "" and "temperature" in rows[1]["error_message"]
 
 
 def test_jsonl_format_is_rows_and_the_default_stays_the_raw_lines(

@@ -230,7 +230,7 @@ def test_non_retryable_failures_are_final_and_not_resubmitted(
     srv = serve()
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("mixed", count=1))
     lines = request_lines(5, prefix="m")
-    lines[2]["body"]["messages"] = []
+    lines[2]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("mixed", lines)
 
     code, out, err = apply_wait(ws, capsys)
@@ -252,7 +252,7 @@ def test_a_job_failed_for_good_without_a_retry_says_not_retryable(
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("bad", count=1))
     lines = request_lines(3, prefix="b")
     for line in lines:
-        line["body"]["messages"] = []
+        line["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("bad", lines)
 
     code, out, err = apply_wait(ws, capsys)
@@ -561,7 +561,7 @@ def test_a_one_request_job_whose_request_failed_is_degraded(
     srv = serve()
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("single", count=1))
     [line] = request_lines(1, prefix="s")
-    line["body"]["messages"] = []
+    line["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("single", [line])
 
     code, out, err = apply_wait(ws, capsys)
@@ -587,7 +587,7 @@ def _final_codes_job(
     )
     lines = request_lines(count)
     for index in UNFAULTED[count]:
-        lines[index]["body"]["messages"] = []
+        lines[index]["body"]["temperature"] = 3  # out of range: the stand-in answers 400, for good
     ws.write_input("codes", lines)
     code, out, err = apply_wait(ws, capsys)
     with ws.store() as store:

@@ -340,6 +340,10 @@ class BuiltinUpstream:
         return None
 
 
+#: models the stand-in does not serve (each request naming one answers 404)
+UNKNOWN_MODEL_PREFIX = "no-such-"
+
+
 def answer(url: str, body: Any) -> UpstreamResponse:
     """The stand-in's answer to one request (pure, apart from ``created`` timestamps)."""
     path = url[3:] if url.startswith("/v1/") else url
@@ -353,6 +357,18 @@ def answer(url: str, body: Any) -> UpstreamResponse:
     required = _REQUIRED.get(path)
     if required is not None and body.get(required) in (None, "", []):
         return _api_error(400, f"'{required}' is a required property.", param=required)
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
+        # OpenAI's range; validate leaves parameter ranges to the provider (they differ)
+        side = "greater than the maximum of 2" if temperature > 2 else "less than the minimum of 0"
+        return _api_error(400, f"{temperature} is {side} - 'temperature'", param="temperature")
+    model = body.get("model")
+    if isinstance(model, str) and model.startswith(UNKNOWN_MODEL_PREFIX):
+        # as a provider answers a model it does not serve: a request that fails for good,
+        # offline (what validate cannot know, a failure to try the errors files and retries on)
+        return _api_error(
+            404, f"The model `{model}` does not exist or you do not have access to it."
+        )
     return UpstreamResponse(
         status_code=200, body=handler(body), request_id=_stable_id("req_", body)
     )

@@ -422,6 +422,7 @@ class Worker:
             endpoint=endpoint,
             max_line_bytes=self.settings.max_line_bytes,
             max_requests=self.settings.max_requests,
+            check_messages=False,  # answered per line, as OpenAI does
         )
         if not report.ok:
             errors = [

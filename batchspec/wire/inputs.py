@@ -54,6 +54,9 @@ Rules, each with its stable ``code`` (OpenAI's name where it has one)
     ``missing_model``       ``body.model`` absent or null. Exception: a ``/v1/moderations``
                             line may omit it (OpenAI defaults it) unless ``model`` is given.
     ``invalid_model``       ``body.model`` not a string or empty.
+    ``missing_messages``    a ``/chat/completions`` line's ``body.messages`` absent;
+    ``invalid_messages``    not a list, or empty (the provider would refuse that line after
+                            the upload). Not with ``check_messages=False`` (the engine).
     ``model_mismatch``      ``body.model`` differs from ``model`` (the manifest's); without
                             ``model``, from the first line that named a model (OpenAI and
                             Azure: one model or deployment per file). The message names it.
@@ -364,6 +367,7 @@ class _Checker:
         self.shown: list[InputProblem] = []
         self.count = 0
         self.max_output_tokens = 0
+        self.messages = True  # a chat line's messages checked (``scan_batch_input``)
 
     def problem(self, line: int, code: str, message: str) -> None:
         self.count += 1
@@ -390,6 +394,12 @@ class _Checker:
         body = obj.get("body")
         if type(body) is dict:
             self.check_model(line, body.get("model"), url)
+            if (
+                self.messages
+                and not (self.anthropic or self.gemini)
+                and _chat(url or self.endpoint)
+            ):
+                self.check_messages(line, body.get("messages", _MISSING))  # theirs: below
             self.max_output_tokens += max_output_of_request(url, body)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
@@ -492,6 +502,19 @@ class _Checker:
             )
         return url
 
+    def check_messages(self, line: int, messages: Any) -> None:
+        """A chat completion answers at least one message: a line without any is refused by
+        the provider after its upload (``[] is too short``), so here, before a cent."""
+        if messages is _MISSING:
+            self.problem(line, "missing_messages", "body.messages is missing; a chat line needs it")
+        elif type(messages) is not list:
+            kind = _json_type(messages)
+            self.problem(line, "invalid_messages", f"body.messages must be a list, not a {kind}")
+        elif not messages:
+            self.problem(
+                line, "invalid_messages", "body.messages is empty; a chat line needs a message"
+            )
+
     def check_model(self, line: int, model: Any, url: str | None) -> None:
         if type(model) is not str or not model:
             if model is None:
@@ -525,6 +548,10 @@ class _Checker:
             )
 
 
+def _chat(url: str | None) -> bool:
+    return url is not None and url.rstrip("/").endswith("/chat/completions")
+
+
 def _moderation(url: str | None) -> bool:
     return url is not None and url.rstrip("/").endswith("/moderations")
 
@@ -544,15 +571,19 @@ def scan_batch_input(
     allow_unversioned_url: bool = False,
     dialect: str = "openai",
     index: RequestIndexWriter | None = None,
+    check_messages: bool = True,
 ) -> InputReport:
     """Read ``path`` once and report every problem (see the module docstring for the rules).
 
     ``index``: also record every request line's facts there, from the same pass
     (``batchspec.wire.request_index``; meaningful only when the report is ok).
+    ``check_messages=False`` (the engine, as OpenAI's batch validation): a chat line's
+    ``messages`` is the request's own business, answered per line (400), not the file's.
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
+    checker.messages = check_messages
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
     add = index.add if index is not None else None
