@@ -231,6 +231,9 @@ def test_a_new_resource_over_an_orphans_results_is_refused_before_anything_is_su
     code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
     assert code == 1
     assert said in err and "batchspec apply --prune --select old-name" in err
+    # selected alone, the orphan is out of the plan: its files are not out of reach
+    code, _, err = run_cli(["apply", str(ws.root), "--select", "new-name", "--wait"], capsys)
+    assert code == 1 and said in err
     assert (sha256(output), sha256(errors)) == kept
     assert remote_ids(ws) == batches
     with ws.store() as store:

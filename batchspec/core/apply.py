@@ -243,7 +243,7 @@ def plan_workspace(
         )
         refusals: list[BatchspecError] = [
             *budget_refusals(plan, resources, facts, store, ws.project.providers, outputs),
-            *overwritten_orphan_results(store, plan, resources, ws.project.root),
+            *overwritten_orphan_results(store, plan, resources, ws.project.root, elsewhere),
         ]
         warnings += rename_hints(store, plan, _unmoved_inputs(resources, facts))
         warnings += [f"{a.resource}: {a.reason}" for a in plan.actions if a.declared_by]
@@ -421,7 +421,7 @@ def apply_workspace(
                     backoff=requeue_backoff(ws),
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
-                require_orphan_results_kept(store, plan, resources, ws.project.root)
+                require_orphan_results_kept(store, plan, resources, ws.project.root, elsewhere)
             require_consent(
                 plan,
                 ws,

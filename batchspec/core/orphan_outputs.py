@@ -14,6 +14,7 @@ already, or edited), nothing of the orphan's is left there to keep.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from batchspec.core.plan import ActionKind, Plan
@@ -25,10 +26,14 @@ from batchspec.workspace.yamldoc import display_path
 
 
 def require_orphan_results_kept(
-    store: StateStore, plan: Plan, resources: Sequence[Resource], root: Path
+    store: StateStore,
+    plan: Plan,
+    resources: Sequence[Resource],
+    root: Path,
+    declared: AbstractSet[str] | None,
 ) -> None:
     """Raise the first of ``overwritten_orphan_results`` (the others in its details)."""
-    errors = overwritten_orphan_results(store, plan, resources, root)
+    errors = overwritten_orphan_results(store, plan, resources, root, declared)
     if errors:
         first = errors[0]
         raise ManifestError(
@@ -37,18 +42,31 @@ def require_orphan_results_kept(
 
 
 def overwritten_orphan_results(
-    store: StateStore, plan: Plan, resources: Sequence[Resource], root: Path
+    store: StateStore,
+    plan: Plan,
+    resources: Sequence[Resource],
+    root: Path,
+    declared: AbstractSet[str] | None,
 ) -> list[ManifestError]:
-    """One error per result file of an orphan (``ORPHANED`` in ``plan``) that a resource of
-    ``resources`` would write, while the file holds the orphan's results. ``root``: the
-    project's root, which the state's recorded paths are relative to."""
+    """One error per result file of an orphan that a resource of ``resources`` would write,
+    while the file holds the orphan's results. An orphan: ``ORPHANED`` in ``plan``, or, the
+    plan being narrowed by ``--select``, any resource recorded and not forgotten that the
+    whole workspace does not declare (``declared``; None: not known), unless the plan prunes
+    it. ``root``: the project's root, which the state's recorded paths are relative to."""
     orphans = [a.resource for a in plan.actions if a.kind is ActionKind.ORPHANED]
+    if declared is not None:
+        planned = {a.resource for a in plan.actions}
+        orphans += [
+            row.name
+            for row in store.list_resources()
+            if row.name not in declared and row.name not in planned
+        ]
     if not orphans:
         return []
     writes: dict[Path, tuple[str, str]] = {}  # a file declared: (resource, "output"/"errors")
     for res in resources:
-        for key, declared in (("output", res.output_path), ("errors", res.errors_path)):
-            writes.setdefault(declared.resolve(), (res.name, key))
+        for key, path in (("output", res.output_path), ("errors", res.errors_path)):
+            writes.setdefault(path.resolve(), (res.name, key))
     errors = []
     for orphan in orphans:
         written = [g for g in store.generations(orphan) if g.output_sha256 or g.errors_sha256]
