@@ -24,6 +24,7 @@ contain an API key: provider errors are built from the provider's response, not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 
@@ -99,6 +100,15 @@ class ProviderError(BatchspecError):
         not the resource's, and naming the first one that met it sent users to its manifest."""
         if not self.provider_down:
             super().about(resource)
+
+
+def raise_first(errors: Sequence[BatchspecError]) -> None:
+    """Raise the first of ``errors`` with the others' messages among its details (none:
+    return): a step refused for several reasons says every one at once."""
+    if errors:
+        first = errors[0]
+        first.details += [e.message for e in errors[1:]]
+        raise first
 
 
 class StateError(BatchspecError):

@@ -375,7 +375,7 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
             "",
         ]
     listed = [a for a in plan.actions if unchanged or not a.leaves_alone]
-    budget = [MARKDOWN_TABLES_BUDGET]  # what the two tables may still take
+    room = MARKDOWN_TABLES_BUDGET  # what the two tables may still take
     if listed:
         lines += [
             "| resource | action | reason | requests | est. tokens | est. cost |",
@@ -394,7 +394,9 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
                 f"| `{a.resource}` | `{symbol}` {a.kind.value} | {_md_cell(a.reason)} "
                 f"| {requests} | {tokens} | {cost} |"
             )
-        lines += _within(rows, budget, share=0.8)
+        kept = _within(rows, int(room * 0.8))  # the details table gets the rest
+        room -= sum(len(row) + 1 for row in kept)
+        lines += kept
     if not plan.actions:
         lines.append("_No resources selected._")
     elif len(listed) < len(plan.actions):
@@ -424,22 +426,20 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
             spec = f"`{a.spec_hash[:12]}`" if a.spec_hash else ""
             generation = "" if a.generation_id is None else str(a.generation_id)
             rows.append(f"| `{a.resource}` | {a.provider or ''} | {spec} | {generation} |")
-        lines += [*_within(rows, budget, share=1.0), ""]
+        lines += [*_within(rows, room), ""]
     lines.append("</details>")
     return "\n".join(lines) + "\n"
 
 
-def _within(rows: list[str], budget: list[int], *, share: float) -> list[str]:
-    """The table ``rows`` that fit in ``share`` of what ``budget`` has left (taken from it),
-    then a row saying how many were left out; a fleet's plan comment stays postable."""
-    room = int(budget[0] * share)
+def _within(rows: list[str], room: int) -> list[str]:
+    """The table ``rows`` that fit in ``room`` characters, then a row saying how many were
+    left out: a fleet's plan comment stays postable."""
     kept: list[str] = []
     for row in rows:
-        if len(row) + 1 > room:
+        room -= len(row) + 1
+        if room < 0:
             break
         kept.append(row)
-        room -= len(row) + 1
-    budget[0] -= sum(len(row) + 1 for row in kept)
     if len(kept) < len(rows):
         left = _plural(len(rows) - len(kept), "more resource")
         kept.append(

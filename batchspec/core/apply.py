@@ -49,7 +49,7 @@ from batchspec.core.moves import (
     renamed_error,
     renamed_to,
 )
-from batchspec.core.orphan_outputs import overwritten_orphan_results, require_orphan_results_kept
+from batchspec.core.orphan_outputs import overwritten_orphan_results
 from batchspec.core.plan import (
     ACTIVE_GENERATION_STATUSES,
     Action,
@@ -116,6 +116,7 @@ from batchspec.errors import (
     StateError,
     StateLockedError,
     UsageError,
+    raise_first,
 )
 from batchspec.providers.base import DeadlineReached
 from batchspec.state.lock import HeldLock, LockHolder, acquire_lock, current_lock
@@ -421,7 +422,9 @@ def apply_workspace(
                     backoff=requeue_backoff(ws),
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
-                require_orphan_results_kept(store, plan, resources, ws.project.root, elsewhere)
+                raise_first(
+                    overwritten_orphan_results(store, plan, resources, ws.project.root, elsewhere)
+                )
             require_consent(
                 plan,
                 ws,
@@ -1248,12 +1251,7 @@ def require_within_budget(
     outputs: Mapping[str, int],
 ) -> None:
     """Refuse, before anything is uploaded, a plan whose spending would exceed a budget."""
-    refusals = budget_refusals(plan, resources, facts, store, providers, outputs)
-    if refusals:
-        first = refusals[0]
-        raise BudgetError(
-            first.message, details=[*first.details, *(e.message for e in refusals[1:])]
-        )
+    raise_first(budget_refusals(plan, resources, facts, store, providers, outputs))
 
 
 def budget_refusals(

@@ -25,22 +25,6 @@ from batchspec.workspace.manifest import Resource
 from batchspec.workspace.yamldoc import display_path
 
 
-def require_orphan_results_kept(
-    store: StateStore,
-    plan: Plan,
-    resources: Sequence[Resource],
-    root: Path,
-    declared: AbstractSet[str] | None,
-) -> None:
-    """Raise the first of ``overwritten_orphan_results`` (the others in its details)."""
-    errors = overwritten_orphan_results(store, plan, resources, root, declared)
-    if errors:
-        first = errors[0]
-        raise ManifestError(
-            first.message, details=[*first.details, *(e.message for e in errors[1:])]
-        )
-
-
 def overwritten_orphan_results(
     store: StateStore,
     plan: Plan,
@@ -117,4 +101,4 @@ def _sha256_or_none(path: Path) -> str | None:
         return None
 
 
-__all__ = ["overwritten_orphan_results", "require_orphan_results_kept"]
+__all__ = ["overwritten_orphan_results"]
