@@ -1354,3 +1354,34 @@ def test_calls_in_flight_each_take_a_client_given_back_for_the_next_and_closed_a
     finally:
         provider.close()
         server.stop()
+
+
+# -- apply --wait --timeout ------------------------------------------------------------------
+
+
+def test_a_create_past_the_runs_timeout_is_not_sent_and_says_so(scripted: ScriptedServer) -> None:
+    """With the run's --timeout spent, a create is refused before it leaves (``sent_nothing``:
+    its intent is ``pending`` again, created at once next run); a 429 whose Retry-After
+    outlasts what is left ends the call at once instead of waiting, not marked as unsent
+    (after a first attempt, only a lookup could tell)."""
+    from batchspec.providers.base import DeadlineReached, reset_deadline, within
+
+    provider, sleeps = make_provider(scripted)
+    token = within(time.monotonic() - 1)
+    try:
+        with pytest.raises(DeadlineReached) as spent:
+            provider.create_batch(
+                input_file_id="file-1", endpoint=CHAT, completion_window="24h", metadata={}
+            )
+        assert spent.value.sent_nothing and scripted.methods() == []
+    finally:
+        reset_deadline(token)
+    scripted.script(error_answer(429, retry_after="30"), ok())
+    token = within(time.monotonic() + 5)
+    try:
+        with pytest.raises(DeadlineReached) as waited:
+            provider.get_batch("batch_1")
+        assert not waited.value.sent_nothing and sleeps == []
+        assert scripted.methods() == ["GET"]  # the 429's retry was not waited for
+    finally:
+        reset_deadline(token)
