@@ -109,6 +109,28 @@ def test_a_line_nested_too_deep_to_read_is_skipped_not_a_traceback(tmp_path: Pat
     assert ends_mid_line(path)
 
 
+@pytest.mark.parametrize(
+    ("content", "cut"),
+    [
+        (b"", False),
+        (b"\n", False),
+        (b'{"custom_id": "a"}\n{"custom_id": "b"}\n', False),
+        (b'{"custom_id": "a"}\n{"custom_id": "b"}', False),  # only its newline missing
+        (b'{"custom_id": "a"}\n{"custom_id": "b', True),
+        (b'{"custom_id": "a"}\n   ', False),
+        (b'{"custom_id": "a', True),
+    ],
+)
+def test_a_file_is_cut_mid_line_only_when_its_last_line_is_not_whole(
+    tmp_path: Path, content: bytes, cut: bool
+) -> None:
+    """``ends_mid_line`` tells a file ending in a newline by its last byte, and reads the
+    last line back only when there is none."""
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    assert ends_mid_line(path) is cut
+
+
 def test_a_batch_whose_ledger_was_never_written_is_still_collected_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -428,6 +428,22 @@ def test_a_batch_object_of_wrong_types_is_read_leniently(
         assert abs(number) < 2**63  # what the state's integer columns hold
 
 
+def test_a_download_cut_off_then_whole_lands_in_a_folder_made_for_it(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A download's folder is made when the body's file is first opened (not before every
+    download): into a folder that is not there, a body cut off once and then sent whole is
+    written whole, with nothing of the cut copy and no partial file left."""
+    body = b"".join(b'{"custom_id": "r%d"}\n' % i for i in range(5000))
+    scripted.script(Answer(200, body, cut_after=len(body) // 2), Answer(200, body))
+    provider, sleeps = make_provider(scripted)
+    dest = tmp_path / "not" / "there" / "out.jsonl"
+    assert provider.download_file("file-1", dest) == len(body)
+    assert dest.read_bytes() == body
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["out.jsonl"]
+    assert len(sleeps) == 1
+
+
 def test_a_download_error_its_content_encoding_cannot_decode_is_a_provider_error(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:

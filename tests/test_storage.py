@@ -53,6 +53,51 @@ def test_put_from_files_content_under_its_sha256_privately(tmp_path: Path, umask
     assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
 
 
+def test_the_store_s_folders_removed_mid_run_are_made_again_private(
+    tmp_path: Path, umask: int
+) -> None:
+    """The store no longer looks for its folders before every write: a root, temporary
+    folder or ``sha[:2]`` folder removed since the last write (a user's cleanup between two
+    downloads) is found missing by the write and made again, 0700, and the blob filed."""
+    import shutil
+
+    blobs = BlobStore(tmp_path / "store")
+    first = blobs.put_from(lambda tmp: tmp.write_bytes(b"one\n"))
+    shutil.rmtree(blobs.root)
+    second = blobs.put_from(lambda tmp: tmp.write_bytes(b"two\n"))
+    assert blobs.path(second).read_bytes() == b"two\n"
+    shutil.rmtree(blobs.tmp_dir)
+    shutil.rmtree(blobs.path(second).parent)
+    with blobs.writer() as writer:
+        writer.write(b"two\n")
+        assert writer.commit() == second
+    assert blobs.path(second).read_bytes() == b"two\n"
+    assert not blobs.has(first)
+    assert mode(blobs.path(second)) == 0o600
+    assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
+
+
+def test_temporary_names_differ_across_writes_and_in_a_forked_child() -> None:
+    """Names of writes in progress come from a per-process prefix and a counter, not random
+    bytes per file: each differs from the last, and a forked child (same prefix, same
+    counter) still names its writes apart from its parent's, by its pid."""
+    from batchspec.storage.blobstore import unique_name
+
+    names = {unique_name() for _ in range(1000)}
+    assert len(names) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next name, to the parent
+        os.write(write, unique_name().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    assert child != unique_name()
+    assert child.rsplit("-", 2)[0] == unique_name().rsplit("-", 2)[0]  # the same prefix
+
+
 def test_a_streamed_write_is_hashed_counted_and_deduplicated(tmp_path: Path) -> None:
     """The streaming writer names the blob by its sha256, counts its size, and filing the same
     content twice keeps one blob and leaves no temporary file."""

@@ -865,7 +865,6 @@ class RetryingClient:
         operation: str,
         headers: Mapping[str, str] | None,
     ) -> int:
-        dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         for retries_done in range(self._policy.max_attempts):
             response = self._send(
@@ -1074,16 +1073,35 @@ MAX_ERROR_BODY_BYTES = 1024 * 1024
 def _write_body(
     response: httpx.Response, partial: Path, *, stall_seconds: float | None, provider: str
 ) -> int:
-    """Write the body to ``partial`` (``stall_checked``); its bytes."""
+    """Write the body to ``partial`` (``stall_checked``); its bytes.
+
+    Written with the file descriptor's own calls: a buffered file object's set-up asks the
+    kernel three more things, and each call a download makes waits again for the
+    interpreter lock that the other downloads of a pass hold in turn."""
     written = 0
-    with open(partial, "wb") as out:
+    out = _create_partial(partial)
+    try:
         for chunk in stall_checked(response, stall_seconds, provider=provider):
-            out.write(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view) :]
             written += len(chunk)
-        out.flush()
         # the caller keeps this file as the only copy of a paid-for result: make it durable
-        os.fsync(out.fileno())
+        os.fsync(out)
+    finally:
+        os.close(out)
     return written
+
+
+def _create_partial(partial: Path) -> int:
+    """``partial`` created (or emptied) for writing; its folder is made when missing (found
+    so, not looked for before every download)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        return os.open(partial, flags, 0o666)
+    except FileNotFoundError:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(partial, flags, 0o666)
 
 
 def _read_whole(

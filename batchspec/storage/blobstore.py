@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from batchspec.errors import BatchspecError
 from batchspec.storage.private import (
@@ -47,6 +48,18 @@ from batchspec.storage.private import (
 )
 
 CHUNK = 1 << 20
+_T = TypeVar("_T")
+#: temporary names: this process's random prefix, its pid (a forked child has its own) and a
+#: counter are unique as a random name per file is, without a call for random bytes each
+_PREFIX = secrets.token_hex(8)
+_COUNTER = itertools.count()
+
+
+def unique_name() -> str:
+    """A name no other write in progress has (in this process or another)."""
+    return f"{_PREFIX}-{os.getpid()}-{next(_COUNTER)}"
+
+
 #: a write in progress untouched this long was left by a killed process (``sweep_stale_tmp``)
 STALE_TMP_SECONDS = 24 * 3600.0
 
@@ -112,9 +125,8 @@ class BlobStore:
         (``BlobMismatchError``). With ``replace``, it replaces a copy already filed (a damaged
         one being repaired).
         """
-        tmp = self._new_tmp_path()
+        tmp, _ = self._new_tmp(lambda path: create_private_file(path, self.file_mode))
         try:
-            create_private_file(tmp, self.file_mode)
             write(tmp)
             os.chmod(tmp, self.file_mode)  # in case ``write`` replaced the file
             sha = sha256_file(tmp)
@@ -157,10 +169,16 @@ class BlobStore:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _new_tmp_path(self) -> Path:
-        ensure_private_dir(self.root, self.dir_mode)
-        ensure_private_dir(self.tmp_dir, self.dir_mode)
-        return self.tmp_dir / f"part-{secrets.token_hex(16)}"
+    def _new_tmp(self, create: Callable[[Path], _T]) -> tuple[Path, _T]:
+        """A new name under ``tmp_dir`` and what ``create(name)`` made there; the store's
+        folders are made when missing (found so, not looked for before every write)."""
+        tmp = self.tmp_dir / f"part-{unique_name()}"
+        try:
+            return tmp, create(tmp)
+        except FileNotFoundError:
+            ensure_private_dir(self.root, self.dir_mode)
+            ensure_private_dir(self.tmp_dir, self.dir_mode)
+            return tmp, create(tmp)
 
     def _file(self, tmp: Path, sha256: str, *, replace: bool = False) -> None:
         """Move a complete temporary file to its content-addressed place (over a file already
@@ -169,8 +187,11 @@ class BlobStore:
         if dest.exists() and not replace:
             tmp.unlink()
             return
-        ensure_private_dir(dest.parent, self.dir_mode)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:  # its folder (``sha[:2]``) is made the first time
+            ensure_private_dir(dest.parent, self.dir_mode)
+            os.replace(tmp, dest)
 
 
 class BlobWriter:
@@ -187,8 +208,8 @@ class BlobWriter:
         self._too_large = too_large
         self._hash = hashlib.sha256()
         self.size = 0
-        self.tmp_path = blobs._new_tmp_path()
-        self._fh: BinaryIO | None = open_new_file(self.tmp_path, blobs.file_mode)
+        self.tmp_path, fh = blobs._new_tmp(lambda path: open_new_file(path, blobs.file_mode))
+        self._fh: BinaryIO | None = fh
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)

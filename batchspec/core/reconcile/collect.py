@@ -29,6 +29,7 @@ batches (retries, ``--wait``'s later passes) whose results could not be download
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -158,7 +159,15 @@ def is_blank(path: Path) -> bool:
 def ends_mid_line(path: Path) -> bool:
     """Whether a JSONL file's last line is cut short: no newline ends it and it is not a JSON
     value by itself (a file whose last line lacks only its newline is whole). The last line
-    is found by reading back from the end a chunk at a time, then read once."""
+    is found by reading back from the end a chunk at a time, then read once (a file that
+    ends with a newline, as a whole one does, is told by its last byte alone)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+            return False
+    finally:
+        os.close(fd)
     with path.open("rb") as f:
         end = f.seek(0, 2)
         start = end  # of the last line, once its newline is found
