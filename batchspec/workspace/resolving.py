@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -62,11 +63,24 @@ class FolderResolver:
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """``Path(path).resolve()``, its folder resolved once (a symlink loop raises as
         ``Path.resolve`` does)."""
+        return self._resolve(path, None)
+
+    def resolve_together(self, paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+        """``resolve`` of each of ``paths``, asked at one moment: a folder they share is
+        looked at once for them all (with ``recheck``, its two stats are taken once, not once
+        a path: nothing runs between the answers that could swap it)."""
+        seen: dict[str, str] = {}
+        return [self._resolve(path, seen) for path in paths]
+
+    def _resolve(self, path: str | os.PathLike[str], seen: dict[str, str] | None) -> Path:
         text = os.fspath(path)
         head, name = os.path.split(text)
         if not head or name in ("", ".", "..") or os.name != "posix":
             return Path(text).resolve()
-        folder = self.folder(head)
+        if seen is None:
+            folder = self.folder(head)
+        else:
+            folder = seen.get(head) or seen.setdefault(head, self.folder(head))
         candidate = os.path.join(folder, name)
         if os.path.islink(candidate):
             return Path(text).resolve()
