@@ -78,11 +78,13 @@ Spec hash
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -1121,13 +1123,30 @@ class _PathResolver:
 RELATIVE_TO_MANIFEST = "a manifest's paths are relative to the manifest's own folder"
 
 
+#: what ``Path.exists()`` takes for "not there" rather than raising
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _stat_if_there(path: Path) -> os.stat_result | None:
+    """``path.stat()``, or None where ``path.exists()`` would say False."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        if err.errno in _NOT_THERE:
+            return None
+        raise
+    except ValueError:  # an unrepresentable path (an embedded NUL)
+        return None
+
+
 def _input_hash(
     doc: YamlDocument, path: Path, hash_input: Callable[[Path], str], problems: list[Problem]
 ) -> str | None:
     pointer = "/spec/input"
-    if not path.exists():
+    found = _stat_if_there(path)  # one stat, not ``exists()`` and ``is_file()``'s two
+    if found is None:
         reason = f"input file not found: {display_path(path)} ({RELATIVE_TO_MANIFEST})"
-    elif not path.is_file():
+    elif not stat.S_ISREG(found.st_mode):
         reason = f"input is not a file: {display_path(path)}"
     else:
         try:
