@@ -130,6 +130,7 @@ def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> s
 #: downloads of a file that came cut short (``download_to_store``) before it is a failure
 CUT_SHORT_ATTEMPTS = 3
 _TAIL_CHUNK = 64 * 1024
+_READ_BUFFER = 1 << 20
 #: a last line longer than this is not read back whole to be checked (memory stays flat)
 _LONGEST_LINE = 64 * 1024 * 1024
 
@@ -192,7 +193,8 @@ def read_result_lines(
     a request, and the request they would answer stays unresolved (and so is retried).
     """
     offset = 0
-    with path.open("rb") as f:
+    # buffering given: no isatty ioctl (and a large file is read a MiB, not 8 KiB, at a time)
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
         for raw in f:
             start = offset
             offset += len(raw)
