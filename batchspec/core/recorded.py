@@ -7,6 +7,7 @@ and hashes the result files on disk so the planner can notice a missing or edite
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -204,7 +205,7 @@ def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = disk_key(st)
     kept = None if hashes is None else hashes.get(path)
     if kept is not None and kept[0] == key:
         return kept[1]
@@ -212,3 +213,19 @@ def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
     if hashes is not None:
         hashes[path] = (key, sha)
     return sha
+
+
+def disk_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a ``DiskHashes`` entry is kept for: the file's inode, size, mtime and ctime."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_written(
+    hashes: DiskHashes | None, path: Path, sha256: str, st: os.stat_result | None
+) -> None:
+    """Keep the hash of a file the run has just written itself (``sha256``, hashed as it was
+    written), for the stat ``st`` it had as written (``blobstore.write_file_atomically``;
+    None: unknown, nothing is kept): the plan after the write does not read it back to hash
+    it. Any change since changes the stat, as with any kept hash."""
+    if hashes is not None and st is not None:
+        hashes[path] = (disk_key(st), sha256)

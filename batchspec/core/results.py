@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchspec.core.recorded import DiskHashes, remember_written
 from batchspec.state.ledger import LedgerRow, RequestLedger
 from batchspec.storage.blobstore import CHUNK, RawFileWriter, write_file_atomically
 from batchspec.storage.result_store import ResultStore
 
 UNRESOLVED_CODE = "batchspec_unresolved"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,18 @@ def write_results_in_input_order(
     blobs: ResultStore,
     output_path: Path,
     errors_path: Path,
+    hashes: DiskHashes | None = None,
 ) -> WrittenResults:
+    """Write the generation's result files; ``hashes``: the run's ``DiskHashes``, given the
+    two files' hashes as written (``recorded.remember_written``), so the plan that follows
+    does not read them back to hash them."""
     shas = ledger.blobs_of(generation_id)
     # fetched and verified before any writing; their paths, asked once
     local = {sha: blobs.ensure_local(sha) for sha in shas}
     if len(shas) == 1:
-        whole = _copy_of_a_whole_blob(ledger, generation_id, shas, local, output_path, errors_path)
+        whole = _copy_of_a_whole_blob(
+            ledger, generation_id, shas, local, output_path, errors_path, hashes
+        )
         if whole is not None:
             return whole
     counts = {"ok": 0, "failed": 0, "unresolved": 0}
@@ -75,9 +83,11 @@ def write_results_in_input_order(
                 answers.flush()
                 errors.flush()
 
-        write_file_atomically(errors_path, write_errors)
+        errors_stat = write_file_atomically(errors_path, write_errors)
+        remember_written(hashes, errors_path, digests["err"].hexdigest(), errors_stat)
 
-    write_file_atomically(output_path, write_both)
+    output_stat = write_file_atomically(output_path, write_both)
+    remember_written(hashes, output_path, digests["out"].hexdigest(), output_stat)
     return WrittenResults(
         output_sha256=digests["out"].hexdigest(),
         errors_sha256=digests["err"].hexdigest(),
@@ -98,6 +108,7 @@ def _copy_of_a_whole_blob(
     local: dict[str, Path],
     output_path: Path,
     errors_path: Path,
+    hashes: DiskHashes | None,
 ) -> WrittenResults | None:
     """The result files of a generation answered in full by one blob, its answers back to
     back in input order (``RequestLedger.back_to_back``: one batch that answered every
@@ -125,17 +136,19 @@ def _copy_of_a_whole_blob(
                 out.write(chunk)
             if newlines != placed.requests or last != b"\n":
                 raise _NotAsRecorded
-            write_file_atomically(errors_path, lambda err: None)  # created empty
+            errors_stat = write_file_atomically(errors_path, lambda err: None)  # created empty
+            remember_written(hashes, errors_path, EMPTY_SHA256, errors_stat)
 
         try:
-            write_file_atomically(output_path, copy_then_errors)
+            output_stat = write_file_atomically(output_path, copy_then_errors)
         except _NotAsRecorded:
             return None
+        remember_written(hashes, output_path, digest.hexdigest(), output_stat)
     finally:
         os.close(src)
     return WrittenResults(
         output_sha256=digest.hexdigest(),
-        errors_sha256=hashlib.sha256(b"").hexdigest(),
+        errors_sha256=EMPTY_SHA256,
         succeeded=placed.requests,
         failed=0,
         unresolved=0,

@@ -276,27 +276,26 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     ``write(tmp)`` fills the temporary file by its path (``write_file_atomically`` hands it
     the file already open instead).
     """
-
-    def by_path(fd: int, tmp: Path) -> None:
-        os.close(fd)
-        write(tmp)
-
-    _write_through_tmp(dest, by_path)
+    _write_through_tmp(dest, lambda fd, tmp: write(tmp), by_path=True)
 
 
-def write_file_atomically(dest: Path, fill: Callable[[RawFileWriter], object]) -> None:
+def write_file_atomically(
+    dest: Path, fill: Callable[[RawFileWriter], object]
+) -> os.stat_result | None:
     """``write_atomically``, with ``fill`` given the temporary file as created (its
-    descriptor, written unbuffered in chunks: ``RawFileWriter``), not its path to open again."""
+    descriptor, written unbuffered in chunks: ``RawFileWriter``), not its path to open again.
+
+    Returns ``dest``'s stat right after the rename (taken through the descriptor still
+    open), when it shows the file as the last write left it (same size and mtime: nothing
+    wrote to it since), so a caller that knows its content's hash can key it by that stat
+    as ``recorded.observe_disk`` would; else None."""
 
     def by_fd(fd: int, tmp: Path) -> None:
         out = RawFileWriter(fd)
-        try:
-            fill(out)
-            out.flush()
-        finally:
-            os.close(fd)
+        fill(out)
+        out.flush()
 
-    _write_through_tmp(dest, by_fd)
+    return _write_through_tmp(dest, by_fd, by_path=False)
 
 
 class RawFileWriter:
@@ -381,13 +380,26 @@ def _about(dest: Path, err: OSError) -> OSError:
     return OSError(err.errno, err.strerror or str(err), str(dest))
 
 
-def _write_through_tmp(dest: Path, write: Callable[[int, Path], object]) -> None:
-    """``write_atomically``'s frame: ``write(fd, tmp)`` fills the temporary file (and closes
-    ``fd``), which is then renamed onto ``dest``; any failure removes it and names ``dest``."""
+def _write_through_tmp(
+    dest: Path, write: Callable[[int, Path], object], *, by_path: bool
+) -> os.stat_result | None:
+    """``write_atomically``'s frame: ``write(fd, tmp)`` fills the temporary file (``by_path``:
+    closed first, for ``write`` to open by its path), which is then renamed onto ``dest``;
+    any failure removes it and names ``dest``. Not ``by_path``: the stat of ``dest`` as
+    renamed, if unchanged since the last write (``write_file_atomically``)."""
     fd, tmp = _create_tmp(dest)
     try:
-        write(fd, tmp)
-        os.replace(tmp, dest)
+        try:
+            if by_path:
+                os.close(fd)
+                fd = -1
+            write(fd, tmp)
+            written = None if by_path else os.fstat(fd)
+            os.replace(tmp, dest)
+            renamed = None if by_path else os.fstat(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
     except OSError as err:
         _discard(tmp)
         if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
@@ -396,6 +408,10 @@ def _write_through_tmp(dest: Path, write: Callable[[int, Path], object]) -> None
     except BaseException:
         _discard(tmp)
         raise
+    if written is None or renamed is None:
+        return None
+    unchanged = (renamed.st_size, renamed.st_mtime_ns) == (written.st_size, written.st_mtime_ns)
+    return renamed if unchanged else None
 
 
 def _discard(tmp: Path) -> None:

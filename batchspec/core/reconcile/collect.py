@@ -606,7 +606,7 @@ def _finish_generation(
     """Everything is collected and no retry is left: write the result files."""
     ctx.check_result_paths(res)
     written = write_results_in_input_order(
-        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
     )
     degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
