@@ -49,7 +49,7 @@ def test_an_apply_hashes_each_unchanged_result_file_once(
 ) -> None:
     """An apply that collects and writes results never reads them back to hash them (their
     hashes were taken as they were written), though the step's plan, the end-of-run plan
-    and the statuses all look at them."""
+    and the statuses all look at them; the next apply hashes each once in all."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"srv": local_provider()},
@@ -68,6 +68,9 @@ def test_an_apply_hashes_each_unchanged_result_file_once(
         == 0
     )
     assert not hashed, hashed
+
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    assert len(hashed) == 4 and set(hashed.values()) == {1}, hashed
 
 
 def test_a_result_file_the_run_wrote_is_not_read_back_but_a_change_after_is_seen(

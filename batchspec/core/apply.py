@@ -392,10 +392,14 @@ def apply_workspace(
                 resources, readded = planned_resources(
                     store, resources, options.replace, reuse=options.reuse
                 )
+                # the run's hashes of result files, from its first plan on (each unchanged
+                # file hashed once a run, not again by the passes)
+                disk_hashes: DiskHashes = {}
                 plan = compute_plan(
                     store,
                     resources,
                     facts,
+                    disk_hashes=disk_hashes,
                     readded=readded,
                     prune=options.prune,
                     elsewhere=elsewhere,
@@ -464,6 +468,7 @@ def apply_workspace(
                     retired_resources=lambda: pruned_resources(store, resources, options.select),
                     monotonic=clock,
                 )
+                rec.ctx.disk_hashes = disk_hashes
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace, readded)
                 timed_out = converge(
