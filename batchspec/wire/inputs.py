@@ -725,7 +725,7 @@ def problem_lines(report: InputReport, *, shown_path: str | None = None) -> list
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, read 1 MiB at a time."""
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # whole chunks: no buffer (nor its syscalls)
         while chunk := f.read(READ_CHUNK_BYTES):
             sha.update(chunk)
     return sha.hexdigest()
@@ -741,7 +741,7 @@ def iter_requests(
     ``scan_batch_input`` first.
     """
     where = os.fspath(path)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # _iter_lines reads whole chunks itself
         for lineno, line in _iter_lines(f, max_line_bytes, None):
             if line is None:
                 raise InputError(
