@@ -16,7 +16,7 @@ from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
 
 from batchspec.core import recorded
 from batchspec.core.plan import RecordedGeneration, RecordedResource
-from batchspec.core.recorded import DiskHashes, observe_disk, remember_written
+from batchspec.core.recorded import DiskHashes, DiskLook, observe_disk, remember_written
 from batchspec.storage.blobstore import sha256_file, write_file_atomically
 
 
@@ -102,3 +102,29 @@ def test_a_result_file_the_run_wrote_is_not_read_back_but_a_change_after_is_seen
     again = observe_disk([("r", out, err)], _written("r"), hashes=hashes)["r"]
     assert again.output_sha256 == hashlib.sha256(b"bbbb\n").hexdigest()
     assert read == ["out.jsonl"]
+
+
+def test_plans_made_back_to_back_look_at_each_result_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two observations sharing a ``DiskLook`` (apply's end-of-run plan and its statuses)
+    stat each result file once between them and answer alike; without one, each stats."""
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    out.write_text("aaaa\n")
+    hashes: DiskHashes = {}
+    observe_disk([("r", out, err)], _written("r"), hashes=hashes)
+    stats: Counter[str] = Counter()
+    real_stat = Path.stat
+
+    def counted(self: Path, **kwargs: bool) -> os.stat_result:
+        stats[self.name] += 1
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", counted)
+    look: DiskLook = {}
+    first = observe_disk([("r", out, err)], _written("r"), hashes=hashes, look=look)
+    second = observe_disk([("r", out, err)], _written("r"), hashes=hashes, look=look)
+    assert first == second and first["r"].output_sha256 == sha256_file(out)
+    assert stats == {"out.jsonl": 1, "err.jsonl": 1}
+    observe_disk([("r", out, err)], _written("r"), hashes=hashes)
+    assert stats == {"out.jsonl": 2, "err.jsonl": 2}

@@ -151,26 +151,33 @@ def recorded_batch(b: BatchRow) -> RecordedBatch:
 #: size, mtime and ctime in ns): the plans of one run hash an unchanged file once
 DiskHashes = dict[Path, tuple[tuple[int, int, int, int], str]]
 
+#: what plans made back to back, with nothing written between them, saw of each result
+#: file (its sha256, None: not a file): apply's end-of-run plan and its statuses look at
+#: the files once between them, not once each
+DiskLook = dict[Path, str | None]
+
 
 def observe_disk(
     paths: Iterable[tuple[str, Path, Path]],
     recorded: Mapping[str, RecordedResource],
     exports: Mapping[str, Iterable[Path]] | None = None,
     hashes: DiskHashes | None = None,
+    look: DiskLook | None = None,
 ) -> dict[str, DiskFacts]:
     """Hash result files on disk, only for resources whose results were written; note the
     ``spec.export`` files (``exports``, by resource) that are missing. ``hashes``: the run's
-    earlier hashes, taken again for a file whose stat has not changed since (and kept)."""
+    earlier hashes, taken again for a file whose stat has not changed since (and kept);
+    ``look``: what a plan made just before (nothing written since) saw, taken as it is."""
     facts = {}
     for name, output_path, errors_path in paths:
         rec = recorded.get(name)
         if rec is None or not any(g.output_sha256 for g in rec.generations):
             continue
         gone = [display_path(p) for p in (exports or {}).get(name, ()) if not p.is_file()]
-        output_sha = _sha_or_none(output_path, hashes)
+        output_sha = _looked(output_path, hashes, look)
         facts[name] = DiskFacts(
             output_sha,
-            _sha_or_none(errors_path, hashes),
+            _looked(errors_path, hashes, look),
             tuple(gone),
             None if output_sha else _moved_from(output_path, rec),
         )
@@ -194,6 +201,16 @@ def _moved_from(output_path: Path, rec: RecordedResource) -> str | None:
 def export_paths(resources: Iterable[Resource]) -> dict[str, list[Path]]:
     """Each resource's ``spec.export`` files, for ``observe_disk``."""
     return {r.name: [t.path for t in r.exports] for r in resources if r.exports}
+
+
+def _looked(path: Path, hashes: DiskHashes | None, look: DiskLook | None) -> str | None:
+    """``_sha_or_none``, answered from ``look`` when it saw ``path`` (and kept there)."""
+    if look is None:
+        return _sha_or_none(path, hashes)
+    if path in look:
+        return look[path]
+    sha = look[path] = _sha_or_none(path, hashes)
+    return sha
 
 
 def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
