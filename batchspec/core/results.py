@@ -128,13 +128,15 @@ def _copy_of_a_whole_blob(
         digest = hashlib.sha256()
 
         def copy_then_errors(out: RawFileWriter) -> None:
-            newlines, last = 0, b""
-            while chunk := os.read(src, CHUNK):
+            newlines, last, left = 0, b"", placed.end
+            # its size is known (fstat): read to it, not on to an empty read at its end
+            while left and (chunk := os.read(src, min(CHUNK, left))):
+                left -= len(chunk)
                 newlines += chunk.count(b"\n")
                 last = chunk[-1:]
                 digest.update(chunk)
                 out.write(chunk)
-            if newlines != placed.requests or last != b"\n":
+            if left or newlines != placed.requests or last != b"\n":
                 raise _NotAsRecorded
             errors_stat = write_file_atomically(errors_path, lambda err: None)  # created empty
             remember_written(hashes, errors_path, EMPTY_SHA256, errors_stat)
