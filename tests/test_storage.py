@@ -294,3 +294,41 @@ def test_a_temporary_name_already_taken_is_passed_over(tmp_path: Path) -> None:
     write_atomically(dest, lambda tmp: tmp.write_bytes(b"3\n"))
     assert dest.read_bytes() == b"3\n"
     assert taken.read_bytes() == b"someone else's\n"
+
+
+def test_whole_file_reads_and_result_writes_use_no_buffered_file_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a file (``sha256_file``), writing a result file (``write_file_atomically``),
+    reading a manifest (``read_bounded``) and scanning an input go through descriptors or an
+    unbuffered file: a buffered file object's fstat, isatty ioctl and lseeks were most of
+    the syscalls the apply's main thread made per resource (each a GIL hand-off)."""
+    import builtins
+    import io
+
+    from batchspec.wire.inputs import file_sha256, scan_batch_input
+    from batchspec.workspace.yamldoc import read_bounded
+
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    (tmp_path / "in.jsonl").write_bytes(line)
+    (tmp_path / "m.yaml").write_bytes(b"a: 1\n")
+    real_open = builtins.open
+
+    def unbuffered_only(file: object, mode: str = "r", buffering: int = -1, **kw: object) -> object:
+        assert buffering == 0, f"a buffered open of {file}"
+        return real_open(file, mode, buffering, **kw)  # type: ignore[call-overload]
+
+    def no_file_object(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a file object was opened")
+
+    monkeypatch.setattr(builtins, "open", unbuffered_only)
+    monkeypatch.setattr(io, "open", unbuffered_only)
+    monkeypatch.setattr(os, "fdopen", no_file_object)
+    monkeypatch.setattr(Path, "open", no_file_object)
+    out = tmp_path / "out.jsonl"
+    write_file_atomically(out, lambda f: f.write(b"x\n"))
+    assert blobstore.sha256_file(out) == hashlib.sha256(b"x\n").hexdigest()
+    assert read_bounded(tmp_path / "m.yaml", 100) == b"a: 1\n"
+    assert file_sha256(tmp_path / "in.jsonl") == hashlib.sha256(line).hexdigest()
+    report = scan_batch_input(tmp_path / "in.jsonl")
+    assert (report.requests, report.bytes) == (1, len(line))
