@@ -491,3 +491,34 @@ def test_resolving_paths_together_rechecks_a_shared_folder_once(
     (tmp_path / "results").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     moved = resolver.resolve_together(paths)
     assert moved[1:] == [tmp_path.resolve() / "elsewhere" / p.name for p in paths[1:]]
+
+
+def test_a_load_tells_a_result_path_is_no_folder_from_the_lstat_that_resolved_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading looks at each result path once (the lstat that resolves it also says it is
+    no folder: no stat of its own); a folder there is still refused (the test above)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results").mkdir(exist_ok=True)
+    (root / "results" / "a.jsonl").write_text("")
+    results = str((root / "results").resolve()) + os.sep
+    looked: list[str] = []
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def stat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(results):
+            looked.append("stat " + str(path)[len(results) :])
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def lstat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(results):
+            looked.append("lstat " + str(path)[len(results) :])
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "lstat", lstat)
+    ws = load_workspace([root])
+    monkeypatch.undo()
+    assert len(ws.resources) == 3
+    for name in ("a.jsonl", "a.errors.jsonl", "b.jsonl"):
+        assert looked.count("lstat " + name) == 1 and "stat " + name not in looked, looked
