@@ -522,3 +522,33 @@ def test_a_load_tells_a_result_path_is_no_folder_from_the_lstat_that_resolved_it
     assert len(ws.resources) == 3
     for name in ("a.jsonl", "a.errors.jsonl", "b.jsonl"):
         assert looked.count("lstat " + name) == 1 and "stat " + name not in looked, looked
+
+
+def test_a_result_file_the_run_just_wrote_is_resolved_without_an_lstat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resolve(path, plain=True)`` (``RunContext.relative`` of a result file the run has
+    just renamed into place: no symlink can be there) answers as ``Path.resolve`` without
+    the lstat that asks whether the file is a symlink; without ``plain`` it still asks."""
+    from batchspec.workspace import resolving
+    from batchspec.workspace.resolving import FolderResolver
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "results").symlink_to(tmp_path / "real", target_is_directory=True)
+    written = tmp_path / "results" / "a.jsonl"
+    written.write_text("")
+    resolver = FolderResolver()
+    resolver.folder(written.parent)  # the folder resolved once a run, as by earlier paths
+    expected = written.resolve()
+    lstats: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        lstats.append(str(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resolving.os, "lstat", lstat)
+    answers = [resolver.resolve(written, plain=True), resolver.resolve(written)]
+    monkeypatch.undo()
+    assert answers == [expected, expected]
+    assert lstats == [str(expected)]  # the second one's only

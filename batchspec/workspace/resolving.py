@@ -65,10 +65,11 @@ class FolderResolver:
         self._identities[text] = identity
         return resolved
 
-    def resolve(self, path: str | os.PathLike[str]) -> Path:
+    def resolve(self, path: str | os.PathLike[str], *, plain: bool = False) -> Path:
         """``Path(path).resolve()``, its folder resolved once (a symlink loop raises as
-        ``Path.resolve`` does)."""
-        return self._resolve(path, None)
+        ``Path.resolve`` does). ``plain``: the caller knows ``path`` is no symlink (it has
+        just renamed a file of its own onto it), so its lstat is spared."""
+        return self._resolve(path, None, plain=plain)
 
     def taken_mode(self, path: str | os.PathLike[str]) -> tuple[bool, int | None]:
         """``(True, mode)`` for a path this resolver gave back (not a symlink), with the mode
@@ -85,7 +86,9 @@ class FolderResolver:
         seen: dict[str, str] = {}
         return [self._resolve(path, seen) for path in paths]
 
-    def _resolve(self, path: str | os.PathLike[str], seen: dict[str, str] | None) -> Path:
+    def _resolve(
+        self, path: str | os.PathLike[str], seen: dict[str, str] | None, *, plain: bool = False
+    ) -> Path:
         text = os.fspath(path)
         head, name = os.path.split(text)
         if not head or name in ("", ".", "..") or os.name != "posix":
@@ -95,14 +98,15 @@ class FolderResolver:
         else:
             folder = seen.get(head) or seen.setdefault(head, self.folder(head))
         candidate = os.path.join(folder, name)
-        try:  # os.path.islink's lstat, its mode kept (``keep_modes``)
-            mode: int | None = os.lstat(candidate).st_mode
-        except (OSError, ValueError):
-            mode = None
-        if mode is not None and stat.S_ISLNK(mode):
-            return Path(text).resolve()
-        if self._modes is not None:
-            self._modes[candidate] = mode
+        if not plain:
+            try:  # os.path.islink's lstat, its mode kept (``keep_modes``)
+                mode: int | None = os.lstat(candidate).st_mode
+            except (OSError, ValueError):
+                mode = None
+            if mode is not None and stat.S_ISLNK(mode):
+                return Path(text).resolve()
+            if self._modes is not None:
+                self._modes[candidate] = mode
         if candidate == text and isinstance(path, Path):
             return path  # resolved already (a loaded input, a found manifest): no new Path
         parent = self._folder_paths.get(folder)

@@ -400,13 +400,16 @@ class RunContext:
             detail={"sha256": sha256, "from": where},
         )
 
-    def relative(self, path: Path) -> str:
+    def relative(self, path: Path, *, written: bool = False) -> str:
+        """``path`` relative to the project's root, resolved (once a run). ``written``: the
+        run has just renamed a file of its own onto ``path`` (``write_atomically``), so no
+        symlink is there and its lstat is spared."""
         known = self._relative.get(path)
         if known is not None:
             return known
         if self._root is None:
             self._root = self.project.root.resolve()
-        resolved = self._folders.resolve(path)
+        resolved = self._folders.resolve(path, plain=written)
         # a prefix of the two resolved paths' texts, as ``relative_to`` finds it (pathlib
         # parsed both again: most of a thousand resources' relative paths)
         text, root = str(resolved), str(self._root).rstrip(os.sep) + os.sep

@@ -50,7 +50,7 @@ def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
                 f"they were collected. `batchspec apply --replace {res.name}` runs the requests "
                 "again."
             )
-    at = (ctx.relative(res.output_path), ctx.relative(res.errors_path))
+    at = (ctx.relative(res.output_path, written=True), ctx.relative(res.errors_path, written=True))
     if (gen.output_path, gen.errors_path) != at:  # ``output:`` moved: record where they are now
         ctx.store.update_generation(gen.id, output_path=at[0], errors_path=at[1])
     ctx.store.record_event(
