@@ -8,6 +8,7 @@ is a located problem, so validate, plan and apply refuse alike, before anything 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,106 @@ def test_a_folder_swapped_for_a_symlink_between_two_writes_of_one_pass_is_refuse
             results.symlink_to(ws.root / "state" / "results", target_is_directory=True)
         with pytest.raises(ManifestError, match="state folder"):
             ctx.check_result_paths(b)
+
+
+def test_resolving_paths_together_rechecks_a_shared_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resolve_together`` answers as ``resolve`` does, path by path, and with ``recheck``
+    stats (and lstats) a folder the paths share once for them all, not once a path; a
+    folder swapped for a symlink before the next call is still seen."""
+    from batchspec.workspace import resolving
+    from batchspec.workspace.resolving import FolderResolver
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "manifests").mkdir()
+    paths = [
+        tmp_path / "manifests" / "a.yaml",
+        tmp_path / "results" / "a.jsonl",
+        tmp_path / "results" / "a.errors.jsonl",
+    ]
+    resolver = FolderResolver(recheck=True)
+    expected = [p.resolve() for p in paths]
+    assert resolver.resolve_together(paths) == expected
+    stats: list[str] = []
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def stat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        stats.append(str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def lstat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        stats.append(str(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resolving.os, "stat", stat)
+    monkeypatch.setattr(resolving.os, "lstat", lstat)
+    again = resolver.resolve_together(paths)
+    monkeypatch.undo()
+    assert again == expected
+    assert stats.count(str(tmp_path / "results")) == 2  # its stat and its lstat, once
+    (tmp_path / "results").rename(tmp_path / "elsewhere")
+    (tmp_path / "results").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    moved = resolver.resolve_together(paths)
+    assert moved[1:] == [tmp_path.resolve() / "elsewhere" / p.name for p in paths[1:]]
+
+
+def test_a_load_tells_a_result_path_is_no_folder_from_the_lstat_that_resolved_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading looks at each result path once (the lstat that resolves it also says it is
+    no folder: no stat of its own); a folder there is still refused (the test above)."""
+    root = two_resources(tmp_path / "ws")
+    (root / "results").mkdir(exist_ok=True)
+    (root / "results" / "a.jsonl").write_text("")
+    results = str((root / "results").resolve()) + os.sep
+    looked: list[str] = []
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def stat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(results):
+            looked.append("stat " + str(path)[len(results) :])
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def lstat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(results):
+            looked.append("lstat " + str(path)[len(results) :])
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "lstat", lstat)
+    ws = load_workspace([root])
+    monkeypatch.undo()
+    assert len(ws.resources) == 3
+    for name in ("a.jsonl", "a.errors.jsonl", "b.jsonl"):
+        assert looked.count("lstat " + name) == 1 and "stat " + name not in looked, looked
+
+
+def test_a_result_file_the_run_just_wrote_is_resolved_without_an_lstat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resolve(path, plain=True)`` (``RunContext.relative`` of a result file the run has
+    just renamed into place: no symlink can be there) answers as ``Path.resolve`` without
+    the lstat that asks whether the file is a symlink; without ``plain`` it still asks."""
+    from batchspec.workspace import resolving
+    from batchspec.workspace.resolving import FolderResolver
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "results").symlink_to(tmp_path / "real", target_is_directory=True)
+    written = tmp_path / "results" / "a.jsonl"
+    written.write_text("")
+    resolver = FolderResolver()
+    resolver.folder(written.parent)  # the folder resolved once a run, as by earlier paths
+    expected = written.resolve()
+    lstats: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        lstats.append(str(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resolving.os, "lstat", lstat)
+    answers = [resolver.resolve(written, plain=True), resolver.resolve(written)]
+    monkeypatch.undo()
+    assert answers == [expected, expected]
+    assert lstats == [str(expected)]  # the second one's only

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 from workspaces import ResourceSpec, local_provider, make_workspace, run_cli
 
+from batchspec.storage import blobstore
 from batchspec.storage.blobstore import (
+    CHUNK,
     STALE_TMP_SECONDS,
     BlobStore,
     BlobTooLargeError,
+    RawFileWriter,
     write_atomically,
+    write_file_atomically,
 )
 from batchspec.storage.database_url import redact_url, scrub, url_password
 from batchspec.storage.remote_blobs import FolderBlobs
@@ -299,3 +303,77 @@ def test_an_apply_sweeps_a_killed_runs_leftovers_from_the_state_store(
     fresh = _part(tmp, "part-" + "d" * 32, 5)
     assert run_cli(["apply", str(ws.root)], capsys)[0] == 0
     assert (stale.exists(), fresh.exists()) == (False, True)
+
+
+def test_write_file_atomically_fills_the_file_it_created_and_drops_it_on_failure(
+    tmp_path: Path,
+) -> None:
+    """``write_file_atomically`` hands ``fill`` the temporary file it created (no second
+    open); a failure half way keeps the old file whole, leaves no temporary sibling and names
+    the result file; small writes and a write past CHUNK come out in order."""
+    dest = tmp_path / "results" / "out.jsonl"
+    big = b"y" * (CHUNK + 3)
+    write_file_atomically(dest, lambda out: (out.write(b"a\n"), out.write(big), out.write(b"z")))
+    assert dest.read_bytes() == b"a\n" + big + b"z"
+
+    def half_then_full_disk(out: RawFileWriter) -> None:
+        out.write(b"new, half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as caught:
+        write_file_atomically(dest, half_then_full_disk)
+    assert caught.value.filename == str(dest)
+    assert dest.read_bytes() == b"a\n" + big + b"z"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["out.jsonl"]
+
+
+def test_a_temporary_name_already_taken_is_passed_over(tmp_path: Path) -> None:
+    """Temporary names are a per-process prefix and a counter (no getrandom per file): a
+    name some other file already holds is never written into (O_EXCL), the next is taken."""
+    dest = tmp_path / "out.jsonl"
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"1\n"))
+    prefix, counter = blobstore._tmp_names
+    taken = tmp_path / f".out.jsonl.{prefix}-{next(counter) + 1}.tmp"
+    taken.write_bytes(b"someone else's\n")
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"2\n"))
+    write_atomically(dest, lambda tmp: tmp.write_bytes(b"3\n"))
+    assert dest.read_bytes() == b"3\n"
+    assert taken.read_bytes() == b"someone else's\n"
+
+
+def test_whole_file_reads_and_result_writes_use_no_buffered_file_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing a file (``sha256_file``), writing a result file (``write_file_atomically``),
+    reading a manifest (``read_bounded``) and scanning an input go through descriptors or an
+    unbuffered file: a buffered file object's fstat, isatty ioctl and lseeks were most of
+    the syscalls the apply's main thread made per resource (each a GIL hand-off)."""
+    import builtins
+    import io
+
+    from batchspec.wire.inputs import file_sha256, scan_batch_input
+    from batchspec.workspace.yamldoc import read_bounded
+
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    (tmp_path / "in.jsonl").write_bytes(line)
+    (tmp_path / "m.yaml").write_bytes(b"a: 1\n")
+    real_open = builtins.open
+
+    def unbuffered_only(file: object, mode: str = "r", buffering: int = -1, **kw: object) -> object:
+        assert buffering == 0, f"a buffered open of {file}"
+        return real_open(file, mode, buffering, **kw)  # type: ignore[call-overload]
+
+    def no_file_object(*args: object, **kwargs: object) -> object:
+        raise AssertionError("a file object was opened")
+
+    monkeypatch.setattr(builtins, "open", unbuffered_only)
+    monkeypatch.setattr(io, "open", unbuffered_only)
+    monkeypatch.setattr(os, "fdopen", no_file_object)
+    monkeypatch.setattr(Path, "open", no_file_object)
+    out = tmp_path / "out.jsonl"
+    write_file_atomically(out, lambda f: f.write(b"x\n"))
+    assert blobstore.sha256_file(out) == hashlib.sha256(b"x\n").hexdigest()
+    assert read_bounded(tmp_path / "m.yaml", 100) == b"a: 1\n"
+    assert file_sha256(tmp_path / "in.jsonl") == hashlib.sha256(line).hexdigest()
+    report = scan_batch_input(tmp_path / "in.jsonl")
+    assert (report.requests, report.bytes) == (1, len(line))

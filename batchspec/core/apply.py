@@ -74,6 +74,7 @@ from batchspec.core.reconcile.prefetch import DEFAULT_PARALLELISM
 from batchspec.core.recorded import (
     DEFAULT_REQUEUE_BACKOFF,
     DiskHashes,
+    DiskLook,
     History,
     export_paths,
     is_requeued,
@@ -392,10 +393,14 @@ def apply_workspace(
                 resources, readded = planned_resources(
                     store, resources, options.replace, reuse=options.reuse
                 )
+                # the run's hashes of result files, from its first plan on (each unchanged
+                # file hashed once a run, not again by the passes)
+                disk_hashes: DiskHashes = {}
                 plan = compute_plan(
                     store,
                     resources,
                     facts,
+                    disk_hashes=disk_hashes,
                     readded=readded,
                     prune=options.prune,
                     elsewhere=elsewhere,
@@ -464,14 +469,19 @@ def apply_workspace(
                     retired_resources=lambda: pruned_resources(store, resources, options.select),
                     monotonic=clock,
                 )
+                rec.ctx.disk_hashes = disk_hashes
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace, readded)
                 timed_out = converge(
                     rec, resources, facts, options, lock.heartbeat, report, sleep, clock
                 )
-            # the outcome's plan and the statuses read the state once between them
+            # the outcome's plan and the statuses read the state once between them, and
+            # look at the result files once between them (nothing writes them meanwhile)
+            look: DiskLook = {}
             with store.reading():
-                outcome = "timeout" if timed_out else end_of_run_outcome(rec, resources, facts)
+                outcome = (
+                    "timeout" if timed_out else end_of_run_outcome(rec, resources, facts, look)
+                )
                 statuses = tuple(
                     resource_statuses(
                         store,
@@ -479,6 +489,7 @@ def apply_workspace(
                         facts,
                         providers=ws.project.providers,
                         disk_hashes=rec.ctx.disk_hashes,
+                        disk_look=look,
                     )
                 )
         local = tuple(
@@ -737,11 +748,15 @@ def converge(
 
 
 def end_of_run_outcome(
-    rec: Reconciler, resources: Sequence[Resource], facts: Mapping[str, InputReport]
+    rec: Reconciler,
+    resources: Sequence[Resource],
+    facts: Mapping[str, InputReport],
+    disk_look: DiskLook | None = None,
 ) -> str:
     """How a run whose passes ended (not timed out) ends, from a plan of the state it left.
     Reads only: inside the caller's ``reading()`` block, a few queries, not a few per
-    resource."""
+    resource; ``disk_look``: what it saw of the result files, kept for the caller's
+    statuses (``DiskLook``)."""
     with rec.store.reading():
         plan = compute_plan(
             rec.store,
@@ -751,6 +766,7 @@ def end_of_run_outcome(
             backoff=rec.requeue_backoff,
             requests=lambda r: rec.ctx.request_facts(r, facts[r.name].sha256),
             disk_hashes=rec.ctx.disk_hashes,
+            disk_look=disk_look,
         )
         gens = [rec.store.find_generation(r.name, r.spec_hash) for r in resources if not r.suspend]
     if not rec.allow_replace and any(a.kind is ActionKind.REPLACE for a in plan.actions):
@@ -878,12 +894,14 @@ def compute_plan(
     requests: RequestFacts,
     hold_for: Callable[[str], float] = lambda provider: DEFAULT_REPLACE_HOLD_SECONDS,
     disk_hashes: DiskHashes | None = None,
+    disk_look: DiskLook | None = None,
     checkout: Path | None = None,
     named: AbstractSet[str] = frozenset(),
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
-    reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``).
+    reuse); ``disk_hashes``: the run's hashes of result files (``observe_disk``);
+    ``disk_look``: what of them a plan made just before saw (``DiskLook``).
     ``checkout``: the workspace's folder, whose git HEAD decides which orphans ``prune``
     leaves alone, a newer commit having declared them (``declared_elsewhere``); ``named``:
     orphans named by ``--select NAME``, pruned even so."""
@@ -895,6 +913,7 @@ def compute_plan(
         recorded,
         export_paths(resources),
         disk_hashes,
+        disk_look,
     )
     readded = readded or {}
     desired = [

@@ -7,6 +7,7 @@ and hashes the result files on disk so the planner can notice a missing or edite
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -150,26 +151,33 @@ def recorded_batch(b: BatchRow) -> RecordedBatch:
 #: size, mtime and ctime in ns): the plans of one run hash an unchanged file once
 DiskHashes = dict[Path, tuple[tuple[int, int, int, int], str]]
 
+#: what plans made back to back, with nothing written between them, saw of each result
+#: file (its sha256, None: not a file): apply's end-of-run plan and its statuses look at
+#: the files once between them, not once each
+DiskLook = dict[Path, str | None]
+
 
 def observe_disk(
     paths: Iterable[tuple[str, Path, Path]],
     recorded: Mapping[str, RecordedResource],
     exports: Mapping[str, Iterable[Path]] | None = None,
     hashes: DiskHashes | None = None,
+    look: DiskLook | None = None,
 ) -> dict[str, DiskFacts]:
     """Hash result files on disk, only for resources whose results were written; note the
     ``spec.export`` files (``exports``, by resource) that are missing. ``hashes``: the run's
-    earlier hashes, taken again for a file whose stat has not changed since (and kept)."""
+    earlier hashes, taken again for a file whose stat has not changed since (and kept);
+    ``look``: what a plan made just before (nothing written since) saw, taken as it is."""
     facts = {}
     for name, output_path, errors_path in paths:
         rec = recorded.get(name)
         if rec is None or not any(g.output_sha256 for g in rec.generations):
             continue
         gone = [display_path(p) for p in (exports or {}).get(name, ()) if not p.is_file()]
-        output_sha = _sha_or_none(output_path, hashes)
+        output_sha = _looked(output_path, hashes, look)
         facts[name] = DiskFacts(
             output_sha,
-            _sha_or_none(errors_path, hashes),
+            _looked(errors_path, hashes, look),
             tuple(gone),
             None if output_sha else _moved_from(output_path, rec),
         )
@@ -195,6 +203,16 @@ def export_paths(resources: Iterable[Resource]) -> dict[str, list[Path]]:
     return {r.name: [t.path for t in r.exports] for r in resources if r.exports}
 
 
+def _looked(path: Path, hashes: DiskHashes | None, look: DiskLook | None) -> str | None:
+    """``_sha_or_none``, answered from ``look`` when it saw ``path`` (and kept there)."""
+    if look is None:
+        return _sha_or_none(path, hashes)
+    if path in look:
+        return look[path]
+    sha = look[path] = _sha_or_none(path, hashes)
+    return sha
+
+
 def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
     """The file's sha256; None when it is not a file. Any change to it (a write, a rename
     over it) changes its ctime, so a hash kept for the same stat is the file's."""
@@ -204,7 +222,7 @@ def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = disk_key(st)
     kept = None if hashes is None else hashes.get(path)
     if kept is not None and kept[0] == key:
         return kept[1]
@@ -212,3 +230,19 @@ def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
     if hashes is not None:
         hashes[path] = (key, sha)
     return sha
+
+
+def disk_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a ``DiskHashes`` entry is kept for: the file's inode, size, mtime and ctime."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_written(
+    hashes: DiskHashes | None, path: Path, sha256: str, st: os.stat_result | None
+) -> None:
+    """Keep the hash of a file the run has just written itself (``sha256``, hashed as it was
+    written), for the stat ``st`` it had as written (``blobstore.write_file_atomically``;
+    None: unknown, nothing is kept): the plan after the write does not read it back to hash
+    it. Any change since changes the stat, as with any kept hash."""
+    if hashes is not None and st is not None:
+        hashes[path] = (disk_key(st), sha256)

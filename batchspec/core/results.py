@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from batchspec.core.recorded import DiskHashes, remember_written
 from batchspec.state.ledger import LedgerRow, RequestLedger
-from batchspec.storage.blobstore import CHUNK, write_atomically
+from batchspec.storage.blobstore import CHUNK, RawFileWriter, write_file_atomically
 from batchspec.storage.result_store import ResultStore
 
 UNRESOLVED_CODE = "batchspec_unresolved"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -42,20 +46,26 @@ def write_results_in_input_order(
     blobs: ResultStore,
     output_path: Path,
     errors_path: Path,
+    hashes: DiskHashes | None = None,
 ) -> WrittenResults:
+    """Write the generation's result files; ``hashes``: the run's ``DiskHashes``, given the
+    two files' hashes as written (``recorded.remember_written``), so the plan that follows
+    does not read them back to hash them."""
     shas = ledger.blobs_of(generation_id)
-    for sha in shas:  # fetched and verified before any writing
-        blobs.ensure_local(sha)
+    # fetched and verified before any writing; their paths, asked once
+    local = {sha: blobs.ensure_local(sha) for sha in shas}
     if len(shas) == 1:
-        whole = _copy_of_a_whole_blob(ledger, generation_id, shas, blobs, output_path, errors_path)
+        whole = _copy_of_a_whole_blob(
+            ledger, generation_id, shas, local, output_path, errors_path, hashes
+        )
         if whole is not None:
             return whole
     counts = {"ok": 0, "failed": 0, "unresolved": 0}
     digests = {"out": hashlib.sha256(), "err": hashlib.sha256()}
 
-    def write_both(out_tmp: Path) -> None:
-        def write_errors(err_tmp: Path) -> None:
-            with out_tmp.open("wb") as out, err_tmp.open("wb") as err, _BlobReader(blobs) as reader:
+    def write_both(out: RawFileWriter) -> None:
+        def write_errors(err: RawFileWriter) -> None:
+            with _BlobReader(blobs, local) as reader:
                 answers = _LineWriter(out, digests["out"], reader)
                 errors = _LineWriter(err, digests["err"], reader)
                 for row in ledger.in_input_order(generation_id):
@@ -73,9 +83,11 @@ def write_results_in_input_order(
                 answers.flush()
                 errors.flush()
 
-        write_atomically(errors_path, write_errors)
+        errors_stat = write_file_atomically(errors_path, write_errors)
+        remember_written(hashes, errors_path, digests["err"].hexdigest(), errors_stat)
 
-    write_atomically(output_path, write_both)
+    output_stat = write_file_atomically(output_path, write_both)
+    remember_written(hashes, output_path, digests["out"].hexdigest(), output_stat)
     return WrittenResults(
         output_sha256=digests["out"].hexdigest(),
         errors_sha256=digests["err"].hexdigest(),
@@ -93,9 +105,10 @@ def _copy_of_a_whole_blob(
     ledger: RequestLedger,
     generation_id: int,
     shas: list[str],
-    blobs: ResultStore,
+    local: dict[str, Path],
     output_path: Path,
     errors_path: Path,
+    hashes: DiskHashes | None,
 ) -> WrittenResults | None:
     """The result files of a generation answered in full by one blob, its answers back to
     back in input order (``RequestLedger.back_to_back``: one batch that answered every
@@ -107,30 +120,37 @@ def _copy_of_a_whole_blob(
     placed = ledger.back_to_back(generation_id, shas)  # ``shas``: its blobs_of, just read
     if placed is None:
         return None
-    source = blobs.ensure_local(placed.blob)
-    if source.stat().st_size != placed.end:
-        return None
-    digest = hashlib.sha256()
+    # read through its descriptor: its size from the open file, no buffered file object
+    src = os.open(local[placed.blob], os.O_RDONLY | _O_CLOEXEC)
+    try:
+        if os.fstat(src).st_size != placed.end:
+            return None
+        digest = hashlib.sha256()
 
-    def copy_then_errors(out_tmp: Path) -> None:
-        newlines, last = 0, b""
-        with source.open("rb") as src, out_tmp.open("wb") as out:
-            while chunk := src.read(CHUNK):
+        def copy_then_errors(out: RawFileWriter) -> None:
+            newlines, last, left = 0, b"", placed.end
+            # its size is known (fstat): read to it, not on to an empty read at its end
+            while left and (chunk := os.read(src, min(CHUNK, left))):
+                left -= len(chunk)
                 newlines += chunk.count(b"\n")
                 last = chunk[-1:]
                 digest.update(chunk)
                 out.write(chunk)
-        if newlines != placed.requests or last != b"\n":
-            raise _NotAsRecorded
-        write_atomically(errors_path, lambda err_tmp: None)  # created empty
+            if left or newlines != placed.requests or last != b"\n":
+                raise _NotAsRecorded
+            errors_stat = write_file_atomically(errors_path, lambda err: None)  # created empty
+            remember_written(hashes, errors_path, EMPTY_SHA256, errors_stat)
 
-    try:
-        write_atomically(output_path, copy_then_errors)
-    except _NotAsRecorded:
-        return None
+        try:
+            output_stat = write_file_atomically(output_path, copy_then_errors)
+        except _NotAsRecorded:
+            return None
+        remember_written(hashes, output_path, digest.hexdigest(), output_stat)
+    finally:
+        os.close(src)
     return WrittenResults(
         output_sha256=digest.hexdigest(),
-        errors_sha256=hashlib.sha256(b"").hexdigest(),
+        errors_sha256=EMPTY_SHA256,
         succeeded=placed.requests,
         failed=0,
         unresolved=0,
@@ -161,7 +181,7 @@ class _LineWriter:
 
     RUN_BYTES = 1 << 20
 
-    def __init__(self, out: BinaryIO, digest: Any, reader: _BlobReader) -> None:
+    def __init__(self, out: RawFileWriter, digest: Any, reader: _BlobReader) -> None:
         self.out = out
         self.digest = digest
         self.reader = reader
@@ -203,22 +223,32 @@ class _LineWriter:
 
 
 class _BlobReader:
-    """Random access into stored blobs, keeping each one open once."""
+    """Random access into stored blobs (``local``: the paths already asked for, by sha256),
+    each opened once and read with ``pread`` (a seek and a read were two syscalls)."""
 
-    def __init__(self, blobs: ResultStore) -> None:
+    def __init__(self, blobs: ResultStore, local: dict[str, Path]) -> None:
         self.blobs = blobs
-        self.files: dict[str, BinaryIO] = {}
+        self.local = local
+        self.files: dict[str, int] = {}
 
     def read(self, sha: str, offset: int, length: int) -> bytes:
-        f = self.files.get(sha)
-        if f is None:
-            f = self.files[sha] = self.blobs.ensure_local(sha).open("rb")
-        f.seek(offset)
-        return f.read(length)
+        fd = self.files.get(sha)
+        if fd is None:
+            path = self.local.get(sha) or self.blobs.ensure_local(sha)
+            fd = self.files[sha] = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        data = os.pread(fd, length, offset)
+        if len(data) < length:  # a long read comes in parts; EOF ends it, as f.read did
+            parts = [data]
+            got = len(data)
+            while got < length and (more := os.pread(fd, length - got, offset + got)):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        return data
 
     def __enter__(self) -> _BlobReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for f in self.files.values():
-            f.close()
+        for fd in self.files.values():
+            os.close(fd)

@@ -149,7 +149,11 @@ def validate_inputs(
             failures.append(err)
             continue
         # a line no batch holds: sharding would give it one of its own, over the limit
-        too_large = report.ok and first_line_over(res.input_path, shard_limits(ws, res).max_bytes)
+        limit = shard_limits(ws, res).max_bytes
+        # the validated content's size settles the common case (first_line_over's stat)
+        too_large = (
+            report.ok and report.bytes + 1 > limit and first_line_over(res.input_path, limit)
+        )
         if too_large:
             from batchspec.core.validate import batch_size_problems  # as below
 

@@ -35,6 +35,7 @@ from batchspec.core.reconcile import desired_resource
 from batchspec.core.reconcile.hold import find_hold, hold_seconds
 from batchspec.core.recorded import (
     DiskHashes,
+    DiskLook,
     History,
     export_paths,
     load_history,
@@ -148,10 +149,12 @@ def resource_statuses(
     providers: Mapping[str, ProviderConfig] | None = None,
     elsewhere: AbstractSet[str] = frozenset(),
     disk_hashes: DiskHashes | None = None,
+    disk_look: DiskLook | None = None,
 ) -> list[ResourceStatus]:
     """Each resource's status; ``providers`` (the project's) price its usage. Reads only:
     its reads of the recorded rows cost a few queries in all (``StateStore.reading``);
-    ``disk_hashes``: the run's hashes of result files (``recorded.observe_disk``)."""
+    ``disk_hashes``: the run's hashes of result files (``recorded.observe_disk``);
+    ``disk_look``: what of them a plan made just before saw (``recorded.DiskLook``)."""
     with store.reading():
         return _resource_statuses(
             store,
@@ -161,6 +164,7 @@ def resource_statuses(
             providers=providers,
             elsewhere=elsewhere,
             disk_hashes=disk_hashes,
+            disk_look=disk_look,
         )
 
 
@@ -173,6 +177,7 @@ def _resource_statuses(
     providers: Mapping[str, ProviderConfig] | None,
     elsewhere: AbstractSet[str],
     disk_hashes: DiskHashes | None,
+    disk_look: DiskLook | None,
 ) -> list[ResourceStatus]:
     resources = effective_resources(store, resources)  # a replacement is the current one
     resources, readded = with_readded(store, resources)  # as plan shows them: a create
@@ -183,6 +188,7 @@ def _resource_statuses(
         recorded,
         export_paths(resources),
         disk_hashes,
+        disk_look,
     )
     desired = [
         desired_resource(r, facts[r.name])

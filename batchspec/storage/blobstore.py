@@ -28,6 +28,7 @@ Promises:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -273,10 +274,15 @@ class BlobWriter:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of the file at ``path``, read through its descriptor (no buffered file
+    object: its fstat, isatty ioctl and lseek were half the syscalls of hashing a small file)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, CHUNK):
             digest.update(chunk)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -287,25 +293,145 @@ def write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
     theirs gets, ``0666 & ~umask``, applied by the kernel when the temporary file is created.
     A failure to write or rename (a full disk, a file size limit, a folder at ``dest``) is
     raised naming ``dest``, not the temporary file the user never asked for.
+    ``write(tmp)`` fills the temporary file by its path (``write_file_atomically`` hands it
+    the file already open instead).
     """
-    # the name's head only: a name near the filesystem's 255-byte limit must stay writable
-    tmp = dest.parent / f".{dest.name[:64]}.{secrets.token_hex(16)}.tmp"
+    _write_through_tmp(dest, lambda fd, tmp: write(tmp), by_path=True)
+
+
+def write_file_atomically(
+    dest: Path, fill: Callable[[RawFileWriter], object]
+) -> os.stat_result | None:
+    """``write_atomically``, with ``fill`` given the temporary file as created (its
+    descriptor, written unbuffered in chunks: ``RawFileWriter``), not its path to open again.
+
+    Returns ``dest``'s stat right after the rename (taken through the descriptor still
+    open), when it shows the file as the last write left it (same size and mtime: nothing
+    wrote to it since), so a caller that knows its content's hash can key it by that stat
+    as ``recorded.observe_disk`` would; else None."""
+
+    def by_fd(fd: int, tmp: Path) -> None:
+        out = RawFileWriter(fd)
+        fill(out)
+        out.flush()
+
+    return _write_through_tmp(dest, by_fd, by_path=False)
+
+
+class RawFileWriter:
+    """Writes to an open descriptor, gathering small writes into ``CHUNK``-sized ones (a
+    buffered file object opened on it costs an fstat and an lseek; the caller closes it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending = bytearray()
+
+    def write(self, data: bytes) -> int:
+        if len(self._pending) + len(data) >= CHUNK:
+            self.flush()
+            if len(data) >= CHUNK:
+                self._write_all(data)
+                return len(data)
+        self._pending += data
+        return len(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._write_all(self._pending)
+            self._pending.clear()
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
+#: ``write_atomically``'s temporary names: a random prefix drawn once a process, then a
+#: counter (a ``secrets.token_hex`` per file was a getrandom syscall each); a name taken
+#: anyway (O_EXCL) moves on to the next. A forked child draws a prefix of its own.
+_tmp_names: tuple[str, Iterator[int]] = (secrets.token_hex(8), itertools.count())
+
+
+def _new_tmp_names() -> None:
+    global _tmp_names
+    _tmp_names = (secrets.token_hex(8), itertools.count())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_tmp_names)
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_CREATE_NEW = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_CLOEXEC
+#: tries of fresh names before a taken one is an error (only another process's names collide)
+_TMP_NAME_TRIES = 100
+
+
+def _create_tmp(dest: Path) -> tuple[int, Path]:
+    """A new temporary sibling of ``dest``, created (O_EXCL) with mode 0666 & ~umask: its
+    descriptor and path. Its folder is made when missing (not asked of every file). A
+    failure to create it names ``dest``."""
+    prefix, counter = _tmp_names
+    made_folder = False
+    for _ in range(_TMP_NAME_TRIES):
+        # the name's head only: a name near the filesystem's 255-byte limit must stay writable
+        tmp = dest.parent / f".{dest.name[:64]}.{prefix}-{next(counter)}.tmp"
+        try:
+            return os.open(tmp, _CREATE_NEW, 0o666), tmp
+        except FileExistsError:
+            continue
+        except FileNotFoundError as err:
+            if made_folder:
+                raise _about(dest, err) from err
+            dest.parent.mkdir(parents=True, exist_ok=True)  # its own errors name the folder
+            made_folder = True
+            try:
+                return os.open(tmp, _CREATE_NEW, 0o666), tmp
+            except FileExistsError:
+                continue
+            except OSError as again:
+                raise _about(dest, again) from again
+        except OSError as err:
+            raise _about(dest, err) from err
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(dest))
+
+
+def _about(dest: Path, err: OSError) -> OSError:
+    """``err`` said of ``dest`` (a failure the temporary file met is the result file's)."""
+    return OSError(err.errno, err.strerror or str(err), str(dest))
+
+
+def _write_through_tmp(
+    dest: Path, write: Callable[[int, Path], object], *, by_path: bool
+) -> os.stat_result | None:
+    """``write_atomically``'s frame: ``write(fd, tmp)`` fills the temporary file (``by_path``:
+    closed first, for ``write`` to open by its path), which is then renamed onto ``dest``;
+    any failure removes it and names ``dest``. Not ``by_path``: the stat of ``dest`` as
+    renamed, if unchanged since the last write (``write_file_atomically``)."""
+    fd, tmp = _create_tmp(dest)
     try:
         try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileNotFoundError:  # its folder is made when missing (not asked of every file)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        write(tmp)
-        os.replace(tmp, dest)
+            if by_path:
+                os.close(fd)
+                fd = -1
+            write(fd, tmp)
+            written = None if by_path else os.fstat(fd)
+            os.replace(tmp, dest)
+            renamed = None if by_path else os.fstat(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
     except OSError as err:
         _discard(tmp)
         if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
             raise
-        raise OSError(err.errno, err.strerror or str(err), str(dest)) from err
+        raise _about(dest, err) from err
     except BaseException:
         _discard(tmp)
         raise
+    if written is None or renamed is None:
+        return None
+    unchanged = (renamed.st_size, renamed.st_mtime_ns) == (written.st_size, written.st_mtime_ns)
+    return renamed if unchanged else None
 
 
 def _discard(tmp: Path) -> None:
@@ -321,6 +447,8 @@ __all__ = [
     "BlobStore",
     "BlobTooLargeError",
     "BlobWriter",
+    "RawFileWriter",
     "sha256_file",
     "write_atomically",
+    "write_file_atomically",
 ]

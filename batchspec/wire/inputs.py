@@ -589,9 +589,18 @@ def scan_batch_input(
     add = index.add if index is not None else None
     requests = blank_lines = 0
     offset = 0  # of the line at hand (kept exact only while no line is over-long)
+    size = 0
+
+    def hashed(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        sha.update(chunk)
+
     try:
-        with open(path, "rb") as f:
-            for lineno, line in _iter_lines(f, max_line_bytes, sha.update):
+        # unbuffered: _iter_lines reads big chunks itself (a buffered file's isatty ioctl,
+        # lseeks and extra read at the end were syscalls for nothing)
+        with open(path, "rb", buffering=0) as f:
+            for lineno, line in _iter_lines(f, max_line_bytes, hashed):
                 start = offset
                 if line is None:
                     requests += 1
@@ -614,7 +623,6 @@ def scan_batch_input(
                 check(lineno, obj)
                 if add is not None:
                     add(lineno, start, line, obj)
-            size = f.tell()
     except OSError as err:
         raise InputError(
             f"{os.fspath(path)}: cannot read the batch input ({err.strerror or err}); "
@@ -717,7 +725,7 @@ def problem_lines(report: InputReport, *, shown_path: str | None = None) -> list
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, read 1 MiB at a time."""
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # whole chunks: no buffer (nor its syscalls)
         while chunk := f.read(READ_CHUNK_BYTES):
             sha.update(chunk)
     return sha.hexdigest()
@@ -733,7 +741,7 @@ def iter_requests(
     ``scan_batch_input`` first.
     """
     where = os.fspath(path)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # _iter_lines reads whole chunks itself
         for lineno, line in _iter_lines(f, max_line_bytes, None):
             if line is None:
                 raise InputError(

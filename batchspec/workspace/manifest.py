@@ -78,11 +78,13 @@ Spec hash
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -629,7 +631,7 @@ def _export_targets(
             message = "a parquet export needs pyarrow: pip install 'batchspec[parquet]'"
         if message is None:
             name = _resource_name(doc) or "export"
-            message = _unwritable(path, "export", name, resolve.blocking_file)
+            message = _unwritable(path, "export", name, resolve.blocking_file, resolve.is_dir)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
             continue
@@ -664,7 +666,7 @@ def _output_paths(
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
         if message is None:  # found now, before anything is spent, not when answers are in
-            message = _unwritable(path, key, name, resolve.blocking_file)
+            message = _unwritable(path, key, name, resolve.blocking_file, resolve.is_dir)
         if message is not None:
             problems.append(Problem.at(doc.location(pointer), pointer, "path-conflict", message))
     if output_path == errors_path:
@@ -680,12 +682,17 @@ NAME_MAX = 255
 
 
 def _unwritable(
-    path: Path, key: str, name: str, blocking: Callable[[Path], Path | None] | None = None
+    path: Path,
+    key: str,
+    name: str,
+    blocking: Callable[[Path], Path | None] | None = None,
+    is_dir: Callable[[Path], bool] = os.path.isdir,
 ) -> str | None:
     """Why a result file could never be written at ``path`` (a folder there, a name too
     long, or a file where one of its folders should be), or None. ``blocking``: the
-    load's remembered ``_blocking_file`` (many manifests write into one folder)."""
-    if os.path.isdir(path):
+    load's remembered ``_blocking_file`` (many manifests write into one folder); ``is_dir``:
+    the load's answer from the lstat that resolved ``path`` (``_PathResolver.is_dir``)."""
+    if is_dir(path):
         return (
             f"{key} file {display_path(path)} is a folder: name a file in it "
             f"(e.g. {display_path(path / f'{name}.jsonl')})"
@@ -1093,7 +1100,7 @@ class _PathResolver:
     (``FolderResolver``), and the project's confinement rules resolved once."""
 
     def __init__(self) -> None:
-        self._paths = FolderResolver()
+        self._paths = FolderResolver(keep_modes=True)
         self._confinement: _Confinement | None = None
         self._blocking: dict[str, Path | None] = {}
 
@@ -1113,6 +1120,14 @@ class _PathResolver:
     def folder(self, path: Path) -> Path:
         return Path(self._paths.folder(path))
 
+    def is_dir(self, path: Path) -> bool:
+        """``os.path.isdir(path)`` for a path just resolved: from the lstat its resolution
+        took (not a symlink, so the same answer), else asked anew."""
+        known, mode = self._paths.taken_mode(path)
+        if known:
+            return mode is not None and stat.S_ISDIR(mode)
+        return os.path.isdir(path)
+
     def __call__(self, folder: Path, relative: str) -> Path:
         return self._paths.resolve(os.path.join(folder, relative))
 
@@ -1121,13 +1136,30 @@ class _PathResolver:
 RELATIVE_TO_MANIFEST = "a manifest's paths are relative to the manifest's own folder"
 
 
+#: what ``Path.exists()`` takes for "not there" rather than raising
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def _stat_if_there(path: Path) -> os.stat_result | None:
+    """``path.stat()``, or None where ``path.exists()`` would say False."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        if err.errno in _NOT_THERE:
+            return None
+        raise
+    except ValueError:  # an unrepresentable path (an embedded NUL)
+        return None
+
+
 def _input_hash(
     doc: YamlDocument, path: Path, hash_input: Callable[[Path], str], problems: list[Problem]
 ) -> str | None:
     pointer = "/spec/input"
-    if not path.exists():
+    found = _stat_if_there(path)  # one stat, not ``exists()`` and ``is_file()``'s two
+    if found is None:
         reason = f"input file not found: {display_path(path)} ({RELATIVE_TO_MANIFEST})"
-    elif not path.is_file():
+    elif not stat.S_ISREG(found.st_mode):
         reason = f"input is not a file: {display_path(path)}"
     else:
         try:

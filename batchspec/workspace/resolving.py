@@ -15,18 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 
 class FolderResolver:
     """Resolves paths as ``Path.resolve()`` does, remembering each folder's resolution."""
 
-    def __init__(self, *, recheck: bool = False) -> None:
+    def __init__(self, *, recheck: bool = False, keep_modes: bool = False) -> None:
         self._folders: dict[str, str] = {}
         self._folder_paths: dict[str, Path] = {}  # resolved folder -> its Path, to join onto
         #: ``recheck``: the directory (device, inode) each folder named when it was resolved
         self._recheck = recheck
         self._identities: dict[str, tuple[int, int]] = {}
+        #: ``keep_modes``: the mode the lstat of each path resolved found (None: nothing
+        #: there), until ``taken_mode`` takes it: a caller that asks next whether the path is
+        #: a folder needs no stat of its own
+        self._modes: dict[str, int | None] | None = {} if keep_modes else None
 
     def folder(self, path: str | os.PathLike[str]) -> str:
         """``str(Path(path).resolve())``, remembered (with ``recheck``: while the folder is
@@ -59,17 +65,48 @@ class FolderResolver:
         self._identities[text] = identity
         return resolved
 
-    def resolve(self, path: str | os.PathLike[str]) -> Path:
+    def resolve(self, path: str | os.PathLike[str], *, plain: bool = False) -> Path:
         """``Path(path).resolve()``, its folder resolved once (a symlink loop raises as
-        ``Path.resolve`` does)."""
+        ``Path.resolve`` does). ``plain``: the caller knows ``path`` is no symlink (it has
+        just renamed a file of its own onto it), so its lstat is spared."""
+        return self._resolve(path, None, plain=plain)
+
+    def taken_mode(self, path: str | os.PathLike[str]) -> tuple[bool, int | None]:
+        """``(True, mode)`` for a path this resolver gave back (not a symlink), with the mode
+        its lstat found then (None: nothing there), forgotten once taken; ``(False, None)``
+        when it holds none."""
+        if self._modes is None or (text := os.fspath(path)) not in self._modes:
+            return False, None
+        return True, self._modes.pop(text)
+
+    def resolve_together(self, paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+        """``resolve`` of each of ``paths``, asked at one moment: a folder they share is
+        looked at once for them all (with ``recheck``, its two stats are taken once, not once
+        a path: nothing runs between the answers that could swap it)."""
+        seen: dict[str, str] = {}
+        return [self._resolve(path, seen) for path in paths]
+
+    def _resolve(
+        self, path: str | os.PathLike[str], seen: dict[str, str] | None, *, plain: bool = False
+    ) -> Path:
         text = os.fspath(path)
         head, name = os.path.split(text)
         if not head or name in ("", ".", "..") or os.name != "posix":
             return Path(text).resolve()
-        folder = self.folder(head)
+        if seen is None:
+            folder = self.folder(head)
+        else:
+            folder = seen.get(head) or seen.setdefault(head, self.folder(head))
         candidate = os.path.join(folder, name)
-        if os.path.islink(candidate):
-            return Path(text).resolve()
+        if not plain:
+            try:  # os.path.islink's lstat, its mode kept (``keep_modes``)
+                mode: int | None = os.lstat(candidate).st_mode
+            except (OSError, ValueError):
+                mode = None
+            if mode is not None and stat.S_ISLNK(mode):
+                return Path(text).resolve()
+            if self._modes is not None:
+                self._modes[candidate] = mode
         if candidate == text and isinstance(path, Path):
             return path  # resolved already (a loaded input, a found manifest): no new Path
         parent = self._folder_paths.get(folder)

@@ -131,6 +131,7 @@ def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> s
 #: downloads of a file that came cut short (``download_to_store``) before it is a failure
 CUT_SHORT_ATTEMPTS = 3
 _TAIL_CHUNK = 64 * 1024
+_READ_BUFFER = 1 << 20
 #: a last line longer than this is not read back whole to be checked (memory stays flat)
 _LONGEST_LINE = 64 * 1024 * 1024
 
@@ -201,7 +202,8 @@ def read_result_lines(
     a request, and the request they would answer stays unresolved (and so is retried).
     """
     offset = 0
-    with path.open("rb") as f:
+    # buffering given: no isatty ioctl (and a large file is read a MiB, not 8 KiB, at a time)
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
         for raw in f:
             start = offset
             offset += len(raw)
@@ -613,7 +615,7 @@ def _finish_generation(
     """Everything is collected and no retry is left: write the result files."""
     ctx.check_result_paths(res)
     written = write_results_in_input_order(
-        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
     )
     degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
@@ -640,8 +642,8 @@ def _finish_generation(
                 "succeeded": written.succeeded,
                 "failed": written.failed,
                 "unresolved": written.unresolved,
-                "output": ctx.relative(res.output_path),
-                "errors": ctx.relative(res.errors_path),
+                "output": ctx.relative(res.output_path, written=True),
+                "errors": ctx.relative(res.errors_path, written=True),
                 **usage,
                 **({"degraded": why} if why else {}),
             },

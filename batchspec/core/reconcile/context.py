@@ -344,17 +344,21 @@ class RunContext:
 
         Each folder is resolved once a pass (``new_pass``): a thousand resources write into a
         few folders, and a ``Path.resolve()`` per file walked every component of each path
-        again (a fifth of collecting a small batch). Each check stats each folder: one
-        swapped for a symlink since it was resolved (between two resources' writes of one
-        pass) is resolved again; a path found forbidden is checked again by
-        ``refuse_unconfined_write``, resolved whole, which raises with its reasons."""
+        again (a fifth of collecting a small batch). Each check stats each folder (once for
+        the paths it checks in it: ``resolve_together``): one swapped for a symlink since it
+        was resolved (between two resources' writes of one pass) is resolved again; a path
+        found forbidden is checked again by ``refuse_unconfined_write``, resolved whole,
+        which raises with its reasons."""
         if self._confinement is None:
             self._confinement = confinement(self.project)
-        resolve = self._pass_folders.resolve
-        manifest = resolve(res.source.file)
         exports = [("export", target.path) for target in res.exports]
-        for key, path in (("output", res.output_path), ("errors", res.errors_path), *exports):
-            if self._confinement.forbidden(resolve(path), key, manifest) is not None:
+        writes = [("output", res.output_path), ("errors", res.errors_path), *exports]
+        # one look at each folder for all of them (output and errors share theirs)
+        manifest, *resolved = self._pass_folders.resolve_together(
+            [res.source.file, *(path for _, path in writes)]
+        )
+        for (key, path), target in zip(writes, resolved, strict=True):
+            if self._confinement.forbidden(target, key, manifest) is not None:
                 refuse_unconfined_write(
                     self.project, path, key, res.source.file, within=self._confinement
                 )
@@ -396,13 +400,16 @@ class RunContext:
             detail={"sha256": sha256, "from": where},
         )
 
-    def relative(self, path: Path) -> str:
+    def relative(self, path: Path, *, written: bool = False) -> str:
+        """``path`` relative to the project's root, resolved (once a run). ``written``: the
+        run has just renamed a file of its own onto ``path`` (``write_atomically``), so no
+        symlink is there and its lstat is spared."""
         known = self._relative.get(path)
         if known is not None:
             return known
         if self._root is None:
             self._root = self.project.root.resolve()
-        resolved = self._folders.resolve(path)
+        resolved = self._folders.resolve(path, plain=written)
         # a prefix of the two resolved paths' texts, as ``relative_to`` finds it (pathlib
         # parsed both again: most of a thousand resources' relative paths)
         text, root = str(resolved), str(self._root).rstrip(os.sep) + os.sep

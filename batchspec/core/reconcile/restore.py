@@ -33,14 +33,14 @@ def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
     if not all(ctx.blobs.local.has(sha) for sha in ctx.ledger.blobs_of(gen.id)):
         ctx.before_wait()  # fetched from elsewhere: never with the writer lock held
     written = write_results_in_input_order(
-        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
     )
     if not _as_recorded(gen, written):
         ctx.before_wait()
         repaired = [sha for sha in ctx.ledger.blobs_of(gen.id) if ctx.blobs.repair_local(sha)]
         if repaired:
             written = write_results_in_input_order(
-                ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path
+                ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
             )
         if not _as_recorded(gen, written):
             raise StateError(
@@ -50,7 +50,7 @@ def restore(ctx: RunContext, res: Resource, facts: InputReport, action: Action) 
                 f"they were collected. `batchspec apply --replace {res.name}` runs the requests "
                 "again."
             )
-    at = (ctx.relative(res.output_path), ctx.relative(res.errors_path))
+    at = (ctx.relative(res.output_path, written=True), ctx.relative(res.errors_path, written=True))
     if (gen.output_path, gen.errors_path) != at:  # ``output:`` moved: record where they are now
         ctx.store.update_generation(gen.id, output_path=at[0], errors_path=at[1])
     ctx.store.record_event(
