@@ -332,8 +332,8 @@ def test_a_temporary_name_already_taken_is_passed_over(tmp_path: Path) -> None:
     name some other file already holds is never written into (O_EXCL), the next is taken."""
     dest = tmp_path / "out.jsonl"
     write_atomically(dest, lambda tmp: tmp.write_bytes(b"1\n"))
-    prefix, counter = blobstore._tmp_names
-    taken = tmp_path / f".out.jsonl.{prefix}-{next(counter) + 1}.tmp"
+    prefix, pid, count = blobstore.unique_name().rsplit("-", 2)
+    taken = tmp_path / f".out.jsonl.{prefix}-{pid}-{int(count) + 2}.tmp"
     taken.write_bytes(b"someone else's\n")
     write_atomically(dest, lambda tmp: tmp.write_bytes(b"2\n"))
     write_atomically(dest, lambda tmp: tmp.write_bytes(b"3\n"))

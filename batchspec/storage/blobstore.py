@@ -50,8 +50,9 @@ from batchspec.storage.private import (
 
 CHUNK = 1 << 20
 _T = TypeVar("_T")
-#: temporary names: this process's random prefix, its pid (a forked child has its own) and a
-#: counter are unique as a random name per file is, without a call for random bytes each
+#: temporary names (the store's and ``write_atomically``'s): this process's random prefix, its
+#: pid (a forked child has its own) and a counter are unique as a random name per file is,
+#: without a getrandom syscall each; a name taken anyway (O_EXCL) is passed over
 _PREFIX = secrets.token_hex(8)
 _COUNTER = itertools.count()
 
@@ -346,20 +347,6 @@ class RawFileWriter:
             view = view[os.write(self.fd, view) :]
 
 
-#: ``write_atomically``'s temporary names: a random prefix drawn once a process, then a
-#: counter (a ``secrets.token_hex`` per file was a getrandom syscall each); a name taken
-#: anyway (O_EXCL) moves on to the next. A forked child draws a prefix of its own.
-_tmp_names: tuple[str, Iterator[int]] = (secrets.token_hex(8), itertools.count())
-
-
-def _new_tmp_names() -> None:
-    global _tmp_names
-    _tmp_names = (secrets.token_hex(8), itertools.count())
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_tmp_names)
-
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _CREATE_NEW = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_CLOEXEC
 #: tries of fresh names before a taken one is an error (only another process's names collide)
@@ -370,11 +357,10 @@ def _create_tmp(dest: Path) -> tuple[int, Path]:
     """A new temporary sibling of ``dest``, created (O_EXCL) with mode 0666 & ~umask: its
     descriptor and path. Its folder is made when missing (not asked of every file). A
     failure to create it names ``dest``."""
-    prefix, counter = _tmp_names
     made_folder = False
     for _ in range(_TMP_NAME_TRIES):
         # the name's head only: a name near the filesystem's 255-byte limit must stay writable
-        tmp = dest.parent / f".{dest.name[:64]}.{prefix}-{next(counter)}.tmp"
+        tmp = dest.parent / f".{dest.name[:64]}.{unique_name()}.tmp"
         try:
             return os.open(tmp, _CREATE_NEW, 0o666), tmp
         except FileExistsError:
