@@ -327,6 +327,33 @@ def test_write_file_atomically_fills_the_file_it_created_and_drops_it_on_failure
     assert sorted(p.name for p in dest.parent.iterdir()) == ["out.jsonl"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_a_write_error_reported_only_at_close_keeps_the_old_result_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that reports a failed write only when the file is closed (NFS: a quota
+    or a full disk, found as the dirty pages are flushed at close) leaves the old result
+    file in place: the temporary file is closed, and its error raised, before the rename."""
+    dest = tmp_path / "results" / "out.jsonl"
+    write_file_atomically(dest, lambda out: out.write(b"old\n"))
+    real_close = os.close
+
+    def quota_at_close(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real_close(fd)
+        if target.startswith(str(dest.parent)):
+            raise OSError(122, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "close", quota_at_close)
+    with pytest.raises(OSError, match="Disk quota exceeded") as caught:
+        write_file_atomically(dest, lambda out: out.write(b"new, not on the server\n"))
+    monkeypatch.undo()
+
+    assert caught.value.filename == str(dest)
+    assert dest.read_bytes() == b"old\n"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["out.jsonl"]
+
+
 def test_a_temporary_name_already_taken_is_passed_over(tmp_path: Path) -> None:
     """Temporary names are a per-process prefix and a counter (no getrandom per file): a
     name some other file already holds is never written into (O_EXCL), the next is taken."""

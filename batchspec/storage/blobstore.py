@@ -306,10 +306,11 @@ def write_file_atomically(
     """``write_atomically``, with ``fill`` given the temporary file as created (its
     descriptor, written unbuffered in chunks: ``RawFileWriter``), not its path to open again.
 
-    Returns ``dest``'s stat right after the rename (taken through the descriptor still
-    open), when it shows the file as the last write left it (same size and mtime: nothing
-    wrote to it since), so a caller that knows its content's hash can key it by that stat
-    as ``recorded.observe_disk`` would; else None."""
+    Returns ``dest``'s stat right after the rename, when it shows the file as the last write
+    left it (the same inode, size and mtime: nothing replaced or wrote to it since), so a
+    caller that knows its content's hash can key it by that stat as
+    ``recorded.observe_disk`` would; else None. The file is closed before the rename (a
+    write error some filesystems report only at close keeps the old file)."""
 
     def by_fd(fd: int, tmp: Path) -> None:
         out = RawFileWriter(fd)
@@ -392,20 +393,24 @@ def _write_through_tmp(
     """``write_atomically``'s frame: ``write(fd, tmp)`` fills the temporary file (``by_path``:
     closed first, for ``write`` to open by its path), which is then renamed onto ``dest``;
     any failure removes it and names ``dest``. Not ``by_path``: the stat of ``dest`` as
-    renamed, if unchanged since the last write (``write_file_atomically``)."""
+    renamed, if still the file written and unchanged since (``write_file_atomically``)."""
     fd, tmp = _create_tmp(dest)
+    written: os.stat_result | None = None
     try:
         try:
-            if by_path:
+            if not by_path:
+                write(fd, tmp)
+                written = os.fstat(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-                fd = -1
-            write(fd, tmp)
-            written = None if by_path else os.fstat(fd)
-            os.replace(tmp, dest)
-            renamed = None if by_path else os.fstat(fd)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+            raise
+        # closed before the rename: a filesystem may report a failed write only at close
+        # (NFS flushes then: a quota, a full disk), and the old file must stay in place
+        os.close(fd)
+        if by_path:
+            write(-1, tmp)
+        os.replace(tmp, dest)
     except OSError as err:
         _discard(tmp)
         if err.filename not in (None, str(tmp)):  # about another file (a blob it read)
@@ -414,10 +419,23 @@ def _write_through_tmp(
     except BaseException:
         _discard(tmp)
         raise
-    if written is None or renamed is None:
+    return None if written is None else _as_renamed(dest, written)
+
+
+def _as_renamed(dest: Path, written: os.stat_result) -> os.stat_result | None:
+    """``dest``'s stat just after the rename when it is still the file written (the same
+    inode, size and mtime: nothing replaced or wrote to it since the last write), else None."""
+    try:
+        renamed = os.lstat(dest)
+    except OSError:  # removed already: nothing to key
         return None
-    unchanged = (renamed.st_size, renamed.st_mtime_ns) == (written.st_size, written.st_mtime_ns)
-    return renamed if unchanged else None
+    same = (renamed.st_dev, renamed.st_ino, renamed.st_size, renamed.st_mtime_ns) == (
+        written.st_dev,
+        written.st_ino,
+        written.st_size,
+        written.st_mtime_ns,
+    )
+    return renamed if same else None
 
 
 def _discard(tmp: Path) -> None:
