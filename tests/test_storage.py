@@ -81,6 +81,19 @@ def test_the_store_s_folders_removed_mid_run_are_made_again_private(
     assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
 
 
+def test_a_missing_root_beside_a_temporary_folder_elsewhere_is_made_private(
+    tmp_path: Path, umask: int
+) -> None:
+    """A store whose writes in progress live outside its root (the engine's ``<data>/tmp``
+    beside ``<data>/files``) and whose root is missing (never made, or removed) makes the
+    root 0700 when it files a blob, not with the umask's mode as a plain mkdir would."""
+    blobs = BlobStore(tmp_path / "files", tmp_dir=tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir(mode=0o700)
+    sha = blobs.put_from(lambda tmp: tmp.write_bytes(b"answer\n"))
+    assert blobs.path(sha).read_bytes() == b"answer\n"
+    assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
+
+
 def test_temporary_names_differ_across_writes_and_in_a_forked_child() -> None:
     """Names of writes in progress come from a per-process prefix and a counter, not random
     bytes per file: each differs from the last, and a forked child (same prefix, same
