@@ -192,7 +192,7 @@ class BlobStore:
         try:
             os.replace(tmp, dest)
         except FileNotFoundError:  # its folder (``sha[:2]``) is made the first time
-            # the root too, private: ``_new_tmp`` made it only if ``tmp_dir`` is inside it
+            # the root too, private: ``_new_tmp`` made it only if its ``tmp_dir`` was missing
             ensure_private_dir(self.root, self.dir_mode)
             ensure_private_dir(dest.parent, self.dir_mode)
             os.replace(tmp, dest)
