@@ -214,8 +214,10 @@ def _looked(path: Path, hashes: DiskHashes | None, look: DiskLook | None) -> str
 
 
 def _sha_or_none(path: Path, hashes: DiskHashes | None = None) -> str | None:
-    """The file's sha256; None when it is not a file. Any change to it (a write, a rename
-    over it) changes its ctime, so a hash kept for the same stat is the file's."""
+    """The file's sha256; None when it is not a file. A change to it (a write, a rename
+    over it) in a later tick of the filesystem's clock changes its ctime, so a hash kept for
+    the same stat is the file's (one in the same tick is seen by the next run, whose kept
+    hashes start empty)."""
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):

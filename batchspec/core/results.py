@@ -27,7 +27,6 @@ from batchspec.storage.blobstore import CHUNK, RawFileWriter, write_file_atomica
 from batchspec.storage.result_store import ResultStore
 
 UNRESOLVED_CODE = "batchspec_unresolved"
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
@@ -121,7 +120,7 @@ def _copy_of_a_whole_blob(
     if placed is None:
         return None
     # read through its descriptor: its size from the open file, no buffered file object
-    src = os.open(local[placed.blob], os.O_RDONLY | _O_CLOEXEC)
+    src = os.open(local[placed.blob], os.O_RDONLY)
     try:
         if os.fstat(src).st_size != placed.end:
             return None
@@ -235,7 +234,7 @@ class _BlobReader:
         fd = self.files.get(sha)
         if fd is None:
             path = self.local.get(sha) or self.blobs.ensure_local(sha)
-            fd = self.files[sha] = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            fd = self.files[sha] = os.open(path, os.O_RDONLY)
         data = os.pread(fd, length, offset)
         if len(data) < length:  # a long read comes in parts; EOF ends it, as f.read did
             parts = [data]

@@ -52,7 +52,7 @@ CHUNK = 1 << 20
 _T = TypeVar("_T")
 #: temporary names (the store's and ``write_atomically``'s): this process's random prefix, its
 #: pid (a forked child has its own) and a counter are unique as a random name per file is,
-#: without a getrandom syscall each; a name taken anyway (O_EXCL) is passed over
+#: without a getrandom syscall each (``write_atomically`` passes over a name taken anyway)
 _PREFIX = secrets.token_hex(8)
 _COUNTER = itertools.count()
 
@@ -280,7 +280,7 @@ def sha256_file(path: Path) -> str:
     """The sha256 of the file at ``path``, read through its descriptor (no buffered file
     object: its fstat, isatty ioctl and lseek were half the syscalls of hashing a small file)."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY)
     try:
         while chunk := os.read(fd, CHUNK):
             digest.update(chunk)
@@ -350,8 +350,7 @@ class RawFileWriter:
             view = view[os.write(self.fd, view) :]
 
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_CREATE_NEW = os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_CLOEXEC
+_CREATE_NEW = os.O_CREAT | os.O_EXCL | os.O_WRONLY  # os.open's descriptors are close-on-exec
 #: tries of fresh names before a taken one is an error (only another process's names collide)
 _TMP_NAME_TRIES = 100
 
