@@ -620,7 +620,8 @@ def _finish_generation(
     again (``ResultStore.repair_local``): the files written now are recorded as the results,
     and every later restore writes them again."""
     ctx.check_result_paths(res)
-    earlier = [sha for sha in ctx.ledger.blobs_of(gen.id) if sha not in ctx.filed_blobs]
+    shas = ctx.ledger.blobs_of(gen.id)
+    earlier = [sha for sha in shas if sha not in ctx.filed_blobs]
     if earlier:
         ctx.before_wait()  # a repair downloads: never with the writer lock held
         for sha in earlier:
@@ -628,7 +629,7 @@ def _finish_generation(
             ctx.blobs.repair_local(sha)
             ctx.filed_blobs.add(sha)
     written = write_results_in_input_order(
-        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes, shas
     )
     degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")
