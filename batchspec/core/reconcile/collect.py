@@ -115,7 +115,9 @@ def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> s
     collected (its file never fetched again) and that request paid for again by a retry."""
     for attempt in range(1, CUT_SHORT_ATTEMPTS + 1):
         try:
-            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp))
+            # over a copy already stored: this one is whole (hashed as filed), that one
+            # may have been damaged since, and the results are written from the stored copy
+            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp), replace=True)
         except _CutShort as cut:
             if attempt == CUT_SHORT_ATTEMPTS:
                 raise ProviderError(
