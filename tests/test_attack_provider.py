@@ -534,3 +534,68 @@ def test_a_provider_that_never_answers_a_poll_is_a_timeout_not_a_failure(
     assert code == 5, (out, err)
     assert time.monotonic() - started < 3
     assert "--timeout" in out
+
+
+def test_an_earlier_attempts_stored_file_damaged_before_the_results_are_written_is_not_used(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attempt 1's output file is in the result store while attempt 2 runs; its stored copy
+    is damaged on disk (one flipped bit) before attempt 2 ends. The results are written from
+    the provider's file downloaded again, not from the damaged bytes (which were written
+    and recorded as the results, so every later restore wrote them again), and nothing is
+    created again."""
+    hostile.initial_status = "in_progress"
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": {"type": "openai", "baseUrl": hostile.v1, "apiKeyEnv": KEY_ENV}},
+        resources=(ResourceSpec("alpha"),),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    output = hostile.outputs["batch_1"]  # its last request answered HTTP 500 (retryable)
+    *whole, last = hostile.files[output].splitlines()
+    failed = json.loads(last)
+    failed["response"].update(status_code=500, body={"error": {"message": "overloaded"}})
+    hostile.files[output] = b"\n".join([*whole, json.dumps(failed).encode()]) + b"\n"
+    hostile.finish_all()
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # collects, retries one
+    assert hostile.creates() == 2
+    (blob,) = [p for p in (ws.state_path.parent / "store").glob("??/*")]
+    damaged = bytearray(blob.read_bytes())
+    damaged[10] ^= 1
+    blob.write_bytes(bytes(damaged))
+    hostile.finish_all()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)
+    assert code == 0, out + err
+    assert [o["id"] for o in ws.outputs("alpha")] == [
+        f"batch_req_{cid}" for cid in ws.input_ids("alpha")
+    ]
+    assert hostile.creates() == 2
+
+
+def test_a_download_of_content_already_stored_damaged_replaces_the_damaged_copy(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two resources whose output files are the same bytes share one stored copy; damaged
+    on disk (one flipped bit) after the first is collected, the second's download (whole,
+    hashed) replaces it, and the second's results are written from what came (they were
+    written from the damaged copy, the download thrown away, and recorded as the results)."""
+    hostile.initial_status = "in_progress"
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": {"type": "openai", "baseUrl": hostile.v1, "apiKeyEnv": KEY_ENV}},
+        resources=(ResourceSpec("alpha"), ResourceSpec("beta")),
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.batches["batch_1"].update(status="completed", output_file_id=hostile.outputs["batch_1"])
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    (blob,) = [p for p in (ws.state_path.parent / "store").glob("??/*")]
+    damaged = bytearray(blob.read_bytes())
+    damaged[10] ^= 1
+    blob.write_bytes(bytes(damaged))
+    hostile.finish_all()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    for name in ("alpha", "beta"):
+        expected = [f"batch_req_{cid}" for cid in ws.input_ids(name)]
+        assert [o["id"] for o in ws.outputs(name)] == expected, name
+    assert blob.read_bytes() != bytes(damaged)

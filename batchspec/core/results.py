@@ -46,11 +46,14 @@ def write_results_in_input_order(
     output_path: Path,
     errors_path: Path,
     hashes: DiskHashes | None = None,
+    shas: list[str] | None = None,
 ) -> WrittenResults:
     """Write the generation's result files; ``hashes``: the run's ``DiskHashes``, given the
     two files' hashes as written (``recorded.remember_written``), so the plan that follows
-    does not read them back to hash them."""
-    shas = ledger.blobs_of(generation_id)
+    does not read them back to hash them; ``shas``: its ``blobs_of``, if the caller has just
+    read them."""
+    if shas is None:
+        shas = ledger.blobs_of(generation_id)
     # fetched and verified before any writing; their paths, asked once
     local = {sha: blobs.ensure_local(sha) for sha in shas}
     if len(shas) == 1:

@@ -80,9 +80,11 @@ class ResultStore:
     def has(self, sha256: str) -> bool:
         return self.local.has(sha256) or (self.remote is not None and self.remote.has(sha256))
 
-    def put_from(self, write: Callable[[Path], object]) -> str:
-        """Let ``write(tmp_path)`` produce a file; file it locally and remotely; its sha256."""
-        sha = self.local.put_from(write)
+    def put_from(self, write: Callable[[Path], object], *, replace: bool = False) -> str:
+        """Let ``write(tmp_path)`` produce a file; file it locally and remotely; its sha256.
+        ``replace``: over a local copy already filed (the content just written was hashed
+        whole, a copy filed earlier may have been damaged on disk since)."""
+        sha = self.local.put_from(write, replace=replace)
         self.publish(sha, self.local.path(sha))
         return sha
 

@@ -115,7 +115,9 @@ def download_to_store(provider: Provider, file_id: str, blobs: ResultStore) -> s
     collected (its file never fetched again) and that request paid for again by a retry."""
     for attempt in range(1, CUT_SHORT_ATTEMPTS + 1):
         try:
-            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp))
+            # over a copy already stored: this one is whole (hashed as filed), that one
+            # may have been damaged since, and the results are written from the stored copy
+            return blobs.put_from(lambda tmp: _download_whole(provider, file_id, tmp), replace=True)
         except _CutShort as cut:
             if attempt == CUT_SHORT_ATTEMPTS:
                 raise ProviderError(
@@ -404,6 +406,7 @@ def collect_batch(
                     raise  # the drain says so and tries again next apply
                 raise DownloadFailed(kind, file_id, err) from err
             shas[column] = sha
+            ctx.filed_blobs.add(sha)
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
@@ -612,10 +615,23 @@ def _fail_batch(ctx: RunContext, gen: GenerationRow, batch: BatchRow) -> list[di
 def _finish_generation(
     ctx: RunContext, res: Resource, gen: GenerationRow, model: str | None
 ) -> None:
-    """Everything is collected and no retry is left: write the result files."""
+    """Everything is collected and no retry is left: write the result files.
+
+    A stored file this run did not download (an earlier pass's or run's attempt, kept while
+    later attempts ran) is checked against its name first and, damaged on disk, downloaded
+    again (``ResultStore.repair_local``): the files written now are recorded as the results,
+    and every later restore writes them again."""
     ctx.check_result_paths(res)
+    shas = ctx.ledger.blobs_of(gen.id)
+    earlier = [sha for sha in shas if sha not in ctx.filed_blobs]
+    if earlier:
+        ctx.before_wait()  # a repair downloads: never with the writer lock held
+        for sha in earlier:
+            ctx.blobs.ensure_local(sha)
+            ctx.blobs.repair_local(sha)
+            ctx.filed_blobs.add(sha)
     written = write_results_in_input_order(
-        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes
+        ctx.ledger, gen.id, ctx.blobs, res.output_path, res.errors_path, ctx.disk_hashes, shas
     )
     degraded = written.unresolved > 0 or (written.succeeded == 0 and gen.requests > 0)
     status = gen.status if gen.status == "cancelled" else ("degraded" if degraded else "complete")

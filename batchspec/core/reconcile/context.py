@@ -206,6 +206,10 @@ class RunContext:
     listings_behind: Counter[str] = field(default_factory=Counter)
     # the run's hashes of result files on disk: its plans hash an unchanged file once
     disk_hashes: DiskHashes = field(default_factory=dict)
+    # the stored files this run downloaded (hashed as they were filed): a generation's
+    # result files are written from them as they are; any other of its stored files (an
+    # earlier pass's or run's) is checked against its name first (``_finish_generation``)
+    filed_blobs: set[str] = field(default_factory=set)
     # the current generations' batches whose files could not be downloaded, by batch row
     # id, until one of this run's later passes collects them (``collect``)
     download_failures: dict[int, DownloadFailure] = field(default_factory=dict)
