@@ -94,6 +94,20 @@ def test_a_missing_root_beside_a_temporary_folder_elsewhere_is_made_private(
     assert {mode(p) for p in [blobs.root, *blobs.root.rglob("*")] if p.is_dir()} == {0o700}
 
 
+def test_a_file_where_the_store_s_temporary_folder_should_be_is_named(tmp_path: Path) -> None:
+    """A file in place of the store's temporary folder: the error names that folder (the
+    one to move away), not the temporary file the write would have made in it."""
+    blobs = BlobStore(tmp_path / "store")
+    blobs.root.mkdir()
+    blobs.tmp_dir.write_bytes(b"not a folder\n")
+    with pytest.raises(NotADirectoryError) as caught:
+        blobs.put_from(lambda tmp: tmp.write_bytes(b"x\n"))
+    assert caught.value.filename == str(blobs.tmp_dir)
+    with pytest.raises(NotADirectoryError) as caught:
+        blobs.writer()
+    assert caught.value.filename == str(blobs.tmp_dir)
+
+
 def test_temporary_names_differ_across_writes_and_in_a_forked_child() -> None:
     """Names of writes in progress come from a per-process prefix and a counter, not random
     bytes per file: each differs from the last, and a forked child (same prefix, same

@@ -181,6 +181,8 @@ class BlobStore:
             ensure_private_dir(self.root, self.dir_mode)
             ensure_private_dir(self.tmp_dir, self.dir_mode)
             return tmp, create(tmp)
+        except NotADirectoryError as err:  # a file where the folder should be: name the folder
+            raise NotADirectoryError(err.errno, err.strerror, str(self.tmp_dir)) from err
 
     def _file(self, tmp: Path, sha256: str, *, replace: bool = False) -> None:
         """Move a complete temporary file to its content-addressed place (over a file already
