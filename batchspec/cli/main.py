@@ -263,7 +263,7 @@ def cli() -> None:
 
     Commit YAML manifests that say which requests to run where; `batchspec apply` uploads,
     creates, polls, collects and retries batches until the results on disk match, recording
-    every step in a SQLite state store that doubles as an audit log.
+    every step in a state store (SQLite, or PostgreSQL) that doubles as an audit log.
     """
 
 
@@ -507,9 +507,9 @@ def init(directory: str) -> None:
     """Create a workspace in DIRECTORY (default: here) that validates and runs as is.
 
     Writes batchspec.yaml (the local provider, with an OpenAI example commented out), one
-    manifest, a three-request data file and state/.gitignore. Refuses to overwrite any
-    existing file, or to make a workspace of a folder holding manifests of the workspace it
-    lies in (they would drop out of it), and then writes nothing.
+    manifest, a three-request data file, state/.gitignore and state/README.md. Refuses to
+    overwrite any existing file, or to make a workspace of a folder holding manifests of the
+    workspace it lies in (they would drop out of it), and then writes nothing.
     """
     from batchspec.workspace.scaffold import (
         scaffold_workspace,  # imported on use: keeps startup fast
@@ -770,6 +770,8 @@ def apply(
          longer would not fix it
       5  --wait reached --timeout with resources still in flight, none of
          them Degraded
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM): batches already
+         created are kept, and the next apply picks them up
 
     With --wait, a failed download is tried again on later polls (after 5 s, doubling to
     5 min) while other resources keep the run waiting, never waited for alone.
@@ -1398,8 +1400,9 @@ def unlock(holder_id: str, force: bool, state_path: str | None) -> None:
 
     Only for a run that is gone: ID must hold a lock, or nothing is released.
     A holder whose heartbeat is fresh (under 10 minutes) and whose process is not known to
-    be gone is refused (exit 3) unless --force; with a PostgreSQL state, one whose database
-    session is open (--force ends that session), and one whose session has ended is released.
+    be gone is refused (exit 3) unless --force. With a PostgreSQL state, a holder whose
+    database session has ended is released whatever its heartbeat, and one whose session is
+    open and whose heartbeat is fresh is refused unless --force (which also ends that session).
     A run that loses its lock stops at its next step. Recorded in history as an unlock run.
     """
     from batchspec.core.lifecycle import unlock_state
