@@ -279,17 +279,23 @@ def test_a_deleted_output_is_restored_with_the_server_gone(
 
 
 def test_apply_refuses_to_spend_without_consent(
-    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With no --yes and no terminal, a plan that creates batches on a paid provider exits 1
     saying how to approve, and nothing reaches the server."""
     srv = server()
     ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
 
+    monkeypatch.delenv("CI", raising=False)  # a person's shell, its input not a terminal
     code, out, err = run_cli(["apply", str(ws.root), "--wait"], capsys)
 
     assert code == 1
     assert "--yes" in err and "3 request(s)" in err and "triage" in err
+    # the one reason that applies here (pytest's stdin is no terminal), not all three
+    assert "(its input is not a terminal)" in err and "CI" not in err, err
     assert srv.probe.counts["POST /files"] == 0
     assert srv.probe.counts["POST /batches"] == 0
     assert srv.client().files.list().data == []
@@ -300,7 +306,10 @@ def test_apply_refuses_to_spend_without_consent(
 
 
 def test_the_refusal_to_spend_without_consent_counts_the_resources_past_ten(
-    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without --yes in CI, the refusal names the first ten resources it would submit and
     counts the rest, as other messages do (at 300 manifests it was one 3,000-character line
@@ -309,9 +318,11 @@ def test_the_refusal_to_spend_without_consent_counts_the_resources_past_ten(
     specs = [ResourceSpec(f"job-{i:02d}", count=1) for i in range(12)]
     ws = served(tmp_path / "ws", srv, *specs)
 
+    monkeypatch.setenv("CI", "true")  # as a CI runner sets it
     code, _, err = run_cli(["apply", str(ws.root)], capsys)
 
     assert code == 1
+    assert "(CI is set)" in err, err
     assert "submit 12 request(s) in new batches (job-00, job-01," in err, err
     assert "job-09, … (12 in all))" in err and "job-10" not in err, err
     assert srv.probe.counts["POST /batches"] == 0

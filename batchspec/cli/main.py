@@ -789,7 +789,7 @@ def apply(
     with TERM=dumb it writes plain lines instead.
     """
     from batchspec.cli import render
-    from batchspec.cli.applyview import ApplyOutput, in_ci
+    from batchspec.cli.applyview import ApplyOutput
     from batchspec.core.apply import ApplyOptions, apply_saved_plan, apply_workspace
     from batchspec.core.planfile import is_plan_path
 
@@ -822,6 +822,8 @@ def apply(
             click.echo(err=True)
             return False  # a no
 
+    # in CI nobody answers a prompt, even on a pseudo-terminal: refuse, saying --yes and why
+    no_prompt = _why_no_prompt(as_json)
     options = ApplyOptions(
         select=select,
         yes=yes,
@@ -835,9 +837,9 @@ def apply(
         state_path=state_path,
         replace=replace,
         reuse=not no_reuse,
+        no_prompt=no_prompt or ApplyOptions.no_prompt,
     )
-    # in CI nobody answers a prompt, even on a pseudo-terminal: refuse, saying --yes
-    interactive = sys.stdin.isatty() and not as_json and not in_ci()
+    interactive = no_prompt is None
     interruption = click.get_current_context().find_object(Interruption)
     if interruption is not None:  # Ctrl-C's line goes above the bars, not under them
         interruption.above_bars = view.say_above
@@ -1478,6 +1480,19 @@ def warn_skipped(problems: Any) -> None:
         from batchspec.cli import render
 
         click.echo(render.skipped_manifests_warning(problems), err=True)
+
+
+def _why_no_prompt(as_json: bool) -> str | None:
+    """Why ``apply`` cannot ask a person to approve here (None: it can)."""
+    from batchspec.cli.applyview import in_ci
+
+    if in_ci():
+        return "CI is set"
+    if as_json:
+        return "--json: the output is for a program"
+    if not sys.stdin.isatty():
+        return "its input is not a terminal"
+    return None
 
 
 def _now() -> str:

@@ -165,6 +165,8 @@ class ApplyOptions:
     replace: tuple[str, ...] = ()  # --replace NAME: a new generation of the same spec
     reuse: bool = True  # with replace: keep answers that succeeded (--no-reuse: resend all)
     parallelism: int = DEFAULT_PARALLELISM  # provider calls in flight at once (--parallelism)
+    #: why nobody can be asked to approve (with no ``confirm``), for the refusal to say
+    no_prompt: str = "no terminal, CI set, or --json"
 
 
 @dataclass(frozen=True)
@@ -1174,7 +1176,7 @@ def require_consent(
             )
         raise ConsentError(
             f"this apply would {' and '.join(what)}, and nobody can answer a prompt here "
-            "(no terminal, CI set, or --json)",
+            f"({options.no_prompt})",
             details=["run it again with --yes to approve"],
         )
     if not confirm(plan, estimates()):
