@@ -179,17 +179,19 @@ def test_a_kill_in_the_middle_of_a_parallel_submit_then_apply_creates_no_duplica
     )
     assert reached.wait(30), "no create reached the server"
     deadline = time.monotonic() + 10
-    while srv.probe.counts[CREATE] < 3 and time.monotonic() < deadline:
+    # batches made (their answers held), not creates counted: the probe counts a request at
+    # its headers, and a create the kill cuts off before its body has come makes no batch
+    while srv.batch_count() < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     srv.probe.release(CREATE)
     sent = srv.probe.counts[CREATE]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 3  # a create whose body had all come is made by then
     while srv.batch_count() < sent and time.monotonic() < deadline:
         time.sleep(0.01)
     made = srv.batch_count()
-    assert 3 <= made == sent < 15  # killed in the middle: some made, not all
+    assert 3 <= made <= sent < 15  # killed in the middle: some made, not all
 
     upstream.gate.set()
     code, _, err = run_cli(
@@ -202,7 +204,8 @@ def test_a_kill_in_the_middle_of_a_parallel_submit_then_apply_creates_no_duplica
     assert keys_on_server(srv) == expected
     assert all(len(ws.outputs(n)) == 1 for n in names)
     assert len(ws.outputs("sharded")) == 6
-    assert srv.probe.counts[CREATE] == 15  # the re-run sent only the creates never made
+    # the re-run sent only the creates never made (one cut off by the kill is one of them)
+    assert srv.probe.counts[CREATE] == 15 + (sent - made)
     with ws.store() as store:
         adopted = [e for e in store.events() if e.action == "adopt"]
     assert len(adopted) == made
