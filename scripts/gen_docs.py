@@ -233,7 +233,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def schema_page(schema_file: str, title: str, intro: str, example: str) -> str:
+def schema_page(schema_file: str, title: str, intro: str, example: str, problems: str = "") -> str:
     root = json.loads((SCHEMAS / schema_file).read_text(encoding="utf-8"))
     doc = SchemaDoc(root)
     lines = [
@@ -250,7 +250,8 @@ def schema_page(schema_file: str, title: str, intro: str, example: str) -> str:
         "```",
         "",
         "Keys are camelCase. Unknown keys are errors everywhere (with a did-you-mean). Every",
-        "problem is reported at once, each with its `file:line:column` and JSON pointer.",
+        "problem is reported at once, each with its `file:line:column` and JSON pointer."
+        + problems,
         "",
     ]
     for section in doc.sections("", root):
@@ -304,7 +305,14 @@ def manifest_reference() -> str:
         " Concepts: [concepts.md](concepts.md); the project file:"
         " [project-reference.md](project-reference.md)."
     )
-    return schema_page("batch.schema.json", "Manifest reference", intro, MANIFEST_EXAMPLE)
+    inputs = (
+        " The lines of the inputs are checked once the manifests (and their request"
+        " templates) are valid: a workspace with both kinds of problem shows the inputs' on"
+        " the next run."
+    )
+    return schema_page(
+        "batch.schema.json", "Manifest reference", intro, MANIFEST_EXAMPLE, problems=inputs
+    )
 
 
 def project_reference() -> str:
