@@ -339,7 +339,8 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
     show_default=True,
     type=click.IntRange(min=1),
     help="Requests in flight at once, to all upstreams together (several --upstream share "
-    "it: give the sum of what each server takes).",
+    "it: give the sum of what each server takes). Twice the `local` provider's default "
+    "`concurrency` (4): one server that several runners share.",
 )
 @click.option(
     "--request-timeout",
