@@ -30,6 +30,7 @@ Run:  .venv/bin/python bench/fleet.py
       .venv/bin/python bench/fleet.py --sdk
       .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
       .venv/bin/python bench/fleet.py --manifests 300 --profile /tmp/fleet  # cProfile stats
+      .venv/bin/python bench/fleet.py --parallelism 32 --syscalls /tmp/fleet  # strace -c
 
 Only loopback addresses are used; every server is stopped at the end.
 """
@@ -101,11 +102,14 @@ def _kind(method: str, path: str) -> str:
 
 
 def timed_apply(
-    root: Path, parallelism: int, profile: str | None = None
+    root: Path, parallelism: int, profile: str | None = None, syscalls: str | None = None
 ) -> tuple[float, float, float]:
     """One ``batchspec apply`` child: (wall seconds, CPU seconds, peak RSS in MB); with
-    ``profile``, run under cProfile writing its stats there (the figures then include it)."""
-    python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+    ``profile``, run under cProfile writing its stats there; with ``syscalls``, under
+    ``strace -f -c`` writing its count of each system call there (futex: the GIL's
+    hand-offs between threads). The figures then include either's cost."""
+    strace = ["strace", "-f", "-c", "-o", syscalls] if syscalls else []
+    python = [*strace, sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
     argv = [*python, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
     return timed_child([*argv, "--parallelism", str(parallelism)], root)
 
@@ -188,6 +192,11 @@ def main() -> None:
         help="run each apply under cProfile: stats in PREFIX.submit and PREFIX.collect",
     )
     parser.add_argument(
+        "--syscalls",
+        metavar="PREFIX",
+        help="run each apply under `strace -f -c`: counts in PREFIX.submit and PREFIX.collect",
+    )
+    parser.add_argument(
         "--timeline", action="store_true", help="print when the proxy answered each kind of call"
     )
     parser.add_argument(
@@ -219,10 +228,11 @@ def main() -> None:
         n = args.manifests
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.submit"
+        syscalls = args.syscalls and f"{args.syscalls}.submit"
         cpu_before = process_cpu(serve.pid), own_cpu()
         timeline.clear()
         start = time.perf_counter()
-        figures = timed_apply(ws, args.parallelism, profile)
+        figures = timed_apply(ws, args.parallelism, profile, syscalls)
         walls = [figures[0]]
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
@@ -234,10 +244,11 @@ def main() -> None:
         wait_until(serve_url, lambda s: s == "completed", n)
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.collect"
+        syscalls = args.syscalls and f"{args.syscalls}.collect"
         cpu_before = process_cpu(serve.pid), own_cpu()
         timeline.clear()
         start = time.perf_counter()
-        figures = timed_apply(ws, args.parallelism, profile)
+        figures = timed_apply(ws, args.parallelism, profile, syscalls)
         walls.append(figures[0])
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
