@@ -43,7 +43,7 @@ from workspaces import (
     served,
 )
 
-from batchspec.core import lifecycle
+from batchspec.core import lifecycle, sharding
 from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.lifecycle import import_batch
 from batchspec.core.reconcile import Progress
@@ -358,6 +358,92 @@ def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Pa
         assert source.read(facts[0]) == path.read_bytes().split(b"\n")[0]
         with pytest.raises(InputChangedError):
             source.read(facts[1])
+
+
+def _indexed(path: Path, tmp: Path) -> tuple[inputs.InputReport, list[request_index.RequestFact]]:
+    index = tmp / "in.idx"
+    with index.open("wb") as f:
+        writer = RequestIndexWriter(f)
+        report = inputs.scan_batch_input(path, index=writer)
+        assert report.ok, report.problems
+        writer.finish(report.sha256)
+    return report, list(read_request_index(index))
+
+
+@pytest.mark.parametrize(
+    ("layout", "by_span"),
+    [
+        ("lf", True),
+        ("no final newline", True),
+        ("crlf", False),
+        ("blank line inside a shard", False),
+        ("blank line between shards", True),
+    ],
+)
+def test_shard_files_copied_by_span_are_the_bytes_written_line_by_line(
+    tmp_path: Path, layout: str, by_span: bool
+) -> None:
+    """A shard whose requests lie back to back is copied as one span of the input (no line
+    looked at): its file, its requests and bytes are exactly what writing it line by line
+    gives; a blank line or a CRLF inside a shard leaves it to the line-by-line copy."""
+    lines = [json.dumps(line).encode() for line in request_lines(9)]
+    sep = b"\r\n" if layout == "crlf" else b"\n"
+    data = sep.join(lines) + (b"" if layout == "no final newline" else sep)
+    if layout == "blank line inside a shard":
+        data = data.replace(lines[1] + b"\n", lines[1] + b"\n\n")
+    if layout == "blank line between shards":
+        data = data.replace(lines[3] + b"\n", lines[3] + b"\n \n")
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    report, facts = _indexed(path, tmp_path)
+    limits = sharding.ShardLimits(max_requests=4)
+    endpoint = "/v1/chat/completions"
+
+    by_line = sharding.ShardWriters(tmp_path / "by-line", enabled=True, source=path)
+    lines_per: dict[int, int] = {}
+    lines_bytes: dict[int, int] = {}
+    for _ in sharding.shard_and_write(facts, limits, endpoint, by_line, lines_per, lines_bytes):
+        pass
+    expected = by_line.finish()
+
+    per: dict[int, int] = {}
+    nbytes: dict[int, int] = {}
+    spans = sharding.shard_spans(facts, limits, endpoint, per, nbytes)
+    assert (spans is not None) == by_span
+    if spans is not None:
+        assert (per, nbytes) == (lines_per, lines_bytes)
+        writers = sharding.ShardWriters(tmp_path / "by-span", enabled=True)
+        sharding.copy_shard_spans(path, spans, writers, report.sha256)
+        assert writers.finish() == expected
+        for sha in expected.values():
+            copied = (tmp_path / "by-span" / f"{sha}.jsonl").read_bytes()
+            assert copied == (tmp_path / "by-line" / f"{sha}.jsonl").read_bytes()
+            assert hashlib.sha256(copied).hexdigest() == sha
+
+
+@pytest.mark.parametrize("change", ["a byte of a request", "a byte after the last request"])
+def test_a_span_copy_of_a_changed_input_is_refused_and_leaves_no_shard_file(
+    tmp_path: Path, change: str
+) -> None:
+    """The span copy checks the whole input against the content validated (the line-by-line
+    copy checks each request's fingerprint): a same-size change anywhere is refused, and no
+    shard file, whole or partial, is left."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(9)))
+    report, facts = _indexed(path, tmp_path)
+    spans = sharding.shard_spans(
+        facts, sharding.ShardLimits(max_requests=4), "/v1/chat/completions", {}, {}
+    )
+    assert spans is not None
+    data = path.read_bytes()
+    at = data.index(b"item 5.") if change == "a byte of a request" else len(data) - 1
+    path.write_bytes(data[:at] + (b"X" if data[at : at + 1] != b"X" else b"Y") + data[at + 1 :])
+    writers = sharding.ShardWriters(tmp_path / "shards", enabled=True)
+
+    with pytest.raises(InputChangedError, match="changed after it was validated"):
+        sharding.copy_shard_spans(path, spans, writers, report.sha256)
+
+    assert list((tmp_path / "shards").iterdir()) == []
 
 
 @pytest.mark.usefixtures("index_files")

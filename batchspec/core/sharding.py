@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 from batchspec.errors import BatchspecError
 from batchspec.providers.flavours import flavour_of
 from batchspec.wire.inputs import RequestLine
-from batchspec.wire.request_index import RequestBytes, RequestFact
+from batchspec.wire.request_index import InputChangedError, RequestBytes, RequestFact
 from batchspec.workspace.manifest import Resource, Workspace
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
@@ -184,17 +184,21 @@ class ShardWriters:
             self.write(shard, self._source.read(fact))
 
     def write(self, shard: int, raw: bytes) -> None:
+        """Append one request line (``raw`` and its ``\n``) to shard ``shard``'s file."""
+        self.write_bytes(shard, raw + b"\n")
+
+    def write_bytes(self, shard: int, data: bytes | memoryview) -> None:
+        """Append ``data`` as it is (whole lines, or a piece of a span of them)."""
         if not self.enabled:
             return
-        line = raw + b"\n"
         with self._failing_as_the_folder():
             entry = self._open.get(shard)
             if entry is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
                 entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
-            entry[0].write(line)
-        entry[1].update(line)
+            entry[0].write(data)
+        entry[1].update(data)
 
     def finish(self) -> dict[int, str]:
         if self._source is not None:
@@ -208,6 +212,19 @@ class ShardWriters:
         self._open.clear()
         return shas
 
+    def discard(self) -> None:
+        """Remove every shard file not yet finished (nothing is left of them)."""
+        if self._source is not None:
+            self._source.close()
+        self._remove_partial()
+
+    def _remove_partial(self) -> None:
+        for handle, _, tmp in self._open.values():
+            with contextlib.suppress(OSError):
+                handle.close()
+            tmp.unlink(missing_ok=True)
+        self._open.clear()
+
     @contextlib.contextmanager
     def _failing_as_the_folder(self) -> Iterator[None]:
         """A write that fails (a full disk) removes every partial shard file, whose room a
@@ -216,11 +233,7 @@ class ShardWriters:
         try:
             yield
         except OSError as err:
-            for handle, _, tmp in self._open.values():
-                with contextlib.suppress(OSError):
-                    handle.close()
-                tmp.unlink(missing_ok=True)
-            self._open.clear()
+            self._remove_partial()
             if err.filename is not None and not str(err.filename).endswith(".part"):
                 raise
             raise OSError(err.errno, err.strerror or str(err), str(self.folder)) from err
@@ -277,6 +290,77 @@ def shard_and_write(
             bytes_per_shard[shard] = bytes_per_shard.get(shard, 0) + fact.length + 1
         writers.write_request(shard, fact)
         yield shard, fact
+
+
+def shard_spans(
+    facts: Iterable[RequestFact],
+    limits: ShardLimits,
+    endpoint: str,
+    per_shard: dict[int, int],
+    bytes_per_shard: dict[int, int],
+) -> list[tuple[int, int]] | None:
+    """Assign every request of an input its shard, as ``shard_and_write`` does (counting
+    each shard's requests and bytes), and return each shard's span of the input,
+    ``(start, end)``: from its first request's first byte to its last request's last.
+    Only when each shard's requests are back to back, one ``\n`` between two (no blank
+    line, no ``\r\n``): its file is then its span and a ``\n`` (``copy_shard_spans``), the
+    very bytes ``write_request`` would write line by line. None when they are not."""
+    spans: list[list[int]] = []
+    for shard, fact in assign_indexed_shards(facts, limits, endpoint=endpoint):
+        per_shard[shard] = per_shard.get(shard, 0) + 1
+        bytes_per_shard[shard] = bytes_per_shard.get(shard, 0) + fact.length + 1
+        if shard == len(spans):
+            spans.append([fact.offset, fact.offset + fact.length])
+            continue
+        span = spans[shard]
+        if fact.offset != span[1] + 1:
+            return None  # a blank line or a "\r\n" between two requests: copied line by line
+        span[1] = fact.offset + fact.length
+    return [(start, end) for start, end in spans]
+
+
+#: bytes of the input ``copy_shard_spans`` reads at a time
+_COPY_BYTES = 1024 * 1024
+
+
+def copy_shard_spans(
+    source: Path, spans: Sequence[tuple[int, int]], writers: ShardWriters, sha256: str
+) -> None:
+    """Write shard ``k``'s file as ``spans[k]`` of ``source`` and a ``\n``, reading the
+    input once, a MiB at a time, with no line looked at. The whole input is hashed as it is
+    read: one that no longer holds content ``sha256`` (the content that was validated and
+    indexed) is refused (``InputChangedError``), and no shard file is left."""
+    whole = hashlib.sha256()
+    shard, pos = 0, 0
+    try:
+        with open(source, "rb", buffering=0) as f:
+            while chunk := f.read(_COPY_BYTES):
+                whole.update(chunk)
+                view, end = memoryview(chunk), pos + len(chunk)
+                while shard < len(spans) and spans[shard][0] < end:
+                    start, stop = spans[shard]
+                    if stop > pos:
+                        piece = view[max(start, pos) - pos : min(stop, end) - pos]
+                        writers.write_bytes(shard, piece)
+                    if stop > end:
+                        break
+                    writers.write_bytes(shard, b"\n")
+                    shard += 1
+                pos = end
+    except OSError as err:
+        writers.discard()
+        if err.filename == str(writers.folder):
+            raise  # the shard folder's (a full disk), as ``ShardWriters`` names it
+        raise InputChangedError(
+            f"{source}: cannot read the input again ({err.strerror or err}); "
+            "nothing was submitted from it"
+        ) from None
+    if shard < len(spans) or whole.hexdigest() != sha256:
+        writers.discard()
+        raise InputChangedError(
+            f"{source}: the input changed after it was validated; nothing was submitted from it",
+            details=["run the command again: the input is validated anew"],
+        )
 
 
 def fingerprint(raw: bytes) -> str:

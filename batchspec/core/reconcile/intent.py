@@ -23,9 +23,11 @@ from batchspec.core.replacements import reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.core.sharding import (
     ShardWriters,
+    copy_shard_spans,
     fits_one_shard,
     indexed_ledger_rows,
     shard_and_write,
+    shard_spans,
 )
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
@@ -129,20 +131,32 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         writers = ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path)
         per_shard: dict[int, int] = {}
         shard_bytes: dict[int, int] = {}
-        assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard, shard_bytes)
-        # what a generation keeping answers sends is not the input's average, and a dollar
-        # budget bounds its output: parse those requests again (only for such a budget)
         shard_output: dict[int, int] | None = None
-        if carried and measures_output(res):
-            shard_output = {}
-            assigned = measuring_output(assigned, res.input_path, shard_output)
-        if previous:
-            ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
-        else:
+        spans = None
+        if not previous:
             # every request of the input, in consecutive runs per shard: the ledger is
             # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
-            # while the provider works, so the uploads do not wait for its inserts
-            collections.deque(assigned, maxlen=0)  # drives the shard writers
+            # while the provider works, so the uploads do not wait for its inserts; a
+            # shard's file is its span of the input when its lines are back to back
+            spans = shard_spans(todo, limits, res.endpoint, per_shard, shard_bytes)
+            if spans is None:
+                per_shard.clear()
+                shard_bytes.clear()
+                todo = ctx.request_facts(res, facts.sha256)  # walked again, copied by line
+            else:
+                copy_shard_spans(res.input_path, spans, writers, facts.sha256)
+        if spans is None:
+            assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard, shard_bytes)
+            # what a generation keeping answers sends is not the input's average, and a
+            # dollar budget bounds its output: parse those requests again (only for such a
+            # budget)
+            if carried and measures_output(res):
+                shard_output = {}
+                assigned = measuring_output(assigned, res.input_path, shard_output)
+            if previous:
+                ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
+            else:
+                collections.deque(assigned, maxlen=0)  # drives the shard writers
         shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
         # what is sent, measured: requests that keep an answer are rarely of average size
