@@ -31,6 +31,7 @@ from workspaces import (
 
 from batchspec.core.reconcile import prefetch
 from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
+from batchspec.state.ledger import RequestLedger
 
 LIST = "GET /batches"
 RETRIEVE = "GET /batches/{id}"
@@ -773,3 +774,63 @@ def _ended_on(
     assert code == 0, err
     hostile.finish_all()
     return ws
+
+
+class ShardGatedUpstream(GatedUpstream):
+    """The built-in stand-in, holding only the requests whose custom_id is in ``held``."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        if custom_id in self.held:
+            return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+        return await self.inner.send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+def test_a_finished_shard_is_collected_while_another_shard_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard's batch that ended is downloaded and recorded by the next pass, while another
+    shard of the same resource is still in flight (its answers are safe from the provider's
+    retention, and a large job's collecting overlaps the slowest shard's work, where it all
+    waited for the slowest); the results file is written once every shard is in."""
+    upstream = ShardGatedUpstream({"req-2", "req-3"})  # the second shard's requests
+    srv = start_probed_server(tmp_path / "engine", upstream=upstream, api_key=SENTINEL_KEY)
+    try:
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"srv": openai_provider(srv.v1, KEY_ENV)},
+            resources=[ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})],
+        )
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        wait_for(
+            lambda: (
+                sorted(b["status"] for b in srv.engine.list_batches(None, 10)["data"])
+                == ["completed", "in_progress"]
+            )
+        )
+        srv.probe.counts.clear()
+
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+        assert code == 0, err
+        events = json_lines(out)
+        collected = [e for e in events if e.get("event") == "collect"]
+        assert len(collected) == 1 and collected[0]["resource"] == "job"
+        assert srv.probe.counts[DOWNLOAD] == 1
+        with ws.store() as store:
+            counts = RequestLedger(store.db).shard_counts(store.generations("job")[0].id)
+        assert [(c.shard, c.unresolved) for c in counts] == [(0, 0), (1, 2)]
+        assert not ws.output_path("job").exists()  # not before every shard is in
+
+        upstream.gate.set()
+        code, _, err = run_cli(
+            ["apply", str(ws.root), "--yes", "--wait", "--poll-interval", "0.05"], capsys
+        )
+        assert code == 0, err
+        assert [o["custom_id"] for o in ws.outputs("job")] == [f"req-{i}" for i in range(4)]
+    finally:
+        upstream.gate.set()
+        srv.stop()

@@ -231,8 +231,8 @@ CASES = [
             )
         ),
         None,
-        (ActionKind.REFRESH, "1 batch(es) in flight", 0, 0),
-        id="in-flight-before-collect",
+        (ActionKind.COLLECT, "1 finished batch(es) to download, 1 still in flight", 0, 0),
+        id="a-finished-shard-is-collected-while-another-runs",
     ),
     pytest.param(
         want(),

@@ -227,6 +227,7 @@ class Action:
     reused: int = 0  # requests of a new generation that keep an earlier generation's answer
     # an orphan not pruned: the commit that last declared it, newer than this checkout's
     declared_by: str | None = None
+    in_flight: int = 0  # the generation's batches still in flight (a refresh polls them)
 
     @property
     def spends(self) -> bool:
@@ -549,11 +550,16 @@ def plan_resource(
         why = "generation recorded but nothing submitted yet"
         return new_generation(ActionKind.CREATE, why, gen)
     in_flight = [b for b in gen.batches if b.in_flight]
-    if in_flight:
-        return act(ActionKind.REFRESH, f"{len(in_flight)} batch(es) in flight", gen)
     uncollected = [b for b in gen.batches if b.awaiting_collect]
     if uncollected:
-        return act(ActionKind.COLLECT, f"{len(uncollected)} finished batch(es) to download", gen)
+        # a shard's batch that ended is collected while the others run: its answers are
+        # recorded (and safe from the provider's retention) without waiting for the slowest
+        still = f", {len(in_flight)} still in flight" if in_flight else ""
+        why = f"{len(uncollected)} finished batch(es) to download{still}"
+        return replace(act(ActionKind.COLLECT, why, gen), in_flight=len(in_flight))
+    if in_flight:
+        why = f"{len(in_flight)} batch(es) in flight"
+        return replace(act(ActionKind.REFRESH, why, gen), in_flight=len(in_flight))
     # No status guard: a Degraded generation whose retry.maxAttempts was raised has attempts
     # left again and retries, like any other (``retry`` is not part of the spec hash).
     retryable = [s for s in gen.shards if s.unresolved and s.attempts_used < want.max_attempts]

@@ -423,7 +423,10 @@ class Reconciler:
             progressed = STEPS[kind](self.ctx, res, facts, action)
             following = self.plan_one(res, facts)
             if not progressed or (
-                following.kind is ActionKind.REFRESH and kind is not ActionKind.COLLECT
+                following.kind is ActionKind.REFRESH
+                # after a collect, a refresh that is no poll (a requeued retry's wait) is
+                # planned on; one of batches still in flight waits: they were just polled
+                and (kind is not ActionKind.COLLECT or following.in_flight > 0)
             ):
                 return StepResult(following, waiting=True)
             action = following
