@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 from probes import ProbedServer
 from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_port
@@ -992,6 +993,33 @@ def test_a_decompression_bomb_is_refused_not_inflated(
         else:
             provider.get_batch("batch_1")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("given_client", [False, True], ids=["own-client", "given-client"])
+def test_only_encodings_the_bomb_cap_bounds_are_asked_for(
+    scripted: ScriptedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    given_client: bool,
+) -> None:
+    """Every request offers ``Accept-Encoding: gzip, deflate`` even where httpx would offer
+    ``br`` and ``zstd`` (the optional brotli or zstandard package installed, as patched in
+    here): httpx inflates a whole chunk of those before the decompression-bomb cap sees it,
+    and without bound. A client given to the provider sends the same."""
+    monkeypatch.setattr(httpx._client, "ACCEPT_ENCODING", "gzip, deflate, br, zstd")
+    options: dict[str, object] = {}
+    if given_client:
+        options["client"] = client = httpx.Client(timeout=10.0)
+        request.addfinalizer(client.close)
+    scripted.script(ok(), Answer(200, b"{}\n"))
+    provider, _ = make_provider(scripted, max_retries=0, **options)
+    provider.get_batch("batch_1")
+    provider.download_file("file-out", tmp_path / "results.jsonl")
+    assert [seen.headers["accept-encoding"] for seen in scripted.requests] == [
+        _http.ACCEPT_ENCODING
+    ] * 2
+    assert _http.ACCEPT_ENCODING == "gzip, deflate"
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])

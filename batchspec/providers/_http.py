@@ -22,7 +22,9 @@ What this module promises:
 - What is read into memory is bounded: an answer (a batch, a listing page) at most
   ``MAX_ANSWER_BYTES`` decoded, else ``ProviderError`` naming the URL; an error answer to a
   download at most ``MAX_ERROR_BODY_BYTES`` (its envelope). File contents stream to disk
-  (``download``), refused as a decompression bomb past ``MAX_INFLATION``.
+  (``download``), refused as a decompression bomb past ``MAX_INFLATION``. Every request
+  offers only the encodings whose inflation that bounds (``ACCEPT_ENCODING``: gzip, deflate),
+  whatever optional decoders httpx found installed.
 - ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
   the lost create made (each provider says how to find it) before it sends again, if ever.
 - ``cancel_or_ended`` is the one cancel: a cancel refused because the batch has already
@@ -787,7 +789,8 @@ class RetryingClient:
         self._made: list[httpx.Client] = []  # by ``more``: closed by ``close()``
         self._clients_lock = threading.Lock()
         self._context = context
-        self._headers = dict(headers)
+        # the encodings ours to bound (``ACCEPT_ENCODING``), whatever httpx would offer
+        self._headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         self._policy = policy
         self._sleep = sleep
         self._rand = rand
@@ -1055,6 +1058,12 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
     )
 
 
+#: the content encodings every request offers: those whose inflation ``_refuse_a_bomb``
+#: bounds. httpx offers ``br`` and ``zstd`` too once the optional ``brotli`` or
+#: ``zstandard`` package is installed, and inflates each chunk off the wire whole before the
+#: cap sees it: gzip and deflate grow at most about 1,000 times (a 64 KiB read, some 64 MiB),
+#: brotli and zstd without bound (a few KiB of zeros: gigabytes in memory at once)
+ACCEPT_ENCODING = "gzip, deflate"
 #: a download body that brings fewer bytes than this in a read timeout's time is stalled
 STALLED_BELOW_BYTES = 64 * 1024
 #: a compressed body (``Content-Encoding``) past ``INFLATED_FLOOR`` bytes decoded that has
