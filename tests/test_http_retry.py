@@ -729,6 +729,21 @@ def test_ambiguous_keyed_create_not_found_is_never_re_sent(scripted: ScriptedSer
     assert sleeps == []
 
 
+def test_a_create_answered_in_an_encoding_not_asked_for_is_adopted_not_sent_again(
+    scripted: ScriptedServer,
+) -> None:
+    """A create answered in ``br`` (refused unread) may have made its batch: it is looked up
+    by its key and adopted, never sent a second time."""
+    made = batch_json("batch_made", metadata=KEYED)
+    scripted.script(Answer(200, b"\x1b\xff", {"content-encoding": "br"}), listing(made))
+    provider, _ = make_provider(scripted)
+    created = provider.create_batch(
+        input_file_id="file-1", endpoint=CHAT, completion_window="24h", metadata=KEYED
+    )
+    assert created.id == "batch_made"
+    assert scripted.methods() == ["POST", "GET"]
+
+
 def test_a_refusal_after_an_ambiguous_attempt_is_still_ambiguous(
     scripted: ScriptedServer,
 ) -> None:
@@ -1020,6 +1035,25 @@ def test_only_encodings_the_bomb_cap_bounds_are_asked_for(
         _http.ACCEPT_ENCODING
     ] * 2
     assert _http.ACCEPT_ENCODING == "gzip, deflate"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br"])
+@pytest.mark.parametrize("call", ["download", "get"])
+def test_an_answer_in_an_encoding_not_asked_for_is_refused_unread(
+    scripted: ScriptedServer, tmp_path: Path, call: str, encoding: str
+) -> None:
+    """An answer sent as ``br`` or ``zstd`` although only gzip and deflate were asked for is
+    a ``ProviderError`` before a byte of it is decoded, leaving no file: with brotli
+    installed, 481 bytes of it inflated to 300 MiB in memory at once."""
+    scripted.script(then=Answer(200, b"\x1b\xff\xff", {"content-encoding": encoding}))
+    provider, _ = make_provider(scripted, max_retries=2)
+    with pytest.raises(ProviderError, match="encoded as '(br|zstd)', which was not asked for"):
+        if call == "download":
+            provider.download_file("file-out", tmp_path / "results.jsonl")
+        else:
+            provider.get_batch("batch_1")
+    assert list(tmp_path.iterdir()) == []
+    assert len(scripted.requests) == 1  # not retried: the server chose to send it so
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])
