@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 from probes import ProbedServer
 from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_port
@@ -728,6 +729,21 @@ def test_ambiguous_keyed_create_not_found_is_never_re_sent(scripted: ScriptedSer
     assert sleeps == []
 
 
+def test_a_create_answered_in_an_encoding_not_asked_for_is_adopted_not_sent_again(
+    scripted: ScriptedServer,
+) -> None:
+    """A create answered in ``br`` (refused unread) may have made its batch: it is looked up
+    by its key and adopted, never sent a second time."""
+    made = batch_json("batch_made", metadata=KEYED)
+    scripted.script(Answer(200, b"\x1b\xff", {"content-encoding": "br"}), listing(made))
+    provider, _ = make_provider(scripted)
+    created = provider.create_batch(
+        input_file_id="file-1", endpoint=CHAT, completion_window="24h", metadata=KEYED
+    )
+    assert created.id == "batch_made"
+    assert scripted.methods() == ["POST", "GET"]
+
+
 def test_a_refusal_after_an_ambiguous_attempt_is_still_ambiguous(
     scripted: ScriptedServer,
 ) -> None:
@@ -992,6 +1008,52 @@ def test_a_decompression_bomb_is_refused_not_inflated(
         else:
             provider.get_batch("batch_1")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("given_client", [False, True], ids=["own-client", "given-client"])
+def test_only_encodings_the_bomb_cap_bounds_are_asked_for(
+    scripted: ScriptedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    given_client: bool,
+) -> None:
+    """Every request offers ``Accept-Encoding: gzip, deflate`` even where httpx would offer
+    ``br`` and ``zstd`` (the optional brotli or zstandard package installed, as patched in
+    here): httpx inflates a whole chunk of those before the decompression-bomb cap sees it,
+    and without bound. A client given to the provider sends the same."""
+    monkeypatch.setattr(httpx._client, "ACCEPT_ENCODING", "gzip, deflate, br, zstd")
+    options: dict[str, object] = {}
+    if given_client:
+        options["client"] = client = httpx.Client(timeout=10.0)
+        request.addfinalizer(client.close)
+    scripted.script(ok(), Answer(200, b"{}\n"))
+    provider, _ = make_provider(scripted, max_retries=0, **options)
+    provider.get_batch("batch_1")
+    provider.download_file("file-out", tmp_path / "results.jsonl")
+    assert [seen.headers["accept-encoding"] for seen in scripted.requests] == [
+        _http.ACCEPT_ENCODING
+    ] * 2
+    assert _http.ACCEPT_ENCODING == "gzip, deflate"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, br"])
+@pytest.mark.parametrize("call", ["download", "get"])
+def test_an_answer_in_an_encoding_not_asked_for_is_refused_unread(
+    scripted: ScriptedServer, tmp_path: Path, call: str, encoding: str
+) -> None:
+    """An answer sent as ``br`` or ``zstd`` although only gzip and deflate were asked for is
+    a ``ProviderError`` before a byte of it is decoded, leaving no file: with brotli
+    installed, 481 bytes of it inflated to 300 MiB in memory at once."""
+    scripted.script(then=Answer(200, b"\x1b\xff\xff", {"content-encoding": encoding}))
+    provider, _ = make_provider(scripted, max_retries=2)
+    with pytest.raises(ProviderError, match="encoded as '(br|zstd)', which was not asked for"):
+        if call == "download":
+            provider.download_file("file-out", tmp_path / "results.jsonl")
+        else:
+            provider.get_batch("batch_1")
+    assert list(tmp_path.iterdir()) == []
+    assert len(scripted.requests) == 1  # not retried: the server chose to send it so
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])

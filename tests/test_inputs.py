@@ -373,7 +373,7 @@ BAD_INPUTS = [
         {},
         2,
         "invalid_messages",
-        "body.messages is empty; a chat line needs a message",
+        "body.messages of custom_id 'req-1' is empty; a chat line needs a message",
         id="messages-empty",
     ),
     pytest.param(
@@ -381,7 +381,7 @@ BAD_INPUTS = [
         {},
         2,
         "missing_messages",
-        "body.messages is missing",
+        "body.messages of custom_id 'req-1' is missing",
         id="messages-missing",
     ),
     pytest.param(

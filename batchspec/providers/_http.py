@@ -22,7 +22,10 @@ What this module promises:
 - What is read into memory is bounded: an answer (a batch, a listing page) at most
   ``MAX_ANSWER_BYTES`` decoded, else ``ProviderError`` naming the URL; an error answer to a
   download at most ``MAX_ERROR_BODY_BYTES`` (its envelope). File contents stream to disk
-  (``download``), refused as a decompression bomb past ``MAX_INFLATION``.
+  (``download``), refused as a decompression bomb past ``MAX_INFLATION``. Every request
+  offers only the encodings whose inflation that bounds (``ACCEPT_ENCODING``: gzip, deflate),
+  whatever optional decoders httpx found installed; an answer sent in another encoding
+  httpx would decode (``br``, ``zstd``) is refused unread (ambiguous for a create).
 - ``create_or_adopt`` is the one create loop: after an ambiguous failure it adopts the batch
   the lost create made (each provider says how to find it) before it sends again, if ever.
 - ``cancel_or_ended`` is the one cancel: a cancel refused because the batch has already
@@ -787,7 +790,8 @@ class RetryingClient:
         self._made: list[httpx.Client] = []  # by ``more``: closed by ``close()``
         self._clients_lock = threading.Lock()
         self._context = context
-        self._headers = dict(headers)
+        # the encodings ours to bound (``ACCEPT_ENCODING``), whatever httpx would offer
+        self._headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         self._policy = policy
         self._sleep = sleep
         self._rand = rand
@@ -979,6 +983,9 @@ class RetryingClient:
                     method, url, headers=merged, timeout=bounded or client.timeout, **kwargs
                 )
                 response = client.send(request, stream=True)
+                unasked = _unasked_encoding(response, self._context.provider)
+                if unasked is not None:  # the server has answered: a create may have acted
+                    raise unasked if retry_ambiguous else _as_ambiguous(unasked)
                 if not stream:
                     _read_whole(
                         response,
@@ -1052,6 +1059,38 @@ def _as_ambiguous(error: ProviderError) -> AmbiguousOutcome:
         request_id=error.request_id,
         retryable=error.retryable,
         provider_down=error.provider_down,
+    )
+
+
+#: the content encodings every request offers: those whose inflation ``_refuse_a_bomb``
+#: bounds. httpx offers ``br`` and ``zstd`` too once the optional ``brotli`` or
+#: ``zstandard`` package is installed, and inflates each chunk off the wire whole before the
+#: cap sees it: gzip and deflate grow at most about 1,000 times (a 64 KiB read, some 64 MiB),
+#: brotli and zstd without bound (a few KiB of zeros: gigabytes in memory at once)
+ACCEPT_ENCODING = "gzip, deflate"
+#: encodings httpx decodes (its optional decoders) that no request asks for: an answer
+#: sent so anyway is refused unread (``_unasked_encoding``)
+_UNBOUNDED_ENCODINGS = frozenset({"br", "zstd"})
+
+
+def _unasked_encoding(response: httpx.Response, provider: str) -> ProviderError | None:
+    """The error for an answer whose ``Content-Encoding`` is one no request asks for
+    (``ACCEPT_ENCODING``) and whose inflation nothing bounds, closed unread; else None."""
+    header = response.headers.get("content-encoding")
+    if not header:
+        return None
+    found = [
+        t.strip().lower() for t in header.split(",") if t.strip().lower() in _UNBOUNDED_ENCODINGS
+    ]
+    if not found:
+        return None
+    response.close()
+    url = display_url(str(response.request.url))
+    return ProviderError(
+        f"{provider}: the answer to {response.request.method} {url} (HTTP "
+        f"{response.status_code}) came encoded as {found[0]!r}, which was not asked for "
+        f"(only {ACCEPT_ENCODING}): not read, nothing of it was kept (a broken or hostile "
+        "server, or a proxy in between?)"
     )
 
 

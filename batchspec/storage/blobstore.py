@@ -155,7 +155,13 @@ class BlobStore:
     def sweep_stale_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
         """Drop the writes in progress untouched for ``older_than`` seconds: a killed process's
         leftovers, in a folder other processes may be writing to now (a write in progress
-        touches its file with each chunk). Returns how many were dropped."""
+        touches its file with each chunk). Returns how many were dropped.
+
+        By age, never by the pid in the name: a shared folder's runners are on other hosts
+        (a pid there says nothing here), and containers repeat the same small pids, so "no
+        such process" would drop a live runner's write. A runner paused longer than
+        ``older_than`` (a suspended machine) finds its write gone at the rename and fails
+        there (``FileNotFoundError``): nothing half-written is ever filed."""
         try:
             parts = [p for p in self.tmp_dir.iterdir() if p.name.startswith("part-")]
         except OSError:  # no tmp folder yet, or not ours to read

@@ -399,7 +399,8 @@ class _Checker:
                 and not (self.anthropic or self.gemini)
                 and _chat(url or self.endpoint)
             ):
-                self.check_messages(line, body.get("messages", _MISSING))  # theirs: below
+                # Anthropic's and Gemini's own rules check messages (below)
+                self.check_messages(line, body.get("messages", _MISSING), obj.get("custom_id"))
             self.max_output_tokens += max_output_of_request(url, body)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
@@ -502,18 +503,21 @@ class _Checker:
             )
         return url
 
-    def check_messages(self, line: int, messages: Any) -> None:
+    def check_messages(self, line: int, messages: Any, custom_id: Any) -> None:
         """A chat completion answers at least one message: a line without any is refused by
-        the provider after its upload (``[] is too short``), so here, before a cent."""
+        the provider after its upload (``[] is too short``), so here, before a cent. The
+        message names the line's ``custom_id``, as the provider's answer would have."""
+        if type(messages) is list and messages:
+            return  # every valid line: nothing more to look at
+        of = f" of custom_id {_shown(custom_id)}" if type(custom_id) is str and custom_id else ""
         if messages is _MISSING:
-            self.problem(line, "missing_messages", "body.messages is missing; a chat line needs it")
+            why = "is missing; a chat line needs it"
         elif type(messages) is not list:
-            kind = _json_type(messages)
-            self.problem(line, "invalid_messages", f"body.messages must be a list, not a {kind}")
-        elif not messages:
-            self.problem(
-                line, "invalid_messages", "body.messages is empty; a chat line needs a message"
-            )
+            why = f"must be a list, not a {_json_type(messages)}"
+        else:
+            why = "is empty; a chat line needs a message"
+        code = "missing_messages" if messages is _MISSING else "invalid_messages"
+        self.problem(line, code, f"body.messages{of} {why}")
 
     def check_model(self, line: int, model: Any, url: str | None) -> None:
         if type(model) is not str or not model:
