@@ -102,13 +102,23 @@ def _kind(method: str, path: str) -> str:
 
 
 def timed_apply(
-    root: Path, parallelism: int, profile: str | None = None, syscalls: str | None = None
+    root: Path,
+    parallelism: int,
+    profile: str | None = None,
+    syscalls: str | None = None,
+    stacks: str | None = None,
 ) -> tuple[float, float, float]:
     """One ``batchspec apply`` child: (wall seconds, CPU seconds, peak RSS in MB); with
     ``profile``, run under cProfile writing its stats there; with ``syscalls``, under
     ``strace -f -c`` writing its count of each system call there (futex: the GIL's
-    hand-offs between threads). The figures then include either's cost."""
+    hand-offs between threads); with ``stacks``, under ``py-spy record`` writing every
+    thread's sampled stacks while it holds the GIL there (folded: one stack and its count a line).
+    The figures then include the tool's cost."""
     strace = ["strace", "-f", "-c", "-o", syscalls] if syscalls else []
+    if stacks:
+        spy = Path(sys.executable).with_name("py-spy")  # the venv's (pip install py-spy)
+        spy_argv = [str(spy) if spy.exists() else "py-spy", "record", "--format", "raw"]
+        strace = [*spy_argv, "--gil", "--nonblocking", "--rate", "250", "-o", stacks, "--"]
     python = [*strace, sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
     argv = [*python, "-m", "batchspec", "apply", str(root), "--yes", "--quiet"]
     return timed_child([*argv, "--parallelism", str(parallelism)], root)
@@ -197,6 +207,12 @@ def main() -> None:
         help="run each apply under `strace -f -c`: counts in PREFIX.submit and PREFIX.collect",
     )
     parser.add_argument(
+        "--stacks",
+        metavar="PREFIX",
+        help="run each apply under `py-spy record` (every thread, on CPU): folded stacks in "
+        "PREFIX.submit and PREFIX.collect",
+    )
+    parser.add_argument(
         "--timeline", action="store_true", help="print when the proxy answered each kind of call"
     )
     parser.add_argument(
@@ -229,10 +245,11 @@ def main() -> None:
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.submit"
         syscalls = args.syscalls and f"{args.syscalls}.submit"
+        stacks = args.stacks and f"{args.stacks}.submit"
         cpu_before = process_cpu(serve.pid), own_cpu()
         timeline.clear()
         start = time.perf_counter()
-        figures = timed_apply(ws, args.parallelism, profile, syscalls)
+        figures = timed_apply(ws, args.parallelism, profile, syscalls, stacks)
         walls = [figures[0]]
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
@@ -245,10 +262,11 @@ def main() -> None:
         before = Counter(counts)
         profile = args.profile and f"{args.profile}.collect"
         syscalls = args.syscalls and f"{args.syscalls}.collect"
+        stacks = args.stacks and f"{args.stacks}.collect"
         cpu_before = process_cpu(serve.pid), own_cpu()
         timeline.clear()
         start = time.perf_counter()
-        figures = timed_apply(ws, args.parallelism, profile, syscalls)
+        figures = timed_apply(ws, args.parallelism, profile, syscalls, stacks)
         walls.append(figures[0])
         others = process_cpu(serve.pid) - cpu_before[0], own_cpu() - cpu_before[1]
         calls = sum((counts - before).values())
