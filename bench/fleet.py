@@ -31,6 +31,7 @@ Run:  .venv/bin/python bench/fleet.py
       .venv/bin/python bench/fleet.py --manifests 300 --parallelism 16
       .venv/bin/python bench/fleet.py --manifests 300 --profile /tmp/fleet  # cProfile stats
       .venv/bin/python bench/fleet.py --parallelism 32 --syscalls /tmp/fleet  # strace -c
+      .venv/bin/python bench/fleet.py --parallelism 32 --stacks /tmp/fleet  # py-spy --gil
 
 Only loopback addresses are used; every server is stopped at the end.
 """
