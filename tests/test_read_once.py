@@ -46,7 +46,7 @@ from workspaces import (
 from batchspec.core import lifecycle, sharding
 from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.lifecycle import import_batch
-from batchspec.core.reconcile import Progress
+from batchspec.core.reconcile import Progress, intent
 from batchspec.engine import Engine
 from batchspec.errors import InputError
 from batchspec.state import ledger as ledger_module
@@ -337,6 +337,37 @@ def test_an_input_changed_after_validation_is_refused_with_nothing_recorded(
     result = apply_workspace([str(ws.root)], WAIT)  # validated anew: the new content goes
 
     assert result.exit_code == 0
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
+
+
+def test_an_input_changed_while_its_shards_are_copied_leaves_no_generation_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input rewritten after the last check before the copy of its shards (here: as the
+    copy starts) is refused with no generation left: one left pending with nothing sent
+    made the next run see a spec "still in flight" and refuse to go on without
+    --allow-replace, where the refusal said to run the command again."""
+    ws = local_ws(tmp_path, 40, per_batch=20)
+    changed = [dict(line, custom_id=f"new-{i}") for i, line in enumerate(request_lines(40))]
+    copy = intent.copy_shard_spans
+
+    def rewrite_then_copy(*args: Any, **kwargs: Any) -> None:
+        ws.write_input("job", changed)
+        copy(*args, **kwargs)
+
+    monkeypatch.setattr(intent, "copy_shard_spans", rewrite_then_copy)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT)
+
+    monkeypatch.setattr(intent, "copy_shard_spans", copy)
+    with ws.store() as store:
+        assert store.generations("job") == []
+    assert engine_files(ws) == 0
+
+    result = apply_workspace([str(ws.root)], WAIT)  # validated anew: the new content goes
+
+    assert result.exit_code == 0, result.outcome
     assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
 
 
