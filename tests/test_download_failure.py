@@ -7,6 +7,7 @@ a reset, after the client's retry, or a 404); real SQLite; the CLI's own entry p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
@@ -254,6 +255,47 @@ def test_a_shard_whose_download_fails_does_not_keep_the_other_shards_from_being_
             rows = {b.id: b for b in store.batches(store.generations("job")[0].id)}
         assert rows[second.id].status == "completed" and rows[second.id].collected_at
         assert rows[first.id].collected_at is None  # still refused: never resubmitted
+        assert gw.received[CREATE] == 2
+    finally:
+        upstream.gate.set()
+
+
+def test_apply_wait_waits_for_the_other_shards_of_a_resource_whose_download_failed(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`apply --wait` whose download of one shard's file fails (a 404) while another shard
+    of the resource is still in flight keeps waiting for that shard and collects it before
+    it exits 1 (it stopped at the failed download, leaving the other shard in flight)."""
+    upstream = HeldUpstream({"req-2", "req-3"})  # the second shard's requests
+    job = ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, job)
+    try:
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        client = srv.client()
+        with ws.store() as store:
+            first, second = store.batches(store.generations("job")[0].id)
+        wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
+        ended = client.batches.retrieve(first.remote_id or "")
+        gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+
+        def release() -> None:  # once the download failed (or soon: a collect that waits)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: _failed_downloads_recorded(ws), timeout=2)
+            upstream.gate.set()
+
+        releaser = threading.Thread(target=release, daemon=True)
+        releaser.start()
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+        releaser.join(timeout=30)
+
+        assert code == 1, out + err
+        with ws.store() as store:
+            rows = {b.id: b for b in store.batches(store.generations("job")[0].id)}
+        assert rows[second.id].status == "completed" and rows[second.id].collected_at
+        assert rows[first.id].collected_at is None
         assert gw.received[CREATE] == 2
     finally:
         upstream.gate.set()

@@ -268,9 +268,13 @@ class Reconciler:
 
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
-        because a download failed does not (a later pass still tries it, while others wait)."""
-        if step.action.kind is ActionKind.COLLECT and any(
-            f.resource == res.name for f in self.ctx.download_failures.values()
+        because a download failed does not (a later pass still tries it, while others wait);
+        one with other batches (shards) still in flight does, until they have ended and been
+        collected."""
+        if (
+            step.action.kind is ActionKind.COLLECT
+            and step.action.in_flight == 0
+            and any(f.resource == res.name for f in self.ctx.download_failures.values())
         ):
             return False
         return step.waiting
