@@ -371,6 +371,37 @@ def test_an_input_changed_while_its_shards_are_copied_leaves_no_generation_behin
     assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
 
 
+@pytest.mark.parametrize("copied", ["by span", "by line"])
+def test_an_input_changed_while_its_shards_are_copied_leaves_no_shard_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: str
+) -> None:
+    """A same-size change to a request of the second shard, made as the shards are copied,
+    is refused and leaves no shard file, whole or partial, whether the shards are copied as
+    spans or line by line (CRLF: the first shard's file and the second's part were left in
+    the shard folder, where nothing removes them)."""
+    ws = local_ws(tmp_path, 40, per_batch=20)
+    path = ws.input_path("job")
+    sep = b"\n" if copied == "by span" else b"\r\n"
+    data = path.read_bytes().replace(b"\n", sep)
+    path.write_bytes(data)
+    at = data.index(b"item 30.")
+    changed = data[:at] + b"X" + data[at + 1 :]
+    hook = "copy_shard_spans" if copied == "by span" else "shard_and_write"
+    copy = getattr(intent, hook)
+
+    def rewrite_then_copy(*args: Any, **kwargs: Any) -> Any:
+        path.write_bytes(changed)
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(intent, hook, rewrite_then_copy)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT)
+
+    shards = ws.root / "state" / "shards"
+    assert not shards.exists() or list(shards.iterdir()) == []
+
+
 def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Path) -> None:
     """Copying an indexed request checks its bytes against the fingerprint the scan took:
     one changed byte (same size, same line) is refused, never written into a batch file."""

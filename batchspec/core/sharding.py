@@ -212,6 +212,14 @@ class ShardWriters:
         self._open.clear()
         return shas
 
+    def __enter__(self) -> ShardWriters:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Leaving the block by an exception discards the files not yet finished."""
+        if kind is not None:
+            self.discard()
+
     def discard(self) -> None:
         """Remove every shard file not yet finished (nothing is left of them)."""
         if self._source is not None:
