@@ -16,6 +16,7 @@ engine's provider APIs over loopback.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -506,6 +507,35 @@ def test_a_span_copy_of_a_changed_input_is_refused_and_leaves_no_shard_file(
         sharding.copy_shard_spans(path, spans, writers, report.sha256)
 
     assert list((tmp_path / "shards").iterdir()) == []
+
+
+def test_a_span_copy_into_a_shard_folder_that_cannot_be_made_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard folder whose parent cannot be made (a read-only workspace) fails as that
+    folder's error, not as the input's: it was refused as "cannot read the input again"."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(4)))
+    report, facts = _indexed(path, tmp_path)
+    spans = sharding.shard_spans(
+        facts, sharding.ShardLimits(max_requests=2), "/v1/chat/completions", {}, {}
+    )
+    assert spans is not None
+    parent = tmp_path / "state"
+    mkdir = Path.mkdir
+
+    def read_only_parent(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_parent)
+    writers = sharding.ShardWriters(parent / "shards", enabled=True)
+
+    with pytest.raises(PermissionError) as raised:
+        sharding.copy_shard_spans(path, spans, writers, report.sha256)
+
+    assert raised.value.filename == str(parent)
 
 
 @pytest.mark.usefixtures("index_files")
