@@ -6,11 +6,14 @@ a reset, after the client's retry, or a 404); real SQLite; the CLI's own entry p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import EngineServer, wait_for
@@ -19,10 +22,10 @@ from slow_gateway import (
     gated_and_slow_workspace,
     gated_workspace,
 )
-from workspaces import KEY_ENV, SENTINEL_KEY, Workspace, run_cli
+from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli
 
 from batchspec.core.reconcile import collect
-from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
 
 CREATE = "POST /v1/batches"
 FAST = ("--poll-interval", "0.05", "--timeout", "60")
@@ -203,3 +206,96 @@ def test_apply_wait_collects_a_failed_download_on_a_later_poll_while_others_run(
     assert actions.count(("download-failed", batch.id)) == 1
     assert actions.count(("collect", batch.id)) == 1
     assert gw.received[CREATE] == 1
+
+
+class HeldUpstream(BuiltinUpstream):
+    """The built-in stand-in, holding the requests whose custom_id is in ``held`` until
+    ``gate`` is set."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+        self.gate = threading.Event()
+
+    async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
+        while custom_id in self.held and not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
+
+
+def test_a_shard_whose_download_fails_does_not_keep_the_other_shards_from_being_polled(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A finished shard's download that keeps failing (a 404) does not stop the polls of
+    its resource's other shards: one that ended since is recorded and collected by the
+    same apply (its answers safe from the provider's retention), as when the collect
+    waited for every shard to end."""
+    upstream = HeldUpstream({"req-2", "req-3"})  # the second shard's requests
+    job = ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, job)
+    try:
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        client = srv.client()
+        with ws.store() as store:
+            first, second = store.batches(store.generations("job")[0].id)
+        wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
+        ended = client.batches.retrieve(first.remote_id or "")
+        gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+        run_cli(["apply", str(ws.root), "--yes"], capsys)  # the first shard seen ended
+        upstream.gate.set()
+        wait_for(lambda: client.batches.retrieve(second.remote_id or "").completed_at)
+
+        code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+        assert code == 1, out + err
+        with ws.store() as store:
+            rows = {b.id: b for b in store.batches(store.generations("job")[0].id)}
+        assert rows[second.id].status == "completed" and rows[second.id].collected_at
+        assert rows[first.id].collected_at is None  # still refused: never resubmitted
+        assert gw.received[CREATE] == 2
+    finally:
+        upstream.gate.set()
+
+
+def test_apply_wait_waits_for_the_other_shards_of_a_resource_whose_download_failed(
+    tmp_path: Path,
+    serve_engine: Callable[..., EngineServer],
+    gateways: list[SlowGateway],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`apply --wait` whose download of one shard's file fails (a 404) while another shard
+    of the resource is still in flight keeps waiting for that shard and collects it before
+    it exits 1 (it stopped at the failed download, leaving the other shard in flight)."""
+    upstream = HeldUpstream({"req-2", "req-3"})  # the second shard's requests
+    job = ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})
+    ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, job)
+    try:
+        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+        client = srv.client()
+        with ws.store() as store:
+            first, second = store.batches(store.generations("job")[0].id)
+        wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
+        ended = client.batches.retrieve(first.remote_id or "")
+        gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+
+        def release() -> None:  # once the download failed (or soon: a collect that waits)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: _failed_downloads_recorded(ws), timeout=2)
+            upstream.gate.set()
+
+        releaser = threading.Thread(target=release, daemon=True)
+        releaser.start()
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+        releaser.join(timeout=30)
+
+        assert code == 1, out + err
+        with ws.store() as store:
+            rows = {b.id: b for b in store.batches(store.generations("job")[0].id)}
+        assert rows[second.id].status == "completed" and rows[second.id].collected_at
+        assert rows[first.id].collected_at is None
+        assert gw.received[CREATE] == 2
+    finally:
+        upstream.gate.set()

@@ -16,6 +16,7 @@ engine's provider APIs over loopback.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,7 +47,7 @@ from workspaces import (
 from batchspec.core import lifecycle, sharding
 from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.lifecycle import import_batch
-from batchspec.core.reconcile import Progress
+from batchspec.core.reconcile import Progress, intent
 from batchspec.engine import Engine
 from batchspec.errors import InputError
 from batchspec.state import ledger as ledger_module
@@ -340,6 +341,68 @@ def test_an_input_changed_after_validation_is_refused_with_nothing_recorded(
     assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
 
 
+def test_an_input_changed_while_its_shards_are_copied_leaves_no_generation_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input rewritten after the last check before the copy of its shards (here: as the
+    copy starts) is refused with no generation left: one left pending with nothing sent
+    made the next run see a spec "still in flight" and refuse to go on without
+    --allow-replace, where the refusal said to run the command again."""
+    ws = local_ws(tmp_path, 40, per_batch=20)
+    changed = [dict(line, custom_id=f"new-{i}") for i, line in enumerate(request_lines(40))]
+    copy = intent.copy_shard_spans
+
+    def rewrite_then_copy(*args: Any, **kwargs: Any) -> None:
+        ws.write_input("job", changed)
+        copy(*args, **kwargs)
+
+    monkeypatch.setattr(intent, "copy_shard_spans", rewrite_then_copy)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT)
+
+    monkeypatch.setattr(intent, "copy_shard_spans", copy)
+    with ws.store() as store:
+        assert store.generations("job") == []
+    assert engine_files(ws) == 0
+
+    result = apply_workspace([str(ws.root)], WAIT)  # validated anew: the new content goes
+
+    assert result.exit_code == 0, result.outcome
+    assert [o["custom_id"] for o in ws.outputs("job")] == [f"new-{i}" for i in range(40)]
+
+
+@pytest.mark.parametrize("copied", ["by span", "by line"])
+def test_an_input_changed_while_its_shards_are_copied_leaves_no_shard_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: str
+) -> None:
+    """A same-size change to a request of the second shard, made as the shards are copied,
+    is refused and leaves no shard file, whole or partial, whether the shards are copied as
+    spans or line by line (CRLF: the first shard's file and the second's part were left in
+    the shard folder, where nothing removes them)."""
+    ws = local_ws(tmp_path, 40, per_batch=20)
+    path = ws.input_path("job")
+    sep = b"\n" if copied == "by span" else b"\r\n"
+    data = path.read_bytes().replace(b"\n", sep)
+    path.write_bytes(data)
+    at = data.index(b"item 30.")
+    changed = data[:at] + b"X" + data[at + 1 :]
+    hook = "copy_shard_spans" if copied == "by span" else "shard_and_write"
+    copy = getattr(intent, hook)
+
+    def rewrite_then_copy(*args: Any, **kwargs: Any) -> Any:
+        path.write_bytes(changed)
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(intent, hook, rewrite_then_copy)
+
+    with pytest.raises(InputError, match="changed after it was validated"):
+        apply_workspace([str(ws.root)], WAIT)
+
+    shards = ws.root / "state" / "shards"
+    assert not shards.exists() or list(shards.iterdir()) == []
+
+
 def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Path) -> None:
     """Copying an indexed request checks its bytes against the fingerprint the scan took:
     one changed byte (same size, same line) is refused, never written into a batch file."""
@@ -444,6 +507,35 @@ def test_a_span_copy_of_a_changed_input_is_refused_and_leaves_no_shard_file(
         sharding.copy_shard_spans(path, spans, writers, report.sha256)
 
     assert list((tmp_path / "shards").iterdir()) == []
+
+
+def test_a_span_copy_into_a_shard_folder_that_cannot_be_made_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard folder whose parent cannot be made (a read-only workspace) fails as that
+    folder's error, not as the input's: it was refused as "cannot read the input again"."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in request_lines(4)))
+    report, facts = _indexed(path, tmp_path)
+    spans = sharding.shard_spans(
+        facts, sharding.ShardLimits(max_requests=2), "/v1/chat/completions", {}, {}
+    )
+    assert spans is not None
+    parent = tmp_path / "state"
+    mkdir = Path.mkdir
+
+    def read_only_parent(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == parent:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_parent)
+    writers = sharding.ShardWriters(parent / "shards", enabled=True)
+
+    with pytest.raises(PermissionError) as raised:
+        sharding.copy_shard_spans(path, spans, writers, report.sha256)
+
+    assert raised.value.filename == str(parent)
 
 
 @pytest.mark.usefixtures("index_files")

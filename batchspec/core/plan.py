@@ -27,8 +27,10 @@ generation cancelled by a user                         refresh /  no  (polls it 
 a batch intent with no remote id (a crashed run)       create     yes (adopts the remote batch
                                                                       if it exists: never twice)
 generation recorded but nothing submitted              create     yes
+a terminal batch whose files are not downloaded        collect    no  (also while other shards'
+                                                                      batches are in flight: apply
+                                                                      polls those in the same pass)
 batches in flight                                      refresh    no
-a terminal batch whose files are not downloaded        collect    no
 unresolved requests and attempts left                  retry      yes (also when Degraded: a
                                                                       raised retry.maxAttempts
                                                                       retries again)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -212,6 +212,14 @@ class ShardWriters:
         self._open.clear()
         return shas
 
+    def __enter__(self) -> ShardWriters:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Leaving the block by an exception discards the files not yet finished."""
+        if kind is not None:
+            self.discard()
+
     def discard(self) -> None:
         """Remove every shard file not yet finished (nothing is left of them)."""
         if self._source is not None:
@@ -333,8 +341,8 @@ def copy_shard_spans(
     whole = hashlib.sha256()
     shard, pos = 0, 0
     try:
-        with open(source, "rb", buffering=0) as f:
-            while chunk := f.read(_COPY_BYTES):
+        with contextlib.closing(_read_again(source)) as chunks:  # closed on a write's error
+            for chunk in chunks:
                 whole.update(chunk)
                 view, end = memoryview(chunk), pos + len(chunk)
                 while shard < len(spans) and spans[shard][0] < end:
@@ -347,20 +355,29 @@ def copy_shard_spans(
                     writers.write_bytes(shard, b"\n")
                     shard += 1
                 pos = end
-    except OSError as err:
-        writers.discard()
-        if err.filename == str(writers.folder):
-            raise  # the shard folder's (a full disk), as ``ShardWriters`` names it
-        raise InputChangedError(
-            f"{source}: cannot read the input again ({err.strerror or err}); "
-            "nothing was submitted from it"
-        ) from None
+    except BaseException:
+        writers.discard()  # a write's error is the shard folder's, as ``ShardWriters`` says
+        raise
     if shard < len(spans) or whole.hexdigest() != sha256:
         writers.discard()
         raise InputChangedError(
             f"{source}: the input changed after it was validated; nothing was submitted from it",
             details=["run the command again: the input is validated anew"],
         )
+
+
+def _read_again(source: Path) -> Generator[bytes, None, None]:
+    """``source`` a MiB at a time; ``InputChangedError`` when it cannot be read (only its
+    own errors: a shard file's failing write is the shard folder's, never the input's)."""
+    try:
+        with open(source, "rb", buffering=0) as f:
+            while chunk := f.read(_COPY_BYTES):
+                yield chunk
+    except OSError as err:
+        raise InputChangedError(
+            f"{source}: cannot read the input again ({err.strerror or err}); "
+            "nothing was submitted from it"
+        ) from None
 
 
 def fingerprint(raw: bytes) -> str:

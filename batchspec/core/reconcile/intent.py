@@ -128,36 +128,40 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         if carried:
             done = ctx.ledger.resolved_lines(gen.id)
             todo = (fact for fact in index if fact.line not in done)
-        writers = ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path)
         per_shard: dict[int, int] = {}
         shard_bytes: dict[int, int] = {}
         shard_output: dict[int, int] | None = None
-        spans = None
-        if not previous:
-            # every request of the input, in consecutive runs per shard: the ledger is
-            # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
-            # while the provider works, so the uploads do not wait for its inserts; a
-            # shard's file is its span of the input when its lines are back to back
-            spans = shard_spans(todo, limits, res.endpoint, per_shard, shard_bytes)
+        # shard files left unfinished by a refusal (an input changed as it was copied) or
+        # any other failure are removed: nothing would ever remove them
+        with ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path) as writers:
+            spans = None
+            if not previous:
+                # every request of the input, in consecutive runs per shard: the ledger is
+                # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
+                # while the provider works, so the uploads do not wait for its inserts; a
+                # shard's file is its span of the input when its lines are back to back
+                spans = shard_spans(todo, limits, res.endpoint, per_shard, shard_bytes)
+                if spans is None:
+                    per_shard.clear()
+                    shard_bytes.clear()
+                    todo = ctx.request_facts(res, facts.sha256)  # walked again, copied by line
+                else:
+                    copy_shard_spans(res.input_path, spans, writers, facts.sha256)
             if spans is None:
-                per_shard.clear()
-                shard_bytes.clear()
-                todo = ctx.request_facts(res, facts.sha256)  # walked again, copied by line
-            else:
-                copy_shard_spans(res.input_path, spans, writers, facts.sha256)
-        if spans is None:
-            assigned = shard_and_write(todo, limits, res.endpoint, writers, per_shard, shard_bytes)
-            # what a generation keeping answers sends is not the input's average, and a
-            # dollar budget bounds its output: parse those requests again (only for such a
-            # budget)
-            if carried and measures_output(res):
-                shard_output = {}
-                assigned = measuring_output(assigned, res.input_path, shard_output)
-            if previous:
-                ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
-            else:
-                collections.deque(assigned, maxlen=0)  # drives the shard writers
-        shard_files = writers.finish()
+                assigned = shard_and_write(
+                    todo, limits, res.endpoint, writers, per_shard, shard_bytes
+                )
+                # what a generation keeping answers sends is not the input's average, and a
+                # dollar budget bounds its output: parse those requests again (only for such a
+                # budget)
+                if carried and measures_output(res):
+                    shard_output = {}
+                    assigned = measuring_output(assigned, res.input_path, shard_output)
+                if previous:
+                    ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
+                else:
+                    collections.deque(assigned, maxlen=0)  # drives the shard writers
+            shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
         # what is sent, measured: requests that keep an answer are rarely of average size
         sent_bytes = sum(shard_bytes.values()) if carried else facts.bytes
@@ -301,11 +305,11 @@ def keep_request_index(ctx: RunContext, res: Resource, sha256: str) -> str:
 
 def _write_retry_file(ctx: RunContext, res: Resource, gen: GenerationRow, shard: int) -> str:
     wanted = ctx.ledger.unresolved_lines(gen.id, shard)
-    writers = ShardWriters(ctx.shard_dir, enabled=True, source=res.input_path)
-    for fact in ctx.request_facts(res, gen.input_sha256):
-        if fact.line in wanted:
-            writers.write_request(0, fact)
-    sha = writers.finish()[0]
+    with ShardWriters(ctx.shard_dir, enabled=True, source=res.input_path) as writers:
+        for fact in ctx.request_facts(res, gen.input_sha256):
+            if fact.line in wanted:
+                writers.write_request(0, fact)
+        sha = writers.finish()[0]
     publish_shards(ctx, [sha])
     return sha
 

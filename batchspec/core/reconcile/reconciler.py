@@ -9,6 +9,7 @@ stuck. It promises that no spending step runs unless allowed: a replace needs
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -267,9 +268,13 @@ class Reconciler:
 
     def _waits(self, res: Resource, step: StepResult) -> bool:
         """Whether ``res`` keeps an ``apply --wait`` waiting: a resource left to collect only
-        because a download failed does not (a later pass still tries it, while others wait)."""
-        if step.action.kind is ActionKind.COLLECT and any(
-            f.resource == res.name for f in self.ctx.download_failures.values()
+        because a download failed does not (a later pass still tries it, while others wait);
+        one with other batches (shards) still in flight does, until they have ended and been
+        collected."""
+        if (
+            step.action.kind is ActionKind.COLLECT
+            and step.action.in_flight == 0
+            and any(f.resource == res.name for f in self.ctx.download_failures.values())
         ):
             return False
         return step.waiting
@@ -400,6 +405,7 @@ class Reconciler:
         else:  # on its own, not in a pass: its folders are resolved anew
             self.ctx.new_pass()
         action = self._plan(res, facts, self._track_again_if_forgotten(res))
+        polled = False  # a refresh step ran in this pass
         for _ in range(MAX_STEPS_PER_PASS):
             kind = action.kind
             if kind is ActionKind.NONE:
@@ -421,11 +427,21 @@ class Reconciler:
                 else:
                     group.join()
             progressed = STEPS[kind](self.ctx, res, facts, action)
+            polled = polled or kind is ActionKind.REFRESH
             following = self.plan_one(res, facts)
+            if kind is ActionKind.COLLECT and following.in_flight > 0 and not polled:
+                # a collect planned before any poll (a batch recorded ended, not collected,
+                # when the pass began: a download that failed, a run killed): the batches
+                # still in flight are polled now, done or not, or a download that keeps
+                # failing would keep the resource's other shards from being seen to end
+                why = f"{following.in_flight} batch(es) in flight"
+                action = dataclasses.replace(following, kind=ActionKind.REFRESH, reason=why)
+                continue
             if not progressed or (
                 following.kind is ActionKind.REFRESH
                 # after a collect, a refresh that is no poll (a requeued retry's wait) is
-                # planned on; one of batches still in flight waits: they were just polled
+                # planned on; one of batches still in flight waits: they were polled in this
+                # pass (above)
                 and (kind is not ActionKind.COLLECT or following.in_flight > 0)
             ):
                 return StepResult(following, waiting=True)

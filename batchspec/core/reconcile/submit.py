@@ -66,9 +66,13 @@ def record_create(ctx: RunContext, res: Resource, facts: InputReport) -> Generat
     """The generation and, the first time, its ledger and one intent per shard (refused,
     with nothing recorded, when the input changed after it was validated)."""
     ctx.require_unchanged_input(res, facts.sha256)
-    gen = ensure_generation(ctx, res, facts)
-    if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
-        record_shards(ctx, res, facts, gen)
+    # one transaction: shards refused (an input changed after the check above, as they were
+    # copied) leave no generation pending with nothing sent, which the next run took for a
+    # spec still in flight and would not replace without --allow-replace
+    with ctx.store.atomic():
+        gen = ensure_generation(ctx, res, facts)
+        if not ctx.store.batches(gen.id) and not ctx.ledger.has_requests(gen.id):
+            record_shards(ctx, res, facts, gen)
     return gen
 
 
