@@ -49,7 +49,7 @@ from batchspec.core.apply import ApplyOptions, apply_workspace, plan_workspace
 from batchspec.core.lifecycle import import_batch
 from batchspec.core.reconcile import Progress, intent
 from batchspec.engine import Engine
-from batchspec.errors import InputError
+from batchspec.errors import BudgetError, InputError
 from batchspec.state import ledger as ledger_module
 from batchspec.wire import inputs, request_index
 from batchspec.wire.inputs import iter_requests
@@ -401,6 +401,28 @@ def test_an_input_changed_while_its_shards_are_copied_leaves_no_shard_file(
 
     shards = ws.root / "state" / "shards"
     assert not shards.exists() or list(shards.iterdir()) == []
+
+
+def test_a_budget_refused_at_its_last_check_leaves_no_shard_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget is checked once more on what the shards measure, as they are written; a
+    refusal there leaves no shard file (they were finished, and in a shared state
+    published, before that check, where nothing would remove them)."""
+    ws = local_ws(tmp_path, 40, per_batch=20)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise BudgetError("over the budget (the test's)")
+
+    monkeypatch.setattr(intent, "check_budget", refuse)
+
+    with pytest.raises(BudgetError):
+        apply_workspace([str(ws.root)], WAIT)
+
+    shards = ws.root / "state" / "shards"
+    assert not shards.exists() or list(shards.iterdir()) == []
+    with ws.store() as store:
+        assert store.generations("job") == []
 
 
 def test_a_request_whose_bytes_changed_since_the_scan_is_not_copied(tmp_path: Path) -> None:

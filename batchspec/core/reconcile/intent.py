@@ -161,19 +161,20 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                     ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
                 else:
                     collections.deque(assigned, maxlen=0)  # drives the shard writers
+            # what is sent, measured: requests that keep an answer are rarely of average
+            # size; checked before the shard files are finished, so a refusal leaves none
+            sent_bytes = sum(shard_bytes.values()) if carried else facts.bytes
+            check_budget(
+                res,
+                facts,
+                submitted=0,
+                new=sum(per_shard.values()),
+                providers=ctx.project.providers,
+                new_input_tokens=estimate_input_tokens(sent_bytes),
+                new_output_tokens=None if shard_output is None else sum(shard_output.values()),
+            )
             shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
-        # what is sent, measured: requests that keep an answer are rarely of average size
-        sent_bytes = sum(shard_bytes.values()) if carried else facts.bytes
-        check_budget(
-            res,
-            facts,
-            submitted=0,
-            new=sum(per_shard.values()),
-            providers=ctx.project.providers,
-            new_input_tokens=estimate_input_tokens(sent_bytes),
-            new_output_tokens=None if shard_output is None else sum(shard_output.values()),
-        )
         # the large ledger of a generation that keeps nothing is derived after its creates
         late = not previous and facts.requests >= LEDGER_AFTER_CREATE_MIN
         kept = keep_request_index(ctx, res, facts.sha256) if late else None
