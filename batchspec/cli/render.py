@@ -721,7 +721,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         elif s.health == "Degraded":
             lines.append(f"      next: {degraded_next(s.name)}")
         if s.usage.tokens:
-            lines.append(f"      usage: {usage_text(s.usage)}")
+            lines.append(f"      usage: {usage_text(s.usage)} (current generation)")
         if s.health in ("Healthy", "Degraded") and s.output:
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:
