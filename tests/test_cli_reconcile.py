@@ -208,6 +208,7 @@ def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "warnings",
         "estimates",
         "drains",
+        "needs_consent",
         "estimated_max_cost_usd",
     }
     assert doc["changes"] is True
@@ -1067,6 +1068,38 @@ def test_plan_warns_of_an_api_key_variable_that_is_unset(
     assert "providers.paid.apiKeyEnv" in err
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
     assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]
+
+
+def test_plan_says_apply_will_ask_consent_only_for_a_paid_provider(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan that would spend on an openai-type provider (loopback too: a serve may forward
+    to a paid upstream) says, in one line and in --json, that apply asks consent (--yes),
+    naming only those resources; apply without --yes then refuses, as said; a plan on the
+    local engine alone says nothing of it."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={
+            "paid": openai_provider("http://127.0.0.1:9/v1", KEY_ENV),
+            "here": local_provider(),
+        },
+        resources=[ResourceSpec("priced", provider="paid"), ResourceSpec("free", provider="here")],
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if "consent" in line.lower()]
+    assert "asks before it spends on paid" in line and "(priced)" in line and "--yes" in line
+    assert "free" not in line
+    assert json.loads(run_cli(["plan", str(ws.root), "--json"], capsys)[1])["needs_consent"] == [
+        "priced"
+    ]
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 1 and "--yes" in err
+    code, out, _ = run_cli(["plan", str(ws.root), "--select", "free"], capsys)
+    assert code == 0 and "onsent" not in out
+    doc = json.loads(run_cli(["plan", str(ws.root), "--select", "free", "--json"], capsys)[1])
+    assert doc["needs_consent"] == []
 
 
 def test_history_takes_paths_and_a_resource_option(

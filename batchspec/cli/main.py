@@ -664,6 +664,7 @@ def plan(
                 unlisted_hint="`plan --verbose` lists every one",
             )
             + render.plan_costs(result, every=verbose)
+            + render.plan_consent(result)
             + render.plan_drains(result)
         )
     for note in render.plan_notes(result):

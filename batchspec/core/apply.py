@@ -282,6 +282,7 @@ def plan_workspace(
             refusals=tuple("; ".join([err.message, *err.details]) for err in refusals),
             estimates=estimates,
             drains=drains,
+            needs_consent=tuple(a.resource for part in consent_needed(plan, ws) for a in part),
         )
 
 
@@ -1151,10 +1152,7 @@ def require_consent(
 ) -> None:
     """Spending or cancelling on a paid provider needs --yes or a yes on the terminal; the
     prompt is shown the spend estimate (``estimates``, worked out only when it is asked)."""
-    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
-    # unless it cancels a generation in flight (a spec switched back to, while another runs)
-    paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
-    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    paid, pruned = consent_needed(plan, ws)
     if not (paid or pruned) or options.yes:
         return
     if confirm is None:
@@ -1181,6 +1179,16 @@ def require_consent(
         )
     if not confirm(plan, estimates()):
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
+
+
+def consent_needed(plan: Plan, ws: Workspace) -> tuple[list[Action], list[Action]]:
+    """The actions ``apply`` asks consent for (``require_consent``; ``plan`` says so ahead):
+    those that create or cancel batches on a paid provider, and the prunes there."""
+    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
+    # unless it cancels a generation in flight (a spec switched back to, while another runs)
+    paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
+    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    return paid, pruned
 
 
 def _unmoved_inputs(
