@@ -185,8 +185,9 @@ def plan_text(
         name, verb = style.bold(action.resource), style.action(kind, kind)
         line = f"  {symbol} {name}: {verb} ({action.reason})"
         if action.spends:
+            shards = f" in {action.shards:,} shards" if action.shards > 1 else ""
             line += (
-                f": {_plural(action.requests, 'request')} to submit, "
+                f": {_plural(action.requests, 'request')} to submit{shards}, "
                 f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
             )
         lines.append(line)

@@ -332,6 +332,7 @@ def _action(data: Mapping[str, Any]) -> Action:
         requests=int(data.get("requests") or 0),
         estimated_input_tokens=int(data.get("estimated_input_tokens") or 0),
         reused=int(data.get("reused") or 0),
+        shards=int(data.get("shards") or 0),
     )
 
 
