@@ -8,6 +8,7 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -21,13 +22,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from click.core import ParameterSource
 
 from batchspec import __version__
-from batchspec.errors import BatchspecError, Terminated
+from batchspec.errors import BatchspecError, StateError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,22 +102,30 @@ def _a_number(param: click.Parameter, value: float | None, *, finite: bool) -> f
     return value
 
 
-def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A read command given an SQLite state file that does not exist shows every resource as
-    never applied: say so, in case the path is mistyped (it is read as given: nothing is
-    created)."""
-    if value and "://" not in value and not os.path.exists(value):
-        click.echo(
-            f"Warning: no state database at {value}: nothing has been recorded there "
-            "(a mistyped --state or BATCHSPEC_STATE?)",
-            err=True,
+def _require_state(state_path: str | None) -> None:
+    """A read command given an SQLite state file that does not exist (a mistyped --state or
+    BATCHSPEC_STATE) would show every resource as never applied: refuse it, creating nothing."""
+    if state_path and "://" not in state_path and not os.path.exists(state_path):
+        raise StateError(
+            f"no state database at {state_path}: nothing has been recorded there, and a "
+            "command that only reads creates none",
+            details=[
+                "check the path given by --state or BATCHSPEC_STATE (a typo?); "
+                "`batchspec apply` creates the state where it first records a run"
+            ],
         )
-    return value
 
 
 def read_state_option(f: F) -> F:
-    """``--state`` of a command that only reads the state (warns when the file is missing)."""
-    return _state_option(f, _warn_if_no_state)
+    """``--state`` of a command that only reads the state (refuses a missing SQLite file
+    when the command runs: an error document for --json too, whatever the options' order)."""
+
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _require_state(kwargs.get("state_path"))
+        return f(*args, **kwargs)
+
+    return _state_option(cast(F, checked), None)
 
 
 def _state_option(f: F, callback: Any) -> F:
