@@ -681,6 +681,41 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
     assert "engine" not in err
 
 
+def test_ctrl_c_while_a_down_provider_is_retried_says_no_batch_was_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while apply retries a provider that refuses connections, before any upload or
+    create: the line says no batch was created (it said "batches already created are kept"),
+    exit 130; with batches sent, it still says they are kept (the tests above)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider("http://127.0.0.1:9/v1", KEY_ENV, maxRetries=20)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as apply_once_it_polls
+    try:
+        proc = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--yes"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the retries' warnings are progress lines: stdout
+        if "retry 1 of 20" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130, err
+    assert "Interrupted: no batch was created" in err and "kept" not in err, err
+    with ws.store() as store:
+        assert store.batches() == []
+
+
 def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
     tmp_path: Path, standin_upstream: Any
 ) -> None:

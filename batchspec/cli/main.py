@@ -854,13 +854,20 @@ def apply(
     interruption = click.get_current_context().find_object(Interruption)
     if interruption is not None:  # Ctrl-C's line goes above the bars, not under them
         interruption.above_bars = view.say_above
+        interruption.batches_may_exist = False  # until the run sends one, or finds one sent
+
+    def report(event: Any) -> None:
+        if interruption is not None:
+            interruption.saw(event)
+        view.show(event)
+
     try:
         if saved:
             manifests = [p for p in paths if p != saved[0]]
-            result = apply_saved_plan(saved[0], manifests, options, report=view.show)
+            result = apply_saved_plan(saved[0], manifests, options, report=report)
         else:
             result = apply_workspace(
-                paths, options, confirm=confirm if interactive else None, report=view.show
+                paths, options, confirm=confirm if interactive else None, report=report
             )
     except BatchspecError as err:
         view.close()  # the bars go before the error object (or the message on stderr)
@@ -1563,18 +1570,27 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
 
 
 def interrupted_text(
-    args: Sequence[str], err: BaseException | None = None, *, engine_drain: float | None = None
+    args: Sequence[str],
+    err: BaseException | None = None,
+    *,
+    engine_drain: float | None = None,
+    batches: bool = True,
 ) -> str:
     """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
     it created goes on (README, exit 130; 143 for SIGTERM), and, when a local engine runs in
     this process (``engine_drain``: how long it may take to stop), why the stop may take a
     while (it lets the requests it has sent finish: stopping them would send, and pay for,
-    them again). An apply on remote providers alone has no engine to wait for."""
+    them again). An apply on remote providers alone has no engine to wait for. ``batches``
+    False: the apply had created no batch (none uploaded or sent, none found in flight), so
+    it says that instead (a Ctrl-C while a provider's errors were retried said batches were
+    kept when there were none)."""
     terminated = isinstance(err, Terminated)
     what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
     if command != "apply":
         return f"{what}."
+    if not batches:  # nothing runs on, and no engine has requests of it to wait for
+        return f"{what}: no batch was created; the next `batchspec apply` starts from the plan."
     if engine_drain is None:
         return (
             f"{what}: batches already created are kept (the provider runs them on); "
@@ -1588,6 +1604,19 @@ def interrupted_text(
         f"{engine_drain:g} s; {again} does not wait for them, and they are sent again next "
         "time)."
     )
+
+
+def _has_batches_out(action: Any) -> bool:
+    """Whether a plan's action finds batches already sent that an interrupted apply leaves
+    out there: in flight or not collected, creates recorded but not confirmed, or another
+    generation's batches a replace would cancel (a resource in sync, or one to retry, has
+    only batches that ended and were collected)."""
+    kind = action.kind.value
+    if kind in ("refresh", "collect"):
+        return True
+    if kind == "create" and action.generation_id is not None:  # queued intents, or unsure
+        return True
+    return bool(action.cancels_in_flight)
 
 
 def serve_stopping_text(notice: Any) -> str:
@@ -1689,6 +1718,8 @@ class Interruption:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
+        #: False while an apply has created no batch (``saw``): its line says so
+        self.batches_may_exist = True
         #: while apply's live bars are on screen: writes a line above them (``say_above``)
         self.above_bars: Callable[[str, Callable[[str], None]], bool] | None = None
 
@@ -1700,13 +1731,26 @@ class Interruption:
             return
         self.said = True
         if text is None:
-            text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
+            text = interrupted_text(
+                self.args, err, engine_drain=local_engine_drain(), batches=self.batches_may_exist
+            )
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 if not self._said_above_bars(text):
                     _write_stderr(text + "\n")
         else:
             click.echo(text, err=True)
+
+    def saw(self, event: Any) -> None:
+        """An apply's progress ``event``: from an upload on (its create may land, and is
+        looked up next time), a create or an adoption, or a plan that finds batches already
+        sent, batches may exist that the interruption leaves running."""
+        if self.batches_may_exist:
+            return
+        if event.event in ("upload", "create", "adopt"):
+            self.batches_may_exist = True
+        elif event.event == "plan" and event.plan is not None:
+            self.batches_may_exist = any(_has_batches_out(a) for a in event.plan.actions)
 
     def _said_above_bars(self, text: str) -> bool:
         above = self.above_bars
