@@ -1536,6 +1536,9 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
         return err
     if param.name is None:
         return err
+    if err.message.endswith(" is not a valid integer range."):  # click's name for IntRange
+        message = err.message.replace(" a valid integer range.", " a whole number.")
+        err = click.BadParameter(message, ctx=ctx, param=param, param_hint=err.param_hint)
     source = ctx.get_parameter_source(param.name)
     # the option's names alone: click's "(env var: ...)" hint (an option with show_envvar)
     # would send a reader who typed it looking for a variable they never set, and name the
