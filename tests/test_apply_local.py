@@ -230,6 +230,56 @@ def test_a_bad_input_fails_before_anything_is_spent(
             assert store.batches() == []
 
 
+def test_a_dangling_result_store_link_stops_apply_before_any_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state/store a symbolic link to nothing: apply stops before it creates a batch, with an
+    error naming the link, its target and what to do; once fixed, the next apply converges."""
+    ws = local_ws(tmp_path / "ws")
+    store = ws.root / "state" / "store"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.symlink_to(tmp_path / "elsewhere")
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 1 and "Traceback" not in err
+    assert f"{store} cannot be used: it is a symbolic link to {tmp_path / 'elsewhere'}" in err
+    assert "run the command again" in err
+    with ws.store() as recorded:
+        assert recorded.batches() == []
+    (tmp_path / "elsewhere").mkdir()
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    assert len(ws.outputs("triage")) == 4
+
+
+def test_a_result_path_made_a_folder_mid_run_is_said_and_nothing_is_lost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output file made a folder after the load checked it (validate refuses one made
+    before): the collect fails with an error naming it and what to do, not "Is a directory";
+    once it is moved away, apply writes the results from the store, creating no batch."""
+    from batchspec.core.reconcile import collect
+
+    ws = local_ws(tmp_path / "ws")
+    write = collect.write_results_in_input_order
+
+    def folder_first(*args: Any, **kwargs: Any) -> Any:
+        ws.output_path("triage").mkdir(parents=True, exist_ok=True)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(collect, "write_results_in_input_order", folder_first)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 1 and "Traceback" not in err and "Is a directory" not in err
+    shown = display_path(ws.output_path("triage"))
+    assert f"the output file {shown} is a folder now" in err and "spec.output" in err
+    monkeypatch.undo()
+    ws.output_path("triage").rmdir()
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    assert len(ws.outputs("triage")) == 4
+    assert counts(ws)[1] == 1  # the one batch: its answers were kept
+
+
 def test_the_quickstart_converges_offline(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -150,6 +150,24 @@ def test_a_bad_parallelism_from_the_environment_names_the_variable_once(
     )
 
 
+@pytest.mark.parametrize(
+    "argv", [["apply", "--yes"], ["apply", "--yes", "--parallelism", "many"]], ids=["env", "typed"]
+)
+def test_a_parallelism_that_is_no_number_is_said_so_plainly(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCHSPEC_PARALLELISM=many (or --parallelism many): "'many' is not a whole number",
+    not click's "is not a valid integer range", the variable named once when it set it."""
+    monkeypatch.setenv("BATCHSPEC_PARALLELISM", "many")
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 64
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
+    said = "Error: Invalid value for '--parallelism': 'many' is not a whole number"
+    assert line.startswith(said) and "range" not in line, line
+    assert line.count("BATCHSPEC_PARALLELISM") == (1 if argv == ["apply", "--yes"] else 0)
+
+
 def test_a_bad_value_typed_on_the_command_line_does_not_blame_the_variable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

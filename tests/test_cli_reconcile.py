@@ -208,6 +208,7 @@ def test_plan_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "warnings",
         "estimates",
         "drains",
+        "needs_consent",
         "estimated_max_cost_usd",
     }
     assert doc["changes"] is True
@@ -680,6 +681,41 @@ def test_ctrl_c_during_apply_wait_exits_130(tmp_path: Path, slow_server: ProbedS
     assert "engine" not in err
 
 
+def test_ctrl_c_while_a_down_provider_is_retried_says_no_batch_was_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while apply retries a provider that refuses connections, before any upload or
+    create: the line says no batch was created (it said "batches already created are kept"),
+    exit 130; with batches sent, it still says they are kept (the tests above)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider("http://127.0.0.1:9/v1", KEY_ENV, maxRetries=20)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as apply_once_it_polls
+    try:
+        proc = subprocess.Popen(
+            batchspec_cmd("apply", str(ws.root), "--yes"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the retries' warnings are progress lines: stdout
+        if "retry 1 of 20" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130, err
+    assert "Interrupted: no batch was created" in err and "kept" not in err, err
+    with ws.store() as store:
+        assert store.batches() == []
+
+
 def test_ctrl_c_is_said_at_once_while_the_local_engine_lets_its_requests_finish(
     tmp_path: Path, standin_upstream: Any
 ) -> None:
@@ -1067,6 +1103,38 @@ def test_plan_warns_of_an_api_key_variable_that_is_unset(
     assert "providers.paid.apiKeyEnv" in err
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
     assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]
+
+
+def test_plan_says_apply_will_ask_consent_only_for_a_paid_provider(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan that would spend on an openai-type provider (loopback too: a serve may forward
+    to a paid upstream) says, in one line and in --json, that apply asks consent (--yes),
+    naming only those resources; apply without --yes then refuses, as said; a plan on the
+    local engine alone says nothing of it."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={
+            "paid": openai_provider("http://127.0.0.1:9/v1", KEY_ENV),
+            "here": local_provider(),
+        },
+        resources=[ResourceSpec("priced", provider="paid"), ResourceSpec("free", provider="here")],
+    )
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if "consent" in line.lower()]
+    assert "asks before it spends on paid" in line and "(priced)" in line and "--yes" in line
+    assert "free" not in line
+    assert json.loads(run_cli(["plan", str(ws.root), "--json"], capsys)[1])["needs_consent"] == [
+        "priced"
+    ]
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 1 and "--yes" in err
+    code, out, _ = run_cli(["plan", str(ws.root), "--select", "free"], capsys)
+    assert code == 0 and "onsent" not in out
+    doc = json.loads(run_cli(["plan", str(ws.root), "--select", "free", "--json"], capsys)[1])
+    assert doc["needs_consent"] == []
 
 
 def test_history_takes_paths_and_a_resource_option(

@@ -16,7 +16,8 @@ from batchspec.cli.main import cli
 
 SHOW_FIELDS = {
     "name", "manifest", "labels", "provider", "endpoint", "model", "input", "spec_hash", "sync",
-    "health", "action", "reason", "tracked", "usage", "generations", "results", "events",
+    "health", "action", "reason", "tracked", "usage", "usage_scope", "generations", "results",
+    "events",
 }  # fmt: skip
 BATCH_FIELDS = {
     "shard", "attempt", "remote_id", "status", "requests", "total", "completed", "failed",
@@ -34,7 +35,7 @@ triage: Synced, Healthy
   input:     data/triage.jsonl
   spec hash: <hash>
   next:      nothing to do
-  usage:     39 input + 57 output = 96 tokens, $0.0000
+  usage:     39 input + 57 output = 96 tokens, $0.0000 (all generations)
 
 Results
   output: results/triage.jsonl sha256 <hash> from <batch>
@@ -127,6 +128,30 @@ def test_show_json_and_yaml_are_one_documented_document(
     assert doc["usage"]["total_tokens"] > 0
     _, out_yaml, _ = run_cli(["show", "triage", str(applied.root), "-o", "yaml"], capsys)
     assert yaml.safe_load(out_yaml) == doc
+
+
+def test_status_and_show_say_which_generations_their_usage_sums(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After an added request makes generation 2, status's usage is the current generation's
+    (its one new answer) and show's is every generation's: each says so, in text and JSON."""
+    applied.write_input("triage", request_lines(4))  # the first 3 carried over, 1 sent
+    root = str(applied.root)
+    assert run_cli(["apply", root, "--wait", "--poll-interval", "0.05"], capsys)[0] == 0
+    status = json.loads(run_cli(["status", root, "--json"], capsys)[1])["resources"]
+    [current] = [r for r in status if r["name"] == "triage"]
+    detail = json.loads(run_cli(["show", "triage", root, "--json"], capsys)[1])
+    assert current["usage_scope"] == "current_generation"
+    assert detail["usage_scope"] == "all_generations"
+    assert 0 < current["usage"]["total_tokens"] < detail["usage"]["total_tokens"]
+    assert detail["usage"]["total_tokens"] == sum(
+        g["usage"]["total_tokens"] for g in detail["generations"]
+    )
+    status_text = run_cli(["status", root, "--select", "triage"], capsys)[1]
+    assert f"{current['usage']['input_tokens']:,} in + " in status_text
+    assert "(current generation)" in status_text
+    show_text = run_cli(["show", "triage", root], capsys)[1]
+    assert f"= {detail['usage']['total_tokens']:,} tokens, $0.0000 (all generations)" in show_text
 
 
 def test_show_after_a_replace_marks_the_replacement_current(

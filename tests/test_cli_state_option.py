@@ -1,6 +1,8 @@
-"""Read commands given ``--state`` for an SQLite file that does not exist say so on stderr
-(a mistyped path otherwise shows every resource as never applied, silently), create nothing,
-and say nothing for a state that exists. Runs on the embedded engine (``local``)."""
+"""Read commands given ``--state`` for an SQLite file that does not exist refuse it (a
+mistyped path otherwise shows every resource as never applied), create nothing, and say
+nothing for a state that exists; `plan` warns (a plan for a state apply will start is
+legitimate). A folder or another file named as the state is refused, nothing made beside it.
+Runs on the embedded engine (``local``)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ READ_COMMANDS = [
 
 
 @pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
-def test_a_read_command_warns_of_a_missing_state_file_and_creates_none(
+def test_a_read_command_refuses_a_missing_state_file_and_creates_none(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """`CMD --state typo.db` warns that nothing was recorded there and leaves no file; the
-    same command on the workspace's own state, once applied, does not warn."""
+    """`CMD --state typo/x.db` fails (exit 1, as any StateError) saying no state database is
+    there, with the error document on stdout under --json, and leaves no file or folder; the
+    same command on the workspace's own state, once applied, succeeds."""
     ws = make_workspace(
         tmp_path / "ws",
         providers={"here": local_provider()},
@@ -33,13 +36,44 @@ def test_a_read_command_warns_of_a_missing_state_file_and_creates_none(
     assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
     typo = tmp_path / "typo" / "batchspec.db"
 
-    _, _, err = run_cli([*command, str(ws.root), "--state", str(typo)], capsys)
+    code, _, err = run_cli([*command, str(ws.root), "--state", str(typo)], capsys)
 
-    # "Warning:" as every other warning (plan's and apply's for the same typo), not "warning:"
-    assert f"Warning: no state database at {typo}" in err
+    assert code == 1, err
+    assert f"Error: no state database at {typo}: nothing has been recorded there" in err
+    assert "--state or BATCHSPEC_STATE" in err
     assert not typo.parent.exists()
-    _, _, err = run_cli([*command, str(ws.root), "--state", str(ws.state_path)], capsys)
-    assert "no state database" not in err
+    if command[0] in ("status", "show", "history"):  # --state first: checked all the same
+        code, out, _ = run_cli([*command, "--state", str(typo), str(ws.root), "--json"], capsys)
+        assert code == 1 and json.loads(out)["error"] == "StateError", out
+    code, _, err = run_cli([*command, str(ws.root), "--state", str(ws.state_path)], capsys)
+    assert code == 0 and "no state database" not in err, err
+
+
+@pytest.mark.parametrize("command", [*READ_COMMANDS, ["plan"]], ids=lambda c: c[0])
+def test_a_folder_or_another_file_named_as_the_state_is_refused_leaving_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """`--state FOLDER` ("cannot create the state database ...: Is a directory", and plan
+    left an input cache beside it) and `--state notes.txt` (plan left an input cache beside
+    it) are refused, exit 1, naming what is there; nothing is made beside them."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("job", count=3, provider="here"),),
+    )
+    folder = tmp_path / "elsewhere" / "states"
+    folder.mkdir(parents=True)
+    notes = tmp_path / "elsewhere" / "notes.txt"
+    notes.write_text("not a state\n")
+
+    code, _, err = run_cli([*command, str(ws.root), "--state", str(folder)], capsys)
+    assert code == 1 and f"{folder} is a folder, not a state database" in err, err
+    assert f"name the SQLite file (e.g. {folder / 'batchspec.db'})" in err, err
+    code, _, err = run_cli([*command, str(ws.root), "--state", str(notes)], capsys)
+    assert code == 1 and f"{notes} is not an SQLite database" in err, err
+
+    assert sorted(p.name for p in folder.parent.rglob("*")) == ["notes.txt", "states"]
+    assert notes.read_text() == "not a state\n"
 
 
 @pytest.mark.parametrize("command", [["plan"], ["apply", "--yes"], ["status"]], ids=lambda c: c[0])

@@ -113,10 +113,10 @@ def test_plan_counts_exactly_what_apply_submits_with_reused_answers_apart(ws, ca
     assert code == 0, err
     plan = json.loads(out)
     [action] = plan["actions"]
-    assert (action["requests"], action["reused"]) == (2, 5)
+    assert (action["requests"], action["reused"], action["shards"]) == (2, 5, 1)
     assert (plan["requests_to_submit"], plan["requests_reused"]) == (2, 5)
     code, text, _ = run_cli(["plan", str(ws.root)], capsys)
-    assert "2 requests to submit" in text and "5 keep a recorded answer" in text
+    assert "2 requests to submit," in text and "5 keep a recorded answer" in text
 
     apply(ws, capsys)
 
@@ -144,3 +144,23 @@ def test_status_counts_answers_carried_over_from_an_earlier_generation(
     assert status["generation_status"] == "in_progress"
     assert (status["succeeded"], status["requests"]) == (3, 4)
     assert "3/4 succeeded" in run_cli(["status", str(ws.root)], capsys)[1]
+
+
+def test_plan_says_the_shard_split_apply_makes(tmp_path, capsys) -> None:
+    """An input over maxRequestsPerBatch: plan says "N shards" (text and --json) and apply
+    creates that many batches; after an addition, only the requests it submits are split."""
+    limits = {"limits": {"maxRequestsPerBatch": 2}}
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider()},
+        resources=[ResourceSpec("triage", count=5, provider="local", spec=limits)],
+    )
+    for requests, shards, new in ((5, 3, 5), (8, 2, 3)):
+        ws.write_input("triage", request_lines(requests))
+        [action] = json.loads(run_cli(["plan", str(ws.root), "--json"], capsys)[1])["actions"]
+        assert (action["requests"], action["shards"]) == (new, shards)
+        text = run_cli(["plan", str(ws.root)], capsys)[1]
+        assert f"{new} requests to submit in {shards} shards," in text
+        before = len(submitted_ids(ws))
+        apply(ws, capsys)
+        assert len(submitted_ids(ws)) - before == shards

@@ -435,6 +435,24 @@ CASES = [
 ]
 
 
+def test_a_step_counts_the_batches_it_creates_one_per_shard() -> None:
+    """A retry creates one batch per shard it resends; a new generation as many as the caller
+    counted (``DesiredResource.shards``); a step that submits nothing, none."""
+    retrying = have(
+        gen(
+            status="in_progress",
+            shards=(
+                ShardProgress(shard=0, attempts_used=1, unresolved=2, unresolved_bytes=80),
+                ShardProgress(shard=1, attempts_used=1, unresolved=0),
+                ShardProgress(shard=2, attempts_used=1, unresolved=5, unresolved_bytes=200),
+            ),
+        )
+    )
+    assert plan_resource(want(), retrying, None).shards == 2
+    assert plan_resource(replace(want(), shards=4), None, None).shards == 4
+    assert plan_resource(want(), have(gen()), IN_SYNC_DISK).shards == 0
+
+
 @pytest.mark.parametrize(("desired", "recorded", "disk", "expected"), CASES)
 def test_decision_table(
     desired: DesiredResource,
@@ -653,6 +671,7 @@ def test_to_json_shape() -> None:
         "requests": 10,
         "estimated_input_tokens": 100,
         "reused": 0,
+        "shards": 1,
     }
     assert [a["action"] for a in doc["actions"]] == ["replace", "create", "none", "orphaned"]
     assert doc["actions"][3]["spec_hash"] is None

@@ -16,6 +16,7 @@ from batchspec.storage import blobstore
 from batchspec.storage.blobstore import (
     CHUNK,
     STALE_TMP_SECONDS,
+    BlobFolderError,
     BlobStore,
     BlobTooLargeError,
     RawFileWriter,
@@ -106,6 +107,30 @@ def test_a_file_where_the_store_s_temporary_folder_should_be_is_named(tmp_path: 
     with pytest.raises(NotADirectoryError) as caught:
         blobs.writer()
     assert caught.value.filename == str(blobs.tmp_dir)
+
+
+def test_a_store_folder_that_is_a_dangling_link_or_a_file_is_said_as_such(tmp_path: Path) -> None:
+    """A symbolic link to nothing (or a file) where the store's folder should be: a write
+    raises BlobFolderError naming the folder, what is there and what to do (not the OS's
+    terse "File exists"), leaves nothing behind, and works once the folder is made."""
+    root = tmp_path / "store"
+    root.symlink_to(tmp_path / "gone")
+    blobs = BlobStore(root)
+    for attempt in (lambda: blobs.put_from(lambda tmp: tmp.write_bytes(b"x\n")), blobs.writer):
+        with pytest.raises(BlobFolderError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert str(root) in message and f"symbolic link to {tmp_path / 'gone'}" in message
+        assert (
+            "which does not exist" in message and "run the command again" in caught.value.details[0]
+        )
+    assert not (tmp_path / "gone").exists()
+    (tmp_path / "gone").mkdir()
+    assert blobs.has(blobs.put_from(lambda tmp: tmp.write_bytes(b"x\n")))
+    root.unlink()
+    root.write_bytes(b"not a folder\n")
+    with pytest.raises(BlobFolderError, match="it is a file, not a folder"):
+        blobs.require_usable()
 
 
 def test_temporary_names_differ_across_writes_and_in_a_forked_child() -> None:

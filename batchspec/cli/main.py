@@ -8,6 +8,7 @@ code and a one-paragraph message on stderr, never a traceback. Usage errors exit
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -21,13 +22,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from click.core import ParameterSource
 
 from batchspec import __version__
-from batchspec.errors import BatchspecError, Terminated
+from batchspec.errors import BatchspecError, StateError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,22 +102,30 @@ def _a_number(param: click.Parameter, value: float | None, *, finite: bool) -> f
     return value
 
 
-def _warn_if_no_state(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A read command given an SQLite state file that does not exist shows every resource as
-    never applied: say so, in case the path is mistyped (it is read as given: nothing is
-    created)."""
-    if value and "://" not in value and not os.path.exists(value):
-        click.echo(
-            f"Warning: no state database at {value}: nothing has been recorded there "
-            "(a mistyped --state or BATCHSPEC_STATE?)",
-            err=True,
+def _require_state(state_path: str | None) -> None:
+    """A read command given an SQLite state file that does not exist (a mistyped --state or
+    BATCHSPEC_STATE) would show every resource as never applied: refuse it, creating nothing."""
+    if state_path and "://" not in state_path and not os.path.exists(state_path):
+        raise StateError(
+            f"no state database at {state_path}: nothing has been recorded there, and a "
+            "command that only reads creates none",
+            details=[
+                "check the path given by --state or BATCHSPEC_STATE (a typo?); "
+                "`batchspec apply` creates the state where it first records a run"
+            ],
         )
-    return value
 
 
 def read_state_option(f: F) -> F:
-    """``--state`` of a command that only reads the state (warns when the file is missing)."""
-    return _state_option(f, _warn_if_no_state)
+    """``--state`` of a command that only reads the state (refuses a missing SQLite file
+    when the command runs: an error document for --json too, whatever the options' order)."""
+
+    @functools.wraps(f)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _require_state(kwargs.get("state_path"))
+        return f(*args, **kwargs)
+
+    return _state_option(cast(F, checked), None)
 
 
 def _state_option(f: F, callback: Any) -> F:
@@ -664,6 +673,7 @@ def plan(
                 unlisted_hint="`plan --verbose` lists every one",
             )
             + render.plan_costs(result, every=verbose)
+            + render.plan_consent(result)
             + render.plan_drains(result)
         )
     for note in render.plan_notes(result):
@@ -844,13 +854,20 @@ def apply(
     interruption = click.get_current_context().find_object(Interruption)
     if interruption is not None:  # Ctrl-C's line goes above the bars, not under them
         interruption.above_bars = view.say_above
+        interruption.batches_may_exist = False  # until the run sends one, or finds one sent
+
+    def report(event: Any) -> None:
+        if interruption is not None:
+            interruption.saw(event)
+        view.show(event)
+
     try:
         if saved:
             manifests = [p for p in paths if p != saved[0]]
-            result = apply_saved_plan(saved[0], manifests, options, report=view.show)
+            result = apply_saved_plan(saved[0], manifests, options, report=report)
         else:
             result = apply_workspace(
-                paths, options, confirm=confirm if interactive else None, report=view.show
+                paths, options, confirm=confirm if interactive else None, report=report
             )
     except BatchspecError as err:
         view.close()  # the bars go before the error object (or the message on stderr)
@@ -1519,6 +1536,9 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
         return err
     if param.name is None:
         return err
+    if err.message.endswith(" is not a valid integer range."):  # click's name for IntRange
+        message = err.message.replace(" a valid integer range.", " a whole number.")
+        err = click.BadParameter(message, ctx=ctx, param=param, param_hint=err.param_hint)
     source = ctx.get_parameter_source(param.name)
     # the option's names alone: click's "(env var: ...)" hint (an option with show_envvar)
     # would send a reader who typed it looking for a variable they never set, and name the
@@ -1553,18 +1573,27 @@ def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
 
 
 def interrupted_text(
-    args: Sequence[str], err: BaseException | None = None, *, engine_drain: float | None = None
+    args: Sequence[str],
+    err: BaseException | None = None,
+    *,
+    engine_drain: float | None = None,
+    batches: bool = True,
 ) -> str:
     """What Ctrl-C (or SIGTERM: ``err`` is ``Terminated``) prints: for apply, also that what
     it created goes on (README, exit 130; 143 for SIGTERM), and, when a local engine runs in
     this process (``engine_drain``: how long it may take to stop), why the stop may take a
     while (it lets the requests it has sent finish: stopping them would send, and pay for,
-    them again). An apply on remote providers alone has no engine to wait for."""
+    them again). An apply on remote providers alone has no engine to wait for. ``batches``
+    False: the apply had created no batch (none uploaded or sent, none found in flight), so
+    it says that instead (a Ctrl-C while a provider's errors were retried said batches were
+    kept when there were none)."""
     terminated = isinstance(err, Terminated)
     what = "Terminated (SIGTERM)" if terminated else "Interrupted"
     command = next((a for a in args if not a.startswith("-")), None)
     if command != "apply":
         return f"{what}."
+    if not batches:  # nothing runs on, and no engine has requests of it to wait for
+        return f"{what}: no batch was created; the next `batchspec apply` starts from the plan."
     if engine_drain is None:
         return (
             f"{what}: batches already created are kept (the provider runs them on); "
@@ -1578,6 +1607,19 @@ def interrupted_text(
         f"{engine_drain:g} s; {again} does not wait for them, and they are sent again next "
         "time)."
     )
+
+
+def _has_batches_out(action: Any) -> bool:
+    """Whether a plan's action finds batches already sent that an interrupted apply leaves
+    out there: in flight or not collected, creates recorded but not confirmed, or another
+    generation's batches a replace would cancel (a resource in sync, or one to retry, has
+    only batches that ended and were collected)."""
+    kind = action.kind.value
+    if kind in ("refresh", "collect"):
+        return True
+    if kind == "create" and action.generation_id is not None:  # queued intents, or unsure
+        return True
+    return bool(action.cancels_in_flight)
 
 
 def serve_stopping_text(notice: Any) -> str:
@@ -1679,6 +1721,8 @@ class Interruption:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
+        #: False while an apply has created no batch (``saw``): its line says so
+        self.batches_may_exist = True
         #: while apply's live bars are on screen: writes a line above them (``say_above``)
         self.above_bars: Callable[[str, Callable[[str], None]], bool] | None = None
 
@@ -1690,13 +1734,26 @@ class Interruption:
             return
         self.said = True
         if text is None:
-            text = interrupted_text(self.args, err, engine_drain=local_engine_drain())
+            text = interrupted_text(
+                self.args, err, engine_drain=local_engine_drain(), batches=self.batches_may_exist
+            )
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 if not self._said_above_bars(text):
                     _write_stderr(text + "\n")
         else:
             click.echo(text, err=True)
+
+    def saw(self, event: Any) -> None:
+        """An apply's progress ``event``: from an upload on (its create may land, and is
+        looked up next time), a create or an adoption, or a plan that finds batches already
+        sent, batches may exist that the interruption leaves running."""
+        if self.batches_may_exist:
+            return
+        if event.event in ("upload", "create", "adopt"):
+            self.batches_may_exist = True
+        elif event.event == "plan" and event.plan is not None:
+            self.batches_may_exist = any(_has_batches_out(a) for a in event.plan.actions)
 
     def _said_above_bars(self, text: str) -> bool:
         above = self.above_bars

@@ -185,8 +185,9 @@ def plan_text(
         name, verb = style.bold(action.resource), style.action(kind, kind)
         line = f"  {symbol} {name}: {verb} ({action.reason})"
         if action.spends:
+            shards = f" in {action.shards:,} shards" if action.shards > 1 else ""
             line += (
-                f": {_plural(action.requests, 'request')} to submit, "
+                f": {_plural(action.requests, 'request')} to submit{shards}, "
                 f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
             )
         lines.append(line)
@@ -317,6 +318,21 @@ def _total_cost(estimates: Mapping[str, Estimate]) -> float | None:
     return None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
 
 
+def plan_consent(result: PlanResult) -> str:
+    """The line under a text plan saying apply will ask consent to spend (nothing when it
+    will not: a free provider, or nothing to submit or cancel)."""
+    if not result.needs_consent:
+        return ""
+    actions = [a for a in result.plan.actions if a.resource in set(result.needs_consent)]
+    providers = sorted({a.provider or "?" for a in actions})
+    verb = "spends" if any(a.spends for a in actions) else "cancels batches"
+    return (
+        f"\nConsent: `apply` asks before it {verb} on {', '.join(providers)}, which may charge "
+        f"({name_listing(result.needs_consent)}); where nobody can answer (CI) give it --yes, "
+        "or apply this plan saved with --out."
+    )
+
+
 def plan_notes(result: PlanResult) -> list[str]:
     """What apply would refuse (budgets) and may fail on (API keys), for stderr."""
     return [f"Error: {r}" for r in result.refusals] + [f"Warning: {w}" for w in result.warnings]
@@ -331,6 +347,7 @@ def plan_result_json(result: PlanResult) -> dict[str, Any]:
         "warnings": list(result.warnings),
         "estimates": {name: e.to_json() for name, e in result.estimates.items()},
         "drains": [d.to_json() for d in result.drains],
+        "needs_consent": list(result.needs_consent),
         "estimated_max_cost_usd": (
             None if (cost := _total_cost(result.estimates)) is None else round(cost, 6)
         ),
@@ -361,6 +378,8 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
             "output at each request's max_tokens, 4096 where unset; batch prices)",
             "",
         ]
+    if consent := plan_consent(result).strip():
+        lines += [_md_cell(consent), ""]
     for refusal in result.refusals:
         lines += [f"> **Apply would refuse this plan:** {_md_cell(refusal)}", ""]
     for warning in result.warnings:
@@ -721,7 +740,7 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
         elif s.health == "Degraded":
             lines.append(f"      next: {degraded_next(s.name)}")
         if s.usage.tokens:
-            lines.append(f"      usage: {usage_text(s.usage)}")
+            lines.append(f"      usage: {usage_text(s.usage)} (current generation)")
         if s.health in ("Healthy", "Degraded") and s.output:
             lines.append(f"      results: {display_path(Path(s.output))}")
             if s.failed and s.errors:

@@ -40,7 +40,7 @@ def show_text(d: ResourceDetail, style: Style = PLAIN) -> str:
                 ("input", d.input),
                 ("spec hash", _short(d.spec_hash)),
                 ("next", _next(d)),
-                ("usage", _usage(d.usage)),
+                ("usage", _usage(d.usage, " (all generations)")),
             ]
         ),
     ]
@@ -106,12 +106,13 @@ def _fields(pairs: list[tuple[str, str | None]]) -> list[str]:
     return [f"  {k + ':':<11}{v}" for k, v in pairs if v]
 
 
-def _usage(u: Usage) -> str:
+def _usage(u: Usage, scope: str = "") -> str:
     if not (u.input_tokens or u.output_tokens or u.total_tokens):
         return ""
     return (
         f"{u.input_tokens:,} input + {u.output_tokens:,} output = {u.total_tokens:,} tokens, "
         + dollars(u.cost_usd)
+        + scope
     )
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,6 +89,7 @@ from batchspec.core.replacements import (
     next_replacement,
     reusable_answers,
     reuses_answers,
+    unreused_requests,
     with_readded,
 )
 from batchspec.core.reporting import Progress, Reporter, engine_log_reported
@@ -105,7 +106,7 @@ from batchspec.core.session import (
     validate_inputs,
     workspace_names,
 )
-from batchspec.core.sharding import shard_limits
+from batchspec.core.sharding import ShardLimits, count_shards, shard_limits
 from batchspec.core.spend import costs_nothing
 from batchspec.core.status import ResourceStatus, read_only_store, resource_statuses
 from batchspec.errors import (
@@ -131,6 +132,7 @@ from batchspec.state.runinfo import (
 from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import InputReport
+from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
@@ -241,6 +243,7 @@ def plan_workspace(
             hold_for=lambda name: hold_seconds(ws.project.providers, name),
             checkout=ws.project.root,
             named=frozenset(select) if names_each(select) else frozenset(),
+            limits_for=lambda r: shard_limits(ws, r),
         )
         outputs = measured_outputs(
             plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
@@ -282,6 +285,7 @@ def plan_workspace(
             refusals=tuple("; ".join([err.message, *err.details]) for err in refusals),
             estimates=estimates,
             drains=drains,
+            needs_consent=tuple(a.resource for part in consent_needed(plan, ws) for a in part),
         )
 
 
@@ -415,6 +419,7 @@ def apply_workspace(
                     hold_for=lambda name: hold_seconds(ws.project.providers, name),
                     checkout=ws.project.root,
                     named=frozenset(options.select) if names_each(options.select) else frozenset(),
+                    limits_for=lambda r: shard_limits(ws, r),
                 )
                 if saved is not None:
                     saved.require_current(store, resources, plan)
@@ -899,6 +904,7 @@ def compute_plan(
     disk_look: DiskLook | None = None,
     checkout: Path | None = None,
     named: AbstractSet[str] = frozenset(),
+    limits_for: Callable[[Resource], ShardLimits] | None = None,
 ) -> Plan:
     """The plan for ``resources`` (spec hashes as ``planned_resources`` gives them, with
     ``readded``); ``requests``: their inputs' request indexes (what a new generation would
@@ -906,7 +912,8 @@ def compute_plan(
     ``disk_look``: what of them a plan made just before saw (``DiskLook``).
     ``checkout``: the workspace's folder, whose git HEAD decides which orphans ``prune``
     leaves alone, a newer commit having declared them (``declared_elsewhere``); ``named``:
-    orphans named by ``--select NAME``, pruned even so."""
+    orphans named by ``--select NAME``, pruned even so; ``limits_for``: each resource's shard
+    limits, to count the shards a new generation makes (``plan`` and apply's plan say them)."""
     history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
@@ -929,6 +936,7 @@ def compute_plan(
             hold_for=hold_for(r.provider),
             history=history.get(r.name, ()),
             readded_after=readded.get(r.name),
+            limits=limits_for(r) if limits_for else None,
         )
         for r in resources
     ]
@@ -1072,12 +1080,14 @@ def desired_with_reuse(
     history: History,
     hold_for: float = DEFAULT_REPLACE_HOLD_SECONDS,
     readded_after: int | None = None,
+    limits: ShardLimits | None = None,
 ) -> DesiredResource:
     """The planner's view of ``res``, with the answers a new generation of it would reuse:
     counted as ``RequestLedger.carry_over`` keeps them when apply records its ledger; and
     the retired generation still stopping its create would wait for (``reconcile.hold``);
     ``history``: ``res``'s generations and batches as the plan read them;
-    ``readded_after``: as ``planned_resources`` gives it.
+    ``readded_after``: as ``planned_resources`` gives it; ``limits``: the resource's shard
+    limits, to count the shards a new generation would make (else it says 1).
 
     Made with one ``dataclasses.replace`` (three cost a plan of 1,000 resources ~13 ms)."""
     want = desired_resource(res, facts)
@@ -1086,13 +1096,20 @@ def desired_with_reuse(
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
         return dataclasses.replace(want, **given)  # no ledger to record, or nothing to carry
     if gen is None and replace and not reuse:
-        return dataclasses.replace(want, **given)
+        shards = _shards(res, want.requests, want.input_bytes, limits, lambda: requests(res))
+        return dataclasses.replace(want, **given, shards=shards)
+    exclude, generations = (gen.id,) if gen else (), [g for g, _ in history]
     count, nbytes = reusable_answers(
-        store,
+        store, res, exclude=exclude, requests=requests, generations=generations
+    )
+    shards = _shards(
         res,
-        exclude=(gen.id,) if gen else (),
-        requests=requests,
-        generations=[g for g, _ in history],
+        want.requests - count,
+        want.input_bytes - nbytes if count else want.input_bytes,
+        limits,
+        lambda: unreused_requests(
+            store, res, exclude=exclude, requests=requests, generations=generations
+        ),
     )
     hold = find_hold(
         store,
@@ -1108,9 +1125,24 @@ def desired_with_reuse(
         **given,
         reusable=count,
         reusable_bytes=nbytes,
+        shards=shards,
         held_by=hold.generation_id if hold else None,
         hold_expired=bool(hold and hold.expired),
     )
+
+
+def _shards(
+    res: Resource,
+    requests: int,
+    nbytes: int,
+    limits: ShardLimits | None,
+    facts: Callable[[], Iterable[RequestFact]],
+) -> int:
+    """The shards a new generation of ``res`` submitting ``requests`` would make (1: not
+    counted, with no ``limits``)."""
+    if limits is None:
+        return 1
+    return count_shards(requests, nbytes, limits, endpoint=res.endpoint, facts=facts)
 
 
 def require_replaceable(resources: Sequence[Resource], names: Sequence[str]) -> None:
@@ -1151,10 +1183,7 @@ def require_consent(
 ) -> None:
     """Spending or cancelling on a paid provider needs --yes or a yes on the terminal; the
     prompt is shown the spend estimate (``estimates``, worked out only when it is asked)."""
-    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
-    # unless it cancels a generation in flight (a spec switched back to, while another runs)
-    paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
-    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    paid, pruned = consent_needed(plan, ws)
     if not (paid or pruned) or options.yes:
         return
     if confirm is None:
@@ -1181,6 +1210,16 @@ def require_consent(
         )
     if not confirm(plan, estimates()):
         raise ConsentError("apply cancelled: nothing was submitted or cancelled")
+
+
+def consent_needed(plan: Plan, ws: Workspace) -> tuple[list[Action], list[Action]]:
+    """The actions ``apply`` asks consent for (``require_consent``; ``plan`` says so ahead):
+    those that create or cancel batches on a paid provider, and the prunes there."""
+    # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
+    # unless it cancels a generation in flight (a spec switched back to, while another runs)
+    paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
+    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    return paid, pruned
 
 
 def _unmoved_inputs(

@@ -45,6 +45,10 @@ apply carries them over): its ``requests`` are only those it will submit, and ``
 how many keep a recorded answer. While a retired generation's batch that may still answer
 some of those requests is stopping, apply holds that create (``reconcile.hold``): the caller
 says so (``held_by``) and the reason tells it, the kind staying create or replace.
+Each spending step says how many remote batches it creates (``Action.shards``, one per
+shard): a retry one per shard it resends, queued intents one each, a new generation as many as
+the caller counted (``DesiredResource.shards``: the split apply makes, over the requests it
+submits).
 
 A resource recorded in the state but absent from the *whole* workspace (every manifest the
 project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;
@@ -117,6 +121,9 @@ class DesiredResource:
     # the generation of the same spec `apply --prune` cancelled: the manifest is back, so
     # spec_hash is a new replacement's (no generation) and apply creates it, keeping answers
     readded_after: int | None = None
+    # the shards (one remote batch each) a new generation would split its requests into,
+    # those it keeps an answer for left out (``sharding.count_shards``, by the caller)
+    shards: int = 1
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,7 @@ class Action:
     requests: int = 0  # requests this action would submit (create / replace / retry)
     estimated_input_tokens: int = 0
     reused: int = 0  # requests of a new generation that keep an earlier generation's answer
+    shards: int = 0  # the remote batches it would create (one per shard): 0 if it submits none
     # an orphan not pruned: the commit that last declared it, newer than this checkout's
     declared_by: str | None = None
     in_flight: int = 0  # the generation's batches still in flight (a refresh polls them)
@@ -266,6 +274,7 @@ class Action:
             "requests": self.requests,
             "estimated_input_tokens": self.estimated_input_tokens,
             "reused": self.reused,
+            "shards": self.shards,
             **({"declared_by": self.declared_by} if self.declared_by else {}),
         }
 
@@ -404,6 +413,7 @@ def plan_resource(
         requests: int = 0,
         estimated_input_tokens: int = 0,
         reused: int = 0,
+        shards: int = 0,
     ) -> Action:
         return Action(
             resource=want.name,
@@ -415,6 +425,7 @@ def plan_resource(
             requests=requests,
             estimated_input_tokens=estimated_input_tokens,
             reused=reused,
+            shards=shards if requests else 0,
         )
 
     def spend(
@@ -424,6 +435,7 @@ def plan_resource(
         requests: int,
         nbytes: int,
         reused: int = 0,
+        shards: int = 1,
     ) -> Action:
         return act(
             kind,
@@ -432,6 +444,7 @@ def plan_resource(
             requests=requests,
             estimated_input_tokens=estimate_input_tokens(nbytes),
             reused=reused,
+            shards=shards,
         )
 
     def new_generation(kind: ActionKind, reason: str, gen: RecordedGeneration | None) -> Action:
@@ -462,6 +475,7 @@ def plan_resource(
             want.requests - reused,
             max(want.input_bytes - want.reusable_bytes, 0) if reused else want.input_bytes,
             reused,
+            want.shards,
         )
 
     if want.suspend:
@@ -489,6 +503,7 @@ def plan_resource(
             gen,
             requests,
             want.input_bytes if requests else 0,
+            shards=max(len(gen.shards), 1),
         )
     if gen is None and want.readded_after is not None:
         why = (
@@ -537,13 +552,7 @@ def plan_resource(
                 f"{unsure} batch create(s) not confirmed by the provider "
                 "(adopts the remote batch if it exists)"
             )
-        return spend(
-            ActionKind.CREATE,
-            why,
-            gen,
-            n,
-            _bytes_share(want, n),
-        )
+        return spend(ActionKind.CREATE, why, gen, n, _bytes_share(want, n), shards=len(intents))
     if not gen.batches and gen.shards and not any(s.unresolved for s in gen.shards):
         return act(
             ActionKind.COLLECT, "every request keeps a recorded result; results to write", gen
@@ -583,6 +592,7 @@ def plan_resource(
             gen,
             n,
             nbytes,
+            shards=len(ready),
         )
     if gen.status not in FINISHED_GENERATION_STATUSES:
         return act(ActionKind.COLLECT, "all requests resolved; results to write", gen)

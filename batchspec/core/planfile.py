@@ -87,6 +87,9 @@ class PlanResult:
     estimates: Mapping[str, Estimate] = field(default_factory=dict)
     #: the retired batches the next apply polls or collects, in its order (``reconcile.drain``)
     drains: tuple[Drain, ...] = ()
+    #: the resources whose steps spend (or cancel) on a paid provider: ``apply`` asks consent
+    #: for them (``--yes``, or a yes on a terminal; a plan saved with ``--out`` is consented)
+    needs_consent: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,7 @@ def _action(data: Mapping[str, Any]) -> Action:
         requests=int(data.get("requests") or 0),
         estimated_input_tokens=int(data.get("estimated_input_tokens") or 0),
         reused=int(data.get("reused") or 0),
+        shards=int(data.get("shards") or 0),
     )
 
 

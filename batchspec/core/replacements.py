@@ -25,7 +25,7 @@ Promises:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -131,6 +131,21 @@ def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resour
 
 #: a resource's requests from its input's request index (``RunContext.request_facts``)
 RequestFacts = Callable[[Resource], Iterable[RequestFact]]
+
+
+def unreused_requests(
+    store: StateStore,
+    res: Resource,
+    *,
+    exclude: Sequence[int] = (),
+    requests: RequestFacts,
+    generations: Sequence[GenerationRow],
+) -> Iterator[RequestFact]:
+    """``res``'s requests a new generation would submit: those ``reusable_answers`` does not
+    count (no earlier generation got an answer for the very same line)."""
+    ids = [g.id for g in generations if g.id not in exclude]
+    answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
+    return (f for f in requests(res) if (f.custom_id, f.request_sha) not in answered)
 
 
 def reusable_answers(

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.core.recorded import DiskHashes, remember_written
+from batchspec.errors import ManifestError
 from batchspec.state.ledger import LedgerRow, RequestLedger
 from batchspec.storage.blobstore import CHUNK, RawFileWriter, write_file_atomically
 from batchspec.storage.result_store import ResultStore
+from batchspec.workspace.yamldoc import display_path
 
 UNRESOLVED_CODE = "batchspec_unresolved"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -52,6 +54,31 @@ def write_results_in_input_order(
     two files' hashes as written (``recorded.remember_written``), so the plan that follows
     does not read them back to hash them; ``shas``: its ``blobs_of``, if the caller has just
     read them."""
+    try:
+        return _write_results(ledger, generation_id, blobs, output_path, errors_path, hashes, shas)
+    except IsADirectoryError as err:  # made since the load checked it (validate refuses one)
+        path = Path(err.filename) if err.filename else output_path
+        key = "errors" if path == errors_path else "output"
+        raise ManifestError(
+            f"the {key} file {display_path(path)} is a folder now: the results cannot be "
+            "written there",
+            details=[
+                f"move the folder away (or name another file in the manifest's spec.{key}), "
+                "then run `batchspec apply` again: the answers are kept in the result store "
+                "and the files are written then"
+            ],
+        ) from None
+
+
+def _write_results(
+    ledger: RequestLedger,
+    generation_id: int,
+    blobs: ResultStore,
+    output_path: Path,
+    errors_path: Path,
+    hashes: DiskHashes | None,
+    shas: list[str] | None,
+) -> WrittenResults:
     if shas is None:
         shas = ledger.blobs_of(generation_id)
     # fetched and verified before any writing; their paths, asked once

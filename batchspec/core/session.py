@@ -21,6 +21,7 @@ from batchspec.core.sharding import first_line_over, shard_limits
 from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
+from batchspec.state.connection import check_state_file
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.storage.sql import DatabaseUnavailableError
@@ -48,8 +49,11 @@ def open_workspace(
     An input is hashed by the scan that validates it by its resource's rules
     (``validate_inputs`` then finds that scan in the cache): one read of it, whatever its
     provider. ``read_only`` (``plan --state PATH``): where that state does not exist (a
-    mistyped path), the caches stay in memory and nothing is made there."""
+    mistyped path), the caches stay in memory and nothing is made there. A state path that
+    holds no state (a folder, another file) is refused before anything is made beside it."""
     project = project_for(paths, state_path=state_path)
+    if not project.shared_state and project.has_state():
+        check_state_file(project.state_path)  # not a state (a typo): make nothing beside it
     cached = not read_only or project.has_state()
     cache_db = project.state_path.parent / "input-cache.db" if cached else None
     index_dir = index_dir_beside(project.state_path) if cached else None

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -152,6 +152,27 @@ def fits_one_shard(requests: int, nbytes: int, limits: ShardLimits, *, endpoint:
     if endpoint == EMBEDDINGS_ENDPOINT:
         return False  # inputs per line are only known by reading them
     return requests <= limits.max_requests and nbytes <= limits.max_bytes
+
+
+def count_shards(
+    requests: int,
+    nbytes: int,
+    limits: ShardLimits,
+    *,
+    endpoint: str,
+    facts: Callable[[], Iterable[RequestFact]],
+) -> int:
+    """How many shards ``requests`` requests of ``nbytes`` split into, as apply splits them:
+    0 for none, 1 when they fit one for sure; else counted over their request index
+    (``facts``, read only then: a plan stays cheap for an input under every limit)."""
+    if not requests:
+        return 0
+    if fits_one_shard(requests, nbytes, limits, endpoint=endpoint):
+        return 1
+    return 1 + max(
+        (shard for shard, _ in assign_indexed_shards(facts(), limits, endpoint=endpoint)),
+        default=0,
+    )
 
 
 def embedding_inputs(raw: bytes) -> int:

@@ -90,6 +90,10 @@ class EventDetail:
     detail: dict[str, Any]
 
 
+#: what ``ResourceDetail.usage`` sums: every generation's answers (each has its own too)
+USAGE_SCOPE = "all_generations"
+
+
 @dataclass(frozen=True)
 class ResourceDetail:
     name: str
@@ -111,7 +115,8 @@ class ResourceDetail:
     events: tuple[EventDetail, ...]  # the last ones, oldest first
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # `status`'s usage is the current generation's: the scope tells the two apart
+        return {**asdict(self), "usage_scope": USAGE_SCOPE}
 
 
 def describe_resource(

@@ -91,6 +91,11 @@ class EarlierGeneration:
     failed: int
 
 
+#: what ``ResourceStatus.usage`` sums: the current generation's answers only (requests it
+#: carried over from an earlier generation count there, where they were paid for)
+USAGE_SCOPE = "current_generation"
+
+
 @dataclass(frozen=True)
 class ResourceStatus:
     name: str
@@ -115,7 +120,8 @@ class ResourceStatus:
     first_error: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        # `show`'s usage sums every generation: the scope tells the two apart
+        return {**asdict(self), "usage_scope": USAGE_SCOPE}
 
 
 def _with_hold(

@@ -145,6 +145,7 @@ class StateConnection:
 
     @classmethod
     def _open_sqlite(cls: type[_Conn], path: Path) -> _Conn:
+        refuse_a_folder(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -502,6 +503,22 @@ def _unreadable(path: Path, err: sqlite3.DatabaseError) -> StateError:
             "-shm files) and that its folder is writable, then run the command again"
         )
     return _not_a_state(path, f"damaged or truncated ({err})")
+
+
+def refuse_a_folder(path: Path) -> None:
+    """A folder named as the state (``--state state/``): say so, and which file to name."""
+    if path.is_dir():
+        raise StateError(
+            f"{path} is a folder, not a state database: name the SQLite file "
+            f"(e.g. {path / 'batchspec.db'}) in --state, BATCHSPEC_STATE or state.path"
+        )
+
+
+def check_state_file(path: Path) -> None:
+    """Refuse, by reading 16 bytes only, an existing ``path`` that cannot be a state database
+    (a folder, an empty file, one that is not SQLite): before anything is made beside it."""
+    refuse_a_folder(path)
+    _check_header(path)
 
 
 def _check_header(path: Path) -> None:

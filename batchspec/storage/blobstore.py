@@ -85,6 +85,10 @@ class BlobMismatchError(BatchspecError):
         self.got = got
 
 
+class BlobFolderError(BatchspecError):
+    """The store's folder cannot hold files: a dangling symbolic link, or a file, is there."""
+
+
 class BlobStore:
     """Content-addressed files under ``root``; writes in progress under ``tmp_dir``."""
 
@@ -175,7 +179,35 @@ class BlobStore:
                     dropped += 1
         return dropped
 
+    def require_usable(self) -> None:
+        """Raise ``BlobFolderError`` when ``root`` cannot become the store's folder: a
+        symbolic link to nothing, or a file (a missing folder is fine: it is made)."""
+        root = self.root
+        if os.path.islink(root) and not os.path.exists(root):
+            why = f"it is a symbolic link to {os.readlink(root)}, which does not exist"
+        elif os.path.lexists(root) and not os.path.isdir(root):
+            why = "it is a file, not a folder"
+        else:
+            return
+        raise BlobFolderError(
+            f"the stored files' folder {root} cannot be used: {why}",
+            details=[
+                "create the folder it should be (or remove what is there: batchspec makes "
+                "the folder), then run the command again"
+            ],
+        )
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _ensure_folders(self, *folders: Path) -> None:
+        """Make the store's missing folders; one that cannot be made because of what stands
+        at ``root`` is said as such (``require_usable``), not as the OS's terse error."""
+        try:
+            for folder in folders:
+                ensure_private_dir(folder, self.dir_mode)
+        except OSError:
+            self.require_usable()
+            raise
 
     def _new_tmp(self, create: Callable[[Path], _T]) -> tuple[Path, _T]:
         """A new name under ``tmp_dir`` and what ``create(name)`` made there; the store's
@@ -184,8 +216,7 @@ class BlobStore:
         try:
             return tmp, create(tmp)
         except FileNotFoundError:
-            ensure_private_dir(self.root, self.dir_mode)
-            ensure_private_dir(self.tmp_dir, self.dir_mode)
+            self._ensure_folders(self.root, self.tmp_dir)
             return tmp, create(tmp)
         except NotADirectoryError as err:  # a file where the folder should be: name the folder
             raise NotADirectoryError(err.errno, err.strerror, str(self.tmp_dir)) from err
@@ -201,8 +232,7 @@ class BlobStore:
             os.replace(tmp, dest)
         except FileNotFoundError:  # its folder (``sha[:2]``) is made the first time
             # the root too, private: ``_new_tmp`` made it only if its ``tmp_dir`` was missing
-            ensure_private_dir(self.root, self.dir_mode)
-            ensure_private_dir(dest.parent, self.dir_mode)
+            self._ensure_folders(self.root, dest.parent)
             os.replace(tmp, dest)
 
 
