@@ -30,13 +30,18 @@ OK = b'{"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error":
 WHOLE = OK + b"\n" + OK.replace(b'"a"', b'"b"') + b"\n"
 
 
+LINE_END = WHOLE.index(b"\n") + 1  # a cut here leaves a shorter file of whole lines
+
+
 @pytest.mark.parametrize(
     ("answers", "stored"),
     [
-        pytest.param([len(WHOLE) - 9, None], WHOLE, id="cut-then-whole"),
-        pytest.param([None], WHOLE, id="whole"),
-        pytest.param([len(WHOLE) - 1], WHOLE[:-1], id="only-the-last-newline-missing"),
-        pytest.param([len(WHOLE) - 9] * 3, None, id="cut-every-time"),
+        pytest.param([len(WHOLE) - 9, None, None], WHOLE, id="cut-then-whole"),
+        pytest.param([None, None], WHOLE, id="whole"),
+        pytest.param([len(WHOLE) - 1] * 2, WHOLE[:-1], id="only-the-last-newline-missing"),
+        pytest.param([len(WHOLE) - 9] * 6, None, id="cut-every-time"),
+        pytest.param([LINE_END, None, None], WHOLE, id="cut-between-two-lines-then-whole"),
+        pytest.param([None, LINE_END, None], WHOLE, id="whole-then-cut-between-two-lines"),
     ],
 )
 def test_a_download_cut_mid_line_without_a_length_is_fetched_again_never_filed(
@@ -44,7 +49,9 @@ def test_a_download_cut_mid_line_without_a_length_is_fetched_again_never_filed(
 ) -> None:
     """A file sent without a Content-Length whose connection closed mid-line (to HTTP, a whole
     shorter body) is downloaded again, and never filed: filed, its last answer was skipped
-    as unreadable, the batch taken as collected, and that request paid for again."""
+    as unreadable, the batch taken as collected, and that request paid for again. One cut
+    between two lines looks whole: a body sent so is kept only once a second download
+    brings the same bytes (its missing answers were taken as unanswered and paid again)."""
     scripted.script(*(Answer(200, WHOLE, cut_after=cut, close_delimited=True) for cut in answers))
     provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, sleep=lambda _: None)
     blobs = ResultStore(BlobStore(tmp_path / "store"))
@@ -56,6 +63,43 @@ def test_a_download_cut_mid_line_without_a_length_is_fetched_again_never_filed(
         sha = download_to_store(provider, "file-out", blobs)
         assert blobs.ensure_local(sha).read_bytes() == stored
     assert len(scripted.requests) == len(answers)
+
+
+@pytest.mark.parametrize(
+    ("answers", "error"),
+    [
+        pytest.param([LINE_END, None, LINE_END - 1], "brought different bytes", id="none-alike"),
+    ],
+)
+def test_an_unframed_file_whose_downloads_never_agree_is_not_filed(
+    scripted: ScriptedServer, tmp_path: Path, answers: list[int | None], error: str
+) -> None:
+    """Three downloads of a body sent without a length, no two in a row alike: an error the
+    next apply retries, and nothing filed (a cut between lines is not taken for the file)."""
+    scripted.script(*(Answer(200, WHOLE, cut_after=cut, close_delimited=True) for cut in answers))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, sleep=lambda _: None)
+    blobs = ResultStore(BlobStore(tmp_path / "store"))
+
+    with pytest.raises(ProviderError, match=error):
+        download_to_store(provider, "file-out", blobs)
+
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+    assert len(scripted.requests) == 3
+
+
+def test_a_file_sent_with_its_length_is_downloaded_once(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """The confirming download is only for a body sent unframed: one with a Content-Length
+    (every server batchspec knows, ``serve`` too) is fetched once."""
+    scripted.script(Answer(200, WHOLE))
+    provider = OpenAIProvider("srv", base_url=scripted.v1, api_key=None, sleep=lambda _: None)
+    blobs = ResultStore(BlobStore(tmp_path / "store"))
+
+    sha = download_to_store(provider, "file-out", blobs)
+
+    assert blobs.ensure_local(sha).read_bytes() == WHOLE
+    assert len(scripted.requests) == 1
 
 
 def test_lines_carry_their_byte_spans_and_outcomes(tmp_path: Path) -> None:

@@ -870,6 +870,60 @@ class RetryingClient:
         headers: Mapping[str, str] | None,
     ) -> int:
         partial = dest.with_name(dest.name + ".part")
+        written, unframed = self._fetch(client, path, partial, operation, headers)
+        if unframed:
+            written = self._confirm_unframed(client, path, partial, written, operation, headers)
+        os.replace(partial, dest)
+        return written
+
+    def _confirm_unframed(
+        self,
+        client: httpx.Client,
+        path: str,
+        partial: Path,
+        written: int,
+        operation: str,
+        headers: Mapping[str, str] | None,
+    ) -> int:
+        """A body sent with neither a length nor chunks ends where the connection closed: a
+        connection cut between two lines brings a shorter file that looks whole (its missing
+        answers would be paid for again). Such a body is kept only once another download
+        brings the very same bytes (``UNFRAMED_TRIES`` downloads at most, the longer of two
+        that differ kept to compare with the next: a cut body is the shorter), else
+        ``ProviderError``, and nothing is kept."""
+        again = partial.with_name(partial.name + "-again")
+        try:
+            for _ in range(UNFRAMED_TRIES - 1):
+                size, _ = self._fetch(client, path, again, operation, headers)
+                if size == written and _same_bytes(partial, again):
+                    return written
+                if size > written:
+                    os.replace(again, partial)
+                    written = size
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            again.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        raise ProviderError(
+            f"{self._context.provider}: {operation}: the server sends the file without a "
+            f"length, and {UNFRAMED_TRIES} downloads of it brought different bytes (a "
+            "connection closed early?): nothing of it was kept; the next `batchspec apply` "
+            "downloads it again",
+            retryable=True,
+        )
+
+    def _fetch(
+        self,
+        client: httpx.Client,
+        path: str,
+        partial: Path,
+        operation: str,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[int, bool]:
+        """One download of a GET body into ``partial`` (restarted on a lost connection, as
+        the policy allows): its bytes, and whether it came unframed (``_unframed``)."""
         for retries_done in range(self._policy.max_attempts):
             response = self._send(
                 client, "GET", path, operation, True, headers, stream=True, kwargs={}
@@ -903,8 +957,7 @@ class RetryingClient:
                 raise
             finally:
                 response.close()
-            os.replace(partial, dest)
-            return written
+            return written, _unframed(response)
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _say_retry(self, operation: str, problem: str, retries_done: int, delay: float) -> None:
@@ -1107,6 +1160,31 @@ INFLATED_FLOOR = 256 * 1024 * 1024
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 #: of an error answer to a streamed download, the most read: its envelope comes first
 MAX_ERROR_BODY_BYTES = 1024 * 1024
+
+
+#: downloads of a body sent unframed (``_unframed``) until two in a row agree, at most
+UNFRAMED_TRIES = 3
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (read a MiB at a time; no stat cache, which
+    ``filecmp`` keeps, to be fooled by a file replaced within one clock tick)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:  # buffered: each read is whole
+        while True:
+            left, right = fa.read(1 << 20), fb.read(1 << 20)
+            if left != right:
+                return False
+            if not left:
+                return True
+
+
+def _unframed(response: httpx.Response) -> bool:
+    """Whether an HTTP/1 body had neither a ``Content-Length`` nor chunked framing: it ends
+    where the connection closes, so one cut short cleanly is, to HTTP, a whole body."""
+    if response.http_version not in ("HTTP/1.0", "HTTP/1.1"):
+        return False  # HTTP/2 frames its end of stream
+    encoding = response.headers.get("transfer-encoding", "").lower()
+    return "content-length" not in response.headers and "chunked" not in encoding
 
 
 def _write_body(
