@@ -1746,11 +1746,12 @@ class Interruption:
 
     def saw(self, event: Any) -> None:
         """An apply's progress ``event``: from an upload on (its create may land, and is
-        looked up next time), a create or an adoption, or a plan that finds batches already
-        sent, batches may exist that the interruption leaves running."""
+        looked up next time), a create about to be sent (its file perhaps uploaded before:
+        no upload then), a create or an adoption, or a plan that finds batches already sent,
+        batches may exist that the interruption leaves running."""
         if self.batches_may_exist:
             return
-        if event.event in ("upload", "create", "adopt"):
+        if event.event in ("upload", "creating", "create", "adopt"):
             self.batches_may_exist = True
         elif event.event == "plan" and event.plan is not None:
             self.batches_may_exist = any(_has_batches_out(a) for a in event.plan.actions)
