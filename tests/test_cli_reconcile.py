@@ -613,6 +613,29 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     assert slow_server.probe.counts["POST /batches"] == 1
 
 
+def test_cancel_is_not_stopped_by_an_unusable_result_store_folder(
+    tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cancel NAME` stops the batches in flight even where state/store is a symbolic link to
+    nothing: it downloads nothing, and the check made for apply (before it sends anything)
+    refused the cancel, keeping the batches running and spending until the folder was fixed."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    store = ws.root / "state" / "store"
+    if store.exists():
+        store.rename(tmp_path / "moved-store")
+    store.symlink_to(tmp_path / "elsewhere")
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
+
+
 def test_cancel_of_a_finished_resource_says_there_is_nothing_to_cancel(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
