@@ -613,6 +613,29 @@ def test_cancel_stops_in_flight_batches_and_records_it(
     assert slow_server.probe.counts["POST /batches"] == 1
 
 
+def test_cancel_is_not_stopped_by_an_unusable_result_store_folder(
+    tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cancel NAME` stops the batches in flight even where state/store is a symbolic link to
+    nothing: it downloads nothing, and the check made for apply (before it sends anything)
+    refused the cancel, keeping the batches running and spending until the folder was fixed."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    store = ws.root / "state" / "store"
+    if store.exists():
+        store.rename(tmp_path / "moved-store")
+    store.symlink_to(tmp_path / "elsewhere")
+
+    code, out, err = run_cli(["cancel", "triage", str(ws.root)], capsys)
+
+    assert code == 0, err
+    assert slow_server.probe.counts["POST /batches/{id}/cancel"] == 1
+
+
 def test_cancel_of_a_finished_resource_says_there_is_nothing_to_cancel(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1243,3 +1266,29 @@ def test_a_batch_of_one_request_is_not_called_1_requests(
     code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
     assert code == 0, err
     assert "(shard 1, attempt 1, 1 request)" in out
+
+
+def test_a_create_sent_with_a_file_already_uploaded_is_seen_before_it_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An apply whose create reuses a file the provider already holds (no upload: here
+    `--replace --no-reuse`, the same input) reports a step before that create is sent, so a
+    Ctrl-C there does not say "no batch was created" while the create may land (the
+    ``Interruption`` flipped only on an upload, a create answered, or an adoption)."""
+    from batchspec.cli.main import Interruption
+    from batchspec.core.reporting import Progress
+
+    ws = local_ws(tmp_path / "ws")
+    assert run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)[0] == 0
+    argv = ["apply", str(ws.root), "--replace", "triage", "--no-reuse", "--json"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    events = [e for e in json_lines(out) if "event" in e]
+    assert [e["event"] for e in events].count("create") == 1
+    assert "upload" not in [e["event"] for e in events]  # the file is the first one's
+
+    interruption = Interruption(["apply"])
+    interruption.batches_may_exist = False
+    for event in events[: [e["event"] for e in events].index("create")]:
+        interruption.saw(Progress(event["event"], event.get("resource"), event["message"]))
+    assert interruption.batches_may_exist

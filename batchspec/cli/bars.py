@@ -38,7 +38,9 @@ ASCII_SPINNER = "|/-\\"
 BAR_WIDTH = 24
 SPIN_PER_SECOND = 10
 #: events the bars show by themselves; every other event is a milestone line above them
-BAR_EVENTS = frozenset({"plan", "poll", "wait", "upload", "upload_progress", "download"})
+BAR_EVENTS = frozenset(
+    {"plan", "poll", "wait", "upload", "upload_progress", "creating", "download"}
+)
 #: milestone lines drawn in a colour above the bars
 _LINE_COLOURS = {
     "warning": "yellow",
@@ -126,6 +128,8 @@ def advance(board: Board, progress: Progress, now: float) -> Board:
         sent, size = data.get("sent"), data.get("bytes")
         if isinstance(sent, int) and isinstance(size, int) and size > 0:
             bar = replace(bar, activity="uploading", upload=(min(sent, size), size))
+    elif event == "creating":
+        bar = replace(bar, activity="creating a batch", upload=None)
     elif event in ("create", "adopt") and "remote_id" in data:
         verb = "created" if event == "create" else "adopted"
         if bar.outcome == "cancelled":

@@ -22,13 +22,17 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 from click.core import ParameterSource
 
 from batchspec import __version__
 from batchspec.errors import BatchspecError, StateError, Terminated
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it runs
+    from batchspec.core.plan import Action
+    from batchspec.core.reporting import Progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -856,7 +860,7 @@ def apply(
         interruption.above_bars = view.say_above
         interruption.batches_may_exist = False  # until the run sends one, or finds one sent
 
-    def report(event: Any) -> None:
+    def report(event: Progress) -> None:
         if interruption is not None:
             interruption.saw(event)
         view.show(event)
@@ -1609,7 +1613,7 @@ def interrupted_text(
     )
 
 
-def _has_batches_out(action: Any) -> bool:
+def _has_batches_out(action: Action) -> bool:
     """Whether a plan's action finds batches already sent that an interrupted apply leaves
     out there: in flight or not collected, creates recorded but not confirmed, or another
     generation's batches a replace would cancel (a resource in sync, or one to retry, has
@@ -1744,13 +1748,14 @@ class Interruption:
         else:
             click.echo(text, err=True)
 
-    def saw(self, event: Any) -> None:
+    def saw(self, event: Progress) -> None:
         """An apply's progress ``event``: from an upload on (its create may land, and is
-        looked up next time), a create or an adoption, or a plan that finds batches already
-        sent, batches may exist that the interruption leaves running."""
+        looked up next time), a create about to be sent (its file perhaps uploaded before:
+        no upload then), a create or an adoption, or a plan that finds batches already sent,
+        batches may exist that the interruption leaves running."""
         if self.batches_may_exist:
             return
-        if event.event in ("upload", "create", "adopt"):
+        if event.event in ("upload", "creating", "create", "adopt"):
             self.batches_may_exist = True
         elif event.event == "plan" and event.plan is not None:
             self.batches_may_exist = any(_has_batches_out(a) for a in event.plan.actions)

@@ -25,8 +25,10 @@ class ProgressView:
 
     def render(self, progress: Progress) -> str:
         """The text to write for ``progress`` ("" when it shows nothing)."""
-        if progress.event in ("plan", "upload_progress"):  # the plan is printed by the CLI;
-            return ""  # an upload's bytes are for the live bar, a log keeps "uploading ..."
+        # the plan is printed by the CLI; an upload's bytes and a create about to be sent
+        # are for the live bar: a log keeps "uploading ..." and "created batch ..."
+        if progress.event in ("plan", "upload_progress", "creating"):
+            return ""
         if progress.event == "poll":
             return self._poll(progress)
         if progress.event == "wait":

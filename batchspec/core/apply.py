@@ -477,6 +477,9 @@ def apply_workspace(
                     monotonic=clock,
                 )
                 rec.ctx.disk_hashes = disk_hashes
+                # the result store's folder, checked before anything is sent rather than at
+                # the first download (not by `cancel`: stopping batches downloads nothing)
+                rec.ctx.blobs.local.require_usable()
                 prune_orphans(rec, plan)
                 start_replacements(rec, plan, resources, facts, options.replace, readded)
                 timed_out = converge(

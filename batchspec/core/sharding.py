@@ -164,7 +164,8 @@ def count_shards(
 ) -> int:
     """How many shards ``requests`` requests of ``nbytes`` split into, as apply splits them:
     0 for none, 1 when they fit one for sure; else counted over their request index
-    (``facts``, read only then: a plan stays cheap for an input under every limit)."""
+    (``facts``, read only then: a plan stays cheap for an input under every limit, except
+    an embeddings input, whose inputs per line only the index tells: ``fits_one_shard``)."""
     if not requests:
         return 0
     if fits_one_shard(requests, nbytes, limits, endpoint=endpoint):

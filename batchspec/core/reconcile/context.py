@@ -236,7 +236,6 @@ class RunContext:
     def __post_init__(self) -> None:
         self.ledger = self.store.ledger()
         local = BlobStore(self.project.state_path.parent / "store")
-        local.require_usable()  # before anything is sent, rather than at the first download
         local.sweep_stale_tmp()  # a killed run's writes (another run's now are fresh)
         self.blobs = ResultStore(
             local,

@@ -199,7 +199,8 @@ def record_create_refused(
 
 
 def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str) -> BatchRow:
-    """Record that the create is about to be sent (``creating``, a ``create-intent`` event)."""
+    """Record that the create is about to be sent (``creating``, a ``create-intent`` event),
+    and report it (a ``creating`` progress event)."""
     with ctx.store.atomic():
         batch = ctx.store.update_batch(batch.id, input_file_id=file_id, status="creating")
         ctx.store.record_event(
@@ -210,6 +211,16 @@ def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str)
             batch_id=batch.id,
             detail={"input_file_id": file_id, "key": batch.key},
         )
+    # said before it is sent: a create may land whatever happens next (a Ctrl-C included),
+    # and its file may be one uploaded before, with no ``upload`` event of this run
+    ctx.report(
+        Progress(
+            "creating",
+            res.name,
+            f"creating a batch (shard {batch.shard + 1}, attempt {batch.attempt})",
+            {"shard": batch.shard + 1, "attempt": batch.attempt},
+        )
+    )
     return batch
 
 
