@@ -13,6 +13,7 @@ from workspaces import (
     ResourceSpec,
     local_provider,
     make_workspace,
+    openai_provider,
     run_cli,
     served,
 )
@@ -164,3 +165,46 @@ def test_plan_says_the_shard_split_apply_makes(tmp_path, capsys) -> None:
         before = len(submitted_ids(ws))
         apply(ws, capsys)
         assert len(submitted_ids(ws)) - before == shards
+
+
+@pytest.mark.parametrize("to", ["another provider", "a model server upstream"])
+def test_the_stand_ins_answers_are_not_kept_once_a_model_answers(
+    tmp_path, server, capsys, monkeypatch, to
+) -> None:
+    """The built-in stand-in's answers are fake: moving a resource from it to another
+    provider, or pointing its local provider at a model server, resends every request
+    (they were kept as the new generation's answers, "0 requests to submit", and written
+    as its results); between two generations a model answers, answers are kept as ever."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3, provider="local")],
+    )
+    apply(ws, capsys)
+    assert all("[builtin stand-in]" in json.dumps(o) for o in ws.outputs("triage"))
+    if to == "another provider":
+        manifest = ws.manifest_path("triage")
+        manifest.write_text(manifest.read_text().replace("provider: local", "provider: srv"))
+    else:
+        project = ws.root / "batchspec.yaml"
+        doc = yaml.safe_load(project.read_text())
+        doc["providers"]["local"]["options"]["upstream"] = srv.v1
+        project.write_text(yaml.safe_dump(doc))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["requests"], action["reused"]) == ("create", 3, 0)
+    if to == "another provider":  # the model's answers are the results
+        apply(ws, capsys)
+        assert srv.probe.counts["POST /batches"] == 1
+        assert len(submitted_ids(ws)[-1]) == 3
+        # and a later edit keeps the model's answers of the unchanged requests, as ever
+        lines = request_lines(3)
+        lines.append({**lines[0], "custom_id": "req-new"})
+        ws.write_input("triage", lines)
+        apply(ws, capsys)
+        assert submitted_ids(ws)[-1] == ["req-new"]

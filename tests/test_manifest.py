@@ -586,9 +586,42 @@ def test_semantic_spec_holds_exactly_the_semantic_fields(tmp_path: Path) -> None
         "model": None,
         "metadata": {"a": "1", "b": "2"},
         "input_sha256": hashlib.sha256((ws / "data.jsonl").read_bytes()).hexdigest(),
+        "answers": "stand-in",  # the built-in `local` provider: the offline stand-in
     }
     canonical = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert res.spec_hash == hashlib.sha256(canonical.encode()).hexdigest() == spec_hash(semantic)
+
+
+@pytest.mark.parametrize(
+    ("providers", "stand_in"),
+    [
+        pytest.param("", True, id="the built-in local provider"),
+        pytest.param(
+            "providers:\n  local: {type: local, options: {upstream: 'http://127.0.0.1:8000/v1'}}\n",
+            False,
+            id="a local provider with a model server",
+        ),
+        pytest.param(
+            "providers:\n  local: {type: local, options: {upstreams: ['http://h/v1', builtin]}}\n",
+            True,
+            id="a rotation with the stand-in in it",
+        ),
+        pytest.param(
+            "providers:\n  local: {type: openai, baseUrl: 'http://127.0.0.1:8000/v1'}\n",
+            False,
+            id="an openai-type provider",
+        ),
+    ],
+)
+def test_only_a_resource_the_stand_in_answers_says_so_in_its_spec(
+    tmp_path: Path, providers: str, stand_in: bool
+) -> None:
+    """``"answers": "stand-in"`` is in the spec (and its hash) only when the built-in offline
+    stand-in answers the resource: every other resource's spec hash is as it was."""
+    ws = make_workspace(tmp_path / "ws", {"m.yaml": BASE}, project=PROJECT + providers)
+    [res] = load(ws).resources
+    assert res.stand_in is stand_in
+    assert ("answers" in res.semantic_spec()) is stand_in
 
 
 def test_spec_hash_ignores_key_order_and_path_spelling(tmp_path: Path) -> None:

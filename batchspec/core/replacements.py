@@ -32,7 +32,7 @@ from typing import Any
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.request_index import RequestFact
-from batchspec.workspace.manifest import Resource, spec_hash
+from batchspec.workspace.manifest import ANSWERS_KEY, STAND_IN, Resource, spec_hash
 
 REPLACEMENT_KEY = "replacement"
 #: the reason ``apply --prune`` records on the ``cancel`` event of a generation it cancels
@@ -133,6 +133,18 @@ def next_replacement(store: StateStore, res: Resource, *, reuse: bool) -> Resour
 RequestFacts = Callable[[Resource], Iterable[RequestFact]]
 
 
+def keeps_answers_of(stand_in: bool, earlier: GenerationRow) -> bool:
+    """Whether a new generation (``stand_in``: one the built-in offline stand-in answers)
+    keeps ``earlier``'s answers: the stand-in's are fake, so a generation a model answers
+    never keeps them (the stand-in's own generations keep any)."""
+    return stand_in or earlier.spec.get(ANSWERS_KEY) != STAND_IN
+
+
+def answers_by_stand_in(gen: GenerationRow) -> bool:
+    """Whether ``gen`` is answered by the built-in stand-in (its recorded spec says so)."""
+    return gen.spec.get(ANSWERS_KEY) == STAND_IN
+
+
 def unreused_requests(
     store: StateStore,
     res: Resource,
@@ -143,7 +155,7 @@ def unreused_requests(
 ) -> Iterator[RequestFact]:
     """``res``'s requests a new generation would submit: those ``reusable_answers`` does not
     count (no earlier generation got an answer for the very same line)."""
-    ids = [g.id for g in generations if g.id not in exclude]
+    ids = [g.id for g in generations if g.id not in exclude and keeps_answers_of(res.stand_in, g)]
     answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
     return (f for f in requests(res) if (f.custom_id, f.request_sha) not in answered)
 
@@ -162,7 +174,7 @@ def reusable_answers(
     ``generations``: ``res``'s, if already read."""
     if generations is None:
         generations = store.generations(res.name)
-    ids = [g.id for g in generations if g.id not in exclude]
+    ids = [g.id for g in generations if g.id not in exclude and keeps_answers_of(res.stand_in, g)]
     if not ids:
         return 0, 0
     answered = store.ledger().succeeded_fingerprints(ids)

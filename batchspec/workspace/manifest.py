@@ -65,6 +65,13 @@ Spec hash
     For a rows input, ``input_sha256`` is the hash of the rendered file: a changed row or
     template is a new spec hash, an edit that renders the same requests is not.
 
+    A resource whose answers come from the built-in offline stand-in (a ``local`` provider
+    whose ``upstream``, or one of its ``upstreams``, is ``builtin``) also has
+    ``"answers": "stand-in"`` (``STAND_IN``; no such key otherwise, so no other hash
+    changed): pointing the provider at a model server, or the resource at another provider,
+    is a new spec, and its answers are a model's (the stand-in's fake ones are never kept by
+    a generation that is not itself the stand-in's: ``replacements.keeps_answers_of``).
+
     Canonical JSON is ``json.dumps(..., sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` encoded as UTF-8. Defaults are applied first (an omitted
     ``completionWindow`` hashes as ``"24h"``; an omitted ``provider`` as the project's default).
@@ -218,6 +225,8 @@ class Resource:
     moved_from: str | None = None
     #: ``spec.export``: datasets written with the results (not part of the spec hash)
     exports: tuple[ExportTarget, ...] = ()
+    #: its answers come from the built-in offline stand-in (see "Spec hash" above)
+    stand_in: bool = False
 
     def semantic_spec(self) -> dict[str, Any]:
         """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
@@ -229,6 +238,7 @@ class Resource:
             model=self.model,
             metadata=self.metadata,
             input_sha256=self.input_sha256,
+            stand_in=self.stand_in,
         )
 
 
@@ -299,6 +309,7 @@ def semantic_spec(
     model: str | None,
     metadata: Mapping[str, str],
     input_sha256: str,
+    stand_in: bool = False,
 ) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
@@ -309,7 +320,27 @@ def semantic_spec(
         "model": model,
         "metadata": dict(sorted(metadata.items())),
         "input_sha256": input_sha256,
+        **({ANSWERS_KEY: STAND_IN} if stand_in else {}),
     }
+
+
+#: the spec key (and its value) of a resource the built-in stand-in answers
+ANSWERS_KEY = "answers"
+STAND_IN = "stand-in"
+
+
+def answered_by_stand_in(project: Project, provider: str) -> bool:
+    """Whether ``provider``'s answers come from the built-in offline stand-in: a ``local``
+    provider whose ``upstream`` (``builtin`` when not set), or any of whose ``upstreams``,
+    is ``builtin``."""
+    config = project.providers.get(provider)
+    if config is None or config.type != "local":
+        return False
+    rotation = config.options.get("upstreams")
+    if rotation:
+        urls = (u.get("url") if isinstance(u, Mapping) else u for u in rotation)
+        return any(url == "builtin" for url in urls)
+    return str(config.options.get("upstream", "builtin")) == "builtin"
 
 
 def spec_hash(semantic: Mapping[str, Any]) -> str:
@@ -893,6 +924,7 @@ def _resource(doc: YamlDocument, project: Project, checked: _Checked) -> Resourc
         "model": spec.get("model"),
         "metadata": dict(spec.get("metadata", {})),
         "input_sha256": checked.input_sha256,
+        "stand_in": answered_by_stand_in(project, checked.provider),
     }
     return Resource(
         **common,
