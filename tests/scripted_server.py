@@ -31,8 +31,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from servers import QuietHTTPServer
 
 KEEP_BODY_BYTES = 1024 * 1024
 _CHUNK = 64 * 1024
@@ -86,7 +88,7 @@ class ScriptedServer:
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
         self._released = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = QuietHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from servers import EngineServer
+from servers import EngineServer, QuietHTTPServer
 from workspaces import KEY_ENV, ResourceSpec, Workspace, make_workspace
 
 from batchspec.engine.upstreams import BuiltinUpstream
@@ -171,7 +171,7 @@ def start_slow_gateway(
 
         do_GET = do_POST = do_DELETE = _forward
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     gateway = SlowGateway(
         f"http://127.0.0.1:{server.server_address[1]}", server, dict(hold), dict(hold_answers or {})
