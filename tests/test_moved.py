@@ -432,6 +432,26 @@ def test_a_rename_with_a_spec_change_is_a_new_generation_of_the_new_name(
         assert store.get_resource("old-name") is None
 
 
+def test_a_rename_with_a_spec_change_is_planned_with_the_answers_it_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan of a rename with a spec change counts the old name's answers the new
+    generation keeps, as apply carries them over: nothing to submit, where it said every
+    request (consent and budgets asked for spend that apply never made)."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    before = remote_ids(ws)
+    rename(ws, "old-name", "new-name", metadata={"team": "support"})
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["requests"], action["reused"]) == ("create", 0, 3)
+    apply(ws, capsys, "--wait")
+    assert remote_ids(ws) == before
+
+
 def test_a_forgotten_old_name_is_not_moved(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

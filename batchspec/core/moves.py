@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from batchspec.core.plan import MOVED_FROM, ActionKind, Plan, RecordedResource
+from batchspec.core.recorded import History
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.errors import ManifestError
 from batchspec.state.store import GenerationRow, StateStore
@@ -195,6 +196,16 @@ def moved_view(
     return view, moved
 
 
+def moved_history(history: Mapping[str, History], moved: Mapping[str, str]) -> dict[str, History]:
+    """``history`` (by name) with each old name's generations also under its new name, as
+    ``apply_moves`` will record them (``moved``: ``{new: old}``, from ``moved_view``): what a
+    new generation of the new name would reuse is counted from them, as apply carries it."""
+    out = dict(history)
+    for new, old in moved.items():
+        out[new] = [(as_moved(gen, new), batches) for gen, batches in history.get(old, ())]
+    return out
+
+
 def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
     """``plan`` with "moved from X; " in front of the reason of each moved resource."""
     if not moved:
@@ -281,6 +292,7 @@ __all__ = [
     "as_moved",
     "former_names",
     "move_source",
+    "moved_history",
     "moved_view",
     "note_moves",
     "pending_moves",
