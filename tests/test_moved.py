@@ -353,6 +353,51 @@ def test_a_batch_in_flight_is_collected_under_the_new_name(
         assert gen.status == "complete"
 
 
+def test_a_rename_after_a_replace_keeps_the_replacement_as_the_current_generation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Replaced, then renamed: plan and the first apply act on the replacement (its results
+    stay on disk, nothing to restore, exit 0), not on the older generation of the same
+    manifest spec, whose results the move wrote back over the replacement's."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    apply(ws, capsys, "--wait", "--replace", "old-name", "--no-reuse", "--yes")
+    output = ws.output_path("old-name")
+    result_sha = sha256(output)
+    with ws.store() as store:
+        first, replacement = store.generations("old-name")
+    assert first.output_sha256 != result_sha  # each generation has its own batch ids
+    rename(ws, "old-name", "new-name")
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["generation_id"]) == ("none", replacement.id)
+    out = apply(ws, capsys)
+
+    assert "restored" not in out
+    assert sha256(output) == result_sha
+    with ws.store() as store:
+        assert store.get_resource("new-name").current_generation_id == replacement.id
+
+
+def test_replace_in_the_apply_that_moves_a_replaced_resource_makes_a_new_replacement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--replace new-name` in the same run as the move of a replaced resource plans the next
+    replacement, not the one recorded under the old name (planned "none": no replace)."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    apply(ws, capsys, "--wait", "--replace", "old-name", "--yes")
+    rename(ws, "old-name", "new-name")
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json", "--replace", "new-name"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["generation_id"]) == ("replace", None)
+
+
 def test_leaving_moved_in_place_is_harmless(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -385,6 +430,26 @@ def test_a_rename_with_a_spec_change_is_a_new_generation_of_the_new_name(
         assert len(gens) == 2
         assert [g.spec["name"] for g in gens] == ["new-name", "new-name"]
         assert store.get_resource("old-name") is None
+
+
+def test_a_rename_with_a_spec_change_is_planned_with_the_answers_it_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan of a rename with a spec change counts the old name's answers the new
+    generation keeps, as apply carries them over: nothing to submit, where it said every
+    request (consent and budgets asked for spend that apply never made)."""
+    ws = local_workspace(tmp_path / "ws", "old-name")
+    apply(ws, capsys, "--wait")
+    before = remote_ids(ws)
+    rename(ws, "old-name", "new-name", metadata={"team": "support"})
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert (action["action"], action["requests"], action["reused"]) == ("create", 0, 3)
+    apply(ws, capsys, "--wait")
+    assert remote_ids(ws) == before
 
 
 def test_a_forgotten_old_name_is_not_moved(

@@ -24,6 +24,7 @@ from probes import ServeProcess, start_serve_process
 from serve_faults import ServerBatch, received_batches
 from servers import request_lines, stop_after_test, wait_for
 from slow_gateway import SlowGateway, start_slow_gateway
+from test_moved import rename
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -318,6 +319,30 @@ def test_a_stopping_generation_with_no_ledger_yet_holds_the_create(
 
     assert code in (0, 2), err
     assert "waits for generation 1 to stop first (its answers are reused)" in out
+
+
+def test_a_renamed_resource_is_held_from_the_cancel_recorded_under_its_old_name(
+    tmp_path: Path, serve: Callable[..., ServeProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cancelled, renamed (metadata.moved), then `apply --replace NEW` while the old batch
+    still stops: the hold runs from the cancel, recorded under the old name, so the create
+    waits, instead of going ahead (paying again for what the old batch finishes) on a bound
+    counted from the generation's creation, long over."""
+    srv = serve(*SLOW, "30")
+    ws = workspace(tmp_path / "ws", srv)
+    started(ws, srv, capsys)
+    assert run_cli(["cancel", "triage", str(ws.root)], capsys)[0] == 0
+    with ws.store() as store:  # created long before its cancel
+        store.db.execute("update generations set created_at = '2020-01-01T00:00:00.000Z'")
+    rename(ws, "triage", "triage-v2")
+    code, out, _ = run_cli(["plan", str(ws.root), "--replace", "triage-v2"], capsys)
+    assert "waits for generation 1 to stop first" in out, out  # the move still to apply
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0  # the move
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--replace", "triage-v2"], capsys)
+
+    assert code == 0, err
+    assert WAITING in out and "creating anyway" not in out, out
 
 
 def test_an_older_expired_hold_does_not_hide_a_newer_live_one(

@@ -43,6 +43,7 @@ from batchspec.core.budget import (
 from batchspec.core.lifecycle import prune_orphans, require_recorded_state, start_replacements
 from batchspec.core.moves import (
     apply_moves,
+    moved_history,
     moved_view,
     note_moves,
     rename_hints,
@@ -920,6 +921,7 @@ def compute_plan(
     history = load_history(store)  # read once: the plan and each hold (``find_hold``) share it
     recorded = load_recorded(store, store.ledger(), requeue_backoff=backoff, history=history)
     recorded, moved = moved_view(store, recorded, resources)  # plan shows moves, never writes
+    history = moved_history(history, moved)  # a moved resource's reuse is its old name's
     disk = observe_disk(
         [(r.name, r.output_path, r.errors_path) for r in resources],
         recorded,
@@ -1095,7 +1097,8 @@ def desired_with_reuse(
     Made with one ``dataclasses.replace`` (three cost a plan of 1,000 resources ~13 ms)."""
     want = desired_resource(res, facts)
     given: dict[str, Any] = {"replace": replace, "readded_after": readded_after}
-    gen = store.find_generation(res.name, res.spec_hash)
+    # from ``history``, not the store: a move still to apply records it under the new name
+    gen = next((g for g, _ in history if g.spec_hash == res.spec_hash), None)
     if gen is not None and (not reuses_answers(gen) or store.ledger().has_requests(gen.id)):
         return dataclasses.replace(want, **given)  # no ledger to record, or nothing to carry
     if gen is None and replace and not reuse:

@@ -17,7 +17,11 @@ A move keeps everything instead:
   recorded under each of the two names.
 * ``moved_view`` is what ``plan`` uses (a plan never writes): the recorded view with the old
   name's record shown under the new name, re-hashed the same way, and ``note_moves`` puts
-  "moved from X" in front of the action's reason.
+  "moved from X" in front of the action's reason. While a move is still to apply, the
+  effective spec hash (``replacements.current_replacement``) of the new name is the old
+  name's newest replacement as the move re-hashes it (``as_moved``): apply plans before it
+  moves, and a replaced resource keeps its replacement current, not the older generation
+  that has the manifest's own spec hash.
 
 When a move applies: the old name is recorded and not forgotten, and the new name is not
 recorded. Once done (the old name is gone), or when the old name was never recorded or was
@@ -36,9 +40,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from batchspec.core.plan import MOVED_FROM, ActionKind, Plan, RecordedResource
+from batchspec.core.recorded import History
 from batchspec.core.reporting import Progress, Reporter
 from batchspec.errors import ManifestError
-from batchspec.state.store import StateStore
+from batchspec.state.store import GenerationRow, StateStore
 from batchspec.workspace.manifest import Resource, spec_hash
 
 MOVE_EVENT = "move"
@@ -92,16 +97,43 @@ def pending_moves(store: StateStore, resources: Iterable[Resource]) -> list[tupl
     return moves
 
 
+def move_source(store: StateStore, res: Resource) -> str | None:
+    """The name ``res`` moves from if that move is still to apply (the old name recorded and
+    not forgotten, the new one not recorded), else ``None``. Raises nothing: a conflict is
+    ``pending_moves``' to refuse."""
+    old = res.moved_from
+    if old is None or store.get_resource(res.name) is not None:
+        return None
+    old_row = store.get_resource(old)
+    return old if old_row is not None and not old_row.forgotten else None
+
+
+def respec(spec: Mapping[str, Any], old: str, new: str) -> tuple[str, dict[str, Any]] | None:
+    """A generation's recorded ``spec`` of ``old`` with the name ``new``, and that spec's
+    hash; ``None`` for a spec this version did not write (left as history)."""
+    if spec.get("name") != old:
+        return None
+    renamed = {**spec, "name": new}
+    return spec_hash(renamed), renamed
+
+
 def respecs(store: StateStore, old: str, new: str) -> dict[int, tuple[str, dict[str, Any]]]:
     """For each generation of ``old``: its spec with the name ``new``, and that spec's hash."""
     out = {}
     for gen in store.generations(old):
-        spec = dict(gen.spec)
-        if spec.get("name") != old:
-            continue  # not a spec this version wrote: leave it as history
-        spec["name"] = new
-        out[gen.id] = (spec_hash(spec), spec)
+        renamed = respec(gen.spec, old, new)
+        if renamed is not None:
+            out[gen.id] = renamed
     return out
+
+
+def as_moved(gen: GenerationRow, new: str) -> GenerationRow:
+    """``gen`` (of ``gen.resource``) as ``apply_moves`` will record it under ``new``."""
+    renamed = respec(gen.spec, gen.resource, new)
+    if renamed is None:
+        return replace(gen, resource=new)
+    new_hash, spec = renamed
+    return replace(gen, resource=new, spec_hash=new_hash, spec=spec)
 
 
 def apply_moves(
@@ -162,6 +194,16 @@ def moved_view(
         view[res.name] = replace(rec, name=res.name, generations=generations)
         moved[res.name] = old
     return view, moved
+
+
+def moved_history(history: Mapping[str, History], moved: Mapping[str, str]) -> dict[str, History]:
+    """``history`` (by name) with each old name's generations also under its new name, as
+    ``apply_moves`` will record them (``moved``: ``{new: old}``, from ``moved_view``): what a
+    new generation of the new name would reuse is counted from them, as apply carries it."""
+    out = dict(history)
+    for new, old in moved.items():
+        out[new] = [(as_moved(gen, new), batches) for gen, batches in history.get(old, ())]
+    return out
 
 
 def note_moves(plan: Plan, moved: Mapping[str, str]) -> Plan:
@@ -247,7 +289,10 @@ __all__ = [
     "MOVE_EVENT",
     "Move",
     "apply_moves",
+    "as_moved",
     "former_names",
+    "move_source",
+    "moved_history",
     "moved_view",
     "note_moves",
     "pending_moves",

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from batchspec.core.moves import as_moved, move_source
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.state.store import GenerationRow, StateStore
 from batchspec.wire.request_index import RequestFact
@@ -49,7 +50,18 @@ def replacement_hash(res: Resource, number: int, *, reuse: bool) -> str:
 
 
 def current_replacement(store: StateStore, res: Resource) -> GenerationRow | None:
-    """The newest recorded replacement of ``res``'s manifest spec, if any."""
+    """The newest recorded replacement of ``res``'s manifest spec, if any. While ``res``'s
+    move (``metadata.moved``) is still to apply, it is the old name's, as the move will
+    record it: the plan that apply makes before it moves picks the generation the move keeps
+    current, not an older one of the manifest's own spec hash."""
+    old = move_source(store, res)
+    if old is None:
+        return _newest_replacement(store, res)
+    gen = _newest_replacement(store, replace(res, name=old))
+    return None if gen is None else as_moved(gen, res.name)
+
+
+def _newest_replacement(store: StateStore, res: Resource) -> GenerationRow | None:
     if not any(REPLACEMENT_KEY in g.spec for g in store.generations(res.name)):
         return None  # none recorded: no need to hash the spec (a plan asks of every resource)
     found = None

@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from batchspec.core.moves import former_names
 from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
@@ -233,7 +234,7 @@ def _hold_of_stopping(
         if not overlap:
             continue
         active = old.status in ACTIVE_GENERATION_STATUSES  # cancelled by this very step
-        until = (now if active else _cancelled_at(store, res.name, old)) + hold_for
+        until = (now if active else _cancelled_at(store, res.name, old, res.moved_from)) + hold_for
         remote_ids = tuple(b.remote_id for b in batches if b.remote_id is not None)
         unconfirmed = len(batches) - len(remote_ids)
         holds.append(Hold(old.id, remote_ids, overlap, until, now >= until, unconfirmed))
@@ -249,15 +250,27 @@ def _fingerprints_of(
     return lambda: {(f.custom_id, f.request_sha) for f in requests()}
 
 
-def _cancelled_at(store: StateStore, name: str, gen: GenerationRow) -> float:
+def _cancelled_at(
+    store: StateStore, name: str, gen: GenerationRow, moved_from: str | None = None
+) -> float:
     """When ``gen``'s latest cancel was recorded (epoch seconds), else when it was created.
 
     The latest: a generation put back and retired again (two checkouts taking turns) is
     stopping since its last retirement, not its first; measured from the first, every turn
     after the first outlived the bound at once and was sent beside the batch still stopping.
     A cancel of one batch (a create found after the retirement) is not a retirement, unless
-    none was recorded (a run that failed after sending its cancels ahead records only those)."""
-    cancels = store.generation_events(gen.id, "cancel", resource=name)
+    none was recorded (a run that failed after sending its cancels ahead records only those).
+
+    A resource renamed (``metadata.moved``) recorded its earlier cancels under its former
+    names, and under the one it moves from (``moved_from``) while that move is still to
+    apply: read there too, else the bound ran from the generation's creation, long over, and
+    the new create went ahead beside the batch still stopping, paying again for what it
+    finishes."""
+    names = dict.fromkeys((name, *former_names(store, name), moved_from))
+    cancels = sorted(
+        (e for n in names if n for e in store.generation_events(gen.id, "cancel", resource=n)),
+        key=lambda e: e.id,
+    )
     retired = [e for e in cancels if e.batch_id is None] or cancels
     return parse_timestamp(retired[-1].at if retired else gen.created_at).timestamp()
 
