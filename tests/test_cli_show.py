@@ -165,6 +165,7 @@ def test_show_after_a_replace_marks_the_replacement_current(
     doc = json.loads(out)
     newest, first = doc["generations"]
     assert (newest["current"], first["current"]) == (True, False)
+    assert doc["spec_hash"] == newest["spec_hash"] != first["spec_hash"]  # the replacement's
     [batch] = newest["batches"]
     assert doc["results"][0]["from_batches"] == [batch["remote_id"]]
     assert doc["results"][0]["recorded_sha256"] == newest["output_sha256"]

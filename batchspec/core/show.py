@@ -169,7 +169,8 @@ def _describe(
         endpoint=res.endpoint if res else None,
         model=res.model if res else None,
         input=display_path(res.input_source or res.input_path) if res else None,
-        spec_hash=res.spec_hash if res else None,
+        # the current generation's: a replacement's own hash, not the manifest's
+        spec_hash=effective or (res.spec_hash if res else None),
         sync=status.sync,
         health=status.health,
         action=status.action,
