@@ -92,16 +92,18 @@ def test_remaining_seconds_extrapolates_the_pace_between_two_polls() -> None:
         pytest.param((1.0, 5), (2.0, 5), None, id="no-progress-no-guess"),
         pytest.param((1.0, 5), (1.0, 9), None, id="no-time-passed"),
         pytest.param((1.0, 5), (2.0, 20), 0.0, id="all-done"),
-        pytest.param((1.0, 20), (2.0, 20), None, id="still-finalizing"),
+        pytest.param((1.0, 20), (2.0, 20), 1.0, id="still-finalizing"),
+        pytest.param((1.0, 20), (1.25, 20), 0.25, id="still-finalizing-sooner"),
     ],
 )
 def test_remaining_seconds_without_a_pace(
     before: tuple[float, int], after: tuple[float, int], expected: float | None
 ) -> None:
     """Counts that did not move (or no time between the polls) give no estimate, so the
-    interval stands; every request just done (a batch finalizing) is 0, once: a batch seen
-    all done before that is still finalizing is polled at the interval, not every 0.1 s for
-    as long as it finalizes (minutes on OpenAI)."""
+    interval stands; every request just done (a batch finalizing) is 0, once; a batch all
+    done since ``before`` and still finalizing is polled again after as long as it has
+    finalized (0.1, 0.2, 0.4 s ... to the interval: not every 0.1 s for the minutes OpenAI
+    may finalize, nor a whole interval late for an engine that finalizes in 0.2 s)."""
     assert remaining_seconds(before, after, 20) == expected
 
 

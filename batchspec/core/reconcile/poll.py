@@ -121,14 +121,16 @@ def _no_output_text(provider: str, remote: RemoteBatch, name: str) -> str:
 
 
 def note_progress(ctx: RunContext, remote: RemoteBatch) -> None:
-    """Keep how far a batch in flight got, and lower ``ctx.done_in`` to when it should end
-    at the pace its counts moved since it was last seen (``remaining_seconds``)."""
+    """Keep how far a batch in flight got (and since when: a count seen again keeps the time
+    it was first seen), and lower ``ctx.done_in`` to when it should end at the pace its
+    counts moved (``remaining_seconds``)."""
     counts = remote.request_counts
     if remote.is_terminal or counts is None or not counts.total:
         return
     now, done = ctx.monotonic(), counts.completed + counts.failed
     seen = ctx.progress.get(remote.id)
-    ctx.progress[remote.id] = (now, done)
+    if seen is None or seen[1] != done:
+        ctx.progress[remote.id] = (now, done)
     if seen is None:
         return
     eta = remaining_seconds(seen, (now, done), counts.total)
@@ -140,12 +142,15 @@ def remaining_seconds(
     before: tuple[float, int], after: tuple[float, int], total: int
 ) -> float | None:
     """Seconds until ``total`` requests are done, at the pace of ``before`` -> ``after``
-    (``(time, requests done)``); 0 when all became done since ``before`` (the batch ends
-    about now); None when the count did not move, all done before included (a batch
-    finalizing, which can take minutes: polled at the interval, not at the floor)."""
+    (``(time, requests done)``, ``before`` when that count was first seen); 0 when all
+    became done since ``before`` (the batch ends about now); for a batch all done since
+    ``before`` and still finalizing, as long again as it has finalized so far (polled at
+    0.1, 0.2, 0.4 s ... up to the interval: a local engine or ``serve`` finalizes in a
+    fraction of a second, OpenAI can take minutes, at a few polls more); None when the count
+    did not move."""
     (t0, done0), (t1, done1) = before, after
     if done1 >= total:
-        return 0.0 if done0 < total else None
+        return 0.0 if done0 < total else max(t1 - t0, 0.0)
     if done1 <= done0 or t1 <= t0:
         return None
     return (total - done1) * (t1 - t0) / (done1 - done0)
