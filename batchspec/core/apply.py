@@ -801,7 +801,9 @@ def _outage_to_wait_out(err: ProviderError, options: ApplyOptions, answered: boo
 
 def outage_message(err: ProviderError, pause: float, timeout: float | None) -> str:
     until = "until --timeout" if timeout is not None else "until it answers; Ctrl-C stops"
-    return f"{err}; `apply --wait` tries again in {pause:.1f}s ({until})"
+    text = str(err)
+    joint = " " if text.endswith((".", "!", "?")) else "; "  # never "backoff.; `apply"
+    return f"{text}{joint}`apply --wait` tries again in {pause:.1f}s ({until})"
 
 
 def wait_message(pause: float, resources: int) -> str:
