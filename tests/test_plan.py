@@ -747,6 +747,14 @@ def test_a_new_generation_counts_reused_answers_apart() -> None:
     assert (action.kind, action.requests, action.reused) == (ActionKind.CREATE, 0, 10)
 
 
+def test_a_new_generation_that_submits_nothing_estimates_no_tokens() -> None:
+    """Every answer kept, and a few bytes left over (a blank line added to the input): no
+    request, so no token (it said "0 requests to submit (~1 input tokens)")."""
+    kept = want(input_bytes=401, reusable=10, reusable_bytes=400)
+    action = plan_resource(kept, have(gen(spec_hash=OLD)), None)
+    assert (action.requests, action.estimated_input_tokens) == (0, 0)
+
+
 def test_orphans_are_only_what_the_whole_workspace_lost_and_what_is_selected() -> None:
     """A recorded name declared elsewhere in the workspace is never an orphan; with a
     selection, only the orphans it selects are planned (pruned)."""

@@ -442,7 +442,9 @@ def plan_resource(
             reason,
             gen,
             requests=requests,
-            estimated_input_tokens=estimate_input_tokens(nbytes),
+            # nothing to submit costs nothing: leftover bytes (a blank line added to an input
+            # whose answers are all kept) are no request and no token
+            estimated_input_tokens=estimate_input_tokens(nbytes) if requests else 0,
             reused=reused,
             shards=shards,
         )
