@@ -1219,11 +1219,16 @@ def require_consent(
 
 def consent_needed(plan: Plan, ws: Workspace) -> tuple[list[Action], list[Action]]:
     """The actions ``apply`` asks consent for (``require_consent``; ``plan`` says so ahead):
-    those that create or cancel batches on a paid provider, and the prunes there."""
+    those that create or cancel batches on a paid provider, and the prunes there that
+    cancel something (one with nothing in flight only forgets: it stops no paid work)."""
     # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
     # unless it cancels a generation in flight (a spec switched back to, while another runs)
     paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
-    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    pruned = [
+        a
+        for a in plan.actions
+        if a.kind is ActionKind.PRUNE and a.cancels_in_flight and not _is_free(ws, a)
+    ]
     return paid, pruned
 
 
