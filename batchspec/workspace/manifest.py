@@ -221,6 +221,12 @@ class Resource:
     #: ``spec.export``: datasets written with the results (not part of the spec hash)
     exports: tuple[ExportTarget, ...] = ()
 
+    @property
+    def declared_where(self) -> str:
+        """``resource NAME in FILE``: names the resource and its manifest in a message about
+        something it sets (an input shared by several resources is held to each one's)."""
+        return f"resource {self.name} in {display_path(self.source.file)}"
+
     def semantic_spec(self) -> dict[str, Any]:
         """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
         return semantic_spec(
