@@ -189,6 +189,19 @@ def test_an_export_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
     assert problem.pointer == "/spec/export/0/path" and "is a folder" in problem.message
 
 
+def test_an_export_path_written_as_a_folder_is_refused(tmp_path: Path) -> None:
+    """An export path ending in "/" names a folder, existing or not: a problem at its key,
+    as an output's is (it would have written a file named after the folder)."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["export"] = [{"path": "../exports/", "format": "csv"}]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/export/0/path"
+    assert "a result path must name a file" in problem.message
+
+
 def test_an_output_name_longer_than_a_filesystem_takes_is_refused(tmp_path: Path) -> None:
     """An output file name over 255 bytes can never be written: a problem at its key."""
     root = two_resources(tmp_path / "ws")
