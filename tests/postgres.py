@@ -11,6 +11,15 @@ URL (with the password: tests only). ``Cluster.frozen()`` stops every process of
 answers.
 
 Settings favour speed over durability (``fsync=off``): the data is thrown away.
+
+The server outlives whatever ends the test process (``pg_ctl`` starts it in a session of its
+own): a ``timeout 60 pytest`` (SIGTERM, to pytest and its xdist workers alike), a SIGKILL, a
+crash. So each cluster has a watchdog (``_start_watchdog``): a small process in a session of
+its own (no signal sent to pytest's process group reaches it) that holds the read end of a
+pipe whose only write end the test process holds. When that process ends, however it ends,
+the kernel closes the write end; the watchdog reads end of file, stops the server
+(``pg_ctl stop -m immediate``, after resuming a server ``frozen()`` left stopped) and removes
+the folder. ``Cluster.stop()`` closes the pipe itself once it has stopped the server.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -59,6 +69,8 @@ class Cluster:
     as_user: list[str] = field(default_factory=list)
     _admin: object | None = None
     _tests: object | None = None
+    #: stops the server and removes ``base`` once this process ends (``_start_watchdog``)
+    watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def data(self) -> Path:
@@ -143,6 +155,52 @@ class Cluster:
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
         shutil.rmtree(self.base, ignore_errors=True)
+        if self.watchdog is not None:  # nothing left for it to do: it reads EOF and exits
+            assert self.watchdog.stdin is not None
+            self.watchdog.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.watchdog.wait(timeout=10)
+
+
+def _start_watchdog(bin_dir: Path, base: Path, as_user: list[str]) -> subprocess.Popen[bytes]:
+    """A process that stops the cluster in ``base`` once this one ends (module docstring)."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "watch", str(bin_dir), str(base), *as_user],
+        stdin=subprocess.PIPE,  # its write end: ours alone (close_fds, O_CLOEXEC)
+        start_new_session=True,  # out of pytest's process group: `timeout` signals that
+    )
+
+
+def _watch(bin_dir: Path, base: Path, as_user: list[str]) -> None:
+    """The watchdog: wait for end of file on stdin, then stop the server and remove ``base``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdin.buffer.read()  # returns once every write end is closed: its owner has ended
+    data = base / "data"
+    for _ in range(2):  # again after a moment: a server that was still starting
+        if not (data / "postmaster.pid").exists():
+            break
+        _resume(data)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            cwd=base,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _resume(data: Path) -> None:
+    """SIGCONT to the server's processes (``Cluster.frozen()`` may have stopped them)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+        ).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def start_cluster(bin_dir: Path) -> Cluster:
@@ -153,6 +211,7 @@ def start_cluster(bin_dir: Path) -> Cluster:
         shutil.chown(base, "nobody", "nogroup" if _group_exists("nogroup") else "nobody")
         as_user = ["runuser", "-u", "nobody", "--"]
     cluster = Cluster(bin_dir=bin_dir, base=base, port=_free_port(), as_user=as_user)
+    cluster.watchdog = _start_watchdog(bin_dir, base, as_user)  # before anything is started
     pwfile = base / "pw"
     pwfile.write_text(PASSWORD + "\n")
     if as_user:
@@ -220,3 +279,7 @@ def _group_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    _watch(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])

@@ -289,6 +289,7 @@ PLAN = Plan(
         Action("new", ActionKind.CREATE, "new resource", "p", requests=3, estimated_input_tokens=9),
         Action("busy", ActionKind.REFRESH, "1 batch(es) in flight", "p"),
         Action("changed", ActionKind.REPLACE, "spec changed", "p", requests=2),
+        Action("kept", ActionKind.CREATE, "all answers kept", "p", estimated_input_tokens=1),
         Action("gone", ActionKind.PRUNE, "manifest removed", "p"),
         Action("done", ActionKind.NONE, "in sync", "p"),
     )
@@ -303,12 +304,22 @@ def test_plan_colours_snapshot() -> None:
         "  \x1b[33m  ~\x1b[0m \x1b[1mbusy\x1b[0m: \x1b[33mrefresh\x1b[0m (1 batch(es) in flight)",
         "  \x1b[35m-/+\x1b[0m \x1b[1mchanged\x1b[0m: \x1b[35mreplace\x1b[0m (spec changed): "
         "2 requests to submit, ~0 input tokens on p",
+        "  \x1b[32m  +\x1b[0m \x1b[1mkept\x1b[0m: \x1b[32mcreate\x1b[0m (all answers kept): "
+        "0 requests to submit on p",  # no estimate for nothing
         "  \x1b[31m  -\x1b[0m \x1b[1mgone\x1b[0m: \x1b[31mprune\x1b[0m (manifest removed)",
         "  \x1b[2m  =\x1b[0m \x1b[1mdone\x1b[0m: \x1b[2mnone\x1b[0m (in sync)",
         "",
-        "\x1b[1mPlan: 1 to create, 1 to replace, 1 to refresh, 1 to prune. "
-        "5 requests to submit (~9 input tokens).\x1b[0m",
+        "\x1b[1mPlan: 2 to create, 1 to replace, 1 to refresh, 1 to prune. "
+        "5 requests to submit (~10 input tokens).\x1b[0m",
     ]
+
+
+def test_a_plan_that_submits_nothing_gives_no_token_estimate() -> None:
+    """0 requests to submit is said without "(~1 input tokens)": an estimate for nothing."""
+    kept = Action("kept", ActionKind.CREATE, "kept", "p", reused=3, estimated_input_tokens=1)
+    assert plan_text(Plan((kept,)), PLAIN).splitlines()[-1] == (
+        "Plan: 1 to create. 0 requests to submit; 3 keep a recorded answer."
+    )
 
 
 def test_plain_style_is_the_uncoloured_text_exactly() -> None:

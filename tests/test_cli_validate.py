@@ -157,6 +157,30 @@ def test_input_is_checked_against_the_manifest_model(
     assert f"{ws.resolve() / 'a.jsonl'}:1: " in err and "gpt-4o" in err
 
 
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_a_line_held_to_a_shared_inputs_endpoint_names_whose_endpoint(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """Two manifests share an input, one with a wrong endpoint: each line's problem names the
+    resource and manifest whose endpoint it differs from (it said only "differs from the
+    endpoint '/v1/embeddings'", and the input is right for the other one)."""
+    wrong = manifest("b", "data.jsonl").replace("/v1/chat/completions", "/v1/embeddings")
+    ws = workspace(
+        tmp_path / "ws",
+        {"a.yaml": manifest("a", "data.jsonl"), "b.yaml": wrong, "data.jsonl": request("1") + "\n"},
+    )
+    monkeypatch.chdir(ws)
+    code, _, err = run_main([command], capsys)
+    assert code == 1
+    assert (
+        "data.jsonl:1: url '/v1/chat/completions' differs from the endpoint '/v1/embeddings' "
+        "(set by resource b in b.yaml)"
+    ) in err
+
+
 def test_anthropic_providers_enforce_its_custom_id_rule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -32,6 +32,7 @@ from probes import ProbedServer
 from scripted_server import Answer, ScriptedServer, Seen, json_answer, refused_port
 from servers import jsonl_bytes, request_lines
 
+from batchspec.core.apply import outage_message
 from batchspec.errors import ProviderError
 from batchspec.providers import _http
 from batchspec.providers.base import AmbiguousOutcome, RemoteNotFound
@@ -500,7 +501,8 @@ def test_a_batch_object_whose_ids_cannot_be_used_is_a_provider_error(
 
 
 def test_connect_errors_are_retried_then_reported_clearly() -> None:
-    """A refused connection is retried with backoff, then named with the base URL."""
+    """A refused connection is retried with backoff, then named with the base URL (and
+    `apply --wait`'s "tries again" follows it as a sentence of its own)."""
     with refused_port() as port:
         base_url = f"http://127.0.0.1:{port}/v1"
         sleeps: list[float] = []
@@ -515,6 +517,9 @@ def test_connect_errors_are_retried_then_reported_clearly() -> None:
     assert base_url in text
     assert "Connection refused" in text
     assert caught.value.retryable is True
+    # `apply --wait` adds when it tries again: one sentence after another, never "backoff.; "
+    waiting = outage_message(caught.value, 0.5, 30.0)
+    assert "retried with backoff. `apply --wait` tries again in 0.5s" in waiting
 
 
 @pytest.mark.parametrize(

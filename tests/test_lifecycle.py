@@ -886,6 +886,24 @@ def test_prune_with_select_prunes_only_the_selected_orphans(
         assert [e.resource for e in store.events() if e.action == "prune"] == ["gone-a"]
 
 
+def test_a_prune_on_a_paid_provider_with_nothing_in_flight_needs_no_consent(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pruning an orphan whose batches have all ended cancels nothing, so it needs no --yes
+    (it refused, saying it "would cancel and forget" a resource with nothing to cancel)."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("keep", count=1), ResourceSpec("gone"))
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait"], capsys)[0] == 0
+    ws.manifest_path("gone").unlink()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--prune"], capsys)
+
+    assert code == 0, out + err
+    assert srv.probe.counts["POST /batches/{id}/cancel"] == 0
+    with ws.store() as store:
+        assert store.get_resource("gone").forgotten_at is not None
+
+
 def test_prune_on_a_paid_provider_needs_consent(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

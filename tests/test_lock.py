@@ -24,6 +24,7 @@ import pytest
 
 from batchspec.core.lifecycle import unlock_state
 from batchspec.errors import StateError, StateLockedError
+from batchspec.state import lock as lock_module
 from batchspec.state.lock import (
     LockHolder,
     acquire_lock,
@@ -304,6 +305,37 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(store: StateStore) ->
     assert current_lock(store).holder_id == handle.holder_id  # type: ignore[union-attr]
     [event] = store.events()
     assert event.action == "lock.takeover" and event.detail["previous"]["pid"] == pid
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_lock_of_a_killed_process_not_yet_reaped_is_taken_over(sqlite_store: StateStore) -> None:
+    """A holder killed by a script that has not reaped it (a zombie: ``kill(pid, 0)`` still
+    answers) is gone: the next run takes its lock over (it used to exit 3 "Wait for it to
+    finish", while `batchspec unlock` released it once the zombie was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert pid_is_alive(child.pid) is False
+        sqlite_store.write_lock_row(foreign_holder(child.pid))
+        handle = acquire_lock(sqlite_store, command="apply", info=run_info())
+        assert handle.warning is not None and f"dead process {child.pid}" in handle.warning
+    finally:
+        child.wait()
+
+
+def test_a_holder_that_died_while_this_run_looked_is_named_gone_with_the_unlock_command(
+    sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A same-host holder whose process is gone by the time the exit-3 message is written is
+    said to be gone, with `batchspec unlock ID`, not "Wait for it to finish"."""
+    answers = iter([True])  # alive when the take looked, gone afterwards
+    monkeypatch.setattr(lock_module, "pid_is_alive", lambda pid: next(answers, False))
+    sqlite_store.write_lock_row(foreign_holder(4242))
+    with pytest.raises(StateLockedError) as caught:
+        acquire_lock(sqlite_store, command="apply", info=run_info())
+    message = caught.value.message
+    assert "pid 4242) is no longer running on this host" in message
+    assert "batchspec unlock 0123456789ab" in message and "Wait for it" not in message
 
 
 def test_lock_on_another_host_is_never_taken_over(sqlite_store: StateStore) -> None:

@@ -151,6 +151,22 @@ def test_an_output_or_errors_path_that_is_a_folder_is_refused_before_anything_is
     assert not (root / "state" / "local").exists()  # the engine never saw a request
 
 
+@pytest.mark.parametrize("key", ["output", "errors"])
+@pytest.mark.parametrize("written", ["../newdir/", "../newdir/."])
+def test_a_result_path_written_as_a_folder_that_does_not_exist_is_refused(
+    tmp_path: Path, key: str, written: str
+) -> None:
+    """`output: ../newdir/` names a folder even before it exists: a problem at its key (it
+    used to pass validate, and apply wrote a file `newdir` and `newdir.errors.jsonl`)."""
+    root = two_resources(tmp_path / "ws")
+    set_spec(root, "a", **{key: written})
+    [problem] = problems_of(root)
+    assert problem.pointer == f"/spec/{key}" and problem.code == "path-conflict"
+    assert "a result path must name a file" in problem.message
+    assert f"{written.rstrip('/')}/a.jsonl" in problem.message
+    assert not (root / "newdir").exists()
+
+
 def test_a_result_path_under_a_file_is_refused_before_anything_is_spent(tmp_path: Path) -> None:
     """`results` being a file where the result files' folder should be is a problem at each
     key (it used to fail at write, once the batch had run)."""
@@ -171,6 +187,19 @@ def test_an_export_path_that_is_a_folder_is_refused(tmp_path: Path) -> None:
     (root / "exports" / "a.csv").mkdir(parents=True)
     [problem] = problems_of(root)
     assert problem.pointer == "/spec/export/0/path" and "is a folder" in problem.message
+
+
+def test_an_export_path_written_as_a_folder_is_refused(tmp_path: Path) -> None:
+    """An export path ending in "/" names a folder, existing or not: a problem at its key,
+    as an output's is (it would have written a file named after the folder)."""
+    root = two_resources(tmp_path / "ws")
+    path = root / "manifests" / "a.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["export"] = [{"path": "../exports/", "format": "csv"}]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    [problem] = problems_of(root)
+    assert problem.pointer == "/spec/export/0/path"
+    assert "a result path must name a file" in problem.message
 
 
 def test_an_output_name_longer_than_a_filesystem_takes_is_refused(tmp_path: Path) -> None:

@@ -591,6 +591,22 @@ def test_a_pruned_orphans_finished_uncollected_batch_is_not_called_in_flight() -
     }
 
 
+def test_a_prune_cancels_something_only_when_something_may_run() -> None:
+    """A prune stops something (and so needs consent on a paid provider) when a batch is in
+    flight or a generation is still active (a create not confirmed may be running); an
+    orphan whose generations all ended only forgets."""
+    running = gen(status="in_progress", batches=(batch(status="in_progress"),))
+    unsure = gen(status="in_progress", batches=(batch(remote_id=None, status="creating"),))
+    ended = gen(status="complete", batches=(batch(),))
+    recorded = {
+        name: RecordedResource(name, "openai", (g,))
+        for name, g in (("running", running), ("unsure", unsure), ("ended", ended))
+    }
+    plan = make_plan([], recorded, {}, prune=True)
+    stops = {a.resource: a.cancels_in_flight for a in plan.actions}
+    assert stops == {"running": True, "unsure": True, "ended": False}
+
+
 def test_orphans_can_be_left_out() -> None:
     """A --select plan does not report the rest of the state as orphans."""
     plan = make_plan([want()], {"old": orphan("old")}, {}, include_orphans=False)
@@ -745,6 +761,14 @@ def test_a_new_generation_counts_reused_answers_apart() -> None:
     """A changed spec's create submits only what has no recorded answer."""
     action = plan_resource(want(reusable=10, reusable_bytes=400), have(gen(spec_hash=OLD)), None)
     assert (action.kind, action.requests, action.reused) == (ActionKind.CREATE, 0, 10)
+
+
+def test_a_new_generation_that_submits_nothing_estimates_no_tokens() -> None:
+    """Every answer kept, and a few bytes left over (a blank line added to the input): no
+    request, so no token (it said "0 requests to submit (~1 input tokens)")."""
+    kept = want(input_bytes=401, reusable=10, reusable_bytes=400)
+    action = plan_resource(kept, have(gen(spec_hash=OLD)), None)
+    assert (action.requests, action.estimated_input_tokens) == (0, 0)
 
 
 def test_orphans_are_only_what_the_whole_workspace_lost_and_what_is_selected() -> None:

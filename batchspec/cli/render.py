@@ -186,10 +186,11 @@ def plan_text(
         line = f"  {symbol} {name}: {verb} ({action.reason})"
         if action.spends:
             shards = f" in {action.shards:,} shards" if action.shards > 1 else ""
-            line += (
-                f": {_plural(action.requests, 'request')} to submit{shards}, "
-                f"~{action.estimated_input_tokens:,} input tokens on {action.provider}"
+            tokens = action.estimated_input_tokens
+            line += f": {_plural(action.requests, 'request')} to submit{shards}" + (
+                f", ~{tokens:,} input tokens" if action.requests else ""
             )
+            line += f" on {action.provider}"
         lines.append(line)
     if not plan.actions:
         lines.append("  no resources selected")
@@ -235,7 +236,8 @@ def plan_summary(plan: Plan, selection: Sequence[str] = ()) -> str:
     if spending:
         requests = sum(a.requests for a in spending)
         tokens = sum(a.estimated_input_tokens for a in spending)
-        text += f" {_plural(requests, 'request')} to submit (~{tokens:,} input tokens)"
+        text += f" {_plural(requests, 'request')} to submit"
+        text += f" (~{tokens:,} input tokens)" if requests else ""  # no estimate for nothing
         reused = sum(a.reused for a in spending)
         text += f"; {reused:,} keep a recorded answer." if reused else "."
     return text

@@ -802,7 +802,9 @@ def _outage_to_wait_out(err: ProviderError, options: ApplyOptions, answered: boo
 
 def outage_message(err: ProviderError, pause: float, timeout: float | None) -> str:
     until = "until --timeout" if timeout is not None else "until it answers; Ctrl-C stops"
-    return f"{err}; `apply --wait` tries again in {pause:.1f}s ({until})"
+    text = str(err)
+    joint = " " if text.endswith((".", "!", "?")) else "; "  # never "backoff.; `apply"
+    return f"{text}{joint}`apply --wait` tries again in {pause:.1f}s ({until})"
 
 
 def wait_message(pause: float, resources: int) -> str:
@@ -1220,11 +1222,16 @@ def require_consent(
 
 def consent_needed(plan: Plan, ws: Workspace) -> tuple[list[Action], list[Action]]:
     """The actions ``apply`` asks consent for (``require_consent``; ``plan`` says so ahead):
-    those that create or cancel batches on a paid provider, and the prunes there."""
+    those that create or cancel batches on a paid provider, and the prunes there that
+    cancel something (one with nothing in flight only forgets: it stops no paid work)."""
     # an action that keeps every answer (0 to submit) creates no batch: nothing to approve,
     # unless it cancels a generation in flight (a spec switched back to, while another runs)
     paid = [a for a in plan.spending if (a.requests or a.cancels_in_flight) and not _is_free(ws, a)]
-    pruned = [a for a in plan.actions if a.kind is ActionKind.PRUNE and not _is_free(ws, a)]
+    pruned = [
+        a
+        for a in plan.actions
+        if a.kind is ActionKind.PRUNE and a.cancels_in_flight and not _is_free(ws, a)
+    ]
     return paid, pruned
 
 

@@ -52,8 +52,10 @@ submits).
 
 A resource recorded in the state but absent from the *whole* workspace (every manifest the
 project's globs find, not only the PATHS given: ``elsewhere`` names the rest) is ``orphaned``;
-with ``--prune`` it is ``prune``, which cancels its in-flight batches and forgets it. With a
-selection, only the orphans it selects (``orphan_selected``) are shown or pruned.
+with ``--prune`` it is ``prune``, which cancels its in-flight batches and forgets it
+(``Action.in_flight``: what it would stop; with none, a prune only forgets, and on a paid
+provider needs no consent). With a selection, only the orphans it selects
+(``orphan_selected``) are shown or pruned.
 
 An orphan last declared by a commit newer than this checkout's (``declared_by``: one this
 checkout is behind, or, on another branch or absent from a shallow clone, one made later) stays
@@ -237,7 +239,9 @@ class Action:
     shards: int = 0  # the remote batches it would create (one per shard): 0 if it submits none
     # an orphan not pruned: the commit that last declared it, newer than this checkout's
     declared_by: str | None = None
-    in_flight: int = 0  # the generation's batches still in flight (a refresh polls them)
+    # the generation's batches still in flight (a refresh polls them); a prune's: what it
+    # would stop (``_orphan_stops``)
+    in_flight: int = 0
 
     @property
     def spends(self) -> bool:
@@ -246,7 +250,11 @@ class Action:
     @property
     def cancels_in_flight(self) -> bool:
         """A replace that cancels another generation still in flight (spending on it needs
-        consent even when it submits nothing: what that generation was paid for stops)."""
+        consent even when it submits nothing: what that generation was paid for stops), or a
+        prune of a resource with something to stop (a prune that cancels nothing only
+        forgets: no consent to approve)."""
+        if self.kind is ActionKind.PRUNE:
+            return self.in_flight > 0
         return self.kind is ActionKind.REPLACE and STILL_IN_FLIGHT in self.reason
 
     @property
@@ -442,7 +450,9 @@ def plan_resource(
             reason,
             gen,
             requests=requests,
-            estimated_input_tokens=estimate_input_tokens(nbytes),
+            # nothing to submit costs nothing: leftover bytes (a blank line added to an input
+            # whose answers are all kept) are no request and no token
+            estimated_input_tokens=estimate_input_tokens(nbytes) if requests else 0,
             reused=reused,
             shards=shards,
         )
@@ -682,6 +692,16 @@ def _orphan_detail(rec: RecordedResource) -> str:
     return "batches still in flight" if active else "nothing in flight"
 
 
+def _orphan_stops(rec: RecordedResource) -> int:
+    """What pruning ``rec`` would cancel: its batches in flight, and at least one for a
+    generation still active without any (a create not confirmed may have landed and be
+    running: the cancel looks it up and cancels it), so only an orphan with nothing that may
+    be running is pruned as a mere forget."""
+    running = sum(b.in_flight for g in rec.generations for b in g.batches)
+    active = any(g.status in ACTIVE_GENERATION_STATUSES for g in rec.generations)
+    return max(running, int(active))
+
+
 def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None = None) -> Action:
     detail = _orphan_detail(rec)
     if prune and declared_by is not None:
@@ -698,6 +718,7 @@ def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None =
             kind=ActionKind.PRUNE,
             provider=rec.provider,
             reason=f"manifest is gone, {detail}: cancel and forget",
+            in_flight=_orphan_stops(rec),
         )
     if declared_by is not None:  # what `--prune` would do: leave it alone
         return Action(

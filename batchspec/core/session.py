@@ -25,7 +25,12 @@ from batchspec.state.connection import check_state_file
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
 from batchspec.storage.sql import DatabaseUnavailableError
-from batchspec.wire.inputs import InputReport, problem_lines, rules_for_provider
+from batchspec.wire.inputs import (
+    InputReport,
+    naming_the_resource,
+    problem_lines,
+    rules_for_provider,
+)
 from batchspec.wire.request_index import RequestFact
 from batchspec.workspace.inputcache import InputCache, index_dir_beside
 from batchspec.workspace.manifest import (
@@ -180,7 +185,10 @@ def validate_inputs(
                     f"{report.problem_count} problem(s) in the input of {res.name}",
                     details=rows_problem_lines(report, res)
                     if res.input_source
-                    else problem_lines(report, shown_path=display_path(res.input_path)),
+                    else problem_lines(
+                        naming_the_resource(report, res.declared_where),
+                        shown_path=display_path(res.input_path),
+                    ),
                 )
             )
     if len(failures) == 1:

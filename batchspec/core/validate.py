@@ -37,7 +37,12 @@ from pathlib import Path
 from batchspec.core.sharding import ShardLimits, first_line_over, shard_limits
 from batchspec.errors import BatchspecError, InputError, UsageError
 from batchspec.providers.flavours import flavour_of
-from batchspec.wire.inputs import InputReport, rules_for_provider, scan_batch_input
+from batchspec.wire.inputs import (
+    InputReport,
+    naming_the_resource,
+    rules_for_provider,
+    scan_batch_input,
+)
 from batchspec.workspace.manifest import (
     Resource,
     Workspace,
@@ -205,8 +210,9 @@ def input_problems(report: InputReport, path: Path) -> list[Problem]:
 
 
 def resource_input_problems(report: InputReport, res: Resource) -> list[Problem]:
-    """``input_problems`` for a resource; a rows input's are located in its rows file."""
-    problems = input_problems(report, res.input_path)
+    """``input_problems`` for a resource, each held to its endpoint or model naming it; a
+    rows input's are located in its rows file."""
+    problems = input_problems(naming_the_resource(report, res.declared_where), res.input_path)
     if res.input_source is None:
         return problems
     lines = row_lines(res.input_source, [p.line for p in problems if p.line is not None])

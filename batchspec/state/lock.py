@@ -13,7 +13,8 @@ deadlock: nobody waits while holding part of what it needs. It retries until ``t
 
 Rules, per key in conflict (held by another run):
 
-* Held by a process that is gone, on *this* host (``os.kill(pid, 0)`` says no such process):
+* Held by a process that is gone, on *this* host (``os.kill(pid, 0)`` says no such process,
+  or it is a zombie: killed, and not yet reaped by its parent):
   take over every row of that holder, record a ``lock.takeover`` event, and return a handle
   whose ``warning`` says so. The dead holder's run (the unfinished run of its host and pid
   that started by the time it took its lock) is marked ended with no exit code, which
@@ -91,7 +92,11 @@ class HeldLock:
 
 
 def pid_is_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host (assumed alive when unsure)."""
+    """Whether a process with ``pid`` runs on this host (assumed alive when unsure).
+
+    A zombie (a process that has exited but whose parent has not reaped it yet: a run killed
+    by a script that never waits for it) answers ``kill(pid, 0)`` like a live one, but can no
+    longer do anything: it counts as gone (Linux: its state in ``/proc/PID/stat``)."""
     if pid <= 0:
         return False
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
@@ -101,8 +106,20 @@ def pid_is_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # PermissionError: it exists but belongs to another user
-        return True
-    return True
+        return not _is_zombie(pid)
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits only to be reaped (False when unsure)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:  # no /proc (macOS), or the process just went
+        return False
+    # "PID (COMMAND) STATE ...": COMMAND may hold spaces and parentheses, so split at the last
+    fields = stat.rpartition(b")")[2].split()
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 def holder_process_gone(holder: LockHolder) -> bool:
@@ -673,6 +690,12 @@ def _locked_message(
             "frees its locks at once): wait for it to finish, or pass --lock-timeout SECONDS "
             "(BATCHSPEC_LOCK_TIMEOUT) to wait for it; to stop it: "
             f"batchspec unlock {holder.holder_id} --force"
+        )
+    if holder_process_gone(holder):  # it died since this run looked (or cannot be told apart)
+        return message + (
+            f" Its process (pid {holder.pid}) is no longer running on this host: the run was "
+            "killed before it released its lock. Release the lock with: "
+            f"batchspec unlock {holder.holder_id}"
         )
     return message + (
         " Wait for it to finish or pass --lock-timeout SECONDS (BATCHSPEC_LOCK_TIMEOUT) to "

@@ -109,7 +109,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from batchspec.errors import InputError
@@ -143,6 +143,10 @@ class InputProblem:
     line: int | None
     code: str
     message: str
+    #: the line is held to a setting of the resource that scans it (its endpoint or model),
+    #: not to the file alone: a report shared by several resources says whose
+    #: (``naming_the_resource``)
+    against_spec: bool = False
 
 
 @dataclass(frozen=True)
@@ -369,10 +373,10 @@ class _Checker:
         self.max_output_tokens = 0
         self.messages = True  # a chat line's messages checked (``scan_batch_input``)
 
-    def problem(self, line: int, code: str, message: str) -> None:
+    def problem(self, line: int, code: str, message: str, *, against_spec: bool = False) -> None:
         self.count += 1
         if len(self.shown) < MAX_SHOWN:
-            self.shown.append(InputProblem(line, code, message))
+            self.shown.append(InputProblem(line, code, message, against_spec))
 
     def _url_key(self, url: str) -> str:
         return self.normalize_url(url) if self.normalize_url is not None else url
@@ -425,6 +429,7 @@ class _Checker:
                 "url_mismatch",
                 f"an Anthropic {{custom_id, params}} line needs the endpoint {messages!r}, "
                 f"not {self.endpoint!r}",
+                against_spec=True,
             )
         params = obj.get("params")
         if type(params) is dict:
@@ -477,7 +482,7 @@ class _Checker:
         if type(url) is not str:
             if url is None:
                 want = f"; it must be {self.endpoint!r}" if self.endpoint else ""
-                self.problem(line, "missing_url", f"url is missing{want}")
+                self.problem(line, "missing_url", f"url is missing{want}", against_spec=bool(want))
             else:
                 self.problem(line, "invalid_url", f"url must be a string, not a {_json_type(url)}")
             return None
@@ -490,6 +495,7 @@ class _Checker:
                     line,
                     "url_mismatch",
                     f"url {_shown(url)} differs from the endpoint {self.endpoint!r}",
+                    against_spec=True,
                 )
         elif self.first_url is None:
             self.first_url = (url, key, line)
@@ -540,6 +546,7 @@ class _Checker:
                     "model_mismatch",
                     f"body.model {_shown(model)} differs from the manifest's model "
                     f"{_shown(self.model)}",
+                    against_spec=True,
                 )
             return
         reference = next(iter(self.models))  # the first model named in the file
@@ -712,6 +719,19 @@ def require_valid_input(
     )
 
 
+def naming_the_resource(report: InputReport, whose: str) -> InputReport:
+    """``report`` with each problem held to a resource's own endpoint or model saying whose
+    (``whose``: e.g. ``resource x in manifests/x.yaml``): an input two manifests share, one
+    with a wrong endpoint, said "differs from the endpoint '/v1/embeddings'" without which."""
+    if not any(p.against_spec for p in report.problems):
+        return report
+    problems = tuple(
+        replace(p, message=f"{p.message} (set by {whose})") if p.against_spec else p
+        for p in report.problems
+    )
+    return replace(report, problems=problems)
+
+
 def problem_lines(report: InputReport, *, shown_path: str | None = None) -> list[str]:
     """One ``path:line: message`` line per shown problem, then ``... and N more`` if any;
     ``shown_path`` replaces the report's path (e.g. relative to the working directory)."""
@@ -777,6 +797,7 @@ __all__ = [
     "InputReport",
     "RequestLine",
     "file_sha256",
+    "naming_the_resource",
     "iter_requests",
     "problem_lines",
     "require_valid_input",

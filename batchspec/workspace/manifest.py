@@ -25,8 +25,10 @@ Confinement (DESIGN invariant 5: nothing a manifest names is written where it mu
     manifest (a file loaded as one, or any path the project's ``manifests`` globs match); the
     input or rows file of any resource; or another resource's output or errors file (the
     problem names both places); "any" and "another" over the whole workspace, whatever
-    PATHS were given (``_outside_paths``). Nor may either name an existing folder, or lie
-    below a file (neither could ever be written: found before anything is spent).
+    PATHS were given (``_outside_paths``). Nor may either name a folder (an existing one, or
+    a path written with a trailing ``/``, which resolving would turn into a file of that
+    name), or lie below a file (neither could ever be written: found before anything is
+    spent).
     ``spec.export`` paths are confined the same way, and never onto the resource's own input,
     output or errors file. Each is a ``path-conflict`` problem at the key, so validate, plan
     and apply refuse it alike; collect and restore check again right before writing,
@@ -227,6 +229,12 @@ class Resource:
     exports: tuple[ExportTarget, ...] = ()
     #: its answers come from the built-in offline stand-in (see "Spec hash" above)
     stand_in: bool = False
+
+    @property
+    def declared_where(self) -> str:
+        """``resource NAME in FILE``: names the resource and its manifest in a message about
+        something it sets (an input shared by several resources is held to each one's)."""
+        return f"resource {self.name} in {display_path(self.source.file)}"
 
     def semantic_spec(self) -> dict[str, Any]:
         """The normalised, JSON-able spec that ``spec_hash`` covers (see module docstring)."""
@@ -646,8 +654,12 @@ def _export_targets(
         pointer = f"/spec/export/{i}/path"
         path = resolve(folder, entry["path"])
         fmt = entry.get("format") or EXPORT_SUFFIXES.get(path.suffix.lower())
-        if path in taken or path in seen:
-            message: str | None = (
+        if _names_a_folder(entry["path"]):
+            message: str | None = _folder_not_file(
+                entry["path"], "export", _resource_name(doc) or "export"
+            )
+        elif path in taken or path in seen:
+            message = (
                 f"export file {display_path(path)} is this resource's input, output, errors "
                 "or another export file: it would be overwritten"
             )
@@ -688,12 +700,12 @@ def _output_paths(
     output_path = resolve(folder, output)
     errors = spec.get("errors")
     errors_path = resolve(folder, errors) if errors is not None else errors_beside(output_path)
-    for key, path in (("output", output_path), ("errors", errors_path)):
+    for key, path, raw in (("output", output_path, output), ("errors", errors_path, errors)):
         pointer = f"/spec/{key}"
-        if path == input_path:
-            message: str | None = (
-                f"{key} file is the input file {display_path(path)}: it would be overwritten"
-            )
+        if raw is not None and _names_a_folder(raw):
+            message: str | None = _folder_not_file(raw, key, name)
+        elif path == input_path:
+            message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
         else:
             message = resolve.confinement(project).forbidden(path, key, doc.file)
         if message is None:  # found now, before anything is spent, not when answers are in
@@ -706,6 +718,23 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+def _names_a_folder(raw: str) -> bool:
+    """Whether a result path as written names a folder, not a file: it ends in a slash
+    (``../newdir/``) or in ``.``/``..``. Resolving drops that trailing slash, so a folder
+    that does not exist yet would otherwise become a file of that name."""
+    last = raw.replace(os.sep, "/").rsplit("/", 1)[-1]
+    return last in ("", ".", "..")
+
+
+def _folder_not_file(raw: str, key: str, name: str) -> str:
+    """The problem for a result path that names a folder (``_names_a_folder``)."""
+    folder = raw.rstrip("/" + os.sep) or raw
+    return (
+        f"{key} path {raw!r} names a folder: a result path must name a file "
+        f"(e.g. {folder}/{name}.jsonl)"
+    )
 
 
 #: the longest file name (bytes) the common filesystems take (ext4, XFS, APFS, NTFS)
