@@ -563,10 +563,17 @@ def test_orphans_are_reported_sorted_after_the_desired_resources() -> None:
 
 
 def test_prune_turns_orphans_into_prune_actions() -> None:
-    """With prune, an orphan becomes `prune` (cancel and forget), which is a change."""
-    plan = make_plan([], {"old": orphan("old")}, {}, prune=True)
-    assert [(a.resource, a.kind) for a in plan.actions] == [("old", ActionKind.PRUNE)]
-    assert "cancel and forget" in plan.actions[0].reason
+    """With prune, an orphan becomes `prune`, which is a change: "forget" when nothing of it
+    may still run, "cancel and forget" when something does."""
+    plan = make_plan(
+        [], {"old": orphan("old"), "live": orphan("live", "in_progress")}, {}, prune=True
+    )
+    assert [(a.resource, a.kind) for a in plan.actions] == [
+        ("live", ActionKind.PRUNE),
+        ("old", ActionKind.PRUNE),
+    ]
+    assert plan.actions[0].reason.endswith(": cancel and forget")
+    assert plan.actions[1].reason.endswith(": forget")
     assert plan.has_changes
 
 

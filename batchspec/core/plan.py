@@ -713,12 +713,14 @@ def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None =
             declared_by=declared_by,
         )
     if prune:
+        stops = _orphan_stops(rec)
         return Action(
             resource=rec.name,
             kind=ActionKind.PRUNE,
             provider=rec.provider,
-            reason=f"manifest is gone, {detail}: cancel and forget",
-            in_flight=_orphan_stops(rec),
+            # nothing that may still run: nothing to cancel, only its records to forget
+            reason=f"manifest is gone, {detail}: {'cancel and forget' if stops else 'forget'}",
+            in_flight=stops,
         )
     if declared_by is not None:  # what `--prune` would do: leave it alone
         return Action(
