@@ -26,6 +26,7 @@ from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, Workspace, run_cli
 
 from batchspec.core.reconcile import collect
 from batchspec.engine.upstreams import BuiltinUpstream, UpstreamResponse
+from batchspec.state.store import BatchRow
 
 CREATE = "POST /v1/batches"
 FAST = ("--poll-interval", "0.05", "--timeout", "60")
@@ -223,6 +224,22 @@ class HeldUpstream(BuiltinUpstream):
         return await super().send(url, body, custom_id=custom_id, attempt=attempt)
 
 
+def _first_shard_ended_its_file_refused(
+    ws: Workspace, srv: EngineServer, gw: SlowGateway, capsys: pytest.CaptureFixture[str]
+) -> tuple[Any, BatchRow, BatchRow]:
+    """Apply ``job`` (two shards, the second held), wait for its first shard's batch to end
+    and make the gateway refuse that batch's output file (404): the SDK client and the two
+    batch rows."""
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    client = srv.client()
+    with ws.store() as store:
+        first, second = store.batches(store.generations("job")[0].id)
+    wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
+    ended = client.batches.retrieve(first.remote_id or "")
+    gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+    return client, first, second
+
+
 def test_a_shard_whose_download_fails_does_not_keep_the_other_shards_from_being_polled(
     tmp_path: Path,
     serve_engine: Callable[..., EngineServer],
@@ -237,13 +254,7 @@ def test_a_shard_whose_download_fails_does_not_keep_the_other_shards_from_being_
     job = ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})
     ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, job)
     try:
-        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-        client = srv.client()
-        with ws.store() as store:
-            first, second = store.batches(store.generations("job")[0].id)
-        wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
-        ended = client.batches.retrieve(first.remote_id or "")
-        gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+        client, first, second = _first_shard_ended_its_file_refused(ws, srv, gw, capsys)
         run_cli(["apply", str(ws.root), "--yes"], capsys)  # the first shard seen ended
         upstream.gate.set()
         wait_for(lambda: client.batches.retrieve(second.remote_id or "").completed_at)
@@ -273,13 +284,7 @@ def test_apply_wait_waits_for_the_other_shards_of_a_resource_whose_download_fail
     job = ResourceSpec("job", count=4, spec={"limits": {"maxRequestsPerBatch": 2}})
     ws, srv, gw = gated_workspace(tmp_path, serve_engine, gateways, upstream, job)
     try:
-        assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-        client = srv.client()
-        with ws.store() as store:
-            first, second = store.batches(store.generations("job")[0].id)
-        wait_for(lambda: client.batches.retrieve(first.remote_id or "").completed_at)
-        ended = client.batches.retrieve(first.remote_id or "")
-        gw.refuse[f"GET /v1/files/{ended.output_file_id}/content"] = 404
+        client, first, second = _first_shard_ended_its_file_refused(ws, srv, gw, capsys)
 
         def release() -> None:  # once the download failed (or soon: a collect that waits)
             with contextlib.suppress(AssertionError):
