@@ -208,3 +208,41 @@ def test_the_stand_ins_answers_are_not_kept_once_a_model_answers(
         ws.write_input("triage", lines)
         apply(ws, capsys)
         assert submitted_ids(ws)[-1] == ["req-new"]
+
+
+def test_the_dollar_bound_counts_the_stand_ins_answers_as_sent_once_a_model_answers(
+    tmp_path, server, capsys, monkeypatch
+) -> None:
+    """A model answered two requests; the stand-in then answered a third (of max_tokens
+    100,000); back on the model, that third is sent again (only the model's two are kept),
+    and the plan's dollar bound counts its 100,000 output tokens as apply does (it counted
+    the stand-in's answer as kept: 0 tokens, a bound under what apply sends)."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("grown", count=2, provider="srv")],
+    )
+    project = ws.root / "batchspec.yaml"
+    doc = yaml.safe_load(project.read_text())
+    doc["providers"]["srv"]["pricing"] = {"*": {"input": 0.0, "output": 1.0}}
+    project.write_text(yaml.safe_dump(doc))
+    apply(ws, capsys)
+    lines = request_lines(2)
+    big = {**lines[0], "custom_id": "big"}
+    big["body"] = {**big["body"], "max_tokens": 100_000}
+    ws.write_input("grown", [*lines, big])
+    manifest = ws.manifest_path("grown")
+    manifest.write_text(manifest.read_text().replace("provider: srv", "provider: local"))
+    apply(ws, capsys)  # the stand-in answers "big"
+    budgeted = manifest.read_text().replace("provider: local", "provider: srv")
+    manifest.write_text(budgeted.replace("spec:\n", "spec:\n  budget: {maxCostUSD: 10}\n", 1))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    plan = json.loads(out)
+    [action] = plan["actions"]
+    assert (action["action"], action["requests"], action["reused"]) == ("create", 1, 2)
+    assert plan["estimates"]["grown"]["max_output_tokens"] == 100_000
