@@ -246,3 +246,30 @@ def test_the_dollar_bound_counts_the_stand_ins_answers_as_sent_once_a_model_answ
     [action] = plan["actions"]
     assert (action["action"], action["requests"], action["reused"]) == ("create", 1, 2)
     assert plan["estimates"]["grown"]["max_output_tokens"] == 100_000
+
+
+def test_a_replace_does_not_wait_for_the_stand_in_to_stop(
+    tmp_path, server, capsys, monkeypatch
+) -> None:
+    """A resource moved from the stand-in to a model while the stand-in's batch is in
+    flight is replaced without waiting for that batch to stop: a generation a model answers
+    keeps none of the stand-in's answers, so there is nothing to wait for (plan said it
+    'waits for generation 1 to stop first (its answers are reused)')."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3, provider="local")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    manifest = ws.manifest_path("triage")
+    manifest.write_text(manifest.read_text().replace("provider: local", "provider: srv"))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--replace", "triage", "--json"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert action["action"] == "replace" and "cancels generation 1" in action["reason"]
+    assert "waits for generation" not in action["reason"]
