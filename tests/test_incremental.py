@@ -208,3 +208,68 @@ def test_the_stand_ins_answers_are_not_kept_once_a_model_answers(
         ws.write_input("triage", lines)
         apply(ws, capsys)
         assert submitted_ids(ws)[-1] == ["req-new"]
+
+
+def test_the_dollar_bound_counts_the_stand_ins_answers_as_sent_once_a_model_answers(
+    tmp_path, server, capsys, monkeypatch
+) -> None:
+    """A model answered two requests; the stand-in then answered a third (of max_tokens
+    100,000); back on the model, that third is sent again (only the model's two are kept),
+    and the plan's dollar bound counts its 100,000 output tokens as apply does (it counted
+    the stand-in's answer as kept: 0 tokens, a bound under what apply sends)."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("grown", count=2, provider="srv")],
+    )
+    project = ws.root / "batchspec.yaml"
+    doc = yaml.safe_load(project.read_text())
+    doc["providers"]["srv"]["pricing"] = {"*": {"input": 0.0, "output": 1.0}}
+    project.write_text(yaml.safe_dump(doc))
+    apply(ws, capsys)
+    lines = request_lines(2)
+    big = {**lines[0], "custom_id": "big"}
+    big["body"] = {**big["body"], "max_tokens": 100_000}
+    ws.write_input("grown", [*lines, big])
+    manifest = ws.manifest_path("grown")
+    manifest.write_text(manifest.read_text().replace("provider: srv", "provider: local"))
+    apply(ws, capsys)  # the stand-in answers "big"
+    budgeted = manifest.read_text().replace("provider: local", "provider: srv")
+    manifest.write_text(budgeted.replace("spec:\n", "spec:\n  budget: {maxCostUSD: 10}\n", 1))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, err
+    plan = json.loads(out)
+    [action] = plan["actions"]
+    assert (action["action"], action["requests"], action["reused"]) == ("create", 1, 2)
+    assert plan["estimates"]["grown"]["max_output_tokens"] == 100_000
+
+
+def test_a_replace_does_not_wait_for_the_stand_in_to_stop(
+    tmp_path, server, capsys, monkeypatch
+) -> None:
+    """A resource moved from the stand-in to a model while the stand-in's batch is in
+    flight is replaced without waiting for that batch to stop: a generation a model answers
+    keeps none of the stand-in's answers, so there is nothing to wait for (plan said it
+    'waits for generation 1 to stop first (its answers are reused)')."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3, provider="local")],
+    )
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    manifest = ws.manifest_path("triage")
+    manifest.write_text(manifest.read_text().replace("provider: local", "provider: srv"))
+
+    code, out, err = run_cli(["plan", str(ws.root), "--replace", "triage", "--json"], capsys)
+
+    assert code == 0, err
+    [action] = json.loads(out)["actions"]
+    assert action["action"] == "replace" and "cancels generation 1" in action["reason"]
+    assert "waits for generation" not in action["reason"]

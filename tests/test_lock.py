@@ -323,6 +323,29 @@ def test_lock_of_a_killed_process_not_yet_reaped_is_taken_over(sqlite_store: Sta
         child.wait()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_a_live_holder_whose_main_thread_ended_is_not_taken_for_a_zombie() -> None:
+    """A process whose first thread ended while another runs on (its /proc state reads 'Z',
+    as a zombie's does) is alive: it may still hold and use its lock, never taken over."""
+    code = (
+        "import ctypes, sys, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+        "print(flush=True); ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline()
+        stat = Path(f"/proc/{child.pid}/stat")
+        for _ in range(100):  # the first thread's exit lands a moment after the print
+            if stat.read_bytes().rpartition(b")")[2].split()[0] == b"Z":
+                break
+            time.sleep(0.01)
+        assert pid_is_alive(child.pid) is True
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_holder_that_died_while_this_run_looked_is_named_gone_with_the_unlock_command(
     sqlite_store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

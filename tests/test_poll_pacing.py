@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from probes import ProbedServer
@@ -24,7 +25,8 @@ from batchspec.core.apply import (
     poll_pause,
     wait_message,
 )
-from batchspec.core.reconcile.poll import poll_message, remaining_seconds
+from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.poll import note_progress, poll_message, remaining_seconds
 from batchspec.engine.upstreams import BuiltinUpstream
 from batchspec.providers.base import RemoteBatch, RequestCounts
 
@@ -105,6 +107,26 @@ def test_remaining_seconds_without_a_pace(
     finalized (0.1, 0.2, 0.4 s ... to the interval: not every 0.1 s for the minutes OpenAI
     may finalize, nor a whole interval late for an engine that finalizes in 0.2 s)."""
     assert remaining_seconds(before, after, 20) == expected
+
+
+def test_a_finalizing_batch_whose_counts_flap_still_backs_off_to_the_interval() -> None:
+    """A batch all done whose counts keep changing above its total (a provider counting a
+    request twice, then not) is polled after as long as it has been all done, not after as
+    long as since its last change: every 0.1 s for as long as it finalizes."""
+    clock = [0.0]
+    ctx = SimpleNamespace(monotonic=lambda: clock[0], progress={}, done_in=None)
+    pauses: list[float] = []
+    for poll in range(12):
+        done = 19 if poll == 0 else 20 + poll % 2  # 19, 21, 20, 21, 20 ... of 20
+        ctx.done_in = None
+        note_progress(
+            cast("RunContext", ctx),
+            RemoteBatch("batch_1", "finalizing", request_counts=RequestCounts(20, done, 0)),
+        )
+        pause = poll_pause(5.0, None, ctx.done_in)
+        pauses.append(pause)
+        clock[0] += pause
+    assert pauses[-1] == 5.0, pauses
 
 
 def test_a_poll_message_groups_thousands_as_status_does() -> None:

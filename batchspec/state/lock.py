@@ -111,7 +111,9 @@ def pid_is_alive(pid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    """Whether ``pid`` has exited and waits only to be reaped (False when unsure)."""
+    """Whether ``pid`` has exited and waits only to be reaped (False when unsure). Its first
+    thread reads 'Z' too once it alone ended while others run on (``pthread_exit`` in the
+    main thread): a process with threads left is alive."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
@@ -119,7 +121,11 @@ def _is_zombie(pid: int) -> bool:
         return False
     # "PID (COMMAND) STATE ...": COMMAND may hold spaces and parentheses, so split at the last
     fields = stat.rpartition(b")")[2].split()
-    return bool(fields) and fields[0] in (b"Z", b"X")
+    if not fields or fields[0] not in (b"Z", b"X"):
+        return False
+    # num_threads, field 20 of stat(5) (the state is field 3): a zombie has none left
+    # but its own entry
+    return len(fields) > 17 and fields[17].isdigit() and int(fields[17]) <= 1
 
 
 def holder_process_gone(holder: LockHolder) -> bool:

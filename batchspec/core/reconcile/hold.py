@@ -16,7 +16,9 @@ request the old batch still finishes: paid twice. So a create that records a new
   the new generation's (same ``custom_id`` and request hash, per the ledger; a generation
   whose ledger is not written yet overlaps with all its batches' requests) and have no
   answer recorded in another generation (that one is kept, so there is nothing to wait
-  for). A generation still within its bound holds even when an older one's has run out.
+  for). A generation a model answers waits for none of the built-in stand-in's, and counts
+  none of its answers as kept (``replacements.keeps_answers_of``). A generation still
+  within its bound holds even when an older one's has run out.
 * **Polled again first.** The pass's drain polled the old batches before the step sent its
   cancels (a replace) or did its other work: before it holds, the create step polls them once
   more and drains what ended (``drain.drain_again``), so a batch that stopped moments after
@@ -48,7 +50,7 @@ from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
 from batchspec.core.recorded import History, resource_history
-from batchspec.core.replacements import reuses_answers
+from batchspec.core.replacements import keeps_answers_of, reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
 from batchspec.state.store import BatchRow, GenerationRow, StateStore
@@ -211,6 +213,8 @@ def _hold_of_stopping(
             continue
         if old.id in contentless:
             continue
+        if not keeps_answers_of(res.stand_in, old):  # the stand-in's: a model keeps none
+            continue
         batches = [b for b in rows if batch_still_stopping(b)]
         if batches:
             stopping.append((old, batches))
@@ -220,7 +224,9 @@ def _hold_of_stopping(
     if wanting is not None and not wanting:
         return None  # nothing to send: nothing to wait for
     # a request some generation already answered is kept, never sent: nothing to wait for
-    answered = ledger.succeeded_fingerprints(g.id for g, _ in history if g.id != skip)
+    answered = ledger.succeeded_fingerprints(
+        g.id for g, _ in history if g.id != skip and keeps_answers_of(res.stand_in, g)
+    )
     holds: list[Hold] = []
     for old, batches in stopping:
         if ledger.has_requests(old.id):

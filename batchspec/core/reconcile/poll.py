@@ -127,7 +127,9 @@ def note_progress(ctx: RunContext, remote: RemoteBatch) -> None:
     counts = remote.request_counts
     if remote.is_terminal or counts is None or not counts.total:
         return
-    now, done = ctx.monotonic(), counts.completed + counts.failed
+    # more than the total (a request counted twice, then not) is all done as well: a count
+    # flapping above it must keep the time all were first seen done, or the pause stays 0.1 s
+    now, done = ctx.monotonic(), min(counts.completed + counts.failed, counts.total)
     seen = ctx.progress.get(remote.id)
     if seen is None or seen[1] != done:
         ctx.progress[remote.id] = (now, done)
