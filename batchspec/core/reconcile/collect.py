@@ -436,9 +436,6 @@ def collect_batch(
                     raise DownloadFailed(kind, file_id or "", _not_results(name, batch, path))
                 if not any(read.values()) and kind == "output" and (batch.completed or 0) > 0:
                     raise DownloadFailed(kind, file_id or "", _served_empty(name, batch))
-                if kind == "output" and len(seen) < (batch.completed or 0):
-                    short = _served_short(name, batch, len(seen))
-                    raise DownloadFailed(kind, file_id or "", short)
                 for answered, count in read.items():
                     tally[answered] += count
                 repeated += sum(read.values()) - len(seen)
@@ -514,19 +511,6 @@ def _served_empty(name: str, batch: BatchRow) -> ProviderError:
         f"{batch.provider} served the output file of batch {batch.remote_id} empty, though it "
         f"counted {batch.completed:,} request(s) of it completed. Nothing of it was recorded, "
         f"so no request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
-    )
-
-
-def _served_short(name: str, batch: BatchRow, answers: int) -> ProviderError:
-    """Why an output file with fewer answers than its batch's own count of requests completed
-    is not recorded: a body sent without a length and cut at a line end looks whole (even
-    twice alike, when the connection is cut at the same place); taken as the batch's, its
-    missing answers were unanswered, sent again and paid for again by the retries."""
-    return ProviderError(
-        f"{batch.provider}'s output file of batch {batch.remote_id} holds {answers:,} "
-        f"answer(s), though the provider counted {batch.completed:,} request(s) of it "
-        "completed (a download cut short?). Nothing of it was recorded, so no request of the "
-        f"batch is taken as unanswered and paid for again. {_way_out(name)}"
     )
 
 
