@@ -167,6 +167,24 @@ def test_plan_says_the_shard_split_apply_makes(tmp_path, capsys) -> None:
         assert len(submitted_ids(ws)) - before == shards
 
 
+def stand_in_and_model(tmp_path, server, monkeypatch, res: ResourceSpec):
+    """A workspace with the built-in stand-in (``local``) and a model (``srv``: an engine
+    server as an openai provider), and one resource on either: ``(workspace, server)``."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
+        resources=[res],
+    )
+    return ws, srv
+
+
+def switch_provider(ws, name: str, old: str, new: str) -> None:
+    manifest = ws.manifest_path(name)
+    manifest.write_text(manifest.read_text().replace(f"provider: {old}", f"provider: {new}"))
+
+
 @pytest.mark.parametrize("to", ["another provider", "a model server upstream"])
 def test_the_stand_ins_answers_are_not_kept_once_a_model_answers(
     tmp_path, server, capsys, monkeypatch, to
@@ -175,18 +193,13 @@ def test_the_stand_ins_answers_are_not_kept_once_a_model_answers(
     provider, or pointing its local provider at a model server, resends every request
     (they were kept as the new generation's answers, "0 requests to submit", and written
     as its results); between two generations a model answers, answers are kept as ever."""
-    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-    srv = server()
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("triage", count=3, provider="local")],
+    ws, srv = stand_in_and_model(
+        tmp_path, server, monkeypatch, ResourceSpec("triage", count=3, provider="local")
     )
     apply(ws, capsys)
     assert all("[builtin stand-in]" in json.dumps(o) for o in ws.outputs("triage"))
     if to == "another provider":
-        manifest = ws.manifest_path("triage")
-        manifest.write_text(manifest.read_text().replace("provider: local", "provider: srv"))
+        switch_provider(ws, "triage", "local", "srv")
     else:
         project = ws.root / "batchspec.yaml"
         doc = yaml.safe_load(project.read_text())
@@ -217,12 +230,8 @@ def test_the_dollar_bound_counts_the_stand_ins_answers_as_sent_once_a_model_answ
     100,000); back on the model, that third is sent again (only the model's two are kept),
     and the plan's dollar bound counts its 100,000 output tokens as apply does (it counted
     the stand-in's answer as kept: 0 tokens, a bound under what apply sends)."""
-    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-    srv = server()
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("grown", count=2, provider="srv")],
+    ws, _ = stand_in_and_model(
+        tmp_path, server, monkeypatch, ResourceSpec("grown", count=2, provider="srv")
     )
     project = ws.root / "batchspec.yaml"
     doc = yaml.safe_load(project.read_text())
@@ -255,17 +264,12 @@ def test_a_replace_does_not_wait_for_the_stand_in_to_stop(
     flight is replaced without waiting for that batch to stop: a generation a model answers
     keeps none of the stand-in's answers, so there is nothing to wait for (plan said it
     'waits for generation 1 to stop first (its answers are reused)')."""
-    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-    srv = server()
-    ws = make_workspace(
-        tmp_path / "ws",
-        providers={"local": local_provider(), "srv": openai_provider(srv.v1, KEY_ENV)},
-        resources=[ResourceSpec("triage", count=3, provider="local")],
+    ws, _ = stand_in_and_model(
+        tmp_path, server, monkeypatch, ResourceSpec("triage", count=3, provider="local")
     )
     code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
     assert code == 0, out + err
-    manifest = ws.manifest_path("triage")
-    manifest.write_text(manifest.read_text().replace("provider: local", "provider: srv"))
+    switch_provider(ws, "triage", "local", "srv")
 
     code, out, err = run_cli(["plan", str(ws.root), "--replace", "triage", "--json"], capsys)
 
