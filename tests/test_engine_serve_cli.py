@@ -415,3 +415,24 @@ def test_a_key_given_where_its_variable_name_belongs_is_refused_unseen(
     err = capsys.readouterr().err
     assert exited.value.code == 64
     assert given not in err and "NAME of the environment variable" in err
+
+
+def test_serve_in_a_workspace_says_when_its_folder_is_the_local_providers(
+    tmp_path, capsys, monkeypatch
+):
+    """`batchspec serve` run at a workspace's root with the default --data-dir (state/local)
+    takes the built-in `local` provider's engine folder: it says so, and how to keep them
+    apart (a new user's applies of local resources then exited 3 with no clue why); a
+    folder of its own is said nothing of."""
+    from batchspec.engine import Engine
+
+    (tmp_path / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
+    monkeypatch.chdir(tmp_path)
+    for data_dir, warned in (("state/local", True), ("state/serve", False)):
+        # held by an engine: serve stops at once (exit 3), after what it says first
+        with Engine(tmp_path / data_dir), pytest.raises(SystemExit) as exited:
+            main(["serve", "--port", "0", "--data-dir", data_dir])
+        assert exited.value.code == 3
+        err = capsys.readouterr().err
+        assert ("engine data folder of provider 'local'" in err) is warned, err
+        assert ("--data-dir state/serve" in err) is warned

@@ -319,7 +319,9 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
     show_default=True,
     type=click.Path(),
     envvar="BATCHSPEC_ENGINE_DIR",
-    help="Where the engine keeps files and batches.",
+    help="Where the engine keeps files and batches. At a workspace's root the default is "
+    "the built-in `local` provider's engine folder (serve says so): give serve one of its own "
+    "(e.g. state/serve) unless it is meant to run that provider's batches.",
 )
 @click.option(
     "--upstream",
@@ -474,6 +476,7 @@ def serve(**opts: Any) -> None:
     130 after Ctrl-C, 0 after SIGTERM (a supervisor's stop: `docker stop`, systemd).
     """
     from batchspec.engine.server import Stopping, serve_from_cli_options
+    from batchspec.workspace.project import local_engine_in
 
     # the process's Ctrl-C line is this one: said once, at once (from the signal handler)
     interruption = click.get_current_context().find_object(Interruption) or Interruption([])
@@ -482,6 +485,15 @@ def serve(**opts: Any) -> None:
         err = Terminated() if notice.signal == "SIGTERM" else KeyboardInterrupt()
         interruption.say(err, in_handler=True, text=serve_stopping_text(notice))
 
+    shared = local_engine_in(opts["data_dir"])
+    if shared is not None:  # said first: a folder in use stops serve right after (exit 3)
+        click.echo(
+            f"Warning: {opts['data_dir']} is the engine data folder of provider '{shared}' of "
+            "the workspace here: while serve holds it, `batchspec apply` on that provider's "
+            "resources waits for it (exit 3); give serve a folder of its own (--data-dir "
+            "state/serve) unless it is meant to run that provider's batches",
+            err=True,
+        )
     with engine_log_shown():
         serve_from_cli_options(
             opts,

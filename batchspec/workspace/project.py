@@ -177,6 +177,29 @@ def find_project_file(start: str | Path | None = None) -> Path | None:
     return None
 
 
+def local_engine_in(folder: str | Path, start: str | Path | None = None) -> str | None:
+    """The ``type: local`` provider of the workspace around ``start`` (default: the working
+    directory) whose engine data folder is ``folder`` (the built-in ``local``'s
+    ``state/local`` included), if any: a ``batchspec serve`` holding it makes an apply of
+    that provider's resources wait for it (exit 3). None outside a workspace, or when its
+    project file does not load (the commands that need it say why)."""
+    if find_project_file(start) is None:
+        return None
+    try:
+        project = load_project(start)
+    except (ManifestError, StateError):
+        return None
+    target = os.path.normpath(Path(folder).resolve())
+    default = _option_defaults("local")["dataDir"]
+    for name, config in sorted(project.providers.items()):
+        if config.type != "local":
+            continue
+        data_dir = str(config.options.get("dataDir", default))
+        if os.path.normpath((project.root / data_dir).resolve()) == target:
+            return name
+    return None
+
+
 class NotAWorkspaceError(ManifestError):
     """No ``batchspec.yaml`` in the start folder or above it: not a batchspec workspace."""
 
