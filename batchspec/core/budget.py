@@ -30,7 +30,7 @@ from pathlib import Path
 
 from batchspec.core.moves import former_names
 from batchspec.core.plan import estimate_input_tokens
-from batchspec.core.replacements import keeps_answers_of
+from batchspec.core.replacements import answer_sources
 from batchspec.core.spend import price_for
 from batchspec.errors import BudgetError
 from batchspec.state.ledger import RequestLedger
@@ -136,11 +136,7 @@ def output_of_unreused(
     ``exclude``) answered: what a new generation that keeps answers sends (counted as
     ``replacements.reusable_answers`` counts the kept ones: the built-in stand-in's
     answers are not kept by a generation a model answers, so their requests count here)."""
-    ids = [
-        g.id
-        for g in store.generations(res.name)
-        if g.id != exclude and keeps_answers_of(res.stand_in, g)
-    ]
+    ids = answer_sources(store.generations(res.name), stand_in=res.stand_in, exclude=[exclude])
     answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
     return output_of_requests(
         res.input_path, (f for f in requests if (f.custom_id, f.request_sha) not in answered)

@@ -152,6 +152,16 @@ def keeps_answers_of(stand_in: bool, earlier: GenerationRow) -> bool:
     return stand_in or earlier.spec.get(ANSWERS_KEY) != STAND_IN
 
 
+def answer_sources(
+    generations: Iterable[GenerationRow], *, stand_in: bool, exclude: Iterable[int | None] = ()
+) -> list[int]:
+    """The ids of ``generations`` (but ``exclude``) whose answers a new generation keeps
+    (``keeps_answers_of``): the one rule carry-over, retries, the plan's counts, the budget
+    and the hold all read."""
+    left_out = set(exclude)
+    return [g.id for g in generations if g.id not in left_out and keeps_answers_of(stand_in, g)]
+
+
 def answers_by_stand_in(gen: GenerationRow) -> bool:
     """Whether ``gen`` is answered by the built-in stand-in (its recorded spec says so)."""
     return gen.spec.get(ANSWERS_KEY) == STAND_IN
@@ -167,7 +177,7 @@ def unreused_requests(
 ) -> Iterator[RequestFact]:
     """``res``'s requests a new generation would submit: those ``reusable_answers`` does not
     count (no earlier generation got an answer for the very same line)."""
-    ids = [g.id for g in generations if g.id not in exclude and keeps_answers_of(res.stand_in, g)]
+    ids = answer_sources(generations, stand_in=res.stand_in, exclude=exclude)
     answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
     return (f for f in requests(res) if (f.custom_id, f.request_sha) not in answered)
 
@@ -186,7 +196,7 @@ def reusable_answers(
     ``generations``: ``res``'s, if already read."""
     if generations is None:
         generations = store.generations(res.name)
-    ids = [g.id for g in generations if g.id not in exclude and keeps_answers_of(res.stand_in, g)]
+    ids = answer_sources(generations, stand_in=res.stand_in, exclude=exclude)
     if not ids:
         return 0, 0
     answered = store.ledger().succeeded_fingerprints(ids)

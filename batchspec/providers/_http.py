@@ -1162,7 +1162,7 @@ MAX_ANSWER_BYTES = 256 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 1024 * 1024
 
 
-#: downloads of a body sent unframed (``_unframed``) until two in a row agree, at most
+#: downloads of a body sent unframed (``_unframed``) until two of them agree, at most
 UNFRAMED_TRIES = 3
 
 

@@ -50,7 +50,7 @@ from batchspec.core.plan import ACTIVE_GENERATION_STATUSES
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.drain import batch_still_stopping, drain_again
 from batchspec.core.recorded import History, resource_history
-from batchspec.core.replacements import keeps_answers_of, reuses_answers
+from batchspec.core.replacements import answer_sources, keeps_answers_of, reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.state.records import parse_timestamp
 from batchspec.state.store import BatchRow, GenerationRow, StateStore
@@ -225,7 +225,7 @@ def _hold_of_stopping(
         return None  # nothing to send: nothing to wait for
     # a request some generation already answered is kept, never sent: nothing to wait for
     answered = ledger.succeeded_fingerprints(
-        g.id for g, _ in history if g.id != skip and keeps_answers_of(res.stand_in, g)
+        answer_sources((g for g, _ in history), stand_in=res.stand_in, exclude=[skip])
     )
     holds: list[Hold] = []
     for old, batches in stopping:

@@ -19,7 +19,7 @@ from batchspec.core.batches import batch_key
 from batchspec.core.budget import check_budget, measures_output
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
-from batchspec.core.replacements import answers_by_stand_in, keeps_answers_of, reuses_answers
+from batchspec.core.replacements import answer_sources, answers_by_stand_in, reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.core.sharding import (
     ShardWriters,
@@ -83,11 +83,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     copy them into shard files, checked against what was validated."""
     limits = ctx.limits_for(res)
     stand_in = answers_by_stand_in(gen)
-    previous = [
-        g.id
-        for g in ctx.store.generations(res.name)
-        if g.id != gen.id and keeps_answers_of(stand_in, g)
-    ]
+    previous = answer_sources(ctx.store.generations(res.name), stand_in=stand_in, exclude=[gen.id])
     if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
         previous = []
     # A file with blank lines is rewritten rather than uploaded as it is: providers

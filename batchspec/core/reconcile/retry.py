@@ -15,7 +15,7 @@ from batchspec.core.reconcile.hold import retry_held
 from batchspec.core.reconcile.intent import record_intent
 from batchspec.core.reconcile.submit import submit_queued
 from batchspec.core.recorded import is_requeued, recorded_generation
-from batchspec.core.replacements import answers_by_stand_in, keeps_answers_of, reuses_answers
+from batchspec.core.replacements import answer_sources, answers_by_stand_in, reuses_answers
 from batchspec.state.store import GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.workspace.manifest import Resource
@@ -90,11 +90,7 @@ def keep_drained_answers(ctx: RunContext, res: Resource, gen: GenerationRow) -> 
     if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
         return 0
     stand_in = answers_by_stand_in(gen)
-    previous = [
-        g.id
-        for g in ctx.store.generations(res.name)
-        if g.id != gen.id and keeps_answers_of(stand_in, g)
-    ]
+    previous = answer_sources(ctx.store.generations(res.name), stand_in=stand_in, exclude=[gen.id])
     if not previous:
         return 0
     with ctx.store.atomic():
