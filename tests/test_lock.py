@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -469,21 +468,6 @@ def test_heartbeat_refreshes_the_timestamp(store: StateStore) -> None:
         assert holder.since == handle.holder.since
 
 
-def test_heartbeat_thread_refreshes_until_release(store: StateStore) -> None:
-    """start_heartbeat() keeps refreshing from a daemon thread and stops at release."""
-    handle = acquire_lock(store, command="apply", info=run_info())
-    stale = utc_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
-    store.write_lock_row(replace(handle.holder, heartbeat=stale))
-    handle.start_heartbeat(interval=0.02)
-    deadline = time.monotonic() + 5
-    while current_lock(store).heartbeat == stale and time.monotonic() < deadline:  # type: ignore[union-attr]
-        time.sleep(0.01)
-    assert current_lock(store).heartbeat > stale  # type: ignore[union-attr]
-    handle.release()
-    assert handle.heartbeat_error is None
-    assert current_lock(store) is None
-
-
 def test_acquire_inside_a_transaction_is_refused(store: StateStore) -> None:
     """Waiting for the lock inside atomic() would deadlock, so it is refused outright."""
     with store.atomic(), pytest.raises(RuntimeError, match="atomic"):
@@ -622,50 +606,20 @@ def test_a_lock_held_across_migration_m005_stays_held_workspace_wide(
         db.close()
 
 
-def test_a_heartbeat_thread_whose_lock_was_released_stops_and_never_resurrects_it(
-    sqlite_store: StateStore, tmp_path: Path
+def test_a_released_holders_next_heartbeat_stops_it_and_never_resurrects_the_lock(
+    sqlite_store: StateStore,
 ) -> None:
-    """`batchspec unlock` releases a running holder's lock: its heartbeat thread notices at
-    its next beat and stops, the lock stays free for the next run (a heartbeat that wrote the
-    row back would lock everyone out), and the holder's next step stops with StateError."""
+    """`batchspec unlock` releases a running holder's lock: the holder's next heartbeat (taken
+    before each step that spends) stops it with StateError instead of writing its row back
+    (that would lock everyone out), and its release then leaves the lock free."""
     handle = acquire_lock(sqlite_store, command="apply", info=run_info())
-    handle.start_heartbeat(interval=0.02)
-    handle.start_heartbeat(interval=0.02)  # a second start is a no-op, not a second thread
-    beating = [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
-    assert len(beating) == 1
-
     force_unlock(sqlite_store, handle.holder_id, force=True)
-    beating[0].join(timeout=5)
-
-    assert not beating[0].is_alive()
     assert held_locks(sqlite_store) == []
     with pytest.raises(StateError, match="no longer holds the state lock"):
         handle.heartbeat()
+    assert held_locks(sqlite_store) == []
     handle.release()
-    assert handle.released
-    handle.start_heartbeat(interval=0.02)  # after release: nothing starts
-    assert not [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
-
-
-def test_a_heartbeat_thread_that_cannot_open_the_state_records_why(tmp_path: Path) -> None:
-    """The heartbeat's own connection cannot be opened (the state folder became unreadable
-    as a file): the error is kept on the handle for the run to report, not lost in a thread."""
-    path = tmp_path / "state" / "batchspec.db"
-    with StateStore.open(path) as store:
-        handle = acquire_lock(store, command="apply", info=run_info())
-        moved = tmp_path / "gone"
-        path.parent.rename(moved)
-        (tmp_path / "state").write_text("not a folder")
-        try:
-            handle.start_heartbeat(interval=0.02)
-            wait = time.monotonic() + 5
-            while handle.heartbeat_error is None and time.monotonic() < wait:
-                time.sleep(0.01)
-        finally:
-            (tmp_path / "state").unlink()
-            moved.rename(path.parent)
-        assert handle.heartbeat_error is not None
-        handle.release()
+    assert handle.released and held_locks(sqlite_store) == []
 
 
 def test_a_lock_row_naming_pid_0_or_below_counts_as_dead() -> None:
@@ -755,55 +709,6 @@ def test_a_process_we_may_not_signal_counts_as_alive() -> None:
             os._exit(code)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-
-
-# -- the heartbeat thread ------------------------------------------------------------------------
-
-EXITS_HOLDING = textwrap.dedent(
-    """
-    import sys
-    from batchspec.state.lock import acquire_lock
-    from batchspec.state.runinfo import collect_run_info
-    from batchspec.state.store import StateStore
-
-    store = StateStore.open(sys.argv[1])
-    handle = acquire_lock(store, command="apply", info=collect_run_info(env={}))
-    handle.start_heartbeat(interval=3600)
-    print(handle.holder_id, flush=True)
-    """
-)
-
-
-def test_a_process_that_ends_holding_a_lock_with_its_heartbeat_running_exits_at_once(
-    db_path: Path, sqlite_store: StateStore
-) -> None:
-    """A run that ends (or crashes) without releasing is not kept alive by its heartbeat
-    thread: it exits at once, and its lock is then a dead process's, taken over."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", EXITS_HOLDING, str(db_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None
-        holder_id = child.stdout.readline().strip()
-        assert child.wait(timeout=15) == 0
-    finally:
-        child.kill()
-        child.wait()
-    with acquire_lock(sqlite_store, command="apply", info=run_info()) as handle:
-        assert handle.warning is not None and holder_id in handle.warning
-
-
-def test_release_with_a_long_heartbeat_interval_returns_at_once(store: StateStore) -> None:
-    """release() wakes the heartbeat thread instead of waiting out its interval: it returns
-    at once, the thread has ended, and the lock is free."""
-    handle = acquire_lock(store, command="apply", info=run_info())
-    handle.start_heartbeat(interval=3600)
-    [thread] = [t for t in threading.enumerate() if t.name.endswith(handle.holder_id)]
-    started = time.monotonic()
-    handle.release()
-    assert time.monotonic() - started < 5
-    assert not thread.is_alive()
-    assert current_lock(store) is None
 
 
 ADVISORY_HELD = (
@@ -965,37 +870,6 @@ def test_holding_postgres_still_holds_the_run_lock(postgres_url: str) -> None:
                 acquire_lock(other, command="apply", info=run_info(), resources=["a"])
         assert held_locks(other) == []
         acquire_lock(other, command="apply", info=run_info()).release()
-
-
-SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-
-
-def test_a_heartbeat_thread_that_hit_an_error_still_closes_its_session(postgres_url: str) -> None:
-    """A PostgreSQL heartbeat that failed once (the error kept on the handle) still closes its
-    own session at release: no connection is left open for the rest of the process."""
-    with StateStore.open(postgres_url) as store:
-        handle = acquire_lock(store, command="apply", info=run_info())
-        store.db.execute(
-            "CREATE FUNCTION refuse_beats() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'no heartbeat now'; END $$"
-        )
-        store.db.execute(
-            "CREATE TRIGGER refuse_beats BEFORE UPDATE ON resource_locks "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_beats()"
-        )
-        sessions = store.db.query(SESSIONS)[0]["count"]
-        handle.start_heartbeat(interval=0.02)
-        deadline = time.monotonic() + 5
-        while handle.heartbeat_error is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert handle.heartbeat_error is not None
-        assert store.db.query(SESSIONS)[0]["count"] == sessions + 1
-        handle.release()
-        deadline = time.monotonic() + 5
-        while store.db.query(SESSIONS)[0]["count"] > sessions and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert store.db.query(SESSIONS)[0]["count"] == sessions
-        assert current_lock(store) is None
 
 
 # -- force_unlock and the exit-3 messages --------------------------------------------------------

@@ -537,13 +537,11 @@ def test_intent_then_remote_id_then_terminal(store: StateStore) -> None:
     """An intent is pending until bound to a remote id, in flight until terminal."""
     gen_id = make_generation(store)
     row = intent(store, gen_id)
-    assert row.is_intent and row.status == "pending"
-    assert [b.id for b in store.pending_intents()] == [row.id]
+    assert row.remote_id is None and row.status == "pending"
     assert store.in_flight_batches() == []
 
     bound = store.update_batch(row.id, remote_id="batch_abc", status="validating")
-    assert bound.submitted_at is not None and not bound.is_intent
-    assert store.pending_intents() == []
+    assert bound.submitted_at is not None and bound.remote_id == "batch_abc"
     assert [b.remote_id for b in store.in_flight_batches()] == ["batch_abc"]
 
     done = store.update_batch(row.id, status="completed", total=10, completed=10, failed=0)
@@ -595,10 +593,10 @@ def test_record_batch_intent_is_idempotent_on_key(store: StateStore) -> None:
 
 
 def test_cancelled_intent_is_no_longer_pending(store: StateStore) -> None:
-    """An intent abandoned with a terminal status drops out of pending_intents()."""
+    """An intent abandoned with a terminal status is not in flight."""
     row = intent(store, make_generation(store))
     store.update_batch(row.id, status="cancelled")
-    assert store.pending_intents() == [] and store.in_flight_batches() == []
+    assert store.in_flight_batches() == []
 
 
 def test_update_batch_whitelist_and_noop(store: StateStore) -> None:
@@ -671,8 +669,8 @@ def test_files_are_recorded_per_provider_and_expire(store: StateStore) -> None:
     """record_file keys by (provider, sha256), converts epoch expiry, and can be forgotten."""
     future = int((datetime.now(timezone.utc) + timedelta(days=1)).timestamp())
     row = store.record_file("openai", "abc", "file-1", 123, future)
-    assert TIMESTAMP.match(row.expires_at or "") and not row.is_expired()
-    assert row.is_expired(now=datetime.now(timezone.utc) + timedelta(days=2))
+    assert TIMESTAMP.match(row.expires_at or "")
+    assert parse_timestamp(row.expires_at or "").timestamp() == future
     assert store.get_file("local", "abc") is None
     replaced = store.record_file("openai", "abc", "file-2", 123, None)
     assert (replaced.remote_id, replaced.expires_at) == ("file-2", None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from batchspec.errors import StateError
@@ -23,7 +22,6 @@ from batchspec.state.records import (
     epoch_or_iso,
     known_columns,
     load_json,
-    parse_timestamp,
     row_of,
     utc_timestamp,
     where_clause,
@@ -44,12 +42,6 @@ class FileRow:
     bytes: int | None
     uploaded_at: str
     expires_at: str | None
-
-    def is_expired(self, now: datetime | None = None) -> bool:
-        """True if the provider said the file expires at or before ``now``."""
-        if self.expires_at is None:
-            return False
-        return parse_timestamp(self.expires_at) <= (now or datetime.now(timezone.utc))
 
 
 @dataclass(frozen=True)
@@ -82,11 +74,6 @@ class BatchRow:
     submitted_at: str | None
     terminal_at: str | None
     collected_at: str | None
-
-    @property
-    def is_intent(self) -> bool:
-        """Recorded before the remote create; the remote batch may or may not exist."""
-        return self.remote_id is None
 
     @property
     def is_terminal(self) -> bool:
@@ -265,16 +252,6 @@ class BatchesAndFiles(StateConnection):
             sql += f" AND g.status NOT IN ({', '.join('?' * len(generation_not_in))})"
             params += list(generation_not_in)
         return [_batch_row(r) for r in self._all(sql + " ORDER BY b.id", params)]
-
-    def pending_intents(self) -> list[BatchRow]:
-        """Intents with no remote id (not abandoned as cancelled): adopt or create these."""
-        marks = ", ".join("?" * len(BATCH_TERMINAL_STATUSES))
-        rows = self._all(
-            f"SELECT * FROM batches WHERE remote_id IS NULL AND status NOT IN ({marks}) "
-            "ORDER BY id",
-            sorted(BATCH_TERMINAL_STATUSES),
-        )
-        return [_batch_row(r) for r in rows]
 
     # -- files ----------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Every record module (runs, resources, batches, the lock row, the ledger) subclasses
 ``StateConnection`` and writes its SQL through ``atomic()``, ``_one()``, ``_all()`` and
-``_update()``, over ``self.db``, a ``batchspec.storage.sql.Sql`` of either dialect;
+``_update_returning()``, over ``self.db``, a ``batchspec.storage.sql.Sql`` of either dialect;
 ``batchspec.state.store.StateStore`` composes them into the one store object. This is the only
 module that knows how a state database is opened:
 
@@ -364,18 +364,12 @@ class StateConnection:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _update(self, table: str, key: str, value: Any, fields: Mapping[str, Any]) -> None:
-        # column names come from the whitelists above, never from callers' strings
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        self.db.execute(
-            f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*fields.values(), value]
-        )
-
     def _update_returning(
         self, table: str, key: str, value: Any, fields: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """``_update`` of a row that exists, giving it back as it now is (``RETURNING *``:
-        the row a ``SELECT *`` after it would read, without that read)."""
+        """Set ``fields`` (column names from the callers' whitelists, never users' strings)
+        of a row that exists, giving it back as it now is (``RETURNING *``: the row a
+        ``SELECT *`` after it would read, without that read)."""
         assignments = ", ".join(f"{name} = ?" for name in fields)
         row = self._one(
             f"UPDATE {table} SET {assignments} WHERE {key} = ? RETURNING *",

@@ -31,7 +31,7 @@ Rules, per key in conflict (held by another run):
   gone on this host) unless ``force``: releasing a live run lets a second one spend beside it.
 
 The holder refreshes ``heartbeat`` on all its rows with ``LockHandle.heartbeat()`` (which fails
-once its rows were released) or a daemon thread started by ``LockHandle.start_heartbeat()``.
+once its rows were released): a run calls it before each step that spends or cancels.
 
 In PostgreSQL a holder also holds one session-level advisory lock (``_holder_key``: a hash
 of its holder id), taken inside the writer transaction that writes its rows, for as long as
@@ -50,7 +50,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -73,7 +72,6 @@ from batchspec.storage.sql import (
 LockHolder = LockRow
 
 STALE_AFTER = timedelta(minutes=10)
-HEARTBEAT_INTERVAL_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -149,13 +147,9 @@ class LockHandle:
         self.keys = tuple(sorted(keys))
         #: set when a lock was taken over from a dead process
         self.warning = warning
-        #: the last error of the heartbeat thread, if any
-        self.heartbeat_error: BaseException | None = None
         self._store = store
         self._released = False
         self._lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @property
     def holder_id(self) -> str:
@@ -187,45 +181,11 @@ class LockHandle:
         except DatabaseUnavailableError:  # PostgreSQL: the session, and so the lock, is gone
             return False
 
-    def start_heartbeat(self, interval: float = HEARTBEAT_INTERVAL_SECONDS) -> None:
-        """Refresh the heartbeat every ``interval`` seconds from a daemon thread until release."""
-        if self._thread is not None or self._released:
-            return
-        self._thread = threading.Thread(
-            target=self._beat_until_stopped,
-            args=(interval,),
-            name=f"batchspec-lock-heartbeat-{self.holder_id}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _beat_until_stopped(self, interval: float) -> None:
-        # Its own connection: a shared one would slip heartbeats into the main thread's
-        # transactions (and a connection is not for sharing across threads).
-        try:
-            store = StateStore.open(self._store.location)
-        except Exception as err:  # noqa: BLE001 - recorded for the owner to inspect
-            self.heartbeat_error = err
-            return
-        try:
-            while not self._stop.wait(interval):
-                try:
-                    if not store.touch_lock_row(self.holder_id, utc_timestamp()):
-                        self._lost = True
-                        return
-                except Exception as err:  # noqa: BLE001 - a busy DB must not kill the thread
-                    self.heartbeat_error = err
-        finally:
-            store.close()
-
     def release(self) -> None:
-        """Stop the heartbeat and drop the locks that are still ours; safe to call twice."""
+        """Drop the locks that are still ours; safe to call twice."""
         if self._released:
             return
         self._released = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         try:
             self._store.delete_lock_row(self.holder_id)
             _release_holder_lock(self._store, self.holder_id)

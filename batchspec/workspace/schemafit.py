@@ -178,30 +178,11 @@ def _resolve(root: Mapping[str, Any], target: str) -> Any:
     return found
 
 
-def _is_type(value: Any, name: str) -> bool:
-    """jsonschema's Draft 2020-12 type checker, for a plain value."""
-    kind = type(value)
-    if name == "object":
-        return kind is dict
-    if name == "array":
-        return kind is list
-    if name == "string":
-        return kind is str
-    if name == "boolean":
-        return kind is bool
-    if name == "null":
-        return value is None
-    if name == "number":
-        return kind is int or kind is float
-    # integer: an int, or a float with no fractional part (1.0 is an integer in 2020-12)
-    return kind is int or (kind is float and value.is_integer())
-
-
 _TYPES = ("object", "array", "string", "boolean", "null", "number", "integer")
 
 
-#: the Python types ``_is_type`` accepts for each name but ``integer`` (which also takes a
-#: float with no fractional part)
+#: the Python types jsonschema's Draft 2020-12 type checker accepts for each name, but
+#: ``integer``, which also takes a float with no fractional part (1.0 is an integer in 2020-12)
 _TYPE_KINDS: dict[str, frozenset[type]] = {
     "object": frozenset({dict}),
     "array": frozenset({list}),
@@ -214,7 +195,8 @@ _TYPE_KINDS: dict[str, frozenset[type]] = {
 
 
 def _type_check(value: Any) -> Check:
-    """``any(_is_type(v, name) for name in names)``, as one set lookup by ``type(v)``."""
+    """Whether a value is of one of the type names ``value`` gives, as one set lookup by
+    ``type(v)`` (``bool`` is no ``integer``: ``type(True)`` is not ``int``)."""
     names = [value] if isinstance(value, str) else list(value)
     if not names or any(name not in _TYPES for name in names):
         raise UnsupportedSchema(f"type {value!r}")
