@@ -23,6 +23,7 @@ from serve_faults import (
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
 from batchspec.core.plan import estimate_input_tokens
+from batchspec.wire.usage import DEFAULT_MAX_OUTPUT_TOKENS, max_output_of_request
 
 
 @pytest.fixture
@@ -401,6 +402,40 @@ def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
 
     assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
     assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(-5, id="negative"),
+        pytest.param(0, id="zero"),
+        pytest.param(True, id="boolean"),
+        pytest.param(1.5, id="fraction"),
+        pytest.param("-5", id="negative-string"),
+        pytest.param([4], id="list"),
+        pytest.param("9" * 5000, id="5000-digit-string"),
+    ],
+)
+def test_an_output_limit_no_server_takes_never_lowers_the_bound_nor_raises(bad: Any) -> None:
+    """wire.usage reads an output limit no server takes as not set, in a chat body and in
+    Gemini's generationConfig (which the scan does not check): the bound of a request that
+    sets none, never lower, and never an exception (a 5,000-digit string raised ValueError
+    out of the scan: a traceback from validate)."""
+    chat = {"model": "m", "max_tokens": bad}
+    assert max_output_of_request("/v1/chat/completions", chat) == DEFAULT_MAX_OUTPUT_TOKENS
+    gemini = {"generationConfig": {"maxOutputTokens": bad}}
+    assert max_output_of_request("/v1beta/generateContent", gemini) == DEFAULT_MAX_OUTPUT_TOKENS
+    # a bad limit before a good one does not hide it
+    both = {"max_completion_tokens": bad, "max_tokens": 10_000}
+    assert max_output_of_request("/v1/chat/completions", both) == 10_000
+
+
+@pytest.mark.parametrize("limit", [pytest.param(100_000.0), pytest.param("100000")])
+def test_gemini_generation_config_limits_are_read_as_protobuf_json_reads_them(limit: Any) -> None:
+    """generationConfig.maxOutputTokens 100000.0 or "100000" is 100,000 to Gemini (protobuf
+    JSON): the scan does not refuse it there, so the bound is 100,000, not the default."""
+    body = {"generationConfig": {"maxOutputTokens": limit}}
+    assert max_output_of_request("/v1beta/generateContent", body) == 100_000
 
 
 #: output tokens alone are priced, at $1 a million: a bound of N output tokens is $N/1e6
