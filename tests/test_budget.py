@@ -380,14 +380,19 @@ def test_every_choice_a_request_asks_for_counts_in_the_dollar_bound(
 
 @pytest.mark.parametrize(
     "limit",
-    [pytest.param(100_000.0, id="integral-float"), pytest.param("100000", id="digit-string")],
+    [
+        pytest.param(100_000.0, id="integral-float"),
+        pytest.param("100000", id="digit-string"),
+    ],
 )
-def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
+def test_an_output_limit_that_is_not_an_integer_of_at_least_1_is_refused_before_the_budget(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], limit: Any
 ) -> None:
-    """max_tokens 100000.0 or "100000" is served as 100,000 by lax validators (pydantic,
-    protobuf JSON): the bound is 100,000 output tokens a request, not the 4,096 of a request
-    that sets none, and maxCostUSD under it refuses."""
+    """max_tokens 100000.0 or "100000" (served as 100,000 by lax validators: pydantic,
+    protobuf JSON; refused by strict ones, as -5 is by all): what such a request may cost
+    depends on the server, so plan and apply refuse the line itself, naming it, under a
+    maxCostUSD that the 4,096 bound of a request setting none would pass; nothing is
+    uploaded."""
     srv = serve()
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("lax", count=2))
     lines = [json.loads(x) for x in ws.input_path("lax").read_text().splitlines()]
@@ -398,10 +403,12 @@ def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
     budget = round(upper_bound(ws, "lax", 2) * 2, 6)  # twice the bound at 4,096 a request
     write_manifest(ws, ResourceSpec("lax", count=2, spec={"budget": {"maxCostUSD": budget}}))
 
-    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
-
-    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
-    assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "lax.jsonl:1: body.max_tokens" in err, out + err
+    assert "is not an integer >= 1" in err
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "nothing was uploaded" in err, out + err
+    assert server_is_empty(srv.client())
 
 
 @pytest.mark.parametrize(

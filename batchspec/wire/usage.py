@@ -117,7 +117,9 @@ def _limit(value: Any) -> int:
     float (``100000.0``) or a string of digits (``"100000"``). Taking those for "not set"
     would bound the request at the default while it is served at its own limit. Anything
     else (``0``, ``-5``, ``true``, ``1.5``, a list) is "not set": never a bound below the
-    default, never an error."""
+    default, never an error. ``validate`` refuses all of these for ``max_tokens``,
+    ``max_completion_tokens`` and ``max_output_tokens`` (``wire.request_checks``); the lax
+    reading serves what it does not check (``generationConfig``, ``n``)."""
     if value is None:  # the common cases first: a scan asks this of every request
         return 0
     if type(value) is int:
