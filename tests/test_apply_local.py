@@ -230,6 +230,34 @@ def test_a_bad_input_fails_before_anything_is_spent(
             assert store.batches() == []
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"messages": [{"role": "usr", "content": "hi"}]}, id="unknown-role"),
+        pytest.param({"max_tokens": 0}, id="max-tokens-0"),
+    ],
+)
+def test_a_request_every_provider_refuses_creates_no_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any]
+) -> None:
+    """A line with a message of no OpenAI role, or max_tokens 0, stops apply before the
+    upload: exit 1 naming the line, no file or batch on the engine, none in the state (the
+    engine itself would have taken the file and failed that request, after the upload)."""
+    ws = local_ws(tmp_path / "ws", ResourceSpec("odd", count=2, provider="here"))
+    lines = [json.loads(x) for x in ws.input_path("odd").read_text().splitlines()]
+    lines[1]["body"].update(change)
+    ws.write_input("odd", lines)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+
+    assert code == 1
+    assert "odd.jsonl:2: body." in err and "nothing was uploaded" in err
+    assert not (ws.root / "state" / "local").exists()
+    if ws.state_path.exists():
+        with ws.store() as store:
+            assert store.batches() == []
+
+
 def test_a_dangling_result_store_link_stops_apply_before_any_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

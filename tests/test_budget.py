@@ -23,6 +23,7 @@ from serve_faults import (
 from workspaces import KEY_ENV, ResourceSpec, Workspace, run_cli, write_manifest
 
 from batchspec.core.plan import estimate_input_tokens
+from batchspec.wire.usage import DEFAULT_MAX_OUTPUT_TOKENS, max_output_of_request
 
 
 @pytest.fixture
@@ -379,14 +380,19 @@ def test_every_choice_a_request_asks_for_counts_in_the_dollar_bound(
 
 @pytest.mark.parametrize(
     "limit",
-    [pytest.param(100_000.0, id="integral-float"), pytest.param("100000", id="digit-string")],
+    [
+        pytest.param(100_000.0, id="integral-float"),
+        pytest.param("100000", id="digit-string"),
+    ],
 )
-def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
+def test_an_output_limit_that_is_not_an_integer_of_at_least_1_is_refused_before_the_budget(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], limit: Any
 ) -> None:
-    """max_tokens 100000.0 or "100000" is served as 100,000 by lax validators (pydantic,
-    protobuf JSON): the bound is 100,000 output tokens a request, not the 4,096 of a request
-    that sets none, and maxCostUSD under it refuses."""
+    """max_tokens 100000.0 or "100000" (served as 100,000 by lax validators: pydantic,
+    protobuf JSON; refused by strict ones, as -5 is by all): what such a request may cost
+    depends on the server, so plan and apply refuse the line itself, naming it, under a
+    maxCostUSD that the 4,096 bound of a request setting none would pass; nothing is
+    uploaded."""
     srv = serve()
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("lax", count=2))
     lines = [json.loads(x) for x in ws.input_path("lax").read_text().splitlines()]
@@ -397,10 +403,46 @@ def test_an_output_limit_a_lax_server_reads_as_a_number_bounds_the_request(
     budget = round(upper_bound(ws, "lax", 2) * 2, 6)  # twice the bound at 4,096 a request
     write_manifest(ws, ResourceSpec("lax", count=2, spec={"budget": {"maxCostUSD": budget}}))
 
-    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert code == 1 and "lax.jsonl:1: body.max_tokens" in err, out + err
+    assert "is not an integer >= 1" in err
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "nothing was uploaded" in err, out + err
+    assert server_is_empty(srv.client())
 
-    assert code == 1 and f"maxCostUSD {budget:g}" in err, out + err
-    assert json.loads(out)["estimates"]["lax"]["max_output_tokens"] == 2 * 100_000
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(-5, id="negative"),
+        pytest.param(0, id="zero"),
+        pytest.param(True, id="boolean"),
+        pytest.param(1.5, id="fraction"),
+        pytest.param("-5", id="negative-string"),
+        pytest.param([4], id="list"),
+        pytest.param("9" * 5000, id="5000-digit-string"),
+    ],
+)
+def test_an_output_limit_no_server_takes_never_lowers_the_bound_nor_raises(bad: Any) -> None:
+    """wire.usage reads an output limit no server takes as not set, in a chat body and in
+    Gemini's generationConfig (which the scan does not check): the bound of a request that
+    sets none, never lower, and never an exception (a 5,000-digit string raised ValueError
+    out of the scan: a traceback from validate)."""
+    chat = {"model": "m", "max_tokens": bad}
+    assert max_output_of_request("/v1/chat/completions", chat) == DEFAULT_MAX_OUTPUT_TOKENS
+    gemini = {"generationConfig": {"maxOutputTokens": bad}}
+    assert max_output_of_request("/v1beta/generateContent", gemini) == DEFAULT_MAX_OUTPUT_TOKENS
+    # a bad limit before a good one does not hide it
+    both = {"max_completion_tokens": bad, "max_tokens": 10_000}
+    assert max_output_of_request("/v1/chat/completions", both) == 10_000
+
+
+@pytest.mark.parametrize("limit", [pytest.param(100_000.0), pytest.param("100000")])
+def test_gemini_generation_config_limits_are_read_as_protobuf_json_reads_them(limit: Any) -> None:
+    """generationConfig.maxOutputTokens 100000.0 or "100000" is 100,000 to Gemini (protobuf
+    JSON): the scan does not refuse it there, so the bound is 100,000, not the default."""
+    body = {"generationConfig": {"maxOutputTokens": limit}}
+    assert max_output_of_request("/v1beta/generateContent", body) == 100_000
 
 
 #: output tokens alone are priced, at $1 a million: a bound of N output tokens is $N/1e6

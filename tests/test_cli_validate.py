@@ -232,6 +232,60 @@ def test_json_failure_for_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert problem["code"] == "not_an_object"
 
 
+@pytest.mark.parametrize(
+    ("change", "code", "says"),
+    [
+        pytest.param(
+            {"messages": [{"role": "usr", "content": "hi"}]},
+            "invalid_role",
+            'body.messages[0].role "usr" is not one of system, developer, user, assistant, '
+            "tool, function (custom_id '2')",
+            id="role",
+        ),
+        pytest.param(
+            {"messages": ["hi"]},
+            "invalid_message",
+            "body.messages[0] must be an object, not a string (custom_id '2')",
+            id="message",
+        ),
+        pytest.param(
+            {"max_tokens": -5},
+            "invalid_max_tokens",
+            "body.max_tokens -5 is not an integer >= 1",
+            id="max-tokens",
+        ),
+        pytest.param(
+            {"max_tokens": "9" * 5000},
+            "invalid_max_tokens",
+            'body.max_tokens "999',
+            id="max-tokens-too-many-digits",
+        ),
+    ],
+)
+def test_a_request_every_provider_refuses_fails_validate_at_its_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, object],
+    code: str,
+    says: str,
+) -> None:
+    """A chat line with a message of no OpenAI role, a message that is not an object or an
+    output limit below 1 exits 1 naming file, line, custom_id and field (in JSON: its code),
+    not a traceback: every provider would refuse it, per request, after the upload."""
+    bad = json.loads(request("2"))
+    bad["body"].update(change)
+    data = request("1") + "\n" + json.dumps(bad) + "\n"
+    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("a", "a.jsonl"), "a.jsonl": data})
+    code_, out, err = run_main(["validate", str(ws)], capsys)
+    assert (code_, out) == (1, "")
+    assert f"{ws.resolve() / 'a.jsonl'}:2: {says}" in err
+    assert "Traceback" not in err
+    code_, out, _ = run_main(["validate", str(ws), "--json"], capsys)
+    assert code_ == 1
+    [problem] = json.loads(out)["problems"]
+    assert (problem["line"], problem["code"]) == (2, code)
+
+
 def test_bad_project_file_fails_validate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -393,6 +393,97 @@ BAD_INPUTS = [
         id="messages-string",
     ),
     pytest.param(
+        jsonl(GOOD, req("req-1", body=body(messages=[{"role": "usr", "content": "hi"}]))),
+        {},
+        2,
+        "invalid_role",
+        'body.messages[0].role "usr" is not one of system, developer, user, assistant, tool, '
+        "function (custom_id 'req-1')",
+        id="message-role-unknown",
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(messages=[{"role": "user", "content": "a"}, "b"]))),
+        {},
+        2,
+        "invalid_message",
+        "body.messages[1] must be an object, not a string (custom_id 'req-1')",
+        id="message-not-an-object",
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(messages=[{"content": "hi"}]))),
+        {},
+        2,
+        "missing_role",
+        "body.messages[0].role is missing; it must be one of system, developer, user, "
+        "assistant, tool, function (custom_id 'req-1')",
+        id="message-role-missing",
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(messages=[{"role": ["user"], "content": "hi"}]))),
+        {},
+        2,
+        "invalid_role",
+        'body.messages[0].role ["user"] is not one of',
+        id="message-role-a-list",
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(messages=[{"role": "User", "content": "hi"}]))),
+        {},
+        2,
+        "invalid_role",
+        'role "User" is not one of',
+        id="message-role-case",
+    ),
+    *(
+        pytest.param(
+            jsonl(GOOD, req("req-1", body=body(max_tokens=bad))),
+            {},
+            2,
+            "invalid_max_tokens",
+            f"body.max_tokens {shown} is not an integer >= 1",
+            id=f"max-tokens-{name}",
+        )
+        for name, bad, shown in [
+            ("negative", -5, "-5"),
+            ("zero", 0, "0"),
+            ("string", "100", '"100"'),
+            ("fraction", 1.5, "1.5"),
+            ("integral-float", 100.0, "100.0"),
+            ("boolean", True, "true"),
+            ("object", {"value": 5}, '{"value": 5}'),
+        ]
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(max_completion_tokens=0))),
+        {},
+        2,
+        "invalid_max_tokens",
+        "body.max_completion_tokens 0 is not an integer >= 1 (custom_id 'req-1')",
+        id="max-completion-tokens-zero",
+    ),
+    pytest.param(
+        jsonl(
+            req(
+                "r-1",
+                url="/v1/responses",
+                body={"model": MODEL, "input": "hi", "max_output_tokens": -1},
+            )
+        ),
+        {"endpoint": "/v1/responses"},
+        1,
+        "invalid_max_tokens",
+        "body.max_output_tokens -1 is not an integer >= 1",
+        id="responses-max-output-tokens-negative",
+    ),
+    pytest.param(
+        jsonl(GOOD, req("req-1", body=body(max_tokens="1" * 5000))),
+        {},
+        2,
+        "invalid_max_tokens",
+        'body.max_tokens "11111',
+        id="max-tokens-5000-digit-string",
+    ),
+    pytest.param(
         jsonl(GOOD, req("req-1", body=body(model="gpt-4o"))),
         {},
         2,
@@ -519,6 +610,102 @@ def test_good_inputs_are_ok(tmp_path: Path, data: bytes) -> None:
     assert report.requests == 2
     assert report.problems == ()
     assert report.models == (MODEL,)
+
+
+ALL_ROLES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "developer", "content": "Answer in English."},
+    {"role": "user", "content": [{"type": "text", "text": "Look it up."}]},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "found"},
+    {"role": "function", "name": "look", "content": "found"},
+]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"messages": ALL_ROLES}, id="all-six-roles-any-content"),
+        pytest.param({"max_tokens": 1}, id="max-tokens-1"),
+        pytest.param({"max_tokens": None}, id="max-tokens-null"),
+        pytest.param({"max_completion_tokens": 1, "max_tokens": None}, id="max-completion-1"),
+        pytest.param({"max_tokens": 10**12}, id="max-tokens-huge"),
+        pytest.param({"max_output_tokens": None}, id="max-output-null"),
+    ],
+)
+def test_good_roles_and_output_limits_are_ok(tmp_path: Path, fields: dict[str, Any]) -> None:
+    """Every role OpenAI knows, with any content shape, and output limits of 1, null or
+    huge are accepted: the chat rules refuse only what every provider refuses."""
+    data = jsonl(GOOD, req("req-1", body=body(**fields)))
+    report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, model=MODEL)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("dialect", ["openai", "mistral", "anthropic", "gemini"])
+@pytest.mark.parametrize(
+    ("fields", "code", "fragment"),
+    [
+        pytest.param(
+            {"messages": [{"role": "usr", "content": "hi"}]},
+            "invalid_role",
+            'body.messages[0].role "usr" is not one of system,',
+            id="role",
+        ),
+        pytest.param(
+            {"messages": [7]}, "invalid_message", "body.messages[0] must be an object", id="msg"
+        ),
+        pytest.param(
+            {"max_tokens": -5}, "invalid_max_tokens", "body.max_tokens -5 is not", id="neg"
+        ),
+        pytest.param(
+            {"max_completion_tokens": True},
+            "invalid_max_tokens",
+            "body.max_completion_tokens true is not",
+            id="bool",
+        ),
+    ],
+)
+def test_every_dialect_refuses_a_bad_chat_line_the_same_way(
+    tmp_path: Path, dialect: str, fields: dict[str, Any], code: str, fragment: str
+) -> None:
+    """A message of no OpenAI role, a message that is not an object and an output limit
+    below 1 are one problem with one code, whichever provider the line is for (Anthropic and
+    Gemini convert the line with the same helper that checks OpenAI's)."""
+    data = jsonl(req("req-1", body=body(**fields)))
+    report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, dialect=dialect)
+    assert found(report) == [(1, code)]
+    assert fragment in report.problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "problems"),
+    [
+        pytest.param(0, [(1, "invalid_max_tokens")], id="zero"),
+        pytest.param("9", [(1, "invalid_max_tokens")], id="string"),
+        pytest.param(None, [(1, "missing_max_tokens")], id="null"),
+        pytest.param(9, [], id="ok"),
+    ],
+)
+def test_anthropic_params_max_tokens_is_an_integer_of_at_least_1(
+    tmp_path: Path, max_tokens: Any, problems: list[tuple[int, str]]
+) -> None:
+    """Anthropic's own {custom_id, params} line: max_tokens absent is missing_max_tokens, set
+    to what no provider takes is invalid_max_tokens, as on a chat line."""
+    params = {"model": "claude-x", "max_tokens": max_tokens, "messages": [{"role": "user"}]}
+    data = jsonl(json.dumps({"custom_id": "a", "params": params}).encode())
+    report = scan_batch_input(write(tmp_path, data), dialect="anthropic")
+    assert found(report) == problems
+
+
+def test_the_engine_leaves_roles_and_output_limits_to_each_request(tmp_path: Path) -> None:
+    """check_messages=False (the engine's own scan, as OpenAI's batch validation) accepts a
+    file whose lines have an unknown role or a bad limit: each is answered per line."""
+    data = jsonl(
+        req("a", body=body(messages=[{"role": "usr", "content": "hi"}])),
+        req("b", body=body(messages=["hi"], max_tokens=-5)),
+    )
+    assert scan_batch_input(write(tmp_path, data), check_messages=False).ok
+    assert not scan_batch_input(write(tmp_path, data)).ok
 
 
 def test_blank_lines_keep_physical_line_numbers(tmp_path: Path) -> None:

@@ -170,7 +170,14 @@ def test_max_tokens_defaults_when_absent() -> None:
         pytest.param(chat(messages=[]), "must be a non-empty list", id="no-messages"),
         pytest.param(chat(messages=["hi"]), "messages[0] must be an object", id="not-object"),
         pytest.param(
-            chat(messages=[{"role": "critic", "content": "a"}]), "role 'critic'", id="role"
+            chat(messages=[{"role": "critic", "content": "a"}]),
+            'role "critic" is not one of system, developer',
+            id="role",
+        ),
+        pytest.param(
+            chat(messages=[{"role": "function", "name": "f", "content": "a"}]),
+            "role 'function', which Anthropic does not know",
+            id="openai-role-anthropic-lacks",
         ),
         pytest.param(
             chat(messages=[{"role": "system", "content": "a"}]), "needs a user turn", id="sys-only"

@@ -200,7 +200,14 @@ def test_chat_body_maps_to_a_generate_content_request() -> None:
         pytest.param(chat(messages=[]), "must be a non-empty list", id="no-messages"),
         pytest.param(chat(messages=["hi"]), "messages[0] must be an object", id="not-object"),
         pytest.param(
-            chat(messages=[{"role": "critic", "content": "a"}]), "role 'critic'", id="role"
+            chat(messages=[{"role": "critic", "content": "a"}]),
+            'role "critic" is not one of system, developer',
+            id="role",
+        ),
+        pytest.param(
+            chat(messages=[{"role": "function", "name": "f", "content": "a"}]),
+            "role 'function', which Gemini does not know",
+            id="openai-role-gemini-lacks",
         ),
         pytest.param(
             chat(messages=[{"role": "system", "content": "a"}]), "needs a user turn", id="sys-only"

@@ -39,7 +39,10 @@ Pure functions, standard library only (``batchspec.wire.inputs`` calls them whil
   ``logit_bias``, ``seed``, ``stream``, audio and file parts, a system message after the
   conversation started, ``temperature`` above 1, and every other key (``store``,
   ``metadata``, ``reasoning_effort``, ``modalities``, ``functions``, ...). Lines for other
-  endpoints (embeddings, ...) cannot run on Anthropic (``unsupported_endpoint``).
+  endpoints (embeddings, ...) cannot run on Anthropic (``unsupported_endpoint``). What no
+  provider takes is refused as for every other one (``batchspec.wire.request_checks``): a
+  message that is not an object or has no OpenAI role, an output limit (here also
+  ``params.max_tokens``) that is not an integer >= 1.
 
 **Result lines.** Anthropic's results JSONL (``{"custom_id", "result": {"type": ...}}``) is
 turned into the OpenAI-shaped output/error lines the reconciler classifies
@@ -62,6 +65,7 @@ from typing import Any
 
 from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
 from batchspec.wire.chat_convert import no_extras, plain_text, short
+from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MESSAGES_ENDPOINT = "/v1/messages"
@@ -105,6 +109,8 @@ _MAPPED_KEYS = frozenset(
         "parallel_tool_calls",
     }
 )
+#: the chat parameters that become ``max_tokens``
+_CHAT_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 #: keys accepted when they ask for OpenAI's default (the value is then simply not sent)
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
@@ -175,11 +181,14 @@ def line_problems(line: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _params_problems(params: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
     problems = []
-    max_tokens = params.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+    if params.get("max_tokens") is None:
         problems.append(
             ("missing_max_tokens", f"{where}.max_tokens is required by Anthropic (an integer >= 1)")
         )
+    else:
+        found = output_limit_problem(params, ("max_tokens",), where)
+        if found is not None:
+            problems.append(found)
     messages = params.get("messages")
     if not isinstance(messages, list) or not messages:
         problems.append(("missing_messages", f"{where}.messages must be a non-empty list"))
@@ -216,6 +225,9 @@ def chat_to_params(
     if system:
         params["system"] = system
     params["messages"] = messages
+    found = output_limit_problem(body, _CHAT_LIMIT_KEYS)
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     params["max_tokens"] = default_max_tokens if limit is None else limit
     temperature = body.get("temperature")
@@ -243,12 +255,13 @@ def _is_text_format(key: str, value: Any) -> bool:
 def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
     if not isinstance(raw, list) or not raw:
         raise Unmappable("body.messages must be a non-empty list", code="missing_messages")
+    found = first_message_problem(raw)  # objects with OpenAI's roles, as every dialect asks
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
     system: list[str] = []
     messages: list[dict[str, Any]] = []
     for index, message in enumerate(raw):
         where = f"body.messages[{index}]"
-        if not isinstance(message, Mapping):
-            raise Unmappable(f"{where} must be an object", code="invalid_message")
         role = message.get("role")
         if role in ("system", "developer"):
             if messages:

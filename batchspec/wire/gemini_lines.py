@@ -48,7 +48,9 @@ the ``gemini`` provider and the Gemini dialect of ``batchspec serve`` share them
   sequences, audio and file parts, http(s) image URLs (Gemini reads images inline or from its
   own files), names on messages, a system message after the conversation started, and every
   other key (``reasoning_effort``, ``modalities``, ``prediction``, ``functions``, ...).
-  Lines for other endpoints cannot run on Gemini (``unsupported_endpoint``).
+  Lines for other endpoints cannot run on Gemini (``unsupported_endpoint``). What no provider
+  takes is refused as for every other one (``batchspec.wire.request_checks``): a message that
+  is not an object or has no OpenAI role, an output limit that is not an integer >= 1.
 
 **Result lines.** Gemini answers each request with ``{"key", "response"}`` or ``{"key",
 "error"}`` (a results file) or ``{"metadata": {"key"}, "response" | "error"}`` (inline).
@@ -73,6 +75,7 @@ from typing import Any
 
 from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
 from batchspec.wire.chat_convert import no_extras, plain_text, short
+from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 
 #: the manifest endpoint of Gemini's own request lines (body = GenerateContentRequest)
 GENERATE_CONTENT_ENDPOINT = "/v1beta/generateContent"
@@ -319,6 +322,9 @@ def chat_to_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _generation_config(body: Mapping[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {}
+    found = output_limit_problem(body, ("max_tokens", "max_completion_tokens"))
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
         config["maxOutputTokens"] = limit
@@ -363,13 +369,14 @@ def _response_format(value: Any) -> dict[str, Any]:
 def _contents(raw: Any) -> tuple[list[str], list[dict[str, Any]]]:
     if not isinstance(raw, list) or not raw:
         raise Unmappable("body.messages must be a non-empty list", code="missing_messages")
+    found = first_message_problem(raw)  # objects with OpenAI's roles, as every dialect asks
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool_call id -> function name, for tool answers
     for index, message in enumerate(raw):
         where = f"body.messages[{index}]"
-        if not isinstance(message, Mapping):
-            raise Unmappable(f"{where} must be an object", code="invalid_message")
         role = message.get("role")
         if role in ("system", "developer"):
             if contents:

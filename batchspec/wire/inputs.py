@@ -56,7 +56,21 @@ Rules, each with its stable ``code`` (OpenAI's name where it has one)
     ``invalid_model``       ``body.model`` not a string or empty.
     ``missing_messages``    a ``/chat/completions`` line's ``body.messages`` absent;
     ``invalid_messages``    not a list, or empty (the provider would refuse that line after
-                            the upload). Not with ``check_messages=False`` (the engine).
+                            the upload).
+    ``invalid_message``     one of a chat line's messages is not an object;
+    ``missing_role``        one has no ``role``;
+    ``invalid_role``        one's ``role`` is not one of OpenAI's: system, developer, user,
+                            assistant, tool, function. The first such message of a line is
+                            reported (``body.messages[2].role "usr" ...``); content is not
+                            looked at, its shapes vary by provider.
+    ``invalid_max_tokens``  ``body.max_tokens``, ``max_completion_tokens`` or
+                            ``max_output_tokens``, on any endpoint, set (not null) to anything
+                            but a JSON integer >= 1: ``0``, ``-5``, ``1.5``, ``100.0``,
+                            ``"100"``, ``true``. The budget would not read such a limit as
+                            the provider does (``wire.usage``).
+                            The last four are ``batchspec.wire.request_checks``, shared with
+                            the Anthropic and Gemini dialects. None of the last six applies
+                            with ``check_messages=False`` (the engine).
     ``model_mismatch``      ``body.model`` differs from ``model`` (the manifest's); without
                             ``model``, from the first line that named a model (OpenAI and
                             Azure: one model or deployment per file). The message names it.
@@ -71,16 +85,19 @@ Anthropic (``dialect="anthropic"``, for ``anthropic`` providers)
     and ``body`` are not asked for, and the model rules apply to ``params.model``. Every line
     is further checked by ``batchspec.wire.anthropic_lines.line_problems``: Messages
     parameters need ``max_tokens`` and ``messages`` (``missing_max_tokens``,
-    ``missing_messages``, ``invalid_params``), an OpenAI chat line must be convertible
-    (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
-    (``unsupported_endpoint``). Pass ``custom_id_pattern`` for Anthropic's id rule as well.
+    ``invalid_max_tokens``, ``missing_messages``, ``invalid_params``), an OpenAI chat line
+    must be convertible (``unmappable_parameter``, and the chat rules above:
+    ``invalid_message``, ``missing_role``, ``invalid_role``, ``invalid_max_tokens``) and other
+    endpoints cannot run there (``unsupported_endpoint``). Pass ``custom_id_pattern`` for
+    Anthropic's id rule as well.
 
 Gemini (``dialect="gemini"``, for ``gemini`` providers)
     Every line is further checked by ``batchspec.wire.gemini_lines.line_problems``: a
     ``/v1beta/generateContent`` body must be a GenerateContentRequest (``unknown_field``,
     ``missing_contents``, ...), an OpenAI chat line must be convertible
-    (``unmappable_parameter``, ``invalid_message``) and other endpoints cannot run there
-    (``unsupported_endpoint``).
+    (``unmappable_parameter``, and the chat rules above: ``invalid_message``,
+    ``missing_role``, ``invalid_role``, ``invalid_max_tokens``) and other endpoints cannot run
+    there (``unsupported_endpoint``).
 
 Mistral (``dialect="mistral"``, for ``mistral`` providers)
     Every line needs ``body.model``, moderation lines included (the job names one model,
@@ -114,6 +131,7 @@ from typing import IO, Any
 
 from batchspec.errors import InputError
 from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
+from batchspec.wire.request_checks import first_message_problem, json_type, output_limit_problem
 from batchspec.wire.request_index import RequestIndexWriter
 from batchspec.wire.usage import max_output_of_request
 
@@ -318,20 +336,6 @@ _parse: Callable[[bytes], Any] = _parse_orjson if orjson is not None else _parse
 # Checking one request
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
 def _shown(value: str) -> str:
     """A value quoted for a message, cut short so a huge value cannot flood the output."""
     if len(value) > _SHOWN_VALUE_CHARS:
@@ -371,7 +375,8 @@ class _Checker:
         self.shown: list[InputProblem] = []
         self.count = 0
         self.max_output_tokens = 0
-        self.messages = True  # a chat line's messages checked (``scan_batch_input``)
+        #: each request's messages and output limits checked (``check_messages``)
+        self.requests = True
 
     def problem(self, line: int, code: str, message: str, *, against_spec: bool = False) -> None:
         self.count += 1
@@ -384,7 +389,7 @@ class _Checker:
     def check(self, line: int, obj: Any) -> None:
         if type(obj) is not dict:
             self.problem(
-                line, "not_an_object", f"the line is a JSON {_json_type(obj)}, not an object"
+                line, "not_an_object", f"the line is a JSON {json_type(obj)}, not an object"
             )
             return
         self.check_custom_id(line, obj.get("custom_id"))
@@ -398,18 +403,17 @@ class _Checker:
         body = obj.get("body")
         if type(body) is dict:
             self.check_model(line, body.get("model"), url)
-            if (
-                self.messages
-                and not (self.anthropic or self.gemini)
-                and _chat(url or self.endpoint)
-            ):
-                # Anthropic's and Gemini's own rules check messages (below)
-                self.check_messages(line, body.get("messages", _MISSING), obj.get("custom_id"))
+            if self.requests and not (self.anthropic or self.gemini):
+                # Anthropic's and Gemini's own rules check these (below), with the same helpers
+                custom_id = obj.get("custom_id")
+                if _chat(url or self.endpoint):
+                    self.check_messages(line, body.get("messages", _MISSING), custom_id)
+                self.check_output_limits(line, body, custom_id)
             self.max_output_tokens += max_output_of_request(url, body)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
         else:
-            self.problem(line, "invalid_body", f"body must be an object, not a {_json_type(body)}")
+            self.problem(line, "invalid_body", f"body must be an object, not a {json_type(body)}")
         if self.anthropic:
             for code, message in anthropic_lines.line_problems(obj):
                 self.problem(line, code, message)
@@ -448,7 +452,7 @@ class _Checker:
                 self.problem(
                     line,
                     "invalid_custom_id",
-                    f"custom_id must be a string, not a {_json_type(custom_id)}",
+                    f"custom_id must be a string, not a {json_type(custom_id)}",
                 )
             return
         if not custom_id:
@@ -474,7 +478,7 @@ class _Checker:
         elif type(method) is str:
             found = _shown(method)
         else:
-            found = f"a {_json_type(method)}"
+            found = f"a {json_type(method)}"
         self.problem(line, "invalid_method", f"method is {found}; it must be 'POST'")
 
     def check_url(self, line: int, url: Any) -> str | None:
@@ -484,7 +488,7 @@ class _Checker:
                 want = f"; it must be {self.endpoint!r}" if self.endpoint else ""
                 self.problem(line, "missing_url", f"url is missing{want}", against_spec=bool(want))
             else:
-                self.problem(line, "invalid_url", f"url must be a string, not a {_json_type(url)}")
+                self.problem(line, "invalid_url", f"url must be a string, not a {json_type(url)}")
             return None
         key = self._url_key(url)
         if url not in self.urls:
@@ -510,20 +514,31 @@ class _Checker:
         return url
 
     def check_messages(self, line: int, messages: Any, custom_id: Any) -> None:
-        """A chat completion answers at least one message: a line without any is refused by
-        the provider after its upload (``[] is too short``), so here, before a cent. The
-        message names the line's ``custom_id``, as the provider's answer would have."""
+        """A chat completion answers at least one message, each an object with a role OpenAI
+        knows: a line without any, or with one of another role, is refused by the provider
+        after its upload (``[] is too short``, ``Invalid value: 'usr'``), so here, before a
+        cent. The message names the line's ``custom_id``, as the provider's answer would have."""
         if type(messages) is list and messages:
-            return  # every valid line: nothing more to look at
+            found = first_message_problem(messages)
+            if found is not None:
+                self.problem(line, found[0], found[1] + _of_custom_id(custom_id))
+            return
         of = f" of custom_id {_shown(custom_id)}" if type(custom_id) is str and custom_id else ""
         if messages is _MISSING:
             why = "is missing; a chat line needs it"
         elif type(messages) is not list:
-            why = f"must be a list, not a {_json_type(messages)}"
+            why = f"must be a list, not a {json_type(messages)}"
         else:
             why = "is empty; a chat line needs a message"
         code = "missing_messages" if messages is _MISSING else "invalid_messages"
         self.problem(line, code, f"body.messages{of} {why}")
+
+    def check_output_limits(self, line: int, body: dict[str, Any], custom_id: Any) -> None:
+        """An output-token limit that is not an integer >= 1 is refused by the provider after
+        the upload, and would not bound the budget's estimate as it reads (``wire.usage``)."""
+        found = output_limit_problem(body)
+        if found is not None:
+            self.problem(line, found[0], found[1] + _of_custom_id(custom_id))
 
     def check_model(self, line: int, model: Any, url: str | None) -> None:
         if type(model) is not str or not model:
@@ -533,7 +548,7 @@ class _Checker:
                 why = "; a Mistral batch job takes its model from the lines" if self.mistral else ""
                 self.problem(line, "missing_model", "body.model is missing" + why)
             else:
-                kind = "empty" if model == "" else f"a {_json_type(model)}"
+                kind = "empty" if model == "" else f"a {json_type(model)}"
                 self.problem(
                     line, "invalid_model", f"body.model must be a non-empty string, not {kind}"
                 )
@@ -557,6 +572,10 @@ class _Checker:
                 f"body.model {_shown(model)} differs from {_shown(reference)} on line "
                 f"{self.models[reference]}; a batch file uses one model",
             )
+
+
+def _of_custom_id(custom_id: Any) -> str:
+    return f" (custom_id {_shown(custom_id)})" if type(custom_id) is str and custom_id else ""
 
 
 def _chat(url: str | None) -> bool:
@@ -589,12 +608,13 @@ def scan_batch_input(
     ``index``: also record every request line's facts there, from the same pass
     (``batchspec.wire.request_index``; meaningful only when the report is ok).
     ``check_messages=False`` (the engine, as OpenAI's batch validation): a chat line's
-    ``messages`` is the request's own business, answered per line (400), not the file's.
+    ``messages`` and a request's output limits are the request's own business, answered per
+    line (400), not the file's.
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
-    checker.messages = check_messages
+    checker.requests = check_messages
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
     add = index.add if index is not None else None

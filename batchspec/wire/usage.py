@@ -115,7 +115,11 @@ def _limit(value: Any) -> int:
     """A request's count parameter as a server may read it: an integer, and also what lax
     validators take for one (pydantic: vLLM, LiteLLM; protobuf JSON: Gemini), an integral
     float (``100000.0``) or a string of digits (``"100000"``). Taking those for "not set"
-    would bound the request at the default while it is served at its own limit."""
+    would bound the request at the default while it is served at its own limit. Anything
+    else (``0``, ``-5``, ``true``, ``1.5``, a list) is "not set": never a bound below the
+    default, never an error. ``validate`` refuses all of these for ``max_tokens``,
+    ``max_completion_tokens`` and ``max_output_tokens`` (``wire.request_checks``); the lax
+    reading serves what it does not check (``generationConfig``, ``n``)."""
     if value is None:  # the common cases first: a scan asks this of every request
         return 0
     if type(value) is int:
@@ -123,7 +127,10 @@ def _limit(value: Any) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value) if value > 0 else 0
     if isinstance(value, str) and value.strip().isdecimal():
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts (4,300): as not set, no crash
+            return 0
     return _count(value)
 
 

@@ -66,7 +66,7 @@ from batchspec.wire.request_index import (
 from batchspec.workspace.resolving import FolderResolver
 
 _SCHEMA = """
-create table if not exists input_scans4 (
+create table if not exists input_scans5 (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
@@ -78,8 +78,9 @@ create table if not exists input_scans4 (
 #: earlier tables (dropped: it costs one re-read): before racy entries were kept, before
 #: small inputs' request indexes were kept on their entries, before the output bound
 #: counted every choice a request asks for (``n``) and limits given as ``100.0`` or ``"100"``,
-#: and before a chat line without messages was refused (its scans said it was valid)
-_OLD_TABLES = ("scans", "input_scans", "input_scans2", "input_scans3")
+#: before a chat line without messages was refused, and before a message of no known role
+#: or an output-token limit below 1 (or not an integer) was (their scans said it was valid)
+_OLD_TABLES = ("scans", "input_scans", "input_scans2", "input_scans3", "input_scans4")
 
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
@@ -353,7 +354,7 @@ class InputCache:
         try:
             row = self.conn.execute(
                 "select size, mtime_ns, ctime_ns, inode, report, verify, request_index "
-                "from input_scans4 where path = ? and options = ?",
+                "from input_scans5 where path = ? and options = ?",
                 key,
             ).fetchone()
         except sqlite3.Error:  # a damaged cache costs a re-read, never the run
@@ -383,7 +384,7 @@ class InputCache:
         meanwhile would only be missed: a cache."""
         if self._stored is None:
             try:
-                self._stored = set(conn.execute("select path, options from input_scans4"))
+                self._stored = set(conn.execute("select path, options from input_scans5"))
             except sqlite3.Error:  # a damaged cache costs a re-read, never the run
                 self._stored = set()
         return self._stored
@@ -412,10 +413,10 @@ class InputCache:
             conn.execute("begin immediate")
             try:
                 conn.executemany(
-                    "insert or replace into input_scans4 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "insert or replace into input_scans5 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
-                conn.executemany("delete from input_scans4 where path = ?", gone)
+                conn.executemany("delete from input_scans5 where path = ?", gone)
             except BaseException:
                 conn.execute("rollback")
                 raise
@@ -438,7 +439,7 @@ def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
     whole request index, and inputs named anew each run (dated files, temporary checkouts)
     would otherwise grow the cache without end, where index files are pruned
     (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
-    paths = [row[0] for row in conn.execute("select distinct path from input_scans4")]
+    paths = [row[0] for row in conn.execute("select distinct path from input_scans5")]
     return [(path,) for path in paths if not os.path.exists(path)]
 
 
