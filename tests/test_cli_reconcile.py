@@ -515,11 +515,15 @@ def test_results_prints_the_merged_file_and_errors(
 def test_results_before_apply_says_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """results of a resource never applied: exit 1, the file is missing, run apply."""
+    """results of a resource never applied: exit 1, the file is missing, run apply; the
+    --json error document names the resource (docs/output.md: `resource` is the one it is
+    about)."""
     ws = local_ws(tmp_path / "ws")
     code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
     assert code == 1 and out == ""
     assert "does not exist yet" in err and "batchspec apply" in err
+    code, out, _ = run_cli(["results", "triage", str(ws.root), "--json"], capsys)
+    assert code == 1 and json.loads(out)["resource"] == "triage"
 
 
 def test_a_results_file_that_cannot_be_written_exits_1_without_a_traceback(

@@ -113,10 +113,12 @@ def result_files(
         for res in effective_resources(store, resources):
             path = res.errors_path if errors else res.output_path
             if not path.is_file():
-                raise StateError(
+                missing = StateError(
                     f"{display_path(path)} does not exist yet",
                     details=["run `batchspec apply` to collect the results, or to restore it"],
                 )
+                missing.about(res.name)  # the --json error document names it
+                raise missing
             tied = _tie_to_generation(store, res, path, errors=errors)
             found.append(replace(tied, resource=res))
     stale = [f for f in found if not f.current]
