@@ -1053,6 +1053,17 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
     assert sha.search(as_json)
 
 
+def test_history_text_writes_event_values_as_show_does(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event's true/false reads the same in `history` and `show` (JSON's words, as in
+    --json), not Python's True/False."""
+    _, text, _ = run_cli(["history", "--project", str(applied.root), "--events", "all"], capsys)
+    _, shown, _ = run_cli(["show", "alpha", str(applied.root)], capsys)
+    assert "stopped_at_window=false" in text and "stopped_at_window=false" in shown
+    assert "=False" not in text and "=True" not in text
+
+
 def test_history_text_links_each_ci_run(
     applied: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -944,6 +944,8 @@ def _detail_text(detail: dict[str, object]) -> str:
             value = f"({_detail_text(value)})"
         elif value is None or isinstance(value, list):
             continue
+        elif isinstance(value, bool):  # as `show` and --json write it: false, not False
+            value = "true" if value else "false"
         parts.append(f"{key}={_short_hashes(str(value))}")
     return ", ".join(parts)
 
