@@ -123,7 +123,7 @@ def result_files(
             found.append(replace(tied, resource=res))
     stale = [f for f in found if not f.current]
     if stale and not allow_stale:
-        raise StaleResultsError(
+        refused = StaleResultsError(
             f"{stale[0].stale_reason}; nothing was printed",
             details=[
                 *(f.stale_reason or "" for f in stale[1:]),
@@ -131,6 +131,9 @@ def result_files(
                 "print stale results anyway",
             ],
         )
+        if len(stale) == 1:  # the --json error document names it
+            refused.about(stale[0].name)
+        raise refused
     return ResultsView(found, ws.problems, ws.project.providers)
 
 
