@@ -51,7 +51,8 @@ def test_plan_shows_requests_and_an_input_token_estimate(
     tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """plan --json reports, per action and in total, the requests it would submit and an
-    input-token estimate of about a token per four bytes of input."""
+    input-token estimate of about a token per four bytes of input; the text's estimate line
+    says what a request without max_tokens is bounded at."""
     srv = serve()
     ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("est", count=12))
     nbytes = ws.input_path("est").stat().st_size
@@ -66,6 +67,9 @@ def test_plan_shows_requests_and_an_input_token_estimate(
     assert nbytes // 5 < action["estimated_input_tokens"] < nbytes // 3
     code, out, _ = run_cli(["plan", str(ws.root)], capsys)
     assert "12 requests" in out and f"~{estimate_input_tokens(nbytes):,} input tokens" in out
+    # its `≤ 4,096 output tokens` a request that sets no max_tokens says where it comes from,
+    # as the markdown plan does
+    assert "output at each request's max_tokens, 4096 where unset" in out
 
 
 def test_a_request_budget_refusal_uploads_nothing(

@@ -515,11 +515,15 @@ def test_results_prints_the_merged_file_and_errors(
 def test_results_before_apply_says_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """results of a resource never applied: exit 1, the file is missing, run apply."""
+    """results of a resource never applied: exit 1, the file is missing, run apply; the
+    --json error document names the resource (docs/output.md: `resource` is the one it is
+    about)."""
     ws = local_ws(tmp_path / "ws")
     code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
     assert code == 1 and out == ""
     assert "does not exist yet" in err and "batchspec apply" in err
+    code, out, _ = run_cli(["results", "triage", str(ws.root), "--json"], capsys)
+    assert code == 1 and json.loads(out)["resource"] == "triage"
 
 
 def test_a_results_file_that_cannot_be_written_exits_1_without_a_traceback(
@@ -1047,6 +1051,17 @@ def test_history_text_shortens_hashes_that_json_keeps_whole(
     _, as_json, _ = run_cli(["history", "--project", str(applied.root), "--json"], capsys)
     assert "spec_hash=" in text and not sha.search(text)
     assert sha.search(as_json)
+
+
+def test_history_text_writes_event_values_as_show_does(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event's true/false reads the same in `history` and `show` (JSON's words, as in
+    --json), not Python's True/False."""
+    _, text, _ = run_cli(["history", "--project", str(applied.root), "--events", "all"], capsys)
+    _, shown, _ = run_cli(["show", "alpha", str(applied.root)], capsys)
+    assert "stopped_at_window=false" in text and "stopped_at_window=false" in shown
+    assert "=False" not in text and "=True" not in text
 
 
 def test_history_text_links_each_ci_run(

@@ -53,12 +53,15 @@ def test_results_of_an_older_spec_are_refused_not_shown_as_current(
     changed_and_cancelled: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """After a changed input whose generation was cancelled, `results NAME` exits 1 naming
-    the generation the file holds and where the current spec stands; nothing on stdout."""
+    the generation the file holds and where the current spec stands; nothing on stdout (with
+    --json: the error document, naming the resource)."""
     ws = changed_and_cancelled
     code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
     assert code == 1 and out == ""
     assert "holds the results of generation 1" in err
     assert "cancelled" in err and "--allow-stale" in err
+    code, out, _ = run_cli(["results", "triage", str(ws.root), "--json"], capsys)
+    assert code == 1 and json.loads(out)["resource"] == "triage"
 
 
 def test_allow_stale_prints_them_flagged_and_json_says_whose_they_are(

@@ -436,3 +436,26 @@ def test_serve_in_a_workspace_says_when_its_folder_is_the_local_providers(
         err = capsys.readouterr().err
         assert ("engine data folder of provider 'local'" in err) is warned, err
         assert ("--data-dir state/serve" in err) is warned
+
+
+def test_serve_in_a_workspaces_subfolder_says_where_its_default_folder_lands(
+    tmp_path, capsys, monkeypatch
+):
+    """`batchspec serve` run in a workspace's subfolder (manifests/) with the default
+    --data-dir makes state/local there, beside the manifests and outside the state folder
+    every other command finds from there: it says so, and how to avoid it; a --data-dir
+    given, or serve at the root, is said nothing of."""
+    from batchspec.engine import Engine
+
+    (tmp_path / "batchspec.yaml").write_text("apiVersion: batchspec/v1\nkind: Project\n")
+    sub = tmp_path / "manifests"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    for args, warned in (([], True), (["--data-dir", "state/local"], False)):
+        # held by an engine: serve stops at once (exit 3), after what it says first
+        with Engine(sub / "state/local"), pytest.raises(SystemExit) as exited:
+            main(["serve", "--port", "0", *args])
+        assert exited.value.code == 3
+        err = capsys.readouterr().err
+        assert ("not at the workspace's root" in err) is warned, err
+        assert (str(sub / "state/local") in err) is warned, err

@@ -564,7 +564,8 @@ def test_orphans_are_reported_sorted_after_the_desired_resources() -> None:
 
 def test_prune_turns_orphans_into_prune_actions() -> None:
     """With prune, an orphan becomes `prune`, which is a change: "forget" when nothing of it
-    may still run, "cancel and forget" when something does."""
+    may still run, "cancel and forget" when something does; the orphan line without --prune
+    says which."""
     plan = make_plan(
         [], {"old": orphan("old"), "live": orphan("live", "in_progress")}, {}, prune=True
     )
@@ -575,6 +576,10 @@ def test_prune_turns_orphans_into_prune_actions() -> None:
     assert plan.actions[0].reason.endswith(": cancel and forget")
     assert plan.actions[1].reason.endswith(": forget")
     assert plan.has_changes
+    # without --prune, what it would do is said the same way
+    plan = make_plan([], {"old": orphan("old"), "live": orphan("live", "in_progress")}, {})
+    assert plan.actions[0].reason.endswith("`apply --prune` cancels and forgets it")
+    assert plan.actions[1].reason.endswith("`apply --prune` forgets it")
 
 
 def test_a_pruned_orphans_finished_uncollected_batch_is_not_called_in_flight() -> None:

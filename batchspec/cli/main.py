@@ -297,6 +297,24 @@ def _variable_name(ctx: click.Context, param: click.Parameter, value: str | None
     )
 
 
+def _say_where_a_subfolders_engine_folder_lands(data_dir: str) -> None:
+    """Serve's default --data-dir is relative to the working directory: in a workspace's
+    subfolder (manifests/) it makes a state folder there, beside the manifests, where no
+    other command looks. Said, not refused: serve needs no workspace."""
+    from batchspec.workspace.project import find_project_file
+
+    found = find_project_file()
+    if found is None or found.parent.resolve() == Path.cwd().resolve():
+        return
+    click.echo(
+        f"Warning: serve keeps its files in {Path(data_dir).resolve()} (--data-dir {data_dir} "
+        f"is relative to this folder), inside the workspace at {found.parent} but not at the "
+        "workspace's root, outside its state folder; run serve from the root, or give "
+        "--data-dir a folder of its own (e.g. the root's state/serve)",
+        err=True,
+    )
+
+
 @cli.command()
 @click.option(
     "--host",
@@ -494,6 +512,8 @@ def serve(**opts: Any) -> None:
             "state/serve) unless it is meant to run that provider's batches",
             err=True,
         )
+    elif click.get_current_context().get_parameter_source("data_dir") is ParameterSource.DEFAULT:
+        _say_where_a_subfolders_engine_folder_lands(opts["data_dir"])
     with engine_log_shown():
         serve_from_cli_options(
             opts,

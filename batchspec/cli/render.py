@@ -261,7 +261,10 @@ def plan_costs(result: PlanResult, *, every: bool = True) -> str:
 
 def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> list[str]:
     """``plan_costs``'s lines (apply's prompt shows them too)."""
-    lines = ["Estimated spend (input ~4 bytes/token; output at each request's max_tokens):"]
+    lines = [
+        "Estimated spend (input ~4 bytes/token; output at each request's max_tokens, "
+        "4096 where unset):"
+    ]
     shown = list(estimates.items())
     if not every and len(shown) > COSTS_SHOWN:
         shown.sort(key=lambda item: -math.inf if item[1].cost_usd is None else -item[1].cost_usd)
@@ -944,6 +947,8 @@ def _detail_text(detail: dict[str, object]) -> str:
             value = f"({_detail_text(value)})"
         elif value is None or isinstance(value, list):
             continue
+        elif isinstance(value, bool):  # as `show` and --json write it: false, not False
+            value = "true" if value else "false"
         parts.append(f"{key}={_short_hashes(str(value))}")
     return ", ".join(parts)
 

@@ -735,7 +735,8 @@ def _orphan_action(rec: RecordedResource, prune: bool, declared_by: str | None =
         resource=rec.name,
         kind=ActionKind.ORPHANED,
         provider=rec.provider,
-        reason=f"manifest is gone ({detail}); `apply --prune` cancels and forgets it",
+        reason=f"manifest is gone ({detail}); `apply --prune` "
+        + ("cancels and forgets it" if _orphan_stops(rec) else "forgets it"),
     )
 
 

@@ -113,15 +113,17 @@ def result_files(
         for res in effective_resources(store, resources):
             path = res.errors_path if errors else res.output_path
             if not path.is_file():
-                raise StateError(
+                missing = StateError(
                     f"{display_path(path)} does not exist yet",
                     details=["run `batchspec apply` to collect the results, or to restore it"],
                 )
+                missing.about(res.name)  # the --json error document names it
+                raise missing
             tied = _tie_to_generation(store, res, path, errors=errors)
             found.append(replace(tied, resource=res))
     stale = [f for f in found if not f.current]
     if stale and not allow_stale:
-        raise StaleResultsError(
+        refused = StaleResultsError(
             f"{stale[0].stale_reason}; nothing was printed",
             details=[
                 *(f.stale_reason or "" for f in stale[1:]),
@@ -129,6 +131,9 @@ def result_files(
                 "print stale results anyway",
             ],
         )
+        if len(stale) == 1:  # the --json error document names it
+            refused.about(stale[0].name)
+        raise refused
     return ResultsView(found, ws.problems, ws.project.providers)
 
 
