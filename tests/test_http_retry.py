@@ -258,6 +258,24 @@ def test_x_should_retry_true_forces_a_retry(scripted: ScriptedServer) -> None:
     assert len(scripted.requests) == 2
 
 
+@pytest.mark.parametrize("status", [501, 505])
+def test_a_5xx_no_wait_changes_is_not_retried_and_points_at_the_base_url(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """501 (what a plain web server answers a POST it does not implement: a baseUrl that is
+    no Batch API) and 505 fail at once, not after five retries, saying to check baseUrl; and
+    a create they answer is no ambiguous outcome (the server did not act): nothing to adopt."""
+    scripted.script(then=error_answer(status, "Unsupported method ('POST')"))
+    provider, sleeps = make_provider(scripted)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert len(scripted.requests) == 1 and sleeps == []
+    assert "not retried" in str(caught.value) and "is baseUrl the root of a Batch API" in str(
+        caught.value
+    )
+    assert not _http.is_ambiguous_status(status)
+
+
 @pytest.mark.parametrize(
     ("status", "message", "error_class", "hint"),
     [

@@ -35,12 +35,15 @@ NOW = 1_700_000_000.0
         pytest.param(422, False, False, id="422"),
         pytest.param(429, True, True, id="429"),
         pytest.param(500, True, True, id="500"),
+        pytest.param(501, False, False, id="501-not-implemented"),
         pytest.param(503, True, True, id="503"),
+        pytest.param(505, False, False, id="505-http-version"),
         pytest.param(529, True, True, id="529-overloaded"),
     ],
 )
 def test_which_statuses_each_side_retries(status: int, client: bool, upstream: bool) -> None:
-    """The client retries 408/409/429/5xx (the SDK's list); the engine 408/429/5xx."""
+    """The client retries 408/409/429/5xx (the SDK's list); the engine 408/429/5xx; neither
+    501 or 505, which no wait changes."""
     assert CLIENT_POLICY.retries_status(status) is client
     assert UPSTREAM_POLICY.retries_status(status) is upstream
 

@@ -4,7 +4,8 @@ What this module promises:
 
 - Retries follow one ``RetryPolicy`` (``batchspec.wire.retry``; by default ``CLIENT_POLICY``,
   the official SDK's rules): a request is retried after a transport error or timeout and
-  after HTTP 408, 409, 429 and every status >= 500, at most ``max_retries`` times; never after
+  after HTTP 408, 409, 429 and every status >= 500 but 501 and 505 (no wait changes those), at
+  most ``max_retries`` times; never after
   a 429 whose code is ``insufficient_quota`` (waiting does not buy quota), nor when the
   server answers ``x-should-retry: false``; ``x-should-retry: true`` forces a retry.
 - The wait before a retry honours ``retry-after-ms``, then ``Retry-After`` (seconds or an
@@ -69,6 +70,7 @@ from batchspec.wire.batch_status import NOTHING_TO_CANCEL
 from batchspec.wire.no_proxy import bypasses_proxy
 from batchspec.wire.retry import (
     CLIENT_POLICY,
+    NOT_TRANSIENT_5XX,
     RetryPolicy,
     retry_after_seconds,
     should_retry_header,
@@ -76,7 +78,7 @@ from batchspec.wire.retry import (
 from batchspec.wire.secrets import is_placeholder, redact_word
 
 #: 5xx statuses after which the server has not acted on the request
-_UNAMBIGUOUS_5XX = frozenset({503})
+_UNAMBIGUOUS_5XX = frozenset({503}) | NOT_TRANSIENT_5XX
 #: 4xx answers that do not say the request was refused: 408 (a gateway that gave up waiting
 #: may still forward it) and 409 (a conflict with something that may be what we sent)
 _UNSURE_4XX = frozenset({408, 409})
@@ -344,6 +346,12 @@ def _hint(
         return "The object is in a conflicting state; try again later."
     if status == 413:
         return "The file is too large for the provider; split the input into smaller shards."
+    if status in NOT_TRANSIENT_5XX:
+        return (
+            f"The server at {context.base_url} does not implement this request, and waiting "
+            "will not change that (not retried): is baseUrl the root of a Batch API (the "
+            "URL its /files and /batches are under, e.g. https://api.openai.com/v1)?"
+        )
     if status >= 500:
         return f"The provider at {context.base_url} failed on its side; try again later."
     return "See the provider's message."

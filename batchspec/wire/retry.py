@@ -6,7 +6,8 @@ talking to its upstream model server). Their rules differ, so they are two *inst
 ``RetryPolicy``, not two implementations; each caller's loop only asks the policy:
 
 - ``retries_status(status, code=, should_retry=)``: is this answer worth another attempt?
-  (``retry_statuses``, every 5xx if ``retry_server_errors``, never an error ``code`` in
+  (``retry_statuses``, every 5xx but ``NOT_TRANSIENT_5XX`` if ``retry_server_errors``, never
+  an error ``code`` in
   ``final_codes``; a server's ``x-should-retry: true|false`` wins where ``honour_should_retry``);
 - ``can_retry(retries_done)``: are attempts left (``max_attempts`` counts the first one)?
 - ``delay(retries_done, retry_after)``: how long to wait: the server's ``Retry-After`` capped
@@ -30,6 +31,10 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+
+#: 5xx answers no wait changes: 501 (the server does not implement the request: a baseUrl that
+#: is no Batch API, e.g. a plain file server answering a POST) and 505 (HTTP version)
+NOT_TRANSIENT_5XX = frozenset({501, 505})
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class RetryPolicy:
             return False
         if self.honour_should_retry and should_retry is True:
             return True
-        return status in self.retry_statuses or (self.retry_server_errors and status >= 500)
+        return status in self.retry_statuses or (
+            self.retry_server_errors and status >= 500 and status not in NOT_TRANSIENT_5XX
+        )
 
     def can_retry(self, retries_done: int) -> bool:
         """Whether attempt ``retries_done + 1`` having failed, another one is allowed."""
@@ -181,6 +188,7 @@ def _as_float(value: str | None) -> float | None:
 
 __all__ = [
     "CLIENT_POLICY",
+    "NOT_TRANSIENT_5XX",
     "UPSTREAM_POLICY",
     "RetryPolicy",
     "client_policy",
