@@ -509,3 +509,25 @@ def test_a_request_with_a_large_output_limit_added_to_kept_answers_counts_its_ow
     code, out, err = apply_wait(ws, capsys)
     assert code == 1 and "maxCostUSD 0.05" in err, out + err
     assert len(received_batches(srv.client())) == 1
+
+
+def test_the_plans_output_bound_is_of_the_requests_sent_even_without_a_budget(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without any budget, the plan's "≤ N output tokens" of a new generation that keeps
+    answers is still the bound of the requests it sends: 100,000 for the one added request,
+    not the input's average share (an understated bound in the consent prompt)."""
+    srv = serve()
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("grown"))
+    short = [limited_line(f"short-{i}", 10) for i in range(9)]
+    ws.write_input("grown", short)
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 0, out + err
+    ws.write_input("grown", [*short, limited_line("long", 100_000)])
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+
+    assert code == 0, out + err
+    assert json.loads(out)["estimates"]["grown"]["max_output_tokens"] == 100_000
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert "≤ 100,000 output tokens" in out, out

@@ -35,7 +35,6 @@ from batchspec.core.budget import (
     Estimate,
     check_budget,
     estimate_spend,
-    measures_output,
     output_of_unresolved,
     output_of_unreused,
     sent_by,
@@ -1253,15 +1252,18 @@ def measured_outputs(
     *,
     backoff: float,
 ) -> dict[str, int]:
-    """The output bound of what each spending action with a dollar budget sends, when that
-    is not the whole input (whose bound the scan summed): a retry's unresolved requests, a
-    new generation's requests without a kept answer. Measured as apply measures them."""
+    """The output bound of what each spending action sends, when that is not the whole input
+    (whose bound the scan summed): a retry's unresolved requests, a new generation's requests
+    without a kept answer. Measured as apply measures them, budget or not: the plan and the
+    consent prompt show it as "≤", and a share of the whole input's bound (its average) is
+    no bound for the requests actually sent (a long essay asked without a limit among short
+    answers already kept)."""
     by_name = {r.name: r for r in resources}
     out: dict[str, int] = {}
     now = time.time()
     for action in plan.spending:
         res = by_name.get(action.resource)
-        if res is None or not action.requests or not measures_output(res):
+        if res is None or not action.requests:
             continue
         if action.kind is ActionKind.RETRY and action.generation_id is not None:
             gen = store.get_generation(action.generation_id)

@@ -94,8 +94,9 @@ def estimate_spend(
 
 
 def measures_output(res: Resource) -> bool:
-    """Whether the output bound of the very requests sent is measured (parsing them again):
-    only a dollar budget needs it."""
+    """Whether a spending step measures the output bound of the very requests it sends
+    (parsing them again) to check them against a budget: only a dollar budget needs it (the
+    plan measures them for its estimates anyway: ``apply.measured_outputs``)."""
     return res.budget is not None and res.budget.max_cost_usd is not None
 
 
