@@ -256,6 +256,27 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert not is_loopback("batch.example.com") and not is_loopback("10.0.0.1")
 
 
+def test_serve_on_a_port_in_use_leaves_no_data_folder_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The port is bound before the data folder is made: a serve that cannot listen exits 1
+    naming the port and leaves no engine folder (engine.db, engine.lock) where it would
+    have served from."""
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    data = tmp_path / "state" / "serve"
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", "--port", str(port), "--data-dir", str(data)])
+    finally:
+        taken.close()
+    assert exited.value.code == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not data.exists() and not (tmp_path / "state").exists()
+
+
 def test_serve_refuses_to_be_its_own_upstream(tmp_path: Path) -> None:
     """`serve --port P --upstream http://localhost:P/v1` exits 64 before running any line,
     naming the loop and what to do, instead of failing every line with its own 404/401."""

@@ -1,6 +1,6 @@
 """Run the engine's HTTP API under uvicorn: ``batchspec serve``, and servers in threads for tests.
 
-``serve`` opens the engine on a data folder, starts its worker, binds the socket, announces
+``serve`` binds the socket, opens the engine on a data folder, starts its worker, announces
 the URL through a callback (the library never prints) and serves until Ctrl-C or SIGTERM;
 then it stops accepting requests, drains in-flight upstream calls, commits and frees the data
 folder, so the next ``serve`` resumes unfinished batches without re-running finished lines.
@@ -211,15 +211,16 @@ def serve(
             f"Refusing to listen on {options.host} without an API key: anyone who can reach "
             "it could spend your upstream. Use --api-key-env NAME, or --host 127.0.0.1."
         )
-    engine = open_engine(options)
+    # the socket first: a port in use stops it before the data folder is made or locked
+    sock = bind_socket(options.host, options.port)
+    try:
+        refuse_itself_as_upstream(options.upstreams, options.host, sock.getsockname()[1])
+        engine = open_engine(options)
+    except BaseException:
+        sock.close()
+        raise
     server: _Server | None = None
     try:
-        sock = bind_socket(options.host, options.port)
-        try:
-            refuse_itself_as_upstream(options.upstreams, options.host, sock.getsockname()[1])
-        except BatchspecError:
-            sock.close()
-            raise
         engine.start()
         app = create_app(engine, api_key=api_key, api_faults=options.api_faults)
         server = _Server(_uvicorn_config(app), engine, on_stopping or (lambda _: None))
@@ -231,6 +232,7 @@ def serve(
         # a second Ctrl-C while uvicorn stopped, or while the engine drains (``Engine.close``
         # takes it): the engine does not wait for its requests, and still closes whole
         engine.close(wait_for_requests=not (server is not None and server.forced))
+        sock.close()
 
 
 class _Terminated(Exception):
