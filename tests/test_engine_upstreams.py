@@ -93,6 +93,24 @@ def test_responses_moderations_and_completions_shapes():
             404,
             id="a-model-it-does-not-serve",
         ),
+        pytest.param(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "usr", "content": "x"}]},
+            400,
+            id="a-role-openai-does-not-know",
+        ),
+        pytest.param(
+            "/v1/chat/completions", {"model": "m", "messages": ["x"]}, 400, id="a-bare-message"
+        ),
+        pytest.param(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5},
+            400,
+            id="a-negative-max-tokens",
+        ),
+        pytest.param(
+            "/v1/responses", {"model": "m", "input": "x", "max_output_tokens": 0}, 400, id="zero"
+        ),
     ],
 )
 def test_stand_in_refuses_what_openai_refuses(url, body, status):

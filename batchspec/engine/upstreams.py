@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 from batchspec.engine import jsonfast
 from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
+from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 from batchspec.wire.retry import retry_after_seconds
 from batchspec.wire.secrets import is_placeholder
 
@@ -357,6 +358,14 @@ def answer(url: str, body: Any) -> UpstreamResponse:
     required = _REQUIRED.get(path)
     if required is not None and body.get(required) in (None, "", []):
         return _api_error(400, f"'{required}' is a required property.", param=required)
+    # what OpenAI refuses per request, refused as it does (400), so that a request sent to
+    # serve without batchspec's own validation fails here as it would at the provider
+    problem = output_limit_problem(body)
+    messages = body.get("messages")
+    if problem is None and path == "/chat/completions" and isinstance(messages, list):
+        problem = first_message_problem(messages)
+    if problem is not None:
+        return _api_error(400, problem[1])
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and not 0 <= temperature <= 2:
         # OpenAI's range; validate leaves parameter ranges to the provider (they differ)
