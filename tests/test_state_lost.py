@@ -298,3 +298,31 @@ def test_creates_and_adoptions_say_which_shard_and_how_many_requests(
             (f"{verb[event]} batch ID (shard 3, attempt 1, 1 request)", 3, 1, 1),
         ]
         lose_state(ws)
+
+
+def test_a_lost_state_does_not_adopt_a_batch_of_a_generation_that_kept_answers(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation that keeps earlier answers sends only what changed, in shards of its own
+    (here shard 1 = the one changed request, req-5): its keys must not be those of the full
+    input's shards, which a lost state computes. Adopted as shard 1 (req-0, req-1), that batch
+    answers none of its requests: apply refused the download on every run ('served another
+    file's content'), the resource stuck until `--replace` paid for it all again."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 4  # the changed request alone, in shard 1
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)

@@ -11,6 +11,7 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -232,15 +233,16 @@ def record_intent(
     input_sha256: str | None = None,
     request_index: str | None = None,
 ) -> BatchRow:
-    key = batch_key(res.name, res.spec_hash, shard, attempt)
     with ctx.store.atomic():
+        part = attempt_part(ctx, gen, shard, attempt)
+        key = batch_key(res.name, res.spec_hash, shard, part)
         existing = ctx.store.batch_by_key(key)
         if existing is not None and existing.generation_id != gen.id:
             # another generation's batch holds the key: a resource moved away keeps its
             # batches' keys (the provider's copies carry them), and a new resource given the
             # old name and the same spec comes to the same key. Taken for this generation's,
             # its batch was never made and `apply --wait` waited for it without end.
-            key = batch_key(res.name, res.spec_hash, shard, f"{attempt}g{gen.id}")
+            key = batch_key(res.name, res.spec_hash, shard, f"{part}g{gen.id}")
             existing = ctx.store.batch_by_key(key)
         if existing is not None:
             return existing
@@ -278,6 +280,21 @@ def record_intent(
             },
         )
     return batch
+
+
+def attempt_part(ctx: RunContext, gen: GenerationRow, shard: int, attempt: int) -> str:
+    """The attempt's part of its batch key: the attempt number, and, for a generation that
+    keeps earlier answers, a digest of the input lines the batch carries.
+
+    Such a generation sends only what no earlier generation answered, in shards of its own:
+    which requests its shard N holds depends on the state, not on the spec. A lost state
+    shards the whole input under the same spec, and its shard N under the plain key adopted
+    this batch, whose answers are none of that shard's requests: refused as another file's
+    content on every run, the resource was stuck until `--replace` paid for it all again."""
+    if not ctx.ledger.keeps_earlier_answers(gen.id):
+        return str(attempt)
+    lines = ",".join(str(line) for line in sorted(ctx.ledger.unresolved_lines(gen.id, shard)))
+    return f"{attempt}k{hashlib.sha256(lines.encode()).hexdigest()[:12]}"
 
 
 def measuring_output(
