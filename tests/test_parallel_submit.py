@@ -94,7 +94,7 @@ def keys_on_server(srv: ProbedServer) -> list[tuple[str, str, str]]:
         (
             b["metadata"]["batchspec_resource"],
             b["metadata"]["batchspec_shard"],
-            b["metadata"]["batchspec_attempt"],
+            b["metadata"]["batchspec_attempt"].partition("k")[0],  # no shard file's digest
         )
         for b in rows
     )

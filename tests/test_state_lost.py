@@ -30,6 +30,7 @@ from workspaces import (
     make_workspace,
     run_cli,
     served,
+    write_manifest,
 )
 
 from batchspec.core.reconcile import adopt
@@ -48,10 +49,11 @@ def lose_state(ws: Workspace) -> None:
 
 
 def keys_on_server(srv: ProbedServer) -> list[tuple[str, str]]:
-    """(shard, attempt) of every batch the server holds for resource triage."""
+    """(shard, attempt) of every batch the server holds for resource triage (the attempt's
+    number, without the digest of a shard file's content)."""
     rows = srv.client().batches.list(limit=100).data
     return sorted(
-        (b.metadata["batchspec_shard"], b.metadata["batchspec_attempt"])
+        (b.metadata["batchspec_shard"], b.metadata["batchspec_attempt"].partition("k")[0])
         for b in rows
         if (b.metadata or {}).get("batchspec_resource") == "triage"
     )
@@ -319,6 +321,28 @@ def test_a_lost_state_does_not_adopt_a_batch_of_a_generation_that_kept_answers(
     assert code == 0, err
     assert srv.probe.counts["POST /batches"] == 4  # the changed request alone, in shard 1
     lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def test_a_lost_state_with_other_shard_limits_does_not_adopt_batches_of_another_layout(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`limits` is not part of the spec hash, but it decides which requests each shard
+    holds: after the state is lost and maxRequestsPerBatch changed (2 to 4), shard 2 of
+    the new layout (req-4, req-5) must not be bound to the old shard 2's batch (req-2, req-3):
+    answering none of its requests, it was refused as another file's content on every run."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+    write_manifest(ws, ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 4}}))
 
     code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
 

@@ -150,16 +150,6 @@ class RequestLedger:
         )
         return cursor.rowcount
 
-    def keeps_earlier_answers(self, generation_id: int) -> bool:
-        """Whether ``carry_over`` kept any earlier generation's answer for this one (its rows
-        marked ``attempt = 0``): what it sends then depends on the state, not on its spec."""
-        row = self.db.execute(
-            "select 1 from requests where generation_id = ? and state = 'ok' and attempt = 0 "
-            "limit 1",
-            [generation_id],
-        ).fetchone()
-        return row is not None
-
     def succeeded_fingerprints(self, generations: Iterable[int]) -> set[tuple[str, str]]:
         """``(custom_id, request_sha)`` of every ``ok`` row of these generations: what
         ``carry_over`` would keep for a new generation (the plan counts it ahead)."""

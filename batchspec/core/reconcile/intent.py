@@ -11,7 +11,6 @@ key exists already returns the existing row, so a re-run never doubles a batch.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -234,7 +233,9 @@ def record_intent(
     request_index: str | None = None,
 ) -> BatchRow:
     with ctx.store.atomic():
-        part = attempt_part(ctx, gen, shard, attempt)
+        if input_sha256 is None:
+            input_sha256 = _write_retry_file(ctx, res, gen, shard)
+        part = attempt_part(gen, attempt, input_sha256)
         key = batch_key(res.name, res.spec_hash, shard, part)
         existing = ctx.store.batch_by_key(key)
         if existing is not None and existing.generation_id != gen.id:
@@ -246,8 +247,6 @@ def record_intent(
             existing = ctx.store.batch_by_key(key)
         if existing is not None:
             return existing
-        if input_sha256 is None:
-            input_sha256 = _write_retry_file(ctx, res, gen, shard)
         batch = ctx.store.record_batch_intent(
             gen.id,
             shard=shard,
@@ -282,19 +281,19 @@ def record_intent(
     return batch
 
 
-def attempt_part(ctx: RunContext, gen: GenerationRow, shard: int, attempt: int) -> str:
-    """The attempt's part of its batch key: the attempt number, and, for a generation that
-    keeps earlier answers, a digest of the input lines the batch carries.
+def attempt_part(gen: GenerationRow, attempt: int, input_sha256: str) -> str:
+    """The attempt's part of its batch key: the attempt number, and, unless the batch file is
+    the whole input as validated (which the spec hash names), 12 hex digits of its sha256.
 
-    Such a generation sends only what no earlier generation answered, in shards of its own:
-    which requests its shard N holds depends on the state, not on the spec. A lost state
-    shards the whole input under the same spec, and its shard N under the plain key adopted
-    this batch, whose answers are none of that shard's requests: refused as another file's
-    content on every run, the resource was stuck until `--replace` paid for it all again."""
-    if not ctx.ledger.keeps_earlier_answers(gen.id):
+    Which requests a shard or a retry holds is not decided by the spec alone: `limits` (not
+    in the spec hash) draw the shards, and a generation that keeps earlier answers sends
+    only what they left, in shards of its own. A lost state draws its shards afresh under
+    the same spec, and under a key of numbers alone it adopted a batch holding other
+    requests as its own shard: one answering none of them was refused as another file's
+    content on every apply, the resource stuck until `--replace` paid for it all again."""
+    if input_sha256 == gen.input_sha256:
         return str(attempt)
-    lines = ",".join(str(line) for line in sorted(ctx.ledger.unresolved_lines(gen.id, shard)))
-    return f"{attempt}k{hashlib.sha256(lines.encode()).hexdigest()[:12]}"
+    return f"{attempt}k{input_sha256[:12]}"
 
 
 def measuring_output(
