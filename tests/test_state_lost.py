@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from probes import ProbedServer
 from servers import request_lines
 from workspaces import (
@@ -350,3 +351,29 @@ def test_a_lost_state_with_other_shard_limits_does_not_adopt_batches_of_another_
     outputs = ws.outputs("triage")
     assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
     assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def test_a_lost_state_adopts_the_batches_a_renamed_resource_made_under_its_old_name(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied, renamed triage2 with `moved: {from: triage}` (a pure rename), then the
+    state lost: the batches made under the old name carry its key (old name, old spec hash),
+    so the lookup tries that key too, and nothing is created again. It looked up the new
+    name's key only, and paid for every request a second time."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    path = ws.manifest_path("triage")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"].update(name="triage2", moved={"from": "triage"})
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
