@@ -15,6 +15,7 @@ what the server *received*, not on what batchspec says it sent.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,13 @@ class ServerBatch:
         return [e["custom_id"] for e in self.errors]
 
 
+def attempt_number(part: str) -> int:
+    """The number an attempt's key part starts with ("2", "1k3f…" of a generation keeping
+    earlier answers, "1g4" of a name used again)."""
+    match = re.match(r"-?\d+", part)
+    return int(match.group()) if match else -1
+
+
 def received_batches(client: Any) -> list[ServerBatch]:
     """Every batch on the server, ordered by (shard, attempt), with its files read back."""
 
@@ -109,7 +117,7 @@ def received_batches(client: Any) -> list[ServerBatch]:
                 id=b.id,
                 status=b.status,
                 shard=int(meta.get("batchspec_shard", -1)),
-                attempt=int(meta.get("batchspec_attempt", -1)),
+                attempt=attempt_number(meta.get("batchspec_attempt", "-1")),
                 created_at=b.created_at,
                 input_ids=custom_ids(content(b.input_file_id)),
                 output_ids=custom_ids(content(b.output_file_id)),

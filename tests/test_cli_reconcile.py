@@ -660,7 +660,7 @@ def test_cancel_of_an_unknown_resource_exits_1(
         assert [e for e in store.events() if e.action == "cancel"] == []
 
 
-def apply_once_it_polls(ws: Workspace) -> subprocess.Popen[str]:
+def apply_once_it_polls(ws: Workspace, *extra: str) -> subprocess.Popen[str]:
     """``apply --wait`` in a process of its own, its output piped, once it polls (its create
     made, its requests at work), ready for a signal. It takes SIGINT as Ctrl-C: a test run
     started as `pytest &` from a script inherits an ignored SIGINT, and exec keeps an
@@ -670,7 +670,7 @@ def apply_once_it_polls(ws: Workspace) -> subprocess.Popen[str]:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen(
-            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST),
+            batchspec_cmd("apply", str(ws.root), "--wait", "--yes", *FAST, *extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -679,7 +679,7 @@ def apply_once_it_polls(ws: Workspace) -> subprocess.Popen[str]:
         signal.signal(signal.SIGINT, previous)
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:
-        if line.startswith("waiting"):
+        if line.startswith("waiting") or line.startswith('{"event": "wait"'):
             break
     return proc
 
@@ -864,6 +864,32 @@ def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     assert run.exit_code == 143 and run.ended_at is not None
     assert [e.detail for e in events if e.action == "interrupted"] == [{"signal": "SIGTERM"}]
     assert slow_server.probe.counts["POST /batches"] == 1
+
+
+def test_sigterm_during_apply_json_ends_its_output_with_an_error_object(
+    tmp_path: Path, slow_server: ProbedServer
+) -> None:
+    """apply --json promises NDJSON ending in a `result` or `error` object: a SIGTERM (a CI
+    runner cancelling the job) ends it with an `error` object saying what stopped it and
+    that the batches created go on, exit_code 143; its output stopped at the last event."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(slow_server.v1, KEY_ENV)},
+        resources=[ResourceSpec("triage", count=3)],
+    )
+    proc = apply_once_it_polls(ws, "--json")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 143, err
+    last = json.loads(out.splitlines()[-1])
+    assert {k: last[k] for k in ("event", "error", "resource", "exit_code")} == {
+        "event": "error",
+        "error": "Terminated",
+        "resource": None,
+        "exit_code": 143,
+    }
+    assert last["message"].startswith("Terminated (SIGTERM): batches already created are kept")
 
 
 def test_a_timeout_with_a_resource_already_degraded_exits_4(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from probes import ProbedServer
 from servers import request_lines
 from workspaces import (
@@ -30,6 +31,7 @@ from workspaces import (
     make_workspace,
     run_cli,
     served,
+    write_manifest,
 )
 
 from batchspec.core.reconcile import adopt
@@ -48,10 +50,11 @@ def lose_state(ws: Workspace) -> None:
 
 
 def keys_on_server(srv: ProbedServer) -> list[tuple[str, str]]:
-    """(shard, attempt) of every batch the server holds for resource triage."""
+    """(shard, attempt) of every batch the server holds for resource triage (the attempt's
+    number, without the digest of a shard file's content)."""
     rows = srv.client().batches.list(limit=100).data
     return sorted(
-        (b.metadata["batchspec_shard"], b.metadata["batchspec_attempt"])
+        (b.metadata["batchspec_shard"], b.metadata["batchspec_attempt"].partition("k")[0])
         for b in rows
         if (b.metadata or {}).get("batchspec_resource") == "triage"
     )
@@ -298,3 +301,79 @@ def test_creates_and_adoptions_say_which_shard_and_how_many_requests(
             (f"{verb[event]} batch ID (shard 3, attempt 1, 1 request)", 3, 1, 1),
         ]
         lose_state(ws)
+
+
+def test_a_lost_state_does_not_adopt_a_batch_of_a_generation_that_kept_answers(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A generation that keeps earlier answers sends only what changed, in shards of its own
+    (here shard 1 = the one changed request, req-5): its keys must not be those of the full
+    input's shards, which a lost state computes. Adopted as shard 1 (req-0, req-1), that batch
+    answers none of its requests: apply refused the download on every run ('served another
+    file's content'), the resource stuck until `--replace` paid for it all again."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 4  # the changed request alone, in shard 1
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def test_a_lost_state_with_other_shard_limits_does_not_adopt_batches_of_another_layout(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`limits` is not part of the spec hash, but it decides which requests each shard
+    holds: after the state is lost and maxRequestsPerBatch changed (2 to 4), shard 2 of
+    the new layout (req-4, req-5) must not be bound to the old shard 2's batch (req-2, req-3):
+    answering none of its requests, it was refused as another file's content on every run."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+    write_manifest(ws, ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 4}}))
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def test_a_lost_state_adopts_the_batches_a_renamed_resource_made_under_its_old_name(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied, renamed triage2 with `moved: {from: triage}` (a pure rename), then the
+    state lost: the batches made under the old name carry its key (old name, old spec hash),
+    so the lookup tries that key too, and nothing is created again. It looked up the new
+    name's key only, and paid for every request a second time."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    path = ws.manifest_path("triage")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"].update(name="triage2", moved={"from": "triage"})
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3
+    assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")

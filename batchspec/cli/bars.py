@@ -48,6 +48,7 @@ _LINE_COLOURS = {
     "skip": "yellow",
     "queued": "yellow",
     "download_failed": "red",
+    "create_refused": "yellow",
 }
 
 

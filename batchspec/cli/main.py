@@ -911,6 +911,13 @@ def apply(
             click.echo(json.dumps({**render.error_event_json(err), "at": _now()}))
             click.get_current_context().meta.pop(ERROR_FORMAT, None)  # written: not twice
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (``Terminated``): a CI job cancelled
+        view.close()
+        if as_json:  # NDJSON ends in a result or an error object, whatever stopped it
+            batches = interruption.batches_may_exist if interruption is not None else True
+            with contextlib.suppress(OSError):  # a reader gone: the exit code still tells
+                click.echo(json.dumps(interrupted_json(err, batches=batches)))
+        raise
     finally:
         if interruption is not None:
             interruption.above_bars = None
@@ -1643,6 +1650,20 @@ def interrupted_text(
         f"{engine_drain:g} s; {again} does not wait for them, and they are sent again next "
         "time)."
     )
+
+
+def interrupted_json(err: KeyboardInterrupt, *, batches: bool) -> dict[str, object]:
+    """The last NDJSON line of an ``apply --json`` stopped by Ctrl-C or SIGTERM: an
+    ``error`` object, as a failed apply's, saying what the interruption's line says."""
+    return {
+        "event": "error",
+        "at": _now(),
+        "error": type(err).__name__,
+        "message": interrupted_text(["apply"], err, batches=batches),
+        "details": [],
+        "resource": None,
+        "exit_code": _interrupted_exit_code(err),
+    }
 
 
 def _has_batches_out(action: Action) -> bool:

@@ -3,10 +3,12 @@
 Every remote batch carries a deterministic key in its metadata (``batchspec_resource``,
 ``batchspec_spec``, ``batchspec_shard``, ``batchspec_attempt``) next to the user's own pairs,
 so a run that died between its create and recording the answer finds the batch again and
-adopts it instead of paying for it twice. ``batch_fields`` turns what a provider reports of a
-batch into the columns of its state row. A shard is counted from 0 in the state (its rows,
-the key, the events the audit log keeps) and from 1 wherever people read it
-(``event_detail_shown``).
+adopts it instead of paying for it twice. The attempt part ends with a digest of the batch
+file's content when that file is not the whole input (``intent.attempt_part``): which requests
+a shard holds depends on more than the spec, and a key must never name two contents.
+``batch_fields`` turns what a provider reports of a batch into the columns of its state row.
+A shard is counted from 0 in the state (its rows, the key, the events the audit log keeps)
+and from 1 wherever people read it (``event_detail_shown``).
 """
 
 from __future__ import annotations

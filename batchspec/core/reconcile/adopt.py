@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from batchspec.core.batches import (
     batch_fields,
+    batch_key,
     ended_without_its_answers,
     metadata_for_key,
     still_finalizing,
@@ -43,7 +44,7 @@ from batchspec.providers.base import (
     find_batch_by_key,
 )
 from batchspec.state.store import BatchRow, parse_timestamp
-from batchspec.workspace.manifest import Resource
+from batchspec.workspace.manifest import Resource, spec_hash
 
 # How far back (seconds) the adoption scan looks past the intent's own time: clocks differ.
 ADOPTION_CLOCK_SLACK = 3600
@@ -93,7 +94,15 @@ def look_up_before_create(
     """
     since = lookup_since(ctx, res)
     try:
-        found = _listing(ctx, provider).find_by_key(metadata_for_key(batch.key), since=since)
+        listing = _listing(ctx, provider)
+        found = listing.find_by_key(metadata_for_key(batch.key), since=since)
+        former = former_key(res, batch.key)
+        if found.batch is None and former is not None:
+            moved = listing.find_by_key(metadata_for_key(former), since=since)
+            # not one this state binds already (a resource declared again under the old
+            # name, its spec the same, made it): two rows would share one batch
+            taken = moved.batch and ctx.store.batch_by_remote_id(provider.name, moved.batch.id)
+            found = found if taken else moved
     except ProviderError as err:
         # the provider's refusal alone reads as if apply asked for something it need not
         refused = err.status in (401, 403)  # not a server down, a wrong URL: the key's rights
@@ -102,6 +111,18 @@ def look_up_before_create(
         raise
     _record_lookup(ctx, res, batch, found, since)
     return read_back_if_trimmed(provider, found.batch)
+
+
+def former_key(res: Resource, key: str) -> str | None:
+    """``key`` as the resource made it under the name it moved from (``moved: {from: OLD}``):
+    that name, and its spec hash then (the spec with the old name). A rename hands the
+    recorded state over and sends nothing, so the batches it keeps carry the old name's
+    keys; a lost state knows the new name alone, and without this it sent them all again."""
+    old = res.moved_from
+    resource, spec, shard, attempt = key.split("/")
+    if old is None or resource != res.name or spec != res.spec_hash:
+        return None
+    return batch_key(old, spec_hash({**res.semantic_spec(), "name": old}), int(shard), attempt)
 
 
 _WHY_A_CREATE_LISTS = (

@@ -232,20 +232,21 @@ def record_intent(
     input_sha256: str | None = None,
     request_index: str | None = None,
 ) -> BatchRow:
-    key = batch_key(res.name, res.spec_hash, shard, attempt)
     with ctx.store.atomic():
+        if input_sha256 is None:
+            input_sha256 = _write_retry_file(ctx, res, gen, shard)
+        part = attempt_part(gen, attempt, input_sha256)
+        key = batch_key(res.name, res.spec_hash, shard, part)
         existing = ctx.store.batch_by_key(key)
         if existing is not None and existing.generation_id != gen.id:
             # another generation's batch holds the key: a resource moved away keeps its
             # batches' keys (the provider's copies carry them), and a new resource given the
             # old name and the same spec comes to the same key. Taken for this generation's,
             # its batch was never made and `apply --wait` waited for it without end.
-            key = batch_key(res.name, res.spec_hash, shard, f"{attempt}g{gen.id}")
+            key = batch_key(res.name, res.spec_hash, shard, f"{part}g{gen.id}")
             existing = ctx.store.batch_by_key(key)
         if existing is not None:
             return existing
-        if input_sha256 is None:
-            input_sha256 = _write_retry_file(ctx, res, gen, shard)
         batch = ctx.store.record_batch_intent(
             gen.id,
             shard=shard,
@@ -278,6 +279,21 @@ def record_intent(
             },
         )
     return batch
+
+
+def attempt_part(gen: GenerationRow, attempt: int, input_sha256: str) -> str:
+    """The attempt's part of its batch key: the attempt number, and, unless the batch file is
+    the whole input as validated (which the spec hash names), 12 hex digits of its sha256.
+
+    Which requests a shard or a retry holds is not decided by the spec alone: `limits` (not
+    in the spec hash) draw the shards, and a generation that keeps earlier answers sends
+    only what they left, in shards of its own. A lost state draws its shards afresh under
+    the same spec, and under a key of numbers alone it adopted a batch holding other
+    requests as its own shard: one answering none of them was refused as another file's
+    content on every apply, the resource stuck until `--replace` paid for it all again."""
+    if input_sha256 == gen.input_sha256:
+        return str(attempt)
+    return f"{attempt}k{input_sha256[:12]}"
 
 
 def measuring_output(

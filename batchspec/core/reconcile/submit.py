@@ -180,10 +180,11 @@ def record_create_refused(
 ) -> None:
     """A create the provider refused (``ProviderError.sent_nothing``: a 4xx other than
     408/409 on every attempt, a 429 whose retries were spent, a connection never opened)
-    made nothing, so the intent is ``pending`` again (a ``create-refused`` event): the next
-    run looks its key up and creates it at once, instead of waiting ``createConfirmSeconds``
-    for a batch that cannot arrive. Any other failure (a 5xx, a 2xx whose body did not
-    parse, a failed lookup of a lost create) leaves it ``creating``: looked up first."""
+    made nothing, so the intent is ``pending`` again (a ``create-refused`` event, reported as
+    ``create_refused``): the next run looks its key up and creates it at once, instead of
+    waiting ``createConfirmSeconds`` for a batch that cannot arrive. Any other failure (a
+    5xx, a 2xx whose body did not parse, a failed lookup of a lost create) leaves it
+    ``creating``: looked up first."""
     if not err.sent_nothing:
         return
     with ctx.store.atomic():
@@ -196,6 +197,18 @@ def record_create_refused(
             batch_id=batch.id,
             detail={"key": batch.key, "http_status": err.status, "error": err.message},
         )
+    # said of each one: side by side, only the first failure is raised, and a create said to
+    # be "creating" with nothing after it may have made a batch, for all CI can tell
+    status = f" (HTTP {err.status})" if err.status else ""
+    ctx.report(
+        Progress(
+            "create_refused",
+            res.name,
+            f"the provider refused the create of shard {batch.shard + 1}, attempt "
+            f"{batch.attempt}{status}: no batch was made; the next apply creates it",
+            {"shard": batch.shard + 1, "attempt": batch.attempt, "http_status": err.status},
+        )
+    )
 
 
 def mark_creating(ctx: RunContext, res: Resource, batch: BatchRow, file_id: str) -> BatchRow:
