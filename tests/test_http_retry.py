@@ -801,6 +801,23 @@ def test_a_create_refused_on_every_attempt_says_it_sent_nothing(
     assert scripted.methods() == methods
 
 
+@pytest.mark.parametrize("status", [501, 505])
+def test_a_create_answered_with_a_5xx_no_wait_changes_says_it_sent_nothing(
+    scripted: ScriptedServer, status: int
+) -> None:
+    """A create answered 501 or 505 (the server does not implement it: no batch was made, and
+    it is not retried) says so (``sent_nothing``), as a 4xx refusal does: the intent goes back
+    to ``pending`` and the next apply creates it at once, instead of waiting out the confirm
+    window of a create that may be in transit."""
+    scripted.script(error_answer(status, "Unsupported method ('POST')"))
+    provider, _ = make_provider(scripted)
+    with pytest.raises(ProviderError) as caught:
+        _create(provider, "file-1")
+    assert not isinstance(caught.value, AmbiguousOutcome)
+    assert caught.value.sent_nothing is True
+    assert scripted.methods() == ["POST"]
+
+
 def test_a_create_that_never_connected_says_it_sent_nothing() -> None:
     """Connection refused on every attempt: nothing left this machine."""
     with refused_port() as port:

@@ -628,9 +628,9 @@ def create_or_adopt(
     one, is the answer; otherwise the create is sent again by ``policy`` when ``resend``, and
     the ``AmbiguousOutcome`` is raised when not (the reconciler then waits its bounded window
     before it creates again) or when the retries are spent. Another ``ProviderError`` made no
-    batch only when it says so (``sent_nothing``: a 4xx refusal, no connection) and no
-    earlier attempt was ambiguous (that one may still arrive: the error is then raised as an
-    ``AmbiguousOutcome``); a failed lookup of a lost create never says so.
+    batch only when it says so (``sent_nothing``: a 4xx refusal, a 501 or 505, no
+    connection) and no earlier attempt was ambiguous (that one may still arrive: the error is
+    then raised as an ``AmbiguousOutcome``); a failed lookup of a lost create never says so.
     """
     ambiguous = False
     for retries_done in range(policy.max_attempts):
@@ -1085,11 +1085,13 @@ class RetryingClient:
             status = response.status_code
             if not retry_ambiguous and (is_ambiguous_status(status) or status in _UNSURE_4XX):
                 raise _as_ambiguous(error)  # a create: looked up before any second send
-            unsure = unsure or status >= 500 or status in _UNSURE_4XX
+            # 501/505: the server does not implement the request; it made nothing
+            refused = 400 <= status < 500 or status in NOT_TRANSIENT_5XX
+            unsure = unsure or (status >= 500 and not refused) or status in _UNSURE_4XX
             if not error.retryable or last:
                 if status == 429:
                     report_throttle()
-                error.sent_nothing = not unsure and 400 <= status < 500
+                error.sent_nothing = not unsure and refused
                 raise error
             retry_after = retry_after_seconds(response.headers)
             if response.status_code == 429 or retry_after is not None:

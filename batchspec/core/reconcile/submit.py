@@ -179,12 +179,12 @@ def record_create_refused(
     ctx: RunContext, res: Resource, batch: BatchRow, err: ProviderError
 ) -> None:
     """A create the provider refused (``ProviderError.sent_nothing``: a 4xx other than
-    408/409 on every attempt, a 429 whose retries were spent, a connection never opened)
-    made nothing, so the intent is ``pending`` again (a ``create-refused`` event, reported as
-    ``create_refused``): the next run looks its key up and creates it at once, instead of
-    waiting ``createConfirmSeconds`` for a batch that cannot arrive. Any other failure (a
-    5xx, a 2xx whose body did not parse, a failed lookup of a lost create) leaves it
-    ``creating``: looked up first."""
+    408/409 on every attempt, a 429 whose retries were spent, a 501 or 505, a connection
+    never opened) made nothing, so the intent is ``pending`` again (a ``create-refused``
+    event, reported as ``create_refused``): the next run looks its key up and creates it at
+    once, instead of waiting ``createConfirmSeconds`` for a batch that cannot arrive. Any
+    other failure (another 5xx, a 2xx whose body did not parse, a failed lookup of a lost
+    create) leaves it ``creating``: looked up first."""
     if not err.sent_nothing:
         return
     with ctx.store.atomic():
