@@ -377,3 +377,30 @@ def test_a_lost_state_adopts_the_batches_a_renamed_resource_made_under_its_old_n
     assert code == 0, err
     assert srv.probe.counts["POST /batches"] == 3
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
+
+
+def test_a_replacement_after_a_lost_state_does_not_adopt_the_old_names_batches(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied, renamed triage2 (`moved: {from: triage}`), the state lost, then
+    `apply --replace triage2 --no-reuse`: a replacement's keys carry its own spec hash, and
+    the name it moved from never made a batch of that spec. The lookup under the old name
+    must not take the old name's ordinary batches for the replacement's: the answers asked
+    for again would silently be the old ones."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    path = ws.manifest_path("triage")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"].update(name="triage2", moved={"from": "triage"})
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    lose_state(ws)
+
+    replace = ["--replace", "triage2", "--no-reuse"]
+    code, _, err = run_cli(["apply", str(ws.root), *replace, "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 6

@@ -117,12 +117,19 @@ def former_key(res: Resource, key: str) -> str | None:
     """``key`` as the resource made it under the name it moved from (``moved: {from: OLD}``):
     that name, and its spec hash then (the spec with the old name). A rename hands the
     recorded state over and sends nothing, so the batches it keeps carry the old name's
-    keys; a lost state knows the new name alone, and without this it sent them all again."""
+    keys; a lost state knows the new name alone, and without this it sent them all again.
+
+    None for a replacement's key (``apply --replace``: its spec hash is not the manifest
+    spec's): the old name made batches of the manifest's spec, whose answers a replacement
+    is asked to give anew (with ``--no-reuse``, every one)."""
     old = res.moved_from
     resource, spec, shard, attempt = key.split("/")
     if old is None or resource != res.name or spec != res.spec_hash:
         return None
-    return batch_key(old, spec_hash({**res.semantic_spec(), "name": old}), int(shard), attempt)
+    semantic = res.semantic_spec()
+    if spec != spec_hash(semantic):  # a replacement's
+        return None
+    return batch_key(old, spec_hash({**semantic, "name": old}), int(shard), attempt)
 
 
 _WHY_A_CREATE_LISTS = (
