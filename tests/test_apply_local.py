@@ -237,25 +237,27 @@ def test_a_bad_input_fails_before_anything_is_spent(
         pytest.param({"max_tokens": 0}, id="max-tokens-0"),
     ],
 )
-def test_a_request_every_provider_refuses_creates_no_batch(
+def test_a_request_the_local_model_server_refuses_fails_at_its_line_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any]
 ) -> None:
-    """A line with a message of no OpenAI role, or max_tokens 0, stops apply before the
-    upload: exit 1 naming the line, no file or batch on the engine, none in the state (the
-    engine itself would have taken the file and failed that request, after the upload)."""
+    """The `local` provider's model servers judge roles and output limits themselves (vLLM
+    takes `ipython`, llama.cpp `max_tokens: -1`), so apply sends such a line; the built-in
+    stand-in refuses it as OpenAI does (400): that request fails for good (not retried), in
+    the errors file with the server's reason, and the other is answered; the run is done
+    (exit 0) and says which request failed and why."""
     ws = local_ws(tmp_path / "ws", ResourceSpec("odd", count=2, provider="here"))
     lines = [json.loads(x) for x in ws.input_path("odd").read_text().splitlines()]
     lines[1]["body"].update(change)
     ws.write_input("odd", lines)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", *FAST], capsys)
 
-    assert code == 1
-    assert "odd.jsonl:2: body." in err and "nothing was uploaded" in err
-    assert not (ws.root / "state" / "local").exists()
-    if ws.state_path.exists():
-        with ws.store() as store:
-            assert store.batches() == []
+    assert code == 0, out + err
+    assert "1/2 succeeded, 1 failed" in out and "http_400" in out
+    assert [r["custom_id"] for r in ws.outputs("odd")] == [lines[0]["custom_id"]]
+    [failed] = ws.errors("odd")
+    assert failed["custom_id"] == lines[1]["custom_id"]
+    assert failed["response"]["status_code"] == 400
 
 
 def test_a_dangling_result_store_link_stops_apply_before_any_batch(

@@ -271,11 +271,12 @@ def test_a_request_every_provider_refuses_fails_validate_at_its_line(
 ) -> None:
     """A chat line with a message of no OpenAI role, a message that is not an object or an
     output limit below 1 exits 1 naming file, line, custom_id and field (in JSON: its code),
-    not a traceback: every provider would refuse it, per request, after the upload."""
+    not a traceback: every hosted provider would refuse it, per request, after the upload."""
     bad = json.loads(request("2"))
     bad["body"].update(change)
     data = request("1") + "\n" + json.dumps(bad) + "\n"
-    ws = workspace(tmp_path / "ws", {"a.yaml": manifest("a", "a.jsonl"), "a.jsonl": data})
+    files = {"a.yaml": manifest("a", "a.jsonl", provider="openai"), "a.jsonl": data}
+    ws = workspace(tmp_path / "ws", files)
     code_, out, err = run_main(["validate", str(ws)], capsys)
     assert (code_, out) == (1, "")
     assert f"{ws.resolve() / 'a.jsonl'}:2: {says}" in err
@@ -284,6 +285,32 @@ def test_a_request_every_provider_refuses_fails_validate_at_its_line(
     assert code_ == 1
     [problem] = json.loads(out)["problems"]
     assert (problem["line"], problem["code"]) == (2, code)
+
+
+def test_the_local_providers_model_servers_judge_roles_and_output_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The `local` provider fronts model servers of the user's own: vLLM takes a role such as
+    `ipython`, llama.cpp and LM Studio `max_tokens: -1` for no limit. validate leaves those
+    to them (exit 0) where an `openai` provider's input is refused at the line; a chat line
+    without messages is refused for both."""
+    lines = [json.loads(request(str(i))) for i in (1, 2, 3)]
+    lines[1]["body"]["messages"].append({"role": "ipython", "content": "42"})
+    lines[2]["body"]["max_tokens"] = -1
+    data = "".join(json.dumps(line) + "\n" for line in lines)
+    local = workspace(tmp_path / "local", {"a.yaml": manifest("a", "a.jsonl"), "a.jsonl": data})
+    assert run_main(["validate", str(local)], capsys)[0] == 0
+    hosted = {"a.yaml": manifest("a", "a.jsonl", provider="openai"), "a.jsonl": data}
+    code, _, err = run_main(["validate", str(workspace(tmp_path / "hosted", hosted))], capsys)
+    assert (
+        code == 1
+        and ':2: body.messages[1].role "ipython"' in err
+        and ":3: body.max_tokens -1" in err
+    )
+    lines[0]["body"]["messages"] = []
+    (local / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = run_main(["validate", str(local)], capsys)
+    assert code == 1 and ":1: body.messages of custom_id '1' is empty" in err
 
 
 def test_bad_project_file_fails_validate(

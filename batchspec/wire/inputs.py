@@ -70,7 +70,10 @@ Rules, each with its stable ``code`` (OpenAI's name where it has one)
                             the provider does (``wire.usage``).
                             The last four are ``batchspec.wire.request_checks``, shared with
                             the Anthropic and Gemini dialects. None of the last six applies
-                            with ``check_messages=False`` (the engine).
+                            with ``check_messages=False`` (the engine), nor the last four
+                            with ``strict_params=False`` (the ``local`` provider's inputs:
+                            vLLM takes a role such as ``ipython``, llama.cpp and LM Studio
+                            ``max_tokens: -1`` for no limit).
     ``model_mismatch``      ``body.model`` differs from ``model`` (the manifest's); without
                             ``model``, from the first line that named a model (OpenAI and
                             Azure: one model or deployment per file). The message names it.
@@ -377,6 +380,8 @@ class _Checker:
         self.max_output_tokens = 0
         #: each request's messages and output limits checked (``check_messages``)
         self.requests = True
+        #: the roles and output limits held to OpenAI's rules (``strict_params``)
+        self.strict = True
 
     def problem(self, line: int, code: str, message: str, *, against_spec: bool = False) -> None:
         self.count += 1
@@ -408,7 +413,8 @@ class _Checker:
                 custom_id = obj.get("custom_id")
                 if _chat(url or self.endpoint):
                     self.check_messages(line, body.get("messages", _MISSING), custom_id)
-                self.check_output_limits(line, body, custom_id)
+                if self.strict:
+                    self.check_output_limits(line, body, custom_id)
             self.max_output_tokens += max_output_of_request(url, body)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
@@ -519,7 +525,7 @@ class _Checker:
         after its upload (``[] is too short``, ``Invalid value: 'usr'``), so here, before a
         cent. The message names the line's ``custom_id``, as the provider's answer would have."""
         if type(messages) is list and messages:
-            found = first_message_problem(messages)
+            found = first_message_problem(messages) if self.strict else None
             if found is not None:
                 self.problem(line, found[0], found[1] + _of_custom_id(custom_id))
             return
@@ -602,6 +608,7 @@ def scan_batch_input(
     dialect: str = "openai",
     index: RequestIndexWriter | None = None,
     check_messages: bool = True,
+    strict_params: bool = True,
 ) -> InputReport:
     """Read ``path`` once and report every problem (see the module docstring for the rules).
 
@@ -609,12 +616,15 @@ def scan_batch_input(
     (``batchspec.wire.request_index``; meaningful only when the report is ok).
     ``check_messages=False`` (the engine, as OpenAI's batch validation): a chat line's
     ``messages`` and a request's output limits are the request's own business, answered per
-    line (400), not the file's.
+    line (400), not the file's. ``strict_params=False`` (the ``local`` provider: model servers
+    of the user's own, such as vLLM, take roles such as ``ipython`` and ``max_tokens: -1``):
+    the roles and output limits are theirs to judge; ``messages`` is still checked.
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
     checker.requests = check_messages
+    checker.strict = strict_params
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
     add = index.add if index is not None else None
@@ -706,6 +716,8 @@ def rules_for_provider(
         "dialect": provider_type
         if provider_type in ("anthropic", "gemini", "mistral")
         else "openai",
+        # the local engine fronts model servers of the user's own, whose rules are laxer
+        "strict_params": provider_type != "local",
     }
 
 

@@ -183,8 +183,10 @@ class InputCache:
         custom_id_pattern: str | None = None,
         allow_unversioned_url: bool = False,
         dialect: str = "openai",
+        strict_params: bool = True,
     ) -> InputReport:
-        """The scan with the manifest's rules, reusing the generic scan when it settles it.
+        """The scan with the manifest's rules, reusing the generic scan when it settles it
+        (a generic scan holds requests to the strict rules: a clean one settles lax ones).
 
         Rules a generic scan can never settle skip it: the file is read once, by their scan."""
         settles = (
@@ -207,6 +209,7 @@ class InputCache:
             allow_unversioned_url=allow_unversioned_url,
             # only when set: the cache keys of OpenAI-dialect scans stay what they were
             **({"dialect": dialect} if dialect != "openai" else {}),
+            **({} if strict_params else {"strict_params": False}),
         )
 
     def request_facts(self, path: Path, sha256: str) -> Iterator[RequestFact]:
