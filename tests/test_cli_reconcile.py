@@ -36,6 +36,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.errors import Terminated
 from batchspec.workspace.yamldoc import display_path
 
 FAST = ["--poll-interval", "0.05"]
@@ -864,6 +865,54 @@ def test_sigterm_during_apply_wait_stops_it_as_ctrl_c_does_exit_143(
     assert run.exit_code == 143 and run.ended_at is not None
     assert [e.detail for e in events if e.action == "interrupted"] == [{"signal": "SIGTERM"}]
     assert slow_server.probe.counts["POST /batches"] == 1
+
+
+@pytest.mark.parametrize(
+    ("signal_error", "name", "code"),
+    [
+        pytest.param(KeyboardInterrupt, "Interrupted", 130, id="ctrl-c"),
+        pytest.param(Terminated, "Terminated", 143, id="sigterm"),
+    ],
+)
+def test_an_interrupted_apply_json_ends_its_events_with_an_error_event(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    signal_error: type[BaseException],
+    name: str,
+    code: int,
+) -> None:
+    """Ctrl-C or SIGTERM (a CI runner cancelling the job) after a create of `apply --json`:
+    its NDJSON ends with an `error` event (exit 130 or 143, the stderr line's words), as
+    every other failure's does; it ended on the last progress event (a `create`), so a
+    reader of the last line took a run that stopped for one still at work."""
+    import batchspec.core.apply as core_apply
+
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    ws = served(tmp_path / "ws", server(), ResourceSpec("triage", count=3))
+    real = core_apply.apply_workspace
+
+    def stopped_after_a_create(*args: Any, report: Callable[[Any], None], **kw: Any) -> Any:
+        def then_stop(event: Any) -> None:
+            report(event)
+            if event.event == "create":
+                raise signal_error
+
+        return real(*args, report=then_stop, **kw)
+
+    monkeypatch.setattr(core_apply, "apply_workspace", stopped_after_a_create)
+    got, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert got == code, err
+    events = json_lines(out)
+    assert "create" in [e["event"] for e in events]
+    last = events[-1]
+    assert (last["event"], last["error"], last["exit_code"]) == ("error", name, code), last
+    assert last["resource"] is None and last["details"] == []
+    said = f"{name}{' (SIGTERM)' if code == 143 else ''}: batches already created are kept"
+    assert last["message"].startswith(said) and err.strip().startswith(said), (last, err)
+    assert "Traceback" not in err
 
 
 def test_a_timeout_with_a_resource_already_degraded_exits_4(

@@ -911,6 +911,12 @@ def apply(
             click.echo(json.dumps({**render.error_event_json(err), "at": _now()}))
             click.get_current_context().meta.pop(ERROR_FORMAT, None)  # written: not twice
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the events end as a failure's do
+        view.close()
+        if as_json:
+            with contextlib.suppress(OSError):  # a reader gone must not replace the signal
+                click.echo(json.dumps(interrupted_event_json(err, interruption)))
+        raise
     finally:
         if interruption is not None:
             interruption.above_bars = None
@@ -1645,6 +1651,25 @@ def interrupted_text(
     )
 
 
+def interrupted_event_json(err: BaseException, said: Interruption | None) -> dict[str, Any]:
+    """The last NDJSON line of an ``apply --json`` stopped by Ctrl-C or SIGTERM: an
+    ``error`` event as a failure's (``error`` ``Interrupted`` or ``Terminated``, exit 130 or
+    143), its message the line said on stderr."""
+    text = said.text if said is not None else None
+    if text is None:
+        batches = said.batches_may_exist if said is not None else True
+        text = interrupted_text(["apply"], err, batches=batches)
+    return {
+        "event": "error",
+        "error": "Terminated" if isinstance(err, Terminated) else "Interrupted",
+        "message": text,
+        "details": [],
+        "resource": None,
+        "exit_code": _interrupted_exit_code(err),
+        "at": _now(),
+    }
+
+
 def _has_batches_out(action: Action) -> bool:
     """Whether a plan's action finds batches already sent that an interrupted apply leaves
     out there: in flight or not collected, creates recorded but not confirmed, or another
@@ -1757,6 +1782,8 @@ class Interruption:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
+        #: the line said (``say``), None until then
+        self.text: str | None = None
         #: False while an apply has created no batch (``saw``): its line says so
         self.batches_may_exist = True
         #: while apply's live bars are on screen: writes a line above them (``say_above``)
@@ -1773,6 +1800,7 @@ class Interruption:
             text = interrupted_text(
                 self.args, err, engine_drain=local_engine_drain(), batches=self.batches_may_exist
             )
+        self.text = text
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 if not self._said_above_bars(text):
