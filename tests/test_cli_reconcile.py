@@ -1141,6 +1141,30 @@ def set_budget(ws: Workspace, name: str, **budget: int) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def test_an_apply_json_over_one_budget_names_the_resource_in_its_error_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --json refused by one resource's budget ends with an `error` event whose
+    `resource` is that one and whose message starts `[NAME] `, as docs/output.md says of a
+    failure about one resource (it was `null`, the message `NAME: ...`); refused by two,
+    `resource` is `null` (the run as a whole) and the second is among the details."""
+    ws = local_ws(tmp_path / "ws", "alpha", "beta", "gamma")
+    set_budget(ws, "beta", maxRequests=2)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    assert code == 1, err
+    last = json_lines(out)[-1]
+    assert (last["event"], last["error"], last["resource"]) == ("error", "BudgetError", "beta")
+    assert last["message"].startswith("[beta] submitting 3 more request(s)"), last
+
+    set_budget(ws, "gamma", maxRequests=1)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    assert code == 1, err
+    last = json_lines(out)[-1]
+    assert (last["error"], last["resource"]) == ("BudgetError", None), last
+    assert last["message"].startswith("[beta] ") and last["details"][-1].startswith("[gamma] ")
+
+
 def test_a_plan_over_budget_says_so_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
