@@ -947,6 +947,9 @@ def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str
     code, _, err = run_cli(["apply", "--timeout", "5"], capsys)
     assert code == 64
     assert "--timeout only applies with --wait" in err
+    # with --json too, and stdout stays empty, as docs/output.md says of a usage error
+    code, out, err = run_cli(["apply", "--json", "--timeout", "5"], capsys)
+    assert (code, out) == (64, "") and "--timeout only applies with --wait" in err
 
 
 def test_status_on_a_fresh_workspace_creates_no_state(
