@@ -739,7 +739,8 @@ def plan(
     type=click.FloatRange(min=0),
     default=None,
     callback=lambda ctx, param, value: _a_number(param, value, finite=False),
-    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is Degraded).",
+    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is "
+    "Degraded); a wait for another run's lock counts (it ends at this bound: exit 3).",
 )
 @click.option(
     "--poll-interval",
