@@ -108,6 +108,8 @@ def raise_first(errors: Sequence[BatchspecError]) -> None:
     if errors:
         first = errors[0]
         first.details += [e.message for e in errors[1:]]
+        if any(e.resource != first.resource for e in errors[1:]):
+            first.resource = None  # about several: the run as a whole
         raise first
 
 

@@ -36,6 +36,7 @@ from workspaces import (
 )
 
 from batchspec.engine.upstreams import BuiltinUpstream
+from batchspec.errors import Terminated
 from batchspec.workspace.yamldoc import display_path
 
 FAST = ["--poll-interval", "0.05"]
@@ -892,6 +893,54 @@ def test_sigterm_during_apply_json_ends_its_output_with_an_error_object(
     assert last["message"].startswith("Terminated (SIGTERM): batches already created are kept")
 
 
+@pytest.mark.parametrize(
+    ("signal_error", "name", "code"),
+    [
+        pytest.param(KeyboardInterrupt, "Interrupted", 130, id="ctrl-c"),
+        pytest.param(Terminated, "Terminated", 143, id="sigterm"),
+    ],
+)
+def test_an_interrupted_apply_json_ends_its_events_with_an_error_event(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    signal_error: type[BaseException],
+    name: str,
+    code: int,
+) -> None:
+    """Ctrl-C or SIGTERM (a CI runner cancelling the job) after a create of `apply --json`:
+    its NDJSON ends with an `error` event (exit 130 or 143, the stderr line's words), as
+    every other failure's does; it ended on the last progress event (a `create`), so a
+    reader of the last line took a run that stopped for one still at work."""
+    import batchspec.core.apply as core_apply
+
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    ws = served(tmp_path / "ws", server(), ResourceSpec("triage", count=3))
+    real = core_apply.apply_workspace
+
+    def stopped_after_a_create(*args: Any, report: Callable[[Any], None], **kw: Any) -> Any:
+        def then_stop(event: Any) -> None:
+            report(event)
+            if event.event == "create":
+                raise signal_error
+
+        return real(*args, report=then_stop, **kw)
+
+    monkeypatch.setattr(core_apply, "apply_workspace", stopped_after_a_create)
+    got, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--json", *FAST], capsys)
+
+    assert got == code, err
+    events = json_lines(out)
+    assert "create" in [e["event"] for e in events]
+    last = events[-1]
+    assert (last["event"], last["error"], last["exit_code"]) == ("error", name, code), last
+    assert last["resource"] is None and last["details"] == []
+    said = f"{name}{' (SIGTERM)' if code == 143 else ''}: batches already created are kept"
+    assert last["message"].startswith(said) and err.strip().startswith(said), (last, err)
+    assert "Traceback" not in err
+
+
 def test_a_timeout_with_a_resource_already_degraded_exits_4(
     tmp_path: Path, slow_server: ProbedServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -924,6 +973,9 @@ def test_timeout_without_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str
     code, _, err = run_cli(["apply", "--timeout", "5"], capsys)
     assert code == 64
     assert "--timeout only applies with --wait" in err
+    # with --json too, and stdout stays empty, as docs/output.md says of a usage error
+    code, out, err = run_cli(["apply", "--json", "--timeout", "5"], capsys)
+    assert (code, out) == (64, "") and "--timeout only applies with --wait" in err
 
 
 def test_status_on_a_fresh_workspace_creates_no_state(
@@ -1116,6 +1168,30 @@ def set_budget(ws: Workspace, name: str, **budget: int) -> None:
     doc = yaml.safe_load(path.read_text())
     doc["spec"]["budget"] = budget
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_an_apply_json_over_one_budget_names_the_resource_in_its_error_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """apply --json refused by one resource's budget ends with an `error` event whose
+    `resource` is that one and whose message starts `[NAME] `, as docs/output.md says of a
+    failure about one resource (it was `null`, the message `NAME: ...`); refused by two,
+    `resource` is `null` (the run as a whole) and the second is among the details."""
+    ws = local_ws(tmp_path / "ws", "alpha", "beta", "gamma")
+    set_budget(ws, "beta", maxRequests=2)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    assert code == 1, err
+    last = json_lines(out)[-1]
+    assert (last["event"], last["error"], last["resource"]) == ("error", "BudgetError", "beta")
+    assert last["message"].startswith("[beta] submitting 3 more request(s)"), last
+
+    set_budget(ws, "gamma", maxRequests=1)
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+    assert code == 1, err
+    last = json_lines(out)[-1]
+    assert (last["error"], last["resource"]) == ("BudgetError", None), last
+    assert last["message"].startswith("[beta] ") and last["details"][-1].startswith("[gamma] ")
 
 
 def test_a_plan_over_budget_says_so_and_exits_1(

@@ -132,7 +132,17 @@ def test_a_finalizing_batch_whose_counts_flap_still_backs_off_to_the_interval() 
 def test_a_poll_message_groups_thousands_as_status_does() -> None:
     """apply's poll line reads 1,500/20,000, as `status` and the totals line write counts."""
     remote = RemoteBatch("batch_1", "in_progress", request_counts=RequestCounts(20000, 1400, 100))
-    assert poll_message(remote) == "batch batch_1 in_progress 1,500/20,000"
+    assert poll_message(remote) == "batch batch_1 in_progress 1,500/20,000 (100 failed)"
+
+
+def test_a_poll_message_counts_the_failed_requests_as_status_does() -> None:
+    """A batch whose requests all failed polls as `completed 3/3 (3 failed)`, as `status`
+    and apply's summary write it: the plain line (a CI log) said `completed 3/3`, success's
+    words, for a batch that answered nothing."""
+    remote = RemoteBatch("batch_1", "completed", request_counts=RequestCounts(3, 0, 3))
+    assert poll_message(remote) == "batch batch_1 completed 3/3 (3 failed)"
+    clean = RemoteBatch("batch_2", "completed", request_counts=RequestCounts(3, 3, 0))
+    assert poll_message(clean) == "batch batch_2 completed 3/3"
 
 
 def test_the_first_polls_after_a_create_keep_a_quarter_second_grid(

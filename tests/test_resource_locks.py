@@ -337,3 +337,28 @@ def test_cancel_of_a_resource_an_apply_holds_says_how_to_cancel_now(
     assert code == 3, err
     assert "is locked by another run" in err
     assert "to cancel now, stop that run (Ctrl-C: batches it created are kept)" in err
+
+
+def test_apply_wait_timeout_bounds_the_wait_for_a_lock_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --wait --timeout T` waits for another run's lock at most T (then exit 3, as a
+    lock wait that runs out), not the whole --lock-timeout: a CI step's `--timeout 3600`
+    beside BATCHSPEC_LOCK_TIMEOUT=300 (the example workflow's) ran up to 3,900 s."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("alpha")]
+    )
+    info = collect_run_info(ws.root, env={})
+    with (
+        StateStore.open(ws.state_path) as store,
+        acquire_lock(store, command="cancel", info=info, resources=["alpha"]),
+    ):
+        began = time.monotonic()
+        code, out, err = run_cli(
+            ["apply", str(ws.root), "--yes", "--wait", "--timeout", "0.3", "--lock-timeout", "8"],
+            capsys,
+        )
+        took = time.monotonic() - began
+    assert code == 3, err
+    assert took < 4, took  # the lock wait stopped at --timeout, not at --lock-timeout
+    assert "locked by another run" in err

@@ -739,7 +739,8 @@ def plan(
     type=click.FloatRange(min=0),
     default=None,
     callback=lambda ctx, param, value: _a_number(param, value, finite=False),
-    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is Degraded).",
+    help="With --wait: give up after this many seconds (exit 5, or 4 if a resource is "
+    "Degraded); a wait for another run's lock counts (it ends at this bound: exit 3).",
 )
 @click.option(
     "--poll-interval",
@@ -911,12 +912,11 @@ def apply(
             click.echo(json.dumps({**render.error_event_json(err), "at": _now()}))
             click.get_current_context().meta.pop(ERROR_FORMAT, None)  # written: not twice
         raise
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (``Terminated``): a CI job cancelled
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the events end as a failure's do
         view.close()
-        if as_json:  # NDJSON ends in a result or an error object, whatever stopped it
-            batches = interruption.batches_may_exist if interruption is not None else True
-            with contextlib.suppress(OSError):  # a reader gone: the exit code still tells
-                click.echo(json.dumps(interrupted_json(err, batches=batches)))
+        if as_json:
+            with contextlib.suppress(OSError):  # a reader gone must not replace the signal
+                click.echo(json.dumps(interrupted_event_json(err, interruption)))
         raise
     finally:
         if interruption is not None:
@@ -1652,17 +1652,22 @@ def interrupted_text(
     )
 
 
-def interrupted_json(err: KeyboardInterrupt, *, batches: bool) -> dict[str, object]:
+def interrupted_event_json(err: BaseException, said: Interruption | None) -> dict[str, Any]:
     """The last NDJSON line of an ``apply --json`` stopped by Ctrl-C or SIGTERM: an
-    ``error`` object, as a failed apply's, saying what the interruption's line says."""
+    ``error`` event as a failure's (``error`` ``Interrupted`` or ``Terminated``, exit 130 or
+    143), its message the line said on stderr."""
+    text = said.text if said is not None else None
+    if text is None:
+        batches = said.batches_may_exist if said is not None else True
+        text = interrupted_text(["apply"], err, batches=batches)
     return {
         "event": "error",
-        "at": _now(),
-        "error": type(err).__name__,
-        "message": interrupted_text(["apply"], err, batches=batches),
+        "error": "Terminated" if isinstance(err, Terminated) else "Interrupted",
+        "message": text,
         "details": [],
         "resource": None,
         "exit_code": _interrupted_exit_code(err),
+        "at": _now(),
     }
 
 
@@ -1778,6 +1783,8 @@ class Interruption:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = args
         self.said = False
+        #: the line said (``say``), None until then
+        self.text: str | None = None
         #: False while an apply has created no batch (``saw``): its line says so
         self.batches_may_exist = True
         #: while apply's live bars are on screen: writes a line above them (``say_above``)
@@ -1794,6 +1801,7 @@ class Interruption:
             text = interrupted_text(
                 self.args, err, engine_drain=local_engine_drain(), batches=self.batches_may_exist
             )
+        self.text = text
         if in_handler:  # not through sys.stderr: the signal may come while it is written to
             with contextlib.suppress(OSError):  # a closed stderr must not replace the signal
                 if not self._said_above_bars(text):

@@ -379,15 +379,17 @@ def apply_workspace(
         recorded_run(store, ws, "apply", args, info) as run,
     ):
         _warn_if_new_state(ws, store, options.state_path, report)
+        lock_wait_began = time.monotonic()
         with acquire_lock(
             store,
             command="apply",
             info=info,
             resources=locked_resources(resources, prune=options.prune),
-            timeout=options.lock_timeout,
+            timeout=_lock_wait(options),
             run_id=run.id,
             on_wait=lambda message, key, holder: report(lock_wait_event(message, key, holder)),
         ) as lock:
+            options = _less_lock_wait(options, time.monotonic() - lock_wait_began)
             if lock.warning:
                 report(Progress("warning", None, lock.warning))
             for warning in unlisted_manifests_warnings(ws):
@@ -448,9 +450,7 @@ def apply_workspace(
             )
             with (
                 engine_log_reported(report),
-                ProviderPool(
-                    ws, env, lock_timeout=options.lock_timeout, report=report
-                ) as providers,
+                ProviderPool(ws, env, lock_timeout=_lock_wait(options), report=report) as providers,
             ):
                 # build every provider the plan spends on first: a missing API key or an
                 # engine folder in use (exit 3) fails here, before anything is recorded
@@ -788,6 +788,22 @@ def end_of_run_outcome(
     if any(g is not None and g.status == "degraded" for g in gens):
         return "degraded"
     return "converged"
+
+
+def _lock_wait(options: ApplyOptions) -> float:
+    """How long to wait for another run's lock: ``--lock-timeout``, bounded under ``--wait``
+    by ``--timeout``, which bounds the whole run (a CI step's ``--timeout 3600`` beside
+    ``BATCHSPEC_LOCK_TIMEOUT=300`` ran up to 3,900 s)."""
+    if options.wait and options.timeout is not None:
+        return min(options.lock_timeout, options.timeout)
+    return options.lock_timeout
+
+
+def _less_lock_wait(options: ApplyOptions, waited: float) -> ApplyOptions:
+    """``options`` with what the wait for a lock took off ``--timeout``."""
+    if options.timeout is None or waited <= 0:
+        return options
+    return replace(options, timeout=max(options.timeout - waited, 0.0))
 
 
 def _outage_to_wait_out(err: ProviderError, options: ApplyOptions, answered: bool) -> bool:

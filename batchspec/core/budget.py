@@ -232,13 +232,15 @@ def check_budget(
         output_tokens=sent.output_tokens + new_output_tokens,
     )
     if spend.cost_usd is None:
-        raise BudgetError(
-            f"{res.name}: the price of {spend.model or 'its model (several or none named)'} "
+        unknown = BudgetError(
+            f"the price of {spend.model or 'its model (several or none named)'} "
             f"on provider {res.provider!r} is unknown, so its budget (maxCostUSD "
             f"{budget.max_cost_usd:g}) cannot be checked (give it under providers."
             f"{res.provider}.pricing in batchspec.yaml); nothing was uploaded",
             details=["pricing takes USD per million input and output tokens, per model or '*'"],
         )
+        unknown.about(res.name)
+        raise unknown
     if spend.cost_usd > budget.max_cost_usd:
         raise _refusal(
             res,
@@ -258,11 +260,14 @@ def _average(total: int, facts: InputReport, count: int, *, up: bool = False) ->
 
 
 def _refusal(res: Resource, amount: str, limit: str, new: int) -> BudgetError:
-    return BudgetError(
-        f"{res.name}: submitting {new:,} more request(s) would bring this generation to "
+    """The refusal, about ``res``: ``[NAME] submitting ...`` (the ``--json`` error names it)."""
+    refused = BudgetError(
+        f"submitting {new:,} more request(s) would bring this generation to "
         f"{amount}, over its budget ({limit}); nothing was uploaded",
         details=[
             f"raise spec.budget in {display_path(res.source.file)} (it falls back field by "
             "field to defaults.budget in batchspec.yaml) or shrink the input to go on"
         ],
     )
+    refused.about(res.name)
+    return refused

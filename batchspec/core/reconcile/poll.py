@@ -159,9 +159,12 @@ def remaining_seconds(
 
 
 def poll_message(remote: RemoteBatch) -> str:
-    """A poll's line: the batch, its status and requests done of its total."""
+    """A poll's line: the batch, its status, requests done of its total and how many of
+    them failed (as `status` writes it: `completed 3/3` alone reads as success)."""
     c = remote.request_counts
     counts = f" {c.completed + c.failed:,}/{c.total:,}" if c and c.total else ""
+    if c and c.total and c.failed:
+        counts += f" ({c.failed:,} failed)"
     return f"batch {remote.id} {remote.status}{counts}"
 
 
