@@ -25,6 +25,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -1341,6 +1342,44 @@ def test_a_key_of_any_shape_is_redacted_when_echoed(scripted: ScriptedServer) ->
         provider.get_batch("batch_1")
     assert key not in str(caught.value)
     assert "header was [redacted]" in str(caught.value)
+
+
+def test_a_key_echoed_past_the_length_a_message_keeps_is_not_cut_in_half(
+    scripted: ScriptedServer,
+) -> None:
+    """A server quoting the request's headers (and the key among them) around the 500th
+    character of its message: the key is redacted before the message is shortened, so no
+    head of it (cut by the "…") is left in the error, and so in the state's audit log."""
+    key = "AZURE0SENTINEL0abcdef0123456789"
+    for pad in range(470, 505, 4):
+        scripted.script(error_answer(400, "x" * pad + f" api-key: {key} end"))
+        provider, _ = make_provider(scripted, api_key=key, auth_header="api-key")
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert "AZURE0SEN" not in str(caught.value), pad
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param('SENTINEL0"quote\\back0123456789', id="quote-backslash"),
+        pytest.param("SENTINEL0'single\"double0123456789", id="both-quotes"),
+        pytest.param("SENTINEL0/slash+plus=eq%pct&amp0123", id="url-characters"),
+    ],
+)
+def test_a_key_with_json_escaped_characters_is_redacted_when_echoed_as_json(
+    scripted: ScriptedServer, key: str
+) -> None:
+    """A key holding a character JSON escapes (a quote, a backslash), echoed in a message
+    that quotes the request's headers as JSON (once, or JSON inside JSON) or percent-encoded,
+    is redacted in each form, not only raw."""
+    headers = json.dumps({"Authorization": f"Bearer {key}"})
+    for said in (headers, json.dumps(headers), f"url was /v1?key={quote(key, safe='')}"):
+        scripted.script(error_answer(400, said))
+        provider, _ = make_provider(scripted, api_key=key)
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert "SENTINEL0" not in str(caught.value), said
 
 
 def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(

@@ -37,6 +37,8 @@ What this module promises:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import random
 import re
@@ -49,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import httpx
 
@@ -177,20 +179,32 @@ class ErrorContext:
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
 
-def _quoted_forms(secret: str) -> list[str]:
-    """``secret`` as it may be quoted in an error: raw, and escaped as ``repr`` of its text or
-    of its bytes shows it (h11's "Illegal header value b'…'" escapes a control character),
-    longest first so a longer form is replaced before its parts."""
+@functools.lru_cache(maxsize=64)
+def _quoted_forms(secret: str) -> tuple[str, ...]:
+    """``secret`` as it may be quoted in an error: raw; escaped as ``repr`` of its text or of
+    its bytes shows it (h11's "Illegal header value b'…'" escapes a control character); as
+    a JSON string holds it (a server quoting the request's headers as JSON, once or JSON
+    inside JSON); and percent-encoded (a URL quoted with its query). Longest first, so a
+    longer form is replaced before its parts."""
     if not secret:
-        return []
-    forms = {
-        secret,
-        repr(secret)[1:-1],
-        secret.encode("unicode_escape").decode("ascii"),
-        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
-        repr(secret.encode("latin-1", "replace"))[2:-1],
+        return ()
+    forms = {secret}
+    for _ in range(2):  # an escape of an escape: JSON quoted in JSON, repr of a JSON text
+        forms |= {escaped for form in forms for escaped in _escaped(form)}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _escaped(text: str) -> set[str]:
+    return {
+        repr(text)[1:-1],
+        text.encode("unicode_escape").decode("ascii"),
+        repr(text.encode("utf-8", "surrogateescape"))[2:-1],
+        repr(text.encode("latin-1", "replace"))[2:-1],
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        quote(text, safe=""),
+        quote_plus(text, safe=""),
     }
-    return sorted(forms, key=len, reverse=True)
 
 
 def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:
@@ -241,7 +255,10 @@ def error_from_response(
     """Turn a non-2xx response into a ``ProviderError`` with the provider's own words."""
     envelope = parse_error_envelope(response)
     status = response.status_code
-    said = (_shorten(envelope.message) or response.reason_phrase or "no message").rstrip(".")
+    # redacted before it is shortened: a key cut by the "…" would no longer match, and its
+    # head would stay (and whitespace collapsed inside a key would hide it as well)
+    message_said = context.redact(envelope.message) if envelope.message else None
+    said = (_shorten(message_said) or response.reason_phrase or "no message").rstrip(".")
     facts = [f"code {envelope.code}" if envelope.code else "", _request_id_text(response)]
     facts_text = ", ".join(f for f in facts if f)
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
