@@ -272,6 +272,39 @@ def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
     assert as_text.body == "invalid credentials: Bearer [redacted]"
 
 
+def test_an_upstream_quoting_its_key_in_a_header_or_escaped_gets_it_redacted():
+    """An upstream that quotes the Authorization header in its request id, or in a message
+    that holds the request's headers as JSON inside JSON (a key with a quote or backslash is
+    escaped twice there): the key is in neither the request id nor the body the engine
+    records as the line's result (its error file, results/, the state store)."""
+    key = 'SENTINEL0"quote\\back/0123456789'
+
+    async def refuse(request):
+        auth = request.headers.get("authorization")
+        said = json.dumps({"headers": json.dumps({"Authorization": auth})})
+        body = {"error": {"message": said, "code": "invalid_api_key"}}
+        return JSONResponse(body, 401, headers={"x-request-id": f"req {auth}"})
+
+    server = start_in_thread(
+        Starlette(routes=[Route("/v1/chat/completions", refuse, methods=["POST"])])
+    )
+    try:
+
+        async def run():
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
+            try:
+                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            finally:
+                await upstream.aclose()
+
+        got = asyncio.run(run())
+    finally:
+        server.stop()
+    assert got.status_code == 401
+    assert got.request_id == "req Bearer [redacted]"
+    assert "SENTINEL0" not in json.dumps(got.body), got.body
+
+
 def test_a_placeholder_key_is_not_redacted_out_of_answers():
     """A gateway's placeholder key ("x", vLLM's "EMPTY") is no secret: the answers that
     contain it are recorded as they came, not with every "x" turned into "[redacted]"."""

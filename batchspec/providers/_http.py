@@ -37,8 +37,6 @@ What this module promises:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import random
 import re
@@ -51,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote
 
 import httpx
 
@@ -77,7 +75,7 @@ from batchspec.wire.retry import (
     retry_after_seconds,
     should_retry_header,
 )
-from batchspec.wire.secrets import is_placeholder, redact_word
+from batchspec.wire.secrets import is_placeholder, quoted_forms, redact_word
 
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503}) | NOT_TRANSIENT_5XX
@@ -171,40 +169,12 @@ class ErrorContext:
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            for form in _quoted_forms(secret):
+            for form in quoted_forms(secret):
                 if is_placeholder(secret):  # "x", "EMPTY": as a word only (wire/secrets.py)
                     text = redact_word(text, form, "[redacted]")
                 else:
                     text = text.replace(form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
-
-
-@functools.lru_cache(maxsize=64)
-def _quoted_forms(secret: str) -> tuple[str, ...]:
-    """``secret`` as it may be quoted in an error: raw; escaped as ``repr`` of its text or of
-    its bytes shows it (h11's "Illegal header value b'…'" escapes a control character); as
-    a JSON string holds it (a server quoting the request's headers as JSON, once or JSON
-    inside JSON); and percent-encoded (a URL quoted with its query). Longest first, so a
-    longer form is replaced before its parts."""
-    if not secret:
-        return ()
-    forms = {secret}
-    for _ in range(2):  # an escape of an escape: JSON quoted in JSON, repr of a JSON text
-        forms |= {escaped for form in forms for escaped in _escaped(form)}
-    return tuple(sorted(forms, key=len, reverse=True))
-
-
-def _escaped(text: str) -> set[str]:
-    return {
-        repr(text)[1:-1],
-        text.encode("unicode_escape").decode("ascii"),
-        repr(text.encode("utf-8", "surrogateescape"))[2:-1],
-        repr(text.encode("latin-1", "replace"))[2:-1],
-        json.dumps(text)[1:-1],
-        json.dumps(text, ensure_ascii=False)[1:-1],
-        quote(text, safe=""),
-        quote_plus(text, safe=""),
-    }
 
 
 def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:

@@ -10,7 +10,10 @@ taken out only where it stands as a word of its own (``Bearer x``), and never ou
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+from urllib.parse import quote, quote_plus
 
 #: real provider keys are tens of characters long; shorter ones are placeholders
 MIN_SECRET_LENGTH = 8
@@ -27,3 +30,31 @@ def redact_word(text: str, form: str, replacement: str) -> str:
     """``text`` with ``form`` replaced where it stands alone, not inside a longer word."""
     pattern = rf"(?<![{_WORD_CHARACTERS}]){re.escape(form)}(?![{_WORD_CHARACTERS}])"
     return re.sub(pattern, replacement, text)
+
+
+@functools.lru_cache(maxsize=64)
+def quoted_forms(secret: str) -> tuple[str, ...]:
+    """``secret`` as it may be quoted in an error: raw; escaped as ``repr`` of its text or of
+    its bytes shows it (h11's "Illegal header value b'…'" escapes a control character); as
+    a JSON string holds it (a server quoting the request's headers as JSON, or JSON inside
+    JSON, up to three escapes deep); and percent-encoded (a URL quoted with its query). Longest first, so a
+    longer form is replaced before its parts."""
+    if not secret:
+        return ()
+    forms = {secret}
+    for _ in range(3):  # escapes of escapes: JSON quoted in JSON in a JSON answer
+        forms |= {escaped for form in forms for escaped in _escaped(form)}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _escaped(text: str) -> set[str]:
+    return {
+        repr(text)[1:-1],
+        text.encode("unicode_escape").decode("ascii"),
+        repr(text.encode("utf-8", "surrogateescape"))[2:-1],
+        repr(text.encode("latin-1", "replace"))[2:-1],
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        quote(text, safe=""),
+        quote_plus(text, safe=""),
+    }
