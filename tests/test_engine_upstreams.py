@@ -503,6 +503,44 @@ def test_http_upstream_goes_through_http_proxy_with_its_credentials(monkeypatch)
     assert all(a.body["auth"] is None for a in answers)  # the proxy's key stays with the proxy
 
 
+def test_a_proxy_quoting_its_credentials_in_a_407_has_them_redacted(monkeypatch):
+    """A proxy from HTTP_PROXY (user:password) that refuses with a 407 quoting the request's
+    Proxy-Authorization and its own URL: neither the password nor the Basic token is in the
+    answer the engine records as the line's result (its error file, results/, the store)."""
+    token = base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        said = json.dumps({"error": {"message": f"407: {head}", "code": "proxy_auth"}}).encode()
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
+        writer.write(b"content-type: application/json\r\nx-request-id: " + token.encode())
+        writer.write(b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(said))
+        writer.write(said)
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTP_PROXY", f"http://alice:PROXYSENTINEL0pw@127.0.0.1:{port}")
+        try:
+            upstream = HttpUpstream("http://api.example.test/v1", api_key="SENTINEL-upstream-k")
+            try:
+                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            finally:
+                await upstream.aclose()
+        finally:
+            server.close()
+
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    got = asyncio.run(run())
+    assert got.status_code == 407
+    recorded = json.dumps(got.body) + str(got.request_id)
+    assert "Proxy-Authorization: Basic [redacted]" in recorded
+    assert token not in recorded and "PROXYSENTINEL" not in recorded
+
+
 @pytest.mark.parametrize(
     "no_proxy", [pytest.param("127.0.0.1", id="host"), pytest.param("*", id="star")]
 )

@@ -13,6 +13,7 @@ makes the batch whose answer is then lost. Waits between attempts go to an injec
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import gzip
 import http.server
@@ -578,6 +579,45 @@ def test_a_refused_environment_proxy_is_named_not_the_server(
     text = str(caught.value)
     assert f"through the proxy http://127.0.0.1:{port} (set by HTTP_PROXY)" in text
     assert "NO_PROXY=127.0.0.1" in text and "hunter2" not in text
+
+
+def test_a_proxy_quoting_its_credentials_in_a_407_has_them_redacted(
+    scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy from HTTP_PROXY (with user:password) that refuses with a 407 quoting the
+    request's Proxy-Authorization: neither the password nor the Basic token that carries it
+    is in the error (recorded in the state's events, shown by history and report)."""
+    seen = "Basic " + base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+    scripted.script(
+        then=lambda s: error_answer(407, f"bad {s.headers.get('proxy-authorization')} {s.target}")
+    )
+    monkeypatch.setenv(
+        "HTTP_PROXY", scripted.base_url.replace("http://", "http://alice:PROXYSENTINEL0pw@")
+    )
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    provider = OpenAIProvider(
+        "testprov", base_url="http://api.example.test/v1", api_key=SENTINEL_KEY, max_retries=0
+    )
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert scripted.requests[0].headers["proxy-authorization"] == seen
+    text = str(caught.value)
+    assert "HTTP 407" in text
+    assert "PROXYSENTINEL" not in text and seen.split()[1] not in text
+
+
+def test_a_password_in_the_base_url_is_redacted_when_echoed(scripted: ScriptedServer) -> None:
+    """A base URL with user:password@ (sent by httpx as Basic auth): a server quoting the
+    request's Authorization header shows neither the password nor its Basic token."""
+    token = base64.b64encode(b"bob:URLSENTINEL0pw").decode()
+    scripted.script(then=lambda s: error_answer(400, f"auth was {s.headers.get('authorization')}"))
+    base_url = scripted.v1.replace("http://", "http://bob:URLSENTINEL0pw@")
+    provider = OpenAIProvider("testprov", base_url=base_url, api_key=SENTINEL_KEY, max_retries=0)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    text = str(caught.value)
+    assert "URLSENTINEL" not in text and token not in text
 
 
 def test_timeout_then_success(scripted: ScriptedServer) -> None:

@@ -44,7 +44,7 @@ from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 from batchspec.wire.retry import retry_after_seconds
-from batchspec.wire.secrets import is_placeholder, quoted_forms
+from batchspec.wire.secrets import is_placeholder, proxy_credentials, quoted_forms
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -169,7 +169,16 @@ class HttpUpstream:
         # quotes the Authorization header in its error would otherwise put it in the batch's
         # error file, which every client downloads and keeps (results/, the state store)
         # (a placeholder key, "EMPTY" or "x", is not: wire/secrets.py)
-        self._secrets = _secret_forms(api_key) if api_key and not is_placeholder(api_key) else ()
+        # and so are the credentials of a proxy from HTTP(S)_PROXY (its Proxy-Authorization),
+        # which a proxy refusing with a 407 may quote
+        secrets = [api_key or "", *proxy_credentials(os.environ)]
+        forms = {
+            form
+            for secret in secrets
+            if secret and not is_placeholder(secret)
+            for form in _secret_forms(secret)
+        }
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
         try:
             self._pool = Http11Pool(
                 base_url,

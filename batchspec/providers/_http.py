@@ -75,7 +75,13 @@ from batchspec.wire.retry import (
     retry_after_seconds,
     should_retry_header,
 )
-from batchspec.wire.secrets import is_placeholder, quoted_forms, redact_word
+from batchspec.wire.secrets import (
+    is_placeholder,
+    proxy_credentials,
+    quoted_forms,
+    redact_word,
+    url_credentials,
+)
 
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503}) | NOT_TRANSIENT_5XX
@@ -784,7 +790,10 @@ class RetryingClient:
         self._free = [client]  # the clients no call holds, the last given back on top
         self._made: list[httpx.Client] = []  # by ``more``: closed by ``close()``
         self._clients_lock = threading.Lock()
-        self._context = context
+        # the credentials of the base URL's user info and of an environment proxy are sent
+        # too (Authorization: Basic, Proxy-Authorization), and quoted back as readily
+        extra = (*url_credentials(base_url), *proxy_credentials(os.environ))
+        self._context = dataclasses.replace(context, secrets=(*context.secrets, *extra))
         # the encodings ours to bound (``ACCEPT_ENCODING``), whatever httpx would offer
         self._headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         self._policy = policy

@@ -10,10 +10,12 @@ taken out only where it stands as a word of its own (``Bearer x``), and never ou
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
-from urllib.parse import quote, quote_plus
+from collections.abc import Mapping
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 #: real provider keys are tens of characters long; shorter ones are placeholders
 MIN_SECRET_LENGTH = 8
@@ -37,8 +39,8 @@ def quoted_forms(secret: str) -> tuple[str, ...]:
     """``secret`` as it may be quoted in an error: raw; escaped as ``repr`` of its text or of
     its bytes shows it (h11's "Illegal header value b'…'" escapes a control character); as
     a JSON string holds it (a server quoting the request's headers as JSON, or JSON inside
-    JSON, up to three escapes deep); and percent-encoded (a URL quoted with its query). Longest first, so a
-    longer form is replaced before its parts."""
+    JSON, up to three escapes deep); and percent-encoded (a URL quoted with its query).
+    Longest first, so a longer form is replaced before its parts."""
     if not secret:
         return ()
     forms = {secret}
@@ -58,3 +60,32 @@ def _escaped(text: str) -> set[str]:
         quote(text, safe=""),
         quote_plus(text, safe=""),
     }
+
+
+def url_credentials(url: str) -> tuple[str, ...]:
+    """The secrets the user info of ``url`` carries (``http://user:password@host``): its
+    password as written and percent-decoded, and the ``Basic`` token HTTP sends them in
+    (a server or proxy that quotes the request's headers quotes that); () without one."""
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
+    except ValueError:  # a port that is not a number: nothing is sent with it
+        return ()
+    if not password:
+        return ()
+    pair = f"{unquote(username or '')}:{unquote(password)}".encode("utf-8", "surrogateescape")
+    token = base64.b64encode(pair).decode("ascii")
+    return tuple(dict.fromkeys((password, unquote(password), token)))
+
+
+def proxy_credentials(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The ``url_credentials`` of every proxy the environment names (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``ALL_PROXY``, in either case): sent to the proxy as
+    ``Proxy-Authorization``, which a proxy refusing with a 407 may quote back."""
+    found: list[str] = []
+    for name, value in environ.items():
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy") and value:
+            found.extend(url_credentials(value))
+    return tuple(dict.fromkeys(found))
