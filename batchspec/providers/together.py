@@ -63,6 +63,7 @@ from batchspec.providers.base import (
 )
 from batchspec.providers.journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.openai import OpenAIProvider
+from batchspec.storage.private import ensure_private_dir
 
 TOGETHER_PURPOSE = "batch-api"
 #: how far back (seconds) a listed batch may have been created to be a lost create's
@@ -168,7 +169,8 @@ class TogetherProvider(OpenAIProvider):
     def _stage_together_lines(self, path: Path) -> tuple[Path, str, int]:
         """``path`` as ``{"custom_id", "body"}`` lines in a staging file: (path, sha256, size)."""
         folder = self.data_dir / "staging"
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)  # full requests: as private as the state
+        ensure_private_dir(folder)
         fd, name = tempfile.mkstemp(dir=folder, suffix=".jsonl")
         digest, size = hashlib.sha256(), 0
         try:
