@@ -466,6 +466,39 @@ def test_a_download_cut_off_then_whole_lands_in_a_folder_made_for_it(
     assert len(sleeps) == 1
 
 
+def test_a_downloaded_file_quoting_the_key_is_kept_with_the_key_redacted(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """An output or error file whose lines quote the request's Authorization header (a
+    gateway relaying a per-request 401 with the key in it), raw or JSON-escaped, is kept
+    with the key redacted: it goes to results/ and the result store as it is downloaded."""
+    key = 'SENTINEL0"quote0123456789'
+    escaped = json.dumps(key)[1:-1]
+    body = (
+        b'{"custom_id": "a", "error": {"message": "bad Bearer ' + escaped.encode() + b'"}}\n'
+        b'{"custom_id": "b", "response": {"body": "key ' + key.encode() + b' x"}}\n'
+    )
+    scripted.script(Answer(200, body))
+    provider, _ = make_provider(scripted, api_key=key)
+    dest = tmp_path / "out.jsonl"
+    size = provider.download_file("file-1", dest)
+    kept = dest.read_bytes()
+    assert size == len(kept) and b"SENTINEL0" not in kept
+    assert kept.count(b"[redacted]") == 2 and kept.count(b"\n") == 2
+
+
+def test_a_placeholder_key_is_not_redacted_out_of_a_downloaded_file(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A placeholder key ("x") is no secret: a downloaded file is kept byte for byte."""
+    body = b'{"custom_id": "a", "response": {"body": "x marks Bearer x"}}\n'
+    scripted.script(Answer(200, body))
+    provider, _ = make_provider(scripted, api_key="x")
+    dest = tmp_path / "out.jsonl"
+    assert provider.download_file("file-1", dest) == len(body)
+    assert dest.read_bytes() == body
+
+
 def test_a_download_error_its_content_encoding_cannot_decode_is_a_provider_error(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:

@@ -182,6 +182,50 @@ class ErrorContext:
                     text = text.replace(form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
+    def file_forms(self) -> tuple[bytes, ...]:
+        """The forms of each secret that are taken out of a downloaded file, as bytes,
+        longest first: not a placeholder's (``wire/secrets.py``: never out of answers)."""
+        forms = {
+            form.encode("utf-8", "surrogateescape")
+            for secret in self.secrets
+            if secret and not is_placeholder(secret)
+            for form in quoted_forms(secret)
+        }
+        return tuple(sorted(forms, key=len, reverse=True))
+
+
+def redact_file(path: Path, forms: tuple[bytes, ...]) -> int:
+    """Take every one of ``forms`` out of the file at ``path`` (``[redacted]``); its size.
+
+    A batch's output and error files are JSONL: a secret never spans a line, so the file is
+    read once to look for one (in blocks overlapping by a form's length) and rewritten line
+    by line only when one is there, which a provider's file almost never holds."""
+    if not forms or not _holds_any(path, forms):
+        return path.stat().st_size
+    redacted = path.with_name(path.name + "-redacted")
+    with open(path, "rb") as source, open(redacted, "wb") as out:
+        for line in source:
+            for form in forms:
+                if form in line:
+                    line = line.replace(form, b"[redacted]")
+            out.write(line)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(redacted, path)
+    return path.stat().st_size
+
+
+def _holds_any(path: Path, forms: tuple[bytes, ...]) -> bool:
+    overlap = max(len(form) for form in forms) - 1
+    tail = b""
+    with open(path, "rb") as source:
+        while block := source.read(_DOWNLOAD_CHUNK):
+            window = tail + block
+            if any(form in window for form in forms):
+                return True
+            tail = window[-overlap:] if overlap else b""
+    return False
+
 
 def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:
     """``remote`` with the key taken out of the provider's own words in it (its ``errors``'
@@ -877,6 +921,15 @@ class RetryingClient:
         written, unframed = self._fetch(client, path, partial, operation, headers)
         if unframed:
             written = self._confirm_unframed(client, path, partial, written, operation, headers)
+        # a gateway relaying a request's 401 may quote its Authorization header in the
+        # file; what is kept (results/, the result store) never holds the key
+        forms = self._context.file_forms()
+        if forms:
+            try:
+                written = redact_file(partial, forms)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         os.replace(partial, dest)
         return written
 
