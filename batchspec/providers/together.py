@@ -47,6 +47,7 @@ from batchspec.providers._http import (
     RetryingClient,
     cancel_or_ended,
     create_or_adopt,
+    display_url,
     json_object,
     quote_id,
     redact_batch,
@@ -112,7 +113,7 @@ class TogetherProvider(OpenAIProvider):
         )
 
     def __repr__(self) -> str:
-        return f"TogetherProvider(name={self.name!r}, base_url={self.base_url!r})"
+        return f"TogetherProvider(name={self.name!r}, base_url={display_url(self.base_url)!r})"
 
     # -- files ---------------------------------------------------------------------------
 
