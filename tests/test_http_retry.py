@@ -1455,6 +1455,24 @@ def test_a_key_with_json_escaped_characters_is_redacted_when_echoed_as_json(
         assert "SENTINEL0" not in str(caught.value), said
 
 
+def test_a_head_of_the_key_quoted_by_a_broken_redirect_is_redacted(
+    scripted: ScriptedServer,
+) -> None:
+    """A redirect whose Location quotes the Authorization header (a key holding a '/'):
+    httpx refuses the URL quoting only the part before the '/' as its port, and that head of
+    the key (16 characters or more of it) is redacted like the whole key."""
+    key = "SENTINEL0abcdef0123/tail0123456789"
+    scripted.script(
+        then=lambda s: Answer(
+            302, b"", {"location": f"http://u:{s.headers['authorization']}@h.test/x"}
+        )
+    )
+    provider, _ = make_provider(scripted, api_key=key, max_retries=0)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert "SENTINEL0abcdef" not in str(caught.value)
+
+
 def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(
     scripted: ScriptedServer,
 ) -> None:

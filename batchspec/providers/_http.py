@@ -79,6 +79,7 @@ from batchspec.wire.secrets import (
     is_placeholder,
     proxy_credentials,
     quoted_forms,
+    redact_heads,
     redact_word,
     url_credentials,
 )
@@ -179,7 +180,7 @@ class ErrorContext:
                 if is_placeholder(secret):  # "x", "EMPTY": as a word only (wire/secrets.py)
                     text = redact_word(text, form, "[redacted]")
                 else:
-                    text = text.replace(form, "[redacted]")
+                    text = redact_heads(text.replace(form, "[redacted]"), form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
     def file_forms(self) -> tuple[bytes, ...]:

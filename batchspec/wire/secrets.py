@@ -20,6 +20,11 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 #: real provider keys are tens of characters long; shorter ones are placeholders
 MIN_SECRET_LENGTH = 8
 
+#: the length of a key's head that is redacted wherever it is quoted, even cut short there
+#: (a message cut at a length, a URL parser quoting the part before a '/'): long enough to
+#: be the key's own, not another word
+MIN_HEAD_LENGTH = 16
+
 #: characters of a word: a short key is redacted only where none of these touch it
 _WORD_CHARACTERS = r"A-Za-z0-9_\-"
 
@@ -89,3 +94,21 @@ def proxy_credentials(environ: Mapping[str, str]) -> tuple[str, ...]:
         if name.lower() in ("http_proxy", "https_proxy", "all_proxy") and value:
             found.extend(url_credentials(value))
     return tuple(dict.fromkeys(found))
+
+
+def redact_heads(text: str, secret: str, replacement: str) -> str:
+    """``text`` with every run that starts with ``secret``'s first ``MIN_HEAD_LENGTH``
+    characters replaced, as far as it goes on matching ``secret``: the key quoted cut short
+    (its tail lost to a length limit or a parser) is still the key's. A secret no longer
+    than the head is left to the whole-form redaction."""
+    if len(secret) <= MIN_HEAD_LENGTH:
+        return text
+    head = secret[:MIN_HEAD_LENGTH]
+    start = text.find(head)
+    while start != -1:
+        end = start + MIN_HEAD_LENGTH
+        while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+            end += 1
+        text = text[:start] + replacement + text[end:]
+        start = text.find(head, start + len(replacement))
+    return text
