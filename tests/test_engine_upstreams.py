@@ -20,7 +20,7 @@ from starlette.routing import Route
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
 from batchspec.engine.http11 import Http11Pool, proxy_for
 from batchspec.engine.server import start_in_thread
-from batchspec.engine.upstreams import UpstreamNotConnected, answer
+from batchspec.engine.upstreams import UpstreamNotConnected, UpstreamUnreachable, answer
 from batchspec.errors import BatchspecError, UsageError
 
 
@@ -539,6 +539,42 @@ def test_a_proxy_quoting_its_credentials_in_a_407_has_them_redacted(monkeypatch)
     recorded = json.dumps(got.body) + str(got.request_id)
     assert "Proxy-Authorization: Basic [redacted]" in recorded
     assert token not in recorded and "PROXYSENTINEL" not in recorded
+
+
+def test_a_proxy_quoting_its_credentials_in_a_refused_connect_has_them_redacted(monkeypatch):
+    """A proxy from HTTPS_PROXY that refuses a CONNECT with a status line quoting the
+    request's Proxy-Authorization: the error the engine records for the line (its error
+    file, results/) leaves the Basic token out."""
+    token = base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        said = head.split("Proxy-Authorization: ", 1)[1].split("\r\n", 1)[0]
+        writer.write(f"HTTP/1.1 407 bad {said}\r\ncontent-length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    async def run() -> str:
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://alice:PROXYSENTINEL0pw@127.0.0.1:{port}")
+        try:
+            upstream = HttpUpstream("https://api.example.test/v1", api_key="SENTINEL-upstream-k")
+            try:
+                await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            except UpstreamUnreachable as err:
+                return str(err)
+            finally:
+                await upstream.aclose()
+        finally:
+            server.close()
+        raise AssertionError("the CONNECT was not refused")
+
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    said = asyncio.run(run())
+    assert "407 bad Basic [redacted]" in said
+    assert token not in said
 
 
 @pytest.mark.parametrize(

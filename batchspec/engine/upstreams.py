@@ -198,10 +198,12 @@ class HttpUpstream:
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
         try:
             response = await self._pool.post(self.target(url), jsonfast.dumps(body))
+        # a proxy's refusal is quoted in these (a CONNECT's status line): without the key or
+        # the proxy's credentials, and not chained to the exception that quotes them whole
         except ConnectFailed as err:
-            raise UpstreamNotConnected(str(err)) from err
+            raise UpstreamNotConnected(self._redacted_text(str(err))) from None
         except ConnectionFailed as err:
-            raise UpstreamUnreachable(str(err)) from err
+            raise UpstreamUnreachable(self._redacted_text(str(err))) from None
         if 300 <= response.status_code < 400:
             return self._redirected(response.status_code, response.headers.get("location"))
         raw = response.body
