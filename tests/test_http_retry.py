@@ -499,6 +499,24 @@ def test_a_placeholder_key_is_not_redacted_out_of_a_downloaded_file(
     assert dest.read_bytes() == body
 
 
+def test_a_proxy_password_is_not_redacted_out_of_a_downloaded_answer(
+    scripted: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy's password is sent only inside its Basic token: a downloaded file is kept with
+    the token redacted but an answer that holds the password's word ("elephants") as text
+    kept as it is (a message quoting the password still has it redacted)."""
+    token = base64.b64encode(b"alice:elephants").decode()
+    body = b'{"custom_id": "a", "response": {"body": "elephants, Basic ' + token.encode() + b'"}}\n'
+    scripted.script(Answer(200, body))
+    monkeypatch.setenv("ALL_PROXY", "http://alice:elephants@127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # set, but this server is reached directly
+    provider, _ = make_provider(scripted)
+    dest = tmp_path / "out.jsonl"
+    provider.download_file("file-1", dest)
+    assert dest.read_bytes() == body.replace(token.encode(), b"[redacted]")
+    assert "elephants" not in provider._http.context.redact("proxy password elephants")
+
+
 def test_a_download_error_its_content_encoding_cannot_decode_is_a_provider_error(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:

@@ -169,9 +169,10 @@ class HttpUpstream:
         # quotes the Authorization header in its error would otherwise put it in the batch's
         # error file, which every client downloads and keeps (results/, the state store)
         # (a placeholder key, "EMPTY" or "x", is not: wire/secrets.py)
-        # and so are the credentials of a proxy from HTTP(S)_PROXY (its Proxy-Authorization),
-        # which a proxy refusing with a 407 may quote
-        secrets = [api_key or "", *proxy_credentials(os.environ)]
+        # and so is the Basic token of a proxy from HTTP(S)_PROXY (its Proxy-Authorization),
+        # which a proxy refusing with a 407 may quote (not its password: never sent as it is,
+        # and maybe a word an answer holds)
+        secrets = [api_key or "", *proxy_credentials(os.environ).tokens]
         forms = {
             form
             for secret in secrets

@@ -173,6 +173,9 @@ class ErrorContext:
     api_key_env: str | None
     key_sent: bool
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: of ``secrets``, those also taken out of downloaded files (a password of a URL's user
+    #: info is not, being sent only inside a Basic token); None: all of them
+    answer_secrets: tuple[str, ...] | None = field(default=None, repr=False)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -186,9 +189,10 @@ class ErrorContext:
     def file_forms(self) -> tuple[bytes, ...]:
         """The forms of each secret that are taken out of a downloaded file, as bytes,
         longest first: not a placeholder's (``wire/secrets.py``: never out of answers)."""
+        secrets = self.secrets if self.answer_secrets is None else self.answer_secrets
         forms = {
             form.encode("utf-8", "surrogateescape")
-            for secret in self.secrets
+            for secret in secrets
             if secret and not is_placeholder(secret)
             for form in quoted_forms(secret)
         }
@@ -837,8 +841,12 @@ class RetryingClient:
         self._clients_lock = threading.Lock()
         # the credentials of the base URL's user info and of an environment proxy are sent
         # too (Authorization: Basic, Proxy-Authorization), and quoted back as readily
-        extra = (*url_credentials(base_url), *proxy_credentials(os.environ))
-        self._context = dataclasses.replace(context, secrets=(*context.secrets, *extra))
+        extra = url_credentials(base_url) + proxy_credentials(os.environ)
+        self._context = dataclasses.replace(
+            context,
+            secrets=(*context.secrets, *extra.all),
+            answer_secrets=(*context.secrets, *extra.tokens),
+        )
         # the encodings ours to bound (``ACCEPT_ENCODING``), whatever httpx would offer
         self._headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         self._policy = policy

@@ -15,6 +15,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 #: real provider keys are tens of characters long; shorter ones are placeholders
@@ -67,33 +68,55 @@ def _escaped(text: str) -> set[str]:
     }
 
 
-def url_credentials(url: str) -> tuple[str, ...]:
-    """The secrets the user info of ``url`` carries (``http://user:password@host``): its
-    password as written and percent-decoded, and the ``Basic`` token HTTP sends them in
-    (a server or proxy that quotes the request's headers quotes that); () without one."""
+@dataclass(frozen=True)
+class Credentials:
+    """What the user info of URLs (``http://user:password@host``) makes secret.
+
+    ``passwords`` (as written and percent-decoded) are taken out of messages only: a password
+    may be an ordinary word that a model's answer holds, and it is never sent as it is.
+    ``tokens``, the ``Basic`` tokens HTTP sends them in (``Authorization``,
+    ``Proxy-Authorization``), are taken out of everything, answers included: a server or
+    proxy that quotes the request's headers quotes those."""
+
+    passwords: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()
+
+    def __add__(self, other: Credentials) -> Credentials:
+        return Credentials(
+            tuple(dict.fromkeys((*self.passwords, *other.passwords))),
+            tuple(dict.fromkeys((*self.tokens, *other.tokens))),
+        )
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.passwords, *self.tokens)
+
+
+def url_credentials(url: str) -> Credentials:
+    """The ``Credentials`` of ``url``'s user info; empty without a password."""
     if "://" not in url:
         url = f"http://{url}"
     try:
         parts = urlsplit(url)
         username, password = parts.username, parts.password
     except ValueError:  # a port that is not a number: nothing is sent with it
-        return ()
+        return Credentials()
     if not password:
-        return ()
+        return Credentials()
     pair = f"{unquote(username or '')}:{unquote(password)}".encode("utf-8", "surrogateescape")
     token = base64.b64encode(pair).decode("ascii")
-    return tuple(dict.fromkeys((password, unquote(password), token)))
+    return Credentials(tuple(dict.fromkeys((password, unquote(password)))), (token,))
 
 
-def proxy_credentials(environ: Mapping[str, str]) -> tuple[str, ...]:
+def proxy_credentials(environ: Mapping[str, str]) -> Credentials:
     """The ``url_credentials`` of every proxy the environment names (``HTTP_PROXY``,
     ``HTTPS_PROXY``, ``ALL_PROXY``, in either case): sent to the proxy as
     ``Proxy-Authorization``, which a proxy refusing with a 407 may quote back."""
-    found: list[str] = []
+    found = Credentials()
     for name, value in environ.items():
         if name.lower() in ("http_proxy", "https_proxy", "all_proxy") and value:
-            found.extend(url_credentials(value))
-    return tuple(dict.fromkeys(found))
+            found += url_credentials(value)
+    return found
 
 
 def redact_heads(text: str, secret: str, replacement: str) -> str:
