@@ -20,7 +20,7 @@ from starlette.routing import Route
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream, HttpUpstream, make_upstream
 from batchspec.engine.http11 import Http11Pool, proxy_for
 from batchspec.engine.server import start_in_thread
-from batchspec.engine.upstreams import UpstreamNotConnected, answer
+from batchspec.engine.upstreams import UpstreamNotConnected, UpstreamUnreachable, answer
 from batchspec.errors import BatchspecError, UsageError
 
 
@@ -272,6 +272,39 @@ def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
     assert as_text.body == "invalid credentials: Bearer [redacted]"
 
 
+def test_an_upstream_quoting_its_key_in_a_header_or_escaped_gets_it_redacted():
+    """An upstream that quotes the Authorization header in its request id, or in a message
+    that holds the request's headers as JSON inside JSON (a key with a quote or backslash is
+    escaped twice there): the key is in neither the request id nor the body the engine
+    records as the line's result (its error file, results/, the state store)."""
+    key = 'SENTINEL0"quote\\back/0123456789'
+
+    async def refuse(request):
+        auth = request.headers.get("authorization")
+        said = json.dumps({"headers": json.dumps({"Authorization": auth})})
+        body = {"error": {"message": said, "code": "invalid_api_key"}}
+        return JSONResponse(body, 401, headers={"x-request-id": f"req {auth}"})
+
+    server = start_in_thread(
+        Starlette(routes=[Route("/v1/chat/completions", refuse, methods=["POST"])])
+    )
+    try:
+
+        async def run():
+            upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
+            try:
+                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            finally:
+                await upstream.aclose()
+
+        got = asyncio.run(run())
+    finally:
+        server.stop()
+    assert got.status_code == 401
+    assert got.request_id == "req Bearer [redacted]"
+    assert "SENTINEL0" not in json.dumps(got.body), got.body
+
+
 def test_a_placeholder_key_is_not_redacted_out_of_answers():
     """A gateway's placeholder key ("x", vLLM's "EMPTY") is no secret: the answers that
     contain it are recorded as they came, not with every "x" turned into "[redacted]"."""
@@ -468,6 +501,80 @@ def test_http_upstream_goes_through_http_proxy_with_its_credentials(monkeypatch)
     expected_auth = "Basic " + base64.b64encode(b"user:pa:ss").decode()
     assert proxy.seen == [(f"{server.base_url}/v1/chat/completions", expected_auth)] * 3
     assert all(a.body["auth"] is None for a in answers)  # the proxy's key stays with the proxy
+
+
+def test_a_proxy_quoting_its_credentials_in_a_407_has_them_redacted(monkeypatch):
+    """A proxy from HTTP_PROXY (user:password) that refuses with a 407 quoting the request's
+    Proxy-Authorization and its own URL: neither the password nor the Basic token is in the
+    answer the engine records as the line's result (its error file, results/, the store)."""
+    token = base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        said = json.dumps({"error": {"message": f"407: {head}", "code": "proxy_auth"}}).encode()
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
+        writer.write(b"content-type: application/json\r\nx-request-id: " + token.encode())
+        writer.write(b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(said))
+        writer.write(said)
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTP_PROXY", f"http://alice:PROXYSENTINEL0pw@127.0.0.1:{port}")
+        try:
+            upstream = HttpUpstream("http://api.example.test/v1", api_key="SENTINEL-upstream-k")
+            try:
+                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            finally:
+                await upstream.aclose()
+        finally:
+            server.close()
+
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    got = asyncio.run(run())
+    assert got.status_code == 407
+    recorded = json.dumps(got.body) + str(got.request_id)
+    assert "Proxy-Authorization: Basic [redacted]" in recorded
+    assert token not in recorded and "PROXYSENTINEL" not in recorded
+
+
+def test_a_proxy_quoting_its_credentials_in_a_refused_connect_has_them_redacted(monkeypatch):
+    """A proxy from HTTPS_PROXY that refuses a CONNECT with a status line quoting the
+    request's Proxy-Authorization: the error the engine records for the line (its error
+    file, results/) leaves the Basic token out."""
+    token = base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        said = head.split("Proxy-Authorization: ", 1)[1].split("\r\n", 1)[0]
+        writer.write(f"HTTP/1.1 407 bad {said}\r\ncontent-length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    async def run() -> str:
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://alice:PROXYSENTINEL0pw@127.0.0.1:{port}")
+        try:
+            upstream = HttpUpstream("https://api.example.test/v1", api_key="SENTINEL-upstream-k")
+            try:
+                await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
+            except UpstreamUnreachable as err:
+                return str(err)
+            finally:
+                await upstream.aclose()
+        finally:
+            server.close()
+        raise AssertionError("the CONNECT was not refused")
+
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    said = asyncio.run(run())
+    assert "407 bad Basic [redacted]" in said
+    assert token not in said
 
 
 @pytest.mark.parametrize(

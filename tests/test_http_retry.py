@@ -13,6 +13,7 @@ makes the batch whose answer is then lost. Waits between attempts go to an injec
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import gzip
 import http.server
@@ -25,6 +26,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -464,6 +466,57 @@ def test_a_download_cut_off_then_whole_lands_in_a_folder_made_for_it(
     assert len(sleeps) == 1
 
 
+def test_a_downloaded_file_quoting_the_key_is_kept_with_the_key_redacted(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """An output or error file whose lines quote the request's Authorization header (a
+    gateway relaying a per-request 401 with the key in it), raw or JSON-escaped, is kept
+    with the key redacted: it goes to results/ and the result store as it is downloaded."""
+    key = 'SENTINEL0"quote0123456789'
+    escaped = json.dumps(key)[1:-1]
+    body = (
+        b'{"custom_id": "a", "error": {"message": "bad Bearer ' + escaped.encode() + b'"}}\n'
+        b'{"custom_id": "b", "response": {"body": "key ' + key.encode() + b' x"}}\n'
+    )
+    scripted.script(Answer(200, body))
+    provider, _ = make_provider(scripted, api_key=key)
+    dest = tmp_path / "out.jsonl"
+    size = provider.download_file("file-1", dest)
+    kept = dest.read_bytes()
+    assert size == len(kept) and b"SENTINEL0" not in kept
+    assert kept.count(b"[redacted]") == 2 and kept.count(b"\n") == 2
+
+
+def test_a_placeholder_key_is_not_redacted_out_of_a_downloaded_file(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """A placeholder key ("x") is no secret: a downloaded file is kept byte for byte."""
+    body = b'{"custom_id": "a", "response": {"body": "x marks Bearer x"}}\n'
+    scripted.script(Answer(200, body))
+    provider, _ = make_provider(scripted, api_key="x")
+    dest = tmp_path / "out.jsonl"
+    assert provider.download_file("file-1", dest) == len(body)
+    assert dest.read_bytes() == body
+
+
+def test_a_proxy_password_is_not_redacted_out_of_a_downloaded_answer(
+    scripted: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy's password is sent only inside its Basic token: a downloaded file is kept with
+    the token redacted but an answer that holds the password's word ("elephants") as text
+    kept as it is (a message quoting the password still has it redacted)."""
+    token = base64.b64encode(b"alice:elephants").decode()
+    body = b'{"custom_id": "a", "response": {"body": "elephants, Basic ' + token.encode() + b'"}}\n'
+    scripted.script(Answer(200, body))
+    monkeypatch.setenv("ALL_PROXY", "http://alice:elephants@127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # set, but this server is reached directly
+    provider, _ = make_provider(scripted)
+    dest = tmp_path / "out.jsonl"
+    provider.download_file("file-1", dest)
+    assert dest.read_bytes() == body.replace(token.encode(), b"[redacted]")
+    assert "elephants" not in provider._http.context.redact("proxy password elephants")
+
+
 def test_a_download_error_its_content_encoding_cannot_decode_is_a_provider_error(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:
@@ -577,6 +630,45 @@ def test_a_refused_environment_proxy_is_named_not_the_server(
     text = str(caught.value)
     assert f"through the proxy http://127.0.0.1:{port} (set by HTTP_PROXY)" in text
     assert "NO_PROXY=127.0.0.1" in text and "hunter2" not in text
+
+
+def test_a_proxy_quoting_its_credentials_in_a_407_has_them_redacted(
+    scripted: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy from HTTP_PROXY (with user:password) that refuses with a 407 quoting the
+    request's Proxy-Authorization: neither the password nor the Basic token that carries it
+    is in the error (recorded in the state's events, shown by history and report)."""
+    seen = "Basic " + base64.b64encode(b"alice:PROXYSENTINEL0pw").decode()
+    scripted.script(
+        then=lambda s: error_answer(407, f"bad {s.headers.get('proxy-authorization')} {s.target}")
+    )
+    monkeypatch.setenv(
+        "HTTP_PROXY", scripted.base_url.replace("http://", "http://alice:PROXYSENTINEL0pw@")
+    )
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    provider = OpenAIProvider(
+        "testprov", base_url="http://api.example.test/v1", api_key=SENTINEL_KEY, max_retries=0
+    )
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert scripted.requests[0].headers["proxy-authorization"] == seen
+    text = str(caught.value)
+    assert "HTTP 407" in text
+    assert "PROXYSENTINEL" not in text and seen.split()[1] not in text
+
+
+def test_a_password_in_the_base_url_is_redacted_when_echoed(scripted: ScriptedServer) -> None:
+    """A base URL with user:password@ (sent by httpx as Basic auth): a server quoting the
+    request's Authorization header shows neither the password nor its Basic token."""
+    token = base64.b64encode(b"bob:URLSENTINEL0pw").decode()
+    scripted.script(then=lambda s: error_answer(400, f"auth was {s.headers.get('authorization')}"))
+    base_url = scripted.v1.replace("http://", "http://bob:URLSENTINEL0pw@")
+    provider = OpenAIProvider("testprov", base_url=base_url, api_key=SENTINEL_KEY, max_retries=0)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    text = str(caught.value)
+    assert "URLSENTINEL" not in text and token not in text
 
 
 def test_timeout_then_success(scripted: ScriptedServer) -> None:
@@ -1358,6 +1450,62 @@ def test_a_key_of_any_shape_is_redacted_when_echoed(scripted: ScriptedServer) ->
         provider.get_batch("batch_1")
     assert key not in str(caught.value)
     assert "header was [redacted]" in str(caught.value)
+
+
+def test_a_key_echoed_past_the_length_a_message_keeps_is_not_cut_in_half(
+    scripted: ScriptedServer,
+) -> None:
+    """A server quoting the request's headers (and the key among them) around the 500th
+    character of its message: the key is redacted before the message is shortened, so no
+    head of it (cut by the "…") is left in the error, and so in the state's audit log."""
+    key = "AZURE0SENTINEL0abcdef0123456789"
+    for pad in range(470, 505, 4):
+        scripted.script(error_answer(400, "x" * pad + f" api-key: {key} end"))
+        provider, _ = make_provider(scripted, api_key=key, auth_header="api-key")
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert "AZURE0SEN" not in str(caught.value), pad
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param('SENTINEL0"quote\\back0123456789', id="quote-backslash"),
+        pytest.param("SENTINEL0'single\"double0123456789", id="both-quotes"),
+        pytest.param("SENTINEL0/slash+plus=eq%pct&amp0123", id="url-characters"),
+    ],
+)
+def test_a_key_with_json_escaped_characters_is_redacted_when_echoed_as_json(
+    scripted: ScriptedServer, key: str
+) -> None:
+    """A key holding a character JSON escapes (a quote, a backslash), echoed in a message
+    that quotes the request's headers as JSON (once, or JSON inside JSON) or percent-encoded,
+    is redacted in each form, not only raw."""
+    headers = json.dumps({"Authorization": f"Bearer {key}"})
+    for said in (headers, json.dumps(headers), f"url was /v1?key={quote(key, safe='')}"):
+        scripted.script(error_answer(400, said))
+        provider, _ = make_provider(scripted, api_key=key)
+        with pytest.raises(ProviderError) as caught:
+            provider.get_batch("batch_1")
+        assert "SENTINEL0" not in str(caught.value), said
+
+
+def test_a_head_of_the_key_quoted_by_a_broken_redirect_is_redacted(
+    scripted: ScriptedServer,
+) -> None:
+    """A redirect whose Location quotes the Authorization header (a key holding a '/'):
+    httpx refuses the URL quoting only the part before the '/' as its port, and that head of
+    the key (16 characters or more of it) is redacted like the whole key."""
+    key = "SENTINEL0abcdef0123/tail0123456789"
+    scripted.script(
+        then=lambda s: Answer(
+            302, b"", {"location": f"http://u:{s.headers['authorization']}@h.test/x"}
+        )
+    )
+    provider, _ = make_provider(scripted, api_key=key, max_retries=0)
+    with pytest.raises(ProviderError) as caught:
+        provider.get_batch("batch_1")
+    assert "SENTINEL0abcdef" not in str(caught.value)
 
 
 def test_a_call_waiting_out_a_retry_after_stops_when_its_pool_closes_on_ctrl_c(

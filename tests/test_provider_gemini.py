@@ -501,6 +501,22 @@ def test_small_batches_go_inline_with_the_key_as_display_name(
     assert stored["metadata"]["gemini_source"] == "inline"
 
 
+def test_an_inline_batchs_answers_are_kept_without_the_key(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """An inline batch's answers, read from its operation rather than downloaded as a file,
+    are kept with the key redacted as a downloaded file's are (an answer quoting it)."""
+    srv = server()
+    lines = request_lines(2, model=MODEL)
+    for line in lines:
+        line["body"]["messages"] = [{"role": "user", "content": f"say {SENTINEL_KEY} back"}]
+    with provider_for(srv, tmp_path / "p") as provider:
+        done = ended(provider, create(provider, stage(provider, tmp_path, lines)).id)
+        download(provider, done.output_file_id, tmp_path / "out.jsonl")
+    kept = (tmp_path / "out.jsonl").read_text()
+    assert "say [redacted] back" in kept and SENTINEL_KEY not in kept
+
+
 def test_an_inline_batchs_answers_are_read_past_the_cap_other_answers_have(
     server: Callable[..., ProbedServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,3 +177,24 @@ def test_every_http_provider_type_takes_max_retries(tmp_path: Path, type_: str) 
     )
     assert provider._policy.max_attempts == 2  # type: ignore[attr-defined]
     provider.close()
+
+
+@pytest.mark.parametrize(
+    "type_", ["openai", "azure", "groq", "together", "anthropic", "gemini", "mistral"]
+)
+def test_a_providers_repr_never_shows_a_password_in_its_base_url(
+    tmp_path: Path, type_: str
+) -> None:
+    """A baseUrl with user:password@ (a gateway behind basic auth): the provider's repr, as
+    a log line or a traceback shows it, leaves the password (and the key) out."""
+    provider = build_provider(
+        config(type_, base_url="http://bob:URLSENTINEL0pw@gw.test/v1", api_key_env="K"),
+        project_root=tmp_path,
+        env={"K": "SENTINEL-key-0123456789"},
+    )
+    try:
+        text = repr(provider)
+    finally:
+        provider.close()
+    assert "gw.test" in text
+    assert "URLSENTINEL" not in text and "SENTINEL-key" not in text

@@ -561,6 +561,31 @@ def test_a_span_copy_into_a_shard_folder_that_cannot_be_made_says_so(
 
 
 @pytest.mark.usefixtures("index_files")
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
+def test_shard_files_and_request_indexes_are_private_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    """The shard files (state/shards) and request indexes (state/input-index) hold the
+    requests as the state and the result store do: their folders are 0700 and their files
+    0600 whatever the umask (a world-writable shards folder let another user put their own
+    requests under a shard's name, which the next upload sends as they are)."""
+    import stat
+
+    ws = local_ws(tmp_path, 30, per_batch=10)
+    old = os.umask(umask)
+    try:
+        assert apply_workspace([str(ws.root)], WAIT).exit_code == 0
+    finally:
+        os.umask(old)
+    for name in ("shards", "input-index"):
+        folder = ws.root / "state" / name
+        files = [p for p in folder.iterdir() if p.is_file()]
+        assert files, name
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, name
+        assert {stat.S_IMODE(p.stat().st_mode) & 0o077 for p in files} == {0}, name
+
+
+@pytest.mark.usefixtures("index_files")
 def test_a_lost_index_is_made_again_from_the_unchanged_input(tmp_path: Path) -> None:
     """A run that finds no request index (its folder deleted after the validation) indexes
     the input once more, checks it still hashes to what was validated, and shards it as

@@ -87,3 +87,25 @@ def test_read_records_skips_what_cannot_be_joined(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"a": 1}\n\n  \nnot json\n[1, 2]\n{"b": 2}\n')
     assert list(read_records(path)) == [{"a": 1}, {"b": 2}]
+
+
+def test_staged_inputs_and_the_journal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """A provider's data folder holds full requests (staged inputs) and its journal of
+    creates, beside the state: folders 0700 and files 0600 even with umask 0 (a
+    world-writable files/ let another user swap a staged input before its create read it)."""
+    import os
+    import stat
+
+    from batchspec.providers.journal import Journal
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"custom_id": "a"}\n')
+    old = os.umask(0)
+    try:
+        Staged(tmp_path / "data").upload_file(source, filename="in.jsonl")
+        Journal(tmp_path / "data").close()
+    finally:
+        os.umask(old)
+    found = [tmp_path / "data", *(tmp_path / "data").rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in found if p.is_dir()} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in found if p.is_file()} == {0o600}

@@ -112,6 +112,26 @@ def test_the_rendered_file_is_canonical_content_addressed_and_under_the_state_fo
     assert not list(res.input_path.parent.glob("*.part"))
 
 
+def test_the_rendered_requests_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The rendered requests (state/rendered, its keys) are as private as the state, even
+    with umask 0: folders 0700, files without group or other bits."""
+    import os
+    import stat
+
+    write_rows(tmp_path, "tickets.csv", TICKETS_CSV)
+    write_manifest(tmp_path, {"rows": "../data/tickets.csv", "body": chat_body()})
+    old = os.umask(0)
+    try:
+        res = load_one(tmp_path)
+    finally:
+        os.umask(old)
+    folder = tmp_path / "state" / "rendered"
+    assert res.input_path.parent == folder
+    found = [folder, *folder.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in found if p.is_dir()} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) & 0o077 for p in found if p.is_file()} == {0}
+
+
 def test_the_default_custom_id_is_the_row_number(tmp_path: Path) -> None:
     """Without `id`, custom_ids are row-1, row-2, ... (data rows, header and blanks excluded)."""
     write_rows(tmp_path, "t.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c"}\n')

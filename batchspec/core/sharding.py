@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 from batchspec.errors import BatchspecError
 from batchspec.providers.flavours import flavour_of
+from batchspec.storage.private import ensure_private_dir
 from batchspec.wire.inputs import RequestLine
 from batchspec.wire.request_index import InputChangedError, RequestBytes, RequestFact
 from batchspec.workspace.manifest import Resource, Workspace
@@ -216,7 +217,9 @@ class ShardWriters:
         with self._failing_as_the_folder():
             entry = self._open.get(shard)
             if entry is None:
-                self.folder.mkdir(parents=True, exist_ok=True)
+                # requests, as private as the state (and not open to another user's
+                # file under a shard's name, which would be uploaded as it is)
+                ensure_private_dir(self.folder)
                 fd, name = tempfile.mkstemp(dir=self.folder, suffix=".part")
                 entry = self._open[shard] = (os.fdopen(fd, "wb"), hashlib.sha256(), Path(name))
             entry[0].write(data)

@@ -44,7 +44,7 @@ from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 from batchspec.wire.retry import retry_after_seconds
-from batchspec.wire.secrets import is_placeholder
+from batchspec.wire.secrets import is_placeholder, proxy_credentials, quoted_forms
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -127,13 +127,9 @@ REDACTED = b"[redacted]"
 
 
 def _secret_forms(key: str) -> tuple[bytes, ...]:
-    """``key`` as bytes, and as it reads inside a JSON string when that differs."""
-    forms = {
-        key.encode(),
-        json.dumps(key)[1:-1].encode(),
-        json.dumps(key, ensure_ascii=False)[1:-1].encode(),
-    }
-    return tuple(sorted(forms, key=len, reverse=True))
+    """``key`` as bytes in every form it may be quoted in (``wire.secrets.quoted_forms``:
+    raw, JSON-escaped once or twice, repr-escaped, percent-encoded), longest first."""
+    return tuple(form.encode("utf-8", "surrogateescape") for form in quoted_forms(key))
 
 
 class HttpUpstream:
@@ -173,7 +169,17 @@ class HttpUpstream:
         # quotes the Authorization header in its error would otherwise put it in the batch's
         # error file, which every client downloads and keeps (results/, the state store)
         # (a placeholder key, "EMPTY" or "x", is not: wire/secrets.py)
-        self._secrets = _secret_forms(api_key) if api_key and not is_placeholder(api_key) else ()
+        # and so is the Basic token of a proxy from HTTP(S)_PROXY (its Proxy-Authorization),
+        # which a proxy refusing with a 407 may quote (not its password: never sent as it is,
+        # and maybe a word an answer holds)
+        secrets = [api_key or "", *proxy_credentials(os.environ).tokens]
+        forms = {
+            form
+            for secret in secrets
+            if secret and not is_placeholder(secret)
+            for form in _secret_forms(secret)
+        }
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
         try:
             self._pool = Http11Pool(
                 base_url,
@@ -193,10 +199,12 @@ class HttpUpstream:
     async def send(self, url: str, body: Any, *, custom_id: str, attempt: int) -> UpstreamResponse:
         try:
             response = await self._pool.post(self.target(url), jsonfast.dumps(body))
+        # a proxy's refusal is quoted in these (a CONNECT's status line): without the key or
+        # the proxy's credentials, and not chained to the exception that quotes them whole
         except ConnectFailed as err:
-            raise UpstreamNotConnected(str(err)) from err
+            raise UpstreamNotConnected(self._redacted_text(str(err))) from None
         except ConnectionFailed as err:
-            raise UpstreamUnreachable(str(err)) from err
+            raise UpstreamUnreachable(self._redacted_text(str(err))) from None
         if 300 <= response.status_code < 400:
             return self._redirected(response.status_code, response.headers.get("location"))
         raw = response.body
@@ -209,12 +217,21 @@ class HttpUpstream:
             parsed = raw.decode("utf-8", "replace")
             if 200 <= response.status_code < 300:
                 return self._not_json(response.status_code, parsed)
+        request_id = response.headers.get("x-request-id")
+        if request_id is not None:  # recorded with the line's result, as the body is
+            request_id = self._redacted_text(request_id)
         return UpstreamResponse(
             status_code=response.status_code,
             body=parsed,
-            request_id=response.headers.get("x-request-id"),
+            request_id=request_id,
             retry_after=retry_after_seconds(response.headers),
         )
+
+    def _redacted_text(self, text: str) -> str:
+        raw = text.encode("utf-8", "surrogateescape")
+        for secret in self._secrets:
+            raw = raw.replace(secret, REDACTED)
+        return raw.decode("utf-8", "replace")
 
     def _not_json(self, status: int, text: str) -> UpstreamResponse:
         """A success whose body is not JSON (a captive portal's page, a wrong path served by

@@ -75,7 +75,14 @@ from batchspec.wire.retry import (
     retry_after_seconds,
     should_retry_header,
 )
-from batchspec.wire.secrets import is_placeholder, redact_word
+from batchspec.wire.secrets import (
+    is_placeholder,
+    proxy_credentials,
+    quoted_forms,
+    redact_heads,
+    redact_word,
+    url_credentials,
+)
 
 #: 5xx statuses after which the server has not acted on the request
 _UNAMBIGUOUS_5XX = frozenset({503}) | NOT_TRANSIENT_5XX
@@ -166,31 +173,63 @@ class ErrorContext:
     api_key_env: str | None
     key_sent: bool
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: of ``secrets``, those also taken out of downloaded files (a password of a URL's user
+    #: info is not, being sent only inside a Basic token); None: all of them
+    answer_secrets: tuple[str, ...] | None = field(default=None, repr=False)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            for form in _quoted_forms(secret):
+            for form in quoted_forms(secret):
                 if is_placeholder(secret):  # "x", "EMPTY": as a word only (wire/secrets.py)
                     text = redact_word(text, form, "[redacted]")
                 else:
-                    text = text.replace(form, "[redacted]")
+                    text = redact_heads(text.replace(form, "[redacted]"), form, "[redacted]")
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
+    def file_forms(self) -> tuple[bytes, ...]:
+        """The forms of each secret that are taken out of a downloaded file, as bytes,
+        longest first: not a placeholder's (``wire/secrets.py``: never out of answers)."""
+        secrets = self.secrets if self.answer_secrets is None else self.answer_secrets
+        forms = {
+            form.encode("utf-8", "surrogateescape")
+            for secret in secrets
+            if secret and not is_placeholder(secret)
+            for form in quoted_forms(secret)
+        }
+        return tuple(sorted(forms, key=len, reverse=True))
 
-def _quoted_forms(secret: str) -> list[str]:
-    """``secret`` as it may be quoted in an error: raw, and escaped as ``repr`` of its text or
-    of its bytes shows it (h11's "Illegal header value b'…'" escapes a control character),
-    longest first so a longer form is replaced before its parts."""
-    if not secret:
-        return []
-    forms = {
-        secret,
-        repr(secret)[1:-1],
-        secret.encode("unicode_escape").decode("ascii"),
-        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
-        repr(secret.encode("latin-1", "replace"))[2:-1],
-    }
-    return sorted(forms, key=len, reverse=True)
+
+def redact_file(path: Path, forms: tuple[bytes, ...]) -> int:
+    """Take every one of ``forms`` out of the file at ``path`` (``[redacted]``); its size.
+
+    A batch's output and error files are JSONL: a secret never spans a line, so the file is
+    read once to look for one (in blocks overlapping by a form's length) and rewritten line
+    by line only when one is there, which a provider's file almost never holds."""
+    if not forms or not _holds_any(path, forms):
+        return path.stat().st_size
+    redacted = path.with_name(path.name + "-redacted")
+    with open(path, "rb") as source, open(redacted, "wb") as out:
+        for line in source:
+            for form in forms:
+                if form in line:
+                    line = line.replace(form, b"[redacted]")
+            out.write(line)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(redacted, path)
+    return path.stat().st_size
+
+
+def _holds_any(path: Path, forms: tuple[bytes, ...]) -> bool:
+    overlap = max(len(form) for form in forms) - 1
+    tail = b""
+    with open(path, "rb") as source:
+        while block := source.read(_DOWNLOAD_CHUNK):
+            window = tail + block
+            if any(form in window for form in forms):
+                return True
+            tail = window[-overlap:] if overlap else b""
+    return False
 
 
 def redact_batch(remote: RemoteBatch, context: ErrorContext) -> RemoteBatch:
@@ -241,7 +280,10 @@ def error_from_response(
     """Turn a non-2xx response into a ``ProviderError`` with the provider's own words."""
     envelope = parse_error_envelope(response)
     status = response.status_code
-    said = (_shorten(envelope.message) or response.reason_phrase or "no message").rstrip(".")
+    # redacted before it is shortened: a key cut by the "…" would no longer match, and its
+    # head would stay (and whitespace collapsed inside a key would hide it as well)
+    message_said = context.redact(envelope.message) if envelope.message else None
+    said = (_shorten(message_said) or response.reason_phrase or "no message").rstrip(".")
     facts = [f"code {envelope.code}" if envelope.code else "", _request_id_text(response)]
     facts_text = ", ".join(f for f in facts if f)
     message = f"{context.provider}: {operation} failed with HTTP {status}: {said}"
@@ -797,7 +839,14 @@ class RetryingClient:
         self._free = [client]  # the clients no call holds, the last given back on top
         self._made: list[httpx.Client] = []  # by ``more``: closed by ``close()``
         self._clients_lock = threading.Lock()
-        self._context = context
+        # the credentials of the base URL's user info and of an environment proxy are sent
+        # too (Authorization: Basic, Proxy-Authorization), and quoted back as readily
+        extra = url_credentials(base_url) + proxy_credentials(os.environ)
+        self._context = dataclasses.replace(
+            context,
+            secrets=(*context.secrets, *extra.all),
+            answer_secrets=(*context.secrets, *extra.tokens),
+        )
         # the encodings ours to bound (``ACCEPT_ENCODING``), whatever httpx would offer
         self._headers = {"Accept-Encoding": ACCEPT_ENCODING, **headers}
         self._policy = policy
@@ -881,6 +930,15 @@ class RetryingClient:
         written, unframed = self._fetch(client, path, partial, operation, headers)
         if unframed:
             written = self._confirm_unframed(client, path, partial, written, operation, headers)
+        # a gateway relaying a request's 401 may quote its Authorization header in the
+        # file; what is kept (results/, the result store) never holds the key
+        forms = self._context.file_forms()
+        if forms:
+            try:
+                written = redact_file(partial, forms)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         os.replace(partial, dest)
         return written
 

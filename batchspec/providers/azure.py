@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from batchspec.errors import ProviderError
-from batchspec.providers._http import pooled_client
+from batchspec.providers._http import display_url, pooled_client
 from batchspec.providers.base import RemoteBatch
 from batchspec.providers.openai import OpenAIProvider
 from batchspec.wire.batch_status import KNOWN_STATUSES
@@ -110,7 +110,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         self.api_version = params.get("api-version")
 
     def __repr__(self) -> str:
-        return f"AzureOpenAIProvider(name={self.name!r}, root={self.base_url!r})"
+        return f"AzureOpenAIProvider(name={self.name!r}, root={display_url(self.base_url)!r})"
 
     def create_batch(
         self,

@@ -71,6 +71,7 @@ from batchspec.providers._http import (
     new_client,
     next_page_cursor,
     redact_batch,
+    redact_file,
     require_http_url,
 )
 from batchspec.providers.base import (
@@ -86,6 +87,7 @@ from batchspec.providers.base import (
     pause_before_retry,
 )
 from batchspec.providers.staging import StagedInputs, Staging, read_records, results_file_id
+from batchspec.storage.private import ensure_private_dir
 from batchspec.wire import gemini_lines
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.wire.inputs import iter_requests
@@ -422,6 +424,9 @@ class GeminiProvider(StagedInputs):
                         written += len(line)
                     out.flush()
                     os.fsync(out.fileno())
+                # inline answers come in the operation, not through a download: kept without
+                # the key as a downloaded file is
+                written = redact_file(partial, self._http.context.file_forms())
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
@@ -445,7 +450,7 @@ class GeminiProvider(StagedInputs):
         yield from read_records(scratch)
 
     def _ensure_dir(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)  # converted requests and answers: private
         return self.data_dir
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.storage.migrations import Migrations, table_exists
+from batchspec.storage.private import create_private_file, ensure_private_dir
 from batchspec.storage.sql import Sql
 
 
@@ -81,7 +82,9 @@ class Journal:
     """The ``creates`` table of ``journal.db`` (see the module invariants)."""
 
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        # beside the state and as private: made 0700/0600 whatever the umask
+        ensure_private_dir(root)
+        create_private_file(root / "journal.db")
         # one connection shared by the threads of a pass (polls, downloads), one call at a time
         self._db = sqlite3.connect(
             root / "journal.db", isolation_level=None, check_same_thread=False

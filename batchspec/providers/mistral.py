@@ -75,6 +75,7 @@ from batchspec.providers.base import (
     required_id,
 )
 from batchspec.providers.staging import Staging
+from batchspec.storage.private import ensure_private_dir
 from batchspec.wire import mistral_lines
 from batchspec.wire.inputs import iter_requests
 from batchspec.wire.retry import client_policy
@@ -362,7 +363,7 @@ class MistralProvider:
         return next(itertools.islice(listed, _LOOKUP_JOBS), None)
 
     def _ensure_dir(self) -> Path:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)  # converted requests: as private as the state
         return self.data_dir
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from batchspec.providers.base import RemoteBatch, RemoteFile, RemoteNotFound, UploadProgress
+from batchspec.storage.private import ensure_private_dir
 
 STAGED_PREFIX = "staged-"
 RESULTS_PREFIX = "results:"
@@ -50,7 +51,9 @@ class Staging:
 
     def stage(self, source: Path) -> StagedFile:
         """Copy ``source`` in (hashing as it streams); an identical copy is reused."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # full requests, as private as the state, and no one else's to swap before the create
+        ensure_private_dir(self.folder.parent)
+        ensure_private_dir(self.folder)
         digest = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(dir=self.folder, suffix=".part")
         tmp = Path(tmp_name)

@@ -47,6 +47,7 @@ from batchspec.providers._http import (
     RetryingClient,
     cancel_or_ended,
     create_or_adopt,
+    display_url,
     json_object,
     quote_id,
     redact_batch,
@@ -63,6 +64,7 @@ from batchspec.providers.base import (
 )
 from batchspec.providers.journal import Journal, JournalEntry, metadata_key
 from batchspec.providers.openai import OpenAIProvider
+from batchspec.storage.private import ensure_private_dir
 
 TOGETHER_PURPOSE = "batch-api"
 #: how far back (seconds) a listed batch may have been created to be a lost create's
@@ -111,7 +113,7 @@ class TogetherProvider(OpenAIProvider):
         )
 
     def __repr__(self) -> str:
-        return f"TogetherProvider(name={self.name!r}, base_url={self.base_url!r})"
+        return f"TogetherProvider(name={self.name!r}, base_url={display_url(self.base_url)!r})"
 
     # -- files ---------------------------------------------------------------------------
 
@@ -168,7 +170,8 @@ class TogetherProvider(OpenAIProvider):
     def _stage_together_lines(self, path: Path) -> tuple[Path, str, int]:
         """``path`` as ``{"custom_id", "body"}`` lines in a staging file: (path, sha256, size)."""
         folder = self.data_dir / "staging"
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)  # full requests: as private as the state
+        ensure_private_dir(folder)
         fd, name = tempfile.mkstemp(dir=folder, suffix=".jsonl")
         digest, size = hashlib.sha256(), 0
         try:

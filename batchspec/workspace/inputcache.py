@@ -52,6 +52,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from batchspec.storage.private import ensure_private_dir
 from batchspec.wire.inputs import InputReport, file_sha256, scan_batch_input
 from batchspec.wire.request_index import (
     InputChangedError,
@@ -338,7 +339,7 @@ class InputCache:
         if self.index_dir is None:
             return None
         try:
-            self.index_dir.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self.index_dir)  # indexes of requests: private as the state
         except OSError:
             return None
         return self.index_dir if os.access(self.index_dir, os.W_OK) else None

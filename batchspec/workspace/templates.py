@@ -87,6 +87,7 @@ from jinja2 import StrictUndefined
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
+from batchspec.storage.private import ensure_private_dir
 from batchspec.wire.inputs import DEFAULT_MAX_LINE_BYTES, MAX_SHOWN
 from batchspec.workspace.yamldoc import Problem, SourceLocation, display_path, pointer_join
 
@@ -729,7 +730,7 @@ def render_rows(
         return RenderedInput(folder / f"{cached}.jsonl", cached, rows_path), []
     tmp: Path | None = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(folder)  # requests, private as the state
         fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
         tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as out:
@@ -881,7 +882,7 @@ def _remember(folder: Path, key: str, sha256: str) -> None:
     keys = folder / "keys"
     tmp: str | None = None
     try:
-        keys.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(keys)
         fd, tmp = tempfile.mkstemp(dir=keys, suffix=".part")
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(sha256 + "\n")
