@@ -487,6 +487,26 @@ def test_a_downloaded_file_quoting_the_key_is_kept_with_the_key_redacted(
     assert kept.count(b"[redacted]") == 2 and kept.count(b"\n") == 2
 
 
+@pytest.mark.parametrize("cut", [1, 9, 20])
+def test_a_key_split_between_two_chunks_of_a_download_is_found(tmp_path: Path, cut: int) -> None:
+    """Downloads look for a secret in the bytes as they arrive (no second read of a file
+    holding none): a key whose halves come in two chunks is found all the same, and a body
+    without it is not taken for one."""
+    key = b"SENTINEL0split0123456789"
+    line = b'{"custom_id": "a", "error": {"message": "Bearer ' + key + b'"}}\n'
+    at = line.index(key) + cut
+    chunks = [b"x" * 70_000, line[:at], line[at:]]
+    response = httpx.Response(200, content=iter(chunks))
+    written, holds = _http._write_body(
+        response, tmp_path / "a.part", stall_seconds=None, provider="p", forms=(key,)
+    )
+    assert holds and written == sum(map(len, chunks))
+    clean = httpx.Response(200, content=iter([b"x" * 70_000, line.replace(key, b"[none]")]))
+    assert not _http._write_body(
+        clean, tmp_path / "b.part", stall_seconds=None, provider="p", forms=(key,)
+    )[1]
+
+
 def test_a_placeholder_key_is_not_redacted_out_of_a_downloaded_file(
     scripted: ScriptedServer, tmp_path: Path
 ) -> None:

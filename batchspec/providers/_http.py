@@ -927,13 +927,15 @@ class RetryingClient:
         headers: Mapping[str, str] | None,
     ) -> int:
         partial = dest.with_name(dest.name + ".part")
-        written, unframed = self._fetch(client, path, partial, operation, headers)
+        # a gateway relaying a request's 401 may quote its Authorization header in the
+        # file; what is kept (results/, the result store) never holds the key. The bytes are
+        # looked through as they arrive: a file is read again only to take one out
+        forms = self._context.file_forms()
+        written, unframed, holds = self._fetch(client, path, partial, operation, headers, forms)
         if unframed:
             written = self._confirm_unframed(client, path, partial, written, operation, headers)
-        # a gateway relaying a request's 401 may quote its Authorization header in the
-        # file; what is kept (results/, the result store) never holds the key
-        forms = self._context.file_forms()
-        if forms:
+            holds = bool(forms)  # the copy kept may be another download's: looked through
+        if holds:
             try:
                 written = redact_file(partial, forms)
             except BaseException:
@@ -960,7 +962,7 @@ class RetryingClient:
         again = partial.with_name(partial.name + "-again")
         try:
             for _ in range(UNFRAMED_TRIES - 1):
-                size, _ = self._fetch(client, path, again, operation, headers)
+                size, _, _ = self._fetch(client, path, again, operation, headers)
                 if size == written and _same_bytes(partial, again):
                     return written
                 if size > written:
@@ -987,19 +989,22 @@ class RetryingClient:
         partial: Path,
         operation: str,
         headers: Mapping[str, str] | None,
-    ) -> tuple[int, bool]:
+        forms: tuple[bytes, ...] = (),
+    ) -> tuple[int, bool, bool]:
         """One download of a GET body into ``partial`` (restarted on a lost connection, as
-        the policy allows): its bytes, and whether it came unframed (``_unframed``)."""
+        the policy allows): its bytes, whether it came unframed (``_unframed``), and whether
+        it holds one of ``forms`` (a secret's, ``ErrorContext.file_forms``)."""
         for retries_done in range(self._policy.max_attempts):
             response = self._send(
                 client, "GET", path, operation, True, headers, stream=True, kwargs={}
             )
             try:
-                written = _write_body(
+                written, holds = _write_body(
                     response,
                     partial,
                     stall_seconds=_stall_seconds(client),
                     provider=self._context.provider,
+                    forms=forms,
                 )
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
                 partial.unlink(missing_ok=True)
@@ -1023,7 +1028,7 @@ class RetryingClient:
                 raise
             finally:
                 response.close()
-            return written, _unframed(response)
+            return written, _unframed(response), holds
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _say_retry(self, operation: str, problem: str, retries_done: int, delay: float) -> None:
@@ -1256,17 +1261,31 @@ def _unframed(response: httpx.Response) -> bool:
 
 
 def _write_body(
-    response: httpx.Response, partial: Path, *, stall_seconds: float | None, provider: str
-) -> int:
-    """Write the body to ``partial`` (``stall_checked``); its bytes.
+    response: httpx.Response,
+    partial: Path,
+    *,
+    stall_seconds: float | None,
+    provider: str,
+    forms: tuple[bytes, ...] = (),
+) -> tuple[int, bool]:
+    """Write the body to ``partial`` (``stall_checked``); its bytes, and whether it holds
+    one of ``forms`` (looked for in each chunk and across two: a form's length less one of
+    the previous chunk's end is kept to look across).
 
     Written with the file descriptor's own calls: a buffered file object's set-up asks the
     kernel three more things, and each call a download makes waits again for the
     interpreter lock that the other downloads of a pass hold in turn."""
     written = 0
+    holds = False
+    overlap = max((len(form) for form in forms), default=1) - 1
+    tail = b""
     out = _create_partial(partial)
     try:
         for chunk in stall_checked(response, stall_seconds, provider=provider):
+            if forms and not holds:
+                window = tail + chunk if tail else chunk
+                holds = any(form in window for form in forms)
+                tail = window[-overlap:] if overlap else b""
             view = memoryview(chunk)
             while view:
                 view = view[os.write(out, view) :]
@@ -1275,7 +1294,7 @@ def _write_body(
         os.fsync(out)
     finally:
         os.close(out)
-    return written
+    return written, holds
 
 
 def _create_partial(partial: Path) -> int:
