@@ -485,3 +485,26 @@ def test_a_local_provider_naming_one_upstream_twice_fails_validation(
     [(line, _, pointer, code, message)] = problems_of(tmp_path)
     assert (line, pointer, code) == (7, "/providers/gpus/options/upstreams/2", "repeated-upstream")
     assert "same server as item 0" in message
+
+
+def test_a_password_in_a_providers_url_is_refused_at_its_line_and_never_shown(
+    tmp_path: Path,
+) -> None:
+    """A committed baseUrl or upstream URL with user:password@ is a problem at its line (its
+    password never shown), as state.url's is: httpx would send it as Basic auth in place of
+    the API key, whose 401 then blamed the key. A user name alone is no secret."""
+    providers = (
+        "providers:\n"
+        "  gw:\n    type: openai\n    baseUrl: http://bob:s3cretpw@gw.example/v1\n"
+        "  gpus:\n    type: local\n    options:\n"
+        "      upstreams: [http://alice@gpu1:8000/v1, {url: 'http://u:pw2@gpu2:8000/v1'}]\n"
+    )
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    found = problems_of(tmp_path)
+    assert [(line, pointer, code) for line, _, pointer, code, _ in found] == [
+        (6, "/providers/gw/baseUrl", "password-in-url"),
+        (10, "/providers/gpus/options/upstreams/1/url", "password-in-url"),
+    ]
+    assert "http://bob:***@gw.example/v1" in found[0][4] and "apiKeyEnv" in found[0][4]
+    assert "options.upstreamApiKeyEnv" in found[1][4]
+    assert not any("s3cretpw" in p[4] or "pw2@" in p[4] for p in found)

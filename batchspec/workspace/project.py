@@ -284,6 +284,7 @@ def _load_project(start: str | Path | None) -> Project:
         problems.extend(_state_problems(doc))
         problems.extend(_shared_engine_problems(doc, file.parent))
         problems.extend(_repeated_upstream_problems(doc))
+        problems.extend(_provider_url_password_problems(doc))
         if isinstance(doc.data, Mapping):
             data = doc.data
     raise_if_problems(problems, what=f"the project file {display_path(file)}")
@@ -487,6 +488,45 @@ def _repeated_upstream_problems(doc: YamlDocument) -> list[Problem]:
             problems.append(
                 Problem.at(doc.location(pointer), pointer, "repeated-upstream", message)
             )
+    return problems
+
+
+def _provider_url_password_problems(doc: YamlDocument) -> list[Problem]:
+    """A provider's ``baseUrl`` and a local provider's upstream URLs hold no password: the file
+    is committed (as ``state.url``'s), and a client given ``user:password@`` sends it as Basic
+    auth in place of the API key, whose 401 then blames the key."""
+    data = doc.data if isinstance(doc.data, Mapping) else {}
+    declared = data.get("providers")
+    problems = []
+    for name, provider in (declared if isinstance(declared, Mapping) else {}).items():
+        if not isinstance(provider, Mapping):
+            continue
+        options = provider.get("options")
+        options = options if isinstance(options, Mapping) else {}
+        upstreams = options.get("upstreams")
+        places: list[tuple[tuple[str, ...], object]] = [
+            (("baseUrl",), provider.get("baseUrl")),
+            (("options", "upstream"), options.get("upstream")),
+        ]
+        for index, item in enumerate(upstreams if isinstance(upstreams, list) else ()):
+            url = item.get("url") if isinstance(item, Mapping) else item
+            where = ("options", "upstreams", str(index)) + (("url",) if url is not item else ())
+            places.append((where, url))
+        for parts, url in places:
+            if not isinstance(url, str) or url_password(url) is None:
+                continue
+            pointer = pointer_join(pointer_join("", "providers"), name)
+            for part in parts:
+                pointer = pointer_join(pointer, part)
+            key_env = "options.upstreamApiKeyEnv" if parts[0] == "options" else "apiKeyEnv"
+            message = (
+                f"{'.'.join(('providers', name, *parts))} {redact_url(url)} holds a password, "
+                "which must never be committed (and would be sent as Basic auth in place of the "
+                f"API key): keep the key in the variable {key_env} names, and reach a gateway "
+                "that asks for a password through HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT "
+                "set in the environment"
+            )
+            problems.append(Problem.at(doc.location(pointer), pointer, "password-in-url", message))
     return problems
 
 
