@@ -297,6 +297,10 @@ def test_apply_json_lock_wait_event_names_the_lock_and_its_holder(
     lock = wait["lock"]
     assert (lock["resource"], lock["holder_id"]) == ("alpha", handle.holder.holder_id)
     assert (lock["pid"], lock["command"]) == (os.getpid(), "cancel")
+    # the exit-3 error that ends it is about the resource held, as its message says
+    error = json.loads(out.splitlines()[-1])
+    assert (error["event"], error["exit_code"], error["resource"]) == ("error", 3, "alpha")
+    assert "resource alpha" in error["message"]
 
 
 def test_status_says_when_a_lock_holder_on_this_host_is_gone(

@@ -255,7 +255,10 @@ def acquire_lock(
         assert conflict is not None
         remaining = deadline - clock()
         if remaining <= 0:
-            raise StateLockedError(_locked_message(store, keys, conflict, timeout, stale_after))
+            err = StateLockedError(_locked_message(store, keys, conflict, timeout, stale_after))
+            if conflict.key != WORKSPACE:
+                err.resource = conflict.key  # what --json's error names (its message says it)
+            raise err
         if on_wait is not None:
             on_wait(_waiting_message(conflict, timeout), conflict.key, conflict.holder)
             on_wait = None
