@@ -80,6 +80,7 @@ class ProviderError(BatchspecError):
         retryable: bool = False,
         sent_nothing: bool = False,
         provider_down: bool = False,
+        rate_limited: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -94,6 +95,10 @@ class ProviderError(BatchspecError):
         #: answered 502, 503 or 504): the failure is the provider's, whichever resource's
         #: call met it first, and its message names the provider and its base URL
         self.provider_down = provider_down
+        #: the provider refused the call with a rate limit (429, not out of quota) through
+        #: all its retries: the call was not acted on, and a later pass may make it again
+        #: (the resource is still named: which create or poll it was tells what to throttle)
+        self.rate_limited = rate_limited
 
     def about(self, resource: str) -> None:
         """As ``BatchspecError.about``, except for a provider that is down: the failure is

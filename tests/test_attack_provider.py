@@ -412,6 +412,39 @@ def test_apply_wait_waits_out_a_provider_down_for_a_while_and_collects_once_it_i
     assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
 
 
+def test_apply_wait_waits_out_a_rate_limit_past_the_retries_and_collects_after_it(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batches in flight and the account throttled (429 with Retry-After, past the client's
+    retries) for a few polls: `apply --wait --timeout` waits it out as an outage and collects
+    once it passes; a throttled poll read nothing, so nothing is created again. A long CI
+    wait ended at the first storm (exit 1)."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    seen = {"n": 0}
+
+    def throttled(server: HostileOpenAI, _seen: SeenRequest, reply: Reply) -> Reply:
+        seen["n"] += 1
+        if seen["n"] <= 4:
+            body = b'{"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}'
+            return Reply(429, body, {"retry-after": "0.01"})
+        if seen["n"] == 5:
+            server.finish_all()
+        return reply
+
+    hostile.hooks["GET /v1/batches"] = hostile.hooks["GET /v1/batches/{id}"] = throttled
+    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
+
+    assert code == 0, out + err
+    [throttle, *_] = [line for line in (out + err).splitlines() if "HTTP 429" in line]
+    assert "`apply --wait` tries again in" in throttle, throttle
+    assert hostile.creates() == 2
+    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
+
+
 def test_apply_wait_on_a_provider_down_from_the_start_fails_at_once_without_a_timeout(
     tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:

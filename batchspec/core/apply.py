@@ -808,11 +808,13 @@ def _less_lock_wait(options: ApplyOptions, waited: float) -> ApplyOptions:
 
 def _outage_to_wait_out(err: ProviderError, options: ApplyOptions, answered: bool) -> bool:
     """Whether ``apply --wait`` waits out a pass that failed because a provider is down
-    (unreachable, or its gateway answering 502/503/504 through all the call's retries): a
+    (unreachable, or its gateway answering 502/503/504 through all the call's retries) or
+    throttling (429 through all of them: the account's rate limit, the call not acted on): a
     blip must not end a long wait in CI. Only once a pass of this run has gone well, or with
     an explicit ``--timeout`` bounding the wait: a provider down from the first call (a
     wrong base URL) otherwise fails at once, as without ``--wait``."""
-    return options.wait and err.provider_down and (answered or options.timeout is not None)
+    unavailable = err.provider_down or err.rate_limited
+    return options.wait and unavailable and (answered or options.timeout is not None)
 
 
 def outage_message(err: ProviderError, pause: float, timeout: float | None) -> str:

@@ -302,6 +302,7 @@ def error_from_response(
         request_id=response.headers.get("x-request-id"),
         retryable=retryable,
         provider_down=status in _DOWN_STATUSES,
+        rate_limited=status == 429 and retryable,  # not out of quota, nor told not to retry
     )
 
 
