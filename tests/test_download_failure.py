@@ -91,6 +91,7 @@ def test_a_failed_download_leaves_the_others_collected_and_the_next_apply_collec
     assert code == 1, err
     result = _result(out)
     assert result["outcome"] == "not_collected" and result["exit_code"] == 1
+    assert err.startswith("Error: ") and "alpha" in err  # a CI log's stderr says why too
     [failed] = result["not_collected"]  # type: ignore[misc]
     assert failed["resource"] == "alpha" and failed["file_id"] == files["alpha"]
     assert failed["http_status"] == (status or None)

@@ -933,10 +933,11 @@ def apply(
         click.echo(json.dumps(doc, default=str))
     elif not quiet:
         click.echo(render.apply_text(result, style, selection, verbose=verbose))
-    elif result.outcome == "replace_refused":  # an exit 1 with no word would be a riddle
-        click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
-    elif result.outcome == "not_collected":
-        click.echo(f"Error: {render.not_collected_text(result)}", err=True)
+    if quiet or as_json:  # an exit 1 with no word on stderr would be a riddle in a CI log
+        if result.outcome == "replace_refused":
+            click.echo(f"Error: {render.replace_refused_text(result)}", err=True)
+        elif result.outcome == "not_collected":
+            click.echo(f"Error: {render.not_collected_text(result)}", err=True)
     return result.exit_code
 
 
