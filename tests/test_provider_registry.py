@@ -59,6 +59,22 @@ def test_openai_base_url_precedence(
     provider.close()
 
 
+def test_a_password_in_openai_base_url_from_the_environment_is_refused_unshown(
+    tmp_path: Path,
+) -> None:
+    """$OPENAI_BASE_URL with user:password@ (the project file's baseUrl is refused when it
+    loads): httpx would send Basic auth in place of the key; the provider is not built, and
+    the error names the variable and the URL without the password."""
+    env = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://bob:s3cretpw@gw.test:8080/v1"}
+    with pytest.raises(ProviderError) as caught:
+        build_provider(config(), project_root=tmp_path, env=env)
+    text = str(caught.value)
+    assert "$OPENAI_BASE_URL" in text and "http://gw.test:8080/v1" in text
+    assert "s3cretpw" not in text and "bob" not in text
+    user_only = {**env, "OPENAI_BASE_URL": "http://bob@gw.test:8080/v1"}
+    build_provider(config(), project_root=tmp_path, env=user_only).close()
+
+
 @pytest.mark.parametrize(
     ("api_key_env", "env", "variable"),
     [

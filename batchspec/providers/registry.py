@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from batchspec.errors import ProviderError
 from batchspec.providers.azure import AzureOpenAIProvider
@@ -119,6 +120,8 @@ def build_openai_provider(
     options: Mapping[str, Any] = config.options or {}
     key_env = config.api_key_env or DEFAULT_API_KEY_ENV["openai"]
     base_url = config.base_url or env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    if config.base_url is None:  # the project file's baseUrl was checked as it loaded
+        _refuse_a_password_in(config.name, base_url, "$OPENAI_BASE_URL")
     headers = {}
     if options.get("organization"):
         headers["OpenAI-Organization"] = str(options["organization"])
@@ -138,6 +141,22 @@ def build_openai_provider(
         max_retries=max_retries(options),
         # LiteLLM's custom_llm_provider: which provider behind the proxy takes every call
         litellm_provider=options.get("litellmProvider"),
+    )
+
+
+def _refuse_a_password_in(provider: str, base_url: str, source: str) -> None:
+    """A base URL with ``user:password@`` (the project file's are refused when it loads):
+    httpx would send it as Basic auth in place of the API key, whose 401 then blames the
+    key. The URL is named without its user info."""
+    parts = urlsplit(base_url)
+    if parts.password is None:
+        return
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    raise ProviderError(
+        f"provider {provider!r}: its base URL ({shown}, from {source}) holds a "
+        "user:password@, which would be sent as Basic auth in place of the API key; take it "
+        "out, and reach a gateway that asks for a password through "
+        "HTTPS_PROXY=http://USER:PASSWORD@HOST:PORT"
     )
 
 
