@@ -670,11 +670,13 @@ def test_every_dialect_refuses_a_bad_chat_line_the_same_way(
 ) -> None:
     """A message of no OpenAI role, a message that is not an object and an output limit
     below 1 are one problem with one code, whichever provider the line is for (Anthropic and
-    Gemini convert the line with the same helper that checks OpenAI's)."""
+    Gemini convert the line with the same helper that checks OpenAI's), naming the line's
+    custom_id."""
     data = jsonl(req("req-1", body=body(**fields)))
     report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, dialect=dialect)
     assert found(report) == [(1, code)]
     assert fragment in report.problems[0].message
+    assert report.problems[0].message.endswith("(custom_id 'req-1')")  # whichever dialect
 
 
 @pytest.mark.parametrize(

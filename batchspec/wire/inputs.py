@@ -128,13 +128,18 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from batchspec.errors import InputError
 from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
-from batchspec.wire.request_checks import first_message_problem, json_type, output_limit_problem
+from batchspec.wire.request_checks import (
+    REQUEST_CHECK_CODES,
+    first_message_problem,
+    json_type,
+    output_limit_problem,
+)
 from batchspec.wire.request_index import RequestIndexWriter
 from batchspec.wire.usage import max_output_of_request
 
@@ -421,11 +426,9 @@ class _Checker:
         else:
             self.problem(line, "invalid_body", f"body must be an object, not a {json_type(body)}")
         if self.anthropic:
-            for code, message in anthropic_lines.line_problems(obj):
-                self.problem(line, code, message)
+            self.dialect_problems(line, obj, anthropic_lines.line_problems(obj))
         elif self.gemini:
-            for code, message in gemini_lines.line_problems(obj):
-                self.problem(line, code, message)
+            self.dialect_problems(line, obj, gemini_lines.line_problems(obj))
         elif self.mistral:
             for code, message in mistral_lines.line_problems(obj):
                 self.problem(line, code, message)
@@ -445,8 +448,18 @@ class _Checker:
         if type(params) is dict:
             self.check_model(line, params.get("model"), messages)
             self.max_output_tokens += max_output_of_request(messages, params)
-        for code, message in anthropic_lines.line_problems(obj):
-            self.problem(line, code, message)
+        self.dialect_problems(line, obj, anthropic_lines.line_problems(obj))
+
+    def dialect_problems(
+        self, line: int, obj: dict[str, Any], found: Iterable[tuple[str, str]]
+    ) -> None:
+        """A dialect's problems of a line; those of ``request_checks`` name its custom_id,
+        as the OpenAI dialect's do."""
+        for code, message in found:
+            named = code in REQUEST_CHECK_CODES
+            self.problem(
+                line, code, message + (_of_custom_id(obj.get("custom_id")) if named else "")
+            )
 
     def check_custom_id(self, line: int, custom_id: Any) -> None:
         if type(custom_id) is not str:

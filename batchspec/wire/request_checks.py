@@ -37,6 +37,11 @@ CHAT_ROLES = frozenset(CHAT_ROLES_IN_ORDER)
 #: the request parameters that bound a request's output tokens (``wire.usage`` reads them)
 OUTPUT_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
+#: the codes of the problems found here
+REQUEST_CHECK_CODES = frozenset(
+    {"invalid_message", "missing_role", "invalid_role", "invalid_max_tokens"}
+)
+
 _ROLES_SHOWN = ", ".join(CHAT_ROLES_IN_ORDER)
 
 
@@ -109,6 +114,7 @@ __all__ = [
     "CHAT_ROLES",
     "CHAT_ROLES_IN_ORDER",
     "OUTPUT_LIMIT_KEYS",
+    "REQUEST_CHECK_CODES",
     "json_type",
     "first_message_problem",
     "output_limit_problem",
