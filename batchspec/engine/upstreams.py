@@ -44,7 +44,7 @@ from batchspec.engine.http11 import ConnectFailed, ConnectionFailed, Http11Pool
 from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 from batchspec.wire.retry import retry_after_seconds
-from batchspec.wire.secrets import is_placeholder, proxy_credentials, quoted_forms
+from batchspec.wire.secrets import byte_forms, proxy_credentials
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -126,12 +126,6 @@ def refuse_a_raw_password(url: str) -> None:
 REDACTED = b"[redacted]"
 
 
-def _secret_forms(key: str) -> tuple[bytes, ...]:
-    """``key`` as bytes in every form it may be quoted in (``wire.secrets.quoted_forms``:
-    raw, JSON-escaped once or twice, repr-escaped, percent-encoded), longest first."""
-    return tuple(form.encode("utf-8", "surrogateescape") for form in quoted_forms(key))
-
-
 class HttpUpstream:
     """Forwards lines to an OpenAI-compatible base URL over one keep-alive connection pool.
 
@@ -172,14 +166,7 @@ class HttpUpstream:
         # and so is the Basic token of a proxy from HTTP(S)_PROXY (its Proxy-Authorization),
         # which a proxy refusing with a 407 may quote (not its password: never sent as it is,
         # and maybe a word an answer holds)
-        secrets = [api_key or "", *proxy_credentials(os.environ).tokens]
-        forms = {
-            form
-            for secret in secrets
-            if secret and not is_placeholder(secret)
-            for form in _secret_forms(secret)
-        }
-        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+        self._secrets = byte_forms([api_key or "", *proxy_credentials(os.environ).tokens])
         try:
             self._pool = Http11Pool(
                 base_url,

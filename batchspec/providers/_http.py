@@ -76,6 +76,7 @@ from batchspec.wire.retry import (
     should_retry_header,
 )
 from batchspec.wire.secrets import (
+    byte_forms,
     is_placeholder,
     proxy_credentials,
     quoted_forms,
@@ -187,16 +188,9 @@ class ErrorContext:
         return _KEY_PATTERN.sub(r"\1-[redacted]", text)
 
     def file_forms(self) -> tuple[bytes, ...]:
-        """The forms of each secret that are taken out of a downloaded file, as bytes,
-        longest first: not a placeholder's (``wire/secrets.py``: never out of answers)."""
-        secrets = self.secrets if self.answer_secrets is None else self.answer_secrets
-        forms = {
-            form.encode("utf-8", "surrogateescape")
-            for secret in secrets
-            if secret and not is_placeholder(secret)
-            for form in quoted_forms(secret)
-        }
-        return tuple(sorted(forms, key=len, reverse=True))
+        """The forms of each secret that are taken out of a downloaded file
+        (``wire.secrets.byte_forms``)."""
+        return byte_forms(self.secrets if self.answer_secrets is None else self.answer_secrets)
 
 
 def redact_file(path: Path, forms: tuple[bytes, ...]) -> int:

@@ -26,6 +26,7 @@ from batchspec.providers.azure import AzureOpenAIProvider
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import FLAVOURS, local_upstream_urls
 from batchspec.providers.openai import DEFAULT_BASE_URL, OpenAIProvider
+from batchspec.wire.secrets import url_credentials
 
 if TYPE_CHECKING:
     from batchspec.workspace.project import ProviderConfig
@@ -148,9 +149,9 @@ def _refuse_a_password_in(provider: str, base_url: str, source: str) -> None:
     """A base URL with ``user:password@`` (the project file's are refused when it loads):
     httpx would send it as Basic auth in place of the API key, whose 401 then blames the
     key. The URL is named without its user info."""
-    parts = urlsplit(base_url)
-    if parts.password is None:
+    if not url_credentials(base_url).passwords:
         return
+    parts = urlsplit(base_url)
     shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     raise ProviderError(
         f"provider {provider!r}: its base URL ({shown}, from {source}) holds a "

@@ -14,7 +14,7 @@ import base64
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -66,6 +66,19 @@ def _escaped(text: str) -> set[str]:
         quote(text, safe=""),
         quote_plus(text, safe=""),
     }
+
+
+def byte_forms(secrets: Iterable[str]) -> tuple[bytes, ...]:
+    """Every ``quoted_forms`` of each of ``secrets`` but a placeholder's (never taken out of
+    answers: ``is_placeholder``), as bytes, longest first: what the providers take out of a
+    downloaded file and the engine out of an upstream's answer."""
+    forms = {
+        form.encode("utf-8", "surrogateescape")
+        for secret in secrets
+        if secret and not is_placeholder(secret)
+        for form in quoted_forms(secret)
+    }
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 @dataclass(frozen=True)
