@@ -484,23 +484,30 @@ def test_retries_of_a_request_with_a_large_output_limit_count_its_own_limit(
     assert json.loads(out)["estimates"]["dear"]["max_output_tokens"] == 100_000
 
 
-def test_a_request_with_a_large_output_limit_added_to_kept_answers_counts_its_own_limit(
-    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Nine requests of max_tokens 10 answered; one of max_tokens 100,000 added (the nine keep
-    their answers): sending it may cost $0.1 at $1 a million output tokens, over maxCostUSD
-    0.05, though the input's average output limit would make it $0.01. plan and apply
-    refuse it; the server gets no second batch."""
+def grown_after_nine_answers(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str], spec: dict[str, Any]
+) -> tuple[Workspace, Any]:
+    """Nine requests of max_tokens 10 applied and answered, then one of max_tokens 100,000
+    added: the next generation keeps the nine answers and sends the one."""
     srv = serve()
-    ws = served_workspace(
-        tmp_path / "ws", srv, ResourceSpec("grown", spec={"budget": {"maxCostUSD": 0.05}})
-    )
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("grown", spec=spec))
     set_pricing(ws, OUTPUT_ONLY)
     short = [limited_line(f"short-{i}", 10) for i in range(9)]
     ws.write_input("grown", short)
     code, out, err = apply_wait(ws, capsys)
     assert code == 0, out + err
     ws.write_input("grown", [*short, limited_line("long", 100_000)])
+    return ws, srv
+
+
+def test_a_request_with_a_large_output_limit_added_to_kept_answers_counts_its_own_limit(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one request of max_tokens 100,000 added to nine answered (grown_after_nine_answers)
+    may cost $0.1 at $1 a million output tokens, over maxCostUSD 0.05, though the input's
+    average output limit would make it $0.01. plan and apply refuse it; the server gets no
+    second batch."""
+    ws, srv = grown_after_nine_answers(tmp_path, serve, capsys, {"budget": {"maxCostUSD": 0.05}})
 
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
 
@@ -517,13 +524,7 @@ def test_the_plans_output_bound_is_of_the_requests_sent_even_without_a_budget(
     """Without any budget, the plan's "≤ N output tokens" of a new generation that keeps
     answers is still the bound of the requests it sends: 100,000 for the one added request,
     not the input's average share (an understated bound in the consent prompt)."""
-    srv = serve()
-    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("grown"))
-    short = [limited_line(f"short-{i}", 10) for i in range(9)]
-    ws.write_input("grown", short)
-    code, out, err = apply_wait(ws, capsys)
-    assert code == 0, out + err
-    ws.write_input("grown", [*short, limited_line("long", 100_000)])
+    ws, _ = grown_after_nine_answers(tmp_path, serve, capsys, {})
 
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
 
