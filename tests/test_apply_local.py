@@ -335,8 +335,9 @@ def test_the_quickstart_converges_offline(
 def test_results_follow_the_umask_and_stored_answers_stay_private(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], umask: int
 ) -> None:
-    """results/ files get 0666 & ~umask like any file the user makes; the result store
-    (state/store) and the engine's data (state/local) are 0600 files in 0700 folders."""
+    """results/ files get 0666 & ~umask like any file the user makes; state/ itself (the
+    database, the input caches), the result store (state/store) and the engine's data
+    (state/local) are 0600 files in 0700 folders."""
     import os
     import stat
 
@@ -354,6 +355,8 @@ def test_results_follow_the_umask_and_stored_answers_stay_private(
         os.umask(old)
     assert code == 0, err
     assert stat.S_IMODE(ws.output_path("triage").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((ws.root / "state").stat().st_mode) == 0o700
+    assert modes(ws.root / "state")[1] == {0o600}
     store_dirs, store_files = modes(ws.root / "state" / "store")
     assert (store_dirs, store_files) == ({0o700}, {0o600})
     assert len(list((ws.root / "state" / "store").rglob("*"))) > 2  # blobs were stored

@@ -47,7 +47,11 @@ from typing import Any, TypeVar
 from batchspec.errors import StateError
 from batchspec.state.schema import MIGRATIONS
 from batchspec.storage.database_url import is_database_url, redact_url
-from batchspec.storage.private import create_private_file, restrict_sqlite_siblings
+from batchspec.storage.private import (
+    create_private_file,
+    ensure_private_dir,
+    restrict_sqlite_siblings,
+)
 from batchspec.storage.remote_blobs import PostgresBlobs, RemoteBlobs
 from batchspec.storage.sql import PostgresSql, Sql, SqliteSql, checkpoint_now
 
@@ -147,7 +151,7 @@ class StateConnection:
     def _open_sqlite(cls: type[_Conn], path: Path) -> _Conn:
         refuse_a_folder(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(path.parent)  # state/ holds requests and answers: private
             if not path.exists():
                 _create_fresh(path)
             _check_header(path)

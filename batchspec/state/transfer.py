@@ -56,7 +56,7 @@ from batchspec.state.connection import BUSY_TIMEOUT_SECONDS, StateLocation, refu
 from batchspec.state.schema import MIGRATIONS
 from batchspec.storage.blobstore import BlobStore
 from batchspec.storage.database_url import is_database_url
-from batchspec.storage.private import create_private_file
+from batchspec.storage.private import create_private_file, ensure_private_dir
 from batchspec.storage.remote_blobs import (
     RemoteBlobs,
     file_chunks,
@@ -230,7 +230,7 @@ def _copy_to_sqlite(
     path = path.expanduser()
     _refuse_existing_file(path, replace)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
         create_private_file(tmp)
     except OSError as err:

@@ -481,7 +481,7 @@ def _open_db(db_path: Path) -> sqlite3.Connection | None:
     the cache only saves re-reads, so the run goes on without it."""
     conn = None
     try:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(db_path.parent)
         if not db_path.exists():
             os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(db_path, isolation_level=None)

@@ -58,6 +58,7 @@ from typing import Any
 import yaml
 
 from batchspec import __version__
+from batchspec.storage.private import ensure_private_dir
 from batchspec.workspace.project import Project
 from batchspec.workspace.yamldoc import (
     MAX_YAML_FILE_BYTES,
@@ -248,7 +249,7 @@ class ManifestCache:
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(db_path.parent)
     if not db_path.exists():
         os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=0.5)
