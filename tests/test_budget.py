@@ -69,7 +69,7 @@ def test_plan_shows_requests_and_an_input_token_estimate(
     assert "12 requests" in out and f"~{estimate_input_tokens(nbytes):,} input tokens" in out
     # its `≤ 4,096 output tokens` a request that sets no max_tokens says where it comes from,
     # as the markdown plan does
-    assert "output at each request's max_tokens, 4096 where unset" in out
+    assert "output at each request's max_tokens, its model's most where unset" in out
 
 
 def test_a_request_budget_refusal_uploads_nothing(
@@ -187,6 +187,74 @@ def test_plan_refuses_a_dollar_budget_and_apply_uploads_nothing(
     code, out, err = apply_wait(ws, capsys)
     assert code == 1 and "maxCostUSD 0.05" in err
     assert server_is_empty(srv.client())
+
+
+def test_a_request_without_a_limit_is_bounded_at_its_models_most(
+    tmp_path: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reasoning model thinks for up to its whole output limit unasked: 10 requests to o3
+    without max_tokens are bounded at 100,000 output tokens each, not 4,096, so a dollar
+    budget the 4,096 bound fits (it used to pass, and the batch could cost 24x that) is
+    refused by plan and apply, and nothing is uploaded. A limit the request sets still
+    bounds it."""
+    srv = serve()
+    spec = {"budget": {"maxCostUSD": 0.5}, "model": "o3-2025-04-16"}
+    ws = served_workspace(tmp_path / "ws", srv, ResourceSpec("think", count=10, spec=spec))
+    set_pricing(ws, PRICING)
+    path = ws.input_path("think")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        line["body"]["model"] = "o3-2025-04-16"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert upper_bound(ws, "think", 10) < 0.5 < upper_bound(ws, "think", 10, 100_000)
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1, err
+    estimate = json.loads(out)["estimates"]["think"]
+    assert estimate["max_output_tokens"] == 10 * 100_000
+    assert estimate["max_cost_usd"] == pytest.approx(upper_bound(ws, "think", 10, 100_000))
+    code, out, err = apply_wait(ws, capsys)
+    assert code == 1 and "maxCostUSD 0.5" in err
+    assert server_is_empty(srv.client())
+
+    for line in lines:
+        line["body"]["max_completion_tokens"] = 2_000
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["estimates"]["think"]["max_output_tokens"] == 10 * 2_000
+
+
+@pytest.mark.parametrize(
+    ("model", "bound"),
+    [
+        ("gpt-4o", 16_384),
+        ("gpt-4o-mini-2024-07-18", 16_384),
+        ("ft:gpt-4o-mini:acme::abc123", 16_384),
+        ("openai/gpt-4.1-nano", 32_768),
+        ("gpt-4", 8_192),
+        ("gpt-4-turbo-2024-04-09", 4_096),
+        ("o1-mini", 65_536),
+        ("o4-mini", 100_000),
+        ("GPT-5.4-pro", 128_000),
+        ("models/gemini-2.5-flash", 65_536),
+        ("gemini-2.0-flash", 8_192),
+        ("gpt-40", DEFAULT_MAX_OUTPUT_TOKENS),  # not gpt-4's family: a prefix ends at - . :
+        ("o10", DEFAULT_MAX_OUTPUT_TOKENS),
+        ("claude-sonnet-4-5", DEFAULT_MAX_OUTPUT_TOKENS),  # Anthropic requires a limit
+        ("my-vllm-model", DEFAULT_MAX_OUTPUT_TOKENS),
+    ],
+)
+def test_the_output_bound_of_a_request_without_a_limit_follows_its_model_family(
+    model: str, bound: int
+) -> None:
+    """The longest family prefix the name starts with, at a boundary, after a route's or a
+    fine-tune's prefix; the default for any other model; times the choices asked for."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    assert max_output_of_request("/v1/chat/completions", chat) == bound
+    assert max_output_of_request("/v1/chat/completions", {**chat, "n": 3}) == 3 * bound
+    # a Mistral line names no model: the job's
+    assert max_output_of_request("/v1/chat/completions", {"messages": []}, model) == bound
 
 
 def test_a_dollar_budget_on_an_unknown_price_refuses(

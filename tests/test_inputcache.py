@@ -117,7 +117,7 @@ def cache_rows(ws: Workspace) -> list[tuple[object, ...]]:
     db = ws.state_path.parent / "input-cache.db"
     with sqlite3.connect(db) as conn:
         return conn.execute(
-            "select path, size, mtime_ns, ctime_ns, inode from input_scans5"
+            "select path, size, mtime_ns, ctime_ns, inode from input_scans6"
         ).fetchall()
 
 
@@ -205,19 +205,19 @@ def test_a_just_written_input_is_recalled_only_while_its_bytes_are_that_content(
     with InputCache(db) as cache:
         expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select verify from input_scans5").fetchall() == [(1,)]
+        assert conn.execute("select verify from input_scans6").fetchall() == [(1,)]
     with InputCache(db) as cache:
         assert cache.scan(source) == expected
 
     with sqlite3.connect(db) as conn:
-        data = json.loads(conn.execute("select report from input_scans5").fetchone()[0])
-        conn.execute("update input_scans5 set report = ?", (json.dumps({**data, "sha256": "0"}),))
+        data = json.loads(conn.execute("select report from input_scans6").fetchone()[0])
+        conn.execute("update input_scans6 set report = ?", (json.dumps({**data, "sha256": "0"}),))
     with InputCache(db) as cache:
         assert cache.scan(source) == expected  # scanned again: the stored content was another
     with InputCache(db, racy_window=0) as cache:
         cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select verify from input_scans5").fetchall() == [(0,)]
+        assert conn.execute("select verify from input_scans6").fetchall() == [(0,)]
 
 
 def test_an_invalid_input_is_never_cached(
@@ -277,7 +277,7 @@ def test_an_entry_from_another_version_is_scanned_again(tmp_path: Path) -> None:
     with InputCache(db) as cache:
         expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        conn.execute("update input_scans5 set report = ?", (json.dumps({"sha256": "stale"}),))
+        conn.execute("update input_scans6 set report = ?", (json.dumps({"sha256": "stale"}),))
 
     with InputCache(db) as cache:
         again = cache.scan(source)
@@ -302,7 +302,7 @@ def test_the_entries_of_inputs_gone_are_dropped_when_a_run_stores_new_ones(
     with InputCache(db, racy_window=0) as cache:
         cache.scan(third)
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("select path, request_index is not null from input_scans5")
+        rows = conn.execute("select path, request_index is not null from input_scans6")
         kept = sorted((Path(p).name, bool(indexed)) for p, indexed in rows.fetchall())
     assert kept == [("b.jsonl", True), ("c.jsonl", True)]
 

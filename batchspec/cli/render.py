@@ -263,7 +263,7 @@ def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> 
     """``plan_costs``'s lines (apply's prompt shows them too)."""
     lines = [
         "Estimated spend (input ~4 bytes/token; output at each request's max_tokens, "
-        "4096 where unset):"
+        "its model's most where unset):"
     ]
     shown = list(estimates.items())
     if not every and len(shown) > COSTS_SHOWN:
@@ -380,7 +380,7 @@ def plan_markdown(result: PlanResult, *, unchanged: bool = True) -> str:
     if result.estimates:
         lines += [
             f"Estimated spend: {_upper(_total_cost(result.estimates))} (input ~4 bytes/token; "
-            "output at each request's max_tokens, 4096 where unset; batch prices)",
+            "output at each request's max_tokens, its model's most where unset; batch prices)",
             "",
         ]
     if consent := plan_consent(result).strip():

@@ -420,7 +420,7 @@ class _Checker:
                     self.check_messages(line, body.get("messages", _MISSING), custom_id)
                 if self.strict:
                     self.check_output_limits(line, body, custom_id)
-            self.max_output_tokens += max_output_of_request(url, body)
+            self.max_output_tokens += max_output_of_request(url, body, self.model)
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
         else:

@@ -20,13 +20,15 @@ Cached input is counted as input at the full price: an upper bound, stated as su
 
 **Before** a batch runs, ``max_output_of_request`` bounds what one request line may answer:
 its ``max_completion_tokens``, ``max_tokens`` (OpenAI chat/completions, Anthropic
-``params``) or ``generationConfig.maxOutputTokens`` (Gemini); ``DEFAULT_MAX_OUTPUT_TOKENS``
-when it sets none; times the choices it asks for (``n``, ``best_of``, ``candidateCount``:
-each is generated and billed); 0 for embeddings and moderations, which answer no tokens.
+``params``) or ``generationConfig.maxOutputTokens`` (Gemini); when it sets none, the most its
+model answers (``UNSET_OUTPUT_BOUNDS``: 16,384 for gpt-4o, 100,000 for o3, ...; else 4,096);
+times the choices it asks for (``n``, ``best_of``, ``candidateCount``: each is generated and
+billed); 0 for embeddings and moderations, which answer no tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -68,14 +70,64 @@ def usage_of_line(line: Mapping[str, Any]) -> LineUsage | None:
     return None
 
 
-#: the output bound assumed for a request that sets no limit (Anthropic's defaultMaxTokens)
+#: the output bound assumed for a request that sets no limit, to a model not in
+#: ``UNSET_OUTPUT_BOUNDS`` (Anthropic's defaultMaxTokens: what its provider sets then)
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+#: what a request that sets no output limit may answer, by model family (the longest prefix
+#: that ends at a ``-``, ``.``, ``:`` or the name's end wins): the family's documented most.
+#: Reasoning models think for up to their whole limit unasked, so 4,096 is no bound for them.
+UNSET_OUTPUT_BOUNDS: Mapping[str, int] = {
+    "gpt-3.5": 4_096,
+    "gpt-4": 8_192,
+    "gpt-4-turbo": 4_096,
+    "gpt-4o": 16_384,
+    "chatgpt-4o": 16_384,
+    "gpt-4.1": 32_768,
+    "gpt-4.5": 16_384,
+    "gpt-5": 128_000,
+    "gpt-6": 128_000,
+    "gpt-oss": 131_072,
+    "o1": 100_000,
+    "o1-mini": 65_536,
+    "o3": 100_000,
+    "o4": 100_000,
+    "codex": 100_000,
+    "gemini-1.5": 8_192,
+    "gemini-2.0": 8_192,
+    "gemini-2.5": 65_536,
+    "gemini-3": 65_536,
+    "gemini-4": 65_536,
+}
+_BOUNDARY = ("-", ".", ":", "@")
+
+
+@functools.lru_cache(maxsize=256)
+def unset_output_bound(model: str | None) -> int:
+    """The output bound of a request to ``model`` that sets no limit (``UNSET_OUTPUT_BOUNDS``;
+    ``DEFAULT_MAX_OUTPUT_TOKENS`` for any other model). The name is read as the family's:
+    lower case, without a route's or a fine-tune's prefix (``openai/``, ``models/``,
+    ``ft:``)."""
+    if not isinstance(model, str):
+        return DEFAULT_MAX_OUTPUT_TOKENS
+    name = model.strip().lower().rsplit("/", 1)[-1].removeprefix("ft:")
+    best = ""
+    for prefix in UNSET_OUTPUT_BOUNDS:
+        if (
+            len(prefix) > len(best)
+            and name.startswith(prefix)
+            and (len(name) == len(prefix) or name[len(prefix)] in _BOUNDARY)
+        ):
+            best = prefix
+    return UNSET_OUTPUT_BOUNDS[best] if best else DEFAULT_MAX_OUTPUT_TOKENS
+
 
 _NO_OUTPUT = ("/embeddings", "/moderations")
 
 
-def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
-    """The most output tokens one request may be charged for (see the module docstring)."""
+def max_output_of_request(url: Any, body: Mapping[str, Any], model: str | None = None) -> int:
+    """The most output tokens one request may be charged for (see the module docstring);
+    ``model``: the one it is sent to when its body names none (a Mistral job's)."""
     if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
         return 0
     # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
@@ -93,7 +145,7 @@ def max_output_of_request(url: Any, body: Mapping[str, Any]) -> int:
             limit = _limit(config.get(key))
             if limit:
                 return limit * choices
-    return DEFAULT_MAX_OUTPUT_TOKENS * choices
+    return unset_output_bound(body.get("model") or model) * choices
 
 
 def max_output_of_line(line: Any) -> int:

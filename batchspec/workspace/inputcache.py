@@ -67,7 +67,7 @@ from batchspec.wire.request_index import (
 from batchspec.workspace.resolving import FolderResolver
 
 _SCHEMA = """
-create table if not exists input_scans5 (
+create table if not exists input_scans6 (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
@@ -80,8 +80,16 @@ create table if not exists input_scans5 (
 #: small inputs' request indexes were kept on their entries, before the output bound
 #: counted every choice a request asks for (``n``) and limits given as ``100.0`` or ``"100"``,
 #: before a chat line without messages was refused, and before a message of no known role
-#: or an output-token limit below 1 (or not an integer) was (their scans said it was valid)
-_OLD_TABLES = ("scans", "input_scans", "input_scans2", "input_scans3", "input_scans4")
+#: or an output-token limit below 1 (or not an integer) was (their scans said it was valid),
+#: and before a request without an output limit was bounded at its model's most, not 4,096
+_OLD_TABLES = (
+    "scans",
+    "input_scans",
+    "input_scans2",
+    "input_scans3",
+    "input_scans4",
+    "input_scans5",
+)
 
 
 #: seconds a file must be unchanged before its scan is kept (timestamps tick up to 2 s)
@@ -358,7 +366,7 @@ class InputCache:
         try:
             row = self.conn.execute(
                 "select size, mtime_ns, ctime_ns, inode, report, verify, request_index "
-                "from input_scans5 where path = ? and options = ?",
+                "from input_scans6 where path = ? and options = ?",
                 key,
             ).fetchone()
         except sqlite3.Error:  # a damaged cache costs a re-read, never the run
@@ -388,7 +396,7 @@ class InputCache:
         meanwhile would only be missed: a cache."""
         if self._stored is None:
             try:
-                self._stored = set(conn.execute("select path, options from input_scans5"))
+                self._stored = set(conn.execute("select path, options from input_scans6"))
             except sqlite3.Error:  # a damaged cache costs a re-read, never the run
                 self._stored = set()
         return self._stored
@@ -417,10 +425,10 @@ class InputCache:
             conn.execute("begin immediate")
             try:
                 conn.executemany(
-                    "insert or replace into input_scans5 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "insert or replace into input_scans6 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
-                conn.executemany("delete from input_scans5 where path = ?", gone)
+                conn.executemany("delete from input_scans6 where path = ?", gone)
             except BaseException:
                 conn.execute("rollback")
                 raise
@@ -443,7 +451,7 @@ def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
     whole request index, and inputs named anew each run (dated files, temporary checkouts)
     would otherwise grow the cache without end, where index files are pruned
     (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
-    paths = [row[0] for row in conn.execute("select distinct path from input_scans5")]
+    paths = [row[0] for row in conn.execute("select distinct path from input_scans6")]
     return [(path,) for path in paths if not os.path.exists(path)]
 
 
