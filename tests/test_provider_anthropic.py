@@ -7,6 +7,7 @@ create whose answer is lost is real timing, not a mock.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from probes import ProbedServer
 from servers import jsonl_bytes, read_jsonl, request_lines, wait_for
 from workspaces import KEY_ENV, SENTINEL_KEY, ResourceSpec, make_workspace, run_cli
 
+from batchspec.core.budget import line_bound
 from batchspec.core.sharding import shard_limits
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
@@ -628,6 +630,38 @@ def test_validate_reports_unmappable_lines_with_file_and_line(
     code, out, err = run_cli(["validate", str(ws.root)], capsys)
     assert code == 1
     assert "t.jsonl:2" in out + err and "body.n = 3" in out + err
+
+
+def test_a_dollar_budget_bounds_lines_without_a_limit_at_the_providers_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A chat line that sets no max_tokens goes to Anthropic with the provider's
+    defaultMaxTokens: the plan's bound, and so its dollar budget, count that (it counted
+    4,096 whatever the option said); the re-reads of a retry or a kept-answers generation
+    (budget.line_bound) count each line as the scan does."""
+    provider = {
+        "type": "anthropic",
+        "baseUrl": "http://127.0.0.1:9",
+        "apiKeyEnv": KEY_ENV,
+        "options": {"defaultMaxTokens": 20_000},
+        "pricing": {"*": {"input": 1.0, "output": 2.0}},
+    }
+    spec = {"budget": {"maxCostUSD": 0.05}}
+    ws = make_workspace(
+        tmp_path, providers={"claude": provider}, resources=[ResourceSpec("t", 3, "claude", spec)]
+    )
+    lines = request_lines(3)
+    lines[2]["body"]["max_tokens"] = 100  # a limit of its own still bounds its line
+    ws.write_input("t", lines)
+
+    code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)
+    assert code == 1, err  # 40,100 output tokens at $2/M: over $0.05 (8,292 were under)
+    assert json.loads(out)["estimates"]["t"]["max_output_tokens"] == 2 * 20_000 + 100
+    assert "maxCostUSD 0.05" in err
+
+    workspace = load_workspace([str(ws.root)])
+    bound = line_bound(workspace.resources[0], workspace.project.providers)
+    assert [bound(line) for line in lines] == [20_000, 20_000, 100]
 
 
 def test_validate_accepts_anthropic_lines_only_for_the_messages_endpoint(

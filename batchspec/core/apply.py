@@ -35,6 +35,7 @@ from batchspec.core.budget import (
     Estimate,
     check_budget,
     estimate_spend,
+    line_bound,
     output_of_unresolved,
     output_of_unreused,
     sent_by,
@@ -246,7 +247,12 @@ def plan_workspace(
             limits_for=lambda r: shard_limits(ws, r),
         )
         outputs = measured_outputs(
-            plan, resources, store, indexed_requests(cache, facts), backoff=requeue_backoff(ws)
+            plan,
+            resources,
+            store,
+            indexed_requests(cache, facts),
+            ws.project.providers,
+            backoff=requeue_backoff(ws),
         )
         refusals: list[BatchspecError] = [
             *budget_refusals(plan, resources, facts, store, ws.project.providers, outputs),
@@ -433,6 +439,7 @@ def apply_workspace(
                     resources,
                     store,
                     indexed_requests(cache, facts),
+                    ws.project.providers,
                     backoff=requeue_backoff(ws),
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
@@ -1267,6 +1274,7 @@ def measured_outputs(
     resources: Sequence[Resource],
     store: StateStore,
     requests: RequestFacts,
+    providers: Mapping[str, ProviderConfig],
     *,
     backoff: float,
 ) -> dict[str, int]:
@@ -1294,12 +1302,21 @@ def measured_outputs(
                 and (s.not_before is None or now >= s.not_before)
             ]
             bounds = output_of_unresolved(
-                store.ledger(), gen.id, ready, res.input_path, requests(res)
+                store.ledger(),
+                gen.id,
+                ready,
+                res.input_path,
+                requests(res),
+                line_bound(res, providers),
             )
             out[res.name] = sum(bounds.values())
         elif action.reused:
             out[res.name] = output_of_unreused(
-                store, res, requests(res), exclude=action.generation_id
+                store,
+                res,
+                requests(res),
+                line_bound(res, providers),
+                exclude=action.generation_id,
             )
     return out
 

@@ -22,11 +22,13 @@ input's average.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from batchspec.core.moves import former_names
 from batchspec.core.plan import estimate_input_tokens
@@ -37,7 +39,7 @@ from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestBytes, RequestFact
-from batchspec.wire.usage import max_output_of_line
+from batchspec.wire.usage import max_output_of_line, provider_output_limit
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import display_path
@@ -100,13 +102,25 @@ def measures_output(res: Resource) -> bool:
     return res.budget is not None and res.budget.max_cost_usd is not None
 
 
-def output_of_requests(path: Path, requests: Iterable[RequestFact]) -> int:
-    """The output bound (``wire.usage.max_output_of_line``) of these indexed requests of the
-    input at ``path``, read back and parsed (``InputChangedError`` if the input changed)."""
+LineBound = Callable[[Any], int]
+
+
+def line_bound(res: Resource, providers: Mapping[str, ProviderConfig]) -> LineBound:
+    """``wire.usage.max_output_of_line`` as the scan of ``res``'s input reads its lines: a
+    line that names no model is sent with the manifest's, one that sets no output limit
+    with its provider's (an Anthropic ``defaultMaxTokens``)."""
+    config = providers.get(res.provider)
+    unset = provider_output_limit(config.type, config.options) if config is not None else None
+    return functools.partial(max_output_of_line, model=res.model, unset=unset)
+
+
+def output_of_requests(path: Path, requests: Iterable[RequestFact], bound: LineBound) -> int:
+    """The output bound (``bound``: ``line_bound``) of these indexed requests of the input at
+    ``path``, read back and parsed (``InputChangedError`` if the input changed)."""
     total = 0
     with RequestBytes(path) as reader:
         for fact in requests:
-            total += max_output_of_line(json.loads(reader.read(fact)))
+            total += bound(json.loads(reader.read(fact)))
     return total
 
 
@@ -116,6 +130,7 @@ def output_of_unresolved(
     shards: Iterable[int],
     path: Path,
     requests: Iterable[RequestFact],
+    bound: LineBound,
 ) -> dict[int, int]:
     """Per shard, the output bound of its unresolved requests: what a retry of it sends
     (``requests``: the generation's input's request index)."""
@@ -126,12 +141,17 @@ def output_of_unresolved(
         for fact in requests:
             shard = owner.get(fact.line)
             if shard is not None:
-                out[shard] += max_output_of_line(json.loads(reader.read(fact)))
+                out[shard] += bound(json.loads(reader.read(fact)))
     return out
 
 
 def output_of_unreused(
-    store: StateStore, res: Resource, requests: Iterable[RequestFact], *, exclude: int | None
+    store: StateStore,
+    res: Resource,
+    requests: Iterable[RequestFact],
+    bound: LineBound,
+    *,
+    exclude: int | None,
 ) -> int:
     """The output bound of the requests of ``res``'s input that no earlier generation (but
     ``exclude``) answered: what a new generation that keeps answers sends (counted as
@@ -140,7 +160,9 @@ def output_of_unreused(
     ids = answer_sources(store.generations(res.name), stand_in=res.stand_in, exclude=[exclude])
     answered = store.ledger().succeeded_fingerprints(ids) if ids else set()
     return output_of_requests(
-        res.input_path, (f for f in requests if (f.custom_id, f.request_sha) not in answered)
+        res.input_path,
+        (f for f in requests if (f.custom_id, f.request_sha) not in answered),
+        bound,
     )
 
 

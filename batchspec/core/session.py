@@ -85,11 +85,16 @@ def input_rules(
 ) -> dict[str, Any]:
     """The ``InputCache.facts_for`` rules of an input sent to ``provider`` (its type's
     dialect and custom_id pattern) on ``endpoint`` with ``model``."""
-    kind = providers[provider].type if provider in providers else None
+    config = providers.get(provider)
+    kind = config.type if config is not None else None
     return {
         "endpoint": endpoint,
         "model": model,
-        **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
+        **rules_for_provider(
+            kind,
+            custom_id_pattern=flavour_of(kind).custom_id_pattern,
+            options=config.options if config is not None else None,
+        ),
     }
 
 

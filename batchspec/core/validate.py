@@ -274,12 +274,15 @@ def problems_of(err: BatchspecError) -> tuple[Problem, ...]:
 def _scan(
     res: Resource, workspace: Workspace, scans: dict[tuple[object, ...], InputReport]
 ) -> InputReport:
-    kind = workspace.project.providers[res.provider].type
+    config = workspace.project.providers[res.provider]
+    kind = config.type
     options = {
         "endpoint": res.endpoint,
         "model": res.model,
         # Anthropic's and Together's custom_id rules come with their flavour
-        **rules_for_provider(kind, custom_id_pattern=flavour_of(kind).custom_id_pattern),
+        **rules_for_provider(
+            kind, custom_id_pattern=flavour_of(kind).custom_id_pattern, options=config.options
+        ),
     }
     key = (res.input_path, *options.values())
     if key not in scans:  # two resources over one file with the same rules: scan it once

@@ -128,7 +128,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
@@ -141,7 +141,7 @@ from batchspec.wire.request_checks import (
     output_limit_problem,
 )
 from batchspec.wire.request_index import RequestIndexWriter
-from batchspec.wire.usage import max_output_of_request
+from batchspec.wire.usage import max_output_of_request, provider_output_limit
 
 try:  # the optional `fast` extra: several times faster than json on large lines
     import orjson
@@ -387,6 +387,8 @@ class _Checker:
         self.requests = True
         #: the roles and output limits held to OpenAI's rules (``strict_params``)
         self.strict = True
+        #: the output limit the provider sets on a request that sets none (``default_max_tokens``)
+        self.unset_output: int | None = None
 
     def problem(self, line: int, code: str, message: str, *, against_spec: bool = False) -> None:
         self.count += 1
@@ -420,7 +422,9 @@ class _Checker:
                     self.check_messages(line, body.get("messages", _MISSING), custom_id)
                 if self.strict:
                     self.check_output_limits(line, body, custom_id)
-            self.max_output_tokens += max_output_of_request(url, body, self.model)
+            self.max_output_tokens += max_output_of_request(
+                url, body, self.model, self.unset_output
+            )
         elif body is None:
             self.problem(line, "missing_body", "body is missing; it holds the request's parameters")
         else:
@@ -622,6 +626,7 @@ def scan_batch_input(
     index: RequestIndexWriter | None = None,
     check_messages: bool = True,
     strict_params: bool = True,
+    default_max_tokens: int | None = None,
 ) -> InputReport:
     """Read ``path`` once and report every problem (see the module docstring for the rules).
 
@@ -632,12 +637,15 @@ def scan_batch_input(
     line (400), not the file's. ``strict_params=False`` (the ``local`` provider: model servers
     of the user's own, such as vLLM, take roles such as ``ipython`` and ``max_tokens: -1``):
     the roles and output limits are theirs to judge; ``messages`` is still checked.
+    ``default_max_tokens`` (an ``anthropic`` provider's ``defaultMaxTokens``): the output limit
+    a chat line that sets none is sent with, which bounds it in ``max_output_tokens``.
     Raises ``InputError`` only when the file cannot be read at all; problems in its content
     are returned in the report, never raised.
     """
     checker = _Checker(endpoint, model, custom_id_pattern, allow_unversioned_url, dialect)
     checker.requests = check_messages
     checker.strict = strict_params
+    checker.unset_output = default_max_tokens
     sha = hashlib.sha256()
     parse, check, problem = _parse, checker.check, checker.problem
     add = index.add if index is not None else None
@@ -717,12 +725,17 @@ def _file_level_problems(requests: int, max_requests: int | None) -> list[InputP
 
 
 def rules_for_provider(
-    provider_type: str | None, *, custom_id_pattern: str | None = None
+    provider_type: str | None,
+    *,
+    custom_id_pattern: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``scan_batch_input`` options a provider type's inputs are checked with
-    (``custom_id_pattern``: the provider's own rule; Anthropic's by default)."""
+    (``custom_id_pattern``: the provider's own rule; Anthropic's by default; ``options``: the
+    provider's, of which an Anthropic ``defaultMaxTokens`` bounds the lines that set none)."""
     if custom_id_pattern is None and provider_type == "anthropic":
         custom_id_pattern = anthropic_lines.CUSTOM_ID_PATTERN
+    default = provider_output_limit(provider_type, options)
     return {
         "custom_id_pattern": custom_id_pattern,
         "allow_unversioned_url": provider_type == "azure",
@@ -731,6 +744,7 @@ def rules_for_provider(
         else "openai",
         # the local engine fronts model servers of the user's own, whose rules are laxer
         "strict_params": provider_type != "local",
+        **({"default_max_tokens": default} if default else {}),
     }
 
 

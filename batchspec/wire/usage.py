@@ -125,9 +125,23 @@ def unset_output_bound(model: str | None) -> int:
 _NO_OUTPUT = ("/embeddings", "/moderations")
 
 
-def max_output_of_request(url: Any, body: Mapping[str, Any], model: str | None = None) -> int:
+def provider_output_limit(
+    provider_type: str | None, options: Mapping[str, Any] | None
+) -> int | None:
+    """The output limit a provider sends a request that sets none with, when it sets one: an
+    ``anthropic`` provider's ``defaultMaxTokens`` (Anthropic requires a limit); else None."""
+    if provider_type != "anthropic" or not options:
+        return None
+    limit = options.get("defaultMaxTokens")
+    return limit if type(limit) is int and limit > 0 else None
+
+
+def max_output_of_request(
+    url: Any, body: Mapping[str, Any], model: str | None = None, unset: int | None = None
+) -> int:
     """The most output tokens one request may be charged for (see the module docstring);
-    ``model``: the one it is sent to when its body names none (a Mistral job's)."""
+    ``model``: the one it is sent to when its body names none (a Mistral job's); ``unset``:
+    the limit its provider sets when it sets none (Anthropic's ``defaultMaxTokens``)."""
     if isinstance(url, str) and url.rstrip("/").endswith(_NO_OUTPUT):
         return 0
     # every choice is generated and billed: ``n`` (OpenAI, Mistral), ``best_of`` (OpenAI
@@ -145,10 +159,10 @@ def max_output_of_request(url: Any, body: Mapping[str, Any], model: str | None =
             limit = _limit(config.get(key))
             if limit:
                 return limit * choices
-    return unset_output_bound(body.get("model") or model) * choices
+    return (unset or unset_output_bound(body.get("model") or model)) * choices
 
 
-def max_output_of_line(line: Any) -> int:
+def max_output_of_line(line: Any, model: str | None = None, unset: int | None = None) -> int:
     """``max_output_of_request`` of one parsed request line, as the input scan sums it: its
     ``url`` and ``body``, or an Anthropic ``{custom_id, params}`` line's ``params``."""
     if not isinstance(line, Mapping):
@@ -160,7 +174,7 @@ def max_output_of_line(line: Any) -> int:
     if not isinstance(body, Mapping):
         return 0
     url = line.get("url")
-    return max_output_of_request(url if isinstance(url, str) else None, body)
+    return max_output_of_request(url if isinstance(url, str) else None, body, model, unset)
 
 
 def _limit(value: Any) -> int:

@@ -193,6 +193,7 @@ class InputCache:
         allow_unversioned_url: bool = False,
         dialect: str = "openai",
         strict_params: bool = True,
+        default_max_tokens: int | None = None,
     ) -> InputReport:
         """The scan with the manifest's rules, reusing the generic scan when it settles it
         (a generic scan holds requests to the strict rules: a clean one settles lax ones).
@@ -219,6 +220,7 @@ class InputCache:
             # only when set: the cache keys of OpenAI-dialect scans stay what they were
             **({"dialect": dialect} if dialect != "openai" else {}),
             **({} if strict_params else {"strict_params": False}),
+            **({"default_max_tokens": default_max_tokens} if default_max_tokens else {}),
         )
 
     def request_facts(self, path: Path, sha256: str) -> Iterator[RequestFact]:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from batchspec.core.batches import batch_key
-from batchspec.core.budget import check_budget, measures_output
+from batchspec.core.budget import LineBound, check_budget, line_bound, measures_output
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.replacements import answer_sources, answers_by_stand_in, reuses_answers
@@ -32,7 +32,6 @@ from batchspec.core.sharding import (
 from batchspec.state.store import BatchRow, GenerationRow
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestBytes, RequestFact
-from batchspec.wire.usage import max_output_of_line
 from batchspec.workspace.manifest import Resource
 
 #: a new generation of this many requests or more writes its ledger after its creates are
@@ -157,7 +156,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 # budget)
                 if carried and measures_output(res):
                     shard_output = {}
-                    assigned = measuring_output(assigned, res.input_path, shard_output)
+                    bound = line_bound(res, ctx.project.providers)
+                    assigned = measuring_output(assigned, res.input_path, shard_output, bound)
                 if previous:
                     ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
                 else:
@@ -297,13 +297,16 @@ def attempt_part(gen: GenerationRow, attempt: int, input_sha256: str) -> str:
 
 
 def measuring_output(
-    assigned: Iterable[tuple[int, RequestFact]], path: Path, per_shard: dict[int, int]
+    assigned: Iterable[tuple[int, RequestFact]],
+    path: Path,
+    per_shard: dict[int, int],
+    bound: LineBound,
 ) -> Iterator[tuple[int, RequestFact]]:
     """Pass ``(shard, request)`` pairs on, adding each request's output bound to its shard."""
     with RequestBytes(path) as reader:
         for shard, fact in assigned:
-            bound = max_output_of_line(json.loads(reader.read(fact)))
-            per_shard[shard] = per_shard.get(shard, 0) + bound
+            most = bound(json.loads(reader.read(fact)))
+            per_shard[shard] = per_shard.get(shard, 0) + most
             yield shard, fact
 
 

@@ -8,7 +8,13 @@ spends on it (with its own key: resource, spec, shard, attempt).
 
 from __future__ import annotations
 
-from batchspec.core.budget import check_budget, measures_output, output_of_unresolved, sent_by
+from batchspec.core.budget import (
+    check_budget,
+    line_bound,
+    measures_output,
+    output_of_unresolved,
+    sent_by,
+)
 from batchspec.core.plan import Action, estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.hold import retry_held
@@ -53,6 +59,7 @@ def record_retries(ctx: RunContext, res: Resource, facts: InputReport) -> Genera
             (s.shard for s in ready),
             res.input_path,
             ctx.request_facts(res, gen.input_sha256),
+            line_bound(res, ctx.project.providers),
         )
     check_budget(
         res,
