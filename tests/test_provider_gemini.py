@@ -286,6 +286,34 @@ def test_gemini_lines_and_their_problems() -> None:
     assert [code for code, _ in line_problems(embed)] == ["unsupported_endpoint"]
 
 
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        pytest.param({"maxOutputTokens": -5}, "invalid_max_tokens", id="negative"),
+        pytest.param({"maxOutputTokens": 1.5}, "invalid_max_tokens", id="fraction"),
+        pytest.param({"maxOutputTokens": True}, "invalid_max_tokens", id="boolean"),
+        pytest.param({"max_output_tokens": "lots"}, "invalid_max_tokens", id="word"),
+        pytest.param({"candidateCount": [2]}, "invalid_params", id="count-list"),
+        pytest.param({"candidate_count": -1}, "invalid_params", id="count-negative"),
+    ],
+)
+def test_a_generation_config_count_gemini_refuses_is_refused_before_upload(
+    config: dict[str, Any], code: str
+) -> None:
+    """generationConfig.maxOutputTokens and candidateCount are read as protobuf JSON reads
+    an integer: 100, 100.0 and "100" pass (the budget reads them as 100); a negative, a
+    fraction, a boolean, a word or a list is refused, naming the field: Gemini fails that
+    request after the batch ran, and the budget read it as no limit."""
+    request = {"model": MODEL, "contents": [{"role": "user", "parts": [{"text": "x"}]}]}
+    line = {"custom_id": "a", "method": "POST", "url": NATIVE, "body": request}
+    for fine in (100, 100.0, "100", 0):
+        ok = {**request, "generationConfig": {"maxOutputTokens": fine, "candidateCount": fine}}
+        assert line_problems({**line, "body": ok}) == []
+    [(found, message)] = line_problems({**line, "body": {**request, "generationConfig": config}})
+    [key] = config
+    assert found == code and f"body.generationConfig.{key}" in message
+
+
 def test_states_and_display_names() -> None:
     """BATCH_STATE_* and JOB_STATE_* map to our statuses (an unknown one is kept); the
     display name carries batchspec's key both ways, another name carries none."""

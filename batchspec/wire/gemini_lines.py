@@ -283,7 +283,41 @@ def request_problems(request: Mapping[str, Any], where: str) -> list[tuple[str, 
     for key in ("generationConfig", "generation_config"):
         if key in request and not isinstance(request[key], Mapping):
             problems.append(("invalid_params", f"{where}.{key} must be an object"))
+        elif isinstance(request.get(key), Mapping):
+            problems.extend(_count_problems(request[key], f"{where}.{key}"))
     return problems
+
+
+#: generationConfig's counts, with the code of a bad one: what the budget's bound reads
+_CONFIG_COUNTS = {
+    "maxOutputTokens": "invalid_max_tokens",
+    "max_output_tokens": "invalid_max_tokens",
+    "candidateCount": "invalid_params",
+    "candidate_count": "invalid_params",
+}
+
+
+def _count_problems(config: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
+    """A ``generationConfig`` count that Gemini's JSON reading (protobuf's) refuses: not an
+    integer >= 0, as a number (``100``, ``100.0``) or a string of digits (``"100"``). Such a
+    request fails on its own after the batch ran, and the budget would read it as unset."""
+    problems = []
+    for key, code in _CONFIG_COUNTS.items():
+        value = config.get(key)
+        if value is None or _is_proto_count(value):
+            continue
+        problems.append((code, f"{where}.{key} {short(value)} is not an integer >= 0"))
+    return problems
+
+
+def _is_proto_count(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    return isinstance(value, str) and value.strip().isdecimal()
 
 
 def model_name(model: str) -> str:
