@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from serve_faults import serve_processes
+from servers import request_lines
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -366,3 +367,50 @@ def test_apply_wait_timeout_bounds_the_wait_for_a_lock_too(
     assert code == 3, err
     assert took < 4, took  # the lock wait stopped at --timeout, not at --lock-timeout
     assert "locked by another run" in err
+
+
+@pytest.mark.parametrize("step", ["run-row", "locks"])
+def test_a_process_holding_the_database_write_lock_is_a_lock_exit_3(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    """A run paused (SIGSTOP, a debugger) inside a state transaction keeps the database's
+    write lock: a run that cannot get it past the busy timeout, at its first write or while
+    taking its locks, has changed nothing and exits 3 saying so (it exited 1, "stayed busy",
+    which CI cannot tell from a real error); once the holder lets go, the same apply runs."""
+    import sqlite3
+
+    import batchspec.state.connection as connection
+    import batchspec.state.lock as lock_module
+
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("triage", count=2, provider="here"),),
+    )
+    assert run_cli(["apply", str(ws.root), "--wait"], capsys)[0] == 0
+    ws.write_input("triage", request_lines(3))  # a request more: something to do
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_SECONDS", 0.2)
+    holder = sqlite3.connect(ws.state_path, isolation_level=None)
+    try:
+        if step == "locks":  # the run row is written; the lock rows find the database held
+            real_take = lock_module._try_take
+
+            def held_then_take(*args: Any) -> Any:
+                holder.execute("BEGIN IMMEDIATE")
+                monkeypatch.setattr(lock_module, "_try_take", real_take)
+                return real_take(*args)
+
+            monkeypatch.setattr(lock_module, "_try_take", held_then_take)
+        else:
+            holder.execute("BEGIN IMMEDIATE")
+        code, out, err = run_cli(["apply", str(ws.root), "--wait", "--json"], capsys)
+        assert code == 3, err
+        assert "stayed busy" in err and "this run changed nothing" in err
+        assert json.loads(out.splitlines()[-1])["error"] == "StateLockedError"
+    finally:
+        holder.close()
+    code, _, err = run_cli(["apply", str(ws.root), "--wait"], capsys)
+    assert code == 0, err

@@ -22,9 +22,10 @@ from batchspec.errors import BatchspecError, InputError, ManifestError, Terminat
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
 from batchspec.state.connection import check_state_file
+from batchspec.state.lock import busy_as_locked
 from batchspec.state.runinfo import RunInfo, collect_run_info
 from batchspec.state.store import StateStore
-from batchspec.storage.sql import DatabaseUnavailableError
+from batchspec.storage.sql import DatabaseBusyError, DatabaseUnavailableError
 from batchspec.wire.inputs import (
     InputReport,
     naming_the_resource,
@@ -340,14 +341,23 @@ def recorded_run(
     """Record a run around a use case; its exit code is the failure's when one escapes;
     ``info``: its provenance, if the caller has it (else collected here)."""
     info = collect_run_info(ws.project.root) if info is None else info
-    run = RunHandle(store.start_run(command, args, info))
-    interrupted = False
+    try:
+        run = RunHandle(store.start_run(command, args, info))
+    except DatabaseBusyError as err:  # its first write: nothing recorded, nothing changed
+        raise busy_as_locked(err) from err
+    interrupted = unrecordable = False
     try:
         yield run
         if command == "plan":
             run.exit_code = 0
     except BatchspecError as err:
         run.exit_code = err.exit_code
+        if isinstance(err.__cause__, DatabaseBusyError):
+            # another process holds the database's write lock: recording the end would wait
+            # the busy timeout again and then fail, hiding the exit 3 this is; the run's row
+            # stays open, as a killed run's (`history` shows it ended when its pid is gone)
+            unrecordable = True
+            raise
         store.record_event(
             run.id,
             "error",
@@ -371,5 +381,6 @@ def recorded_run(
         )
         raise
     finally:
-        with suppress(*((DatabaseUnavailableError,) if interrupted else ())):
-            store.finish_run(run.id, run.exit_code)
+        if not unrecordable:
+            with suppress(*((DatabaseUnavailableError,) if interrupted else ())):
+                store.finish_run(run.id, run.exit_code)

@@ -62,6 +62,7 @@ from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import (
+    DatabaseBusyError,
     DatabaseError,
     DatabaseNotAnsweringError,
     DatabaseUnavailableError,
@@ -249,7 +250,16 @@ def acquire_lock(
     keys = lock_keys(resources)
     deadline = clock() + max(timeout, 0.0)
     while True:
-        handle, conflict = _try_take(store, command, info, keys, run_id)
+        try:
+            handle, conflict = _try_take(store, command, info, keys, run_id)
+        except DatabaseBusyError as busy:
+            # another process kept the database's write lock past the busy timeout (a run
+            # paused or stuck inside a transaction): locked as surely as by a lock row, and
+            # this run has changed nothing yet
+            if clock() >= deadline:
+                raise busy_as_locked(busy) from busy
+            sleep(min(poll_interval, deadline - clock()))
+            continue
         if handle is not None:
             return handle
         assert conflict is not None
@@ -341,6 +351,16 @@ def hold_still(
         )
     finally:
         store.db.rollback()
+
+
+def busy_as_locked(err: DatabaseBusyError) -> StateLockedError:
+    """A run that found the state database's write lock held past the busy timeout before
+    it changed anything (its run row, its locks): exit 3, as a lock held by another run."""
+    return StateLockedError(
+        f"{err.message.removesuffix(', try again')}; this run changed nothing: run it again "
+        "once that process has let go (`batchspec history` shows the runs in progress; a "
+        "process stopped with SIGSTOP or a debugger keeps the lock until it goes on)"
+    )
 
 
 def _try_take(
