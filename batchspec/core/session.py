@@ -22,7 +22,7 @@ from batchspec.errors import BatchspecError, InputError, ManifestError, Terminat
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
 from batchspec.state.connection import check_state_file
-from batchspec.state.runinfo import RunInfo, collect_run_info
+from batchspec.state.runinfo import RunInfo, collect_run_info, with_untracked_reads
 from batchspec.state.store import StateStore
 from batchspec.storage.sql import DatabaseUnavailableError
 from batchspec.wire.inputs import (
@@ -318,6 +318,14 @@ class ProviderPool:
             )
 
 
+def files_read(ws: Workspace) -> list[Path]:
+    """The files a run over ``ws`` reads: its project file, manifests and inputs (a rows
+    input's rows file, not the requests rendered from it)."""
+    project = [ws.project.file] if ws.project.file is not None else []
+    inputs = [r.input_source or r.input_path for r in ws.resources]
+    return [*project, *ws.manifest_files, *inputs]
+
+
 @dataclass
 class RunHandle:
     id: int
@@ -335,6 +343,7 @@ def recorded_run(
     """Record a run around a use case; its exit code is the failure's when one escapes;
     ``info``: its provenance, if the caller has it (else collected here)."""
     info = collect_run_info(ws.project.root) if info is None else info
+    info = with_untracked_reads(info, ws.project.root, files_read(ws))
     run = RunHandle(store.start_run(command, args, info))
     interrupted = False
     try:
