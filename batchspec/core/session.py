@@ -348,8 +348,6 @@ def recorded_run(
     interrupted = False
     try:
         yield run
-        if command == "plan":
-            run.exit_code = 0
     except BatchspecError as err:
         run.exit_code = err.exit_code
         store.record_event(
