@@ -375,6 +375,8 @@ def apply_workspace(
         "yes": options.yes,
         **({"plan_file": str(saved.source)} if saved is not None else {}),
         **({"prune": True} if options.prune else {}),
+        # the consent to cancel a generation in flight (paid for) to submit the new spec
+        **({"allow_replace": True} if options.allow_replace else {}),
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
     info = run_info.result()
