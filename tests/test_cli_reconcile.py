@@ -84,6 +84,24 @@ def test_plan_detailed_exitcode_is_2_with_changes_and_0_without(
     assert "= triage: none (in sync: 3 succeeded)" in verbose
 
 
+def test_a_plan_run_is_recorded_with_the_exit_code_it_exits_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audit log records a plan's own exit code: 2 for changes pending with
+    --detailed-exitcode, 1 for a plan apply would refuse (a budget), 0 otherwise."""
+    ws = local_ws(tmp_path / "ws")
+
+    def exits_and_records(*flags: str) -> tuple[int, int]:
+        code = run_cli(["plan", str(ws.root), *flags], capsys)[0]
+        _, out, _ = run_cli(["history", str(ws.root), "--json", "--limit", "1"], capsys)
+        return code, json.loads(out)["runs"][0]["run"]["exit_code"]
+
+    assert exits_and_records("--detailed-exitcode") == (2, 2)
+    assert exits_and_records() == (0, 0)
+    set_budget(ws, "triage", maxRequests=2)
+    assert exits_and_records("--detailed-exitcode") == (1, 1)
+
+
 def test_plan_counts_unchanged_resources_and_lists_only_those_with_a_step(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -199,3 +199,16 @@ def test_the_exit_codes_page_and_serve_s_help_say_serve_exits_0_on_sigterm() -> 
     assert "all but `serve`" in row and "exit 0" in row, row
     out = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
     assert "0 after SIGTERM" in out, out
+
+
+def test_every_field_of_a_history_run_and_event_is_documented() -> None:
+    """`history --json` is a contract: each key of its `run` and `events` objects (the state's
+    run and event rows) is named in the history paragraph of docs/output.md."""
+    from dataclasses import fields
+
+    from batchspec.state.runs import EventRow, RunRow
+
+    text = (DOCS / "output.md").read_text(encoding="utf-8")
+    history = text[text.index("`batchspec history --json`") : text.index("`batchspec history --by")]
+    keys = [f.name for row in (RunRow, EventRow) for f in fields(row)]
+    assert [k for k in keys if f"`{k}`" not in history] == []

@@ -169,3 +169,49 @@ def test_by_commit_follows_a_rename(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert commits[0]["resources"]["omega"] == before["resources"]["alpha"]
     [only] = cli_json([*argv, "--resource", "omega"], capsys)["commits"]
     assert only["usage"] == before["usage"] and only["usage"]["cost_usd"] > 0
+
+
+def test_a_run_reading_an_uncommitted_manifest_or_input_is_dirty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest or an input that git does not track is not in the commit a run records: the
+    run is `+ uncommitted changes`, as for an edited tracked file; an untracked file the run
+    does not read (a result, a note, another resource's manifest) leaves it clean."""
+    root = tmp_path / "repo" / "ws"  # a workspace in a subfolder of its repository
+    priced_workspace(root, ResourceSpec("alpha", count=2))
+    commit(root.parent, "alpha")
+    (root / "notes.txt").write_text("not read by any run\n")
+    priced_workspace(root, ResourceSpec("alpha", count=2), ResourceSpec("beta", count=2))
+
+    def dirty_of_a_plan(*paths: str) -> bool | None:
+        code, _, err = run_cli(["plan", *paths], capsys)
+        assert code == 0, err
+        [last, *_] = cli_json(["history", str(root), "--json", "--limit", "1"], capsys)["runs"]
+        dirty: bool | None = last["run"]["git_dirty"]
+        return dirty
+
+    def commit_index(message: str) -> None:
+        git(
+            root,
+            "-c",
+            "user.name=T",
+            "-c",
+            "user.email=t@example.invalid",
+            "commit",
+            "-qm",
+            message,
+        )
+
+    def commit_only(path: str, message: str) -> None:
+        git(root, "add", path)
+        commit_index(message)
+
+    assert dirty_of_a_plan(str(root / "manifests" / "alpha.yaml")) is False
+    commit_only("data/beta.jsonl", "beta's input")
+    assert dirty_of_a_plan(str(root)) is True  # manifests/beta.yaml is untracked
+    commit_only("manifests/beta.yaml", "beta's manifest")
+    git(root, "rm", "-q", "--cached", "data/beta.jsonl")
+    commit_index("untrack beta's input")
+    assert dirty_of_a_plan(str(root)) is True  # data/beta.jsonl is untracked
+    commit_only("data/beta.jsonl", "beta's input again")
+    assert dirty_of_a_plan(str(root)) is False

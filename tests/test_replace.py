@@ -188,6 +188,9 @@ def test_switching_back_to_a_spec_that_cancels_the_running_one_needs_consent(
     argv = ["apply", str(ws.root), "--allow-replace", "--yes"]
     assert run_cli(argv, capsys)[0] == 0  # with consent: cancelled, A's answers written
     assert srv.probe.counts["POST /batches/{id}/cancel"] == cancels + 1
+    with ws.store() as store:  # the audit log says which run gave that consent
+        [consented, *_] = store.runs(limit=1)
+    assert consented.args["allow_replace"] is True
 
 
 @pytest.mark.parametrize("how", ["replace", "new-spec"])

@@ -691,6 +691,7 @@ def plan(
         state_path=state_path,
         replace=replace,
         reuse=not no_reuse,
+        detailed_exitcode=detailed_exitcode,
     )
     if out_path:
         write_plan_file(out_path, result)
@@ -714,9 +715,7 @@ def plan(
         )
     for note in render.plan_notes(result):
         click.echo(note, err=True)
-    if result.refusals:
-        return 1
-    return 2 if detailed_exitcode and result.plan.has_changes else 0
+    return result.exit_code(detailed=detailed_exitcode)
 
 
 @cli.command()

@@ -202,8 +202,10 @@ def plan_workspace(
     replace: Sequence[str] = (),
     reuse: bool = True,
     env: Mapping[str, str] = os.environ,
+    detailed_exitcode: bool = False,
 ) -> PlanResult:
-    """``batchspec plan``: what apply would do, with no network and no lock."""
+    """``batchspec plan``: what apply would do, with no network and no lock; its run is
+    recorded with the exit code ``PlanResult.exit_code(detailed=detailed_exitcode)``."""
     # a state named by --state or BATCHSPEC_STATE that does not exist (a typo?) is not made
     named = state_path is not None
     with open_workspace(paths, state_path, read_only=named) as (ws, cache):
@@ -221,7 +223,7 @@ def plan_workspace(
     recorded = not named or ws.project.has_state()  # else planned against an empty one
     with (
         read_only_store(ws.project) if named else StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "plan", args),
+        recorded_run(store, ws, "plan", args) as run,
         store.reading(),  # reads only: a few queries in all, however many resources
     ):
         if prune and not names_each(select) and state_may_be_anothers(ws, state_path):
@@ -275,7 +277,7 @@ def plan_workspace(
             pruned_resources(store, resources, select),
             {name: report.sha256 for name, report in facts.items()},
         )
-        return PlanResult(
+        result = PlanResult(
             plan=plan,
             serial=store.serial(),
             spec_hashes={r.name: r.spec_hash for r in resources},
@@ -293,6 +295,8 @@ def plan_workspace(
             drains=drains,
             needs_consent=tuple(a.resource for part in consent_needed(plan, ws) for a in part),
         )
+        run.exit_code = result.exit_code(detailed=detailed_exitcode)
+        return result
 
 
 def state_may_be_anothers(ws: Workspace, state_path: str | None) -> bool:
@@ -377,6 +381,8 @@ def apply_workspace(
         "yes": options.yes,
         **({"plan_file": str(saved.source)} if saved is not None else {}),
         **({"prune": True} if options.prune else {}),
+        # the consent to cancel a generation in flight (paid for) to submit the new spec
+        **({"allow_replace": True} if options.allow_replace else {}),
         **({"replace": list(options.replace), "reuse": options.reuse} if options.replace else {}),
     }
     info = run_info.result()

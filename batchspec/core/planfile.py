@@ -91,6 +91,13 @@ class PlanResult:
     #: for them (``--yes``, or a yes on a terminal; a plan saved with ``--out`` is consented)
     needs_consent: tuple[str, ...] = ()
 
+    def exit_code(self, *, detailed: bool = False) -> int:
+        """``plan``'s exit code: 1 when apply would refuse it; with ``detailed``
+        (``--detailed-exitcode``) 2 when it has changes; else 0."""
+        if self.refusals:
+            return 1
+        return 2 if detailed and self.plan.has_changes else 0
+
 
 @dataclass(frozen=True)
 class SavedPlan:

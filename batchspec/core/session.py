@@ -23,7 +23,7 @@ from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
 from batchspec.state.connection import check_state_file
 from batchspec.state.lock import busy_as_locked
-from batchspec.state.runinfo import RunInfo, collect_run_info
+from batchspec.state.runinfo import RunInfo, collect_run_info, with_untracked_reads
 from batchspec.state.store import StateStore
 from batchspec.storage.sql import DatabaseBusyError, DatabaseUnavailableError
 from batchspec.wire.inputs import (
@@ -324,6 +324,14 @@ class ProviderPool:
             )
 
 
+def files_read(ws: Workspace) -> list[Path]:
+    """The files a run over ``ws`` reads: its project file, manifests and inputs (a rows
+    input's rows file, not the requests rendered from it)."""
+    project = [ws.project.file] if ws.project.file is not None else []
+    inputs = [r.input_source or r.input_path for r in ws.resources]
+    return [*project, *ws.manifest_files, *inputs]
+
+
 @dataclass
 class RunHandle:
     id: int
@@ -341,6 +349,7 @@ def recorded_run(
     """Record a run around a use case; its exit code is the failure's when one escapes;
     ``info``: its provenance, if the caller has it (else collected here)."""
     info = collect_run_info(ws.project.root) if info is None else info
+    info = with_untracked_reads(info, ws.project.root, files_read(ws))
     try:
         run = RunHandle(store.start_run(command, args, info))
     except DatabaseBusyError as err:  # its first write: nothing recorded, nothing changed
@@ -348,8 +357,6 @@ def recorded_run(
     interrupted = unrecordable = False
     try:
         yield run
-        if command == "plan":
-            run.exit_code = 0
     except BatchspecError as err:
         run.exit_code = err.exit_code
         if isinstance(err.__cause__, DatabaseBusyError):

@@ -20,9 +20,9 @@ import re
 import socket
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -221,6 +221,24 @@ def git_info(cwd: Path) -> GitInfo:
     )
 
 
+def with_untracked_reads(info: RunInfo, cwd: Path, read: Iterable[Path]) -> RunInfo:
+    """``info``, dirty if git does not track one of the files the run ``read`` (its manifests,
+    inputs, project file): the commit it records does not hold them. Untracked files the run
+    did not read (results, notes) leave it as it was; so does a git that cannot tell."""
+    if info.git_dirty is not False:  # dirty already, or outside git
+        return info
+    # every untracked file of the checkout (an untracked folder as one entry, "dir/"), named
+    # relative to ``cwd``; ignored files are not listed
+    out = _git_run(cwd, "ls-files", "--others", "--exclude-standard", "--directory", "-z", ":/")
+    if out is None or out.returncode != 0 or not out.stdout:
+        return info
+    untracked = [(cwd / name).resolve() for name in out.stdout.split("\0") if name]
+    for path in {p.resolve() for p in read}:
+        if any(path == u or path.is_relative_to(u) for u in untracked):
+            return replace(info, git_dirty=True)
+    return info
+
+
 def head_commit(cwd: Path) -> HeadCommit | None:
     """The commit ``cwd``'s checkout has at HEAD, with its committer time, from one git
     process; None when unknown (no git, not a repository, no commit yet, git too slow)."""
@@ -293,4 +311,5 @@ __all__ = [
     "commit_relation",
     "head_commit",
     "start_run_info",
+    "with_untracked_reads",
 ]
