@@ -225,3 +225,35 @@ def test_killed_right_after_its_batch_appears_on_batchspec_serve(
     assert batch.remote_id == remote.id
     bound = [e for e in events if e.action in ("create", "adopt")]
     assert len(bound) == 1 and bound[0].detail["remote_id"] == remote.id
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_while_a_create_is_answered_records_that_create(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    sig: signal.Signals,
+) -> None:
+    """Ctrl-C (or SIGTERM) while the server holds a create's answer: the run waits for that
+    call, as its thread goes on anyway, and records the batch it made (`create`) before it
+    exits 130 (143); the audit said `create-intent, interrupted` and left the batch to the
+    next run's `adopt`. Exactly one batch either way."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    created = srv.probe.hold("POST /batches", HOLD, after=True)
+    proc = start_apply(ws)
+    assert created.wait(20), "the create never reached the server"
+    proc.send_signal(sig)
+    time.sleep(0.3)  # the signal is handled while the create's answer is still held
+    srv.probe.release("POST /batches")
+    assert proc.wait(timeout=30) == (130 if sig == signal.SIGINT else 143)
+
+    assert srv.batch_count() == 1
+    before = actions(ws)
+    assert "create" in before and before.index("create") > before.index("create-intent")
+    with ws.store() as store:
+        [batch] = store.batches()
+    assert batch.remote_id == srv.client().batches.list().data[0].id
+    rerun_converges(ws, capsys)
+    assert srv.probe.counts["POST /batches"] == 1
+    assert "adopt" not in actions(ws)

@@ -355,13 +355,26 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
             recorded = step_recorded
     except Exception:
         # record every create already sent, so that none is left unsure without need
-        for job in todo[recorded:]:
-            if job.create is not None:
-                try:
-                    _finish_create(ctx, job)
-                except Exception:  # noqa: BLE001, S112 - the first error is the one raised
-                    continue
+        _finish_sent(ctx, todo[recorded:])
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the creates already sent go on in their threads, which the run
+        # waits for on its way out anyway; their answers are recorded as they come, so the
+        # audit says what this run paid for (a second Ctrl-C stops this wait: the next run
+        # adopts what they made)
+        _finish_sent(ctx, todo[recorded:])
+        raise
+
+
+def _finish_sent(ctx: RunContext, jobs: list[_Job]) -> None:
+    """Record how each of these jobs' creates ended, if it was sent (the first error is the
+    one the caller raises; these are only recorded)."""
+    for job in jobs:
+        if job.create is not None:
+            try:
+                _finish_create(ctx, job)
+            except Exception:  # noqa: BLE001, S112 - the first error is the one raised
+                continue
 
 
 def _write_ledgers_while_creating(ctx: RunContext, sent: list[_Job]) -> None:
