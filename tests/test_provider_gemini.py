@@ -556,6 +556,41 @@ def test_large_batches_are_uploaded_then_created_from_the_file(
     assert stored["metadata"]["gemini_source"] == "file"
 
 
+@pytest.mark.parametrize("answer", [[1, 2], "done"], ids=["array", "string"])
+def test_a_finished_upload_answered_with_no_json_object_is_a_provider_error(
+    server: Callable[..., ProbedServer], tmp_path: Path, answer: Any
+) -> None:
+    """The last chunk answered 200 with JSON that is not an object (a gateway's page): a
+    ProviderError naming the upload, no traceback, and no create sent."""
+    srv = server(api_key=SENTINEL_KEY)
+    srv.probe.refuse(r"^POST /upload/v1beta/files\?.*upload_id=", 200, answer, query=True)
+    with provider_for(srv, tmp_path / "p", inline_max_bytes=10, max_retries=0) as provider:
+        file_id = stage(provider, tmp_path, native_lines(2))
+        with pytest.raises(ProviderError, match="upload of the batch requests"):
+            create(provider, file_id)
+    assert srv.probe.counts[CREATE] == 0
+
+
+@pytest.mark.parametrize(
+    "page",
+    [{"message": "down for maintenance"}, {"operations": "none"}],
+    ids=["a-notice", "operations-not-a-list"],
+)
+def test_a_batch_list_answered_with_no_listing_is_a_provider_error(
+    server: Callable[..., ProbedServer], tmp_path: Path, page: dict[str, Any]
+) -> None:
+    """A 200 to a list that is no listing (a gateway's notice) is a ProviderError, not an
+    empty listing: read as one, a key lookup found no batch with the key and the reconciler
+    created it, and paid for it, again. An empty listing (``{}``: Google omits an empty
+    list) is still one."""
+    srv = server(api_key=SENTINEL_KEY)
+    with provider_for(srv, tmp_path / "p", max_retries=0) as provider:
+        assert list(provider.list_batches()) == []
+        srv.probe.refuse(r"^GET /v1beta/batches$", 200, page)
+        with pytest.raises(ProviderError, match="not a listing"):
+            list(provider.list_batches())
+
+
 def test_cancel_ends_the_batch_cancelled_and_unrun_requests_are_retryable(
     server: Callable[..., ProbedServer], tmp_path: Path
 ) -> None:
