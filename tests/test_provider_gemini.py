@@ -422,6 +422,23 @@ def test_results_become_lines_the_reconciler_classifies(
         assert response["body"] == record["response"]
 
 
+def test_an_error_line_keeps_the_details_gemini_gave() -> None:
+    """A failed request's ``google.rpc.Status`` details (which field was wrong: Gemini's
+    error lines are undocumented, so kept whole) reach the errors file with its message,
+    not just the code and message."""
+    violations = {
+        "@type": "type.googleapis.com/google.rpc.BadRequest",
+        "fieldViolations": [{"field": "contents[0].parts", "description": "empty"}],
+    }
+    record = {"key": "r1", "error": {"code": 3, "message": "bad", "details": [violations]}}
+    error = result_line("batches/b1", record)["response"]["body"]["error"]
+    assert (error["message"], error["code"], error["details"]) == (
+        "bad",
+        "INVALID_ARGUMENT",
+        [violations],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The provider against our server
 
