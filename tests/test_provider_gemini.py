@@ -422,6 +422,23 @@ def test_results_become_lines_the_reconciler_classifies(
         assert response["body"] == record["response"]
 
 
+@pytest.mark.parametrize(
+    "stats", [None, {}, {"requestCount": None}], ids=["missing", "empty", "nulls"]
+)
+def test_a_done_batch_whose_stats_cannot_be_read_offers_both_result_parts(stats: Any) -> None:
+    """A SUCCEEDED batch without readable ``batchStats`` (a gateway trimming the object)
+    offers its succeeded and its failed results both and reports its counts unknown: with
+    counts of 0 it offered neither, was recorded ended with nothing to collect, and every
+    answered request was sent again and paid for again."""
+    meta: dict[str, Any] = {"state": "BATCH_STATE_SUCCEEDED"}
+    if stats is not None:
+        meta["batchStats"] = stats
+    batch = parse_operation({"name": "batches/b1", "metadata": meta, "done": True})
+    assert batch.request_counts is None
+    assert batch.output_file_id == "results:succeeded:batches/b1"
+    assert batch.error_file_id == "results:failed:batches/b1"
+
+
 def test_an_error_line_keeps_the_details_gemini_gave() -> None:
     """A failed request's ``google.rpc.Status`` details (which field was wrong: Gemini's
     error lines are undocumented, so kept whole) reach the errors file with its message,

@@ -22,7 +22,8 @@ failed, CANCELLED -> cancelled, EXPIRED -> expired, CANCELLING (the SDK's
 cancel was accepted for is ``cancelling`` until it ends (Gemini keeps it RUNNING meanwhile);
 a cancel that finds it ended returns it as it ended.
 ``batchStats`` (int64 strings): total = requestCount, completed = successfulRequestCount,
-failed = failedRequestCount. A done batch has two pseudo files, ``results:succeeded:<name>``
+failed = failedRequestCount (none of them read: unknown, and a done batch then offers both
+parts). A done batch has two pseudo files, ``results:succeeded:<name>``
 (output) and ``results:failed:<name>`` (errors): ``download_file`` reads
 ``metadata.output`` (``inlinedResponses`` from the batch itself, or the ``responsesFile``
 from ``/download/v1beta/files/<id>:download?alt=media``) and writes the lines of that part in
@@ -487,6 +488,8 @@ def parse_operation(data: Mapping[str, Any]) -> RemoteBatch:
             completed=_int(stats.get("successfulRequestCount")),
             failed=_int(stats.get("failedRequestCount")),
         )
+        if not (counts.total or counts.completed or counts.failed):
+            counts = None  # a batch holds a request: none counted is counts unknown (trimmed)
     done = status in TERMINAL_STATUSES and status != "failed"
     output = _output(data)
     inlined = output.get("inlinedResponses")
