@@ -209,6 +209,29 @@ def test_max_tokens_defaults_when_absent() -> None:
             "neither content nor tool calls",
             id="empty-assistant",
         ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+                ]
+            ),
+            "answers tool call 'call_1', which no earlier assistant message made",
+            id="tool-result-without-its-call",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+                    },
+                ]
+            ),
+            "tool_calls[0].id is missing",
+            id="tool-call-without-id",
+        ),
         pytest.param(chat(tool_choice={"type": "function"}), "tool_choice", id="choice-no-name"),
         pytest.param(chat(tool_choice="sometimes"), "tool_choice", id="choice-word"),
         pytest.param(chat(tools=[{"type": "retrieval"}]), "only function tools", id="tool-type"),
