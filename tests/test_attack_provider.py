@@ -155,6 +155,37 @@ def test_an_output_file_served_empty_for_a_batch_counted_completed_is_not_taken_
     assert len(_answers(ws, "alpha")) == 3
 
 
+def _without_counts(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """A batch object (or listing) with its request counts left out, as Together's jobs are."""
+    body = json.loads(reply.body)
+    if body.get("object") == "list":
+        return Reply.of({**body, "data": [{**b, "request_counts": None} for b in body["data"]]})
+    return Reply.of({**body, "request_counts": None}) if body.get("object") == "batch" else reply
+
+
+def test_an_output_file_served_empty_for_a_completed_batch_without_counts_is_not_recorded(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alpha's batch ends ``completed`` with no request counts (Together's jobs carry none)
+    and no error file, and its output file is served with HTTP 200 and no body: a completed
+    batch answered each request in one of its files, so nothing is recorded and nothing sent
+    again (taken as three unanswered requests, they were sent again and paid for twice); the
+    next apply, once the file is served, collects it."""
+    ws = _workspace(tmp_path, hostile)
+    for route in ("POST /v1/batches", "GET /v1/batches/{id}", "GET /v1/batches"):
+        hostile.hooks[route] = _without_counts
+    hostile.hooks["GET /v1/files/{id}/content"] = lambda server, seen, reply: Reply(200, b"")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "served the output file of batch batch_1 empty" in out + err
+    assert hostile.creates() == 1
+    del hostile.hooks["GET /v1/files/{id}/content"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3
+
+
 def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
     """The listing, with alpha's row replaced by beta's batch (polls may read the list)."""
     page: dict[str, Any] = json.loads(reply.body)
