@@ -155,6 +155,37 @@ def test_an_output_file_served_empty_for_a_batch_counted_completed_is_not_taken_
     assert len(_answers(ws, "alpha")) == 3
 
 
+def _without_counts(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+    """A batch object (or listing) with its request counts left out, as Together's jobs are."""
+    body = json.loads(reply.body)
+    if body.get("object") == "list":
+        return Reply.of({**body, "data": [{**b, "request_counts": None} for b in body["data"]]})
+    return Reply.of({**body, "request_counts": None}) if body.get("object") == "batch" else reply
+
+
+def test_an_output_file_served_empty_for_a_completed_batch_without_counts_is_not_recorded(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alpha's batch ends ``completed`` with no request counts (Together's jobs carry none)
+    and no error file, and its output file is served with HTTP 200 and no body: a completed
+    batch answered each request in one of its files, so nothing is recorded and nothing sent
+    again (taken as three unanswered requests, they were sent again and paid for twice); the
+    next apply, once the file is served, collects it."""
+    ws = _workspace(tmp_path, hostile)
+    for route in ("POST /v1/batches", "GET /v1/batches/{id}", "GET /v1/batches"):
+        hostile.hooks[route] = _without_counts
+    hostile.hooks["GET /v1/files/{id}/content"] = lambda server, seen, reply: Reply(200, b"")
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "-s", "alpha"], capsys)
+    assert code == 1, out + err
+    assert "served the output file of batch batch_1 empty" in out + err
+    assert hostile.creates() == 1
+    del hostile.hooks["GET /v1/files/{id}/content"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "-s", "alpha"], capsys)
+    assert code == 0, out + err
+    assert hostile.creates() == 1
+    assert len(_answers(ws, "alpha")) == 3
+
+
 def _listing_with_beta_for_alpha(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
     """The listing, with alpha's row replaced by beta's batch (polls may read the list)."""
     page: dict[str, Any] = json.loads(reply.body)
@@ -216,6 +247,39 @@ def test_a_batch_ended_with_answers_but_no_output_file_is_polled_again_not_retri
     code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
     assert code == 0, out + err
     assert (out + err).count("names no output file") == 1, out + err
+    assert hostile.creates() == 2 and polls["alpha"] > 3
+    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
+
+
+def test_a_batch_completed_with_no_counts_and_no_file_is_polled_again_not_retried(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Polls answer alpha's batch ``completed`` with no ``request_counts`` and neither an
+    output nor an error file (Together's jobs carry no counts; a provider still writing its
+    files, or a gateway trimming them): a completed batch answered each request in one of
+    its files, so it is kept in flight, not collected with nothing (its three requests were
+    sent again and paid for twice); once whole, the same ``apply --wait`` collects it."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    hostile.finish_all()
+    polls = {"alpha": 0}
+    alpha_id = _batch_id(ws, "alpha")
+
+    def trimmed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        body = json.loads(reply.body)
+        if body["id"] != alpha_id:
+            return reply
+        polls["alpha"] += 1
+        bare = {**body, "output_file_id": None, "error_file_id": None, "request_counts": None}
+        return Reply.of(bare) if polls["alpha"] <= 3 else reply
+
+    hostile.hooks["GET /v1/batches/{id}"] = trimmed
+    hostile.hooks["GET /v1/batches"] = lambda server, seen, reply: Reply(500, b"{}")  # by id
+    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
+    assert code == 0, out + err
+    assert (out + err).count("names neither an output nor an error file") == 1, out + err
     assert hostile.creates() == 2 and polls["alpha"] > 3
     assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
 

@@ -125,6 +125,21 @@ def test_declared_providers_get_type_defaults(tmp_path: Path) -> None:
     assert (groq.api_key_env, groq.options) == ("GROQ_KEY", {"maxInFlightBatches": 2})
 
 
+@pytest.mark.parametrize(
+    "kind", ["openai", "azure", "groq", "together", "anthropic", "gemini", "mistral"]
+)
+def test_every_remote_provider_takes_create_confirm_seconds(tmp_path: Path, kind: str) -> None:
+    """`createConfirmSeconds`, which the reconciler's wait after a lost create names as the
+    window to set, is an option of every remote provider type (groq, together and gemini
+    refused it as an unknown key)."""
+    base = ", baseUrl: 'https://x.openai.azure.com/openai/v1/'" if kind == "azure" else ""
+    write(
+        tmp_path / "batchspec.yaml",
+        HEADER + f"providers:\n  p: {{type: {kind}{base}, options: {{createConfirmSeconds: 5}}}}\n",
+    )
+    assert load_project(tmp_path).providers["p"].options["createConfirmSeconds"] == 5
+
+
 def test_declaring_a_builtin_name_replaces_it(tmp_path: Path) -> None:
     """`openai:` in providers overrides the built-in openai provider."""
     write(

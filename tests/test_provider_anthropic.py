@@ -25,7 +25,7 @@ from batchspec.core.sharding import shard_limits
 from batchspec.engine import BuiltinUpstream
 from batchspec.engine.upstreams import UpstreamResponse
 from batchspec.errors import ProviderError
-from batchspec.providers.anthropic import AnthropicProvider, _maker
+from batchspec.providers.anthropic import AnthropicProvider, _maker, parse_message_batch
 from batchspec.providers.base import Provider, RemoteBatch, RemoteNotFound
 from batchspec.providers.journal import JournalEntry
 from batchspec.wire.anthropic_lines import (
@@ -210,6 +210,29 @@ def test_max_tokens_defaults_when_absent() -> None:
             chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant"}]),
             "neither content nor tool calls",
             id="empty-assistant",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+                ]
+            ),
+            "answers tool call 'call_1', which no earlier assistant message made",
+            id="tool-result-without-its-call",
+        ),
+        pytest.param(
+            chat(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+                    },
+                ]
+            ),
+            "tool_calls[0].id is missing",
+            id="tool-call-without-id",
         ),
         pytest.param(chat(tool_choice={"type": "function"}), "tool_choice", id="choice-no-name"),
         pytest.param(chat(tool_choice="sometimes"), "tool_choice", id="choice-word"),
@@ -436,6 +459,25 @@ def test_a_batchs_results_are_there_while_the_batch_is(
         assert provider.get_file(done.output_file_id).id == done.output_file_id
         with pytest.raises(RemoteNotFound):
             provider.get_file(done.output_file_id.replace(done.id, "msgbatch_unknown"))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [None, {}, {"succeeded": None, "errored": None}],
+    ids=["missing", "empty", "nulls"],
+)
+def test_an_ended_batch_whose_counts_cannot_be_read_offers_both_result_parts(
+    counts: Any,
+) -> None:
+    """An ended batch without readable ``request_counts`` (a gateway trimming the object)
+    offers its succeeded and its failed results both: offered neither, it was recorded
+    ended with nothing to collect, and every answered request was sent again and paid for
+    again."""
+    data = {"id": "msgbatch_1", "processing_status": "ended", "request_counts": counts}
+    batch = parse_message_batch(data, None)
+    assert batch.status == "completed"
+    assert batch.output_file_id == "results:succeeded:msgbatch_1"
+    assert batch.error_file_id == "results:failed:msgbatch_1"
 
 
 def test_errored_results_keep_their_status_and_are_split_from_successes(

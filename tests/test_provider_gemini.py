@@ -450,6 +450,40 @@ def test_results_become_lines_the_reconciler_classifies(
         assert response["body"] == record["response"]
 
 
+@pytest.mark.parametrize(
+    "stats", [None, {}, {"requestCount": None}], ids=["missing", "empty", "nulls"]
+)
+def test_a_done_batch_whose_stats_cannot_be_read_offers_both_result_parts(stats: Any) -> None:
+    """A SUCCEEDED batch without readable ``batchStats`` (a gateway trimming the object)
+    offers its succeeded and its failed results both and reports its counts unknown: with
+    counts of 0 it offered neither, was recorded ended with nothing to collect, and every
+    answered request was sent again and paid for again."""
+    meta: dict[str, Any] = {"state": "BATCH_STATE_SUCCEEDED"}
+    if stats is not None:
+        meta["batchStats"] = stats
+    batch = parse_operation({"name": "batches/b1", "metadata": meta, "done": True})
+    assert batch.request_counts is None
+    assert batch.output_file_id == "results:succeeded:batches/b1"
+    assert batch.error_file_id == "results:failed:batches/b1"
+
+
+def test_an_error_line_keeps_the_details_gemini_gave() -> None:
+    """A failed request's ``google.rpc.Status`` details (which field was wrong: Gemini's
+    error lines are undocumented, so kept whole) reach the errors file with its message,
+    not just the code and message."""
+    violations = {
+        "@type": "type.googleapis.com/google.rpc.BadRequest",
+        "fieldViolations": [{"field": "contents[0].parts", "description": "empty"}],
+    }
+    record = {"key": "r1", "error": {"code": 3, "message": "bad", "details": [violations]}}
+    error = result_line("batches/b1", record)["response"]["body"]["error"]
+    assert (error["message"], error["code"], error["details"]) == (
+        "bad",
+        "INVALID_ARGUMENT",
+        [violations],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The provider against our server
 
@@ -582,6 +616,41 @@ def test_large_batches_are_uploaded_then_created_from_the_file(
     assert srv.probe.counts[UPLOAD] >= 3  # start + two chunks or more
     [stored] = srv.engine.list_batches(None, 100)["data"]
     assert stored["metadata"]["gemini_source"] == "file"
+
+
+@pytest.mark.parametrize("answer", [[1, 2], "done"], ids=["array", "string"])
+def test_a_finished_upload_answered_with_no_json_object_is_a_provider_error(
+    server: Callable[..., ProbedServer], tmp_path: Path, answer: Any
+) -> None:
+    """The last chunk answered 200 with JSON that is not an object (a gateway's page): a
+    ProviderError naming the upload, no traceback, and no create sent."""
+    srv = server(api_key=SENTINEL_KEY)
+    srv.probe.refuse(r"^POST /upload/v1beta/files\?.*upload_id=", 200, answer, query=True)
+    with provider_for(srv, tmp_path / "p", inline_max_bytes=10, max_retries=0) as provider:
+        file_id = stage(provider, tmp_path, native_lines(2))
+        with pytest.raises(ProviderError, match="upload of the batch requests"):
+            create(provider, file_id)
+    assert srv.probe.counts[CREATE] == 0
+
+
+@pytest.mark.parametrize(
+    "page",
+    [{"message": "down for maintenance"}, {"operations": "none"}],
+    ids=["a-notice", "operations-not-a-list"],
+)
+def test_a_batch_list_answered_with_no_listing_is_a_provider_error(
+    server: Callable[..., ProbedServer], tmp_path: Path, page: dict[str, Any]
+) -> None:
+    """A 200 to a list that is no listing (a gateway's notice) is a ProviderError, not an
+    empty listing: read as one, a key lookup found no batch with the key and the reconciler
+    created it, and paid for it, again. An empty listing (``{}``: Google omits an empty
+    list) is still one."""
+    srv = server(api_key=SENTINEL_KEY)
+    with provider_for(srv, tmp_path / "p", max_retries=0) as provider:
+        assert list(provider.list_batches()) == []
+        srv.probe.refuse(r"^GET /v1beta/batches$", 200, page)
+        with pytest.raises(ProviderError, match="not a listing"):
+            list(provider.list_batches())
 
 
 def test_cancel_ends_the_batch_cancelled_and_unrun_requests_are_retryable(

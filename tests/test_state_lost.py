@@ -251,6 +251,29 @@ def test_mistral_and_gemini_batches_are_adopted_after_the_state_is_lost(
     assert ws.output_path("triage").read_bytes() == first
 
 
+def test_a_gemini_batch_older_than_the_manifests_window_but_within_geminis_is_adopted(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Gemini runs a batch up to 48 hours whatever completionWindow says (24h): its batches
+    made 30 hours ago are adopted after the state is lost, not skipped as older than the
+    manifest's window and created, and paid for, again."""
+    srv = server()
+    ws = typed_workspace(tmp_path / "ws", "gemini", srv.base_url)
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    with srv.engine.store.write() as db:
+        db.execute("UPDATE batches SET created_at = created_at - ?", (30 * 3600,))
+    lose_state(ws)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert srv.batch_count() == 2
+    assert len(events(ws, "adopt")) == 2 and not events(ws, "create")
+
+
 def test_anthropic_batches_are_not_recognised_after_the_state_is_lost(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

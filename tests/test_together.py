@@ -154,6 +154,45 @@ def test_a_create_begun_but_never_answered_is_adopted_on_the_next_call(
     assert [(b.id, b.metadata) for b in listed] == [(lost["id"], METADATA)]
 
 
+def test_a_batch_a_lost_create_made_is_listed_with_its_key(
+    served: EngineServer, tmp_path: Path
+) -> None:
+    """A create sent whose answer never came (the run was killed) made a batch: the listing
+    shows that batch with the journaled key at once (the only unclaimed batch of that input
+    file made since), so the next run's key lookup adopts it; it found nothing, and the run
+    waited out createConfirmSeconds (by default the timeout plus 60 s) before adopting it."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(request_lines(2)))
+    provider = provider_for(f"{served.base_url}{ROOT}", tmp_path / "journal")
+    try:
+        uploaded = provider.upload_file(path, filename="in.jsonl")
+        journal = Journal(tmp_path / "journal")
+        journal.begin(
+            JournalEntry(
+                key=metadata_key(METADATA),
+                metadata=METADATA,
+                endpoint="/v1/chat/completions",
+                file_id=uploaded.id,
+                requests=0,
+                ids_sha256="",
+                started_at=time.time(),
+            )
+        )
+        journal.close()
+        lost = httpx.post(
+            f"{served.base_url}{ROOT}/batches",
+            headers=auth(),
+            json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"},
+        ).json()["job"]
+
+        listed = [(b.id, b.metadata) for b in provider.list_batches()]
+        again = provider.get_batch(lost["id"]).metadata
+    finally:
+        provider.close()
+    assert listed == [(lost["id"], METADATA)]
+    assert again == METADATA
+
+
 def test_a_create_begun_whose_send_made_nothing_is_sent_once(
     served: EngineServer, tmp_path: Path
 ) -> None:

@@ -54,12 +54,16 @@ def ended_without_its_answers(remote: RemoteBatch) -> bool:
 
     A server whose ``completed`` counts every finished request, failed ones included (its
     counts add up past the total), answered ``completed - failed``: all of them failed, with
-    an error file only, is a batch that ended as it says."""
+    an error file only, is a batch that ended as it says.
+
+    Without counts (Together's jobs carry none; a gateway may trim them), a ``completed``
+    batch that names neither file is one whose files are still to come: each request of a
+    completed batch is answered in one of them."""
     counts = remote.request_counts
     if not remote.is_terminal or remote.status == "failed" or remote.output_file_id is not None:
         return False  # "failed": rejected whole, its requests fail and are never retried
     if counts is None:
-        return False
+        return remote.status == "completed" and remote.error_file_id is None
     answered = counts.completed
     if counts.total > 0 and counts.completed + counts.failed > counts.total:
         answered = counts.completed - counts.failed

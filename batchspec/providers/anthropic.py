@@ -16,7 +16,8 @@ in_progress, ``canceling`` -> cancelling, ``ended`` -> ``cancelled`` if a cancel
 initiated, else ``expired`` if any request expired, else ``completed`` (with every request
 errored it is still ``completed``: the reconciler then finds no success and reports the
 resource Degraded). ``request_counts``: total = all five counts, completed = succeeded,
-failed = errored + canceled + expired. An ended batch has two pseudo files,
+failed = errored + canceled + expired (counts missing or all unreadable: unknown, and an
+ended batch then offers both parts). An ended batch has two pseudo files,
 ``results:succeeded:<id>`` (output) and ``results:failed:<id>`` (errors); ``download_file``
 fetches the JSONL at ``/v1/messages/batches/<id>/results`` and writes the lines of that part
 in our output/error line format (``anthropic_lines.result_line``).
@@ -498,6 +499,9 @@ def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> 
         for kind in ("processing", "succeeded", "errored", "canceled", "expired")
     }
     unsuccessful = counts["errored"] + counts["canceled"] + counts["expired"]
+    # a batch holds at least one request: no count read means the counts are unknown (a
+    # gateway trimmed them), and then an ended batch offers both parts of its results
+    known = isinstance(raw, Mapping) and sum(counts.values()) > 0
     processing = str(data.get("processing_status") or "unknown").lower()
     ended = processing == "ended"
     if processing == "canceling":
@@ -514,14 +518,16 @@ def parse_message_batch(data: Mapping[str, Any], entry: JournalEntry | None) -> 
         endpoint=entry.endpoint if entry else None,
         input_file_id=entry.file_id if entry else None,
         output_file_id=results_file_id("succeeded", batch_id)
-        if ended and counts["succeeded"]
+        if ended and (counts["succeeded"] or not known)
         else None,
-        error_file_id=results_file_id("failed", batch_id) if ended and unsuccessful else None,
+        error_file_id=results_file_id("failed", batch_id)
+        if ended and (unsuccessful or not known)
+        else None,
         completion_window="24h",
         request_counts=RequestCounts(
             total=sum(counts.values()), completed=counts["succeeded"], failed=unsuccessful
         )
-        if isinstance(raw, Mapping)
+        if known
         else None,
         usage=None,  # Message Batches report no usage; the results carry it per message
         metadata=dict(entry.metadata) if entry else {},

@@ -22,7 +22,8 @@ failed, CANCELLED -> cancelled, EXPIRED -> expired, CANCELLING (the SDK's
 cancel was accepted for is ``cancelling`` until it ends (Gemini keeps it RUNNING meanwhile);
 a cancel that finds it ended returns it as it ended.
 ``batchStats`` (int64 strings): total = requestCount, completed = successfulRequestCount,
-failed = failedRequestCount. A done batch has two pseudo files, ``results:succeeded:<name>``
+failed = failedRequestCount (none of them read: unknown, and a done batch then offers both
+parts). A done batch has two pseudo files, ``results:succeeded:<name>``
 (output) and ``results:failed:<name>`` (errors): ``download_file`` reads
 ``metadata.output`` (``inlinedResponses`` from the batch itself, or the ``responsesFile``
 from ``/download/v1beta/files/<id>:download?alt=media``) and writes the lines of that part in
@@ -247,7 +248,7 @@ class GeminiProvider(StagedInputs):
                 "GET", f"{self._api}/batches", operation="list batches", params=params
             )
             page = _json(response, "list batches", self.name)
-            for row in page.get("operations") or []:
+            for row in _listed_operations(page, self.name):
                 if isinstance(row, Mapping) and row.get("name"):
                     yield redact_batch(parse_operation(row), self._http.context)
             next_token = page.get("nextPageToken")
@@ -346,7 +347,8 @@ class GeminiProvider(StagedInputs):
                 offset += len(chunk)
                 if last:
                     break
-        file = answer.json().get("file") if answer is not None else None
+        body = _json(answer, "upload of the batch requests", self.name, required=None)
+        file = body.get("file")
         if not isinstance(file, Mapping) or not file.get("name"):
             raise ProviderError(f"{self.name}: the finished upload did not name its file.")
         return str(file["name"])
@@ -486,6 +488,8 @@ def parse_operation(data: Mapping[str, Any]) -> RemoteBatch:
             completed=_int(stats.get("successfulRequestCount")),
             failed=_int(stats.get("failedRequestCount")),
         )
+        if not (counts.total or counts.completed or counts.failed):
+            counts = None  # a batch holds a request: none counted is counts unknown (trimmed)
     done = status in TERMINAL_STATUSES and status != "failed"
     output = _output(data)
     inlined = output.get("inlinedResponses")
@@ -552,14 +556,35 @@ def _inline(lines: Path) -> Iterator[dict[str, Any]]:
         yield {"request": record["request"], "metadata": {"key": record["key"]}}
 
 
-def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:
+def _json(
+    response: httpx.Response, operation: str, provider: str, *, required: str | None = "name"
+) -> Mapping[str, Any]:
     return json_object(
         response,
         operation,
         provider,
         api_root=f"Gemini's API root ({DEFAULT_BASE_URL})",
-        required="name",
+        required=required,
     )
+
+
+#: the fields of a ListOperationsResponse; Google omits an empty list, so ``{}`` is a listing
+_LISTING_KEYS = frozenset({"operations", "nextPageToken", "unreachable"})
+
+
+def _listed_operations(page: Mapping[str, Any], provider: str) -> list[Any]:
+    """The operations of one page of a listing, or a ``ProviderError`` when the page is none:
+    a 200 holding some other JSON object (a gateway's notice) read as an empty page would
+    have a key lookup take the key as absent and create (and pay for) its batch again."""
+    rows = page.get("operations", [])
+    if not isinstance(rows, list) or (page and not _LISTING_KEYS.intersection(page)):
+        keys = ", ".join(sorted(map(str, page))[:5])
+        raise ProviderError(
+            f"{provider}: list batches answered HTTP 200 with a JSON object that is not a "
+            f"listing (no operations list; keys: {keys}); is the base URL Gemini's API root "
+            f"({DEFAULT_BASE_URL})?"
+        )
+    return rows
 
 
 def _epoch(value: Any) -> int | None:

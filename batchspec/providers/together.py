@@ -17,7 +17,10 @@ It is ``OpenAIProvider`` (same retries, error messages, downloads, ``get_file``)
 - **No metadata.** Together's batches carry none, so the provider journals its creates in
   ``<dataDir>/journal.db`` (the journal the ``anthropic`` provider keeps, keyed by batchspec's
   metadata): the row is written *before* the create is sent and confirmed with the batch id.
-  Batches are listed with their journaled metadata, so a re-run adopts them. A create whose
+  Batches are listed with their journaled metadata, so a re-run adopts them; a listing also
+  confirms a lost create's row with the one unclaimed batch of its input file made since it
+  was sent, when no other lost create could have made that batch, so a run killed mid-create
+  is adopted by the next run's key lookup at once. A create whose
   answer was lost leaves its row unconfirmed and is not re-sent (it may still be in transit;
   the reconciler waits its confirm window); the next create for the same key first looks for
   a batch made from the same input file since then and not claimed by another row, and adopts
@@ -266,8 +269,10 @@ class TogetherProvider(OpenAIProvider):
     ) -> Iterator[RemoteBatch]:
         """Every batch Together lists (one page: it does not page), in its order; ``after``:
         those listed after that batch."""
+        listed = self._listed()
+        self._claim_lost_creates(listed)
         known = self._journal.by_remote_id()
-        for batch in listed_after(self._listed(), after):
+        for batch in listed_after(listed, after):
             entry = known.get(batch.id)
             yield dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
 
@@ -317,19 +322,44 @@ class TogetherProvider(OpenAIProvider):
         """The newest listed batch a lost create of ``entry`` made, confirmed as its own."""
         claimed = self._journal.by_remote_id()
         for batch in self._listed():
-            if (
-                batch.id not in claimed
-                and batch.input_file_id == entry.file_id
-                and batch.endpoint in (None, entry.endpoint)
-                and (batch.created_at is None or batch.created_at >= entry.started_at - _CLOCK_SKEW)
-            ):
+            if batch.id not in claimed and _could_have_made(entry, batch):
                 self._journal.confirm(entry.key, batch.id)
                 return dataclasses.replace(batch, metadata=entry.metadata)
         return None
 
+    def _claim_lost_creates(self, listed: list[RemoteBatch]) -> None:
+        """Confirm each lost create (journaled, never answered) that made exactly one of the
+        listed unclaimed batches and is the only lost create that batch could be (same input
+        file and endpoint, made since it was sent), so a key lookup finds it at once: the
+        create would adopt it anyway once the reconciler's window passed
+        (``_unclaimed_batch_of``). Two lost creates of one input file (Together keeps one
+        file per content) are left to that."""
+        lost = self._journal.unconfirmed()
+        if not lost:
+            return
+        claimed = self._journal.by_remote_id()
+        unclaimed = [batch for batch in listed if batch.id not in claimed]
+        made = {e.key: [b for b in unclaimed if _could_have_made(e, b)] for e in lost}
+        for entry in lost:
+            if len(made[entry.key]) != 1:
+                continue
+            [batch] = made[entry.key]
+            if sum(batch in made[other.key] for other in lost) == 1:
+                self._journal.confirm(entry.key, batch.id)
+
     def _with_journal(self, batch: RemoteBatch) -> RemoteBatch:
         entry = self._journal.by_remote_id().get(batch.id)
         return dataclasses.replace(batch, metadata=entry.metadata) if entry else batch
+
+
+def _could_have_made(entry: JournalEntry, batch: RemoteBatch) -> bool:
+    """Whether the lost create ``entry`` could have made ``batch``: same input file and
+    endpoint, made since the create was sent."""
+    return (
+        batch.input_file_id == entry.file_id
+        and batch.endpoint in (None, entry.endpoint)
+        and (batch.created_at is None or batch.created_at >= entry.started_at - _CLOCK_SKEW)
+    )
 
 
 def _json(response: httpx.Response, operation: str, provider: str) -> Mapping[str, Any]:

@@ -20,7 +20,8 @@ Pure functions, standard library only (``batchspec.wire.inputs`` calls them whil
                                 ``image_url`` parts become ``image`` blocks (data URLs as
                                 base64, http(s) URLs as ``url`` sources)
   assistant ``tool_calls``      ``tool_use`` blocks (``arguments`` parsed as JSON)
-  ``tool`` messages             user messages holding a ``tool_result`` block
+  ``tool`` messages             user messages holding a ``tool_result`` block (its
+                                ``tool_call_id`` must be an earlier tool call's ``id``)
   ``max_completion_tokens`` /   ``max_tokens``; when both are absent, ``defaultMaxTokens`` of the
   ``max_tokens``                provider (4096 unless set), since Anthropic requires it
   ``temperature``               ``temperature`` (Anthropic's range is 0-1: above 1 cannot map)
@@ -260,6 +261,7 @@ def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
         raise Unmappable(found[1], code=found[0])
     system: list[str] = []
     messages: list[dict[str, Any]] = []
+    call_ids: set[str] = set()  # the tool_use ids the assistant messages made so far
     for index, message in enumerate(raw):
         where = f"body.messages[{index}]"
         role = message.get("role")
@@ -273,8 +275,17 @@ def _messages(raw: Any) -> tuple[str, list[dict[str, Any]]]:
         elif role == "user":
             messages.append({"role": "user", "content": _user_content(message, where)})
         elif role == "assistant":
-            messages.append({"role": "assistant", "content": _assistant_content(message, where)})
+            content = _assistant_content(message, where)
+            call_ids.update(b["id"] for b in content if b["type"] == "tool_use")
+            messages.append({"role": "assistant", "content": content})
         elif role == "tool":
+            if message.get("tool_call_id") not in call_ids:
+                # Anthropic refuses a tool_result whose tool_use_id no tool_use block made
+                raise Unmappable(
+                    f"{where} answers tool call {message.get('tool_call_id')!r}, which no "
+                    "earlier assistant message made: Anthropic matches each tool result to "
+                    "its tool_use block by that id"
+                )
             result = {
                 "type": "tool_result",
                 "tool_use_id": message.get("tool_call_id"),
@@ -336,8 +347,14 @@ def _assistant_content(message: Mapping[str, Any], where: str) -> list[dict[str,
             raise Unmappable(
                 f"{where}.tool_calls[{index}].function.arguments is not JSON"
             ) from None
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise Unmappable(
+                f"{where}.tool_calls[{index}].id is missing: Anthropic's tool_use blocks need "
+                "the id their tool results answer"
+            )
         name = function.get("name")
-        blocks.append({"type": "tool_use", "id": call.get("id"), "name": name, "input": arguments})
+        blocks.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
     if not blocks:
         raise Unmappable(f"{where} has neither content nor tool calls", code="invalid_message")
     return blocks

@@ -58,8 +58,9 @@ the ``gemini`` provider and the Gemini dialect of ``batchspec serve`` share them
 (``batchspec.wire.outcomes``): a response -> ``status_code`` 200 with the Gemini
 *GenerateContentResponse* as ``body`` (not converted to a chat completion; its
 ``usageMetadata`` stays in it); an error (a ``google.rpc.Status``) -> the HTTP status of its
-gRPC code (``INVALID_ARGUMENT`` 400 is final, ``RESOURCE_EXHAUSTED`` 429, ``INTERNAL`` 500,
-``UNAVAILABLE`` 503 and ``DEADLINE_EXCEEDED`` 504 are retried), ``CANCELLED`` ->
+gRPC code, its ``details`` kept in the body's ``error`` (``INVALID_ARGUMENT`` 400 is final,
+``RESOURCE_EXHAUSTED`` 429, ``INTERNAL`` 500, ``UNAVAILABLE`` 503 and ``DEADLINE_EXCEEDED``
+504 are retried), ``CANCELLED`` ->
 ``batch_cancelled``, a status whose ``details`` say ``BATCH_EXPIRED`` (a string, or an
 ``ErrorInfo`` with that reason) -> ``batch_expired``. An
 unknown code counts as final (400): retrying what we cannot read could pay twice for nothing.
@@ -592,11 +593,10 @@ def result_line(batch_name: str, record: Mapping[str, Any]) -> dict[str, Any]:
     http, name = GRPC_CODES.get(code, unknown) if code is not None else unknown
     if code is not None and code >= 100:  # an HTTP status already
         http, name = code, str(status.get("status") or f"HTTP_{code}")
-    line["response"] = {
-        "status_code": http,
-        "request_id": None,
-        "body": {"error": {"message": message or name, "type": name, "param": None, "code": name}},
-    }
+    error: dict[str, Any] = {"message": message or name, "type": name, "param": None, "code": name}
+    if status.get("details"):
+        error["details"] = status["details"]  # which field was wrong: kept as Gemini gave it
+    line["response"] = {"status_code": http, "request_id": None, "body": {"error": error}}
     line["error"] = None
     return line
 

@@ -88,7 +88,8 @@ def look_up_before_create(
 ) -> RemoteBatch | None:
     """The batch an earlier run (whose state is lost) made for this intent's key, if any.
 
-    Looks back over the completion window plus ``ADOPTION_CLOCK_SLACK``: a batch of this key
+    Looks back over the completion window (the provider's own where it is longer:
+    ``OWN_WINDOWS``) plus ``ADOPTION_CLOCK_SLACK``: a batch of this key
     created earlier has expired by now (it is not adopted; the intent is sent anew). Records
     the lookup, and what it cost, as a ``lookup`` event.
     """
@@ -140,9 +141,19 @@ _WHY_A_CREATE_LISTS = (
 )
 
 
+#: provider types that run a batch for a window of their own whatever ``completionWindow``
+#: says (Gemini up to 48 h, then EXPIRED; Anthropic 24 h): a key lookup looks back over the
+#: longer of the two, or a batch still running past the manifest's window was skipped as
+#: too old, and created, and paid for, again
+OWN_WINDOWS = {"gemini": "48h", "anthropic": "24h"}
+
+
 def lookup_since(ctx: RunContext, res: Resource) -> float:
     """How far back (epoch seconds) ``look_up_before_create`` looks for ``res``'s keys."""
-    return ctx.clock() - window_seconds(res.completion_window) - ADOPTION_CLOCK_SLACK
+    config = ctx.project.providers.get(res.provider)
+    own = OWN_WINDOWS.get(config.type) if config is not None else None
+    window = max(window_seconds(res.completion_window), window_seconds(own) if own else 0)
+    return ctx.clock() - window - ADOPTION_CLOCK_SLACK
 
 
 def _listing(ctx: RunContext, provider: Provider) -> BatchListing:

@@ -434,7 +434,7 @@ def collect_batch(
                     raise DownloadFailed(kind, file_id or "", refusal) from err
                 if not any(read.values()) and not is_blank(path):
                     raise DownloadFailed(kind, file_id or "", _not_results(name, batch, path))
-                if not any(read.values()) and kind == "output" and (batch.completed or 0) > 0:
+                if not any(read.values()) and kind == "output" and _answered_somewhere(batch):
                     raise DownloadFailed(kind, file_id or "", _served_empty(name, batch))
                 for answered, count in read.items():
                     tally[answered] += count
@@ -502,15 +502,29 @@ def _not_results(name: str, batch: BatchRow, path: Path) -> ProviderError:
     )
 
 
+def _answered_somewhere(batch: BatchRow) -> bool:
+    """Whether ``batch``'s output file cannot be empty: its counts say requests completed,
+    or it has no counts (Together's jobs carry none), ended ``completed`` and names no error
+    file, so each of its requests was answered in the output file."""
+    if batch.completed is None:
+        return batch.status == "completed" and not batch.error_file_id
+    return batch.completed > 0
+
+
 def _served_empty(name: str, batch: BatchRow) -> ProviderError:
-    """Why an output file served empty is not recorded while the batch's own counts say
-    requests completed: taken as its batch's, every request of it was unanswered, and sent
-    again and paid for again by the retries, though the provider had done them (a gateway
-    answering 200 with no body, a content route failing quietly)."""
+    """Why an output file served empty is not recorded while the batch says requests were
+    answered there (``_answered_somewhere``): taken as its batch's, every request of it was
+    unanswered, and sent again and paid for again by the retries, though the provider had
+    done them (a gateway answering 200 with no body, a content route failing quietly)."""
+    said = (
+        f"counted {batch.completed:,} request(s) of it completed"
+        if batch.completed is not None
+        else "ended it completed with no counts and no error file"
+    )
     return ProviderError(
         f"{batch.provider} served the output file of batch {batch.remote_id} empty, though it "
-        f"counted {batch.completed:,} request(s) of it completed. Nothing of it was recorded, "
-        f"so no request of the batch is taken as unanswered and paid for again. {_way_out(name)}"
+        f"{said}. Nothing of it was recorded, so no request of the batch is taken as "
+        f"unanswered and paid for again. {_way_out(name)}"
     )
 
 

@@ -110,10 +110,14 @@ def poll_batch(
 
 def _no_output_text(provider: str, remote: RemoteBatch, name: str) -> str:
     counts = remote.request_counts
-    done = counts.completed if counts is not None else 0
+    done = (
+        f"{counts.completed:,} request(s) completed, but names no output file"
+        if counts is not None
+        else "no request counts, but names neither an output nor an error file"
+    )
     return (
-        f"{provider} says batch {remote.id} ({name}) is {remote.status} with {done:,} "
-        "request(s) completed, but names no output file: taken as still writing it (kept "
+        f"{provider} says batch {remote.id} ({name}) is {remote.status} with {done}: "
+        "taken as still writing it (kept "
         "finalizing and polled again), so none of its answers is taken as missing and paid "
         f"for again (if the provider keeps answering so, `batchspec apply --replace {name}` "
         "sends the requests again, paying for them again)"
