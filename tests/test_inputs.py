@@ -1075,3 +1075,20 @@ def test_the_standard_library_parser_is_as_strict_as_orjson(line: bytes, code: s
     assert fallback[0] == code
     if inputs.orjson is not None:
         assert fallback == verdict(inputs._parse_orjson)
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "gemini", "mistral"])
+def test_a_request_line_problem_names_its_custom_id_in_every_dialect(
+    tmp_path: Path, dialect: str
+) -> None:
+    """A line without a model, and a chat line whose messages are not a list, say which
+    request they are (its custom_id), whatever provider the input is for: a line number
+    alone is hard to find again in a generated file."""
+    data = jsonl(
+        req("needs-a-model", body=no_model_body()),
+        req("bare-text", body=body(messages="hi")),
+    )
+    report = scan_batch_input(write(tmp_path, data), dialect=dialect)
+    messages = {p.line: p.message for p in report.problems}
+    assert "custom_id 'needs-a-model'" in messages[1]
+    assert "custom_id 'bare-text'" in messages[2]

@@ -135,7 +135,6 @@ from typing import IO, Any
 from batchspec.errors import InputError
 from batchspec.wire import anthropic_lines, gemini_lines, mistral_lines
 from batchspec.wire.request_checks import (
-    REQUEST_CHECK_CODES,
     first_message_problem,
     json_type,
     output_limit_problem,
@@ -414,7 +413,7 @@ class _Checker:
         url = self.check_url(line, obj.get("url"))
         body = obj.get("body")
         if type(body) is dict:
-            self.check_model(line, body.get("model"), url)
+            self.check_model(line, body.get("model"), url, obj.get("custom_id"))
             if self.requests and not (self.anthropic or self.gemini):
                 # Anthropic's and Gemini's own rules check these (below), with the same helpers
                 custom_id = obj.get("custom_id")
@@ -450,20 +449,18 @@ class _Checker:
             )
         params = obj.get("params")
         if type(params) is dict:
-            self.check_model(line, params.get("model"), messages)
+            self.check_model(line, params.get("model"), messages, obj.get("custom_id"))
             self.max_output_tokens += max_output_of_request(messages, params)
         self.dialect_problems(line, obj, anthropic_lines.line_problems(obj))
 
     def dialect_problems(
         self, line: int, obj: dict[str, Any], found: Iterable[tuple[str, str]]
     ) -> None:
-        """A dialect's problems of a line; those of ``request_checks`` name its custom_id,
-        as the OpenAI dialect's do."""
+        """A dialect's problems of a line, each naming its custom_id, as the OpenAI
+        dialect's do."""
+        custom_id = _of_custom_id(obj.get("custom_id"))
         for code, message in found:
-            named = code in REQUEST_CHECK_CODES
-            self.problem(
-                line, code, message + (_of_custom_id(obj.get("custom_id")) if named else "")
-            )
+            self.problem(line, code, message + custom_id)
 
     def check_custom_id(self, line: int, custom_id: Any) -> None:
         if type(custom_id) is not str:
@@ -563,17 +560,21 @@ class _Checker:
         if found is not None:
             self.problem(line, found[0], found[1] + _of_custom_id(custom_id))
 
-    def check_model(self, line: int, model: Any, url: str | None) -> None:
+    def check_model(self, line: int, model: Any, url: str | None, custom_id: Any = None) -> None:
         if type(model) is not str or not model:
             if model is None:
                 if self.model is None and not self.mistral and _moderation(url or self.endpoint):
                     return
                 why = "; a Mistral batch job takes its model from the lines" if self.mistral else ""
-                self.problem(line, "missing_model", "body.model is missing" + why)
+                self.problem(
+                    line, "missing_model", "body.model is missing" + why + _of_custom_id(custom_id)
+                )
             else:
                 kind = "empty" if model == "" else f"a {json_type(model)}"
                 self.problem(
-                    line, "invalid_model", f"body.model must be a non-empty string, not {kind}"
+                    line,
+                    "invalid_model",
+                    f"body.model must be a non-empty string, not {kind}{_of_custom_id(custom_id)}",
                 )
             return
         self.models.setdefault(model, line)
