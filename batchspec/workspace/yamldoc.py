@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from batchspec.errors import ManifestError
+from batchspec.wire.upstream_place import misspells_builtin
 from batchspec.workspace.schemafit import schema_accepts
 
 if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it is slow to load)
@@ -828,6 +829,8 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         )
     if kind == "pattern" and "/upstream" in pointer and isinstance(value, str):
         host = value.rpartition("@")[2]  # `user:password@host` is never echoed
+        if misspells_builtin(value):  # the same advice as `batchspec serve --upstream bultin`
+            return f"{quote(value)}: did you mean 'builtin' (the offline stand-in)?"
         if "://" not in value and host and not any(c.isspace() for c in host):
             # the same advice as `batchspec serve --upstream gpu1:8000/v1`
             return (
