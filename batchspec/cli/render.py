@@ -283,6 +283,15 @@ def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> 
             "(`plan --verbose` lists every one)"
         )
     lines.append(f"  total: {_upper(_total_cost(estimates))}")
+    unpriced = sorted(
+        {e.model or "several models" for e in estimates.values() if e.cost_usd is None}
+    )
+    if unpriced:  # say where a price goes: "unknown price" alone left a new user guessing
+        lines.append(
+            f"  unknown price: no price is known for {', '.join(unpriced)}; give it under the "
+            "provider's `pricing` in batchspec.yaml (USD per million input and output tokens, "
+            "per model or '*')"
+        )
     return lines
 
 
