@@ -127,7 +127,7 @@ class Problem:
 
 
 #: problems of a PATH argument itself (it does not exist, or is in another workspace)
-_PATH_CODES = frozenset({"not-found", "other-workspace"})
+_PATH_CODES = frozenset({"not-found", "other-workspace", "data-file"})
 
 
 class InvalidManifestError(ManifestError):
