@@ -195,7 +195,7 @@ def _status_of(store: StateStore | None, res: Resource | None, name: str) -> Res
             None, None, 0, 0, 0, None, None,
         )  # fmt: skip
     return ResourceStatus(
-        name, "OutOfSync", "Missing", "create", "nothing recorded yet", res.provider,
+        name, "OutOfSync", "Missing", "create", "new resource", res.provider,
         res.spec_hash, None, 0, 0, 0, str(res.output_path), str(res.errors_path),
     )  # fmt: skip
 
