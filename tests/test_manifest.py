@@ -332,6 +332,13 @@ CASES = [
         "expected string, got integer 7 (quote it to make it a string)",
         id="metadata-value-not-string",
     ),
+    pytest.param(  # quoting it would only trade this for "'24' does not match ^[0-9]+[hd]$"
+        _with(append="  completionWindow: 24\n"),
+        (9, 21, "/spec/completionWindow", "wrong-type"),
+        "expected string, got integer 24 (How long the provider may take, as hours or days "
+        "(`24h`, `7d`))",
+        id="number-for-a-patterned-string",
+    ),
     pytest.param(
         _with(append="  suspend: 'yes'\n"),
         (9, 12, "/spec/suspend", "wrong-type"),

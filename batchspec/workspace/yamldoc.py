@@ -793,7 +793,16 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         message = f"expected {wanted}, got {json_type(value)}"
         if not isinstance(value, (Mapping, list)):
             message += f" {quote(value)}"
-        if wanted == "string" and not isinstance(value, (Mapping, list)):
+        pattern = error.schema.get("pattern") if isinstance(error.schema, Mapping) else None
+        if (
+            wanted == "string"
+            and not isinstance(value, (Mapping, list))
+            and isinstance(pattern, str)
+            and not re.search(pattern, str(value))
+        ):
+            # `completionWindow: 24`: quoting it only trades this for "does not match"
+            message += _why(cast("Mapping[str, Any]", error.schema))
+        elif wanted == "string" and not isinstance(value, (Mapping, list)):
             message += " (quote it to make it a string)"
         elif (
             wanted in ("integer", "number")
