@@ -465,6 +465,19 @@ CASES = [
         "output file is the input file",
         id="output-overwrites-input",
     ),
+    pytest.param(  # no shell reads a manifest: it was manifests/~/... (not found)
+        _with(("input: data.jsonl", "input: ~/data.jsonl")),
+        (8, 10, "/spec/input", "missing-input"),
+        "('~' is not expanded in a manifest (no shell reads it): give the path relative to",
+        id="input-from-home",
+    ),
+    pytest.param(  # ... or, for a result, silently a folder named '~' beside the manifest
+        _with(append="  output: ~/out.jsonl\n"),
+        (9, 11, "/spec/output", "path-conflict"),
+        "output path '~/out.jsonl' would be written under a folder named '~' beside the "
+        "manifest: '~' is not expanded in a manifest",
+        id="output-from-home",
+    ),
 ]
 
 
