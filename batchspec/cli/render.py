@@ -521,7 +521,8 @@ def apply_text(
     lines += totals_lines(result.statuses)
     if result.local_in_flight:
         lines.append(
-            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
+            f"Note: {name_listing(result.local_in_flight)} "
+            f"{'runs' if len(result.local_in_flight) == 1 else 'run'} on the local provider, whose "
             "batches advance only while a batchspec command runs: nothing happens until "
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )
