@@ -368,6 +368,7 @@ def test_an_input_file_given_as_a_path_is_told_to_give_its_manifest(
     assert code == 1
     assert err.startswith("Error: a PATH given cannot be used (PATHS are manifest files, ")
     assert "hello.jsonl: a data file (a batch input or rows), not a manifest; give the " in err
+    assert "(`batchspec validate FILE.jsonl` checks a batch input alone)" in err
     assert "YAML" not in err and "narrow `manifests:`" not in err
 
 

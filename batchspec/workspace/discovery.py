@@ -60,6 +60,11 @@ def find_manifest_files(
             message = (
                 f"{target}: a data file (a batch input or rows), not a manifest; give the "
                 "manifest whose `input` names it, or its folder"
+                + (  # `validate FILE.jsonl` scans a batch input on its own (core.validate)
+                    " (`batchspec validate FILE.jsonl` checks a batch input alone)"
+                    if path.suffix.lower() == ".jsonl"
+                    else ""
+                )
             )
             problems.append(Problem(None, None, None, "", "data-file", message))
         elif path.is_file() or (path.exists() and not is_glob(target)):
