@@ -1343,6 +1343,7 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert "local provider" in last and "only while a batchspec command runs" in last
+    assert last.startswith("Note: triage runs on the local provider"), last  # not "run(s)"
 
 
 def test_the_local_provider_note_of_a_large_workspace_names_a_few_and_counts(
@@ -1359,7 +1360,7 @@ def test_the_local_provider_note_of_a_large_workspace_names_a_few_and_counts(
     code, out, err = run_cli(["apply", str(ws.root)], capsys)
     assert code == 0, err
     last = out.strip().splitlines()[-1]
-    assert last.startswith("Note: job-00, job-01, ") and "job-09, … (12 in all) run(s)" in last
+    assert last.startswith("Note: job-00, job-01, ") and "job-09, … (12 in all) run on" in last
     assert "job-11" not in last
 
 

@@ -64,6 +64,19 @@ def test_results_of_an_older_spec_are_refused_not_shown_as_current(
     assert code == 1 and json.loads(out)["resource"] == "triage"
 
 
+def test_results_of_a_changed_input_not_applied_yet_say_to_apply(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An input edited after its results came in: `results NAME` is refused as stale and
+    says `batchspec apply` runs the new spec (it named only `status` and --allow-stale)."""
+    ws = served(tmp_path / "ws", server(), ResourceSpec("triage", count=2))
+    assert run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)[0] == 0
+    ws.write_input("triage", request_lines(3))
+    code, out, err = run_cli(["results", "triage", str(ws.root)], capsys)
+    assert code == 1 and out == ""
+    assert "has no generation yet (`batchspec apply` runs it); nothing was printed" in err
+
+
 def test_allow_stale_prints_them_flagged_and_json_says_whose_they_are(
     changed_and_cancelled: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -130,6 +130,34 @@ def test_show_json_and_yaml_are_one_documented_document(
     assert yaml.safe_load(out_yaml) == doc
 
 
+def test_show_before_any_apply_says_what_status_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before any apply (no state yet) show's `sync`, `health`, `action` and `reason` are
+    status's, as docs/output.md says: show's reason was "nothing recorded yet" where status
+    (and plan) say "new resource"."""
+    ws = make_workspace(
+        tmp_path / "ws", providers={"srv": local_provider()}, resources=[ResourceSpec("t")]
+    )
+    _, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    [status] = json.loads(out)["resources"]
+    _, out, _ = run_cli(["show", "t", str(ws.root), "--json"], capsys)
+    shown = json.loads(out)
+    keys = ("sync", "health", "action", "reason")
+    assert {k: shown[k] for k in keys} == {k: status[k] for k in keys}
+
+
+def test_show_from_a_folder_without_the_manifest_says_where_it_is(
+    applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`show triage` run from data/ (a PATH holding no manifest) fails saying the resource is
+    declared elsewhere in the workspace, as `results` and `--select` do; it said "triage:
+    Orphaned, Unknown", which its manifest is not."""
+    code, out, err = run_cli(["show", "triage", str(applied.root / "data")], capsys)
+    assert code == 1 and "Orphaned" not in out
+    assert "'triage' is declared in the workspace" in err and "run from the workspace's" in err
+
+
 def test_status_and_show_say_which_generations_their_usage_sums(
     applied: Workspace, capsys: pytest.CaptureFixture[str]
 ) -> None:

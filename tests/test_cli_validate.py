@@ -357,6 +357,21 @@ def test_a_mistyped_path_is_not_called_a_problem_of_the_workspace(
     assert "nope: no such file or folder" in err and "batchspec validate" not in err
 
 
+def test_an_input_file_given_as_a_path_is_told_to_give_its_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan ws/data/hello.jsonl`: the batch input given where a manifest goes is named a data
+    file, and the user told to give its manifest; read as YAML it was "not a batchspec
+    manifest ... narrow `manifests:` in batchspec.yaml" and a YAML syntax error."""
+    assert run_main(["init", str(tmp_path / "ws")], capsys)[0] == 0
+    code, _, err = run_main(["plan", str(tmp_path / "ws" / "data" / "hello.jsonl")], capsys)
+    assert code == 1
+    assert err.startswith("Error: a PATH given cannot be used (PATHS are manifest files, ")
+    assert "hello.jsonl: a data file (a batch input or rows), not a manifest; give the " in err
+    assert "(`batchspec validate FILE.jsonl` checks a batch input alone)" in err
+    assert "YAML" not in err and "narrow `manifests:`" not in err
+
+
 def test_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
     """A bad flag is a usage error: exit 64 (not click's 2), a hint, no traceback."""
     code, out, err = run_main(["validate", "--no-such-flag"], capsys)

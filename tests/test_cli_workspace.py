@@ -157,9 +157,14 @@ def test_read_commands_work_past_an_unrelated_broken_manifest(
     if argv == ["results", "a"]:
         assert len(out.splitlines()) == 3  # a's three answers
     elif "--json" in argv:
-        [a, b] = json.loads(out)["resources"]
+        doc = json.loads(out)
+        [a, b] = doc["resources"]
         assert (a["name"], a["sync"], a["health"]) == ("a", "Synced", "Healthy")
         assert (b["name"], b["sync"]) == ("b", "Unknown")  # not Orphaned: it may be b.yaml
+        # the warning's problems are in the document too (stderr alone left a program blind)
+        [problem] = doc["problems"]
+        assert problem["file"] == "manifests/b.yaml" and problem["line"] and problem["message"]
+        assert doc["declared_elsewhere"] == 0
     else:
         assert "a: Synced, Healthy" in out
 
@@ -259,6 +264,11 @@ def test_status_from_a_folder_without_manifests_says_where_they_are(
     assert code == 0, err
     assert "the workspace declares 1 in manifests outside the paths read" in out, out
     assert "run from its root" in out, out
+    # --json says it too: `{"resources": []}` alone was an empty workspace to a program
+    code, out, err = run_cli(["status", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["resources"], doc["declared_elsewhere"], doc["problems"]) == ([], 1, [])
 
 
 def test_a_mistyped_manifest_glob_prunes_nothing(

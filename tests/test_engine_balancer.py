@@ -532,6 +532,8 @@ def test_an_upstream_with_a_bad_port_is_a_usage_error_without_credentials(specs,
             "did you mean 'http://localhost:8000/v1'?",
             id="no-scheme",
         ),
+        pytest.param("bultin", "did you mean 'builtin' (the offline stand-in)?", id="bultin"),
+        pytest.param("Built-in", "did you mean 'builtin'", id="built-in"),
         pytest.param("http://h:1/v1#tpm=90k", "tokens per minute, no unit", id="tpm-with-unit"),
         pytest.param(
             "http://h:1/v1,http://u:secret@g:2/v1",

@@ -332,6 +332,13 @@ CASES = [
         "expected string, got integer 7 (quote it to make it a string)",
         id="metadata-value-not-string",
     ),
+    pytest.param(  # quoting it would only trade this for "'24' does not match ^[0-9]+[hd]$"
+        _with(append="  completionWindow: 24\n"),
+        (9, 21, "/spec/completionWindow", "wrong-type"),
+        "expected string, got integer 24 (How long the provider may take, as hours or days "
+        "(`24h`, `7d`))",
+        id="number-for-a-patterned-string",
+    ),
     pytest.param(
         _with(append="  suspend: 'yes'\n"),
         (9, 12, "/spec/suspend", "wrong-type"),
@@ -457,6 +464,19 @@ CASES = [
         (9, 11, "/spec/output", "path-conflict"),
         "output file is the input file",
         id="output-overwrites-input",
+    ),
+    pytest.param(  # no shell reads a manifest: it was manifests/~/... (not found)
+        _with(("input: data.jsonl", "input: ~/data.jsonl")),
+        (8, 10, "/spec/input", "missing-input"),
+        "('~' is not expanded in a manifest (no shell reads it): give the path relative to",
+        id="input-from-home",
+    ),
+    pytest.param(  # ... or, for a result, silently a folder named '~' beside the manifest
+        _with(append="  output: ~/out.jsonl\n"),
+        (9, 11, "/spec/output", "path-conflict"),
+        "output path '~/out.jsonl' would be written under a folder named '~' beside the "
+        "manifest: '~' is not expanded in a manifest",
+        id="output-from-home",
     ),
 ]
 

@@ -260,7 +260,13 @@ def test_a_fleets_spend_estimate_names_the_costliest_and_sums_the_rest() -> None
     assert named == ["r14", "r13", "r12", "r11", "r10", "r09", "r08", "r07", "r06", "r05"]
     assert lines[12] == "  … and 5 more, ≤ $15.00 together (`plan --verbose` lists every one)"
     assert lines[13] == "  total: unknown price"
-    assert len(plan_costs(plan).splitlines()) == 2 + 15 + 1
+    assert len(plan_costs(plan).splitlines()) == 2 + 15 + 1 + 1
+    # the unknown price says where a price goes, once, naming the model
+    assert lines[14].startswith("  unknown price: no price is known for m; give it under")
+    assert "`pricing` in batchspec.yaml" in lines[14]
+    known = {name: e for name, e in estimates.items() if e.cost_usd is not None}
+    priced = plan_costs(result(*(action(n, ActionKind.CREATE, 1) for n in known), estimates=known))
+    assert "no price is known" not in priced
 
 
 def test_a_fleets_markdown_plan_stays_under_a_comment_size_limit() -> None:

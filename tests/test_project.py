@@ -400,6 +400,17 @@ def test_an_upstream_without_its_scheme_is_told_the_url_meant(
     assert "does not match" not in message and "secret" not in message
 
 
+@pytest.mark.parametrize("written", ["bultin", "Builtin", "built-in"])
+def test_a_misspelt_builtin_upstream_is_told_builtin(tmp_path: Path, written: str) -> None:
+    """`upstream: bultin` is the offline stand-in mistyped, not a host without its scheme:
+    it was told "did you mean 'http://bultin'?", a server that is not there."""
+    providers = f"providers:\n  gpus:\n    type: local\n    options:\n      upstream: {written}\n"
+    write(tmp_path / "batchspec.yaml", HEADER + providers)
+    [(line, _, pointer, _, message)] = problems_of(tmp_path)
+    assert (line, pointer) == (7, "/providers/gpus/options/upstream")
+    assert "did you mean 'builtin' (the offline stand-in)?" in message and "http://" not in message
+
+
 @pytest.mark.parametrize(
     ("written", "meant"),
     [

@@ -389,6 +389,23 @@ def test_a_missing_field_names_the_rows_file_row_line_and_field(
     assert problems == [f"data/t.csv:2: row 1 {why} {leaf}", f"data/t.csv:4: row 2 {why} {leaf}"]
 
 
+def test_a_semicolon_separated_csv_is_told_to_be_saved_comma_separated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSV saved with ';' (Excel in many locales) has one field named 'k;text': the missing
+    field says so, not "read a name that is not an identifier as {{ row['k;text'] }}"."""
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path, "t.csv", "k;text\n1;a\n")
+    write_manifest(tmp_path, {"rows": "../data/t.csv", "body": chat_body()})
+    [problem] = problems_of(tmp_path)
+    assert "row 1 has no field 'text' (the row has: k;text)" in problem
+    assert problem.endswith(
+        "the header 'k;text' looks separated by ';': a CSV rows file is read with ',' between "
+        "fields: save it comma-separated"
+    )
+    assert "row[" not in problem
+
+
 def test_jsonl_problems_carry_the_physical_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -967,7 +967,11 @@ def status(
     report = workspace_status(paths, select=select, state_path=state_path)
     warn_skipped(report.skipped)
     if fmt != "text":
-        emit_document(report.to_json(), fmt)
+        # what the text says beside the resources: a program reading stdout sees it too
+        document = report.to_json()
+        document["problems"] = [render.problem_json(p) for p in report.skipped]
+        document["declared_elsewhere"] = report.declared_elsewhere
+        emit_document(document, fmt)
     else:
         click.echo(
             render.status_text(

@@ -283,6 +283,15 @@ def estimate_lines(estimates: Mapping[str, Estimate], *, every: bool = True) -> 
             "(`plan --verbose` lists every one)"
         )
     lines.append(f"  total: {_upper(_total_cost(estimates))}")
+    unpriced = sorted(
+        {e.model or "several models" for e in estimates.values() if e.cost_usd is None}
+    )
+    if unpriced:  # say where a price goes: "unknown price" alone left a new user guessing
+        lines.append(
+            f"  unknown price: no price is known for {', '.join(unpriced)}; give it under the "
+            "provider's `pricing` in batchspec.yaml (USD per million input and output tokens, "
+            "per model or '*')"
+        )
     return lines
 
 
@@ -512,7 +521,8 @@ def apply_text(
     lines += totals_lines(result.statuses)
     if result.local_in_flight:
         lines.append(
-            f"Note: {name_listing(result.local_in_flight)} run(s) on the local provider, whose "
+            f"Note: {name_listing(result.local_in_flight)} "
+            f"{'runs' if len(result.local_in_flight) == 1 else 'run'} on the local provider, whose "
             "batches advance only while a batchspec command runs: nothing happens until "
             "`batchspec apply` runs again (`batchspec apply --wait` runs them to the end)."
         )

@@ -170,7 +170,10 @@ def _tie_to_generation(
             res.name, path, res.spec_hash, current.id, current.spec_hash, True, note=note
         )
     if current is None:
-        now = f"its current spec {res.spec_hash[:12]} has no generation yet"
+        now = (
+            f"its current spec {res.spec_hash[:12]} has no generation yet "
+            "(`batchspec apply` runs it)"
+        )
     else:
         succeeded = answer_counts(store, current)[0]  # as `status` counts them
         now = (

@@ -174,7 +174,7 @@ def select_from_workspace(
     ]
     unknown = bool(missing)
     if missing:
-        _refuse_names_declared_elsewhere(ws, missing)
+        refuse_names_declared_elsewhere(ws, missing)
     return select_resources(
         ws.resources,
         selectors,
@@ -184,11 +184,11 @@ def select_from_workspace(
     )
 
 
-def _refuse_names_declared_elsewhere(ws: Workspace, missing: Sequence[str]) -> None:
+def refuse_names_declared_elsewhere(ws: Workspace, missing: Sequence[str]) -> None:
     """Raise when a NAME selects a resource the workspace declares outside the command's
     PATHS (a run from a folder without manifests): it is no orphan, so nothing would select
     it, and apply said "no resource matches" and exited 0 (a CI apply run from the wrong
-    folder passed)."""
+    folder passed; `show NAME` called it Orphaned)."""
     try:
         declared = workspace_resource_names(ws.project)
     except BatchspecError:  # a broken manifest elsewhere: the other checks say what they can

@@ -23,6 +23,7 @@ from typing import Any
 from batchspec.core.batches import event_detail_shown
 from batchspec.core.moves import renamed_error, renamed_to
 from batchspec.core.replacements import effective_resources
+from batchspec.core.selection import refuse_names_declared_elsewhere
 from batchspec.core.spend import Price, Usage, generation_usage, price_for, priced_usage
 from batchspec.core.status import ResourceStatus, resource_statuses
 from batchspec.errors import ManifestError
@@ -125,6 +126,8 @@ def describe_resource(
     """``batchspec show NAME``: read-only; takes no lock and contacts no provider."""
     ws = load_workspace(paths, state_path=state_path)
     res = next((r for r in ws.resources if r.name == name), None)
+    if res is None:  # run from a folder without its manifest: not an orphan, say where it is
+        refuse_names_declared_elsewhere(ws, [name])
     if not ws.project.has_state():
         if res is None:
             raise _unknown(name, [r.name for r in ws.resources])
@@ -195,7 +198,7 @@ def _status_of(store: StateStore | None, res: Resource | None, name: str) -> Res
             None, None, 0, 0, 0, None, None,
         )  # fmt: skip
     return ResourceStatus(
-        name, "OutOfSync", "Missing", "create", "nothing recorded yet", res.provider,
+        name, "OutOfSync", "Missing", "create", "new resource", res.provider,
         res.spec_hash, None, 0, 0, 0, str(res.output_path), str(res.errors_path),
     )  # fmt: skip
 

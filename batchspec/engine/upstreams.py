@@ -45,6 +45,7 @@ from batchspec.errors import BatchspecError, UsageError
 from batchspec.wire.request_checks import first_message_problem, output_limit_problem
 from batchspec.wire.retry import retry_after_seconds
 from batchspec.wire.secrets import byte_forms, proxy_credentials
+from batchspec.wire.upstream_place import misspells_builtin
 
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
@@ -616,6 +617,8 @@ def refuse_an_endpoint_path(shown: str, path: str) -> None:
 def unknown_upstream_message(shown: str) -> str:
     """Why ``shown`` is no upstream; a host without a scheme gets the URL it likely meant."""
     hint = "use 'builtin' or an OpenAI-compatible base URL such as http://localhost:8000/v1"
+    if misspells_builtin(shown):
+        return f"Unknown upstream {shown!r}: did you mean 'builtin' (the offline stand-in)?"
     if "://" not in shown:
         shown = shown.rpartition("@")[2]  # user:password@host read as a scheme and a path
     if "://" not in shown and shown and not any(c.isspace() for c in shown):

@@ -7,7 +7,19 @@ local provider's ``upstreams:``, at its line, before any apply.
 
 from __future__ import annotations
 
+import difflib
 from urllib.parse import urlsplit
+
+
+def misspells_builtin(text: str) -> bool:
+    """Whether ``text`` is ``builtin`` (the offline stand-in) mistyped (``bultin``,
+    ``built-in``, ``Builtin``) rather than a host without its scheme: one reading for
+    ``batchspec serve --upstream`` and a local provider's ``upstream:`` in batchspec.yaml,
+    whose "did you mean 'http://bultin'?" sent the user after a server that is not there."""
+    word = text.strip().lower().replace("-", "").replace("_", "")
+    if not word or any(c in word for c in ".:/@") or word == "builtin":
+        return word == "builtin" and text.strip() != "builtin"
+    return difflib.SequenceMatcher(None, word, "builtin").ratio() >= 0.8
 
 
 def upstream_place(url: str) -> str:

@@ -9,8 +9,10 @@ folders, and folders that hold their own ``batchspec.yaml`` (another workspace).
 document of a manifest must be ``kind: Batch``; empty documents are ignored. A YAML file
 found by a folder scan or a glob that is plainly not a batchspec manifest (no document
 with ``kind: Batch`` or a ``batchspec/`` apiVersion; see ``not_batchspec``) is skipped;
-named as a file, it is reported. Outside any workspace (no ``batchspec.yaml`` in the
-first path's folder or above it) nothing is scanned: ``NotAWorkspaceError``.
+named as a file, it is reported (a data file, ``.jsonl``, ``.ndjson``, ``.csv`` or
+``.parquet``, as one: a batch input given where its manifest goes). Outside any workspace
+(no ``batchspec.yaml`` in the first path's folder or above it) nothing is scanned:
+``NotAWorkspaceError``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def find_manifest_files(
             problems.append(Problem(None, None, None, "", "other-workspace", message))
         elif path.is_dir():
             files.update(dict.fromkeys(_scan_folder(path.resolve(), project)))
+        elif path.is_file() and path.suffix.lower() in DATA_SUFFIXES:
+            # `plan data/tickets.jsonl`: read as YAML it was told "not a batchspec manifest
+            # ... narrow `manifests:`" and a YAML syntax error, neither of which helps
+            message = (
+                f"{target}: a data file (a batch input or rows), not a manifest; give the "
+                "manifest whose `input` names it, or its folder"
+                + (  # `validate FILE.jsonl` scans a batch input on its own (core.validate)
+                    " (`batchspec validate FILE.jsonl` checks a batch input alone)"
+                    if path.suffix.lower() == ".jsonl"
+                    else ""
+                )
+            )
+            problems.append(Problem(None, None, None, "", "data-file", message))
         elif path.is_file() or (path.exists() and not is_glob(target)):
             # Not a regular file (a FIFO, a device): the reader refuses it, with its name.
             if path.name != PROJECT_FILE_NAME:
@@ -66,6 +81,9 @@ def find_manifest_files(
             files.update(dict.fromkeys(matches))
     return list(files), problems, named
 
+
+#: what a file named as a PATH is taken for data by (a manifest is YAML, or JSON as YAML)
+DATA_SUFFIXES = frozenset({".jsonl", ".ndjson", ".csv", ".parquet"})
 
 _BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
 #: problems that say a file is hostile or unreadable: reported wherever the file was found

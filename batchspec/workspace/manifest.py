@@ -617,7 +617,7 @@ def _check_spec(
         ):
             checked = hash_input.checked
             hasher = lambda path: checked(path, provider, endpoint, model)  # noqa: E731
-        input_sha256 = _input_hash(doc, input_path, hasher, problems)
+        input_sha256 = _input_hash(doc, input_path, hasher, problems, raw=raw_input)
     elif isinstance(raw_input, Mapping):
         rendered = _rendered_input(doc, spec, raw_input, project, folder, problems)
         if rendered is not None:
@@ -702,8 +702,13 @@ def _output_paths(
     errors_path = resolve(folder, errors) if errors is not None else errors_beside(output_path)
     for key, path, raw in (("output", output_path, output), ("errors", errors_path, errors)):
         pointer = f"/spec/{key}"
-        if raw is not None and _names_a_folder(raw):
-            message: str | None = _folder_not_file(raw, key, name)
+        if raw is not None and _home_relative(raw):
+            message: str | None = (
+                f"{key} path {raw!r} would be written under a folder named '~' beside the "
+                f"manifest: {TILDE_NOT_EXPANDED}"
+            )
+        elif raw is not None and _names_a_folder(raw):
+            message = _folder_not_file(raw, key, name)
         elif path == input_path:
             message = f"{key} file is the input file {display_path(path)}: it would be overwritten"
         else:
@@ -718,6 +723,23 @@ def _output_paths(
             Problem.at(doc.location("/spec/errors"), "/spec/errors", "path-conflict", message)
         )
     return output_path, errors_path
+
+
+#: said of a path written from the home folder (``~/data/x.jsonl``): no shell reads it
+TILDE_NOT_EXPANDED = (
+    "'~' is not expanded in a manifest (no shell reads it): give the path relative to the "
+    "manifest's own folder, or absolute"
+)
+
+
+def _home_relative(raw: str) -> bool:
+    """Whether a path as written starts from the home folder (``~``, ``~/x``, ``~user/x``)."""
+    return raw.replace(os.sep, "/").split("/", 1)[0].startswith("~")
+
+
+def _not_found_hint(raw: str) -> str:
+    """What a path not found is told: where it is read from, or that ``~`` is not home."""
+    return TILDE_NOT_EXPANDED if _home_relative(raw) else RELATIVE_TO_MANIFEST
 
 
 def _names_a_folder(raw: str) -> bool:
@@ -1115,7 +1137,7 @@ def _rendered_input(
         what = "not found" if not rows_path.exists() else "not a file"
         message = f"rows file {what}: {display_path(rows_path)}"
         if what == "not found":
-            message += f" ({RELATIVE_TO_MANIFEST})"
+            message += f" ({_not_found_hint(rows)})"
         found.append(Problem.at(doc.location(rows_pointer), rows_pointer, "missing-input", message))
     elif rows_format(rows_path) is None:
         message = (
@@ -1214,12 +1236,17 @@ def _stat_if_there(path: Path) -> os.stat_result | None:
 
 
 def _input_hash(
-    doc: YamlDocument, path: Path, hash_input: Callable[[Path], str], problems: list[Problem]
+    doc: YamlDocument,
+    path: Path,
+    hash_input: Callable[[Path], str],
+    problems: list[Problem],
+    *,
+    raw: str = "",
 ) -> str | None:
     pointer = "/spec/input"
     found = _stat_if_there(path)  # one stat, not ``exists()`` and ``is_file()``'s two
     if found is None:
-        reason = f"input file not found: {display_path(path)} ({RELATIVE_TO_MANIFEST})"
+        reason = f"input file not found: {display_path(path)} ({_not_found_hint(raw)})"
     elif not stat.S_ISREG(found.st_mode):
         reason = f"input is not a file: {display_path(path)}"
     else:

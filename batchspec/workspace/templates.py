@@ -857,7 +857,14 @@ def _leaf_problem(err: _LeafError, row: Row, template: RequestTemplate) -> tuple
                 f"used by the template at {where}"
             )
             odd = next((str(n) for n in row.fields if not str(n).isidentifier()), None)
-            if odd is not None:
+            separator = next((c for c in ";\t|" if odd and field in odd.split(c)), None)
+            if odd is not None and separator is not None:
+                # a CSV saved with `;` (Excel in many locales): one field named `id;text`
+                message += (
+                    f"; the header {odd!r} looks separated by {separator!r}: a CSV rows file "
+                    "is read with ',' between fields: save it comma-separated"
+                )
+            elif odd is not None:
                 message += f"; read a name that is not an identifier as {{{{ row[{odd!r}] }}}}"
             return "missing-field", message
     reason = getattr(cause, "message", None) or str(cause) or type(cause).__name__

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from batchspec.errors import ManifestError
+from batchspec.wire.upstream_place import misspells_builtin
 from batchspec.workspace.schemafit import schema_accepts
 
 if TYPE_CHECKING:  # jsonschema is imported when a schema is first applied (it is slow to load)
@@ -126,7 +127,7 @@ class Problem:
 
 
 #: problems of a PATH argument itself (it does not exist, or is in another workspace)
-_PATH_CODES = frozenset({"not-found", "other-workspace"})
+_PATH_CODES = frozenset({"not-found", "other-workspace", "data-file"})
 
 
 class InvalidManifestError(ManifestError):
@@ -792,7 +793,16 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         message = f"expected {wanted}, got {json_type(value)}"
         if not isinstance(value, (Mapping, list)):
             message += f" {quote(value)}"
-        if wanted == "string" and not isinstance(value, (Mapping, list)):
+        pattern = error.schema.get("pattern") if isinstance(error.schema, Mapping) else None
+        if (
+            wanted == "string"
+            and not isinstance(value, (Mapping, list))
+            and isinstance(pattern, str)
+            and not re.search(pattern, str(value))
+        ):
+            # `completionWindow: 24`: quoting it only trades this for "does not match"
+            message += _why(cast("Mapping[str, Any]", error.schema))
+        elif wanted == "string" and not isinstance(value, (Mapping, list)):
             message += " (quote it to make it a string)"
         elif (
             wanted in ("integer", "number")
@@ -828,6 +838,8 @@ def _value_message(error: ValidationError, pointer: str) -> str:
         )
     if kind == "pattern" and "/upstream" in pointer and isinstance(value, str):
         host = value.rpartition("@")[2]  # `user:password@host` is never echoed
+        if misspells_builtin(value):  # the same advice as `batchspec serve --upstream bultin`
+            return f"{quote(value)}: did you mean 'builtin' (the offline stand-in)?"
         if "://" not in value and host and not any(c.isspace() for c in host):
             # the same advice as `batchspec serve --upstream gpu1:8000/v1`
             return (
