@@ -1346,6 +1346,29 @@ def test_apply_without_wait_on_the_local_provider_says_its_batches_need_a_comman
     assert last.startswith("Note: triage runs on the local provider"), last  # not "run(s)"
 
 
+def test_a_refused_replace_on_the_local_provider_is_not_promised_to_run_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], standin_upstream: Any
+) -> None:
+    """The input changed while its local batch is in flight: apply --wait exits 1, saying the
+    replace needs --allow-replace, and not that --wait runs its batches to the end (no pass
+    steps a resource whose replace it refused); the plan says the wait for the old
+    generation comes after its cancel, not that apply creates the new one when it ends."""
+    slow = standin_upstream(latency=5.0)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": {"type": "local", "options": {"upstream": slow.v1}}},
+        resources=[ResourceSpec("triage", count=2, provider="here")],
+    )
+    assert run_cli(["apply", str(ws.root)], capsys)[0] == 0
+    ws.write_input("triage", request_lines(3))
+    code, out, err = run_cli(["plan", str(ws.root)], capsys)
+    assert "apply cancels generation 1 first, when allowed to replace it" in out, out
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "20"], capsys)
+    assert code == 1, out + err
+    assert "--allow-replace" in out + err
+    assert "runs them to the end" not in out
+
+
 def test_the_local_provider_note_of_a_large_workspace_names_a_few_and_counts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], standin_upstream: Any
 ) -> None:

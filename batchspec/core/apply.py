@@ -515,10 +515,14 @@ def apply_workspace(
                         disk_look=look,
                     )
                 )
+        # a replace refused for want of --allow-replace is said so, not that --wait would end
+        # its batches (no pass steps a resource whose replace it refused)
+        refused = set() if options.allow_replace else replaces_in(plan)
         local = tuple(
             s.name
             for s in statuses
             if _is_local(ws, s.provider)
+            and s.name not in refused
             and any(b.status not in TERMINAL_STATUSES for b in s.batches)
         )
         if timed_out and any(s.health == "Degraded" for s in statuses):
@@ -535,6 +539,11 @@ def apply_workspace(
         )
         run.exit_code = result.exit_code
         return result
+
+
+def replaces_in(plan: Plan) -> set[str]:
+    """The resources ``plan`` replaces (a spec changed while a generation is in flight)."""
+    return {a.resource for a in plan.actions if a.kind is ActionKind.REPLACE}
 
 
 def pruned_resources(

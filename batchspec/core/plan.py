@@ -463,7 +463,18 @@ def plan_resource(
         if reused:
             reason += f"; {reused:,} request(s) keep a recorded answer"
         stopping = _still_stopping(have)
-        if want.held_by is not None and not want.hold_expired:
+        held_running = any(
+            g.id == want.held_by and g.status in ACTIVE_GENERATION_STATUSES
+            for g in (have.generations if have else ())
+        )
+        if want.held_by is not None and not want.hold_expired and held_running:
+            # not cancelled yet: only an apply allowed to replace it gets as far as the wait
+            reason += (
+                f"; apply cancels generation {want.held_by} first, when allowed to replace it, "
+                "waits for it to stop (its answers are reused) and creates this one once it "
+                "has ended, or after replaceHoldSeconds"
+            )
+        elif want.held_by is not None and not want.hold_expired:
             reason += (
                 f"; waits for generation {want.held_by} to stop first (its answers are reused): "
                 "apply creates it once that has ended, or after replaceHoldSeconds"
