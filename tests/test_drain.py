@@ -86,11 +86,10 @@ def completed(client: object, batch_id: str) -> int:
     return client.batches.retrieve(batch_id).request_counts.completed  # type: ignore[attr-defined]
 
 
-def ended(client: object, batch_id: str, *, ends: tuple[str, ...] = ("cancelled",)) -> object:
-    """The batch once the server has ended it (cancelled; or one of ``ends``: a batch the
-    engine ran first may complete before its slow cancel stops it)."""
+def ended(client: object, batch_id: str) -> object:
+    """The batch once the server has ended it (cancelled)."""
     return wait_for(
-        lambda: (b := client.batches.retrieve(batch_id)).status in ends and b,  # type: ignore[attr-defined]
+        lambda: (b := client.batches.retrieve(batch_id)).status == "cancelled" and b,  # type: ignore[attr-defined]
         timeout=30,
     )
 
