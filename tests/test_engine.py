@@ -390,58 +390,6 @@ def test_a_cancel_keeps_the_answers_of_requests_already_sent(tmp_path):
     assert upstream.received == {"req-0": 1, "req-1": 1}
 
 
-class OrderedHeldUpstream(HeldUpstream):
-    """HeldUpstream that also notes the order the requests came in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.order: list[str] = []
-
-    async def send(self, url, body, *, custom_id, attempt):
-        self.order.append(custom_id)
-        return await super().send(url, body, custom_id=custom_id, attempt=attempt)
-
-
-def test_a_freed_slot_goes_to_the_batch_created_first(tmp_path):
-    """Two batches waiting on two slots: every line of the first is sent before any of the
-    second (a plain semaphore took turns, so both batches finished at the end of the two),
-    and the first completes while the second still runs: its answers can be collected."""
-    upstream = OrderedHeldUpstream()
-    with open_engine(tmp_path, upstream, concurrency=2) as engine:
-        first = new_batch(engine, request_lines(6, prefix="a"))
-        wait_for(lambda: len(upstream.order) == 2)
-        second = new_batch(engine, request_lines(6, prefix="b"))
-        wait_for(lambda: engine.get_batch(second["id"])["status"] == "in_progress")
-        upstream.answer.set()
-        run_to_end(engine, second["id"])
-        done_first = engine.get_batch(first["id"])
-        done_second = engine.get_batch(second["id"])
-    assert upstream.order == [f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6)]
-    assert done_first["completed_at"] <= done_second["completed_at"]
-
-
-def test_a_batch_cancelled_while_it_waits_behind_an_older_one_ends_at_once(tmp_path):
-    """The older batch holds every slot (its requests held by the model): a cancel of the
-    younger one, which waits for a slot, ends it cancelled without waiting for the older
-    one, sending none of its lines; the older one then completes whole."""
-    upstream = OrderedHeldUpstream()
-    with open_engine(tmp_path, upstream, concurrency=2) as engine:
-        older = new_batch(engine, request_lines(4, prefix="a"))
-        wait_for(lambda: len(upstream.order) == 2)
-        younger = new_batch(engine, request_lines(3, prefix="b"))
-        wait_for(lambda: engine.get_batch(younger["id"])["status"] == "in_progress")
-        engine.cancel_batch(younger["id"])
-        cancelled = run_to_end(engine, younger["id"], timeout=3.0)
-        assert engine.get_batch(older["id"])["status"] == "in_progress"  # still held
-        upstream.answer.set()
-        completed = run_to_end(engine, older["id"])
-        errors = read_jsonl(engine.file_content_path(cancelled["error_file_id"]).read_text())
-    assert cancelled["status"] == "cancelled"
-    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"} and len(errors) == 3
-    assert completed["status"] == "completed"
-    assert not any(c.startswith("b") for c in upstream.order)
-
-
 @pytest.mark.parametrize("ending", ["cancelled", "expired"])
 def test_a_batch_ending_while_its_answers_wait_for_a_commit_keeps_them(tmp_path, ending):
     """A batch cancelled (or expired) whose last answers cannot be committed yet (a full

@@ -11,9 +11,7 @@ The worker owns one thread with its own asyncio event loop, so it runs the same 
 
 Invariants:
 
-- At most ``concurrency`` requests are in flight across all batches; a freed slot goes to
-  the batch created first that has lines to send (``engine.slots``): batches run in the order
-  they were created, rather than taking turns and all finishing at the end.
+- At most ``concurrency`` requests are in flight across all batches (one semaphore).
 - A finished line is buffered and committed within ``commit_interval`` (on a thread, so
   the event loop keeps serving responses) together with its batch's counts; a line with a stored
   or buffered result is skipped when a batch resumes, so after a clean stop, or while commits
@@ -42,7 +40,6 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
-import itertools
 import logging
 import sqlite3
 import sys
@@ -55,7 +52,6 @@ from typing import Any, TypeVar
 
 from batchspec.engine.jsonfast import dumps as _dumps
 from batchspec.engine.jsonfast import loads as _loads
-from batchspec.engine.slots import Demand, OldestFirstSlots
 from batchspec.engine.store import LineResult, Store, StoredFile, Tokens, now
 from batchspec.engine.upstreams import Upstream, UpstreamResponse, UpstreamUnreachable
 from batchspec.wire.batch_status import TERMINAL_STATUSES
@@ -99,21 +95,14 @@ class BatchControl:
     that failure); past the timeout, what is still in flight is dropped (``abort``).
     """
 
-    def __init__(self, order: int = 0) -> None:
+    def __init__(self) -> None:
         self.reason: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.cancel_seen: float | None = None  # monotonic time the worker saw ``cancelling``
-        #: the batch's place in the slots' queue (``engine.slots``): the order it was created
-        self.order = order
-        #: the driver's claim on the slots while it sends lines; a stop ends its wait
-        self.demand: Demand | None = None
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        waiting = self.demand.waiting if self.demand is not None else None
-        if waiting is not None and not waiting.done():
-            waiting.set_result(False)  # not behind older batches: it sends nothing more
 
     @property
     def ends_lines(self) -> bool:
@@ -193,8 +182,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._shutdown: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None  # set: a drain under way stops waiting
-        self._slots: OldestFirstSlots | None = None
-        self._driver_order = itertools.count()  # drivers start oldest batch first
+        self._slots: asyncio.Semaphore | None = None
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._controls: dict[str, BatchControl] = {}
         self._pending: list[LineResult] = []
@@ -278,7 +266,7 @@ class Worker:
         self._hurry = asyncio.Event()
         if self._drain_timeout <= 0:
             self._hurry.set()
-        self._slots = OldestFirstSlots(self.settings.concurrency)
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._flush_lock = asyncio.Lock()
         ready.set()
         flusher = asyncio.create_task(self._flush_periodically())
@@ -363,7 +351,7 @@ class Worker:
         self._start_driver(batch_id)
 
     def _start_driver(self, batch_id: str) -> BatchControl:
-        control = self._controls[batch_id] = BatchControl(next(self._driver_order))
+        control = self._controls[batch_id] = BatchControl()
         task = asyncio.create_task(self._drive(batch_id, control))
         self._drivers[batch_id] = task
 
@@ -482,35 +470,26 @@ class Worker:
         done = buffered | await asyncio.to_thread(self.store.finished_lines, batch_id)
         path = self.store.blobs.path(input_sha256)
         slots = self._slots
-        demand = control.demand = slots.join(control.order)
-        try:
-            for request in iter_requests(path, max_line_bytes=self.settings.max_line_bytes):
-                if request.line in done:
-                    continue
-                waiter = slots.wait(demand)
-                if waiter is not None:
-                    if not await waiter:  # stopped while it waited
-                        break
-                    slots.take(demand)
-                if control.reason is not None:
-                    slots.release()
-                    break
-                task = asyncio.create_task(
-                    self._execute(batch_id, request.line, request.custom_id, request.raw, control)
-                )
-                control.tasks.add(task)
-                self._in_flight += 1
+        for request in iter_requests(path, max_line_bytes=self.settings.max_line_bytes):
+            if request.line in done:
+                continue
+            await slots.acquire()
+            if control.reason is not None:
+                slots.release()
+                break
+            task = asyncio.create_task(
+                self._execute(batch_id, request.line, request.custom_id, request.raw, control)
+            )
+            control.tasks.add(task)
+            self._in_flight += 1
 
-                # Runs even when the task is cancelled before it starts (its finally would not).
-                def settled(t: asyncio.Task[None]) -> None:
-                    slots.release()
-                    control.tasks.discard(t)
-                    self._in_flight -= 1
+            # Runs even when the task is cancelled before it starts (its finally would not).
+            def settled(t: asyncio.Task[None]) -> None:
+                slots.release()
+                control.tasks.discard(t)
+                self._in_flight -= 1
 
-                task.add_done_callback(settled)
-        finally:
-            control.demand = None
-            slots.leave(demand)  # slots given to it and not used: to the next oldest
+            task.add_done_callback(settled)
         if control.tasks:
             await asyncio.wait(set(control.tasks))
 
