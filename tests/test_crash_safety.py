@@ -257,3 +257,31 @@ def test_interrupted_while_a_create_is_answered_records_that_create(
     rerun_converges(ws, capsys)
     assert srv.probe.counts["POST /batches"] == 1
     assert "adopt" not in actions(ws)
+
+
+def test_interrupted_while_a_create_is_answered_sends_no_create_still_queued(
+    tmp_path: Path, server: Callable[..., ProbedServer]
+) -> None:
+    """Ctrl-C while one create is answered and another waits for a place under the
+    provider's maxConcurrency: the waiting create is dropped, not sent after the Ctrl-C
+    (the run waited for each create it had queued, so the pool started it as the first
+    ended); its intent is left to the next run's key lookup."""
+    srv = server()
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"srv": openai_provider(srv.v1, KEY_ENV, maxConcurrency=1)},
+        resources=(ResourceSpec("a", count=2), ResourceSpec("b", count=2)),
+    )
+    created = srv.probe.hold("POST /batches", HOLD, after=True)
+    proc = start_apply(ws)
+    assert created.wait(20), "the create never reached the server"
+    time.sleep(0.5)  # the second create is queued behind the first meanwhile
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    srv.probe.release("POST /batches")
+    assert proc.wait(timeout=30) == 130
+
+    assert srv.probe.counts["POST /batches"] == 1
+    assert srv.batch_count() == 1
+    with ws.store() as store:  # the next run looks its key up, as after any unanswered create
+        assert [b.status for b in store.batches() if b.remote_id is None] == ["creating"]

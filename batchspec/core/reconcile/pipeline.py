@@ -361,7 +361,8 @@ def _submit(ctx: RunContext, calls: BoundedCalls, jobs: Iterator[_Job]) -> None:
         # Ctrl-C or SIGTERM: the creates already sent go on in their threads, which the run
         # waits for on its way out anyway; their answers are recorded as they come, so the
         # audit says what this run paid for (a second Ctrl-C stops this wait: the next run
-        # adopts what they made)
+        # adopts what they made); a create still queued for a place is dropped, not sent
+        calls.stop()
         _finish_sent(ctx, todo[recorded:])
         raise
 

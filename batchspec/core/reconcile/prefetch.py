@@ -357,6 +357,13 @@ class BoundedCalls:
             raise
         self._drop_queued()  # any a listing still in flight queued meanwhile
 
+    def stop(self) -> None:
+        """Stop as a pass stopped by Ctrl-C does, before the caller waits for the calls it
+        sent: the calls not started yet are dropped (their futures cancelled), and those in
+        flight give up before a retry (``CallStopped``)."""
+        self._stopping.set()
+        self._drop_queued()
+
     def _drop_queued(self) -> None:
         """Cancel every call not started yet (its future says so); workers waiting for a
         place find nothing left and end."""
