@@ -36,6 +36,7 @@ from batchspec.wire.anthropic_lines import (
     to_request,
 )
 from batchspec.wire.outcomes import classify_result_line
+from batchspec.wire.usage import max_output_of_request
 from batchspec.workspace.manifest import load_workspace
 
 CREATE = "POST /messages/batches"
@@ -139,6 +140,15 @@ def test_max_tokens_defaults_when_absent() -> None:
     assert chat_to_params(chat())["max_tokens"] == 4096
     assert chat_to_params(chat(), default_max_tokens=300)["max_tokens"] == 300
     assert chat_to_params(chat(max_tokens=12))["max_tokens"] == 12
+
+
+def test_a_null_max_completion_tokens_sends_the_lines_max_tokens() -> None:
+    """``max_completion_tokens: null`` beside ``max_tokens: 100`` is sent with 100, the limit
+    validate and the budget's bound read (null is not set): it was sent with defaultMaxTokens,
+    a request the budget counted at 100 answering up to 64,000 tokens."""
+    body = chat(max_completion_tokens=None, max_tokens=100)
+    assert chat_to_params(body, default_max_tokens=64_000)["max_tokens"] == 100
+    assert max_output_of_request("/v1/chat/completions", body, unset=64_000) == 100
 
 
 @pytest.mark.parametrize(

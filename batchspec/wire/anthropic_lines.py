@@ -229,7 +229,10 @@ def chat_to_params(
     found = output_limit_problem(body, _CHAT_LIMIT_KEYS)
     if found is not None:
         raise Unmappable(found[1], code=found[0])
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    # null is "not set", as validate and the budget's bound read it (``wire.usage``)
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
     params["max_tokens"] = default_max_tokens if limit is None else limit
     temperature = body.get("temperature")
     if temperature is not None:
