@@ -271,6 +271,14 @@ def test_output_options_keep_their_meaning(extra: dict[str, Any], config: Any) -
     assert chat_to_request(chat(**extra)).get("generationConfig") == config
 
 
+def test_a_null_max_completion_tokens_sends_the_lines_max_tokens() -> None:
+    """``max_completion_tokens: null`` beside ``max_tokens: 100`` is sent as maxOutputTokens
+    100, the limit validate and the budget's bound read (null is not set): it was sent with
+    no limit, a request the budget counted at 100 answering up to its model's most."""
+    body = chat(max_completion_tokens=None, max_tokens=100)
+    assert chat_to_request(body)["generationConfig"] == {"maxOutputTokens": 100}
+
+
 def test_gemini_lines_and_their_problems() -> None:
     """A generateContent line with a GenerateContentRequest passes; an OpenAI-only field in
     it is named with where Gemini takes it; other endpoints cannot run on Gemini."""

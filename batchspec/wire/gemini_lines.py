@@ -360,7 +360,10 @@ def _generation_config(body: Mapping[str, Any]) -> dict[str, Any]:
     found = output_limit_problem(body, ("max_tokens", "max_completion_tokens"))
     if found is not None:
         raise Unmappable(found[1], code=found[0])
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    # null is "not set", as validate and the budget's bound read it (``wire.usage``)
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
     if limit is not None:
         config["maxOutputTokens"] = limit
     for key, target in _GENERATION_KEYS.items():
