@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,22 @@ def test_init_creates_the_workspace_and_says_what_next(
     for relative in EXPECTED:
         assert f"created {target / relative}" in out
     assert out.rstrip().endswith(f"Next: batchspec validate {target}")
+
+
+def test_init_makes_the_state_folder_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state/ that init makes (for its .gitignore and README) is 0700 whatever the umask, as
+    the state store makes it: it was made 0755, and a folder that exists keeps its mode, so
+    the quickstart's state (requests and answers) sat in a folder anyone could list."""
+    target = tmp_path / "ws"
+    old = os.umask(0o022)
+    try:
+        assert run_main(["init", str(target)], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((target / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((target / "data").stat().st_mode) == 0o755  # the rest as the user's
 
 
 def test_scaffolded_workspace_passes_validate(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchspec.errors import BatchspecError
+from batchspec.storage.private import ensure_private_dir
 from batchspec.workspace.discovery import find_manifest_files, not_batchspec
 from batchspec.workspace.project import PROJECT_FILE_NAME, find_project_file, load_project
 from batchspec.workspace.yamldoc import (
@@ -137,7 +138,12 @@ def scaffold_workspace(directory: str | Path = ".") -> ScaffoldResult:
         )
     created = []
     for path, content in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent == root / "state":
+            # the state store's folder, private as the store makes it (an existing folder
+            # keeps its mode, so the store would leave one made here as it is)
+            ensure_private_dir(path.parent)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("x", encoding="utf-8", newline="\n") as fh:
             fh.write(content)
         created.append(path)
