@@ -541,6 +541,16 @@ def test_duplicate_resource_name_names_both_places(tmp_path: Path) -> None:
     assert f"{root / 'b.yaml'}:5:9" in problem.message
 
 
+def test_a_result_file_whose_name_starts_with_a_tilde_is_written_beside_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """``output: ~draft.jsonl`` names a file beside the manifest, no folder and no home: it
+    is taken as written, not refused as 'written under a folder named ~'."""
+    ws = make_workspace(tmp_path / "ws", {"triage.yaml": _with(append="  output: ~draft.jsonl\n")})
+    [res] = load(ws).resources
+    assert res.output_path == ws.resolve() / "~draft.jsonl"
+
+
 def test_two_resources_writing_one_output_file_is_an_error(tmp_path: Path) -> None:
     """Results would overwrite each other: the second writer is refused, naming both places."""
     second = (

@@ -733,8 +733,10 @@ TILDE_NOT_EXPANDED = (
 
 
 def _home_relative(raw: str) -> bool:
-    """Whether a path as written starts from the home folder (``~``, ``~/x``, ``~user/x``)."""
-    return raw.replace(os.sep, "/").split("/", 1)[0].startswith("~")
+    """Whether a path as written starts from the home folder (``~``, ``~/x``, ``~user/x``);
+    ``~draft.jsonl`` alone names a file beside the manifest."""
+    first, slash, _ = raw.replace(os.sep, "/").partition("/")
+    return first == "~" or (first.startswith("~") and bool(slash))
 
 
 def _not_found_hint(raw: str) -> str:
