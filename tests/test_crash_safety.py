@@ -260,12 +260,13 @@ def test_interrupted_while_a_create_is_answered_records_that_create(
 
 
 def test_interrupted_while_a_create_is_answered_sends_no_create_still_queued(
-    tmp_path: Path, server: Callable[..., ProbedServer]
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ctrl-C while one create is answered and another waits for a place under the
     provider's maxConcurrency: the waiting create is dropped, not sent after the Ctrl-C
     (the run waited for each create it had queued, so the pool started it as the first
-    ended); its intent is left to the next run's key lookup."""
+    ended); its intent is pending again, so the next run creates it at once, without
+    waiting createConfirmSeconds for a batch that was never asked for."""
     srv = server()
     ws = make_workspace(
         tmp_path / "ws",
@@ -283,5 +284,12 @@ def test_interrupted_while_a_create_is_answered_sends_no_create_still_queued(
 
     assert srv.probe.counts["POST /batches"] == 1
     assert srv.batch_count() == 1
-    with ws.store() as store:  # the next run looks its key up, as after any unanswered create
-        assert [b.status for b in store.batches() if b.remote_id is None] == ["creating"]
+    with ws.store() as store:
+        assert [b.status for b in store.batches() if b.remote_id is None] == ["pending"]
+        assert "create-not-sent" in [e.action for e in store.events()]
+    started = time.monotonic()
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--wait", *FAST], capsys)
+    assert code == 0, err
+    assert "waiting to confirm an earlier create" not in out
+    assert time.monotonic() - started < 30  # not createConfirmSeconds (120 s) later
+    assert srv.batch_count() == 2

@@ -61,6 +61,7 @@ from batchspec.core.reconcile.submit import (
     ensure_uploaded,
     mark_creating,
     record_create,
+    record_create_not_sent,
     record_create_refused,
     record_upload,
     record_upload_intent,
@@ -371,11 +372,15 @@ def _finish_sent(ctx: RunContext, jobs: list[_Job]) -> None:
     """Record how each of these jobs' creates ended, if it was sent (the first error is the
     one the caller raises; these are only recorded)."""
     for job in jobs:
-        if job.create is not None:
-            try:
-                _finish_create(ctx, job)
-            except Exception:  # noqa: BLE001, S112 - the first error is the one raised
-                continue
+        if job.create is None:
+            continue
+        if job.create.cancelled():  # dropped from the queue (a stop): it never left
+            record_create_not_sent(ctx, job.res, job.batch)
+            continue
+        try:
+            _finish_create(ctx, job)
+        except Exception:  # noqa: BLE001, S112 - the first error is the one raised
+            continue
 
 
 def _write_ledgers_while_creating(ctx: RunContext, sent: list[_Job]) -> None:

@@ -175,6 +175,23 @@ def _submit_batch(ctx: RunContext, res: Resource, gen: GenerationRow, batch: Bat
     return True
 
 
+def record_create_not_sent(ctx: RunContext, res: Resource, batch: BatchRow) -> None:
+    """A create dropped before it was sent (a run stopped while it waited for a place under
+    ``--parallelism`` or ``maxConcurrency``) made nothing: its intent is ``pending`` again (a
+    ``create-not-sent`` event), so the next run creates it at once instead of waiting
+    ``createConfirmSeconds`` for a batch that cannot arrive."""
+    with ctx.store.atomic():
+        ctx.store.update_batch(batch.id, status="pending")
+        ctx.store.record_event(
+            ctx.run_id,
+            "create-not-sent",
+            resource=res.name,
+            generation_id=batch.generation_id,
+            batch_id=batch.id,
+            detail={"key": batch.key},
+        )
+
+
 def record_create_refused(
     ctx: RunContext, res: Resource, batch: BatchRow, err: ProviderError
 ) -> None:
