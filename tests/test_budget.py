@@ -225,6 +225,20 @@ def test_a_request_without_a_limit_is_bounded_at_its_models_most(
     assert json.loads(out)["estimates"]["think"]["max_output_tokens"] == 10 * 2_000
 
 
+def test_the_output_bounds_and_the_input_scan_cache_change_together() -> None:
+    """Cached input scans hold sums of these bounds: a change of the table that kept the
+    cache's table would reuse sums of the old bounds for every unchanged input. On a change,
+    rename the table in workspace/inputcache.py (input_scansN+1) and record both here."""
+    import hashlib
+
+    from batchspec.wire.usage import UNSET_OUTPUT_BOUNDS
+    from batchspec.workspace import inputcache
+
+    table = json.dumps(sorted(UNSET_OUTPUT_BOUNDS.items())).encode()
+    assert hashlib.sha256(table).hexdigest()[:16] == "65377ddb913225d2"
+    assert "create table if not exists input_scans6 " in inputcache._SCHEMA
+
+
 @pytest.mark.parametrize(
     ("model", "bound"),
     [
@@ -239,6 +253,7 @@ def test_a_request_without_a_limit_is_bounded_at_its_models_most(
         ("GPT-5.4-pro", 128_000),
         ("models/gemini-2.5-flash", 65_536),
         ("gemini-2.0-flash", 8_192),
+        ("gemini-flash-latest", 65_536),
         ("gpt-40", DEFAULT_MAX_OUTPUT_TOKENS),  # not gpt-4's family: a prefix ends at - . :
         ("o10", DEFAULT_MAX_OUTPUT_TOKENS),
         ("claude-sonnet-4-5", DEFAULT_MAX_OUTPUT_TOKENS),  # Anthropic requires a limit

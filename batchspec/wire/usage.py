@@ -77,6 +77,8 @@ DEFAULT_MAX_OUTPUT_TOKENS = 4096
 #: what a request that sets no output limit may answer, by model family (the longest prefix
 #: that ends at a ``-``, ``.``, ``:`` or the name's end wins): the family's documented most.
 #: Reasoning models think for up to their whole limit unasked, so 4,096 is no bound for them.
+#: The input scans cached by ``workspace.inputcache`` sum these bounds: a change here renames
+#: its table (``input_scansN``), and ``tests/test_budget.py`` holds the two together.
 UNSET_OUTPUT_BOUNDS: Mapping[str, int] = {
     "gpt-3.5": 4_096,
     "gpt-4": 8_192,
@@ -98,6 +100,10 @@ UNSET_OUTPUT_BOUNDS: Mapping[str, int] = {
     "gemini-2.5": 65_536,
     "gemini-3": 65_536,
     "gemini-4": 65_536,
+    # Google's aliases of its newest models (2.5 and later), not a generation number
+    "gemini-flash-latest": 65_536,
+    "gemini-flash-lite-latest": 65_536,
+    "gemini-pro-latest": 65_536,
 }
 _BOUNDARY = ("-", ".", ":", "@")
 
