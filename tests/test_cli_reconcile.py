@@ -98,6 +98,12 @@ def test_a_plan_run_is_recorded_with_the_exit_code_it_exits_with(
 
     assert exits_and_records("--detailed-exitcode") == (2, 2)
     assert exits_and_records() == (0, 0)
+    # --out a plan file that cannot be written: exit 1, recorded so, with where it went
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert exits_and_records("--out", str(blocked / "p.plan.json")) == (1, 1)
+    _, out, _ = run_cli(["history", str(ws.root), "--json", "--limit", "1"], capsys)
+    assert json.loads(out)["runs"][0]["run"]["args"]["out"] == str(blocked / "p.plan.json")
     set_budget(ws, "triage", maxRequests=2)
     assert exits_and_records("--detailed-exitcode") == (1, 1)
 

@@ -678,7 +678,6 @@ def plan(
     """
     from batchspec.cli import render
     from batchspec.core.apply import plan_workspace
-    from batchspec.core.planfile import write_plan_file
 
     if as_json and output_format not in (None, "json"):
         raise click.UsageError(f"--json and --format {output_format} contradict each other")
@@ -692,9 +691,9 @@ def plan(
         replace=replace,
         reuse=not no_reuse,
         detailed_exitcode=detailed_exitcode,
+        out=out_path,
     )
     if out_path:
-        write_plan_file(out_path, result)
         click.echo(f"Saved the plan to {out_path}: `batchspec apply {out_path}`", err=True)
     if as_json or output_format == "json":
         emit_json(render.plan_result_json(result))

@@ -61,7 +61,13 @@ from batchspec.core.plan import (
     estimate_input_tokens,
     make_plan,
 )
-from batchspec.core.planfile import PlanResult, SavedPlan, load_plan_file, state_lineage
+from batchspec.core.planfile import (
+    PlanResult,
+    SavedPlan,
+    load_plan_file,
+    state_lineage,
+    write_plan_file,
+)
 from batchspec.core.reconcile import Reconciler, desired_resource
 from batchspec.core.reconcile.context import DownloadFailure
 from batchspec.core.reconcile.drain import batch_still_stopping, planned_drains
@@ -203,9 +209,11 @@ def plan_workspace(
     reuse: bool = True,
     env: Mapping[str, str] = os.environ,
     detailed_exitcode: bool = False,
+    out: str | None = None,
 ) -> PlanResult:
     """``batchspec plan``: what apply would do, with no network and no lock; its run is
-    recorded with the exit code ``PlanResult.exit_code(detailed=detailed_exitcode)``."""
+    recorded with the exit code ``PlanResult.exit_code(detailed=detailed_exitcode)``, or the
+    failure's when ``out`` (``--out``: where to save it) cannot be written."""
     # a state named by --state or BATCHSPEC_STATE that does not exist (a typo?) is not made
     named = state_path is not None
     with open_workspace(paths, state_path, read_only=named) as (ws, cache):
@@ -219,6 +227,7 @@ def plan_workspace(
         "paths": list(paths),
         "select": list(select),
         **({"replace": list(replace), "reuse": reuse} if replace else {}),
+        **({"out": out} if out is not None else {}),
     }
     recorded = not named or ws.project.has_state()  # else planned against an empty one
     with (
@@ -295,6 +304,8 @@ def plan_workspace(
             drains=drains,
             needs_consent=tuple(a.resource for part in consent_needed(plan, ws) for a in part),
         )
+        if out is not None:
+            write_plan_file(out, result)
         run.exit_code = result.exit_code(detailed=detailed_exitcode)
         return result
 

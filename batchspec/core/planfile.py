@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchspec import __version__
 from batchspec.core.plan import Action, ActionKind, Drain, Plan
-from batchspec.errors import StalePlanError, StateError, UsageError
+from batchspec.errors import BatchspecError, StalePlanError, StateError, UsageError
 from batchspec.state.store import StateStore
 
 if TYPE_CHECKING:
@@ -273,12 +273,21 @@ def write_plan_file(path: str | Path, result: PlanResult) -> SavedPlan:
             "(that is how `batchspec apply` tells it from manifests)"
         )
     saved = replace(saved_plan_of(result), source=target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(saved.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, target)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(saved.to_json(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise BatchspecError(
+            f"cannot write the plan to {path}: {err.strerror or err}; give --out a path in a "
+            "folder you can write"
+        ) from err
     return saved
 
 
