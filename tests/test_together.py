@@ -116,35 +116,43 @@ def test_an_input_line_that_is_not_json_leaves_no_staged_copy(
     assert served.engine.list_files("batch")["data"] == []
 
 
+def lost_create(served: EngineServer, provider: Any, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+    """An uploaded input whose create the journal holds as begun and never answered, and the
+    batch that create made at the server (sent straight to it): a run killed between its
+    create and its state write."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl_bytes(request_lines(2)))
+    uploaded = provider.upload_file(path, filename="in.jsonl")
+    journal = Journal(tmp_path / "journal")
+    journal.begin(
+        JournalEntry(
+            key=metadata_key(METADATA),
+            metadata=METADATA,
+            endpoint="/v1/chat/completions",
+            file_id=uploaded.id,
+            requests=0,
+            ids_sha256="",
+            started_at=time.time(),
+        )
+    )
+    journal.close()
+    lost = httpx.post(
+        f"{served.base_url}{ROOT}/batches",
+        headers=auth(),
+        json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"},
+    ).json()["job"]
+    return uploaded, lost
+
+
 def test_a_create_begun_but_never_answered_is_adopted_on_the_next_call(
     served: EngineServer, tmp_path: Path
 ) -> None:
     """The journal holds a create that was sent but whose answer never came (the process died):
     the next create finds the batch that send made (same input file, unclaimed, newer than the
     journal entry) and adopts it with batchspec's metadata; no second batch is paid for."""
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(jsonl_bytes(request_lines(2)))
     provider = provider_for(f"{served.base_url}{ROOT}", tmp_path / "journal")
     try:
-        uploaded = provider.upload_file(path, filename="in.jsonl")
-        journal = Journal(tmp_path / "journal")
-        journal.begin(
-            JournalEntry(
-                key=metadata_key(METADATA),
-                metadata=METADATA,
-                endpoint="/v1/chat/completions",
-                file_id=uploaded.id,
-                requests=0,
-                ids_sha256="",
-                started_at=time.time(),
-            )
-        )
-        journal.close()
-        lost = httpx.post(
-            f"{served.base_url}{ROOT}/batches",
-            headers=auth(),
-            json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"},
-        ).json()["job"]
+        uploaded, lost = lost_create(served, provider, tmp_path)
 
         adopted = create(provider, uploaded.id)
         listed = list(provider.list_batches())
@@ -161,29 +169,9 @@ def test_a_batch_a_lost_create_made_is_listed_with_its_key(
     shows that batch with the journaled key at once (the only unclaimed batch of that input
     file made since), so the next run's key lookup adopts it; it found nothing, and the run
     waited out createConfirmSeconds (by default the timeout plus 60 s) before adopting it."""
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(jsonl_bytes(request_lines(2)))
     provider = provider_for(f"{served.base_url}{ROOT}", tmp_path / "journal")
     try:
-        uploaded = provider.upload_file(path, filename="in.jsonl")
-        journal = Journal(tmp_path / "journal")
-        journal.begin(
-            JournalEntry(
-                key=metadata_key(METADATA),
-                metadata=METADATA,
-                endpoint="/v1/chat/completions",
-                file_id=uploaded.id,
-                requests=0,
-                ids_sha256="",
-                started_at=time.time(),
-            )
-        )
-        journal.close()
-        lost = httpx.post(
-            f"{served.base_url}{ROOT}/batches",
-            headers=auth(),
-            json={"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions"},
-        ).json()["job"]
+        uploaded, lost = lost_create(served, provider, tmp_path)
 
         listed = [(b.id, b.metadata) for b in provider.list_batches()]
         again = provider.get_batch(lost["id"]).metadata

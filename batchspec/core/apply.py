@@ -257,14 +257,7 @@ def plan_workspace(
             named=frozenset(select) if names_each(select) else frozenset(),
             limits_for=lambda r: shard_limits(ws, r),
         )
-        outputs = measured_outputs(
-            plan,
-            resources,
-            store,
-            indexed_requests(cache, facts),
-            ws.project.providers,
-            backoff=requeue_backoff(ws),
-        )
+        outputs = measured_outputs(plan, resources, store, indexed_requests(cache, facts), ws)
         refusals: list[BatchspecError] = [
             *budget_refusals(plan, resources, facts, store, ws.project.providers, outputs),
             *overwritten_orphan_results(store, plan, resources, ws.project.root, elsewhere),
@@ -452,12 +445,7 @@ def apply_workspace(
                 for hint in rename_hints(store, plan, _unmoved_inputs(resources, facts)):
                     report(Progress("warning", None, hint))
                 outputs = measured_outputs(
-                    plan,
-                    resources,
-                    store,
-                    indexed_requests(cache, facts),
-                    ws.project.providers,
-                    backoff=requeue_backoff(ws),
+                    plan, resources, store, indexed_requests(cache, facts), ws
                 )
                 require_within_budget(plan, resources, facts, store, ws.project.providers, outputs)
                 raise_first(
@@ -1300,17 +1288,16 @@ def measured_outputs(
     resources: Sequence[Resource],
     store: StateStore,
     requests: RequestFacts,
-    providers: Mapping[str, ProviderConfig],
-    *,
-    backoff: float,
+    ws: Workspace,
 ) -> dict[str, int]:
     """The output bound of what each spending action sends, when that is not the whole input
     (whose bound the scan summed): a retry's unresolved requests, a new generation's requests
     without a kept answer. Measured as apply measures them, budget or not: the plan and the
     consent prompt show it as "≤", and a share of the whole input's bound (its average) is
     no bound for the requests actually sent (a long essay asked without a limit among short
-    answers already kept)."""
+    answers already kept). Each line is bounded as the scan of ``ws``'s inputs bounds it."""
     by_name = {r.name: r for r in resources}
+    providers, backoff = ws.project.providers, requeue_backoff(ws)
     out: dict[str, int] = {}
     now = time.time()
     for action in plan.spending:
