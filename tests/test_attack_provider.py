@@ -218,15 +218,31 @@ def test_a_key_a_gateway_quotes_in_a_batchs_errors_is_not_recorded_or_shown(
     assert SENTINEL_KEY.encode() not in ws.state_bytes()
 
 
-def test_a_batch_ended_with_answers_but_no_output_file_is_polled_again_not_retried(
-    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("trimmed_away", "said"),
+    [
+        pytest.param({"output_file_id": None}, "names no output file", id="no-output-file"),
+        pytest.param(
+            {"output_file_id": None, "error_file_id": None, "request_counts": None},
+            "names neither an output nor an error file",
+            id="no-counts-no-file",
+        ),
+    ],
+)
+def test_a_batch_completed_without_its_files_is_polled_again_not_retried(
+    tmp_path: Path,
+    hostile: HostileOpenAI,
+    capsys: pytest.CaptureFixture[str],
+    trimmed_away: dict[str, Any],
+    said: str,
 ) -> None:
-    """Polls answer alpha's batch ``completed``, its three requests counted completed, with
-    ``output_file_id`` null (a gateway trimming the object, or a provider still writing the
-    file): it is kept in flight (``finalizing``, said once), not recorded ended (then
-    collected with nothing, never polled again, and its three requests sent again and paid
-    for again), and beta beside it is collected all the same; once the object is whole, the
-    same ``apply --wait`` collects alpha."""
+    """Polls answer alpha's batch ``completed`` without the file its answers are in: its
+    three requests counted completed with ``output_file_id`` null (a gateway trimming the
+    object, or a provider still writing the file), or no ``request_counts`` and neither file
+    (Together's jobs carry no counts). It is kept in flight (``finalizing``, said once), not
+    recorded ended (then collected with nothing, never polled again, and its three requests
+    sent again and paid for again), and beta beside it is collected all the same; once the
+    object is whole, the same ``apply --wait`` collects alpha."""
     hostile.initial_status = "in_progress"
     ws = _workspace(tmp_path, hostile)
     assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
@@ -239,47 +255,14 @@ def test_a_batch_ended_with_answers_but_no_output_file_is_polled_again_not_retri
         if body["id"] != alpha_id:
             return reply
         polls["alpha"] += 1
-        return Reply.of({**body, "output_file_id": None}) if polls["alpha"] <= 3 else reply
+        return Reply.of({**body, **trimmed_away}) if polls["alpha"] <= 3 else reply
 
     hostile.hooks["GET /v1/batches/{id}"] = trimmed
     hostile.hooks["GET /v1/batches"] = lambda server, seen, reply: Reply(500, b"{}")  # by id
     wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
     code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
     assert code == 0, out + err
-    assert (out + err).count("names no output file") == 1, out + err
-    assert hostile.creates() == 2 and polls["alpha"] > 3
-    assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
-
-
-def test_a_batch_completed_with_no_counts_and_no_file_is_polled_again_not_retried(
-    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Polls answer alpha's batch ``completed`` with no ``request_counts`` and neither an
-    output nor an error file (Together's jobs carry no counts; a provider still writing its
-    files, or a gateway trimming them): a completed batch answered each request in one of
-    its files, so it is kept in flight, not collected with nothing (its three requests were
-    sent again and paid for twice); once whole, the same ``apply --wait`` collects it."""
-    hostile.initial_status = "in_progress"
-    ws = _workspace(tmp_path, hostile)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
-    hostile.finish_all()
-    polls = {"alpha": 0}
-    alpha_id = _batch_id(ws, "alpha")
-
-    def trimmed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
-        body = json.loads(reply.body)
-        if body["id"] != alpha_id:
-            return reply
-        polls["alpha"] += 1
-        bare = {**body, "output_file_id": None, "error_file_id": None, "request_counts": None}
-        return Reply.of(bare) if polls["alpha"] <= 3 else reply
-
-    hostile.hooks["GET /v1/batches/{id}"] = trimmed
-    hostile.hooks["GET /v1/batches"] = lambda server, seen, reply: Reply(500, b"{}")  # by id
-    wait = ["--wait", "--timeout", "30", "--poll-interval", "0.05"]
-    code, out, err = run_cli(["apply", str(ws.root), "--yes", *wait], capsys)
-    assert code == 0, out + err
-    assert (out + err).count("names neither an output nor an error file") == 1, out + err
+    assert (out + err).count(said) == 1, out + err
     assert hostile.creates() == 2 and polls["alpha"] > 3
     assert len(_answers(ws, "alpha")) == 3 and len(_answers(ws, "beta")) == 3
 
