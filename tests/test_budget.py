@@ -215,6 +215,8 @@ def test_a_request_without_a_limit_is_bounded_at_its_models_most(
     assert estimate["max_cost_usd"] == pytest.approx(upper_bound(ws, "think", 10, 100_000))
     code, out, err = apply_wait(ws, capsys)
     assert code == 1 and "maxCostUSD 0.5" in err
+    # the refusal says where the bound comes from, and what lowers it
+    assert "a request that sets none counts 100,000 (what o3-2025-04-16 may answer)" in err
     assert server_is_empty(srv.client())
 
     for line in lines:

@@ -710,6 +710,7 @@ def test_a_dollar_budget_bounds_lines_without_a_limit_at_the_providers_default(
     assert code == 1, err  # 40,100 output tokens at $2/M: over $0.05 (8,292 were under)
     assert json.loads(out)["estimates"]["t"]["max_output_tokens"] == 2 * 20_000 + 100
     assert "maxCostUSD 0.05" in err
+    assert "a request that sets none counts 20,000 (the provider's defaultMaxTokens)" in err
 
     workspace = load_workspace([str(ws.root)])
     bound = line_bound(workspace.resources[0], workspace.project.providers)

@@ -39,7 +39,7 @@ from batchspec.state.ledger import RequestLedger
 from batchspec.state.store import BatchRow, StateStore
 from batchspec.wire.inputs import InputReport
 from batchspec.wire.request_index import RequestBytes, RequestFact
-from batchspec.wire.usage import max_output_of_line, provider_output_limit
+from batchspec.wire.usage import max_output_of_line, provider_output_limit, unset_output_bound
 from batchspec.workspace.manifest import Resource
 from batchspec.workspace.project import ProviderConfig
 from batchspec.workspace.yamldoc import display_path
@@ -264,13 +264,27 @@ def check_budget(
         unknown.about(res.name)
         raise unknown
     if spend.cost_usd > budget.max_cost_usd:
-        raise _refusal(
+        refused = _refusal(
             res,
             f"up to ${spend.cost_usd:,.4f} ({spend.input_tokens:,} input tokens estimated, "
             f"{spend.max_output_tokens:,} output tokens at most; {spend.price_source})",
             f"maxCostUSD {budget.max_cost_usd:g}",
             new,
         )
+        config = providers.get(res.provider)
+        sent_with = provider_output_limit(config.type, config.options) if config else None
+        unset = sent_with or unset_output_bound(spend.model)
+        whose = (
+            "the provider's defaultMaxTokens"
+            if sent_with
+            else f"what {spend.model or 'its model'} may answer"
+        )
+        refused.details.append(
+            "the output bound is each request's max_completion_tokens (or max_tokens) times "
+            f"the choices it asks for; a request that sets none counts {unset:,} ({whose}): "
+            "a limit in the request lines lowers it"
+        )
+        raise refused
 
 
 def _average(total: int, facts: InputReport, count: int, *, up: bool = False) -> int:
