@@ -215,6 +215,15 @@ def test_parallelism_help_names_its_environment_variable(command: str) -> None:
     assert "at most 256" in option
 
 
+@pytest.mark.parametrize("command", ["apply", "cancel", "forget", "import", "state migrate"])
+def test_lock_timeout_help_names_its_environment_variable(command: str) -> None:
+    """`--lock-timeout` help names BATCHSPEC_LOCK_TIMEOUT, which both CI examples set once
+    for every command (only the reference table named it)."""
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
+    option = " ".join(result.output.split("--lock-timeout", 1)[1].split("--", 1)[0].split())
+    assert "[env var: BATCHSPEC_LOCK_TIMEOUT; default: 0.0]" in option
+
+
 @pytest.mark.parametrize(("command", "args"), [("apply", []), ("cancel", ["x"])])
 def test_parallelism_above_its_cap_is_a_usage_error_naming_the_cap(
     command: str,

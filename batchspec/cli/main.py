@@ -165,6 +165,7 @@ def lock_timeout_option(f: F) -> F:
         default=0.0,
         show_default=True,
         envvar="BATCHSPEC_LOCK_TIMEOUT",
+        show_envvar=True,  # the CI examples set it once for every command
         callback=lambda ctx, param, value: _a_number(param, value, finite=False),
         help="Seconds to wait for another run's lock before exiting 3.",
     )(f)
