@@ -9,6 +9,7 @@ unversioned endpoints) and a recorder of what each request carried, so the provi
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,3 +313,34 @@ def test_apply_end_to_end_with_an_azure_provider(
     with ws.store() as store:
         [gen] = store.generations("triage")
         assert gen.status == "complete"
+
+
+def test_an_azure_batch_running_past_a_day_is_adopted_after_the_state_is_lost(
+    azure_server: Callable[..., AzureServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Azure does not expire a batch at 24 h (batch-apis.md): one made 30 hours ago may still
+    be running, so after the state is lost its key lookup finds and adopts it; it looked back
+    over the manifest's 24 h window only, skipped it as too old, and created (and paid for) it
+    again."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    server = azure_server()
+    provider = {"type": "azure", "baseUrl": server.base_url, "apiKeyEnv": KEY_ENV}
+    ws = make_workspace(
+        tmp_path / "ws", providers={"az": provider}, resources=[ResourceSpec("triage", 3, "az")]
+    )
+    wait = ["apply", str(ws.root), "--wait", "--yes", "--poll-interval", "0.05"]
+    assert run_cli(wait, capsys)[0] == 0
+    with server.engine.store.write() as db:
+        db.execute("UPDATE batches SET created_at = created_at - ?", (30 * 3600,))
+    shutil.rmtree(ws.root / "state")
+
+    code, _, err = run_cli(wait, capsys)
+
+    assert code == 0, err
+    assert len(server.engine.list_batches()["data"]) == 1
+    with ws.store() as store:
+        actions = [e.action for e in store.events(resource="triage")]
+    assert "adopt" in actions and "create" not in actions

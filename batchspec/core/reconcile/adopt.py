@@ -145,7 +145,9 @@ _WHY_A_CREATE_LISTS = (
 #: says (Gemini up to 48 h, then EXPIRED; Anthropic 24 h): a key lookup looks back over the
 #: longer of the two, or a batch still running past the manifest's window was skipped as
 #: too old, and created, and paid for, again
-OWN_WINDOWS = {"gemini": "48h", "anthropic": "24h"}
+#: Azure expires no batch at 24 h (one may run on for days): 7 days back, not forever, so a
+#: lookup on a busy resource pages a bounded listing
+OWN_WINDOWS = {"gemini": "48h", "anthropic": "24h", "azure": "7d"}
 
 
 def lookup_since(ctx: RunContext, res: Resource) -> float:
