@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 import threading
@@ -63,6 +64,23 @@ def test_file_object_has_openai_required_fields_and_expiry(tmp_path):
         other = engine.create_file(b"{}", "x.json", "user_data", expires_after_seconds=3600)
     for key in ("id", "object", "bytes", "created_at", "filename", "purpose", "status"):
         assert batch_file[key] is not None, key
+    assert batch_file["expires_at"] - batch_file["created_at"] == 30 * 24 * 3600
+    assert other["expires_at"] - other["created_at"] == 3600
+
+
+def test_a_files_expiry_counts_from_its_own_created_at(tmp_path, monkeypatch):
+    """A new file's expires_at is its created_at plus its lifetime, from one clock read: two
+    reads (the expiry before the bytes were stored, created_at after) made a 30-day file's
+    expiry a second short whenever a second ticked in between (a flaky CI run found it)."""
+    import batchspec.engine.core as core
+    import batchspec.engine.store as store
+
+    ticks = itertools.count(1_800_000_000)  # every read a second later
+    monkeypatch.setattr(core, "now", lambda: next(ticks))
+    monkeypatch.setattr(store, "now", lambda: next(ticks))
+    with open_engine(tmp_path) as engine:
+        batch_file = engine.create_file(b"{}\n", "in.jsonl", "batch")
+        other = engine.create_file(b"{}", "x.json", "user_data", expires_after_seconds=3600)
     assert batch_file["expires_at"] - batch_file["created_at"] == 30 * 24 * 3600
     assert other["expires_at"] - other["created_at"] == 3600
 

@@ -222,7 +222,7 @@ class Engine:
         ``file_id`` when a dialect announced the id before the bytes came: Together's)."""
         try:
             _check_purpose(purpose)
-            expires_at = _file_expiry(purpose, expires_after_seconds)
+            lifetime = _file_lifetime(purpose, expires_after_seconds)
             sha256 = writer.commit()
         except BaseException:
             writer.discard()
@@ -232,7 +232,7 @@ class Engine:
             size=writer.size,
             filename=filename or "upload.jsonl",
             purpose=purpose,
-            expires_at=expires_at,
+            expires_after=lifetime,
             file_id=file_id,
         )
         return file_object(row)
@@ -409,13 +409,14 @@ def _check_purpose(purpose: str) -> None:
         )
 
 
-def _file_expiry(purpose: str, expires_after_seconds: int | None) -> int | None:
+def _file_lifetime(purpose: str, expires_after_seconds: int | None) -> int | None:
+    """Seconds a new file lives from its ``created_at`` (None: for ever)."""
     if expires_after_seconds is not None:
         _check_expires_after(
             {"anchor": "created_at", "seconds": expires_after_seconds}, param="expires_after"
         )
-        return now() + expires_after_seconds
-    return now() + BATCH_FILE_EXPIRY if purpose == "batch" else None
+        return expires_after_seconds
+    return BATCH_FILE_EXPIRY if purpose == "batch" else None
 
 
 def _check_expires_after(value: Mapping[str, Any] | None, *, param: str) -> None:

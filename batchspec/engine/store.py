@@ -243,12 +243,16 @@ class Store:
         size: int,
         filename: str,
         purpose: str,
-        expires_at: int | None,
+        expires_after: int | None,
         db: sqlite3.Connection | None = None,
         file_id: str | None = None,
     ) -> sqlite3.Row:
+        """Record a file; ``expires_after``: seconds from its ``created_at`` (one clock read:
+        two reads a second apart made a 30-day expiry 30 days less a second)."""
         file_id = file_id or new_id("file-")
-        values = (file_id, sha256, size, filename, purpose, now(), expires_at)
+        created = now()
+        expires_at = None if expires_after is None else created + expires_after
+        values = (file_id, sha256, size, filename, purpose, created, expires_at)
         sql = (
             "INSERT INTO files (id, sha256, bytes, filename, purpose, created_at, expires_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -456,7 +460,7 @@ class Store:
                         size=stored.size,
                         filename=stored.filename,
                         purpose="batch_output",
-                        expires_at=None,
+                        expires_after=None,
                         db=db,
                     )["id"]
             columns = {**ids, **timestamps}
