@@ -49,6 +49,19 @@ def lose_state(ws: Workspace) -> None:
     shutil.rmtree(ws.root / "state")
 
 
+def converge(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    """`apply --wait --yes`, which must exit 0."""
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+
+
+def assert_every_request_answered(ws: Workspace) -> None:
+    """triage's results hold one answer (200) per request, in input order."""
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
+    assert all(r["response"]["status_code"] == 200 for r in outputs)
+
+
 def keys_on_server(srv: ProbedServer) -> list[tuple[str, str]]:
     """(shard, attempt) of every batch the server holds for resource triage (the attempt's
     number, without the digest of a shard file's content)."""
@@ -72,16 +85,14 @@ def test_apply_wait_after_the_state_is_deleted_adopts_every_shard_and_restores_r
     on the server, each adopted after a recorded lookup, results complete and identical."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     first = ws.output_path("triage").read_bytes()
     creates = srv.probe.counts["POST /batches"]
     assert creates == 3
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.probe.counts["POST /batches"] == creates
     assert keys_on_server(srv) == [("0", "1"), ("1", "1"), ("2", "1")]
     lookups = events(ws, "lookup")
@@ -103,15 +114,12 @@ def test_apply_after_a_submit_only_run_lost_its_state_adopts_and_collects(
     assert srv.probe.counts["POST /batches"] == 3
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.probe.counts["POST /batches"] == 3
     assert keys_on_server(srv) == [("0", "1"), ("1", "1"), ("2", "1")]
     assert len(events(ws, "adopt")) == 3
-    outputs = ws.outputs("triage")
-    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
-    assert all(r["response"]["status_code"] == 200 for r in outputs)
+    assert_every_request_answered(ws)
 
 
 def spec_hash_of(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> str:
@@ -212,8 +220,7 @@ def test_a_keyed_batch_within_the_window_is_adopted_even_pages_back(
     [lookup] = events(ws, "lookup")
     assert (lookup["remote_id"], lookup["listed"]) == (own, 5)
     assert [d["remote_id"] for d in events(ws, "adopt")] == [own]
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     assert srv.probe.counts["POST /batches"] == creates_before
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
 
@@ -237,15 +244,13 @@ def test_mistral_and_gemini_batches_are_adopted_after_the_state_is_lost(
     apply --wait, delete state/, apply --wait: still one batch per shard, results identical."""
     srv = server()
     ws = typed_workspace(tmp_path / "ws", kind, srv.base_url)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     first = ws.output_path("triage").read_bytes()
     assert srv.batch_count() == 2
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.batch_count() == 2
     assert len(events(ws, "adopt")) == 2 and not events(ws, "create")
     assert ws.output_path("triage").read_bytes() == first
@@ -261,15 +266,13 @@ def test_a_gemini_batch_older_than_the_manifests_window_but_within_geminis_is_ad
     manifest's window and created, and paid for, again."""
     srv = server()
     ws = typed_workspace(tmp_path / "ws", "gemini", srv.base_url)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     with srv.engine.store.write() as db:
         db.execute("UPDATE batches SET created_at = created_at - ?", (30 * 3600,))
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.batch_count() == 2
     assert len(events(ws, "adopt")) == 2 and not events(ws, "create")
 
@@ -281,13 +284,11 @@ def test_anthropic_batches_are_not_recognised_after_the_state_is_lost(
     journal under state/ is gone, so the lookup finds nothing and a new batch is created."""
     srv = server()
     ws = typed_workspace(tmp_path / "ws", "anthropic", srv.base_url)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.batch_count() == 4
     assert all(d["remote_id"] is None for d in events(ws, "lookup"))
 
@@ -336,22 +337,17 @@ def test_a_lost_state_does_not_adopt_a_batch_of_a_generation_that_kept_answers(
     file's content'), the resource stuck until `--replace` paid for it all again."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     lines = request_lines(6)
     lines[5]["body"]["messages"][0]["content"] = "Say something else."
     ws.write_input("triage", lines)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     assert srv.probe.counts["POST /batches"] == 4  # the changed request alone, in shard 1
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
-    outputs = ws.outputs("triage")
-    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
-    assert all(r["response"]["status_code"] == 200 for r in outputs)
+    assert_every_request_answered(ws)
 
 
 def test_a_lost_state_with_other_shard_limits_does_not_adopt_batches_of_another_layout(
@@ -363,17 +359,13 @@ def test_a_lost_state_with_other_shard_limits_does_not_adopt_batches_of_another_
     answering none of its requests, it was refused as another file's content on every run."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     lose_state(ws)
     write_manifest(ws, ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 4}}))
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
-    outputs = ws.outputs("triage")
-    assert [r["custom_id"] for r in outputs] == ws.input_ids("triage")
-    assert all(r["response"]["status_code"] == 200 for r in outputs)
+    assert_every_request_answered(ws)
 
 
 def test_a_lost_state_adopts_the_batches_a_renamed_resource_made_under_its_old_name(
@@ -385,19 +377,16 @@ def test_a_lost_state_adopts_the_batches_a_renamed_resource_made_under_its_old_n
     name's key only, and paid for every request a second time."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     path = ws.manifest_path("triage")
     doc = yaml.safe_load(path.read_text())
     doc["metadata"].update(name="triage2", moved={"from": "triage"})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     lose_state(ws)
 
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+    converge(ws, capsys)
 
-    assert code == 0, err
     assert srv.probe.counts["POST /batches"] == 3
     assert [r["custom_id"] for r in ws.outputs("triage")] == ws.input_ids("triage")
 
@@ -412,14 +401,12 @@ def test_a_replacement_after_a_lost_state_does_not_adopt_the_old_names_batches(
     for again would silently be the old ones."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     path = ws.manifest_path("triage")
     doc = yaml.safe_load(path.read_text())
     doc["metadata"].update(name="triage2", moved={"from": "triage"})
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
-    assert code == 0, err
+    converge(ws, capsys)
     lose_state(ws)
 
     replace = ["--replace", "triage2", "--no-reuse"]
