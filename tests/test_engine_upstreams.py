@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import ssl
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -237,6 +238,29 @@ def test_http_upstream_round_trip_with_key_chunked_bodies_and_keep_alive():
     assert idle <= 2
 
 
+def chat_answers(handler: Any, key: str, *bodies: dict[str, Any]) -> list[Any]:
+    """What an HttpUpstream sending API key ``key`` gets for each of ``bodies`` from a
+    loopback server whose /v1/chat/completions is ``handler``."""
+    server = start_in_thread(
+        Starlette(routes=[Route("/v1/chat/completions", handler, methods=["POST"])])
+    )
+
+    async def run() -> list[Any]:
+        upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
+        try:
+            return [
+                await upstream.send("/v1/chat/completions", body, custom_id="a", attempt=0)
+                for body in bodies
+            ]
+        finally:
+            await upstream.aclose()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        server.stop()
+
+
 def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
     """An upstream (a careless proxy) whose 401 quotes the Authorization header, as JSON or
     as text: the key is not in the answer the engine records as the line's result, so not in
@@ -249,24 +273,7 @@ def test_an_upstream_quoting_its_key_in_an_answer_gets_it_redacted():
             return PlainTextResponse(said, status_code=401)
         return JSONResponse({"error": {"message": said, "code": "invalid_api_key"}}, 401)
 
-    server = start_in_thread(
-        Starlette(routes=[Route("/v1/chat/completions", refuse, methods=["POST"])])
-    )
-    try:
-
-        async def run():
-            upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
-            try:
-                return [
-                    await upstream.send("/v1/chat/completions", body, custom_id="a", attempt=0)
-                    for body in ({}, {"text": True})
-                ]
-            finally:
-                await upstream.aclose()
-
-        as_json, as_text = asyncio.run(run())
-    finally:
-        server.stop()
+    as_json, as_text = chat_answers(refuse, key, {}, {"text": True})
     assert as_json.status_code == as_text.status_code == 401
     assert as_json.body["error"]["message"] == "invalid credentials: Bearer [redacted]"
     assert as_text.body == "invalid credentials: Bearer [redacted]"
@@ -285,21 +292,7 @@ def test_an_upstream_quoting_its_key_in_a_header_or_escaped_gets_it_redacted():
         body = {"error": {"message": said, "code": "invalid_api_key"}}
         return JSONResponse(body, 401, headers={"x-request-id": f"req {auth}"})
 
-    server = start_in_thread(
-        Starlette(routes=[Route("/v1/chat/completions", refuse, methods=["POST"])])
-    )
-    try:
-
-        async def run():
-            upstream = HttpUpstream(f"{server.base_url}/v1", api_key=key)
-            try:
-                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
-            finally:
-                await upstream.aclose()
-
-        got = asyncio.run(run())
-    finally:
-        server.stop()
+    [got] = chat_answers(refuse, key, {})
     assert got.status_code == 401
     assert got.request_id == "req Bearer [redacted]"
     assert "SENTINEL0" not in json.dumps(got.body), got.body
@@ -313,21 +306,7 @@ def test_a_placeholder_key_is_not_redacted_out_of_answers():
         said = f"text: {request.headers.get('authorization')}; max x-ray"
         return JSONResponse({"choices": [{"message": {"content": said}}], "index": 0})
 
-    server = start_in_thread(
-        Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
-    )
-    try:
-
-        async def run():
-            upstream = HttpUpstream(f"{server.base_url}/v1", api_key="x")
-            try:
-                return await upstream.send("/v1/chat/completions", {}, custom_id="a", attempt=0)
-            finally:
-                await upstream.aclose()
-
-        got = asyncio.run(run())
-    finally:
-        server.stop()
+    [got] = chat_answers(answer, "x", {})
     assert got.body == {
         "choices": [{"message": {"content": "text: Bearer x; max x-ray"}}],
         "index": 0,
