@@ -180,15 +180,23 @@ def record_create_not_sent(ctx: RunContext, res: Resource, batch: BatchRow) -> N
     ``--parallelism`` or ``maxConcurrency``) made nothing: its intent is ``pending`` again (a
     ``create-not-sent`` event), so the next run creates it at once instead of waiting
     ``createConfirmSeconds`` for a batch that cannot arrive."""
+    _pending_again(ctx, res, batch, "create-not-sent", {})
+
+
+def _pending_again(
+    ctx: RunContext, res: Resource, batch: BatchRow, action: str, detail: dict[str, object]
+) -> None:
+    """A create known to have made nothing: its intent ``pending`` again, with the event
+    ``action`` saying why."""
     with ctx.store.atomic():
         ctx.store.update_batch(batch.id, status="pending")
         ctx.store.record_event(
             ctx.run_id,
-            "create-not-sent",
+            action,
             resource=res.name,
             generation_id=batch.generation_id,
             batch_id=batch.id,
-            detail={"key": batch.key},
+            detail={"key": batch.key, **detail},
         )
 
 
@@ -204,16 +212,9 @@ def record_create_refused(
     create) leaves it ``creating``: looked up first."""
     if not err.sent_nothing:
         return
-    with ctx.store.atomic():
-        ctx.store.update_batch(batch.id, status="pending")
-        ctx.store.record_event(
-            ctx.run_id,
-            "create-refused",
-            resource=res.name,
-            generation_id=batch.generation_id,
-            batch_id=batch.id,
-            detail={"key": batch.key, "http_status": err.status, "error": err.message},
-        )
+    _pending_again(
+        ctx, res, batch, "create-refused", {"http_status": err.status, "error": err.message}
+    )
     # said of each one: side by side, only the first failure is raised, and a create said to
     # be "creating" with nothing after it may have made a batch, for all CI can tell
     status = f" (HTTP {err.status})" if err.status else ""
