@@ -731,6 +731,10 @@ def test_spec_hash_changes_with_the_completion_window(tmp_path: Path) -> None:
         pytest.param("fast", "8d", "it takes 24h to 7d", id="groq-8d"),
         pytest.param("fast", "7d", None, id="groq-7d"),
         pytest.param("claude", "48h", None, id="anthropic-own-window"),
+        pytest.param("le", "30d", "it takes 1h to 7d", id="mistral-30d"),
+        pytest.param("le", "169h", "it takes 1h to 7d", id="mistral-169h"),
+        pytest.param("le", "168h", None, id="mistral-168h"),
+        pytest.param("le", "1h", None, id="mistral-1h"),
         # a single window is matched as written: the create refuses "1d" for "24h"
         pytest.param("local", "1d", "it takes only 24h", id="local-1d"),
         # type openai elsewhere than OpenAI is any compatible API (Groq's, a gateway): its own
@@ -745,7 +749,7 @@ def test_a_completion_window_the_provider_refuses_is_a_manifest_problem(
     uploaded (the provider refused it at the create, after the upload); types with a window
     of their own (Anthropic) are not checked."""
     project = PROJECT + (
-        "providers: {fast: {type: groq}, claude: {type: anthropic},\n"
+        "providers: {fast: {type: groq}, claude: {type: anthropic}, le: {type: mistral},\n"
         "  gateway: {type: openai, baseUrl: 'http://127.0.0.1:9/openai/v1'},\n"
         "  routed: {type: openai, options: {litellmModel: m}}}\n"
     )

@@ -1037,6 +1037,8 @@ COMPLETION_WINDOWS: dict[str, tuple[str, str]] = {
     "together": ("24h", "24h"),
     "local": ("24h", "24h"),
     "groq": ("24h", "7d"),
+    # Mistral's timeout_hours (1-168): a longer window was sent as 168 h, silently shorter
+    "mistral": ("1h", "7d"),
 }
 
 
