@@ -175,8 +175,9 @@ def test_a_run_reading_an_uncommitted_manifest_or_input_is_dirty(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A manifest or an input that git does not track is not in the commit a run records: the
-    run is `+ uncommitted changes`, as for an edited tracked file; an untracked file the run
-    does not read (a result, a note, another resource's manifest) leaves it clean."""
+    run is `+ uncommitted changes`, as for an edited tracked file (a gitignored one too); an
+    untracked file the run does not read (a result, a note, another resource's manifest) leaves
+    it clean."""
     root = tmp_path / "repo" / "ws"  # a workspace in a subfolder of its repository
     priced_workspace(root, ResourceSpec("alpha", count=2))
     commit(root.parent, "alpha")
@@ -214,4 +215,12 @@ def test_a_run_reading_an_uncommitted_manifest_or_input_is_dirty(
     commit_index("untrack beta's input")
     assert dirty_of_a_plan(str(root)) is True  # data/beta.jsonl is untracked
     commit_only("data/beta.jsonl", "beta's input again")
+    assert dirty_of_a_plan(str(root)) is False
+    # a gitignored input is no more in the commit than an untracked one
+    git(root, "rm", "-q", "--cached", "data/beta.jsonl")
+    (root / ".gitignore").write_text("*.jsonl\n")
+    commit_only(".gitignore", "ignore inputs")
+    assert dirty_of_a_plan(str(root)) is True
+    git(root, "add", "-f", "data/beta.jsonl")
+    commit_index("beta's input, ignored but tracked")
     assert dirty_of_a_plan(str(root)) is False

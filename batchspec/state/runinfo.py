@@ -223,13 +223,15 @@ def git_info(cwd: Path) -> GitInfo:
 
 def with_untracked_reads(info: RunInfo, cwd: Path, read: Iterable[Path]) -> RunInfo:
     """``info``, dirty if git does not track one of the files the run ``read`` (its manifests,
-    inputs, project file): the commit it records does not hold them. Untracked files the run
-    did not read (results, notes) leave it as it was; so does a git that cannot tell."""
+    inputs, project file), gitignored ones included: the commit it records does not hold them.
+    Untracked files the run did not read (results, notes) leave it as it was; so does a git
+    that cannot tell."""
     if info.git_dirty is not False:  # dirty already, or outside git
         return info
-    # every untracked file of the checkout (an untracked folder as one entry, "dir/"), named
-    # relative to ``cwd``; ignored files are not listed
-    out = _git_run(cwd, "ls-files", "--others", "--exclude-standard", "--directory", "-z", ":/")
+    # every file of the checkout git does not track, ignored ones too (no --exclude-standard:
+    # a gitignored input is no more in the commit than an untracked one), an untracked folder
+    # as one entry ("dir/"), named relative to ``cwd``
+    out = _git_run(cwd, "ls-files", "--others", "--directory", "-z", ":/")
     if out is None or out.returncode != 0 or not out.stdout:
         return info
     untracked = [(cwd / name).resolve() for name in out.stdout.split("\0") if name]
