@@ -172,7 +172,9 @@ def test_plan_refuses_a_dollar_budget_and_apply_uploads_nothing(
 
     code, out, err = run_cli(["plan", str(ws.root), "--detailed-exitcode"], capsys)
     assert code == 1
-    assert "maxCostUSD 0.05" in err and "nothing was uploaded" in err
+    # plan uploads nothing in any case: it says what apply would do
+    assert "maxCostUSD 0.05" in err and "; apply would upload nothing" in err
+    assert "nothing was uploaded" not in err
     assert f"≤ ${bound:,.4f}" in out and "total:" in out
 
     code, out, err = run_cli(["plan", str(ws.root), "--json"], capsys)

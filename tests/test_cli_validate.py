@@ -561,10 +561,14 @@ def test_a_request_larger_than_max_bytes_per_batch_is_refused_before_any_upload(
         "line_over_batch_limit",
     )
     monkeypatch.chdir(ws)
-    for command in (["plan"], ["apply", "--yes"]):
+    # each says what the refusal means for it: plan uploads nothing in any case
+    for command, outcome in (
+        (["plan"], "; apply would upload nothing"),
+        (["apply", "--yes"], "; nothing was uploaded"),
+    ):
         code, _, err = run_main(command, capsys)
         assert code == 1 and said in err and "a.jsonl:2: " in err
-    assert "nothing was uploaded" in err
+        assert outcome in err
     assert not (ws / "state" / "local").exists()
 
 

@@ -151,6 +151,26 @@ def test_import_refuses_a_batch_of_another_input_even_with_force(
         assert store.list_resources() == []
 
 
+def test_import_of_a_resource_whose_input_is_invalid_imports_nothing(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resource whose own input has a bad line is refused before the batch is read: the
+    error says nothing was imported (it uploads nothing in any case), nothing is recorded."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv)
+    batch_id, _ = remote_batch(srv, ws.input_path("triage").read_bytes())
+    with ws.input_path("triage").open("a") as f:
+        f.write("{not json\n")
+
+    code, out, err = run_cli(["import", "triage", batch_id, str(ws.root)], capsys)
+
+    assert code == 1
+    assert "problem(s) in the input of triage; nothing was imported" in err
+    assert "uploaded" not in err
+    with ws.store() as store:
+        assert store.list_resources() == []
+
+
 def test_import_of_an_unverifiable_batch_needs_force(
     tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -158,6 +158,9 @@ SHORTEST_POLL_PAUSE = 0.1
 # polling every 0.5 s from its create (then the interval backs off from FIRST_POLL_INTERVAL)
 QUICK_POLL_GRID = 0.25
 QUICK_POLL_SECONDS = 2.0
+# how plan ends an input or budget refusal (apply's: "nothing was uploaded"; plan uploads
+# nothing in any case)
+PLAN_REFUSAL = "apply would upload nothing"
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def plan_workspace(
         require_resources(ws, paths, prune=prune, named=names_each(select))
         resources = select_resources(ws, select)
         require_replaceable(resources, replace)
-        facts = validate_inputs(ws, resources, cache)
+        facts = validate_inputs(ws, resources, cache, PLAN_REFUSAL)
     elsewhere, warnings = _names_elsewhere(ws, paths, prune=prune)
     warnings = [*unlisted_manifests_warnings(ws), *warnings]
     args = {
@@ -259,7 +262,9 @@ def plan_workspace(
         )
         outputs = measured_outputs(plan, resources, store, indexed_requests(cache, facts), ws)
         refusals: list[BatchspecError] = [
-            *budget_refusals(plan, resources, facts, store, ws.project.providers, outputs),
+            *budget_refusals(
+                plan, resources, facts, store, ws.project.providers, outputs, PLAN_REFUSAL
+            ),
             *overwritten_orphan_results(store, plan, resources, ws.project.root, elsewhere),
         ]
         warnings += rename_hints(store, plan, _unmoved_inputs(resources, facts))
@@ -1384,10 +1389,11 @@ def budget_refusals(
     store: StateStore,
     providers: Mapping[str, ProviderConfig],
     outputs: Mapping[str, int],
+    outcome: str = "nothing was uploaded",
 ) -> list[BudgetError]:
     """Every spending action that would take its generation over budget: the same check
     apply makes before recording intents and retries, on the same counts (``outputs``:
-    ``measured_outputs``)."""
+    ``measured_outputs``); each refusal ends with ``outcome``."""
     by_name = {r.name: r for r in resources}
     refusals = []
     for action in plan.spending:
@@ -1409,6 +1415,7 @@ def budget_refusals(
                 sent=sent_by(store, facts[res.name], sent),
                 new_input_tokens=action.estimated_input_tokens,
                 new_output_tokens=new_output_tokens,
+                outcome=outcome,
             )
         except BudgetError as err:
             refusals.append(err)

@@ -215,8 +215,11 @@ def check_budget(
     sent: Sent | None = None,
     new_input_tokens: int | None = None,
     new_output_tokens: int | None = None,
+    outcome: str = "nothing was uploaded",
 ) -> None:
-    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget.
+    """Raise ``BudgetError`` if ``new`` more requests would take the generation over budget;
+    its message ends with ``outcome`` (what the refusal means for the command: ``plan`` uploads
+    nothing in any case).
 
     ``sent`` (what the generation's batches carried so far), ``new_input_tokens`` and
     ``new_output_tokens`` (of exactly the requests to send) are measured by the caller: the
@@ -228,7 +231,9 @@ def check_budget(
         return
     total = submitted + new
     if budget.max_requests is not None and total > budget.max_requests:
-        raise _refusal(res, f"{total:,} requests", f"maxRequests {budget.max_requests:,}", new)
+        raise _refusal(
+            res, f"{total:,} requests", f"maxRequests {budget.max_requests:,}", new, outcome
+        )
     if sent is None:
         sent = Sent(
             _average(facts.bytes, facts, submitted),
@@ -241,7 +246,11 @@ def check_budget(
     tokens = estimate_input_tokens(sent.bytes) + new_input_tokens
     if budget.max_input_tokens is not None and tokens > budget.max_input_tokens:
         raise _refusal(
-            res, f"~{tokens:,} input tokens", f"maxInputTokens {budget.max_input_tokens:,}", new
+            res,
+            f"~{tokens:,} input tokens",
+            f"maxInputTokens {budget.max_input_tokens:,}",
+            new,
+            outcome,
         )
     if budget.max_cost_usd is None:
         return
@@ -258,7 +267,7 @@ def check_budget(
             f"the price of {spend.model or 'its model (several or none named)'} "
             f"on provider {res.provider!r} is unknown, so its budget (maxCostUSD "
             f"{budget.max_cost_usd:g}) cannot be checked (give it under providers."
-            f"{res.provider}.pricing in batchspec.yaml); nothing was uploaded",
+            f"{res.provider}.pricing in batchspec.yaml); {outcome}",
             details=["pricing takes USD per million input and output tokens, per model or '*'"],
         )
         unknown.about(res.name)
@@ -270,6 +279,7 @@ def check_budget(
             f"{spend.max_output_tokens:,} output tokens at most; {spend.price_source})",
             f"maxCostUSD {budget.max_cost_usd:g}",
             new,
+            outcome,
         )
         config = providers.get(res.provider)
         sent_with = provider_output_limit(config.type, config.options) if config else None
@@ -295,11 +305,11 @@ def _average(total: int, facts: InputReport, count: int, *, up: bool = False) ->
     return -(-total * count // facts.requests) if up else total * count // facts.requests
 
 
-def _refusal(res: Resource, amount: str, limit: str, new: int) -> BudgetError:
+def _refusal(res: Resource, amount: str, limit: str, new: int, outcome: str) -> BudgetError:
     """The refusal, about ``res``: ``[NAME] submitting ...`` (the ``--json`` error names it)."""
     refused = BudgetError(
         f"submitting {new:,} more request(s) would bring this generation to "
-        f"{amount}, over its budget ({limit}); nothing was uploaded",
+        f"{amount}, over its budget ({limit}); {outcome}",
         details=[
             f"raise spec.budget in {display_path(res.source.file)} (it falls back field by "
             "field to defaults.budget in batchspec.yaml) or shrink the input to go on"

@@ -131,7 +131,7 @@ def import_batch(
     """``batchspec import NAME BATCH_ID``: adopt a remote batch as NAME's current generation."""
     with open_workspace(paths, state_path) as (ws, cache):
         res = resource_named(ws, name)
-        facts = validate_inputs(ws, [res], cache)[name]
+        facts = validate_inputs(ws, [res], cache, "nothing was imported")[name]
     requests = indexed_requests(cache, {name: facts})  # the validating scan's index: no re-read
     require_one_shard(res, facts, shard_limits(ws, res), requests)
     args = {"paths": list(paths), "name": name, "batch_id": batch_id, "force": force}

@@ -149,9 +149,13 @@ def select_resources(ws: Workspace, select: Sequence[str]) -> list[Resource]:
 
 
 def validate_inputs(
-    ws: Workspace, resources: Sequence[Resource], cache: InputCache
+    ws: Workspace,
+    resources: Sequence[Resource],
+    cache: InputCache,
+    outcome: str = "nothing was uploaded",
 ) -> dict[str, InputReport]:
-    """Validate every selected input before anything else happens; fail listing them all."""
+    """Validate every selected input before anything else happens; fail listing them all,
+    saying ``outcome`` (what the failure means for the command)."""
     facts: dict[str, InputReport] = {}
     failures: list[BatchspecError] = []
     for res in resources:
@@ -200,11 +204,11 @@ def validate_inputs(
     if len(failures) == 1:
         [only] = failures
         if type(only) is InputError:  # one of the above: said once, here (several: below)
-            raise InputError(f"{only.message}; nothing was uploaded", details=only.details)
+            raise InputError(f"{only.message}; {outcome}", details=only.details)
         raise only
     if failures:
         raise type(failures[0])(
-            f"{len(failures)} batch inputs are invalid; nothing was uploaded",
+            f"{len(failures)} batch inputs are invalid; {outcome}",
             details=[line for err in failures for line in [err.message, *err.details]],
         )
     return facts
