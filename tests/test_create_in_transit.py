@@ -131,3 +131,27 @@ def test_a_create_slower_than_the_timeout_is_sent_once(
     with ws.store() as store:
         actions = [e.action for e in store.events(resource="triage")]
     assert actions.count("create-unconfirmed") == 1 and "adopt" in actions
+
+
+def test_a_create_made_whose_answer_was_lost_is_recorded_as_found_after_its_error(
+    tmp_path: Path,
+    gateway: Callable[[], tuple[ServeProcess, SlowGateway]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The provider made the batch at once but its answer came after batchspec's timeout:
+    the create's lookup finds it straight away, and the audit's `create` event says it was
+    found after an unclear answer (the timeout), not that the create simply succeeded."""
+    srv, gw = gateway()
+    gw.hold.clear()
+    gw.hold_answers[CREATE] = HOLD
+    ws = workspace(tmp_path / "ws", gw, timeout=1)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code == 0, err
+    assert gw.forwarded[CREATE] == 1
+    assert_one_batch_with_every_answer(ws, srv)
+    with ws.store() as store:
+        [create] = [e for e in store.events(resource="triage") if e.action == "create"]
+    assert "timed out" in create.detail["found_after"], create.detail
+    assert SENTINEL_KEY not in create.detail["found_after"]

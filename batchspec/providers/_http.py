@@ -681,7 +681,7 @@ def create_or_adopt(
                 err.sent_nothing = False  # said of the lookup; the create may have been made
                 raise
             if made is not None:
-                return made
+                return dataclasses.replace(made, found_after=str(lost))
             if not resend or not lost.retryable or not policy.can_retry(retries_done):
                 raise
             sleep(policy.delay(retries_done, rand=rand))

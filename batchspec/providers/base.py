@@ -92,6 +92,9 @@ class RemoteBatch:
     created_at: int | None = None
     expires_at: int | None = None
     completed_at: int | None = None
+    #: the error of a create that got no clear answer, when this is the batch it was then
+    #: found to have made (``_http.create_or_adopt``): the audit records the create so
+    found_after: str | None = None
 
     @property
     def is_terminal(self) -> bool:

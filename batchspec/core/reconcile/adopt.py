@@ -272,6 +272,8 @@ def record_remote(
                 "status": remote.status,
                 "shard": batch.shard,
                 "attempt": batch.attempt,
+                # a create that got no clear answer (a 5xx, a timeout) and was then found
+                **({"found_after": remote.found_after} if remote.found_after else {}),
             },
         )
     verb = "adopted" if event == "adopt" else "created"
