@@ -60,7 +60,8 @@ from types import TracebackType
 from batchspec.errors import StateError, StateLockedError
 from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
-from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.state.runs import run_session_key
+from batchspec.state.store import LockRow, RunRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import (
     DatabaseBusyError,
     DatabaseError,
@@ -616,6 +617,20 @@ def held_locks(store: StateStore) -> list[HeldLock]:
     return [HeldLock(key, holder) for key, holder in rows.items()]
 
 
+def runs_whose_session_ended(store: StateStore, runs: Iterable[RunRow]) -> frozenset[int]:
+    """PostgreSQL: the ids of those ``runs`` that recorded no end and whose session lock
+    (``batchspec.state.runs.run_session_key``) nobody holds now: killed, on whatever host,
+    before they recorded their end (one read of the runs and one of ``pg_locks``, however
+    many runs). Empty for SQLite, and for runs that never held one (``m008``'s docstring)."""
+    if store.dialect != "postgresql":
+        return frozenset()
+    candidates = store.unfinished_runs_with_session_lock(r.id for r in runs if r.ended_at is None)
+    if not candidates:
+        return frozenset()
+    held = _held_advisory_keys(store)
+    return frozenset(i for i in candidates if run_session_key(store.db, i) not in held)
+
+
 def current_lock(store: StateStore, resource: str | None = None) -> LockHolder | None:
     """The live holder of ``resource``'s lock (None: of any lock), or None if it is free."""
     for lock in held_locks(store):
@@ -726,4 +741,5 @@ __all__ = [
     "holder_process_gone",
     "lock_keys",
     "pid_is_alive",
+    "runs_whose_session_ended",
 ]

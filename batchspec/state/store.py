@@ -5,7 +5,8 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
 
 * ``runs``: one row per command that read or changed state, with its provenance
   (``batchspec.state.runinfo.RunInfo``): user, host, pid, git commit (and its time)/branch/dirty,
-  CI run URL.
+  CI run URL; ``session_lock`` (PostgreSQL): the run holds a session lock keyed on its id
+  until it records its end, so any host can tell a killed run (``batchspec.state.runs``).
 * ``resources``: one row per manifest resource ever seen, keyed by name; ``forgotten_at`` is
   set instead of deleting, so history keeps making sense.
 * ``generations``: one row per (resource, spec hash), with the spec as JSON, the input's
