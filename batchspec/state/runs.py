@@ -183,15 +183,16 @@ class RunsAndEvents(StateConnection):
     def unfinished_runs_with_session_lock(self, run_ids: Iterable[int]) -> set[int]:
         """Which of ``run_ids`` recorded no end and hold a session lock while they run (a
         PostgreSQL run recorded since ``m008_run_session_lock``; module docstring)."""
-        wanted = sorted(set(run_ids))
+        wanted = set(run_ids)
         if not wanted:
             return set()
+        # a range, not a list: `history --limit` has no bound, a statement's parameters have
         rows = self._all(
             "SELECT id FROM runs WHERE ended_at IS NULL AND session_lock = 1 "
-            f"AND id IN ({', '.join('?' * len(wanted))})",
-            wanted,
+            "AND id BETWEEN ? AND ?",
+            (min(wanted), max(wanted)),
         )
-        return {int(row["id"]) for row in rows}
+        return {int(row["id"]) for row in rows} & wanted
 
     def get_run(self, run_id: int) -> RunRow:
         row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
