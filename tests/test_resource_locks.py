@@ -11,6 +11,7 @@ its lock, never by sleeping in the product.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -414,3 +415,69 @@ def test_a_process_holding_the_database_write_lock_is_a_lock_exit_3(
         holder.close()
     code, _, err = run_cli(["apply", str(ws.root), "--wait"], capsys)
     assert code == 0, err
+
+
+#: a second process that holds the SQLite state's write lock (BEGIN IMMEDIATE) until stdin ends
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def write_lock_held(state: Path | str) -> Iterator[None]:
+    """The state's database write lock held by another connection for the block: another
+    process's BEGIN IMMEDIATE on the SQLite file; PostgreSQL's writer lock (a transaction)."""
+    if isinstance(state, Path):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_WRITE_LOCK, str(state)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            yield
+        finally:
+            holder.kill()
+            holder.wait()
+        return
+    with StateStore.open(state) as store:
+        store.db.begin_writer()
+        try:
+            yield
+        finally:
+            store.db.rollback()
+
+
+def test_a_busy_database_is_waited_for_as_long_as_the_lock_timeout(
+    tmp_path: Path, state_location: Path | str
+) -> None:
+    """Another process inside a write transaction on the state: `apply --lock-timeout 1`
+    exits 3 within a few seconds (it waited the 30 s busy timeout whatever it was told),
+    naming the wait and --lock-timeout, and records nothing (its run row included)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=(ResourceSpec("triage", count=2, provider="here"),),
+    )
+    env = env_for(state_location)
+    argv = batchspec_cmd("apply", str(ws.root), "--yes", "--wait")
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=120).returncode == 0
+    with StateStore.open(state_location) as store:
+        runs_before = len(store.runs())
+    with write_lock_held(state_location):
+        began = time.monotonic()
+        done = subprocess.run(
+            [*argv, "--lock-timeout", "1"], env=env, capture_output=True, text=True, timeout=25
+        )
+        took = time.monotonic() - began
+    assert done.returncode == 3, done.stderr
+    assert took < 12, took  # the 2 s floor, and a process's start
+    assert "stayed busy for 2 s" in done.stderr, done.stderr
+    assert "this run changed nothing" in done.stderr and "--lock-timeout" in done.stderr
+    with StateStore.open(state_location) as store:
+        assert len(store.runs()) == runs_before

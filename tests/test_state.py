@@ -132,6 +132,7 @@ MIGRATION_NAMES = [
     "m005_resource_locks",
     "m006_blobs",
     "m007_run_commit_time",
+    "m008_run_session_lock",
 ]
 
 

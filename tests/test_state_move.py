@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,29 @@ def test_a_run_holding_the_lock_makes_migrate_exit_3(
     assert code == 3, err
     assert "locked" in err and "apply" in err
     assert dump(postgres_url)["runs"] == []
+
+
+def test_a_busy_sqlite_source_makes_migrate_exit_3_at_its_lock_timeout(
+    tmp_path: Path, applied: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another connection inside a write transaction on the SQLite source: `state migrate
+    --lock-timeout 1` exits 3 within seconds, naming the wait (it waited the 30 s busy
+    timeout, then exited 1); nothing is written."""
+    target = tmp_path / "copy.db"
+    holder = sqlite3.connect(applied.state_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        began = time.monotonic()
+        code, _, err = run_cli(
+            ["state", "migrate", "--to", str(target), "--lock-timeout", "1"], capsys
+        )
+        took = time.monotonic() - began
+    finally:
+        holder.close()
+    assert code == 3, err
+    assert took < 10, took
+    assert "stayed busy for 2 s" in err and "--lock-timeout" in err
+    assert not target.exists()
 
 
 # -- export --------------------------------------------------------------------------------------

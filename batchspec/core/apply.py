@@ -397,7 +397,7 @@ def apply_workspace(
     info = run_info.result()
     with (
         StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "apply", args, info) as run,
+        recorded_run(store, ws, "apply", args, info, lock_timeout=_lock_wait(options)) as run,
     ):
         _warn_if_new_state(ws, store, options.state_path, report)
         lock_wait_began = time.monotonic()
@@ -618,7 +618,7 @@ def cancel_resource(
     require_recorded_state(ws.project, name, "cancel")
     with (
         StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "cancel", {"name": name}) as run,
+        recorded_run(store, ws, "cancel", {"name": name}, lock_timeout=lock_timeout) as run,
     ):
         if store.get_resource(name) is None:
             moved_to = renamed_to(store, name)

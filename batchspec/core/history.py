@@ -47,7 +47,7 @@ from typing import Any
 from batchspec.core.batches import event_detail_shown
 from batchspec.core.spend import Usage
 from batchspec.errors import ManifestError, StateError
-from batchspec.state.lock import pid_is_alive
+from batchspec.state.lock import pid_is_alive, runs_whose_session_ended
 from batchspec.state.store import EventRow, RunRow, StateStore
 from batchspec.workspace.manifest import project_for
 from batchspec.workspace.project import Project, load_project
@@ -85,8 +85,9 @@ class HistoryEntry:
 
     @property
     def outcome(self) -> str:
-        """``exit N``; ``running``; ``killed`` (it died: a later run took its locks over, or
-        its process is gone from this host); ``stopped`` (``batchspec unlock`` released it)."""
+        """``exit N``; ``running``; ``killed`` (it died: a later run took its locks over, its
+        process is gone from this host, or its PostgreSQL session is gone); ``stopped``
+        (``batchspec unlock`` released it)."""
         if self.run.exit_code is not None:
             return f"exit {self.run.exit_code}"
         if self.ended_by is not None:
@@ -182,6 +183,7 @@ def read_history_page(
         runs = runs[:limit]
         released = _lock_releases(store) if any(r.exit_code is None for r in runs) else []
         finished = _latest_results(store)  # under any name: a renamed resource's too
+        session_ended = runs_whose_session_ended(store, runs)  # PostgreSQL: killed anywhere
         entries = []
         for run in runs:
             events = [
@@ -197,7 +199,8 @@ def read_history_page(
                 for e in events
                 if e.generation_id is not None and finished.get(e.generation_id, 0) > e.id
             )
-            entries.append(HistoryEntry(run, tuple(events), run_outcome(run), ended, covered))
+            seen = run_outcome(run, session_ended=run.id in session_ended)
+            entries.append(HistoryEntry(run, tuple(events), seen, ended, covered))
         return HistoryPage(tuple(entries), older=older)
 
 
@@ -232,14 +235,18 @@ def _ended_by(run: RunRow, released: list[tuple[EventRow, dict[str, Any]]]) -> E
     return None
 
 
-def run_outcome(run: RunRow, host: str | None = None) -> str:
+def run_outcome(run: RunRow, host: str | None = None, *, session_ended: bool = False) -> str:
     """How a run ended: ``exit N``; ``killed`` when it ended with no exit code (a later run
-    took over its locks) or never recorded an end while its process is gone from this host
-    (``host``, default this one): it was killed, or the machine lost power; else ``running``.
+    took over its locks), or never recorded an end while its process is gone from this host
+    (``host``, default this one), or, in PostgreSQL, while its session lock is free
+    (``session_ended``: ``batchspec.state.lock.runs_whose_session_ended``, seen from any
+    host): it was killed, or its machine lost power; else ``running``.
     """
     outcome = run.outcome
+    if outcome != "running":
+        return outcome
     here = host if host is not None else socket.gethostname()
-    if outcome == "running" and run.host == here and run.pid and not pid_is_alive(run.pid):
+    if session_ended or (run.host == here and run.pid and not pid_is_alive(run.pid)):
         return "killed"
     return outcome
 

@@ -137,7 +137,7 @@ def import_batch(
     args = {"paths": list(paths), "name": name, "batch_id": batch_id, "force": force}
     with (
         StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "import", args) as run,
+        recorded_run(store, ws, "import", args, lock_timeout=lock_timeout) as run,
     ):
         info = collect_run_info(ws.project.root, env)
         with (
@@ -421,7 +421,9 @@ def forget_resource(
     require_recorded_state(ws.project, name, "forget")
     with (
         StateStore.open(ws.project.state) as store,
-        recorded_run(store, ws, "forget", {"paths": list(paths), "name": name}) as run,
+        recorded_run(
+            store, ws, "forget", {"paths": list(paths), "name": name}, lock_timeout=lock_timeout
+        ) as run,
     ):
         info = collect_run_info(ws.project.root, env)
         with acquire_lock(

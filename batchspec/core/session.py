@@ -8,7 +8,7 @@ record in one way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from batchspec.core.sharding import first_line_over, shard_limits
 from batchspec.errors import BatchspecError, InputError, ManifestError, Terminated
 from batchspec.providers.base import Provider
 from batchspec.providers.flavours import flavour_of, local_upstream_urls
-from batchspec.state.connection import check_state_file
+from batchspec.state.connection import busy_wait_for, check_state_file
 from batchspec.state.lock import busy_as_locked
 from batchspec.state.runinfo import RunInfo, collect_run_info, with_untracked_reads
 from batchspec.state.store import StateStore
@@ -349,13 +349,21 @@ def recorded_run(
     command: str,
     args: Mapping[str, Any],
     info: RunInfo | None = None,
+    *,
+    lock_timeout: float | None = None,
 ) -> Iterator[RunHandle]:
     """Record a run around a use case; its exit code is the failure's when one escapes;
-    ``info``: its provenance, if the caller has it (else collected here)."""
+    ``info``: its provenance, if the caller has it (else collected here). ``lock_timeout``:
+    the command's ``--lock-timeout``, which bounds the wait for a database another process
+    keeps busy at this first write too (None: a command without one, 30 s)."""
     info = collect_run_info(ws.project.root) if info is None else info
     info = with_untracked_reads(info, ws.project.root, files_read(ws))
+    wait: AbstractContextManager[None] = nullcontext()
+    if lock_timeout is not None:
+        wait = store.busy_wait(busy_wait_for(lock_timeout))
     try:
-        run = RunHandle(store.start_run(command, args, info))
+        with wait:
+            run = RunHandle(store.start_run(command, args, info))
     except DatabaseBusyError as err:  # its first write: nothing recorded, nothing changed
         raise busy_as_locked(err) from err
     interrupted = unrecordable = False

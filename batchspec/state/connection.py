@@ -19,7 +19,8 @@ Promises for SQLite:
   taken for an empty state: that would submit, and pay for, everything again.
 * The database file is created mode 0600 (and its WAL siblings kept 0600), in WAL mode, with
   foreign keys on and a 30 s busy timeout; the schema is migrated on open
-  (``batchspec.state.schema``).
+  (``batchspec.state.schema``). A run that is starting waits for a busy database as long as
+  its ``--lock-timeout`` says instead (``busy_wait``, ``busy_wait_for``: at least 2 s).
 * Every public write method is one transaction; inside ``atomic()`` it joins the caller's.
   The outermost transaction starts with BEGIN IMMEDIATE, so read-then-write sequences never
   fail half way with SQLITE_BUSY, and two processes never both pass a check (the lock relies
@@ -40,7 +41,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,9 +54,28 @@ from batchspec.storage.private import (
     restrict_sqlite_siblings,
 )
 from batchspec.storage.remote_blobs import PostgresBlobs, RemoteBlobs
-from batchspec.storage.sql import PostgresSql, Sql, SqliteSql, checkpoint_now
+from batchspec.storage.sql import (
+    DatabaseUnavailableError,
+    PostgresSql,
+    Sql,
+    SqliteSql,
+    checkpoint_now,
+)
 
+#: how long a statement waits for another process's write transaction: a run's writes once
+#: it holds its locks (a run on other resources beside it is waited for, never cut short
+#: half way), and those of a command that takes no ``--lock-timeout`` (``plan``, ``unlock``)
 BUSY_TIMEOUT_SECONDS = 30.0
+#: the least a starting run waits for another process's write transaction, whatever its
+#: ``--lock-timeout`` (``busy_wait_for``): 0 must not turn an ordinary write of a run beside
+#: it into exit 3. Those are short: most take milliseconds, and a ``CommitGroup`` commits
+#: once it has been open GROUP_MAX_SECONDS (0.5 s) plus the step under way; four times that
+#: is waited out, and a write lock held longer is a process paused or stuck inside a
+#: transaction (SIGSTOP, a debugger), which is what a short --lock-timeout asks not to wait on
+MIN_BUSY_WAIT_SECONDS = 2.0
+#: the most either database takes: milliseconds in a C int (SQLite's busy timeout,
+#: PostgreSQL's lock_timeout), about 24 days; a longer --lock-timeout (inf) waits that long
+MAX_BUSY_WAIT_SECONDS = (2**31 - 1) / 1000
 #: how long a ``CommitGroup`` keeps its transaction open before it is due for a commit
 GROUP_MAX_SECONDS = 0.5
 
@@ -108,6 +128,22 @@ class StateConnection:
         return self._shared_blobs
 
     _shared_blobs: PostgresBlobs | None = None
+
+    @contextmanager
+    def busy_wait(self, seconds: float) -> Iterator[None]:
+        """Inside the block, wait at most ``seconds`` for another process's write
+        transaction (SQLite's busy timeout, PostgreSQL's lock_timeout), then
+        ``DatabaseBusyError``; the connection's own wait again after it (``busy_wait_for``
+        turns a ``--lock-timeout`` into ``seconds``)."""
+        before = self.db.busy_timeout
+        self.db.set_busy_timeout(seconds)
+        try:
+            yield
+        finally:
+            if before is not None:
+                # a connection lost meanwhile: its error is the one to tell
+                with suppress(DatabaseUnavailableError):
+                    self.db.set_busy_timeout(before)
 
     @property
     def path(self) -> Path:
@@ -214,7 +250,7 @@ class StateConnection:
     def _configure(self) -> None:
         """SQLite's connection settings: busy timeout, foreign keys, WAL."""
         try:
-            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            self.db.set_busy_timeout(BUSY_TIMEOUT_SECONDS)
             self.db.execute("PRAGMA foreign_keys = ON")
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.DatabaseError as err:
@@ -437,6 +473,14 @@ class CommitGroup:
 
     def close(self) -> None:
         self.flush()
+
+
+def busy_wait_for(lock_timeout: float) -> float:
+    """How long a run that is starting (recording its run, taking its locks) waits for
+    another process's write transaction: its ``--lock-timeout``, for the state being busy
+    is the state being locked (exit 3, nothing changed), but at least
+    MIN_BUSY_WAIT_SECONDS and at most MAX_BUSY_WAIT_SECONDS."""
+    return min(max(lock_timeout, MIN_BUSY_WAIT_SECONDS), MAX_BUSY_WAIT_SECONDS)
 
 
 def refuse_foreign_postgres(db: Sql) -> None:

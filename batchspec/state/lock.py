@@ -58,9 +58,11 @@ from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
 from batchspec.errors import StateError, StateLockedError
+from batchspec.state.connection import MIN_BUSY_WAIT_SECONDS, busy_wait_for
 from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
-from batchspec.state.store import LockRow, StateStore, parse_timestamp, utc_timestamp
+from batchspec.state.runs import run_session_key
+from batchspec.state.store import LockRow, RunRow, StateStore, parse_timestamp, utc_timestamp
 from batchspec.storage.sql import (
     DatabaseBusyError,
     DatabaseError,
@@ -251,7 +253,10 @@ def acquire_lock(
     deadline = clock() + max(timeout, 0.0)
     while True:
         try:
-            handle, conflict = _try_take(store, command, info, keys, run_id)
+            # a database kept busy by another process is waited for as the lock is: up to
+            # the time left (at least MIN_BUSY_WAIT_SECONDS), not the 30 s of a run's writes
+            with store.busy_wait(busy_wait_for(deadline - clock())):
+                handle, conflict = _try_take(store, command, info, keys, run_id)
         except DatabaseBusyError as busy:
             # another process kept the database's write lock past the busy timeout (a run
             # paused or stuck inside a transaction): locked as surely as by a lock row, and
@@ -310,7 +315,8 @@ def hold_still(
     * SQLite: the database's writer lock (BEGIN IMMEDIATE) is held for the whole block, and
       the block reads inside that transaction, which is rolled back: nothing is written, so
       the file stays byte for byte as it was. A run starting meanwhile waits for the writer
-      lock (the busy timeout), then stops with "stayed busy"; readers go on.
+      lock (its --lock-timeout, at least 2 s), then stops with "stayed busy"; readers go on.
+      The writer lock is waited for here as the run lock is, up to ``timeout``.
     * PostgreSQL: the run lock itself (``acquire_lock``); its row is written and removed, so
       the rows end as they were, and a run starting meanwhile exits 3 naming this one.
 
@@ -325,7 +331,11 @@ def hold_still(
     deadline = clock() + max(timeout, 0.0)
     everything = lock_keys(None)
     while True:
-        store.db.begin_writer()
+        try:
+            with store.busy_wait(busy_wait_for(deadline - clock())):  # as acquire_lock's
+                store.db.begin_writer()
+        except DatabaseBusyError as busy:  # locked as surely as by a run: exit 3
+            raise busy_as_locked(busy) from busy
         rows = store.lock_rows()  # any lock on any resource: the whole state is copied
         live = [(key, h) for key, h in rows.items() if h.host != info.host or pid_is_alive(h.pid)]
         if not live:
@@ -357,9 +367,11 @@ def busy_as_locked(err: DatabaseBusyError) -> StateLockedError:
     """A run that found the state database's write lock held past the busy timeout before
     it changed anything (its run row, its locks): exit 3, as a lock held by another run."""
     return StateLockedError(
-        f"{err.message.removesuffix(', try again')}; this run changed nothing: run it again "
+        f"{err.message.removesuffix('; try again')}; this run changed nothing: run it again "
         "once that process has let go (`batchspec history` shows the runs in progress; a "
-        "process stopped with SIGSTOP or a debugger keeps the lock until it goes on)"
+        "process stopped with SIGSTOP or a debugger keeps the lock until it goes on), or "
+        "pass --lock-timeout SECONDS (BATCHSPEC_LOCK_TIMEOUT) to wait longer for it (at "
+        f"least {MIN_BUSY_WAIT_SECONDS:g} s is waited, whatever it says)"
     )
 
 
@@ -616,6 +628,20 @@ def held_locks(store: StateStore) -> list[HeldLock]:
     return [HeldLock(key, holder) for key, holder in rows.items()]
 
 
+def runs_whose_session_ended(store: StateStore, runs: Iterable[RunRow]) -> frozenset[int]:
+    """PostgreSQL: the ids of those ``runs`` that recorded no end and whose session lock
+    (``batchspec.state.runs.run_session_key``) nobody holds now: killed, on whatever host,
+    before they recorded their end (one read of the runs and one of ``pg_locks``, however
+    many runs). Empty for SQLite, and for runs that never held one (``m008``'s docstring)."""
+    if store.dialect != "postgresql":
+        return frozenset()
+    candidates = store.unfinished_runs_with_session_lock(r.id for r in runs if r.ended_at is None)
+    if not candidates:
+        return frozenset()
+    held = _held_advisory_keys(store)
+    return frozenset(i for i in candidates if run_session_key(store.db, i) not in held)
+
+
 def current_lock(store: StateStore, resource: str | None = None) -> LockHolder | None:
     """The live holder of ``resource``'s lock (None: of any lock), or None if it is free."""
     for lock in held_locks(store):
@@ -726,4 +752,5 @@ __all__ = [
     "holder_process_gone",
     "lock_keys",
     "pid_is_alive",
+    "runs_whose_session_ended",
 ]

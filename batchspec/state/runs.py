@@ -2,11 +2,18 @@
 
 A run is one command that read or changed state, with its provenance (``RunInfo``). Events are
 never updated or deleted: the schema's triggers refuse it.
+
+In PostgreSQL a run holds a session advisory lock keyed on its id (``run_session_key``), taken
+in the transaction that records it (``runs.session_lock`` = 1) and released once its end is
+recorded, or by the server when its session ends, however the process died. So any host can
+tell a run that is still going (waiting for a lock, say, holding none yet) from one that was
+killed before it recorded its end (``batchspec.state.lock.runs_whose_session_ended``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +29,7 @@ from batchspec.state.records import (
     where_clause,
 )
 from batchspec.state.runinfo import RunInfo
+from batchspec.storage.sql import DatabaseError, DatabaseUnavailableError, PostgresSql, Sql
 
 #: events an apply records for a resource whose manifest it does not have (``last_declared_at``)
 NOT_DECLARING_EVENTS = ("prune", "prune-held", "cancel", "forget")
@@ -49,7 +57,8 @@ class RunRow:
     @property
     def outcome(self) -> str:
         """``running`` (no end recorded), ``killed`` (ended with no exit code: its process
-        died and a later run found out), or ``exit N``."""
+        died and a later run found out), or ``exit N``; what the row alone says (a run with
+        no end may be dead: ``batchspec.core.history.run_outcome``)."""
         if self.ended_at is None:
             return "running"
         return "killed" if self.exit_code is None else f"exit {self.exit_code}"
@@ -65,6 +74,12 @@ class EventRow:
     batch_id: int | None
     action: str
     detail: dict[str, Any]
+
+
+def run_session_key(db: Sql, run_id: int) -> int:
+    """PostgreSQL: the session advisory lock run ``run_id`` holds until it records its end."""
+    assert isinstance(db, PostgresSql)
+    return db.advisory_key(f"run\0{run_id}")
 
 
 def _run_row(d: Mapping[str, Any]) -> RunRow:
@@ -88,30 +103,47 @@ class RunsAndEvents(StateConnection):
     # -- runs and events ------------------------------------------------------------------------
 
     def start_run(self, command: str, args: Mapping[str, Any], info: RunInfo) -> int:
-        """Record the start of a run; returns its id."""
+        """Record the start of a run; returns its id. PostgreSQL: the run's session lock is
+        taken in the same transaction (module docstring), so no other session ever sees the
+        row without it."""
         dirty = None if info.git_dirty is None else int(info.git_dirty)
-        with self.atomic(one_write=True):
-            cur = self.db.execute(
-                'INSERT INTO runs (command, args, started_at, "user", host, pid, git_commit, '
-                "git_branch, git_dirty, ci_system, ci_run_url, version, git_commit_time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (
-                    command,
-                    dump_json(dict(args)),
-                    utc_timestamp(),
-                    info.user,
-                    info.host,
-                    info.pid,
-                    info.git_commit,
-                    info.git_branch,
-                    dirty,
-                    info.ci_system,
-                    info.ci_run_url,
-                    info.version,
-                    info.git_commit_time,
-                ),
-            )
-            return returned_id(cur)
+        session = self.dialect == "postgresql"
+        locked: int | None = None
+        try:
+            # one_write: SQLite writes the row alone; PostgreSQL keeps its savepoint anyway
+            with self.atomic(one_write=True):
+                cur = self.db.execute(
+                    'INSERT INTO runs (command, args, started_at, "user", host, pid, git_commit, '
+                    "git_branch, git_dirty, ci_system, ci_run_url, version, git_commit_time, "
+                    "session_lock) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (
+                        command,
+                        dump_json(dict(args)),
+                        utc_timestamp(),
+                        info.user,
+                        info.host,
+                        info.pid,
+                        info.git_commit,
+                        info.git_branch,
+                        dirty,
+                        info.ci_system,
+                        info.ci_run_url,
+                        info.version,
+                        info.git_commit_time,
+                        1 if session else None,
+                    ),
+                )
+                run_id = returned_id(cur)
+                if session:
+                    key = run_session_key(self.db, run_id)
+                    self.db.execute("SELECT pg_advisory_lock(?)", (key,))  # a new id: free
+                    locked = key
+            return run_id
+        except BaseException:
+            if locked is not None:  # a session lock outlives the rollback: let it go
+                with suppress(DatabaseError):
+                    self.db.execute("SELECT pg_advisory_unlock(?)", (locked,))
+            raise
 
     def finish_run(self, run_id: int, exit_code: int) -> None:
         """Record the end of a run and its exit code."""
@@ -122,6 +154,11 @@ class RunsAndEvents(StateConnection):
             )
             if cur.rowcount != 1:
                 raise StateError(f"run {run_id} is not recorded in {self.label}")
+        if self.dialect == "postgresql" and not self.in_transaction:
+            # only once the end is committed: a reader must never see the row open and the
+            # lock free (killed); inside a caller's transaction the session's end frees it
+            with suppress(DatabaseUnavailableError):  # the end is recorded: nothing lost
+                self.db.execute("SELECT pg_advisory_unlock(?)", (run_session_key(self.db, run_id),))
 
     def end_dead_runs(self, host: str, pid: int, started_by: str) -> list[int]:
         """Mark ended the unfinished runs of a process known dead (``pid`` on ``host``) that
@@ -142,6 +179,20 @@ class RunsAndEvents(StateConnection):
             for run_id in ids:
                 self.db.execute("UPDATE runs SET ended_at = ? WHERE id = ?", (now, run_id))
             return ids
+
+    def unfinished_runs_with_session_lock(self, run_ids: Iterable[int]) -> set[int]:
+        """Which of ``run_ids`` recorded no end and hold a session lock while they run (a
+        PostgreSQL run recorded since ``m008_run_session_lock``; module docstring)."""
+        wanted = set(run_ids)
+        if not wanted:
+            return set()
+        # a range, not a list: `history --limit` has no bound, a statement's parameters have
+        rows = self._all(
+            "SELECT id FROM runs WHERE ended_at IS NULL AND session_lock = 1 "
+            "AND id BETWEEN ? AND ?",
+            (min(wanted), max(wanted)),
+        )
+        return {int(row["id"]) for row in rows} & wanted
 
     def get_run(self, run_id: int) -> RunRow:
         row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))

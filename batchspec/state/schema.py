@@ -499,3 +499,17 @@ def m007_run_commit_time(db: Sql) -> None:
     older one it has no object of (a shallow clone, a squash-merged branch). NULL when
     unknown: no git, or a run recorded before this migration."""
     db.script(_M007[db.dialect])
+
+
+_M008 = "ALTER TABLE runs ADD COLUMN session_lock INTEGER CHECK (session_lock IN (0, 1));"
+
+
+@MIGRATIONS
+def m008_run_session_lock(db: Sql) -> None:
+    """``runs.session_lock``: 1 for a run recorded in PostgreSQL, which holds a session
+    advisory lock keyed on its id (``batchspec.state.runs.run_session_key``) from the
+    transaction that records it until it records its end, or its session ends: a run with no
+    end whose lock is free was killed, as seen from any host. NULL: an SQLite state (the pid
+    tells, on the run's own host), or a run recorded before this migration, or by a
+    batchspec that predates it (whether it holds a lock is unknown: never called killed)."""
+    db.script(_M008)

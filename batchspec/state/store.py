@@ -5,7 +5,8 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
 
 * ``runs``: one row per command that read or changed state, with its provenance
   (``batchspec.state.runinfo.RunInfo``): user, host, pid, git commit (and its time)/branch/dirty,
-  CI run URL.
+  CI run URL; ``session_lock`` (PostgreSQL): the run holds a session lock keyed on its id
+  until it records its end, so any host can tell a killed run (``batchspec.state.runs``).
 * ``resources``: one row per manifest resource ever seen, keyed by name; ``forgotten_at`` is
   set instead of deleting, so history keeps making sense.
 * ``generations``: one row per (resource, spec hash), with the spec as JSON, the input's
@@ -29,7 +30,8 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
 Promises:
 
 * The database file is created mode 0600 (and its WAL siblings kept 0600), in WAL mode, with
-  foreign keys on and a 30 s busy timeout. Migrations are named (``m001_initial``, ...),
+  foreign keys on and a 30 s busy timeout (a run that is starting: its ``--lock-timeout``,
+  at least 2 s: ``busy_wait``). Migrations are named (``m001_initial``, ...),
   recorded in ``_sqlite_migrations`` and applied once, in one transaction under the write
   lock, by the one runner, ``batchspec.storage.migrations``.
 * Every public write method is one transaction; inside ``atomic()`` it joins the caller's.

@@ -115,6 +115,27 @@ class Sql(ABC):
     writer_open: bool = False
     #: told of each statement that may change the database, before it runs (see above)
     on_change: Callable[[str], None] | None = None
+    #: seconds a statement waits for another connection's write lock before
+    #: ``DatabaseBusyError`` (None: as the connection was opened, not set here)
+    busy_timeout: float | None = None
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for another connection's write lock (SQLite's busy
+        timeout, PostgreSQL's ``lock_timeout``); no statement when it is set already."""
+        if seconds != self.busy_timeout:
+            self._set_busy_timeout(max(1, round(seconds * 1000)))
+            self.busy_timeout = seconds
+
+    @abstractmethod
+    def _set_busy_timeout(self, milliseconds: int) -> None: ...
+
+    def _busy_message(self, err: str) -> str:
+        """``DatabaseBusyError``'s message, naming how long this connection waited."""
+        waited = f" for {self.busy_timeout:g} s" if self.busy_timeout is not None else ""
+        return (
+            f"the state database {self.label} stayed busy{waited} ({err}): another process "
+            "is inside a write transaction; try again"
+        )
 
     def _changing(self, sql: str) -> None:
         """``sql`` may write: a transaction's edge closes ``writer_open``; ``on_change``."""
@@ -251,11 +272,11 @@ class SqliteSql(Sql):
                     f"cannot write the state database {self.label}: {err}; check that its "
                     "disk has room and its folder is writable, then run the command again"
                 ) from err
-            raise DatabaseBusyError(
-                f"the state database {self.label} stayed busy ({err}); another process is "
-                "writing to it, try again"
-            ) from err
+            raise DatabaseBusyError(self._busy_message(str(err))) from err
         self.writer_open = True
+
+    def _set_busy_timeout(self, milliseconds: int) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {milliseconds}")  # writes nothing
 
     def table_names(self) -> list[str]:
         rows = self.conn.execute(
@@ -433,7 +454,7 @@ class PostgresSql(Sql):
         db = cls(conn, url)
         db.answer_timeout = answer_timeout
         db.server = _server_address(conn)
-        db.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
+        db.set_busy_timeout(busy_timeout)
         db.schema = db.execute("SELECT coalesce(current_schema(), '')").fetchone()[0]
         if not db.schema:  # else the first CREATE TABLE says "no schema has been selected"
             search_path = db.execute("SHOW search_path").fetchone()[0]
@@ -534,6 +555,10 @@ class PostgresSql(Sql):
             raise
         self.writer_open = True
 
+    def _set_busy_timeout(self, milliseconds: int) -> None:
+        with self._translated():  # not ``execute``: it changes no row (``on_change``)
+            self.conn.execute(f"SET lock_timeout = {milliseconds}")
+
     def table_names(self) -> list[str]:
         rows = self.execute(
             "SELECT table_name FROM information_schema.tables "
@@ -581,10 +606,7 @@ class PostgresSql(Sql):
         if isinstance(err, errors.IntegrityError | errors.RaiseException):  # RAISE: a trigger
             return IntegrityError(f"{self.label}: {_first_line(err, self._url)}")
         if isinstance(err, errors.LockNotAvailable):
-            return DatabaseBusyError(
-                f"the state database {self.label} stayed busy ({_first_line(err, self._url)}); "
-                "another process is writing to it, try again"
-            )
+            return DatabaseBusyError(self._busy_message(_first_line(err, self._url)))
         if isinstance(err, self._psycopg.OperationalError):
             if getattr(err, "sqlstate", None) == ADMIN_SHUTDOWN:
                 self._ended_by_server = True
