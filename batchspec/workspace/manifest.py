@@ -106,6 +106,7 @@ from batchspec.workspace.discovery import (
     find_manifest_files,
     glob_regex,
     is_glob,
+    manifests_the_globs_miss,
     not_batchspec,
     not_found,
     start_of,
@@ -448,6 +449,22 @@ def unlisted_manifests_warnings(ws: Workspace) -> list[str]:
         "does not read it, shows what it creates as orphaned, and `apply --prune` cancels "
         "and forgets that; add it to `manifests:` or move it under them"
         for file in ws.unlisted
+    ]
+
+
+def missed_manifests_warnings(ws: Workspace, paths: Sequence[str | Path]) -> list[str]:
+    """When ``paths`` take in the whole workspace (its root folder), a warning per manifest
+    the project's globs do not find: in the wrong folder, no run without PATHS reads it."""
+    root = ws.project.root.resolve()
+    if not any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
+        return []
+    globs = ", ".join(ws.project.manifest_globs) or "(none)"
+    return [
+        f"{display_path(file)} holds a `kind: Batch` document the project's manifests "
+        f"({globs} in {display_path(ws.project.file or ws.project.root)}) do not find: "
+        "no command reads it unless given as a PATH; move it under them or add it to "
+        "`manifests:`"
+        for file in manifests_the_globs_miss(ws.project)
     ]
 
 
