@@ -1,7 +1,8 @@
 """Where each resource stands, on two independent axes (as in Argo CD).
 
 * **sync**: ``Synced`` when apply has nothing to do for it (the plan's action is ``none``),
-  ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone.
+  ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone, ``Unknown`` when it is
+  recorded but not among the manifests that loaded while one is broken (``_maybe_broken``).
 * **health**: ``Pending`` (intents recorded, nothing submitted yet: no batch of the current
   generation has reached the provider, e.g. after a crash or a failed upload before its
   create), ``Progressing`` (batches in flight), ``Healthy`` (results written),
