@@ -472,7 +472,17 @@ def workspace_resource_names(
     project: Project, *, manifest_cache: ManifestCache | None = None
 ) -> frozenset[str]:
     """Every resource name the project's manifests declare (and every ``moved.from`` name),
-    over the whole workspace: what is *not* orphaned, whatever PATHS a command was given.
+    over the whole workspace: what is *not* orphaned, whatever PATHS a command was given
+    (``workspace_declarations``)."""
+    declared, moved_from = workspace_declarations(project, manifest_cache=manifest_cache)
+    return declared | moved_from
+
+
+def workspace_declarations(
+    project: Project, *, manifest_cache: ManifestCache | None = None
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The resource names the project's manifests declare, and the ``moved.from`` names they
+    carry, over the whole workspace.
 
     Only names are read (inputs are not hashed). A manifest file that cannot be parsed raises
     ``InvalidManifestError``: then nobody can tell which resources are gone. A file the globs
@@ -482,6 +492,7 @@ def workspace_resource_names(
     """
     files, problems, _ = find_manifest_files([str(project.root)], project)
     names: set[str] = set()
+    moved_from: set[str] = set()
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
         documents, file_problems = (
@@ -499,10 +510,10 @@ def workspace_resource_names(
             moved = metadata.get("moved") if isinstance(metadata, Mapping) else None
             old = moved.get("from") if isinstance(moved, Mapping) else None
             if isinstance(old, str):
-                names.add(old)
+                moved_from.add(old)
     if problems:
         raise InvalidManifestError(problems)
-    return frozenset(names)
+    return frozenset(names), frozenset(moved_from)
 
 
 def _names_given_as_paths(
