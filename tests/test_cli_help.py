@@ -95,6 +95,65 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        pytest.param(
+            ["apply", "--target", "triage"],
+            "No such option '--target': resources are picked with --select NAME",
+            id="target",
+        ),
+        pytest.param(
+            ["plan", "--target=triage"],
+            "No such option '--target': resources are picked with --select NAME",
+            id="target=",
+        ),
+        pytest.param(
+            ["apply", "-target=triage"],
+            "No such option '-target': resources are picked with --select NAME",
+            id="terraform-target",
+        ),
+        pytest.param(
+            ["apply", "--auto-approve"],
+            "No such option '--auto-approve': --yes approves without asking",
+            id="auto-approve",
+        ),
+        pytest.param(
+            ["apply", "-auto-approve"],
+            "No such option '-auto-approve': --yes approves without asking",
+            id="terraform-auto-approve",
+        ),
+        pytest.param(
+            ["apply", "--dry-run"],
+            "No such option '--dry-run': `batchspec plan` shows what apply would do",
+            id="dry-run",
+        ),
+    ],
+)
+def test_a_flag_of_terraform_or_kubectl_is_told_its_batchspec_name(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`apply --target X`, `--auto-approve`, `--dry-run` (Terraform's, kubectl's) exit 64
+    naming what batchspec calls it: click's guess by spelling offered --state for --target
+    and --prune (which cancels batches) for --dry-run."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 64
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("Error:")]
+    assert line.startswith(f"Error: {said}"), line
+    assert "--state" not in line and "--prune" not in line and "Did you mean" not in line
+
+
+def test_a_flag_with_no_batchspec_counterpart_keeps_click_s_guess(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`status --auto-approve` (status approves nothing): click's own message stays."""
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--auto-approve"])
+    assert exited.value.code == 64
+    assert "Error: No such option '--auto-approve'." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "argv"),
     [
         pytest.param("BATCHSPEC_PARALLELISM", "0", ["apply", "--yes"], id="parallelism"),

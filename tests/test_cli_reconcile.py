@@ -1269,6 +1269,25 @@ def test_plan_warns_of_an_api_key_variable_that_is_unset(
     assert "Warning" not in run_cli(["plan", str(ws.root)], capsys)[2]
 
 
+def test_apply_says_a_missing_api_key_before_it_asks_consent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apply without --yes on a provider whose key variable is unset names the variable, not
+    --yes: it asked consent first (on a terminal a prompt, answered, then the key error), so
+    the user passed --yes only to be told of the key; nothing is recorded either way."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"paid": openai_provider("http://127.0.0.1:9/v1", KEY_ENV)},
+        resources=[ResourceSpec("triage", provider="paid")],
+    )
+    code, _, err = run_cli(["apply", str(ws.root)], capsys)
+    assert code == 1 and f"set {KEY_ENV} in the environment" in err, err
+    assert "--yes" not in err and "nobody can answer a prompt" not in err
+    code, out, _ = run_cli(["status", str(ws.root), "--json"], capsys)
+    assert code == 0 and json.loads(out)["resources"][0]["health"] == "Missing"
+
+
 def test_plan_says_apply_will_ask_consent_only_for_a_paid_provider(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

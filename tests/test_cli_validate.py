@@ -590,3 +590,37 @@ def test_every_request_over_max_bytes_per_batch_is_counted_with_the_largest(
     assert code == 1
     assert f"a.jsonl:2: the request is {len(lines[1]) + 1:,} bytes" in err
     assert f"(1 more line over it too, the largest {len(lines[3]) + 1:,} bytes)" in err
+
+
+def test_a_manifest_the_project_globs_miss_is_named_by_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `kind: Batch` manifest the `manifests:` globs do not find (at the root, or a .yml
+    where the globs say .yaml) is read by no command without PATHS: validate of the workspace
+    names each with a warning (it said "1 resource valid" and nothing of them), still exits
+    0; other YAML files and PATHS that skip the root are left alone."""
+    project = PROJECT + "manifests: [manifests/**/*.yaml]\n"
+    ws = workspace(
+        tmp_path / "ws",
+        {
+            "manifests/a.yaml": manifest("a", "../a.jsonl"),
+            "manifests/b.yml": manifest("b", "../a.jsonl"),
+            "extra.yaml": manifest("extra", "a.jsonl"),
+            "compose.yaml": "services: {web: {image: nginx}}\n",
+            ".github/ci.yaml": manifest("hidden", "../a.jsonl"),
+            "a.jsonl": request("1") + "\n",
+        },
+        project=project,
+    )
+    monkeypatch.chdir(ws)
+    for argv in (["validate"], ["validate", "."], ["validate", str(ws)]):
+        code, out, err = run_main(argv, capsys)
+        assert code == 0 and "1 resource valid" in out, (argv, err)
+        warned = [line for line in err.splitlines() if line.startswith("Warning: ")]
+        assert [w.split()[1] for w in warned] == ["extra.yaml", "manifests/b.yml"], err
+        assert "holds a `kind: Batch` document the project's manifests" in warned[0]
+        assert "(manifests/**/*.yaml in batchspec.yaml) do not find" in warned[0]
+    code, _, err = run_main(["validate", "manifests"], capsys)
+    assert code == 0 and "Warning" not in err
+    code, out, _ = run_main(["validate", "--json"], capsys)
+    assert code == 0 and json.loads(out)["valid"] is True

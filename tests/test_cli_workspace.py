@@ -271,6 +271,36 @@ def test_status_from_a_folder_without_manifests_says_where_they_are(
     assert (doc["resources"], doc["declared_elsewhere"], doc["problems"]) == ([], 1, [])
 
 
+def test_status_counts_only_the_resources_declared_outside_the_paths_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`declared_elsewhere` (and the text's "declares N") counts the resources outside the
+    PATHS read: it counted every name of the workspace, those shown included, and each
+    `moved.from` as one more (status from manifests/ said 3 of a workspace showing its 2)."""
+    ws = make_workspace(
+        tmp_path / "ws",
+        providers={"here": local_provider()},
+        resources=[ResourceSpec("a", provider="here"), ResourceSpec("b", provider="here")],
+    )
+    manifest = ws.manifest_path("b")
+    manifest.write_text(
+        manifest.read_text().replace("  name: b\n", "  name: b\n  moved: {from: old-b}\n")
+    )
+    assert "moved: {from: old-b}" in manifest.read_text()
+    monkeypatch.chdir(ws.root / "manifests")
+    for argv, shown, elsewhere in (
+        (["status", "--json"], 2, 0),
+        (["status", "--json", "a.yaml"], 1, 1),
+        (["status", "--json", "../data"], 0, 2),
+    ):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert (len(doc["resources"]), doc["declared_elsewhere"]) == (shown, elsewhere), argv
+    code, out, _ = run_cli(["status", "../data"], capsys)
+    assert code == 0 and "the workspace declares 2 in manifests outside the paths read" in out
+
+
 def test_a_mistyped_manifest_glob_prunes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

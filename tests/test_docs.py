@@ -117,6 +117,16 @@ def test_concepts_define_the_vocabulary() -> None:
         assert heading in text
 
 
+def test_the_sync_axis_names_every_value_status_reports() -> None:
+    """concepts.md's sync bullet names each sync value `status` gives, `Unknown` too (a
+    resource recorded but absent from the manifests that loaded while one of them is broken:
+    test_cli_workspace pins it), which it left out: a reader met it in `status` unexplained."""
+    text = (DOCS / "concepts.md").read_text(encoding="utf-8")
+    sync = text[text.index("* **sync**") : text.index("* **health**")]
+    for value in ("Synced", "OutOfSync", "Orphaned", "Unknown"):
+        assert f"`{value}`" in sync, value
+
+
 def test_the_state_folder_table_gives_the_input_caches_sizes_as_the_code_has_them() -> None:
     """concepts.md's state-folder rows say where a small input's request index lives (the
     cache database, so `input-index/` stays empty) with the code's size limits and keep time,

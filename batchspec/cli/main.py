@@ -1607,6 +1607,39 @@ def name_the_variable(err: click.UsageError) -> click.UsageError:
     return err
 
 
+#: flags users of Terraform and kubectl type (their single-dash forms too), and what says it
+#: here; click's guess by spelling offered --state for --target, --prune (which cancels
+#: batches) for --dry-run. Each: (the option the command must have, or None for apply, the hint)
+_FLAGS_OF_OTHER_TOOLS = {
+    "target": (
+        "--select",
+        "resources are picked with --select NAME (or KEY=VALUE, state:modified)",
+    ),
+    "auto-approve": ("--yes", "--yes approves without asking"),
+    "dry-run": (None, "`batchspec plan` shows what apply would do, changing nothing"),
+}
+
+
+def flag_of_another_tool(err: click.UsageError, args: Sequence[str]) -> click.UsageError:
+    """An unknown flag that another tool's users type (``--target``, ``-auto-approve``)
+    named with what batchspec calls it, where the command has it; else ``err`` as it is."""
+    if not isinstance(err, click.NoSuchOption) or err.ctx is None:
+        return err
+    typed = err.option_name
+    if not typed.startswith("--"):  # click read Terraform's `-target=x` as `-t`, `-a`, ...
+        flags = {f"-{flag}" for flag in _FLAGS_OF_OTHER_TOOLS if flag.startswith(typed[1:])}
+        typed = next((a for a in (a.split("=")[0] for a in args) if a in flags), typed)
+    entry = _FLAGS_OF_OTHER_TOOLS.get(typed.lstrip("-"))
+    if entry is None:
+        return err
+    needed, hint = entry
+    command = err.ctx.command
+    has = {opt for param in command.params for opt in param.opts}
+    if (needed is None and command.name != "apply") or (needed is not None and needed not in has):
+        return err
+    return click.UsageError(f"No such option '{typed}': {hint}.", ctx=err.ctx)
+
+
 def _saved_selection(saved: Sequence[str]) -> tuple[str, ...]:
     """The ``--select`` a saved plan was made with, to say why it selected nothing (a plan
     file that cannot be read says so when it is applied)."""
@@ -1900,7 +1933,7 @@ def _run(argv: list[str] | None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.UsageError as err:  # includes BadParameter, NoSuchOption, ...
-        name_the_variable(err).show()
+        name_the_variable(flag_of_another_tool(err, args)).show()
         sys.exit(USAGE_EXIT_CODE)
     except click.ClickException as err:
         err.show()

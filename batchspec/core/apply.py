@@ -456,21 +456,25 @@ def apply_workspace(
                 raise_first(
                     overwritten_orphan_results(store, plan, resources, ws.project.root, elsewhere)
                 )
-            require_consent(
-                plan,
-                ws,
-                options,
-                confirm,
-                lambda: plan_estimates(
-                    plan, resources, facts, ws.project.providers, outputs, store
-                ),
-            )
             with (
                 engine_log_reported(report),
                 ProviderPool(ws, env, lock_timeout=_lock_wait(options), report=report) as providers,
             ):
-                # build every provider the plan spends on first: a missing API key or an
-                # engine folder in use (exit 3) fails here, before anything is recorded
+                # build every provider the plan spends on first: a missing API key fails here,
+                # before consent is asked (a yes it could not act on) and anything recorded
+                for action in plan.spending:
+                    providers.get(action.provider or "")
+                require_consent(
+                    plan,
+                    ws,
+                    options,
+                    confirm,
+                    lambda: plan_estimates(
+                        plan, resources, facts, ws.project.providers, outputs, store
+                    ),
+                )
+                # then their engine folders: one in use (exit 3) fails before anything is
+                # recorded
                 for action in plan.spending:
                     providers.claim(action.provider or "")
                 apply_moves(store, resources, run.id, report)  # after the plan checks: they saw it

@@ -1,7 +1,8 @@
 """Where each resource stands, on two independent axes (as in Argo CD).
 
 * **sync**: ``Synced`` when apply has nothing to do for it (the plan's action is ``none``),
-  ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone.
+  ``OutOfSync`` otherwise, ``Orphaned`` when its manifest is gone, ``Unknown`` when it is
+  recorded but not among the manifests that loaded while one is broken (``_maybe_broken``).
 * **health**: ``Pending`` (intents recorded, nothing submitted yet: no batch of the current
   generation has reached the provider, e.g. after a crash or a failed upload before its
   create), ``Progressing`` (batches in flight), ``Healthy`` (results written),
@@ -54,7 +55,7 @@ from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
-    workspace_resource_names,
+    workspace_declarations,
 )
 from batchspec.workspace.project import Project, ProviderConfig
 from batchspec.workspace.yamldoc import InvalidManifestError, Problem
@@ -388,7 +389,8 @@ def workspace_status(
     if ws.problems:
         require_loaded(ws, [s for s in select if is_name_selector(s)])
     resources = select_resources(ws, select)
-    elsewhere = None if select else _declared_elsewhere(ws, paths)
+    declared = None if select else _declared_in_workspace(ws, paths)
+    elsewhere = None if declared is None else declared[0] | declared[1]
     with read_only_store(ws.project) as store:
         statuses = resource_statuses(
             store,
@@ -400,17 +402,22 @@ def workspace_status(
         locks = tuple(held_locks(store))
     if ws.problems or elsewhere is None:
         statuses = [_maybe_broken(s) for s in statuses]
-    return StatusReport(tuple(statuses), ws.problems, locks, len(elsewhere or ()))
+    # resources, not the moved.from names among them, and only those PATHS left out
+    outside = len(declared[0] - {r.name for r in ws.resources}) if declared else 0
+    return StatusReport(tuple(statuses), ws.problems, locks, outside)
 
 
-def _declared_elsewhere(ws: Workspace, paths: Sequence[str]) -> frozenset[str] | None:
-    """Names declared by manifests outside PATHS (not orphans: their manifest is not gone);
-    None when one of those manifests cannot be read (then nobody can tell)."""
+def _declared_in_workspace(
+    ws: Workspace, paths: Sequence[str]
+) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The names and ``moved.from`` names the whole workspace declares when PATHS read only
+    part of it (none is an orphan: its manifest is not gone), both empty when PATHS read it
+    all; None when a manifest cannot be read (then nobody can tell)."""
     root = ws.project.root.resolve()
     if any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
-        return frozenset()  # the whole workspace is loaded already
+        return frozenset(), frozenset()  # the whole workspace is loaded already
     try:
-        return workspace_resource_names(ws.project)
+        return workspace_declarations(ws.project)
     except InvalidManifestError:
         return None
 

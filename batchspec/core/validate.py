@@ -47,6 +47,7 @@ from batchspec.workspace.manifest import (
     Resource,
     Workspace,
     load_workspace,
+    missed_manifests_warnings,
     require_resources,
     unlisted_manifests_warnings,
 )
@@ -196,7 +197,10 @@ def validate_workspace(paths: Sequence[str | Path] = ()) -> ValidationReport:
         project_file=project.file,
         manifest_files=workspace.manifest_files,
         resources=tuple(resources),
-        warnings=tuple(unlisted_manifests_warnings(workspace)),
+        warnings=(
+            *unlisted_manifests_warnings(workspace),
+            *missed_manifests_warnings(workspace, paths),
+        ),
     )
 
 

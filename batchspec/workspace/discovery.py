@@ -86,6 +86,8 @@ def find_manifest_files(
 DATA_SUFFIXES = frozenset({".jsonl", ".ndjson", ".csv", ".parquet"})
 
 _BATCH_KIND = re.compile(rb"^\s*kind:\s*['\"]?Batch\b", re.MULTILINE)
+_TOP_LEVEL_BATCH = re.compile(rb"^kind:\s*['\"]?Batch\b", re.MULTILINE)
+_BATCHSPEC_API = re.compile(rb"^apiVersion:\s*['\"]?batchspec/", re.MULTILINE)
 #: problems that say a file is hostile or unreadable: reported wherever the file was found
 _ALWAYS_REPORTED = frozenset(
     {"unreadable", "not-a-file", "too-large", "encoding", "alias-limit", "too-deep"}
@@ -141,10 +143,44 @@ def _project_name(project: Project) -> str:
 
 def _scan_folder(folder: Path, project: Project) -> Iterator[Path]:
     """Files below ``folder`` matching the project's globs, pruning what is never a manifest."""
-    base = project.root if folder.is_relative_to(project.root) else folder
     patterns = [glob_regex(glob) for glob in project.manifest_globs]
+    found = [
+        here / name
+        for relative, here, name in _files_below(folder, project)
+        if any(p.fullmatch(relative) for p in patterns)
+    ]
+    return iter(sorted(found))
+
+
+def manifests_the_globs_miss(project: Project) -> list[Path]:
+    """YAML files of the workspace holding a ``kind: Batch`` document of batchspec that the
+    project's globs do not find (one at the root, a ``.yml`` where the globs say ``.yaml``):
+    no command reads them unless named as PATHS. Same pruning as a folder scan."""
+    patterns = [glob_regex(glob) for glob in project.manifest_globs]
+    missed = [
+        here / name
+        for relative, here, name in _files_below(project.root, project)
+        if name.lower().endswith((".yaml", ".yml"))
+        and not any(p.fullmatch(relative) for p in patterns)
+        and _declares_a_batch(here / name)
+    ]
+    return sorted(missed)
+
+
+def _declares_a_batch(file: Path) -> bool:
+    try:
+        raw = read_bounded(file, MAX_YAML_FILE_BYTES)
+    except Exception:  # unreadable or too large: not worth a warning about the globs
+        return False
+    return _TOP_LEVEL_BATCH.search(raw) is not None and _BATCHSPEC_API.search(raw) is not None
+
+
+def _files_below(folder: Path, project: Project) -> Iterator[tuple[str, Path, str]]:
+    """Each file below ``folder`` as (its path relative to the project root, or to ``folder``
+    outside it; its folder; its name), pruning hidden files and folders, the state folder,
+    project files and the folders of another workspace."""
+    base = project.root if folder.is_relative_to(project.root) else folder
     skipped = {project.root / "state", project.state_path.parent} - {project.root}
-    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
         dirnames[:] = sorted(
@@ -158,11 +194,8 @@ def _scan_folder(folder: Path, project: Project) -> Iterator[Path]:
         # folder: pathlib cost ~15 us a file, for every input file beside the manifests too
         prefix = here.relative_to(base).as_posix() + "/" if here != base else ""
         for name in filenames:
-            if name.startswith(".") or name == PROJECT_FILE_NAME:
-                continue
-            if any(p.fullmatch(prefix + name) for p in patterns):
-                found.append(here / name)
-    return iter(sorted(found))
+            if not name.startswith(".") and name != PROJECT_FILE_NAME:
+                yield prefix + name, here, name
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:

@@ -106,6 +106,7 @@ from batchspec.workspace.discovery import (
     find_manifest_files,
     glob_regex,
     is_glob,
+    manifests_the_globs_miss,
     not_batchspec,
     not_found,
     start_of,
@@ -451,11 +452,37 @@ def unlisted_manifests_warnings(ws: Workspace) -> list[str]:
     ]
 
 
+def missed_manifests_warnings(ws: Workspace, paths: Sequence[str | Path]) -> list[str]:
+    """When ``paths`` take in the whole workspace (its root folder), a warning per manifest
+    the project's globs do not find: in the wrong folder, no run without PATHS reads it."""
+    root = ws.project.root.resolve()
+    if not any(Path(p).is_dir() and Path(p).resolve() == root for p in (paths or ["."])):
+        return []
+    globs = ", ".join(ws.project.manifest_globs) or "(none)"
+    return [
+        f"{display_path(file)} holds a `kind: Batch` document the project's manifests "
+        f"({globs} in {display_path(ws.project.file or ws.project.root)}) do not find: "
+        "no command reads it unless given as a PATH; move it under them or add it to "
+        "`manifests:`"
+        for file in manifests_the_globs_miss(ws.project)
+    ]
+
+
 def workspace_resource_names(
     project: Project, *, manifest_cache: ManifestCache | None = None
 ) -> frozenset[str]:
     """Every resource name the project's manifests declare (and every ``moved.from`` name),
-    over the whole workspace: what is *not* orphaned, whatever PATHS a command was given.
+    over the whole workspace: what is *not* orphaned, whatever PATHS a command was given
+    (``workspace_declarations``)."""
+    declared, moved_from = workspace_declarations(project, manifest_cache=manifest_cache)
+    return declared | moved_from
+
+
+def workspace_declarations(
+    project: Project, *, manifest_cache: ManifestCache | None = None
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The resource names the project's manifests declare, and the ``moved.from`` names they
+    carry, over the whole workspace.
 
     Only names are read (inputs are not hashed). A manifest file that cannot be parsed raises
     ``InvalidManifestError``: then nobody can tell which resources are gone. A file the globs
@@ -465,6 +492,7 @@ def workspace_resource_names(
     """
     files, problems, _ = find_manifest_files([str(project.root)], project)
     names: set[str] = set()
+    moved_from: set[str] = set()
     for file in files:
         recalled = manifest_cache.recall(file) if manifest_cache is not None else None
         documents, file_problems = (
@@ -482,10 +510,10 @@ def workspace_resource_names(
             moved = metadata.get("moved") if isinstance(metadata, Mapping) else None
             old = moved.get("from") if isinstance(moved, Mapping) else None
             if isinstance(old, str):
-                names.add(old)
+                moved_from.add(old)
     if problems:
         raise InvalidManifestError(problems)
-    return frozenset(names)
+    return frozenset(names), frozenset(moved_from)
 
 
 def _names_given_as_paths(
