@@ -260,6 +260,18 @@ def test_json_failure_for_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
             'body.max_tokens "999',
             id="max-tokens-too-many-digits",
         ),
+        pytest.param(
+            {"top_p": 2},
+            "invalid_parameter",
+            "body.top_p 2 is not a number from 0 to 1 (custom_id '2')",
+            id="top-p",
+        ),
+        pytest.param(
+            {"stream": True},
+            "streamed_request",
+            "body.stream true: a batched request is not streamed",
+            id="stream",
+        ),
     ],
 )
 def test_a_request_every_provider_refuses_fails_validate_at_its_line(

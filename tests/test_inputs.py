@@ -663,6 +663,29 @@ def test_good_roles_and_output_limits_are_ok(tmp_path: Path, fields: dict[str, A
             "body.max_completion_tokens true is not",
             id="bool",
         ),
+        pytest.param(
+            {"temperature": "hot"},
+            "invalid_parameter",
+            'body.temperature "hot" is not a number >= 0',
+            id="temperature-string",
+        ),
+        pytest.param(
+            {"temperature": -0.5},
+            "invalid_parameter",
+            "body.temperature -0.5 is not a number >= 0",
+            id="temperature-negative",
+        ),
+        pytest.param(
+            {"top_p": 2}, "invalid_parameter", "body.top_p 2 is not a number from 0 to 1", id="p"
+        ),
+        pytest.param({"n": 0}, "invalid_parameter", "body.n 0 is not an integer >= 1", id="n"),
+        pytest.param({"seed": 1.5}, "invalid_parameter", "body.seed 1.5 is not an integer", id="s"),
+        pytest.param(
+            {"frequency_penalty": True},
+            "invalid_parameter",
+            "body.frequency_penalty true is not a number from -2 to 2",
+            id="penalty-bool",
+        ),
     ],
 )
 def test_every_dialect_refuses_a_bad_chat_line_the_same_way(
@@ -674,6 +697,9 @@ def test_every_dialect_refuses_a_bad_chat_line_the_same_way(
     custom_id."""
     data = jsonl(req("req-1", body=body(**fields)))
     report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, dialect=dialect)
+    if dialect == "anthropic" and set(fields) <= {"n", "seed", "frequency_penalty"}:
+        # n, seed and the penalties have no Anthropic equivalent at all: refused as such
+        code, fragment = "unmappable_parameter", "cannot be sent to Anthropic"
     assert found(report) == [(1, code)]
     assert fragment in report.problems[0].message
     assert report.problems[0].message.endswith("(custom_id 'req-1')")  # whichever dialect
@@ -697,6 +723,49 @@ def test_anthropic_params_max_tokens_is_an_integer_of_at_least_1(
     data = jsonl(json.dumps({"custom_id": "a", "params": params}).encode())
     report = scan_batch_input(write(tmp_path, data), dialect="anthropic")
     assert found(report) == problems
+
+
+@pytest.mark.parametrize("dialect", ["openai", "mistral", "anthropic", "gemini"])
+def test_a_streamed_request_is_refused_in_every_dialect(tmp_path: Path, dialect: str) -> None:
+    """`stream: true` asks for an answer no Batch API gives (it is written whole to the output
+    file): refused at its line, for every dialect (Anthropic's and Gemini's conversions as a
+    parameter they cannot map); false or null are fine."""
+    data = jsonl(
+        req("a", body=body(stream=True)),
+        req("b", body=body(stream=False)),
+        req("c", body=body(stream=None)),
+        req("d", body=body(stream="yes")),
+    )
+    report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, dialect=dialect)
+    code = "unmappable_parameter" if dialect in ("anthropic", "gemini") else "streamed_request"
+    assert found(report) == [(1, code), (4, code)]
+    if code == "streamed_request":
+        assert "body.stream true: a batched request is not streamed" in (report.problems[0].message)
+
+
+@pytest.mark.parametrize("dialect", ["openai", "mistral", "anthropic", "gemini"])
+def test_sampling_parameters_any_provider_takes_pass(tmp_path: Path, dialect: str) -> None:
+    """The edges of each range, and null (not set), are not problems (Anthropic maps only
+    temperature and top_p)."""
+    more = {} if dialect == "anthropic" else {"n": 1, "seed": -7, "presence_penalty": -2}
+    data = jsonl(
+        req("a", body=body(temperature=0, top_p=1, **more)),
+        req("b", body=body(temperature=1.0, top_p=0.0, **({} if more else {"seed": None}))),
+        req("c", body=body(temperature=None, top_p=None)),
+    )
+    report = scan_batch_input(write(tmp_path, data), endpoint=CHAT, dialect=dialect)
+    assert report.ok, report.problems
+
+
+def test_the_local_providers_servers_judge_sampling_but_never_stream(tmp_path: Path) -> None:
+    """strict_params=False (the `local` provider): a model server of the user's own judges
+    `temperature: 2.5`, `top_p: "0.9"` (some read it); `stream: true` is still refused: the
+    engine writes each answer whole."""
+    ok = jsonl(req("a", body=body(temperature=2.5, top_p="0.9", n=0)))
+    assert scan_batch_input(write(tmp_path, ok), endpoint=CHAT, strict_params=False).ok
+    streamed = jsonl(req("a", body=body(stream=True)))
+    report = scan_batch_input(write(tmp_path, streamed), endpoint=CHAT, strict_params=False)
+    assert found(report) == [(1, "streamed_request")]
 
 
 def test_the_engine_leaves_roles_and_output_limits_to_each_request(tmp_path: Path) -> None:

@@ -66,7 +66,11 @@ from typing import Any
 
 from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
 from batchspec.wire.chat_convert import no_extras, plain_text, short
-from batchspec.wire.request_checks import first_message_problem, output_limit_problem
+from batchspec.wire.request_checks import (
+    first_message_problem,
+    output_limit_problem,
+    sampling_problem,
+)
 
 CUSTOM_ID_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MESSAGES_ENDPOINT = "/v1/messages"
@@ -227,6 +231,9 @@ def chat_to_params(
         params["system"] = system
     params["messages"] = messages
     found = output_limit_problem(body, _CHAT_LIMIT_KEYS)
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
+    found = sampling_problem(body)
     if found is not None:
         raise Unmappable(found[1], code=found[0])
     # null is "not set", as validate and the budget's bound read it (``wire.usage``)

@@ -76,7 +76,11 @@ from typing import Any
 
 from batchspec.wire.chat_convert import Unmappable as Unmappable  # raised to callers
 from batchspec.wire.chat_convert import no_extras, plain_text, short
-from batchspec.wire.request_checks import first_message_problem, output_limit_problem
+from batchspec.wire.request_checks import (
+    first_message_problem,
+    output_limit_problem,
+    sampling_problem,
+)
 
 #: the manifest endpoint of Gemini's own request lines (body = GenerateContentRequest)
 GENERATE_CONTENT_ENDPOINT = "/v1beta/generateContent"
@@ -358,6 +362,9 @@ def chat_to_request(body: Mapping[str, Any]) -> dict[str, Any]:
 def _generation_config(body: Mapping[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     found = output_limit_problem(body, ("max_tokens", "max_completion_tokens"))
+    if found is not None:
+        raise Unmappable(found[1], code=found[0])
+    found = sampling_problem(body)
     if found is not None:
         raise Unmappable(found[1], code=found[0])
     # null is "not set", as validate and the budget's bound read it (``wire.usage``)

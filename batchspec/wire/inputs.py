@@ -68,12 +68,17 @@ Rules, each with its stable ``code`` (OpenAI's name where it has one)
                             but a JSON integer >= 1: ``0``, ``-5``, ``1.5``, ``100.0``,
                             ``"100"``, ``true``. The budget would not read such a limit as
                             the provider does (``wire.usage``).
-                            The last four are ``batchspec.wire.request_checks``, shared with
-                            the Anthropic and Gemini dialects. None of the last six applies
-                            with ``check_messages=False`` (the engine), nor the last four
-                            with ``strict_params=False`` (the ``local`` provider's inputs:
-                            vLLM takes a role such as ``ipython``, llama.cpp and LM Studio
-                            ``max_tokens: -1`` for no limit).
+    ``streamed_request``    ``body.stream`` set to anything but false: a batched request is
+                            answered whole, never streamed.
+    ``invalid_parameter``   ``temperature``, ``top_p``, a penalty, ``n`` or ``seed`` of the
+                            wrong type or out of the range every OpenAI-compatible API takes
+                            (``"hot"``, ``top_p: 2``, ``n: 0``).
+                            The last six are ``batchspec.wire.request_checks``, shared with
+                            the Anthropic and Gemini dialects. None of the last eight applies
+                            with ``check_messages=False`` (the engine), nor the last six but
+                            ``streamed_request`` with ``strict_params=False`` (the ``local``
+                            provider's inputs: vLLM takes a role such as ``ipython``,
+                            llama.cpp and LM Studio ``max_tokens: -1`` for no limit).
     ``model_mismatch``      ``body.model`` differs from ``model`` (the manifest's); without
                             ``model``, from the first line that named a model (OpenAI and
                             Azure: one model or deployment per file). The message names it.
@@ -138,6 +143,7 @@ from batchspec.wire.request_checks import (
     first_message_problem,
     json_type,
     output_limit_problem,
+    sampling_problem,
 )
 from batchspec.wire.request_index import RequestIndexWriter
 from batchspec.wire.usage import max_output_of_request, provider_output_limit
@@ -421,6 +427,9 @@ class _Checker:
                     self.check_messages(line, body.get("messages", _MISSING), custom_id)
                 if self.strict:
                     self.check_output_limits(line, body, custom_id)
+                found = sampling_problem(body, params=self.strict)
+                if found is not None:
+                    self.problem(line, found[0], found[1] + _of_custom_id(custom_id))
             self.max_output_tokens += max_output_of_request(
                 url, body, self.model, self.unset_output
             )

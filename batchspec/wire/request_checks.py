@@ -18,10 +18,23 @@ Rules, each ``(code, message)``, the message naming the field (``body.messages[0
                         null) and is not a JSON integer >= 1: ``0``, ``-5``, ``1.5``,
                         ``100.0``, ``"100"`` and ``true`` are all refused.
 
-Nothing else of a message is looked at here: content shapes (parts, tool calls) vary by
-provider and are the dialects' business. Only the first bad message of a body is reported, so
-one long conversation cannot flood the report. Both checks are a type test and a set lookup
-per message or key: the scan runs them on every line of inputs of many thousands of lines.
+``streamed_request``    ``stream`` set to anything but ``false`` (or null): a batched request
+                        is answered whole, in the output file; none of the Batch APIs streams.
+``invalid_parameter``   a sampling parameter of the wrong JSON type: ``temperature``,
+                        ``top_p``, ``presence_penalty``, ``frequency_penalty`` not a number
+                        (``"hot"``, ``true``), ``n`` or ``seed`` not an integer (``2.0``
+                        too, as for a limit), or out of the range every OpenAI-compatible API
+                        takes: ``temperature`` below 0 (the upper bound differs: OpenAI 2,
+                        vLLM none), ``top_p`` outside 0 to 1, ``n`` below 1, a penalty outside
+                        -2 to 2. Not checked with ``params=False`` (the ``local`` provider,
+                        whose model servers are the user's own: some read ``"0.5"``).
+
+Null is "not set" for each of them. Nothing else of a message is looked at here: content
+shapes (parts, tool calls) vary by provider and are the dialects' business. Only the first bad
+message of a body is reported, so one long conversation cannot flood the report. The checks
+are a type test and a set lookup per message or key (a body that sets none of the sampling
+parameters costs one set test): the scan runs them on every line of inputs of many thousands
+of lines.
 """
 
 from __future__ import annotations
@@ -39,8 +52,25 @@ OUTPUT_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 #: the codes of the problems found here
 REQUEST_CHECK_CODES = frozenset(
-    {"invalid_message", "missing_role", "invalid_role", "invalid_max_tokens"}
+    {
+        "invalid_message",
+        "missing_role",
+        "invalid_role",
+        "invalid_max_tokens",
+        "streamed_request",
+        "invalid_parameter",
+    }
 )
+#: the sampling parameters checked: (kind, lowest, highest), None where unbounded
+_SAMPLING: dict[str, tuple[str, float | None, float | None]] = {
+    "temperature": ("number", 0, None),
+    "top_p": ("number", 0, 1),
+    "presence_penalty": ("number", -2, 2),
+    "frequency_penalty": ("number", -2, 2),
+    "n": ("integer", 1, None),
+    "seed": ("integer", None, None),
+}
+_CHECKED_KEYS = frozenset({"stream", *_SAMPLING})
 
 _ROLES_SHOWN = ", ".join(CHAT_ROLES_IN_ORDER)
 
@@ -95,6 +125,39 @@ def output_limit_problem(
     return None
 
 
+def sampling_problem(
+    body: Mapping[str, Any], *, params: bool = True, where: str = "body"
+) -> tuple[str, str] | None:
+    """``(code, message)`` for a ``stream`` that asks for streaming, or (with ``params``) the
+    first sampling parameter of the wrong type or out of range, or None (see the module
+    docstring)."""
+    if _CHECKED_KEYS.isdisjoint(body):  # the common case: a set test in C, nothing else
+        return None
+    stream = body.get("stream")
+    if stream is not None and stream is not False:
+        return (
+            "streamed_request",
+            f"{where}.stream {short(stream)}: a batched request is not streamed (its answer "
+            "is written whole to the output file); leave stream out",
+        )
+    if not params:
+        return None
+    for key, (kind, lowest, highest) in _SAMPLING.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        typed = type(value) is int or (kind == "number" and type(value) is float)
+        if typed and (lowest is None or value >= lowest) and (highest is None or value <= highest):
+            continue
+        what = "an integer" if kind == "integer" else "a number"
+        if lowest is not None and highest is not None:
+            what = f"{what} from {lowest:g} to {highest:g}"
+        elif lowest is not None:
+            what = f"{what} >= {lowest:g}"
+        return ("invalid_parameter", f"{where}.{key} {short(value)} is not {what}")
+    return None
+
+
 def json_type(value: Any) -> str:
     """The JSON type of a parsed value, as messages name it (``string``, ``array``, ...)."""
     if value is None:
@@ -118,4 +181,5 @@ __all__ = [
     "json_type",
     "first_message_problem",
     "output_limit_problem",
+    "sampling_problem",
 ]
