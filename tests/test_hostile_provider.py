@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile_openai import HostileOpenAI, answer_line, jsonl
+from hostile_openai import HostileOpenAI, Reply, SeenRequest, answer_line, jsonl
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -66,6 +66,43 @@ def _own_answers(ws: Workspace, name: str = "a") -> dict[str, str]:
     """What the honest server answers each request of ``name``'s input."""
     lines = [json.loads(x) for x in ws.input_path(name).read_text().splitlines()]
     return {x["custom_id"]: "answer to " + json.dumps(x["body"]["messages"]) for x in lines}
+
+
+def test_an_output_file_id_naming_the_batchs_input_file_is_polled_again_not_collected(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch ends ``completed`` with ``output_file_id`` naming its own input file (a
+    gateway mixing up the two ids) for its create and first polls: its lines are requests,
+    not results. They were each recorded as a final failure (``unknown_error``), the request
+    lines written to the errors file, the resource Degraded (exit 4), and the real answers
+    never fetched (an ended batch is not polled again), so `--replace` paid for them again.
+    It is kept finalizing (said once) and polled until the provider names the right file;
+    the same `apply --wait` collects it; one create."""
+    ws = _workspace(tmp_path, hostile)
+    lies = {"left": 4}
+
+    def input_as_output(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        body = json.loads(reply.body)
+        if body.get("object") == "list":  # the listing lies as the objects do
+            rows = [{**b, "output_file_id": b["input_file_id"]} for b in body["data"]]
+            return Reply.of({**body, "data": rows}) if lies["left"] > 0 else reply
+        lies["left"] -= 1
+        return (
+            Reply.of({**body, "output_file_id": body["input_file_id"]})
+            if lies["left"] >= 0
+            else reply
+        )
+
+    for route in ("POST /v1/batches", "GET /v1/batches/{id}", "GET /v1/batches"):
+        hostile.hooks[route] = input_as_output
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert (out + err).count("names its input file as its output file") == 1, out + err
+    assert lies["left"] < 0
+    assert _answers(ws) == _own_answers(ws) and ws.errors("a") == []
+    assert hostile.creates() == 1
 
 
 @pytest.mark.parametrize("direct_lines", [100, 0], ids=["row-by-row", "through-a-table"])
