@@ -105,6 +105,35 @@ def test_an_output_file_id_naming_the_batchs_input_file_is_polled_again_not_coll
     assert hostile.creates() == 1
 
 
+def test_an_output_file_holding_request_lines_is_not_recorded_as_failures(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch's output file is served as a copy of its input (request lines, each with
+    its custom_id, none with a response or an error: a gateway echoing the upload): each
+    line was recorded as a final failure (``unknown_error``), the request lines written as
+    the errors file and the resource Degraded (exit 4), as if the provider had refused every
+    request. Nothing is recorded (exit 1: not batch results, the batch not collected, no
+    result file written); nothing is sent again."""
+    ws = _workspace(tmp_path, hostile)
+
+    def echoed(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        batch = json.loads(reply.body)
+        server.files[batch["output_file_id"]] = server.files[batch["input_file_id"]]
+        return reply
+
+    hostile.hooks["POST /v1/batches"] = echoed
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 1, out + err
+    assert "not batch results" in out, out
+    assert not ws.errors_path("a").exists() and not ws.output_path("a").exists()
+    with ws.store() as store:
+        (batch,) = store.batches(store.generations("a")[0].id)
+        assert batch.collected_at is None
+    assert hostile.creates() == 1
+
+
 @pytest.mark.parametrize("direct_lines", [100, 0], ids=["row-by-row", "through-a-table"])
 def test_a_line_answering_another_shards_request_does_not_replace_that_shards_answer(
     tmp_path: Path,
@@ -141,3 +170,88 @@ def test_a_line_answering_another_shards_request_does_not_replace_that_shards_an
     assert code == 0, out + err
     assert _answers(ws) == _own_answers(ws)
     assert hostile.creates() == 2
+
+
+def _cut_at_a_line(times: int) -> object:
+    """A hook serving each file's first ``times`` downloads without their last line (a body
+    sent without a length and ended by a closed connection, cut where a line ended)."""
+    served = {"n": 0}
+
+    def hook(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        served["n"] += 1
+        if served["n"] > times:
+            return reply
+        return Reply(200, b"".join(reply.body.splitlines(keepends=True)[:-1]))
+
+    return hook
+
+
+def test_an_output_file_short_of_answers_its_batch_counted_is_downloaded_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch counts its three requests completed and its output file comes with two
+    lines, whole (cut where a line ended: no half line tells). The missing request was
+    taken as unanswered, sent again and paid for twice, and the run said nothing of it.
+    Nothing of the short file is recorded: it is downloaded again (said) and all three
+    answers collected by the same apply; one create."""
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["GET /v1/files/{id}/content"] = _cut_at_a_line(1)  # type: ignore[assignment]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert "readable lines for 2 of the 3 requests it counted completed" in out, out
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == 1
+
+
+def test_an_output_file_always_short_of_its_counts_is_taken_as_it_is_and_said(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider whose output file lacks its last line on every download: after three
+    downloads the file is taken as all there is (a resource must not wait for ever for a
+    line that never comes), and the collect line and its event say the request it counted
+    completed had no readable line, before that request is sent again."""
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["GET /v1/files/{id}/content"] = _cut_at_a_line(3)  # type: ignore[assignment]
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert "1 request it counted completed had no readable line in its files (3 downloads)" in out
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == 2
+    with ws.store() as store:
+        first = store.events(resource="a", action="collect")[0]
+    assert first.detail["missing"] == 1
+
+
+def test_an_answer_with_bytes_that_are_not_utf8_is_said_before_it_is_sent_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first batch's answer to ``req-1`` holds two bytes that are not UTF-8 (no JSON),
+    on every download: it cannot be read, so its request is unanswered and a retry sends it
+    again, which the run did in silence (the collect line counted two answers and nothing
+    else). The collect line and its event say which line of which file was no result; the
+    other answers are kept, and only ``req-1`` is sent again."""
+    ws = _workspace(tmp_path, hostile)
+
+    def garbled(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if server.outputs["batch_1"] not in seen.path:
+            return reply
+        lines = reply.body.splitlines(keepends=True)
+        lines[1] = lines[1].replace(b"answer to", b"answ\xff\xfe to")
+        return Reply(200, b"".join(lines))
+
+    hostile.hooks["GET /v1/files/{id}/content"] = garbled
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    said = "1 line of the output file (line 2) is no result (not JSON"
+    assert said in out, out
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == 2
+    with ws.store() as store:
+        first_collect = store.events(resource="a", action="collect")[0]
+    assert first_collect.detail["unreadable"].startswith("1 line of the output file (line 2)")
