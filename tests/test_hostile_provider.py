@@ -9,6 +9,10 @@ downloads. For each: no answer lost or doubled in the result files, nothing paid
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from workspaces import (
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     make_workspace,
     run_cli,
 )
@@ -226,6 +231,67 @@ def test_an_output_file_always_short_of_its_counts_is_taken_as_it_is_and_said(
     assert first.detail["missing"] == 1
 
 
+def _held_at(call: int, reached: threading.Event, release: threading.Event) -> object:
+    """A hook holding the ``call``-th download (1 = the first) until ``release`` is set,
+    ``reached`` set once it holds it: the apply is then inside that download."""
+    calls = {"n": 0}
+
+    def hook(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        with server.lock:
+            calls["n"] += 1
+            mine = calls["n"]
+        if mine == call:
+            reached.set()
+            release.wait(30)
+        return reply
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    ("shards", "held"),
+    [pytest.param(1, 1, id="its-only-file"), pytest.param(2, 2, id="the-second-shards-file")],
+)
+def test_apply_killed_while_it_downloads_collects_every_answer_once_on_the_rerun(
+    tmp_path: Path,
+    hostile: HostileOpenAI,
+    capsys: pytest.CaptureFixture[str],
+    shards: int,
+    held: int,
+) -> None:
+    """SIGKILL of an apply (its own process) while a finished batch's file is on its way
+    (the provider has answered nothing yet; with two shards, the other shard's file may be
+    collected already): the re-run collects what is left, and the result file holds every
+    request's own answer exactly once; nothing is created again."""
+    count = 2 * shards
+    ws = _workspace(
+        tmp_path, hostile, ResourceSpec("a", count, spec={"limits": {"maxRequestsPerBatch": 2}})
+    )
+    reached, release = threading.Event(), threading.Event()
+    hostile.hooks["GET /v1/files/{id}/content"] = _held_at(held, reached, release)  # type: ignore[assignment]
+    proc = subprocess.Popen(
+        batchspec_cmd("apply", str(ws.root), "--yes", *WAIT),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert reached.wait(30), "the download never reached the server"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert [o["custom_id"] for o in ws.outputs("a")] == ws.input_ids("a")
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == shards
+
+
 def test_an_answer_with_bytes_that_are_not_utf8_is_said_before_it_is_sent_again(
     tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -255,3 +321,48 @@ def test_an_answer_with_bytes_that_are_not_utf8_is_said_before_it_is_sent_again(
     with ws.store() as store:
         first_collect = store.events(resource="a", action="collect")[0]
     assert first_collect.detail["unreadable"].startswith("1 line of the output file (line 2)")
+
+
+def test_a_request_answered_in_both_files_keeps_its_answer_and_is_not_sent_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The errors file repeats ``req-0``, which the output file answered, as a retryable
+    failure (HTTP 500): the answer is kept (an ``ok`` row is final), nothing is sent again,
+    and the run is Healthy (held)."""
+    ws = _workspace(tmp_path, hostile)
+
+    def with_errors(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        failed = {
+            "id": "batch_req_x",
+            "custom_id": "req-0",
+            "response": {"status_code": 500, "body": {"error": {"message": "boom"}}},
+            "error": None,
+        }
+        batch = json.loads(reply.body)
+        batch["error_file_id"] = server.add_file(jsonl([failed]))
+        return Reply.of(batch)
+
+    hostile.hooks["POST /v1/batches"] = with_errors
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert _answers(ws) == _own_answers(ws) and ws.errors("a") == []
+    assert hostile.creates() == 1
+
+
+def test_a_create_answered_with_an_id_the_provider_then_does_not_know_is_not_created_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The create answers 200 with an id its polls answer 404 for: apply exits 1 naming the
+    batch, and the next apply asks again instead of creating a second batch (held)."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(tmp_path, hostile)
+    hostile.hooks["POST /v1/batches"] = lambda server, seen, reply: Reply.of(
+        {**json.loads(reply.body), "id": "batch_ghost"}
+    )
+    for _ in range(2):
+        code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+        assert code == 1, out + err
+        assert "batch_ghost" in err and "Traceback" not in err
+    assert hostile.creates() == 1
