@@ -34,6 +34,7 @@ from workspaces import (
     write_manifest,
 )
 
+from batchspec.core.reconcile.collect import SHORT_ATTEMPTS
 from batchspec.engine import BuiltinUpstream, Engine
 from batchspec.engine.app import create_app
 from batchspec.engine.server import start_in_thread
@@ -415,12 +416,13 @@ def test_a_batch_cancelled_by_someone_else_is_retried(
 
 
 class DropFromDownloads:
-    """ASGI middleware: file downloads leave out the lines of these custom_ids, once each, as
-    a provider that loses lines would. Everything else passes through untouched."""
+    """ASGI middleware: file downloads leave out the lines of these custom_ids, ``times``
+    times each, as a provider that loses lines would. Everything else passes through
+    untouched."""
 
-    def __init__(self, app: Any, drop: set[str]) -> None:
+    def __init__(self, app: Any, drop: set[str], times: int = 1) -> None:
         self.app = app
-        self.drop = set(drop)
+        self.drop = dict.fromkeys(drop, times)
         self.dropped: list[str] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -451,8 +453,8 @@ class DropFromDownloads:
             cid = json.loads(line).get("custom_id")
         except ValueError:
             return True
-        if cid in self.drop:
-            self.drop.discard(cid)
+        if self.drop.get(cid):
+            self.drop[cid] -= 1
             self.dropped.append(cid)
             return False
         return True
@@ -461,10 +463,12 @@ class DropFromDownloads:
 def test_requests_missing_from_both_files_are_resubmitted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A provider whose files lose two lines: those requests are in neither the output nor
-    the error file, so they count as unresolved and exactly they are sent again."""
+    """A provider whose files lose two lines, on every download of the batch's file (it is
+    downloaded ``SHORT_ATTEMPTS`` times: its counts say those were completed): those
+    requests are in neither the output nor the error file, so they count as unresolved and
+    exactly they are sent again."""
     engine = Engine(tmp_path / "engine", BuiltinUpstream(), **FAST_ENGINE_OPTIONS).start()
-    app = DropFromDownloads(create_app(engine), {"req-2", "req-5"})
+    app = DropFromDownloads(create_app(engine), {"req-2", "req-5"}, times=SHORT_ATTEMPTS)
     background = start_in_thread(app)
     try:
         ws = make_workspace(
@@ -476,7 +480,7 @@ def test_requests_missing_from_both_files_are_resubmitted(
         code, out, err = apply_wait(ws, capsys)
 
         assert code == 0, out + err
-        assert app.dropped == ["req-2", "req-5"]
+        assert app.dropped == ["req-2", "req-5"] * SHORT_ATTEMPTS
         batches = sorted(
             engine.list_batches(None, 100)["data"],
             key=lambda b: int(b["metadata"]["batchspec_attempt"].partition("k")[0]),

@@ -60,7 +60,7 @@ def ended_without_its_answers(remote: RemoteBatch) -> bool:
     batch that names neither file is one whose files are still to come: each request of a
     completed batch is answered in one of them."""
     counts = remote.request_counts
-    if not remote.is_terminal or remote.status == "failed" or remote.output_file_id is not None:
+    if not remote.is_terminal or remote.status == "failed" or names_output_file(remote):
         return False  # "failed": rejected whole, its requests fail and are never retried
     if counts is None:
         return remote.status == "completed" and remote.error_file_id is None
@@ -68,6 +68,15 @@ def ended_without_its_answers(remote: RemoteBatch) -> bool:
     if counts.total > 0 and counts.completed + counts.failed > counts.total:
         answered = counts.completed - counts.failed
     return answered > 0
+
+
+def names_output_file(remote: RemoteBatch) -> bool:
+    """Whether ``remote`` names an output file that can hold its answers: not its own input
+    file (a gateway mixing up the two ids). Collected, that file's request lines were each
+    recorded as a final failure and the real answers never fetched (a terminal batch is not
+    polled again); taken as named by no one, the batch is polled until the provider names
+    the right file (``ended_without_its_answers``)."""
+    return remote.output_file_id is not None and remote.output_file_id != remote.input_file_id
 
 
 def still_finalizing(remote: RemoteBatch) -> RemoteBatch:

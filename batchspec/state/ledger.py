@@ -100,6 +100,14 @@ class UsageTotals:
     output_tokens: int
 
 
+def _of_shard(shard: int | None) -> tuple[str, tuple[int, ...]]:
+    """The condition (and its argument) keeping a collected file to the requests of the
+    shard its batch carried: a line for another shard's request (a provider mixing files
+    up) is no answer of it, and recorded it was final (``ok``), the answer of the batch that
+    carried the request dropped when it came. Nothing without ``shard``."""
+    return ("", ()) if shard is None else (" and requests.shard = ?", (shard,))
+
+
 class RequestLedger:
     def __init__(self, db: Sql) -> None:
         self.db = db
@@ -201,7 +209,8 @@ class RequestLedger:
         With ``shard`` (the shard the file's batch carried), a file that has lines and
         answers no request of that shard records nothing and raises ``ForeignAnswers``: it
         is another file's content (taken as this one's, its batch would be collected with
-        nothing answered, and every request of it paid for again by a retry).
+        nothing answered, and every request of it paid for again by a retry); its lines for
+        requests of other shards are left out (``_of_shard``).
         """
         items = iter(lines)
         first: dict[str, CollectedLine] = {}  # the first line of each custom_id, in order
@@ -215,10 +224,11 @@ class RequestLedger:
             return 0
         if shard is not None:
             self._refuse_foreign_lines(generation_id, shard, list(first))
+        of_shard, shard_arg = _of_shard(shard)
         return self.db.executemany(
             'update requests set state = ?, category = ?, blob = ?, "offset" = ?, length = ?, '
             "attempt = ?, input_tokens = ?, output_tokens = ? where generation_id = ? and "
-            "custom_id = ? and state != 'ok'",
+            f"custom_id = ? and state != 'ok'{of_shard}",
             [
                 (
                     item.outcome.state,
@@ -231,6 +241,7 @@ class RequestLedger:
                     item.usage.output_tokens if item.usage else None,
                     generation_id,
                     item.custom_id,
+                    *shard_arg,
                 )
                 for item in first.values()
             ],
@@ -279,13 +290,14 @@ class RequestLedger:
             self._run(sql, chunk)
         if shard is not None:
             self._refuse_foreign(generation_id, shard)
+        of_shard, shard_arg = _of_shard(shard)
         cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "
             '"offset" = c."offset", length = c.length, attempt = ?, '
             "input_tokens = c.input_tokens, output_tokens = c.output_tokens from collected c "
             "where requests.generation_id = ? and requests.custom_id = c.custom_id "
-            "and requests.state != 'ok'",
-            [blob, attempt, generation_id],
+            f"and requests.state != 'ok'{of_shard}",
+            [blob, attempt, generation_id, *shard_arg],
         )
         changed = cursor.rowcount
         db.execute("delete from collected")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -195,39 +196,68 @@ def ends_mid_line(path: Path) -> bool:
     return False
 
 
+@dataclass
+class SkippedLines:
+    """The non-blank lines of a result file that are no result (``read_result_lines``)."""
+
+    count: int = 0
+    first: int | None = None  # the first one's line number, from 1
+
+
 def read_result_lines(
-    path: Path, *, retry_on: tuple[str, ...] = RETRY_CATEGORIES
+    path: Path,
+    *,
+    retry_on: tuple[str, ...] = RETRY_CATEGORIES,
+    skipped: SkippedLines | None = None,
 ) -> Iterator[CollectedLine]:
     """Each parseable line of a result file with its byte span and classification.
 
-    Lines that are not JSON objects with a ``custom_id`` are skipped: they cannot be joined to
-    a request, and the request they would answer stays unresolved (and so is retried).
+    Lines that are not JSON objects with a ``custom_id`` and a ``response`` or an ``error``
+    are skipped: they cannot be joined to a request or say nothing of it, and the request
+    they would answer stays unresolved (and so is retried). ``skipped`` counts them, so the
+    collect can say why a request the provider answered is sent again (a line with bytes
+    that are not UTF-8 is not JSON).
     """
     offset = 0
+    number = 0
     # buffering given: no isatty ioctl (and a large file is read a MiB, not 8 KiB, at a time)
     with open(path, "rb", buffering=_READ_BUFFER) as f:
         for raw in f:
             start = offset
             offset += len(raw)
+            number += 1
             body = raw.rstrip(b"\r\n")
             if not body or body.isspace():  # blank: what ``not body.strip()`` says, uncopied
                 continue
             try:
                 record = _loads(body)
             except ValueError:
-                continue
-            if type(record) is not dict:
-                continue
-            custom_id = record.get("custom_id")
-            if type(custom_id) is not str and not isinstance(custom_id, str):
+                record = None
+            if not _is_result(record):
+                if skipped is not None:
+                    skipped.count += 1
+                    skipped.first = skipped.first or number
                 continue
             yield CollectedLine(  # positionally: a line is made for every answer
-                custom_id,
+                record["custom_id"],
                 start,
                 len(body),
                 classify_result_line(record, retry_on=retry_on),
                 usage_of_line(record),
             )
+
+
+def _is_result(record: Any) -> bool:
+    """Whether a parsed line is a JSON object with a ``custom_id`` and a ``response`` or an
+    ``error``: it says how its request went. A request line (an output file id naming the
+    batch's own input file) has neither; classified, it was a final failure of its request,
+    and the real answer never fetched."""
+    if type(record) is not dict:
+        return False
+    custom_id = record.get("custom_id")
+    if type(custom_id) is not str and not isinstance(custom_id, str):
+        return False
+    return type(record.get("response")) is dict or bool(record.get("error"))
 
 
 def collect(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
@@ -366,7 +396,66 @@ def collect_batch(
     request hash, never written as the resource's results. A file of it the provider no
     longer has (404, and 404 for its metadata: ``_file_gone``) is left out and named in the
     event's ``gone``, so that the batch is settled with what could be kept instead of
-    failing every pass."""
+    failing every pass.
+
+    Files with lines for fewer requests than the batch counted completed
+    (``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
+    before what they hold is recorded as all there is (the missing requests unanswered, and
+    said to be)."""
+    for attempt in range(1, SHORT_ATTEMPTS + 1):
+        try:
+            return _collect_files(
+                ctx,
+                name,
+                gen,
+                batch,
+                provider,
+                retry_on=retry_on,
+                foreign=foreign,
+                retired=retired,
+                last_try=attempt == SHORT_ATTEMPTS,
+            )
+        except _ShortOfCounts as short:
+            ctx.report(
+                Progress(
+                    "warning",
+                    name,
+                    f"the files of batch {batch.remote_id} have readable lines for "
+                    f"{short.said:,} of the {batch.completed or 0:,} requests it counted "
+                    "completed (cut short where a line ended, or a line damaged?): nothing of "
+                    "them recorded, downloading them again "
+                    f"({attempt + 1} of {SHORT_ATTEMPTS})",
+                    {"remote_id": batch.remote_id},
+                )
+            )
+    raise AssertionError("unreachable: the last try records what it has")
+
+
+#: downloads of a batch's files that are short of its counts (``_missing_from_files``)
+#: before what they hold is taken as all there is
+SHORT_ATTEMPTS = 3
+
+
+class _ShortOfCounts(Exception):
+    def __init__(self, said: int) -> None:
+        super().__init__(said)
+        self.said = said
+
+
+def _collect_files(
+    ctx: RunContext,
+    name: str,
+    gen: GenerationRow,
+    batch: BatchRow,
+    provider: Provider,
+    *,
+    retry_on: tuple[str, ...],
+    foreign: bool,
+    retired: bool,
+    last_try: bool,
+) -> bool:
+    """One download and record of a batch's files (``collect_batch``); ``_ShortOfCounts``,
+    with nothing recorded, when they are short of its counts and this is not ``last_try``."""
     shas: dict[str, str | None] = {"output_sha256": None, "errors_sha256": None}
     gone: list[str] = []  # a retired batch's files the provider no longer has
     for column, file_id in (
@@ -410,6 +499,8 @@ def collect_batch(
     changed = 0
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
+    said: set[str] = set()  # the custom_ids either file has a line for
+    unreadable: list[str] = []  # per file with lines that are no result: how many, where
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
             return False
@@ -424,7 +515,10 @@ def collect_batch(
                 path = ctx.blobs.ensure_local(sha)
                 read = {True: 0, False: 0}
                 seen: set[str] = set()
-                lines = _tallied(read_result_lines(path, retry_on=retry_on), read, seen)
+                skipped = SkippedLines()
+                lines = _tallied(
+                    read_result_lines(path, retry_on=retry_on, skipped=skipped), read, seen
+                )
                 try:
                     changed += ctx.ledger.record_outcomes(
                         gen.id, batch.attempt, sha, lines, shard=batch.shard
@@ -439,6 +533,12 @@ def collect_batch(
                 for answered, count in read.items():
                     tally[answered] += count
                 repeated += sum(read.values()) - len(seen)
+                said |= seen
+                if skipped.count:
+                    unreadable.append(_skipped_text(kind, skipped))
+        missing = 0 if gone else _missing_from_files(batch, len(said))
+        if missing and not last_try:
+            raise _ShortOfCounts(len(said))  # rolls the transaction back: nothing recorded
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -450,6 +550,10 @@ def collect_batch(
             detail["gone"] = "; ".join(gone)  # a string: the text history shows it
         if repeated:
             detail["repeated"] = repeated
+        if unreadable:
+            detail["unreadable"] = "; ".join(unreadable)  # a string: the text history shows it
+        if missing:
+            detail["missing"] = missing
         if batch.status == "failed" and is_requeued(batch):
             detail["requeued"] = "token_limit_exceeded: resubmitted after a backoff"
         elif batch.status == "failed":
@@ -472,6 +576,8 @@ def collect_batch(
             name,
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _repeated_text(repeated)
+            + "".join(f"; {u}" for u in unreadable)
+            + _missing_text(missing)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -525,6 +631,42 @@ def _served_empty(name: str, batch: BatchRow) -> ProviderError:
         f"{batch.provider} served the output file of batch {batch.remote_id} empty, though it "
         f"{said}. Nothing of it was recorded, so no request of the batch is taken as "
         f"unanswered and paid for again. {_way_out(name)}"
+    )
+
+
+def _missing_from_files(batch: BatchRow, said: int) -> int:
+    """How many requests ``batch`` counted completed that its files have no line for (``said``:
+    the custom_ids they have lines for). Each completed request has a line in one of them,
+    whichever way a provider counts its failures, so a file is missing lines: a body sent
+    without a length and cut where a line ended, which no half line tells. Recorded at once,
+    those requests were taken as unanswered, sent again and paid for twice, and the run said
+    nothing of it (``collect_batch`` downloads the files again first)."""
+    if batch.status == "failed" or batch.completed is None:
+        return 0
+    return max(batch.completed - said, 0)
+
+
+def _skipped_text(kind: str, skipped: SkippedLines) -> str:
+    """``2 lines of the output file (the first: line 7) are no result ...``: lines skipped
+    (``read_result_lines``) leave their requests unanswered, sent again by a retry and paid
+    for again, so the collect says so rather than count them with nothing."""
+    many = skipped.count != 1
+    return (
+        f"{skipped.count:,} line{'s' if many else ''} of the {kind} file "
+        f"({'the first: ' if many else ''}line {skipped.first:,}) {'are' if many else 'is'} no "
+        "result (not JSON, or no custom_id, response or error): the request"
+        f"{'s' if many else ''} {'they' if many else 'it'} would answer taken as unanswered"
+    )
+
+
+def _missing_text(missing: int) -> str:
+    """Requests the batch counted completed that its files, downloaded ``SHORT_ATTEMPTS``
+    times, never had a line for: unanswered, so a retry sends them again (and pays again)."""
+    if not missing:
+        return ""
+    return (
+        f"; {missing:,} request{'s' if missing != 1 else ''} it counted completed had no "
+        f"readable line in its files ({SHORT_ATTEMPTS} downloads): taken as unanswered"
     )
 
 

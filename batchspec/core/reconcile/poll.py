@@ -110,8 +110,9 @@ def poll_batch(
 
 def _no_output_text(provider: str, remote: RemoteBatch, name: str) -> str:
     counts = remote.request_counts
+    named = "its input file as its output file" if remote.output_file_id else "no output file"
     done = (
-        f"{counts.completed:,} request(s) completed, but names no output file"
+        f"{counts.completed:,} request(s) completed, but names {named}"
         if counts is not None
         else "no request counts, but names neither an output nor an error file"
     )
