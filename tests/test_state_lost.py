@@ -29,6 +29,7 @@ from workspaces import (
     Workspace,
     json_lines,
     make_workspace,
+    openai_provider,
     run_cli,
     served,
     write_manifest,
@@ -421,6 +422,22 @@ def requests_sent(srv: ProbedServer) -> int:
     return sum(b.request_counts.total for b in srv.client().batches.list(limit=100).data)
 
 
+def keep_answers_then_lose_the_state(
+    ws: Workspace, srv: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> bytes:
+    """triage applied (6 requests in 3 batches), then req-5 changed and applied (one batch
+    of req-5 alone: the other five keep their answers), then state/ deleted; the results."""
+    converge(ws, capsys)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 7
+    answered = ws.output_path("triage").read_bytes()
+    lose_state(ws)
+    return answered
+
+
 @pytest.mark.parametrize("replace", [False, True], ids=["apply", "apply --replace"])
 def test_a_lost_state_after_a_generation_that_kept_answers_sends_no_request_again(
     tmp_path: Path,
@@ -436,14 +453,7 @@ def test_a_lost_state_after_a_generation_that_kept_answers_sends_no_request_agai
     of the current spec, drew its shards afresh and paid for all six."""
     srv = server()
     ws = served(tmp_path / "ws", srv, SHARDED)
-    converge(ws, capsys)
-    lines = request_lines(6)
-    lines[5]["body"]["messages"][0]["content"] = "Say something else."
-    ws.write_input("triage", lines)
-    converge(ws, capsys)
-    answered = ws.output_path("triage").read_bytes()
-    assert requests_sent(srv) == 7
-    lose_state(ws)
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
 
     argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
     code, _, err = run_cli([*argv, *(["--replace", "triage"] if replace else [])], capsys)
@@ -523,3 +533,48 @@ def test_a_state_restored_from_an_old_backup_keeps_answers_of_generations_it_nev
     assert ws.output_path("triage").read_bytes() == answered
     [recovered] = events(ws, "recover")
     assert recovered["requests"] == 1 and len(recovered["batches"]) == 1
+
+
+def test_input_files_the_provider_will_not_serve_are_said_and_their_requests_sent_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The provider refuses (400) the download of the first generation's input files (OpenAI
+    may, for files of purpose batch): nothing proves those answers are for the very same
+    lines, so their requests are sent again, as before the state kept none, and apply does
+    not fail for it; the `recover` event names each batch it could not read."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    inputs = [b.input_file_id for b in srv.client().batches.list(limit=100).data]
+    refused = {"error": {"message": "Not allowed to download files of purpose: batch"}}
+    for file_id in inputs:
+        srv.probe.refuse(f"^GET /v1/files/{file_id}/content$", 400, refused)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 13
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 0 and recovered["unreadable"].count("purpose: batch") == 3
+    assert_every_request_answered(ws)
+
+
+def test_a_provider_down_while_answers_are_recovered_sends_nothing_until_it_is_back(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """File downloads answer 500 (no retries): apply stops naming triage, having created
+    nothing, rather than pay for the requests whose answers it could not read; once the
+    provider is back, the next apply keeps them and sends none."""
+    srv = server()
+    provider = openai_provider(srv.v1, KEY_ENV, maxRetries=0)
+    ws = make_workspace(tmp_path / "ws", providers={"srv": provider}, resources=[SHARDED])
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
+    srv.probe.refuse(r"^GET /v1/files/[^/]+/content$", 500, {"error": {"message": "down"}})
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code != 0 and "[triage]" in err
+    assert srv.probe.counts["POST /batches"] == 4
+    srv.probe.refusals.clear()
+    converge(ws, capsys)
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
+    assert ws.output_path("triage").read_bytes() == answered

@@ -102,8 +102,10 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             ctx.ledger.record_requests(gen.id, indexed_ledger_rows(index))
             carried = ctx.ledger.carry_over(gen.id, previous)
             if found is not None:
-                carried += keep_found_answers(ctx, res, gen, found)
+                carried += keep_found_answers(ctx, gen, found)
             index = ctx.request_facts(res, facts.sha256)  # a second walk of the index
+        if found is not None and (found.kept or found.unreadable):
+            record_recovered(ctx, res, gen, found)
         single = single and not carried
         if single and not keeps:
             # The batch file is the input itself: only the intent must precede the create.
@@ -234,25 +236,28 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         )
 
 
-def keep_found_answers(ctx: RunContext, res: Resource, gen: GenerationRow, found: Recovered) -> int:
+def keep_found_answers(ctx: RunContext, gen: GenerationRow, found: Recovered) -> int:
     """Mark ``ok`` the requests of ``gen`` whose very same line an earlier generation's batch
-    answered, found at the provider by ``recover.recover_ahead`` (the state that recorded them
-    is lost); a ``recover`` event names those batches. How many were kept."""
-    kept = ctx.ledger.keep_found_answers(gen.id, recovered_rows(found))
-    if kept or found.unreadable:
-        ctx.store.record_event(
-            ctx.run_id,
-            "recover",
-            resource=res.name,
-            generation_id=gen.id,
-            detail={
-                "requests": kept,
-                "batches": found.batches,
-                **({"unreadable": "; ".join(found.unreadable)} if found.unreadable else {}),
-            },
-        )
-    found.kept = kept
-    return kept
+    answered, found at the provider by ``recover.recover_ahead`` (the state that recorded
+    them is lost); how many were kept."""
+    found.kept = ctx.ledger.keep_found_answers(gen.id, recovered_rows(found))
+    return found.kept
+
+
+def record_recovered(ctx: RunContext, res: Resource, gen: GenerationRow, found: Recovered) -> None:
+    """The ``recover`` event: how many requests kept answers found at the provider, from
+    which batches, and the batches whose files could not be read (their requests are sent)."""
+    ctx.store.record_event(
+        ctx.run_id,
+        "recover",
+        resource=res.name,
+        generation_id=gen.id,
+        detail={
+            "requests": found.kept,
+            "batches": found.batches,
+            **({"unreadable": "; ".join(found.unreadable)} if found.unreadable else {}),
+        },
+    )
 
 
 def record_intent(

@@ -95,7 +95,13 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
     if not _may_recover(ctx, res):
         return
     provider = ctx.provider_for(res.provider)
-    listed = pass_listing(ctx, provider).listed_since(lookup_since(ctx, res))
+    try:
+        since = lookup_since(ctx, res)
+        listed = _keyed_batches(ctx, provider, since, (res.name, res.moved_from))
+    except ProviderError as err:
+        # kept for the key lookups, which raise it naming their resource, never create
+        ctx.prefetched.listing_failures.setdefault(provider.name, err)
+        return
     before = _first_adoptable(res, listed)
     candidates = [
         remote
@@ -118,24 +124,57 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
             )
         }
     found = Recovered()
-    for listed in candidates:
+    for entry in candidates:
         if not wanted:
             break
         try:
-            remote = read_back_if_trimmed(provider, listed)
+            remote = read_back_if_trimmed(provider, entry)
             if remote is None or not remote.is_terminal or not names_output_file(remote):
                 continue
             kept = _answers_of(ctx, provider, remote, wanted)
         except ProviderError as err:
-            if err.retryable:
-                raise  # a provider down: the lookups would fail too; the next run tries again
-            found.unreadable.append(f"{listed.id}: {err.message}")
+            if err.retryable:  # a provider down: the lookups would fail too
+                err.about(res.name)
+                raise  # nothing sent: the next run looks again
+            found.unreadable.append(f"{entry.id}: {err.message}")
             continue
         if kept:
             found.batches.append(remote.id)
             found.answers.update(kept)
             wanted.difference_update(kept)
     ctx.prefetched.recovered[res.name] = found
+
+
+def _keyed_batches(
+    ctx: RunContext, provider: Provider, since: float, names: Iterable[str | None]
+) -> list[RemoteBatch]:
+    """The batches of the pass's listing back to ``since`` whose key names one of ``names``:
+    the listing is grouped by resource once a pass per provider (a pass that creates 500
+    resources walks it once), and again only for a ``since`` further back."""
+    cache = ctx.prefetched.keyed_batches
+    grouped = cache.get(provider.name)
+    if not isinstance(grouped, _Grouped) or grouped.since > since:
+        grouped = _Grouped(since)
+        for remote in pass_listing(ctx, provider).listed_since(since):
+            name = remote.metadata.get("batchspec_resource")
+            if name is not None:
+                grouped.batches.setdefault(name, []).append(remote)
+        cache[provider.name] = grouped
+    return [
+        remote
+        for name in names
+        if name is not None
+        for remote in grouped.batches.get(name, ())
+        if remote.created_at is None or remote.created_at >= since
+    ]
+
+
+@dataclass
+class _Grouped:
+    """A provider's keyed batches listed back to ``since``, by resource."""
+
+    since: float
+    batches: dict[str, list[RemoteBatch]] = field(default_factory=dict)
 
 
 def take_recovered(ctx: RunContext, res: Resource) -> Recovered | None:
