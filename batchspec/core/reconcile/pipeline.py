@@ -159,9 +159,11 @@ def _read_listings_ahead(
     for name in spends:
         since = min(lookup_since(ctx, res) for res in resources if res.provider == name)
         read_listing_ahead(ctx, ctx.provider_for(name), since)
-    for res in resources:
-        if _submits_to(ctx, res):  # its shards may be drawn inside this pass's transactions
-            recover_ahead(ctx, res, facts[res.name])
+    # the state read once for all (a cache, no transaction: the downloads hold none)
+    with ctx.store.reading():
+        for res in resources:
+            if _submits_to(ctx, res):  # its shards may be drawn inside this pass's transactions
+                recover_ahead(ctx, res, facts[res.name])
     return planned
 
 
