@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from probes import ProbedServer
-from servers import request_lines
+from servers import request_lines, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
@@ -29,6 +29,7 @@ from workspaces import (
     Workspace,
     json_lines,
     make_workspace,
+    openai_provider,
     run_cli,
     served,
     write_manifest,
@@ -414,3 +415,166 @@ def test_a_replacement_after_a_lost_state_does_not_adopt_the_old_names_batches(
 
     assert code == 0, err
     assert srv.probe.counts["POST /batches"] == 6
+
+
+def requests_sent(srv: ProbedServer) -> int:
+    """How many requests every batch the server holds carried: what the provider bills."""
+    return sum(b.request_counts.total for b in srv.client().batches.list(limit=100).data)
+
+
+def keep_answers_then_lose_the_state(
+    ws: Workspace, srv: ProbedServer, capsys: pytest.CaptureFixture[str]
+) -> bytes:
+    """triage applied (6 requests in 3 batches), then req-5 changed and applied (one batch
+    of req-5 alone: the other five keep their answers), then state/ deleted; the results."""
+    converge(ws, capsys)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 7
+    answered = ws.output_path("triage").read_bytes()
+    lose_state(ws)
+    return answered
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["apply", "apply --replace"])
+def test_a_lost_state_after_a_generation_that_kept_answers_sends_no_request_again(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    replace: bool,
+) -> None:
+    """triage applied (6 requests, 3 batches), req-5 changed and applied again (the other
+    five keep their answers: one batch of req-5 alone), then the state lost. Every request's
+    answer is at the provider: req-0..req-4 in the first generation's batches, whose
+    requests are the very same lines, req-5 in the second's. apply --wait (or apply
+    --replace triage, which keeps answers) must send none of them again; it found only keys
+    of the current spec, drew its shards afresh and paid for all six."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
+
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    code, _, err = run_cli([*argv, *(["--replace", "triage"] if replace else [])], capsys)
+
+    assert code == 0, err
+    assert requests_sent(srv) == 7
+    assert srv.probe.counts["POST /batches"] == 4
+    assert ws.output_path("triage").read_bytes() == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == (6 if replace else 5)
+    assert len(recovered["batches"]) == (4 if replace else 3)
+    assert len(events(ws, "adopt")) == (0 if replace else 1)
+
+
+def test_a_lost_state_does_not_keep_answers_of_a_batch_made_after_the_specs_own(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied (3 batches), then a batch of triage under another spec hash made
+    after them, answering req-0 (as `apply --replace` sends a failed request again), then
+    the state lost. The spec's own batches were drawn from the whole input: kept from the
+    later batch, req-0's answer left it out of the shards drawn now, whose keys then named
+    none of the batches made, and five requests were paid for again. apply adopts the
+    three and creates nothing."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    first = ws.output_path("triage").read_bytes()
+    with srv.engine.store.write() as db:  # made a minute before the later batch
+        db.execute("UPDATE batches SET created_at = created_at - 60")
+    later = {
+        "batchspec_resource": "triage",
+        "batchspec_spec": "f" * 64,
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    req0 = ws.input_path("triage").read_text().splitlines(keepends=True)[0]
+    wait_for_batch(srv.client(), create_aged_batch(srv, later, 0, req0))
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert srv.probe.counts["POST /batches"] == 4  # the first 3 and the later one
+    assert len(events(ws, "adopt")) == 3 and not events(ws, "create")
+    assert not events(ws, "recover")
+    assert ws.output_path("triage").read_bytes() == first
+
+
+def test_a_state_restored_from_an_old_backup_keeps_answers_of_generations_it_never_saw(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied and its state/ backed up; req-5 changed and applied (one batch: req-5),
+    then req-4 changed too and applied (one batch: req-4; req-5 kept from the second
+    generation); then the backup restored. The restored state knows only the first
+    generation, so apply replaces it (the serial step): req-5's new answer is in a batch it
+    never saw, and was sent and paid for again with req-4. Kept from that batch, req-4 is
+    left alone in its shard, whose batch is adopted by key: nothing is sent."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    backup = tmp_path / "backup"
+    shutil.copytree(ws.root / "state", backup)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    lines[4]["body"]["messages"][0]["content"] = "Say something new."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    answered = ws.output_path("triage").read_bytes()
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (8, 5)
+    lose_state(ws)
+    shutil.copytree(backup, ws.root / "state")
+
+    converge(ws, capsys)
+
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (8, 5)
+    assert ws.output_path("triage").read_bytes() == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 1 and len(recovered["batches"]) == 1
+
+
+def test_input_files_the_provider_will_not_serve_are_said_and_their_requests_sent_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The provider refuses (400) the download of the first generation's input files (OpenAI
+    may, for files of purpose batch): nothing proves those answers are for the very same
+    lines, so their requests are sent again, as before the state kept none, and apply does
+    not fail for it; the `recover` event names each batch it could not read."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    inputs = [b.input_file_id for b in srv.client().batches.list(limit=100).data]
+    refused = {"error": {"message": "Not allowed to download files of purpose: batch"}}
+    for file_id in inputs:
+        srv.probe.refuse(f"^GET /v1/files/{file_id}/content$", 400, refused)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 13
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 0 and recovered["unreadable"].count("purpose: batch") == 3
+    assert_every_request_answered(ws)
+
+
+def test_a_provider_down_while_answers_are_recovered_sends_nothing_until_it_is_back(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """File downloads answer 500 (no retries): apply stops naming triage, having created
+    nothing, rather than pay for the requests whose answers it could not read; once the
+    provider is back, the next apply keeps them and sends none."""
+    srv = server()
+    provider = openai_provider(srv.v1, KEY_ENV, maxRetries=0)
+    ws = make_workspace(tmp_path / "ws", providers={"srv": provider}, resources=[SHARDED])
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
+    srv.probe.refuse(r"^GET /v1/files/[^/]+/content$", 500, {"error": {"message": "down"}})
+
+    code, _, err = run_cli(["apply", str(ws.root), "--wait", "--yes", *FAST], capsys)
+
+    assert code != 0 and "[triage]" in err
+    assert srv.probe.counts["POST /batches"] == 4
+    srv.probe.refusals.clear()
+    converge(ws, capsys)
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
+    assert ws.output_path("triage").read_bytes() == answered

@@ -331,6 +331,21 @@ class BatchListing:
                 break
         return KeyLookup(None, listed, False)
 
+    def listed_since(self, since: float) -> list[RemoteBatch]:
+        """Every batch a ``find_by_key`` back to ``since`` would look at (created at or
+        after ``since``, or of no known date), newest first as listed: the same pages."""
+        found = []
+        for index, remote in enumerate(self._scan()):
+            listed = index + 1
+            self._require_an_end(listed)
+            if self._ends_window(index, since):
+                break
+            if remote.created_at is None or remote.created_at >= since:
+                found.append(remote)
+            if not self._newest_first and listed >= UNORDERED_SCAN_MAX:
+                break
+        return found
+
 
 # -- rate limits --------------------------------------------------------------------------------
 

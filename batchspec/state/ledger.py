@@ -158,6 +158,25 @@ class RequestLedger:
         )
         return cursor.rowcount
 
+    def keep_found_answers(
+        self, generation_id: int, answers: Iterable[tuple[str, str, str, int, int]]
+    ) -> int:
+        """Mark requests ``ok`` with answers found outside this state, given as ``(custom_id,
+        request_sha, blob, offset, length)``: each only where the request is that very line
+        and not ``ok`` yet (as ``carry_over`` keeps them). Returns how many were kept."""
+        sql = (
+            "update requests set state = 'ok', category = null, blob = ?, \"offset\" = ?, "
+            "length = ?, attempt = 0, sent_attempt = 0 where generation_id = ? and "
+            "custom_id = ? and request_sha = ? and state != 'ok'"
+        )
+        return self.db.executemany(
+            sql,
+            [
+                (blob, offset, length, generation_id, custom_id, request_sha)
+                for custom_id, request_sha, blob, offset, length in answers
+            ],
+        )
+
     def succeeded_fingerprints(self, generations: Iterable[int]) -> set[tuple[str, str]]:
         """``(custom_id, request_sha)`` of every ``ok`` row of these generations: what
         ``carry_over`` would keep for a new generation (the plan counts it ahead)."""

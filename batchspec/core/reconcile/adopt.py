@@ -95,7 +95,7 @@ def look_up_before_create(
     """
     since = lookup_since(ctx, res)
     try:
-        listing = _listing(ctx, provider)
+        listing = pass_listing(ctx, provider)
         found = listing.find_by_key(metadata_for_key(batch.key), since=since)
         former = former_key(res, batch.key)
         if found.batch is None and former is not None:
@@ -158,7 +158,7 @@ def lookup_since(ctx: RunContext, res: Resource) -> float:
     return ctx.clock() - window - ADOPTION_CLOCK_SLACK
 
 
-def _listing(ctx: RunContext, provider: Provider) -> BatchListing:
+def pass_listing(ctx: RunContext, provider: Provider) -> BatchListing:
     """The pass's one scan of ``provider``'s batches, shared by its intents' lookups."""
     failed = ctx.prefetched.listing_failures.get(provider.name)
     if failed is not None:
@@ -178,7 +178,7 @@ def read_listing_ahead(ctx: RunContext, provider: Provider, since: float) -> Non
     waits on it (and fails after its busy timeout). A failure here (after the client's
     retries) is kept for the lookups, which raise it in order without asking again."""
     try:
-        _listing(ctx, provider).read_back_to(since)
+        pass_listing(ctx, provider).read_back_to(since)
     except ProviderError as err:
         ctx.prefetched.listing_failures[provider.name] = err
 

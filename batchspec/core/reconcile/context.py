@@ -110,6 +110,11 @@ class Prefetched:
     listing_failures: dict[str, ProviderError] = field(default_factory=dict)
     #: cancels sent ahead, side by side, of the batches the serial cancel steps will cancel
     cancels: dict[tuple[str, str], Future[RemoteBatch]] = field(default_factory=dict)
+    #: by resource, the answers a lost state forgot, found at the provider for a new
+    #: generation about to draw its shards (``recover.recover_ahead``), taken once
+    recovered: dict[str, object] = field(default_factory=dict)
+    #: by provider, the keyed batches of its listing grouped by resource (``recover``)
+    keyed_batches: dict[str, object] = field(default_factory=dict)
 
     def take_poll(self, provider: str, remote_id: str) -> RemoteBatch | None:
         return _unwrap(self.polls.pop((provider, remote_id), None))

@@ -19,6 +19,7 @@ from batchspec.core.batches import batch_key
 from batchspec.core.budget import LineBound, check_budget, line_bound, measures_output
 from batchspec.core.plan import estimate_input_tokens
 from batchspec.core.reconcile.context import RunContext
+from batchspec.core.reconcile.recover import Recovered, recovered_rows, take_recovered
 from batchspec.core.replacements import answer_sources, answers_by_stand_in, reuses_answers
 from batchspec.core.reporting import Progress
 from batchspec.core.sharding import (
@@ -83,24 +84,30 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     limits = ctx.limits_for(res)
     stand_in = answers_by_stand_in(gen)
     previous = answer_sources(ctx.store.generations(res.name), stand_in=stand_in, exclude=[gen.id])
+    found = take_recovered(ctx, res)  # answers a lost state forgot (``recover``)
     if not reuses_answers(gen):  # `apply --replace NAME --no-reuse`: resend every request
-        previous = []
+        previous, found = [], None
+    keeps = bool(previous) or (found is not None and bool(found.answers))
     # A file with blank lines is rewritten rather than uploaded as it is: providers
     # differ on whether they accept them.
     single = facts.blank_lines == 0 and fits_one_shard(
         facts.requests, facts.bytes, limits, endpoint=res.endpoint
     )
     # not needed when the input goes as it is: its ledger is written after the create
-    index = ctx.request_facts(res, facts.sha256) if previous or not single else None
+    index = ctx.request_facts(res, facts.sha256) if keeps or not single else None
     with ctx.store.atomic():
         carried = 0
-        if previous:
+        if keeps:
             assert index is not None
             ctx.ledger.record_requests(gen.id, indexed_ledger_rows(index))
             carried = ctx.ledger.carry_over(gen.id, previous)
+            if found is not None:
+                carried += keep_found_answers(ctx, gen, found)
             index = ctx.request_facts(res, facts.sha256)  # a second walk of the index
+        if found is not None and (found.kept or found.unreadable):
+            record_recovered(ctx, res, gen, found)
         single = single and not carried
-        if single and not previous:
+        if single and not keeps:
             # The batch file is the input itself: only the intent must precede the create.
             # A large ledger is written while the provider works (``ensure_ledger``).
             check_budget(
@@ -135,7 +142,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
         # any other failure are removed: nothing would ever remove them
         with ShardWriters(ctx.shard_dir, enabled=not single, source=res.input_path) as writers:
             spans = None
-            if not previous:
+            if not keeps:
                 # every request of the input, in consecutive runs per shard: the ledger is
                 # derived from the intents' counts (``RunContext.ensure_ledger``), a large one
                 # while the provider works, so the uploads do not wait for its inserts; a
@@ -158,7 +165,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                     shard_output = {}
                     bound = line_bound(res, ctx.project.providers)
                     assigned = measuring_output(assigned, res.input_path, shard_output, bound)
-                if previous:
+                if keeps:
                     ctx.ledger.assign_shards(gen.id, ((s, fact.line) for s, fact in assigned))
                 else:
                     collections.deque(assigned, maxlen=0)  # drives the shard writers
@@ -177,7 +184,7 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             shard_files = writers.finish()
         publish_shards(ctx, shard_files.values())
         # the large ledger of a generation that keeps nothing is derived after its creates
-        late = not previous and facts.requests >= LEDGER_AFTER_CREATE_MIN
+        late = not keeps and facts.requests >= LEDGER_AFTER_CREATE_MIN
         kept = keep_request_index(ctx, res, facts.sha256) if late else None
         for shard, n in sorted(per_shard.items()):
             record_intent(
@@ -195,8 +202,19 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 else f"initial submission, shard {shard + 1} of {len(per_shard)}",
                 request_index=kept if shard == min(per_shard) else None,
             )
-        if not previous and not late:
+        if not keeps and not late:
             ctx.ensure_ledger(res, gen)
+    if found is not None and found.kept:
+        ctx.report(
+            Progress(
+                "recover",
+                res.name,
+                f"{found.kept} request(s) keep answers found at the provider in "
+                f"{len(found.batches)} batch(es) of earlier generations that this state does "
+                "not record (its record lost): not sent again",
+                {"recovered": found.kept, "remote_ids": found.batches},
+            )
+        )
     if carried:
         ctx.report(
             Progress(
@@ -216,6 +234,30 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
                 {"shards": len(per_shard)},
             )
         )
+
+
+def keep_found_answers(ctx: RunContext, gen: GenerationRow, found: Recovered) -> int:
+    """Mark ``ok`` the requests of ``gen`` whose very same line an earlier generation's batch
+    answered, found at the provider by ``recover.recover_ahead`` (the state that recorded
+    them is lost); how many were kept."""
+    found.kept = ctx.ledger.keep_found_answers(gen.id, recovered_rows(found))
+    return found.kept
+
+
+def record_recovered(ctx: RunContext, res: Resource, gen: GenerationRow, found: Recovered) -> None:
+    """The ``recover`` event: how many requests kept answers found at the provider, from
+    which batches, and the batches whose files could not be read (their requests are sent)."""
+    ctx.store.record_event(
+        ctx.run_id,
+        "recover",
+        resource=res.name,
+        generation_id=gen.id,
+        detail={
+            "requests": found.kept,
+            "batches": found.batches,
+            **({"unreadable": "; ".join(found.unreadable)} if found.unreadable else {}),
+        },
+    )
 
 
 def record_intent(

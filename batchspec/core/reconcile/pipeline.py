@@ -54,6 +54,7 @@ from batchspec.core.reconcile.adopt import (
 from batchspec.core.reconcile.context import RunContext
 from batchspec.core.reconcile.hold import held, retry_held
 from batchspec.core.reconcile.prefetch import BoundedCalls, provider_ready
+from batchspec.core.reconcile.recover import recover_ahead
 from batchspec.core.reconcile.retry import record_retries
 from batchspec.core.reconcile.submit import (
     batch_file,
@@ -138,7 +139,9 @@ def _read_listings_ahead(
     that provider's listing back as far as the lookups of its resources' keys will look
     (``adopt.read_listing_ahead``): those lookups are made inside the transactions that
     record the intents, and are then answered from memory instead of paging the provider
-    while the state's writer lock is held. Returns the actions planned, by resource name
+    while the state's writer lock is held. The answers a lost state forgot are found here
+    too, for each resource whose new generation may draw its shards in the pass
+    (``recover.recover_ahead``: it downloads). Returns the actions planned, by resource name
     (None: it does not spend now), which ``_intents_of`` takes instead of planning again."""
     providers = {res.provider for res in resources if _submits_to(ctx, res)}
     planned: dict[str, Action | None] = {}
@@ -156,6 +159,11 @@ def _read_listings_ahead(
     for name in spends:
         since = min(lookup_since(ctx, res) for res in resources if res.provider == name)
         read_listing_ahead(ctx, ctx.provider_for(name), since)
+    # the state read once for all (a cache, no transaction: the downloads hold none)
+    with ctx.store.reading():
+        for res in resources:
+            if _submits_to(ctx, res):  # its shards may be drawn inside this pass's transactions
+                recover_ahead(ctx, res, facts[res.name])
     return planned
 
 

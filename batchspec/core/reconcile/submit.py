@@ -39,6 +39,7 @@ from batchspec.core.reconcile.drain import keep_ended_answers
 from batchspec.core.reconcile.hold import held
 from batchspec.core.reconcile.intent import ensure_generation, record_shards
 from batchspec.core.reconcile.poll import poll_batch, refresh
+from batchspec.core.reconcile.recover import recover_ahead
 from batchspec.core.reporting import Progress, format_size
 from batchspec.errors import BatchspecError, ProviderError
 from batchspec.providers.base import (
@@ -56,6 +57,7 @@ from batchspec.workspace.manifest import Resource
 def create(ctx: RunContext, res: Resource, facts: InputReport, action: Action) -> bool:
     if held(ctx, res, facts):  # a retired batch still stopping: its answers are reused
         return False
+    recover_ahead(ctx, res, facts)  # answers a lost state forgot: before any transaction
     gen = record_create(ctx, res, facts)
     submitted = submit_queued(ctx, res, gen)
     ctx.ensure_ledger(res, gen)
