@@ -366,3 +366,53 @@ def test_a_create_answered_with_an_id_the_provider_then_does_not_know_is_not_cre
         assert code == 1, out + err
         assert "batch_ghost" in err and "Traceback" not in err
     assert hostile.creates() == 1
+
+
+def test_a_batch_with_nothing_answered_whose_output_file_id_names_its_input_is_collected(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch ends ``completed`` with every request refused (HTTP 400, all in its error
+    file, ``completed`` 0) and its ``output_file_id`` naming its own input file. With nothing
+    answered it is not kept finalizing, so it was recorded ended with that id as its output
+    file: every collect downloaded the input, found request lines ("not batch results") and
+    failed (exit 1) on every apply, the failures in the error file never recorded. The id
+    naming the input is taken as no output file: the error file is collected, each request
+    a final failure (exit 4), nothing created again."""
+    ws = _workspace(tmp_path, hostile)
+
+    def all_refused(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        body = json.loads(reply.body)
+        rows = body["data"] if body.get("object") == "list" else [body]
+        for batch in rows:
+            if batch.get("error_file_id") is None:
+                lines = server.files[batch["input_file_id"]].splitlines()
+                refused = [
+                    {
+                        "id": "batch_req_x",
+                        "custom_id": json.loads(x)["custom_id"],
+                        "response": {
+                            "status_code": 400,
+                            "body": {"error": {"message": "bad", "code": "invalid_value"}},
+                        },
+                        "error": None,
+                    }
+                    for x in lines
+                    if x.strip()
+                ]
+                batch["error_file_id"] = server.add_file(jsonl(refused))
+            batch.update(output_file_id=batch["input_file_id"])
+            batch["request_counts"] = {"total": 3, "completed": 0, "failed": 3}
+        with server.lock:
+            for batch in rows:
+                server.batches[batch["id"]].update(batch)
+        return Reply.of(body)
+
+    for route in ("POST /v1/batches", "GET /v1/batches/{id}", "GET /v1/batches"):
+        hostile.hooks[route] = all_refused
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert "not batch results" not in out + err, out + err
+    assert code == 4, out + err
+    assert sorted(e["custom_id"] for e in ws.errors("a")) == sorted(ws.input_ids("a"))
+    assert hostile.creates() == 1
