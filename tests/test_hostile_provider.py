@@ -152,7 +152,9 @@ def test_a_line_answering_another_shards_request_does_not_replace_that_shards_an
     the answer, and the other shard's own answer, collected later, dropped (an ``ok`` row is
     final): the results held an answer to a question never asked there. Each request keeps
     the answer of the batch that carried it, whichever way the ledger records a file (a
-    small file row by row, a large one through a table); two creates, nothing sent again."""
+    small file row by row, a large one through a table); the collect says the line was
+    left out (it counted it as one more answer of its batch); two creates, nothing sent
+    again."""
     monkeypatch.setattr(ledger_module, "DIRECT_LINES", direct_lines)
     hostile.initial_status = "in_progress"
     ws = _workspace(
@@ -167,7 +169,12 @@ def test_a_line_answering_another_shards_request_does_not_replace_that_shards_an
     output = hostile.outputs[first]
     hostile.files[output] += jsonl([answer_line(stranger, "a stray answer")])
     hostile.batches[first].update(status="completed", output_file_id=output)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    said = "3 answers; 1 line answers a request its batch did not carry (another shard's"
+    assert said in out, out
+    with ws.store() as store:
+        assert store.events(resource="a", action="collect")[0].detail["not_carried"] == 1
 
     hostile.finish_all()
     code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
@@ -416,3 +423,44 @@ def test_a_batch_with_nothing_answered_whose_output_file_id_names_its_input_is_c
     assert code == 4, out + err
     assert sorted(e["custom_id"] for e in ws.errors("a")) == sorted(ws.input_ids("a"))
     assert hostile.creates() == 1
+
+
+def test_a_file_short_of_an_answer_and_holding_another_shards_line_is_downloaded_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two shards; the first shard's output file comes, on its first download, without its
+    last answer and with a line for a request of the other shard instead. That line is left
+    out, but it was counted as a line the batch's requests have: the file looked as long as
+    the batch's counts, was not downloaded again, and the request whose answer was cut off
+    was sent again (paid twice) in silence. The stray line is said and not counted; the file
+    is downloaded again and every request keeps its own answer; two creates."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(
+        tmp_path, hostile, ResourceSpec("a", 4, spec={"limits": {"maxRequestsPerBatch": 2}})
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    first = hostile.order[0]
+    output = hostile.outputs[first]
+    carried = [json.loads(x)["custom_id"] for x in hostile.files[output].splitlines()]
+    stranger = next(cid for cid in ws.input_ids("a") if cid not in carried)
+    served = {"n": 0}
+
+    def swapped_once(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if output not in seen.path:
+            return reply
+        served["n"] += 1
+        if served["n"] > 1:
+            return reply
+        kept = reply.body.splitlines(keepends=True)[:-1]
+        return Reply(200, b"".join(kept) + jsonl([answer_line(stranger, "a stray answer")]))
+
+    hostile.hooks["GET /v1/files/{id}/content"] = swapped_once
+    hostile.finish_all()
+    hostile.initial_status = "completed"  # a retry would be answered at once
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert "readable lines for 1 of the 2 requests it counted completed" in out, out
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == 2
