@@ -305,7 +305,9 @@ class RequestLedger:
         db.execute("delete from collected")
         sql = "insert into collected values (?, ?, ?, ?, ?, ?, ?) on conflict do nothing"
         chunk: list[tuple[object, ...]] = []
+        sent = 0  # lines put to the table (a custom_id twice counts twice)
         for item in lines:
+            sent += 1
             usage = item.usage
             chunk.append(
                 (
@@ -324,14 +326,6 @@ class RequestLedger:
             self._run(sql, chunk)
         if shard is not None:
             self._refuse_foreign(generation_id, shard)
-            if outside is not None:
-                rows = db.execute(
-                    "select c.custom_id from collected c where not exists (select 1 from "
-                    "requests r where r.generation_id = ? and r.shard = ? and "
-                    "r.custom_id = c.custom_id)",
-                    [generation_id, shard],
-                ).fetchall()
-                outside.update(row[0] for row in rows)
         of_shard, shard_arg = _of_shard(shard)
         cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "
@@ -342,6 +336,16 @@ class RequestLedger:
             [blob, attempt, generation_id, *shard_arg],
         )
         changed = cursor.rowcount
+        # every line changed a row of the shard (the common case): none is outside it, and
+        # the join that finds those is not needed
+        if shard is not None and outside is not None and changed != sent:
+            rows = db.execute(
+                "select c.custom_id from collected c where not exists (select 1 from "
+                "requests r where r.generation_id = ? and r.shard = ? and "
+                "r.custom_id = c.custom_id)",
+                [generation_id, shard],
+            ).fetchall()
+            outside.update(row[0] for row in rows)
         db.execute("delete from collected")
         return changed
 
