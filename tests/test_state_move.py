@@ -296,24 +296,31 @@ def test_a_run_holding_the_lock_makes_migrate_exit_3(
 
 
 def test_a_busy_sqlite_source_makes_migrate_exit_3_at_its_lock_timeout(
-    tmp_path: Path, applied: Workspace, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    applied: Workspace,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another connection inside a write transaction on the SQLite source: `state migrate
-    --lock-timeout 1` exits 3 within seconds, naming the wait (it waited the 30 s busy
-    timeout, then exited 1); nothing is written."""
+    --lock-timeout 2` exits 3 once that is over (the busy timeout made 1 s here, 30 s in
+    use: the longer of the two is waited), naming the wait (it exited 1); nothing is
+    written."""
+    import batchspec.state.connection as connection
+
+    monkeypatch.setattr(connection, "BUSY_TIMEOUT_SECONDS", 1.0)
     target = tmp_path / "copy.db"
     holder = sqlite3.connect(applied.state_path, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
         began = time.monotonic()
         code, _, err = run_cli(
-            ["state", "migrate", "--to", str(target), "--lock-timeout", "1"], capsys
+            ["state", "migrate", "--to", str(target), "--lock-timeout", "2"], capsys
         )
         took = time.monotonic() - began
     finally:
         holder.close()
     assert code == 3, err
-    assert took < 10, took
+    assert 2 <= took < 10, took
     assert "stayed busy for 2 s" in err and "--lock-timeout" in err
     assert not target.exists()
 

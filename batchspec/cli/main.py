@@ -168,7 +168,7 @@ def lock_timeout_option(f: F) -> F:
         show_envvar=True,  # the CI examples set it once for every command
         callback=lambda ctx, param, value: _a_number(param, value, finite=False),
         help="Seconds to wait for another run's lock (or a state database another process "
-        "keeps busy: at least 2 s) before exiting 3.",
+        "keeps busy: at least 30 s) before exiting 3.",
     )(f)
 
 

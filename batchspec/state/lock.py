@@ -58,7 +58,8 @@ from datetime import datetime, timedelta, timezone
 from types import TracebackType
 
 from batchspec.errors import StateError, StateLockedError
-from batchspec.state.connection import MIN_BUSY_WAIT_SECONDS, busy_wait_for
+from batchspec.state import connection
+from batchspec.state.connection import busy_wait_for
 from batchspec.state.lock_row import WORKSPACE
 from batchspec.state.runinfo import RunInfo
 from batchspec.state.runs import run_session_key
@@ -254,7 +255,7 @@ def acquire_lock(
     while True:
         try:
             # a database kept busy by another process is waited for as the lock is: up to
-            # the time left (at least MIN_BUSY_WAIT_SECONDS), not the 30 s of a run's writes
+            # the time left, if longer than the busy timeout every write waits
             with store.busy_wait(busy_wait_for(deadline - clock())):
                 handle, conflict = _try_take(store, command, info, keys, run_id)
         except DatabaseBusyError as busy:
@@ -315,7 +316,8 @@ def hold_still(
     * SQLite: the database's writer lock (BEGIN IMMEDIATE) is held for the whole block, and
       the block reads inside that transaction, which is rolled back: nothing is written, so
       the file stays byte for byte as it was. A run starting meanwhile waits for the writer
-      lock (its --lock-timeout, at least 2 s), then stops with "stayed busy"; readers go on.
+      lock (30 s, or its --lock-timeout if longer), then stops with "stayed busy"; readers
+      go on.
       The writer lock is waited for here as the run lock is, up to ``timeout``.
     * PostgreSQL: the run lock itself (``acquire_lock``); its row is written and removed, so
       the rows end as they were, and a run starting meanwhile exits 3 naming this one.
@@ -370,8 +372,8 @@ def busy_as_locked(err: DatabaseBusyError) -> StateLockedError:
         f"{err.message.removesuffix('; try again')}; this run changed nothing: run it again "
         "once that process has let go (`batchspec history` shows the runs in progress; a "
         "process stopped with SIGSTOP or a debugger keeps the lock until it goes on), or "
-        "pass --lock-timeout SECONDS (BATCHSPEC_LOCK_TIMEOUT) to wait longer for it (at "
-        f"least {MIN_BUSY_WAIT_SECONDS:g} s is waited, whatever it says)"
+        "pass --lock-timeout SECONDS (BATCHSPEC_LOCK_TIMEOUT) to wait longer for it (it is "
+        f"waited {connection.BUSY_TIMEOUT_SECONDS:g} s when that is shorter)"
     )
 
 

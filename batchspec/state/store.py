@@ -30,8 +30,8 @@ named by a ``postgresql://`` URL; schema in ``batchspec.state.schema``, in both 
 Promises:
 
 * The database file is created mode 0600 (and its WAL siblings kept 0600), in WAL mode, with
-  foreign keys on and a 30 s busy timeout (a run that is starting: its ``--lock-timeout``,
-  at least 2 s: ``busy_wait``). Migrations are named (``m001_initial``, ...),
+  foreign keys on and a 30 s busy timeout (a run that is starting: its ``--lock-timeout``
+  if longer: ``busy_wait``). Migrations are named (``m001_initial``, ...),
   recorded in ``_sqlite_migrations`` and applied once, in one transaction under the write
   lock, by the one runner, ``batchspec.storage.migrations``.
 * Every public write method is one transaction; inside ``atomic()`` it joins the caller's.

@@ -131,7 +131,8 @@ class Sql(ABC):
 
     def _busy_message(self, err: str) -> str:
         """``DatabaseBusyError``'s message, naming how long this connection waited."""
-        waited = f" for {self.busy_timeout:g} s" if self.busy_timeout is not None else ""
+        # to a tenth of a second: what was left of a --lock-timeout is 1.99999 s
+        waited = f" for {round(self.busy_timeout, 1):g} s" if self.busy_timeout is not None else ""
         return (
             f"the state database {self.label} stayed busy{waited} ({err}): another process "
             "is inside a write transaction; try again"
