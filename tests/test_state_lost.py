@@ -578,3 +578,52 @@ def test_a_provider_down_while_answers_are_recovered_sends_nothing_until_it_is_b
     converge(ws, capsys)
     assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
     assert ws.output_path("triage").read_bytes() == answered
+
+
+def age_batches(srv: ProbedServer, seconds: int) -> None:
+    """Every batch the engine holds made (and ended) ``seconds`` earlier: the steps of a
+    test run apart in time, as a user's do (within one second every batch ends "before"
+    every other is made)."""
+    sets = ", ".join(
+        f"{c} = {c} - {int(seconds)}"
+        for c in ("created_at", "in_progress_at", "finalizing_at", "completed_at")
+    )
+    with srv.engine.store.write() as db:
+        db.execute(f"UPDATE batches SET {sets}")
+
+
+def answer_ids(ws: Workspace) -> list[str]:
+    """The provider's id of each answer in triage's results (one per batch request)."""
+    return [str(r["id"]) for r in ws.outputs("triage")]
+
+
+def test_a_lost_state_does_not_bring_back_answers_replaced_with_no_reuse(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied, req-5 changed and applied (req-5 alone sent), then `apply --replace
+    triage --no-reuse`: every request sent again, the user keeping none of the answers
+    before. Then the state lost. The results must be the replacement's answers, as the state
+    that recorded it shows, with nothing sent: they were the first generation's answers the
+    user threw away (kept from its batches, made before the spec's own) and req-5's old one."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    age_batches(srv, 300)
+    replace = ["--replace", "triage", "--no-reuse"]
+    code, _, err = run_cli(["apply", str(ws.root), *replace, "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert answer_ids(ws) == fresh
+    assert requests_sent(srv) == sent == 13
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 6

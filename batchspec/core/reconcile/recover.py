@@ -17,7 +17,10 @@ lookup's window (``adopt.lookup_since``: the same pages the lookups read) for ba
   and kept by ``RequestLedger.carry_over``), have ended, and name an output file;
 * ended before the first listed batch of the current spec was made, if any is listed: that
   generation kept only answers it had then, and drawn without them, its shards would no
-  longer be the ones whose keys the lookup adopts (``_ended_before``).
+  longer be the ones whose keys the lookup adopts (``_ended_before``);
+* or, when the listing holds an ``apply --replace NAME --no-reuse`` of the current spec,
+  were made since its first batch (``_no_reuse_start``): the answers before it are the ones
+  the user threw away, and the state that recorded it shows the replacement's.
 
 The rule is carry-over's own: an answer is kept for a request only when the very same request
 line (``custom_id`` and the sha256 of its raw bytes, the ledger's ``request_sha``) was sent.
@@ -51,7 +54,12 @@ from batchspec.core.batches import names_output_file
 from batchspec.core.reconcile.adopt import lookup_since, pass_listing, read_back_if_trimmed
 from batchspec.core.reconcile.collect import download_to_store, read_result_lines
 from batchspec.core.reconcile.context import RunContext
-from batchspec.core.replacements import answers_by_stand_in, reuses_answers, unreused_requests
+from batchspec.core.replacements import (
+    answers_by_stand_in,
+    replacement_hash,
+    reuses_answers,
+    unreused_requests,
+)
 from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.wire.inputs import InputReport
@@ -102,12 +110,17 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
         # kept for the key lookups, which raise it naming their resource, never create
         ctx.prefetched.listing_failures.setdefault(provider.name, err)
         return
+    rejected = _no_reuse_start(res, listed)
     before = _first_adoptable(res, listed)
     candidates = [
         remote
         for remote in listed
         if _is_earlier_generations(ctx, res, provider, remote)
-        and (before is None or _ended_before(remote, before))
+        and (
+            _made_since(remote, rejected)
+            if rejected is not None
+            else before is None or _ended_before(remote, before)
+        )
     ]
     if not candidates:
         return
@@ -238,6 +251,43 @@ def _ended_before(remote: RemoteBatch, created: int) -> bool:
     every request of them was sent again, where the lookup adopted them before."""
     ended = remote.completed_at or remote.created_at
     return ended is not None and ended <= created
+
+
+def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
+    """When the first listed batch of the newest ``apply --replace NAME --no-reuse`` of
+    ``res``'s current spec was made (epoch seconds); None if none is listed.
+
+    That replacement sent every request again because the user would keep none of the
+    answers before it: those are not kept here either (the lost state would otherwise bring
+    back the very answers the user threw away, where the state that recorded the replacement
+    shows its own). Its batches, and later ones, are kept from instead; the current spec's
+    own batches are then the replaced generation's, which the state never used again."""
+    specs: dict[str, list[int]] = {}
+    for remote in listed:
+        spec = remote.metadata.get("batchspec_spec")
+        if remote.metadata.get("batchspec_resource") == res.name and spec is not None:
+            dates = specs.setdefault(spec, [])
+            if remote.created_at is not None:
+                dates.append(remote.created_at)
+    start = None
+    number = 1
+    while True:
+        found = [
+            (reuse, specs[h])
+            for reuse in (True, False)
+            if (h := replacement_hash(res, number, reuse=reuse)) in specs
+        ]
+        if not found:
+            return start
+        for reuse, dates in found:
+            if not reuse and dates:
+                start = min(dates)
+        number += 1
+
+
+def _made_since(remote: RemoteBatch, start: int) -> bool:
+    """Whether ``remote`` was made at or after ``start`` (a batch of no known date: not)."""
+    return remote.created_at is not None and remote.created_at >= start
 
 
 def _adopted_by_key(res: Resource) -> set[tuple[str, str]]:
