@@ -627,3 +627,45 @@ def test_a_lost_state_does_not_bring_back_answers_replaced_with_no_reuse(
     assert requests_sent(srv) == sent == 13
     [recovered] = events(ws, "recover")
     assert recovered["requests"] == 6
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\r\r\n"], ids=["CRLF", "CR CRLF"])
+@pytest.mark.parametrize("shards", [1, 3], ids=["sent as it is", "in shard files"])
+def test_a_lost_state_keeps_the_answers_of_lines_ending_in_carriage_returns(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    ending: bytes,
+    shards: int,
+) -> None:
+    """An input whose lines end "\\r\\r\\n" (a CRLF file converted twice): each request is
+    its line without "\\r\\n" ("...}\\r", the request index's rule), which the provider's
+    input file holds as "...}\\r\\r\\n" (the input sent as it is) or "...}\\r\\n" (a shard
+    file ends the request with "\\n"). Both lines were hashed without every trailing
+    "\\r", so none matched: after the state was lost every request the second generation
+    kept was sent and paid for again, where the state that recorded them sent none."""
+    srv = server()
+    limits = {"limits": {"maxRequestsPerBatch": 2}} if shards > 1 else {}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=6, spec=limits))
+    lines = request_lines(6)
+
+    def write(lines: list[dict[str, Any]]) -> None:
+        raw = b"".join(json.dumps(line).encode() + ending for line in lines)
+        ws.input_path("triage").write_bytes(raw)
+
+    write(lines)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    write(lines)
+    converge(ws, capsys)
+    answered = answer_ids(ws)
+    assert requests_sent(srv) == 7
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 7
+    assert answer_ids(ws) == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 5

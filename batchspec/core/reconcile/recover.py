@@ -331,21 +331,34 @@ def _answers_of(
 
 def _sent_lines(path: Path, wanted: set[tuple[str, str]]) -> dict[str, str]:
     """``custom_id -> request_sha`` of the lines of a batch input file that are ``wanted``
-    requests; a custom_id the file holds twice is left out (which line was answered?)."""
-    found: dict[str, str] = {}
+    requests; a custom_id the file holds twice is left out (which line was answered?).
+
+    A request is hashed as the request index hashes an input's line: without its ending,
+    one ``\n`` then one ``\r``. A line of the file ending ``\r\n`` is either: a request
+    line ending in ``\r`` (an input's ``\r\r\n``: a shard file copies the request and
+    ends it with ``\n``) or one sent with its ``\r\n`` (an input uploaded as it is). Both
+    send the provider these very bytes, so either may be the one wanted."""
+    found: dict[str, tuple[str, ...]] = {}
     twice: set[str] = set()
     with path.open("rb", buffering=_READ_BUFFER) as f:
         for raw in f:
-            body = raw.rstrip(b"\r\n")
-            if not body.strip():
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if not line.strip():
                 continue
-            custom_id = _custom_id(body)
+            custom_id = _custom_id(line)
             if custom_id is None:
                 continue
             if custom_id in found:
                 twice.add(custom_id)
-            found[custom_id] = hashlib.sha256(body).hexdigest()
-    return {c: s for c, s in found.items() if c not in twice and (c, s) in wanted}
+            shas = (hashlib.sha256(line).hexdigest(),)
+            if line.endswith(b"\r"):
+                shas = (hashlib.sha256(line[:-1]).hexdigest(), *shas)
+            found[custom_id] = shas
+    return {
+        c: next(s for s in shas if (c, s) in wanted)
+        for c, shas in found.items()
+        if c not in twice and any((c, s) in wanted for s in shas)
+    }
 
 
 def _custom_id(body: bytes) -> str | None:
