@@ -669,3 +669,35 @@ def test_a_lost_state_keeps_the_answers_of_lines_ending_in_carriage_returns(
     assert answer_ids(ws) == answered
     [recovered] = events(ws, "recover")
     assert recovered["requests"] == 5
+
+
+def test_expired_output_files_are_said_on_the_run_output_and_their_requests_sent_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first generation's output files are gone at the provider (404: OpenAI keeps them
+    30 days): the five requests kept from them are sent again, results complete. What the
+    run prints says so (text and the `recover` NDJSON event, naming each batch): it was only
+    in the state's audit log, and CI saw a plain create of six requests where the plan and
+    the last run had kept five."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    listed = srv.client().batches.list(limit=100).data
+    gone = [b for b in listed if b.request_counts.total == 2]
+    assert len(gone) == 3
+    for batch in gone:
+        expired = {"error": {"message": f"No such File object: {batch.output_file_id}"}}
+        srv.probe.refuse(f"^GET /v1/files/{batch.output_file_id}/content$", 404, expired)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    [said] = [e for e in json_lines(out) if e.get("event") == "recover"]
+    assert said["recovered"] == 0 and len(said["unreadable"]) == 3
+    assert all(b.id in said["message"] for b in gone)
+    assert "3 batch(es) of earlier generations could not be read" in said["message"]
+    [recorded] = events(ws, "recover")
+    assert recorded["requests"] == 0 and recorded["unreadable"].count("HTTP 404") == 3
+    converge(ws, capsys)
+    assert requests_sent(srv) == 13
+    assert_every_request_answered(ws)
