@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -701,3 +702,47 @@ def test_expired_output_files_are_said_on_the_run_output_and_their_requests_sent
     converge(ws, capsys)
     assert requests_sent(srv) == 13
     assert_every_request_answered(ws)
+
+
+def test_a_lost_state_does_not_keep_answers_a_batch_gave_after_it_was_cancelled_late(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied; its third shard's batch (req-4, req-5) was still stopping when req-5
+    changed and the next generation drew its shards (the hold past `replaceHoldSeconds`):
+    that generation sent req-4 and req-5 in one batch. The old batch then ended cancelled
+    with req-4 answered (no `completed_at`; `cancelled_at` after the new batch was made).
+    After the state is lost, req-4 must not be kept from it: the batch was taken as ended
+    when it was made, req-4 left req-5 alone in a shard whose key named no batch, and req-5
+    was sent and paid for again where the new generation's batch is adopted."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 3600)
+    listed = srv.client().batches.list(limit=100).data
+    [late] = [b for b in listed if b.metadata["batchspec_shard"] == "2"]
+    db = sqlite3.connect(ws.state_path)  # its answers came after the next generation drew
+    db.execute("UPDATE requests SET state = 'failed' WHERE custom_id = 'req-4'")
+    db.commit()
+    db.close()
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 8
+    answered = ws.output_path("triage").read_bytes()
+    [newest] = srv.client().batches.list(limit=1).data
+    with srv.engine.store.write() as engine_db:
+        engine_db.execute(
+            "UPDATE batches SET status = 'cancelled', completed_at = NULL, cancelled_at = ? "
+            "WHERE id = ?",
+            (newest.created_at + 60, late.id),
+        )
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 8
+    assert [d["remote_id"] for d in events(ws, "adopt")] == [newest.id]
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 4 and late.id not in recovered["batches"]
+    assert ws.output_path("triage").read_bytes() == answered

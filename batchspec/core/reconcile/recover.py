@@ -244,12 +244,16 @@ def _first_adoptable(res: Resource, listed: Iterable[RemoteBatch]) -> int | None
 def _ended_before(remote: RemoteBatch, created: int) -> bool:
     """Whether ``remote`` ended (as far as it says: else was made) before ``created``.
 
+    However it ended: a batch cancelled (or expired) with part of its answers has no
+    ``completed_at``, and one still stopping when the next generation drew its shards (the
+    hold past ``replaceHoldSeconds``) was made long before them.
+
     The current spec's own batches, which the lookup adopts by key, were drawn from what
     the answers kept *then* left: only a batch that had ended by then can have given them.
     Kept from a later one (a replacement's, made after them), an answer would leave its
     request out of the shards drawn now, whose keys then name none of the batches made:
     every request of them was sent again, where the lookup adopted them before."""
-    ended = remote.completed_at or remote.created_at
+    ended = remote.ended_at or remote.completed_at or remote.created_at
     return ended is not None and ended <= created
 
 
