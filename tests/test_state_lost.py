@@ -746,3 +746,27 @@ def test_a_lost_state_does_not_keep_answers_a_batch_gave_after_it_was_cancelled_
     [recovered] = events(ws, "recover")
     assert recovered["requests"] == 4 and late.id not in recovered["batches"]
     assert ws.output_path("triage").read_bytes() == answered
+
+
+def test_answers_kept_after_a_lost_state_are_downloaded_again_when_the_store_is_gone(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a lost state kept five answers from the first generation's output files,
+    state/store/ and the results are deleted (a runner that keeps only the database, a
+    state moved without its blobs): apply restores the results, downloading those files
+    again as it does a collected batch's. No batch of this state names them, so the run
+    failed: "the stored file ... is not in state/store/", though the provider had them."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    converge(ws, capsys)
+    answered = ws.output_path("triage").read_bytes()
+    [recovered] = events(ws, "recover")
+    assert len(set(recovered["files"].values())) == 3
+    shutil.rmtree(ws.root / "state" / "store")
+    ws.output_path("triage").unlink()
+
+    converge(ws, capsys)
+
+    assert ws.output_path("triage").read_bytes() == answered
+    assert requests_sent(srv) == 7

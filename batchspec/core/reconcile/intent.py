@@ -267,6 +267,8 @@ def record_recovered(ctx: RunContext, res: Resource, gen: GenerationRow, found: 
         detail={
             "requests": found.kept,
             "batches": found.batches,
+            "provider": res.provider,
+            "files": found.files,
             **({"unreadable": "; ".join(found.unreadable)} if found.unreadable else {}),
         },
     )

@@ -89,6 +89,10 @@ class Recovered:
     answers: dict[tuple[str, str], RecoveredAnswer] = field(default_factory=dict)
     batches: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    #: the output file each stored blob of ``answers`` is a copy of (blob sha256 -> file id):
+    #: recorded on the ``recover`` event, so a blob missing later (``state/store/`` deleted,
+    #: the state moved to another runner) is downloaded again as a collected batch's is
+    files: dict[str, str] = field(default_factory=dict)
     #: how many of ``answers`` the new generation's ledger kept (set when recorded)
     kept: int = 0
 
@@ -154,6 +158,8 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
         if kept:
             found.batches.append(remote.id)
             found.answers.update(kept)
+            for answer in kept.values():
+                found.files[answer.blob] = str(remote.output_file_id)
             wanted.difference_update(kept)
     ctx.prefetched.recovered[res.name] = found
 
@@ -354,7 +360,7 @@ def _sent_lines(path: Path, wanted: set[tuple[str, str]]) -> dict[str, str]:
                 continue
             if custom_id in found:
                 twice.add(custom_id)
-            shas = (hashlib.sha256(line).hexdigest(),)
+            shas: tuple[str, ...] = (hashlib.sha256(line).hexdigest(),)
             if line.endswith(b"\r"):
                 shas = (hashlib.sha256(line[:-1]).hexdigest(), *shas)
             found[custom_id] = shas
