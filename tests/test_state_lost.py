@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from probes import ProbedServer
+from probes import Hold, ProbedServer
 from servers import request_lines, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     json_lines,
     make_workspace,
     openai_provider,
@@ -770,3 +774,95 @@ def test_answers_kept_after_a_lost_state_are_downloaded_again_when_the_store_is_
 
     assert ws.output_path("triage").read_bytes() == answered
     assert requests_sent(srv) == 7
+
+
+def hold_the_nth(srv: ProbedServer, route: str, n: int) -> Hold:
+    """Hold the ``n``-th request to ``route`` from now on (30 s, or until released)."""
+    probe = srv.probe
+    take = probe._take_hold
+    hold = Hold(30.0, False, False, None, None)
+    nth = probe.counts[route] + n
+
+    def take_nth(seen: str) -> Hold | None:
+        found = take(seen)
+        return hold if seen == route and probe.counts[seen] == nth else found
+
+    probe._take_hold = take_nth  # type: ignore[method-assign]
+    return hold
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["an input file", "an output file"])
+def test_apply_killed_while_it_recovers_answers_pays_nothing_twice_on_the_rerun(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    nth: int,
+) -> None:
+    """SIGKILL of an apply (its own process) while it downloads an earlier generation's
+    input file (nothing of the generation recorded yet) or output file (the store holds a
+    part): the rerun keeps the same answers, sends nothing more, and writes the results
+    the run that never lost its state wrote."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
+    hold = hold_the_nth(srv, "GET /files/{id}/content", nth)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    proc = subprocess.Popen(
+        batchspec_cmd(*argv),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert hold.reached.wait(30), "the download never reached the server"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        hold.released.set()
+        if proc.poll() is None:
+            proc.kill()
+
+    converge(ws, capsys)
+
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
+    assert ws.output_path("triage").read_bytes() == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 5
+
+
+def test_an_answer_in_an_earlier_batchs_output_for_a_request_it_was_not_sent_is_not_kept(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier generation's batch (another spec hash of triage) was sent req-0 alone, but
+    its output file also answers req-1 (a provider's or gateway's mix-up). Only req-0 is
+    kept: req-1's line is not in that batch's input, so its answer there is for nothing
+    this input asks; req-1 and req-2 are sent."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    req0 = ws.input_path("triage").read_text().splitlines(keepends=True)[0]
+    key = {
+        "batchspec_resource": "triage",
+        "batchspec_spec": "f" * 64,
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    client = srv.client()
+    old = wait_for_batch(client, create_aged_batch(srv, key, 600, req0))
+    output = client.files.content(old.output_file_id).content
+    stray = json.loads(output)
+    stray.update(custom_id="req-1", id="batch_req_stray")
+    stray["response"]["body"]["choices"][0]["message"]["content"] = "WRONG"
+    mixed = output + json.dumps(stray).encode() + b"\n"
+    upload = client.files.create(file=("out.jsonl", io.BytesIO(mixed)), purpose="batch")
+    with srv.engine.store.write() as db:
+        db.execute("UPDATE batches SET output_file_id = ? WHERE id = ?", (upload.id, old.id))
+
+    converge(ws, capsys)
+
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ["req-0", "req-1", "req-2"]
+    assert outputs[0]["id"] == json.loads(output)["id"]
+    assert "WRONG" not in ws.output_path("triage").read_text()
+    [recovered] = events(ws, "recover")
+    assert (recovered["requests"], recovered["batches"]) == (1, [old.id])
+    assert requests_sent(srv) == 1 + 2
