@@ -254,6 +254,39 @@ def test_replace_reuses_succeeded_answers_unless_no_reuse(
     assert plan_json(ws, capsys)["changes"] is False
 
 
+def test_a_changed_input_after_a_no_reuse_replacement_keeps_the_replacements_answers(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    state_location: Path | str,
+) -> None:
+    """triage applied, then `apply --replace triage --no-reuse` (every request sent again:
+    the user keeps none of the first answers), then req-5 changed: the five unchanged
+    requests keep the replacement's answers, the newest for their very same lines. Two
+    earlier generations answered each, and the carry-over took either: on PostgreSQL the
+    first one's, the answers the user had thrown away."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=6))
+
+    def apply(*extra: str) -> list[str]:
+        argv = ["apply", str(ws.root), "--wait", "--yes", "--state", str(state_location)]
+        code, out, err = run_cli([*argv, *FAST, *extra], capsys)
+        assert code == 0, out + err
+        return [str(r["id"]) for r in ws.outputs("triage")]
+
+    first = apply()
+    fresh = apply("--replace", "triage", "--no-reuse")
+    assert not set(first) & set(fresh)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+
+    kept = apply()
+
+    assert kept[:5] == fresh[:5]
+    assert kept[5] not in first + fresh
+
+
 @pytest.mark.parametrize("how", ["replace", "metadata"])
 def test_a_generation_that_keeps_every_answer_is_written_by_the_same_apply(
     how: str,

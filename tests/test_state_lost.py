@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
+import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from probes import ProbedServer
+from probes import Hold, ProbedServer
 from servers import request_lines, wait_for_batch
 from workspaces import (
     KEY_ENV,
     SENTINEL_KEY,
     ResourceSpec,
     Workspace,
+    batchspec_cmd,
     json_lines,
     make_workspace,
     openai_provider,
@@ -578,3 +583,286 @@ def test_a_provider_down_while_answers_are_recovered_sends_nothing_until_it_is_b
     converge(ws, capsys)
     assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
     assert ws.output_path("triage").read_bytes() == answered
+
+
+def age_batches(srv: ProbedServer, seconds: int) -> None:
+    """Every batch the engine holds made (and ended) ``seconds`` earlier: the steps of a
+    test run apart in time, as a user's do (within one second every batch ends "before"
+    every other is made)."""
+    sets = ", ".join(
+        f"{c} = {c} - {int(seconds)}"
+        for c in ("created_at", "in_progress_at", "finalizing_at", "completed_at")
+    )
+    with srv.engine.store.write() as db:
+        db.execute(f"UPDATE batches SET {sets}")
+
+
+def answer_ids(ws: Workspace) -> list[str]:
+    """The provider's id of each answer in triage's results (one per batch request)."""
+    return [str(r["id"]) for r in ws.outputs("triage")]
+
+
+def test_a_lost_state_does_not_bring_back_answers_replaced_with_no_reuse(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied, req-5 changed and applied (req-5 alone sent), then `apply --replace
+    triage --no-reuse`: every request sent again, the user keeping none of the answers
+    before. Then the state lost. The results must be the replacement's answers, as the state
+    that recorded it shows, with nothing sent: they were the first generation's answers the
+    user threw away (kept from its batches, made before the spec's own) and req-5's old one."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    age_batches(srv, 300)
+    replace = ["--replace", "triage", "--no-reuse"]
+    code, _, err = run_cli(["apply", str(ws.root), *replace, "--wait", "--yes", *FAST], capsys)
+    assert code == 0, err
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert answer_ids(ws) == fresh
+    assert requests_sent(srv) == sent == 13
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 6
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\r\r\n"], ids=["CRLF", "CR CRLF"])
+@pytest.mark.parametrize("shards", [1, 3], ids=["sent as it is", "in shard files"])
+def test_a_lost_state_keeps_the_answers_of_lines_ending_in_carriage_returns(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    ending: bytes,
+    shards: int,
+) -> None:
+    """An input whose lines end "\\r\\r\\n" (a CRLF file converted twice): each request is
+    its line without "\\r\\n" ("...}\\r", the request index's rule), which the provider's
+    input file holds as "...}\\r\\r\\n" (the input sent as it is) or "...}\\r\\n" (a shard
+    file ends the request with "\\n"). Both lines were hashed without every trailing
+    "\\r", so none matched: after the state was lost every request the second generation
+    kept was sent and paid for again, where the state that recorded them sent none."""
+    srv = server()
+    limits = {"limits": {"maxRequestsPerBatch": 2}} if shards > 1 else {}
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=6, spec=limits))
+    lines = request_lines(6)
+
+    def write(lines: list[dict[str, Any]]) -> None:
+        raw = b"".join(json.dumps(line).encode() + ending for line in lines)
+        ws.input_path("triage").write_bytes(raw)
+
+    write(lines)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    write(lines)
+    converge(ws, capsys)
+    answered = answer_ids(ws)
+    assert requests_sent(srv) == 7
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 7
+    assert answer_ids(ws) == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 5
+
+
+def test_expired_output_files_are_said_on_the_run_output_and_their_requests_sent_again(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first generation's output files are gone at the provider (404: OpenAI keeps them
+    30 days): the five requests kept from them are sent again, results complete. What the
+    run prints says so (text and the `recover` NDJSON event, naming each batch): it was only
+    in the state's audit log, and CI saw a plain create of six requests where the plan and
+    the last run had kept five."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    listed = srv.client().batches.list(limit=100).data
+    gone = [b for b in listed if b.request_counts.total == 2]
+    assert len(gone) == 3
+    for batch in gone:
+        expired = {"error": {"message": f"No such File object: {batch.output_file_id}"}}
+        srv.probe.refuse(f"^GET /v1/files/{batch.output_file_id}/content$", 404, expired)
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    [said] = [e for e in json_lines(out) if e.get("event") == "recover"]
+    assert said["recovered"] == 0 and len(said["unreadable"]) == 3
+    assert all(b.id in said["message"] for b in gone)
+    assert "3 batch(es) of earlier generations could not be read" in said["message"]
+    [recorded] = events(ws, "recover")
+    assert recorded["requests"] == 0 and recorded["unreadable"].count("HTTP 404") == 3
+    converge(ws, capsys)
+    assert requests_sent(srv) == 13
+    assert_every_request_answered(ws)
+
+
+def test_a_lost_state_does_not_keep_answers_a_batch_gave_after_it_was_cancelled_late(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied; its third shard's batch (req-4, req-5) was still stopping when req-5
+    changed and the next generation drew its shards (the hold past `replaceHoldSeconds`):
+    that generation sent req-4 and req-5 in one batch. The old batch then ended cancelled
+    with req-4 answered (no `completed_at`; `cancelled_at` after the new batch was made).
+    After the state is lost, req-4 must not be kept from it: the batch was taken as ended
+    when it was made, req-4 left req-5 alone in a shard whose key named no batch, and req-5
+    was sent and paid for again where the new generation's batch is adopted."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 3600)
+    listed = srv.client().batches.list(limit=100).data
+    [late] = [b for b in listed if b.metadata["batchspec_shard"] == "2"]
+    db = sqlite3.connect(ws.state_path)  # its answers came after the next generation drew
+    db.execute("UPDATE requests SET state = 'failed' WHERE custom_id = 'req-4'")
+    db.commit()
+    db.close()
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 8
+    answered = ws.output_path("triage").read_bytes()
+    [newest] = srv.client().batches.list(limit=1).data
+    with srv.engine.store.write() as engine_db:
+        engine_db.execute(
+            "UPDATE batches SET status = 'cancelled', completed_at = NULL, cancelled_at = ? "
+            "WHERE id = ?",
+            (newest.created_at + 60, late.id),
+        )
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 8
+    assert [d["remote_id"] for d in events(ws, "adopt")] == [newest.id]
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 4 and late.id not in recovered["batches"]
+    assert ws.output_path("triage").read_bytes() == answered
+
+
+def test_answers_kept_after_a_lost_state_are_downloaded_again_when_the_store_is_gone(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a lost state kept five answers from the first generation's output files,
+    state/store/ and the results are deleted (a runner that keeps only the database, a
+    state moved without its blobs): apply restores the results, downloading those files
+    again as it does a collected batch's. No batch of this state names them, so the run
+    failed: "the stored file ... is not in state/store/", though the provider had them."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    keep_answers_then_lose_the_state(ws, srv, capsys)
+    converge(ws, capsys)
+    answered = ws.output_path("triage").read_bytes()
+    [recovered] = events(ws, "recover")
+    assert len(set(recovered["files"].values())) == 3
+    shutil.rmtree(ws.root / "state" / "store")
+    ws.output_path("triage").unlink()
+
+    converge(ws, capsys)
+
+    assert ws.output_path("triage").read_bytes() == answered
+    assert requests_sent(srv) == 7
+
+
+def hold_the_nth(srv: ProbedServer, route: str, n: int) -> Hold:
+    """Hold the ``n``-th request to ``route`` from now on (30 s, or until released)."""
+    probe = srv.probe
+    take = probe._take_hold
+    hold = Hold(30.0, False, False, None, None)
+    nth = probe.counts[route] + n
+
+    def take_nth(seen: str) -> Hold | None:
+        found = take(seen)
+        return hold if seen == route and probe.counts[seen] == nth else found
+
+    probe._take_hold = take_nth  # type: ignore[method-assign]
+    return hold
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["an input file", "an output file"])
+def test_apply_killed_while_it_recovers_answers_pays_nothing_twice_on_the_rerun(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    nth: int,
+) -> None:
+    """SIGKILL of an apply (its own process) while it downloads an earlier generation's
+    input file (nothing of the generation recorded yet) or output file (the store holds a
+    part): the rerun keeps the same answers, sends nothing more, and writes the results
+    the run that never lost its state wrote."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    answered = keep_answers_then_lose_the_state(ws, srv, capsys)
+    hold = hold_the_nth(srv, "GET /files/{id}/content", nth)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    proc = subprocess.Popen(
+        batchspec_cmd(*argv),
+        env={**os.environ, KEY_ENV: SENTINEL_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert hold.reached.wait(30), "the download never reached the server"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        hold.released.set()
+        if proc.poll() is None:
+            proc.kill()
+
+    converge(ws, capsys)
+
+    assert (requests_sent(srv), srv.probe.counts["POST /batches"]) == (7, 4)
+    assert ws.output_path("triage").read_bytes() == answered
+    [recovered] = events(ws, "recover")
+    assert recovered["requests"] == 5
+
+
+def test_an_answer_in_an_earlier_batchs_output_for_a_request_it_was_not_sent_is_not_kept(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier generation's batch (another spec hash of triage) was sent req-0 alone, but
+    its output file also answers req-1 (a provider's or gateway's mix-up). Only req-0 is
+    kept: req-1's line is not in that batch's input, so its answer there is for nothing
+    this input asks; req-1 and req-2 are sent."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("triage", count=3))
+    req0 = ws.input_path("triage").read_text().splitlines(keepends=True)[0]
+    key = {
+        "batchspec_resource": "triage",
+        "batchspec_spec": "f" * 64,
+        "batchspec_shard": "0",
+        "batchspec_attempt": "1",
+    }
+    client = srv.client()
+    old = wait_for_batch(client, create_aged_batch(srv, key, 600, req0))
+    output = client.files.content(old.output_file_id).content
+    stray = json.loads(output)
+    stray.update(custom_id="req-1", id="batch_req_stray")
+    stray["response"]["body"]["choices"][0]["message"]["content"] = "WRONG"
+    mixed = output + json.dumps(stray).encode() + b"\n"
+    upload = client.files.create(file=("out.jsonl", io.BytesIO(mixed)), purpose="batch")
+    with srv.engine.store.write() as db:
+        db.execute("UPDATE batches SET output_file_id = ? WHERE id = ?", (upload.id, old.id))
+
+    converge(ws, capsys)
+
+    outputs = ws.outputs("triage")
+    assert [r["custom_id"] for r in outputs] == ["req-0", "req-1", "req-2"]
+    assert outputs[0]["id"] == json.loads(output)["id"]
+    assert "WRONG" not in ws.output_path("triage").read_text()
+    [recovered] = events(ws, "recover")
+    assert (recovered["requests"], recovered["batches"]) == (1, [old.id])
+    assert requests_sent(srv) == 1 + 2

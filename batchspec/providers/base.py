@@ -95,6 +95,9 @@ class RemoteBatch:
     #: the error of a create that got no clear answer, when this is the batch it was then
     #: found to have made (``_http.create_or_adopt``): the audit records the create so
     found_after: str | None = None
+    #: when it ended, however it did (OpenAI's ``completed_at``, ``cancelled_at``,
+    #: ``expired_at`` or ``failed_at``: the latest given); None where not said
+    ended_at: int | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -559,7 +562,17 @@ def parse_batch(data: Mapping[str, Any]) -> RemoteBatch:
         created_at=epoch_seconds(data.get("created_at")),
         expires_at=epoch_seconds(data.get("expires_at")),
         completed_at=epoch_seconds(data.get("completed_at")),
+        ended_at=_ended_at(data),
     )
+
+
+def _ended_at(data: Mapping[str, Any]) -> int | None:
+    """The latest of a batch object's end times (``RemoteBatch.ended_at``)."""
+    ends = (
+        epoch_seconds(data.get(key))
+        for key in ("completed_at", "cancelled_at", "expired_at", "failed_at")
+    )
+    return max((end for end in ends if end is not None), default=None)
 
 
 def parse_file(data: Mapping[str, Any]) -> RemoteFile:

@@ -142,7 +142,12 @@ class RequestLedger:
     def carry_over(self, generation_id: int, previous: Iterable[int]) -> int:
         """Mark requests that an earlier generation already answered with the very same
         request line as ``ok``, pointing at that answer; a request already ``ok`` keeps its
-        own. Returns how many were carried."""
+        own. Returns how many were carried.
+
+        Of several earlier generations that answered the same line, the newest one's answer
+        is kept (an ``apply --replace NAME --no-reuse`` sent it again because the user would
+        not keep the answer before): an UPDATE ... FROM joined to several rows takes any
+        of them (PostgreSQL took the first generation's, which the user had thrown away)."""
         ids = list(previous)
         if not ids:
             return 0
@@ -150,11 +155,15 @@ class RequestLedger:
         cursor = self.db.execute(
             "update requests set state = 'ok', category = null, blob = p.blob, "
             '"offset" = p."offset", length = p.length, attempt = 0, sent_attempt = 0 '
-            'from (select custom_id, request_sha, blob, "offset", length from requests '
-            f"where generation_id in ({marks}) and state = 'ok' and request_sha is not null) p "
+            'from (select custom_id, request_sha, blob, "offset", length from requests o '
+            f"where o.generation_id in ({marks}) and o.state = 'ok' "
+            "and o.request_sha is not null and not exists (select 1 from requests n "
+            f"where n.generation_id in ({marks}) and n.generation_id > o.generation_id "
+            "and n.state = 'ok' and n.custom_id = o.custom_id "
+            "and n.request_sha = o.request_sha)) p "
             "where requests.generation_id = ? and requests.custom_id = p.custom_id "
             "and requests.request_sha = p.request_sha and requests.state != 'ok'",
-            [*ids, generation_id],
+            [*ids, *ids, generation_id],
         )
         return cursor.rowcount
 

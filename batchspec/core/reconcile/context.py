@@ -93,6 +93,17 @@ class DownloadFailure:
         }
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A provider file that a stored blob is a copy of (``RunContext._source_of``)."""
+
+    provider: str
+    file_id: str
+    #: the batch whose file it is, when this state records it
+    batch: BatchRow | None
+    generation_id: int | None = None
+
+
 @dataclass
 class Prefetched:
     """Provider calls made ahead (``prefetch``, ``cancel.cancel_ahead``), each taken once by
@@ -377,14 +388,21 @@ class RunContext:
         (``check_result_paths``)."""
         self._pass_folders = FolderResolver(recheck=True)
 
-    def _source_of(self, sha256: str) -> tuple[BatchRow, str] | None:
-        """The batch whose output or error file was collected as blob ``sha256``, and that
-        file's provider id (the newest such batch)."""
+    def _source_of(self, sha256: str) -> _Source | None:
+        """Where blob ``sha256`` came from: the output or error file of a batch collected as
+        it (the newest such batch), else an earlier generation's output file whose answers a
+        lost state kept (named by its ``recover`` event: no batch of this state has it)."""
         for batch in reversed(self.store.batches()):
             if batch.output_sha256 == sha256 and batch.output_file_id:
-                return batch, batch.output_file_id
+                return _Source(batch.provider, batch.output_file_id, batch)
             if batch.errors_sha256 == sha256 and batch.error_file_id:
-                return batch, batch.error_file_id
+                return _Source(batch.provider, batch.error_file_id, batch)
+        for event in reversed(self.store.events(action="recover")):
+            files = event.detail.get("files")
+            provider = event.detail.get("provider")
+            file_id = files.get(sha256) if isinstance(files, dict) else None
+            if isinstance(file_id, str) and isinstance(provider, str):
+                return _Source(provider, file_id, None, event.generation_id)
         return None
 
     def _refetch(self, sha256: str) -> Refetch | None:
@@ -392,20 +410,20 @@ class RunContext:
         found = self._source_of(sha256)
         if found is None:
             return None
-        batch, file_id = found
 
         def write(dest: Path) -> None:
-            self.provider_for(batch.provider).download_file(file_id, dest)
+            self.provider_for(found.provider).download_file(found.file_id, dest)
 
-        return Refetch(f"the file {file_id} of provider {batch.provider}", write)
+        return Refetch(f"the file {found.file_id} of provider {found.provider}", write)
 
     def _blob_repaired(self, sha256: str, where: str) -> None:
         found = self._source_of(sha256)
+        batch = found.batch if found else None
         self.store.record_event(
             self.run_id,
             "blob.repaired",
-            batch_id=found[0].id if found else None,
-            generation_id=found[0].generation_id if found else None,
+            batch_id=batch.id if batch else None,
+            generation_id=batch.generation_id if batch else found.generation_id if found else None,
             detail={"sha256": sha256, "from": where},
         )
 

@@ -204,17 +204,8 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
             )
         if not keeps and not late:
             ctx.ensure_ledger(res, gen)
-    if found is not None and found.kept:
-        ctx.report(
-            Progress(
-                "recover",
-                res.name,
-                f"{found.kept} request(s) keep answers found at the provider in "
-                f"{len(found.batches)} batch(es) of earlier generations that this state does "
-                "not record (its record lost): not sent again",
-                {"recovered": found.kept, "remote_ids": found.batches},
-            )
-        )
+    if found is not None and (found.kept or found.unreadable):
+        ctx.report(recover_progress(res, found))
     if carried:
         ctx.report(
             Progress(
@@ -244,6 +235,27 @@ def keep_found_answers(ctx: RunContext, gen: GenerationRow, found: Recovered) ->
     return found.kept
 
 
+def recover_progress(res: Resource, found: Recovered) -> Progress:
+    """What apply says of the answers ``recover`` kept, and of the batches it could not read:
+    their requests are sent again, which the plan (it reads no provider) cannot say."""
+    said = []
+    if found.kept:
+        said.append(
+            f"{found.kept} request(s) keep answers found at the provider in "
+            f"{len(found.batches)} batch(es) of earlier generations that this state does "
+            "not record (its record lost): not sent again"
+        )
+    if found.unreadable:
+        said.append(
+            f"{len(found.unreadable)} batch(es) of earlier generations could not be read, "
+            "so the requests they answered are sent again: " + "; ".join(found.unreadable)
+        )
+    data: dict[str, object] = {"recovered": found.kept, "remote_ids": found.batches}
+    if found.unreadable:
+        data["unreadable"] = found.unreadable
+    return Progress("recover", res.name, "; ".join(said), data)
+
+
 def record_recovered(ctx: RunContext, res: Resource, gen: GenerationRow, found: Recovered) -> None:
     """The ``recover`` event: how many requests kept answers found at the provider, from
     which batches, and the batches whose files could not be read (their requests are sent)."""
@@ -255,6 +267,8 @@ def record_recovered(ctx: RunContext, res: Resource, gen: GenerationRow, found: 
         detail={
             "requests": found.kept,
             "batches": found.batches,
+            "provider": res.provider,
+            "files": found.files,
             **({"unreadable": "; ".join(found.unreadable)} if found.unreadable else {}),
         },
     )

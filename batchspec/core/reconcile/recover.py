@@ -17,7 +17,10 @@ lookup's window (``adopt.lookup_since``: the same pages the lookups read) for ba
   and kept by ``RequestLedger.carry_over``), have ended, and name an output file;
 * ended before the first listed batch of the current spec was made, if any is listed: that
   generation kept only answers it had then, and drawn without them, its shards would no
-  longer be the ones whose keys the lookup adopts (``_ended_before``).
+  longer be the ones whose keys the lookup adopts (``_ended_before``);
+* or, when the listing holds an ``apply --replace NAME --no-reuse`` of the current spec,
+  were made since its first batch (``_no_reuse_start``): the answers before it are the ones
+  the user threw away, and the state that recorded it shows the replacement's.
 
 The rule is carry-over's own: an answer is kept for a request only when the very same request
 line (``custom_id`` and the sha256 of its raw bytes, the ledger's ``request_sha``) was sent.
@@ -51,7 +54,12 @@ from batchspec.core.batches import names_output_file
 from batchspec.core.reconcile.adopt import lookup_since, pass_listing, read_back_if_trimmed
 from batchspec.core.reconcile.collect import download_to_store, read_result_lines
 from batchspec.core.reconcile.context import RunContext
-from batchspec.core.replacements import answers_by_stand_in, reuses_answers, unreused_requests
+from batchspec.core.replacements import (
+    answers_by_stand_in,
+    replacement_hash,
+    reuses_answers,
+    unreused_requests,
+)
 from batchspec.errors import ProviderError
 from batchspec.providers.base import Provider, RemoteBatch
 from batchspec.wire.inputs import InputReport
@@ -81,6 +89,10 @@ class Recovered:
     answers: dict[tuple[str, str], RecoveredAnswer] = field(default_factory=dict)
     batches: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    #: the output file each stored blob of ``answers`` is a copy of (blob sha256 -> file id):
+    #: recorded on the ``recover`` event, so a blob missing later (``state/store/`` deleted,
+    #: the state moved to another runner) is downloaded again as a collected batch's is
+    files: dict[str, str] = field(default_factory=dict)
     #: how many of ``answers`` the new generation's ledger kept (set when recorded)
     kept: int = 0
 
@@ -102,12 +114,17 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
         # kept for the key lookups, which raise it naming their resource, never create
         ctx.prefetched.listing_failures.setdefault(provider.name, err)
         return
+    rejected = _no_reuse_start(res, listed)
     before = _first_adoptable(res, listed)
     candidates = [
         remote
         for remote in listed
         if _is_earlier_generations(ctx, res, provider, remote)
-        and (before is None or _ended_before(remote, before))
+        and (
+            _made_since(remote, rejected)
+            if rejected is not None
+            else before is None or _ended_before(remote, before)
+        )
     ]
     if not candidates:
         return
@@ -141,6 +158,8 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
         if kept:
             found.batches.append(remote.id)
             found.answers.update(kept)
+            for answer in kept.values():
+                found.files[answer.blob] = str(remote.output_file_id)
             wanted.difference_update(kept)
     ctx.prefetched.recovered[res.name] = found
 
@@ -231,13 +250,54 @@ def _first_adoptable(res: Resource, listed: Iterable[RemoteBatch]) -> int | None
 def _ended_before(remote: RemoteBatch, created: int) -> bool:
     """Whether ``remote`` ended (as far as it says: else was made) before ``created``.
 
+    However it ended: a batch cancelled (or expired) with part of its answers has no
+    ``completed_at``, and one still stopping when the next generation drew its shards (the
+    hold past ``replaceHoldSeconds``) was made long before them.
+
     The current spec's own batches, which the lookup adopts by key, were drawn from what
     the answers kept *then* left: only a batch that had ended by then can have given them.
     Kept from a later one (a replacement's, made after them), an answer would leave its
     request out of the shards drawn now, whose keys then name none of the batches made:
     every request of them was sent again, where the lookup adopted them before."""
-    ended = remote.completed_at or remote.created_at
+    ended = remote.ended_at or remote.completed_at or remote.created_at
     return ended is not None and ended <= created
+
+
+def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
+    """When the first listed batch of the newest ``apply --replace NAME --no-reuse`` of
+    ``res``'s current spec was made (epoch seconds); None if none is listed.
+
+    That replacement sent every request again because the user would keep none of the
+    answers before it: those are not kept here either (the lost state would otherwise bring
+    back the very answers the user threw away, where the state that recorded the replacement
+    shows its own). Its batches, and later ones, are kept from instead; the current spec's
+    own batches are then the replaced generation's, which the state never used again."""
+    specs: dict[str, list[int]] = {}
+    for remote in listed:
+        spec = remote.metadata.get("batchspec_spec")
+        if remote.metadata.get("batchspec_resource") == res.name and spec is not None:
+            dates = specs.setdefault(spec, [])
+            if remote.created_at is not None:
+                dates.append(remote.created_at)
+    start = None
+    number = 1
+    while True:
+        found = [
+            (reuse, specs[h])
+            for reuse in (True, False)
+            if (h := replacement_hash(res, number, reuse=reuse)) in specs
+        ]
+        if not found:
+            return start
+        for reuse, dates in found:
+            if not reuse and dates:
+                start = min(dates)
+        number += 1
+
+
+def _made_since(remote: RemoteBatch, start: int) -> bool:
+    """Whether ``remote`` was made at or after ``start`` (a batch of no known date: not)."""
+    return remote.created_at is not None and remote.created_at >= start
 
 
 def _adopted_by_key(res: Resource) -> set[tuple[str, str]]:
@@ -281,21 +341,34 @@ def _answers_of(
 
 def _sent_lines(path: Path, wanted: set[tuple[str, str]]) -> dict[str, str]:
     """``custom_id -> request_sha`` of the lines of a batch input file that are ``wanted``
-    requests; a custom_id the file holds twice is left out (which line was answered?)."""
-    found: dict[str, str] = {}
+    requests; a custom_id the file holds twice is left out (which line was answered?).
+
+    A request is hashed as the request index hashes an input's line: without its ending,
+    one ``\n`` then one ``\r``. A line of the file ending ``\r\n`` is either: a request
+    line ending in ``\r`` (an input's ``\r\r\n``: a shard file copies the request and
+    ends it with ``\n``) or one sent with its ``\r\n`` (an input uploaded as it is). Both
+    send the provider these very bytes, so either may be the one wanted."""
+    found: dict[str, tuple[str, ...]] = {}
     twice: set[str] = set()
     with path.open("rb", buffering=_READ_BUFFER) as f:
         for raw in f:
-            body = raw.rstrip(b"\r\n")
-            if not body.strip():
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if not line.strip():
                 continue
-            custom_id = _custom_id(body)
+            custom_id = _custom_id(line)
             if custom_id is None:
                 continue
             if custom_id in found:
                 twice.add(custom_id)
-            found[custom_id] = hashlib.sha256(body).hexdigest()
-    return {c: s for c, s in found.items() if c not in twice and (c, s) in wanted}
+            shas: tuple[str, ...] = (hashlib.sha256(line).hexdigest(),)
+            if line.endswith(b"\r"):
+                shas = (hashlib.sha256(line[:-1]).hexdigest(), *shas)
+            found[custom_id] = shas
+    return {
+        c: next(s for s in shas if (c, s) in wanted)
+        for c, shas in found.items()
+        if c not in twice and any((c, s) in wanted for s in shas)
+    }
 
 
 def _custom_id(body: bytes) -> str | None:
