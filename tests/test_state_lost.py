@@ -461,12 +461,17 @@ def test_a_lost_state_after_a_generation_that_kept_answers_sends_no_request_agai
     answered = keep_answers_then_lose_the_state(ws, srv, capsys)
 
     argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
-    code, _, err = run_cli([*argv, *(["--replace", "triage"] if replace else [])], capsys)
+    code, out, err = run_cli([*argv, *(["--replace", "triage"] if replace else [])], capsys)
 
     assert code == 0, err
     assert requests_sent(srv) == 7
     assert srv.probe.counts["POST /batches"] == 4
     assert ws.output_path("triage").read_bytes() == answered
+    # none of the answers kept was recorded by this state: the line does not say so
+    said = out + err
+    kept = 6 if replace else 5
+    assert f"{kept} keep the answers found at the provider" in said, said
+    assert "keep their recorded results" not in said, said
     [recovered] = events(ws, "recover")
     assert recovered["requests"] == (6 if replace else 5)
     assert len(recovered["batches"]) == (4 if replace else 3)

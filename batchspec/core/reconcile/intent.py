@@ -207,13 +207,19 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     if found is not None and (found.kept or found.unreadable):
         ctx.report(recover_progress(res, found))
     if carried:
+        # answers found at the provider were never recorded here (the recover line says so)
+        recovered = found.kept if found is not None else 0
+        kept = []
+        if carried > recovered:
+            kept.append(f"{carried - recovered} unchanged request(s) keep their recorded results")
+        if recovered:
+            kept.append(f"{recovered} keep the answers found at the provider")
         ctx.report(
             Progress(
                 "reuse",
                 res.name,
-                f"{carried} unchanged request(s) keep their recorded results; "
-                f"{sum(per_shard.values())} to submit",
-                {"reused": carried},
+                f"{', '.join(kept)}; {sum(per_shard.values())} to submit",
+                {"reused": carried, **({"recovered": recovered} if recovered else {})},
             )
         )
     if len(per_shard) > 1:
