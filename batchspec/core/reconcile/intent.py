@@ -209,16 +209,16 @@ def record_shards(ctx: RunContext, res: Resource, facts: InputReport, gen: Gener
     if carried:
         # answers found at the provider were never recorded here (the recover line says so)
         recovered = found.kept if found is not None else 0
-        kept = []
+        reused: list[str] = []
         if carried > recovered:
-            kept.append(f"{carried - recovered} unchanged request(s) keep their recorded results")
+            reused.append(f"{carried - recovered} unchanged request(s) keep their recorded results")
         if recovered:
-            kept.append(f"{recovered} keep the answers found at the provider")
+            reused.append(f"{recovered} keep the answers found at the provider")
         ctx.report(
             Progress(
                 "reuse",
                 res.name,
-                f"{', '.join(kept)}; {sum(per_shard.values())} to submit",
+                f"{', '.join(reused)}; {sum(per_shard.values())} to submit",
                 {"reused": carried, **({"recovered": recovered} if recovered else {})},
             )
         )
