@@ -398,7 +398,7 @@ def collect_batch(
     event's ``gone``, so that the batch is settled with what could be kept instead of
     failing every pass.
 
-    Files with lines for fewer requests than the batch counted completed
+    Files with lines for fewer requests than the batch counted completed (or failed)
     (``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
     before what they hold is recorded as all there is (the missing requests unanswered, and
     said to be)."""
@@ -421,9 +421,9 @@ def collect_batch(
                     "warning",
                     name,
                     f"the files of batch {batch.remote_id} have readable lines for "
-                    f"{short.said:,} of the {batch.completed or 0:,} requests it counted "
-                    "completed (cut short where a line ended, or a line damaged?): nothing of "
-                    "them recorded, downloading them again "
+                    f"{short.said:,} of the {_counted(batch):,} requests it counted "
+                    f"{_counted_as(batch)} (cut short where a line ended, or a line damaged?): "
+                    "nothing of them recorded, downloading them again "
                     f"({attempt + 1} of {SHORT_ATTEMPTS})",
                     {"remote_id": batch.remote_id},
                 )
@@ -577,7 +577,7 @@ def _collect_files(
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _repeated_text(repeated)
             + "".join(f"; {u}" for u in unreadable)
-            + _missing_text(missing)
+            + _missing_text(missing, batch)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -635,15 +635,32 @@ def _served_empty(name: str, batch: BatchRow) -> ProviderError:
 
 
 def _missing_from_files(batch: BatchRow, said: int) -> int:
-    """How many requests ``batch`` counted completed that its files have no line for (``said``:
-    the custom_ids they have lines for). Each completed request has a line in one of them,
-    whichever way a provider counts its failures, so a file is missing lines: a body sent
-    without a length and cut where a line ended, which no half line tells. Recorded at once,
-    those requests were taken as unanswered, sent again and paid for twice, and the run said
-    nothing of it (``collect_batch`` downloads the files again first)."""
+    """How many requests ``batch`` counted completed or failed that its files have no line
+    for (``said``: the custom_ids they have lines for). Each such request has a line in one
+    of them (an answer in the output file; a failure in the error file, or in the one file
+    of a provider that has one), so a file is missing lines: a body sent without a length
+    and cut where a line ended, which no half line tells. Recorded at once, those requests
+    were taken as unanswered, sent again and paid for twice, and the run said nothing of it
+    (``collect_batch`` downloads the files again first). The failed ones count too: the
+    error file's lines would otherwise stand in for the answers the output file lost."""
     if batch.status == "failed" or batch.completed is None:
         return 0
-    return max(batch.completed - said, 0)
+    return max(_counted(batch) - said, 0)
+
+
+def _counted(batch: BatchRow) -> int:
+    """The requests ``batch``'s counts say ended with a line in its files: completed and
+    failed, never more than its total (a server whose ``completed`` counts its failures
+    too: ``test_a_batch_whose_completed_counts_its_failures_too_ends_as_it_says``), and
+    only the completed ones when it gives no total."""
+    completed = batch.completed or 0
+    if batch.total is None or not batch.failed:
+        return completed
+    return max(completed, min(completed + batch.failed, batch.total))
+
+
+def _counted_as(batch: BatchRow) -> str:
+    return "completed" if _counted(batch) == (batch.completed or 0) else "completed or failed"
 
 
 def _skipped_text(kind: str, skipped: SkippedLines) -> str:
@@ -659,13 +676,15 @@ def _skipped_text(kind: str, skipped: SkippedLines) -> str:
     )
 
 
-def _missing_text(missing: int) -> str:
-    """Requests the batch counted completed that its files, downloaded ``SHORT_ATTEMPTS``
-    times, never had a line for: unanswered, so a retry sends them again (and pays again)."""
+def _missing_text(missing: int, batch: BatchRow) -> str:
+    """Requests the batch counted completed (or failed) that its files, downloaded
+    ``SHORT_ATTEMPTS`` times, never had a line for: unanswered, so a retry sends them again
+    (and pays again)."""
     if not missing:
         return ""
     return (
-        f"; {missing:,} request{'s' if missing != 1 else ''} it counted completed had no "
+        f"; {missing:,} request{'s' if missing != 1 else ''} it counted "
+        f"{_counted_as(batch)} had no "
         f"readable line in its files ({SHORT_ATTEMPTS} downloads): taken as unanswered"
     )
 
