@@ -120,3 +120,58 @@ def test_a_batch_whose_completed_counts_its_failures_is_not_taken_for_short(
     assert hostile.creates() == 1
     assert [e["custom_id"] for e in ws.errors("a")] == [refused]
     assert code == 0, out + err
+
+
+def test_an_expired_batchs_output_file_short_of_an_answer_is_downloaded_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch that expired with two of its four requests answered (counted completed 2,
+    failed 0) and the other two in its error file (``batch_expired``, counted in neither).
+    Its output file's first download comes without its last answer, cut where a line
+    ended. Those error lines were counted with the answers: three lines for two completed,
+    so the short file was recorded at once and the request whose answer it lost sent again
+    with the expired ones and paid for twice, in silence. The answers are counted against
+    the completed requests: the file is downloaded again and only the two expired requests
+    are sent again."""
+    ws, batch_id, output, refused = _one_refused_of_four(tmp_path, hostile, capsys)
+    answers = hostile.files[output].splitlines(keepends=True)
+    expired = [refused, json.loads(answers[-1])["custom_id"]]
+    hostile.files[output] = b"".join(answers[:-1])
+    errors = hostile.add_file(
+        jsonl(
+            [
+                {
+                    "id": f"batch_req_{cid}",
+                    "custom_id": cid,
+                    "response": None,
+                    "error": {"code": "batch_expired", "message": "expired"},
+                }
+                for cid in expired
+            ]
+        )
+    )
+    hostile.batches[batch_id].update(
+        status="expired",
+        error_file_id=errors,
+        request_counts={"total": 4, "completed": 2, "failed": 0},
+    )
+    served = {"n": 0}
+
+    def cut_once(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if output not in seen.path:
+            return reply
+        served["n"] += 1
+        if served["n"] > 1:
+            return reply
+        return Reply(200, b"".join(reply.body.splitlines(keepends=True)[:-1]))
+
+    hostile.hooks["GET /v1/files/{id}/content"] = cut_once
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert "downloading them again (2 of 3)" in out, out
+    [_, retry] = hostile.order
+    resent = hostile.files[hostile.batches[retry]["input_file_id"]].splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in resent) == sorted(expired)
+    assert {r["custom_id"] for r in ws.outputs("a")} == set(ws.input_ids("a"))

@@ -398,8 +398,8 @@ def collect_batch(
     event's ``gone``, so that the batch is settled with what could be kept instead of
     failing every pass.
 
-    Files with lines for fewer requests than the batch counted completed (or failed)
-    (``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
+    Files with lines for fewer requests than the batch counted completed (or failed:
+    ``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
     before what they hold is recorded as all there is (the missing requests unanswered, and
     said to be)."""
     for attempt in range(1, SHORT_ATTEMPTS + 1):
@@ -420,10 +420,9 @@ def collect_batch(
                 Progress(
                     "warning",
                     name,
-                    f"the files of batch {batch.remote_id} have readable lines for "
-                    f"{short.said:,} of the {_counted(batch):,} requests it counted "
-                    f"{_counted_as(batch)} (cut short where a line ended, or a line damaged?): "
-                    "nothing of them recorded, downloading them again "
+                    f"the files of batch {batch.remote_id} have {short.shortfall} (cut short "
+                    "where a line ended, or a line damaged?): nothing of them recorded, "
+                    "downloading them again "
                     f"({attempt + 1} of {SHORT_ATTEMPTS})",
                     {"remote_id": batch.remote_id},
                 )
@@ -437,9 +436,9 @@ SHORT_ATTEMPTS = 3
 
 
 class _ShortOfCounts(Exception):
-    def __init__(self, said: int) -> None:
-        super().__init__(said)
-        self.said = said
+    def __init__(self, shortfall: str) -> None:
+        super().__init__(shortfall)
+        self.shortfall = shortfall
 
 
 def _collect_files(
@@ -500,6 +499,7 @@ def _collect_files(
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
     said: set[str] = set()  # the custom_ids either file has a line for
+    in_output = 0  # of them, those the output file has a line for
     unreadable: list[str] = []  # per file with lines that are no result: how many, where
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
@@ -534,11 +534,15 @@ def _collect_files(
                     tally[answered] += count
                 repeated += sum(read.values()) - len(seen)
                 said |= seen
+                if kind == "output":
+                    in_output = len(seen)
                 if skipped.count:
                     unreadable.append(_skipped_text(kind, skipped))
-        missing = 0 if gone else _missing_from_files(batch, len(said))
+        missing, what, shortfall = (
+            (0, "", "") if gone else _missing_from_files(batch, len(said), in_output)
+        )
         if missing and not last_try:
-            raise _ShortOfCounts(len(said))  # rolls the transaction back: nothing recorded
+            raise _ShortOfCounts(shortfall)  # rolls the transaction back: nothing recorded
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -577,7 +581,7 @@ def _collect_files(
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _repeated_text(repeated)
             + "".join(f"; {u}" for u in unreadable)
-            + _missing_text(missing, batch)
+            + _missing_text(missing, what)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -634,33 +638,42 @@ def _served_empty(name: str, batch: BatchRow) -> ProviderError:
     )
 
 
-def _missing_from_files(batch: BatchRow, said: int) -> int:
-    """How many requests ``batch`` counted completed or failed that its files have no line
-    for (``said``: the custom_ids they have lines for). Each such request has a line in one
-    of them (an answer in the output file; a failure in the error file, or in the one file
-    of a provider that has one), so a file is missing lines: a body sent without a length
-    and cut where a line ended, which no half line tells. Recorded at once, those requests
-    were taken as unanswered, sent again and paid for twice, and the run said nothing of it
-    (``collect_batch`` downloads the files again first). The failed ones count too: the
-    error file's lines would otherwise stand in for the answers the output file lost."""
+def _missing_from_files(batch: BatchRow, said: int, in_output: int) -> tuple[int, str, str]:
+    """How many requests ``batch`` counted completed (or failed) that its files have no line
+    for, how it counted them (``completed``, ``completed or failed``) and how short the files
+    are, said (``said``: the custom_ids they have lines for; ``in_output``: those
+    of the output file). Each completed request is answered in the output file, each failed
+    one has a line in one of the files, so a file is missing lines: a body sent without a
+    length and cut where a line ended, which no half line tells. Recorded at once, those
+    requests were taken as unanswered, sent again and paid for twice, and the run said
+    nothing of it (``collect_batch`` downloads the files again first).
+
+    The output file is held to the completed count on its own when the counts add up
+    (completed and failed at most the total): otherwise the error file's lines (failures,
+    and the expired or cancelled requests counted in neither) stood in for the answers the
+    output file lost. A server whose ``completed`` counts its failures too (more than the
+    total) is held to its completed count over both files, as one that gives no total."""
     if batch.status == "failed" or batch.completed is None:
-        return 0
-    return max(_counted(batch) - said, 0)
-
-
-def _counted(batch: BatchRow) -> int:
-    """The requests ``batch``'s counts say ended with a line in its files: completed and
-    failed, never more than its total (a server whose ``completed`` counts its failures
-    too: ``test_a_batch_whose_completed_counts_its_failures_too_ends_as_it_says``), and
-    only the completed ones when it gives no total."""
-    completed = batch.completed or 0
-    if batch.total is None or not batch.failed:
-        return completed
-    return max(completed, min(completed + batch.failed, batch.total))
-
-
-def _counted_as(batch: BatchRow) -> str:
-    return "completed" if _counted(batch) == (batch.completed or 0) else "completed or failed"
+        return 0, "", ""
+    completed, failed = batch.completed, batch.failed or 0
+    if batch.total is not None and completed + failed <= batch.total:
+        if in_output < completed:
+            return (
+                completed - in_output,
+                "completed",
+                f"readable lines for {in_output:,} of the {completed:,} requests it counted "
+                "completed (in its output file, where they are answered)",
+            )
+        counted, what = completed + failed, "completed or failed" if failed else "completed"
+    else:
+        counted, what = completed, "completed"
+    if said >= counted:
+        return 0, "", ""
+    return (
+        counted - said,
+        what,
+        f"readable lines for {said:,} of the {counted:,} requests it counted {what}",
+    )
 
 
 def _skipped_text(kind: str, skipped: SkippedLines) -> str:
@@ -676,15 +689,14 @@ def _skipped_text(kind: str, skipped: SkippedLines) -> str:
     )
 
 
-def _missing_text(missing: int, batch: BatchRow) -> str:
+def _missing_text(missing: int, what: str) -> str:
     """Requests the batch counted completed (or failed) that its files, downloaded
-    ``SHORT_ATTEMPTS`` times, never had a line for: unanswered, so a retry sends them again
-    (and pays again)."""
+    ``SHORT_ATTEMPTS`` times, never had a line for (``_missing_from_files``): unanswered, so
+    a retry sends them again (and pays again)."""
     if not missing:
         return ""
     return (
-        f"; {missing:,} request{'s' if missing != 1 else ''} it counted "
-        f"{_counted_as(batch)} had no "
+        f"; {missing:,} request{'s' if missing != 1 else ''} it counted {what} had no "
         f"readable line in its files ({SHORT_ATTEMPTS} downloads): taken as unanswered"
     )
 
