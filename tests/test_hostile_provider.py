@@ -152,7 +152,9 @@ def test_a_line_answering_another_shards_request_does_not_replace_that_shards_an
     the answer, and the other shard's own answer, collected later, dropped (an ``ok`` row is
     final): the results held an answer to a question never asked there. Each request keeps
     the answer of the batch that carried it, whichever way the ledger records a file (a
-    small file row by row, a large one through a table); two creates, nothing sent again."""
+    small file row by row, a large one through a table); the collect says the line was
+    left out (it counted it as one more answer of its batch); two creates, nothing sent
+    again."""
     monkeypatch.setattr(ledger_module, "DIRECT_LINES", direct_lines)
     hostile.initial_status = "in_progress"
     ws = _workspace(
@@ -167,7 +169,12 @@ def test_a_line_answering_another_shards_request_does_not_replace_that_shards_an
     output = hostile.outputs[first]
     hostile.files[output] += jsonl([answer_line(stranger, "a stray answer")])
     hostile.batches[first].update(status="completed", output_file_id=output)
-    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    code, out, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+    assert code == 0, out + err
+    said = "3 answers; 1 line answers a request its batch did not carry (another shard's"
+    assert said in out, out
+    with ws.store() as store:
+        assert store.events(resource="a", action="collect")[0].detail["not_carried"] == 1
 
     hostile.finish_all()
     code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
@@ -366,3 +373,94 @@ def test_a_create_answered_with_an_id_the_provider_then_does_not_know_is_not_cre
         assert code == 1, out + err
         assert "batch_ghost" in err and "Traceback" not in err
     assert hostile.creates() == 1
+
+
+def test_a_batch_with_nothing_answered_whose_output_file_id_names_its_input_is_collected(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The batch ends ``completed`` with every request refused (HTTP 400, all in its error
+    file, ``completed`` 0) and its ``output_file_id`` naming its own input file. With nothing
+    answered it is not kept finalizing, so it was recorded ended with that id as its output
+    file: every collect downloaded the input, found request lines ("not batch results") and
+    failed (exit 1) on every apply, the failures in the error file never recorded. The id
+    naming the input is taken as no output file: the error file is collected, each request
+    a final failure (exit 4), nothing created again."""
+    ws = _workspace(tmp_path, hostile)
+
+    def all_refused(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        body = json.loads(reply.body)
+        rows = body["data"] if body.get("object") == "list" else [body]
+        for batch in rows:
+            if batch.get("error_file_id") is None:
+                lines = server.files[batch["input_file_id"]].splitlines()
+                refused = [
+                    {
+                        "id": "batch_req_x",
+                        "custom_id": json.loads(x)["custom_id"],
+                        "response": {
+                            "status_code": 400,
+                            "body": {"error": {"message": "bad", "code": "invalid_value"}},
+                        },
+                        "error": None,
+                    }
+                    for x in lines
+                    if x.strip()
+                ]
+                batch["error_file_id"] = server.add_file(jsonl(refused))
+            batch.update(output_file_id=batch["input_file_id"])
+            batch["request_counts"] = {"total": 3, "completed": 0, "failed": 3}
+        with server.lock:
+            for batch in rows:
+                server.batches[batch["id"]].update(batch)
+        return Reply.of(body)
+
+    for route in ("POST /v1/batches", "GET /v1/batches/{id}", "GET /v1/batches"):
+        hostile.hooks[route] = all_refused
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert "not batch results" not in out + err, out + err
+    assert code == 4, out + err
+    assert sorted(e["custom_id"] for e in ws.errors("a")) == sorted(ws.input_ids("a"))
+    assert hostile.creates() == 1
+
+
+def test_a_file_short_of_an_answer_and_holding_another_shards_line_is_downloaded_again(
+    tmp_path: Path, hostile: HostileOpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two shards; the first shard's output file comes, on its first download, without its
+    last answer and with a line for a request of the other shard instead. That line is left
+    out, but it was counted as a line the batch's requests have: the file looked as long as
+    the batch's counts, was not downloaded again, and the request whose answer was cut off
+    was sent again (paid twice) in silence. The stray line is said and not counted; the file
+    is downloaded again and every request keeps its own answer; two creates."""
+    hostile.initial_status = "in_progress"
+    ws = _workspace(
+        tmp_path, hostile, ResourceSpec("a", 4, spec={"limits": {"maxRequestsPerBatch": 2}})
+    )
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    first = hostile.order[0]
+    output = hostile.outputs[first]
+    carried = [json.loads(x)["custom_id"] for x in hostile.files[output].splitlines()]
+    stranger = next(cid for cid in ws.input_ids("a") if cid not in carried)
+    served = {"n": 0}
+
+    def swapped_once(server: HostileOpenAI, seen: SeenRequest, reply: Reply) -> Reply:
+        if output not in seen.path:
+            return reply
+        served["n"] += 1
+        if served["n"] > 1:
+            return reply
+        kept = reply.body.splitlines(keepends=True)[:-1]
+        return Reply(200, b"".join(kept) + jsonl([answer_line(stranger, "a stray answer")]))
+
+    hostile.hooks["GET /v1/files/{id}/content"] = swapped_once
+    hostile.finish_all()
+    hostile.initial_status = "completed"  # a retry would be answered at once
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", *WAIT], capsys)
+
+    assert code == 0, out + err
+    assert "readable lines for 1 of the 2 requests it counted completed" in out, out
+    assert _answers(ws) == _own_answers(ws)
+    assert hostile.creates() == 2

@@ -122,8 +122,9 @@ def test_a_file_answering_no_request_of_its_shard_is_refused_and_records_nothing
     store: StateStore, recorded_through: str
 ) -> None:
     """With ``shard``, a file whose lines answer only other shards' requests or unknown ones
-    raises ``ForeignAnswers`` and changes no row; one answering any request of the shard is
-    recorded whole (on both backends: the check is SQL)."""
+    raises ``ForeignAnswers`` and changes no row; one answering any request of the shard has
+    those recorded, and the custom_ids it holds of no request of the shard told in
+    ``outside`` (on both backends: the check is SQL)."""
     ledger = store.ledger()
     gen = generation(store)
     requests(ledger, gen, ["a", "b", "c"], shards=[0, 0, 1])
@@ -132,7 +133,10 @@ def test_a_file_answering_no_request_of_its_shard_is_refused_and_records_nothing
         with pytest.raises(ForeignAnswers) as refused:
             ledger.record_outcomes(gen, 1, "sha-x", [line("c"), line("zz")], shard=0)
         assert refused.value.lines == 2
-        assert ledger.record_outcomes(gen, 1, "sha-y", [line("b"), line("zz")], shard=0) == 1
+        outside: set[str] = set()
+        lines = [line("b"), line("c"), line("zz")]
+        assert ledger.record_outcomes(gen, 1, "sha-y", lines, shard=0, outside=outside) == 1
+        assert outside == {"c", "zz"}  # left out: another shard's, and none of the resource's
     assert ledger.state_counts(gen).get("ok") == 1
 
 

@@ -116,3 +116,27 @@ def test_sqlite_runs_hold_no_session_lock(tmp_path: Path) -> None:
         [row] = store.db.query("SELECT session_lock FROM runs")
         assert row["session_lock"] is None
         assert runs_whose_session_ended(store, store.runs()) == frozenset()
+
+
+def test_a_run_that_ends_while_history_reads_is_not_called_killed(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: `history` reads the runs with no end, then which session locks are held. A
+    run that records its end (exit 0) and lets its lock go between those two reads looked
+    like a run with no end and a free lock: `killed`, for a run that succeeded. A run is
+    called killed only if it still has no end once the locks were read (its end is committed
+    before its lock is let go)."""
+    import batchspec.state.lock as lock_module
+
+    with StateStore.open(postgres_url) as store, StateStore.open(postgres_url) as reader:
+        run_id = store.start_run("apply", {}, INFO)
+        runs = reader.runs()
+        real = lock_module._held_advisory_keys
+
+        def run_ends_first(s: StateStore) -> set[int]:
+            store.finish_run(run_id, 0)  # between the two reads
+            return real(s)
+
+        monkeypatch.setattr(lock_module, "_held_advisory_keys", run_ends_first)
+        assert runs_whose_session_ended(reader, runs) == frozenset()
+        assert reader.get_run(run_id).exit_code == 0

@@ -93,14 +93,24 @@ def batch_metadata(res: Resource, batch: BatchRow) -> dict[str, str]:
 def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
     """What the state records of ``remote``, by every step that records one (poll, create,
     adoption, cancel, import): a batch that ended with answers but names no output file is
-    recorded ``finalizing`` (``still_finalizing``), never ended with nothing to collect."""
+    recorded ``finalizing`` (``still_finalizing``), never ended with nothing to collect.
+
+    An output file id naming the batch's own input file (``names_output_file``) of a batch
+    whose counts say it ended with nothing answered is recorded as none: it is collected
+    from its error file alone. With that id, every collect downloaded the input, found
+    request lines and failed (exit 1), on every apply, its failures never recorded. Without
+    counts nothing says the real output file holds no answer, so the id is kept: the collect
+    refuses the file (exit 1), and nothing is taken as unanswered and paid for again."""
     if ended_without_its_answers(remote):
         remote = still_finalizing(remote)
     counts = remote.request_counts
     usage = remote.usage
+    output = remote.output_file_id
+    if counts is not None and not names_output_file(remote):
+        output = None  # its input file; the counts say nothing was answered (else finalizing)
     fields: dict[str, Any] = {
         "status": remote.status,
-        "output_file_id": remote.output_file_id,
+        "output_file_id": output,
         "error_file_id": remote.error_file_id,
     }
     if counts is not None:

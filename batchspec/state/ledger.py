@@ -217,6 +217,7 @@ class RequestLedger:
         lines: Iterable[CollectedLine],
         *,
         shard: int | None = None,
+        outside: set[str] | None = None,
     ) -> int:
         """Record what a collected file says; an ``ok`` row is final. Returns rows changed.
 
@@ -229,7 +230,9 @@ class RequestLedger:
         answers no request of that shard records nothing and raises ``ForeignAnswers``: it
         is another file's content (taken as this one's, its batch would be collected with
         nothing answered, and every request of it paid for again by a retry); its lines for
-        requests of other shards are left out (``_of_shard``).
+        requests of other shards are left out (``_of_shard``), their custom_ids added to
+        ``outside`` when it is given (the collect neither counts them as lines of its batch's
+        requests nor passes them over in silence).
         """
         items = iter(lines)
         first: dict[str, CollectedLine] = {}  # the first line of each custom_id, in order
@@ -237,12 +240,19 @@ class RequestLedger:
             first.setdefault(item.custom_id, item)
             if len(first) > DIRECT_LINES:
                 return self._record_through_table(
-                    generation_id, attempt, blob, itertools.chain(first.values(), items), shard
+                    generation_id,
+                    attempt,
+                    blob,
+                    itertools.chain(first.values(), items),
+                    shard,
+                    outside,
                 )
         if not first:
             return 0
         if shard is not None:
-            self._refuse_foreign_lines(generation_id, shard, list(first))
+            ours = self._refuse_foreign_lines(generation_id, shard, list(first))
+            if outside is not None:
+                outside.update(c for c in first if c not in ours)
         of_shard, shard_arg = _of_shard(shard)
         return self.db.executemany(
             'update requests set state = ?, category = ?, blob = ?, "offset" = ?, length = ?, '
@@ -266,15 +276,19 @@ class RequestLedger:
             ],
         )
 
-    def _refuse_foreign_lines(self, generation_id: int, shard: int, custom_ids: list[str]) -> None:
-        """``_refuse_foreign`` for a small file's distinct ``custom_ids``, without the table."""
-        ours = self.db.execute(
-            "select 1 from requests where generation_id = ? and shard = ? and custom_id in "
-            f"({','.join('?' * len(custom_ids))}) limit 1",
+    def _refuse_foreign_lines(
+        self, generation_id: int, shard: int, custom_ids: list[str]
+    ) -> set[str]:
+        """``_refuse_foreign`` for a small file's distinct ``custom_ids``, without the table;
+        those of them that are requests of ``shard``."""
+        rows = self.db.execute(
+            "select custom_id from requests where generation_id = ? and shard = ? and "
+            f"custom_id in ({','.join('?' * len(custom_ids))})",
             [generation_id, shard, *custom_ids],
-        ).fetchone()
-        if ours is None:
+        ).fetchall()
+        if not rows:
             raise ForeignAnswers(len(custom_ids))
+        return {row[0] for row in rows}
 
     def _record_through_table(
         self,
@@ -283,6 +297,7 @@ class RequestLedger:
         blob: str,
         lines: Iterable[CollectedLine],
         shard: int | None,
+        outside: set[str] | None = None,
     ) -> int:
         """``record_outcomes`` of a large file, through the temporary table ``collected``."""
         db = self.db
@@ -309,6 +324,14 @@ class RequestLedger:
             self._run(sql, chunk)
         if shard is not None:
             self._refuse_foreign(generation_id, shard)
+            if outside is not None:
+                rows = db.execute(
+                    "select c.custom_id from collected c where not exists (select 1 from "
+                    "requests r where r.generation_id = ? and r.shard = ? and "
+                    "r.custom_id = c.custom_id)",
+                    [generation_id, shard],
+                ).fetchall()
+                outside.update(row[0] for row in rows)
         of_shard, shard_arg = _of_shard(shard)
         cursor = db.execute(
             "update requests set state = c.state, category = c.category, blob = ?, "

@@ -632,14 +632,20 @@ def runs_whose_session_ended(store: StateStore, runs: Iterable[RunRow]) -> froze
     """PostgreSQL: the ids of those ``runs`` that recorded no end and whose session lock
     (``batchspec.state.runs.run_session_key``) nobody holds now: killed, on whatever host,
     before they recorded their end (one read of the runs and one of ``pg_locks``, however
-    many runs). Empty for SQLite, and for runs that never held one (``m008``'s docstring)."""
+    many runs, and one more of those found free). Empty for SQLite, and for runs that never
+    held one (``m008``'s docstring).
+
+    A run commits its end before it lets its lock go, so one still with no end once the
+    locks were read had no end while its lock was free: killed. One that ended between the
+    two first reads (its end committed, its lock let go) was called killed after an exit 0."""
     if store.dialect != "postgresql":
         return frozenset()
     candidates = store.unfinished_runs_with_session_lock(r.id for r in runs if r.ended_at is None)
     if not candidates:
         return frozenset()
     held = _held_advisory_keys(store)
-    return frozenset(i for i in candidates if run_session_key(store.db, i) not in held)
+    free = [i for i in candidates if run_session_key(store.db, i) not in held]
+    return frozenset(store.unfinished_runs_with_session_lock(free))
 
 
 def current_lock(store: StateStore, resource: str | None = None) -> LockHolder | None:

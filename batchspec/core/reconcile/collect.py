@@ -499,7 +499,8 @@ def _collect_files(
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
     said: set[str] = set()  # the custom_ids either file has a line for
-    in_output = 0  # of them, those the output file has a line for
+    in_output: set[str] = set()  # of them, those the output file has a line for
+    outside: set[str] = set()  # of them, those the batch did not carry (left out)
     unreadable: list[str] = []  # per file with lines that are no result: how many, where
     with ctx.store.atomic():
         if foreign and not ctx.may_touch(name):
@@ -521,7 +522,7 @@ def _collect_files(
                 )
                 try:
                     changed += ctx.ledger.record_outcomes(
-                        gen.id, batch.attempt, sha, lines, shard=batch.shard
+                        gen.id, batch.attempt, sha, lines, shard=batch.shard, outside=outside
                     )
                 except ForeignAnswers as err:
                     refusal = _served_another(name, batch, err)
@@ -535,11 +536,14 @@ def _collect_files(
                 repeated += sum(read.values()) - len(seen)
                 said |= seen
                 if kind == "output":
-                    in_output = len(seen)
+                    in_output = seen
                 if skipped.count:
                     unreadable.append(_skipped_text(kind, skipped))
+        # a line for a request the batch did not carry is none of its requests' lines
+        said -= outside
+        in_output -= outside
         missing, what, shortfall = (
-            (0, "", "") if gone else _missing_from_files(batch, len(said), in_output)
+            (0, "", "") if gone else _missing_from_files(batch, len(said), len(in_output))
         )
         if missing and not last_try:
             raise _ShortOfCounts(shortfall)  # rolls the transaction back: nothing recorded
@@ -556,6 +560,8 @@ def _collect_files(
             detail["repeated"] = repeated
         if unreadable:
             detail["unreadable"] = "; ".join(unreadable)  # a string: the text history shows it
+        if outside:
+            detail["not_carried"] = len(outside)
         if missing:
             detail["missing"] = missing
         if batch.status == "failed" and is_requeued(batch):
@@ -581,6 +587,7 @@ def _collect_files(
             f"collected batch {batch.remote_id} ({batch.status}): {_lines_text(tally)}"
             + _repeated_text(repeated)
             + "".join(f"; {u}" for u in unreadable)
+            + _not_carried_text(len(outside))
             + _missing_text(missing, what)
             + _rejection_text(detail.get("errors"))
             + kept
@@ -686,6 +693,20 @@ def _skipped_text(kind: str, skipped: SkippedLines) -> str:
         f"({'the first: ' if many else ''}line {skipped.first:,}) {'are' if many else 'is'} no "
         "result (not JSON, or no custom_id, response or error): the request"
         f"{'s' if many else ''} {'they' if many else 'it'} would answer taken as unanswered"
+    )
+
+
+def _not_carried_text(count: int) -> str:
+    """Lines for requests the batch did not carry (another shard's, or none of the
+    resource's): left out (``RequestLedger.record_outcomes``), and said, not counted as its
+    answers in silence."""
+    if not count:
+        return ""
+    many = count != 1
+    return (
+        f"; {count:,} line{'s' if many else ''} answer{'' if many else 's'} "
+        f"{'requests' if many else 'a request'} its batch did not carry (another shard's, or "
+        "none of the resource's): left out"
     )
 
 
