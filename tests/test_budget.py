@@ -240,7 +240,7 @@ def test_the_output_bounds_and_the_input_scan_cache_change_together() -> None:
 
     table = json.dumps(sorted(UNSET_OUTPUT_BOUNDS.items())).encode()
     assert hashlib.sha256(table).hexdigest()[:16] == "65377ddb913225d2"
-    assert "create table if not exists input_scans6 " in inputcache._SCHEMA
+    assert "create table if not exists input_scans7 " in inputcache._SCHEMA
 
 
 @pytest.mark.parametrize(

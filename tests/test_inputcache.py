@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from workspaces import ResourceSpec, Workspace, local_provider, make_workspace, run_cli
 
+from batchspec.wire import inputs as inputs_module
 from batchspec.wire.inputs import scan_batch_input
 from batchspec.workspace.inputcache import RACY_WINDOW_S, InputCache
 
@@ -117,7 +118,7 @@ def cache_rows(ws: Workspace) -> list[tuple[object, ...]]:
     db = ws.state_path.parent / "input-cache.db"
     with sqlite3.connect(db) as conn:
         return conn.execute(
-            "select path, size, mtime_ns, ctime_ns, inode from input_scans6"
+            "select path, size, mtime_ns, ctime_ns, inode from input_scans7"
         ).fetchall()
 
 
@@ -205,19 +206,19 @@ def test_a_just_written_input_is_recalled_only_while_its_bytes_are_that_content(
     with InputCache(db) as cache:
         expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select verify from input_scans6").fetchall() == [(1,)]
+        assert conn.execute("select verify from input_scans7").fetchall() == [(1,)]
     with InputCache(db) as cache:
         assert cache.scan(source) == expected
 
     with sqlite3.connect(db) as conn:
-        data = json.loads(conn.execute("select report from input_scans6").fetchone()[0])
-        conn.execute("update input_scans6 set report = ?", (json.dumps({**data, "sha256": "0"}),))
+        data = json.loads(conn.execute("select report from input_scans7").fetchone()[0])
+        conn.execute("update input_scans7 set report = ?", (json.dumps({**data, "sha256": "0"}),))
     with InputCache(db) as cache:
         assert cache.scan(source) == expected  # scanned again: the stored content was another
     with InputCache(db, racy_window=0) as cache:
         cache.scan(source)
     with sqlite3.connect(db) as conn:
-        assert conn.execute("select verify from input_scans6").fetchall() == [(0,)]
+        assert conn.execute("select verify from input_scans7").fetchall() == [(0,)]
 
 
 def test_an_invalid_input_is_never_cached(
@@ -277,7 +278,7 @@ def test_an_entry_from_another_version_is_scanned_again(tmp_path: Path) -> None:
     with InputCache(db) as cache:
         expected = cache.scan(source)
     with sqlite3.connect(db) as conn:
-        conn.execute("update input_scans6 set report = ?", (json.dumps({"sha256": "stale"}),))
+        conn.execute("update input_scans7 set report = ?", (json.dumps({"sha256": "stale"}),))
 
     with InputCache(db) as cache:
         again = cache.scan(source)
@@ -302,7 +303,7 @@ def test_the_entries_of_inputs_gone_are_dropped_when_a_run_stores_new_ones(
     with InputCache(db, racy_window=0) as cache:
         cache.scan(third)
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("select path, request_index is not null from input_scans6")
+        rows = conn.execute("select path, request_index is not null from input_scans7")
         kept = sorted((Path(p).name, bool(indexed)) for p, indexed in rows.fetchall())
     assert kept == [("b.jsonl", True), ("c.jsonl", True)]
 
@@ -376,3 +377,51 @@ def test_a_report_is_stored_as_asdict_would_write_it(tmp_path: Path) -> None:
     report = scan_batch_input(clean, endpoint="/v1/chat/completions")
     assert report.ok and report.models == ("m",) and _report(report_json(report)) == report
     assert not scan_batch_input(broken, endpoint="/v1/chat/completions").ok
+
+
+def test_a_clean_scan_cached_before_sampling_checks_is_not_taken_for_a_refused_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input scanned clean by the release before ``stream`` and out-of-range sampling
+    parameters were refused (``request_checks.sampling_problem``), and unchanged since, is
+    scanned again by this one and refused: the cache kept its table, so an upgraded plan
+    took the old clean report, said the input was valid and apply uploaded it (every such
+    request failed, or streamed, at the provider). The old entry is made here as that
+    release made it: a scan without the check, in its table (``input_scans6``)."""
+    source = one_request_input(tmp_path)
+    line = json.loads(source.read_text())
+    line["body"]["stream"] = True
+    source.write_text(json.dumps(line) + "\n")
+    db = tmp_path / "input-cache.db"
+    monkeypatch.setattr(inputs_module, "sampling_problem", lambda body, **_: None)
+    with InputCache(db) as cache:
+        assert cache.scan(source).ok  # what that release found
+    with sqlite3.connect(db) as conn:
+        [table] = conn.execute(
+            "select name from sqlite_master where type = 'table' and name like 'input_scans%'"
+        ).fetchone()
+        if table != "input_scans6":
+            conn.execute(f"alter table {table} rename to input_scans6")
+    monkeypatch.undo()
+
+    with InputCache(db) as cache:
+        report = cache.scan(source)
+
+    assert [p.code for p in report.problems] == ["streamed_request"]
+
+
+def test_the_request_checks_and_the_input_scan_cache_change_together() -> None:
+    """Cached clean scans were made by the request checks of their day: a check added or
+    widened while the cache kept its table lets every unchanged input it would refuse pass
+    (the test above). On a change, rename the table in workspace/inputcache.py
+    (input_scansN+1, the old one in ``_OLD_TABLES``) and record both here."""
+    import hashlib
+
+    from batchspec.wire import request_checks
+    from batchspec.workspace import inputcache
+
+    rules = json.dumps(
+        [sorted(request_checks.REQUEST_CHECK_CODES), request_checks._SAMPLING], sort_keys=True
+    )
+    assert hashlib.sha256(rules.encode()).hexdigest()[:16] == "e4580d0be86b8a8c"
+    assert "create table if not exists input_scans7 " in inputcache._SCHEMA

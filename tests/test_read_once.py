@@ -988,7 +988,7 @@ def test_an_input_changed_before_import_records_it_is_refused(
 def _cached_indexes(ws: Workspace) -> list[bytes]:
     """The request indexes kept on the entries of the workspace's input cache."""
     with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
-        rows = db.execute("select request_index from input_scans6").fetchall()
+        rows = db.execute("select request_index from input_scans7").fetchall()
     return [r[0] for r in rows if r[0] is not None]
 
 
@@ -1029,7 +1029,7 @@ def test_a_damaged_or_missing_cached_index_is_not_trusted(
     damaged = kept.replace(b"req-3", b"req-9", 1)
     with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
         db.execute(
-            "update input_scans6 set request_index = ? where request_index = ?", (damaged, kept)
+            "update input_scans7 set request_index = ? where request_index = ?", (damaged, kept)
         )
     parsed = count_parses(monkeypatch)
 
@@ -1038,7 +1038,7 @@ def test_a_damaged_or_missing_cached_index_is_not_trusted(
     ]
     assert len(parsed) == 60  # scanned again: the damaged index was refused
     with sqlite3.connect(ws.root / "state" / "input-cache.db") as db:
-        db.execute("update input_scans6 set request_index = null")
+        db.execute("update input_scans7 set request_index = null")
     result = apply_workspace([str(ws.root)], WAIT)
 
     assert result.exit_code == 0

@@ -67,7 +67,7 @@ from batchspec.wire.request_index import (
 from batchspec.workspace.resolving import FolderResolver
 
 _SCHEMA = """
-create table if not exists input_scans6 (
+create table if not exists input_scans7 (
     path text not null, options text not null,
     size integer, mtime_ns integer, ctime_ns integer, inode integer,
     report text not null,
@@ -81,7 +81,10 @@ create table if not exists input_scans6 (
 #: counted every choice a request asks for (``n``) and limits given as ``100.0`` or ``"100"``,
 #: before a chat line without messages was refused, and before a message of no known role
 #: or an output-token limit below 1 (or not an integer) was (their scans said it was valid),
-#: and before a request without an output limit was bounded at its model's most, not 4,096
+#: before a request without an output limit was bounded at its model's most, not 4,096,
+#: and before ``stream`` and sampling parameters out of range were refused
+#: (``request_checks.sampling_problem``: an upgraded run took the old clean scan and
+#: uploaded them)
 _OLD_TABLES = (
     "scans",
     "input_scans",
@@ -89,6 +92,7 @@ _OLD_TABLES = (
     "input_scans3",
     "input_scans4",
     "input_scans5",
+    "input_scans6",
 )
 
 
@@ -368,7 +372,7 @@ class InputCache:
         try:
             row = self.conn.execute(
                 "select size, mtime_ns, ctime_ns, inode, report, verify, request_index "
-                "from input_scans6 where path = ? and options = ?",
+                "from input_scans7 where path = ? and options = ?",
                 key,
             ).fetchone()
         except sqlite3.Error:  # a damaged cache costs a re-read, never the run
@@ -398,7 +402,7 @@ class InputCache:
         meanwhile would only be missed: a cache."""
         if self._stored is None:
             try:
-                self._stored = set(conn.execute("select path, options from input_scans6"))
+                self._stored = set(conn.execute("select path, options from input_scans7"))
             except sqlite3.Error:  # a damaged cache costs a re-read, never the run
                 self._stored = set()
         return self._stored
@@ -427,10 +431,10 @@ class InputCache:
             conn.execute("begin immediate")
             try:
                 conn.executemany(
-                    "insert or replace into input_scans6 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "insert or replace into input_scans7 values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     self._pending,
                 )
-                conn.executemany("delete from input_scans6 where path = ?", gone)
+                conn.executemany("delete from input_scans7 where path = ?", gone)
             except BaseException:
                 conn.execute("rollback")
                 raise
@@ -453,7 +457,7 @@ def _gone_paths(conn: sqlite3.Connection) -> list[tuple[str]]:
     whole request index, and inputs named anew each run (dated files, temporary checkouts)
     would otherwise grow the cache without end, where index files are pruned
     (``INDEX_KEEP_S``). A stat per path, on runs that store new entries only."""
-    paths = [row[0] for row in conn.execute("select distinct path from input_scans6")]
+    paths = [row[0] for row in conn.execute("select distinct path from input_scans7")]
     return [(path,) for path in paths if not os.path.exists(path)]
 
 

@@ -398,8 +398,8 @@ def collect_batch(
     event's ``gone``, so that the batch is settled with what could be kept instead of
     failing every pass.
 
-    Files with lines for fewer requests than the batch counted completed
-    (``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
+    Files with lines for fewer requests than the batch counted completed (or failed:
+    ``_missing_from_files``) are downloaded again, up to ``SHORT_ATTEMPTS`` times in all,
     before what they hold is recorded as all there is (the missing requests unanswered, and
     said to be)."""
     for attempt in range(1, SHORT_ATTEMPTS + 1):
@@ -420,10 +420,9 @@ def collect_batch(
                 Progress(
                     "warning",
                     name,
-                    f"the files of batch {batch.remote_id} have readable lines for "
-                    f"{short.said:,} of the {batch.completed or 0:,} requests it counted "
-                    "completed (cut short where a line ended, or a line damaged?): nothing of "
-                    "them recorded, downloading them again "
+                    f"the files of batch {batch.remote_id} have {short.shortfall} (cut short "
+                    "where a line ended, or a line damaged?): nothing of them recorded, "
+                    "downloading them again "
                     f"({attempt + 1} of {SHORT_ATTEMPTS})",
                     {"remote_id": batch.remote_id},
                 )
@@ -437,9 +436,9 @@ SHORT_ATTEMPTS = 3
 
 
 class _ShortOfCounts(Exception):
-    def __init__(self, said: int) -> None:
-        super().__init__(said)
-        self.said = said
+    def __init__(self, shortfall: str) -> None:
+        super().__init__(shortfall)
+        self.shortfall = shortfall
 
 
 def _collect_files(
@@ -500,6 +499,7 @@ def _collect_files(
     tally = {True: 0, False: 0}  # lines read: answered, not (an error, cancelled, expired)
     repeated = 0  # lines of a custom_id its file had already answered (the first is kept)
     said: set[str] = set()  # the custom_ids either file has a line for
+    in_output: set[str] = set()  # of them, those the output file has a line for
     outside: set[str] = set()  # of them, those the batch did not carry (left out)
     unreadable: list[str] = []  # per file with lines that are no result: how many, where
     with ctx.store.atomic():
@@ -535,13 +535,18 @@ def _collect_files(
                     tally[answered] += count
                 repeated += sum(read.values()) - len(seen)
                 said |= seen
+                if kind == "output":
+                    in_output = seen
                 if skipped.count:
                     unreadable.append(_skipped_text(kind, skipped))
         # a line for a request the batch did not carry is none of its requests' lines
         said -= outside
-        missing = 0 if gone else _missing_from_files(batch, len(said))
+        in_output -= outside
+        missing, what, shortfall = (
+            (0, "", "") if gone else _missing_from_files(batch, len(said), len(in_output))
+        )
         if missing and not last_try:
-            raise _ShortOfCounts(len(said))  # rolls the transaction back: nothing recorded
+            raise _ShortOfCounts(shortfall)  # rolls the transaction back: nothing recorded
         detail: dict[str, Any] = {
             "status": batch.status,
             "answered": changed,
@@ -583,7 +588,7 @@ def _collect_files(
             + _repeated_text(repeated)
             + "".join(f"; {u}" for u in unreadable)
             + _not_carried_text(len(outside))
-            + _missing_text(missing)
+            + _missing_text(missing, what)
             + _rejection_text(detail.get("errors"))
             + kept
             + "".join(f"; gone from the provider, not kept: {g}" for g in gone),
@@ -640,16 +645,42 @@ def _served_empty(name: str, batch: BatchRow) -> ProviderError:
     )
 
 
-def _missing_from_files(batch: BatchRow, said: int) -> int:
-    """How many requests ``batch`` counted completed that its files have no line for (``said``:
-    the custom_ids they have lines for). Each completed request has a line in one of them,
-    whichever way a provider counts its failures, so a file is missing lines: a body sent
-    without a length and cut where a line ended, which no half line tells. Recorded at once,
-    those requests were taken as unanswered, sent again and paid for twice, and the run said
-    nothing of it (``collect_batch`` downloads the files again first)."""
+def _missing_from_files(batch: BatchRow, said: int, in_output: int) -> tuple[int, str, str]:
+    """How many requests ``batch`` counted completed (or failed) that its files have no line
+    for, how it counted them (``completed``, ``completed or failed``) and how short the files
+    are, said (``said``: the custom_ids they have lines for; ``in_output``: those
+    of the output file). Each completed request is answered in the output file, each failed
+    one has a line in one of the files, so a file is missing lines: a body sent without a
+    length and cut where a line ended, which no half line tells. Recorded at once, those
+    requests were taken as unanswered, sent again and paid for twice, and the run said
+    nothing of it (``collect_batch`` downloads the files again first).
+
+    The output file is held to the completed count on its own when the counts add up
+    (completed and failed at most the total): otherwise the error file's lines (failures,
+    and the expired or cancelled requests counted in neither) stood in for the answers the
+    output file lost. A server whose ``completed`` counts its failures too (more than the
+    total) is held to its completed count over both files, as one that gives no total."""
     if batch.status == "failed" or batch.completed is None:
-        return 0
-    return max(batch.completed - said, 0)
+        return 0, "", ""
+    completed, failed = batch.completed, batch.failed or 0
+    if batch.total is not None and completed + failed <= batch.total:
+        if in_output < completed:
+            return (
+                completed - in_output,
+                "completed",
+                f"readable lines for {in_output:,} of the {completed:,} requests it counted "
+                "completed (in its output file, where they are answered)",
+            )
+        counted, what = completed + failed, "completed or failed" if failed else "completed"
+    else:
+        counted, what = completed, "completed"
+    if said >= counted:
+        return 0, "", ""
+    return (
+        counted - said,
+        what,
+        f"readable lines for {said:,} of the {counted:,} requests it counted {what}",
+    )
 
 
 def _skipped_text(kind: str, skipped: SkippedLines) -> str:
@@ -679,13 +710,14 @@ def _not_carried_text(count: int) -> str:
     )
 
 
-def _missing_text(missing: int) -> str:
-    """Requests the batch counted completed that its files, downloaded ``SHORT_ATTEMPTS``
-    times, never had a line for: unanswered, so a retry sends them again (and pays again)."""
+def _missing_text(missing: int, what: str) -> str:
+    """Requests the batch counted completed (or failed) that its files, downloaded
+    ``SHORT_ATTEMPTS`` times, never had a line for (``_missing_from_files``): unanswered, so
+    a retry sends them again (and pays again)."""
     if not missing:
         return ""
     return (
-        f"; {missing:,} request{'s' if missing != 1 else ''} it counted completed had no "
+        f"; {missing:,} request{'s' if missing != 1 else ''} it counted {what} had no "
         f"readable line in its files ({SHORT_ATTEMPTS} downloads): taken as unanswered"
     )
 
