@@ -116,6 +116,8 @@ def test_a_batch_whose_completed_counts_its_failures_is_not_taken_for_short(
 
     assert "downloading them again" not in out, out
     assert "no readable line" not in out, out
+    # its requests done as its counts say, never more than it has ("5/4 (1 failed)")
+    assert "completed 4/4 (1 failed)" in out and "5/4" not in out, out
     assert [s.path for s in hostile.seen].count(f"/v1/files/{output}/content") == 1
     assert hostile.creates() == 1
     assert [e["custom_id"] for e in ws.errors("a")] == [refused]

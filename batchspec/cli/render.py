@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchspec import __version__
 from batchspec.cli.colour import PLAIN, Style
+from batchspec.core.batches import requests_done
 from batchspec.core.reporting import format_size
 from batchspec.wire.batch_status import TERMINAL_STATUSES
 from batchspec.workspace.yamldoc import NAMES_SHOWN, Problem, display_path, name_listing
@@ -763,7 +764,9 @@ def status_lines(statuses: Iterable[ResourceStatus], style: Style = PLAIN) -> li
                 if s.first_error:
                     lines.append(f"      first error: {s.first_error}")
         for b in s.batches:
-            done = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
+            done = ""
+            if b.total:
+                done = f" {requests_done(b.completed, b.failed, b.total):,}/{b.total:,}"
             if b.failed:  # ended is not answered: a cancelled batch's "3/3" is 3 not run
                 done += f" ({b.failed:,} failed)"
             if b.remote_id is None and b.status == "pending":

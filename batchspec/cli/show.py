@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from batchspec.cli.colour import PLAIN, Style
 from batchspec.cli.render import degraded_next, dollars
+from batchspec.core.batches import requests_done
 
 if TYPE_CHECKING:
     from batchspec.core.show import BatchDetail, GenerationDetail, ResourceDetail
@@ -86,7 +87,7 @@ def _generation(g: GenerationDetail, style: Style) -> list[str]:
 
 
 def _batch(b: BatchDetail) -> str:
-    counts = f" {(b.completed or 0) + (b.failed or 0):,}/{b.total:,}" if b.total else ""
+    counts = f" {requests_done(b.completed, b.failed, b.total):,}/{b.total:,}" if b.total else ""
     failed = f" ({b.failed:,} failed)" if b.failed else ""
     when = b.terminal_at or b.submitted_at or b.created_at
     files = ", ".join(

@@ -131,6 +131,13 @@ def batch_fields(remote: RemoteBatch) -> dict[str, Any]:
     return fields
 
 
+def requests_done(completed: int | None, failed: int | None, total: int) -> int:
+    """How many of a batch's ``total`` requests are done, as its counts say: completed and
+    failed, but never more than the total (some servers count failures among the completed
+    too: "5/4 (1 failed)" was shown for a batch of four)."""
+    return min((completed or 0) + (failed or 0), total)
+
+
 def counts_json(remote: RemoteBatch) -> dict[str, int]:
     c = remote.request_counts
     return {"total": c.total, "completed": c.completed, "failed": c.failed} if c else {}

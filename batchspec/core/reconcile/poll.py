@@ -12,6 +12,7 @@ from batchspec.core.batches import (
     carries_another_key,
     counts_json,
     ended_without_its_answers,
+    requests_done,
     still_finalizing,
 )
 from batchspec.core.plan import Action
@@ -167,7 +168,9 @@ def poll_message(remote: RemoteBatch) -> str:
     """A poll's line: the batch, its status, requests done of its total and how many of
     them failed (as `status` writes it: `completed 3/3` alone reads as success)."""
     c = remote.request_counts
-    counts = f" {c.completed + c.failed:,}/{c.total:,}" if c and c.total else ""
+    counts = ""
+    if c and c.total:
+        counts = f" {requests_done(c.completed, c.failed, c.total):,}/{c.total:,}"
     if c and c.total and c.failed:
         counts += f" ({c.failed:,} failed)"
     return f"batch {remote.id} {remote.status}{counts}"
