@@ -878,3 +878,24 @@ def test_a_listing_a_gateway_times_out_does_not_stop_the_reads_by_id(
     assert srv.probe.counts[LIST] == 1 and srv.probe.counts[RETRIEVE] == 6
     polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
     assert polled == [f"r{i:02d}" for i in range(6)]
+
+
+def test_a_provider_rate_limiting_through_a_pass_is_not_asked_once_per_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider refusing every call with 429 while many batches are in flight: once a read
+    was refused through all its retries (the run stops on it, or waits it out), the reads
+    still queued are not sent. Before, each in-flight batch was read in turn through all its
+    retries, at the one call at a time the 429s had halved the calls to: 20 batches on
+    Retry-After 2 s and maxRetries 2 took 80 s to exit 1, a thousand over an hour."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12, maxConcurrency=2, maxRetries=1)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.refuse(r"^GET ", 429, {"error": {"message": "rate limited", "type": "requests"}})
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "HTTP 429" in err
+    assert srv.probe.counts[LIST] + srv.probe.counts[RETRIEVE] <= 2 * 4

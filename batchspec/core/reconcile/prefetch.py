@@ -73,7 +73,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
@@ -251,7 +251,8 @@ class BoundedCalls:
         self._limits_lock = threading.Lock()
         self._stopping = threading.Event()  # set when the pool closes on an error or Ctrl-C
         #: per provider, the first call that found it down (``ProviderError.provider_down``:
-        #: unreachable, or its gateway answering 502/503/504, through all its retries)
+        #: unreachable, or its gateway answering 502/503/504, through all its retries) or
+        #: refusing calls (``rate_limited``: 429 through all of them)
         self._down: dict[str, ProviderError] = {}
         #: calls whose failure says nothing of the provider's other calls (``submit``)
         self._quiet: set[Future[Any]] = set()
@@ -264,10 +265,11 @@ class BoundedCalls:
         *,
         down_if_failed: bool = True,
     ) -> Future[T]:
-        """Queue ``call``. Once a call to ``provider`` has failed with it down through all its
-        retries, its calls still queued fail without being sent, with that failure (the pass
-        fails on it anyway); ``down_if_failed`` False: this call's failure does not count (a
-        listing, which a gateway may time out with a 504 while it answers each read)."""
+        """Queue ``call``. Once a call to ``provider`` has failed with it down or rate limiting
+        through all its retries, its calls still queued fail without being sent, with that
+        failure (the pass fails on it anyway); ``down_if_failed`` False: this call's failure
+        does not count (a listing, which a gateway may time out with a 504 while it answers
+        each read)."""
         self.limit_for(provider)
         future: Future[T] = Future()
         if not down_if_failed:
@@ -306,7 +308,7 @@ class BoundedCalls:
             with limit.place(started_in):
                 result = call()
         except BaseException as err:  # noqa: BLE001 - handed to whoever takes the future
-            if isinstance(err, ProviderError) and err.provider_down and future not in self._quiet:
+            if _unavailable(err) and future not in self._quiet:
                 self._down.setdefault(provider, err)
             future.set_exception(err)
         else:
@@ -400,18 +402,25 @@ class BoundedCalls:
             self._ready.notify_all()
 
 
+def _unavailable(err: BaseException) -> TypeGuard[ProviderError]:
+    """Whether ``err`` says its provider takes no call now: down, or rate limiting, through
+    all the call's retries (a run stops on it, or ``apply --wait`` waits it out)."""
+    return isinstance(err, ProviderError) and (err.provider_down or err.rate_limited)
+
+
 def _not_sent(provider: str, down: ProviderError) -> ProviderError:
     """The failure of a call not sent because another call of the pass found ``provider``
-    down through all its retries: a pass with many batches in flight otherwise asked for
-    each of them in turn, each call waiting out every retry (an hour for a thousand), before
-    the run could say the provider is down. Nothing was sent (a create so made no batch)."""
+    down, or rate limiting, through all its retries: a pass with many batches in flight
+    otherwise asked for each of them in turn, each call waiting out every retry (an hour for
+    a thousand), before the run could say so. Nothing was sent (a create made no batch)."""
     return ProviderError(
         f"{down.message} (the calls to {provider} still queued in this pass were not sent)",
         status=down.status,
         code=down.code,
         retryable=down.retryable,
         sent_nothing=True,
-        provider_down=True,
+        provider_down=down.provider_down,
+        rate_limited=down.rate_limited,
     )
 
 
