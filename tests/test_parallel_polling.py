@@ -899,3 +899,27 @@ def test_a_provider_rate_limiting_through_a_pass_is_not_asked_once_per_batch(
     assert code == 1
     assert "HTTP 429" in err
     assert srv.probe.counts[LIST] + srv.probe.counts[RETRIEVE] <= 2 * 4
+
+
+def test_creates_not_sent_behind_a_provider_found_down_are_made_once_by_the_next_apply(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A submit pass whose provider goes down mid-way (its gateway answering 503 to every
+    create): the creates still queued are not sent, and the next apply makes one batch per
+    resource, none twice and none lost."""
+    srv, upstream = gated()
+    upstream.gate.set()
+    # a create answered 503 may still arrive: looked up, not waited for (createConfirmSeconds)
+    ws = fleet(tmp_path / "ws", srv, 12, maxConcurrency=2, maxRetries=1, createConfirmSeconds=0)
+    srv.probe.refuse(r"^POST /v1/batches$", 503, {"error": {"message": "no healthy upstream"}})
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1 and "HTTP 503" in err
+    assert srv.probe.counts["POST /batches"] <= 2 * 2  # those in flight when one gave up
+    srv.probe.refusals.clear()
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--timeout", "60"], capsys)
+    assert code == 0, err
+    assert len(srv.engine.list_batches(None, 100)["data"]) == 12
+    for i in range(12):
+        assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")
