@@ -747,3 +747,39 @@ def test_a_listing_that_could_not_connect_is_not_blamed_on_the_keys_rights(
 
     assert code == 1
     assert "could not connect" in err and "may not list batches" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        pytest.param("HTTPS_PROXY", "socks5://user:hunter2@127.0.0.1:1080", "socksio", id="socks"),
+        pytest.param("HTTP_PROXY", "ftp://user:hunter2@127.0.0.1:21", "ftp", id="ftp"),
+        pytest.param("ALL_PROXY", "user:hunter2@[::1", "Invalid", id="malformed"),
+    ],
+)
+def test_a_proxy_variable_no_client_can_use_is_said_not_a_traceback(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    why: str,
+) -> None:
+    """A proxy variable the HTTP client cannot use (a SOCKS proxy without httpx's socks
+    extra, another scheme, a malformed URL: an SSH tunnel's ALL_PROXY left in a shell) is a
+    usage error naming the variable, as the local engine's is, before anything is sent; it
+    was a traceback of httpx's ImportError, ValueError or InvalidURL (exit 1)."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, ResourceSpec("a", count=2))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv(variable, value)
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 64, err
+    assert err.startswith("Error: ") and f"{variable}=" in err and why in err
+    assert "hunter2" not in err and "Traceback" not in err
+    assert srv.probe.counts["POST /files"] == 0

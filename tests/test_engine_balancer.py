@@ -733,6 +733,28 @@ def test_a_redirecting_member_fails_no_line_the_other_answers_them(tmp_path):
     assert all(r["response"]["body"].get("object") == "chat.completion" for r in output)
 
 
+def test_a_member_that_is_another_serve_fails_no_line_the_other_answers_them(tmp_path):
+    """An engine spreading over a `batchspec serve` (a Batch API: it answers no request) and
+    a model server: the serve is taken out of rotation, said as a failing member is, and
+    every line gets a real answer from the other. Before, its 404 was each line's result:
+    the lines sent to it failed for good, and serve said nothing of why."""
+    other = start_server(tmp_path / "other")
+    good = start_recording_upstream()
+    rotation = BalancedUpstream([HttpUpstream(other.v1), HttpUpstream(good.v1)])
+    engine = start_server(tmp_path / "engine", upstream=rotation, max_attempts=4)
+    try:
+        client, batch = _run_batch(engine, 6)
+        done = wait_for_batch(client, batch.id, timeout=60)
+        output = read_jsonl(client.files.content(done.output_file_id).text)
+    finally:
+        engine.stop()
+        other.stop()
+        good.stop()
+    assert done.request_counts.completed == 6 and done.request_counts.failed == 0
+    assert all(r["response"]["status_code"] == 200 for r in output)
+    assert rotation.status()[0].failures >= 1  # out of rotation, as a failing member is
+
+
 def test_a_member_answering_429_gets_no_requests_for_its_retry_after():
     """A member that answers 429 with Retry-After is full, not down: while another member
     can take them, the next requests go there, not every other one to the refusing member

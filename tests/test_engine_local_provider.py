@@ -210,3 +210,32 @@ def test_an_unknown_batch_says_where_this_engine_keeps_its_batches(tmp_path):
         provider.get_batch("batch_from_another_checkout")
     details = " ".join(caught.value.details)
     assert str(tmp_path / "engine") in details and "batchspec serve" in details
+
+
+def test_a_local_providers_request_timeout_is_its_request_timeout_option(tmp_path, capsys):
+    """`requestTimeout` of a local provider is what `batchspec serve --request-timeout` is:
+    how long one request to its model server may take. There was no such option: a model
+    server whose long answers take more than 60 s had every request timed out, with no way
+    to say otherwise in batchspec.yaml."""
+    from servers import start_recording_upstream
+    from workspaces import ResourceSpec, make_workspace, run_cli
+
+    slow = start_recording_upstream(latency=0.8)
+    try:
+        provider = {
+            "type": "local",
+            "options": {"upstream": slow.v1, "requestTimeout": 0.3, "dataDir": "state/gpus"},
+        }
+        ws = make_workspace(
+            tmp_path / "ws",
+            providers={"gpus": provider},
+            resources=[
+                ResourceSpec("slow", count=1, provider="gpus", spec={"retry": {"maxAttempts": 1}})
+            ],
+        )
+        code, out, err = run_cli(["apply", str(ws.root), "--wait", "--timeout", "60"], capsys)
+    finally:
+        slow.stop()
+    assert code == 4, (out, err)
+    [line] = read_jsonl(ws.errors_path("slow").read_bytes())
+    assert "did not answer within 0.3 s" in line["error"]["message"]

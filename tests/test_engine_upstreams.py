@@ -645,6 +645,22 @@ def test_proxy_for_reads_the_proxy_variables(url, environ, proxied):
         assert (proxy.host, proxy.port) == ("p", 3128)
 
 
+@pytest.mark.parametrize(
+    ("proxy", "said", "not_said"),
+    [
+        pytest.param("https://p:3128", "proxies reached over TLS", None, id="tls"),
+        pytest.param("socks5://p:1080", "SOCKS proxies are not supported", "TLS", id="socks"),
+    ],
+)
+def test_a_proxy_the_engine_cannot_use_is_refused_for_what_it_is(proxy, said, not_said):
+    """A proxy reached over TLS, or a SOCKS one, is refused saying which: a socks5:// proxy
+    (an SSH tunnel's) was told that "proxies reached over TLS are not supported"."""
+    with pytest.raises(ValueError, match="must be an http:// URL") as raised:
+        proxy_for("http://gpu1:8000/v1", {"HTTP_PROXY": proxy})
+    assert said in str(raised.value)
+    assert not_said is None or not_said not in str(raised.value)
+
+
 async def _tls_origin(ca: trustme.CA) -> asyncio.base_events.Server:
     """A keep-alive HTTPS origin on 127.0.0.1 answering every POST with its body, echoed."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -279,6 +279,12 @@ CASES = [
         id="unknown-key-no-suggestion",
     ),
     pytest.param(
+        _with(("spec:\n", "model: gpt-4o-mini\nspec:\n")),
+        (5, 1, "/model", "unknown-key"),
+        "unknown key 'model' here: it goes under 'spec'",
+        id="spec-key-at-the-top",
+    ),
+    pytest.param(
         _with(("  name: triage\n", "  name: triage\n  lables: {a: b}\n")),
         (5, 3, "/metadata/lables", "unknown-key"),
         "did you mean 'labels'?",

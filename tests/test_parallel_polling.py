@@ -834,3 +834,92 @@ def test_a_finished_shard_is_collected_while_another_shard_runs(
     finally:
         upstream.gate.set()
         srv.stop()
+
+
+def test_a_provider_down_through_a_pass_is_not_asked_once_per_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider down (its gateway answering 503 to every call) while many batches are in
+    flight fails the pass after the calls in flight gave up, not after each in-flight batch
+    was retrieved through all its retries: the listing failed, every batch was then asked by
+    id, and each of those calls waited out every retry, so a fleet of 60 batches on a
+    maxConcurrency of 4 took 3.5 minutes to exit 1 (a thousand: an hour). The calls still
+    queued when one found the provider down are not sent; the run exits 1 naming it."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12, maxConcurrency=2, maxRetries=1)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.refuse(r"^GET ", 503, {"error": {"message": "upstream connect error"}})
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "HTTP 503" in err and srv.v1 in err
+    # the listing and its check (each sent twice: maxRetries 1), and the calls in flight
+    # beside them when they gave up: at most two at once (maxConcurrency 2)
+    assert srv.probe.counts[LIST] + srv.probe.counts[RETRIEVE] <= 2 * 4
+
+
+def test_a_listing_a_gateway_times_out_does_not_stop_the_reads_by_id(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listing its gateway answers 504 (a large listing slower than the gateway's timeout)
+    while each read by id is answered says nothing of the provider's other calls: the pass
+    reads every batch by id, as when the provider was not said down by one failing call."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 6, maxConcurrency=2, maxRetries=0)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.refuse(r"^GET /v1/batches$", 504, {"error": {"message": "gateway timeout"}})
+    srv.probe.counts.clear()
+
+    code, out, err = run_cli(["apply", str(ws.root), "--yes", "--json"], capsys)
+
+    assert code == 0, err
+    assert srv.probe.counts[LIST] == 1 and srv.probe.counts[RETRIEVE] == 6
+    polled = [e["resource"] for e in json_lines(out) if e.get("event") == "poll"]
+    assert polled == [f"r{i:02d}" for i in range(6)]
+
+
+def test_a_provider_rate_limiting_through_a_pass_is_not_asked_once_per_batch(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider refusing every call with 429 while many batches are in flight: once a read
+    was refused through all its retries (the run stops on it, or waits it out), the reads
+    still queued are not sent. Before, each in-flight batch was read in turn through all its
+    retries, at the one call at a time the 429s had halved the calls to: 20 batches on
+    Retry-After 2 s and maxRetries 2 took 80 s to exit 1, a thousand over an hour."""
+    srv, upstream = gated()
+    ws = fleet(tmp_path / "ws", srv, 12, maxConcurrency=2, maxRetries=1)
+    assert run_cli(["apply", str(ws.root), "--yes"], capsys)[0] == 0
+    srv.probe.refuse(r"^GET ", 429, {"error": {"message": "rate limited", "type": "requests"}})
+    srv.probe.counts.clear()
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1
+    assert "HTTP 429" in err
+    assert srv.probe.counts[LIST] + srv.probe.counts[RETRIEVE] <= 2 * 4
+
+
+def test_creates_not_sent_behind_a_provider_found_down_are_made_once_by_the_next_apply(
+    tmp_path: Path, gated: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A submit pass whose provider goes down mid-way (its gateway answering 503 to every
+    create): the creates still queued are not sent, and the next apply makes one batch per
+    resource, none twice and none lost."""
+    srv, upstream = gated()
+    upstream.gate.set()
+    # a create answered 503 may still arrive: looked up, not waited for (createConfirmSeconds)
+    ws = fleet(tmp_path / "ws", srv, 12, maxConcurrency=2, maxRetries=1, createConfirmSeconds=0)
+    srv.probe.refuse(r"^POST /v1/batches$", 503, {"error": {"message": "no healthy upstream"}})
+
+    code, _, err = run_cli(["apply", str(ws.root), "--yes"], capsys)
+
+    assert code == 1 and "HTTP 503" in err
+    assert srv.probe.counts["POST /batches"] <= 2 * 2  # those in flight when one gave up
+    srv.probe.refusals.clear()
+    code, _, err = run_cli(["apply", str(ws.root), "--yes", "--wait", "--timeout", "60"], capsys)
+    assert code == 0, err
+    assert len(srv.engine.list_batches(None, 100)["data"]) == 12
+    for i in range(12):
+        assert [r["custom_id"] for r in ws.outputs(f"r{i:02d}")] == ws.input_ids(f"r{i:02d}")

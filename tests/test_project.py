@@ -242,6 +242,30 @@ def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
             id="upstreams-limits-in-the-command-line-form",
         ),
         pytest.param(
+            HEADER + "providers:\n  gw:\n    type: openai\n    maxConcurrency: 4\n",
+            (
+                6,
+                5,
+                "/providers/gw/maxConcurrency",
+                "unknown-key",
+                "unknown key 'maxConcurrency' here: it goes under 'options'",
+            ),
+            id="option-beside-type-goes-under-options",
+        ),
+        pytest.param(
+            HEADER
+            + "providers:\n  gpus:\n    type: local\n"
+            + "    upstreams: [http://gpu1:8000/v1, http://gpu2:8000/v1]\n",
+            (
+                6,
+                5,
+                "/providers/gpus/upstreams",
+                "unknown-key",
+                "options: {upstreams: ...}",
+            ),
+            id="local-option-beside-type-goes-under-options",
+        ),
+        pytest.param(
             HEADER + "providers:\n  az:\n    type: azure\n",
             (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
             id="azure-needs-base-url",

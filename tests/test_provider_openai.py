@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from probes import ProbedServer
 from servers import EngineServer, jsonl_bytes, read_jsonl, request_lines, wait_for
 
 from batchspec.engine import BuiltinUpstream, Faults, FaultyUpstream
@@ -65,6 +66,22 @@ def test_upload_progress_hears_growing_byte_counts_ending_at_the_file_size(
     assert len(seen) >= 4 and seen[-1] == size
     assert seen == sorted(set(seen))
     assert all(b - a <= 1024 * 1024 + 65_536 for a, b in itertools.pairwise(seen))
+
+
+def test_a_failed_upload_names_the_file_as_it_is_uploaded(
+    server: Callable[..., ProbedServer], tmp_path: Path
+) -> None:
+    """An upload's retries and failure name the file as apply says it uploads it
+    (``triage-s2-a1.jsonl``), not the staged shard's content-addressed name on disk (64 hex
+    digits the user never saw, beside `uploading triage-s2-a1.jsonl`)."""
+    srv = server()
+    srv.probe.refuse(r"^POST /v1/files$", 429, {"error": {"message": "slow down"}})
+    staged = write_input(tmp_path, 1, name=f"{'ab' * 32}.jsonl")
+    provider = OpenAIProvider("served", base_url=srv.v1, api_key=SENTINEL_KEY, max_retries=0)
+    with provider, pytest.raises(ProviderError) as raised:
+        provider.upload_file(staged, filename="triage-s2-a1.jsonl")
+    assert "upload of triage-s2-a1.jsonl failed with HTTP 429" in str(raised.value)
+    assert "abab" not in str(raised.value)
 
 
 def test_provider_satisfies_the_protocol(serve_engine: ServeEngine) -> None:

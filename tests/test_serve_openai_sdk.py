@@ -515,5 +515,5 @@ def test_an_engine_whose_upstream_is_another_serve_says_so_in_each_lines_error(t
     assert done.request_counts.failed == 2
     messages = [e["response"]["body"]["error"]["message"] for e in errors]
     assert all("is `batchspec serve`, not a model server" in m for m in messages), messages
-    assert all("point the upstream that sent this at one" in m for m in messages)
+    assert all("point it at one" in m for m in messages)
     assert error_summary(errors[0]).endswith("or at 'builtin'."), error_summary(errors[0])

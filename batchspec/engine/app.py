@@ -56,7 +56,7 @@ from batchspec.engine.messages_upstream import error_body
 from batchspec.engine.mistral_routes import mistral_routes
 from batchspec.engine.together_routes import UPLOAD_PREFIX, together_routes
 from batchspec.engine.uploads import read_upload
-from batchspec.engine.upstreams import SUPPORTED_ENDPOINTS
+from batchspec.engine.upstreams import BATCH_API_HEADER, SUPPORTED_ENDPOINTS
 
 #: Bytes of multipart framing allowed on top of the file cap before a Content-Length is refused.
 MULTIPART_SLACK = 1024 * 1024
@@ -129,6 +129,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             " This is `batchspec serve`, not a model server: point the upstream that sent"
             " this at one (vLLM, Ollama, llama.cpp, ...) or at 'builtin'."
         )
+        response = error_response(exc.status_code, message)
+        response.headers[BATCH_API_HEADER] = "1"  # an engine in front of it: not a model
+        return response
     return error_response(exc.status_code, message)
 
 

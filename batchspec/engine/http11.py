@@ -107,9 +107,12 @@ def proxy_for(url: str, environ: Mapping[str, str] | None = None) -> HttpProxy |
         proxy_url = f"http://{proxy_url}"
     proxy = urlsplit(proxy_url)
     if proxy.scheme != "http" or not proxy.hostname:
+        why = {"https": "; proxies reached over TLS are not supported"}.get(proxy.scheme, "")
+        if proxy.scheme.startswith("socks"):
+            why = "; SOCKS proxies are not supported"
         raise ValueError(
             f"{parts.scheme.upper()}_PROXY must be an http:// URL (got scheme "
-            f"{proxy.scheme!r}); proxies reached over TLS are not supported"
+            f"{proxy.scheme!r}){why}"
         )
     authorization = None
     if proxy.username is not None:

@@ -47,6 +47,10 @@ from batchspec.wire.retry import retry_after_seconds
 from batchspec.wire.secrets import byte_forms, proxy_credentials
 from batchspec.wire.upstream_place import misspells_builtin
 
+#: the header `batchspec serve` sends with the 404 it answers a model endpoint with: an
+#: engine whose upstream is a serve (a Batch API, not a model server) knows it by this
+BATCH_API_HEADER = "x-batchspec-batch-api"
+
 SUPPORTED_ENDPOINTS = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -195,6 +199,8 @@ class HttpUpstream:
             raise UpstreamUnreachable(self._redacted_text(str(err))) from None
         if 300 <= response.status_code < 400:
             return self._redirected(response.status_code, response.headers.get("location"))
+        if response.status_code == 404 and BATCH_API_HEADER in response.headers:
+            return self._a_batch_api()
         raw = response.body
         for secret in self._secrets:
             if secret in raw:
@@ -243,6 +249,17 @@ class HttpUpstream:
             f"The upstream {self.description} answered a redirect ({status}){where}; "
             "redirects are not followed: give the URL it should be called at "
             "(the OpenAI-compatible base URL)",
+        )
+
+    def _a_batch_api(self) -> UpstreamResponse:
+        """Another `batchspec serve` runs batches and answers no request: the upstream URL is
+        misconfigured, as a redirect's is. A 502 saying so, so the member is taken out of
+        rotation (and said to be) and the line is retried elsewhere, not failed for good
+        with a 404 on each line sent to it."""
+        return _api_error(
+            502,
+            f"The upstream {self.description} is `batchspec serve`, not a model server: "
+            "point it at one (vLLM, Ollama, llama.cpp, ...) or at 'builtin'.",
         )
 
     async def aclose(self) -> None:

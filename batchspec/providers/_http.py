@@ -53,7 +53,7 @@ from urllib.parse import quote
 
 import httpx
 
-from batchspec.errors import ProviderError
+from batchspec.errors import ProviderError, UsageError
 from batchspec.providers.base import AmbiguousOutcome as AmbiguousOutcome  # re-exported
 from batchspec.providers.base import (
     DeadlineReached,
@@ -484,13 +484,51 @@ def new_client(
     TLS as ``tls_verify_for`` says (or with ``verify``: a context shared by several)."""
     if verify is None:
         verify = True if transport is not None else tls_verify_for(base_url)
-    return httpx.Client(
-        transport=transport,
-        timeout=httpx.Timeout(timeout),
-        verify=verify,
-        mounts=None if transport is not None else _direct_if_exempted(base_url),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS),
-        **options,
+    try:
+        return httpx.Client(
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
+            verify=verify,
+            mounts=None if transport is not None else _direct_if_exempted(base_url),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS
+            ),
+            **options,
+        )
+    except (ImportError, ValueError, httpx.InvalidURL) as err:
+        if transport is not None or not _environment_proxies():
+            raise
+        raise _unusable_proxy(err) from None
+
+
+#: the variables httpx builds a proxy from, each in either case (the lower-case one first)
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+
+
+def _environment_proxies() -> list[str]:
+    """``NAME=URL`` of each proxy variable set, its URL shown without credentials."""
+    named = []
+    for name in _PROXY_VARIABLES:
+        value = os.environ.get(name.lower()) or os.environ.get(name)
+        if value:
+            shown = re.sub(r"^([A-Za-z0-9+.-]+://)?[^/@]*@", r"\1", value)  # user:password@
+            named.append(f"{name}={shown}")
+    return named
+
+
+def _unusable_proxy(err: Exception) -> UsageError:
+    """A proxy variable the HTTP client cannot use (a SOCKS proxy without httpx's ``socks``
+    extra, a scheme it does not know, a malformed URL): said once, naming the variables, as
+    the local engine says its own (``engine.http11.proxy_for``), not httpx's traceback. Each
+    client builds every proxy the environment names, so NO_PROXY is no way round it."""
+    if isinstance(err, ImportError):  # httpx's words name the package and the extra
+        why = "a SOCKS proxy needs the 'socksio' package (pip install 'httpx[socks]')"
+    else:
+        why = re.sub(r"(?<=://)[^/@\s']*@", "", str(err)).rstrip(".")
+    return UsageError(
+        f"the proxy the environment names cannot be used ({', '.join(_environment_proxies())}):"
+        f" {why}. Fix or unset it; a proxy is an http:// (or https://) URL, e.g. "
+        "http://proxy.example:3128"
     )
 
 

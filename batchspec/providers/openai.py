@@ -166,7 +166,7 @@ class OpenAIProvider:
             response = self._http.request(
                 "POST",
                 "/files",
-                operation=f"upload of {path.name}",
+                operation=f"upload of {filename}",
                 data=self._routed({"purpose": purpose}),
                 files={"file": (filename, body, "application/jsonl")},
             )

@@ -329,6 +329,7 @@ def build_local_provider(
         upstream=upstream,
         upstream_api_key_env=options.get("upstreamApiKeyEnv"),
         concurrency=int(options.get("concurrency", 4)),  # the project schema's default
+        request_timeout=float(options.get("requestTimeout", 60.0)),
         run_batches=run_batches,
         lock_timeout=lock_timeout,
     )

@@ -142,7 +142,7 @@ class TogetherProvider(OpenAIProvider):
             announced = self._http.request(
                 "POST",
                 "/files",
-                operation=f"upload of {path.name}",
+                operation=f"upload of {filename}",
                 files={key: (None, value) for key, value in fields.items()},
                 ok_statuses=frozenset({302, 409}),
             )
@@ -152,19 +152,19 @@ class TogetherProvider(OpenAIProvider):
             file_id = announced.headers.get("x-together-file-id")
             if announced.status_code != 302 or not location or not file_id:
                 raise ProviderError(
-                    f"{self.name}: upload of {path.name}: expected a 302 with Location and "
+                    f"{self.name}: upload of {filename}: expected a 302 with Location and "
                     f"X-Together-File-Id, got HTTP {announced.status_code}; is the base URL "
                     "Together's API root (https://api.together.ai/v1)?"
                 )
             self._presigned.request(
                 "PUT",
                 location,
-                operation=f"upload of {path.name} (bytes)",
+                operation=f"upload of {filename} (bytes)",
                 content=FileBody(staged, _CHUNK),
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
             )
             done = self._http.request(
-                "POST", f"/files/{quote_id(file_id)}/preprocess", operation=f"upload of {path.name}"
+                "POST", f"/files/{quote_id(file_id)}/preprocess", operation=f"upload of {filename}"
             )
             return parse_file(_json(done, "upload", self.name))
         finally:

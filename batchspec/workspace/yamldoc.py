@@ -652,7 +652,7 @@ def schema_problems(doc: YamlDocument, schema: str) -> list[Problem]:
     problems: list[Problem] = []
     if not schema_accepts(load_schema(schema), doc.data):  # else jsonschema finds nothing
         for error in schema_validator(schema).iter_errors(doc.data):
-            problems.extend(_explain(doc, error))
+            problems.extend(_explain(doc, error, load_schema(schema)))
     if not _holds_non_finite(doc.data):  # the usual document: walked, no pointers made
         return problems
     for pointer, value in _non_finite(doc.data, ""):
@@ -695,11 +695,13 @@ def _non_finite(node: Any, pointer: str) -> Iterator[tuple[str, float]]:
             yield from _non_finite(value, pointer_join(pointer, i))
 
 
-def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
+def _explain(
+    doc: YamlDocument, error: ValidationError, root: Mapping[str, Any]
+) -> Iterator[Problem]:
     pointer = "".join(pointer_join("", token) for token in error.absolute_path)
     kind = error.validator
     if kind == "additionalProperties":
-        yield from _unknown_keys(doc, error, pointer)
+        yield from _unknown_keys(doc, error, pointer, root)
     elif kind == "required":
         yield from _missing_keys(doc, error, pointer)
     elif "propertyNames" in error.relative_schema_path:
@@ -711,7 +713,9 @@ def _explain(doc: YamlDocument, error: ValidationError) -> Iterator[Problem]:
         yield Problem.at(doc.location(pointer), pointer, code, _value_message(error, pointer))
 
 
-def _unknown_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:
+def _unknown_keys(
+    doc: YamlDocument, error: ValidationError, pointer: str, root: Mapping[str, Any]
+) -> Iterator[Problem]:
     schema = cast("Mapping[str, Any]", error.schema)  # set on every error iter_errors yields
     allowed = list(schema.get("properties", {}))
     instance: Any = error.instance
@@ -720,13 +724,44 @@ def _unknown_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> It
             continue
         child = pointer_join(pointer, key)
         hint = suggest(key, allowed)
-        if hint:
+        parent = _belongs_under(root, schema, instance, key)
+        if parent is not None:
+            message = (
+                f"unknown key '{key}' here: it goes under '{parent}' (one level down: "
+                f"{parent}: {{{key}: ...}})"
+            )
+        elif hint:
             message = f"unknown key '{key}' (did you mean '{hint}'?)"
         elif allowed:
             message = f"unknown key '{key}' (allowed here: {', '.join(allowed)})"
         else:
             message = f"unknown key '{key}'"
         yield Problem.at(doc.key_location(child), child, "unknown-key", message)
+
+
+def _belongs_under(
+    root: Mapping[str, Any], schema: Mapping[str, Any], instance: Mapping[str, Any], key: str
+) -> str | None:
+    """The key of ``instance`` whose mapping takes ``key``, when ``key`` was written one level
+    too high: a provider's ``maxConcurrency`` or ``upstreams`` beside its ``type`` instead of
+    under its ``options`` (whose keys depend on that type: the ``then`` of an ``allOf`` branch
+    whose ``if`` the instance meets)."""
+    from jsonschema import Draft202012Validator
+
+    branches = [schema]
+    for branch in schema.get("allOf", ()):
+        condition = branch.get("if")
+        if condition is not None and Draft202012Validator(condition).is_valid(instance):
+            branches.append(branch.get("then", {}))
+    found = None
+    for branch in branches:
+        for parent, sub in branch.get("properties", {}).items():
+            ref = sub.get("$ref") if isinstance(sub, Mapping) else None
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                sub = root.get("$defs", {}).get(ref.removeprefix("#/$defs/"), {})
+            if isinstance(sub, Mapping) and key in sub.get("properties", {}):
+                found = parent  # a type's own branch comes last and wins
+    return found
 
 
 def _missing_keys(doc: YamlDocument, error: ValidationError, pointer: str) -> Iterator[Problem]:

@@ -73,7 +73,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from batchspec.core.reconcile.adopt import listed_whole
 from batchspec.core.reconcile.collect import download_to_store
@@ -250,10 +250,30 @@ class BoundedCalls:
         self._sequence = itertools.count()
         self._limits_lock = threading.Lock()
         self._stopping = threading.Event()  # set when the pool closes on an error or Ctrl-C
+        #: per provider, the first call that found it down (``ProviderError.provider_down``:
+        #: unreachable, or its gateway answering 502/503/504, through all its retries) or
+        #: refusing calls (``rate_limited``: 429 through all of them)
+        self._down: dict[str, ProviderError] = {}
+        #: calls whose failure says nothing of the provider's other calls (``submit``)
+        self._quiet: set[Future[Any]] = set()
 
-    def submit(self, provider: str, call: Callable[[], T], order: int | None = None) -> Future[T]:
+    def submit(
+        self,
+        provider: str,
+        call: Callable[[], T],
+        order: int | None = None,
+        *,
+        down_if_failed: bool = True,
+    ) -> Future[T]:
+        """Queue ``call``. Once a call to ``provider`` has failed with it down or rate limiting
+        through all its retries, its calls still queued fail without being sent, with that
+        failure (the pass fails on it anyway); ``down_if_failed`` False: this call's failure
+        does not count (a listing, which a gateway may time out with a 504 while it answers
+        each read)."""
         self.limit_for(provider)
         future: Future[T] = Future()
+        if not down_if_failed:
+            self._quiet.add(future)
         seq = next(self._sequence)
         rank = (0, seq) if order is None else (1, order)
         with self._ready:
@@ -276,6 +296,11 @@ class BoundedCalls:
         if not future.set_running_or_notify_cancel():
             limit.release(throttled=False, ran=False)
             return
+        down = self._down.get(provider)
+        if down is not None:  # not sent: it would only wait out every retry again
+            limit.release(throttled=False, ran=False)
+            future.set_exception(_not_sent(provider, down))
+            return
         stop = stop_with(self._stopping)  # a retry's wait ends when the pool closes
         heard = listen_for_retries(self._on_retry)
         bound = within(self._deadline)
@@ -283,6 +308,8 @@ class BoundedCalls:
             with limit.place(started_in):
                 result = call()
         except BaseException as err:  # noqa: BLE001 - handed to whoever takes the future
+            if _unavailable(err) and future not in self._quiet:
+                self._down.setdefault(provider, err)
             future.set_exception(err)
         else:
             future.set_result(result)
@@ -373,6 +400,28 @@ class BoundedCalls:
                     future.cancel()
             self._queues.clear()
             self._ready.notify_all()
+
+
+def _unavailable(err: BaseException) -> TypeGuard[ProviderError]:
+    """Whether ``err`` says its provider takes no call now: down, or rate limiting, through
+    all the call's retries (a run stops on it, or ``apply --wait`` waits it out)."""
+    return isinstance(err, ProviderError) and (err.provider_down or err.rate_limited)
+
+
+def _not_sent(provider: str, down: ProviderError) -> ProviderError:
+    """The failure of a call not sent because another call of the pass found ``provider``
+    down, or rate limiting, through all its retries: a pass with many batches in flight
+    otherwise asked for each of them in turn, each call waiting out every retry (an hour for
+    a thousand), before the run could say so. Nothing was sent (a create made no batch)."""
+    return ProviderError(
+        f"{down.message} (the calls to {provider} still queued in this pass were not sent)",
+        status=down.status,
+        code=down.code,
+        retryable=down.retryable,
+        sent_nothing=True,
+        provider_down=down.provider_down,
+        rate_limited=down.rate_limited,
+    )
 
 
 def report_throttles(ctx: RunContext, calls: BoundedCalls) -> None:
@@ -500,7 +549,7 @@ def _poll_all(
         by_provider.setdefault(row.provider, []).append(row)
     listings = {
         name: [
-            calls.submit(name, _lister(ctx, name, segment, calls, order))
+            calls.submit(name, _lister(ctx, name, segment, calls, order), down_if_failed=False)
             for segment in listing_segments(rows)
         ]
         for name, rows in by_provider.items()
