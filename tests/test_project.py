@@ -266,6 +266,27 @@ def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
             id="local-option-beside-type-goes-under-options",
         ),
         pytest.param(
+            HEADER + "providers:\n  gw:\n    type: openai\n    baseUrl: http://127.0.0.1:/v1\n",
+            (6, 14, "/providers/gw/baseUrl", "malformed-url", "has an empty port"),
+            id="base-url-empty-port",
+        ),
+        pytest.param(
+            HEADER
+            + "providers:\n  gw:\n    type: openai\n    baseUrl: http://127.0.0.1:99999/v1\n",
+            (6, 14, "/providers/gw/baseUrl", "malformed-url", "port '99999', which is no number"),
+            id="base-url-port-out-of-range",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gw:\n    type: openai\n    baseUrl: http://gw:8x/v1\n",
+            (6, 14, "/providers/gw/baseUrl", "malformed-url", "port '8x'"),
+            id="base-url-port-not-a-number",
+        ),
+        pytest.param(
+            HEADER + "providers:\n  gw:\n    type: openai\n    baseUrl: http://:8000/v1\n",
+            (6, 14, "/providers/gw/baseUrl", "malformed-url", "names no host"),
+            id="base-url-no-host",
+        ),
+        pytest.param(
             HEADER + "providers:\n  az:\n    type: azure\n",
             (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
             id="azure-needs-base-url",
