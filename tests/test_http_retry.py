@@ -1459,6 +1459,26 @@ def test_base_url_must_be_http() -> None:
         OpenAIProvider("p", base_url="api.openai.com/v1", api_key="k")
 
 
+@pytest.mark.parametrize(
+    ("base_url", "said"),
+    [
+        ("http://127.0.0.1:/v1", "has an empty port"),
+        ("http://user:hunter2@127.0.0.1:8x/v1", "has the port '8x'"),
+        ("http://:8000/v1", "names no host"),
+    ],
+)
+def test_a_base_url_that_names_no_place_fails_at_construction_saying_why(
+    base_url: str, said: str
+) -> None:
+    """``OPENAI_BASE_URL`` is not validated with the project file: a base URL with an empty or
+    non-numeric port, or no host, fails at construction saying what is wrong with it (it
+    connected to port 80, or said the URL must start with http://), and shows no password."""
+    with pytest.raises(ProviderError, match=said) as caught:
+        OpenAIProvider("p", base_url=base_url, api_key="k")
+    assert "hunter2" not in str(caught.value)
+    assert "must start with http" not in str(caught.value)
+
+
 def test_a_key_of_any_shape_is_redacted_when_echoed(scripted: ScriptedServer) -> None:
     """A key that does not look like sk-… (Azure style) is still redacted if a server echoes it."""
     key = "AZURE0SENTINEL0abcdef0123456789"

@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
@@ -67,6 +67,7 @@ from batchspec.providers.base import (
     seconds_left,
 )
 from batchspec.wire.batch_status import NOTHING_TO_CANCEL
+from batchspec.wire.hosts import unreachable_url
 from batchspec.wire.no_proxy import bypasses_proxy
 from batchspec.wire.retry import (
     CLIENT_POLICY,
@@ -599,6 +600,11 @@ def require_http_url(provider: str, base_url: str, *, where: str) -> None:
         scheme = httpx.URL(base_url).scheme
     except httpx.InvalidURL:
         scheme = ""
+    why = unreachable_url(base_url)  # OPENAI_BASE_URL is not validated with the project
+    if why is not None:
+        parts = urlsplit(base_url)  # httpx refuses such a URL: shown without user info
+        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
+        raise ProviderError(f"provider {provider!r}: base URL {shown!r} {why} (set {where}).")
     if scheme not in ("http", "https"):
         raise ProviderError(
             f"provider {provider!r}: base URL {display_url(base_url)!r} must start with "

@@ -41,10 +41,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from batchspec.errors import ManifestError, StateError
 from batchspec.storage.database_url import is_database_url, redact_url, url_password
+from batchspec.wire.hosts import unreachable_url
 from batchspec.wire.upstream_place import upstream_place
 from batchspec.workspace.yamldoc import (
     Problem,
@@ -533,40 +533,19 @@ def _provider_url_password_problems(doc: YamlDocument) -> list[Problem]:
 
 
 def _base_url_problems(doc: YamlDocument) -> list[Problem]:
-    """A provider's ``baseUrl`` names a host and, if any, a port: ``http://127.0.0.1:/v1``
-    (an empty port) connected to port 80, ``:99999`` retried a refused connection for half
-    a minute, ``http://:8000`` and ``:8x`` failed at the first call with another complaint;
-    the schema only asks for ``http(s)://``."""
+    """A provider's ``baseUrl`` names a host and, if any, a port (``unreachable_url``); the
+    schema only asks for ``http(s)://``."""
     data = doc.data if isinstance(doc.data, Mapping) else {}
     declared = data.get("providers")
     problems = []
     for name, provider in (declared if isinstance(declared, Mapping) else {}).items():
         url = provider.get("baseUrl") if isinstance(provider, Mapping) else None
-        if not isinstance(url, str) or (why := _unreachable_url(url)) is None:
+        if not isinstance(url, str) or (why := unreachable_url(url)) is None:
             continue
         pointer = pointer_join(pointer_join(pointer_join("", "providers"), name), "baseUrl")
         message = f"providers.{name}.baseUrl {redact_url(url)} {why}"
         problems.append(Problem.at(doc.location(pointer), pointer, "malformed-url", message))
     return problems
-
-
-def _unreachable_url(url: str) -> str | None:
-    """Why an ``http(s)://`` URL names no place a client can connect to, or None."""
-    if not url.startswith(("http://", "https://")):
-        return None  # the schema's pattern says so
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return "names no host (http://HOST[:PORT]/PATH)"
-    if parts.netloc.endswith(":"):
-        return "has an empty port: write the port after ':' or leave the ':' out"
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        shown = parts.netloc.rpartition(":")[2]
-        return f"has the port {shown!r}, which is no number from 1 to 65535"
-    return None
 
 
 def _state_problems(doc: YamlDocument) -> list[Problem]:
