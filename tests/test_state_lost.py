@@ -871,3 +871,34 @@ def test_an_answer_in_an_earlier_batchs_output_for_a_request_it_was_not_sent_is_
     [recovered] = events(ws, "recover")
     assert (recovered["requests"], recovered["batches"]) == (1, [old.id])
     assert requests_sent(srv) == 1 + 2
+
+
+def test_a_no_reuse_replacement_after_one_that_sent_nothing_is_still_seen_after_a_lost_state(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied (6 answers), then `apply --replace triage` (every answer kept: the
+    replacement makes no batch), then `apply --replace triage --no-reuse` (all six sent
+    again, the answers before thrown away), then the state lost. The scan for the newest
+    no-reuse replacement stopped at replacement 1, which the listing does not hold: the
+    second was never seen, and the spec's own batches, the very answers the user threw
+    away, were adopted as the results. They must be the no-reuse replacement's, sent
+    nothing."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    code, _, err = run_cli([*argv, "--replace", "triage"], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3  # every answer kept: no batch made
+    code, _, err = run_cli([*argv, "--replace", "triage", "--no-reuse"], capsys)
+    assert code == 0, err
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    assert sent == 12
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == sent
+    assert answer_ids(ws) == fresh

@@ -70,6 +70,8 @@ _READ_BUFFER = 1 << 20
 #: provider types whose batch input file holds the request lines as they were sent (the
 #: others convert them into their own format, so no line of theirs hashes as the input's)
 LINES_AS_SENT = frozenset({"openai", "azure", "groq"})
+#: how many replacement numbers in a row with no batch listed end ``_no_reuse_start``'s scan
+UNLISTED_REPLACEMENTS_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,11 @@ def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
     answers before it: those are not kept here either (the lost state would otherwise bring
     back the very answers the user threw away, where the state that recorded the replacement
     shows its own). Its batches, and later ones, are kept from instead; the current spec's
-    own batches are then the replaced generation's, which the state never used again."""
+    own batches are then the replaced generation's, which the state never used again.
+
+    A replacement with no batch listed (``apply --replace NAME`` that kept every answer made
+    none) does not end the search: the ``--no-reuse`` one after it was missed, and the very
+    answers the user threw away were adopted as the results."""
     specs: dict[str, list[int]] = {}
     for remote in listed:
         spec = remote.metadata.get("batchspec_spec")
@@ -280,19 +286,22 @@ def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
             if remote.created_at is not None:
                 dates.append(remote.created_at)
     start = None
-    number = 1
-    while True:
-        found = [
-            (reuse, specs[h])
-            for reuse in (True, False)
-            if (h := replacement_hash(res, number, reuse=reuse)) in specs
-        ]
-        if not found:
-            return start
-        for reuse, dates in found:
-            if not reuse and dates:
-                start = min(dates)
+    # replacements are numbered 1, 2, ...; one may have no batch listed (it kept every
+    # answer, so made none, or made them before the window): the scan goes on past it, until
+    # every listed spec is told or UNLISTED_REPLACEMENTS_MAX numbers in a row have none
+    untold = set(specs) - {res.spec_hash}
+    number, unlisted = 1, 0
+    while untold and unlisted < UNLISTED_REPLACEMENTS_MAX:
+        unlisted += 1
+        for reuse in (True, False):
+            h = replacement_hash(res, number, reuse=reuse)
+            if h in untold:
+                untold.discard(h)
+                unlisted = 0
+                if not reuse and specs[h]:
+                    start = min(specs[h])
         number += 1
+    return start
 
 
 def _made_since(remote: RemoteBatch, start: int) -> bool:
