@@ -41,6 +41,7 @@ from workspaces import (
 )
 
 from batchspec.core.reconcile import adopt
+from batchspec.providers.base import BatchListing
 
 FAST = ["--poll-interval", "0.05"]
 SHARDED = ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 2}})
@@ -897,6 +898,48 @@ def test_a_no_reuse_replacement_after_one_that_sent_nothing_is_still_seen_after_
     sent = requests_sent(srv)
     assert sent == 12
     lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == sent
+    assert answer_ids(ws) == fresh
+
+
+def test_a_lost_state_keeps_the_newest_answer_of_a_line_however_the_provider_lists(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """triage applied, then `apply --replace triage --no-reuse` (all six answered again, the
+    first answers thrown away), then req-5 changed and applied (the other five keep the
+    replacement's answers), then the state lost, on a server that lists its batches oldest
+    first (a compatible server may). Two earlier generations answered req-0..req-4 with the
+    very same lines: the batches were read in the listing's order and the first answer
+    found kept, the oldest, the one the user threw away. The newest is kept, as carry-over
+    keeps it."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 900)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    code, _, err = run_cli([*argv, "--replace", "triage", "--no-reuse"], capsys)
+    assert code == 0, err
+    age_batches(srv, 300)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    assert sent == 13
+    lose_state(ws)
+    listed_since = BatchListing.listed_since
+
+    def oldest_first(self: BatchListing, since: float) -> list[Any]:
+        return list(reversed(listed_since(self, since)))
+
+    monkeypatch.setattr(BatchListing, "listed_since", oldest_first)
 
     converge(ws, capsys)
 

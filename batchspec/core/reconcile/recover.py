@@ -130,6 +130,10 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
     ]
     if not candidates:
         return
+    # the newest first, however the provider lists (a compatible server may list oldest
+    # first): of several generations that answered the very same line, the newest answer is
+    # kept, as carry-over keeps it (an older one may be what a --no-reuse threw away)
+    candidates.sort(key=lambda r: -1 if r.created_at is None else r.created_at, reverse=True)
     with ctx.store.reading():
         generations = ctx.store.generations(res.name)
         wanted = {
