@@ -10,6 +10,7 @@ the scan stops paging at it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -945,3 +946,61 @@ def test_a_lost_state_keeps_the_newest_answer_of_a_line_however_the_provider_lis
 
     assert requests_sent(srv) == sent
     assert answer_ids(ws) == fresh
+
+
+def test_a_batch_cancelled_late_is_told_from_its_object_read_back_when_listed_trimmed(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As ``test_a_lost_state_does_not_keep_answers_a_batch_gave_after_it_was_cancelled_late``,
+    behind a gateway whose listing trims ended batches (no file ids, no end times: each is
+    read back by id). The late batch was judged on its listed object, taken as ended when
+    it was made, and its answer kept once read back: req-4 left req-5 alone in a shard whose
+    key named no batch, and req-5 was paid for again. Its end is read from the object read
+    back."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 3600)
+    listed = srv.client().batches.list(limit=100).data
+    [late] = [b for b in listed if b.metadata["batchspec_shard"] == "2"]
+    db = sqlite3.connect(ws.state_path)
+    db.execute("UPDATE requests SET state = 'failed' WHERE custom_id = 'req-4'")
+    db.commit()
+    db.close()
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 8
+    answered = ws.output_path("triage").read_bytes()
+    [newest] = srv.client().batches.list(limit=1).data
+    with srv.engine.store.write() as engine_db:
+        engine_db.execute(
+            "UPDATE batches SET status = 'cancelled', completed_at = NULL, cancelled_at = ? "
+            "WHERE id = ?",
+            (newest.created_at + 60, late.id),
+        )
+    lose_state(ws)
+    listed_since = BatchListing.listed_since
+
+    def trimmed(self: BatchListing, since: float) -> list[Any]:
+        return [
+            dataclasses.replace(
+                r, output_file_id=None, error_file_id=None, completed_at=None, ended_at=None
+            )
+            if r.is_terminal
+            else r
+            for r in listed_since(self, since)
+        ]
+
+    monkeypatch.setattr(BatchListing, "listed_since", trimmed)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 8
+    [recovered] = events(ws, "recover")
+    assert late.id not in recovered["batches"]
+    assert ws.output_path("triage").read_bytes() == answered

@@ -154,6 +154,8 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
             remote = read_back_if_trimmed(provider, entry)
             if remote is None or not remote.is_terminal or not names_output_file(remote):
                 continue
+            if rejected is None and before is not None and not _ended_before(remote, before):
+                continue  # its end read back: a trimmed listing may not have said it
             kept = _answers_of(ctx, provider, remote, wanted)
         except ProviderError as err:
             if err.retryable:  # a provider down: the lookups would fail too
