@@ -423,3 +423,49 @@ def test_usage_totals_sum_what_the_answers_report(
     assert ledger.usage_totals(gen) == UsageTotals(0, 0, 0)
     collect(ledger, blobs, gen, 1, [("a", OK), ("b", OK)], usage=LineUsage(7, 3))
     assert ledger.usage_totals(gen) == UsageTotals(2, 14, 6)
+
+
+def carry_over_steps(tmp_path: Path, generations: int, lines: int = 500) -> int:
+    """SQLite's virtual machine steps (in thousands) of a carry-over from ``generations``
+    earlier generations, each of which answered all ``lines`` requests with the same lines."""
+    import sqlite3
+
+    with StateStore.open(tmp_path / f"steps{generations}.db") as s:
+        ledger = s.ledger()
+        rows = [(f"c{i}", i + 1, 0, 100, f"sha-{i}") for i in range(lines)]
+        earlier = []
+        for g in range(generations):
+            gen = generation(s, spec_hash=f"h{g}")
+            ledger.record_requests(gen, rows)
+            s.db.execute(
+                "update requests set state = 'ok', blob = 'b' where generation_id = ?", [gen]
+            )
+            earlier.append(gen)
+        new = generation(s, spec_hash="new")
+        ledger.record_requests(new, rows)
+        conn = s.db.conn
+        assert isinstance(conn, sqlite3.Connection)
+        steps = [0]
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(step, 1000)
+        try:
+            assert ledger.carry_over(new, earlier) == lines
+        finally:
+            conn.set_progress_handler(None, 0)
+        return steps[0]
+
+
+def test_carry_over_from_many_generations_does_not_probe_each_answer_for_a_newer_one(
+    tmp_path: Path,
+) -> None:
+    """The newest generation's answer of a line is kept by one pass over the earlier answers
+    (grouped by line), not by looking, for each answer of each earlier generation, for a
+    newer one: that doubled a carry-over from a dozen generations of 200,000 requests (about
+    2.7 s to 5.7 s, the writer lock held). From 16 generations it costs about 3 times what
+    it does from 2 (SQLite's steps), not 5."""
+    two, sixteen = carry_over_steps(tmp_path, 2), carry_over_steps(tmp_path, 16)
+    assert sixteen < 4 * two, (two, sixteen)

@@ -10,6 +10,7 @@ the scan stops paging at it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -41,6 +42,7 @@ from workspaces import (
 )
 
 from batchspec.core.reconcile import adopt
+from batchspec.providers.base import BatchListing
 
 FAST = ["--poll-interval", "0.05"]
 SHARDED = ResourceSpec("triage", count=6, spec={"limits": {"maxRequestsPerBatch": 2}})
@@ -871,3 +873,134 @@ def test_an_answer_in_an_earlier_batchs_output_for_a_request_it_was_not_sent_is_
     [recovered] = events(ws, "recover")
     assert (recovered["requests"], recovered["batches"]) == (1, [old.id])
     assert requests_sent(srv) == 1 + 2
+
+
+def test_a_no_reuse_replacement_after_one_that_sent_nothing_is_still_seen_after_a_lost_state(
+    tmp_path: Path, server: Callable[..., ProbedServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """triage applied (6 answers), then `apply --replace triage` (every answer kept: the
+    replacement makes no batch), then `apply --replace triage --no-reuse` (all six sent
+    again, the answers before thrown away), then the state lost. The scan for the newest
+    no-reuse replacement stopped at replacement 1, which the listing does not hold: the
+    second was never seen, and the spec's own batches, the very answers the user threw
+    away, were adopted as the results. They must be the no-reuse replacement's, sent
+    nothing."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 600)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    code, _, err = run_cli([*argv, "--replace", "triage"], capsys)
+    assert code == 0, err
+    assert srv.probe.counts["POST /batches"] == 3  # every answer kept: no batch made
+    code, _, err = run_cli([*argv, "--replace", "triage", "--no-reuse"], capsys)
+    assert code == 0, err
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    assert sent == 12
+    lose_state(ws)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == sent
+    assert answer_ids(ws) == fresh
+
+
+def test_a_lost_state_keeps_the_newest_answer_of_a_line_however_the_provider_lists(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """triage applied, then `apply --replace triage --no-reuse` (all six answered again, the
+    first answers thrown away), then req-5 changed and applied (the other five keep the
+    replacement's answers), then the state lost, on a server that lists its batches oldest
+    first (a compatible server may). Two earlier generations answered req-0..req-4 with the
+    very same lines: the batches were read in the listing's order and the first answer
+    found kept, the oldest, the one the user threw away. The newest is kept, as carry-over
+    keeps it."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 900)
+    argv = ["apply", str(ws.root), "--wait", "--yes", *FAST]
+    code, _, err = run_cli([*argv, "--replace", "triage", "--no-reuse"], capsys)
+    assert code == 0, err
+    age_batches(srv, 300)
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    fresh = answer_ids(ws)
+    sent = requests_sent(srv)
+    assert sent == 13
+    lose_state(ws)
+    listed_since = BatchListing.listed_since
+
+    def oldest_first(self: BatchListing, since: float) -> list[Any]:
+        return list(reversed(listed_since(self, since)))
+
+    monkeypatch.setattr(BatchListing, "listed_since", oldest_first)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == sent
+    assert answer_ids(ws) == fresh
+
+
+def test_a_batch_cancelled_late_is_told_from_its_object_read_back_when_listed_trimmed(
+    tmp_path: Path,
+    server: Callable[..., ProbedServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As ``test_a_lost_state_does_not_keep_answers_a_batch_gave_after_it_was_cancelled_late``,
+    behind a gateway whose listing trims ended batches (no file ids, no end times: each is
+    read back by id). The late batch was judged on its listed object, taken as ended when
+    it was made, and its answer kept once read back: req-4 left req-5 alone in a shard whose
+    key named no batch, and req-5 was paid for again. Its end is read from the object read
+    back."""
+    srv = server()
+    ws = served(tmp_path / "ws", srv, SHARDED)
+    converge(ws, capsys)
+    age_batches(srv, 3600)
+    listed = srv.client().batches.list(limit=100).data
+    [late] = [b for b in listed if b.metadata["batchspec_shard"] == "2"]
+    db = sqlite3.connect(ws.state_path)
+    db.execute("UPDATE requests SET state = 'failed' WHERE custom_id = 'req-4'")
+    db.commit()
+    db.close()
+    lines = request_lines(6)
+    lines[5]["body"]["messages"][0]["content"] = "Say something else."
+    ws.write_input("triage", lines)
+    converge(ws, capsys)
+    assert requests_sent(srv) == 8
+    answered = ws.output_path("triage").read_bytes()
+    [newest] = srv.client().batches.list(limit=1).data
+    with srv.engine.store.write() as engine_db:
+        engine_db.execute(
+            "UPDATE batches SET status = 'cancelled', completed_at = NULL, cancelled_at = ? "
+            "WHERE id = ?",
+            (newest.created_at + 60, late.id),
+        )
+    lose_state(ws)
+    listed_since = BatchListing.listed_since
+
+    def trimmed(self: BatchListing, since: float) -> list[Any]:
+        return [
+            dataclasses.replace(
+                r, output_file_id=None, error_file_id=None, completed_at=None, ended_at=None
+            )
+            if r.is_terminal
+            else r
+            for r in listed_since(self, since)
+        ]
+
+    monkeypatch.setattr(BatchListing, "listed_since", trimmed)
+
+    converge(ws, capsys)
+
+    assert requests_sent(srv) == 8
+    [recovered] = events(ws, "recover")
+    assert late.id not in recovered["batches"]
+    assert ws.output_path("triage").read_bytes() == answered

@@ -155,15 +155,17 @@ class RequestLedger:
         cursor = self.db.execute(
             "update requests set state = 'ok', category = null, blob = p.blob, "
             '"offset" = p."offset", length = p.length, attempt = 0, sent_attempt = 0 '
-            'from (select custom_id, request_sha, blob, "offset", length from requests o '
-            f"where o.generation_id in ({marks}) and o.state = 'ok' "
-            "and o.request_sha is not null and not exists (select 1 from requests n "
-            f"where n.generation_id in ({marks}) and n.generation_id > o.generation_id "
-            "and n.state = 'ok' and n.custom_id = o.custom_id "
-            "and n.request_sha = o.request_sha)) p "
+            # the newest generation's ok row of each line, by its key: the one row of it
+            # (a "not exists" of a newer one probed every answer of every generation per
+            # answer, a cost that grew with the square of the generations)
+            'from (select o.custom_id, o.request_sha, o.blob, o."offset", o.length '
+            "from requests o join (select custom_id, max(generation_id) as newest "
+            f"from requests where generation_id in ({marks}) and state = 'ok' "
+            "and request_sha is not null group by custom_id, request_sha) m "
+            "on o.generation_id = m.newest and o.custom_id = m.custom_id) p "
             "where requests.generation_id = ? and requests.custom_id = p.custom_id "
             "and requests.request_sha = p.request_sha and requests.state != 'ok'",
-            [*ids, *ids, generation_id],
+            [*ids, generation_id],
         )
         return cursor.rowcount
 

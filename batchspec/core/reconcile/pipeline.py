@@ -159,9 +159,14 @@ def _read_listings_ahead(
     for name in spends:
         since = min(lookup_since(ctx, res) for res in resources if res.provider == name)
         read_listing_ahead(ctx, ctx.provider_for(name), since)
-    # the state read once for all (a cache, no transaction: the downloads hold none)
+    # the state read once for all (a cache, no transaction: the downloads hold none); not
+    # for a resource planned not to spend now (a replace without --allow-replace, outside a
+    # saved plan): its shards are not drawn in this pass, and looking paged the provider's
+    # listing (and downloaded a lost state's earlier batches) at every poll of `apply --wait`
     with ctx.store.reading():
         for res in resources:
+            if res.name in planned and planned[res.name] is None:
+                continue
             if _submits_to(ctx, res):  # its shards may be drawn inside this pass's transactions
                 recover_ahead(ctx, res, facts[res.name])
     return planned

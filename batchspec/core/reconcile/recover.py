@@ -70,6 +70,8 @@ _READ_BUFFER = 1 << 20
 #: provider types whose batch input file holds the request lines as they were sent (the
 #: others convert them into their own format, so no line of theirs hashes as the input's)
 LINES_AS_SENT = frozenset({"openai", "azure", "groq"})
+#: how many replacement numbers in a row with no batch listed end ``_no_reuse_start``'s scan
+UNLISTED_REPLACEMENTS_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,10 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
     ]
     if not candidates:
         return
+    # the newest first, however the provider lists (a compatible server may list oldest
+    # first): of several generations that answered the very same line, the newest answer is
+    # kept, as carry-over keeps it (an older one may be what a --no-reuse threw away)
+    candidates.sort(key=lambda r: -1 if r.created_at is None else r.created_at, reverse=True)
     with ctx.store.reading():
         generations = ctx.store.generations(res.name)
         wanted = {
@@ -148,6 +154,8 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
             remote = read_back_if_trimmed(provider, entry)
             if remote is None or not remote.is_terminal or not names_output_file(remote):
                 continue
+            if rejected is None and before is not None and not _ended_before(remote, before):
+                continue  # its end read back: a trimmed listing may not have said it
             kept = _answers_of(ctx, provider, remote, wanted)
         except ProviderError as err:
             if err.retryable:  # a provider down: the lookups would fail too
@@ -271,7 +279,11 @@ def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
     answers before it: those are not kept here either (the lost state would otherwise bring
     back the very answers the user threw away, where the state that recorded the replacement
     shows its own). Its batches, and later ones, are kept from instead; the current spec's
-    own batches are then the replaced generation's, which the state never used again."""
+    own batches are then the replaced generation's, which the state never used again.
+
+    A replacement with no batch listed (``apply --replace NAME`` that kept every answer made
+    none) does not end the search: the ``--no-reuse`` one after it was missed, and the very
+    answers the user threw away were adopted as the results."""
     specs: dict[str, list[int]] = {}
     for remote in listed:
         spec = remote.metadata.get("batchspec_spec")
@@ -280,19 +292,22 @@ def _no_reuse_start(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
             if remote.created_at is not None:
                 dates.append(remote.created_at)
     start = None
-    number = 1
-    while True:
-        found = [
-            (reuse, specs[h])
-            for reuse in (True, False)
-            if (h := replacement_hash(res, number, reuse=reuse)) in specs
-        ]
-        if not found:
-            return start
-        for reuse, dates in found:
-            if not reuse and dates:
-                start = min(dates)
+    # replacements are numbered 1, 2, ...; one may have no batch listed (it kept every
+    # answer, so made none, or made them before the window): the scan goes on past it, until
+    # every listed spec is told or UNLISTED_REPLACEMENTS_MAX numbers in a row have none
+    untold = set(specs) - {res.spec_hash}
+    number, unlisted = 1, 0
+    while untold and unlisted < UNLISTED_REPLACEMENTS_MAX:
+        unlisted += 1
+        for reuse in (True, False):
+            h = replacement_hash(res, number, reuse=reuse)
+            if h in untold:
+                untold.discard(h)
+                unlisted = 0
+                if not reuse and specs[h]:
+                    start = min(specs[h])
         number += 1
+    return start
 
 
 def _made_since(remote: RemoteBatch, start: int) -> bool:
