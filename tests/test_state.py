@@ -553,6 +553,34 @@ def test_intent_then_remote_id_then_terminal(store: StateStore) -> None:
     assert store.batches(gen_id, status="completed") == [done]
 
 
+def test_batches_by_remote_id_are_read_from_the_snapshot_of_a_reading_block(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``reading()`` a batch is found by its remote id in the block's snapshot, as
+    the query finds it, not by one query each: a lost state's recovery asks of every batch
+    a provider lists (1,000 changed resources, ~10 earlier batches each: 10,000 queries,
+    each a round trip on PostgreSQL)."""
+    gen_id = make_generation(store)
+    rows = [intent(store, gen_id, key=f"k-{i}", attempt=i + 1) for i in range(3)]
+    bound = [store.update_batch(r.id, remote_id=f"batch_{i}") for i, r in enumerate(rows)]
+    asked: list[str] = []
+    real_one = type(store)._one
+
+    def counted(self: StateStore, sql: str, params: Any = ()) -> Any:
+        asked.append(sql)
+        return real_one(self, sql, params)
+
+    monkeypatch.setattr(type(store), "_one", counted)
+    with store.reading():
+        store.get_resource("r")  # the snapshot's load
+        found = [store.batch_by_remote_id("local", f"batch_{i}") for i in range(3)]
+        unknown = store.batch_by_remote_id("local", "batch_9")
+        elsewhere = store.batch_by_remote_id("other", "batch_0")
+    assert found == bound and unknown is None and elsewhere is None
+    assert not [sql for sql in asked if "remote_id = ?" in sql], asked
+    assert store.batch_by_remote_id("local", "batch_1") == bound[1]  # outside: the query
+
+
 def test_uncollected_batches_are_every_batch_not_collected(store: StateStore) -> None:
     """uncollected_batches: every batch not collected (an intent too: the drain decides
     which may still answer); with generation_not_in, only those of generations in none of

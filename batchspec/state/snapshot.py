@@ -84,7 +84,20 @@ class ReadSnapshot:
     with_requests: set[int] | None = None
     #: per generation (current or active ones only): {state: (count, usage count, in, out)}
     counts: dict[int, dict[str, tuple[int, int, int, int]]] | None = None
+    #: (provider, remote id) -> batch, built from ``batches`` when first asked
+    by_remote_id: dict[tuple[str, str], BatchRow] | None = None
     live: bool = True
+
+    def batch_by_remote_id(self, provider: str, remote_id: str) -> BatchRow | None:
+        """The loaded batch with that id at that provider: one dict for a pass that asks of
+        every listed batch (a lost state's recovery), not one query each."""
+        if self.by_remote_id is None:
+            self.by_remote_id = {}
+            for rows in self.batches.values():
+                for b in rows:
+                    if b.remote_id is not None:  # the first recorded, as the query's row
+                        self.by_remote_id.setdefault((b.provider, b.remote_id), b)
+        return self.by_remote_id.get((provider, remote_id))
 
     def load(self, db: Sql, last: LoadedTables | None = None) -> LoadedTables | None:
         """Read the three tables, one query each (rows in id order, as the per-row reads),
@@ -284,6 +297,12 @@ class SnapshotReads(ResourcesAndGenerations, BatchesAndFiles, LedgerAccess):
         if snap is None or generation_id is None or status is not None:
             return super().batches(generation_id, status=status)
         return list(snap.batches.get(generation_id, ()))
+
+    def batch_by_remote_id(self, provider: str, remote_id: str) -> BatchRow | None:
+        snap = self._loaded()
+        if snap is None:
+            return super().batch_by_remote_id(provider, remote_id)
+        return snap.batch_by_remote_id(provider, remote_id)
 
     def ledger(self) -> RequestLedger:
         snap = self._loaded()
