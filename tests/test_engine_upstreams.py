@@ -634,6 +634,19 @@ def test_no_proxy_sends_requests_directly(monkeypatch, no_proxy):
             True,
             id="not-a-suffix",
         ),
+        # an address is no domain: ".0.0.1" did exempt 127.0.0.1 (curl does not)
+        pytest.param(
+            "http://127.0.0.1:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".0.0.1"},
+            True,
+            id="address-not-a-domain",
+        ),
+        pytest.param(
+            "http://10.1.2.3:8000/v1",
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "2.3"},
+            True,
+            id="address-not-a-domain-bare",
+        ),
     ],
 )
 def test_proxy_for_reads_the_proxy_variables(url, environ, proxied):

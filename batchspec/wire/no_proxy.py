@@ -13,7 +13,8 @@ import ipaddress
 def bypasses_proxy(hostname: str, port: int, no_proxy: str) -> bool:
     """Whether ``NO_PROXY`` names the host (as curl reads it): ``*``, the host or a domain it
     is in (``lan``, ``.lan``), either with ``:port``, an IPv6 address bare or in brackets
-    (``::1``, ``[::1]:8000``), or a network its address is in (``10.0.0.0/8``, ``fd00::/8``)."""
+    (``::1``, ``[::1]:8000``), or a network its address is in (``10.0.0.0/8``, ``fd00::/8``).
+    An IP address is never matched as a domain (``.0.0.1`` does not name 127.0.0.1)."""
     hostname = hostname.lower()
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
@@ -37,7 +38,8 @@ def bypasses_proxy(hostname: str, port: int, no_proxy: str) -> bool:
         host = host.lstrip(".")
         if not host or (entry_port is not None and entry_port != port):
             continue
-        if host == hostname or hostname.endswith(f".{host}"):
+        # an address matches only itself (or a network): "0.0.1" is no domain of 127.0.0.1
+        if host == hostname or (address is None and hostname.endswith(f".{host}")):
             return True
     return False
 
