@@ -1465,6 +1465,7 @@ def test_base_url_must_be_http() -> None:
         ("http://127.0.0.1:/v1", "has an empty port"),
         ("http://user:hunter2@127.0.0.1:8x/v1", "has the port '8x'"),
         ("http://:8000/v1", "names no host"),
+        ("http://user:hunter2@[::1/v1", "is no URL"),
     ],
 )
 def test_a_base_url_that_names_no_place_fails_at_construction_saying_why(

@@ -287,6 +287,11 @@ def test_unknown_provider_lookup_names_the_known_ones(tmp_path: Path) -> None:
             id="base-url-no-host",
         ),
         pytest.param(
+            HEADER + 'providers:\n  gw:\n    type: openai\n    baseUrl: "http://[::1/v1"\n',
+            (6, 14, "/providers/gw/baseUrl", "malformed-url", "is no URL (Invalid IPv6 URL)"),
+            id="base-url-unclosed-bracket",
+        ),
+        pytest.param(
             HEADER + "providers:\n  az:\n    type: azure\n",
             (4, 3, "/providers/az", "missing-key", "missing required key 'baseUrl'"),
             id="azure-needs-base-url",

@@ -589,8 +589,12 @@ def display_url(url: str) -> str:
     """``url`` without user info or query, safe to show in a message."""
     try:
         parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return "<invalid URL>"
+    except httpx.InvalidURL:  # e.g. a port that is no number: shown all the same
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return "<invalid URL>"
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
     return str(parsed.copy_with(username=None, password=None, query=None))
 
 
@@ -602,9 +606,9 @@ def require_http_url(provider: str, base_url: str, *, where: str) -> None:
         scheme = ""
     why = unreachable_url(base_url)  # OPENAI_BASE_URL is not validated with the project
     if why is not None:
-        parts = urlsplit(base_url)  # httpx refuses such a URL: shown without user info
-        shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
-        raise ProviderError(f"provider {provider!r}: base URL {shown!r} {why} (set {where}).")
+        raise ProviderError(
+            f"provider {provider!r}: base URL {display_url(base_url)!r} {why} (set {where})."
+        )
     if scheme not in ("http", "https"):
         raise ProviderError(
             f"provider {provider!r}: base URL {display_url(base_url)!r} must start with "

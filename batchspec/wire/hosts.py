@@ -27,11 +27,16 @@ def unreachable_url(url: str) -> str | None:
     """Why an ``http(s)://`` URL names no place a client can connect to (no host; an empty,
     non-numeric or out-of-range port), or None: ``http://127.0.0.1:/v1`` connected to port
     80, ``:99999`` retried a refused connection for half a minute, ``http://:8000`` failed
-    at the first call with another complaint. Another scheme is not judged here."""
+    at the first call with another complaint; ``http://[::1/v1`` is no URL at all. Another
+    scheme is not judged here."""
     if not url.lower().startswith(("http://", "https://")):
         return None
-    parts = urlsplit(url)
-    if not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as err:  # "http://[::1/v1": an unclosed bracket, an address that is none
+        return f"is no URL ({err})"
+    if not host:
         return "names no host (http://HOST[:PORT]/PATH)"
     if parts.netloc.endswith(":"):
         return "has an empty port: write the port after ':' or leave the ':' out"
