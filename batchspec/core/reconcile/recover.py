@@ -117,11 +117,12 @@ def recover_ahead(ctx: RunContext, res: Resource, facts: InputReport) -> None:
         ctx.prefetched.listing_failures.setdefault(provider.name, err)
         return
     rejected = _no_reuse_start(res, listed)
-    before = _first_adoptable(res, listed)
+    adoptable = _adopted_by_key(res)  # the keys the lookup adopts: never recovered from
+    before = _first_adoptable(adoptable, listed)
     candidates = [
         remote
         for remote in listed
-        if _is_earlier_generations(ctx, res, provider, remote)
+        if _is_earlier_generations(ctx, res, provider, remote, adoptable)
         and (
             _made_since(remote, rejected)
             if rejected is not None
@@ -226,7 +227,11 @@ def _may_recover(ctx: RunContext, res: Resource) -> bool:
 
 
 def _is_earlier_generations(
-    ctx: RunContext, res: Resource, provider: Provider, remote: RemoteBatch
+    ctx: RunContext,
+    res: Resource,
+    provider: Provider,
+    remote: RemoteBatch,
+    adoptable: set[tuple[str, str]],
 ) -> bool:
     """Whether ``remote`` is a batch of another generation of ``res`` that this state does not
     know, ended with an output file (as listed; a trimmed one is read back later)."""
@@ -234,17 +239,16 @@ def _is_earlier_generations(
     spec = remote.metadata.get("batchspec_spec")
     if name is None or spec is None or name not in (res.name, res.moved_from):
         return False
-    if (name, spec) in _adopted_by_key(res):
+    if (name, spec) in adoptable:
         return False
     if not remote.is_terminal or remote.status == "failed":
         return False
     return ctx.store.batch_by_remote_id(provider.name, remote.id) is None
 
 
-def _first_adoptable(res: Resource, listed: Iterable[RemoteBatch]) -> int | None:
-    """When the first of the listed batches that the key lookup adopts for ``res`` was
+def _first_adoptable(adoptable: set[tuple[str, str]], listed: Iterable[RemoteBatch]) -> int | None:
+    """When the first of the listed batches whose key the lookup adopts (``adoptable``) was
     created (epoch seconds); None if none is listed (or none has a date)."""
-    adoptable = _adopted_by_key(res)
     dates = [
         remote.created_at
         for remote in listed
